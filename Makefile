@@ -1,0 +1,41 @@
+# Kasmina — every target that needs the environment bootstraps it first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kasmina-setup-stamp
+# Run the Triton kernels through the interpreter on machines without a GPU.
+INTERP := TRITON_INTERPRET=1
+
+.PHONY: setup demo test test-fast bench bench-gpu proto lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -e ".[dev,demo]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kasmina demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest perf -q --benchmark-only --benchmark-columns=min,median,mean,ops $(PYTEST_ARGS)
+
+bench-gpu: setup
+	$(BIN)/python perf/bench_gpu.py $(BENCH_ARGS)
+
+proto: setup
+	$(BIN)/python -m kasmina.leyline.regen
+
+lint: setup
+	$(BIN)/ruff check kasmina kernels tests perf
+	$(BIN)/ruff format --check kasmina kernels tests perf
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,31 @@
+"""Exceptions raised by Kasmina's public API."""
+
+from __future__ import annotations
+
+
+class KasminaError(Exception):
+    """Base class of every Kasmina error."""
+
+
+class ArtifactIntegrityError(KasminaError):
+    """An Urza artifact's hash, size, manifest or signature did not verify; nothing was loaded."""
+
+
+class UrzaUnavailableError(KasminaError):
+    """Urza could not be reached (after retries), or its circuit breaker is open."""
+
+
+class ArtifactNotFoundError(KasminaError):
+    """The requested artifact id is not in the store."""
+
+
+class GradientIsolationViolationError(KasminaError):
+    """A seed's gradient leaked into the host (or the reverse) often enough to trip the breaker."""
+
+
+class IllegalTransitionError(KasminaError):
+    """A lifecycle transition outside DESIGN §3's table was requested."""
+
+
+class ParameterOverlapError(KasminaError):
+    """A seed's parameters overlap the host's (or another seed's) optimizer parameters."""

@@ -1,0 +1,109 @@
+"""The one seed lifecycle (DESIGN §3): stage codes, legal transitions, state-table columns.
+
+Dependency-free so that the fused lifecycle op, the state table, the seeds and the command
+handler all read the same table. Stage values equal ``leyline.SeedLifecycleStage``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class SeedStage(IntEnum):
+    DORMANT = 0
+    ISOLATED_INIT = 1
+    COMPATIBILITY_CHECK = 2
+    GRAFTING = 3
+    STABILIZATION = 4
+    ACTIVE = 5
+    COOLDOWN = 6
+    HARVESTING = 7
+    RECYCLING = 8
+    QUARANTINE = 9
+    TERMINATED = 10
+
+
+NUM_STAGES = len(SeedStage)
+
+# Legal transitions; anything else is rejected and counted.
+LEGAL_TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
+    SeedStage.DORMANT: frozenset({SeedStage.ISOLATED_INIT, SeedStage.TERMINATED}),
+    SeedStage.ISOLATED_INIT: frozenset(
+        {SeedStage.COMPATIBILITY_CHECK, SeedStage.HARVESTING, SeedStage.QUARANTINE}
+    ),
+    SeedStage.COMPATIBILITY_CHECK: frozenset(
+        {SeedStage.GRAFTING, SeedStage.HARVESTING, SeedStage.QUARANTINE}
+    ),
+    SeedStage.GRAFTING: frozenset(
+        {SeedStage.STABILIZATION, SeedStage.HARVESTING, SeedStage.QUARANTINE}
+    ),
+    SeedStage.STABILIZATION: frozenset(
+        {SeedStage.ACTIVE, SeedStage.HARVESTING, SeedStage.QUARANTINE}
+    ),
+    SeedStage.ACTIVE: frozenset({SeedStage.TERMINATED}),
+    SeedStage.HARVESTING: frozenset({SeedStage.COOLDOWN}),
+    SeedStage.COOLDOWN: frozenset({SeedStage.RECYCLING}),  # only when EMBARGO_COUNTER == 0
+    SeedStage.RECYCLING: frozenset({SeedStage.DORMANT}),
+    SeedStage.QUARANTINE: frozenset({SeedStage.HARVESTING, SeedStage.TERMINATED}),
+    SeedStage.TERMINATED: frozenset(),
+}
+
+# The gate (G1..G5) that guards each forward step of the main path.
+GATE_FOR_TRANSITION: dict[tuple[SeedStage, SeedStage], int] = {
+    (SeedStage.DORMANT, SeedStage.ISOLATED_INIT): 1,
+    (SeedStage.ISOLATED_INIT, SeedStage.COMPATIBILITY_CHECK): 2,
+    (SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING): 3,
+    (SeedStage.GRAFTING, SeedStage.STABILIZATION): 4,
+    (SeedStage.STABILIZATION, SeedStage.ACTIVE): 5,
+}
+
+# The next stage ADVANCE aims for from each stage of the main path.
+NEXT_STAGE: dict[SeedStage, SeedStage] = {src: dst for (src, dst) in GATE_FOR_TRANSITION}
+
+# Stages in which the seed's parameters train (in isolation, or with the host once ACTIVE).
+TRAINING_STAGES = frozenset(
+    {SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION, SeedStage.ACTIVE}
+)
+
+
+def is_legal(src: int, dst: int) -> bool:
+    """Whether ``src -> dst`` is in the table (ignores the embargo condition)."""
+    try:
+        return SeedStage(dst) in LEGAL_TRANSITIONS[SeedStage(src)]
+    except ValueError:
+        return False
+
+
+def transition_matrix() -> list[list[int]]:
+    """``[NUM_STAGES][NUM_STAGES]`` 0/1 matrix of legal transitions, row = source stage."""
+    return [
+        [1 if SeedStage(dst) in LEGAL_TRANSITIONS[SeedStage(src)] else 0 for dst in range(NUM_STAGES)]
+        for src in range(NUM_STAGES)
+    ]
+
+
+class StateColumn(IntEnum):
+    """Columns of the ``[num_seeds, 10]`` int32 device state table."""
+
+    LIFECYCLE_STAGE = 0
+    BLUEPRINT_ID = 1
+    EPOCHS_IN_STATE = 2
+    LAST_GATE = 3
+    ALPHA_BLEND = 4  # alpha * 1000, 0..1000
+    PERFORMANCE_GATE = 5
+    EMBARGO_COUNTER = 6
+    READY_FLAG = 7
+    REGION_ID = 8
+    GATE_SCORE = 9
+
+
+NUM_STATE_COLUMNS = len(StateColumn)
+
+
+class TransitionCode(IntEnum):
+    """Per-update result codes of ``lifecycle_update``."""
+
+    APPLIED = 0
+    ILLEGAL = 1
+    OUT_OF_RANGE = 2
+    DUPLICATE = 3
