@@ -1,0 +1,62 @@
+"""Backend choice for the fused ops: Triton on CUDA, the torch reference on CPU.
+
+``KASMINA_BACKEND=triton`` forces the Triton kernels for CPU tensors too; that only works with
+``TRITON_INTERPRET=1`` set before triton is imported, and is how CI proves every kernel on a CPU.
+``KASMINA_BACKEND=reference`` forces the reference everywhere (debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VALID = ("auto", "triton", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend() -> str:
+    """The requested backend (read on every call so tests can switch it)."""
+    value = os.environ.get("KASMINA_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _VALID:
+        raise ValueError(f"KASMINA_BACKEND must be one of {_VALID}, got {value!r}")
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton is a Linux dependency
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on ``device`` should run its Triton kernel."""
+    choice = backend()
+    if choice == "reference":
+        return False
+    if device.type == "cuda":
+        return triton_available()
+    if choice == "triton":
+        if not interpreter_enabled():
+            raise ValueError(
+                "KASMINA_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
+                "triton is imported"
+            )
+        return triton_available()
+    return False
+
+
+def check_float_tensor(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    """Clear ``ValueError`` for a wrong dtype, device or a non-contiguous layout."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
