@@ -1,0 +1,168 @@
+"""Per-tensor L2 norms of many tensors and the gradient-leak flag (DESIGN §2).
+
+The isolation monitor asks "did any host gradient move?" after every seed backward, and gradient
+clipping asks for the norms of every parameter gradient: both over hundreds to thousands of
+tensors. The Triton path reads every tensor once in one launch per dtype; the flag stays on the
+device so the check never stalls the training loop.
+
+The ops are ``torch.library`` custom ops (``kasmina::grad_norms``, ``kasmina::leak_check``) so
+``torch.compile(fullgraph=True)`` treats them as single opaque nodes. Outside compilation the
+public functions call the same implementation directly: boxing a list of a thousand tensors
+through the dispatcher costs more than the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from kasmina.ops._backend import SUPPORTED_DTYPES, use_triton
+
+MaybeTensors = Sequence[torch.Tensor | None]
+
+
+def grad_norms_reference(tensors: MaybeTensors) -> torch.Tensor:
+    """fp32 L2 norm of each tensor; ``None`` and empty tensors give 0, NaN/Inf propagate."""
+    device = _infer_device(tensors, None)
+    norms = [
+        torch.zeros((), dtype=torch.float32, device=device)
+        if t is None
+        else torch.linalg.vector_norm(t.detach(), dtype=torch.float32)
+        for t in tensors
+    ]
+    if not norms:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    return torch.stack(norms)
+
+
+def leak_check_reference(
+    tensors: MaybeTensors, tol: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norms, flag)``: flag is a 0-d bool, True if any norm exceeds ``tol`` or is not finite."""
+    norms = grad_norms_reference(tensors)
+    flag = ((norms > tol) | ~torch.isfinite(norms)).any()
+    return norms, flag
+
+
+def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _validate(tensors: MaybeTensors, device: torch.device) -> None:
+    if not isinstance(tensors, (list, tuple)):
+        raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+
+
+def _check_tol(tol: float) -> float:
+    tol = float(tol)
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    return tol
+
+
+def _compute(
+    tensors: MaybeTensors, device: torch.device, tol: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if use_triton(device):
+        from kasmina.kernels.grad_norms import tensor_norms
+
+        return tensor_norms(tensors, device, tol)  # validates when it builds a new plan
+    _validate(tensors, device)
+    if tol is None:
+        return grad_norms_reference(tensors).to(device), None
+    norms, flag = leak_check_reference(tensors, tol)
+    return norms.to(device), flag.to(device)
+
+
+@torch.library.custom_op("kasmina::grad_norms", mutates_args=())
+def _grad_norms_op(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    return _compute(tensors, device, None)[0]
+
+
+@_grad_norms_op.register_fake
+def _grad_norms_fake(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    _validate(tensors, device)
+    return torch.empty(len(tensors), dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("kasmina::leak_check", mutates_args=())
+def _leak_check_op(
+    tensors: list[torch.Tensor | None], tol: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    norms, flag = _compute(tensors, device, _check_tol(tol))
+    assert flag is not None
+    return norms, flag
+
+
+@_leak_check_op.register_fake
+def _leak_check_fake(
+    tensors: list[torch.Tensor | None], tol: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate(tensors, device)
+    _check_tol(tol)
+    norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
+    return norms, torch.empty((), dtype=torch.bool, device=device)
+
+
+def _through_dispatcher() -> bool:
+    """Whether the call must go through the custom op (tracing, fake or other dispatch modes)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
+    if use_grad:
+        return [None if t is None else t.grad for t in tensors]
+    return list(tensors)
+
+
+def grad_norms(
+    tensors: MaybeTensors, *, use_grad: bool = False, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """fp32 ``[len(tensors)]`` L2 norms on the tensors' device (not differentiable).
+
+    ``use_grad=True`` measures each tensor's ``.grad`` instead (``None`` grads count as 0).
+    ``device`` is only needed when every entry is ``None``; it defaults to the first tensor's.
+    Tensors must be float32/float16/bfloat16 on one device, else ``ValueError``.
+    """
+    ts = _inputs(tensors, use_grad)
+    dev = _infer_device(ts, device)
+    if _through_dispatcher():
+        return _grad_norms_op(ts, dev)
+    return _compute(ts, dev, None)[0]
+
+
+def leak_check(
+    tensors: MaybeTensors,
+    tol: float = 0.0,
+    *,
+    use_grad: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norms, flag)`` where ``flag`` is a 0-d bool device tensor, left on the device.
+
+    ``flag`` is True when any norm exceeds ``tol`` (finite, >= 0) or is NaN/Inf. Reading it
+    (``bool(flag)``) is the caller's one synchronisation point.
+    """
+    ts = _inputs(tensors, use_grad)
+    dev = _infer_device(ts, device)
+    if _through_dispatcher():
+        return _leak_check_op(ts, float(tol), dev)
+    norms, flag = _compute(ts, dev, _check_tol(tol))
+    assert flag is not None
+    return norms, flag

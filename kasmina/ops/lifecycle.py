@@ -1,0 +1,257 @@
+"""Batched lifecycle transitions on the device state table (DESIGN §2, §3).
+
+``lifecycle_update`` applies K requested transitions to the int32 ``[num_seeds, 10]`` table in
+one launch and returns one code per request (``kasmina.stages.TransitionCode``): 0 applied,
+1 illegal, 2 index out of range, 3 index duplicated in the batch (none of its updates apply);
+precedence 2 > 3 > 1. An applied transition sets the stage, zeroes ``EPOCHS_IN_STATE`` and
+``READY_FLAG``, and sets ``LAST_GATE`` to ``gate[k]`` when given (a negative entry means "not
+given"), else to the gate that guards that transition (G1..G5), else leaves it unchanged.
+COOLDOWN -> RECYCLING is legal only while ``EMBARGO_COUNTER == 0``.
+
+``lifecycle_tick`` ages every seed one epoch, counts ``EMBARGO_COUNTER`` down to 0, then sets
+``READY_FLAG`` = 1 for the automatic steps that are due (COOLDOWN with the embargo over, and
+RECYCLING), 0 otherwise.
+
+The rules live in ``kasmina.stages``; they reach the kernels as small device tables built here
+and cached per device. Both ops are ``torch.library`` custom ops that mutate ``state``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from kasmina.ops._backend import use_triton
+from kasmina.stages import (
+    GATE_FOR_TRANSITION,
+    NUM_STAGES,
+    NUM_STATE_COLUMNS,
+    SeedStage,
+    StateColumn,
+    TransitionCode,
+    transition_matrix,
+)
+
+IndexLike = torch.Tensor | Sequence[int]
+NEEDS_ZERO_EMBARGO = 1 << 8  # flag bit of a rule: legal only while EMBARGO_COUNTER == 0
+READY_NEVER, READY_AFTER_EMBARGO, READY_ALWAYS = 0, 1, 2
+_COLUMNS = {
+    "stage": int(StateColumn.LIFECYCLE_STAGE),
+    "epochs": int(StateColumn.EPOCHS_IN_STATE),
+    "gate": int(StateColumn.LAST_GATE),
+    "embargo": int(StateColumn.EMBARGO_COUNTER),
+    "ready": int(StateColumn.READY_FLAG),
+}
+
+
+def transition_rules() -> list[list[int]]:
+    """``[S][S]`` rule table: -1 illegal, else ``default_gate | NEEDS_ZERO_EMBARGO`` bits."""
+    legal = transition_matrix()
+    rules = [[-1] * NUM_STAGES for _ in range(NUM_STAGES)]
+    for src in range(NUM_STAGES):
+        for dst in range(NUM_STAGES):
+            if legal[src][dst]:
+                rules[src][dst] = GATE_FOR_TRANSITION.get((SeedStage(src), SeedStage(dst)), 0)
+    rules[SeedStage.COOLDOWN][SeedStage.RECYCLING] |= NEEDS_ZERO_EMBARGO
+    return rules
+
+
+def ready_rules() -> list[int]:
+    """Per stage: when ``tick`` raises ``READY_FLAG`` (never / after the embargo / always)."""
+    ready = [READY_NEVER] * NUM_STAGES
+    ready[SeedStage.COOLDOWN] = READY_AFTER_EMBARGO
+    ready[SeedStage.RECYCLING] = READY_ALWAYS
+    return ready
+
+
+_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_tables_lock = threading.Lock()
+
+
+def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rules [S, S], ready [S])`` int32 on ``device``, built once per device."""
+    with _tables_lock:
+        tables = _tables.get(device)
+        if tables is None:
+            rules = torch.tensor(transition_rules(), dtype=torch.int32, device=device)
+            ready = torch.tensor(ready_rules(), dtype=torch.int32, device=device)
+            tables = _tables[device] = (rules, ready)
+    return tables
+
+
+def _check_state(state: torch.Tensor) -> None:
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    if state.dtype != torch.int32:
+        raise ValueError(f"state must be int32, got {state.dtype}")
+    if state.dim() != 2 or state.shape[1] != NUM_STATE_COLUMNS:
+        raise ValueError(f"state must have shape [N, {NUM_STATE_COLUMNS}], got {list(state.shape)}")
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous")
+
+
+def _check_index(name: str, t: torch.Tensor, state: torch.Tensor, k: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != k:
+        raise ValueError(f"{name} must have shape [{k}], got {list(t.shape)}")
+    if t.device != state.device:
+        raise ValueError(f"{name} is on {t.device}, expected {state.device} (the state's device)")
+
+
+def _check_update(
+    state: torch.Tensor, seed_idx: torch.Tensor, new_stage: torch.Tensor, gate: torch.Tensor | None
+) -> None:
+    _check_state(state)
+    if not isinstance(seed_idx, torch.Tensor) or seed_idx.dim() != 1:
+        raise ValueError("seed_idx must be a 1-d integer tensor")
+    k = seed_idx.shape[0]
+    _check_index("seed_idx", seed_idx, state, k)
+    _check_index("new_stage", new_stage, state, k)
+    if gate is not None:
+        _check_index("gate", gate, state, k)
+
+
+def lifecycle_update_reference(
+    state: torch.Tensor,
+    seed_idx: torch.Tensor,
+    new_stage: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Vectorised torch version of the update (the CPU path); mutates ``state``."""
+    _check_update(state, seed_idx, new_stage, gate)
+    rules, _ = _device_tables(state.device)
+    n, k = state.shape[0], seed_idx.shape[0]
+    idx, new = seed_idx.long(), new_stage.long()
+    in_range = (idx >= 0) & (idx < n)
+    safe = torch.where(in_range, idx, torch.zeros_like(idx))
+    # An index is duplicated when more than one in-range request names it.
+    hits = torch.zeros(max(n, 1), dtype=torch.int64, device=state.device)
+    hits.index_add_(0, safe, in_range.long())
+    dup = in_range & (hits[safe] > 1)
+
+    if n > 0:
+        rows = state[safe]
+    else:
+        rows = torch.zeros(k, NUM_STATE_COLUMNS, dtype=torch.int32, device=state.device)
+    cur = rows[:, StateColumn.LIFECYCLE_STAGE].long()
+    embargo = rows[:, StateColumn.EMBARGO_COUNTER]
+    known = (cur >= 0) & (cur < NUM_STAGES) & (new >= 0) & (new < NUM_STAGES)
+    rule = torch.where(known, rules[cur.clamp(0, NUM_STAGES - 1), new.clamp(0, NUM_STAGES - 1)], -1)
+    legal = (rule >= 0) & (((rule & NEEDS_ZERO_EMBARGO) == 0) | (embargo == 0))
+
+    codes = torch.full((k,), int(TransitionCode.ILLEGAL), dtype=torch.int32, device=state.device)
+    codes[legal] = int(TransitionCode.APPLIED)
+    codes[dup] = int(TransitionCode.DUPLICATE)
+    codes[~in_range] = int(TransitionCode.OUT_OF_RANGE)
+
+    apply = codes == int(TransitionCode.APPLIED)
+    target = idx[apply]
+    state[target, StateColumn.LIFECYCLE_STAGE] = new[apply].to(torch.int32)
+    state[target, StateColumn.EPOCHS_IN_STATE] = 0
+    state[target, StateColumn.READY_FLAG] = 0
+    default_gate = rule[apply] & 0xFF
+    last_gate = state[target, StateColumn.LAST_GATE]
+    last_gate = torch.where(default_gate > 0, default_gate, last_gate)
+    if gate is not None:
+        given = gate[apply].to(torch.int32)
+        last_gate = torch.where(given >= 0, given, last_gate)
+    state[target, StateColumn.LAST_GATE] = last_gate
+    return codes
+
+
+def lifecycle_tick_reference(state: torch.Tensor) -> None:
+    """Torch version of the tick (the CPU path); mutates ``state``."""
+    _check_state(state)
+    _, ready = _device_tables(state.device)
+    state[:, StateColumn.EPOCHS_IN_STATE] += 1
+    embargo = (state[:, StateColumn.EMBARGO_COUNTER] - 1).clamp_min(0)
+    state[:, StateColumn.EMBARGO_COUNTER] = embargo
+    stage = state[:, StateColumn.LIFECYCLE_STAGE].long()
+    known = (stage >= 0) & (stage < NUM_STAGES)
+    when = torch.where(known, ready[stage.clamp(0, NUM_STAGES - 1)], READY_NEVER)
+    flag = (when == READY_ALWAYS) | ((when == READY_AFTER_EMBARGO) & (embargo == 0))
+    state[:, StateColumn.READY_FLAG] = flag.to(torch.int32)
+
+
+@torch.library.custom_op("kasmina::lifecycle_update", mutates_args=("state",))
+def _lifecycle_update_op(
+    state: torch.Tensor,
+    seed_idx: torch.Tensor,
+    new_stage: torch.Tensor,
+    gate: torch.Tensor | None,
+) -> torch.Tensor:
+    if not use_triton(state.device):
+        return lifecycle_update_reference(state, seed_idx, new_stage, gate)
+    from kasmina.kernels.lifecycle import lifecycle_update as launch
+
+    _check_update(state, seed_idx, new_stage, gate)
+    rules, _ = _device_tables(state.device)
+    return launch(state, seed_idx, new_stage, gate, rules, _COLUMNS)
+
+
+@_lifecycle_update_op.register_fake
+def _lifecycle_update_fake(
+    state: torch.Tensor,
+    seed_idx: torch.Tensor,
+    new_stage: torch.Tensor,
+    gate: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_update(state, seed_idx, new_stage, gate)
+    return torch.empty(seed_idx.shape[0], dtype=torch.int32, device=state.device)
+
+
+@torch.library.custom_op("kasmina::lifecycle_tick", mutates_args=("state",))
+def _lifecycle_tick_op(state: torch.Tensor) -> None:
+    if not use_triton(state.device):
+        lifecycle_tick_reference(state)
+        return
+    from kasmina.kernels.lifecycle import lifecycle_tick as launch
+
+    _check_state(state)
+    _, ready = _device_tables(state.device)
+    launch(state, ready, _COLUMNS)
+
+
+@_lifecycle_tick_op.register_fake
+def _lifecycle_tick_fake(state: torch.Tensor) -> None:
+    _check_state(state)
+
+
+def _as_index(name: str, value: IndexLike | None, device: torch.device) -> torch.Tensor | None:
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.tensor([int(v) for v in value], dtype=torch.int64, device=device)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an integer tensor or a sequence of ints") from exc
+
+
+def lifecycle_update(
+    state: torch.Tensor,
+    seed_idx: IndexLike,
+    new_stage: IndexLike,
+    gate: IndexLike | None = None,
+) -> torch.Tensor:
+    """Apply K transitions to ``state`` in place; returns int32 ``[K]`` codes on its device.
+
+    ``state``: int32 ``[N, 10]`` contiguous. ``seed_idx``, ``new_stage``, ``gate``: int32/int64
+    ``[K]`` tensors on the state's device (sequences of ints are converted). ``ValueError`` on
+    any other dtype, shape or device; bad indices and stages are reported in the codes instead.
+    """
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    idx = _as_index("seed_idx", seed_idx, state.device)
+    new = _as_index("new_stage", new_stage, state.device)
+    gates = _as_index("gate", gate, state.device)
+    assert idx is not None and new is not None
+    return _lifecycle_update_op(state, idx, new, gates)
+
+
+def lifecycle_tick(state: torch.Tensor) -> None:
+    """Advance every seed one epoch in place (see the module docstring)."""
+    _lifecycle_tick_op(state)
