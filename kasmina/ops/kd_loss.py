@@ -1,0 +1,237 @@
+"""``kd_kl_loss``: knowledge-distillation loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
+
+Rows are all leading dims of the logits (the loss of ``F.kl_div`` on ``x.view(-1, V)``); the
+sum runs over the last dim ``V``. Reductions follow ``F.kl_div``: ``none`` (per-row loss, shape
+``logits.shape[:-1]``), ``sum``, ``mean`` (sum / (rows_kept·V)) and ``batchmean``
+(sum / rows_kept). ``mask`` (bool, shape ``logits.shape[:-1]``) drops rows: they contribute 0 to
+the loss and get a 0 gradient, and ``rows_kept`` counts only kept rows; if no row is kept,
+``mean``/``batchmean`` return 0 rather than 0/0.
+
+The student gradient is computed in the forward pass (Triton: one streaming-softmax pass over
+``V`` for the loss, one more to write the gradient) and stored, in the student's dtype, as the
+only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. The backward
+multiplies it by ``grad_output`` into a fresh tensor (the saved one is left intact, so a
+``retain_graph`` second backward stays correct). When the student does not require grad (or
+grad mode is off) the gradient is not computed at all. The teacher never gets a gradient.
+
+The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
+lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher).
+Non-contiguous logits are made contiguous (a copy); ``temperature`` must be a float > 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kasmina.ops._backend import check_float_tensor, use_triton
+
+__all__ = ["kd_kl_loss", "kd_kl_loss_reference"]
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _denominator(reduction: str, kept: Tensor | int, vocab: int) -> Tensor | int:
+    """What ``mean``/``batchmean`` divide by; at least 1 so an all-masked batch gives 0."""
+    rows = kept.clamp(min=1) if isinstance(kept, Tensor) else max(kept, 1)
+    return rows * vocab if reduction == "mean" else rows
+
+
+def _reduce(rows: Tensor, reduction: str, kept: Tensor | int, vocab: int) -> Tensor:
+    """Apply ``reduction`` to per-row losses; ``kept`` is the number of rows kept by the mask."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / _denominator(reduction, kept, vocab)
+
+
+def kd_kl_loss_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Plain-torch ``kd_kl_loss``: the test oracle (differentiable by autograd).
+
+    Computes in at least fp32 and returns that dtype; materialises the probabilities (clarity
+    first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``.
+    """
+    t_ = temperature
+    work = torch.promote_types(student_logits.dtype, torch.float32)
+    lead = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    s = student_logits.to(work).reshape(-1, vocab)
+    t = teacher_logits.detach().to(work).reshape(-1, vocab)
+    keep = None if mask is None else mask.reshape(-1)
+    if keep is not None:
+        s, t = s[keep], t[keep]
+    log_ps = torch.log_softmax(s / t_, dim=-1)
+    log_pt = torch.log_softmax(t / t_, dim=-1)
+    p_t = log_pt.exp()
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)
+    rows = kl * (t_ * t_)
+    if keep is not None:
+        rows = torch.zeros(keep.shape, dtype=work, device=s.device).index_put((keep,), rows)
+    kept = int(keep.sum()) if keep is not None else rows.numel()
+    return _reduce(rows.reshape(lead), reduction, kept, vocab)
+
+
+def _kd_forward_reference(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    temperature: float,
+    reduction: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """CPU path of the op: ``(loss, stored student gradient)`` with the explicit formulas
+    ``row = T²·Σ p_t (log p_t - log p_s)`` and ``dL/ds = T·(p_s - p_t)·scale``."""
+    t_ = temperature
+    vocab = student.shape[-1]
+    log_ps = torch.log_softmax(student.float().reshape(-1, vocab) / t_, dim=-1)
+    log_pt = torch.log_softmax(teacher.float().reshape(-1, vocab) / t_, dim=-1)
+    p_t = log_pt.exp()
+    rows = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1) * t_**2
+    keep = None if mask is None else mask.reshape(-1)
+    if keep is not None:
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+    kept: Tensor | int = keep.sum() if keep is not None else rows.numel()
+    loss = _reduce(rows.reshape(student.shape[:-1]), reduction, kept, vocab)
+    if not need_grad:
+        return loss, student.new_empty(0)
+    grad = (log_ps.exp() - p_t) * t_
+    if reduction in ("mean", "batchmean"):
+        grad = grad / _denominator(reduction, kept, vocab)
+    if keep is not None:
+        grad = torch.where(keep[:, None], grad, torch.zeros_like(grad))
+    return loss, grad.to(student.dtype).reshape(student.shape)
+
+
+def _scale_grad_reference(stored: Tensor, grad_output: Tensor) -> Tensor:
+    go = grad_output.float()
+    if go.dim() > 0:
+        go = go.unsqueeze(-1)
+    return (stored.float() * go).to(stored.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _kernels():
+    from kasmina.kernels import kd_loss as kernels  # lazy: triton only when used
+
+    return kernels
+
+
+@torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
+def _kd_op(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    temperature: float,
+    reduction: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, stored student gradient)``; the gradient is empty when ``need_grad`` is off."""
+    if use_triton(student.device):
+        return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
+    return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
+
+
+@_kd_op.register_fake
+def _kd_fake(student, teacher, mask, temperature, reduction, need_grad):
+    shape = student.shape[:-1] if reduction == "none" else ()
+    loss = student.new_empty(shape, dtype=torch.float32)
+    return loss, (torch.empty_like(student) if need_grad else student.new_empty(0))
+
+
+@torch.library.custom_op("kasmina::kd_kl_loss_backward", mutates_args=())
+def _kd_backward_op(stored_grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``)."""
+    grad_output = grad_output.contiguous()
+    if use_triton(stored_grad.device):
+        return _kernels().kd_backward(stored_grad, grad_output)
+    return _scale_grad_reference(stored_grad, grad_output)
+
+
+@_kd_backward_op.register_fake
+def _kd_backward_fake(stored_grad, grad_output):
+    return torch.empty_like(stored_grad)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the stored-gradient output never receives a gradient
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None):
+    (stored,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    return torch.ops.kasmina.kd_kl_loss_backward(stored, grad_loss), None, None, None, None, None
+
+
+_kd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def _check(student: Tensor, teacher: Tensor, temperature: object, reduction: str, mask) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_float_tensor("student_logits", student)
+    check_float_tensor("teacher_logits", teacher, student.device)
+    if student.dim() == 0 or student.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty last dim, got shape {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "
+            "must have the same shape"
+        )
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor")
+        if mask.device != student.device:
+            raise ValueError(f"mask is on {mask.device}, expected {student.device}")
+        if mask.shape != student.shape[:-1]:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} must equal the logits' leading dims "
+                f"{tuple(student.shape[:-1])}"
+            )
+
+
+def kd_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dim, reduced.
+
+    See the module docstring for reductions, masking, dtypes and memory behaviour. Returns a
+    float32 tensor: 0-d, or ``student_logits.shape[:-1]`` for ``reduction="none"``.
+    """
+    _check(student_logits, teacher_logits, temperature, reduction, mask)
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = _kd_op(
+        student_logits.contiguous(),
+        teacher_logits.detach().contiguous(),
+        None if mask is None else mask.contiguous(),
+        float(temperature),
+        reduction,
+        need_grad,
+    )
+    return loss
