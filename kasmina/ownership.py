@@ -1,0 +1,87 @@
+"""Who owns each trainable parameter: the registry behind the disjoint-optimizer rule.
+
+Why by memory as well as by identity: ``nn.Parameter(host.weight.data)`` is a new tensor object
+that shares the host's storage, so a seed optimizer stepping it would move the host. Two
+parameters conflict when their byte ranges in the same storage intersect; disjoint slices of one
+flat buffer do not.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+
+from kasmina.errors import ParameterOverlapError
+
+_StorageKey = tuple[str, int]
+
+
+def _storage_key(t: torch.Tensor) -> _StorageKey:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` a tensor occupies in its storage."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+    return (t.data_ptr(), t.data_ptr() + span * t.element_size())
+
+
+class ParameterOwnership:
+    """Maps parameters to one owner name each; refuses any second claim on the same memory."""
+
+    def __init__(self) -> None:
+        self._owner: dict[int, tuple[str, torch.Tensor]] = {}  # keeps claimed tensors alive
+        self._extents: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
+
+    def owner_of(self, param: torch.Tensor) -> str | None:
+        entry = self._owner.get(id(param))
+        return entry[0] if entry is not None else None
+
+    def owned_by(self, owner: str) -> list[torch.Tensor]:
+        return [t for name, t in self._owner.values() if name == owner]
+
+    def check_free(self, params: Iterable[torch.Tensor], new_owner: str) -> None:
+        """Raise ``ParameterOverlapError`` if any of ``params`` is already (partly) owned."""
+        for index, p in enumerate(params):
+            owner = self.owner_of(p)
+            if owner is not None:
+                raise ParameterOverlapError(
+                    f"parameter {index} for {new_owner!r} is already owned by {owner!r}"
+                )
+            start, end = _extent(p)
+            for other_start, other_end, other in self._extents.get(_storage_key(p), ()):
+                if start < other_end and other_start < end:
+                    raise ParameterOverlapError(
+                        f"parameter {index} for {new_owner!r} shares memory with a parameter "
+                        f"of {other!r}"
+                    )
+
+    def claim(self, params: Iterable[torch.Tensor], owner: str) -> None:
+        """Record ``owner`` for ``params`` (call ``check_free`` first)."""
+        for p in params:
+            self._owner[id(p)] = (owner, p)
+            start, end = _extent(p)
+            if end > start:
+                self._extents[_storage_key(p)].append((start, end, owner))
+
+    def release(self, owner: str) -> None:
+        """Forget everything ``owner`` claimed."""
+        self._owner = {pid: e for pid, e in self._owner.items() if e[0] != owner}
+        for key in list(self._extents):
+            kept = [extent for extent in self._extents[key] if extent[2] != owner]
+            if kept:
+                self._extents[key] = kept
+            else:
+                del self._extents[key]
+
+    def transfer(self, old: str, new: str) -> None:
+        """Everything ``old`` owned now belongs to ``new`` (a seed promoted into the host)."""
+        self._owner = {
+            pid: ((new, t) if name == old else (name, t)) for pid, (name, t) in self._owner.items()
+        }
+        for extents in self._extents.values():
+            extents[:] = [(s, e, new if o == old else o) for s, e, o in extents]
