@@ -1,0 +1,7 @@
+"""``python -m kasmina``: the same command line as the ``kasmina`` script."""
+
+import sys
+
+from kasmina.cli import main
+
+sys.exit(main())
