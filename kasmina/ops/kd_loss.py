@@ -60,7 +60,8 @@ def kd_kl_loss_reference(
     """Plain-torch ``kd_kl_loss``: the test oracle (differentiable by autograd).
 
     Computes in at least fp32 and returns that dtype; materialises the probabilities (clarity
-    first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``.
+    first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``;
+    NaN propagates.
     """
     t_ = temperature
     work = torch.promote_types(student_logits.dtype, torch.float32)
@@ -74,7 +75,7 @@ def kd_kl_loss_reference(
     log_ps = torch.log_softmax(s / t_, dim=-1)
     log_pt = torch.log_softmax(t / t_, dim=-1)
     p_t = log_pt.exp()
-    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)
+    kl = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
     rows = kl * (t_ * t_)
     if keep is not None:
         rows = torch.zeros(keep.shape, dtype=work, device=s.device).index_put((keep,), rows)
@@ -97,7 +98,7 @@ def _kd_forward_reference(
     log_ps = torch.log_softmax(student.float().reshape(-1, vocab) / t_, dim=-1)
     log_pt = torch.log_softmax(teacher.float().reshape(-1, vocab) / t_, dim=-1)
     p_t = log_pt.exp()
-    rows = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1) * t_**2
+    rows = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1) * t_**2
     keep = None if mask is None else mask.reshape(-1)
     if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))
