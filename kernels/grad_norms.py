@@ -38,6 +38,17 @@ _dtype_of = attrgetter("dtype")
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# ``tl.sum``'s own combine function. Reducing with it directly compiles to exactly ``tl.sum``,
+# and the interpreter recognises it and sums with numpy instead of re-entering the JIT in every
+# program, which makes the CPU tests of thousands of programs two orders of magnitude faster.
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
 def _sumsq_kernel(
     table_ptr, ptrs_ptr, partials_ptr, base, DTYPE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -48,12 +59,12 @@ def _sumsq_kernel(
     length = tl.load(row + 2)
     src = tl.load(ptrs_ptr + tensor_idx).to(tl.pointer_type(DTYPE)) + offset
     cols = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, dtype=tl.float32)  # tl.zeros re-enters the JIT when interpreted
     for start in range(0, length, BLOCK):
         idx = start + cols
         x = tl.load(src + idx, mask=idx < length, other=0.0).to(tl.float32)
         acc += x * x
-    tl.store(partials_ptr + base + pid, tl.sum(acc, axis=0))
+    tl.store(partials_ptr + base + pid, tl.reduce(acc, 0, _sum_combine))
 
 
 @triton.jit
@@ -71,11 +82,11 @@ def _finish_kernel(
     first = tl.load(first_ptr + pid)
     count = tl.load(count_ptr + pid)
     cols = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, dtype=tl.float32)  # tl.zeros re-enters the JIT when interpreted
     for start in range(0, count, BLOCK):
         idx = start + cols
         acc += tl.load(partials_ptr + first + idx, mask=idx < count, other=0.0)
-    norm = tl.sqrt(tl.sum(acc, axis=0))
+    norm = tl.sqrt(tl.reduce(acc, 0, _sum_combine))
     tl.store(norms_ptr + pid, norm)
     if HAS_FLAG:
         # NaN fails every comparison, so test it explicitly; +inf also exceeds any finite tol.
@@ -98,8 +109,8 @@ class _Plan:
     first: torch.Tensor  # int64 [T]: index of each tensor's first partial
     count: torch.Tensor  # int64 [T]: number of partials (chunks) of each tensor
     total_chunks: int
-    ptrs_key: tuple[int, ...] | None = None
-    ptrs: torch.Tensor | None = None  # int64 [T] data pointers on the device
+    # (pointer values, int64 [T] device copy), replaced as one object so threads never mix them
+    pointers: tuple[tuple[int, ...], torch.Tensor] | None = None
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -139,23 +150,34 @@ def _build_plan(
 
 
 def _plan_for(tensors: list[torch.Tensor], device: torch.device) -> tuple[_Plan, torch.Tensor]:
-    numels = tuple(map(torch.Tensor.numel, tensors))
-    dtypes = tuple(map(_dtype_of, tensors))
+    """The cached plan for this list structure and the device table of its data pointers.
+
+    Validation runs whenever the plan or the pointers are new: an exact hit can only repeat a
+    list that was validated (device address spaces are disjoint under unified addressing).
+    """
+    try:
+        numels = tuple(map(torch.Tensor.numel, tensors))
+        dtypes = tuple(map(_dtype_of, tensors))
+        ptrs_key = tuple(map(torch.Tensor.data_ptr, tensors))
+    except TypeError:
+        _check(tensors, device)  # raises the clear error for the entry that is not a tensor
+        raise
     key = (device, numels, dtypes)
     with _lock:
         plan = _plans.get(key)
+    pointers = plan.pointers if plan is not None else None
+    if pointers is not None and pointers[0] == ptrs_key:
+        assert plan is not None
+        return plan, pointers[1]
+    _check(tensors, device)
     if plan is None:
-        _check(tensors, device)
         plan = _build_plan(numels, dtypes, device)
         with _lock:
             if len(_plans) >= _MAX_PLANS:
                 _plans.pop(next(iter(_plans)))
             _plans[key] = plan
-    ptrs_key = tuple(map(torch.Tensor.data_ptr, tensors))
-    ptrs = plan.ptrs
-    if ptrs_key != plan.ptrs_key or ptrs is None:
-        ptrs = torch.tensor(ptrs_key, dtype=torch.int64).to(device)
-        plan.ptrs_key, plan.ptrs = ptrs_key, ptrs
+    ptrs = torch.tensor(ptrs_key, dtype=torch.int64).to(device)
+    plan.pointers = (ptrs_key, ptrs)
     return plan, ptrs
 
 
@@ -170,7 +192,12 @@ def tensor_norms(
     tensors are copied to a contiguous buffer first (gradients and parameters never are).
     """
     ts = [_EMPTY if t is None else t for t in tensors]
-    if not all(map(torch.Tensor.is_contiguous, ts)):
+    try:
+        contiguous = all(map(torch.Tensor.is_contiguous, ts))
+    except TypeError:
+        _check(ts, device)
+        raise
+    if not contiguous:
         ts = [t.contiguous() for t in ts]
     n = len(ts)
     norms = torch.empty(n, dtype=torch.float32, device=device)

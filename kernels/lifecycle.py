@@ -57,7 +57,7 @@ def _update_kernel(
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < k
     idx = tl.load(idx_ptr + lanes, mask=live, other=-1).to(tl.int64)
-    new = tl.load(new_ptr + lanes, mask=live, other=-1).to(tl.int32)
+    new = tl.load(new_ptr + lanes, mask=live, other=-1)  # range-checked before narrowing
     in_range = (idx >= 0) & (idx < n_rows)
 
     # Duplicate scan: compare every lane's index with all K indices, one tile at a time.
@@ -75,6 +75,7 @@ def _update_kernel(
     cur = tl.load(row + COL_STAGE, mask=look, other=-1)
     embargo = tl.load(row + COL_EMBARGO, mask=look, other=0)
     stages_ok = (cur >= 0) & (cur < NUM_STAGES) & (new >= 0) & (new < NUM_STAGES)
+    new = new.to(tl.int32)
     rule = tl.load(rules_ptr + cur * NUM_STAGES + new, mask=look & stages_ok, other=-1)
     legal = (rule >= 0) & (((rule & NEEDS_ZERO_EMBARGO) == 0) | (embargo == 0))
 

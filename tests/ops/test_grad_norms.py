@@ -1,0 +1,196 @@
+"""grad_norms / leak_check: Triton path (interpreter on CPU) and reference vs float64 norms."""
+
+from __future__ import annotations
+
+import math
+
+import kasmina.kernels.grad_norms as gn_kernels
+import pytest
+import torch
+
+from kasmina.ops import grad_norms, grad_norms_reference, leak_check, leak_check_reference
+from tests.ops.tolerances import DTYPES, tol
+
+FP32 = tol(torch.float32)  # accumulation is fp32 whatever the input dtype
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every ``torch.empty`` return garbage so that an unwritten output cannot pass.
+
+    -1 is never a valid norm nor a valid partial sum of squares.
+    """
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.dtype.is_floating_point:
+            out.fill_(-1.0)
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture(params=["triton_backend", "reference_backend"])
+def any_backend(request: pytest.FixtureRequest) -> str:
+    request.getfixturevalue(request.param)
+    return request.param
+
+
+def oracle(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    """float64 norms computed independently of the op."""
+    out = []
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            out.append(0.0)
+        else:
+            out.append(math.sqrt(t.detach().double().pow(2).sum().item()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def mixed_tensors(count: int, seed: int) -> list[torch.Tensor | None]:
+    """Mixed sizes (empty, tiny, not block multiples, several chunks), dtypes and ``None``s."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [0, 1, 3, 17, 129, 1000, 2047, 2049, 5000]
+    out: list[torch.Tensor | None] = []
+    for i in range(count):
+        if i % 37 == 5:
+            out.append(None)
+            continue
+        size = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+        dtype = DTYPES[i % len(DTYPES)]
+        scale = float(torch.rand((), generator=g)) * 4
+        out.append((torch.randn(size, generator=g) * scale).to(dtype))
+    # Tensors spanning several chunks, one per dtype, shaped as weights.
+    out[10] = torch.randn(300, 250, generator=g)  # 75,000 elements: 3 chunks
+    out[11] = torch.randn(2, gn_kernels.CHUNK + 1, generator=g).to(torch.bfloat16)
+    out[12] = torch.randn(gn_kernels.CHUNK, generator=g).to(torch.float16)
+    return out
+
+
+def test_thousand_mixed_tensors_match_float64(triton_backend: None, poisoned_empty: None) -> None:
+    tensors = mixed_tensors(1000, seed=0)
+    norms = grad_norms(tensors)
+    assert norms.shape == (1000,) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), oracle(tensors), **FP32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_float64(reference_backend: None, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(n, generator=g).to(dtype) for n in (0, 1, 31, 4097)] + [None]
+    torch.testing.assert_close(grad_norms(tensors).double(), oracle(tensors), **FP32)
+    torch.testing.assert_close(grad_norms_reference(tensors).double(), oracle(tensors), **FP32)
+
+
+def test_nan_and_inf_propagate_and_raise_the_flag(any_backend: str, poisoned_empty: None) -> None:
+    tensors = [torch.randn(100) for _ in range(6)] + [None, torch.empty(0)]
+    tensors[1][7] = float("nan")
+    tensors[2] = tensors[2].to(torch.float16)
+    tensors[2][50] = float("inf")
+    tensors[3] = tensors[3].to(torch.bfloat16)
+    tensors[3][0] = float("-inf")
+    norms, flag = leak_check(tensors, tol=1e30)
+    assert math.isnan(norms[1].item())
+    assert norms[2].item() == math.inf and norms[3].item() == math.inf
+    expected = oracle([tensors[i] for i in (0, 4, 5, 6, 7)])
+    torch.testing.assert_close(norms[[0, 4, 5, 6, 7]].double(), expected, **FP32)
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag)
+    assert bool(leak_check(tensors[1:2], tol=1e30)[1])  # NaN alone sets it
+    assert not bool(leak_check([tensors[0], tensors[4]], tol=1e30)[1])
+
+
+def test_flag_threshold(any_backend: str) -> None:
+    zeros = [torch.zeros(10), None, torch.empty(0), torch.zeros(3, dtype=torch.bfloat16)]
+    norms, flag = leak_check(zeros)  # tol 0: exact zeros are not a leak
+    assert not bool(flag) and torch.equal(norms, torch.zeros(4))
+    tiny = [*zeros, torch.full((5,), 1e-20)]
+    assert bool(leak_check(tiny)[1])
+    t = torch.tensor([3.0, 4.0])  # norm exactly 5
+    assert bool(leak_check([t], tol=4.99)[1])
+    assert not bool(leak_check([t], tol=5.0)[1])
+
+
+def test_use_grad_reads_gradients(any_backend: str) -> None:
+    params = [torch.nn.Parameter(torch.randn(s)) for s in (5, 300, 2)]
+    params.append(torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)))
+    (params[0].sum() * 3 + (params[1] ** 2).sum() + params[3].float().sum()).backward()
+    assert params[2].grad is None
+    grads = [p.grad for p in params]
+    expected = oracle(grads)
+    norms = grad_norms(params, use_grad=True)
+    torch.testing.assert_close(norms.double(), expected, **FP32)
+    norms2, flag = leak_check([*params, None], tol=1e6, use_grad=True)
+    torch.testing.assert_close(norms2[:4], norms)
+    assert norms2[4].item() == 0.0 and not bool(flag)
+
+
+def test_empty_and_all_none_lists(any_backend: str) -> None:
+    norms = grad_norms([])
+    assert norms.shape == (0,) and norms.dtype == torch.float32
+    norms, flag = leak_check([])
+    assert norms.shape == (0,) and not bool(flag)
+    norms = grad_norms([None, None], device="cpu")
+    assert torch.equal(norms, torch.zeros(2))
+
+
+def test_non_contiguous_and_new_storage(triton_backend: None, poisoned_empty: None) -> None:
+    a, b = torch.randn(40, 30), torch.randn(7, 9, dtype=torch.float16)
+    tensors = [a.t(), b[:, ::2], a]
+    torch.testing.assert_close(grad_norms(tensors).double(), oracle(tensors), **FP32)
+    # Same shapes, different storage: the cached plan must read the new pointers.
+    fresh = [torch.randn(40, 30).t(), torch.randn(7, 9, dtype=torch.float16)[:, ::2], a * 2]
+    torch.testing.assert_close(grad_norms(fresh).double(), oracle(fresh), **FP32)
+
+
+def test_many_chunks_per_tensor(
+    triton_backend: None, poisoned_empty: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunks so that one tensor has more partials than the finishing kernel sums per step.
+    monkeypatch.setattr(gn_kernels, "CHUNK", 16)
+    monkeypatch.setattr(gn_kernels, "_plans", {})
+    tensors = [torch.randn(16 * gn_kernels.FINISH_BLOCK + 37), torch.randn(16), torch.randn(5)]
+    torch.testing.assert_close(grad_norms(tensors).double(), oracle(tensors), **FP32)
+
+
+def test_plan_is_cached(triton_backend: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gn_kernels, "_plans", {})
+    tensors = [torch.randn(10), None, torch.randn(3, dtype=torch.float16)]
+    first = grad_norms(tensors)
+    plan = next(iter(gn_kernels._plans.values()))
+    torch.testing.assert_close(grad_norms(tensors), first, rtol=0, atol=0)
+    assert len(gn_kernels._plans) == 1 and next(iter(gn_kernels._plans.values())) is plan
+    grad_norms([torch.randn(11), None, torch.randn(3, dtype=torch.float16)])
+    assert len(gn_kernels._plans) == 2
+    # Same structure, new pointers: validated again before anything is read.
+    with pytest.raises(ValueError, match="expected cpu"):
+        grad_norms([torch.randn(10, device="meta"), None, tensors[2]], device="cpu")
+
+
+def test_reference_functions_directly() -> None:
+    tensors = [torch.tensor([3.0, 4.0]), None, torch.tensor([float("nan")])]
+    norms, flag = leak_check_reference(tensors, tol=100.0)
+    assert norms[0].item() == 5.0 and norms[1].item() == 0.0 and math.isnan(norms[2].item())
+    assert bool(flag)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ([torch.ones(3, dtype=torch.int32)], "float32, float16 or bfloat16"),
+        ([torch.ones(3, dtype=torch.float64)], "float32, float16 or bfloat16"),
+        ([torch.ones(3), torch.ones(3, device="meta")], "expected cpu"),
+        ([torch.ones(3), "x"], "Tensor or None"),
+    ],
+)
+def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        grad_norms(tensors)
+    with pytest.raises(ValueError, match=message):
+        leak_check(tensors)
+
+
+@pytest.mark.parametrize("bad_tol", [-1.0, float("nan"), float("inf")])
+def test_bad_tolerance_raises(any_backend: str, bad_tol: float) -> None:
+    with pytest.raises(ValueError, match="tol"):
+        leak_check([torch.ones(3)], tol=bad_tol)
