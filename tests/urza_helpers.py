@@ -1,0 +1,109 @@
+"""Shared test helpers for the Urza, kernel and cache tests."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import pathlib
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+class Trap:
+    """Unpickling this writes ``path``: proof that something was deserialised."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.write_text, (pathlib.Path(self.path), "deserialised"))
+
+
+def arm_pt2(payload: bytes, marker: pathlib.Path) -> bytes:
+    """A copy of a real ``.pt2`` whose first weight is a pickle that writes ``marker`` when
+    ``torch.export.load`` reads it (the format allows pickled weights)."""
+    src = zipfile.ZipFile(io.BytesIO(payload))
+    config_name = next(n for n in src.namelist() if n.endswith("model_weights_config.json"))
+    config = json.loads(src.read(config_name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    weight_name = config_name.rsplit("/", 1)[0] + "/" + first["path_name"]
+    trap = io.BytesIO()
+    torch.save(Trap(marker), trap)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == config_name:
+                data = json.dumps(config).encode()
+            elif info.filename == weight_name:
+                data = trap.getvalue()
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
+class FlakyFS:
+    """Wraps an fsspec filesystem: can be taken down, slowed, and counts reads per path."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        self.down = False
+        self.delay_s = 0.0
+        self.reads: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _enter(self, path: str) -> None:
+        with self._lock:
+            self.reads[path] = self.reads.get(path, 0) + 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.down:
+            raise ConnectionError("store unreachable")
+
+    def cat_file(self, path: str, **kwargs: Any) -> bytes:
+        self._enter(path)
+        return self.fs.cat_file(path, **kwargs)
+
+    def ls(self, path: str, **kwargs: Any) -> Any:
+        self._enter(path)
+        return self.fs.ls(path, **kwargs)
+
+    def reads_of(self, suffix: str) -> int:
+        with self._lock:
+            return sum(n for p, n in self.reads.items() if p.endswith(suffix))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextmanager
+def serve_directory(directory: pathlib.Path) -> Iterator[str]:
+    """A real HTTP server on loopback (port 0) serving ``directory``; yields its URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
