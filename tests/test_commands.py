@@ -390,11 +390,6 @@ def test_fuzz_mutated_signed_commands_never_execute(raw: bytes) -> None:
     assert len(_FUZZ_RIG.executor.commands) == executed
 
 
-def test_fuzzing_ran_against_a_live_handler() -> None:
-    # The originals were accepted once and nothing since reached the executor.
-    assert len(_FUZZ_RIG.executor.commands) == len(_FUZZ_ORIGINALS)
-
-
 # --- command builders --------------------------------------------------------------------------
 
 
