@@ -131,6 +131,11 @@ def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
     return list(tensors)
 
 
+def _detached(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The norms are not differentiable: keep autograd (and AOTAutograd) out of the op."""
+    return [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
 def grad_norms(
     tensors: MaybeTensors, *, use_grad: bool = False, device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -143,7 +148,7 @@ def grad_norms(
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
     if _through_dispatcher():
-        return _grad_norms_op(ts, dev)
+        return _grad_norms_op(_detached(ts), dev)
     return _compute(ts, dev, None)[0]
 
 
@@ -162,7 +167,7 @@ def leak_check(
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
     if _through_dispatcher():
-        return _leak_check_op(ts, float(tol), dev)
+        return _leak_check_op(_detached(ts), float(tol), dev)
     norms, flag = _compute(ts, dev, _check_tol(tol))
     assert flag is not None
     return norms, flag
