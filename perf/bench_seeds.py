@@ -1,0 +1,124 @@
+"""Cost of seeds over the bare host layer, and of lifecycle ticks/updates (DESIGN §8).
+
+Targets: a DORMANT seed adds <= 10 us to a host layer's forward (CPU, one core); a 1,024-seed
+lifecycle update runs in one launch. The bare layer is measured in this file (``test_bare_*``)
+and again inside each seed benchmark so that ``extra_info`` carries the overhead and the ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import timeit
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.layer import KasminaLayer
+from kasmina.lifecycle import GPUStateTensor
+from kasmina.stages import SeedStage
+
+FEATURES, SEEDS, BATCH = 256, 4, 32
+CHUNK = FEATURES // SEEDS
+DORMANT_TARGET = "DORMANT seed overhead <= 10 us over the bare layer"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _host() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(FEATURES, FEATURES)
+
+
+def _median_s(fn, number: int = 200, repeat: int = 15) -> float:
+    return statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number
+
+
+def _record_overhead(benchmark, bare, target: str) -> None:
+    bare_s = _median_s(bare)
+    seed_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        {
+            "target": target,
+            "bare_median_us": round(bare_s * 1e6, 3),
+            "overhead_us": round((seed_s - bare_s) * 1e6, 3),
+            "ratio": round(seed_s / bare_s, 3),
+        }
+    )
+
+
+def test_bare_host_layer(benchmark) -> None:
+    host, x = _host(), torch.randn(BATCH, FEATURES)
+    benchmark(host, x)
+    benchmark.extra_info["target"] = "reference for the seed overheads below"
+
+
+def test_dormant_seed_layer(benchmark) -> None:
+    host, x = _host(), torch.randn(BATCH, FEATURES)
+    layer = KasminaLayer(host, SEEDS, CHUNK)
+    for k in range(SEEDS):
+        layer.seed(k).attach_kernel(nn.Linear(CHUNK, CHUNK))
+    benchmark(layer, x)
+    _record_overhead(benchmark, lambda: host(x), DORMANT_TARGET)
+
+
+def test_grafting_seed_layer(benchmark) -> None:
+    host, x = _host(), torch.randn(BATCH, FEATURES)
+    layer = KasminaLayer(host, SEEDS, CHUNK)
+    seed = layer.seed(0)
+    seed.attach_kernel(nn.Linear(CHUNK, CHUNK))
+    for stage in (SeedStage.ISOLATED_INIT, SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+        seed.transition_to(stage)
+    seed.update_alpha_blending(5, 10)
+    benchmark(layer, x)
+    _record_overhead(
+        benchmark, lambda: host(x), "GRAFTING: one seed's kernel + one blend (no §8 number)"
+    )
+
+
+def test_grafting_seed_forward_backward(benchmark) -> None:
+    host, x = _host(), torch.randn(BATCH, FEATURES)
+    layer = KasminaLayer(host, SEEDS, CHUNK)
+    seed = layer.seed(0)
+    seed.attach_kernel(nn.Linear(CHUNK, CHUNK))
+    for stage in (SeedStage.ISOLATED_INIT, SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+        seed.transition_to(stage)
+    seed.update_alpha_blending(5, 10)
+
+    def step(module: nn.Module) -> None:
+        module(x).sum().backward()
+
+    benchmark(step, layer)
+    _record_overhead(benchmark, lambda: step(host), "GRAFTING forward+backward (no §8 number)")
+
+
+def test_lifecycle_tick_1024(benchmark) -> None:
+    table = GPUStateTensor(1024, "cpu")
+    benchmark(table.tick)
+    benchmark.extra_info["target"] = "1,024-seed tick in one launch (GPU: perf/bench_gpu.py)"
+
+
+def test_lifecycle_batch_update_1024(benchmark) -> None:
+    table = GPUStateTensor(1024, "cpu")
+    forward = [(i, SeedStage.ISOLATED_INIT) for i in range(1024)]
+    back = [(i, SeedStage.HARVESTING) for i in range(1024)]
+    cycle = [SeedStage.COOLDOWN, SeedStage.RECYCLING, SeedStage.DORMANT]
+
+    def reset() -> None:
+        table.batch_state_update(back)
+        for stage in cycle:
+            table.batch_state_update([(i, stage) for i in range(1024)])
+
+    def run() -> None:
+        codes = table.batch_state_update(forward)
+        assert all(c == 0 for c in codes)
+
+    run()  # every round starts from ISOLATED_INIT and is walked back to DORMANT by ``reset``
+    benchmark.pedantic(run, setup=reset, rounds=20, iterations=1)
+    benchmark.extra_info["target"] = "1,024 transitions in one launch + one read-back of codes"
