@@ -15,8 +15,9 @@ activation is legitimate and the copy is what any kernel would need. Wrong dtype
 shape, a bad ``mode`` or a bad ``alpha`` raise ``ValueError``.
 
 CUDA tensors run the Triton kernels of ``kasmina.kernels.alpha_blend``; CPU tensors run the
-torch reference below (see ``kasmina.ops._backend``). Both sit behind one
-``torch.library.custom_op`` so ``torch.compile(fullgraph=True)`` sees one opaque node.
+torch reference below (see ``kasmina.ops._backend``). Under ``torch.compile`` the op is a
+``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
+use an equivalent ``torch.autograd.Function``, which costs far less per call.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ def _blend_backward_reference(
     return grad_seed, grad_alpha.to(alpha.dtype)
 
 
-# --------------------------------------------------------------------------- custom ops
+# --------------------------------------------------------------------------- autograd wiring
+# One pair of implementations (dispatching Triton vs reference), two wrappers: eager calls go
+# through a torch.autograd.Function (a few µs per call), torch.compile sees the custom ops (one
+# opaque node each way, no graph break). The custom op's eager round trip through the
+# dispatcher costs several times more, which is why eager code does not use it.
 
 
 def _kernels():
@@ -101,8 +106,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("kasmina::alpha_blend", mutates_args=())
-def _alpha_blend_op(
+def _forward_impl(
     seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str
 ) -> Tensor:
     if mode == "incubate":
@@ -110,6 +114,59 @@ def _alpha_blend_op(
     if use_triton(seed.device):
         return _kernels().blend_forward(seed, host, alpha, alpha_value)
     return alpha_blend_reference(seed, host, alpha if alpha is not None else alpha_value)
+
+
+def _backward_impl(
+    grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
+) -> tuple[Tensor, Tensor]:
+    """``(grad_seed, grad_alpha)``; ``grad_alpha`` is empty unless seed and host are given."""
+    grad = grad.contiguous()
+    if use_triton(grad.device):
+        return _kernels().blend_backward(grad, seed, host, alpha, alpha_value)
+    return _blend_backward_reference(grad, seed, host, alpha, alpha_value)
+
+
+def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str):
+    """Keep seed and host only when alpha needs a gradient; blend needs nothing else."""
+    ctx.mode = mode
+    ctx.alpha_value = alpha_value
+    ctx.alpha_needs_grad = mode == "blend" and alpha is not None and ctx.needs_input_grad[2]
+    if ctx.alpha_needs_grad:
+        ctx.save_for_backward(seed, host, alpha)
+    else:
+        ctx.save_for_backward(alpha)
+
+
+def _grads(ctx, grad: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
+    if ctx.mode == "incubate":
+        return grad, grad, None, None, None
+    if ctx.alpha_needs_grad:
+        seed, host, alpha = ctx.saved_tensors
+    else:
+        (alpha,) = ctx.saved_tensors
+        seed = host = None
+    grad_seed, grad_alpha = backward_fn(grad, seed, host, alpha, ctx.alpha_value)
+    return grad_seed, None, (grad_alpha if ctx.alpha_needs_grad else None), None, None
+
+
+class _AlphaBlendFunction(torch.autograd.Function):
+    """Eager path."""
+
+    @staticmethod
+    def forward(ctx, seed, host, alpha, alpha_value, mode):  # type: ignore[override]
+        _save(ctx, seed, host, alpha, alpha_value, mode)
+        return _forward_impl(seed, host, alpha, alpha_value, mode)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _grads(ctx, grad, _backward_impl)
+
+
+@torch.library.custom_op("kasmina::alpha_blend", mutates_args=())
+def _alpha_blend_op(
+    seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str
+) -> Tensor:
+    return _forward_impl(seed, host, alpha, alpha_value, mode)
 
 
 @_alpha_blend_op.register_fake
@@ -121,11 +178,7 @@ def _alpha_blend_fake(seed, host, alpha, alpha_value, mode):
 def _alpha_blend_backward_op(
     grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
 ) -> tuple[Tensor, Tensor]:
-    """``(grad_seed, grad_alpha)``; ``grad_alpha`` is empty unless seed and host are given."""
-    grad = grad.contiguous()
-    if use_triton(grad.device):
-        return _kernels().blend_backward(grad, seed, host, alpha, alpha_value)
-    return _blend_backward_reference(grad, seed, host, alpha, alpha_value)
+    return _backward_impl(grad, seed, host, alpha, alpha_value)
 
 
 @_alpha_blend_backward_op.register_fake
@@ -135,32 +188,10 @@ def _alpha_blend_backward_fake(grad, seed, host, alpha, alpha_value):
     return torch.empty_like(grad), grad_alpha
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    seed, host, alpha, alpha_value, mode = inputs
-    ctx.mode = mode
-    ctx.alpha_value = alpha_value
-    ctx.alpha_needs_grad = mode == "blend" and alpha is not None and ctx.needs_input_grad[2]
-    if ctx.alpha_needs_grad:
-        ctx.save_for_backward(seed, host, alpha)
-    else:
-        ctx.save_for_backward(alpha)
-
-
-def _backward(ctx, grad: Tensor):
-    if ctx.mode == "incubate":
-        return grad, grad, None, None, None
-    if ctx.alpha_needs_grad:
-        seed, host, alpha = ctx.saved_tensors
-    else:
-        (alpha,) = ctx.saved_tensors
-        seed = host = None
-    grad_seed, grad_alpha = torch.ops.kasmina.alpha_blend_backward(
-        grad, seed, host, alpha, ctx.alpha_value
-    )
-    return grad_seed, None, (grad_alpha if ctx.alpha_needs_grad else None), None, None
-
-
-_alpha_blend_op.register_autograd(_backward, setup_context=_setup_context)
+_alpha_blend_op.register_autograd(
+    lambda ctx, grad: _grads(ctx, grad, torch.ops.kasmina.alpha_blend_backward),
+    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs),
+)
 
 
 # --------------------------------------------------------------------------- public entry
@@ -213,4 +244,7 @@ def alpha_blend(
         alpha_t, alpha_value = alpha.contiguous(), 0.0
     else:
         alpha_t, alpha_value = None, float(alpha)
-    return _alpha_blend_op(seed_out.contiguous(), host_out.contiguous(), alpha_t, alpha_value, mode)
+    args = (seed_out.contiguous(), host_out.contiguous(), alpha_t, alpha_value, mode)
+    if torch.compiler.is_compiling():
+        return _alpha_blend_op(*args)
+    return _AlphaBlendFunction.apply(*args)

@@ -14,6 +14,10 @@ multiplies it by ``grad_output`` into a fresh tensor (the saved one is left inta
 ``retain_graph`` second backward stays correct). When the student does not require grad (or
 grad mode is off) the gradient is not computed at all. The teacher never gets a gradient.
 
+CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run the torch code below. Under
+``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and backward);
+eager calls use an equivalent, cheaper ``torch.autograd.Function``.
+
 The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
 lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher).
 Non-contiguous logits are made contiguous (a copy); ``temperature`` must be a float > 0.
@@ -121,13 +125,49 @@ def _scale_grad_reference(stored: Tensor, grad_output: Tensor) -> Tensor:
     return (stored.float() * go).to(stored.dtype)
 
 
-# --------------------------------------------------------------------------- custom ops
+# --------------------------------------------------------------------------- autograd wiring
+# One pair of implementations (dispatching Triton vs reference), two wrappers: eager calls go
+# through a torch.autograd.Function (cheap per call), torch.compile sees the custom ops (opaque
+# nodes, no graph break), whose eager dispatcher round trip would cost several times more.
 
 
 def _kernels():
     from kasmina.kernels import kd_loss as kernels  # lazy: triton only when used
 
     return kernels
+
+
+def _forward_impl(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(loss, stored student gradient)``; the gradient is empty when ``need_grad`` is off."""
+    if use_triton(student.device):
+        return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
+    return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
+
+
+def _backward_impl(stored_grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``)."""
+    grad_output = grad_output.contiguous()
+    if use_triton(stored_grad.device):
+        return _kernels().kd_backward(stored_grad, grad_output)
+    return _scale_grad_reference(stored_grad, grad_output)
+
+
+class _KDFunction(torch.autograd.Function):
+    """Eager path."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, temperature, reduction, need_grad):  # type: ignore[override]
+        loss, grad = _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        (stored,) = ctx.saved_tensors
+        return _backward_impl(stored, grad_loss), None, None, None, None, None
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
@@ -139,10 +179,7 @@ def _kd_op(
     reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(loss, stored student gradient)``; the gradient is empty when ``need_grad`` is off."""
-    if use_triton(student.device):
-        return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
-    return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
+    return _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
 
 
 @_kd_op.register_fake
@@ -154,11 +191,7 @@ def _kd_fake(student, teacher, mask, temperature, reduction, need_grad):
 
 @torch.library.custom_op("kasmina::kd_kl_loss_backward", mutates_args=())
 def _kd_backward_op(stored_grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``)."""
-    grad_output = grad_output.contiguous()
-    if use_triton(stored_grad.device):
-        return _kernels().kd_backward(stored_grad, grad_output)
-    return _scale_grad_reference(stored_grad, grad_output)
+    return _backward_impl(stored_grad, grad_output)
 
 
 @_kd_backward_op.register_fake
@@ -172,14 +205,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None):
+def _op_backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None):
     (stored,) = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
     return torch.ops.kasmina.kd_kl_loss_backward(stored, grad_loss), None, None, None, None, None
 
 
-_kd_op.register_autograd(_backward, setup_context=_setup_context)
+_kd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public entry
@@ -227,7 +260,7 @@ def kd_kl_loss(
     """
     _check(student_logits, teacher_logits, temperature, reduction, mask)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = _kd_op(
+    args = (
         student_logits.contiguous(),
         teacher_logits.detach().contiguous(),
         None if mask is None else mask.contiguous(),
@@ -235,4 +268,6 @@ def kd_kl_loss(
         reduction,
         need_grad,
     )
-    return loss
+    if torch.compiler.is_compiling():
+        return _kd_op(*args)[0]
+    return _KDFunction.apply(*args)

@@ -162,6 +162,27 @@ def test_op_gradients_match_reference_autograd(backend, dtype, kind):
         torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_custom_op_matches_eager_function(backend, mode):
+    """The custom op torch.compile uses (called eagerly here) against the eager path."""
+    seed_out, host_out, grad = _inputs((3, 24), torch.float32, seed=11)
+    results = []
+    for call in ("public", "custom-op"):
+        s, h = seed_out.clone().requires_grad_(True), host_out.clone().requires_grad_(True)
+        alpha = torch.rand(4, generator=torch.Generator().manual_seed(12)).requires_grad_(True)
+        if call == "public":
+            out = alpha_blend(s, h, alpha, mode)
+        else:
+            out = torch.ops.kasmina.alpha_blend(s, h, alpha, 0.0, mode)
+        out.backward(grad)
+        results.append((out.detach(), s.grad, h.grad, alpha.grad))
+    for eager, op in zip(*results, strict=True):
+        if eager is None:
+            assert op is None
+        else:
+            torch.testing.assert_close(op, eager, rtol=1e-6, atol=1e-6)
+
+
 def test_seed_grad_is_alpha_times_g_and_host_grad_stays_none(backend):
     seed_out, host_out, grad = _inputs((4, 33), torch.float32, seed=5)
     seed_out.requires_grad_(True)

@@ -1,0 +1,131 @@
+"""Fused ops on CPU: the torch reference paths (what CPU tensors run), beside eager PyTorch.
+
+The DESIGN §8 speed targets for these ops are GPU targets, measured by ``perf/bench_gpu.py``;
+on CPU the numbers here show what the op's validation, custom-op dispatch and autograd wrapper
+cost over writing the same math inline. Speeds are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kasmina.ops import alpha_blend, kd_kl_loss
+
+BLEND_SHAPE = (64, 1024)
+TINY_SHAPE = (8, 16)
+KD_ROWS, KD_VOCAB, TEMPERATURE = 32, 8192, 2.0
+BLEND_TARGET = "GPU: fwd+bwd >= 85% of memory bandwidth and >= 2x eager (bench_gpu.py)"
+KD_TARGET = "GPU: fwd+bwd faster than Liger-Kernel and eager, extra memory <= 1 logits buffer"
+
+
+@pytest.fixture(autouse=True)
+def reference_cpu(monkeypatch: pytest.MonkeyPatch):
+    """One core (DESIGN §8 measures CPU paths on one core) and the reference backend."""
+    monkeypatch.setenv("KASMINA_BACKEND", "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pair(shape, requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    seed_out = torch.randn(shape, generator=gen, requires_grad=requires_grad)
+    host_out = torch.randn(shape, generator=gen, requires_grad=requires_grad)
+    return seed_out, host_out
+
+
+# --------------------------------------------------------------------------- alpha_blend
+
+
+@pytest.mark.parametrize("alpha_kind", ["float", "0-d", "per-chunk"])
+def test_alpha_blend_forward(benchmark, alpha_kind: str) -> None:
+    seed_out, host_out = _pair(BLEND_SHAPE)
+    alpha = {"float": 0.3, "0-d": torch.tensor(0.3), "per-chunk": torch.rand(8)}[alpha_kind]
+    with torch.no_grad():
+        benchmark(alpha_blend, seed_out, host_out, alpha)
+    benchmark.extra_info["target"] = BLEND_TARGET
+
+
+def test_alpha_blend_forward_eager_baseline(benchmark) -> None:
+    seed_out, host_out = _pair(BLEND_SHAPE)
+    with torch.no_grad():
+        benchmark(lambda: 0.3 * seed_out + (1 - 0.3) * host_out)
+    benchmark.extra_info["target"] = "baseline for test_alpha_blend_forward"
+
+
+def test_alpha_blend_forward_backward(benchmark) -> None:
+    """Training step shape: blend with a learnable 0-d alpha, then backward."""
+    seed_out, host_out = _pair(BLEND_SHAPE, requires_grad=True)
+    alpha = torch.tensor(0.3, requires_grad=True)
+    grad = torch.ones(BLEND_SHAPE)
+
+    def step() -> None:
+        alpha_blend(seed_out, host_out, alpha).backward(grad)
+
+    benchmark(step)
+    benchmark.extra_info["target"] = BLEND_TARGET
+
+
+def test_alpha_blend_forward_backward_eager_baseline(benchmark) -> None:
+    seed_out, host_out = _pair(BLEND_SHAPE, requires_grad=True)
+    alpha = torch.tensor(0.3, requires_grad=True)
+    grad = torch.ones(BLEND_SHAPE)
+
+    def step() -> None:
+        (alpha * seed_out + (1 - alpha) * host_out.detach()).backward(grad)
+
+    benchmark(step)
+    benchmark.extra_info["target"] = "baseline for test_alpha_blend_forward_backward"
+
+
+def test_alpha_blend_call_overhead_tiny(benchmark) -> None:
+    """Per-call cost on a tiny activation: validation + custom-op dispatch dominate."""
+    seed_out, host_out = _pair(TINY_SHAPE)
+    with torch.no_grad():
+        benchmark(alpha_blend, seed_out, host_out, 0.3)
+    benchmark.extra_info["target"] = "no DESIGN target; the fixed per-call overhead"
+
+
+# --------------------------------------------------------------------------- kd_kl_loss
+
+
+def _logits(requires_grad: bool):
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(KD_ROWS, KD_VOCAB, generator=gen, requires_grad=requires_grad)
+    teacher = torch.randn(KD_ROWS, KD_VOCAB, generator=gen)
+    return student, teacher
+
+
+def test_kd_kl_loss_forward_backward(benchmark) -> None:
+    student, teacher = _logits(requires_grad=True)
+
+    def step() -> None:
+        kd_kl_loss(student, teacher, TEMPERATURE, "batchmean").backward()
+
+    benchmark(step)
+    benchmark.extra_info["target"] = KD_TARGET
+
+
+def test_kd_kl_loss_forward_backward_eager_baseline(benchmark) -> None:
+    """``T²·F.kl_div`` on log-softmaxed logits: what a user would write by hand."""
+    student, teacher = _logits(requires_grad=True)
+
+    def step() -> None:
+        log_ps = F.log_softmax(student / TEMPERATURE, dim=-1)
+        log_pt = F.log_softmax(teacher / TEMPERATURE, dim=-1)
+        loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+        (loss * TEMPERATURE**2).backward()
+
+    benchmark(step)
+    benchmark.extra_info["target"] = "baseline for test_kd_kl_loss_forward_backward"
+
+
+def test_kd_kl_loss_forward_no_grad(benchmark) -> None:
+    """Evaluation: no student gradient is computed or stored."""
+    student, teacher = _logits(requires_grad=False)
+    with torch.no_grad():
+        benchmark(kd_kl_loss, student, teacher, TEMPERATURE, "batchmean")
+    benchmark.extra_info["target"] = KD_TARGET
