@@ -77,7 +77,10 @@ def is_legal(src: int, dst: int) -> bool:
 def transition_matrix() -> list[list[int]]:
     """``[NUM_STAGES][NUM_STAGES]`` 0/1 matrix of legal transitions, row = source stage."""
     return [
-        [1 if SeedStage(dst) in LEGAL_TRANSITIONS[SeedStage(src)] else 0 for dst in range(NUM_STAGES)]
+        [
+            1 if SeedStage(dst) in LEGAL_TRANSITIONS[SeedStage(src)] else 0
+            for dst in range(NUM_STAGES)
+        ]
         for src in range(NUM_STAGES)
     ]
 
