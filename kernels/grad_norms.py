@@ -28,7 +28,9 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-CHUNK = 32768  # elements per program: enough work per program, enough programs per tensor
+# Elements per program: enough work per program and enough programs per tensor. A multiple of 16
+# (the kernel tells the compiler so) that keeps chunk starts at the tensor's 16-byte alignment.
+CHUNK = 32768
 BLOCK = 2048  # elements per loop step inside a program
 FINISH_BLOCK = 256  # partials summed per loop step in the finishing kernel
 _MAX_PLANS = 16
@@ -50,20 +52,34 @@ _sum_combine = getattr(tl.standard, "_sum_combine", _add)
 
 @triton.jit
 def _sumsq_kernel(
-    table_ptr, ptrs_ptr, partials_ptr, base, DTYPE: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    ptrs_ptr,
+    partials_ptr,
+    base,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = table_ptr + pid.to(tl.int64) * 3
     tensor_idx = tl.load(row)
-    offset = tl.load(row + 1)
+    offset = tl.multiple_of(tl.load(row + 1), 16)  # chunks start at multiples of CHUNK
     length = tl.load(row + 2)
-    src = tl.load(ptrs_ptr + tensor_idx).to(tl.pointer_type(DTYPE)) + offset
+    src = tl.load(ptrs_ptr + tensor_idx).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # A pointer loaded from memory has no known alignment; without this hint (checked on
+        # the host) the loads would not vectorise.
+        src = tl.multiple_of(src, 16)
+    src += offset
     cols = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0.0, dtype=tl.float32)  # tl.zeros re-enters the JIT when interpreted
-    for start in range(0, length, BLOCK):
-        idx = start + cols
-        x = tl.load(src + idx, mask=idx < length, other=0.0).to(tl.float32)
+    full = length - length % BLOCK
+    for start in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorise
+        x = tl.load(src + start + cols).to(tl.float32)
         acc += x * x
+    tail = full + cols
+    x = tl.load(src + tail, mask=tail < length, other=0.0).to(tl.float32)
+    acc += x * x
     tl.store(partials_ptr + base + pid, tl.reduce(acc, 0, _sum_combine))
 
 
@@ -101,6 +117,7 @@ class _Group:
     table: torch.Tensor  # int64 [chunks, 3]: tensor index, element offset, length
     base: int  # index of this group's first chunk in ``partials``
     chunks: int
+    members: list[int]  # indices of the tensors with at least one chunk
 
 
 @dataclass
@@ -109,8 +126,9 @@ class _Plan:
     first: torch.Tensor  # int64 [T]: index of each tensor's first partial
     count: torch.Tensor  # int64 [T]: number of partials (chunks) of each tensor
     total_chunks: int
-    # (pointer values, int64 [T] device copy), replaced as one object so threads never mix them
-    pointers: tuple[tuple[int, ...], torch.Tensor] | None = None
+    # (pointer values, int64 [T] device copy, per group: all 16-byte aligned), replaced as one
+    # object so that threads never mix the parts of two different pointer sets
+    pointers: tuple[tuple[int, ...], torch.Tensor, list[bool]] | None = None
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -138,18 +156,22 @@ def _build_plan(
             rows.setdefault(dt, []).append((i, off, min(CHUNK, n - off)))
     groups, first, count, base = [], [0] * len(numels), [0] * len(numels), 0
     for dt, group_rows in rows.items():
+        members = []
         for pos, (i, off, _) in enumerate(group_rows):
             if off == 0:
                 first[i] = base + pos
+                members.append(i)
             count[i] += 1
         table = torch.tensor(group_rows, dtype=torch.int64).to(device)
-        groups.append(_Group(dt, table, base, len(group_rows)))
+        groups.append(_Group(dt, table, base, len(group_rows), members))
         base += len(group_rows)
     meta = torch.tensor([first, count], dtype=torch.int64).to(device)
     return _Plan(groups, meta[0], meta[1], base)
 
 
-def _plan_for(tensors: list[torch.Tensor], device: torch.device) -> tuple[_Plan, torch.Tensor]:
+def _plan_for(
+    tensors: list[torch.Tensor], device: torch.device
+) -> tuple[_Plan, torch.Tensor, list[bool]]:
     """The cached plan for this list structure and the device table of its data pointers.
 
     Validation runs whenever the plan or the pointers are new: an exact hit can only repeat a
@@ -168,7 +190,7 @@ def _plan_for(tensors: list[torch.Tensor], device: torch.device) -> tuple[_Plan,
     pointers = plan.pointers if plan is not None else None
     if pointers is not None and pointers[0] == ptrs_key:
         assert plan is not None
-        return plan, pointers[1]
+        return plan, pointers[1], pointers[2]
     _check(tensors, device)
     if plan is None:
         plan = _build_plan(numels, dtypes, device)
@@ -177,8 +199,9 @@ def _plan_for(tensors: list[torch.Tensor], device: torch.device) -> tuple[_Plan,
                 _plans.pop(next(iter(_plans)))
             _plans[key] = plan
     ptrs = torch.tensor(ptrs_key, dtype=torch.int64).to(device)
-    plan.pointers = (ptrs_key, ptrs)
-    return plan, ptrs
+    aligned = [all(ptrs_key[i] % 16 == 0 for i in g.members) for g in plan.groups]
+    plan.pointers = (ptrs_key, ptrs, aligned)
+    return plan, ptrs, aligned
 
 
 def tensor_norms(
@@ -204,12 +227,18 @@ def tensor_norms(
     flag = torch.zeros((), dtype=torch.bool, device=device) if tol is not None else None
     if n == 0:
         return norms, flag
-    plan, ptrs = _plan_for(ts, device)
+    plan, ptrs, aligned = _plan_for(ts, device)
     partials = torch.empty(max(plan.total_chunks, 1), dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        for g in plan.groups:
+        for g, g_aligned in zip(plan.groups, aligned, strict=True):
             _sumsq_kernel[(g.chunks,)](
-                g.table, ptrs, partials, g.base, DTYPE=_TL_DTYPE[g.dtype], BLOCK=BLOCK
+                g.table,
+                ptrs,
+                partials,
+                g.base,
+                DTYPE=_TL_DTYPE[g.dtype],
+                ALIGNED=g_aligned,
+                BLOCK=BLOCK,
             )
         _finish_kernel[(n,)](
             partials,

@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kasmina.ops import alpha_blend, kd_kl_loss
+from kasmina.ops import (
+    alpha_blend,
+    grad_norms,
+    kd_kl_loss,
+    leak_check,
+    lifecycle_tick,
+    lifecycle_update,
+)
+from kasmina.stages import NUM_STAGES, NUM_STATE_COLUMNS, StateColumn
 
 BLEND_SHAPE = (64, 1024)
 TINY_SHAPE = (8, 16)
@@ -129,3 +137,70 @@ def test_kd_kl_loss_forward_no_grad(benchmark) -> None:
     with torch.no_grad():
         benchmark(kd_kl_loss, student, teacher, TEMPERATURE, "batchmean")
     benchmark.extra_info["target"] = KD_TARGET
+
+
+# --------------------------------------------------------------------------- grad_norms
+
+NORM_COUNT = 1000
+NORMS_TARGET = "GPU: >= 2x torch._foreach_norm + stack + norm over 1,000 tensors (bench_gpu.py)"
+
+
+def _param_list() -> list[torch.Tensor | None]:
+    """1,000 parameter-like tensors of mixed sizes (weights, biases), a few ``None`` grads."""
+    gen = torch.Generator().manual_seed(2)
+    sizes = [(64, 64), (256, 64), (64,), (64, 256), (64,)]
+    tensors: list[torch.Tensor | None] = [
+        torch.randn(sizes[i % len(sizes)], generator=gen) for i in range(NORM_COUNT)
+    ]
+    tensors[7] = tensors[500] = None
+    return tensors
+
+
+def test_grad_norms_total(benchmark) -> None:
+    """Gradient-clipping shape: per-tensor norms, then the total norm."""
+    tensors = _param_list()
+    benchmark(lambda: torch.linalg.vector_norm(grad_norms(tensors)))
+    benchmark.extra_info["target"] = NORMS_TARGET
+
+
+def test_grad_norms_total_foreach_baseline(benchmark) -> None:
+    present = [t for t in _param_list() if t is not None]
+    benchmark(lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present))))
+    benchmark.extra_info["target"] = "baseline for test_grad_norms_total"
+
+
+def test_leak_check(benchmark) -> None:
+    """The isolation monitor's question after a seed backward; the flag stays a tensor."""
+    tensors = _param_list()
+    benchmark(leak_check, tensors, 0.0)
+    benchmark.extra_info["target"] = NORMS_TARGET
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+SEEDS = 1024
+LIFECYCLE_TARGET = "GPU: a 1,024-seed lifecycle update in one launch (bench_gpu.py)"
+
+
+def _state_and_requests() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    state = torch.zeros(SEEDS, NUM_STATE_COLUMNS, dtype=torch.int32)
+    state[:, StateColumn.LIFECYCLE_STAGE] = torch.randint(
+        0, NUM_STAGES, (SEEDS,), generator=gen, dtype=torch.int32
+    )
+    idx = torch.randperm(SEEDS, generator=gen)
+    new_stage = torch.randint(0, NUM_STAGES, (SEEDS,), generator=gen)
+    return state, idx, new_stage
+
+
+def test_lifecycle_update(benchmark) -> None:
+    """1,024 requests on a 1,024-seed table (after the first call most are rejected)."""
+    state, idx, new_stage = _state_and_requests()
+    benchmark(lifecycle_update, state, idx, new_stage)
+    benchmark.extra_info["target"] = LIFECYCLE_TARGET
+
+
+def test_lifecycle_tick(benchmark) -> None:
+    state, _, _ = _state_and_requests()
+    benchmark(lifecycle_tick, state)
+    benchmark.extra_info["target"] = LIFECYCLE_TARGET

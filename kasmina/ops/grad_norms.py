@@ -24,17 +24,18 @@ MaybeTensors = Sequence[torch.Tensor | None]
 
 
 def grad_norms_reference(tensors: MaybeTensors) -> torch.Tensor:
-    """fp32 L2 norm of each tensor; ``None`` and empty tensors give 0, NaN/Inf propagate."""
+    """fp32 L2 norm of each tensor; ``None`` and empty tensors give 0, NaN/Inf propagate.
+
+    ``torch._foreach_norm`` (what ``clip_grad_norm_`` uses) does the per-tensor work in C++;
+    ``dtype=float32`` upcasts fp16/bf16 before squaring.
+    """
     device = _infer_device(tensors, None)
-    norms = [
-        torch.zeros((), dtype=torch.float32, device=device)
-        if t is None
-        else torch.linalg.vector_norm(t.detach(), dtype=torch.float32)
-        for t in tensors
-    ]
-    if not norms:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    return torch.stack(norms)
+    norms = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    if present:
+        values = torch._foreach_norm([tensors[i].detach() for i in present], 2, dtype=torch.float32)
+        norms[present] = torch.stack(values)
+    return norms
 
 
 def leak_check_reference(

@@ -143,6 +143,15 @@ def test_non_contiguous_and_new_storage(triton_backend: None, poisoned_empty: No
     torch.testing.assert_close(grad_norms(fresh).double(), oracle(fresh), **FP32)
 
 
+def test_misaligned_views(triton_backend: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gn_kernels, "_plans", {})
+    base = torch.randn(5000)
+    tensors = [base[1:], base[:4097], torch.randn(3000, dtype=torch.bfloat16)[3:]]
+    torch.testing.assert_close(grad_norms(tensors).double(), oracle(tensors), **FP32)
+    aligned = next(iter(gn_kernels._plans.values())).pointers[2]
+    assert sorted(aligned) == [False, False]  # one fp32 and one bf16 group, both misaligned
+
+
 def test_many_chunks_per_tensor(
     triton_backend: None, poisoned_empty: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
