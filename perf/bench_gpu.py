@@ -7,9 +7,9 @@ bandwidth, measured in the same run by timing a large ``copy_`` (the roofline); 
 device kernels one call launches (profiler); the peak extra memory of one call.
 
 GB/s count the bytes a perfect fused implementation must move (listed per op below), so every
-implementation of a row is measured against the same work. Timing is ``triton.testing.do_bench``
-(CUDA events, warm-up, L2 flushed between repetitions, the median). Each implementation is
-checked against ours before it is timed; a mismatch is reported in the table, never hidden.
+implementation of a row is measured against the same work. The harness (timing, roofline,
+table) is ``perf/gpu_table.py``. Each implementation is checked against a float64 reference
+before it is timed; a mismatch is reported in the table, never hidden.
 Targets: blend fwd+bwd >= 85% of the roofline and >= 2x eager; KD fwd+bwd faster than Liger and
 eager with peak extra memory <= one logits buffer; grad norms of 1,000 tensors >= 2x
 ``_foreach_norm`` + ``stack`` + ``norm``; a 1,024-seed lifecycle update in one launch.
@@ -24,11 +24,12 @@ import json
 import platform
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_table import REL_TOL, Bench, Row, close_check, render  # perf/ is on sys.path
 
 from kasmina.ops import (
     alpha_blend,
@@ -43,116 +44,6 @@ from kasmina.stages import NUM_STAGES, NUM_STATE_COLUMNS, StateColumn
 
 DEVICE = "cuda"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class Row:
-    op: str
-    case: str
-    impl: str
-    ms: float | None = None
-    vs_ours: float | None = None  # this implementation's time / ours (> 1: ours is faster)
-    gbps: float | None = None
-    roofline: float | None = None  # fraction of the measured copy bandwidth
-    kernels: int | None = None
-    peak_extra_mib: float | None = None
-    note: str = ""
-
-
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        from triton.testing import do_bench
-
-        self.do_bench = do_bench
-        self.args = args
-        self.rows: list[Row] = []
-        self.copy_gbps = self._copy_bandwidth()
-
-    def time_ms(self, fn: Callable[[], object]) -> float:
-        return float(
-            self.do_bench(fn, warmup=self.args.warmup, rep=self.args.rep, return_mode="median")
-        )
-
-    def _copy_bandwidth(self) -> float:
-        n = (self.args.copy_mib << 20) // 4
-        src = torch.randn(n, device=DEVICE)
-        dst = torch.empty_like(src)
-        ms = self.time_ms(lambda: dst.copy_(src))
-        return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9  # read + write
-
-    def measure(
-        self,
-        op: str,
-        case: str,
-        impl: str,
-        fn: Callable[[], object],
-        nbytes: int | None,
-        check: Callable[[object], str] | None = None,
-    ) -> Row:
-        """Time ``fn``; the first row of a case is ours and the others are compared to it."""
-        row = Row(op, case, impl)
-        try:
-            result = fn()
-            torch.cuda.synchronize()
-            row.note = check(result) if check is not None else ""
-            del result
-            row.ms = self.time_ms(fn)
-            row.kernels = _count_kernels(fn)
-            row.peak_extra_mib = _peak_extra_mib(fn)
-        except Exception as exc:  # a peer that fails (or cannot compile) is reported, not fatal
-            row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-        ours = next((r for r in self.rows if r.op == op and r.case == case), None)
-        if row.ms is not None:
-            if ours is not None and ours.ms is not None:
-                row.vs_ours = row.ms / ours.ms
-            if nbytes is not None:
-                row.gbps = nbytes / (row.ms * 1e-3) / 1e9
-                row.roofline = row.gbps / self.copy_gbps
-        self.rows.append(row)
-        print(f"  {op:<14} {case:<34} {impl:<16} {_fmt(row.ms, '.4f')} ms", file=sys.stderr)
-        return row
-
-
-def _count_kernels(fn: Callable[[], object]) -> int | None:
-    """Device kernels (and copies/memsets) one call launches; None if the profiler fails."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
-    except Exception:  # profiling is informative only
-        return None
-
-
-def _peak_extra_mib(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del result
-    return peak / 2**20
-
-
-def _close(ref: torch.Tensor, rel: float) -> Callable[[object], str]:
-    """Check the first tensor of a result against ``ref`` by relative L2 error."""
-
-    def check(result: object) -> str:
-        got = result[0] if isinstance(result, (tuple, list)) else result
-        if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
-            return "MISMATCH shape"
-        diff = (got.double() - ref.double()).norm().item()
-        err = diff / max(ref.double().norm().item(), 1e-30)
-        return "" if err <= rel else f"MISMATCH rel err {err:.2g}"
-
-    return check
-
-
-REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 # ----------------------------------------------------------------------------- alpha blend
@@ -177,7 +68,7 @@ def _blend_case(b: Bench, rows: int, cols: int, dt: str) -> None:
 
     case = f"blend fwd+bwd {rows}x{cols} {dt}"
     nbytes = 5 * seed.numel() * seed.element_size()
-    check = _close(alpha * grad.double(), REL_TOL[dtype])
+    check = close_check(alpha * grad.double(), REL_TOL[dtype])
     b.measure("alpha_blend", case, "kasmina", step(alpha_blend), nbytes, check)
     b.measure("alpha_blend", case, "eager", step(_eager_blend), nbytes, check)
     if b.args.compile:
@@ -240,7 +131,7 @@ def _kd_case(b: Bench, rows: int, vocab: int, dt: str, liger: Callable | None) -
 
     s64 = student.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad(_eager_kd(s64, teacher.double()), s64)
-    check = _close(ref, REL_TOL[dtype])
+    check = close_check(ref, REL_TOL[dtype])
     del s64
     case = f"kd fwd+bwd {rows}x{vocab} {dt} T={TEMPERATURE:g}"
     nbytes = 3 * student.numel() * student.element_size()
@@ -292,9 +183,9 @@ def _norms_case(b: Bench, name: str, tensors: list[torch.Tensor]) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     case = f"{name} {nbytes / 2**20:.0f} MiB"
     ref = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
-    check = _close(torch.linalg.vector_norm(ref), 1e-4)
+    check = close_check(torch.linalg.vector_norm(ref), 1e-4)
     ours = b.measure("grad_norms", case, "kasmina", lambda: _ours_total(tensors), nbytes, check)
-    per_tensor = _close(ref, 1e-4)(grad_norms(tensors))
+    per_tensor = close_check(ref, 1e-4)(grad_norms(tensors))
     if per_tensor:
         ours.note = f"{ours.note} per-tensor {per_tensor}".strip()
     b.measure("grad_norms", case, "foreach+stack", lambda: _foreach_total(tensors), nbytes, check)
@@ -364,44 +255,6 @@ def bench_lifecycle(b: Bench) -> None:
         _lifecycle_case(b, seeds, g)
 
 
-# ----------------------------------------------------------------------------- report
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def render(rows: list[Row], copy_gbps: float) -> str:
-    header = ["op", "case", "impl", "ms", "vs ours", "GB/s", "roofline", "kernels", "peak MiB"]
-    body = [
-        [
-            r.op,
-            r.case,
-            r.impl,
-            _fmt(r.ms, ".4f"),
-            "-" if r.vs_ours is None else f"{r.vs_ours:.2f}x",
-            _fmt(r.gbps, ".0f"),
-            "-" if r.roofline is None else f"{100 * r.roofline:.0f}%",
-            _fmt(r.kernels, "d"),
-            _fmt(r.peak_extra_mib, ".1f"),
-            r.note,
-        ]
-        for r in rows
-    ]
-    widths = [
-        max(len(x) for x in col) for col in zip(header, *[r[:-1] for r in body], strict=False)
-    ]
-    lines = [f"roofline: copy_ bandwidth {copy_gbps:.0f} GB/s on {torch.cuda.get_device_name()}"]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    previous_op = None
-    for r in body:
-        if previous_op is not None and r[0] != previous_op:
-            lines.append("")
-        previous_op = r[0]
-        lines.append(
-            "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-        )
-    return "\n".join(lines)
-
-
 OPS = {
     "alpha_blend": bench_alpha_blend,
     "kd_kl_loss": bench_kd,
@@ -437,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
-    bench = Bench(args)
+    bench = Bench(args, DEVICE)
     for name in args.ops:
         OPS[name](bench)
         torch.cuda.empty_cache()
