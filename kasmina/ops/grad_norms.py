@@ -49,7 +49,10 @@ def leak_check_reference(
 
 def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # compare equal to the tensors' devices
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
     for t in tensors:
         if t is not None:
             return t.device
@@ -127,6 +130,8 @@ def _through_dispatcher() -> bool:
 
 
 def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
+    if isinstance(tensors, torch.Tensor):  # iterating it would silently measure its rows
+        raise ValueError("tensors must be a sequence of tensors, not a single Tensor")
     if use_grad:
         return [None if t is None else t.grad for t in tensors]
     return list(tensors)

@@ -199,6 +199,11 @@ def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None
         leak_check(tensors)
 
 
+def test_single_tensor_is_not_a_list(any_backend: str) -> None:
+    with pytest.raises(ValueError, match="sequence of tensors"):
+        grad_norms(torch.ones(3, 4))
+
+
 @pytest.mark.parametrize("bad_tol", [-1.0, float("nan"), float("inf")])
 def test_bad_tolerance_raises(any_backend: str, bad_tol: float) -> None:
     with pytest.raises(ValueError, match="tol"):
