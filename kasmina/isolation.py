@@ -253,6 +253,12 @@ class GradientIsolationMonitor:
             self._noted.append("graph: seed output reaches a host parameter")
         return ok
 
+    def note_violation(self, reason: str) -> None:
+        """Count a leak found outside this monitor (e.g. in a seed-only backward shared by
+        several seeds) at the next ``verify_isolation_after_step``."""
+        if not self.tripped:
+            self._noted.append(reason)
+
     # ------------------------------------------------------------------ verdict
     def verify_isolation_after_step(self) -> bool:
         """Read this step's leak flags (the one host sync) and count a violation if any leaked.

@@ -1,0 +1,486 @@
+"""KasminaKernelManager: the executor of seed spec §5.1's ``KernelExecutionContract``.
+
+One object wires the parts together (DESIGN §3-§7): the Urza client and the byte-bounded kernel
+cache, the signed-command handler (the manager is its executor), the shared lifecycle table of
+the host's slots, one optimizer per seed beside the host's, an isolation monitor per seed, the
+teacher for KD, epoch checkpoints for rollback, and telemetry. A training loop is::
+
+    manager = KasminaKernelManager(config, keyring=keyring)
+    manager.attach(model, "fc2", seeds_per_layer=2, chunk_size=16)  # host optimizer too
+    for epoch in range(epochs):
+        for x, y in batches:
+            manager.set_teacher_logits(manager.get_teacher_predictions(x))  # optional KD
+            loss = F.cross_entropy(model(x), y)           # the slots do the seeds' work
+            manager.backward(loss, kd_loss=manager.collect_kd_losses())
+            manager.step()       # isolation checks, host + seed optimizers, alpha schedules
+        manager.end_epoch(epoch, {"val_accuracy": acc})  # tick, recycling, checkpoint
+        # meanwhile, the controller: manager.handle_adaptation_command(signed_bytes)
+
+Kernels are loaded once, verified, and kept pristine in the cache; every seed trains its own
+copy, and the cached original stays pinned while a live seed uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.artifact import validate_artifact_id
+from kasmina.auth import CommandVerifier, Keyring, compute_signature
+from kasmina.cache import GPUKernelCache
+from kasmina.checkpoint import CheckpointManager
+from kasmina.commands import KasminaCommand, LeylineAdaptationHandler
+from kasmina.config import KasminaConfig
+from kasmina.executor import CommandExecution
+from kasmina.gates import GateResult
+from kasmina.guard import IsolationGuard
+from kasmina.inject import attach, collect_kd_losses, kasmina_layers
+from kasmina.kd import CheckpointedTeacher, TeacherForwardPassManager
+from kasmina.kernel import GPUKernel
+from kasmina.layer import KasminaLayer
+from kasmina.leyline import AdaptationCommand, OptimizerCommand
+from kasmina.loader import KernelLoader
+from kasmina.manager_report import ManagerReport, operation_name
+from kasmina.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
+from kasmina.perfstats import LatencyStats
+from kasmina.rollback import snapshot
+from kasmina.seeds import RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.slots import STEPPED_STAGES, SeedRecord, SlotRegistry
+from kasmina.stages import SeedStage
+from kasmina.telemetry import JsonlFileSink, TelemetryReporter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KasminaKernelManager"]
+
+
+class KasminaKernelManager(ManagerReport):
+    """Loads, caches and grafts seed kernels on command; see the module docstring."""
+
+    def __init__(
+        self,
+        config: KasminaConfig | None = None,
+        *,
+        keyring: Keyring | None = None,
+        telemetry: TelemetryReporter | None = None,
+        urza_client: Any | None = None,
+    ) -> None:
+        from kasmina.urza import UrzaLibraryClient  # fsspec is only needed once a manager is
+
+        self.config = config if config is not None else KasminaConfig()
+        self.keyring = keyring if keyring is not None else self.config.load_keyring()
+        self.telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
+        if self.config.telemetry_jsonl_path:
+            self.telemetry.add_sink(JsonlFileSink(self.config.telemetry_jsonl_path))
+        self.device = self.config.torch_device
+        self.kernel_cache = GPUKernelCache(self.config.cache_size_mb)
+        self.urza_client = urza_client or UrzaLibraryClient.from_config(self.config, self.keyring)
+        self.loader = KernelLoader(self.urza_client, self.kernel_cache, self.device, self.telemetry)
+        self.verifier = CommandVerifier(self.keyring, self.config.command_freshness_s)
+        self.handler = LeylineAdaptationHandler(self.verifier, self, self.telemetry)
+        self.registry: SlotRegistry | None = None
+        self.optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam
+        self.optimizer_options: dict[str, Any] = {}
+        self.seed_lr = 1e-3
+        self.teacher: CheckpointedTeacher | None = None
+        self.optimizers = self.new_optimizer_manager()
+        self.teacher_passes = TeacherForwardPassManager(None)
+        self.epoch = -1  # the last epoch ended (-1: none yet)
+        self.global_step = 0
+        self.val_metrics: dict[str, float] = {}
+        self.counters: Counter[str] = Counter()
+        self.guard = IsolationGuard(self.config, self.telemetry, self.counters)
+        self.gate_counts: Counter[tuple[int, bool]] = Counter()
+        self.field_reports: list[dict[str, Any]] = []
+        self.command_log: deque[tuple[str, str, bool, str]] = deque(maxlen=1000)
+        self.perf = {name: LatencyStats() for name in ("command", "overhead", "step", "execute")}
+        self.dormant_overhead_us = math.nan
+        self._checkpoints: CheckpointManager | None = None
+        self._ops = CommandExecution(self)
+        self._lock = threading.RLock()
+        self._exec_ns = 0
+        self._last_teacher_input: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ slots
+    def attach(
+        self,
+        model: nn.Module,
+        targets: str | Sequence[str],
+        seeds_per_layer: int,
+        chunk_size: int,
+        *,
+        host_lr: float | None = 1e-3,
+        seed_lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **optimizer_options: Any,
+    ) -> list[KasminaLayer]:
+        """``kasmina.attach`` the targets (one shared state table), then ``register`` them."""
+        if self.registry is not None:
+            raise ValueError("this manager already manages a model")
+        kd = self.config.kd if self.config.kd_enabled else None
+        slots = attach(
+            model,
+            targets,
+            seeds_per_layer,
+            chunk_size,
+            kd_config=kd,
+            embargo_epochs=self.config.default_embargo_epochs,
+            telemetry=self.telemetry,
+        )
+        self.register(
+            model, slots, host_lr=host_lr, seed_lr=seed_lr, optimizer_cls=optimizer_cls,
+            **optimizer_options,
+        )  # fmt: skip
+        return slots
+
+    def register(
+        self,
+        model: nn.Module,
+        slots: Sequence[KasminaLayer] | None = None,
+        *,
+        host_lr: float | None = 1e-3,
+        seed_lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **optimizer_options: Any,
+    ) -> SlotRegistry:
+        """Manage already-attached slots (default: every KasminaLayer in ``model``).
+
+        The host optimizer (``optimizer_cls`` at ``host_lr`` over the model's parameters outside
+        the seeds) is created unless ``host_lr`` is None (then send INITIALIZE_HOST). Seeds get
+        the same class at ``seed_lr`` (or a GERMINATE's ``learning_rate``).
+        """
+        if self.registry is not None:
+            raise ValueError("this manager already manages a model")
+        if not seed_lr > 0:
+            raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
+        registry = SlotRegistry(model, slots or kasmina_layers(model), self._ops.on_transition)
+        self.optimizer_cls, self.optimizer_options, self.seed_lr = (
+            optimizer_cls, dict(optimizer_options), float(seed_lr),
+        )  # fmt: skip
+        self.registry = registry
+        self.optimizers = self.new_optimizer_manager()
+        if host_lr is not None:
+            self.optimizers.initialize_host(
+                registry.host_params, lr=host_lr, optimizer_cls=optimizer_cls, **optimizer_options
+            )
+        return registry
+
+    def require_registry(self) -> SlotRegistry:
+        if self.registry is None:
+            raise ValueError("no model attached: call manager.attach(model, ...) first")
+        return self.registry
+
+    def new_optimizer_manager(self) -> IsolatedOptimizerManager:
+        """An empty optimizer manager whose commands find host, seed and teacher parameters."""
+        optimizers = IsolatedOptimizerManager(
+            default_optimizer_cls=self.optimizer_cls, telemetry=self.telemetry
+        )
+        if self.registry is not None:
+            registry = self.registry
+            optimizers.set_parameter_source(HOST_ID, lambda: registry.host_params)
+            for seed_id in registry.records:
+                optimizers.set_parameter_source(
+                    seed_id, lambda sid=seed_id: registry.seed_parameters(sid)
+                )
+        if self.teacher is not None:
+            optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
+        return optimizers
+
+    def seed(self, seed_id: str) -> GradientIsolatedSeed:
+        return self.require_registry()[seed_id].seed
+
+    def stages(self) -> dict[str, SeedStage]:
+        return {r.seed_id: r.stage for r in self.require_registry()}
+
+    def record_gate_score(self, seed_id: str, score: float) -> None:
+        """The trainer's measure of a seed's benefit (0..1) that gate G5 compares."""
+        score = float(score)
+        if not math.isfinite(score):
+            raise ValueError(f"gate score must be finite, got {score}")
+        self.require_registry()[seed_id].seed.gate_score = score
+
+    # ------------------------------------------------------------------ kernels
+    async def load_kernel(self, kernel_artifact_id: str) -> GPUKernel:
+        """A trainable copy of the artifact's kernel: from the cache, else fetched and verified
+        on a worker thread (concurrent loads of one artifact share one fetch)."""
+        validate_artifact_id(kernel_artifact_id)
+        original = self.loader.cached(kernel_artifact_id)
+        if original is None:
+            original = await asyncio.to_thread(self.loader.original, kernel_artifact_id)
+        return self.loader.copy(original)
+
+    async def execute_kernel(self, kernel: GPUKernel, input_tensor: torch.Tensor) -> torch.Tensor:
+        """Run ``kernel`` on ``input_tensor`` (moved to its device); CPU work runs on a worker
+        thread so the event loop stays responsive, CUDA launches are asynchronous anyway."""
+        if not isinstance(kernel, GPUKernel):
+            raise TypeError(f"expected a GPUKernel, got {type(kernel).__name__}")
+        x = input_tensor.to(kernel.device)
+        started = time.perf_counter_ns()
+        out = kernel(x) if x.device.type == "cuda" else await asyncio.to_thread(kernel, x)
+        self.perf["execute"].add_ns(time.perf_counter_ns() - started)
+        return out
+
+    def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
+        """Put a verified kernel in the cache under its own artifact id."""
+        if not isinstance(kernel, GPUKernel) or kernel.artifact_id != kernel_artifact_id:
+            raise ValueError(f"kernel is not the verified kernel of {kernel_artifact_id!r}")
+        if not self.kernel_cache.put(kernel_artifact_id, kernel):
+            logger.warning("kernel %s could not be cached", kernel_artifact_id)
+
+    def evict_kernel(self, kernel_artifact_id: str) -> bool:
+        """Evict and release a cached kernel; False if absent or pinned by a live seed."""
+        return self.kernel_cache.evict(kernel_artifact_id)
+
+    # ------------------------------------------------------------------ teacher (KD)
+    def load_teacher(
+        self, model: nn.Module, *, device: torch.device | str | None = None, copy_model=True
+    ) -> CheckpointedTeacher:
+        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``)."""
+        if device is None:
+            host = self.registry.host_params[0] if self.registry is not None else None
+            device = host.device if host is not None else self.device
+        self.teacher = CheckpointedTeacher(
+            model,
+            dtype=self.config.teacher_torch_dtype,
+            device=device,
+            copy_model=copy_model,
+            checkpoint_path=self.config.teacher_checkpoint_path,
+        )
+        self.teacher_passes = TeacherForwardPassManager(self.teacher)
+        self.optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
+        if not self.config.kd_enabled:
+            logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
+        return self.teacher
+
+    def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
+        """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD)."""
+        self._last_teacher_input = input_batch
+        return self.teacher_passes.get_teacher_predictions(input_batch)
+
+    async def load_kernel_with_teacher(
+        self, kernel_artifact_id: str, input_batch: torch.Tensor | None = None
+    ) -> tuple[GPUKernel, torch.Tensor | None]:
+        """``load_kernel`` plus, with KD enabled and a teacher, its logits for ``input_batch``
+        (default: the last batch the teacher saw)."""
+        kernel = await self.load_kernel(kernel_artifact_id)
+        batch = input_batch if input_batch is not None else self._last_teacher_input
+        if not self.config.kd_enabled or self.teacher is None or batch is None:
+            return kernel, None
+        return kernel, await asyncio.to_thread(self.get_teacher_predictions, batch)
+
+    def get_checkpoint_effectiveness(self) -> dict[str, float]:
+        """Measured teacher memory and forward-time figures (NaN until measured)."""
+        return self.teacher_passes.get_checkpoint_effectiveness()
+
+    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
+        """Hand teacher logits to the next forward of every slot as wide as the logits."""
+        if teacher_logits is None:
+            return
+        for slot in self.require_registry().slots:
+            if slot.num_seeds * slot.chunk_size == teacher_logits.shape[-1]:
+                slot.set_teacher_logits(teacher_logits)
+
+    # ------------------------------------------------------------------ commands
+    def execute(self, command: KasminaCommand) -> bool:
+        """``CommandExecutor``: carry out a verified command (the handler calls this)."""
+        started = time.perf_counter_ns()
+        with self._lock:
+            ok = self._ops.execute(command)
+        self._exec_ns = time.perf_counter_ns() - started
+        return ok
+
+    def handle_adaptation_command(self, raw: bytes) -> bool:
+        """Signed ``AdaptationCommand`` bytes in, success out (never raises); timed."""
+        self._exec_ns = 0
+        started = time.perf_counter_ns()
+        ok = self.handler.handle_adaptation_command(raw)
+        elapsed = time.perf_counter_ns() - started
+        self.perf["command"].add_ns(elapsed)
+        self.perf["overhead"].add_ns(elapsed - self._exec_ns)
+        return ok
+
+    async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
+        """The raw path's checks, then execution. A GERMINATE whose kernel is not cached has
+        it fetched on a worker thread first (only if its signature verifies), so the event
+        loop never waits on the store; the command itself runs on the loop's thread."""
+        if not isinstance(command, AdaptationCommand):
+            raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
+        raw = command.SerializeToString()
+        failure = None
+        artifact_id = command.seed_command.kernel_artifact_id
+        if (
+            command.WhichOneof("command") == "seed_command"
+            and artifact_id
+            and artifact_id not in self.kernel_cache
+            and self.verify_message_auth(command)
+        ):
+            try:
+                await asyncio.to_thread(self.loader.original, artifact_id)
+            except Exception as exc:  # the command fails with it below, without a second try
+                failure = exc
+        with self.loader.failed_fetch(artifact_id, failure):
+            return self.handle_adaptation_command(raw)
+
+    async def handle_optimizer_command(self, command: OptimizerCommand | AdaptationCommand) -> bool:
+        """An ``OptimizerCommand`` from the local trainer, or a signed ``AdaptationCommand``
+        carrying one (then authenticated like any other command)."""
+        if isinstance(command, AdaptationCommand):
+            return await self.handle_leyline_command(command)
+        with self._lock:
+            return await self.optimizers.handle_optimizer_command(command)
+
+    def verify_message_auth(self, message: Any) -> bool:
+        """Signature and freshness of a command (object or bytes), without using its nonce:
+        this only answers the question; the handler still refuses replays."""
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            try:
+                message = AdaptationCommand.FromString(bytes(message))
+            except Exception:
+                return False
+        if not isinstance(message, AdaptationCommand) or not message.HasField("metadata"):
+            return False
+        meta = message.metadata
+        expected = compute_signature(message, self.keyring, meta.key_id)
+        if (
+            expected is None
+            or not meta.signature
+            or not hmac.compare_digest(expected, meta.signature)
+        ):
+            return False
+        timestamp = meta.timestamp.seconds + meta.timestamp.nanos * 1e-9
+        return abs(time.time() - timestamp) <= self.config.command_freshness_s
+
+    def note_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
+        seed = command.seed
+        kind = command.kind if seed is None else f"seed.{operation_name(seed.operation)}"
+        self.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
+        self.command_log.append((command.command_id, kind, ok, reason))
+
+    def note_gate(self, record: SeedRecord, result: GateResult) -> None:
+        self.gate_counts[(result.gate, result.passed)] += 1
+        labels = {
+            "seed_id": record.seed_id,
+            "gate": f"G{result.gate}",
+            "passed": str(result.passed).lower(),
+            "reason": result.reason,
+        }
+        self.telemetry.emit("lifecycle.gate", 1.0 if result.passed else 0.0, labels=labels)
+
+    def note_field_report(self, report: dict[str, Any]) -> None:
+        self.field_reports.append(report)
+        labels = {k: str(v) for k, v in report.items()}
+        self.telemetry.emit("seed.field_report", 1.0, labels=labels)
+
+    # ------------------------------------------------------------------ training step
+    def collect_kd_losses(self) -> torch.Tensor | None:
+        """Sum (and clear) the slots' KD losses of this forward, or None."""
+        return collect_kd_losses(self.require_registry().model)
+
+    def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
+        """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
+        host gradients must stay zero (checked at ``step``), then ``loss``."""
+        if kd_loss is not None:
+            weighted = kd_loss * self.config.kd.alpha
+            self.guard.seed_only_backward(weighted, self.require_registry(), loss is not None)
+        if loss is not None:
+            loss.backward()
+
+    def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
+        """End of a training step: isolation checks, host and seed optimizer steps (the host
+        step is skipped in a step where a leak was found), grads zeroed, GRAFTING alphas
+        advanced, telemetry. Returns what it did."""
+        started = time.perf_counter_ns()
+        with self._lock:
+            registry = self.require_registry()
+            clean = self.check_gradient_isolation()
+            quarantined = [
+                r.seed_id
+                for r in registry.in_stages(RUNS_KERNEL)
+                if r.kernel is not None and r.seed.poll_nonfinite()
+            ]
+            host_stepped = False
+            if self.optimizers.has_host and clean:
+                host_stepped = self.optimizers.step(HOST_ID, grad_clip_norm)
+            stepped = [
+                r.seed_id
+                for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
+                if r.seed_id in self.optimizers.seed_ids
+                and self.optimizers.step(r.seed_id, grad_clip_norm)
+            ]
+            self.optimizers.zero_grad()
+            config = self.config
+            for record in registry.in_stages([SeedStage.GRAFTING]):
+                record.graft_steps += 1
+                record.seed.update_alpha_blending(
+                    record.graft_steps, config.grafting_steps, config.grafting_temperature
+                )
+            self.global_step += 1
+        self.perf["step"].add_ns(time.perf_counter_ns() - started)
+        self.emit_step_telemetry()
+        return {
+            "step": self.global_step,
+            "isolation_clean": clean,
+            "host_stepped": host_stepped,
+            "seeds_stepped": stepped,
+            "quarantined": quarantined,
+        }
+
+    def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> Any:
+        """Tick the lifecycle, run due COOLDOWN -> RECYCLING -> DORMANT steps, write the epoch
+        checkpoint and send the full telemetry packet (returned)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        with self._lock:
+            registry = self.require_registry()
+            registry.table.tick()
+            recycled = self._ops.auto_transitions()
+            self.epoch = epoch
+            self.val_metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
+            self.checkpoints.save(epoch, snapshot(self, epoch))
+        if recycled:
+            logger.info("epoch %d: recycled %s", epoch, recycled)
+        packet = self.export_leyline_telemetry()
+        self.telemetry.send(packet)
+        return packet
+
+    @property
+    def checkpoints(self) -> CheckpointManager:
+        """Epoch checkpoints in ``config.checkpoint_dir`` (created on first use)."""
+        if self._checkpoints is None:
+            self._checkpoints = CheckpointManager(
+                self.config.checkpoint_dir, keep_last=self.config.checkpoints_kept
+            )
+        return self._checkpoints
+
+    # ------------------------------------------------------------------ isolation
+    def register_gradient_monitors(self, host_model: nn.Module, seed_model: nn.Module) -> None:
+        """Debug mode for one host/seed pair: a backward hook on every parameter reports a
+        gradient on the wrong side during ``backward``'s seed-only phase (syncs per grad)."""
+        seed_id, on_quarantine = f"external[{len(self.guard.external)}]", None
+        for record in self.registry or ():
+            if seed_model is record.seed or seed_model is record.kernel:
+                seed_id, on_quarantine = record.seed_id, record.seed.quarantine
+        self.guard.add_external(host_model, seed_model, seed_id, on_quarantine)
+
+    def check_gradient_isolation(self) -> bool:
+        """Verify this step: seed-only backward leaks, each isolated seed's autograd graph, the
+        debug monitors. Violations count toward each seed's breaker (QUARANTINE at the limit;
+        the host keeps training). True when the step was clean; ``step`` calls it."""
+        return self.guard.check(self.require_registry())
+
+    def close(self) -> None:
+        """Stop store reads and close the JSONL telemetry sink, if any."""
+        self.urza_client.close()
+        for sink in self.telemetry.sinks:
+            if isinstance(sink, JsonlFileSink):
+                sink.close()
