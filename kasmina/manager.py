@@ -137,10 +137,8 @@ class KasminaKernelManager(ManagerReport):
             embargo_epochs=self.config.default_embargo_epochs,
             telemetry=self.telemetry,
         )
-        self.register(
-            model, slots, host_lr=host_lr, seed_lr=seed_lr, optimizer_cls=optimizer_cls,
-            **optimizer_options,
-        )  # fmt: skip
+        options = dict(optimizer_options, host_lr=host_lr, seed_lr=seed_lr)
+        self.register(model, slots, optimizer_cls=optimizer_cls, **options)
         return slots
 
     def register(
@@ -164,15 +162,19 @@ class KasminaKernelManager(ManagerReport):
         if not seed_lr > 0:
             raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
         registry = SlotRegistry(model, slots or kasmina_layers(model), self._ops.on_transition)
-        self.optimizer_cls, self.optimizer_options, self.seed_lr = (
-            optimizer_cls, dict(optimizer_options), float(seed_lr),
-        )  # fmt: skip
+        self.optimizer_cls = optimizer_cls
+        self.optimizer_options = dict(optimizer_options)
+        self.seed_lr = float(seed_lr)
         self.registry = registry
-        self.optimizers = self.new_optimizer_manager()
-        if host_lr is not None:
-            self.optimizers.initialize_host(
-                registry.host_params, lr=host_lr, optimizer_cls=optimizer_cls, **optimizer_options
-            )
+        try:
+            self.optimizers = self.new_optimizer_manager()
+            if host_lr is not None:
+                params, cls = registry.host_params, optimizer_cls
+                self.optimizers.initialize_host(params, host_lr, cls, **optimizer_options)
+        except BaseException:
+            self.registry = None
+            self.optimizers = self.new_optimizer_manager()
+            raise
         return registry
 
     def require_registry(self) -> SlotRegistry:
@@ -337,7 +339,7 @@ class KasminaKernelManager(ManagerReport):
         if isinstance(command, AdaptationCommand):
             return await self.handle_leyline_command(command)
         with self._lock:
-            return await self.optimizers.handle_optimizer_command(command)
+            return self.optimizers.apply_optimizer_command(command)
 
     def verify_message_auth(self, message: Any) -> bool:
         """Signature and freshness of a command (object or bytes), without using its nonce:
@@ -397,13 +399,13 @@ class KasminaKernelManager(ManagerReport):
 
     def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host
-        step is skipped in a step where a leak was found), grads zeroed, GRAFTING alphas
-        advanced, telemetry. Returns what it did."""
+        step is skipped in a step where a leak was found), non-finite seed outputs polled, grads
+        zeroed, GRAFTING alphas advanced, telemetry. Returns what it did."""
         started = time.perf_counter_ns()
         with self._lock:
             registry = self.require_registry()
             clean = self.check_gradient_isolation()
-            quarantined = [
+            nonfinite = [
                 r.seed_id
                 for r in registry.in_stages(RUNS_KERNEL)
                 if r.kernel is not None and r.seed.poll_nonfinite()
@@ -432,7 +434,7 @@ class KasminaKernelManager(ManagerReport):
             "isolation_clean": clean,
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,
-            "quarantined": quarantined,
+            "nonfinite": nonfinite,  # fell back to the host output (QUARANTINE unless ACTIVE)
         }
 
     def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> Any:

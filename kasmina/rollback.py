@@ -34,7 +34,8 @@ def snapshot(manager: KasminaKernelManager, epoch: int) -> dict[str, Any]:
     registry = manager.require_registry()
     seeds = {
         record.seed_id: {
-            "artifact_id": record.artifact_id if record.kernel is not None else "",
+            "artifact_id": record.artifact_id or "",
+            "attached": record.kernel is not None,
             "graft_steps": record.graft_steps,
         }
         for record in registry
@@ -61,7 +62,8 @@ def restore_epoch(manager: KasminaKernelManager, epoch: int) -> None:
         raise ValueError(f"the checkpoint of epoch {epoch} is not for this model's seeds")
     changes = {}
     for record in registry:
-        want = saved_seeds[record.seed_id].get("artifact_id") or None
+        saved = saved_seeds[record.seed_id]
+        want = (saved.get("artifact_id") or None) if saved.get("attached") else None
         have = record.artifact_id if record.kernel is not None else None
         if want != have:
             changes[record.seed_id] = want
@@ -91,10 +93,10 @@ def restore_epoch(manager: KasminaKernelManager, epoch: int) -> None:
         raise
     registry.table.resync()  # the host mirror follows the restored table
     manager.optimizers = optimizers
-    _commit(manager, registry, changes, fresh, saved_seeds)
     manager.epoch = int(extra.get("epoch", epoch))
     manager.global_step = int(extra.get("global_step", manager.global_step))
     manager.val_metrics = dict(extra.get("val_metrics", {}))
+    _commit(manager, registry, changes, fresh, saved_seeds)
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
 
 
@@ -172,7 +174,11 @@ def _commit(
             record.pinned = manager.loader.pin(artifact_id)
             record.hook = kernel.register_forward_hook(record.capture)
     for record in registry:
-        record.graft_steps = int(saved_seeds[record.seed_id].get("graft_steps", 0))
+        saved = saved_seeds[record.seed_id]
+        record.artifact_id = saved.get("artifact_id") or None
+        record.graft_steps = int(saved.get("graft_steps", 0))
+        if not record.timeline or record.timeline[-1][2] != record.stage.name:
+            record.timeline.append((manager.epoch, manager.global_step, record.stage.name))
         record.last_output = None
         record.seed.probe_result = None
         record.monitor = None

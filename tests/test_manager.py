@@ -96,7 +96,9 @@ def make_config(tmp_path: Path, store: Path, **overrides) -> KasminaConfig:
 class Rig:
     """A manager over a fresh Host, with helpers to send signed commands and train."""
 
-    def __init__(self, config: KasminaConfig, keyring: Keyring, urza_client=None) -> None:
+    def __init__(
+        self, config: KasminaConfig, keyring: Keyring, urza_client=None, device: str = "cpu"
+    ) -> None:
         self.keyring = keyring
         self.sink = MemorySink()
         self.manager = KasminaKernelManager(
@@ -105,11 +107,11 @@ class Rig:
             telemetry=TelemetryReporter(sinks=[self.sink]),
             urza_client=urza_client,
         )
-        self.model = Host()
+        self.model = Host().to(device)
         self.slot = self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)[0]
         generator = torch.Generator().manual_seed(2)
-        self.x = torch.randn(16, 6, generator=generator)
-        self.y = torch.randint(0, 4, (16,), generator=generator)
+        self.x = torch.randn(16, 6, generator=generator).to(device)
+        self.y = torch.randint(0, 4, (16,), generator=generator).to(device)
 
     def signed(self, cmd, key_id: str = "ctl") -> bytes:
         return sign_command(cmd, self.keyring, key_id).SerializeToString()
@@ -405,6 +407,7 @@ def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, 
     assert_same(saved[2], rig.slot.state_table.state_tensor)
     assert manager.optimizers.seed_ids == [SEED0] and manager.kernel_cache.is_pinned(mlp)
     assert manager.seed(SEED1).kernel is None
+    assert manager.require_registry()[SEED0].timeline[-1] == (0, 3, "ISOLATED_INIT")
     assert rig.train(1)["seeds_stepped"] == [SEED0]  # training goes on from the checkpoint
     assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(7)))
 
@@ -510,3 +513,70 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     assert not manager.check_gradient_isolation()
     assert manager.guard.external[0].violation_count == 1  # its hook on inp.bias saw the leak
     assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
+
+
+def test_a_rollback_that_cannot_complete_changes_nothing(rig: Rig, store: Path, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    manager.end_epoch(1)
+    assert manager.evict_kernel(mlp)  # unpinned once culled: evictable
+    for path in store.iterdir():
+        path.unlink()  # the artifact the checkpoint needs is gone from the store
+    saved = snapshot_state(rig)
+    stages = manager.stages()
+    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert "ArtifactNotFoundError" in manager.command_log[-1][3]
+    assert manager.stages() == stages and manager.epoch == 1
+    assert_same(saved[0], clone_state(rig.model.state_dict()))
+    assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
+    assert rig.train(1)["host_stepped"]
+
+
+def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring, mlp) -> None:
+    from kasmina.inject import attach
+
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Host()
+    attach(model, "out", seeds_per_layer=2, chunk_size=2)
+    manager.register(model, host_lr=None, seed_lr=0.01)
+    assert not manager.optimizers.has_host
+
+    def signed(cmd) -> bytes:
+        return sign_command(cmd, keyring, "ctl").SerializeToString()
+
+    init = make_optimizer_command("initialize_host", learning_rate=0.02)
+    assert manager.handle_adaptation_command(signed(init)) and manager.optimizers.has_host
+    assert not manager.handle_adaptation_command(signed(make_optimizer_command("initialize_host")))
+    slow = make_seed_command("germinate", SEED0, mlp, timeout_s=1e-9)  # the load takes longer
+    assert not manager.handle_adaptation_command(signed(slow))
+    assert "timeout" in manager.command_log[-1][3] and mlp in manager.kernel_cache
+    assert manager.seed(SEED0).stage == S.DORMANT and manager.optimizers.seed_ids == []
+    germinate = make_seed_command("germinate", SEED0, mlp, {"learning_rate": 0.5})
+    assert manager.handle_adaptation_command(signed(germinate))
+    assert manager.optimizers.optimizer(SEED0).param_groups[0]["lr"] == 0.5
+    step = make_optimizer_command("step", SEED0)
+    assert manager.handle_adaptation_command(signed(step))
+    with pytest.raises(ValueError, match="already manages"):
+        manager.register(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lifecycle_and_rollback_on_cuda(tmp_path, store, keyring, mlp) -> None:
+    rig = Rig(make_config(tmp_path, store, device="cuda"), keyring, device="cuda")
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    assert manager.kernel_cache.get(mlp).device.type == "cuda"
+    rig.train(2)
+    manager.end_epoch(5)
+    saved = snapshot_state(rig)
+    walk_to_active(rig, [SEED0, SEED1], epoch=6)
+    assert manager.guard.violating_steps == 0
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(5)))
+    assert_same(saved[0], clone_state(rig.model.state_dict()))
+    assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
+    assert_same(saved[2], rig.slot.state_table.state_tensor)
+    assert rig.train(1)["seeds_stepped"] == [SEED0, SEED1]
