@@ -42,20 +42,19 @@ from kasmina.checkpoint import CheckpointManager
 from kasmina.commands import KasminaCommand, LeylineAdaptationHandler
 from kasmina.config import KasminaConfig
 from kasmina.executor import CommandExecution
-from kasmina.gates import GateResult
 from kasmina.guard import IsolationGuard
 from kasmina.inject import attach, collect_kd_losses, kasmina_layers
 from kasmina.kd import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.kernel import GPUKernel
 from kasmina.layer import KasminaLayer
-from kasmina.leyline import AdaptationCommand, OptimizerCommand
+from kasmina.leyline import AdaptationCommand, OptimizerCommand, TelemetryPacket
 from kasmina.loader import KernelLoader
-from kasmina.manager_report import ManagerReport, operation_name
+from kasmina.manager_report import ManagerReport
 from kasmina.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
 from kasmina.perfstats import LatencyStats
 from kasmina.rollback import snapshot
 from kasmina.seeds import RUNS_KERNEL, GradientIsolatedSeed
-from kasmina.slots import STEPPED_STAGES, SeedRecord, SlotRegistry
+from kasmina.slots import STEPPED_STAGES, SlotRegistry
 from kasmina.stages import SeedStage
 from kasmina.telemetry import JsonlFileSink, TelemetryReporter
 
@@ -362,27 +361,6 @@ class KasminaKernelManager(ManagerReport):
         timestamp = meta.timestamp.seconds + meta.timestamp.nanos * 1e-9
         return abs(time.time() - timestamp) <= self.config.command_freshness_s
 
-    def note_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
-        seed = command.seed
-        kind = command.kind if seed is None else f"seed.{operation_name(seed.operation)}"
-        self.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
-        self.command_log.append((command.command_id, kind, ok, reason))
-
-    def note_gate(self, record: SeedRecord, result: GateResult) -> None:
-        self.gate_counts[(result.gate, result.passed)] += 1
-        labels = {
-            "seed_id": record.seed_id,
-            "gate": f"G{result.gate}",
-            "passed": str(result.passed).lower(),
-            "reason": result.reason,
-        }
-        self.telemetry.emit("lifecycle.gate", 1.0 if result.passed else 0.0, labels=labels)
-
-    def note_field_report(self, report: dict[str, Any]) -> None:
-        self.field_reports.append(report)
-        labels = {k: str(v) for k, v in report.items()}
-        self.telemetry.emit("seed.field_report", 1.0, labels=labels)
-
     # ------------------------------------------------------------------ training step
     def collect_kd_losses(self) -> torch.Tensor | None:
         """Sum (and clear) the slots' KD losses of this forward, or None."""
@@ -420,6 +398,7 @@ class KasminaKernelManager(ManagerReport):
                 and self.optimizers.step(r.seed_id, grad_clip_norm)
             ]
             self.optimizers.zero_grad()
+            self._drop_unused_kd_losses(registry)
             config = self.config
             for record in registry.in_stages([SeedStage.GRAFTING]):
                 record.graft_steps += 1
@@ -437,7 +416,17 @@ class KasminaKernelManager(ManagerReport):
             "nonfinite": nonfinite,  # fell back to the host output (QUARANTINE unless ACTIVE)
         }
 
-    def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> Any:
+    def _drop_unused_kd_losses(self, registry: SlotRegistry) -> None:
+        """KD losses never handed to ``backward`` would pile up (with their graphs) in the
+        slots; drop them, and say so once."""
+        dropped = [slot.get_and_clear_kd_losses() for slot in registry.slots]
+        if any(loss is not None for loss in dropped) and not self.counters["kd_dropped"]:
+            logger.warning("KD losses were computed but not passed to backward(); dropped")
+        self.counters["kd_dropped"] += sum(loss is not None for loss in dropped)
+
+    def end_epoch(
+        self, epoch: int, val_metrics: Mapping[str, float] | None = None
+    ) -> TelemetryPacket:
         """Tick the lifecycle, run due COOLDOWN -> RECYCLING -> DORMANT steps, write the epoch
         checkpoint and send the full telemetry packet (returned)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:

@@ -1,4 +1,4 @@
-"""What the kernel manager reports: Leyline telemetry packets and measured performance.
+"""What the kernel manager reports: events, Leyline telemetry packets, measured performance.
 
 Kept apart from the manager's mechanics so each file stays readable; ``ManagerReport`` is
 mixed into ``KasminaKernelManager`` and reads only its public state. Every number is measured
@@ -13,7 +13,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,10 @@ from kasmina.leyline import MetricType, SeedOperation, TelemetryPacket
 from kasmina.perfstats import DESIGN_TARGETS_US
 
 if TYPE_CHECKING:
+    from kasmina.commands import KasminaCommand
+    from kasmina.gates import GateResult
     from kasmina.manager import KasminaKernelManager
+    from kasmina.slots import SeedRecord
 
 __all__ = ["ManagerReport"]
 
@@ -120,6 +123,33 @@ class ManagerReport:
             ("isolation.violating_steps", float(self.guard.violating_steps), _COUNTER, None),
         ]
         self.telemetry.send(self.telemetry.packet(metrics))
+
+    # ------------------------------------------------------------------ events
+    def note_command(
+        self: KasminaKernelManager, command: KasminaCommand, ok: bool, reason: str
+    ) -> None:
+        """Count an executed command by kind and result; keep it (with why) in the log."""
+        seed = command.seed
+        kind = command.kind if seed is None else f"seed.{operation_name(seed.operation)}"
+        self.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
+        self.command_log.append((command.command_id, kind, ok, reason))
+
+    def note_gate(self: KasminaKernelManager, record: SeedRecord, result: GateResult) -> None:
+        """Count a gate evaluation and send it as a ``lifecycle.gate`` event."""
+        self.gate_counts[(result.gate, result.passed)] += 1
+        labels = {
+            "seed_id": record.seed_id,
+            "gate": f"G{result.gate}",
+            "passed": str(result.passed).lower(),
+            "reason": result.reason,
+        }
+        self.telemetry.emit("lifecycle.gate", 1.0 if result.passed else 0.0, labels=labels)
+
+    def note_field_report(self: KasminaKernelManager, report: dict[str, Any]) -> None:
+        """Keep a harvested seed's field report and send it as telemetry."""
+        self.field_reports.append(report)
+        labels = {k: str(v) for k, v in report.items()}
+        self.telemetry.emit("seed.field_report", 1.0, labels=labels)
 
     # ------------------------------------------------------------------ performance
     def get_performance_metrics(self: KasminaKernelManager) -> dict[str, float]:

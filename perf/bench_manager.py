@@ -79,8 +79,9 @@ def test_germinate_end_to_end_warm_cache(benchmark, tmp_path, artifact, keyring)
         rounds=ROUNDS,
         warmup_rounds=2,
     )
-    assert all(results) and manager.loader.counters["loads"] == 1
-    assert sum(s == SeedStage.ISOLATED_INIT for s in manager.stages().values()) == ROUNDS + 2
+    assert results and all(results) and manager.loader.counters["loads"] == 1
+    grown = sum(s == SeedStage.ISOLATED_INIT for s in manager.stages().values())
+    assert grown == len(results)  # every round germinated one more seed
     metrics = manager.get_performance_metrics()
     benchmark.extra_info["target"] = (
         "no §8 number for the whole GERMINATE; its handler part (parse+verify+validate+"
