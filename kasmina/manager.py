@@ -79,8 +79,10 @@ class KasminaKernelManager(ManagerReport):
         self.config = config if config is not None else KasminaConfig()
         self.keyring = keyring if keyring is not None else self.config.load_keyring()
         self.telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
+        self._jsonl: JsonlFileSink | None = None
         if self.config.telemetry_jsonl_path:
-            self.telemetry.add_sink(JsonlFileSink(self.config.telemetry_jsonl_path))
+            self._jsonl = JsonlFileSink(self.config.telemetry_jsonl_path)
+            self.telemetry.add_sink(self._jsonl)
         self.device = self.config.torch_device
         self.kernel_cache = GPUKernelCache(self.config.cache_size_mb)
         self.urza_client = urza_client or UrzaLibraryClient.from_config(self.config, self.keyring)
@@ -470,8 +472,7 @@ class KasminaKernelManager(ManagerReport):
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:
-        """Stop store reads and close the JSONL telemetry sink, if any."""
+        """Stop store reads and close the JSONL telemetry file this manager opened, if any."""
         self.urza_client.close()
-        for sink in self.telemetry.sinks:
-            if isinstance(sink, JsonlFileSink):
-                sink.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
