@@ -23,8 +23,8 @@ GENERATED = ("leyline_pb2.py", "leyline_pb2.pyi")
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) on the .proto; return the generated files."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"
     args = [
