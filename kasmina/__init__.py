@@ -15,6 +15,9 @@ _LAZY = {
     "GradientIsolatedSeed": "kasmina.seeds",
     "KasminaLayer": "kasmina.layer",
     "GPUStateTensor": "kasmina.lifecycle",
+    "KasminaKernelManager": "kasmina.manager",
+    "KasminaConfig": "kasmina.config",
+    "KDConfig": "kasmina.kd",
 }
 
 __all__ = sorted(_LAZY)
