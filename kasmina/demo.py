@@ -294,19 +294,48 @@ def _quiet_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def _run_torchrun(cfg: DemoConfig) -> Any:
+    """This process is one rank of a ``torchrun`` launch: rank 0 prepares, every rank trains.
+    Returns rank 0's result (None on the other ranks)."""
+    import torch.distributed as dist
+
+    from kasmina.distributed import init_from_env
+
+    backend = "nccl" if torch.device(cfg.device).type == "cuda" else "gloo"
+    rank, world = init_from_env(backend, timeout_s=300)
+    try:
+        replace(cfg, nproc=world).validate()
+        shared = [prepare(cfg) if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)  # keys and store location, within the job
+        ranked = replace(cfg, nproc=world, progress=cfg.progress and rank == 0)
+        result = run_demo(ranked, shared[0], rank, world)
+    finally:
+        dist.destroy_process_group()
+    return result if rank == 0 else None
+
+
 def run_demo_cli(cfg: DemoConfig) -> int:
-    """``kasmina demo``: prepare, run (in ``cfg.nproc`` processes), print and save the report."""
+    """``kasmina demo``: prepare, run (in ``cfg.nproc`` processes, or as one rank of a
+    ``torchrun`` launch), then print and save the report (rank 0)."""
     from kasmina.demo_report import DemoResult, format_report, plot
 
     cfg.validate()
     _quiet_logging()
     start = time.perf_counter()
-    prepared = prepare(cfg)
-    if cfg.nproc == 1:
-        result = run_demo(cfg, prepared)
+    if _under_torchrun():
+        result = _run_torchrun(cfg)
+        if result is None:
+            return 0
+    elif cfg.nproc == 1:
+        result = run_demo(cfg, prepare(cfg))
     else:
         from kasmina.distributed import spawn
 
+        prepared = prepare(cfg)
         backend = "nccl" if torch.device(cfg.device).type == "cuda" else "gloo"
         spawn(_rank_main, cfg.nproc, args=(cfg, prepared), backend=backend, timeout_s=300)
         result = DemoResult.from_json(json.loads((cfg.out_dir / "result.json").read_text()))

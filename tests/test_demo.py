@@ -9,7 +9,10 @@ adversary's refusals.
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,4 +116,23 @@ def test_two_gloo_ranks_run_the_demo_in_lockstep(tmp_path) -> None:
     assert result.world_size == 2
     assert result.distributed == {"syncs": 3, "divergences": 0}
     assert result.adversarial["forged"] == [False] and result.adversarial["stale"] == [False]
+    assert (tmp_path / "telemetry.rank1.jsonl").stat().st_size > 0
+
+
+def test_torchrun_launches_the_demo_as_two_ranks(tmp_path) -> None:
+    root = Path(cli.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    argv = ["--out", str(tmp_path), "--epochs", "2", "--no-progress"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "kasmina", "demo", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("Kasmina demo:") == 1  # only rank 0 reports
+    result = DemoResult.from_json(json.loads((tmp_path / "result.json").read_text()))
+    assert result.world_size == 2 and result.distributed == {"syncs": 2, "divergences": 0}
     assert (tmp_path / "telemetry.rank1.jsonl").stat().st_size > 0
