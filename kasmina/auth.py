@@ -211,7 +211,9 @@ class CommandVerifier:
     def ledger_size(self) -> int:
         return len(self._seen)
 
-    def verify(self, command: AdaptationCommand) -> tuple[bool, str]:
+    def verify(self, command: AdaptationCommand, *, record_nonce: bool = True) -> tuple[bool, str]:
+        """``(ok, reason)``. With ``record_nonce=False`` the command is checked (a replay is
+        still refused) but its nonce is not used up, so it can be executed afterwards."""
         if not command.HasField("metadata"):
             return False, "missing_metadata"
         metadata = command.metadata
@@ -240,8 +242,9 @@ class CommandVerifier:
                 return False, "future"
             if nonce in self._seen:
                 return False, "replay"
-            self._seen[nonce] = timestamp
-            heapq.heappush(self._expiry, (timestamp, nonce))
+            if record_nonce:
+                self._seen[nonce] = timestamp
+                heapq.heappush(self._expiry, (timestamp, nonce))
         return True, "ok"
 
     def _prune(self, now: float) -> None:

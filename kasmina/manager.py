@@ -23,7 +23,6 @@ copy, and the cached original stays pinned while a live seed uses it.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import threading
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from kasmina.artifact import validate_artifact_id
-from kasmina.auth import CommandVerifier, Keyring, compute_signature
+from kasmina.auth import CommandVerifier, Keyring
 from kasmina.cache import GPUKernelCache
 from kasmina.checkpoint import CheckpointManager
 from kasmina.commands import KasminaCommand, LeylineAdaptationHandler
@@ -343,25 +342,16 @@ class KasminaKernelManager(ManagerReport):
             return self.optimizers.apply_optimizer_command(command)
 
     def verify_message_auth(self, message: Any) -> bool:
-        """Signature and freshness of a command (object or bytes), without using its nonce:
-        this only answers the question; the handler still refuses replays."""
+        """Signature, freshness and nonce of a command (object or bytes), without using its
+        nonce: this only answers the question; the handler still refuses a later replay."""
         if isinstance(message, (bytes, bytearray, memoryview)):
             try:
                 message = AdaptationCommand.FromString(bytes(message))
             except Exception:
                 return False
-        if not isinstance(message, AdaptationCommand) or not message.HasField("metadata"):
+        if not isinstance(message, AdaptationCommand):
             return False
-        meta = message.metadata
-        expected = compute_signature(message, self.keyring, meta.key_id)
-        if (
-            expected is None
-            or not meta.signature
-            or not hmac.compare_digest(expected, meta.signature)
-        ):
-            return False
-        timestamp = meta.timestamp.seconds + meta.timestamp.nanos * 1e-9
-        return abs(time.time() - timestamp) <= self.config.command_freshness_s
+        return self.verifier.verify(message, record_nonce=False)[0]
 
     # ------------------------------------------------------------------ training step
     def collect_kd_losses(self) -> torch.Tensor | None:

@@ -208,6 +208,18 @@ def test_nonce_is_recorded_only_after_the_signature_passes(keyring, verifier) ->
     assert verifier.verify(signed(keyring, nonce="shared", timestamp=T0 + 1)) == (False, "replay")
 
 
+def test_checking_without_recording_leaves_the_nonce_unused(keyring, verifier) -> None:
+    cmd = signed(keyring)
+    assert verifier.verify(cmd, record_nonce=False) == (True, "ok")
+    assert verifier.verify(cmd, record_nonce=False) == (True, "ok")
+    assert verifier.ledger_size == 0
+    assert verifier.verify(cmd) == (True, "ok")
+    assert verifier.verify(cmd, record_nonce=False) == (False, "replay")
+    forged = signed(keyring, nonce="other")
+    forged.metadata.signature = b"\x00" * 32
+    assert verifier.verify(forged, record_nonce=False) == (False, "bad_signature")
+
+
 def test_forgotten_nonce_cannot_be_replayed_after_the_clock_steps_back(keyring, clock) -> None:
     verifier = CommandVerifier(keyring, freshness_s=10.0, clock=clock)
     first = signed(keyring, nonce="a", timestamp=T0)
