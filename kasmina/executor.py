@@ -63,6 +63,9 @@ _REFUSALS = (
     ValueError,
 )
 
+# EMBARGO_COUNTER is an int32 column of the state table.
+_MAX_EMBARGO_EPOCHS = 2**31 - 1
+
 
 class CommandRefused(Exception):
     """A command that cannot be carried out in the seed's current state (nothing changed)."""
@@ -213,6 +216,10 @@ class CommandExecution:
         if S.HARVESTING not in LEGAL_TRANSITIONS[stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be culled from {stage.name}")
         embargo = int(parameters.get("embargo_epochs", self.m.config.default_embargo_epochs))
+        if not 0 <= embargo <= _MAX_EMBARGO_EPOCHS:  # checked before the seed is touched
+            raise CommandRefused(
+                f"embargo_epochs must be in 0..{_MAX_EMBARGO_EPOCHS}, got {embargo}"
+            )
         record.seed.transition_to(S.HARVESTING)
         record.seed.transition_to(S.COOLDOWN)
         self.m.require_registry().table.set_column(

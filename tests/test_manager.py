@@ -580,3 +580,16 @@ def test_lifecycle_and_rollback_on_cuda(tmp_path, store, keyring, mlp) -> None:
     assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
     assert_same(saved[2], rig.slot.state_table.state_tensor)
     assert rig.train(1)["seeds_stepped"] == [SEED0, SEED1]
+
+
+def test_a_cull_with_an_embargo_the_table_cannot_hold_changes_nothing(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    kernel = seed.kernel
+    assert not rig.send("cull", SEED0, embargo_epochs=2.0**40)  # beyond the int32 column
+    assert seed.stage == S.ISOLATED_INIT and seed.kernel is kernel and not kernel.released
+    assert manager.kernel_cache.is_pinned(mlp) and SEED0 in manager.optimizers.seed_ids
+    assert manager.handler.stats["failed"] == 1 and not manager.field_reports
+    assert rig.send("cull", SEED0, embargo_epochs=3)
+    assert seed.stage == S.COOLDOWN
