@@ -4,6 +4,8 @@ Sizes come from ``GPUKernel.get_memory_size()`` when a kernel is put in and are 
 the byte account cannot drift. Kernels attached to live seeds are pinned (a count, so several
 seeds may share one) and are never evicted; evicted kernels have their device memory released.
 Releasing happens after the lock is dropped, so a slow release never stalls a concurrent ``get``.
+Only unpinned kernels are kept in LRU order, so get, put, pin and unpin are O(1) (plus O(1) per
+kernel a put evicts), however many kernels are pinned.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ class GPUKernelCache:
         if isinstance(cache_size_mb, bool) or not cache_size_mb >= 0:
             raise ValueError(f"cache_size_mb must be >= 0, got {cache_size_mb!r}")
         self.max_bytes = int(cache_size_mb * 1024 * 1024)
-        self._entries: OrderedDict[str, tuple[CachedKernel, int]] = OrderedDict()
+        self._entries: dict[str, tuple[CachedKernel, int]] = {}
+        # Unpinned ids, least recently used first: the only eviction candidates, so neither a
+        # put nor an eviction ever walks past pinned kernels (O(1) per kernel evicted).
+        self._lru: OrderedDict[str, None] = OrderedDict()
         self._pins: dict[str, int] = {}
         self._bytes = 0
+        self._pinned_bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -49,7 +55,8 @@ class GPUKernelCache:
             if entry is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(kernel_id)
+            if kernel_id in self._lru:
+                self._lru.move_to_end(kernel_id)
             self.hits += 1
             return entry[0]
 
@@ -67,13 +74,13 @@ class GPUKernelCache:
         victims: list[CachedKernel] = []
         with self._lock:
             old = self._entries.get(kernel_id)
-            if old is not None and old[0] is not kernel and self._pins.get(kernel_id):
+            pinned = bool(self._pins.get(kernel_id))
+            if old is not None and old[0] is not kernel and pinned:
                 raise ValueError(f"kernel {kernel_id!r} is pinned; unpin it before replacing it")
             old_size = old[1] if old is not None else 0
             needed = self._bytes - old_size + size - self.max_bytes
-            evictable = sum(
-                s for k, (_, s) in self._entries.items() if k != kernel_id and not self._pins.get(k)
-            )
+            # Unpinned bytes other than this id's own entry (which is replaced, not evicted).
+            evictable = self._bytes - self._pinned_bytes - (0 if pinned else old_size)
             if size > self.max_bytes or needed > evictable:
                 self.uncached += 1
                 reason = "larger than the cache" if size > self.max_bytes else "room held by pins"
@@ -88,14 +95,14 @@ class GPUKernelCache:
                 return False
             if old is not None:
                 del self._entries[kernel_id]
+                self._lru.pop(kernel_id, None)
                 self._bytes -= old_size
+                if pinned:
+                    self._pinned_bytes -= old_size
                 if old[0] is not kernel:
                     victims.append(old[0])
-            for victim_id in list(self._entries):
-                if self._bytes + size <= self.max_bytes:
-                    break
-                if self._pins.get(victim_id):
-                    continue
+            while self._bytes + size > self.max_bytes:
+                victim_id, _ = self._lru.popitem(last=False)
                 victim, victim_size = self._entries.pop(victim_id)
                 self._bytes -= victim_size
                 self.evictions += 1
@@ -103,6 +110,10 @@ class GPUKernelCache:
                 logger.debug("evicted kernel %s (%d bytes)", victim_id, victim_size)
             self._entries[kernel_id] = (kernel, size)
             self._bytes += size
+            if pinned:
+                self._pinned_bytes += size
+            else:
+                self._lru[kernel_id] = None
         for victim in victims:
             victim.release_gpu_memory()
         return True
@@ -117,6 +128,7 @@ class GPUKernelCache:
                 logger.warning("not evicting pinned kernel %s", kernel_id)
                 return False
             del self._entries[kernel_id]
+            del self._lru[kernel_id]
             self._bytes -= entry[1]
             self.evictions += 1
         entry[0].release_gpu_memory()
@@ -125,9 +137,14 @@ class GPUKernelCache:
     def pin(self, kernel_id: str) -> None:
         """Protect a cached kernel from eviction (counted: one unpin per pin)."""
         with self._lock:
-            if kernel_id not in self._entries:
+            entry = self._entries.get(kernel_id)
+            if entry is None:
                 raise KeyError(f"kernel {kernel_id!r} is not cached")
-            self._pins[kernel_id] = self._pins.get(kernel_id, 0) + 1
+            count = self._pins.get(kernel_id, 0)
+            if count == 0:
+                del self._lru[kernel_id]
+                self._pinned_bytes += entry[1]
+            self._pins[kernel_id] = count + 1
 
     def unpin(self, kernel_id: str) -> None:
         with self._lock:
@@ -136,6 +153,10 @@ class GPUKernelCache:
                 raise KeyError(f"kernel {kernel_id!r} is not pinned")
             if count == 1:
                 del self._pins[kernel_id]
+                # Pinned kernels are never evicted, so the entry is still here; it re-enters
+                # the LRU as most recently used (it was in use until now).
+                self._pinned_bytes -= self._entries[kernel_id][1]
+                self._lru[kernel_id] = None
             else:
                 self._pins[kernel_id] = count - 1
 
@@ -145,7 +166,7 @@ class GPUKernelCache:
     def clear(self) -> None:
         """Evict every unpinned kernel."""
         with self._lock:
-            ids = [k for k in self._entries if not self._pins.get(k)]
+            ids = list(self._lru)
         for kernel_id in ids:
             self.evict(kernel_id)
 

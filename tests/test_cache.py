@@ -173,3 +173,49 @@ def _hammer() -> None:
     assert all(k.releases == 0 for k in cached)
     assert all(k.releases <= 1 for k in made)
     assert sum(k.releases for k in made) + len(cached) == len(made)
+
+
+class _CountingDict(dict):
+    """A dict that counts full walks over it (a put must never make one: O(1))."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+    def items(self):
+        type(self).walks += 1
+        return super().items()
+
+    def keys(self):
+        type(self).walks += 1
+        return super().keys()
+
+    def values(self):
+        type(self).walks += 1
+        return super().values()
+
+
+def test_put_and_evict_never_walk_the_cache_and_pins_keep_the_books() -> None:
+    cache = GPUKernelCache(cache_size_mb=1)
+    pinned = [FakeKernel(1024) for _ in range(200)]
+    for i, kernel in enumerate(pinned):
+        cache.put(f"p{i}", kernel)
+        cache.pin(f"p{i}")
+    cache._entries = _CountingDict(cache._entries)
+    free = MB - 200 * 1024
+    for i in range(50):  # each put evicts the previous one: only unpinned kernels are victims
+        assert cache.put(f"u{i}", FakeKernel(free))
+    assert _CountingDict.walks == 0
+    assert all(k.releases == 0 for k in pinned) and cache.bytes_used == MB
+    assert not cache.put("big", FakeKernel(free + 1))  # the rest of the room is held by pins
+    assert cache.evict("u49") and cache.bytes_used == 200 * 1024
+    # Unpinned, a kernel becomes evictable again, as the most recently used one.
+    cache.put("a", FakeKernel(free // 2))
+    cache.unpin("p0")
+    assert cache.put("b", FakeKernel(free - free // 2 + 1024))  # evicts a (older), keeps p0
+    assert "a" not in cache and "p0" in cache and pinned[0].releases == 0
+    assert cache.put("c", FakeKernel(free // 2))  # 1024 bytes short: p0, older than b, goes
+    assert "p0" not in cache and pinned[0].releases == 1
+    assert cache.bytes_used <= cache.max_bytes and cache.stats()["pinned"] == 199
