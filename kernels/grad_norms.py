@@ -147,6 +147,19 @@ def _check(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
 
 
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """An int64 host table on ``device`` without a host sync.
+
+    A plain ``.to("cuda")`` copies from pageable memory, which makes the host wait for the whole
+    stream to drain (the backward pass the leak check runs after). A pinned staging buffer and an
+    asynchronous copy do not; the caching host allocator keeps the buffer until the copy is done.
+    """
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _build_plan(
     numels: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device
 ) -> _Plan:
@@ -162,10 +175,10 @@ def _build_plan(
                 first[i] = base + pos
                 members.append(i)
             count[i] += 1
-        table = torch.tensor(group_rows, dtype=torch.int64).to(device)
+        table = _to_device(group_rows, device)
         groups.append(_Group(dt, table, base, len(group_rows), members))
         base += len(group_rows)
-    meta = torch.tensor([first, count], dtype=torch.int64).to(device)
+    meta = _to_device([first, count], device)
     return _Plan(groups, meta[0], meta[1], base)
 
 
@@ -198,7 +211,7 @@ def _plan_for(
             if len(_plans) >= _MAX_PLANS:
                 _plans.pop(next(iter(_plans)))
             _plans[key] = plan
-    ptrs = torch.tensor(ptrs_key, dtype=torch.int64).to(device)
+    ptrs = _to_device(list(ptrs_key), device)
     aligned = [all(ptrs_key[i] % 16 == 0 for i in g.members) for g in plan.groups]
     plan.pointers = (ptrs_key, ptrs, aligned)
     return plan, ptrs, aligned

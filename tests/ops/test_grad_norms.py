@@ -180,6 +180,27 @@ def test_plan_is_cached(triton_backend: None, monkeypatch: pytest.MonkeyPatch) -
         grad_norms([torch.randn(10, device="meta"), None, tensors[2]], device="cpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+def test_leak_check_on_fresh_grads_never_syncs_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The isolation monitor's pattern: every check sees newly allocated grads (new pointers),
+    so the pointer table is rebuilt each time; uploading it must not wait for the stream."""
+    monkeypatch.setattr(gn_kernels, "_plans", {})
+    shapes = [(300, 250), (7,), (gn_kernels.CHUNK + 5,)]
+    leak_check([torch.randn(s, device="cuda") for s in shapes])  # plan + compiled kernels
+    fresh = [torch.randn(s, device="cuda") for s in shapes]
+    new_structure = [torch.randn(s, device="cuda") for s in [(3, 3), *shapes]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norms, flag = leak_check(fresh, tol=1e9)
+        norms_b = grad_norms(new_structure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(norms.cpu().double(), oracle(fresh), **FP32)
+    torch.testing.assert_close(norms_b.cpu().double(), oracle(new_structure), **FP32)
+    assert not bool(flag)
+
+
 def test_reference_functions_directly() -> None:
     tensors = [torch.tensor([3.0, 4.0]), None, torch.tensor([float("nan")])]
     norms, flag = leak_check_reference(tensors, tol=100.0)
