@@ -233,6 +233,13 @@ class GPUStateTensor:
         """
         idx = self.check_index(idx)
         gate = parse_gate(last_gate)
+        # Checked before the transition is launched: a bad value must change nothing.
+        if epochs_in_state is not None and (
+            isinstance(epochs_in_state, bool)
+            or not isinstance(epochs_in_state, int)
+            or epochs_in_state < 0
+        ):
+            raise ValueError(f"epochs_in_state must be an int >= 0, got {epochs_in_state!r}")
         code = self.batch_state_update([(idx, stage)], gates=None if gate is None else [gate])[0]
         if code != TransitionCode.APPLIED:
             raise IllegalTransitionError(
@@ -240,8 +247,6 @@ class GPUStateTensor:
                 f"({code.name.lower()})"
             )
         if epochs_in_state is not None:
-            if epochs_in_state < 0:
-                raise ValueError(f"epochs_in_state must be >= 0, got {epochs_in_state}")
             self.state_tensor[idx, StateColumn.EPOCHS_IN_STATE] = int(epochs_in_state)
             self._epochs[idx] = int(epochs_in_state)
 

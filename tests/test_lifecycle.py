@@ -103,6 +103,16 @@ def test_update_seed_state_sets_epochs_and_explicit_gate() -> None:
         table.update_seed_state(0, "NOT_A_STAGE")
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_update_seed_state_with_bad_epochs_changes_nothing(bad: object) -> None:
+    table = GPUStateTensor(1, "cpu")
+    before = table.state_tensor.clone()
+    with pytest.raises(ValueError, match="epochs_in_state"):
+        table.update_seed_state(0, "ISOLATED_INIT", epochs_in_state=bad)  # type: ignore[arg-type]
+    assert table.stage(0) is S.DORMANT and table.counters["applied"] == 0
+    assert torch.equal(table.state_tensor, before)
+
+
 @pytest.mark.parametrize("source", list(SeedStage))
 def test_every_illegal_transition_is_rejected_and_counted(source: SeedStage) -> None:
     sink = MemorySink()
