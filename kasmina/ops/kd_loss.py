@@ -9,10 +9,13 @@ the loss and get a 0 gradient, and ``rows_kept`` counts only kept rows; if no ro
 
 The student gradient is computed in the forward pass (Triton: one streaming-softmax pass over
 ``V`` for the loss, one more to write the gradient) and stored, in the student's dtype, as the
-only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. The backward
-multiplies it by ``grad_output`` into a fresh tensor (the saved one is left intact, so a
-``retain_graph`` second backward stays correct). When the student does not require grad (or
-grad mode is off) the gradient is not computed at all. The teacher never gets a gradient.
+only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. The eager
+backward scales that buffer by ``grad_output`` in place and returns it, so forward+backward
+never holds a second logits-sized buffer; when the graph is kept (``retain_graph`` or
+``create_graph``) it writes a fresh tensor instead and leaves the saved one intact, so a second
+backward stays correct. (The custom op used under ``torch.compile`` is functional and always
+writes a fresh tensor.) When the student does not require grad (or grad mode is off) the
+gradient is not computed at all. The teacher never gets a gradient.
 
 CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run the torch code below. Under
 ``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and backward);
@@ -118,11 +121,12 @@ def _kd_forward_reference(
     return loss, grad.to(student.dtype).reshape(student.shape)
 
 
-def _scale_grad_reference(stored: Tensor, grad_output: Tensor) -> Tensor:
+def _scale_grad_reference(stored: Tensor, grad_output: Tensor, out: Tensor | None = None) -> Tensor:
     go = grad_output.float()
     if go.dim() > 0:
         go = go.unsqueeze(-1)
-    return (stored.float() * go).to(stored.dtype)
+    scaled = (stored.float() * go).to(stored.dtype)
+    return scaled if out is None else out.copy_(scaled)
 
 
 # --------------------------------------------------------------------------- autograd wiring
@@ -147,12 +151,20 @@ def _forward_impl(
     return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
 
 
-def _backward_impl(stored_grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``)."""
+def _backward_impl(stored_grad: Tensor, grad_output: Tensor, out: Tensor | None = None) -> Tensor:
+    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``), written
+    to ``out`` when given (``out`` may be ``stored_grad`` itself)."""
     grad_output = grad_output.contiguous()
     if use_triton(stored_grad.device):
-        return _kernels().kd_backward(stored_grad, grad_output)
-    return _scale_grad_reference(stored_grad, grad_output)
+        return _kernels().kd_backward(stored_grad, grad_output, out=out)
+    return _scale_grad_reference(stored_grad, grad_output, out)
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``/``create_graph``); True
+    when that cannot be told, which only costs the in-place saving."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
 
 
 class _KDFunction(torch.autograd.Function):
@@ -167,7 +179,10 @@ class _KDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         (stored,) = ctx.saved_tensors
-        return _backward_impl(stored, grad_loss), None, None, None, None, None
+        # Not kept: autograd frees the saved buffer after this call, so it can become the
+        # gradient itself instead of a second logits-sized allocation.
+        out = None if _graph_is_kept() else stored
+        return _backward_impl(stored, grad_loss, out), None, None, None, None, None
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())

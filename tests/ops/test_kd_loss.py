@@ -250,6 +250,23 @@ def test_retain_graph_backward_twice(backend):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_backward_returns_the_stored_buffer_when_the_graph_is_freed(backend, reduction):
+    """DESIGN §8: forward+backward holds at most one logits-sized buffer, so the gradient
+    returned is the stored one scaled in place, not a second allocation."""
+    student, teacher = _logits((3, 2, 40), seed=16)
+    student.requires_grad_(True)
+    loss = kd_kl_loss(student, teacher, 2.0, reduction)
+    stored = loss.grad_fn.saved_tensors[0]
+    go = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, student, go)
+    assert grad.data_ptr() == stored.data_ptr()
+    s64 = student.detach().double().requires_grad_(True)
+    ref = kd_kl_loss_reference(s64, teacher.double(), 2.0, reduction)
+    (expected,) = torch.autograd.grad(ref, s64, go.double())
+    _close(grad, expected, torch.float32)
+
+
 def test_no_grad_mode_and_non_contiguous(backend):
     student, teacher = _logits((5, 24), seed=13)
     with torch.no_grad():
