@@ -163,6 +163,8 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         )
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, RuntimeError) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
+    except TypeError as exc:  # the module's forward does not take one example input
+        raise CLIError(f"torch.export of {name} failed: {one_line(exc)[:300]}") from None
     print(
         f"published {manifest.artifact_id} ({manifest.blueprint}, {manifest.size} bytes, "
         f"signed by {manifest.key_id!r}) to {args.store}",
@@ -194,14 +196,17 @@ def _load_factory(spec: str) -> nn.Module:
         sys.path.insert(0, os.getcwd())
     try:
         target = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CLIError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module: any error while importing it is theirs
+        raise CLIError(f"cannot import {module_name!r}: {one_line(exc)}") from None
     factory = target
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
             raise CLIError(f"{module_name!r} has no attribute {attr!r}")
-    module = factory() if callable(factory) else None
+    try:
+        module = factory() if callable(factory) else None
+    except Exception as exc:  # the user's callable failed (wrong arguments, its own bug)
+        raise CLIError(f"calling {spec} failed: {type(exc).__name__}: {one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise CLIError(f"{spec} did not return an nn.Module")
     return module

@@ -236,6 +236,25 @@ def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsy
     assert_one_line_error(rc, err, fragment)
 
 
+@pytest.mark.parametrize(
+    ("factory", "fragment"),
+    [
+        ("torch.nn:Linear", "calling torch.nn:Linear failed: TypeError"),  # needs arguments
+        ("broken_seed_mod:make", "cannot import 'broken_seed_mod'"),  # raises on import
+        ("torch.nn:CosineSimilarity", "torch.export of CosineSimilarity failed"),  # 2 inputs
+    ],
+)
+def test_publish_errors_in_the_users_factory_are_one_line(
+    factory, fragment, tmp_path, keys, capsys, monkeypatch
+) -> None:
+    (tmp_path / "broken_seed_mod.py").write_text("raise SystemError('broken at import')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--keys", str(keys)]
+    rc, _, err = run(capsys, *argv, "--factory", factory, "--input-shape", "2,3")
+    assert_one_line_error(rc, err, fragment)
+
+
 def test_bench_runs_pytest_on_perf_or_the_gpu_script(capsys, monkeypatch) -> None:
     calls: list[tuple[list[str], Path]] = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 3)
