@@ -138,6 +138,7 @@ class CommandExecution:
                 f"loading {artifact_id} took {elapsed:.3f} s, over the command's {timeout_s:.3f} s "
                 "timeout (the kernel stays cached for the next try)"
             )
+        self._check_fits_slot(record, original)
         kernel = m.loader.copy(original)
         pinned = m.loader.pin(artifact_id)
         seed = record.seed
@@ -163,6 +164,20 @@ class CommandExecution:
         except BaseException:
             self._undo_germinate(record, kernel, artifact_id, pinned)
             raise
+
+    @staticmethod
+    def _check_fits_slot(record: SeedRecord, kernel: object) -> None:
+        """Refuse an artifact whose declared input cannot take the slot's chunk: run on the
+        host's activations, it would raise inside the user's forward."""
+        manifest = getattr(kernel, "manifest", None)
+        specs = getattr(manifest, "input_spec", ())
+        width = record.seed.chunk_size
+        if len(specs) != 1 or not specs[0].shape or specs[0].shape[-1] not in (None, width):
+            declared = [list(spec.shape) for spec in specs]
+            raise CommandRefused(
+                f"artifact inputs {declared} do not fit seed {record.seed_id}'s chunk of "
+                f"width {width}"
+            )
 
     def _undo_germinate(
         self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool

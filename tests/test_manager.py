@@ -335,6 +335,17 @@ def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) 
     assert not rig.send("germinate", "nowhere[0]", mlp)  # unknown seed
 
 
+def test_an_artifact_that_does_not_fit_the_slot_is_refused(rig: Rig, store: Path, keyring) -> None:
+    wide = publish_artifact(
+        ResidualMLP(3, 4), [torch.randn(3, 3)], str(store), "wide", keyring, "pub"
+    )
+    assert not rig.send("germinate", SEED0, wide.artifact_id)
+    assert "do not fit" in rig.manager.command_log[-1][3]
+    assert rig.stage(SEED0) == S.DORMANT and rig.manager.seed(SEED0).kernel is None
+    assert not rig.manager.kernel_cache.is_pinned(wide.artifact_id)
+    rig.train(1)  # the host still trains: the mismatched kernel never runs
+
+
 def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig, mlp) -> None:
     manager = rig.manager
     outsider = Keyring({"rogue": generate_key()})  # a key the manager does not hold
