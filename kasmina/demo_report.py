@@ -136,7 +136,14 @@ def _wrap(text: str, indent: str, width: int = 96) -> list[str]:
 
 
 def plot(result: DemoResult, path: Path) -> Path:
-    """Accuracy, alpha and stage per seed over epochs, in one PNG."""
+    """Accuracy, alpha and stage per seed over epochs, in one PNG.
+
+    Accuracy and alpha are measured at the end of epoch ``e`` and drawn at ``x = e``. Commands
+    and lifecycle ticks act at the boundary after epoch ``e`` -- the epoch the report's timeline
+    prints -- which is drawn at ``x = e + 0.5`` (the green germination lines); the stage a seed
+    trained in during epoch ``e`` spans ``e - 0.5 .. e + 0.5``, so each stage step sits on the
+    boundary the timeline names.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +168,7 @@ def plot(result: DemoResult, path: Path) -> Path:
         ax_stage.step(
             epochs,
             [SeedStage[r.stages.get(seed_id, "DORMANT")].value for r in result.epochs],
-            where="post",
+            where="mid",
             label=seed_id,
         )
     ax_alpha.set_ylabel("alpha")
@@ -170,7 +177,7 @@ def plot(result: DemoResult, path: Path) -> Path:
         ax_alpha.legend(loc="upper left")
         ax_stage.legend(loc="upper left")
     ax_stage.set_yticks([s.value for s in SeedStage], [s.name for s in SeedStage], fontsize=7)
-    ax_stage.set_xlabel("epoch")
+    ax_stage.set_xlabel("epoch (stage changes at the boundary after epoch e, drawn at e + 0.5)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -80,6 +80,43 @@ def test_a_seed_was_grown_through_urza_in_isolation(short_run) -> None:
     assert 0.5 < result.baseline_test_acc < 1 and 0.8 < result.teacher_test_acc <= 1
 
 
+def test_the_plot_puts_each_stage_change_on_the_boundary_the_timeline_names(
+    short_run, tmp_path, monkeypatch
+) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib import cbook
+
+    from kasmina.demo_report import plot
+    from kasmina.stages import SeedStage
+
+    _, result = short_run
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(result, tmp_path / "p.png")
+    ax_stage = figures[0].axes[2]
+    checked = 0
+    for line in ax_stage.get_lines():
+        seed_id = line.get_label()
+        xs, ys = cbook.STEP_LOOKUP_MAP[line.get_drawstyle()](*line.get_data())
+
+        def value_at(x: float, xs=xs, ys=ys, seed_id=seed_id) -> float:
+            for i in range(len(xs) - 1):
+                if ys[i] == ys[i + 1] and xs[i] <= x <= xs[i + 1]:
+                    return float(ys[i])
+            raise AssertionError(f"{seed_id}: no stage drawn at x={x}")
+
+        timeline = result.timelines[seed_id]
+        for n, (epoch, stage) in enumerate(timeline):
+            overwritten = n + 1 < len(timeline) and timeline[n + 1][0] == epoch
+            if overwritten or epoch + 1 >= len(result.epochs):
+                continue  # left at the same boundary, or entered after the last epoch
+            # Just after the boundary the new stage is drawn; just before it, the old one.
+            assert value_at(epoch + 0.75) == SeedStage[stage].value, (seed_id, epoch, stage)
+            assert value_at(epoch + 0.25) != SeedStage[stage].value, (seed_id, epoch, stage)
+            checked += 1
+    assert checked >= 3  # fc2[0]: ISOLATED_INIT, COMPATIBILITY_CHECK, GRAFTING
+
+
 def test_a_fixed_seed_reproduces_the_run(short_run, tmp_path) -> None:
     _, first = short_run
     cfg = DemoConfig(out_dir=tmp_path / "again", **SHORT)
