@@ -385,12 +385,18 @@ class GradientIsolatedSeed(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Every value is read before anything is written: a malformed state changes nothing.
+        alpha = float(state["alpha"])
+        gate_score = float(state["gate_score"])
+        performance_gate = float(state["performance_gate"])
+        violations = int(state["isolation_violations"])
+        nonfinite = int(state["nonfinite_events"])
         self.state_table.restore_row(self.state_index, state["row"])
-        self._alpha_value = float(state["alpha"])
-        self._gate_score = float(state["gate_score"])
-        self._performance_gate = float(state["performance_gate"])
-        self.isolation_violations = int(state["isolation_violations"])
-        self.nonfinite_events = int(state["nonfinite_events"])
+        self._alpha_value = alpha
+        self._gate_score = gate_score
+        self._performance_gate = performance_gate
+        self.isolation_violations = violations
+        self.nonfinite_events = nonfinite
         if self.kernel is None and self.stage in RUNS_KERNEL:
             logger.warning("seed %s restored in %s without a kernel", self.seed_id, self.stage.name)
 

@@ -290,6 +290,20 @@ def test_state_dict_round_trips_weights_stage_alpha_and_counters() -> None:
     assert torch.equal(clone(h), seed(h))
 
 
+def test_a_malformed_extra_state_changes_nothing() -> None:
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(7, 10, 1.5)
+    saved = seed.state_dict()
+    target = make_seed(S.ISOLATED_INIT)
+    table_before = target.state_table.state_tensor.clone()
+    extra = dict(saved["_extra_state"])
+    del extra["nonfinite_events"]
+    with pytest.raises(KeyError):
+        target.set_extra_state(extra)
+    assert target.stage is S.ISOLATED_INIT and target.alpha_value == 0.0
+    assert torch.equal(target.state_table.state_tensor, table_before)
+
+
 def test_shared_table_slot_and_constructor_validation() -> None:
     table = GPUStateTensor(4, "cpu")
     seed = GradientIsolatedSeed(C, "shared", state=table, index=2)
