@@ -425,9 +425,9 @@ class KasminaKernelManager(ManagerReport):
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         with self._lock:
             registry = self.require_registry()
+            self.epoch = epoch  # the automatic steps below happen at this epoch's boundary
             registry.table.tick()
             recycled = self._ops.auto_transitions()
-            self.epoch = epoch
             self.val_metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
             self.checkpoints.save(epoch, snapshot(self, epoch))
         if recycled:

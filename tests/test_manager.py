@@ -292,6 +292,9 @@ def test_cull_releases_unpins_embargoes_and_recycles_on_epoch_ticks(rig: Rig, ml
         manager.end_epoch(epoch)
         stages.append(seed.stage)
     assert stages == [S.COOLDOWN, S.RECYCLING, S.DORMANT]
+    record = manager.require_registry().records[SEED0]
+    automatic = [(epoch, stage) for epoch, _, stage in record.timeline[-2:]]
+    assert automatic == [(1, "RECYCLING"), (2, "DORMANT")]  # stamped at their own boundary
     assert rig.send("germinate", SEED0, mlp)  # recycled: the slot takes a new kernel (cached)
     assert manager.urza_client.stats()["fetches"] == 1
     assert not rig.send("cull", SEED1)  # a DORMANT seed cannot be culled
