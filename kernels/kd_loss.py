@@ -12,17 +12,21 @@ maximum grows. Then, with ``lse = m + log2 z``::
     row_loss = T² · ln2 · (x / z_b - lse_b + lse_a)
 
 because ``KL = Σ p_t (log p_t - log p_s) = ln2 · (Σ p_t (b - a) - lse_b + lse_a)``.
-Pass 2 (only when the student needs a gradient) rereads the row and writes
-``dL/ds = T · (p_s - p_t) · scale`` in the gradient buffer's dtype, where ``scale`` is the
-reduction's ``1``, ``1/rows_kept`` or ``1/(rows_kept·V)`` — read from a 0-d device tensor when a
-mask makes it data-dependent, so nothing syncs with the host.
+Pass 2 (only when the student needs a gradient) rereads the row and writes the UNSCALED
+``T · (p_s - p_t)`` in the gradient buffer's dtype: it is bounded by ``T``, so it is safe in
+fp16/bf16. The reduction's scale (``1/rows_kept`` or ``1/(rows_kept·V)``) is NOT folded in: in
+fp16 ``T·(p_s - p_t)/(rows·V)`` underflows to 0 before a loss-scaled ``grad_output`` (65536 from
+a GradScaler) could lift it. ``kd_forward`` returns that scale as a 0-d fp32 device tensor
+instead (computed from the mask on the device, so nothing syncs with the host), and the
+backward applies ``scale · grad_output`` in fp32.
 
 -inf logits: teacher ``-inf`` entries have ``p_t = 0`` and contribute nothing (``0·log 0 = 0``);
 a student ``-inf`` where the teacher has mass gives ``+inf``; a fully ``-inf`` row is undefined
 (NaN), as is any row holding a NaN. Masked rows read nothing and write loss 0, gradient 0.
 
-The backward kernel only scales the stored gradient by ``grad_output`` (a scalar, or one value
-per row for ``reduction="none"``), in fp32, into a new tensor.
+The backward kernel scales the stored gradient by ``grad_output`` (a scalar, or one value per
+row for ``reduction="none"``) times the optional reduction scale, in fp32, into ``out`` (which
+may be the stored buffer itself).
 """
 
 from __future__ import annotations
@@ -43,12 +47,10 @@ LN2 = math.log(2.0)
 
 @triton.jit
 def _kd_fwd_kernel(
-    s_ptr, t_ptr, mask_ptr, denom_ptr, loss_ptr, grad_ptr, V, k, loss_factor, grad_factor,
-    HAS_MASK: tl.constexpr, NEED_GRAD: tl.constexpr, DENOM_ON_DEVICE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    s_ptr, t_ptr, mask_ptr, loss_ptr, grad_ptr, V, k, loss_factor, grad_factor,
+    HAS_MASK: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """``k = log2(e)/T``; ``loss_factor = T²·ln2``; ``grad_factor = T·scale`` (divided by
-    ``*denom_ptr`` when ``DENOM_ON_DEVICE``)."""
+    """``k = log2(e)/T``; ``loss_factor = T²·ln2``; ``grad_factor = T`` (no reduction scale)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     if HAS_MASK:
@@ -85,11 +87,8 @@ def _kd_fwd_kernel(
         lse_b = m_b + tl.log2(z_b)
         tl.store(loss_ptr + row, loss_factor * (x / z_b - lse_b + lse_a))
         if NEED_GRAD:
-            scale = grad_factor
-            if DENOM_ON_DEVICE:
-                scale = scale / tl.load(denom_ptr)
-            inv_a = scale / z_a  # folds the reduction scale into the normalisers
-            inv_b = scale / z_b
+            inv_a = grad_factor / z_a  # folds T into the normalisers
+            inv_b = grad_factor / z_b
             for off in range(0, V, BLOCK_V):
                 cols = off + tl.arange(0, BLOCK_V)
                 inside = cols < V
@@ -108,9 +107,11 @@ def _kd_fwd_kernel(
 
 @triton.jit
 def _kd_scale_kernel(
-    g_ptr, go_ptr, out_ptr, V, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr
+    g_ptr, go_ptr, scale_ptr, out_ptr, V,
+    PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """``out[row, cols] = g[row, cols] * go`` (``go[row]`` when ``PER_ROW``).
+    """``out[row, cols] = g[row, cols] * go * scale`` in fp32 (``go[row]`` when ``PER_ROW``;
+    ``scale`` a 0-d fp32 tensor, 1 without ``HAS_SCALE``).
 
     Grid: (rows, cdiv(V, BLOCK_V))."""
     row = tl.program_id(0).to(tl.int64)
@@ -120,6 +121,8 @@ def _kd_scale_kernel(
         go = tl.load(go_ptr + row).to(tl.float32)
     else:
         go = tl.load(go_ptr).to(tl.float32)
+    if HAS_SCALE:
+        go = go * tl.load(scale_ptr).to(tl.float32)
     offs = row * V + cols
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=inside)
@@ -152,11 +155,14 @@ def kd_forward(
     grad_out: torch.Tensor | None = None,
     loss_rows_out: torch.Tensor | None = None,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, student gradient)`` for contiguous logits ``[..., V]``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, unscaled student gradient, gradient scale)`` for contiguous logits ``[..., V]``.
 
-    ``loss`` is fp32 (0-d, or per row for ``"none"``); the gradient has the student's dtype and
-    shape (empty when ``need_grad`` is off) and already includes the reduction's scale.
+    ``loss`` is fp32 (0-d, or per row for ``"none"``); the gradient ``T·(p_s - p_t)`` has the
+    student's dtype and shape (empty when ``need_grad`` is off) and does NOT include the
+    reduction's scale: that is the third result, a 0-d fp32 device tensor (``1/rows_kept`` or
+    ``1/(rows_kept·V)``) for ``mean``/``batchmean`` with ``need_grad``, else empty (scale 1).
+    The gradient of the loss is ``gradient · scale · grad_output`` (see ``kd_backward``).
     ``grad_out`` / ``loss_rows_out`` (fp32 ``[rows]``) may be passed preallocated.
     """
     vocab = student.shape[-1]
@@ -186,28 +192,38 @@ def kd_forward(
             denom = mask.sum(dtype=torch.float32).clamp_(min=1.0)
             if reduction == "mean":
                 denom = denom.mul_(vocab)
-    on_device = isinstance(denom, torch.Tensor)
+    scale = student.new_empty(0, dtype=torch.float32)
+    if need_grad and reduction in ("mean", "batchmean"):
+        if isinstance(denom, torch.Tensor):
+            scale = denom.reciprocal()
+        else:  # a device-side fill, not a host-to-device copy (which would sync)
+            scale = torch.full((), 1.0 / denom, dtype=torch.float32, device=student.device)
     if rows:
         _kd_fwd_kernel[(rows,)](
-            student, teacher, student if mask is None else mask,
-            denom if on_device else student, loss_rows_out, grad if need_grad else student,
-            vocab, LOG2E / temperature, temperature * temperature * LN2,
-            temperature if on_device else temperature / denom,
-            HAS_MASK=mask is not None, NEED_GRAD=need_grad, DENOM_ON_DEVICE=on_device,
+            student, teacher, student if mask is None else mask, loss_rows_out,
+            grad if need_grad else student, vocab, LOG2E / temperature,
+            temperature * temperature * LN2, temperature,
+            HAS_MASK=mask is not None, NEED_GRAD=need_grad,
             BLOCK_V=block_v or default_block_v(vocab), num_warps=NUM_WARPS,
         )  # fmt: skip
     if reduction == "none":
-        return loss_rows_out.view(lead), grad
+        return loss_rows_out.view(lead), grad, scale
     total = loss_rows_out.sum()
-    return (total if reduction == "sum" else total / denom), grad
+    return (total if reduction == "sum" else total / denom), grad, scale
 
 
 def kd_backward(
-    stored_grad: torch.Tensor, grad_output: torch.Tensor, *, out: torch.Tensor | None = None
+    stored_grad: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``stored_grad * grad_output`` in fp32, rounded to ``stored_grad``'s dtype.
+    """``stored_grad * grad_output * scale`` in fp32, rounded to ``stored_grad``'s dtype.
 
-    ``grad_output`` is 0-d, or has ``stored_grad.shape[:-1]`` (one value per row).
+    ``grad_output`` is 0-d, or has ``stored_grad.shape[:-1]`` (one value per row); ``scale`` is
+    a 0-d fp32 tensor (``kd_forward``'s third result), or None / empty for 1. ``out`` may be
+    ``stored_grad`` itself (each element is read before it is written).
     """
     vocab = stored_grad.shape[-1]
     rows = stored_grad.numel() // vocab if vocab else 0
@@ -215,13 +231,16 @@ def kd_backward(
     _check_buffer("stored_grad", stored_grad, tuple(stored_grad.shape), stored_grad)
     expected = tuple(stored_grad.shape[:-1]) if per_row else ()
     _check_buffer("grad_output", grad_output, expected, stored_grad)
+    has_scale = scale is not None and scale.numel() > 0
+    if has_scale:
+        _check_buffer("scale", scale, (), stored_grad)
     if out is None:
         out = torch.empty_like(stored_grad)
     _check_buffer("out", out, tuple(stored_grad.shape), stored_grad)
     if rows:
         block = default_block_v(vocab)
         _kd_scale_kernel[(rows, triton.cdiv(vocab, block))](
-            stored_grad, grad_output, out, vocab, PER_ROW=per_row, BLOCK_V=block,
-            num_warps=NUM_WARPS,
+            stored_grad, grad_output, scale if has_scale else grad_output, out, vocab,
+            PER_ROW=per_row, HAS_SCALE=has_scale, BLOCK_V=block, num_warps=NUM_WARPS,
         )  # fmt: skip
     return out

@@ -9,13 +9,18 @@ the loss and get a 0 gradient, and ``rows_kept`` counts only kept rows; if no ro
 
 The student gradient is computed in the forward pass (Triton: one streaming-softmax pass over
 ``V`` for the loss, one more to write the gradient) and stored, in the student's dtype, as the
-only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. The eager
-backward scales that buffer by ``grad_output`` in place and returns it, so forward+backward
-never holds a second logits-sized buffer; when the graph is kept (``retain_graph`` or
-``create_graph``) it writes a fresh tensor instead and leaves the saved one intact, so a second
-backward stays correct. (The custom op used under ``torch.compile`` is functional and always
-writes a fresh tensor.) When the student does not require grad (or grad mode is off) the
-gradient is not computed at all. The teacher never gets a gradient.
+only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. What is stored
+is the UNSCALED ``T·(p_s - p_t)`` (bounded by ``T``); the reduction's ``1/rows_kept`` or
+``1/(rows_kept·V)`` is kept aside as a 0-d fp32 device tensor and meets ``grad_output`` in fp32
+in the backward. Folding it in first would underflow fp16 (``1/(rows·V)`` times a probability
+difference is far below fp16's smallest subnormal) before a loss-scaled ``grad_output`` (65536
+from a GradScaler) could lift it, zeroing the gradient. The eager backward scales that buffer
+by ``scale·grad_output`` in place and returns it, so forward+backward never holds a second
+logits-sized buffer; when the graph is kept (``retain_graph`` or ``create_graph``) it writes a
+fresh tensor instead and leaves the saved one intact, so a second backward stays correct. (The
+custom op used under ``torch.compile`` is functional and always writes a fresh tensor.) When
+the student does not require grad (or grad mode is off) the gradient is not computed at all.
+The teacher never gets a gradient.
 
 CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run the torch code below. Under
 ``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and backward);
@@ -97,9 +102,11 @@ def _kd_forward_reference(
     temperature: float,
     reduction: str,
     need_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """CPU path of the op: ``(loss, stored student gradient)`` with the explicit formulas
-    ``row = T²·Σ p_t (log p_t - log p_s)`` and ``dL/ds = T·(p_s - p_t)·scale``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU path of the op: ``(loss, stored student gradient, gradient scale)`` with the explicit
+    formulas ``row = T²·Σ p_t (log p_t - log p_s)`` and ``dL/ds = T·(p_s - p_t)·scale``; the
+    stored gradient is the unscaled ``T·(p_s - p_t)`` and ``scale`` a 0-d fp32 tensor for
+    ``mean``/``batchmean`` (empty, meaning 1, otherwise), as ``kernels.kd_forward`` returns."""
     t_ = temperature
     vocab = student.shape[-1]
     log_ps = torch.log_softmax(student.float().reshape(-1, vocab) / t_, dim=-1)
@@ -111,18 +118,28 @@ def _kd_forward_reference(
         rows = torch.where(keep, rows, torch.zeros_like(rows))
     kept: Tensor | int = keep.sum() if keep is not None else rows.numel()
     loss = _reduce(rows.reshape(student.shape[:-1]), reduction, kept, vocab)
+    no_scale = student.new_empty(0, dtype=torch.float32)
     if not need_grad:
-        return loss, student.new_empty(0)
+        return loss, student.new_empty(0), no_scale
     grad = (log_ps.exp() - p_t) * t_
-    if reduction in ("mean", "batchmean"):
-        grad = grad / _denominator(reduction, kept, vocab)
     if keep is not None:
         grad = torch.where(keep[:, None], grad, torch.zeros_like(grad))
-    return loss, grad.to(student.dtype).reshape(student.shape)
+    scale = no_scale
+    if reduction in ("mean", "batchmean"):
+        denom = _denominator(reduction, kept, vocab)
+        if isinstance(denom, Tensor):  # from the mask, on the device: no host sync
+            scale = denom.to(torch.float32).reciprocal()
+        else:
+            scale = torch.full((), 1.0 / denom, dtype=torch.float32, device=student.device)
+    return loss, grad.to(student.dtype).reshape(student.shape), scale
 
 
-def _scale_grad_reference(stored: Tensor, grad_output: Tensor, out: Tensor | None = None) -> Tensor:
+def _scale_grad_reference(
+    stored: Tensor, grad_output: Tensor, scale: Tensor | None, out: Tensor | None = None
+) -> Tensor:
     go = grad_output.float()
+    if scale is not None and scale.numel():
+        go = go * scale
     if go.dim() > 0:
         go = go.unsqueeze(-1)
     scaled = (stored.float() * go).to(stored.dtype)
@@ -144,20 +161,24 @@ def _kernels():
 def _forward_impl(
     student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str,
     need_grad: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(loss, stored student gradient)``; the gradient is empty when ``need_grad`` is off."""
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(loss, unscaled stored student gradient, gradient scale)``; the gradient is empty when
+    ``need_grad`` is off, the scale (0-d fp32) is empty when it is 1."""
     if use_triton(student.device):
         return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
     return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
 
 
-def _backward_impl(stored_grad: Tensor, grad_output: Tensor, out: Tensor | None = None) -> Tensor:
-    """``stored_grad * grad_output`` (a 0-d scalar, or one value per row for ``none``), written
-    to ``out`` when given (``out`` may be ``stored_grad`` itself)."""
+def _backward_impl(
+    stored_grad: Tensor, grad_output: Tensor, scale: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """``stored_grad * grad_output * scale`` in fp32 (``grad_output`` a 0-d scalar, or one value
+    per row for ``none``; ``scale`` 0-d, or None/empty for 1), written to ``out`` when given
+    (``out`` may be ``stored_grad`` itself)."""
     grad_output = grad_output.contiguous()
     if use_triton(stored_grad.device):
-        return _kernels().kd_backward(stored_grad, grad_output, out=out)
-    return _scale_grad_reference(stored_grad, grad_output, out)
+        return _kernels().kd_backward(stored_grad, grad_output, scale, out=out)
+    return _scale_grad_reference(stored_grad, grad_output, scale, out)
 
 
 def _graph_is_kept() -> bool:
@@ -172,17 +193,17 @@ class _KDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, temperature, reduction, need_grad):  # type: ignore[override]
-        loss, grad = _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
-        ctx.save_for_backward(grad)
+        loss, grad, scale = _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
+        ctx.save_for_backward(grad, scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        (stored,) = ctx.saved_tensors
+        stored, scale = ctx.saved_tensors
         # Not kept: autograd frees the saved buffer after this call, so it can become the
         # gradient itself instead of a second logits-sized allocation.
         out = None if _graph_is_kept() else stored
-        return _backward_impl(stored, grad_loss, out), None, None, None, None, None
+        return _backward_impl(stored, grad_loss, scale, out), None, None, None, None, None
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
@@ -193,7 +214,7 @@ def _kd_op(
     temperature: float,
     reduction: str,
     need_grad: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     return _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
 
 
@@ -201,30 +222,34 @@ def _kd_op(
 def _kd_fake(student, teacher, mask, temperature, reduction, need_grad):
     shape = student.shape[:-1] if reduction == "none" else ()
     loss = student.new_empty(shape, dtype=torch.float32)
-    return loss, (torch.empty_like(student) if need_grad else student.new_empty(0))
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    scaled = need_grad and reduction in ("mean", "batchmean")
+    scale = student.new_empty(() if scaled else (0,), dtype=torch.float32)
+    return loss, grad, scale
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss_backward", mutates_args=())
-def _kd_backward_op(stored_grad: Tensor, grad_output: Tensor) -> Tensor:
-    return _backward_impl(stored_grad, grad_output)
+def _kd_backward_op(stored_grad: Tensor, grad_output: Tensor, scale: Tensor) -> Tensor:
+    return _backward_impl(stored_grad, grad_output, scale)
 
 
 @_kd_backward_op.register_fake
-def _kd_backward_fake(stored_grad, grad_output):
+def _kd_backward_fake(stored_grad, grad_output, scale):
     return torch.empty_like(stored_grad)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # the stored-gradient output never receives a gradient
-    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # the stored-gradient and scale outputs get no gradient
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _op_backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None):
-    (stored,) = ctx.saved_tensors
+def _op_backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None, _grad_scale=None):
+    stored, scale = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
-    return torch.ops.kasmina.kd_kl_loss_backward(stored, grad_loss), None, None, None, None, None
+    grad = torch.ops.kasmina.kd_kl_loss_backward(stored, grad_loss, scale)
+    return grad, None, None, None, None, None
 
 
 _kd_op.register_autograd(_op_backward, setup_context=_setup_context)

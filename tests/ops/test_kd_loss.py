@@ -79,18 +79,27 @@ def _close(actual, expected, dtype):
     ],
 )
 def test_forward_kernel_matches_float64(dtype, reduction, masked):
-    """Several loop steps over V (block 256, V=1000 is not a multiple), poisoned outputs."""
+    """Several loop steps over V (block 256, V=1000 is not a multiple), poisoned outputs. The
+    stored gradient is the unscaled ``T·(p_s - p_t)``; the reduction's scale comes apart."""
     student, teacher = _logits((2, 2, 1000), dtype, seed=1)
     mask = torch.tensor([[True, False], [True, True]]) if masked else None
     grad_out = torch.full_like(student, float("nan"))
     rows_out = torch.full((4,), float("nan"))
-    loss, grad = kernels.kd_forward(
+    loss, grad, scale = kernels.kd_forward(
         student, teacher, mask, 2.0, reduction, True,
         grad_out=grad_out, loss_rows_out=rows_out, block_v=256,
     )  # fmt: skip
     assert grad is grad_out and grad.dtype == dtype and loss.dtype == torch.float32
     exp_loss, exp_grad = _oracle(student, teacher, 2.0, reduction, mask)
     _close(loss, exp_loss, dtype)
+    if reduction in ("mean", "batchmean"):
+        kept = 3 if masked else 4
+        expected_scale = 1.0 / (kept * (1000 if reduction == "mean" else 1))
+        assert scale.shape == () and scale.dtype == torch.float32
+        torch.testing.assert_close(scale.item(), expected_scale, rtol=1e-6, atol=0.0)
+        exp_grad = exp_grad / expected_scale
+    else:
+        assert scale.numel() == 0
     _close(grad, exp_grad, dtype)
     if mask is not None:
         assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))  # written, not left NaN
@@ -111,19 +120,29 @@ def test_large_vocab_row_through_triton(triton_backend):
 def test_backward_kernel_scales_stored_gradient():
     gen = torch.Generator().manual_seed(3)
     stored = torch.randn(3, 4, 50, generator=gen).to(torch.bfloat16)
-    for go in (torch.tensor(2.5), torch.randn(3, 4, generator=gen)):
+    for go, scale in ((torch.tensor(2.5), None), (torch.randn(3, 4, generator=gen), None),
+                      (torch.tensor(65536.0), torch.tensor(1 / 600.0))):  # fmt: skip
         out = torch.full_like(stored, float("nan"))
-        result = kernels.kd_backward(stored, go, out=out)
+        result = kernels.kd_backward(stored, go, scale, out=out)
         assert result is out
         expected = stored.double() * (go.double() if go.dim() == 0 else go.double()[..., None])
+        if scale is not None:
+            expected = expected * scale.double()
         _close(result, expected, torch.bfloat16)
+    in_place = stored.clone()
+    assert kernels.kd_backward(in_place, torch.tensor(3.0), torch.tensor(0.5), out=in_place) is (
+        in_place
+    )
+    _close(in_place, stored.double() * 1.5, torch.bfloat16)
     with pytest.raises(ValueError, match="grad_output"):
         kernels.kd_backward(stored, torch.randn(3))
 
 
 def test_no_gradient_buffer_without_grad():
     student, teacher = _logits((4, 40), seed=4)
-    loss, grad = kernels.kd_forward(student, teacher, None, 1.0, "sum", False)
+    loss, grad, scale = kernels.kd_forward(student, teacher, None, 1.0, "mean", False)
+    assert grad.numel() == 0 and scale.numel() == 0
+    loss, grad, scale = kernels.kd_forward(student, teacher, None, 1.0, "sum", False)
     assert grad.numel() == 0
     _close(loss, _oracle(student, teacher, 1.0, "sum")[0], torch.float32)
 
@@ -163,6 +182,24 @@ def test_op_low_precision_and_mixed_teacher(backend, dtype):
     _close(student.grad, exp_grad * 0.75, dtype)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradient_survives_loss_scaling(backend, dtype, reduction):
+    """A GradScaler-style ``(loss * 65536).backward()``: the reduction's ``1/rows`` or
+    ``1/(rows·V)`` must meet ``grad_output`` in fp32, not be rounded into fp16 first, where
+    ``T·(p_s - p_t)/(rows·V)`` (~1e-10 here) underflows to 0 and ``/rows`` (~1e-6) is a
+    subnormal with few bits left. (bf16 has fp32's exponent range: a regression guard.)"""
+    student, teacher = _logits((64, 2000), dtype, seed=17, scale=0.2)
+    student.requires_grad_(True)
+    loss = kd_kl_loss(student, teacher, 2.0, reduction)
+    (loss * 65536.0).backward()
+    _, expected = _oracle(student, teacher, 2.0, reduction)
+    expected = expected * 65536.0
+    assert student.grad.dtype == dtype
+    assert (student.grad != 0).float().mean() > 0.9  # not flushed to zero
+    _close(student.grad, expected, dtype)
+
+
 def test_matches_f_kl_div_and_teacher_gets_no_grad(backend):
     student, teacher = _logits((4, 6, 29), seed=8)
     student.requires_grad_(True)
@@ -193,8 +230,10 @@ def test_custom_op_matches_eager_function(backend, reduction):
         if call == "public":
             loss = kd_kl_loss(s, teacher, 1.3, reduction, mask)
         else:
-            loss, stored = torch.ops.kasmina.kd_kl_loss(s, teacher, mask, 1.3, reduction, True)
-            assert not stored.requires_grad
+            loss, stored, scale = torch.ops.kasmina.kd_kl_loss(
+                s, teacher, mask, 1.3, reduction, True
+            )
+            assert not stored.requires_grad and not scale.requires_grad
         go = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
         loss.backward(go)
         results.append((loss.detach(), s.grad))
