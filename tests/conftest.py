@@ -7,7 +7,16 @@ the environment before triton is first imported, so it is set here, before anyth
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+
+# A fresh Inductor cache per run: a cache left by an earlier build of the custom ops (whose
+# schemas are not part of its key) could replay a stale compiled graph.
+_OWN_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="kasmina-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_INDUCTOR_CACHE
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch
@@ -36,3 +45,8 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _OWN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
