@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from kasmina.ops import kd_kl_loss
+from kasmina.ops.kd_loss import REDUCTIONS
 
 logger = logging.getLogger(__name__)
 
-_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_BYTES = torch.empty((), dtype=torch.float32).element_size()
 # id(param) -> param for every live teacher parameter; entries vanish with their parameter.
@@ -44,7 +44,7 @@ class KDConfig:
             raise ValueError(f"KD temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
-        if self.reduction not in _REDUCTIONS:
+        if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown KD reduction {self.reduction!r}")
 
 
@@ -426,12 +426,9 @@ class StaticKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"KD temperature must be > 0, got {temperature}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"unknown KD reduction {reduction!r}")
-        self.temperature = float(temperature)
-        self.reduction = reduction
+        checked = KDConfig(temperature=temperature, reduction=reduction)  # the one validation
+        self.temperature = float(checked.temperature)
+        self.reduction = checked.reduction
 
     @classmethod
     def from_config(cls, config: KDConfig) -> StaticKDLoss:
