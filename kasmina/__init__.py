@@ -1,7 +1,13 @@
-"""Kasmina: grafts trainable seeds into a live host network (see DESIGN.md).
+"""Kasmina: grafts trainable seeds into a live host network (docs/design.md).
 
-The package namespace is import-light: the names below load their module (and torch) on first
-use, so ``import kasmina`` stays cheap for the CLI and the protocol code.
+The package namespace is import-light: ``import kasmina`` loads nothing but this file, and each
+name below loads its module (and torch) on first use, so the CLI and protocol code start fast.
+Each name lives in exactly one module of a subpackage; this table is its only other path.
+
+The subpackages, in their one-way import order (docs/design.md §1)::
+
+    cli -> demo -> manager -> {seeds | isolation | urza | control} -> kd -> ops -> utils
+        -> {stages, errors, leyline}
 """
 
 from __future__ import annotations
@@ -9,22 +15,36 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {
-    "attach": "kasmina.inject",
-    "detach": "kasmina.inject",
-    "GradientIsolatedSeed": "kasmina.seeds",
-    "KasminaLayer": "kasmina.layer",
-    "GPUStateTensor": "kasmina.lifecycle",
-    "KasminaKernelManager": "kasmina.manager",
-    "KasminaConfig": "kasmina.config",
-    "KDConfig": "kasmina.kd",
+_PUBLIC = {
+    # growing a model
+    "attach": "kasmina.seeds.inject",
+    "detach": "kasmina.seeds.inject",
+    "GradientIsolatedSeed": "kasmina.seeds.seed",
+    "KasminaLayer": "kasmina.seeds.layer",
+    "GPUStateTensor": "kasmina.seeds.table",
+    "SeedStage": "kasmina.stages",
+    "KasminaKernelManager": "kasmina.manager.manager",
+    "KasminaConfig": "kasmina.manager.config",
+    "KDConfig": "kasmina.kd.config",
+    # publishing artifacts
+    "publish_artifact": "kasmina.urza.publish",
+    "UrzaLibraryClient": "kasmina.urza.client",
+    # keys and signed commands
+    "Keyring": "kasmina.utils.keyring",
+    "generate_key": "kasmina.utils.keyring",
+    "sign_command": "kasmina.control.auth",
+    "make_seed_command": "kasmina.control.commands",
+    "make_rollback_command": "kasmina.control.commands",
+    "make_optimizer_command": "kasmina.control.commands",
+    # errors
+    "KasminaError": "kasmina.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'kasmina' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
@@ -33,4 +53,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -2,6 +2,6 @@
 
 import sys
 
-from kasmina.cli import main
+from kasmina.cli.main import main
 
 sys.exit(main())

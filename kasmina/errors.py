@@ -24,7 +24,7 @@ class GradientIsolationViolationError(KasminaError):
 
 
 class IllegalTransitionError(KasminaError):
-    """A lifecycle transition outside DESIGN §3's table was requested."""
+    """A lifecycle transition outside docs/design.md §3's table was requested."""
 
 
 class ParameterOverlapError(KasminaError):

@@ -1,4 +1,4 @@
-"""The one seed lifecycle (DESIGN §3): stage codes, legal transitions, state-table columns.
+"""The one seed lifecycle (docs/design.md §3): stage codes, legal transitions, state-table columns.
 
 Dependency-free so that the fused lifecycle op, the state table, the seeds and the command
 handler all read the same table. Stage values equal ``leyline.SeedLifecycleStage``.

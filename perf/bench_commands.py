@@ -1,4 +1,4 @@
-"""Signed command path and Leyline packet costs on one CPU core (DESIGN §8).
+"""Signed command path and Leyline packet costs on one CPU core (docs/design.md §8).
 
 Targets: authenticated parse+verify+validate+dispatch p50 <= 20 us (>= 50,000 commands/s;
 protobuf parse + HMAC alone ~5 us); ``SystemStatePacket`` serialize <= 2 us and <= 100 bytes
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from kasmina.auth import CommandVerifier, Keyring, compute_signature, generate_key, sign_command
-from kasmina.commands import KasminaCommand, LeylineAdaptationHandler, make_seed_command
+from kasmina.control.auth import CommandVerifier, compute_signature, sign_command
+from kasmina.control.commands import KasminaCommand, make_seed_command
+from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.leyline import AdaptationCommand, SystemStatePacket
-from kasmina.telemetry import MemorySink, TelemetryReporter
+from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 
 POOL = 20_000
 T0 = 1_700_000_000.0

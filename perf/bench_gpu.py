@@ -1,4 +1,6 @@
-"""GPU table for the fused ops (DESIGN §8): ``make bench-gpu`` / ``python perf/bench_gpu.py``.
+"""GPU table for the fused ops (docs/design.md §8).
+
+Run with ``make bench-gpu`` or ``python perf/bench_gpu.py``.
 
 For each op over realistic sizes: our time, eager PyTorch, ``torch.compile`` of the eager code,
 and Liger-Kernel's KL-div path for the KD loss when ``liger_kernel`` is installed; each peer's

@@ -1,6 +1,6 @@
 """KD on CPU: teacher forward overhead and KD loss cost per training step.
 
-Targets (DESIGN §7/§8): a teacher forward fits a 10 ms budget per step (seed spec §3.4); the
+Targets (docs/design.md §7/§8): a teacher forward fits a 10 ms budget per step; the
 reduced-precision teacher halves parameter memory. The KD loss speed and memory targets are GPU
 targets (faster than Liger-Kernel's KL path and eager PyTorch, extra memory ≤ one logits-sized
 buffer) measured by ``perf/bench_gpu.py``; here the CPU path is timed beside eager PyTorch.
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kasmina.kd import CheckpointedTeacher, StaticKDLoss, TeacherForwardPassManager
+from kasmina.kd.loss import StaticKDLoss
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 
 BATCH, FEATURES, HIDDEN, VOCAB = 32, 256, 512, 1000
 KD_ROWS, TEMPERATURE = 64, 2.0
@@ -23,7 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """DESIGN §8 measures CPU paths on one core; a shared machine makes thread pools noisy."""
+    """docs/design.md §8 measures CPU paths on one core; a shared machine makes thread pools
+    noisy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,11 +1,11 @@
-"""The kernel manager's command and step paths on CPU (DESIGN §5, §6, §8).
+"""The kernel manager's command and step paths on CPU (docs/design.md §5, §6, §8).
 
 - GERMINATE end to end: signed ``AdaptationCommand`` bytes in -> parse, HMAC, freshness, nonce,
   validation -> cache hit -> the seed's own kernel copy, attach, gate G1, seed optimizer,
   isolation monitor -> ISOLATED_INIT. The cache is warm (the artifact was loaded once before),
   every round germinates a different DORMANT seed, and signing happens outside the timing (the
-  controller signs). DESIGN §8's 20 us budget covers the handler's part only; the manager's own
-  measurement of that part (total minus execution) is printed beside it.
+  controller signs). The 20 us budget of docs/design.md §8 covers the handler's part only; the
+  manager's own measurement of that part (total minus execution) is printed beside it.
 - A manager cache hit (target <= 2 us) and ``manager.step()`` with every seed dormant (the
   manager's per-step cost over a bare optimizer step on the same parameters).
 """
@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kasmina.auth import Keyring, generate_key, sign_command
-from kasmina.blueprints import ResidualMLP
-from kasmina.commands import make_seed_command
-from kasmina.config import KasminaConfig
-from kasmina.manager import KasminaKernelManager
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import SeedStage
-from kasmina.urza import publish_artifact
+from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
 
 SEEDS = 64
 CHUNK = 8

@@ -1,8 +1,9 @@
 """Fused ops on CPU: the torch reference paths (what CPU tensors run), beside eager PyTorch.
 
-The DESIGN §8 speed targets for these ops are GPU targets, measured by ``perf/bench_gpu.py``;
-on CPU the numbers here show what the op's validation, custom-op dispatch and autograd wrapper
-cost over writing the same math inline. Speeds are reported, never asserted.
+The docs/design.md §8 speed targets for these ops are GPU targets, measured by
+``perf/bench_gpu.py``; on CPU the numbers here show what the op's validation, custom-op
+dispatch and autograd wrapper cost over writing the same math inline. Speeds are reported,
+never asserted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KD_TARGET = "GPU: fwd+bwd faster than Liger-Kernel and eager, extra memory <= 1 
 
 @pytest.fixture(autouse=True)
 def reference_cpu(monkeypatch: pytest.MonkeyPatch):
-    """One core (DESIGN §8 measures CPU paths on one core) and the reference backend."""
+    """One core (docs/design.md §8 measures CPU paths on one core) and the reference backend."""
     monkeypatch.setenv("KASMINA_BACKEND", "reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Cost of seeds over the bare host layer, and of lifecycle ticks/updates (DESIGN §8).
+"""Cost of seeds over the bare host layer, and of lifecycle ticks/updates (docs/design.md §8).
 
 Targets: a DORMANT seed adds <= 10 us to a host layer's forward (CPU, one core); a 1,024-seed
 lifecycle update runs in one launch. The bare layer is measured in this file (``test_bare_*``)
@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.layer import KasminaLayer
-from kasmina.lifecycle import GPUStateTensor
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 
 FEATURES, SEEDS, BATCH = 256, 4, 32

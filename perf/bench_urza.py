@@ -1,8 +1,8 @@
-"""Kernel loading costs (DESIGN §6, §8).
+"""Kernel loading costs (docs/design.md §6, §8).
 
 - cold load of a ~1 MB artifact: fetch from a local store + verify (signature, size, SHA-256) +
-  deserialise + move to the device. DESIGN §8 sets no number for it; it is reported so that a
-  regression shows.
+  deserialise + move to the device. docs/design.md §8 sets no number for it; it is reported so
+  that a regression shows.
 - warm cache hit: ``GPUKernelCache.get`` of a cached kernel, target <= 2 us.
 """
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.auth import Keyring, generate_key
-from kasmina.cache import GPUKernelCache
-from kasmina.kernel import GPUKernel
-from kasmina.urza import UrzaLibraryClient, publish_artifact
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -45,7 +46,7 @@ def test_cold_load_1mb(benchmark, store) -> None:
 
     kernel = benchmark.pedantic(cold_load, rounds=10, warmup_rounds=1)
     benchmark.extra_info["target"] = (
-        f"no DESIGN §8 number; payload {manifest.size / 1e6:.2f} MB onto {DEVICE.type}"
+        f"no docs/design.md §8 number; payload {manifest.size / 1e6:.2f} MB onto {DEVICE.type}"
     )
     benchmark.extra_info["payload_bytes"] = manifest.size
     assert kernel.get_memory_size() >= 1 << 20

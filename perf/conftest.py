@@ -1,4 +1,4 @@
-"""Shared benchmark reporting: print each benchmark's DESIGN §8 target beside its number.
+"""Shared benchmark reporting: print each benchmark's docs/design.md §8 target beside its number.
 
 A benchmark that puts a ``"target"`` string in ``benchmark.extra_info`` gets it printed beside
 its measured median and minimum at the end of the run. Speeds are reported, never asserted.
@@ -19,7 +19,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             rows.append((bench.name, stats.median * 1e6, stats.min * 1e6, target))
     if not rows:
         return
-    terminalreporter.section("DESIGN §8 targets (measured here, never asserted)")
+    terminalreporter.section("docs/design.md §8 targets (measured here, never asserted)")
     width = max(len(r[0]) for r in rows)
     for name, median_us, min_us, target in rows:
         terminalreporter.write_line(

@@ -23,7 +23,7 @@ def test_lifecycle_enum_matches_the_stage_table() -> None:
 
 
 def reference_state_packet() -> SystemStatePacket:
-    """DESIGN §8's reference packet: version, epoch, accuracy and three training metrics."""
+    """docs/design.md §8's reference packet: version, epoch, accuracy and three training metrics."""
     return SystemStatePacket(
         version=1,
         current_epoch=42,

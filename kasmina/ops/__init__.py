@@ -1,4 +1,26 @@
-"""Fused ops (DESIGN §2): Triton kernels on CUDA, torch references on CPU."""
+"""The fused ops: the hot paths, each a Triton kernel behind autograd (docs/design.md §2).
+
+Four op families, one module each, read top to bottom: the plain torch reference (the CPU path
+and the test oracle), the Triton launch (device code lives in ``kasmina.kernels``, and only this
+package imports it), one ``torch.autograd.Function`` for eager use and one
+``torch.library.custom_op`` with ``register_fake`` and ``register_autograd`` for
+``torch.compile(fullgraph=True)`` -- both over the same implementation -- and the public function
+that dispatches:
+
+- ``alpha_blend`` -- ``alpha*seed + (1-alpha)*host.detach()`` (per-chunk alpha), or the
+  straight-through ``incubate`` mode; the host gets no gradient from the blend.
+- ``kd_kl_loss`` -- ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per row, streaming softmax, the
+  ``[rows, V]`` probabilities never materialised.
+- ``grad_norms`` / ``leak_check`` -- L2 norms of many tensors in one launch per dtype; the leak
+  flag stays on the device until the caller reads it.
+- ``lifecycle_update`` / ``lifecycle_tick`` -- K transitions of the seed state table in one launch,
+  validated against ``kasmina.stages``.
+
+``backend`` chooses: CUDA tensors run Triton, CPU tensors the reference, unless
+``KASMINA_BACKEND=triton`` with ``TRITON_INTERPRET=1`` forces the kernels through the interpreter
+(how CI proves every kernel without a GPU). Every kernel accumulates in fp32 and takes fp32,
+fp16 and bf16. Imports only torch, triton, ``kasmina.kernels`` and ``kasmina.stages``.
+"""
 
 from kasmina.ops.alpha_blend import alpha_blend, alpha_blend_reference
 from kasmina.ops.grad_norms import (
@@ -7,6 +29,7 @@ from kasmina.ops.grad_norms import (
     leak_check,
     leak_check_reference,
 )
+from kasmina.ops.kd_loss import REDUCTIONS as KD_REDUCTIONS
 from kasmina.ops.kd_loss import kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.lifecycle import (
     lifecycle_tick,
@@ -16,6 +39,7 @@ from kasmina.ops.lifecycle import (
 )
 
 __all__ = [
+    "KD_REDUCTIONS",
     "alpha_blend",
     "alpha_blend_reference",
     "grad_norms",

@@ -15,7 +15,7 @@ activation is legitimate and the copy is what any kernel would need. Wrong dtype
 shape, a bad ``mode`` or a bad ``alpha`` raise ``ValueError``.
 
 CUDA tensors run the Triton kernels of ``kasmina.kernels.alpha_blend``; CPU tensors run the
-torch reference below (see ``kasmina.ops._backend``). Under ``torch.compile`` the op is a
+torch reference below (see ``kasmina.ops.backend``). Under ``torch.compile`` the op is a
 ``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
 use an equivalent ``torch.autograd.Function``, which costs far less per call.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kasmina.ops._backend import check_float_tensor, use_triton
+from kasmina.ops.backend import check_float_tensor, use_triton
 
 __all__ = ["alpha_blend", "alpha_blend_reference"]
 

@@ -1,4 +1,4 @@
-"""Per-tensor L2 norms of many tensors and the gradient-leak flag (DESIGN §2).
+"""Per-tensor L2 norms of many tensors and the gradient-leak flag (docs/design.md §2).
 
 The isolation monitor asks "did any host gradient move?" after every seed backward, and gradient
 clipping asks for the norms of every parameter gradient: both over hundreds to thousands of
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kasmina.ops._backend import SUPPORTED_DTYPES, use_triton
+from kasmina.ops.backend import SUPPORTED_DTYPES, use_triton
 
 MaybeTensors = Sequence[torch.Tensor | None]
 

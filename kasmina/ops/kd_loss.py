@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from kasmina.ops._backend import check_float_tensor, use_triton
+from kasmina.ops.backend import check_float_tensor, use_triton
 
 __all__ = ["kd_kl_loss", "kd_kl_loss_reference"]
 

@@ -1,4 +1,4 @@
-"""Batched lifecycle transitions on the device state table (DESIGN §2, §3).
+"""Batched lifecycle transitions on the device state table (docs/design.md §2, §3).
 
 ``lifecycle_update`` applies K requested transitions to the int32 ``[num_seeds, 10]`` table in
 one launch and returns one code per request (``kasmina.stages.TransitionCode``): 0 applied,
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kasmina.ops._backend import use_triton
+from kasmina.ops.backend import use_triton
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     NUM_STAGES,

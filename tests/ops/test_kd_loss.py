@@ -291,7 +291,7 @@ def test_retain_graph_backward_twice(backend):
 
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_backward_returns_the_stored_buffer_when_the_graph_is_freed(backend, reduction):
-    """DESIGN §8: forward+backward holds at most one logits-sized buffer, so the gradient
+    """docs/design.md §8: forward+backward holds at most one logits-sized buffer, so the gradient
     returned is the stored one scaled in place, not a second allocation."""
     student, teacher = _logits((3, 2, 40), seed=16)
     student.requires_grad_(True)

@@ -136,7 +136,7 @@ def test_all_121_stage_pairs(backend: str, poisoned_empty: None, embargo: int) -
     legal = {(s, d) for s, d in pairs if is_legal(s, d)}
     cooldown_recycling = (SeedStage.COOLDOWN, SeedStage.RECYCLING)
     assert applied == (legal if embargo == 0 else legal - {cooldown_recycling})
-    assert len(legal) == 20  # the DESIGN §3 table lists 20 legal transitions
+    assert len(legal) == 20  # the docs/design.md §3 table lists 20 legal transitions
 
 
 def test_explicit_gates_and_fallback(backend: str) -> None:

@@ -1,0 +1,33 @@
+"""Helpers shared by the CLI's subcommands: the program name, the one error type a command
+raises for a clean one-line failure, and argument parsers."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["PROG", "CLIError", "one_line", "positive_int"]
+
+
+PROG = "kasmina"
+
+
+class CLIError(Exception):
+    """A user mistake, reported as one line."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text

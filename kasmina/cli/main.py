@@ -1,0 +1,203 @@
+"""The ``kasmina`` command line: demo, Urza store tools, key generation, benchmarks.
+
+User mistakes (a missing file, a bad store, a malformed key) end with one ``kasmina: error:``
+line on stderr and exit status 1; argparse usage errors exit 2. Subcommands import their
+dependencies lazily so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kasmina.cli.common import PROG, CLIError, one_line, positive_int
+from kasmina.errors import KasminaError
+
+# ------------------------------------------------------------------------------------ keygen
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    key_id = args.key_id
+    if not key_id or any(c in key_id for c in ",: \t\n"):
+        raise CLIError(f"invalid key id {key_id!r}: use a non-empty id without ',', ':' or spaces")
+    key = generate_key(args.bytes)
+    keys: dict[str, bytes] = {}
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists():
+            if not args.append:
+                raise CLIError(f"{out} exists; pass --append to add a key or choose another file")
+            existing = Keyring.from_file(out)
+            if key_id in existing and not args.force:
+                raise CLIError(f"{out} already holds key {key_id!r}; pass --force to replace it")
+            keys = {k: existing.get(k) or b"" for k in existing.key_ids}
+        keys[key_id] = key
+        _write_private(out, json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n")
+        print(f"wrote key {key_id!r} to {out} ({len(keys)} key(s), mode 0600)", file=sys.stderr)
+    else:
+        keys[key_id] = key
+    exported = ",".join(f"{k}:{v.hex()}" for k, v in keys.items())
+    print(f"export KASMINA_HMAC_KEYS={exported}")
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------- bench
+
+
+def _repo_root() -> Path:
+    """The source checkout holding perf/ (benchmarks are not installed with the package)."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (base / "perf").is_dir():
+            return base
+    raise CLIError("no perf/ directory found: run 'kasmina bench' from a Kasmina source checkout")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = _repo_root()
+    if args.gpu:
+        script = root / "perf" / "bench_gpu.py"
+        if not script.is_file():
+            raise CLIError(f"{script} not found")
+        cmd = [sys.executable, str(script), *args.extra]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(root / "perf"),
+            "-q",
+            "--benchmark-only",
+            "--benchmark-columns=min,median,mean,ops",
+            *args.extra,
+        ]
+    return subprocess.call(cmd, cwd=root)
+
+
+# -------------------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kasmina.demo.config import DemoConfig
+    from kasmina.demo.run import run_demo_cli
+
+    config = DemoConfig(
+        epochs=args.epochs,
+        num_seeds=args.seeds,
+        device=args.device,
+        out_dir=Path(args.out),
+        seed=args.seed,
+        nproc=args.nproc,
+        progress=not args.no_progress,
+    )
+    return run_demo_cli(config)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Kasmina grows a neural network while it trains by grafting seed modules, on "
+            "signed controller commands. Run 'kasmina <command> --help' for details."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a complete morphogenetic training run on the digits dataset (CPU, < 2 min)",
+        description=(
+            "Train a small MLP on scikit-learn's bundled handwritten digits; a controller sends "
+            "signed commands to germinate seeds on plateaus, carries them through the lifecycle "
+            "gates, culls one that does not help, and distils a teacher into them. Writes "
+            "report.txt, telemetry.jsonl, a PNG plot and an Urza store into --out."
+        ),
+    )
+    demo.add_argument("--epochs", type=positive_int, default=40, help="training epochs (40)")
+    demo.add_argument(
+        "--seeds", type=positive_int, default=4, help="seeds the controller may grow, 1-6 (4)"
+    )
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
+    demo.add_argument("--out", default="kasmina-demo", help="output directory (./kasmina-demo)")
+    demo.add_argument("--seed", type=int, default=0, help="RNG seed; same seed, same run (0)")
+    demo.add_argument(
+        "--nproc", type=positive_int, default=1, help="data-parallel processes on loopback (1)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(func=_cmd_demo)
+
+    from kasmina.cli.urza import add_urza_parser
+
+    add_urza_parser(sub)
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="generate an HMAC key for signing controller commands",
+        description=(
+            "Generate a random HMAC-SHA256 key. Prints an 'export KASMINA_HMAC_KEYS=...' line "
+            "(the format Keyring.from_env reads); with --out also writes a JSON keyring file "
+            "(mode 0600, the format Keyring.from_file reads). Status goes to stderr."
+        ),
+    )
+    keygen.add_argument("--key-id", default="default", help="id of the new key (default)")
+    keygen.add_argument("--out", help="keyring JSON file to write")
+    keygen.add_argument("--append", action="store_true", help="add to an existing --out file")
+    keygen.add_argument("--force", action="store_true", help="replace a key with the same id")
+    keygen.add_argument("--bytes", type=positive_int, default=32, help="key length (32)")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmarks in perf/ (pytest-benchmark), or the GPU table with --gpu",
+        description=(
+            "Run the CPU benchmarks (pytest perf/ --benchmark-only), each printed beside its "
+            "target; --gpu runs perf/bench_gpu.py instead (needs CUDA). Extra arguments after "
+            "'--' go to pytest or the GPU script. Run from a source checkout."
+        ),
+    )
+    bench.add_argument("--gpu", action="store_true", help="run the GPU table (perf/bench_gpu.py)")
+    bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed through")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "extra", None) and args.extra[0] == "--":
+        args.extra = args.extra[1:]
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, KasminaError, OSError, ValueError, KeyError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Control: how a controller's signed commands reach a running model (docs/design.md §5).
+
+- ``auth`` -- HMAC-SHA256 over the deterministic serialisation of an ``AdaptationCommand`` with
+  its signature cleared, compared in constant time (``sign_command``, ``CommandVerifier``). The
+  verifier checks signature, then freshness, then that the nonce is unseen; a nonce is recorded
+  only after the signature passes and forgotten once it leaves the freshness window, so the
+  ledger stays bounded under any load.
+- ``commands`` -- semantic validation: a verified ``AdaptationCommand`` becomes a typed
+  ``KasminaCommand`` or a rejection reason; ``make_*_command`` build commands for controllers;
+  ``CommandExecutor`` is the ``Protocol`` the executor implements, so nothing here imports the
+  manager.
+- ``handler`` -- ``LeylineAdaptationHandler``: parse -> signature -> freshness -> nonce ->
+  validation -> execute. Any failure is ``False`` with a reason counter and a telemetry event;
+  no exception escapes, whatever the bytes; rejections are logged at a bounded rate.
+- ``distributed`` -- multi-rank runs: commands broadcast at epoch boundaries, state checksums
+  compared across ranks, helpers to start and join process groups.
+
+Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
+"""
+
+from kasmina.control.auth import CommandVerifier, sign_command
+from kasmina.control.commands import (
+    CommandExecutor,
+    KasminaCommand,
+    make_optimizer_command,
+    make_rollback_command,
+    make_seed_command,
+)
+from kasmina.control.distributed import DistributedCoordinator
+from kasmina.control.handler import LeylineAdaptationHandler
+
+__all__ = [
+    "CommandExecutor",
+    "CommandVerifier",
+    "DistributedCoordinator",
+    "KasminaCommand",
+    "LeylineAdaptationHandler",
+    "make_optimizer_command",
+    "make_rollback_command",
+    "make_seed_command",
+    "sign_command",
+]

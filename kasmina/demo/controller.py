@@ -1,0 +1,184 @@
+"""A small controller for the demo (a stand-in for Tamiyo) and the adversary it is tested by.
+
+The controller only ever speaks Leyline: it watches validation accuracy and each seed's
+measured contribution, decides, and emits *signed* ``AdaptationCommand`` bytes. It never
+touches the model. Its policy:
+
+- a plateau (no gain of ``min_delta`` in ``patience`` epochs, after ``warmup``) germinates the
+  next planned seed, at most ``max_in_flight`` seeds growing at once;
+- every growing seed gets an ADVANCE each epoch; the executor's gates decide whether it moves;
+- after ``settle_epochs`` in STABILIZATION the seed's *help* (relative validation-loss reduction
+  measured with the seed ablated) decides: enough help sends ADVANCE with ``0.5 + help`` as
+  ``gate_score`` (gate G5 compares it with the performance gate), too little sends CULL with an
+  embargo. A culled slot, once recycled, may be germinated again.
+
+``Adversary`` replays, forges and back-dates commands, to show the handler refusing them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.leyline import SeedOperation
+from kasmina.stages import NEXT_STAGE, SeedStage
+from kasmina.utils.keyring import Keyring
+
+GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
+ADVANCE = SeedOperation.SEED_OPERATION_ADVANCE
+CULL = SeedOperation.SEED_OPERATION_CULL
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """Grow ``seed_id`` from ``artifact_id`` when the controller next decides to grow."""
+
+    seed_id: str
+    artifact_id: str
+
+
+@dataclass(frozen=True)
+class SeedView:
+    """What the controller knows of a seed at an epoch boundary."""
+
+    stage: SeedStage
+    epochs_in_stage: int = 0
+    help: float | None = None  # measured in STABILIZATION, else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    epoch: int
+    operation: int
+    seed_id: str
+    reason: str
+
+
+class PlateauController:
+    """Decides growth from validation accuracy; emits signed command bytes (see module doc)."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        key_id: str,
+        plan: list[SeedPlan],
+        *,
+        warmup: int = 3,
+        patience: int = 2,
+        min_delta: float = 0.005,
+        max_in_flight: int = 2,
+        help_threshold: float = 0.02,
+        settle_epochs: int = 2,
+        embargo_epochs: int = 2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyring = keyring
+        self.key_id = key_id
+        self.queue = list(plan)
+        self.warmup = warmup
+        self.patience = patience
+        self.min_delta = min_delta
+        self.max_in_flight = max_in_flight
+        self.help_threshold = help_threshold
+        self.settle_epochs = settle_epochs
+        self.embargo_epochs = embargo_epochs
+        self.clock = clock
+        self.best = float("-inf")
+        self.since_best = 0
+        self.decisions: list[Decision] = []
+        self.sent: list[bytes] = []
+        self._count = 0
+
+    def observe(self, epoch: int, val_acc: float, seeds: Mapping[str, SeedView]) -> list[bytes]:
+        """One epoch boundary: returns the signed commands to send, in order."""
+        if val_acc > self.best + self.min_delta:
+            self.best, self.since_best = val_acc, 0
+        else:
+            self.since_best += 1
+        out: list[bytes] = []
+        growing = [
+            sid
+            for sid, v in seeds.items()
+            if v.stage in NEXT_STAGE and v.stage != SeedStage.DORMANT
+        ]
+        for seed_id in growing:
+            view = seeds[seed_id]
+            if view.stage == SeedStage.STABILIZATION and view.epochs_in_stage < self.settle_epochs:
+                continue  # let the layers downstream settle on the seed before judging it
+            if view.stage == SeedStage.STABILIZATION and view.help is not None:
+                measured = f"val loss {-100 * view.help:+.1f}% with it"
+                if view.help < self.help_threshold:
+                    params = {"embargo_epochs": float(self.embargo_epochs)}
+                    why = f"cull: {measured}"
+                    out.append(self._command(epoch, CULL, seed_id, "", params, why))
+                    continue
+                params = {"gate_score": round(min(1.0, 0.5 + view.help), 6)}
+                why = f"fossilize: {measured}"
+                out.append(self._command(epoch, ADVANCE, seed_id, "", params, why))
+                continue
+            out.append(self._command(epoch, ADVANCE, seed_id, "", None, "next gate"))
+        plateau = epoch >= self.warmup and self.since_best >= self.patience
+        if plateau and len(growing) < self.max_in_flight:
+            dormant = {sid for sid, v in seeds.items() if v.stage == SeedStage.DORMANT}
+            pick = next((p for p in self.queue if p.seed_id in dormant), None)
+            if pick is not None:
+                self.queue.remove(pick)
+                out.append(
+                    self._command(
+                        epoch, GERMINATE, pick.seed_id, pick.artifact_id, None, "germinate: plateau"
+                    )
+                )
+                self.since_best = 0  # give the new seed time before the next plateau
+        self.sent.extend(out)
+        return out
+
+    def _command(
+        self,
+        epoch: int,
+        op: int,
+        seed_id: str,
+        artifact_id: str,
+        params: Mapping[str, float] | None,
+        reason: str,
+    ) -> bytes:
+        self._count += 1
+        cmd = make_seed_command(
+            op, seed_id, artifact_id, params, command_id=f"tamiyo-{epoch}-{self._count}"
+        )
+        self.decisions.append(Decision(epoch, op, seed_id, reason))
+        return sign_command(
+            cmd, self.keyring, self.key_id, timestamp=self.clock()
+        ).SerializeToString()
+
+
+class Adversary:
+    """Sends what an attacker on the wire could: replays, forgeries, stale commands."""
+
+    def __init__(self, key_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.key_id = key_id
+        self.clock = clock
+        # Same key id as the controller, a key the attacker made up.
+        self.wrong = Keyring({key_id: b"attacker-guess-0123456789abcdef"})
+
+    def replay(self, captured: bytes) -> bytes:
+        return captured
+
+    def forge(self, seed_id: str) -> bytes:
+        cmd = make_seed_command(CULL, seed_id, command_id="forged")
+        return sign_command(cmd, self.wrong, self.key_id).SerializeToString()
+
+    def tamper(self, captured: bytes) -> bytes:
+        """A captured command with one byte flipped (its signature no longer matches)."""
+        data = bytearray(captured)
+        data[len(data) // 3] ^= 0x01
+        return bytes(data)
+
+    def stale(self, keyring: Keyring, seed_id: str, age_s: float = 3600.0) -> bytes:
+        """A genuine command delayed an hour in transit (signed then; refused as stale now)."""
+        cmd = make_seed_command(CULL, seed_id, command_id="stale")
+        return sign_command(
+            cmd, keyring, self.key_id, timestamp=self.clock() - age_s
+        ).SerializeToString()

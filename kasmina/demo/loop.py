@@ -1,0 +1,278 @@
+"""The demo's training loop: one rank's epochs, steps and epoch-boundary commands.
+
+Wiring, per rank: the host's slots registered with a ``KasminaKernelManager`` (the executor of
+every command), whose handler sits behind a ``DistributedCoordinator`` (a single-rank one
+without a process group). Rank 0 also runs the controller and the adversary; their bytes are
+submitted to the coordinator and applied by every rank's handler at the same boundary.
+
+A step is the manager's training step, with one addition for data parallelism::
+
+    teacher logits -> forward -> manager.backward(loss, kd)   (KD first, as a seed-only phase)
+    -> gradients averaged over ranks -> manager.step()        (isolation verified, optimizers)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, average_gradients
+from kasmina.demo.config import COMMAND_KEY, KD, PUBLISHER_KEY, DemoConfig
+from kasmina.demo.controller import Adversary, PlateauController, SeedPlan, SeedView
+from kasmina.demo.data import Digits, accuracy_and_loss, batches
+from kasmina.demo.models import HostMLP, graft_slots
+from kasmina.demo.report import DemoResult, EpochRecord
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.manager.slots import ISOLATED_STAGES
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
+
+logger = logging.getLogger(__name__)
+
+# Two epochs of steps from alpha 0 to 1 (steps per epoch: the 1,197 training digits / 64).
+GRAFT_STEPS = 36
+
+
+def ablated(layer: KasminaLayer, k: int) -> Any:
+    """Forward hook putting the host's own output back into seed ``k``'s chunk of ``layer``."""
+    c = layer.chunk_size
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = output.clone()
+        out[..., k * c : (k + 1) * c] = layer.host(*args)[..., k * c : (k + 1) * c]
+        return out
+
+    return layer.register_forward_hook(hook)
+
+
+class DemoLoop:
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        prepared: dict[str, Any],
+        model: HostMLP,
+        teacher: nn.Module,
+        data: Digits,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.cfg, self.model, self.data, self.rank, self.world = cfg, model, data, rank, world
+        keys = {k: bytes.fromhex(v) for k, v in prepared["keys"].items()}
+        commands = Keyring({COMMAND_KEY: keys[COMMAND_KEY]})
+        publisher = Keyring({PUBLISHER_KEY: keys[PUBLISHER_KEY]})
+        out = cfg.out_dir
+        name = "telemetry.jsonl" if rank == 0 else f"telemetry.rank{rank}.jsonl"
+        (out / name).unlink(missing_ok=True)
+        self.sink = JsonlFileSink(out / name)
+        self.telemetry = TelemetryReporter("kasmina-demo", [self.sink])
+        config = KasminaConfig(
+            device=cfg.device,
+            cache_size_mb=64,
+            urza_url=prepared["store"],
+            urza_trusted_key_ids=(PUBLISHER_KEY,),
+            checkpoint_dir=str(out / "checkpoints" / f"rank{rank}"),
+            emergency_checkpoint_dir=str(out / "emergency"),
+            checkpoints_kept=2,
+            min_isolated_epochs=1,
+            latency_budget_ms=25.0,
+            performance_gate=500,
+            default_embargo_epochs=2,
+            grafting_steps=GRAFT_STEPS,
+            grafting_temperature=2.0,
+            kd_enabled=True,
+            kd=KD,
+        )
+        urza = UrzaLibraryClient(prepared["store"], publisher, trusted_key_ids=(PUBLISHER_KEY,))
+        self.manager = KasminaKernelManager(
+            config, keyring=commands, telemetry=self.telemetry, urza_client=urza
+        )
+        self.slots = graft_slots(model, self.telemetry, config.default_embargo_epochs)
+        self.manager.register(model, self.slots, host_lr=cfg.host_lr, seed_lr=cfg.seed_lr)
+        self.manager.load_teacher(teacher)
+        self.coordinator = DistributedCoordinator(
+            self.manager,
+            self.consistency_state,
+            on_divergence=self.quarantine_growing,
+            telemetry=self.telemetry,
+        )
+        self.controller = PlateauController(
+            commands,
+            COMMAND_KEY,
+            [SeedPlan(s, a) for s, a in prepared["plan"]],
+            warmup=4,
+            patience=2,
+            min_delta=0.01,
+            max_in_flight=3,
+        )
+        self.adversary = Adversary(COMMAND_KEY)
+        self.commands_keyring = commands
+        self.pending_attacks: dict[str, list[int]] = {}
+        self.attack_outcomes: dict[str, list[bool]] = {}
+        self.artifacts: dict[str, list[str]] = {r.seed_id: [] for r in self.manager.registry}
+        self.verified_seed_steps = 0
+        self.kd_steps = 0
+
+    # ---------------------------------------------------------------- consistency across ranks
+    def consistency_state(self) -> dict[str, torch.Tensor]:
+        """What must be bit-identical on every rank: the state table and every weight."""
+        state = {"state_table": self.manager.registry.table.state_tensor}
+        state.update(dict(self.model.named_parameters()))
+        return state
+
+    def quarantine_growing(self, result: EpochSyncResult) -> None:
+        for record in self.manager.registry.in_stages(ISOLATED_STAGES):
+            record.seed.quarantine(f"rank {self.rank} diverged at epoch {result.epoch}")
+
+    # ---------------------------------------------------------------------------- one step
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        m = self.manager
+        m.set_teacher_logits(m.get_teacher_predictions(xb))
+        loss = F.cross_entropy(self.model(xb), yb)
+        kd = m.collect_kd_losses()
+        self.kd_steps += kd is not None
+        m.backward(loss, kd_loss=kd)
+        average_gradients([p for p in self.model.parameters() if p.requires_grad])
+        self.verified_seed_steps += sum(
+            1 for r in m.registry.in_stages(ISOLATED_STAGES) if r.monitor is not None
+        )
+        m.step()
+        return loss.item()
+
+    # ----------------------------------------------------------------------- boundaries
+    def measure_help(self, seed_id: str) -> float:
+        """Relative validation-loss reduction the seed brings: its chunk ablated vs not."""
+        record = self.manager.registry[seed_id]
+        k = next(i for i, seed in enumerate(record.slot.seeds) if seed is record.seed)
+        _, with_seed = accuracy_and_loss(self.model, self.data, self.data.val)
+        handle = ablated(record.slot, k)
+        try:
+            _, without = accuracy_and_loss(self.model, self.data, self.data.val)
+        finally:
+            handle.remove()
+        return (without - with_seed) / max(without, 1e-8)
+
+    def boundary(self, epoch: int, val_acc: float) -> bool:
+        """Tick; the controller and adversary speak (rank 0); every rank applies. Returns
+        whether a seed was germinated."""
+        m = self.manager
+        m.end_epoch(epoch, {"val_accuracy": val_acc})
+        before = {r.seed_id: r.artifact_id for r in m.registry}
+        if self.rank == 0:
+            views = {
+                r.seed_id: SeedView(
+                    r.stage,
+                    r.seed.epochs_in_stage,
+                    self.measure_help(r.seed_id) if r.stage == SeedStage.STABILIZATION else None,
+                )
+                for r in m.registry
+            }
+            commands = self.controller.observe(epoch, val_acc, views)
+            for raw in commands:
+                self.coordinator.submit(raw)
+            self.attack(epoch)
+        result = self.coordinator.sync_epoch(epoch)
+        for kind, indices in self.pending_attacks.items():
+            self.attack_outcomes.setdefault(kind, []).extend(result.outcomes[i] for i in indices)
+        self.pending_attacks = {}
+        grown = False
+        for r in m.registry:
+            if r.artifact_id is not None and r.artifact_id != before[r.seed_id]:
+                self.artifacts[r.seed_id].append(r.artifact_id)
+                grown = True
+        return grown
+
+    def attack(self, epoch: int) -> None:
+        """Forged (epoch 1), stale (epoch 2), and a replay and a tampered copy of the
+        controller's first command at the boundary after it was sent."""
+        victim = next(iter(self.artifacts))
+        attacks: list[tuple[str, bytes]] = []
+        if epoch == 1:
+            attacks.append(("forged", self.adversary.forge(victim)))
+        if epoch == 2:
+            attacks.append(("stale", self.adversary.stale(self.commands_keyring, victim)))
+        first = self.controller.decisions[0].epoch if self.controller.decisions else None
+        if first is not None and epoch == first + 1:
+            captured = self.controller.sent[0]
+            attacks.append(("replayed", self.adversary.replay(captured)))
+            attacks.append(("tampered", self.adversary.tamper(captured)))
+        queued = self.coordinator.pending
+        for kind, raw in attacks:
+            self.pending_attacks.setdefault(kind, []).append(queued)
+            self.coordinator.submit(raw)
+            queued += 1
+
+    # --------------------------------------------------------------------------- the run
+    def run(self, teacher_acc: float, baseline_acc: float) -> DemoResult:
+        from tqdm import tqdm
+
+        cfg, data, m = self.cfg, self.data, self.manager
+        records: list[EpochRecord] = []
+        acc_before: float | None = None
+        bar = tqdm(range(cfg.epochs), desc="kasmina demo", unit="epoch", disable=not cfg.progress)
+        for epoch in bar:
+            self.model.train()
+            shard = batches(data, epoch, cfg, self.rank, self.world)
+            losses = [self.step(xb, yb) for xb, yb in shard]
+            val_acc, _ = accuracy_and_loss(self.model, data, data.val)
+            test_acc, _ = accuracy_and_loss(self.model, data, data.test)
+            records.append(
+                EpochRecord(
+                    epoch,
+                    sum(losses) / max(len(losses), 1),
+                    val_acc,
+                    {r.seed_id: round(r.seed.alpha_value, 6) for r in m.registry},
+                    {r.seed_id: r.stage.name for r in m.registry},
+                )
+            )
+            if self.boundary(epoch, val_acc) and acc_before is None:
+                acc_before = test_acc
+            growing = sum(1 for r in m.registry if r.stage not in (SeedStage.DORMANT,))
+            bar.set_postfix(val=f"{val_acc:.3f}", seeds=growing)
+        final_acc, _ = accuracy_and_loss(self.model, data, data.test)
+        m.close()
+        self.sink.close()
+        host = sum(p.numel() for p in m.registry.host_params)
+        grown = sum(
+            p.numel() for r in m.registry.in_stages([SeedStage.ACTIVE])
+            for p in r.seed.seed_parameters()
+        )  # fmt: skip
+        cache = m.kernel_cache
+        return DemoResult(
+            seed=cfg.seed,
+            world_size=self.world,
+            teacher_test_acc=teacher_acc,
+            baseline_test_acc=baseline_acc,
+            acc_before_growth=final_acc if acc_before is None else acc_before,
+            acc_after_growth=final_acc,
+            epochs=records,
+            timelines={r.seed_id: [(e, s) for e, _, s in r.timeline] for r in m.registry},
+            artifacts=self.artifacts,
+            decisions=[
+                (d.epoch, d.seed_id, d.reason)
+                for d in self.controller.decisions
+                if d.reason != "next gate"
+            ],
+            commands=dict(m.handler.stats),
+            adversarial=self.attack_outcomes,
+            cache={"hits": cache.hits, "misses": cache.misses, "evictions": cache.evictions},
+            isolation={
+                "seed_steps": self.verified_seed_steps,
+                "violations": int(m.counters["isolation_violations"]),
+                "breaker_trips": int(m.counters["circuit_breaker_trips"]),
+            },
+            kd_steps=self.kd_steps,
+            distributed={
+                "syncs": len(self.coordinator.history),
+                "divergences": int(self.coordinator.stats["divergences"]),
+            },
+            grown_parameters=grown,
+            host_parameters=host,
+        )

@@ -1,0 +1,40 @@
+"""Gradient isolation, enforced and verified (docs/design.md §4).
+
+The invariant, until a seed is ACTIVE: no gradient flows from a seed's path into a host
+parameter; in ISOLATED_INIT every host gradient is bit-identical to a run without the seed; seed
+and host parameters are disjoint sets stepped by separate optimizers, and a seed-only loss (KD)
+leaves every host gradient zero.
+
+It is enforced structurally and checked here:
+
+- ``ownership`` -- ``ParameterOwnership``: every parameter belongs to exactly one owner (the host,
+  one seed, or the teacher); an overlap is refused at registration (``ParameterOverlapError``).
+- ``optimizers`` -- ``IsolatedOptimizerManager``: one optimizer per owner over disjoint sets,
+  fused gradient clipping through ``kasmina.ops.grad_norms``, promotion of a fossilized seed
+  into the host optimizer, and the trainer's ``OptimizerCommand``s.
+- ``verify`` -- ``verify_gradient_isolation``: walks the autograd graph of a seed's output and
+  fails if it reaches a host parameter.
+- ``monitor`` -- ``GradientIsolationMonitor``: the two-phase protocol (``begin_seed_backward`` /
+  ``end_seed_backward``, host likewise) that checks with one ``leak_check`` launch that the
+  other side's gradients stayed zero, and the circuit breaker: after ``max_violations`` the seed
+  is quarantined, an emergency checkpoint is written atomically into the configured directory,
+  and ``GradientIsolationViolationError`` is raised. The host keeps training.
+
+Imports ``kasmina.kd`` (teacher parameters), ``kasmina.ops``, ``kasmina.utils`` and the root
+vocabulary; never seeds, urza, control or the manager.
+"""
+
+from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
+from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
+from kasmina.isolation.ownership import ParameterOwnership
+from kasmina.isolation.verify import verify_gradient_isolation
+
+__all__ = [
+    "HOST_ID",
+    "TEACHER_SOURCE",
+    "GradientIsolationMonitor",
+    "IsolatedOptimizerManager",
+    "ParameterOwnership",
+    "default_emergency_dir",
+    "verify_gradient_isolation",
+]

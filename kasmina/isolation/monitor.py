@@ -1,0 +1,342 @@
+"""Gradient isolation, verified (docs/design.md §4): a graph walk, a two-phase monitor, a breaker.
+
+Isolation is enforced structurally (seeds see ``x.detach()``, optimizers own disjoint parameter
+sets); this module checks that the structure holds:
+
+- ``verify_gradient_isolation`` walks the autograd graph from a seed's output and fails if it
+  reaches a host parameter, i.e. if any gradient of that output could flow into the host.
+- ``GradientIsolationMonitor`` brackets backward passes. During a *seed* backward (a loss only
+  the seed may learn from, e.g. KD) the host's grads are set aside and must stay ``None``/zero;
+  during a *host* backward the seed's likewise. The check is one ``leak_check`` launch whose flag
+  stays on the device until ``verify_isolation_after_step`` reads it, once per step. Whatever
+  leaked is discarded when the set-aside grads are put back, so a leak never reaches an
+  optimizer. Backward hooks on parameters are an optional debug mode (they sync per gradient).
+- After ``max_violations`` violating steps the circuit breaker trips: the seed is sent to
+  QUARANTINE through ``on_quarantine``, an emergency checkpoint is written atomically into the
+  configured directory, and ``GradientIsolationViolationError`` is raised. The monitor is inert
+  for that seed from then on; the host keeps training.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.errors import GradientIsolationViolationError
+from kasmina.isolation.verify import NamedParams, named_params, verify_gradient_isolation
+from kasmina.leyline import MetricType
+from kasmina.ops import leak_check
+from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.utils.state_io import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+
+def _gradient_params(
+    params: list[tuple[str, torch.Tensor]], prefix: str
+) -> list[tuple[str, torch.Tensor]]:
+    """The parameters that can carry a gradient, in dtypes ``leak_check`` accepts."""
+    out = []
+    for name, p in params:
+        if not (p.is_floating_point() or p.is_complex()):
+            continue  # integer tensors never receive gradients
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{prefix} parameter {name} is {p.dtype}; the isolation monitor supports "
+                "float32, float16 and bfloat16"
+            )
+        out.append((name, p))
+    return out
+
+
+def _user_tag() -> str:
+    try:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", getpass.getuser())
+    except (KeyError, OSError):
+        return str(os.getuid()) if hasattr(os, "getuid") else "user"
+
+
+def default_emergency_dir() -> Path:
+    """Per-user directory under the system temp dir, used when none is configured.
+
+    If that path exists but belongs to someone else (a shared temp dir), a fresh private
+    directory is created instead rather than writing into one another user controls.
+    """
+    path = Path(tempfile.gettempdir()) / f"kasmina-{_user_tag()}" / "emergency"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+        return Path(tempfile.mkdtemp(prefix="kasmina-emergency-"))
+    return path
+
+
+@dataclass
+class _PendingCheck:
+    phase: str
+    names: list[str]
+    norms: torch.Tensor
+    flag: torch.Tensor
+
+
+class GradientIsolationMonitor:
+    """Two-phase isolation check and circuit breaker for one seed."""
+
+    def __init__(
+        self,
+        seed_id: str,
+        seed_params: NamedParams,
+        host_params: NamedParams,
+        *,
+        max_violations: int = 3,
+        checkpoint_dir: str | Path | None = None,
+        on_quarantine: Callable[[], None] | None = None,
+        state_provider: Callable[[], dict[str, Any]] | None = None,
+        telemetry: Any | None = None,
+        tol: float = 0.0,
+    ) -> None:
+        if max_violations < 1:
+            raise ValueError(f"max_violations must be >= 1, got {max_violations}")
+        self.seed_id = seed_id
+        self.max_violations = max_violations
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.on_quarantine = on_quarantine
+        self.state_provider = state_provider
+        self.telemetry = telemetry
+        self.tol = float(tol)
+        self._seed = _gradient_params(named_params(seed_params, "seed"), "seed")
+        self._host = _gradient_params(named_params(host_params, "host"), "host")
+        shared = {id(p) for _, p in self._seed} & {id(p) for _, p in self._host}
+        if shared:
+            names = [name for name, p in self._host if id(p) in shared]
+            logger.error("seed %s shares host parameters %s", seed_id, names)
+        self.violation_count = 0
+        self.violations: list[list[str]] = []
+        self.tripped = False
+        self.last_checkpoint: Path | None = None
+        self._phase: str | None = None
+        self._stash: list[torch.Tensor | None] = []
+        self._pending: list[_PendingCheck] = []
+        self._noted: list[str] = []  # leaks found by hooks or graph checks this step
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ------------------------------------------------------------------ phases
+    def begin_seed_backward(self) -> None:
+        """Host grads are set aside; the coming backward must not produce any."""
+        self._begin("seed", self._host)
+
+    def end_seed_backward(self) -> None:
+        self._end("seed", self._host)
+
+    def begin_host_backward(self) -> None:
+        """Seed grads are set aside; the coming backward must not produce any."""
+        self._begin("host", self._seed)
+
+    def end_host_backward(self) -> None:
+        self._end("host", self._seed)
+
+    def _begin(self, phase: str, watched: list[tuple[str, torch.Tensor]]) -> None:
+        if self.tripped:
+            return
+        if self._phase is not None:
+            raise RuntimeError(f"{phase} backward begun while the {self._phase} phase is open")
+        self._stash = [p.grad for _, p in watched]
+        for _, p in watched:
+            p.grad = None
+        self._phase = phase
+
+    def _end(self, phase: str, watched: list[tuple[str, torch.Tensor]]) -> None:
+        if self.tripped:
+            return
+        if self._phase != phase:
+            raise RuntimeError(f"end_{phase}_backward without begin_{phase}_backward")
+        try:
+            # Only grads created during the phase can leak; all None needs no launch at all.
+            by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+            for name, p in watched:
+                if p.grad is not None:
+                    by_device[p.grad.device].append((name, p.grad))
+            for group in by_device.values():
+                norms, flag = leak_check([g for _, g in group], self.tol)
+                self._pending.append(_PendingCheck(phase, [n for n, _ in group], norms, flag))
+        finally:  # the set-aside grads come back whatever happens; leaked ones are dropped
+            for (_, p), grad in zip(watched, self._stash, strict=True):
+                p.grad = grad
+            self._stash = []
+            self._phase = None
+
+    @contextmanager
+    def seed_backward(self) -> Iterator[None]:
+        """``with monitor.seed_backward(): kd_loss.backward()`` (begin/end, even on error)."""
+        self.begin_seed_backward()
+        try:
+            yield
+        finally:
+            self.end_seed_backward()
+
+    @contextmanager
+    def host_backward(self) -> Iterator[None]:
+        """``with monitor.host_backward(): host_loss.backward()`` (begin/end, even on error)."""
+        self.begin_host_backward()
+        try:
+            yield
+        finally:
+            self.end_host_backward()
+
+    def check_graph(self, seed_output: torch.Tensor) -> bool:
+        """Graph-walk ``seed_output``; a path to the host counts at the next step's verify."""
+        ok = verify_gradient_isolation(seed_output, self._host)
+        if not ok and not self.tripped:
+            self._noted.append("graph: seed output reaches a host parameter")
+        return ok
+
+    def note_violation(self, reason: str) -> None:
+        """Count a leak found outside this monitor (e.g. in a seed-only backward shared by
+        several seeds) at the next ``verify_isolation_after_step``."""
+        if not self.tripped:
+            self._noted.append(reason)
+
+    # ------------------------------------------------------------------ verdict
+    def verify_isolation_after_step(self) -> bool:
+        """Read this step's leak flags (the one host sync) and count a violation if any leaked.
+
+        Returns True for a clean step, False for a violating one (and for every call after the
+        breaker tripped: the monitor is inert). Raises ``GradientIsolationViolationError`` on
+        the violation that trips the breaker.
+        """
+        if self.tripped:
+            return False
+        if self._phase is not None:
+            raise RuntimeError(f"the {self._phase} backward phase is still open")
+        pending, self._pending = self._pending, []
+        leaked, self._noted = self._noted, []
+        if pending:
+            device = pending[0].flag.device
+            flags = [check.flag.to(device) for check in pending]
+            any_leak = flags[0] if len(flags) == 1 else torch.stack(flags).any()
+            if bool(any_leak):
+                leaked += self._describe(pending)
+        if not leaked:
+            return True
+        self.violation_count += 1
+        self.violations.append(leaked)
+        logger.error(
+            "gradient isolation violation %d/%d for seed %s: %s",
+            self.violation_count,
+            self.max_violations,
+            self.seed_id,
+            "; ".join(leaked),
+        )
+        self._emit("gradient_isolation_violation", float(self.violation_count))
+        if self.violation_count >= self.max_violations:
+            self._trip()
+        return False
+
+    def _describe(self, pending: list[_PendingCheck]) -> list[str]:
+        out = []
+        for check in pending:
+            if not bool(check.flag):
+                continue
+            other = "host" if check.phase == "seed" else "seed"
+            for name, norm in zip(check.names, check.norms.tolist(), strict=True):
+                if not norm <= self.tol:  # also catches NaN
+                    out.append(f"{other} grad {name} |g|={norm:.3g} during {check.phase} backward")
+        return out
+
+    def _trip(self) -> None:
+        self.tripped = True
+        self.clear_hooks()
+        logger.critical(
+            "circuit breaker: seed %s quarantined after %d gradient isolation violations",
+            self.seed_id,
+            self.violation_count,
+        )
+        if self.on_quarantine is not None:
+            try:
+                self.on_quarantine()
+            except Exception:  # the breaker must still checkpoint and raise
+                logger.exception("on_quarantine callback failed for seed %s", self.seed_id)
+        path = self._write_emergency_checkpoint()
+        self._emit("gradient_isolation_circuit_breaker", float(self.violation_count))
+        error = GradientIsolationViolationError(
+            f"seed {self.seed_id}: {self.violation_count} gradient isolation violations; "
+            f"seed quarantined; emergency checkpoint: {path}"
+        )
+        error.seed_id = self.seed_id  # type: ignore[attr-defined]
+        error.checkpoint_path = path  # type: ignore[attr-defined]
+        raise error
+
+    def _write_emergency_checkpoint(self) -> Path | None:
+        directory = self.checkpoint_dir
+        if directory is None:
+            directory = default_emergency_dir()
+            logger.warning(
+                "no checkpoint_dir configured: emergency checkpoint goes to %s", directory
+            )
+        payload: dict[str, Any] = {
+            "seed_id": self.seed_id,
+            "violation_count": self.violation_count,
+            "violations": self.violations,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.state_provider is not None:
+            try:
+                payload["state"] = self.state_provider()
+            except Exception:
+                logger.exception("state_provider failed; emergency checkpoint without state")
+        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.seed_id)
+        path = Path(directory) / f"emergency_isolation_{safe_id}_{time.time_ns()}.pt"
+        try:
+            self.last_checkpoint = atomic_torch_save(payload, path)
+        except Exception:
+            logger.exception("could not write the emergency checkpoint to %s", path)
+            return None
+        logger.critical("emergency checkpoint for seed %s written to %s", self.seed_id, path)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------ debug hooks
+    def register_hooks(self, host_model: nn.Module, seed_model: nn.Module) -> None:
+        """Debug mode: a hook on every parameter flags a nonzero grad on the wrong side.
+
+        Each hook reads its gradient on the host (a device sync per parameter), so this is for
+        finding *which* layer leaks, not for production steps.
+        """
+        self.clear_hooks()
+        for side, model in (("host", host_model), ("seed", seed_model)):
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    hook = partial(self._on_grad, side, f"{side}.{name}")
+                    self._hooks.append(p.register_hook(hook))
+
+    def clear_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _on_grad(self, side: str, name: str, grad: torch.Tensor) -> None:
+        wrong_phase = "seed" if side == "host" else "host"
+        if self.tripped or self._phase != wrong_phase:
+            return
+        if bool((grad != 0).any()):
+            logger.critical(
+                "gradient leak: %s got a gradient during %s backward", name, self._phase
+            )
+            self._noted.append(f"hook: {name} during {self._phase} backward")
+
+    def _emit(self, name: str, value: float) -> None:
+        if self.telemetry is not None:
+            self.telemetry.emit(
+                name, value, MetricType.METRIC_TYPE_EVENT, labels={"seed_id": self.seed_id}
+            )

@@ -1,0 +1,411 @@
+"""One host optimizer and one optimizer per seed, over disjoint parameter sets (docs/design.md §4).
+
+Why disjoint sets checked at registration: a parameter reachable by two optimizers is the
+simplest way for a seed to move the host (or the reverse). Every registration is checked by
+identity *and* by memory, so ``nn.Parameter(host.weight.data)`` (a new tensor sharing the host's
+storage) is rejected just like the host tensor itself. Teacher parameters are frozen and may never
+enter any optimizer.
+
+When a seed becomes ACTIVE (fossilized) its parameters join the host optimizer as a new param
+group (``promote_seed``) and the seed optimizer is dropped. Gradient clipping computes the global
+norm with ``kasmina.ops.grad_norms`` (one launch per dtype), then scales with one fused multiply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kasmina.errors import ParameterOverlapError
+from kasmina.isolation.ownership import ParameterOwnership
+from kasmina.kd.teacher import is_teacher_parameter
+from kasmina.leyline import CommandType, MetricType, OptimizerCommand
+from kasmina.ops import grad_norms
+from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.utils.state_io import clone_state
+
+logger = logging.getLogger(__name__)
+
+HOST_ID = "host"
+TEACHER_SOURCE = "teacher"
+STATE_FORMAT = 1
+_CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
+
+ParameterProvider = Callable[[], Iterable[torch.Tensor]]
+
+
+@dataclass
+class _Entry:
+    optimizer: torch.optim.Optimizer
+    group_tags: list[str] = field(default_factory=list)  # "host" or the promoted seed's id
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _from_float32(value: float) -> float:
+    """The decimal a proto ``float`` field was set from (0.01, not 0.009999999776)."""
+    return float(str(np.float32(value)))
+
+
+def _collect(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Distinct leaf float tensors, in order; a clear error for anything else."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"{what} must be tensors, got {type(p).__name__}")
+        if not p.is_leaf:
+            raise ValueError(f"{what} must be leaf tensors (a non-leaf cannot be optimized)")
+        if p.dtype not in SUPPORTED_DTYPES:  # what grad_norms (clipping) accepts
+            raise ValueError(f"{what} must be float32, float16 or bfloat16, got {p.dtype}")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class IsolatedOptimizerManager:
+    """Owns the host optimizer and the seed optimizers; steps them on command."""
+
+    def __init__(
+        self,
+        *,
+        default_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+        telemetry: Any | None = None,
+    ) -> None:
+        self.default_optimizer_cls = default_optimizer_cls
+        self.telemetry = telemetry
+        self._entries: dict[str, _Entry] = {}
+        self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
+        self._sources: dict[str, ParameterProvider] = {}
+        self.last_grad_norm: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ registry
+    @property
+    def optimizer_ids(self) -> list[str]:
+        return list(self._entries)
+
+    @property
+    def seed_ids(self) -> list[str]:
+        return [oid for oid in self._entries if oid != HOST_ID]
+
+    @property
+    def has_host(self) -> bool:
+        return HOST_ID in self._entries
+
+    @property
+    def teacher_param_count(self) -> int:
+        return sum(p.numel() for p in self._ownership.owned_by(TEACHER_SOURCE))
+
+    def optimizer(self, optimizer_id: str) -> torch.optim.Optimizer:
+        return self._entry(optimizer_id).optimizer
+
+    def parameters(self, optimizer_id: str) -> list[torch.Tensor]:
+        return self._entry(optimizer_id).params()
+
+    def owner_of(self, param: torch.Tensor) -> str | None:
+        """The optimizer id owning ``param``, ``"teacher"`` for teacher params, else None."""
+        return self._ownership.owner_of(param)
+
+    def set_parameter_source(self, name: str, provider: ParameterProvider) -> None:
+        """Where commands find parameters: ``"host"``, a seed id, or ``"teacher"``.
+
+        A command carries only names; the provider is called when the command runs, so it sees
+        the module as it is then (e.g. a seed whose kernel was attached after registration).
+        """
+        if not name or not callable(provider):
+            raise ValueError("a parameter source needs a non-empty name and a callable")
+        self._sources[name] = provider
+
+    def _entry(self, optimizer_id: str) -> _Entry:
+        try:
+            return self._entries[optimizer_id]
+        except KeyError:
+            raise KeyError(
+                f"no optimizer {optimizer_id!r} (have {sorted(self._entries)})"
+            ) from None
+
+    # ------------------------------------------------------------------ creation
+    def _new_optimizer(
+        self,
+        params: list[torch.Tensor],
+        lr: float,
+        optimizer_cls: type[torch.optim.Optimizer] | None,
+        options: Mapping[str, Any],
+    ) -> torch.optim.Optimizer:
+        if not params:
+            raise ValueError("an optimizer needs at least one parameter")
+        if not (lr > 0):
+            raise ValueError(f"learning rate must be > 0, got {lr}")
+        cls = optimizer_cls or self.default_optimizer_cls
+        return cls(params, lr=lr, **dict(options))
+
+    def _check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
+        for index, p in enumerate(params):
+            if is_teacher_parameter(p):  # a live CheckpointedTeacher's, registered here or not
+                raise ParameterOverlapError(
+                    f"parameter {index} for {new_owner!r} belongs to a teacher (never optimized)"
+                )
+        self._ownership.check_free(params, new_owner)
+
+    def initialize_host(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        **options: Any,
+    ) -> torch.optim.Optimizer:
+        if self.has_host:
+            raise ValueError("the host optimizer is already initialized")
+        plist = _collect(params, "host parameters")
+        self._check_optimizable(plist, HOST_ID)
+        optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
+        self._ownership.claim(plist, HOST_ID)
+        self._entries[HOST_ID] = _Entry(optimizer, [HOST_ID])
+        self._emit("optimizer_created", float(len(plist)), {"optimizer_id": HOST_ID})
+        logger.info("host optimizer %s over %d tensors", type(optimizer).__name__, len(plist))
+        return optimizer
+
+    def create_seed_optimizer(
+        self,
+        seed_id: str,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        **options: Any,
+    ) -> torch.optim.Optimizer:
+        if not isinstance(seed_id, str) or not seed_id or seed_id in (HOST_ID, TEACHER_SOURCE):
+            raise ValueError(f"invalid seed id {seed_id!r}")
+        if seed_id in self._entries:
+            raise ValueError(f"seed {seed_id!r} already has an optimizer")
+        plist = _collect(params, f"parameters of seed {seed_id!r}")
+        self._check_optimizable(plist, seed_id)
+        optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
+        self._ownership.claim(plist, seed_id)
+        self._entries[seed_id] = _Entry(optimizer, [seed_id])
+        self._emit("seed_optimizer_created", float(len(plist)), {"seed_id": seed_id})
+        return optimizer
+
+    def register_teacher_params(self, params: Iterable[torch.Tensor]) -> int:
+        """Freeze teacher parameters and bar them from every optimizer; returns their count."""
+        plist = [
+            p
+            for p in _collect(params, "teacher parameters")
+            if self._ownership.owner_of(p) != TEACHER_SOURCE
+        ]
+        self._ownership.check_free(plist, TEACHER_SOURCE)
+        self._ownership.claim(plist, TEACHER_SOURCE)
+        for p in plist:
+            p.requires_grad_(False)
+        count = sum(p.numel() for p in plist)
+        self._emit("teacher_params_registered", float(self.teacher_param_count), {})
+        logger.info("registered %d teacher parameters (frozen, eval only)", count)
+        return count
+
+    def remove_seed(self, seed_id: str) -> None:
+        if seed_id == HOST_ID:
+            raise ValueError("remove_seed cannot remove the host optimizer")
+        self._entry(seed_id)  # KeyError for an unknown seed, before anything changes
+        self._ownership.release(seed_id)
+        del self._entries[seed_id]
+        self.last_grad_norm.pop(seed_id, None)
+
+    def promote_seed(self, seed_id: str) -> None:
+        """The seed is ACTIVE: its params join the host optimizer; the seed optimizer goes.
+
+        With the same optimizer class the seed's hyperparameters and state (e.g. Adam moments)
+        carry over; otherwise the new group takes the host's defaults with the seed's lr.
+        """
+        if seed_id == HOST_ID:
+            raise ValueError("the host cannot be promoted")
+        host = self._entry(HOST_ID)
+        seed = self._entry(seed_id)
+        same_kind = type(seed.optimizer) is type(host.optimizer)
+        for group in seed.optimizer.param_groups:
+            if same_kind:
+                hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            else:
+                hyper = {"lr": group["lr"]}
+            host.optimizer.add_param_group({"params": list(group["params"]), **hyper})
+            host.group_tags.append(seed_id)
+            if same_kind:
+                for p in group["params"]:
+                    if p in seed.optimizer.state:
+                        host.optimizer.state[p] = seed.optimizer.state[p]
+        params = seed.params()
+        self._ownership.transfer(seed_id, HOST_ID)
+        del self._entries[seed_id]
+        self.last_grad_norm.pop(seed_id, None)
+        self._emit("seed_promoted", float(len(params)), {"seed_id": seed_id})
+        logger.info("seed %s promoted: %d tensors joined the host optimizer", seed_id, len(params))
+
+    # ------------------------------------------------------------------ stepping
+    def set_lr(self, optimizer_id: str, lr: float) -> None:
+        if not (lr > 0):
+            raise ValueError(f"learning rate must be > 0, got {lr}")
+        for group in self._entry(optimizer_id).optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self, optimizer_id: str | None = None, set_to_none: bool = True) -> None:
+        ids = [optimizer_id] if optimizer_id is not None else list(self._entries)
+        for oid in ids:
+            self._entry(oid).optimizer.zero_grad(set_to_none=set_to_none)
+
+    def clip_grad_norm(self, optimizer_id: str, max_norm: float) -> torch.Tensor:
+        """Scale the group's grads so their global L2 norm is at most ``max_norm``.
+
+        Same math as ``torch.nn.utils.clip_grad_norm_`` (coef = max/(norm+1e-6), clamped to 1),
+        with the per-tensor norms from ``grad_norms``. Returns the pre-clip norm (a device
+        tensor, no host sync).
+        """
+        if not (max_norm > 0):
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        params = self.parameters(optimizer_id)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=params[0].device)
+        if any(g.is_sparse for g in grads):
+            raise ValueError("gradient clipping does not support sparse gradients")
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        first = grads[0].device
+        norms = [grad_norms(group).to(first) for group in by_device.values()]
+        total = torch.linalg.vector_norm(torch.cat(norms))
+        coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0)
+        for device, group in by_device.items():
+            torch._foreach_mul_(group, coef.to(device))
+        return total
+
+    def step(self, optimizer_id: str, grad_clip_norm: float = 0.0) -> bool:
+        """Step one optimizer, clipping first when ``grad_clip_norm > 0``.
+
+        With clipping, a non-finite global norm skips the step (one host sync, like AMP's
+        scaler) so NaN/Inf never reach the weights; returns False then, True when it stepped.
+        """
+        entry = self._entry(optimizer_id)
+        if grad_clip_norm > 0:
+            total = self.clip_grad_norm(optimizer_id, grad_clip_norm)
+            self.last_grad_norm[optimizer_id] = total
+            if not bool(torch.isfinite(total)):
+                logger.warning("optimizer %s: non-finite grad norm, step skipped", optimizer_id)
+                self._emit("optimizer_step_skipped", 1.0, {"optimizer_id": optimizer_id})
+                return False
+        entry.optimizer.step()
+        return True
+
+    def reset_state(self, optimizer_id: str) -> None:
+        """Forget the optimizer's running state (moments, step counts); keep its params."""
+        self._entry(optimizer_id).optimizer.state.clear()
+
+    # ------------------------------------------------------------------ commands
+    def _params_from(self, name: str) -> list[torch.Tensor]:
+        provider = self._sources.get(name)
+        if provider is None:
+            raise KeyError(f"no parameter source registered for {name!r}")
+        return list(provider())
+
+    @staticmethod
+    def _options(cmd: OptimizerCommand) -> dict[str, Any]:
+        """Creation options from ``cmd.parameters``; ``beta1``/``beta2`` become ``betas``."""
+        options: dict[str, Any] = dict(cmd.parameters)
+        if "beta1" in options or "beta2" in options:
+            options["betas"] = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
+        return options
+
+    def apply_optimizer_command(self, cmd: OptimizerCommand) -> bool:
+        """Execute one Leyline ``OptimizerCommand``; False (logged) on any rejection.
+
+        Authentication happens on the enclosing ``AdaptationCommand``. ``optimizer_id`` names
+        the target (default ``"host"`` / ``"teacher"``); ``learning_rate`` sets the lr on
+        creation and, when > 0 on STEP, before stepping; ``parameters`` become optimizer
+        options on creation (``beta1``/``beta2`` are combined into ``betas``).
+        """
+        kind = cmd.command_type
+        oid = cmd.optimizer_id
+        lr = _from_float32(cmd.learning_rate) if cmd.learning_rate > 0 else 1e-3
+        try:
+            if kind == CommandType.COMMAND_TYPE_INITIALIZE_HOST:
+                name = oid or HOST_ID
+                self.initialize_host(self._params_from(name), lr=lr, **self._options(cmd))
+            elif kind == CommandType.COMMAND_TYPE_CREATE_SEED:
+                self.create_seed_optimizer(oid, self._params_from(oid), lr=lr, **self._options(cmd))
+            elif kind == CommandType.COMMAND_TYPE_STEP:
+                if cmd.learning_rate > 0:
+                    self.set_lr(oid, lr)
+                return self.step(oid, grad_clip_norm=_from_float32(cmd.grad_clip_norm))
+            elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
+                self.reset_state(oid)
+            elif kind == CommandType.COMMAND_TYPE_REGISTER_TEACHER:
+                self.register_teacher_params(self._params_from(oid or TEACHER_SOURCE))
+            else:
+                logger.error("optimizer command with unknown type %d rejected", kind)
+                return False
+        except (ParameterOverlapError, KeyError, ValueError, TypeError) as exc:
+            logger.error("optimizer command %s for %r rejected: %s", kind, oid, exc)
+            return False
+        return True
+
+    async def handle_optimizer_command(self, cmd: OptimizerCommand) -> bool:
+        """Async form of ``apply_optimizer_command`` (the name controllers know)."""
+        return self.apply_optimizer_command(cmd)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Every optimizer's ``state_dict`` plus the layout needed to check it on load.
+
+        Like torch's, it holds references to the live state tensors; clone it (or use
+        ``kasmina.manager.checkpoints.capture_training_state``) to keep a snapshot in memory.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "optimizers": {
+                oid: {
+                    "class": type(entry.optimizer).__name__,
+                    "groups": list(entry.group_tags),
+                    "state": entry.optimizer.state_dict(),
+                }
+                for oid, entry in self._entries.items()
+            },
+        }
+
+    def validate_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state`` matches the live optimizers' layout."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported optimizer state format {state.get('format')!r}")
+        saved = state.get("optimizers", {})
+        if set(saved) != set(self._entries):
+            raise ValueError(
+                f"optimizer state is for {sorted(saved)}, live optimizers are "
+                f"{sorted(self._entries)}"
+            )
+        for oid, entry in self._entries.items():
+            item = saved[oid]
+            if item.get("class") != type(entry.optimizer).__name__:
+                raise ValueError(f"optimizer {oid!r}: saved class {item.get('class')!r}")
+            if list(item.get("groups", [])) != entry.group_tags:
+                raise ValueError(f"optimizer {oid!r}: saved param groups {item.get('groups')}")
+            saved_sizes = [len(g["params"]) for g in item["state"]["param_groups"]]
+            live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
+            if saved_sizes != live_sizes:
+                raise ValueError(f"optimizer {oid!r}: group sizes {saved_sizes} != {live_sizes}")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
+        self.validate_state_dict(state)
+        for oid, entry in self._entries.items():
+            entry.optimizer.load_state_dict(clone_state(state["optimizers"][oid]["state"]))
+
+    # ------------------------------------------------------------------ telemetry
+    def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:
+        if self.telemetry is not None:
+            self.telemetry.emit(name, value, MetricType.METRIC_TYPE_EVENT, labels=dict(labels))

@@ -1,0 +1,30 @@
+"""How a seed distils from a teacher: temperature, weight and reduction, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kasmina.ops import KD_REDUCTIONS as REDUCTIONS
+
+__all__ = ["KDConfig"]
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """How a seed distils from a teacher.
+
+    ``alpha`` weighs the KD term when the trainer adds it to its objective; ``temperature``
+    softens both distributions (the loss is scaled by T², docs/design.md §2).
+    """
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    reduction: str = "batchmean"
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"KD temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"unknown KD reduction {self.reduction!r}")

@@ -1,0 +1,392 @@
+"""The KD teacher (docs/design.md §7): a frozen reduced-precision copy of a model, and timed
+teacher forwards that survive an OOM."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP32_BYTES = torch.empty((), dtype=torch.float32).element_size()
+# id(param) -> param for every live teacher parameter; entries vanish with their parameter.
+_TEACHER_PARAMS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def is_teacher_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a live :class:`CheckpointedTeacher` (optimizers refuse it)."""
+    return _TEACHER_PARAMS.get(id(param)) is param
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """An allocator out-of-memory error, whatever the backend raised it as."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _param_bytes(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _tensor_bytes(obj: object, seen: set[int]) -> int:
+    """Bytes of the distinct storages of every tensor inside ``obj`` (tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen:
+            return 0
+        seen.add(ptr)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(item, seen) for item in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(item, seen) for item in obj.values())
+    return 0
+
+
+def _logits_of(output: object) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"the teacher must return a logits tensor (or an object with .logits), got "
+        f"{type(output).__name__}"
+    )
+
+
+class CheckpointedTeacher:
+    """A frozen teacher: eval mode, no gradients, optionally bf16/fp16.
+
+    Its memory saving comes from the reduced precision alone: bf16/fp16 parameters and
+    activations take half the bytes of fp32. Activation checkpointing would save nothing here —
+    without autograd no activation is kept for a backward pass — so none is used.
+
+    The model is deep-copied (``copy_model=True``: the caller's model is untouched) or taken over
+    in place (``copy_model=False``: no transient second copy, for large teachers). Its parameters
+    get ``requires_grad=False`` and enter a teacher-only registry (:func:`is_teacher_parameter`,
+    :meth:`teacher_parameters`) that the optimizer manager checks, so no optimizer takes them.
+    ``checkpoint_path`` optionally loads a plain ``state_dict`` file first.
+
+    ``forward`` runs under ``torch.inference_mode``. Floating inputs are moved to the teacher's
+    device and cast to its dtype (integer inputs such as token ids keep their dtype). Logits come
+    back as ``output_dtype`` (fp32 by default; ``None`` keeps the teacher dtype) and as ordinary
+    tensors, not inference tensors, so any loss may save them for its backward. This is not an
+    ``nn.Module`` on purpose: assigning it to a student never registers the teacher's weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype | None = torch.bfloat16,
+        device: torch.device | str | None = None,
+        *,
+        copy_model: bool = True,
+        output_dtype: torch.dtype | None = torch.float32,
+        checkpoint_path: str | Path | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(model).__name__}")
+        for name, value in (("dtype", dtype), ("output_dtype", output_dtype)):
+            if value is not None and value not in _TEACHER_DTYPES:
+                raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
+        teacher = copy.deepcopy(model) if copy_model else model
+        if checkpoint_path is not None:
+            state = torch.load(Path(checkpoint_path), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"{checkpoint_path} does not hold a state_dict")
+            teacher.load_state_dict(state)
+        # The fp32 figure is counted on the model as given, before any cast.
+        self.full_precision_parameter_bytes = _FP32_BYTES * sum(
+            p.numel() for p in teacher.parameters()
+        )
+        if dtype is not None or device is not None:
+            teacher.to(device=device, dtype=dtype)
+        teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+            _TEACHER_PARAMS[id(param)] = param
+        self.teacher = teacher
+        self.output_dtype = output_dtype
+        first = next(iter(teacher.parameters()), None)
+        self.dtype = dtype or (first.dtype if first is not None else torch.float32)
+        self.device = first.device if first is not None else torch.device(device or "cpu")
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        """The frozen teacher-only parameters (to register with the optimizer manager)."""
+        return list(self.teacher.parameters())
+
+    def parameter_bytes(self) -> int:
+        """Bytes the teacher's parameters take now, at the teacher dtype."""
+        return _param_bytes(self.teacher.parameters())
+
+    def __call__(self, input_batch: torch.Tensor) -> torch.Tensor:
+        return self.forward(input_batch)
+
+    def forward(self, input_batch: torch.Tensor) -> torch.Tensor:
+        """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
+        if self.teacher.training:
+            logger.warning("teacher was switched to train mode; returning it to eval mode")
+            self.teacher.eval()
+        with torch.inference_mode():
+            logits = self._run(input_batch)
+        # Outside inference mode, so the result is an ordinary tensor.
+        target = self.output_dtype or logits.dtype
+        return logits.to(target) if logits.dtype != target else logits.clone()
+
+    def _run(self, input_batch: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_batch, torch.Tensor):
+            raise TypeError(f"input_batch must be a tensor, got {type(input_batch).__name__}")
+        if input_batch.is_floating_point():
+            input_batch = input_batch.to(device=self.device, dtype=self.dtype)
+        else:
+            input_batch = input_batch.to(device=self.device)
+        return _logits_of(self.teacher(input_batch))
+
+    def measure_forward_peak_bytes(
+        self, input_batch: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> int:
+        """Measured peak memory of one teacher forward at ``dtype`` (default: the teacher's).
+
+        Peak = parameter bytes + the activation peak. On CUDA the activation peak is
+        ``max_memory_allocated`` above the allocation before the forward (this resets the
+        device's peak statistics). On CPU, which has no allocator statistics, it is the largest
+        input+output bytes of any module call, captured by forward hooks: a lower bound of the
+        true peak. For another dtype the teacher is cast in place for the measurement and cast
+        back; fp32 holds every bf16/fp16 value exactly, so the round trip is bit-exact.
+        """
+        target = self.dtype if dtype is None else dtype
+        if target not in _TEACHER_DTYPES:
+            raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
+        own_dtype = self.dtype
+        cast = target != own_dtype
+        saved = _floating_dtypes(self.teacher)
+        try:
+            if cast:
+                self.teacher.to(dtype=target)
+                self.dtype = target
+            run = lambda: self._run(input_batch)  # noqa: E731
+            with torch.inference_mode():
+                if self.device.type == "cuda":
+                    activations = _cuda_activation_peak(self.device, run)
+                else:
+                    activations = _hooked_activation_peak(self.teacher, run)
+            return self.parameter_bytes() + activations
+        finally:
+            if cast:
+                _restore_dtypes(self.teacher, saved)
+                self.dtype = own_dtype
+
+
+def _floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
+
+
+def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast back tensor by tensor (a model may mix dtypes); ``.data`` keeps each object."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            t.data = t.data.to(dtypes[name])
+
+
+def _cuda_activation_peak(device: torch.device, run: Callable[[], torch.Tensor]) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = run()
+    torch.cuda.synchronize(device)
+    del out
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _hooked_activation_peak(model: nn.Module, run: Callable[[], torch.Tensor]) -> int:
+    largest = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal largest
+        seen: set[int] = set()
+        largest = max(largest, _tensor_bytes(inputs, seen) + _tensor_bytes(output, seen))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return largest
+
+
+class TeacherForwardPassManager:
+    """Timed teacher forwards that never stop training (docs/design.md §7).
+
+    Each forward is timed: CUDA events on a GPU (read back lazily on later calls, so a step
+    never waits on the device for its own timing), ``perf_counter`` on CPU. A forward slower
+    than ``budget_ms`` logs a warning (the first, then every 100th). An out-of-memory error skips
+    KD for that step: ``None`` is returned, the CUDA cache is emptied, ``oom_count`` goes up and
+    the caller trains on. Any other error propagates: a broken teacher is a bug, not a budget.
+
+    With ``profile_memory`` (default) the first successful forward's batch is also used to
+    measure the teacher's peak forward memory at its own precision and at fp32
+    (:meth:`profile_memory`); that costs one extra forward of each kind, once.
+    """
+
+    SLOW_WARNING_EVERY = 100
+
+    def __init__(
+        self,
+        teacher: CheckpointedTeacher | None,
+        budget_ms: float = 10.0,
+        *,
+        profile_memory: bool = True,
+    ) -> None:
+        if teacher is not None and not isinstance(teacher, CheckpointedTeacher):
+            raise TypeError(f"teacher must be a CheckpointedTeacher, got {type(teacher).__name__}")
+        if not budget_ms > 0:
+            raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
+        self.checkpointed_teacher = teacher
+        self.budget_ms = float(budget_ms)
+        self.auto_profile = profile_memory
+        self.oom_count = 0
+        self.slow_count = 0
+        self._count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+        self._max = 0.0
+        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._memory: dict[str, float] | None = None
+
+    def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
+        """Teacher logits for ``input_batch``, or ``None`` (no teacher, or OOM: skip KD)."""
+        teacher = self.checkpointed_teacher
+        if teacher is None:
+            return None
+        on_cuda = teacher.device.type == "cuda"
+        failed: BaseException | None = None
+        try:
+            if on_cuda:
+                self._drain(block=False)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                logits = teacher.forward(input_batch)
+                end.record()
+                self._pending.append((start, end))
+            else:
+                began = time.perf_counter()
+                logits = teacher.forward(input_batch)
+                self._record((time.perf_counter() - began) * 1e3)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            failed = exc
+        if failed is not None:
+            # Outside the except block, so the traceback's frames no longer pin tensors.
+            self._after_oom(failed, on_cuda)
+            return None
+        if self.auto_profile and self._memory is None:
+            self.profile_memory(input_batch)
+        return logits
+
+    def _after_oom(self, exc: BaseException, on_cuda: bool) -> None:
+        self.oom_count += 1
+        logger.error("teacher forward ran out of memory; KD skipped for this step: %s", exc)
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def _record(self, elapsed_ms: float) -> None:
+        self._count += 1
+        delta = elapsed_ms - self._mean
+        self._mean += delta / self._count
+        self._m2 += delta * (elapsed_ms - self._mean)
+        self._max = max(self._max, elapsed_ms)
+        if elapsed_ms > self.budget_ms:
+            self.slow_count += 1
+            loud = self.slow_count == 1 or self.slow_count % self.SLOW_WARNING_EVERY == 0
+            msg = "teacher forward took %.2f ms, above the %.2f ms budget (%d slow of %d)"
+            args = (elapsed_ms, self.budget_ms, self.slow_count, self._count)
+            (logger.warning if loud else logger.debug)(msg, *args)
+
+    def _drain(self, block: bool) -> None:
+        while self._pending:
+            start, end = self._pending[0]
+            if not block and not end.query():
+                return
+            end.synchronize()
+            self._pending.popleft()
+            self._record(start.elapsed_time(end))
+
+    def profile_memory(self, input_batch: torch.Tensor) -> dict[str, float]:
+        """Measure the peak forward memory at the teacher's precision and at fp32, once.
+
+        An OOM while measuring fp32 is itself the answer (fp32 does not fit); that or any other
+        failure of the fp32 run is recorded as NaN with a warning and the reduced figure stands.
+        """
+        teacher = self.checkpointed_teacher
+        if teacher is None:
+            raise ValueError("no teacher to profile")
+        reduced = float(teacher.measure_forward_peak_bytes(input_batch))
+        full = reduced
+        if teacher.dtype != torch.float32:
+            try:
+                full = float(teacher.measure_forward_peak_bytes(input_batch, torch.float32))
+            except Exception as exc:  # a measurement must never stop training
+                full = math.nan
+                reason = "does not fit in memory" if is_oom_error(exc) else f"failed: {exc!r}"
+                logger.warning("the fp32 teacher forward %s; its peak is not measured", reason)
+                if teacher.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self._memory = {"peak_forward_bytes_full": full, "peak_forward_bytes_reduced": reduced}
+        return dict(self._memory)
+
+    def get_checkpoint_effectiveness(self) -> dict[str, float]:
+        """Measured memory and overhead figures (no assumed constants; NaN = not measured yet).
+
+        ``param_bytes_full`` counts the original model's parameters at fp32;
+        ``param_bytes_reduced`` the teacher's parameters as held. Peak figures come from
+        :meth:`profile_memory` (``memory_measured_on_cuda`` says which method measured them).
+        Forward times are in ms over every timed forward (population std).
+        """
+        self._drain(block=True)
+        teacher = self.checkpointed_teacher
+        nan = math.nan
+        full_params = float(teacher.full_precision_parameter_bytes) if teacher else nan
+        reduced_params = float(teacher.parameter_bytes()) if teacher else nan
+        memory = self._memory or {}
+        peak_full = memory.get("peak_forward_bytes_full", nan)
+        peak_reduced = memory.get("peak_forward_bytes_reduced", nan)
+        mean = self._mean if self._count else nan
+        return {
+            "param_bytes_full": full_params,
+            "param_bytes_reduced": reduced_params,
+            "param_bytes_saved": full_params - reduced_params,
+            "param_memory_ratio": _ratio(reduced_params, full_params),
+            "peak_forward_bytes_full": peak_full,
+            "peak_forward_bytes_reduced": peak_reduced,
+            "peak_memory_saved": peak_full - peak_reduced,
+            "peak_memory_ratio": _ratio(peak_reduced, peak_full),
+            "memory_measured_on_cuda": float(teacher is not None and teacher.device.type == "cuda"),
+            "forward_ms_mean": mean,
+            "forward_ms_std": math.sqrt(self._m2 / self._count) if self._count else nan,
+            "forward_ms_max": self._max if self._count else nan,
+            "forwards": float(self._count),
+            "slow_forwards": float(self.slow_count),
+            "budget_ms": self.budget_ms,
+            "within_budget": float(mean <= self.budget_ms) if self._count else nan,
+            "ooms": float(self.oom_count),
+        }
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole and not math.isnan(whole) else math.nan

@@ -1,0 +1,228 @@
+"""Every Kasmina setting in one validated dataclass.
+
+Defaults are safe for a single machine: the Urza store is a local directory and checkpoints go
+under the user's cache directory (``$XDG_CACHE_HOME/kasmina`` or ``~/.cache/kasmina``), never the
+working directory. HMAC keys are never part of the configuration itself, only where to find them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kasmina.kd.config import KDConfig
+from kasmina.utils.keyring import Keyring
+
+__all__ = ["KasminaConfig", "default_cache_root"]
+
+_TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_cache_root() -> Path:
+    """``$KASMINA_HOME``, else ``$XDG_CACHE_HOME/kasmina``, else ``~/.cache/kasmina``."""
+    home = os.environ.get("KASMINA_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "kasmina"
+
+
+def _default_urza_url() -> str:
+    return str(default_cache_root() / "urza")
+
+
+def _default_checkpoint_dir() -> str:
+    return str(default_cache_root() / "checkpoints")
+
+
+def _default_emergency_dir() -> str:
+    return str(default_cache_root() / "emergency")
+
+
+@dataclass
+class KasminaConfig:
+    """Settings of one Kasmina executor (see each field's comment for its unit and meaning)."""
+
+    # Where seeds' kernels run: "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    # Byte budget of the GPU-resident kernel cache (parameters + buffers of cached kernels).
+    cache_size_mb: float = 512.0
+
+    # --- Urza artifact store -------------------------------------------------------------
+    # Any fsspec URL; a plain local directory is the embedded default.
+    urza_url: str = field(default_factory=_default_urza_url)
+    # Per-operation timeout of one store read (seconds).
+    urza_timeout_s: float = 10.0
+    # Extra attempts after a failed read (0 = try once).
+    urza_retries: int = 3
+    # First retry delay; doubles per attempt up to urza_backoff_max_s.
+    urza_backoff_s: float = 0.1
+    urza_backoff_max_s: float = 2.0
+    # Consecutive failed attempts that open the circuit breaker.
+    urza_breaker_threshold: int = 5
+    # Seconds an open breaker waits before letting one trial request through.
+    urza_breaker_reset_s: float = 30.0
+    # Publisher key ids allowed to sign artifacts; empty = any key in the keyring.
+    urza_trusted_key_ids: tuple[str, ...] = ()
+
+    # --- Authentication (docs/design.md §5) -------------------------------------------------------
+    # Environment variable holding the HMAC keyring ("id:hex,..." or a JSON object).
+    hmac_keys_env: str = "KASMINA_HMAC_KEYS"
+    # JSON key file {"key_id": "hex"}; when set it is used instead of the environment variable.
+    hmac_keys_file: str | None = None
+    # Commands whose timestamp is further than this from now are rejected (seconds).
+    command_freshness_s: float = 60.0
+
+    # --- Gradient isolation, checkpoints (docs/design.md §4) --------------------------------------
+    # Isolation violations of one seed that trip its circuit breaker (QUARANTINE).
+    max_isolation_violations: int = 3
+    # Atomic per-epoch checkpoints for rollback.
+    checkpoint_dir: str = field(default_factory=_default_checkpoint_dir)
+    # Emergency checkpoints written when a breaker trips.
+    emergency_checkpoint_dir: str = field(default_factory=_default_emergency_dir)
+    # Epoch checkpoints kept on disk (oldest deleted first).
+    checkpoints_kept: int = 5
+
+    # --- Lifecycle gates (docs/design.md §3) ------------------------------------------------------
+    # G2: epochs a seed trains in ISOLATED_INIT (with zero violations) before its check.
+    min_isolated_epochs: int = 3
+    # G3: a seed's forward must take at most this long (milliseconds, median of a few runs).
+    latency_budget_ms: float = 5.0
+    # G5: GATE_SCORE must reach this value, per mille (0..1000, the scale of ALPHA_BLEND).
+    performance_gate: int = 500
+    # Epochs of COOLDOWN after a CULL when the command gives no "embargo_epochs".
+    default_embargo_epochs: int = 5
+    # GRAFTING alpha = sigmoid((step - steps/2) / temperature).
+    grafting_steps: int = 100
+    grafting_temperature: float = 10.0
+
+    # --- Knowledge distillation (docs/design.md §7) -----------------------------------------------
+    kd_enabled: bool = False
+    kd: KDConfig = field(default_factory=KDConfig)
+    # Teacher weights/activations dtype: "bfloat16" halves its memory against "float32".
+    teacher_dtype: str = "bfloat16"
+    # Checkpoint (state dict) of the teacher; None = the caller hands a teacher model in.
+    teacher_checkpoint_path: str | None = None
+
+    # --- Telemetry ------------------------------------------------------------------------
+    # When set, every telemetry packet is appended to this JSON-lines file.
+    telemetry_jsonl_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a non-empty string, got {self.device!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device {self.device!r} is not a valid torch device") from None
+        _positive("cache_size_mb", self.cache_size_mb)
+        if not isinstance(self.urza_url, str) or not self.urza_url:
+            raise ValueError("urza_url must be a non-empty string")
+        _positive("urza_timeout_s", self.urza_timeout_s)
+        _non_negative_int("urza_retries", self.urza_retries)
+        _non_negative("urza_backoff_s", self.urza_backoff_s)
+        _non_negative("urza_backoff_max_s", self.urza_backoff_max_s)
+        _positive_int("urza_breaker_threshold", self.urza_breaker_threshold)
+        _non_negative("urza_breaker_reset_s", self.urza_breaker_reset_s)
+        self.urza_trusted_key_ids = tuple(self.urza_trusted_key_ids)
+        if not all(isinstance(k, str) and k for k in self.urza_trusted_key_ids):
+            raise ValueError("urza_trusted_key_ids must be non-empty strings")
+        if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
+            raise ValueError("hmac_keys_env must name an environment variable")
+        _positive("command_freshness_s", self.command_freshness_s)
+        _positive_int("max_isolation_violations", self.max_isolation_violations)
+        for name in ("checkpoint_dir", "emergency_checkpoint_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty path")
+            if Path(value).expanduser().resolve() == Path.cwd().resolve():
+                raise ValueError(f"{name} must not be the working directory")
+        _positive_int("checkpoints_kept", self.checkpoints_kept)
+        _non_negative_int("min_isolated_epochs", self.min_isolated_epochs)
+        _positive("latency_budget_ms", self.latency_budget_ms)
+        if not isinstance(self.performance_gate, int) or not 0 <= self.performance_gate <= 1000:
+            raise ValueError(
+                f"performance_gate must be an int in [0, 1000], got {self.performance_gate!r}"
+            )
+        _non_negative_int("default_embargo_epochs", self.default_embargo_epochs)
+        _positive_int("grafting_steps", self.grafting_steps)
+        _positive("grafting_temperature", self.grafting_temperature)
+        if not isinstance(self.kd, KDConfig):
+            raise TypeError(f"kd must be a KDConfig, got {type(self.kd).__name__}")
+        if self.teacher_dtype not in _TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
+            )
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The resolved device ("auto": CUDA when available, else CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def teacher_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.teacher_dtype)
+
+    @property
+    def cache_size_bytes(self) -> int:
+        return int(self.cache_size_mb * 1024 * 1024)
+
+    def load_keyring(self) -> Keyring:
+        """The HMAC keyring from ``hmac_keys_file`` if set, else from ``hmac_keys_env``."""
+        if self.hmac_keys_file:
+            return Keyring.from_file(self.hmac_keys_file)
+        return Keyring.from_env(self.hmac_keys_env)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (``kd`` as a nested dict)."""
+        data = dataclasses.asdict(self)
+        data["urza_trusted_key_ids"] = list(self.urza_trusted_key_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
+        """Build from a mapping; unknown keys are an error (a typo must not be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown KasminaConfig settings: {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("kd"), Mapping):
+            values["kd"] = KDConfig(**values["kd"])
+        if "urza_trusted_key_ids" in values:
+            values["urza_trusted_key_ids"] = tuple(values["urza_trusted_key_ids"])
+        return cls(**values)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(name: str, value: object) -> None:
+    if not _is_number(value) or not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: object) -> None:
+    if not _is_number(value) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")

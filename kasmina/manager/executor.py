@@ -1,0 +1,317 @@
+"""What each verified command does to the manager's seeds (docs/design.md §3, §5).
+
+``CommandExecution.execute`` is the manager's ``CommandExecutor``: the handler calls it only
+after signature, freshness, replay and validation checks passed. Every operation either
+completes or leaves the seed as it was: GERMINATE does everything that can fail (fetch, verify,
+copy, G1, optimizer, monitor) before the DORMANT -> ISOLATED_INIT transition, and undoes it all
+if any step fails. A refused command returns False with its reason logged and kept in
+``manager.command_log``; the host never notices.
+
+Side effects of transitions live in ``on_transition`` (called for every applied transition,
+whoever made it): a seed that reaches HARVESTING has its kernel copy released, the cached
+original unpinned, its optimizer and monitor dropped and a field report recorded, whether a CULL
+command or the seed itself sent it there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+from kasmina.control.commands import KasminaCommand, SeedAction
+from kasmina.errors import (
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+    IllegalTransitionError,
+    ParameterOverlapError,
+    UrzaUnavailableError,
+)
+from kasmina.leyline import SeedOperation
+from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.report import ManagerReport
+from kasmina.manager.rollback import restore_epoch
+from kasmina.manager.slots import SeedRecord
+from kasmina.manager.state import ManagerState
+from kasmina.seeds.gates import GateResult
+from kasmina.seeds.table import SCALE
+from kasmina.stages import (
+    GATE_FOR_TRANSITION,
+    LEGAL_TRANSITIONS,
+    NEXT_STAGE,
+    SeedStage,
+    StateColumn,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CommandExecution", "CommandRefused"]
+
+S = SeedStage
+# Failures that refuse one command and leave everything as it was (anything else is a bug and
+# propagates to the handler, which logs it with its traceback and counts the command failed).
+_REFUSALS = (
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+    FileNotFoundError,
+    IllegalTransitionError,
+    KeyError,
+    ParameterOverlapError,
+    UrzaUnavailableError,
+    ValueError,
+)
+
+# EMBARGO_COUNTER is an int32 column of the state table.
+_MAX_EMBARGO_EPOCHS = 2**31 - 1
+
+
+class CommandRefused(Exception):
+    """A command that cannot be carried out in the seed's current state (nothing changed)."""
+
+
+class CommandExecution:
+    """Carries out verified commands on the manager's seeds, kernels and optimizers.
+
+    It receives what it touches: the shared ``state``, the ``guard`` that makes seed monitors,
+    and the ``report`` that records commands, gates and field reports.
+    """
+
+    def __init__(self, state: ManagerState, guard: IsolationGuard, report: ManagerReport) -> None:
+        self.state = state
+        self.guard = guard
+        self.report = report
+
+    # ------------------------------------------------------------------ dispatch
+    def execute(self, command: KasminaCommand) -> bool:
+        target = command.seed.seed_id if command.seed is not None else command.kind
+        try:
+            if command.kind == "seed" and command.seed is not None:
+                self._seed_command(command.seed, command.timeout_s)
+            elif command.kind == "rollback" and command.rollback is not None:
+                rollback = command.rollback
+                log = logger.critical if rollback.emergency else logger.warning
+                log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
+                restore_epoch(self.state, self.guard, rollback.target_epoch)
+            elif command.kind == "optimizer" and command.optimizer is not None:
+                if not self.state.optimizers.apply_optimizer_command(command.optimizer):
+                    raise CommandRefused("rejected by the optimizer manager (see its log)")
+            else:
+                raise CommandRefused(f"command of kind {command.kind!r} has no payload")
+        except (CommandRefused, *_REFUSALS) as exc:
+            reason = str(exc) if isinstance(exc, CommandRefused) else f"{type(exc).__name__}: {exc}"
+            logger.warning("command %s (%s) refused: %s", command.command_id, target, reason)
+            self.report.note_command(command, False, reason)
+            return False
+        self.report.note_command(command, True, "")
+        return True
+
+    def _seed_command(self, action: SeedAction, timeout_s: float) -> None:
+        record = self.state.require_registry()[action.seed_id]
+        op = action.operation
+        if op == SeedOperation.SEED_OPERATION_GERMINATE:
+            self.germinate(record, action.artifact_id, action.parameters, timeout_s)
+        elif op == SeedOperation.SEED_OPERATION_ADVANCE:
+            self.advance(record, action.parameters)
+        elif op == SeedOperation.SEED_OPERATION_CULL:
+            self.cull(record, action.parameters)
+        elif op == SeedOperation.SEED_OPERATION_TERMINATE:
+            self.terminate(record)
+        else:
+            raise CommandRefused(f"unknown seed operation {op}")
+
+    # ------------------------------------------------------------------ operations
+    def germinate(
+        self,
+        record: SeedRecord,
+        artifact_id: str,
+        parameters: Mapping[str, float],
+        timeout_s: float = math.inf,
+    ) -> None:
+        """Fetch (or hit the cache), verify, copy, attach, G1, optimizer, monitor, ISOLATED_INIT."""
+        state = self.state
+        if record.stage != S.DORMANT:
+            raise CommandRefused(f"seed {record.seed_id} is {record.stage.name}; needs DORMANT")
+        lr = float(parameters.get("learning_rate", state.seed_lr))
+        if not lr > 0:
+            raise CommandRefused(f"learning_rate must be > 0, got {lr}")
+        started = time.perf_counter()
+        original = state.loader.original(artifact_id)
+        elapsed = time.perf_counter() - started
+        if elapsed > timeout_s:
+            raise CommandRefused(
+                f"loading {artifact_id} took {elapsed:.3f} s, over the command's {timeout_s:.3f} s "
+                "timeout (the kernel stays cached for the next try)"
+            )
+        self._check_fits_slot(record, original)
+        kernel = state.loader.copy(original)
+        pinned = state.loader.pin(artifact_id)
+        seed = record.seed
+        try:
+            seed.attach_kernel(kernel, artifact_id)
+            result = seed.evaluate_gate(S.ISOLATED_INIT)
+            self.report.note_gate(record, result)
+            if not result.passed:
+                raise CommandRefused(f"G1 refused {artifact_id}: {result.reason}")
+            state.optimizers.create_seed_optimizer(
+                record.seed_id,
+                seed.seed_parameters(),
+                lr=lr,
+                optimizer_cls=state.optimizer_cls,
+                **state.optimizer_options,
+            )
+            record.artifact_id, record.kernel, record.pinned = artifact_id, kernel, pinned
+            record.hook = kernel.register_forward_hook(record.capture)
+            record.monitor = self.guard.new_monitor(record, state.require_registry())
+            record.graft_steps = 0
+            seed.performance_gate = state.config.performance_gate / SCALE
+            seed.transition_to(S.ISOLATED_INIT, gate=1)
+        except BaseException:
+            self._undo_germinate(record, kernel, artifact_id, pinned)
+            raise
+
+    @staticmethod
+    def _check_fits_slot(record: SeedRecord, kernel: object) -> None:
+        """Refuse an artifact whose declared input cannot take the slot's chunk: run on the
+        host's activations, it would raise inside the user's forward."""
+        manifest = getattr(kernel, "manifest", None)
+        specs = getattr(manifest, "input_spec", ())
+        width = record.seed.chunk_size
+        if len(specs) != 1 or not specs[0].shape or specs[0].shape[-1] not in (None, width):
+            declared = [list(spec.shape) for spec in specs]
+            raise CommandRefused(
+                f"artifact inputs {declared} do not fit seed {record.seed_id}'s chunk of "
+                f"width {width}"
+            )
+
+    def _undo_germinate(
+        self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool
+    ) -> None:
+        if record.seed_id in self.state.optimizers.seed_ids:
+            self.state.optimizers.remove_seed(record.seed_id)
+        if record.seed.kernel is kernel:
+            record.seed.detach_kernel()
+        record.clear_kernel()
+        record.artifact_id, record.pinned = None, False
+        kernel.release_gpu_memory()  # type: ignore[attr-defined]
+        if pinned:
+            self.state.kernel_cache.unpin(artifact_id)
+
+    def advance(self, record: SeedRecord, parameters: Mapping[str, float]) -> GateResult:
+        """Evaluate the gate to the next stage; transition only if it passes."""
+        stage = record.stage
+        target = NEXT_STAGE.get(stage)
+        if target is None or stage == S.DORMANT:
+            what = "GERMINATE it first" if stage == S.DORMANT else "no next stage"
+            raise CommandRefused(f"seed {record.seed_id} is {stage.name}: {what}")
+        if "gate_score" in parameters:
+            self.state.record_gate_score(record.seed_id, parameters["gate_score"])
+        result = self.evaluate_gate(record, target)
+        self.report.note_gate(record, result)
+        if not result.passed:
+            raise CommandRefused(f"G{result.gate} refused: {result.reason}")
+        record.seed.transition_to(target, gate=result.gate)
+        return result
+
+    def evaluate_gate(self, record: SeedRecord, target: SeedStage) -> GateResult:
+        """The gate to ``target`` measured with the manager's settings (no transition)."""
+        config = self.state.config
+        sample = None
+        gate = GATE_FOR_TRANSITION.get((record.stage, target))
+        if gate == 3 and record.seed.probe_result is None:
+            # No forward since COMPATIBILITY_CHECK began: probe activations of the seed's
+            # last-seen input shape instead.
+            sample = self.state.require_registry().probe_sample(record)
+        return record.seed.evaluate_gate(
+            target,
+            min_isolated_epochs=config.min_isolated_epochs,
+            latency_budget_ms=config.latency_budget_ms,
+            performance_gate=config.performance_gate / SCALE,
+            sample=sample,
+        )
+
+    def cull(self, record: SeedRecord, parameters: Mapping[str, float]) -> None:
+        """-> HARVESTING (kernel released, field report) -> COOLDOWN with the embargo."""
+        stage = record.stage
+        if S.HARVESTING not in LEGAL_TRANSITIONS[stage]:
+            raise CommandRefused(f"seed {record.seed_id} cannot be culled from {stage.name}")
+        embargo = int(parameters.get("embargo_epochs", self.state.config.default_embargo_epochs))
+        if not 0 <= embargo <= _MAX_EMBARGO_EPOCHS:  # checked before the seed is touched
+            raise CommandRefused(
+                f"embargo_epochs must be in 0..{_MAX_EMBARGO_EPOCHS}, got {embargo}"
+            )
+        record.seed.transition_to(S.HARVESTING)
+        record.seed.transition_to(S.COOLDOWN)
+        self.state.require_registry().table.set_column(
+            record.index, StateColumn.EMBARGO_COUNTER, embargo
+        )
+
+    def terminate(self, record: SeedRecord) -> None:
+        stage = record.stage
+        if S.TERMINATED not in LEGAL_TRANSITIONS[stage]:
+            raise CommandRefused(f"seed {record.seed_id} cannot be terminated from {stage.name}")
+        record.seed.transition_to(S.TERMINATED)
+
+    def auto_transitions(self) -> list[str]:
+        """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""
+        registry = self.state.require_registry()
+        updates = []
+        for idx in registry.table.get_ready_seeds().tolist():
+            stage = registry.table.stage(idx)
+            if stage == S.COOLDOWN:
+                updates.append((idx, S.RECYCLING))
+            elif stage == S.RECYCLING:
+                updates.append((idx, S.DORMANT))
+        codes = registry.table.batch_state_update(updates)
+        return [
+            registry.by_index[idx].seed_id
+            for (idx, _), code in zip(updates, codes, strict=True)
+            if code == 0 and idx in registry.by_index
+        ]
+
+    # ------------------------------------------------------------------ side effects
+    def on_transition(self, record: SeedRecord, old: SeedStage, new: SeedStage) -> None:
+        state = self.state
+        record.timeline.append((state.epoch, state.global_step, new.name))
+        if new == S.GRAFTING:
+            record.graft_steps = 0
+        elif new == S.ACTIVE:
+            # Fossilized: the seed is part of the host now; its parameters join the host
+            # optimizer (when there is one; otherwise its own optimizer keeps stepping it).
+            record.monitor = None
+            record.last_output = None
+            if state.optimizers.has_host and record.seed_id in state.optimizers.seed_ids:
+                state.optimizers.promote_seed(record.seed_id)
+        elif new == S.HARVESTING:
+            report = dict(record.seed.field_report or {})
+            report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)
+            self.report.note_field_report(report)
+            self.release(record)
+        elif new == S.TERMINATED:
+            if old == S.ACTIVE:
+                # A fossilized seed's parameters stay in the host optimizer's param group (they
+                # get no gradient any more); the cached original is no longer needed.
+                self._unpin(record)
+            else:
+                self.release(record)
+        elif new == S.DORMANT:
+            record.artifact_id = None
+            record.graft_steps = 0
+        elif new == S.QUARANTINE:
+            state.telemetry.emit("seed.quarantined", 1.0, labels={"seed_id": record.seed_id})
+
+    def release(self, record: SeedRecord) -> None:
+        """Drop the seed's kernel copy (device memory freed), optimizer and monitor; unpin."""
+        kernel = record.clear_kernel()
+        if record.seed.kernel is not None:
+            record.seed.detach_kernel()
+        if record.seed_id in self.state.optimizers.seed_ids:
+            self.state.optimizers.remove_seed(record.seed_id)
+        if kernel is not None:
+            kernel.release_gpu_memory()
+        self._unpin(record)
+
+    def _unpin(self, record: SeedRecord) -> None:
+        if record.pinned and record.artifact_id is not None:
+            self.state.kernel_cache.unpin(record.artifact_id)
+        record.pinned = False

@@ -1,0 +1,146 @@
+"""Per-step gradient-isolation verification for the manager's seeds (docs/design.md §4).
+
+Three checks, all counted into each seed's ``GradientIsolationMonitor`` (whose circuit breaker
+quarantines the seed at ``max_isolation_violations``; the host keeps training):
+
+- the seed-only backward (KD): host gradients are set aside, the loss is backpropagated, and
+  one ``leak_check`` launch tests that the host got nothing; the flag is read at the step's
+  check (the one host sync) and whatever leaked is dropped before any optimizer sees it. The KD
+  loss of a slot mixes its seeds, so a leak counts against every seed that was distilling;
+- the autograd graph of each isolated seed's last output (``verify_gradient_isolation``);
+- debug monitors added by ``register_gradient_monitors`` (backward hooks on every parameter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kasmina.errors import GradientIsolationViolationError
+from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.slots import ISOLATED_STAGES, SeedRecord, SlotRegistry
+from kasmina.ops import leak_check
+from kasmina.seeds.seed import KD_STAGES
+from kasmina.utils.state_io import clone_state
+from kasmina.utils.telemetry import TelemetryReporter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IsolationGuard"]
+
+
+class IsolationGuard:
+    """Creates the seeds' monitors and runs the step's isolation checks."""
+
+    def __init__(
+        self, config: KasminaConfig, telemetry: TelemetryReporter, counters: Counter[str]
+    ) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.counters = counters  # the manager's: "isolation_violations", "circuit_breaker_trips"
+        self.external: list[GradientIsolationMonitor] = []
+        self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
+
+    @property
+    def violating_steps(self) -> int:
+        """Steps in which any isolation check failed."""
+        return self.counters["isolation_violations"]
+
+    @property
+    def breaker_trips(self) -> int:
+        return self.counters["circuit_breaker_trips"]
+
+    def new_monitor(self, record: SeedRecord, registry: SlotRegistry) -> GradientIsolationMonitor:
+        """The monitor of one seed against the host side; its breaker quarantines the seed and
+        writes the seed's state row and kernel weights to the emergency checkpoint."""
+        return GradientIsolationMonitor(
+            record.seed_id,
+            record.seed.seed_parameters(),
+            registry.host_side_params(),
+            max_violations=self.config.max_isolation_violations,
+            checkpoint_dir=self.config.emergency_checkpoint_dir,
+            on_quarantine=lambda: record.seed.quarantine("gradient isolation circuit breaker"),
+            state_provider=lambda: {
+                "row": registry.table.read_row(record.index),
+                "kernel": clone_state(record.kernel.state_dict()) if record.kernel else {},
+            },
+            telemetry=self.telemetry,
+        )
+
+    def add_external(
+        self,
+        host_model: nn.Module,
+        seed_model: nn.Module,
+        seed_id: str,
+        on_quarantine: Callable[[], object] | None = None,
+    ) -> GradientIsolationMonitor:
+        monitor = GradientIsolationMonitor(
+            seed_id,
+            list(seed_model.named_parameters()),
+            list(host_model.named_parameters()),
+            max_violations=self.config.max_isolation_violations,
+            checkpoint_dir=self.config.emergency_checkpoint_dir,
+            on_quarantine=on_quarantine,
+            telemetry=self.telemetry,
+        )
+        monitor.register_hooks(host_model, seed_model)
+        self.external.append(monitor)
+        return monitor
+
+    def seed_only_backward(
+        self, kd_loss: torch.Tensor, registry: SlotRegistry, retain_graph: bool
+    ) -> None:
+        """Backpropagate a seed-only loss with the host's gradients set aside and checked."""
+        host = [p for p in registry.host_side_params() if p.requires_grad]
+        students = [r.seed_id for r in registry.in_stages(KD_STAGES) if r.kernel is not None]
+        stash = [p.grad for p in host]
+        for p in host:
+            p.grad = None
+        with contextlib.ExitStack() as phases:
+            for monitor in self.external:
+                phases.enter_context(monitor.seed_backward())
+            try:
+                kd_loss.backward(retain_graph=retain_graph)
+            finally:
+                leaked = [p.grad for p in host if p.grad is not None]
+                if leaked:
+                    self._kd_checks.append((leak_check(leaked)[1], students))
+                for p, grad in zip(host, stash, strict=True):
+                    p.grad = grad  # whatever leaked is dropped here
+
+    def check(self, registry: SlotRegistry) -> bool:
+        """Verify the step (see the module docstring); True when it was clean."""
+        checks, self._kd_checks = self._kd_checks, []
+        leaked = [ids for flag, ids in checks if bool(flag)]
+        suspects = {seed_id for ids in leaked for seed_id in ids}
+        clean = not leaked
+        for record in registry.in_stages(ISOLATED_STAGES):
+            monitor = record.monitor
+            if monitor is None:
+                continue
+            if record.seed_id in suspects:
+                monitor.note_violation("host gradient during the seed-only (KD) backward")
+            output, record.last_output = record.last_output, None
+            if output is not None and output.grad_fn is not None:
+                monitor.check_graph(output)
+            clean &= self._verify(monitor)
+            record.seed.isolation_violations = monitor.violation_count
+        for monitor in self.external:
+            clean &= self._verify(monitor)
+        if not clean:
+            self.counters["isolation_violations"] += 1
+        return clean
+
+    def _verify(self, monitor: GradientIsolationMonitor) -> bool:
+        try:
+            return monitor.verify_isolation_after_step()
+        except GradientIsolationViolationError as exc:
+            self.counters["circuit_breaker_trips"] += 1
+            logger.critical("%s (the host keeps training)", exc)
+            return False

@@ -1,0 +1,481 @@
+"""KasminaKernelManager: the ``KernelExecutionContract`` executor.
+
+One object wires the parts together (docs/design.md §3-§7): the Urza client and the
+byte-bounded kernel cache, the signed-command handler (the manager is its executor), the shared
+lifecycle table of the host's slots, one optimizer per seed beside the host's, an isolation
+monitor per seed, the teacher for KD, epoch checkpoints for rollback, and telemetry. It is a
+façade: the work is done by components that receive a ``ManagerState`` (``kasmina.manager``).
+A training loop is::
+
+    manager = KasminaKernelManager(config, keyring=keyring)
+    manager.attach(model, "fc2", seeds_per_layer=2, chunk_size=16)  # host optimizer too
+    for epoch in range(epochs):
+        for x, y in batches:
+            manager.set_teacher_logits(manager.get_teacher_predictions(x))  # optional KD
+            loss = F.cross_entropy(model(x), y)           # the slots do the seeds' work
+            manager.backward(loss, kd_loss=manager.collect_kd_losses())
+            manager.step()       # isolation checks, host + seed optimizers, alpha schedules
+        manager.end_epoch(epoch, {"val_accuracy": acc})  # tick, recycling, checkpoint
+        # meanwhile, the controller: manager.handle_adaptation_command(signed_bytes)
+
+Kernels are loaded once, verified, and kept pristine in the cache; every seed trains its own
+copy, and the cached original stays pinned while a live seed uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.control.auth import CommandVerifier
+from kasmina.control.commands import KasminaCommand
+from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
+from kasmina.leyline import AdaptationCommand, OptimizerCommand, TelemetryPacket
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.executor import CommandExecution
+from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.report import ManagerReport
+from kasmina.manager.rollback import snapshot
+from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
+from kasmina.manager.state import ManagerState
+from kasmina.seeds.inject import attach, collect_kd_losses, kasmina_layers
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.stages import SeedStage
+from kasmina.urza.artifact import validate_artifact_id
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.loader import KernelLoader
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KasminaKernelManager"]
+
+
+class _StateField:
+    """A read-only view of one ``ManagerState`` field on the façade (``manager.epoch``...)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, manager: KasminaKernelManager | None, owner: type | None = None) -> Any:
+        if manager is None:
+            return self
+        return getattr(manager.state, self.name)
+
+
+class KasminaKernelManager:
+    """Loads, caches and grafts seed kernels on command; see the module docstring.
+
+    A façade: the shared fields live in ``self.state`` (a ``ManagerState``); the components
+    (``guard``, ``report``, ``execution``, the command ``handler``) each receive the state and
+    the components they use. The fields below read through to the state.
+    """
+
+    config = _StateField()
+    telemetry = _StateField()
+    device = _StateField()
+    kernel_cache = _StateField()
+    loader = _StateField()
+    registry = _StateField()
+    optimizers = _StateField()
+    optimizer_cls = _StateField()
+    optimizer_options = _StateField()
+    seed_lr = _StateField()
+    teacher = _StateField()
+    epoch = _StateField()
+    global_step = _StateField()
+    val_metrics = _StateField()
+    counters = _StateField()
+    gate_counts = _StateField()
+    field_reports = _StateField()
+    command_log = _StateField()
+    perf = _StateField()
+    checkpoints = _StateField()
+
+    def __init__(
+        self,
+        config: KasminaConfig | None = None,
+        *,
+        keyring: Keyring | None = None,
+        telemetry: TelemetryReporter | None = None,
+        urza_client: Any | None = None,
+    ) -> None:
+        config = config if config is not None else KasminaConfig()
+        self.keyring = keyring if keyring is not None else config.load_keyring()
+        telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
+        self._jsonl: JsonlFileSink | None = None
+        if config.telemetry_jsonl_path:
+            self._jsonl = JsonlFileSink(config.telemetry_jsonl_path)
+            telemetry.add_sink(self._jsonl)
+        kernel_cache = GPUKernelCache(config.cache_size_mb)
+        self.urza_client = urza_client or UrzaLibraryClient.from_config(config, self.keyring)
+        loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
+        self.state = ManagerState(config, telemetry, kernel_cache, loader)
+        self.guard = IsolationGuard(config, telemetry, self.state.counters)
+        self.report = ManagerReport(self.state, self.guard)
+        self.execution = CommandExecution(self.state, self.guard, self.report)
+        self.verifier = CommandVerifier(self.keyring, config.command_freshness_s)
+        self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
+        self.teacher_passes = TeacherForwardPassManager(None)
+        self._lock = threading.RLock()
+        self._exec_ns = 0
+        self._last_teacher_input: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ slots
+    def attach(
+        self,
+        model: nn.Module,
+        targets: str | Sequence[str],
+        seeds_per_layer: int,
+        chunk_size: int,
+        *,
+        host_lr: float | None = 1e-3,
+        seed_lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **optimizer_options: Any,
+    ) -> list[KasminaLayer]:
+        """``kasmina.attach`` the targets (one shared state table), then ``register`` them."""
+        if self.registry is not None:
+            raise ValueError("this manager already manages a model")
+        kd = self.config.kd if self.config.kd_enabled else None
+        slots = attach(
+            model,
+            targets,
+            seeds_per_layer,
+            chunk_size,
+            kd_config=kd,
+            embargo_epochs=self.config.default_embargo_epochs,
+            telemetry=self.telemetry,
+        )
+        options = dict(optimizer_options, host_lr=host_lr, seed_lr=seed_lr)
+        self.register(model, slots, optimizer_cls=optimizer_cls, **options)
+        return slots
+
+    def register(
+        self,
+        model: nn.Module,
+        slots: Sequence[KasminaLayer] | None = None,
+        *,
+        host_lr: float | None = 1e-3,
+        seed_lr: float = 1e-3,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **optimizer_options: Any,
+    ) -> SlotRegistry:
+        """Manage already-attached slots (default: every KasminaLayer in ``model``).
+
+        The host optimizer (``optimizer_cls`` at ``host_lr`` over the model's parameters outside
+        the seeds) is created unless ``host_lr`` is None (then send INITIALIZE_HOST). Seeds get
+        the same class at ``seed_lr`` (or a GERMINATE's ``learning_rate``).
+        """
+        if self.registry is not None:
+            raise ValueError("this manager already manages a model")
+        if not seed_lr > 0:
+            raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
+        registry = SlotRegistry(model, slots or kasmina_layers(model), self.execution.on_transition)
+        state = self.state
+        state.optimizer_cls = optimizer_cls
+        state.optimizer_options = dict(optimizer_options)
+        state.seed_lr = float(seed_lr)
+        state.registry = registry
+        try:
+            state.optimizers = state.new_optimizer_manager()
+            if host_lr is not None:
+                params, cls = registry.host_params, optimizer_cls
+                state.optimizers.initialize_host(params, host_lr, cls, **optimizer_options)
+        except BaseException:
+            state.registry = None
+            state.optimizers = state.new_optimizer_manager()
+            raise
+        return registry
+
+    def require_registry(self) -> SlotRegistry:
+        return self.state.require_registry()
+
+    def seed(self, seed_id: str) -> GradientIsolatedSeed:
+        return self.require_registry()[seed_id].seed
+
+    def stages(self) -> dict[str, SeedStage]:
+        return {r.seed_id: r.stage for r in self.require_registry()}
+
+    def record_gate_score(self, seed_id: str, score: float) -> None:
+        """The trainer's measure of a seed's benefit (0..1) that gate G5 compares."""
+        self.state.record_gate_score(seed_id, score)
+
+    # ------------------------------------------------------------------ kernels
+    async def load_kernel(self, kernel_artifact_id: str) -> GPUKernel:
+        """A trainable copy of the artifact's kernel: from the cache, else fetched and verified
+        on a worker thread (concurrent loads of one artifact share one fetch)."""
+        validate_artifact_id(kernel_artifact_id)
+        original = self.loader.cached(kernel_artifact_id)
+        if original is None:
+            original = await asyncio.to_thread(self.loader.original, kernel_artifact_id)
+        return self.loader.copy(original)
+
+    async def execute_kernel(self, kernel: GPUKernel, input_tensor: torch.Tensor) -> torch.Tensor:
+        """Run ``kernel`` on ``input_tensor`` (moved to its device); CPU work runs on a worker
+        thread so the event loop stays responsive, CUDA launches are asynchronous anyway."""
+        if not isinstance(kernel, GPUKernel):
+            raise TypeError(f"expected a GPUKernel, got {type(kernel).__name__}")
+        x = input_tensor.to(kernel.device)
+        started = time.perf_counter_ns()
+        out = kernel(x) if x.device.type == "cuda" else await asyncio.to_thread(kernel, x)
+        self.perf["execute"].add_ns(time.perf_counter_ns() - started)
+        return out
+
+    def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
+        """Put a verified kernel in the cache under its own artifact id."""
+        if not isinstance(kernel, GPUKernel) or kernel.artifact_id != kernel_artifact_id:
+            raise ValueError(f"kernel is not the verified kernel of {kernel_artifact_id!r}")
+        if not self.kernel_cache.put(kernel_artifact_id, kernel):
+            logger.warning("kernel %s could not be cached", kernel_artifact_id)
+
+    def evict_kernel(self, kernel_artifact_id: str) -> bool:
+        """Evict and release a cached kernel; False if absent or pinned by a live seed."""
+        return self.kernel_cache.evict(kernel_artifact_id)
+
+    # ------------------------------------------------------------------ teacher (KD)
+    def load_teacher(
+        self, model: nn.Module, *, device: torch.device | str | None = None, copy_model=True
+    ) -> CheckpointedTeacher:
+        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``)."""
+        if device is None:
+            host = self.registry.host_params[0] if self.registry is not None else None
+            device = host.device if host is not None else self.device
+        teacher = CheckpointedTeacher(
+            model,
+            dtype=self.config.teacher_torch_dtype,
+            device=device,
+            copy_model=copy_model,
+            checkpoint_path=self.config.teacher_checkpoint_path,
+        )
+        self.state.teacher = teacher
+        self.teacher_passes = TeacherForwardPassManager(teacher)
+        self.state.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
+        if not self.config.kd_enabled:
+            logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
+        return teacher
+
+    def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
+        """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD)."""
+        self._last_teacher_input = input_batch
+        return self.teacher_passes.get_teacher_predictions(input_batch)
+
+    async def load_kernel_with_teacher(
+        self, kernel_artifact_id: str, input_batch: torch.Tensor | None = None
+    ) -> tuple[GPUKernel, torch.Tensor | None]:
+        """``load_kernel`` plus, with KD enabled and a teacher, its logits for ``input_batch``
+        (default: the last batch the teacher saw)."""
+        kernel = await self.load_kernel(kernel_artifact_id)
+        batch = input_batch if input_batch is not None else self._last_teacher_input
+        if not self.config.kd_enabled or self.teacher is None or batch is None:
+            return kernel, None
+        return kernel, await asyncio.to_thread(self.get_teacher_predictions, batch)
+
+    def get_checkpoint_effectiveness(self) -> dict[str, float]:
+        """Measured teacher memory and forward-time figures (NaN until measured)."""
+        return self.teacher_passes.get_checkpoint_effectiveness()
+
+    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
+        """Hand teacher logits to the next forward of every slot as wide as the logits."""
+        if teacher_logits is None:
+            return
+        for slot in self.require_registry().slots:
+            if slot.num_seeds * slot.chunk_size == teacher_logits.shape[-1]:
+                slot.set_teacher_logits(teacher_logits)
+
+    # ------------------------------------------------------------------ commands
+    def execute(self, command: KasminaCommand) -> bool:
+        """``CommandExecutor``: carry out a verified command (the handler calls this)."""
+        started = time.perf_counter_ns()
+        with self._lock:
+            ok = self.execution.execute(command)
+        self._exec_ns = time.perf_counter_ns() - started
+        return ok
+
+    def handle_adaptation_command(self, raw: bytes) -> bool:
+        """Signed ``AdaptationCommand`` bytes in, success out (never raises); timed."""
+        self._exec_ns = 0
+        started = time.perf_counter_ns()
+        ok = self.handler.handle_adaptation_command(raw)
+        elapsed = time.perf_counter_ns() - started
+        self.perf["command"].add_ns(elapsed)
+        self.perf["overhead"].add_ns(elapsed - self._exec_ns)
+        return ok
+
+    async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
+        """The raw path's checks, then execution. A GERMINATE whose kernel is not cached has
+        it fetched on a worker thread first (only if its signature verifies), so the event
+        loop never waits on the store; the command itself runs on the loop's thread."""
+        if not isinstance(command, AdaptationCommand):
+            raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
+        raw = command.SerializeToString()
+        failure = None
+        artifact_id = command.seed_command.kernel_artifact_id
+        if (
+            command.WhichOneof("command") == "seed_command"
+            and artifact_id
+            and artifact_id not in self.kernel_cache
+            and self.verify_message_auth(command)
+        ):
+            try:
+                await asyncio.to_thread(self.loader.original, artifact_id)
+            except Exception as exc:  # the command fails with it below, without a second try
+                failure = exc
+        with self.loader.failed_fetch(artifact_id, failure):
+            return self.handle_adaptation_command(raw)
+
+    async def handle_optimizer_command(self, command: OptimizerCommand | AdaptationCommand) -> bool:
+        """An ``OptimizerCommand`` from the local trainer, or a signed ``AdaptationCommand``
+        carrying one (then authenticated like any other command)."""
+        if isinstance(command, AdaptationCommand):
+            return await self.handle_leyline_command(command)
+        with self._lock:
+            return self.optimizers.apply_optimizer_command(command)
+
+    def verify_message_auth(self, message: Any) -> bool:
+        """Signature, freshness and nonce of a command (object or bytes), without using its
+        nonce: this only answers the question; the handler still refuses a later replay."""
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            try:
+                message = AdaptationCommand.FromString(bytes(message))
+            except Exception:
+                return False
+        if not isinstance(message, AdaptationCommand):
+            return False
+        return self.verifier.verify(message, record_nonce=False)[0]
+
+    # ------------------------------------------------------------------ training step
+    def collect_kd_losses(self) -> torch.Tensor | None:
+        """Sum (and clear) the slots' KD losses of this forward, or None."""
+        return collect_kd_losses(self.require_registry().model)
+
+    def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
+        """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
+        host gradients must stay zero (checked at ``step``), then ``loss``."""
+        if kd_loss is not None:
+            weighted = kd_loss * self.config.kd.alpha
+            self.guard.seed_only_backward(weighted, self.require_registry(), loss is not None)
+        if loss is not None:
+            loss.backward()
+
+    def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
+        """End of a training step: isolation checks, host and seed optimizer steps (the host
+        step is skipped in a step where a leak was found), non-finite seed outputs polled, grads
+        zeroed, GRAFTING alphas advanced, telemetry. Returns what it did."""
+        started = time.perf_counter_ns()
+        with self._lock:
+            registry = self.require_registry()
+            clean = self.check_gradient_isolation()
+            nonfinite = [
+                r.seed_id
+                for r in registry.in_stages(RUNS_KERNEL)
+                if r.kernel is not None and r.seed.poll_nonfinite()
+            ]
+            host_stepped = False
+            if self.optimizers.has_host and clean:
+                host_stepped = self.optimizers.step(HOST_ID, grad_clip_norm)
+            stepped = [
+                r.seed_id
+                for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
+                if r.seed_id in self.optimizers.seed_ids
+                and self.optimizers.step(r.seed_id, grad_clip_norm)
+            ]
+            self.optimizers.zero_grad()
+            self._drop_unused_kd_losses(registry)
+            config = self.config
+            for record in registry.in_stages([SeedStage.GRAFTING]):
+                record.graft_steps += 1
+                record.seed.update_alpha_blending(
+                    record.graft_steps, config.grafting_steps, config.grafting_temperature
+                )
+            self.state.global_step += 1
+        self.perf["step"].add_ns(time.perf_counter_ns() - started)
+        self.report.emit_step_telemetry()
+        return {
+            "step": self.global_step,
+            "isolation_clean": clean,
+            "host_stepped": host_stepped,
+            "seeds_stepped": stepped,
+            "nonfinite": nonfinite,  # fell back to the host output (QUARANTINE unless ACTIVE)
+        }
+
+    def _drop_unused_kd_losses(self, registry: SlotRegistry) -> None:
+        """KD losses never handed to ``backward`` would pile up (with their graphs) in the
+        slots; drop them, and say so once."""
+        dropped = [slot.get_and_clear_kd_losses() for slot in registry.slots]
+        if any(loss is not None for loss in dropped) and not self.counters["kd_dropped"]:
+            logger.warning("KD losses were computed but not passed to backward(); dropped")
+        self.counters["kd_dropped"] += sum(loss is not None for loss in dropped)
+
+    def end_epoch(
+        self, epoch: int, val_metrics: Mapping[str, float] | None = None
+    ) -> TelemetryPacket:
+        """Tick the lifecycle, run due COOLDOWN -> RECYCLING -> DORMANT steps, write the epoch
+        checkpoint and send the full telemetry packet (returned)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        with self._lock:
+            registry = self.require_registry()
+            state = self.state
+            state.epoch = epoch  # the automatic steps below happen at this epoch's boundary
+            registry.table.tick()
+            recycled = self.execution.auto_transitions()
+            state.val_metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
+            state.checkpoints.save(epoch, snapshot(state, epoch))
+        if recycled:
+            logger.info("epoch %d: recycled %s", epoch, recycled)
+        packet = self.export_leyline_telemetry()
+        self.telemetry.send(packet)
+        return packet
+
+    # ------------------------------------------------------------------ report
+    def export_leyline_telemetry(self) -> TelemetryPacket:
+        """One packet with the manager's whole state (see ``ManagerReport``)."""
+        return self.report.export_leyline_telemetry(self.handler.stats)
+
+    def get_performance_metrics(self) -> dict[str, float]:
+        """Measured figures (NaN: not measured yet); see ``ManagerReport``."""
+        return self.report.get_performance_metrics()
+
+    def validate_performance_targets(self) -> dict[str, bool]:
+        """Each docs/design.md §8 target this manager measures -> met?"""
+        return self.report.validate_performance_targets()
+
+    def measure_dormant_overhead(self, repeats: int = 200) -> float:
+        """Dormant-slot forward overhead in µs (see ``ManagerReport``)."""
+        return self.report.measure_dormant_overhead(repeats)
+
+    # ------------------------------------------------------------------ isolation
+    def register_gradient_monitors(self, host_model: nn.Module, seed_model: nn.Module) -> None:
+        """Debug mode for one host/seed pair: a backward hook on every parameter reports a
+        gradient on the wrong side during ``backward``'s seed-only phase (syncs per grad)."""
+        seed_id, on_quarantine = f"external[{len(self.guard.external)}]", None
+        for record in self.registry or ():
+            if seed_model is record.seed or seed_model is record.kernel:
+                seed_id, on_quarantine = record.seed_id, record.seed.quarantine
+        self.guard.add_external(host_model, seed_model, seed_id, on_quarantine)
+
+    def check_gradient_isolation(self) -> bool:
+        """Verify this step: seed-only backward leaks, each isolated seed's autograd graph, the
+        debug monitors. Violations count toward each seed's breaker (QUARANTINE at the limit;
+        the host keeps training). True when the step was clean; ``step`` calls it."""
+        return self.guard.check(self.require_registry())
+
+    def close(self) -> None:
+        """Stop store reads and close the JSONL telemetry file this manager opened, if any."""
+        self.urza_client.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

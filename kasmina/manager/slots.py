@@ -1,0 +1,214 @@
+"""The kernel manager's registry of one host model's seed slots (docs/design.md §3, §4).
+
+Why a registry: commands name seeds by id (``"<layer>[k]"``), while the lifecycle lives in one
+shared state table indexed by row. The registry maps both ways and keeps, per seed, what the
+manager added to it: the artifact and the seed's own kernel copy, whether the cached original is
+pinned, the grafting step count, the isolation monitor, and a stage timeline.
+
+Nothing here runs on the dormant hot path: the only hooks are a one-shot hook per slot (it
+records the first host input and output it sees, then removes itself) and a forward hook on each
+seed's own kernel, which runs only while that kernel runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import SeedStage
+from kasmina.urza.kernel import GPUKernel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ISOLATED_STAGES", "STEPPED_STAGES", "ActivationSpec", "SeedRecord", "SlotRegistry"]
+
+# A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
+ISOLATED_STAGES = frozenset(
+    {
+        SeedStage.ISOLATED_INIT,
+        SeedStage.COMPATIBILITY_CHECK,
+        SeedStage.GRAFTING,
+        SeedStage.STABILIZATION,
+    }
+)
+# Stages in which the seed's own optimizer steps it.
+STEPPED_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
+
+ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
+TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
+
+
+def _random(spec: ActivationSpec) -> torch.Tensor:
+    """Standard-normal activations of ``spec`` from a private generator: measuring never
+    shifts the global RNG stream a seeded training run depends on."""
+    shape, dtype, device = spec
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, device=device, generator=generator).to(dtype)
+
+
+def _spec(value: object) -> ActivationSpec | None:
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.dtype, value.device)
+    return None
+
+
+@dataclass(eq=False)
+class SeedRecord:
+    """What the manager knows about one seed slot."""
+
+    seed_id: str
+    index: int
+    seed: GradientIsolatedSeed
+    slot: KasminaLayer
+    artifact_id: str | None = None
+    kernel: GPUKernel | None = None  # the seed's own trainable copy
+    pinned: bool = False  # the cached original is pinned on this seed's behalf
+    graft_steps: int = 0
+    monitor: GradientIsolationMonitor | None = None
+    hook: Any = None  # RemovableHandle of the kernel forward hook
+    last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
+    last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
+    timeline: list[tuple[int, int, str]] = field(default_factory=list)  # (epoch, step, stage)
+
+    @property
+    def stage(self) -> SeedStage:
+        return self.seed.stage
+
+    def capture(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook on the seed's kernel: keep its output (for the step's graph check while
+        the seed is isolated) and its input shape (for G3)."""
+        if isinstance(output, torch.Tensor) and self.seed.stage in ISOLATED_STAGES:
+            self.last_output = output
+        if args:
+            self.last_input = _spec(args[0]) or self.last_input
+
+    def clear_kernel(self) -> GPUKernel | None:
+        """Forget the kernel (hook removed, references dropped); returns it."""
+        kernel, self.kernel = self.kernel, None
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        self.last_output = None
+        self.monitor = None
+        return kernel
+
+
+class SlotRegistry:
+    """Seeds of the slots attached to ``model``, all in one shared state table.
+
+    ``host_params`` are the model's trainable parameters outside any seed, taken when the slots
+    are registered (every seed must then be DORMANT without a kernel). ``listener`` is called as
+    ``listener(record, old, new)`` after every applied transition of any seed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: Sequence[KasminaLayer],
+        listener: TransitionListener | None = None,
+    ) -> None:
+        if not slots:
+            raise ValueError("no KasminaLayer slots to register")
+        table = slots[0].state_table
+        if any(slot.state_table is not table for slot in slots):
+            raise ValueError("all slots must share one GPUStateTensor (kasmina.attach does this)")
+        self.model = model
+        self.slots = list(slots)
+        self.table: GPUStateTensor = table
+        self.listener = listener
+        self.records: dict[str, SeedRecord] = {}
+        self.by_index: dict[int, SeedRecord] = {}
+        for slot in self.slots:
+            for seed in slot.seeds:
+                if seed.stage != SeedStage.DORMANT or seed.kernel is not None:
+                    raise ValueError(f"seed {seed.seed_id} must be DORMANT without a kernel")
+                if seed.seed_id in self.records:
+                    raise ValueError(f"duplicate seed id {seed.seed_id!r}")
+                record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
+                self.records[seed.seed_id] = record
+                self.by_index[seed.state_index] = record
+                table.observe(seed.state_index, self._on_transition)
+        seed_ids = {id(p) for slot in self.slots for p in slot.seeds.parameters()}
+        self.host_params: list[nn.Parameter] = [
+            p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
+        ]
+        if not self.host_params:
+            raise ValueError("the host model has no trainable parameters")
+        self.slot_io: dict[str, tuple[ActivationSpec, ActivationSpec]] = {}
+        self._first_seen = [slot.register_forward_hook(self._see_first) for slot in self.slots]
+
+    # ------------------------------------------------------------------ lookup
+    def __getitem__(self, seed_id: str) -> SeedRecord:
+        try:
+            return self.records[seed_id]
+        except KeyError:
+            raise KeyError(f"unknown seed {seed_id!r} (have {sorted(self.records)})") from None
+
+    def __iter__(self) -> Any:
+        return iter(self.records.values())
+
+    def in_stages(self, stages: Iterable[SeedStage]) -> list[SeedRecord]:
+        wanted = frozenset(stages)
+        return [r for r in self.records.values() if r.stage in wanted]
+
+    def host_side_params(self) -> list[nn.Parameter]:
+        """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""
+        params = list(self.host_params)
+        for record in self.in_stages([SeedStage.ACTIVE]):
+            params += record.seed.seed_parameters()
+        return params
+
+    def seed_parameters(self, seed_id: str) -> list[nn.Parameter]:
+        return self[seed_id].seed.seed_parameters()
+
+    # ------------------------------------------------------------------ observed shapes
+    def _see_first(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """One-shot: record a slot's first host input/output spec, then unhook that slot."""
+        assert isinstance(module, KasminaLayer)
+        inp, out = (_spec(args[0]) if args else None), _spec(output)
+        if inp is not None and out is not None:
+            self.slot_io[module.layer_id] = (inp, out)
+        index = self.slots.index(module)
+        handle = self._first_seen[index]
+        if handle is not None:
+            handle.remove()
+            self._first_seen[index] = None
+
+    def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
+        """Random host activations of the last-seen shape of this seed's input, for G3."""
+        spec = record.last_input
+        if spec is None and record.slot.layer_id in self.slot_io:
+            shape, dtype, device = self.slot_io[record.slot.layer_id][1]
+            spec = (torch.Size((*shape[:-1], record.slot.chunk_size)), dtype, device)
+        return None if spec is None else _random(spec)
+
+    def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
+        """A slot none of whose seeds runs, with a random input of its first-seen shape."""
+        for slot in self.slots:
+            if slot.layer_id not in self.slot_io:
+                continue
+            if any(s.stage in RUNS_KERNEL and s.kernel is not None for s in slot.seeds):
+                continue
+            spec = self.slot_io[slot.layer_id][0]
+            if spec[1].is_floating_point:
+                return slot, _random(spec)
+        return None
+
+    # ------------------------------------------------------------------ transitions
+    def _on_transition(self, idx: int, old: SeedStage, new: SeedStage) -> None:
+        record = self.by_index.get(idx)
+        if record is None or self.listener is None:
+            return
+        try:
+            self.listener(record, old, new)
+        except Exception:  # a bookkeeping failure must not undo a transition already applied
+            logger.exception("transition listener failed for seed %s", record.seed_id)

@@ -1,0 +1,118 @@
+"""``ManagerState``: the fields the manager's components share, and nothing else.
+
+The kernel manager is a façade over components (the command execution, the isolation guard, the
+report, rollback). None of them holds the manager: each receives this state object (and the other
+components it calls), so what a component can touch is visible in its constructor. The state
+owns no behaviour beyond lookups over its own fields; everything that changes seeds, kernels or
+optimizers lives in a component and happens under the façade's lock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
+from kasmina.kd.teacher import CheckpointedTeacher
+from kasmina.manager.checkpoints import CheckpointManager
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.slots import SlotRegistry
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.loader import KernelLoader
+from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.telemetry import TelemetryReporter
+
+__all__ = ["COMMAND_LOG_SIZE", "PERF_TIMERS", "CommandLogEntry", "ManagerState"]
+
+# The executed-command log keeps the newest entries only: (command_id, kind, ok, reason).
+COMMAND_LOG_SIZE = 1000
+CommandLogEntry = tuple[str, str, bool, str]
+# The manager's own timers (see ManagerReport.get_performance_metrics).
+PERF_TIMERS = ("command", "overhead", "step", "execute")
+
+
+def _timers() -> dict[str, LatencyStats]:
+    return {name: LatencyStats() for name in PERF_TIMERS}
+
+
+@dataclass(eq=False)
+class ManagerState:
+    """What a ``KasminaKernelManager`` knows: its settings and services, the managed slots and
+    optimizers, the training clock, and the counters its report reads."""
+
+    config: KasminaConfig
+    telemetry: TelemetryReporter
+    kernel_cache: GPUKernelCache
+    loader: KernelLoader
+    # The managed model (None until attach/register) and the optimizer layout over it.
+    registry: SlotRegistry | None = None
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    seed_lr: float = 1e-3
+    teacher: CheckpointedTeacher | None = None
+    optimizers: IsolatedOptimizerManager = field(init=False)
+    # The training clock: the last epoch ended (-1: none yet) and the steps taken.
+    epoch: int = -1
+    global_step: int = 0
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    # Counters and records the report reads.
+    counters: Counter[str] = field(default_factory=Counter)
+    gate_counts: Counter[tuple[int, bool]] = field(default_factory=Counter)
+    field_reports: list[dict[str, Any]] = field(default_factory=list)
+    command_log: deque[CommandLogEntry] = field(
+        default_factory=lambda: deque(maxlen=COMMAND_LOG_SIZE)
+    )
+    perf: dict[str, LatencyStats] = field(default_factory=_timers)
+    dormant_overhead_us: float = math.nan
+    _checkpoints: CheckpointManager | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.optimizers = self.new_optimizer_manager()
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.torch_device
+
+    @property
+    def checkpoints(self) -> CheckpointManager:
+        """Epoch checkpoints in ``config.checkpoint_dir`` (created on first use)."""
+        if self._checkpoints is None:
+            self._checkpoints = CheckpointManager(
+                self.config.checkpoint_dir, keep_last=self.config.checkpoints_kept
+            )
+        return self._checkpoints
+
+    def require_registry(self) -> SlotRegistry:
+        if self.registry is None:
+            raise ValueError("no model attached: call manager.attach(model, ...) first")
+        return self.registry
+
+    def new_optimizer_manager(self) -> IsolatedOptimizerManager:
+        """An empty optimizer manager whose commands find host, seed and teacher parameters."""
+        optimizers = IsolatedOptimizerManager(
+            default_optimizer_cls=self.optimizer_cls, telemetry=self.telemetry
+        )
+        registry = self.registry
+        if registry is not None:
+            optimizers.set_parameter_source(HOST_ID, lambda: registry.host_params)
+            for seed_id in registry.records:
+                optimizers.set_parameter_source(seed_id, _seed_source(registry, seed_id))
+        if self.teacher is not None:
+            optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
+        return optimizers
+
+    def record_gate_score(self, seed_id: str, score: float) -> None:
+        """The trainer's measure of a seed's benefit (0..1) that gate G5 compares."""
+        score = float(score)
+        if not math.isfinite(score):
+            raise ValueError(f"gate score must be finite, got {score}")
+        self.require_registry()[seed_id].seed.gate_score = score
+
+
+def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:
+    return lambda: registry.seed_parameters(seed_id)

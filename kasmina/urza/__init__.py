@@ -1,0 +1,47 @@
+"""Urza: the artifact library seeds' kernels come from, and the device-side kernel cache
+(docs/design.md §6).
+
+An artifact is a payload (a ``torch.export`` program, ``.pt2``) plus a JSON manifest: id,
+blueprint, format, SHA-256 and size of the payload, input spec, publisher key id and signature.
+A ``.pt2`` can hold pickles, so no byte of a payload is deserialised before its hash and the
+manifest signature verify; a mismatch raises ``ArtifactIntegrityError`` and loads nothing.
+
+- ``artifact`` -- the manifest, its signing and verification, id validation, store opening.
+- ``publish`` -- the write side: export a module, sign, write the payload and then the manifest
+  (an artifact is listed only once complete). ``kasmina urza publish`` uses it.
+- ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default) with
+  timeouts, retries with backoff, a circuit breaker and coalescing of concurrent fetches.
+- ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
+- ``cache`` -- ``GPUKernelCache``: an LRU bounded in bytes, O(1) get/put, thread-safe, with
+  pinning: a kernel attached to a live seed is never evicted.
+- ``loader`` -- ``KernelLoader``: the path from an artifact id to a cached original and the
+  trainable copy a seed gets (the cached original stays pristine).
+- ``blueprints`` -- the seed architectures the demo and the CLI publish.
+
+Imports ``kasmina.utils`` (the keyring) and the root vocabulary; never seeds, isolation, control
+or the manager.
+"""
+
+from kasmina.urza.artifact import Manifest, TensorSpec, validate_artifact_id
+from kasmina.urza.blueprints import Blueprint, get_blueprint
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.loader import KernelLoader
+from kasmina.urza.publish import export_module, publish_artifact, publish_payload
+
+__all__ = [
+    "Blueprint",
+    "CircuitBreaker",
+    "GPUKernel",
+    "GPUKernelCache",
+    "KernelLoader",
+    "Manifest",
+    "TensorSpec",
+    "UrzaLibraryClient",
+    "export_module",
+    "get_blueprint",
+    "publish_artifact",
+    "publish_payload",
+    "validate_artifact_id",
+]

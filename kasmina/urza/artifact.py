@@ -1,0 +1,274 @@
+"""Urza artifact manifests: what they hold, how they are signed, how they are checked.
+
+An artifact is a payload (a ``torch.export`` program saved as ``.pt2``) plus this manifest. A
+``.pt2`` can hold pickles, so the manifest is the trust anchor: the publisher signs it with
+HMAC-SHA256 (key chosen by ``key_id`` from a ``Keyring``) over its canonical JSON without the
+``signature`` field, and the manifest pins the payload's SHA-256 and size. ``verify_manifest``
+and ``verify_payload`` must both pass before any payload byte is deserialised; only a manifest
+that came out of ``verify_manifest`` is marked ``verified``, and the kernel loader refuses any
+other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.utils.keyring import Keyring
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "MANIFEST_SUFFIX",
+    "PAYLOAD_SUFFIX",
+    "open_store",
+    "Manifest",
+    "TensorSpec",
+    "payload_sha256",
+    "sign_manifest",
+    "validate_artifact_id",
+    "verify_manifest",
+    "verify_payload",
+]
+
+ARTIFACT_FORMAT = "torch.export/pt2"
+# Store layout: two flat files per artifact, side by side.
+PAYLOAD_SUFFIX = ".pt2"
+MANIFEST_SUFFIX = ".manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_FIELDS = (
+    "artifact_id",
+    "blueprint",
+    "sha256",
+    "size",
+    "input_spec",
+    "key_id",
+    "created",
+    "torch_version",
+    "format",
+    "signature",
+)
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem of a store URL and its root path (no trailing slash)."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def validate_artifact_id(artifact_id: object) -> str:
+    """Artifact ids name files in the store, so only ``[A-Za-z0-9._-]`` (no paths) is allowed."""
+    if not isinstance(artifact_id, str) or not _ID_RE.fullmatch(artifact_id):
+        raise ValueError(
+            f"invalid artifact id {artifact_id!r}: 1-128 characters of [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return artifact_id
+
+
+def payload_sha256(payload: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape (``None`` for a dynamic dimension) and dtype name of one example input."""
+
+    shape: tuple[int | None, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, obj: object) -> TensorSpec:
+        if not isinstance(obj, dict) or set(obj) != {"shape", "dtype"}:
+            raise ValueError("an input spec entry must be {'shape': [...], 'dtype': str}")
+        shape, dtype = obj["shape"], obj["dtype"]
+        if not isinstance(shape, list) or not all(
+            d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
+        ):
+            raise ValueError("input spec shape must be a list of non-negative ints or nulls")
+        if not isinstance(dtype, str) or not dtype:
+            raise ValueError("input spec dtype must be a non-empty string")
+        return cls(tuple(shape), dtype)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The signed description of one artifact (see the module docstring)."""
+
+    artifact_id: str
+    blueprint: str
+    sha256: str
+    size: int
+    input_spec: tuple[TensorSpec, ...]
+    key_id: str
+    created: float
+    torch_version: str
+    format: str = ARTIFACT_FORMAT
+    signature: str = ""
+    # Set only by verify_manifest (not an init field, so dataclasses.replace() clears it).
+    verified: bool = field(default=False, init=False, compare=False, repr=False)
+
+    def unsigned_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["signature"], data["verified"]
+        data["input_spec"] = [spec.to_json() for spec in self.input_spec]
+        return data
+
+    def to_json(self) -> bytes:
+        """The stored form: indented JSON with the signature (what ``verify_manifest`` reads)."""
+        data = self.unsigned_dict()
+        data["signature"] = self.signature
+        return json.dumps(data, sort_keys=True, indent=2).encode("utf-8")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Type-checked construction; raises ``ValueError`` on any malformed field."""
+        missing = [name for name in _FIELDS if name not in data]
+        unknown = sorted(set(data) - set(_FIELDS))
+        if missing or unknown:
+            raise ValueError(f"manifest fields missing {missing} or unexpected {unknown}")
+        for name in ("blueprint", "key_id", "torch_version", "format", "signature"):
+            if not isinstance(data[name], str):
+                raise ValueError(f"manifest field {name!r} must be a string")
+        validate_artifact_id(data["artifact_id"])
+        if not isinstance(data["sha256"], str) or not _SHA_RE.fullmatch(data["sha256"]):
+            raise ValueError("manifest sha256 must be 64 lowercase hex digits")
+        size = data["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError("manifest size must be a non-negative int")
+        created = data["created"]
+        if not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise ValueError("manifest created must be a number (Unix time)")
+        if data["format"] != ARTIFACT_FORMAT:
+            raise ValueError(f"unsupported artifact format {data['format']!r}")
+        if not isinstance(data["input_spec"], list):
+            raise ValueError("manifest input_spec must be a list")
+        return cls(
+            artifact_id=data["artifact_id"],
+            blueprint=data["blueprint"],
+            sha256=data["sha256"],
+            size=size,
+            input_spec=tuple(TensorSpec.from_json(s) for s in data["input_spec"]),
+            key_id=data["key_id"],
+            created=float(created),
+            torch_version=data["torch_version"],
+            format=data["format"],
+            signature=data["signature"],
+        )
+
+
+def _canonical(unsigned: Mapping[str, Any]) -> bytes:
+    return json.dumps(
+        unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def _hmac(key: bytes, unsigned: Mapping[str, Any]) -> str:
+    return hmac.new(key, _canonical(unsigned), hashlib.sha256).hexdigest()
+
+
+def sign_manifest(manifest: Manifest, keyring: Keyring, key_id: str) -> Manifest:
+    """A copy of ``manifest`` with ``key_id`` set and signed by that key."""
+    key = keyring.get(key_id)
+    if key is None:
+        raise KeyError(f"no key {key_id!r} in the keyring")
+    unsigned = Manifest(**{**_init_fields(manifest), "key_id": key_id, "signature": ""})
+    signature = _hmac(key, unsigned.unsigned_dict())
+    return Manifest(**{**_init_fields(unsigned), "signature": signature})
+
+
+def _init_fields(manifest: Manifest) -> dict[str, Any]:
+    return {name: getattr(manifest, name) for name in _FIELDS}
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("duplicate key in manifest JSON")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in manifest JSON")
+
+
+def verify_manifest(
+    raw: bytes,
+    keyring: Keyring,
+    *,
+    expected_id: str | None = None,
+    trusted_key_ids: Iterable[str] = (),
+) -> Manifest:
+    """Parse and authenticate a stored manifest; any problem raises ``ArtifactIntegrityError``.
+
+    Order: size bound, strict JSON, signature present, publisher key known (and trusted when
+    ``trusted_key_ids`` is non-empty), HMAC in constant time, then field types, then the id.
+    """
+    where = f"artifact {expected_id!r}" if expected_id else "artifact"
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ArtifactIntegrityError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactIntegrityError(f"{where}: manifest is not a JSON object")
+    signature = data.get("signature")
+    if not isinstance(signature, str) or not signature:
+        raise ArtifactIntegrityError(f"{where}: manifest is unsigned")
+    key_id = data.get("key_id")
+    trusted = tuple(trusted_key_ids)
+    key = keyring.get(key_id) if isinstance(key_id, str) else None
+    if key is None:
+        raise ArtifactIntegrityError(f"{where}: unknown publisher key {key_id!r}")
+    if trusted and key_id not in trusted:
+        raise ArtifactIntegrityError(f"{where}: publisher key {key_id!r} is not trusted")
+    unsigned = {k: v for k, v in data.items() if k != "signature"}
+    try:
+        expected = _hmac(key, unsigned)
+    except ValueError as exc:  # allow_nan=False on a value that slipped through
+        raise ArtifactIntegrityError(f"{where}: manifest cannot be canonicalised ({exc})") from None
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8")):
+        raise ArtifactIntegrityError(f"{where}: manifest signature does not verify")
+    try:
+        manifest = Manifest.from_dict(data)
+    except ValueError as exc:
+        raise ArtifactIntegrityError(f"{where}: malformed manifest ({exc})") from None
+    if expected_id is not None and manifest.artifact_id != expected_id:
+        raise ArtifactIntegrityError(
+            f"{where}: manifest is for a different artifact ({manifest.artifact_id!r})"
+        )
+    object.__setattr__(manifest, "verified", True)
+    return manifest
+
+
+def verify_payload(payload: bytes, manifest: Manifest) -> None:
+    """Size, then SHA-256 (never deserialises anything); raises ``ArtifactIntegrityError``."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    if len(payload) != manifest.size:
+        raise ArtifactIntegrityError(
+            f"artifact {manifest.artifact_id!r}: payload is {len(payload)} bytes, "
+            f"manifest says {manifest.size}"
+        )
+    digest = hashlib.sha256(payload).hexdigest()
+    if not hmac.compare_digest(digest, manifest.sha256):
+        raise ArtifactIntegrityError(
+            f"artifact {manifest.artifact_id!r}: payload SHA-256 does not match its manifest"
+        )

@@ -1,0 +1,196 @@
+"""The device-resident kernel cache: an LRU bounded in bytes (docs/design.md §6).
+
+Sizes come from ``GPUKernel.get_memory_size()`` when a kernel is put in and are remembered, so
+the byte account cannot drift. Kernels attached to live seeds are pinned (a count, so several
+seeds may share one) and are never evicted; evicted kernels have their device memory released.
+Releasing happens after the lock is dropped, so a slow release never stalls a concurrent ``get``.
+Only unpinned kernels are kept in LRU order, so get, put, pin and unpin are O(1) (plus O(1) per
+kernel a put evicts), however many kernels are pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CachedKernel", "GPUKernelCache"]
+
+
+class CachedKernel(Protocol):
+    """What the cache needs of a kernel (``GPUKernel`` provides it)."""
+
+    def get_memory_size(self) -> int: ...
+
+    def release_gpu_memory(self) -> None: ...
+
+
+class GPUKernelCache:
+    """Thread-safe LRU of kernels by id, bounded by ``cache_size_mb`` of device memory."""
+
+    def __init__(self, cache_size_mb: float) -> None:
+        if isinstance(cache_size_mb, bool) or not cache_size_mb >= 0:
+            raise ValueError(f"cache_size_mb must be >= 0, got {cache_size_mb!r}")
+        self.max_bytes = int(cache_size_mb * 1024 * 1024)
+        self._entries: dict[str, tuple[CachedKernel, int]] = {}
+        # Unpinned ids, least recently used first: the only eviction candidates, so neither a
+        # put nor an eviction ever walks past pinned kernels (O(1) per kernel evicted).
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._bytes = 0
+        self._pinned_bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.uncached = 0
+
+    def get(self, kernel_id: str) -> CachedKernel | None:
+        """The kernel, marked most recently used; ``None`` (a miss) when absent."""
+        with self._lock:
+            entry = self._entries.get(kernel_id)
+            if entry is None:
+                self.misses += 1
+                return None
+            if kernel_id in self._lru:
+                self._lru.move_to_end(kernel_id)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, kernel_id: str, kernel: CachedKernel) -> bool:
+        """Cache ``kernel``, evicting least recently used unpinned kernels to make room.
+
+        Returns False when it is not cached: larger than the whole cache, or the room is held by
+        pinned kernels. The caller then serves it uncached (nothing is evicted in that case).
+        Replacing a different kernel under an id releases the old one; a pinned id cannot be
+        replaced (``ValueError``).
+        """
+        size = int(kernel.get_memory_size())
+        if size < 0:
+            raise ValueError(f"kernel {kernel_id!r} reports a negative size")
+        victims: list[CachedKernel] = []
+        with self._lock:
+            old = self._entries.get(kernel_id)
+            pinned = bool(self._pins.get(kernel_id))
+            if old is not None and old[0] is not kernel and pinned:
+                raise ValueError(f"kernel {kernel_id!r} is pinned; unpin it before replacing it")
+            old_size = old[1] if old is not None else 0
+            needed = self._bytes - old_size + size - self.max_bytes
+            # Unpinned bytes other than this id's own entry (which is replaced, not evicted).
+            evictable = self._bytes - self._pinned_bytes - (0 if pinned else old_size)
+            if size > self.max_bytes or needed > evictable:
+                self.uncached += 1
+                reason = "larger than the cache" if size > self.max_bytes else "room held by pins"
+                logger.warning(
+                    "kernel %s (%d bytes) served uncached: %s (%d of %d bytes used)",
+                    kernel_id,
+                    size,
+                    reason,
+                    self._bytes,
+                    self.max_bytes,
+                )
+                return False
+            if old is not None:
+                del self._entries[kernel_id]
+                self._lru.pop(kernel_id, None)
+                self._bytes -= old_size
+                if pinned:
+                    self._pinned_bytes -= old_size
+                if old[0] is not kernel:
+                    victims.append(old[0])
+            while self._bytes + size > self.max_bytes:
+                victim_id, _ = self._lru.popitem(last=False)
+                victim, victim_size = self._entries.pop(victim_id)
+                self._bytes -= victim_size
+                self.evictions += 1
+                victims.append(victim)
+                logger.debug("evicted kernel %s (%d bytes)", victim_id, victim_size)
+            self._entries[kernel_id] = (kernel, size)
+            self._bytes += size
+            if pinned:
+                self._pinned_bytes += size
+            else:
+                self._lru[kernel_id] = None
+        for victim in victims:
+            victim.release_gpu_memory()
+        return True
+
+    def evict(self, kernel_id: str) -> bool:
+        """Remove and release one kernel. False if absent or pinned (pinned stay)."""
+        with self._lock:
+            entry = self._entries.get(kernel_id)
+            if entry is None:
+                return False
+            if self._pins.get(kernel_id):
+                logger.warning("not evicting pinned kernel %s", kernel_id)
+                return False
+            del self._entries[kernel_id]
+            del self._lru[kernel_id]
+            self._bytes -= entry[1]
+            self.evictions += 1
+        entry[0].release_gpu_memory()
+        return True
+
+    def pin(self, kernel_id: str) -> None:
+        """Protect a cached kernel from eviction (counted: one unpin per pin)."""
+        with self._lock:
+            entry = self._entries.get(kernel_id)
+            if entry is None:
+                raise KeyError(f"kernel {kernel_id!r} is not cached")
+            count = self._pins.get(kernel_id, 0)
+            if count == 0:
+                del self._lru[kernel_id]
+                self._pinned_bytes += entry[1]
+            self._pins[kernel_id] = count + 1
+
+    def unpin(self, kernel_id: str) -> None:
+        with self._lock:
+            count = self._pins.get(kernel_id, 0)
+            if count == 0:
+                raise KeyError(f"kernel {kernel_id!r} is not pinned")
+            if count == 1:
+                del self._pins[kernel_id]
+                # Pinned kernels are never evicted, so the entry is still here; it re-enters
+                # the LRU as most recently used (it was in use until now).
+                self._pinned_bytes -= self._entries[kernel_id][1]
+                self._lru[kernel_id] = None
+            else:
+                self._pins[kernel_id] = count - 1
+
+    def is_pinned(self, kernel_id: str) -> bool:
+        return self._pins.get(kernel_id, 0) > 0
+
+    def clear(self) -> None:
+        """Evict every unpinned kernel."""
+        with self._lock:
+            ids = list(self._lru)
+        for kernel_id in ids:
+            self.evict(kernel_id)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __contains__(self, kernel_id: object) -> bool:
+        return kernel_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "uncached": self.uncached,
+                "hit_rate": self.hits / lookups if lookups else 0.0,
+                "entries": len(self._entries),
+                "pinned": len(self._pins),
+                "bytes_used": self._bytes,
+                "max_bytes": self.max_bytes,
+            }

@@ -1,0 +1,329 @@
+"""Urza: the artifact store seeds' kernels are loaded from (docs/design.md §6).
+
+A store is any fsspec URL (a local directory by default; ``memory://``, ``http://``, object
+stores work the same way) holding two files per artifact, side by side::
+
+    <artifact_id>.pt2            the torch.export program (payload)
+    <artifact_id>.manifest.json  its signed manifest (kasmina.urza.artifact.Manifest)
+
+The manifest is written last (``kasmina.urza.publish``), so an artifact is listed only once it is
+complete.
+``UrzaLibraryClient.fetch`` returns payload bytes only after the manifest signature, size and
+SHA-256 verify; it never deserialises anything (``GPUKernel.from_binary`` does, after checking
+again). Every store read has a timeout, failed reads are retried with exponential backoff, a
+circuit breaker stops hammering a store that keeps failing, and concurrent fetches of one
+artifact share a single read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
+from kasmina.urza.artifact import (
+    MANIFEST_SUFFIX,
+    PAYLOAD_SUFFIX,
+    Manifest,
+    open_store,
+    validate_artifact_id,
+    verify_manifest,
+    verify_payload,
+)
+from kasmina.utils.keyring import Keyring
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CircuitBreaker", "UrzaLibraryClient"]
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; after ``reset_s`` one trial call is let
+    through (half-open): success closes it, failure opens it again for another ``reset_s``."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(
+        self, threshold: int, reset_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if threshold < 1:
+            raise ValueError(f"breaker threshold must be >= 1, got {threshold}")
+        if reset_s < 0:
+            raise ValueError(f"breaker reset_s must be >= 0, got {reset_s}")
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = self.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self.times_opened = 0
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._state == self.CLOSED:
+                return True
+            # Open long enough, or a half-open trial that never reported back (interrupted):
+            # this caller becomes the single trial.
+            if self._clock() - self._opened_at >= self.reset_s:
+                self._state = self.HALF_OPEN
+                self._opened_at = self._clock()
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self._state != self.CLOSED:
+                logger.info("Urza circuit breaker closed")
+            self._state = self.CLOSED
+            self._failures = 0
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state == self.HALF_OPEN or (
+                self._state == self.CLOSED and self._failures >= self.threshold
+            ):
+                self._state = self.OPEN
+                self._opened_at = self._clock()
+                self.times_opened += 1
+                logger.warning("Urza circuit breaker opened after %d failures", self._failures)
+
+
+class UrzaLibraryClient:
+    """Reads and verifies artifacts from one store (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        keyring: Keyring,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+        breaker_threshold: int = 5,
+        breaker_reset_s: float = 30.0,
+        trusted_key_ids: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if retries < 0 or backoff_s < 0 or backoff_max_s < 0:
+            raise ValueError("retries, backoff_s and backoff_max_s must be >= 0")
+        self.url = url
+        self.keyring = keyring
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self.trusted_key_ids = tuple(trusted_key_ids)
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock)
+        self._sleep = sleep
+        self._closed = False
+        options = dict(storage_options or {})
+        if url.startswith(("http://", "https://")) and "client_kwargs" not in options:
+            import aiohttp  # fsspec's HTTP backend depends on it
+
+            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout_s)}
+        self._fs, self._root = open_store(url, options)
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future[tuple[bytes, Manifest]]] = {}
+        self._stats = {"fetches": 0, "coalesced": 0, "reads": 0, "read_failures": 0}
+
+    @classmethod
+    def from_config(cls, config: Any, keyring: Keyring | None = None) -> UrzaLibraryClient:
+        """From a ``KasminaConfig``; the keyring defaults to ``config.load_keyring()``."""
+        return cls(
+            config.urza_url,
+            keyring if keyring is not None else config.load_keyring(),
+            timeout_s=config.urza_timeout_s,
+            retries=config.urza_retries,
+            backoff_s=config.urza_backoff_s,
+            backoff_max_s=config.urza_backoff_max_s,
+            breaker_threshold=config.urza_breaker_threshold,
+            breaker_reset_s=config.urza_breaker_reset_s,
+            trusted_key_ids=config.urza_trusted_key_ids,
+        )
+
+    # --- public API ---------------------------------------------------------------------
+
+    def list_artifacts(self) -> list[str]:
+        """Ids of the artifacts whose manifest is in the store (unverified), sorted."""
+        try:
+            entries = self._call(self._fs.ls, self._root, detail=False)
+        except FileNotFoundError:
+            return []
+        ids = []
+        for entry in entries:
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(MANIFEST_SUFFIX):
+                artifact_id = name[: -len(MANIFEST_SUFFIX)]
+                try:
+                    ids.append(validate_artifact_id(artifact_id))
+                except ValueError:
+                    logger.warning("ignoring store entry with an invalid artifact id: %r", name)
+        return sorted(ids)
+
+    def get_manifest(self, artifact_id: str) -> Manifest:
+        """The artifact's verified manifest (signature checked; payload not read)."""
+        validate_artifact_id(artifact_id)
+        try:
+            raw = self._call(self._fs.cat_file, self._path(artifact_id, MANIFEST_SUFFIX))
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
+        return verify_manifest(
+            raw, self.keyring, expected_id=artifact_id, trusted_key_ids=self.trusted_key_ids
+        )
+
+    def fetch(self, artifact_id: str) -> tuple[bytes, Manifest]:
+        """Payload bytes and manifest, both verified. Concurrent calls for one id share a read."""
+        validate_artifact_id(artifact_id)
+        with self._lock:
+            future = self._inflight.get(artifact_id)
+            leader = future is None
+            if leader:
+                future = self._inflight[artifact_id] = Future()
+                self._stats["fetches"] += 1
+            else:
+                self._stats["coalesced"] += 1
+        if not leader:
+            return future.result()
+        try:
+            result = self._fetch_now(artifact_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                del self._inflight[artifact_id]
+
+    async def fetch_async(self, artifact_id: str) -> tuple[bytes, Manifest]:
+        """``fetch`` on a worker thread, so an event loop is never blocked by store I/O."""
+        return await asyncio.to_thread(self.fetch, artifact_id)
+
+    def verify(self, artifact_id: str) -> Manifest:
+        """Fetch and verify one artifact; returns its manifest or raises."""
+        return self.fetch(artifact_id)[1]
+
+    def verify_store(self) -> dict[str, str]:
+        """Every listed artifact -> ``"ok"`` or the reason it failed verification."""
+        report = {}
+        for artifact_id in self.list_artifacts():
+            try:
+                self.verify(artifact_id)
+                report[artifact_id] = "ok"
+            except (ArtifactIntegrityError, ArtifactNotFoundError) as exc:
+                report[artifact_id] = f"{type(exc).__name__}: {exc}"
+        return report
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats: dict[str, Any] = dict(self._stats)
+        stats["breaker_state"] = self.breaker.state
+        stats["breaker_opened"] = self.breaker.times_opened
+        return stats
+
+    def close(self) -> None:
+        """Refuse further store reads (reads already abandoned to a timeout finish alone)."""
+        self._closed = True
+
+    def __enter__(self) -> UrzaLibraryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _path(self, artifact_id: str, suffix: str) -> str:
+        return f"{self._root}/{artifact_id}{suffix}"
+
+    def _fetch_now(self, artifact_id: str) -> tuple[bytes, Manifest]:
+        manifest = self.get_manifest(artifact_id)
+        try:
+            payload = self._call(self._fs.cat_file, self._path(artifact_id, PAYLOAD_SUFFIX))
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(
+                f"artifact {artifact_id!r} has a manifest but no payload in {self.url}"
+            ) from None
+        verify_payload(payload, manifest)
+        logger.debug("fetched and verified %s (%d bytes)", artifact_id, len(payload))
+        return payload, manifest
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One store operation with timeout, retries with backoff, and the breaker.
+
+        A missing file is an answer, not a failure: ``FileNotFoundError`` is re-raised at once
+        and counts as a success for the breaker.
+        """
+        if self._closed:
+            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if not self.breaker.allow():
+                raise UrzaUnavailableError(
+                    f"Urza circuit breaker is open for {self.url}; not trying"
+                ) from last
+            with self._lock:
+                self._stats["reads"] += 1
+            try:
+                result = _call_with_timeout(self.timeout_s, fn, *args, **kwargs)
+            except FileNotFoundError:
+                self.breaker.record_success()
+                raise
+            except Exception as exc:  # any transport failure: timeout, connection, HTTP 5xx
+                self.breaker.record_failure()
+                with self._lock:
+                    self._stats["read_failures"] += 1
+                last = exc
+                logger.warning(
+                    "Urza read failed (attempt %d/%d): %s: %s",
+                    attempt + 1,
+                    self.retries + 1,
+                    type(exc).__name__,
+                    exc,
+                )
+                if attempt < self.retries:
+                    self._sleep(min(self.backoff_max_s, self.backoff_s * 2**attempt))
+            else:
+                self.breaker.record_success()
+                return result
+        raise UrzaUnavailableError(
+            f"Urza at {self.url} unavailable after {self.retries + 1} attempts: {last!r}"
+        ) from last
+
+
+def _call_with_timeout(timeout_s: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on a daemon thread and wait at most ``timeout_s`` for it.
+
+    A read that hangs past its timeout is abandoned, not killed (Python cannot kill a thread);
+    being a daemon it never holds up interpreter exit, and the circuit breaker stops new reads
+    from piling up behind a store that keeps hanging.
+    """
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="urza-io", daemon=True).start()
+    return future.result(timeout=timeout_s)

@@ -1,0 +1,166 @@
+"""A seed's kernel: a verified ``torch.export`` program turned back into a trainable module.
+
+``GPUKernel.from_binary`` is the only place a payload is deserialised, and it refuses to do so
+unless the manifest came out of signature verification and the bytes match the manifest's size
+and SHA-256, so it cannot be pointed at unverified bytes by mistake.
+
+An exported program's graph fixes the behaviour of dropout and batch norm to the mode it was
+exported in; ``train()``/``eval()`` on a kernel therefore only set its ``training`` flag and do
+not reach into the graph (which would raise).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export.passes import move_to_device_pass
+
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.urza.artifact import Manifest, verify_payload
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GPUKernel"]
+
+
+def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
+    """The one deserialisation call (a ``.pt2`` may contain pickles: verify first)."""
+    return torch.export.load(io.BytesIO(payload))
+
+
+class GPUKernel(nn.Module):
+    """A loaded artifact: callable, with trainable parameters, on one device."""
+
+    def __init__(self, module: nn.Module, manifest: Manifest) -> None:
+        super().__init__()
+        self.inner: nn.Module | None = module
+        self.manifest = manifest
+        self._released = False
+
+    @classmethod
+    def from_binary(
+        cls, payload: bytes, manifest: Manifest, device: torch.device | str = "cpu"
+    ) -> GPUKernel:
+        """Deserialise a verified payload onto ``device``.
+
+        Raises ``ArtifactIntegrityError`` (having deserialised nothing) if the manifest was not
+        produced by ``verify_manifest`` or the payload does not match it.
+        """
+        if not isinstance(manifest, Manifest) or not manifest.verified:
+            raise ArtifactIntegrityError(
+                "refusing to load a payload whose manifest was not signature-verified "
+                "(fetch it with UrzaLibraryClient)"
+            )
+        verify_payload(payload, manifest)
+        device = torch.device(device)
+        try:
+            program = move_to_device_pass(_deserialise(payload), device)
+            module = program.module()
+        except Exception as exc:
+            raise RuntimeError(
+                f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
+                f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
+            ) from exc
+        module.to(device)
+        for param in module.parameters():
+            if param.is_floating_point() or param.is_complex():
+                param.requires_grad_(True)  # a seed's kernel is what the seed trains
+        logger.debug("loaded kernel %s onto %s", manifest.artifact_id, device)
+        return cls(module, manifest)
+
+    @property
+    def artifact_id(self) -> str:
+        return self.manifest.artifact_id
+
+    @property
+    def blueprint(self) -> str:
+        return self.manifest.blueprint
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self._tensors():
+            return tensor.device
+        return torch.device("cpu")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inner is None:
+            raise RuntimeError(
+                f"kernel {self.artifact_id!r} was released (evicted from the cache); "
+                "load it again before calling it"
+            )
+        return self.inner(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> GPUKernel:
+        """Set the flag only: the exported graph's dropout/batch-norm mode is fixed."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        return self
+
+    def example_inputs(self, dynamic_size: int = 2) -> tuple[torch.Tensor, ...]:
+        """Zero tensors matching the manifest's input spec (dynamic dims = ``dynamic_size``)."""
+        device = self.device
+        return tuple(
+            torch.zeros(
+                [dynamic_size if d is None else d for d in spec.shape],
+                dtype=getattr(torch, spec.dtype),
+                device=device,
+            )
+            for spec in self.manifest.input_spec
+        )
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        """Parameters, buffers and tensor constants of the module, each once."""
+        if self.inner is None:
+            return
+        seen: set[int] = set()
+        for module in self.inner.modules():
+            candidates = [*module._parameters.values(), *module._buffers.values()]
+            candidates += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+            for tensor in candidates:
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield tensor
+
+    def get_memory_size(self) -> int:
+        """Bytes of device memory held by parameters, buffers and constants (shared storage
+        counted once); 0 once released."""
+        storages: dict[tuple[str, int], int] = {}
+        for tensor in self._tensors():
+            storage = tensor.untyped_storage()
+            storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
+    def release_gpu_memory(self) -> None:
+        """Free the kernel's tensors (even ones an optimizer still references). The kernel is
+        unusable afterwards: calling it raises. Idempotent."""
+        if self.inner is None:
+            return
+        for module in self.inner.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    param.grad = None
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(module, name, torch.empty(0, dtype=value.dtype, device=value.device))
+        self.inner = None
+        self._released = True
+        logger.debug("released kernel %s", self.artifact_id)
+
+    def extra_repr(self) -> str:
+        return f"artifact_id={self.artifact_id!r}, blueprint={self.blueprint!r}" + (
+            ", released" if self._released else ""
+        )

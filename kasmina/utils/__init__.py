@@ -1,0 +1,35 @@
+"""Domain-free utilities: the parts of Kasmina that know nothing of seeds, kernels or commands.
+
+- ``telemetry`` -- ``TelemetryReporter`` builds Leyline ``TelemetryPacket``s and fans them out to
+  sinks (an in-memory ring buffer, a JSONL file). Every sink is bounded and a failing sink never
+  reaches the caller; prepared ``Event``s keep the per-event cost to one dict build.
+- ``perfstats`` -- ``LatencyStats``, a bounded window of latencies with p50/mean/last, and the
+  docs/design.md §8 latency targets the manager reports against.
+- ``state_io`` -- atomic state files: written to a temporary name beside the target, fsync'd and
+  moved into place with ``os.replace``, so a reader sees the old file or the new one and never
+  half of one; loads are ``weights_only``; ``clone_state`` detaches snapshots from live tensors.
+- ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
+  variable or a file (never from code), never shown in ``repr`` or logs.
+
+Only the root vocabulary (``kasmina.stages``, ``kasmina.errors``, ``kasmina.leyline``) sits below
+this package; everything else may use it. Nothing here imports another Kasmina package.
+"""
+
+from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring, generate_key
+from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.state_io import atomic_torch_save, clone_state, safe_torch_load
+from kasmina.utils.telemetry import Event, JsonlFileSink, MemorySink, TelemetryReporter
+
+__all__ = [
+    "DEFAULT_ENV_VAR",
+    "Event",
+    "JsonlFileSink",
+    "Keyring",
+    "LatencyStats",
+    "MemorySink",
+    "TelemetryReporter",
+    "atomic_torch_save",
+    "clone_state",
+    "generate_key",
+    "safe_torch_load",
+]

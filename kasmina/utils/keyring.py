@@ -1,0 +1,124 @@
+"""Keys by ``key_id``: the keyring that holds HMAC secrets, loaded from configuration.
+
+Keys come from a mapping, an environment variable (``KASMINA_HMAC_KEYS``) or a JSON file, never
+from code; key material never appears in ``repr`` or logs. Domain-free: the command verifier
+and the artifact signer both take a ``Keyring``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_ENV_VAR", "MIN_KEY_BYTES", "Keyring", "generate_key"]
+
+
+MIN_KEY_BYTES = 16
+
+
+DEFAULT_ENV_VAR = "KASMINA_HMAC_KEYS"
+
+
+def generate_key(num_bytes: int = 32) -> bytes:
+    """A fresh random HMAC key (store it in configuration, never in code)."""
+    if num_bytes < MIN_KEY_BYTES:
+        raise ValueError(f"HMAC keys need at least {MIN_KEY_BYTES} bytes, got {num_bytes}")
+    return secrets.token_bytes(num_bytes)
+
+
+class Keyring:
+    """HMAC keys by ``key_id``. Key material never appears in ``repr`` or logs."""
+
+    def __init__(self, keys: Mapping[str, bytes]) -> None:
+        self._keys: dict[str, bytes] = {}
+        # One keyed HMAC per key, copied per message: the key schedule is paid once.
+        self._macs: dict[str, hmac.HMAC] = {}
+        for key_id, key in keys.items():
+            if not isinstance(key_id, str) or not key_id:
+                raise ValueError("key ids must be non-empty strings")
+            if not isinstance(key, (bytes, bytearray)):
+                raise TypeError(f"key {key_id!r} must be bytes, got {type(key).__name__}")
+            if len(key) < MIN_KEY_BYTES:
+                raise ValueError(f"key {key_id!r} is shorter than {MIN_KEY_BYTES} bytes")
+            self._keys[key_id] = bytes(key)
+            self._macs[key_id] = hmac.new(bytes(key), digestmod=hashlib.sha256)
+
+    @classmethod
+    def from_env(cls, var: str = DEFAULT_ENV_VAR) -> Keyring:
+        """Load ``"id:hex,id2:hex"`` or a JSON object ``{"id": "hex"}`` from ``var``."""
+        text = os.environ.get(var, "").strip()
+        if not text:
+            raise ValueError(f"environment variable {var} is not set or empty")
+        if text.startswith("{"):
+            return cls._from_json(text, f"${var}")
+        keys: dict[str, bytes] = {}
+        for item in text.split(","):
+            key_id, sep, hex_key = item.strip().partition(":")
+            if not sep:
+                raise ValueError(f"${var}: expected 'key_id:hexkey' items separated by commas")
+            keys[key_id.strip()] = _unhex(hex_key.strip(), key_id, f"${var}")
+        return cls(keys)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Keyring:
+        """Load a JSON object ``{"key_id": "hexkey", ...}`` from ``path``."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if os.name == "posix" and path.stat().st_mode & 0o077:
+            logger.warning("key file %s is readable by group/others; restrict it to 0600", path)
+        return cls._from_json(text, str(path))
+
+    @classmethod
+    def _from_json(cls, text: str, origin: str) -> Keyring:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{origin}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{origin}: expected a JSON object of key_id -> hex key")
+        keys = {}
+        for key_id, hex_key in data.items():
+            if not isinstance(hex_key, str):
+                raise ValueError(f"{origin}: key {key_id!r} must be a hex string")
+            keys[key_id] = _unhex(hex_key, key_id, origin)
+        return cls(keys)
+
+    def get(self, key_id: str) -> bytes | None:
+        return self._keys.get(key_id)
+
+    def digest(self, key_id: str, message: bytes) -> bytes | None:
+        """HMAC-SHA256 of ``message`` under ``key_id`` (None if the key is unknown)."""
+        mac = self._macs.get(key_id)
+        if mac is None:
+            return None
+        mac = mac.copy()
+        mac.update(message)
+        return mac.digest()
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"Keyring(key_ids={list(self._keys)!r})"
+
+
+def _unhex(hex_key: str, key_id: str, origin: str) -> bytes:
+    try:
+        return bytes.fromhex(hex_key)
+    except ValueError:
+        raise ValueError(f"{origin}: key {key_id!r} is not valid hex") from None

@@ -1,0 +1,261 @@
+"""Keyring loading, HMAC signing, the verifier's checks and its bounded nonce ledger.
+
+See docs/design.md §5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+
+import pytest
+
+from kasmina.control.auth import CommandVerifier, compute_signature, sign_command
+from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.leyline import AdaptationCommand
+from kasmina.utils.keyring import Keyring, generate_key
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(100, 132))
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return Keyring({"k1": KEY, "k2": OTHER_KEY})
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def verifier(keyring: Keyring, clock: FakeClock) -> CommandVerifier:
+    return CommandVerifier(keyring, freshness_s=60.0, clock=clock)
+
+
+def signed(keyring: Keyring, key_id: str = "k1", timestamp: float = T0, nonce: str | None = None):
+    cmd = make_seed_command("germinate", "layer0:1", "artifact-1", {"lr_scale": 0.5})
+    return sign_command(cmd, keyring, key_id, nonce=nonce, timestamp=timestamp)
+
+
+def independent_hmac(cmd: AdaptationCommand, key: bytes) -> bytes:
+    clone = AdaptationCommand()
+    clone.CopyFrom(cmd)
+    clone.metadata.ClearField("signature")
+    return hmac.new(key, clone.SerializeToString(deterministic=True), hashlib.sha256).digest()
+
+
+# --- keyring -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 100])
+def test_keyring_digest_is_standard_hmac_sha256(key_len: int) -> None:
+    key = bytes(random.Random(key_len).randrange(256) for _ in range(key_len))
+    ring = Keyring({"k": key})
+    for message in (b"", b"x", bytes(range(256)) * 3):
+        assert ring.digest("k", message) == hmac.new(key, message, hashlib.sha256).digest()
+    assert ring.digest("missing", b"x") is None
+
+
+def test_keyring_rejects_bad_keys() -> None:
+    with pytest.raises(ValueError):
+        Keyring({"k": b"short"})
+    with pytest.raises(ValueError):
+        Keyring({"": KEY})
+    with pytest.raises(TypeError):
+        Keyring({"k": KEY.hex()})  # type: ignore[dict-item]
+
+
+def test_keyring_repr_hides_key_material(keyring: Keyring) -> None:
+    text = repr(keyring)
+    assert "k1" in text and KEY.hex() not in text and str(KEY) not in text
+
+
+def test_keyring_from_env_pairs_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KASMINA_HMAC_KEYS", f"k1:{KEY.hex()}, k2:{OTHER_KEY.hex()}")
+    ring = Keyring.from_env()
+    assert ring.get("k1") == KEY and ring.get("k2") == OTHER_KEY
+    monkeypatch.setenv("MY_KEYS", json.dumps({"a": KEY.hex()}))
+    assert Keyring.from_env("MY_KEYS").key_ids == ("a",)
+
+
+@pytest.mark.parametrize("value", ["", "k1", f"k1:{KEY.hex()[:-1]}", "k1:zz" * 20, "{not json"])
+def test_keyring_from_env_rejects_garbage(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("KASMINA_HMAC_KEYS", value)
+    with pytest.raises(ValueError):
+        Keyring.from_env()
+
+
+def test_keyring_from_env_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KASMINA_HMAC_KEYS", raising=False)
+    with pytest.raises(ValueError, match="KASMINA_HMAC_KEYS"):
+        Keyring.from_env()
+
+
+def test_keyring_from_file(tmp_path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"k1": KEY.hex(), "k2": OTHER_KEY.hex()}))
+    path.chmod(0o600)
+    ring = Keyring.from_file(path)
+    assert ring.get("k2") == OTHER_KEY and len(ring) == 2
+    path.write_text(json.dumps([KEY.hex()]))
+    with pytest.raises(ValueError):
+        Keyring.from_file(path)
+    path.write_text(json.dumps({"k1": 5}))
+    with pytest.raises(ValueError):
+        Keyring.from_file(path)
+
+
+def test_generate_key() -> None:
+    a, b = generate_key(), generate_key()
+    assert len(a) == 32 and a != b
+    with pytest.raises(ValueError):
+        generate_key(8)
+
+
+# --- signing -----------------------------------------------------------------------------------
+
+
+def test_sign_command_fills_metadata_with_standard_hmac(keyring: Keyring) -> None:
+    cmd = signed(keyring, nonce="n-1", timestamp=T0 + 0.5)
+    md = cmd.metadata
+    assert (md.key_id, md.nonce) == ("k1", "n-1")
+    assert (md.timestamp.seconds, md.timestamp.nanos) == (int(T0), 500_000_000)
+    assert md.signature == independent_hmac(cmd, KEY)
+
+
+def test_sign_command_defaults_give_fresh_nonces(keyring: Keyring) -> None:
+    a = sign_command(make_rollback_command(1), keyring, "k1")
+    b = sign_command(make_rollback_command(1), keyring, "k1")
+    assert a.metadata.nonce and a.metadata.nonce != b.metadata.nonce
+
+
+def test_sign_command_unknown_key(keyring: Keyring) -> None:
+    with pytest.raises(KeyError):
+        sign_command(make_rollback_command(1), keyring, "nope")
+
+
+def test_compute_signature_leaves_the_message_unchanged(keyring: Keyring) -> None:
+    cmd = signed(keyring)
+    before = cmd.SerializeToString(deterministic=True)
+    assert compute_signature(cmd, keyring, "k1") == cmd.metadata.signature
+    assert cmd.SerializeToString(deterministic=True) == before
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def test_valid_command_accepted_exactly_once(keyring, verifier) -> None:
+    cmd = signed(keyring)
+    assert verifier.verify(cmd) == (True, "ok")
+    assert verifier.verify(cmd) == (False, "replay")
+    assert verifier.ledger_size == 1
+
+
+@pytest.mark.parametrize(
+    ("offset", "expected"),
+    [
+        (-60.0, (True, "ok")),
+        (60.0, (True, "ok")),
+        (-60.5, (False, "stale")),
+        (61.0, (False, "future")),
+    ],
+)
+def test_freshness_window(keyring, verifier, offset: float, expected) -> None:
+    assert verifier.verify(signed(keyring, timestamp=T0 + offset)) == expected
+
+
+def test_wrong_key_unknown_key_id_and_missing_fields(keyring, verifier) -> None:
+    forged = signed(Keyring({"k1": OTHER_KEY}))  # right key id, wrong key
+    assert verifier.verify(forged) == (False, "bad_signature")
+
+    unknown = signed(Keyring({"k9": KEY}), key_id="k9")
+    assert verifier.verify(unknown) == (False, "unknown_key_id")
+
+    no_meta = make_seed_command("germinate", "s", "a")
+    assert verifier.verify(no_meta) == (False, "missing_metadata")
+
+    no_sig = signed(keyring)
+    no_sig.metadata.signature = b""
+    assert verifier.verify(no_sig) == (False, "missing_signature")
+
+    no_nonce = signed(keyring, nonce="")
+    assert verifier.verify(no_nonce) == (False, "missing_nonce")
+
+    huge_nonce = signed(keyring, nonce="n" * 1000)
+    assert verifier.verify(huge_nonce) == (False, "bad_nonce")
+
+    tampered = signed(keyring)
+    tampered.seed_command.seed_id = "layer0:2"
+    assert verifier.verify(tampered) == (False, "bad_signature")
+    assert verifier.ledger_size == 0
+
+
+def test_nonce_is_recorded_only_after_the_signature_passes(keyring, verifier) -> None:
+    forged = signed(Keyring({"k1": OTHER_KEY}), nonce="shared")
+    assert verifier.verify(forged) == (False, "bad_signature")
+    future = signed(keyring, nonce="shared", timestamp=T0 + 3600)
+    assert verifier.verify(future) == (False, "future")
+    assert verifier.verify(signed(keyring, nonce="shared")) == (True, "ok")
+    assert verifier.verify(signed(keyring, nonce="shared", timestamp=T0 + 1)) == (False, "replay")
+
+
+def test_checking_without_recording_leaves_the_nonce_unused(keyring, verifier) -> None:
+    cmd = signed(keyring)
+    assert verifier.verify(cmd, record_nonce=False) == (True, "ok")
+    assert verifier.verify(cmd, record_nonce=False) == (True, "ok")
+    assert verifier.ledger_size == 0
+    assert verifier.verify(cmd) == (True, "ok")
+    assert verifier.verify(cmd, record_nonce=False) == (False, "replay")
+    forged = signed(keyring, nonce="other")
+    forged.metadata.signature = b"\x00" * 32
+    assert verifier.verify(forged, record_nonce=False) == (False, "bad_signature")
+
+
+def test_forgotten_nonce_cannot_be_replayed_after_the_clock_steps_back(keyring, clock) -> None:
+    verifier = CommandVerifier(keyring, freshness_s=10.0, clock=clock)
+    first = signed(keyring, nonce="a", timestamp=T0)
+    assert verifier.verify(first)[0]
+    clock.now = T0 + 30
+    assert verifier.verify(signed(keyring, nonce="b", timestamp=clock.now))[0]
+    assert verifier.ledger_size == 1  # "a" was forgotten
+    clock.now = T0  # wall clock stepped backwards
+    assert verifier.verify(first) == (False, "stale")
+
+
+def test_verifier_rejects_bad_freshness(keyring) -> None:
+    with pytest.raises(ValueError):
+        CommandVerifier(keyring, freshness_s=0)
+
+
+def test_nonce_ledger_stays_bounded_under_200k_commands(keyring, clock) -> None:
+    """200,000 distinct valid commands, 1 ms apart, timestamps jittered within the window."""
+    freshness_s, dt, count = 5.0, 1e-3, 200_000
+    verifier = CommandVerifier(keyring, freshness_s=freshness_s, clock=clock)
+    bound = int(2 * freshness_s / dt) + 1  # rate x (past + future window)
+    rng = random.Random(0)
+    cmd = make_rollback_command(3)
+    largest = 0
+    for i in range(count):
+        clock.now += dt
+        jitter = rng.uniform(-0.9, 0.9) * freshness_s
+        sign_command(cmd, keyring, "k1", nonce=f"n{i}", timestamp=clock.now + jitter)
+        assert verifier.verify(cmd) == (True, "ok")
+        largest = max(largest, verifier.ledger_size)
+    assert largest <= bound
+    assert largest > freshness_s / dt  # the window really filled: the bound is not vacuous
+    # Every recorded nonce is still inside the window.
+    cutoff = clock.now - freshness_s
+    assert all(ts >= cutoff for ts in verifier._seen.values())

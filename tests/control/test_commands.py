@@ -1,0 +1,413 @@
+"""The command handler: accepted paths, every rejection path, tampering and fuzzing.
+
+See docs/design.md §5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kasmina.control.auth import CommandVerifier, sign_command
+from kasmina.control.commands import (
+    KasminaCommand,
+    RollbackAction,
+    SeedAction,
+    make_optimizer_command,
+    make_rollback_command,
+    make_seed_command,
+)
+from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.leyline import AdaptationCommand, CommandType, MessagePriority, SeedOperation
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+KEY = bytes(range(7, 39))
+T0 = 1_700_000_000.0
+GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
+
+
+class RecordingExecutor:
+    def __init__(self, result: bool = True, error: Exception | None = None) -> None:
+        self.result = result
+        self.error = error
+        self.commands: list[KasminaCommand] = []
+
+    def execute(self, command: KasminaCommand) -> bool:
+        self.commands.append(command)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Rig:
+    """A handler wired to a fake clock, a recording executor and an in-memory telemetry sink."""
+
+    def __init__(self, executor: RecordingExecutor | None = None) -> None:
+        self.now = T0
+        self.keyring = Keyring({"ctl": KEY})
+        self.verifier = CommandVerifier(self.keyring, clock=lambda: self.now)
+        self.executor = executor or RecordingExecutor()
+        self.sink = MemorySink()
+        telemetry = TelemetryReporter(sinks=[self.sink], clock=lambda: self.now)
+        self.handler = LeylineAdaptationHandler(self.verifier, self.executor, telemetry)
+        self._n = 0
+
+    def sign(self, cmd: AdaptationCommand) -> bytes:
+        self._n += 1
+        sign_command(cmd, self.keyring, "ctl", nonce=f"nonce-{self._n}", timestamp=self.now)
+        return cmd.SerializeToString()
+
+    def reasons(self) -> list[str]:
+        return [m.labels["reason"] for m in self.sink.events("command.rejected")]
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return Rig()
+
+
+def germinate() -> AdaptationCommand:
+    return make_seed_command(
+        "germinate", "layer2:5", "artifact-9", {"alpha_steps": 100.0}, 2.5, command_id="cmd-1"
+    )
+
+
+# --- accepted paths ----------------------------------------------------------------------------
+
+
+def test_valid_seed_command_is_executed_once_and_reported(rig: Rig) -> None:
+    raw = rig.sign(germinate())
+    assert rig.handler.handle_adaptation_command(raw) is True
+    assert rig.handler.handle_adaptation_command(raw) is False  # replay
+    (cmd,) = rig.executor.commands
+    assert cmd == KasminaCommand(
+        command_id="cmd-1",
+        kind="seed",
+        priority=MessagePriority.MESSAGE_PRIORITY_NORMAL,
+        timeout_s=2.5,
+        seed=SeedAction(GERMINATE, "layer2:5", "artifact-9", {"alpha_steps": 100.0}),
+    )
+    assert rig.handler.stats["accepted"] == 1 and rig.handler.stats["executed"] == 1
+    assert rig.handler.stats["rejected:replay"] == 1 and rig.handler.stats["rejected"] == 1
+    (ack,) = rig.sink.events("command.ack")
+    (done,) = rig.sink.events("command.complete")
+    assert dict(ack.labels) == {"kind": "seed", "command_id": "cmd-1"}
+    assert dict(done.labels) == {"kind": "seed", "command_id": "cmd-1", "success": "true"}
+    assert done.value == 1.0
+    assert rig.reasons() == ["replay"]
+    names = [p.metrics[0].name for p in rig.sink.packets]
+    assert names == ["command.ack", "command.complete", "command.rejected"]
+
+
+def test_rollback_and_optimizer_commands_are_converted(rig: Rig) -> None:
+    rb = make_rollback_command(7, emergency=True, reason="loss spike", command_id="rb")
+    assert rig.handler.handle_adaptation_command(rig.sign(rb))
+    opt = make_optimizer_command(
+        "step", "host", grad_clip_norm=1.0, learning_rate=0.01, parameters={"momentum": 0.9}
+    )
+    assert rig.handler.handle_adaptation_command(rig.sign(opt))
+    rollback_cmd, optimizer_cmd = rig.executor.commands
+    assert rollback_cmd.kind == "rollback" and rollback_cmd.seed is None
+    assert rollback_cmd.rollback == RollbackAction(7, True, "loss spike")
+    assert rollback_cmd.priority == MessagePriority.MESSAGE_PRIORITY_HIGH
+    assert optimizer_cmd.kind == "optimizer"
+    assert optimizer_cmd.optimizer.command_type == CommandType.COMMAND_TYPE_STEP
+    assert optimizer_cmd.optimizer.optimizer_id == "host"
+    assert optimizer_cmd.optimizer.learning_rate == pytest.approx(0.01)
+    assert dict(optimizer_cmd.optimizer.parameters) == {"momentum": 0.9}
+
+
+def test_bytearray_and_memoryview_inputs(rig: Rig) -> None:
+    assert rig.handler.handle_adaptation_command(bytearray(rig.sign(germinate())))
+    assert rig.handler.handle_adaptation_command(memoryview(rig.sign(germinate())))
+    assert len(rig.executor.commands) == 2
+
+
+def test_async_form(rig: Rig) -> None:
+    raw = rig.sign(germinate())
+    assert asyncio.run(rig.handler.handle_adaptation_command_async(raw)) is True
+    assert len(rig.executor.commands) == 1
+
+
+def test_handler_without_telemetry() -> None:
+    keyring = Keyring({"ctl": KEY})
+    executor = RecordingExecutor()
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring, clock=lambda: T0), executor)
+    raw = sign_command(germinate(), keyring, "ctl", timestamp=T0).SerializeToString()
+    assert handler.handle_adaptation_command(raw)
+    assert not handler.handle_adaptation_command(raw)
+    assert len(executor.commands) == 1
+
+
+# --- executor failures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "executor", [RecordingExecutor(False), RecordingExecutor(error=RuntimeError())]
+)
+def test_failing_or_raising_executor_returns_false(executor: RecordingExecutor) -> None:
+    rig = Rig(executor)
+    assert rig.handler.handle_adaptation_command(rig.sign(germinate())) is False
+    assert rig.handler.stats["failed"] == 1 and rig.handler.stats["executed"] == 0
+    (done,) = rig.sink.events("command.complete")
+    assert done.labels["success"] == "false" and done.value == 0.0
+
+
+def test_failing_telemetry_sink_does_not_break_commands(rig: Rig) -> None:
+    class Broken:
+        def send(self, packet) -> None:
+            raise RuntimeError("sink down")
+
+    rig.handler.telemetry.add_sink(Broken())
+    assert rig.handler.handle_adaptation_command(rig.sign(germinate()))
+    assert len(rig.sink.events("command.complete")) == 1
+
+
+def test_internal_error_is_contained() -> None:
+    class ExplodingVerifier:
+        def verify(self, cmd):
+            raise RuntimeError("bug")
+
+    executor = RecordingExecutor()
+    handler = LeylineAdaptationHandler(ExplodingVerifier(), executor)  # type: ignore[arg-type]
+    assert handler.handle_adaptation_command(b"") is False
+    assert handler.stats["rejected:internal_error"] == 1 and not executor.commands
+
+
+# --- rejections --------------------------------------------------------------------------------
+
+
+def _set(path: str, value):
+    def mutate(cmd: AdaptationCommand) -> None:
+        *parents, leaf = path.split(".")
+        target = cmd
+        for name in parents:
+            target = getattr(target, name)
+        setattr(target, leaf, value)
+
+    return mutate
+
+
+def _clear(field: str):
+    return lambda cmd: cmd.ClearField(field)
+
+
+def _param(name: str, value: float):
+    return lambda cmd: cmd.seed_command.parameters.__setitem__(name, value)
+
+
+def _timeout(seconds: int, nanos: int):
+    def mutate(cmd: AdaptationCommand) -> None:
+        cmd.timeout.seconds = seconds
+        cmd.timeout.nanos = nanos
+
+    return mutate
+
+
+def _cull(embargo: float):
+    def mutate(cmd: AdaptationCommand) -> None:
+        cmd.seed_command.operation = SeedOperation.SEED_OPERATION_CULL
+        cmd.seed_command.parameters["embargo_epochs"] = embargo
+
+    return mutate
+
+
+SEMANTIC_CASES = [
+    ("unknown_operation", _set("seed_command.operation", 0)),
+    ("unknown_operation", _set("seed_command.operation", 99)),
+    ("bad_seed_id", _set("seed_command.seed_id", "")),
+    ("bad_seed_id", _set("seed_command.seed_id", "s" * 300)),
+    ("missing_artifact_id", _set("seed_command.kernel_artifact_id", "")),
+    ("missing_timeout", _clear("timeout")),
+    ("bad_timeout", _timeout(0, 0)),
+    ("bad_timeout", _timeout(-5, 0)),
+    ("bad_timeout", _timeout(0, -1)),
+    ("bad_timeout", _timeout(1, 1_000_000_000)),
+    ("bad_command_id", _set("command_id", "")),
+    ("unknown_priority", _set("priority", 42)),
+    ("non_finite_parameter", _param("alpha_steps", math.nan)),
+    ("non_finite_parameter", _param("x", math.inf)),
+    ("bad_embargo_epochs", _cull(-1.0)),
+    ("bad_embargo_epochs", _cull(1.5)),
+    ("no_command", _clear("seed_command")),
+]
+
+
+@pytest.mark.parametrize(("reason", "mutate"), SEMANTIC_CASES)
+def test_semantically_invalid_signed_commands_are_rejected(rig: Rig, reason: str, mutate) -> None:
+    cmd = germinate()
+    mutate(cmd)
+    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is False
+    assert rig.handler.stats[f"rejected:{reason}"] == 1
+    assert rig.reasons() == [reason]
+    assert not rig.executor.commands
+
+
+@pytest.mark.parametrize(
+    ("reason", "cmd"),
+    [
+        ("bad_target_epoch", make_rollback_command(-1)),
+        ("unknown_optimizer_command", make_optimizer_command(0)),
+        ("unknown_optimizer_command", make_optimizer_command(77)),
+        ("missing_optimizer_id", make_optimizer_command("create_seed")),
+        ("bad_learning_rate", make_optimizer_command("step", learning_rate=math.inf)),
+        ("bad_learning_rate", make_optimizer_command("step", learning_rate=-0.1)),
+        ("bad_grad_clip_norm", make_optimizer_command("step", grad_clip_norm=math.nan)),
+        ("non_finite_parameter", make_optimizer_command("step", parameters={"b": -math.inf})),
+    ],
+)
+def test_invalid_rollback_and_optimizer_commands(rig: Rig, reason: str, cmd) -> None:
+    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is False
+    assert rig.reasons() == [reason]
+    assert not rig.executor.commands
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "malformed"),
+        ("text", "malformed"),
+        (12, "malformed"),
+        (b"\xff\xff\xff", "malformed"),
+        (b"", "missing_metadata"),
+        (b"\x00" * (64 * 1024 + 1), "oversize"),
+    ],
+)
+def test_non_command_inputs_are_rejected(rig: Rig, raw, reason: str) -> None:
+    assert rig.handler.handle_adaptation_command(raw) is False
+    assert rig.reasons() == [reason]
+
+
+def test_stale_future_wrong_key_and_unsigned_are_rejected(rig: Rig) -> None:
+    stale = germinate()
+    sign_command(stale, rig.keyring, "ctl", timestamp=T0 - 120)
+    future = germinate()
+    sign_command(future, rig.keyring, "ctl", timestamp=T0 + 120)
+    forged = germinate()
+    sign_command(forged, Keyring({"ctl": bytes(32)}), "ctl", timestamp=T0)
+    unknown = germinate()
+    sign_command(unknown, Keyring({"other": KEY}), "other", timestamp=T0)
+    unsigned = germinate()
+    for cmd in (stale, future, forged, unknown, unsigned):
+        assert rig.handler.handle_adaptation_command(cmd.SerializeToString()) is False
+    assert rig.reasons() == [
+        "stale",
+        "future",
+        "bad_signature",
+        "unknown_key_id",
+        "missing_metadata",
+    ]
+    assert not rig.executor.commands
+
+
+# --- tampering and fuzzing ---------------------------------------------------------------------
+
+
+def _signed_samples(rig: Rig) -> list[bytes]:
+    full = make_seed_command(
+        "cull", "layer1:0", "artifact-x", {"embargo_epochs": 3.0, "w": 0.25}, 1.5, command_id="c"
+    )
+    return [
+        rig.sign(full),
+        rig.sign(make_rollback_command(12, True, "spike")),
+        rig.sign(make_optimizer_command("step", "host", grad_clip_norm=1.0, learning_rate=0.1)),
+    ]
+
+
+def test_every_single_byte_change_is_rejected(rig: Rig) -> None:
+    samples = _signed_samples(rig)
+    tried = 0
+    for raw in samples:
+        for pos in range(len(raw)):
+            for pattern in (0x01, 0x80, 0xFF):
+                mutated = bytearray(raw)
+                mutated[pos] ^= pattern
+                assert rig.handler.handle_adaptation_command(bytes(mutated)) is False, (
+                    pos,
+                    pattern,
+                )
+                tried += 1
+        for cut in range(len(raw)):  # every truncation too
+            assert rig.handler.handle_adaptation_command(raw[:cut]) is False
+    assert tried == 3 * sum(len(r) for r in samples)
+    assert not rig.executor.commands
+    # The forgeries consumed no nonce: the untouched originals are still accepted, once.
+    assert all(rig.handler.handle_adaptation_command(raw) for raw in samples)
+    assert len(rig.executor.commands) == len(samples)
+
+
+FUZZ = settings(
+    max_examples=5_000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+_FUZZ_RIG = Rig()
+_FUZZ_ORIGINALS = _signed_samples(_FUZZ_RIG)
+# Executed once up front, so that a mutation decoding to the same command is a replay.
+assert all(_FUZZ_RIG.handler.handle_adaptation_command(raw) for raw in _FUZZ_ORIGINALS)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=512))
+def test_fuzz_arbitrary_bytes_never_execute(raw: bytes) -> None:
+    executed = len(_FUZZ_RIG.executor.commands)
+    assert _FUZZ_RIG.handler.handle_adaptation_command(raw) is False
+    assert len(_FUZZ_RIG.executor.commands) == executed
+
+
+def mutate(raw: bytes, seed: int) -> bytes:
+    """1-6 random edits (flip, overwrite, insert, delete) of ``raw``; one draw keeps it fast."""
+    rng = random.Random(seed)
+    data = bytearray(raw)
+    for _ in range(rng.randint(1, 6)):
+        pos = rng.randint(0, len(data))
+        op = rng.choice(("flip", "set", "insert", "delete"))
+        if op == "insert":
+            data[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        elif pos < len(data):
+            if op == "flip":
+                data[pos] ^= rng.randint(1, 255)
+            elif op == "set":
+                data[pos] = rng.randint(0, 255)
+            else:
+                del data[pos : pos + rng.randint(1, 8)]
+    return bytes(data)
+
+
+def mutated_commands() -> st.SearchStrategy[bytes]:
+    return st.builds(mutate, st.sampled_from(_FUZZ_ORIGINALS), st.integers(0, 2**32 - 1))
+
+
+@FUZZ
+@given(raw=mutated_commands())
+def test_fuzz_mutated_signed_commands_never_execute(raw: bytes) -> None:
+    executed = len(_FUZZ_RIG.executor.commands)
+    assert _FUZZ_RIG.handler.handle_adaptation_command(raw) is False
+    assert len(_FUZZ_RIG.executor.commands) == executed
+
+
+# --- command builders --------------------------------------------------------------------------
+
+
+def test_builders_validate_their_inputs() -> None:
+    with pytest.raises(ValueError):
+        make_seed_command("germinate", "s", "a", timeout_s=0)
+    with pytest.raises(ValueError):
+        make_seed_command("germinate", "s", "a", timeout_s=math.nan)
+    with pytest.raises(ValueError):
+        make_seed_command("explode", "s")
+    with pytest.raises(ValueError):
+        make_optimizer_command("warp")
+    cmd = make_seed_command(SeedOperation.SEED_OPERATION_ADVANCE, "s", timeout_s=0.25)
+    assert cmd.seed_command.operation == SeedOperation.SEED_OPERATION_ADVANCE
+    assert (cmd.timeout.seconds, cmd.timeout.nanos) == (0, 250_000_000)
+    assert cmd.command_id and cmd.command_id != make_rollback_command(0).command_id
+    assert not cmd.HasField("metadata")

@@ -1,0 +1,176 @@
+"""The demo end to end, shortened: outputs, refused attacks, isolation, determinism, --nproc 2.
+
+Seventeen epochs are enough for the controller to see a plateau and germinate a seed (with seed
+0, fc2[0] at the epoch-13 boundary; it is grafting by the last epoch), so the whole command path
+runs: Urza fetch and verification, the kernel cache, the gates, isolated training, and the
+adversary's refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kasmina.cli import main as cli
+from kasmina.demo.config import DemoConfig
+from kasmina.demo.report import DemoResult
+from kasmina.demo.run import prepare, run_demo, run_demo_cli
+
+SHORT = {"epochs": 17, "num_seeds": 2, "teacher_epochs": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[Path, DemoResult]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert run_demo_cli(DemoConfig(out_dir=out, **SHORT)) == 0
+    return out, DemoResult.from_json(json.loads((out / "result.json").read_text()))
+
+
+def test_outputs_are_written(short_run, capsys) -> None:
+    out, result = short_run
+    report = (out / "report.txt").read_text()
+    for heading in ("Accuracy", "Seed timelines", "Commands", "Kernel cache", "isolation"):
+        assert heading in report
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stat.S_IMODE((out / "keys.json").stat().st_mode) == 0o600
+    events = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+    names = {m["name"] for e in events for m in e["metrics"]}
+    assert {"command.ack", "command.rejected", "lifecycle.transition"} <= names
+    assert len(result.epochs) == SHORT["epochs"]
+
+
+def test_the_published_store_verifies_with_the_written_keys(short_run, capsys) -> None:
+    out, result = short_run
+    store = str(out / "urza")
+    assert cli.main(["urza", "verify", "--store", store, "--keys", str(out / "keys.json")]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"ok     {a}" in listed for ids in result.artifacts.values() for a in ids)
+
+
+def test_commands_are_authenticated_and_attacks_refused(short_run) -> None:
+    _, result = short_run
+    assert result.adversarial == {
+        "forged": [False],
+        "stale": [False],
+        "replayed": [False],
+        "tampered": [False],
+    }
+    cmd = result.commands
+    assert cmd["rejected"] == 4
+    assert cmd["rejected:bad_signature"] == 2  # the forgery and the tampered copy
+    assert cmd["rejected:replay"] == 1 and cmd["rejected:stale"] == 1
+    assert cmd["accepted"] == cmd["executed"] + cmd["failed"] >= 3
+
+
+def test_a_seed_was_grown_through_urza_in_isolation(short_run) -> None:
+    _, result = short_run
+    assert result.decisions[0][1:] == ("fc2[0]", "germinate: plateau")
+    assert result.artifacts["fc2[0]"][0].startswith("residual-mlp-")
+    stages = [stage for _, stage in result.timelines["fc2[0]"]]
+    assert stages[:3] == ["ISOLATED_INIT", "COMPATIBILITY_CHECK", "GRAFTING"]
+    assert result.cache["misses"] == 1
+    assert result.isolation["seed_steps"] > 0 and result.isolation["violations"] == 0
+    assert result.epochs[-1].alphas["fc2[0]"] > 0  # grafting has begun
+    assert result.distributed == {"syncs": SHORT["epochs"], "divergences": 0}
+    assert 0.5 < result.baseline_test_acc < 1 and 0.8 < result.teacher_test_acc <= 1
+
+
+def test_the_plot_puts_each_stage_change_on_the_boundary_the_timeline_names(
+    short_run, tmp_path, monkeypatch
+) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib import cbook
+
+    from kasmina.demo.report import plot
+    from kasmina.stages import SeedStage
+
+    _, result = short_run
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(result, tmp_path / "p.png")
+    ax_stage = figures[0].axes[2]
+    checked = 0
+    for line in ax_stage.get_lines():
+        seed_id = line.get_label()
+        xs, ys = cbook.STEP_LOOKUP_MAP[line.get_drawstyle()](*line.get_data())
+
+        def value_at(x: float, xs=xs, ys=ys, seed_id=seed_id) -> float:
+            for i in range(len(xs) - 1):
+                if ys[i] == ys[i + 1] and xs[i] <= x <= xs[i + 1]:
+                    return float(ys[i])
+            raise AssertionError(f"{seed_id}: no stage drawn at x={x}")
+
+        timeline = result.timelines[seed_id]
+        for n, (epoch, stage) in enumerate(timeline):
+            overwritten = n + 1 < len(timeline) and timeline[n + 1][0] == epoch
+            if overwritten or epoch + 1 >= len(result.epochs):
+                continue  # left at the same boundary, or entered after the last epoch
+            # Just after the boundary the new stage is drawn; just before it, the old one.
+            assert value_at(epoch + 0.75) == SeedStage[stage].value, (seed_id, epoch, stage)
+            assert value_at(epoch + 0.25) != SeedStage[stage].value, (seed_id, epoch, stage)
+            checked += 1
+    assert checked >= 3  # fc2[0]: ISOLATED_INIT, COMPATIBILITY_CHECK, GRAFTING
+
+
+def test_a_fixed_seed_reproduces_the_run(short_run, tmp_path) -> None:
+    _, first = short_run
+    cfg = DemoConfig(out_dir=tmp_path / "again", **SHORT)
+    again = run_demo(cfg, prepare(cfg))
+    assert again.fingerprint() == first.fingerprint()
+
+
+def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert cli.main(["demo", "--out", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kasmina: error: --out") and "did not create" in err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert cli.main(["demo", "--out", str(tmp_path / "x"), "--seeds", "9"]) == 1
+    assert "--seeds must be between 1 and 6" in capsys.readouterr().err
+
+
+def test_cli_defaults_match_the_demo_config() -> None:
+    args = cli.build_parser().parse_args(["demo"])
+    defaults = DemoConfig()
+    assert (args.epochs, args.seeds, args.device, args.seed, args.nproc) == (
+        defaults.epochs,
+        defaults.num_seeds,
+        defaults.device,
+        defaults.seed,
+        defaults.nproc,
+    )
+
+
+def test_two_gloo_ranks_run_the_demo_in_lockstep(tmp_path) -> None:
+    cfg = DemoConfig(out_dir=tmp_path, epochs=3, teacher_epochs=1, nproc=2, progress=False)
+    assert run_demo_cli(cfg) == 0
+    result = DemoResult.from_json(json.loads((tmp_path / "result.json").read_text()))
+    assert result.world_size == 2
+    assert result.distributed == {"syncs": 3, "divergences": 0}
+    assert result.adversarial["forged"] == [False] and result.adversarial["stale"] == [False]
+    assert (tmp_path / "telemetry.rank1.jsonl").stat().st_size > 0
+
+
+def test_torchrun_launches_the_demo_as_two_ranks(tmp_path) -> None:
+    root = Path(cli.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    argv = ["--out", str(tmp_path), "--epochs", "2", "--no-progress"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "kasmina", "demo", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("Kasmina demo:") == 1  # only rank 0 reports
+    result = DemoResult.from_json(json.loads((tmp_path / "result.json").read_text()))
+    assert result.world_size == 2 and result.distributed == {"syncs": 2, "divergences": 0}
+    assert (tmp_path / "telemetry.rank1.jsonl").stat().st_size > 0

@@ -1,0 +1,289 @@
+"""Gradient isolation: graph walk, two-phase monitor, debug hooks and the circuit breaker."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import GradientIsolationViolationError
+from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
+from kasmina.isolation.verify import verify_gradient_isolation
+
+
+def _host() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _seed(host: nn.Sequential, kind: str) -> nn.Linear:
+    seed = nn.Linear(8, 8)
+    if kind == "shared":  # a seed built around a host parameter
+        seed.weight = host[2].weight
+    return seed
+
+
+def _seed_output(host, seed, kind: str, x: torch.Tensor) -> torch.Tensor:
+    hidden = host[1](host[0](x))
+    return seed(hidden if kind == "no_detach" else hidden.detach())
+
+
+def _seed_step(monitor, host, seed, kind: str, loss_scale: float = 1.0) -> bool:
+    """One step whose seed-only loss (KD-like) is backpropagated in the seed phase."""
+    out = _seed_output(host, seed, kind, torch.randn(5, 4))
+    monitor.begin_seed_backward()
+    (out.pow(2).mean() * loss_scale).backward()
+    monitor.end_seed_backward()
+    return monitor.verify_isolation_after_step()
+
+
+def _monitor(host, seed, **kwargs) -> GradientIsolationMonitor:
+    return GradientIsolationMonitor(
+        "s0", seed.named_parameters(), host.named_parameters(), **kwargs
+    )
+
+
+# ---------------------------------------------------------------- graph walk
+
+
+@pytest.mark.parametrize("kind, clean", [("clean", True), ("no_detach", False), ("shared", False)])
+def test_verify_gradient_isolation(kind, clean):
+    host = _host()
+    seed = _seed(host, kind)
+    out = _seed_output(host, seed, kind, torch.randn(3, 4))
+    assert verify_gradient_isolation(out, host.parameters()) is clean
+    assert verify_gradient_isolation(out, dict(host.named_parameters())) is clean
+
+
+def test_verify_handles_deep_graphs_and_edge_cases():
+    host = _host()
+    seed = nn.Linear(8, 8)
+    hidden = host[1](host[0](torch.randn(2, 4)))
+    clean, leaky = seed(hidden.detach()), seed(hidden)
+    for _ in range(5000):  # deeper than Python's recursion limit
+        clean, leaky = clean * 1.0001, leaky * 1.0001
+    assert verify_gradient_isolation(clean, host.parameters())
+    assert not verify_gradient_isolation(leaky, host.parameters())
+    assert verify_gradient_isolation(torch.ones(3), host.parameters())  # no graph at all
+    assert not verify_gradient_isolation(host[0].weight, host.parameters())
+    with pytest.raises(ValueError, match="tensor"):
+        verify_gradient_isolation([1.0], host.parameters())
+
+
+# ---------------------------------------------------------------- two-phase monitor
+
+
+def test_clean_seed_passes_and_host_grads_are_untouched():
+    host = _host()
+    seed = _seed(host, "clean")
+    monitor = _monitor(host, seed)
+    for p in host.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    saved = {id(p): p.grad for p in host.parameters()}
+    for _ in range(5):
+        assert _seed_step(monitor, host, seed, "clean")
+    assert monitor.violation_count == 0
+    assert all(p.grad is saved[id(p)] and bool((p.grad == 0.5).all()) for p in host.parameters())
+    assert all(p.grad is not None for p in seed.parameters())
+
+
+@pytest.mark.parametrize("kind", ["no_detach", "shared"])
+def test_leaky_seed_is_caught_and_the_leak_discarded(kind):
+    host = _host()
+    seed = _seed(host, kind)
+    monitor = _monitor(host, seed)
+    for p in host.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    assert _seed_step(monitor, host, seed, kind) is False
+    assert monitor.violation_count == 1
+    assert any("host grad" in entry for entry in monitor.violations[0])
+    assert all(bool((p.grad == 0.25).all()) for p in host.parameters())
+
+
+def test_zero_gradient_is_not_a_leak_but_nan_is_even_above_tol():
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed, tol=1e6)
+    assert _seed_step(monitor, host, seed, "no_detach", loss_scale=0.0)
+    assert _seed_step(monitor, host, seed, "no_detach", loss_scale=1.0)  # below tol
+    assert _seed_step(monitor, host, seed, "no_detach", loss_scale=float("nan")) is False
+
+
+def test_host_phase_catches_a_seed_that_learns_from_the_host_loss():
+    host = _host()
+    seed = _seed(host, "clean")
+    monitor = _monitor(host, seed)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+
+    monitor.begin_host_backward()
+    nn.functional.mse_loss(host(x), y).backward()
+    monitor.end_host_backward()
+    assert monitor.verify_isolation_after_step()
+
+    hidden = host[1](host[0](x))
+    out = host[4](host[3](host[2](hidden + seed(hidden.detach()))))
+    monitor.begin_host_backward()
+    nn.functional.mse_loss(out, y).backward()
+    monitor.end_host_backward()
+    assert monitor.verify_isolation_after_step() is False
+    assert all(p.grad is None for p in seed.parameters())  # the leaked seed grads were dropped
+
+
+def test_context_managers_restore_grads_even_when_backward_fails():
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed)
+    for p in host.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="boom"), monitor.seed_backward():
+        _seed_output(host, seed, "no_detach", torch.randn(2, 4)).sum().backward()
+        raise RuntimeError("boom")
+    assert all(bool((p.grad == 1).all()) for p in host.parameters())
+    assert monitor.verify_isolation_after_step() is False  # the leak before the error counts
+    with monitor.host_backward():
+        nn.functional.mse_loss(host(torch.randn(2, 4)), torch.zeros(2, 2)).backward()
+    assert monitor.verify_isolation_after_step()
+
+
+def test_check_graph_counts_at_the_next_verify():
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed)
+    x = torch.randn(2, 4)
+    assert monitor.check_graph(_seed_output(host, seed, "clean", x))
+    assert monitor.verify_isolation_after_step()
+    assert not monitor.check_graph(_seed_output(host, seed, "no_detach", x))
+    assert monitor.verify_isolation_after_step() is False
+    assert monitor.violations[0] == ["graph: seed output reaches a host parameter"]
+
+
+def test_phase_misuse_raises():
+    host = _host()
+    monitor = _monitor(host, _seed(host, "clean"))
+    with pytest.raises(RuntimeError, match="without begin"):
+        monitor.end_seed_backward()
+    monitor.begin_seed_backward()
+    with pytest.raises(RuntimeError, match="phase is open"):
+        monitor.begin_host_backward()
+    with pytest.raises(RuntimeError, match="still open"):
+        monitor.verify_isolation_after_step()
+    monitor.end_seed_backward()
+    with pytest.raises(ValueError, match="max_violations"):
+        _monitor(host, nn.Linear(2, 2), max_violations=0)
+    with pytest.raises(ValueError, match="float64"):
+        _monitor(host, nn.Linear(2, 2).double())
+
+
+def test_debug_hooks_name_the_leaking_parameters():
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed)
+    monitor.register_hooks(host, seed)
+    assert _seed_step(monitor, host, seed, "clean")  # hooks stay quiet on a clean step
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+    assert "hook: host.0.weight during seed backward" in monitor.violations[0]
+    monitor.clear_hooks()
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+    assert not any(entry.startswith("hook") for entry in monitor.violations[1])
+
+
+def test_triton_leak_check_path_catches_a_leak(triton_backend):
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed)
+    assert _seed_step(monitor, host, seed, "clean")
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+
+def test_three_violations_trip_the_breaker(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    ckpt_dir = tmp_path / "emergency"
+    host = _host()
+    seed = _seed(host, "no_detach")
+    quarantined: list[str] = []
+    monitor = _monitor(
+        host,
+        seed,
+        checkpoint_dir=ckpt_dir,
+        on_quarantine=lambda: quarantined.append("s0"),
+        state_provider=lambda: {"seed": {k: v.clone() for k, v in seed.state_dict().items()}},
+    )
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+    assert quarantined == [] and not ckpt_dir.exists()
+    with pytest.raises(GradientIsolationViolationError, match="3 gradient isolation") as info:
+        _seed_step(monitor, host, seed, "no_detach")
+
+    assert quarantined == ["s0"]
+    files = list(ckpt_dir.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("emergency_isolation_s0_")
+    assert info.value.checkpoint_path == files[0] == monitor.last_checkpoint
+    payload = torch.load(files[0], weights_only=True)
+    assert payload["seed_id"] == "s0" and payload["violation_count"] == 3
+    assert len(payload["violations"]) == 3
+    assert torch.equal(payload["state"]["seed"]["weight"], seed.weight)
+    assert list(cwd.iterdir()) == []
+
+    # Inert for this seed from now on: no new count, callback, file or exception.
+    assert monitor.tripped
+    assert _seed_step(monitor, host, seed, "no_detach") is False
+    assert monitor.violation_count == 3 and quarantined == ["s0"]
+    assert len(list(ckpt_dir.iterdir())) == 1
+
+    # The host keeps training.
+    opt = torch.optim.SGD(host.parameters(), lr=0.05)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(host(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_breaker_without_configured_dir_uses_per_user_temp(tmp_path, monkeypatch, caplog):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    host = _host()
+    seed = _seed(host, "shared")
+    monitor = _monitor(host, seed, max_violations=1)
+    with caplog.at_level(logging.WARNING, logger="kasmina.isolation.monitor"):
+        with pytest.raises(GradientIsolationViolationError):
+            _seed_step(monitor, host, seed, "shared")
+    assert "no checkpoint_dir configured" in caplog.text
+    assert monitor.last_checkpoint.parent == default_emergency_dir()
+    assert str(monitor.last_checkpoint).startswith(str(tmp_path / "tmp"))
+    assert list(cwd.iterdir()) == []
+
+
+def test_breaker_still_checkpoints_and_raises_when_callbacks_fail(tmp_path):
+    host = _host()
+    seed = _seed(host, "no_detach")
+
+    def broken() -> None:
+        raise RuntimeError("callback bug")
+
+    monitor = _monitor(
+        host,
+        seed,
+        max_violations=1,
+        checkpoint_dir=tmp_path,
+        on_quarantine=broken,
+        state_provider=broken,
+    )
+    with pytest.raises(GradientIsolationViolationError):
+        _seed_step(monitor, host, seed, "no_detach")
+    payload = torch.load(monitor.last_checkpoint, weights_only=True)
+    assert "state" not in payload and payload["violation_count"] == 1

@@ -1,0 +1,411 @@
+"""Knowledge distillation: frozen reduced-precision teacher, OOM-safe timed forwards, KD loss."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina.kd.teacher as kd_module
+from kasmina.kd.config import KDConfig
+from kasmina.kd.loss import StaticKDLoss
+from kasmina.kd.teacher import (
+    CheckpointedTeacher,
+    TeacherForwardPassManager,
+    is_oom_error,
+    is_teacher_parameter,
+)
+
+IN, CLASSES = 16, 10
+# Stated tolerance of bf16/fp16 teacher logits against the fp32 teacher's, relative to the largest
+# |logit|: bf16 keeps 8 significant bits (2^-8 ≈ 0.4% per rounding), fp16 11; measured here about
+# 0.5% and 0.06%, so the bounds leave a 3x margin.
+LOGIT_TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+def make_mlp(hidden: int = 32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, hidden), nn.GELU(), nn.Linear(hidden, CLASSES))
+
+
+class SeedLikeStudent(nn.Module):
+    """A seed-shaped student: frozen host features plus a small trainable residual adapter."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.host = nn.Linear(IN, hidden)
+        self.host.requires_grad_(False)
+        self.seed = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.head = nn.Linear(hidden, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.host(x))
+        return self.head(h + self.seed(h))
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bit_identical(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+def inputs(rows: int = 64, seed: int = 2) -> torch.Tensor:
+    return torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_student_trained_only_with_kd_moves_toward_teacher(dtype: torch.dtype) -> None:
+    original = make_mlp()
+    original_before = snapshot(original)
+    teacher = CheckpointedTeacher(original, dtype=dtype)
+    teacher_before = snapshot(teacher.teacher)
+    manager = TeacherForwardPassManager(teacher, budget_ms=1e9)
+    student = SeedLikeStudent()
+    kd = StaticKDLoss.from_config(KDConfig(temperature=2.0))
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    x = inputs()
+
+    def agreement() -> float:
+        with torch.no_grad():
+            teacher_top = manager.get_teacher_predictions(x).argmax(-1)
+            return (student(x).argmax(-1) == teacher_top).float().mean().item()
+
+    agreement_before = agreement()
+    losses = []
+    for _ in range(40):
+        teacher_logits = manager.get_teacher_predictions(x)
+        assert teacher_logits is not None and not teacher_logits.requires_grad
+        loss = kd(student(x), teacher_logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    # The student now picks the teacher's top class far more often.
+    assert agreement() > agreement_before + 0.2, (agreement_before, losses)
+    for param in teacher.teacher_parameters():
+        assert param.grad is None and not param.requires_grad
+    assert_bit_identical(teacher.teacher, teacher_before)
+    assert_bit_identical(original, original_before)
+    assert all(p.requires_grad for p in original.parameters())  # the caller's copy is untouched
+
+
+def test_teacher_is_frozen_eval_and_registered_teacher_only() -> None:
+    model = make_mlp().train()
+    teacher = CheckpointedTeacher(model, dtype=torch.bfloat16)
+    assert teacher.teacher is not model and model.training
+    assert not teacher.teacher.training
+    params = teacher.teacher_parameters()
+    assert params and all(not p.requires_grad and p.dtype == torch.bfloat16 for p in params)
+    assert all(is_teacher_parameter(p) for p in params)
+    assert not any(is_teacher_parameter(p) for p in model.parameters())
+    assert not is_teacher_parameter(nn.Parameter(params[0].detach().clone()))
+
+    owned = CheckpointedTeacher(model, dtype=None, copy_model=False)
+    assert owned.teacher is model and not model.training and owned.dtype == torch.float32
+    assert all(is_teacher_parameter(p) and not p.requires_grad for p in model.parameters())
+
+    # Switching the held teacher to train mode is undone on the next forward.
+    teacher.teacher.train()
+    teacher(inputs(4))
+    assert not teacher.teacher.training
+
+    # The registry holds no reference: a dropped teacher's parameters leave it.
+    gc.collect()  # teachers dropped by earlier tests leave first, so only ours is counted
+    registered = len(kd_module._TEACHER_PARAMS)
+    ids = [id(p) for p in params]
+    del teacher, params
+    gc.collect()
+    assert len(kd_module._TEACHER_PARAMS) == registered - len(ids)
+    assert not any(i in kd_module._TEACHER_PARAMS for i in ids)
+
+
+def test_teacher_logits_are_ordinary_tensors_in_the_requested_dtype() -> None:
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
+    logits = teacher(inputs(8))
+    assert logits.dtype == torch.float32 and not logits.is_inference()
+    assert not logits.requires_grad
+    # Any loss may save them for backward (inference tensors would raise here).
+    student = torch.randn(8, CLASSES, requires_grad=True)
+    (student * logits).sum().backward()
+    assert torch.equal(student.grad, logits)
+
+    native = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16, output_dtype=None)
+    out = native(inputs(8))
+    assert out.dtype == torch.bfloat16 and not out.is_inference()
+    same = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
+    assert not same(inputs(8)).is_inference()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_halves_parameter_bytes_and_keeps_logits_close(
+    dtype: torch.dtype,
+) -> None:
+    full = CheckpointedTeacher(make_mlp(hidden=64), dtype=torch.float32)
+    reduced = CheckpointedTeacher(make_mlp(hidden=64), dtype=dtype)
+    numel = sum(p.numel() for p in full.teacher_parameters())
+    assert full.parameter_bytes() == 4 * numel == reduced.full_precision_parameter_bytes
+    assert reduced.parameter_bytes() * 2 == full.parameter_bytes()
+
+    x = inputs(128)
+    ref, low = full(x), reduced(x)
+    scale = ref.abs().max().item()
+    assert (low - ref).abs().max().item() <= LOGIT_TOLERANCE[dtype] * scale
+    # What KD sees: the softened teacher distributions barely move.
+    kl = torch.nn.functional.kl_div(
+        low.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert kl.item() < 1e-3
+
+
+def test_integer_inputs_keep_their_dtype() -> None:
+    torch.manual_seed(0)
+    lm = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+    teacher = CheckpointedTeacher(lm, dtype=torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 7))
+    assert teacher(ids).shape == (2, 7, 50)
+
+
+def test_checkpoint_path_loads_state_dict(tmp_path) -> None:
+    trained = make_mlp(seed=5)
+    path = tmp_path / "teacher.pt"
+    torch.save(trained.state_dict(), path)
+    teacher = CheckpointedTeacher(make_mlp(seed=0), dtype=torch.float32, checkpoint_path=path)
+    x = inputs(8)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), trained(x))
+    torch.save([1, 2], tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="state_dict"):
+        CheckpointedTeacher(make_mlp(), checkpoint_path=tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA out of memory"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
+def test_simulated_oom_skips_kd_and_the_step_completes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
+    manager = TeacherForwardPassManager(teacher, budget_ms=1e9)
+    student = SeedLikeStudent()
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    kd, ce = StaticKDLoss(temperature=2.0), nn.CrossEntropyLoss()
+    x, y = inputs(16), torch.arange(16) % CLASSES
+
+    def train_step() -> bool:
+        teacher_logits = manager.get_teacher_predictions(x)
+        logits = student(x)
+        loss = ce(logits, y)
+        if teacher_logits is not None:
+            loss = loss + kd(logits, teacher_logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return teacher_logits is not None
+
+    def out_of_memory(*args: object) -> torch.Tensor:
+        raise error
+
+    before = snapshot(student.seed)
+    monkeypatch.setattr(teacher.teacher, "forward", out_of_memory)
+    with caplog.at_level(logging.ERROR, logger="kasmina.kd.teacher"):
+        assert train_step() is False
+    assert manager.oom_count == 1 and "out of memory" in caplog.text
+    changed = [not torch.equal(student.seed.state_dict()[k], v) for k, v in before.items()]
+    assert any(changed)  # the optimizer step still ran on the task loss
+
+    monkeypatch.undo()
+    assert train_step() is True
+    stats = manager.get_checkpoint_effectiveness()
+    assert stats["ooms"] == 1.0 and stats["forwards"] == 1.0
+
+
+def test_other_teacher_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
+    manager = TeacherForwardPassManager(teacher)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        manager.get_teacher_predictions(torch.randn(4, IN + 1))
+    assert manager.oom_count == 0
+    assert is_oom_error(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom_error(ValueError("out of memory"))
+
+
+def test_effectiveness_is_measured_and_scales_with_model_and_batch() -> None:
+    figures = {}
+    for hidden in (32, 256):
+        teacher = CheckpointedTeacher(make_mlp(hidden=hidden), dtype=torch.bfloat16)
+        before = snapshot(teacher.teacher)
+        params_before = teacher.teacher_parameters()
+        manager = TeacherForwardPassManager(teacher, budget_ms=1e9)
+        for _ in range(5):
+            manager.get_teacher_predictions(inputs(64))
+        stats = manager.get_checkpoint_effectiveness()
+        numel = sum(p.numel() for p in params_before)
+        assert stats["param_bytes_full"] == 4 * numel
+        assert stats["param_bytes_reduced"] == 2 * numel
+        assert stats["param_memory_ratio"] == 0.5
+        # Activations and logits count on top of parameters, at each precision.
+        assert stats["peak_forward_bytes_full"] > stats["param_bytes_full"] + 64 * CLASSES * 4
+        assert stats["peak_forward_bytes_reduced"] > stats["param_bytes_reduced"]
+        assert stats["peak_forward_bytes_full"] > stats["peak_forward_bytes_reduced"] > 0
+        assert 0.4 < stats["peak_memory_ratio"] < 0.75
+        assert stats["forwards"] == 5.0 and stats["ooms"] == 0.0
+        assert stats["forward_ms_mean"] > 0 and stats["forward_ms_std"] >= 0
+        assert stats["forward_ms_max"] >= stats["forward_ms_mean"]
+        assert stats["within_budget"] == 1.0 and stats["memory_measured_on_cuda"] == 0.0
+        # Profiling cast the teacher to fp32 and back: same objects, same bits, same dtype.
+        assert all(a is b for a, b in zip(params_before, teacher.teacher_parameters(), strict=True))
+        assert_bit_identical(teacher.teacher, before)
+        assert teacher.dtype == torch.bfloat16
+        figures[hidden] = stats
+    for key in ("param_bytes_full", "peak_forward_bytes_full", "peak_forward_bytes_reduced"):
+        assert figures[256][key] > figures[32][key], key
+
+    teacher = CheckpointedTeacher(make_mlp(hidden=256), dtype=torch.bfloat16)
+    small = teacher.measure_forward_peak_bytes(inputs(8))
+    large = teacher.measure_forward_peak_bytes(inputs(512))
+    assert large > small > teacher.parameter_bytes()
+
+
+def test_effectiveness_before_any_forward_is_nan_not_invented() -> None:
+    manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.float16))
+    stats = manager.get_checkpoint_effectiveness()
+    assert stats["forwards"] == 0.0 and stats["param_memory_ratio"] == 0.5
+    for key in ("forward_ms_mean", "forward_ms_std", "peak_forward_bytes_full", "within_budget"):
+        assert math.isnan(stats[key]), key
+    assert TeacherForwardPassManager(None).get_teacher_predictions(inputs(2)) is None
+
+
+def test_fp32_profile_oom_is_recorded_and_teacher_restored(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
+    before = snapshot(teacher.teacher)
+    real_forward = teacher.teacher.forward
+
+    def fp32_does_not_fit(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_forward(x)
+
+    monkeypatch.setattr(teacher.teacher, "forward", fp32_does_not_fit)
+    manager = TeacherForwardPassManager(teacher)
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        assert manager.get_teacher_predictions(inputs(8)) is not None
+    stats = manager.get_checkpoint_effectiveness()
+    assert math.isnan(stats["peak_forward_bytes_full"]) and stats["peak_forward_bytes_reduced"] > 0
+    assert "does not fit" in caplog.text and stats["ooms"] == 0.0
+    assert teacher.dtype == torch.bfloat16
+    assert_bit_identical(teacher.teacher, before)
+
+
+def test_slow_forward_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
+    fast = TeacherForwardPassManager(teacher, budget_ms=1e9, profile_memory=False)
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        fast.get_teacher_predictions(inputs(8))
+    assert "budget" not in caplog.text and fast.slow_count == 0
+
+    slow = TeacherForwardPassManager(teacher, budget_ms=1e-9, profile_memory=False)
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        for _ in range(3):
+            slow.get_teacher_predictions(inputs(8))
+    warnings = [r for r in caplog.records if "above the" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # rate-limited
+    assert slow.slow_count == 3
+    assert slow.get_checkpoint_effectiveness()["within_budget"] == 0.0
+
+
+def test_static_kd_loss_matches_the_formula_and_spares_the_teacher() -> None:
+    torch.manual_seed(3)
+    student = torch.randn(6, CLASSES, dtype=torch.float64)
+    teacher = torch.randn(6, CLASSES, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, False, True])
+    t = 3.0
+    rows = (
+        (
+            (teacher / t).softmax(-1)
+            * ((teacher / t).log_softmax(-1) - (student / t).log_softmax(-1))
+        ).sum(-1)
+        * t
+        * t
+    )
+    expected = {
+        "none": rows * mask,
+        "sum": rows[mask].sum(),
+        "mean": rows[mask].sum() / (mask.sum() * CLASSES),
+        "batchmean": rows[mask].mean(),
+    }
+    for reduction, want in expected.items():
+        s = student.float().requires_grad_()
+        te = teacher.float().requires_grad_()
+        loss = StaticKDLoss(temperature=t, reduction=reduction)(s, te, mask=mask)
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        loss.sum().backward()
+        assert te.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+    assert "temperature=3.0" in repr(StaticKDLoss(temperature=t))
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(TypeError):
+        CheckpointedTeacher(lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        CheckpointedTeacher(make_mlp(), dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        CheckpointedTeacher(make_mlp(), output_dtype=torch.float64)
+    with pytest.raises(ValueError, match="budget"):
+        TeacherForwardPassManager(None, budget_ms=0)
+    with pytest.raises(TypeError):
+        TeacherForwardPassManager(make_mlp())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        StaticKDLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        StaticKDLoss(reduction="max")
+    with pytest.raises(ValueError, match="shape"):
+        StaticKDLoss()(torch.randn(2, 3), torch.randn(2, 4))
+    teacher = CheckpointedTeacher(make_mlp())
+    with pytest.raises(TypeError, match="tensor"):
+        teacher([1.0] * IN)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        teacher.measure_forward_peak_bytes(inputs(2), torch.float64)
+    with pytest.raises(ValueError, match="no teacher"):
+        TeacherForwardPassManager(None).profile_memory(inputs(2))
+
+
+class MixedPrecisionTeacher(nn.Module):
+    """bf16 weights with an fp32 buffer, as AMP-style models keep norms in fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(IN, CLASSES).to(torch.bfloat16)
+        self.register_buffer("scale", torch.full((CLASSES,), 1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out * self.scale.to(out.dtype)
+
+
+def test_profiling_restores_a_mixed_precision_teacher_tensor_by_tensor() -> None:
+    teacher = CheckpointedTeacher(MixedPrecisionTeacher(), dtype=None)
+    assert teacher.dtype == torch.bfloat16
+    before = snapshot(teacher.teacher)
+    full = teacher.measure_forward_peak_bytes(inputs(8), torch.float32)
+    assert full > teacher.measure_forward_peak_bytes(inputs(8)) > 0
+    assert teacher.teacher.scale.dtype == torch.float32  # not flattened to bf16
+    assert_bit_identical(teacher.teacher, before)

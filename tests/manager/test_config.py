@@ -1,0 +1,82 @@
+"""KasminaConfig: defaults, validation, round trip, keyring loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kasmina.kd.config import KDConfig
+from kasmina.manager.config import KasminaConfig, default_cache_root
+
+
+def test_defaults_are_valid_and_stay_out_of_the_working_directory(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("KASMINA_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    config = KasminaConfig()
+    assert config.urza_url == str(tmp_path / "xdg" / "kasmina" / "urza")
+    cwd = Path.cwd().resolve()
+    for path in (config.checkpoint_dir, config.emergency_checkpoint_dir):
+        assert Path(path).resolve() != cwd and Path(path).is_relative_to(tmp_path)
+    assert config.torch_device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert config.cache_size_bytes == 512 * 1024 * 1024
+    assert config.teacher_torch_dtype is torch.bfloat16
+    monkeypatch.setenv("KASMINA_HOME", str(tmp_path / "home"))
+    assert default_cache_root() == tmp_path / "home"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("device", "gpu0"),
+        ("cache_size_mb", 0),
+        ("cache_size_mb", float("nan")),
+        ("urza_url", ""),
+        ("urza_timeout_s", -1.0),
+        ("urza_retries", -1),
+        ("urza_retries", 1.5),
+        ("urza_breaker_threshold", 0),
+        ("urza_trusted_key_ids", ("",)),
+        ("command_freshness_s", 0),
+        ("max_isolation_violations", 0),
+        ("checkpoint_dir", "."),
+        ("emergency_checkpoint_dir", ""),
+        ("performance_gate", 1001),
+        ("performance_gate", 0.5),
+        ("min_isolated_epochs", True),
+        ("teacher_dtype", "int8"),
+        ("kd", {"temperature": 2.0}),
+        ("grafting_steps", 0),
+    ],
+)
+def test_invalid_values_are_rejected(field, value) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        KasminaConfig(**{field: value})
+
+
+def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:
+    config = KasminaConfig(
+        device="cpu",
+        urza_url="memory://store",
+        urza_trusted_key_ids=("pub",),
+        kd=KDConfig(temperature=3.0),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    data = json.loads(json.dumps(config.to_dict()))
+    assert KasminaConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown KasminaConfig settings: cache_size"):
+        KasminaConfig.from_dict({"cache_size": 1})
+
+
+def test_keyring_from_file_or_environment(tmp_path, monkeypatch) -> None:
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"file-key": "11" * 32}))
+    key_file.chmod(0o600)
+    assert KasminaConfig(hmac_keys_file=str(key_file)).load_keyring().key_ids == ("file-key",)
+    monkeypatch.setenv("MY_KEYS", "env-key:" + "22" * 32)
+    assert KasminaConfig(hmac_keys_env="MY_KEYS").load_keyring().get("env-key") == b"\x22" * 32
+    monkeypatch.delenv("MY_KEYS")
+    with pytest.raises(ValueError, match="MY_KEYS"):
+        KasminaConfig(hmac_keys_env="MY_KEYS").load_keyring()

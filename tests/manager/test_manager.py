@@ -1,0 +1,615 @@
+"""KasminaKernelManager end to end: signed commands in, seeds loaded, trained, graduated, culled,
+rolled back; a real Urza store, the real handler, a tiny host on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import (
+    make_optimizer_command,
+    make_rollback_command,
+    make_seed_command,
+)
+from kasmina.kd.config import KDConfig
+from kasmina.leyline import TelemetryPacket
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.stages import SeedStage, StateColumn
+from kasmina.urza.blueprints import AffineShift, ResidualMLP
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.perfstats import DESIGN_TARGETS_US
+from kasmina.utils.state_io import clone_state
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.urza.helpers import FlakyFS
+
+S = SeedStage
+SEED0, SEED1 = "out[0]", "out[1]"
+
+
+class Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 4)  # the slot: two seeds over two features each
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x)))
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key(), "ctl": generate_key()})
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+    """Two real exported blueprints in a local store (exporting is slow: once per module)."""
+    store = tmp_path_factory.mktemp("urza")
+    torch.manual_seed(1)
+    mlp = publish_artifact(
+        ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", keyring, "pub"
+    )
+    affine = publish_artifact(
+        AffineShift(2), [torch.randn(3, 2)], str(store), "aff", keyring, "pub"
+    )
+    return store, mlp.artifact_id, affine.artifact_id
+
+
+@pytest.fixture
+def store(published, tmp_path: Path) -> Path:
+    dst = tmp_path / "urza"
+    shutil.copytree(published[0], dst)
+    return dst
+
+
+@pytest.fixture
+def mlp(published) -> str:
+    return published[1]
+
+
+def make_config(tmp_path: Path, store: Path, **overrides) -> KasminaConfig:
+    settings = dict(
+        device="cpu",
+        urza_url=str(store),
+        urza_retries=0,
+        urza_backoff_s=0.0,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        emergency_checkpoint_dir=str(tmp_path / "emergency"),
+        min_isolated_epochs=1,
+        grafting_steps=4,
+        grafting_temperature=0.25,
+        latency_budget_ms=1e4,  # CPU timing in a shared CI box is no test of compatibility
+        default_embargo_epochs=1,
+    )
+    settings.update(overrides)
+    return KasminaConfig(**settings)
+
+
+class Rig:
+    """A manager over a fresh Host, with helpers to send signed commands and train."""
+
+    def __init__(
+        self, config: KasminaConfig, keyring: Keyring, urza_client=None, device: str = "cpu"
+    ) -> None:
+        self.keyring = keyring
+        self.sink = MemorySink()
+        self.manager = KasminaKernelManager(
+            config,
+            keyring=keyring,
+            telemetry=TelemetryReporter(sinks=[self.sink]),
+            urza_client=urza_client,
+        )
+        self.model = Host().to(device)
+        self.slot = self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)[0]
+        generator = torch.Generator().manual_seed(2)
+        self.x = torch.randn(16, 6, generator=generator).to(device)
+        self.y = torch.randint(0, 4, (16,), generator=generator).to(device)
+
+    def signed(self, cmd, key_id: str = "ctl") -> bytes:
+        return sign_command(cmd, self.keyring, key_id).SerializeToString()
+
+    def send(self, op: str, seed_id: str, artifact_id: str = "", **params: float) -> bool:
+        raw = self.signed(make_seed_command(op, seed_id, artifact_id, params))
+        return self.manager.handle_adaptation_command(raw)
+
+    def train(self, steps: int = 1, teacher: torch.Tensor | None = None) -> dict:
+        report = {}
+        for _ in range(steps):
+            self.manager.set_teacher_logits(teacher)
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
+            report = self.manager.step()
+        return report
+
+    def stage(self, seed_id: str) -> SeedStage:
+        return self.manager.seed(seed_id).stage
+
+
+@pytest.fixture
+def rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
+    return Rig(make_config(tmp_path, store), keyring)
+
+
+def host_params(rig: Rig) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in rig.manager.require_registry().host_params]
+
+
+def test_signed_germinate_loads_verifies_caches_pins_and_attaches_a_copy(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    assert seed.stage == S.ISOLATED_INIT
+    original = manager.kernel_cache.get(mlp)
+    assert isinstance(seed.kernel, GPUKernel) and isinstance(original, GPUKernel)
+    assert seed.kernel is not original and manager.kernel_cache.is_pinned(mlp)
+    ours = {p.data_ptr() for p in seed.seed_parameters()}
+    assert ours.isdisjoint(p.data_ptr() for p in original.parameters())
+    assert SEED0 in manager.optimizers.seed_ids
+    assert manager.require_registry()[SEED0].monitor is not None
+    assert manager.gate_counts[(1, True)] == 1
+    assert rig.sink.events("kernel.load_ms") and rig.sink.events("lifecycle.gate")
+    # The seed trains its own copy; the cached original stays as verified.
+    before = [p.detach().clone() for p in original.parameters()]
+    trained = [p.detach().clone() for p in seed.seed_parameters()]
+    report = rig.train(3)
+    assert report["seeds_stepped"] == [SEED0] and report["isolation_clean"]
+    assert any(not torch.equal(a, b) for a, b in zip(trained, seed.seed_parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, original.parameters(), strict=True))
+
+
+def test_second_germinate_of_one_artifact_is_a_cache_hit(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    assert manager.urza_client.stats()["fetches"] == 1 and manager.loader.counters["loads"] == 1
+    assert manager.kernel_cache.stats()["hits"] >= 1
+    assert manager.get_performance_metrics()["cache_hit_p50_us"] > 0
+    assert rig.send("cull", SEED0)
+    assert manager.kernel_cache.is_pinned(mlp)  # still pinned for the other live seed
+    assert rig.send("cull", SEED1)
+    assert not manager.kernel_cache.is_pinned(mlp)
+
+
+def test_concurrent_loads_share_one_fetch(tmp_path, store, keyring, mlp) -> None:
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config, keyring)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.2
+    manager = KasminaKernelManager(config, keyring=keyring, urza_client=urza)
+
+    async def load_all() -> list[GPUKernel]:
+        return await asyncio.gather(*(manager.load_kernel(mlp) for _ in range(8)))
+
+    kernels = asyncio.run(load_all())
+    assert flaky.reads_of(".pt2") == 1 and manager.loader.counters["loads"] == 1
+    assert len({id(k) for k in kernels}) == 8  # each caller its own trainable copy
+    x = torch.randn(5, 2)
+    assert all(torch.equal(k(x), kernels[0](x)) for k in kernels)
+
+
+def test_async_contract_methods_are_coroutines(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    for name in (
+        "load_kernel",
+        "execute_kernel",
+        "load_kernel_with_teacher",
+        "handle_leyline_command",
+        "handle_optimizer_command",
+    ):
+        assert inspect.iscoroutinefunction(getattr(manager, name)), name
+    cmd = sign_command(make_seed_command("germinate", SEED0, mlp), rig.keyring, "ctl")
+    assert asyncio.run(manager.handle_leyline_command(cmd))
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    kernel = asyncio.run(manager.load_kernel(mlp))
+    x = torch.randn(4, 2)
+    assert torch.equal(asyncio.run(manager.execute_kernel(kernel, x)), kernel(x))
+    assert manager.evict_kernel(mlp) is False  # pinned by the live seed
+
+
+def test_advance_with_a_failing_gate_stays(rig: Rig, mlp) -> None:
+    assert rig.send("germinate", SEED0, mlp)
+    assert not rig.send("advance", SEED0)  # G2: 0 of 1 isolated epochs
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert rig.manager.gate_counts[(2, False)] == 1
+    assert rig.manager.handler.stats["failed"] == 1
+    assert "G2 refused" in rig.manager.command_log[-1][3]
+    assert not rig.send("advance", SEED1)  # DORMANT: needs GERMINATE
+    assert rig.stage(SEED1) == S.DORMANT
+
+
+def walk_to_active(rig: Rig, seed_ids: list[str], epoch: int = 0) -> None:
+    """ADVANCE through G2..G5, training in between; asserts each gate refuses first."""
+    rig.train(2)
+    rig.manager.end_epoch(epoch)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.COMPATIBILITY_CHECK
+    rig.train(1)  # the forward probes the kernel on real activations (G3)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.GRAFTING
+    rig.train(1)
+    assert not rig.send("advance", seed_ids[0])  # G4: alpha not yet 1
+    rig.train(4)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.STABILIZATION
+    rig.train(1)
+    assert not rig.send("advance", seed_ids[0])  # G5: no gate score yet
+    for sid in seed_ids:
+        assert rig.send("advance", sid, gate_score=0.9) and rig.stage(sid) == S.ACTIVE
+
+
+def test_through_every_gate_to_active_with_parameters_promoted(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    walk_to_active(rig, [SEED0, SEED1])
+    assert {g for (g, ok) in manager.gate_counts if ok} == {1, 2, 3, 4, 5}
+    assert {(4, False), (5, False)} <= set(manager.gate_counts)
+    assert manager.optimizers.seed_ids == []
+    params = manager.seed(SEED0).seed_parameters()
+    assert all(manager.optimizers.owner_of(p) == "host" for p in params)
+    assert len(manager.optimizers.optimizer("host").param_groups) == 3
+    assert manager.guard.violating_steps == 0
+    before = [p.detach().clone() for p in params]
+    assert rig.train(1)["host_stepped"]  # the host optimizer now trains the fossilized seed
+    assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    timeline = [stage for _, _, stage in manager.require_registry()[SEED0].timeline]
+    assert timeline == [
+        "ISOLATED_INIT",
+        "COMPATIBILITY_CHECK",
+        "GRAFTING",
+        "STABILIZATION",
+        "ACTIVE",
+    ]
+    # TERMINATE retires a fossilized seed: it stops running; its params stay in the host group.
+    assert rig.send("terminate", SEED1) and rig.stage(SEED1) == S.TERMINATED
+    assert manager.kernel_cache.is_pinned(mlp)  # still held for SEED0
+    assert not rig.send("terminate", SEED1) and not rig.send("cull", SEED0)
+    assert rig.train(1)["host_stepped"]
+
+
+def test_cull_releases_unpins_embargoes_and_recycles_on_epoch_ticks(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    copy = manager.seed(SEED0).kernel
+    rig.train(1)
+    assert rig.send("cull", SEED0, embargo_epochs=2)
+    seed, table = manager.seed(SEED0), manager.require_registry().table
+    assert seed.stage == S.COOLDOWN and seed.kernel is None and copy.released
+    assert not manager.kernel_cache.is_pinned(mlp) and SEED0 not in manager.optimizers.seed_ids
+    assert manager.field_reports[-1]["seed_id"] == SEED0
+    assert manager.field_reports[-1]["artifact_id"] == mlp
+    assert table.read_row(seed.state_index)["EMBARGO_COUNTER"] == 2
+    assert not rig.send("germinate", SEED0, mlp)  # not DORMANT yet
+    stages = []
+    for epoch in range(3):
+        rig.train(1)
+        manager.end_epoch(epoch)
+        stages.append(seed.stage)
+    assert stages == [S.COOLDOWN, S.RECYCLING, S.DORMANT]
+    record = manager.require_registry().records[SEED0]
+    automatic = [(epoch, stage) for epoch, _, stage in record.timeline[-2:]]
+    assert automatic == [(1, "RECYCLING"), (2, "DORMANT")]  # stamped at their own boundary
+    assert rig.send("germinate", SEED0, mlp)  # recycled: the slot takes a new kernel (cached)
+    assert manager.urza_client.stats()["fetches"] == 1
+    assert not rig.send("cull", SEED1)  # a DORMANT seed cannot be culled
+
+
+def test_urza_unreachable_leaves_the_seed_dormant_and_the_host_training(
+    tmp_path, store, keyring, mlp
+) -> None:
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config, keyring)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    rig = Rig(config, keyring, urza_client=urza)
+    manager = rig.manager
+    assert not rig.send("germinate", SEED0, mlp)
+    assert rig.stage(SEED0) == S.DORMANT and rig.manager.seed(SEED0).kernel is None
+    assert len(manager.kernel_cache) == 0 and manager.optimizers.seed_ids == []
+    assert manager.loader.counters["load_failures"] == 1 and rig.sink.events("kernel.load_failed")
+    before = host_params(rig)
+    assert rig.train(1)["host_stepped"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
+    # The async path fetches once, on a worker thread, and does not retry inside the command.
+    reads = sum(flaky.reads.values())
+    cmd = sign_command(make_seed_command("germinate", SEED0, mlp), keyring, "ctl")
+    assert not asyncio.run(manager.handle_leyline_command(cmd))
+    assert sum(flaky.reads.values()) == reads + 1
+    flaky.down = False  # recovery: the next GERMINATE works
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+
+
+def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) -> None:
+    payload = store / f"{mlp}.pt2"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 1
+    payload.write_bytes(bytes(data))
+    assert not rig.send("germinate", SEED0, mlp)
+    assert not rig.send("germinate", SEED1, "no-such-artifact")
+    assert len(rig.manager.kernel_cache) == 0 and rig.stage(SEED0) == S.DORMANT
+    assert "ArtifactIntegrityError" in rig.manager.command_log[0][3]
+    assert "ArtifactNotFoundError" in rig.manager.command_log[1][3]
+    assert not rig.send("germinate", "nowhere[0]", mlp)  # unknown seed
+
+
+def test_an_artifact_that_does_not_fit_the_slot_is_refused(rig: Rig, store: Path, keyring) -> None:
+    wide = publish_artifact(
+        ResidualMLP(3, 4), [torch.randn(3, 3)], str(store), "wide", keyring, "pub"
+    )
+    assert not rig.send("germinate", SEED0, wide.artifact_id)
+    assert "do not fit" in rig.manager.command_log[-1][3]
+    assert rig.stage(SEED0) == S.DORMANT and rig.manager.seed(SEED0).kernel is None
+    assert not rig.manager.kernel_cache.is_pinned(wide.artifact_id)
+    rig.train(1)  # the host still trains: the mismatched kernel never runs
+
+
+def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    outsider = Keyring({"rogue": generate_key()})  # a key the manager does not hold
+    rogue = sign_command(make_seed_command("germinate", SEED0, mlp), outsider, "rogue")
+    rogue = rogue.SerializeToString()
+    cmd = sign_command(make_seed_command("germinate", SEED0, mlp), rig.keyring, "ctl")
+    cmd.seed_command.seed_id = SEED1  # tampered after signing
+    tampered = cmd.SerializeToString()
+    unsigned = make_seed_command("germinate", SEED0, mlp).SerializeToString()
+    other = Keyring({"ctl": generate_key()})
+    forged = sign_command(make_seed_command("germinate", SEED0, mlp), other, "ctl")
+    assert not manager.verify_message_auth(forged)
+    assert not asyncio.run(manager.handle_leyline_command(forged))
+    for raw in (rogue, tampered, unsigned, b"\x00garbage"):
+        assert not manager.handle_adaptation_command(raw)
+    assert manager.urza_client.stats()["fetches"] == 0  # nothing fetched for a forgery
+    assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.DORMANT
+    stats = manager.handler.stats
+    assert stats["accepted"] == 0 and stats["rejected:bad_signature"] == 2
+    assert stats["rejected:unknown_key_id"] == 1 and stats["rejected:missing_metadata"] == 1
+    valid = rig.signed(make_seed_command("germinate", SEED0, mlp))
+    assert manager.verify_message_auth(valid)  # answers without using the nonce
+    assert manager.handle_adaptation_command(valid)
+    assert not manager.handle_adaptation_command(valid)  # replay
+    assert stats["rejected:replay"] == 1 and stats["executed"] == 1
+
+
+def snapshot_state(rig: Rig) -> tuple[dict, dict, torch.Tensor]:
+    model = clone_state(rig.model.state_dict())
+    return (
+        model,
+        clone_state(rig.manager.optimizers.state_dict()),
+        rig.slot.state_table.state_tensor.clone(),
+    )
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, published) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(3)
+    manager.end_epoch(0)
+    saved = snapshot_state(rig)
+    stages = manager.stages()
+    # Diverge: SEED0 graduates to ACTIVE (promoted), SEED1 takes another artifact, then is culled.
+    assert rig.send("germinate", SEED1, published[2])
+    walk_to_active(rig, [SEED0], epoch=1)
+    assert rig.send("cull", SEED1)
+    rig.train(2)
+    manager.end_epoch(2)
+    rollback = make_rollback_command(0, reason="test")
+    assert manager.handle_adaptation_command(rig.signed(rollback))
+    assert manager.stages() == stages and manager.epoch == 0
+    assert_same(saved[0], clone_state(rig.model.state_dict()))
+    assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
+    assert_same(saved[2], rig.slot.state_table.state_tensor)
+    assert manager.optimizers.seed_ids == [SEED0] and manager.kernel_cache.is_pinned(mlp)
+    assert manager.seed(SEED1).kernel is None
+    assert manager.require_registry()[SEED0].timeline[-1] == (0, 3, "ISOLATED_INIT")
+    assert rig.train(1)["seeds_stepped"] == [SEED0]  # training goes on from the checkpoint
+    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(7)))
+
+
+def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp) -> None:
+    jsonl = tmp_path / "telemetry.jsonl"
+    rig = Rig(make_config(tmp_path, store, telemetry_jsonl_path=str(jsonl)), keyring)
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    rig.train(3)
+    steps = [p for p in rig.sink.packets if any(m.name == "kasmina.step" for m in p.metrics)]
+    assert len(steps) == 3
+    names = {m.name for m in steps[-1].metrics}
+    assert {"cache.hit_rate", "kernel.load_ms_last", "lifecycle.gates_passed"} <= names
+    hit_rate = next(m.value for m in steps[-1].metrics if m.name == "cache.hit_rate")
+    assert hit_rate == rig.manager.kernel_cache.stats()["hit_rate"] > 0
+    packet = rig.manager.end_epoch(0, {"accuracy": 0.5})
+    assert isinstance(packet, TelemetryPacket) and rig.sink.packets[-1] is packet
+    metrics = {(m.name, tuple(sorted(m.labels.items()))): m.value for m in packet.metrics}
+    assert metrics[("command.accepted", ())] == 2
+    assert metrics[("lifecycle.gate_results", (("gate", "G1"), ("passed", "true")))] == 2
+    assert metrics[("seeds.in_stage", (("stage", "ISOLATED_INIT"),))] == 2
+    assert metrics[("val.accuracy", ())] == 0.5 and metrics[("kernel.loads", ())] == 1
+    lines = jsonl.read_text().splitlines()
+    assert len(lines) >= 4 and json.loads(lines[-1])["packet_id"] == packet.packet_id
+
+
+def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert all(v != v for k, v in manager.get_performance_metrics().items() if "p50" in k)
+    rig.train(1)  # the slot has run: its input shape is known, so dormant overhead can be timed
+    assert rig.send("germinate", SEED0, mlp) and not rig.send("germinate", SEED0, mlp)
+    metrics = manager.get_performance_metrics()
+    assert metrics["commands_measured"] == 2 and metrics["command_overhead_p50_us"] > 0
+    assert metrics["dormant_overhead_us"] != metrics["dormant_overhead_us"]  # a seed runs now
+    assert rig.send("cull", SEED0)
+    assert manager.measure_dormant_overhead(repeats=20) >= 0
+    targets = manager.validate_performance_targets()
+    assert set(targets) == set(DESIGN_TARGETS_US) and all(
+        isinstance(v, bool) for v in targets.values()
+    )
+
+
+@pytest.fixture
+def kd_rig(tmp_path, store, keyring) -> Rig:
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
+    return Rig(config, keyring)
+
+
+def test_teacher_predictions_kd_training_and_register_teacher(kd_rig: Rig, mlp) -> None:
+    rig, manager = kd_rig, kd_rig.manager
+    torch.manual_seed(3)
+    teacher_net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    teacher = manager.load_teacher(teacher_net)
+    logits = manager.get_teacher_predictions(rig.x)
+    assert logits.shape == (16, 4) and logits.dtype == torch.float32 and not logits.requires_grad
+    kernel, again = asyncio.run(manager.load_kernel_with_teacher(mlp))
+    assert isinstance(kernel, GPUKernel) and torch.equal(again, logits)
+    effect = manager.get_checkpoint_effectiveness()
+    assert effect["param_bytes_reduced"] * 2 == effect["param_bytes_full"]
+    register = make_optimizer_command("register_teacher")
+    assert manager.handle_adaptation_command(rig.signed(register))
+    count = sum(p.numel() for p in teacher.teacher_parameters())
+    assert manager.optimizers.teacher_param_count == count
+    assert asyncio.run(manager.handle_optimizer_command(register.optimizer_command))
+    assert rig.send("germinate", SEED0, mlp)
+    before = [p.detach().clone() for p in teacher.teacher_parameters()]
+    rig.train(3, teacher=logits)
+    assert manager.guard.violating_steps == 0 and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert all(torch.equal(a, p) for a, p in zip(before, teacher.teacher_parameters(), strict=True))
+
+
+def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
+    kd_rig: Rig, mlp, tmp_path
+) -> None:
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    host_weight = rig.model.inp.weight
+    for step in range(3):
+        rig.slot.set_teacher_logits(torch.randn(16, 4))
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        kd = manager.collect_kd_losses() + 1e-2 * host_weight.sum()  # leaks into the host
+        manager.backward(loss, kd_loss=kd)
+        clean = torch.autograd.grad(F.cross_entropy(rig.model(rig.x), rig.y), host_weight)[0]
+        assert torch.equal(host_weight.grad, clean)  # the leaked gradient never reaches it
+        report = manager.step()
+        assert not report["isolation_clean"] and not report["host_stepped"]
+        if step < 2:
+            assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert rig.stage(SEED0) == S.QUARANTINE and manager.guard.breaker_trips == 1
+    assert list((tmp_path / "emergency").glob("emergency_isolation_*.pt"))
+    assert rig.train(1)["host_stepped"]  # the host keeps training
+    assert rig.send("cull", SEED0) and rig.stage(SEED0) == S.COOLDOWN
+
+
+def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    manager.register_gradient_monitors(rig.model.inp, manager.seed(SEED0).kernel)
+    assert manager.check_gradient_isolation()
+    rig.slot.set_teacher_logits(torch.randn(16, 4))
+    rig.model(rig.x)
+    manager.backward(None, kd_loss=manager.collect_kd_losses() + rig.model.inp.bias.sum())
+    assert not manager.check_gradient_isolation()
+    assert manager.guard.external[0].violation_count == 1  # its hook on inp.bias saw the leak
+    assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
+
+
+def test_a_rollback_that_cannot_complete_changes_nothing(rig: Rig, store: Path, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    manager.end_epoch(1)
+    assert manager.evict_kernel(mlp)  # unpinned once culled: evictable
+    for path in store.iterdir():
+        path.unlink()  # the artifact the checkpoint needs is gone from the store
+    saved = snapshot_state(rig)
+    stages = manager.stages()
+    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert "ArtifactNotFoundError" in manager.command_log[-1][3]
+    assert manager.stages() == stages and manager.epoch == 1
+    assert_same(saved[0], clone_state(rig.model.state_dict()))
+    assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
+    assert rig.train(1)["host_stepped"]
+
+
+def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring, mlp) -> None:
+    from kasmina.seeds.inject import attach
+
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Host()
+    attach(model, "out", seeds_per_layer=2, chunk_size=2)
+    manager.register(model, host_lr=None, seed_lr=0.01)
+    assert not manager.optimizers.has_host
+
+    def signed(cmd) -> bytes:
+        return sign_command(cmd, keyring, "ctl").SerializeToString()
+
+    init = make_optimizer_command("initialize_host", learning_rate=0.02)
+    assert manager.handle_adaptation_command(signed(init)) and manager.optimizers.has_host
+    assert not manager.handle_adaptation_command(signed(make_optimizer_command("initialize_host")))
+    slow = make_seed_command("germinate", SEED0, mlp, timeout_s=1e-9)  # the load takes longer
+    assert not manager.handle_adaptation_command(signed(slow))
+    assert "timeout" in manager.command_log[-1][3] and mlp in manager.kernel_cache
+    assert manager.seed(SEED0).stage == S.DORMANT and manager.optimizers.seed_ids == []
+    germinate = make_seed_command("germinate", SEED0, mlp, {"learning_rate": 0.5})
+    assert manager.handle_adaptation_command(signed(germinate))
+    assert manager.optimizers.optimizer(SEED0).param_groups[0]["lr"] == 0.5
+    step = make_optimizer_command("step", SEED0)
+    assert manager.handle_adaptation_command(signed(step))
+    with pytest.raises(ValueError, match="already manages"):
+        manager.register(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lifecycle_and_rollback_on_cuda(tmp_path, store, keyring, mlp) -> None:
+    rig = Rig(make_config(tmp_path, store, device="cuda"), keyring, device="cuda")
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    assert manager.kernel_cache.get(mlp).device.type == "cuda"
+    rig.train(2)
+    manager.end_epoch(5)
+    saved = snapshot_state(rig)
+    walk_to_active(rig, [SEED0, SEED1], epoch=6)
+    assert manager.guard.violating_steps == 0
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(5)))
+    assert_same(saved[0], clone_state(rig.model.state_dict()))
+    assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
+    assert_same(saved[2], rig.slot.state_table.state_tensor)
+    assert rig.train(1)["seeds_stepped"] == [SEED0, SEED1]
+
+
+def test_a_cull_with_an_embargo_the_table_cannot_hold_changes_nothing(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    kernel = seed.kernel
+    assert not rig.send("cull", SEED0, embargo_epochs=2.0**40)  # beyond the int32 column
+    assert seed.stage == S.ISOLATED_INIT and seed.kernel is kernel and not kernel.released
+    assert manager.kernel_cache.is_pinned(mlp) and SEED0 in manager.optimizers.seed_ids
+    assert manager.handler.stats["failed"] == 1 and not manager.field_reports
+    assert rig.send("cull", SEED0, embargo_epochs=3)
+    assert seed.stage == S.COOLDOWN

@@ -1,0 +1,239 @@
+"""attach/detach by module name, KasminaLayer with seeds in mixed stages, compile, persistence."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina.seeds.layer
+from kasmina.kd.config import KDConfig
+from kasmina.ops import alpha_blend
+from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage, StateColumn
+
+S = SeedStage
+PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(x)))
+
+
+def walk(seed, stage: SeedStage) -> None:
+    for step in PATH[: PATH.index(stage) + 1]:
+        seed.transition_to(step)
+
+
+def kernel(width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+
+def test_attach_keeps_outputs_and_detach_restores_the_originals() -> None:
+    model = MLP()
+    x = torch.randn(3, 5)
+    before = model(x)
+    originals = (model.encoder[0], model.head)
+    keys = set(model.state_dict())
+    slots = attach(model, ["encoder.0", "head"], seeds_per_layer=2, chunk_size=4)
+    assert [s.layer_id for s in slots] == ["encoder.0", "head"]
+    assert model.encoder[0] is slots[0] and slots[0].host is originals[0]
+    assert torch.equal(model(x), before)
+    table = slots[0].state_table
+    assert table is slots[1].state_table and table.num_seeds == 4
+    assert [s.state_index for s in slots[1].seeds] == [2, 3]
+    assert table.state_tensor[:, StateColumn.REGION_ID].tolist() == [0, 0, 1, 1]
+    assert kasmina_layers(model) == slots
+    assert detach(model) == slots
+    assert model.encoder[0] is originals[0] and model.head is originals[1]
+    assert set(model.state_dict()) == keys and torch.equal(model(x), before)
+
+
+def test_package_exports_the_entry_points() -> None:
+    import kasmina
+    import kasmina.seeds.inject
+
+    assert kasmina.attach is attach and kasmina.detach is detach  # not shadowed by a module
+    assert kasmina.KasminaLayer is KasminaLayer
+    assert {"GPUStateTensor", "GradientIsolatedSeed"} <= set(dir(kasmina))
+
+
+def test_dormant_fast_path_returns_the_host_output_itself() -> None:
+    host = nn.Linear(3, 4)
+    out = torch.randn(2, 4)
+    host.forward = lambda _x: out  # type: ignore[method-assign]
+    layer = KasminaLayer(host, 2, 2)
+    layer.seed(0).attach_kernel(nn.Linear(2, 2))  # a kernel alone does not run while DORMANT
+    assert layer(torch.randn(2, 3)) is out
+
+
+def test_target_patterns_and_errors_leave_the_model_unchanged() -> None:
+    model = MLP()
+    assert [s.layer_id for s in attach(model, "encoder.[02]", 1, 8)] == ["encoder.0", "encoder.2"]
+    detach(model)
+    assert [s.layer_id for s in attach(model, ["2"], 2, 4)] == ["encoder.2"]  # dotted suffix
+    with pytest.raises(ValueError, match="no submodule"):
+        attach(model, "encoder.2", 2, 4)  # already a slot: nothing left to match
+    detach(model)
+    snapshot = dict(model.named_modules())
+    for targets, spl, chunk in [
+        ("missing", 2, 4),
+        (["encoder", "encoder.0"], 2, 4),  # nested
+        ("head", 3, 4),  # 12 != 8 features
+        ([], 2, 4),
+    ]:
+        with pytest.raises(ValueError):
+            attach(model, targets, spl, chunk)
+        assert dict(model.named_modules()) == snapshot
+
+
+def four_stage_layer(kd: KDConfig | None = None) -> tuple[KasminaLayer, torch.Tensor]:
+    torch.manual_seed(5)
+    layer = KasminaLayer(nn.Linear(6, 8), 4, 2, kd_config=kd)
+    for k, stage in enumerate([S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION, S.ACTIVE]):
+        layer.seed(k).attach_kernel(kernel(2, 10 + k))
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10, 2.0)
+    return layer, torch.randn(3, 6)
+
+
+def test_four_seeds_in_four_stages_in_one_forward(monkeypatch) -> None:
+    layer, x = four_stage_layer()
+    calls = []
+
+    def counting_blend(*args, **kwargs):
+        calls.append(args[2])
+        return alpha_blend(*args, **kwargs)
+
+    monkeypatch.setattr(kasmina.seeds.layer, "alpha_blend", counting_blend)
+    w = torch.randn(3, 8)
+    out = layer(x)
+    (out * w).sum().backward()
+    assert len(calls) == 1 and calls[0].shape == (4,)  # one blend, per-chunk alpha
+
+    weight = layer.host.weight.detach().clone().requires_grad_()
+    bias = layer.host.bias.detach().clone().requires_grad_()
+    h = nn.functional.linear(x, weight, bias)
+    k = [layer.seed(i).kernel for i in range(4)]
+    a = layer.seed(1).alpha_value
+    hc = h.split(2, dim=-1)
+    ref = torch.cat(
+        [
+            hc[0],
+            a * k[1](hc[1].detach()) + (1 - a) * hc[1].detach(),
+            k[2](hc[2].detach()),
+            k[3](hc[3]),
+        ],
+        dim=-1,
+    )
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[:, :2], h[:, :2])  # ISOLATED_INIT: exactly the host value
+    (ref * w).sum().backward()
+    grad = layer.host.weight.grad
+    assert torch.equal(grad[:2], weight.grad[:2])  # host gradient as without the seed
+    assert not grad[2:6].any()  # GRAFTING and STABILIZATION: nothing reaches the host
+    torch.testing.assert_close(grad[6:], weight.grad[6:])  # ACTIVE: end to end
+    assert grad[6:].abs().sum() > 0
+    for i in range(4):
+        assert all(
+            p.grad is not None and p.grad.abs().sum() > 0 for p in layer.seed(i).seed_parameters()
+        )
+    # the ISOLATED_INIT seed learns from the same downstream gradient the host gets
+    k0 = copy.deepcopy(k[0])
+    k0.zero_grad(set_to_none=True)
+    (k0(h[:, :2].detach()) * w[:, :2]).sum().backward()
+    for p, q in zip(layer.seed(0).seed_parameters(), k0.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_layer_kd_trains_only_the_isolated_seeds() -> None:
+    layer, x = four_stage_layer(KDConfig(temperature=1.5))
+    model = nn.Sequential(layer)
+    teacher = torch.randn(3, 8)
+    layer.set_teacher_logits(teacher)
+    model(x)
+    loss = collect_kd_losses(model)
+    assert loss is not None and collect_kd_losses(model) is None
+    loss.backward()
+    assert layer.host.weight.grad is None and layer.host.bias.grad is None
+    for i in range(3):
+        assert all(p.grad.abs().sum() > 0 for p in layer.seed(i).seed_parameters())
+    assert all(p.grad is None for p in layer.seed(3).seed_parameters())  # ACTIVE: no KD
+    layer(x, teacher_logits=teacher)
+    assert layer.get_and_clear_kd_losses() is not None
+
+
+def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
+    layer, x = four_stage_layer()
+    with torch.no_grad():
+        layer.seed(1).kernel[0].weight.fill_(float("nan"))
+        expected_chunk = layer.host(x)[:, 2:4]
+    out = layer(x)
+    assert torch.equal(out[:, 2:4], expected_chunk) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert not layer.host.weight.grad[2:4].any()
+    assert layer.poll_nonfinite() == ["layer[1]"]
+    assert layer.stages() == [S.ISOLATED_INIT, S.QUARANTINE, S.STABILIZATION, S.ACTIVE]
+    assert layer.poll_nonfinite() == []
+
+
+def test_attached_model_state_dict_deepcopy_and_pickle_round_trip() -> None:
+    model = MLP()
+    slots = attach(model, "head", 2, 4)
+    for k, seed in enumerate(slots[0].seeds):
+        seed.attach_kernel(kernel(4, k))
+    walk(slots[0].seed(0), S.GRAFTING)
+    slots[0].update_alpha_blending(4, 10)
+    x = torch.randn(3, 5)
+    expected = model(x)
+
+    twin = MLP()
+    twin_slots = attach(twin, "head", 2, 4)
+    for k, seed in enumerate(twin_slots[0].seeds):
+        seed.attach_kernel(kernel(4, 50 + k))
+    twin.load_state_dict(model.state_dict())
+    assert twin_slots[0].stages() == [S.GRAFTING, S.DORMANT]
+    assert torch.equal(twin(x), expected)
+
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        assert torch.equal(other(x), expected)
+        seed = kasmina_layers(other)[0].seed(0)
+        assert seed.state_table is not slots[0].state_table
+        seed.transition_to(S.HARVESTING)  # its own table, and its own observer still fires
+        assert seed.kernel is None and slots[0].seed(0).stage is S.GRAFTING
+
+
+def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
+    torch._dynamo.reset()
+    model = MLP()
+    slot = attach(model, "head", 2, 4)[0]
+    slot.seed(0).attach_kernel(kernel(4, 1))
+    walk(slot.seed(0), S.GRAFTING)
+    slot.update_alpha_blending(2, 10)
+    x = torch.randn(4, 5)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert slot.seed(0).seed_parameters()[0].grad is not None
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    slot.update_alpha_blending(8, 10)  # alpha is a device buffer: no recompile
+    torch.testing.assert_close(compiled(x), model(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames

@@ -1,0 +1,324 @@
+"""GPUStateTensor (transitions, counters, tick/embargo, host mirror, state dict) and gates G1-G5."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import IllegalTransitionError
+from kasmina.seeds.gates import (
+    ALPHA_COMPLETE,
+    gate_g1_kernel_ready,
+    gate_g2_isolated_training,
+    gate_g3_compatibility,
+    gate_g4_alpha,
+    gate_g5_performance,
+)
+from kasmina.seeds.table import GPUStateTensor, blueprint_hash, parse_gate, parse_stage
+from kasmina.stages import (
+    GATE_FOR_TRANSITION,
+    LEGAL_TRANSITIONS,
+    NUM_STATE_COLUMNS,
+    SeedStage,
+    StateColumn,
+    TransitionCode,
+)
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+S = SeedStage
+MAIN_PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+
+
+def _row(stage: SeedStage, embargo: int = 0) -> list[int]:
+    row = [0] * NUM_STATE_COLUMNS
+    row[StateColumn.LIFECYCLE_STAGE] = int(stage)
+    row[StateColumn.EMBARGO_COUNTER] = embargo
+    row[StateColumn.LAST_GATE] = 2
+    row[StateColumn.EPOCHS_IN_STATE] = 7
+    return row
+
+
+def _mirror_matches(table: GPUStateTensor) -> bool:
+    stages = table.state_tensor[:, StateColumn.LIFECYCLE_STAGE].tolist()
+    epochs = table.state_tensor[:, StateColumn.EPOCHS_IN_STATE].tolist()
+    mirror_epochs = [table.epochs_in_state(i) for i in range(table.num_seeds)]
+    return stages == [int(s) for s in table.stages()] and epochs == mirror_epochs
+
+
+def test_parse_stage_and_gate() -> None:
+    assert parse_stage("grafting") is S.GRAFTING
+    assert parse_stage("SEED_STAGE_ACTIVE") is S.ACTIVE
+    assert parse_stage(9) is S.QUARANTINE
+    assert parse_gate("G3") == 3 and parse_gate(5) == 5 and parse_gate(None) is None
+    for bad in ("BLOOMING", 11, -1, True, 2.0):
+        with pytest.raises(ValueError):
+            parse_stage(bad)  # type: ignore[arg-type]
+    for bad_gate in ("G0", "G6", 6, "x", 1.5):
+        with pytest.raises(ValueError):
+            parse_gate(bad_gate)  # type: ignore[arg-type]
+
+
+def test_constructor_rejects_bad_sizes() -> None:
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError):
+            GPUStateTensor(bad, "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        GPUStateTensor(2, "cpu", embargo_epochs=-1)
+    table = GPUStateTensor(3, "cpu")
+    assert table.state_tensor.shape == (3, 10) and table.state_tensor.dtype == torch.int32
+    assert table.stages() == [S.DORMANT] * 3
+
+
+def test_main_path_records_gates_and_resets_epochs() -> None:
+    table = GPUStateTensor(2, "cpu")
+    table.tick()
+    assert table.epochs_in_state(0) == 1
+    for stage in MAIN_PATH:
+        source = table.stage(0)
+        table.update_seed_state(0, stage)
+        row = table.read_row(0)
+        assert row["LIFECYCLE_STAGE"] == int(stage) and table.stage(0) is stage
+        assert row["LAST_GATE"] == GATE_FOR_TRANSITION[(source, stage)]
+        assert row["EPOCHS_IN_STATE"] == 0 == table.epochs_in_state(0)
+    assert table.stage(1) is S.DORMANT
+    assert table.counters["applied"] == len(MAIN_PATH) and table.illegal_transitions == 0
+    assert _mirror_matches(table)
+
+
+def test_update_seed_state_sets_epochs_and_explicit_gate() -> None:
+    table = GPUStateTensor(1, "cpu")
+    table.update_seed_state(0, "ISOLATED_INIT", epochs_in_state=4, last_gate="G5")
+    row = table.read_row(0)
+    assert row["EPOCHS_IN_STATE"] == 4 == table.epochs_in_state(0)
+    assert row["LAST_GATE"] == 5
+    with pytest.raises(IndexError):
+        table.update_seed_state(1, S.ISOLATED_INIT)
+    with pytest.raises(ValueError):
+        table.update_seed_state(0, "NOT_A_STAGE")
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_update_seed_state_with_bad_epochs_changes_nothing(bad: object) -> None:
+    table = GPUStateTensor(1, "cpu")
+    before = table.state_tensor.clone()
+    with pytest.raises(ValueError, match="epochs_in_state"):
+        table.update_seed_state(0, "ISOLATED_INIT", epochs_in_state=bad)  # type: ignore[arg-type]
+    assert table.stage(0) is S.DORMANT and table.counters["applied"] == 0
+    assert torch.equal(table.state_tensor, before)
+
+
+@pytest.mark.parametrize("source", list(SeedStage))
+def test_every_illegal_transition_is_rejected_and_counted(source: SeedStage) -> None:
+    sink = MemorySink()
+    table = GPUStateTensor(1, "cpu", telemetry=TelemetryReporter(sinks=[sink]))
+    illegal = [t for t in SeedStage if t not in LEGAL_TRANSITIONS[source]]
+    for n, target in enumerate(illegal, start=1):
+        table.restore_row(0, _row(source))
+        before = table.state_tensor.clone()
+        codes = table.batch_state_update([(0, target)])
+        assert codes == [TransitionCode.ILLEGAL]
+        assert torch.equal(table.state_tensor, before), f"{source.name}->{target.name} changed"
+        assert table.stage(0) is source and table.epochs_in_state(0) == 7
+        assert table.illegal_transitions == 2 * n - 1
+        with pytest.raises(IllegalTransitionError):
+            table.update_seed_state(0, target)
+        assert table.illegal_transitions == 2 * n
+        assert torch.equal(table.state_tensor, before)
+    events = sink.events("lifecycle.transition_rejected")
+    assert len(events) == 2 * len(illegal)
+    if illegal:
+        assert events[0].labels["from"] == source.name and events[0].labels["code"] == "ILLEGAL"
+    for target in LEGAL_TRANSITIONS[source]:  # and every legal one applies
+        table.restore_row(0, _row(source))
+        assert table.batch_state_update([(0, target)]) == [TransitionCode.APPLIED]
+        assert table.stage(0) is target
+
+
+def test_batch_codes_out_of_range_duplicates_and_partial_application(caplog) -> None:
+    table = GPUStateTensor(4, "cpu")
+    with caplog.at_level(logging.WARNING, logger="kasmina.seeds.table"):
+        codes = table.batch_state_update(
+            [(0, S.ISOLATED_INIT), (1, S.ISOLATED_INIT), (1, S.TERMINATED), (9, S.ISOLATED_INIT),
+             (2, S.ACTIVE), (3, "TERMINATED")]
+        )  # fmt: skip
+    assert codes == [
+        TransitionCode.APPLIED,
+        TransitionCode.DUPLICATE,
+        TransitionCode.DUPLICATE,
+        TransitionCode.OUT_OF_RANGE,
+        TransitionCode.ILLEGAL,
+        TransitionCode.APPLIED,
+    ]
+    assert table.stages() == [S.ISOLATED_INIT, S.DORMANT, S.DORMANT, S.TERMINATED]
+    assert table.counters["duplicate"] == 2 and table.counters["out_of_range"] == 1
+    assert table.illegal_transitions == 1 and table.counters["applied"] == 2
+    assert "rejected (illegal)" in caplog.text and "out_of_range" in caplog.text
+    assert _mirror_matches(table)
+    assert table.batch_state_update([]) == []
+    with pytest.raises(ValueError):
+        table.batch_state_update([(0, S.COMPATIBILITY_CHECK)], gates=[2, 3])
+    assert table.stage(0) is S.ISOLATED_INIT  # malformed input changed nothing
+
+
+def test_batch_gates_explicit_and_default() -> None:
+    table = GPUStateTensor(2, "cpu")
+    table.batch_state_update([(0, S.ISOLATED_INIT), (1, S.ISOLATED_INIT)], gates=[None, "G4"])
+    assert table.read_row(0)["LAST_GATE"] == 1  # the transition's own gate
+    assert table.read_row(1)["LAST_GATE"] == 4
+
+
+def test_tick_embargo_and_ready_flag() -> None:
+    table = GPUStateTensor(3, "cpu", embargo_epochs=2)
+    for stage in (S.ISOLATED_INIT, S.HARVESTING, S.COOLDOWN):
+        table.update_seed_state(0, stage)
+    assert table.read_row(0)["EMBARGO_COUNTER"] == 2
+    with pytest.raises(IllegalTransitionError):
+        table.update_seed_state(0, S.RECYCLING)  # under embargo
+    table.tick()
+    assert table.get_ready_seeds().tolist() == []
+    assert table.batch_state_update([(0, S.RECYCLING)]) == [TransitionCode.ILLEGAL]
+    table.tick()
+    assert table.read_row(0)["EMBARGO_COUNTER"] == 0
+    assert table.get_ready_seeds().tolist() == [0]
+    assert table.epochs_in_state(0) == 2 and table.epochs_in_state(2) == 2
+    table.update_seed_state(0, S.RECYCLING)
+    assert table.read_row(0)["READY_FLAG"] == 0
+    table.tick()
+    assert table.get_ready_seeds().tolist() == [0]  # RECYCLING -> DORMANT is due
+    table.update_seed_state(0, S.DORMANT)
+    table.tick()
+    assert table.get_ready_seeds().tolist() == []
+    assert table.illegal_transitions == 2
+    assert _mirror_matches(table)
+
+
+def test_tick_and_updates_on_the_triton_kernels(triton_backend) -> None:
+    table = GPUStateTensor(4, "cpu", embargo_epochs=1)
+    codes = table.batch_state_update([(0, S.ISOLATED_INIT), (1, S.ACTIVE), (5, S.DORMANT)])
+    assert codes == [TransitionCode.APPLIED, TransitionCode.ILLEGAL, TransitionCode.OUT_OF_RANGE]
+    table.update_seed_state(0, S.HARVESTING)
+    table.update_seed_state(0, S.COOLDOWN)
+    table.tick()
+    assert table.get_ready_seeds().tolist() == [0]
+    assert _mirror_matches(table)
+
+
+def test_observers_see_applied_transitions_only_and_are_weak() -> None:
+    table = GPUStateTensor(2, "cpu")
+    seen: list[tuple[int, SeedStage, SeedStage]] = []
+
+    class Watcher:
+        def on(self, idx: int, old: SeedStage, new: SeedStage) -> None:
+            seen.append((idx, old, new))
+
+    watcher = Watcher()
+    table.observe(1, watcher.on)
+    table.batch_state_update([(1, S.ISOLATED_INIT), (0, S.ISOLATED_INIT)])
+    table.batch_state_update([(1, S.ACTIVE)])
+    assert seen == [(1, S.DORMANT, S.ISOLATED_INIT)]
+    del watcher
+    table.update_seed_state(1, S.HARVESTING)  # the dead observer is dropped, not called
+    assert len(seen) == 1
+
+
+def test_columns_and_restore() -> None:
+    table = GPUStateTensor(2, "cpu")
+    table.set_alpha(1, 0.4567)
+    table.set_gate_score(1, 0.91)
+    table.set_performance_gate(1, 0.8)
+    table.set_blueprint(1, "artifact-a")
+    table.set_region(1, 3)
+    row = table.read_row(1)
+    assert row["ALPHA_BLEND"] == 457 and row["GATE_SCORE"] == 910
+    assert row["PERFORMANCE_GATE"] == 800 and row["REGION_ID"] == 3
+    assert row["BLUEPRINT_ID"] == blueprint_hash("artifact-a") >= 0
+    for column in (StateColumn.LIFECYCLE_STAGE, StateColumn.EPOCHS_IN_STATE):
+        with pytest.raises(ValueError):
+            table.set_column(0, column, 1)
+    with pytest.raises(ValueError):
+        table.set_gate_score(0, float("nan"))
+    with pytest.raises(ValueError):
+        table.restore_row(0, [0] * 9)
+    with pytest.raises(ValueError):
+        table.restore_row(0, [12] + [0] * 9)
+    assert table.stage(0) is S.DORMANT
+
+
+def test_resync_after_an_outside_write() -> None:
+    table = GPUStateTensor(2, "cpu")
+    table.state_tensor[1, StateColumn.LIFECYCLE_STAGE] = int(S.GRAFTING)
+    assert table.stage(1) is S.DORMANT
+    version = table.version
+    table.resync()
+    assert table.stage(1) is S.GRAFTING and table.version > version
+
+
+def test_state_dict_round_trip_and_invalid_load() -> None:
+    table = GPUStateTensor(3, "cpu", embargo_epochs=4)
+    table.update_seed_state(2, S.ISOLATED_INIT)
+    table.batch_state_update([(0, S.ACTIVE)])
+    table.tick()
+    saved = table.state_dict()
+    other = GPUStateTensor(3, "cpu")
+    other.load_state_dict(saved)
+    assert torch.equal(other.state_tensor, table.state_tensor)
+    assert other.stages() == table.stages() and other.epochs_in_state(2) == 1
+    assert other.embargo_epochs == 4 and other.illegal_transitions == 1
+    before = other.state_tensor.clone()
+    bad_stage = saved["state_tensor"].clone()
+    bad_stage[0, StateColumn.LIFECYCLE_STAGE] = 42
+    for bad in (
+        {"state_tensor": bad_stage},
+        {"state_tensor": torch.zeros(2, 10, dtype=torch.int32)},
+        {"state_tensor": torch.zeros(3, 10, dtype=torch.int64)},
+    ):
+        with pytest.raises(ValueError):
+            other.load_state_dict(bad)
+    assert torch.equal(other.state_tensor, before) and other.stage(2) is S.ISOLATED_INIT
+
+
+# ----------------------------------------------------------------------------------- gates
+
+
+def test_gate_g1_kernel_loaded_and_finite() -> None:
+    assert not gate_g1_kernel_ready(None).passed
+    kernel = nn.Linear(3, 3)
+    result = gate_g1_kernel_ready(kernel)
+    assert result.passed and result.gate == 1 and bool(result)
+    with torch.no_grad():
+        kernel.weight[0, 0] = float("inf")
+    assert "non-finite" in gate_g1_kernel_ready(kernel).reason
+
+
+def test_gate_g2_epochs_and_violations() -> None:
+    assert not gate_g2_isolated_training(2, 3, 0).passed
+    assert gate_g2_isolated_training(3, 3, 0).passed
+    failed = gate_g2_isolated_training(10, 3, 1)
+    assert not failed.passed and "violation" in failed.reason and failed.score == 10
+
+
+def test_gate_g3_shape_dtype_finite_latency() -> None:
+    out = torch.ones(2, 4)
+    assert gate_g3_compatibility(out, (2, 4), torch.float32, 0.5, 1.0).passed
+    assert "shape" in gate_g3_compatibility(out, (2, 5), torch.float32, 0.5, 1.0).reason
+    assert "dtype" in gate_g3_compatibility(out, (2, 4), torch.float16, 0.5, 1.0).reason
+    nan = out.clone()
+    nan[0, 0] = float("nan")
+    assert "finite" in gate_g3_compatibility(nan, (2, 4), torch.float32, 0.5, 1.0).reason
+    assert "latency" in gate_g3_compatibility(out, (2, 4), torch.float32, 2.0, 1.0).reason
+    assert not gate_g3_compatibility(None, (2, 4), torch.float32, None, 1.0).passed
+
+
+def test_gate_g4_alpha_reached_one() -> None:
+    assert not gate_g4_alpha(0.99).passed
+    assert not gate_g4_alpha(0.999).passed
+    assert gate_g4_alpha(ALPHA_COMPLETE).passed and gate_g4_alpha(1.0).passed
+
+
+def test_gate_g5_score_against_threshold() -> None:
+    assert gate_g5_performance(0.8, 0.8).passed
+    assert not gate_g5_performance(0.79, 0.8).passed
+    assert not gate_g5_performance(float("nan"), 0.0).passed

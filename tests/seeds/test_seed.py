@@ -1,0 +1,333 @@
+"""GradientIsolatedSeed: each stage's forward value and gradients, KD, fallback, persistence."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import IllegalTransitionError
+from kasmina.kd.config import KDConfig
+from kasmina.ops import kd_kl_loss
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.seeds.table import GPUStateTensor, blueprint_hash
+from kasmina.stages import SeedStage, StateColumn
+
+S = SeedStage
+PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+C = 3
+
+
+class Net(nn.Module):
+    """upstream -> seed slot -> downstream: the slot sees the upstream layer's output."""
+
+    def __init__(self, seed: GradientIsolatedSeed | None) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.up = nn.Linear(4, C)
+        self.down = nn.Linear(C, 2)
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.up(x)
+        if self.seed is not None:
+            h = self.seed(h, teacher)
+        return self.down(h)
+
+
+def make_seed(stage: SeedStage, kd: KDConfig | None = None) -> GradientIsolatedSeed:
+    seed = GradientIsolatedSeed(C, "s0", kd)
+    torch.manual_seed(7)
+    seed.attach_kernel(nn.Sequential(nn.Linear(C, C), nn.Tanh()))
+    for step in PATH[: PATH.index(stage) + 1] if stage in PATH else []:
+        seed.transition_to(step)
+    return seed
+
+
+def host_grads(net: Net) -> dict[str, torch.Tensor | None]:
+    return {n: p.grad for n, p in net.named_parameters() if not n.startswith("seed.")}
+
+
+def run(net: Net, x: torch.Tensor) -> torch.Tensor:
+    out = net(x)
+    out.pow(2).sum().backward()
+    return out
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(5, 4)
+
+
+@pytest.mark.parametrize(
+    "stage", [S.DORMANT, S.COOLDOWN, S.HARVESTING, S.RECYCLING, S.QUARANTINE, S.TERMINATED]
+)
+def test_pass_through_stages_return_the_host_activations(stage: SeedStage) -> None:
+    seed = GradientIsolatedSeed(C, "s")
+    seed.attach_kernel(nn.Linear(C, C))
+    seed.state_table.restore_row(0, [int(stage)] + [0] * 9)
+    h = torch.randn(2, C, requires_grad=True)
+    assert seed(h) is h
+
+
+def test_no_kernel_passes_through_in_any_stage() -> None:
+    seed = make_seed(S.ISOLATED_INIT)
+    seed.detach_kernel()
+    h = torch.randn(2, C)
+    assert seed(h) is h
+
+
+def test_isolated_init_is_bit_identical_for_the_host_and_trains_the_seed(x) -> None:
+    bare = Net(None)
+    bare_out = run(bare, x)
+    net = Net(make_seed(S.ISOLATED_INIT))
+    out = run(net, x)
+    assert torch.equal(out, bare_out)
+    for name, grad in host_grads(net).items():
+        assert torch.equal(grad, host_grads(bare)[name]), name
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.seed.seed_parameters())
+
+
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.STABILIZATION])
+def test_grafting_and_stabilization_give_the_upstream_host_no_gradient(x, stage) -> None:
+    seed = make_seed(stage)
+    seed.update_alpha_blending(6, 10, 2.0)  # a no-op outside GRAFTING
+    net = Net(seed)
+    h = net.up(x).detach()
+    with torch.no_grad():
+        s = seed.kernel(h)
+    alpha = 1.0 / (1.0 + math.exp(-0.5)) if stage is S.GRAFTING else 1.0
+    out = run(net, x)
+    torch.testing.assert_close(out, net.down(alpha * s + (1 - alpha) * h))
+    assert net.up.weight.grad is None and net.up.bias.grad is None
+    assert net.down.weight.grad is not None
+    assert all(p.grad.abs().sum() > 0 for p in seed.seed_parameters())
+
+
+def test_active_gives_the_full_end_to_end_gradient(x) -> None:
+    seed = make_seed(S.ACTIVE)
+    net = Net(seed)
+    out = run(net, x)
+    ref = copy.deepcopy(net)
+    ref.zero_grad(set_to_none=True)
+    ref_out = ref.down(ref.seed.kernel(ref.up(x)))
+    ref_out.pow(2).sum().backward()
+    assert torch.equal(out, ref_out)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7), name
+
+
+def test_kd_only_backward_trains_the_seed_and_leaves_the_host_untouched(x) -> None:
+    kd = KDConfig(temperature=2.0)
+    seed = make_seed(S.GRAFTING, kd)
+    seed.update_alpha_blending(3, 10)
+    net = Net(seed)
+    teacher = torch.randn(5, C)
+    net(x, teacher)
+    loss = seed.get_and_clear_kd_losses()
+    assert loss is not None and loss.requires_grad and seed.get_and_clear_kd_losses() is None
+    with torch.no_grad():
+        expected = kd_kl_loss(seed.kernel(net.up(x)), teacher, 2.0)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert all(g is None or not g.any() for g in host_grads(net).values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seed.seed_parameters())
+
+
+def test_kd_losses_accumulate_and_need_matching_teacher_shape(x) -> None:
+    seed = make_seed(S.ISOLATED_INIT, KDConfig())
+    h = torch.randn(5, C)
+    teacher = torch.randn(5, C)
+    seed(h, teacher)
+    seed(h, teacher)
+    total = seed.get_and_clear_kd_losses()
+    single = kd_kl_loss(seed.kernel(h), teacher, 2.0)
+    torch.testing.assert_close(total, 2 * single)
+    with pytest.raises(ValueError):
+        seed(h, torch.randn(5, C + 1))
+    active = make_seed(S.ACTIVE, KDConfig())
+    active(h, teacher)  # a fossilized seed trains with the host: no seed-only KD loss
+    assert active.get_and_clear_kd_losses() is None
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION])
+def test_non_finite_output_falls_back_to_the_host_then_quarantines(x, stage) -> None:
+    seed = make_seed(stage)
+    seed.update_alpha_blending(5, 10)
+    with torch.no_grad():
+        seed.kernel[0].weight[0, 0] = float("nan")
+    net = Net(seed)
+    bare = Net(None)
+    out = run(net, x)
+    assert torch.equal(out, bare(x))
+    if stage is not S.ISOLATED_INIT:
+        assert net.up.weight.grad is None
+    assert seed.stage is stage  # no sync in the forward: the flag waits for the poll
+    assert seed.poll_nonfinite() is True
+    assert seed.stage is S.QUARANTINE and seed.nonfinite_events == 1
+    assert seed.poll_nonfinite() is False
+
+
+def test_active_non_finite_falls_back_but_cannot_be_quarantined(x) -> None:
+    seed = make_seed(S.ACTIVE)
+    with torch.no_grad():
+        seed.kernel[0].bias.fill_(float("nan"))
+    net = Net(seed)
+    out = run(net, x)
+    bare = Net(None)
+    assert torch.equal(out, run(bare, x))
+    assert torch.equal(net.up.weight.grad, bare.up.weight.grad)  # the NaN gradient was cut
+    assert seed.poll_nonfinite() is True and seed.stage is S.ACTIVE
+
+
+def test_wrong_output_shape_quarantines_at_once() -> None:
+    seed = GradientIsolatedSeed(C, "s")
+    seed.attach_kernel(nn.Linear(C, C + 1))
+    seed.transition_to(S.ISOLATED_INIT)
+    h = torch.randn(2, C)
+    assert seed(h) is h and seed.stage is S.QUARANTINE
+    with pytest.raises(ValueError):
+        make_seed(S.ISOLATED_INIT)(torch.randn(2, C + 2))
+
+
+def test_compatibility_check_probes_for_g3() -> None:
+    seed = make_seed(S.COMPATIBILITY_CHECK)
+    assert not seed.evaluate_gate(latency_budget_ms=1e3).passed  # nothing probed yet
+    h = torch.randn(2, C, requires_grad=True)
+    assert seed(h) is h
+    probe = seed.probe_result
+    assert probe is not None and probe.host_shape == (2, C) and not probe.output.requires_grad
+    assert seed.evaluate_gate(latency_budget_ms=1e3).passed
+    assert "latency" in seed.evaluate_gate(latency_budget_ms=0.0).reason
+    with pytest.raises(ValueError):  # swapping the kernel while it runs is refused
+        seed.attach_kernel(nn.Linear(C, C))
+
+
+def test_alpha_schedule_is_in_place_and_mirrored_in_the_table() -> None:
+    seed = make_seed(S.COMPATIBILITY_CHECK)
+    alpha_buffer = seed.alpha
+    assert seed.update_alpha_blending(10, 10) == 0.0  # not GRAFTING: unchanged
+    seed.transition_to(S.GRAFTING)
+    values = [seed.update_alpha_blending(step, 20, 2.0) for step in (0, 10, 20)]
+    assert values[0] == pytest.approx(1 / (1 + math.exp(5)))
+    assert values[1] == 0.5 and values[2] == pytest.approx(1 / (1 + math.exp(-5)))
+    assert seed.alpha is alpha_buffer and seed.alpha.item() == pytest.approx(values[2])
+    row = seed.state_table.read_row(0)
+    assert row["ALPHA_BLEND"] == round(values[2] * 1000)
+    with pytest.raises(ValueError):
+        seed.update_alpha_blending(1, 0)
+
+
+def test_advance_runs_the_gates_along_the_main_path() -> None:
+    seed = GradientIsolatedSeed(C, "s")
+    assert not seed.advance().passed and seed.stage is S.DORMANT  # G1: no kernel
+    seed.attach_kernel(nn.Linear(C, C), artifact_id="bp-1")
+    assert seed.advance().gate == 1 and seed.stage is S.ISOLATED_INIT
+    assert not seed.advance(min_isolated_epochs=1).passed  # G2: no epoch yet
+    seed.state_table.tick()
+    seed.isolation_violations = 1
+    assert not seed.advance(min_isolated_epochs=1).passed
+    seed.isolation_violations = 0
+    assert seed.advance(min_isolated_epochs=1).passed
+    assert seed.advance(latency_budget_ms=1e3, sample=torch.randn(2, C)).passed  # G3
+    assert seed.stage is S.GRAFTING and not seed.advance().passed  # G4: alpha 0
+    seed.update_alpha_blending(1000, 1000, 1.0)
+    assert seed.advance().passed and seed.stage is S.STABILIZATION
+    seed.performance_gate = 0.9
+    seed.gate_score = 0.5
+    assert not seed.advance().passed
+    seed.gate_score = 0.95
+    assert seed.advance().passed and seed.stage is S.ACTIVE
+    row = seed.state_table.read_row(0)
+    assert row["LAST_GATE"] == 5 and row["GATE_SCORE"] == 950 and row["PERFORMANCE_GATE"] == 900
+    with pytest.raises(IllegalTransitionError):
+        seed.advance()  # ACTIVE has no next stage
+    with pytest.raises(IllegalTransitionError):
+        seed.transition_to(S.QUARANTINE)
+    assert not seed.quarantine("test") and seed.stage is S.ACTIVE
+
+
+def test_harvest_releases_the_kernel_and_recycling_resets() -> None:
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(8, 10)
+    seed.isolation_violations = 2
+    kernel = seed.kernel
+    seed.transition_to(S.HARVESTING)
+    assert seed.kernel is None and seed.field_report is not None
+    assert seed.field_report["from_stage"] == "GRAFTING"
+    assert seed.field_report["isolation_violations"] == 2
+    seed.transition_to(S.COOLDOWN)
+    seed.transition_to(S.RECYCLING)
+    assert seed.alpha_value == 0.0 and seed.isolation_violations == 0
+    seed.transition_to(S.DORMANT)
+    seed.attach_kernel(kernel)
+    assert seed.kernel is kernel
+    assert seed.detach_kernel() is kernel and seed.seed_parameters() == []
+
+
+def test_state_dict_round_trips_weights_stage_alpha_and_counters() -> None:
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(7, 10, 1.5)
+    seed.gate_score = 0.42
+    seed.isolation_violations = 1
+    seed.state_table.tick()
+    saved = seed.state_dict()
+    clone = GradientIsolatedSeed(C, "s0")
+    torch.manual_seed(99)
+    clone.attach_kernel(nn.Sequential(nn.Linear(C, C), nn.Tanh()))
+    clone.load_state_dict(saved)
+    assert clone.stage is S.GRAFTING and clone.epochs_in_stage == 1
+    assert clone.alpha_value == seed.alpha_value and torch.equal(clone.alpha, seed.alpha)
+    assert clone.gate_score == 0.42 and clone.isolation_violations == 1
+    assert torch.equal(clone.state_table.state_tensor, seed.state_table.state_tensor)
+    for p, q in zip(clone.seed_parameters(), seed.seed_parameters(), strict=True):
+        assert torch.equal(p, q)
+    h = torch.randn(2, C)
+    assert torch.equal(clone(h), seed(h))
+
+
+def test_a_malformed_extra_state_changes_nothing() -> None:
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(7, 10, 1.5)
+    saved = seed.state_dict()
+    target = make_seed(S.ISOLATED_INIT)
+    table_before = target.state_table.state_tensor.clone()
+    extra = dict(saved["_extra_state"])
+    del extra["nonfinite_events"]
+    with pytest.raises(KeyError):
+        target.set_extra_state(extra)
+    assert target.stage is S.ISOLATED_INIT and target.alpha_value == 0.0
+    assert torch.equal(target.state_table.state_tensor, table_before)
+
+
+def test_shared_table_slot_and_constructor_validation() -> None:
+    table = GPUStateTensor(4, "cpu")
+    seed = GradientIsolatedSeed(C, "shared", state=table, index=2)
+    seed.attach_kernel(nn.Linear(C, C), artifact_id="bp")
+    seed.transition_to(S.ISOLATED_INIT)
+    assert table.stage(2) is S.ISOLATED_INIT and table.stage(0) is S.DORMANT
+    assert table.read_row(2)["LAST_GATE"] == 1
+    assert table.state_tensor[2, StateColumn.BLUEPRINT_ID] == blueprint_hash("bp")
+    with pytest.raises(IndexError):
+        GradientIsolatedSeed(C, "bad", state=table, index=4)
+    for bad in ((0, "s"), (C, "")):
+        with pytest.raises(ValueError):
+            GradientIsolatedSeed(*bad)
+    with pytest.raises(ValueError):
+        seed.attach_kernel("not a module")  # type: ignore[arg-type]
+
+
+def test_forward_on_the_triton_path_matches_the_reference(triton_backend, x) -> None:
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(4, 10)
+    h = torch.randn(5, C, requires_grad=True)
+    out = seed(h)
+    with torch.no_grad():
+        expected = seed.alpha * seed.kernel(h) + (1 - seed.alpha) * h
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert h.grad is None

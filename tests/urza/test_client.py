@@ -1,0 +1,449 @@
+"""Urza store: publish, fetch, verification before deserialisation, resilience, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
+from kasmina.urza.artifact import Manifest, _hmac, sign_manifest, verify_manifest
+from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.publish import publish_artifact, publish_payload
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve_directory
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key(), "other": generate_key()})
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+    """One real exported artifact in a local store (export once per module: it is slow)."""
+    store = tmp_path_factory.mktemp("store")
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "mlp", keyring, "pub")
+    return store, manifest, module
+
+
+@pytest.fixture
+def store(tmp_path: Path, published) -> tuple[Path, Manifest]:
+    """A private copy of the published store that a test may tamper with."""
+    src, manifest, _ = published
+    dst = tmp_path / "store"
+    shutil.copytree(src, dst)
+    return dst, manifest
+
+
+def client(url: str, keyring: Keyring, **kwargs) -> UrzaLibraryClient:
+    kwargs.setdefault("retries", 0)
+    kwargs.setdefault("backoff_s", 0.0)
+    return UrzaLibraryClient(url, keyring, **kwargs)
+
+
+def manifest_path(store: Path, artifact_id: str) -> Path:
+    return store / f"{artifact_id}.manifest.json"
+
+
+def payload_path(store: Path, artifact_id: str) -> Path:
+    return store / f"{artifact_id}.pt2"
+
+
+def test_publish_list_fetch_roundtrip(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring)
+    assert urza.list_artifacts() == [manifest.artifact_id]
+    payload, fetched = urza.fetch(manifest.artifact_id)
+    assert fetched == manifest and fetched.verified
+    assert payload == payload_path(root, manifest.artifact_id).read_bytes()
+    assert fetched.input_spec[0].shape == (None, 8) and fetched.input_spec[0].dtype == "float32"
+    assert urza.verify(manifest.artifact_id) == manifest
+    assert urza.stats()["fetches"] == 2
+    with urza:
+        assert urza.fetch(manifest.artifact_id)[1] == manifest
+    with pytest.raises(RuntimeError, match="closed"):
+        urza.fetch(manifest.artifact_id)
+
+
+def test_publish_is_idempotent_and_never_overwrites(tmp_path, keyring) -> None:
+    first = publish_payload(b"payload-one", str(tmp_path), "blue", keyring, "pub", "art-1")
+    again = publish_payload(b"payload-one", str(tmp_path), "blue", keyring, "pub", "art-1")
+    assert again == first
+    with pytest.raises(FileExistsError):
+        publish_payload(b"payload-two", str(tmp_path), "blue", keyring, "pub", "art-1")
+    assert client(str(tmp_path), keyring).fetch("art-1")[0] == b"payload-one"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, keyring) -> None:
+    manifest = publish_payload(b"x" * 10, str(tmp_path), "../my blueprint", keyring, "pub")
+    assert manifest.artifact_id.startswith("my-blueprint-")
+    assert manifest.artifact_id[-16:] == manifest.sha256[:16]
+
+
+@pytest.mark.parametrize("where", [0, 0.5, -1])
+def test_one_flipped_payload_bit_is_rejected(store, keyring, where) -> None:
+    root, manifest = store
+    path = payload_path(root, manifest.artifact_id)
+    data = bytearray(path.read_bytes())
+    index = int(where * (len(data) - 1)) if where != -1 else len(data) - 1
+    data[index] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        client(str(root), keyring).fetch(manifest.artifact_id)
+
+
+def test_truncated_or_extended_payload_is_rejected(store, keyring) -> None:
+    root, manifest = store
+    path = payload_path(root, manifest.artifact_id)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ArtifactIntegrityError, match="bytes"):
+        client(str(root), keyring).fetch(manifest.artifact_id)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("blueprint", "other-blueprint"),
+        ("size", 1),
+        ("sha256", "0" * 64),
+        ("created", 0.0),
+        ("torch_version", "1.0"),
+        ("input_spec", [{"shape": [None, 9], "dtype": "float32"}]),
+        ("key_id", "other"),
+    ],
+)
+def test_changed_manifest_field_is_rejected(store, keyring, field, value) -> None:
+    root, manifest = store
+    path = manifest_path(root, manifest.artifact_id)
+    data = json.loads(path.read_bytes())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactIntegrityError, match="signature"):
+        client(str(root), keyring).fetch(manifest.artifact_id)
+
+
+def test_wrong_signatures_are_rejected(store, keyring) -> None:
+    root, manifest = store
+    path = manifest_path(root, manifest.artifact_id)
+    original = json.loads(path.read_bytes())
+    urza = client(str(root), keyring)
+    # Signed with another key but claiming to be "pub".
+    impostor = Keyring({"pub": generate_key()})
+    forged = sign_manifest(manifest, impostor, "pub")
+    path.write_bytes(forged.to_json())
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        urza.fetch(manifest.artifact_id)
+    # Garbage, non-ASCII and non-hex signatures.
+    for bad in ("00" * 32, "zz", "é" * 64):
+        path.write_text(json.dumps({**original, "signature": bad}))
+        with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+            urza.fetch(manifest.artifact_id)
+    # A key the client does not know.
+    rogue = Keyring({"rogue": generate_key()})
+    path.write_bytes(sign_manifest(manifest, rogue, "rogue").to_json())
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key"):
+        urza.fetch(manifest.artifact_id)
+
+
+def test_known_but_untrusted_publisher_is_rejected(store, keyring) -> None:
+    root, manifest = store
+    manifest_path(root, manifest.artifact_id).write_bytes(
+        sign_manifest(manifest, keyring, "other").to_json()
+    )
+    assert client(str(root), keyring).fetch(manifest.artifact_id)[1].key_id == "other"
+    strict = client(str(root), keyring, trusted_key_ids=("pub",))
+    with pytest.raises(ArtifactIntegrityError, match="not trusted"):
+        strict.fetch(manifest.artifact_id)
+
+
+@pytest.mark.parametrize("signature", [None, ""])
+def test_missing_signature_is_rejected(store, keyring, signature) -> None:
+    root, manifest = store
+    path = manifest_path(root, manifest.artifact_id)
+    data = json.loads(path.read_bytes())
+    if signature is None:
+        del data["signature"]
+    else:
+        data["signature"] = signature
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactIntegrityError, match="unsigned"):
+        client(str(root), keyring).fetch(manifest.artifact_id)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b'{"signature": "a", "signature": "b"}', b"\xff\xfe", b"{}"],
+)
+def test_malformed_manifests_are_rejected(keyring, raw) -> None:
+    with pytest.raises(ArtifactIntegrityError):
+        verify_manifest(raw, keyring)
+
+
+def test_signed_manifest_with_bad_fields_is_rejected(keyring) -> None:
+    """Even a correctly signed manifest must be well formed."""
+    good = Manifest("a1", "bp", "0" * 64, 3, (), "pub", 1.0, "2")
+    signed = json.loads(sign_manifest(good, keyring, "pub").to_json())
+
+    def resign(data: dict) -> bytes:
+        data = {k: v for k, v in data.items() if k != "signature"}
+        data["signature"] = _hmac(keyring.get("pub"), data)
+        return json.dumps(data).encode()
+
+    assert verify_manifest(resign(signed), keyring).unsigned_dict() == good.unsigned_dict()
+    bad_fields = [("format", "pickle"), ("size", -1), ("extra", 1), ("sha256", "X" * 64)]
+    for field, value in bad_fields:
+        with pytest.raises(ArtifactIntegrityError, match="malformed"):
+            verify_manifest(resign({**signed, field: value}), keyring)
+
+
+def test_manifest_for_another_id_is_rejected(store, keyring) -> None:
+    root, manifest = store
+    shutil.copy(manifest_path(root, manifest.artifact_id), manifest_path(root, "alias"))
+    shutil.copy(payload_path(root, manifest.artifact_id), payload_path(root, "alias"))
+    with pytest.raises(ArtifactIntegrityError, match="different artifact"):
+        client(str(root), keyring).fetch("alias")
+
+
+def test_missing_artifacts_and_bad_ids(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring)
+    with pytest.raises(ArtifactNotFoundError):
+        urza.fetch("no-such-artifact")
+    payload_path(root, manifest.artifact_id).unlink()
+    with pytest.raises(ArtifactNotFoundError, match="no payload"):
+        urza.fetch(manifest.artifact_id)
+    for bad in ("../etc/passwd", "", "a/b", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="invalid artifact id"):
+            urza.fetch(bad)
+    assert urza.breaker.state == "closed"
+    assert client(str(root / "does-not-exist"), keyring).list_artifacts() == []
+
+
+def test_nothing_is_deserialised_before_verification(store, keyring, tmp_path) -> None:
+    root, manifest = store
+    clean = payload_path(root, manifest.artifact_id).read_bytes()
+    # The trap is armed: loading the crafted payload really does run its pickle.
+    control = tmp_path / "control-marker"
+    with pytest.raises(Exception):  # noqa: B017 - the loader rejects the weight after unpickling
+        torch.export.load(io.BytesIO(arm_pt2(clean, control)))
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    evil = arm_pt2(clean, marker)
+    urza = client(str(root), keyring)
+    # 1. Payload swapped under a valid manifest: the hash no longer matches.
+    payload_path(root, manifest.artifact_id).write_bytes(evil)
+    with pytest.raises(ArtifactIntegrityError):
+        payload, fetched = urza.fetch(manifest.artifact_id)
+    with pytest.raises(ArtifactIntegrityError):
+        GPUKernel.from_binary(evil, urza.get_manifest(manifest.artifact_id))
+    # 2. Published under a matching manifest, but signed by a key the client does not hold.
+    rogue = Keyring({"pub": generate_key()})
+    publish_payload(evil, str(root), "mlp", rogue, "pub", "evil")
+    with pytest.raises(ArtifactIntegrityError, match="signature"):
+        urza.fetch("evil")
+    # 3. Published with no signature at all.
+    data = json.loads(manifest_path(root, "evil").read_bytes())
+    del data["signature"]
+    manifest_path(root, "evil").write_text(json.dumps(data))
+    with pytest.raises(ArtifactIntegrityError, match="unsigned"):
+        urza.fetch("evil")
+    assert not marker.exists()
+
+
+def test_memory_store(keyring, published) -> None:
+    _, manifest, _ = published
+    url = f"memory://urza-{uuid.uuid4().hex}"
+    payload = payload_path(published[0], manifest.artifact_id).read_bytes()
+    published_here = publish_payload(
+        payload, url, "mlp", keyring, "pub", manifest.artifact_id, input_spec=manifest.input_spec
+    )
+    urza = client(url, keyring)
+    assert urza.list_artifacts() == [manifest.artifact_id]
+    got, got_manifest = urza.fetch(manifest.artifact_id)
+    assert got == payload and got_manifest == published_here
+    kernel = GPUKernel.from_binary(got, got_manifest)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(kernel(x), published[2](x))
+
+
+def test_http_store_on_loopback(store, keyring) -> None:
+    root, manifest = store
+    with serve_directory(root) as url:
+        urza = client(url, keyring, timeout_s=5.0)
+        assert urza.list_artifacts() == [manifest.artifact_id]
+        payload, fetched = urza.fetch(manifest.artifact_id)
+        assert payload == payload_path(root, manifest.artifact_id).read_bytes()
+        assert fetched == manifest
+        with pytest.raises(ArtifactNotFoundError):
+            urza.fetch("absent")
+        path = payload_path(root, manifest.artifact_id)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x80
+        path.write_bytes(bytes(data))
+        with pytest.raises(ArtifactIntegrityError):
+            urza.fetch(manifest.artifact_id)
+    # The server is gone: connection refused, retried, then unavailable.
+    gone = client(url, keyring, retries=1, sleep=lambda s: None)
+    with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
+        gone.fetch(manifest.artifact_id)
+
+
+def test_retries_backoff_breaker_and_recovery(store, keyring) -> None:
+    root, manifest = store
+    clock, sleeps = FakeClock(), []
+    urza = client(
+        str(root),
+        keyring,
+        retries=2,
+        backoff_s=0.1,
+        backoff_max_s=0.15,
+        breaker_threshold=3,
+        breaker_reset_s=30.0,
+        clock=clock,
+        sleep=sleeps.append,
+    )
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match="after 3 attempts") as info:
+        urza.fetch(manifest.artifact_id)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert sleeps == [0.1, 0.15]  # exponential, capped
+    assert urza.breaker.state == "open"
+    reads = sum(flaky.reads.values())
+    with pytest.raises(UrzaUnavailableError, match="breaker is open"):
+        urza.fetch(manifest.artifact_id)
+    assert sum(flaky.reads.values()) == reads  # open: the store is not touched
+    # Half-open trial while the store is still down: one read, open again.
+    clock.now += 31
+    with pytest.raises(UrzaUnavailableError, match="breaker is open"):
+        urza.fetch(manifest.artifact_id)
+    assert sum(flaky.reads.values()) == reads + 1
+    assert urza.breaker.state == "open" and urza.breaker.times_opened == 2
+    # Recovery: the next trial succeeds and closes the breaker.
+    flaky.down = False
+    clock.now += 31
+    payload, fetched = urza.fetch(manifest.artifact_id)
+    assert fetched == manifest and urza.breaker.state == "closed"
+
+
+def test_slow_store_times_out(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring, timeout_s=0.05, retries=1, breaker_threshold=2)
+    urza._fs = FlakyFS(urza._fs)
+    urza._fs.delay_s = 0.5
+    with pytest.raises(UrzaUnavailableError) as info:
+        urza.fetch(manifest.artifact_id)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert urza.breaker.state == "open"
+
+
+def test_breaker_unit() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, reset_s=5.0, clock=clock)
+    breaker.record_failure()
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"  # success reset the consecutive count
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now += 5
+    assert breaker.allow() and breaker.state == "half_open"
+    assert not breaker.allow()  # one trial at a time
+    clock.now += 5
+    assert breaker.allow()  # the trial never reported back: another one may go
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+    with pytest.raises(ValueError):
+        CircuitBreaker(threshold=0, reset_s=1.0)
+
+
+def test_sixteen_concurrent_fetches_share_one_read(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.3
+    barrier = threading.Barrier(16)
+    results, errors = [], []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            results.append(urza.fetch(manifest.artifact_id))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and len(results) == 16
+    assert flaky.reads_of(".pt2") == 1 and flaky.reads_of(".manifest.json") == 1
+    assert all(r[0] is results[0][0] for r in results)
+    stats = urza.stats()
+    assert stats["fetches"] == 1 and stats["coalesced"] == 15
+    # The next fetch after completion is a new one.
+    urza.fetch(manifest.artifact_id)
+    assert flaky.reads_of(".pt2") == 2
+
+
+def test_coalesced_followers_share_the_failure(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring, sleep=lambda s: None)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down, flaky.delay_s = True, 0.2
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            urza.fetch(manifest.artifact_id)
+        except UrzaUnavailableError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(errors) == 8
+    assert sum(flaky.reads.values()) == 1
+
+
+def test_fetch_async_coalesces(store, keyring) -> None:
+    root, manifest = store
+    urza = client(str(root), keyring)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.2
+
+    async def main():
+        return await asyncio.gather(*(urza.fetch_async(manifest.artifact_id) for _ in range(4)))
+
+    results = asyncio.run(main())
+    assert all(r[1] == manifest for r in results)
+    assert flaky.reads_of(".pt2") == 1
+
+
+def test_verify_store_reports_each_artifact(store, keyring) -> None:
+    root, manifest = store
+    publish_payload(b"second", str(root), "bp", keyring, "pub", "second")
+    payload_path(root, "second").write_bytes(b"SECOND")
+    report = client(str(root), keyring).verify_store()
+    assert report[manifest.artifact_id] == "ok"
+    assert report["second"].startswith("ArtifactIntegrityError")

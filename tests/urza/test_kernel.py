@@ -1,0 +1,174 @@
+"""GPUKernel: loading verified artifacts, training them, releasing them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.urza.artifact import Manifest, payload_sha256
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.publish import publish_artifact, publish_payload
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.urza.helpers import arm_pt2
+
+
+class Blueprint(nn.Module):
+    """Parameters, a batch norm (buffers, mutated in training) and a tensor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 8)
+        self.register_buffer("offset", torch.linspace(-1, 1, 8), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x)))) + self.offset
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key()})
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+    store = tmp_path_factory.mktemp("store")
+    torch.manual_seed(0)
+    module = Blueprint().eval()
+    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "bp", keyring, "pub")
+    payload, verified = UrzaLibraryClient(str(store), keyring).fetch(manifest.artifact_id)
+    return module, payload, verified, store
+
+
+def test_loaded_kernel_matches_the_module_with_dynamic_batch(artifact, device) -> None:
+    module, payload, manifest, _ = artifact
+    kernel = GPUKernel.from_binary(payload, manifest, device)
+    assert kernel.artifact_id == manifest.artifact_id and kernel.blueprint == "bp"
+    assert kernel.device.type == device.type
+    for batch in (3, 5):
+        x = torch.randn(batch, 8)
+        torch.testing.assert_close(kernel(x.to(device)).cpu(), module(x))
+    assert [t.shape for t in kernel.example_inputs(dynamic_size=6)] == [torch.Size([6, 8])]
+
+
+def test_kernel_parameters_train(artifact, device) -> None:
+    _, payload, manifest, _ = artifact
+    kernel = GPUKernel.from_binary(payload, manifest, device)
+    params = list(kernel.parameters())
+    assert len(params) == 6 and all(
+        p.requires_grad and p.device.type == device.type for p in params
+    )
+    x = torch.randn(4, 8, device=device)
+    before = kernel(x).detach().clone()
+    loss = kernel(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    torch.optim.SGD(params, lr=0.1).step()
+    assert not torch.allclose(kernel(x), before)
+
+
+def test_train_eval_do_not_break_a_host(artifact) -> None:
+    _, payload, manifest, _ = artifact
+    host = nn.Sequential(nn.Linear(8, 8), GPUKernel.from_binary(payload, manifest))
+    host.train()
+    assert host[1].training
+    host.eval()
+    assert not host[1].training
+    assert host(torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_memory_size_counts_params_buffers_and_constants(artifact) -> None:
+    module, payload, manifest, _ = artifact
+    kernel = GPUKernel.from_binary(payload, manifest)
+    expected = sum(t.numel() * t.element_size() for t in module.parameters())
+    expected += sum(t.numel() * t.element_size() for t in module.buffers())
+    assert kernel.get_memory_size() == expected
+
+
+def test_release_frees_tensors_and_makes_the_kernel_unusable(artifact) -> None:
+    _, payload, manifest, _ = artifact
+    kernel = GPUKernel.from_binary(payload, manifest)
+    held = list(kernel.parameters())  # as an optimizer would hold them
+    kernel.release_gpu_memory()
+    assert kernel.released and kernel.get_memory_size() == 0
+    assert all(p.numel() == 0 for p in held)
+    with pytest.raises(RuntimeError, match="released"):
+        kernel(torch.randn(2, 8))
+    kernel.release_gpu_memory()  # idempotent
+    assert "released" in repr(kernel)
+
+
+def test_cache_eviction_releases_a_real_kernel(artifact) -> None:
+    _, payload, manifest, _ = artifact
+    first = GPUKernel.from_binary(payload, manifest)
+    second = GPUKernel.from_binary(payload, manifest)
+    size = first.get_memory_size()
+    cache = GPUKernelCache(cache_size_mb=(size * 1.5) / (1024 * 1024))
+    assert cache.put("first", first)
+    assert cache.put("second", second)
+    assert first.released and not second.released
+    assert "first" not in cache and cache.bytes_used == size
+
+
+def test_from_binary_rejects_unverified_or_mismatched_manifests(artifact, tmp_path) -> None:
+    _, payload, manifest, _ = artifact
+    marker = tmp_path / "marker"
+    evil = arm_pt2(payload, marker)
+    # A hand-made manifest that matches the bytes exactly but never went through verification.
+    forged = Manifest(
+        artifact_id="evil",
+        blueprint="bp",
+        sha256=payload_sha256(evil),
+        size=len(evil),
+        input_spec=(),
+        key_id="pub",
+        created=0.0,
+        torch_version=torch.__version__,
+        signature="00" * 32,
+    )
+    with pytest.raises(ArtifactIntegrityError, match="not signature-verified"):
+        GPUKernel.from_binary(evil, forged)
+    # A verified manifest edited after verification loses its verified mark.
+    edited = dataclasses.replace(manifest, sha256=payload_sha256(evil), size=len(evil))
+    with pytest.raises(ArtifactIntegrityError, match="not signature-verified"):
+        GPUKernel.from_binary(evil, edited)
+    # A genuine verified manifest with other bytes.
+    with pytest.raises(ArtifactIntegrityError):
+        GPUKernel.from_binary(evil, manifest)
+    flipped = bytearray(payload)
+    flipped[100] ^= 0x04
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        GPUKernel.from_binary(bytes(flipped), manifest)
+    assert not marker.exists()
+
+
+def test_signed_but_unloadable_payload_raises_clearly(tmp_path, keyring) -> None:
+    publish_payload(b"not a pt2 archive", str(tmp_path), "junk", keyring, "pub", "junk")
+    payload, manifest = UrzaLibraryClient(str(tmp_path), keyring).fetch("junk")
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        GPUKernel.from_binary(payload, manifest)
+
+
+def test_training_mode_export_keeps_updating_batch_norm_statistics(tmp_path, keyring) -> None:
+    torch.manual_seed(1)
+    module = Blueprint().train()
+    published = publish_artifact(module, (torch.randn(4, 8),), str(tmp_path), "bp", keyring, "pub")
+    payload, manifest = UrzaLibraryClient(str(tmp_path), keyring).fetch(published.artifact_id)
+    kernel = GPUKernel.from_binary(payload, manifest)
+    stats = dict(kernel.named_buffers())
+    running_mean = next(v for k, v in stats.items() if k.endswith("running_mean"))
+    before = running_mean.clone()
+    x = torch.randn(6, 8)
+    out = kernel(x)
+    assert not torch.equal(running_mean, before)
+    torch.testing.assert_close(out, module(x))  # batch statistics, as in training
+    out.sum().backward()
+    assert all(p.grad is not None for p in kernel.parameters())

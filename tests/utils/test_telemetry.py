@@ -1,0 +1,142 @@
+"""Telemetry reporter and sinks: packet contents, ring buffer, JSONL round trip, failing sinks."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from google.protobuf.json_format import ParseDict
+
+from kasmina.leyline import MetricType, TelemetryPacket
+from kasmina.utils.telemetry import JsonlFileSink, MemorySink, TelemetryReporter, TelemetrySink
+
+
+class BrokenSink:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def send(self, packet: TelemetryPacket) -> None:
+        self.calls += 1
+        raise OSError("disk on fire")
+
+
+def test_emit_builds_one_metric_packet_and_sends_it() -> None:
+    sink = MemorySink()
+    reporter = TelemetryReporter("tester", [sink], clock=lambda: 1234.25)
+    pkt = reporter.emit("seed.loss", 0.5, MetricType.METRIC_TYPE_GAUGE, {"seed": "s1"})
+    assert sink.packets == [pkt]
+    assert pkt.source_subsystem == "tester"
+    assert pkt.packet_id.startswith("tester-")
+    assert (pkt.timestamp.seconds, pkt.timestamp.nanos) == (1234, 250_000_000)
+    (metric,) = pkt.metrics
+    assert metric.name == "seed.loss"
+    assert metric.value == 0.5
+    assert metric.type == MetricType.METRIC_TYPE_GAUGE
+    assert dict(metric.labels) == {"seed": "s1"}
+
+
+def test_packet_ids_are_unique_per_packet_and_per_reporter() -> None:
+    a, b = TelemetryReporter(), TelemetryReporter()
+    ids = {a.emit("x").packet_id for _ in range(50)} | {b.emit("x").packet_id for _ in range(50)}
+    assert len(ids) == 100
+
+
+def test_packet_builds_without_sending() -> None:
+    sink = MemorySink()
+    reporter = TelemetryReporter(sinks=[sink])
+    pkt = reporter.packet(
+        [
+            ("a", 1.0, MetricType.METRIC_TYPE_COUNTER, None),
+            ("b", 2.5, MetricType.METRIC_TYPE_GAUGE, {"k": "v"}),
+        ]
+    )
+    assert len(sink) == 0
+    assert [(m.name, m.value, dict(m.labels)) for m in pkt.metrics] == [
+        ("a", 1.0, {}),
+        ("b", 2.5, {"k": "v"}),
+    ]
+    reporter.send(pkt)
+    assert sink.packets == [pkt]
+
+
+def test_event_merges_fixed_and_per_call_labels_without_leaking_between_emits() -> None:
+    sink = MemorySink()
+    reporter = TelemetryReporter(sinks=[sink], clock=lambda: 10.0)
+    event = reporter.event("command.ack", labels={"kind": "seed"})
+    first = event.emit(labels={"command_id": "c1"})
+    second = event.emit(2.0, labels={"other": "x"})
+    assert dict(first.metrics[0].labels) == {"kind": "seed", "command_id": "c1"}
+    assert dict(second.metrics[0].labels) == {"kind": "seed", "other": "x"}
+    assert second.metrics[0].value == 2.0
+    assert first.packet_id != second.packet_id
+    assert first.timestamp.seconds == 10
+    assert [m.name for m in sink.events("command.ack")] == ["command.ack", "command.ack"]
+
+
+def test_enabled_reflects_sinks() -> None:
+    reporter = TelemetryReporter()
+    assert not reporter.enabled
+    reporter.add_sink(MemorySink())
+    assert reporter.enabled
+    assert isinstance(reporter.sinks[0], TelemetrySink)
+
+
+def test_memory_sink_is_a_ring_buffer() -> None:
+    sink = MemorySink(capacity=3)
+    reporter = TelemetryReporter(sinks=[sink])
+    sent = [reporter.emit(f"m{i}") for i in range(5)]
+    assert len(sink) == 3
+    assert sink.packets == sent[2:]
+    assert sink.dropped == 2
+    assert [m.name for m in sink.events("m4")] == ["m4"]
+    assert sink.events("m0") == []
+    sink.clear()
+    assert sink.packets == []
+
+
+def test_memory_sink_rejects_non_positive_capacity() -> None:
+    with pytest.raises(ValueError):
+        MemorySink(capacity=0)
+
+
+def test_jsonl_lines_parse_back_to_the_same_packets(tmp_path) -> None:
+    path = tmp_path / "sub" / "telemetry.jsonl"
+    sink = JsonlFileSink(path)
+    reporter = TelemetryReporter(sinks=[sink], clock=lambda: 99.5)
+    sent = [
+        reporter.emit("command.ack", labels={"command_id": "abc"}),
+        reporter.emit("loss", 0.125, MetricType.METRIC_TYPE_GAUGE),
+        reporter.emit('weird "name"\n', -1e300, labels={"ünï": "çødé"}),
+    ]
+    # Flushed after every packet: readable before the sink is closed.
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    parsed = [ParseDict(json.loads(line), TelemetryPacket()) for line in lines]
+    assert parsed == sent
+    sink.close()
+    with JsonlFileSink(path) as again:  # appends, never truncates
+        TelemetryReporter(sinks=[again]).emit("more")
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_failing_sink_is_logged_and_skipped(caplog) -> None:
+    broken, good = BrokenSink(), MemorySink()
+    reporter = TelemetryReporter(sinks=[broken, good])
+    with caplog.at_level(logging.ERROR, logger="kasmina.utils.telemetry"):
+        pkt = reporter.emit("still.delivered")
+        reporter.emit("again")
+    assert broken.calls == 2
+    assert good.packets[0] == pkt and len(good) == 2
+    assert reporter.sink_errors == 2
+    assert any("failed" in r.getMessage() for r in caplog.records)
+
+
+def test_closed_file_sink_does_not_break_the_reporter(tmp_path) -> None:
+    sink = JsonlFileSink(tmp_path / "t.jsonl")
+    sink.close()
+    memory = MemorySink()
+    reporter = TelemetryReporter(sinks=[sink, memory])
+    reporter.emit("after.close")
+    assert len(memory) == 1
+    assert reporter.sink_errors == 1
