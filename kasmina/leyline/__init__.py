@@ -1,4 +1,12 @@
-"""Leyline contracts: generated protobuf messages (``make proto`` regenerates them)."""
+"""Leyline: the wire contracts between Kasmina, its controller and its trainer (docs/design.md §5).
+
+``proto/leyline.proto`` (proto3, package ``esper.leyline``) defines the signed
+``AdaptationCommand`` and its payloads (seed, rollback and optimizer commands), the
+``TelemetryPacket`` and ``SystemStatePacket``, and the enums, among them ``SeedLifecycleStage``,
+whose values equal ``kasmina.stages.SeedStage``. ``leyline_pb2`` is generated and committed
+(``make proto`` regenerates it with a pinned protoc, and a test fails when it is stale); this file
+re-exports the messages so that every other module imports them from ``kasmina.leyline``.
+"""
 
 from kasmina.leyline.leyline_pb2 import (
     AdaptationCommand,
