@@ -6,6 +6,28 @@ controller changes a running model, so it is strict and total: parse -> signatur
 counter and a ``command.rejected`` telemetry event. No exception escapes, whatever the bytes.
 
 The handler does not import the kernel manager; it is handed a ``CommandExecutor``.
+
+**Ranges.** Every numeric field of a command has a documented range, checked here before anything
+executes, so that a signed but absurd value (a learning rate of 1e300, say) is refused at the
+door rather than breaking the host's training step later. Each is refused with its own reason,
+which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
+
+- ``timeout``: (0, ``MAX_TIMEOUT_S``] = (0, 3600] s, with valid Duration nanos -> ``bad_timeout``;
+- seed ``parameters``: only the keys the operation uses are allowed, anything else is
+  ``unknown_parameter``. GERMINATE ``learning_rate`` in (0, ``MAX_LEARNING_RATE``] = (0, 10]
+  (``bad_learning_rate``); ADVANCE ``gate_score`` in [0, 1] (``bad_gate_score``); CULL
+  ``embargo_epochs`` an integer in [0, ``MAX_EMBARGO_EPOCHS``] = [0, 2**31 - 1]
+  (``bad_embargo_epochs``); TERMINATE takes no parameter;
+- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``;
+- optimizer ``learning_rate``: 0 (unset: keep the current lr / the default on creation) or
+  (0, ``MAX_LEARNING_RATE``] -> ``bad_learning_rate``;
+- optimizer ``grad_clip_norm``: [0, ``MAX_GRAD_CLIP_NORM``] = [0, 1e6], 0 = no clipping ->
+  ``bad_grad_clip_norm``;
+- optimizer ``parameters`` (creation options): ``weight_decay`` and ``dampening`` in [0, 1],
+  ``momentum``, ``beta1`` and ``beta2`` in [0, 1), ``eps`` in (0, 1] -> ``bad_<key>``; any other
+  key is ``unknown_parameter``.
+
+A NaN or infinite parameter value is ``non_finite_parameter`` whatever its key.
 """
 
 from __future__ import annotations
@@ -47,10 +69,60 @@ _SEED_OPERATIONS = frozenset(v for v in SeedOperation.values() if v != 0)
 _OPTIMIZER_COMMANDS = frozenset(v for v in CommandType.values() if v != 0)
 _PRIORITIES = frozenset(MessagePriority.values())
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
-_CULL = SeedOperation.SEED_OPERATION_CULL
 _CREATE_SEED = CommandType.COMMAND_TYPE_CREATE_SEED
-_MAX_DURATION_S = 315_576_000_000  # protobuf Duration's valid range
 COMMAND_KINDS = ("seed", "rollback", "optimizer")
+
+# Longest timeout a command may carry, in whole seconds. Protobuf's Duration allows ~10,000
+# years; no command needs more than an hour (the GERMINATE load is the slowest step).
+MAX_TIMEOUT_S = 3600
+# Largest learning rate any command may set (seed or optimizer); the lower end is exclusive.
+MAX_LEARNING_RATE = 10.0
+# Largest gradient-clipping norm an optimizer STEP may carry (0 means "do not clip").
+MAX_GRAD_CLIP_NORM = 1e6
+# Longest CULL embargo, in epochs: the state table keeps it in an int32 column.
+MAX_EMBARGO_EPOCHS = 2**31 - 1
+# Largest rollback epoch: the wire field is an int32 (checked anyway, should that ever change).
+MAX_EPOCH = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """A closed interval [lo, hi]; ``open_lo``/``open_hi`` exclude an end."""
+
+    lo: float
+    hi: float
+    reason: str
+    open_lo: bool = False
+    open_hi: bool = False
+    integer: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not self.lo <= value <= self.hi:  # NaN fails this too
+            return False
+        if (self.open_lo and value == self.lo) or (self.open_hi and value == self.hi):
+            return False
+        return not self.integer or value == int(value)
+
+
+_LEARNING_RATE = _Range(0.0, MAX_LEARNING_RATE, "bad_learning_rate", open_lo=True)
+# Known seed parameter keys per operation; any other key is refused ("unknown_parameter").
+_SEED_PARAMETERS: dict[int, dict[str, _Range]] = {
+    SeedOperation.SEED_OPERATION_GERMINATE: {"learning_rate": _LEARNING_RATE},
+    SeedOperation.SEED_OPERATION_ADVANCE: {"gate_score": _Range(0.0, 1.0, "bad_gate_score")},
+    SeedOperation.SEED_OPERATION_CULL: {
+        "embargo_epochs": _Range(0, MAX_EMBARGO_EPOCHS, "bad_embargo_epochs", integer=True)
+    },
+    SeedOperation.SEED_OPERATION_TERMINATE: {},
+}
+# Optimizer creation options a command may pass (``beta1``/``beta2`` become ``betas``).
+_OPTIMIZER_PARAMETERS: dict[str, _Range] = {
+    "weight_decay": _Range(0.0, 1.0, "bad_weight_decay"),
+    "momentum": _Range(0.0, 1.0, "bad_momentum", open_hi=True),
+    "dampening": _Range(0.0, 1.0, "bad_dampening"),
+    "beta1": _Range(0.0, 1.0, "bad_beta1", open_hi=True),
+    "beta2": _Range(0.0, 1.0, "bad_beta2", open_hi=True),
+    "eps": _Range(0.0, 1.0, "bad_eps", open_lo=True),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +160,17 @@ class CommandExecutor(Protocol):
     def execute(self, command: KasminaCommand) -> bool: ...
 
 
-def _finite_params(params: Mapping[str, float]) -> bool:
-    return all(math.isfinite(v) for v in params.values())
+def _parameter_problem(params: Mapping[str, float], known: Mapping[str, _Range]) -> str | None:
+    """The reason ``params`` is refused (non-finite, unknown key, out of range), or None."""
+    if not all(math.isfinite(v) for v in params.values()):
+        return "non_finite_parameter"
+    for key, value in params.items():
+        bound = known.get(key)
+        if bound is None:
+            return "unknown_parameter"
+        if not bound.admits(value):
+            return bound.reason
+    return None
 
 
 def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
@@ -108,8 +189,8 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         return "missing_timeout"
     timeout = cmd.timeout
     seconds, nanos = timeout.seconds, timeout.nanos
-    if not (0 <= nanos <= 999_999_999 and 0 <= seconds <= _MAX_DURATION_S) or (
-        seconds == 0 and nanos == 0
+    if not (0 <= nanos <= 999_999_999 and 0 <= seconds <= MAX_TIMEOUT_S) or (
+        (seconds == 0 and nanos == 0) or (seconds == MAX_TIMEOUT_S and nanos != 0)
     ):
         return "bad_timeout"
     timeout_s = seconds + nanos * 1e-9
@@ -122,7 +203,7 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         return KasminaCommand(command_id, "seed", priority, timeout_s, seed=action)
     if kind == "rollback_command":
         r = cmd.rollback_command
-        if r.target_epoch < 0:
+        if not 0 <= r.target_epoch <= MAX_EPOCH:
             return "bad_target_epoch"
         rollback = RollbackAction(r.target_epoch, r.emergency, r.reason)
         return KasminaCommand(command_id, "rollback", priority, timeout_s, rollback=rollback)
@@ -150,11 +231,9 @@ def _seed_action(seed: SeedCommand) -> SeedAction | str:
     params: dict[str, float] = {}
     if seed.parameters:
         params = dict(seed.parameters)
-        if not _finite_params(params):
-            return "non_finite_parameter"
-        embargo = params.get("embargo_epochs")
-        if op == _CULL and embargo is not None and (embargo < 0 or embargo != int(embargo)):
-            return "bad_embargo_epochs"
+        reason = _parameter_problem(params, _SEED_PARAMETERS.get(op, {}))
+        if reason is not None:
+            return reason
     return SeedAction(op, seed_id, artifact_id, params)
 
 
@@ -163,12 +242,14 @@ def _optimizer_problem(opt: OptimizerCommand) -> str | None:
         return "unknown_optimizer_command"
     if opt.command_type == _CREATE_SEED and not opt.optimizer_id:
         return "missing_optimizer_id"
-    if not (math.isfinite(opt.grad_clip_norm) and opt.grad_clip_norm >= 0):
+    clip = opt.grad_clip_norm  # NaN fails every comparison, so it is refused too
+    if not 0.0 <= clip <= MAX_GRAD_CLIP_NORM:
         return "bad_grad_clip_norm"
-    if not (math.isfinite(opt.learning_rate) and opt.learning_rate >= 0):
+    lr = opt.learning_rate  # 0 means unset: keep the lr (STEP) or take the default (creation)
+    if not (lr == 0.0 or _LEARNING_RATE.admits(lr)):
         return "bad_learning_rate"
-    if opt.parameters and not _finite_params(opt.parameters):
-        return "non_finite_parameter"
+    if opt.parameters:
+        return _parameter_problem(opt.parameters, _OPTIMIZER_PARAMETERS)
     return None
 
 

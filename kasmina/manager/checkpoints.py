@@ -157,9 +157,10 @@ def restore_training_state(
 
     Everything is validated first (module keys and shapes, optimizer layout, state-table shape
     and dtype); only then is anything written, so a mismatched checkpoint raises ``ValueError``
-    and leaves the live state untouched. The state table is copied in place so references held
-    elsewhere (e.g. by the lifecycle's state tensor) stay valid; whoever keeps a host mirror of
-    the stages must refresh it afterwards.
+    and leaves the live state untouched. A write that fails anyway is undone from a backup
+    taken just before the writes, so the live state is never left half restored. The state
+    table is copied in place so references held elsewhere (e.g. by the lifecycle's state
+    tensor) stay valid; whoever keeps a host mirror of the stages must refresh it afterwards.
     """
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
@@ -183,11 +184,24 @@ def restore_training_state(
             raise ValueError("checkpoint holds no optimizer state")
         optimizers.validate_state_dict(state["optimizers"])
 
-    for name, module in modules.items():
-        module.load_state_dict(saved_modules[name], strict=True)
-    if state_table is not None:
-        with torch.no_grad():
-            state_table.copy_(saved_table.to(state_table.device))
-    if optimizers is not None:
-        optimizers.load_state_dict(state["optimizers"])
+    # The writes, undone if one of them fails (a device error, a dtype the load cannot cast):
+    # the live state is backed up first and put back bit for bit.
+    backup = capture_training_state(modules, optimizers, state_table)
+    try:
+        if optimizers is not None:
+            optimizers.load_state_dict(state["optimizers"])
+        for name, module in modules.items():
+            module.load_state_dict(saved_modules[name], strict=True)
+        if state_table is not None:
+            with torch.no_grad():
+                state_table.copy_(saved_table.to(state_table.device))
+    except BaseException:
+        for name, module in modules.items():
+            module.load_state_dict(backup["modules"][name], strict=True)
+        if state_table is not None:
+            with torch.no_grad():
+                state_table.copy_(backup["state_table"])
+        if optimizers is not None:
+            optimizers.load_state_dict(backup["optimizers"])
+        raise
     logger.info("restored training state for modules %s", sorted(modules))

@@ -65,7 +65,7 @@ class KasminaConfig:
     # First retry delay; doubles per attempt up to urza_backoff_max_s.
     urza_backoff_s: float = 0.1
     urza_backoff_max_s: float = 2.0
-    # Consecutive failed attempts that open the circuit breaker.
+    # Consecutive failed fetches (manifest + payload, after retries) that open the breaker.
     urza_breaker_threshold: int = 5
     # Seconds an open breaker waits before letting one trial request through.
     urza_breaker_reset_s: float = 30.0

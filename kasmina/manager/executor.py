@@ -92,7 +92,7 @@ class CommandExecution:
                 rollback = command.rollback
                 log = logger.critical if rollback.emergency else logger.warning
                 log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
-                restore_epoch(self.state, self.guard, rollback.target_epoch)
+                restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
             elif command.kind == "optimizer" and command.optimizer is not None:
                 if not self.state.optimizers.apply_optimizer_command(command.optimizer):
                     raise CommandRefused("rejected by the optimizer manager (see its log)")
@@ -128,7 +128,8 @@ class CommandExecution:
         parameters: Mapping[str, float],
         timeout_s: float = math.inf,
     ) -> None:
-        """Fetch (or hit the cache), verify, copy, attach, G1, optimizer, monitor, ISOLATED_INIT."""
+        """Fetch (or hit the cache), verify, pin, copy, attach, G1, optimizer, monitor,
+        ISOLATED_INIT."""
         state = self.state
         if record.stage != S.DORMANT:
             raise CommandRefused(f"seed {record.seed_id} is {record.stage.name}; needs DORMANT")
@@ -144,8 +145,18 @@ class CommandExecution:
                 "timeout (the kernel stays cached for the next try)"
             )
         self._check_fits_slot(record, original)
-        kernel = state.loader.copy(original)
-        pinned = state.loader.pin(artifact_id)
+        # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
+        # cache does not hold (served uncached) needs no pin, and one evicted before the pin
+        # is refused by the copy (docs/design.md §6).
+        pinned = state.loader.pin(artifact_id, original)
+        try:
+            kernel = state.loader.copy(original)
+        except BaseException as exc:
+            if pinned:
+                state.kernel_cache.unpin(artifact_id)
+            if isinstance(exc, ValueError):
+                raise CommandRefused(f"cannot germinate {artifact_id}: {exc}") from exc
+            raise
         seed = record.seed
         try:
             seed.attach_kernel(kernel, artifact_id)
@@ -251,6 +262,13 @@ class CommandExecution:
         if S.TERMINATED not in LEGAL_TRANSITIONS[stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be terminated from {stage.name}")
         record.seed.transition_to(S.TERMINATED)
+
+    def epoch_boundary(self) -> list[str]:
+        """The end of an epoch: tick the table, then the automatic transitions (below). Returns
+        the seeds recycled. ``end_epoch`` runs it after its checkpoint is written, and a
+        rollback to that checkpoint runs it again (docs/design.md §6a)."""
+        self.state.require_registry().table.tick()
+        return self.auto_transitions()
 
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""

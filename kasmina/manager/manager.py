@@ -15,7 +15,7 @@ A training loop is::
             loss = F.cross_entropy(model(x), y)           # the slots do the seeds' work
             manager.backward(loss, kd_loss=manager.collect_kd_losses())
             manager.step()       # isolation checks, host + seed optimizers, alpha schedules
-        manager.end_epoch(epoch, {"val_accuracy": acc})  # tick, recycling, checkpoint
+        manager.end_epoch(epoch, {"val_accuracy": acc})  # checkpoint, tick, recycling
         # meanwhile, the controller: manager.handle_adaptation_command(signed_bytes)
 
 Kernels are loaded once, verified, and kept pristine in the cache; every seed trains its own
@@ -423,18 +423,22 @@ class KasminaKernelManager:
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
-        """Tick the lifecycle, run due COOLDOWN -> RECYCLING -> DORMANT steps, write the epoch
-        checkpoint and send the full telemetry packet (returned)."""
+        """Write the epoch checkpoint, then tick the lifecycle and run due COOLDOWN ->
+        RECYCLING -> DORMANT steps, and send the full telemetry packet (returned).
+
+        All or nothing: the checkpoint (the state just before this boundary, marked so that a
+        rollback replays the boundary) is written before anything changes, so a failed write
+        raises with the table, stages, epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         with self._lock:
-            registry = self.require_registry()
+            self.require_registry()
             state = self.state
+            metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
+            state.checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
             state.epoch = epoch  # the automatic steps below happen at this epoch's boundary
-            registry.table.tick()
-            recycled = self.execution.auto_transitions()
-            state.val_metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
-            state.checkpoints.save(epoch, snapshot(state, epoch))
+            state.val_metrics = metrics
+            recycled = self.execution.epoch_boundary()
         if recycled:
             logger.info("epoch %d: recycled %s", epoch, recycled)
         packet = self.export_leyline_telemetry()

@@ -2,16 +2,29 @@
 
 Why more than ``capture_training_state``: between a checkpoint and a rollback seeds may have
 been germinated, culled or fossilized, so the live model and optimizers may no longer have the
-checkpoint's *shape*. The snapshot therefore records which artifact each seed held; the rollback
-first re-attaches those kernels (fresh copies of the cached originals), rebuilds the optimizer
-layout the checkpoint describes (host groups, promoted seeds, seed optimizers), and only then
-loads weights, optimizer states and the state table. Anything that fails before the final
-writes is undone and the live state is left as it was.
+checkpoint's *shape*. The snapshot therefore records which artifact each seed held. The rollback
+is all-or-nothing (docs/design.md §6a), in three phases:
+
+1. nothing live changes: the checkpoint is loaded, the kernels it names are loaded and copied
+   (fresh copies of the cached originals), the weights are checked against the layout the model
+   will have with those kernels, and the optimizer layout it describes (host groups, promoted
+   seeds, seed optimizers) is built beside the live one and loaded with the saved states;
+2. reversible writes: the kernels are swapped in, then weights and the state table are written
+   (``restore_training_state`` undoes its own writes on failure); a failure puts the old kernels
+   and the table back;
+3. the commit, which cannot fail: the new optimizers, counters and records take over.
+
+Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
+table and runs the automatic COOLDOWN -> RECYCLING -> DORMANT steps, so that a failed write
+changes nothing. A checkpoint marked ``boundary_pending`` therefore holds the state just before
+that boundary, and the rollback applies the boundary again (the manager's ``boundary``
+callback, deterministic) to reach the state ``end_epoch`` left.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,9 +40,24 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["restore_epoch", "snapshot"]
 
+# extra["boundary_pending"]: the checkpoint was taken before end_epoch's tick and automatic
+# transitions (absent in older checkpoints, which were taken after them).
+BOUNDARY_PENDING = "boundary_pending"
 
-def snapshot(state: ManagerState, epoch: int) -> dict[str, Any]:
-    """Model (host and seeds), every optimizer, the state table and the seeds' artifacts."""
+
+def snapshot(
+    state: ManagerState,
+    epoch: int,
+    val_metrics: Mapping[str, float] | None = None,
+    *,
+    boundary_pending: bool = False,
+) -> dict[str, Any]:
+    """Model (host and seeds), every optimizer, the state table and the seeds' artifacts.
+
+    ``val_metrics`` (default: the state's) and ``epoch`` are recorded as given, so a caller can
+    snapshot before it changes the state; ``boundary_pending`` marks a snapshot taken before the
+    epoch boundary's tick (see the module docstring).
+    """
     registry = state.require_registry()
     seeds = {
         record.seed_id: {
@@ -39,27 +67,38 @@ def snapshot(state: ManagerState, epoch: int) -> dict[str, Any]:
         }
         for record in registry
     }
+    metrics = state.val_metrics if val_metrics is None else val_metrics
     extra = {
         "epoch": epoch,
         "global_step": state.global_step,
         "seeds": seeds,
-        "val_metrics": {k: float(v) for k, v in state.val_metrics.items()},
+        "val_metrics": {k: float(v) for k, v in metrics.items()},
+        BOUNDARY_PENDING: bool(boundary_pending),
     }
     return capture_training_state(
         {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
     )
 
 
-def restore_epoch(state: ManagerState, guard: IsolationGuard, epoch: int) -> None:
+def restore_epoch(
+    state: ManagerState,
+    guard: IsolationGuard,
+    epoch: int,
+    boundary: Callable[[], object] | None = None,
+) -> None:
     """Put the manager's ``state`` back to the checkpoint of ``epoch``; ``guard`` makes the
-    monitors of the restored isolated seeds. Raises, changing nothing, if it cannot: missing
-    checkpoint, other seeds, an artifact that no longer loads, bad layout."""
+    monitors of the restored isolated seeds, ``boundary`` replays the epoch boundary (tick and
+    automatic transitions) for a checkpoint taken before it. Raises, changing nothing, if it
+    cannot: missing checkpoint, other seeds, an artifact that no longer loads, bad layout."""
     registry = state.require_registry()
     checkpoint = state.checkpoints.load(epoch)
     extra = checkpoint.get("extra") or {}
     saved_seeds = extra.get("seeds")
     if not isinstance(saved_seeds, dict) or set(saved_seeds) != set(registry.records):
         raise ValueError(f"the checkpoint of epoch {epoch} is not for this model's seeds")
+    pending = bool(extra.get(BOUNDARY_PENDING, False))
+    if pending and boundary is None:
+        raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
     for record in registry:
         saved = saved_seeds[record.seed_id]
@@ -67,51 +106,111 @@ def restore_epoch(state: ManagerState, guard: IsolationGuard, epoch: int) -> Non
         have = record.artifact_id if record.kernel is not None else None
         if want != have:
             changes[record.seed_id] = want
+    # Phase 1: load and validate everything; nothing live changes.
     fresh: dict[str, tuple[str, GPUKernel]] = {}
     try:
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
                 original = state.loader.original(artifact_id)
                 fresh[seed_id] = (artifact_id, state.loader.copy(original))
-        old = _swap_kernels(registry, changes, fresh)
+        _check_weights(registry, changes, fresh, checkpoint)
+        optimizers = _rebuild_optimizers(state, registry, changes, fresh, checkpoint)
     except BaseException:
         _release(fresh)
         raise
+    # Phase 2: reversible writes.
+    table_before = registry.table.state_dict()
+    old: dict[str, torch.nn.Module | None] = {}
     try:
-        optimizers = _rebuild_optimizers(state, registry, checkpoint.get("optimizers"))
+        _swap_kernels(registry, changes, fresh, old)
         restore_training_state(
-            checkpoint, {"model": registry.model}, optimizers, registry.table.state_tensor
+            checkpoint, {"model": registry.model}, None, registry.table.state_tensor
         )
     except BaseException:
-        for seed_id in changes:  # undo the swap: the old kernels go back in place
-            seed = registry[seed_id].seed
-            if seed.kernel is not None:
-                seed.detach_kernel()
-            if old[seed_id] is not None:
-                seed.attach_kernel(old[seed_id], registry[seed_id].artifact_id)
+        _unswap_kernels(registry, old)
+        registry.table.load_state_dict(table_before)  # blueprint columns, mirror included
         _release(fresh)
         raise
+    # Phase 3: the commit (nothing here can fail).
     registry.table.resync()  # the host mirror follows the restored table
     state.optimizers = optimizers
     state.epoch = int(extra.get("epoch", epoch))
     state.global_step = int(extra.get("global_step", state.global_step))
     state.val_metrics = dict(extra.get("val_metrics", {}))
     _commit(state, guard, registry, changes, fresh, saved_seeds)
+    if pending and boundary is not None:
+        boundary()
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
+
+
+def _kernel_prefixes(registry: SlotRegistry, seed_ids: object) -> dict[str, str]:
+    """Each seed's state_dict prefix for its kernel in the model (``<seed name>.kernel.``)."""
+    names = {id(module): name for name, module in registry.model.named_modules()}
+    prefixes = {}
+    for seed_id in seed_ids:  # type: ignore[attr-defined]
+        name = names.get(id(registry[seed_id].seed))
+        if name is None:
+            raise ValueError(f"seed {seed_id} is not part of the managed model")
+        prefixes[seed_id] = f"{name}.kernel." if name else "kernel."
+    return prefixes
+
+
+def _check_weights(
+    registry: SlotRegistry,
+    changes: dict[str, str | None],
+    fresh: dict[str, tuple[str, GPUKernel]],
+    checkpoint: Mapping[str, Any],
+) -> None:
+    """The checkpoint's weights against the layout the model will have once the changed seeds
+    hold the fresh kernels: same keys, same shapes (checked before anything is swapped)."""
+    saved = (checkpoint.get("modules") or {}).get("model")
+    if not isinstance(saved, Mapping):
+        raise ValueError("the checkpoint holds no model state")
+    prefixes = _kernel_prefixes(registry, changes)
+    expected: dict[str, tuple[int, ...] | None] = {}
+    for key, value in registry.model.state_dict().items():
+        if not any(key.startswith(prefix) for prefix in prefixes.values()):
+            expected[key] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    for seed_id, (_, kernel) in fresh.items():
+        for key, value in kernel.state_dict().items():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            expected[prefixes[seed_id] + key] = shape
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint for module 'model' does not match: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for key, shape in expected.items():
+        value = saved[key]
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        if shape is not None and got != shape:
+            raise ValueError(f"checkpoint for model.{key} has shape {got}, expected {shape}")
 
 
 def _swap_kernels(
     registry: SlotRegistry,
     changes: dict[str, str | None],
     fresh: dict[str, tuple[str, GPUKernel]],
-) -> dict[str, torch.nn.Module | None]:
-    old = {}
+    old: dict[str, torch.nn.Module | None],
+) -> None:
+    """Detach the changed seeds' kernels (into ``old``, so a failure can be undone at any
+    point) and attach the fresh ones."""
     for seed_id in changes:
         seed = registry[seed_id].seed
         old[seed_id] = seed.detach_kernel() if seed.kernel is not None else None
     for seed_id, (artifact_id, kernel) in fresh.items():
         registry[seed_id].seed.attach_kernel(kernel, artifact_id)
-    return old
+
+
+def _unswap_kernels(registry: SlotRegistry, old: dict[str, torch.nn.Module | None]) -> None:
+    """Put back the kernels ``_swap_kernels`` took (the table is restored by the caller)."""
+    for seed_id, kernel in old.items():
+        seed = registry[seed_id].seed
+        if seed.kernel is not None:
+            seed.detach_kernel()
+        if kernel is not None:
+            seed.attach_kernel(kernel, registry[seed_id].artifact_id)
 
 
 def _release(fresh: dict[str, tuple[str, GPUKernel]]) -> None:
@@ -120,11 +219,24 @@ def _release(fresh: dict[str, tuple[str, GPUKernel]]) -> None:
 
 
 def _rebuild_optimizers(
-    state: ManagerState, registry: SlotRegistry, saved: Any
+    state: ManagerState,
+    registry: SlotRegistry,
+    changes: dict[str, str | None],
+    fresh: dict[str, tuple[str, GPUKernel]],
+    checkpoint: Mapping[str, Any],
 ) -> IsolatedOptimizerManager:
-    """Fresh optimizers with the checkpoint's layout (their state is loaded afterwards)."""
+    """Fresh optimizers with the checkpoint's layout, over the parameters the seeds will hold
+    (a changed seed's are its fresh kernel's), loaded with the saved states. Built beside the
+    live optimizers: nothing live changes."""
+    saved = checkpoint.get("optimizers")
     if not isinstance(saved, dict) or not isinstance(saved.get("optimizers"), dict):
         raise ValueError("the checkpoint holds no optimizer state")
+
+    def params(seed_id: str) -> list[torch.nn.Parameter]:
+        if seed_id in changes:
+            return list(fresh[seed_id][1].parameters()) if seed_id in fresh else []
+        return registry.seed_parameters(seed_id)
+
     entries: dict[str, Any] = saved["optimizers"]
     optimizers = state.new_optimizer_manager()
     host = entries.get(HOST_ID)
@@ -132,14 +244,15 @@ def _rebuild_optimizers(
         cls = _optimizer_class(state, host.get("class"))
         optimizers.initialize_host(registry.host_params, optimizer_cls=cls)
         for tag in list(host.get("groups", []))[1:]:  # seeds promoted into the host, in order
-            optimizers.create_seed_optimizer(tag, registry.seed_parameters(tag), optimizer_cls=cls)
+            optimizers.create_seed_optimizer(tag, params(tag), optimizer_cls=cls)
             optimizers.promote_seed(tag)
     for oid, entry in entries.items():
         if oid != HOST_ID:
             cls = _optimizer_class(state, entry.get("class"))
-            optimizers.create_seed_optimizer(oid, registry.seed_parameters(oid), optimizer_cls=cls)
+            optimizers.create_seed_optimizer(oid, params(oid), optimizer_cls=cls)
     if state.teacher is not None and state.optimizers.teacher_param_count:
         optimizers.register_teacher_params(state.teacher.teacher_parameters())
+    optimizers.load_state_dict(saved)
     return optimizers
 
 

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,17 +33,22 @@ __all__ = [
     "Manifest",
     "TensorSpec",
     "payload_sha256",
+    "read_bounded",
     "sign_manifest",
     "validate_artifact_id",
     "verify_manifest",
     "verify_payload",
+    "verify_payload_digest",
 ]
 
 ARTIFACT_FORMAT = "torch.export/pt2"
 # Store layout: two flat files per artifact, side by side.
 PAYLOAD_SUFFIX = ".pt2"
 MANIFEST_SUFFIX = ".manifest.json"
-MAX_MANIFEST_BYTES = 1 << 20
+# Real manifests are about a kilobyte; anything near this is refused unread past it.
+MAX_MANIFEST_BYTES = 4 << 20
+# Store reads stream in chunks of this size (and are bounded to one chunk past their limit).
+READ_CHUNK_BYTES = 1 << 20
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _FIELDS = (
@@ -77,6 +83,56 @@ def validate_artifact_id(artifact_id: object) -> str:
 
 def payload_sha256(payload: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(payload).hexdigest()
+
+
+def read_bounded(
+    fs: Any,
+    path: str,
+    limit: int,
+    *,
+    what: str,
+    why: str,
+    chunk_bytes: int = READ_CHUNK_BYTES,
+    hasher: Any = None,
+    cancelled: threading.Event | None = None,
+    open_kwargs: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Stream ``path`` from ``fs`` in chunks, refusing it once it is longer than ``limit``.
+
+    At most ``limit + 1`` bytes are ever requested, so a huge object (or a symlink to
+    ``/dev/zero``) costs at most the limit plus one chunk of memory and I/O. ``hasher`` (e.g.
+    ``hashlib.sha256()``) is updated with every chunk as it arrives. ``cancelled`` is checked
+    before every chunk: once set (the caller gave up on this read) the read stops and raises
+    ``TimeoutError``. Raises ``ArtifactIntegrityError`` ("``what`` is larger than ``limit``
+    bytes (``why``)") for an oversize object; ``FileNotFoundError`` and transport errors pass
+    through.
+    """
+    if limit < 0 or chunk_bytes < 1:
+        raise ValueError(f"need limit >= 0 and chunk_bytes >= 1, got {limit}, {chunk_bytes}")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        with fs.open(path, "rb", **dict(open_kwargs or {})) as f:
+            while True:
+                if cancelled is not None and cancelled.is_set():
+                    raise TimeoutError(f"read of {path} abandoned after {total} bytes")
+                chunk = f.read(min(chunk_bytes, limit + 1 - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise ArtifactIntegrityError(
+                        f"{what} is larger than {limit} bytes ({why}); refused after reading "
+                        f"{total} bytes"
+                    )
+                if hasher is not None:
+                    hasher.update(chunk)
+                chunks.append(chunk)
+        return b"".join(chunks)
+    except BaseException:
+        # Drop the data now: the traceback (kept by an abandoned future) must not pin it.
+        chunks.clear()
+        raise
 
 
 @dataclass(frozen=True)
@@ -210,6 +266,7 @@ def verify_manifest(
     *,
     expected_id: str | None = None,
     trusted_key_ids: Iterable[str] = (),
+    max_bytes: int = MAX_MANIFEST_BYTES,
 ) -> Manifest:
     """Parse and authenticate a stored manifest; any problem raises ``ArtifactIntegrityError``.
 
@@ -217,8 +274,8 @@ def verify_manifest(
     ``trusted_key_ids`` is non-empty), HMAC in constant time, then field types, then the id.
     """
     where = f"artifact {expected_id!r}" if expected_id else "artifact"
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ArtifactIntegrityError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    if len(raw) > max_bytes:
+        raise ArtifactIntegrityError(f"{where}: manifest larger than {max_bytes} bytes")
     try:
         data = json.loads(
             raw.decode("utf-8"),
@@ -262,13 +319,22 @@ def verify_payload(payload: bytes, manifest: Manifest) -> None:
     """Size, then SHA-256 (never deserialises anything); raises ``ArtifactIntegrityError``."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-    if len(payload) != manifest.size:
-        raise ArtifactIntegrityError(
-            f"artifact {manifest.artifact_id!r}: payload is {len(payload)} bytes, "
-            f"manifest says {manifest.size}"
-        )
-    digest = hashlib.sha256(payload).hexdigest()
-    if not hmac.compare_digest(digest, manifest.sha256):
+    _check_size(len(payload), manifest)  # a wrong size is refused before hashing
+    verify_payload_digest(len(payload), hashlib.sha256(payload).hexdigest(), manifest)
+
+
+def verify_payload_digest(size: int, sha256_hex: str, manifest: Manifest) -> None:
+    """``verify_payload`` for a payload hashed while it streamed: its size, then its SHA-256."""
+    _check_size(size, manifest)
+    if not hmac.compare_digest(sha256_hex, manifest.sha256):
         raise ArtifactIntegrityError(
             f"artifact {manifest.artifact_id!r}: payload SHA-256 does not match its manifest"
+        )
+
+
+def _check_size(size: int, manifest: Manifest) -> None:
+    if size != manifest.size:
+        raise ArtifactIntegrityError(
+            f"artifact {manifest.artifact_id!r}: payload is {size} bytes, "
+            f"manifest says {manifest.size}"
         )

@@ -6,12 +6,18 @@ seeds may share one) and are never evicted; evicted kernels have their device me
 Releasing happens after the lock is dropped, so a slow release never stalls a concurrent ``get``.
 Only unpinned kernels are kept in LRU order, so get, put, pin and unpin are O(1) (plus O(1) per
 kernel a put evicts), however many kernels are pinned.
+
+Why ``was_evicted``: a kernel's memory is released after the lock is dropped, so for a moment an
+evicted kernel is half emptied but not yet marked ``released``. The cache remembers (weakly)
+every kernel it removed, under the lock and before releasing it, so whoever copies a kernel it
+got from the cache can tell afterwards whether the copy may have read released memory.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -42,6 +48,7 @@ class GPUKernelCache:
         self._pins: dict[str, int] = {}
         self._bytes = 0
         self._pinned_bytes = 0
+        self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()  # removed, released or releasing
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -101,12 +108,14 @@ class GPUKernelCache:
                     self._pinned_bytes -= old_size
                 if old[0] is not kernel:
                     victims.append(old[0])
+                    self._mark_evicted(old[0])
             while self._bytes + size > self.max_bytes:
                 victim_id, _ = self._lru.popitem(last=False)
                 victim, victim_size = self._entries.pop(victim_id)
                 self._bytes -= victim_size
                 self.evictions += 1
                 victims.append(victim)
+                self._mark_evicted(victim)
                 logger.debug("evicted kernel %s (%d bytes)", victim_id, victim_size)
             self._entries[kernel_id] = (kernel, size)
             self._bytes += size
@@ -131,11 +140,28 @@ class GPUKernelCache:
             del self._lru[kernel_id]
             self._bytes -= entry[1]
             self.evictions += 1
+            self._mark_evicted(entry[0])
         entry[0].release_gpu_memory()
         return True
 
-    def pin(self, kernel_id: str) -> None:
-        """Protect a cached kernel from eviction (counted: one unpin per pin)."""
+    def was_evicted(self, kernel: object) -> bool:
+        """True once ``kernel`` was removed from this cache (evicted or replaced): its memory
+        is released, or being released. Marked under the lock, before the release starts."""
+        with self._lock:
+            try:
+                return kernel in self._evicted
+            except TypeError:  # not weakly referenceable: never marked
+                return False
+
+    def _mark_evicted(self, kernel: object) -> None:
+        try:
+            self._evicted.add(kernel)
+        except TypeError:
+            pass
+
+    def pin(self, kernel_id: str) -> CachedKernel:
+        """Protect a cached kernel from eviction (counted: one unpin per pin); returns the
+        kernel pinned, so a caller can check it is the one it holds."""
         with self._lock:
             entry = self._entries.get(kernel_id)
             if entry is None:
@@ -145,6 +171,7 @@ class GPUKernelCache:
                 del self._lru[kernel_id]
                 self._pinned_bytes += entry[1]
             self._pins[kernel_id] = count + 1
+            return entry[0]
 
     def unpin(self, kernel_id: str) -> None:
         with self._lock:

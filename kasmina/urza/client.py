@@ -10,30 +10,37 @@ The manifest is written last (``kasmina.urza.publish``), so an artifact is liste
 complete.
 ``UrzaLibraryClient.fetch`` returns payload bytes only after the manifest signature, size and
 SHA-256 verify; it never deserialises anything (``GPUKernel.from_binary`` does, after checking
-again). Every store read has a timeout, failed reads are retried with exponential backoff, a
-circuit breaker stops hammering a store that keeps failing, and concurrent fetches of one
-artifact share a single read.
+again). Reads are bounded and streamed: a manifest above ``max_manifest_bytes``, or a payload
+longer than its manifest declares (or above ``max_artifact_bytes``), is refused after at most the
+limit plus one chunk, and the payload is hashed as it streams. Every store read has a timeout
+(an abandoned read stops at its next chunk), failed reads are retried with exponential backoff,
+a circuit breaker (one success or one failure per fetch, manifest and payload together) stops
+hammering a store that keeps failing, and concurrent fetches of one artifact share a single read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
     PAYLOAD_SUFFIX,
+    READ_CHUNK_BYTES,
     Manifest,
     open_store,
+    read_bounded,
     validate_artifact_id,
     verify_manifest,
-    verify_payload,
+    verify_payload_digest,
 )
 from kasmina.utils.keyring import Keyring
 
@@ -41,10 +48,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CircuitBreaker", "UrzaLibraryClient"]
 
+T = TypeVar("T")
+# Default payload ceiling: a kernel is a small module, so this is generous.
+MAX_ARTIFACT_BYTES = 1 << 30
+
 
 class CircuitBreaker:
     """Opens after ``threshold`` consecutive failures; after ``reset_s`` one trial call is let
-    through (half-open): success closes it, failure opens it again for another ``reset_s``."""
+    through (half-open): success closes it, failure opens it again for another ``reset_s``.
+
+    ``UrzaLibraryClient`` reports one outcome per operation (a fetch: manifest and payload
+    together), never per read attempt."""
 
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -114,6 +128,9 @@ class UrzaLibraryClient:
         breaker_threshold: int = 5,
         breaker_reset_s: float = 30.0,
         trusted_key_ids: Sequence[str] = (),
+        max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+        max_artifact_bytes: int = MAX_ARTIFACT_BYTES,
+        chunk_bytes: int = READ_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -122,6 +139,13 @@ class UrzaLibraryClient:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if retries < 0 or backoff_s < 0 or backoff_max_s < 0:
             raise ValueError("retries, backoff_s and backoff_max_s must be >= 0")
+        for name, value in (
+            ("max_manifest_bytes", max_manifest_bytes),
+            ("max_artifact_bytes", max_artifact_bytes),
+            ("chunk_bytes", chunk_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.url = url
         self.keyring = keyring
         self.timeout_s = float(timeout_s)
@@ -129,6 +153,9 @@ class UrzaLibraryClient:
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
         self.trusted_key_ids = tuple(trusted_key_ids)
+        self.max_manifest_bytes = max_manifest_bytes
+        self.max_artifact_bytes = max_artifact_bytes
+        self.chunk_bytes = chunk_bytes
         self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock)
         self._sleep = sleep
         self._closed = False
@@ -138,6 +165,13 @@ class UrzaLibraryClient:
 
             options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout_s)}
         self._fs, self._root = open_store(url, options)
+        # Elsewhere, the file's own read-ahead is one chunk at most. HTTP: one streaming GET
+        # (block_size=0), which also works against servers that ignore Range. Passing a size
+        # skips fsspec's HEAD probe (the streaming file ignores it), which would report any
+        # failure, even a refused connection, as FileNotFoundError: the GET maps only a 404.
+        self._open_kwargs: dict[str, Any] = {"block_size": chunk_bytes}
+        if _is_http(self._fs):
+            self._open_kwargs = {"block_size": 0, "size": 1}
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[tuple[bytes, Manifest]]] = {}
         self._stats = {"fetches": 0, "coalesced": 0, "reads": 0, "read_failures": 0}
@@ -162,7 +196,11 @@ class UrzaLibraryClient:
     def list_artifacts(self) -> list[str]:
         """Ids of the artifacts whose manifest is in the store (unverified), sorted."""
         try:
-            entries = self._call(self._fs.ls, self._root, detail=False)
+            entries = self._breaker_op(
+                lambda attempts: self._call(
+                    lambda cancelled: self._fs.ls(self._root, detail=False), attempts
+                )
+            )
         except FileNotFoundError:
             return []
         ids = []
@@ -179,13 +217,7 @@ class UrzaLibraryClient:
     def get_manifest(self, artifact_id: str) -> Manifest:
         """The artifact's verified manifest (signature checked; payload not read)."""
         validate_artifact_id(artifact_id)
-        try:
-            raw = self._call(self._fs.cat_file, self._path(artifact_id, MANIFEST_SUFFIX))
-        except FileNotFoundError:
-            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
-        return verify_manifest(
-            raw, self.keyring, expected_id=artifact_id, trusted_key_ids=self.trusted_key_ids
-        )
+        return self._breaker_op(lambda attempts: self._read_manifest(artifact_id, attempts))
 
     def fetch(self, artifact_id: str) -> tuple[bytes, Manifest]:
         """Payload bytes and manifest, both verified. Concurrent calls for one id share a read."""
@@ -254,76 +286,162 @@ class UrzaLibraryClient:
         return f"{self._root}/{artifact_id}{suffix}"
 
     def _fetch_now(self, artifact_id: str) -> tuple[bytes, Manifest]:
-        manifest = self.get_manifest(artifact_id)
+        return self._breaker_op(lambda attempts: self._read_artifact(artifact_id, attempts))
+
+    def _read_manifest(self, artifact_id: str, attempts: int) -> Manifest:
+        path = self._path(artifact_id, MANIFEST_SUFFIX)
+
+        def read(cancelled: threading.Event) -> bytes:
+            return read_bounded(
+                self._fs,
+                path,
+                self.max_manifest_bytes,
+                what=f"artifact {artifact_id!r}: manifest",
+                why="max_manifest_bytes",
+                chunk_bytes=self.chunk_bytes,
+                cancelled=cancelled,
+                open_kwargs=self._open_kwargs,
+            )
+
         try:
-            payload = self._call(self._fs.cat_file, self._path(artifact_id, PAYLOAD_SUFFIX))
+            raw = self._call(read, attempts)
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
+        return verify_manifest(
+            raw,
+            self.keyring,
+            expected_id=artifact_id,
+            trusted_key_ids=self.trusted_key_ids,
+            max_bytes=self.max_manifest_bytes,
+        )
+
+    def _read_artifact(self, artifact_id: str, attempts: int) -> tuple[bytes, Manifest]:
+        # The manifest is verified (signature first) before a payload byte is read.
+        manifest = self._read_manifest(artifact_id, attempts)
+        if manifest.size > self.max_artifact_bytes:
+            raise ArtifactIntegrityError(
+                f"artifact {artifact_id!r}: manifest declares {manifest.size} bytes, above "
+                f"max_artifact_bytes ({self.max_artifact_bytes}); payload not read"
+            )
+        path = self._path(artifact_id, PAYLOAD_SUFFIX)
+
+        def read(cancelled: threading.Event) -> tuple[bytes, str]:
+            hasher = hashlib.sha256()  # a fresh one per attempt
+            data = read_bounded(
+                self._fs,
+                path,
+                manifest.size,
+                what=f"artifact {artifact_id!r}: payload",
+                why="the size its manifest declares",
+                chunk_bytes=self.chunk_bytes,
+                hasher=hasher,
+                cancelled=cancelled,
+                open_kwargs=self._open_kwargs,
+            )
+            return data, hasher.hexdigest()
+
+        try:
+            payload, digest = self._call(read, attempts)
         except FileNotFoundError:
             raise ArtifactNotFoundError(
                 f"artifact {artifact_id!r} has a manifest but no payload in {self.url}"
             ) from None
-        verify_payload(payload, manifest)
+        verify_payload_digest(len(payload), digest, manifest)
         logger.debug("fetched and verified %s (%d bytes)", artifact_id, len(payload))
         return payload, manifest
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One store operation with timeout, retries with backoff, and the breaker.
+    def _breaker_op(self, op: Callable[[int], T]) -> T:
+        """One operation (a fetch, a manifest read, a listing) as one breaker outcome.
 
-        A missing file is an answer, not a failure: ``FileNotFoundError`` is re-raised at once
-        and counts as a success for the breaker.
+        ``op`` gets the number of attempts each of its reads may make: ``retries + 1``, or 1
+        for the half-open trial. The store answering, even "missing" or "corrupt", is a
+        success; only a read that stayed unavailable after its attempts is a failure.
+        """
+        if self._closed:
+            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
+        if not self.breaker.allow():
+            raise UrzaUnavailableError(f"Urza circuit breaker is open for {self.url}; not trying")
+        trial = self.breaker.state == CircuitBreaker.HALF_OPEN
+        try:
+            result = op(1 if trial else self.retries + 1)
+        except UrzaUnavailableError:
+            self.breaker.record_failure()
+            raise
+        except (FileNotFoundError, ArtifactNotFoundError, ArtifactIntegrityError):
+            self.breaker.record_success()
+            raise
+        self.breaker.record_success()
+        return result
+
+    def _call(self, op: Callable[[threading.Event], T], attempts: int) -> T:
+        """One store read with a timeout, retried with backoff up to ``attempts`` times.
+
+        ``op`` gets an event that is set when its read is abandoned (timed out): a streaming
+        read checks it per chunk and stops. A missing file (``FileNotFoundError``) or a refused
+        object (``ArtifactIntegrityError``) is an answer and is re-raised at once; anything
+        else is a transport failure, and the last one is raised as ``UrzaUnavailableError``.
+        Retrying stops early once the breaker is open (another operation opened it).
         """
         if self._closed:
             raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
         last: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            if not self.breaker.allow():
+        for attempt in range(attempts):
+            if attempt and self.breaker.state == CircuitBreaker.OPEN:
                 raise UrzaUnavailableError(
-                    f"Urza circuit breaker is open for {self.url}; not trying"
+                    f"Urza circuit breaker opened for {self.url}; not retrying"
                 ) from last
             with self._lock:
                 self._stats["reads"] += 1
             try:
-                result = _call_with_timeout(self.timeout_s, fn, *args, **kwargs)
-            except FileNotFoundError:
-                self.breaker.record_success()
+                return _call_with_timeout(self.timeout_s, op)
+            except (FileNotFoundError, ArtifactIntegrityError):
                 raise
             except Exception as exc:  # any transport failure: timeout, connection, HTTP 5xx
-                self.breaker.record_failure()
                 with self._lock:
                     self._stats["read_failures"] += 1
                 last = exc
                 logger.warning(
                     "Urza read failed (attempt %d/%d): %s: %s",
                     attempt + 1,
-                    self.retries + 1,
+                    attempts,
                     type(exc).__name__,
                     exc,
                 )
-                if attempt < self.retries:
+                if attempt + 1 < attempts:
                     self._sleep(min(self.backoff_max_s, self.backoff_s * 2**attempt))
-            else:
-                self.breaker.record_success()
-                return result
+        plural = "s" if attempts != 1 else ""
         raise UrzaUnavailableError(
-            f"Urza at {self.url} unavailable after {self.retries + 1} attempts: {last!r}"
+            f"Urza at {self.url} unavailable after {attempts} attempt{plural}: {last!r}"
         ) from last
 
 
-def _call_with_timeout(timeout_s: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` on a daemon thread and wait at most ``timeout_s`` for it.
+def _is_http(fs: Any) -> bool:
+    protocol = getattr(fs, "protocol", ())
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return bool({"http", "https"} & set(protocols))
 
-    A read that hangs past its timeout is abandoned, not killed (Python cannot kill a thread);
-    being a daemon it never holds up interpreter exit, and the circuit breaker stops new reads
-    from piling up behind a store that keeps hanging.
+
+def _call_with_timeout(timeout_s: float, op: Callable[[threading.Event], T]) -> T:
+    """Run ``op(cancelled)`` on a daemon thread and wait at most ``timeout_s`` for it.
+
+    A read that overruns is abandoned, not killed (Python cannot kill a thread): ``cancelled``
+    is set, so a chunked read stops at its next chunk and drops what it read; being a daemon
+    the thread never holds up interpreter exit, and the circuit breaker stops new reads from
+    piling up behind a store that keeps hanging.
     """
-    future: Future[Any] = Future()
+    future: Future[T] = Future()
+    cancelled = threading.Event()
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(fn(*args, **kwargs))
+            future.set_result(op(cancelled))
         except BaseException as exc:
             future.set_exception(exc)
 
     threading.Thread(target=run, name="urza-io", daemon=True).start()
-    return future.result(timeout=timeout_s)
+    try:
+        return future.result(timeout=timeout_s)
+    finally:
+        cancelled.set()  # a no-op once the read is done; otherwise it is abandoned

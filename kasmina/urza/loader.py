@@ -78,20 +78,48 @@ class KernelLoader:
         kernel = self.cached(artifact_id)
         return kernel if kernel is not None else self._load_coalesced(artifact_id)
 
+    def is_released(self, original: GPUKernel) -> bool:
+        """True when ``original`` was evicted (its memory released, or being released)."""
+        return original.released or self.cache.was_evicted(original)
+
     def copy(self, original: GPUKernel) -> GPUKernel:
-        """A seed's own trainable copy of a cached original."""
-        if original.released:
-            raise ValueError(f"kernel {original.artifact_id!r} was released")
+        """A seed's own trainable copy of a cached original.
+
+        Raises ``ValueError`` when the original was evicted before or *while* it was copied
+        (its memory is released after the cache's lock is dropped, so a copy taken meanwhile
+        may hold emptied tensors; that copy is released and never returned). Pin the original
+        first (``pin``) and it cannot be evicted.
+        """
+        if self.is_released(original):
+            raise ValueError(
+                f"kernel {original.artifact_id!r} was evicted from the cache and released; "
+                "load it again"
+            )
         with warnings.catch_warnings():
             # torch's own pytree specs warn about their own deprecated class when copied.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return copy.deepcopy(original)
+            duplicate = copy.deepcopy(original)
+        if self.is_released(original) or duplicate.released:
+            duplicate.release_gpu_memory()
+            raise ValueError(
+                f"kernel {original.artifact_id!r} was evicted from the cache while it was "
+                "copied; load it again"
+            )
+        return duplicate
 
-    def pin(self, artifact_id: str) -> bool:
-        """Pin the cached original for a live seed; False if it is not (or no longer) cached."""
+    def pin(self, artifact_id: str, original: GPUKernel | None = None) -> bool:
+        """Pin the cached original for a live seed; False if it is not (or no longer) cached.
+
+        With ``original``, only that very kernel is pinned: if the cache holds another one
+        under the id (``original`` was evicted and the artifact loaded again), nothing stays
+        pinned and the answer is False.
+        """
         try:
-            self.cache.pin(artifact_id)
+            pinned = self.cache.pin(artifact_id)
         except KeyError:
+            return False
+        if original is not None and pinned is not original:
+            self.cache.unpin(artifact_id)
             return False
         return True
 

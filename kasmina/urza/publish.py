@@ -23,11 +23,13 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
     PAYLOAD_SUFFIX,
     Manifest,
     TensorSpec,
     open_store,
     payload_sha256,
+    read_bounded,
     sign_manifest,
     validate_artifact_id,
     verify_manifest,
@@ -138,7 +140,14 @@ def publish_payload(
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
     if fs.exists(manifest_path):
         try:
-            existing = verify_manifest(fs.cat_file(manifest_path), keyring, expected_id=artifact_id)
+            raw = read_bounded(
+                fs,
+                manifest_path,
+                MAX_MANIFEST_BYTES,
+                what=f"artifact {artifact_id!r}: existing manifest",
+                why="MAX_MANIFEST_BYTES",
+            )
+            existing = verify_manifest(raw, keyring, expected_id=artifact_id)
         except ArtifactIntegrityError:
             existing = None
         if existing is not None and existing.sha256 == sha256:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,11 @@ from hypothesis import strategies as st
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import (
+    MAX_EMBARGO_EPOCHS,
+    MAX_EPOCH,
+    MAX_GRAD_CLIP_NORM,
+    MAX_LEARNING_RATE,
+    MAX_TIMEOUT_S,
     KasminaCommand,
     RollbackAction,
     SeedAction,
@@ -74,7 +80,7 @@ def rig() -> Rig:
 
 def germinate() -> AdaptationCommand:
     return make_seed_command(
-        "germinate", "layer2:5", "artifact-9", {"alpha_steps": 100.0}, 2.5, command_id="cmd-1"
+        "germinate", "layer2:5", "artifact-9", {"learning_rate": 0.5}, 2.5, command_id="cmd-1"
     )
 
 
@@ -91,7 +97,7 @@ def test_valid_seed_command_is_executed_once_and_reported(rig: Rig) -> None:
         kind="seed",
         priority=MessagePriority.MESSAGE_PRIORITY_NORMAL,
         timeout_s=2.5,
-        seed=SeedAction(GERMINATE, "layer2:5", "artifact-9", {"alpha_steps": 100.0}),
+        seed=SeedAction(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5}),
     )
     assert rig.handler.stats["accepted"] == 1 and rig.handler.stats["executed"] == 1
     assert rig.handler.stats["rejected:replay"] == 1 and rig.handler.stats["rejected"] == 1
@@ -213,6 +219,7 @@ def _timeout(seconds: int, nanos: int):
 def _cull(embargo: float):
     def mutate(cmd: AdaptationCommand) -> None:
         cmd.seed_command.operation = SeedOperation.SEED_OPERATION_CULL
+        cmd.seed_command.parameters.clear()  # GERMINATE's learning_rate is no CULL parameter
         cmd.seed_command.parameters["embargo_epochs"] = embargo
 
     return mutate
@@ -231,7 +238,7 @@ SEMANTIC_CASES = [
     ("bad_timeout", _timeout(1, 1_000_000_000)),
     ("bad_command_id", _set("command_id", "")),
     ("unknown_priority", _set("priority", 42)),
-    ("non_finite_parameter", _param("alpha_steps", math.nan)),
+    ("non_finite_parameter", _param("learning_rate", math.nan)),
     ("non_finite_parameter", _param("x", math.inf)),
     ("bad_embargo_epochs", _cull(-1.0)),
     ("bad_embargo_epochs", _cull(1.5)),
@@ -266,6 +273,128 @@ def test_invalid_rollback_and_optimizer_commands(rig: Rig, reason: str, cmd) -> 
     assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is False
     assert rig.reasons() == [reason]
     assert not rig.executor.commands
+
+
+# --- ranges: every numeric field, just inside (accepted) and just outside (refused) -----------
+
+
+def f32_up(x: float) -> float:
+    """The next float32 above positive ``x`` (the optimizer fields are float32 on the wire)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", x))
+    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
+
+
+def seed(op: str, **params: float) -> AdaptationCommand:
+    return make_seed_command(op, "layer2:5", "artifact-9" if op == "germinate" else "", params)
+
+
+def with_timeout(seconds: int, nanos: int) -> AdaptationCommand:
+    cmd = germinate()
+    _timeout(seconds, nanos)(cmd)
+    return cmd
+
+
+def optimizer(**fields) -> AdaptationCommand:
+    return make_optimizer_command("initialize_host", "host", **fields)
+
+
+TINY = 5e-324  # the smallest positive double
+F32_TINY = 1e-45  # the smallest positive float32
+UP = math.inf
+
+RANGE_CASES = [
+    # timeout: (0, MAX_TIMEOUT_S]
+    (None, with_timeout(0, 1)),
+    (None, with_timeout(MAX_TIMEOUT_S, 0)),
+    ("bad_timeout", with_timeout(MAX_TIMEOUT_S, 1)),
+    ("bad_timeout", with_timeout(MAX_TIMEOUT_S + 1, 0)),
+    ("bad_timeout", with_timeout(315_576_000_000, 0)),  # protobuf's own maximum
+    # GERMINATE learning_rate: (0, 10]
+    (None, seed("germinate", learning_rate=TINY)),
+    (None, seed("germinate", learning_rate=MAX_LEARNING_RATE)),
+    ("bad_learning_rate", seed("germinate", learning_rate=0.0)),
+    ("bad_learning_rate", seed("germinate", learning_rate=-0.0)),
+    ("bad_learning_rate", seed("germinate", learning_rate=math.nextafter(MAX_LEARNING_RATE, UP))),
+    ("bad_learning_rate", seed("germinate", learning_rate=1e300)),
+    # ADVANCE gate_score: [0, 1]
+    (None, seed("advance", gate_score=0.0)),
+    (None, seed("advance", gate_score=1.0)),
+    ("bad_gate_score", seed("advance", gate_score=-TINY)),
+    ("bad_gate_score", seed("advance", gate_score=math.nextafter(1.0, UP))),
+    # CULL embargo_epochs: an integer in [0, 2**31 - 1]
+    (None, seed("cull", embargo_epochs=0.0)),
+    (None, seed("cull", embargo_epochs=float(MAX_EMBARGO_EPOCHS))),
+    ("bad_embargo_epochs", seed("cull", embargo_epochs=-1.0)),
+    ("bad_embargo_epochs", seed("cull", embargo_epochs=float(MAX_EMBARGO_EPOCHS + 1))),
+    ("bad_embargo_epochs", seed("cull", embargo_epochs=0.5)),
+    # keys an operation does not use
+    ("unknown_parameter", seed("germinate", alpha_steps=100.0)),
+    ("unknown_parameter", seed("germinate", gate_score=0.5)),
+    ("unknown_parameter", seed("advance", learning_rate=0.1)),
+    ("unknown_parameter", seed("cull", embargo_epochs=3.0, w=0.25)),
+    ("unknown_parameter", seed("terminate", embargo_epochs=3.0)),
+    (None, seed("terminate")),
+    # rollback target_epoch: [0, 2**31 - 1] (an int32 on the wire cannot exceed the top)
+    (None, make_rollback_command(0)),
+    (None, make_rollback_command(MAX_EPOCH)),
+    ("bad_target_epoch", make_rollback_command(-1)),
+    ("bad_target_epoch", make_rollback_command(-(2**31))),
+    # optimizer learning_rate: 0 (unset) or (0, 10]
+    (None, optimizer(learning_rate=0.0)),
+    (None, optimizer(learning_rate=F32_TINY)),
+    (None, optimizer(learning_rate=MAX_LEARNING_RATE)),
+    ("bad_learning_rate", optimizer(learning_rate=-F32_TINY)),
+    ("bad_learning_rate", optimizer(learning_rate=f32_up(MAX_LEARNING_RATE))),
+    ("bad_learning_rate", optimizer(learning_rate=1e30)),
+    ("bad_learning_rate", optimizer(learning_rate=math.nan)),
+    # optimizer grad_clip_norm: [0, 1e6], 0 = no clipping
+    (None, optimizer(grad_clip_norm=0.0)),
+    (None, optimizer(grad_clip_norm=MAX_GRAD_CLIP_NORM)),
+    ("bad_grad_clip_norm", optimizer(grad_clip_norm=-F32_TINY)),
+    ("bad_grad_clip_norm", optimizer(grad_clip_norm=f32_up(MAX_GRAD_CLIP_NORM))),
+    ("bad_grad_clip_norm", optimizer(grad_clip_norm=math.inf)),
+    # optimizer parameters (creation options)
+    (None, optimizer(parameters={"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0})),
+    (None, optimizer(parameters={"weight_decay": 1.0, "dampening": 1.0, "eps": 1.0})),
+    (None, optimizer(parameters={"beta1": 0.0, "beta2": 0.0, "eps": TINY})),
+    (None, optimizer(parameters={m: math.nextafter(1.0, 0.0) for m in ("momentum", "beta1")})),
+    (None, optimizer(parameters={"beta2": math.nextafter(1.0, 0.0)})),
+    ("bad_weight_decay", optimizer(parameters={"weight_decay": -TINY})),
+    ("bad_weight_decay", optimizer(parameters={"weight_decay": math.nextafter(1.0, UP)})),
+    ("bad_dampening", optimizer(parameters={"dampening": -TINY})),
+    ("bad_dampening", optimizer(parameters={"dampening": math.nextafter(1.0, UP)})),
+    ("bad_momentum", optimizer(parameters={"momentum": -TINY})),
+    ("bad_momentum", optimizer(parameters={"momentum": 1.0})),
+    ("bad_beta1", optimizer(parameters={"beta1": -TINY})),
+    ("bad_beta1", optimizer(parameters={"beta1": 1.0})),
+    ("bad_beta2", optimizer(parameters={"beta2": -TINY})),
+    ("bad_beta2", optimizer(parameters={"beta2": 1.0})),
+    ("bad_eps", optimizer(parameters={"eps": 0.0})),
+    ("bad_eps", optimizer(parameters={"eps": math.nextafter(1.0, UP)})),
+    ("unknown_parameter", optimizer(parameters={"lr": 0.1})),
+    ("unknown_parameter", optimizer(parameters={"maximize": 1.0})),
+    ("non_finite_parameter", optimizer(parameters={"lr": math.nan})),
+]
+
+
+@pytest.mark.parametrize(("reason", "cmd"), RANGE_CASES)
+def test_every_numeric_field_is_range_checked_before_execution(
+    rig: Rig, reason: str | None, cmd: AdaptationCommand
+) -> None:
+    accepted = rig.handler.handle_adaptation_command(rig.sign(cmd))
+    if reason is None:
+        assert accepted is True and rig.reasons() == []
+        assert len(rig.executor.commands) == 1
+    else:
+        assert accepted is False
+        assert rig.reasons() == [reason]
+        assert rig.handler.stats[f"rejected:{reason}"] == 1
+        assert not rig.executor.commands
+
+
+def test_an_int32_target_epoch_cannot_exceed_the_range_on_the_wire() -> None:
+    with pytest.raises(ValueError):
+        make_rollback_command(MAX_EPOCH + 1)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +440,7 @@ def test_stale_future_wrong_key_and_unsigned_are_rejected(rig: Rig) -> None:
 
 def _signed_samples(rig: Rig) -> list[bytes]:
     full = make_seed_command(
-        "cull", "layer1:0", "artifact-x", {"embargo_epochs": 3.0, "w": 0.25}, 1.5, command_id="c"
+        "cull", "layer1:0", "artifact-x", {"embargo_epochs": 3.0}, 1.5, command_id="c"
     )
     return [
         rig.sign(full),

@@ -610,6 +610,152 @@ def test_a_cull_with_an_embargo_the_table_cannot_hold_changes_nothing(rig: Rig, 
     assert not rig.send("cull", SEED0, embargo_epochs=2.0**40)  # beyond the int32 column
     assert seed.stage == S.ISOLATED_INIT and seed.kernel is kernel and not kernel.released
     assert manager.kernel_cache.is_pinned(mlp) and SEED0 in manager.optimizers.seed_ids
-    assert manager.handler.stats["failed"] == 1 and not manager.field_reports
+    # refused (by the command validation or the executor): only the GERMINATE executed
+    assert manager.handler.stats["executed"] == 1 and not manager.field_reports
     assert rig.send("cull", SEED0, embargo_epochs=3)
     assert seed.stage == S.COOLDOWN
+
+
+def _live(rig: Rig) -> dict:
+    """Everything an all-or-nothing operation must leave bitwise as it was."""
+    manager, table = rig.manager, rig.slot.state_table
+    return {
+        "model": clone_state(rig.model.state_dict()),
+        "optimizers": clone_state(manager.optimizers.state_dict()),
+        "table": table.state_tensor.clone(),
+        "stages": table.stages(),
+        "epochs": [table.epochs_in_state(i) for i in range(table.num_seeds)],
+        "epoch": manager.epoch,
+        "global_step": manager.global_step,
+        "val_metrics": dict(manager.val_metrics),
+        "kernels": [id(manager.seed(s).kernel) for s in (SEED0, SEED1)],
+        "pinned": {a: manager.kernel_cache.is_pinned(a) for a in ("mlp", "aff")},
+        "seed_optimizers": manager.optimizers.seed_ids,
+    }
+
+
+def test_an_end_epoch_whose_checkpoint_cannot_be_written_changes_nothing(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    assert rig.send("cull", SEED0, embargo_epochs=2)
+    manager.end_epoch(0, {"acc": 0.25})  # COOLDOWN; the next boundary would recycle it
+    before = _live(rig)
+    timeline = list(manager.require_registry()[SEED0].timeline)
+
+    def failing_replace(src, dst):
+        raise OSError("read-only checkpoint directory")
+
+    monkeypatch.setattr("kasmina.utils.state_io.os.replace", failing_replace)
+    with pytest.raises(OSError, match="read-only"):
+        manager.end_epoch(1, {"acc": 0.5})
+    assert_same(before, _live(rig))
+    assert manager.require_registry()[SEED0].timeline == timeline
+    monkeypatch.undo()
+    manager.end_epoch(1, {"acc": 0.5})  # the retry does what the failed call would have done
+    assert rig.stage(SEED0) == S.RECYCLING and manager.val_metrics == {"acc": 0.5}
+
+
+def test_a_rollback_replays_the_epoch_boundary_of_its_checkpoint(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    assert rig.send("cull", SEED0, embargo_epochs=1)
+    manager.end_epoch(0)  # the checkpoint is written before this boundary's tick
+    after = _live(rig)
+    manager.end_epoch(1)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert_same(after, _live(rig))
+
+
+@pytest.mark.parametrize("where", ["optimizer_state", "weights_written"])
+def test_a_rollback_failing_late_changes_nothing(
+    rig: Rig, mlp, published, monkeypatch, where: str
+) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)  # diverge: other kernels, optimizers, stages
+    assert rig.send("germinate", SEED1, published[2])
+    rig.train(2)
+    manager.end_epoch(1)
+    before = _live(rig)
+    if where == "optimizer_state":
+
+        def failing_load(self, state):
+            raise ValueError("optimizer state does not load")
+
+        monkeypatch.setattr(type(manager.optimizers), "load_state_dict", failing_load)
+    else:  # the weights are written, then the write fails: they must be put back
+        real, calls = rig.model.load_state_dict, []
+
+        def failing_write(state_dict, strict=True):
+            result = real(state_dict, strict=strict)
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("device lost mid-restore")
+            return result
+
+        monkeypatch.setattr(rig.model, "load_state_dict", failing_write)
+    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    monkeypatch.undo()
+    assert_same(before, _live(rig))
+    kernel = manager.seed(SEED1).kernel
+    assert kernel is not None and not kernel.released and manager.seed(SEED0).kernel is None
+    assert rig.train(1)["seeds_stepped"] == [SEED1]
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))  # now it can
+
+
+def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    manager = rig.manager
+    loader = manager.loader
+    real_original, real_copy = loader.original, loader.copy
+    evicted: list[bool] = []
+
+    def copy_racing_an_evict(original):
+        evicted.append(manager.evict_kernel(mlp))  # pinned by now: refused
+        return real_copy(original)
+
+    monkeypatch.setattr(loader, "copy", copy_racing_an_evict)
+    assert rig.send("germinate", SEED0, mlp)
+    kernel = manager.seed(SEED0).kernel
+    assert evicted == [False] and not kernel.released and kernel.get_memory_size() > 0
+    assert manager.kernel_cache.is_pinned(mlp)
+    monkeypatch.undo()
+
+    def original_then_evicted(artifact_id):
+        original = real_original(artifact_id)
+        manager.kernel_cache.unpin(mlp)  # (SEED0's pin, so that the evict can happen)
+        evicted.append(manager.evict_kernel(artifact_id))
+        manager.require_registry()[SEED0].pinned = False
+        return original
+
+    monkeypatch.setattr(loader, "original", original_then_evicted)
+    assert not rig.send("germinate", SEED1, mlp)
+    assert evicted[-1] and "was evicted" in manager.command_log[-1][3]
+    assert rig.stage(SEED1) == S.DORMANT and manager.seed(SEED1).kernel is None
+    assert mlp not in manager.kernel_cache and SEED1 not in manager.optimizers.seed_ids
+    monkeypatch.undo()
+    assert rig.send("germinate", SEED1, mlp)  # loaded again: a valid kernel
+    assert manager.seed(SEED1).kernel.get_memory_size() > 0
+
+
+def test_a_copy_racing_an_eviction_is_refused(rig: Rig, mlp, monkeypatch) -> None:
+    import kasmina.urza.loader as loader_module
+
+    manager = rig.manager
+    original = manager.loader.original(mlp)
+    real_deepcopy = loader_module.copy.deepcopy
+
+    def deepcopy_while_evicted(obj, memo=None):
+        assert manager.evict_kernel(mlp)  # unpinned: released while it is copied
+        return real_deepcopy(obj, memo)
+
+    monkeypatch.setattr(loader_module.copy, "deepcopy", deepcopy_while_evicted)
+    with pytest.raises(ValueError, match="while it was copied"):
+        manager.loader.copy(original)

@@ -51,13 +51,18 @@ def arm_pt2(payload: bytes, marker: pathlib.Path) -> bytes:
 
 
 class FlakyFS:
-    """Wraps an fsspec filesystem: can be taken down, slowed, and counts reads per path."""
+    """Wraps an fsspec filesystem: can be taken down (all paths, or those ending in one of
+    ``fail_suffixes``), slowed (per open, and per chunk read), and counts opens and the bytes
+    actually read per path."""
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         self.down = False
+        self.fail_suffixes: tuple[str, ...] = ()
         self.delay_s = 0.0
+        self.chunk_delay_s = 0.0
         self.reads: dict[str, int] = {}
+        self.bytes_read: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _enter(self, path: str) -> None:
@@ -65,20 +70,57 @@ class FlakyFS:
             self.reads[path] = self.reads.get(path, 0) + 1
         if self.delay_s:
             time.sleep(self.delay_s)
-        if self.down:
+        if self.down or (self.fail_suffixes and str(path).endswith(self.fail_suffixes)):
             raise ConnectionError("store unreachable")
 
     def cat_file(self, path: str, **kwargs: Any) -> bytes:
         self._enter(path)
-        return self.fs.cat_file(path, **kwargs)
+        data = self.fs.cat_file(path, **kwargs)
+        self._count(path, len(data))
+        return data
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> CountingFile:
+        self._enter(path)
+        return CountingFile(self.fs.open(path, mode, **kwargs), self, path)
 
     def ls(self, path: str, **kwargs: Any) -> Any:
         self._enter(path)
         return self.fs.ls(path, **kwargs)
 
+    def _count(self, path: str, n: int) -> None:
+        with self._lock:
+            self.bytes_read[path] = self.bytes_read.get(path, 0) + n
+
     def reads_of(self, suffix: str) -> int:
         with self._lock:
             return sum(n for p, n in self.reads.items() if p.endswith(suffix))
+
+    def bytes_of(self, suffix: str) -> int:
+        with self._lock:
+            return sum(n for p, n in self.bytes_read.items() if p.endswith(suffix))
+
+
+class CountingFile:
+    """A file from ``FlakyFS.open``: counts the bytes each ``read`` returns."""
+
+    def __init__(self, f: Any, owner: FlakyFS, path: str) -> None:
+        self.f, self.owner, self.path = f, owner, path
+
+    def read(self, n: int = -1) -> bytes:
+        if self.owner.chunk_delay_s:
+            time.sleep(self.owner.chunk_delay_s)
+        data = self.f.read(n)
+        self.owner._count(self.path, len(data))
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> CountingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class FakeClock:

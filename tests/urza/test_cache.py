@@ -219,3 +219,22 @@ def test_put_and_evict_never_walk_the_cache_and_pins_keep_the_books() -> None:
     assert cache.put("c", FakeKernel(free // 2))  # 1024 bytes short: p0, older than b, goes
     assert "p0" not in cache and pinned[0].releases == 1
     assert cache.bytes_used <= cache.max_bytes and cache.stats()["pinned"] == 199
+
+
+def test_eviction_is_marked_before_the_release_and_pin_returns_the_kernel() -> None:
+    cache = GPUKernelCache(cache_size_mb=1)
+    seen: list[bool] = []
+
+    class Watched(FakeKernel):
+        def release_gpu_memory(self) -> None:
+            seen.append(cache.was_evicted(self))  # a copier can already tell, mid-release
+            super().release_gpu_memory()
+
+    a, b = Watched(MB), Watched(MB)
+    cache.put("a", a)
+    assert cache.pin("a") is a and not cache.evict("a") and not cache.was_evicted(a)
+    cache.unpin("a")
+    assert cache.evict("a") and cache.was_evicted(a) and seen == [True]
+    cache.put("b", b)
+    cache.put("c", FakeKernel(MB))  # b evicted by a put
+    assert cache.was_evicted(b) and seen == [True, True]

@@ -318,18 +318,22 @@ def test_retries_backoff_breaker_and_recovery(store, keyring) -> None:
     )
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.down = True
-    with pytest.raises(UrzaUnavailableError, match="after 3 attempts") as info:
-        urza.fetch(manifest.artifact_id)
-    assert isinstance(info.value.__cause__, ConnectionError)
-    assert sleeps == [0.1, 0.15]  # exponential, capped
-    assert urza.breaker.state == "open"
+    # One fetch is one failure for the breaker, however many attempts it made.
+    for fetch in range(3):
+        assert urza.breaker.state == "closed"
+        with pytest.raises(UrzaUnavailableError, match="after 3 attempts") as info:
+            urza.fetch(manifest.artifact_id)
+        assert isinstance(info.value.__cause__, ConnectionError)
+        assert sleeps == [0.1, 0.15] * (fetch + 1)  # exponential, capped
+    assert urza.breaker.state == "open" and urza.breaker.times_opened == 1
     reads = sum(flaky.reads.values())
+    assert reads == 9
     with pytest.raises(UrzaUnavailableError, match="breaker is open"):
         urza.fetch(manifest.artifact_id)
     assert sum(flaky.reads.values()) == reads  # open: the store is not touched
-    # Half-open trial while the store is still down: one read, open again.
+    # Half-open trial while the store is still down: one read (no retries), open again.
     clock.now += 31
-    with pytest.raises(UrzaUnavailableError, match="breaker is open"):
+    with pytest.raises(UrzaUnavailableError, match="after 1 attempt:"):
         urza.fetch(manifest.artifact_id)
     assert sum(flaky.reads.values()) == reads + 1
     assert urza.breaker.state == "open" and urza.breaker.times_opened == 2
@@ -340,14 +344,53 @@ def test_retries_backoff_breaker_and_recovery(store, keyring) -> None:
     assert fetched == manifest and urza.breaker.state == "closed"
 
 
+def test_breaker_opens_when_manifests_load_but_payloads_fail(store, keyring) -> None:
+    """A fetch is one outcome: a manifest read that succeeds must not reset the count."""
+    root, manifest = store
+    urza = client(str(root), keyring, retries=1, breaker_threshold=3, clock=FakeClock())
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.fail_suffixes = (".pt2",)
+    for _ in range(3):
+        assert urza.breaker.state == "closed"
+        with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
+            urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "open" and urza.breaker.times_opened == 1
+    assert flaky.reads_of(".manifest.json") == 3 and flaky.reads_of(".pt2") == 6
+    with pytest.raises(UrzaUnavailableError, match="breaker is open"):
+        urza.fetch(manifest.artifact_id)
+    assert flaky.reads_of(".manifest.json") == 3  # open: not even the manifest is read
+
+
+def test_answers_from_the_store_are_breaker_successes(store, keyring) -> None:
+    """Missing or corrupt artifacts are answers: they reset the count and never open it."""
+    root, manifest = store
+    urza = client(str(root), keyring, breaker_threshold=2, clock=FakeClock())
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError):
+        urza.fetch(manifest.artifact_id)
+    flaky.down = False
+    path = payload_path(root, manifest.artifact_id)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ArtifactIntegrityError):
+        urza.fetch(manifest.artifact_id)
+    with pytest.raises(ArtifactNotFoundError):
+        urza.fetch("absent")
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError):
+        urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "closed"  # the failures were not consecutive
+
+
 def test_slow_store_times_out(store, keyring) -> None:
     root, manifest = store
     urza = client(str(root), keyring, timeout_s=0.05, retries=1, breaker_threshold=2)
     urza._fs = FlakyFS(urza._fs)
     urza._fs.delay_s = 0.5
-    with pytest.raises(UrzaUnavailableError) as info:
-        urza.fetch(manifest.artifact_id)
-    assert isinstance(info.value.__cause__, TimeoutError)
+    for _ in range(2):
+        with pytest.raises(UrzaUnavailableError, match="after 2 attempts") as info:
+            urza.fetch(manifest.artifact_id)
+        assert isinstance(info.value.__cause__, TimeoutError)
     assert urza.breaker.state == "open"
 
 

@@ -1,0 +1,196 @@
+"""Urza store reads are bounded and streamed: oversize manifests and payloads are refused after
+reading at most their limit plus one chunk, and an abandoned read stops reading."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kasmina.errors import ArtifactIntegrityError, UrzaUnavailableError
+from kasmina.urza.artifact import Manifest, read_bounded, sign_manifest
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.publish import publish_payload
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.urza.helpers import FlakyFS, serve_directory
+
+MiB = 1 << 20
+PAYLOAD = bytes(range(256)) * 4  # 1024 bytes
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key()})
+
+
+@pytest.fixture
+def store(tmp_path: Path, keyring: Keyring) -> Path:
+    root = tmp_path / "store"
+    publish_payload(PAYLOAD, str(root), "bp", keyring, "pub", "a1")
+    return root
+
+
+def client(url: str, keyring: Keyring, **kwargs) -> tuple[UrzaLibraryClient, FlakyFS]:
+    kwargs.setdefault("retries", 0)
+    kwargs.setdefault("backoff_s", 0.0)
+    urza = UrzaLibraryClient(url, keyring, **kwargs)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    return urza, flaky
+
+
+def declare(root: Path, keyring: Keyring, artifact_id: str, size: int) -> None:
+    """A validly signed manifest declaring ``size`` bytes (and a hash nothing will match)."""
+    manifest = Manifest(artifact_id, "bp", "0" * 64, size, (), "pub", 1.0, "2")
+    (root / f"{artifact_id}.manifest.json").write_bytes(
+        sign_manifest(manifest, keyring, "pub").to_json()
+    )
+
+
+def sparse(path: Path, size: int) -> None:
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("chunk", [64 * 1024, MiB])
+def test_oversize_manifest_is_refused_after_a_bounded_read(store, keyring, chunk) -> None:
+    sparse(store / "a1.manifest.json", 256 * MiB)
+    urza, flaky = client(str(store), keyring, chunk_bytes=chunk)
+    started = time.perf_counter()
+    with pytest.raises(ArtifactIntegrityError, match=r"manifest is larger than 4194304 bytes"):
+        urza.fetch("a1")
+    assert flaky.bytes_of(".manifest.json") <= 4 * MiB + chunk
+    assert flaky.reads_of(".pt2") == 0  # the payload is never touched
+    assert urza.breaker.state == "closed"  # a refusal is an answer, not an outage
+    assert time.perf_counter() - started < 5
+    # A tighter configured limit applies to real manifests too.
+    small, _ = client(str(store), keyring, max_manifest_bytes=100)
+    with pytest.raises(ArtifactIntegrityError, match="max_manifest_bytes"):
+        small.get_manifest("a1")
+
+
+def test_dev_zero_manifest_is_refused_after_a_bounded_read(store, keyring) -> None:
+    path = store / "a1.manifest.json"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    urza, flaky = client(str(store), keyring, max_manifest_bytes=MiB, chunk_bytes=256 * 1024)
+    with pytest.raises(ArtifactIntegrityError, match="manifest is larger than"):
+        urza.get_manifest("a1")
+    assert flaky.bytes_of(".manifest.json") <= MiB + 256 * 1024
+
+
+def test_payload_larger_than_declared_is_refused_after_a_bounded_read(store, keyring) -> None:
+    sparse(store / "a1.pt2", 600 * MiB)  # declared 1024 bytes, 600 MiB on disk (sparse)
+    urza, flaky = client(str(store), keyring)
+    with pytest.raises(ArtifactIntegrityError, match="payload is larger than 1024 bytes"):
+        urza.fetch("a1")
+    assert 0 < flaky.bytes_of(".pt2") <= 1024 + 1
+
+
+def test_payload_declared_above_max_artifact_bytes_is_never_read(store, keyring) -> None:
+    sparse(store / "big.pt2", 600 * MiB)
+    declare(store, keyring, "big", 600 * MiB)
+    urza, flaky = client(str(store), keyring, max_artifact_bytes=8 * MiB)
+    with pytest.raises(ArtifactIntegrityError, match="above max_artifact_bytes"):
+        urza.fetch("big")
+    assert flaky.reads_of(".pt2") == 0 and flaky.bytes_of(".pt2") == 0
+    # The default ceiling (1 GiB) applies without any setting.
+    declare(store, keyring, "huge", 2 << 30)
+    sparse(store / "huge.pt2", 2 << 30)
+    with pytest.raises(ArtifactIntegrityError, match="above max_artifact_bytes"):
+        client(str(store), keyring)[0].fetch("huge")
+
+
+@pytest.mark.parametrize("declared", [1024, 8 * MiB])
+def test_dev_zero_payload_is_refused_after_a_bounded_read(store, keyring, declared) -> None:
+    if declared != 1024:
+        declare(store, keyring, "a1", declared)
+    path = store / "a1.pt2"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    urza, flaky = client(str(store), keyring)
+    with pytest.raises(ArtifactIntegrityError, match=f"payload is larger than {declared} bytes"):
+        urza.fetch("a1")
+    assert flaky.bytes_of(".pt2") <= declared + 1
+
+
+def test_streamed_hash_over_many_chunks(store, keyring) -> None:
+    urza, flaky = client(str(store), keyring, chunk_bytes=7)
+    payload, manifest = urza.fetch("a1")
+    assert payload == PAYLOAD and manifest.verified
+    assert flaky.bytes_of(".pt2") == len(PAYLOAD)
+    data = bytearray(PAYLOAD)
+    data[-1] ^= 1
+    (store / "a1.pt2").write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        urza.fetch("a1")
+    (store / "a1.pt2").write_bytes(PAYLOAD[:-1])
+    with pytest.raises(ArtifactIntegrityError, match="payload is 1023 bytes"):
+        urza.fetch("a1")
+
+
+def test_memory_store_streams(keyring) -> None:
+    url = f"memory://urza-{uuid.uuid4().hex}"
+    publish_payload(PAYLOAD, url, "bp", keyring, "pub", "a1")
+    urza, flaky = client(url, keyring, chunk_bytes=100)
+    assert urza.fetch("a1")[0] == PAYLOAD
+    assert flaky.bytes_of(".pt2") == len(PAYLOAD)
+
+
+def test_http_store_refuses_an_oversize_payload(store, keyring) -> None:
+    sparse(store / "a1.pt2", 600 * MiB)
+    with serve_directory(store) as url:
+        urza = UrzaLibraryClient(url, keyring, retries=0, timeout_s=5.0)
+        started = time.perf_counter()
+        with pytest.raises(ArtifactIntegrityError, match="payload is larger than 1024 bytes"):
+            urza.fetch("a1")
+        assert time.perf_counter() - started < 5
+
+
+def test_abandoned_read_stops_reading(store, keyring) -> None:
+    """A payload read that times out stops at its next chunk instead of reading on."""
+    declare(store, keyring, "a1", 512 * MiB)
+    path = store / "a1.pt2"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    chunk = 64 * 1024
+    urza, flaky = client(str(store), keyring, timeout_s=0.2, chunk_bytes=chunk)
+    flaky.chunk_delay_s = 0.01  # unbounded, this read would take 80 s
+    before = set(threading.enumerate())
+    with pytest.raises(UrzaUnavailableError) as info:
+        urza.fetch("a1")
+    assert isinstance(info.value.__cause__, TimeoutError)
+    workers = [t for t in threading.enumerate() if t not in before and t.name == "urza-io"]
+    for t in workers:
+        t.join(timeout=2)
+    assert not any(t.is_alive() for t in workers)
+    read = flaky.bytes_of(".pt2")
+    assert 0 < read <= (0.2 / 0.01 + 3) * chunk  # at most the timeout's worth, plus one chunk
+    time.sleep(0.05)
+    assert flaky.bytes_of(".pt2") == read
+
+
+def test_read_bounded_unit(tmp_path) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdef")
+    hasher = hashlib.sha256()
+    assert read_bounded(fs, str(path), 6, what="f", why="t", chunk_bytes=4, hasher=hasher) == (
+        b"abcdef"
+    )
+    assert hasher.hexdigest() == hashlib.sha256(b"abcdef").hexdigest()
+    with pytest.raises(ArtifactIntegrityError, match=r"f is larger than 5 bytes \(t\)"):
+        read_bounded(fs, str(path), 5, what="f", why="t", chunk_bytes=4)
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(TimeoutError):
+        read_bounded(fs, str(path), 6, what="f", why="t", cancelled=cancelled)
+    with pytest.raises(FileNotFoundError):
+        read_bounded(fs, str(tmp_path / "missing"), 6, what="f", why="t")
+    with pytest.raises(ValueError):
+        read_bounded(fs, str(path), 6, what="f", why="t", chunk_bytes=0)
