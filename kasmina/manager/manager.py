@@ -311,8 +311,9 @@ class KasminaKernelManager:
         started = time.perf_counter_ns()
         ok = self.handler.handle_adaptation_command(raw)
         elapsed = time.perf_counter_ns() - started
-        self.perf["command"].add_ns(elapsed)
-        self.perf["overhead"].add_ns(elapsed - self._exec_ns)
+        perf = self.state.perf
+        perf["command"].add_ns(elapsed)
+        perf["overhead"].add_ns(elapsed - self._exec_ns)
         return ok
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
@@ -376,8 +377,10 @@ class KasminaKernelManager:
         step is skipped in a step where a leak was found), non-finite seed outputs polled, grads
         zeroed, GRAFTING alphas advanced, telemetry. Returns what it did."""
         started = time.perf_counter_ns()
+        state = self.state
         with self._lock:
-            registry = self.require_registry()
+            registry = state.require_registry()
+            optimizers = state.optimizers
             clean = self.check_gradient_isolation()
             nonfinite = [
                 r.seed_id
@@ -385,27 +388,26 @@ class KasminaKernelManager:
                 if r.kernel is not None and r.seed.poll_nonfinite()
             ]
             host_stepped = False
-            if self.optimizers.has_host and clean:
-                host_stepped = self.optimizers.step(HOST_ID, grad_clip_norm)
+            if optimizers.has_host and clean:
+                host_stepped = optimizers.step(HOST_ID, grad_clip_norm)
             stepped = [
                 r.seed_id
                 for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
-                if r.seed_id in self.optimizers.seed_ids
-                and self.optimizers.step(r.seed_id, grad_clip_norm)
+                if r.seed_id in optimizers.seed_ids and optimizers.step(r.seed_id, grad_clip_norm)
             ]
-            self.optimizers.zero_grad()
+            optimizers.zero_grad()
             self._drop_unused_kd_losses(registry)
-            config = self.config
+            config = state.config
             for record in registry.in_stages([SeedStage.GRAFTING]):
                 record.graft_steps += 1
                 record.seed.update_alpha_blending(
                     record.graft_steps, config.grafting_steps, config.grafting_temperature
                 )
-            self.state.global_step += 1
-        self.perf["step"].add_ns(time.perf_counter_ns() - started)
+            state.global_step += 1
+        state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()
         return {
-            "step": self.global_step,
+            "step": state.global_step,
             "isolation_clean": clean,
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,

@@ -6,12 +6,12 @@ checkpoint's *shape*. The snapshot therefore records which artifact each seed he
 is all-or-nothing (docs/design.md §6a), in three phases:
 
 1. nothing live changes: the checkpoint is loaded, the kernels it names are loaded and copied
-   (fresh copies of the cached originals), the weights are checked against the layout the model
-   will have with those kernels, and the optimizer layout it describes (host groups, promoted
-   seeds, seed optimizers) is built beside the live one and loaded with the saved states;
-2. reversible writes: the kernels are swapped in, then weights and the state table are written
-   (``restore_training_state`` undoes its own writes on failure); a failure puts the old kernels
-   and the table back;
+   (fresh copies of the cached originals), and the optimizer layout it describes (host groups,
+   promoted seeds, seed optimizers) is built beside the live one and loaded with the saved
+   states;
+2. reversible writes: the kernels are swapped in, then ``restore_training_state`` validates the
+   weights against the swapped model (keys and shapes) and writes them and the state table,
+   undoing its own writes if one fails; any failure puts the old kernels and the table back;
 3. the commit, which cannot fail: the new optimizers, counters and records take over.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
@@ -113,7 +113,6 @@ def restore_epoch(
             if artifact_id is not None:
                 original = state.loader.original(artifact_id)
                 fresh[seed_id] = (artifact_id, state.loader.copy(original))
-        _check_weights(registry, changes, fresh, checkpoint)
         optimizers = _rebuild_optimizers(state, registry, changes, fresh, checkpoint)
     except BaseException:
         _release(fresh)
@@ -141,51 +140,6 @@ def restore_epoch(
     if pending and boundary is not None:
         boundary()
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
-
-
-def _kernel_prefixes(registry: SlotRegistry, seed_ids: object) -> dict[str, str]:
-    """Each seed's state_dict prefix for its kernel in the model (``<seed name>.kernel.``)."""
-    names = {id(module): name for name, module in registry.model.named_modules()}
-    prefixes = {}
-    for seed_id in seed_ids:  # type: ignore[attr-defined]
-        name = names.get(id(registry[seed_id].seed))
-        if name is None:
-            raise ValueError(f"seed {seed_id} is not part of the managed model")
-        prefixes[seed_id] = f"{name}.kernel." if name else "kernel."
-    return prefixes
-
-
-def _check_weights(
-    registry: SlotRegistry,
-    changes: dict[str, str | None],
-    fresh: dict[str, tuple[str, GPUKernel]],
-    checkpoint: Mapping[str, Any],
-) -> None:
-    """The checkpoint's weights against the layout the model will have once the changed seeds
-    hold the fresh kernels: same keys, same shapes (checked before anything is swapped)."""
-    saved = (checkpoint.get("modules") or {}).get("model")
-    if not isinstance(saved, Mapping):
-        raise ValueError("the checkpoint holds no model state")
-    prefixes = _kernel_prefixes(registry, changes)
-    expected: dict[str, tuple[int, ...] | None] = {}
-    for key, value in registry.model.state_dict().items():
-        if not any(key.startswith(prefix) for prefix in prefixes.values()):
-            expected[key] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-    for seed_id, (_, kernel) in fresh.items():
-        for key, value in kernel.state_dict().items():
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-            expected[prefixes[seed_id] + key] = shape
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint for module 'model' does not match: missing {missing}, "
-            f"unexpected {unexpected}"
-        )
-    for key, shape in expected.items():
-        value = saved[key]
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-        if shape is not None and got != shape:
-            raise ValueError(f"checkpoint for model.{key} has shape {got}, expected {shape}")
 
 
 def _swap_kernels(

@@ -320,16 +320,13 @@ def verify_payload(payload: bytes, manifest: Manifest) -> None:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     _check_size(len(payload), manifest)  # a wrong size is refused before hashing
-    verify_payload_digest(len(payload), hashlib.sha256(payload).hexdigest(), manifest)
+    _check_digest(hashlib.sha256(payload).hexdigest(), manifest)
 
 
 def verify_payload_digest(size: int, sha256_hex: str, manifest: Manifest) -> None:
     """``verify_payload`` for a payload hashed while it streamed: its size, then its SHA-256."""
     _check_size(size, manifest)
-    if not hmac.compare_digest(sha256_hex, manifest.sha256):
-        raise ArtifactIntegrityError(
-            f"artifact {manifest.artifact_id!r}: payload SHA-256 does not match its manifest"
-        )
+    _check_digest(sha256_hex, manifest)
 
 
 def _check_size(size: int, manifest: Manifest) -> None:
@@ -337,4 +334,11 @@ def _check_size(size: int, manifest: Manifest) -> None:
         raise ArtifactIntegrityError(
             f"artifact {manifest.artifact_id!r}: payload is {size} bytes, "
             f"manifest says {manifest.size}"
+        )
+
+
+def _check_digest(sha256_hex: str, manifest: Manifest) -> None:
+    if not hmac.compare_digest(sha256_hex, manifest.sha256):
+        raise ArtifactIntegrityError(
+            f"artifact {manifest.artifact_id!r}: payload SHA-256 does not match its manifest"
         )

@@ -27,7 +27,8 @@ __all__ = ["CachedKernel", "GPUKernelCache"]
 
 
 class CachedKernel(Protocol):
-    """What the cache needs of a kernel (``GPUKernel`` provides it)."""
+    """What the cache needs of a kernel (``GPUKernel`` provides it). Kernels must be weakly
+    referenceable (any ordinary class is): the cache remembers removed kernels weakly."""
 
     def get_memory_size(self) -> int: ...
 
@@ -108,14 +109,14 @@ class GPUKernelCache:
                     self._pinned_bytes -= old_size
                 if old[0] is not kernel:
                     victims.append(old[0])
-                    self._mark_evicted(old[0])
+                    self._evicted.add(old[0])
             while self._bytes + size > self.max_bytes:
                 victim_id, _ = self._lru.popitem(last=False)
                 victim, victim_size = self._entries.pop(victim_id)
                 self._bytes -= victim_size
                 self.evictions += 1
                 victims.append(victim)
-                self._mark_evicted(victim)
+                self._evicted.add(victim)
                 logger.debug("evicted kernel %s (%d bytes)", victim_id, victim_size)
             self._entries[kernel_id] = (kernel, size)
             self._bytes += size
@@ -140,7 +141,7 @@ class GPUKernelCache:
             del self._lru[kernel_id]
             self._bytes -= entry[1]
             self.evictions += 1
-            self._mark_evicted(entry[0])
+            self._evicted.add(entry[0])
         entry[0].release_gpu_memory()
         return True
 
@@ -148,16 +149,7 @@ class GPUKernelCache:
         """True once ``kernel`` was removed from this cache (evicted or replaced): its memory
         is released, or being released. Marked under the lock, before the release starts."""
         with self._lock:
-            try:
-                return kernel in self._evicted
-            except TypeError:  # not weakly referenceable: never marked
-                return False
-
-    def _mark_evicted(self, kernel: object) -> None:
-        try:
-            self._evicted.add(kernel)
-        except TypeError:
-            pass
+            return kernel in self._evicted  # False for an object the cache never held
 
     def pin(self, kernel_id: str) -> CachedKernel:
         """Protect a cached kernel from eviction (counted: one unpin per pin); returns the

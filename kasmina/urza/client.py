@@ -292,15 +292,9 @@ class UrzaLibraryClient:
         path = self._path(artifact_id, MANIFEST_SUFFIX)
 
         def read(cancelled: threading.Event) -> bytes:
-            return read_bounded(
-                self._fs,
-                path,
-                self.max_manifest_bytes,
-                what=f"artifact {artifact_id!r}: manifest",
-                why="max_manifest_bytes",
-                chunk_bytes=self.chunk_bytes,
-                cancelled=cancelled,
-                open_kwargs=self._open_kwargs,
+            what = f"artifact {artifact_id!r}: manifest"
+            return self._read_bounded(
+                path, self.max_manifest_bytes, what, "max_manifest_bytes", cancelled
             )
 
         try:
@@ -327,17 +321,8 @@ class UrzaLibraryClient:
 
         def read(cancelled: threading.Event) -> tuple[bytes, str]:
             hasher = hashlib.sha256()  # a fresh one per attempt
-            data = read_bounded(
-                self._fs,
-                path,
-                manifest.size,
-                what=f"artifact {artifact_id!r}: payload",
-                why="the size its manifest declares",
-                chunk_bytes=self.chunk_bytes,
-                hasher=hasher,
-                cancelled=cancelled,
-                open_kwargs=self._open_kwargs,
-            )
+            what, why = f"artifact {artifact_id!r}: payload", "the size its manifest declares"
+            data = self._read_bounded(path, manifest.size, what, why, cancelled, hasher)
             return data, hasher.hexdigest()
 
         try:
@@ -349,6 +334,28 @@ class UrzaLibraryClient:
         verify_payload_digest(len(payload), digest, manifest)
         logger.debug("fetched and verified %s (%d bytes)", artifact_id, len(payload))
         return payload, manifest
+
+    def _read_bounded(
+        self,
+        path: str,
+        limit: int,
+        what: str,
+        why: str,
+        cancelled: threading.Event,
+        hasher: Any = None,
+    ) -> bytes:
+        """``read_bounded`` with this client's store, chunk size and open options."""
+        return read_bounded(
+            self._fs,
+            path,
+            limit,
+            what=what,
+            why=why,
+            chunk_bytes=self.chunk_bytes,
+            hasher=hasher,
+            cancelled=cancelled,
+            open_kwargs=self._open_kwargs,
+        )
 
     def _breaker_op(self, op: Callable[[int], T]) -> T:
         """One operation (a fetch, a manifest read, a listing) as one breaker outcome.

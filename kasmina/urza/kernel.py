@@ -145,6 +145,9 @@ class GPUKernel(nn.Module):
         unusable afterwards: calling it raises. Idempotent."""
         if self.inner is None:
             return
+        # Marked before the tensors are emptied, so a copy that overlaps the release sees the
+        # flag when it checks afterwards (KernelLoader.copy does).
+        self._released = True
         for module in self.inner.modules():
             for param in module._parameters.values():
                 if param is not None:
@@ -157,7 +160,6 @@ class GPUKernel(nn.Module):
                 if isinstance(value, torch.Tensor):
                     setattr(module, name, torch.empty(0, dtype=value.dtype, device=value.device))
         self.inner = None
-        self._released = True
         logger.debug("released kernel %s", self.artifact_id)
 
     def extra_repr(self) -> str:
