@@ -74,8 +74,14 @@ def test_germinate_end_to_end_warm_cache(benchmark, tmp_path, artifact, keyring)
         return (sign_command(cmd, keyring, "ctl").SerializeToString(),), {}
 
     results = []
+
+    def germinate(raw: bytes) -> None:
+        # Accepted on arrival, applied at the safe point: both halves are the GERMINATE.
+        accepted = manager.handle_adaptation_command(raw)
+        results.append(accepted and all(o.ok for o in manager.apply_pending()))
+
     benchmark.pedantic(
-        lambda raw: results.append(manager.handle_adaptation_command(raw)),
+        germinate,
         setup=setup,
         rounds=ROUNDS,
         warmup_rounds=2,
@@ -86,7 +92,7 @@ def test_germinate_end_to_end_warm_cache(benchmark, tmp_path, artifact, keyring)
     metrics = manager.get_performance_metrics()
     benchmark.extra_info["target"] = (
         "no §8 number for the whole GERMINATE; its handler part (parse+verify+validate+"
-        f"dispatch) p50 <= 20 us: measured {metrics['command_overhead_p50_us']:.1f} us"
+        f"queue) p50 <= 20 us: measured {metrics['command_overhead_p50_us']:.1f} us"
     )
     benchmark.extra_info["handler_overhead_p50_us"] = metrics["command_overhead_p50_us"]
 

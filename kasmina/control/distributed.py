@@ -16,6 +16,8 @@ logged, reported by telemetry, and that rank's ``on_divergence`` callback quaran
 Freshness: a command is verified when it is applied, not when it is submitted, so the verifier's
 freshness window must cover the time between submission and the next ``sync_epoch`` (sync more
 often than once per epoch if epochs are long; any boundary works as long as all ranks call it).
+A handler that queues commands for its own safe point (the kernel manager) has them applied at
+``sync_epoch`` itself, waiting for kernel fetches (each bounded by its command's timeout).
 
 Without an initialised process group the coordinator runs as a single rank with no collectives,
 so the same training loop works in one process and under ``torchrun``.
@@ -32,12 +34,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-from kasmina.leyline import MetricType
+from kasmina.leyline import AdaptationCommand, MetricType
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -51,6 +53,22 @@ class CommandHandler(Protocol):
     """What a rank applies commands through (``LeylineAdaptationHandler`` satisfies it)."""
 
     def handle_adaptation_command(self, raw: bytes) -> bool: ...
+
+
+class CommandOutcomeLike(Protocol):
+    command_id: str
+    ok: bool
+
+
+@runtime_checkable
+class DeferredCommandHandler(Protocol):
+    """A handler that only accepts commands and applies them at its next safe point (the
+    kernel manager): ``sync_epoch`` is such a point, so it applies them there, waiting for
+    kernel fetches, and every rank reports what was actually applied."""
+
+    def handle_adaptation_command(self, raw: bytes) -> bool: ...
+
+    def apply_pending(self, *, wait: bool = False) -> Sequence[CommandOutcomeLike]: ...
 
 
 StateProvider = Callable[[], Mapping[str, torch.Tensor]]
@@ -176,7 +194,7 @@ class DistributedCoordinator:
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
         """Collective: every rank must call it at the same boundary with the same ``epoch``."""
         commands = self._broadcast_commands(epoch)
-        outcomes = tuple(self._apply(raw) for raw in commands)
+        outcomes = self._apply_all(commands)
         checksum = state_checksum(self.state_provider())
         outcome_digest = zlib.crc32(bytes(outcomes))
         rows = self._all_gather([epoch, checksum, outcome_digest, len(commands)])
@@ -194,10 +212,18 @@ class DistributedCoordinator:
         self._report(result)
         return result
 
-    def _apply(self, raw: bytes) -> bool:
-        ok = bool(self.handler.handle_adaptation_command(raw))
-        self.stats["applied" if ok else "refused"] += 1
-        return ok
+    def _apply_all(self, commands: list[bytes]) -> tuple[bool, ...]:
+        accepted = [bool(self.handler.handle_adaptation_command(raw)) for raw in commands]
+        outcomes = accepted
+        if isinstance(self.handler, DeferredCommandHandler):
+            applied = {o.command_id: o.ok for o in self.handler.apply_pending(wait=True)}
+            outcomes = [
+                ok and applied.get(_command_id(raw), False)
+                for ok, raw in zip(accepted, commands, strict=True)
+            ]
+        for ok in outcomes:
+            self.stats["applied" if ok else "refused"] += 1
+        return tuple(outcomes)
 
     def _broadcast_commands(self, epoch: int) -> list[bytes]:
         if not self.distributed:
@@ -400,3 +426,8 @@ def spawn(
         nprocs=nprocs,
         join=True,
     )
+
+
+def _command_id(raw: bytes) -> str:
+    """The id of an accepted command (it parsed when it was accepted)."""
+    return AdaptationCommand.FromString(raw).command_id

@@ -79,10 +79,17 @@ class KasminaConfig:
     hmac_keys_file: str | None = None
     # Commands whose timestamp is further than this from now are rejected (seconds).
     command_freshness_s: float = 60.0
+    # Verified commands waiting for the training thread's next safe point; more are refused.
+    max_pending_commands: int = 256
+    # Worker threads fetching GERMINATE kernels ahead of their safe point.
+    fetch_workers: int = 2
 
     # --- Gradient isolation, checkpoints (docs/design.md §4) --------------------------------------
     # Isolation violations of one seed that trip its circuit breaker (QUARANTINE).
     max_isolation_violations: int = 3
+    # Faults of one seed's kernel (raised, wrong shape/dtype, non-finite) before QUARANTINE;
+    # each fault falls back to the host output for that forward.
+    seed_fault_limit: int = 3
     # Atomic per-epoch checkpoints for rollback.
     checkpoint_dir: str = field(default_factory=_default_checkpoint_dir)
     # Emergency checkpoints written when a breaker trips.
@@ -138,7 +145,10 @@ class KasminaConfig:
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
         _positive("command_freshness_s", self.command_freshness_s)
+        _positive_int("max_pending_commands", self.max_pending_commands)
+        _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
+        _positive_int("seed_fault_limit", self.seed_fault_limit)
         for name in ("checkpoint_dir", "emergency_checkpoint_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:

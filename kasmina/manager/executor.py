@@ -19,6 +19,9 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
 
 from kasmina.control.commands import KasminaCommand, SeedAction
 from kasmina.errors import (
@@ -43,10 +46,11 @@ from kasmina.stages import (
     SeedStage,
     StateColumn,
 )
+from kasmina.urza.kernel import GPUKernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommandExecution", "CommandRefused"]
+__all__ = ["CommandExecution", "CommandOutcome", "CommandRefused"]
 
 S = SeedStage
 # Failures that refuse one command and leave everything as it was (anything else is a bug and
@@ -70,6 +74,17 @@ class CommandRefused(Exception):
     """A command that cannot be carried out in the seed's current state (nothing changed)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What became of one accepted command once it was applied (or refused, and why)."""
+
+    command_id: str
+    kind: str
+    target: str
+    ok: bool
+    reason: str
+
+
 class CommandExecution:
     """Carries out verified commands on the manager's seeds, kernels and optimizers.
 
@@ -84,10 +99,26 @@ class CommandExecution:
 
     # ------------------------------------------------------------------ dispatch
     def execute(self, command: KasminaCommand) -> bool:
+        """Carry out ``command`` now; whether it succeeded (see ``apply``)."""
+        return self.apply(command).ok
+
+    def apply(
+        self,
+        command: KasminaCommand,
+        *,
+        original: GPUKernel | None = None,
+        fetch_error: BaseException | None = None,
+    ) -> CommandOutcome:
+        """Carry out ``command`` now. A GERMINATE may come with its kernel already fetched
+        (``original``) or with the error its fetch ended in (``fetch_error``: refused)."""
         target = command.seed.seed_id if command.seed is not None else command.kind
         try:
+            if fetch_error is not None:
+                raise CommandRefused(
+                    f"loading its kernel failed: {_public_name(fetch_error)}: {fetch_error}"
+                )
             if command.kind == "seed" and command.seed is not None:
-                self._seed_command(command.seed, command.timeout_s)
+                self._seed_command(command.seed, command.timeout_s, original)
             elif command.kind == "rollback" and command.rollback is not None:
                 rollback = command.rollback
                 log = logger.critical if rollback.emergency else logger.warning
@@ -102,15 +133,17 @@ class CommandExecution:
             reason = str(exc) if isinstance(exc, CommandRefused) else f"{type(exc).__name__}: {exc}"
             logger.warning("command %s (%s) refused: %s", command.command_id, target, reason)
             self.report.note_command(command, False, reason)
-            return False
+            return CommandOutcome(command.command_id, command.kind, target, False, reason)
         self.report.note_command(command, True, "")
-        return True
+        return CommandOutcome(command.command_id, command.kind, target, True, "")
 
-    def _seed_command(self, action: SeedAction, timeout_s: float) -> None:
+    def _seed_command(
+        self, action: SeedAction, timeout_s: float, original: GPUKernel | None
+    ) -> None:
         record = self.state.require_registry()[action.seed_id]
         op = action.operation
         if op == SeedOperation.SEED_OPERATION_GERMINATE:
-            self.germinate(record, action.artifact_id, action.parameters, timeout_s)
+            self.germinate(record, action.artifact_id, action.parameters, timeout_s, original)
         elif op == SeedOperation.SEED_OPERATION_ADVANCE:
             self.advance(record, action.parameters)
         elif op == SeedOperation.SEED_OPERATION_CULL:
@@ -127,23 +160,21 @@ class CommandExecution:
         artifact_id: str,
         parameters: Mapping[str, float],
         timeout_s: float = math.inf,
+        original: GPUKernel | None = None,
     ) -> None:
-        """Fetch (or hit the cache), verify, pin, copy, attach, G1, optimizer, monitor,
-        ISOLATED_INIT."""
+        """Fetch (or hit the cache, or take ``original``, fetched already), verify, pin, copy,
+        dry run, attach, G1, optimizer, monitor, ISOLATED_INIT."""
         state = self.state
         if record.stage != S.DORMANT:
             raise CommandRefused(f"seed {record.seed_id} is {record.stage.name}; needs DORMANT")
         lr = float(parameters.get("learning_rate", state.seed_lr))
         if not lr > 0:
             raise CommandRefused(f"learning_rate must be > 0, got {lr}")
-        started = time.perf_counter()
-        original = state.loader.original(artifact_id)
-        elapsed = time.perf_counter() - started
-        if elapsed > timeout_s:
-            raise CommandRefused(
-                f"loading {artifact_id} took {elapsed:.3f} s, over the command's {timeout_s:.3f} s "
-                "timeout (the kernel stays cached for the next try)"
-            )
+        if original is None:
+            # Executed directly (not through the queue, which fetches ahead): the command's
+            # timeout bounds the whole fetch.
+            deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else None
+            original = state.loader.original(artifact_id, deadline=deadline)
         self._check_fits_slot(record, original)
         # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
@@ -159,6 +190,7 @@ class CommandExecution:
             raise
         seed = record.seed
         try:
+            self._dry_run(record, kernel, artifact_id)
             seed.attach_kernel(kernel, artifact_id)
             result = seed.evaluate_gate(S.ISOLATED_INIT)
             self.report.note_gate(record, result)
@@ -194,6 +226,37 @@ class CommandExecution:
                 f"artifact inputs {declared} do not fit seed {record.seed_id}'s chunk of "
                 f"width {width}"
             )
+
+    def _dry_run(self, record: SeedRecord, kernel: GPUKernel, artifact_id: str) -> None:
+        """Run the seed's new kernel once, without gradient, on random activations shaped like
+        the slot's (its recorded host output chunk, its dtype and device) at two batch sizes;
+        refuse an artifact that raises, answers with another shape or dtype, or is not finite.
+        A kernel that cannot run on this slot is refused here rather than failing in every
+        host forward. Buffers the program mutates (batch-norm statistics) are put back."""
+        registry = self.state.require_registry()
+        samples = registry.dry_run_samples(record)
+        if not samples:  # the slot has not run yet: the manifest's shapes, the host's dtype
+            dtype = next(
+                (p.dtype for p in record.slot.host.parameters() if p.is_floating_point()),
+                torch.float32,
+            )
+            samples = [
+                x.to(dtype) for size in (2, 3) for x in kernel.example_inputs(dynamic_size=size)
+            ]
+        buffers = [(b, b.detach().clone()) for b in kernel.buffers()]
+        try:
+            for x in samples:
+                problem = _dry_run_problem(kernel, x)
+                if problem is not None:
+                    raise CommandRefused(
+                        f"{artifact_id} cannot run on seed {record.seed_id}: on an input "
+                        f"{tuple(x.shape)}/{x.dtype} it {problem}"
+                    )
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    if buffer.shape == saved.shape:
+                        buffer.copy_(saved)
 
     def _undo_germinate(
         self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool
@@ -333,3 +396,24 @@ class CommandExecution:
         if record.pinned and record.artifact_id is not None:
             self.state.kernel_cache.unpin(record.artifact_id)
         record.pinned = False
+
+
+def _dry_run_problem(kernel: GPUKernel, x: torch.Tensor) -> str | None:
+    """What is wrong with ``kernel(x)`` as a replacement for ``x`` (None: nothing)."""
+    try:
+        with torch.no_grad():
+            out = kernel(x)
+    except Exception as exc:  # any failure of foreign code is a refusal, not a crash
+        return f"raised {type(exc).__name__}: {exc}"
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, not a tensor"
+    if out.shape != x.shape or out.dtype != x.dtype:
+        return f"returned {tuple(out.shape)}/{out.dtype}"
+    if not bool(torch.isfinite(out).all()):
+        return "returned non-finite values"
+    return None
+
+
+def _public_name(error: BaseException) -> str:
+    """The name of the error's first public class (private subclasses refine, never rename)."""
+    return next(c.__name__ for c in type(error).__mro__ if not c.__name__.startswith("_"))

@@ -16,7 +16,8 @@ A training loop is::
             manager.backward(loss, kd_loss=manager.collect_kd_losses())
             manager.step()       # isolation checks, host + seed optimizers, alpha schedules
         manager.end_epoch(epoch, {"val_accuracy": acc})  # checkpoint, tick, recycling
-        # meanwhile, the controller: manager.handle_adaptation_command(signed_bytes)
+        # meanwhile, on any thread, the controller: manager.handle_adaptation_command(signed)
+        # (verified now, applied at the end of the next step() or at end_epoch)
 
 Kernels are loaded once, verified, and kept pristine in the cache; every seed trains its own
 copy, and the cached original stays pinned while a live seed uses it.
@@ -41,8 +42,9 @@ from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.leyline import AdaptationCommand, OptimizerCommand, TelemetryPacket
 from kasmina.manager.config import KasminaConfig
-from kasmina.manager.executor import CommandExecution
+from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
@@ -131,7 +133,11 @@ class KasminaKernelManager:
         self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
         self.teacher_passes = TeacherForwardPassManager(None)
         self._lock = threading.RLock()
-        self._exec_ns = 0
+        self.pending = CommandQueue(
+            loader,
+            max_pending=config.max_pending_commands,
+            fetch_workers=config.fetch_workers,
+        )
         self._last_teacher_input: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ slots
@@ -190,6 +196,8 @@ class KasminaKernelManager:
         state.optimizer_options = dict(optimizer_options)
         state.seed_lr = float(seed_lr)
         state.registry = registry
+        for record in registry:
+            record.seed.fault_limit = self.config.seed_fault_limit
         try:
             state.optimizers = state.new_optimizer_manager()
             if host_lr is not None:
@@ -297,46 +305,71 @@ class KasminaKernelManager:
                 slot.set_teacher_logits(teacher_logits)
 
     # ------------------------------------------------------------------ commands
-    def execute(self, command: KasminaCommand) -> bool:
-        """``CommandExecutor``: carry out a verified command (the handler calls this)."""
-        started = time.perf_counter_ns()
-        with self._lock:
-            ok = self.execution.execute(command)
-        self._exec_ns = time.perf_counter_ns() - started
-        return ok
-
     def handle_adaptation_command(self, raw: bytes) -> bool:
-        """Signed ``AdaptationCommand`` bytes in, success out (never raises); timed."""
-        self._exec_ns = 0
+        """Signed ``AdaptationCommand`` bytes in, from any thread, at any time; never raises.
+
+        The command is verified now (signature, freshness, nonce, ranges) and queued; it is
+        applied at the training thread's next safe point (the start of ``step()``,
+        ``end_epoch``, or ``apply_pending()``). Returns whether it was accepted; what became of
+        it is in ``apply_pending``'s outcomes, ``command_log`` and the ``command.complete``
+        telemetry (docs/design.md §5).
+        """
         started = time.perf_counter_ns()
-        ok = self.handler.handle_adaptation_command(raw)
-        elapsed = time.perf_counter_ns() - started
-        perf = self.state.perf
-        perf["command"].add_ns(elapsed)
-        perf["overhead"].add_ns(elapsed - self._exec_ns)
-        return ok
+        command = self.handler.accept(raw)
+        accepted = command is not None and self._enqueue(command)
+        self.state.perf["overhead"].add_ns(time.perf_counter_ns() - started)
+        return accepted
+
+    def _enqueue(self, command: KasminaCommand) -> bool:
+        if self.pending.submit(command):
+            return True
+        reason = f"command queue full ({self.pending.max_pending} pending) or closed"
+        logger.warning("command %s dropped: %s", command.command_id, reason)
+        self.handler.complete(command, False)
+        with self._lock:
+            self.report.note_command(command, False, reason)
+        return False
+
+    def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
+        """A safe point: apply every queued command that is ready, in arrival order.
+
+        Call it on the training thread, between steps (``step()`` and ``end_epoch`` call it
+        first thing). A GERMINATE whose kernel is still being fetched stays queued unless
+        ``wait`` (then this waits for it, at most until its command's timeout runs out).
+        """
+        ready = self.pending.take_ready(wait=wait)
+        if not ready:
+            return []
+        outcomes = []
+        with self._lock:
+            for entry, original, error in ready:
+                command = entry.command
+                started = time.perf_counter_ns()
+                try:
+                    outcome = self.execution.apply(command, original=original, fetch_error=error)
+                except Exception as exc:  # a bug in execution must not stop the training step
+                    logger.exception("applying command %s raised", command.command_id)
+                    reason = f"internal error: {type(exc).__name__}: {exc}"
+                    self.report.note_command(command, False, reason)
+                    outcome = CommandOutcome(command.command_id, command.kind, "", False, reason)
+                self.state.perf["command"].add_ns(time.perf_counter_ns() - started)
+                self.handler.complete(command, outcome.ok)
+                outcomes.append(outcome)
+        return outcomes
+
+    def execute(self, command: KasminaCommand) -> bool:
+        """``CommandExecutor``: carry out a verified command at once. Only at a safe point on
+        the training thread (commands from a controller go through
+        ``handle_adaptation_command``, which queues them)."""
+        with self._lock:
+            return self.execution.execute(command)
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
-        """The raw path's checks, then execution. A GERMINATE whose kernel is not cached has
-        it fetched on a worker thread first (only if its signature verifies), so the event
-        loop never waits on the store; the command itself runs on the loop's thread."""
+        """``handle_adaptation_command`` for a message object (its kernel fetch, if any, runs
+        on a worker, so the event loop never waits on the store)."""
         if not isinstance(command, AdaptationCommand):
             raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
-        raw = command.SerializeToString()
-        failure = None
-        artifact_id = command.seed_command.kernel_artifact_id
-        if (
-            command.WhichOneof("command") == "seed_command"
-            and artifact_id
-            and artifact_id not in self.kernel_cache
-            and self.verify_message_auth(command)
-        ):
-            try:
-                await asyncio.to_thread(self.loader.original, artifact_id)
-            except Exception as exc:  # the command fails with it below, without a second try
-                failure = exc
-        with self.loader.failed_fetch(artifact_id, failure):
-            return self.handle_adaptation_command(raw)
+        return self.handle_adaptation_command(command.SerializeToString())
 
     async def handle_optimizer_command(self, command: OptimizerCommand | AdaptationCommand) -> bool:
         """An ``OptimizerCommand`` from the local trainer, or a signed ``AdaptationCommand``
@@ -375,7 +408,8 @@ class KasminaKernelManager:
     def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host
         step is skipped in a step where a leak was found), non-finite seed outputs polled, grads
-        zeroed, GRAFTING alphas advanced, telemetry. Returns what it did."""
+        zeroed, GRAFTING alphas advanced, then the queued commands applied (the step's safe
+        point), telemetry. Returns what it did."""
         started = time.perf_counter_ns()
         state = self.state
         with self._lock:
@@ -404,6 +438,9 @@ class KasminaKernelManager:
                     record.graft_steps, config.grafting_steps, config.grafting_temperature
                 )
             state.global_step += 1
+            # The safe point: this step's graph is gone and its gradients are applied and
+            # zeroed, so a command may now swap kernels, optimizers or weights.
+            outcomes = self.apply_pending()
         state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()
         return {
@@ -412,6 +449,7 @@ class KasminaKernelManager:
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,
             "nonfinite": nonfinite,  # fell back to the host output (QUARANTINE unless ACTIVE)
+            "commands": outcomes,  # queued commands applied at the end of this step
         }
 
     def _drop_unused_kd_losses(self, registry: SlotRegistry) -> None:
@@ -425,14 +463,16 @@ class KasminaKernelManager:
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
-        """Write the epoch checkpoint, then tick the lifecycle and run due COOLDOWN ->
-        RECYCLING -> DORMANT steps, and send the full telemetry packet (returned).
+        """Apply the queued commands, write the epoch checkpoint, then tick the lifecycle and
+        run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full telemetry packet
+        (returned).
 
         All or nothing: the checkpoint (the state just before this boundary, marked so that a
         rollback replays the boundary) is written before anything changes, so a failed write
         raises with the table, stages, epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.apply_pending()  # commands that arrived during the epoch take effect first
         with self._lock:
             self.require_registry()
             state = self.state
@@ -481,7 +521,11 @@ class KasminaKernelManager:
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:
-        """Stop store reads and close the JSONL telemetry file this manager opened, if any."""
+        """Drop queued commands, stop store reads and close the JSONL telemetry file this
+        manager opened, if any."""
+        for entry in self.pending.close():
+            self.handler.complete(entry.command, False)
+            self.report.note_command(entry.command, False, "manager closed before it applied")
         self.urza_client.close()
         if self._jsonl is not None:
             self._jsonl.close()

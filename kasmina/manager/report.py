@@ -158,8 +158,9 @@ class ManagerReport:
 
     # ------------------------------------------------------------------ performance
     def get_performance_metrics(self) -> dict[str, float]:
-        """Measured figures (NaN: not measured yet). Command overhead is the handler's parse,
-        verify, validate and dispatch time of ``handle_adaptation_command`` minus execution."""
+        """Measured figures (NaN: not measured yet). Command overhead is the time
+        ``handle_adaptation_command`` takes on arrival (parse, verify, validate, queue); command
+        latency is the time a command takes to apply at its safe point."""
         state = self.state
         if math.isnan(state.dormant_overhead_us):
             self.measure_dormant_overhead()

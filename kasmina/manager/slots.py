@@ -185,11 +185,29 @@ class SlotRegistry:
 
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
         """Random host activations of the last-seen shape of this seed's input, for G3."""
-        spec = record.last_input
-        if spec is None and record.slot.layer_id in self.slot_io:
-            shape, dtype, device = self.slot_io[record.slot.layer_id][1]
-            spec = (torch.Size((*shape[:-1], record.slot.chunk_size)), dtype, device)
+        spec = record.last_input or self.chunk_spec(record)
         return None if spec is None else _random(spec)
+
+    def chunk_spec(self, record: SeedRecord) -> ActivationSpec | None:
+        """Shape, dtype and device of the seed's chunk of its slot's recorded host output (the
+        seed's input), or None before the slot's first forward."""
+        if record.slot.layer_id not in self.slot_io:
+            return None
+        shape, dtype, device = self.slot_io[record.slot.layer_id][1]
+        return (torch.Size((*shape[:-1], record.slot.chunk_size)), dtype, device)
+
+    def dry_run_samples(self, record: SeedRecord) -> list[torch.Tensor]:
+        """Random activations shaped like the seed's recorded input at two batch sizes (the
+        recorded one, and half of it, or one more when it is below 4): a kernel exported with a
+        static batch, or on the wrong rank, fails on one of them. Empty before the slot's
+        first forward."""
+        spec = self.chunk_spec(record) or record.last_input
+        if spec is None or not spec[0]:
+            return []
+        shape, dtype, device = spec
+        batch = shape[0]
+        other = batch // 2 if batch >= 4 else batch + 1
+        return [_random((torch.Size((size, *shape[1:])), dtype, device)) for size in (batch, other)]
 
     def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
         """A slot none of whose seeds runs, with a random input of its first-seen shape."""

@@ -5,26 +5,31 @@ must share not only the store read but also the deserialisation and the cache in
 GERMINATEs of one blueprint make one kernel, not 16). The cache keeps that verified original
 pristine: every seed trains a deep copy (a few milliseconds, against tens for a cold load), and
 the original stays pinned while a live seed uses it.
+
+A load may carry a deadline (a ``time.monotonic()`` instant) so that a training step is never
+held up by a slow store: the store fetch ends by it, and a caller waiting on another's load
+stops waiting at it while that load goes on for the others. Deserialising a kernel already
+fetched (tens of milliseconds) is not interrupted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import concurrent.futures
 import copy
 import logging
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import _DeadlineExpired
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.telemetry import TelemetryReporter
@@ -33,15 +38,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["KernelLoader"]
 
-# (artifact id, error) of a fetch that already failed for the command being executed: its
-# execution must not fetch (and retry, blocking the caller) a second time.
-_FAILED: contextvars.ContextVar[tuple[str, BaseException] | None] = contextvars.ContextVar(
-    "kasmina_prefetch_failed", default=None
-)
-
 
 class KernelLoader:
-    """Loads verified kernels from ``urza_client`` onto ``device`` through ``cache``."""
+    """Loads verified kernels from ``urza_client`` onto ``device`` through ``cache``.
+
+    ``urza_client`` is an ``UrzaLibraryClient`` or anything with its ``fetch``. A deadline is
+    passed on as ``fetch(artifact_id, deadline=...)`` only when there is one, so a client
+    whose ``fetch`` takes no deadline keeps working for loads without one.
+    """
 
     def __init__(
         self,
@@ -68,15 +72,18 @@ class KernelLoader:
             self.hit_latency.add_ns(time.perf_counter_ns() - started)
         return kernel  # type: ignore[return-value]
 
-    def original(self, artifact_id: str) -> GPUKernel:
+    def original(self, artifact_id: str, *, deadline: float | None = None) -> GPUKernel:
         """The verified original: from the cache, else loaded (concurrent calls share one load).
 
-        Raises ``UrzaUnavailableError``, ``ArtifactNotFoundError`` or ``ArtifactIntegrityError``
-        (nothing cached then). Never train the result: ``copy`` it.
+        ``deadline`` (a ``time.monotonic()`` instant) bounds the wait: the store fetch gets it,
+        and a call that joined another's load stops waiting at its own deadline (that load
+        goes on, and caches the kernel for the next call). Raises ``UrzaUnavailableError``
+        (also when the deadline passes), ``ArtifactNotFoundError`` or
+        ``ArtifactIntegrityError`` (nothing cached then). Never train the result: ``copy`` it.
         """
         validate_artifact_id(artifact_id)
         kernel = self.cached(artifact_id)
-        return kernel if kernel is not None else self._load_coalesced(artifact_id)
+        return kernel if kernel is not None else self._load_coalesced(artifact_id, deadline)
 
     def is_released(self, original: GPUKernel) -> bool:
         """True when ``original`` was evicted (its memory released, or being released)."""
@@ -123,35 +130,42 @@ class KernelLoader:
             return False
         return True
 
-    @contextlib.contextmanager
-    def failed_fetch(self, artifact_id: str, error: BaseException | None) -> Iterator[None]:
-        """Within this block, loading ``artifact_id`` re-raises ``error`` at once (if set)."""
-        token = _FAILED.set((artifact_id, error)) if error is not None else None
-        try:
-            yield
-        finally:
-            if token is not None:
-                _FAILED.reset(token)
-
-    def _load_coalesced(self, artifact_id: str) -> GPUKernel:
-        failed = _FAILED.get()
-        if failed is not None and failed[0] == artifact_id:
-            raise failed[1]
-        with self._lock:
-            if artifact_id in self.cache:  # loaded meanwhile by another caller
-                kernel = self.cached(artifact_id)
-                if kernel is not None:
-                    return kernel
-            future = self._loading.get(artifact_id)
-            leader = future is None
+    def _load_coalesced(self, artifact_id: str, deadline: float | None) -> GPUKernel:
+        while True:
+            with self._lock:
+                if artifact_id in self.cache:  # loaded meanwhile by another caller
+                    kernel = self.cached(artifact_id)
+                    if kernel is not None:
+                        return kernel
+                future = self._loading.get(artifact_id)
+                leader = future is None
+                if future is None:
+                    future = self._loading[artifact_id] = Future()
             if leader:
-                future = self._loading[artifact_id] = Future()
-        assert future is not None
-        if not leader:
+                return self._lead(artifact_id, future, deadline)
             self.counters["loads_coalesced"] += 1
-            return future.result()
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return future.result(timeout=wait)
+            except concurrent.futures.TimeoutError:
+                if future.done():  # the leader's own error, not this wait running out
+                    raise
+                self.counters["load_deadlines_expired"] += 1
+                raise UrzaUnavailableError(
+                    f"load of kernel {artifact_id!r} did not finish within its deadline "
+                    "(waiting for the load in progress, which goes on)"
+                ) from None
+            except _DeadlineExpired:
+                # The leader's deadline passed; this caller may still have time to load.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    def _lead(
+        self, artifact_id: str, future: Future[GPUKernel], deadline: float | None
+    ) -> GPUKernel:
+        """Load ``artifact_id`` for every caller waiting on ``future``."""
         try:
-            kernel = self._fetch(artifact_id)
+            kernel = self._fetch(artifact_id, deadline)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -162,10 +176,13 @@ class KernelLoader:
             with self._lock:
                 del self._loading[artifact_id]
 
-    def _fetch(self, artifact_id: str) -> GPUKernel:
+    def _fetch(self, artifact_id: str, deadline: float | None) -> GPUKernel:
         started = time.perf_counter_ns()
         try:
-            payload, manifest = self.urza_client.fetch(artifact_id)
+            if deadline is None:
+                payload, manifest = self.urza_client.fetch(artifact_id)
+            else:
+                payload, manifest = self.urza_client.fetch(artifact_id, deadline=deadline)
             kernel = GPUKernel.from_binary(payload, manifest, self.device)
         except Exception as exc:
             self.counters["load_failures"] += 1

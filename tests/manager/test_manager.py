@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,130 +21,26 @@ from kasmina.control.commands import (
 )
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import TelemetryPacket
-from kasmina.manager.config import KasminaConfig
 from kasmina.manager.manager import KasminaKernelManager
-from kasmina.stages import SeedStage, StateColumn
-from kasmina.urza.blueprints import AffineShift, ResidualMLP
+from kasmina.stages import StateColumn
+from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.perfstats import DESIGN_TARGETS_US
 from kasmina.utils.state_io import clone_state
-from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.manager.helpers import (
+    SEED0,
+    SEED1,
+    Host,
+    Rig,
+    S,
+    host_params,
+    make_config,
+    run_command,
+)
 from tests.urza.helpers import FlakyFS
-
-S = SeedStage
-SEED0, SEED1 = "out[0]", "out[1]"
-
-
-class Host(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(6, 8)
-        self.out = nn.Linear(8, 4)  # the slot: two seeds over two features each
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.inp(x)))
-
-
-@pytest.fixture(scope="module")
-def keyring() -> Keyring:
-    return Keyring({"pub": generate_key(), "ctl": generate_key()})
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
-    """Two real exported blueprints in a local store (exporting is slow: once per module)."""
-    store = tmp_path_factory.mktemp("urza")
-    torch.manual_seed(1)
-    mlp = publish_artifact(
-        ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", keyring, "pub"
-    )
-    affine = publish_artifact(
-        AffineShift(2), [torch.randn(3, 2)], str(store), "aff", keyring, "pub"
-    )
-    return store, mlp.artifact_id, affine.artifact_id
-
-
-@pytest.fixture
-def store(published, tmp_path: Path) -> Path:
-    dst = tmp_path / "urza"
-    shutil.copytree(published[0], dst)
-    return dst
-
-
-@pytest.fixture
-def mlp(published) -> str:
-    return published[1]
-
-
-def make_config(tmp_path: Path, store: Path, **overrides) -> KasminaConfig:
-    settings = dict(
-        device="cpu",
-        urza_url=str(store),
-        urza_retries=0,
-        urza_backoff_s=0.0,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        emergency_checkpoint_dir=str(tmp_path / "emergency"),
-        min_isolated_epochs=1,
-        grafting_steps=4,
-        grafting_temperature=0.25,
-        latency_budget_ms=1e4,  # CPU timing in a shared CI box is no test of compatibility
-        default_embargo_epochs=1,
-    )
-    settings.update(overrides)
-    return KasminaConfig(**settings)
-
-
-class Rig:
-    """A manager over a fresh Host, with helpers to send signed commands and train."""
-
-    def __init__(
-        self, config: KasminaConfig, keyring: Keyring, urza_client=None, device: str = "cpu"
-    ) -> None:
-        self.keyring = keyring
-        self.sink = MemorySink()
-        self.manager = KasminaKernelManager(
-            config,
-            keyring=keyring,
-            telemetry=TelemetryReporter(sinks=[self.sink]),
-            urza_client=urza_client,
-        )
-        self.model = Host().to(device)
-        self.slot = self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)[0]
-        generator = torch.Generator().manual_seed(2)
-        self.x = torch.randn(16, 6, generator=generator).to(device)
-        self.y = torch.randint(0, 4, (16,), generator=generator).to(device)
-
-    def signed(self, cmd, key_id: str = "ctl") -> bytes:
-        return sign_command(cmd, self.keyring, key_id).SerializeToString()
-
-    def send(self, op: str, seed_id: str, artifact_id: str = "", **params: float) -> bool:
-        raw = self.signed(make_seed_command(op, seed_id, artifact_id, params))
-        return self.manager.handle_adaptation_command(raw)
-
-    def train(self, steps: int = 1, teacher: torch.Tensor | None = None) -> dict:
-        report = {}
-        for _ in range(steps):
-            self.manager.set_teacher_logits(teacher)
-            loss = F.cross_entropy(self.model(self.x), self.y)
-            self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
-            report = self.manager.step()
-        return report
-
-    def stage(self, seed_id: str) -> SeedStage:
-        return self.manager.seed(seed_id).stage
-
-
-@pytest.fixture
-def rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
-    return Rig(make_config(tmp_path, store), keyring)
-
-
-def host_params(rig: Rig) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in rig.manager.require_registry().host_params]
 
 
 def test_signed_germinate_loads_verifies_caches_pins_and_attaches_a_copy(rig: Rig, mlp) -> None:
@@ -211,7 +106,7 @@ def test_async_contract_methods_are_coroutines(rig: Rig, mlp) -> None:
     ):
         assert inspect.iscoroutinefunction(getattr(manager, name)), name
     cmd = sign_command(make_seed_command("germinate", SEED0, mlp), rig.keyring, "ctl")
-    assert asyncio.run(manager.handle_leyline_command(cmd))
+    assert run_command(manager, cmd)
     assert rig.stage(SEED0) == S.ISOLATED_INIT
     kernel = asyncio.run(manager.load_kernel(mlp))
     x = torch.randn(4, 2)
@@ -325,7 +220,7 @@ def test_urza_unreachable_leaves_the_seed_dormant_and_the_host_training(
     # The async path fetches once, on a worker thread, and does not retry inside the command.
     reads = sum(flaky.reads.values())
     cmd = sign_command(make_seed_command("germinate", SEED0, mlp), keyring, "ctl")
-    assert not asyncio.run(manager.handle_leyline_command(cmd))
+    assert not run_command(manager, cmd)
     assert sum(flaky.reads.values()) == reads + 1
     flaky.down = False  # recovery: the next GERMINATE works
     assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
@@ -367,9 +262,9 @@ def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig,
     other = Keyring({"ctl": generate_key()})
     forged = sign_command(make_seed_command("germinate", SEED0, mlp), other, "ctl")
     assert not manager.verify_message_auth(forged)
-    assert not asyncio.run(manager.handle_leyline_command(forged))
+    assert not run_command(manager, forged)
     for raw in (rogue, tampered, unsigned, b"\x00garbage"):
-        assert not manager.handle_adaptation_command(raw)
+        assert not run_command(manager, raw)
     assert manager.urza_client.stats()["fetches"] == 0  # nothing fetched for a forgery
     assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.DORMANT
     stats = manager.handler.stats
@@ -377,8 +272,8 @@ def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig,
     assert stats["rejected:unknown_key_id"] == 1 and stats["rejected:missing_metadata"] == 1
     valid = rig.signed(make_seed_command("germinate", SEED0, mlp))
     assert manager.verify_message_auth(valid)  # answers without using the nonce
-    assert manager.handle_adaptation_command(valid)
-    assert not manager.handle_adaptation_command(valid)  # replay
+    assert run_command(manager, valid)
+    assert not run_command(manager, valid)  # replay
     assert stats["rejected:replay"] == 1 and stats["executed"] == 1
 
 
@@ -420,7 +315,7 @@ def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, 
     rig.train(2)
     manager.end_epoch(2)
     rollback = make_rollback_command(0, reason="test")
-    assert manager.handle_adaptation_command(rig.signed(rollback))
+    assert run_command(manager, rig.signed(rollback))
     assert manager.stages() == stages and manager.epoch == 0
     assert_same(saved[0], clone_state(rig.model.state_dict()))
     assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
@@ -429,7 +324,7 @@ def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, 
     assert manager.seed(SEED1).kernel is None
     assert manager.require_registry()[SEED0].timeline[-1] == (0, 3, "ISOLATED_INIT")
     assert rig.train(1)["seeds_stepped"] == [SEED0]  # training goes on from the checkpoint
-    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(7)))
+    assert not run_command(manager, rig.signed(make_rollback_command(7)))
 
 
 def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp) -> None:
@@ -488,7 +383,7 @@ def test_teacher_predictions_kd_training_and_register_teacher(kd_rig: Rig, mlp) 
     effect = manager.get_checkpoint_effectiveness()
     assert effect["param_bytes_reduced"] * 2 == effect["param_bytes_full"]
     register = make_optimizer_command("register_teacher")
-    assert manager.handle_adaptation_command(rig.signed(register))
+    assert run_command(manager, rig.signed(register))
     count = sum(p.numel() for p in teacher.teacher_parameters())
     assert manager.optimizers.teacher_param_count == count
     assert asyncio.run(manager.handle_optimizer_command(register.optimizer_command))
@@ -548,7 +443,7 @@ def test_a_rollback_that_cannot_complete_changes_nothing(rig: Rig, store: Path, 
         path.unlink()  # the artifact the checkpoint needs is gone from the store
     saved = snapshot_state(rig)
     stages = manager.stages()
-    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
     assert "ArtifactNotFoundError" in manager.command_log[-1][3]
     assert manager.stages() == stages and manager.epoch == 1
     assert_same(saved[0], clone_state(rig.model.state_dict()))
@@ -569,17 +464,17 @@ def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring
         return sign_command(cmd, keyring, "ctl").SerializeToString()
 
     init = make_optimizer_command("initialize_host", learning_rate=0.02)
-    assert manager.handle_adaptation_command(signed(init)) and manager.optimizers.has_host
-    assert not manager.handle_adaptation_command(signed(make_optimizer_command("initialize_host")))
+    assert run_command(manager, signed(init)) and manager.optimizers.has_host
+    assert not run_command(manager, signed(make_optimizer_command("initialize_host")))
     slow = make_seed_command("germinate", SEED0, mlp, timeout_s=1e-9)  # the load takes longer
-    assert not manager.handle_adaptation_command(signed(slow))
-    assert "timeout" in manager.command_log[-1][3] and mlp in manager.kernel_cache
+    assert not run_command(manager, signed(slow))
+    assert "timeout" in manager.command_log[-1][3]
     assert manager.seed(SEED0).stage == S.DORMANT and manager.optimizers.seed_ids == []
     germinate = make_seed_command("germinate", SEED0, mlp, {"learning_rate": 0.5})
-    assert manager.handle_adaptation_command(signed(germinate))
+    assert run_command(manager, signed(germinate))
     assert manager.optimizers.optimizer(SEED0).param_groups[0]["lr"] == 0.5
     step = make_optimizer_command("step", SEED0)
-    assert manager.handle_adaptation_command(signed(step))
+    assert run_command(manager, signed(step))
     with pytest.raises(ValueError, match="already manages"):
         manager.register(model)
 
@@ -595,7 +490,7 @@ def test_lifecycle_and_rollback_on_cuda(tmp_path, store, keyring, mlp) -> None:
     saved = snapshot_state(rig)
     walk_to_active(rig, [SEED0, SEED1], epoch=6)
     assert manager.guard.violating_steps == 0
-    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(5)))
+    assert run_command(manager, rig.signed(make_rollback_command(5)))
     assert_same(saved[0], clone_state(rig.model.state_dict()))
     assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
     assert_same(saved[2], rig.slot.state_table.state_tensor)
@@ -666,7 +561,7 @@ def test_a_rollback_replays_the_epoch_boundary_of_its_checkpoint(rig: Rig, mlp) 
     manager.end_epoch(0)  # the checkpoint is written before this boundary's tick
     after = _live(rig)
     manager.end_epoch(1)
-    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
     assert_same(after, _live(rig))
 
 
@@ -700,13 +595,13 @@ def test_a_rollback_failing_late_changes_nothing(
             return result
 
         monkeypatch.setattr(rig.model, "load_state_dict", failing_write)
-    assert not manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
     monkeypatch.undo()
     assert_same(before, _live(rig))
     kernel = manager.seed(SEED1).kernel
     assert kernel is not None and not kernel.released and manager.seed(SEED0).kernel is None
     assert rig.train(1)["seeds_stepped"] == [SEED1]
-    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))  # now it can
+    assert run_command(manager, rig.signed(make_rollback_command(0)))  # now it can
 
 
 def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
@@ -728,8 +623,8 @@ def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
     assert manager.kernel_cache.is_pinned(mlp)
     monkeypatch.undo()
 
-    def original_then_evicted(artifact_id):
-        original = real_original(artifact_id)
+    def original_then_evicted(artifact_id, deadline=None):
+        original = real_original(artifact_id, deadline=deadline)
         manager.kernel_cache.unpin(mlp)  # (SEED0's pin, so that the evict can happen)
         evicted.append(manager.evict_kernel(artifact_id))
         manager.require_registry()[SEED0].pinned = False

@@ -149,3 +149,71 @@ def serve_directory(directory: pathlib.Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+class StalledServer:
+    """A loopback HTTP store whose payload responses stall halfway until ``release``."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.released = threading.Event()
+        self._requests = threading.Condition()
+        self.payload_requests = 0
+        owner = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                if not self.path.endswith(".pt2") or owner.released.is_set():
+                    super().do_GET()
+                    return
+                data = (directory / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                with owner._requests:
+                    owner.payload_requests += 1
+                    owner._requests.notify_all()
+                # Bounded only so a broken teardown cannot hang the session.
+                owner.released.wait(timeout=60)
+                try:
+                    self.wfile.write(data[len(data) // 2 :])
+                except OSError:  # the client gave up and closed the connection
+                    pass
+
+        handler = functools.partial(Handler, directory=str(directory))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def wait_for_payload_requests(self, n: int, timeout: float = 10.0) -> None:
+        with self._requests:
+            assert self._requests.wait_for(lambda: self.payload_requests >= n, timeout)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> StalledServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+
+def io_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "urza-io")
+
+
+def wait_for_io_threads(at_most: int, timeout: float = 10.0) -> None:
+    """Poll (bounded) until at most ``at_most`` ``urza-io`` threads are alive."""
+    end = time.monotonic() + timeout
+    while io_threads() > at_most and time.monotonic() < end:
+        time.sleep(0.01)
+    assert io_threads() <= at_most

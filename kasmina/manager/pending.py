@@ -1,0 +1,194 @@
+"""Commands verified on arrival and applied at the training thread's next safe point.
+
+Why a queue: a controller speaks on its own thread, at any time, while the trainer may be in the
+middle of a forward or backward. A CULL that released a kernel then, or a GERMINATE that swapped
+optimizers, would pull tensors out from under autograd. So a command is verified the moment it
+arrives (signature, freshness, nonce, ranges: the handler's ``accept``), then waits here; it is
+carried out only at a safe point on the training thread (the start of ``step()``, ``end_epoch``,
+or ``manager.apply_pending()``), where no graph of the manager's is alive (docs/design.md §5).
+
+Why fetches run ahead: a GERMINATE whose kernel is not cached starts its store fetch on a small
+worker pool at arrival, bounded by the command's ``timeout`` (manifest, payload, retries and
+backoff together: ``KernelLoader.original(..., deadline=...)``). A safe point never waits for it:
+until the fetch is done the command stays queued, and once the deadline passes it is refused. A
+later command for the same seed, or any command that is not a seed command (a rollback, an
+optimizer change), waits behind it, so commands still take effect in the order they arrived;
+commands for other seeds go ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kasmina.control.commands import KasminaCommand
+from kasmina.errors import UrzaUnavailableError
+from kasmina.leyline import SeedOperation
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.loader import KernelLoader
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_MAX_PENDING", "CommandQueue", "PendingCommand"]
+
+DEFAULT_MAX_PENDING = 256
+_GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
+
+
+@dataclass(eq=False)
+class PendingCommand:
+    """An accepted command, when it arrived, and its kernel fetch (GERMINATE of an uncached
+    artifact only)."""
+
+    command: KasminaCommand
+    arrived: float  # time.monotonic()
+    fetch: Future[GPUKernel] | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.arrived + self.command.timeout_s if self.command.timeout_s > 0 else math.inf
+
+    @property
+    def seed_id(self) -> str | None:
+        return None if self.command.seed is None else self.command.seed.seed_id
+
+    @property
+    def artifact_id(self) -> str | None:
+        seed = self.command.seed
+        if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
+            return None
+        return seed.artifact_id
+
+
+Ready = tuple[PendingCommand, GPUKernel | None, BaseException | None]
+
+
+class CommandQueue:
+    """A bounded FIFO of accepted commands with their kernel fetches running ahead.
+
+    ``submit`` may be called from any thread; ``take_ready`` only from the thread that applies
+    commands. ``fetch_workers`` threads at most fetch kernels (each fetch is bounded by its
+    command's deadline, and the store client bounds its own I/O threads).
+    """
+
+    def __init__(
+        self,
+        loader: KernelLoader,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        fetch_workers: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_pending < 1 or fetch_workers < 1:
+            raise ValueError("max_pending and fetch_workers must be >= 1")
+        self.loader = loader
+        self.max_pending = max_pending
+        self.fetch_workers = fetch_workers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue: deque[PendingCommand] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def submit(self, command: KasminaCommand) -> bool:
+        """Queue an accepted command (starting its kernel fetch if needed); False when full
+        or closed."""
+        entry = PendingCommand(command, self._clock())
+        with self._lock:
+            if self._closed or len(self._queue) >= self.max_pending:
+                return False
+            self._queue.append(entry)
+        self._start_fetch(entry)
+        return True
+
+    def take_ready(self, *, wait: bool = False) -> list[Ready]:
+        """Remove and return, in arrival order, every command that can be applied now, each
+        with its fetched kernel or fetch error.
+
+        A GERMINATE whose fetch is still running stays queued (``wait=True`` waits for it, up
+        to its deadline) and holds back later commands for its seed and every later non-seed
+        command; once its deadline has passed it is returned with an ``UrzaUnavailableError``.
+        """
+        with self._lock:
+            entries = list(self._queue)
+        ready: list[Ready] = []
+        held_seeds: set[str] = set()
+        hold_all = held_any = False
+        for entry in entries:
+            seed_id = entry.seed_id
+            held = hold_all or (seed_id in held_seeds if seed_id is not None else held_any)
+            result = None if held else self._poll(entry, wait)
+            if result is None:  # stays queued, and holds back what must follow it
+                held_any = True
+                if seed_id is None:
+                    hold_all = True
+                else:
+                    held_seeds.add(seed_id)
+                continue
+            ready.append((entry, *result))
+        taken = {id(entry) for entry, _, _ in ready}
+        with self._lock:
+            self._queue = deque(e for e in self._queue if id(e) not in taken)
+        return ready
+
+    def _poll(
+        self, entry: PendingCommand, wait: bool
+    ) -> tuple[GPUKernel | None, BaseException | None] | None:
+        """``(kernel, error)`` once ``entry`` can be applied; None while its fetch runs."""
+        if entry.fetch is None and entry.artifact_id is not None:
+            self._start_fetch(entry)  # not cached (any more): fetch it now, apply it later
+        fetch = entry.fetch
+        if fetch is None:
+            return None, None
+        if not fetch.done() and wait:
+            remaining = entry.deadline - self._clock()
+            if remaining > 0:
+                try:
+                    fetch.result(timeout=remaining)
+                except Exception:  # a failed fetch is inspected below like any other
+                    logger.debug("fetch for command %s failed", entry.command.command_id)
+        if fetch.done():
+            error = fetch.exception()
+            return (None, error) if error is not None else (fetch.result(), None)
+        if self._clock() < entry.deadline:
+            return None
+        return None, UrzaUnavailableError(
+            f"fetching {entry.artifact_id} did not finish within the command's "
+            f"{entry.command.timeout_s:g} s timeout"
+        )
+
+    def close(self) -> list[PendingCommand]:
+        """Refuse new commands, drop the queued ones (returned) and stop the fetch workers
+        without waiting for them (each fetch ends by its deadline)."""
+        with self._lock:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return dropped
+
+    def _start_fetch(self, entry: PendingCommand) -> None:
+        artifact_id = entry.artifact_id
+        if artifact_id is None or artifact_id in self.loader.cache:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.fetch_workers, thread_name_prefix="kasmina-fetch"
+                )
+            deadline = entry.deadline if math.isfinite(entry.deadline) else None
+            entry.fetch = self._pool.submit(self.loader.original, artifact_id, deadline=deadline)

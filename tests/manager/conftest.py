@@ -1,0 +1,50 @@
+"""Fixtures of the manager tests: keys, two real exported blueprints in a local store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kasmina.urza.blueprints import AffineShift, ResidualMLP
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.manager.helpers import Rig, make_config
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key(), "ctl": generate_key()})
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+    """Two real exported blueprints in a local store (exporting is slow: once per module)."""
+    store = tmp_path_factory.mktemp("urza")
+    torch.manual_seed(1)
+    mlp = publish_artifact(
+        ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", keyring, "pub"
+    )
+    affine = publish_artifact(
+        AffineShift(2), [torch.randn(3, 2)], str(store), "aff", keyring, "pub"
+    )
+    return store, mlp.artifact_id, affine.artifact_id
+
+
+@pytest.fixture
+def store(published, tmp_path: Path) -> Path:
+    dst = tmp_path / "urza"
+    shutil.copytree(published[0], dst)
+    return dst
+
+
+@pytest.fixture
+def mlp(published) -> str:
+    return published[1]
+
+
+@pytest.fixture
+def rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
+    return Rig(make_config(tmp_path, store), keyring)

@@ -1,0 +1,110 @@
+"""Shared pieces of the manager tests: a small host, a config over a local store, a rig that
+signs and applies commands and trains."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.leyline import AdaptationCommand
+from kasmina.manager.config import KasminaConfig
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.stages import SeedStage
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+S = SeedStage
+SEED0, SEED1 = "out[0]", "out[1]"
+
+
+class Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 4)  # the slot: two seeds over two features each
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x)))
+
+
+def make_config(tmp_path: Path, store: Path, **overrides) -> KasminaConfig:
+    settings = dict(
+        device="cpu",
+        urza_url=str(store),
+        urza_retries=0,
+        urza_backoff_s=0.0,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        emergency_checkpoint_dir=str(tmp_path / "emergency"),
+        min_isolated_epochs=1,
+        grafting_steps=4,
+        grafting_temperature=0.25,
+        latency_budget_ms=1e4,  # CPU timing in a shared CI box is no test of compatibility
+        default_embargo_epochs=1,
+    )
+    settings.update(overrides)
+    return KasminaConfig(**settings)
+
+
+def run_command(manager: KasminaKernelManager, command: bytes | AdaptationCommand) -> bool:
+    """Send one command and apply it at once (a safe point: no forward or backward is under
+    way); whether it was accepted *and* carried out."""
+    if isinstance(command, AdaptationCommand):
+        accepted = asyncio.run(manager.handle_leyline_command(command))
+    else:
+        accepted = manager.handle_adaptation_command(command)
+    if not accepted:
+        return False
+    outcomes = manager.apply_pending(wait=True)
+    assert len(outcomes) == 1, outcomes
+    return outcomes[0].ok
+
+
+class Rig:
+    """A manager over a fresh Host, with helpers to send signed commands and train."""
+
+    def __init__(
+        self, config: KasminaConfig, keyring: Keyring, urza_client=None, device: str = "cpu"
+    ) -> None:
+        self.keyring = keyring
+        self.sink = MemorySink()
+        self.manager = KasminaKernelManager(
+            config,
+            keyring=keyring,
+            telemetry=TelemetryReporter(sinks=[self.sink]),
+            urza_client=urza_client,
+        )
+        self.model = Host().to(device)
+        self.slot = self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)[0]
+        generator = torch.Generator().manual_seed(2)
+        self.x = torch.randn(16, 6, generator=generator).to(device)
+        self.y = torch.randint(0, 4, (16,), generator=generator).to(device)
+
+    def signed(self, cmd, key_id: str = "ctl") -> bytes:
+        return sign_command(cmd, self.keyring, key_id).SerializeToString()
+
+    def send(self, op: str, seed_id: str, artifact_id: str = "", **params: float) -> bool:
+        raw = self.signed(make_seed_command(op, seed_id, artifact_id, params))
+        return run_command(self.manager, raw)
+
+    def train(self, steps: int = 1, teacher: torch.Tensor | None = None) -> dict:
+        report = {}
+        for _ in range(steps):
+            self.manager.set_teacher_logits(teacher)
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
+            report = self.manager.step()
+        return report
+
+    def stage(self, seed_id: str) -> SeedStage:
+        return self.manager.seed(seed_id).stage
+
+
+def host_params(rig: Rig) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in rig.manager.require_registry().host_params]

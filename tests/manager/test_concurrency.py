@@ -1,0 +1,164 @@
+"""Commands and training never race (docs/design.md §5): a controller thread sends signed
+commands at any time while the main thread trains; commands are verified on arrival and applied
+only at the training thread's safe points."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
+from tests.urza.helpers import FlakyFS
+
+TRAIN_SECONDS = 3.0
+MAX_COMMANDS = 400
+
+
+def controller(rig: Rig, artifacts: list[str], stop: threading.Event, sent: list) -> None:
+    """Sends a random mix of seed commands (and a few rollbacks) as fast as it can; the last
+    few are TERMINATEs so the seeds stay alive most of the run."""
+    rng = random.Random(7)
+    manager = rig.manager
+    for i in range(MAX_COMMANDS):
+        if stop.is_set():
+            break
+        seed_id = rng.choice([SEED0, SEED1])
+        roll = rng.random()
+        if i > MAX_COMMANDS * 0.95 and roll < 0.5:
+            cmd = make_seed_command("terminate", seed_id)
+        elif roll < 0.35:
+            cmd = make_seed_command("germinate", seed_id, rng.choice(artifacts))
+        elif roll < 0.75:
+            cmd = make_seed_command("advance", seed_id, parameters={"gate_score": 1.0})
+        elif roll < 0.97:
+            cmd = make_seed_command("cull", seed_id, parameters={"embargo_epochs": 0.0})
+        else:
+            cmd = make_rollback_command(0)
+        sent.append(manager.handle_adaptation_command(rig.signed(cmd)))
+        time.sleep(rng.random() * 0.004)
+
+
+def test_a_controller_thread_never_breaks_the_trainer(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, max_pending_commands=64), keyring)
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)  # a checkpoint for the rollbacks to reach
+    stop = threading.Event()
+    sent: list[bool] = []
+    thread = threading.Thread(target=controller, args=(rig, [mlp, affine], stop, sent))
+    thread.start()
+    steps = epochs = 0
+    started = time.monotonic()
+    try:
+        # Any exception here fails the test: the trainer must never see one.
+        while time.monotonic() - started < TRAIN_SECONDS and thread.is_alive():
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+            manager.backward(loss, kd_loss=manager.collect_kd_losses())
+            manager.step()
+            steps += 1
+            if steps % 10 == 0:
+                epochs += 1
+                manager.end_epoch(epochs)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    manager.apply_pending(wait=True)
+    stats = manager.handler.stats
+    assert steps > 10 and sum(sent) > 20
+    # Every accepted command was queued (or dropped on a full queue) and then applied or
+    # refused exactly once, at a safe point.
+    dropped = sum(1 for entry in manager.command_log if entry[3].startswith("command queue full"))
+    assert stats["accepted"] == sum(sent) + dropped
+    assert stats["executed"] + stats["failed"] == stats["accepted"]
+    assert len(manager.pending) == 0
+    kinds = {(kind, ok) for _, kind, ok, _ in manager.command_log}
+    assert ("seed.germinate", True) in kinds and ("seed.cull", True) in kinds
+    assert all(torch.isfinite(p).all() for p in host_params(rig))
+    assert torch.isfinite(rig.model(rig.x)).all()
+
+
+def test_commands_wait_for_the_safe_point(rig: Rig, mlp) -> None:
+    """A command accepted mid-step changes nothing until the step's end; then it applies."""
+    manager = rig.manager
+    manager.loader.original(mlp)  # cached: nothing to fetch
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    assert rig.stage(SEED0) == S.DORMANT and len(manager.pending) == 1
+    manager.backward(loss)
+    report = manager.step()
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert [(o.target, o.ok) for o in report["commands"]] == [(SEED0, True)]
+    assert manager.command_log[-1][1:3] == ("seed.germinate", True)
+    assert manager.handler.stats["executed"] == 1
+
+
+def test_a_refused_command_is_reported_with_its_reason(rig: Rig) -> None:
+    manager = rig.manager
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED1)))
+    (outcome,) = manager.apply_pending()
+    assert not outcome.ok and "cannot be culled from DORMANT" in outcome.reason
+    assert manager.handler.stats["failed"] == 1
+    events = rig.sink.events("command.complete")
+    assert events and events[-1].labels["success"] == "false"
+
+
+def test_the_queue_is_bounded(tmp_path: Path, store: Path, keyring: Keyring) -> None:
+    rig = Rig(make_config(tmp_path, store, max_pending_commands=2), keyring)
+    manager = rig.manager
+    results = [
+        manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+        for _ in range(4)
+    ]
+    assert results == [True, True, False, False]
+    assert len(manager.pending) == 2 and manager.handler.stats["failed"] == 2
+    assert len(manager.apply_pending()) == 2 and len(manager.pending) == 0
+
+
+def test_later_commands_for_the_same_seed_wait_behind_a_fetch(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """While a GERMINATE's kernel is fetched, a CULL of that seed waits behind it; a command
+    for the other seed goes ahead."""
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config, keyring)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.5
+    rig = Rig(config, keyring, urza_client=urza)
+    manager = rig.manager
+    for cmd in (
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("cull", SEED0),
+        make_seed_command("cull", SEED1),
+    ):
+        assert manager.handle_adaptation_command(rig.signed(cmd))
+    first = manager.apply_pending()  # the fetch is still running: only SEED1's command
+    assert [o.target for o in first] == [SEED1] and len(manager.pending) == 2
+    rest = manager.apply_pending(wait=True)
+    assert [(o.target, o.ok) for o in rest] == [(SEED0, True), (SEED0, True)]
+    assert rig.stage(SEED0) == S.COOLDOWN
+    assert torch.isfinite(rig.model(rig.x)).all()
+
+
+def test_a_germinate_that_must_fetch_applies_at_a_later_step(rig: Rig, mlp) -> None:
+    """The step never waits for the store: the fetch runs on a worker, and the command is
+    applied at the first safe point after it finished."""
+    manager = rig.manager
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    deadline = time.monotonic() + 30
+    while rig.stage(SEED0) == S.DORMANT and time.monotonic() < deadline:
+        rig.train(1)
+        time.sleep(0.01)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert manager.command_log[-1][1:3] == ("seed.germinate", True)

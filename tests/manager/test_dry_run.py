@@ -1,0 +1,144 @@
+"""GERMINATE's dry run (docs/design.md §6a): correctly signed artifacts that cannot run on the
+slot are refused at the command, and the host keeps training as if nothing was sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, S, host_params, make_config, run_command
+
+
+class Infinite(nn.Module):
+    """Well-formed, but its output is -inf wherever the input is not positive."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.relu(x))
+
+
+class Normalised(nn.Module):
+    """Batch norm in training mode: running a probe updates its running statistics."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.01 * self.norm(x)
+
+
+def publish(module: nn.Module, example: torch.Tensor, store: Path, keyring: Keyring, **kw) -> str:
+    name = type(module).__name__.lower()
+    return publish_artifact(module, [example], str(store), name, keyring, "pub", **kw).artifact_id
+
+
+def assert_refused_and_host_trains(rig: Rig, artifact_id: str, reason: str) -> None:
+    manager = rig.manager
+    assert not rig.send("germinate", SEED0, artifact_id)
+    assert reason in manager.command_log[-1][3], manager.command_log[-1]
+    assert rig.stage(SEED0) == S.DORMANT and manager.seed(SEED0).kernel is None
+    assert not manager.kernel_cache.is_pinned(artifact_id)
+    assert manager.optimizers.seed_ids == []
+    before = host_params(rig)
+    assert rig.train(2)["host_stepped"]
+    after = host_params(rig)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.isfinite(p).all() for p in after)
+
+
+def test_a_kernel_exported_with_a_static_batch_is_refused(rig: Rig, store, keyring) -> None:
+    artifact = publish(ResidualMLP(2, 4), torch.randn(3, 2), store, keyring, dynamic=False)
+    rig.train(1)  # the slot records its activations: [16, 4], so the seed's chunk is [16, 2]
+    assert_refused_and_host_trains(rig, artifact, "cannot run on seed out[0]: on an input (16, 2)")
+
+
+def test_a_kernel_declared_bfloat16_on_a_float32_host_is_refused(rig: Rig, store, keyring) -> None:
+    module = ResidualMLP(2, 4).to(torch.bfloat16)
+    artifact = publish(module, torch.randn(3, 2, dtype=torch.bfloat16), store, keyring)
+    rig.train(1)
+    assert_refused_and_host_trains(rig, artifact, "torch.float32 it ")
+
+
+def test_a_non_finite_kernel_is_refused(rig: Rig, store, keyring) -> None:
+    artifact = publish(Infinite(), torch.randn(3, 2), store, keyring)
+    rig.train(1)
+    assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
+
+
+def test_the_probe_takes_the_manifests_shapes_before_the_first_forward(
+    rig: Rig, store, keyring
+) -> None:
+    artifact = publish(Infinite(), torch.randn(3, 2), store, keyring)
+    assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
+
+
+class SequenceHost(nn.Module):
+    """A host whose slot sees ``[B, T, F]`` activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x))).mean(dim=1)
+
+
+def test_a_kernel_exported_on_2d_input_is_refused_on_3d_activations(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    flat = publish(ResidualMLP(2, 4), torch.randn(3, 2), store, keyring)
+    per_token = publish(ResidualMLP(2, 4), torch.randn(3, 5, 2), store, keyring)
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = SequenceHost()
+    manager.attach(model, "out", 2, 2, host_lr=0.05)
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 4, (8,))
+
+    def train() -> None:
+        manager.backward(F.cross_entropy(model(x), y))
+        manager.step()
+
+    def germinate(artifact_id: str) -> bytes:
+        cmd = make_seed_command("germinate", SEED0, artifact_id)
+        return sign_command(cmd, keyring, "ctl").SerializeToString()
+
+    train()
+    assert not run_command(manager, germinate(flat))
+    assert "on an input (8, 5, 2)" in manager.command_log[-1][3]
+    assert manager.seed(SEED0).stage == S.DORMANT
+    train()
+    # A kernel exported on [B, T, F] with both dynamic runs on both probes (B = 8 and 4).
+    assert run_command(manager, germinate(per_token))
+    assert manager.seed(SEED0).stage == S.ISOLATED_INIT
+    train()
+
+
+def test_the_probe_leaves_buffers_and_the_global_rng_alone(rig: Rig, store, keyring) -> None:
+    artifact = publish(Normalised(2).train(), torch.randn(4, 2), store, keyring)
+    rig.train(1)
+    rng = torch.random.get_rng_state()
+    assert rig.send("germinate", SEED0, artifact)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    original = rig.manager.loader.cached(artifact)
+    kernel = rig.manager.seed(SEED0).kernel
+    assert original is not None and kernel is not None
+    pairs = list(zip(original.buffers(), kernel.buffers(), strict=True))
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("batch, probes", [(16, (16, 8)), (3, (3, 4)), (1, (1, 2))])
+def test_two_batch_sizes_are_probed(rig: Rig, batch: int, probes: tuple[int, int]) -> None:
+    rig.model(torch.randn(batch, 6))
+    registry = rig.manager.require_registry()
+    samples = registry.dry_run_samples(registry[SEED0])
+    assert [tuple(s.shape) for s in samples] == [(probes[0], 2), (probes[1], 2)]

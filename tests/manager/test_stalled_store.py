@@ -1,0 +1,63 @@
+"""A stalled store never blocks a training step (docs/design.md §5, §6).
+
+A real loopback HTTP store serves the manifest and then stalls the payload halfway. GERMINATEs
+sent with a 1 s timeout are fetched on the manager's workers; the trainer keeps stepping the
+whole time, each command is refused once its timeout has run out, and the thread count stays
+bounded however many such commands arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from kasmina.control.commands import make_seed_command
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
+from tests.urza.helpers import StalledServer, wait_for_io_threads
+
+# A liveness bound, not a speed target: one step of this tiny host takes milliseconds, while a
+# step that waited for the stalled store would take the server's whole 60 s stall.
+STEP_BOUND_S = 5.0
+
+
+def test_a_stalled_store_never_blocks_a_step(tmp_path: Path, store: Path, keyring: Keyring, mlp):
+    with StalledServer(store) as server:
+        config = make_config(tmp_path, store, urza_timeout_s=30.0, fetch_workers=2)
+        urza = UrzaLibraryClient(server.url, keyring, timeout_s=30.0, retries=2, backoff_s=0.0)
+        rig = Rig(config, keyring, urza_client=urza)
+        manager = rig.manager
+        rig.train(1)
+        baseline = threading.active_count()
+        peak = baseline
+        sent = 0
+        longest = 0.0
+        before = host_params(rig)
+        started = time.monotonic()
+        for seed_id in [SEED0, SEED1] * 5:  # ten GERMINATEs, each stalled
+            cmd = make_seed_command("germinate", seed_id, mlp, timeout_s=1.0)
+            assert manager.handle_adaptation_command(rig.signed(cmd))
+            sent += 1
+        server.wait_for_payload_requests(1)
+        refused = 0
+        while refused < sent and time.monotonic() - started < 30:
+            t0 = time.monotonic()
+            report = rig.train(1)
+            longest = max(longest, time.monotonic() - t0)
+            refused += sum(not o.ok for o in report["commands"])
+            peak = max(peak, threading.active_count())
+            time.sleep(0.01)
+        assert refused == sent, manager.command_log
+        assert longest < STEP_BOUND_S
+        reasons = [entry[3] for entry in list(manager.command_log)[-sent:]]
+        assert all("UrzaUnavailableError" in r and "did not finish" in r for r in reasons)
+        assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.DORMANT
+        assert any(not (a == b).all() for a, b in zip(before, host_params(rig), strict=True))
+        # Bounded: the fetch workers, the client's capped I/O threads, the HTTP server's
+        # handlers for the stalled requests and fsspec's event loop; never one per command.
+        bound = config.fetch_workers + urza.max_stalled_reads + urza.max_stalled_reads + 2
+        assert peak - baseline <= bound, (peak, baseline)
+        manager.close()
+    wait_for_io_threads(0)

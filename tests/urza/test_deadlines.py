@@ -1,0 +1,406 @@
+"""A store never holds up a training step: fetches end by their deadline, retries and backoff
+included, and a store that hangs in a blocking call (a stalled HTTP server, a FIFO payload)
+cannot make the client's thread count grow past ``max_stalled_reads``.
+
+Every fault is real: a loopback HTTP server that sends the payload's headers and first half and
+then blocks until the test releases it, and a FIFO in a local store that blocks ``open`` until
+a writer comes. Each test releases what it stalled, so no thread outlives it in a blocking call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.errors import UrzaUnavailableError
+from kasmina.urza.artifact import Manifest
+from kasmina.urza.cache import GPUKernelCache
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.loader import KernelLoader
+from kasmina.urza.publish import publish_artifact, publish_payload
+from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.telemetry import TelemetryReporter
+from tests.urza.helpers import (
+    FakeClock,
+    FlakyFS,
+    StalledServer,
+    io_threads,
+    wait_for_io_threads,
+)
+
+# Liveness bound on "returns by its deadline": generous, since a loaded CI machine may be slow;
+# an unbounded fetch in these tests would take far longer (or forever).
+SLACK_S = 5.0
+DEADLINE = "did not finish within its deadline"
+
+
+@pytest.fixture(scope="module")
+def keyring() -> Keyring:
+    return Keyring({"pub": generate_key()})
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring) -> tuple[Path, Manifest]:
+    """One real exported artifact (export once per module: it is slow)."""
+    store = tmp_path_factory.mktemp("store")
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    manifest = publish_artifact(module, (torch.randn(2, 4),), str(store), "mlp", keyring, "pub")
+    return store, manifest
+
+
+@pytest.fixture
+def store(tmp_path: Path, published: tuple[Path, Manifest]) -> tuple[Path, Manifest]:
+    """A private copy of the published store that a test may tamper with."""
+    src, manifest = published
+    dst = tmp_path / "store"
+    shutil.copytree(src, dst)
+    return dst, manifest
+
+
+@pytest.fixture
+def stalled(store: tuple[Path, Manifest]) -> Iterator[StalledServer]:
+    with StalledServer(store[0]) as server:
+        try:
+            yield server
+        finally:
+            server.release()
+            wait_for_io_threads(0)
+
+
+@contextmanager
+def thread_peaks() -> Iterator[dict[str, int]]:
+    """Samples the live thread count and the ``urza-io`` count every few milliseconds; yields
+    their peaks (and the baseline, this sampler included) as they are found."""
+    wait_for_io_threads(0)  # reads an earlier test abandoned must not count here
+    stop = threading.Event()
+    peaks = {"baseline": 0, "active": 0, "io": 0}
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks["active"] = max(peaks["active"], threading.active_count())
+            peaks["io"] = max(peaks["io"], io_threads())
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, name="thread-sampler", daemon=True)
+    sampler.start()
+    peaks["baseline"] = threading.active_count()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
+
+
+def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``fn()`` on a thread; its result or exception ends up in the returned dict."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def http_client(url: str, keyring: Keyring, **kwargs: Any) -> UrzaLibraryClient:
+    """A client whose per-read timeout is long: the deadlines are what bound these fetches."""
+    kwargs.setdefault("timeout_s", 10.0)
+    kwargs.setdefault("retries", 0)
+    kwargs.setdefault("backoff_s", 0.0)
+    return UrzaLibraryClient(url, keyring, **kwargs)
+
+
+def make_loader(client: Any) -> KernelLoader:
+    return KernelLoader(client, GPUKernelCache(64), torch.device("cpu"), TelemetryReporter())
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+def test_stalled_payload_fetch_ends_by_its_deadline(stalled, store, keyring) -> None:
+    _, manifest = store
+    urza = http_client(stalled.url, keyring, breaker_threshold=1)
+    deadline = time.monotonic() + 1.0
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE) as info:
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert time.monotonic() < deadline + SLACK_S
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert stalled.payload_requests == 1
+    # The read timed out: the store did not answer in time, a failure for the breaker.
+    assert urza.breaker.state == "open"
+    assert urza.stats()["deadlines_expired"] == 1
+
+
+def test_retries_and_backoff_do_not_extend_the_deadline(stalled, store, keyring) -> None:
+    _, manifest = store
+    # Unbounded, 20 retries of a 0.4 s read would take over 8 s.
+    urza = http_client(
+        stalled.url, keyring, timeout_s=0.4, retries=20, backoff_s=0.05, max_stalled_reads=32
+    )
+    deadline = time.monotonic() + 1.0
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert time.monotonic() < deadline + SLACK_S
+    assert 2 <= urza.stats()["reads"] < 21  # it did retry, and stopped at the deadline
+
+
+def test_stalled_http_payload_never_leaks_threads(stalled, store, keyring) -> None:
+    _, manifest = store
+    cap = 3
+    urza = http_client(stalled.url, keyring, max_stalled_reads=cap, breaker_threshold=100)
+    with thread_peaks() as peaks:
+        for _ in range(10):
+            with pytest.raises(UrzaUnavailableError):
+                urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 0.2)
+            assert io_threads() <= cap
+    stats = urza.stats()
+    # The first ``cap`` fetches read a manifest and stall on the payload; the rest are refused
+    # before their manifest read, without a thread.
+    assert stats["reads"] == 2 * cap and stats["reads_refused_stalled"] == 10 - cap
+    assert stats["io_threads"] == stats["stalled_reads"] == cap
+    assert peaks["io"] <= cap
+    # Besides the client's threads: one server handler per stalled connection, fsspec's
+    # event-loop thread and some slack.
+    assert peaks["active"] <= peaks["baseline"] + cap + cap + 2
+    # Released, every abandoned read ends, its slot frees, and the store serves again.
+    stalled.release()
+    wait_for_io_threads(0)
+    assert urza.stats()["io_threads"] == 0 and urza.stats()["stalled_reads"] == 0
+    payload, fetched = urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 5.0)
+    assert fetched == manifest and len(payload) == manifest.size
+
+
+def unblock_fifo(path: Path, timeout: float = 10.0) -> None:
+    """Open and close ``path`` for writing until no read is blocked on it (each open lets the
+    readers blocked in ``open`` through, and they see end-of-file at once)."""
+    end = time.monotonic() + timeout
+    while io_threads() and time.monotonic() < end:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:  # ENXIO: no reader has it open right now
+            if exc.errno != errno.ENXIO:
+                raise
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_payload_never_leaks_threads(store, keyring) -> None:
+    root, manifest = store
+    payload = root / f"{manifest.artifact_id}.pt2"
+    payload.unlink()
+    os.mkfifo(payload)
+    cap = 2
+    urza = UrzaLibraryClient(
+        str(root), keyring, timeout_s=0.2, retries=0, max_stalled_reads=cap, breaker_threshold=100
+    )
+    try:
+        with thread_peaks() as peaks:
+            for _ in range(6):
+                with pytest.raises(UrzaUnavailableError):
+                    urza.fetch(manifest.artifact_id)
+        assert urza.stats()["reads_refused_stalled"] == 6 - cap
+        assert peaks["io"] <= cap
+        assert peaks["active"] <= peaks["baseline"] + cap + 1
+        # Deadlines bound a fetch against a FIFO just the same.
+        deadline = time.monotonic() + 0.3
+        with pytest.raises(UrzaUnavailableError):
+            urza.fetch(manifest.artifact_id, deadline=deadline)
+        assert time.monotonic() < deadline + SLACK_S
+    finally:
+        unblock_fifo(payload)
+    wait_for_io_threads(0)
+
+
+def test_coalesced_follower_returns_at_its_own_deadline(stalled, store, keyring) -> None:
+    _, manifest = store
+    urza = http_client(stalled.url, keyring)
+    leader, led = run_in_thread(
+        lambda: urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 10.0)
+    )
+    stalled.wait_for_payload_requests(1)
+    deadline = time.monotonic() + 0.3
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert time.monotonic() < deadline + SLACK_S
+    assert leader.is_alive()  # the shared fetch goes on
+    assert urza.stats()["coalesced"] == 1
+    stalled.release()
+    leader.join(timeout=10)
+    assert "error" not in led and led["result"][1] == manifest
+    assert urza.breaker.state == "closed"
+
+
+def test_follower_outlives_its_leaders_deadline(stalled, store, keyring) -> None:
+    """A leader that ran out of its own time says nothing about the follower's: a follower
+    with time left fetches anew instead of inheriting the leader's expiry."""
+    _, manifest = store
+    urza = http_client(stalled.url, keyring)
+    leader, led = run_in_thread(
+        lambda: urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 1.5)
+    )
+    stalled.wait_for_payload_requests(1)
+    follower, followed = run_in_thread(
+        lambda: urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 10.0)
+    )
+    end = time.monotonic() + 5
+    while urza.stats()["coalesced"] < 1 and time.monotonic() < end:
+        time.sleep(0.005)
+    leader.join(timeout=10)
+    assert isinstance(led.get("error"), UrzaUnavailableError)
+    stalled.wait_for_payload_requests(2)  # the follower's own read
+    stalled.release()
+    follower.join(timeout=10)
+    assert "error" not in followed and followed["result"][1] == manifest
+    stats = urza.stats()
+    assert stats["fetches"] == 2 and stats["coalesced"] == 1
+
+
+def test_backoff_sleeps_never_pass_the_deadline(store, keyring) -> None:
+    root, manifest = store
+    clock = FakeClock()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+
+    urza = UrzaLibraryClient(
+        str(root),
+        keyring,
+        retries=10,
+        backoff_s=0.1,
+        backoff_max_s=1.0,
+        breaker_threshold=1,
+        clock=clock,
+        sleep=sleep,
+    )
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    deadline = clock.now + 1.0
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE) as info:
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    # 0.1, 0.2, 0.4; the next (0.8) would pass the deadline, so it is not slept.
+    assert sleeps == [0.1, 0.2, 0.4] and clock.now <= deadline
+    assert flaky.reads_of(".manifest.json") == 4
+    assert urza.breaker.state == "open"  # reads failed: a store failure
+
+
+def test_an_expired_deadline_reads_nothing_and_is_no_breaker_outcome(store, keyring) -> None:
+    root, manifest = store
+    clock = FakeClock()
+    urza = UrzaLibraryClient(
+        str(root), keyring, retries=0, breaker_threshold=1, breaker_reset_s=10.0, clock=clock
+    )
+    flaky = urza._fs = FlakyFS(urza._fs)
+    for call in (urza.fetch, urza.get_manifest):
+        with pytest.raises(UrzaUnavailableError, match="passed before the first read"):
+            call(manifest.artifact_id, deadline=clock.now)
+    assert not flaky.reads and urza.breaker.state == "closed"
+    # Nor does it use up the half-open trial.
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match="after 1 attempt"):
+        urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "open"
+    clock.now += 10
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        urza.fetch(manifest.artifact_id, deadline=clock.now - 1)
+    flaky.down = False
+    payload, fetched = urza.fetch(manifest.artifact_id, deadline=clock.now + 60)
+    assert fetched == manifest and urza.breaker.state == "closed"
+    assert urza.get_manifest(manifest.artifact_id, deadline=clock.now + 60) == manifest
+
+
+def test_live_reads_wait_for_a_slot_instead_of_being_refused(store, keyring) -> None:
+    """The cap bounds threads, not healthy concurrency: with every slot held by a live read,
+    a new read waits for one (within its timeout) and both fetches succeed."""
+    root, manifest = store
+    publish_payload(b"second", str(root), "bp", keyring, "pub", "second")
+    urza = UrzaLibraryClient(str(root), keyring, timeout_s=5.0, retries=0, max_stalled_reads=1)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.2
+    first, out1 = run_in_thread(lambda: urza.fetch(manifest.artifact_id))
+    second, out2 = run_in_thread(lambda: urza.fetch("second"))
+    first.join(timeout=10)
+    second.join(timeout=10)
+    assert out1["result"][1] == manifest and out2["result"][0] == b"second"
+    assert urza.stats()["reads_refused_stalled"] == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_max_stalled_reads_is_validated(bad, tmp_path, keyring) -> None:
+    with pytest.raises(ValueError, match="max_stalled_reads"):
+        UrzaLibraryClient(str(tmp_path), keyring, max_stalled_reads=bad)
+
+
+# --- the loader ---------------------------------------------------------------------------
+
+
+def test_loader_original_ends_by_its_deadline(stalled, store, keyring) -> None:
+    _, manifest = store
+    loader = make_loader(http_client(stalled.url, keyring))
+    deadline = time.monotonic() + 0.5
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        loader.original(manifest.artifact_id, deadline=deadline)
+    assert time.monotonic() < deadline + SLACK_S
+    assert manifest.artifact_id not in loader.cache
+    assert loader.counters["load_failures"] == 1
+
+
+def test_loader_waiter_stops_at_its_deadline_while_the_load_goes_on(
+    stalled, store, keyring
+) -> None:
+    _, manifest = store
+    loader = make_loader(http_client(stalled.url, keyring))
+    leader, led = run_in_thread(lambda: loader.original(manifest.artifact_id))
+    stalled.wait_for_payload_requests(1)
+    deadline = time.monotonic() + 0.3
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        loader.original(manifest.artifact_id, deadline=deadline)
+    assert time.monotonic() < deadline + SLACK_S
+    assert leader.is_alive() and loader.counters["loads_coalesced"] == 1
+    stalled.release()
+    leader.join(timeout=10)
+    kernel = led["result"]
+    assert isinstance(kernel, GPUKernel)
+    # Cached for the next call, which needs no time at all.
+    assert loader.original(manifest.artifact_id, deadline=time.monotonic()) is kernel
+
+
+def test_loader_passes_a_deadline_only_when_there_is_one(store, keyring) -> None:
+    """A client whose ``fetch`` takes no deadline still serves loads without one."""
+    root, manifest = store
+    real = UrzaLibraryClient(str(root), keyring, retries=0)
+    calls: list[dict[str, Any]] = []
+
+    class NoDeadlineClient:
+        def fetch(self, artifact_id: str) -> tuple[bytes, Manifest]:
+            calls.append({})
+            return real.fetch(artifact_id)
+
+    class RecordingClient:
+        def fetch(self, artifact_id: str, **kwargs: Any) -> tuple[bytes, Manifest]:
+            calls.append(kwargs)
+            return real.fetch(artifact_id, **kwargs)
+
+    assert isinstance(make_loader(NoDeadlineClient()).original(manifest.artifact_id), GPUKernel)
+    deadline = time.monotonic() + 30
+    make_loader(RecordingClient()).original(manifest.artifact_id, deadline=deadline)
+    assert calls == [{}, {"deadline": deadline}]
