@@ -1,14 +1,19 @@
 """Every Kasmina setting in one validated dataclass.
 
-Defaults are safe for a single machine: the Urza store is a local directory and checkpoints go
-under the user's cache directory (``$XDG_CACHE_HOME/kasmina`` or ``~/.cache/kasmina``), never the
-working directory. HMAC keys are never part of the configuration itself, only where to find them.
+Defaults are safe for a single machine: the Urza store is a local directory and each run keeps
+its state (checkpoints, emergency checkpoints) in its own directory
+``<cache>/kasmina/runs/<run_id>/`` under the user's cache directory (``$KASMINA_HOME``,
+``$XDG_CACHE_HOME/kasmina`` or ``~/.cache/kasmina``), never the working directory and never
+another run's. HMAC keys are never part of the configuration itself, only where to find them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +43,16 @@ def _default_urza_url() -> str:
     return str(default_cache_root() / "urza")
 
 
-def _default_checkpoint_dir() -> str:
-    return str(default_cache_root() / "checkpoints")
+def _default_runs_root() -> str:
+    return str(default_cache_root() / "runs")
 
 
-def _default_emergency_dir() -> str:
-    return str(default_cache_root() / "emergency")
+def new_run_id() -> str:
+    """A fresh run id: the UTC start time and 32 random bits (``20261201-175133-9f2c4e1a``)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -84,16 +93,22 @@ class KasminaConfig:
     # Worker threads fetching GERMINATE kernels ahead of their safe point.
     fetch_workers: int = 2
 
+    # --- Run state (docs/design.md §6a) -----------------------------------------------------
+    # This run's id ("" = a fresh one, see new_run_id); its files live in <runs_root>/<run_id>/,
+    # and no run reads, rotates or deletes another's.
+    run_id: str = ""
+    runs_root: str = field(default_factory=_default_runs_root)
+
     # --- Gradient isolation, checkpoints (docs/design.md §4) --------------------------------------
     # Isolation violations of one seed that trip its circuit breaker (QUARANTINE).
     max_isolation_violations: int = 3
     # Faults of one seed's kernel (raised, wrong shape/dtype, non-finite) before QUARANTINE;
     # each fault falls back to the host output for that forward.
     seed_fault_limit: int = 3
-    # Atomic per-epoch checkpoints for rollback.
-    checkpoint_dir: str = field(default_factory=_default_checkpoint_dir)
-    # Emergency checkpoints written when a breaker trips.
-    emergency_checkpoint_dir: str = field(default_factory=_default_emergency_dir)
+    # Atomic per-epoch checkpoints for rollback ("" = <run_dir>/checkpoints).
+    checkpoint_dir: str = ""
+    # Emergency checkpoints written when a breaker trips ("" = <run_dir>/emergency).
+    emergency_checkpoint_dir: str = ""
     # Epoch checkpoints kept on disk (oldest deleted first).
     checkpoints_kept: int = 5
 
@@ -149,10 +164,27 @@ class KasminaConfig:
         _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
         _positive_int("seed_fault_limit", self.seed_fault_limit)
-        for name in ("checkpoint_dir", "emergency_checkpoint_dir"):
+        if not isinstance(self.run_id, str):
+            raise ValueError(f"run_id must be a string, got {self.run_id!r}")
+        if not self.run_id:
+            self.run_id = new_run_id()
+        if not _RUN_ID.fullmatch(self.run_id):
+            raise ValueError(
+                f"run_id must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, "
+                f"got {self.run_id!r}"
+            )
+        if not isinstance(self.runs_root, str) or not self.runs_root:
+            raise ValueError("runs_root must be a non-empty path")
+        for name, default in (
+            ("checkpoint_dir", "checkpoints"),
+            ("emergency_checkpoint_dir", "emergency"),
+        ):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty path")
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a path string, got {value!r}")
+            if not value:
+                value = str(self.run_dir / default)
+                setattr(self, name, value)
             if Path(value).expanduser().resolve() == Path.cwd().resolve():
                 raise ValueError(f"{name} must not be the working directory")
         _positive_int("checkpoints_kept", self.checkpoints_kept)
@@ -178,6 +210,11 @@ class KasminaConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's own state directory: ``<runs_root>/<run_id>``."""
+        return Path(self.runs_root).expanduser() / self.run_id
 
     @property
     def teacher_torch_dtype(self) -> torch.dtype:

@@ -27,6 +27,20 @@ def test_defaults_are_valid_and_stay_out_of_the_working_directory(monkeypatch, t
     assert default_cache_root() == tmp_path / "home"
 
 
+def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KASMINA_HOME", str(tmp_path / "home"))
+    first, second = KasminaConfig(), KasminaConfig()
+    assert first.run_id != second.run_id
+    runs = tmp_path / "home" / "runs"
+    for config in (first, second):
+        assert config.run_dir == runs / config.run_id
+        assert Path(config.checkpoint_dir) == config.run_dir / "checkpoints"
+        assert Path(config.emergency_checkpoint_dir) == config.run_dir / "emergency"
+    named = KasminaConfig(run_id="exp-7")
+    assert named.run_dir == runs / "exp-7"
+    assert KasminaConfig.from_dict(named.to_dict()).run_dir == named.run_dir
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -42,7 +56,10 @@ def test_defaults_are_valid_and_stay_out_of_the_working_directory(monkeypatch, t
         ("command_freshness_s", 0),
         ("max_isolation_violations", 0),
         ("checkpoint_dir", "."),
-        ("emergency_checkpoint_dir", ""),
+        ("emergency_checkpoint_dir", 3),
+        ("run_id", "../escape"),
+        ("run_id", "a" * 65),
+        ("runs_root", ""),
         ("performance_gate", 1001),
         ("performance_gate", 0.5),
         ("min_isolated_epochs", True),
