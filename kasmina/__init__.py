@@ -6,8 +6,8 @@ Each name lives in exactly one module of a subpackage; this table is its only ot
 
 The subpackages, in their one-way import order (docs/design.md §1)::
 
-    cli -> demo -> manager -> {seeds | isolation | urza | control} -> kd -> ops -> utils
-        -> {stages, errors, leyline}
+    cli -> demo -> {manager | persist} -> {seeds | isolation | urza | control} -> kd -> ops
+        -> utils -> {stages, errors, leyline}
 """
 
 from __future__ import annotations
@@ -26,9 +26,15 @@ _PUBLIC = {
     "KasminaKernelManager": "kasmina.manager.manager",
     "KasminaConfig": "kasmina.manager.config",
     "KDConfig": "kasmina.kd.config",
+    # keeping what you grew
+    "save": "kasmina.persist.saving",
+    "load": "kasmina.persist.loading",
+    "merge": "kasmina.persist.merging",
     # publishing artifacts
     "publish_artifact": "kasmina.urza.publish",
     "UrzaLibraryClient": "kasmina.urza.client",
+    "PublisherKey": "kasmina.urza.keys",
+    "TrustedPublishers": "kasmina.urza.keys",
     # keys and signed commands
     "Keyring": "kasmina.utils.keyring",
     "generate_key": "kasmina.utils.keyring",

@@ -29,3 +29,14 @@ class IllegalTransitionError(KasminaError):
 
 class ParameterOverlapError(KasminaError):
     """A seed's parameters overlap the host's (or another seed's) optimizer parameters."""
+
+
+class CheckpointIntegrityError(KasminaError):
+    """A checkpoint's manifest, HMAC, run id, epoch, size or SHA-256 did not verify, so none of
+    its bytes reached ``torch.load``: the file was damaged, tampered with, truncated, swapped for
+    another epoch's, or belongs to another run."""
+
+
+class CheckpointUnavailableError(KasminaError):
+    """No checkpoint can serve the request: none of that epoch is kept (the message names the
+    nearest kept ones), or this run keeps none at all (``checkpoint_mode="off"``)."""

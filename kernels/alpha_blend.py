@@ -132,6 +132,19 @@ def _alpha_layout(x: torch.Tensor, alpha: torch.Tensor | None) -> tuple[int, int
     return 2, d, d // alpha.numel()
 
 
+def _dense_alpha(alpha: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``alpha`` as the kernels read it: element k at ``alpha_ptr + k``.
+
+    A strided or expanded per-chunk view (``a[::2]``, ``a0.expand(C)``) would otherwise be read
+    as the wrong elements or past its allocation; the copy is C elements.
+    """
+    if alpha is None:
+        return None
+    if alpha.device != like.device:
+        raise ValueError(f"alpha is on {alpha.device}, expected {like.device}")
+    return alpha.contiguous()
+
+
 def _check(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.shape != like.shape or t.device != like.device or not t.is_contiguous():
         raise ValueError(
@@ -155,6 +168,7 @@ def blend_forward(
     if out is None:
         out = torch.empty_like(seed)
     _check("out", out, seed)
+    alpha = _dense_alpha(alpha, seed)
     mode, d, w = _alpha_layout(seed, alpha)
     n = seed.numel()
     if n:
@@ -181,6 +195,7 @@ def blend_backward(
     if grad_seed_out is None:
         grad_seed_out = torch.empty_like(grad)
     _check("grad_seed_out", grad_seed_out, grad)
+    alpha = _dense_alpha(alpha, grad)
     mode, d, w = _alpha_layout(grad, alpha)
     n = grad.numel()
     alpha_arg = grad if alpha is None else alpha

@@ -1,22 +1,34 @@
-"""Per-tensor L2 norms of many tensors: one launch per dtype plus one tiny finishing launch.
+"""Per-tensor L2 norms of many tensors: one launch per dtype group plus one tiny finishing launch.
 
 Why a pointer/chunk table: a model has hundreds to thousands of parameter tensors, and one launch
 per tensor (or a flat concatenation, which doubles memory traffic) wastes most of the time. The
-host builds, once per list shape, an int64 table of chunks ``(tensor index, element offset,
-length)`` per dtype and an int64 table of data pointers. Each program of ``_sumsq_kernel`` loads
-its chunk's pointer, casts it to the dtype's pointer type, and writes the chunk's fp32 sum of
-squares to ``partials``. ``_finish_kernel`` (one program per tensor) sums that tensor's contiguous
-run of partials in a fixed order, so results are deterministic (no float atomics), takes the
-square root and, for the leak check, raises a device flag. Nothing waits on the host.
+host builds an int64 table of chunks ``(tensor index, element offset, length)`` per group and an
+int64 table of data pointers. Each program of ``_sumsq_kernel`` loads its chunk's pointer, casts
+it to the group's element type, and writes the chunk's fp32 sum of squares to ``partials``.
+``_finish_kernel`` (one program per tensor) sums that tensor's contiguous run of partials in a
+fixed order, so results are deterministic (no float atomics), takes the square root and, for the
+leak check, raises a device flag. Nothing waits on the host.
 
-The plan (chunk tables) is cached per list structure (device, sizes, dtypes, layout); the pointer
-table is rebuilt only when the pointers change. A cache hit skips validation: the key can only
-match a list that was validated when the plan was built.
+A group is a (dtype, 16-byte aligned) pair: aligned tensors get vectorised loads, and a
+misaligned view (``base[1:]``) only sends its own group to the scalar path.
+
+Host time is what limits a call over a thousand small tensors, so the prepared launch (chunk
+tables and the device pointer table) is cached. The key is the list's layout as the kernels
+read it: the device, every tensor's data pointer, element count and dtype, and that every
+tensor is dense (contiguous, or a dense permutation such as ``w.t()``, read in place as the
+same span of memory). A repeated call with the same tensors, or new tensors at the same
+addresses, therefore only computes the key and launches. The cache is a small LRU (``_LAUNCHES``
+entries); the chunk tables underneath are shared by every pointer set of the same structure
+(element counts, dtypes, alignment) in a second small LRU (``_PLANS``), so fresh gradients each
+step rebuild only the pointer table. An exact hit skips validation: its key can only match a
+list that was validated when the entry was made (device address spaces are disjoint under
+unified addressing, and the dtypes are part of the key).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,10 +45,15 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 CHUNK = 32768
 BLOCK = 2048  # elements per loop step inside a program
 FINISH_BLOCK = 256  # partials summed per loop step in the finishing kernel
-_MAX_PLANS = 16
+ALIGNMENT = 16  # bytes: the widest vector load (4 x fp32, 8 x fp16/bf16)
+_LAUNCHES = 8  # prepared launches kept (distinct pointer sets)
+_PLANS = 16  # chunk-table plans kept (distinct list structures)
 
 _EMPTY = torch.empty(0)  # stands in for ``None`` entries: zero elements, never dereferenced
 _dtype_of = attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 @triton.jit
@@ -111,33 +128,46 @@ def _finish_kernel(
         tl.store(flag_ptr, bad, mask=bad)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Group:
     dtype: torch.dtype
+    aligned: bool  # every member's data pointer is a multiple of ALIGNMENT bytes
     table: torch.Tensor  # int64 [chunks, 3]: tensor index, element offset, length
     base: int  # index of this group's first chunk in ``partials``
     chunks: int
-    members: list[int]  # indices of the tensors with at least one chunk
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    groups: list[_Group]
+    """Chunk tables of one list structure (element counts, dtypes, alignment)."""
+
+    groups: tuple[_Group, ...]
     first: torch.Tensor  # int64 [T]: index of each tensor's first partial
     count: torch.Tensor  # int64 [T]: number of partials (chunks) of each tensor
     total_chunks: int
-    # (pointer values, int64 [T] device copy, per group: all 16-byte aligned), replaced as one
-    # object so that threads never mix the parts of two different pointer sets
-    pointers: tuple[tuple[int, ...], torch.Tensor, list[bool]] | None = None
 
 
-_plans: dict[tuple, _Plan] = {}
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a launch needs: the plan, the device pointer table, and the tensors read.
+
+    ``tensors`` holds the dense copies made of non-dense inputs (and the inputs themselves), so
+    that the memory the pointer table names stays alive until the launches are queued.
+    """
+
+    plan: _Plan
+    pointers: torch.Tensor  # int64 [T] on the device
+    tensors: tuple[torch.Tensor, ...]
+
+
+_launches: OrderedDict[tuple, tuple[_Plan, torch.Tensor]] = OrderedDict()
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _check(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+def _check(tensors: Sequence[object], device: torch.device) -> None:
     for i, t in enumerate(tensors):
-        if t is _EMPTY:
+        if t is None or t is _EMPTY:
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
@@ -160,61 +190,113 @@ def _to_device(values: list, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _dense_span(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr`` (any order).
+
+    True for a contiguous tensor and for dense permutations of one (``w.t()``): with strides
+    >= 0, element 0 is the lowest address, and the sum of squares does not depend on the order.
+    """
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _lru_put(cache: OrderedDict, key: tuple, value: object, limit: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
 def _build_plan(
-    numels: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device
+    numels: Sequence[int],
+    dtypes: Sequence[torch.dtype],
+    aligned: Sequence[bool],
+    device: torch.device,
 ) -> _Plan:
-    rows: dict[torch.dtype, list[tuple[int, int, int]]] = {}
-    for i, (n, dt) in enumerate(zip(numels, dtypes, strict=True)):
-        for off in range(0, n, CHUNK):
-            rows.setdefault(dt, []).append((i, off, min(CHUNK, n - off)))
+    rows: dict[tuple[torch.dtype, bool], list[tuple[int, int, int]]] = {}
+    for i, (n, dt, al) in enumerate(zip(numels, dtypes, aligned, strict=True)):
+        if n:
+            group_rows = rows.setdefault((dt, al), [])
+            group_rows.extend((i, off, min(CHUNK, n - off)) for off in range(0, n, CHUNK))
     groups, first, count, base = [], [0] * len(numels), [0] * len(numels), 0
-    for dt, group_rows in rows.items():
-        members = []
+    for (dt, al), group_rows in rows.items():
         for pos, (i, off, _) in enumerate(group_rows):
             if off == 0:
                 first[i] = base + pos
-                members.append(i)
             count[i] += 1
         table = _to_device(group_rows, device)
-        groups.append(_Group(dt, table, base, len(group_rows), members))
+        groups.append(_Group(dt, al, table, base, len(group_rows)))
         base += len(group_rows)
     meta = _to_device([first, count], device)
-    return _Plan(groups, meta[0], meta[1], base)
+    return _Plan(tuple(groups), meta[0], meta[1], base)
 
 
-def _plan_for(
-    tensors: list[torch.Tensor], device: torch.device
-) -> tuple[_Plan, torch.Tensor, list[bool]]:
-    """The cached plan for this list structure and the device table of its data pointers.
+def _key_parts(
+    ts: Sequence[torch.Tensor],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[torch.dtype, ...], bool]:
+    """Data pointers, element counts, dtypes, and whether every tensor is contiguous.
 
-    Validation runs whenever the plan or the pointers are new: an exact hit can only repeat a
-    list that was validated (device address spaces are disjoint under unified addressing).
+    One C-level pass per attribute: a ``TypeError`` means an entry is not a tensor.
     """
+    return (
+        tuple(map(_data_ptr, ts)),
+        tuple(map(_numel, ts)),
+        tuple(map(_dtype_of, ts)),
+        all(map(_is_contiguous, ts)),
+    )
+
+
+def prepare(tensors: Sequence[torch.Tensor | None], device: torch.device) -> Prepared:
+    """The host side of one call: the (cached) plan and device pointer table for ``tensors``.
+
+    A list seen before costs four attribute reads per tensor, a tuple hash and a dict lookup
+    (plus one list pass when it holds ``None``); a new list is validated, and a new structure
+    builds its chunk tables.
+    """
+    ts: Sequence = tensors
     try:
-        numels = tuple(map(torch.Tensor.numel, tensors))
-        dtypes = tuple(map(_dtype_of, tensors))
-        ptrs_key = tuple(map(torch.Tensor.data_ptr, tensors))
+        ptrs, numels, dtypes, dense = _key_parts(ts)
     except TypeError:
-        _check(tensors, device)  # raises the clear error for the entry that is not a tensor
-        raise
-    key = (device, numels, dtypes)
+        ts = [_EMPTY if t is None else t for t in tensors]
+        try:
+            ptrs, numels, dtypes, dense = _key_parts(ts)
+        except TypeError:
+            _check(tensors, device)  # names the entry that is not a tensor
+            raise
+    validated = False
+    if not dense:
+        _check(ts, device)
+        validated = True
+        flags = list(map(_is_contiguous, ts))
+        ts = [
+            t if ok or _dense_span(t) else t.contiguous() for t, ok in zip(ts, flags, strict=True)
+        ]
+        ptrs = tuple(map(_data_ptr, ts))  # copies have new addresses
+    key = (device, ptrs, numels, dtypes)
     with _lock:
-        plan = _plans.get(key)
-    pointers = plan.pointers if plan is not None else None
-    if pointers is not None and pointers[0] == ptrs_key:
-        assert plan is not None
-        return plan, pointers[1], pointers[2]
-    _check(tensors, device)
-    if plan is None:
-        plan = _build_plan(numels, dtypes, device)
+        hit = _launches.get(key)
+        if hit is not None:
+            _launches.move_to_end(key)
+    if hit is None:
+        if not validated:
+            _check(ts, device)
+        aligned = tuple(p % ALIGNMENT == 0 for p in ptrs)
+        structure = (device, numels, dtypes, aligned)
         with _lock:
-            if len(_plans) >= _MAX_PLANS:
-                _plans.pop(next(iter(_plans)))
-            _plans[key] = plan
-    ptrs = _to_device(list(ptrs_key), device)
-    aligned = [all(ptrs_key[i] % 16 == 0 for i in g.members) for g in plan.groups]
-    plan.pointers = (ptrs_key, ptrs, aligned)
-    return plan, ptrs, aligned
+            plan = _plans.get(structure)
+        if plan is None:
+            plan = _build_plan(numels, dtypes, aligned, device)
+        hit = (plan, _to_device(list(ptrs), device))
+        with _lock:
+            _lru_put(_plans, structure, plan, _PLANS)
+            _lru_put(_launches, key, hit, _LAUNCHES)
+    return Prepared(hit[0], hit[1], tuple(ts))
 
 
 def tensor_norms(
@@ -224,33 +306,27 @@ def tensor_norms(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 L2 norm of each tensor (``None`` -> 0) and, when ``tol`` is given, the leak flag.
 
-    The flag is a 0-d bool device tensor: any norm > ``tol`` or not finite. Non-contiguous
-    tensors are copied to a contiguous buffer first (gradients and parameters never are).
+    The flag is a 0-d bool device tensor: any norm > ``tol`` or not finite. Dense tensors are
+    read in place whatever their strides; other views are copied to a dense buffer first
+    (gradients and parameters never are).
     """
-    ts = [_EMPTY if t is None else t for t in tensors]
-    try:
-        contiguous = all(map(torch.Tensor.is_contiguous, ts))
-    except TypeError:
-        _check(ts, device)
-        raise
-    if not contiguous:
-        ts = [t.contiguous() for t in ts]
-    n = len(ts)
+    n = len(tensors)
     norms = torch.empty(n, dtype=torch.float32, device=device)
     flag = torch.zeros((), dtype=torch.bool, device=device) if tol is not None else None
     if n == 0:
         return norms, flag
-    plan, ptrs, aligned = _plan_for(ts, device)
+    prep = prepare(tensors, device)
+    plan = prep.plan
     partials = torch.empty(max(plan.total_chunks, 1), dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        for g, g_aligned in zip(plan.groups, aligned, strict=True):
+        for g in plan.groups:
             _sumsq_kernel[(g.chunks,)](
                 g.table,
-                ptrs,
+                prep.pointers,
                 partials,
                 g.base,
                 DTYPE=_TL_DTYPE[g.dtype],
-                ALIGNED=g_aligned,
+                ALIGNED=g.aligned,
                 BLOCK=BLOCK,
             )
         _finish_kernel[(n,)](

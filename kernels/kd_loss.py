@@ -1,147 +1,426 @@
 """Triton kernels for ``kd_kl_loss``: per-row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and its
-student gradient, with a streaming softmax over the vocabulary.
+student gradient, streaming over the vocabulary (docs/design.md §2).
 
-One program per row loops over ``V`` in ``BLOCK_V`` chunks, so any ``V`` (262,144 and beyond)
-works with bounded registers and no ``[rows, V]`` probability tensor is ever written.
+Bytes. With ``N`` the size of one logits tensor, forward + backward moves 5N: the forward reads
+the student and the teacher once (2N) and writes only per-row statistics (16 bytes a row); the
+backward reads both again and writes the gradient once (3N), already multiplied by
+``grad_output``. No logits-sized buffer exists between the two passes, and the backward
+allocates exactly one (the gradient). Strided logits such as ``logits[:, :-1]`` are read through
+their row strides (up to two leading dims after merging), never copied.
 
-Pass 1 keeps, in base 2 (``a = s·log2(e)/T``, ``b = t·log2(e)/T``, so ``exp2`` is one
-instruction), the running maxima ``m_a, m_b``, the sums ``z_a = Σ 2^(a-m_a)``,
-``z_b = Σ 2^(b-m_b)`` and the cross term ``x = Σ 2^(b-m_b)·(b-a)``, rescaling them whenever a
-maximum grows. Then, with ``lse = m + log2 z``::
+Forward, per row, in base 2: ``a = s·log2(e)/T`` and ``b = t·log2(e)/T``, so every exponential
+is one ``exp2``. Every lane of the block keeps its own running state over the elements it
+sees: the maxima ``m_a, m_b``, the sums ``z_a = Σ 2^(a-m_a)`` and ``z_b = Σ 2^(b-m_b)``, and
+the cross term ``x = Σ 2^(b-m_b)·(b-a)``. A new element costs one ``exp2`` per side: with
+``d = v - m``, ``e = 2^-|d|`` is either the new element's weight (``v <= m``) or the factor that
+rescales the old sum (``v > m``, and ``v`` becomes the lane's maximum). The loop body has no
+block reduction and so no barrier; the lanes are merged once per row (two tuple reductions),
+``M = max m`` and ``Z = Σ z·2^(m-M)``. Then, with ``lse = M + log2 Z``::
 
-    row_loss = T² · ln2 · (x / z_b - lse_b + lse_a)
+    row_loss = T²·ln2·(X/Z_b - lse_b + lse_a)
 
-because ``KL = Σ p_t (log p_t - log p_s) = ln2 · (Σ p_t (b - a) - lse_b + lse_a)``.
-Pass 2 (only when the student needs a gradient) rereads the row and writes the UNSCALED
-``T · (p_s - p_t)`` in the gradient buffer's dtype: it is bounded by ``T``, so it is safe in
-fp16/bf16. The reduction's scale (``1/rows_kept`` or ``1/(rows_kept·V)``) is NOT folded in: in
-fp16 ``T·(p_s - p_t)/(rows·V)`` underflows to 0 before a loss-scaled ``grad_output`` (65536 from
-a GradScaler) could lift it. ``kd_forward`` returns that scale as a 0-d fp32 device tensor
-instead (computed from the mask on the device, so nothing syncs with the host), and the
-backward applies ``scale · grad_output`` in fp32.
+since ``KL = Σ p_t (log p_t - log p_s) = ln2·(Σ p_t (b - a) - lse_b + lse_a)``.
 
--inf logits: teacher ``-inf`` entries have ``p_t = 0`` and contribute nothing (``0·log 0 = 0``);
-a student ``-inf`` where the teacher has mass gives ``+inf``; a fully ``-inf`` row is undefined
-(NaN), as is any row holding a NaN. Masked rows read nothing and write loss 0, gradient 0.
+Why ``(-M_a, -M_b, Z_a, Z_b)`` (the negated maxima are the exponent offsets) suffices for
+the backward: ``p_s = 2^(a - M_a)/Z_a`` and
+``p_t = 2^(b - M_b)/Z_b`` exactly, and ``dL/ds = T·(p_s - p_t)·scale·grad_output``. The backward
+forms the exponent as ``fma(s, log2(e)/T, -M)``: one rounding of ``s·k - M``, whose size is that
+of the exponent itself (small where ``p`` is large), not of the logit; storing ``lse`` instead
+would add an error of ``ulp(lse)`` (``|lse|·2^-24``) to every exponent. The row constant
+``c = T·scale·grad_output`` is folded into ``1/Z`` in fp32, so the gradient is
+``2^(a-M_a)·(c/Z_a) - 2^(b-M_b)·(c/Z_b)``, computed in fp32 and rounded ONCE to the student's
+dtype. An fp16 gradient is therefore the correctly rounded fp32 value: nothing is stored
+unscaled and rescaled later (a stored ``T·(p_s - p_t)`` at V = 131k is mostly fp16-subnormal
+and loses its bits before ``grad_output`` could lift it). ``c/Z`` cannot underflow fp32:
+``Z <= V``, ``scale >= 1/(rows·V)``.
 
-The backward kernel scales the stored gradient by ``grad_output`` (a scalar, or one value per
-row for ``reduction="none"``) times the optional reduction scale, in fp32, into ``out`` (which
-may be the stored buffer itself).
+-inf logits (matching float64 math). A teacher ``-inf`` has ``p_t = 0`` and contributes
+nothing (``0·log 0 = 0``). A student ``-inf`` where the teacher logit is finite (teacher mass,
+however small, even one that underflows fp32) makes the row's KL ``+inf``. The cross term never
+carries that infinity: it adds ``clamp(b - a, ±1e30)`` where the clamps are maxNum/minNum
+(``PropagateNan.NONE``), which return the non-NaN operand, so the ``-inf - -inf = NaN`` of a
+``-inf`` pair (no mass on either side) becomes a finite value, and a zero weight times it is 0,
+never ``0·inf``. Each lane records ``max(b - a)`` (maxNum again: NaN ignored); it is ``+inf``
+exactly when a student ``-inf`` met a finite teacher logit, and then the row loss is ``+inf``.
+So a later jump of the teacher's maximum, which rescales ``x`` by a factor that may underflow
+to 0, cannot produce ``inf·0 = NaN`` (the old kernel did). Running maxima start at ``-FLT_MAX``
+(finite), so ``v - m`` is never ``-inf - -inf``. A row whose student (or teacher) is entirely
+``-inf`` is undefined (NaN: no finite logit, ``Z = 0``), as is any row holding a NaN (it
+reaches ``Z``). Masked rows read nothing and write loss 0 (and a zero gradient row).
+Per-element forward cost: two ``exp2`` and about 22 other instructions per student/teacher
+pair (sm_90 SASS), no barrier; backward: two ``exp2`` and about 8.
+
+Vectorisation: a row starting at an arbitrary element offset (odd V, shifted views) is split
+into a head (< VEC elements up to the first 16-byte boundary of the student row), a body of
+full ``BLOCK_V`` blocks loaded without masks from 16-byte-aligned addresses (the compiler is
+told so with ``tl.multiple_of``; the launcher proves it, see ``_plan``), and a masked
+remainder that takes the head and the tail together. The teacher and the gradient use the
+aligned body addresses only when their row phase provably equals the student's. The body is
+unrolled twice so that two steps' loads are in flight. Block sizes: 2048 lanes at 8 warps is
+8 elements (16 bytes of bf16) per thread; the forward's per-lane state (6 fp32 per lane) keeps
+it near 95 registers on sm_90, two programs per SM, with no spills.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-BLOCK_V = 4096  # vocabulary chunk per loop step on a GPU (16 elements per thread at 8 warps)
-INTERPRETER_BLOCK_V = 65536  # the interpreter runs a block as one numpy op: fewer, larger steps
+logger = logging.getLogger(__name__)
+
+FWD_BLOCK_V = 2048  # vocabulary chunk per loop step: 8 elements (16 bytes of bf16) per thread
+BWD_BLOCK_V = 2048
 NUM_WARPS = 8
+INTERPRETER_BLOCK_V = 65536  # the interpreter runs a block as one numpy op: fewer, larger steps
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)
+VEC_BYTES = 16  # widest vector load
+LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: initial running maximum (finite)
+BIG = tl.constexpr(1.0e30)  # bound of |b - a| in the cross term (see above)
+STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets)
+
+
+@triton.jit
+def _fold_lanes(m, z, v):
+    """Fold ``v`` into the per-lane maximum ``m`` and sum ``z``; returns the new pair and the
+    weights ``(w_old, w_new)`` with ``z' = z·w_old + w_new`` (one exp2 per element)."""
+    d = v - m
+    up = d > 0.0  # False for v = -inf (d = -inf) and NaN
+    e = tl.exp2(-tl.abs(d))
+    w_old = tl.where(up, e, 1.0)
+    w_new = tl.where(up, 1.0, e)
+    return tl.where(up, v, m), z * w_old + w_new, w_old, w_new
+
+
+@triton.jit
+def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
+    a = s.to(tl.float32) * k
+    b = t.to(tl.float32) * k
+    m_a, z_a, _, _ = _fold_lanes(m_a, z_a, a)
+    m_b, z_b, w_old, w_new = _fold_lanes(m_b, z_b, b)
+    # u = b - a is +inf exactly where the student is -inf under a finite teacher logit, and NaN
+    # where both are -inf. maxNum/minNum (PropagateNan.NONE) return the non-NaN operand, so
+    # ``hi`` ignores the NaNs and ``diff`` is always finite: a zero weight times it is 0.
+    u = b - a
+    hi = tl.maximum(hi, u, propagate_nan=tl.PropagateNan.NONE)
+    diff = tl.minimum(
+        tl.maximum(u, -BIG, propagate_nan=tl.PropagateNan.NONE),
+        BIG,
+        propagate_nan=tl.PropagateNan.NONE,
+    )
+    x = x * w_old + w_new * diff
+    return m_a, z_a, m_b, z_b, x, hi
+
+
+@triton.jit
+def _max3(a0, b0, c0, a1, b1, c1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1), tl.maximum(c0, c1)
+
+
+@triton.jit
+def _sum3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _row_offset(row, R1, off, st0, st1):
+    """Element offset of logical row ``row`` in a tensor whose (merged) leading dims are
+    ``[rows // R1, R1]`` with strides ``st0, st1`` and whose row 0 starts at ``off``."""
+    r0 = row // R1
+    return off + r0 * st0 + (row - r0 * R1) * st1
 
 
 @triton.jit
 def _kd_fwd_kernel(
-    s_ptr, t_ptr, mask_ptr, loss_ptr, grad_ptr, V, k, loss_factor, grad_factor,
-    HAS_MASK: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr, t_ptr, mask_ptr, loss_ptr, stats_ptr, V, R1,
+    s_off, s_st0, s_st1, t_off, t_st0, t_st1, k, loss_factor,
+    HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr, ALIGN_S: tl.constexpr,
+    ALIGN_T: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, MERGED: tl.constexpr,
 ):  # fmt: skip
-    """``k = log2(e)/T``; ``loss_factor = T²·ln2``; ``grad_factor = T`` (no reduction scale)."""
+    """One program per row. ``k = log2(e)/T``, ``loss_factor = T²·ln2``. Writes the row loss
+    and, with ``WRITE_STATS``, ``(-M_a, -M_b, Z_a, Z_b)``."""
     row = tl.program_id(0).to(tl.int64)
-    base = row * V
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     else:
         keep = True
     if keep:
-        m_a = float("-inf")
-        m_b = float("-inf")
-        z_a = 0.0
-        z_b = 0.0
-        x = 0.0
-        for off in range(0, V, BLOCK_V):
-            cols = off + tl.arange(0, BLOCK_V)
-            inside = cols < V
-            a = tl.load(s_ptr + base + cols, mask=inside, other=float("-inf")).to(tl.float32) * k
-            b = tl.load(t_ptr + base + cols, mask=inside, other=float("-inf")).to(tl.float32) * k
-            new_a = tl.maximum(m_a, tl.max(a, axis=0))
-            new_b = tl.maximum(m_b, tl.max(b, axis=0))
-            # Reference points: 0 while a maximum is still -inf, so -inf - -inf never appears.
-            ref_a = tl.where(new_a == float("-inf"), 0.0, new_a)
-            ref_b = tl.where(new_b == float("-inf"), 0.0, new_b)
-            e_b = tl.exp2(b - ref_b)
-            rescale_b = tl.exp2(m_b - ref_b)
-            z_a = z_a * tl.exp2(m_a - ref_a) + tl.sum(tl.exp2(a - ref_a), axis=0)
-            z_b = z_b * rescale_b + tl.sum(e_b, axis=0)
-            # p_t = 0 terms are 0 (0·log 0); selecting both operands avoids -inf - -inf.
-            has_t = e_b > 0
-            diff = tl.where(has_t, b, 0.0) - tl.where(has_t, a, 0.0)
-            x = x * rescale_b + tl.sum(e_b * diff, axis=0)
-            m_a = new_a
-            m_b = new_b
-        lse_a = m_a + tl.log2(z_a)
-        lse_b = m_b + tl.log2(z_b)
-        tl.store(loss_ptr + row, loss_factor * (x / z_b - lse_b + lse_a))
-        if NEED_GRAD:
-            inv_a = grad_factor / z_a  # folds T into the normalisers
-            inv_b = grad_factor / z_b
-            for off in range(0, V, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                inside = cols < V
-                a = tl.load(s_ptr + base + cols, mask=inside, other=0.0).to(tl.float32) * k
-                b = tl.load(t_ptr + base + cols, mask=inside, other=0.0).to(tl.float32) * k
-                g = tl.exp2(a - m_a) * inv_a - tl.exp2(b - m_b) * inv_b
-                tl.store(grad_ptr + base + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
+        o_s = _row_offset(row, R1, s_off, s_st0, s_st1)
+        o_t = _row_offset(row, R1, t_off, t_st0, t_st1)
+        head = 0
+        if ALIGN_S:
+            head = tl.minimum((VEC - o_s % VEC) % VEC, V).to(tl.int32)
+        n_body = (V - head) // BLOCK_V
+        lanes = tl.arange(0, BLOCK_V)
+        m_a = tl.full([BLOCK_V], LOWEST, tl.float32)
+        z_a = tl.zeros([BLOCK_V], tl.float32)
+        m_b = tl.full([BLOCK_V], LOWEST, tl.float32)
+        z_b = tl.zeros([BLOCK_V], tl.float32)
+        x = tl.zeros([BLOCK_V], tl.float32)
+        hi = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        # Body: full blocks, unmasked; o + head is a multiple of VEC (16 bytes) when aligned.
+        if ALIGN_S:
+            ps = s_ptr + tl.multiple_of(o_s + head, VEC)
+        else:
+            ps = s_ptr + (o_s + head)
+        if ALIGN_T:
+            pt = t_ptr + tl.multiple_of(o_t + head, VEC)
+        else:
+            pt = t_ptr + (o_t + head)
+        for j in tl.range(0, n_body, loop_unroll_factor=2):
+            cols = j * BLOCK_V + lanes
+            s = tl.load(ps + cols)
+            t = tl.load(pt + cols)
+            m_a, z_a, m_b, z_b, x, hi = _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi)
+        # Head [0, head) and tail [head + n_body·BLOCK_V, V), masked, as one index range.
+        n_rest = V - n_body * BLOCK_V
+        for r in range(0, n_rest, BLOCK_V):
+            e = r + lanes
+            cols = tl.where(e >= head, e + n_body * BLOCK_V, e)
+            inside = e < n_rest
+            s = tl.load(s_ptr + o_s + cols, mask=inside, other=float("-inf"))
+            t = tl.load(t_ptr + o_t + cols, mask=inside, other=float("-inf"))
+            m_a, z_a, m_b, z_b, x, hi = _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi)
+        # Merge the lanes once per row: two tuple reductions (7 barriers on sm_90). The
+        # interpreter runs a tuple reduction element by element in Python, so it takes the
+        # equivalent single reductions instead (MERGED is off only there, and in tests).
+        if MERGED:
+            big_a, big_b, top = tl.reduce((m_a, m_b, hi), 0, _max3)
+        else:
+            big_a, big_b, top = tl.max(m_a, 0), tl.max(m_b, 0), tl.max(hi, 0)
+        w_a = tl.exp2(m_a - big_a)
+        w_b = tl.exp2(m_b - big_b)  # 0 for lanes that saw no finite logit
+        if MERGED:
+            sum_a, sum_b, cross = tl.reduce((z_a * w_a, z_b * w_b, x * w_b), 0, _sum3)
+        else:
+            sum_a, sum_b, cross = tl.sum(z_a * w_a, 0), tl.sum(z_b * w_b, 0), tl.sum(x * w_b, 0)
+        # No finite logit on a side: undefined (NaN), as in float64.
+        lse_a = tl.where(sum_a > 0.0, big_a + tl.log2(sum_a), float("nan"))
+        lse_b = tl.where(sum_b > 0.0, big_b + tl.log2(sum_b), float("nan"))
+        loss = loss_factor * (cross / sum_b - lse_b + lse_a)
+        loss = tl.where((top == float("inf")) & (loss == loss), float("inf"), loss)
+        tl.store(loss_ptr + row, loss)
+        if WRITE_STATS:
+            tl.store(stats_ptr + row * 4, -big_a)
+            tl.store(stats_ptr + row * 4 + 1, -big_b)
+            tl.store(stats_ptr + row * 4 + 2, sum_a)
+            tl.store(stats_ptr + row * 4 + 3, sum_b)
     else:
         tl.store(loss_ptr + row, 0.0)
-        if NEED_GRAD:
-            zero = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
-            for off in range(0, V, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                tl.store(grad_ptr + base + cols, zero, mask=cols < V)
 
 
 @triton.jit
-def _kd_scale_kernel(
-    g_ptr, go_ptr, scale_ptr, out_ptr, V,
-    PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
-    """``out[row, cols] = g[row, cols] * go * scale`` in fp32 (``go[row]`` when ``PER_ROW``;
-    ``scale`` a 0-d fp32 tensor, 1 without ``HAS_SCALE``).
+def _bwd_step(s, t, k, neg_ma, c_a, neg_mb, c_b):
+    """``2^(a - M_a)·(c/Z_a) - 2^(b - M_b)·(c/Z_b)``; each exponent is one fma (one rounding)."""
+    p_a = tl.exp2(tl.fma(s.to(tl.float32), k, neg_ma))
+    p_b = tl.exp2(tl.fma(t.to(tl.float32), k, neg_mb))
+    return p_a * c_a - p_b * c_b
 
-    Grid: (rows, cdiv(V, BLOCK_V))."""
+
+@triton.jit
+def _kd_bwd_kernel(
+    s_ptr, t_ptr, g_ptr, mask_ptr, stats_ptr, go_ptr, scale_ptr, V, R1,
+    s_off, s_st0, s_st1, t_off, t_st0, t_st1, g_off, g_st0, g_st1, k, c_host,
+    HAS_MASK: tl.constexpr, PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ALIGN_S: tl.constexpr, ALIGN_T: tl.constexpr, ALIGN_G: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """One program per row: ``g = c·(p_s - p_t)`` with ``c = c_host·grad_output[·scale]``
+    (``c_host = T`` times the reduction's host-known factor), all in fp32, one rounding."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    inside = cols < V
-    if PER_ROW:
-        go = tl.load(go_ptr + row).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
     else:
-        go = tl.load(go_ptr).to(tl.float32)
-    if HAS_SCALE:
-        go = go * tl.load(scale_ptr).to(tl.float32)
-    offs = row * V + cols
-    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=inside)
+        keep = True
+    o_g = _row_offset(row, R1, g_off, g_st0, g_st1)
+    lanes = tl.arange(0, BLOCK_V)
+    if keep:
+        if PER_ROW:
+            c = tl.load(go_ptr + row).to(tl.float32) * c_host
+        else:
+            c = tl.load(go_ptr).to(tl.float32) * c_host
+        if HAS_SCALE:
+            c = c * tl.load(scale_ptr)
+        neg_ma = tl.load(stats_ptr + row * 4)
+        neg_mb = tl.load(stats_ptr + row * 4 + 1)
+        c_a = c / tl.load(stats_ptr + row * 4 + 2)
+        c_b = c / tl.load(stats_ptr + row * 4 + 3)
+        o_s = _row_offset(row, R1, s_off, s_st0, s_st1)
+        o_t = _row_offset(row, R1, t_off, t_st0, t_st1)
+        head = 0
+        if ALIGN_S:
+            head = tl.minimum((VEC - o_s % VEC) % VEC, V).to(tl.int32)
+        n_body = (V - head) // BLOCK_V
+        if ALIGN_S:
+            ps = s_ptr + tl.multiple_of(o_s + head, VEC)
+        else:
+            ps = s_ptr + (o_s + head)
+        if ALIGN_T:
+            pt = t_ptr + tl.multiple_of(o_t + head, VEC)
+        else:
+            pt = t_ptr + (o_t + head)
+        if ALIGN_G:
+            pg = g_ptr + tl.multiple_of(o_g + head, VEC)
+        else:
+            pg = g_ptr + (o_g + head)
+        for j in tl.range(0, n_body, loop_unroll_factor=2):
+            cols = j * BLOCK_V + lanes
+            g = _bwd_step(tl.load(ps + cols), tl.load(pt + cols), k, neg_ma, c_a, neg_mb, c_b)
+            tl.store(pg + cols, g.to(g_ptr.dtype.element_ty))
+        n_rest = V - n_body * BLOCK_V
+        for r in range(0, n_rest, BLOCK_V):
+            e = r + lanes
+            cols = tl.where(e >= head, e + n_body * BLOCK_V, e)
+            inside = e < n_rest
+            s = tl.load(s_ptr + o_s + cols, mask=inside, other=0.0)
+            t = tl.load(t_ptr + o_t + cols, mask=inside, other=0.0)
+            g = _bwd_step(s, t, k, neg_ma, c_a, neg_mb, c_b)
+            tl.store(g_ptr + o_g + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
+    else:
+        zero = tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty)
+        for off in range(0, V, BLOCK_V):
+            cols = off + lanes
+            tl.store(g_ptr + o_g + cols, zero, mask=cols < V)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def interpreting() -> bool:
+    """Whether these kernels run in Triton's interpreter: decided by how this module's
+    ``@triton.jit`` was built (TRITON_INTERPRET when triton was imported), not by the variable
+    now, so a launch recorded for offline compilation gets the GPU configuration."""
+    return isinstance(_kd_fwd_kernel, InterpretedFunction)
+
+
+def default_block_v(vocab: int, block: int = FWD_BLOCK_V) -> int:
+    cap = INTERPRETER_BLOCK_V if interpreting() else block
+    return min(cap, triton.next_power_of_2(max(vocab, 16)))
+
+
+def row_layout(
+    lead: tuple[int, ...], strides: list[tuple[int, ...]]
+) -> tuple[int, list[tuple[int, int]]] | None:
+    """Merge the leading dims ``lead`` of several tensors (their leading strides in
+    ``strides``) into at most two, ``[rows // R1, R1]``: returns ``(R1, [(st0, st1), ...])``,
+    or None when more than two dims remain (the caller copies). Dims merge where every tensor
+    is contiguous across them; size-1 dims are dropped."""
+    merged: list[tuple[int, list[int]]] = []
+    for i, size in enumerate(lead):
+        if size == 1:
+            continue
+        sts = [st[i] for st in strides]
+        if merged and all(o == s * size for o, s in zip(merged[-1][1], sts, strict=True)):
+            merged[-1] = (merged[-1][0] * size, sts)
+        else:
+            merged.append((size, sts))
+    if len(merged) > 2:
+        return None
+    if not merged:
+        return 1, [(0, 0)] * len(strides)
+    if len(merged) == 1:
+        return merged[0][0], [(0, s) for s in merged[0][1]]
+    return merged[1][0], list(zip(merged[0][1], merged[1][1], strict=True))
+
+
+def kernel_layout_ok(x: torch.Tensor) -> bool:
+    """Whether the kernels read ``x`` in place: unit stride in the last dim and at most two
+    leading dims after merging."""
+    return x.stride(-1) == 1 or x.shape[-1] == 1
+
+
+def _aligned(x: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """``(base, offset, aligned)``: a tensor whose data pointer is 16-byte aligned and the
+    element offset of ``x``'s first element from it (``base`` shares ``x``'s storage and
+    starts up to 15 bytes before it), or ``(x, 0, False)`` when that is impossible."""
+    size = x.element_size()
+    addr = x.data_ptr()
+    if addr % VEC_BYTES == 0:
+        return x, 0, True
+    mis = (addr % VEC_BYTES) // size
+    if addr % size or x.storage_offset() < mis:
+        return x, 0, False
+    return x.as_strided((1,), (1,), x.storage_offset() - mis), mis, True
+
+
+def _plan(tensors: list[torch.Tensor]) -> tuple[list, int, int, list[bool]] | None:
+    """Kernel addressing for row-aligned tensors (student first): base pointers, row offsets
+    and strides, R1, VEC (elements per 16 bytes of the narrowest dtype) and, per tensor,
+    whether its body addresses are provably 16-byte aligned: its base is aligned and, for every
+    row, its row offset is congruent to the student's modulo VEC. The student's head makes the
+    student's body offsets multiples of VEC, so the same columns are aligned in that tensor
+    too. None when the leading dims do not merge to two."""
+    student = tensors[0]
+    lead = tuple(student.shape[:-1])
+    layout = row_layout(lead, [tuple(t.stride()[:-1]) for t in tensors])
+    if layout is None:
+        return None
+    r1, row_strides = layout
+    rows = math.prod(lead)
+    vec = VEC_BYTES // min(t.element_size() for t in tensors)
+    bases = [_aligned(t) for t in tensors]
+    s_off = bases[0][1]
+    s_st0, s_st1 = row_strides[0]
+    args, aligned = [], []
+    for (base, off, ok), (st0, st1) in zip(bases, row_strides, strict=True):
+        same_phase = (off - s_off) % vec == 0
+        same_phase &= rows <= r1 or (st0 - s_st0) % vec == 0
+        same_phase &= r1 == 1 or (st1 - s_st1) % vec == 0
+        args.append((base, off, st0, st1))
+        aligned.append(ok and bases[0][2] and same_phase)
+    return args, r1, vec, aligned
+
+
+def _readable(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits as the kernels read them: as given when each has a unit last stride and the
+    pair merges to two leading dims, else contiguous copies (documented)."""
+    lead = tuple(student.shape[:-1])
+    if (
+        kernel_layout_ok(student)
+        and kernel_layout_ok(teacher)
+        and row_layout(lead, [tuple(student.stride()[:-1]), tuple(teacher.stride()[:-1])])
+    ):
+        return student, teacher
+    logger.debug("kd_kl_loss: copying logits, strides %s, %s", student.stride(), teacher.stride())
+    return student.contiguous(), teacher.contiguous()
 
 
 # --------------------------------------------------------------------------- launchers
 
-
-def default_block_v(vocab: int) -> int:
-    cap = INTERPRETER_BLOCK_V if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_V
-    return min(cap, triton.next_power_of_2(max(vocab, 16)))
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
-def _check_buffer(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tensor) -> None:
-    if tuple(t.shape) != shape or t.device != ref.device or not t.is_contiguous():
+def host_scale(reduction: str, rows: int, vocab: int, masked: bool) -> float:
+    """The part of the reduction's scale known on the host: ``1/(rows·V)`` (mean) or ``1/rows``
+    (batchmean) without a mask; with a mask only ``1/V`` (mean), the ``1/rows_kept`` being
+    ``kd_forward``'s device-side scale."""
+    factor = 1.0 / vocab if reduction == "mean" else 1.0
+    if reduction in ("mean", "batchmean") and not masked:
+        factor /= max(rows, 1)
+    return factor
+
+
+def _check_buffer(
+    name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tensor, dtype: torch.dtype
+) -> None:
+    if tuple(t.shape) != shape or t.device != ref.device or t.dtype != dtype:
         raise ValueError(
-            f"{name} must be a contiguous tensor of shape {shape} on {ref.device}, got "
-            f"{tuple(t.shape)} on {t.device}"
+            f"{name} must be a {dtype} tensor of shape {shape} on {ref.device}, got "
+            f"{t.dtype} {tuple(t.shape)} on {t.device}"
         )
+
+
+def _check_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if student.dim() == 0 or student.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty last dim, got shape {tuple(student.shape)}")
+    _check_buffer("teacher", teacher, tuple(student.shape), student, teacher.dtype)
+    if mask is not None:
+        _check_buffer("mask", mask, tuple(student.shape[:-1]), student, torch.bool)
 
 
 def kd_forward(
@@ -152,95 +431,133 @@ def kd_forward(
     reduction: str,
     need_grad: bool,
     *,
-    grad_out: torch.Tensor | None = None,
     loss_rows_out: torch.Tensor | None = None,
+    stats_out: torch.Tensor | None = None,
     block_v: int | None = None,
+    merged: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, unscaled student gradient, gradient scale)`` for contiguous logits ``[..., V]``.
+    """``(loss, stats, scale)`` for logits ``[..., V]`` (strided rows are read in place).
 
-    ``loss`` is fp32 (0-d, or per row for ``"none"``); the gradient ``T·(p_s - p_t)`` has the
-    student's dtype and shape (empty when ``need_grad`` is off) and does NOT include the
-    reduction's scale: that is the third result, a 0-d fp32 device tensor (``1/rows_kept`` or
-    ``1/(rows_kept·V)``) for ``mean``/``batchmean`` with ``need_grad``, else empty (scale 1).
-    The gradient of the loss is ``gradient · scale · grad_output`` (see ``kd_backward``).
-    ``grad_out`` / ``loss_rows_out`` (fp32 ``[rows]``) may be passed preallocated.
+    ``loss`` is fp32: 0-d, or per row for ``"none"``. With ``need_grad``, ``stats`` is the fp32
+    ``[..., 4]`` ``(-M_a, -M_b, Z_a, Z_b)`` per row that ``kd_backward`` needs, and ``scale`` is the
+    0-d fp32 device tensor ``1/max(rows_kept, 1)`` when a mask meets ``mean``/``batchmean``
+    (computed on the device: no host sync); otherwise each is empty. Masked rows' stats are
+    not written. ``loss_rows_out`` (fp32 ``[rows]``) and ``stats_out`` may be preallocated;
+    ``block_v`` and ``merged`` (tuple reductions; off by default only in the interpreter) are
+    for tests.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_logits(student, teacher, mask)
     vocab = student.shape[-1]
-    rows = student.numel() // vocab
     lead = tuple(student.shape[:-1])
-    for name, t in (("student", student), ("teacher", teacher)):
-        _check_buffer(name, t, tuple(student.shape), student)
-    if mask is not None:
-        _check_buffer("mask", mask, lead, student)
+    rows = math.prod(lead)
+    f32 = torch.float32
     if loss_rows_out is None:
-        loss_rows_out = torch.empty(rows, device=student.device, dtype=torch.float32)
-    _check_buffer("loss_rows_out", loss_rows_out, (rows,), student)
-    if need_grad:
-        if grad_out is None:
-            grad_out = torch.empty_like(student)
-        _check_buffer("grad_out", grad_out, tuple(student.shape), student)
-        grad = grad_out
-    else:
-        grad = student.new_empty(0)
+        loss_rows_out = torch.empty(rows, device=student.device, dtype=f32)
+    _check_buffer("loss_rows_out", loss_rows_out, (rows,), student, f32)
+    if not loss_rows_out.is_contiguous():
+        raise ValueError("loss_rows_out must be contiguous")
+    stats_shape = (*lead, STATS) if need_grad else (0,)
+    if stats_out is None:
+        stats_out = torch.empty(stats_shape, device=student.device, dtype=f32)
+    _check_buffer("stats_out", stats_out, stats_shape, student, f32)
+    if not stats_out.is_contiguous():
+        raise ValueError("stats_out must be contiguous")
+    flat_mask = None if mask is None else mask.reshape(-1)
 
-    # What mean / batchmean divide by: on the host without a mask, a 0-d device tensor with one.
-    denom: torch.Tensor | float = 1.0
-    if reduction in ("mean", "batchmean"):
-        if mask is None:
-            denom = float(max(rows, 1) * (vocab if reduction == "mean" else 1))
-        else:
-            denom = mask.sum(dtype=torch.float32).clamp_(min=1.0)
-            if reduction == "mean":
-                denom = denom.mul_(vocab)
-    scale = student.new_empty(0, dtype=torch.float32)
-    if need_grad and reduction in ("mean", "batchmean"):
-        if isinstance(denom, torch.Tensor):
-            scale = denom.reciprocal()
-        else:  # a device-side fill, not a host-to-device copy (which would sync)
-            scale = torch.full((), 1.0 / denom, dtype=torch.float32, device=student.device)
+    kept: torch.Tensor | None = None
+    if flat_mask is not None and reduction in ("mean", "batchmean"):
+        kept = flat_mask.sum(dtype=f32).clamp_(min=1.0)
+    scale = student.new_empty(0, dtype=f32)
+    if need_grad and kept is not None:
+        scale = kept.reciprocal()
     if rows:
+        s, t = _readable(student, teacher)
+        plan = _plan([s, t])
+        assert plan is not None  # _readable guarantees a two-dim row layout
+        ((s_b, s_off, s_st0, s_st1), (t_b, t_off, t_st0, t_st1)), r1, vec, aligned = plan
         _kd_fwd_kernel[(rows,)](
-            student, teacher, student if mask is None else mask, loss_rows_out,
-            grad if need_grad else student, vocab, LOG2E / temperature,
-            temperature * temperature * LN2, temperature,
-            HAS_MASK=mask is not None, NEED_GRAD=need_grad,
-            BLOCK_V=block_v or default_block_v(vocab), num_warps=NUM_WARPS,
+            s_b, t_b, s_b if flat_mask is None else flat_mask, loss_rows_out,
+            stats_out if need_grad else loss_rows_out, vocab, r1,
+            s_off, s_st0, s_st1, t_off, t_st0, t_st1,
+            LOG2E / temperature, temperature * temperature * LN2,
+            HAS_MASK=flat_mask is not None, WRITE_STATS=need_grad, ALIGN_S=aligned[0],
+            ALIGN_T=aligned[1], VEC=vec, BLOCK_V=block_v or default_block_v(vocab),
+            MERGED=not interpreting() if merged is None else merged, num_warps=NUM_WARPS,
         )  # fmt: skip
     if reduction == "none":
-        return loss_rows_out.view(lead), grad, scale
+        return loss_rows_out.view(lead), stats_out, scale
     total = loss_rows_out.sum()
-    return (total if reduction == "sum" else total / denom), grad, scale
+    if reduction == "sum":
+        return total, stats_out, scale
+    total = total * host_scale(reduction, rows, vocab, kept is not None)
+    return (total if kept is None else total / kept), stats_out, scale
 
 
 def kd_backward(
-    stored_grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    scale: torch.Tensor | None,
     grad_output: torch.Tensor,
-    scale: torch.Tensor | None = None,
+    temperature: float,
+    reduction: str,
     *,
     out: torch.Tensor | None = None,
+    block_v: int | None = None,
 ) -> torch.Tensor:
-    """``stored_grad * grad_output * scale`` in fp32, rounded to ``stored_grad``'s dtype.
+    """The student gradient ``T·(p_s - p_t)·scale·grad_output``, computed in fp32 from the
+    logits and ``kd_forward``'s ``stats``/``scale``, rounded once to the student's dtype.
 
-    ``grad_output`` is 0-d, or has ``stored_grad.shape[:-1]`` (one value per row); ``scale`` is
-    a 0-d fp32 tensor (``kd_forward``'s third result), or None / empty for 1. ``out`` may be
-    ``stored_grad`` itself (each element is read before it is written).
+    ``grad_output`` is 0-d, or has the loss's per-row shape for ``"none"``. ``out`` (the
+    student's shape and dtype, any strides the kernel can address) is written when given, else
+    a contiguous tensor. A gradient laid out like a strided student (``kasmina.ops`` does that)
+    shares the student rows' 16-byte phase, so its stores stay vectorised for odd V.
     """
-    vocab = stored_grad.shape[-1]
-    rows = stored_grad.numel() // vocab if vocab else 0
-    per_row = grad_output.dim() > 0
-    _check_buffer("stored_grad", stored_grad, tuple(stored_grad.shape), stored_grad)
-    expected = tuple(stored_grad.shape[:-1]) if per_row else ()
-    _check_buffer("grad_output", grad_output, expected, stored_grad)
+    _check_logits(student, teacher, mask)
+    vocab = student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    rows = math.prod(lead)
+    f32 = torch.float32
+    _check_buffer("stats", stats, (*lead, STATS), student, f32)
+    if not stats.is_contiguous():
+        raise ValueError("stats must be contiguous")
+    per_row = reduction == "none"
+    if per_row:
+        if tuple(grad_output.shape) != lead:
+            raise ValueError(f"grad_output must have shape {lead}, got {tuple(grad_output.shape)}")
+        grad_output = grad_output.reshape(-1)
+    elif grad_output.numel() != 1:
+        raise ValueError(f"grad_output must be a scalar, got shape {tuple(grad_output.shape)}")
+    if grad_output.device != student.device:
+        raise ValueError(f"grad_output is on {grad_output.device}, expected {student.device}")
     has_scale = scale is not None and scale.numel() > 0
     if has_scale:
-        _check_buffer("scale", scale, (), stored_grad)
+        _check_buffer("scale", scale, (), student, f32)
     if out is None:
-        out = torch.empty_like(stored_grad)
-    _check_buffer("out", out, tuple(stored_grad.shape), stored_grad)
-    if rows:
-        block = default_block_v(vocab)
-        _kd_scale_kernel[(rows, triton.cdiv(vocab, block))](
-            stored_grad, grad_output, scale if has_scale else grad_output, out, vocab,
-            PER_ROW=per_row, HAS_SCALE=has_scale, BLOCK_V=block, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    _check_buffer("out", out, tuple(student.shape), student, student.dtype)
+    if not rows:
+        return out
+    s, t = _readable(student, teacher)
+    plan = _plan([s, t, out])
+    if plan is None or not kernel_layout_ok(out):
+        raise ValueError(f"out has strides {out.stride()} that the kernel cannot address")
+    (sa, ta, ga), r1, vec, aligned = plan
+    if not aligned[2]:
+        # Stores are layout anchors: an unaligned gradient is stored one element per thread,
+        # and vector loads would then cost a shared-memory layout conversion (two barriers)
+        # per step. Scalar loads keep the whole loop in one layout.
+        aligned = [False, False, False]
+    c_host = temperature * host_scale(reduction, rows, vocab, mask is not None)
+    _kd_bwd_kernel[(rows,)](
+        sa[0], ta[0], ga[0], sa[0] if mask is None else mask.reshape(-1), stats, grad_output,
+        scale if has_scale else stats, vocab, r1, *sa[1:], *ta[1:], *ga[1:],
+        LOG2E / temperature, c_host,
+        HAS_MASK=mask is not None, PER_ROW=per_row, HAS_SCALE=has_scale, ALIGN_S=aligned[0],
+        ALIGN_T=aligned[1], ALIGN_G=aligned[2], VEC=vec,
+        BLOCK_V=block_v or default_block_v(vocab, BWD_BLOCK_V), num_warps=NUM_WARPS,
+    )  # fmt: skip
     return out

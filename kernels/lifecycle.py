@@ -12,6 +12,10 @@ The kernels know nothing about stage names: the host passes the rules as small d
 Update codes: 0 applied, 1 illegal, 2 index out of range, 3 index duplicated in the batch
 (precedence 2 > 3 > 1). A duplicated index applies none of its updates, so every applied row is
 written by exactly one lane and the launch has no write races.
+
+The index, stage and gate vectors are read as dense ``[K]`` arrays (``base + lane``), so the
+launcher makes them contiguous: a strided view (``idx[::2]``) or an expanded one (stride 0)
+would otherwise be read as the wrong elements, or past the end of its allocation.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ ILLEGAL = tl.constexpr(1)
 OUT_OF_RANGE = tl.constexpr(2)
 DUPLICATE = tl.constexpr(3)
 NEEDS_ZERO_EMBARGO = tl.constexpr(1 << 8)
-UPDATE_BLOCK = 128  # updates per program
-DUP_BLOCK = 128  # indices compared per step of the duplicate scan
+UPDATE_BLOCK = 128  # updates per program: one lane per thread at the default 4 warps
+# Indices compared per step of the duplicate scan. The step compares a [UPDATE_BLOCK, DUP_BLOCK]
+# tile, i.e. DUP_BLOCK compares per thread: at 128 the tile of int64 compares needed 255
+# registers and spilled on sm_90; 32 int32 compares per step fit with room to spare (the
+# register and spill counts per kernel are checked by tests/ops/test_ptxas.py).
+DUP_BLOCK = 32
 TICK_BLOCK = 256  # rows per program of the tick
 
 
@@ -60,13 +68,19 @@ def _update_kernel(
     new = tl.load(new_ptr + lanes, mask=live, other=-1)  # range-checked before narrowing
     in_range = (idx >= 0) & (idx < n_rows)
 
-    # Duplicate scan: compare every lane's index with all K indices, one tile at a time.
+    # Duplicate scan: compare every lane's index with all K indices, one tile at a time. Only
+    # in-range indices can be reported as duplicates (out of range takes precedence), and an
+    # in-range index is < n_rows < 2**31, so the compares run on int32 row numbers. Every
+    # out-of-range index is first mapped to a negative sentinel (-2 for this lane's own, -1 for
+    # the others, including the masked tail), so that a wide index can never alias a real row
+    # once narrowed, and a sentinel never equals a row number nor the other sentinel.
+    own = tl.where(in_range, idx, -2).to(tl.int32)
     dup = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, k, DUP_BLOCK):
         others = start + tl.arange(0, DUP_BLOCK)
         other_idx = tl.load(idx_ptr + others, mask=others < k, other=-1).to(tl.int64)
-        same = (idx[:, None] == other_idx[None, :]) & (lanes[:, None] != others[None, :])
-        same = same & (others[None, :] < k)
+        other_row = tl.where((other_idx >= 0) & (other_idx < n_rows), other_idx, -1).to(tl.int32)
+        same = (own[:, None] == other_row[None, :]) & (lanes[:, None] != others[None, :])
         dup = tl.maximum(dup, tl.max(same.to(tl.int32), axis=1))
     dup = dup != 0
 
@@ -142,10 +156,17 @@ def lifecycle_update(
     ``gate[k] >= 0`` is written to ``LAST_GATE``; a negative entry (or no ``gate``) falls back
     to the rule's gate. Inputs are validated by the caller (``kasmina.ops.lifecycle``).
     """
+    if not state.is_contiguous():  # rows are addressed as ``state_ptr + row * NUM_COLS``
+        raise ValueError("state must be contiguous")
     k = seed_idx.numel()
     codes = torch.empty(k, dtype=torch.int32, device=state.device)
     if k == 0:
         return codes
+    # The kernel reads lane i at ``ptr + i``: views and expanded vectors become dense copies
+    # (K elements, a no-op for the usual contiguous input).
+    seed_idx = seed_idx.contiguous()
+    new_stage = new_stage.contiguous()
+    gate = None if gate is None else gate.contiguous()
     with _device_ctx(state):
         _update_kernel[(triton.cdiv(k, UPDATE_BLOCK),)](
             state,
@@ -172,6 +193,8 @@ def lifecycle_update(
 
 def lifecycle_tick(state: torch.Tensor, ready: torch.Tensor, columns: dict[str, int]) -> None:
     """Age every row one epoch, count its embargo down, and recompute ``READY_FLAG``."""
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous")
     n = state.shape[0]
     if n == 0:
         return

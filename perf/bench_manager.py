@@ -26,27 +26,28 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import SeedStage
 from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.keys import PublisherKey
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 
 SEEDS = 64
 CHUNK = 8
 ROUNDS = SEEDS - 4
+# Signs the benchmark's artifact; the manager is configured with its public key only.
+PUBLISHER = PublisherKey.generate("pub")
 
 
 @pytest.fixture(scope="module")
 def keyring() -> Keyring:
-    return Keyring({"pub": generate_key(), "ctl": generate_key()})
+    return Keyring({"ctl": generate_key()})
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring) -> tuple[str, str]:
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     store = tmp_path_factory.mktemp("urza")
     torch.manual_seed(0)
     blueprint = ResidualMLP(CHUNK, 4 * CHUNK)
-    manifest = publish_artifact(
-        blueprint, [torch.randn(4, CHUNK)], str(store), "mlp", keyring, "pub"
-    )
+    manifest = publish_artifact(blueprint, [torch.randn(4, CHUNK)], str(store), "mlp", PUBLISHER)
     return str(store), manifest.artifact_id
 
 
@@ -54,6 +55,7 @@ def _manager(tmp_path, store: str, keyring: Keyring) -> tuple[KasminaKernelManag
     config = KasminaConfig(
         device="cpu",
         urza_url=store,
+        urza_trusted_publishers=PUBLISHER.trusted_publishers().to_json(),
         checkpoint_dir=str(tmp_path / "ckpt"),
         emergency_checkpoint_dir=str(tmp_path / "emergency"),
     )

@@ -1,12 +1,24 @@
 """Fused ops on CPU: the torch reference paths (what CPU tensors run), beside eager PyTorch.
 
-The docs/design.md §8 speed targets for these ops are GPU targets, measured by
-``perf/bench_gpu.py``; on CPU the numbers here show what the op's validation, custom-op
-dispatch and autograd wrapper cost over writing the same math inline. Speeds are reported,
-never asserted.
+docs/design.md §8 asks the CPU reference paths to be at least as fast as the plain eager PyTorch
+expression beside them, a 1,024-seed lifecycle update to take <= 1 ms, and a repeated
+``grad_norms`` call over 1,000 tensors to cost <= 30 us of host time. Every ``ours`` benchmark
+here also times its eager twin *in the same test*, in back-to-back rounds of both, and prints
+the median per-round ``ours/eager`` (< 1: ours is faster) beside the §8 target, so that the
+load of a shared machine falls on both sides of each ratio alike. Speeds are reported, never
+asserted.
+
+The GPU targets of the same ops are measured by ``perf/bench_gpu.py``. The grad_norms host-time
+rows time the Triton launcher's host-side preparation only (``kasmina.kernels.grad_norms.
+prepare``: cache key, lookup, and on a miss the tables), since without a GPU the kernels
+themselves only run through the interpreter.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,13 +32,14 @@ from kasmina.ops import (
     lifecycle_tick,
     lifecycle_update,
 )
-from kasmina.stages import NUM_STAGES, NUM_STATE_COLUMNS, StateColumn
+from kasmina.stages import NUM_STAGES, NUM_STATE_COLUMNS, SeedStage, StateColumn
 
 BLEND_SHAPE = (64, 1024)
 TINY_SHAPE = (8, 16)
 KD_ROWS, KD_VOCAB, TEMPERATURE = 32, 8192, 2.0
-BLEND_TARGET = "GPU: fwd+bwd >= 85% of memory bandwidth and >= 2x eager (bench_gpu.py)"
-KD_TARGET = "GPU: fwd+bwd faster than Liger-Kernel and eager, extra memory <= 1 logits buffer"
+CPU_TARGET = "CPU: ours/eager <= 1"
+KD_TARGET = "GPU: fwd+bwd faster than Liger-Kernel and eager (bench_gpu.py)"
+ROUNDS = 31
 
 
 @pytest.fixture(autouse=True)
@@ -39,30 +52,75 @@ def reference_cpu(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-def _pair(shape, requires_grad=False):
+def _batch_s(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def _paired(ours: Callable[[], object], eager: Callable[[], object]) -> tuple[float, float, float]:
+    """Median seconds per call of ``ours`` and ``eager``, and the median of per-round ratios.
+
+    Each round times a batch of each back to back, the order alternating between rounds, so a
+    slow stretch of a shared machine falls on both sides of a ratio alike.
+    """
+    ours(), eager()  # warm up both
+    once = max(_batch_s(ours, 1), _batch_s(eager, 1), 1e-6)
+    number = max(1, min(200, int(0.005 / once)))  # about 5 ms per batch
+    a, b, ratios = [], [], []
+    for i in range(ROUNDS):
+        if i % 2:
+            e, o = _batch_s(eager, number), _batch_s(ours, number)
+        else:
+            o, e = _batch_s(ours, number), _batch_s(eager, number)
+        a.append(o)
+        b.append(e)
+        ratios.append(o / e)
+    return statistics.median(a), statistics.median(b), statistics.median(ratios)
+
+
+def _versus(benchmark, ours: Callable[[], object], eager: Callable[[], object], what: str) -> None:
+    """Benchmark ``ours`` and record ``ours/eager`` from a paired run in the target line."""
+    benchmark(ours)
+    ours_s, eager_s, ratio = _paired(ours, eager)
+    benchmark.extra_info.update(
+        {"ours_us": round(ours_s * 1e6, 3), "eager_us": round(eager_s * 1e6, 3), "ratio": ratio}
+    )
+    benchmark.extra_info["target"] = (
+        f"{CPU_TARGET}: ours/eager = {ratio:.2f} (median of {ROUNDS} paired rounds; medians "
+        f"{ours_s * 1e6:.1f} us / {eager_s * 1e6:.1f} us; eager: {what})"
+    )
+
+
+def _pair(shape, requires_grad=False, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    seed_out = torch.randn(shape, generator=gen, requires_grad=requires_grad)
-    host_out = torch.randn(shape, generator=gen, requires_grad=requires_grad)
+    seed_out = torch.randn(shape, generator=gen).to(dtype).requires_grad_(requires_grad)
+    host_out = torch.randn(shape, generator=gen).to(dtype).requires_grad_(requires_grad)
     return seed_out, host_out
 
 
 # --------------------------------------------------------------------------- alpha_blend
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("alpha_kind", ["float", "0-d", "per-chunk"])
-def test_alpha_blend_forward(benchmark, alpha_kind: str) -> None:
-    seed_out, host_out = _pair(BLEND_SHAPE)
+def test_alpha_blend_forward(benchmark, alpha_kind: str, dtype: torch.dtype) -> None:
+    seed_out, host_out = _pair(BLEND_SHAPE, dtype=dtype)
     alpha = {"float": 0.3, "0-d": torch.tensor(0.3), "per-chunk": torch.rand(8)}[alpha_kind]
-    with torch.no_grad():
-        benchmark(alpha_blend, seed_out, host_out, alpha)
-    benchmark.extra_info["target"] = BLEND_TARGET
+    if alpha_kind == "per-chunk":
 
+        def eager() -> torch.Tensor:
+            cols = alpha.repeat_interleave(BLEND_SHAPE[-1] // 8).to(dtype)
+            return cols * seed_out + (1 - cols) * host_out
 
-def test_alpha_blend_forward_eager_baseline(benchmark) -> None:
-    seed_out, host_out = _pair(BLEND_SHAPE)
+        what = "a.repeat_interleave(W)*s + (1-that)*h"
+    else:
+        a = alpha if alpha_kind == "float" else alpha.to(dtype)
+        eager = lambda: a * seed_out + (1 - a) * host_out
+        what = "a*s + (1-a)*h"
     with torch.no_grad():
-        benchmark(lambda: 0.3 * seed_out + (1 - 0.3) * host_out)
-    benchmark.extra_info["target"] = "baseline for test_alpha_blend_forward"
+        _versus(benchmark, lambda: alpha_blend(seed_out, host_out, alpha), eager, what)
 
 
 def test_alpha_blend_forward_backward(benchmark) -> None:
@@ -71,31 +129,25 @@ def test_alpha_blend_forward_backward(benchmark) -> None:
     alpha = torch.tensor(0.3, requires_grad=True)
     grad = torch.ones(BLEND_SHAPE)
 
-    def step() -> None:
+    def ours() -> None:
         alpha_blend(seed_out, host_out, alpha).backward(grad)
 
-    benchmark(step)
-    benchmark.extra_info["target"] = BLEND_TARGET
-
-
-def test_alpha_blend_forward_backward_eager_baseline(benchmark) -> None:
-    seed_out, host_out = _pair(BLEND_SHAPE, requires_grad=True)
-    alpha = torch.tensor(0.3, requires_grad=True)
-    grad = torch.ones(BLEND_SHAPE)
-
-    def step() -> None:
+    def eager() -> None:
         (alpha * seed_out + (1 - alpha) * host_out.detach()).backward(grad)
 
-    benchmark(step)
-    benchmark.extra_info["target"] = "baseline for test_alpha_blend_forward_backward"
+    _versus(benchmark, ours, eager, "(a*s + (1-a)*h.detach()).backward(g)")
 
 
 def test_alpha_blend_call_overhead_tiny(benchmark) -> None:
-    """Per-call cost on a tiny activation: validation + custom-op dispatch dominate."""
+    """Per-call cost on a tiny activation: validation and dispatch dominate."""
     seed_out, host_out = _pair(TINY_SHAPE)
     with torch.no_grad():
-        benchmark(alpha_blend, seed_out, host_out, 0.3)
-    benchmark.extra_info["target"] = "no DESIGN target; the fixed per-call overhead"
+        _versus(
+            benchmark,
+            lambda: alpha_blend(seed_out, host_out, 0.3),
+            lambda: 0.3 * seed_out + (1 - 0.3) * host_out,
+            "0.3*s + 0.7*h on [8, 16]",
+        )
 
 
 # --------------------------------------------------------------------------- kd_kl_loss
@@ -108,79 +160,131 @@ def _logits(requires_grad: bool):
     return student, teacher
 
 
+def _eager_kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``T²·F.kl_div`` on log-softmaxed logits: what a user would write by hand."""
+    log_ps = F.log_softmax(student / TEMPERATURE, dim=-1)
+    log_pt = F.log_softmax(teacher / TEMPERATURE, dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * TEMPERATURE**2
+
+
 def test_kd_kl_loss_forward_backward(benchmark) -> None:
     student, teacher = _logits(requires_grad=True)
-
-    def step() -> None:
-        kd_kl_loss(student, teacher, TEMPERATURE, "batchmean").backward()
-
-    benchmark(step)
-    benchmark.extra_info["target"] = KD_TARGET
-
-
-def test_kd_kl_loss_forward_backward_eager_baseline(benchmark) -> None:
-    """``T²·F.kl_div`` on log-softmaxed logits: what a user would write by hand."""
-    student, teacher = _logits(requires_grad=True)
-
-    def step() -> None:
-        log_ps = F.log_softmax(student / TEMPERATURE, dim=-1)
-        log_pt = F.log_softmax(teacher / TEMPERATURE, dim=-1)
-        loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
-        (loss * TEMPERATURE**2).backward()
-
-    benchmark(step)
-    benchmark.extra_info["target"] = "baseline for test_kd_kl_loss_forward_backward"
+    _versus(
+        benchmark,
+        lambda: kd_kl_loss(student, teacher, TEMPERATURE, "batchmean").backward(),
+        lambda: _eager_kd(student, teacher).backward(),
+        "T²·F.kl_div(log_softmax) + backward",
+    )
+    benchmark.extra_info["target"] += f"; {KD_TARGET}"
 
 
 def test_kd_kl_loss_forward_no_grad(benchmark) -> None:
     """Evaluation: no student gradient is computed or stored."""
     student, teacher = _logits(requires_grad=False)
     with torch.no_grad():
-        benchmark(kd_kl_loss, student, teacher, TEMPERATURE, "batchmean")
-    benchmark.extra_info["target"] = KD_TARGET
+        _versus(
+            benchmark,
+            lambda: kd_kl_loss(student, teacher, TEMPERATURE, "batchmean"),
+            lambda: _eager_kd(student, teacher),
+            "T²·F.kl_div(log_softmax)",
+        )
 
 
 # --------------------------------------------------------------------------- grad_norms
 
 NORM_COUNT = 1000
-NORMS_TARGET = "GPU: >= 2x torch._foreach_norm + stack + norm over 1,000 tensors (bench_gpu.py)"
+HOST_TARGET = "<= 30 us of host time per repeated call over 1,000 tensors"
 
 
-def _param_list() -> list[torch.Tensor | None]:
+def _param_list(with_none: bool = True) -> list[torch.Tensor | None]:
     """1,000 parameter-like tensors of mixed sizes (weights, biases), a few ``None`` grads."""
     gen = torch.Generator().manual_seed(2)
     sizes = [(64, 64), (256, 64), (64,), (64, 256), (64,)]
     tensors: list[torch.Tensor | None] = [
         torch.randn(sizes[i % len(sizes)], generator=gen) for i in range(NORM_COUNT)
     ]
-    tensors[7] = tensors[500] = None
+    if with_none:
+        tensors[7] = tensors[500] = None
     return tensors
+
+
+def _present(tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """What eager code does with ``None`` grads (``clip_grad_norm_`` filters them the same way)."""
+    return [t for t in tensors if t is not None]
 
 
 def test_grad_norms_total(benchmark) -> None:
     """Gradient-clipping shape: per-tensor norms, then the total norm."""
     tensors = _param_list()
-    benchmark(lambda: torch.linalg.vector_norm(grad_norms(tensors)))
-    benchmark.extra_info["target"] = NORMS_TARGET
-
-
-def test_grad_norms_total_foreach_baseline(benchmark) -> None:
-    present = [t for t in _param_list() if t is not None]
-    benchmark(lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present))))
-    benchmark.extra_info["target"] = "baseline for test_grad_norms_total"
+    _versus(
+        benchmark,
+        lambda: torch.linalg.vector_norm(grad_norms(tensors)),
+        lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(_present(tensors)))),
+        "vector_norm(stack(_foreach_norm([t for t in ts if t is not None])))",
+    )
 
 
 def test_leak_check(benchmark) -> None:
     """The isolation monitor's question after a seed backward; the flag stays a tensor."""
     tensors = _param_list()
-    benchmark(leak_check, tensors, 0.0)
-    benchmark.extra_info["target"] = NORMS_TARGET
+
+    def eager() -> tuple[torch.Tensor, torch.Tensor]:
+        norms = torch.stack(torch._foreach_norm(_present(tensors)))
+        return norms, ((norms > 0.0) | ~torch.isfinite(norms)).any()
+
+    _versus(
+        benchmark, lambda: leak_check(tensors, 0.0), eager, "the same + (n > tol | ~finite).any()"
+    )
+
+
+@pytest.mark.parametrize("with_none", [False, True], ids=["dense", "2-None"])
+def test_grad_norms_launcher_host_time(benchmark, with_none: bool) -> None:
+    """Host side of the Triton path on a repeated call (cache hit), beside its floor.
+
+    The floor is one ``data_ptr()`` pass over the list: the least any launcher must do to know
+    where the tensors are. The key also reads element counts, dtypes and contiguity.
+    """
+    from kasmina.kernels.grad_norms import prepare
+
+    tensors = _param_list(with_none)
+    present = _present(tensors)
+    device = torch.device("cpu")
+    prepare(tensors, device)  # builds the plan and the pointer table once
+    benchmark(prepare, tensors, device)
+    ours_s, floor_s, ratio = _paired(
+        lambda: prepare(tensors, device), lambda: [t.data_ptr() for t in present]
+    )
+    benchmark.extra_info.update(
+        {"ours_us": round(ours_s * 1e6, 3), "floor_us": round(floor_s * 1e6, 3)}
+    )
+    benchmark.extra_info["target"] = (
+        f"{HOST_TARGET}: paired median {ours_s * 1e6:.1f} us; one data_ptr() pass over the "
+        f"list (the floor) {floor_s * 1e6:.1f} us, ours/floor = {ratio:.2f}"
+    )
+
+
+def test_grad_norms_launcher_host_time_new_pointers(benchmark) -> None:
+    """Host side when every call sees fresh tensors of the same structure (new pointers)."""
+    from kasmina.kernels.grad_norms import prepare
+
+    pool = [_param_list(False) for _ in range(12)]  # more lists than the launch cache holds
+    device = torch.device("cpu")
+    for tensors in pool:
+        prepare(tensors, device)
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] = (state["i"] + 1) % len(pool)
+        prepare(pool[state["i"]], device)
+
+    benchmark(step)
+    benchmark.extra_info["target"] = f"no §8 number (pointer-table rebuild); {HOST_TARGET}"
 
 
 # --------------------------------------------------------------------------- lifecycle
 
 SEEDS = 1024
-LIFECYCLE_TARGET = "GPU: a 1,024-seed lifecycle update in one launch (bench_gpu.py)"
+LIFECYCLE_TARGET = "CPU: a 1,024-seed update <= 1 ms; GPU: one launch (bench_gpu.py)"
 
 
 def _state_and_requests() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +305,26 @@ def test_lifecycle_update(benchmark) -> None:
     benchmark.extra_info["target"] = LIFECYCLE_TARGET
 
 
+def test_lifecycle_update_all_applied(benchmark) -> None:
+    """1,024 legal transitions, every one applied, walking each seed round the cycle
+    DORMANT -> ISOLATED_INIT -> HARVESTING -> COOLDOWN -> RECYCLING -> DORMANT."""
+    cycle = [SeedStage.ISOLATED_INIT, SeedStage.HARVESTING, SeedStage.COOLDOWN]
+    cycle += [SeedStage.RECYCLING, SeedStage.DORMANT]
+    state = torch.zeros(SEEDS, NUM_STATE_COLUMNS, dtype=torch.int32)  # DORMANT, no embargo
+    idx = torch.randperm(SEEDS, generator=torch.Generator().manual_seed(4))
+    targets = [torch.full((SEEDS,), int(s), dtype=torch.int64) for s in cycle]
+    step = {"i": -1}
+
+    def run() -> None:
+        step["i"] = (step["i"] + 1) % len(targets)
+        lifecycle_update(state, idx, targets[step["i"]])
+
+    benchmark(run)
+    assert state[:, StateColumn.LIFECYCLE_STAGE].eq(int(cycle[step["i"]])).all()
+    benchmark.extra_info["target"] = LIFECYCLE_TARGET
+
+
 def test_lifecycle_tick(benchmark) -> None:
     state, _, _ = _state_and_requests()
     benchmark(lifecycle_tick, state)
-    benchmark.extra_info["target"] = LIFECYCLE_TARGET
+    benchmark.extra_info["target"] = "GPU: one launch for the whole table (bench_gpu.py)"

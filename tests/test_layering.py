@@ -2,16 +2,17 @@
 
 Imports go one way:
 
-    cli -> demo -> manager -> {seeds | isolation | urza | control} -> kd -> ops -> utils
-        -> {stages, errors, leyline}
+    cli -> demo -> {manager | persist} -> {seeds | isolation | urza | control} -> kd -> ops
+        -> utils -> {stages, errors, leyline}
 
-A package may import itself and anything to its right; the four middle packages never import
-each other; ``stages``, ``errors`` and ``leyline`` import nothing of kasmina (leyline only its own
-generated modules); ``kasmina.kernels`` is imported only by ``kasmina.ops``, lazily, and imports
-nothing of kasmina. ``kasmina/__init__.py`` and ``kasmina/__main__.py`` are the top: exempt from
-the order, but ``kasmina/__init__.py`` imports only the standard library eagerly. No ``_private``
-name or module crosses a package boundary, there are no import cycles, and every name has one
-import path (re-exports only in a package's ``__init__.py``).
+A package may import itself and anything to its right; packages of one rank never import each other
+(the four middle packages; manager and persist); ``stages``, ``errors`` and ``leyline`` import
+nothing of kasmina (leyline only its own generated modules); ``kasmina.kernels`` is imported only
+by ``kasmina.ops``, lazily, and imports nothing of kasmina. ``kasmina/__init__.py`` and
+``kasmina/__main__.py`` are the top: exempt from the order, but ``kasmina/__init__.py`` imports
+only the standard library eagerly. No ``_private`` name or module crosses a package boundary, there
+are no import cycles, and every name has one import path (re-exports only in a package's
+``__init__.py``).
 
 Every ``import`` counts wherever it is written: at module level, inside a function, under
 ``if TYPE_CHECKING:``; so do ``importlib.import_module("kasmina...")`` calls with a literal name
@@ -44,6 +45,7 @@ LAYERS: dict[str, int] = {
     "cli": 8,
     "demo": 7,
     "manager": 6,
+    "persist": 6,
     "seeds": 5,
     "isolation": 5,
     "urza": 5,
@@ -57,7 +59,10 @@ LAYERS: dict[str, int] = {
 }
 VOCABULARY = frozenset({"stages", "errors", "leyline"})
 TOP = frozenset({PACKAGE, f"{PACKAGE}.__main__"})
-ORDER = "cli -> demo -> manager -> {seeds|isolation|urza|control} -> kd -> ops -> utils -> vocab"
+ORDER = (
+    "cli -> demo -> {manager|persist} -> {seeds|isolation|urza|control} -> kd -> ops -> utils "
+    "-> vocab"
+)
 
 # Rule identifiers (the first word of each violation's rule text).
 LAYERING = "layering"

@@ -24,7 +24,9 @@ from kasmina.errors import KasminaError
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from kasmina.utils.keyring import Keyring, generate_key
 
-    key_id = args.key_id
+    if args.publisher:
+        return _keygen_publisher(args)
+    key_id = "default" if args.key_id is None else args.key_id
     if not key_id or any(c in key_id for c in ",: \t\n"):
         raise CLIError(f"invalid key id {key_id!r}: use a non-empty id without ',', ':' or spaces")
     key = generate_key(args.bytes)
@@ -45,6 +47,34 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         keys[key_id] = key
     exported = ",".join(f"{k}:{v.hex()}" for k, v in keys.items())
     print(f"export KASMINA_HMAC_KEYS={exported}")
+    return 0
+
+
+def _keygen_publisher(args: argparse.Namespace) -> int:
+    """An Ed25519 publisher key: the private key goes only to ``--out`` (0600); stdout gets the
+    public key as the JSON object trainers are configured with."""
+    from kasmina.urza.keys import PublisherKey, validate_key_id
+
+    if args.out is None:
+        raise CLIError("--publisher needs --out FILE: a private key is never printed")
+    if args.append:
+        raise CLIError("--append is for HMAC keyrings; a publisher key file holds one key")
+    if args.key_id is not None:
+        try:
+            validate_key_id(args.key_id)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    key = PublisherKey.generate(args.key_id)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CLIError(f"{out} exists; pass --force to replace the key in it")
+    key.save(out, overwrite=args.force)
+    print(
+        f"wrote publisher key {key.key_id!r} to {out} (mode 0600); trainers need only the public "
+        f"key: {key.public_key_text}",
+        file=sys.stderr,
+    )
+    print(json.dumps({key.key_id: key.public_key_text}))
     return 0
 
 
@@ -155,17 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = sub.add_parser(
         "keygen",
-        help="generate an HMAC key for signing controller commands",
+        help="generate an HMAC command key, or an Ed25519 artifact publisher key (--publisher)",
         description=(
-            "Generate a random HMAC-SHA256 key. Prints an 'export KASMINA_HMAC_KEYS=...' line "
-            "(the format Keyring.from_env reads); with --out also writes a JSON keyring file "
-            "(mode 0600, the format Keyring.from_file reads). Status goes to stderr."
+            "Generate a random HMAC-SHA256 key for signing controller commands. Prints an "
+            "'export KASMINA_HMAC_KEYS=...' line (the format Keyring.from_env reads); with --out "
+            "also writes a JSON keyring file (mode 0600, the format Keyring.from_file reads). "
+            "With --publisher, generate an Ed25519 key for signing Urza artifacts instead: the "
+            "private key is written to --out (mode 0600, never printed) and stdout gets "
+            '{"key_id": "public key"}, the JSON trainers are configured with '
+            "(urza_trusted_publishers, --publishers). Status goes to stderr."
         ),
     )
-    keygen.add_argument("--key-id", default="default", help="id of the new key (default)")
-    keygen.add_argument("--out", help="keyring JSON file to write")
+    keygen.add_argument(
+        "--publisher", action="store_true", help="an Ed25519 artifact publisher key (needs --out)"
+    )
+    keygen.add_argument(
+        "--key-id",
+        help="id of the new key (HMAC: default; publisher: publisher-<fingerprint>)",
+    )
+    keygen.add_argument("--out", help="keyring JSON file, or publisher key file, to write")
     keygen.add_argument("--append", action="store_true", help="add to an existing --out file")
-    keygen.add_argument("--force", action="store_true", help="replace a key with the same id")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace a key with the same id, or a key file"
+    )
     keygen.add_argument("--bytes", type=positive_int, default=32, help="key length (32)")
     keygen.set_defaults(func=_cmd_keygen)
 

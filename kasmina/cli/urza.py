@@ -1,8 +1,13 @@
-"""``kasmina urza publish|list|verify``: the command line over an Urza store.
+"""``kasmina urza publish|list|verify|resign``: the command line over an Urza store.
 
-Keys come from ``--keys FILE`` (a JSON keyring as ``kasmina keygen --out`` writes it) or the
-``KASMINA_HMAC_KEYS`` environment variable. Nothing in a payload is deserialised here: ``verify``
-checks the manifest signature, size and SHA-256 only.
+Artifacts are signed with an Ed25519 publisher key: ``publish`` and ``resign`` take the private
+key file (``--key FILE``, as ``kasmina keygen --publisher --out FILE`` writes it, or
+``$KASMINA_PUBLISHER_KEY_FILE``). ``list`` and ``verify`` need only public keys: ``--publishers
+FILE`` (a JSON object of key id -> public key, what ``keygen --publisher`` prints), or ``--key
+FILE`` for a publisher checking its own store. HMAC keyrings (``--keys``) no longer sign or
+verify artifacts; ``resign`` reads one (``--hmac-keys``) only to check an old manifest before
+re-signing it. Nothing in a payload is deserialised here: ``verify`` checks the manifest
+signature, size and SHA-256 only.
 """
 
 from __future__ import annotations
@@ -19,37 +24,58 @@ if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
     from torch import nn
 
     from kasmina.urza.client import UrzaLibraryClient
+    from kasmina.urza.keys import PublisherKey, TrustedPublishers
     from kasmina.utils.keyring import Keyring
+
+# Names the publisher's private key file when --key is not given.
+PUBLISHER_KEY_ENV = "KASMINA_PUBLISHER_KEY_FILE"
 
 
 def add_urza_parser(sub: argparse._SubParsersAction) -> None:
     urza = sub.add_parser(
         "urza",
-        help="publish, list and verify seed artifacts in an Urza store",
+        help="publish, list, verify and re-sign seed artifacts in an Urza store",
         description=(
-            "An Urza store is any fsspec URL (a local directory by default) holding signed "
-            "torch.export artifacts. HMAC keys come from --keys FILE (a JSON keyring, see "
-            "'kasmina keygen') or the KASMINA_HMAC_KEYS environment variable."
+            "An Urza store is any fsspec URL (a local directory by default) holding "
+            "torch.export artifacts signed with Ed25519. Publishing takes a publisher's private "
+            "key (--key FILE, see 'kasmina keygen --publisher'); listing and verifying need only "
+            "public keys (--publishers FILE)."
         ),
     )
     urza_sub = urza.add_subparsers(dest="urza_command", metavar="<action>", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def store(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store", required=True, help="store URL or local directory")
-        p.add_argument("--keys", help="JSON keyring file (default: $KASMINA_HMAC_KEYS)")
+        # The retired HMAC option, kept only to answer it with what to use instead.
+        p.add_argument("--keys", help=argparse.SUPPRESS)
+
+    def signer(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--key", help=f"publisher private key file (default: ${PUBLISHER_KEY_ENV})")
+        p.add_argument(
+            "--key-id", help="key id, for a plain PEM or raw key file that does not name one"
+        )
+
+    def verifier(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--publishers",
+            help="JSON file of trusted publisher public keys {key_id: public_key}",
+        )
+        p.add_argument("--key", help="or: a publisher private key file (its public half is used)")
+        p.add_argument("--key-id", help=argparse.SUPPRESS)
 
     publish = urza_sub.add_parser(
         "publish",
         help="export a module with torch.export and publish it signed",
         description=(
-            "Export a seed module and write its .pt2 payload and signed manifest into the "
-            "store. Give either --builtin NAME --dim N (a built-in blueprint) or --factory "
+            "Export a seed module and write its .pt2 payload and Ed25519-signed manifest into "
+            "the store. Give either --builtin NAME --dim N (a built-in blueprint) or --factory "
             "MODULE:CALLABLE --input-shape B,D (any importable zero-argument callable "
             "returning an nn.Module; the current directory is importable). Prints the "
             "artifact id on stdout."
         ),
     )
-    common(publish)
+    store(publish)
+    signer(publish)
     what = publish.add_mutually_exclusive_group(required=True)
     what.add_argument("--builtin", help=f"built-in blueprint: {', '.join(_blueprint_names())}")
     what.add_argument("--factory", help="MODULE:CALLABLE returning the nn.Module to export")
@@ -59,7 +85,6 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--dtype", default="float32", help="example input dtype (float32)")
     publish.add_argument("--blueprint", help="blueprint name recorded in the manifest")
     publish.add_argument("--artifact-id", help="artifact id (default: <blueprint>-<sha256>)")
-    publish.add_argument("--key-id", help="signing key id (default: the keyring's only key)")
     publish.add_argument("--seed", type=int, default=0, help="RNG seed for initial weights (0)")
     publish.set_defaults(func=_cmd_urza_publish)
 
@@ -67,11 +92,12 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         "list",
         help="list the artifacts in a store",
         description=(
-            "List artifact ids; when keys are available each manifest's signature is "
+            "List artifact ids; when public keys are given each manifest's signature is "
             "checked and its blueprint, size and publisher key are shown."
         ),
     )
-    common(listing)
+    store(listing)
+    verifier(listing)
     listing.set_defaults(func=_cmd_urza_list)
 
     verify = urza_sub.add_parser(
@@ -82,9 +108,31 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
             "without deserialising any payload. Exit status 1 if any fails."
         ),
     )
-    common(verify)
+    store(verify)
+    verifier(verify)
     verify.add_argument("artifact_ids", nargs="*", metavar="ARTIFACT_ID", help="ids to verify")
     verify.set_defaults(func=_cmd_urza_verify)
+
+    resign = urza_sub.add_parser(
+        "resign",
+        help="re-sign artifacts signed with the retired HMAC scheme with a publisher key",
+        description=(
+            "Migrate manifests signed with HMAC (manifest version 1) to Ed25519: each old "
+            "signature is checked with the old keyring (--hmac-keys, or $KASMINA_HMAC_KEYS) and "
+            "each payload against its manifest before the manifest is signed again with the "
+            "publisher key and replaced. Artifacts already signed by this key are left alone. "
+            "Exit status 1 if any fails."
+        ),
+    )
+    store(resign)
+    signer(resign)
+    resign.add_argument(
+        "--hmac-keys", help="JSON keyring the old manifests were signed with ($KASMINA_HMAC_KEYS)"
+    )
+    resign.add_argument(
+        "artifact_ids", nargs="*", metavar="ARTIFACT_ID", help="ids to re-sign (default: all)"
+    )
+    resign.set_defaults(func=_cmd_urza_resign)
 
 
 def _blueprint_names() -> list[str]:
@@ -93,34 +141,60 @@ def _blueprint_names() -> list[str]:
     return sorted(BLUEPRINTS)
 
 
-def _optional_keyring(args: argparse.Namespace) -> Keyring | None:
-    """``--keys FILE``, else ``$KASMINA_HMAC_KEYS``, else None."""
-    from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring
-
+def _refuse_hmac_keys(args: argparse.Namespace) -> None:
     if args.keys:
-        return Keyring.from_file(args.keys)
-    if os.environ.get(DEFAULT_ENV_VAR, "").strip():
-        return Keyring.from_env(DEFAULT_ENV_VAR)
-    return None
-
-
-def _keyring(args: argparse.Namespace) -> Keyring:
-    keyring = _optional_keyring(args)
-    if keyring is None:
         raise CLIError(
-            "no HMAC keys: pass --keys FILE or set KASMINA_HMAC_KEYS (see 'kasmina keygen')"
+            "--keys (an HMAC keyring) no longer signs or verifies artifacts: publish with "
+            "--key PUBLISHER_KEY_FILE ('kasmina keygen --publisher --out FILE'), verify with "
+            "--publishers FILE; migrate old manifests with 'kasmina urza resign'"
         )
-    return keyring
 
 
-def _client(args: argparse.Namespace, keyring: Keyring | None) -> UrzaLibraryClient:
+def _publisher_key(args: argparse.Namespace) -> PublisherKey | None:
+    """``--key FILE``, else ``$KASMINA_PUBLISHER_KEY_FILE``, else None."""
+    from kasmina.urza.keys import PublisherKey
+
+    path = args.key or os.environ.get(PUBLISHER_KEY_ENV, "").strip()
+    if not path:
+        return None
+    return PublisherKey.from_file(path, args.key_id)
+
+
+def _signing_key(args: argparse.Namespace) -> PublisherKey:
+    _refuse_hmac_keys(args)
+    key = _publisher_key(args)
+    if key is None:
+        raise CLIError(
+            f"no publisher key: pass --key FILE or set {PUBLISHER_KEY_ENV} "
+            "(create one with 'kasmina keygen --publisher --out FILE')"
+        )
+    return key
+
+
+def _optional_publishers(args: argparse.Namespace) -> TrustedPublishers | None:
+    """``--publishers FILE`` and/or the public half of ``--key FILE``; None without either."""
+    from kasmina.urza.keys import TrustedPublishers
+
+    _refuse_hmac_keys(args)
+    publishers = None
+    if args.publishers:
+        publishers = TrustedPublishers.from_file(args.publishers)
+    key = _publisher_key(args) if args.key else None
+    if key is not None:
+        own = key.trusted_publishers()
+        publishers = own if publishers is None else publishers.merged(own)
+    return publishers
+
+
+def _client(args: argparse.Namespace, publishers: TrustedPublishers | None) -> UrzaLibraryClient:
     from kasmina.urza.client import UrzaLibraryClient
-    from kasmina.utils.keyring import Keyring
+    from kasmina.urza.keys import TrustedPublishers
 
     url = args.store
     if "://" not in url and not Path(url).is_dir():
         raise CLIError(f"no Urza store at {url!r} (not a directory)")
-    return UrzaLibraryClient(url, keyring if keyring is not None else Keyring({}), retries=0)
+    trusted = publishers if publishers is not None else TrustedPublishers()
+    return UrzaLibraryClient(url, trusted, retries=0)
 
 
 def _cmd_urza_publish(args: argparse.Namespace) -> int:
@@ -128,14 +202,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
 
     from kasmina.urza.publish import publish_artifact
 
-    keyring = _keyring(args)
-    key_id = args.key_id
-    if key_id is None:
-        if len(keyring) != 1:
-            raise CLIError(f"the keyring holds {len(keyring)} keys; choose one with --key-id")
-        key_id = keyring.key_ids[0]
-    if key_id not in keyring:
-        raise CLIError(f"no key {key_id!r} in the keyring")
+    publisher = _signing_key(args)
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CLIError(f"--dtype must be a floating-point torch dtype, got {args.dtype!r}")
@@ -159,7 +226,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     module.eval()
     try:
         manifest = publish_artifact(
-            module, [example], args.store, name, keyring, key_id, args.artifact_id
+            module, [example], args.store, name, publisher, args.artifact_id
         )
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, RuntimeError) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
@@ -215,16 +282,16 @@ def _load_factory(spec: str) -> nn.Module:
 def _cmd_urza_list(args: argparse.Namespace) -> int:
     from kasmina.errors import ArtifactIntegrityError
 
-    keyring = _optional_keyring(args)
-    with _client(args, keyring) as client:
+    publishers = _optional_publishers(args)
+    with _client(args, publishers) as client:
         ids = client.list_artifacts()
         if not ids:
             print(f"no artifacts in {args.store}", file=sys.stderr)
             return 0
-        if keyring is None:
-            print("(no keys given: manifests not verified)", file=sys.stderr)
+        if publishers is None:
+            print("(no public keys given: manifests not verified)", file=sys.stderr)
         for artifact_id in ids:
-            if keyring is None:
+            if publishers is None:
                 print(artifact_id)
                 continue
             try:
@@ -239,8 +306,13 @@ def _cmd_urza_list(args: argparse.Namespace) -> int:
 def _cmd_urza_verify(args: argparse.Namespace) -> int:
     from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
 
-    keyring = _keyring(args)
-    with _client(args, keyring) as client:
+    publishers = _optional_publishers(args)
+    if publishers is None:
+        raise CLIError(
+            "no publisher public keys: pass --publishers FILE (what 'kasmina keygen "
+            "--publisher' prints) or --key PUBLISHER_KEY_FILE"
+        )
+    with _client(args, publishers) as client:
         ids = args.artifact_ids or client.list_artifacts()
         if not ids:
             raise CLIError(f"no artifacts to verify in {args.store}")
@@ -253,10 +325,48 @@ def _cmd_urza_verify(args: argparse.Namespace) -> int:
                 print(f"FAILED {artifact_id}: {one_line(exc)}")
             else:
                 print(f"ok     {artifact_id}")
+    return _summary(failed, len(ids), "failed verification")
+
+
+def _cmd_urza_resign(args: argparse.Namespace) -> int:
+    from kasmina.errors import ArtifactIntegrityError
+    from kasmina.urza.publish import resign_artifact
+
+    publisher = _signing_key(args)
+    legacy = _legacy_keyring(args)
+    with _client(args, publisher.trusted_publishers()) as client:
+        ids = args.artifact_ids or client.list_artifacts()
+    if not ids:
+        raise CLIError(f"no artifacts to re-sign in {args.store}")
+    failed = 0
+    for artifact_id in ids:
+        try:
+            manifest = resign_artifact(args.store, artifact_id, publisher, legacy)
+        except (ArtifactIntegrityError, FileNotFoundError, ValueError) as exc:
+            failed += 1
+            print(f"FAILED {artifact_id}: {one_line(exc)}")
+        else:
+            print(f"ok     {artifact_id} (signed by {manifest.key_id!r})")
+    return _summary(failed, len(ids), "could not be re-signed")
+
+
+def _legacy_keyring(args: argparse.Namespace) -> Keyring:
+    """The HMAC keyring the old manifests were signed with: ``--hmac-keys FILE``, else
+    ``$KASMINA_HMAC_KEYS``."""
+    from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring
+
+    if args.hmac_keys:
+        return Keyring.from_file(args.hmac_keys)
+    if os.environ.get(DEFAULT_ENV_VAR, "").strip():
+        return Keyring.from_env(DEFAULT_ENV_VAR)
+    raise CLIError(
+        f"resign checks each old HMAC signature first: pass --hmac-keys FILE or set "
+        f"{DEFAULT_ENV_VAR} (without the old keys, publish the artifacts again instead)"
+    )
+
+
+def _summary(failed: int, total: int, what: str) -> int:
     if failed:
-        print(
-            f"{PROG}: error: {failed} of {len(ids)} artifact(s) failed verification",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: error: {failed} of {total} artifact(s) {what}", file=sys.stderr)
         return 1
     return 0

@@ -12,8 +12,9 @@
 - ``handler`` -- ``LeylineAdaptationHandler``: parse -> signature -> freshness -> nonce ->
   validation -> execute. Any failure is ``False`` with a reason counter and a telemetry event;
   no exception escapes, whatever the bytes; rejections are logged at a bounded rate.
-- ``distributed`` -- multi-rank runs: commands broadcast at epoch boundaries, state checksums
-  compared across ranks, helpers to start and join process groups.
+- ``distributed`` -- multi-rank runs: commands verified on the rank that receives them and
+  applied on every rank or none at the epoch sync, replicas checksummed and a divergent rank
+  repaired from the majority, helpers to start and join process groups.
 
 Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
 """

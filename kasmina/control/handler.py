@@ -9,12 +9,22 @@ The two halves are also available apart, for an executor that applies commands l
 kernel manager verifies on arrival, on any thread, and applies at the training thread's next safe
 point, docs/design.md §5): ``accept`` runs every check and emits ``command.ack``; ``complete``
 records the outcome and emits ``command.complete``. Both are thread-safe.
+
+Rejections are counted exactly (``stats``) but reported at a bounded rate, because they are what
+an attacker controls: a flood of forgeries must not become a flood of log records or telemetry
+packets. The first rejection of each reason is logged and emitted at once; after that, at most
+one log record and one ``command.rejected`` event per reason per ``rejection_report_interval_s``
+carry the count since the previous one (the event's value), and ``flush_rejections`` reports
+what is still pending (the manager calls it at each epoch boundary and on close).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from collections.abc import Callable
 
 from kasmina.control.auth import CommandVerifier
 from kasmina.control.commands import (
@@ -28,13 +38,22 @@ from kasmina.utils.telemetry import Event, TelemetryReporter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "LOG_EVERY", "LeylineAdaptationHandler"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "REJECTION_REPORT_INTERVAL_S",
+    "LeylineAdaptationHandler",
+]
 
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 
+# Seconds between two reports (log record + telemetry event) of one rejection reason: a flood
+# costs at most one of each per reason per interval, however fast it arrives.
+REJECTION_REPORT_INTERVAL_S = 10.0
 
-LOG_EVERY = 1000  # rejections of one reason per warning logged
+# One rejection report: (reason, count since the last report, total so far, time of the last
+# report or None for the first of its reason).
+_Report = tuple[str, int, int, float | None]
 
 
 class LeylineAdaptationHandler:
@@ -44,6 +63,10 @@ class LeylineAdaptationHandler:
     success), ``failed`` (executor reported failure or raised), ``rejected`` and
     ``rejected:<reason>`` per reason. Thread-safe: the counters are updated under a lock and the
     verifier's nonce ledger is itself thread-safe, so commands may arrive on any thread.
+
+    Rejections are reported (logged, and emitted as ``command.rejected``) at a bounded rate: the
+    first of each reason at once, then the count since the last report at most once per
+    ``rejection_report_interval_s`` per reason, measured on ``clock`` (monotonic seconds).
     """
 
     def __init__(
@@ -53,14 +76,30 @@ class LeylineAdaptationHandler:
         telemetry: TelemetryReporter | None = None,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        rejection_report_interval_s: float = REJECTION_REPORT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        interval = rejection_report_interval_s
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+            raise TypeError(f"rejection_report_interval_s must be a number, got {interval!r}")
+        if not (0 < interval <= 86_400 and math.isfinite(interval)):
+            raise ValueError(
+                f"rejection_report_interval_s must be in (0, 86400] seconds, got {interval!r}"
+            )
         self.verifier = verifier
         self.executor = executor
         self.max_message_bytes = max_message_bytes
+        self.rejection_report_interval_s = float(interval)
         self.stats: dict[str, int] = {"accepted": 0, "executed": 0, "failed": 0, "rejected": 0}
         self._telemetry = telemetry
         self._events = None if telemetry is None else _HandlerEvents(telemetry)
         self._stats_lock = threading.Lock()
+        self._clock = clock
+        # Rejection reporting, under _stats_lock: when each reason was last reported, how many
+        # of it arrived since, and the earliest time one of those counts falls due.
+        self._reported_at: dict[str, float] = {}
+        self._unreported: dict[str, int] = {}
+        self._next_due = math.inf
 
     @property
     def telemetry(self) -> TelemetryReporter | None:
@@ -90,8 +129,21 @@ class LeylineAdaptationHandler:
         Counts it ``accepted`` and emits ``command.ack``; the caller must later report the
         outcome with ``complete``. Never raises, whatever the bytes.
         """
+        return self._guarded(raw, None)
+
+    def accept_relayed(self, raw: bytes, received_at: float) -> KasminaCommand | None:
+        """``accept`` for a command another rank of the same job received at ``received_at``
+        (its verifier's clock) and relayed here to be applied at a safe point all ranks share.
+
+        Every check runs again except that freshness is judged against ``received_at`` rather
+        than now (``CommandVerifier.verify_relayed``): the safe point may come long after the
+        command arrived, while the signature still decides, on this rank, what is obeyed.
+        """
+        return self._guarded(raw, received_at)
+
+    def _guarded(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
         try:
-            return self._accept(raw)
+            return self._accept(raw, received_at)
         except Exception:  # the last line of defence: no input may raise out of here
             logger.exception("unexpected error while handling an adaptation command")
             try:
@@ -108,7 +160,7 @@ class LeylineAdaptationHandler:
             event = self._events.complete[command.kind, success]
             event.emit(1.0 if success else 0.0, labels={"command_id": command.command_id})
 
-    def _accept(self, raw: bytes) -> KasminaCommand | None:
+    def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
         if isinstance(raw, memoryview):
             size = raw.nbytes
         elif isinstance(raw, (bytes, bytearray)):
@@ -122,7 +174,10 @@ class LeylineAdaptationHandler:
         except Exception:  # DecodeError, or anything the parser raises on hostile bytes
             return self._reject("malformed")
 
-        ok, reason = self.verifier.verify(cmd)
+        if received_at is None:
+            ok, reason = self.verifier.verify(cmd)
+        else:
+            ok, reason = self.verifier.verify_relayed(cmd, float(received_at))
         if not ok:
             return self._reject(reason)
         command = to_kasmina_command(cmd)
@@ -134,21 +189,79 @@ class LeylineAdaptationHandler:
             self._events.ack[command.kind].emit(labels={"command_id": command.command_id})
         return command
 
+    def flush_rejections(self, *, force: bool = False) -> None:
+        """Report rejection counts that are due (``force``: every pending count, due or not).
+
+        A count is otherwise reported by the next rejection arriving after its interval; call
+        this when a flood may have stopped (the manager does at each epoch boundary, and with
+        ``force`` on close) so the tail of the count is not left unreported.
+        """
+        now = self._clock()
+        with self._stats_lock:
+            if not force and now < self._next_due:
+                return
+            reports = self._take_due(now, force)
+        self._report(reports, now)
+
     def _reject(self, reason: str) -> None:
         key = "rejected:" + reason
+        now = self._clock()
+        reports: list[_Report] = []
         with self._stats_lock:
             stats = self.stats
             stats["rejected"] += 1
-            count = stats[key] = stats.get(key, 0) + 1
-        # The first of each reason, then every LOG_EVERY-th: a flood of garbage cannot flood the
-        # log, while the counters and telemetry still see every rejection.
-        if count == 1 or count % LOG_EVERY == 0:
-            logger.warning("rejected adaptation command: %s (%d so far)", reason, count)
-        else:
-            logger.debug("rejected adaptation command: %s", reason)
-        if self._events is not None and self._events.enabled:
-            self._events.rejected(reason).emit()
+            total = stats[key] = stats.get(key, 0) + 1
+            last = self._reported_at.get(reason)
+            if last is None:  # the first of its reason: reported now
+                self._reported_at[reason] = now
+                reports.append((reason, 1, total, None))
+            else:
+                pending = self._unreported[reason] = self._unreported.get(reason, 0) + 1
+                if pending == 1:
+                    self._next_due = min(self._next_due, last + self.rejection_report_interval_s)
+            if now >= self._next_due:
+                reports += self._take_due(now, False)
+        if reports:
+            self._report(reports, now)
         return None
+
+    def _take_due(self, now: float, force: bool) -> list[_Report]:
+        """Pending counts that are due (all with ``force``), reset; call under _stats_lock."""
+        interval = self.rejection_report_interval_s
+        due: list[_Report] = []
+        next_due = math.inf
+        for reason, count in list(self._unreported.items()):
+            last = self._reported_at[reason]
+            if force or now >= last + interval:
+                due.append((reason, count, self.stats["rejected:" + reason], last))
+                self._reported_at[reason] = now
+                del self._unreported[reason]
+            else:
+                next_due = min(next_due, last + interval)
+        self._next_due = next_due
+        return due
+
+    def _report(self, reports: list[_Report], now: float) -> None:
+        """Log and emit ``(reason, count since last report, total, last report time)``."""
+        events = self._events if self._events is not None and self._events.enabled else None
+        for reason, count, total, last in reports:
+            if last is None:
+                logger.warning(
+                    "rejected adaptation command: %s (further rejections of this reason are "
+                    "summarised at most every %gs)",
+                    reason,
+                    self.rejection_report_interval_s,
+                )
+            else:
+                logger.warning(
+                    "rejected %d more adaptation command(s) in %.1fs: %s (%d in all)",
+                    count,
+                    now - last,
+                    reason,
+                    total,
+                )
+            if events is not None:
+                events.rejected(reason).emit(float(count))
 
 
 class _HandlerEvents:

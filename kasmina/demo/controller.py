@@ -7,10 +7,11 @@ touches the model. Its policy:
 - a plateau (no gain of ``min_delta`` in ``patience`` epochs, after ``warmup``) germinates the
   next planned seed, at most ``max_in_flight`` seeds growing at once;
 - every growing seed gets an ADVANCE each epoch; the executor's gates decide whether it moves;
-- after ``settle_epochs`` in STABILIZATION the seed's *help* (relative validation-loss reduction
-  measured with the seed ablated) decides: enough help sends ADVANCE with ``0.5 + help`` as
-  ``gate_score`` (gate G5 compares it with the performance gate), too little sends CULL with an
-  embargo. A culled slot, once recycled, may be germinated again.
+- after ``settle_epochs`` in STABILIZATION the seed's *help* decides: the relative
+  validation-loss reduction Kasmina measured itself (``manager.evaluate_seeds``, the seed's
+  chunk replaced by the host's). Enough help sends a plain ADVANCE (gate G5 checks the same
+  measurement against the performance gate; a command carries no evidence), too little sends
+  CULL with an embargo. A culled slot, once recycled, may be germinated again.
 
 ``Adversary`` replays, forges and back-dates commands, to show the handler refusing them.
 """
@@ -46,7 +47,7 @@ class SeedView:
 
     stage: SeedStage
     epochs_in_stage: int = 0
-    help: float | None = None  # measured in STABILIZATION, else None
+    help: float | None = None  # Kasmina's measured benefit in STABILIZATION, else None
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,8 @@ class PlateauController:
                     why = f"cull: {measured}"
                     out.append(self._command(epoch, CULL, seed_id, "", params, why))
                     continue
-                params = {"gate_score": round(min(1.0, 0.5 + view.help), 6)}
                 why = f"fossilize: {measured}"
-                out.append(self._command(epoch, ADVANCE, seed_id, "", params, why))
+                out.append(self._command(epoch, ADVANCE, seed_id, "", None, why))
                 continue
             out.append(self._command(epoch, ADVANCE, seed_id, "", None, "next gate"))
         plateau = epoch >= self.warmup and self.since_best >= self.patience

@@ -1,14 +1,16 @@
 """The demo's training loop: one rank's epochs, steps and epoch-boundary commands.
 
 Wiring, per rank: the host's slots registered with a ``KasminaKernelManager`` (the executor of
-every command), whose handler sits behind a ``DistributedCoordinator`` (a single-rank one
-without a process group). Rank 0 also runs the controller and the adversary; their bytes are
-submitted to the coordinator and applied by every rank's handler at the same boundary.
+every command), the host wrapped in ``DistributedDataParallel`` (``wrap_ddp``: the identity
+without a process group) and the manager joined to the other ranks by a ``DistributedKasmina``.
+Rank 0 also runs the controller and the adversary; their bytes are verified on arrival on rank
+0 and applied by every rank, or by none, at the same epoch boundary.
 
-A step is the manager's training step, with one addition for data parallelism::
+A step is the manager's training step; data parallelism adds nothing to the loop::
 
-    teacher logits -> forward -> manager.backward(loss, kd)   (KD first, as a seed-only phase)
-    -> gradients averaged over ranks -> manager.step()        (isolation verified, optimizers)
+    teacher logits -> DDP forward -> manager.backward(loss, kd)  (KD first, seed-only; DDP
+    averages the host's gradients) -> manager.step()  (the seeds' gradients averaged across
+    ranks, isolation verified, optimizers)
 """
 
 from __future__ import annotations
@@ -20,18 +22,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, average_gradients
-from kasmina.demo.config import COMMAND_KEY, KD, PUBLISHER_KEY, DemoConfig
+from kasmina.control.distributed import EpochSyncResult
+from kasmina.demo.config import COMMAND_KEY, KD, DemoConfig
 from kasmina.demo.controller import Adversary, PlateauController, SeedPlan, SeedView
 from kasmina.demo.data import Digits, accuracy_and_loss, batches
 from kasmina.demo.models import HostMLP, graft_slots
 from kasmina.demo.report import DemoResult, EpochRecord
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.ddp import DistributedKasmina, wrap_ddp
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import ISOLATED_STAGES
-from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
-from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
 
@@ -39,18 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Two epochs of steps from alpha 0 to 1 (steps per epoch: the 1,197 training digits / 64).
 GRAFT_STEPS = 36
-
-
-def ablated(layer: KasminaLayer, k: int) -> Any:
-    """Forward hook putting the host's own output back into seed ``k``'s chunk of ``layer``."""
-    c = layer.chunk_size
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        out = output.clone()
-        out[..., k * c : (k + 1) * c] = layer.host(*args)[..., k * c : (k + 1) * c]
-        return out
-
-    return layer.register_forward_hook(hook)
 
 
 class DemoLoop:
@@ -67,7 +56,6 @@ class DemoLoop:
         self.cfg, self.model, self.data, self.rank, self.world = cfg, model, data, rank, world
         keys = {k: bytes.fromhex(v) for k, v in prepared["keys"].items()}
         commands = Keyring({COMMAND_KEY: keys[COMMAND_KEY]})
-        publisher = Keyring({PUBLISHER_KEY: keys[PUBLISHER_KEY]})
         out = cfg.out_dir
         name = "telemetry.jsonl" if rank == 0 else f"telemetry.rank{rank}.jsonl"
         (out / name).unlink(missing_ok=True)
@@ -77,10 +65,12 @@ class DemoLoop:
             device=cfg.device,
             cache_size_mb=64,
             urza_url=prepared["store"],
-            urza_trusted_key_ids=(PUBLISHER_KEY,),
+            # The publisher's public key only: nothing a trainer holds can sign an artifact.
+            urza_trusted_publishers=prepared["publishers"],
             checkpoint_dir=str(out / "checkpoints" / f"rank{rank}"),
             emergency_checkpoint_dir=str(out / "emergency"),
-            checkpoints_kept=2,
+            max_rollback_epochs=1,  # two checkpoints kept
+            checkpoint_key_file=str(out / "checkpoints" / "checkpoint.key"),
             min_isolated_epochs=1,
             latency_budget_ms=25.0,
             performance_gate=500,
@@ -90,19 +80,13 @@ class DemoLoop:
             kd_enabled=True,
             kd=KD,
         )
-        urza = UrzaLibraryClient(prepared["store"], publisher, trusted_key_ids=(PUBLISHER_KEY,))
-        self.manager = KasminaKernelManager(
-            config, keyring=commands, telemetry=self.telemetry, urza_client=urza
-        )
+        self.manager = KasminaKernelManager(config, keyring=commands, telemetry=self.telemetry)
         self.slots = graft_slots(model, self.telemetry, config.default_embargo_epochs)
         self.manager.register(model, self.slots, host_lr=cfg.host_lr, seed_lr=cfg.seed_lr)
         self.manager.load_teacher(teacher)
-        self.coordinator = DistributedCoordinator(
-            self.manager,
-            self.consistency_state,
-            on_divergence=self.quarantine_growing,
-            telemetry=self.telemetry,
-        )
+        self.net = wrap_ddp(model)  # the host's gradients; the seeds' are the manager's
+        self.replicas = DistributedKasmina(self.manager, on_divergence=self.quarantine_growing)
+        self.coordinator = self.replicas.coordinator
         self.controller = PlateauController(
             commands,
             COMMAND_KEY,
@@ -121,12 +105,6 @@ class DemoLoop:
         self.kd_steps = 0
 
     # ---------------------------------------------------------------- consistency across ranks
-    def consistency_state(self) -> dict[str, torch.Tensor]:
-        """What must be bit-identical on every rank: the state table and every weight."""
-        state = {"state_table": self.manager.registry.table.state_tensor}
-        state.update(dict(self.model.named_parameters()))
-        return state
-
     def quarantine_growing(self, result: EpochSyncResult) -> None:
         for record in self.manager.registry.in_stages(ISOLATED_STAGES):
             record.seed.quarantine(f"rank {self.rank} diverged at epoch {result.epoch}")
@@ -135,11 +113,10 @@ class DemoLoop:
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         m = self.manager
         m.set_teacher_logits(m.get_teacher_predictions(xb))
-        loss = F.cross_entropy(self.model(xb), yb)
+        loss = F.cross_entropy(self.net(xb), yb)
         kd = m.collect_kd_losses()
         self.kd_steps += kd is not None
         m.backward(loss, kd_loss=kd)
-        average_gradients([p for p in self.model.parameters() if p.requires_grad])
         self.verified_seed_steps += sum(
             1 for r in m.registry.in_stages(ISOLATED_STAGES) if r.monitor is not None
         )
@@ -147,17 +124,15 @@ class DemoLoop:
         return loss.item()
 
     # ----------------------------------------------------------------------- boundaries
-    def measure_help(self, seed_id: str) -> float:
-        """Relative validation-loss reduction the seed brings: its chunk ablated vs not."""
-        record = self.manager.registry[seed_id]
-        k = next(i for i, seed in enumerate(record.slot.seeds) if seed is record.seed)
-        _, with_seed = accuracy_and_loss(self.model, self.data, self.data.val)
-        handle = ablated(record.slot, k)
-        try:
-            _, without = accuracy_and_loss(self.model, self.data, self.data.val)
-        finally:
-            handle.remove()
-        return (without - with_seed) / max(without, 1e-8)
+    def evaluate(self) -> dict[str, float]:
+        """Kasmina's own measurement of every live seed on the validation split (G5's evidence,
+        recorded on the seeds): seed id -> relative validation-loss reduction. Every rank
+        measures on the same split with the same weights, so every rank's G5 agrees."""
+        data = self.data
+        evaluations = self.manager.evaluate_seeds(
+            [(data.x[data.val], data.y[data.val])], loss_fn=F.cross_entropy
+        )
+        return {sid: ev.benefit for sid, ev in evaluations.items()}
 
     def boundary(self, epoch: int, val_acc: float) -> bool:
         """Tick; the controller and adversary speak (rank 0); every rank applies. Returns
@@ -165,12 +140,13 @@ class DemoLoop:
         m = self.manager
         m.end_epoch(epoch, {"val_accuracy": val_acc})
         before = {r.seed_id: r.artifact_id for r in m.registry}
+        benefit = self.evaluate()
         if self.rank == 0:
             views = {
                 r.seed_id: SeedView(
                     r.stage,
                     r.seed.epochs_in_stage,
-                    self.measure_help(r.seed_id) if r.stage == SeedStage.STABILIZATION else None,
+                    benefit.get(r.seed_id) if r.stage == SeedStage.STABILIZATION else None,
                 )
                 for r in m.registry
             }
@@ -203,11 +179,12 @@ class DemoLoop:
             captured = self.controller.sent[0]
             attacks.append(("replayed", self.adversary.replay(captured)))
             attacks.append(("tampered", self.adversary.tamper(captured)))
-        queued = self.coordinator.pending
         for kind, raw in attacks:
-            self.pending_attacks.setdefault(kind, []).append(queued)
-            self.coordinator.submit(raw)
-            queued += 1
+            queued = self.coordinator.pending
+            if self.coordinator.submit(raw):  # passed the checks on arrival: judged at the sync
+                self.pending_attacks.setdefault(kind, []).append(queued)
+            else:
+                self.attack_outcomes.setdefault(kind, []).append(False)
 
     # --------------------------------------------------------------------------- the run
     def run(self, teacher_acc: float, baseline_acc: float) -> DemoResult:

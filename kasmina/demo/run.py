@@ -2,8 +2,10 @@
 
 The story, on scikit-learn's bundled handwritten digits (no download):
 
-1. fresh HMAC keys (one for commands, one for the artifact publisher) and seed blueprints
-   exported with ``torch.export`` and published, signed, into a local Urza store;
+1. a fresh HMAC key for the controller's commands and a fresh Ed25519 publisher key; seed
+   blueprints exported with ``torch.export`` and published, signed by the publisher, into a
+   local Urza store. The trainers get the command key and only the publisher's *public* key;
+   the private key stays in ``publisher.key`` (0600) and is used only here;
 2. a teacher MLP trains for a few epochs; the kernel manager then holds it frozen in bf16;
 3. a deliberately narrow host MLP trains with DORMANT seed slots on all three of its layers,
    registered with a ``KasminaKernelManager``;
@@ -58,17 +60,24 @@ logger = logging.getLogger(__name__)
 
 
 def prepare(cfg: DemoConfig) -> dict[str, Any]:
-    """Keys and the Urza store, once, before any rank starts; returns what every rank needs."""
+    """Keys and the Urza store, once, before any rank starts; returns what every rank needs:
+    the command key, the publisher's public key (never its private key), the store and the
+    plan. Writes ``keys.json`` (the command keyring, 0600), ``publisher.key`` (the publisher's
+    private key, 0600) and ``publishers.json`` (its public key, what ``kasmina urza verify
+    --publishers`` reads)."""
+    from kasmina.urza.keys import PublisherKey
     from kasmina.urza.publish import publish_artifact
-    from kasmina.utils.keyring import Keyring
 
     out = _claim_output_dir(cfg.out_dir)
-    keys = {COMMAND_KEY: generate_key(), PUBLISHER_KEY: generate_key()}
+    command_key = generate_key()
     key_file = out / "keys.json"
     key_file.touch(mode=0o600)
     key_file.chmod(0o600)
-    key_file.write_text(json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n")
-    publisher = Keyring({PUBLISHER_KEY: keys[PUBLISHER_KEY]})
+    key_file.write_text(json.dumps({COMMAND_KEY: command_key.hex()}, indent=2) + "\n")
+    publisher = PublisherKey.generate(PUBLISHER_KEY)
+    publisher.save(out / "publisher.key", overwrite=True)
+    publishers = publisher.trusted_publishers().to_json()
+    (out / "publishers.json").write_text(json.dumps(publishers, indent=2) + "\n")
     store = str(out / "urza")
     wanted = list(SEED_PLAN[: cfg.num_seeds])
     if any(sid == REGROW[0] for sid, _ in wanted):
@@ -83,12 +92,15 @@ def prepare(cfg: DemoConfig) -> dict[str, Any]:
             example = torch.randn(8, key[1], generator=torch.Generator().manual_seed(0))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.export internals
-                manifest = publish_artifact(
-                    module, [example], store, name, publisher, PUBLISHER_KEY
-                )
+                manifest = publish_artifact(module, [example], store, name, publisher)
             artifacts[key] = manifest.artifact_id
         plan.append((seed_id, artifacts[key]))
-    return {"keys": {k: v.hex() for k, v in keys.items()}, "store": store, "plan": plan}
+    return {
+        "keys": {COMMAND_KEY: command_key.hex()},
+        "publishers": publishers,
+        "store": store,
+        "plan": plan,
+    }
 
 
 _OWNED = ("urza", "checkpoints", "emergency")

@@ -14,7 +14,11 @@ sets); this module checks that the structure holds:
 - After ``max_violations`` violating steps the circuit breaker trips: the seed is sent to
   QUARANTINE through ``on_quarantine``, an emergency checkpoint is written atomically into the
   configured directory, and ``GradientIsolationViolationError`` is raised. The monitor is inert
-  for that seed from then on; the host keeps training.
+  for that seed from then on; the host keeps training. Given a ``checkpoint_signer`` (a
+  manager's monitors are), the emergency checkpoint is a signed file of that run
+  (``<run_id>.emergency_isolation_<seed>_<ns>.ckpt``, read back only through
+  ``CheckpointSigner.read(path, kind="emergency")``), so it is as tamper-evident as an epoch
+  checkpoint; a stand-alone monitor writes a plain ``torch.save`` file.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from kasmina.isolation.verify import NamedParams, named_params, verify_gradient_
 from kasmina.leyline import MetricType
 from kasmina.ops import leak_check
 from kasmina.ops.backend import SUPPORTED_DTYPES
-from kasmina.utils.state_io import atomic_torch_save
+from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class GradientIsolationMonitor:
         *,
         max_violations: int = 3,
         checkpoint_dir: str | Path | None = None,
+        checkpoint_signer: CheckpointSigner | None = None,
         on_quarantine: Callable[[], None] | None = None,
         state_provider: Callable[[], dict[str, Any]] | None = None,
         telemetry: Any | None = None,
@@ -112,6 +117,7 @@ class GradientIsolationMonitor:
         self.seed_id = seed_id
         self.max_violations = max_violations
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_signer = checkpoint_signer
         self.on_quarantine = on_quarantine
         self.state_provider = state_provider
         self.telemetry = telemetry
@@ -297,9 +303,14 @@ class GradientIsolationMonitor:
             except Exception:
                 logger.exception("state_provider failed; emergency checkpoint without state")
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.seed_id)
-        path = Path(directory) / f"emergency_isolation_{safe_id}_{time.time_ns()}.pt"
+        name = f"emergency_isolation_{safe_id}_{time.time_ns()}"
+        signer = self.checkpoint_signer
+        path = Path(directory) / (f"{signer.run_id}.{name}.ckpt" if signer else f"{name}.pt")
         try:
-            self.last_checkpoint = atomic_torch_save(payload, path)
+            if signer is not None:
+                self.last_checkpoint = signer.write(payload, path, kind="emergency")
+            else:
+                self.last_checkpoint = atomic_torch_save(payload, path)
         except Exception:
             logger.exception("could not write the emergency checkpoint to %s", path)
             return None

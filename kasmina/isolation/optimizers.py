@@ -9,6 +9,11 @@ enter any optimizer.
 When a seed becomes ACTIVE (fossilized) its parameters join the host optimizer as a new param
 group (``promote_seed``) and the seed optimizer is dropped. Gradient clipping computes the global
 norm with ``kasmina.ops.grad_norms`` (one launch per dtype), then scales with one fused multiply.
+
+This is an in-process component, not a door: a controller's optimizer command reaches it only
+through the kernel manager, which verifies the signed bytes first. So ``apply_optimizer_command``
+takes the verified command (``VerifiedOptimizerCommand``), never a bare ``OptimizerCommand``,
+which anything could parse from unauthenticated bytes (docs/design.md §5, "Trust boundary").
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from google.protobuf.message import Message
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.ownership import ParameterOwnership
@@ -38,6 +44,24 @@ STATE_FORMAT = 1
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
+
+
+@runtime_checkable
+class VerifiedOptimizerCommand(Protocol):
+    """What ``apply_optimizer_command`` takes: an optimizer command that passed the verifier.
+
+    The handler's ``KasminaCommand`` of kind ``"optimizer"`` is one (this package may not import
+    the control package, so the type is named by its shape). It is a plain in-process value:
+    code in the trainer's process could build one, as it could call ``step`` directly; the
+    point is that no wire message (bytes, ``AdaptationCommand``, ``OptimizerCommand``) is
+    accepted, so nothing a transport parsed can get here without the signature check.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def optimizer(self) -> OptimizerCommand | None: ...
 
 
 @dataclass
@@ -322,14 +346,18 @@ class IsolatedOptimizerManager:
             options["betas"] = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
         return options
 
-    def apply_optimizer_command(self, cmd: OptimizerCommand) -> bool:
-        """Execute one Leyline ``OptimizerCommand``; False (logged) on any rejection.
+    def apply_optimizer_command(self, command: VerifiedOptimizerCommand) -> bool:
+        """Execute one verified optimizer command; False (logged) on any rejection.
 
-        Authentication happens on the enclosing ``AdaptationCommand``. ``optimizer_id`` names
-        the target (default ``"host"`` / ``"teacher"``); ``learning_rate`` sets the lr on
-        creation and, when > 0 on STEP, before stepping; ``parameters`` become optimizer
-        options on creation (``beta1``/``beta2`` are combined into ``betas``).
+        ``command.optimizer`` is the Leyline ``OptimizerCommand`` of an ``AdaptationCommand``
+        whose signature, freshness, nonce and ranges the handler checked. A wire message
+        (a bare ``OptimizerCommand``, an ``AdaptationCommand``, bytes) raises ``TypeError``.
+        ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``);
+        ``learning_rate`` sets the lr on creation and, when > 0 on STEP, before stepping;
+        ``parameters`` become optimizer options on creation (``beta1``/``beta2`` are combined
+        into ``betas``).
         """
+        cmd = _verified_payload(command)
         kind = cmd.command_type
         oid = cmd.optimizer_id
         lr = _from_float32(cmd.learning_rate) if cmd.learning_rate > 0 else 1e-3
@@ -354,10 +382,6 @@ class IsolatedOptimizerManager:
             logger.error("optimizer command %s for %r rejected: %s", kind, oid, exc)
             return False
         return True
-
-    async def handle_optimizer_command(self, cmd: OptimizerCommand) -> bool:
-        """Async form of ``apply_optimizer_command`` (the name controllers know)."""
-        return self.apply_optimizer_command(cmd)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -409,3 +433,19 @@ class IsolatedOptimizerManager:
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:
         if self.telemetry is not None:
             self.telemetry.emit(name, value, MetricType.METRIC_TYPE_EVENT, labels=dict(labels))
+
+
+def _verified_payload(command: object) -> OptimizerCommand:
+    """The ``OptimizerCommand`` of a verified command; ``TypeError`` for anything else."""
+    if isinstance(command, (Message, bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"apply_optimizer_command takes a verified command, not a {type(command).__name__}: "
+            "a controller's optimizer command must arrive signed, through the kernel manager's "
+            "handle_adaptation_command"
+        )
+    payload = getattr(command, "optimizer", None)
+    if getattr(command, "kind", None) != "optimizer" or not isinstance(payload, OptimizerCommand):
+        raise TypeError(
+            f"expected a verified optimizer command (kind 'optimizer'), got {command!r}"
+        )
+    return payload

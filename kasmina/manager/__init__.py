@@ -13,8 +13,9 @@ checkpoints and rollback, and telemetry. It is a façade over components that do
 - ``guard`` -- ``IsolationGuard``: the per-step isolation checks and the seeds' monitors.
 - ``executor`` -- ``CommandExecution``: what each verified command does; every operation
   completes or leaves the seed as it was (validate and load first, then mutate).
-- ``checkpoints`` / ``rollback`` -- epoch checkpoints written atomically, and the rollback that
-  rebuilds the checkpoint's seed and optimizer layout before it loads any weight.
+- ``checkpoints`` / ``rollback`` -- signed epoch checkpoints on a cadence, written atomically,
+  and the rollback that verifies one, then rebuilds its seed and optimizer layout before it loads
+  any weight.
 - ``report`` -- ``ManagerReport``: events, Leyline telemetry packets and measured performance.
 
 The manager is the executor the command handler is given (the ``CommandExecutor`` protocol); it

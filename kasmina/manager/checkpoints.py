@@ -1,9 +1,24 @@
-"""Atomic epoch checkpoints, retention, and the capture/restore pair behind a rollback.
+"""Epoch checkpoints on a cadence, tamper-evident on disk, and the capture/restore pair behind a
+rollback.
 
-Why atomic: a crash (or a full disk) while a checkpoint is written must never leave a truncated
-file where a good one was. Every file is written to a temporary name in the same directory,
-flushed and fsync'd, then moved over the target with ``os.replace`` (atomic on POSIX and
-Windows), so readers see the old file or the new one, never half of one.
+Why signed: a checkpoint is trusted state; a rollback writes it into the live model. A flipped
+bit used to load silently (one rolled a weight to -4.9e37 while the rollback reported success).
+The disk store writes every file through the run's ``CheckpointSigner`` (``utils.state_io``: a
+manifest with the payload's SHA-256 and size, the epoch and the run id, HMAC'd with the run's
+key), and reads nothing that does not verify: ``CheckpointIntegrityError``, and the rollback,
+which loads in its first phase, changes nothing.
+
+Why a cadence and a reach: a full model + optimizers checkpoint per epoch is the caller's
+decision, not a default cost. ``end_epoch(n)`` writes when ``n % every_epochs == 0``, and
+writing epoch n deletes the checkpoints older than ``n - max_rollback_epochs``; so at most
+``max_rollback_epochs // every_epochs + 1`` are kept. The store is chosen by
+``checkpoint_mode``: signed files (``"disk"``), CPU deep copies (``"memory"``, for small models),
+or none (``"off"``, a rollback is refused with that reason).
+
+Why run-scoped names: the files are ``<run_id>.epoch_<n>.ckpt``, and listing, rotation and
+cleanup only ever touch names of this run in this run's directory, so runs that share a
+directory never see, rotate or delete each other's checkpoints (and would refuse to load them:
+the run id is signed).
 
 Why capture/restore helpers: a ``RollbackCommand`` must put seeds' weights, the lifecycle state
 table and every optimizer's state back bit for bit. ``capture_training_state`` snapshots them
@@ -16,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,86 +39,310 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kasmina.utils.state_io import atomic_torch_save, clone_state, safe_torch_load
+from kasmina.errors import CheckpointUnavailableError
+from kasmina.manager.config import KasminaConfig
+from kasmina.utils.state_io import CheckpointSigner, clone_state
 
 if TYPE_CHECKING:
     from kasmina.isolation.optimizers import IsolatedOptimizerManager
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointStore",
+    "DiskCheckpointStore",
+    "MemoryCheckpointStore",
+    "NoCheckpointStore",
+    "capture_training_state",
+    "open_checkpoint_store",
+    "restore_training_state",
+]
+
 CHECKPOINT_FORMAT = 1
+# The state_dict key suffix of a module's get_extra_state() value (PyTorch's name for it).
+EXTRA_STATE_KEY = "_extra_state"
 
 
-class CheckpointManager:
-    """Epoch checkpoints ``epoch_<n>.pt`` in one directory, keeping the newest ``keep_last``.
+def _check_epoch(epoch: object) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    return epoch
 
-    Saving epoch ``n`` also removes checkpoints of epochs after ``n``: they belong to a timeline
-    that a rollback abandoned, and keeping them would make ``latest_epoch`` point at stale state.
+
+class CheckpointStore(ABC):
+    """Epoch checkpoints on a cadence, with a bounded reach back (see the module docstring).
+
+    Subclasses keep the checkpoints (``_write``, ``_read``, ``_delete``, ``epochs``); this class
+    decides which epochs are due, which are kept, and what a refusal says. Saving epoch ``n``
+    also removes checkpoints of epochs after ``n``: they belong to a timeline that a rollback
+    abandoned, and keeping them would make ``latest_epoch`` point at stale state.
     """
 
-    _NAME = re.compile(r"^epoch_(\d+)\.pt$")
+    mode = ""
 
-    def __init__(self, directory: str | os.PathLike[str], keep_last: int = 3) -> None:
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
-        self.directory = Path(directory)
-        self.keep_last = keep_last
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
+    def __init__(
+        self,
+        *,
+        every_epochs: int = 1,
+        max_rollback_epochs: int = 5,
+        run_id: str = "",
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(every_epochs, bool) or not isinstance(every_epochs, int) or every_epochs < 1:
+            raise ValueError(f"every_epochs must be an int >= 1, got {every_epochs!r}")
+        reach = max_rollback_epochs
+        if isinstance(reach, bool) or not isinstance(reach, int) or reach < 0:
+            raise ValueError(f"max_rollback_epochs must be an int >= 0, got {reach!r}")
+        self.every_epochs = every_epochs
+        self.max_rollback_epochs = reach
+        self.run_id = run_id
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._announced = False
 
-    def path_for(self, epoch: int) -> Path:
-        return self.directory / f"epoch_{self._check_epoch(epoch):08d}.pt"
+    # ------------------------------------------------------------------ policy
+    def is_due(self, epoch: int) -> bool:
+        """Whether ``end_epoch(epoch)`` writes a checkpoint."""
+        return _check_epoch(epoch) % self.every_epochs == 0
 
+    @abstractmethod
     def epochs(self) -> list[int]:
-        """Epochs with a complete checkpoint on disk, ascending."""
-        found = []
-        for entry in self.directory.iterdir():
-            match = self._NAME.match(entry.name)
-            if match and entry.is_file():
-                found.append(int(match.group(1)))
-        return sorted(found)
+        """Epochs with a complete checkpoint, ascending."""
 
     def latest_epoch(self) -> int | None:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
 
-    def save(self, epoch: int, state: Mapping[str, Any]) -> Path:
-        """Write ``state`` for ``epoch`` atomically, then apply retention."""
+    def save(self, epoch: int, state: Mapping[str, Any]) -> None:
+        """Keep ``state`` as the checkpoint of ``epoch`` (whether or not it is due: the caller
+        decides), then apply retention. A failed write leaves the kept checkpoints as they
+        were."""
+        _check_epoch(epoch)
         if not isinstance(state, Mapping):
             raise ValueError(f"checkpoint state must be a mapping, got {type(state).__name__}")
-        path = atomic_torch_save(dict(state), self.path_for(epoch))
-        logger.info("checkpoint for epoch %d written to %s", epoch, path)
+        if not self._announced:  # once per run: where its state goes, before the first write
+            self._announced = True
+            logger.info(
+                "run %s (run directory %s): %s checkpoints every %d epoch(s), reaching %d "
+                "epoch(s) back",
+                self.run_id or "-",
+                self.run_dir or "-",
+                self.describe(),
+                self.every_epochs,
+                self.max_rollback_epochs,
+            )
+        self._write(epoch, state)
         self._prune(epoch)
-        return path
 
     def load(self, epoch: int, map_location: Any = None) -> dict[str, Any]:
-        path = self.path_for(epoch)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no checkpoint for epoch {epoch} in {self.directory} (have {self.epochs()})"
-            )
-        return safe_torch_load(path, map_location=map_location)
+        """The checkpoint of ``epoch``; ``CheckpointUnavailableError`` (naming the nearest kept
+        epochs) when there is none."""
+        _check_epoch(epoch)
+        if epoch not in self.epochs():
+            raise self.unavailable(epoch)
+        return self._read(epoch, map_location)
 
-    def _check_epoch(self, epoch: int) -> int:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        return epoch
+    def describe(self) -> str:
+        """Where the checkpoints are kept, for messages."""
+        return self.mode
+
+    def unavailable(self, epoch: int) -> CheckpointUnavailableError:
+        """The refusal for a missing ``epoch``: the cadence, the reach, the nearest kept."""
+        have = self.epochs()
+        below = [e for e in have if e < epoch]
+        above = [e for e in have if e > epoch]
+        nearest = below[-1:] + above[:1]
+        policy = (
+            f"checkpoints are written every {self.every_epochs} epoch(s) and kept "
+            f"{self.max_rollback_epochs} epoch(s) back"
+        )
+        kept = (
+            f"nearest kept: epoch {' and '.join(str(e) for e in nearest)}"
+            if nearest
+            else "none kept yet"
+        )
+        return CheckpointUnavailableError(f"no checkpoint of epoch {epoch} ({policy}); {kept}")
+
+    # ------------------------------------------------------------------ storage
+    @abstractmethod
+    def _write(self, epoch: int, state: Mapping[str, Any]) -> None:
+        """Keep ``state`` for ``epoch``, all or nothing."""
+
+    @abstractmethod
+    def _read(self, epoch: int, map_location: Any) -> dict[str, Any]:
+        """The kept state of ``epoch`` (which exists), verified where it can have changed."""
+
+    @abstractmethod
+    def _delete(self, epoch: int) -> None:
+        """Forget the checkpoint of ``epoch``."""
 
     def _prune(self, saved_epoch: int) -> None:
+        """Delete abandoned epochs (after ``saved_epoch``) and those out of reach. Failures are
+        logged, not raised: the checkpoint is written, and a leftover is only disk."""
         epochs = self.epochs()
         abandoned = [e for e in epochs if e > saved_epoch]
-        kept = [e for e in epochs if e <= saved_epoch]
-        expired = kept[: max(0, len(kept) - self.keep_last)]
+        expired = [e for e in epochs if e < saved_epoch - self.max_rollback_epochs]
         for epoch in abandoned + expired:
-            self.path_for(epoch).unlink(missing_ok=True)
+            try:
+                self._delete(epoch)
+            except OSError:
+                logger.warning("could not delete the checkpoint of epoch %d", epoch, exc_info=True)
         if abandoned:
             logger.info("removed checkpoints of abandoned epochs %s", abandoned)
 
+
+class DiskCheckpointStore(CheckpointStore):
+    """Signed checkpoint files ``<run_id>.epoch_<n>.ckpt`` in ``directory``.
+
+    Only names of this run are ever listed, loaded, rotated or cleaned up, so a directory shared
+    with other runs is safe; loading verifies the file (``CheckpointSigner.read``) before a byte
+    reaches ``torch.load``.
+    """
+
+    mode = "disk"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        signer: CheckpointSigner,
+        *,
+        every_epochs: int = 1,
+        max_rollback_epochs: int = 5,
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            every_epochs=every_epochs,
+            max_rollback_epochs=max_rollback_epochs,
+            run_id=signer.run_id,
+            run_dir=run_dir,
+        )
+        self.directory = Path(directory).expanduser()
+        self.signer = signer
+        prefix = re.escape(signer.run_id)
+        self._name = re.compile(rf"{prefix}\.epoch_(\d{{8,}})\.ckpt")
+        # A temp file of an interrupted write (see state_io): ".<final name>.<random>.tmp".
+        self._temporary = re.compile(rf"\.{prefix}\.epoch_\d{{8,}}\.ckpt\..+\.tmp")
+        self._remove_stale_temporaries()
+
+    def path_for(self, epoch: int) -> Path:
+        return self.directory / f"{self.run_id}.epoch_{_check_epoch(epoch):08d}.ckpt"
+
+    def describe(self) -> str:
+        return f"signed disk ({self.directory})"
+
+    def epochs(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in self.directory.iterdir():
+            match = self._name.fullmatch(entry.name)
+            if match and entry.is_file():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def _write(self, epoch: int, state: Mapping[str, Any]) -> None:
+        path = self.signer.write(dict(state), self.path_for(epoch), kind="epoch", epoch=epoch)
+        logger.info("checkpoint for epoch %d written to %s", epoch, path)
+
+    def _read(self, epoch: int, map_location: Any) -> dict[str, Any]:
+        state = self.signer.read(
+            self.path_for(epoch), kind="epoch", epoch=epoch, map_location=map_location
+        )
+        if not isinstance(state, dict):
+            raise ValueError(f"the checkpoint of epoch {epoch} holds no state mapping")
+        return state
+
+    def _delete(self, epoch: int) -> None:
+        self.path_for(epoch).unlink(missing_ok=True)
+
     def _remove_stale_temporaries(self) -> None:
-        """Temp files left by a crash mid-write are garbage: the target was never replaced."""
-        for entry in self.directory.glob(".epoch_*.pt.*.tmp"):
-            logger.warning("removing incomplete checkpoint temp file %s", entry)
-            entry.unlink(missing_ok=True)
+        """This run's temp files left by a crash mid-write are garbage: the target was never
+        replaced. Other runs' files are not this run's to judge."""
+        if not self.directory.is_dir():
+            return
+        for entry in self.directory.iterdir():
+            if self._temporary.fullmatch(entry.name):
+                logger.warning("removing incomplete checkpoint temp file %s", entry)
+                entry.unlink(missing_ok=True)
+
+
+class MemoryCheckpointStore(CheckpointStore):
+    """Checkpoints kept in this process's RAM as deep copies on the CPU, for small models.
+
+    Nothing touches the disk, so nothing needs signing: the snapshots never leave the process.
+    Both directions copy (``save`` and ``load``), so neither later training nor a restored
+    optimizer can alias, and mutate, a kept snapshot.
+    """
+
+    mode = "memory"
+
+    def __init__(
+        self,
+        *,
+        every_epochs: int = 1,
+        max_rollback_epochs: int = 5,
+        run_id: str = "",
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            every_epochs=every_epochs,
+            max_rollback_epochs=max_rollback_epochs,
+            run_id=run_id,
+            run_dir=run_dir,
+        )
+        self._snapshots: dict[int, dict[str, Any]] = {}
+
+    def epochs(self) -> list[int]:
+        return sorted(self._snapshots)
+
+    def _write(self, epoch: int, state: Mapping[str, Any]) -> None:
+        self._snapshots[epoch] = clone_state(dict(state), device="cpu")
+
+    def _read(self, epoch: int, map_location: Any) -> dict[str, Any]:
+        return clone_state(self._snapshots[epoch], device=map_location or "cpu")
+
+    def _delete(self, epoch: int) -> None:
+        self._snapshots.pop(epoch, None)
+
+
+class NoCheckpointStore(CheckpointStore):
+    """``checkpoint_mode="off"``: nothing is ever due or kept, and a load says why."""
+
+    mode = "off"
+    REASON = 'checkpoint_mode is "off": this run keeps no checkpoints, so it cannot roll back'
+
+    def is_due(self, epoch: int) -> bool:
+        _check_epoch(epoch)
+        return False
+
+    def epochs(self) -> list[int]:
+        return []
+
+    def unavailable(self, epoch: int) -> CheckpointUnavailableError:
+        return CheckpointUnavailableError(f"no checkpoint of epoch {epoch}: {self.REASON}")
+
+    def _write(self, epoch: int, state: Mapping[str, Any]) -> None:
+        raise CheckpointUnavailableError(self.REASON)
+
+    def _read(self, epoch: int, map_location: Any) -> dict[str, Any]:
+        raise self.unavailable(epoch)
+
+    def _delete(self, epoch: int) -> None:
+        """Nothing is ever kept, so there is nothing to forget."""
+
+
+def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> CheckpointStore:
+    """The store ``config.checkpoint_mode`` asks for, with its cadence and reach."""
+    policy: dict[str, Any] = {
+        "every_epochs": config.checkpoint_every_epochs,
+        "max_rollback_epochs": config.max_rollback_epochs,
+        "run_dir": config.run_dir,
+    }
+    if config.checkpoint_mode == "disk":
+        return DiskCheckpointStore(config.checkpoint_dir, signer, **policy)
+    if config.checkpoint_mode == "memory":
+        return MemoryCheckpointStore(run_id=config.run_id, **policy)
+    return NoCheckpointStore(run_id=config.run_id, **policy)
 
 
 def capture_training_state(
@@ -114,7 +354,7 @@ def capture_training_state(
     """Snapshot module weights, optimizer states and the state table (all cloned).
 
     The result holds only tensors and plain containers, so it can be saved with
-    ``CheckpointManager.save`` and loaded back with ``weights_only=True``.
+    a ``CheckpointStore`` and loaded back with ``weights_only=True``.
     """
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
@@ -138,6 +378,8 @@ def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any
         )
     for key, tensor in live.items():
         value = saved[key]
+        if key.rpartition(".")[2] == EXTRA_STATE_KEY:
+            continue  # a module's extra state is a value (its length varies), not a weight
         if isinstance(tensor, torch.Tensor) and (
             not isinstance(value, torch.Tensor) or value.shape != tensor.shape
         ):

@@ -4,7 +4,8 @@ Defaults are safe for a single machine: the Urza store is a local directory and 
 its state (checkpoints, emergency checkpoints) in its own directory
 ``<cache>/kasmina/runs/<run_id>/`` under the user's cache directory (``$KASMINA_HOME``,
 ``$XDG_CACHE_HOME/kasmina`` or ``~/.cache/kasmina``), never the working directory and never
-another run's. HMAC keys are never part of the configuration itself, only where to find them.
+another run's. HMAC keys are never part of the configuration itself, only where to find them;
+Urza publisher *public* keys are (they verify artifacts and cannot sign one).
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from typing import Any
 
 import torch
 
+from kasmina.control.auth import DURABILITY_MODES, LEDGER_FILE_NAME, MAX_FRESHNESS_S
 from kasmina.kd.config import KDConfig
+from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.keyring import Keyring
 
 __all__ = ["KasminaConfig", "default_cache_root"]
 
 _TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# Where epoch checkpoints are kept (see KasminaConfig.checkpoint_mode).
+CHECKPOINT_MODES = ("disk", "memory", "off")
 
 
 def default_cache_root() -> Path:
@@ -78,16 +83,30 @@ class KasminaConfig:
     urza_breaker_threshold: int = 5
     # Seconds an open breaker waits before letting one trial request through.
     urza_breaker_reset_s: float = 30.0
-    # Publisher key ids allowed to sign artifacts; empty = any key in the keyring.
-    urza_trusted_key_ids: tuple[str, ...] = ()
+    # Publishers whose artifacts this trainer loads: key id -> Ed25519 *public* key (base64 or
+    # hex of its 32 raw bytes, as 'kasmina keygen --publisher' prints). Nothing here can sign.
+    # With none (and no urza_publishers_file) no publisher is trusted: every artifact is refused.
+    urza_trusted_publishers: dict[str, str] = field(default_factory=dict)
+    # JSON file {"key_id": "public key", ...}, merged with urza_trusted_publishers.
+    urza_publishers_file: str | None = None
 
     # --- Authentication (docs/design.md §5) -------------------------------------------------------
     # Environment variable holding the HMAC keyring ("id:hex,..." or a JSON object).
     hmac_keys_env: str = "KASMINA_HMAC_KEYS"
     # JSON key file {"key_id": "hex"}; when set it is used instead of the environment variable.
     hmac_keys_file: str | None = None
-    # Commands whose timestamp is further than this from now are rejected (seconds).
+    # Commands whose timestamp is further than this from now are rejected (seconds, in
+    # (0, 3600]: a longer window only lengthens the time a captured command stays replayable).
     command_freshness_s: float = 60.0
+    # Key ids whose signatures count on commands; empty = any key in the keyring.
+    command_key_ids: tuple[str, ...] = ()
+    # Accepted nonces kept on disk so a restarted trainer refuses replays (docs/design.md §5):
+    # True = <run_dir>/nonces.log, a path = that file, False = memory only (then a command
+    # captured within one freshness window before a restart can be replayed after it).
+    nonce_ledger: bool | str = True
+    # "fsync": each nonce is on disk before its command is accepted (survives a power loss;
+    # one disk flush per command); "flush": handed to the OS only (survives the process dying).
+    nonce_ledger_durability: str = "fsync"
     # Verified commands waiting for the training thread's next safe point; more are refused.
     max_pending_commands: int = 256
     # Worker threads fetching GERMINATE kernels ahead of their safe point.
@@ -105,17 +124,36 @@ class KasminaConfig:
     # Faults of one seed's kernel (raised, wrong shape/dtype, non-finite) before QUARANTINE;
     # each fault falls back to the host output for that forward.
     seed_fault_limit: int = 3
-    # Atomic per-epoch checkpoints for rollback ("" = <run_dir>/checkpoints).
+    # Atomic, signed per-epoch checkpoints for rollback ("" = <run_dir>/checkpoints).
     checkpoint_dir: str = ""
-    # Emergency checkpoints written when a breaker trips ("" = <run_dir>/emergency).
+    # Emergency checkpoints written when a breaker trips ("" = <run_dir>/emergency); written
+    # whatever checkpoint_mode says (a seed's state row and kernel, small).
     emergency_checkpoint_dir: str = ""
-    # Epoch checkpoints kept on disk (oldest deleted first).
-    checkpoints_kept: int = 5
+    # Where epoch checkpoints live: "disk" (signed files in checkpoint_dir), "memory" (deep
+    # copies on the CPU, for small models; gone with the process) or "off" (none: end_epoch
+    # writes nothing and a ROLLBACK is refused).
+    checkpoint_mode: str = "disk"
+    # end_epoch(n) writes a checkpoint when n % checkpoint_every_epochs == 0 (>= 1).
+    checkpoint_every_epochs: int = 1
+    # How many epochs back from the newest checkpoint a rollback can reach (>= 0): writing the
+    # checkpoint of epoch n deletes those older than n - max_rollback_epochs. Cost: up to
+    # max_rollback_epochs // checkpoint_every_epochs + 1 checkpoints, each one full model +
+    # optimizers state, on disk or in RAM.
+    max_rollback_epochs: int = 5
+    # The 32-byte key whose HMAC signs this run's checkpoints (raw bytes or 64 hex digits);
+    # None = <run_dir>/checkpoint.key, created 0600 on first use. A checkpoint of another run
+    # is refused even when the key is shared (the run id is signed too).
+    checkpoint_key_file: str | None = None
 
     # --- Lifecycle gates (docs/design.md §3) ------------------------------------------------------
     # G2: epochs a seed trains in ISOLATED_INIT (with zero violations) before its check.
     min_isolated_epochs: int = 3
-    # G3: a seed's forward must take at most this long (milliseconds, median of a few runs).
+    # G3: a seed may cost at most this many times the host layer, both counted as FLOPs per
+    # output element (torch's FLOP counter: a function of operators and shapes, so the decision
+    # never depends on machine load).
+    max_seed_cost_ratio: float = 16.0
+    # G3, advisory: a compatibility probe slower than this (milliseconds, wall clock) is logged
+    # as a warning and reported; it never refuses a seed (a timing depends on the machine's load).
     latency_budget_ms: float = 5.0
     # G5: GATE_SCORE must reach this value, per mille (0..1000, the scale of ALPHA_BLEND).
     performance_gate: int = 500
@@ -154,12 +192,23 @@ class KasminaConfig:
         _non_negative("urza_backoff_max_s", self.urza_backoff_max_s)
         _positive_int("urza_breaker_threshold", self.urza_breaker_threshold)
         _non_negative("urza_breaker_reset_s", self.urza_breaker_reset_s)
-        self.urza_trusted_key_ids = tuple(self.urza_trusted_key_ids)
-        if not all(isinstance(k, str) and k for k in self.urza_trusted_key_ids):
-            raise ValueError("urza_trusted_key_ids must be non-empty strings")
+        self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
+        if self.urza_publishers_file is not None and (
+            not isinstance(self.urza_publishers_file, str) or not self.urza_publishers_file
+        ):
+            raise ValueError("urza_publishers_file must be a path string or None")
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
-        _positive("command_freshness_s", self.command_freshness_s)
+        _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
+        self.command_key_ids = _id_tuple("command_key_ids", self.command_key_ids)
+        ledger = self.nonce_ledger
+        if not isinstance(ledger, bool) and not (isinstance(ledger, str) and ledger):
+            raise ValueError(f"nonce_ledger must be True, False or a file path, got {ledger!r}")
+        if self.nonce_ledger_durability not in DURABILITY_MODES:
+            raise ValueError(
+                f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
+                f"got {self.nonce_ledger_durability!r}"
+            )
         _positive_int("max_pending_commands", self.max_pending_commands)
         _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
@@ -187,8 +236,20 @@ class KasminaConfig:
                 setattr(self, name, value)
             if Path(value).expanduser().resolve() == Path.cwd().resolve():
                 raise ValueError(f"{name} must not be the working directory")
-        _positive_int("checkpoints_kept", self.checkpoints_kept)
+        if self.checkpoint_mode not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {self.checkpoint_mode!r}"
+            )
+        _positive_int("checkpoint_every_epochs", self.checkpoint_every_epochs)
+        _non_negative_int("max_rollback_epochs", self.max_rollback_epochs)
+        if self.checkpoint_key_file is not None and (
+            not isinstance(self.checkpoint_key_file, str) or not self.checkpoint_key_file
+        ):
+            raise ValueError(
+                f"checkpoint_key_file must be None or a path, got {self.checkpoint_key_file!r}"
+            )
         _non_negative_int("min_isolated_epochs", self.min_isolated_epochs)
+        _positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
         _positive("latency_budget_ms", self.latency_budget_ms)
         if not isinstance(self.performance_gate, int) or not 0 <= self.performance_gate <= 1000:
             raise ValueError(
@@ -212,9 +273,25 @@ class KasminaConfig:
         return torch.device(self.device)
 
     @property
+    def nonce_ledger_path(self) -> Path | None:
+        """The nonce ledger's file (``<run_dir>/nonces.log`` by default; None: memory only)."""
+        if self.nonce_ledger is False:
+            return None
+        if self.nonce_ledger is True:
+            return self.run_dir / LEDGER_FILE_NAME
+        return Path(self.nonce_ledger).expanduser()
+
+    @property
     def run_dir(self) -> Path:
         """This run's own state directory: ``<runs_root>/<run_id>``."""
         return Path(self.runs_root).expanduser() / self.run_id
+
+    @property
+    def checkpoint_key_path(self) -> Path:
+        """The file of the key that signs this run's checkpoints (see ``checkpoint_key_file``)."""
+        if self.checkpoint_key_file:
+            return Path(self.checkpoint_key_file).expanduser()
+        return self.run_dir / "checkpoint.key"
 
     @property
     def teacher_torch_dtype(self) -> torch.dtype:
@@ -230,15 +307,26 @@ class KasminaConfig:
             return Keyring.from_file(self.hmac_keys_file)
         return Keyring.from_env(self.hmac_keys_env)
 
+    def load_trusted_publishers(self) -> TrustedPublishers:
+        """The publisher public keys artifacts are verified with: ``urza_trusted_publishers``
+        plus ``urza_publishers_file`` when set (one key id bound to two keys is an error)."""
+        publishers = TrustedPublishers(self.urza_trusted_publishers)
+        if self.urza_publishers_file:
+            publishers = publishers.merged(TrustedPublishers.from_file(self.urza_publishers_file))
+        return publishers
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (``kd`` as a nested dict)."""
-        data = dataclasses.asdict(self)
-        data["urza_trusted_key_ids"] = list(self.urza_trusted_key_ids)
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
         """Build from a mapping; unknown keys are an error (a typo must not be ignored)."""
+        if "urza_trusted_key_ids" in data:
+            raise ValueError(
+                "urza_trusted_key_ids was removed: artifacts are signed with Ed25519 publisher "
+                "keys now; set urza_trusted_publishers to {key id: public key}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -246,13 +334,50 @@ class KasminaConfig:
         values = dict(data)
         if isinstance(values.get("kd"), Mapping):
             values["kd"] = KDConfig(**values["kd"])
-        if "urza_trusted_key_ids" in values:
-            values["urza_trusted_key_ids"] = tuple(values["urza_trusted_key_ids"])
         return cls(**values)
+
+
+def _publisher_keys(value: object) -> dict[str, str]:
+    """``urza_trusted_publishers`` validated (key ids, 32-byte Ed25519 public keys) and in its
+    canonical form (base64). A bare string is refused, never read as a list of key ids."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Mapping):
+        raise ValueError(
+            "urza_trusted_publishers must be a mapping of key id -> public key, got "
+            f"{type(value).__name__} {value!r:.40}"
+        )
+    try:
+        return TrustedPublishers(value).to_json()
+    except TypeError as exc:
+        raise ValueError(f"urza_trusted_publishers: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"urza_trusted_publishers: {exc}") from None
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _in_range(name: str, value: object, lo: float, hi: float) -> None:
+    """``value`` in the half-open interval (lo, hi]."""
+    if not _is_number(value) or not lo < value <= hi:  # NaN fails the comparison too
+        raise ValueError(f"{name} must be a number in ({lo:g}, {hi:g}], got {value!r}")
+
+
+def _id_tuple(name: str, value: object) -> tuple[str, ...]:
+    """A sequence of non-empty ids as a tuple; a bare string is refused, since ``tuple("ctl")``
+    would silently mean the ids "c", "t" and "l"."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a sequence of key ids, not the single string {value!r} "
+            f"(write [{value!r}] for one id)"
+        )
+    try:
+        ids = tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of key ids, got {value!r}") from None
+    if not all(isinstance(k, str) and k for k in ids):
+        raise ValueError(f"{name} must hold non-empty strings, got {ids!r}")
+    return ids
 
 
 def _positive(name: str, value: object) -> None:

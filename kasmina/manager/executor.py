@@ -27,17 +27,21 @@ from kasmina.control.commands import KasminaCommand, SeedAction
 from kasmina.errors import (
     ArtifactIntegrityError,
     ArtifactNotFoundError,
+    CheckpointIntegrityError,
+    CheckpointUnavailableError,
     IllegalTransitionError,
     ParameterOverlapError,
     UrzaUnavailableError,
 )
 from kasmina.leyline import SeedOperation
+from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import restore_epoch
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import GateResult
+from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
@@ -58,6 +62,8 @@ S = SeedStage
 _REFUSALS = (
     ArtifactIntegrityError,
     ArtifactNotFoundError,
+    CheckpointIntegrityError,
+    CheckpointUnavailableError,
     FileNotFoundError,
     IllegalTransitionError,
     KeyError,
@@ -125,7 +131,7 @@ class CommandExecution:
                 log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
                 restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
             elif command.kind == "optimizer" and command.optimizer is not None:
-                if not self.state.optimizers.apply_optimizer_command(command.optimizer):
+                if not self.state.optimizers.apply_optimizer_command(command):
                     raise CommandRefused("rejected by the optimizer manager (see its log)")
             else:
                 raise CommandRefused(f"command of kind {command.kind!r} has no payload")
@@ -204,7 +210,7 @@ class CommandExecution:
                 **state.optimizer_options,
             )
             record.artifact_id, record.kernel, record.pinned = artifact_id, kernel, pinned
-            record.hook = kernel.register_forward_hook(record.capture)
+            record.hook_kernel(kernel)
             record.monitor = self.guard.new_monitor(record, state.require_registry())
             record.graft_steps = 0
             seed.performance_gate = state.config.performance_gate / SCALE
@@ -215,16 +221,34 @@ class CommandExecution:
 
     @staticmethod
     def _check_fits_slot(record: SeedRecord, kernel: object) -> None:
-        """Refuse an artifact whose declared input cannot take the slot's chunk: run on the
-        host's activations, it would raise inside the user's forward."""
+        """Refuse an artifact that cannot take the slot's chunk: run on the host's activations,
+        it would fault inside the user's forward.
+
+        The slot must have a chunkable output (its recorded contract, once it has run); the
+        artifact must declare one input whose width along the slot's ``chunk_dim`` is the
+        chunk's, in the host's dtype (seeds run in the host's dtype: nothing casts between
+        them). Rank and batch are the dry run's to check, on activations of the recorded shape.
+        """
+        slot = record.slot
+        problem = slot.contract_problem()
+        if problem is not None:
+            raise CommandRefused(f"seed {record.seed_id} cannot take a kernel: {problem}")
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())
-        width = record.seed.chunk_size
-        if len(specs) != 1 or not specs[0].shape or specs[0].shape[-1] not in (None, width):
-            declared = [list(spec.shape) for spec in specs]
+        width, dim = record.seed.chunk_size, slot.chunk_dim
+        chunk = slot.chunk_spec()
+        declared = [list(spec.shape) for spec in specs]
+        where = f"seed {record.seed_id}'s chunk of width {width} along dim {dim}"
+        if len(specs) != 1 or not -len(specs[0].shape) <= dim < len(specs[0].shape):
+            raise CommandRefused(f"artifact inputs {declared} do not fit {where}")
+        spec = specs[0]
+        if spec.shape[dim] not in (None, width):
+            raise CommandRefused(f"artifact inputs {declared} do not fit {where}")
+        host_dtype = chunk[1] if chunk is not None else _param_dtype(slot)
+        if spec.dtype != str(host_dtype).removeprefix("torch."):
             raise CommandRefused(
-                f"artifact inputs {declared} do not fit seed {record.seed_id}'s chunk of "
-                f"width {width}"
+                f"artifact input dtype {spec.dtype} is not the host's {host_dtype} at {where} "
+                "(seeds run in the host's dtype; publish the kernel in it)"
             )
 
     def _dry_run(self, record: SeedRecord, kernel: GPUKernel, artifact_id: str) -> None:
@@ -236,10 +260,7 @@ class CommandExecution:
         registry = self.state.require_registry()
         samples = registry.dry_run_samples(record)
         if not samples:  # the slot has not run yet: the manifest's shapes, the host's dtype
-            dtype = next(
-                (p.dtype for p in record.slot.host.parameters() if p.is_floating_point()),
-                torch.float32,
-            )
+            dtype = _param_dtype(record.slot)
             samples = [
                 x.to(dtype) for size in (2, 3) for x in kernel.example_inputs(dynamic_size=size)
             ]
@@ -272,14 +293,25 @@ class CommandExecution:
             self.state.kernel_cache.unpin(artifact_id)
 
     def advance(self, record: SeedRecord, parameters: Mapping[str, float]) -> GateResult:
-        """Evaluate the gate to the next stage; transition only if it passes."""
+        """Evaluate the gate to the next stage; transition only if it passes.
+
+        A ``gate_score`` in the command is ignored with a warning: G5's evidence is the benefit
+        Kasmina measured itself (``manager.evaluate_seeds``), never a number inside the command
+        that asks for the fossilization.
+        """
         stage = record.stage
         target = NEXT_STAGE.get(stage)
         if target is None or stage == S.DORMANT:
             what = "GERMINATE it first" if stage == S.DORMANT else "no next stage"
             raise CommandRefused(f"seed {record.seed_id} is {stage.name}: {what}")
         if "gate_score" in parameters:
-            self.state.record_gate_score(record.seed_id, parameters["gate_score"])
+            self.state.counters["gate_score_ignored"] += 1
+            logger.warning(
+                "seed %s: ADVANCE's gate_score %s ignored; G5 uses the benefit Kasmina measured "
+                "(manager.evaluate_seeds)",
+                record.seed_id,
+                parameters["gate_score"],
+            )
         result = self.evaluate_gate(record, target)
         self.report.note_gate(record, result)
         if not result.passed:
@@ -291,17 +323,22 @@ class CommandExecution:
         """The gate to ``target`` measured with the manager's settings (no transition)."""
         config = self.state.config
         sample = None
+        host_cost = None
         gate = GATE_FOR_TRANSITION.get((record.stage, target))
-        if gate == 3 and record.seed.probe_result is None:
-            # No forward since COMPATIBILITY_CHECK began: probe activations of the seed's
-            # last-seen input shape instead.
-            sample = self.state.require_registry().probe_sample(record)
+        if gate == 3:
+            if record.seed.probe_result is None:
+                # No forward since COMPATIBILITY_CHECK began: probe activations of the seed's
+                # last-seen input shape instead.
+                sample = self.state.require_registry().probe_sample(record)
+            host_cost = host_flops_per_element(record)
         return record.seed.evaluate_gate(
             target,
             min_isolated_epochs=config.min_isolated_epochs,
             latency_budget_ms=config.latency_budget_ms,
             performance_gate=config.performance_gate / SCALE,
             sample=sample,
+            host_flops_per_element=host_cost,
+            max_cost_ratio=config.max_seed_cost_ratio,
         )
 
     def cull(self, record: SeedRecord, parameters: Mapping[str, float]) -> None:
@@ -396,6 +433,11 @@ class CommandExecution:
         if record.pinned and record.artifact_id is not None:
             self.state.kernel_cache.unpin(record.artifact_id)
         record.pinned = False
+
+
+def _param_dtype(slot: KasminaLayer) -> torch.dtype:
+    """The host's floating dtype as its parameters declare it (fp32 for a parameterless one)."""
+    return next((p.dtype for p in slot.host.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _dry_run_problem(kernel: GPUKernel, x: torch.Tensor) -> str | None:

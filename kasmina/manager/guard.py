@@ -27,7 +27,7 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import ISOLATED_STAGES, SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
 from kasmina.seeds.seed import KD_STAGES
-from kasmina.utils.state_io import clone_state
+from kasmina.utils.state_io import CheckpointSigner, clone_state
 from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,17 @@ class IsolationGuard:
     """Creates the seeds' monitors and runs the step's isolation checks."""
 
     def __init__(
-        self, config: KasminaConfig, telemetry: TelemetryReporter, counters: Counter[str]
+        self,
+        config: KasminaConfig,
+        telemetry: TelemetryReporter,
+        counters: Counter[str],
+        checkpoint_signer: CheckpointSigner | None = None,
     ) -> None:
         self.config = config
+        # Signs the emergency checkpoints of this run's breakers (default: the run's own key).
+        self.checkpoint_signer = checkpoint_signer or CheckpointSigner(
+            config.checkpoint_key_path, config.run_id
+        )
         self.telemetry = telemetry
         self.counters = counters  # the manager's: "isolation_violations", "circuit_breaker_trips"
         self.external: list[GradientIsolationMonitor] = []
@@ -65,6 +73,7 @@ class IsolationGuard:
             registry.host_side_params(),
             max_violations=self.config.max_isolation_violations,
             checkpoint_dir=self.config.emergency_checkpoint_dir,
+            checkpoint_signer=self.checkpoint_signer,
             on_quarantine=lambda: record.seed.quarantine("gradient isolation circuit breaker"),
             state_provider=lambda: {
                 "row": registry.table.read_row(record.index),
@@ -86,6 +95,7 @@ class IsolationGuard:
             list(host_model.named_parameters()),
             max_violations=self.config.max_isolation_violations,
             checkpoint_dir=self.config.emergency_checkpoint_dir,
+            checkpoint_signer=self.checkpoint_signer,
             on_quarantine=on_quarantine,
             telemetry=self.telemetry,
         )

@@ -29,26 +29,29 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from kasmina.control.auth import CommandVerifier
+from kasmina.control.auth import CommandVerifier, NonceLedger
 from kasmina.control.commands import KasminaCommand
+from kasmina.control.distributed import check_supported_parallelism
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
-from kasmina.leyline import AdaptationCommand, OptimizerCommand, TelemetryPacket
+from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.pending import CommandQueue
-from kasmina.manager.report import ManagerReport
+from kasmina.manager.report import ManagerReport, TargetCheck
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
 from kasmina.manager.state import ManagerState
+from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
@@ -123,13 +126,17 @@ class KasminaKernelManager:
             self._jsonl = JsonlFileSink(config.telemetry_jsonl_path)
             telemetry.add_sink(self._jsonl)
         kernel_cache = GPUKernelCache(config.cache_size_mb)
-        self.urza_client = urza_client or UrzaLibraryClient.from_config(config, self.keyring)
+        # Artifacts verify against the configured publisher public keys, never self.keyring:
+        # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
+        self.urza_client = urza_client or UrzaLibraryClient.from_config(config)
         loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
         self.state = ManagerState(config, telemetry, kernel_cache, loader)
-        self.guard = IsolationGuard(config, telemetry, self.state.counters)
+        self.guard = IsolationGuard(
+            config, telemetry, self.state.counters, self.state.checkpoint_signer
+        )
         self.report = ManagerReport(self.state, self.guard)
         self.execution = CommandExecution(self.state, self.guard, self.report)
-        self.verifier = CommandVerifier(self.keyring, config.command_freshness_s)
+        self.verifier = _command_verifier(config, self.keyring)
         self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
         self.teacher_passes = TeacherForwardPassManager(None)
         self._lock = threading.RLock()
@@ -139,21 +146,34 @@ class KasminaKernelManager:
             fetch_workers=config.fetch_workers,
         )
         self._last_teacher_input: torch.Tensor | None = None
+        # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands arriving
+        # here go to its coordinator (verified here, applied on every rank at the epoch sync),
+        # and step() averages the seeds' gradients across ranks before any optimizer steps.
+        self.command_relay: Callable[[bytes], bool] | None = None
+        self.grad_sync: Callable[[], object] | None = None
 
     # ------------------------------------------------------------------ slots
     def attach(
         self,
         model: nn.Module,
-        targets: str | Sequence[str],
+        targets: str | Collection[str],
         seeds_per_layer: int,
         chunk_size: int,
         *,
+        chunk_dim: int | None = None,
+        output_index: int = 0,
         host_lr: float | None = 1e-3,
         seed_lr: float = 1e-3,
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         **optimizer_options: Any,
     ) -> list[KasminaLayer]:
-        """``kasmina.attach`` the targets (one shared state table), then ``register`` them."""
+        """``kasmina.attach`` the targets (one shared state table), then ``register`` them.
+
+        ``targets``, ``chunk_dim`` and ``output_index`` mean what they mean for
+        ``kasmina.attach`` (PEFT-style names; the seeds' dimension; the element of a tuple
+        output). The slots record their host's output on the first forward, eager or compiled,
+        and GERMINATE checks an artifact against that record.
+        """
         if self.registry is not None:
             raise ValueError("this manager already manages a model")
         kd = self.config.kd if self.config.kd_enabled else None
@@ -162,6 +182,8 @@ class KasminaKernelManager:
             targets,
             seeds_per_layer,
             chunk_size,
+            chunk_dim=chunk_dim,
+            output_index=output_index,
             kd_config=kd,
             embargo_epochs=self.config.default_embargo_epochs,
             telemetry=self.telemetry,
@@ -190,6 +212,7 @@ class KasminaKernelManager:
             raise ValueError("this manager already manages a model")
         if not seed_lr > 0:
             raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
+        check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
         registry = SlotRegistry(model, slots or kasmina_layers(model), self.execution.on_transition)
         state = self.state
         state.optimizer_cls = optimizer_cls
@@ -219,8 +242,49 @@ class KasminaKernelManager:
         return {r.seed_id: r.stage for r in self.require_registry()}
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
-        """The trainer's measure of a seed's benefit (0..1) that gate G5 compares."""
+        """Write a trainer's own score (0..1) into the seed's GATE_SCORE column, for reports.
+
+        Not evidence: G5 compares only the benefit ``evaluate_seeds`` measured, and the next
+        evaluation overwrites this score.
+        """
+        logger.warning(
+            "record_gate_score(%s): reported only; G5 uses evaluate_seeds' measurement", seed_id
+        )
         self.state.record_gate_score(seed_id, score)
+
+    def evaluate_seeds(
+        self,
+        batches: Iterable[tuple[Any, Any]],
+        *,
+        loss_fn: LossFn,
+        metric_fn: MetricFn | None = None,
+    ) -> dict[str, SeedEvaluation]:
+        """Measure each live seed's benefit on validation ``batches`` (G5's only evidence).
+
+        Per seed: the mean ``loss_fn`` (and ``metric_fn``) of the model as it is, and with the
+        seed's chunk replaced by the host's (alpha 0), at ``1 + C`` forwards per batch for
+        ``C`` contributing seeds (see ``kasmina.manager.evaluation``). Eval mode, no gradient,
+        no global random numbers; no stage, alpha or weight changes. Call it at a safe point
+        (between steps). Each seed keeps its evaluation (``seed.evaluation``, GATE_SCORE =
+        its score), and a ``seed.benefit`` event per seed goes to telemetry.
+        """
+        with self._lock:
+            state = self.state
+            results = evaluate_seeds(
+                state.require_registry(),
+                batches,
+                loss_fn,
+                metric_fn,
+                epoch=state.epoch,
+                step=state.global_step,
+            )
+            self.report.note_evaluations(results)
+        return results
+
+    def system_state(self) -> SystemStatePacket:
+        """The Leyline ``SystemStatePacket`` a controller decides on (see ``ManagerReport``)."""
+        with self._lock:
+            return self.report.system_state()
 
     # ------------------------------------------------------------------ kernels
     async def load_kernel(self, kernel_artifact_id: str) -> GPUKernel:
@@ -314,6 +378,9 @@ class KasminaKernelManager:
         it is in ``apply_pending``'s outcomes, ``command_log`` and the ``command.complete``
         telemetry (docs/design.md §5).
         """
+        relay = self.command_relay
+        if relay is not None:  # one rank of several: applied on all of them, or on none
+            return relay(raw)
         started = time.perf_counter_ns()
         command = self.handler.accept(raw)
         accepted = command is not None and self._enqueue(command)
@@ -341,26 +408,45 @@ class KasminaKernelManager:
         if not ready:
             return []
         outcomes = []
+        try:
+            # Their nonces reach the disk before any of them takes effect (docs/design.md §5).
+            self.verifier.make_durable()
+            not_durable = ""
+        except OSError as exc:
+            not_durable = f"its nonce could not be made durable: {exc}"
+            logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
         with self._lock:
             for entry, original, error in ready:
                 command = entry.command
                 started = time.perf_counter_ns()
                 try:
-                    outcome = self.execution.apply(command, original=original, fetch_error=error)
+                    if not_durable:
+                        outcome = self._refused(command, not_durable)
+                    else:
+                        outcome = self.execution.apply(
+                            command, original=original, fetch_error=error
+                        )
                 except Exception as exc:  # a bug in execution must not stop the training step
                     logger.exception("applying command %s raised", command.command_id)
-                    reason = f"internal error: {type(exc).__name__}: {exc}"
-                    self.report.note_command(command, False, reason)
-                    outcome = CommandOutcome(command.command_id, command.kind, "", False, reason)
+                    outcome = self._refused(command, f"internal error: {type(exc).__name__}: {exc}")
                 self.state.perf["command"].add_ns(time.perf_counter_ns() - started)
                 self.handler.complete(command, outcome.ok)
                 outcomes.append(outcome)
         return outcomes
 
+    def _refused(self, command: KasminaCommand, reason: str) -> CommandOutcome:
+        self.report.note_command(command, False, reason)
+        return CommandOutcome(command.command_id, command.kind, "", False, reason)
+
     def execute(self, command: KasminaCommand) -> bool:
         """``CommandExecutor``: carry out a verified command at once. Only at a safe point on
         the training thread (commands from a controller go through
         ``handle_adaptation_command``, which queues them)."""
+        try:
+            self.verifier.make_durable()
+        except OSError as exc:
+            self._refused(command, f"its nonce could not be made durable: {exc}")
+            return False
         with self._lock:
             return self.execution.execute(command)
 
@@ -371,13 +457,22 @@ class KasminaKernelManager:
             raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
         return self.handle_adaptation_command(command.SerializeToString())
 
-    async def handle_optimizer_command(self, command: OptimizerCommand | AdaptationCommand) -> bool:
-        """An ``OptimizerCommand`` from the local trainer, or a signed ``AdaptationCommand``
-        carrying one (then authenticated like any other command)."""
-        if isinstance(command, AdaptationCommand):
-            return await self.handle_leyline_command(command)
-        with self._lock:
-            return self.optimizers.apply_optimizer_command(command)
+    async def handle_optimizer_command(self, command: AdaptationCommand | bytes) -> bool:
+        """A signed ``AdaptationCommand`` (object or bytes), normally carrying an optimizer
+        command, authenticated and queued like any other command.
+
+        A bare ``OptimizerCommand`` is refused with ``TypeError``: it carries no signature, and
+        a method that applied it would be a door around the verifier for any transport that
+        parsed one (docs/design.md §5, "Trust boundary").
+        """
+        if isinstance(command, (bytes, bytearray, memoryview)):
+            return self.handle_adaptation_command(bytes(command))
+        if not isinstance(command, AdaptationCommand):
+            raise TypeError(
+                f"expected a signed AdaptationCommand (or its bytes), got {type(command).__name__}"
+                "; sign an optimizer command with make_optimizer_command + sign_command"
+            )
+        return await self.handle_leyline_command(command)
 
     def verify_message_auth(self, message: Any) -> bool:
         """Signature, freshness and nonce of a command (object or bytes), without using its
@@ -415,6 +510,8 @@ class KasminaKernelManager:
         with self._lock:
             registry = state.require_registry()
             optimizers = state.optimizers
+            if self.grad_sync is not None:
+                self.grad_sync()  # a collective: every rank, every step, before any checks
             clean = self.check_gradient_isolation()
             nonfinite = [
                 r.seed_id
@@ -448,7 +545,7 @@ class KasminaKernelManager:
             "isolation_clean": clean,
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,
-            "nonfinite": nonfinite,  # fell back to the host output (QUARANTINE unless ACTIVE)
+            "nonfinite": nonfinite,  # fell back to the host output: one fault each
             "commands": outcomes,  # queued commands applied at the end of this step
         }
 
@@ -463,9 +560,10 @@ class KasminaKernelManager:
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
-        """Apply the queued commands, write the epoch checkpoint, then tick the lifecycle and
-        run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full telemetry packet
-        (returned).
+        """Apply the queued commands, write the epoch checkpoint if ``epoch`` is on the cadence
+        (``config.checkpoint_every_epochs``; none with ``checkpoint_mode="off"``), then tick the
+        lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
+        telemetry packet (returned).
 
         All or nothing: the checkpoint (the state just before this boundary, marked so that a
         rollback replays the boundary) is written before anything changes, so a failed write
@@ -473,11 +571,14 @@ class KasminaKernelManager:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.apply_pending()  # commands that arrived during the epoch take effect first
+        self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
             self.require_registry()
             state = self.state
             metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
-            state.checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
+            checkpoints = state.checkpoints
+            if checkpoints.is_due(epoch):
+                checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
             state.epoch = epoch  # the automatic steps below happen at this epoch's boundary
             state.val_metrics = metrics
             recycled = self.execution.epoch_boundary()
@@ -496,8 +597,9 @@ class KasminaKernelManager:
         """Measured figures (NaN: not measured yet); see ``ManagerReport``."""
         return self.report.get_performance_metrics()
 
-    def validate_performance_targets(self) -> dict[str, bool]:
-        """Each docs/design.md §8 target this manager measures -> met?"""
+    def validate_performance_targets(self) -> dict[str, TargetCheck]:
+        """Each docs/design.md §8 target this device can measure, measured now, beside its
+        target (see ``ManagerReport.validate_performance_targets``)."""
         return self.report.validate_performance_targets()
 
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
@@ -521,11 +623,40 @@ class KasminaKernelManager:
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:
-        """Drop queued commands, stop store reads and close the JSONL telemetry file this
-        manager opened, if any."""
+        """Drop queued commands, stop store reads, report pending rejection counts, close the
+        nonce ledger (later commands are refused) and the JSONL telemetry file this manager
+        opened, if any."""
         for entry in self.pending.close():
             self.handler.complete(entry.command, False)
             self.report.note_command(entry.command, False, "manager closed before it applied")
         self.urza_client.close()
+        self.handler.flush_rejections(force=True)
+        self.verifier.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _command_verifier(config: KasminaConfig, keyring: Keyring) -> CommandVerifier:
+    """The verifier of this run's commands, with its durable nonce ledger unless disabled."""
+    path = config.nonce_ledger_path
+    if path is None:
+        logger.warning(
+            "nonce_ledger is off: a command captured less than %gs before a restart can be "
+            "replayed after it",
+            config.command_freshness_s,
+        )
+        ledger = None
+    else:
+        ledger = NonceLedger(path, durability=config.nonce_ledger_durability)
+    try:
+        return CommandVerifier(
+            keyring,
+            config.command_freshness_s,
+            key_ids=config.command_key_ids or None,
+            ledger=ledger,
+            defer_sync=True,  # fdatasync once per safe point, before the commands apply
+        )
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        raise

@@ -5,7 +5,8 @@ been germinated, culled or fossilized, so the live model and optimizers may no l
 checkpoint's *shape*. The snapshot therefore records which artifact each seed held. The rollback
 is all-or-nothing (docs/design.md §6a), in three phases:
 
-1. nothing live changes: the checkpoint is loaded, the kernels it names are loaded and copied
+1. nothing live changes: the checkpoint is verified (its signed manifest, size and SHA-256,
+   before any byte is unpickled) and loaded, the kernels it names are loaded and copied
    (fresh copies of the cached originals), and the optimizer layout it describes (host groups,
    promoted seeds, seed optimizers) is built beside the live one and loaded with the saved
    states;
@@ -35,6 +36,7 @@ from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import ISOLATED_STAGES, SlotRegistry
 from kasmina.manager.state import ManagerState
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,11 @@ def restore_epoch(
     """Put the manager's ``state`` back to the checkpoint of ``epoch``; ``guard`` makes the
     monitors of the restored isolated seeds, ``boundary`` replays the epoch boundary (tick and
     automatic transitions) for a checkpoint taken before it. Raises, changing nothing, if it
-    cannot: missing checkpoint, other seeds, an artifact that no longer loads, bad layout."""
+    cannot: no checkpoint of that epoch (``CheckpointUnavailableError``, naming the nearest), a
+    file that does not verify (``CheckpointIntegrityError``), other seeds, an artifact that no
+    longer loads, bad layout."""
     registry = state.require_registry()
+    # Phase 1 begins: the checkpoint is verified before it is unpickled; nothing live changes.
     checkpoint = state.checkpoints.load(epoch)
     extra = checkpoint.get("extra") or {}
     saved_seeds = extra.get("seeds")
@@ -117,8 +122,12 @@ def restore_epoch(
     except BaseException:
         _release(fresh)
         raise
-    # Phase 2: reversible writes.
+    # Phase 2: reversible writes. The model's state is backed up before the kernels are
+    # swapped: restore_training_state's own undo runs with the checkpoint's kernels in place,
+    # and a seed's state cannot go back into a seed whose kernel is swapped out, so the undo
+    # that counts is this one, after the old kernels are back.
     table_before = registry.table.state_dict()
+    model_before = clone_state(registry.model.state_dict())
     old: dict[str, torch.nn.Module | None] = {}
     try:
         _swap_kernels(registry, changes, fresh, old)
@@ -128,6 +137,7 @@ def restore_epoch(
     except BaseException:
         _unswap_kernels(registry, old)
         registry.table.load_state_dict(table_before)  # blueprint columns, mirror included
+        registry.model.load_state_dict(model_before)
         _release(fresh)
         raise
     # Phase 3: the commit (nothing here can fail).
@@ -240,7 +250,7 @@ def _commit(
             artifact_id, kernel = fresh[seed_id]
             record.artifact_id, record.kernel = artifact_id, kernel
             record.pinned = state.loader.pin(artifact_id)
-            record.hook = kernel.register_forward_hook(record.capture)
+            record.hook_kernel(kernel)
     for record in registry:
         saved = saved_seeds[record.seed_id]
         record.artifact_id = saved.get("artifact_id") or None

@@ -5,9 +5,10 @@ shared state table indexed by row. The registry maps both ways and keeps, per se
 manager added to it: the artifact and the seed's own kernel copy, whether the cached original is
 pinned, the grafting step count, the isolation monitor, and a stage timeline.
 
-Nothing here runs on the dormant hot path: the only hooks are a one-shot hook per slot (it
-records the first host input and output it sees, then removes itself) and a forward hook on each
-seed's own kernel, which runs only while that kernel runs.
+Nothing here runs on the dormant hot path. The shapes a slot's host produces are recorded by
+the slot itself (``KasminaLayer.output_contract``), not by a hook: a one-shot hook that removed
+itself inside the first forward is what ``torch.compile(fullgraph=True)`` cannot trace. The only
+hooks are a forward hook on each seed's own kernel, which runs only while that kernel runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.layer import ActivationSpec, KasminaLayer
 from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
@@ -29,7 +30,13 @@ from kasmina.urza.kernel import GPUKernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ISOLATED_STAGES", "STEPPED_STAGES", "ActivationSpec", "SeedRecord", "SlotRegistry"]
+__all__ = [
+    "ISOLATED_STAGES",
+    "STEPPED_STAGES",
+    "KernelHook",
+    "SeedRecord",
+    "SlotRegistry",
+]
 
 # A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
 ISOLATED_STAGES = frozenset(
@@ -43,7 +50,6 @@ ISOLATED_STAGES = frozenset(
 # Stages in which the seed's own optimizer steps it.
 STEPPED_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
 
-ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
 
 
@@ -59,6 +65,29 @@ def _spec(value: object) -> ActivationSpec | None:
     if isinstance(value, torch.Tensor):
         return (value.shape, value.dtype, value.device)
     return None
+
+
+class KernelHook:
+    """The forward hook the manager puts on a seed's kernel: calls its record's ``capture``.
+
+    The hook lives in the kernel's hook table, inside the model's module tree, while the record
+    belongs to the manager (its monitor holds the checkpoint key, locks and telemetry). A deep
+    copy or a pickle of the model therefore gets an inert hook instead of a copy of the
+    manager: the copy is nobody's managed seed.
+    """
+
+    def __init__(self, record: SeedRecord | None) -> None:
+        self.record = record
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.record is not None:
+            self.record.capture(module, args, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelHook:
+        return KernelHook(None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (KernelHook, (None,))
 
 
 @dataclass(eq=False)
@@ -90,6 +119,10 @@ class SeedRecord:
             self.last_output = output
         if args:
             self.last_input = _spec(args[0]) or self.last_input
+
+    def hook_kernel(self, kernel: nn.Module) -> None:
+        """Put :meth:`capture` on ``kernel`` as a forward hook (``self.hook`` is its handle)."""
+        self.hook = kernel.register_forward_hook(KernelHook(self))
 
     def clear_kernel(self) -> GPUKernel | None:
         """Forget the kernel (hook removed, references dropped); returns it."""
@@ -136,15 +169,14 @@ class SlotRegistry:
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
                 self.records[seed.seed_id] = record
                 self.by_index[seed.state_index] = record
-                table.observe(seed.state_index, self._on_transition)
+                # Not copied with the model: the registry is this manager's (keys, locks).
+                table.observe(seed.state_index, self._on_transition, follows_copies=False)
         seed_ids = {id(p) for slot in self.slots for p in slot.seeds.parameters()}
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
         ]
         if not self.host_params:
             raise ValueError("the host model has no trainable parameters")
-        self.slot_io: dict[str, tuple[ActivationSpec, ActivationSpec]] = {}
-        self._first_seen = [slot.register_forward_hook(self._see_first) for slot in self.slots]
 
     # ------------------------------------------------------------------ lookup
     def __getitem__(self, seed_id: str) -> SeedRecord:
@@ -171,30 +203,16 @@ class SlotRegistry:
         return self[seed_id].seed.seed_parameters()
 
     # ------------------------------------------------------------------ observed shapes
-    def _see_first(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """One-shot: record a slot's first host input/output spec, then unhook that slot."""
-        assert isinstance(module, KasminaLayer)
-        inp, out = (_spec(args[0]) if args else None), _spec(output)
-        if inp is not None and out is not None:
-            self.slot_io[module.layer_id] = (inp, out)
-        index = self.slots.index(module)
-        handle = self._first_seen[index]
-        if handle is not None:
-            handle.remove()
-            self._first_seen[index] = None
-
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
         """Random host activations of the last-seen shape of this seed's input, for G3."""
         spec = record.last_input or self.chunk_spec(record)
         return None if spec is None else _random(spec)
 
     def chunk_spec(self, record: SeedRecord) -> ActivationSpec | None:
-        """Shape, dtype and device of the seed's chunk of its slot's recorded host output (the
-        seed's input), or None before the slot's first forward."""
-        if record.slot.layer_id not in self.slot_io:
-            return None
-        shape, dtype, device = self.slot_io[record.slot.layer_id][1]
-        return (torch.Size((*shape[:-1], record.slot.chunk_size)), dtype, device)
+        """Shape, dtype and device of the seed's chunk (along the slot's ``chunk_dim``) of its
+        slot's recorded host output, which is the seed's input, or None before the slot's first
+        forward."""
+        return record.slot.chunk_spec()
 
     def dry_run_samples(self, record: SeedRecord) -> list[torch.Tensor]:
         """Random activations shaped like the seed's recorded input at two batch sizes (the
@@ -212,11 +230,11 @@ class SlotRegistry:
     def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
         """A slot none of whose seeds runs, with a random input of its first-seen shape."""
         for slot in self.slots:
-            if slot.layer_id not in self.slot_io:
+            spec = slot.input_spec
+            if spec is None:
                 continue
             if any(s.stage in RUNS_KERNEL and s.kernel is not None for s in slot.seeds):
                 continue
-            spec = self.slot_io[slot.layer_id][0]
             if spec[1].is_floating_point:
                 return slot, _random(spec)
         return None

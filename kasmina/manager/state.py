@@ -19,12 +19,13 @@ import torch
 
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
 from kasmina.kd.teacher import CheckpointedTeacher
-from kasmina.manager.checkpoints import CheckpointManager
+from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SlotRegistry
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.state_io import CheckpointSigner
 from kasmina.utils.telemetry import TelemetryReporter
 
 __all__ = ["COMMAND_LOG_SIZE", "PERF_TIMERS", "CommandLogEntry", "ManagerState"]
@@ -69,7 +70,8 @@ class ManagerState:
     )
     perf: dict[str, LatencyStats] = field(default_factory=_timers)
     dormant_overhead_us: float = math.nan
-    _checkpoints: CheckpointManager | None = field(default=None, init=False, repr=False)
+    _checkpoints: CheckpointStore | None = field(default=None, init=False, repr=False)
+    _checkpoint_signer: CheckpointSigner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.optimizers = self.new_optimizer_manager()
@@ -79,12 +81,20 @@ class ManagerState:
         return self.config.torch_device
 
     @property
-    def checkpoints(self) -> CheckpointManager:
-        """Epoch checkpoints in ``config.checkpoint_dir`` (created on first use)."""
+    def checkpoint_signer(self) -> CheckpointSigner:
+        """Signs and verifies this run's checkpoint files (epoch and emergency) with the run's
+        key; the key file is read, or created, only when a file is first written or read."""
+        if self._checkpoint_signer is None:
+            config = self.config
+            self._checkpoint_signer = CheckpointSigner(config.checkpoint_key_path, config.run_id)
+        return self._checkpoint_signer
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        """Epoch checkpoints as ``config.checkpoint_mode`` asks (signed files in
+        ``config.checkpoint_dir``, CPU copies, or none), on the configured cadence."""
         if self._checkpoints is None:
-            self._checkpoints = CheckpointManager(
-                self.config.checkpoint_dir, keep_last=self.config.checkpoints_kept
-            )
+            self._checkpoints = open_checkpoint_store(self.config, self.checkpoint_signer)
         return self._checkpoints
 
     def require_registry(self) -> SlotRegistry:

@@ -17,7 +17,8 @@ shape, a bad ``mode`` or a bad ``alpha`` raise ``ValueError``.
 CUDA tensors run the Triton kernels of ``kasmina.kernels.alpha_blend``; CPU tensors run the
 torch reference below (see ``kasmina.ops.backend``). Under ``torch.compile`` the op is a
 ``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
-use an equivalent ``torch.autograd.Function``, which costs far less per call.
+use an equivalent ``torch.autograd.Function``, which costs far less per call. On the CPU, eager
+calls that record no graph skip it, and most that do use lerp's own autograd (``_native_blend``).
 """
 
 from __future__ import annotations
@@ -35,13 +36,6 @@ MODES = ("blend", "incubate")
 # --------------------------------------------------------------------------- reference
 
 
-def _alpha_per_column(alpha: Tensor | float, last_dim: int) -> Tensor | float:
-    """Expand a per-chunk alpha ``[C]`` to one value per column of the last dim ``[D]``."""
-    if isinstance(alpha, Tensor) and alpha.dim() == 1:
-        return alpha.repeat_interleave(last_dim // alpha.numel())
-    return alpha
-
-
 class _StraightThrough(torch.autograd.Function):
     """Value of ``host``; gradient ``g`` to both ``host`` and ``seed``."""
 
@@ -54,43 +48,128 @@ class _StraightThrough(torch.autograd.Function):
         return grad, grad
 
 
+# The dtype the math runs in: fp32 for fp16/bf16 data, the data's own dtype otherwise.
+_WORK = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _cpu_scalar(alpha: Tensor | None, alpha_value: float) -> float | None:
+    """``alpha`` as a Python float when that costs no device sync (CPU, one element), else None.
+
+    A Python float reaches torch's kernels as an fp32 (opmath) scalar: fp16/bf16 inputs are
+    upcast, multiplied in fp32 and rounded once, exactly the kernels' contract, in one pass. A
+    0-d fp32 *tensor* next to bf16 data would instead be rounded to bf16 first.
+    """
+    if alpha is None:
+        return alpha_value
+    if alpha.dim() == 0 and alpha.is_cpu:
+        return float(alpha)
+    return None
+
+
 def alpha_blend_reference(
     seed_out: Tensor, host_out: Tensor, alpha: Tensor | float, mode: str = "blend"
 ) -> Tensor:
     """Plain-torch ``alpha_blend``: the CPU path's math and a test oracle.
 
     Differentiable by ordinary autograd (so ``gradcheck`` applies). Computes in at least fp32
-    and rounds once to the input dtype, like the kernel.
+    and rounds once to the input dtype, like the kernel, in as few passes as torch allows:
+
+    * fp32/fp64 (and any dtype with a float alpha): ``torch.lerp(host, seed, alpha)``, one pass:
+      ``host + alpha*(seed - host)`` (``seed - (seed - host)*(1 - alpha)`` for alpha >= 0.5, so
+      alpha = 0 and 1 give host and seed exactly). A float weight is an fp32 (opmath) scalar
+      even for fp16/bf16 data. The kernel evaluates ``alpha*seed + (1-alpha)*host``: the same
+      value to within an fp32 rounding.
+    * fp16/bf16 with a tensor alpha: lerp would round the weight to the data's dtype, so the
+      data is upcast, lerped in fp32 and rounded once. (The CPU op's forward,
+      ``_blend_forward_reference``, does the same with one buffer fewer, and passes a CPU 0-d
+      alpha as a scalar.)
+
+    A per-chunk alpha ``[C]`` broadcasts over a ``[..., C, W]`` view of the inputs
+    (``unflatten``), so no per-column alpha is materialised.
     """
     if mode == "incubate":
         return _StraightThrough.apply(seed_out, host_out)
-    work = torch.promote_types(seed_out.dtype, torch.float32)
-    a = _alpha_per_column(alpha, seed_out.shape[-1] if seed_out.dim() else 1)
-    if isinstance(a, Tensor):
-        a = a.to(work)
-    out = a * seed_out.to(work) + (1 - a) * host_out.detach().to(work)
-    return out.to(seed_out.dtype)
+    host = host_out.detach()
+    if not isinstance(alpha, Tensor):
+        return torch.lerp(host, seed_out, float(alpha))
+    dtype = seed_out.dtype
+    work = _WORK.get(dtype, dtype)
+    a = alpha if alpha.dtype == work else alpha.to(work)
+    chunks = a.dim() == 1
+    seed = seed_out
+    if chunks:
+        c = a.numel()
+        seed, host, a = seed.unflatten(-1, (c, -1)), host.unflatten(-1, (c, -1)), a.unsqueeze(-1)
+    if dtype == work:
+        out = torch.lerp(host, seed, a)
+    else:  # lerp would round a tensor weight to fp16/bf16: upcast the data instead
+        out = torch.lerp(host.to(work), seed.to(work), a).to(dtype)
+    return out.flatten(-2) if chunks else out
+
+
+def _blend_forward_reference(
+    seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float
+) -> Tensor:
+    """The CPU forward (no autograd here): the reference's math in the fewest passes.
+
+    A CPU 0-d alpha is an fp32 scalar: one lerp. fp32 data lerps against the tensor alpha (a
+    ``[C, 1]`` weight for per-chunk) in one op. fp16/bf16 data with a tensor alpha is upcast,
+    and the host's fp32 copy is lerped in place (``lerp_``), then rounded once: the reference
+    cannot reuse that buffer, because autograd would need the overwritten value.
+    """
+    scalar = _cpu_scalar(alpha, alpha_value)
+    if scalar is not None:
+        return torch.lerp(host, seed, scalar)
+    assert alpha is not None
+    dtype = seed.dtype
+    work = _WORK.get(dtype)
+    if work is None:
+        return alpha_blend_reference(seed, host, alpha)
+    a = alpha if alpha.dtype == work else alpha.to(work)
+    if a.dim() == 0:
+        return host.to(work).lerp_(seed.to(work), a).to(dtype)
+    c = a.numel()
+    h, s = host.unflatten(-1, (c, -1)), seed.unflatten(-1, (c, -1))
+    return h.to(work).lerp_(s.to(work), a.unsqueeze(-1)).to(dtype).flatten(-2)
 
 
 def _blend_backward_reference(
     grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``blend`` for the CPU path: ``(alpha*g, sum(g*(seed-host)) or empty)``."""
-    work = torch.promote_types(grad.dtype, torch.float32)
-    a: Tensor | float = alpha_value
-    if alpha is not None:
-        a = _alpha_per_column(alpha.to(work), grad.shape[-1] if grad.dim() else 1)
-    g = grad.to(work)
-    grad_seed = (a * g).to(grad.dtype)
+    """Gradients of ``blend`` for the CPU path: ``(alpha*g, sum(g*(seed-host)) or empty)``.
+
+    fp32 math and one rounding, as in the kernel: a scalar alpha multiplies as an fp32 scalar;
+    a tensor alpha next to fp16/bf16 data is a 1-d fp32 tensor, which makes the multiply
+    upcast on the fly. A scalar alpha's gradient is one ``dot`` over ``seed - host`` (formed
+    first, so that seed ~ host loses nothing to cancellation), in fp32.
+    """
+    dtype = grad.dtype
+    work = _WORK.get(dtype, dtype)
+    scalar = _cpu_scalar(alpha, alpha_value)
+    if scalar is not None:
+        grad_seed = grad * scalar
+    else:
+        assert alpha is not None
+        a = alpha if alpha.dtype == work else alpha.to(work)
+        if a.dim() == 1:
+            g = grad.unflatten(-1, (a.numel(), -1)) * a.unsqueeze(-1)
+            grad_seed = (g if dtype == work else g.to(dtype)).flatten(-2)
+        elif dtype == work:
+            grad_seed = grad * a
+        else:  # as in the forward: upcast rather than round a 0-d fp32 alpha
+            grad_seed = (grad.to(work) * a).to(dtype)
     if seed is None or host is None or alpha is None:
         return grad_seed, grad.new_empty(0)
-    prod = g * (seed.to(work) - host.to(work))
-    if alpha.dim() == 0:
-        grad_alpha = prod.sum()
+    if dtype == work:
+        g, diff = grad, seed - host
     else:
-        d = prod.shape[-1]
-        grad_alpha = prod.reshape(-1, alpha.numel(), d // alpha.numel()).sum(dim=(0, 2))
-    return grad_seed, grad_alpha.to(alpha.dtype)
+        g, diff = grad.to(work), seed.to(work) - host.to(work)
+    if alpha.dim() == 0:
+        grad_alpha = torch.dot(g.flatten(), diff.flatten())
+    else:
+        prod = diff.mul_(g).unflatten(-1, (alpha.numel(), -1))
+        grad_alpha = prod.flatten(0, -3).sum(dim=(0, 2)) if prod.dim() > 2 else prod.sum(dim=1)
+    return grad_seed, grad_alpha if grad_alpha.dtype == alpha.dtype else grad_alpha.to(alpha.dtype)
 
 
 # --------------------------------------------------------------------------- autograd wiring
@@ -113,7 +192,7 @@ def _forward_impl(
         return host.clone()
     if use_triton(seed.device):
         return _kernels().blend_forward(seed, host, alpha, alpha_value)
-    return alpha_blend_reference(seed, host, alpha if alpha is not None else alpha_value)
+    return _blend_forward_reference(seed, host, alpha, alpha_value)
 
 
 def _backward_impl(
@@ -247,4 +326,37 @@ def alpha_blend(
     args = (seed_out.contiguous(), host_out.contiguous(), alpha_t, alpha_value, mode)
     if torch.compiler.is_compiling():
         return _alpha_blend_op(*args)
+    alpha_grad = alpha_t is not None and alpha_t.requires_grad
+    if not torch.is_grad_enabled() or not (
+        seed_out.requires_grad or host_out.requires_grad or alpha_grad
+    ):
+        return _forward_impl(*args)  # no graph to record: skip the autograd.Function
+    if (
+        mode == "blend"
+        and (seed_out.requires_grad or alpha_grad)
+        and not use_triton(seed_out.device)
+    ):
+        out = _native_blend(*args[:4])
+        if out is not None:
+            return out
     return _AlphaBlendFunction.apply(*args)
+
+
+def _native_blend(
+    seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float
+) -> Tensor | None:
+    """The CPU path with a graph, as plain differentiable torch ops where that saves no more.
+
+    Autograd then runs in C++ (a Python ``autograd.Function`` costs more per call than the
+    blend of a small activation) and the gradients are the contract's: ``lerp``'s ``alpha*g``
+    for the seed and ``sum(g*(seed - host))`` for a tensor alpha; the host is detached. Used
+    only where lerp's graph keeps what the Function would: a scalar alpha (a float, or a CPU 0-d
+    tensor without grad) saves no activation, and a tensor alpha that needs a gradient on
+    fp32 data saves seed and host, as the Function must. The rest (fp16/bf16 with a tensor
+    alpha, whose graph would keep fp32 copies; a per-chunk alpha without grad) returns None.
+    """
+    if alpha is None or (alpha.dim() == 0 and alpha.is_cpu and not alpha.requires_grad):
+        return torch.lerp(host.detach(), seed, alpha_value if alpha is None else float(alpha))
+    if alpha.requires_grad and seed.dtype not in _WORK:
+        return alpha_blend_reference(seed, host, alpha)
+    return None

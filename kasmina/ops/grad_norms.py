@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import repeat
+from operator import is_not
 
 import torch
 
@@ -23,19 +25,27 @@ from kasmina.ops.backend import SUPPORTED_DTYPES, use_triton
 MaybeTensors = Sequence[torch.Tensor | None]
 
 
-def grad_norms_reference(tensors: MaybeTensors) -> torch.Tensor:
-    """fp32 L2 norm of each tensor; ``None`` and empty tensors give 0, NaN/Inf propagate.
+def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
+    """fp32 ``[len]`` norms by ``torch._foreach_norm``; ``None`` gives 0 (no validation here).
 
-    ``torch._foreach_norm`` (what ``clip_grad_norm_`` uses) does the per-tensor work in C++;
-    ``dtype=float32`` upcasts fp16/bf16 before squaring.
+    One C++ loop over the tensors (what ``clip_grad_norm_`` uses); ``dtype=float32`` upcasts
+    fp16/bf16 before squaring. ``no_grad`` instead of a ``detach()`` per tensor. A ``None``
+    entry becomes an empty tensor (norm 0) in place, so the result is one ``stack`` with no
+    index tensor built from Python ints: the Python work per tensor is a pointer compare.
     """
-    device = _infer_device(tensors, None)
-    norms = torch.zeros(len(tensors), dtype=torch.float32, device=device)
-    present = [i for i, t in enumerate(tensors) if t is not None]
-    if present:
-        values = torch._foreach_norm([tensors[i].detach() for i in present], 2, dtype=torch.float32)
-        norms[present] = torch.stack(values)
-    return norms
+    ts = tensors if isinstance(tensors, list) else list(tensors)
+    if not all(map(is_not, ts, repeat(None))):
+        empty = torch.zeros(0, device=device)
+        ts = [empty if t is None else t for t in ts]
+    if not ts:
+        return torch.zeros(0, device=device)
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+
+
+def grad_norms_reference(tensors: MaybeTensors) -> torch.Tensor:
+    """fp32 L2 norm of each tensor; ``None`` and empty tensors give 0, NaN/Inf propagate."""
+    return _norms_of(tensors, _infer_device(tensors, None))
 
 
 def leak_check_reference(
@@ -43,8 +53,12 @@ def leak_check_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norms, flag)``: flag is a 0-d bool, True if any norm exceeds ``tol`` or is not finite."""
     norms = grad_norms_reference(tensors)
-    flag = ((norms > tol) | ~torch.isfinite(norms)).any()
-    return norms, flag
+    return norms, _flag(norms, tol)
+
+
+def _flag(norms: torch.Tensor, tol: float) -> torch.Tensor:
+    # NaN fails every comparison, so ``not (norm <= tol)`` catches it too; +inf exceeds any tol.
+    return (norms <= tol).logical_not_().any()
 
 
 def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> torch.device:
@@ -60,6 +74,7 @@ def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> t
 
 
 def _validate(tensors: MaybeTensors, device: torch.device) -> None:
+    """``ValueError`` naming the first entry that is not a supported tensor on ``device``."""
     if not isinstance(tensors, (list, tuple)):
         raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
@@ -71,6 +86,27 @@ def _validate(tensors: MaybeTensors, device: torch.device) -> None:
             raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+
+
+def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
+    """The CPU path's norms, validated without a Python pass in the common case.
+
+    ``_foreach_norm(..., dtype=float32)`` itself refuses every dtype but fp32/fp16/bf16 (ints,
+    bool, float64 and complex as narrowing or non-float, float8 as unpromotable), ``stack``
+    refuses mixed devices, and a list wholly on another device shows in the result's device.
+    Any of those, or an entry that is not a tensor, sends the call through ``_validate``, which
+    raises the ``ValueError`` that names the entry; the pre-check is only the container type.
+    """
+    if not isinstance(tensors, (list, tuple)):
+        raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
+    try:
+        norms = _norms_of(tensors, device)
+    except (RuntimeError, TypeError, AttributeError):
+        _validate(tensors, device)
+        raise
+    if norms.device != device:
+        _validate(tensors, device)
+    return norms
 
 
 def _check_tol(tol: float) -> float:
@@ -86,12 +122,9 @@ def _compute(
     if use_triton(device):
         from kasmina.kernels.grad_norms import tensor_norms
 
-        return tensor_norms(tensors, device, tol)  # validates when it builds a new plan
-    _validate(tensors, device)
-    if tol is None:
-        return grad_norms_reference(tensors).to(device), None
-    norms, flag = leak_check_reference(tensors, tol)
-    return norms.to(device), flag.to(device)
+        return tensor_norms(tensors, device, tol)  # validates whenever it prepares a new launch
+    norms = _checked_norms(tensors, device)
+    return norms, (None if tol is None else _flag(norms, tol))
 
 
 @torch.library.custom_op("kasmina::grad_norms", mutates_args=())

@@ -7,28 +7,33 @@ sum runs over the last dim ``V``. Reductions follow ``F.kl_div``: ``none`` (per-
 the loss and get a 0 gradient, and ``rows_kept`` counts only kept rows; if no row is kept,
 ``mean``/``batchmean`` return 0 rather than 0/0.
 
-The student gradient is computed in the forward pass (Triton: one streaming-softmax pass over
-``V`` for the loss, one more to write the gradient) and stored, in the student's dtype, as the
-only logits-sized buffer: no ``[rows, V]`` probability tensor is materialised. What is stored
-is the UNSCALED ``T·(p_s - p_t)`` (bounded by ``T``); the reduction's ``1/rows_kept`` or
-``1/(rows_kept·V)`` is kept aside as a 0-d fp32 device tensor and meets ``grad_output`` in fp32
-in the backward. Folding it in first would underflow fp16 (``1/(rows·V)`` times a probability
-difference is far below fp16's smallest subnormal) before a loss-scaled ``grad_output`` (65536
-from a GradScaler) could lift it, zeroing the gradient. The eager backward scales that buffer
-by ``scale·grad_output`` in place and returns it, so forward+backward never holds a second
-logits-sized buffer; when the graph is kept (``retain_graph`` or ``create_graph``) it writes a
-fresh tensor instead and leaves the saved one intact, so a second backward stays correct. (The
-custom op used under ``torch.compile`` is functional and always writes a fresh tensor.) When
-the student does not require grad (or grad mode is off) the gradient is not computed at all.
-The teacher never gets a gradient.
+Forward and backward (docs/design.md §2). The forward reads both logits once and keeps only
+per-row statistics, ``(-M_a, -M_b, Z_a, Z_b)`` in base 2 (``a = s·log2(e)/T``, ``M`` the row
+maximum, ``Z = Σ 2^(a-M)``), fp32 ``[..., 4]`` (four numbers per logits row), plus, when a
+mask meets ``mean``/``batchmean``, the 0-d device scale ``1/rows_kept``. The backward reads
+both logits again and writes the
+gradient ``T·(p_s - p_t)·scale·grad_output`` once, computed in fp32 and rounded once to the
+student's dtype. On a GPU that is 5 logits-sized passes in all, and the gradient is the only
+logits-sized buffer the op ever allocates, eager and under ``torch.compile``. Strided logits
+such as ``logits[:, :-1]`` are read in place through their row strides (at most two leading
+dims after merging, unit stride in the last dim; anything else is copied), and the gradient
+takes the student's strides when they are compact (see ``grad_strides``). When the student
+does not require grad (or grad mode is off) no statistics are kept. The teacher never gets a
+gradient.
 
-CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run the torch code below. Under
-``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and backward);
-eager calls use an equivalent, cheaper ``torch.autograd.Function``.
+-inf logits follow float64 math: a teacher ``-inf`` contributes nothing (``0·log 0 = 0``); a
+student ``-inf`` where the teacher logit is finite makes that row's loss ``+inf`` (never NaN);
+a row whose student or teacher is all ``-inf`` is undefined (NaN), as is any row with a NaN.
+
+CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run ``kd_forward_reference`` /
+``kd_backward_reference`` below, the same algorithm in torch ops (the CPU path). Under
+``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and
+backward); eager calls use an equivalent, cheaper ``torch.autograd.Function``; both call the
+same two implementations.
 
 The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
-lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher).
-Non-contiguous logits are made contiguous (a copy); ``temperature`` must be a float > 0.
+lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher);
+``temperature`` must be a float > 0.
 """
 
 from __future__ import annotations
@@ -40,12 +45,20 @@ from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, use_triton
 
-__all__ = ["kd_kl_loss", "kd_kl_loss_reference"]
+__all__ = [
+    "grad_strides",
+    "kd_backward_reference",
+    "kd_forward_reference",
+    "kd_kl_loss",
+    "kd_kl_loss_reference",
+]
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+LOG2E = 1.4426950408889634
+LN2 = math.log(2.0)
 
 
-# --------------------------------------------------------------------------- reference
+# --------------------------------------------------------------------------- oracle
 
 
 def _denominator(reduction: str, kept: Tensor | int, vocab: int) -> Tensor | int:
@@ -95,7 +108,97 @@ def kd_kl_loss_reference(
     return _reduce(rows.reshape(lead), reduction, kept, vocab)
 
 
-def _kd_forward_reference(
+# --------------------------------------------------------------------------- layouts
+
+
+def _merged_leading_dims(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """How many leading dims remain after merging those that are contiguous across each
+    other (size-1 dims dropped): the kernels address at most two."""
+    count, outer = 0, None
+    for size, stride in zip(shape, strides, strict=True):
+        if size == 1:
+            continue
+        if outer is None or outer != stride * size:
+            count += 1
+        outer = stride
+    return count
+
+
+def grad_strides(student: Tensor) -> tuple[int, ...]:
+    """Strides of the student gradient the op returns: the student's own when they are compact
+    (unit last stride, no overlap, at most two leading dims after merging, and a span at most
+    1/8 above ``numel``, as for ``logits[:, :-1]``), else contiguous. The gradient rows then
+    share the student rows' 16-byte phase, so the kernel's stores stay vectorised for odd V.
+    A pure function of shape and strides: the compile-time fake and both backends agree."""
+    shape, strides = tuple(student.shape), tuple(student.stride())
+    dense = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        dense[i] = dense[i + 1] * max(shape[i + 1], 1)
+    numel = math.prod(shape)
+    if numel == 0 or strides == tuple(dense) or strides[-1] != 1:
+        return tuple(dense)
+    if _merged_leading_dims(shape[:-1], strides[:-1]) > 2:
+        return tuple(dense)
+    reach = 1
+    for stride, size in sorted((st, n) for st, n in zip(strides, shape, strict=True) if n > 1):
+        if stride < reach:  # overlapping, e.g. an expanded dim (stride 0)
+            return tuple(dense)
+        reach = stride * size
+    span = 1 + sum((n - 1) * st for st, n in zip(strides, shape, strict=True))
+    return strides if span <= numel + numel // 8 else tuple(dense)
+
+
+def _new_grad(student: Tensor) -> Tensor:
+    return torch.empty_strided(
+        student.shape, grad_strides(student), dtype=student.dtype, device=student.device
+    )
+
+
+# --------------------------------------------------------------------------- CPU path
+
+
+def _host_scale(reduction: str, rows: int, vocab: int, masked: bool) -> float:
+    """The reduction's scale known on the host (``1/rows_kept`` of a mask is on the device)."""
+    factor = 1.0 / vocab if reduction == "mean" else 1.0
+    if reduction in ("mean", "batchmean") and not masked:
+        factor /= max(rows, 1)
+    return factor
+
+
+def _rows(
+    student: Tensor, teacher: Tensor, work: torch.dtype, k: float, careful: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2:
+    ``a = k·s``, ``b = k·t`` (``k > 0``, so ``max(k·s) = k·max(s)``), ``Z = Σ 2^(a - M)`` and
+    ``KL / ln2 = k·X/Z_b - lse_b + lse_a`` with ``X = Σ 2^(b - M_b)·(t - s)``, ``lse = M + log2 Z``.
+
+    With ``careful``, teacher ``-inf`` terms of ``X`` are 0 (``t - s`` is ``-inf``, or NaN when
+    the student is ``-inf`` too), and a student ``-inf`` under a finite teacher logit gives
+    ``+inf`` even where the teacher's weight underflowed to 0 (float64 says ``+inf`` there: the
+    teacher logit is finite). Without, those terms are ``0·inf``: the only way the fast form
+    errs is a NaN, which the caller sees and answers with the careful form. Two fp32
+    logits-sized temporaries, reused in place, besides the fp32 copies of bf16/fp16 logits (a
+    teacher copy takes the difference in place, so it is one of the two).
+    """
+    s = student if student.dtype == work else student.to(work)
+    t_owned = teacher.dtype != work
+    t = teacher.to(work) if t_owned else teacher
+    neg_ma = s.amax(-1, keepdim=True).mul_(-k)
+    neg_mb = t.amax(-1, keepdim=True).mul_(-k)
+    e_b = torch.add(neg_mb, t, alpha=k).exp2_()
+    z_b = e_b.sum(-1, keepdim=True)
+    diff = t.sub_(s) if t_owned else torch.sub(t, s)  # the teacher copy is spent
+    if careful:
+        diff = diff.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
+    cross = e_b.mul_(diff).sum(-1, keepdim=True)
+    if careful:  # a NaN left is 0·inf: a student -inf under an underflowed teacher weight
+        cross = cross.nan_to_num_(nan=math.inf, posinf=math.inf)
+    z_a = torch.add(neg_ma, s, alpha=k, out=diff).exp2_().sum(-1, keepdim=True)
+    row = torch.addcdiv(neg_mb - neg_ma, cross, z_b, value=k)
+    return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b
+
+
+def kd_forward_reference(
     student: Tensor,
     teacher: Tensor,
     mask: Tensor | None,
@@ -103,47 +206,88 @@ def _kd_forward_reference(
     reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU path of the op: ``(loss, stored student gradient, gradient scale)`` with the explicit
-    formulas ``row = T²·Σ p_t (log p_t - log p_s)`` and ``dL/ds = T·(p_s - p_t)·scale``; the
-    stored gradient is the unscaled ``T·(p_s - p_t)`` and ``scale`` a 0-d fp32 tensor for
-    ``mean``/``batchmean`` (empty, meaning 1, otherwise), as ``kernels.kd_forward`` returns."""
-    t_ = temperature
-    vocab = student.shape[-1]
-    log_ps = torch.log_softmax(student.float().reshape(-1, vocab) / t_, dim=-1)
-    log_pt = torch.log_softmax(teacher.float().reshape(-1, vocab) / t_, dim=-1)
-    p_t = log_pt.exp()
-    rows = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1) * t_**2
-    keep = None if mask is None else mask.reshape(-1)
-    if keep is not None:
-        rows = torch.where(keep, rows, torch.zeros_like(rows))
-    kept: Tensor | int = keep.sum() if keep is not None else rows.numel()
-    loss = _reduce(rows.reshape(student.shape[:-1]), reduction, kept, vocab)
-    no_scale = student.new_empty(0, dtype=torch.float32)
-    if not need_grad:
-        return loss, student.new_empty(0), no_scale
-    grad = (log_ps.exp() - p_t) * t_
-    if keep is not None:
-        grad = torch.where(keep[:, None], grad, torch.zeros_like(grad))
-    scale = no_scale
+    """The CPU path's forward: the kernel's quantities in whole-row torch ops, returned as
+    ``kasmina.kernels.kd_loss.kd_forward`` returns them, ``(loss, stats, scale)``.
+
+    It works in fp32 (float64 for float64 inputs, which only the tests pass) and spends one
+    ``exp2`` per element and side, four in all with the backward, where eager ``kl_div`` over
+    two ``log_softmax`` spends five ``exp``. Small inputs are dominated by the per-op cost, so
+    the op count is kept low: only when the loss holds a NaN (an infinite logit, or a NaN
+    input) are the rows recomputed in the careful form, which a host read decides (free on a
+    CPU; a sync only for CUDA tensors forced onto the reference).
+    """
+    work = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    k = LOG2E / temperature
+    lead = tuple(student.shape[:-1])
+    kept = None
+    if mask is not None and reduction in ("mean", "batchmean"):
+        kept = mask.sum(dtype=work).clamp_(min=1.0)
+    factor = temperature * temperature * LN2
     if reduction in ("mean", "batchmean"):
-        denom = _denominator(reduction, kept, vocab)
-        if isinstance(denom, Tensor):  # from the mask, on the device: no host sync
-            scale = denom.to(torch.float32).reciprocal()
-        else:
-            scale = torch.full((), 1.0 / denom, dtype=torch.float32, device=student.device)
-    return loss, grad.to(student.dtype).reshape(student.shape), scale
+        factor *= _host_scale(reduction, math.prod(lead), student.shape[-1], kept is not None)
+    for careful in (False, True):
+        row, neg_ma, neg_mb, z_a, z_b = _rows(student, teacher, work, k, careful)
+        if mask is not None:
+            row = row.squeeze(-1).masked_fill_(~mask, 0.0)
+        loss = row.view(lead).mul_(factor) if reduction == "none" else row.sum().mul_(factor)
+        if not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
+            break
+    if kept is not None:
+        loss = loss / kept
+    stats = torch.cat((neg_ma, neg_mb, z_a, z_b), -1) if need_grad else z_a.new_empty(0)
+    scale = kept.reciprocal() if need_grad and kept is not None else stats.new_empty(0)
+    return loss, stats, scale
 
 
-def _scale_grad_reference(
-    stored: Tensor, grad_output: Tensor, scale: Tensor | None, out: Tensor | None = None
+def kd_backward_reference(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    stats: Tensor,
+    scale: Tensor | None,
+    grad_output: Tensor,
+    temperature: float,
+    reduction: str,
 ) -> Tensor:
-    go = grad_output.float()
-    if scale is not None and scale.numel():
-        go = go * scale
-    if go.dim() > 0:
-        go = go.unsqueeze(-1)
-    scaled = (stored.float() * go).to(stored.dtype)
-    return scaled if out is None else out.copy_(scaled)
+    """The CPU path's backward, as ``kasmina.kernels.kd_loss.kd_backward``: ``(p_s - p_t)·c``
+    with ``c = T·scale·grad_output`` and ``p = 2^(k·x - lse)``, ``lse = M + log2 Z``, in the
+    stats' dtype, rounded once to the student's and laid out as ``grad_strides(student)``.
+    (Folding ``Z`` into ``lse`` costs an exponent error of ``ulp(lse)``, far below the fp32
+    tolerance; the kernel avoids even that, see ``kasmina.kernels.kd_loss``.) A positive
+    scalar ``c`` on a CPU is folded into the exponents as ``log2 c`` (one pass fewer)."""
+    work = stats.dtype
+    k = LOG2E / temperature
+    rows, vocab = math.prod(student.shape[:-1]), student.shape[-1]
+    host = temperature * _host_scale(reduction, rows, vocab, mask is not None)
+    has_scale = scale is not None and scale.numel() > 0
+    neg_m, z = stats.split(2, -1)
+    neg_lse = neg_m.sub(z.log2())  # -(lse_a, lse_b) per row
+    c: Tensor | float | None = None
+    if grad_output.dim() == 0 and grad_output.device.type == "cpu":
+        c = float(grad_output) * host * (float(scale) if has_scale else 1.0)
+        if 0.0 < c < math.inf:
+            neg_lse, c = neg_lse.add_(math.log2(c)), None
+    else:
+        c = grad_output.to(work) * host
+        c = c.unsqueeze(-1) if c.dim() else c
+        c = c * scale if has_scale else c
+    neg_lse_a, neg_lse_b = neg_lse.split(1, -1)
+    # A converted (bf16/fp16) copy is ours: its buffer takes the exponentials.
+    s = student if student.dtype == work else student.to(work)
+    t = teacher if teacher.dtype == work else teacher.to(work)
+    p_a = torch.add(neg_lse_a, s, alpha=k, out=None if s is student else s).exp2_()
+    p_b = torch.add(neg_lse_b, t, alpha=k, out=None if t is teacher else t).exp2_()
+    in_place = student.dtype == work and (
+        student.is_contiguous() or p_a.stride() == grad_strides(student)
+    )
+    if c is None and mask is None and not in_place:  # the one rounding, written in place
+        return torch.sub(p_a, p_b, out=_new_grad(student))
+    grad = p_a.sub_(p_b)
+    if c is not None:
+        grad = grad.mul_(c)
+    if mask is not None:
+        grad = grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
+    return grad if in_place else _new_grad(student).copy_(grad)
 
 
 # --------------------------------------------------------------------------- autograd wiring
@@ -162,48 +306,45 @@ def _forward_impl(
     student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(loss, unscaled stored student gradient, gradient scale)``; the gradient is empty when
-    ``need_grad`` is off, the scale (0-d fp32) is empty when it is 1."""
+    """``(loss, stats, scale)``: ``stats`` is empty without ``need_grad``, ``scale`` is empty
+    unless a mask meets ``mean``/``batchmean`` with ``need_grad``."""
     if use_triton(student.device):
         return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
-    return _kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
+    return kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
 
 
 def _backward_impl(
-    stored_grad: Tensor, grad_output: Tensor, scale: Tensor | None, out: Tensor | None = None
-) -> Tensor:
-    """``stored_grad * grad_output * scale`` in fp32 (``grad_output`` a 0-d scalar, or one value
-    per row for ``none``; ``scale`` 0-d, or None/empty for 1), written to ``out`` when given
-    (``out`` may be ``stored_grad`` itself)."""
-    grad_output = grad_output.contiguous()
-    if use_triton(stored_grad.device):
-        return _kernels().kd_backward(stored_grad, grad_output, scale, out=out)
-    return _scale_grad_reference(stored_grad, grad_output, scale, out)
-
-
-def _graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph``/``create_graph``); True
-    when that cannot be told, which only costs the in-place saving."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if probe is None else bool(probe())
+    student: Tensor, teacher: Tensor, mask: Tensor | None, stats: Tensor, scale: Tensor,
+    grad_output: Tensor, temperature: float, reduction: str,
+) -> Tensor:  # fmt: skip
+    """The student gradient, a fresh tensor with ``grad_strides(student)``."""
+    if use_triton(student.device):
+        return _kernels().kd_backward(
+            student, teacher, mask, stats, scale, grad_output, temperature, reduction,
+            out=_new_grad(student),
+        )  # fmt: skip
+    return kd_backward_reference(
+        student, teacher, mask, stats, scale, grad_output, temperature, reduction
+    )
 
 
 class _KDFunction(torch.autograd.Function):
-    """Eager path."""
+    """Eager path (only built when the student needs a gradient)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, temperature, reduction, need_grad):  # type: ignore[override]
-        loss, grad, scale = _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
-        ctx.save_for_backward(grad, scale)
+    def forward(ctx, student, teacher, mask, temperature, reduction):  # type: ignore[override]
+        loss, stats, scale = _forward_impl(student, teacher, mask, temperature, reduction, True)
+        ctx.save_for_backward(student, teacher, mask, stats, scale)
+        ctx.temperature, ctx.reduction = temperature, reduction
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        stored, scale = ctx.saved_tensors
-        # Not kept: autograd frees the saved buffer after this call, so it can become the
-        # gradient itself instead of a second logits-sized allocation.
-        out = None if _graph_is_kept() else stored
-        return _backward_impl(stored, grad_loss, scale, out), None, None, None, None, None
+        student, teacher, mask, stats, scale = ctx.saved_tensors
+        grad = _backward_impl(
+            student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
+        )
+        return grad, None, None, None, None
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
@@ -220,35 +361,48 @@ def _kd_op(
 
 @_kd_op.register_fake
 def _kd_fake(student, teacher, mask, temperature, reduction, need_grad):
-    shape = student.shape[:-1] if reduction == "none" else ()
-    loss = student.new_empty(shape, dtype=torch.float32)
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
-    scaled = need_grad and reduction in ("mean", "batchmean")
+    lead = student.shape[:-1]
+    loss = student.new_empty(lead if reduction == "none" else (), dtype=torch.float32)
+    stats = student.new_empty((*lead, 4) if need_grad else (0,), dtype=torch.float32)
+    scaled = need_grad and mask is not None and reduction in ("mean", "batchmean")
     scale = student.new_empty(() if scaled else (0,), dtype=torch.float32)
-    return loss, grad, scale
+    return loss, stats, scale
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss_backward", mutates_args=())
-def _kd_backward_op(stored_grad: Tensor, grad_output: Tensor, scale: Tensor) -> Tensor:
-    return _backward_impl(stored_grad, grad_output, scale)
+def _kd_backward_op(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    stats: Tensor,
+    scale: Tensor,
+    grad_output: Tensor,
+    temperature: float,
+    reduction: str,
+) -> Tensor:
+    return _backward_impl(student, teacher, mask, stats, scale, grad_output, temperature, reduction)
 
 
 @_kd_backward_op.register_fake
-def _kd_backward_fake(stored_grad, grad_output, scale):
-    return torch.empty_like(stored_grad)
+def _kd_backward_fake(student, teacher, mask, stats, scale, grad_output, temperature, reduction):
+    return _new_grad(student)
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, mask, temperature, reduction, _ = inputs
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # the stored-gradient and scale outputs get no gradient
-    ctx.save_for_backward(output[1], output[2])
+    ctx.set_materialize_grads(False)  # the stats and scale outputs get no gradient
+    ctx.save_for_backward(student, teacher, mask, output[1], output[2])
+    ctx.temperature, ctx.reduction = temperature, reduction
 
 
-def _op_backward(ctx, grad_loss: Tensor | None, _grad_stored: Tensor | None, _grad_scale=None):
-    stored, scale = ctx.saved_tensors
-    if grad_loss is None:
+def _op_backward(ctx, grad_loss: Tensor | None, _grad_stats=None, _grad_scale=None):
+    if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    grad = torch.ops.kasmina.kd_kl_loss_backward(stored, grad_loss, scale)
+    student, teacher, mask, stats, scale = ctx.saved_tensors
+    grad = torch.ops.kasmina.kd_kl_loss_backward(
+        student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
+    )
     return grad, None, None, None, None, None
 
 
@@ -295,19 +449,15 @@ def kd_kl_loss(
 ) -> Tensor:
     """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dim, reduced.
 
-    See the module docstring for reductions, masking, dtypes and memory behaviour. Returns a
-    float32 tensor: 0-d, or ``student_logits.shape[:-1]`` for ``reduction="none"``.
+    See the module docstring for reductions, masking, dtypes, layouts and memory behaviour.
+    Returns a float32 tensor: 0-d, or ``student_logits.shape[:-1]`` for ``reduction="none"``.
     """
     _check(student_logits, teacher_logits, temperature, reduction, mask)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    args = (
-        student_logits.contiguous(),
-        teacher_logits.detach().contiguous(),
-        None if mask is None else mask.contiguous(),
-        float(temperature),
-        reduction,
-        need_grad,
-    )
+    teacher = teacher_logits.detach()
+    temperature = float(temperature)
     if torch.compiler.is_compiling():
-        return _kd_op(*args)[0]
-    return _KDFunction.apply(*args)
+        return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
+    if need_grad:
+        return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction)
+    return _forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]

@@ -122,45 +122,60 @@ def lifecycle_update_reference(
     new_stage: torch.Tensor,
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vectorised torch version of the update (the CPU path); mutates ``state``."""
+    """Vectorised torch version of the update (the CPU path); mutates ``state``.
+
+    A fixed sequence of about twenty small torch ops whatever K is, and no Python loop: every
+    request is decided from one gather of its row, and the applied rows are written back with
+    one ``index_copy_`` (their indices are unique, since a duplicated index applies nothing).
+    Index views of any stride are read through their strides.
+    """
     _check_update(state, seed_idx, new_stage, gate)
     rules, _ = _device_tables(state.device)
     n, k = state.shape[0], seed_idx.shape[0]
     idx, new = seed_idx.long(), new_stage.long()
     in_range = (idx >= 0) & (idx < n)
-    safe = torch.where(in_range, idx, torch.zeros_like(idx))
-    # An index is duplicated when more than one in-range request names it.
-    hits = torch.zeros(max(n, 1), dtype=torch.int64, device=state.device)
-    hits.index_add_(0, safe, in_range.long())
-    dup = in_range & (hits[safe] > 1)
+    if n == 0 or k == 0:
+        return torch.full(
+            (k,), int(TransitionCode.OUT_OF_RANGE), dtype=torch.int32, device=state.device
+        )
+    # Out-of-range requests count in an extra bin n, so only in-range indices meet as duplicates.
+    binned = idx.where(in_range, n)
+    dup = in_range & (torch.bincount(binned, minlength=n + 1).index_select(0, binned) > 1)
 
-    if n > 0:
-        rows = state[safe]
-    else:
-        rows = torch.zeros(k, NUM_STATE_COLUMNS, dtype=torch.int32, device=state.device)
+    rows = state.index_select(0, binned.clamp_max(n - 1))  # [K, C]: each request's current row
     cur = rows[:, StateColumn.LIFECYCLE_STAGE].long()
-    embargo = rows[:, StateColumn.EMBARGO_COUNTER]
     known = (cur >= 0) & (cur < NUM_STAGES) & (new >= 0) & (new < NUM_STAGES)
-    rule = torch.where(known, rules[cur.clamp(0, NUM_STAGES - 1), new.clamp(0, NUM_STAGES - 1)], -1)
-    legal = (rule >= 0) & (((rule & NEEDS_ZERO_EMBARGO) == 0) | (embargo == 0))
+    pair = cur.clamp(0, NUM_STAGES - 1) * NUM_STAGES + new.clamp(0, NUM_STAGES - 1)
+    rule = rules.view(-1).index_select(0, pair).where(known, -1)
+    embargo_ok = ((rule & NEEDS_ZERO_EMBARGO) == 0) | (rows[:, StateColumn.EMBARGO_COUNTER] == 0)
+    legal = (rule >= 0) & embargo_ok
 
-    codes = torch.full((k,), int(TransitionCode.ILLEGAL), dtype=torch.int32, device=state.device)
-    codes[legal] = int(TransitionCode.APPLIED)
-    codes[dup] = int(TransitionCode.DUPLICATE)
-    codes[~in_range] = int(TransitionCode.OUT_OF_RANGE)
+    codes = torch.where(
+        in_range,
+        torch.where(
+            dup,
+            int(TransitionCode.DUPLICATE),
+            torch.where(legal, int(TransitionCode.APPLIED), int(TransitionCode.ILLEGAL)),
+        ),
+        int(TransitionCode.OUT_OF_RANGE),
+    ).to(torch.int32)
 
-    apply = codes == int(TransitionCode.APPLIED)
-    target = idx[apply]
-    state[target, StateColumn.LIFECYCLE_STAGE] = new[apply].to(torch.int32)
-    state[target, StateColumn.EPOCHS_IN_STATE] = 0
-    state[target, StateColumn.READY_FLAG] = 0
-    default_gate = rule[apply] & 0xFF
-    last_gate = state[target, StateColumn.LAST_GATE]
-    last_gate = torch.where(default_gate > 0, default_gate, last_gate)
+    lanes = (codes == int(TransitionCode.APPLIED)).nonzero().squeeze(1)
+    if lanes.numel() == 0:
+        return codes
+    out = rows.index_select(0, lanes)
+    out[:, StateColumn.LIFECYCLE_STAGE] = new.index_select(0, lanes).to(torch.int32)
+    out[:, StateColumn.EPOCHS_IN_STATE] = 0
+    out[:, StateColumn.READY_FLAG] = 0
+    # LAST_GATE: the given gate when >= 0, else the rule's gate when > 0, else unchanged.
+    last_gate = out[:, StateColumn.LAST_GATE]
+    default_gate = rule.index_select(0, lanes) & 0xFF
+    last_gate = default_gate.to(torch.int32).where(default_gate > 0, last_gate)
     if gate is not None:
-        given = gate[apply].to(torch.int32)
-        last_gate = torch.where(given >= 0, given, last_gate)
-    state[target, StateColumn.LAST_GATE] = last_gate
+        given = gate.index_select(0, lanes)
+        last_gate = given.to(torch.int32).where(given >= 0, last_gate)
+    out[:, StateColumn.LAST_GATE] = last_gate
+    state.index_copy_(0, idx.index_select(0, lanes), out)
     return codes
 
 
@@ -169,11 +184,10 @@ def lifecycle_tick_reference(state: torch.Tensor) -> None:
     _check_state(state)
     _, ready = _device_tables(state.device)
     state[:, StateColumn.EPOCHS_IN_STATE] += 1
-    embargo = (state[:, StateColumn.EMBARGO_COUNTER] - 1).clamp_min(0)
-    state[:, StateColumn.EMBARGO_COUNTER] = embargo
+    embargo = state[:, StateColumn.EMBARGO_COUNTER].sub_(1).clamp_min_(0)
     stage = state[:, StateColumn.LIFECYCLE_STAGE].long()
     known = (stage >= 0) & (stage < NUM_STAGES)
-    when = torch.where(known, ready[stage.clamp(0, NUM_STAGES - 1)], READY_NEVER)
+    when = ready.index_select(0, stage.clamp(0, NUM_STAGES - 1)).where(known, READY_NEVER)
     flag = (when == READY_ALWAYS) | ((when == READY_AFTER_EMBARGO) & (embargo == 0))
     state[:, StateColumn.READY_FLAG] = flag.to(torch.int32)
 
@@ -240,8 +254,9 @@ def lifecycle_update(
     """Apply K transitions to ``state`` in place; returns int32 ``[K]`` codes on its device.
 
     ``state``: int32 ``[N, 10]`` contiguous. ``seed_idx``, ``new_stage``, ``gate``: int32/int64
-    ``[K]`` tensors on the state's device (sequences of ints are converted). ``ValueError`` on
-    any other dtype, shape or device; bad indices and stages are reported in the codes instead.
+    ``[K]`` tensors on the state's device, any view (strided, offset or expanded; sequences of
+    ints are converted). ``ValueError`` on any other dtype, shape or device; bad indices and
+    stages are reported in the codes instead.
     """
     if not isinstance(state, torch.Tensor):
         raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")

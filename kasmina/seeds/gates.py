@@ -2,7 +2,13 @@
 
 The manager (or a seed's ``advance``) evaluates them wherever it likes and tests drive each one
 directly. Each returns a :class:`GateResult`; its ``score`` is the gate's own measure. Also here:
-the grafting schedule behind G4 and the compatibility probe behind G3.
+the grafting schedule behind G4, the compatibility probe and FLOP count behind G3, and the
+measured benefit (:class:`SeedEvaluation`) behind G5.
+
+No gate outcome may depend on how busy the machine is: a seeded run must take the same
+decisions twice. So G3 compares *counted* FLOPs (a function of the kernel's operators and the
+tensor shapes only), and the probe's wall-clock latency is reported but never decides; G5
+compares a benefit Kasmina measured on validation data, never a number a command asserts.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kasmina.stages import SeedStage
 
 # G4 passes once alpha rounds to 1000/1000 in the state table (alpha is stored * 1000): a sigmoid
 # schedule never reaches 1.0 exactly, and leaving GRAFTING then changes the output by at most
@@ -70,34 +79,71 @@ def gate_g2_isolated_training(
     return GateResult(True, f"trained {epochs_in_state} isolated epochs", float(epochs_in_state), 2)
 
 
+def count_flops(module: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one ``module(x)`` as ``torch.utils.flop_counter`` counts them (matmuls,
+    convolutions, attention; elementwise ops count 0). Deterministic: it depends on the
+    module's operators and the shapes only, never on the machine's load.
+
+    Runs without gradient, in the module's current mode; buffers the forward mutates (batch-norm
+    statistics) are put back, so counting changes nothing. A module that raises propagates.
+    """
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+    return int(counter.get_total_flops())
+
+
 def gate_g3_compatibility(
     seed_output: torch.Tensor | None,
     expected_shape: Sequence[int],
     expected_dtype: torch.dtype,
-    latency_ms: float | None,
-    latency_budget_ms: float,
+    cost_ratio: float | None = None,
+    max_cost_ratio: float = math.inf,
+    *,
+    latency_ms: float | None = None,
+    latency_budget_ms: float = math.inf,
 ) -> GateResult:
-    """G3: the seed's output matches the host's shape and dtype, is finite, and ran in budget.
+    """G3: the seed's output matches the host's shape and dtype, is finite, and costs at most
+    ``max_cost_ratio`` times the host.
 
-    Score: the measured latency in ms (``inf`` when unknown).
+    ``cost_ratio`` is the seed's counted FLOPs per output element over the host layer's counted
+    FLOPs per output element (None: the host's cost is unknown, so cost is not checked and the
+    reason says so). Counted, not timed, so the decision is the same on an idle and on a busy
+    machine. ``latency_ms`` (the probe's wall-clock time) is advisory: over
+    ``latency_budget_ms`` it is named in the reason, and the gate still passes.
+
+    Score: the cost ratio (0 when unknown).
     """
-    latency = float("inf") if latency_ms is None else float(latency_ms)
+    ratio = float("nan") if cost_ratio is None else float(cost_ratio)
+    score = 0.0 if cost_ratio is None else ratio
     if seed_output is None:
-        return GateResult(False, "no compatibility probe recorded", latency, 3)
+        return GateResult(False, "no compatibility probe recorded", score, 3)
     if tuple(seed_output.shape) != tuple(expected_shape):
         reason = f"output shape {tuple(seed_output.shape)} != host {tuple(expected_shape)}"
-        return GateResult(False, reason, latency, 3)
+        return GateResult(False, reason, score, 3)
     if seed_output.dtype != expected_dtype:
         return GateResult(
-            False, f"output dtype {seed_output.dtype} != host {expected_dtype}", latency, 3
+            False, f"output dtype {seed_output.dtype} != host {expected_dtype}", score, 3
         )
     if not bool(torch.isfinite(seed_output).all()):
-        return GateResult(False, "output is not finite", latency, 3)
-    if not latency <= latency_budget_ms:
-        return GateResult(
-            False, f"latency {latency:.3f} ms > budget {latency_budget_ms} ms", latency, 3
+        return GateResult(False, "output is not finite", score, 3)
+    if cost_ratio is not None and not ratio <= max_cost_ratio:
+        reason = f"cost {ratio:.3g}x the host's FLOPs per element > budget {max_cost_ratio:g}x"
+        return GateResult(False, reason, score, 3)
+    cost = "host cost unknown, cost not checked" if cost_ratio is None else f"cost {ratio:.3g}x"
+    reason = f"compatible, {cost}"
+    if latency_ms is not None and not float(latency_ms) <= latency_budget_ms:
+        reason += (
+            f" (advisory: probe took {float(latency_ms):.3f} ms > {latency_budget_ms:g} ms; "
+            "wall-clock time never decides)"
         )
-    return GateResult(True, f"compatible, {latency:.3f} ms", latency, 3)
+    return GateResult(True, reason, score, 3)
 
 
 def gate_g4_alpha(alpha: float) -> GateResult:
@@ -108,14 +154,92 @@ def gate_g4_alpha(alpha: float) -> GateResult:
     return GateResult(False, f"alpha {alpha:.4f} < 1", alpha, 4)
 
 
-def gate_g5_performance(gate_score: float, performance_gate: float) -> GateResult:
-    """G5: ``GATE_SCORE >= PERFORMANCE_GATE``. Score: the gate score."""
-    score = float(gate_score)
-    if not math.isfinite(score):
-        return GateResult(False, f"gate score {score} is not finite", score, 5)
+def benefit_score(benefit: float) -> float:
+    """A relative benefit mapped to the gate score's [0, 1]: ``0.5 + 0.5 * clamp(benefit, -1,
+    1)``; NaN maps to 0.
+
+    0.5 is "no effect", so the default performance gate (500 per mille) fossilizes a seed that
+    does no harm, and a gate of ``500 + 500 * b`` asks for a relative loss reduction of at least
+    ``b`` (600: 20 %). A seed that doubles the loss or worse scores 0; one that removes all of
+    it scores 1.
+    """
+    b = float(benefit)
+    if math.isnan(b):
+        return 0.0
+    return 0.5 + 0.5 * min(1.0, max(-1.0, b))
+
+
+@dataclass(frozen=True)
+class SeedEvaluation:
+    """What Kasmina measured of one seed on validation data (``manager.evaluate_seeds``).
+
+    ``loss_with`` is the mean validation loss of the model as it is (the seed at its stage and
+    alpha), ``loss_without`` the same with the seed's chunk replaced by the host's own output
+    (alpha = 0, everything else untouched). ``metric_*`` are the same for the caller's metric
+    (NaN without one). ``stage``, ``alpha``, ``epoch`` and ``step`` say when it was measured:
+    G5 only takes evidence measured in the stage being left, at alpha 1.
+    """
+
+    seed_id: str
+    stage: SeedStage
+    alpha: float
+    loss_with: float
+    loss_without: float
+    metric_with: float = math.nan
+    metric_without: float = math.nan
+    samples: int = 0
+    epoch: int = -1
+    step: int = 0
+
+    @property
+    def benefit(self) -> float:
+        """Relative validation-loss reduction the seed brings, ``1 - loss_with / loss_without``
+        (0 when both are 0; ``-inf`` when only the host's loss is 0)."""
+        if self.loss_without > 0:
+            return 1.0 - self.loss_with / self.loss_without
+        if self.loss_with == self.loss_without:
+            return 0.0
+        return -math.inf if self.loss_with > self.loss_without else math.nan
+
+    @property
+    def score(self) -> float:
+        """The benefit mapped to [0, 1] (see :func:`benefit_score`)."""
+        return benefit_score(self.benefit)
+
+
+def gate_g5_performance(
+    evaluation: SeedEvaluation | None,
+    performance_gate: float,
+    stage: SeedStage = SeedStage.STABILIZATION,
+) -> GateResult:
+    """G5: Kasmina's own measurement of the seed, taken in ``stage`` (the stage being left),
+    scores at least ``performance_gate``. Score: the measured score (0 when there is none).
+
+    A seed that was never evaluated, or only in an earlier stage (at a smaller alpha, so its
+    measured effect is not the effect fossilizing it would have), is refused: no evidence, no
+    fossilization.
+    """
+    if evaluation is None:
+        return GateResult(False, "never evaluated: run manager.evaluate_seeds first", 0.0, 5)
+    if evaluation.stage != stage:
+        reason = f"evaluated in {evaluation.stage.name}, not in {stage.name}: evaluate it again"
+        return GateResult(False, reason, 0.0, 5)
+    score = evaluation.score
+    benefit = evaluation.benefit
+    if not math.isfinite(evaluation.loss_with) or not math.isfinite(evaluation.loss_without):
+        return GateResult(False, "measured validation loss is not finite", score, 5)
+    measured = f"measured benefit {benefit:+.4f} (score {score:.4f})"
     if score >= performance_gate:
-        return GateResult(True, f"score {score:.4f} >= {performance_gate:.4f}", score, 5)
-    return GateResult(False, f"score {score:.4f} < {performance_gate:.4f}", score, 5)
+        return GateResult(True, f"{measured} >= {performance_gate:.4f}", score, 5)
+    return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
+
+
+class ProbeOutputError(ValueError):
+    """The kernel ran but returned something that is not a Tensor.
+
+    Its own type, so that a caller can tell a kernel that returned the wrong thing from one that
+    raised (both are faults of the seed, reported differently).
+    """
 
 
 @dataclass
@@ -140,9 +264,21 @@ class CompatibilityProbe:
             return float(start.elapsed_time(end))
         return float("inf") if self.cpu_latency_ms is None else self.cpu_latency_ms
 
-    def gate(self, latency_budget_ms: float) -> GateResult:
+    def gate(
+        self,
+        cost_ratio: float | None = None,
+        max_cost_ratio: float = math.inf,
+        latency_budget_ms: float = math.inf,
+    ) -> GateResult:
+        """G3 on this probe: the counted ``cost_ratio`` decides, the latency is advisory."""
         return gate_g3_compatibility(
-            self.output, self.host_shape, self.host_dtype, self.latency_ms, latency_budget_ms
+            self.output,
+            self.host_shape,
+            self.host_dtype,
+            cost_ratio,
+            max_cost_ratio,
+            latency_ms=self.latency_ms,
+            latency_budget_ms=latency_budget_ms,
         )
 
 
@@ -162,5 +298,5 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
             out = kernel(xd)
             latency = (time.perf_counter() - start) * 1000.0
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"seed kernel returned {type(out).__name__}, expected a Tensor")
+        raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
     return CompatibilityProbe(out, tuple(x.shape), x.dtype, latency, events)

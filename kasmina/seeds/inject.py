@@ -1,17 +1,29 @@
-"""Put seeds into any ``nn.Module`` by module name, and take them out again.
+r"""Put seeds into any ``nn.Module`` by module name, and take them out again.
 
 Like PEFT's injection by module name: each matching submodule is replaced, in its parent, by a
 :class:`~kasmina.seeds.layer.KasminaLayer` wrapping it; ``detach`` puts the originals back, so
 the model is the one you started with (its parameters were never copied). All slots share one
 :class:`~kasmina.seeds.table.GPUStateTensor`, so one fused launch updates every seed of the model.
 
+Targets follow PEFT's ``target_modules``, so a name that works there works here:
+
+- a list (or tuple, or set) of names: an entry matches a module whose full name equals it or
+  ends with ``"." + entry`` (``"down_proj"`` matches every ``model.layers.N.mlp.down_proj``);
+- a single string is a regular expression that must match a full name (``re.fullmatch``):
+  ``"conv1"`` is the top-level ``conv1`` only, ``r"layer\d\.0\.conv1"`` picks blocks.
+
+Mistakes are errors, never silently ignored: an entry that matches nothing raises ``ValueError``
+naming it and the closest module names; so does a module that is already a slot ("already
+attached"), and a match nested inside another.
+
 While attached, a wrapped module's parameters appear in ``state_dict`` under ``<name>.host.``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from fnmatch import fnmatchcase
+import difflib
+import re
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,18 +31,70 @@ from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import sum_kd_losses
-from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.seeds.layer import KasminaLayer, default_chunk_dim
+from kasmina.seeds.seed import DEFAULT_FAULT_LIMIT, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
 
 
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    # A target matches a full name, a dotted suffix ("fc" matches "encoder.fc"), or is an
-    # fnmatch pattern over full names ("blocks.*.mlp.fc1").
-    return any(name == t or name.endswith("." + t) or fnmatchcase(name, t) for t in targets)
+def _closest(wanted: str, names: list[str]) -> list[str]:
+    """Module names nearest to ``wanted``, comparing it with whole names and dotted suffixes
+    (so a typo in ``"mlp.down_prj"`` still finds ``model.layers.0.mlp.down_proj``)."""
+    by_key: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            by_key.setdefault(".".join(parts[i:]), name)
+    keys = difflib.get_close_matches(wanted, list(by_key), n=3, cutoff=0.5)
+    return list(dict.fromkeys(by_key[key] for key in keys))
+
+
+def _no_match(what: str, model: nn.Module, names: list[str]) -> ValueError:
+    near = _closest(what, names)
+    hint = f"; closest: {near}" if near else ""
+    return ValueError(f"target {what!r} matches no submodule of {type(model).__name__}{hint}")
+
+
+def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
+    """Names of the modules ``targets`` selects (module docstring), in module order."""
+    slots = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
+    # Inside a slot only its host's subtree is the user's model; seeds and kernels are ours.
+    internal = tuple(f"{slot}.seeds" for slot in slots)
+    names = [
+        n
+        for n, _ in model.named_modules()
+        if n and not any(n == i or n.startswith(i + ".") for i in internal)
+    ]
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise ValueError(f"target {targets!r} is not a regular expression: {exc}") from None
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
+            raise _no_match(targets, model, names)
+    else:
+        entries = list(targets)
+        if not entries:
+            raise ValueError("attach needs at least one target name")
+        for entry in entries:
+            if not isinstance(entry, str) or not entry:
+                raise ValueError(f"a target name must be a non-empty string, got {entry!r}")
+        matched = []
+        for entry in entries:
+            hits = [n for n in names if n == entry or n.endswith("." + entry)]
+            if not hits:
+                raise _no_match(entry, model, names)
+            matched += hits
+        order = {n: i for i, n in enumerate(names)}
+        matched = sorted(set(matched), key=order.__getitem__)
+    for name in matched:
+        slot = next((s for s in slots if name == s or name == s + ".host"), None)
+        if slot is not None:
+            raise ValueError(f"{name!r} is already attached (slot {slot!r}); detach it first")
+    return matched
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -38,44 +102,55 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+def _refuse_unreachable(model: nn.Module, name: str) -> None:
+    """Refuse a module its parent never calls: a seed there would never run.
+
+    ``nn.MultiheadAttention`` hands ``out_proj``'s weight and bias to
+    ``F.multi_head_attention_forward`` (or a fused kernel) instead of calling it.
+    """
+    parent, attr = _parent(model, name)
+    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+        raise ValueError(
+            f"{name!r}: nn.MultiheadAttention never calls out_proj as a module (it passes its "
+            f"weight to a fused function), so a seed there would never run; target the "
+            f"attention module itself ({name.rpartition('.')[0]!r}), whose output[0] it projects"
+        )
+
+
 def attach(
     model: nn.Module,
-    targets: str | Sequence[str],
+    targets: str | Collection[str],
     seeds_per_layer: int,
     chunk_size: int,
     *,
+    chunk_dim: int | None = None,
+    output_index: int = 0,
     kd_config: KDConfig | None = None,
     state: GPUStateTensor | None = None,
     embargo_epochs: int = 0,
     telemetry: TelemetryReporter | None = None,
+    fault_limit: int = DEFAULT_FAULT_LIMIT,
 ) -> list[KasminaLayer]:
     """Wrap every submodule named by ``targets`` in a KasminaLayer; returns the slots in order.
 
-    Each slot gets ``seeds_per_layer`` DORMANT seeds of ``chunk_size`` features (their product
-    must equal the module's output features). The slots share ``state`` (default: a new table of
-    ``len(slots) * seeds_per_layer`` seeds on the model's device); slot ``i`` holds rows
-    ``i * seeds_per_layer ...`` and REGION_ID ``i``. Raises ``ValueError``, leaving the model
-    untouched, when nothing matches, a match is already a slot or nested in another match.
+    Each slot gets ``seeds_per_layer`` DORMANT seeds of ``chunk_size`` features along
+    ``chunk_dim`` (default: channels, dim 1, for a ``ConvNd``; the last dim otherwise) of its
+    output, or of element ``output_index`` of a tuple, list or dataclass output; their product
+    must equal that width. Seed ``k`` of the slot at ``name`` is called ``"<name>[k]"``. The
+    slots share ``state`` (default: a new table of ``len(slots) * seeds_per_layer`` seeds on the
+    model's device); slot ``i`` holds rows ``i * seeds_per_layer ...`` and REGION_ID ``i``. Every
+    seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
+    ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
+    already a slot or nested in another, or a declared width does not fit.
     """
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    if not patterns:
-        raise ValueError("attach needs at least one target name or pattern")
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and _matches(name, patterns) and not isinstance(module, KasminaLayer)
-    ]
-    if not names:
-        raise ValueError(f"no submodule of {type(model).__name__} matches {patterns}")
+    names = _resolve(model, targets)
+    slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     for name in names:
         inside = [other for other in names if name.startswith(other + ".")]
-        inside += [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, KasminaLayer) and name.startswith(n + ".")
-        ]
+        inside += [n for n in slot_names if name.startswith(n + ".")]
         if inside:
             raise ValueError(f"{name!r} is nested inside {inside[0]!r}; target one of them")
+        _refuse_unreachable(model, name)
     total = len(names) * seeds_per_layer
     if state is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -83,19 +158,24 @@ def attach(
     elif state.num_seeds < total:
         raise ValueError(f"state table has {state.num_seeds} seeds, attach needs {total}")
     # Build every slot before touching the model, so a bad shape leaves it unchanged.
-    layers = [
-        KasminaLayer(
-            model.get_submodule(name),
+    layers = []
+    for i, name in enumerate(names):
+        host = model.get_submodule(name)
+        layer = KasminaLayer(
+            host,
             seeds_per_layer,
             chunk_size,
+            chunk_dim=default_chunk_dim(host) if chunk_dim is None else chunk_dim,
+            output_index=output_index,
             kd_config=kd_config,
             state=state,
             state_offset=i * seeds_per_layer,
             layer_id=name,
             region_id=i,
+            fault_limit=fault_limit,
         )
-        for i, name in enumerate(names)
-    ]
+        layer.guards_fused_path = isinstance(_parent(model, name)[0], nn.TransformerEncoderLayer)
+        layers.append(layer)
     for name, layer in zip(names, layers, strict=True):
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)

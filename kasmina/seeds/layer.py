@@ -1,18 +1,46 @@
 """KasminaLayer: one host layer with many seeds over chunks of its output (docs/design.md §3).
 
-Chunk ``k`` of the output's last dimension belongs to seed ``k``. Seeds in different stages
-coexist and are applied in one pass: each seed contributes its chunk of a pre-blend tensor
-(:meth:`GradientIsolatedSeed.contribution`), and one ``alpha_blend`` call with a per-chunk alpha
-vector mixes it with the host output. Pass-through and ISOLATED_INIT chunks carry the host value
-with alpha 1, so their host gradient is exactly ``g``; GRAFTING chunks use their schedule; when
-no seed is GRAFTING the blend would be the identity and is skipped.
+**The slot contract.** Seed ``k`` owns chunk ``k`` (``chunk_size`` wide) of one dimension of
+one tensor of the host's output:
+
+- the tensor is the output itself, or, for a tuple, list or dataclass output (a Hugging Face
+  ``ModelOutput``, an attention module's ``(output, weights)``), the element at
+  ``output_index`` (default 0); every other element passes through untouched;
+- the dimension is ``chunk_dim``: by default the channels (dim 1) of a ``ConvNd`` and the last
+  dimension of everything else (Linear, Hugging Face ``Conv1D``, attention, whole blocks).
+
+``num_seeds * chunk_size`` must equal the width of that dimension. It is checked when the slot
+is built wherever the host declares its width (``out_features``, ``out_channels``, ``nf``,
+``embed_dim``, ...), and otherwise against the shape the first forward records
+(:attr:`KasminaLayer.output_contract`, which GERMINATE reads before it lets a kernel in).
+
+Seeds in different stages coexist and are applied in one pass: each seed contributes its chunk
+of a pre-blend tensor (:meth:`GradientIsolatedSeed.contribution`), and one ``alpha_blend`` call
+with a per-chunk alpha vector mixes it with the host output. Pass-through and ISOLATED_INIT
+chunks carry the host value with alpha 1, so their host gradient is exactly ``g``; GRAFTING
+chunks use their schedule; when no seed is GRAFTING the blend would be the identity and is
+skipped.
 
 When every seed passes the host through (all DORMANT, say) the forward returns the host output
-directly: the cost is one cached check of the state table's version.
+object itself: the cost is one cached check of the state table's version.
+
+**Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
+(``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
+define is read from the host, as PEFT's layers do. One kind of reader would bypass the seeds:
+PyTorch's fused ``TransformerEncoderLayer`` path calls native kernels with the wrapped module's
+weights instead of calling the module. For a slot inside such a layer, while any of its seeds
+runs, those weight reads return a marked view (a tensor subclass) that the fused path's
+``has_torch_function`` check rejects, so the regular path runs and calls the slot. With every
+seed passing through, the real tensors come back and the fused path runs as for the bare model.
+
+A seed that faults (its kernel raises, or returns the wrong thing) contributes its host chunk
+unchanged with alpha 1, as a DORMANT seed would; the other seeds of the layer are unaffected.
+See :mod:`kasmina.seeds.seed` for what counts as a fault and what happens after ``fault_limit``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -22,19 +50,70 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.seed import DEFAULT_FAULT_LIMIT, KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ActivationSpec", "KasminaLayer", "default_chunk_dim", "declared_width"]
+
+# Shape, dtype and device of one tensor the slot saw.
+ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
+
+# Tensors PyTorch's fused encoder-layer path reads from the modules it would otherwise call.
+_FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias"})
+
+
+class _SeedsLive(torch.Tensor):
+    """Marks a host tensor handed to a fused path while seeds run (see the module docstring).
+
+    A plain subclass: ``torch.overrides.has_torch_function`` is true for it, which is exactly
+    what the fused path tests before it skips the modules. Nothing else about it differs.
+    """
+
+
+def default_chunk_dim(host: nn.Module) -> int:
+    """Channels (dim 1) for a ``ConvNd``, the last dimension for every other module."""
+    return 1 if isinstance(host, nn.modules.conv._ConvNd) else -1
+
+
+def declared_width(host: nn.Module, chunk_dim: int) -> int | None:
+    """The width of the host's output along ``chunk_dim`` as far as the module declares it.
+
+    None when the module does not say (a whole block, a custom module): the first forward's
+    recorded shape decides then.
+    """
+    if isinstance(host, nn.modules.conv._ConvNd):
+        return host.out_channels if chunk_dim == 1 else None
+    if chunk_dim != -1:
+        return None
+    if isinstance(host, nn.MultiheadAttention):
+        return host.embed_dim
+    if isinstance(host, nn.Embedding):
+        return host.embedding_dim
+    for name in ("out_features", "nf"):  # nn.Linear and friends; Hugging Face's Conv1D
+        width = getattr(host, name, None)
+        if isinstance(width, int) and not isinstance(width, bool):
+            return width
+    return None
+
+
+def _spec(value: object) -> ActivationSpec | None:
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.dtype, value.device)
+    return None
+
 
 class KasminaLayer(nn.Module):
-    """Wraps ``host`` (its output's last dim must be ``num_seeds * chunk_size``).
+    """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (see the module
+    docstring for the contract).
 
+    ``chunk_dim`` (default :func:`default_chunk_dim`) is the dimension the seeds split;
+    ``output_index`` picks the element of a tuple, list or dataclass output they apply to.
     ``state``/``state_offset`` place the seeds in a shared table (``kasmina.attach`` does this);
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
-    seed's REGION_ID column.
+    seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults).
     """
 
     def __init__(
@@ -43,21 +122,31 @@ class KasminaLayer(nn.Module):
         num_seeds: int,
         chunk_size: int,
         *,
+        chunk_dim: int | None = None,
+        output_index: int = 0,
         kd_config: KDConfig | None = None,
         state: GPUStateTensor | None = None,
         state_offset: int = 0,
         layer_id: str = "layer",
         region_id: int = 0,
+        fault_limit: int = DEFAULT_FAULT_LIMIT,
     ) -> None:
         super().__init__()
         if not isinstance(host, nn.Module):
             raise ValueError(f"host must be an nn.Module, got {type(host).__name__}")
         if not isinstance(num_seeds, int) or num_seeds < 1:
             raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
-        out_features = getattr(host, "out_features", None)
-        if isinstance(out_features, int) and out_features != num_seeds * chunk_size:
+        if chunk_dim is None:
+            chunk_dim = default_chunk_dim(host)
+        if not isinstance(chunk_dim, int) or isinstance(chunk_dim, bool):
+            raise ValueError(f"{layer_id}: chunk_dim must be an int, got {chunk_dim!r}")
+        if not isinstance(output_index, int) or isinstance(output_index, bool):
+            raise ValueError(f"{layer_id}: output_index must be an int, got {output_index!r}")
+        width = declared_width(host, chunk_dim)
+        if width is not None and width != num_seeds * chunk_size:
             raise ValueError(
-                f"{layer_id}: {num_seeds} seeds x chunk {chunk_size} != {out_features} features"
+                f"{layer_id}: {num_seeds} seeds x chunk {chunk_size} = {num_seeds * chunk_size}"
+                f" != {width} features of {type(host).__name__} along dim {chunk_dim}"
             )
         device = next((p.device for p in host.parameters()), torch.device("cpu"))
         if state is None:
@@ -67,24 +156,58 @@ class KasminaLayer(nn.Module):
         self.host = host
         self.num_seeds = num_seeds
         self.chunk_size = chunk_size
+        self.chunk_dim = chunk_dim
+        self.output_index = output_index
         self.kd_config = kd_config
         self.layer_id = layer_id
         self.state_table = state
         self.seeds = nn.ModuleList(
             GradientIsolatedSeed(
-                chunk_size, f"{layer_id}[{k}]", kd_config, state=state, index=state_offset + k
+                chunk_size,
+                f"{layer_id}[{k}]",
+                kd_config,
+                state=state,
+                index=state_offset + k,
+                fault_limit=fault_limit,
             )
             for k in range(num_seeds)
         )
         for seed in self.seeds:
+            seed.chunk_dim = chunk_dim
             state.set_region(seed.state_index, region_id)
         self.seeds.to(device)
         self.register_buffer("_one", torch.ones((), device=device), persistent=False)
+        # Set by kasmina.attach for a slot inside a TransformerEncoderLayer (module docstring).
+        self.guards_fused_path = False
+        # What the host's forward returned, as the seeds see it: None before the first
+        # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
+        self.output_contract: ActivationSpec | str | None = None
+        self.input_spec: ActivationSpec | None = None
         self._plan_version = -1
         self._plan: tuple[SeedStage, ...] = ()
         self._runs_any = False
         self._teacher_logits: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
+
+    # -- the wrapped module's attributes ---------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module's lookup (parameters, buffers, submodules) first; then the host, so code
+        # written for the bare module keeps working on the slot.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name.startswith("__") or modules is None or "host" not in modules:
+                raise
+            value = getattr(modules["host"], name)
+        if (
+            name in _FUSED_PATH_TENSORS
+            and isinstance(value, torch.Tensor)
+            and self.__dict__.get("guards_fused_path", False)
+            and self._current_plan()[1]
+        ):
+            return value.as_subclass(_SeedsLive)
+        return value
 
     # -- convenience ---------------------------------------------------------------------
     def seed(self, k: int) -> GradientIsolatedSeed:
@@ -92,6 +215,42 @@ class KasminaLayer(nn.Module):
 
     def stages(self) -> list[SeedStage]:
         return [seed.stage for seed in self.seeds]
+
+    @property
+    def width(self) -> int:
+        """Features the seeds cover together (``num_seeds * chunk_size``)."""
+        return self.num_seeds * self.chunk_size
+
+    def contract_problem(self) -> str | None:
+        """Why the recorded host output cannot be chunked as configured, or None (also before
+        the first forward, when nothing is known yet)."""
+        contract = self.output_contract
+        if contract is None:
+            return None
+        if isinstance(contract, str):
+            return f"{self.layer_id}: {contract}"
+        shape = contract[0]
+        if not -len(shape) <= self.chunk_dim < len(shape):
+            return f"{self.layer_id}: chunk_dim {self.chunk_dim} is outside output {tuple(shape)}"
+        if shape[self.chunk_dim] != self.width:
+            return (
+                f"{self.layer_id}: host output {tuple(shape)} has {shape[self.chunk_dim]} "
+                f"features along dim {self.chunk_dim}, the seeds cover {self.num_seeds} x "
+                f"{self.chunk_size} = {self.width}"
+            )
+        return None
+
+    def chunk_spec(self) -> ActivationSpec | None:
+        """Shape, dtype and device of one seed's chunk of the recorded host output (a seed's
+        input and required output), or None before the first forward or when the output does
+        not fit the contract."""
+        contract = self.output_contract
+        if contract is None or isinstance(contract, str) or self.contract_problem() is not None:
+            return None
+        shape, dtype, device = contract
+        dims = list(shape)
+        dims[self.chunk_dim] = self.chunk_size
+        return (torch.Size(dims), dtype, device)
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> None:
         """Advance every GRAFTING seed's schedule (the others are left as they are)."""
@@ -112,15 +271,66 @@ class KasminaLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, teacher_logits: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        out = self.host(*args, **kwargs)
+        # The hot path reads ``_modules`` directly: ``self.host`` would go through this class's
+        # ``__getattr__`` (an extra frame per access, on every forward of every slot).
+        out = self._modules["host"](*args, **kwargs)
+        compiling = torch.compiler.is_compiling()
+        # The first forward's shapes, then one compare. Compiled, the compare is a guard: the
+        # graph traced before anything was recorded records (a side effect replayed after each
+        # call), and the next call swaps it, once, for one that does not. A one-shot hook that
+        # removed itself mid-forward is what fullgraph tracing cannot take.
+        if self.output_contract is None:
+            self._record(args, out)
         if self._teacher_logits is not None:  # consumed by this forward, used or not
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
             self._teacher_logits = None
-        plan, runs_any = self._current_plan()
+        plan, runs_any = self._compute_plan() if compiling else self._current_plan()
         if not runs_any:
             return out  # fast path: every seed passes the host through
-        return self._graft(out, plan, teacher_logits)
+        return self._replace(out, self._graft(self._element(out), plan, teacher_logits))
+
+    def _record(self, args: tuple[Any, ...], out: Any) -> None:
+        """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
+        element = self._element(out)
+        spec = _spec(element)
+        self.output_contract = spec if spec is not None else self._no_tensor(out, element)
+        self.input_spec = _spec(args[0]) if args else None
+
+    def _no_tensor(self, out: Any, element: Any) -> str:
+        if element is out:
+            return f"host output is a {type(out).__name__}, not a Tensor"
+        return (
+            f"element {self.output_index} of the host's {type(out).__name__} output is a "
+            f"{type(element).__name__}, not a Tensor"
+        )
+
+    def _element(self, out: Any) -> Any:
+        """The tensor the seeds apply to (anything else when the output has none there)."""
+        if isinstance(out, torch.Tensor):
+            return out if self.output_index == 0 else None
+        if isinstance(out, tuple | list):
+            return out[self.output_index] if -len(out) <= self.output_index < len(out) else None
+        if dataclasses.is_dataclass(out) and not isinstance(out, type):
+            names = _present_fields(out)
+            if -len(names) <= self.output_index < len(names):
+                return getattr(out, names[self.output_index])
+            return None
+        return out
+
+    def _replace(self, out: Any, new: torch.Tensor) -> Any:
+        """``out`` with the chosen element replaced by ``new``; the rest is passed through."""
+        if isinstance(out, torch.Tensor):
+            return new
+        i = self.output_index
+        if isinstance(out, list):
+            return [new if j == i % len(out) else item for j, item in enumerate(out)]
+        if isinstance(out, tuple):
+            items = tuple(new if j == i % len(out) else item for j, item in enumerate(out))
+            return type(out)(*items) if hasattr(out, "_fields") else items  # namedtuples
+        if dataclasses.is_dataclass(out) and not isinstance(out, type):
+            return dataclasses.replace(out, **{_present_fields(out)[i]: new})  # type: ignore[type-var]
+        return new
 
     def _current_plan(self) -> tuple[tuple[SeedStage, ...], bool]:
         # Eager: cached on the table's version (bumped by every transition and kernel change).
@@ -134,7 +344,11 @@ class KasminaLayer(nn.Module):
         return self._plan, self._runs_any
 
     def _compute_plan(self) -> tuple[tuple[SeedStage, ...], bool]:
-        plan = tuple(seed.stage for seed in self.seeds)
+        # Rebuilt from the int: TorchDynamo (torch 2.13) installs no guard on a stage read
+        # straight from the table's list when the member is also met through a module-level
+        # set (RUNS_KERNEL), so a compiled graph kept running a stale stage; the int read is
+        # guarded, and each stage change recompiles.
+        plan = tuple(SeedStage(int(seed.stage)) for seed in self.seeds)
         runs_any = any(
             stage in RUNS_KERNEL and seed.kernel is not None
             for stage, seed in zip(plan, self.seeds, strict=True)
@@ -142,14 +356,18 @@ class KasminaLayer(nn.Module):
         return plan, runs_any
 
     def _graft(
-        self, x: torch.Tensor, plan: tuple[SeedStage, ...], teacher_logits: torch.Tensor | None
+        self, x: Any, plan: tuple[SeedStage, ...], teacher_logits: torch.Tensor | None
     ) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self.layer_id}: seeds need a Tensor host output, got {type(x)}")
-        width = self.num_seeds * self.chunk_size
-        if x.shape[-1] != width:
-            raise ValueError(f"{self.layer_id}: host output last dim {x.shape[-1]} != {width}")
-        chunks = x.split(self.chunk_size, dim=-1)
+            raise TypeError(
+                f"{self.layer_id}: seeds need a Tensor at output_index {self.output_index}, "
+                f"got {type(x).__name__}"
+            )
+        problem = self.contract_problem()
+        if problem is not None or x.shape[self.chunk_dim] != self.width:
+            raise ValueError(problem or f"{self.layer_id}: output {tuple(x.shape)} does not fit")
+        dim = self.chunk_dim % x.dim()
+        chunks = x.split(self.chunk_size, dim=dim)
         pieces: list[torch.Tensor] = []
         alphas: list[torch.Tensor | None] = []
         students: list[torch.Tensor | None] = []
@@ -158,18 +376,23 @@ class KasminaLayer(nn.Module):
             pieces.append(piece)
             alphas.append(alpha)
             students.append(seed_out if stage in KD_STAGES else None)
-        seed_full = torch.cat(pieces, dim=-1)
-        self._maybe_kd(pieces, students, teacher_logits)
+        seed_full = torch.cat(pieces, dim=dim)
+        self._maybe_kd(pieces, students, teacher_logits, dim)
         if all(alpha is None for alpha in alphas):
             return seed_full  # a blend with alpha 1 everywhere is the identity
         alpha_vec = torch.stack([self._one if a is None else a for a in alphas])
-        return alpha_blend(seed_full, x, alpha_vec, mode="blend")
+        if dim == x.dim() - 1:
+            return alpha_blend(seed_full, x, alpha_vec, mode="blend")
+        # The per-chunk blend runs over the last dimension: move the chunk dimension there.
+        moved = alpha_blend(seed_full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
+        return moved.movedim(-1, dim)
 
     def _maybe_kd(
         self,
         pieces: list[torch.Tensor],
         students: list[torch.Tensor | None],
         teacher_logits: torch.Tensor | None,
+        dim: int,
     ) -> None:
         # The student is the layer's output with every non-seed-path chunk detached, so the
         # KD gradient reaches the seeds that are training and nothing else.
@@ -178,15 +401,25 @@ class KasminaLayer(nn.Module):
         if all(s is None for s in students):
             return
         student = torch.cat(
-            [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)], dim=-1
+            [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)],
+            dim=dim,
         )
         self._kd_losses.append(seed_kd_loss(self.kd_config, student, teacher_logits))
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         super()._apply(fn, recurse)
         self._plan_version = -1
+        self.output_contract = None  # dtype or device may have changed: record again
         return self
 
     def extra_repr(self) -> str:
         stages = ", ".join(stage.name for stage in self.stages())
-        return f"layer_id={self.layer_id!r}, chunk_size={self.chunk_size}, stages=[{stages}]"
+        return (
+            f"layer_id={self.layer_id!r}, chunk_size={self.chunk_size}, "
+            f"chunk_dim={self.chunk_dim}, stages=[{stages}]"
+        )
+
+
+def _present_fields(out: Any) -> list[str]:
+    """A dataclass output's fields that hold a value, in order: what ``ModelOutput`` indexes."""
+    return [f.name for f in dataclasses.fields(out) if getattr(out, f.name) is not None]

@@ -6,17 +6,41 @@ The seed's stage lives in a :class:`~kasmina.seeds.table.GPUStateTensor` (its ow
 or a slot of a table shared by many seeds); the forward reads the table's host mirror, so it
 never waits for the device. Until a seed is ACTIVE it only ever sees ``x.detach()``.
 
-Non-finite seed output is handled without a host sync in the forward: the output is chosen on
-the device (``torch.where``) to be the host's, and a device flag remembers it. The flag is read
-by :meth:`GradientIsolatedSeed.poll_nonfinite` -- call it at step or epoch boundaries (the
-manager does) -- which sends the seed to QUARANTINE. A seed whose output has the wrong shape or
-dtype is known on the host at once and is quarantined in that very forward.
+Fault containment: the host's training step never depends on a seed behaving. Every call into
+the kernel on the host's path (``forward``, ``contribution``, ``probe``) is guarded, and a fault
+makes the seed stand aside for that call:
+
+- the kernel raises an ``Exception``, or returns something that is not a Tensor of the host
+  chunk's shape, dtype and device: known on the host at once, so the call returns the host
+  activations themselves, exactly as a DORMANT seed would (value and gradient);
+- the output is non-finite: deciding that on the host would cost a sync per forward, so the
+  output is replaced by the host's on the device (``torch.where``) and a device flag remembers
+  it. :meth:`GradientIsolatedSeed.poll_nonfinite` reads the flag at a step boundary (the manager
+  does, once per step) and records the fault then.
+
+Each fault is counted (``faults``), kept in a short ``fault_log``, sent as a ``seed.fault``
+telemetry event and logged (the first at WARNING, later ones at DEBUG, so a seed that faults on
+every step cannot flood the log). At ``fault_limit`` faults the seed goes to QUARANTINE; an
+ACTIVE seed cannot (docs/design.md §3), so it keeps falling back and counting. One fault is not
+enough to give up on a seed: a kernel can fail on one odd batch and be fine afterwards.
+
+Forward faults are contained; backward faults are not yet. A kernel whose backward raises (or
+that writes into the activations it was given) still breaks the host's ``backward``.
+
+Under ``torch.compile`` the guard is traced like the rest of the forward, so a healthy seed
+costs no graph break (``fullgraph=True`` works). A fault found while tracing (a Python
+``raise``, a wrong output) reaches the fault bookkeeping through a graph break; a kernel whose
+tensor ops fail inside the tracer itself is a compile error that no code in the traced frame can
+catch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,6 +53,9 @@ from kasmina.ops import alpha_blend
 from kasmina.seeds.gates import (
     CompatibilityProbe,
     GateResult,
+    ProbeOutputError,
+    SeedEvaluation,
+    count_flops,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
     gate_g3_compatibility,
@@ -44,6 +71,7 @@ from kasmina.stages import (
     NEXT_STAGE,
     TRAINING_STAGES,
     SeedStage,
+    StateColumn,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,13 +82,96 @@ RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 # whose objective belongs to the trainer, so no seed-only KD loss is produced.
 KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
 
+# Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
+DEFAULT_FAULT_LIMIT = 3
+# The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log
+# is for a person reading a report, and an exception message can be arbitrarily long.
+FAULT_LOG_SIZE = 16
+FAULT_REASON_CHARS = 200
+# After the first fault (WARNING), every this-many-th fault is logged at WARNING again, so that a
+# seed that cannot be quarantined (ACTIVE) and faults on every step stays visible without
+# flooding the log; the others go to DEBUG.
+FAULT_WARN_EVERY = 1000
+
+
+def _short(text: str) -> str:
+    """``text`` on one line and at most ``FAULT_REASON_CHARS`` long, for the fault log."""
+    line = " ".join(text.split())
+    if len(line) <= FAULT_REASON_CHARS:
+        return line
+    return line[: FAULT_REASON_CHARS - 3] + "..."
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool on ``t``'s device: whether every element is finite, without a host sync.
+
+    ``0 * v`` is 0 for every finite ``v`` and NaN for inf and NaN, so the sum is 0 exactly when
+    all are finite (no overflow is possible). Three ops where ``isfinite(t).all()`` takes five;
+    this runs once per seed per forward. Detached: the test is never differentiated.
+    """
+    return t.detach().mul(0).sum().eq(0)
+
+
+def _output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
+    """``(kind, reason)`` when ``out`` cannot stand in for ``host``, else None.
+
+    Only metadata is compared (no device read), so this costs nothing measurable in a forward
+    and traces to constants under ``torch.compile``.
+    """
+    if not isinstance(out, torch.Tensor):
+        return "type", f"output {type(out).__name__} is not a Tensor"
+    if out.shape != host.shape or out.dtype != host.dtype:
+        kind = "shape" if out.shape != host.shape else "dtype"
+        got, want = f"{tuple(out.shape)}/{out.dtype}", f"{tuple(host.shape)}/{host.dtype}"
+        return kind, f"output {got} does not match host {want}"
+    if out.device != host.device:
+        return "device", f"output on {out.device} but host on {host.device}"
+    return None
+
+
+# Version of the encoded extra state; decode_extra_state refuses any other.
+EXTRA_STATE_VERSION = 1
+
+
+def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
+    """``state`` (JSON-able primitives) as a 1-D uint8 CPU tensor of its UTF-8 JSON.
+
+    Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging
+    Face reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=
+    True)`` reads it back without unpickling anything but tensors.
+    """
+    text = json.dumps({"version": EXTRA_STATE_VERSION, **state}, sort_keys=True)
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+
+def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
+    """The dict :func:`encode_extra_state` encoded; a dict (the form of checkpoints written
+    before the encoding) is returned as a copy. Raises ``ValueError`` on anything else."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"a seed's extra state is a 1-D uint8 tensor, got {value!r:.80}")
+    try:
+        state = json.loads(bytes(value.detach().cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
+        raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
+    return state
+
 
 class GradientIsolatedSeed(nn.Module):
     """One seed over a ``chunk_size``-wide slice of a host layer's output.
 
     ``state``/``index`` place the seed in a shared state table (``kasmina.attach`` does this);
     without them the seed owns a one-row table on the CPU that follows ``.to(device)``.
+    ``fault_limit`` is the number of contained faults (see the module docstring) after which the
+    seed is quarantined.
     """
+
+    # The dimension of the host activations this seed's chunk spans: the last one by default;
+    # a KasminaLayer sets its own (dim 1, the channels, for a convolution).
+    chunk_dim: int = -1
 
     def __init__(
         self,
@@ -70,6 +181,7 @@ class GradientIsolatedSeed(nn.Module):
         *,
         state: GPUStateTensor | None = None,
         index: int = 0,
+        fault_limit: int = DEFAULT_FAULT_LIMIT,
     ) -> None:
         super().__init__()
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -83,14 +195,22 @@ class GradientIsolatedSeed(nn.Module):
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("nonfinite_flag", torch.zeros((), dtype=torch.bool), persistent=False)
+        # True while every output since the last poll was finite. An AND keeps it in one
+        # in-place op per forward, and it stays on the device (reading it is the poll's sync).
+        self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.isolation_violations = 0
         self.nonfinite_events = 0
+        self.fault_limit = fault_limit
+        self.faults = 0
+        self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = 0.0
         self._performance_gate = 0.0
         self._alpha_value = 0.0
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None
+        # Kasmina's latest measurement of this seed's benefit (G5's only evidence); not saved
+        # in the extra state: a restored seed is measured again before it can fossilize.
+        self.evaluation: SeedEvaluation | None = None
         self.field_report: dict[str, Any] | None = None
         self.state_table.observe(self.state_index, self._on_transition)
 
@@ -115,11 +235,18 @@ class GradientIsolatedSeed(nn.Module):
         latency_budget_ms: float = float("inf"),
         performance_gate: float | None = None,
         sample: torch.Tensor | None = None,
+        host_flops_per_element: float | None = None,
+        max_cost_ratio: float = float("inf"),
     ) -> GateResult:
         """The gate guarding ``stage -> target`` (default: the next main-path stage).
 
-        ``sample`` (host activations) runs a fresh compatibility probe for G3. A transition that
-        no gate guards passes with ``gate == 0``; its legality is the table's business.
+        ``sample`` (host activations) runs a fresh compatibility probe for G3. G3's cost is the
+        kernel's counted FLOPs per output element over ``host_flops_per_element`` (the host
+        layer's, counted the same way; None: unknown, cost unchecked), at most
+        ``max_cost_ratio``; ``latency_budget_ms`` is advisory only (a warning), because a timing
+        depends on the machine's load. G5 compares ``self.evaluation`` (see
+        ``record_evaluation``) with ``performance_gate``. A transition that no gate guards
+        passes with ``gate == 0``; its legality is the table's business.
         """
         stage = self.stage
         target = NEXT_STAGE.get(stage) if target is None else parse_stage(target)
@@ -133,15 +260,50 @@ class GradientIsolatedSeed(nn.Module):
                 self.epochs_in_stage, min_isolated_epochs, self.isolation_violations
             )
         if gate == 3:
-            if sample is not None:
-                self.probe(sample)
-            if self.probe_result is None:
-                return gate_g3_compatibility(None, (), torch.float32, None, latency_budget_ms)
-            return self.probe_result.gate(latency_budget_ms)
+            return self._gate_g3(sample, host_flops_per_element, max_cost_ratio, latency_budget_ms)
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
-        return gate_g5_performance(self._gate_score, threshold)
+        return gate_g5_performance(self.evaluation, threshold, stage)
+
+    def _gate_g3(
+        self,
+        sample: torch.Tensor | None,
+        host_flops_per_element: float | None,
+        max_cost_ratio: float,
+        latency_budget_ms: float,
+    ) -> GateResult:
+        if sample is not None:
+            faults = self.faults
+            self.probe(sample)
+            if self.probe_result is None and self.faults > faults:
+                reason = f"compatibility probe faulted: {self.fault_log[-1]}"
+                return GateResult(False, reason, float("inf"), 3)
+        probe = self.probe_result
+        if probe is None or self.kernel is None:
+            return gate_g3_compatibility(None, (), torch.float32)
+        ratio = None
+        if host_flops_per_element is not None and host_flops_per_element > 0:
+            x = torch.zeros(probe.host_shape, dtype=probe.host_dtype, device=probe.output.device)
+            try:
+                flops = count_flops(self.kernel, x)
+            except Exception as exc:  # ran in the probe, so this is the counter's limitation
+                logger.warning("seed %s: FLOPs not counted (%s); cost unchecked", self.seed_id, exc)
+            else:
+                per_element = flops / max(1, probe.output.numel())
+                ratio = per_element / host_flops_per_element
+        result = probe.gate(ratio, max_cost_ratio, latency_budget_ms)
+        if result.passed and not probe.latency_ms <= latency_budget_ms:
+            logger.warning("seed %s: G3 %s", self.seed_id, result.reason)
+        return result
+
+    def record_evaluation(self, evaluation: SeedEvaluation) -> None:
+        """Keep Kasmina's measurement of this seed (G5's evidence); the table's GATE_SCORE
+        column becomes its score."""
+        if evaluation.seed_id != self.seed_id:
+            raise ValueError(f"evaluation of {evaluation.seed_id!r} given to {self.seed_id!r}")
+        self.evaluation = evaluation
+        self.gate_score = evaluation.score
 
     def advance(
         self, target: SeedStage | int | str | None = None, **gate_kwargs: Any
@@ -175,18 +337,69 @@ class GradientIsolatedSeed(nn.Module):
         return True
 
     def poll_nonfinite(self) -> bool:
-        """Read the device flag set by non-finite forwards (one sync); quarantine if it is set.
+        """Read the device flag set by non-finite forwards (one sync); a set flag is one fault.
 
-        Returns whether any forward since the last poll fell back to the host output. An ACTIVE
-        seed cannot be quarantined (docs/design.md §3); it keeps the host fallback and is reported.
+        Returns whether any forward since the last poll fell back to the host output. However
+        many forwards fell back since the last poll, it counts once (in ``nonfinite_events`` and
+        ``faults``): the flag is one bit so that setting it never waits for the device.
         """
-        if not bool(self.nonfinite_flag):
+        if bool(self.finite_flag):
             return False
-        self.nonfinite_flag.zero_()
+        self.finite_flag.fill_(True)
         self.nonfinite_events += 1
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
-        self.quarantine("non-finite output")
+        self._record_fault("nonfinite", "non-finite output")
         return True
+
+    # -- faults --------------------------------------------------------------------------
+    @property
+    def fault_limit(self) -> int:
+        """Faults after which the seed is quarantined (>= 1); a lower limit applies from the next
+        fault on."""
+        return self._fault_limit
+
+    @fault_limit.setter
+    def fault_limit(self, limit: int) -> None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"fault_limit must be an int >= 1, got {limit!r}")
+        self._fault_limit = limit
+
+    # Eager even under torch.compile: the bookkeeping (logging, telemetry, a lifecycle
+    # transition) is host work with side effects that must run once per fault, never traced.
+    @torch.compiler.disable
+    def _record_fault(self, kind: str, reason: str) -> None:
+        """Count, log and report one contained fault; quarantine at ``fault_limit``."""
+        reason = _short(reason)
+        self.faults += 1
+        self.fault_log.append(reason)
+        stage = self.stage
+        self.state_table.report(
+            "seed.fault", {"seed_id": self.seed_id, "kind": kind, "stage": stage.name}
+        )
+        first = self.faults == 1
+        level = logging.WARNING if first or self.faults % FAULT_WARN_EVERY == 0 else logging.DEBUG
+        logger.log(
+            level,
+            "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
+            self.seed_id,
+            self.faults,
+            self.fault_limit,
+            stage.name,
+            kind,
+            reason,
+        )
+        if self.faults < self.fault_limit:
+            return
+        if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
+            self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
+        elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
+            logger.error(
+                "seed %s: fault limit %d reached in %s, which cannot be quarantined; it keeps "
+                "falling back to the host output",
+                self.seed_id,
+                self.fault_limit,
+                stage.name,
+            )
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
         if new == SeedStage.GRAFTING:
@@ -203,14 +416,19 @@ class GradientIsolatedSeed(nn.Module):
                 "gate_score": self._gate_score,
                 "isolation_violations": self.isolation_violations,
                 "nonfinite_events": self.nonfinite_events,
+                "faults": self.faults,
+                "last_fault": self.fault_log[-1] if self.fault_log else "",
             }
             self.detach_kernel()
         elif new == SeedStage.RECYCLING:
             self._set_alpha(0.0, force=True)
             self.isolation_violations = 0
             self.nonfinite_events = 0
+            self.faults = 0
+            self.fault_log.clear()
             self.gate_score = 0.0
-            self.nonfinite_flag.zero_()
+            self.evaluation = None
+            self.finite_flag.fill_(True)
             self._kd_losses.clear()
             self.probe_result = None
 
@@ -291,10 +509,13 @@ class GradientIsolatedSeed(nn.Module):
         stage = self.stage
         if self.kernel is None or stage not in RUNS_KERNEL:
             return x
-        if x.shape[-1] != self.chunk_size:
-            raise ValueError(f"seed {self.seed_id}: last dim {x.shape[-1]} != {self.chunk_size}")
+        if x.shape[self.chunk_dim] != self.chunk_size:
+            raise ValueError(
+                f"seed {self.seed_id}: dim {self.chunk_dim} of {tuple(x.shape)} is not "
+                f"{self.chunk_size} wide"
+            )
         if stage == SeedStage.COMPATIBILITY_CHECK:
-            self.probe(x)
+            self._probe_unless_compiling(x)
             return x
         result = self._run_kernel(x, stage)
         if result is None:
@@ -322,7 +543,7 @@ class GradientIsolatedSeed(nn.Module):
         if self.kernel is None or stage not in RUNS_KERNEL:
             return x, None, None
         if stage == SeedStage.COMPATIBILITY_CHECK:
-            self.probe(x)
+            self._probe_unless_compiling(x)
             return x, None, None
         result = self._run_kernel(x, stage)
         if result is None:
@@ -337,34 +558,73 @@ class GradientIsolatedSeed(nn.Module):
             return torch.where(ok, s, x.detach()), None, s
         return torch.where(ok, s, x), None, s
 
+    def _probe_unless_compiling(self, x: torch.Tensor) -> None:
+        """The COMPATIBILITY_CHECK probe of a host forward, skipped while ``torch.compile``
+        traces one: it times the kernel on the host clock, which is host work a graph cannot
+        hold (a graph break). The output is the host's either way; G3 then probes random
+        activations of the slot's recorded chunk (``evaluate_gate(sample=...)``)."""
+        if not torch.compiler.is_compiling():
+            self.probe(x)
+
     def probe(self, x: torch.Tensor) -> CompatibilityProbe | None:
-        """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3."""
+        """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
+
+        Guarded like the forward, because the probe runs inside the host's forward: a kernel
+        that raises or returns a non-Tensor is a fault and leaves no probe (G3 then refuses); a
+        wrong shape, dtype or device is a fault too, but the probe is kept so that G3 names the
+        mismatch; a non-finite output sets the device flag for ``poll_nonfinite``.
+        """
         if self.kernel is None:
             return None
-        self.probe_result = run_probe(self.kernel, x)
-        return self.probe_result
+        try:
+            result = run_probe(self.kernel, x)
+        except ProbeOutputError as exc:
+            self.probe_result = None
+            self._record_fault("type", str(exc))
+            return None
+        except Exception as exc:  # the kernel's own failure: contained, never the host's
+            self.probe_result = None
+            self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
+            return None
+        self.probe_result = result
+        fault = _output_fault(result.output, x)
+        if fault is not None:
+            self._record_fault(*fault)
+        else:
+            self.finite_flag.logical_and_(_all_finite(result.output))
+        return result
 
     def _run_kernel(
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(seed_out, finite)``; None (and QUARANTINE) when the output cannot replace ``x``."""
+        """``(seed_out, finite)``, or None after a fault found on the host (the caller then
+        passes ``x`` through). ``finite`` stays on the device: reading it would be a sync."""
         assert self.kernel is not None
-        if stage != SeedStage.ACTIVE:
-            s = self.kernel(x.detach())
-        else:
-            # A fossilized seed backpropagates into the host: if its output is non-finite, the
-            # gradient it sends upstream (0 * nan) is cut here so the host stays finite.
-            xin = x.view_as(x)
+        # A fossilized seed backpropagates into the host: if its output is non-finite, the
+        # gradient it sends upstream (0 * nan) is cut by a hook on this alias of ``x``.
+        xin = x.view_as(x) if stage == SeedStage.ACTIVE else x.detach()
+        try:
             s = self.kernel(xin)
-        if not isinstance(s, torch.Tensor) or s.shape != x.shape or s.dtype != x.dtype:
-            got = f"{tuple(s.shape)}/{s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
-            self.quarantine(f"output {got} does not match host {tuple(x.shape)}/{x.dtype}")
+        except Exception as exc:  # the kernel's own failure: contained, never the host's
+            self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
             return None
-        ok = torch.isfinite(s).all()
-        self.nonfinite_flag.logical_or_(~ok)
+        fault = _output_fault(s, x)
+        if fault is not None:
+            self._record_fault(*fault)
+            return None
+        return s, self._check_finite(s, xin, stage)
+
+    def _check_finite(self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage) -> torch.Tensor:
+        """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``.
+
+        An ACTIVE seed also gets the gradient it would send upstream through ``xin`` (0 * nan
+        when its output is not finite) cut, so the host stays finite.
+        """
+        ok = _all_finite(s)
+        self.finite_flag.logical_and_(ok)
         if stage == SeedStage.ACTIVE and xin.requires_grad:
             xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
-        return s, ok
+        return ok
 
     # -- knowledge distillation ----------------------------------------------------------
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
@@ -377,32 +637,70 @@ class GradientIsolatedSeed(nn.Module):
         return sum_kd_losses(self._kd_losses)
 
     # -- persistence ---------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "seed_id": self.seed_id,
-            "row": list(self.state_table.read_row(self.state_index).values()),
-            "alpha": self._alpha_value,
-            "gate_score": self._gate_score,
-            "performance_gate": self._performance_gate,
-            "isolation_violations": self.isolation_violations,
-            "nonfinite_events": self.nonfinite_events,
-        }
+    def get_extra_state(self) -> torch.Tensor:
+        """The seed's bookkeeping as a 1-D uint8 tensor (see :func:`encode_extra_state`).
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+        A tensor, not a dict: tools that walk a ``state_dict`` (Hugging Face's
+        ``save_pretrained``, safetensors) expect every value to be one, so a model keeps
+        saving with slots attached.
+        """
+        return encode_extra_state(
+            {
+                "seed_id": self.seed_id,
+                "row": list(self.state_table.read_row(self.state_index).values()),
+                "alpha": self._alpha_value,
+                "gate_score": self._gate_score,
+                "performance_gate": self._performance_gate,
+                "isolation_violations": self.isolation_violations,
+                "nonfinite_events": self.nonfinite_events,
+                "faults": self.faults,
+                "fault_log": list(self.fault_log),
+                "has_kernel": self.kernel is not None,
+            }
+        )
+
+    def set_extra_state(self, state: torch.Tensor | Mapping[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints).
+
+        A state whose seed ran a kernel cannot be restored into a seed without one: the
+        ``state_dict`` carries the kernel's weights but not its verified program, and a seed
+        that came back ACTIVE with nothing to run would silently compute the host alone. That
+        raises ``ValueError`` naming ``kasmina.load``, which ships the program too.
+        """
+        state = decode_extra_state(state)
         # Every value is read before anything is written: a malformed state changes nothing.
         alpha = float(state["alpha"])
         gate_score = float(state["gate_score"])
         performance_gate = float(state["performance_gate"])
         violations = int(state["isolation_violations"])
         nonfinite = int(state["nonfinite_events"])
-        self.state_table.restore_row(self.state_index, state["row"])
+        faults = int(state.get("faults", 0))  # absent from states saved before fault counting
+        if faults < 0:
+            raise ValueError(f"seed {self.seed_id}: faults must be >= 0, got {faults}")
+        saved_log = state.get("fault_log", ())
+        if not isinstance(saved_log, list | tuple):
+            raise ValueError(f"seed {self.seed_id}: fault_log must be a list, got {saved_log!r}")
+        fault_log = [str(reason) for reason in saved_log]
+        row = state["row"]
+        if not isinstance(row, list | tuple) or len(row) != len(StateColumn):
+            raise ValueError(f"seed {self.seed_id}: a state row has {len(StateColumn)} columns")
+        saved_stage = parse_stage(int(row[StateColumn.LIFECYCLE_STAGE]))
+        if self.kernel is None and saved_stage in RUNS_KERNEL:
+            raise ValueError(
+                f"seed {self.seed_id}: the state was saved in {saved_stage.name} with a kernel, "
+                "and this seed has none; a state_dict holds a kernel's weights but not its "
+                "verified program. Restore a grown model with kasmina.save / kasmina.load "
+                "(or germinate the seed before loading its state)"
+            )
+        self.state_table.restore_row(self.state_index, row)
         self._alpha_value = alpha
         self._gate_score = gate_score
         self._performance_gate = performance_gate
         self.isolation_violations = violations
         self.nonfinite_events = nonfinite
-        if self.kernel is None and self.stage in RUNS_KERNEL:
-            logger.warning("seed %s restored in %s without a kernel", self.seed_id, self.stage.name)
+        self.faults = faults
+        self.fault_log.clear()
+        self.fault_log.extend(fault_log)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
         # The (possibly shared) state table follows the seed's device moves.
@@ -417,4 +715,13 @@ class GradientIsolatedSeed(nn.Module):
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed"]
+__all__ = [
+    "DEFAULT_FAULT_LIMIT",
+    "EXTRA_STATE_VERSION",
+    "FAULT_LOG_SIZE",
+    "KD_STAGES",
+    "RUNS_KERNEL",
+    "GradientIsolatedSeed",
+    "decode_extra_state",
+    "encode_extra_state",
+]

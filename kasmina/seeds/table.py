@@ -49,14 +49,18 @@ TransitionObserver = Callable[[int, SeedStage, SeedStage], None]
 class _Observer:
     """A weakly held bound method (plain callables are held strongly).
 
-    Copying or pickling the table copies the observing object with it (as a strong reference
-    would), so a deep-copied or unpickled seed keeps receiving its own transitions.
+    Copying or pickling the table copies a *following* observer's object with it (as a strong
+    reference would), so a deep-copied or unpickled seed keeps receiving its own transitions.
+    An observer registered with ``follows_copies=False`` (a manager's registry, which holds
+    keys, locks and open files) stays with the original: the copy gets a dead entry, dropped on
+    its first transition, because a copied model is nobody's managed model.
     """
 
-    def __init__(self, fn: TransitionObserver | None) -> None:
+    def __init__(self, fn: TransitionObserver | None, follows_copies: bool = True) -> None:
         owner = getattr(fn, "__self__", None)
         self._owner = None if owner is None else weakref.ref(owner)
         self._fn: Any = getattr(fn, "__func__", fn)
+        self.follows_copies = follows_copies
 
     def __call__(self) -> TransitionObserver | None:
         if self._owner is None:
@@ -65,13 +69,15 @@ class _Observer:
         return None if owner is None else types.MethodType(self._fn, owner)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Observer:
+        if not self.follows_copies:
+            return _Observer(None)
         owner = None if self._owner is None else self._owner()
         if owner is None:
             return _Observer(self._fn if self._owner is None else None)
         return _Observer(types.MethodType(self._fn, copy.deepcopy(owner, memo)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_Observer, (self(),))
+        return (_Observer, (self() if self.follows_copies else None,))
 
 
 def parse_stage(value: SeedStage | int | str) -> SeedStage:
@@ -181,13 +187,18 @@ class GPUStateTensor:
     def epochs_in_state(self, idx: int) -> int:
         return self._epochs[self.check_index(idx)]
 
-    def observe(self, idx: int, observer: TransitionObserver) -> None:
+    def observe(
+        self, idx: int, observer: TransitionObserver, *, follows_copies: bool = True
+    ) -> None:
         """Call ``observer(idx, old, new)`` after every applied transition of seed ``idx``.
 
         A bound method is held weakly, so a table shared by many slots never keeps a dropped
-        seed alive.
+        seed alive. ``follows_copies=False`` keeps the observer out of deep copies and pickles
+        of the table (and so of a model holding it): what a manager hangs on its model must
+        not travel with ``copy.deepcopy(model)`` or ``torch.save(model)``.
         """
-        self._observers.setdefault(self.check_index(idx), []).append(_Observer(observer))
+        entry = _Observer(observer, follows_copies)
+        self._observers.setdefault(self.check_index(idx), []).append(entry)
 
     # -- transitions ---------------------------------------------------------------------
     def update_seed_state(
@@ -338,6 +349,14 @@ class GPUStateTensor:
         return self
 
     # -- persistence ---------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles (of a model holding the table) leave the telemetry reporter
+        # behind: it belongs to whoever attached the slots and holds locks and sinks. A copy
+        # reports nowhere until it is given a reporter (``table.telemetry = ...``).
+        state = dict(self.__dict__)
+        state["telemetry"] = None
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "state_tensor": self.state_tensor.detach().cpu().clone(),

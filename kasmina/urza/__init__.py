@@ -2,13 +2,17 @@
 (docs/design.md §6).
 
 An artifact is a payload (a ``torch.export`` program, ``.pt2``) plus a JSON manifest: id,
-blueprint, format, SHA-256 and size of the payload, input spec, publisher key id and signature.
-A ``.pt2`` can hold pickles, so no byte of a payload is deserialised before its hash and the
-manifest signature verify; a mismatch raises ``ArtifactIntegrityError`` and loads nothing.
+blueprint, format, SHA-256 and size of the payload, input spec, publisher key id and Ed25519
+signature. A ``.pt2`` can hold pickles, so no byte of a payload is deserialised before its hash
+and the manifest signature verify; a mismatch raises ``ArtifactIntegrityError`` and loads
+nothing. Publishers sign with a private key; readers hold only public keys.
 
+- ``keys`` -- ``PublisherKey`` (a publisher's Ed25519 private key, from a 0600 file) and
+  ``TrustedPublishers`` (the public keys a trainer verifies with), and the manifest purpose tag.
 - ``artifact`` -- the manifest, its signing and verification, id validation, store opening.
 - ``publish`` -- the write side: export a module, sign, write the payload and then the manifest
-  (an artifact is listed only once complete). ``kasmina urza publish`` uses it.
+  (an artifact is listed only once complete), and re-sign a retired HMAC manifest.
+  ``kasmina urza publish`` and ``kasmina urza resign`` use it.
 - ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default) with
   timeouts, retries with backoff, a circuit breaker and coalescing of concurrent fetches.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
@@ -18,8 +22,8 @@ manifest signature verify; a mismatch raises ``ArtifactIntegrityError`` and load
   trainable copy a seed gets (the cached original stays pristine).
 - ``blueprints`` -- the seed architectures the demo and the CLI publish.
 
-Imports ``kasmina.utils`` (the keyring) and the root vocabulary; never seeds, isolation, control
-or the manager.
+Imports ``kasmina.utils`` (the HMAC keyring, only to check old manifests before re-signing
+them) and the root vocabulary; never seeds, isolation, control or the manager.
 """
 
 from kasmina.urza.artifact import Manifest, TensorSpec, validate_artifact_id
@@ -27,8 +31,9 @@ from kasmina.urza.blueprints import Blueprint, get_blueprint
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.loader import KernelLoader
-from kasmina.urza.publish import export_module, publish_artifact, publish_payload
+from kasmina.urza.publish import export_module, publish_artifact, publish_payload, resign_artifact
 
 __all__ = [
     "Blueprint",
@@ -37,11 +42,14 @@ __all__ = [
     "GPUKernelCache",
     "KernelLoader",
     "Manifest",
+    "PublisherKey",
     "TensorSpec",
+    "TrustedPublishers",
     "UrzaLibraryClient",
     "export_module",
     "get_blueprint",
     "publish_artifact",
     "publish_payload",
+    "resign_artifact",
     "validate_artifact_id",
 ]

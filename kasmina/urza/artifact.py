@@ -2,36 +2,46 @@
 
 An artifact is a payload (a ``torch.export`` program saved as ``.pt2``) plus this manifest. A
 ``.pt2`` can hold pickles, so the manifest is the trust anchor: the publisher signs it with
-HMAC-SHA256 (key chosen by ``key_id`` from a ``Keyring``) over its canonical JSON without the
-``signature`` field, and the manifest pins the payload's SHA-256 and size. ``verify_manifest``
-and ``verify_payload`` must both pass before any payload byte is deserialised; only a manifest
-that came out of ``verify_manifest`` is marked ``verified``, and the kernel loader refuses any
-other.
+**Ed25519** (a ``PublisherKey``; trainers hold only ``TrustedPublishers``, the public keys) over
+``MANIFEST_SIGNATURE_TAG`` followed by its canonical JSON without the ``signature`` field, and
+the manifest pins the payload's SHA-256 and size. ``verify_manifest`` and ``verify_payload``
+must both pass before any payload byte is deserialised; only a manifest that came out of
+``verify_manifest`` is marked ``verified``, and the kernel loader refuses any other.
+
+Manifest version 2 is the Ed25519 one. Version 1 manifests (no ``manifest_version`` field) were
+signed with HMAC-SHA256 under the same kind of key that authenticates controller commands, so
+whoever could verify one could forge one; they are refused with a message saying how to re-sign
+them (``kasmina urza resign``, ``kasmina.urza.publish.resign_artifact``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 
 from kasmina.errors import ArtifactIntegrityError
-from kasmina.utils.keyring import Keyring
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 
 __all__ = [
     "ARTIFACT_FORMAT",
+    "LEGACY_HMAC_MESSAGE",
     "MANIFEST_SUFFIX",
+    "MANIFEST_VERSION",
     "PAYLOAD_SUFFIX",
     "open_store",
     "Manifest",
     "TensorSpec",
+    "canonical_json",
     "payload_sha256",
     "read_bounded",
     "sign_manifest",
@@ -42,6 +52,16 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT = "torch.export/pt2"
+# 2: Ed25519 over MANIFEST_SIGNATURE_TAG + canonical JSON. 1 (no field): the retired HMAC scheme.
+MANIFEST_VERSION = 2
+# The refusal of a version 1 manifest: what it is, and how to re-sign it.
+LEGACY_HMAC_MESSAGE = (
+    "manifest was signed with the retired HMAC scheme (manifest version 1), which is no longer "
+    "accepted: an HMAC key that can verify an artifact can also forge one. Re-sign it with an "
+    "Ed25519 publisher key ('kasmina keygen --publisher --out FILE', then 'kasmina urza resign "
+    "--store URL --key FILE --hmac-keys OLD_KEYS.json'), or publish it again with 'kasmina urza "
+    "publish --key FILE', and give trainers the public key (urza_trusted_publishers)"
+)
 # Store layout: two flat files per artifact, side by side.
 PAYLOAD_SUFFIX = ".pt2"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -62,6 +82,7 @@ _FIELDS = (
     "torch_version",
     "format",
     "signature",
+    "manifest_version",
 )
 
 
@@ -172,7 +193,9 @@ class Manifest:
     created: float
     torch_version: str
     format: str = ARTIFACT_FORMAT
+    # Base64 of the 64-byte Ed25519 signature ("" while unsigned).
     signature: str = ""
+    manifest_version: int = MANIFEST_VERSION
     # Set only by verify_manifest (not an init field, so dataclasses.replace() clears it).
     verified: bool = field(default=False, init=False, compare=False, repr=False)
 
@@ -209,6 +232,10 @@ class Manifest:
             raise ValueError("manifest created must be a number (Unix time)")
         if data["format"] != ARTIFACT_FORMAT:
             raise ValueError(f"unsupported artifact format {data['format']!r}")
+        if data["manifest_version"] != MANIFEST_VERSION or isinstance(
+            data["manifest_version"], bool
+        ):
+            raise ValueError(f"unsupported manifest version {data['manifest_version']!r}")
         if not isinstance(data["input_spec"], list):
             raise ValueError("manifest input_spec must be a list")
         return cls(
@@ -222,27 +249,41 @@ class Manifest:
             torch_version=data["torch_version"],
             format=data["format"],
             signature=data["signature"],
+            manifest_version=data["manifest_version"],
         )
 
 
-def _canonical(unsigned: Mapping[str, Any]) -> bytes:
+def canonical_json(unsigned: Mapping[str, Any]) -> bytes:
+    """The bytes a manifest signature covers (after ``MANIFEST_SIGNATURE_TAG``): the manifest
+    without its signature as JSON with sorted keys, no whitespace, ASCII only and no NaN, so
+    every publisher and verifier produce the same bytes for the same fields."""
     return json.dumps(
         unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii")
 
 
-def _hmac(key: bytes, unsigned: Mapping[str, Any]) -> str:
-    return hmac.new(key, _canonical(unsigned), hashlib.sha256).hexdigest()
+def sign_manifest(manifest: Manifest, publisher: PublisherKey) -> Manifest:
+    """A copy of ``manifest`` with ``key_id`` set to the publisher's and signed by its key.
 
-
-def sign_manifest(manifest: Manifest, keyring: Keyring, key_id: str) -> Manifest:
-    """A copy of ``manifest`` with ``key_id`` set and signed by that key."""
-    key = keyring.get(key_id)
-    if key is None:
-        raise KeyError(f"no key {key_id!r} in the keyring")
-    unsigned = Manifest(**{**_init_fields(manifest), "key_id": key_id, "signature": ""})
-    signature = _hmac(key, unsigned.unsigned_dict())
-    return Manifest(**{**_init_fields(unsigned), "signature": signature})
+    Only a ``PublisherKey`` signs: an HMAC ``Keyring`` (a command key) or a trainer's
+    ``TrustedPublishers`` is refused with ``TypeError``.
+    """
+    if not isinstance(publisher, PublisherKey):
+        raise TypeError(
+            "manifests are signed with an Ed25519 PublisherKey, not "
+            f"{type(publisher).__name__} (HMAC keys authenticate controller commands only)"
+        )
+    unsigned = Manifest(
+        **{
+            **_init_fields(manifest),
+            "key_id": publisher.key_id,
+            "signature": "",
+            "manifest_version": MANIFEST_VERSION,
+        }
+    )
+    signature = publisher.sign_manifest(canonical_json(unsigned.unsigned_dict()))
+    encoded = base64.b64encode(signature).decode("ascii")
+    return Manifest(**{**_init_fields(unsigned), "signature": encoded})
 
 
 def _init_fields(manifest: Manifest) -> dict[str, Any]:
@@ -262,17 +303,23 @@ def _reject_constant(name: str) -> Any:
 
 def verify_manifest(
     raw: bytes,
-    keyring: Keyring,
+    publishers: TrustedPublishers,
     *,
     expected_id: str | None = None,
-    trusted_key_ids: Iterable[str] = (),
     max_bytes: int = MAX_MANIFEST_BYTES,
 ) -> Manifest:
     """Parse and authenticate a stored manifest; any problem raises ``ArtifactIntegrityError``.
 
-    Order: size bound, strict JSON, signature present, publisher key known (and trusted when
-    ``trusted_key_ids`` is non-empty), HMAC in constant time, then field types, then the id.
+    Order: size bound, strict JSON, manifest version (a version 1 manifest gets the migration
+    message, ``LEGACY_HMAC_MESSAGE``), signature present, publisher key one of ``publishers``,
+    the Ed25519 signature over ``MANIFEST_SIGNATURE_TAG`` + canonical JSON, then field types,
+    then the id. Only the signature check depends on a key, and only a public one.
     """
+    if not isinstance(publishers, TrustedPublishers):
+        raise TypeError(
+            "manifests are verified with TrustedPublishers (publisher public keys), not "
+            f"{type(publishers).__name__}"
+        )
     where = f"artifact {expected_id!r}" if expected_id else "artifact"
     if len(raw) > max_bytes:
         raise ArtifactIntegrityError(f"{where}: manifest larger than {max_bytes} bytes")
@@ -286,23 +333,32 @@ def verify_manifest(
         raise ArtifactIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ArtifactIntegrityError(f"{where}: manifest is not a JSON object")
+    version = data.get("manifest_version", 1)
+    if version == 1 and not isinstance(version, bool):
+        raise ArtifactIntegrityError(f"{where}: {LEGACY_HMAC_MESSAGE}")
+    if version != MANIFEST_VERSION or isinstance(version, bool):
+        raise ArtifactIntegrityError(
+            f"{where}: unsupported manifest version {version!r} (this Kasmina reads version "
+            f"{MANIFEST_VERSION})"
+        )
     signature = data.get("signature")
     if not isinstance(signature, str) or not signature:
         raise ArtifactIntegrityError(f"{where}: manifest is unsigned")
     key_id = data.get("key_id")
-    trusted = tuple(trusted_key_ids)
-    key = keyring.get(key_id) if isinstance(key_id, str) else None
-    if key is None:
-        raise ArtifactIntegrityError(f"{where}: unknown publisher key {key_id!r}")
-    if trusted and key_id not in trusted:
-        raise ArtifactIntegrityError(f"{where}: publisher key {key_id!r} is not trusted")
+    if not isinstance(key_id, str) or key_id not in publishers:
+        trusted = ", ".join(publishers.key_ids) or "none configured"
+        raise ArtifactIntegrityError(
+            f"{where}: unknown publisher key {key_id!r} (trusted publishers: {trusted})"
+        )
     unsigned = {k: v for k, v in data.items() if k != "signature"}
     try:
-        expected = _hmac(key, unsigned)
+        canonical = canonical_json(unsigned)
     except ValueError as exc:  # allow_nan=False on a value that slipped through
         raise ArtifactIntegrityError(f"{where}: manifest cannot be canonicalised ({exc})") from None
-    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8")):
-        raise ArtifactIntegrityError(f"{where}: manifest signature does not verify")
+    if not publishers.manifest_signature_valid(key_id, canonical, _decode_signature(signature)):
+        raise ArtifactIntegrityError(
+            f"{where}: manifest signature does not verify under publisher key {key_id!r}"
+        )
     try:
         manifest = Manifest.from_dict(data)
     except ValueError as exc:
@@ -313,6 +369,14 @@ def verify_manifest(
         )
     object.__setattr__(manifest, "verified", True)
     return manifest
+
+
+def _decode_signature(text: str) -> bytes:
+    """Strict base64; anything else decodes to ``b""``, which no key accepts."""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return b""
 
 
 def verify_payload(payload: bytes, manifest: Manifest) -> None:

@@ -8,14 +8,16 @@ stores work the same way) holding two files per artifact, side by side::
 
 The manifest is written last (``kasmina.urza.publish``), so an artifact is listed only once it is
 complete.
-``UrzaLibraryClient.fetch`` returns payload bytes only after the manifest signature, size and
-SHA-256 verify; it never deserialises anything (``GPUKernel.from_binary`` does, after checking
-again). Reads are bounded and streamed: a manifest above ``max_manifest_bytes``, or a payload
-longer than its manifest declares (or above ``max_artifact_bytes``), is refused after at most the
-limit plus one chunk, and the payload is hashed as it streams. Every store read has a timeout
-(an abandoned read stops at its next chunk), failed reads are retried with exponential backoff,
-a circuit breaker (one success or one failure per fetch, manifest and payload together) stops
-hammering a store that keeps failing, and concurrent fetches of one artifact share a single read.
+``UrzaLibraryClient.fetch`` returns payload bytes only after the manifest's Ed25519 signature
+(checked against the client's ``TrustedPublishers``: public keys only, so a trainer holds nothing
+that could sign an artifact), size and SHA-256 verify; it never deserialises anything
+(``GPUKernel.from_binary`` does, after checking again). Reads are bounded and streamed: a
+manifest above ``max_manifest_bytes``, or a payload longer than its manifest declares (or above
+``max_artifact_bytes``), is refused after at most the limit plus one chunk, and the payload is
+hashed as it streams. Every store read has a timeout (an abandoned read stops at its next
+chunk), failed reads are retried with exponential backoff, a circuit breaker (one success or one
+failure per fetch, manifest and payload together) stops hammering a store that keeps failing,
+and concurrent fetches of one artifact share a single read.
 
 A fetch may carry a deadline (a ``time.monotonic()`` instant): the whole fetch, every read,
 retry and backoff sleep included, ends by it. Reads run on ``urza-io`` threads, and a client
@@ -31,7 +33,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,7 +51,7 @@ from kasmina.urza.artifact import (
     verify_manifest,
     verify_payload_digest,
 )
-from kasmina.utils.keyring import Keyring
+from kasmina.urza.keys import TrustedPublishers
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,12 @@ class CircuitBreaker:
 class UrzaLibraryClient:
     """Reads and verifies artifacts from one store (see the module docstring).
 
+    **Keys.** ``publishers`` are the publisher public keys this client trusts, by key id: a
+    ``TrustedPublishers``, or a mapping of key id to public key (base64 or hex of the 32 raw
+    bytes) turned into one. A manifest signed by any other key is refused. An HMAC ``Keyring``
+    or a private ``PublisherKey`` is refused with ``TypeError``: a reader must hold nothing
+    that can sign.
+
     **Deadlines.** ``fetch`` and ``get_manifest`` take ``deadline``, an instant of ``clock``
     (``time.monotonic`` unless injected): each read waits at most ``min(timeout_s, time
     left)``, no backoff sleep runs past the deadline (a retry that could not start before it
@@ -181,7 +189,7 @@ class UrzaLibraryClient:
     def __init__(
         self,
         url: str,
-        keyring: Keyring,
+        publishers: TrustedPublishers | Mapping[str, str],
         *,
         timeout_s: float = 10.0,
         retries: int = 3,
@@ -189,7 +197,6 @@ class UrzaLibraryClient:
         backoff_max_s: float = 2.0,
         breaker_threshold: int = 5,
         breaker_reset_s: float = 30.0,
-        trusted_key_ids: Sequence[str] = (),
         max_manifest_bytes: int = MAX_MANIFEST_BYTES,
         max_artifact_bytes: int = MAX_ARTIFACT_BYTES,
         chunk_bytes: int = READ_CHUNK_BYTES,
@@ -211,12 +218,11 @@ class UrzaLibraryClient:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.url = url
-        self.keyring = keyring
+        self.publishers = _trusted(publishers)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
-        self.trusted_key_ids = tuple(trusted_key_ids)
         self.max_manifest_bytes = max_manifest_bytes
         self.max_artifact_bytes = max_artifact_bytes
         self.chunk_bytes = chunk_bytes
@@ -255,18 +261,21 @@ class UrzaLibraryClient:
         }
 
     @classmethod
-    def from_config(cls, config: Any, keyring: Keyring | None = None) -> UrzaLibraryClient:
-        """From a ``KasminaConfig``; the keyring defaults to ``config.load_keyring()``."""
+    def from_config(
+        cls, config: Any, publishers: TrustedPublishers | None = None
+    ) -> UrzaLibraryClient:
+        """From a ``KasminaConfig``; the trusted publishers default to
+        ``config.load_trusted_publishers()`` (``urza_trusted_publishers`` and
+        ``urza_publishers_file``)."""
         return cls(
             config.urza_url,
-            keyring if keyring is not None else config.load_keyring(),
+            publishers if publishers is not None else config.load_trusted_publishers(),
             timeout_s=config.urza_timeout_s,
             retries=config.urza_retries,
             backoff_s=config.urza_backoff_s,
             backoff_max_s=config.urza_backoff_max_s,
             breaker_threshold=config.urza_breaker_threshold,
             breaker_reset_s=config.urza_breaker_reset_s,
-            trusted_key_ids=config.urza_trusted_key_ids,
         )
 
     # --- public API ---------------------------------------------------------------------
@@ -435,11 +444,7 @@ class UrzaLibraryClient:
         except FileNotFoundError:
             raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
         return verify_manifest(
-            raw,
-            self.keyring,
-            expected_id=artifact_id,
-            trusted_key_ids=self.trusted_key_ids,
-            max_bytes=self.max_manifest_bytes,
+            raw, self.publishers, expected_id=artifact_id, max_bytes=self.max_manifest_bytes
         )
 
     def _read_artifact(self, artifact_id: str, budget: _Budget) -> tuple[bytes, Manifest]:
@@ -659,6 +664,19 @@ class UrzaLibraryClient:
                     self._io_stalled += 1
                     self._stats["reads_abandoned"] += 1
                     self._io_changed.notify_all()
+
+
+def _trusted(publishers: object) -> TrustedPublishers:
+    """The client's verification keys; anything that could sign is refused, not converted."""
+    if isinstance(publishers, TrustedPublishers):
+        return publishers
+    if isinstance(publishers, Mapping):
+        return TrustedPublishers(publishers)
+    raise TypeError(
+        "UrzaLibraryClient verifies artifacts with publisher public keys (TrustedPublishers or "
+        f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
+        "or a private key would let the reader sign artifacts too"
+    )
 
 
 def _is_http(fs: Any) -> bool:

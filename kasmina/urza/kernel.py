@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -33,13 +34,54 @@ def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
     return torch.export.load(io.BytesIO(payload))
 
 
+def _program_module(payload: bytes, manifest: Manifest, device: torch.device) -> nn.Module:
+    """The trainable module of a payload already checked against ``manifest``."""
+    try:
+        program = move_to_device_pass(_deserialise(payload), device)
+        module = program.module()
+    except Exception as exc:
+        raise RuntimeError(
+            f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
+            f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
+        ) from exc
+    module.to(device)
+    # ``ExportedProgram.module()`` overrides train()/eval() on the instance with local
+    # functions that raise; they would make a merged model's ``eval()`` raise (and cannot be
+    # pickled). The graph's mode is fixed either way.
+    for name in ("train", "eval"):
+        vars(module).pop(name, None)
+    for param in module.parameters():
+        if param.is_floating_point() or param.is_complex():
+            param.requires_grad_(True)  # a seed's kernel is what the seed trains
+    return module
+
+
+def _rebuild(
+    manifest: Manifest,
+    payload: bytes,
+    state: dict[str, torch.Tensor],
+    device: str,
+    training: bool,
+) -> GPUKernel:
+    """Unpickle a kernel (see ``GPUKernel.__reduce_ex__``)."""
+    verify_payload(payload, manifest)
+    kernel = GPUKernel(_program_module(payload, manifest, torch.device(device)), manifest, payload)
+    kernel.load_state_dict(state)
+    kernel.training = training
+    return kernel
+
+
 class GPUKernel(nn.Module):
     """A loaded artifact: callable, with trainable parameters, on one device."""
 
-    def __init__(self, module: nn.Module, manifest: Manifest) -> None:
+    def __init__(self, module: nn.Module, manifest: Manifest, payload: bytes | None = None) -> None:
         super().__init__()
         self.inner: nn.Module | None = module
         self.manifest = manifest
+        # The verified bytes the program came from, kept so that a grown model can be saved
+        # with its kernels as verifiable artifacts (``kasmina.save``). Copies share the one
+        # immutable ``bytes`` object (``copy.deepcopy`` does not copy bytes).
+        self.payload = payload
         self._released = False
 
     @classmethod
@@ -58,20 +100,29 @@ class GPUKernel(nn.Module):
             )
         verify_payload(payload, manifest)
         device = torch.device(device)
-        try:
-            program = move_to_device_pass(_deserialise(payload), device)
-            module = program.module()
-        except Exception as exc:
-            raise RuntimeError(
-                f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
-                f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
-            ) from exc
-        module.to(device)
-        for param in module.parameters():
-            if param.is_floating_point() or param.is_complex():
-                param.requires_grad_(True)  # a seed's kernel is what the seed trains
+        module = _program_module(payload, manifest, device)
         logger.debug("loaded kernel %s onto %s", manifest.artifact_id, device)
-        return cls(module, manifest)
+        return cls(module, manifest, bytes(payload))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle as the artifact plus the trained weights (``torch.save(model)``).
+
+        The exported program's module holds a generated guard function that pickle cannot
+        name, so a live kernel is rebuilt from the payload it was verified with. Unpickling is
+        trusted by definition (a pickle can run any code), so no signature is re-checked; the
+        payload is still checked against its manifest. Hooks on the kernel are not kept.
+        """
+        if self.payload is None or self.inner is None:
+            return super().__reduce_ex__(protocol)
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        return (_rebuild, (self.manifest, self.payload, state, str(self.device), self.training))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GPUKernel:
+        # What deepcopy does without __reduce_ex__ above: copy the attributes (fast, no reload).
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(deepcopy(self.__dict__, memo))
+        return clone
 
     @property
     def artifact_id(self) -> str:

@@ -1,14 +1,22 @@
 """Publishing artifacts to an Urza store (the write side of ``kasmina.urza.client``).
 
 ``publish_artifact`` exports a module with ``torch.export``, saves it as ``.pt2`` and writes it
-with a manifest signed by the publisher's key; ``publish_payload`` does the same for bytes that
-are already a saved program. The payload is written before the manifest, each through a
-temporary name and a rename, so readers only ever list complete artifacts.
+with a manifest signed by the publisher's Ed25519 key (a ``PublisherKey``: only publishers hold
+one); ``publish_payload`` does the same for bytes that are already a saved program. The payload
+is written before the manifest, each through a temporary name and a rename, so readers only
+ever list complete artifacts.
+
+``resign_artifact`` migrates an artifact whose manifest was signed with the retired HMAC scheme
+(manifest version 1): it checks the old HMAC signature with the old keyring and the payload
+against the manifest, and only then signs the same fields with a publisher key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
+import json
 import logging
 import re
 import secrets
@@ -23,22 +31,36 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
+    MANIFEST_VERSION,
     MAX_MANIFEST_BYTES,
     PAYLOAD_SUFFIX,
+    READ_CHUNK_BYTES,
     Manifest,
     TensorSpec,
+    canonical_json,
     open_store,
     payload_sha256,
     read_bounded,
     sign_manifest,
     validate_artifact_id,
     verify_manifest,
+    verify_payload_digest,
 )
+from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["default_artifact_id", "export_module", "publish_artifact", "publish_payload"]
+__all__ = [
+    "default_artifact_id",
+    "export_module",
+    "publish_artifact",
+    "publish_payload",
+    "resign_artifact",
+]
+
+# Re-signing reads the whole payload to check it; a kernel is far smaller than this.
+MAX_RESIGN_PAYLOAD_BYTES = 1 << 30
 
 
 def export_module(
@@ -78,15 +100,16 @@ def publish_artifact(
     example_inputs: Sequence[torch.Tensor],
     store_url: str,
     blueprint: str,
-    keyring: Keyring,
-    key_id: str,
+    publisher: PublisherKey,
     artifact_id: str | None = None,
     *,
     dynamic: bool = True,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Export ``module`` (in its current train/eval mode: dropout and batch norm keep the
-    behaviour they had at export), save it as ``.pt2`` and publish it signed by ``key_id``."""
+    behaviour they had at export), save it as ``.pt2`` and publish it signed by ``publisher``.
+    """
+    _require_publisher(publisher)
     program = export_module(module, example_inputs, dynamic=dynamic)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -94,8 +117,7 @@ def publish_artifact(
         buffer.getvalue(),
         store_url,
         blueprint,
-        keyring,
-        key_id,
+        publisher,
         artifact_id,
         input_spec=_input_spec(program),
         storage_options=storage_options,
@@ -106,18 +128,21 @@ def publish_payload(
     payload: bytes,
     store_url: str,
     blueprint: str,
-    keyring: Keyring,
-    key_id: str,
+    publisher: PublisherKey,
     artifact_id: str | None = None,
     *,
     input_spec: Sequence[TensorSpec] = (),
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write already-saved ``.pt2`` bytes and their signed manifest (payload first).
+    """Write already-saved ``.pt2`` bytes and their manifest, signed by ``publisher`` (payload
+    first).
 
-    Publishing is idempotent for identical bytes; an existing id with a different payload
-    raises ``FileExistsError`` (a published artifact never changes under its id).
+    Publishing is idempotent for identical bytes from the same publisher; an existing id with
+    a different payload, or whose manifest this publisher's key does not verify (another
+    publisher's, or a retired HMAC one), raises ``FileExistsError``: a published artifact never
+    changes under its id.
     """
+    _require_publisher(publisher)
     if not isinstance(blueprint, str) or not blueprint:
         raise ValueError("blueprint must be a non-empty string")
     sha256 = payload_sha256(payload)
@@ -129,13 +154,13 @@ def publish_payload(
             sha256=sha256,
             size=len(payload),
             input_spec=tuple(input_spec),
-            key_id=key_id,
+            key_id=publisher.key_id,
             created=time.time(),
             torch_version=torch.__version__,
         ),
-        keyring,
-        key_id,
+        publisher,
     )
+    own = publisher.trusted_publishers()
     fs, root = open_store(store_url, storage_options)
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
     if fs.exists(manifest_path):
@@ -147,10 +172,13 @@ def publish_payload(
                 what=f"artifact {artifact_id!r}: existing manifest",
                 why="MAX_MANIFEST_BYTES",
             )
-            existing = verify_manifest(raw, keyring, expected_id=artifact_id)
-        except ArtifactIntegrityError:
-            existing = None
-        if existing is not None and existing.sha256 == sha256:
+            existing = verify_manifest(raw, own, expected_id=artifact_id)
+        except ArtifactIntegrityError as exc:
+            raise FileExistsError(
+                f"artifact {artifact_id!r} already exists and publisher key "
+                f"{publisher.key_id!r} does not verify it ({exc}); choose another artifact id"
+            ) from None
+        if existing.sha256 == sha256:
             logger.info("artifact %s already published with identical payload", artifact_id)
             return existing
         raise FileExistsError(f"artifact {artifact_id!r} already exists with a different payload")
@@ -158,7 +186,129 @@ def publish_payload(
     _atomic_write(fs, f"{root}/{artifact_id}{PAYLOAD_SUFFIX}", bytes(payload))
     _atomic_write(fs, manifest_path, manifest.to_json())
     logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), store_url)
-    return verify_manifest(manifest.to_json(), keyring, expected_id=artifact_id)
+    return verify_manifest(manifest.to_json(), own, expected_id=artifact_id)
+
+
+def resign_artifact(
+    store_url: str,
+    artifact_id: str,
+    publisher: PublisherKey,
+    legacy_keyring: Keyring,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    max_payload_bytes: int = MAX_RESIGN_PAYLOAD_BYTES,
+) -> Manifest:
+    """Re-sign a version 1 (HMAC) manifest with ``publisher``'s Ed25519 key, in place.
+
+    Nothing is signed on trust: the old HMAC signature must verify under ``legacy_keyring``
+    (the keys the old manifests were signed with), and the payload's size and SHA-256 must
+    match the manifest, before the same fields are signed as a version 2 manifest and written
+    over the old one (through a temporary name and a rename). A manifest that is already
+    version 2 and verifies under ``publisher`` is returned unchanged (so a whole store can be
+    re-signed twice); one this key does not verify (another publisher's) is not touched. Any
+    failed check raises ``ArtifactIntegrityError`` (``FileNotFoundError`` for a missing
+    artifact) and leaves the store as it was. Returns the verified new manifest.
+    """
+    _require_publisher(publisher)
+    if not isinstance(legacy_keyring, Keyring):
+        raise TypeError("legacy_keyring must be the Keyring the old manifests were signed with")
+    validate_artifact_id(artifact_id)
+    fs, root = open_store(store_url, storage_options)
+    manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
+    what = f"artifact {artifact_id!r}"
+    try:
+        raw = read_bounded(
+            fs,
+            manifest_path,
+            MAX_MANIFEST_BYTES,
+            what=f"{what}: manifest",
+            why="MAX_MANIFEST_BYTES",
+        )
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
+    own = publisher.trusted_publishers()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        data = None
+    if isinstance(data, dict) and "manifest_version" in data:
+        current = verify_manifest(raw, own, expected_id=artifact_id)  # raises if not ours
+        logger.info("artifact %s is already signed by %s", artifact_id, publisher.key_id)
+        return current
+    legacy = _verify_legacy_manifest(raw, legacy_keyring, artifact_id)
+    if legacy.size > max_payload_bytes:
+        raise ArtifactIntegrityError(
+            f"{what}: manifest declares {legacy.size} bytes, above {max_payload_bytes}"
+        )
+    hasher = hashlib.sha256()
+    try:
+        payload = read_bounded(
+            fs,
+            f"{root}/{artifact_id}{PAYLOAD_SUFFIX}",
+            legacy.size,
+            what=f"{what}: payload",
+            why="the size its manifest declares",
+            chunk_bytes=READ_CHUNK_BYTES,
+            hasher=hasher,
+        )
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} has a manifest but no payload in {store_url}") from None
+    verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
+    signed = sign_manifest(legacy, publisher)
+    _atomic_write(fs, manifest_path, signed.to_json())
+    logger.info(
+        "re-signed artifact %s (HMAC key %s -> publisher %s)",
+        artifact_id,
+        legacy.key_id,
+        publisher.key_id,
+    )
+    return verify_manifest(signed.to_json(), own, expected_id=artifact_id)
+
+
+def _verify_legacy_manifest(raw: bytes, keyring: Keyring, artifact_id: str) -> Manifest:
+    """A version 1 manifest checked the way it was signed: HMAC-SHA256 (no purpose tag) over
+    its canonical JSON without the signature, by the keyring key its ``key_id`` names.
+    Returned as an unsigned, unverified version 2 ``Manifest`` with the same fields."""
+    where = f"artifact {artifact_id!r}"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("signature"), str):
+        raise ArtifactIntegrityError(f"{where}: not a signed version 1 manifest")
+    key_id = data.get("key_id")
+    key = keyring.get(key_id) if isinstance(key_id, str) else None
+    if key is None:
+        raise ArtifactIntegrityError(
+            f"{where}: its HMAC key {key_id!r} is not in the legacy keyring; cannot check the "
+            "old signature (publish the artifact again instead)"
+        )
+    unsigned = {k: v for k, v in data.items() if k != "signature"}
+    try:
+        expected = hmac.new(key, canonical_json(unsigned), hashlib.sha256).hexdigest()
+    except ValueError as exc:
+        raise ArtifactIntegrityError(f"{where}: manifest cannot be canonicalised ({exc})") from None
+    if not hmac.compare_digest(expected.encode(), data["signature"].encode("utf-8")):
+        raise ArtifactIntegrityError(f"{where}: old HMAC signature does not verify; not re-signed")
+    try:
+        manifest = Manifest.from_dict(
+            {**unsigned, "signature": "", "manifest_version": MANIFEST_VERSION}
+        )
+    except ValueError as exc:
+        raise ArtifactIntegrityError(f"{where}: malformed manifest ({exc})") from None
+    if manifest.artifact_id != artifact_id:
+        raise ArtifactIntegrityError(
+            f"{where}: manifest is for a different artifact ({manifest.artifact_id!r})"
+        )
+    return manifest
+
+
+def _require_publisher(publisher: object) -> None:
+    if not isinstance(publisher, PublisherKey):
+        raise TypeError(
+            "artifacts are signed with an Ed25519 PublisherKey (kasmina keygen --publisher), not "
+            f"{type(publisher).__name__}; HMAC keyrings authenticate controller commands only"
+        )
 
 
 def _atomic_write(fs: Any, path: str, data: bytes) -> None:

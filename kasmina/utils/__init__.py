@@ -7,7 +7,9 @@
   docs/design.md §8 latency targets the manager reports against.
 - ``state_io`` -- atomic state files: written to a temporary name beside the target, fsync'd and
   moved into place with ``os.replace``, so a reader sees the old file or the new one and never
-  half of one; loads are ``weights_only``; ``clone_state`` detaches snapshots from live tensors.
+  half of one; ``CheckpointSigner`` writes checkpoints behind an HMAC'd manifest (SHA-256, size,
+  epoch, run id) and verifies it before any byte reaches ``torch.load(weights_only=True)``;
+  ``clone_state`` detaches snapshots from live tensors.
 - ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
   variable or a file (never from code), never shown in ``repr`` or logs.
 
@@ -17,10 +19,11 @@ this package; everything else may use it. Nothing here imports another Kasmina p
 
 from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring, generate_key
 from kasmina.utils.perfstats import LatencyStats
-from kasmina.utils.state_io import atomic_torch_save, clone_state, safe_torch_load
+from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save, clone_state
 from kasmina.utils.telemetry import Event, JsonlFileSink, MemorySink, TelemetryReporter
 
 __all__ = [
+    "CheckpointSigner",
     "DEFAULT_ENV_VAR",
     "Event",
     "JsonlFileSink",
@@ -31,5 +34,4 @@ __all__ = [
     "atomic_torch_save",
     "clone_state",
     "generate_key",
-    "safe_torch_load",
 ]

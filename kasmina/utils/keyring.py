@@ -1,8 +1,13 @@
 """Keys by ``key_id``: the keyring that holds HMAC secrets, loaded from configuration.
 
 Keys come from a mapping, an environment variable (``KASMINA_HMAC_KEYS``) or a JSON file, never
-from code; key material never appears in ``repr`` or logs. Domain-free: the command verifier
-and the artifact signer both take a ``Keyring``.
+from code; key material never appears in ``repr`` or logs.
+
+A ``Keyring`` authenticates controller commands. It does not sign Urza artifacts: a symmetric
+key that can verify can also forge, so artifacts are signed with Ed25519 publisher keys that
+trainers hold only the public half of (``kasmina.urza.keys``). The one artifact use left is
+checking a retired HMAC manifest before it is re-signed (``kasmina.urza.publish``). Values must
+be ``bytes``, so an Ed25519 key object cannot be put in a keyring by mistake.
 """
 
 from __future__ import annotations

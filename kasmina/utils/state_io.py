@@ -1,24 +1,83 @@
-"""Atomic state I/O: files that are either the old version or the new one, never half of one.
+"""Atomic, tamper-evident state files: the old version or the new one, never half of one, and
+never a byte handed to ``torch.load`` before it is authenticated.
 
-Every file is written to a temporary name in the same directory, flushed and fsync'd, then moved
-over the target with ``os.replace`` (atomic on POSIX and Windows), and the directory is fsync'd
-so the rename itself survives a crash. Loads use ``weights_only=True`` (tensors and plain
-containers only); ``clone_state`` deep-copies the tensors of a nested state so later training
-cannot mutate a snapshot.
+**Atomic.** Every file is written to a temporary name in the same directory, flushed and
+fsync'd, then moved over the target with ``os.replace`` (atomic on POSIX and Windows), and the
+directory is fsync'd so the rename itself survives a crash.
+
+**Tamper-evident.** A checkpoint written by ``CheckpointSigner`` is one file, a header and then
+the payload (the ``torch.save`` bytes)::
+
+    b"KASMCKPT" | manifest length (4 bytes, big-endian) | manifest (canonical JSON) | payload
+
+The manifest holds the format version, the kind (``"epoch"`` or ``"emergency"``), the run id,
+the epoch, the payload's size and SHA-256, the creation time, and an HMAC-SHA256 of the
+canonical JSON of all those fields under the run's checkpoint key. Why each piece:
+
+- a SHA-256 alone catches accidents, but whoever can rewrite the payload can rewrite its hash;
+  the HMAC needs the key (32 random bytes, mode 0600, in the run directory);
+- the run id is inside the signed fields, so runs that share a key still cannot restore each
+  other's state, and the epoch is, so a file renamed to another epoch's name is refused;
+- header and payload live in one file, so the one ``os.replace`` that installs the payload
+  installs its manifest too: no crash can pair a manifest with another payload.
+
+Reading verifies, in this order, the magic, the manifest's length bound, strict canonical JSON,
+the HMAC (constant time), the fields, the run id, the kind and the epoch, the file's total size,
+and the SHA-256 of exactly ``size`` payload bytes; only then do the bytes reach
+``torch.load(io.BytesIO(...), weights_only=True)``. Any mismatch raises
+``CheckpointIntegrityError``. ``clone_state`` deep-copies the tensors of a nested state so later
+training cannot mutate a snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import hmac
+import io
+import json
+import logging
 import os
+import secrets
+import stat
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "clone_state", "safe_torch_load"]
+from kasmina.errors import CheckpointIntegrityError
+
+__all__ = [
+    "CHECKPOINT_KEY_BYTES",
+    "CHECKPOINT_MAGIC",
+    "CheckpointManifest",
+    "CheckpointSigner",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "clone_state",
+    "load_or_create_checkpoint_key",
+]
+
+logger = logging.getLogger(__name__)
+
+# The first bytes of every signed checkpoint file.
+CHECKPOINT_MAGIC = b"KASMCKPT"
+# The version of the header and manifest layout (the "format" field of the manifest).
+CHECKPOINT_FILE_FORMAT = 1
+# A run's checkpoint key: this many random bytes.
+CHECKPOINT_KEY_BYTES = 32
+# A manifest is a few hundred bytes; a length field claiming more is damage, not a manifest.
+MAX_MANIFEST_BYTES = 4096
+_LENGTH_BYTES = 4
+_KINDS = ("epoch", "emergency")
+_FIELDS = frozenset({"format", "kind", "run_id", "epoch", "size", "sha256", "created", "hmac"})
+_HEX = frozenset("0123456789abcdef")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -33,18 +92,16 @@ def _fsync_directory(directory: Path) -> None:
     os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically: temp file in the same dir, fsync, replace.
-
-    Creates the parent directory if needed. On any failure the temporary file is removed, the
-    previous file at ``path`` (if any) is untouched, and the error propagates.
-    """
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temp file beside ``path``, fsync it, then ``os.replace`` it over
+    ``path``. On any failure the temp file is removed, ``path`` is untouched, the error
+    propagates."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
@@ -56,19 +113,372 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def safe_torch_load(path: str | os.PathLike[str], map_location: Any = None) -> Any:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def atomic_write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
+    """Write ``chunks`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``,
+    directory fsync): a crash leaves the old file or the new one, never half of one. Creates
+    the parent directory if needed; the file is created with mode 0600."""
+
+    def write(handle: IO[bytes]) -> None:
+        for chunk in chunks:
+            handle.write(chunk)
+
+    return _atomic_write(path, write)
 
 
-def clone_state(value: Any) -> Any:
-    """Deep copy of nested dicts/lists/tuples, cloning tensors (detached) and keeping scalars."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, unsigned (for files that are never read
+    back as trusted state, e.g. a stand-alone monitor's emergency dump). Creates the parent
+    directory if needed; a failure leaves the previous file at ``path`` untouched."""
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+# ---------------------------------------------------------------------- checkpoint key
+
+
+def _read_key(path: Path) -> bytes:
+    """The key in ``path``: 32 raw bytes, or 64 hex digits (so ``openssl rand -hex 32`` works)."""
+    raw = path.read_bytes()
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        logger.warning("checkpoint key %s is readable by group/others; restrict it to 0600", path)
+    if len(raw) == CHECKPOINT_KEY_BYTES:
+        return raw
+    text = raw.strip()
+    if len(text) == 2 * CHECKPOINT_KEY_BYTES:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(text.decode("ascii", errors="replace"))
+    raise ValueError(
+        f"checkpoint key {path} must hold {CHECKPOINT_KEY_BYTES} raw bytes or "
+        f"{2 * CHECKPOINT_KEY_BYTES} hex digits, not {len(raw)} bytes"
+    )
+
+
+def _write_new_key(path: Path, key: bytes) -> bool:
+    """Install ``key`` at ``path`` unless a key is already there (False then).
+
+    Why link rather than replace: two processes of one run may create the key at once; a hard
+    link never overwrites, so exactly one key wins and the other process reads it. The temp file
+    is created 0600 (``mkstemp``) and complete before the link makes it visible.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # no hard links here: exclusive create, still never overwrites
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            try:
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return False
+            with os.fdopen(out, "wb") as handle:
+                handle.write(key)
+                handle.flush()
+                os.fsync(handle.fileno())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    _fsync_directory(path.parent)
+    return True
+
+
+def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:
+    """The checkpoint key in ``path``, created on first use (32 random bytes, mode 0600, in a
+    parent directory created 0700)."""
+    target = Path(path).expanduser()
+    with contextlib.suppress(FileNotFoundError):
+        return _read_key(target)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.token_bytes(CHECKPOINT_KEY_BYTES)
+    if _write_new_key(target, key):
+        logger.info("created checkpoint key %s", target)
+        return key
+    return _read_key(target)
+
+
+# ---------------------------------------------------------------------- signed checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointManifest:
+    """The verified fields of a checkpoint's manifest (the HMAC itself is not kept)."""
+
+    format: int
+    kind: str
+    run_id: str
+    epoch: int | None
+    size: int
+    sha256: str
+    created: float
+
+
+def _canonical(fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("duplicate key")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
+
+
+def _check_epoch_arg(kind: str, epoch: int | None) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"checkpoint kind must be one of {_KINDS}, got {kind!r}")
+    valid = epoch is None or (_is_int(epoch) and epoch >= 0)
+    if not valid or (kind == "epoch" and epoch is None):
+        need = "an int >= 0" if kind == "epoch" else "None or an int >= 0"
+        raise ValueError(f"a {kind} checkpoint's epoch must be {need}, got {epoch!r}")
+
+
+class CheckpointSigner:
+    """Writes and verifies one run's checkpoint files (see the module docstring).
+
+    The key is read from ``key_path``, or created there (0600), on first use rather than at
+    construction, so a run that never writes a checkpoint leaves no key behind. ``key`` may be
+    given directly instead (then ``key_path`` is only named in messages). Never shows the key in
+    its ``repr``.
+    """
+
+    def __init__(
+        self, key_path: str | os.PathLike[str], run_id: str, *, key: bytes | None = None
+    ) -> None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+        if key is not None and (not isinstance(key, bytes) or len(key) < CHECKPOINT_KEY_BYTES):
+            raise ValueError(f"a checkpoint key must be at least {CHECKPOINT_KEY_BYTES} bytes")
+        self.key_path = Path(key_path).expanduser()
+        self.run_id = run_id
+        self._key = key
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CheckpointSigner(run_id={self.run_id!r}, key_path={str(self.key_path)!r})"
+
+    @property
+    def key(self) -> bytes:
+        """The key, read or created on first use (for writing)."""
+        with self._lock:
+            if self._key is None:
+                self._key = load_or_create_checkpoint_key(self.key_path)
+            return self._key
+
+    def _verifying_key(self, where: str) -> bytes:
+        """The key for a read: never created, since a fresh key verifies nothing."""
+        with self._lock:
+            if self._key is None:
+                try:
+                    self._key = _read_key(self.key_path)
+                except FileNotFoundError:
+                    raise CheckpointIntegrityError(
+                        f"{where}: no checkpoint key at {self.key_path}, so nothing this run "
+                        "could have signed"
+                    ) from None
+            return self._key
+
+    # ------------------------------------------------------------------ writing
+    def seal(
+        self, payload: bytes | bytearray | memoryview, *, kind: str, epoch: int | None
+    ) -> bytes:
+        """The header (magic, length, signed manifest) that goes in front of ``payload``."""
+        _check_epoch_arg(kind, epoch)
+        fields: dict[str, Any] = {
+            "format": CHECKPOINT_FILE_FORMAT,
+            "kind": kind,
+            "run_id": self.run_id,
+            "epoch": epoch,
+            "size": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "created": time.time(),
+        }
+        fields["hmac"] = self._mac(fields, self.key)
+        manifest = _canonical(fields)
+        return CHECKPOINT_MAGIC + len(manifest).to_bytes(_LENGTH_BYTES, "big") + manifest
+
+    def write_payload(
+        self,
+        payload: bytes | bytearray | memoryview,
+        path: str | os.PathLike[str],
+        *,
+        kind: str = "epoch",
+        epoch: int | None = None,
+    ) -> Path:
+        """Write ``payload`` (``torch.save`` bytes) behind its signed header, atomically."""
+        header = self.seal(payload, kind=kind, epoch=epoch)
+
+        def write(handle: IO[bytes]) -> None:
+            handle.write(header)
+            handle.write(payload)
+
+        return _atomic_write(path, write)
+
+    def write(
+        self,
+        obj: Any,
+        path: str | os.PathLike[str],
+        *,
+        kind: str = "epoch",
+        epoch: int | None = None,
+    ) -> Path:
+        """``torch.save`` ``obj`` into memory, then ``write_payload`` it: the hash and size go
+        in the header, which is written first, so the bytes must exist before the file does."""
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return self.write_payload(buffer.getbuffer(), path, kind=kind, epoch=epoch)
+
+    # ------------------------------------------------------------------ reading
+    def read_payload(
+        self, path: str | os.PathLike[str], *, kind: str = "epoch", epoch: int | None = None
+    ) -> tuple[CheckpointManifest, bytes]:
+        """The verified manifest and payload bytes of ``path``; raises
+        ``CheckpointIntegrityError`` on any mismatch (see the module docstring for the order).
+        ``epoch`` is the epoch the caller expects (``None`` for an emergency checkpoint)."""
+        _check_epoch_arg(kind, epoch)
+        where = f"checkpoint {path}"
+        # Non-blocking open and a regular-file check: a FIFO or device planted under a
+        # checkpoint's name must be refused, not block or stream forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointIntegrityError(f"{where}: not a regular file")
+        with os.fdopen(fd, "rb") as handle:
+            head = handle.read(len(CHECKPOINT_MAGIC) + _LENGTH_BYTES)
+            if len(head) < len(CHECKPOINT_MAGIC) + _LENGTH_BYTES:
+                raise CheckpointIntegrityError(f"{where}: truncated before its manifest")
+            if head[: len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+                raise CheckpointIntegrityError(f"{where}: not a signed Kasmina checkpoint")
+            length = int.from_bytes(head[len(CHECKPOINT_MAGIC) :], "big")
+            if length > MAX_MANIFEST_BYTES:
+                raise CheckpointIntegrityError(
+                    f"{where}: manifest length {length} exceeds {MAX_MANIFEST_BYTES} bytes"
+                )
+            raw = handle.read(length)
+            if len(raw) != length:
+                raise CheckpointIntegrityError(f"{where}: truncated inside its manifest")
+            manifest = self._verify_manifest(raw, where)
+            self._check_identity(manifest, kind, epoch, where)
+            offset = len(head) + length
+            on_disk = os.fstat(handle.fileno()).st_size - offset
+            if on_disk != manifest.size:
+                raise CheckpointIntegrityError(
+                    f"{where}: payload is {on_disk} bytes, its manifest says {manifest.size} "
+                    "(truncated or extended)"
+                )
+            payload = handle.read(manifest.size)
+            if len(payload) != manifest.size or handle.read(1):
+                raise CheckpointIntegrityError(f"{where}: payload changed size while read")
+        if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), manifest.sha256):
+            raise CheckpointIntegrityError(f"{where}: payload SHA-256 does not match its manifest")
+        return manifest, payload
+
+    def read(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        kind: str = "epoch",
+        epoch: int | None = None,
+        map_location: Any = None,
+    ) -> Any:
+        """Verify ``path`` (``read_payload``), then ``torch.load`` the verified bytes with
+        ``weights_only=True`` (tensors and plain containers only)."""
+        _, payload = self.read_payload(path, kind=kind, epoch=epoch)
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+    # ------------------------------------------------------------------ internals
+    def _mac(self, fields: Mapping[str, Any], key: bytes) -> str:
+        unsigned = {k: v for k, v in fields.items() if k != "hmac"}
+        return hmac.new(key, _canonical(unsigned), hashlib.sha256).hexdigest()
+
+    def _verify_manifest(self, raw: bytes, where: str) -> CheckpointManifest:
+        try:
+            data = json.loads(
+                raw.decode("ascii"),
+                object_pairs_hook=_no_duplicates,
+                parse_constant=_reject_constant,
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not _is_hex(data.get("hmac"), 64):
+            raise CheckpointIntegrityError(f"{where}: manifest carries no HMAC")
+        try:
+            canonical = _canonical(data)
+            expected = self._mac(data, self._verifying_key(where))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointIntegrityError(f"{where}: manifest is malformed ({exc})") from None
+        # Only one encoding of a manifest is accepted, so its bytes and its fields correspond.
+        if canonical != raw or not hmac.compare_digest(expected, data["hmac"]):
+            raise CheckpointIntegrityError(
+                f"{where}: manifest HMAC does not verify (the file was altered, or it was "
+                f"signed by another key than {self.key_path})"
+            )
+        if (
+            set(data) != _FIELDS
+            or data["format"] != CHECKPOINT_FILE_FORMAT
+            or data["kind"] not in _KINDS
+            or not isinstance(data["run_id"], str)
+            or not (data["epoch"] is None or (_is_int(data["epoch"]) and data["epoch"] >= 0))
+            or not (_is_int(data["size"]) and data["size"] >= 0)
+            or not _is_hex(data["sha256"], 64)
+            or not isinstance(data["created"], (int, float))
+        ):
+            raise CheckpointIntegrityError(
+                f"{where}: manifest is signed but not of format {CHECKPOINT_FILE_FORMAT}"
+            )
+        return CheckpointManifest(
+            format=data["format"],
+            kind=data["kind"],
+            run_id=data["run_id"],
+            epoch=data["epoch"],
+            size=data["size"],
+            sha256=data["sha256"],
+            created=float(data["created"]),
+        )
+
+    def _check_identity(
+        self, manifest: CheckpointManifest, kind: str, epoch: int | None, where: str
+    ) -> None:
+        if manifest.run_id != self.run_id:
+            raise CheckpointIntegrityError(
+                f"{where}: belongs to run {manifest.run_id!r}, not to this run {self.run_id!r}"
+            )
+        if manifest.kind != kind or manifest.epoch != epoch:
+            raise CheckpointIntegrityError(
+                f"{where}: holds the {manifest.kind} checkpoint of epoch {manifest.epoch}, "
+                f"expected the {kind} checkpoint of epoch {epoch}"
+            )
+
+
+def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
+    """Deep copy of nested dicts/lists/tuples, cloning tensors (detached; onto ``device`` when
+    given) and keeping scalars."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        if device is None:
+            return value.detach().clone()
+        return value.detach().to(device, copy=True)
     if isinstance(value, Mapping):
-        return {key: clone_state(item) for key, item in value.items()}
+        return {key: clone_state(item, device) for key, item in value.items()}
     if isinstance(value, list):
-        return [clone_state(item) for item in value]
+        return [clone_state(item, device) for item in value]
     if isinstance(value, tuple):
-        return tuple(clone_state(item) for item in value)
+        return tuple(clone_state(item, device) for item in value)
     return value

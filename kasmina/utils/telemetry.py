@@ -1,8 +1,10 @@
 """Telemetry: build Leyline ``TelemetryPacket``s and fan them out to sinks.
 
-Telemetry must never break training, so a sink that raises is logged and skipped, and the
-reporter itself never raises on a send. Packets are plain protobuf messages so that any
-transport (a file, a socket, a message bus) can carry them unchanged.
+Telemetry must never break training, so a sink that raises is skipped and the reporter itself
+never raises on a send. Nor may a broken sink flood the log: its first failure is logged (with
+its traceback, once), later ones are only counted, and after ``max_sink_failures`` consecutive
+failures the sink is disabled with one more log record. Packets are plain protobuf messages so
+that any transport (a file, a socket, a message bus) can carry them unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kasmina.leyline import Metric, MetricType, TelemetryPacket
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MAX_SINK_FAILURES",
     "Event",
     "JsonlFileSink",
     "MemorySink",
@@ -107,35 +110,73 @@ class JsonlFileSink:
 
 MetricSpec = tuple[str, float, int, Mapping[str, str] | None]
 
+# Consecutive failures after which a sink is disabled: enough to ride out a transient hiccup
+# (a full pipe, a reconnecting socket), few enough that a dead sink costs nothing for long.
+DEFAULT_MAX_SINK_FAILURES = 10
+
+
+class _SinkState:
+    """One attached sink and its failure counts (consecutive, and in all)."""
+
+    __slots__ = ("failures", "sink", "total_failures")
+
+    def __init__(self, sink: TelemetrySink) -> None:
+        self.sink = sink
+        self.failures = 0
+        self.total_failures = 0
+
 
 class TelemetryReporter:
-    """Builds packets stamped with a source, a sequence id and a timestamp, and sends them."""
+    """Builds packets stamped with a source, a sequence id and a timestamp, and sends them.
+
+    A sink that raises ``max_sink_failures`` times in a row is disabled (moved to
+    ``disabled_sinks``) with one error logged; ``sink_errors`` counts every failure. A success
+    resets the consecutive count, so a sink that fails now and then stays attached.
+    """
 
     def __init__(
         self,
         source_subsystem: str = "kasmina",
         sinks: Sequence[TelemetrySink] = (),
         clock: Callable[[], float] = time.time,
+        *,
+        max_sink_failures: int = DEFAULT_MAX_SINK_FAILURES,
     ) -> None:
+        if isinstance(max_sink_failures, bool) or not isinstance(max_sink_failures, int):
+            raise TypeError(f"max_sink_failures must be an int, got {max_sink_failures!r}")
+        if max_sink_failures < 1:
+            raise ValueError(f"max_sink_failures must be an int >= 1, got {max_sink_failures}")
         self.source_subsystem = source_subsystem
-        self._sinks: list[TelemetrySink] = list(sinks)
+        # Replaced, never mutated in place, so a send iterating the old list on another thread
+        # is unaffected when a sink is added or disabled.
+        self._entries: list[_SinkState] = [_SinkState(s) for s in sinks]
         self._clock = clock
         self._seq = itertools.count()
         # Packet ids are "<source>-<run>-<seq>": unique across restarts of the same subsystem.
         self._id_prefix = f"{source_subsystem}-{secrets.token_hex(4)}-"
+        self.max_sink_failures = max_sink_failures
         self.sink_errors = 0
+        self._disabled: list[TelemetrySink] = []
+        self._failure_lock = threading.Lock()
 
     @property
     def sinks(self) -> tuple[TelemetrySink, ...]:
-        return tuple(self._sinks)
+        """The sinks that still receive packets (disabled ones are in ``disabled_sinks``)."""
+        return tuple(entry.sink for entry in self._entries)
+
+    @property
+    def disabled_sinks(self) -> tuple[TelemetrySink, ...]:
+        """Sinks dropped after ``max_sink_failures`` consecutive failures, oldest first."""
+        return tuple(self._disabled)
 
     @property
     def enabled(self) -> bool:
         """Whether any sink listens; hot paths skip building packets when none does."""
-        return bool(self._sinks)
+        return bool(self._entries)
 
     def add_sink(self, sink: TelemetrySink) -> None:
-        self._sinks.append(sink)
+        with self._failure_lock:
+            self._entries = [*self._entries, _SinkState(sink)]
 
     def packet(self, metrics: Iterable[MetricSpec]) -> TelemetryPacket:
         """Build (but do not send) a packet holding ``(name, value, type, labels)`` metrics."""
@@ -167,15 +208,52 @@ class TelemetryReporter:
         return Event(self, name, metric_type, labels)
 
     def send(self, packet: TelemetryPacket) -> None:
-        """Deliver ``packet`` to every sink; a failing sink is logged and skipped."""
-        for sink in self._sinks:
+        """Deliver ``packet`` to every sink; a failing sink is skipped (see the class doc)."""
+        for entry in self._entries:
             try:
-                sink.send(packet)
-            except Exception:
-                self.sink_errors += 1
-                logger.exception(
-                    "telemetry sink %r failed; packet %s skipped", sink, packet.packet_id
-                )
+                entry.sink.send(packet)
+            except Exception as exc:
+                self._sink_failed(entry, exc)
+            else:
+                if entry.failures:
+                    entry.failures = 0
+
+    def _sink_failed(self, entry: _SinkState, exc: Exception) -> None:
+        """Count a failure; log only the sink's first one, and disable it at the limit.
+
+        A sink that fails on every packet would otherwise write one traceback per packet, and
+        under a flood of rejected commands that is a flood of log records.
+        """
+        with self._failure_lock:
+            self.sink_errors += 1
+            entry.failures += 1
+            entry.total_failures += 1
+            first = entry.total_failures == 1
+            disable = entry.failures >= self.max_sink_failures and any(
+                e is entry for e in self._entries
+            )
+            if disable:
+                self._entries = [e for e in self._entries if e is not entry]
+                self._disabled.append(entry.sink)
+        if first:
+            logger.error(
+                "telemetry sink %r failed (%s: %s); its packets are skipped, and it is disabled "
+                "after %d consecutive failures",
+                entry.sink,
+                type(exc).__name__,
+                exc,
+                self.max_sink_failures,
+                exc_info=exc,
+            )
+        if disable:
+            logger.error(
+                "telemetry sink %r disabled after %d consecutive failures (%d in all): %s: %s",
+                entry.sink,
+                entry.failures,
+                entry.total_failures,
+                type(exc).__name__,
+                exc,
+            )
 
     def _new_packet(self, template: TelemetryPacket | None = None) -> TelemetryPacket:
         """A packet with a fresh id and timestamp, copied from ``template`` when given."""

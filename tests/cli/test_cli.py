@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import stat
 import subprocess
@@ -12,16 +15,25 @@ import pytest
 
 from kasmina.cli import main as cli
 from kasmina.urza.artifact import PAYLOAD_SUFFIX
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.utils.keyring import Keyring
 
 HELP_CASES = {
     ("demo",): ["--epochs", "--seeds", "--device", "--out", "--seed", "--nproc"],
-    ("urza", "publish"): ["--store", "--builtin", "--factory", "--input-shape", "--key-id"],
-    ("urza", "list"): ["--store", "--keys"],
-    ("urza", "verify"): ["--store", "ARTIFACT_ID"],
-    ("keygen",): ["--key-id", "--out", "--append", "KASMINA_HMAC_KEYS"],
+    ("urza", "publish"): [
+        "--store",
+        "--builtin",
+        "--factory",
+        "--input-shape",
+        "--key",
+        "--key-id",
+    ],
+    ("urza", "list"): ["--store", "--publishers", "--key"],
+    ("urza", "verify"): ["--store", "--publishers", "ARTIFACT_ID"],
+    ("urza", "resign"): ["--store", "--key", "--hmac-keys", "ARTIFACT_ID"],
+    ("keygen",): ["--key-id", "--out", "--append", "KASMINA_HMAC_KEYS", "--publisher", "Ed25519"],
     ("bench",): ["--gpu", "perf"],
-    ("urza",): ["publish", "list", "verify"],
+    ("urza",): ["publish", "list", "verify", "resign"],
     (): ["demo", "urza", "keygen", "bench"],
 }
 
@@ -108,21 +120,67 @@ def test_keygen_append_to_a_corrupt_file_is_one_line(tmp_path, capsys) -> None:
 # -------------------------------------------------------------------------------------- urza
 
 
+def test_keygen_publisher_writes_a_0600_key_and_prints_only_the_public_key(
+    tmp_path, capsys
+) -> None:
+    path = tmp_path / "publisher.key"
+    rc, out, err = run(capsys, "keygen", "--publisher", "--out", str(path), "--key-id", "ci")
+    assert rc == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = PublisherKey.from_file(path)
+    assert json.loads(out) == {"ci": key.public_key_text}  # what trainers are configured with
+    assert TrustedPublishers(json.loads(out)) == key.trusted_publishers()
+    assert "PRIVATE" not in out + err and "mode 0600" in err
+    # Never replaced by accident; --force replaces it, still 0600.
+    rc, _, err = run(capsys, "keygen", "--publisher", "--out", str(path))
+    assert_one_line_error(rc, err, "exists", "--force")
+    assert PublisherKey.from_file(path).public_key_text == key.public_key_text
+    rc, out, _ = run(capsys, "keygen", "--publisher", "--out", str(path), "--force")
+    assert rc == 0 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    replaced = PublisherKey.from_file(path)
+    assert replaced.public_key_text != key.public_key_text
+    assert json.loads(out) == {replaced.key_id: replaced.public_key_text}
+    assert replaced.key_id.startswith("publisher-")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["keygen", "--publisher"], "needs --out"),
+        (["keygen", "--publisher", "--out", "{tmp}/k", "--append"], "--append is for HMAC"),
+        (["keygen", "--publisher", "--out", "{tmp}/k", "--key-id", "a b"], "invalid publisher"),
+    ],
+)
+def test_keygen_publisher_mistakes_are_one_line(argv, fragment, tmp_path, capsys) -> None:
+    rc, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert_one_line_error(rc, err, fragment)
+    assert out == "" and not (tmp_path / "k").exists()
+
+
 @pytest.fixture
 def keys(tmp_path, capsys) -> Path:
-    path = tmp_path / "keys.json"
-    assert run(capsys, "keygen", "--out", str(path), "--key-id", "pub")[0] == 0
+    """A publisher's private key file (``--key``)."""
+    path = tmp_path / "publisher.key"
+    assert run(capsys, "keygen", "--publisher", "--out", str(path), "--key-id", "pub")[0] == 0
+    return path
+
+
+@pytest.fixture
+def publishers(tmp_path, keys) -> Path:
+    """What trainers and verifiers get: the public key, as 'keygen --publisher' printed it."""
+    path = tmp_path / "publishers.json"
+    path.write_text(json.dumps(PublisherKey.from_file(keys).trusted_publishers().to_json()))
     return path
 
 
 def publish(capsys, store: Path, keys: Path, *extra: str) -> str:
-    argv = ["urza", "publish", "--store", str(store), "--keys", str(keys), *extra]
+    argv = ["urza", "publish", "--store", str(store), "--key", str(keys), *extra]
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     return out.strip()
 
 
-def test_urza_publish_list_verify_round_trip(tmp_path, keys, capsys) -> None:
+def test_urza_publish_list_verify_round_trip(tmp_path, keys, publishers, capsys) -> None:
     store = tmp_path / "store"
     a = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8")
     b = publish(capsys, store, keys, "--builtin", "affine-shift", "--dim", "4", "--artifact-id=x1")
@@ -130,13 +188,17 @@ def test_urza_publish_list_verify_round_trip(tmp_path, keys, capsys) -> None:
     # Same blueprint, width and seed: the same bytes, so the same id (publishing is idempotent).
     assert publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8") == a
 
-    rc, out, _ = run(capsys, "urza", "list", "--store", str(store), "--keys", str(keys))
+    rc, out, _ = run(capsys, "urza", "list", "--store", str(store), "--publishers", str(publishers))
     assert rc == 0
     lines = out.splitlines()
     assert [line.split()[0] for line in lines] == sorted([a, b])
     assert any("affine-shift" in line and "key=pub" in line for line in lines)
 
-    rc, out, _ = run(capsys, "urza", "verify", "--store", str(store), "--keys", str(keys))
+    verify = ["urza", "verify", "--store", str(store)]
+    rc, out, _ = run(capsys, *verify, "--publishers", str(publishers))
+    assert rc == 0 and out.count("ok") == 2
+    # A publisher may check its own store with its key file (only the public half is used).
+    rc, out, _ = run(capsys, *verify, "--key", str(keys))
     assert rc == 0 and out.count("ok") == 2
 
     # Unverified listing without keys still shows the ids.
@@ -144,7 +206,9 @@ def test_urza_publish_list_verify_round_trip(tmp_path, keys, capsys) -> None:
     assert rc == 0 and sorted(out.split()) == sorted([a, b]) and "not verified" in err
 
 
-def test_urza_verify_catches_a_flipped_payload_bit_and_a_wrong_key(tmp_path, keys, capsys) -> None:
+def test_urza_verify_catches_a_flipped_payload_bit_and_a_wrong_key(
+    tmp_path, keys, publishers, capsys
+) -> None:
     store = tmp_path / "store"
     good = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "4")
     bad = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "6")
@@ -153,30 +217,129 @@ def test_urza_verify_catches_a_flipped_payload_bit_and_a_wrong_key(tmp_path, key
     data[len(data) // 2] ^= 0x01
     payload.write_bytes(bytes(data))
 
-    rc, out, err = run(capsys, "urza", "verify", "--store", str(store), "--keys", str(keys))
+    verify = ["urza", "verify", "--store", str(store)]
+    rc, out, err = run(capsys, *verify, "--publishers", str(publishers))
     assert rc == 1
     assert f"ok     {good}" in out and f"FAILED {bad}" in out and "SHA-256" in out
     assert "1 of 2" in err and "Traceback" not in err
-    rc, out, _ = run(capsys, "urza", "verify", "--store", str(store), "--keys", str(keys), good)
+    rc, out, _ = run(capsys, *verify, "--publishers", str(publishers), good)
     assert rc == 0
 
-    other = tmp_path / "other.json"
-    assert run(capsys, "keygen", "--out", str(other), "--key-id", "pub")[0] == 0
-    rc, out, _ = run(capsys, "urza", "verify", "--store", str(store), "--keys", str(other), good)
+    # Another key under the same id: its public key does not verify these manifests.
+    other = tmp_path / "other.key"
+    rc, other_public, _ = run(
+        capsys, "keygen", "--publisher", "--out", str(other), "--key-id", "pub"
+    )
+    assert rc == 0
+    (tmp_path / "other.json").write_text(other_public)
+    rc, out, _ = run(capsys, *verify, "--publishers", str(tmp_path / "other.json"), good)
     assert rc == 1 and "signature does not verify" in out
+    # And a verifier that trusts some other publisher id reports the unknown key.
+    (tmp_path / "stranger.json").write_text(other_public.replace('"pub"', '"stranger"'))
+    rc, out, _ = run(capsys, *verify, "--publishers", str(tmp_path / "stranger.json"), good)
+    assert rc == 1 and "unknown publisher key 'pub'" in out
 
 
-def test_urza_verify_of_unknown_or_invalid_ids_fails_per_id(tmp_path, keys, capsys) -> None:
+def test_hmac_keyrings_no_longer_sign_or_verify_artifacts(tmp_path, keys, capsys) -> None:
+    hmac_keys = tmp_path / "keys.json"
+    assert run(capsys, "keygen", "--out", str(hmac_keys), "--key-id", "pub")[0] == 0
+    store = tmp_path / "store"
+    publish(capsys, store, keys, "--builtin", "affine-shift", "--dim", "3")
+    for action in (["publish", "--builtin", "affine-shift", "--dim", "3"], ["verify"], ["list"]):
+        argv = ["urza", action[0], "--store", str(store), "--keys", str(hmac_keys), *action[1:]]
+        rc, _, err = run(capsys, *argv)
+        assert_one_line_error(rc, err, "--keys (an HMAC keyring) no longer signs or verifies")
+    # An HMAC keyring file given as the publisher key is not a key either.
+    rc, _, err = run(capsys, "urza", "verify", "--store", str(store), "--key", str(hmac_keys))
+    assert_one_line_error(rc, err, "not a PEM private key")
+
+
+def test_a_group_readable_publisher_key_is_refused(tmp_path, keys, capsys) -> None:
+    keys.chmod(0o640)
+    argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--key", str(keys)]
+    rc, _, err = run(capsys, *argv, "--builtin", "affine-shift", "--dim", "2")
+    assert_one_line_error(rc, err, "accessible by group/others", "chmod 600")
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_publisher_key_file_may_come_from_the_environment(
+    tmp_path, keys, publishers, capsys, monkeypatch
+) -> None:
+    store = tmp_path / "store"
+    argv = ["urza", "publish", "--store", str(store), "--builtin", "affine-shift", "--dim", "2"]
+    monkeypatch.delenv("KASMINA_PUBLISHER_KEY_FILE", raising=False)
+    rc, _, err = run(capsys, *argv)
+    assert_one_line_error(rc, err, "no publisher key", "KASMINA_PUBLISHER_KEY_FILE")
+    monkeypatch.setenv("KASMINA_PUBLISHER_KEY_FILE", str(keys))
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    assert run(capsys, *verify, out.strip())[0] == 0
+    rc, _, err = run(capsys, "urza", "verify", "--store", str(store))
+    assert_one_line_error(rc, err, "no publisher public keys")
+
+
+def _legacy_artifact(store: Path, artifact_id: str, payload: bytes, key: bytes) -> None:
+    """An artifact as the retired HMAC scheme (manifest version 1) published it."""
+    store.mkdir(parents=True, exist_ok=True)
+    (store / f"{artifact_id}{PAYLOAD_SUFFIX}").write_bytes(payload)
+    data = {
+        "artifact_id": artifact_id,
+        "blueprint": "bp",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "input_spec": [],
+        "key_id": "old",
+        "created": 1.0,
+        "torch_version": "2.4.0",
+        "format": "torch.export/pt2",
+    }
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    (store / f"{artifact_id}.manifest.json").write_text(json.dumps(data))
+
+
+def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys) -> None:
+    hmac_keys = tmp_path / "old.json"
+    assert run(capsys, "keygen", "--out", str(hmac_keys), "--key-id", "old")[0] == 0
+    store = tmp_path / "store"
+    old_key = Keyring.from_file(hmac_keys).get("old")
+    _legacy_artifact(store, "one", b"first payload", old_key)
+    _legacy_artifact(store, "two", b"second payload", old_key)
+    _legacy_artifact(store, "bad", b"third payload", b"not the old key, 32 bytes long...")
+
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    rc, out, err = run(capsys, *verify)
+    assert rc == 1 and "3 of 3" in err
+    assert out.count("signed with the retired HMAC scheme") == 3 and "kasmina urza resign" in out
+
+    resign = ["urza", "resign", "--store", str(store), "--key", str(keys)]
+    rc, _, err = run(capsys, *resign)
+    assert_one_line_error(rc, err, "--hmac-keys")
+    rc, out, err = run(capsys, *resign, "--hmac-keys", str(hmac_keys))
+    assert rc == 1 and "1 of 3 artifact(s) could not be re-signed" in err
+    assert "ok     one (signed by 'pub')" in out and "ok     two" in out
+    assert "FAILED bad: artifact 'bad': old HMAC signature does not verify" in out
+    rc, out, err = run(capsys, *verify, "one", "two")
+    assert rc == 0 and out.count("ok") == 2
+    # Running it again leaves the re-signed artifacts as they are.
+    assert run(capsys, *resign, "--hmac-keys", str(hmac_keys), "one", "two")[0] == 0
+
+
+def test_urza_verify_of_unknown_or_invalid_ids_fails_per_id(
+    tmp_path, keys, publishers, capsys
+) -> None:
     store = tmp_path / "store"
     good = publish(capsys, store, keys, "--builtin", "affine-shift", "--dim", "3")
-    argv = ["urza", "verify", "--store", str(store), "--keys", str(keys), good, "nope", "../x"]
+    argv = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    argv += [good, "nope", "../x"]
     rc, out, err = run(capsys, *argv)
     assert rc == 1 and "2 of 3" in err and err.count("\n") == 1
     assert f"ok     {good}" in out and "FAILED nope: no artifact 'nope'" in out
     assert "FAILED ../x:" in out
 
 
-def test_urza_publish_from_a_factory(tmp_path, keys, capsys, monkeypatch) -> None:
+def test_urza_publish_from_a_factory(tmp_path, keys, publishers, capsys, monkeypatch) -> None:
     (tmp_path / "my_seed_mod.py").write_text(
         "import torch\n"
         "def make():\n"
@@ -187,7 +350,8 @@ def test_urza_publish_from_a_factory(tmp_path, keys, capsys, monkeypatch) -> Non
     store = tmp_path / "store"
     artifact = publish(capsys, store, keys, "--factory", "my_seed_mod:make", "--input-shape", "4,5")
     assert artifact.startswith("make-")
-    rc, out, _ = run(capsys, "urza", "verify", "--store", str(store), "--keys", str(keys))
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    rc, out, _ = run(capsys, *verify)
     assert rc == 0 and artifact in out
 
 
@@ -195,34 +359,45 @@ def test_urza_publish_from_a_factory(tmp_path, keys, capsys, monkeypatch) -> Non
     ("argv", "fragment"),
     [
         (["urza", "list", "--store", "{tmp}/missing"], "no Urza store"),
-        (["urza", "verify", "--store", "{tmp}", "--keys", "{tmp}/nokeys.json"], "nokeys.json"),
-        (["urza", "verify", "--store", "{tmp}", "--keys", "{tmp}/bad.json"], "not valid JSON"),
-        (["urza", "verify", "--store", "{tmp}", "--keys", "{keys}"], "no artifacts to verify"),
+        (
+            ["urza", "verify", "--store", "{tmp}", "--publishers", "{tmp}/nokeys.json"],
+            "nokeys.json",
+        ),
+        (
+            ["urza", "verify", "--store", "{tmp}", "--publishers", "{tmp}/bad.json"],
+            "not valid JSON",
+        ),
+        (["urza", "verify", "--store", "{tmp}", "--key", "{keys}"], "no artifacts to verify"),
+        (["urza", "verify", "--store", "{tmp}", "--publishers", "{tmp}/short.json"], "32 bytes"),
+        (
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{tmp}/nokey", "--builtin", "x"],
+            "nokey",
+        ),
         (["urza", "list", "--store", "nosuchproto://x"], "nosuchproto"),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}", "--builtin", "zzz"],
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}", "--builtin", "zzz"],
             "unknown blueprint",
         ),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}"]
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}"]
             + ["--builtin", "affine-shift"],
             "needs --dim",
         ),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}", "--factory", "nomod:f"],
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}", "--factory", "nomod:f"],
             "cannot import",
         ),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}", "--factory", "os:getcwd"],
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}", "--factory", "os:getcwd"],
             "did not return an nn.Module",
         ),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}", "--key-id", "zz"]
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}", "--key-id", "zz"]
             + ["--builtin", "affine-shift", "--dim", "2"],
-            "no key 'zz'",
+            "holds publisher key 'pub', not 'zz'",
         ),
         (
-            ["urza", "publish", "--store", "{tmp}/s", "--keys", "{keys}", "--factory", "a:b"]
+            ["urza", "publish", "--store", "{tmp}/s", "--key", "{keys}", "--factory", "a:b"]
             + ["--input-shape", "4,x"],
             "cannot import",
         ),
@@ -231,6 +406,7 @@ def test_urza_publish_from_a_factory(tmp_path, keys, capsys, monkeypatch) -> Non
 def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsys, monkeypatch):
     monkeypatch.delenv("KASMINA_HMAC_KEYS", raising=False)
     (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "short.json").write_text(json.dumps({"pub": "00" * 31}))
     argv = [a.format(tmp=tmp_path, keys=keys) for a in argv]
     rc, _, err = run(capsys, *argv)
     assert_one_line_error(rc, err, fragment)
@@ -250,7 +426,7 @@ def test_publish_errors_in_the_users_factory_are_one_line(
     (tmp_path / "broken_seed_mod.py").write_text("raise SystemError('broken at import')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--keys", str(keys)]
+    argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--key", str(keys)]
     rc, _, err = run(capsys, *argv, "--factory", factory, "--input-shape", "2,3")
     assert_one_line_error(rc, err, fragment)
 

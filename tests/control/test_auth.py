@@ -51,10 +51,13 @@ def signed(keyring: Keyring, key_id: str = "k1", timestamp: float = T0, nonce: s
 
 
 def independent_hmac(cmd: AdaptationCommand, key: bytes) -> bytes:
+    """HMAC-SHA256 over the command purpose tag and the serialised command (signature cleared),
+    written out here rather than imported, so a changed tag or message shows."""
     clone = AdaptationCommand()
     clone.CopyFrom(cmd)
     clone.metadata.ClearField("signature")
-    return hmac.new(key, clone.SerializeToString(deterministic=True), hashlib.sha256).digest()
+    message = b"kasmina-leyline-command-v1\0" + clone.SerializeToString(deterministic=True)
+    return hmac.new(key, message, hashlib.sha256).digest()
 
 
 # --- keyring -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ See docs/design.md §5.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import struct
@@ -540,3 +541,67 @@ def test_builders_validate_their_inputs() -> None:
     assert (cmd.timeout.seconds, cmd.timeout.nanos) == (0, 250_000_000)
     assert cmd.command_id and cmd.command_id != make_rollback_command(0).command_id
     assert not cmd.HasField("metadata")
+
+
+# --- bounded reporting of rejections -----------------------------------------------------------
+
+
+def test_rejections_are_counted_exactly_and_reported_once_per_interval(caplog) -> None:
+    """20,000 forgeries over 20 s of (fake) time with a 5 s interval: every one counted, the
+    first reported at once, then one aggregated report per interval carrying the count."""
+    mono = [0.0]
+    rig = Rig()
+    handler = LeylineAdaptationHandler(
+        rig.verifier,
+        rig.executor,
+        rig.handler.telemetry,
+        rejection_report_interval_s=5.0,
+        clock=lambda: mono[0],
+    )
+    cmd = germinate()
+    sign_command(cmd, Keyring({"ctl": bytes(32)}), "ctl", timestamp=T0)
+    forged = cmd.SerializeToString()
+    with caplog.at_level(logging.DEBUG, logger="kasmina.control.handler"):
+        for i in range(20_000):
+            mono[0] = i * 1e-3
+            assert handler.handle_adaptation_command(forged) is False
+        handler.flush_rejections()  # nothing due yet: the last report was under 5 s ago
+        reported = len(rig.sink.events("command.rejected"))
+        mono[0] += 5.0
+        handler.flush_rejections()  # the tail of the flood, now due
+    assert handler.stats["rejected:bad_signature"] == 20_000 == handler.stats["rejected"]
+    values = [m.value for m in rig.sink.events("command.rejected")]
+    assert reported == 4 and len(values) == 5  # t=0 (the first), 5, 10, 15; then the tail
+    assert values[0] == 1.0 and sum(values) == 20_000.0
+    assert len(caplog.records) == 5
+    assert "bad_signature" in caplog.records[-1].getMessage()
+    assert "20000 in all" in caplog.records[-1].getMessage()
+    handler.flush_rejections(force=True)  # nothing pending: nothing reported
+    assert len(rig.sink.events("command.rejected")) == 5
+
+
+def test_each_reason_is_reported_on_its_own_schedule() -> None:
+    mono = [0.0]
+    rig = Rig()
+    handler = LeylineAdaptationHandler(
+        rig.verifier, rig.executor, rig.handler.telemetry, clock=lambda: mono[0]
+    )
+    for raw in (b"\xff", b"\xff", b"", b"", b"\xff"):
+        handler.handle_adaptation_command(raw)
+    assert rig.reasons() == ["malformed", "missing_metadata"]  # each first one, at once
+    handler.flush_rejections(force=True)
+    events = rig.sink.events("command.rejected")
+    assert [(m.labels["reason"], m.value) for m in events[2:]] == [
+        ("malformed", 2.0),
+        ("missing_metadata", 1.0),
+    ]
+
+
+@pytest.mark.parametrize("interval", [0, -1.0, float("nan"), float("inf"), 86_401.0])
+def test_the_report_interval_is_bounded(interval: float) -> None:
+    with pytest.raises(ValueError, match=r"\(0, 86400\]"):
+        LeylineAdaptationHandler(
+            CommandVerifier(Keyring({"ctl": KEY})),
+            RecordingExecutor(),
+            rejection_report_interval_s=interval,
+        )

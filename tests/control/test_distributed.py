@@ -1,8 +1,10 @@
-"""Multi-process coordination: commands broadcast at epoch boundaries, divergence detected.
+"""Multi-process coordination: verified on arrival, applied on every rank or none, repaired.
 
-The two-rank tests spawn real gloo processes joined on loopback; each rank runs its own
-``LeylineAdaptationHandler`` over its own state table and seed weights, trains on its own shard
-with averaged gradients, and writes what it ended with to a file the test compares.
+The two-rank test spawns real gloo processes joined on loopback; each rank runs its own
+``LeylineAdaptationHandler`` over its own state table and seed weights (a stand-in executor: the
+distributed layer is what is under test; ``tests/manager/test_ddp.py`` runs the kernel manager),
+trains on its own shard with averaged gradients, and writes what it ended with to a file the
+test compares. The single-process tests drive the coordinator with an injected clock.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from kasmina.control.commands import KasminaCommand, make_seed_command
 from kasmina.control.distributed import (
     DistributedCoordinator,
     EpochSyncResult,
+    TensorReplica,
     _minority_ranks,
     average_gradients,
     broadcast_tensors,
+    nested_checksum,
     spawn,
     state_checksum,
 )
 from kasmina.control.handler import LeylineAdaptationHandler
-from kasmina.leyline import SeedOperation
+from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NEXT_STAGE, TRAINING_STAGES, SeedStage
 from kasmina.utils.keyring import Keyring
@@ -35,6 +39,7 @@ NUM_SEEDS = 3
 GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 ADVANCE = SeedOperation.SEED_OPERATION_ADVANCE
 CULL = SeedOperation.SEED_OPERATION_CULL
+KEY = bytes(range(32))
 
 
 class TableExecutor:
@@ -42,8 +47,10 @@ class TableExecutor:
 
     def __init__(self, table: GPUStateTensor) -> None:
         self.table = table
+        self.executed: list[str] = []
 
     def execute(self, command: KasminaCommand) -> bool:
+        self.executed.append(command.command_id)
         action = command.seed
         if action is None:
             return False
@@ -61,13 +68,13 @@ class TableExecutor:
         return self.table.batch_state_update([(idx, target)])[0] == 0
 
 
-def _signed(keyring: Keyring, op: int, idx: int, artifact: str = "") -> bytes:
+def _signed(keyring: Keyring, op: int, idx: int, artifact: str = "", **kw: float) -> bytes:
     cmd = make_seed_command(op, f"seed-{idx}", artifact)
-    return sign_command(cmd, keyring, "k1").SerializeToString()
+    return sign_command(cmd, keyring, "k1", **kw).SerializeToString()
 
 
 def _worker(rank: int, world: int, key_hex: str, out_dir: str) -> None:
-    """One rank: 4 clean epochs with commands, then an injected divergence on rank 1."""
+    """One rank: commands received on both ranks, a divergence repaired, then one quarantined."""
     keyring = Keyring({"k1": bytes.fromhex(key_hex)})
     forger = Keyring({"k1": bytes(32)})  # same key id, wrong key
     table = GPUStateTensor(NUM_SEEDS, "cpu")
@@ -88,39 +95,38 @@ def _worker(rank: int, world: int, key_hex: str, out_dir: str) -> None:
                 table.update_seed_state(i, SeedStage.QUARANTINE)
                 quarantined.append(i)
 
-    coord = DistributedCoordinator(handler, state, on_divergence=quarantine)
-    submit_error = ""
-    if rank == 1:
-        try:
-            coord.submit(b"x")
-        except RuntimeError as exc:
-            submit_error = str(exc)
-
+    replica = TensorReplica(state, after_import=table.resync)
+    coord = DistributedCoordinator(handler, replica, on_divergence=quarantine)
+    # (epoch, receiving rank) -> commands; rank 1 receives some: any rank may.
     plan = {
-        0: [(GERMINATE, 0, "blueprint-a"), (GERMINATE, 1, "blueprint-b")],
-        1: [(ADVANCE, 0, ""), (CULL, 1, "")],
-        2: [(ADVANCE, 0, ""), (GERMINATE, 2, "blueprint-c")],
+        (0, 0): [(GERMINATE, 0, "blueprint-a")],
+        (0, 1): [(GERMINATE, 1, "blueprint-b")],
+        (1, 1): [(ADVANCE, 0, ""), (CULL, 1, "")],
+        (2, 0): [(ADVANCE, 0, ""), (GERMINATE, 2, "blueprint-c")],
     }
+    arrivals = []
     results = []
     gen = torch.Generator().manual_seed(7 + rank)  # each rank its own data shard
-    for epoch in range(5):
-        if rank == 0:
-            for op, idx, artifact in plan.get(epoch, []):
-                raw = _signed(keyring, op, idx, artifact)
-                coord.submit(raw)
-                if epoch == 1:
-                    coord.submit(raw)  # a replay: refused on every rank
-            if epoch == 2:
-                forged = make_seed_command(CULL, "seed-0")
-                coord.submit(sign_command(forged, forger, "k1").SerializeToString())
-        if epoch == 4 and rank == 1:
+    for epoch in range(6):
+        for op, idx, artifact in plan.get((epoch, rank), []):
+            raw = _signed(keyring, op, idx, artifact)
+            arrivals.append(coord.submit(raw))
+            if epoch == 1:
+                arrivals.append(coord.submit(raw))  # a replay: refused on arrival
+        if epoch == 2 and rank == 1:
+            forged = sign_command(make_seed_command(CULL, "seed-0"), forger, "k1")
+            arrivals.append(coord.submit(forged.SerializeToString()))
+        if epoch in (4, 5) and rank == 1:
             with torch.no_grad():
                 seeds[0].weight[0, 0] += 1e-3  # silent divergence on one rank
+        coord.repair = epoch != 5  # the last one only detected: quarantined
         results.append(coord.sync_epoch(epoch))
         if epoch == 3:
             snapshot = {k: v.clone() for k, v in state().items()}
             snapshot["init.0.weight"] = init_weight
             torch.save(snapshot, Path(out_dir, f"clean{rank}.pt"))
+        if epoch == 4:
+            torch.save({k: v.clone() for k, v in state().items()}, Path(out_dir, f"fix{rank}.pt"))
         for _ in range(3):
             x = torch.randn(8, 4, generator=gen)
             active = [s for i, s in enumerate(seeds) if table.stage(i) in TRAINING_STAGES]
@@ -133,22 +139,27 @@ def _worker(rank: int, world: int, key_hex: str, out_dir: str) -> None:
         table.tick()
     torch.save(
         {
-            "results": [(r.epoch, r.outcomes, r.divergent_ranks, r.checksums) for r in results],
+            "results": [
+                (r.epoch, r.outcomes, r.divergent_ranks, r.source_rank, r.repaired_ranks)
+                for r in results
+            ],
+            "origins": [[c.origin for c in r.commands] for r in results],
+            "arrivals": arrivals,
             "stats": dict(handler.stats),
+            "coordinator": dict(coord.stats),
             "quarantined": quarantined,
             "stages": [int(s) for s in table.stages()],
-            "submit_error": submit_error,
         },
         Path(out_dir, f"run{rank}.pt"),
     )
 
 
-def test_two_gloo_ranks_stay_identical_and_divergence_is_caught(tmp_path: Path) -> None:
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_two_gloo_ranks_stay_identical_and_a_divergent_rank_is_repaired(tmp_path: Path) -> None:
     from kasmina.utils.keyring import generate_key
 
-    start = time.monotonic()
-    spawn(_worker, 2, args=(generate_key().hex(), str(tmp_path)), backend="gloo", timeout_s=60)
-    assert time.monotonic() - start < 60
+    key = generate_key().hex()
+    spawn(_worker, 2, args=(key, str(tmp_path)), backend="gloo", timeout_s=60, join_timeout_s=120)
 
     clean = [torch.load(tmp_path / f"clean{r}.pt") for r in range(2)]
     assert clean[0].keys() == clean[1].keys()
@@ -158,59 +169,202 @@ def test_two_gloo_ranks_stay_identical_and_divergence_is_caught(tmp_path: Path) 
     assert table[:, 0].tolist() == [SeedStage.GRAFTING, SeedStage.HARVESTING, 1]
     # Seed 0 trained on different shards per rank, yet moved identically from the shared init.
     assert not torch.equal(clean[0]["0.weight"], clean[0]["init.0.weight"])
+    fixed = [torch.load(tmp_path / f"fix{r}.pt") for r in range(2)]
+    for name in fixed[0]:
+        assert torch.equal(fixed[0][name], fixed[1][name]), name
 
     runs = [torch.load(tmp_path / f"run{r}.pt") for r in range(2)]
-    assert runs[1]["submit_error"].startswith("commands are accepted on rank 0 only")
+    assert runs[0]["arrivals"] == [True, True, True]  # epochs 0 and 2
+    assert runs[1]["arrivals"] == [True, True, False, True, False, False]  # replays, forgery
     for run in runs:
-        outcomes = {epoch: out for epoch, out, _, _ in run["results"]}
-        assert outcomes[0] == (True, True)
-        assert outcomes[1] == (True, False, True, False)  # each replay refused
-        assert outcomes[2] == (True, True, False)  # the forged cull refused
-        assert run["stats"]["rejected:replay"] == 2
-        assert run["stats"]["rejected:bad_signature"] == 1
-        divergent = {epoch: d for epoch, _, d, _ in run["results"]}
-        assert divergent == {0: (), 1: (), 2: (), 3: (), 4: (1,)}
+        outcomes = {epoch: out for epoch, out, *_ in run["results"]}
+        assert outcomes[0] == (True, True) and outcomes[1] == (True, True)
+        assert outcomes[2] == (True, True)
+        assert run["origins"][:3] == [[0, 1], [1, 1], [0, 0]]
+        assert run["stats"]["rejected"] == (3 if run is runs[1] else 0)  # only where received
+        verdicts = {epoch: v for epoch, _, *v in run["results"]}
+        assert verdicts[3] == [(), -1, ()]
+        assert verdicts[4] == [(1,), 0, (1,)]  # repaired from rank 0
+        assert verdicts[5] == [(1,), -1, ()]  # repair off: detected, quarantined
+    assert runs[1]["coordinator"]["repairs"] == 1 and runs[0]["coordinator"]["repairs_served"] == 1
     assert runs[0]["quarantined"] == []
     assert sorted(runs[1]["quarantined"]) == [0, 2]
     assert runs[1]["stages"][0] == SeedStage.QUARANTINE
     assert runs[0]["stages"][0] == SeedStage.GRAFTING
 
 
+def _sleep_forever(rank: int, world: int) -> None:
+    time.sleep(600)
+
+
+def test_spawn_kills_ranks_that_outlive_the_join_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        spawn(_sleep_forever, 2, backend="gloo", timeout_s=5, join_timeout_s=2)
+    assert time.monotonic() - started < 30
+
+
 # ----------------------------------------------------------------- single process, no group
 
 
-def _local(handler_stats: dict | None = None) -> tuple[DistributedCoordinator, GPUStateTensor]:
-    keyring = Keyring({"k1": bytes(range(32))})
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _local(
+    clock: Clock | None = None, freshness_s: float = 60.0
+) -> tuple[DistributedCoordinator, GPUStateTensor, Keyring, TableExecutor]:
+    keyring = Keyring({"k1": KEY})
     table = GPUStateTensor(NUM_SEEDS, "cpu")
-    handler = LeylineAdaptationHandler(CommandVerifier(keyring), TableExecutor(table))
+    verifier = CommandVerifier(keyring, freshness_s, clock=clock or time.time)
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(verifier, executor)
     coord = DistributedCoordinator(handler, lambda: {"table": table.state_tensor})
-    return coord, table
+    return coord, table, keyring, executor
 
 
 def test_single_process_applies_commands_only_at_the_boundary() -> None:
-    coord, table = _local()
-    keyring = Keyring({"k1": bytes(range(32))})
+    coord, table, keyring, _ = _local()
     assert coord.world_size == 1 and coord.rank == 0
     assert coord.submit(_signed(keyring, GERMINATE, 0, "bp"))
-    assert table.stage(0) == SeedStage.DORMANT  # queued, not applied
+    assert table.stage(0) == SeedStage.DORMANT  # verified, held, not applied
     result = coord.sync_epoch(0)
     assert result.outcomes == (True,) and result.consistent
+    assert result.commands[0].origin == 0 and result.commands[0].reason == ""
     assert table.stage(0) == SeedStage.ISOLATED_INIT
     assert coord.pending == 0
     assert coord.sync_epoch(1).outcomes == ()
 
 
-def test_submit_bounds_and_types() -> None:
-    coord, _ = _local()
-    coord.max_command_bytes = 10
-    assert not coord.submit(b"x" * 11)
+def test_an_epoch_longer_than_the_freshness_window_still_applies_its_commands() -> None:
+    clock = Clock()
+    coord, table, keyring, _ = _local(clock, freshness_s=60.0)
+    raw = _signed(keyring, GERMINATE, 0, "bp", timestamp=clock.now)
+    assert coord.submit(raw)
+    clock.now += 3600.0  # a long epoch: the command is an hour old at the boundary
+    assert coord.handler.verifier.verify(AdaptationCommand.FromString(raw))[1] == "stale"
+    assert coord.sync_epoch(0).outcomes == (True,)
+    assert table.stage(0) == SeedStage.ISOLATED_INIT
+
+
+def test_relayed_commands_are_judged_against_their_receive_time() -> None:
+    clock = Clock()
+    keyring = Keyring({"k1": KEY})
+    verifier = CommandVerifier(keyring, 60.0, clock=clock)
+    handler = LeylineAdaptationHandler(verifier, TableExecutor(GPUStateTensor(1, "cpu")))
+    signed_at = clock.now
+    raw = _signed(keyring, GERMINATE, 0, "bp", timestamp=signed_at)
+    clock.now += 5000.0
+    assert handler.accept(raw) is None  # stale on arrival now
+    assert handler.accept_relayed(raw, received_at=clock.now) is None  # stale when received
+    assert handler.accept_relayed(raw, received_at=clock.now + 120.0) is None  # future
+    assert handler.stats["rejected:stale"] == 2 and handler.stats["rejected:future"] == 1
+    command = handler.accept_relayed(raw, received_at=signed_at + 1.0)
+    assert command is not None and command.seed is not None
+    assert handler.accept_relayed(raw, received_at=signed_at + 1.0) is None  # nonce used up
+    assert handler.stats["rejected:replay"] == 1
+    forged = sign_command(make_seed_command(CULL, "seed-0"), Keyring({"k1": bytes(32)}), "k1")
+    forged_raw = forged.SerializeToString()
+    assert handler.accept_relayed(forged_raw, received_at=clock.now) is None
+    assert handler.stats["rejected:bad_signature"] == 1
+    assert handler.accept_relayed(b"\xff" * 7, received_at=clock.now) is None  # never raises
+    assert handler.accept_relayed(raw, received_at=float("nan")) is None
+
+
+def test_relayed_batches_do_not_age_out_their_own_later_commands() -> None:
+    """Applying a batch late must not let one command's nonce expiry make an older one stale."""
+    clock = Clock()
+    verifier = CommandVerifier(Keyring({"k1": KEY}), 60.0, clock=clock)
+    handler = LeylineAdaptationHandler(verifier, TableExecutor(GPUStateTensor(2, "cpu")))
+    t0 = clock.now
+    older = _signed(Keyring({"k1": KEY}), GERMINATE, 0, "a", timestamp=t0)
+    newer = _signed(Keyring({"k1": KEY}), GERMINATE, 1, "b", timestamp=t0 + 30.0)
+    clock.now += 7200.0
+    assert handler.accept_relayed(newer, received_at=t0 + 31.0) is not None
+    assert handler.accept_relayed(older, received_at=t0 + 1.0) is not None
+
+
+class FailingPrepare:
+    """An applier whose rank cannot ready artifact ``bad`` (its fetch failed)."""
+
+    def __init__(self, handler: LeylineAdaptationHandler, executor: TableExecutor) -> None:
+        self.handler, self.executor = handler, executor
+        self.refused: list[tuple[str, str]] = []
+
+    def prepare(self, command: KasminaCommand) -> str:
+        assert command.seed is not None
+        return "fetch failed" if command.seed.artifact_id == "bad" else ""
+
+    def apply(self, commands: list[KasminaCommand]) -> list[tuple[bool, str]]:
+        results = []
+        for command in commands:
+            ok = self.executor.execute(command)
+            self.handler.complete(command, ok)
+            results.append((ok, ""))
+        return results
+
+    def refuse(self, command: KasminaCommand, reason: str) -> None:
+        self.refused.append((command.command_id, reason))
+        self.handler.complete(command, False)
+
+
+def test_a_command_some_rank_cannot_ready_is_applied_nowhere() -> None:
+    keyring = Keyring({"k1": KEY})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring), executor)
+    applier = FailingPrepare(handler, executor)
+    coord = DistributedCoordinator(handler, lambda: {"t": table.state_tensor}, applier=applier)
+    assert coord.submit(_signed(keyring, GERMINATE, 0, "bad"))
+    assert coord.submit(_signed(keyring, GERMINATE, 1, "good"))
+    result = coord.sync_epoch(0)
+    assert result.outcomes == (False, True)
+    assert result.commands[0].reason == "not applied on any rank: rank(s) [0] could not prepare it"
+    assert len(executor.executed) == 1 and table.stage(0) == SeedStage.DORMANT
+    assert applier.refused == [(result.commands[0].command_id, result.commands[0].reason)]
+    assert handler.stats["failed"] == 1 and handler.stats["executed"] == 1
+    assert coord.stats["refused"] == 1 and coord.stats["applied"] == 1
+
+
+def test_submit_verifies_on_arrival_bounds_the_queue_and_never_raises() -> None:
+    coord, _, keyring, _ = _local()
+    assert not coord.submit(b"x")  # malformed: refused by the handler, now
+    assert not coord.submit("not bytes")  # type: ignore[arg-type]
+    assert coord.handler.stats["rejected:malformed"] == 2
+    assert coord.stats["refused_on_arrival"] == 2
     coord.max_pending = 1
-    assert coord.submit(b"x")
-    assert not coord.submit(b"y")
-    assert coord.stats["dropped:too_large"] == 1 and coord.stats["dropped:queue_full"] == 1
-    with pytest.raises(TypeError):
-        coord.submit("not bytes")  # type: ignore[arg-type]
-    assert coord.sync_epoch(0).outcomes == (False,)  # garbage bytes are refused by the handler
+    assert coord.submit(_signed(keyring, GERMINATE, 0, "a"))
+    assert not coord.submit(_signed(keyring, GERMINATE, 1, "b"))
+    assert coord.stats["dropped:queue_full"] == 1
+    assert coord.handler.stats["failed"] == 1  # the dropped one is reported, not lost
+    assert coord.sync_epoch(0).outcomes == (True,)
+    with pytest.raises(TypeError, match="applier"):
+        DistributedCoordinator(object(), lambda: {})  # type: ignore[arg-type]
+
+
+def test_tensor_replicas_round_trip_without_pickle_and_refuse_other_layouts() -> None:
+    a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "t": torch.zeros(2, 10).int()}
+    b = {"w": torch.zeros(2, 3), "t": torch.ones(2, 10).int()}
+    resynced: list[bool] = []
+    source, target = (
+        TensorReplica(lambda: a),
+        TensorReplica(lambda: b, after_import=lambda: resynced.append(True)),
+    )
+    payload = source.export_state()
+    assert not payload.startswith(b"\x80")  # length-prefixed JSON and bytes, not a pickle
+    target.import_state(payload)
+    assert target.checksum() == source.checksum() and resynced == [True]
+    assert torch.equal(b["w"], a["w"])
+    with pytest.raises(ValueError):
+        TensorReplica(lambda: {"w": torch.zeros(3, 2), "t": b["t"]}).import_state(payload)
+    with pytest.raises(ValueError):
+        TensorReplica(lambda: {"w": b["w"]}).import_state(payload)
+    with pytest.raises(ValueError):
+        target.import_state(payload[:-3])
 
 
 def test_checksum_is_bitwise_and_order_free() -> None:
@@ -224,18 +378,22 @@ def test_checksum_is_bitwise_and_order_free() -> None:
     assert state_checksum({"x": torch.ones(2, dtype=torch.bfloat16)}) != state_checksum(
         {"x": torch.ones(2)}
     )
+    nest = {"opt": {"state": {0: {"step": torch.tensor(3.0)}}, "lr": 0.1}, "ids": ["a", "b"]}
+    assert nested_checksum(nest) == nested_checksum({"ids": ["a", "b"], "opt": dict(nest["opt"])})
+    assert nested_checksum(nest) != nested_checksum({**nest, "ids": ["b", "a"]})
 
 
 def test_majority_and_tie_breaking() -> None:
     assert _minority_ranks([(1,), (1,), (2,)]) == (2,)
     assert _minority_ranks([(2,), (1,), (1,)]) == (0,)
     assert _minority_ranks([(1,), (2,)]) == (1,)  # a tie goes to rank 0
+    assert _minority_ranks([(1,), (2,), (3,)]) == (1, 2)
     assert _minority_ranks([(1,), (1,)]) == ()
 
 
 def test_on_divergence_is_not_called_when_consistent() -> None:
     calls: list[EpochSyncResult] = []
-    coord, _ = _local()
+    coord, _, _, _ = _local()
     coord.on_divergence = calls.append
     assert coord.sync_epoch(0).consistent
     assert calls == [] and coord.stats["divergences"] == 0

@@ -8,6 +8,7 @@ adversary's refusals.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -16,11 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from kasmina.cli import main as cli
 from kasmina.demo.config import DemoConfig
 from kasmina.demo.report import DemoResult
 from kasmina.demo.run import prepare, run_demo, run_demo_cli
+from kasmina.urza.keys import PublisherKey
 
 SHORT = {"epochs": 17, "num_seeds": 2, "teacher_epochs": 4, "progress": False}
 
@@ -39,6 +42,7 @@ def test_outputs_are_written(short_run, capsys) -> None:
         assert heading in report
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stat.S_IMODE((out / "keys.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "publisher.key").stat().st_mode) == 0o600
     events = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
     names = {m["name"] for e in events for m in e["metrics"]}
     assert {"command.ack", "command.rejected", "lifecycle.transition"} <= names
@@ -48,9 +52,31 @@ def test_outputs_are_written(short_run, capsys) -> None:
 def test_the_published_store_verifies_with_the_written_keys(short_run, capsys) -> None:
     out, result = short_run
     store = str(out / "urza")
-    assert cli.main(["urza", "verify", "--store", store, "--keys", str(out / "keys.json")]) == 0
+    publishers = str(out / "publishers.json")
+    assert cli.main(["urza", "verify", "--store", store, "--publishers", publishers]) == 0
     listed = capsys.readouterr().out
     assert all(f"ok     {a}" in listed for ids in result.artifacts.values() for a in ids)
+    # The trainers' side holds only the publisher's public key; the command keyring cannot
+    # stand in for it.
+    assert json.loads((out / "publishers.json").read_text()).keys() == {"urza-publisher"}
+    assert "PRIVATE" not in (out / "publishers.json").read_text()
+    assert cli.main(["urza", "verify", "--store", store, "--keys", str(out / "keys.json")]) == 1
+    assert "no longer signs or verifies artifacts" in capsys.readouterr().err
+
+
+def test_trainers_are_given_only_the_publishers_public_key(tmp_path) -> None:
+    out = tmp_path / "out"
+    prepared = prepare(DemoConfig(out_dir=out, **{**SHORT, "num_seeds": 1}))
+    key = PublisherKey.from_file(out / "publisher.key")  # refuses anything but mode 0600
+    assert prepared["publishers"] == {"urza-publisher": key.public_key_text}
+    assert set(prepared["keys"]) == {"tamiyo"}  # the command key, and no publisher secret
+    private = key._private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    shared = json.dumps(prepared)  # what every rank receives
+    for secret in (private.hex(), base64.b64encode(private).decode(), "PRIVATE KEY"):
+        assert secret not in shared
+    assert json.loads((out / "publishers.json").read_text()) == prepared["publishers"]
 
 
 def test_commands_are_authenticated_and_attacks_refused(short_run) -> None:

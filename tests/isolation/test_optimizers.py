@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from torch import nn
 
+from kasmina.control.commands import KasminaCommand
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.kd.teacher import CheckpointedTeacher
-from kasmina.leyline import CommandType, OptimizerCommand
+from kasmina.leyline import AdaptationCommand, CommandType, OptimizerCommand
 from kasmina.utils.state_io import clone_state
 from tests.ops.tolerances import tol
 
@@ -277,11 +276,12 @@ def test_state_dict_roundtrip_and_layout_check():
 # ---------------------------------------------------------------- commands
 
 
-def _cmd(kind: int, oid: str = "", **fields) -> OptimizerCommand:
+def _cmd(kind: int, oid: str = "", **fields) -> KasminaCommand:
+    """A verified optimizer command, as the handler hands it on (no signature to check here)."""
     params = fields.pop("parameters", {})
     cmd = OptimizerCommand(command_type=kind, optimizer_id=oid, **fields)
     cmd.parameters.update(params)
-    return cmd
+    return KasminaCommand("cmd", "optimizer", 0, 1.0, optimizer=cmd)
 
 
 def test_every_optimizer_command_type():
@@ -323,9 +323,20 @@ def test_every_optimizer_command_type():
     opts.set_parameter_source("s_bad", teacher.parameters)
     assert not opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "s_bad"))
 
-    coro = opts.handle_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "s0"))
-    assert asyncio.iscoroutine(coro)
-    assert asyncio.run(coro) is True
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "s0"))
+
+
+def test_wire_messages_are_not_accepted_as_commands():
+    """Only a verified command gets in: a parsed message carries no checked signature."""
+    host, _ = _models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    bare = _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST).optimizer
+    envelope = AdaptationCommand(command_id="x", optimizer_command=bare)
+    for wire in (bare, envelope, bare.SerializeToString(), KasminaCommand("x", "seed", 0, 1.0)):
+        with pytest.raises(TypeError):
+            opts.apply_optimizer_command(wire)  # type: ignore[arg-type]
+    assert opts.optimizer_ids == [] and not hasattr(opts, "handle_optimizer_command")
 
 
 @pytest.mark.parametrize(

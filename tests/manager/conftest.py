@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from kasmina.urza.blueprints import AffineShift, ResidualMLP
+from kasmina.urza.keys import PublisherKey
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
-from tests.manager.helpers import Rig, make_config
+from tests.manager.helpers import PUBLISHER, Rig, make_config
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +21,18 @@ def keyring() -> Keyring:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+def publisher() -> PublisherKey:
+    """The artifacts' Ed25519 publisher key (make_config trusts its public half)."""
+    return PUBLISHER
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey):
     """Two real exported blueprints in a local store (exporting is slow: once per module)."""
     store = tmp_path_factory.mktemp("urza")
     torch.manual_seed(1)
-    mlp = publish_artifact(
-        ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", keyring, "pub"
-    )
-    affine = publish_artifact(
-        AffineShift(2), [torch.randn(3, 2)], str(store), "aff", keyring, "pub"
-    )
+    mlp = publish_artifact(ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", publisher)
+    affine = publish_artifact(AffineShift(2), [torch.randn(3, 2)], str(store), "aff", publisher)
     return store, mlp.artifact_id, affine.artifact_id
 
 

@@ -16,11 +16,14 @@ from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import SeedStage
+from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 
 S = SeedStage
 SEED0, SEED1 = "out[0]", "out[1]"
+# The test artifacts' publisher. make_config gives trainers its public key only.
+PUBLISHER = PublisherKey.generate("pub")
 
 
 class Host(nn.Module):
@@ -38,8 +41,10 @@ def make_config(tmp_path: Path, store: Path, **overrides) -> KasminaConfig:
     settings = dict(
         device="cpu",
         urza_url=str(store),
+        urza_trusted_publishers={PUBLISHER.key_id: PUBLISHER.public_key_text},
         urza_retries=0,
         urza_backoff_s=0.0,
+        runs_root=str(tmp_path / "runs"),  # the run's key and default dirs stay in the test's dir
         checkpoint_dir=str(tmp_path / "ckpt"),
         emergency_checkpoint_dir=str(tmp_path / "emergency"),
         min_isolated_epochs=1,

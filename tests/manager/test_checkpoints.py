@@ -1,20 +1,32 @@
-"""Atomic epoch checkpoints, retention, safe loading, and bit-for-bit rollback."""
+"""Checkpoint stores (signed disk, memory, off), cadence and reach, the checkpoint key, atomic
+writes, safe loading, and bit-for-bit restore of captured training state."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 from torch import nn
 
+from kasmina.errors import CheckpointIntegrityError, CheckpointUnavailableError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.manager.checkpoints import (
-    CheckpointManager,
+    DiskCheckpointStore,
+    MemoryCheckpointStore,
+    NoCheckpointStore,
     capture_training_state,
     restore_training_state,
 )
-from kasmina.utils.state_io import atomic_torch_save, safe_torch_load
+from kasmina.manager.config import KasminaConfig
+from kasmina.utils.state_io import (
+    CHECKPOINT_KEY_BYTES,
+    CheckpointSigner,
+    atomic_torch_save,
+    load_or_create_checkpoint_key,
+)
 
 
 def _state_equal(a, b) -> bool:
@@ -32,10 +44,18 @@ def _state_equal(a, b) -> bool:
     return a == b
 
 
+def _signer(tmp_path, run_id: str = "run-a") -> CheckpointSigner:
+    return CheckpointSigner(tmp_path / "keys" / f"{run_id}.key", run_id)
+
+
+def _store(tmp_path, run_id: str = "run-a", **policy) -> DiskCheckpointStore:
+    return DiskCheckpointStore(tmp_path / "ckpt", _signer(tmp_path, run_id), **policy)
+
+
 def test_atomic_save_roundtrip(tmp_path):
     path = atomic_torch_save({"w": torch.arange(4.0)}, tmp_path / "sub" / "x.pt")
     assert path == tmp_path / "sub" / "x.pt"
-    assert torch.equal(safe_torch_load(path)["w"], torch.arange(4.0))
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4.0))
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.pt"]
 
 
@@ -52,64 +72,120 @@ def test_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_torch_save({"v": torch.tensor([2.0])}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.equal(safe_torch_load(path)["v"], torch.tensor([1.0]))
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0]))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # temp file cleaned up
 
 
-def test_crash_at_replace_keeps_previous_file(tmp_path, monkeypatch):
-    manager = CheckpointManager(tmp_path)
-    manager.save(1, {"v": torch.tensor([1.0])})
+def test_crash_at_replace_keeps_previous_signed_file(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    store.save(1, {"v": torch.tensor([1.0])})
 
     def failing_replace(src, dst):
         raise OSError("rename failed")
 
     monkeypatch.setattr("kasmina.utils.state_io.os.replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
-        manager.save(1, {"v": torch.tensor([9.0])})
+        store.save(1, {"v": torch.tensor([9.0])})
     monkeypatch.undo()
-    assert torch.equal(manager.load(1)["v"], torch.tensor([1.0]))
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch_00000001.pt"]
+    assert torch.equal(store.load(1)["v"], torch.tensor([1.0]))
+    assert [p.name for p in store.directory.iterdir()] == ["run-a.epoch_00000001.ckpt"]
 
 
-def test_retention_keeps_last_n(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=3)
-    assert manager.latest_epoch() is None
+def test_reach_keeps_the_epochs_a_rollback_may_need(tmp_path):
+    store = _store(tmp_path, max_rollback_epochs=2)
+    assert store.latest_epoch() is None and store.epochs() == []
     for epoch in range(6):
-        manager.save(epoch, {"epoch": epoch})
-    assert manager.epochs() == [3, 4, 5]
-    assert manager.latest_epoch() == 5
-    assert manager.load(4) == {"epoch": 4}
-    with pytest.raises(FileNotFoundError, match="epoch 0"):
-        manager.load(0)
+        store.save(epoch, {"epoch": epoch})
+    assert store.epochs() == [3, 4, 5]  # 5 - 2 = 3 is the oldest reachable
+    assert store.latest_epoch() == 5
+    assert store.load(4) == {"epoch": 4}
+    with pytest.raises(CheckpointUnavailableError, match="epoch 0 .*nearest kept: epoch 3$"):
+        store.load(0)
+
+
+def test_cadence_and_the_nearest_epochs_of_a_refusal(tmp_path):
+    store = _store(tmp_path, every_epochs=3, max_rollback_epochs=6)
+    assert [e for e in range(10) if store.is_due(e)] == [0, 3, 6, 9]
+    for epoch in (0, 3, 6, 9):
+        store.save(epoch, {"epoch": epoch})
+    assert store.epochs() == [3, 6, 9]
+    with pytest.raises(CheckpointUnavailableError) as info:
+        store.load(7)
+    assert "every 3 epoch(s)" in str(info.value) and "nearest kept: epoch 6 and 9" in str(
+        info.value
+    )
+    with pytest.raises(CheckpointUnavailableError, match="nearest kept: epoch 9$"):
+        store.load(12)
+    with pytest.raises(CheckpointUnavailableError, match="none kept yet"):
+        _store(tmp_path, run_id="run-b").load(0)
 
 
 def test_saving_after_rollback_drops_abandoned_epochs(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=3)
+    store = _store(tmp_path, max_rollback_epochs=2)
     for epoch in range(6):
-        manager.save(epoch, {"epoch": epoch})
-    manager.save(4, {"epoch": 4, "retrained": True})
-    assert manager.epochs() == [3, 4]
-    assert manager.load(4)["retrained"] is True
+        store.save(epoch, {"epoch": epoch})
+    store.save(4, {"epoch": 4, "retrained": True})
+    assert store.epochs() == [3, 4]
+    assert store.load(4)["retrained"] is True
 
 
-def test_stale_temporaries_removed_and_ignored(tmp_path):
-    (tmp_path / ".epoch_00000002.pt.abc123.tmp").write_bytes(b"partial")
-    (tmp_path / "notes.txt").write_text("unrelated")
-    manager = CheckpointManager(tmp_path)
-    assert manager.epochs() == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+def test_runs_sharing_a_directory_never_list_rotate_or_clean_each_others_files(tmp_path):
+    other = _store(tmp_path, run_id="run-b")
+    for epoch in range(4):
+        other.save(epoch, {"run": "b"})
+    (tmp_path / "ckpt" / ".run-b.epoch_00000009.ckpt.x1.tmp").write_bytes(b"b's write")
+    (tmp_path / "ckpt" / ".run-a.epoch_00000002.ckpt.x2.tmp").write_bytes(b"partial")
+    (tmp_path / "ckpt" / "notes.txt").write_text("unrelated")
+    mine = _store(tmp_path, max_rollback_epochs=0)  # removes only its own stale temp file
+    assert mine.epochs() == []
+    for epoch in range(6):
+        mine.save(epoch, {"run": "a"})
+    mine.save(1, {"run": "a"})  # abandons run-a's epochs 2..5, and nothing of run-b
+    assert mine.epochs() == [1] and other.epochs() == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        ".run-b.epoch_00000009.ckpt.x1.tmp",
+        "notes.txt",
+        "run-a.epoch_00000001.ckpt",
+        "run-b.epoch_00000000.ckpt",
+        "run-b.epoch_00000001.ckpt",
+        "run-b.epoch_00000002.ckpt",
+        "run-b.epoch_00000003.ckpt",
+    ]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
-def test_invalid_keep_last(tmp_path, bad):
-    with pytest.raises(ValueError, match="keep_last"):
-        CheckpointManager(tmp_path, keep_last=bad)
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"every_epochs": 0}, "every_epochs must be an int >= 1"),
+        ({"every_epochs": 1.5}, "every_epochs must be an int >= 1"),
+        ({"max_rollback_epochs": -1}, "max_rollback_epochs must be an int >= 0"),
+        ({"max_rollback_epochs": True}, "max_rollback_epochs must be an int >= 0"),
+    ],
+)
+def test_invalid_policy(tmp_path, policy, message):
+    with pytest.raises(ValueError, match=message):
+        _store(tmp_path, **policy)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, "3", None])
 def test_invalid_epoch(tmp_path, bad):
     with pytest.raises(ValueError, match="epoch"):
-        CheckpointManager(tmp_path).save(bad, {})
+        _store(tmp_path).save(bad, {})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("checkpoint_every_epochs", 0, "checkpoint_every_epochs must be an int >= 1, got 0"),
+        ("checkpoint_every_epochs", 2.0, "checkpoint_every_epochs must be an int >= 1"),
+        ("max_rollback_epochs", -1, "max_rollback_epochs must be an int >= 0, got -1"),
+        ("checkpoint_mode", "ram", "checkpoint_mode must be one of .*'disk', 'memory', 'off'"),
+        ("checkpoint_key_file", "", "checkpoint_key_file must be None or a path"),
+    ],
+)
+def test_invalid_checkpoint_settings_name_their_range(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        KasminaConfig(runs_root=str(tmp_path), **{field: value})
 
 
 class _Evil:
@@ -117,11 +193,77 @@ class _Evil:
         return (print, ("executed",))
 
 
-def test_load_refuses_arbitrary_pickles(tmp_path):
-    manager = CheckpointManager(tmp_path)
-    torch.save({"x": _Evil()}, manager.path_for(3))
+def test_load_refuses_unsigned_files_and_arbitrary_pickles_even_when_signed(tmp_path):
+    store = _store(tmp_path)
+    store.save(3, {"ok": torch.ones(1)})
+    torch.save({"x": torch.zeros(1)}, store.path_for(3))  # a plain torch file in its place
+    with pytest.raises(CheckpointIntegrityError, match="not a signed Kasmina checkpoint"):
+        store.load(3)
+    # Authentic bytes are still loaded weights_only: a signed pickle cannot run code.
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"x": _Evil()}, buffer)
+    store.signer.write_payload(buffer.getvalue(), store.path_for(3), kind="epoch", epoch=3)
     with pytest.raises(pickle.UnpicklingError):
-        manager.load(3)
+        store.load(3)
+
+
+# ---------------------------------------------------------------- key, memory, off
+
+
+def test_checkpoint_key_is_created_once_0600_and_never_by_a_read(tmp_path):
+    signer = _signer(tmp_path)
+    elsewhere = CheckpointSigner(tmp_path / "elsewhere.key", "run-a")
+    foreign = elsewhere.write({"v": torch.zeros(2)}, tmp_path / "foreign.ckpt", epoch=0)
+    with pytest.raises(CheckpointIntegrityError, match="no checkpoint key"):
+        signer.read(foreign, epoch=0)  # a key minted now would verify nothing
+    assert not signer.key_path.exists()
+    path = signer.write({"v": torch.ones(2)}, tmp_path / "ckpt" / "a.ckpt", epoch=0)
+    key = signer.key_path.read_bytes()
+    assert len(key) == CHECKPOINT_KEY_BYTES
+    assert stat.S_IMODE(os.stat(signer.key_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # checkpoints are private too
+    assert load_or_create_checkpoint_key(signer.key_path) == key  # reused, not replaced
+    fresh = _signer(tmp_path)  # another process of the same run reads the same key
+    assert torch.equal(fresh.read(path, epoch=0)["v"], torch.ones(2))
+    assert "key=" not in repr(fresh) and key.hex() not in repr(fresh)
+
+
+def test_checkpoint_key_file_formats(tmp_path):
+    hex_file = tmp_path / "hex.key"
+    hex_file.write_text("ab" * CHECKPOINT_KEY_BYTES + "\n")
+    assert load_or_create_checkpoint_key(hex_file) == b"\xab" * CHECKPOINT_KEY_BYTES
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 16)
+    with pytest.raises(ValueError, match="32 raw bytes or 64 hex digits"):
+        load_or_create_checkpoint_key(short)
+
+
+def test_memory_store_keeps_cpu_copies_that_nothing_can_alias(tmp_path):
+    store = MemoryCheckpointStore(every_epochs=2, max_rollback_epochs=2)
+    weights = torch.arange(6.0)
+    store.save(0, {"w": weights, "meta": {"steps": [1, 2]}})
+    weights.add_(100)  # later training must not reach the snapshot
+    store.save(2, {"w": weights.clone()})
+    loaded = store.load(0)
+    assert torch.equal(loaded["w"], torch.arange(6.0)) and loaded["w"].device.type == "cpu"
+    loaded["w"].zero_()  # nor may a restored copy
+    assert torch.equal(store.load(0)["w"], torch.arange(6.0))
+    store.save(4, {"w": weights})
+    assert store.epochs() == [2, 4] and not store.is_due(3)
+    with pytest.raises(CheckpointUnavailableError, match="nearest kept: epoch 2$"):
+        store.load(0)
+    assert not list(tmp_path.iterdir())  # nothing on disk
+
+
+def test_off_store_keeps_nothing_and_says_why():
+    store = NoCheckpointStore()
+    assert not any(store.is_due(e) for e in range(5)) and store.epochs() == []
+    with pytest.raises(CheckpointUnavailableError, match='checkpoint_mode is "off"'):
+        store.load(0)
+    with pytest.raises(CheckpointUnavailableError, match='checkpoint_mode is "off"'):
+        store.save(0, {})
 
 
 # ---------------------------------------------------------------- rollback
@@ -166,7 +308,7 @@ def test_rollback_restores_bit_for_bit_and_replays_identically(tmp_path):
     host, seed_mod, opts, table = _setup()
     _train(host, seed_mod, opts, table, steps=3, start=0)
     modules = {"host": host, "seed:s0": seed_mod}
-    manager = CheckpointManager(tmp_path)
+    manager = _store(tmp_path)
     manager.save(3, capture_training_state(modules, opts, table, extra={"epoch": 3}))
     at_three = _snapshot(host, seed_mod, opts, table)
 
@@ -218,3 +360,12 @@ def test_mismatched_checkpoint_is_rejected_without_touching_live_state():
     assert _state_equal(_snapshot(host, seed_mod, opts, table)["host"], live["host"])
     assert _state_equal(_snapshot(host, seed_mod, opts, table)["seed"], live["seed"])
     assert torch.equal(table, live["table"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_fifo_under_a_checkpoint_name_is_refused_without_blocking(tmp_path):
+    signer = _signer(tmp_path)
+    signer.write({"v": torch.ones(1)}, tmp_path / "real.ckpt", epoch=0)  # the key exists
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    with pytest.raises(CheckpointIntegrityError, match="not a regular file"):
+        signer.read(tmp_path / "pipe.ckpt", epoch=0)

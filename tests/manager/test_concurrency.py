@@ -37,7 +37,7 @@ def controller(rig: Rig, artifacts: list[str], stop: threading.Event, sent: list
         elif roll < 0.35:
             cmd = make_seed_command("germinate", seed_id, rng.choice(artifacts))
         elif roll < 0.75:
-            cmd = make_seed_command("advance", seed_id, parameters={"gate_score": 1.0})
+            cmd = make_seed_command("advance", seed_id)
         elif roll < 0.97:
             cmd = make_seed_command("cull", seed_id, parameters={"embargo_epochs": 0.0})
         else:
@@ -70,6 +70,8 @@ def test_a_controller_thread_never_breaks_the_trainer(
             if steps % 10 == 0:
                 epochs += 1
                 manager.end_epoch(epochs)
+                # G5's evidence, measured at the boundary while commands keep arriving.
+                manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -132,7 +134,7 @@ def test_later_commands_for_the_same_seed_wait_behind_a_fetch(
     """While a GERMINATE's kernel is fetched, a CULL of that seed waits behind it; a command
     for the other seed goes ahead."""
     config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config, keyring)
+    urza = UrzaLibraryClient.from_config(config)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.delay_s = 0.5
     rig = Rig(config, keyring, urza_client=urza)
@@ -162,3 +164,30 @@ def test_a_germinate_that_must_fetch_applies_at_a_later_step(rig: Rig, mlp) -> N
         time.sleep(0.01)
     assert rig.stage(SEED0) == S.ISOLATED_INIT
     assert manager.command_log[-1][1:3] == ("seed.germinate", True)
+
+
+def test_commands_apply_only_once_their_nonces_are_durable(rig: Rig, mlp, monkeypatch) -> None:
+    manager = rig.manager
+    manager.loader.original(mlp)
+    verifier = manager.verifier
+    real = verifier.make_durable
+    synced: list[int] = []
+
+    def counting() -> None:
+        synced.append(len(manager.pending))
+        real()
+
+    monkeypatch.setattr(verifier, "make_durable", counting)
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    assert synced == []  # arrival only writes the nonce
+    assert [o.ok for o in manager.apply_pending()] == [True]
+    assert len(synced) == 1
+
+    def failing() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(verifier, "make_durable", failing)
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    (outcome,) = manager.apply_pending()
+    assert not outcome.ok and "could not be made durable" in outcome.reason
+    assert rig.stage(SEED0) == S.ISOLATED_INIT

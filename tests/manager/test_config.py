@@ -52,7 +52,8 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("urza_retries", -1),
         ("urza_retries", 1.5),
         ("urza_breaker_threshold", 0),
-        ("urza_trusted_key_ids", ("",)),
+        ("urza_trusted_publishers", "pub"),
+        ("urza_trusted_publishers", {"pub": "AAAA"}),
         ("command_freshness_s", 0),
         ("max_isolation_violations", 0),
         ("checkpoint_dir", "."),
@@ -77,7 +78,7 @@ def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:
     config = KasminaConfig(
         device="cpu",
         urza_url="memory://store",
-        urza_trusted_key_ids=("pub",),
+        urza_trusted_publishers={"pub": "11" * 32},
         kd=KDConfig(temperature=3.0),
         checkpoint_dir=str(tmp_path / "ckpt"),
     )

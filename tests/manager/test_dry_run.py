@@ -16,7 +16,15 @@ from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, Rig, S, host_params, make_config, run_command
+from tests.manager.helpers import (
+    PUBLISHER,
+    SEED0,
+    Rig,
+    S,
+    host_params,
+    make_config,
+    run_command,
+)
 
 
 class Infinite(nn.Module):
@@ -37,9 +45,9 @@ class Normalised(nn.Module):
         return x + 0.01 * self.norm(x)
 
 
-def publish(module: nn.Module, example: torch.Tensor, store: Path, keyring: Keyring, **kw) -> str:
+def publish(module: nn.Module, example: torch.Tensor, store: Path, **kw) -> str:
     name = type(module).__name__.lower()
-    return publish_artifact(module, [example], str(store), name, keyring, "pub", **kw).artifact_id
+    return publish_artifact(module, [example], str(store), name, PUBLISHER, **kw).artifact_id
 
 
 def assert_refused_and_host_trains(rig: Rig, artifact_id: str, reason: str) -> None:
@@ -56,29 +64,27 @@ def assert_refused_and_host_trains(rig: Rig, artifact_id: str, reason: str) -> N
     assert all(torch.isfinite(p).all() for p in after)
 
 
-def test_a_kernel_exported_with_a_static_batch_is_refused(rig: Rig, store, keyring) -> None:
-    artifact = publish(ResidualMLP(2, 4), torch.randn(3, 2), store, keyring, dynamic=False)
+def test_a_kernel_exported_with_a_static_batch_is_refused(rig: Rig, store) -> None:
+    artifact = publish(ResidualMLP(2, 4), torch.randn(3, 2), store, dynamic=False)
     rig.train(1)  # the slot records its activations: [16, 4], so the seed's chunk is [16, 2]
     assert_refused_and_host_trains(rig, artifact, "cannot run on seed out[0]: on an input (16, 2)")
 
 
-def test_a_kernel_declared_bfloat16_on_a_float32_host_is_refused(rig: Rig, store, keyring) -> None:
+def test_a_kernel_declared_bfloat16_on_a_float32_host_is_refused(rig: Rig, store) -> None:
     module = ResidualMLP(2, 4).to(torch.bfloat16)
-    artifact = publish(module, torch.randn(3, 2, dtype=torch.bfloat16), store, keyring)
+    artifact = publish(module, torch.randn(3, 2, dtype=torch.bfloat16), store)
     rig.train(1)
-    assert_refused_and_host_trains(rig, artifact, "torch.float32 it ")
+    assert_refused_and_host_trains(rig, artifact, "dtype bfloat16 is not the host's torch.float32")
 
 
-def test_a_non_finite_kernel_is_refused(rig: Rig, store, keyring) -> None:
-    artifact = publish(Infinite(), torch.randn(3, 2), store, keyring)
+def test_a_non_finite_kernel_is_refused(rig: Rig, store) -> None:
+    artifact = publish(Infinite(), torch.randn(3, 2), store)
     rig.train(1)
     assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
 
 
-def test_the_probe_takes_the_manifests_shapes_before_the_first_forward(
-    rig: Rig, store, keyring
-) -> None:
-    artifact = publish(Infinite(), torch.randn(3, 2), store, keyring)
+def test_the_probe_takes_the_manifests_shapes_before_the_first_forward(rig: Rig, store) -> None:
+    artifact = publish(Infinite(), torch.randn(3, 2), store)
     assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
 
 
@@ -97,8 +103,8 @@ class SequenceHost(nn.Module):
 def test_a_kernel_exported_on_2d_input_is_refused_on_3d_activations(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
-    flat = publish(ResidualMLP(2, 4), torch.randn(3, 2), store, keyring)
-    per_token = publish(ResidualMLP(2, 4), torch.randn(3, 5, 2), store, keyring)
+    flat = publish(ResidualMLP(2, 4), torch.randn(3, 2), store)
+    per_token = publish(ResidualMLP(2, 4), torch.randn(3, 5, 2), store)
     manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
     model = SequenceHost()
     manager.attach(model, "out", 2, 2, host_lr=0.05)
@@ -123,8 +129,8 @@ def test_a_kernel_exported_on_2d_input_is_refused_on_3d_activations(
     train()
 
 
-def test_the_probe_leaves_buffers_and_the_global_rng_alone(rig: Rig, store, keyring) -> None:
-    artifact = publish(Normalised(2).train(), torch.randn(4, 2), store, keyring)
+def test_the_probe_leaves_buffers_and_the_global_rng_alone(rig: Rig, store) -> None:
+    artifact = publish(Normalised(2).train(), torch.randn(4, 2), store)
     rig.train(1)
     rng = torch.random.get_rng_state()
     assert rig.send("germinate", SEED0, artifact)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.kd.config import KDConfig
+from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach
 from kasmina.stages import SeedStage
 
@@ -49,6 +50,26 @@ def host_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def seed_grads(slot) -> list[torch.Tensor | None]:
     return [p.grad for seed in slot.seeds for p in seed.seed_parameters()]
+
+
+def measure(model: nn.Module, slot, k: int, x: torch.Tensor, y: torch.Tensor) -> SeedEvaluation:
+    """Seed ``k``'s benefit: the loss as is, and with its chunk replaced by the host's."""
+    c = slot.chunk_size
+
+    def ablate(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = output.clone()
+        out[..., k * c : (k + 1) * c] = slot.host(*args)[..., k * c : (k + 1) * c]
+        return out
+
+    with torch.no_grad():
+        with_seed = F.cross_entropy(model(x), y).item()
+        handle = slot.register_forward_hook(ablate)
+        try:
+            without = F.cross_entropy(model(x), y).item()
+        finally:
+            handle.remove()
+    seed = slot.seed(k)
+    return SeedEvaluation(seed.seed_id, seed.stage, seed.alpha_value, with_seed, without)
 
 
 def bare_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,10 +171,10 @@ def test_two_seeds_through_the_whole_lifecycle(backend) -> None:
                 seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)))
             if stage is S.STABILIZATION:
                 seed.performance_gate = 0.5
-                seed.gate_score = 0.0
-                assert not seed.advance().passed  # G5 refuses a poor score
-                with torch.no_grad():
-                    seed.gate_score = (model(x).argmax(-1) == y).float().mean().item()
+                assert not seed.advance().passed  # G5 refuses a seed never evaluated
+                seed.record_evaluation(SeedEvaluation(seed.seed_id, stage, 1.0, 2.0, 1.0))
+                assert not seed.advance().passed  # ... and one measured to do harm
+                seed.record_evaluation(measure(model, slot, k, x, y))
             epochs, alpha = seed.epochs_in_stage, seed.alpha_value
             result = seed.advance(min_isolated_epochs=2, latency_budget_ms=1e4)
             if stage is S.ISOLATED_INIT and epochs < 2:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,6 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
-from kasmina.utils.perfstats import DESIGN_TARGETS_US
 from kasmina.utils.state_io import clone_state
 from tests.manager.helpers import (
     SEED0,
@@ -80,7 +80,7 @@ def test_second_germinate_of_one_artifact_is_a_cache_hit(rig: Rig, mlp) -> None:
 
 def test_concurrent_loads_share_one_fetch(tmp_path, store, keyring, mlp) -> None:
     config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config, keyring)
+    urza = UrzaLibraryClient.from_config(config)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.delay_s = 0.2
     manager = KasminaKernelManager(config, keyring=keyring, urza_client=urza)
@@ -140,9 +140,12 @@ def walk_to_active(rig: Rig, seed_ids: list[str], epoch: int = 0) -> None:
     for sid in seed_ids:
         assert rig.send("advance", sid) and rig.stage(sid) == S.STABILIZATION
     rig.train(1)
-    assert not rig.send("advance", seed_ids[0])  # G5: no gate score yet
+    # G5: a score claimed in the command is no evidence, and nothing was measured yet.
+    assert not rig.send("advance", seed_ids[0], gate_score=1.0)
+    measured = rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
     for sid in seed_ids:
-        assert rig.send("advance", sid, gate_score=0.9) and rig.stage(sid) == S.ACTIVE
+        assert measured[sid].stage == S.STABILIZATION and measured[sid].score >= 0.5, measured
+        assert rig.send("advance", sid) and rig.stage(sid) == S.ACTIVE
 
 
 def test_through_every_gate_to_active_with_parameters_promoted(rig: Rig, mlp) -> None:
@@ -205,7 +208,7 @@ def test_urza_unreachable_leaves_the_seed_dormant_and_the_host_training(
     tmp_path, store, keyring, mlp
 ) -> None:
     config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config, keyring)
+    urza = UrzaLibraryClient.from_config(config)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.down = True
     rig = Rig(config, keyring, urza_client=urza)
@@ -239,10 +242,10 @@ def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) 
     assert not rig.send("germinate", "nowhere[0]", mlp)  # unknown seed
 
 
-def test_an_artifact_that_does_not_fit_the_slot_is_refused(rig: Rig, store: Path, keyring) -> None:
-    wide = publish_artifact(
-        ResidualMLP(3, 4), [torch.randn(3, 3)], str(store), "wide", keyring, "pub"
-    )
+def test_an_artifact_that_does_not_fit_the_slot_is_refused(
+    rig: Rig, store: Path, publisher
+) -> None:
+    wide = publish_artifact(ResidualMLP(3, 4), [torch.randn(3, 3)], str(store), "wide", publisher)
     assert not rig.send("germinate", SEED0, wide.artifact_id)
     assert "do not fit" in rig.manager.command_log[-1][3]
     assert rig.stage(SEED0) == S.DORMANT and rig.manager.seed(SEED0).kernel is None
@@ -360,9 +363,9 @@ def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
     assert rig.send("cull", SEED0)
     assert manager.measure_dormant_overhead(repeats=20) >= 0
     targets = manager.validate_performance_targets()
-    assert set(targets) == set(DESIGN_TARGETS_US) and all(
-        isinstance(v, bool) for v in targets.values()
-    )
+    assert {"command_path_p50_us", "state_packet_bytes", "dormant_overhead_us"} <= set(targets)
+    for check in targets.values():  # measured now: real, positive values beside the bound
+        assert 0 < check.measured < math.inf and check.met == (check.measured <= check.target)
 
 
 @pytest.fixture
@@ -386,7 +389,8 @@ def test_teacher_predictions_kd_training_and_register_teacher(kd_rig: Rig, mlp) 
     assert run_command(manager, rig.signed(register))
     count = sum(p.numel() for p in teacher.teacher_parameters())
     assert manager.optimizers.teacher_param_count == count
-    assert asyncio.run(manager.handle_optimizer_command(register.optimizer_command))
+    with pytest.raises(TypeError):  # unsigned: it would be a door around the verifier
+        asyncio.run(manager.handle_optimizer_command(register.optimizer_command))
     assert rig.send("germinate", SEED0, mlp)
     before = [p.detach().clone() for p in teacher.teacher_parameters()]
     rig.train(3, teacher=logits)
@@ -412,7 +416,8 @@ def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
         if step < 2:
             assert rig.stage(SEED0) == S.ISOLATED_INIT
     assert rig.stage(SEED0) == S.QUARANTINE and manager.guard.breaker_trips == 1
-    assert list((tmp_path / "emergency").glob("emergency_isolation_*.pt"))
+    (emergency,) = (tmp_path / "emergency").glob("*.emergency_isolation_*.ckpt")
+    assert manager.state.checkpoint_signer.read(emergency, kind="emergency")["seed_id"] == SEED0
     assert rig.train(1)["host_stepped"]  # the host keeps training
     assert rig.send("cull", SEED0) and rig.stage(SEED0) == S.COOLDOWN
 
@@ -468,7 +473,8 @@ def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring
     assert not run_command(manager, signed(make_optimizer_command("initialize_host")))
     slow = make_seed_command("germinate", SEED0, mlp, timeout_s=1e-9)  # the load takes longer
     assert not run_command(manager, signed(slow))
-    assert "timeout" in manager.command_log[-1][3]
+    reason = manager.command_log[-1][3]  # the queue or the client notices the deadline first
+    assert "timeout" in reason or "deadline" in reason, reason
     assert manager.seed(SEED0).stage == S.DORMANT and manager.optimizers.seed_ids == []
     germinate = make_seed_command("germinate", SEED0, mlp, {"learning_rate": 0.5})
     assert run_command(manager, signed(germinate))

@@ -3,6 +3,8 @@ independent float64 math, gradients, the incubate contract, and input rejection.
 
 from __future__ import annotations
 
+import zlib
+
 import kasmina.kernels.alpha_blend as kernels
 import pytest
 import torch
@@ -284,3 +286,196 @@ def test_empty_tensors(backend):
 def test_rejections(seed_out, host_out, alpha, mode, match):
     with pytest.raises(ValueError, match=match):
         alpha_blend(seed_out, host_out, alpha, mode)
+
+
+# --------------------------------------------------------------------------- strided inputs
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh float buffers start as NaN, so an element the kernels never write cannot pass."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(out: torch.Tensor) -> torch.Tensor:
+        if out.dtype.is_floating_point:
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def _strided(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Fresh random values of ``shape`` behind a non-contiguous layout."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "transposed":
+        return (
+            torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen)
+            .to(dtype)
+            .transpose(-1, -2)
+        )
+    if kind == "sliced":
+        wide = torch.randn(*shape[:-1], 2 * shape[-1] + 3, generator=gen).to(dtype)
+        return wide[..., 3::2]
+    if kind == "expanded":  # one row broadcast over the leading dims: stride 0
+        return torch.randn(shape[-1], generator=gen).to(dtype).expand(shape)
+    raise AssertionError(kind)
+
+
+def _alpha_view(kind: str, chunks: int, seed: int) -> torch.Tensor:
+    """A per-chunk alpha as a view: every other element, an offset, or one value expanded."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "step-2":
+        return torch.rand(2 * chunks + 1, generator=gen)[1::2]
+    if kind == "offset":
+        return torch.rand(chunks + 3, generator=gen)[3:]
+    return torch.rand(1, generator=gen).expand(chunks)
+
+
+@pytest.mark.parametrize("alpha_kind", ["float", "0-d-view", "step-2", "offset", "expanded"])
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs_and_alpha_views(
+    backend: str, poisoned_buffers: None, dtype: torch.dtype, layout: str, alpha_kind: str
+) -> None:
+    """Odd shapes, non-contiguous seed/host, per-chunk alpha views: values and every gradient
+    against autograd of the float64 reference."""
+    shape, chunks = (3, 5, 35), 7
+    seed_out = _strided(layout, shape, dtype, seed=51).requires_grad_(True)
+    host_out = _strided("transposed" if layout != "transposed" else "sliced", shape, dtype, 52)
+    grad = _strided("sliced", shape, dtype, seed=53)
+    if alpha_kind == "float":
+        alpha: torch.Tensor | float = 0.6875
+    elif alpha_kind == "0-d-view":
+        alpha = torch.rand(4, generator=torch.Generator().manual_seed(54))[2]
+    else:
+        alpha = _alpha_view(alpha_kind, chunks, seed=55)
+    if isinstance(alpha, torch.Tensor):
+        alpha.requires_grad_(True)
+
+    out = alpha_blend(seed_out, host_out, alpha)
+    out.backward(grad)
+
+    s64 = seed_out.detach().double().requires_grad_(True)
+    a64 = alpha.detach().double().requires_grad_(True) if isinstance(alpha, torch.Tensor) else alpha
+    ref = alpha_blend_reference(s64, host_out.detach().double(), a64)
+    ref.backward(grad.double())
+    assert out.dtype == dtype and out.shape == shape
+    torch.testing.assert_close(out.detach().double(), ref.detach(), **tol(dtype))
+    # An expanded seed accumulates its gradient over the broadcast rows.
+    torch.testing.assert_close(seed_out.grad.double(), s64.grad, **tol(dtype))
+    if isinstance(alpha, torch.Tensor):
+        assert alpha.grad.shape == alpha.shape
+        torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((1, 1), 1), ((3, 7), 7), ((2, 3, 45), 5), ((9, 15), 3)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fresh_random_odd_shapes(
+    backend: str,
+    poisoned_buffers: None,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    chunks: int,
+) -> None:
+    """Fresh random values per case (seeded by the case) against independent float64 math."""
+    seed = zlib.crc32(repr((shape, chunks, dtype)).encode())
+    seed_out, host_out, grad = _inputs(shape, dtype, seed=seed)
+    alpha = torch.rand(chunks, generator=torch.Generator().manual_seed(seed))
+    out = alpha_blend(seed_out, host_out, alpha)
+    torch.testing.assert_close(out.double(), _blend64(seed_out, host_out, alpha), **tol(dtype))
+
+
+@pytest.mark.parametrize("kind", ["0-d", "chunks"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_low_precision_rounds_once(dtype: torch.dtype, kind: str) -> None:
+    """The reference's fp16/bf16 branch with a tensor alpha: fp32 math, one rounding, and an
+    fp32 alpha that is never rounded to the data's dtype first."""
+    seed_out, host_out, _ = _inputs((4, 6, 30), dtype, seed=56)
+    alpha = torch.tensor(0.3001) if kind == "0-d" else torch.tensor([0.3001, 0.7, 0.1])
+    out = alpha_blend_reference(seed_out, host_out, alpha)
+    a = _alpha64(alpha, 30).float()
+    expected = (a * seed_out.float() + (1 - a) * host_out.float()).to(dtype)
+    assert out.dtype == dtype
+    # fp32 math rounded once: within one unit in the last place of the fp32 result's rounding.
+    torch.testing.assert_close(out.double(), expected.double(), **tol(dtype))
+    torch.testing.assert_close(out.double(), _blend64(seed_out, host_out, alpha), **tol(dtype))
+
+
+def test_gradcheck_reference_chunked_odd_shape() -> None:
+    gen = torch.Generator().manual_seed(57)
+    seed_out = torch.randn(2, 3, 15, dtype=torch.float64, generator=gen, requires_grad=True)
+    host_out = torch.randn(2, 3, 15, dtype=torch.float64, generator=gen)
+    alpha = torch.rand(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, a: alpha_blend_reference(s.transpose(0, 1), host_out.transpose(0, 1), a),
+        (seed_out, alpha),
+    )
+
+
+@pytest.mark.parametrize("kind", ALPHA_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_backward_matches_reference_autograd(
+    triton_backend: None, poisoned_buffers: None, dtype: torch.dtype, kind: str
+) -> None:
+    """The Triton backward (through the interpreter) against autograd of the reference, run
+    in the same dtype (the CPU path's own gradients), and in float64."""
+    seed_out, host_out, grad = _inputs((3, 7, 42), dtype, seed=58)
+    alpha = _alpha(kind, 42, seed=58)
+    a_t = alpha.clone().requires_grad_(True) if isinstance(alpha, torch.Tensor) else alpha
+    s = seed_out.clone().requires_grad_(True)
+    alpha_blend(s, host_out, a_t).backward(grad)
+
+    s_ref = seed_out.clone().requires_grad_(True)
+    a_ref = alpha.clone().requires_grad_(True) if isinstance(alpha, torch.Tensor) else alpha
+    alpha_blend_reference(s_ref, host_out, a_ref).backward(grad)
+    torch.testing.assert_close(s.grad.double(), s_ref.grad.double(), **tol(dtype))
+    if isinstance(alpha, torch.Tensor):
+        torch.testing.assert_close(a_t.grad.double(), a_ref.grad.double(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("view", ["step-2", "offset", "expanded"])
+def test_launchers_read_alpha_views_correctly(view: str) -> None:
+    """The launchers themselves make a per-chunk alpha view dense (the kernels index it as
+    ``alpha_ptr + k``): no stale element, no read past an expanded one-element alpha."""
+    seed_out, host_out, grad = _inputs((5, 42), torch.float32, seed=59)
+    alpha = _alpha_view(view, 6, seed=60)
+    out = kernels.blend_forward(seed_out, host_out, alpha, 0.0, out=torch.full_like(grad, 7.0))
+    torch.testing.assert_close(out.double(), _blend64(seed_out, host_out, alpha))
+    grad_seed, grad_alpha = kernels.blend_backward(grad, seed_out, host_out, alpha, 0.0)
+    prod = (grad.double() * (seed_out.double() - host_out.double())).reshape(5, 6, 7)
+    torch.testing.assert_close(grad_alpha.double(), prod.sum(dim=(0, 2)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_seed.double(), _alpha64(alpha, 42) * grad.double())
+
+
+@pytest.mark.parametrize("kind", ["float", "0-d", "chunks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_are_saved_only_when_alpha_needs_a_gradient(
+    backend: str, dtype: torch.dtype, kind: str
+) -> None:
+    """The graph keeps no activation-sized tensor unless alpha requires grad (docs/design.md
+    §2), whichever path the call takes (the Function, or lerp's own autograd on the CPU)."""
+    seed_out, host_out, grad = _inputs((4, 36), dtype, seed=61)
+    for alpha_grad in (False, True):
+        if kind == "float" and alpha_grad:
+            continue
+        alpha = _alpha(kind, 36, seed=61)
+        if isinstance(alpha, torch.Tensor):
+            alpha.requires_grad_(alpha_grad)
+        seed = seed_out.clone().requires_grad_(True)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = alpha_blend(seed, host_out, alpha)
+        out.backward(grad)
+        big = [n for n in saved if n >= seed_out.numel()]
+        assert bool(big) == alpha_grad, (alpha_grad, saved)
+        torch.testing.assert_close(
+            seed.grad.double(), _alpha64(alpha, 36) * grad.double(), **tol(dtype)
+        )

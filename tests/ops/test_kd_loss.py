@@ -1,8 +1,21 @@
-"""kd_kl_loss: the Triton kernels (through the interpreter on a CPU) and the torch reference
-against independent float64 math built on ``F.kl_div``; reductions, masks, temperatures,
-gradients, -inf/NaN handling and input rejection."""
+"""kd_kl_loss: the Triton kernels (through the interpreter on a CPU) and the CPU path against an
+independent float64 oracle built on ``F.kl_div``: reductions, masks, temperatures, every dtype,
+odd vocabularies, strided and expanded views, ``grad_output`` scaling, the fp16 gradient error
+against eager PyTorch's, -inf/NaN handling, memory structure and input rejection.
+
+Inputs are fresh random tensors (a seed per case, so a failure reproduces). Kernel outputs are
+poisoned with NaN before the launch, so an element the kernel forgets to write fails. On a
+machine with CUDA every test runs on the GPU (the compiled kernels); on a CPU the Triton backend
+runs through the interpreter."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import kasmina.kernels.kd_loss as kernels
 import pytest
@@ -10,9 +23,32 @@ import torch
 import torch.nn.functional as F
 
 from kasmina.ops import kd_kl_loss, kd_kl_loss_reference
+from kasmina.ops.kd_loss import (
+    grad_strides,
+    kd_backward_reference,
+    kd_forward_reference,
+)
 from tests.ops.tolerances import DTYPES, tol
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+NINF = float("-inf")
+# The kernels compute -inf - -inf = NaN, log2(0) = -inf and exp2 overflows to inf on purpose
+# (masked lanes, all--inf rows; see kasmina.kernels.kd_loss); the interpreter's numpy warns.
+pytestmark = [
+    pytest.mark.filterwarnings(f"ignore:{what} encountered:RuntimeWarning")
+    for what in ("invalid value", "divide by zero", "overflow")
+]
+
+
+# CUDA when there is one (the compiled kernels; how perf/gpu_check.sh runs this file), else the
+# CPU, where the Triton backend runs through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    with DEVICE:  # every factory call in a test allocates on DEVICE
+        yield
 
 
 @pytest.fixture(params=["triton", "reference"])
@@ -21,15 +57,20 @@ def backend(request, monkeypatch: pytest.MonkeyPatch) -> str:
     return request.param
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 def _logits(shape, dtype=torch.float32, seed=0, scale=3.0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = _gen(seed)
     student = (torch.randn(shape, generator=gen) * scale).to(dtype)
     teacher = (torch.randn(shape, generator=gen) * scale).to(dtype)
     return student, teacher
 
 
-def _oracle(student, teacher, temperature, reduction, mask=None):
-    """float64 ``T²·F.kl_div`` on log-softmaxed rows; returns (loss, d loss / d student)."""
+def _oracle(student, teacher, temperature, reduction, mask=None, grad_output=None):
+    """float64 ``T²·F.kl_div`` on log-softmaxed rows: ``(loss, d loss / d student)``, the
+    gradient taken against ``grad_output`` (ones by default)."""
     vocab = student.shape[-1]
     s64 = student.detach().double().requires_grad_(True)
     log_ps = torch.log_softmax(s64.reshape(-1, vocab) / temperature, dim=-1)
@@ -38,7 +79,7 @@ def _oracle(student, teacher, temperature, reduction, mask=None):
     rows = rows * temperature**2
     kept = rows.numel()
     if mask is not None:
-        rows = rows * mask.reshape(-1)
+        rows = torch.where(mask.reshape(-1), rows, 0.0)
         kept = int(mask.sum())
     if reduction == "none":
         loss = rows.reshape(student.shape[:-1])
@@ -48,7 +89,8 @@ def _oracle(student, teacher, temperature, reduction, mask=None):
         loss = rows.sum() / (max(kept, 1) * vocab)
     else:
         loss = rows.sum() / max(kept, 1)
-    (grad,) = torch.autograd.grad(loss, s64, torch.ones_like(loss))
+    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    (grad,) = torch.autograd.grad(loss, s64, go)
     return loss.detach(), grad
 
 
@@ -62,51 +104,79 @@ def _close(actual, expected, dtype):
     )
 
 
+def _strided_pair(batch, length, vocab, dtype, teacher_dtype, seed):
+    """``logits[:, :-1]`` views of fresh ``[batch, length + 1, vocab]`` logits (the LM shift),
+    the student's base requiring grad."""
+    gen = _gen(seed)
+    base = (torch.randn(batch, length + 1, vocab, generator=gen) * 3).to(dtype)
+    base.requires_grad_(True)
+    teacher = (torch.randn(batch, length + 1, vocab, generator=gen) * 3).to(teacher_dtype)
+    return base, base[:, :-1], teacher[:, :-1]
+
+
 # --------------------------------------------------------------------------- kernels
 
 
 @pytest.mark.parametrize(
-    ("dtype", "reduction", "masked"),
+    ("dtype", "reduction", "masked", "vocab"),
     [
-        (torch.float32, "none", True),
-        (torch.float32, "sum", False),
-        (torch.float32, "mean", True),
-        (torch.float32, "batchmean", False),
-        (torch.float16, "batchmean", True),
-        (torch.float16, "none", False),
-        (torch.bfloat16, "mean", False),
-        (torch.bfloat16, "sum", True),
+        (torch.float32, "none", True, 257),
+        (torch.float32, "sum", False, 1001),
+        (torch.float32, "mean", True, 1000),
+        (torch.float32, "batchmean", False, 5),
+        (torch.float16, "batchmean", True, 1001),
+        (torch.float16, "none", False, 257),
+        (torch.bfloat16, "mean", False, 1001),
+        (torch.bfloat16, "sum", True, 64),
     ],
 )
-def test_forward_kernel_matches_float64(dtype, reduction, masked):
-    """Several loop steps over V (block 256, V=1000 is not a multiple), poisoned outputs. The
-    stored gradient is the unscaled ``T·(p_s - p_t)``; the reduction's scale comes apart."""
-    student, teacher = _logits((2, 2, 1000), dtype, seed=1)
-    mask = torch.tensor([[True, False], [True, True]]) if masked else None
-    grad_out = torch.full_like(student, float("nan"))
-    rows_out = torch.full((4,), float("nan"))
-    loss, grad, scale = kernels.kd_forward(
+def test_kernels_match_float64_on_strided_rows(dtype, reduction, masked, vocab):
+    """Forward and backward launchers on ``logits[:, :-1]`` (and a teacher starting one element
+    past a 16-byte boundary), block 64 so rows take a head, several unmasked body steps and a
+    masked tail; a per-row ``grad_output`` for ``none``; every output poisoned first."""
+    seed = 100 + vocab + len(reduction)
+    gen = _gen(seed)
+    full_s = (torch.randn(2, 4, vocab, generator=gen) * 3).to(dtype)
+    full_t = (torch.randn(2, 4, vocab + 1, generator=gen) * 3).to(dtype)
+    student, teacher = full_s[:, :-1], full_t[:, :-1, 1:]
+    mask = torch.rand(2, 3, generator=gen) > 0.4 if masked else None
+    rows = 6
+    loss_rows = torch.full((rows,), float("nan"))
+    stats = torch.full((2, 3, 4), float("nan"))
+    loss, stats_out, scale = kernels.kd_forward(
         student, teacher, mask, 2.0, reduction, True,
-        grad_out=grad_out, loss_rows_out=rows_out, block_v=256,
+        loss_rows_out=loss_rows, stats_out=stats, block_v=64,
     )  # fmt: skip
-    assert grad is grad_out and grad.dtype == dtype and loss.dtype == torch.float32
-    exp_loss, exp_grad = _oracle(student, teacher, 2.0, reduction, mask)
+    assert stats_out is stats and loss.dtype == torch.float32
+    go = torch.randn(loss.shape, generator=gen) if reduction == "none" else torch.tensor(1.7)
+    out = torch.full_like(student, float("nan"))
+    grad = kernels.kd_backward(
+        student, teacher, mask, stats, scale, go, 2.0, reduction, out=out, block_v=64
+    )
+    assert grad is out and grad.dtype == dtype
+    exp_loss, exp_grad = _oracle(student, teacher, 2.0, reduction, mask, go)
     _close(loss, exp_loss, dtype)
-    if reduction in ("mean", "batchmean"):
-        kept = 3 if masked else 4
-        expected_scale = 1.0 / (kept * (1000 if reduction == "mean" else 1))
-        assert scale.shape == () and scale.dtype == torch.float32
-        torch.testing.assert_close(scale.item(), expected_scale, rtol=1e-6, atol=0.0)
-        exp_grad = exp_grad / expected_scale
-    else:
-        assert scale.numel() == 0
     _close(grad, exp_grad, dtype)
     if mask is not None:
-        assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))  # written, not left NaN
+        assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))  # written, not NaN
+        assert torch.equal(loss_rows.view(2, 3)[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_merged_reductions_match_single_ones():
+    """The compiled kernels merge the per-row lane reductions into tuple reductions; the
+    interpreter runs them element by element, so this checks them on 16 lanes only."""
+    student, teacher = _logits((3, 50), seed=7)
+    teacher[1, :20] = NINF
+    results = [
+        kernels.kd_forward(student, teacher, None, 1.5, "none", True, block_v=16, merged=m)
+        for m in (False, True)
+    ]
+    for a, b in zip(results[0][:2], results[1][:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
 
 
 def test_large_vocab_row_through_triton(triton_backend):
-    """V >= 131,072 (not a block multiple) streams through several loop steps."""
+    """V >= 131,072 (odd) streams through several interpreter steps."""
     vocab = 131_072 + 77
     student, teacher = _logits((2, vocab), seed=2)
     student.requires_grad_(True)
@@ -117,49 +187,110 @@ def test_large_vocab_row_through_triton(triton_backend):
     _close(student.grad, exp_grad, torch.float32)
 
 
-def test_backward_kernel_scales_stored_gradient():
-    gen = torch.Generator().manual_seed(3)
-    stored = torch.randn(3, 4, 50, generator=gen).to(torch.bfloat16)
-    for go, scale in ((torch.tensor(2.5), None), (torch.randn(3, 4, generator=gen), None),
-                      (torch.tensor(65536.0), torch.tensor(1 / 600.0))):  # fmt: skip
-        out = torch.full_like(stored, float("nan"))
-        result = kernels.kd_backward(stored, go, scale, out=out)
-        assert result is out
-        expected = stored.double() * (go.double() if go.dim() == 0 else go.double()[..., None])
-        if scale is not None:
-            expected = expected * scale.double()
-        _close(result, expected, torch.bfloat16)
-    in_place = stored.clone()
-    assert kernels.kd_backward(in_place, torch.tensor(3.0), torch.tensor(0.5), out=in_place) is (
-        in_place
-    )
-    _close(in_place, stored.double() * 1.5, torch.bfloat16)
-    with pytest.raises(ValueError, match="grad_output"):
-        kernels.kd_backward(stored, torch.randn(3))
-
-
-def test_no_gradient_buffer_without_grad():
+def test_no_statistics_without_grad(backend):
     student, teacher = _logits((4, 40), seed=4)
-    loss, grad, scale = kernels.kd_forward(student, teacher, None, 1.0, "mean", False)
-    assert grad.numel() == 0 and scale.numel() == 0
-    loss, grad, scale = kernels.kd_forward(student, teacher, None, 1.0, "sum", False)
-    assert grad.numel() == 0
+    forward = kernels.kd_forward if backend == "triton" else kd_forward_reference
+    for reduction in ("mean", "sum"):
+        loss, stats, scale = forward(student, teacher, None, 1.0, reduction, False)
+        assert stats.numel() == 0 and scale.numel() == 0
     _close(loss, _oracle(student, teacher, 1.0, "sum")[0], torch.float32)
+    mask = torch.tensor([True, False, True, True])
+    _, stats, scale = forward(student, teacher, mask, 1.0, "batchmean", True)
+    assert stats.shape == (4, 4) and scale.shape == () and scale.item() == pytest.approx(1 / 3)
+
+
+def test_launcher_rejections():
+    student, teacher = _logits((3, 8), seed=5)
+    loss, stats, scale = kernels.kd_forward(student, teacher, None, 1.0, "none", True)
+    with pytest.raises(ValueError, match="grad_output"):
+        kernels.kd_backward(student, teacher, None, stats, scale, torch.ones(4), 1.0, "none")
+    with pytest.raises(ValueError, match="grad_output"):
+        kernels.kd_backward(student, teacher, None, stats, scale, torch.ones(3), 1.0, "sum")
+    with pytest.raises(ValueError, match="stats"):
+        kernels.kd_backward(student, teacher, None, stats[:2], scale, torch.ones(()), 1.0, "sum")
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.kd_forward(student, teacher, None, 1.0, "avg", True)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_row_layout_merges_leading_dims():
+    assert kernels.row_layout((2, 3), [(30, 10)]) == (6, [(0, 10)])  # contiguous: one dim
+    assert kernels.row_layout((2, 3), [(40, 10)]) == (3, [(40, 10)])  # logits[:, :-1]
+    assert kernels.row_layout((1, 3), [(0, 10), (30, 10)]) == (3, [(0, 10), (0, 10)])
+    assert kernels.row_layout((2, 3), [(0, 10), (40, 10)]) == (3, [(0, 10), (40, 10)])
+    assert kernels.row_layout((2, 3, 4), [(100, 30, 5)]) is None  # three dims: copied
+    assert kernels.row_layout((), [()]) == (1, [(0, 0)])
+
+
+def test_strided_and_expanded_logits_are_read_in_place():
+    base = torch.randn(2, 6, 33)
+    student = base[:, :-1]
+    teacher = torch.randn(1, 5, 33).expand(2, 5, 33)  # stride 0 across the batch
+    s, t = kernels._readable(student, teacher)
+    assert s is student and t is teacher  # no copy
+    assert grad_strides(student) == student.stride()  # the gradient shares the row phase
+    assert grad_strides(teacher) == (165, 33, 1)  # overlapping (expanded): contiguous
+    assert grad_strides(base[..., ::2]) == (102, 17, 1)  # not unit stride: contiguous
+    assert grad_strides(base[:, :2]) == (66, 33, 1)  # span far above numel: contiguous
+    transposed = torch.randn(4, 3, 9).transpose(0, 1)
+    assert grad_strides(transposed) == transposed.stride()
+    columns = torch.randn(33, 10).t()  # unit stride across rows, not along V: copied
+    s, _ = kernels._readable(columns, columns)
+    assert s is not columns and s.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_on_shifted_and_expanded_views_every_dtype(backend, dtype):
+    """``kd_kl_loss(logits[:, :-1], teacher[:, :-1])`` with odd V and a bf16 teacher, then an
+    expanded teacher; the gradient reaches the base logits, laid out like the view."""
+    vocab = 257
+    base, student, teacher = _strided_pair(2, 9, vocab, dtype, torch.bfloat16, seed=11)
+    loss = kd_kl_loss(student, teacher, 2.0, "batchmean")
+    (grad,) = torch.autograd.grad(loss, student, retain_graph=True)
+    assert grad.dtype == dtype and grad.stride() == student.stride()
+    loss.backward()
+    exp_loss, exp_grad = _oracle(student, teacher, 2.0, "batchmean")
+    _close(loss, exp_loss, dtype)
+    _close(base.grad[:, :-1], exp_grad, dtype)
+    assert torch.equal(base.grad[:, -1], torch.zeros_like(base.grad[:, -1]))
+
+    shared = (torch.randn(1, 9, vocab, generator=_gen(12)) * 3).to(dtype).expand(2, 9, vocab)
+    s = student.detach().clone().requires_grad_(True)
+    go = torch.randn(2, 9, generator=_gen(13))
+    loss = kd_kl_loss(s, shared, 1.5, "none")
+    loss.backward(go)
+    exp_loss, exp_grad = _oracle(s, shared, 1.5, "none", grad_output=go)
+    _close(loss, exp_loss, dtype)
+    _close(s.grad, exp_grad, dtype)
+
+
+def test_expanded_student_gets_a_dense_gradient(backend):
+    row = torch.randn(1, 31, generator=_gen(14), requires_grad=True)
+    student = row.expand(4, 31)
+    teacher = torch.randn(4, 31, generator=_gen(15))
+    kd_kl_loss(student, teacher, 1.0, "sum").backward()
+    s = row.detach().expand(4, 31)
+    _, exp_grad = _oracle(s, teacher, 1.0, "sum")
+    _close(row.grad, exp_grad.sum(0, keepdim=True), torch.float32)
 
 
 # --------------------------------------------------------------------------- op + autograd
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5, 4.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_op_matches_oracle_with_masks_and_grad_output(backend, reduction, temperature):
-    student, teacher = _logits((2, 3, 37), seed=5)
+    """Against the float64 oracle, and the gradient against autograd of the plain-torch
+    reference in float64, with a non-unit (per-row for ``none``) ``grad_output``."""
+    student, teacher = _logits((2, 3, 37), seed=20 + len(reduction))
     student.requires_grad_(True)
-    gen = torch.Generator().manual_seed(6)
+    gen = _gen(6)
     for mask in (None, torch.rand(2, 3, generator=gen) > 0.4):
         student.grad = None
         loss = kd_kl_loss(student, teacher, temperature, reduction, mask)
-        go = torch.randn(loss.shape, generator=gen)  # != 1, per row for "none"
+        go = torch.randn(loss.shape, generator=gen)
         loss.backward(go)
         exp_loss, _ = _oracle(student, teacher, temperature, reduction, mask)
         s64 = student.detach().double().requires_grad_(True)
@@ -182,14 +313,34 @@ def test_op_low_precision_and_mixed_teacher(backend, dtype):
     _close(student.grad, exp_grad * 0.75, dtype)
 
 
+def test_fp16_gradient_error_not_above_eager(backend):
+    """At V = 65,536 almost every fp16 gradient element is subnormal. The gradient is computed
+    in fp32 and rounded once, so its error against float64 is the rounding error itself, at
+    most eager PyTorch's (which rounds log-probabilities and products to fp16 on the way)."""
+    gen = _gen(30)
+    student = (torch.randn(4, 65_536, generator=gen) * 2).half().requires_grad_(True)
+    teacher = (torch.randn(4, 65_536, generator=gen) * 2).half()
+    _, exact = _oracle(student, teacher, 1.0, "batchmean")
+    (ours,) = torch.autograd.grad(kd_kl_loss(student, teacher, 1.0, "batchmean"), student)
+    log_ps, log_pt = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    eager_loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    (eager,) = torch.autograd.grad(eager_loss, student)
+
+    def error(g):
+        return float((g.double() - exact).norm() / exact.norm())
+
+    assert ours.dtype == torch.float16
+    assert error(ours) <= error(eager)
+    assert error(ours) <= error(exact.half()) * 1.01  # ~ the correctly rounded gradient's
+
+
 @pytest.mark.parametrize("reduction", ["mean", "batchmean"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradient_survives_loss_scaling(backend, dtype, reduction):
     """A GradScaler-style ``(loss * 65536).backward()``: the reduction's ``1/rows`` or
-    ``1/(rows·V)`` must meet ``grad_output`` in fp32, not be rounded into fp16 first, where
-    ``T·(p_s - p_t)/(rows·V)`` (~1e-10 here) underflows to 0 and ``/rows`` (~1e-6) is a
-    subnormal with few bits left. (bf16 has fp32's exponent range: a regression guard.)"""
-    student, teacher = _logits((64, 2000), dtype, seed=17, scale=0.2)
+    ``1/(rows·V)`` meets ``grad_output`` in fp32 before the one rounding, so the fp16
+    gradient is not flushed to zero. (bf16 has fp32's exponent range: a regression guard.)"""
+    student, teacher = _logits((16, 2000), dtype, seed=17, scale=0.2)
     student.requires_grad_(True)
     loss = kd_kl_loss(student, teacher, 2.0, reduction)
     (loss * 65536.0).backward()
@@ -230,15 +381,28 @@ def test_custom_op_matches_eager_function(backend, reduction):
         if call == "public":
             loss = kd_kl_loss(s, teacher, 1.3, reduction, mask)
         else:
-            loss, stored, scale = torch.ops.kasmina.kd_kl_loss(
+            loss, stats, scale = torch.ops.kasmina.kd_kl_loss(
                 s, teacher, mask, 1.3, reduction, True
             )
-            assert not stored.requires_grad and not scale.requires_grad
+            assert not stats.requires_grad and not scale.requires_grad
+            assert stats.shape == (3, 2, 4)
         go = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
         loss.backward(go)
         results.append((loss.detach(), s.grad))
     for eager, op in zip(*results, strict=True):
         torch.testing.assert_close(op, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_keeps_only_row_statistics(backend):
+    """docs/design.md §2: nothing logits-sized is stored between forward and backward; the
+    saved tensors are the inputs themselves and ``[rows, 4]`` statistics."""
+    base, student, teacher = _strided_pair(2, 4, 50, torch.float32, torch.float32, seed=16)
+    loss = kd_kl_loss(student, teacher, 2.0, "batchmean")
+    saved = loss.grad_fn.saved_tensors
+    inputs = {student.data_ptr(), teacher.data_ptr()}
+    big = [t for t in saved if t is not None and t.numel() > 8 * 4]
+    assert {t.data_ptr() for t in big} <= inputs and len(big) == 2
+    assert saved[3].shape == (2, 4, 4)
 
 
 def test_all_rows_masked_gives_zero(backend):
@@ -265,19 +429,55 @@ def test_masked_rows_do_not_leak_nan(backend):
 
 
 def test_inf_and_nan_logits(backend):
-    ninf = float("-inf")
-    student, teacher = _logits((4, 12), seed=11)
-    teacher[0, :3] = ninf  # teacher mass 0 there: those terms vanish
-    student[1, 4] = ninf  # teacher has mass where the student has none: infinite KL
+    student, teacher = _logits((5, 12), seed=11)
+    teacher[0, :3] = NINF  # teacher mass 0 there: those terms vanish
+    student[0, 1] = NINF  # ... also where the student is -inf too
+    student[1, 4] = NINF  # teacher has mass where the student has none: infinite KL
     student[2, 5] = float("nan")
+    teacher[4] = NINF  # no teacher mass at all: undefined
+    student.requires_grad_(True)
     loss = kd_kl_loss(student, teacher, 1.5, "none")
-    log_ps = torch.log_softmax(student[0].double() / 1.5, -1)  # all 12 columns
+    log_ps = torch.log_softmax(student[0].detach().double() / 1.5, -1)
     log_pt = torch.log_softmax(teacher[0, 3:].double() / 1.5, -1)  # teacher mass off 0..2
     row0 = (log_pt.exp() * (log_pt - log_ps[3:])).sum() * 1.5**2
     torch.testing.assert_close(loss[0].double(), row0, rtol=1e-5, atol=1e-6)
     assert loss[1] == float("inf")
-    assert torch.isnan(loss[2])
+    assert torch.isnan(loss[2]) and torch.isnan(loss[4])
     assert torch.isfinite(loss[3])
+    (grad,) = torch.autograd.grad(loss[:2].sum(), student)
+    assert torch.isfinite(grad[:2]).all()
+    keep = torch.tensor([True, True, False, True, False])
+    _, exp_grad = _oracle(student[keep][:2], teacher[keep][:2], 1.5, "sum")
+    _close(grad[:2], exp_grad, torch.float32)
+
+
+def test_student_inf_then_teacher_max_jump_is_inf_not_nan(backend):
+    """Regression: a student -inf under teacher mass early in a row, then a teacher maximum
+    so much larger that rescaling the running cross term underflows to 0 (it used to give
+    inf·0 = NaN); and a student -inf where the teacher weight underflows fp32 but not float64.
+    float64 says +inf for both rows; the gradient stays finite."""
+    block = 16
+    student, teacher = _logits((2, 4 * block), seed=12, scale=1.0)
+    student[0, 3] = NINF  # lane 3 of the first block ...
+    teacher[0, 3 + 2 * block] = 400.0  # ... sees the jump two blocks later (2^-288 = 0)
+    student[1, 7] = NINF
+    teacher[1, 7] = -300.0  # 2^(-433/T) underflows fp32; float64 keeps it positive
+    student.requires_grad_(True)
+    if backend == "triton":
+        loss, stats, scale = kernels.kd_forward(
+            student.detach(), teacher, None, 1.0, "none", True, block_v=block
+        )
+        grad = kernels.kd_backward(
+            student.detach(), teacher, None, stats, scale, torch.ones(2), 1.0, "none"
+        )
+    else:
+        loss = kd_kl_loss(student, teacher, 1.0, "none")
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+    exp_loss, exp_grad = _oracle(student, teacher, 1.0, "none")
+    assert torch.isinf(exp_loss).all() and (exp_loss > 0).all()
+    assert torch.equal(loss, torch.full((2,), float("inf")))
+    assert torch.isfinite(grad).all()
+    _close(grad, exp_grad, torch.float32)
 
 
 def test_retain_graph_backward_twice(backend):
@@ -289,24 +489,7 @@ def test_retain_graph_backward_twice(backend):
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_backward_returns_the_stored_buffer_when_the_graph_is_freed(backend, reduction):
-    """docs/design.md §8: forward+backward holds at most one logits-sized buffer, so the gradient
-    returned is the stored one scaled in place, not a second allocation."""
-    student, teacher = _logits((3, 2, 40), seed=16)
-    student.requires_grad_(True)
-    loss = kd_kl_loss(student, teacher, 2.0, reduction)
-    stored = loss.grad_fn.saved_tensors[0]
-    go = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
-    (grad,) = torch.autograd.grad(loss, student, go)
-    assert grad.data_ptr() == stored.data_ptr()
-    s64 = student.detach().double().requires_grad_(True)
-    ref = kd_kl_loss_reference(s64, teacher.double(), 2.0, reduction)
-    (expected,) = torch.autograd.grad(ref, s64, go.double())
-    _close(grad, expected, torch.float32)
-
-
-def test_no_grad_mode_and_non_contiguous(backend):
+def test_no_grad_mode_and_transposed_logits(backend):
     student, teacher = _logits((5, 24), seed=13)
     with torch.no_grad():
         loss = kd_kl_loss(student.t(), teacher.t(), 1.0, "none")
@@ -315,7 +498,8 @@ def test_no_grad_mode_and_non_contiguous(backend):
 
 
 def test_gradcheck_reference_float64():
-    gen = torch.Generator().manual_seed(14)
+    """The plain-torch oracle, and the CPU path's own backward formula (run in float64)."""
+    gen = _gen(14)
     student = torch.randn(2, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     teacher = torch.randn(2, 2, 5, dtype=torch.float64, generator=gen)
     mask = torch.tensor([[True, False], [True, True]])
@@ -323,6 +507,128 @@ def test_gradcheck_reference_float64():
         assert torch.autograd.gradcheck(
             lambda s, r=reduction: kd_kl_loss_reference(s, teacher, 1.7, r, mask), (student,)
         )
+
+    class CPUPath(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s, reduction):
+            loss, stats, scale = kd_forward_reference(s, teacher, mask, 1.7, reduction, True)
+            ctx.save_for_backward(s, stats, scale)
+            ctx.reduction = reduction
+            return loss
+
+        @staticmethod
+        def backward(ctx, go):
+            s, stats, scale = ctx.saved_tensors
+            grad = kd_backward_reference(s, teacher, mask, stats, scale, go, 1.7, ctx.reduction)
+            return grad, None
+
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda s, r=reduction: CPUPath.apply(s, r), (student,))
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compiled_op_reads_shifted_logits_in_place(reference_backend, monkeypatch):
+    """Under Inductor the op still receives ``logits[:, :-1]`` as a view (the custom op keeps
+    the exact strides it was traced with): no contiguous copy before the kernel."""
+    from kasmina.ops import kd_loss as ops_kd
+
+    seen: list[bool] = []
+    forward = ops_kd.kd_forward_reference
+
+    def spy(student, *args):
+        seen.append(student.is_contiguous())
+        return forward(student, *args)
+
+    monkeypatch.setattr(ops_kd, "kd_forward_reference", spy)
+    torch._dynamo.reset()
+
+    def step(hidden, weight, teacher):
+        logits = hidden @ weight
+        return kd_kl_loss(logits[:, :-1], teacher[:, :-1], 2.0)
+
+    gen = _gen(40)
+    hidden = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(8, 33, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 5, 33, generator=gen)
+    loss = torch.compile(step, fullgraph=True)(hidden, weight, teacher)
+    loss.backward()
+    assert seen == [False]
+    expected = kd_kl_loss_reference((hidden @ weight)[:, :-1], teacher[:, :-1], 2.0)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- PTX
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_odd_vocab_compiles_to_vector_loads_without_loop_barriers(tmp_path: Path):
+    """Compiled for sm_90 (no GPU needed) as a launch with V = 50,257 specialises: the body
+    loads 16 bytes per instruction, and no loop of the forward kernel holds a barrier (the
+    old kernel had ten per step); the lanes are merged once per row, after the loops."""
+    script = textwrap.dedent(
+        """
+        import json, re, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import kasmina.kernels.kd_loss as K
+        names = K._kd_fwd_kernel.arg_names
+        sig = {n: "i32" for n in names}
+        sig.update(s_ptr="*bf16", t_ptr="*bf16", mask_ptr="*i1", loss_ptr="*fp32",
+                   stats_ptr="*fp32", k="fp32", loss_factor="fp32")
+        const = dict(HAS_MASK=False, WRITE_STATS=True, ALIGN_S=True, ALIGN_T=True, VEC=8,
+                     BLOCK_V=K.FWD_BLOCK_V, MERGED=True)
+        sig.update({n: "constexpr" for n in const})
+        attrs = {(names.index(n),): [["tt.divisibility", 16]]
+                 for n in ("s_ptr", "t_ptr", "mask_ptr", "loss_ptr", "stats_ptr")}
+        src = ASTSource(K._kd_fwd_kernel, sig, constexprs=const, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": K.NUM_WARPS}).asm["ptx"]
+        lines = ptx.splitlines()
+        labels = {l.split(":")[0]: i for i, l in enumerate(lines) if l.startswith("$L__BB")}
+        loops = []
+        for i, line in enumerate(lines):
+            target = re.search(r"bra(?:\\.uni)?\\s+(\\$L__BB\\w+);", line)
+            if target and labels.get(target.group(1), i + 1) < i:
+                loops.append("bar.sync" in "\\n".join(lines[labels[target.group(1)]:i]))
+        print(json.dumps({"v4": "ld.global.v4" in ptx, "loops": loops,
+                          "bars": ptx.count("bar.sync")}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode != 0 and "ptxas" in proc.stderr:
+        pytest.skip(f"ptxas unavailable: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["v4"]
+    assert facts["loops"] and not any(facts["loops"])  # loops found, none with a barrier
+    assert 0 < facts["bars"] <= 8
+
+
+def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
+    """``perf/bench_gpu.py --smoke``: the KD rows of the GPU table, at tiny sizes on the CPU
+    (the kernels interpreted), build, check against float64 and write their JSON, so a bug in
+    the benchmark shows without a GPU."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "table.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("KASMINA_BACKEND", "TRITON_INTERPRET")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "bench_gpu.py", "--smoke", "--ops", "kd_kl_loss", "--json", str(out)],
+        cwd=root / "perf", env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"kasmina", "eager"}
+    for row in rows:
+        assert row["ms"] is not None and row["wall_ms"] is not None, row
+        assert "MISMATCH" not in row["note"] and "error" not in row["note"], row
 
 
 # --------------------------------------------------------------------------- rejections

@@ -79,24 +79,165 @@ def test_dormant_fast_path_returns_the_host_output_itself() -> None:
     assert layer(torch.randn(2, 3)) is out
 
 
-def test_target_patterns_and_errors_leave_the_model_unchanged() -> None:
+def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() -> None:
     model = MLP()
-    assert [s.layer_id for s in attach(model, "encoder.[02]", 1, 8)] == ["encoder.0", "encoder.2"]
+    # A string is a regex over full names (fullmatch): "encoder.[02]", not a suffix.
+    assert [s.layer_id for s in attach(model, r"encoder\.[02]", 1, 8)] == ["encoder.0", "encoder.2"]
     detach(model)
-    assert [s.layer_id for s in attach(model, ["2"], 2, 4)] == ["encoder.2"]  # dotted suffix
-    with pytest.raises(ValueError, match="no submodule"):
-        attach(model, "encoder.2", 2, 4)  # already a slot: nothing left to match
+    with pytest.raises(ValueError, match="matches no submodule"):
+        attach(model, "2", 2, 4)  # a regex must match a whole name
+    # A list entry is a full name or a dotted suffix.
+    assert [s.layer_id for s in attach(model, ["2"], 2, 4)] == ["encoder.2"]
+    with pytest.raises(ValueError, match="already attached"):
+        attach(model, ["encoder.2"], 2, 4)
+    with pytest.raises(ValueError, match="already attached"):
+        attach(model, r"encoder\.2", 2, 4)
     detach(model)
     snapshot = dict(model.named_modules())
-    for targets, spl, chunk in [
-        ("missing", 2, 4),
-        (["encoder", "encoder.0"], 2, 4),  # nested
-        ("head", 3, 4),  # 12 != 8 features
-        ([], 2, 4),
+    for targets, spl, chunk, message in [
+        ("missing", 2, 4, "'missing' matches no submodule"),
+        (["head", "encodr.2"], 2, 4, r"'encodr.2'.*closest: \['encoder.2'"),  # a typo in a list
+        (["encoder", "encoder.0"], 2, 4, "nested"),
+        ("head", 3, 4, "12 != 8"),
+        ([], 2, 4, "at least one"),
+        ("(", 2, 4, "regular expression"),
     ]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
         assert dict(model.named_modules()) == snapshot
+
+
+def test_slot_reads_through_to_the_wrapped_module() -> None:
+    model = MLP()
+    head = model.head
+    slot = attach(model, ["head"], 2, 4)[0]
+    assert model.head.weight is head.weight and model.head.out_features == 8
+    assert slot.in_features == 8 and slot.bias is head.bias
+    with pytest.raises(AttributeError):
+        _ = slot.no_such_attribute
+    assert "weight" not in dict(slot.named_parameters(recurse=False))  # not re-registered
+
+
+class Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_conv_seeds_own_channel_chunks_and_chunk_dim_is_configurable() -> None:
+    model = Conv()
+    x = torch.randn(2, 3, 5, 7)
+    with pytest.raises(ValueError, match="= 6 != 4 features of Conv2d along dim 1"):
+        attach(model, "conv", 2, 3)
+    slot = attach(model, "conv", 2, 2)[0]
+    assert slot.chunk_dim == 1 and slot.seed(0).chunk_dim == 1
+    host = model.conv.host(x)
+    assert torch.equal(model(x), host)
+    assert slot.output_contract == (host.shape, host.dtype, host.device)
+    assert slot.chunk_spec()[0] == (2, 2, 5, 7)
+    torch.manual_seed(3)
+    slot.seed(1).attach_kernel(nn.Conv2d(2, 2, 1))
+    walk(slot.seed(1), S.STABILIZATION)
+    out = model(x)
+    assert torch.equal(out[:, :2], host[:, :2])
+    torch.testing.assert_close(out[:, 2:], slot.seed(1).kernel(host[:, 2:]))
+    detach(model)
+    width = attach(model, "conv", 7, 1, chunk_dim=-1)[0]  # the image width, when asked for
+    model(x)
+    assert width.contract_problem() is None and width.chunk_spec()[0] == (2, 4, 5, 1)
+    detach(model)
+    wrong = attach(model, "conv", 2, 3, chunk_dim=-1)[0]
+    model(x)
+    assert "7 features along dim -1" in wrong.contract_problem()
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.proj(x)
+        return h, h.sum(-1)
+
+
+def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        hidden: torch.Tensor
+        extra: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+
+    class DataOut(TupleOut):
+        def forward(self, x: torch.Tensor) -> Out:  # type: ignore[override]
+            h = self.proj(x)
+            return Out(hidden=h, logits=h * 2)
+
+    x = torch.randn(3, 4)
+    for cls, index in [(TupleOut, 0), (DataOut, 1)]:
+        model = nn.Sequential(cls())
+        bare = model(x)
+        slot = attach(model, ["0"], 2, 2, output_index=index)[0]
+        assert slot.output_index == index
+        model(x)
+        assert slot.contract_problem() is None
+        slot.seed(0).attach_kernel(kernel(2, 1))
+        walk(slot.seed(0), S.STABILIZATION)
+        out = model(x)
+        if cls is TupleOut:
+            assert isinstance(out, tuple) and torch.equal(out[1], bare[1])
+            grafted, host = out[0], bare[0]
+        else:
+            assert (
+                isinstance(out, Out) and out.extra is None and torch.equal(out.hidden, bare.hidden)
+            )
+            grafted, host = out.logits, bare.logits
+        assert torch.equal(grafted[:, 2:], host[:, 2:])
+        torch.testing.assert_close(grafted[:, :2], slot.seed(0).kernel(host[:, :2]))
+    model = nn.Sequential(TupleOut())
+    slot = attach(model, ["0"], 2, 2, output_index=5)[0]
+    model(x)
+    assert "element 5 of the host's tuple output" in slot.contract_problem()
+
+
+def test_out_proj_of_multihead_attention_is_refused_with_the_reason() -> None:
+    model = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(ValueError, match="never calls out_proj"):
+        attach(model, ["self_attn.out_proj"], 2, 4)
+
+
+@pytest.mark.parametrize("target", ["linear2", "self_attn"])
+def test_transformer_encoder_fused_path_never_skips_a_live_seed(target: str) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        bare = model(x)
+    slot = attach(model, [f"layers.0.{target}"], 2, 4)[0]
+    assert slot.guards_fused_path
+    with torch.no_grad():
+        assert torch.equal(model(x), bare)  # DORMANT: the fused path, bit for bit
+        name = "weight" if target == "linear2" else "in_proj_weight"
+        assert type(getattr(slot, name)) in (torch.Tensor, nn.Parameter)
+    torch.manual_seed(4)
+    slot.seed(1).attach_kernel(kernel(4, 2))
+    walk(slot.seed(1), S.STABILIZATION)
+    with torch.no_grad():
+        out = model(x)
+        model.train()
+        reference = model(x)  # the regular path, which calls every module
+        model.eval()
+    assert type(getattr(slot, name)) not in (torch.Tensor, nn.Parameter)  # marked while live
+    assert not torch.allclose(out, bare)
+    torch.testing.assert_close(out, reference)
 
 
 def four_stage_layer(kd: KDConfig | None = None) -> tuple[KasminaLayer, torch.Tensor]:
@@ -180,11 +321,14 @@ def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
     with torch.no_grad():
         layer.seed(1).kernel[0].weight.fill_(float("nan"))
         expected_chunk = layer.host(x)[:, 2:4]
-    out = layer(x)
-    assert torch.equal(out[:, 2:4], expected_chunk) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert not layer.host.weight.grad[2:4].any()
-    assert layer.poll_nonfinite() == ["layer[1]"]
+    for _ in range(layer.seed(1).fault_limit):
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        assert torch.equal(out[:, 2:4], expected_chunk) and torch.isfinite(out).all()
+        out.sum().backward()
+        assert not layer.host.weight.grad[2:4].any()
+        assert layer.poll_nonfinite() == ["layer[1]"]
+    assert layer.seed(1).faults == layer.seed(1).fault_limit
     assert layer.stages() == [S.ISOLATED_INIT, S.QUARANTINE, S.STABILIZATION, S.ACTIVE]
     assert layer.poll_nonfinite() == []
 
@@ -233,6 +377,7 @@ def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
     torch.testing.assert_close(out, model(x))
     out.sum().backward()
     assert slot.seed(0).seed_parameters()[0].grad is not None
+    compiled(x)  # the first call recorded the slot's output: this one recompiles, once
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     slot.update_alpha_blending(8, 10)  # alpha is a device buffer: no recompile
     torch.testing.assert_close(compiled(x), model(x))

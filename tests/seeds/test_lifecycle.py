@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -11,12 +12,16 @@ from torch import nn
 from kasmina.errors import IllegalTransitionError
 from kasmina.seeds.gates import (
     ALPHA_COMPLETE,
+    SeedEvaluation,
+    benefit_score,
+    count_flops,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
     gate_g3_compatibility,
     gate_g4_alpha,
     gate_g5_performance,
 )
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor, blueprint_hash, parse_gate, parse_stage
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
@@ -300,7 +305,7 @@ def test_gate_g2_epochs_and_violations() -> None:
     assert not failed.passed and "violation" in failed.reason and failed.score == 10
 
 
-def test_gate_g3_shape_dtype_finite_latency() -> None:
+def test_gate_g3_shape_dtype_finite_and_counted_cost() -> None:
     out = torch.ones(2, 4)
     assert gate_g3_compatibility(out, (2, 4), torch.float32, 0.5, 1.0).passed
     assert "shape" in gate_g3_compatibility(out, (2, 5), torch.float32, 0.5, 1.0).reason
@@ -308,8 +313,64 @@ def test_gate_g3_shape_dtype_finite_latency() -> None:
     nan = out.clone()
     nan[0, 0] = float("nan")
     assert "finite" in gate_g3_compatibility(nan, (2, 4), torch.float32, 0.5, 1.0).reason
-    assert "latency" in gate_g3_compatibility(out, (2, 4), torch.float32, 2.0, 1.0).reason
+    over = gate_g3_compatibility(out, (2, 4), torch.float32, 2.0, 1.0)
+    assert not over.passed and "cost" in over.reason and over.score == 2.0
     assert not gate_g3_compatibility(None, (2, 4), torch.float32, None, 1.0).passed
+    unknown = gate_g3_compatibility(out, (2, 4), torch.float32, None, 1.0)
+    assert unknown.passed and "not checked" in unknown.reason
+    # A slow probe is named, never refused: a timing depends on the machine's load.
+    slow = gate_g3_compatibility(
+        out, (2, 4), torch.float32, 0.5, 1.0, latency_ms=30.0, latency_budget_ms=5.0
+    )
+    assert slow.passed and "advisory" in slow.reason
+
+
+def test_count_flops_is_a_function_of_shapes() -> None:
+    mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+    assert count_flops(mlp, torch.zeros(3, 4)) == 2 * 3 * (4 * 16 + 16 * 4)
+    assert count_flops(mlp, torch.randn(3, 4)) == count_flops(mlp, torch.zeros(3, 4))
+    bn = nn.BatchNorm1d(4)
+    count_flops(bn, torch.randn(8, 4))  # train mode: the statistics it moved are put back
+    assert torch.equal(bn.running_mean, torch.zeros(4))
+
+
+def test_cpu_load_never_changes_g3() -> None:
+    """The decision and score of G3 are identical with a busy-loop thread hogging the CPU."""
+    seed = GradientIsolatedSeed(4, "s")
+    torch.manual_seed(0)
+    seed.attach_kernel(nn.Sequential(nn.Linear(4, 64), nn.GELU(), nn.Linear(64, 4)))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK):
+        seed.transition_to(stage)
+    seed(torch.randn(32, 4))  # the COMPATIBILITY_CHECK forward probes the kernel
+
+    def gate() -> tuple[bool, float, str]:
+        # 1e-6 ms: every probe is "too slow", which must change nothing.
+        result = seed.evaluate_gate(
+            host_flops_per_element=16.0, max_cost_ratio=4.0, latency_budget_ms=1e-6
+        )
+        return result.passed, result.score, result.reason.split(" (advisory")[0]
+
+    quiet = [gate() for _ in range(3)]
+    stop = threading.Event()
+
+    def hog() -> None:
+        x = 0
+        while not stop.is_set():
+            x = (x * 31 + 7) % 1_000_003
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(4)]
+    for thread in hogs:
+        thread.start()
+    try:
+        busy = [gate() for _ in range(3)]
+    finally:
+        stop.set()
+        for thread in hogs:
+            thread.join()
+    assert quiet == busy and len(set(quiet)) == 1
+    # 2*(4*64 + 64*4) FLOPs per row over 4 output elements = 256 per element; the host 16.
+    assert quiet[0] == (False, 16.0, quiet[0][2]) and "cost 16x" in quiet[0][2]
+    assert seed.evaluate_gate(host_flops_per_element=16.0, max_cost_ratio=16.0).passed
 
 
 def test_gate_g4_alpha_reached_one() -> None:
@@ -318,7 +379,25 @@ def test_gate_g4_alpha_reached_one() -> None:
     assert gate_g4_alpha(ALPHA_COMPLETE).passed and gate_g4_alpha(1.0).passed
 
 
-def test_gate_g5_score_against_threshold() -> None:
-    assert gate_g5_performance(0.8, 0.8).passed
-    assert not gate_g5_performance(0.79, 0.8).passed
-    assert not gate_g5_performance(float("nan"), 0.0).passed
+def _evaluation(loss_with: float, loss_without: float, stage: S = S.STABILIZATION):
+    return SeedEvaluation("s", stage, 1.0, loss_with, loss_without)
+
+
+def test_benefit_maps_to_a_score_in_zero_one() -> None:
+    assert benefit_score(0.0) == 0.5 and benefit_score(0.2) == pytest.approx(0.6)
+    assert benefit_score(-5.0) == 0.0 and benefit_score(2.0) == 1.0
+    assert benefit_score(float("nan")) == 0.0
+    assert _evaluation(0.8, 1.0).benefit == pytest.approx(0.2)
+    assert _evaluation(0.8, 1.0).score == pytest.approx(0.6)
+    assert _evaluation(1.2, 1.0).score == pytest.approx(0.4)
+
+
+def test_gate_g5_compares_the_measured_benefit() -> None:
+    assert gate_g5_performance(_evaluation(0.8, 1.0), 0.6).passed
+    low = gate_g5_performance(_evaluation(0.81, 1.0), 0.6)
+    assert not low.passed and low.score == pytest.approx(0.595)
+    never = gate_g5_performance(None, 0.0)
+    assert not never.passed and "never evaluated" in never.reason
+    stale = gate_g5_performance(_evaluation(0.1, 1.0, S.GRAFTING), 0.0)
+    assert not stale.passed and "GRAFTING" in stale.reason
+    assert not gate_g5_performance(_evaluation(float("nan"), 1.0), 0.0).passed

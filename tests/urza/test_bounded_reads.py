@@ -14,8 +14,8 @@ import pytest
 from kasmina.errors import ArtifactIntegrityError, UrzaUnavailableError
 from kasmina.urza.artifact import Manifest, read_bounded, sign_manifest
 from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_payload
-from kasmina.utils.keyring import Keyring, generate_key
 from tests.urza.helpers import FlakyFS, serve_directory
 
 MiB = 1 << 20
@@ -23,30 +23,36 @@ PAYLOAD = bytes(range(256)) * 4  # 1024 bytes
 
 
 @pytest.fixture(scope="module")
-def keyring() -> Keyring:
-    return Keyring({"pub": generate_key()})
+def publisher() -> PublisherKey:
+    return PublisherKey.generate("pub")
+
+
+@pytest.fixture(scope="module")
+def trusted(publisher: PublisherKey) -> TrustedPublishers:
+    """What a trainer holds: the publisher's public key only."""
+    return publisher.trusted_publishers()
 
 
 @pytest.fixture
-def store(tmp_path: Path, keyring: Keyring) -> Path:
+def store(tmp_path: Path, publisher: PublisherKey) -> Path:
     root = tmp_path / "store"
-    publish_payload(PAYLOAD, str(root), "bp", keyring, "pub", "a1")
+    publish_payload(PAYLOAD, str(root), "bp", publisher, "a1")
     return root
 
 
-def client(url: str, keyring: Keyring, **kwargs) -> tuple[UrzaLibraryClient, FlakyFS]:
+def client(url: str, trusted: TrustedPublishers, **kwargs) -> tuple[UrzaLibraryClient, FlakyFS]:
     kwargs.setdefault("retries", 0)
     kwargs.setdefault("backoff_s", 0.0)
-    urza = UrzaLibraryClient(url, keyring, **kwargs)
+    urza = UrzaLibraryClient(url, trusted, **kwargs)
     flaky = urza._fs = FlakyFS(urza._fs)
     return urza, flaky
 
 
-def declare(root: Path, keyring: Keyring, artifact_id: str, size: int) -> None:
+def declare(root: Path, publisher: PublisherKey, artifact_id: str, size: int) -> None:
     """A validly signed manifest declaring ``size`` bytes (and a hash nothing will match)."""
     manifest = Manifest(artifact_id, "bp", "0" * 64, size, (), "pub", 1.0, "2")
     (root / f"{artifact_id}.manifest.json").write_bytes(
-        sign_manifest(manifest, keyring, "pub").to_json()
+        sign_manifest(manifest, publisher).to_json()
     )
 
 
@@ -56,9 +62,9 @@ def sparse(path: Path, size: int) -> None:
 
 
 @pytest.mark.parametrize("chunk", [64 * 1024, MiB])
-def test_oversize_manifest_is_refused_after_a_bounded_read(store, keyring, chunk) -> None:
+def test_oversize_manifest_is_refused_after_a_bounded_read(store, trusted, chunk) -> None:
     sparse(store / "a1.manifest.json", 256 * MiB)
-    urza, flaky = client(str(store), keyring, chunk_bytes=chunk)
+    urza, flaky = client(str(store), trusted, chunk_bytes=chunk)
     started = time.perf_counter()
     with pytest.raises(ArtifactIntegrityError, match=r"manifest is larger than 4194304 bytes"):
         urza.fetch("a1")
@@ -67,58 +73,60 @@ def test_oversize_manifest_is_refused_after_a_bounded_read(store, keyring, chunk
     assert urza.breaker.state == "closed"  # a refusal is an answer, not an outage
     assert time.perf_counter() - started < 5
     # A tighter configured limit applies to real manifests too.
-    small, _ = client(str(store), keyring, max_manifest_bytes=100)
+    small, _ = client(str(store), trusted, max_manifest_bytes=100)
     with pytest.raises(ArtifactIntegrityError, match="max_manifest_bytes"):
         small.get_manifest("a1")
 
 
-def test_dev_zero_manifest_is_refused_after_a_bounded_read(store, keyring) -> None:
+def test_dev_zero_manifest_is_refused_after_a_bounded_read(store, trusted) -> None:
     path = store / "a1.manifest.json"
     path.unlink()
     path.symlink_to("/dev/zero")
-    urza, flaky = client(str(store), keyring, max_manifest_bytes=MiB, chunk_bytes=256 * 1024)
+    urza, flaky = client(str(store), trusted, max_manifest_bytes=MiB, chunk_bytes=256 * 1024)
     with pytest.raises(ArtifactIntegrityError, match="manifest is larger than"):
         urza.get_manifest("a1")
     assert flaky.bytes_of(".manifest.json") <= MiB + 256 * 1024
 
 
-def test_payload_larger_than_declared_is_refused_after_a_bounded_read(store, keyring) -> None:
+def test_payload_larger_than_declared_is_refused_after_a_bounded_read(store, trusted) -> None:
     sparse(store / "a1.pt2", 600 * MiB)  # declared 1024 bytes, 600 MiB on disk (sparse)
-    urza, flaky = client(str(store), keyring)
+    urza, flaky = client(str(store), trusted)
     with pytest.raises(ArtifactIntegrityError, match="payload is larger than 1024 bytes"):
         urza.fetch("a1")
     assert 0 < flaky.bytes_of(".pt2") <= 1024 + 1
 
 
-def test_payload_declared_above_max_artifact_bytes_is_never_read(store, keyring) -> None:
+def test_payload_declared_above_max_artifact_bytes_is_never_read(store, trusted, publisher) -> None:
     sparse(store / "big.pt2", 600 * MiB)
-    declare(store, keyring, "big", 600 * MiB)
-    urza, flaky = client(str(store), keyring, max_artifact_bytes=8 * MiB)
+    declare(store, publisher, "big", 600 * MiB)
+    urza, flaky = client(str(store), trusted, max_artifact_bytes=8 * MiB)
     with pytest.raises(ArtifactIntegrityError, match="above max_artifact_bytes"):
         urza.fetch("big")
     assert flaky.reads_of(".pt2") == 0 and flaky.bytes_of(".pt2") == 0
     # The default ceiling (1 GiB) applies without any setting.
-    declare(store, keyring, "huge", 2 << 30)
+    declare(store, publisher, "huge", 2 << 30)
     sparse(store / "huge.pt2", 2 << 30)
     with pytest.raises(ArtifactIntegrityError, match="above max_artifact_bytes"):
-        client(str(store), keyring)[0].fetch("huge")
+        client(str(store), trusted)[0].fetch("huge")
 
 
 @pytest.mark.parametrize("declared", [1024, 8 * MiB])
-def test_dev_zero_payload_is_refused_after_a_bounded_read(store, keyring, declared) -> None:
+def test_dev_zero_payload_is_refused_after_a_bounded_read(
+    store, trusted, publisher, declared
+) -> None:
     if declared != 1024:
-        declare(store, keyring, "a1", declared)
+        declare(store, publisher, "a1", declared)
     path = store / "a1.pt2"
     path.unlink()
     path.symlink_to("/dev/zero")
-    urza, flaky = client(str(store), keyring)
+    urza, flaky = client(str(store), trusted)
     with pytest.raises(ArtifactIntegrityError, match=f"payload is larger than {declared} bytes"):
         urza.fetch("a1")
     assert flaky.bytes_of(".pt2") <= declared + 1
 
 
-def test_streamed_hash_over_many_chunks(store, keyring) -> None:
-    urza, flaky = client(str(store), keyring, chunk_bytes=7)
+def test_streamed_hash_over_many_chunks(store, trusted) -> None:
+    urza, flaky = client(str(store), trusted, chunk_bytes=7)
     payload, manifest = urza.fetch("a1")
     assert payload == PAYLOAD and manifest.verified
     assert flaky.bytes_of(".pt2") == len(PAYLOAD)
@@ -132,32 +140,32 @@ def test_streamed_hash_over_many_chunks(store, keyring) -> None:
         urza.fetch("a1")
 
 
-def test_memory_store_streams(keyring) -> None:
+def test_memory_store_streams(publisher, trusted) -> None:
     url = f"memory://urza-{uuid.uuid4().hex}"
-    publish_payload(PAYLOAD, url, "bp", keyring, "pub", "a1")
-    urza, flaky = client(url, keyring, chunk_bytes=100)
+    publish_payload(PAYLOAD, url, "bp", publisher, "a1")
+    urza, flaky = client(url, trusted, chunk_bytes=100)
     assert urza.fetch("a1")[0] == PAYLOAD
     assert flaky.bytes_of(".pt2") == len(PAYLOAD)
 
 
-def test_http_store_refuses_an_oversize_payload(store, keyring) -> None:
+def test_http_store_refuses_an_oversize_payload(store, trusted) -> None:
     sparse(store / "a1.pt2", 600 * MiB)
     with serve_directory(store) as url:
-        urza = UrzaLibraryClient(url, keyring, retries=0, timeout_s=5.0)
+        urza = UrzaLibraryClient(url, trusted, retries=0, timeout_s=5.0)
         started = time.perf_counter()
         with pytest.raises(ArtifactIntegrityError, match="payload is larger than 1024 bytes"):
             urza.fetch("a1")
         assert time.perf_counter() - started < 5
 
 
-def test_abandoned_read_stops_reading(store, keyring) -> None:
+def test_abandoned_read_stops_reading(store, trusted, publisher) -> None:
     """A payload read that times out stops at its next chunk instead of reading on."""
-    declare(store, keyring, "a1", 512 * MiB)
+    declare(store, publisher, "a1", 512 * MiB)
     path = store / "a1.pt2"
     path.unlink()
     path.symlink_to("/dev/zero")
     chunk = 64 * 1024
-    urza, flaky = client(str(store), keyring, timeout_s=0.2, chunk_bytes=chunk)
+    urza, flaky = client(str(store), trusted, timeout_s=0.2, chunk_bytes=chunk)
     flaky.chunk_delay_s = 0.01  # unbounded, this read would take 80 s
     before = set(threading.enumerate())
     with pytest.raises(UrzaUnavailableError) as info:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import base64
 import io
 import json
 import shutil
@@ -20,23 +19,34 @@ from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUn
 from kasmina.urza.artifact import Manifest, sign_manifest, verify_manifest
 from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_artifact, publish_payload
-from kasmina.utils.keyring import Keyring, generate_key
 from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve_directory
 
 
 @pytest.fixture(scope="module")
-def keyring() -> Keyring:
-    return Keyring({"pub": generate_key(), "other": generate_key()})
+def publisher() -> PublisherKey:
+    return PublisherKey.generate("pub")
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+def other() -> PublisherKey:
+    return PublisherKey.generate("other")
+
+
+@pytest.fixture(scope="module")
+def trusted(publisher: PublisherKey, other: PublisherKey) -> TrustedPublishers:
+    """What a trainer holds: the two publishers' public keys, nothing that signs."""
+    return TrustedPublishers({k.key_id: k.public_key for k in (publisher, other)})
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey):
     """One real exported artifact in a local store (export once per module: it is slow)."""
     store = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "mlp", keyring, "pub")
+    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "mlp", publisher)
     return store, manifest, module
 
 
@@ -49,10 +59,10 @@ def store(tmp_path: Path, published) -> tuple[Path, Manifest]:
     return dst, manifest
 
 
-def client(url: str, keyring: Keyring, **kwargs) -> UrzaLibraryClient:
+def client(url: str, trusted: TrustedPublishers, **kwargs) -> UrzaLibraryClient:
     kwargs.setdefault("retries", 0)
     kwargs.setdefault("backoff_s", 0.0)
-    return UrzaLibraryClient(url, keyring, **kwargs)
+    return UrzaLibraryClient(url, trusted, **kwargs)
 
 
 def manifest_path(store: Path, artifact_id: str) -> Path:
@@ -63,9 +73,9 @@ def payload_path(store: Path, artifact_id: str) -> Path:
     return store / f"{artifact_id}.pt2"
 
 
-def test_publish_list_fetch_roundtrip(store, keyring) -> None:
+def test_publish_list_fetch_roundtrip(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     assert urza.list_artifacts() == [manifest.artifact_id]
     payload, fetched = urza.fetch(manifest.artifact_id)
     assert fetched == manifest and fetched.verified
@@ -79,24 +89,24 @@ def test_publish_list_fetch_roundtrip(store, keyring) -> None:
         urza.fetch(manifest.artifact_id)
 
 
-def test_publish_is_idempotent_and_never_overwrites(tmp_path, keyring) -> None:
-    first = publish_payload(b"payload-one", str(tmp_path), "blue", keyring, "pub", "art-1")
-    again = publish_payload(b"payload-one", str(tmp_path), "blue", keyring, "pub", "art-1")
+def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted) -> None:
+    first = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")
+    again = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")
     assert again == first
     with pytest.raises(FileExistsError):
-        publish_payload(b"payload-two", str(tmp_path), "blue", keyring, "pub", "art-1")
-    assert client(str(tmp_path), keyring).fetch("art-1")[0] == b"payload-one"
+        publish_payload(b"payload-two", str(tmp_path), "blue", publisher, "art-1")
+    assert client(str(tmp_path), trusted).fetch("art-1")[0] == b"payload-one"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, keyring) -> None:
-    manifest = publish_payload(b"x" * 10, str(tmp_path), "../my blueprint", keyring, "pub")
+def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, publisher) -> None:
+    manifest = publish_payload(b"x" * 10, str(tmp_path), "../my blueprint", publisher)
     assert manifest.artifact_id.startswith("my-blueprint-")
     assert manifest.artifact_id[-16:] == manifest.sha256[:16]
 
 
 @pytest.mark.parametrize("where", [0, 0.5, -1])
-def test_one_flipped_payload_bit_is_rejected(store, keyring, where) -> None:
+def test_one_flipped_payload_bit_is_rejected(store, trusted, where) -> None:
     root, manifest = store
     path = payload_path(root, manifest.artifact_id)
     data = bytearray(path.read_bytes())
@@ -104,15 +114,15 @@ def test_one_flipped_payload_bit_is_rejected(store, keyring, where) -> None:
     data[index] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
-        client(str(root), keyring).fetch(manifest.artifact_id)
+        client(str(root), trusted).fetch(manifest.artifact_id)
 
 
-def test_truncated_or_extended_payload_is_rejected(store, keyring) -> None:
+def test_truncated_or_extended_payload_is_rejected(store, trusted) -> None:
     root, manifest = store
     path = payload_path(root, manifest.artifact_id)
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ArtifactIntegrityError, match="bytes"):
-        client(str(root), keyring).fetch(manifest.artifact_id)
+        client(str(root), trusted).fetch(manifest.artifact_id)
 
 
 @pytest.mark.parametrize(
@@ -127,52 +137,61 @@ def test_truncated_or_extended_payload_is_rejected(store, keyring) -> None:
         ("key_id", "other"),
     ],
 )
-def test_changed_manifest_field_is_rejected(store, keyring, field, value) -> None:
+def test_changed_manifest_field_is_rejected(store, trusted, field, value) -> None:
     root, manifest = store
     path = manifest_path(root, manifest.artifact_id)
     data = json.loads(path.read_bytes())
     data[field] = value
     path.write_text(json.dumps(data))
     with pytest.raises(ArtifactIntegrityError, match="signature"):
-        client(str(root), keyring).fetch(manifest.artifact_id)
+        client(str(root), trusted).fetch(manifest.artifact_id)
 
 
-def test_wrong_signatures_are_rejected(store, keyring) -> None:
+def test_wrong_signatures_are_rejected(store, trusted) -> None:
     root, manifest = store
     path = manifest_path(root, manifest.artifact_id)
     original = json.loads(path.read_bytes())
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     # Signed with another key but claiming to be "pub".
-    impostor = Keyring({"pub": generate_key()})
-    forged = sign_manifest(manifest, impostor, "pub")
+    impostor = PublisherKey.generate("pub")
+    forged = sign_manifest(manifest, impostor)
     path.write_bytes(forged.to_json())
     with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
         urza.fetch(manifest.artifact_id)
-    # Garbage, non-ASCII and non-hex signatures.
-    for bad in ("00" * 32, "zz", "é" * 64):
+    # Garbage, truncated, extended, non-base64 and non-ASCII signatures.
+    good = base64.b64decode(original["signature"])
+    for bad in (
+        base64.b64encode(bytes(64)).decode(),
+        base64.b64encode(good[:63]).decode(),
+        base64.b64encode(good + b"\0").decode(),
+        "zz",
+        "é" * 88,
+    ):
         path.write_text(json.dumps({**original, "signature": bad}))
         with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
             urza.fetch(manifest.artifact_id)
     # A key the client does not know.
-    rogue = Keyring({"rogue": generate_key()})
-    path.write_bytes(sign_manifest(manifest, rogue, "rogue").to_json())
-    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key"):
+    rogue = PublisherKey.generate("rogue")
+    path.write_bytes(sign_manifest(manifest, rogue).to_json())
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'rogue'"):
         urza.fetch(manifest.artifact_id)
 
 
-def test_known_but_untrusted_publisher_is_rejected(store, keyring) -> None:
+def test_only_the_configured_publishers_are_trusted(store, publisher, other) -> None:
     root, manifest = store
-    manifest_path(root, manifest.artifact_id).write_bytes(
-        sign_manifest(manifest, keyring, "other").to_json()
-    )
-    assert client(str(root), keyring).fetch(manifest.artifact_id)[1].key_id == "other"
-    strict = client(str(root), keyring, trusted_key_ids=("pub",))
-    with pytest.raises(ArtifactIntegrityError, match="not trusted"):
+    manifest_path(root, manifest.artifact_id).write_bytes(sign_manifest(manifest, other).to_json())
+    both = TrustedPublishers({"pub": publisher.public_key, "other": other.public_key})
+    assert client(str(root), both).fetch(manifest.artifact_id)[1].key_id == "other"
+    strict = client(str(root), publisher.trusted_publishers())
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'other'"):
         strict.fetch(manifest.artifact_id)
+    nobody = client(str(root), TrustedPublishers())
+    with pytest.raises(ArtifactIntegrityError, match="none configured"):
+        nobody.fetch(manifest.artifact_id)
 
 
 @pytest.mark.parametrize("signature", [None, ""])
-def test_missing_signature_is_rejected(store, keyring, signature) -> None:
+def test_missing_signature_is_rejected(store, trusted, signature) -> None:
     root, manifest = store
     path = manifest_path(root, manifest.artifact_id)
     data = json.loads(path.read_bytes())
@@ -182,48 +201,53 @@ def test_missing_signature_is_rejected(store, keyring, signature) -> None:
         data["signature"] = signature
     path.write_text(json.dumps(data))
     with pytest.raises(ArtifactIntegrityError, match="unsigned"):
-        client(str(root), keyring).fetch(manifest.artifact_id)
+        client(str(root), trusted).fetch(manifest.artifact_id)
 
 
 @pytest.mark.parametrize(
     "raw",
     [b"not json", b"[1, 2]", b'{"signature": "a", "signature": "b"}', b"\xff\xfe", b"{}"],
 )
-def test_malformed_manifests_are_rejected(keyring, raw) -> None:
+def test_malformed_manifests_are_rejected(trusted, raw) -> None:
     with pytest.raises(ArtifactIntegrityError):
-        verify_manifest(raw, keyring)
+        verify_manifest(raw, trusted)
 
 
-def test_signed_manifest_with_bad_fields_is_rejected(keyring) -> None:
+def test_signed_manifest_with_bad_fields_is_rejected(publisher, trusted) -> None:
     """Even a correctly signed manifest must be well formed."""
     good = Manifest("a1", "bp", "0" * 64, 3, (), "pub", 1.0, "2")
-    signed = json.loads(sign_manifest(good, keyring, "pub").to_json())
+    signed = json.loads(sign_manifest(good, publisher).to_json())
+    private = publisher._private  # the raw key, to sign independently of the code under test
 
     def resign(data: dict) -> bytes:
         data = {k: v for k, v in data.items() if k != "signature"}
-        # An independent signer: HMAC-SHA256 over the canonical JSON (sorted keys, no spaces).
+        # An independent signer: Ed25519 over the purpose tag and the canonical JSON.
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
-        data["signature"] = hmac.new(keyring.get("pub"), canonical, hashlib.sha256).hexdigest()
+        signature = private.sign(b"kasmina-urza-manifest-v2\0" + canonical)
+        data["signature"] = base64.b64encode(signature).decode()
         return json.dumps(data).encode()
 
-    assert verify_manifest(resign(signed), keyring).unsigned_dict() == good.unsigned_dict()
+    assert verify_manifest(resign(signed), trusted).unsigned_dict() == good.unsigned_dict()
     bad_fields = [("format", "pickle"), ("size", -1), ("extra", 1), ("sha256", "X" * 64)]
     for field, value in bad_fields:
         with pytest.raises(ArtifactIntegrityError, match="malformed"):
-            verify_manifest(resign({**signed, field: value}), keyring)
+            verify_manifest(resign({**signed, field: value}), trusted)
+    for version in (3, "2", True, None):
+        with pytest.raises(ArtifactIntegrityError, match="unsupported manifest version"):
+            verify_manifest(resign({**signed, "manifest_version": version}), trusted)
 
 
-def test_manifest_for_another_id_is_rejected(store, keyring) -> None:
+def test_manifest_for_another_id_is_rejected(store, trusted) -> None:
     root, manifest = store
     shutil.copy(manifest_path(root, manifest.artifact_id), manifest_path(root, "alias"))
     shutil.copy(payload_path(root, manifest.artifact_id), payload_path(root, "alias"))
     with pytest.raises(ArtifactIntegrityError, match="different artifact"):
-        client(str(root), keyring).fetch("alias")
+        client(str(root), trusted).fetch("alias")
 
 
-def test_missing_artifacts_and_bad_ids(store, keyring) -> None:
+def test_missing_artifacts_and_bad_ids(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     with pytest.raises(ArtifactNotFoundError):
         urza.fetch("no-such-artifact")
     payload_path(root, manifest.artifact_id).unlink()
@@ -233,10 +257,10 @@ def test_missing_artifacts_and_bad_ids(store, keyring) -> None:
         with pytest.raises(ValueError, match="invalid artifact id"):
             urza.fetch(bad)
     assert urza.breaker.state == "closed"
-    assert client(str(root / "does-not-exist"), keyring).list_artifacts() == []
+    assert client(str(root / "does-not-exist"), trusted).list_artifacts() == []
 
 
-def test_nothing_is_deserialised_before_verification(store, keyring, tmp_path) -> None:
+def test_nothing_is_deserialised_before_verification(store, trusted, tmp_path) -> None:
     root, manifest = store
     clean = payload_path(root, manifest.artifact_id).read_bytes()
     # The trap is armed: loading the crafted payload really does run its pickle.
@@ -247,7 +271,7 @@ def test_nothing_is_deserialised_before_verification(store, keyring, tmp_path) -
 
     marker = tmp_path / "marker"
     evil = arm_pt2(clean, marker)
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     # 1. Payload swapped under a valid manifest: the hash no longer matches.
     payload_path(root, manifest.artifact_id).write_bytes(evil)
     with pytest.raises(ArtifactIntegrityError):
@@ -255,8 +279,8 @@ def test_nothing_is_deserialised_before_verification(store, keyring, tmp_path) -
     with pytest.raises(ArtifactIntegrityError):
         GPUKernel.from_binary(evil, urza.get_manifest(manifest.artifact_id))
     # 2. Published under a matching manifest, but signed by a key the client does not hold.
-    rogue = Keyring({"pub": generate_key()})
-    publish_payload(evil, str(root), "mlp", rogue, "pub", "evil")
+    rogue = PublisherKey.generate("pub")
+    publish_payload(evil, str(root), "mlp", rogue, "evil")
     with pytest.raises(ArtifactIntegrityError, match="signature"):
         urza.fetch("evil")
     # 3. Published with no signature at all.
@@ -268,14 +292,14 @@ def test_nothing_is_deserialised_before_verification(store, keyring, tmp_path) -
     assert not marker.exists()
 
 
-def test_memory_store(keyring, published) -> None:
+def test_memory_store(publisher, trusted, published) -> None:
     _, manifest, _ = published
     url = f"memory://urza-{uuid.uuid4().hex}"
     payload = payload_path(published[0], manifest.artifact_id).read_bytes()
     published_here = publish_payload(
-        payload, url, "mlp", keyring, "pub", manifest.artifact_id, input_spec=manifest.input_spec
+        payload, url, "mlp", publisher, manifest.artifact_id, input_spec=manifest.input_spec
     )
-    urza = client(url, keyring)
+    urza = client(url, trusted)
     assert urza.list_artifacts() == [manifest.artifact_id]
     got, got_manifest = urza.fetch(manifest.artifact_id)
     assert got == payload and got_manifest == published_here
@@ -284,10 +308,10 @@ def test_memory_store(keyring, published) -> None:
     torch.testing.assert_close(kernel(x), published[2](x))
 
 
-def test_http_store_on_loopback(store, keyring) -> None:
+def test_http_store_on_loopback(store, trusted) -> None:
     root, manifest = store
     with serve_directory(root) as url:
-        urza = client(url, keyring, timeout_s=5.0)
+        urza = client(url, trusted, timeout_s=5.0)
         assert urza.list_artifacts() == [manifest.artifact_id]
         payload, fetched = urza.fetch(manifest.artifact_id)
         assert payload == payload_path(root, manifest.artifact_id).read_bytes()
@@ -301,17 +325,17 @@ def test_http_store_on_loopback(store, keyring) -> None:
         with pytest.raises(ArtifactIntegrityError):
             urza.fetch(manifest.artifact_id)
     # The server is gone: connection refused, retried, then unavailable.
-    gone = client(url, keyring, retries=1, sleep=lambda s: None)
+    gone = client(url, trusted, retries=1, sleep=lambda s: None)
     with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
         gone.fetch(manifest.artifact_id)
 
 
-def test_retries_backoff_breaker_and_recovery(store, keyring) -> None:
+def test_retries_backoff_breaker_and_recovery(store, trusted) -> None:
     root, manifest = store
     clock, sleeps = FakeClock(), []
     urza = client(
         str(root),
-        keyring,
+        trusted,
         retries=2,
         backoff_s=0.1,
         backoff_max_s=0.15,
@@ -348,10 +372,10 @@ def test_retries_backoff_breaker_and_recovery(store, keyring) -> None:
     assert fetched == manifest and urza.breaker.state == "closed"
 
 
-def test_breaker_opens_when_manifests_load_but_payloads_fail(store, keyring) -> None:
+def test_breaker_opens_when_manifests_load_but_payloads_fail(store, trusted) -> None:
     """A fetch is one outcome: a manifest read that succeeds must not reset the count."""
     root, manifest = store
-    urza = client(str(root), keyring, retries=1, breaker_threshold=3, clock=FakeClock())
+    urza = client(str(root), trusted, retries=1, breaker_threshold=3, clock=FakeClock())
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.fail_suffixes = (".pt2",)
     for _ in range(3):
@@ -365,10 +389,10 @@ def test_breaker_opens_when_manifests_load_but_payloads_fail(store, keyring) -> 
     assert flaky.reads_of(".manifest.json") == 3  # open: not even the manifest is read
 
 
-def test_answers_from_the_store_are_breaker_successes(store, keyring) -> None:
+def test_answers_from_the_store_are_breaker_successes(store, trusted) -> None:
     """Missing or corrupt artifacts are answers: they reset the count and never open it."""
     root, manifest = store
-    urza = client(str(root), keyring, breaker_threshold=2, clock=FakeClock())
+    urza = client(str(root), trusted, breaker_threshold=2, clock=FakeClock())
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.down = True
     with pytest.raises(UrzaUnavailableError):
@@ -386,9 +410,9 @@ def test_answers_from_the_store_are_breaker_successes(store, keyring) -> None:
     assert urza.breaker.state == "closed"  # the failures were not consecutive
 
 
-def test_slow_store_times_out(store, keyring) -> None:
+def test_slow_store_times_out(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring, timeout_s=0.05, retries=1, breaker_threshold=2)
+    urza = client(str(root), trusted, timeout_s=0.05, retries=1, breaker_threshold=2)
     urza._fs = FlakyFS(urza._fs)
     urza._fs.delay_s = 0.5
     for _ in range(2):
@@ -419,9 +443,9 @@ def test_breaker_unit() -> None:
         CircuitBreaker(threshold=0, reset_s=1.0)
 
 
-def test_sixteen_concurrent_fetches_share_one_read(store, keyring) -> None:
+def test_sixteen_concurrent_fetches_share_one_read(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.delay_s = 0.3
     barrier = threading.Barrier(16)
@@ -449,9 +473,9 @@ def test_sixteen_concurrent_fetches_share_one_read(store, keyring) -> None:
     assert flaky.reads_of(".pt2") == 2
 
 
-def test_coalesced_followers_share_the_failure(store, keyring) -> None:
+def test_coalesced_followers_share_the_failure(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring, sleep=lambda s: None)
+    urza = client(str(root), trusted, sleep=lambda s: None)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.down, flaky.delay_s = True, 0.2
     barrier = threading.Barrier(8)
@@ -473,9 +497,9 @@ def test_coalesced_followers_share_the_failure(store, keyring) -> None:
     assert sum(flaky.reads.values()) == 1
 
 
-def test_fetch_async_coalesces(store, keyring) -> None:
+def test_fetch_async_coalesces(store, trusted) -> None:
     root, manifest = store
-    urza = client(str(root), keyring)
+    urza = client(str(root), trusted)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.delay_s = 0.2
 
@@ -487,10 +511,10 @@ def test_fetch_async_coalesces(store, keyring) -> None:
     assert flaky.reads_of(".pt2") == 1
 
 
-def test_verify_store_reports_each_artifact(store, keyring) -> None:
+def test_verify_store_reports_each_artifact(store, publisher, trusted) -> None:
     root, manifest = store
-    publish_payload(b"second", str(root), "bp", keyring, "pub", "second")
+    publish_payload(b"second", str(root), "bp", publisher, "second")
     payload_path(root, "second").write_bytes(b"SECOND")
-    report = client(str(root), keyring).verify_store()
+    report = client(str(root), trusted).verify_store()
     assert report[manifest.artifact_id] == "ok"
     assert report["second"].startswith("ArtifactIntegrityError")

@@ -28,9 +28,9 @@ from kasmina.urza.artifact import Manifest
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.loader import KernelLoader
 from kasmina.urza.publish import publish_artifact, publish_payload
-from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.telemetry import TelemetryReporter
 from tests.urza.helpers import (
     FakeClock,
@@ -47,17 +47,25 @@ DEADLINE = "did not finish within its deadline"
 
 
 @pytest.fixture(scope="module")
-def keyring() -> Keyring:
-    return Keyring({"pub": generate_key()})
+def publisher() -> PublisherKey:
+    return PublisherKey.generate("pub")
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring) -> tuple[Path, Manifest]:
+def trusted(publisher: PublisherKey) -> TrustedPublishers:
+    """What a trainer holds: the publisher's public key only."""
+    return publisher.trusted_publishers()
+
+
+@pytest.fixture(scope="module")
+def published(
+    tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey
+) -> tuple[Path, Manifest]:
     """One real exported artifact (export once per module: it is slow)."""
     store = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
-    manifest = publish_artifact(module, (torch.randn(2, 4),), str(store), "mlp", keyring, "pub")
+    manifest = publish_artifact(module, (torch.randn(2, 4),), str(store), "mlp", publisher)
     return store, manifest
 
 
@@ -119,12 +127,12 @@ def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, An
     return thread, out
 
 
-def http_client(url: str, keyring: Keyring, **kwargs: Any) -> UrzaLibraryClient:
+def http_client(url: str, trusted: TrustedPublishers, **kwargs: Any) -> UrzaLibraryClient:
     """A client whose per-read timeout is long: the deadlines are what bound these fetches."""
     kwargs.setdefault("timeout_s", 10.0)
     kwargs.setdefault("retries", 0)
     kwargs.setdefault("backoff_s", 0.0)
-    return UrzaLibraryClient(url, keyring, **kwargs)
+    return UrzaLibraryClient(url, trusted, **kwargs)
 
 
 def make_loader(client: Any) -> KernelLoader:
@@ -134,9 +142,9 @@ def make_loader(client: Any) -> KernelLoader:
 # --- the client ---------------------------------------------------------------------------
 
 
-def test_stalled_payload_fetch_ends_by_its_deadline(stalled, store, keyring) -> None:
+def test_stalled_payload_fetch_ends_by_its_deadline(stalled, store, trusted) -> None:
     _, manifest = store
-    urza = http_client(stalled.url, keyring, breaker_threshold=1)
+    urza = http_client(stalled.url, trusted, breaker_threshold=1)
     deadline = time.monotonic() + 1.0
     with pytest.raises(UrzaUnavailableError, match=DEADLINE) as info:
         urza.fetch(manifest.artifact_id, deadline=deadline)
@@ -148,11 +156,11 @@ def test_stalled_payload_fetch_ends_by_its_deadline(stalled, store, keyring) -> 
     assert urza.stats()["deadlines_expired"] == 1
 
 
-def test_retries_and_backoff_do_not_extend_the_deadline(stalled, store, keyring) -> None:
+def test_retries_and_backoff_do_not_extend_the_deadline(stalled, store, trusted) -> None:
     _, manifest = store
     # Unbounded, 20 retries of a 0.4 s read would take over 8 s.
     urza = http_client(
-        stalled.url, keyring, timeout_s=0.4, retries=20, backoff_s=0.05, max_stalled_reads=32
+        stalled.url, trusted, timeout_s=0.4, retries=20, backoff_s=0.05, max_stalled_reads=32
     )
     deadline = time.monotonic() + 1.0
     with pytest.raises(UrzaUnavailableError, match=DEADLINE):
@@ -161,10 +169,10 @@ def test_retries_and_backoff_do_not_extend_the_deadline(stalled, store, keyring)
     assert 2 <= urza.stats()["reads"] < 21  # it did retry, and stopped at the deadline
 
 
-def test_stalled_http_payload_never_leaks_threads(stalled, store, keyring) -> None:
+def test_stalled_http_payload_never_leaks_threads(stalled, store, trusted) -> None:
     _, manifest = store
     cap = 3
-    urza = http_client(stalled.url, keyring, max_stalled_reads=cap, breaker_threshold=100)
+    urza = http_client(stalled.url, trusted, max_stalled_reads=cap, breaker_threshold=100)
     with thread_peaks() as peaks:
         for _ in range(10):
             with pytest.raises(UrzaUnavailableError):
@@ -201,14 +209,14 @@ def unblock_fifo(path: Path, timeout: float = 10.0) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_fifo_payload_never_leaks_threads(store, keyring) -> None:
+def test_fifo_payload_never_leaks_threads(store, trusted) -> None:
     root, manifest = store
     payload = root / f"{manifest.artifact_id}.pt2"
     payload.unlink()
     os.mkfifo(payload)
     cap = 2
     urza = UrzaLibraryClient(
-        str(root), keyring, timeout_s=0.2, retries=0, max_stalled_reads=cap, breaker_threshold=100
+        str(root), trusted, timeout_s=0.2, retries=0, max_stalled_reads=cap, breaker_threshold=100
     )
     try:
         with thread_peaks() as peaks:
@@ -228,9 +236,9 @@ def test_fifo_payload_never_leaks_threads(store, keyring) -> None:
     wait_for_io_threads(0)
 
 
-def test_coalesced_follower_returns_at_its_own_deadline(stalled, store, keyring) -> None:
+def test_coalesced_follower_returns_at_its_own_deadline(stalled, store, trusted) -> None:
     _, manifest = store
-    urza = http_client(stalled.url, keyring)
+    urza = http_client(stalled.url, trusted)
     leader, led = run_in_thread(
         lambda: urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 10.0)
     )
@@ -247,11 +255,11 @@ def test_coalesced_follower_returns_at_its_own_deadline(stalled, store, keyring)
     assert urza.breaker.state == "closed"
 
 
-def test_follower_outlives_its_leaders_deadline(stalled, store, keyring) -> None:
+def test_follower_outlives_its_leaders_deadline(stalled, store, trusted) -> None:
     """A leader that ran out of its own time says nothing about the follower's: a follower
     with time left fetches anew instead of inheriting the leader's expiry."""
     _, manifest = store
-    urza = http_client(stalled.url, keyring)
+    urza = http_client(stalled.url, trusted)
     leader, led = run_in_thread(
         lambda: urza.fetch(manifest.artifact_id, deadline=time.monotonic() + 1.5)
     )
@@ -272,7 +280,7 @@ def test_follower_outlives_its_leaders_deadline(stalled, store, keyring) -> None
     assert stats["fetches"] == 2 and stats["coalesced"] == 1
 
 
-def test_backoff_sleeps_never_pass_the_deadline(store, keyring) -> None:
+def test_backoff_sleeps_never_pass_the_deadline(store, trusted) -> None:
     root, manifest = store
     clock = FakeClock()
     sleeps: list[float] = []
@@ -283,7 +291,7 @@ def test_backoff_sleeps_never_pass_the_deadline(store, keyring) -> None:
 
     urza = UrzaLibraryClient(
         str(root),
-        keyring,
+        trusted,
         retries=10,
         backoff_s=0.1,
         backoff_max_s=1.0,
@@ -303,11 +311,11 @@ def test_backoff_sleeps_never_pass_the_deadline(store, keyring) -> None:
     assert urza.breaker.state == "open"  # reads failed: a store failure
 
 
-def test_an_expired_deadline_reads_nothing_and_is_no_breaker_outcome(store, keyring) -> None:
+def test_an_expired_deadline_reads_nothing_and_is_no_breaker_outcome(store, trusted) -> None:
     root, manifest = store
     clock = FakeClock()
     urza = UrzaLibraryClient(
-        str(root), keyring, retries=0, breaker_threshold=1, breaker_reset_s=10.0, clock=clock
+        str(root), trusted, retries=0, breaker_threshold=1, breaker_reset_s=10.0, clock=clock
     )
     flaky = urza._fs = FlakyFS(urza._fs)
     for call in (urza.fetch, urza.get_manifest):
@@ -328,12 +336,12 @@ def test_an_expired_deadline_reads_nothing_and_is_no_breaker_outcome(store, keyr
     assert urza.get_manifest(manifest.artifact_id, deadline=clock.now + 60) == manifest
 
 
-def test_live_reads_wait_for_a_slot_instead_of_being_refused(store, keyring) -> None:
+def test_live_reads_wait_for_a_slot_instead_of_being_refused(store, publisher, trusted) -> None:
     """The cap bounds threads, not healthy concurrency: with every slot held by a live read,
     a new read waits for one (within its timeout) and both fetches succeed."""
     root, manifest = store
-    publish_payload(b"second", str(root), "bp", keyring, "pub", "second")
-    urza = UrzaLibraryClient(str(root), keyring, timeout_s=5.0, retries=0, max_stalled_reads=1)
+    publish_payload(b"second", str(root), "bp", publisher, "second")
+    urza = UrzaLibraryClient(str(root), trusted, timeout_s=5.0, retries=0, max_stalled_reads=1)
     flaky = urza._fs = FlakyFS(urza._fs)
     flaky.delay_s = 0.2
     first, out1 = run_in_thread(lambda: urza.fetch(manifest.artifact_id))
@@ -345,17 +353,17 @@ def test_live_reads_wait_for_a_slot_instead_of_being_refused(store, keyring) -> 
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
-def test_max_stalled_reads_is_validated(bad, tmp_path, keyring) -> None:
+def test_max_stalled_reads_is_validated(bad, tmp_path, trusted) -> None:
     with pytest.raises(ValueError, match="max_stalled_reads"):
-        UrzaLibraryClient(str(tmp_path), keyring, max_stalled_reads=bad)
+        UrzaLibraryClient(str(tmp_path), trusted, max_stalled_reads=bad)
 
 
 # --- the loader ---------------------------------------------------------------------------
 
 
-def test_loader_original_ends_by_its_deadline(stalled, store, keyring) -> None:
+def test_loader_original_ends_by_its_deadline(stalled, store, trusted) -> None:
     _, manifest = store
-    loader = make_loader(http_client(stalled.url, keyring))
+    loader = make_loader(http_client(stalled.url, trusted))
     deadline = time.monotonic() + 0.5
     with pytest.raises(UrzaUnavailableError, match=DEADLINE):
         loader.original(manifest.artifact_id, deadline=deadline)
@@ -365,10 +373,10 @@ def test_loader_original_ends_by_its_deadline(stalled, store, keyring) -> None:
 
 
 def test_loader_waiter_stops_at_its_deadline_while_the_load_goes_on(
-    stalled, store, keyring
+    stalled, store, trusted
 ) -> None:
     _, manifest = store
-    loader = make_loader(http_client(stalled.url, keyring))
+    loader = make_loader(http_client(stalled.url, trusted))
     leader, led = run_in_thread(lambda: loader.original(manifest.artifact_id))
     stalled.wait_for_payload_requests(1)
     deadline = time.monotonic() + 0.3
@@ -384,10 +392,10 @@ def test_loader_waiter_stops_at_its_deadline_while_the_load_goes_on(
     assert loader.original(manifest.artifact_id, deadline=time.monotonic()) is kernel
 
 
-def test_loader_passes_a_deadline_only_when_there_is_one(store, keyring) -> None:
+def test_loader_passes_a_deadline_only_when_there_is_one(store, trusted) -> None:
     """A client whose ``fetch`` takes no deadline still serves loads without one."""
     root, manifest = store
-    real = UrzaLibraryClient(str(root), keyring, retries=0)
+    real = UrzaLibraryClient(str(root), trusted, retries=0)
     calls: list[dict[str, Any]] = []
 
     class NoDeadlineClient:

@@ -13,8 +13,8 @@ from kasmina.urza.artifact import Manifest, payload_sha256
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_artifact, publish_payload
-from kasmina.utils.keyring import Keyring, generate_key
 from tests.urza.helpers import arm_pt2
 
 
@@ -33,17 +33,25 @@ class Blueprint(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def keyring() -> Keyring:
-    return Keyring({"pub": generate_key()})
+def publisher() -> PublisherKey:
+    return PublisherKey.generate("pub")
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring):
+def trusted(publisher: PublisherKey) -> TrustedPublishers:
+    """What a trainer holds: the publisher's public key only."""
+    return publisher.trusted_publishers()
+
+
+@pytest.fixture(scope="module")
+def artifact(
+    tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey, trusted: TrustedPublishers
+):
     store = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
     module = Blueprint().eval()
-    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "bp", keyring, "pub")
-    payload, verified = UrzaLibraryClient(str(store), keyring).fetch(manifest.artifact_id)
+    manifest = publish_artifact(module, (torch.randn(4, 8),), str(store), "bp", publisher)
+    payload, verified = UrzaLibraryClient(str(store), trusted).fetch(manifest.artifact_id)
     return module, payload, verified, store
 
 
@@ -150,18 +158,20 @@ def test_from_binary_rejects_unverified_or_mismatched_manifests(artifact, tmp_pa
     assert not marker.exists()
 
 
-def test_signed_but_unloadable_payload_raises_clearly(tmp_path, keyring) -> None:
-    publish_payload(b"not a pt2 archive", str(tmp_path), "junk", keyring, "pub", "junk")
-    payload, manifest = UrzaLibraryClient(str(tmp_path), keyring).fetch("junk")
+def test_signed_but_unloadable_payload_raises_clearly(tmp_path, publisher, trusted) -> None:
+    publish_payload(b"not a pt2 archive", str(tmp_path), "junk", publisher, "junk")
+    payload, manifest = UrzaLibraryClient(str(tmp_path), trusted).fetch("junk")
     with pytest.raises(RuntimeError, match="could not be loaded"):
         GPUKernel.from_binary(payload, manifest)
 
 
-def test_training_mode_export_keeps_updating_batch_norm_statistics(tmp_path, keyring) -> None:
+def test_training_mode_export_keeps_updating_batch_norm_statistics(
+    tmp_path, publisher, trusted
+) -> None:
     torch.manual_seed(1)
     module = Blueprint().train()
-    published = publish_artifact(module, (torch.randn(4, 8),), str(tmp_path), "bp", keyring, "pub")
-    payload, manifest = UrzaLibraryClient(str(tmp_path), keyring).fetch(published.artifact_id)
+    published = publish_artifact(module, (torch.randn(4, 8),), str(tmp_path), "bp", publisher)
+    payload, manifest = UrzaLibraryClient(str(tmp_path), trusted).fetch(published.artifact_id)
     kernel = GPUKernel.from_binary(payload, manifest)
     stats = dict(kernel.named_buffers())
     running_mean = next(v for k, v in stats.items() if k.endswith("running_mean"))

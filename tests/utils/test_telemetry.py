@@ -140,3 +140,43 @@ def test_closed_file_sink_does_not_break_the_reporter(tmp_path) -> None:
     reporter.emit("after.close")
     assert len(memory) == 1
     assert reporter.sink_errors == 1
+
+
+def test_a_sink_that_keeps_failing_is_disabled_with_one_record(caplog) -> None:
+    broken, good = BrokenSink(), MemorySink()
+    reporter = TelemetryReporter(sinks=[broken, good], max_sink_failures=5)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.utils.telemetry"):
+        for _ in range(1_000):
+            reporter.emit("flood")
+    assert broken.calls == 5 and reporter.sink_errors == 5
+    assert reporter.sinks == (good,) and reporter.disabled_sinks == (broken,)
+    assert len(good) == 1_000  # the others never noticed
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages  # its first failure (with traceback), then "disabled"
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+    assert "disabled after 5 consecutive failures" in messages[1]
+
+
+def test_a_sink_that_recovers_between_failures_stays(caplog) -> None:
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def send(self, packet) -> None:
+            self.calls += 1
+            if self.calls % 2:
+                raise OSError("hiccup")
+
+    flaky = Flaky()
+    reporter = TelemetryReporter(sinks=[flaky], max_sink_failures=2)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.utils.telemetry"):
+        for _ in range(100):
+            reporter.emit("x")
+    assert reporter.sinks == (flaky,) and reporter.sink_errors == 50
+    assert len(caplog.records) == 1  # only the first failure is logged
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_max_sink_failures_is_a_positive_int(limit) -> None:
+    with pytest.raises((ValueError, TypeError), match="max_sink_failures"):
+        TelemetryReporter(max_sink_failures=limit)

@@ -1,0 +1,451 @@
+"""The kernel manager under data parallelism: DDP for the host, Kasmina for its seeds.
+
+Why a second mechanism beside ``DistributedDataParallel``: DDP registers the parameters a module
+has when it is wrapped, and averages exactly those. Seeds get their parameters later, when a
+GERMINATE grafts a kernel copy into a slot, so DDP never hears of them, and its buffer broadcast
+would overwrite Kasmina's per-seed buffers with rank 0's. So (docs/design.md §5, "Multi-process
+runs"):
+
+- ``wrap_ddp(model)`` wraps the host in DDP with everything Kasmina owns (every parameter and
+  buffer of a slot other than its host layer's) on DDP's ignore list;
+- ``SeedGradientSync`` averages the gradients of every live seed across ranks, once per step,
+  as one flat all-reduce per bucket, from ``manager.step()`` before any optimizer steps. It runs
+  after the backward rather than overlapped with it: the manager's KD phase backpropagates
+  twice into the seeds, and gradient accumulation may add more backwards before a step, so a
+  seed's gradient is known to be final only when ``step()`` begins. Seeds are a small fraction
+  of the host; ``perf/bench_distributed.py`` measures the cost;
+- ``ManagerReplica`` is what ranks compare bit for bit (state table, seeds, optimizers, the
+  step and epoch counters, and by default the host) and how a divergent rank is repaired: the
+  majority's rollback snapshot, loaded through the rollback's all-or-nothing restore;
+- ``ManagerApplier`` prepares relayed commands (a GERMINATE's kernel fetched on every rank
+  before the ranks agree) and applies the agreed ones at the sync, through the manager's queue;
+- ``DistributedKasmina`` puts them together over a ``DistributedCoordinator``, and routes the
+  manager's command door through it, so a command sent to any rank is verified there and applied
+  on every rank or none.
+
+FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_parallelism``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kasmina.control.commands import KasminaCommand
+from kasmina.control.distributed import (
+    DistributedCoordinator,
+    EpochSyncResult,
+    check_supported_parallelism,
+    nested_checksum,
+)
+from kasmina.isolation.optimizers import HOST_ID
+from kasmina.leyline import SeedOperation
+from kasmina.manager.checkpoints import MemoryCheckpointStore
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.manager.rollback import restore_epoch, snapshot
+from kasmina.manager.slots import ISOLATED_STAGES, STEPPED_STAGES, SlotRegistry
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from kasmina.utils.perfstats import LatencyStats
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistributedKasmina",
+    "ManagerApplier",
+    "ManagerReplica",
+    "SeedGradientSync",
+    "kasmina_owned_names",
+    "wrap_ddp",
+]
+
+# Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
+# ACTIVE), the same set ``manager.step()`` steps.
+SYNCED_STAGES = STEPPED_STAGES | {SeedStage.ACTIVE}
+DEFAULT_BUCKET_CAP_MB = 25.0
+_GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def kasmina_owned_names(model: nn.Module) -> list[str]:
+    """Names of every parameter and buffer of ``model`` that belongs to a Kasmina slot rather
+    than to the host layer it wraps (seeds, their kernels, alphas, flags): DDP must not touch
+    them, since Kasmina averages and checks them itself."""
+    names: list[str] = []
+    for prefix, module in model.named_modules():
+        if not isinstance(module, KasminaLayer):
+            continue
+        host = {id(t) for t in (*module.host.parameters(), *module.host.buffers())}
+        base = f"{prefix}." if prefix else ""
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if id(tensor) not in host:
+                names.append(base + name)
+    return names
+
+
+def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
+    """``DistributedDataParallel(model, **ddp_options)`` over the host's own parameters, with
+    Kasmina's on DDP's ignore list; ``model`` itself when no process group is initialised (so a
+    training loop runs unchanged in one process).
+
+    Attach the slots first (``manager.attach``), then wrap, then build a ``DistributedKasmina``
+    over the manager, which averages the seeds' gradients.
+
+    ``find_unused_parameters`` defaults to True: while every seed of a slot is in an isolated
+    stage (GRAFTING, STABILIZATION) the slot passes no gradient to the host layers before it,
+    and DDP left to its default would hand those parameters zero gradients, which an optimizer
+    with momentum (Adam) still steps; with True they stay ``None``, as in a single process, at
+    the cost of one walk of the autograd graph per forward.
+    """
+    check_supported_parallelism(model)
+    if not _distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp_options.setdefault("find_unused_parameters", True)
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, kasmina_owned_names(model)
+    )
+    return DistributedDataParallel(model, **ddp_options)
+
+
+class SeedGradientSync:
+    """Averages live seeds' gradients across ranks; ``manager.step()`` calls it each step.
+
+    One step costs a 3-integer all-reduce (the layout check: every rank must be about to
+    average the same seeds, or sizes would mismatch and the collective would fail or hang) and
+    then one all-reduce per bucket of at most ``bucket_cap_mb`` per dtype and device, all
+    launched before the first is waited on. A layout that differs across ranks (a seed's stage
+    changed on one rank only) skips the averaging for that step, is logged and counted
+    (``stats["layout_mismatch"]``), and is repaired at the next epoch sync. A gradient missing on
+    some ranks is taken as zero there; one missing on every rank stays missing.
+    """
+
+    def __init__(
+        self,
+        registry: SlotRegistry,
+        *,
+        group: Any = None,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+    ) -> None:
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        self.registry = registry
+        self.group = group
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.stats: Counter[str] = Counter()
+        self.latency = LatencyStats()
+
+    def live_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(seed id, parameter)`` of every seed an optimizer steps, in registry order."""
+        return [
+            (record.seed_id, p)
+            for record in self.registry.in_stages(SYNCED_STAGES)
+            if record.kernel is not None
+            for p in record.seed.seed_parameters()
+            if p.requires_grad
+        ]
+
+    def __call__(self) -> None:
+        """Average now (a collective: every rank calls it at the same step)."""
+        if not _distributed():
+            return
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return
+        started = time.perf_counter_ns()
+        live = self.live_parameters()
+        params = [p for _, p in live]
+        layout = _layout_key(live)
+        missing = any(p.grad is None for p in params)
+        device = _device_for(params, self.group)
+        header = torch.tensor([layout, -layout, int(missing)], dtype=torch.int64, device=device)
+        check = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        # Packed while the check is in flight; thrown away if the check says otherwise.
+        packed = None if missing else self._pack(params)
+        check.wait()
+        top, neg_bottom, any_missing = (int(v) for v in header.tolist())
+        if top != layout or neg_bottom != -layout:
+            self.stats["layout_mismatch"] += 1
+            if self.stats["layout_mismatch"] == 1 or self.stats["layout_mismatch"] % 1000 == 0:
+                logger.error(
+                    "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
+                    "not averaged until the next epoch sync repairs the divergent rank",
+                    self.stats["layout_mismatch"],
+                )
+            return
+        if not params:
+            return
+        if any_missing:
+            packed = self._pack(self._fill_missing(params, device))
+        assert packed is not None
+        handles = [
+            (bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True))
+            for bucket, flat in packed
+        ]
+        for bucket, flat, handle in handles:
+            handle.wait()
+            flat.div_(world)
+            offset = 0
+            for p in bucket:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        self.stats["steps"] += 1
+        self.stats["buckets"] += len(handles)
+        self.latency.add_ns(time.perf_counter_ns() - started)
+
+    def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
+        """Agree which gradients exist anywhere; zeros where only this rank lacks one."""
+        present = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.int32, device=device
+        )
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        kept = []
+        for p, flag in zip(params, present.tolist(), strict=True):
+            if not flag:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+                self.stats["zero_filled"] += 1
+            kept.append(p)
+        return kept
+
+    def _pack(self, params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
+        """Each bucket with its gradients copied into one flat tensor."""
+        return [
+            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]))
+            for bucket in self._buckets(params)
+        ]
+
+    def _buckets(self, params: list[nn.Parameter]) -> Any:
+        """Consecutive runs of one dtype and device, at most ``bucket_cap_bytes`` each (one
+        parameter larger than the cap is a bucket of its own)."""
+        bucket: list[nn.Parameter] = []
+        size = 0
+        for p in params:
+            nbytes = p.grad.numel() * p.grad.element_size()
+            same = bucket and (p.grad.dtype, p.grad.device) == (
+                bucket[0].grad.dtype,
+                bucket[0].grad.device,
+            )
+            if bucket and (not same or size + nbytes > self.bucket_cap_bytes):
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(p)
+            size += nbytes
+        if bucket:
+            yield bucket
+
+
+def _layout_key(live: Sequence[tuple[str, nn.Parameter]]) -> int:
+    """A 31-bit digest of which seeds and parameter shapes are about to be averaged."""
+    text = ";".join(f"{sid}:{tuple(p.shape)}:{p.dtype}" for sid, p in live)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def _device_for(params: Sequence[nn.Parameter], group: Any) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return params[0].device if params else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class ManagerReplica:
+    """A kernel manager's replicated state, as the coordinator checks and repairs it.
+
+    The checksum covers the state table, every seed's state (kernel weights, alpha, the fields
+    of its extra state), its record (artifact, grafting steps), every optimizer's state, the
+    epoch and step counters, and with ``include_host`` the host's parameters (DDP keeps them
+    equal, but nothing else would notice a rank whose host weights were corrupted; off, a
+    large host is not copied to the CPU at every epoch boundary). A repair sends the manager's
+    rollback snapshot (``torch.save``; read back with ``weights_only=True``, which loads
+    tensors and plain containers only) and loads it with the rollback's restore, which
+    re-attaches the kernels the source holds, rebuilds the optimizers and changes nothing if
+    any part fails.
+    """
+
+    def __init__(self, manager: KasminaKernelManager, *, include_host: bool = True) -> None:
+        self.manager = manager
+        self.include_host = include_host
+
+    def checksum(self) -> int:
+        state = self.manager.state
+        registry = state.require_registry()
+        optimizers = state.optimizers.state_dict()["optimizers"]
+        if not self.include_host:
+            optimizers = {k: v for k, v in optimizers.items() if k != HOST_ID}
+        view: dict[str, Any] = {
+            "table": registry.table.state_tensor,
+            "seeds": {r.seed_id: r.seed.state_dict() for r in registry},
+            "records": {r.seed_id: (r.artifact_id or "", r.graft_steps) for r in registry},
+            "optimizers": optimizers,
+            "clock": (state.epoch, state.global_step),
+        }
+        if self.include_host:
+            view["host"] = list(registry.host_params)
+        return nested_checksum(view)
+
+    def export_state(self) -> bytes:
+        state = self.manager.state
+        buf = io.BytesIO()
+        torch.save(snapshot(state, state.epoch), buf)
+        return buf.getvalue()
+
+    def import_state(self, payload: bytes) -> None:
+        checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict):
+            raise ValueError("a replica payload must hold a snapshot mapping")
+        state = self.manager.state
+        key = max(int((checkpoint.get("extra") or {}).get("epoch", 0)), 0)
+        store = MemoryCheckpointStore(run_id=state.config.run_id, max_rollback_epochs=0)
+        store.save(key, checkpoint)
+        # The rollback restores from the manager's checkpoint store; for the length of this
+        # restore that store is one holding just the source rank's snapshot.
+        live = state._checkpoints
+        state._checkpoints = store
+        try:
+            restore_epoch(state, self.manager.guard, key)
+        finally:
+            state._checkpoints = live
+
+
+class ManagerApplier:
+    """The coordinator's ``CommandApplier`` for a kernel manager.
+
+    ``prepare`` fetches a GERMINATE's kernel into the cache (bounded by the command's timeout),
+    so a rank that cannot get it says so before the ranks agree, instead of failing alone
+    afterwards. ``apply`` queues the agreed commands and runs the manager's safe point
+    (``apply_pending(wait=True)``), so they go through exactly the path single-process commands
+    take: nonces made durable first, GERMINATE's dry run, outcomes in the command log.
+    """
+
+    def __init__(self, manager: KasminaKernelManager) -> None:
+        self.manager = manager
+
+    def prepare(self, command: KasminaCommand) -> str:
+        seed = command.seed
+        if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
+            return ""
+        loader = self.manager.loader
+        if seed.artifact_id in loader.cache:  # a membership test: no hit or miss counted
+            return ""
+        timeout = command.timeout_s
+        deadline = time.monotonic() + timeout if timeout > 0 and math.isfinite(timeout) else None
+        try:
+            loader.original(seed.artifact_id, deadline=deadline)
+        except Exception as exc:
+            return f"fetching {seed.artifact_id} failed: {type(exc).__name__}: {exc}"
+        return ""
+
+    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
+        manager = self.manager
+        queued: set[int] = set()
+        for command in commands:
+            if manager.pending.submit(command):
+                queued.add(id(command))
+            else:
+                self.refuse(command, "the manager's command queue is full or closed")
+        outcomes: dict[str, deque[Any]] = {}
+        for outcome in manager.apply_pending(wait=True):
+            outcomes.setdefault(outcome.command_id, deque()).append(outcome)
+        results = []
+        for command in commands:
+            applied = outcomes.get(command.command_id)
+            if id(command) in queued and applied:
+                outcome = applied.popleft()
+                results.append((outcome.ok, outcome.reason))
+            else:
+                results.append((False, "not applied at this safe point"))
+        return results
+
+    def refuse(self, command: KasminaCommand, reason: str) -> None:
+        self.manager.handler.complete(command, False)
+        self.manager.report.note_command(command, False, reason)
+
+
+class DistributedKasmina:
+    """A kernel manager as one rank of a data-parallel run (docs/design.md §5).
+
+    Build it on every rank after ``manager.attach``/``register`` (and ``wrap_ddp`` for the
+    host). From then on ``manager.step()`` averages the seeds' gradients across ranks, and a
+    command given to any rank's door (``manager.handle_adaptation_command``, or ``submit``) is
+    verified there and applied on every rank at the next ``sync_epoch(epoch)``, which every rank
+    calls at the same boundary (after ``manager.end_epoch``); that sync also checks the replicas
+    and repairs a rank that diverged. ``close`` detaches it from the manager.
+
+    ``check_host`` includes the host's parameters in the replica checksum (see
+    ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
+    repaired (default: quarantine its growing seeds).
+    """
+
+    def __init__(
+        self,
+        manager: KasminaKernelManager,
+        *,
+        group: Any = None,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        check_host: bool = True,
+        repair: bool = True,
+        on_divergence: Callable[[EpochSyncResult], None] | None = None,
+        max_pending: int = 1024,
+    ) -> None:
+        registry = manager.require_registry()
+        check_supported_parallelism(registry.model)
+        if manager.command_relay is not None or manager.grad_sync is not None:
+            raise ValueError("this manager is already part of a distributed run")
+        self.manager = manager
+        self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
+        self.replica = ManagerReplica(manager, include_host=check_host)
+        self.coordinator = DistributedCoordinator(
+            manager.handler,
+            self.replica,
+            applier=ManagerApplier(manager),
+            on_divergence=on_divergence or self._quarantine,
+            repair=repair,
+            telemetry=manager.telemetry,
+            group=group,
+            max_pending=max_pending,
+        )
+        manager.grad_sync = self.seed_grads
+        manager.command_relay = self.coordinator.submit
+
+    @property
+    def rank(self) -> int:
+        return self.coordinator.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.coordinator.world_size
+
+    def submit(self, raw: bytes) -> bool:
+        """A command received on this rank: verified now, applied everywhere at the next sync."""
+        return self.coordinator.submit(raw)
+
+    def sync_epoch(self, epoch: int) -> EpochSyncResult:
+        """The collective boundary: apply what the ranks received, check, repair."""
+        return self.coordinator.sync_epoch(epoch)
+
+    def close(self) -> None:
+        """Detach from the manager (its door and step work single-process again)."""
+        if self.manager.command_relay == self.coordinator.submit:
+            self.manager.command_relay = None
+        if self.manager.grad_sync is self.seed_grads:
+            self.manager.grad_sync = None
+
+    def _quarantine(self, result: EpochSyncResult) -> None:
+        for record in self.manager.require_registry().in_stages(ISOLATED_STAGES):
+            record.seed.quarantine(f"rank {result.rank} diverged at epoch {result.epoch}")

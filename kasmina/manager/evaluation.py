@@ -1,0 +1,248 @@
+"""Kasmina measures each live seed's worth itself (docs/design.md §3, gate G5).
+
+Why: a fossilization decided on a number that arrives inside the command asking for it is
+self-certifying. Here the manager runs the model on the caller's validation batches twice over:
+once as it is, and once per contributing seed with that seed's chunk replaced by the host's own
+output (alpha = 0; every other seed untouched). The difference is the seed's benefit, and G5
+compares that and nothing else.
+
+Cost, per validation batch: ``1 + C`` forwards, ``C`` the number of seeds whose output reaches
+the model's output now (GRAFTING with alpha > 0, STABILIZATION, ACTIVE). A seed in
+ISOLATED_INIT or COMPATIBILITY_CHECK passes the host's value through by construction, so its
+"without" equals its "with" and costs no forward. One forward per contributing seed, rather than
+one batched forward over a new dimension, keeps the model's own batch semantics untouched
+(any host, any loss, batch norm in eval mode) at the price of ``C`` forwards.
+
+Side effects: none that training can see. Evaluation runs in eval mode (modes restored), under
+``no_grad``, inside ``torch.random.fork_rng`` (no global random number is drawn), and restores
+what a forward leaves on the slots (COMPATIBILITY_CHECK probes, pending teacher logits, the
+captured kernel outputs the isolation check reads). No stage, alpha or weight changes. A kernel
+that faults while evaluated is contained and counted like in any forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.manager.slots import SeedRecord, SlotRegistry
+from kasmina.seeds.gates import SeedEvaluation, count_flops
+from kasmina.seeds.seed import RUNS_KERNEL
+from kasmina.stages import SeedStage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONTRIBUTING_STAGES", "LossFn", "MetricFn", "evaluate_seeds", "host_flops_per_element"]
+
+LossFn = Callable[[Any, Any], torch.Tensor | float]
+MetricFn = Callable[[Any, Any], torch.Tensor | float]
+
+# Stages whose seed output reaches the layer's output (with alpha > 0 in GRAFTING).
+CONTRIBUTING_STAGES = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION, SeedStage.ACTIVE})
+
+
+def _contributes(record: SeedRecord) -> bool:
+    if record.stage not in CONTRIBUTING_STAGES:
+        return False
+    return record.stage != SeedStage.GRAFTING or record.seed.alpha_value > 0.0
+
+
+def _chunk_index(record: SeedRecord) -> int:
+    return next(k for k, seed in enumerate(record.slot.seeds) if seed is record.seed)
+
+
+def _ablate(record: SeedRecord) -> list[Any]:
+    """Hooks that put the host's own output back into ``record``'s chunk of its slot: the
+    counterfactual with this seed at alpha 0 and the slot's other seeds as they are.
+
+    The slot's own view of its output (the chosen element of a tuple output, the chunked
+    dimension) is used, so the chunk replaced is exactly the one the seed owns.
+    """
+    slot = record.slot
+    k, width = _chunk_index(record), slot.chunk_size
+    dim = getattr(slot, "chunk_dim", -1)
+    element = getattr(slot, "_element", lambda out: out)
+    replace = getattr(slot, "_replace", lambda _out, new: new)
+    captured: list[Any] = []
+
+    def keep_host(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        captured.append(output)
+
+    def restore_chunk(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        host, mine = element(captured.pop()), element(output)
+        if not isinstance(mine, torch.Tensor) or not isinstance(host, torch.Tensor):
+            return output
+        if mine.shape != host.shape:
+            return output
+        out = mine.clone()
+        out.narrow(dim, k * width, width).copy_(host.narrow(dim, k * width, width))
+        return replace(output, out)
+
+    return [
+        slot.host.register_forward_hook(keep_host),
+        slot.register_forward_hook(restore_chunk),
+    ]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _batch_size(inputs: Any, targets: Any) -> int:
+    for value in (targets, inputs):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, tuple | list) and value:
+            return _batch_size(value[0], None)
+    return 1
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _value(result: torch.Tensor | float) -> float:
+    if isinstance(result, torch.Tensor):
+        return float(result.detach().float().item())
+    return float(result)
+
+
+def evaluate_seeds(
+    registry: SlotRegistry,
+    batches: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    metric_fn: MetricFn | None = None,
+    *,
+    epoch: int = -1,
+    step: int = 0,
+) -> dict[str, SeedEvaluation]:
+    """Measure every live seed (a kernel attached, a stage that runs it) on ``batches``.
+
+    ``batches`` yields ``(inputs, targets)``; ``inputs`` is passed to the model (a tuple is
+    unpacked), tensors are moved to the model's device. ``loss_fn(output, targets)`` and
+    ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
+    averaged weighted by batch size. Each seed's :class:`SeedEvaluation` is recorded on it
+    (``seed.record_evaluation``) and returned by seed id. No live seed: ``{}``, no forward.
+    """
+    live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
+    if not live:
+        return {}
+    contributing = [r for r in live if _contributes(r)]
+    model = registry.model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    modes = [(module, module.training) for module in model.modules()]
+    saved_records = [(r, r.last_output, r.last_input) for r in registry]
+    saved_probes = [(r.seed, r.seed.probe_result) for r in registry]
+    saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
+    for slot in registry.slots:
+        slot._teacher_logits = None
+    n_total = 0
+    loss_with = 0.0
+    metric_with = 0.0
+    loss_without = {r.seed_id: 0.0 for r in contributing}
+    metric_without = {r.seed_id: 0.0 for r in contributing}
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            for inputs, targets in batches:
+                inputs, targets = _to(inputs, device), _to(targets, device)
+                n = _batch_size(inputs, targets)
+                n_total += n
+                output = _call(model, inputs)
+                loss_with += n * _value(loss_fn(output, targets))
+                if metric_fn is not None:
+                    metric_with += n * _value(metric_fn(output, targets))
+                for record in contributing:
+                    hooks = _ablate(record)
+                    try:
+                        output = _call(model, inputs)
+                    finally:
+                        for hook in hooks:
+                            hook.remove()
+                    loss_without[record.seed_id] += n * _value(loss_fn(output, targets))
+                    if metric_fn is not None:
+                        metric_without[record.seed_id] += n * _value(metric_fn(output, targets))
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for record, output, spec in saved_records:
+            record.last_output, record.last_input = output, spec
+        for seed, probe in saved_probes:
+            seed.probe_result = probe
+        for slot, logits in saved_teacher:
+            slot._teacher_logits = logits
+    if n_total == 0:
+        raise ValueError("evaluate_seeds needs at least one validation batch")
+    mean_loss = loss_with / n_total
+    mean_metric = metric_with / n_total if metric_fn is not None else math.nan
+    results: dict[str, SeedEvaluation] = {}
+    for record in live:
+        sid = record.seed_id
+        without = loss_without[sid] / n_total if sid in loss_without else mean_loss
+        if metric_fn is None:
+            metric_off = math.nan
+        else:
+            metric_off = metric_without[sid] / n_total if sid in metric_without else mean_metric
+        evaluation = SeedEvaluation(
+            seed_id=sid,
+            stage=record.stage,
+            alpha=record.seed.alpha_value,
+            loss_with=mean_loss,
+            loss_without=without,
+            metric_with=mean_metric,
+            metric_without=metric_off,
+            samples=n_total,
+            epoch=epoch,
+            step=step,
+        )
+        record.seed.record_evaluation(evaluation)
+        results[sid] = evaluation
+        logger.info(
+            "seed %s (%s): val loss %.5f with, %.5f without, benefit %+.4f",
+            sid,
+            record.stage.name,
+            evaluation.loss_with,
+            evaluation.loss_without,
+            evaluation.benefit,
+        )
+    return results
+
+
+def host_flops_per_element(record: SeedRecord) -> float | None:
+    """The host layer of ``record``'s slot, counted in FLOPs per output element on an input of
+    its first-seen shape (zeros: the count depends on shapes only). None before the slot's
+    first forward, or when the counter sees no FLOPs (a host of operators it does not count),
+    in which case G3 cannot compare costs."""
+    slot = record.slot
+    spec = getattr(slot, "input_spec", None)
+    contract = getattr(slot, "output_contract", None)
+    if spec is None or contract is None or isinstance(contract, str):
+        return None
+    (shape, dtype, device), out_shape = spec, contract[0]
+    if not dtype.is_floating_point:
+        return None
+    host = slot.host
+    modes = [(module, module.training) for module in host.modules()]
+    host.eval()
+    try:
+        flops = count_flops(host, torch.zeros(shape, dtype=dtype, device=device))
+    except Exception as exc:  # a host the counter cannot run: cost not comparable
+        logger.warning("host of %s: FLOPs not counted (%s)", slot.layer_id, exc)
+        return None
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    elements = math.prod(out_shape)
+    if flops <= 0 or elements <= 0:
+        return None
+    return flops / elements

@@ -1,0 +1,123 @@
+"""The file a grown model is saved in (docs/design.md §6a, "Keeping what you grew").
+
+Layout: ``MAGIC`` (8 bytes), the header's length (4 bytes, big-endian), the header as JSON,
+then the body. The header holds the format name and version, the body's size and SHA-256,
+and when and with which torch it was written. The body is a ``torch.save`` of plain
+containers, tensors and bytes, read back with ``torch.load(weights_only=True)``, so reading
+it runs no code; the kernel programs inside it are artifacts that are verified against their
+signed manifests before they are deserialised (``kasmina.persist.loading``).
+
+Why a version check before anything else: an incompatible file must be refused with a message
+that says so, not with whatever error its unexpected contents would cause further in. Why a
+digest: truncation and damage are refused before ``torch.load`` sees a byte. The digest is not
+a signature; the kernel programs are what can execute, and they carry their publisher's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kasmina.errors import ArtifactIntegrityError, KasminaError
+from kasmina.utils.state_io import atomic_write_bytes
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "SavedModelError",
+    "read_saved",
+    "write_saved",
+]
+
+MAGIC = b"KASMGROW"
+FORMAT = "kasmina/grown-model"
+# Bumped whenever the body's layout changes; a reader refuses every other version.
+FORMAT_VERSION = 1
+# The header is a few hundred bytes; a length field claiming more is damage.
+MAX_HEADER_BYTES = 64 << 10
+_LENGTH = struct.Struct(">I")
+
+
+class SavedModelError(KasminaError, ValueError):
+    """A saved grown model cannot be written or restored: an incompatible format version, a
+    malformed file, or a model whose architecture does not match the saved slots. The target
+    model was left unchanged."""
+
+
+def write_saved(path: str | os.PathLike[str], body: dict[str, Any]) -> Path:
+    """Serialise ``body`` and write header and body atomically to ``path``."""
+    buffer = io.BytesIO()
+    torch.save(body, buffer)
+    payload = buffer.getvalue()
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "created": time.time(),
+        "torch_version": torch.__version__,
+    }
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return atomic_write_bytes(path, [MAGIC, _LENGTH.pack(len(encoded)), encoded, payload])
+
+
+def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The body of a saved model, after its magic, header, version, size and SHA-256 check.
+
+    Raises ``SavedModelError`` for a file that is not a saved model or has another format
+    version, and ``ArtifactIntegrityError`` when the body does not match its digest.
+    """
+    where = f"saved model {os.fspath(path)!r}"
+    with open(path, "rb") as handle:
+        if handle.read(len(MAGIC)) != MAGIC:
+            raise SavedModelError(f"{where} is not a Kasmina grown-model file (bad magic)")
+        raw_length = handle.read(_LENGTH.size)
+        if len(raw_length) != _LENGTH.size:
+            raise SavedModelError(f"{where} is truncated (no header)")
+        (length,) = _LENGTH.unpack(raw_length)
+        if length > MAX_HEADER_BYTES:
+            raise SavedModelError(f"{where}: header length {length} is not plausible")
+        header = _parse_header(handle.read(length), where)
+        payload = handle.read(header["size"] + 1)
+    if len(payload) != header["size"]:
+        raise ArtifactIntegrityError(
+            f"{where}: body is {len(payload)} bytes, its header says {header['size']}"
+        )
+    if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), header["sha256"]):
+        raise ArtifactIntegrityError(f"{where}: body SHA-256 does not match its header")
+    body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if not isinstance(body, dict):
+        raise SavedModelError(f"{where}: body is not a mapping")
+    return body
+
+
+def _parse_header(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SavedModelError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise SavedModelError(f"{where}: not a {FORMAT!r} file")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise SavedModelError(
+            f"{where} has format version {version!r}; this Kasmina reads version "
+            f"{FORMAT_VERSION} only (save it again with a matching Kasmina)"
+        )
+    size, digest = header.get("size"), header.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SavedModelError(f"{where}: header size is malformed")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise SavedModelError(f"{where}: header sha256 is malformed")
+    return header

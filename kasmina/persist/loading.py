@@ -1,0 +1,219 @@
+"""``kasmina.load``: restore a grown model into a freshly built host (docs/design.md §6a).
+
+All or nothing, in this order, so that a refusal leaves the model exactly as it was:
+
+1. the file: magic, format version, size and SHA-256 (``read_saved``), then ``torch.load``
+   with ``weights_only=True``;
+2. the architecture: every saved slot names a module of ``model`` that is not already a slot,
+   and the host's parameters and buffers have the saved keys and shapes;
+3. the kernels: each artifact's manifest is verified against the caller's
+   ``TrustedPublishers`` and its payload against the manifest before it is deserialised (the
+   Urza rule, docs/design.md §6), then each seed's copy gets its trained weights;
+4. the slots are built aside on a new state table, and the seeds' weights, extra state and
+   the table are restored into them;
+5. only then are the host weights written and the slots put into the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasmina.persist.format import SavedModelError, read_saved
+from kasmina.persist.saving import KERNEL_PREFIX
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.urza.artifact import verify_manifest
+from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.keys import TrustedPublishers
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load"]
+
+
+def load(
+    path: str | os.PathLike[str], model: nn.Module, *, publishers: TrustedPublishers
+) -> list[KasminaLayer]:
+    """Attach the slots saved in ``path`` to ``model`` and restore everything; returns them.
+
+    ``model`` is a freshly built host of the saved architecture (no slots). ``publishers``
+    are the public keys whose artifacts this process trusts; a kernel signed by any other key
+    is refused. In eval mode the restored model's outputs are bitwise those of the saved one.
+
+    Raises ``SavedModelError`` (an incompatible version, a malformed file, a host that does not
+    match) or ``ArtifactIntegrityError`` (a damaged or tampered file, an unknown publisher,
+    a payload that does not match its manifest). ``model`` is unchanged when it raises.
+    """
+    if not isinstance(publishers, TrustedPublishers):
+        raise TypeError(
+            "kasmina.load verifies kernels with TrustedPublishers (publisher public keys), "
+            f"not {type(publishers).__name__}"
+        )
+    body = read_saved(path)
+    slots_saved = _list(body, "slots")
+    seeds_saved = _list(body, "seeds")
+    weights = _mapping(body, "weights")
+    artifacts = _mapping(body, "artifacts")
+    table_saved = _mapping(body, "table")
+    if any(isinstance(m, KasminaLayer) for m in model.modules()):
+        raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    hosts = {layout["name"]: _host(model, layout) for layout in slots_saved}
+    host_state = _check_architecture(model, hosts, weights)
+    originals = {
+        artifact_id: _verified_kernel(artifact_id, entry, publishers, device)
+        for artifact_id, entry in artifacts.items()
+    }
+
+    state_tensor = table_saved.get("state_tensor")
+    if not isinstance(state_tensor, torch.Tensor) or state_tensor.dim() != 2:
+        raise SavedModelError("saved state table is malformed")
+    table = GPUStateTensor(
+        int(state_tensor.shape[0]), device, embargo_epochs=int(table_saved["embargo_epochs"])
+    )
+    layers = {
+        layout["name"]: _build_slot(layout, hosts[layout["name"]], table) for layout in slots_saved
+    }
+    by_slot: dict[str, dict[str, Any]] = {name: {} for name in layers}
+    for entry in seeds_saved:
+        name, k = entry.get("slot"), entry.get("index")
+        if name not in layers or not isinstance(k, int) or not 0 <= k < layers[name].num_seeds:
+            raise SavedModelError(f"saved seed {entry.get('seed_id')!r} has no slot")
+        artifact_id = entry.get("artifact_id")
+        if artifact_id is None:
+            continue
+        if artifact_id not in originals:
+            raise SavedModelError(f"seed {entry.get('seed_id')!r}: artifact {artifact_id!r} absent")
+        kernel = copy.deepcopy(originals[artifact_id])
+        try:
+            kernel.load_state_dict(_mapping(entry, "kernel_state"), strict=True)
+        except RuntimeError as exc:
+            raise SavedModelError(f"seed {entry['seed_id']!r}: kernel weights: {exc}") from None
+        layers[name].seed(k).attach_kernel(kernel, artifact_id)
+        prefix = f"seeds.{k}.{KERNEL_PREFIX}"
+        by_slot[name].update({prefix + key: v for key, v in entry["kernel_state"].items()})
+    for name, layer in layers.items():
+        seeds_state = {
+            key[len(name) + len(".seeds.") :]: value
+            for key, value in weights.items()
+            if key.startswith(f"{name}.seeds.")
+        }
+        seeds_state.update({key[len("seeds.") :]: v for key, v in by_slot[name].items()})
+        try:
+            layer.seeds.load_state_dict(seeds_state, strict=True)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise SavedModelError(f"slot {name!r}: seed state does not load: {exc}") from None
+    table.load_state_dict({"state_tensor": state_tensor.to(torch.int32)})
+
+    # Commit: everything that can be refused has been checked.
+    model.load_state_dict(host_state, strict=True)
+    for name, layer in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer)
+    logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), len(originals), path)
+    return list(layers.values())
+
+
+def _list(body: Mapping[str, Any], key: str) -> list[Any]:
+    value = body.get(key)
+    if not isinstance(value, list):
+        raise SavedModelError(f"saved model: {key!r} is missing or malformed")
+    return value
+
+
+def _mapping(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    if not isinstance(value, Mapping):
+        raise SavedModelError(f"saved model: {key!r} is missing or malformed")
+    return value
+
+
+def _host(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
+    name = layout.get("name")
+    if not isinstance(name, str) or not name:
+        raise SavedModelError(f"saved slot name {name!r} is malformed")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SavedModelError(
+            f"architecture mismatch: {type(model).__name__} has no module {name!r} (the saved "
+            f"slot wraps a {layout.get('host_class', '?')})"
+        ) from None
+
+
+def _check_architecture(
+    model: nn.Module, hosts: Mapping[str, nn.Module], weights: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The saved host weights under the bare model's keys, after checking keys and shapes."""
+
+    def attached(key: str) -> str:
+        for name in hosts:
+            if key.startswith(name + "."):
+                return f"{name}.host.{key[len(name) + 1 :]}"
+        return key
+
+    live = model.state_dict()
+    wanted = {attached(key): key for key in live}
+    saved_host = {key for key in weights if not any(key.startswith(f"{n}.seeds.") for n in hosts)}
+    missing, unexpected = sorted(set(wanted) - saved_host), sorted(saved_host - set(wanted))
+    if missing or unexpected:
+        raise SavedModelError(
+            f"architecture mismatch with {type(model).__name__}: saved weights lack "
+            f"{missing[:5]}, have extra {unexpected[:5]}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for key, bare in wanted.items():
+        value, target = weights[key], live[bare]
+        if isinstance(target, torch.Tensor) and (
+            not isinstance(value, torch.Tensor) or value.shape != target.shape
+        ):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise SavedModelError(
+                f"architecture mismatch: {bare} is {tuple(target.shape)} here, saved {got}"
+            )
+        state[bare] = value
+    return state
+
+
+def _verified_kernel(
+    artifact_id: str, entry: Any, publishers: TrustedPublishers, device: torch.device
+) -> GPUKernel:
+    """Verify the manifest, then the payload, then deserialise (``GPUKernel.from_binary``)."""
+    if not isinstance(entry, Mapping):
+        raise SavedModelError(f"artifact {artifact_id!r} is malformed")
+    raw, payload = entry.get("manifest"), entry.get("payload")
+    if not isinstance(raw, bytes) or not isinstance(payload, bytes):
+        raise SavedModelError(f"artifact {artifact_id!r}: manifest or payload missing")
+    manifest = verify_manifest(raw, publishers, expected_id=artifact_id)
+    return GPUKernel.from_binary(payload, manifest, device)
+
+
+def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTensor) -> KasminaLayer:
+    """A slot like the saved one around ``host`` (not yet in the model)."""
+    options: dict[str, Any] = {
+        "state": table,
+        "state_offset": int(layout["state_offset"]),
+        "layer_id": layout["name"],
+        "region_id": int(layout["region_id"]),
+        "fault_limit": int(layout["fault_limit"]),
+    }
+    accepted = inspect.signature(KasminaLayer).parameters
+    for key in ("chunk_dim", "output_index"):  # layout fields of the slot contract
+        if key in accepted:
+            options[key] = int(layout[key])
+        elif int(layout[key]) != {"chunk_dim": -1, "output_index": 0}[key]:
+            raise SavedModelError(f"slot {layout['name']!r}: this Kasmina has no {key}")
+    try:
+        return KasminaLayer(host, int(layout["num_seeds"]), int(layout["chunk_size"]), **options)
+    except (ValueError, KeyError) as exc:
+        raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from None

@@ -1,0 +1,132 @@
+"""``kasmina.save``: one self-contained file for a grown model (docs/design.md §6a).
+
+What the body holds, and why each part is there:
+
+- ``slots``: each slot's module name and layout (``num_seeds``, ``chunk_size``, ``chunk_dim``,
+  ``output_index``, its rows in the shared table, ``fault_limit``): the loader re-attaches the
+  same slots to a fresh host and refuses a host they do not fit;
+- ``table``: the shared state table (stages, alphas, gates, embargoes), restored as it was;
+- ``weights``: the attached model's ``state_dict`` without the seeds' kernel weights: host
+  weights under ``<slot>.host.``, each seed's alpha and extra state;
+- ``seeds``: per seed, the artifact its kernel came from and the kernel's trained weights;
+- ``artifacts``: per artifact, its signed manifest and its payload, stored once however many
+  seeds share it. The program is shipped as it was published, never re-exported: only the
+  publisher's signature may vouch for code, and the trained weights travel as plain tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kasmina.persist.format import FORMAT_VERSION, SavedModelError, write_saved
+from kasmina.seeds.inject import kasmina_layers
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import StateColumn
+from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.state_io import clone_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save", "slot_layout"]
+
+KERNEL_PREFIX = "kernel."
+
+
+def slot_layout(name: str, slot: KasminaLayer) -> dict[str, Any]:
+    """The layout a slot exposes, as plain values (attributes a slot version does not have
+    take the defaults that version behaved as)."""
+    first = slot.seeds[0]
+    return {
+        "name": name,
+        "num_seeds": int(slot.num_seeds),
+        "chunk_size": int(slot.chunk_size),
+        "chunk_dim": int(vars(slot).get("chunk_dim", -1)),
+        "output_index": int(vars(slot).get("output_index", 0)),
+        "state_offset": int(first.state_index),
+        "region_id": int(slot.state_table.state_tensor[first.state_index, StateColumn.REGION_ID]),
+        "fault_limit": int(first.fault_limit),
+        "host_class": f"{type(slot.host).__module__}.{type(slot.host).__qualname__}",
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (host, slots, seeds, kernels) to ``path`` atomically; returns the path.
+
+    Every kernel a seed holds must be a verified Urza artifact (a ``GPUKernel`` loaded by the
+    manager or by ``kasmina.load``), because the loader accepts no program without its
+    publisher's signature. Raises ``SavedModelError`` otherwise, or when ``model`` has no
+    slots (a plain model is saved with ``torch.save(model.state_dict())``). Nothing is written
+    then, and a failure while writing leaves any previous file at ``path`` as it was.
+    """
+    slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
+    if not slots:
+        raise SavedModelError(f"{type(model).__name__} has no Kasmina slots to save")
+    if any(name == "" for name, _ in slots):
+        raise SavedModelError("the model itself is a KasminaLayer; save the model around it")
+    table = slots[0][1].state_table
+    if any(slot.state_table is not table for _, slot in slots):
+        raise SavedModelError("all slots must share one state table (kasmina.attach does this)")
+    if len(kasmina_layers(model)) != len(slots):
+        raise SavedModelError("nested slots cannot be saved")
+    artifacts: dict[str, dict[str, Any]] = {}
+    seeds: list[dict[str, Any]] = []
+    kernel_keys: set[str] = set()
+    for name, slot in slots:
+        for k, seed in enumerate(slot.seeds):
+            prefix = f"{name}.seeds.{k}."
+            entry: dict[str, Any] = {"seed_id": seed.seed_id, "slot": name, "index": k}
+            kernel = seed.kernel
+            if kernel is not None:
+                artifact_id = _artifact_of(seed.seed_id, kernel, artifacts)
+                entry["artifact_id"] = artifact_id
+                entry["kernel_state"] = clone_state(kernel.state_dict(), "cpu")
+                kernel_keys.update(prefix + KERNEL_PREFIX + key for key in kernel.state_dict())
+            seeds.append(entry)
+    weights = {
+        key: value
+        for key, value in clone_state(model.state_dict(), "cpu").items()
+        if key not in kernel_keys
+    }
+    body = {
+        "format_version": FORMAT_VERSION,
+        "slots": [slot_layout(name, slot) for name, slot in slots],
+        "table": {
+            "state_tensor": table.state_tensor.detach().cpu().clone(),
+            "embargo_epochs": int(table.embargo_epochs),
+        },
+        "weights": weights,
+        "seeds": seeds,
+        "artifacts": artifacts,
+    }
+    written = write_saved(path, body)
+    logger.info(
+        "saved %d slot(s), %d kernel(s) of %d artifact(s) to %s",
+        len(slots),
+        sum("artifact_id" in s for s in seeds),
+        len(artifacts),
+        written,
+    )
+    return written
+
+
+def _artifact_of(seed_id: str, kernel: nn.Module, artifacts: dict[str, dict[str, Any]]) -> str:
+    """Record ``kernel``'s artifact in ``artifacts`` (once per id); returns its id."""
+    if not isinstance(kernel, GPUKernel) or kernel.payload is None or kernel.released:
+        raise SavedModelError(
+            f"seed {seed_id}: its kernel is not a verified Urza artifact "
+            f"({type(kernel).__name__}); kasmina.save ships only programs a publisher signed"
+        )
+    manifest = kernel.manifest
+    if not manifest.verified:
+        raise SavedModelError(
+            f"seed {seed_id}: kernel manifest {manifest.artifact_id!r} is unverified"
+        )
+    artifacts.setdefault(
+        manifest.artifact_id, {"manifest": manifest.to_json(), "payload": kernel.payload}
+    )
+    return manifest.artifact_id

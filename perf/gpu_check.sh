@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU check on one CUDA machine (an H200 in under 8 minutes): install the package with its dev
+# and bench extras against the torch already installed there, run the tests that exercise CUDA,
+# then the GPU table (perf/bench_gpu.py), and write everything to perf/results/.
+#
+#   bash perf/gpu_check.sh            # PYTHON=python3.12 picks the interpreter
+#
+# Stages have hard time limits, so the whole run stays within 8 minutes: install 150 s, tests
+# 210 s, the table what is left of 470 s (its own budget is shorter, and an interrupted table
+# still writes the rows it has). The table runs the KD rows first. On a machine without network, put the extras' wheels in
+# perf/wheels first (on a machine with network: pip download liger-kernel --no-deps -d
+# perf/wheels); without them the table runs without Liger and says so in its rows.
+# Exit status: that of the tests, else that of the table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+STAMP=$(date -u +%Y-%m-%d-%H%M)
+OUT=perf/results
+mkdir -p "$OUT"
+TESTS_LOG="$OUT/gpu-$STAMP-tests.txt"
+TABLE_TXT="$OUT/gpu-$STAMP.txt"
+TABLE_JSON="$OUT/gpu-$STAMP.json"
+unset TRITON_INTERPRET KASMINA_BACKEND
+started=$SECONDS
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check: $PY has no CUDA torch; run this on the GPU machine" >&2
+    exit 2
+fi
+
+# --- 1. install, pinning the preinstalled torch and triton -------------------------------
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$PY" - >"$constraints" <<'EOF'
+import importlib.metadata as md
+
+for name in ("torch", "triton"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+EOF
+pip_install() {
+    timeout 150 "$PY" -m pip install --quiet --retries 1 --timeout 10 -c "$constraints" "$@"
+}
+if pip_install -e ".[dev,bench]"; then
+    echo "gpu_check: installed .[dev,bench]"
+elif [ -d perf/wheels ] && pip_install --no-index --find-links perf/wheels \
+        --no-build-isolation -e ".[dev,bench]"; then
+    echo "gpu_check: installed .[dev,bench] from perf/wheels"
+elif pip_install --no-deps --no-build-isolation -e .; then
+    echo "gpu_check: installed the package alone (no network, no perf/wheels): no Liger rows" >&2
+else
+    echo "gpu_check: cannot install the package" >&2
+    exit 3
+fi
+"$PY" -c 'import importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' \
+    2>/dev/null || echo "gpu_check: liger-kernel not installed"
+
+# --- 2. the tests that run on CUDA ---------------------------------------------------------
+# test_kd_loss.py runs every test on the GPU when there is one; the -k picks the other
+# CUDA-only tests of the suite.
+{
+    echo "# $(date -u) $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
+    timeout --signal=INT 210 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/manager \
+        -k "kd_loss or on_cuda or never_syncs" -o addopts="-ra"
+} 2>&1 | tee "$TESTS_LOG"
+tests_status=${PIPESTATUS[0]}
+echo "gpu_check: tests exit $tests_status after $((SECONDS - started)) s"
+
+# --- 3. the GPU table ----------------------------------------------------------------------
+# What is left of 470 s, at least a minute; the table's own budget stops starting new rows
+# 40 s before the hard limit, which interrupts the row in progress (the rows so far are kept).
+left=$((470 - (SECONDS - started)))
+hard=$((left < 60 ? 60 : left))
+timeout --signal=INT "$hard" "$PY" perf/bench_gpu.py --budget-s "$((hard - 40))" \
+    --out "$TABLE_TXT" --json "$TABLE_JSON"
+table_status=$?
+echo "gpu_check: table exit $table_status; $TABLE_TXT, $TABLE_JSON, $TESTS_LOG;" \
+    "$((SECONDS - started)) s in all"
+if [ "$tests_status" -ne 0 ]; then exit "$tests_status"; fi
+exit "$table_status"

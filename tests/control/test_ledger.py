@@ -1,0 +1,322 @@
+"""The durable nonce ledger: replays refused across restarts, bounded, crash-tolerant.
+
+A "restart" here is a new ``CommandVerifier`` over the same ledger file after the old one was
+closed (or its process died), which is what a restarted trainer does. See docs/design.md §5,
+"Replay across restarts".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from kasmina.control.auth import (
+    LEDGER_FILE_NAME,
+    MAX_FRESHNESS_S,
+    CommandVerifier,
+    NonceLedger,
+    sign_command,
+)
+from kasmina.control.commands import make_seed_command
+from kasmina.leyline import AdaptationCommand
+from kasmina.utils.keyring import Keyring
+
+KEY = bytes(range(32))
+T0 = 1_700_000_000.0
+WINDOW = 60.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return Keyring({"ctl": KEY, "pub": bytes(range(100, 132))})
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "run" / LEDGER_FILE_NAME
+
+
+def signed(keyring: Keyring, nonce: str, timestamp: float, key_id: str = "ctl"):
+    cmd = make_seed_command("germinate", "layer0:1", "artifact-1")
+    return sign_command(cmd, keyring, key_id, nonce=nonce, timestamp=timestamp)
+
+
+def start(
+    keyring, clock, path: Path, durability: str = "fsync", window: float = WINDOW
+) -> CommandVerifier:
+    """A verifier over the ledger at ``path``, as a (re)starting trainer builds it."""
+    ledger = NonceLedger(path, durability=durability)
+    return CommandVerifier(keyring, window, clock=clock, ledger=ledger)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush"])
+def test_a_restart_inside_the_window_refuses_every_replay(keyring, clock, path, durability):
+    first = start(keyring, clock, path, durability)
+    commands = [signed(keyring, f"n{i}", T0 - i) for i in range(5)]
+    assert all(first.verify(c) == (True, "ok") for c in commands)
+    first.close()  # or the process died: the ledger was written before each "ok"
+
+    clock.now += 30.0  # the restart, well inside the window of every command
+    second = start(keyring, clock, path, durability)
+    assert second.ledger_size == 5
+    assert [second.verify(c) for c in commands] == [(False, "replay")] * 5
+    fresh = signed(keyring, "new", clock.now)
+    assert second.verify(fresh) == (True, "ok")
+    second.close()
+    assert start(keyring, clock, path, durability).verify(fresh) == (False, "replay")
+
+
+def test_the_ledger_is_written_before_ok_is_returned(keyring, clock, path) -> None:
+    """A crash right after acceptance cannot forget the nonce: it is in the file already."""
+    verifier = start(keyring, clock, path)
+    assert verifier.verify(signed(keyring, "just-accepted", T0))[0]
+    text = path.read_text()
+    assert b"just-accepted".hex() in text  # no close(), no flush by anyone else
+
+
+def test_a_restart_after_the_window_forgets_nonces_but_keeps_them_stale(keyring, clock, path):
+    first = start(keyring, clock, path)
+    old = signed(keyring, "old", T0)
+    assert first.verify(old)[0]
+    first.close()
+
+    clock.now = T0 + WINDOW + 5.0
+    second = start(keyring, clock, path)
+    assert second.ledger_size == 0  # nothing inside the window is left to remember
+    assert second.verify(old) == (False, "stale")
+    second.close()
+    assert b"old".hex() not in path.read_text()  # compacted away at the restart
+
+    clock.now = T0 + 1.0  # the clock steps back after a restart: the floor still holds
+    third = start(keyring, clock, path)
+    assert third.verify(old) == (False, "stale")
+    assert third.verify(signed(keyring, "later", T0 + 0.5)) == (True, "ok")
+
+
+def test_a_corrupt_tail_line_is_skipped_with_one_warning(keyring, clock, path, caplog) -> None:
+    first = start(keyring, clock, path)
+    kept = [signed(keyring, f"kept{i}", T0) for i in range(3)]
+    assert all(first.verify(c)[0] for c in kept)
+    first.close()
+    with path.open("ab") as f:
+        f.write(b"N 1700000000.0 74")  # a write torn by a crash: no CRC, no newline
+    with path.open("ab") as f:
+        f.write(b"\nN 1700000000.0 6666 00000000\n")  # and a line whose CRC is wrong
+
+    with caplog.at_level(logging.WARNING, logger="kasmina.control.auth"):
+        second = start(keyring, clock, path)
+    warnings = [r for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 2" in warnings[0].getMessage()
+    assert [second.verify(c) for c in kept] == [(False, "replay")] * 3
+    assert second.verify(signed(keyring, "ff", T0)) == (True, "ok")  # 0x6666 never counted
+    second.close()
+    assert start(keyring, clock, path).ledger_size == 4  # the rewrite dropped the bad lines
+
+
+def test_the_file_stays_bounded_after_many_commands(keyring, clock, path) -> None:
+    """20,000 commands at 1,000/s through a 2 s window: at most ~4,000 live nonces, and the
+    file never holds more than twice those plus the compaction slack. (Durability does not
+    change what is written, only when it reaches the disk; "flush" keeps this test fast.)"""
+    slack = 256
+    ledger = NonceLedger(path, durability="flush", compact_slack=slack)
+    verifier = CommandVerifier(keyring, 2.0, clock=clock, ledger=ledger)
+    template = signed(keyring, "x", T0)
+    most_lines = most_live = 0
+    for i in range(20_000):
+        clock.now = T0 + i * 1e-3
+        cmd = AdaptationCommand()
+        cmd.CopyFrom(template)
+        sign_command(cmd, keyring, "ctl", nonce=f"{i:08x}", timestamp=clock.now)
+        assert verifier.verify(cmd)[0]
+        most_live = max(most_live, verifier.ledger_size)
+        most_lines = max(most_lines, ledger.lines)
+    assert most_live <= 2 * 2.0 / 1e-3 + 2
+    assert most_lines <= 2 * most_live + slack + 1
+    size = path.stat().st_size
+    assert size <= (2 * most_live + slack + 2) * 64  # ~56-byte lines
+    assert len(path.read_text().splitlines()) == ledger.lines + 1  # + the header line
+    verifier.close()
+    restarted = start(keyring, clock, path, window=2.0)
+    assert restarted.ledger_size == verifier.ledger_size
+    assert restarted.ledger.lines <= most_live + 1
+
+
+def test_two_live_verifiers_cannot_share_a_ledger(keyring, clock, path) -> None:
+    first = start(keyring, clock, path)
+    with pytest.raises(RuntimeError, match="held by another live trainer"):
+        start(keyring, clock, path)
+    first.close()
+    start(keyring, clock, path).close()  # released on close (and by the kernel on a crash)
+
+
+def test_a_ledger_that_cannot_be_written_refuses_commands(keyring, clock, path, caplog) -> None:
+    """Fail closed: accepting a command whose nonce is not recorded would leave a replay
+    open after the next restart. The ledger recovers (rewrites itself) when it can."""
+    verifier = start(keyring, clock, path)
+    ledger = verifier.ledger
+    assert ledger is not None
+
+    class BrokenFile:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def fileno(self) -> int:
+            raise OSError(9, "closed")
+
+        def close(self) -> None:
+            pass
+
+    good = ledger._file
+    ledger._file = BrokenFile()  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR, logger="kasmina.control.auth"):
+        assert verifier.verify(signed(keyring, "a", T0)) == (False, "ledger_error")
+    assert ledger.broken and len(caplog.records) == 1
+    ledger._file = good
+    assert verifier.verify(signed(keyring, "b", T0)) == (True, "ok")  # rewritten first
+    assert not ledger.broken
+    assert verifier.verify(signed(keyring, "a", T0)) == (False, "replay")  # "a" stays used
+    verifier.close()
+    assert verifier.verify(signed(keyring, "c", T0)) == (False, "ledger_error")  # closed
+
+
+def test_concurrent_commands_share_fdatasyncs(keyring, clock, path, monkeypatch) -> None:
+    """Group commit: every command is durable before its "ok", with fewer syncs than commands
+    when they arrive together."""
+    import kasmina.control.auth as auth
+
+    syncs = []
+    real = auth._datasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(auth, "_datasync", counting)
+    verifier = start(keyring, clock, path)
+    commands = [signed(keyring, f"t{i}", T0) for i in range(400)]
+    results: list[tuple[bool, str]] = []
+    barrier = threading.Barrier(8)
+
+    def send(chunk: list) -> None:
+        barrier.wait()
+        results.extend(verifier.verify(c) for c in chunk)
+
+    threads = [threading.Thread(target=send, args=(commands[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [(True, "ok")] * 400
+    assert 1 <= len(syncs) <= 400
+    verifier.close()
+    assert start(keyring, clock, path).ledger_size == 400
+
+
+def test_checking_without_recording_writes_nothing(keyring, clock, path) -> None:
+    verifier = start(keyring, clock, path)
+    lines = verifier.ledger.lines
+    assert verifier.verify(signed(keyring, "peek", T0), record_nonce=False) == (True, "ok")
+    assert verifier.ledger.lines == lines and verifier.ledger_size == 0
+
+
+def test_ledger_arguments_are_checked(path) -> None:
+    with pytest.raises(ValueError, match="durability"):
+        NonceLedger(path, durability="sometimes")
+    with pytest.raises(ValueError, match=">= 1"):
+        NonceLedger(path, compact_slack=0)
+
+
+# --- the verifier's own bounds ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freshness", [0, -1.0, MAX_FRESHNESS_S + 1, float("nan"), float("inf")])
+def test_freshness_must_be_within_an_hour(keyring, freshness) -> None:
+    with pytest.raises(ValueError, match=r"\(0, 3600\]"):
+        CommandVerifier(keyring, freshness)
+
+
+def test_key_ids_restrict_which_keys_may_sign_commands(keyring, clock) -> None:
+    verifier = CommandVerifier(keyring, clock=clock, key_ids=["ctl"])
+    assert verifier.verify(signed(keyring, "a", T0, "pub")) == (False, "untrusted_key_id")
+    assert verifier.verify(signed(keyring, "b", T0, "ctl")) == (True, "ok")
+    with pytest.raises(TypeError, match="single string 'ctl'"):
+        CommandVerifier(keyring, key_ids="ctl")
+    with pytest.raises(ValueError, match="non-empty"):
+        CommandVerifier(keyring, key_ids=[""])
+
+
+def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(
+    keyring, clock, path, monkeypatch
+) -> None:
+    """A second fdatasync may "succeed" after the kernel dropped the pages of the first: so
+    nothing counts as durable after a failure until the ledger has rewritten itself."""
+    import kasmina.control.auth as auth
+
+    verifier = start(keyring, clock, path)
+    real = auth._datasync
+    failures = [OSError(5, "Input/output error")]
+
+    def flaky(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(auth, "_datasync", flaky)
+    assert verifier.verify(signed(keyring, "lost", T0)) == (False, "ledger_error")
+    assert verifier.ledger.broken
+    assert verifier.verify(signed(keyring, "next", T0)) == (True, "ok")  # after a rewrite
+    assert not verifier.ledger.broken
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    assert restarted.verify(signed(keyring, "lost", T0)) == (False, "replay")  # never reusable
+    assert restarted.verify(signed(keyring, "next", T0)) == (False, "replay")
+
+
+def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
+    keyring, clock, path, monkeypatch
+) -> None:
+    """``defer_sync``: verify only writes; one ``make_durable`` syncs every nonce accepted so
+    far, and a failure there is raised so the caller acts on none of them."""
+    import kasmina.control.auth as auth
+
+    syncs: list[int] = []
+    real = auth._datasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(auth, "_datasync", counting)
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    before = len(syncs)
+    assert all(verifier.verify(signed(keyring, f"d{i}", T0))[0] for i in range(5))
+    assert len(syncs) == before  # nothing synced on arrival
+    verifier.make_durable()
+    assert len(syncs) == before + 1  # one fdatasync for all five
+    verifier.make_durable()
+    assert len(syncs) == before + 1  # nothing new to sync
+    assert verifier.verify(signed(keyring, "lost", T0))[0]
+    monkeypatch.setattr(auth, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        verifier.make_durable()
+    assert verifier.ledger.broken
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    assert restarted.verify(signed(keyring, "d0", T0)) == (False, "replay")

@@ -1,0 +1,158 @@
+"""Seeds in models nobody here wrote: Llama, GPT-2, nn.TransformerEncoder, a ResNet-style net.
+
+For every case (tests/integration/models.py), against the same model without Kasmina:
+
+- all seeds DORMANT: output and host gradients bit for bit, in train and eval mode;
+- a seed in ISOLATED_INIT: output and host gradients still bit for bit, and the seed learns;
+- a seed through its lifecycle to ACTIVE, eager, then in eval mode;
+- ``torch.compile(fullgraph=True)`` as the first forward after attach and after every
+  transition (no graph break; at most one recompile per stage change).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from kasmina.seeds.inject import attach
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from tests.integration.models import CASES, Case
+
+pytest.importorskip("transformers")
+
+S = SeedStage
+PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+
+
+def build(case: Case) -> tuple[nn.Module, nn.Module, list[KasminaLayer]]:
+    """The bare model and an identical one with the case's slots attached."""
+    bare, model = case.build(), case.build()
+    slots = attach(
+        model,
+        case.targets,
+        case.seeds_per_layer,
+        case.chunk_size,
+        chunk_dim=case.chunk_dim,
+        output_index=case.output_index,
+    )
+    return bare, model, slots
+
+
+def logits(out: object) -> torch.Tensor:
+    """The tensor a case's loss is taken on (a ModelOutput's logits, or the output)."""
+    return getattr(out, "logits", out)  # type: ignore[return-value]
+
+
+def run(case: Case, model: nn.Module) -> torch.Tensor:
+    """One forward and backward; the output tensor the loss was taken on."""
+    out = model(**case.inputs())
+    case.loss(out).backward()
+    return logits(out).detach()
+
+
+def host_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {
+        n.replace(".host.", "."): p.grad for n, p in model.named_parameters() if ".seeds." not in n
+    }
+
+
+def assert_same_grads(model: nn.Module, bare: nn.Module) -> None:
+    got, want = host_grads(model), {n: p.grad for n, p in bare.named_parameters()}
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert grad is not None, name
+        assert torch.equal(got[name], grad), name
+
+
+def give_kernels(case: Case, slots: list[KasminaLayer], stage: SeedStage, k: int = 0) -> None:
+    """Seed ``k`` of every slot gets a kernel and walks the main path up to ``stage``."""
+    for i, slot in enumerate(slots):
+        seed = slot.seed(k)
+        seed.attach_kernel(case.kernel(10 + i))
+        for step in PATH[: PATH.index(stage) + 1]:
+            seed.transition_to(step)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dormant_output_and_host_gradients_are_the_bare_models(case: Case, mode: str) -> None:
+    bare, model, slots = build(case)
+    assert slots, case.targets
+    bare.train(mode == "train")
+    model.train(mode == "train")
+    assert torch.equal(run(case, model), run(case, bare))
+    assert_same_grads(model, bare)
+    for slot in slots:
+        assert slot.output_contract is not None and slot.contract_problem() is None
+        assert slot.chunk_spec() is not None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_isolated_init_host_gradients_are_a_seedless_runs(case: Case) -> None:
+    bare, model, slots = build(case)
+    give_kernels(case, slots, S.ISOLATED_INIT)
+    assert torch.equal(run(case, model), run(case, bare))
+    assert_same_grads(model, bare)
+    for slot in slots:
+        grads = [p.grad for p in slot.seed(0).seed_parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        assert all(p.grad is None for p in slot.seed(1).seed_parameters())  # no kernel
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_seed_goes_through_its_lifecycle_to_active_then_serves_in_eval(case: Case) -> None:
+    bare, model, slots = build(case)
+    reference = run(case, bare)
+    for i, slot in enumerate(slots):
+        slot.seed(0).attach_kernel(case.kernel(10 + i))
+    for stage in PATH:
+        for slot in slots:
+            slot.seed(0).transition_to(stage)
+            slot.update_alpha_blending(3, 4, 0.5)
+        model.zero_grad(set_to_none=True)
+        out = run(case, model)
+        assert torch.isfinite(out).all(), stage
+        changes = not torch.equal(out, reference)
+        assert changes == (stage not in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK)), stage
+        assert all(slot.seed(0).faults == 0 for slot in slots), stage
+    # ACTIVE: the host is trained through the seed, end to end.
+    assert all(g is not None for g in host_grads(model).values())
+    model.eval()
+    bare.eval()
+    with torch.no_grad():
+        served = logits(model(**case.inputs()))
+        assert not torch.equal(served, logits(bare(**case.inputs())))
+        if case.build.__name__ == "encoder":  # no dropout or batch norm: eval is train's math
+            model.train()
+            torch.testing.assert_close(
+                served, logits(model(**case.inputs()))
+            )  # the fused path never skips a seed
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compile_fullgraph_first_then_after_every_transition(case: Case) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    bare, model, slots = build(case)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    out = compiled(**case.inputs())
+    case.loss(out).backward()
+    assert torch.equal(logits(out), run(case, bare))
+    assert all(slot.output_contract is not None for slot in slots)  # recorded while compiled
+    assert counter.frame_count == 1
+    for i, slot in enumerate(slots):
+        slot.seed(0).attach_kernel(case.kernel(10 + i))
+    for stage in PATH:
+        for slot in slots:
+            slot.seed(0).transition_to(stage)
+        eager = model(**case.inputs())
+        out = compiled(**case.inputs())
+        case.loss(out).backward()
+        torch.testing.assert_close(logits(out), logits(eager))
+    # One recompile once the first call has recorded the slots, then one per stage change.
+    assert counter.frame_count <= 2 + len(PATH)
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -1,0 +1,108 @@
+"""KasminaConfig's Urza publisher keys: validation, the file alternative, what the manager's
+client verifies with, and the removed ``urza_trusted_key_ids``."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.manager.config import KasminaConfig
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
+from kasmina.urza.publish import publish_payload
+from kasmina.utils.keyring import Keyring, generate_key
+
+PUBLISHER = PublisherKey.generate("pub")
+RAW = base64.b64decode(PUBLISHER.public_key_text)
+
+
+def test_public_keys_in_base64_or_hex_are_normalised_to_base64(tmp_path: Path) -> None:
+    for text in (PUBLISHER.public_key_text, RAW.hex(), RAW.hex().upper()):
+        config = KasminaConfig(runs_root=str(tmp_path), urza_trusted_publishers={"pub": text})
+        assert config.urza_trusted_publishers == {"pub": PUBLISHER.public_key_text}
+        assert config.load_trusted_publishers() == PUBLISHER.trusted_publishers()
+    default = KasminaConfig(runs_root=str(tmp_path))
+    assert default.urza_trusted_publishers == {} and len(default.load_trusted_publishers()) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("pub", "must be a mapping"),  # a bare string is never split into key ids
+        (b"pub", "must be a mapping"),
+        (["pub"], "must be a mapping"),
+        (("pub", "other"), "must be a mapping"),
+        ({"pub": base64.b64encode(RAW[:31]).decode()}, "32 bytes, got 31"),
+        ({"pub": base64.b64encode(RAW + b"\0").decode()}, "32 bytes, got 33"),
+        ({"pub": RAW.hex()[:-2]}, "32 bytes, got 31"),
+        ({"pub": "not base64!"}, "neither 64 hex digits nor base64"),
+        ({"pub": 5}, "base64 or hex text"),
+        ({"": PUBLISHER.public_key_text}, "invalid publisher key id"),
+        ({"a b": PUBLISHER.public_key_text}, "invalid publisher key id"),
+        ({"pub": PUBLISHER.to_pem().decode()}, "private key"),
+    ],
+)
+def test_invalid_publishers_are_refused(value: object, fragment: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        KasminaConfig(runs_root=str(tmp_path), urza_trusted_publishers=value)
+
+
+def test_the_removed_trusted_key_ids_setting_says_what_replaced_it() -> None:
+    with pytest.raises(ValueError, match="urza_trusted_publishers"):
+        KasminaConfig.from_dict({"urza_trusted_key_ids": ["pub"]})
+    with pytest.raises(TypeError):
+        KasminaConfig(urza_trusted_key_ids=("pub",))  # type: ignore[call-arg]
+
+
+def test_round_trip_and_publishers_file(tmp_path: Path) -> None:
+    other = PublisherKey.generate("other")
+    path = tmp_path / "publishers.json"
+    path.write_text(json.dumps({"other": other.public_key_text}))
+    config = KasminaConfig(
+        runs_root=str(tmp_path),
+        urza_trusted_publishers={"pub": RAW.hex()},
+        urza_publishers_file=str(path),
+    )
+    assert KasminaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert set(config.load_trusted_publishers().key_ids) == {"pub", "other"}
+    # One key id bound to two keys: an error, never a silent choice.
+    path.write_text(json.dumps({"pub": other.public_key_text}))
+    with pytest.raises(ValueError, match="configured with two keys"):
+        config.load_trusted_publishers()
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="urza_publishers_file"):
+            KasminaConfig(urza_publishers_file=bad)  # type: ignore[arg-type]
+
+
+def test_a_group_writable_publishers_file_is_warned_about(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "publishers.json"
+    path.write_text(json.dumps({"pub": PUBLISHER.public_key_text}))
+    path.chmod(0o664)
+    TrustedPublishers.from_file(path)
+    assert "writable by group/others" in caplog.text
+
+
+def test_from_config_verifies_with_the_configured_public_keys_only(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    publish_payload(b"payload", str(store), "bp", PUBLISHER, "a1")
+    trainer = KasminaConfig(
+        runs_root=str(tmp_path),
+        urza_url=str(store),
+        urza_retries=0,
+        urza_trusted_publishers={"pub": PUBLISHER.public_key_text},
+    )
+    client = UrzaLibraryClient.from_config(trainer)
+    assert client.fetch("a1")[0] == b"payload"
+    assert client.publishers == PUBLISHER.trusted_publishers()
+    # A config without the publisher: the same artifact is refused.
+    stranger = KasminaConfig(runs_root=str(tmp_path), urza_url=str(store), urza_retries=0)
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'pub'"):
+        UrzaLibraryClient.from_config(stranger).fetch("a1")
+    # The command keyring is no substitute for publisher keys.
+    with pytest.raises(TypeError, match="not Keyring"):
+        commands = Keyring({"pub": generate_key()})
+        UrzaLibraryClient.from_config(trainer, commands)  # type: ignore[arg-type]

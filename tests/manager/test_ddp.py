@@ -1,0 +1,390 @@
+"""The kernel manager under real data parallelism: gloo processes, DDP host, signed lifecycle.
+
+Each test spawns 2 or 3 processes joined on loopback. Every rank runs a ``KasminaKernelManager``
+over the small test host wrapped in ``DistributedDataParallel`` (``wrap_ddp``), with a
+``DistributedKasmina`` on top, trains on its own data shard with KD, and takes a seed from
+DORMANT to ACTIVE through signed commands received on different ranks. The ranks write what
+they ended with to files the test compares: seed parameters bit for bit, the sync verdicts, the
+command outcomes. The scenarios also cover an epoch longer than the freshness window, a command
+delivered to two ranks, a forged command, and a corrupted rank being repaired (with three ranks,
+by the majority, from a rank other than 0).
+
+Every collective is bounded by the process group's timeout and the whole run by
+``join_timeout_s``, so a hung rank fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.control.distributed import UnsupportedParallelismError, spawn
+from kasmina.kd.config import KDConfig
+from kasmina.leyline import AdaptationCommand
+from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp
+from kasmina.stages import SeedStage
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Rig, make_config
+
+S = SeedStage
+FRESHNESS_S = 1.5  # the epoch with the long pause outlasts it
+STEPS = 2  # per epoch
+
+
+def _rank_rig(rank: int, spec: dict[str, Any]) -> Rig:
+    keyring = Keyring({"ctl": bytes.fromhex(spec["key"])})
+    config = make_config(
+        Path(spec["out"]) / f"rank{rank}",
+        Path(spec["store"]),
+        # The parent published the artifacts: trust its publisher, not this process's.
+        urza_trusted_publishers={spec["publisher_id"]: spec["publisher_key"]},
+        command_freshness_s=FRESHNESS_S,
+        checkpoint_mode="memory",
+        kd_enabled=True,
+        kd=KDConfig(temperature=2.0, alpha=1.0),
+    )
+    return Rig(config, keyring)
+
+
+def _signed(rig: Rig, op: str, seed_id: str, artifact: str = "", **params: float) -> bytes:
+    return rig.signed(make_seed_command(op, seed_id, artifact, params))
+
+
+class Trainer:
+    """One rank's loop: DDP forward, the manager's KD backward and step, the epoch boundary."""
+
+    def __init__(self, rank: int, world: int, spec: dict[str, Any]) -> None:
+        torch.set_num_threads(1)
+        self.rank, self.world = rank, world
+        self.rig = _rank_rig(rank, spec)
+        self.manager = self.rig.manager
+        self.net = wrap_ddp(self.rig.model)
+        self.dk = DistributedKasmina(self.manager)
+        self.gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+        self.teacher = torch.nn.Linear(6, 4)
+        torch.nn.init.normal_(self.teacher.weight, generator=torch.Generator().manual_seed(9))
+        self.results: list[Any] = []
+        self.epoch = 0
+
+    def train(self, steps: int = STEPS, drop_grad_of: str | None = None) -> None:
+        """``drop_grad_of``: this rank loses that seed's first gradient each step (the others
+        average it with a zero from here)."""
+        for _ in range(steps):
+            x = torch.randn(8, 6, generator=self.gen)
+            with torch.no_grad():
+                teacher = self.teacher(x)
+            y = teacher.argmax(-1)
+            self.manager.set_teacher_logits(teacher)
+            loss = F.cross_entropy(self.net(x), y)
+            self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
+            if drop_grad_of is not None:
+                self.manager.seed(drop_grad_of).seed_parameters()[0].grad = None
+            self.manager.step()
+
+    def boundary(self) -> Any:
+        self.manager.end_epoch(self.epoch)
+        result = self.dk.sync_epoch(self.epoch)
+        self.results.append(result)
+        self.epoch += 1
+        return result
+
+    def epoch_with(self, commands: dict[int, list[bytes]], steps: int = STEPS) -> Any:
+        """Train an epoch in which the ranks named in ``commands`` receive them (at its start:
+        they were signed just now, and the window is short)."""
+        for raw in commands.get(self.rank, []):
+            assert self.manager.handle_adaptation_command(raw)  # verified here, relayed
+        self.train(steps)
+        return self.boundary()
+
+    def seed_state(self) -> dict[str, torch.Tensor]:
+        registry = self.manager.require_registry()
+        state = {
+            f"{r.seed_id}.{i}": p.detach().clone()
+            for r in registry
+            for i, p in enumerate(r.seed.seed_parameters())
+        }
+        state.update({f"host.{i}": p.detach().clone() for i, p in enumerate(registry.host_params)})
+        state["table"] = registry.table.state_tensor.clone()
+        return state
+
+    def save(self, out: str, name: str, **extra: Any) -> None:
+        torch.save(
+            {
+                "results": [
+                    (r.epoch, r.outcomes, r.divergent_ranks, r.source_rank, r.repaired_ranks)
+                    for r in self.results
+                ],
+                "checksums": [r.checksums for r in self.results],
+                "reasons": [[c.reason for c in r.commands] for r in self.results],
+                "state": self.seed_state(),
+                "stages": {k: int(v) for k, v in self.manager.stages().items()},
+                "handler": dict(self.manager.handler.stats),
+                "coordinator": dict(self.dk.coordinator.stats),
+                "grads": dict(self.dk.seed_grads.stats),
+                **extra,
+            },
+            Path(out, f"{name}{self.rank}.pt"),
+        )
+
+
+def _lifecycle(t: Trainer, spec: dict[str, Any]) -> dict[str, Any]:
+    """DORMANT -> ACTIVE for SEED0 with commands received on different ranks; returns facts the
+    test checks about the long epoch."""
+    rig, mlp, last = t.rig, spec["mlp"], t.world - 1
+    # Epoch 0, longer than the freshness window: the GERMINATE reaches the last rank halfway
+    # through and rank 0 too (a controller retrying elsewhere); only one copy may run.
+    t.train(1)
+    shared = [_signed(rig, "germinate", SEED0, mlp) if t.rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # one signed command, delivered twice
+    germinate = shared[0]
+    if t.rank in (0, last):
+        assert t.manager.handle_adaptation_command(germinate)
+    time.sleep(FRESHNESS_S * 1.3)
+    parsed = AdaptationCommand.FromString(germinate)
+    stale_now = t.manager.verifier.verify(parsed, record_nonce=False)[1]
+    t.train(1)
+    first = t.boundary()
+    assert t.manager.stages()[SEED0] == S.ISOLATED_INIT
+    # Epoch 1: a forgery is refused on arrival; ADVANCE (G2) received on rank 1.
+    forger = Keyring({"ctl": generate_key()})  # the right key id, the wrong key
+    forged = sign_command(make_seed_command("cull", SEED1), forger, "ctl").SerializeToString()
+    refused_forgery = not t.manager.handle_adaptation_command(forged)
+    t.epoch_with({1: [_signed(rig, "advance", SEED0)]})
+    assert t.manager.stages()[SEED0] == S.COMPATIBILITY_CHECK
+    t.epoch_with({0: [_signed(rig, "advance", SEED0)]})  # G3 on the probes of epoch 1
+    assert t.manager.stages()[SEED0] == S.GRAFTING
+    t.epoch_with({last: [_signed(rig, "advance", SEED0)]}, steps=4)  # alpha reaches 1: G4
+    assert t.manager.stages()[SEED0] == S.STABILIZATION
+    # G5's evidence: measured by Kasmina on every rank on the same held-out batch (the weights
+    # are identical across ranks, so are the measurements and the decision).
+    with torch.no_grad():
+        held_out = [(rig.x, t.teacher(rig.x).argmax(-1))]
+    measured = t.manager.evaluate_seeds(held_out, loss_fn=F.cross_entropy)
+    assert measured[SEED0].score >= 0.5, measured
+    t.epoch_with({0: [_signed(rig, "advance", SEED0)]})
+    assert t.manager.stages()[SEED0] == S.ACTIVE
+    t.train(2)  # the host optimizer trains the fossilized seed; its grads still averaged
+    return {
+        "stale_now": stale_now,
+        "first": [(c.origin, c.ok, c.reason) for c in first.commands],
+        "refused_forgery": refused_forgery,
+    }
+
+
+def _worker_two(rank: int, world: int, spec: dict[str, Any]) -> None:
+    t = Trainer(rank, world, spec)
+    facts = _lifecycle(t, spec)
+    t.save(spec["out"], "clean", **facts)
+    # A corrupted rank: a seed weight and its optimizer moments changed on rank 1 only.
+    if rank == 1:
+        with torch.no_grad():
+            t.manager.seed(SEED0).seed_parameters()[0].add_(1e-3)
+            host_opt = t.manager.optimizers.optimizer("host")
+            next(iter(host_opt.state.values()))["exp_avg"].mul_(2.0)
+    repaired = t.boundary()
+    t.train(2)
+    after = t.boundary()
+    t.save(
+        spec["out"],
+        "repaired",
+        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
+        next_verdict=after.divergent_ranks,
+    )
+    t.manager.close()
+
+
+def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:
+    t = Trainer(rank, world, spec)
+    rig, mlp = t.rig, spec["mlp"]
+    t.epoch_with({2: [_signed(rig, "germinate", SEED0, mlp)]})
+    t.epoch_with({1: [_signed(rig, "germinate", SEED1, mlp)]})
+    t.train(2, drop_grad_of=SEED0 if rank == 2 else None)
+    # Rank 0 diverges in layout: it culls a seed on its own (its kernel released), and a weight
+    # of the other seed changes. Ranks 1 and 2 are the majority, so rank 0 is repaired from 1.
+    if rank == 0:
+        registry = t.manager.require_registry()
+        assert t.manager.execute(_local_cull(t, SEED1))
+        assert registry[SEED1].kernel is None
+        with torch.no_grad():
+            t.manager.seed(SEED0).seed_parameters()[0].mul_(1.5)
+    repaired = t.boundary()
+    t.train(2)
+    after = t.boundary()
+    t.save(
+        spec["out"],
+        "three",
+        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
+        next_verdict=after.divergent_ranks,
+    )
+    t.manager.close()
+
+
+def _local_cull(t: Trainer, seed_id: str) -> Any:
+    """A verified command made in-process (what a bug or a stray call on one rank would do)."""
+    from kasmina.control.commands import to_kasmina_command
+
+    command = to_kasmina_command(make_seed_command("cull", seed_id))
+    assert not isinstance(command, str)
+    return command
+
+
+def _spec(tmp_path: Path, published) -> dict[str, Any]:
+    store, mlp, _ = published
+    return {
+        "store": str(store),
+        "mlp": mlp,
+        "key": generate_key().hex(),
+        "publisher_id": PUBLISHER.key_id,
+        "publisher_key": PUBLISHER.public_key_text,
+        "out": str(tmp_path),
+    }
+
+
+def _load(tmp_path: Path, name: str, world: int) -> list[dict[str, Any]]:
+    return [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
+
+
+def _assert_equal_states(runs: list[dict[str, Any]]) -> None:
+    first = runs[0]["state"]
+    for run in runs[1:]:
+        assert run["state"].keys() == first.keys()
+        for name, tensor in first.items():
+            assert torch.equal(run["state"][name], tensor), name
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_two_ranks_run_a_signed_lifecycle_in_lockstep_and_repair_a_corrupted_rank(
+    tmp_path: Path, published
+) -> None:
+    spec = _spec(tmp_path, published)
+    spawn(_worker_two, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+
+    clean = _load(tmp_path, "clean", 2)
+    _assert_equal_states(clean)  # seeds (ACTIVE, trained on different shards), host, table
+    for run in clean:
+        assert run["stages"][SEED0] == S.ACTIVE and run["stages"][SEED1] == S.DORMANT
+        assert all(divergent == () for _, _, divergent, _, _ in run["results"])
+        assert all(len(set(c)) == 1 for c in run["checksums"])
+        # Epoch 0 outlasted the window (a check now says stale), yet the GERMINATE ran on both
+        # ranks; its second copy (rank 1 received it too) ran nowhere.
+        assert run["stale_now"] == "stale"
+        assert run["first"][0] == (0, True, "")
+        assert run["first"][1][:2] == (1, False) and "duplicates" in run["first"][1][2]
+        assert run["refused_forgery"]
+        assert run["handler"]["rejected:bad_signature"] == 1
+        assert run["grads"]["steps"] > 0 and run["grads"].get("layout_mismatch", 0) == 0
+        assert all(all(ok) for _, ok, _, _, _ in run["results"][1:])
+    # Both ranks ran the G2 ADVANCE received on rank 1 (a rank other than 0).
+    assert clean[0]["results"][1][1] == clean[1]["results"][1][1] == (True,)
+
+    repaired = _load(tmp_path, "repaired", 2)
+    for run in repaired:
+        assert run["verdict"] == ((1,), 0, (1,))  # two ranks: rank 0 decides
+        assert run["next_verdict"] == ()
+    assert repaired[1]["coordinator"]["repairs"] == 1
+    assert repaired[0]["coordinator"]["repairs_served"] == 1
+    _assert_equal_states(repaired)
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_three_ranks_repair_a_minority_rank_0_from_the_majority(tmp_path: Path, published) -> None:
+    spec = _spec(tmp_path, published)
+    spawn(_worker_three, 3, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=150)
+
+    runs = _load(tmp_path, "three", 3)
+    for run in runs:
+        assert run["verdict"] == ((0,), 1, (0,))  # the majority decides, and rank 1 serves
+        assert run["next_verdict"] == ()
+        # The repair re-attached the kernel rank 0 had released.
+        assert run["stages"][SEED0] == run["stages"][SEED1] == S.ISOLATED_INIT
+    assert runs[0]["coordinator"]["repairs"] == 1
+    assert runs[2]["grads"]["zero_filled"] == 2 and "zero_filled" not in runs[1]["grads"]
+    _assert_equal_states(runs)
+
+
+# ----------------------------------------------------------------------- one process, no group
+
+
+def test_without_a_process_group_ddp_wrapping_is_the_identity(tmp_path, store, keyring) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring)
+    assert wrap_ddp(rig.model) is rig.model
+    names = kasmina_owned_names(rig.model)
+    assert names and all(n.startswith("out.") and not n.startswith("out.host.") for n in names)
+    dk = DistributedKasmina(rig.manager)
+    assert rig.manager.command_relay is not None and dk.world_size == 1
+    with pytest.raises(ValueError, match="already part of a distributed run"):
+        DistributedKasmina(rig.manager)
+    rig.train(1)  # the seed all-reduce is a no-op in one process
+    dk.close()
+    assert rig.manager.command_relay is None and rig.manager.grad_sync is None
+
+
+def test_a_command_waits_for_the_sync_and_then_applies(tmp_path, store, keyring, mlp) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    raw = _signed(rig, "germinate", SEED0, mlp)
+    assert rig.manager.handle_adaptation_command(raw)
+    rig.train(2)  # the step's safe point does not apply it: it waits for every rank
+    assert rig.stage(SEED0) == S.DORMANT and dk.coordinator.pending == 1
+    rig.manager.end_epoch(0)
+    result = dk.sync_epoch(0)
+    assert result.outcomes == (True,) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert not rig.manager.handle_adaptation_command(raw)  # a replay, refused on arrival
+    assert rig.manager.command_log[-1][2] is True
+
+
+def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
+    tmp_path, store, keyring
+) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    raw = _signed(rig, "germinate", SEED0, "mlp-0000000000000000")
+    assert dk.submit(raw)
+    result = dk.sync_epoch(0)
+    assert result.outcomes == (False,)
+    assert "could not prepare it" in result.commands[0].reason
+    assert rig.stage(SEED0) == S.DORMANT
+    assert rig.manager.handler.stats["failed"] == 1
+
+
+def test_a_replica_snapshot_repairs_a_manager_in_one_process(tmp_path, store, keyring, mlp) -> None:
+    """export -> corrupt -> import puts the seed, its optimizer and the table back."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    dk.sync_epoch(0)
+    rig.train(2)
+    good, payload = dk.replica.checksum(), dk.replica.export_state()
+    weight = rig.manager.seed(SEED0).seed_parameters()[0]
+    with torch.no_grad():
+        weight.add_(1.0)
+    rig.manager.seed(SEED0).quarantine("test")
+    assert dk.replica.checksum() != good
+    dk.replica.import_state(payload)
+    assert dk.replica.checksum() == good and rig.stage(SEED0) == S.ISOLATED_INIT
+    rig.train(1)  # and it trains on
+
+
+def test_fsdp_sharded_hosts_are_refused(tmp_path, store, keyring) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+
+    class Sharded(type(rig.model), FSDPModule):  # what fully_shard makes of a module's class
+        pass
+
+    rig.model.__class__ = Sharded
+    with pytest.raises(UnsupportedParallelismError, match="FSDP"):
+        wrap_ddp(rig.model)
+    with pytest.raises(UnsupportedParallelismError, match="FSDP"):
+        DistributedKasmina(rig.manager)
+    with pytest.raises(UnsupportedParallelismError, match="DataParallel"):
+        wrap_ddp(torch.nn.DataParallel(torch.nn.Linear(2, 2)))

@@ -1,0 +1,230 @@
+"""Kasmina measures a seed's worth itself (evaluate_seeds), G5 takes only that as evidence, and
+the controller sees it in the SystemStatePacket (docs/design.md §3)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
+from kasmina.manager.evaluation import evaluate_seeds
+from kasmina.manager.slots import SlotRegistry
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, make_config
+
+S = SeedStage
+
+
+class Scale(nn.Module):
+    """A known kernel: ``x * factor``."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.tensor(factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class NoisyShift(nn.Module):
+    """A known kernel that also draws from the global RNG (its draw does not change its value)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0 + 0.0 * torch.rand(())
+
+
+def _tiny() -> tuple[nn.Sequential, KasminaLayer, SlotRegistry]:
+    torch.manual_seed(0)
+    slot = KasminaLayer(nn.Linear(3, 6), 3, 2, layer_id="fc")
+    model = nn.Sequential(slot, nn.Dropout(0.5))
+    registry = SlotRegistry(model, [slot])
+    seed0, seed1, seed2 = slot.seeds
+    seed0.attach_kernel(Scale(2.0))
+    seed1.attach_kernel(NoisyShift())
+    seed2.attach_kernel(Scale(-1.0))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        seed0.transition_to(stage)
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING):
+        seed1.transition_to(stage)
+    seed1.update_alpha_blending(10, 20, 4.0)  # alpha 0.5
+    seed2.transition_to(S.ISOLATED_INIT)  # its output never reaches the host's value
+    return model, slot, registry
+
+
+def test_evaluate_seeds_matches_a_hand_computation_and_changes_nothing() -> None:
+    model, slot, registry = _tiny()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 3, generator=gen), torch.randn(n, 6, generator=gen)) for n in (4, 2)]
+    model.train()
+    weights = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    stages, alphas = slot.stages(), [s.alpha_value for s in slot.seeds]
+    forwards = []
+    slot.host.register_forward_hook(lambda *_: forwards.append(1))
+    rng = torch.get_rng_state()
+
+    results = evaluate_seeds(
+        registry, batches, F.mse_loss, metric_fn=lambda o, t: (o - t).abs().mean()
+    )
+
+    # 2 batches x (1 + 2 contributing seeds); seed 2 (ISOLATED_INIT) costs no forward.
+    assert len(forwards) == 2 * 3
+    assert torch.equal(torch.get_rng_state(), rng)  # no global random number drawn
+    assert model.training and all(m.training for m in model.modules())
+    assert slot.stages() == stages and [s.alpha_value for s in slot.seeds] == alphas
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(v, now[k]) for k, v in weights.items())  # gate scores aside
+
+    def by_hand(chunks: tuple[bool, bool]) -> float:
+        total = 0.0
+        for x, t in batches:
+            with torch.no_grad():
+                h = slot.host(x)
+            h0, h1, h2 = h.split(2, dim=-1)
+            c0 = 2.0 * h0 if chunks[0] else h0
+            c1 = 0.5 * (h1 + 1.0) + 0.5 * h1 if chunks[1] else h1
+            total += len(x) * F.mse_loss(torch.cat([c0, c1, h2], -1), t).item()
+        return total / 6
+
+    with_all = by_hand((True, True))
+    expected = {
+        "fc[0]": (with_all, by_hand((False, True))),
+        "fc[1]": (with_all, by_hand((True, False))),
+        "fc[2]": (with_all, with_all),
+    }
+    assert set(results) == set(expected)
+    for sid, (loss_with, loss_without) in expected.items():
+        ev = results[sid]
+        assert ev.loss_with == pytest.approx(loss_with, rel=1e-6)
+        assert ev.loss_without == pytest.approx(loss_without, rel=1e-6)
+        assert ev.benefit == pytest.approx(1 - loss_with / loss_without, rel=1e-5, abs=1e-9)
+        assert ev.score == pytest.approx(0.5 + 0.5 * max(-1.0, min(1.0, ev.benefit)))
+        assert ev.samples == 6 and not math.isnan(ev.metric_with)
+        seed = slot.seeds[int(sid[3])]
+        assert seed.evaluation is ev and seed.gate_score == ev.score
+        row = registry.table.read_row(seed.state_index)
+        assert row["GATE_SCORE"] == round(ev.score * 1000)
+    assert results["fc[0]"].stage == S.STABILIZATION and results["fc[1]"].alpha == 0.5
+    assert results["fc[2]"].benefit == 0.0
+
+
+def test_no_live_seed_means_no_forward() -> None:
+    slot = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
+    registry = SlotRegistry(nn.Sequential(slot), [slot])
+    calls = []
+    slot.host.register_forward_hook(lambda *_: calls.append(1))
+    assert evaluate_seeds(registry, [(torch.zeros(1, 3), torch.zeros(1, 4))], F.mse_loss) == {}
+    assert calls == []
+
+
+# ------------------------------------------------------------------ through the manager
+
+
+def to_stabilization(rig: Rig, seed_ids: list[str]) -> None:
+    """ADVANCE through G2..G4, training in between (each seed was GERMINATEd)."""
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.COMPATIBILITY_CHECK
+    rig.train(1)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.GRAFTING
+    rig.train(5)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.STABILIZATION
+    rig.train(1)
+
+
+def test_g5_refuses_without_evidence_and_on_a_low_measured_benefit(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    # 600 per mille: fossilize only a seed that removes at least 20 % of the validation loss.
+    rig = Rig(make_config(tmp_path, store, performance_gate=600), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    to_stabilization(rig, [SEED0, SEED1])
+    # Never evaluated: refused, whatever score the command claims.
+    assert not rig.send("advance", SEED0, gate_score=1.0)
+    assert "never evaluated" in manager.command_log[-1][3]
+    assert manager.counters["gate_score_ignored"] == 1
+    measured = manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    assert measured[SEED0].score < 0.6  # a near-identity seed after a few steps
+    assert not rig.send("advance", SEED0, gate_score=1.0)
+    assert "measured benefit" in manager.command_log[-1][3] and rig.stage(SEED0) == S.STABILIZATION
+    # The same measurement against the default gate (no harm done) fossilizes it.
+    manager.config.performance_gate = 0
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+
+
+def test_system_state_packet_carries_the_measured_benefit(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    measured = manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)[SEED0]
+    assert [e.labels["seed_id"] for e in rig.sink.events("seed.benefit")] == [SEED0]
+    manager.end_epoch(1, {"val_accuracy": 0.75, "val_loss": 0.5, "top5": 0.9})
+    packet = manager.system_state()
+    assert isinstance(packet, SystemStatePacket)
+    assert packet == SystemStatePacket.FromString(packet.SerializeToString())
+    assert packet.version == 1 and packet.current_epoch == 1
+    assert packet.global_step == manager.global_step
+    assert packet.validation_accuracy == pytest.approx(0.75)
+    assert packet.validation_loss == pytest.approx(0.5)
+    assert packet.seed_stages[SEED0] == SeedLifecycleStage.SEED_STAGE_STABILIZATION
+    assert packet.seed_stages[SEED1] == SeedLifecycleStage.SEED_STAGE_DORMANT
+    metrics = packet.training_metrics
+    assert metrics[f"seed/{SEED0}/benefit"] == pytest.approx(measured.benefit, rel=1e-6)
+    assert metrics[f"seed/{SEED0}/gate_score"] == pytest.approx(measured.score, rel=1e-6)
+    assert metrics[f"seed/{SEED0}/alpha"] == 1.0
+    assert metrics[f"seed/{SEED0}/epochs_in_stage"] == 1.0
+    assert f"seed/{SEED1}/benefit" not in metrics and metrics["val/top5"] == pytest.approx(0.9)
+    # ... and in the full telemetry packet.
+    names = {m.name for m in manager.export_leyline_telemetry().metrics}
+    assert {"seed.benefit", "seed.loss_with", "seed.loss_without"} <= names
+
+
+def test_g3_decides_identically_on_a_busy_machine(rig: Rig, mlp) -> None:
+    """The executor's G3 on a real kernel: same decision and score with four busy threads."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    rig.train(1)
+    record = manager.require_registry()[SEED0]
+    manager.config.latency_budget_ms = 1e-6  # every probe "too slow": advisory only
+
+    def g3() -> tuple[bool, float]:
+        result = manager.execution.evaluate_gate(record, S.GRAFTING)
+        assert result.gate == 3
+        return result.passed, result.score
+
+    quiet = [g3() for _ in range(3)]
+    stop = threading.Event()
+
+    def hog() -> None:
+        x = 0
+        while not stop.is_set():
+            x = (x * 31 + 7) % 1_000_003
+
+    threads = [threading.Thread(target=hog, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        busy = [g3() for _ in range(3)]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    # ResidualMLP(2, 4) on a chunk of Linear(8, 4): 2*(2*4 + 4*2)/2 = 16 FLOPs per element,
+    # the host 2*8 = 16: cost ratio 1.
+    assert quiet == busy == [(True, 1.0)] * 3
+    manager.config.max_seed_cost_ratio = 0.5
+    assert g3() == (False, 1.0)

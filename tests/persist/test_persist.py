@@ -1,0 +1,212 @@
+"""kasmina.save / load / merge, and deepcopy and pickling of a managed model
+(docs/design.md §6a, "Keeping what you grew")."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.persist.format import SavedModelError, read_saved, write_saved
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.stages import SeedStage
+from kasmina.urza.keys import PublisherKey
+from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Host
+from tests.persist.conftest import Grown
+
+S = SeedStage
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    no_slots = not any(isinstance(m, KasminaLayer) for m in model.modules())
+    same = after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    return no_slots and same
+
+
+def _seeds(model: nn.Module) -> list[GradientIsolatedSeed]:
+    return [m for m in model.modules() if isinstance(m, GradientIsolatedSeed)]
+
+
+def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
+    fresh = Host()
+    slots = kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
+    fresh.eval()
+    assert [s.layer_id for s in slots] == ["out"]
+    assert [s.stage for s in _seeds(fresh)] == [S.ACTIVE, S.GRAFTING]
+    for mine, theirs in zip(_seeds(fresh), _seeds(grown.model), strict=True):
+        assert mine.alpha_value == theirs.alpha_value and mine.seed_id == theirs.seed_id
+    table, original = slots[0].state_table, grown.rig.slot.state_table
+    assert torch.equal(table.state_tensor, original.state_tensor)
+    with torch.no_grad():
+        assert torch.equal(fresh(grown.x), grown.model(grown.x))
+        assert not torch.equal(fresh(grown.x), Host()(grown.x))  # the seeds do contribute
+
+
+def test_a_tampered_file_is_refused_and_the_model_untouched(grown: Grown, saved: Path) -> None:
+    publishers = PUBLISHER.trusted_publishers()
+    fresh = Host()
+    before = _snapshot(fresh)
+    damaged = bytearray(saved.read_bytes())
+    damaged[-100] ^= 0xFF
+    saved.with_suffix(".damaged").write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        kasmina.load(saved.with_suffix(".damaged"), fresh, publishers=publishers)
+    # A forger who also rewrites the digest: the kernel program no longer matches its manifest.
+    body = read_saved(saved)
+    (entry,) = body["artifacts"].values()
+    entry["payload"] = entry["payload"][:-1] + bytes([entry["payload"][-1] ^ 1])
+    write_saved(saved, body)
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256 does not match its manifest"):
+        kasmina.load(saved, fresh, publishers=publishers)
+    body = read_saved(saved)
+    (entry,) = body["artifacts"].values()
+    entry["manifest"] = entry["manifest"].replace(b'"mlp"', b'"evil"')
+    write_saved(saved, body)
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        kasmina.load(saved, fresh, publishers=publishers)
+    assert _unchanged(fresh, before)
+
+
+def test_an_unknown_publisher_is_refused(saved: Path) -> None:
+    fresh = Host()
+    before = _snapshot(fresh)
+    stranger = PublisherKey.generate("other").trusted_publishers()
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher"):
+        kasmina.load(saved, fresh, publishers=stranger)
+    assert _unchanged(fresh, before)
+
+
+class Wider(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 10)
+        self.out = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.inp(x))
+
+
+class Elsewhere(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 4)
+
+
+def test_a_wrong_architecture_is_refused(saved: Path) -> None:
+    publishers = PUBLISHER.trusted_publishers()
+    for model, match in ((Wider(), "inp.weight is"), (Elsewhere(), "has no module 'out'")):
+        before = _snapshot(model)
+        with pytest.raises(SavedModelError, match=match):
+            kasmina.load(saved, model, publishers=publishers)
+        assert _unchanged(model, before)
+    attached = Host()
+    kasmina.attach(attached, "out", 2, 2)
+    with pytest.raises(SavedModelError, match="already has Kasmina slots"):
+        kasmina.load(saved, attached, publishers=publishers)
+
+
+def test_an_incompatible_version_is_refused(saved: Path) -> None:
+    raw = saved.read_bytes().replace(b'"format_version":1', b'"format_version":9', 1)
+    saved.write_bytes(raw)
+    with pytest.raises(SavedModelError, match="format version 9"):
+        kasmina.load(saved, Host(), publishers=PUBLISHER.trusted_publishers())
+
+
+def test_state_dict_into_kernel_less_slots_raises_naming_kasmina_load(grown: Grown) -> None:
+    state = grown.model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # extra state included
+    for strict in (True, False):
+        fresh = Host()
+        kasmina.attach(fresh, "out", 2, 2)
+        with pytest.raises(ValueError, match=r"kasmina\.load"):
+            fresh.load_state_dict(state, strict=strict)
+        assert [s.stage for s in _seeds(fresh)][0] is S.DORMANT  # the ACTIVE seed came first
+    # Into slots whose seeds hold kernels (a rollback, a copy), the state restores fully.
+    twin = copy.deepcopy(grown.model)
+    for seed in _seeds(twin):
+        nn.init.zeros_(next(seed.kernel.parameters()))
+    twin.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(twin(grown.x), grown.model(grown.x))
+
+
+def test_merge_bakes_active_seeds_into_plain_modules(grown: Grown) -> None:
+    merged = kasmina.merge(copy.deepcopy(grown.model))
+    assert not [m for m in merged.modules() if type(m).__module__.startswith("kasmina")]
+    assert merged.out.seed_0 is not None and not hasattr(merged.out, "seed_1")  # GRAFTING dropped
+    # The reference: the grown model with its non-ACTIVE seed standing aside.
+    reference = copy.deepcopy(grown.model)
+    reference.out.seed(1).detach_kernel()
+    with torch.no_grad():
+        expected = reference(grown.x)
+        torch.testing.assert_close(merged(grown.x), expected, rtol=1e-6, atol=1e-6)
+    merged.train()
+    merged.eval()  # plain modules: no raising train()/eval() overrides left
+    program = torch.export.export(merged, (grown.x,))
+    torch.testing.assert_close(program.module()(grown.x), expected, rtol=1e-6, atol=1e-6)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)  # what ships: the exported program, no Kasmina inside
+    buffer.seek(0)
+    assert torch.equal(torch.export.load(buffer).module()(grown.x), program.module()(grown.x))
+
+
+def test_merge_of_a_slot_without_active_seeds_gives_back_the_host() -> None:
+    model = Host()
+    host = model.out
+    kasmina.attach(model, "out", 2, 2)
+    assert kasmina.merge(model).out is host
+
+
+def test_deepcopy_and_whole_model_pickle_with_a_manager_attached(grown: Grown) -> None:
+    timeline = list(grown.rig.manager.require_registry()[SEED0].timeline)
+    twin = copy.deepcopy(grown.model)
+    buffer = io.BytesIO()
+    torch.save(grown.model, buffer)
+    buffer.seek(0)
+    revived = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        want = grown.model(grown.x)
+        assert torch.equal(twin(grown.x), want) and torch.equal(revived(grown.x), want)
+    for other in (twin, revived):
+        slot = other.out
+        assert slot.state_table is not grown.rig.slot.state_table
+        assert slot.state_table.telemetry is None  # the manager's reporter stayed behind
+        assert [s.stage for s in slot.seeds] == [S.ACTIVE, S.GRAFTING]
+        # The copy's seeds still follow their own transitions; the manager hears nothing.
+        slot.seed(1).transition_to(S.HARVESTING)
+        assert slot.seed(1).kernel is None and grown.rig.slot.seed(1).kernel is not None
+    assert grown.rig.manager.require_registry()[SEED0].timeline == timeline
+    assert grown.rig.stage(SEED1) == S.GRAFTING
+
+
+def test_save_refuses_a_model_without_verified_kernels() -> None:
+    with pytest.raises(SavedModelError, match="no Kasmina slots"):
+        kasmina.save(Host(), "unused")
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    model.out.seed(0).attach_kernel(nn.Linear(2, 2))
+    with pytest.raises(SavedModelError, match="not a verified Urza artifact"):
+        kasmina.save(model, "unused")
+
+
+def test_save_pretrained_with_slots_attached(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    kasmina.attach(model, "transformer.h.0.mlp.c_proj", 2, 4)
+    model.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -1,0 +1,657 @@
+"""Fault containment: however a seed's kernel fails in its forward, the host's step completes.
+
+Every fault is injected for real, with small modules as kernels: one that raises, one that
+raises on some calls only, wrong shape, wrong dtype, a tuple, NaN and inf. Each is checked on a
+stand-alone seed and in a KasminaLayer with seeds in several stages, in train and eval mode:
+the host's output is bitwise the host-only output where a seed faulted, the host's parameters
+get finite gradients and an optimizer step moves them, and the fault is counted, logged, kept
+in the seed's fault log and sent as telemetry. QUARANTINE comes exactly at ``fault_limit``
+(never for an ACTIVE seed), RECYCLING forgets the faults and checkpoints keep them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kasmina.seeds.inject import attach
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import FAULT_LOG_SIZE, GradientIsolatedSeed, decode_extra_state
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import SeedStage
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+S = SeedStage
+PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+RUNNING = [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+QUARANTINABLE = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION]
+C = 3  # the stand-alone seed's chunk width
+BATCH = 5
+
+
+# ----------------------------------------------------------------------------- faulty kernels
+
+
+class Raises(nn.Module):
+    """Does real work, then fails: a kernel with a bug in its forward."""
+
+    def __init__(self, width: int, message: str = "kernel exploded") -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.message = message
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin(x)
+        raise RuntimeError(self.message)
+
+
+class Flaky(nn.Module):
+    """A healthy Linear + Tanh, except on the calls (1-based) in ``bad_calls``, where it raises."""
+
+    def __init__(self, width: int, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.bad_calls = bad_calls
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            raise ValueError(f"bad batch {self.calls}")
+        return torch.tanh(self.lin(x))
+
+
+class WrongShape(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+class WrongDtype(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).double()
+
+
+class ReturnsTuple(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(x)
+        return y, y
+
+
+class NonFinite(nn.Module):
+    """Right shape and dtype, but every element is ``value`` (NaN or inf)."""
+
+    def __init__(self, width: int, value: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.value
+
+
+Kernel = Callable[[int], nn.Module]
+
+# (kernel factory, telemetry kind, fault_log reason for a (BATCH, C) float32 host chunk)
+HOST_SIDE_FAULTS: list[tuple[Kernel, str, str]] = [
+    (Raises, "exception", "raised RuntimeError: kernel exploded"),
+    (
+        WrongShape,
+        "shape",
+        f"output ({BATCH}, {C + 1})/torch.float32 does not match host ({BATCH}, {C})/torch.float32",
+    ),
+    (
+        WrongDtype,
+        "dtype",
+        f"output ({BATCH}, {C})/torch.float64 does not match host ({BATCH}, {C})/torch.float32",
+    ),
+    (ReturnsTuple, "type", "output tuple is not a Tensor"),
+]
+FAULT_IDS = ["raises", "shape", "dtype", "tuple"]
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def reporting_table(num_seeds: int) -> tuple[GPUStateTensor, MemorySink]:
+    sink = MemorySink()
+    return GPUStateTensor(num_seeds, "cpu", telemetry=TelemetryReporter(sinks=[sink])), sink
+
+
+def fault_events(sink: MemorySink) -> list[dict[str, str]]:
+    return [dict(metric.labels) for metric in sink.events("seed.fault")]
+
+
+def walk(seed: GradientIsolatedSeed, stage: SeedStage) -> None:
+    for step in PATH[: PATH.index(stage) + 1]:
+        seed.transition_to(step)
+
+
+def make_seed(
+    kernel: nn.Module,
+    stage: SeedStage,
+    state: GPUStateTensor | None = None,
+    fault_limit: int = 3,
+) -> GradientIsolatedSeed:
+    seed = GradientIsolatedSeed(C, "s0", state=state, fault_limit=fault_limit)
+    seed.attach_kernel(kernel)
+    walk(seed, stage)
+    seed.update_alpha_blending(5, 10)  # GRAFTING: alpha 0.5; a no-op in the other stages
+    return seed
+
+
+class Net(nn.Module):
+    """upstream -> seed slot -> downstream; ``Net(None)`` is the host alone, same weights."""
+
+    def __init__(self, seed: GradientIsolatedSeed | None) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.up = nn.Linear(4, C)
+        self.down = nn.Linear(C, 2)
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.seed is not None:
+            h = self.seed(h)
+        return self.down(h)
+
+    def host_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith("seed.")}
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(BATCH, 4)
+
+
+def train_step(net: Net, x: torch.Tensor) -> torch.Tensor:
+    """Forward, backward and an SGD step on the host's parameters; returns the output."""
+    optimizer = torch.optim.SGD(net.host_parameters().values(), lr=0.1)
+    out = net(x)
+    out.pow(2).sum().backward()
+    optimizer.step()
+    return out
+
+
+def assert_host_trained(net: Net, before: dict[str, torch.Tensor], expect_grad: set[str]) -> None:
+    for name, p in net.host_parameters().items():
+        if name in expect_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert not torch.equal(p.detach(), before[name]), f"{name} did not move"
+        else:
+            assert p.grad is None, name
+
+
+# ------------------------------------------------------------------- stand-alone seed: faults
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("stage", RUNNING)
+@pytest.mark.parametrize(("make", "kind", "reason"), HOST_SIDE_FAULTS, ids=FAULT_IDS)
+def test_a_host_side_fault_passes_the_host_through_and_the_step_completes(
+    x: torch.Tensor, make: Kernel, kind: str, reason: str, stage: SeedStage, mode: str
+) -> None:
+    table, sink = reporting_table(1)
+    seed = make_seed(make(C), stage, table)
+    net, bare = Net(seed), Net(None)
+    if mode == "eval":
+        net.eval()
+        with torch.no_grad():
+            assert torch.equal(net(x), bare(x))
+    else:
+        before = {n: p.detach().clone() for n, p in net.host_parameters().items()}
+        out = net(x)
+        bare_out = bare(x)
+        bare_out.pow(2).sum().backward()
+        out.pow(2).sum().backward()
+        assert torch.equal(out, bare_out)
+        # Exactly as if the seed passed the host through: the host-only gradients, bit for bit.
+        for name, q in bare.host_parameters().items():
+            assert torch.equal(net.host_parameters()[name].grad, q.grad), name
+        torch.optim.SGD(net.host_parameters().values(), lr=0.1).step()
+        assert_host_trained(net, before, {"up.weight", "up.bias", "down.weight", "down.bias"})
+    assert seed.stage is stage and seed.faults == 1
+    assert list(seed.fault_log) == [reason]
+    assert fault_events(sink) == [{"seed_id": "s0", "kind": kind, "stage": stage.name}]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("stage", RUNNING)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_output_falls_back_on_the_device_and_is_a_fault_at_the_poll(
+    x: torch.Tensor, value: float, stage: SeedStage, mode: str
+) -> None:
+    table, sink = reporting_table(1)
+    seed = make_seed(NonFinite(C, value), stage, table)
+    net, bare = Net(seed), Net(None)
+    if mode == "eval":
+        net.eval()
+        with torch.no_grad():
+            assert torch.equal(net(x), bare(x))
+    else:
+        before = {n: p.detach().clone() for n, p in net.host_parameters().items()}
+        assert torch.equal(train_step(net, x), bare(x))
+        # GRAFTING and STABILIZATION give the upstream host no gradient through the slot, faulty
+        # or not (docs/design.md §4); ISOLATED_INIT and ACTIVE do, and it stays finite.
+        isolated = stage in (S.GRAFTING, S.STABILIZATION)
+        upstream = set() if isolated else {"up.weight", "up.bias"}
+        assert_host_trained(net, before, upstream | {"down.weight", "down.bias"})
+    assert seed.faults == 0 and not fault_events(sink)  # no sync in the forward: not known yet
+    assert seed.poll_nonfinite() is True
+    assert seed.faults == 1 and seed.nonfinite_events == 1 and seed.stage is stage
+    assert list(seed.fault_log) == ["non-finite output"]
+    assert fault_events(sink) == [{"seed_id": "s0", "kind": "nonfinite", "stage": stage.name}]
+    assert len(sink.events("seed.nonfinite_output")) == 1
+    assert seed.poll_nonfinite() is False and seed.faults == 1
+
+
+def test_a_kernel_that_fails_on_some_calls_only_faults_on_those(x: torch.Tensor) -> None:
+    kernel = Flaky(C, bad_calls={2, 3, 5})
+    seed = make_seed(kernel, S.GRAFTING)
+    net, bare = Net(seed), Net(None)
+    for call in range(1, 7):
+        out = net(x)
+        h = net.up(x).detach()
+        if call in kernel.bad_calls:
+            assert torch.equal(out, bare(x)), call
+        elif seed.stage is S.GRAFTING:
+            with torch.no_grad():
+                s = torch.tanh(kernel.lin(h))
+            torch.testing.assert_close(out, net.down(0.5 * s + 0.5 * h))
+        out.sum().backward()
+        assert seed.faults == len([c for c in kernel.bad_calls if c <= call])
+        assert seed.stage is (S.QUARANTINE if call >= 5 else S.GRAFTING)
+    assert kernel.calls == 5  # quarantined at the third fault: call 6 never reached the kernel
+    assert list(seed.fault_log) == [f"raised ValueError: bad batch {c}" for c in (2, 3, 5)]
+
+
+# --------------------------------------------------------------------------- fault limit
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+@pytest.mark.parametrize("stage", QUARANTINABLE)
+def test_quarantine_comes_exactly_at_the_fault_limit(stage: SeedStage, limit: int) -> None:
+    table, sink = reporting_table(1)
+    kernel = Flaky(C, bad_calls=set(range(1, 100)))
+    seed = make_seed(kernel, stage, table, fault_limit=limit)
+    h = torch.randn(BATCH, C)
+    for n in range(1, limit):
+        assert seed(h) is h
+        assert seed.faults == n and seed.stage is stage
+    assert seed(h) is h
+    assert seed.faults == limit and seed.stage is S.QUARANTINE
+    assert seed(h) is h and kernel.calls == limit  # a quarantined seed runs nothing
+    assert len(fault_events(sink)) == limit
+    assert [dict(m.labels)["to"] for m in sink.events("lifecycle.transition")][-1] == "QUARANTINE"
+
+
+def test_an_active_seed_is_never_quarantined_and_keeps_counting(
+    x: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    kernel = Flaky(C, bad_calls={1, 2, 3, 4, 5, 7})
+    seed = make_seed(kernel, S.ACTIVE, fault_limit=2)
+    net, bare = Net(seed), Net(None)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.seeds.seed"):
+        for call in range(1, 8):
+            out = net(x)
+            if call in kernel.bad_calls:
+                assert torch.equal(out, bare(x))
+            out.sum().backward()
+    assert seed.stage is S.ACTIVE and seed.faults == 6 and kernel.calls == 7
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot be quarantined" in errors[0].getMessage()
+
+
+def test_fault_limit_is_validated_and_given_to_every_seed() -> None:
+    for bad in (0, -1, True, 2.5, "3"):
+        with pytest.raises(ValueError):
+            GradientIsolatedSeed(C, "s", fault_limit=bad)  # type: ignore[arg-type]
+    seed = GradientIsolatedSeed(C, "s")
+    assert seed.fault_limit == 3
+    with pytest.raises(ValueError):
+        seed.fault_limit = 0
+    assert seed.fault_limit == 3
+    seed.fault_limit = 7
+    assert seed.fault_limit == 7
+    layer = KasminaLayer(nn.Linear(4, 6), 3, 2, fault_limit=5)
+    assert [s.fault_limit for s in layer.seeds] == [5, 5, 5]
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    slots = attach(model, ["0", "2"], 2, 4, fault_limit=4)
+    assert [s.fault_limit for slot in slots for s in slot.seeds] == [4, 4, 4, 4]
+    with pytest.raises(ValueError):
+        KasminaLayer(nn.Linear(4, 6), 3, 2, fault_limit=0)
+
+
+def test_a_lowered_limit_quarantines_at_the_next_fault() -> None:
+    seed = make_seed(Raises(C), S.GRAFTING, fault_limit=10)
+    h = torch.randn(BATCH, C)
+    for _ in range(4):
+        seed(h)
+    seed.fault_limit = 2  # already past it: the next fault decides
+    assert seed.stage is S.GRAFTING
+    seed(h)
+    assert seed.faults == 5 and seed.stage is S.QUARANTINE
+
+
+# ------------------------------------------------------------------------------- KasminaLayer
+
+
+def four_stage_layer(
+    kernels: list[nn.Module], state: GPUStateTensor | None = None
+) -> tuple[KasminaLayer, torch.Tensor]:
+    """Seeds 0..3 in ISOLATED_INIT, GRAFTING, STABILIZATION, ACTIVE, with the given kernels."""
+    torch.manual_seed(5)
+    layer = KasminaLayer(nn.Linear(6, 8), 4, 2, state=state)
+    for k, (stage, kernel) in enumerate(zip(RUNNING, kernels, strict=True)):
+        layer.seed(k).attach_kernel(kernel)
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10, 2.0)
+    return layer, torch.randn(BATCH, 6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_layer_whose_seeds_all_fault_gives_the_host_output_and_trains_the_host(
+    mode: str,
+) -> None:
+    table, sink = reporting_table(4)
+    torch.manual_seed(11)
+    kernels = [Raises(2), WrongShape(2), WrongDtype(2), ReturnsTuple(2)]
+    layer, x = four_stage_layer(kernels, table)
+    bare = copy.deepcopy(layer.host)
+    w = torch.randn(BATCH, 8)
+    if mode == "eval":
+        layer.eval()
+        with torch.no_grad():
+            assert torch.equal(layer(x), bare(x))
+    else:
+        before = layer.host.weight.detach().clone()
+        out = layer(x)
+        (out * w).sum().backward()
+        (bare(x) * w).sum().backward()
+        assert torch.equal(out, bare(x))
+        assert torch.equal(layer.host.weight.grad, bare.weight.grad)  # every chunk passed through
+        assert torch.equal(layer.host.bias.grad, bare.bias.grad)
+        torch.optim.SGD(layer.host.parameters(), lr=0.1).step()
+        assert torch.isfinite(layer.host.weight).all()
+        assert not torch.equal(layer.host.weight.detach(), before)
+    assert layer.stages() == RUNNING and [s.faults for s in layer.seeds] == [1, 1, 1, 1]
+    assert [e["kind"] for e in fault_events(sink)] == ["exception", "shape", "dtype", "type"]
+    assert [e["seed_id"] for e in fault_events(sink)] == [f"layer[{k}]" for k in range(4)]
+    assert layer.seed(1).fault_log[0] == (
+        f"output ({BATCH}, 3)/torch.float32 does not match host ({BATCH}, 2)/torch.float32"
+    )
+
+
+def test_faulting_seeds_leave_the_healthy_seeds_of_a_layer_exactly_as_they_were() -> None:
+    torch.manual_seed(12)
+    kernels = [
+        nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+        Flaky(2, bad_calls={1}),  # GRAFTING: fails on this call only
+        nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+        WrongShape(2),  # ACTIVE
+    ]
+    layer, x = four_stage_layer(kernels)
+    # The reference: the same layer with the two faulty seeds holding no kernel (pass-through).
+    reference = copy.deepcopy(layer)
+    reference.seed(1).detach_kernel()
+    reference.seed(3).detach_kernel()
+    w = torch.randn(BATCH, 8)
+    out, ref = layer(x), reference(x)
+    assert torch.equal(out, ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.equal(layer.host.weight.grad, reference.host.weight.grad)
+    for k in (0, 2):  # the healthy seeds trained exactly as in the reference
+        for p, q in zip(
+            layer.seed(k).seed_parameters(), reference.seed(k).seed_parameters(), strict=True
+        ):
+            assert p.grad is not None and torch.equal(p.grad, q.grad)
+    assert [s.faults for s in layer.seeds] == [0, 1, 0, 1]
+    # The next call, the flaky seed is healthy again and blends in.
+    assert not torch.equal(layer(x)[:, 2:4], layer.host(x)[:, 2:4])
+    assert layer.seed(1).faults == 1
+
+
+def test_non_finite_seeds_in_every_stage_of_a_layer_fall_back_per_chunk() -> None:
+    table, sink = reporting_table(4)
+    torch.manual_seed(13)
+    nan, inf = float("nan"), float("inf")
+    kernels = [NonFinite(2, nan), NonFinite(2, inf), NonFinite(2, nan), NonFinite(2, inf)]
+    layer, x = four_stage_layer(kernels, table)
+    before = layer.host.weight.detach().clone()
+    out = layer(x)
+    assert torch.equal(out, layer.host(x))
+    out.sum().backward()
+    grad = layer.host.weight.grad
+    assert torch.isfinite(grad).all() and grad[0:2].abs().sum() > 0 and grad[6:8].abs().sum() > 0
+    assert not grad[2:6].any()  # GRAFTING, STABILIZATION: no host gradient through the slot
+    torch.optim.SGD(layer.host.parameters(), lr=0.1).step()
+    assert not torch.equal(layer.host.weight.detach(), before)
+    assert [s.faults for s in layer.seeds] == [0, 0, 0, 0]
+    assert layer.poll_nonfinite() == [f"layer[{k}]" for k in range(4)]
+    assert [s.faults for s in layer.seeds] == [1, 1, 1, 1]
+    assert {e["kind"] for e in fault_events(sink)} == {"nonfinite"}
+
+
+# --------------------------------------------------------------- COMPATIBILITY_CHECK probe
+
+
+def test_probe_faults_are_contained_and_g3_says_why() -> None:
+    h = torch.randn(BATCH, C, requires_grad=True)
+    sample = torch.randn(2, C)
+
+    raising = make_seed(Raises(C), S.COMPATIBILITY_CHECK)
+    assert raising(h) is h and raising.faults == 1 and raising.probe_result is None
+    gate = raising.evaluate_gate(sample=sample, latency_budget_ms=1e3)
+    assert not gate.passed and gate.reason == (
+        "compatibility probe faulted: raised RuntimeError: kernel exploded"
+    )
+    assert raising.faults == 2
+
+    tuple_out = make_seed(ReturnsTuple(C), S.COMPATIBILITY_CHECK)
+    assert tuple_out(h) is h and list(tuple_out.fault_log) == ["output tuple is not a Tensor"]
+
+    wide = make_seed(WrongShape(C), S.COMPATIBILITY_CHECK)
+    assert wide(h) is h and wide.faults == 1
+    assert wide.probe_result is not None  # kept, so that G3 names the mismatch
+    assert "shape" in wide.evaluate_gate(latency_budget_ms=1e3).reason
+
+    nan = make_seed(NonFinite(C, float("nan")), S.COMPATIBILITY_CHECK)
+    assert nan(h) is h and nan.faults == 0
+    assert nan.poll_nonfinite() is True and nan.faults == 1
+    assert not nan.evaluate_gate(latency_budget_ms=1e3).passed
+
+
+# ------------------------------------------------------------------------ bookkeeping, state
+
+
+def test_recycling_forgets_the_faults() -> None:
+    seed = make_seed(Raises(C), S.GRAFTING, fault_limit=2)
+    h = torch.randn(BATCH, C)
+    seed(h)
+    seed(h)
+    assert seed.stage is S.QUARANTINE
+    seed.transition_to(S.HARVESTING)
+    assert seed.field_report is not None and seed.field_report["faults"] == 2
+    assert seed.field_report["last_fault"] == "raised RuntimeError: kernel exploded"
+    seed.transition_to(S.COOLDOWN)
+    seed.transition_to(S.RECYCLING)
+    assert seed.faults == 0 and not seed.fault_log and seed.nonfinite_events == 0
+
+
+def test_recycling_clears_a_pending_non_finite_flag() -> None:
+    seed = make_seed(NonFinite(C, float("nan")), S.GRAFTING)
+    seed(torch.randn(BATCH, C))
+    seed.transition_to(S.HARVESTING)
+    seed.transition_to(S.COOLDOWN)
+    seed.transition_to(S.RECYCLING)
+    assert seed.poll_nonfinite() is False and seed.faults == 0
+
+
+def test_faults_and_fault_log_survive_a_state_dict_round_trip() -> None:
+    seed = make_seed(Flaky(C, bad_calls={1, 3}), S.GRAFTING)
+    h = torch.randn(BATCH, C)
+    for _ in range(3):
+        seed(h)
+    saved = seed.state_dict()
+    clone = make_seed(Flaky(C, bad_calls=set()), S.ISOLATED_INIT)
+    clone.load_state_dict(saved)
+    assert clone.stage is S.GRAFTING and clone.faults == 2
+    assert list(clone.fault_log) == [
+        "raised ValueError: bad batch 1",
+        "raised ValueError: bad batch 3",
+    ]
+
+    old = dict(decode_extra_state(saved["_extra_state"]))  # saved before faults were counted
+    del old["faults"], old["fault_log"]
+    clone.set_extra_state(old)
+    assert clone.faults == 0 and not clone.fault_log
+
+    for bad in (
+        dict(decode_extra_state(saved["_extra_state"]), faults=-1, alpha=0.9),
+        dict(decode_extra_state(saved["_extra_state"]), fault_log="not a list", alpha=0.9),
+    ):
+        with pytest.raises(ValueError):
+            clone.set_extra_state(bad)
+    assert clone.faults == 0 and clone.alpha_value == seed.alpha_value  # nothing was written
+
+
+def test_the_fault_log_is_bounded_and_its_reasons_short() -> None:
+    seed = make_seed(Raises(C, message="x" * 5000), S.ACTIVE)
+    h = torch.randn(BATCH, C)
+    for _ in range(FAULT_LOG_SIZE + 4):
+        seed(h)
+    assert seed.faults == FAULT_LOG_SIZE + 4 and len(seed.fault_log) == FAULT_LOG_SIZE
+    assert all(r.startswith("raised RuntimeError: xxx") and len(r) <= 200 for r in seed.fault_log)
+
+
+def test_logging_is_bounded_and_nothing_is_printed(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = make_seed(Raises(C), S.GRAFTING, fault_limit=3)
+    h = torch.randn(BATCH, C)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.seeds.seed"):
+        for _ in range(3):
+            seed(h)
+    faults = [r for r in caplog.records if "the host output stands in" in r.getMessage()]
+    assert [r.levelno for r in faults] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "kernel exploded" in faults[0].getMessage()
+    assert any(
+        r.levelno == logging.ERROR and "quarantined" in r.getMessage() for r in caplog.records
+    )
+    assert capsys.readouterr() == ("", "")
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Records every device-to-host scalar read (``.item()``, ``bool(t)``, ``float(t)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_guarded_forward_and_backward_never_read_the_device() -> None:
+    torch.manual_seed(14)
+    kernels = [
+        NonFinite(2, float("nan")),
+        Flaky(2, bad_calls={2}),
+        WrongShape(2),
+        nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+    ]
+    layer, x = four_stage_layer(kernels)
+    seed = make_seed(Raises(C), S.GRAFTING)
+    with _ScalarReads() as mode:
+        for _ in range(2):
+            layer(x).sum().backward()
+            seed(torch.randn(BATCH, C))
+    assert mode.reads == []
+    assert [s.faults for s in layer.seeds] == [0, 1, 2, 0] and seed.faults == 2
+    with _ScalarReads() as mode:
+        assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one read per seed
+    assert len(mode.reads) == 4
+
+
+# ------------------------------------------------------------------------------- compile
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(x)))
+
+
+def grafted_mlp(kernel: nn.Module) -> tuple[MLP, KasminaLayer]:
+    model = MLP()
+    slot = attach(model, "head", 2, 4, fault_limit=100)[0]
+    slot.seed(0).attach_kernel(kernel)
+    walk(slot.seed(0), S.GRAFTING)
+    slot.update_alpha_blending(4, 10)
+    return model, slot
+
+
+def test_compiled_host_with_a_healthy_grafting_seed_matches_eager() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(15)
+    model, slot = grafted_mlp(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    x = torch.randn(4, 5)
+    compiled = torch.compile(model)  # not fullgraph: the guard must not need it
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert all(p.grad is not None for p in slot.seed(0).seed_parameters())
+    assert slot.seed(0).faults == 0
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Flaky(4, bad_calls={2, 4}), lambda: WrongShape(4)], ids=["flaky", "shape"]
+)
+def test_compiled_host_contains_a_faulting_seed(make: Callable[[], nn.Module]) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    kernel = make()
+    model, slot = grafted_mlp(kernel)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        host_only = model.head.host(torch.relu(model.encoder(x)))
+    compiled = torch.compile(model)
+    faulted = 0
+    for call in range(1, 5):
+        out = compiled(x)
+        out.sum().backward()
+        bad = not isinstance(kernel, Flaky) or call in kernel.bad_calls
+        faulted += bad
+        if bad:  # compiled code may round differently from eager: close, not bitwise
+            torch.testing.assert_close(out, host_only)
+        else:
+            assert not torch.allclose(out, host_only), call
+        assert slot.seed(0).faults == faulted
+    assert slot.seed(0).stage is S.GRAFTING

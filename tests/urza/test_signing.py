@@ -1,0 +1,502 @@
+"""Artifact signatures (docs/design.md §5 "Key purposes", §6): Ed25519 publisher keys, trainers
+holding public keys only, purpose tags, key confusion in both directions, the refusal and
+re-signing of retired HMAC manifests, and publisher key files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from kasmina.control.auth import COMMAND_SIGNATURE_TAG, CommandVerifier, sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.leyline import AdaptationCommand
+from kasmina.urza.artifact import (
+    LEGACY_HMAC_MESSAGE,
+    Manifest,
+    canonical_json,
+    sign_manifest,
+    verify_manifest,
+)
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.keys import (
+    MANIFEST_SIGNATURE_TAG,
+    PublisherKey,
+    TrustedPublishers,
+    parse_public_key,
+)
+from kasmina.urza.publish import publish_payload, resign_artifact
+from kasmina.utils.keyring import Keyring, generate_key
+
+PAYLOAD = b"a payload standing in for a .pt2 program" * 8
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def publisher() -> PublisherKey:
+    return PublisherKey.generate("pub")
+
+
+@pytest.fixture(scope="module")
+def trusted(publisher: PublisherKey) -> TrustedPublishers:
+    return publisher.trusted_publishers()
+
+
+@pytest.fixture(scope="module")
+def commands() -> Keyring:
+    """A controller's command keyring; "pub" deliberately shares the publisher's key id."""
+    return Keyring({"ctl": generate_key(), "pub": generate_key()})
+
+
+@pytest.fixture
+def store(tmp_path: Path, publisher: PublisherKey) -> Path:
+    root = tmp_path / "store"
+    publish_payload(PAYLOAD, str(root), "bp", publisher, "a1")
+    return root
+
+
+def client(root: Path, publishers: object) -> UrzaLibraryClient:
+    return UrzaLibraryClient(str(root), publishers, retries=0)  # type: ignore[arg-type]
+
+
+def manifest_file(root: Path, artifact_id: str = "a1") -> Path:
+    return root / f"{artifact_id}.manifest.json"
+
+
+def with_signature(raw: bytes, signature: bytes, **fields: object) -> bytes:
+    """The stored manifest ``raw`` with ``fields`` changed and ``signature`` (base64) in place."""
+    data = {**json.loads(raw), **fields}
+    data["signature"] = base64.b64encode(signature).decode()
+    return json.dumps(data).encode()
+
+
+def unsigned_bytes(raw: bytes, **fields: object) -> bytes:
+    data = {**json.loads(raw), **fields}
+    del data["signature"]
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def legacy_manifest(payload: bytes, artifact_id: str, key_id: str, key: bytes) -> bytes:
+    """A version 1 manifest exactly as the retired HMAC scheme wrote it (written out here, since
+    no code of the library writes one any more)."""
+    data = {
+        "artifact_id": artifact_id,
+        "blueprint": "bp",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "input_spec": [],
+        "key_id": key_id,
+        "created": T0,
+        "torch_version": "2.4.0",
+        "format": "torch.export/pt2",
+    }
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
+    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    return json.dumps(data, sort_keys=True, indent=2).encode()
+
+
+# --- Ed25519 and the purpose tag ---------------------------------------------------------------
+
+
+def test_a_manifest_is_an_ed25519_signature_over_the_tag_and_canonical_json(
+    store: Path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    raw = manifest_file(store).read_bytes()
+    data = json.loads(raw)
+    assert data["manifest_version"] == 2 and data["key_id"] == "pub"
+    signature = base64.b64decode(data["signature"], validate=True)
+    assert len(signature) == 64
+    # Checked with the bare cryptography API, independently of the code under test.
+    publisher.public_key.verify(signature, b"kasmina-urza-manifest-v2\0" + unsigned_bytes(raw))
+    assert client(store, trusted).fetch("a1")[0] == PAYLOAD
+
+
+def test_purpose_tags_separate_every_signature(
+    store: Path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    """The same Ed25519 key over the same manifest bytes, but without the manifest tag (or with
+    another purpose's), is refused: a signature made for anything else never verifies."""
+    assert MANIFEST_SIGNATURE_TAG != COMMAND_SIGNATURE_TAG
+    for a, b in ((MANIFEST_SIGNATURE_TAG, COMMAND_SIGNATURE_TAG),) * 2:
+        assert not a.startswith(b) and not b.startswith(a)
+    raw = manifest_file(store).read_bytes()
+    private = publisher._private  # the raw key: what a bug elsewhere might sign with
+    for prefix in (b"", COMMAND_SIGNATURE_TAG, b"kasmina-urza-manifest-v1\0"):
+        manifest_file(store).write_bytes(
+            with_signature(raw, private.sign(prefix + unsigned_bytes(raw)))
+        )
+        with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+            client(store, trusted).fetch("a1")
+
+
+@pytest.mark.parametrize("bit", [0, 7, 255, 511])
+def test_one_flipped_signature_bit_is_refused(store: Path, trusted, bit: int) -> None:
+    raw = manifest_file(store).read_bytes()
+    signature = bytearray(base64.b64decode(json.loads(raw)["signature"]))
+    signature[bit // 8] ^= 1 << (bit % 8)
+    manifest_file(store).write_bytes(with_signature(raw, bytes(signature)))
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        client(store, trusted).fetch("a1")
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"size": len(PAYLOAD) + 1}, "signature does not verify"),
+        ({"blueprint": "evil"}, "signature does not verify"),
+        ({"key_id": "stranger"}, "unknown publisher key 'stranger'"),
+        ({"manifest_version": 3}, "unsupported manifest version 3"),
+    ],
+)
+def test_tampered_manifest_fields_are_refused(store: Path, trusted, fields, match) -> None:
+    raw = manifest_file(store).read_bytes()
+    data = {**json.loads(raw), **fields}
+    manifest_file(store).write_text(json.dumps(data))
+    with pytest.raises(ArtifactIntegrityError, match=match):
+        client(store, trusted).fetch("a1")
+
+
+def test_a_tampered_payload_is_refused_after_the_manifest_verifies(store: Path, trusted) -> None:
+    (store / "a1.pt2").write_bytes(PAYLOAD[:-1] + b"!")
+    urza = client(store, trusted)
+    assert urza.get_manifest("a1").verified  # the manifest is fine ...
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):  # ... the payload is not
+        urza.fetch("a1")
+
+
+# --- trainers hold public keys only ------------------------------------------------------------
+
+
+def test_a_trainer_with_public_keys_only_verifies_but_has_no_way_to_sign(
+    store: Path, publisher: PublisherKey
+) -> None:
+    # What a trainer is configured with: text, decoded to public keys.
+    trainer = TrustedPublishers({"pub": publisher.public_key_text})
+    urza = client(store, trainer)
+    payload, manifest = urza.fetch("a1")
+    assert payload == PAYLOAD and manifest.verified
+    assert all(isinstance(trainer.get(k), Ed25519PublicKey) for k in trainer.key_ids)
+    assert not any(hasattr(trainer.get("pub"), name) for name in ("sign", "private_bytes"))
+    signing = [n for n in dir(trainer) if "sign" in n.lower() and not n.startswith("__")]
+    assert signing == ["manifest_signature_valid"]  # a check, not a signer
+    assert not any("sign" in n.lower() for n in dir(urza) if not n.startswith("__"))
+    # Every signing entry point refuses what a trainer holds.
+    with pytest.raises(TypeError, match="PublisherKey"):
+        sign_manifest(manifest, trainer)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="PublisherKey"):
+        publish_payload(b"x", str(store), "bp", trainer, "a2")  # type: ignore[arg-type]
+    assert not (store / "a2.pt2").exists()
+    # And a trainer cannot be handed a private key by mistake.
+    with pytest.raises(TypeError, match="private key"):
+        TrustedPublishers({"pub": publisher})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="private key"):
+        TrustedPublishers({"pub": publisher._private})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="private key"):
+        TrustedPublishers({"pub": publisher.to_pem().decode()})
+    with pytest.raises(TypeError, match="not PublisherKey"):
+        client(store, publisher)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(publisher)
+    assert pickle.loads(pickle.dumps(publisher.public_key_text)) == publisher.public_key_text
+
+
+def test_public_key_forms(publisher: PublisherKey) -> None:
+    raw = base64.b64decode(publisher.public_key_text)
+    pem = publisher.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    for form in (publisher.public_key_text, raw.hex(), raw, pem, publisher.public_key):
+        key = parse_public_key(form)
+        assert key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == raw
+    urlsafe = base64.urlsafe_b64encode(raw).decode()
+    assert (
+        parse_public_key(urlsafe).public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        == raw
+    )
+    ec_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(ValueError, match="not Ed25519"):
+        parse_public_key(ec_pem)
+    assert "pub" in repr(publisher.trusted_publishers())
+
+
+# --- key confusion ------------------------------------------------------------------------------
+
+
+def test_key_confusion_a_command_key_can_never_sign_an_artifact(
+    store: Path, publisher: PublisherKey, trusted: TrustedPublishers, commands: Keyring
+) -> None:
+    raw = manifest_file(store).read_bytes()
+    # 1. No API takes an HMAC keyring for artifacts.
+    manifest = client(store, trusted).get_manifest("a1")
+    with pytest.raises(TypeError, match="PublisherKey"):
+        sign_manifest(manifest, commands)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="PublisherKey"):
+        publish_payload(b"x", str(store), "bp", commands, "a2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not Keyring"):
+        client(store, commands)
+    with pytest.raises(TypeError):
+        verify_manifest(raw, commands)  # type: ignore[arg-type]
+    # 2. An HMAC made with a command key, even with the manifest tag and under the publisher's
+    # key id (which the command keyring also has), is not a publisher signature.
+    unsigned = unsigned_bytes(raw)
+    for key_id in ("ctl", "pub"):
+        mac = hmac.new(commands.get(key_id), MANIFEST_SIGNATURE_TAG + unsigned, hashlib.sha256)
+        forged = with_signature(raw, mac.digest() * 2, key_id=key_id)  # 64 bytes, like Ed25519
+        manifest_file(store).write_bytes(forged)
+        with pytest.raises(ArtifactIntegrityError, match="does not verify|unknown publisher"):
+            client(store, trusted).fetch("a1")
+    # 3. A real command signature pasted into a manifest.
+    cmd = sign_command(make_seed_command("germinate", "s[0]", "a1"), commands, "ctl")
+    manifest_file(store).write_bytes(with_signature(raw, cmd.metadata.signature * 2))
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        client(store, trusted).fetch("a1")
+    # 4. The old way: an HMAC manifest (version 1) signed with the command key.
+    manifest_file(store).write_bytes(legacy_manifest(PAYLOAD, "a1", "ctl", commands.get("ctl")))
+    with pytest.raises(ArtifactIntegrityError, match="retired HMAC scheme"):
+        client(store, trusted).fetch("a1")
+    # 5. A command key misconfigured as a publisher "public key" still signs nothing: an HMAC
+    # is no Ed25519 signature, whatever the bytes.
+    secret = commands.get("ctl")
+    try:
+        confused = TrustedPublishers({"ctl": secret})
+    except ValueError:
+        return  # not even a valid curve point: refused at configuration
+    mac = hmac.new(secret, MANIFEST_SIGNATURE_TAG + unsigned_bytes(raw, key_id="ctl"), "sha256")
+    manifest_file(store).write_bytes(with_signature(raw, mac.digest() * 2, key_id="ctl"))
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        client(store, confused).fetch("a1")
+
+
+def test_key_confusion_a_publisher_key_can_never_sign_a_command(
+    store: Path, publisher: PublisherKey, commands: Keyring
+) -> None:
+    verifier = CommandVerifier(commands, clock=lambda: T0)
+    # 1. No command API takes a publisher key, and a keyring holds only HMAC secrets (bytes).
+    with pytest.raises(TypeError):
+        cmd = make_seed_command("germinate", "s[0]", "a1")
+        sign_command(cmd, publisher, "pub")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Keyring({"pub": publisher})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        Keyring({"pub": publisher.public_key})  # type: ignore[dict-item]
+
+    # 2. Ed25519 signatures by the publisher's key over a command, with or without the command
+    # tag, under its own key id ("pub", which the command keyring also holds) or a command key
+    # id: refused, since commands are HMACs.
+    def forged(key_id: str, prefix: bytes, nonce: str) -> AdaptationCommand:
+        cmd = make_seed_command("germinate", "s[0]", "a1")
+        cmd.metadata.key_id, cmd.metadata.nonce = key_id, nonce
+        cmd.metadata.timestamp.seconds = int(T0)
+        message = prefix + cmd.SerializeToString(deterministic=True)
+        cmd.metadata.signature = publisher._private.sign(message)
+        return cmd
+
+    attempts = [(k, p) for k in ("pub", "ctl") for p in (b"", COMMAND_SIGNATURE_TAG)]
+    for i, (key_id, prefix) in enumerate(attempts):
+        assert verifier.verify(forged(key_id, prefix, f"n{i}")) == (False, "bad_signature")
+    only_ctl = CommandVerifier(Keyring({"ctl": commands.get("ctl")}), clock=lambda: T0)
+    assert only_ctl.verify(forged("pub", COMMAND_SIGNATURE_TAG, "n9")) == (False, "unknown_key_id")
+    # 3. A real manifest signature pasted into a command.
+    manifest_signature = base64.b64decode(
+        json.loads(manifest_file(store).read_bytes())["signature"]
+    )
+    cmd = sign_command(make_seed_command("cull", "s[0]"), commands, "pub", timestamp=T0)
+    cmd.metadata.signature = manifest_signature
+    assert verifier.verify(cmd) == (False, "bad_signature")
+    # The control case: the same command, HMAC-signed with the command key, is accepted.
+    good = sign_command(make_seed_command("cull", "s[0]"), commands, "ctl", timestamp=T0)
+    assert verifier.verify(good) == (True, "ok")
+
+
+# --- retired HMAC manifests: refused, and re-signed -----------------------------------------------
+
+
+def test_an_hmac_manifest_is_refused_with_the_migration_message(
+    tmp_path: Path, trusted: TrustedPublishers
+) -> None:
+    old_key = generate_key()
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "old.pt2").write_bytes(PAYLOAD)
+    manifest_file(root, "old").write_bytes(legacy_manifest(PAYLOAD, "old", "pub", old_key))
+    with pytest.raises(ArtifactIntegrityError) as info:
+        client(root, trusted).fetch("old")
+    message = str(info.value)
+    assert message.startswith("artifact 'old': manifest was signed with the retired HMAC scheme")
+    assert LEGACY_HMAC_MESSAGE in message
+    for hint in ("kasmina urza resign", "kasmina urza publish", "urza_trusted_publishers"):
+        assert hint in message
+    assert client(root, trusted).verify_store() == {"old": f"ArtifactIntegrityError: {message}"}
+
+
+def test_resign_checks_the_old_signature_and_payload_first(
+    tmp_path: Path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    old = Keyring({"legacy": generate_key()})
+    root = tmp_path / "store"
+    root.mkdir()
+    for artifact_id in ("ok", "forged", "swapped"):
+        (root / f"{artifact_id}.pt2").write_bytes(PAYLOAD)
+        manifest_file(root, artifact_id).write_bytes(
+            legacy_manifest(PAYLOAD, artifact_id, "legacy", old.get("legacy"))
+        )
+    # A manifest whose HMAC the old keyring does not verify, and a payload swapped since.
+    forged = legacy_manifest(PAYLOAD, "forged", "legacy", generate_key())
+    manifest_file(root, "forged").write_bytes(forged)
+    (root / "swapped.pt2").write_bytes(PAYLOAD + b"!")
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+
+    new = resign_artifact(str(root), "ok", publisher, old)
+    assert new.verified and new.key_id == "pub" and new.created == T0
+    fetched = client(root, trusted).fetch("ok")
+    assert fetched == (PAYLOAD, new)
+    with pytest.raises(ArtifactIntegrityError, match="old HMAC signature does not verify"):
+        resign_artifact(str(root), "forged", publisher, old)
+    with pytest.raises(ArtifactIntegrityError, match="larger than 320 bytes"):
+        resign_artifact(str(root), "swapped", publisher, old)
+    with pytest.raises(ArtifactIntegrityError, match="not in the legacy keyring"):
+        resign_artifact(str(root), "swapped", publisher, Keyring({"x": generate_key()}))
+    for name in ("forged.manifest.json", "swapped.manifest.json", "swapped.pt2"):
+        assert (root / name).read_bytes() == before[name]  # refused: left as it was
+    # Idempotent for this publisher; another publisher's manifest is not re-signed.
+    assert resign_artifact(str(root), "ok", publisher, old) == new
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'pub'"):
+        resign_artifact(str(root), "ok", PublisherKey.generate("other"), old)
+    with pytest.raises(FileNotFoundError):
+        resign_artifact(str(root), "absent", publisher, old)
+    with pytest.raises(TypeError):
+        resign_artifact(str(root), "ok", publisher, trusted)  # type: ignore[arg-type]
+
+
+def test_publishing_over_an_id_this_key_cannot_verify_is_refused(
+    store: Path, publisher: PublisherKey
+) -> None:
+    assert publish_payload(PAYLOAD, str(store), "bp", publisher, "a1").artifact_id == "a1"
+    with pytest.raises(FileExistsError, match="does not verify it"):
+        publish_payload(PAYLOAD, str(store), "bp", PublisherKey.generate("other"), "a1")
+
+
+# --- publisher key files ------------------------------------------------------------------------
+
+
+def test_key_file_round_trip_is_0600_and_never_overwritten_by_accident(tmp_path: Path) -> None:
+    key = PublisherKey.generate("ci-publisher")
+    path = tmp_path / "keys" / "publisher.key"
+    key.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().startswith("kasmina-publisher-key-id: ci-publisher\n-----BEGIN")
+    loaded = PublisherKey.from_file(path)
+    assert loaded.key_id == "ci-publisher" and loaded.public_key_text == key.public_key_text
+    with pytest.raises(FileExistsError):
+        PublisherKey.generate("x").save(path)
+    assert PublisherKey.from_file(path).public_key_text == key.public_key_text
+    replacement = PublisherKey.generate("ci-publisher")
+    replacement.save(path, overwrite=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert PublisherKey.from_file(path).public_key_text == replacement.public_key_text
+    assert [p.name for p in path.parent.iterdir()] == ["publisher.key"]
+    text = repr(key)
+    assert "ci-publisher" in text and "PRIVATE" not in text and "MC4C" not in text
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o700])
+def test_a_key_file_others_can_access_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "publisher.key"
+    PublisherKey.generate("pub").save(path)
+    path.chmod(mode)
+    if mode & 0o077:
+        with pytest.raises(PermissionError, match="chmod 600"):
+            PublisherKey.from_file(path)
+    else:
+        assert PublisherKey.from_file(path).key_id == "pub"
+
+
+def test_plain_pem_raw_and_wrong_key_files(tmp_path: Path) -> None:
+    key = PublisherKey.generate("pub")
+    private = key._private
+
+    def write(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return path
+
+    plain = write(
+        "plain.pem",
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    raw = write(
+        "raw.key",
+        private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        ),
+    )
+    for path in (plain, raw):
+        with pytest.raises(ValueError, match="key id"):
+            PublisherKey.from_file(path)
+        loaded = PublisherKey.from_file(path, key_id="given")
+        assert (loaded.key_id, loaded.public_key_text) == ("given", key.public_key_text)
+    ours = tmp_path / "ours.key"
+    key.save(ours)
+    assert PublisherKey.from_file(ours, key_id="pub").key_id == "pub"
+    with pytest.raises(ValueError, match="holds publisher key 'pub', not 'other'"):
+        PublisherKey.from_file(ours, key_id="other")
+    encrypted = write(
+        "encrypted.pem",
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ),
+    )
+    with pytest.raises(ValueError, match="unencrypted"):
+        PublisherKey.from_file(encrypted, key_id="pub")
+    ec_key = write(
+        "ec.pem",
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    with pytest.raises(ValueError, match="not Ed25519"):
+        PublisherKey.from_file(ec_key, key_id="pub")
+    for name, data in (("junk.key", b"hello"), ("commands.json", b'{"ctl": "00"}')):
+        with pytest.raises(ValueError, match="not a PEM private key"):
+            PublisherKey.from_file(write(name, data), key_id="pub")
+    with pytest.raises(ValueError, match="invalid publisher key id"):
+        PublisherKey.generate("bad id")
+    assert PublisherKey.generate().key_id.startswith("publisher-")
+
+
+def test_canonical_json_is_what_the_signature_covers(publisher: PublisherKey) -> None:
+    manifest = Manifest("a1", "bp", "0" * 64, 3, (), "pub", 1.0, "2")
+    signed = sign_manifest(manifest, publisher)
+    canonical = canonical_json(signed.unsigned_dict())
+    assert b" " not in canonical and canonical.startswith(b'{"artifact_id":"a1"')
+    assert publisher.trusted_publishers().manifest_signature_valid(
+        "pub", canonical, base64.b64decode(signed.signature)
+    )
