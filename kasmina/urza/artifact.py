@@ -31,6 +31,7 @@ import fsspec
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
+from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -41,7 +42,6 @@ __all__ = [
     "open_store",
     "Manifest",
     "TensorSpec",
-    "canonical_json",
     "payload_sha256",
     "read_bounded",
     "sign_manifest",
@@ -253,15 +253,6 @@ class Manifest:
         )
 
 
-def canonical_json(unsigned: Mapping[str, Any]) -> bytes:
-    """The bytes a manifest signature covers (after ``MANIFEST_SIGNATURE_TAG``): the manifest
-    without its signature as JSON with sorted keys, no whitespace, ASCII only and no NaN, so
-    every publisher and verifier produce the same bytes for the same fields."""
-    return json.dumps(
-        unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
 def sign_manifest(manifest: Manifest, publisher: PublisherKey) -> Manifest:
     """A copy of ``manifest`` with ``key_id`` set to the publisher's and signed by its key.
 
@@ -290,17 +281,6 @@ def _init_fields(manifest: Manifest) -> dict[str, Any]:
     return {name: getattr(manifest, name) for name in _FIELDS}
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        raise ValueError("duplicate key in manifest JSON")
-    return data
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} in manifest JSON")
-
-
 def verify_manifest(
     raw: bytes,
     publishers: TrustedPublishers,
@@ -324,11 +304,7 @@ def verify_manifest(
     if len(raw) > max_bytes:
         raise ArtifactIntegrityError(f"{where}: manifest larger than {max_bytes} bytes")
     try:
-        data = json.loads(
-            raw.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        data = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ArtifactIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -37,7 +37,6 @@ from kasmina.urza.artifact import (
     READ_CHUNK_BYTES,
     Manifest,
     TensorSpec,
-    canonical_json,
     open_store,
     payload_sha256,
     read_bounded,
@@ -48,6 +47,7 @@ from kasmina.urza.artifact import (
 )
 from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.signed_json import canonical_json
 
 logger = logging.getLogger(__name__)
 

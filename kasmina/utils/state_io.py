@@ -36,7 +36,6 @@ import errno
 import hashlib
 import hmac
 import io
-import json
 import logging
 import os
 import secrets
@@ -52,6 +51,7 @@ from typing import IO, Any
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
     "CHECKPOINT_KEY_BYTES",
@@ -217,23 +217,6 @@ class CheckpointManifest:
     created: float
 
 
-def _canonical(fields: Mapping[str, Any]) -> bytes:
-    return json.dumps(
-        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        raise ValueError("duplicate key")
-    return data
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -312,7 +295,7 @@ class CheckpointSigner:
             "created": time.time(),
         }
         fields["hmac"] = self._mac(fields, self.key)
-        manifest = _canonical(fields)
+        manifest = canonical_json(fields)
         return CHECKPOINT_MAGIC + len(manifest).to_bytes(_LENGTH_BYTES, "big") + manifest
 
     def write_payload(
@@ -407,21 +390,17 @@ class CheckpointSigner:
     # ------------------------------------------------------------------ internals
     def _mac(self, fields: Mapping[str, Any], key: bytes) -> str:
         unsigned = {k: v for k, v in fields.items() if k != "hmac"}
-        return hmac.new(key, _canonical(unsigned), hashlib.sha256).hexdigest()
+        return hmac.new(key, canonical_json(unsigned), hashlib.sha256).hexdigest()
 
     def _verify_manifest(self, raw: bytes, where: str) -> CheckpointManifest:
         try:
-            data = json.loads(
-                raw.decode("ascii"),
-                object_pairs_hook=_no_duplicates,
-                parse_constant=_reject_constant,
-            )
+            data = strict_json_loads(raw.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise CheckpointIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
         if not isinstance(data, dict) or not _is_hex(data.get("hmac"), 64):
             raise CheckpointIntegrityError(f"{where}: manifest carries no HMAC")
         try:
-            canonical = _canonical(data)
+            canonical = canonical_json(data)
             expected = self._mac(data, self._verifying_key(where))
         except (TypeError, ValueError) as exc:
             raise CheckpointIntegrityError(f"{where}: manifest is malformed ({exc})") from None

@@ -24,7 +24,6 @@ from kasmina.leyline import AdaptationCommand
 from kasmina.urza.artifact import (
     LEGACY_HMAC_MESSAGE,
     Manifest,
-    canonical_json,
     sign_manifest,
     verify_manifest,
 )
@@ -37,6 +36,7 @@ from kasmina.urza.keys import (
 )
 from kasmina.urza.publish import publish_payload, resign_artifact
 from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.signed_json import canonical_json
 
 PAYLOAD = b"a payload standing in for a .pt2 program" * 8
 T0 = 1_700_000_000.0

@@ -1,0 +1,40 @@
+"""JSON for signed documents: one canonical encoding, and a strict parser.
+
+A signature covers bytes, while code reads fields. Both line up only if every writer produces the
+same bytes for the same fields and a reader accepts nothing a writer would not produce, so Urza
+manifests and checkpoint manifests share these two functions: ``canonical_json`` (sorted keys,
+no whitespace, ASCII only, no NaN) and ``strict_json_loads`` (duplicate keys and the non-standard
+constants ``NaN``/``Infinity`` are errors, since either would let two readers see different
+fields behind one signature).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["canonical_json", "strict_json_loads"]
+
+
+def canonical_json(fields: Mapping[str, Any]) -> bytes:
+    """The one encoding a signature covers: sorted keys, no whitespace, ASCII, no NaN."""
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` that raises ``ValueError`` on a duplicate key or a NaN/Infinity."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("duplicate key")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
