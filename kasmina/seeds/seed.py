@@ -24,8 +24,10 @@ every step cannot flood the log). At ``fault_limit`` faults the seed goes to QUA
 ACTIVE seed cannot (docs/design.md §3), so it keeps falling back and counting. One fault is not
 enough to give up on a seed: a kernel can fail on one odd batch and be fine afterwards.
 
-Forward faults are contained; backward faults are not yet. A kernel whose backward raises (or
-that writes into the activations it was given) still breaks the host's ``backward``.
+Before ACTIVE a kernel's backward runs inside a guarded autograd node (``_ContainedBackward``):
+a backward that raises is one fault (kind ``backward``) and costs the seed that step's gradient,
+never the host's backward. Not contained: a backward that raises in an ACTIVE seed or under
+``torch.compile``, and a kernel that writes into the activations it was given.
 
 Under ``torch.compile`` the guard is traced like the rest of the forward, so a healthy seed
 costs no graph break (``fullgraph=True`` works). A fault found while tracing (a Python
@@ -158,6 +160,43 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
         raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
     return state
+
+
+class _ContainedBackward(torch.autograd.Function):
+    """Identity on a seed's output whose backward runs the kernel's own backward in a guard.
+
+    Before ACTIVE a seed's kernel sees ``x.detach()``, so its graph is an island: the only way
+    out of it is the output. Handing autograd a detached copy of the output and doing the
+    island's backward here (``torch.autograd.grad`` into the kernel's parameters) means a
+    kernel whose backward raises costs its parameters this step's gradient and counts one
+    fault, while the host's backward carries on. The island is kept (``retain_graph``) until
+    the outer graph is freed, so the seed-only KD backward and the main one can both pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, value: torch.Tensor, seed: GradientIsolatedSeed, island: list, *params: Any
+    ) -> torch.Tensor:
+        ctx.seed, ctx.island = seed, island
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        output, params = ctx.island
+        try:
+            grads = torch.autograd.grad(output, params, grad, retain_graph=True, allow_unused=True)
+        except Exception as exc:  # the kernel's own backward failed: contained
+            ctx.seed._record_fault("backward", f"backward raised {type(exc).__name__}: {exc}")
+            grads = (None,) * len(params)
+        return (None, None, None, *grads)
+
+
+def _contain_backward(seed: GradientIsolatedSeed, output: torch.Tensor) -> torch.Tensor:
+    """``output`` (an isolated seed's) with its backward guarded by ``_ContainedBackward``."""
+    params = tuple(p for p in seed.seed_parameters() if p.requires_grad)
+    if not params:
+        return output
+    return _ContainedBackward.apply(output.detach(), seed, [output, params], *params)
 
 
 class GradientIsolatedSeed(nn.Module):
@@ -612,6 +651,8 @@ class GradientIsolatedSeed(nn.Module):
         if fault is not None:
             self._record_fault(*fault)
             return None
+        if stage != SeedStage.ACTIVE and s.requires_grad and not torch.compiler.is_compiling():
+            s = _contain_backward(self, s)
         return s, self._check_finite(s, xin, stage)
 
     def _check_finite(self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage) -> torch.Tensor:
