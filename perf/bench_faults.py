@@ -14,9 +14,11 @@ Peers, built from copies of the same host and kernels and checked to give the sa
 - **device half only**: the hand-written slot plus the seeds' own device-side check, ``where``
   and alpha mask (no ``try``, no output check, none of the layer's bookkeeping);
 - **no host guard**: the same ``KasminaLayer`` with the host half of the guard taken out of each
-  seed, i.e. the layer as it was before the ``try`` and output check were added.
+  seed (the ``try``, the output check and the backward guard);
+- **no backward guard**: the same ``KasminaLayer`` with ``guard_backward`` off
+  (``KasminaConfig.guard_seed_backward=False``): the forward guard alone.
 
-Target: guarded step <= 1.02x the unguarded peer. All four run in interleaved rounds (order
+Target: guarded step <= 1.02x the unguarded peer. All five run in interleaved rounds (order
 rotated every round) so that a shared machine's drift hits them alike; a ratio is the ratio of
 two medians. Speeds are reported, never asserted.
 """
@@ -105,7 +107,8 @@ class HandWrittenSlot(nn.Module):
 def _run_kernel_without_host_guard(
     seed: GradientIsolatedSeed, x: torch.Tensor, stage: SeedStage
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``GradientIsolatedSeed._run_kernel`` with its host half (``try``, output check) removed."""
+    """``GradientIsolatedSeed._run_kernel`` without its host half (``try``, output check,
+    backward guard)."""
     xin = x.view_as(x) if stage == SeedStage.ACTIVE else x.detach()
     s = seed.kernel(xin)
     return s, seed._check_finite(s, xin, stage)
@@ -115,6 +118,14 @@ def _without_host_guard(layer: KasminaLayer) -> KasminaLayer:
     layer = copy.deepcopy(layer)
     for seed in layer.seeds:
         seed._run_kernel = types.MethodType(_run_kernel_without_host_guard, seed)
+    return layer
+
+
+def _without_backward_guard(layer: KasminaLayer) -> KasminaLayer:
+    """The guarded layer with ``guard_backward`` off (``KasminaConfig.guard_seed_backward``)."""
+    layer = copy.deepcopy(layer)
+    for seed in layer.seeds:
+        seed.guard_backward = False
     return layer
 
 
@@ -131,13 +142,14 @@ def _grafting_layer(features: int) -> KasminaLayer:
 
 
 def _models(size: str) -> tuple[dict[str, Net], torch.Tensor]:
-    """The guarded net and its three peers (independent copies), and one batch."""
+    """The guarded net and its four peers (independent copies), and one batch."""
     features, batch = SIZES[size]
     layer = _grafting_layer(features)
     nets = {
         "unguarded": Net(HandWrittenSlot(layer), features),
         "device_half_only": Net(HandWrittenSlot(layer, device_half=True), features),
         "no_host_guard": Net(_without_host_guard(layer), features),
+        "no_backward_guard": Net(_without_backward_guard(layer), features),
         "guarded": Net(layer, features),
     }
     x = torch.randn(batch, features, generator=torch.Generator().manual_seed(2))
@@ -199,7 +211,10 @@ def test_guarded_grafting_step(benchmark, size: str) -> None:
                 f"{TARGET}: {ratio['unguarded']:.3f}x (min {ratio_min['unguarded']:.3f}x); "
                 f"over the device half only {ratio['device_half_only']:.3f}x "
                 f"(min {ratio_min['device_half_only']:.3f}x); over the layer without the host "
-                f"guard {ratio['no_host_guard']:.3f}x (min {ratio_min['no_host_guard']:.3f}x)"
+                f"guard {ratio['no_host_guard']:.3f}x (min {ratio_min['no_host_guard']:.3f}x); "
+                f"the forward guard alone (guard_seed_backward=False) over the unguarded peer "
+                f"{median['no_backward_guard'] / median['unguarded']:.3f}x "
+                f"(min {fastest['no_backward_guard'] / fastest['unguarded']:.3f}x)"
             ),
             **{f"{name}_median_us": round(t * 1e6, 2) for name, t in median.items()},
             **{f"{name}_min_us": round(t * 1e6, 2) for name, t in fastest.items()},

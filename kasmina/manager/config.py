@@ -124,6 +124,9 @@ class KasminaConfig:
     # Faults of one seed's kernel (raised, wrong shape/dtype, non-finite) before QUARANTINE;
     # each fault falls back to the host output for that forward.
     seed_fault_limit: int = 3
+    # Contain a kernel whose backward raises (before ACTIVE): one guarded autograd node per seed.
+    # Its cost per step is in perf/bench_faults.py; False trades that safety for the time.
+    guard_seed_backward: bool = True
     # Atomic, signed per-epoch checkpoints for rollback ("" = <run_dir>/checkpoints).
     checkpoint_dir: str = ""
     # Emergency checkpoints written when a breaker trips ("" = <run_dir>/emergency); written
@@ -213,6 +216,10 @@ class KasminaConfig:
         _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
         _positive_int("seed_fault_limit", self.seed_fault_limit)
+        if not isinstance(self.guard_seed_backward, bool):
+            raise ValueError(
+                f"guard_seed_backward must be True or False, got {self.guard_seed_backward!r}"
+            )
         if not isinstance(self.run_id, str):
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
         if not self.run_id:

@@ -221,6 +221,7 @@ class KasminaKernelManager:
         state.registry = registry
         for record in registry:
             record.seed.fault_limit = self.config.seed_fault_limit
+            record.seed.guard_backward = self.config.guard_seed_backward
         try:
             state.optimizers = state.new_optimizer_manager()
             if host_lr is not None:

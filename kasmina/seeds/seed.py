@@ -240,6 +240,10 @@ class GradientIsolatedSeed(nn.Module):
         self.isolation_violations = 0
         self.nonfinite_events = 0
         self.fault_limit = fault_limit
+        # Run the kernel's backward in the guarded node before ACTIVE (see _ContainedBackward).
+        # It costs one autograd node and one autograd.grad call per seed per backward (measured
+        # in perf/bench_faults.py); a trainer that trusts its kernels may switch it off.
+        self.guard_backward = True
         self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = 0.0
@@ -651,7 +655,12 @@ class GradientIsolatedSeed(nn.Module):
         if fault is not None:
             self._record_fault(*fault)
             return None
-        if stage != SeedStage.ACTIVE and s.requires_grad and not torch.compiler.is_compiling():
+        if (
+            self.guard_backward
+            and stage != SeedStage.ACTIVE
+            and s.requires_grad
+            and not torch.compiler.is_compiling()
+        ):
             s = _contain_backward(self, s)
         return s, self._check_finite(s, xin, stage)
 

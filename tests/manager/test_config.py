@@ -98,3 +98,27 @@ def test_keyring_from_file_or_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MY_KEYS")
     with pytest.raises(ValueError, match="MY_KEYS"):
         KasminaConfig(hmac_keys_env="MY_KEYS").load_keyring()
+
+
+def test_the_backward_guard_setting_reaches_every_seed(tmp_path) -> None:
+    from torch import nn
+
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.urza.keys import PublisherKey
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    publisher = PublisherKey.generate("pub")
+    config = KasminaConfig(
+        device="cpu",
+        urza_url=str(tmp_path / "urza"),
+        runs_root=str(tmp_path / "runs"),
+        guard_seed_backward=False,
+        urza_trusted_publishers=publisher.trusted_publishers().to_json(),
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(4, 4))
+    manager.attach(model, "0", 2, 2)
+    assert all(not record.seed.guard_backward for record in manager.registry)
+    with pytest.raises(ValueError, match="guard_seed_backward"):
+        KasminaConfig(guard_seed_backward="yes")
+    manager.close()

@@ -712,3 +712,13 @@ def test_a_healthy_kernel_gets_the_same_gradient_through_the_guard(x: torch.Tens
     seed.kernel(h.detach()).pow(2).sum().backward()
     params = list(seed.kernel.parameters())
     assert all(torch.equal(a, p.grad) for a, p in zip(guarded, params, strict=True))
+
+
+def test_without_the_backward_guard_a_raising_backward_reaches_the_host(x: torch.Tensor) -> None:
+    """``guard_backward = False`` (``KasminaConfig.guard_seed_backward``) trades the guard's
+    cost for this: the kernel's backward error is the host's again."""
+    seed = make_seed(RaisesInBackward(C), SeedStage.GRAFTING)
+    seed.guard_backward = False
+    with pytest.raises(RuntimeError, match="kernel backward exploded"):
+        train_step(Net(seed), x)
+    assert seed.faults == 0
