@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import pytest
 
-from kasmina.control.auth import CommandVerifier, NonceLedger, compute_signature, sign_command
+from kasmina.control.auth import CommandVerifier, compute_signature, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
 from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand, SystemStatePacket
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter

@@ -37,8 +37,9 @@ from torch.nn import functional as F
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.distributed import DistributedCoordinator, spawn
+from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.processes import spawn
 from kasmina.manager.ddp import SeedGradientSync, wrap_ddp
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.inject import attach

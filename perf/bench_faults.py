@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from kasmina.ops import alpha_blend
+from kasmina.seeds.faults import output_fault
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.seed import GradientIsolatedSeed, _output_fault
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 
 SEEDS = 4
@@ -232,7 +233,7 @@ def test_host_guard_per_call(benchmark) -> None:
     x = torch.randn(SIZES["small"][1], layer.num_seeds * layer.chunk_size)
     chunk = x.split(layer.chunk_size, dim=-1)[0]
     out = layer.seed(0).kernel(chunk.detach())
-    assert benchmark(_output_fault, out, chunk) is None
+    assert benchmark(output_fault, out, chunk) is None
     nets, batch = _models("small")
     step = _trainer(nets["no_host_guard"], batch)
     step_s = min(timeit.repeat(step, number=20, repeat=15)) / 20

@@ -12,13 +12,12 @@ Speeds are reported, never asserted.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from paired import record_versus  # perf/ is on sys.path under pytest
 from torch import nn
 
 from kasmina.kd.loss import StaticKDLoss
@@ -98,43 +97,15 @@ KD_TARGET = "CPU path fwd+bwd: ours/eager <= 1"
 ROUNDS = 21
 
 
-def _batch_s(fn: Callable[[], object], number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
-def _paired(ours: Callable[[], object], eager: Callable[[], object]) -> tuple[float, float, float]:
-    """Median seconds per call of ``ours`` and ``eager``, and the median of per-round ratios.
-
-    Each round times a batch of each back to back, the order alternating between rounds, so a
-    slow stretch of a shared machine falls on both sides of a ratio alike.
-    """
-    ours(), eager()  # warm up both
-    once = max(_batch_s(ours, 1), _batch_s(eager, 1), 1e-6)
-    number = max(1, min(200, int(0.01 / once)))  # about 10 ms per batch
-    a, b, ratios = [], [], []
-    for i in range(ROUNDS):
-        if i % 2:
-            e, o = _batch_s(eager, number), _batch_s(ours, number)
-        else:
-            o, e = _batch_s(ours, number), _batch_s(eager, number)
-        a.append(o)
-        b.append(e)
-        ratios.append(o / e)
-    return statistics.median(a), statistics.median(b), statistics.median(ratios)
-
-
 def _versus(benchmark, ours: Callable[[], object], eager: Callable[[], object], what: str) -> None:
-    benchmark(ours)
-    ours_s, eager_s, ratio = _paired(ours, eager)
-    benchmark.extra_info.update(
-        {"ours_us": round(ours_s * 1e6, 3), "eager_us": round(eager_s * 1e6, 3), "ratio": ratio}
-    )
-    benchmark.extra_info["target"] = (
-        f"{KD_TARGET}: ours/eager = {ratio:.2f} (median of {ROUNDS} paired rounds; medians "
-        f"{ours_s * 1e6:.1f} us / {eager_s * 1e6:.1f} us; {what})"
+    record_versus(
+        benchmark,
+        ours,
+        eager,
+        target=KD_TARGET,
+        what=what,
+        rounds=ROUNDS,
+        batch_s=0.01,
     )
 
 

@@ -5,6 +5,8 @@
   verifier checks signature, then freshness, then that the nonce is unseen; a nonce is recorded
   only after the signature passes and forgotten once it leaves the freshness window, so the
   ledger stays bounded under any load.
+- ``ledger`` -- ``NonceLedger``: the accepted nonces on disk in the run's directory, so a
+  restarted trainer refuses what an earlier process of the run accepted.
 - ``commands`` -- semantic validation: a verified ``AdaptationCommand`` becomes a typed
   ``KasminaCommand`` or a rejection reason; ``make_*_command`` build commands for controllers;
   ``CommandExecutor`` is the ``Protocol`` the executor implements, so nothing here imports the
@@ -14,7 +16,9 @@
   no exception escapes, whatever the bytes; rejections are logged at a bounded rate.
 - ``distributed`` -- multi-rank runs: commands verified on the rank that receives them and
   applied on every rank or none at the epoch sync, replicas checksummed and a divergent rank
-  repaired from the majority, helpers to start and join process groups.
+  repaired from the majority.
+- ``processes`` -- what the coordinator stands on: the parallel wrappers Kasmina refuses (FSDP,
+  tensor parallelism, ``DataParallel``), rank/device helpers, ``spawn`` and ``init_from_env``.
 
 Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
 """

@@ -61,7 +61,7 @@ def train_plain(
     model: nn.Module, cfg: DemoConfig, data: Digits, epochs: int, lr: float, rank: int, world: int
 ) -> nn.Module:
     """Ordinary data-parallel training (the teacher, and the seedless baseline host)."""
-    from kasmina.control.distributed import average_gradients
+    from kasmina.control.processes import average_gradients
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for epoch in range(epochs):

@@ -168,7 +168,7 @@ def _run_torchrun(cfg: DemoConfig) -> Any:
     Returns rank 0's result (None on the other ranks)."""
     import torch.distributed as dist
 
-    from kasmina.control.distributed import init_from_env
+    from kasmina.control.processes import init_from_env
 
     backend = "nccl" if torch.device(cfg.device).type == "cuda" else "gloo"
     rank, world = init_from_env(backend, timeout_s=300)
@@ -196,7 +196,7 @@ def run_demo_cli(cfg: DemoConfig) -> int:
     elif cfg.nproc == 1:
         result = run_demo(cfg, prepare(cfg))
     else:
-        from kasmina.control.distributed import spawn
+        from kasmina.control.processes import spawn
 
         prepared = prepare(cfg)
         backend = "nccl" if torch.device(cfg.device).type == "cuda" else "gloo"

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from kasmina.control.auth import DURABILITY_MODES, LEDGER_FILE_NAME, MAX_FRESHNESS_S
+from kasmina.control.auth import MAX_FRESHNESS_S
+from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.keyring import Keyring

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.control.auth import CommandVerifier, NonceLedger
+from kasmina.control.auth import CommandVerifier
 from kasmina.control.commands import KasminaCommand
-from kasmina.control.distributed import check_supported_parallelism
 from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.ledger import NonceLedger
+from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket

@@ -120,6 +120,8 @@ class CommandQueue:
         command; once its deadline has passed it is returned with an ``UrzaUnavailableError``.
         """
         with self._lock:
+            if not self._queue:  # the common case at every step: nothing arrived
+                return []
             entries = list(self._queue)
         ready: list[Ready] = []
         held_seeds: set[str] = set()

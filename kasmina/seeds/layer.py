@@ -50,7 +50,8 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.seed import DEFAULT_FAULT_LIMIT, KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
+from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 

@@ -24,7 +24,7 @@ every step cannot flood the log). At ``fault_limit`` faults the seed goes to QUA
 ACTIVE seed cannot (docs/design.md §3), so it keeps falling back and counting. One fault is not
 enough to give up on a seed: a kernel can fail on one odd batch and be fine afterwards.
 
-Before ACTIVE a kernel's backward runs inside a guarded autograd node (``_ContainedBackward``):
+Before ACTIVE a kernel's backward runs inside a guarded autograd node (``ContainedBackward``):
 a backward that raises is one fault (kind ``backward``) and costs the seed that step's gradient,
 never the host's backward. Not contained: a backward that raises in an ACTIVE seed or under
 ``torch.compile``, and a kernel that writes into the activations it was given.
@@ -38,7 +38,6 @@ catch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import deque
@@ -52,6 +51,16 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
+from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
+from kasmina.seeds.faults import (
+    DEFAULT_FAULT_LIMIT,
+    FAULT_LOG_SIZE,
+    FAULT_WARN_EVERY,
+    all_finite,
+    contain_backward,
+    output_fault,
+    short_reason,
+)
 from kasmina.seeds.gates import (
     CompatibilityProbe,
     GateResult,
@@ -83,120 +92,6 @@ RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 # Stages in which a KD loss trains the seed alone. Once ACTIVE the seed is part of the host,
 # whose objective belongs to the trainer, so no seed-only KD loss is produced.
 KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
-
-# Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
-DEFAULT_FAULT_LIMIT = 3
-# The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log
-# is for a person reading a report, and an exception message can be arbitrarily long.
-FAULT_LOG_SIZE = 16
-FAULT_REASON_CHARS = 200
-# After the first fault (WARNING), every this-many-th fault is logged at WARNING again, so that a
-# seed that cannot be quarantined (ACTIVE) and faults on every step stays visible without
-# flooding the log; the others go to DEBUG.
-FAULT_WARN_EVERY = 1000
-
-
-def _short(text: str) -> str:
-    """``text`` on one line and at most ``FAULT_REASON_CHARS`` long, for the fault log."""
-    line = " ".join(text.split())
-    if len(line) <= FAULT_REASON_CHARS:
-        return line
-    return line[: FAULT_REASON_CHARS - 3] + "..."
-
-
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-d bool on ``t``'s device: whether every element is finite, without a host sync.
-
-    ``0 * v`` is 0 for every finite ``v`` and NaN for inf and NaN, so the sum is 0 exactly when
-    all are finite (no overflow is possible). Three ops where ``isfinite(t).all()`` takes five;
-    this runs once per seed per forward. Detached: the test is never differentiated.
-    """
-    return t.detach().mul(0).sum().eq(0)
-
-
-def _output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
-    """``(kind, reason)`` when ``out`` cannot stand in for ``host``, else None.
-
-    Only metadata is compared (no device read), so this costs nothing measurable in a forward
-    and traces to constants under ``torch.compile``.
-    """
-    if not isinstance(out, torch.Tensor):
-        return "type", f"output {type(out).__name__} is not a Tensor"
-    if out.shape != host.shape or out.dtype != host.dtype:
-        kind = "shape" if out.shape != host.shape else "dtype"
-        got, want = f"{tuple(out.shape)}/{out.dtype}", f"{tuple(host.shape)}/{host.dtype}"
-        return kind, f"output {got} does not match host {want}"
-    if out.device != host.device:
-        return "device", f"output on {out.device} but host on {host.device}"
-    return None
-
-
-# Version of the encoded extra state; decode_extra_state refuses any other.
-EXTRA_STATE_VERSION = 1
-
-
-def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
-    """``state`` (JSON-able primitives) as a 1-D uint8 CPU tensor of its UTF-8 JSON.
-
-    Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging
-    Face reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=
-    True)`` reads it back without unpickling anything but tensors.
-    """
-    text = json.dumps({"version": EXTRA_STATE_VERSION, **state}, sort_keys=True)
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
-
-
-def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
-    """The dict :func:`encode_extra_state` encoded; a dict (the form of checkpoints written
-    before the encoding) is returned as a copy. Raises ``ValueError`` on anything else."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        raise ValueError(f"a seed's extra state is a 1-D uint8 tensor, got {value!r:.80}")
-    try:
-        state = json.loads(bytes(value.detach().cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None
-    if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
-        raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
-    return state
-
-
-class _ContainedBackward(torch.autograd.Function):
-    """Identity on a seed's output whose backward runs the kernel's own backward in a guard.
-
-    Before ACTIVE a seed's kernel sees ``x.detach()``, so its graph is an island: the only way
-    out of it is the output. Handing autograd a detached copy of the output and doing the
-    island's backward here (``torch.autograd.grad`` into the kernel's parameters) means a
-    kernel whose backward raises costs its parameters this step's gradient and counts one
-    fault, while the host's backward carries on. The island is kept (``retain_graph``) until
-    the outer graph is freed, so the seed-only KD backward and the main one can both pass.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, value: torch.Tensor, seed: GradientIsolatedSeed, island: list, *params: Any
-    ) -> torch.Tensor:
-        ctx.seed, ctx.island = seed, island
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        output, params = ctx.island
-        try:
-            grads = torch.autograd.grad(output, params, grad, retain_graph=True, allow_unused=True)
-        except Exception as exc:  # the kernel's own backward failed: contained
-            ctx.seed._record_fault("backward", f"backward raised {type(exc).__name__}: {exc}")
-            grads = (None,) * len(params)
-        return (None, None, None, *grads)
-
-
-def _contain_backward(seed: GradientIsolatedSeed, output: torch.Tensor) -> torch.Tensor:
-    """``output`` (an isolated seed's) with its backward guarded by ``_ContainedBackward``."""
-    params = tuple(p for p in seed.seed_parameters() if p.requires_grad)
-    if not params:
-        return output
-    return _ContainedBackward.apply(output.detach(), seed, [output, params], *params)
 
 
 class GradientIsolatedSeed(nn.Module):
@@ -240,7 +135,7 @@ class GradientIsolatedSeed(nn.Module):
         self.isolation_violations = 0
         self.nonfinite_events = 0
         self.fault_limit = fault_limit
-        # Run the kernel's backward in the guarded node before ACTIVE (see _ContainedBackward).
+        # Run the kernel's backward in the guarded node before ACTIVE (ContainedBackward).
         # It costs one autograd node and one autograd.grad call per seed per backward (measured
         # in perf/bench_faults.py); a trainer that trusts its kernels may switch it off.
         self.guard_backward = True
@@ -412,7 +307,7 @@ class GradientIsolatedSeed(nn.Module):
     @torch.compiler.disable
     def _record_fault(self, kind: str, reason: str) -> None:
         """Count, log and report one contained fault; quarantine at ``fault_limit``."""
-        reason = _short(reason)
+        reason = short_reason(reason)
         self.faults += 1
         self.fault_log.append(reason)
         stage = self.stage
@@ -630,11 +525,11 @@ class GradientIsolatedSeed(nn.Module):
             self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
             return None
         self.probe_result = result
-        fault = _output_fault(result.output, x)
+        fault = output_fault(result.output, x)
         if fault is not None:
             self._record_fault(*fault)
         else:
-            self.finite_flag.logical_and_(_all_finite(result.output))
+            self.finite_flag.logical_and_(all_finite(result.output))
         return result
 
     def _run_kernel(
@@ -651,7 +546,7 @@ class GradientIsolatedSeed(nn.Module):
         except Exception as exc:  # the kernel's own failure: contained, never the host's
             self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
             return None
-        fault = _output_fault(s, x)
+        fault = output_fault(s, x)
         if fault is not None:
             self._record_fault(*fault)
             return None
@@ -661,7 +556,7 @@ class GradientIsolatedSeed(nn.Module):
             and s.requires_grad
             and not torch.compiler.is_compiling()
         ):
-            s = _contain_backward(self, s)
+            s = contain_backward(s, self.seed_parameters(), self._record_fault)
         return s, self._check_finite(s, xin, stage)
 
     def _check_finite(self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage) -> torch.Tensor:
@@ -670,7 +565,7 @@ class GradientIsolatedSeed(nn.Module):
         An ACTIVE seed also gets the gradient it would send upstream through ``xin`` (0 * nan
         when its output is not finite) cut, so the host stays finite.
         """
-        ok = _all_finite(s)
+        ok = all_finite(s)
         self.finite_flag.logical_and_(ok)
         if stage == SeedStage.ACTIVE and xin.requires_grad:
             xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
@@ -765,13 +660,4 @@ class GradientIsolatedSeed(nn.Module):
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = [
-    "DEFAULT_FAULT_LIMIT",
-    "EXTRA_STATE_VERSION",
-    "FAULT_LOG_SIZE",
-    "KD_STAGES",
-    "RUNS_KERNEL",
-    "GradientIsolatedSeed",
-    "decode_extra_state",
-    "encode_extra_state",
-]
+__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed"]

@@ -23,13 +23,11 @@ from kasmina.control.distributed import (
     EpochSyncResult,
     TensorReplica,
     _minority_ranks,
-    average_gradients,
-    broadcast_tensors,
     nested_checksum,
-    spawn,
     state_checksum,
 )
 from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.processes import average_gradients, broadcast_tensors, spawn
 from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NEXT_STAGE, TRAINING_STAGES, SeedStage

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kasmina.control.auth import (
-    LEDGER_FILE_NAME,
-    MAX_FRESHNESS_S,
-    CommandVerifier,
-    NonceLedger,
-    sign_command,
-)
+from kasmina.control.auth import MAX_FRESHNESS_S, CommandVerifier, sign_command
 from kasmina.control.commands import make_seed_command
+from kasmina.control.ledger import LEDGER_FILE_NAME, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring
 
@@ -198,16 +193,16 @@ def test_a_ledger_that_cannot_be_written_refuses_commands(keyring, clock, path, 
 def test_concurrent_commands_share_fdatasyncs(keyring, clock, path, monkeypatch) -> None:
     """Group commit: every command is durable before its "ok", with fewer syncs than commands
     when they arrive together."""
-    import kasmina.control.auth as auth
+    import kasmina.control.ledger as ledger_module
 
     syncs = []
-    real = auth._datasync
+    real = ledger_module._datasync
 
     def counting(fd: int) -> None:
         syncs.append(fd)
         real(fd)
 
-    monkeypatch.setattr(auth, "_datasync", counting)
+    monkeypatch.setattr(ledger_module, "_datasync", counting)
     verifier = start(keyring, clock, path)
     commands = [signed(keyring, f"t{i}", T0) for i in range(400)]
     results: list[tuple[bool, str]] = []
@@ -266,10 +261,10 @@ def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(
 ) -> None:
     """A second fdatasync may "succeed" after the kernel dropped the pages of the first: so
     nothing counts as durable after a failure until the ledger has rewritten itself."""
-    import kasmina.control.auth as auth
+    import kasmina.control.ledger as ledger_module
 
     verifier = start(keyring, clock, path)
-    real = auth._datasync
+    real = ledger_module._datasync
     failures = [OSError(5, "Input/output error")]
 
     def flaky(fd: int) -> None:
@@ -277,7 +272,7 @@ def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(
             raise failures.pop()
         real(fd)
 
-    monkeypatch.setattr(auth, "_datasync", flaky)
+    monkeypatch.setattr(ledger_module, "_datasync", flaky)
     assert verifier.verify(signed(keyring, "lost", T0)) == (False, "ledger_error")
     assert verifier.ledger.broken
     assert verifier.verify(signed(keyring, "next", T0)) == (True, "ok")  # after a rewrite
@@ -293,16 +288,16 @@ def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
 ) -> None:
     """``defer_sync``: verify only writes; one ``make_durable`` syncs every nonce accepted so
     far, and a failure there is raised so the caller acts on none of them."""
-    import kasmina.control.auth as auth
+    import kasmina.control.ledger as ledger_module
 
     syncs: list[int] = []
-    real = auth._datasync
+    real = ledger_module._datasync
 
     def counting(fd: int) -> None:
         syncs.append(fd)
         real(fd)
 
-    monkeypatch.setattr(auth, "_datasync", counting)
+    monkeypatch.setattr(ledger_module, "_datasync", counting)
     ledger = NonceLedger(path, durability="fsync")
     verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
     before = len(syncs)
@@ -313,7 +308,9 @@ def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
     verifier.make_durable()
     assert len(syncs) == before + 1  # nothing new to sync
     assert verifier.verify(signed(keyring, "lost", T0))[0]
-    monkeypatch.setattr(auth, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(
+        ledger_module, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO"))
+    )
     with pytest.raises(OSError):
         verifier.make_durable()
     assert verifier.ledger.broken

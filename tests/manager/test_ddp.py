@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
-from kasmina.control.distributed import UnsupportedParallelismError, spawn
+from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from kasmina.control.auth import LEDGER_FILE_NAME, sign_command
+from kasmina.control.auth import sign_command
 from kasmina.control.commands import (
     make_optimizer_command,
     make_rollback_command,
@@ -28,6 +28,7 @@ from kasmina.control.commands import (
 )
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.ledger import LEDGER_FILE_NAME
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
@@ -242,7 +243,8 @@ def test_a_replay_after_the_window_is_stale_after_a_restart(tmp_path, store, key
 
 _CRASHING_TRAINER = """
 import os, sys
-from kasmina.control.auth import CommandVerifier, NonceLedger
+from kasmina.control.auth import CommandVerifier
+from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.utils.keyring import Keyring

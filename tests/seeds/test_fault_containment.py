@@ -20,9 +20,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kasmina.seeds.extra_state import decode_extra_state
+from kasmina.seeds.faults import FAULT_LOG_SIZE
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.seed import FAULT_LOG_SIZE, GradientIsolatedSeed, decode_extra_state
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter

@@ -12,8 +12,9 @@ from torch import nn
 from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.ops import kd_kl_loss
+from kasmina.seeds.extra_state import decode_extra_state
 from kasmina.seeds.gates import SeedEvaluation
-from kasmina.seeds.seed import GradientIsolatedSeed, decode_extra_state
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor, blueprint_hash
 from kasmina.stages import SeedStage, StateColumn
 

@@ -1,0 +1,298 @@
+"""The nonce ledger on disk: replay protection that survives a restart (docs/design.md §5).
+
+``CommandVerifier`` (``kasmina.control.auth``) keeps the nonces it accepted in memory for the
+freshness window; with a ``NonceLedger`` it also appends each one to a file in the run's state
+directory before its command counts as accepted, and reads the file back when it starts, so a
+restarted trainer refuses a command an earlier process of the same run already accepted. The
+file is bounded (rewritten atomically with only the nonces still inside the window), every line
+carries a CRC so a torn write is skipped, and an advisory lock keeps a second live process off it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the ledger cannot lock its file
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DURABILITY_MODES", "LEDGER_COMPACT_SLACK", "LEDGER_FILE_NAME", "NonceLedger"]
+
+LEDGER_FILE_NAME = "nonces.log"
+# "fsync": each accepted nonce reaches the disk (fdatasync) before its command is accepted, so
+# it survives a power loss; concurrent arrivals share one fdatasync. "flush": it reaches the
+# operating system (one write), which survives the process crashing or being killed, not the
+# machine losing power.
+DURABILITY_MODES = ("fsync", "flush")
+# Lines the ledger file may hold beyond twice its live nonces before it is rewritten: each
+# rewrite (O(live nonces)) is paid for by at least this many appends.
+LEDGER_COMPACT_SLACK = 4096
+_LEDGER_HEADER = (
+    b"# kasmina nonce ledger v1: 'N <timestamp> <nonce hex> <crc32>' | 'F <floor> - <crc32>'\n"
+)
+
+
+def _ledger_line(kind: str, timestamp: float, nonce: str) -> bytes:
+    """One record: the CRC-32 of the rest of the line lets a torn or damaged line be skipped."""
+    body = f"{kind} {timestamp!r} {nonce.encode('utf-8').hex() if nonce else '-'}".encode("ascii")
+    return b"%s %08x\n" % (body, zlib.crc32(body))
+
+
+def _parse_ledger_line(line: bytes) -> tuple[str, float, str] | None:
+    """``(kind, timestamp, nonce)`` of a well-formed record, or None."""
+    body, _, crc = line.rpartition(b" ")
+    parts = body.split(b" ")
+    if len(parts) != 3 or len(crc) != 8:
+        return None
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        kind, stamp, encoded = parts[0].decode("ascii"), float(parts[1]), parts[2]
+        if not math.isfinite(stamp):
+            return None
+        if kind == "F" and encoded == b"-":
+            return kind, stamp, ""
+        if kind == "N" and encoded != b"-":
+            return kind, stamp, bytes.fromhex(encoded.decode("ascii")).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; elsewhere the rename is all there is)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+class NonceLedger:
+    """The nonces a verifier accepted, on disk: a restarted trainer refuses what it accepted.
+
+    Why: the in-memory ledger dies with its process, so without this file a command captured
+    less than one freshness window before a restart could be replayed after it. The verifier
+    reads the file when it starts, keeps what is still inside the window, and appends every
+    nonce it accepts before the command counts as accepted.
+
+    **Format.** An append-only text file of one record per line, ``N <timestamp> <nonce hex>
+    <crc32>`` per accepted nonce and ``F <floor> - <crc32>`` for the verifier's floor (the newest
+    timestamp it forgot, docs/design.md §5). The CRC covers the rest of the line, so a line torn
+    by a crash, or damaged, is recognised and skipped with a warning.
+
+    **Bounded.** The file is rewritten atomically (temporary file, fsync, rename, directory
+    fsync) when the verifier starts, with only the nonces inside the window, and again whenever
+    it holds more than ``2 x live nonces + compact_slack`` lines, so it never outgrows a small
+    multiple of the in-memory ledger (at most ``rate x 2 x window`` nonces).
+
+    **Durability** (``DURABILITY_MODES``): ``"fsync"`` writes and fdatasyncs each nonce before its
+    command is accepted (about one disk flush per command, a few hundred microseconds on an SSD;
+    threads arriving together share one: group commit); ``"flush"`` only writes it to the
+    operating system (microseconds; lost only if the machine itself goes down).
+
+    **One owner.** An exclusive advisory lock on ``<path>.lock`` is held while the ledger is
+    open, so two live trainers can never share (and corrupt) one ledger; the kernel drops the
+    lock when its process dies, so a restart after a crash is never blocked.
+
+    ``append`` and ``compact`` are called under the verifier's lock; ``sync`` from any thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: str = "fsync",
+        compact_slack: int = LEDGER_COMPACT_SLACK,
+    ) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        if isinstance(compact_slack, bool) or not isinstance(compact_slack, int):
+            raise TypeError(f"compact_slack must be an int, got {compact_slack!r}")
+        if compact_slack < 1:
+            raise ValueError(f"compact_slack must be an int >= 1, got {compact_slack}")
+        self.path = Path(path).expanduser()
+        self.durability = durability
+        self.compact_slack = compact_slack
+        self.broken = False  # an append or sync failed: the next record rewrites the file first
+        self._file: io.FileIO | None = None  # append-only; a file object so it closes on GC
+        self._lines = 0
+        self._written = 0  # sequence number of the last record written
+        self._synced = 0  # every record up to this one is on disk
+        self._sync_lock = threading.Lock()
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._acquire()
+        # A rewrite interrupted by a crash leaves its temporary file; ours to remove (locked).
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def _acquire(self) -> io.FileIO:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_file = io.FileIO(lock_path, "a")
+        if fcntl is None:  # no advisory locks on this platform: one owner is the caller's duty
+            return lock_file
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise RuntimeError(
+                f"nonce ledger {self.path} is held by another live trainer (another process of "
+                "this run, or a second manager in this one); give each trainer its own run_id "
+                "or nonce_ledger path"
+            ) from None
+        return lock_file
+
+    @property
+    def lines(self) -> int:
+        """Records in the file now (the header excluded)."""
+        return self._lines
+
+    def read(self) -> tuple[list[tuple[float, str]], float]:
+        """Every ``(timestamp, nonce)`` record in the file and the newest floor (-inf: none).
+
+        A line that does not parse or fails its CRC is skipped, with one warning for all.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], -math.inf
+        entries: list[tuple[float, str]] = []
+        floor = -math.inf
+        skipped = 0
+        for line in data.split(b"\n"):
+            if not line or line.startswith(b"#"):
+                continue
+            record = _parse_ledger_line(line)
+            if record is None:
+                skipped += 1
+            elif record[0] == "F":
+                floor = max(floor, record[1])
+            else:
+                entries.append((record[1], record[2]))
+        if skipped:
+            logger.warning(
+                "nonce ledger %s: skipped %d damaged line(s) (a crash mid-write leaves one at "
+                "the end); the other %d record(s) were read",
+                self.path,
+                skipped,
+                len(entries),
+            )
+        return entries, floor
+
+    def append(self, nonce: str, timestamp: float) -> int:
+        """Write one accepted nonce (one ``write``: in the OS on return); its sequence number."""
+        file = self._file
+        if file is None:
+            raise OSError(f"nonce ledger {self.path} is not open")
+        line = _ledger_line("N", timestamp, nonce)
+        if file.write(line) != len(line):
+            raise OSError(f"short write to nonce ledger {self.path}")
+        self._lines += 1
+        self._written += 1
+        return self._written
+
+    def sync(self, seq: int) -> None:
+        """Return once record ``seq`` is durable (``"fsync"``): one fdatasync covers every
+        record written before it started, so concurrent callers mostly find theirs done."""
+        if self.durability != "fsync" or self._synced >= seq:
+            return
+        with self._sync_lock:
+            if self._synced >= seq:
+                return
+            file = self._file
+            if file is None:
+                raise OSError(f"nonce ledger {self.path} is not open")
+            if self.broken:
+                # After a failed fdatasync the kernel may have dropped the dirty pages and a
+                # second one can succeed without them: nothing counts as durable until the
+                # file has been rewritten.
+                raise OSError(f"nonce ledger {self.path} failed and is not rewritten yet")
+            target = self._written
+            try:
+                _datasync(file.fileno())
+            except OSError as exc:
+                self.mark_broken(exc)
+                raise
+            self._synced = max(self._synced, target)
+
+    def needs_compaction(self, live: int) -> bool:
+        return self.broken or self._file is None or self._lines > 2 * live + self.compact_slack
+
+    def compact(self, live: Iterable[tuple[str, float]], floor: float) -> None:
+        """Atomically replace the file with ``live`` ``(nonce, timestamp)`` records and the
+        floor, durable on return, and append to the new file from now on."""
+        if self._closed:
+            raise OSError(f"nonce ledger {self.path} is closed")
+        chunks = [_LEDGER_HEADER]
+        if math.isfinite(floor):
+            chunks.append(_ledger_line("F", floor, ""))
+        chunks.extend(_ledger_line("N", timestamp, nonce) for nonce, timestamp in live)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, b"".join(chunks))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            _fsync_directory(self.path.parent)
+            new_file = io.FileIO(self.path, "a")
+        except BaseException:
+            self.broken = True
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._sync_lock:
+            old, self._file = self._file, new_file
+            self._lines = len(chunks) - 1
+            self._synced = self._written  # whatever the old file held is in the new one
+        if old is not None:
+            old.close()
+        if self.broken:
+            logger.warning("nonce ledger %s recovered (rewritten)", self.path)
+        self.broken = False
+
+    def mark_broken(self, exc: BaseException) -> None:
+        """An append or sync failed: log it once, and rewrite the file before the next record."""
+        if not self.broken:
+            logger.error(
+                "nonce ledger %s failed (%s: %s): commands are refused until it can be written",
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
+        self.broken = True
+
+    def close(self) -> None:
+        """Close the file and release the lock; recording afterwards fails (fail closed)."""
+        with self._sync_lock:
+            self._closed = True
+            file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        self._lock_file.close()
+
+    def __repr__(self) -> str:
+        return f"NonceLedger({str(self.path)!r}, durability={self.durability!r})"

@@ -1,0 +1,236 @@
+"""Process groups: which parallel wrappers Kasmina composes with, and launching its ranks.
+
+The coordinator (``kasmina.control.distributed``) decides what crosses between ranks; this module
+holds what it stands on and what a launcher needs: the refusal of hosts whose weights are
+sharded or re-replicated (FSDP, tensor parallelism, ``nn.DataParallel``), the rank and device
+helpers a collective needs, an initial broadcast, a plain gradient average for models without
+DDP, and ``spawn`` / ``init_from_env`` for one process per rank (``torch.multiprocessing`` or
+``torchrun``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kasmina.errors import KasminaError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "UnsupportedParallelismError",
+    "average_gradients",
+    "broadcast_tensors",
+    "check_supported_parallelism",
+    "collective_device",
+    "default_backend",
+    "find_free_port",
+    "global_rank",
+    "init_from_env",
+    "spawn",
+]
+
+
+class UnsupportedParallelismError(KasminaError):
+    """The host is wrapped or sharded in a way Kasmina cannot replicate seeds over."""
+
+
+def global_rank(group: Any, group_rank: int) -> int:
+    """The global rank of ``group_rank`` in ``group`` (the default group: the same number)."""
+    if group is None:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def collective_device(group: Any) -> torch.device:
+    """NCCL needs CUDA tensors; every other backend here takes CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------- what Kasmina composes with
+
+
+def check_supported_parallelism(model: nn.Module) -> None:
+    """Refuse a host Kasmina cannot replicate seeds over (``UnsupportedParallelismError``).
+
+    Kasmina keeps a full copy of every seed, its optimizer state and the state table on each
+    rank, and compares them bit for bit; the host may be replicated too
+    (``DistributedDataParallel``, see ``kasmina.manager.ddp.wrap_ddp``). A sharded host breaks
+    that: FSDP (``fully_shard``, FSDP2, or the older ``FullyShardedDataParallel``) and tensor
+    parallelism (``DTensor`` parameters) give each rank a different slice of the weights the
+    slots wrap, so the replica checksums, the rollback snapshots and the host optimizer Kasmina
+    builds would all see shards, and ``nn.DataParallel`` re-replicates modules on every forward,
+    so seeds grafted into the replicas are lost.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch without the distributed package
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, module in model.named_modules():
+        where = name or "the model"
+        if isinstance(module, FSDPModule | FullyShardedDataParallel):
+            raise UnsupportedParallelismError(
+                f"{where} is FSDP-sharded ({type(module).__name__}): Kasmina replicates seeds "
+                "and compares whole replicas across ranks, so it needs an unsharded host; wrap "
+                "it with DistributedDataParallel instead (kasmina.manager.ddp.wrap_ddp)"
+            )
+        if isinstance(module, nn.DataParallel):
+            raise UnsupportedParallelismError(
+                f"{where} is nn.DataParallel, which re-replicates modules on every forward; "
+                "use DistributedDataParallel (kasmina.manager.ddp.wrap_ddp), one process per GPU"
+            )
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            raise UnsupportedParallelismError(
+                f"parameter {name} is a DTensor (sharded or tensor-parallel): Kasmina needs "
+                "every rank to hold the whole host"
+            )
+
+
+# ---------------------------------------------------------------------- process-group helpers
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0, group: Any = None) -> None:
+    """Overwrite ``tensors`` in place on every rank with rank ``src``'s values (initial sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = collective_device(group)
+    with torch.no_grad():
+        for t in tensors:
+            buf = t.detach().to(device).contiguous()
+            dist.broadcast(buf, src=global_rank(group, src), group=group)
+            t.detach().copy_(buf)
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -> None:
+    """All-reduce the ``.grad`` of ``params`` to their mean across ranks (data parallelism for
+    a plain model without DDP).
+
+    A parameter whose grad is ``None`` on some ranks but not on others gets a zero grad where it
+    was missing, so that every rank steps the same parameters. One flat buffer per dtype.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    device = collective_device(group)
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p, flag in zip(params, present.tolist(), strict=True):
+        if not flag:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group_params in by_dtype.values():
+        flat = torch.cat([p.grad.detach().reshape(-1).to(device) for p in group_params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(world)
+        offset = 0
+        for p in group_params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a rendezvous on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's variables; returns (rank, world).
+
+    ``timeout_s`` bounds every collective, so a rank that dies or hangs fails the others
+    instead of blocking them forever.
+    """
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
+    return rank, world
+
+
+def _spawn_entry(
+    rank: int,
+    world: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    init_from_env(backend, timeout_s)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: tuple = (),
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+    join_timeout_s: float | None = None,
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` processes joined on loopback.
+
+    ``fn`` must be importable (a module-level function). Raises if any process fails.
+    ``timeout_s`` bounds each collective; ``join_timeout_s`` (None: no limit) bounds the whole
+    run, after which every process is killed and ``TimeoutError`` raised, so a rank stuck
+    outside a collective cannot hang the caller (a test suite) either.
+    """
+    import torch.multiprocessing as mp
+
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    port = find_free_port()
+    context = mp.start_processes(
+        _spawn_entry,
+        args=(nprocs, port, backend or default_backend(), timeout_s, fn, args),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = None if join_timeout_s is None else time.monotonic() + join_timeout_s
+    while not context.join(timeout=1.0):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join()
+            raise TimeoutError(f"{nprocs} spawned processes did not finish in {join_timeout_s}s")

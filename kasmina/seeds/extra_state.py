@@ -1,0 +1,46 @@
+"""A seed's extra state as a tensor, so every ``state_dict`` consumer can carry it.
+
+Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging Face
+reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=True)`` reads
+it back without unpickling anything but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["EXTRA_STATE_VERSION", "decode_extra_state", "encode_extra_state"]
+
+# Version of the encoded extra state; decode_extra_state refuses any other.
+EXTRA_STATE_VERSION = 1
+
+
+def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
+    """``state`` (JSON-able primitives) as a 1-D uint8 CPU tensor of its UTF-8 JSON.
+
+    Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging
+    Face reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=
+    True)`` reads it back without unpickling anything but tensors.
+    """
+    text = json.dumps({"version": EXTRA_STATE_VERSION, **state}, sort_keys=True)
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+
+def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
+    """The dict :func:`encode_extra_state` encoded; a dict (the form of checkpoints written
+    before the encoding) is returned as a copy. Raises ``ValueError`` on anything else."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"a seed's extra state is a 1-D uint8 tensor, got {value!r:.80}")
+    try:
+        state = json.loads(bytes(value.detach().cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
+        raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
+    return state
