@@ -6,9 +6,10 @@
 #   bash perf/gpu_check.sh            # PYTHON=python3.12 picks the interpreter
 #
 # Stages have hard time limits, so the whole run stays within 8 minutes: install 150 s, tests
-# 210 s, the table what is left of 470 s (its own budget is shorter, and an interrupted table
-# still writes the rows it has). The table runs the KD rows first. On a machine without network, put the extras' wheels in
-# perf/wheels first (on a machine with network: pip download liger-kernel --no-deps -d
+# 210 s (and up to 120 s more for the NCCL runs on a machine with 2+ GPUs), the table what is
+# left of 470 s (its own budget is shorter, and an interrupted table still writes the rows it
+# has). The table runs the KD rows first. On a machine without network, put the extras' wheels
+# in perf/wheels first (on a machine with network: pip download liger-kernel --no-deps -d
 # perf/wheels); without them the table runs without Liger and says so in its rows.
 # Exit status: that of the tests, else that of the table.
 set -uo pipefail
@@ -68,6 +69,14 @@ fi
 } 2>&1 | tee "$TESTS_LOG"
 tests_status=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests_status after $((SECONDS - started)) s"
+# The distributed scenarios again over NCCL, one GPU per rank (2 and 3 ranks): they skip
+# themselves, and say so in the log, on a machine with fewer GPUs.
+{
+    timeout --signal=INT 120 "$PY" -m pytest -q -p no:cacheprovider tests/manager/test_ddp.py \
+        -k nccl -o addopts="-ra"
+} 2>&1 | tee -a "$TESTS_LOG"
+nccl_status=${PIPESTATUS[0]}
+if [ "$nccl_status" -ne 0 ] && [ "$nccl_status" -ne 5 ]; then tests_status=$nccl_status; fi
 
 # --- 3. the GPU table ----------------------------------------------------------------------
 # What is left of 470 s, at least a minute; the table's own budget stops starting new rows

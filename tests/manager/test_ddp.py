@@ -39,8 +39,27 @@ FRESHNESS_S = 1.5  # the epoch with the long pause outlasts it
 STEPS = 2  # per epoch
 
 
+def _backends(world: int) -> list[Any]:
+    """gloo on the CPU always; NCCL on one GPU per rank where the machine has them (the GPU
+    workflow), the same scenario bit for bit."""
+    nccl = dist.is_nccl_available() and torch.cuda.device_count() >= world
+    return [
+        pytest.param("gloo", id="gloo"),
+        pytest.param(
+            "nccl",
+            id="nccl",
+            marks=pytest.mark.skipif(not nccl, reason=f"NCCL needs {world} CUDA devices"),
+        ),
+    ]
+
+
+def _device(rank: int, spec: dict[str, Any]) -> str:
+    return f"cuda:{rank}" if spec["backend"] == "nccl" else "cpu"
+
+
 def _rank_rig(rank: int, spec: dict[str, Any]) -> Rig:
     keyring = Keyring({"ctl": bytes.fromhex(spec["key"])})
+    device = _device(rank, spec)
     config = make_config(
         Path(spec["out"]) / f"rank{rank}",
         Path(spec["store"]),
@@ -50,8 +69,9 @@ def _rank_rig(rank: int, spec: dict[str, Any]) -> Rig:
         checkpoint_mode="memory",
         kd_enabled=True,
         kd=KDConfig(temperature=2.0, alpha=1.0),
+        device=device,
     )
-    return Rig(config, keyring)
+    return Rig(config, keyring, device=device)
 
 
 def _signed(rig: Rig, op: str, seed_id: str, artifact: str = "", **params: float) -> bytes:
@@ -65,12 +85,14 @@ class Trainer:
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.rig = _rank_rig(rank, spec)
+        self.device = _device(rank, spec)
         self.manager = self.rig.manager
         self.net = wrap_ddp(self.rig.model)
         self.dk = DistributedKasmina(self.manager)
         self.gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         self.teacher = torch.nn.Linear(6, 4)
         torch.nn.init.normal_(self.teacher.weight, generator=torch.Generator().manual_seed(9))
+        self.teacher.to(self.device)
         self.results: list[Any] = []
         self.epoch = 0
 
@@ -78,7 +100,7 @@ class Trainer:
         """``drop_grad_of``: this rank loses that seed's first gradient each step (the others
         average it with a zero from here)."""
         for _ in range(steps):
-            x = torch.randn(8, 6, generator=self.gen)
+            x = torch.randn(8, 6, generator=self.gen).to(self.device)
             with torch.no_grad():
                 teacher = self.teacher(x)
             y = teacher.argmax(-1)
@@ -236,9 +258,10 @@ def _local_cull(t: Trainer, seed_id: str) -> Any:
     return command
 
 
-def _spec(tmp_path: Path, published) -> dict[str, Any]:
+def _spec(tmp_path: Path, published, backend: str) -> dict[str, Any]:
     store, mlp, _ = published
     return {
+        "backend": backend,
         "store": str(store),
         "mlp": mlp,
         "key": generate_key().hex(),
@@ -249,7 +272,7 @@ def _spec(tmp_path: Path, published) -> dict[str, Any]:
 
 
 def _load(tmp_path: Path, name: str, world: int) -> list[dict[str, Any]]:
-    return [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
+    return [torch.load(tmp_path / f"{name}{r}.pt", map_location="cpu") for r in range(world)]
 
 
 def _assert_equal_states(runs: list[dict[str, Any]]) -> None:
@@ -261,11 +284,12 @@ def _assert_equal_states(runs: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
+@pytest.mark.parametrize("backend", _backends(2))
 def test_two_ranks_run_a_signed_lifecycle_in_lockstep_and_repair_a_corrupted_rank(
-    tmp_path: Path, published
+    tmp_path: Path, published, backend: str
 ) -> None:
-    spec = _spec(tmp_path, published)
-    spawn(_worker_two, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    spec = _spec(tmp_path, published, backend)
+    spawn(_worker_two, 2, args=(spec,), backend=backend, timeout_s=60, join_timeout_s=120)
 
     clean = _load(tmp_path, "clean", 2)
     _assert_equal_states(clean)  # seeds (ACTIVE, trained on different shards), host, table
@@ -295,9 +319,12 @@ def test_two_ranks_run_a_signed_lifecycle_in_lockstep_and_repair_a_corrupted_ran
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
-def test_three_ranks_repair_a_minority_rank_0_from_the_majority(tmp_path: Path, published) -> None:
-    spec = _spec(tmp_path, published)
-    spawn(_worker_three, 3, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=150)
+@pytest.mark.parametrize("backend", _backends(3))
+def test_three_ranks_repair_a_minority_rank_0_from_the_majority(
+    tmp_path: Path, published, backend: str
+) -> None:
+    spec = _spec(tmp_path, published, backend)
+    spawn(_worker_three, 3, args=(spec,), backend=backend, timeout_s=60, join_timeout_s=150)
 
     runs = _load(tmp_path, "three", 3)
     for run in runs:
