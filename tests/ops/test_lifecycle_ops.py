@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kasmina.ops import (
     lifecycle_tick,
@@ -366,3 +367,30 @@ def test_launcher_copies_views_itself(triton_backend: None) -> None:
     codes = launch(state, idx, torch.ones(3, dtype=torch.int64), None, rules, _COLUMNS)
     assert codes.tolist() == [0, 0, 0]
     assert state[:, C.LIFECYCLE_STAGE].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_and_modes_see_the_custom_ops(backend: str) -> None:
+    """Eager calls run the implementation directly (no custom-op round trip) yet still bump the
+    state's version counter; under a dispatch mode the calls are the custom ops, same results."""
+    eager, moded = random_state(64, seed=30), random_state(64, seed=30)
+    requests = (torch.tensor([3, 9, 9, 70, 12]), torch.tensor([1, 2, 3, 1, 11]))
+    version = eager._version
+    codes = lifecycle_update(eager, *requests)
+    lifecycle_tick(eager)
+    assert eager._version > version
+    with _RecordOps() as mode:
+        moded_codes = lifecycle_update(moded, *requests)
+        lifecycle_tick(moded)
+    assert any("kasmina.lifecycle_update" in op for op in mode.ops)
+    assert any("kasmina.lifecycle_tick" in op for op in mode.ops)
+    assert torch.equal(codes, moded_codes) and torch.equal(eager, moded)
