@@ -139,6 +139,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         nproc=args.nproc,
         progress=not args.no_progress,
+        repeats=args.repeats,
+        scenario=args.scenario,
+        replay=args.replay,
     )
     return run_demo_cli(config)
 
@@ -162,11 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a small MLP on scikit-learn's bundled handwritten digits; a controller sends "
             "signed commands to germinate seeds on plateaus, carries them through the lifecycle "
-            "gates, culls one that does not help, and distils a teacher into them. Writes "
-            "report.txt, telemetry.jsonl, a PNG plot and an Urza store into --out."
+            "gates, culls one that does not help, and distils a teacher into them. The grown "
+            "host is scored on the test split beside the never-grown host and a static MLP of "
+            "the grown size. Writes report.txt, result.json, telemetry.jsonl, a PNG plot and an "
+            "Urza store into --out."
         ),
     )
-    demo.add_argument("--epochs", type=positive_int, default=40, help="training epochs (40)")
+    demo.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=40,
+        help="training epochs; in the continual scenario, the epochs after the new classes (40)",
+    )
     demo.add_argument(
         "--seeds", type=positive_int, default=4, help="seeds the controller may grow, 1-6 (4)"
     )
@@ -175,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="RNG seed; same seed, same run (0)")
     demo.add_argument(
         "--nproc", type=positive_int, default=1, help="data-parallel processes on loopback (1)"
+    )
+    demo.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="runs with rng seeds SEED .. SEED+N-1; prints mean ± sd and paired gains (1)",
+    )
+    demo.add_argument(
+        "--scenario",
+        choices=("standard", "continual"),
+        default="standard",
+        help="standard, or continual: digits 0-4 first, 5-9 later; Kasmina vs fine-tuning vs "
+        "a static net retrained on everything (standard)",
+    )
+    demo.add_argument(
+        "--replay",
+        type=int,
+        default=0,
+        metavar="K",
+        help="continual: K training digits of each old class stay in the phase-2 data (0)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=_cmd_demo)

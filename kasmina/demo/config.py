@@ -28,6 +28,20 @@ SEED_PLAN = [
     ("fc1[1]", "residual-mlp-narrow"),
 ]
 REGROW = ("fc2[1]", "residual-mlp")
+# The continual scenario's plan: the head's second chunk (the new classes' logits) first, then
+# the hidden layers. No deliberately weak blueprint there: every seed is a real candidate.
+CONTINUAL_PLAN = [
+    ("head[1]", "residual-mlp"),
+    ("fc2[0]", "residual-mlp"),
+    ("fc1[0]", "residual-mlp"),
+    ("fc2[1]", "residual-mlp"),
+    ("fc1[1]", "residual-mlp"),
+    ("head[0]", "residual-mlp"),
+]
+# The continual scenario's classes: the host first learns OLD_CLASSES, NEW_CLASSES arrive later.
+OLD_CLASSES = (0, 1, 2, 3, 4)
+NEW_CLASSES = (5, 6, 7, 8, 9)
+SCENARIOS = ("standard", "continual")
 COMMAND_KEY, PUBLISHER_KEY = "tamiyo", "urza-publisher"
 KD = KDConfig(temperature=2.0, alpha=0.5)
 MARKER = ".kasmina-demo"
@@ -46,6 +60,16 @@ class DemoConfig:
     batch_size: int = 64
     host_lr: float = 1e-2
     seed_lr: float = 1e-2
+    repeats: int = 1  # runs with RNG seeds seed .. seed + repeats - 1, then mean ± sd
+    scenario: str = "standard"  # or "continual" (old classes first, new classes later)
+    phase1_epochs: int = 20  # continual: the host's epochs on the old classes alone
+    replay: int = 0  # continual: old-class training digits per class kept for phase 2
+    measure_targets: bool = True  # time the manager's performance targets at the end
+
+    def seed_plan(self) -> list[tuple[str, str]]:
+        """The (seed id, blueprint) pairs the controller may grow, in its order."""
+        plan = SEED_PLAN if self.scenario == "standard" else CONTINUAL_PLAN
+        return list(plan[: self.num_seeds])
 
     def validate(self) -> None:
         if not 1 <= self.num_seeds <= len(SEED_PLAN):
@@ -54,6 +78,12 @@ class DemoConfig:
             )
         if self.epochs < 1 or self.nproc < 1:
             raise ValueError("--epochs and --nproc must be positive")
+        if self.repeats < 1 or self.phase1_epochs < 1 or self.replay < 0:
+            raise ValueError("--repeats and the phase-1 epochs must be positive, --replay >= 0")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"--scenario must be one of {', '.join(SCENARIOS)}")
+        if self.nproc > 1 and (self.repeats > 1 or self.scenario != "standard"):
+            raise ValueError("--repeats and --scenario continual run in one process: --nproc 1")
         if self.batch_size % self.nproc:
             raise ValueError(f"batch size {self.batch_size} does not split over {self.nproc} ranks")
         try:

@@ -1,11 +1,13 @@
 """A small controller for the demo (a stand-in for Tamiyo) and the adversary it is tested by.
 
-The controller only ever speaks Leyline: it watches validation accuracy and each seed's
-measured contribution, decides, and emits *signed* ``AdaptationCommand`` bytes. It never
-touches the model. Its policy:
+The controller only ever speaks Leyline: it reads the manager's ``SystemStatePacket``
+(validation accuracy, each seed's stage and the benefit Kasmina measured; ``observe_state``),
+decides, and emits *signed* ``AdaptationCommand`` bytes. It never touches the model and never
+sees the test split. Its policy:
 
 - a plateau (no gain of ``min_delta`` in ``patience`` epochs, after ``warmup``) germinates the
-  next planned seed, at most ``max_in_flight`` seeds growing at once;
+  next planned seed, at most ``max_in_flight`` seeds growing at once (with ``patience=0`` it
+  grows as soon as a slot is free: the continual scenario's "new classes arrived");
 - every growing seed gets an ADVANCE each epoch; the executor's gates decide whether it moves;
 - after ``settle_epochs`` in STABILIZATION the seed's *help* decides: the relative
   validation-loss reduction Kasmina measured itself (``manager.evaluate_seeds``, the seed's
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
-from kasmina.leyline import SeedOperation
+from kasmina.leyline import SeedLifecycleStage, SeedOperation, SystemStatePacket
 from kasmina.stages import NEXT_STAGE, SeedStage
 from kasmina.utils.keyring import Keyring
 
@@ -48,6 +50,22 @@ class SeedView:
     stage: SeedStage
     epochs_in_stage: int = 0
     help: float | None = None  # Kasmina's measured benefit in STABILIZATION, else None
+
+
+def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
+    """Each seed as the manager's ``SystemStatePacket`` describes it: its stage, epochs in the
+    stage and, in STABILIZATION, the benefit Kasmina measured there (``seed/<id>/benefit``)."""
+    metrics = packet.training_metrics
+    views: dict[str, SeedView] = {}
+    for seed_id, value in sorted(packet.seed_stages.items()):
+        stage = SeedStage[SeedLifecycleStage.Name(value).removeprefix("SEED_STAGE_")]
+        measured_in = metrics.get(f"seed/{seed_id}/evaluated_stage")
+        help_ = None
+        if stage == SeedStage.STABILIZATION and measured_in == float(stage.value):
+            help_ = metrics.get(f"seed/{seed_id}/benefit")
+        epochs = int(metrics.get(f"seed/{seed_id}/epochs_in_stage", 0.0))
+        views[seed_id] = SeedView(stage, epochs, help_)
+    return views
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,7 @@ class PlateauController:
         help_threshold: float = 0.02,
         settle_epochs: int = 2,
         embargo_epochs: int = 2,
+        grow_reason: str = "plateau",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keyring = keyring
@@ -86,12 +105,19 @@ class PlateauController:
         self.help_threshold = help_threshold
         self.settle_epochs = settle_epochs
         self.embargo_epochs = embargo_epochs
+        self.grow_reason = grow_reason
         self.clock = clock
         self.best = float("-inf")
         self.since_best = 0
         self.decisions: list[Decision] = []
         self.sent: list[bytes] = []
         self._count = 0
+
+    def observe_state(self, packet: SystemStatePacket) -> list[bytes]:
+        """One epoch boundary, decided on the manager's state packet alone."""
+        return self.observe(
+            packet.current_epoch, packet.validation_accuracy, views_from_state(packet)
+        )
 
     def observe(self, epoch: int, val_acc: float, seeds: Mapping[str, SeedView]) -> list[bytes]:
         """One epoch boundary: returns the signed commands to send, in order."""
@@ -126,10 +152,9 @@ class PlateauController:
             pick = next((p for p in self.queue if p.seed_id in dormant), None)
             if pick is not None:
                 self.queue.remove(pick)
+                why = f"germinate: {self.grow_reason}"
                 out.append(
-                    self._command(
-                        epoch, GERMINATE, pick.seed_id, pick.artifact_id, None, "germinate: plateau"
-                    )
+                    self._command(epoch, GERMINATE, pick.seed_id, pick.artifact_id, None, why)
                 )
                 self.since_best = 0  # give the new seed time before the next plateau
         self.sent.extend(out)

@@ -33,6 +33,16 @@ def load_digits_split(seed: int, device: torch.device) -> Digits:
     return Digits(x, y, perm[2 * n :], perm[:n], perm[n : 2 * n])
 
 
+def with_classes(idx: torch.Tensor, data: Digits, classes: tuple[int, ...]) -> torch.Tensor:
+    """The indices in ``idx`` whose digit is one of ``classes`` (order kept)."""
+    wanted = torch.tensor(classes, device=data.y.device)
+    return idx[torch.isin(data.y[idx], wanted)]
+
+
+def accuracy(model: nn.Module, data: Digits, idx: torch.Tensor) -> float:
+    return accuracy_and_loss(model, data, idx)[0]
+
+
 def accuracy_and_loss(model: nn.Module, data: Digits, idx: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         logits = model(data.x[idx])
@@ -43,9 +53,14 @@ def accuracy_and_loss(model: nn.Module, data: Digits, idx: torch.Tensor) -> tupl
 def batches(
     data: Digits, epoch: int, cfg: DemoConfig, rank: int, world: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled full minibatches; every rank draws the same order and keeps its share of each."""
+    """Shuffled full minibatches of ``data.train``; every rank draws the same order and keeps
+    its share of each."""
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = data.train[torch.randperm(len(data.train), generator=gen).to(data.train.device)]
     for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
         idx = order[start : start + cfg.batch_size][rank::world]
         yield data.x[idx], data.y[idx]
+
+
+def steps_per_epoch(data: Digits, cfg: DemoConfig) -> int:
+    return len(data.train) // cfg.batch_size

@@ -11,6 +11,13 @@ A step is the manager's training step; data parallelism adds nothing to the loop
     teacher logits -> DDP forward -> manager.backward(loss, kd)  (KD first, seed-only; DDP
     averages the host's gradients) -> manager.step()  (the seeds' gradients averaged across
     ranks, isolation verified, optimizers)
+
+At a boundary the manager measures every live seed on the validation split
+(``evaluate_seeds``) and the controller decides on ``manager.system_state()`` alone. The test
+split is scored each epoch for the report and never reaches the controller.
+
+In the continual scenario the host arrives trained and frozen (no host optimizer, no
+gradient): only the seeds train, and the first boundary (epoch 0) comes before any step.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.distributed import EpochSyncResult
-from kasmina.demo.config import COMMAND_KEY, KD, DemoConfig
-from kasmina.demo.controller import Adversary, PlateauController, SeedPlan, SeedView
-from kasmina.demo.data import Digits, accuracy_and_loss, batches
+from kasmina.demo.config import COMMAND_KEY, KD, NEW_CLASSES, OLD_CLASSES, DemoConfig
+from kasmina.demo.controller import Adversary, PlateauController, SeedPlan
+from kasmina.demo.data import Digits, accuracy_and_loss, batches, with_classes
 from kasmina.demo.models import HostMLP, graft_slots
 from kasmina.demo.report import DemoResult, EpochRecord
 from kasmina.manager.config import KasminaConfig
@@ -40,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Two epochs of steps from alpha 0 to 1 (steps per epoch: the 1,197 training digits / 64).
 GRAFT_STEPS = 36
+# Seed stages whose output shapes the model's (the seed counts toward the grown model's size).
+BLENDING_STAGES = (SeedStage.GRAFTING, SeedStage.STABILIZATION)
 
 
 class DemoLoop:
@@ -48,11 +57,12 @@ class DemoLoop:
         cfg: DemoConfig,
         prepared: dict[str, Any],
         model: HostMLP,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         data: Digits,
         rank: int,
         world: int,
     ) -> None:
+        continual = cfg.scenario == "continual"
         self.cfg, self.model, self.data, self.rank, self.world = cfg, model, data, rank, world
         keys = {k: bytes.fromhex(v) for k, v in prepared["keys"].items()}
         commands = Keyring({COMMAND_KEY: keys[COMMAND_KEY]})
@@ -77,13 +87,20 @@ class DemoLoop:
             default_embargo_epochs=2,
             grafting_steps=GRAFT_STEPS,
             grafting_temperature=2.0,
-            kd_enabled=True,
+            kd_enabled=teacher is not None,
             kd=KD,
         )
         self.manager = KasminaKernelManager(config, keyring=commands, telemetry=self.telemetry)
         self.slots = graft_slots(model, self.telemetry, config.default_embargo_epochs)
-        self.manager.register(model, self.slots, host_lr=cfg.host_lr, seed_lr=cfg.seed_lr)
-        self.manager.load_teacher(teacher)
+        host_lr = None if continual else cfg.host_lr  # continual: no host optimizer
+        self.manager.register(model, self.slots, host_lr=host_lr, seed_lr=cfg.seed_lr)
+        if continual:
+            # The host's knowledge stays as phase 1 left it: no optimizer, and no gradient
+            # either (``register`` needs a trainable host, so this comes after it).
+            for module in self.host_modules():
+                module.requires_grad_(False)
+        if teacher is not None:
+            self.manager.load_teacher(teacher)
         self.net = wrap_ddp(model)  # the host's gradients; the seeds' are the manager's
         self.replicas = DistributedKasmina(self.manager, on_divergence=self.quarantine_growing)
         self.coordinator = self.replicas.coordinator
@@ -91,10 +108,11 @@ class DemoLoop:
             commands,
             COMMAND_KEY,
             [SeedPlan(s, a) for s, a in prepared["plan"]],
-            warmup=4,
-            patience=2,
+            warmup=0 if continual else 4,
+            patience=0 if continual else 2,
             min_delta=0.01,
-            max_in_flight=3,
+            max_in_flight=2 if continual else 3,
+            grow_reason="new classes" if continual else "plateau",
         )
         self.adversary = Adversary(COMMAND_KEY)
         self.commands_keyring = commands
@@ -103,6 +121,7 @@ class DemoLoop:
         self.artifacts: dict[str, list[str]] = {r.seed_id: [] for r in self.manager.registry}
         self.verified_seed_steps = 0
         self.kd_steps = 0
+        self.first_growth: int | None = None  # the boundary the first seed germinated at
 
     # ---------------------------------------------------------------- consistency across ranks
     def quarantine_growing(self, result: EpochSyncResult) -> None:
@@ -112,11 +131,13 @@ class DemoLoop:
     # ---------------------------------------------------------------------------- one step
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         m = self.manager
-        m.set_teacher_logits(m.get_teacher_predictions(xb))
+        if m.config.kd_enabled:
+            m.set_teacher_logits(m.get_teacher_predictions(xb))
         loss = F.cross_entropy(self.net(xb), yb)
         kd = m.collect_kd_losses()
         self.kd_steps += kd is not None
-        m.backward(loss, kd_loss=kd)
+        # A frozen host with no seed training (continual): nothing to backpropagate.
+        m.backward(loss if loss.requires_grad else None, kd_loss=kd)
         self.verified_seed_steps += sum(
             1 for r in m.registry.in_stages(ISOLATED_STAGES) if r.monitor is not None
         )
@@ -134,23 +155,16 @@ class DemoLoop:
         )
         return {sid: ev.benefit for sid, ev in evaluations.items()}
 
-    def boundary(self, epoch: int, val_acc: float) -> bool:
-        """Tick; the controller and adversary speak (rank 0); every rank applies. Returns
-        whether a seed was germinated."""
+    def boundary(self, epoch: int, val_acc: float, val_loss: float) -> bool:
+        """Tick; Kasmina measures the live seeds; the controller (deciding on the manager's
+        ``system_state()`` packet) and the adversary speak (rank 0); every rank applies.
+        Returns whether a seed was germinated."""
         m = self.manager
-        m.end_epoch(epoch, {"val_accuracy": val_acc})
+        m.end_epoch(epoch, {"val_accuracy": val_acc, "val_loss": val_loss})
         before = {r.seed_id: r.artifact_id for r in m.registry}
-        benefit = self.evaluate()
+        self.evaluate()  # recorded on the seeds: the packet carries it
         if self.rank == 0:
-            views = {
-                r.seed_id: SeedView(
-                    r.stage,
-                    r.seed.epochs_in_stage,
-                    benefit.get(r.seed_id) if r.stage == SeedStage.STABILIZATION else None,
-                )
-                for r in m.registry
-            }
-            commands = self.controller.observe(epoch, val_acc, views)
+            commands = self.controller.observe_state(m.system_state())
             for raw in commands:
                 self.coordinator.submit(raw)
             self.attack(epoch)
@@ -187,47 +201,85 @@ class DemoLoop:
                 self.attack_outcomes.setdefault(kind, []).append(False)
 
     # --------------------------------------------------------------------------- the run
-    def run(self, teacher_acc: float, baseline_acc: float) -> DemoResult:
+    def run(self, teacher_acc: float = 0.0, baseline_acc: float = 0.0) -> DemoResult:
+        """Train every epoch (with a boundary after each; in the continual scenario one more
+        before the first), then close the manager. The model keeps its seeds."""
         from tqdm import tqdm
 
         cfg, data, m = self.cfg, self.data, self.manager
         records: list[EpochRecord] = []
-        acc_before: float | None = None
-        bar = tqdm(range(cfg.epochs), desc="kasmina demo", unit="epoch", disable=not cfg.progress)
+        first = 0
+        if cfg.scenario == "continual":  # the new classes have arrived: boundary 0, no step
+            val_acc, val_loss = accuracy_and_loss(self.model, data, data.val)
+            records.append(self.record(0, [], val_acc))
+            if self.boundary(0, val_acc, val_loss):
+                self.first_growth = 0
+            first = 1
+        epochs = range(first, first + cfg.epochs)
+        desc = f"kasmina demo (seed {cfg.seed})"
+        bar = tqdm(epochs, desc=desc, unit="epoch", disable=not cfg.progress, leave=False)
         for epoch in bar:
             self.model.train()
             shard = batches(data, epoch, cfg, self.rank, self.world)
             losses = [self.step(xb, yb) for xb, yb in shard]
-            val_acc, _ = accuracy_and_loss(self.model, data, data.val)
-            test_acc, _ = accuracy_and_loss(self.model, data, data.test)
-            records.append(
-                EpochRecord(
-                    epoch,
-                    sum(losses) / max(len(losses), 1),
-                    val_acc,
-                    {r.seed_id: round(r.seed.alpha_value, 6) for r in m.registry},
-                    {r.seed_id: r.stage.name for r in m.registry},
-                )
-            )
-            if self.boundary(epoch, val_acc) and acc_before is None:
-                acc_before = test_acc
+            val_acc, val_loss = accuracy_and_loss(self.model, data, data.val)
+            records.append(self.record(epoch, losses, val_acc))
+            if self.boundary(epoch, val_acc, val_loss) and self.first_growth is None:
+                self.first_growth = epoch
             growing = sum(1 for r in m.registry if r.stage not in (SeedStage.DORMANT,))
             bar.set_postfix(val=f"{val_acc:.3f}", seeds=growing)
-        final_acc, _ = accuracy_and_loss(self.model, data, data.test)
+        bar.close()
+        targets = {}
+        if cfg.measure_targets and self.rank == 0:
+            checks = m.validate_performance_targets()
+            targets = {name: dict(vars(check)) for name, check in checks.items()}
         m.close()
         self.sink.close()
-        host = sum(p.numel() for p in m.registry.host_params)
-        grown = sum(
-            p.numel() for r in m.registry.in_stages([SeedStage.ACTIVE])
-            for p in r.seed.seed_parameters()
-        )  # fmt: skip
+        return self.result(records, teacher_acc, baseline_acc, targets)
+
+    def record(self, epoch: int, losses: list[float], val_acc: float) -> EpochRecord:
+        m = self.manager
+        data = self.data
+        test_acc, _ = accuracy_and_loss(self.model, data, data.test)
+        groups = {}
+        if self.cfg.scenario == "continual":
+            for name, classes in (("old", OLD_CLASSES), ("new", NEW_CLASSES)):
+                idx = with_classes(data.test, data, classes)
+                groups[name] = accuracy_and_loss(self.model, data, idx)[0]
+        return EpochRecord(
+            epoch=epoch,
+            train_loss=sum(losses) / max(len(losses), 1),
+            val_acc=val_acc,
+            alphas={r.seed_id: round(r.seed.alpha_value, 6) for r in m.registry},
+            stages={r.seed_id: r.stage.name for r in m.registry},
+            test_acc=test_acc,
+            test_groups=groups,
+        )
+
+    def result(
+        self,
+        records: list[EpochRecord],
+        teacher_acc: float,
+        baseline_acc: float,
+        targets: dict[str, dict[str, Any]],
+    ) -> DemoResult:
+        m = self.manager
+        final_acc, _ = accuracy_and_loss(self.model, self.data, self.data.test)
+        first = self.first_growth
+        before = next((r.test_acc for r in records if r.epoch == first), final_acc)
+
+        def seed_parameters(stages: Any) -> int:
+            records = m.registry.in_stages(stages)
+            return sum(p.numel() for r in records for p in r.seed.seed_parameters())
+
+        host = sum(p.numel() for slot_host in self.host_modules() for p in slot_host.parameters())
         cache = m.kernel_cache
         return DemoResult(
-            seed=cfg.seed,
+            seed=self.cfg.seed,
             world_size=self.world,
             teacher_test_acc=teacher_acc,
             baseline_test_acc=baseline_acc,
-            acc_before_growth=final_acc if acc_before is None else acc_before,
+            acc_before_growth=before,
             acc_after_growth=final_acc,
             epochs=records,
             timelines={r.seed_id: [(e, s) for e, _, s in r.timeline] for r in m.registry},
@@ -250,6 +302,13 @@ class DemoLoop:
                 "syncs": len(self.coordinator.history),
                 "divergences": int(self.coordinator.stats["divergences"]),
             },
-            grown_parameters=grown,
+            grown_parameters=seed_parameters([SeedStage.ACTIVE]),
             host_parameters=host,
+            blending_parameters=seed_parameters(BLENDING_STAGES),
+            first_germination_epoch=first,
+            targets=targets,
         )
+
+    def host_modules(self) -> list[nn.Module]:
+        """The host's own modules (each slot's wrapped host layer), seeds excluded."""
+        return [slot.host for slot in self.slots]

@@ -18,8 +18,13 @@ The story, on scikit-learn's bundled handwritten digits (no download):
    their measured help;
 6. a table, ``report.txt``, ``result.json``, ``telemetry.jsonl`` and ``demo.png``.
 
-Deterministic for a fixed ``--seed`` on the CPU (timings aside). The same host trained without
-any seed is reported beside it, so the effect of growth is measured, not assumed.
+Deterministic for a fixed ``--seed`` on the CPU (timings aside), however busy the machine: one
+process runs one intra-op thread (the models are tiny, and a fixed thread count keeps every
+reduction in the same order). The growth is measured, not assumed: on the same test split
+beside it stand the same host never grown and a static MLP with the grown model's parameter
+count trained on the same batches for the same epochs. ``--repeats N`` runs rng seeds
+``seed .. seed + N - 1`` and reports mean ± sd and the paired differences;
+``--scenario continual`` is ``kasmina.demo.continual``.
 """
 
 from __future__ import annotations
@@ -31,25 +36,37 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from kasmina.demo.config import (
-    CHUNK,
-    COMMAND_KEY,
-    MARKER,
-    PUBLISHER_KEY,
-    REGROW,
-    SEED_PLAN,
-    DemoConfig,
-)
-from kasmina.demo.data import accuracy_and_loss, load_digits_split
+from kasmina.demo.config import CHUNK, COMMAND_KEY, MARKER, PUBLISHER_KEY, REGROW, DemoConfig
+from kasmina.demo.data import accuracy, load_digits_split
 from kasmina.demo.loop import DemoLoop
-from kasmina.demo.models import HostMLP, teacher_mlp, train_plain
-from kasmina.demo.report import DemoResult, format_report, plot
+from kasmina.demo.models import (
+    HostMLP,
+    PlainMLP,
+    matching_widths,
+    plain_parameters,
+    teacher_mlp,
+    train_plain,
+)
+from kasmina.demo.report import (
+    CONTINUAL_METHODS,
+    ContinualResult,
+    DemoResult,
+    format_continual,
+    format_repeats,
+    format_report,
+    plot,
+    plot_continual,
+    summarize,
+)
 from kasmina.urza.blueprints import get_blueprint
 from kasmina.utils.keyring import generate_key
 
@@ -79,8 +96,8 @@ def prepare(cfg: DemoConfig) -> dict[str, Any]:
     publishers = publisher.trusted_publishers().to_json()
     (out / "publishers.json").write_text(json.dumps(publishers, indent=2) + "\n")
     store = str(out / "urza")
-    wanted = list(SEED_PLAN[: cfg.num_seeds])
-    if any(sid == REGROW[0] for sid, _ in wanted):
+    wanted = cfg.seed_plan()
+    if cfg.scenario == "standard" and any(sid == REGROW[0] for sid, _ in wanted):
         wanted.append(REGROW)
     artifacts: dict[tuple[str, int], str] = {}
     plan = []
@@ -127,21 +144,42 @@ def _claim_output_dir(out: Path) -> Path:
 def run_demo(
     cfg: DemoConfig, prepared: dict[str, Any], rank: int = 0, world: int = 1
 ) -> DemoResult:
-    """One rank's run (the whole run when ``world == 1``); returns its ``DemoResult``."""
+    """One rank's run of the standard scenario (the whole run when ``world == 1``): the
+    teacher, the never-grown host, the grown host and the static same-size net."""
     device = torch.device(cfg.device)
     data = load_digits_split(cfg.seed, device)
     torch.manual_seed(cfg.seed + 1)
     teacher = train_plain(
         teacher_mlp().to(device), cfg, data, cfg.teacher_epochs, 3e-3, rank, world
     )
-    teacher_acc, _ = accuracy_and_loss(teacher, data, data.test)
+    teacher_acc = accuracy(teacher, data, data.test)
+
+    def test_curve(curve: list[float]) -> Callable[[nn.Module], None]:
+        return lambda model: curve.append(accuracy(model, data, data.test))
+
+    baseline_curve: list[float] = []
     torch.manual_seed(cfg.seed + 2)
-    baseline = train_plain(HostMLP().to(device), cfg, data, cfg.epochs, cfg.host_lr, rank, world)
-    baseline_acc, _ = accuracy_and_loss(baseline, data, data.test)
+    baseline = HostMLP().to(device)
+    record = test_curve(baseline_curve)
+    train_plain(baseline, cfg, data, cfg.epochs, cfg.host_lr, rank, world, on_epoch=record)
+    baseline_acc = accuracy(baseline, data, data.test)
     torch.manual_seed(cfg.seed + 2)  # the grown host starts from the baseline's initial weights
     model = HostMLP().to(device)
     loop = DemoLoop(cfg, prepared, model, teacher, data, rank, world)
-    return loop.run(teacher_acc, baseline_acc)
+    result = loop.run(teacher_acc, baseline_acc)
+    # The static net: as many parameters as the grown model ended with, the same batches.
+    widths = matching_widths(result.grown_model_parameters)
+    static_curve: list[float] = []
+    torch.manual_seed(cfg.seed + 3)
+    static = PlainMLP(widths).to(device)
+    record = test_curve(static_curve)
+    train_plain(static, cfg, data, cfg.epochs, cfg.host_lr, rank, world, on_epoch=record)
+    result.static_test_acc = accuracy(static, data, data.test)
+    result.static_widths = list(widths)
+    result.static_parameters = plain_parameters(widths)
+    result.baseline_curve = baseline_curve
+    result.static_curve = static_curve
+    return result
 
 
 def _rank_main(rank: int, world: int, cfg: DemoConfig, prepared: dict[str, Any]) -> None:
@@ -183,18 +221,62 @@ def _run_torchrun(cfg: DemoConfig) -> Any:
     return result if rank == 0 else None
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for a one-process run (restored after): the models are tiny, so
+    more threads only add synchronisation, which a busy machine turns into seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+Result = DemoResult | ContinualResult
+
+
+def run_one(cfg: DemoConfig) -> Result:
+    """One seed, one process, either scenario: prepare the output directory and run."""
+    from kasmina.demo.continual import run_continual
+
+    prepared = prepare(cfg)
+    with _one_thread():
+        if cfg.scenario == "continual":
+            return run_continual(cfg, prepared)
+        return run_demo(cfg, prepared)
+
+
+def _write(result: Result, out: Path) -> str:
+    """``result.json``, ``report.txt`` and the plot in ``out``; returns the report."""
+    (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+    if isinstance(result, ContinualResult):
+        report = format_continual(result)
+        plot_continual(result, out / "demo.png")
+    else:
+        report = format_report(result)
+        plot(result, out / "demo.png")
+    (out / "report.txt").write_text(report + "\n")
+    return report
+
+
 def run_demo_cli(cfg: DemoConfig) -> int:
     """``kasmina demo``: prepare, run (in ``cfg.nproc`` processes, or as one rank of a
-    ``torchrun`` launch), then print and save the report (rank 0)."""
+    ``torchrun`` launch, or ``cfg.repeats`` seeds one after another), then print and save the
+    report (rank 0)."""
     cfg.validate()
     _quiet_logging()
+    if cfg.repeats > 1:
+        return _run_repeats(cfg)
     start = time.perf_counter()
+    result: Result
     if _under_torchrun():
-        result = _run_torchrun(cfg)
-        if result is None:
+        ranked = _run_torchrun(cfg)
+        if ranked is None:
             return 0
+        result = ranked
     elif cfg.nproc == 1:
-        result = run_demo(cfg, prepare(cfg))
+        result = run_one(cfg)
     else:
         from kasmina.control.processes import spawn
 
@@ -203,11 +285,57 @@ def run_demo_cli(cfg: DemoConfig) -> int:
         spawn(_rank_main, cfg.nproc, args=(cfg, prepared), backend=backend, timeout_s=300)
         result = DemoResult.from_json(json.loads((cfg.out_dir / "result.json").read_text()))
     result.wall_s = time.perf_counter() - start
-    (cfg.out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1))
-    report = format_report(result)
-    (cfg.out_dir / "report.txt").write_text(report + "\n")
-    png = plot(result, cfg.out_dir / "demo.png")
+    report = _write(result, cfg.out_dir)
     print(report)
-    print(f"\nwrote {cfg.out_dir / 'report.txt'}, {png}, {cfg.out_dir / 'telemetry.jsonl'}")
+    outputs = ", ".join(str(cfg.out_dir / name) for name in ("report.txt", "demo.png"))
+    print(f"\nwrote {outputs}, {cfg.out_dir / 'telemetry.jsonl'}")
     sys.stdout.flush()
     return 0
+
+
+def _run_repeats(cfg: DemoConfig) -> int:
+    """``--repeats N``: seeds ``seed .. seed + N - 1`` one after another, each in its own
+    ``seed-<k>`` directory with its full report; the summary (mean ± sd per model, paired
+    differences) goes to ``report.txt`` and ``result.json`` in ``--out``."""
+    out = _claim_output_dir(cfg.out_dir)
+    start = time.perf_counter()
+    results: list[Result] = []
+    for k in range(cfg.repeats):
+        seed = cfg.seed + k
+        one = replace(cfg, seed=seed, repeats=1, out_dir=out / f"seed-{seed}")
+        t0 = time.perf_counter()
+        result = run_one(one)
+        result.wall_s = time.perf_counter() - t0
+        _write(result, one.out_dir)
+        results.append(result)
+        print(f"seed {seed}: {_headline(result)}  ({result.wall_s:.0f} s)")
+        sys.stdout.flush()
+    summary = summarize(results)
+    report = format_repeats(cfg.scenario, summary, time.perf_counter() - start)
+    payload = {
+        "scenario": cfg.scenario,
+        "summary": summary,
+        "runs": [r.to_json() for r in results],
+    }
+    (out / "result.json").write_text(json.dumps(payload, indent=1))
+    (out / "report.txt").write_text(report + "\n")
+    print()
+    print(report)
+    print(f"\nwrote {out / 'report.txt'}, {out / 'result.json'}; each run in {out}/seed-<k>/")
+    sys.stdout.flush()
+    return 0
+
+
+def _headline(result: Result) -> str:
+    """The one-line progress summary of a finished run."""
+    if isinstance(result, ContinualResult):
+        kasmina, tuned, static, _ = CONTINUAL_METHODS
+        acc = result.accuracy
+        return "  ".join(
+            f"{label} old {100 * acc[m]['old']:.1f}% new {100 * acc[m]['new']:.1f}%"
+            for label, m in (("Kasmina", kasmina), ("fine-tuned", tuned), ("static", static))
+        )
+    return (
+        f"never-grown {100 * result.baseline_test_acc:.1f}%  grown "
+        f"{100 * result.acc_after_growth:.1f}%  static {100 * result.static_test_acc:.1f}%"
+    )

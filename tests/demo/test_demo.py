@@ -1,4 +1,5 @@
-"""The demo end to end, shortened: outputs, refused attacks, isolation, determinism, --nproc 2.
+"""The demo end to end, shortened: outputs, refused attacks, isolation, the baselines on the
+test split, determinism under a CPU hog, --repeats, --scenario continual, --nproc 2.
 
 Seventeen epochs are enough for the controller to see a plateau and germinate a seed (with seed
 0, fc2[0] at the epoch-13 boundary; it is grafting by the last epoch), so the whole command path
@@ -14,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,16 @@ from cryptography.hazmat.primitives import serialization
 
 from kasmina.cli import main as cli
 from kasmina.demo.config import DemoConfig
-from kasmina.demo.report import DemoResult
-from kasmina.demo.run import prepare, run_demo, run_demo_cli
+from kasmina.demo.controller import views_from_state
+from kasmina.demo.models import plain_parameters
+from kasmina.demo.report import CONTINUAL_METHODS, ContinualResult, DemoResult
+from kasmina.demo.run import prepare, run_demo_cli, run_one
+from kasmina.leyline import SystemStatePacket
+from kasmina.stages import SeedStage
 from kasmina.urza.keys import PublisherKey
 
 SHORT = {"epochs": 17, "num_seeds": 2, "teacher_epochs": 4, "progress": False}
+TINY = {"epochs": 3, "teacher_epochs": 1, "progress": False, "measure_targets": False}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def short_run(tmp_path_factory) -> tuple[Path, DemoResult]:
 def test_outputs_are_written(short_run, capsys) -> None:
     out, result = short_run
     report = (out / "report.txt").read_text()
-    for heading in ("Accuracy", "Seed timelines", "Commands", "Kernel cache", "isolation"):
+    for heading in ("Test accuracy", "Seed timelines", "Commands", "Kernel cache", "isolation"):
         assert heading in report
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stat.S_IMODE((out / "keys.json").stat().st_mode) == 0o600
@@ -144,11 +151,135 @@ def test_the_plot_puts_each_stage_change_on_the_boundary_the_timeline_names(
     assert checked >= 3  # fc2[0]: ISOLATED_INIT, COMPATIBILITY_CHECK, GRAFTING
 
 
-def test_a_fixed_seed_reproduces_the_run(short_run, tmp_path) -> None:
+def test_the_report_has_the_three_baselines_on_the_test_split(short_run) -> None:
+    out, result = short_run
+    report = (out / "report.txt").read_text()
+    assert "every model on the same held-out test split" in report
+    for row in ("teacher", "not a competitor", "never-grown host", "grown host", "static"):
+        assert row in report
+    assert "grown minus never-grown" in report and "grown minus static" in report
+    # The static net has the grown model's parameter count, to within a few parameters.
+    grown = result.grown_model_parameters
+    assert grown > result.host_parameters  # fc2[0] is blending in at the end
+    assert result.static_parameters == plain_parameters(tuple(result.static_widths))
+    assert abs(result.static_parameters - grown) <= 0.02 * grown
+    assert 0.5 < result.static_test_acc <= 1
+    # Test curves for all three, one point per epoch; "before growth" is the grown host's own
+    # test accuracy at the boundary of the first germination (not a minimum of the curve).
+    epochs = SHORT["epochs"]
+    assert len(result.baseline_curve) == len(result.static_curve) == epochs
+    assert result.baseline_curve[-1] == result.baseline_test_acc
+    assert result.static_curve[-1] == result.static_test_acc
+    assert result.epochs[-1].test_acc == result.acc_after_growth
+    assert result.first_germination_epoch == 13
+    assert result.acc_before_growth == result.epochs[13].test_acc
+    # Timings are reported but kept out of the reproducible fingerprint.
+    assert "validate_performance_targets" in report and result.targets
+    assert "targets" not in result.fingerprint() and "wall_s" not in result.fingerprint()
+
+
+def test_the_controller_reads_the_managers_state_packet() -> None:
+    packet = SystemStatePacket(
+        current_epoch=7,
+        validation_accuracy=0.5,
+        seed_stages={"a[0]": 4, "a[1]": 3, "b[0]": 0},
+        training_metrics={
+            "seed/a[0]/epochs_in_stage": 2.0,
+            "seed/a[0]/benefit": 0.25,
+            "seed/a[0]/evaluated_stage": 4.0,
+            "seed/a[1]/benefit": 0.5,  # measured while grafting: not STABILIZATION's evidence
+            "seed/a[1]/evaluated_stage": 3.0,
+        },
+    )
+    views = views_from_state(packet)
+    assert list(views) == ["a[0]", "a[1]", "b[0]"]
+    assert views["a[0]"].stage == SeedStage.STABILIZATION and views["a[0]"].epochs_in_stage == 2
+    assert views["a[0]"].help == pytest.approx(0.25)
+    assert views["a[1]"].stage == SeedStage.GRAFTING and views["a[1]"].help is None
+    assert views["b[0]"].stage == SeedStage.DORMANT
+
+
+def _cpu_hogs(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_a_fixed_seed_reproduces_the_run_under_a_cpu_hog(short_run, tmp_path) -> None:
     _, first = short_run
-    cfg = DemoConfig(out_dir=tmp_path / "again", **SHORT)
-    again = run_demo(cfg, prepare(cfg))
+    hogs = _cpu_hogs(2)  # both cores of the test machine busy while the second run trains
+    try:
+        again = run_one(DemoConfig(out_dir=tmp_path / "again", **SHORT))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     assert again.fingerprint() == first.fingerprint()
+
+
+def test_repeats_report_mean_sd_and_paired_gains(tmp_path, capsys) -> None:
+    cfg = DemoConfig(out_dir=tmp_path / "rep", repeats=2, seed=3, **TINY)
+    assert run_demo_cli(cfg) == 0
+    printed = capsys.readouterr().out
+    report = (cfg.out_dir / "report.txt").read_text()
+    assert report.strip() in printed
+    assert "2 runs, rng seeds 3..4" in report and "± " in report
+    for row in ("teacher (not a competitor)", "never-grown host", "grown host", "static"):
+        assert row in report
+    assert "grown - never-grown" in report and "grown - static same-size" in report
+    summary = json.loads((cfg.out_dir / "result.json").read_text())
+    assert summary["summary"]["seeds"] == [3, 4]
+    runs = [DemoResult.from_json(r) for r in summary["runs"]]
+    assert [r.seed for r in runs] == [3, 4]
+    gain = summary["summary"]["paired"]["grown - never-grown"]
+    assert gain["values"] == [r.acc_after_growth - r.baseline_test_acc for r in runs]
+    for seed in (3, 4):
+        assert (cfg.out_dir / f"seed-{seed}" / "report.txt").is_file()
+        assert (cfg.out_dir / f"seed-{seed}" / "demo.png").is_file()
+
+
+def test_repeats_and_continual_refuse_several_processes(tmp_path) -> None:
+    with pytest.raises(ValueError, match="one process"):
+        DemoConfig(out_dir=tmp_path, repeats=2, nproc=2).validate()
+    with pytest.raises(ValueError, match="one process"):
+        DemoConfig(out_dir=tmp_path, scenario="continual", nproc=2).validate()
+    with pytest.raises(ValueError, match="--scenario"):
+        DemoConfig(out_dir=tmp_path, scenario="other").validate()
+
+
+def test_the_continual_scenario_protects_the_host_and_scores_every_method(tmp_path) -> None:
+    cfg = DemoConfig(
+        out_dir=tmp_path / "cont",
+        scenario="continual",
+        **{**TINY, "epochs": 8},
+        phase1_epochs=6,
+        num_seeds=2,
+        replay=3,
+    )
+    assert run_demo_cli(cfg) == 0
+    result = ContinualResult.from_json(json.loads((cfg.out_dir / "result.json").read_text()))
+    report = (cfg.out_dir / "report.txt").read_text()
+    kasmina, tuned, static, phase1 = CONTINUAL_METHODS
+    for method in CONTINUAL_METHODS:
+        assert method in report
+        assert set(result.accuracy[method]) == {"old", "new", "all"}
+    assert "forgetting" in report and "bit-identical to phase 1" in report
+    assert result.host_unchanged
+    assert result.accuracy[phase1]["new"] < 0.05  # the host never saw a new class
+    assert result.accuracy[phase1]["old"] > 0.5
+    assert result.forgetting(tuned) > 0  # fine-tuning on the new classes costs old ones
+    # The same data and the same total steps: the phase-2 set is the new classes plus the
+    # replayed digits, and the static net trains as many steps as both phases together.
+    assert result.train_sizes["replay"] == 15
+    assert result.steps["static"] == result.steps["phase1"] + result.steps["phase2"]
+    assert abs(result.parameters["static"] - result.parameters["grown"]) <= 20
+    growth = result.growth
+    assert growth.decisions[0] == (0, "head[1]", "germinate: new classes")
+    assert growth.isolation["violations"] == 0 and growth.isolation["seed_steps"] > 0
+    assert [r.epoch for r in growth.epochs] == list(range(cfg.epochs + 1))
+    assert len(result.fine_tune_curve) == cfg.epochs + 1
+    # A second run with the same seed reproduces it.
+    again = run_one(replace(cfg, out_dir=tmp_path / "again"))
+    assert isinstance(again, ContinualResult)
+    assert again.fingerprint() == result.fingerprint()
 
 
 def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
@@ -164,12 +295,24 @@ def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
 def test_cli_defaults_match_the_demo_config() -> None:
     args = cli.build_parser().parse_args(["demo"])
     defaults = DemoConfig()
-    assert (args.epochs, args.seeds, args.device, args.seed, args.nproc) == (
+    assert (
+        args.epochs,
+        args.seeds,
+        args.device,
+        args.seed,
+        args.nproc,
+        args.repeats,
+        args.scenario,
+        args.replay,
+    ) == (
         defaults.epochs,
         defaults.num_seeds,
         defaults.device,
         defaults.seed,
         defaults.nproc,
+        defaults.repeats,
+        defaults.scenario,
+        defaults.replay,
     )
 
 
