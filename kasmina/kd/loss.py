@@ -1,5 +1,9 @@
 """The KD losses over the fused ``kd_kl_loss``: a module for trainers, and the one helper
-that seeds and slots use to distil a seed's output (and to sum what they collected)."""
+that seeds and slots use to distil a seed's output (and to sum what they collected).
+
+Both also take a linear head instead of logits: given the student's hidden states and the head's
+weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[rows, V]`` logits
+(docs/design.md §2, §7); the teacher may then be logits or its own hidden states and head."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.ops import kd_kl_loss
+from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
 
 __all__ = ["StaticKDLoss", "seed_kd_loss", "sum_kd_losses"]
 
@@ -17,13 +21,36 @@ class StaticKDLoss(nn.Module):
 
     The teacher logits are detached (the teacher never gets a gradient); the student's gradient
     is kept, so the loss trains whatever produced ``student_logits``.
+
+    Head path: ``forward(hidden, teacher_logits, student_weight=W)`` (optionally
+    ``student_bias``, and ``teacher_hidden``/``teacher_weight``/``teacher_bias`` instead of
+    ``teacher_logits``) computes the same loss of ``hidden @ W.T + bias`` with
+    ``fused_linear_kd_loss``, chunked so the logits never exist. The heads' logit scale and
+    soft-cap, and ``chunk_rows``, are fixed at construction (None: none, default chunking).
     """
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        *,
+        chunk_rows: int | None = None,
+        student_logit_scale: float | None = None,
+        teacher_logit_scale: float | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+    ) -> None:
         super().__init__()
         checked = KDConfig(temperature=temperature, reduction=reduction)  # the one validation
         self.temperature = float(checked.temperature)
         self.reduction = checked.reduction
+        self.head_options: dict[str, float | int | None] = {
+            "chunk_rows": chunk_rows,
+            "student_logit_scale": student_logit_scale,
+            "teacher_logit_scale": teacher_logit_scale,
+            "student_softcap": student_softcap,
+            "teacher_softcap": teacher_softcap,
+        }
 
     @classmethod
     def from_config(cls, config: KDConfig) -> StaticKDLoss:
@@ -32,26 +59,76 @@ class StaticKDLoss(nn.Module):
     def forward(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        student_weight: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return kd_kl_loss(
+        """``student_logits`` are logits, or hidden states when ``student_weight`` is given."""
+        if student_weight is None:
+            if teacher_logits is None or teacher_hidden is not None or student_bias is not None:
+                raise ValueError(
+                    "without student_weight, pass logits: teacher_logits (no hidden, no bias)"
+                )
+            return kd_kl_loss(
+                student_logits,
+                teacher_logits.detach(),
+                temperature=self.temperature,
+                reduction=self.reduction,
+                mask=mask,
+            )
+        return fused_linear_kd_loss(
             student_logits,
-            teacher_logits.detach(),
+            student_weight,
+            teacher_logits,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
             temperature=self.temperature,
             reduction=self.reduction,
             mask=mask,
+            **self.head_options,  # type: ignore[arg-type]
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        head = "".join(f", {k}={v}" for k, v in self.head_options.items() if v is not None)
+        return f"temperature={self.temperature}, reduction={self.reduction!r}{head}"
 
 
-def seed_kd_loss(config: KDConfig, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``kd_kl_loss`` of a seed-path student against detached teacher logits."""
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher logits {tuple(teacher.shape)} != student {tuple(student.shape)}")
-    return kd_kl_loss(student, teacher.detach(), config.temperature, config.reduction)
+def seed_kd_loss(
+    config: KDConfig,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    head_weight: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kd_kl_loss`` of a seed-path student against detached teacher logits.
+
+    With ``head_weight`` (``[V, H]``, and ``head_bias``), ``student`` is hidden states
+    ``[..., H]`` that the head maps to logits: the loss is then ``fused_linear_kd_loss``, which
+    never forms them."""
+    if head_weight is None:
+        if teacher.shape != student.shape:
+            raise ValueError(
+                f"teacher logits {tuple(teacher.shape)} != student {tuple(student.shape)}"
+            )
+        if head_bias is not None:
+            raise ValueError("head_bias needs head_weight")
+        return kd_kl_loss(student, teacher.detach(), config.temperature, config.reduction)
+    return fused_linear_kd_loss(
+        student,
+        head_weight,
+        teacher.detach(),
+        student_bias=head_bias,
+        temperature=config.temperature,
+        reduction=config.reduction,
+    )
 
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:

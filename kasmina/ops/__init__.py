@@ -11,6 +11,9 @@ that dispatches:
   straight-through ``incubate`` mode; the host gets no gradient from the blend.
 - ``kd_kl_loss`` -- ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per row, streaming softmax, the
   ``[rows, V]`` probabilities never materialised.
+- ``fused_linear_kd_loss`` -- built on ``kd_kl_loss`` (its kernels, no kernel of its own) and
+  GEMMs: the KD loss of a linear head's logits (optional logit scale and soft-cap per side),
+  chunked over rows so the ``[rows, V]`` logits never exist; gradients for hidden, weight, bias.
 - ``grad_norms`` / ``leak_check`` -- L2 norms of many tensors in one launch per dtype; the leak
   flag stays on the device until the caller reads it.
 - ``lifecycle_update`` / ``lifecycle_tick`` -- K transitions of the seed state table in one launch,
@@ -23,6 +26,7 @@ fp16 and bf16. Imports only torch, triton, ``kasmina.kernels`` and ``kasmina.sta
 """
 
 from kasmina.ops.alpha_blend import alpha_blend, alpha_blend_reference
+from kasmina.ops.fused_linear_kd import fused_linear_kd_loss, fused_linear_kd_loss_reference
 from kasmina.ops.grad_norms import (
     grad_norms,
     grad_norms_reference,
@@ -42,6 +46,8 @@ __all__ = [
     "KD_REDUCTIONS",
     "alpha_blend",
     "alpha_blend_reference",
+    "fused_linear_kd_loss",
+    "fused_linear_kd_loss_reference",
     "grad_norms",
     "grad_norms_reference",
     "kd_kl_loss",

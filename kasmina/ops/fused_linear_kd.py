@@ -1,0 +1,808 @@
+"""``fused_linear_kd_loss``: ``kd_kl_loss`` of a linear head's logits without forming them.
+
+The value and the gradients of ::
+
+    kd_kl_loss(head_s(student_hidden), teacher, temperature, reduction, mask)
+    head(x) = cap·tanh(scale·(x @ weight.T + bias) / cap)     (scale and cap optional)
+
+where the teacher is given as logits, or as its own hidden states and head (``head_t``, computed
+per chunk under ``no_grad``). Rows are all the leading dims of the hidden states, as in
+``kd_kl_loss``; ``mask`` (bool, the leading dims' shape) drops rows exactly as there, and the
+reductions are the same (``none``, ``sum``, ``mean`` = sum/(rows_kept·V), ``batchmean`` =
+sum/rows_kept, an all-masked batch giving 0). Gradients go to ``student_hidden``,
+``student_weight`` and ``student_bias``, never to the teacher. ``logit_scale`` is Cohere's
+``logits·scale``; ``softcap`` is Gemma-2's final-logit soft-capping.
+
+How (docs/design.md §2, "fused-linear KD"). Rows are processed ``chunk_rows`` at a time. For each
+chunk the student's logits are one ``addmm`` into a reused ``[chunk_rows, V]`` buffer (the scale
+folded into the GEMM's ``alpha``/``beta``, the soft-cap applied in place), the teacher's likewise
+(or a view of the given logits), and the KD op's own forward and backward
+(``kasmina.ops.kd_loss``: the Triton kernels on CUDA, the CPU path elsewhere) give the chunk's
+loss and its logits gradient ``T·(p_s - p_t)``. The chain rule through the soft-cap
+(``1 - (y/cap)²``, from the capped logits ``y`` themselves) is applied in place, and the chunk's
+gradient is folded at once into ``grad_hidden`` (one GEMM into the chunk's rows),
+``grad_weight`` (accumulated in fp32 for bf16/fp16 weights, in blocks of the vocabulary through
+the spent logits buffer) and ``grad_bias`` (fp32). Chunks are independent because every row's
+softmax is over V only, so the sum over chunks is the exact loss and the exact gradient (see
+§2 for the argument). No ``[rows, V]`` tensor is ever allocated: the peak beyond the inputs and
+the gradients is about one chunk's logits, gradient and scratch.
+
+With a scalar reduction the gradients are computed in the forward, unscaled (as for
+``reduction="sum"``, so no fp16 gradient underflows under ``1/rows``), and the backward
+multiplies them by ``grad_output·(reduction scale)`` in fp32, rounding the weight's and bias's
+gradient once from their fp32 accumulators. With ``reduction="none"`` the weight gradient
+depends on the per-row ``grad_output``, so the forward keeps the per-row KD statistics
+(``[rows, 4]`` fp32) and the backward recomputes each chunk's logits (two GEMMs per chunk more).
+
+Default chunk size: ``default_chunk_rows`` fits a chunk's scratch (student logits and their
+gradient, the teacher's chunk when it is computed, plus the CPU path's fp32 temporaries on a
+CPU) into ``DEFAULT_CHUNK_BYTES`` (512 MiB) on CUDA and ``DEFAULT_CPU_CHUNK_BYTES`` (64 MiB)
+elsewhere, rounded down to a multiple of 64 rows; ``chunk_rows`` overrides it.
+
+Eager calls go through a ``torch.autograd.Function``; under ``torch.compile`` the op is the
+custom op ``kasmina::fused_linear_kd_loss`` (and ``kasmina::fused_linear_kd_loss_backward`` for
+``reduction="none"``), with fake implementations and ``register_autograd``; both call the same
+implementation. Hidden states that cannot be viewed as ``[rows, H]`` are copied (hidden-sized);
+teacher logits that cannot be viewed as ``[rows, V]`` are gathered one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kasmina.ops.backend import check_float_tensor
+from kasmina.ops.kd_loss import REDUCTIONS, _backward_impl, _forward_impl, kd_kl_loss_reference
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_CPU_CHUNK_BYTES",
+    "default_chunk_rows",
+    "fused_linear_kd_loss",
+    "fused_linear_kd_loss_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 512 * 2**20  # scratch budget of one chunk on CUDA (default_chunk_rows)
+DEFAULT_CPU_CHUNK_BYTES = 64 * 2**20  # ... and on other devices (the CPU path)
+CPU_SCRATCH_BYTES = 16  # per logit: the CPU path's fp32 temporaries (forward and backward)
+ROW_MULTIPLE = 64  # default chunks are a multiple of this many rows (GEMM tiles)
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def _head_reference(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, cap: float | None
+) -> Tensor:
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    if scale is not None:
+        logits = logits * scale
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def fused_linear_kd_loss_reference(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_logits: Tensor | None = None,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+    student_logit_scale: float | None = None,
+    teacher_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+) -> Tensor:
+    """Plain torch, logits materialised: the test oracle (differentiable by autograd; run it in
+    float64 for a reference)."""
+    student = _head_reference(
+        student_hidden, student_weight, student_bias, student_logit_scale, student_softcap
+    )
+    if teacher_logits is None:
+        assert teacher_hidden is not None and teacher_weight is not None
+        teacher = _head_reference(
+            teacher_hidden.detach(), teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            teacher_logit_scale, teacher_softcap,
+        )  # fmt: skip
+    else:
+        teacher = teacher_logits
+    return kd_kl_loss_reference(student, teacher.detach(), temperature, reduction, mask)
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def default_chunk_rows(
+    rows: int,
+    vocab: int,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype | None = None,
+    *,
+    device_type: str = "cuda",
+    budget_bytes: int | None = None,
+) -> int:
+    """Rows per chunk whose scratch fits ``budget_bytes``: per logit the student's logits and
+    their gradient (student dtype), the teacher's chunk when it is computed or gathered
+    (``teacher_dtype``; None when the teacher's logits are read in place), and on a non-CUDA
+    device the CPU path's fp32 temporaries. At least 1, at most ``rows``; a multiple of 64
+    when it is at least 64 and smaller than ``rows``. ``budget_bytes`` defaults to
+    ``DEFAULT_CHUNK_BYTES`` on CUDA (512 MiB: big GEMMs, and few passes over the fp32 weight
+    accumulator) and ``DEFAULT_CPU_CHUNK_BYTES`` elsewhere (64 MiB), read at call time."""
+    if budget_bytes is not None:
+        budget = budget_bytes
+    elif device_type == "cuda":
+        budget = DEFAULT_CHUNK_BYTES
+    else:
+        budget = DEFAULT_CPU_CHUNK_BYTES
+    per_logit = 2 * _itemsize(student_dtype)
+    if teacher_dtype is not None:
+        per_logit += _itemsize(teacher_dtype)
+    if device_type != "cuda":
+        per_logit += CPU_SCRATCH_BYTES
+    n = max(1, min(max(rows, 1), budget // max(vocab * per_logit, 1)))
+    if ROW_MULTIPLE <= n < rows:
+        n -= n % ROW_MULTIPLE
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Everything that is not a tensor (hashable: the eager Function keeps it on ctx)."""
+
+    temperature: float
+    reduction: str
+    chunk_rows: int
+    student_scale: float | None
+    teacher_scale: float | None
+    student_cap: float | None
+    teacher_cap: float | None
+    need_hidden: bool
+    need_weight: bool
+    need_bias: bool
+
+    @property
+    def need_grad(self) -> bool:
+        return self.need_hidden or self.need_weight or self.need_bias
+
+
+@dataclass
+class _Rows:
+    """The inputs as rows: ``[rows, H]`` hidden states, the teacher's logits as ``[rows, V]``
+    (or None: ``gather`` one chunk at a time from ``teacher_nd``), or its head."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    teacher: Tensor | None
+    teacher_nd: Tensor | None
+    teacher_hidden: Tensor | None
+    teacher_weight: Tensor | None
+    teacher_bias: Tensor | None
+    mask: Tensor | None
+    rows: int
+    vocab: int
+
+
+def _as_rows(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+    mask: Tensor | None,
+) -> _Rows:  # fmt: skip
+    lead = tuple(hidden.shape[:-1])
+    rows, vocab = math.prod(lead), weight.shape[0]
+    teacher = teacher_nd = None
+    if teacher_logits is not None:
+        try:
+            teacher = teacher_logits.view(rows, vocab)
+        except RuntimeError:  # e.g. logits[:, :-1]: gathered per chunk, never copied whole
+            teacher_nd = teacher_logits
+    t_hidden = None
+    if teacher_hidden is not None:
+        t_hidden = teacher_hidden.reshape(rows, teacher_hidden.shape[-1])
+    return _Rows(
+        hidden=hidden.reshape(rows, hidden.shape[-1]), weight=weight, bias=bias,
+        teacher=teacher, teacher_nd=teacher_nd, teacher_hidden=t_hidden,
+        teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+        mask=None if mask is None else mask.reshape(rows), rows=rows, vocab=vocab,
+    )  # fmt: skip
+
+
+def _head_into(
+    out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None,
+    cap: float | None,
+) -> Tensor:  # fmt: skip
+    """``cap·tanh(scale·(hidden @ weight.T + bias)/cap)`` written into ``out`` (one GEMM; the
+    scale rides on its ``alpha``/``beta``, the cap is applied in place)."""
+    s = 1.0 if scale is None else scale
+    if bias is not None:
+        torch.addmm(bias, hidden, weight.t(), beta=s, alpha=s, out=out)
+    elif s != 1.0:
+        torch.addmm(out, hidden, weight.t(), beta=0.0, alpha=s, out=out)
+    else:
+        torch.mm(hidden, weight.t(), out=out)
+    if cap is not None:
+        out.div_(cap).tanh_().mul_(cap)
+    return out
+
+
+class _Chunker:
+    """Per-chunk logits of both sides, in buffers reused across chunks."""
+
+    def __init__(self, r: _Rows, cfg: _Config) -> None:
+        self.r, self.cfg = r, cfg
+        n = min(cfg.chunk_rows, max(r.rows, 1))
+        h = r.hidden
+        self.s_buf = torch.empty(n, r.vocab, dtype=h.dtype, device=h.device)
+        self.t_buf = None
+        if r.teacher_hidden is not None:
+            assert r.teacher_weight is not None
+            self.t_buf = torch.empty(n, r.vocab, dtype=r.teacher_hidden.dtype, device=h.device)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        step = self.cfg.chunk_rows
+        return [(r0, min(r0 + step, self.r.rows)) for r0 in range(0, self.r.rows, step)]
+
+    def student(self, r0: int, r1: int) -> Tensor:
+        r, cfg = self.r, self.cfg
+        return _head_into(
+            self.s_buf[: r1 - r0], r.hidden[r0:r1], r.weight, r.bias, cfg.student_scale,
+            cfg.student_cap,
+        )  # fmt: skip
+
+    def teacher(self, r0: int, r1: int) -> Tensor:
+        r, cfg = self.r, self.cfg
+        if r.teacher is not None:
+            return r.teacher[r0:r1]
+        if r.teacher_nd is not None:
+            t = r.teacher_nd
+            index = torch.arange(r0, r1, device=t.device)
+            return t[torch.unravel_index(index, tuple(t.shape[:-1]))]
+        assert self.t_buf is not None and r.teacher_hidden is not None
+        assert r.teacher_weight is not None
+        with torch.no_grad():
+            return _head_into(
+                self.t_buf[: r1 - r0], r.teacher_hidden[r0:r1], r.teacher_weight,
+                r.teacher_bias, cfg.teacher_scale, cfg.teacher_cap,
+            )  # fmt: skip
+
+    def mask(self, r0: int, r1: int) -> Tensor | None:
+        return None if self.r.mask is None else self.r.mask[r0:r1]
+
+
+class _Grads:
+    """The gradient buffers, and the fold of one chunk's logits gradient into them."""
+
+    def __init__(self, r: _Rows, cfg: _Config) -> None:
+        self.r, self.cfg = r, cfg
+        h, w = r.hidden, r.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        self.hidden = h.new_empty(h.shape if cfg.need_hidden else (0,))
+        self.weight = w.new_empty(0, dtype=acc)
+        if cfg.need_weight:
+            self.weight = torch.zeros(w.shape, dtype=acc, device=w.device)
+        self.bias = h.new_empty(0, dtype=acc)
+        if cfg.need_bias:
+            assert r.bias is not None
+            self.bias = torch.zeros(r.bias.shape, dtype=acc, device=w.device)
+
+    def fold(self, grad: Tensor, logits: Tensor, r0: int, r1: int) -> None:
+        """Add the chunk's logits gradient ``grad`` (``d loss / d y``, ``y`` the capped logits
+        in ``logits``, whose buffer this spends) to the three gradients."""
+        r, cfg = self.r, self.cfg
+        if cfg.student_cap is not None:  # dy/dz = 1 - tanh² = 1 - (y/cap)²
+            t2 = logits.div_(cfg.student_cap).square_()
+            grad.addcmul_(grad, t2, value=-1.0)
+        alpha = 1.0 if cfg.student_scale is None else cfg.student_scale
+        if cfg.need_hidden:
+            out = self.hidden[r0:r1]
+            torch.addmm(out, grad, r.weight, beta=0.0, alpha=alpha, out=out)
+        if cfg.need_weight:
+            _add_mm(self.weight, grad.t(), r.hidden[r0:r1], alpha, logits)
+        if cfg.need_bias:
+            self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=alpha)
+
+
+def _add_mm(acc: Tensor, a: Tensor, b: Tensor, alpha: float, spare: Tensor) -> None:
+    """``acc += alpha·(a @ b)``. A wider ``acc`` (fp32 for bf16/fp16 operands) takes the
+    product in blocks of its rows, each rounded once to the operands' dtype in ``spare``'s
+    storage (a spent chunk buffer), so no ``acc``-sized temporary exists."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+        return
+    rows, cols = acc.shape
+    block = min(rows, spare.numel() // max(cols, 1))
+    if block < 1 or spare.dtype != a.dtype:
+        block = min(rows, max(1, spare.numel() // max(cols, 1)))
+        scratch = torch.empty(block, cols, dtype=a.dtype, device=acc.device)
+    else:
+        scratch = spare.view(-1)[: block * cols].view(block, cols)
+    for v0 in range(0, rows, block):
+        v1 = min(rows, v0 + block)
+        part = torch.mm(a[v0:v1], b, out=scratch[: v1 - v0])
+        acc[v0:v1].add_(part, alpha=alpha)
+
+
+# --------------------------------------------------------------------------- implementation
+
+
+def _reduction_scale(r: _Rows, reduction: str) -> Tensor:
+    """What the reduction multiplies the row sum by (0-d fp32; on the device with a mask)."""
+    device = r.hidden.device
+    factor = 1.0 / r.vocab if reduction == "mean" else 1.0
+    if reduction in ("sum", "none"):
+        return torch.ones((), dtype=torch.float32, device=device)
+    if r.mask is None:
+        return torch.full((), factor / max(r.rows, 1), dtype=torch.float32, device=device)
+    kept = r.mask.sum(dtype=torch.float32).clamp_(min=1.0)
+    return kept.reciprocal_().mul_(factor)
+
+
+def _forward(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+    mask: Tensor | None, cfg: _Config,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(loss, grad_hidden, grad_weight_acc, grad_bias_acc, scale, stats)``.
+
+    Scalar reductions with a gradient: the three gradients unscaled (as for ``sum``; the hidden
+    one in its dtype, the others in their fp32 accumulators) and ``scale`` (0-d fp32, the
+    reduction's factor); ``stats`` is empty. ``none`` with a gradient: only ``stats`` (the KD
+    op's per-row ``[rows, 4]``) besides the loss. Whatever is not needed is empty."""
+    r = _as_rows(
+        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask
+    )
+    per_row = cfg.reduction == "none"
+    grads_now = cfg.need_grad and not per_row
+    kd_reduction = "none" if per_row else "sum"
+    chunks = _Chunker(r, cfg)
+    grads = _Grads(r, cfg) if grads_now else None
+    f32 = torch.promote_types(hidden.dtype, torch.float32)  # float64 only in tests
+    device = hidden.device
+    loss_rows = torch.empty(r.rows, dtype=f32, device=device) if per_row else None
+    total = torch.zeros((), dtype=f32, device=device)
+    stats = torch.empty(r.rows if cfg.need_grad and per_row else 0, 4, dtype=f32, device=device)
+    one = torch.ones((), dtype=f32, device=device)
+    temperature = cfg.temperature
+    for r0, r1 in chunks.ranges():
+        s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
+        need_stats = grads_now or stats.numel() > 0
+        loss, st, _ = _forward_impl(s, t, m, temperature, kd_reduction, need_stats)
+        if loss_rows is not None:
+            loss_rows[r0:r1].copy_(loss)
+        else:
+            total.add_(loss)
+        if stats.numel():
+            stats[r0:r1].copy_(st)
+        if grads is not None:
+            empty = st.new_empty(0)
+            g = _backward_impl(s, t, m, st, empty, one, temperature, "sum")
+            grads.fold(g, s, r0, r1)
+    scale = _reduction_scale(r, cfg.reduction)
+    if loss_rows is not None:
+        loss_out = loss_rows.view(hidden.shape[:-1])
+    else:
+        loss_out = total.mul_(scale) if cfg.reduction != "sum" else total
+    if grads is None:
+        acc = torch.promote_types(weight.dtype, f32)
+        nothing = (hidden.new_empty(0), weight.new_empty(0, dtype=acc), total.new_empty(0))
+        return loss_out, *nothing, scale, stats
+    grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden
+    return loss_out, grad_h, grads.weight, grads.bias, scale, stats
+
+
+def _backward_rows(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+    mask: Tensor | None, stats: Tensor, grad_output: Tensor, cfg: _Config,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``reduction="none"``: the gradients for a per-row ``grad_output``, recomputing each
+    chunk's logits; ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes, empty
+    where not needed."""
+    r = _as_rows(
+        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask
+    )
+    chunks = _Chunker(r, cfg)
+    grads = _Grads(r, cfg)
+    go = grad_output.reshape(r.rows)
+    empty = stats.new_empty(0)
+    for r0, r1 in chunks.ranges():
+        s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
+        g = _backward_impl(s, t, m, stats[r0:r1], empty, go[r0:r1], cfg.temperature, "none")
+        grads.fold(g, s, r0, r1)
+    grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden
+    return grad_h, _round(grads.weight, weight.dtype), _round_bias(grads.bias, bias)
+
+
+def _round(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """``acc·scale`` rounded once to ``dtype`` (no ``acc``-sized temporary)."""
+    if acc.numel() == 0:
+        return acc.new_empty(0, dtype=dtype)
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    if scale is None:
+        return out.copy_(acc)
+    return torch.mul(acc, scale, out=out)
+
+
+def _round_bias(acc: Tensor, bias: Tensor | None, scale: Tensor | None = None) -> Tensor:
+    if bias is None or acc.numel() == 0:
+        return acc.new_empty(0)
+    return _round(acc, bias.dtype, scale)
+
+
+def _scaled_grads(
+    grad_loss: Tensor, grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, scale: Tensor,
+    weight: Tensor, bias: Tensor | None, cfg: _Config,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Scalar reductions: the forward's unscaled gradients times ``grad_output·scale``, in
+    fp32, rounded once (the hidden one was rounded once already, by its GEMM)."""
+    c = grad_loss.to(torch.float32) * scale
+    gh = grad_h * c if cfg.need_hidden else None
+    gw = _round(acc_w, weight.dtype, c) if cfg.need_weight else None
+    gb = _round_bias(acc_b, bias, c) if cfg.need_bias else None
+    return gh, gw, gb
+
+
+# --------------------------------------------------------------------------- autograd wiring
+
+
+class _FusedFunction(torch.autograd.Function):
+    """Eager path (only built when a student input needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg):  # type: ignore[override]
+        loss, grad_h, acc_w, acc_b, scale, stats = _forward(
+            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg
+        )
+        ctx.cfg = cfg
+        if cfg.reduction == "none":
+            ctx.save_for_backward(
+                hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats
+            )
+        else:
+            ctx.save_for_backward(grad_h, acc_w, acc_b, scale, weight, bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        cfg: _Config = ctx.cfg
+        if cfg.reduction == "none":
+            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = (
+                ctx.saved_tensors
+            )
+            gh, gw, gb = _backward_rows(
+                hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats,
+                grad_loss, cfg,
+            )  # fmt: skip
+            grads = (
+                gh if cfg.need_hidden else None,
+                gw if cfg.need_weight else None,
+                gb if cfg.need_bias else None,
+            )
+        else:
+            grad_h, acc_w, acc_b, scale, weight, bias = ctx.saved_tensors
+            grads = _scaled_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _cfg(
+    temperature: float, reduction: str, chunk_rows: int, s_scale: float | None,
+    t_scale: float | None, s_cap: float | None, t_cap: float | None, need_hidden: bool,
+    need_weight: bool, need_bias: bool,
+) -> _Config:  # fmt: skip
+    return _Config(
+        temperature, reduction, chunk_rows, s_scale, t_scale, s_cap, t_cap, need_hidden,
+        need_weight, need_bias,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("kasmina::fused_linear_kd_loss", mutates_args=())
+def _fused_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    mask: Tensor | None,
+    temperature: float,
+    reduction: str,
+    chunk_rows: int,
+    student_scale: float | None,
+    teacher_scale: float | None,
+    student_cap: float | None,
+    teacher_cap: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cfg = _cfg(
+        temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap,
+        teacher_cap, need_hidden, need_weight, need_bias,
+    )  # fmt: skip
+    return _forward(
+        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
+        cfg,
+    )  # fmt: skip
+
+
+@_fused_op.register_fake
+def _fused_fake(
+    hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
+    temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap, teacher_cap,
+    need_hidden, need_weight, need_bias,
+):  # fmt: skip
+    lead = hidden.shape[:-1]
+    f32 = torch.promote_types(hidden.dtype, torch.float32)
+    acc = torch.promote_types(weight.dtype, f32)
+    loss = hidden.new_empty(lead if reduction == "none" else (), dtype=f32)
+    need_grad = need_hidden or need_weight or need_bias
+    now = need_grad and reduction != "none"
+    grad_h = hidden.new_empty(hidden.shape if now and need_hidden else (0,))
+    acc_w = weight.new_empty(weight.shape if now and need_weight else (0,), dtype=acc)
+    bias_shape = bias.shape if now and need_bias and bias is not None else (0,)
+    acc_b = hidden.new_empty(bias_shape, dtype=acc if now else f32)
+    scale = hidden.new_empty((), dtype=f32)
+    rows = math.prod(lead) if need_grad and reduction == "none" else 0
+    stats = hidden.new_empty((rows, 4), dtype=f32)
+    return loss, grad_h, acc_w, acc_b, scale, stats
+
+
+@torch.library.custom_op("kasmina::fused_linear_kd_loss_backward", mutates_args=())
+def _fused_backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    grad_output: Tensor,
+    temperature: float,
+    chunk_rows: int,
+    student_scale: float | None,
+    teacher_scale: float | None,
+    student_cap: float | None,
+    teacher_cap: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    cfg = _cfg(
+        temperature, "none", chunk_rows, student_scale, teacher_scale, student_cap, teacher_cap,
+        need_hidden, need_weight, need_bias,
+    )  # fmt: skip
+    return _backward_rows(
+        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
+        stats, grad_output, cfg,
+    )  # fmt: skip
+
+
+@_fused_backward_op.register_fake
+def _fused_backward_fake(
+    hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
+    stats, grad_output, temperature, chunk_rows, student_scale, teacher_scale, student_cap,
+    teacher_cap, need_hidden, need_weight, need_bias,
+):  # fmt: skip
+    grad_h = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    grad_w = weight.new_empty(weight.shape if need_weight else (0,))
+    if bias is not None and need_bias:
+        grad_b = bias.new_empty(bias.shape)
+    else:
+        grad_b = stats.new_empty((0,))
+    return grad_h, grad_w, grad_b
+
+
+_OP_ARGS = (
+    "hidden", "weight", "bias", "teacher_logits", "teacher_hidden", "teacher_weight",
+    "teacher_bias", "mask", "temperature", "reduction", "chunk_rows", "student_scale",
+    "teacher_scale", "student_cap", "teacher_cap", "need_hidden", "need_weight", "need_bias",
+)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    args = dict(zip(_OP_ARGS, inputs, strict=True))
+    cfg = _cfg(*(args[k] for k in _OP_ARGS[8:]))
+    _, grad_h, acc_w, acc_b, scale, stats = output
+    ctx.mark_non_differentiable(grad_h, acc_w, acc_b, scale, stats)
+    ctx.set_materialize_grads(False)
+    ctx.cfg = cfg
+    if cfg.reduction == "none":
+        ctx.save_for_backward(*(args[k] for k in _OP_ARGS[:8]), stats)
+    else:
+        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, args["weight"], args["bias"])
+
+
+def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
+    nothing = (None,) * len(_OP_ARGS)
+    if grad_loss is None:
+        return nothing
+    cfg: _Config = ctx.cfg
+    if cfg.reduction == "none":
+        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = ctx.saved_tensors
+        gh, gw, gb = torch.ops.kasmina.fused_linear_kd_loss_backward(
+            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats, grad_loss,
+            cfg.temperature, cfg.chunk_rows, cfg.student_scale, cfg.teacher_scale,
+            cfg.student_cap, cfg.teacher_cap, cfg.need_hidden, cfg.need_weight, cfg.need_bias,
+        )  # fmt: skip
+        grads = (
+            gh if cfg.need_hidden else None,
+            gw if cfg.need_weight else None,
+            gb if cfg.need_bias else None,
+        )
+    else:
+        grad_h, acc_w, acc_b, scale, weight, bias = ctx.saved_tensors
+        grads = _scaled_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+    return (*grads, *nothing[3:])
+
+
+_fused_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def _positive(name: str, value: object, optional: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    check_float_tensor(f"{side}_hidden", hidden)
+    check_float_tensor(f"{side}_weight", weight, hidden.device)
+    if hidden.dim() == 0:
+        raise ValueError(f"{side}_hidden needs a last (hidden) dim, got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{side}_weight must be [V, {hidden.shape[-1]}] with V > 0, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"{side}_weight dtype {weight.dtype} must equal {side}_hidden dtype {hidden.dtype}"
+        )
+    if bias is not None:
+        check_float_tensor(f"{side}_bias", bias, hidden.device)
+        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{side}_bias must be a {weight.dtype} tensor of shape ({weight.shape[0]},), "
+                f"got {bias.dtype} {tuple(bias.shape)}"
+            )
+
+
+def _check(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+    reduction: str, mask: Tensor | None,
+) -> None:  # fmt: skip
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_head("student", hidden, weight, bias)
+    lead, vocab = tuple(hidden.shape[:-1]), weight.shape[0]
+    if (teacher_logits is None) == (teacher_hidden is None and teacher_weight is None):
+        raise ValueError("give either teacher_logits or teacher_hidden and teacher_weight")
+    if teacher_logits is not None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias goes with teacher_hidden/teacher_weight, not logits")
+        check_float_tensor("teacher_logits", teacher_logits, hidden.device)
+        if tuple(teacher_logits.shape) != (*lead, vocab):
+            raise ValueError(
+                f"teacher_logits shape {tuple(teacher_logits.shape)} must be {(*lead, vocab)}"
+            )
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight go together")
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        if teacher_hidden.device != hidden.device:
+            raise ValueError(
+                f"teacher_hidden is on {teacher_hidden.device}, expected {hidden.device}"
+            )
+        if tuple(teacher_hidden.shape[:-1]) != lead or teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"the teacher's rows {tuple(teacher_hidden.shape[:-1])} and vocabulary "
+                f"{teacher_weight.shape[0]} must match the student's {lead} and {vocab}"
+            )
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask is on {mask.device}, expected {hidden.device}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the rows' shape {lead}")
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_logits: Tensor | None = None,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+    chunk_rows: int | None = None,
+    student_logit_scale: float | None = None,
+    teacher_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+) -> Tensor:
+    """``kd_kl_loss(head(student_hidden), teacher, temperature, reduction, mask)`` chunked over
+    rows, the ``[rows, V]`` logits never allocated (module docstring; docs/design.md §2).
+
+    ``student_hidden`` ``[..., H]`` and ``student_weight`` ``[V, H]`` (an ``nn.Linear``'s
+    weight) share a float dtype; ``student_bias`` is ``[V]``. The teacher is
+    ``teacher_logits`` ``[..., V]`` or ``teacher_hidden`` ``[..., H_t]`` with
+    ``teacher_weight`` ``[V, H_t]`` (and ``teacher_bias``). ``*_logit_scale`` multiplies the
+    head's logits; ``*_softcap`` caps them as ``cap·tanh(z/cap)`` (after the scale). Both are
+    floats > 0. ``chunk_rows`` (int >= 1) overrides ``default_chunk_rows``. Returns a float32
+    tensor: 0-d, or the rows' shape for ``reduction="none"``.
+    """
+    _check(
+        student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+        teacher_weight, teacher_bias, reduction, mask,
+    )  # fmt: skip
+    temperature = _positive("temperature", temperature, optional=False)  # type: ignore[assignment]
+    s_scale = _positive("student_logit_scale", student_logit_scale)
+    t_scale = _positive("teacher_logit_scale", teacher_logit_scale)
+    s_cap = _positive("student_softcap", student_softcap)
+    t_cap = _positive("teacher_softcap", teacher_softcap)
+    rows, vocab = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
+    if chunk_rows is None:
+        computed = teacher_hidden.dtype if teacher_hidden is not None else None
+        chunk = default_chunk_rows(
+            rows, vocab, student_hidden.dtype, computed, device_type=student_hidden.device.type
+        )
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    else:
+        chunk = chunk_rows
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and student_hidden.requires_grad
+    need_w = grad_on and student_weight.requires_grad
+    need_b = grad_on and student_bias is not None and student_bias.requires_grad
+    t_args = tuple(
+        None if t is None else t.detach()
+        for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+    )
+    if torch.compiler.is_compiling():
+        return _fused_op(
+            student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,
+            chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,
+        )[0]  # fmt: skip
+    cfg = _cfg(
+        temperature, reduction, chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b
+    )
+    if cfg.need_grad:
+        return _FusedFunction.apply(
+            student_hidden, student_weight, student_bias, *t_args, mask, cfg
+        )
+    with torch.no_grad():
+        return _forward(student_hidden, student_weight, student_bias, *t_args, mask, cfg)[0]

@@ -1,0 +1,529 @@
+"""fused_linear_kd_loss against an independent float64 oracle (plain matmul, log-softmax KL,
+autograd) for the loss and the gradients of hidden states, weight and bias: every reduction,
+masks, temperatures, fp32/bf16/fp16, teacher as logits and as a head, logit scale and soft-cap,
+rows that are not a multiple of the chunk, odd vocabularies, non-contiguous inputs; the CPU path
+and the Triton kernels (through the interpreter on a CPU); the custom ops under opcheck and
+``torch.compile(fullgraph=True)``; and the memory claim: no ``[rows, V]`` tensor is ever
+allocated or saved for the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import kasmina.ops.fused_linear_kd as flkd
+from kasmina.ops import fused_linear_kd_loss, fused_linear_kd_loss_reference, kd_kl_loss
+from tests.ops.tolerances import tol
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [
+    pytest.mark.filterwarnings(f"ignore:{what} encountered:RuntimeWarning")
+    for what in ("invalid value", "divide by zero", "overflow")
+]
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    with DEVICE:
+        yield
+
+
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE.type == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
+    monkeypatch.setenv("KASMINA_BACKEND", "triton")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def _oracle(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher: Tensor, temperature: float,
+    reduction: str, mask: Tensor | None = None, grad_output: Tensor | None = None,
+    scale: float | None = None, cap: float | None = None,
+) -> tuple[Tensor, list[Tensor | None]]:  # fmt: skip
+    """float64: ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` of ``s = cap·tanh(scale·(hW^T+b)/cap)``,
+    written out (no kasmina code); returns the loss and d loss/d (hidden, weight, bias)."""
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    vocab = weight.shape[0]
+    z = leaves[0].reshape(-1, hidden.shape[-1]) @ leaves[1].t()
+    if b64 is not None:
+        z = z + b64
+    if scale is not None:
+        z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    log_ps = torch.log_softmax(z / temperature, -1)
+    log_pt = torch.log_softmax(teacher.double().reshape(-1, vocab) / temperature, -1)
+    rows = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature**2
+    kept = rows.numel()
+    if mask is not None:
+        rows = torch.where(mask.reshape(-1), rows, 0.0)
+        kept = int(mask.sum())
+    loss = {
+        "none": lambda: rows.reshape(hidden.shape[:-1]),
+        "sum": rows.sum,
+        "mean": lambda: rows.sum() / (max(kept, 1) * vocab),
+        "batchmean": lambda: rows.sum() / max(kept, 1),
+    }[reduction]()
+    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    wrt = [*leaves, *([b64] if b64 is not None else [])]
+    grads = list(torch.autograd.grad(loss, wrt, go))
+    return loss.detach(), grads + ([None] if b64 is None else [])
+
+
+def _teacher_logits_of(th: Tensor, tw: Tensor, tb: Tensor | None, scale, cap) -> Tensor:
+    z = th.double() @ tw.double().t()
+    if tb is not None:
+        z = z + tb.double()
+    if scale is not None:
+        z = z * scale
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def _close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Per-dtype tolerance, ``atol`` relative to the largest expected magnitude."""
+    t = tol(dtype)
+    size = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=t["rtol"], atol=t["atol"] * max(size, 1e-30),
+        msg=lambda m: f"{what}: {m}",
+    )  # fmt: skip
+
+
+def _inputs(lead, hidden, vocab, dtype, seed, *, bias=True, t_hidden=6):
+    g = _gen(seed)
+    h = torch.randn(*lead, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    th = torch.randn(*lead, t_hidden, generator=g).to(dtype)
+    tw = (torch.randn(vocab, t_hidden, generator=g) / t_hidden**0.5 * 2).to(dtype)
+    tb = (torch.randn(vocab, generator=g) * 0.5).to(dtype)
+    tl = (torch.randn(*lead, vocab, generator=g) * 2).to(dtype)
+    mask = torch.rand(lead, generator=g) > 0.3
+    return h, w, b, th, tw, tb, tl, mask
+
+
+def _check_case(dtype, reduction, temperature, masked, teacher_kind, scale, cap, lead, vocab,
+                chunk, seed=0, bias=True):  # fmt: skip
+    h, w, b, th, tw, tb, tl, mask = _inputs(lead, 12, vocab, dtype, seed, bias=bias)
+    m = mask if masked else None
+    kwargs = dict(
+        temperature=temperature, reduction=reduction, mask=m, chunk_rows=chunk,
+        student_bias=b, student_logit_scale=scale, student_softcap=cap,
+    )  # fmt: skip
+    if teacher_kind == "head":
+        kwargs.update(
+            teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, teacher_logit_scale=scale,
+            teacher_softcap=cap,
+        )  # fmt: skip
+        loss = fused_linear_kd_loss(h, w, **kwargs)
+        teacher = _teacher_logits_of(th, tw, tb, scale, cap)
+    else:
+        loss = fused_linear_kd_loss(h, w, tl, **kwargs)
+        teacher = tl
+    assert loss.dtype == torch.float32
+    go = torch.rand(loss.shape, generator=_gen(seed + 1)) + 0.5
+    wrt = [x for x in (h, w, b) if x is not None]
+    grads = torch.autograd.grad(loss, wrt, go)
+    exp_loss, exp_grads = _oracle(h, w, b, teacher, temperature, reduction, m, go, scale, cap)
+    _close(loss, exp_loss, dtype, "loss")
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, exp_grads, strict=False):
+        assert got.dtype == dtype and got.shape == want.shape
+        _close(got, want, dtype, f"grad {name}")
+    assert th.grad is None and tw.grad is None and tl.grad is None
+
+
+# --------------------------------------------------------------------------- value and gradients
+
+
+CASES = [
+    # dtype, reduction, T, masked, teacher, scale, cap, lead, vocab, chunk
+    (torch.float32, "none", 1.0, False, "logits", None, None, (3, 5), 37, 4),
+    (torch.float32, "sum", 2.0, True, "head", None, None, (13,), 50, 5),
+    (torch.float32, "mean", 0.7, True, "logits", 0.5, None, (2, 7), 129, 3),
+    (torch.float32, "batchmean", 2.0, False, "head", None, 4.0, (4, 3), 37, 5),
+    (torch.float32, "batchmean", 1.5, True, "head", 0.25, 3.0, (9,), 33, 4),
+    (torch.float32, "none", 3.0, True, "head", 1.5, 2.5, (2, 5), 45, 3),
+    (torch.float32, "sum", 1.0, False, "logits", None, 6.0, (11,), 21, 16),
+    (torch.bfloat16, "batchmean", 2.0, True, "head", 0.5, 3.0, (3, 5), 37, 4),
+    (torch.bfloat16, "none", 1.0, False, "logits", None, None, (7,), 50, 3),
+    (torch.bfloat16, "mean", 2.0, True, "logits", None, 5.0, (2, 4), 129, 5),
+    (torch.float16, "sum", 2.0, True, "head", None, None, (3, 5), 37, 4),
+    (torch.float16, "batchmean", 1.0, False, "logits", 0.5, 4.0, (10,), 50, 3),
+    (torch.float16, "none", 2.0, True, "head", None, 3.0, (2, 3), 33, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reduction", "temperature", "masked", "teacher", "scale", "cap", "lead", "vocab",
+     "chunk"),
+    CASES,
+)  # fmt: skip
+def test_matches_float64_oracle(dtype, reduction, temperature, masked, teacher, scale, cap, lead,
+                                vocab, chunk):  # fmt: skip
+    """CPU path (CUDA: the kernels): loss and all three gradients against float64, with a
+    per-row or scalar ``grad_output``; the chunk never divides the rows, and no V is a multiple
+    of 16."""
+    _check_case(dtype, reduction, temperature, masked, teacher, scale, cap, lead, vocab, chunk)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reduction", "teacher", "cap"),
+    [
+        (torch.float32, "batchmean", "head", 3.0),
+        (torch.float32, "none", "logits", None),
+        (torch.bfloat16, "mean", "head", None),
+        (torch.float16, "sum", "logits", 4.0),
+    ],
+)
+def test_triton_kernels_match_float64_oracle(triton_backend, dtype, reduction, teacher, cap):
+    """The same through the KD kernels (the interpreter on a CPU)."""
+    _check_case(dtype, reduction, 2.0, True, teacher, 0.5, cap, (2, 5), 37, 3, seed=5)
+
+
+def test_no_bias_and_one_chunk_for_everything():
+    _check_case(
+        torch.float32, "batchmean", 2.0, True, "head", None, None, (6,), 40, 100, bias=False
+    )
+
+
+def test_equals_kd_kl_loss_of_materialised_logits():
+    """The definition, at fp32 tolerance: kd_kl_loss(h @ W.T + b, t) and autograd."""
+    h, w, b, _, _, _, tl, mask = _inputs((4, 6), 16, 70, torch.float32, seed=3)
+    for reduction in REDUCTIONS:
+        loss = fused_linear_kd_loss(
+            h, w, tl, student_bias=b, temperature=1.7, reduction=reduction, mask=mask, chunk_rows=5
+        )
+        go = torch.rand(loss.shape, generator=_gen(4)) + 0.5
+        grads = torch.autograd.grad(loss, (h, w, b), go)
+        ref = kd_kl_loss(h @ w.t() + b, tl, temperature=1.7, reduction=reduction, mask=mask)
+        ref_grads = torch.autograd.grad(ref, (h, w, b), go)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_non_contiguous_hidden_and_shifted_teacher_logits():
+    """A transposed hidden view and ``logits[:, :-1]`` teacher logits (not viewable as
+    ``[rows, V]``: gathered one chunk at a time); gradients keep the hidden's shape."""
+    g = _gen(7)
+    hidden = torch.randn(2, 6, 10, generator=g, requires_grad=True)
+    view = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided layout
+    assert not view.is_contiguous()
+    w = torch.randn(41, 10, generator=g, requires_grad=True)
+    full_t = torch.randn(2, 7, 41, generator=g) * 2
+    teacher = full_t[:, :-1]
+    assert not teacher.is_contiguous()
+    loss = fused_linear_kd_loss(view, w, teacher, temperature=2.0, chunk_rows=5)
+    gh, gw = torch.autograd.grad(loss, (hidden, w))
+    exp, (eh, ew, _) = _oracle(hidden, w, None, teacher, 2.0, "batchmean")
+    _close(loss, exp, torch.float32, "loss")
+    _close(gh, eh, torch.float32, "hidden")
+    _close(gw, ew, torch.float32, "weight")
+
+
+def test_frozen_head_and_frozen_hidden():
+    """Only what requires grad gets a gradient (and the frozen parts cost nothing)."""
+    h, w, b, th, tw, _, _, mask = _inputs((3, 4), 8, 30, torch.float32, seed=8)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    loss = fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw, student_bias=b,
+                                mask=mask, chunk_rows=5)  # fmt: skip
+    (gh,) = torch.autograd.grad(loss, h)
+    _, (eh, _, _) = _oracle(h, w, b, _teacher_logits_of(th, tw, None, None, None), 1.0,
+                            "batchmean", mask)  # fmt: skip
+    _close(gh, eh, torch.float32, "hidden")
+    h2 = h.detach()
+    w.requires_grad_(True)
+    loss = fused_linear_kd_loss(h2, w, teacher_hidden=th, teacher_weight=tw, chunk_rows=4)
+    loss.backward()
+    assert w.grad is not None and h2.grad is None
+
+
+def test_all_rows_masked_gives_zero():
+    h, w, b, _, _, _, tl, _ = _inputs((2, 3), 8, 20, torch.float32, seed=9)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    for reduction in ("mean", "batchmean", "sum"):
+        loss = fused_linear_kd_loss(h, w, tl, student_bias=b, reduction=reduction, mask=none)
+        grads = torch.autograd.grad(loss, (h, w, b))
+        assert loss.item() == 0.0
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_no_grad_and_retain_graph():
+    h, w, b, _, _, _, tl, mask = _inputs((3, 3), 8, 20, torch.float32, seed=10)
+    for reduction in ("batchmean", "none"):
+        with torch.no_grad():
+            plain = fused_linear_kd_loss(h, w, tl, student_bias=b, mask=mask, chunk_rows=2,
+                                         reduction=reduction)  # fmt: skip
+        assert not plain.requires_grad
+        loss = fused_linear_kd_loss(h, w, tl, student_bias=b, mask=mask, chunk_rows=2,
+                                    reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(plain, loss.detach(), rtol=0, atol=0)
+        first = torch.autograd.grad(loss.sum(), (h, w, b), retain_graph=True)
+        second = torch.autograd.grad(loss.sum(), (h, w, b))
+        assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+
+
+def test_fp16_gradient_survives_loss_scaling():
+    """A GradScaler-sized ``grad_output`` meets ``1/rows`` in fp32: the fp16 gradients are the
+    float64 ones, not underflowed (they are computed unscaled, as for ``sum``)."""
+    h, w, b, _, _, _, tl, _ = _inputs((64,), 8, 300, torch.float16, seed=11)
+    loss = fused_linear_kd_loss(h, w, tl, student_bias=b, reduction="mean", chunk_rows=16)
+    go = torch.tensor(1024.0)
+    grads = torch.autograd.grad(loss, (h, w, b), go)
+    _, expected = _oracle(h, w, b, tl, 1.0, "mean", grad_output=go)
+    for got, want in zip(grads, expected, strict=True):
+        assert (got != 0).float().mean() > 0.9
+        _close(got, want, torch.float16, "fp16 gradient")
+
+
+def test_default_chunk_rows_follows_the_budget(monkeypatch: pytest.MonkeyPatch):
+    """docs/design.md §2: the device's budget over the per-row scratch, a multiple of 64."""
+    assert flkd.default_chunk_rows(10**6, 128_256, torch.bfloat16, torch.bfloat16) == 640
+    assert flkd.default_chunk_rows(10**6, 128_256, torch.bfloat16) == 1024
+    assert flkd.default_chunk_rows(10, 128_256, torch.bfloat16) == 10
+    assert flkd.default_chunk_rows(10**6, 10**9, torch.float32, device_type="cpu") == 1
+    assert flkd.default_chunk_rows(10**6, 32_000, torch.float32, device_type="cpu") == 64
+    per_row = 200 * (2 * 4 + 4 + (flkd.CPU_SCRATCH_BYTES if DEVICE.type != "cuda" else 0))
+    budget = "DEFAULT_CHUNK_BYTES" if DEVICE.type == "cuda" else "DEFAULT_CPU_CHUNK_BYTES"
+    monkeypatch.setattr(flkd, budget, 5 * per_row)
+    calls: list[int] = []
+    forward = flkd._forward_impl
+
+    def spy(student, *args):
+        calls.append(student.shape[0])
+        return forward(student, *args)
+
+    monkeypatch.setattr(flkd, "_forward_impl", spy)
+    h, w, _, th, tw, _, _, _ = _inputs((12,), 8, 200, torch.float32, seed=12)
+    fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw)
+    assert calls == [5, 5, 2]
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+def test_gradcheck_reference_float64():
+    g = _gen(13)
+    h = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    tl = torch.randn(2, 3, 5, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    for reduction in REDUCTIONS:
+
+        def ref(h, w, b, reduction=reduction):
+            return fused_linear_kd_loss_reference(
+                h, w, tl, student_bias=b, temperature=1.3, reduction=reduction, mask=mask,
+                student_logit_scale=0.7, student_softcap=2.0,
+            )  # fmt: skip
+
+        assert torch.autograd.gradcheck(ref, (h, w, b))
+
+
+def test_gradcheck_chunked_path_float64():
+    """The chunked implementation itself (the CPU path, in float64 below the public dtype check:
+    chunks, soft-cap chain rule, scale, accumulators) by finite differences."""
+    g = _gen(14)
+    h = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    th = torch.randn(7, 2, dtype=torch.float64, generator=g)
+    tw = torch.randn(6, 2, dtype=torch.float64, generator=g)
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    for reduction in REDUCTIONS:
+        cfg = flkd._cfg(1.4, reduction, 3, 0.8, 1.2, 2.5, 3.0, True, True, True)
+
+        def run(h, w, b, cfg=cfg):
+            return flkd._FusedFunction.apply(h, w, b, None, th, tw, None, mask, cfg)
+
+        assert torch.autograd.gradcheck(run, (h, w, b))
+
+
+# --------------------------------------------------------------------------- custom op, compile
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops."""
+    h, w, b, th, tw, _, _, mask = _inputs((2, 5), 8, 33, torch.float32, seed=15)
+    for reduction in ("batchmean", "none"):
+        args = (h, w, b, None, th, tw, None, mask, 2.0, reduction, 4, 0.5, None, 5.0, None,
+                True, True, True)  # fmt: skip
+        torch.library.opcheck(torch.ops.kasmina.fused_linear_kd_loss, args)
+    stats = torch.rand(10, 4, generator=_gen(16)) + 1.0
+    grad_output = torch.rand(2, 5, generator=_gen(17))
+    args = (h.detach(), w.detach(), b.detach(), None, th, tw, None, mask, stats, grad_output,
+            2.0, 4, 0.5, None, 5.0, None, True, True, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.kasmina.fused_linear_kd_loss_backward, args)
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    """One small case (Inductor on a CPU is slow): loss and gradients under
+    ``torch.compile(fullgraph=True)`` equal the eager path's."""
+    torch._dynamo.reset()
+    h, w, b, th, tw, tb, _, mask = _inputs((2, 5), 8, 33, torch.float32, seed=18)
+
+    def step(h, w, b):
+        return fused_linear_kd_loss(
+            h * 1.0, w, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, student_bias=b,
+            temperature=2.0, mask=mask, chunk_rows=4, student_softcap=5.0,
+        )  # fmt: skip
+
+    compiled = torch.compile(step, fullgraph=True)(h, w, b)
+    got = torch.autograd.grad(compiled, (h, w, b))
+    eager = step(h, w, b)
+    want = torch.autograd.grad(eager, (h, w, b))
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the largest storage any op creates (views of existing storages excluded)."""
+
+    def __init__(self, existing: list[Tensor]) -> None:
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in existing if t is not None}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocation probe")
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("teacher", ["head", "logits"])
+def test_no_rows_by_vocab_tensor_is_ever_allocated(reduction, teacher):
+    """Every storage created in forward + backward, and every tensor saved for the backward,
+    is at most the largest of one chunk's fp32 logits, the weight's fp32 accumulator and the
+    hidden gradient, all far below one ``[rows, V]`` fp32 tensor. The same probe catches the
+    eager ``kd_kl_loss(h @ W.T)``, so it can fail."""
+    rows, hidden, vocab, chunk = 96, 8, 200, 8
+    h, w, b, th, tw, tb, tl, mask = _inputs((rows,), hidden, vocab, torch.float32, seed=19)
+    bound = 4 * max(chunk * vocab, vocab * hidden, rows * hidden)
+    assert rows * vocab * 4 >= 10 * bound
+    kwargs = dict(student_bias=b, temperature=2.0, reduction=reduction, mask=mask,
+                  chunk_rows=chunk, student_softcap=4.0)  # fmt: skip
+    if teacher == "head":
+        kwargs.update(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, teacher_softcap=4.0)
+    probe = _Allocations([h, w, b, th, tw, tb, tl, mask])
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:  # tensors saved for the backward, inputs excepted
+        if t.untyped_storage().data_ptr() not in probe.known:
+            saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with probe, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_linear_kd_loss(h, w, None if teacher == "head" else tl, **kwargs)
+        grads = torch.autograd.grad(loss.sum(), (h, w, b))
+    assert all(g is not None for g in grads)
+    assert 0 < probe.largest <= bound, (probe.largest, bound)
+    assert saved and max(saved) <= bound
+
+    eager_probe = _Allocations([h, w, b, tl, mask])
+    with eager_probe:
+        loss = kd_kl_loss(h @ w.t() + b, tl, 2.0, reduction, mask)
+        torch.autograd.grad(loss.sum(), (h, w, b))
+    assert eager_probe.largest >= rows * vocab * 4
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"reduction": "avg"}, "reduction"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"student_softcap": -1.0}, "student_softcap"),
+        ({"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
+        ({"chunk_rows": 0}, "chunk_rows"),
+        ({"chunk_rows": 2.5}, "chunk_rows"),
+        ({"teacher_logits": None}, "either"),
+        ({"teacher_hidden": "t_hidden"}, "either"),
+        ({"teacher_logits": "bad_vocab"}, "teacher_logits shape"),
+        ({"student_weight": "bad_hidden"}, "student_weight"),
+        ({"student_weight": "half"}, "dtype"),
+        ({"student_bias": "bad_bias"}, "student_bias"),
+        ({"mask": "float_mask"}, "bool"),
+        ({"mask": "bad_mask"}, "mask shape"),
+        ({"student_hidden": "double"}, "float32"),
+    ],
+)
+def test_rejections(change, match):
+    g = _gen(20)
+    samples = {
+        "t_hidden": torch.randn(2, 3, 4, generator=g),
+        "bad_vocab": torch.randn(2, 3, 9, generator=g),
+        "bad_hidden": torch.randn(10, 6, generator=g),
+        "half": torch.randn(10, 5, generator=g).half(),
+        "bad_bias": torch.randn(9, generator=g),
+        "float_mask": torch.ones(2, 3),
+        "bad_mask": torch.ones(6, dtype=torch.bool),
+        "double": torch.randn(2, 3, 5, dtype=torch.float64),
+    }
+    args = {
+        "student_hidden": torch.randn(2, 3, 5, generator=g),
+        "student_weight": torch.randn(10, 5, generator=g),
+        "teacher_logits": torch.randn(2, 3, 10, generator=g),
+    }
+    for key, value in change.items():
+        args[key] = samples.get(value, value) if isinstance(value, str) else value
+    if "teacher_hidden" in args:
+        args["teacher_weight"] = torch.randn(10, 4, generator=g)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_kd_loss(
+            args.pop("student_hidden"), args.pop("student_weight"), args.pop("teacher_logits"),
+            **args,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- benchmark code
+
+
+@pytest.mark.slow  # a subprocess that interprets the kernels: about 30 s on two shared cores
+def test_gpu_bench_fused_linear_rows_run_in_smoke_mode(tmp_path):
+    """``perf/bench_gpu.py --smoke --ops fused_linear_kd``: the fused-linear rows of the GPU
+    table at tiny sizes on the CPU build, check against float64 and write their JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "table.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("KASMINA_BACKEND", "TRITON_INTERPRET")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "bench_gpu.py", "--smoke", "--ops", "fused_linear_kd", "--json", str(out)],
+        cwd=root / "perf", env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"kasmina", "kasmina default chunk", "eager"}
+    for row in rows:
+        assert row["ms"] is not None and row["wall_ms"] is not None, row
+        assert "MISMATCH" not in row["note"] and "error" not in row["note"], row
