@@ -35,9 +35,9 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -46,7 +46,6 @@ from kasmina.leyline import (
     CommandType,
     MessagePriority,
     OptimizerCommand,
-    SeedCommand,
     SeedOperation,
 )
 
@@ -105,6 +104,7 @@ class _Range:
 
 
 _LEARNING_RATE = _Range(0.0, MAX_LEARNING_RATE, "bad_learning_rate", open_lo=True)
+_NO_PARAMETERS: dict[str, _Range] = {}
 # Known seed parameter keys per operation; any other key is refused ("unknown_parameter").
 _SEED_PARAMETERS: dict[int, dict[str, _Range]] = {
     SeedOperation.SEED_OPERATION_GERMINATE: {"learning_rate": _LEARNING_RATE},
@@ -160,6 +160,64 @@ class CommandExecutor(Protocol):
     def execute(self, command: KasminaCommand) -> bool: ...
 
 
+def _field_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a frozen slotted dataclass, for ``names`` in field order.
+
+    A frozen dataclass's ``__init__`` stores each field with ``object.__setattr__(self, name,
+    value)``, which looks the slot up by name every time; on the command path that is a large
+    part of the cost of building the command. The constructors below store through the slot
+    descriptors directly: the same writes, so the instances are the same frozen dataclasses
+    (equal to, and indistinguishable from, ones built by ``__init__``). The names are checked
+    against the dataclass here, so a field added later cannot be silently left unset.
+    """
+    declared = tuple(f.name for f in fields(cls))
+    if declared != names or getattr(cls, "__post_init__", None) is not None:
+        raise TypeError(f"{cls.__name__}'s fields are {declared}, the fast constructor's {names}")
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_new = object.__new__
+_COMMAND_FIELDS = ("command_id", "kind", "priority", "timeout_s", "seed", "rollback", "optimizer")
+_SEED_FIELDS = ("operation", "seed_id", "artifact_id", "parameters")
+_cmd_id, _cmd_kind, _cmd_priority, _cmd_timeout, _cmd_seed, _cmd_rollback, _cmd_optimizer = (
+    _field_setters(KasminaCommand, _COMMAND_FIELDS)
+)
+_seed_op, _seed_id, _seed_artifact, _seed_parameters = _field_setters(SeedAction, _SEED_FIELDS)
+
+
+def _command(
+    command_id: str,
+    kind: str,
+    priority: int,
+    timeout_s: float,
+    seed: SeedAction | None,
+    rollback: RollbackAction | None,
+    optimizer: OptimizerCommand | None,
+) -> KasminaCommand:
+    """``KasminaCommand(...)`` without the per-field name lookups (see ``_field_setters``)."""
+    command = _new(KasminaCommand)
+    _cmd_id(command, command_id)
+    _cmd_kind(command, kind)
+    _cmd_priority(command, priority)
+    _cmd_timeout(command, timeout_s)
+    _cmd_seed(command, seed)
+    _cmd_rollback(command, rollback)
+    _cmd_optimizer(command, optimizer)
+    return command
+
+
+def _seed(
+    operation: int, seed_id: str, artifact_id: str, parameters: dict[str, float]
+) -> SeedAction:
+    """``SeedAction(...)`` without the per-field name lookups (see ``_field_setters``)."""
+    action = _new(SeedAction)
+    _seed_op(action, operation)
+    _seed_id(action, seed_id)
+    _seed_artifact(action, artifact_id)
+    _seed_parameters(action, parameters)
+    return action
+
+
 def _parameter_problem(params: Mapping[str, float], known: Mapping[str, _Range]) -> str | None:
     """The reason ``params`` is refused (non-finite, unknown key, out of range), or None."""
     if not all(math.isfinite(v) for v in params.values()):
@@ -176,8 +234,9 @@ def _parameter_problem(params: Mapping[str, float], known: Mapping[str, _Range])
 def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
     """Validate an authenticated command and convert it; returns a rejection reason if invalid.
 
-    Validation and conversion share one pass so that each protobuf field is read once on the
-    hot path. Nothing is deep-copied: an optimizer payload is the parsed sub-message itself.
+    Validation reads the parsed message directly and conversion shares the pass, so each
+    protobuf field is read once on the hot path and nothing is built before every check has
+    passed. Nothing is deep-copied: an optimizer payload is the parsed sub-message itself.
     """
     command_id = cmd.command_id
     if not command_id or len(command_id) > MAX_ID_CHARS:
@@ -185,56 +244,55 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
     priority = cmd.priority
     if priority not in _PRIORITIES:
         return "unknown_priority"
-    if not cmd.HasField("timeout"):
-        return "missing_timeout"
     timeout = cmd.timeout
     seconds, nanos = timeout.seconds, timeout.nanos
-    if not (0 <= nanos <= 999_999_999 and 0 <= seconds <= MAX_TIMEOUT_S) or (
-        (seconds == 0 and nanos == 0) or (seconds == MAX_TIMEOUT_S and nanos != 0)
-    ):
-        return "bad_timeout"
+    if not (0 < seconds < MAX_TIMEOUT_S and 0 <= nanos <= 999_999_999):
+        # The rare cases, in full: unset, zero, the upper bound itself, out of range.
+        if not cmd.HasField("timeout"):
+            return "missing_timeout"
+        if not (0 <= nanos <= 999_999_999 and 0 <= seconds <= MAX_TIMEOUT_S) or (
+            (seconds == 0 and nanos == 0) or (seconds == MAX_TIMEOUT_S and nanos != 0)
+        ):
+            return "bad_timeout"
     timeout_s = seconds + nanos * 1e-9
 
-    kind = cmd.WhichOneof("command")
-    if kind == "seed_command":
-        action = _seed_action(cmd.seed_command)
-        if isinstance(action, str):
-            return action
-        return KasminaCommand(command_id, "seed", priority, timeout_s, seed=action)
-    if kind == "rollback_command":
+    # One HasField per kind, most common first (cheaper than WhichOneof on this binding).
+    if cmd.HasField("seed_command"):
+        seed = cmd.seed_command
+        op = seed.operation
+        if op not in _SEED_OPERATIONS:
+            return "unknown_operation"
+        seed_id = seed.seed_id
+        if not seed_id or len(seed_id) > MAX_ID_CHARS:
+            return "bad_seed_id"
+        artifact_id = seed.kernel_artifact_id
+        if len(artifact_id) > MAX_ID_CHARS:
+            return "bad_artifact_id"
+        if op == _GERMINATE and not artifact_id:
+            return "missing_artifact_id"
+        wire = seed.parameters
+        params: dict[str, float] = {}
+        if wire:
+            params = dict(wire)
+            reason = _parameter_problem(params, _SEED_PARAMETERS.get(op, _NO_PARAMETERS))
+            if reason is not None:
+                return reason
+        action = _seed(op, seed_id, artifact_id, params)
+        return _command(command_id, "seed", priority, timeout_s, action, None, None)
+    if cmd.HasField("rollback_command"):
         r = cmd.rollback_command
-        if not 0 <= r.target_epoch <= MAX_EPOCH:
+        target_epoch = r.target_epoch
+        if not 0 <= target_epoch <= MAX_EPOCH:
             return "bad_target_epoch"
-        rollback = RollbackAction(r.target_epoch, r.emergency, r.reason)
-        return KasminaCommand(command_id, "rollback", priority, timeout_s, rollback=rollback)
-    if kind == "optimizer_command":
+        rollback = RollbackAction(target_epoch, r.emergency, r.reason)
+        return _command(command_id, "rollback", priority, timeout_s, None, rollback, None)
+    if cmd.HasField("optimizer_command"):
         opt = cmd.optimizer_command
         reason = _optimizer_problem(opt)
         if reason is not None:
             return reason
-        return KasminaCommand(command_id, "optimizer", priority, timeout_s, optimizer=opt)
+        return _command(command_id, "optimizer", priority, timeout_s, None, None, opt)
     return "no_command"
-
-
-def _seed_action(seed: SeedCommand) -> SeedAction | str:
-    op = seed.operation
-    if op not in _SEED_OPERATIONS:
-        return "unknown_operation"
-    seed_id = seed.seed_id
-    if not seed_id or len(seed_id) > MAX_ID_CHARS:
-        return "bad_seed_id"
-    artifact_id = seed.kernel_artifact_id
-    if len(artifact_id) > MAX_ID_CHARS:
-        return "bad_artifact_id"
-    if op == _GERMINATE and not artifact_id:
-        return "missing_artifact_id"
-    params: dict[str, float] = {}
-    if seed.parameters:
-        params = dict(seed.parameters)
-        reason = _parameter_problem(params, _SEED_PARAMETERS.get(op, {}))
-        if reason is not None:
-            return reason
-    return SeedAction(op, seed_id, artifact_id, params)
 
 
 def _optimizer_problem(opt: OptimizerCommand) -> str | None:

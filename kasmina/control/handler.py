@@ -108,7 +108,7 @@ class LeylineAdaptationHandler:
 
     def handle_adaptation_command(self, raw: bytes) -> bool:
         """Process one serialized command; True only if it was authentic, valid and succeeded."""
-        command = self.accept(raw)
+        command = self._accept(raw, None)
         if command is None:
             return False
         try:
@@ -129,7 +129,7 @@ class LeylineAdaptationHandler:
         Counts it ``accepted`` and emits ``command.ack``; the caller must later report the
         outcome with ``complete``. Never raises, whatever the bytes.
         """
-        return self._guarded(raw, None)
+        return self._accept(raw, None)
 
     def accept_relayed(self, raw: bytes, received_at: float) -> KasminaCommand | None:
         """``accept`` for a command another rank of the same job received at ``received_at``
@@ -139,11 +139,54 @@ class LeylineAdaptationHandler:
         than now (``CommandVerifier.verify_relayed``): the safe point may come long after the
         command arrived, while the signature still decides, on this rank, what is obeyed.
         """
-        return self._guarded(raw, received_at)
+        return self._accept(raw, received_at)
 
-    def _guarded(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
+    def complete(self, command: KasminaCommand, success: bool) -> None:
+        """Record the outcome of an accepted command (``executed`` / ``failed``, telemetry)."""
+        with self._stats_lock:
+            self.stats["executed" if success else "failed"] += 1
+        events = self._events
+        if events is not None and events.enabled:
+            event = events.complete[command.kind, success]
+            event.emit(1.0 if success else 0.0, labels={"command_id": command.command_id})
+
+    def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
+        """The checks, in the order docs/design.md §5 gives; never raises.
+
+        The accepting path does no logging and no string formatting: only rejections are
+        reported, and at a bounded rate (``_reject``).
+        """
         try:
-            return self._accept(raw, received_at)
+            if type(raw) is bytes:
+                size = len(raw)
+            elif isinstance(raw, memoryview):
+                size = raw.nbytes
+            elif isinstance(raw, (bytes, bytearray)):
+                size = len(raw)
+            else:
+                return self._reject("malformed")
+            if size > self.max_message_bytes:
+                return self._reject("oversize")
+            try:
+                cmd = AdaptationCommand.FromString(raw if type(raw) is bytes else bytes(raw))
+            except Exception:  # DecodeError, or anything the parser raises on hostile bytes
+                return self._reject("malformed")
+            # The message was parsed here and is dropped after validation: ``owned``.
+            if received_at is None:
+                reason = self.verifier.check(cmd, owned=True)
+            else:
+                reason = self.verifier.check(cmd, float(received_at), owned=True)
+            if reason:
+                return self._reject(reason)
+            command = to_kasmina_command(cmd)
+            if type(command) is str:
+                return self._reject(command)
+            with self._stats_lock:
+                self.stats["accepted"] += 1
+            events = self._events
+            if events is not None and events.enabled:
+                events.ack[command.kind].emit(labels={"command_id": command.command_id})
+            return command
         except Exception:  # the last line of defence: no input may raise out of here
             logger.exception("unexpected error while handling an adaptation command")
             try:
@@ -151,43 +194,6 @@ class LeylineAdaptationHandler:
             except Exception:
                 logger.debug("could not record an internal error", exc_info=True)
             return None
-
-    def complete(self, command: KasminaCommand, success: bool) -> None:
-        """Record the outcome of an accepted command (``executed`` / ``failed``, telemetry)."""
-        with self._stats_lock:
-            self.stats["executed" if success else "failed"] += 1
-        if self._events is not None and self._events.enabled:
-            event = self._events.complete[command.kind, success]
-            event.emit(1.0 if success else 0.0, labels={"command_id": command.command_id})
-
-    def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
-        if isinstance(raw, memoryview):
-            size = raw.nbytes
-        elif isinstance(raw, (bytes, bytearray)):
-            size = len(raw)
-        else:
-            return self._reject("malformed")
-        if size > self.max_message_bytes:
-            return self._reject("oversize")
-        try:
-            cmd = AdaptationCommand.FromString(raw if type(raw) is bytes else bytes(raw))
-        except Exception:  # DecodeError, or anything the parser raises on hostile bytes
-            return self._reject("malformed")
-
-        if received_at is None:
-            ok, reason = self.verifier.verify(cmd)
-        else:
-            ok, reason = self.verifier.verify_relayed(cmd, float(received_at))
-        if not ok:
-            return self._reject(reason)
-        command = to_kasmina_command(cmd)
-        if isinstance(command, str):
-            return self._reject(command)
-        with self._stats_lock:
-            self.stats["accepted"] += 1
-        if self._events is not None and self._events.enabled:
-            self._events.ack[command.kind].emit(labels={"command_id": command.command_id})
-        return command
 
     def flush_rejections(self, *, force: bool = False) -> None:
         """Report rejection counts that are due (``force``: every pending count, due or not).

@@ -2,7 +2,7 @@
 
 ``CommandVerifier`` (``kasmina.control.auth``) keeps the nonces it accepted in memory for the
 freshness window; with a ``NonceLedger`` it also appends each one to a file in the run's state
-directory before its command counts as accepted, and reads the file back when it starts, so a
+directory before its command can take effect, and reads the file back when it starts, so a
 restarted trainer refuses a command an earlier process of the same run already accepted. The
 file is bounded (rewritten atomically with only the nonces still inside the window), every line
 carries a CRC so a torn write is skipped, and an advisory lock keeps a second live process off it.
@@ -42,10 +42,13 @@ _LEDGER_HEADER = (
 )
 
 
+_crc32 = zlib.crc32
+
+
 def _ledger_line(kind: str, timestamp: float, nonce: str) -> bytes:
     """One record: the CRC-32 of the rest of the line lets a torn or damaged line be skipped."""
     body = f"{kind} {timestamp!r} {nonce.encode('utf-8').hex() if nonce else '-'}".encode("ascii")
-    return b"%s %08x\n" % (body, zlib.crc32(body))
+    return body + b" %08x\n" % _crc32(body)
 
 
 def _parse_ledger_line(line: bytes) -> tuple[str, float, str] | None:
@@ -116,7 +119,13 @@ class NonceLedger:
     open, so two live trainers can never share (and corrupt) one ledger; the kernel drops the
     lock when its process dies, so a restart after a crash is never blocked.
 
-    ``append`` and ``compact`` are called under the verifier's lock; ``sync`` from any thread.
+    **Staged records.** A verifier whose caller acts on accepted commands only later
+    (``defer_sync``) ``stage``s each nonce (memory only) and writes them all with one
+    ``write_staged`` before the first of their commands takes effect; a rewrite takes the staged
+    nonces along (they are live ones).
+
+    ``append``, ``stage``, ``write_staged`` and ``compact`` are called under the verifier's
+    lock; ``sync`` from any thread.
     """
 
     def __init__(
@@ -138,8 +147,10 @@ class NonceLedger:
         self.broken = False  # an append or sync failed: the next record rewrites the file first
         self._file: io.FileIO | None = None  # append-only; a file object so it closes on GC
         self._lines = 0
-        self._written = 0  # sequence number of the last record written
+        self._last = 0  # sequence number of the last record taken (written or staged)
+        self._written = 0  # every record up to this one is in the OS (written)
         self._synced = 0  # every record up to this one is on disk
+        self._staged: list[tuple[float, str]] = []  # taken by ``stage``, not written yet
         self._sync_lock = threading.Lock()
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,20 +213,55 @@ class NonceLedger:
         return entries, floor
 
     def append(self, nonce: str, timestamp: float) -> int:
-        """Write one accepted nonce (one ``write``: in the OS on return); its sequence number."""
+        """Write one accepted nonce (one ``write``: in the OS on return); its sequence number.
+        Records staged before it are written with it, in order."""
         file = self._file
         if file is None:
             raise OSError(f"nonce ledger {self.path} is not open")
         line = _ledger_line("N", timestamp, nonce)
+        if self._staged:
+            line = self._staged_lines() + line
         if file.write(line) != len(line):
             raise OSError(f"short write to nonce ledger {self.path}")
+        self._staged.clear()
         self._lines += 1
-        self._written += 1
+        seq = self._last = self._written = self._last + 1
+        return seq
+
+    def stage(self, nonce: str, timestamp: float) -> int:
+        """Take one accepted nonce to be written by the next ``write_staged`` (or ``append``,
+        or rewrite); its sequence number. No I/O: for a verifier whose caller acts on accepted
+        commands only after ``write_staged`` and ``sync`` (``CommandVerifier(defer_sync=True)``
+        and its ``make_durable``)."""
+        if self._file is None:
+            raise OSError(f"nonce ledger {self.path} is not open")
+        self._staged.append((timestamp, nonce))
+        self._lines += 1
+        self._last += 1
+        return self._last
+
+    def write_staged(self) -> int:
+        """Write every staged record (one ``write``); the sequence number now in the OS."""
+        if self._staged:
+            file = self._file
+            if file is None:
+                raise OSError(f"nonce ledger {self.path} is not open")
+            data = self._staged_lines()
+            if file.write(data) != len(data):
+                raise OSError(f"short write to nonce ledger {self.path}")
+            self._staged.clear()
+            self._written = self._last
         return self._written
+
+    def _staged_lines(self) -> bytes:
+        return b"".join(_ledger_line("N", timestamp, nonce) for timestamp, nonce in self._staged)
 
     def sync(self, seq: int) -> None:
         """Return once record ``seq`` is durable (``"fsync"``): one fdatasync covers every
-        record written before it started, so concurrent callers mostly find theirs done."""
+        record written before it started, so concurrent callers mostly find theirs done. A
+        staged record must be written (``write_staged``) first."""
+        if seq > self._written:
+            raise OSError(f"nonce ledger {self.path}: record {seq} is staged, not written")
         if self.durability != "fsync" or self._synced >= seq:
             return
         with self._sync_lock:
@@ -267,7 +313,9 @@ class NonceLedger:
         with self._sync_lock:
             old, self._file = self._file, new_file
             self._lines = len(chunks) - 1
-            self._synced = self._written  # whatever the old file held is in the new one
+            self._staged.clear()  # staged nonces are live ones: in the new file too
+            # Whatever the old file held or was staged is in the new one, on disk.
+            self._written = self._synced = self._last
         if old is not None:
             old.close()
         if self.broken:

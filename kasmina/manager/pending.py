@@ -41,7 +41,7 @@ DEFAULT_MAX_PENDING = 256
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingCommand:
     """An accepted command, when it arrived, and its kernel fetch (GERMINATE of an uncached
     artifact only)."""
@@ -108,7 +108,9 @@ class CommandQueue:
             if self._closed or len(self._queue) >= self.max_pending:
                 return False
             self._queue.append(entry)
-        self._start_fetch(entry)
+        seed = command.seed  # only a GERMINATE of an uncached artifact starts a fetch
+        if seed is not None and seed.operation == _GERMINATE:
+            self._start_fetch(entry)
         return True
 
     def take_ready(self, *, wait: bool = False) -> list[Ready]:

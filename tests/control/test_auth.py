@@ -12,8 +12,18 @@ import random
 
 import pytest
 
-from kasmina.control.auth import CommandVerifier, compute_signature, sign_command
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.auth import (
+    COMMAND_SIGNATURE_TAG,
+    CommandVerifier,
+    _CommandMac,
+    compute_signature,
+    sign_command,
+)
+from kasmina.control.commands import (
+    make_optimizer_command,
+    make_rollback_command,
+    make_seed_command,
+)
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring, generate_key
 
@@ -70,6 +80,18 @@ def test_keyring_digest_is_standard_hmac_sha256(key_len: int) -> None:
     for message in (b"", b"x", bytes(range(256)) * 3):
         assert ring.digest("k", message) == hmac.new(key, message, hashlib.sha256).digest()
     assert ring.digest("missing", b"x") is None
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 63, 64, 65, 100, 200])
+def test_the_verifiers_prepared_hmac_is_standard_hmac_sha256(key_len: int) -> None:
+    """The verifier absorbs the key schedule and the purpose tag once per key: still RFC 2104
+    HMAC-SHA256 of tag + message, for keys shorter than, equal to and longer than a block."""
+    key = bytes(random.Random(key_len).randrange(256) for _ in range(key_len))
+    mac = _CommandMac.prepare(key, COMMAND_SIGNATURE_TAG)
+    for message in (b"", b"x", bytes(range(256)) * 3):
+        expected = hmac.new(key, COMMAND_SIGNATURE_TAG + message, hashlib.sha256).digest()
+        assert mac.digest(message) == expected
+        assert mac.digest(message) == expected  # the prepared state is copied, never consumed
 
 
 def test_keyring_rejects_bad_keys() -> None:
@@ -204,6 +226,89 @@ def test_wrong_key_unknown_key_id_and_missing_fields(keyring, verifier) -> None:
     tampered.seed_command.seed_id = "layer0:2"
     assert verifier.verify(tampered) == (False, "bad_signature")
     assert verifier.ledger_size == 0
+
+
+def test_verify_leaves_the_message_unchanged_whatever_the_answer(keyring, verifier) -> None:
+    good, forged = signed(keyring), signed(Keyring({"k1": OTHER_KEY}))
+    for cmd, answer in ((good, (True, "ok")), (forged, (False, "bad_signature"))):
+        before = cmd.SerializeToString(deterministic=True)
+        assert verifier.verify(cmd) == answer
+        assert cmd.SerializeToString(deterministic=True) == before
+
+
+def test_check_answers_the_reason_or_nothing(keyring, verifier) -> None:
+    cmd = signed(keyring)
+    assert verifier.check(cmd, record_nonce=False) == ""
+    assert verifier.check(cmd) == ""
+    assert verifier.check(cmd) == "replay"
+    assert verifier.check(signed(keyring), T0 + 120) == "future"  # relayed: received_at
+    assert verifier.check(signed(keyring), float("nan")) == "stale"
+    forged = signed(Keyring({"k1": OTHER_KEY}))
+    assert verifier.check(forged, owned=True) == "bad_signature"
+    assert forged.metadata.signature == b""  # owned: the caller's copy is left cleared
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2)."""
+    head, length = bytearray([number << 3 | 2]), len(payload)
+    while length >= 0x80:
+        head.append(length & 0x7F | 0x80)
+        length >>= 7
+    head.append(length)
+    return bytes(head) + payload
+
+
+def _reencoded(cmd: AdaptationCommand) -> bytes:
+    """The same message, encoded with its top-level fields in reverse order and its optimizer
+    parameters' map entries in reverse key order: legal protobuf, not the canonical bytes."""
+    parts = []
+    for field, value in cmd.ListFields():
+        if field.name == "optimizer_command":
+            opt = type(value)()
+            opt.CopyFrom(value)
+            opt.ClearField("parameters")
+            entries = [
+                type(value)(parameters={key: value.parameters[key]}).SerializeToString()
+                for key in sorted(value.parameters, reverse=True)
+            ]
+            parts.append(_field(field.number, opt.SerializeToString() + b"".join(entries)))
+            continue
+        part = AdaptationCommand()
+        if field.message_type is not None:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+        parts.append(part.SerializeToString())
+    return b"".join(reversed(parts))
+
+
+def test_the_signature_covers_the_parsed_message_not_the_received_bytes(keyring, verifier) -> None:
+    """The HMAC is over the canonical re-serialisation of what was parsed, so what passes is
+    exactly what is then validated and obeyed, however the sender encoded it."""
+    cmd = sign_command(
+        make_optimizer_command(
+            "create_seed", "opt", parameters={"momentum": 0.9, "weight_decay": 0.1, "eps": 1e-8}
+        ),
+        keyring,
+        "k1",
+        timestamp=T0,
+    )
+    canonical = cmd.SerializeToString(deterministic=True)
+    other = _reencoded(cmd)
+    assert other != canonical and AdaptationCommand.FromString(other) == cmd
+    assert verifier.verify(AdaptationCommand.FromString(other)) == (True, "ok")  # same message
+
+    # A field appended after the signed bytes overrides the signed value (the last one wins):
+    # the parsed message is no longer the signed one, so it is refused.
+    again = sign_command(make_rollback_command(3, command_id="rb"), keyring, "k1", timestamp=T0)
+    raw = again.SerializeToString() + AdaptationCommand(command_id="evil").SerializeToString()
+    parsed = AdaptationCommand.FromString(raw)
+    assert parsed.command_id == "evil" and parsed.metadata.signature == again.metadata.signature
+    assert verifier.verify(parsed) == (False, "bad_signature")
+    # ... and so is a second metadata piece that changes the nonce (submessages merge).
+    raw = again.SerializeToString() + _field(7, _field(1, b"another-nonce"))
+    assert verifier.verify(AdaptationCommand.FromString(raw)) == (False, "bad_signature")
+    assert verifier.verify(again) == (True, "ok")
 
 
 def test_nonce_is_recorded_only_after_the_signature_passes(keyring, verifier) -> None:

@@ -6,6 +6,7 @@ See docs/design.md §5.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -25,6 +26,9 @@ from kasmina.control.commands import (
     KasminaCommand,
     RollbackAction,
     SeedAction,
+    _command,
+    _field_setters,
+    _seed,
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
@@ -131,9 +135,13 @@ def test_rollback_and_optimizer_commands_are_converted(rig: Rig) -> None:
 
 
 def test_bytearray_and_memoryview_inputs(rig: Rig) -> None:
+    class Frame(bytes):
+        """A transport's bytes subclass."""
+
     assert rig.handler.handle_adaptation_command(bytearray(rig.sign(germinate())))
     assert rig.handler.handle_adaptation_command(memoryview(rig.sign(germinate())))
-    assert len(rig.executor.commands) == 2
+    assert rig.handler.handle_adaptation_command(Frame(rig.sign(germinate())))
+    assert len(rig.executor.commands) == 3
 
 
 def test_async_form(rig: Rig) -> None:
@@ -178,8 +186,10 @@ def test_failing_telemetry_sink_does_not_break_commands(rig: Rig) -> None:
 
 def test_internal_error_is_contained() -> None:
     class ExplodingVerifier:
-        def verify(self, cmd):
+        def check(self, cmd, received_at=None, **kwargs):
             raise RuntimeError("bug")
+
+        verify = check
 
     executor = RecordingExecutor()
     handler = LeylineAdaptationHandler(ExplodingVerifier(), executor)  # type: ignore[arg-type]
@@ -522,6 +532,27 @@ def test_fuzz_mutated_signed_commands_never_execute(raw: bytes) -> None:
     executed = len(_FUZZ_RIG.executor.commands)
     assert _FUZZ_RIG.handler.handle_adaptation_command(raw) is False
     assert len(_FUZZ_RIG.executor.commands) == executed
+
+
+# --- the converted command ----------------------------------------------------------------------
+
+
+def test_the_fast_constructors_build_the_same_frozen_dataclasses() -> None:
+    """The handler builds commands through the slot setters (no per-field name lookup): the
+    result must be the dataclass ``__init__`` would build, every field set, and frozen."""
+    action = _seed(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5})
+    assert action == SeedAction(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5})
+    command = _command("c", "seed", 2, 2.5, action, None, None)
+    assert command == KasminaCommand("c", "seed", 2, 2.5, seed=action)
+    assert repr(command) == repr(KasminaCommand("c", "seed", 2, 2.5, seed=action))
+    assert all(hasattr(command, f.name) for f in dataclasses.fields(KasminaCommand))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        command.kind = "rollback"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        action.seed_id = "other"  # type: ignore[misc]
+    # A field the fast constructor does not know about is caught when the module loads.
+    with pytest.raises(TypeError, match="fields"):
+        _field_setters(KasminaCommand, ("command_id", "kind"))
 
 
 # --- command builders --------------------------------------------------------------------------

@@ -283,11 +283,12 @@ def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(
     assert restarted.verify(signed(keyring, "next", T0)) == (False, "replay")
 
 
-def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
+def test_deferred_sync_writes_and_syncs_once_before_acting(
     keyring, clock, path, monkeypatch
 ) -> None:
-    """``defer_sync``: verify only writes; one ``make_durable`` syncs every nonce accepted so
-    far, and a failure there is raised so the caller acts on none of them."""
+    """``defer_sync``: verify only stages the nonce (memory, no I/O); one ``make_durable``
+    writes every nonce accepted so far and syncs them once, and a failure there is raised so
+    the caller acts on none of them. A staged nonce is refused as a replay at once."""
     import kasmina.control.ledger as ledger_module
 
     syncs: list[int] = []
@@ -300,11 +301,14 @@ def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
     monkeypatch.setattr(ledger_module, "_datasync", counting)
     ledger = NonceLedger(path, durability="fsync")
     verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
-    before = len(syncs)
-    assert all(verifier.verify(signed(keyring, f"d{i}", T0))[0] for i in range(5))
-    assert len(syncs) == before  # nothing synced on arrival
+    before, size = len(syncs), path.stat().st_size
+    commands = [signed(keyring, f"d{i}", T0) for i in range(5)]
+    assert all(verifier.verify(cmd)[0] for cmd in commands)
+    assert len(syncs) == before and path.stat().st_size == size  # no I/O on arrival
+    assert verifier.verify(commands[0]) == (False, "replay")  # in memory already
     verifier.make_durable()
     assert len(syncs) == before + 1  # one fdatasync for all five
+    assert all(f"d{i}".encode().hex() in path.read_text() for i in range(5))  # written
     verifier.make_durable()
     assert len(syncs) == before + 1  # nothing new to sync
     assert verifier.verify(signed(keyring, "lost", T0))[0]
@@ -317,3 +321,33 @@ def test_deferred_sync_writes_on_arrival_and_syncs_once_before_acting(
     verifier.close()
     restarted = start(keyring, clock, path)
     assert restarted.verify(signed(keyring, "d0", T0)) == (False, "replay")
+    assert restarted.verify(signed(keyring, "lost", T0)) == (False, "replay")  # written first
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush"])
+def test_deferred_records_survive_a_rewrite_and_a_failed_write(
+    keyring, clock, path, durability, monkeypatch
+) -> None:
+    """Staged nonces are live ones: a rewrite (compaction) puts them in the new file; a write
+    that fails at ``make_durable`` is raised, refuses until rewritten, and loses nothing."""
+    ledger = NonceLedger(path, durability=durability, compact_slack=3)
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    for i in range(12):  # several rewrites on the way, each taking the staged nonces along
+        assert verifier.verify(signed(keyring, f"c{i}", T0))[0]
+    verifier.make_durable()
+    assert verifier.verify(signed(keyring, "w", T0))[0]
+
+    def failing(data: bytes) -> int:
+        raise OSError(28, "ENOSPC")
+
+    monkeypatch.setattr(ledger._file, "write", failing, raising=False)
+    with pytest.raises(OSError):
+        verifier.make_durable()
+    assert ledger.broken
+    monkeypatch.undo()
+    assert verifier.verify(signed(keyring, "after", T0))[0]  # the rewrite recovers
+    verifier.make_durable()
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    for nonce in [f"c{i}" for i in range(12)] + ["w", "after"]:
+        assert restarted.verify(signed(keyring, nonce, T0)) == (False, "replay"), nonce
