@@ -331,7 +331,10 @@ class ManagerReport:
         finally:
             for module, mode in modes:
                 module.training = mode
-        overhead = (statistics.median(slot_ns) - statistics.median(host_ns)) / 1e3
+        # The median of paired differences: each pair ran back to back, so a burst of load
+        # on a shared machine shifts both halves of a pair rather than one median. A slot
+        # cannot be faster than its host, so a negative difference is noise and reads as 0.
+        overhead = statistics.median(s - h for s, h in zip(slot_ns, host_ns, strict=True)) / 1e3
         self.state.dormant_overhead_us = max(0.0, overhead)
         return self.state.dormant_overhead_us
 

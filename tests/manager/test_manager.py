@@ -364,8 +364,12 @@ def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
     assert manager.measure_dormant_overhead(repeats=20) >= 0
     targets = manager.validate_performance_targets()
     assert {"command_path_p50_us", "state_packet_bytes", "dormant_overhead_us"} <= set(targets)
-    for check in targets.values():  # measured now: real, positive values beside the bound
-        assert 0 < check.measured < math.inf and check.met == (check.measured <= check.target)
+    for name, check in targets.items():  # measured now: real values beside the bound
+        assert check.met == (check.measured <= check.target)
+        if name == "dormant_overhead_us":  # a difference of two timings, 0 when within noise
+            assert 0 <= check.measured < math.inf
+        else:
+            assert 0 < check.measured < math.inf
 
 
 @pytest.fixture
