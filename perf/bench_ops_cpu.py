@@ -127,11 +127,14 @@ def test_alpha_blend_call_overhead_tiny(benchmark) -> None:
 # --------------------------------------------------------------------------- kd_kl_loss
 
 
-def _logits(requires_grad: bool):
+KD_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def _logits(requires_grad: bool, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(1)
-    student = torch.randn(KD_ROWS, KD_VOCAB, generator=gen, requires_grad=requires_grad)
-    teacher = torch.randn(KD_ROWS, KD_VOCAB, generator=gen)
-    return student, teacher
+    student = torch.randn(KD_ROWS, KD_VOCAB, generator=gen).to(dtype)
+    teacher = torch.randn(KD_ROWS, KD_VOCAB, generator=gen).to(dtype)
+    return student.requires_grad_(requires_grad), teacher
 
 
 def _eager_kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -141,8 +144,9 @@ def _eager_kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * TEMPERATURE**2
 
 
-def test_kd_kl_loss_forward_backward(benchmark) -> None:
-    student, teacher = _logits(requires_grad=True)
+@KD_DTYPES
+def test_kd_kl_loss_forward_backward(benchmark, dtype: torch.dtype) -> None:
+    student, teacher = _logits(requires_grad=True, dtype=dtype)
     _versus(
         benchmark,
         lambda: kd_kl_loss(student, teacher, TEMPERATURE, "batchmean").backward(),
@@ -152,9 +156,10 @@ def test_kd_kl_loss_forward_backward(benchmark) -> None:
     benchmark.extra_info["target"] += f"; {KD_TARGET}"
 
 
-def test_kd_kl_loss_forward_no_grad(benchmark) -> None:
+@KD_DTYPES
+def test_kd_kl_loss_forward_no_grad(benchmark, dtype: torch.dtype) -> None:
     """Evaluation: no student gradient is computed or stored."""
-    student, teacher = _logits(requires_grad=False)
+    student, teacher = _logits(requires_grad=False, dtype=dtype)
     with torch.no_grad():
         _versus(
             benchmark,

@@ -25,14 +25,21 @@ gradient is folded at once into ``grad_hidden`` (one GEMM into the chunk's rows)
 the spent logits buffer) and ``grad_bias`` (fp32). Chunks are independent because every row's
 softmax is over V only, so the sum over chunks is the exact loss and the exact gradient (see
 §2 for the argument). No ``[rows, V]`` tensor is ever allocated: the peak beyond the inputs and
-the gradients is about one chunk's logits, gradient and scratch.
+the gradients is about one chunk's logits, gradient and scratch (docs/design.md §2 counts it:
+2.7 GiB against eager's 24.7 GiB at 8×4096 rows, H 4096, V 128,256 in bf16, head trained).
 
 With a scalar reduction the gradients are computed in the forward, unscaled (as for
 ``reduction="sum"``, so no fp16 gradient underflows under ``1/rows``), and the backward
 multiplies them by ``grad_output·(reduction scale)`` in fp32, rounding the weight's and bias's
-gradient once from their fp32 accumulators. With ``reduction="none"`` the weight gradient
+gradient once from their fp32 accumulators. The eager backward does all of it in place: the
+hidden gradient is scaled in its own buffer, and each accumulator is rounded into the first
+half of its own storage (``_round_in_place``), the gradient returned being a view of it, so no
+second weight-sized buffer ever exists (a second backward through a retained graph recomputes
+the spent gradients from the saved inputs). With ``reduction="none"`` the weight gradient
 depends on the per-row ``grad_output``, so the forward keeps the per-row KD statistics
-(``[rows, 4]`` fp32) and the backward recomputes each chunk's logits (two GEMMs per chunk more).
+(``[rows, 4]`` fp32) and the backward recomputes each chunk's logits (two GEMMs per chunk more),
+rounding its accumulators in place too. Under ``torch.compile`` the traced backward rounds into
+fresh tensors (it may not mutate what it saved).
 
 Default chunk size: ``default_chunk_rows`` fits a chunk's scratch (student logits and their
 gradient, the teacher's chunk when it is computed, plus the CPU path's fp32 temporaries on a
@@ -68,10 +75,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 512 * 2**20  # scratch budget of one chunk on CUDA (default_chunk_rows)
+# Scratch budget of one chunk on CUDA (default_chunk_rows). At 8×4096 rows × H 4096 × V 128,256
+# in bf16 it gives 640 rows and a peak of 2.7 GiB, 1/9 of eager's; 1 GiB (1,344 rows) would
+# pass 1/8 (3.2 GiB), smaller chunks cost more passes over the fp32 weight accumulator.
+DEFAULT_CHUNK_BYTES = 512 * 2**20
 DEFAULT_CPU_CHUNK_BYTES = 64 * 2**20  # ... and on other devices (the CPU path)
 CPU_SCRATCH_BYTES = 16  # per logit: the CPU path's fp32 temporaries (forward and backward)
 ROW_MULTIPLE = 64  # default chunks are a multiple of this many rows (GEMM tiles)
+ROUND_BLOCK = 1 << 23  # elements per step of the in-place rounding of an accumulator ...
+FIRST_ROUND_BLOCK = 1 << 12  # ... whose first step goes through a temporary of this size
 
 
 # --------------------------------------------------------------------------- oracle
@@ -396,6 +408,7 @@ def _forward(
             empty = st.new_empty(0)
             g = _backward_impl(s, t, m, st, empty, one, temperature, "sum")
             grads.fold(g, s, r0, r1)
+            del g  # before the next chunk allocates its own
     scale = _reduction_scale(r, cfg.reduction)
     if loss_rows is not None:
         loss_out = loss_rows.view(hidden.shape[:-1])
@@ -428,18 +441,67 @@ def _backward_rows(
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
         g = _backward_impl(s, t, m, stats[r0:r1], empty, go[r0:r1], cfg.temperature, "none")
         grads.fold(g, s, r0, r1)
+        del g  # before the next chunk allocates its own
     grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden
-    return grad_h, _round(grads.weight, weight.dtype), _round_bias(grads.bias, bias)
+    grad_b = grads.bias.new_empty(0)
+    if bias is not None and grads.bias.numel():
+        grad_b = _round_in_place(grads.bias, bias.dtype)
+    return grad_h, _round_in_place(grads.weight, weight.dtype), grad_b
 
 
 def _round(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
-    """``acc·scale`` rounded once to ``dtype`` (no ``acc``-sized temporary)."""
+    """``acc·scale`` rounded once to ``dtype`` into a fresh tensor (the traced backward of the
+    custom op, which may not mutate what it saved)."""
     if acc.numel() == 0:
         return acc.new_empty(0, dtype=dtype)
     out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
     if scale is None:
         return out.copy_(acc)
     return torch.mul(acc, scale, out=out)
+
+
+def _round_in_place(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """``acc·scale`` rounded once to ``dtype`` in ``acc``'s own storage, which it spends;
+    returns the result, a ``dtype`` view of that storage's first bytes, so no second
+    ``acc``-sized buffer ever exists (the result keeps the wider storage alive).
+
+    Why the order makes this safe: with ``a = acc.element_size()`` and ``d`` the narrower
+    ``dtype``'s (``a >= 2·d``: both are powers of two), output element ``i`` goes to bytes
+    ``[d·i, d·(i+1))``, input element ``i`` lives at ``[a·i, a·(i+1))``. Elements are converted
+    in blocks ``[i0, i1)`` of increasing ``i0``. The first block (``FIRST_ROUND_BLOCK``
+    elements) is converted into a small temporary and copied down after it has been read
+    whole. Every later block has ``i1 - i0 <= i0``, so ``d·i1 <= 2·d·i0 <= a·i0``: it writes
+    below byte ``a·i0``, i.e. only over input elements ``< i0``, every one of which an earlier
+    block has already read, and its output bytes are disjoint from its own input bytes (so the
+    conversion is one out-of-place op that never reads a byte it has written). Blocks double
+    up to ``ROUND_BLOCK`` elements (on a CPU torch converts through a block-sized fp32
+    temporary)."""
+    if acc.numel() == 0:
+        return acc.new_empty(0, dtype=dtype)
+    if acc.dtype == dtype:
+        return acc if scale is None else acc.mul_(scale)
+    assert acc.is_contiguous() and acc.element_size() >= 2 * _itemsize(dtype)
+    n = acc.numel()
+    src = acc.view(-1)
+    dst = src.view(dtype)[:n]
+
+    def convert(i0: int, i1: int, out: Tensor) -> None:
+        if scale is None:
+            out.copy_(src[i0:i1])
+        else:
+            torch.mul(src[i0:i1], scale, out=out)
+
+    i1 = min(n, FIRST_ROUND_BLOCK)
+    first = torch.empty(i1, dtype=dtype, device=acc.device)
+    convert(0, i1, first)
+    dst[:i1].copy_(first)
+    del first
+    i0 = i1
+    while i0 < n:
+        i1 = min(n, i0 + min(i0, ROUND_BLOCK))
+        convert(i0, i1, dst[i0:i1])
+        i0 = i1
+    return dst.view(acc.shape)
 
 
 def _round_bias(acc: Tensor, bias: Tensor | None, scale: Tensor | None = None) -> Tensor:
@@ -461,11 +523,33 @@ def _scaled_grads(
     return gh, gw, gb
 
 
+def _spend_grads(
+    grad_loss: Tensor, grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, scale: Tensor,
+    weight: Tensor, bias: Tensor | None, cfg: _Config,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """``_scaled_grads`` in the forward's own buffers (the eager backward, which owns them):
+    the hidden gradient scaled in place, the accumulators scaled and rounded in place
+    (``_round_in_place``), so the backward allocates nothing gradient-sized."""
+    c = grad_loss.to(torch.float32) * scale
+    gh = grad_h.mul_(c) if cfg.need_hidden else None
+    gw = _round_in_place(acc_w, weight.dtype, c) if cfg.need_weight else None
+    gb = None
+    if cfg.need_bias and bias is not None:
+        gb = _round_in_place(acc_b, bias.dtype, c)
+    return gh, gw, gb
+
+
 # --------------------------------------------------------------------------- autograd wiring
 
 
 class _FusedFunction(torch.autograd.Function):
-    """Eager path (only built when a student input needs a gradient)."""
+    """Eager path (only built when a student input needs a gradient).
+
+    With a scalar reduction the forward's unscaled gradients live on ``ctx`` (not among the
+    saved tensors, whose version counters would forbid the in-place use) and the backward
+    spends them in place (``_spend_grads``), dropping them from ``ctx``. A second backward
+    through a retained graph finds them spent and recomputes them from the saved inputs (one
+    more chunked pass, the same ops in the same order, so the same gradients)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg):  # type: ignore[override]
@@ -473,21 +557,17 @@ class _FusedFunction(torch.autograd.Function):
             hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg
         )
         ctx.cfg = cfg
-        if cfg.reduction == "none":
-            ctx.save_for_backward(
-                hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats
-            )
-        else:
-            ctx.save_for_backward(grad_h, acc_w, acc_b, scale, weight, bias)
+        ctx.save_for_backward(
+            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats
+        )
+        ctx.grads = None if cfg.reduction == "none" else (grad_h, acc_w, acc_b, scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         cfg: _Config = ctx.cfg
+        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = ctx.saved_tensors
         if cfg.reduction == "none":
-            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = (
-                ctx.saved_tensors
-            )
             gh, gw, gb = _backward_rows(
                 hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats,
                 grad_loss, cfg,
@@ -498,8 +578,13 @@ class _FusedFunction(torch.autograd.Function):
                 gb if cfg.need_bias else None,
             )
         else:
-            grad_h, acc_w, acc_b, scale, weight, bias = ctx.saved_tensors
-            grads = _scaled_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+            unscaled, ctx.grads = ctx.grads, None
+            if unscaled is None:  # spent by an earlier backward of a retained graph
+                with torch.no_grad():
+                    unscaled = _forward(
+                        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg
+                    )[1:5]
+            grads = _spend_grads(grad_loss, *unscaled, weight, bias, cfg)
         return (*grads, None, None, None, None, None, None)
 
 

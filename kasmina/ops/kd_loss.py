@@ -26,7 +26,10 @@ student ``-inf`` where the teacher logit is finite makes that row's loss ``+inf`
 a row whose student or teacher is all ``-inf`` is undefined (NaN), as is any row with a NaN.
 
 CUDA tensors run ``kasmina.kernels.kd_loss``; CPU tensors run ``kd_forward_reference`` /
-``kd_backward_reference`` below, the same algorithm in torch ops (the CPU path). Under
+``kd_backward_reference`` below, the same algorithm in torch ops (the CPU path). Eager autograd
+on a CPU runs ``kd_forward_grad_reference`` / ``kd_scale_grad_reference`` instead: the forward
+also forms the unscaled fp32 gradient from the exponentials it computed anyway and keeps it for
+the backward (one scaling pass), fewer passes for one fp32 logits-sized tensor held. Under
 ``torch.compile`` the op is a ``torch.library.custom_op`` (no graph break, forward and
 backward); eager calls use an equivalent, cheaper ``torch.autograd.Function``; both call the
 same two implementations.
@@ -48,7 +51,9 @@ from kasmina.ops.backend import check_float_tensor, use_triton
 __all__ = [
     "grad_strides",
     "kd_backward_reference",
+    "kd_forward_grad_reference",
     "kd_forward_reference",
+    "kd_scale_grad_reference",
     "kd_kl_loss",
     "kd_kl_loss_reference",
 ]
@@ -167,18 +172,21 @@ def _host_scale(reduction: str, rows: int, vocab: int, masked: bool) -> float:
 
 def _rows(
     student: Tensor, teacher: Tensor, work: torch.dtype, k: float, careful: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2:
     ``a = k·s``, ``b = k·t`` (``k > 0``, so ``max(k·s) = k·max(s)``), ``Z = Σ 2^(a - M)`` and
-    ``KL / ln2 = k·X/Z_b - lse_b + lse_a`` with ``X = Σ 2^(b - M_b)·(t - s)``, ``lse = M + log2 Z``.
+    ``KL / ln2 = k·X/Z_b - lse_b + lse_a`` with ``X = Σ 2^(b - M_b)·(t - s)``, ``lse = M + log2 Z``;
+    then the exponentials ``2^(a - M_a)`` and ``2^(b - M_b)`` themselves (logits-sized, ``work``),
+    from which ``p = 2^(a - M)/Z`` costs no further ``exp2``.
 
     With ``careful``, teacher ``-inf`` terms of ``X`` are 0 (``t - s`` is ``-inf``, or NaN when
     the student is ``-inf`` too), and a student ``-inf`` under a finite teacher logit gives
     ``+inf`` even where the teacher's weight underflowed to 0 (float64 says ``+inf`` there: the
     teacher logit is finite). Without, those terms are ``0·inf``: the only way the fast form
-    errs is a NaN, which the caller sees and answers with the careful form. Two fp32
-    logits-sized temporaries, reused in place, besides the fp32 copies of bf16/fp16 logits (a
-    teacher copy takes the difference in place, so it is one of the two).
+    errs is a NaN, which the caller sees and answers with the careful form. Three fp32
+    logits-sized buffers besides the fp32 copy of bf16/fp16 student logits: a teacher copy
+    takes the difference in place and then the student's exponentials, so it is one of them.
+    Twelve passes over the row, two of them ``exp2``.
     """
     s = student if student.dtype == work else student.to(work)
     t_owned = teacher.dtype != work
@@ -190,12 +198,40 @@ def _rows(
     diff = t.sub_(s) if t_owned else torch.sub(t, s)  # the teacher copy is spent
     if careful:
         diff = diff.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
-    cross = e_b.mul_(diff).sum(-1, keepdim=True)
+    cross = diff.mul_(e_b).sum(-1, keepdim=True)  # e_b is kept for the gradient
     if careful:  # a NaN left is 0·inf: a student -inf under an underflowed teacher weight
         cross = cross.nan_to_num_(nan=math.inf, posinf=math.inf)
-    z_a = torch.add(neg_ma, s, alpha=k, out=diff).exp2_().sum(-1, keepdim=True)
+    e_a = torch.add(neg_ma, s, alpha=k, out=diff).exp2_()
+    z_a = e_a.sum(-1, keepdim=True)
     row = torch.addcdiv(neg_mb - neg_ma, cross, z_b, value=k)
-    return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b
+    return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b, e_a, e_b
+
+
+def _loss_rows(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """``(loss, kept, rows)``: the reduced loss (divided by the device-side ``rows_kept`` when
+    a mask meets ``mean``/``batchmean``), that count (or None) and ``_rows``'s other results,
+    recomputed in the careful form when the loss holds a NaN."""
+    work = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    k = LOG2E / temperature
+    lead = tuple(student.shape[:-1])
+    kept = None
+    if mask is not None and reduction in ("mean", "batchmean"):
+        kept = mask.sum(dtype=work).clamp_(min=1.0)
+    factor = temperature * temperature * LN2
+    if reduction in ("mean", "batchmean"):
+        factor *= _host_scale(reduction, math.prod(lead), student.shape[-1], kept is not None)
+    for careful in (False, True):
+        row, *rest = _rows(student, teacher, work, k, careful)
+        if mask is not None:
+            row = row.squeeze(-1).masked_fill_(~mask, 0.0)
+        loss = row.view(lead).mul_(factor) if reduction == "none" else row.sum().mul_(factor)
+        if not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
+            break
+    if kept is not None:
+        loss = loss.div_(kept)
+    return loss, kept, tuple(rest)
 
 
 def kd_forward_reference(
@@ -210,33 +246,62 @@ def kd_forward_reference(
     ``kasmina.kernels.kd_loss.kd_forward`` returns them, ``(loss, stats, scale)``.
 
     It works in fp32 (float64 for float64 inputs, which only the tests pass) and spends one
-    ``exp2`` per element and side, four in all with the backward, where eager ``kl_div`` over
-    two ``log_softmax`` spends five ``exp``. Small inputs are dominated by the per-op cost, so
-    the op count is kept low: only when the loss holds a NaN (an infinite logit, or a NaN
-    input) are the rows recomputed in the careful form, which a host read decides (free on a
-    CPU; a sync only for CUDA tensors forced onto the reference).
+    ``exp2`` per element and side. Small inputs are dominated by the per-op cost, so the op
+    count is kept low: only when the loss holds a NaN (an infinite logit, or a NaN input) are
+    the rows recomputed in the careful form, which a host read decides (free on a CPU; a sync
+    only for CUDA tensors forced onto the reference). Eager autograd on a CPU uses
+    ``kd_forward_grad_reference`` instead (the gradient from the same exponentials).
     """
-    work = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    k = LOG2E / temperature
-    lead = tuple(student.shape[:-1])
-    kept = None
-    if mask is not None and reduction in ("mean", "batchmean"):
-        kept = mask.sum(dtype=work).clamp_(min=1.0)
-    factor = temperature * temperature * LN2
-    if reduction in ("mean", "batchmean"):
-        factor *= _host_scale(reduction, math.prod(lead), student.shape[-1], kept is not None)
-    for careful in (False, True):
-        row, neg_ma, neg_mb, z_a, z_b = _rows(student, teacher, work, k, careful)
-        if mask is not None:
-            row = row.squeeze(-1).masked_fill_(~mask, 0.0)
-        loss = row.view(lead).mul_(factor) if reduction == "none" else row.sum().mul_(factor)
-        if not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
-            break
-    if kept is not None:
-        loss = loss / kept
+    loss, kept, (neg_ma, neg_mb, z_a, z_b, _, _) = _loss_rows(
+        student, teacher, mask, temperature, reduction
+    )
     stats = torch.cat((neg_ma, neg_mb, z_a, z_b), -1) if need_grad else z_a.new_empty(0)
     scale = kept.reciprocal() if need_grad and kept is not None else stats.new_empty(0)
     return loss, stats, scale
+
+
+def kd_forward_grad_reference(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CPU path's forward for eager autograd: ``(loss, unscaled, scale)``, where
+    ``unscaled = p_s - p_t`` (``[..., V]`` in fp32, masked rows 0) comes from the forward's own
+    exponentials, ``p = 2^(a - M)/Z``: two passes more here instead of a backward that converts
+    and exponentiates both logits again (four ``exp2`` passes in all become two).
+    ``kd_scale_grad_reference`` finishes it. The price is one fp32 logits-sized tensor kept
+    from forward to backward, in place of 16 bytes a row (the GPU kernels keep only those)."""
+    loss, kept, (_, _, z_a, z_b, e_a, e_b) = _loss_rows(
+        student, teacher, mask, temperature, reduction
+    )
+    unscaled = e_a.div_(z_a).addcdiv_(e_b, z_b, value=-1.0)
+    if mask is not None:
+        unscaled = unscaled.masked_fill_(~mask.unsqueeze(-1), 0.0)
+    scale = kept.reciprocal() if kept is not None else z_a.new_empty(0)
+    return loss, unscaled, scale
+
+
+def kd_scale_grad_reference(
+    unscaled: Tensor,
+    out: Tensor,
+    scale: Tensor | None,
+    grad_output: Tensor,
+    temperature: float,
+    reduction: str,
+    masked: bool,
+) -> Tensor:
+    """The student gradient from ``kd_forward_grad_reference``'s ``unscaled``: times
+    ``c = T·scale·grad_output`` in fp32, rounded once into ``out`` (the student's dtype and
+    ``grad_strides``, see ``_new_grad``) in one pass; ``unscaled`` is left as it is, for a
+    retained graph."""
+    rows, vocab = math.prod(out.shape[:-1]), out.shape[-1]
+    c: Tensor | float = temperature * _host_scale(reduction, rows, vocab, masked)
+    if scale is not None and scale.numel() > 0:
+        c = scale * c
+    if grad_output.dim() == 0 and grad_output.device.type == "cpu" and isinstance(c, float):
+        c = float(grad_output) * c
+    else:
+        go = grad_output.to(unscaled.dtype)
+        c = (go.unsqueeze(-1) if go.dim() else go) * c
+    return torch.mul(unscaled, c, out=out)
 
 
 def kd_backward_reference(
@@ -329,17 +394,36 @@ def _backward_impl(
 
 
 class _KDFunction(torch.autograd.Function):
-    """Eager path (only built when the student needs a gradient)."""
+    """Eager path (only built when the student needs a gradient). The Triton kernels keep the
+    per-row statistics for the backward; the CPU path keeps the unscaled fp32 gradient, which
+    its forward gets from exponentials it computes anyway."""
 
     @staticmethod
     def forward(ctx, student, teacher, mask, temperature, reduction):  # type: ignore[override]
+        ctx.temperature, ctx.reduction = temperature, reduction
+        ctx.cpu = not use_triton(student.device)
+        if ctx.cpu:
+            loss, unscaled, scale = kd_forward_grad_reference(
+                student, teacher, mask, temperature, reduction
+            )
+            ctx.masked = mask is not None
+            ctx.layout = (student.shape, grad_strides(student), student.dtype)
+            ctx.save_for_backward(unscaled, scale)
+            return loss
         loss, stats, scale = _forward_impl(student, teacher, mask, temperature, reduction, True)
         ctx.save_for_backward(student, teacher, mask, stats, scale)
-        ctx.temperature, ctx.reduction = temperature, reduction
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
+        if ctx.cpu:
+            unscaled, scale = ctx.saved_tensors
+            shape, strides, dtype = ctx.layout
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=unscaled.device)
+            grad = kd_scale_grad_reference(
+                unscaled, out, scale, grad_loss, ctx.temperature, ctx.reduction, ctx.masked
+            )
+            return grad, None, None, None, None
         student, teacher, mask, stats, scale = ctx.saved_tensors
         grad = _backward_impl(
             student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction

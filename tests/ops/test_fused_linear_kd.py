@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_leaves
 
 import kasmina.ops.fused_linear_kd as flkd
@@ -395,19 +396,65 @@ def test_compiles_fullgraph_and_matches_eager():
 
 
 class _Allocations(TorchDispatchMode):
-    """Records the largest storage any op creates (views of existing storages excluded)."""
+    """Records the largest storage any op creates (views of existing storages excluded) and the
+    peak of the bytes held at once by the storages created under it (``peak``: each storage
+    counted until it is freed, whoever holds it; the pre-existing inputs are not counted)."""
 
     def __init__(self, existing: list[Tensor]) -> None:
         super().__init__()
         self.known = {t.untyped_storage().data_ptr() for t in existing if t is not None}
         self.largest = 0
+        self.peak = 0
+        self.opaque = 0
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def track(self, out: object) -> None:
+        """Count the new storages among ``out``'s tensors, then the bytes alive now."""
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self.known:
+                continue
+            self.largest = max(self.largest, storage.nbytes())
+            held = self._live.get(ptr)
+            if held is None or held[0].expired():
+                self._live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+        self._live = {k: v for k, v in self._live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self._live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self.known:
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        if not self.opaque:
+            self.track(out)
         return out
+
+
+def _opaque_kd_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an ``_Allocations`` probe, count the KD op like the GPU kernels it stands for:
+    only what it returns (the CPU path's fp32 temporaries are a CPU matter, and would swell
+    eager's side most)."""
+    import kasmina.ops.kd_loss as kd
+
+    def opaque(fn):
+        def run(*args, **kwargs):
+            probe = _get_current_dispatch_mode()
+            if not isinstance(probe, _Allocations):
+                return fn(*args, **kwargs)
+            probe.opaque += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                probe.opaque -= 1
+            probe.track(out)
+            return out
+
+        return run
+
+    for module in (flkd, kd):
+        for name in ("_forward_impl", "_backward_impl"):
+            monkeypatch.setattr(module, name, opaque(getattr(module, name)))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocation probe")
@@ -446,6 +493,65 @@ def test_no_rows_by_vocab_tensor_is_ever_allocated(reduction, teacher):
         loss = kd_kl_loss(h @ w.t() + b, tl, 2.0, reduction, mask)
         torch.autograd.grad(loss.sum(), (h, w, b))
     assert eager_probe.largest >= rows * vocab * 4
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocation probe")
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_peak_memory_is_at_most_an_eighth_of_eager_with_the_head_trained(
+    monkeypatch: pytest.MonkeyPatch, reduction: str
+):
+    """docs/design.md §2/§8: peak extra memory <= 1/8 of eager's at 8×4096 rows × H 4096 ×
+    V 128,256 in bf16 with the head trained and a teacher head, here with every dimension and
+    the default CUDA chunk divided by 64 (the ratios of all the terms are those of the real
+    shape). Peak live bytes of everything created in forward + backward, gradients included;
+    the KD op counts only its outputs, as its GPU kernels allocate nothing else. Eager holds
+    the student's and teacher's logits, the logits gradient and the head's gradients (24.7
+    GiB at the real shape); the fused op peaks at 2.7 GiB there. Rounding the fp32 weight
+    accumulator into a second buffer (the old way, 3.4 GiB) or a doubled default chunk fails
+    this."""
+    shrink = 64
+    rows, hidden, vocab = 8 * 4096 // shrink, 4096 // shrink, 128_256 // shrink
+    bf16 = torch.bfloat16
+    chunk = flkd.default_chunk_rows(8 * 4096, 128_256, bf16, bf16) // shrink
+    h, w, _, th, tw, _, _, _ = _inputs((rows,), hidden, vocab, bf16, seed=30, bias=False,
+                                       t_hidden=hidden)  # fmt: skip
+    _opaque_kd_op(monkeypatch)
+    probe = _Allocations([h, w, th, tw])
+    with probe:
+        loss = fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw, temperature=2.0,
+                                    reduction=reduction, chunk_rows=chunk)  # fmt: skip
+        grads = torch.autograd.grad(loss.sum(), (h, w))
+    fused = probe.peak
+
+    eager_probe = _Allocations([h, w, th, tw])
+    with eager_probe:
+        student = h @ w.t()
+        with torch.no_grad():
+            teacher = th @ tw.t()
+        loss = kd_kl_loss(student, teacher, 2.0, reduction)
+        want = torch.autograd.grad(loss.sum(), (h, w))
+    eager = eager_probe.peak
+    logits = rows * vocab * 2
+    assert eager >= 3 * logits + vocab * hidden * 2, (eager, logits)
+    assert fused * 8 <= eager, (fused, eager, fused / eager)
+    for got, ref in zip(grads, want, strict=True):
+        _close(got, ref, bf16, "fused vs eager gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_in_place_equals_rounding_into_a_fresh_tensor(dtype):
+    """The in-place rounding of an fp32 accumulator (blocks that double from the first,
+    temporary one) gives bitwise what rounding into a new tensor gives, in the accumulator's
+    own storage, for sizes that end mid-block."""
+    n_rows = (flkd.FIRST_ROUND_BLOCK * 11 + 5) // 7
+    acc = torch.randn(n_rows, 7, generator=_gen(31)) * 1e3
+    for scale in (None, torch.tensor(3.0e-4)):
+        want = flkd._round(acc, dtype, scale)
+        spent = acc.clone()
+        got = flkd._round_in_place(spent, dtype, scale)
+        assert got.untyped_storage().data_ptr() == spent.untyped_storage().data_ptr()
+        assert got.dtype == dtype and got.shape == acc.shape and got.is_contiguous()
+        assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------- rejections
