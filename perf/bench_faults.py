@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from kasmina.ops import alpha_blend
-from kasmina.seeds.faults import output_fault
+from kasmina.seeds.faults import finite_chunks, output_fault
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
@@ -76,8 +76,9 @@ class Net(nn.Module):
 class HandWrittenSlot(nn.Module):
     """KasminaLayer's GRAFTING math written out: kernels on detached chunks, one blend.
 
-    ``device_half`` adds the seeds' own device-side check (``_check_finite``), ``torch.where``
-    and alpha mask, as ``GradientIsolatedSeed.contribution`` does for GRAFTING.
+    ``device_half`` adds the layer's device-side guard as ``KasminaLayer._graft`` does it for
+    a layer of GRAFTING seeds: one finiteness reduction over the concatenated outputs
+    (``finite_chunks``), one flag update, one ``where`` and the alpha mask.
     """
 
     def __init__(self, layer: KasminaLayer, device_half: bool = False) -> None:
@@ -86,39 +87,39 @@ class HandWrittenSlot(nn.Module):
         self.host = layer.host
         self.seeds = layer.seeds
         self.chunk = layer.chunk_size
+        self.register_buffer("flags", torch.ones(len(layer.seeds), dtype=torch.bool))
         self.device_half = device_half
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.host(x)
         chunks = h.split(self.chunk, dim=-1)
-        pieces, alphas = [], []
-        for seed, c in zip(self.seeds, chunks, strict=True):
-            xin = c.detach()
-            s = seed.kernel(xin)
-            if self.device_half:
-                ok = seed._check_finite(s, xin, SeedStage.GRAFTING)
-                pieces.append(torch.where(ok, s, xin))
-                alphas.append(seed.alpha * ok)
-            else:
-                pieces.append(s)
-                alphas.append(seed.alpha)
-        return alpha_blend(torch.cat(pieces, dim=-1), h, torch.stack(alphas), mode="blend")
+        outs = [seed.kernel(c.detach()) for seed, c in zip(self.seeds, chunks, strict=True)]
+        seed_full = torch.cat(outs, dim=-1)
+        alphas = torch.stack([seed.alpha for seed in self.seeds])
+        if self.device_half:
+            chunked = seed_full.unflatten(-1, (len(self.seeds), -1))
+            ok = finite_chunks(chunked)
+            self.flags.logical_and_(ok)
+            host = h.detach().unflatten(-1, (len(self.seeds), -1))
+            seed_full = torch.where(ok.unsqueeze(-1), chunked, host).flatten(-2)
+            alphas = alphas.mul(ok)
+        return alpha_blend(seed_full, h, alphas, mode="blend")
 
 
-def _run_kernel_without_host_guard(
+def _call_kernel_without_host_guard(
     seed: GradientIsolatedSeed, x: torch.Tensor, stage: SeedStage
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``GradientIsolatedSeed._run_kernel`` without its host half (``try``, output check,
-    backward guard)."""
+    """``GradientIsolatedSeed._call_kernel`` without its host half (``try``, output check)."""
     xin = x.view_as(x) if stage == SeedStage.ACTIVE else x.detach()
-    s = seed.kernel(xin)
-    return s, seed._check_finite(s, xin, stage)
+    return seed.kernel(xin), xin
 
 
 def _without_host_guard(layer: KasminaLayer) -> KasminaLayer:
+    """The layer without the host half of the guard and without the backward guard."""
     layer = copy.deepcopy(layer)
     for seed in layer.seeds:
-        seed._run_kernel = types.MethodType(_run_kernel_without_host_guard, seed)
+        seed._call_kernel = types.MethodType(_call_kernel_without_host_guard, seed)
+        seed.guard_backward = False
     return layer
 
 

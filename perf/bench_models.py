@@ -2,9 +2,10 @@
 
 Targets (docs/design.md §8): a DORMANT slot adds <= 10 us to an eager forward, and a model with
 DORMANT slots on every projection costs <= 1 % more per compiled training step than the bare
-model. The bare model is measured in the same run, interleaved with the attached one (same
-inputs, same thread count), so machine load hits both alike; the numbers are reported, never
-asserted. Run: ``.venv/bin/python perf/bench_models.py [--backend inductor|aot_eager]``.
+model. The bare model is measured in the same run, in paired rounds with the attached one (same
+inputs, same thread count, order alternating; the percentage is the median of the per-round
+ratios), so machine load hits both alike; the numbers are reported, never asserted. Run:
+``.venv/bin/python perf/bench_models.py [--backend inductor|aot_eager]``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from paired import paired  # perf/ is sys.path[0] when run as a script
 from torch import nn
 
 import kasmina
@@ -68,11 +70,16 @@ def slot_forward(number: int, repeat: int) -> dict[str, float]:
 
 
 def train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    # The parameters are listed once, as an optimizer holds them: walking ``model.parameters()``
+    # every step would time the module tree (an attached model has four more modules per
+    # slot, ~0.1 ms per step here), which no training loop with an optimizer pays.
+    params = list(model.parameters())
+
     def step() -> None:
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
         loss.backward()
-        for p in model.parameters():
+        for p in params:
             p.grad = None
 
     return step
@@ -104,13 +111,16 @@ def main() -> None:
     ]
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     n = len(slots)
+    # The step rows: rounds of ~50 ms batches of each, order alternating, and the median of the
+    # per-round ratios (perf/paired.py), which a load that drifts within a round hits alike.
+    rounds = 3 * args.repeat
     steps = {"bare": train_step(bare, ids), "attached": train_step(attached, ids)}
-    eager = interleaved(steps, number=10, repeat=args.repeat)
-    per_slot = (eager["attached"] - eager["bare"]) / n * 1e6
+    ours, peer, ratio = paired(steps["attached"], steps["bare"], rounds=rounds, batch_s=0.05)
+    per_slot = (ours - peer) / n * 1e6
     print(
         f"eager training step, tiny Llama [4, 32] tokens, {n} DORMANT slots: bare "
-        f"{eager['bare'] * 1e3:.3f} ms, attached {eager['attached'] * 1e3:.3f} ms "
-        f"({(eager['attached'] / eager['bare'] - 1) * 100:+.2f} %, {per_slot:+.2f} us per slot)"
+        f"{peer * 1e3:.3f} ms, attached {ours * 1e3:.3f} ms "
+        f"({(ratio - 1) * 100:+.2f} %, {per_slot:+.2f} us per slot)"
     )
 
     compiled = {
@@ -122,11 +132,11 @@ def main() -> None:
         for _ in range(3):  # compile and warm up
             step()
     print(f"compiled both (forward and backward) in {time.perf_counter() - start:.1f} s")
-    timed = interleaved(compiled, number=10, repeat=args.repeat)
+    ours, peer, ratio = paired(compiled["attached"], compiled["bare"], rounds=rounds, batch_s=0.05)
     print(
         f"compiled training step ({args.backend}, fullgraph), {n} DORMANT slots: bare "
-        f"{timed['bare'] * 1e3:.3f} ms, attached {timed['attached'] * 1e3:.3f} ms "
-        f"({(timed['attached'] / timed['bare'] - 1) * 100:+.2f} %; target <= 1 %)"
+        f"{peer * 1e3:.3f} ms, attached {ours * 1e3:.3f} ms "
+        f"({(ratio - 1) * 100:+.2f} %; target <= 1 %)"
     )
 
 

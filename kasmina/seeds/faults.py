@@ -1,18 +1,23 @@
 """What a seed's fault is, and the guards that turn one into a fallback (docs/design.md §6a).
 
-The seed (``kasmina.seeds.seed``) calls these on the host's path: ``output_fault`` checks a
-kernel's output against the host activations it must replace (metadata only: no device read),
-``all_finite`` is the device-side finiteness test (no host sync), and ``contain_backward`` puts
-an isolated seed's own backward inside a guarded autograd node, so a kernel whose backward
-raises costs that seed one step's gradient and counts one fault, never the host's backward.
+Seeds and slots call these on the host's path: ``output_fault`` checks a kernel's output against
+the host activations it must replace (metadata only: no device read); ``all_finite`` (one seed)
+and ``finite_chunks`` (every seed of a slot in one reduction) are the device-side finiteness
+tests (no host sync); ``contain_backward`` puts the isolated seeds' own backward inside one
+guarded autograd node, so a kernel whose backward raises costs that seed one step's gradient and
+counts one fault, never the host's backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import has_torch_function
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_FAULT_LIMIT",
@@ -23,6 +28,7 @@ __all__ = [
     "FaultRecorder",
     "all_finite",
     "contain_backward",
+    "finite_chunks",
     "output_fault",
     "short_reason",
 ]
@@ -60,6 +66,18 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return t.detach().mul(0).sum().eq(0)
 
 
+def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool on the device of ``chunks`` (``[..., n, c]``: n chunks of c values each, a
+    slot's seed outputs side by side): whether each chunk is all finite, in one reduction and
+    without a host sync.
+
+    The test of :func:`all_finite` (``0 * v`` sums to 0 exactly when all are finite), summed
+    per chunk: a slot checks all its seeds' outputs at once, concatenated as they are blended.
+    """
+    dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
+    return chunks.detach().mul(0).sum(dims).eq(0)
+
+
 def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
     """``(kind, reason)`` when ``out`` cannot stand in for ``host``, else None.
 
@@ -77,40 +95,167 @@ def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
     return None
 
 
+def _grad(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)``.
+
+    The gradients come from autograd itself (shapes and dtypes are the outputs'), so the engine
+    is called directly, without the public wrapper's argument checks: they cost more per call
+    than a small kernel's whole backward on a CPU. Tensors that override torch functions, or a
+    torch whose engine entry point does not behave as :func:`_direct_engine` checked once, take
+    the public function.
+    """
+    run = _direct_engine()
+    if run is None or has_torch_function((*outputs, *inputs)):
+        return torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
+    keep_graph, create_graph, allow_unused = True, False, True
+    return run(
+        tuple(outputs),
+        tuple(grads),
+        keep_graph,
+        create_graph,
+        tuple(inputs),
+        allow_unused,
+        accumulate_grad=False,
+    )
+
+
+_ENGINE: list[Callable[..., tuple[torch.Tensor | None, ...]] | None] = []  # checked once
+
+
+def _direct_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
+    """The engine entry point ``torch.autograd.grad`` itself calls (a private function), if it
+    exists and answers a small problem exactly as the public function does; else None."""
+    if not _ENGINE:
+        _ENGINE.append(_check_engine())
+    return _ENGINE[0]
+
+
+def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:
+        return None
+    try:
+        w = torch.tensor([1.0, 2.0], requires_grad=True)
+        unused = torch.zeros(1, requires_grad=True)
+        y = w * w
+        grad = torch.tensor([1.0, 3.0])
+        got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
+        want = torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
+    except Exception:
+        logger.debug("the autograd engine's entry point is not the expected one", exc_info=True)
+        return None
+    same = (
+        len(got) == 2
+        and got[1] is None
+        and want[1] is None
+        and isinstance(got[0], torch.Tensor)
+        and torch.equal(got[0], want[0])
+        and w.grad is None
+    )
+    return run if same else None
+
+
+class _Island:
+    """The graphs of isolated seeds' outputs that one ``ContainedBackward`` node stands for.
+
+    ``outputs[i]`` was computed from detached activations and the kernel parameters
+    ``params[j]`` for ``j`` in ``groups[i]`` (parameters shared by two seeds are listed once, so
+    that their gradient is not returned twice); ``recorders[i]`` counts a fault of its seed.
+    """
+
+    __slots__ = ("groups", "outputs", "params", "recorders")
+
+    def __init__(
+        self,
+        outputs: Sequence[torch.Tensor],
+        params: Sequence[Sequence[torch.Tensor]],
+        recorders: Sequence[FaultRecorder],
+    ) -> None:
+        unique: dict[int, int] = {}
+        flat: list[torch.Tensor] = []
+        groups: list[tuple[int, ...]] = []
+        for group in params:
+            indices = []
+            for p in group:
+                if id(p) not in unique:
+                    unique[id(p)] = len(flat)
+                    flat.append(p)
+                indices.append(unique[id(p)])
+            groups.append(tuple(indices))
+        self.outputs = list(outputs)
+        self.params = tuple(flat)
+        self.groups = groups
+        self.recorders = list(recorders)
+
+    def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
+        if len(self.outputs) > 1:
+            try:  # every seed at once: one call into the engine
+                return list(_grad(self.outputs, self.params, grads))
+            except Exception:  # one of them failed: find which, and keep the others' gradients
+                logger.debug("a seed kernel's backward raised; retrying seed by seed")
+        total: list[torch.Tensor | None] = [None] * len(self.params)
+        for output, group, record, grad in zip(
+            self.outputs, self.groups, self.recorders, grads, strict=True
+        ):
+            params = [self.params[j] for j in group]
+            try:
+                got = _grad([output], params, [grad])
+            except Exception as exc:  # the kernel's own backward failed: contained
+                record("backward", f"backward raised {type(exc).__name__}: {exc}")
+                continue
+            for j, g in zip(group, got, strict=True):
+                if g is not None:
+                    previous = total[j]
+                    total[j] = g if previous is None else previous + g
+        return total
+
+
 class ContainedBackward(torch.autograd.Function):
-    """Identity on a seed's output whose backward runs the kernel's own backward in a guard.
+    """Identity on isolated seeds' outputs whose backward runs the kernels' own in a guard.
 
     Before ACTIVE a seed's kernel sees ``x.detach()``, so its graph is an island: the only way
-    out of it is the output. Handing autograd a detached copy of the output and doing the
-    island's backward here (``torch.autograd.grad`` into the kernel's parameters) means a
+    out of it is the output. Handing autograd detached copies of the outputs and doing the
+    islands' backward here (``torch.autograd.grad`` into the kernels' parameters) means a
     kernel whose backward raises costs its parameters this step's gradient and counts one
-    fault, while the host's backward carries on. The island is kept (``retain_graph``) until
-    the outer graph is freed, so the seed-only KD backward and the main one can both pass.
+    fault, while the host's backward carries on. One node serves every isolated seed of a slot
+    (one engine call for all of them; seed by seed only after a failure, to find the culprit).
+    The islands are kept (``retain_graph``) until the outer graph is freed, so the seed-only KD
+    backward and the main one can both pass.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, value: torch.Tensor, record_fault: FaultRecorder, island: list, *params: Any
-    ) -> torch.Tensor:
-        ctx.record_fault, ctx.island = record_fault, island
-        return value.view_as(value)
+    def forward(ctx: Any, island: _Island, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.island = island
+        ctx.num_outputs = len(island.outputs)
+        return tuple(v.view_as(v) for v in inputs[: ctx.num_outputs])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        output, params = ctx.island
-        try:
-            grads = torch.autograd.grad(output, params, grad, retain_graph=True, allow_unused=True)
-        except Exception as exc:  # the kernel's own backward failed: contained
-            ctx.record_fault("backward", f"backward raised {type(exc).__name__}: {exc}")
-            grads = (None,) * len(params)
-        return (None, None, None, *grads)
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *([None] * ctx.num_outputs), *ctx.island.backward(grads))
 
 
 def contain_backward(
-    output: torch.Tensor, params: Iterable[torch.Tensor], record_fault: FaultRecorder
-) -> torch.Tensor:
-    """``output`` (an isolated seed's) with its backward guarded by ``ContainedBackward``."""
-    trained = tuple(p for p in params if p.requires_grad)
-    if not trained:
-        return output
-    return ContainedBackward.apply(output.detach(), record_fault, [output, trained], *trained)
+    outputs: Sequence[torch.Tensor],
+    params: Sequence[Sequence[torch.Tensor]],
+    recorders: Sequence[FaultRecorder],
+) -> list[torch.Tensor]:
+    """``outputs`` (isolated seeds', one each) with their backward guarded by one
+    ``ContainedBackward`` node; ``params[i]`` (the kernel's parameters that require a gradient)
+    and ``recorders[i]`` belong to ``outputs[i]``. An output whose kernel trains no parameter
+    is returned as it is."""
+    result = list(outputs)
+    chosen = [i for i, group in enumerate(params) if group]
+    if not chosen:
+        return result
+    if len(chosen) < len(result):
+        outputs = [outputs[i] for i in chosen]
+        params = [params[i] for i in chosen]
+        recorders = [recorders[i] for i in chosen]
+    island = _Island(outputs, params, recorders)
+    guarded = ContainedBackward.apply(island, *(v.detach() for v in outputs), *island.params)
+    for i, value in zip(chosen, guarded, strict=True):
+        result[i] = value
+    return result

@@ -14,15 +14,18 @@ is built wherever the host declares its width (``out_features``, ``out_channels`
 ``embed_dim``, ...), and otherwise against the shape the first forward records
 (:attr:`KasminaLayer.output_contract`, which GERMINATE reads before it lets a kernel in).
 
-Seeds in different stages coexist and are applied in one pass: each seed contributes its chunk
-of a pre-blend tensor (:meth:`GradientIsolatedSeed.contribution`), and one ``alpha_blend`` call
-with a per-chunk alpha vector mixes it with the host output. Pass-through and ISOLATED_INIT
-chunks carry the host value with alpha 1, so their host gradient is exactly ``g``; GRAFTING
-chunks use their schedule; when no seed is GRAFTING the blend would be the identity and is
-skipped.
+Seeds in different stages coexist and are applied in one pass: the seeds' outputs and the
+host's own chunks (for seeds that pass it through) are concatenated into one pre-blend tensor,
+and one ``alpha_blend`` call with a per-chunk alpha vector mixes it with the host output.
+Pass-through and ISOLATED_INIT chunks carry the host value with alpha 1, so their host gradient
+is exactly ``g``; GRAFTING chunks use their schedule; when no seed is GRAFTING the blend would be
+the identity and is skipped.
 
-When every seed passes the host through (all DORMANT, say) the forward returns the host output
-object itself: the cost is one cached check of the state table's version.
+The plan (each seed's stage, and whether any runs its kernel) is a slot-local snapshot that the
+state table refreshes on every change (``GPUStateTensor.listen``): the forward never reads the
+shared table or the seeds to decide. When every seed passes the host through (all DORMANT, say)
+the forward returns the host output object itself, at the cost of one attribute read; compiled,
+that bool is the slot's only guard of its own (and the stage ints, while a seed runs).
 
 **Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
 (``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
@@ -36,6 +39,10 @@ seed passing through, the real tensors come back and the fused path runs as for 
 A seed that faults (its kernel raises, or returns the wrong thing) contributes its host chunk
 unchanged with alpha 1, as a DORMANT seed would; the other seeds of the layer are unaffected.
 See :mod:`kasmina.seeds.seed` for what counts as a fault and what happens after ``fault_limit``.
+The layer guards its seeds together: each seed's host half (a ``try`` and a metadata check), then
+once for the layer one finiteness reduction over the concatenated outputs, one update of the
+seeds' flags (views of one layer buffer), one ``where`` that puts the host's chunk in place of a
+non-finite one (whose alpha becomes 0), and one guarded backward node for all isolated seeds.
 """
 
 from __future__ import annotations
@@ -50,8 +57,13 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
-from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT, contain_backward, finite_chunks
+from kasmina.seeds.seed import (
+    KD_STAGES,
+    RUNS_KERNEL,
+    GradientIsolatedSeed,
+    cut_nonfinite_gradient,
+)
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 
@@ -61,6 +73,10 @@ __all__ = ["ActivationSpec", "KasminaLayer", "default_chunk_dim", "declared_widt
 
 # Shape, dtype and device of one tensor the slot saw.
 ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
+
+# Stages whose seeds blend against the detached host (their fallback needs no host gradient):
+# a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
+_BLENDING = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
 
 # Tensors PyTorch's fused encoder-layer path reads from the modules it would otherwise call.
 _FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias"})
@@ -178,17 +194,29 @@ class KasminaLayer(nn.Module):
             state.set_region(seed.state_index, region_id)
         self.seeds.to(device)
         self.register_buffer("_one", torch.ones((), device=device), persistent=False)
+        # Every seed's non-finite flag (``GradientIsolatedSeed.finite_flag``) is a view of this
+        # buffer, so that the layer's guard updates all of them in one op and a seed's poll
+        # reads its own.
+        flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
+        self.register_buffer("_finite_flags", flags, persistent=False)
+        self._link_flags()
+        self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         # Set by kasmina.attach for a slot inside a TransformerEncoderLayer (module docstring).
         self.guards_fused_path = False
         # What the host's forward returned, as the seeds see it: None before the first
         # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
-        self._plan_version = -1
-        self._plan: tuple[SeedStage, ...] = ()
-        self._runs_any = False
         self._teacher_logits: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
+        # The plan: each seed's stage (as an int, and as a SeedStage for the eager path) and
+        # whether any seed runs its kernel. A slot-local snapshot, refreshed by the table on
+        # every change (``GPUStateTensor.listen``), so the forward never reads the table.
+        self._stage_codes: tuple[int, ...] = ()
+        self._plan: tuple[SeedStage, ...] = ()
+        self._runs_any = False
+        self._refresh_plan()
+        state.listen(self._refresh_plan)
 
     # -- the wrapped module's attributes ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -205,10 +233,17 @@ class KasminaLayer(nn.Module):
             name in _FUSED_PATH_TENSORS
             and isinstance(value, torch.Tensor)
             and self.__dict__.get("guards_fused_path", False)
-            and self._current_plan()[1]
+            and self.__dict__.get("_runs_any", False)
         ):
             return value.as_subclass(_SeedsLive)
         return value
+
+    def _link_flags(self) -> None:
+        """Point each seed's ``finite_flag`` at its element of ``_finite_flags`` (again after a
+        move, which copies each buffer on its own)."""
+        flags = self._finite_flags
+        for k, seed in enumerate(self.seeds):
+            seed._buffers["finite_flag"] = flags[k]
 
     # -- convenience ---------------------------------------------------------------------
     def seed(self, k: int) -> GradientIsolatedSeed:
@@ -275,7 +310,6 @@ class KasminaLayer(nn.Module):
         # The hot path reads ``_modules`` directly: ``self.host`` would go through this class's
         # ``__getattr__`` (an extra frame per access, on every forward of every slot).
         out = self._modules["host"](*args, **kwargs)
-        compiling = torch.compiler.is_compiling()
         # The first forward's shapes, then one compare. Compiled, the compare is a guard: the
         # graph traced before anything was recorded records (a side effect replayed after each
         # call), and the next call swaps it, once, for one that does not. A one-shot hook that
@@ -286,9 +320,16 @@ class KasminaLayer(nn.Module):
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
             self._teacher_logits = None
-        plan, runs_any = self._compute_plan() if compiling else self._current_plan()
-        if not runs_any:
+        # Only slot-local attributes are read here, never the shared table or the seeds: a
+        # compiled forward is guarded on this bool alone while every seed passes the host
+        # through (each path to the one shared table would be a Python aliasing guard per
+        # call), and on the stage ints below while one runs, so a stage change recompiles.
+        if not self._runs_any:
             return out  # fast path: every seed passes the host through
+        if torch.compiler.is_compiling():
+            plan = tuple(SeedStage(code) for code in self._stage_codes)
+        else:
+            plan = self._plan
         return self._replace(out, self._graft(self._element(out), plan, teacher_logits))
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
@@ -333,28 +374,19 @@ class KasminaLayer(nn.Module):
             return dataclasses.replace(out, **{_present_fields(out)[i]: new})  # type: ignore[type-var]
         return new
 
-    def _current_plan(self) -> tuple[tuple[SeedStage, ...], bool]:
-        # Eager: cached on the table's version (bumped by every transition and kernel change).
-        # Compiled: read directly, so the guards are on the stages themselves and the cache's
-        # own bookkeeping never triggers a recompile.
-        if torch.compiler.is_compiling():
-            return self._compute_plan()
-        if self._plan_version != self.state_table.version:
-            self._plan, self._runs_any = self._compute_plan()
-            self._plan_version = self.state_table.version
-        return self._plan, self._runs_any
-
-    def _compute_plan(self) -> tuple[tuple[SeedStage, ...], bool]:
-        # Rebuilt from the int: TorchDynamo (torch 2.13) installs no guard on a stage read
-        # straight from the table's list when the member is also met through a module-level
-        # set (RUNS_KERNEL), so a compiled graph kept running a stale stage; the int read is
-        # guarded, and each stage change recompiles.
-        plan = tuple(SeedStage(int(seed.stage)) for seed in self.seeds)
-        runs_any = any(
+    def _refresh_plan(self) -> None:
+        """Rebuild the plan from the seeds (the table calls this after every change)."""
+        # The compiled forward rebuilds its stages from the ints: TorchDynamo (torch 2.13)
+        # installs no guard on a SeedStage member that is also met through a module-level set
+        # (RUNS_KERNEL), so a graph specialised on one could keep running a stale stage; an
+        # int read is guarded by value, and each stage change recompiles.
+        seeds = list(self.seeds)
+        self._plan = tuple(seed.stage for seed in seeds)
+        self._stage_codes = tuple(int(stage) for stage in self._plan)
+        self._runs_any = any(
             stage in RUNS_KERNEL and seed.kernel is not None
-            for stage, seed in zip(plan, self.seeds, strict=True)
+            for stage, seed in zip(self._plan, seeds, strict=True)
         )
-        return plan, runs_any
 
     def _graft(
         self, x: Any, plan: tuple[SeedStage, ...], teacher_logits: torch.Tensor | None
@@ -369,38 +401,150 @@ class KasminaLayer(nn.Module):
             raise ValueError(problem or f"{self.layer_id}: output {tuple(x.shape)} does not fit")
         dim = self.chunk_dim % x.dim()
         chunks = x.split(self.chunk_size, dim=dim)
+        seeds = self._modules["seeds"]  # direct reads: ``self.seeds`` costs a __getattr__ frame
+        # The host half of every seed's guard (a ``try`` and a metadata check, no device read).
+        # A seed that passes the host through, for its stage or after a fault, keeps the host's
+        # own chunk in ``outs``: its value and its gradient, exactly as a DORMANT seed's.
+        outs = list(chunks)
+        inputs: dict[int, torch.Tensor] = {}  # the kernels' inputs of the seeds that ran
+        for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
+            if stage not in RUNS_KERNEL or seed._modules["kernel"] is None:
+                continue
+            if stage == SeedStage.COMPATIBILITY_CHECK:
+                seed._probe_unless_compiling(chunks[k])
+                continue
+            called = seed._call_kernel(chunks[k], stage)
+            if called is not None:
+                outs[k], inputs[k] = called
+        if not inputs:
+            return x
+        if not torch.compiler.is_compiling():  # the guard node is eager only
+            self._contain_backward(outs, inputs, plan)
+        # The device half, once for the layer: one finiteness reduction over every seed's
+        # output as it is concatenated for the blend, one flag update, one ``where``.
+        n = self.num_seeds
+        last = dim == x.dim() - 1
+        seed_full = torch.cat(outs, dim=dim)
+        seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
+        ok = finite_chunks(seed_m)
+        if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
+            ok = ok.logical_or(self._passed_through(inputs, ok.device))
+        self._buffers["_finite_flags"].logical_and_(ok)
+        stages = {plan[k] for k in inputs}
+        if stages <= _BLENDING:
+            # Every chunk at once: the seed's output where finite, else the host's (detached).
+            host_m = x.detach() if last else x.detach().movedim(dim, -1)
+            full = torch.where(ok.unsqueeze(-1), seed_m, host_m.unflatten(-1, (n, -1)))
+            full = full.flatten(-2) if last else full.flatten(-2).movedim(-1, dim)
+            alphas: list[torch.Tensor] | None = None
+            if SeedStage.GRAFTING in stages:
+                # A chunk that is not finite blends with alpha 0: the host's value, no gradient
+                # (GRAFTING and STABILIZATION give the host none through the slot anyway).
+                one = self._buffers["_one"]
+                alphas = [
+                    seed.alpha if stage == SeedStage.GRAFTING and k in inputs else one
+                    for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True))
+                ]
+        else:
+            full, alphas = self._per_chunk(outs, chunks, inputs, plan, ok, dim)
+        if self.kd_config is not None and teacher_logits is not None:
+            students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
+            self._maybe_kd(full, students, teacher_logits, dim)
+        if alphas is None:
+            return full  # a blend with alpha 1 everywhere is the identity
+        alpha_vec = torch.stack(alphas)
+        if stages <= _BLENDING:
+            alpha_vec = alpha_vec.mul(ok)
+        if last:
+            return alpha_blend(full, x, alpha_vec, mode="blend")
+        # The per-chunk blend runs over the last dimension: move the chunk dimension there.
+        moved = alpha_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
+        return moved.movedim(-1, dim)
+
+    def _contain_backward(
+        self, outs: list[torch.Tensor], inputs: dict[int, torch.Tensor], plan: tuple[SeedStage, ...]
+    ) -> None:
+        """Put the isolated seeds' backward (every one of this call) in one guarded node."""
+        seeds = self._modules["seeds"]
+        guarded = [
+            k
+            for k in inputs
+            if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward and outs[k].requires_grad
+        ]
+        if not guarded:
+            return
+        values = contain_backward(
+            [outs[k] for k in guarded],
+            [seeds[k]._trained_parameters() for k in guarded],
+            [seeds[k]._record_fault for k in guarded],
+        )
+        for k, value in zip(guarded, values, strict=True):
+            outs[k] = value
+
+    def _passed_through(self, ran: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``[num_seeds]`` bool: the seeds that did not run this call (cached per pattern)."""
+        values = [k not in ran for k in range(self.num_seeds)]
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, device=device)  # a constant of the graph
+        key = (tuple(ran), device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = torch.tensor(values, device=device)
+        return mask
+
+    def _per_chunk(
+        self,
+        outs: list[torch.Tensor],
+        chunks: tuple[torch.Tensor, ...],
+        inputs: dict[int, torch.Tensor],
+        plan: tuple[SeedStage, ...],
+        ok: torch.Tensor,
+        dim: int,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The pre-blend tensor and alphas chunk by chunk (ISOLATED_INIT or ACTIVE seeds ran).
+
+        ISOLATED_INIT contributes ``x - (s.detach() - s)``: its value is exactly ``x`` and both
+        the host and the seed get the gradient ``g`` unchanged (the straight-through
+        ``incubate``). ACTIVE falls back to ``x`` with its gradient, and the gradient its
+        kernel would send upstream is cut where its output is not finite.
+        """
+        oks = ok.unbind()
         pieces: list[torch.Tensor] = []
         alphas: list[torch.Tensor | None] = []
-        students: list[torch.Tensor | None] = []
-        for seed, stage, chunk in zip(self.seeds, plan, chunks, strict=True):
-            piece, alpha, seed_out = seed.contribution(chunk, stage)
+        for k, (seed, stage) in enumerate(zip(self._modules["seeds"], plan, strict=True)):
+            x_k, alpha = chunks[k], None
+            if k not in inputs:
+                piece = x_k
+            elif stage == SeedStage.ISOLATED_INIT:
+                safe = torch.where(oks[k], outs[k], 0.0)
+                piece = x_k - (safe.detach() - safe)
+            elif stage == SeedStage.ACTIVE:
+                piece = torch.where(oks[k], outs[k], x_k)
+                cut_nonfinite_gradient(inputs[k], oks[k])
+            else:
+                piece = torch.where(oks[k], outs[k], x_k.detach())
+                if stage == SeedStage.GRAFTING:
+                    alpha = seed.alpha * oks[k]
             pieces.append(piece)
             alphas.append(alpha)
-            students.append(seed_out if stage in KD_STAGES else None)
-        seed_full = torch.cat(pieces, dim=dim)
-        self._maybe_kd(pieces, students, teacher_logits, dim)
+        full = torch.cat(pieces, dim=dim)
         if all(alpha is None for alpha in alphas):
-            return seed_full  # a blend with alpha 1 everywhere is the identity
-        alpha_vec = torch.stack([self._one if a is None else a for a in alphas])
-        if dim == x.dim() - 1:
-            return alpha_blend(seed_full, x, alpha_vec, mode="blend")
-        # The per-chunk blend runs over the last dimension: move the chunk dimension there.
-        moved = alpha_blend(seed_full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
-        return moved.movedim(-1, dim)
+            return full, None
+        one = self._buffers["_one"]
+        return full, [one if a is None else a for a in alphas]
 
     def _maybe_kd(
         self,
-        pieces: list[torch.Tensor],
+        full: torch.Tensor,
         students: list[torch.Tensor | None],
-        teacher_logits: torch.Tensor | None,
+        teacher_logits: torch.Tensor,
         dim: int,
     ) -> None:
         # The student is the layer's output with every non-seed-path chunk detached, so the
         # KD gradient reaches the seeds that are training and nothing else.
-        if self.kd_config is None or teacher_logits is None:
-            return
         if all(s is None for s in students):
             return
+        pieces = full.split(self.chunk_size, dim=dim)
         student = torch.cat(
             [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)],
             dim=dim,
@@ -409,7 +553,9 @@ class KasminaLayer(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         super()._apply(fn, recurse)
-        self._plan_version = -1
+        self._link_flags()
+        self._masks.clear()
+        self._refresh_plan()
         self.output_contract = None  # dtype or device may have changed: record again
         return self
 

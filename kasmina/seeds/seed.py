@@ -7,8 +7,8 @@ or a slot of a table shared by many seeds); the forward reads the table's host m
 never waits for the device. Until a seed is ACTIVE it only ever sees ``x.detach()``.
 
 Fault containment: the host's training step never depends on a seed behaving. Every call into
-the kernel on the host's path (``forward``, ``contribution``, ``probe``) is guarded, and a fault
-makes the seed stand aside for that call:
+the kernel on the host's path (``forward``, a ``KasminaLayer``'s forward, ``probe``) is guarded,
+and a fault makes the seed stand aside for that call:
 
 - the kernel raises an ``Exception``, or returns something that is not a Tensor of the host
   chunk's shape, dtype and device: known on the host at once, so the call returns the host
@@ -24,10 +24,14 @@ every step cannot flood the log). At ``fault_limit`` faults the seed goes to QUA
 ACTIVE seed cannot (docs/design.md §3), so it keeps falling back and counting. One fault is not
 enough to give up on a seed: a kernel can fail on one odd batch and be fine afterwards.
 
-Before ACTIVE a kernel's backward runs inside a guarded autograd node (``ContainedBackward``):
-a backward that raises is one fault (kind ``backward``) and costs the seed that step's gradient,
-never the host's backward. Not contained: a backward that raises in an ACTIVE seed or under
+Before ACTIVE a kernel's backward runs inside a guarded autograd node (``ContainedBackward``,
+one per layer for all its isolated seeds): a backward that raises is one fault (kind
+``backward``) and costs the seed that step's gradient, never the host's backward. Not contained
+(docs/design.md §6a has the full list): a backward that raises in an ACTIVE seed or under
 ``torch.compile``, and a kernel that writes into the activations it was given.
+
+In a ``KasminaLayer`` the device half (finite test, flag, ``where``) runs once for all the
+layer's seeds (:mod:`kasmina.seeds.layer`); a stand-alone seed does its own.
 
 Under ``torch.compile`` the guard is traced like the rest of the forward, so a healthy seed
 costs no graph break (``fullgraph=True`` works). A fault found while tracing (a Python
@@ -94,6 +98,14 @@ RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
 
 
+def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
+    """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
+    gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
+    stays finite."""
+    if xin.requires_grad:
+        xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+
+
 class GradientIsolatedSeed(nn.Module):
     """One seed over a ``chunk_size``-wide slice of a host layer's output.
 
@@ -131,6 +143,7 @@ class GradientIsolatedSeed(nn.Module):
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
         # True while every output since the last poll was finite. An AND keeps it in one
         # in-place op per forward, and it stays on the device (reading it is the poll's sync).
+        # In a KasminaLayer it is a view of the layer's flags, which its guard updates at once.
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.isolation_violations = 0
         self.nonfinite_events = 0
@@ -396,6 +409,27 @@ class GradientIsolatedSeed(nn.Module):
     def seed_parameters(self) -> list[nn.Parameter]:
         return [] if self.kernel is None else list(self.kernel.parameters())
 
+    def _trained_parameters(self) -> list[torch.Tensor]:
+        """The kernel's parameters that require a gradient, read fresh on every call (the
+        backward guard's inputs) by a plain walk of the module tree: ``parameters()`` costs
+        several microseconds per module in generator bookkeeping, on every forward."""
+        kernel = self._modules["kernel"]
+        found: list[torch.Tensor] = []
+        if kernel is None:
+            return found
+        seen: set[int] = set()
+        stack = [kernel]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            found.extend(
+                p for p in module._parameters.values() if p is not None and p.requires_grad
+            )
+            stack.extend(child for child in module._modules.values() if child is not None)
+        return found
+
     # -- alpha, score --------------------------------------------------------------------
     @property
     def alpha_value(self) -> float:
@@ -468,34 +502,6 @@ class GradientIsolatedSeed(nn.Module):
             return torch.where(ok, s, x.detach())
         return torch.where(ok, s, x)  # ACTIVE: fossilized, end-to-end gradient
 
-    def contribution(
-        self, x: torch.Tensor, stage: SeedStage
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This seed's chunk of a KasminaLayer's pre-blend output, for one shared blend call.
-
-        Returns ``(piece, alpha, seed_out)``: the layer computes
-        ``alpha_blend(cat(pieces), x, alphas, "blend")`` with alpha 1 where ``alpha`` is None.
-        ISOLATED_INIT uses ``x - (s.detach() - s)``: its value is exactly ``x`` and both the host
-        and the seed get the gradient ``g`` unchanged (the straight-through ``incubate``).
-        """
-        if self.kernel is None or stage not in RUNS_KERNEL:
-            return x, None, None
-        if stage == SeedStage.COMPATIBILITY_CHECK:
-            self._probe_unless_compiling(x)
-            return x, None, None
-        result = self._run_kernel(x, stage)
-        if result is None:
-            return x, None, None
-        s, ok = result
-        if stage == SeedStage.ISOLATED_INIT:
-            safe = torch.where(ok, s, 0.0)
-            return x - (safe.detach() - safe), None, s
-        if stage == SeedStage.GRAFTING:
-            return torch.where(ok, s, x.detach()), self.alpha * ok, s
-        if stage == SeedStage.STABILIZATION:
-            return torch.where(ok, s, x.detach()), None, s
-        return torch.where(ok, s, x), None, s
-
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
         """The COMPATIBILITY_CHECK probe of a host forward, skipped while ``torch.compile``
         traces one: it times the kernel on the host clock, which is host work a graph cannot
@@ -536,13 +542,31 @@ class GradientIsolatedSeed(nn.Module):
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(seed_out, finite)``, or None after a fault found on the host (the caller then
-        passes ``x`` through). ``finite`` stays on the device: reading it would be a sync."""
-        assert self.kernel is not None
+        passes ``x`` through). ``finite`` stays on the device: reading it would be a sync.
+
+        The stand-alone seed's guard; a KasminaLayer runs the same host half
+        (:meth:`_call_kernel`) and does the device half once for all its seeds.
+        """
+        called = self._call_kernel(x, stage)
+        if called is None:
+            return None
+        s, xin = called
+        if self._guards_backward(s, stage):
+            s = contain_backward([s], [self._trained_parameters()], [self._record_fault])[0]
+        return s, self._check_finite(s, xin, stage)
+
+    def _call_kernel(
+        self, x: torch.Tensor, stage: SeedStage
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The host half of the guard: ``(seed_out, kernel_input)``, or None after a fault
+        found on the host (recorded). Nothing here reads the device."""
+        kernel = self._modules["kernel"]
+        assert kernel is not None
         # A fossilized seed backpropagates into the host: if its output is non-finite, the
         # gradient it sends upstream (0 * nan) is cut by a hook on this alias of ``x``.
         xin = x.view_as(x) if stage == SeedStage.ACTIVE else x.detach()
         try:
-            s = self.kernel(xin)
+            s = kernel(xin)
         except Exception as exc:  # the kernel's own failure: contained, never the host's
             self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
             return None
@@ -550,25 +574,23 @@ class GradientIsolatedSeed(nn.Module):
         if fault is not None:
             self._record_fault(*fault)
             return None
-        if (
+        return s, xin
+
+    def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
+        """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
+        return (
             self.guard_backward
             and stage != SeedStage.ACTIVE
             and s.requires_grad
             and not torch.compiler.is_compiling()
-        ):
-            s = contain_backward(s, self.seed_parameters(), self._record_fault)
-        return s, self._check_finite(s, xin, stage)
+        )
 
     def _check_finite(self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage) -> torch.Tensor:
-        """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``.
-
-        An ACTIVE seed also gets the gradient it would send upstream through ``xin`` (0 * nan
-        when its output is not finite) cut, so the host stays finite.
-        """
+        """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``."""
         ok = all_finite(s)
         self.finite_flag.logical_and_(ok)
-        if stage == SeedStage.ACTIVE and xin.requires_grad:
-            xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+        if stage == SeedStage.ACTIVE:
+            cut_nonfinite_gradient(xin, ok)
         return ok
 
     # -- knowledge distillation ----------------------------------------------------------
@@ -660,4 +682,4 @@ class GradientIsolatedSeed(nn.Module):
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed"]
+__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed", "cut_nonfinite_gradient"]

@@ -56,13 +56,13 @@ class _Observer:
     its first transition, because a copied model is nobody's managed model.
     """
 
-    def __init__(self, fn: TransitionObserver | None, follows_copies: bool = True) -> None:
+    def __init__(self, fn: Callable[..., None] | None, follows_copies: bool = True) -> None:
         owner = getattr(fn, "__self__", None)
         self._owner = None if owner is None else weakref.ref(owner)
         self._fn: Any = getattr(fn, "__func__", fn)
         self.follows_copies = follows_copies
 
-    def __call__(self) -> TransitionObserver | None:
+    def __call__(self) -> Callable[..., None] | None:
         if self._owner is None:
             return self._fn
         owner = self._owner()
@@ -159,10 +159,11 @@ class GPUStateTensor:
         self.embargo_epochs = int(embargo_epochs)
         self.telemetry = telemetry
         self.counters: Counter[str] = Counter()
-        self.version = 0  # bumped on every host-visible change; slots cache their plan on it
+        self.version = 0  # bumped on every host-visible change (see ``listen``)
         self._stages = [SeedStage.DORMANT] * num_seeds
         self._epochs = [0] * num_seeds
         self._observers: dict[int, list[_Observer]] = {}
+        self._listeners: list[_Observer] = []
 
     # -- host mirror (no device sync) ----------------------------------------------------
     @property
@@ -199,6 +200,16 @@ class GPUStateTensor:
         """
         entry = _Observer(observer, follows_copies)
         self._observers.setdefault(self.check_index(idx), []).append(entry)
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every change of ``version``: every applied transition,
+        restore, resync, load and :meth:`touch` (a kernel attached or detached).
+
+        Held like an observer (a bound method weakly, following copies). A ``KasminaLayer``
+        keeps its plan this way, as a slot-local snapshot that its forward reads without
+        touching the table (a compiled forward is guarded on that snapshot alone).
+        """
+        self.__dict__.setdefault("_listeners", []).append(_Observer(listener))
 
     # -- transitions ---------------------------------------------------------------------
     def update_seed_state(
@@ -274,7 +285,7 @@ class GPUStateTensor:
             else:
                 self._report_rejection(idx, target, code)
         if applied:
-            self.version += 1
+            self._bump()
             cooled = [idx for idx, _, new in applied if new == SeedStage.COOLDOWN]
             if cooled:
                 rows = torch.tensor(cooled, dtype=torch.int64, device=device)
@@ -333,7 +344,7 @@ class GPUStateTensor:
         self.state_tensor[idx] = torch.tensor(values, dtype=torch.int32, device=self.device)
         self._stages[idx] = stage
         self._epochs[idx] = values[StateColumn.EPOCHS_IN_STATE]
-        self.version += 1
+        self._bump()
 
     def resync(self) -> None:
         """Re-read the host mirror from the device table (after an outside write)."""
@@ -341,7 +352,7 @@ class GPUStateTensor:
         values = rows.tolist()
         self._stages = [parse_stage(int(s)) for s, _ in values]
         self._epochs = [int(e) for _, e in values]
-        self.version += 1
+        self._bump()
 
     def to(self, device: torch.device | str) -> GPUStateTensor:
         """Move the table in place (the mirror is unaffected); returns ``self``."""
@@ -379,7 +390,7 @@ class GPUStateTensor:
         self._epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
         self.embargo_epochs = int(state.get("embargo_epochs", self.embargo_epochs))
         self.counters = Counter(state.get("counters", {}))
-        self.version += 1
+        self._bump()
 
     # -- internals -----------------------------------------------------------------------
     def check_index(self, idx: int) -> int:
@@ -413,7 +424,18 @@ class GPUStateTensor:
 
     def touch(self) -> None:
         """Mark a host-visible change that is not a transition (e.g. a kernel attached)."""
+        self._bump()
+
+    def _bump(self) -> None:
+        """``version`` goes up and every listener hears of it (dead ones are dropped)."""
         self.version += 1
+        listeners = self.__dict__.setdefault("_listeners", [])  # absent from older pickles
+        for ref in list(listeners):
+            listener = ref()
+            if listener is None:
+                listeners.remove(ref)
+            else:
+                listener()
 
     def report(self, name: str, labels: dict[str, str]) -> None:
         """Send one event to the telemetry reporter, if any; never raises."""

@@ -382,3 +382,77 @@ def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
     slot.update_alpha_blending(8, 10)  # alpha is a device buffer: no recompile
     torch.testing.assert_close(compiled(x), model(x))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+def _guards(model: nn.Module) -> str:
+    """The guards of the newest compiled entry of ``model``'s forward."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    entries = _debug_get_cache_entry_list(type(model).forward.__code__)
+    return str(entries[0].guard_manager)
+
+
+def test_a_compiled_dormant_slot_is_guarded_on_slot_local_values_only() -> None:
+    """Issue #13: the compiled forward reads neither the shared table nor the seeds, so no
+    Python aliasing guard (one per path to the one table, ~2 us each per call) is installed."""
+    x = torch.randn(4, 5)
+    guards = {}
+    for name in ("bare", "attached"):
+        torch._dynamo.reset()
+        model = MLP()
+        if name == "attached":
+            attach(model, ["encoder.0", "encoder.2", "head"], 2, 4)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        for _ in range(2):  # the second call drops the recording graph
+            compiled(x).sum().backward()
+        guards[name] = _guards(model)
+    attached = guards["attached"]
+    assert "state_table" not in attached and "_modules['seeds']" not in attached
+    assert attached.count("LAMBDA_GUARD") == guards["bare"].count("LAMBDA_GUARD")
+
+
+def test_a_compiled_slot_follows_every_kind_of_table_change() -> None:
+    """The slot's plan is a snapshot the table refreshes on every change (transition, kernel
+    attached, row restored, table loaded), so a compiled graph never runs a stale stage."""
+    torch._dynamo.reset()
+    model = MLP()
+    slot = attach(model, "head", 2, 4)[0]
+    x = torch.randn(4, 5)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+
+    def check() -> None:
+        torch.testing.assert_close(compiled(x), model(x))
+
+    check()
+    slot.seed(0).attach_kernel(kernel(4, 3))
+    check()
+    saved = slot.state_table.state_dict()  # all DORMANT
+    walk(slot.seed(0), S.GRAFTING)
+    slot.update_alpha_blending(5, 10)
+    assert not torch.equal(compiled(x), slot.host(torch.relu(model.encoder(x))))
+    check()
+    row = slot.state_table.read_row(0)
+    slot.state_table.load_state_dict(saved)  # back to DORMANT without a transition
+    assert slot._runs_any is False
+    check()
+    slot.state_table.restore_row(0, list(row.values()))  # GRAFTING again
+    assert slot._stage_codes == (int(S.GRAFTING), int(S.DORMANT))
+    check()
+    slot.seed(0).transition_to(S.HARVESTING)  # the kernel is released
+    assert slot.seed(0).kernel is None and slot._runs_any is False
+    check()
+
+
+def test_seed_flags_are_views_of_the_layer_flags_through_copies_and_moves() -> None:
+    model = MLP()
+    slot = attach(model, "head", 2, 4)[0]
+    for other in (slot, copy.deepcopy(slot), slot.to(torch.float64)):
+        flags = other._finite_flags
+        for k, seed in enumerate(other.seeds):
+            assert seed.finite_flag.data_ptr() == flags[k].data_ptr()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = kasmina_layers(torch.load(buffer, weights_only=False))[0]
+    loaded._finite_flags[1] = False
+    assert [bool(s.finite_flag) for s in loaded.seeds] == [True, False]

@@ -724,3 +724,50 @@ def test_without_the_backward_guard_a_raising_backward_reaches_the_host(x: torch
     with pytest.raises(RuntimeError, match="kernel backward exploded"):
         train_step(Net(seed), x)
     assert seed.faults == 0
+
+
+def test_one_backward_guard_per_layer_faults_only_the_seed_whose_backward_raises() -> None:
+    """Every isolated seed of a layer shares one guarded node; when one kernel's backward
+    raises, only that seed faults and the others get exactly their unguarded gradients."""
+    torch.manual_seed(17)
+    kernels = [
+        nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+        RaisesInBackward(2),
+        nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+        nn.Linear(2, 2),
+    ]
+    layer, x = four_stage_layer(kernels)
+    reference = copy.deepcopy(layer)
+    reference.seed(1).detach_kernel()
+    for seed in reference.seeds:
+        seed.guard_backward = False
+    w = torch.randn(BATCH, 8)
+    (layer(x) * w).sum().backward()
+    (reference(x) * w).sum().backward()
+    assert [s.faults for s in layer.seeds] == [0, 1, 0, 0]
+    assert layer.seed(1).fault_log[-1].startswith("backward raised RuntimeError")
+    assert layer.seed(1).kernel.scale.grad is None
+    for k in (0, 2, 3):
+        for p, q in zip(
+            layer.seed(k).seed_parameters(), reference.seed(k).seed_parameters(), strict=True
+        ):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_kernel_shared_by_two_seeds_gets_its_gradient_once() -> None:
+    torch.manual_seed(18)
+    shared = nn.Linear(2, 2)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    for seed in layer.seeds:
+        seed.attach_kernel(shared)
+        walk(seed, S.GRAFTING)
+    layer.update_alpha_blending(5, 10)
+    x = torch.randn(BATCH, 6)
+    layer(x).pow(2).sum().backward()
+    guarded = [p.grad.clone() for p in shared.parameters()]
+    shared.zero_grad(set_to_none=True)
+    for seed in layer.seeds:
+        seed.guard_backward = False
+    layer(x).pow(2).sum().backward()
+    for g, p in zip(guarded, shared.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
