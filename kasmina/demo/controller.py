@@ -9,11 +9,13 @@ sees the test split. Its policy:
   next planned seed, at most ``max_in_flight`` seeds growing at once (with ``patience=0`` it
   grows as soon as a slot is free: the continual scenario's "new classes arrived");
 - every growing seed gets an ADVANCE each epoch; the executor's gates decide whether it moves;
-- after ``settle_epochs`` in STABILIZATION the seed's *help* decides: the relative
-  validation-loss reduction Kasmina measured itself (``manager.evaluate_seeds``, the seed's
-  chunk replaced by the host's). Enough help sends a plain ADVANCE (gate G5 checks the same
-  measurement against the performance gate; a command carries no evidence), too little sends
-  CULL with an embargo. A culled slot, once recycled, may be germinated again.
+- after ``settle_epochs`` in STABILIZATION what Kasmina measured itself decides
+  (``manager.evaluate_seeds``, the seed's chunk replaced by the host's): its *help*, the
+  relative validation-loss reduction, and the validation accuracy with and without it. Enough
+  help at no more than ``max_metric_drop`` of accuracy sends a plain ADVANCE (gate G5 checks
+  the same measurement against the performance gate and ``g5_max_metric_drop``; a command
+  carries no evidence); too little help, or an accuracy cost, sends CULL with an embargo. A
+  culled slot, once recycled, may be germinated again.
 
 ``Adversary`` replays, forges and back-dates commands, to show the handler refusing them.
 """
@@ -50,21 +52,29 @@ class SeedView:
     stage: SeedStage
     epochs_in_stage: int = 0
     help: float | None = None  # Kasmina's measured benefit in STABILIZATION, else None
+    # The metric (validation accuracy in the demo) with and without the seed, measured with
+    # ``help``; None when it was not measured.
+    metric_with: float | None = None
+    metric_without: float | None = None
 
 
 def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
     """Each seed as the manager's ``SystemStatePacket`` describes it: its stage, epochs in the
-    stage and, in STABILIZATION, the benefit Kasmina measured there (``seed/<id>/benefit``)."""
+    stage and, in STABILIZATION, the benefit Kasmina measured there (``seed/<id>/benefit``)
+    and the metric with and without the seed (``seed/<id>/metric_with``, ``.../metric_without``)
+    when one was measured."""
     metrics = packet.training_metrics
     views: dict[str, SeedView] = {}
     for seed_id, value in sorted(packet.seed_stages.items()):
         stage = SeedStage[SeedLifecycleStage.Name(value).removeprefix("SEED_STAGE_")]
         measured_in = metrics.get(f"seed/{seed_id}/evaluated_stage")
-        help_ = None
+        help_ = metric_with = metric_without = None
         if stage == SeedStage.STABILIZATION and measured_in == float(stage.value):
             help_ = metrics.get(f"seed/{seed_id}/benefit")
+            metric_with = metrics.get(f"seed/{seed_id}/metric_with")
+            metric_without = metrics.get(f"seed/{seed_id}/metric_without")
         epochs = int(metrics.get(f"seed/{seed_id}/epochs_in_stage", 0.0))
-        views[seed_id] = SeedView(stage, epochs, help_)
+        views[seed_id] = SeedView(stage, epochs, help_, metric_with, metric_without)
     return views
 
 
@@ -90,6 +100,7 @@ class PlateauController:
         min_delta: float = 0.005,
         max_in_flight: int = 2,
         help_threshold: float = 0.02,
+        max_metric_drop: float = 0.0,
         settle_epochs: int = 2,
         embargo_epochs: int = 2,
         grow_reason: str = "plateau",
@@ -103,6 +114,7 @@ class PlateauController:
         self.min_delta = min_delta
         self.max_in_flight = max_in_flight
         self.help_threshold = help_threshold
+        self.max_metric_drop = max_metric_drop
         self.settle_epochs = settle_epochs
         self.embargo_epochs = embargo_epochs
         self.grow_reason = grow_reason
@@ -137,7 +149,12 @@ class PlateauController:
                 continue  # let the layers downstream settle on the seed before judging it
             if view.stage == SeedStage.STABILIZATION and view.help is not None:
                 measured = f"val loss {-100 * view.help:+.1f}% with it"
-                if view.help < self.help_threshold:
+                with_, without = view.metric_with, view.metric_without
+                costs = False
+                if with_ is not None and without is not None:
+                    measured += f", val acc {100 * with_:.1f}% (without: {100 * without:.1f}%)"
+                    costs = with_ < without - self.max_metric_drop
+                if view.help < self.help_threshold or costs:
                     params = {"embargo_epochs": float(self.embargo_epochs)}
                     why = f"cull: {measured}"
                     out.append(self._command(epoch, CULL, seed_id, "", params, why))

@@ -39,6 +39,11 @@ def with_classes(idx: torch.Tensor, data: Digits, classes: tuple[int, ...]) -> t
     return idx[torch.isin(data.y[idx], wanted)]
 
 
+def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fraction of ``targets`` the logits' argmax gets right (``evaluate_seeds``' metric)."""
+    return (logits.argmax(-1) == targets).float().mean()
+
+
 def accuracy(model: nn.Module, data: Digits, idx: torch.Tensor) -> float:
     return accuracy_and_loss(model, data, idx)[0]
 

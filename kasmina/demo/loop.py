@@ -13,8 +13,9 @@ A step is the manager's training step; data parallelism adds nothing to the loop
     ranks, isolation verified, optimizers)
 
 At a boundary the manager measures every live seed on the validation split
-(``evaluate_seeds``) and the controller decides on ``manager.system_state()`` alone. The test
-split is scored each epoch for the report and never reaches the controller.
+(``evaluate_seeds``: loss and accuracy, with and without each seed) and the controller decides
+on ``manager.system_state()`` alone. The test split is scored each epoch for the report and
+never reaches the controller.
 
 In the continual scenario the host arrives trained and frozen (no host optimizer, no
 gradient): only the seeds train, and the first boundary (epoch 0) comes before any step.
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 from kasmina.control.distributed import EpochSyncResult
 from kasmina.demo.config import COMMAND_KEY, KD, NEW_CLASSES, OLD_CLASSES, DemoConfig
 from kasmina.demo.controller import Adversary, PlateauController, SeedPlan
-from kasmina.demo.data import Digits, accuracy_and_loss, batches, with_classes
+from kasmina.demo.data import Digits, accuracy_and_loss, batch_accuracy, batches, with_classes
 from kasmina.demo.models import HostMLP, graft_slots
 from kasmina.demo.report import DemoResult, EpochRecord
 from kasmina.manager.config import KasminaConfig
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 # Two epochs of steps from alpha 0 to 1 (steps per epoch: the 1,197 training digits / 64).
 GRAFT_STEPS = 36
+# G5 and the controller: a seed may not cost any validation accuracy (the fraction of the
+# validation digits it gets right, with it against without it).
+MAX_ACCURACY_DROP = 0.0
 # Seed stages whose output shapes the model's (the seed counts toward the grown model's size).
 BLENDING_STAGES = (SeedStage.GRAFTING, SeedStage.STABILIZATION)
 
@@ -84,6 +88,7 @@ class DemoLoop:
             min_isolated_epochs=1,
             latency_budget_ms=25.0,
             performance_gate=500,
+            g5_max_metric_drop=MAX_ACCURACY_DROP,
             default_embargo_epochs=2,
             grafting_steps=GRAFT_STEPS,
             grafting_temperature=2.0,
@@ -111,6 +116,7 @@ class DemoLoop:
             warmup=0 if continual else 4,
             patience=0 if continual else 2,
             min_delta=0.01,
+            max_metric_drop=MAX_ACCURACY_DROP,
             max_in_flight=2 if continual else 3,
             grow_reason="new classes" if continual else "plateau",
         )
@@ -147,11 +153,14 @@ class DemoLoop:
     # ----------------------------------------------------------------------- boundaries
     def evaluate(self) -> dict[str, float]:
         """Kasmina's own measurement of every live seed on the validation split (G5's evidence,
-        recorded on the seeds): seed id -> relative validation-loss reduction. Every rank
-        measures on the same split with the same weights, so every rank's G5 agrees."""
+        recorded on the seeds): the loss and the accuracy with and without each seed; returns
+        seed id -> relative validation-loss reduction. Every rank measures on the same split
+        with the same weights, so every rank's G5 agrees."""
         data = self.data
         evaluations = self.manager.evaluate_seeds(
-            [(data.x[data.val], data.y[data.val])], loss_fn=F.cross_entropy
+            [(data.x[data.val], data.y[data.val])],
+            loss_fn=F.cross_entropy,
+            metric_fn=batch_accuracy,
         )
         return {sid: ev.benefit for sid, ev in evaluations.items()}
 

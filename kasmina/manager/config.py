@@ -161,6 +161,11 @@ class KasminaConfig:
     latency_budget_ms: float = 5.0
     # G5: GATE_SCORE must reach this value, per mille (0..1000, the scale of ALPHA_BLEND).
     performance_gate: int = 500
+    # G5, when evaluate_seeds was given a metric_fn: a seed whose metric with it is below its
+    # metric without it by more than this is refused, whatever its loss benefit. The metric is
+    # read as higher is better (pass an error rate negated), in its own units: 0.01 tolerates
+    # one point of an accuracy in [0, 1]; inf never refuses. >= 0. No metric: loss alone.
+    g5_max_metric_drop: float = 0.0
     # Epochs of COOLDOWN after a CULL when the command gives no "embargo_epochs".
     default_embargo_epochs: int = 5
     # GRAFTING alpha = sigmoid((step - steps/2) / temperature).
@@ -262,6 +267,11 @@ class KasminaConfig:
         if not isinstance(self.performance_gate, int) or not 0 <= self.performance_gate <= 1000:
             raise ValueError(
                 f"performance_gate must be an int in [0, 1000], got {self.performance_gate!r}"
+            )
+        if not _is_number(self.g5_max_metric_drop) or not self.g5_max_metric_drop >= 0:
+            raise ValueError(
+                "g5_max_metric_drop must be a number >= 0 (inf: never refuses), got "
+                f"{self.g5_max_metric_drop!r}"
             )
         _non_negative_int("default_embargo_epochs", self.default_embargo_epochs)
         _positive_int("grafting_steps", self.grafting_steps)

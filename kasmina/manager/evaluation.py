@@ -3,8 +3,10 @@
 Why: a fossilization decided on a number that arrives inside the command asking for it is
 self-certifying. Here the manager runs the model on the caller's validation batches twice over:
 once as it is, and once per contributing seed with that seed's chunk replaced by the host's own
-output (alpha = 0; every other seed untouched). The difference is the seed's benefit, and G5
-compares that and nothing else.
+output (alpha = 0; every other seed untouched). The difference is the seed's benefit; with a
+``metric_fn`` (higher is better, e.g. accuracy) the metric is measured both ways too. G5
+compares these and nothing else: the loss benefit against the performance gate, and the
+metric's change against ``g5_max_metric_drop``.
 
 Cost, per validation batch: ``1 + C`` forwards, ``C`` the number of seeds whose output reaches
 the model's output now (GRAFTING with alpha > 0, STABILIZATION, ACTIVE). A seed in
@@ -130,8 +132,11 @@ def evaluate_seeds(
     ``batches`` yields ``(inputs, targets)``; ``inputs`` is passed to the model (a tuple is
     unpacked), tensors are moved to the model's device. ``loss_fn(output, targets)`` and
     ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
-    averaged weighted by batch size. Each seed's :class:`SeedEvaluation` is recorded on it
-    (``seed.record_evaluation``) and returned by seed id. No live seed: ``{}``, no forward.
+    averaged weighted by batch size. G5 reads the metric as higher is better and refuses a
+    seed that lowers it by more than ``KasminaConfig.g5_max_metric_drop``: pass the metric
+    the fossilization should not cost (accuracy), negated if lower is better. Each seed's
+    :class:`SeedEvaluation` is recorded on it (``seed.record_evaluation``) and returned by seed
+    id. No live seed: ``{}``, no forward.
     """
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
@@ -208,12 +213,15 @@ def evaluate_seeds(
         record.seed.record_evaluation(evaluation)
         results[sid] = evaluation
         logger.info(
-            "seed %s (%s): val loss %.5f with, %.5f without, benefit %+.4f",
+            "seed %s (%s): val loss %.5f with, %.5f without, benefit %+.4f; "
+            "metric %.5f with, %.5f without",
             sid,
             record.stage.name,
             evaluation.loss_with,
             evaluation.loss_without,
             evaluation.benefit,
+            evaluation.metric_with,
+            evaluation.metric_without,
         )
     return results
 

@@ -336,6 +336,7 @@ class CommandExecution:
             min_isolated_epochs=config.min_isolated_epochs,
             latency_budget_ms=config.latency_budget_ms,
             performance_gate=config.performance_gate / SCALE,
+            max_metric_drop=config.g5_max_metric_drop,
             sample=sample,
             host_flops_per_element=host_cost,
             max_cost_ratio=config.max_seed_cost_ratio,

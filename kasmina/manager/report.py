@@ -143,6 +143,10 @@ class ManagerReport:
                 metrics.append(("seed.loss_with", evaluation.loss_with, _GAUGE, labels))
                 metrics.append(("seed.loss_without", evaluation.loss_without, _GAUGE, labels))
                 metrics.append(("seed.gate_score", evaluation.score, _GAUGE, labels))
+                for name in ("metric_with", "metric_without"):
+                    value = getattr(evaluation, name)
+                    if math.isfinite(value):
+                        metrics.append((f"seed.{name}", value, _GAUGE, labels))
         return metrics
 
     def system_state(self) -> SystemStatePacket:
@@ -155,7 +159,8 @@ class ManagerReport:
         them under ``seed/<id>/alpha``, ``seed/<id>/epochs_in_stage`` and, for a seed Kasmina
         has evaluated, ``seed/<id>/benefit`` (relative validation-loss reduction),
         ``seed/<id>/gate_score`` and ``seed/<id>/evaluated_stage`` (the stage value it was
-        measured in); the other validation metrics go in as ``val/<key>``.
+        measured in), and, when a metric was measured, ``seed/<id>/metric_with`` and
+        ``seed/<id>/metric_without``; the other validation metrics go in as ``val/<key>``.
         """
         state = self.state
         val = state.val_metrics
@@ -178,6 +183,10 @@ class ManagerReport:
                 metrics[f"seed/{sid}/benefit"] = evaluation.benefit
                 metrics[f"seed/{sid}/gate_score"] = evaluation.score
                 metrics[f"seed/{sid}/evaluated_stage"] = float(int(evaluation.stage))
+                if math.isfinite(evaluation.metric_with):
+                    metrics[f"seed/{sid}/metric_with"] = evaluation.metric_with
+                if math.isfinite(evaluation.metric_without):
+                    metrics[f"seed/{sid}/metric_without"] = evaluation.metric_without
         return SystemStatePacket(
             version=SYSTEM_STATE_VERSION,
             current_epoch=max(0, state.epoch),
@@ -198,6 +207,9 @@ class ManagerReport:
                 "loss_without": f"{ev.loss_without:.6g}",
                 "gate_score": f"{ev.score:.6g}",
             }
+            if not (math.isnan(ev.metric_with) and math.isnan(ev.metric_without)):
+                labels["metric_with"] = f"{ev.metric_with:.6g}"
+                labels["metric_without"] = f"{ev.metric_without:.6g}"
             self.state.telemetry.emit("seed.benefit", ev.benefit, labels=labels)
 
     def emit_step_telemetry(self) -> None:

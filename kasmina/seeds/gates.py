@@ -176,8 +176,9 @@ class SeedEvaluation:
     ``loss_with`` is the mean validation loss of the model as it is (the seed at its stage and
     alpha), ``loss_without`` the same with the seed's chunk replaced by the host's own output
     (alpha = 0, everything else untouched). ``metric_*`` are the same for the caller's metric
-    (NaN without one). ``stage``, ``alpha``, ``epoch`` and ``step`` say when it was measured:
-    G5 only takes evidence measured in the stage being left, at alpha 1.
+    (NaN without one; G5 reads it as higher is better). ``stage``, ``alpha``, ``epoch`` and
+    ``step`` say when it was measured: G5 only takes evidence measured in the stage being left,
+    at alpha 1.
     """
 
     seed_id: str
@@ -206,19 +207,40 @@ class SeedEvaluation:
         """The benefit mapped to [0, 1] (see :func:`benefit_score`)."""
         return benefit_score(self.benefit)
 
+    @property
+    def metric_change(self) -> float:
+        """``metric_with - metric_without``: what the seed adds to the metric (negative: it
+        costs some; NaN when no metric was measured)."""
+        return self.metric_with - self.metric_without
+
 
 def gate_g5_performance(
     evaluation: SeedEvaluation | None,
     performance_gate: float,
     stage: SeedStage = SeedStage.STABILIZATION,
+    *,
+    max_metric_drop: float = 0.0,
 ) -> GateResult:
     """G5: Kasmina's own measurement of the seed, taken in ``stage`` (the stage being left),
-    scores at least ``performance_gate``. Score: the measured score (0 when there is none).
+    scores at least ``performance_gate``, and, when a metric was measured with it, the seed
+    does not cost more than ``max_metric_drop`` of that metric. Score: the measured score (0
+    when there is none).
 
     A seed that was never evaluated, or only in an earlier stage (at a smaller alpha, so its
     measured effect is not the effect fossilizing it would have), is refused: no evidence, no
     fossilization.
+
+    The metric (``evaluate_seeds``' ``metric_fn``, e.g. accuracy) is read as *higher is
+    better*: the seed is refused when ``metric_with < metric_without - max_metric_drop``, in
+    the metric's own units (0.01 is one point of an accuracy in [0, 1]; ``inf`` never
+    refuses). A lower-is-better metric (an error rate) is passed negated. Both values NaN
+    means no metric was measured, and the loss alone decides; one of them NaN or infinite
+    is refused. Loss and metric are both required: a loss benefit does not buy back a metric
+    the seed costs, which is how loss and accuracy disagree on a seed that cuts the loss of
+    badly scored inputs while it costs more right answers than it gains.
     """
+    if not max_metric_drop >= 0:  # NaN fails too
+        raise ValueError(f"max_metric_drop must be >= 0, got {max_metric_drop!r}")
     if evaluation is None:
         return GateResult(False, "never evaluated: run manager.evaluate_seeds first", 0.0, 5)
     if evaluation.stage != stage:
@@ -229,9 +251,25 @@ def gate_g5_performance(
     if not math.isfinite(evaluation.loss_with) or not math.isfinite(evaluation.loss_without):
         return GateResult(False, "measured validation loss is not finite", score, 5)
     measured = f"measured benefit {benefit:+.4f} (score {score:.4f})"
-    if score >= performance_gate:
-        return GateResult(True, f"{measured} >= {performance_gate:.4f}", score, 5)
-    return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
+    if score < performance_gate:
+        return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
+    passed = f"{measured} >= {performance_gate:.4f}"
+    with_, without = float(evaluation.metric_with), float(evaluation.metric_without)
+    if math.isnan(with_) and math.isnan(without):
+        return GateResult(True, passed, score, 5)
+    if not math.isfinite(with_) or not math.isfinite(without):
+        reason = (
+            f"{passed}, but the measured metric is not finite ({with_} with, {without} without)"
+        )
+        return GateResult(False, reason, score, 5)
+    metric = f"metric {with_:.4f} with it, {without:.4f} without"
+    if with_ < without - max_metric_drop:
+        reason = (
+            f"{passed}, but {metric}: a drop of {without - with_:.4f} > the tolerated "
+            f"{max_metric_drop:.4f} (g5_max_metric_drop)"
+        )
+        return GateResult(False, reason, score, 5)
+    return GateResult(True, f"{passed}; {metric} (drop tolerated: {max_metric_drop:.4f})", score, 5)
 
 
 class ProbeOutputError(ValueError):

@@ -185,6 +185,7 @@ class GradientIsolatedSeed(nn.Module):
         min_isolated_epochs: int = 1,
         latency_budget_ms: float = float("inf"),
         performance_gate: float | None = None,
+        max_metric_drop: float = 0.0,
         sample: torch.Tensor | None = None,
         host_flops_per_element: float | None = None,
         max_cost_ratio: float = float("inf"),
@@ -196,8 +197,9 @@ class GradientIsolatedSeed(nn.Module):
         layer's, counted the same way; None: unknown, cost unchecked), at most
         ``max_cost_ratio``; ``latency_budget_ms`` is advisory only (a warning), because a timing
         depends on the machine's load. G5 compares ``self.evaluation`` (see
-        ``record_evaluation``) with ``performance_gate``. A transition that no gate guards
-        passes with ``gate == 0``; its legality is the table's business.
+        ``record_evaluation``) with ``performance_gate`` and, when a metric was measured,
+        refuses a seed that costs more than ``max_metric_drop`` of it. A transition that no
+        gate guards passes with ``gate == 0``; its legality is the table's business.
         """
         stage = self.stage
         target = NEXT_STAGE.get(stage) if target is None else parse_stage(target)
@@ -215,7 +217,9 @@ class GradientIsolatedSeed(nn.Module):
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
-        return gate_g5_performance(self.evaluation, threshold, stage)
+        return gate_g5_performance(
+            self.evaluation, threshold, stage, max_metric_drop=max_metric_drop
+        )
 
     def _gate_g3(
         self,

@@ -22,14 +22,21 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from kasmina.cli import main as cli
-from kasmina.demo.config import DemoConfig
-from kasmina.demo.controller import views_from_state
+from kasmina.demo.config import COMMAND_KEY, DemoConfig
+from kasmina.demo.controller import (
+    ADVANCE,
+    CULL,
+    PlateauController,
+    SeedView,
+    views_from_state,
+)
 from kasmina.demo.models import plain_parameters
 from kasmina.demo.report import CONTINUAL_METHODS, ContinualResult, DemoResult
 from kasmina.demo.run import prepare, run_demo_cli, run_one
 from kasmina.leyline import SystemStatePacket
 from kasmina.stages import SeedStage
 from kasmina.urza.keys import PublisherKey
+from kasmina.utils.keyring import Keyring
 
 SHORT = {"epochs": 17, "num_seeds": 2, "teacher_epochs": 4, "progress": False}
 TINY = {"epochs": 3, "teacher_epochs": 1, "progress": False, "measure_targets": False}
@@ -187,6 +194,8 @@ def test_the_controller_reads_the_managers_state_packet() -> None:
             "seed/a[0]/epochs_in_stage": 2.0,
             "seed/a[0]/benefit": 0.25,
             "seed/a[0]/evaluated_stage": 4.0,
+            "seed/a[0]/metric_with": 0.6,
+            "seed/a[0]/metric_without": 0.7,
             "seed/a[1]/benefit": 0.5,  # measured while grafting: not STABILIZATION's evidence
             "seed/a[1]/evaluated_stage": 3.0,
         },
@@ -195,8 +204,39 @@ def test_the_controller_reads_the_managers_state_packet() -> None:
     assert list(views) == ["a[0]", "a[1]", "b[0]"]
     assert views["a[0]"].stage == SeedStage.STABILIZATION and views["a[0]"].epochs_in_stage == 2
     assert views["a[0]"].help == pytest.approx(0.25)
+    assert views["a[0]"].metric_with == pytest.approx(0.6)
+    assert views["a[0]"].metric_without == pytest.approx(0.7)
+    assert views["a[1]"].metric_with is None and views["b[0]"].metric_without is None
     assert views["a[1]"].stage == SeedStage.GRAFTING and views["a[1]"].help is None
     assert views["b[0]"].stage == SeedStage.DORMANT
+
+
+def test_the_controller_culls_a_seed_that_cuts_the_loss_but_costs_accuracy() -> None:
+    keyring = Keyring({COMMAND_KEY: b"k" * 32})
+    controller = PlateauController(keyring, COMMAND_KEY, [], warmup=99, settle_epochs=0)
+    stab = SeedStage.STABILIZATION
+    seeds = {
+        "costly": SeedView(stab, 2, help=0.375, metric_with=0.268, metric_without=0.485),
+        "good": SeedView(stab, 2, help=0.06, metric_with=0.91, metric_without=0.90),
+        "no-metric": SeedView(stab, 2, help=0.06),
+    }
+    assert len(controller.observe(5, 0.5, seeds)) == 3
+    reasons = {d.seed_id: (d.operation, d.reason) for d in controller.decisions}
+    assert reasons["costly"] == (
+        CULL,
+        "cull: val loss -37.5% with it, val acc 26.8% (without: 48.5%)",
+    )
+    assert reasons["good"][0] == ADVANCE and reasons["good"][1].startswith("fossilize:")
+    assert reasons["no-metric"] == (ADVANCE, "fossilize: val loss -6.0% with it")
+
+
+def test_the_demo_measures_accuracy_for_g5(short_run) -> None:
+    out, _ = short_run
+    events = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+    metrics = [m for e in events for m in e["metrics"]]
+    measured = [m for m in metrics if m["name"] == "seed.benefit" and "loss_with" in m["labels"]]
+    assert measured and all("metric_with" in m["labels"] for m in measured)
+    assert any(m["name"] == "seed.metric_with" for m in metrics)  # the periodic gauges too
 
 
 def _cpu_hogs(n: int) -> list[subprocess.Popen]:

@@ -63,6 +63,10 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("runs_root", ""),
         ("performance_gate", 1001),
         ("performance_gate", 0.5),
+        ("g5_max_metric_drop", -0.01),
+        ("g5_max_metric_drop", float("nan")),
+        ("g5_max_metric_drop", "0.01"),
+        ("g5_max_metric_drop", True),
         ("min_isolated_epochs", True),
         ("teacher_dtype", "int8"),
         ("kd", {"temperature": 2.0}),
@@ -72,6 +76,13 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
 def test_invalid_values_are_rejected(field, value) -> None:
     with pytest.raises((ValueError, TypeError)):
         KasminaConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [0.0, 0.01, 1, float("inf")])
+def test_g5_max_metric_drop_accepts_a_tolerance_or_inf(value) -> None:
+    config = KasminaConfig(g5_max_metric_drop=value)
+    assert config.g5_max_metric_drop == value
+    assert KasminaConfig().g5_max_metric_drop == 0.0
 
 
 def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:

@@ -163,6 +163,62 @@ def test_g5_refuses_without_evidence_and_on_a_low_measured_benefit(
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
 
 
+def test_g5_refuses_a_loss_benefit_that_costs_the_measured_metric(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """Through the command path: the metric evaluate_seeds measured reaches G5, which refuses a
+    seed whose metric drops by more than g5_max_metric_drop, names both numbers in the command
+    log and the lifecycle.gate event, and leaves it in STABILIZATION."""
+    rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
+    manager = rig.manager
+    assert manager.config.g5_max_metric_drop == 0.0
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    batches = [(rig.x, rig.y)]
+    benefit = manager.evaluate_seeds(batches, loss_fn=F.cross_entropy)[SEED0].benefit
+    assert benefit != 0.0
+    # A "higher is better" metric that moves against the loss whichever way the seed moved
+    # it: the seed costs metric, at a loss score the gate (0 per mille) accepts.
+    sign = 1.0 if benefit > 0 else -1.0
+    measured = manager.evaluate_seeds(
+        batches, loss_fn=F.cross_entropy, metric_fn=lambda o, t: sign * F.cross_entropy(o, t)
+    )[SEED0]
+    assert measured.metric_change < 0
+    event = rig.sink.events("seed.benefit")[-1]
+    assert event.labels["metric_with"] == f"{measured.metric_with:.6g}"
+    assert not rig.send("advance", SEED0)
+    reason = manager.command_log[-1][3]
+    assert f"{measured.metric_with:.4f} with it" in reason
+    assert f"{measured.metric_without:.4f} without" in reason and "g5_max_metric_drop" in reason
+    gate = rig.sink.events("lifecycle.gate")[-1]
+    assert gate.labels["gate"] == "G5" and gate.labels["passed"] == "false"
+    assert f"{measured.metric_with:.4f} with it" in gate.labels["reason"]
+    assert rig.stage(SEED0) == S.STABILIZATION
+    packet = manager.system_state().training_metrics
+    assert packet[f"seed/{SEED0}/metric_with"] == pytest.approx(measured.metric_with, rel=1e-6)
+    assert packet[f"seed/{SEED0}/metric_without"] == pytest.approx(
+        measured.metric_without, rel=1e-6
+    )
+    # A tolerance as wide as the drop lets it through.
+    manager.config.g5_max_metric_drop = -measured.metric_change + 1e-6
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+
+
+def test_g5_without_a_metric_decides_on_the_loss_alone(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    measured = manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)[SEED0]
+    assert math.isnan(measured.metric_with) and math.isnan(measured.metric_without)
+    assert "metric_with" not in rig.sink.events("seed.benefit")[-1].labels
+    assert f"seed/{SEED0}/metric_with" not in manager.system_state().training_metrics
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+    assert "metric" not in rig.sink.events("lifecycle.gate")[-1].labels["reason"]
+
+
 def test_system_state_packet_carries_the_measured_benefit(rig: Rig, mlp) -> None:
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)

@@ -1,0 +1,93 @@
+"""G5 takes all the evidence Kasmina measured: the loss benefit against the performance gate,
+and, when a metric was measured (``evaluate_seeds(metric_fn=...)``), the metric with the seed
+against the metric without it, within ``max_metric_drop`` (higher is better)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from kasmina.seeds.gates import SeedEvaluation, gate_g5_performance
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.stages import SeedStage
+
+S = SeedStage
+NAN = math.nan
+
+
+def _evaluation(
+    loss_with: float,
+    loss_without: float,
+    metric_with: float = NAN,
+    metric_without: float = NAN,
+    stage: S = S.STABILIZATION,
+) -> SeedEvaluation:
+    return SeedEvaluation("s", stage, 1.0, loss_with, loss_without, metric_with, metric_without)
+
+
+def test_a_loss_benefit_does_not_buy_back_an_accuracy_drop() -> None:
+    # The continual demo's case: the loss falls by 37.5 % and the accuracy with the seed falls.
+    evaluation = _evaluation(1.25, 2.0, metric_with=0.114, metric_without=0.468)
+    assert evaluation.benefit == pytest.approx(0.375)
+    assert evaluation.metric_change == pytest.approx(-0.354)
+    result = gate_g5_performance(evaluation, 0.5)
+    assert not result.passed and result.gate == 5
+    assert "0.1140 with it" in result.reason and "0.4680 without" in result.reason
+    assert "0.3540" in result.reason and "g5_max_metric_drop" in result.reason
+    assert result.score == pytest.approx(evaluation.score)  # the score stays the loss's
+
+
+def test_a_seed_that_helps_loss_and_metric_passes() -> None:
+    result = gate_g5_performance(_evaluation(0.8, 1.0, 0.91, 0.90), 0.6)
+    assert result.passed and result.score == pytest.approx(0.6)
+    assert "0.9100 with it" in result.reason and "0.9000 without" in result.reason
+    # No change in the metric is no drop.
+    assert gate_g5_performance(_evaluation(0.8, 1.0, 0.9, 0.9), 0.6).passed
+
+
+def test_without_a_metric_the_loss_alone_decides_as_before() -> None:
+    passed = gate_g5_performance(_evaluation(0.8, 1.0), 0.6)
+    assert passed.passed and passed.reason == "measured benefit +0.2000 (score 0.6000) >= 0.6000"
+    low = gate_g5_performance(_evaluation(0.81, 1.0), 0.6)
+    assert not low.passed and low.reason == "measured benefit +0.1900 (score 0.5950) < 0.6000"
+    assert gate_g5_performance(_evaluation(0.8, 1.0), 0.6, max_metric_drop=0.0).passed
+
+
+def test_the_loss_is_still_required_when_the_metric_improves() -> None:
+    result = gate_g5_performance(_evaluation(1.2, 1.0, 0.95, 0.80), 0.5)
+    assert not result.passed and "measured benefit -0.2000" in result.reason
+
+
+def test_the_tolerance_is_in_the_metrics_units() -> None:
+    drop = _evaluation(0.8, 1.0, 0.895, 0.900)  # half a point of accuracy lost
+    assert not gate_g5_performance(drop, 0.5).passed
+    assert not gate_g5_performance(drop, 0.5, max_metric_drop=0.004).passed
+    assert gate_g5_performance(drop, 0.5, max_metric_drop=0.01).passed
+    assert gate_g5_performance(
+        _evaluation(0.8, 1.0, 0.0, 1.0), 0.5, max_metric_drop=math.inf
+    ).passed
+
+
+def test_a_half_measured_or_non_finite_metric_is_refused() -> None:
+    for with_, without in ((0.9, NAN), (NAN, 0.9), (math.inf, 0.9), (0.9, -math.inf)):
+        result = gate_g5_performance(_evaluation(0.8, 1.0, with_, without), 0.5)
+        assert not result.passed and "not finite" in result.reason
+
+
+@pytest.mark.parametrize("bad", [-0.01, NAN])
+def test_a_bad_tolerance_raises(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_metric_drop"):
+        gate_g5_performance(_evaluation(0.8, 1.0), 0.5, max_metric_drop=bad)
+
+
+def test_the_seed_forwards_the_tolerance_to_g5() -> None:
+    seed = GradientIsolatedSeed(4, "s")
+    seed.attach_kernel(nn.Identity())
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        seed.transition_to(stage)
+    seed.record_evaluation(_evaluation(0.8, 1.0, 0.88, 0.90))
+    assert not seed.evaluate_gate(S.ACTIVE, performance_gate=0.5).passed
+    assert seed.evaluate_gate(S.ACTIVE, performance_gate=0.5, max_metric_drop=0.05).passed
+    assert seed.stage == S.STABILIZATION  # evaluating a gate moves nothing
