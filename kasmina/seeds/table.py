@@ -17,8 +17,10 @@ import math
 import types
 import weakref
 import zlib
+from array import array
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +41,19 @@ logger = logging.getLogger(__name__)
 
 # Fractions (alpha, gate score, performance threshold) are stored in the int32 table * 1000.
 SCALE = 1000
+
+# The batch update's host side: result codes and stages by value, counter keys by code, and
+# what its bulk checks accept without parsing item by item.
+_CODES = tuple(TransitionCode)
+_CODE_KEYS = tuple(code.name.lower() for code in TransitionCode)
+_STAGES = tuple(SeedStage)
+_STAGE_TYPES = frozenset({SeedStage, int})
+_ONLY_STAGES = frozenset({SeedStage})
+_STAGE_VALUES = frozenset(range(len(SeedStage)))
+_NO_GATE = -1
+_GATE_TYPES = frozenset({int, type(None)})
+_GATE_VALUES = frozenset({_NO_GATE, 1, 2, 3, 4, 5})
+_COOLDOWN = SeedStage.COOLDOWN
 
 __all__ = ["SCALE", "GPUStateTensor", "blueprint_hash", "parse_gate", "parse_stage"]
 
@@ -115,6 +130,29 @@ def parse_gate(value: int | str | None) -> int | None:
     if not 1 <= number <= 5:
         raise ValueError(f"gate must be 1..5 (G1..G5), got {value!r}")
     return number
+
+
+def _index_buffer(indices: Sequence[Any]) -> array[int]:
+    """Seed indices as an int64 buffer; anything ``int()`` accepts, as it always was."""
+    try:
+        return array("q", indices)
+    except TypeError:
+        pass
+    except OverflowError:
+        raise ValueError("seed indices must fit in int64") from None
+    try:
+        return array("q", [int(i) for i in indices])
+    except OverflowError:
+        raise ValueError("seed indices must fit in int64") from None
+
+
+def _ascending(requested: torch.Tensor, k: int, applied: int) -> bool:
+    """Whether ``requested`` (int64 ``[K]`` on the host) counts up by one throughout; only
+    asked when every request applied (``applied == k``), so the applied indices are these."""
+    if applied != k:
+        return False
+    steps = requested.numpy()
+    return bool((steps[1:] - steps[:-1] == 1).all())
 
 
 def blueprint_hash(artifact_id: str) -> int:
@@ -245,54 +283,166 @@ class GPUStateTensor:
 
     def batch_state_update(
         self,
-        updates: Sequence[tuple[int, SeedStage | int | str]],
+        updates: Iterable[tuple[int, SeedStage | int | str]],
         gates: Sequence[int | str | None] | None = None,
     ) -> list[TransitionCode]:
         """Validate and apply K transitions in one launch; returns one code per update.
 
         Rejected updates (illegal, out of range, duplicated index) change nothing and are
         counted and reported. Malformed input (unknown stage, bad gate, length mismatch) raises
-        ``ValueError`` before anything is launched.
+        ``ValueError`` before anything is launched, so a batch applies in full or not at all.
+
+        The requests become one int64 buffer (``array`` + ``torch.frombuffer``) checked in bulk;
+        only malformed input goes through the per-item parsers, to name the bad item. Callers
+        that hold tensors use :meth:`batch_state_update_tensors`.
         """
+        if not isinstance(updates, Sized):
+            updates = list(updates)
         if not updates:
             return []
-        indices = [int(i) for i, _ in updates]
-        targets = [parse_stage(s) for _, s in updates]
-        gate_values: list[int] | None = None
+        k = len(updates)
+        try:
+            indices, targets = zip(*updates, strict=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("every update must be an (index, stage) pair") from exc
+        buf = _index_buffer(indices)
+        kinds = set(map(type, targets))
+        stages: Sequence[SeedStage] | None = targets if kinds == _ONLY_STAGES else None
+        if kinds <= _STAGE_TYPES and (stages is not None or _STAGE_VALUES.issuperset(targets)):
+            buf += array("q", targets)
+        else:  # names, or a bad item: the parser says which
+            buf += array("q", [int(parse_stage(s)) for s in targets])
         if gates is not None:
-            if len(gates) != len(updates):
-                raise ValueError(f"{len(gates)} gates for {len(updates)} updates")
+            if len(gates) != k:
+                raise ValueError(f"{len(gates)} gates for {k} updates")
             # -1 tells the op "not given": it then records the transition's own gate, if any.
-            gate_values = [-1 if g is None else g for g in (parse_gate(g) for g in gates)]
-        device = self.device
+            if (
+                _GATE_TYPES.issuperset(map(type, gates))
+                and _NO_GATE not in gates
+                and _GATE_VALUES.issuperset(gates)
+            ):
+                buf += array("q", [_NO_GATE if g is None else g for g in gates])
+            else:
+                buf += array("q", [_NO_GATE if g is None else g for g in map(parse_gate, gates)])
+        requests = torch.frombuffer(buf, dtype=torch.int64).view(-1, k)
+        raw = self._apply(requests, None, stages)[1]
+        if raw.count(0) == k:
+            return [TransitionCode.APPLIED] * k
+        return list(map(_CODES.__getitem__, raw))
+
+    def batch_state_update_tensors(
+        self,
+        seed_idx: torch.Tensor,
+        new_stage: torch.Tensor,
+        gates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`batch_state_update` for callers holding tensors; returns int32 ``[K]`` codes
+        on the table's device (``kasmina.stages.TransitionCode`` values).
+
+        ``seed_idx``, ``new_stage`` and ``gates``: int32/int64 ``[K]`` tensors on one device
+        (any; a view is fine). A negative gate means "not given", as in the op. A stage outside
+        0..10 or a gate of 0 or above 5 raises ``ValueError`` and changes nothing. The host
+        mirror needs the requests on the host: on a GPU they are read back once before the
+        launch (and the codes once after).
+        """
+        given = [seed_idx, new_stage] if gates is None else [seed_idx, new_stage, gates]
+        for name, t in zip(("seed_idx", "new_stage", "gates"), given, strict=False):
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"{name} must be an int32 or int64 tensor, got {t!r:.60}")
+            if t.dim() != 1 or t.shape[0] != seed_idx.shape[0] or t.device != seed_idx.device:
+                raise ValueError(
+                    f"{name} must be 1-d, of seed_idx's length and on its device, got "
+                    f"{list(t.shape)} on {t.device}"
+                )
+        if seed_idx.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int32, device=self.device)
+        stacked = torch.stack([t.to(torch.int64) for t in given])
+        requests = stacked.cpu()  # on a GPU, the read-back the host mirror needs
+        lo, hi = requests[1].aminmax()
+        if int(lo) < 0 or int(hi) >= len(_STAGES):
+            bad = requests[1][(requests[1] < 0) | (requests[1] >= len(_STAGES))]
+            parse_stage(int(bad[0]))  # raises, naming the value
+        if gates is not None:
+            row = requests[2]
+            bad = row[(row == 0) | (row > 5)]
+            if bad.numel():
+                parse_gate(int(bad[0]))  # raises, naming the value
+        on_device = stacked if stacked.device == self.device else None
+        return self._apply(requests, on_device)[0]
+
+    def _apply(
+        self,
+        requests: torch.Tensor,
+        on_device: torch.Tensor | None,
+        stages: Sequence[SeedStage] | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Launch validated ``[2 or 3, K]`` int64 host requests (index, stage[, gate]; stages
+        0..10, gates -1 or 1..5), then update the mirror, counters, listeners and observers.
+
+        ``on_device``: the same requests on the table's device, if the caller has them;
+        ``stages``: the requested stages as ``SeedStage`` members, if the caller has them.
+        """
+        k = requests.shape[1]
+        if on_device is None:
+            on_device = requests.to(self.device)
         codes_t = lifecycle_update(
             self.state_tensor,
-            torch.tensor(indices, dtype=torch.int64, device=device),
-            torch.tensor([int(t) for t in targets], dtype=torch.int64, device=device),
-            None
-            if gate_values is None
-            else torch.tensor(gate_values, dtype=torch.int64, device=device),
+            on_device[0],
+            on_device[1],
+            on_device[2] if requests.shape[0] == 3 else None,
         )
-        codes = [TransitionCode(int(c)) for c in codes_t.tolist()]  # the one sync of a command
-        applied: list[tuple[int, SeedStage, SeedStage]] = []
-        for idx, target, code in zip(indices, targets, codes, strict=True):
-            self.counters[code.name.lower()] += 1
-            if code == TransitionCode.APPLIED:
-                old = self._stages[idx]
-                self._stages[idx] = target
-                self._epochs[idx] = 0
-                applied.append((idx, old, target))
-            else:
-                self._report_rejection(idx, target, code)
+        raw: list[int] = codes_t.tolist()  # the one sync of a command
+        indices: list[int] = requests[0].tolist()
+        if stages is None:
+            news = list(map(_STAGES.__getitem__, requests[1].tolist()))
+        else:
+            news = list(stages)
+        applied = raw.count(0)
         if applied:
-            self._bump()
-            cooled = [idx for idx, _, new in applied if new == SeedStage.COOLDOWN]
-            if cooled:
-                rows = torch.tensor(cooled, dtype=torch.int64, device=device)
-                self.state_tensor[rows, StateColumn.EMBARGO_COUNTER] = self.embargo_epochs
-            for idx, old, new in applied:
-                self._report_applied(idx, old, new)
-        return codes
+            self.counters["applied"] += applied
+        if applied != k:
+            for code in range(1, len(_CODES)):
+                count = raw.count(code)
+                if count:
+                    self.counters[_CODE_KEYS[code]] += count
+            for idx, new, code in zip(indices, news, raw, strict=True):
+                if code:
+                    self._report_rejection(idx, new, _CODES[code])
+            if not applied:
+                return codes_t, raw
+            keep = [code == 0 for code in raw]
+            indices = list(compress(indices, keep))
+            news = list(compress(news, keep))
+        mirror, epochs = self._stages, self._epochs
+        # Old stages only where someone hears of each transition: every one when it is logged
+        # or sent to telemetry, else only the observed seeds' (observers alone, no log/event).
+        reported: list[int] | None = None
+        report = self._report_applied
+        if self.telemetry is not None or logger.isEnabledFor(logging.INFO):
+            reported = list(range(len(indices)))
+        elif self._observers:
+            observers = self._observers
+            reported = [n for n, idx in enumerate(indices) if idx in observers]
+            report = self._notify_observers
+        olds = [mirror[indices[n]] for n in reported] if reported else []
+        first, count = indices[0], len(indices)
+        if indices[-1] - first == count - 1 and (count < 3 or _ascending(requests[0], k, count)):
+            # One run of consecutive seeds (a whole slot or table): two slice assignments.
+            mirror[first : first + count] = news
+            epochs[first : first + count] = [0] * count
+        else:
+            for idx, new in zip(indices, news, strict=True):
+                mirror[idx] = new
+                epochs[idx] = 0
+        if _COOLDOWN in news:
+            cooled = [idx for idx, new in zip(indices, news, strict=True) if new is _COOLDOWN]
+            rows = torch.tensor(cooled, dtype=torch.int64, device=self.device)
+            self.state_tensor[rows, StateColumn.EMBARGO_COUNTER] = self.embargo_epochs
+        self._bump()  # listeners (each slot's plan) hear of the whole batch at once
+        if reported:
+            for n, old in zip(reported, olds, strict=True):
+                report(indices[n], old, news[n])
+        return codes_t, raw
 
     def tick(self) -> None:
         """One epoch: age every seed, count embargoes down, refresh READY_FLAG (one launch)."""
@@ -414,7 +564,12 @@ class GPUStateTensor:
         self._emit(
             "lifecycle.transition", {"seed_index": str(idx), "from": old.name, "to": new.name}
         )
-        refs = self._observers.get(idx, [])
+        self._notify_observers(idx, old, new)
+
+    def _notify_observers(self, idx: int, old: SeedStage, new: SeedStage) -> None:
+        refs = self._observers.get(idx)
+        if not refs:
+            return
         for ref in list(refs):
             observer = ref()
             if observer is None:

@@ -1,6 +1,7 @@
 """lifecycle_update / lifecycle_tick against a pure-Python oracle of ``kasmina.stages``.
 
-Both backends run every test: the Triton kernels through the interpreter, and the reference.
+Every backend runs every test: the Triton kernels through the interpreter, the torch reference,
+and the NumPy host path that the ``auto`` backend picks for CPU tensors.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from kasmina.stages import (
 C = StateColumn
 
 
-@pytest.fixture(params=["triton_backend", "reference_backend"])
+@pytest.fixture
+def host_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default on a CPU: the update on NumPy views of the tensors."""
+    monkeypatch.setenv("KASMINA_BACKEND", "auto")
+
+
+@pytest.fixture(params=["triton_backend", "reference_backend", "host_backend"])
 def backend(request: pytest.FixtureRequest) -> str:
     request.getfixturevalue(request.param)
     return request.param
@@ -394,3 +401,31 @@ def test_eager_calls_skip_the_dispatcher_and_modes_see_the_custom_ops(backend: s
     assert any("kasmina.lifecycle_update" in op for op in mode.ops)
     assert any("kasmina.lifecycle_tick" in op for op in mode.ops)
     assert torch.equal(codes, moded_codes) and torch.equal(eager, moded)
+
+
+def test_auto_backend_on_cpu_runs_the_host_path(
+    host_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` on a CPU takes the NumPy path (the torch reference is not called), and a large
+    random batch still matches the oracle."""
+    import kasmina.ops.lifecycle as module
+
+    calls: list[int] = []
+    host = module._lifecycle_update_host
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return host(*args)  # type: ignore[arg-type]
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the torch reference ran under the auto backend")
+
+    monkeypatch.setattr(module, "_lifecycle_update_host", counted)
+    monkeypatch.setattr(module, "lifecycle_update_reference", refuse)
+    g = torch.Generator().manual_seed(40)
+    state = random_state(1024, seed=40)
+    idx = torch.randint(-5, 1030, (1500,), generator=g)
+    new = torch.randint(-1, NUM_STAGES + 1, (1500,), generator=g)
+    gate = torch.randint(-1, 6, (1500,), generator=g)
+    check_update(state, list(zip(idx.tolist(), new.tolist(), gate.tolist(), strict=True)))
+    assert calls == [1]

@@ -1,0 +1,338 @@
+"""GPUStateTensor.batch_state_update (and its tensor form) against a per-seed reference.
+
+The reference is the update written out one request at a time, as the table used to run it:
+codes, the whole device table, the host mirror, counters, and every notification in order
+(rejection events, the listeners' one call per batch, then each applied transition's event and
+observers). Malformed batches must raise before anything changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from kasmina.seeds.table import GPUStateTensor, parse_gate, parse_stage
+from kasmina.stages import (
+    GATE_FOR_TRANSITION,
+    LEGAL_TRANSITIONS,
+    NUM_STATE_COLUMNS,
+    SeedStage,
+    StateColumn,
+    TransitionCode,
+    is_legal,
+)
+
+S = SeedStage
+C = StateColumn
+N = 48
+EMBARGO = 2
+
+
+class _Recorder:
+    """A telemetry reporter stand-in that writes into the shared event log."""
+
+    def __init__(self, log: list[tuple[Any, ...]]) -> None:
+        self.log = log
+
+    def emit(self, name: str, value: float, labels: dict[str, str]) -> None:
+        self.log.append(("emit", name, dict(labels)))
+
+
+class Reference:
+    """The batch update, one request at a time (the table's behaviour before vectorising)."""
+
+    def __init__(self, n: int, embargo: int, observed: set[int], telemetry: bool) -> None:
+        self.rows = [[0] * NUM_STATE_COLUMNS for _ in range(n)]
+        self.stages = [S.DORMANT] * n
+        self.epochs = [0] * n
+        self.embargo = embargo
+        self.counters: Counter[str] = Counter()
+        self.observed = observed
+        self.telemetry = telemetry
+        self.log: list[tuple[Any, ...]] = []
+
+    def update(self, updates: list[tuple[Any, Any]], gates: list[Any] | None) -> list[int]:
+        indices = [int(i) for i, _ in updates]
+        targets = [parse_stage(s) for _, s in updates]
+        given = [None] * len(updates) if gates is None else [parse_gate(g) for g in gates]
+        n = len(self.rows)
+        named = Counter(i for i in indices if 0 <= i < n)
+        codes: list[int] = []
+        applied: list[tuple[int, SeedStage, SeedStage]] = []
+        for idx, new, gate in zip(indices, targets, given, strict=True):
+            if not 0 <= idx < n:
+                code = TransitionCode.OUT_OF_RANGE
+            elif named[idx] > 1:
+                code = TransitionCode.DUPLICATE
+            else:
+                row = self.rows[idx]
+                cur = row[C.LIFECYCLE_STAGE]
+                legal = is_legal(cur, new) and not (
+                    cur == S.COOLDOWN and new == S.RECYCLING and row[C.EMBARGO_COUNTER] != 0
+                )
+                code = TransitionCode.APPLIED if legal else TransitionCode.ILLEGAL
+            codes.append(int(code))
+            self.counters[code.name.lower()] += 1
+            if code != TransitionCode.APPLIED:
+                if self.telemetry:
+                    source = self.stages[idx].name if 0 <= idx < n else "?"
+                    labels = {"seed_index": str(idx), "from": source, "to": new.name}
+                    labels["code"] = code.name
+                    self.log.append(("emit", "lifecycle.transition_rejected", labels))
+                continue
+            old = self.stages[idx]
+            row = self.rows[idx]
+            row[C.LIFECYCLE_STAGE] = int(new)
+            row[C.EPOCHS_IN_STATE] = 0
+            row[C.READY_FLAG] = 0
+            if gate is not None:
+                row[C.LAST_GATE] = gate
+            elif (old, new) in GATE_FOR_TRANSITION:
+                row[C.LAST_GATE] = GATE_FOR_TRANSITION[(old, new)]
+            if new == S.COOLDOWN:
+                row[C.EMBARGO_COUNTER] = self.embargo
+            self.stages[idx] = new
+            self.epochs[idx] = 0
+            applied.append((idx, old, new))
+        if applied:
+            self.log.append(("listen", list(self.stages)))
+        for idx, old, new in applied:
+            if self.telemetry:
+                labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
+                self.log.append(("emit", "lifecycle.transition", labels))
+            if idx in self.observed:
+                self.log.append(("observe", idx, old, new))
+        return codes
+
+    def tick(self) -> None:
+        for row in self.rows:
+            row[C.EPOCHS_IN_STATE] += 1
+            row[C.EMBARGO_COUNTER] = max(0, row[C.EMBARGO_COUNTER] - 1)
+            stage = row[C.LIFECYCLE_STAGE]
+            due = stage == S.RECYCLING or (stage == S.COOLDOWN and row[C.EMBARGO_COUNTER] == 0)
+            row[C.READY_FLAG] = int(due)
+        self.epochs = [e + 1 for e in self.epochs]
+
+
+def _table(observed: set[int], telemetry: bool) -> tuple[GPUStateTensor, list[tuple[Any, ...]]]:
+    log: list[tuple[Any, ...]] = []
+    table = GPUStateTensor(N, "cpu", embargo_epochs=EMBARGO)
+    if telemetry:
+        table.telemetry = _Recorder(log)  # type: ignore[assignment]
+    table.listen(lambda: log.append(("listen", table.stages())))
+    for idx in sorted(observed):
+        table.observe(idx, lambda i, old, new: log.append(("observe", i, old, new)))
+    return table, log
+
+
+def _random_batch(
+    rng: random.Random, stages: list[SeedStage]
+) -> tuple[list[tuple[Any, Any]], list[Any] | None]:
+    """Mostly legal steps, plus illegal targets, out-of-range and duplicated indices, stages
+    as members, ints and names, gates as None, ints and names."""
+    k = rng.randint(1, 2 * N)
+    updates: list[tuple[Any, Any]] = []
+    for _ in range(k):
+        roll = rng.random()
+        if roll < 0.08:
+            idx = rng.choice([-1, -5, N, N + 3, 1 << 40])
+        elif roll < 0.15 and updates:
+            idx = rng.choice(updates)[0]  # a duplicate (if it was in range)
+        else:
+            idx = rng.randrange(N)
+        legal = sorted(LEGAL_TRANSITIONS[stages[idx]]) if 0 <= idx < N else []
+        new = rng.choice(legal) if legal and rng.random() < 0.75 else rng.choice(list(S))
+        form = rng.random()
+        target: Any = new if form < 0.6 else int(new) if form < 0.8 else new.name.lower()
+        updates.append((idx, target))
+    if rng.random() < 0.5:
+        return updates, None
+    gates = [rng.choice([None, None, 1, 2, 3, 4, 5, "G2", "g5"]) for _ in updates]
+    return updates, gates
+
+
+def _assert_same(table: GPUStateTensor, ref: Reference) -> None:
+    assert table.state_tensor.tolist() == ref.rows
+    assert table.stages() == ref.stages
+    assert [table.epochs_in_state(i) for i in range(N)] == ref.epochs
+    assert +table.counters == +ref.counters
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("reporting", ["observers", "telemetry", "info_log", "silent"])
+@pytest.mark.parametrize("form", ["lists", "tensors"])
+def test_random_batches_match_the_per_seed_reference(
+    seed: int, reporting: str, form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(seed * 7919 + len(reporting))
+    telemetry = reporting == "telemetry"
+    observed = (
+        set(rng.sample(range(N), N // 3)) if reporting in ("observers", "info_log") else set()
+    )
+    table, log = _table(observed, telemetry)
+    ref = Reference(N, EMBARGO, observed, telemetry)
+    level = logging.INFO if reporting == "info_log" else logging.WARNING
+    caplog.set_level(level, logger="kasmina.seeds.table")
+    for step in range(40):
+        updates, gates = _random_batch(rng, ref.stages)
+        expected = ref.update(updates, gates)
+        if form == "lists":
+            codes = table.batch_state_update(updates, gates)
+            assert all(type(c) is TransitionCode for c in codes)
+        else:
+            idx = torch.tensor([max(min(int(i), 1 << 40), -(1 << 40)) for i, _ in updates])
+            new = torch.tensor([int(parse_stage(s)) for _, s in updates], dtype=torch.int32)
+            gate = None
+            if gates is not None:
+                values = [-1 if g is None else parse_gate(g) for g in gates]
+                gate = torch.tensor(values, dtype=torch.int32)
+            codes_t = table.batch_state_update_tensors(idx, new, gate)
+            assert codes_t.dtype == torch.int32 and codes_t.device == table.device
+            codes = codes_t.tolist()
+        assert codes == expected, f"step {step}"
+        assert log == ref.log, f"step {step}"
+        _assert_same(table, ref)
+        if step % 3 == 2:
+            table.tick()
+            ref.tick()
+            _assert_same(table, ref)
+    assert ref.counters["applied"] > 50 and ref.counters["duplicate"] > 5
+    assert ref.counters["illegal"] > 5 and ref.counters["out_of_range"] > 5
+    if reporting == "info_log":
+        applied = [r for r in caplog.records if r.levelno == logging.INFO]
+        assert len(applied) == ref.counters["applied"]
+    rejected = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(rejected) == sum(ref.counters.values()) - ref.counters["applied"]
+
+
+def test_listeners_see_the_new_stages_before_observers_run() -> None:
+    """A slot's snapshot (a listener) is refreshed before any observer runs, once per batch."""
+    table = GPUStateTensor(8, "cpu")
+    seen: list[Any] = []
+    table.listen(lambda: seen.append(("listen", table.stages())))
+    table.observe(3, lambda i, old, new: seen.append(("observe", i, table.stages()[i])))
+    table.batch_state_update([(i, S.ISOLATED_INIT) for i in range(8)])
+    assert seen == [("listen", [S.ISOLATED_INIT] * 8), ("observe", 3, S.ISOLATED_INIT)]
+    table.batch_state_update([(0, S.ACTIVE), (9, S.DORMANT)])  # nothing applied: no call
+    assert len(seen) == 2
+
+
+def _malformed() -> list[tuple[str, list[Any], list[Any] | None]]:
+    ok = [(0, S.ISOLATED_INIT), (1, S.ISOLATED_INIT)]
+    return [
+        ("stage", [(0, S.ISOLATED_INIT), (1, 11)], None),
+        ("stage", [(0, S.ISOLATED_INIT), (1, -1)], None),
+        ("stage", [(0, S.ISOLATED_INIT), (1, "bogus")], None),
+        ("stage", [(0, S.ISOLATED_INIT), (1, True)], None),
+        ("stage", [(0, S.ISOLATED_INIT), (1, 1.0)], None),
+        ("gate", ok, [None, 0]),
+        ("gate", ok, [None, 6]),
+        ("gate", ok, [None, -1]),
+        ("gate", ok, [None, "G9"]),
+        ("gate", ok, [None, True]),
+        ("gates for", ok, [None]),
+        ("pair", [(0, S.ISOLATED_INIT), (1, S.ISOLATED_INIT, 3)], None),
+        ("pair", [(0, S.ISOLATED_INIT), (1,)], None),
+        ("int64", [(0, S.ISOLATED_INIT), (1 << 70, S.ISOLATED_INIT)], None),
+    ]
+
+
+@pytest.mark.parametrize("message, updates, gates", _malformed())
+def test_malformed_batches_raise_and_change_nothing(
+    message: str, updates: list[Any], gates: list[Any] | None
+) -> None:
+    log: list[tuple[Any, ...]] = []
+    table = GPUStateTensor(4, "cpu", telemetry=_Recorder(log))  # type: ignore[arg-type]
+    table.listen(lambda: log.append(("listen",)))
+    table.observe(0, lambda *args: log.append(("observe", *args)))
+    table.batch_state_update([(2, S.ISOLATED_INIT)])
+    log.clear()
+    before = (table.state_tensor.clone(), table.stages(), dict(table.counters), table.version)
+    with pytest.raises(ValueError, match=message):
+        table.batch_state_update(updates, gates)
+    assert torch.equal(table.state_tensor, before[0])
+    assert (table.stages(), dict(table.counters), table.version) == before[1:]
+    assert log == []
+
+
+@pytest.mark.parametrize(
+    "message, kwargs",
+    [
+        ("stage", {"new_stage": torch.tensor([1, 11])}),
+        ("stage", {"new_stage": torch.tensor([-1, 1])}),
+        ("gate", {"gates": torch.tensor([1, 0])}),
+        ("gate", {"gates": torch.tensor([6, -1])}),
+        ("int32 or int64", {"new_stage": torch.tensor([1.0, 1.0])}),
+        ("1-d", {"gates": torch.tensor([1, 2, 3])}),
+        ("1-d", {"new_stage": torch.tensor([[1, 1]])}),
+    ],
+)
+def test_malformed_tensor_batches_raise_and_change_nothing(message: str, kwargs: dict) -> None:
+    table = GPUStateTensor(4, "cpu")
+    before = (table.state_tensor.clone(), table.stages(), table.version)
+    args = {"seed_idx": torch.tensor([0, 1]), "new_stage": torch.tensor([1, 1]), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        table.batch_state_update_tensors(**args)
+    assert torch.equal(table.state_tensor, before[0])
+    assert (table.stages(), table.version) == before[1:] and not table.counters
+
+
+def test_tensor_form_takes_views_and_int32() -> None:
+    table = GPUStateTensor(8, "cpu")
+    idx = torch.arange(16, dtype=torch.int32)[1::2][:4]  # 1, 3, 5, 7 as a strided view
+    new = torch.ones(1, dtype=torch.int64).expand(4)
+    codes = table.batch_state_update_tensors(idx, new, torch.tensor([3, -1, 3, -1])[::1])
+    assert codes.tolist() == [0, 0, 0, 0]
+    assert table.stages() == [S.DORMANT, S.ISOLATED_INIT] * 4
+    assert table.state_tensor[[1, 3, 5, 7], C.LAST_GATE].tolist() == [3, 1, 3, 1]
+    assert table.batch_state_update_tensors(idx[:0], new[:0]).shape == (0,)
+
+
+def test_indices_accept_what_int_accepts() -> None:
+    """As before vectorising: an index is anything ``int()`` takes (a 0-d tensor, a float)."""
+    table = GPUStateTensor(4, "cpu")
+    codes = table.batch_state_update(
+        [(torch.tensor(0), S.ISOLATED_INIT), (1.0, 1), ("2", "isolated_init"), (True, S.DORMANT)]
+    )
+    applied, dup = TransitionCode.APPLIED, TransitionCode.DUPLICATE
+    assert codes == [applied, dup, applied, dup]  # 1.0 and True both name seed 1
+    assert table.stages() == [S.ISOLATED_INIT, S.DORMANT, S.ISOLATED_INIT, S.DORMANT]
+
+
+def test_updates_may_be_any_iterable_of_pairs() -> None:
+    table = GPUStateTensor(3, "cpu")
+    codes = table.batch_state_update(((i, S.ISOLATED_INIT) for i in range(3)), gates=[2, None, 5])
+    assert codes == [TransitionCode.APPLIED] * 3
+    assert table.state_tensor[:, C.LAST_GATE].tolist() == [2, 1, 5]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        lambda a, b: list(range(a, b)),  # ascending run: slice assignment of the mirror
+        lambda a, b: list(range(b - 1, a - 1, -1)),  # descending: seed by seed
+        lambda a, b: [a, *range(a + 2, b), a + 1] if b - a > 2 else list(range(a, b)),
+    ],
+    ids=["ascending", "descending", "shuffled-ends"],
+)
+def test_runs_of_consecutive_seeds_match_the_reference(order: Any) -> None:
+    observed = {0, 5, N - 1}
+    table, log = _table(observed, telemetry=False)
+    ref = Reference(N, EMBARGO, observed, telemetry=False)
+    rng = random.Random(17)
+    for _ in range(30):
+        a = rng.randrange(N)
+        b = rng.randint(a + 1, N)
+        target = rng.choice(sorted(LEGAL_TRANSITIONS[ref.stages[a]]) or list(S))
+        updates = [(i, target) for i in order(a, b)]
+        assert table.batch_state_update(updates) == ref.update(updates, None)
+        assert log == ref.log
+        _assert_same(table, ref)
+        table.tick()
+        ref.tick()
+    assert ref.counters["applied"] > 30
