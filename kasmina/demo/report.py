@@ -271,6 +271,12 @@ def plot(result: DemoResult, path: Path) -> Path:
         ax_stage.legend(loc="upper left")
     ax_stage.set_yticks([s.value for s in SeedStage], [s.name for s in SeedStage], fontsize=7)
     ax_stage.set_xlabel("epoch (stage changes at the boundary after epoch e, drawn at e + 0.5)")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -430,11 +436,7 @@ def plot_continual(result: ContinualResult, path: Path) -> Path:
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(-0.02, 1.02)
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------- --repeats
