@@ -183,7 +183,8 @@ def _paired_once(
 
 
 def test_command_path_with_telemetry(benchmark, keyring, signed_pool) -> None:
-    """Same path plus the ack and completion packets delivered to an in-memory sink."""
+    """Same path plus the ack and completion events posted to an in-memory sink, which keeps
+    them unbuilt (``Event.post``) until read: the final read, untimed, builds the ring's packets."""
     clock = Clock()
     sink = MemorySink(capacity=1_000)
     telemetry = TelemetryReporter(sinks=[sink], clock=clock)
@@ -191,7 +192,10 @@ def test_command_path_with_telemetry(benchmark, keyring, signed_pool) -> None:
         CommandVerifier(keyring, clock=clock), NullExecutor(), telemetry
     )
     _run_pool(benchmark, handler, clock, signed_pool)
-    assert len(sink.events("command.complete")) > 0
+    done = sink.events("command.complete")
+    assert len(done) > 0 and len(sink) == sink.capacity
+    labels = done[-1].labels
+    assert labels["success"] == "true" and labels["command_id"] and labels["kind"]
 
 
 @pytest.mark.parametrize("durability", ["flush", "fsync"])

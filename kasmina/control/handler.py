@@ -148,7 +148,7 @@ class LeylineAdaptationHandler:
         events = self._events
         if events is not None and events.enabled:
             event = events.complete[command.kind, success]
-            event.emit(1.0 if success else 0.0, labels={"command_id": command.command_id})
+            event.post(1.0 if success else 0.0, labels={"command_id": command.command_id})
 
     def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
         """The checks, in the order docs/design.md §5 gives; never raises.
@@ -185,7 +185,7 @@ class LeylineAdaptationHandler:
                 self.stats["accepted"] += 1
             events = self._events
             if events is not None and events.enabled:
-                events.ack[command.kind].emit(labels={"command_id": command.command_id})
+                events.ack[command.kind].post(labels={"command_id": command.command_id})
             return command
         except Exception:  # the last line of defence: no input may raise out of here
             logger.exception("unexpected error while handling an adaptation command")

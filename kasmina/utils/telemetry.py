@@ -5,6 +5,13 @@ never raises on a send. Nor may a broken sink flood the log: its first failure i
 its traceback, once), later ones are only counted, and after ``max_sink_failures`` consecutive
 failures the sink is disabled with one more log record. Packets are plain protobuf messages so
 that any transport (a file, a socket, a message bus) can carry them unchanged.
+
+Hot paths (the command handler's ack and completion events) use ``Event.post``, which records a
+``PendingPacket`` (the event, the sequence number, the clock reading, the value, the per-call
+labels) instead of building the protobuf. A sink with a ``send_pending`` method (``MemorySink``)
+keeps the record and builds the packet only when it is read; any other sink gets the packet,
+built once per event for all of them. The packet is the same either way: its id and timestamp
+are taken when the event is posted, and it is built from the same fields by the same code.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ __all__ = [
     "Event",
     "JsonlFileSink",
     "MemorySink",
+    "PendingPacket",
     "TelemetryReporter",
     "TelemetrySink",
 ]
@@ -44,13 +52,18 @@ class TelemetrySink(Protocol):
 
 
 class MemorySink:
-    """Keeps the newest ``capacity`` packets in memory (a ring buffer): for tests and dashboards."""
+    """Keeps the newest ``capacity`` packets in memory (a ring buffer): for tests and dashboards.
+
+    A posted event (``send_pending``) is kept as its ``PendingPacket`` and built into a packet
+    the first time it is read (``packets``, ``events``); it takes one slot of the ring like any
+    packet, so memory stays bounded by ``capacity`` and ``dropped`` counts both alike.
+    """
 
     def __init__(self, capacity: int = 10_000) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = capacity
-        self._buffer: deque[TelemetryPacket] = deque(maxlen=capacity)
+        self._buffer: deque[TelemetryPacket | PendingPacket] = deque(maxlen=capacity)
         self.dropped = 0  # packets pushed out of the ring by newer ones
 
     def send(self, packet: TelemetryPacket) -> None:
@@ -58,14 +71,27 @@ class MemorySink:
             self.dropped += 1
         self._buffer.append(packet)
 
+    def send_pending(self, pending: PendingPacket) -> None:
+        """Keep a posted event unbuilt; it becomes a packet when first read."""
+        if len(self._buffer) == self.capacity:
+            self.dropped += 1
+        self._buffer.append(pending)
+
     @property
     def packets(self) -> list[TelemetryPacket]:
         """The buffered packets, oldest first."""
-        return list(self._buffer)
+        return [_built(item) for item in list(self._buffer)]
 
     def events(self, name: str) -> list[Metric]:
         """Every buffered metric called ``name``, oldest first."""
-        return [m for p in self._buffer for m in p.metrics if m.name == name]
+        found: list[Metric] = []
+        for item in list(self._buffer):
+            if type(item) is PendingPacket:
+                if item.name != name:  # a posted event holds one metric: skip the build
+                    continue
+                item = item.packet()
+            found.extend(m for m in item.metrics if m.name == name)
+        return found
 
     def clear(self) -> None:
         self._buffer.clear()
@@ -118,10 +144,15 @@ DEFAULT_MAX_SINK_FAILURES = 10
 class _SinkState:
     """One attached sink and its failure counts (consecutive, and in all)."""
 
-    __slots__ = ("failures", "sink", "total_failures")
+    __slots__ = ("failures", "send_pending", "sink", "total_failures")
 
     def __init__(self, sink: TelemetrySink) -> None:
         self.sink = sink
+        # A sink that can keep a posted event unbuilt says so with a ``send_pending`` method.
+        send_pending = getattr(sink, "send_pending", None)
+        self.send_pending: Callable[[PendingPacket], None] | None = (
+            send_pending if callable(send_pending) else None
+        )
         self.failures = 0
         self.total_failures = 0
 
@@ -218,6 +249,23 @@ class TelemetryReporter:
                 if entry.failures:
                     entry.failures = 0
 
+    def _deliver(self, pending: PendingPacket) -> None:
+        """``send`` for a posted event: a ``send_pending`` sink keeps it unbuilt, any other sink
+        gets its packet (built once, shared by all of them); failures are handled as in ``send``.
+        """
+        for entry in self._entries:
+            try:
+                send_pending = entry.send_pending
+                if send_pending is not None:
+                    send_pending(pending)
+                else:
+                    entry.sink.send(pending.packet())
+            except Exception as exc:
+                self._sink_failed(entry, exc)
+            else:
+                if entry.failures:
+                    entry.failures = 0
+
     def _sink_failed(self, entry: _SinkState, exc: Exception) -> None:
         """Count a failure; log only the sink's first one, and disable it at the limit.
 
@@ -262,11 +310,7 @@ class TelemetryReporter:
             pkt.CopyFrom(template)
         else:
             pkt.source_subsystem = self.source_subsystem
-        pkt.packet_id = f"{self._id_prefix}{next(self._seq)}"
-        seconds, nanos = divmod(int(self._clock() * 1e9), 1_000_000_000)
-        ts = pkt.timestamp
-        ts.seconds = seconds
-        ts.nanos = nanos
+        _stamp(pkt, self._id_prefix, next(self._seq), self._clock())
         return pkt
 
 
@@ -275,6 +319,7 @@ class Event:
 
     Building a protobuf field by field from Python costs ~0.5 us per field; copying a prepared
     packet and filling the id, timestamp, value and per-call labels costs a fraction of that.
+    ``post`` goes further and builds nothing on the caller's thread (see the module doc).
     """
 
     def __init__(
@@ -290,17 +335,106 @@ class Event:
         _add_metric(self._template, name, 0.0, metric_type, labels)
 
     def emit(self, value: float = 1.0, labels: Mapping[str, str] | None = None) -> TelemetryPacket:
-        """Send one packet with ``value`` and ``labels`` added to the fixed ones; return it."""
+        """Send one packet with ``value`` and ``labels`` added to the fixed ones; return it.
+
+        The packet is built here (it is returned); sinks receive that same packet object.
+        """
         reporter = self.reporter
-        pkt = reporter._new_packet(self._template)
+        pkt = self._build(next(reporter._seq), reporter._clock(), value, labels)
+        reporter.send(pkt)
+        return pkt
+
+    def post(self, value: float = 1.0, labels: Mapping[str, str] | None = None) -> None:
+        """``emit`` without building the packet now: sinks that keep posted events build it when
+        read (identical to what ``emit`` would have built at this moment), any other sink gets
+        it built at once. ``value`` and ``labels`` are checked here, so a bad one raises here
+        like ``emit``; ``labels`` is copied, so the caller may reuse the mapping."""
+        if type(value) is not float:
+            Metric(value=value)  # raises the protobuf's own TypeError for a non-number
+        if labels:
+            labels = dict(labels)
+            for key, label in labels.items():
+                if type(key) is not str or type(label) is not str:
+                    Metric(labels=labels)  # raises the protobuf's own TypeError
+                    break
+        else:
+            labels = None
+        reporter = self.reporter
+        pending = PendingPacket(self, next(reporter._seq), reporter._clock(), value, labels)
+        reporter._deliver(pending)
+
+    def _build(
+        self, seq: int, when: float, value: float, labels: Mapping[str, str] | None
+    ) -> TelemetryPacket:
+        pkt = TelemetryPacket()
+        pkt.CopyFrom(self._template)
+        _stamp(pkt, self.reporter._id_prefix, seq, when)
         metric = pkt.metrics[0]
         metric.value = value
         if labels:
             metric_labels = metric.labels
             for key, label in labels.items():
                 metric_labels[key] = label
-        reporter.send(pkt)
         return pkt
+
+
+# Builds of pending packets are rare (a sink read) and short: one lock makes every reader of a
+# pending packet get the same packet object, whichever thread builds it first.
+_build_lock = threading.Lock()
+
+
+class PendingPacket:
+    """A posted event not yet built: the event, its sequence number, the clock reading, the value
+    and the per-call labels. ``packet()`` builds the ``TelemetryPacket`` on first call (the one
+    ``Event.emit`` would have built when the event was posted) and returns that object after."""
+
+    __slots__ = ("_labels", "_packet", "_seq", "_value", "_when", "event")
+
+    def __init__(
+        self,
+        event: Event,
+        seq: int,
+        when: float,
+        value: float,
+        labels: Mapping[str, str] | None,
+    ) -> None:
+        self.event = event
+        self._seq = seq
+        self._when = when
+        self._value = value
+        self._labels = labels
+        self._packet: TelemetryPacket | None = None
+
+    @property
+    def name(self) -> str:
+        """The name of the packet's one metric."""
+        return self.event.name
+
+    def packet(self) -> TelemetryPacket:
+        """The packet (built on first call; the same object every call)."""
+        pkt = self._packet
+        if pkt is None:
+            with _build_lock:
+                pkt = self._packet
+                if pkt is None:
+                    pkt = self._packet = self.event._build(
+                        self._seq, self._when, self._value, self._labels
+                    )
+                    self._labels = None  # only the packet is needed from here on
+        return pkt
+
+
+def _built(item: TelemetryPacket | PendingPacket) -> TelemetryPacket:
+    return item.packet() if type(item) is PendingPacket else item  # type: ignore[return-value]
+
+
+def _stamp(pkt: TelemetryPacket, id_prefix: str, seq: int, when: float) -> None:
+    """Fill a packet's id (``<prefix><seq>``) and timestamp (``when``, seconds since the epoch)."""
+    pkt.packet_id = f"{id_prefix}{seq}"
+    seconds, nanos = divmod(int(when * 1e9), 1_000_000_000)
+    ts = pkt.timestamp
+    ts.seconds = seconds
+    ts.nanos = nanos
 
 
 def _add_metric(

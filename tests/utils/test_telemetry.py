@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import pytest
 from google.protobuf.json_format import ParseDict
 
 from kasmina.leyline import MetricType, TelemetryPacket
-from kasmina.utils.telemetry import JsonlFileSink, MemorySink, TelemetryReporter, TelemetrySink
+from kasmina.utils.telemetry import (
+    JsonlFileSink,
+    MemorySink,
+    PendingPacket,
+    TelemetryReporter,
+    TelemetrySink,
+)
 
 
 class BrokenSink:
@@ -180,3 +187,163 @@ def test_a_sink_that_recovers_between_failures_stays(caplog) -> None:
 def test_max_sink_failures_is_a_positive_int(limit) -> None:
     with pytest.raises((ValueError, TypeError), match="max_sink_failures"):
         TelemetryReporter(max_sink_failures=limit)
+
+
+# ---- Event.post: the packet is recorded on the hot path and built when a sink reads it ----
+
+
+class Collect:
+    """A sink without ``send_pending``: gets every packet built."""
+
+    def __init__(self) -> None:
+        self.packets: list[TelemetryPacket] = []
+
+    def send(self, packet: TelemetryPacket) -> None:
+        self.packets.append(packet)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _twin_reporters(sinks_a, sinks_b, clock) -> tuple[TelemetryReporter, TelemetryReporter]:
+    a = TelemetryReporter("twin", sinks_a, clock=clock)
+    b = TelemetryReporter("twin", sinks_b, clock=clock)
+    b._id_prefix = a._id_prefix  # the same run id, so both number their packets alike
+    return a, b
+
+
+def test_post_gives_the_packets_emit_would_have_given(tmp_path) -> None:
+    clock = Clock(1_700_000_000.123456789)
+    eager, lazy, collect = MemorySink(), MemorySink(), Collect()
+    a, b = _twin_reporters([eager], [lazy, collect], clock)
+    calls = [
+        (1.0, {"command_id": "c1"}),
+        (0.0, {"command_id": "c2", "kind": "override"}),  # a per-call label wins, as in emit
+        (2.5, None),
+        (-1e300, {"ünï": 'çødé "x"\n'}),
+        (3, {}),  # an int value, stored as a double either way
+    ]
+    ea = a.event("command.complete", labels={"kind": "seed", "success": "true"})
+    eb = b.event("command.complete", labels={"kind": "seed", "success": "true"})
+    for i, (value, labels) in enumerate(calls):
+        clock.now += 0.001 * (i + 1)
+        ea.emit(value, labels=labels)
+        eb.post(value, labels=labels)
+    clock.now = 0.0  # reading later changes nothing: id and timestamp were taken at post time
+    assert lazy.packets == eager.packets == collect.packets
+    assert [p.SerializeToString() for p in lazy.packets] == [
+        p.SerializeToString() for p in eager.packets
+    ]
+    assert lazy.events("command.complete") == eager.events("command.complete")
+    first = lazy.packets[0]
+    assert first.packet_id == f"{a._id_prefix}0" and first.source_subsystem == "twin"
+    assert dict(lazy.packets[1].metrics[0].labels) == {
+        "kind": "override",
+        "success": "true",
+        "command_id": "c2",
+    }
+    # The JSONL sink (no send_pending) writes the same lines for either.
+    paths = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    with JsonlFileSink(paths[0]) as fa, JsonlFileSink(paths[1]) as fb:
+        a2, b2 = _twin_reporters([fa], [fb], clock)
+        a2.event("x", labels={"k": "v"}).emit(0.5, labels={"id": "1"})
+        b2.event("x", labels={"k": "v"}).post(0.5, labels={"id": "1"})
+    assert paths[0].read_text(encoding="utf-8") == paths[1].read_text(encoding="utf-8")
+
+
+def test_post_builds_nothing_until_read_and_then_builds_once() -> None:
+    sink = MemorySink()
+    reporter = TelemetryReporter(sinks=[sink], clock=lambda: 5.0)
+    event = reporter.event("command.ack", labels={"kind": "seed"})
+    labels = {"command_id": "c1"}
+    assert event.post(labels=labels) is None
+    labels["command_id"] = "changed"  # the caller may reuse its mapping
+    (pending,) = list(sink._buffer)
+    assert isinstance(pending, PendingPacket) and pending._packet is None
+    assert pending.name == "command.ack"
+    assert sink.events("other") == [] and pending._packet is None  # no build for another name
+    (pkt,) = sink.packets
+    assert sink.packets[0] is pkt and pending.packet() is pkt  # built once, the same object
+    assert dict(pkt.metrics[0].labels) == {"kind": "seed", "command_id": "c1"}
+    assert (pkt.timestamp.seconds, pkt.timestamp.nanos) == (5, 0)
+
+
+def test_post_checks_its_arguments_like_emit_and_sends_nothing_on_error() -> None:
+    sink = MemorySink()
+    event = TelemetryReporter(sinks=[sink]).event("x")
+    for bad in ({"value": "1.0"}, {"labels": {"k": 1}}, {"labels": {1: "v"}}):
+        with pytest.raises(TypeError):
+            event.emit(**bad)
+        with pytest.raises(TypeError):
+            event.post(**bad)
+    assert len(sink) == 0
+
+
+def test_the_ring_bound_holds_for_posted_events_and_keeps_the_order() -> None:
+    sink = MemorySink(capacity=3)
+    reporter = TelemetryReporter(sinks=[sink])
+    event = reporter.event("m")
+    for i in range(7):
+        if i % 2:
+            event.post(float(i))
+        else:
+            event.emit(float(i))
+    assert len(sink) == 3 and sink.dropped == 4
+    assert [p.metrics[0].value for p in sink.packets] == [4.0, 5.0, 6.0]
+    assert [m.value for m in sink.events("m")] == [4.0, 5.0, 6.0]
+    ids = [int(p.packet_id.rsplit("-", 1)[1]) for p in sink.packets]
+    assert ids == [4, 5, 6]
+    sink.clear()
+    assert sink.packets == []
+
+
+def test_failing_sinks_are_handled_alike_for_posted_events(caplog) -> None:
+    class BrokenPending(MemorySink):
+        def send_pending(self, pending: PendingPacket) -> None:
+            raise OSError("ring on fire")
+
+    broken, broken_pending, good = BrokenSink(), BrokenPending(), MemorySink()
+    reporter = TelemetryReporter(sinks=[broken, broken_pending, good], max_sink_failures=3)
+    event = reporter.event("flood")
+    with caplog.at_level(logging.DEBUG, logger="kasmina.utils.telemetry"):
+        for _ in range(100):
+            event.post()
+    assert broken.calls == 3 and reporter.sink_errors == 6
+    assert reporter.sinks == (good,)
+    assert reporter.disabled_sinks == (broken, broken_pending)
+    assert len(good) == 100
+    assert len(caplog.records) == 4  # per sink: its first failure, then "disabled"
+
+
+def test_posting_from_threads_loses_nothing_and_reads_agree() -> None:
+    sink = MemorySink(capacity=100_000)
+    reporter = TelemetryReporter(sinks=[sink])
+    event = reporter.event("t")
+
+    def work(n: int) -> None:
+        for i in range(2_000):
+            event.post(float(i), labels={"thread": str(n)})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pending = list(sink._buffer)
+    assert len(pending) == 8_000
+    built: list[list[TelemetryPacket]] = [[] for _ in range(4)]
+    readers = [
+        threading.Thread(target=lambda out: out.extend(p.packet() for p in pending), args=(b,))
+        for b in built
+    ]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert all(x is y for b in built[1:] for x, y in zip(built[0], b, strict=True))
+    assert len({p.packet_id for p in sink.packets}) == 8_000
