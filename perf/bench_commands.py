@@ -24,11 +24,10 @@ commands), whose ratio holds still on a shared machine when the medians do not.
 from __future__ import annotations
 
 import hmac
-import statistics
 from collections.abc import Callable
 
 import pytest
-from paired import batch_seconds  # perf/ is on sys.path under pytest
+from paired import paired  # perf/ is on sys.path under pytest
 
 from kasmina.control.auth import (
     COMMAND_SIGNATURE_TAG,
@@ -141,7 +140,7 @@ def test_command_path(benchmark, keyring, signed_pool) -> None:
         handler.handle_adaptation_command(extra[i])
 
     floor = _floor(signed_pool[0], mac)
-    path_s, floor_s, ratio = _paired_once(path, floor)
+    path_s, floor_s, ratio = paired(path, floor, rounds=PAIRED_ROUNDS, number=PAIRED_BATCH)
     assert executor.count == POOL + len(extra)
     benchmark.extra_info["target"] = (
         f"{COMMAND_TARGET}; paired: path {path_s * 1e6:.1f} us, floor {floor_s * 1e6:.1f} us, "
@@ -161,25 +160,6 @@ def _floor(raw: bytes, mac: _CommandMac) -> Callable[[], bool]:
         return hmac.compare_digest(mac.digest(cmd.SerializeToString(deterministic=True)), signature)
 
     return floor
-
-
-def _paired_once(
-    path: Callable[[], None], floor: Callable[[], object]
-) -> tuple[float, float, float]:
-    """Median seconds per call of ``path`` and ``floor`` and the median per-round ratio, over
-    ``PAIRED_ROUNDS`` rounds of one ``PAIRED_BATCH`` batch each, the order alternating;
-    ``path`` runs ``1 + PAIRED_ROUNDS * PAIRED_BATCH`` times in all (the first a warm-up)."""
-    path(), floor()
-    ours, peer, ratios = [], [], []
-    for i in range(PAIRED_ROUNDS):
-        if i % 2:
-            f, p = batch_seconds(floor, PAIRED_BATCH), batch_seconds(path, PAIRED_BATCH)
-        else:
-            p, f = batch_seconds(path, PAIRED_BATCH), batch_seconds(floor, PAIRED_BATCH)
-        ours.append(p)
-        peer.append(f)
-        ratios.append(p / f)
-    return statistics.median(ours), statistics.median(peer), statistics.median(ratios)
 
 
 def test_command_path_with_telemetry(benchmark, keyring, signed_pool) -> None:

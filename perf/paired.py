@@ -22,13 +22,22 @@ def batch_seconds(fn: Callable[[], object], number: int) -> float:
 
 
 def paired(
-    ours: Callable[[], object], eager: Callable[[], object], *, rounds: int, batch_s: float
+    ours: Callable[[], object],
+    eager: Callable[[], object],
+    *,
+    rounds: int,
+    batch_s: float = 0.0,
+    number: int | None = None,
 ) -> tuple[float, float, float]:
-    """Median seconds per call of ``ours`` and ``eager``, and the median of per-round ratios
-    (each batch runs for about ``batch_s`` seconds)."""
+    """Median seconds per call of ``ours`` and ``eager``, and the median of per-round ratios.
+
+    Each batch runs for about ``batch_s`` seconds, or exactly ``number`` calls when given (then
+    ``ours`` runs ``1 + rounds * number`` times in all, the first a warm-up: for callables that
+    consume a finite supply, such as distinct signed commands)."""
     ours(), eager()  # warm up both
-    once = max(batch_seconds(ours, 1), batch_seconds(eager, 1), 1e-6)
-    number = max(1, min(200, int(batch_s / once)))
+    if number is None:
+        once = max(batch_seconds(ours, 1), batch_seconds(eager, 1), 1e-6)
+        number = max(1, min(200, int(batch_s / once)))
     a, b, ratios = [], [], []
     for i in range(rounds):
         if i % 2:
