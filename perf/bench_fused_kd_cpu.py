@@ -27,7 +27,7 @@ import time
 import torch
 
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
-from kasmina.ops.fused_linear_kd import default_chunk_rows
+from kasmina.ops.fused_linear_kd_chunks import default_chunk_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEMPERATURE = 2.0

@@ -73,7 +73,7 @@ from kasmina.ops import (  # noqa: E402
     lifecycle_update,
     lifecycle_update_reference,
 )
-from kasmina.ops.fused_linear_kd import default_chunk_rows  # noqa: E402
+from kasmina.ops.fused_linear_kd_chunks import default_chunk_rows  # noqa: E402
 from kasmina.stages import NUM_STAGES, NUM_STATE_COLUMNS, StateColumn  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_leaves
 
 import kasmina.ops.fused_linear_kd as flkd
+import kasmina.ops.fused_linear_kd_chunks as chunks
 from kasmina.ops import fused_linear_kd_loss, fused_linear_kd_loss_reference, kd_kl_loss
 from tests.ops.tolerances import tol
 
@@ -292,22 +293,22 @@ def test_fp16_gradient_survives_loss_scaling():
 
 def test_default_chunk_rows_follows_the_budget(monkeypatch: pytest.MonkeyPatch):
     """docs/design.md §2: the device's budget over the per-row scratch, a multiple of 64."""
-    assert flkd.default_chunk_rows(10**6, 128_256, torch.bfloat16, torch.bfloat16) == 640
-    assert flkd.default_chunk_rows(10**6, 128_256, torch.bfloat16) == 1024
-    assert flkd.default_chunk_rows(10, 128_256, torch.bfloat16) == 10
-    assert flkd.default_chunk_rows(10**6, 10**9, torch.float32, device_type="cpu") == 1
-    assert flkd.default_chunk_rows(10**6, 32_000, torch.float32, device_type="cpu") == 64
-    per_row = 200 * (2 * 4 + 4 + (flkd.CPU_SCRATCH_BYTES if DEVICE.type != "cuda" else 0))
+    assert chunks.default_chunk_rows(10**6, 128_256, torch.bfloat16, torch.bfloat16) == 640
+    assert chunks.default_chunk_rows(10**6, 128_256, torch.bfloat16) == 1024
+    assert chunks.default_chunk_rows(10, 128_256, torch.bfloat16) == 10
+    assert chunks.default_chunk_rows(10**6, 10**9, torch.float32, device_type="cpu") == 1
+    assert chunks.default_chunk_rows(10**6, 32_000, torch.float32, device_type="cpu") == 64
+    per_row = 200 * (2 * 4 + 4 + (chunks.CPU_SCRATCH_BYTES if DEVICE.type != "cuda" else 0))
     budget = "DEFAULT_CHUNK_BYTES" if DEVICE.type == "cuda" else "DEFAULT_CPU_CHUNK_BYTES"
-    monkeypatch.setattr(flkd, budget, 5 * per_row)
+    monkeypatch.setattr(chunks, budget, 5 * per_row)
     calls: list[int] = []
-    forward = flkd._forward_impl
+    forward = chunks._forward_impl
 
     def spy(student, *args):
         calls.append(student.shape[0])
         return forward(student, *args)
 
-    monkeypatch.setattr(flkd, "_forward_impl", spy)
+    monkeypatch.setattr(chunks, "_forward_impl", spy)
     h, w, _, th, tw, _, _, _ = _inputs((12,), 8, 200, torch.float32, seed=12)
     fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw)
     assert calls == [5, 5, 2]
@@ -452,7 +453,7 @@ def _opaque_kd_op(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return run
 
-    for module in (flkd, kd):
+    for module in (chunks, kd):
         for name in ("_forward_impl", "_backward_impl"):
             monkeypatch.setattr(module, name, opaque(getattr(module, name)))
 
@@ -512,7 +513,7 @@ def test_peak_memory_is_at_most_an_eighth_of_eager_with_the_head_trained(
     shrink = 64
     rows, hidden, vocab = 8 * 4096 // shrink, 4096 // shrink, 128_256 // shrink
     bf16 = torch.bfloat16
-    chunk = flkd.default_chunk_rows(8 * 4096, 128_256, bf16, bf16) // shrink
+    chunk = chunks.default_chunk_rows(8 * 4096, 128_256, bf16, bf16) // shrink
     h, w, _, th, tw, _, _, _ = _inputs((rows,), hidden, vocab, bf16, seed=30, bias=False,
                                        t_hidden=hidden)  # fmt: skip
     _opaque_kd_op(monkeypatch)
@@ -543,12 +544,12 @@ def test_round_in_place_equals_rounding_into_a_fresh_tensor(dtype):
     """The in-place rounding of an fp32 accumulator (blocks that double from the first,
     temporary one) gives bitwise what rounding into a new tensor gives, in the accumulator's
     own storage, for sizes that end mid-block."""
-    n_rows = (flkd.FIRST_ROUND_BLOCK * 11 + 5) // 7
+    n_rows = (chunks.FIRST_ROUND_BLOCK * 11 + 5) // 7
     acc = torch.randn(n_rows, 7, generator=_gen(31)) * 1e3
     for scale in (None, torch.tensor(3.0e-4)):
-        want = flkd._round(acc, dtype, scale)
+        want = chunks._round(acc, dtype, scale)
         spent = acc.clone()
-        got = flkd._round_in_place(spent, dtype, scale)
+        got = chunks._round_in_place(spent, dtype, scale)
         assert got.untyped_storage().data_ptr() == spent.untyped_storage().data_ptr()
         assert got.dtype == dtype and got.shape == acc.shape and got.is_contiguous()
         assert torch.equal(got, want)
