@@ -133,15 +133,14 @@ def parse_gate(value: int | str | None) -> int | None:
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
-    """Seed indices as an int64 buffer; anything ``int()`` accepts, as it always was."""
+    """Seed indices as an int64 buffer; anything ``int()`` accepts, as it always was (plain
+    ints go straight into the buffer; anything else, such as numpy or 0-d tensor indices,
+    through ``int()`` first)."""
     try:
-        return array("q", indices)
-    except TypeError:
-        pass
-    except OverflowError:
-        raise ValueError("seed indices must fit in int64") from None
-    try:
-        return array("q", [int(i) for i in indices])
+        try:
+            return array("q", indices)
+        except TypeError:
+            return array("q", [int(i) for i in indices])
     except OverflowError:
         raise ValueError("seed indices must fit in int64") from None
 
