@@ -137,12 +137,15 @@ def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
     if run is None:
         return None
     try:
-        w = torch.tensor([1.0, 2.0], requires_grad=True)
-        unused = torch.zeros(1, requires_grad=True)
-        y = w * w
-        grad = torch.tensor([1.0, 3.0])
-        got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
-        want = torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
+        # The first call usually comes from inside a backward, where grad mode is off: the
+        # probe builds its graph with grad mode on, or it would have none and fail for good.
+        with torch.enable_grad():
+            w = torch.tensor([1.0, 2.0], requires_grad=True)
+            unused = torch.zeros(1, requires_grad=True)
+            y = w * w
+            grad = torch.tensor([1.0, 3.0])
+            got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
+            want = torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
     except Exception:
         logger.debug("the autograd engine's entry point is not the expected one", exc_info=True)
         return None

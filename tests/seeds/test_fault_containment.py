@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kasmina.seeds import faults
 from kasmina.seeds.extra_state import decode_extra_state
 from kasmina.seeds.faults import FAULT_LOG_SIZE
 from kasmina.seeds.inject import attach
@@ -771,3 +772,26 @@ def test_a_kernel_shared_by_two_seeds_gets_its_gradient_once() -> None:
     layer(x).pow(2).sum().backward()
     for g, p in zip(guarded, shared.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_the_guard_takes_the_direct_engine_entry_even_when_first_asked_inside_a_backward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine entry point is probed once, on first use, which is inside the host's
+    backward where grad mode is off: the probe must still find the entry (it once cached
+    "unavailable" there, and every guarded backward took the slower public path)."""
+    monkeypatch.setattr(faults, "_ENGINE", [])
+    public = []
+    monkeypatch.setattr(
+        faults.torch.autograd, "grad", lambda *a, **k: public.append(1) or _public_grad(*a, **k)
+    )
+    torch.manual_seed(19)
+    seed = make_seed(nn.Linear(C, C), SeedStage.GRAFTING)
+    seed(torch.randn(BATCH, C, requires_grad=True)).pow(2).sum().backward()
+    assert faults._ENGINE[0] is not None
+    # The probe compares the entry with the public function once; the guard never uses it.
+    assert len(public) == 1
+    assert all(p.grad is not None for p in seed.kernel.parameters())
+
+
+_public_grad = torch.autograd.grad
