@@ -2,10 +2,11 @@
 
 Every call into a seed's kernel is guarded (``kasmina.seeds.seed``) in two halves: on the host, a
 ``try`` around the call and a metadata check of the output (type, shape, dtype, device); on the
-device, the non-finite fallback (a finite test, a flag, ``torch.where``, the alpha masked by the
-test). The guard must be cheap enough to leave on always, so it is measured where a seed spends
-its training: a full step (forward, backward, SGD step) of a small host whose ``KasminaLayer``
-has every seed in GRAFTING.
+device, the non-finite fallback (a finite test, a flag, the alpha masked by the test). The guard
+must be cheap enough to leave on always, so it is measured where a seed spends its training: a
+full step (forward, backward, SGD step) of a small host whose ``KasminaLayer`` has every seed in
+GRAFTING. There the layer runs the device half, the blend and the backward guard as one
+autograd node (``kasmina.seeds.faults.GuardedBlend``).
 
 Peers, built from copies of the same host and kernels and checked to give the same values:
 
@@ -14,9 +15,10 @@ Peers, built from copies of the same host and kernels and checked to give the sa
 - **device half only**: the hand-written slot plus the seeds' own device-side check, ``where``
   and alpha mask (no ``try``, no output check, none of the layer's bookkeeping);
 - **no host guard**: the same ``KasminaLayer`` with the host half of the guard taken out of each
-  seed (the ``try``, the output check and the backward guard);
+  seed (the ``try``, the output check and the backward guard), which also puts the layer on its
+  per-op path (the one node needs the backward guard);
 - **no backward guard**: the same ``KasminaLayer`` with ``guard_backward`` off
-  (``KasminaConfig.guard_seed_backward=False``): the forward guard alone.
+  (``KasminaConfig.guard_seed_backward=False``): the forward guard alone, on the per-op path.
 
 Target: guarded step <= 1.02x the unguarded peer. All five run in interleaved rounds (order
 rotated every round) so that a shared machine's drift hits them alike; a ratio is the ratio of

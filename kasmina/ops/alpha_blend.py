@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, use_triton
 
-__all__ = ["alpha_blend", "alpha_blend_reference"]
+__all__ = ["alpha_blend", "alpha_blend_reference", "blend_chunks", "blend_chunks_seed_grad"]
 
 MODES = ("blend", "incubate")
 
@@ -203,6 +203,35 @@ def _backward_impl(
     if use_triton(grad.device):
         return _kernels().blend_backward(grad, seed, host, alpha, alpha_value)
     return _blend_backward_reference(grad, seed, host, alpha, alpha_value)
+
+
+def blend_chunks(seed: Tensor, host: Tensor, alpha: Tensor) -> Tensor:
+    """``blend``'s value alone on ``[..., C, W]`` views (chunk ``k`` uses ``alpha[k]``), with
+    no autograd and no argument checks, for an autograd node that owns the backward (the
+    seeds' guarded graft in ``kasmina.seeds.faults``). The math and backend of
+    :func:`alpha_blend`: on the CPU, fp32/fp64 data is one ``lerp`` against ``alpha[:, None]``
+    (the reference's own op); anything else goes through the op's forward."""
+    if seed.dtype not in _WORK and not use_triton(seed.device):
+        a = alpha if alpha.dtype == seed.dtype else alpha.to(seed.dtype)
+        return torch.lerp(host, seed, a.unsqueeze(-1))
+    flat = _forward_impl(
+        seed.flatten(-2).contiguous(),
+        host.flatten(-2).contiguous(),
+        alpha.contiguous(),
+        0.0,
+        "blend",
+    )
+    return flat.unflatten(-1, seed.shape[-2:])
+
+
+def blend_chunks_seed_grad(grad: Tensor, alpha: Tensor) -> Tensor:
+    """``blend``'s gradient for the seed (``alpha[k] * g`` on chunk ``k``) on a ``[..., C, W]``
+    view, the partner of :func:`blend_chunks`."""
+    if grad.dtype not in _WORK and not use_triton(grad.device):
+        a = alpha if alpha.dtype == grad.dtype else alpha.to(grad.dtype)
+        return grad * a.unsqueeze(-1)
+    flat = _backward_impl(grad.flatten(-2), None, None, alpha.contiguous(), 0.0)[0]
+    return flat.unflatten(-1, grad.shape[-2:])
 
 
 def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str):

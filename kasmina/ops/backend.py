@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,14 +16,26 @@ _VALID = ("auto", "triton", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Raw ``KASMINA_BACKEND`` values already parsed (a few at most: only valid ones are kept).
+_PARSED: dict[str | None, str] = {}
+
+
 def backend() -> str:
-    """The requested backend (read on every call so tests can switch it)."""
-    value = os.environ.get("KASMINA_BACKEND", "auto").strip().lower() or "auto"
+    """The requested backend, read on every call so tests can switch it (the variable is
+    parsed once per distinct value: every op's dispatch asks)."""
+    raw = os.environ.get("KASMINA_BACKEND")
+    value = _PARSED.get(raw)
+    if value is not None:
+        return value
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in _VALID:
         raise ValueError(f"KASMINA_BACKEND must be one of {_VALID}, got {value!r}")
+    if len(_PARSED) < 64:
+        _PARSED[raw] = value
     return value
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

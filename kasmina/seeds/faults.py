@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.overrides import has_torch_function
 
+from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "FAULT_WARN_EVERY",
     "ContainedBackward",
     "FaultRecorder",
+    "GuardedBlend",
     "all_finite",
     "contain_backward",
     "finite_chunks",
+    "guarded_blend",
     "output_fault",
     "short_reason",
 ]
@@ -56,26 +60,38 @@ def short_reason(text: str) -> str:
     return line[: FAULT_REASON_CHARS - 3] + "..."
 
 
-def all_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-d bool on ``t``'s device: whether every element is finite, without a host sync.
+# The dtype a finiteness sum accumulates in: fp32 for the half types (whose own range would
+# overflow on ordinary values), the data's own dtype otherwise.
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-    ``0 * v`` is 0 for every finite ``v`` and NaN for inf and NaN, so the sum is 0 exactly when
-    all are finite (no overflow is possible). Three ops where ``isfinite(t).all()`` takes five;
-    this runs once per seed per forward. Detached: the test is never differentiated.
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool on ``t``'s device: whether ``t`` is a usable output, without a host sync.
+
+    One reduction and one test: the sum (fp32 at least) is finite exactly when every element
+    is finite and the values are not so large that their sum overflows, which takes a mean
+    magnitude above ``finfo.max / numel`` (above 1e31 for eight million fp32 values): an
+    output that size is a fault as surely as an inf, since the host's next op would overflow
+    on it. No temporary the size of ``t`` (``isfinite(t).all()`` writes one bool per element).
+    Detached: the test is never differentiated.
     """
-    return t.detach().mul(0).sum().eq(0)
+    return _finite(t.detach().sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype)))
 
 
 def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
     """``[n]`` bool on the device of ``chunks`` (``[..., n, c]``: n chunks of c values each, a
-    slot's seed outputs side by side): whether each chunk is all finite, in one reduction and
-    without a host sync.
-
-    The test of :func:`all_finite` (``0 * v`` sums to 0 exactly when all are finite), summed
-    per chunk: a slot checks all its seeds' outputs at once, concatenated as they are blended.
-    """
+    slot's seed outputs side by side): the test of :func:`all_finite` for each chunk, in one
+    reduction and without a host sync, so a slot checks all its seeds' outputs at once,
+    concatenated as they are blended."""
     dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
-    return chunks.detach().mul(0).sum(dims).eq(0)
+    dtype = _SUM_DTYPE.get(chunks.dtype, chunks.dtype)
+    return _finite(chunks.detach().sum(dims, dtype=dtype))
+
+
+def _finite(sums: torch.Tensor) -> torch.Tensor:
+    """``isfinite`` of a few sums in two ops (``0 * v`` is 0 exactly when ``v`` is finite):
+    ``torch.isfinite`` is a composite of four."""
+    return sums.mul(0).eq(0)
 
 
 def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
@@ -262,3 +278,139 @@ def contain_backward(
     for i, value in zip(chosen, guarded, strict=True):
         result[i] = value
     return result
+
+
+class _Graft:
+    """What one ``GuardedBlend`` call works on, besides its differentiable inputs.
+
+    ``chunks[k]`` is seed ``k``'s output, or the host's own chunk for a seed that passed it
+    through (``passed[k]``; ``passed`` is None when every seed ran); ``island`` holds the
+    outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' finite flags.
+    """
+
+    __slots__ = ("blend", "chunk", "chunks", "dim", "flags", "island", "island_chunks", "passed")
+
+    def __init__(
+        self,
+        chunks: Sequence[torch.Tensor],
+        dim: int,
+        passed: torch.Tensor | None,
+        flags: torch.Tensor,
+        island: _Island | None,
+        island_chunks: Sequence[int],
+        blend: bool,
+    ) -> None:
+        self.chunks = list(chunks)
+        self.chunk = chunks[0].shape[dim]
+        self.dim = dim
+        self.passed = passed
+        self.flags = flags
+        self.island = island
+        self.island_chunks = list(island_chunks)
+        self.blend = blend
+
+
+def _graft_values(
+    graft: _Graft, host: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``(out, alpha_used)`` in the moved layout (chunks along the last dim of ``host``)."""
+    n, dim = len(graft.chunks), graft.dim
+    full = torch.cat(graft.chunks, dim=dim)
+    if dim != full.dim() - 1:
+        full = full.movedim(dim, -1)
+    full_c, host_c = full.unflatten(-1, (n, -1)), host.unflatten(-1, (n, -1))
+    ok = finite_chunks(full_c)
+    if graft.passed is not None:  # a host chunk is never the seed's fault
+        ok = ok.logical_or(graft.passed)
+    graft.flags.logical_and_(ok)
+    if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
+        return torch.where(ok.unsqueeze(-1), full_c, host_c).flatten(-2), alpha
+    # A chunk that fails the test blends with alpha 0 against its values with every
+    # non-finite one zeroed: ``h + 0 * (s' - h)`` is ``h`` (``s' - h`` is finite wherever the
+    # host is). One elementwise pass, where ``torch.where`` would broadcast a mask too.
+    used = alpha.mul(ok)
+    safe = full_c.nan_to_num(0.0, 0.0, 0.0)
+    return blend_chunks(safe, host_c, used).flatten(-2), used
+
+
+class GuardedBlend(torch.autograd.Function):
+    """A layer's seeds, guarded and blended, as one autograd node.
+
+    For a layer whose running seeds all blend against the detached host (GRAFTING,
+    STABILIZATION), the guard's device half, the blend and the backward guard are one node:
+    the forward concatenates the chunks, tests each for finiteness in one reduction, updates
+    the flags, puts the host's chunk in place of a non-finite one (alpha 0) and blends, none of
+    it recorded; the backward forms the seeds' gradient (``alpha * g`` per chunk), runs their
+    kernels' own backward in the guard of :class:`_Island` (a kernel whose backward raises is
+    a fault and loses this step's gradient) and returns the parameters' gradients. Chunks the
+    host passed through give the host exactly ``g``; the others give it nothing (the blend's
+    host is detached). Values and gradients are those of the unfused path, bit for bit.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, graft: _Graft, host: torch.Tensor, alpha: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
+        out, used = _graft_values(graft, host, alpha)
+        ctx.graft = graft
+        ctx.save_for_backward(used)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        graft: _Graft = ctx.graft
+        (used,) = ctx.saved_tensors
+        n = len(graft.chunks)
+        grad_c = grad.unflatten(-1, (n, -1))
+        if graft.blend:
+            grad_c = blend_chunks_seed_grad(grad_c, used)
+        grad_host = None
+        if ctx.needs_input_grad[1] and graft.passed is not None:
+            grad_host = grad_c.mul(graft.passed.unsqueeze(-1)).flatten(-2)
+        params: list[torch.Tensor | None] = []
+        if graft.island is not None:
+            dim = graft.dim
+            if dim == grad.dim() - 1:
+                pieces = grad_c.unbind(-2)  # chunk k's gradient, in one op
+            else:
+                pieces = grad_c.flatten(-2).movedim(-1, dim).split(graft.chunk, dim=dim)
+            params = graft.island.backward([pieces[k] for k in graft.island_chunks])
+        return (None, grad_host, None, *params)
+
+
+def guarded_blend(
+    chunks: Sequence[torch.Tensor],
+    host: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    dim: int,
+    passed: torch.Tensor | None,
+    flags: torch.Tensor,
+    guarded: Sequence[int],
+    params: Sequence[Sequence[torch.Tensor]],
+    recorders: Sequence[FaultRecorder],
+    blend: bool,
+) -> torch.Tensor:
+    """The layer's output through one :class:`GuardedBlend` node (eager only).
+
+    ``chunks`` as in :class:`_Graft`; ``host`` the host's output (chunks along ``dim``);
+    ``alpha`` ``[n]``, without grad (1 for a chunk that does not blend); ``guarded`` the chunks
+    whose output needs a gradient, with their kernels' ``params`` and fault ``recorders``;
+    ``blend`` False when no seed is GRAFTING.
+    """
+    chosen = [i for i, group in enumerate(params) if group]
+    island = None
+    if chosen:
+        island = _Island(
+            [chunks[guarded[i]] for i in chosen],
+            [params[i] for i in chosen],
+            [recorders[i] for i in chosen],
+        )
+    graft = _Graft(chunks, dim, passed, flags, island, [guarded[i] for i in chosen], blend)
+    last = dim == host.dim() - 1
+    moved = host if last else host.movedim(dim, -1)
+    if torch.is_grad_enabled():
+        out = GuardedBlend.apply(graft, moved, alpha, *(island.params if island else ()))
+    else:
+        out = _graft_values(graft, moved, alpha)[0]
+    return out if last else out.movedim(-1, dim)

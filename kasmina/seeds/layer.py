@@ -41,8 +41,10 @@ unchanged with alpha 1, as a DORMANT seed would; the other seeds of the layer ar
 See :mod:`kasmina.seeds.seed` for what counts as a fault and what happens after ``fault_limit``.
 The layer guards its seeds together: each seed's host half (a ``try`` and a metadata check), then
 once for the layer one finiteness reduction over the concatenated outputs, one update of the
-seeds' flags (views of one layer buffer), one ``where`` that puts the host's chunk in place of a
-non-finite one (whose alpha becomes 0), and one guarded backward node for all isolated seeds.
+seeds' flags (views of one layer buffer), the host's chunk in place of a non-finite one (whose
+alpha becomes 0), and one guarded backward node for all isolated seeds. In eager mode, when every
+running seed blends against the detached host (GRAFTING, STABILIZATION), all of that and the
+blend are one autograd node (``faults.GuardedBlend``); the other cases run it op by op.
 """
 
 from __future__ import annotations
@@ -57,7 +59,12 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT, contain_backward, finite_chunks
+from kasmina.seeds.faults import (
+    DEFAULT_FAULT_LIMIT,
+    contain_backward,
+    finite_chunks,
+    guarded_blend,
+)
 from kasmina.seeds.seed import (
     KD_STAGES,
     RUNS_KERNEL,
@@ -380,7 +387,7 @@ class KasminaLayer(nn.Module):
         # installs no guard on a SeedStage member that is also met through a module-level set
         # (RUNS_KERNEL), so a graph specialised on one could keep running a stale stage; an
         # int read is guarded by value, and each stage change recompiles.
-        seeds = list(self.seeds)
+        seeds = self._seed_list = tuple(self.seeds)  # indexing a ModuleList costs a frame
         self._plan = tuple(seed.stage for seed in seeds)
         self._stage_codes = tuple(int(stage) for stage in self._plan)
         self._runs_any = any(
@@ -401,7 +408,7 @@ class KasminaLayer(nn.Module):
             raise ValueError(problem or f"{self.layer_id}: output {tuple(x.shape)} does not fit")
         dim = self.chunk_dim % x.dim()
         chunks = x.split(self.chunk_size, dim=dim)
-        seeds = self._modules["seeds"]  # direct reads: ``self.seeds`` costs a __getattr__ frame
+        seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
         # The host half of every seed's guard (a ``try`` and a metadata check, no device read).
         # A seed that passes the host through, for its stage or after a fault, keeps the host's
         # own chunk in ``outs``: its value and its gradient, exactly as a DORMANT seed's.
@@ -418,7 +425,13 @@ class KasminaLayer(nn.Module):
                 outs[k], inputs[k] = called
         if not inputs:
             return x
-        if not torch.compiler.is_compiling():  # the guard node is eager only
+        stages = {plan[k] for k in inputs}
+        if not torch.compiler.is_compiling():  # the guard nodes are eager only
+            kd = self.kd_config is not None and teacher_logits is not None
+            if stages <= _BLENDING and not kd:
+                fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
+                if fused is not None:
+                    return fused
             self._contain_backward(outs, inputs, plan)
         # The device half, once for the layer: one finiteness reduction over every seed's
         # output as it is concatenated for the blend, one flag update, one ``where``.
@@ -430,7 +443,6 @@ class KasminaLayer(nn.Module):
         if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
             ok = ok.logical_or(self._passed_through(inputs, ok.device))
         self._buffers["_finite_flags"].logical_and_(ok)
-        stages = {plan[k] for k in inputs}
         if stages <= _BLENDING:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
             host_m = x.detach() if last else x.detach().movedim(dim, -1)
@@ -461,11 +473,54 @@ class KasminaLayer(nn.Module):
         moved = alpha_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
         return moved.movedim(-1, dim)
 
+    def _guarded_graft(
+        self,
+        x: torch.Tensor,
+        outs: list[torch.Tensor],
+        inputs: dict[int, torch.Tensor],
+        plan: tuple[SeedStage, ...],
+        dim: int,
+        stages: set[SeedStage],
+    ) -> torch.Tensor | None:
+        """The eager path of a layer whose running seeds all blend against the detached host:
+        device half, blend and backward guard in one node (``faults.guarded_blend``), the
+        same values and gradients as the path below. None where that path must run (a seed
+        without the backward guard, an alpha that needs a gradient)."""
+        seeds = self._seed_list
+        if not all(seeds[k].guard_backward for k in inputs):
+            return None
+        one = self._buffers["_one"]
+        grafting = SeedStage.GRAFTING in stages
+        alpha = one
+        if grafting:
+            alpha = torch.stack(
+                [
+                    seed.alpha if stage == SeedStage.GRAFTING and k in inputs else one
+                    for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True))
+                ]
+            )
+            if alpha.requires_grad:
+                return None
+        guarded = [k for k in inputs if outs[k].requires_grad]
+        passed = self._passed_through(inputs, x.device) if len(inputs) < self.num_seeds else None
+        return guarded_blend(
+            outs,
+            x,
+            alpha,
+            dim=dim,
+            passed=passed,
+            flags=self._buffers["_finite_flags"],
+            guarded=guarded,
+            params=[seeds[k]._trained_parameters() for k in guarded],
+            recorders=[seeds[k]._record_fault for k in guarded],
+            blend=grafting,
+        )
+
     def _contain_backward(
         self, outs: list[torch.Tensor], inputs: dict[int, torch.Tensor], plan: tuple[SeedStage, ...]
     ) -> None:
         """Put the isolated seeds' backward (every one of this call) in one guarded node."""
-        seeds = self._modules["seeds"]
+        seeds = self._seed_list
         guarded = [
             k
             for k in inputs
@@ -511,7 +566,7 @@ class KasminaLayer(nn.Module):
         oks = ok.unbind()
         pieces: list[torch.Tensor] = []
         alphas: list[torch.Tensor | None] = []
-        for k, (seed, stage) in enumerate(zip(self._modules["seeds"], plan, strict=True)):
+        for k, (seed, stage) in enumerate(zip(self._seed_list, plan, strict=True)):
             x_k, alpha = chunks[k], None
             if k not in inputs:
                 piece = x_k

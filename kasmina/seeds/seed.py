@@ -398,6 +398,7 @@ class GradientIsolatedSeed(nn.Module):
         if self.kernel is not None and self.stage in RUNS_KERNEL:
             raise ValueError(f"seed {self.seed_id}: cannot replace the kernel in {self.stage.name}")
         self.kernel = module.to(self.alpha.device)
+        self.__dict__.pop("_kernel_tree", None)
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))
         self.state_table.touch()
@@ -406,6 +407,7 @@ class GradientIsolatedSeed(nn.Module):
         """Remove and return the kernel; the seed passes the host through until a new one."""
         kernel = self.kernel
         self.kernel = None
+        self.__dict__.pop("_kernel_tree", None)  # hold nothing of a kernel that left
         self.probe_result = None
         self.state_table.touch()
         return kernel
@@ -414,25 +416,22 @@ class GradientIsolatedSeed(nn.Module):
         return [] if self.kernel is None else list(self.kernel.parameters())
 
     def _trained_parameters(self) -> list[torch.Tensor]:
-        """The kernel's parameters that require a gradient, read fresh on every call (the
-        backward guard's inputs) by a plain walk of the module tree: ``parameters()`` costs
-        several microseconds per module in generator bookkeeping, on every forward."""
+        """The kernel's parameters that require a gradient (the backward guard's inputs), on
+        every guarded forward. ``requires_grad`` and the parameter slots are read fresh; the
+        module tree is walked once per kernel object (an artifact's module tree is fixed when
+        it is attached): ``parameters()`` would cost several microseconds per module."""
         kernel = self._modules["kernel"]
-        found: list[torch.Tensor] = []
         if kernel is None:
-            return found
-        seen: set[int] = set()
-        stack = [kernel]
-        while stack:
-            module = stack.pop()
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            found.extend(
-                p for p in module._parameters.values() if p is not None and p.requires_grad
-            )
-            stack.extend(child for child in module._modules.values() if child is not None)
-        return found
+            return []
+        tree = self.__dict__.get("_kernel_tree")
+        if tree is None or tree[0] is not kernel:
+            tree = self.__dict__["_kernel_tree"] = (kernel, _module_tree(kernel))
+        return [
+            p
+            for module in tree[1]
+            for p in module._parameters.values()
+            if p is not None and p.requires_grad
+        ]
 
     # -- alpha, score --------------------------------------------------------------------
     @property
@@ -687,3 +686,18 @@ class GradientIsolatedSeed(nn.Module):
 
 
 __all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed", "cut_nonfinite_gradient"]
+
+
+def _module_tree(root: nn.Module) -> tuple[nn.Module, ...]:
+    """``root`` and every module below it, each once (a shared submodule is listed once)."""
+    seen: set[int] = set()
+    found: list[nn.Module] = []
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return tuple(found)

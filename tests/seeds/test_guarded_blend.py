@@ -1,0 +1,234 @@
+"""The one-node guarded graft (``faults.GuardedBlend``) against the unguarded layer path.
+
+A layer whose running seeds all blend against the detached host (GRAFTING, STABILIZATION)
+takes one autograd node for its guard's device half, the blend and the backward guard. It
+must give exactly what the layer gives with the guard's backward half switched off (the
+unfused path, ``guard_backward=False`` on every seed): output, host and kernel gradients,
+finite flags; and it must still contain the faults: a non-finite chunk falls back to the
+host, a kernel whose backward raises loses only its own gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.seeds.faults import all_finite, finite_chunks
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.stages import SeedStage
+
+S = SeedStage
+TO_GRAFTING = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING]
+TO_STABILIZATION = [*TO_GRAFTING, S.STABILIZATION]
+
+
+def _walk(seed: GradientIsolatedSeed, stage: SeedStage) -> None:
+    path = {S.DORMANT: [], S.GRAFTING: TO_GRAFTING, S.STABILIZATION: TO_STABILIZATION}[stage]
+    for step in path:
+        seed.transition_to(step)
+
+
+class _Poison(nn.Module):
+    """A Linear whose output has ``value`` written into it (NaN, inf or a huge finite)."""
+
+    def __init__(self, width: int, value: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y.index_fill(-1, torch.tensor([0]), self.value)
+
+
+class _ExplodingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        raise RuntimeError("kernel backward exploded")
+
+
+class _RaisesInBackward(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ExplodingBackward.apply(x * self.scale)
+
+
+def _layer(
+    stages: list[SeedStage],
+    host: nn.Module,
+    chunk: int,
+    chunk_dim: int = -1,
+    kernels: dict[int, nn.Module] | None = None,
+) -> KasminaLayer:
+    torch.manual_seed(0)
+    layer = KasminaLayer(host, len(stages), chunk, chunk_dim=chunk_dim)
+    for k, (seed, stage) in enumerate(zip(layer.seeds, stages, strict=True)):
+        if stage == S.DORMANT:
+            continue
+        kernel = (kernels or {}).get(k)
+        if kernel is None:
+            conv = chunk_dim == 1 and isinstance(host, nn.Conv2d)
+            kernel = nn.Conv2d(chunk, chunk, 1) if conv else nn.Linear(chunk, chunk)
+            kernel = nn.Sequential(kernel, nn.Tanh())
+        seed.attach_kernel(kernel)
+        _walk(seed, stage)
+    layer.update_alpha_blending(3, 10)
+    return layer
+
+
+def _unfused(layer: KasminaLayer) -> KasminaLayer:
+    twin = copy.deepcopy(layer)
+    for seed in twin.seeds:
+        seed.guard_backward = False  # the layer's other path: per-op, no backward guard
+    return twin
+
+
+def _nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes within two steps of ``out``."""
+    names, frontier = set(), [out.grad_fn]
+    for _ in range(3):
+        nodes = [node for node in frontier if node is not None]
+        names |= {type(node).__name__ for node in nodes}
+        frontier = [nxt for node in nodes for nxt, _ in node.next_functions]
+    return names
+
+
+def _run(layer: KasminaLayer, x: torch.Tensor, w: torch.Tensor):
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    (out * w).sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, layer._finite_flags.clone(), out
+
+
+CASES = {
+    "all grafting": ([S.GRAFTING] * 4, {}),
+    "grafting and stabilization": ([S.GRAFTING, S.STABILIZATION, S.GRAFTING, S.GRAFTING], {}),
+    "stabilization only": ([S.STABILIZATION] * 3, {}),
+    "a dormant seed passes the host": ([S.GRAFTING, S.DORMANT, S.GRAFTING], {}),
+    "a NaN output falls back": ([S.GRAFTING, S.GRAFTING, S.STABILIZATION], {1: float("nan")}),
+    "an inf output falls back": ([S.STABILIZATION, S.GRAFTING], {0: float("inf")}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shape", ["linear", "conv"])
+def test_the_one_node_path_gives_the_unfused_values_and_gradients(case: str, shape: str) -> None:
+    stages, poison = CASES[case]
+    n, chunk = len(stages), 3
+    if shape == "linear":
+        host, dim, x = nn.Linear(5, n * chunk), -1, torch.randn(2, 7, 5)
+    else:
+        host, dim, x = nn.Conv2d(2, n * chunk, 3, padding=1), 1, torch.randn(2, 2, 5, 4)
+    kernels = {k: _Poison(chunk, v) for k, v in poison.items()}
+    if shape == "conv":
+        kernels = {k: _ConvPoison(chunk, v) for k, v in poison.items()}
+    layer = _layer(stages, host, chunk, dim, kernels)
+    twin = _unfused(layer)
+    w = torch.randn(host(x).shape)
+    out, gx, grads, flags, raw = _run(layer, x, w)
+    assert "GuardedBlendBackward" in _nodes(raw)
+    want_out, want_gx, want_grads, want_flags, raw_twin = _run(twin, x, w)
+    assert "GuardedBlendBackward" not in _nodes(raw_twin)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=0)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
+    assert torch.equal(flags, want_flags)
+    assert flags.tolist() == [k not in poison for k in range(n)]
+
+
+class _ConvPoison(nn.Module):
+    def __init__(self, width: int, value: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 1)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).index_fill(1, torch.tensor([0]), self.value)
+
+
+def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -> None:
+    layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: _RaisesInBackward(2)})
+    healthy = copy.deepcopy(layer)
+    healthy.seed(1).detach_kernel()
+    x, w = torch.randn(5, 4), torch.randn(5, 6)
+    out = layer(x)
+    assert "GuardedBlendBackward" in _nodes(out)
+    (out * w).sum().backward()  # the host's backward completes
+    (healthy(x) * w).sum().backward()
+    assert [s.faults for s in layer.seeds] == [0, 1, 0]
+    assert layer.seed(1).fault_log[-1].startswith("backward raised RuntimeError")
+    assert layer.seed(1).kernel.scale.grad is None
+    for k in (0, 2):
+        for p, q in zip(
+            layer.seed(k).seed_parameters(), healthy.seed(k).seed_parameters(), strict=True
+        ):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert layer.host.weight.grad is None  # GRAFTING gives the host no gradient through a slot
+
+
+def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
+    layer = _layer([S.GRAFTING, S.GRAFTING], nn.Linear(3, 4), 2, kernels={1: _Poison(2, 3e38)})
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.grad_fn is None
+    assert layer._finite_flags.tolist() == [True, False]
+    want = _unfused(layer)(x).detach()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_test_is_one_sum_that_only_an_absurd_output_overflows(
+    dtype: torch.dtype,
+) -> None:
+    """Finite chunks pass, NaN and inf fail, and so does a chunk whose sum overflows (its mean
+    magnitude is above ``finfo.max / numel``); fp16/bf16 sum in fp32, so values an fp16 sum
+    would overflow on (65504) pass."""
+    big = torch.finfo(dtype).max / 2
+    chunks = torch.zeros(3, 5, 4, dtype=dtype)
+    chunks[:, 1] = 60000 if dtype == torch.float16 else 1e4  # sums past the fp16 range
+    chunks[0, 2, 0] = float("nan")
+    chunks[1, 3, 2] = float("-inf")
+    if dtype != torch.float16:  # fp16/bf16 sums run in fp32: only fp32/fp64 overflow here
+        chunks[:, 4] = big
+    got = finite_chunks(chunks).tolist()
+    overflow = dtype != torch.float16
+    assert got == [True, True, False, False, not overflow]
+    assert bool(all_finite(chunks[:, :2])) and not bool(all_finite(chunks))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_one_node_path_matches_in_every_dtype_and_backend(
+    dtype: torch.dtype, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both paths blend through the op's own forward and backward (the Triton kernels under
+    ``KASMINA_BACKEND=triton``, through the interpreter here): bit for bit the same."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    stages = [S.GRAFTING, S.STABILIZATION, S.GRAFTING]
+    layer = _layer(stages, nn.Linear(4, 6), 2, kernels={2: _Poison(2, float("nan"))}).to(dtype)
+    twin = _unfused(layer)
+    x, w = torch.randn(3, 5, 4, dtype=dtype), torch.randn(3, 5, 6, dtype=dtype)
+    out, gx, grads, flags, raw = _run(layer, x, w)
+    assert "GuardedBlendBackward" in _nodes(raw)
+    want_out, want_gx, want_grads, want_flags, _ = _run(twin, x, w)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
+    assert flags.tolist() == want_flags.tolist() == [True, True, False]
