@@ -8,7 +8,11 @@
   the seed only ever sees ``x.detach()``. Non-finite output falls back to the host output on the
   device and is noticed at the step boundary, without a host sync in the forward.
 - ``layer`` -- ``KasminaLayer``: wraps one host module and applies all of its seeds in one pass
-  with a per-chunk alpha (one fused ``alpha_blend``).
+  with a per-chunk alpha (one fused ``alpha_blend``); ``outputs`` picks the tensor of a host's
+  output (tuple, dataclass, ...) that the seeds apply to and puts it back.
+- ``faults`` -- what a seed's fault is and the guards that contain it: the host half around a
+  kernel call, the device-side finite test, the guarded backward node, and the one-node
+  guarded blend of a layer's GRAFTING/STABILIZATION seeds.
 - ``inject`` -- ``attach``/``detach``: wrap the named modules of any ``nn.Module`` in slots (PEFT's
   injection by module name) and put the originals back.
 - ``table`` -- ``GPUStateTensor``: the ``[num_seeds, 10]`` int32 state table on the device, updated
@@ -16,6 +20,8 @@
   stages so the forward never waits for the device.
 - ``gates`` -- G1..G5 as plain functions over plain measurements, so they can be evaluated and
   tested anywhere.
+- ``extra_state`` -- a seed's bookkeeping as a tensor in any ``state_dict``, read and checked
+  in full before a restore changes anything.
 
 Imports ``kasmina.kd``, ``kasmina.ops``, ``kasmina.utils`` and the root vocabulary; never the other
 middle packages (isolation, urza, control) nor the manager, which composes them.

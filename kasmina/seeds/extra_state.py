@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["EXTRA_STATE_VERSION", "decode_extra_state", "encode_extra_state"]
+from kasmina.seeds.table import parse_stage
+from kasmina.stages import SeedStage, StateColumn
+
+__all__ = [
+    "EXTRA_STATE_VERSION",
+    "SavedSeedState",
+    "decode_extra_state",
+    "encode_extra_state",
+    "parse_seed_state",
+]
 
 # Version of the encoded extra state; decode_extra_state refuses any other.
 EXTRA_STATE_VERSION = 1
@@ -44,3 +54,45 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
         raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
     return state
+
+
+@dataclass(frozen=True)
+class SavedSeedState:
+    """A seed's saved bookkeeping, every value read and checked (nothing applied yet)."""
+
+    alpha: float
+    gate_score: float
+    performance_gate: float
+    isolation_violations: int
+    nonfinite_events: int
+    faults: int
+    fault_log: tuple[str, ...]
+    row: tuple[float, ...]
+    stage: SeedStage
+
+
+def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> SavedSeedState:
+    """What a seed's ``get_extra_state`` saved, read and checked before anything is restored
+    (``ValueError`` names the bad field): a malformed state changes nothing."""
+    state = decode_extra_state(value)
+    faults = int(state.get("faults", 0))  # absent from states saved before fault counting
+    if faults < 0:
+        raise ValueError(f"seed {seed_id}: faults must be >= 0, got {faults}")
+    saved_log = state.get("fault_log", ())
+    if not isinstance(saved_log, list | tuple):
+        raise ValueError(f"seed {seed_id}: fault_log must be a list, got {saved_log!r}")
+    row = state["row"]
+    if not isinstance(row, list | tuple) or len(row) != len(StateColumn):
+        raise ValueError(f"seed {seed_id}: a state row has {len(StateColumn)} columns")
+    stage = parse_stage(int(row[StateColumn.LIFECYCLE_STAGE]))
+    return SavedSeedState(
+        alpha=float(state["alpha"]),
+        gate_score=float(state["gate_score"]),
+        performance_gate=float(state["performance_gate"]),
+        isolation_violations=int(state["isolation_violations"]),
+        nonfinite_events=int(state["nonfinite_events"]),
+        faults=faults,
+        fault_log=tuple(str(reason) for reason in saved_log),
+        row=tuple(row),
+        stage=stage,
+    )

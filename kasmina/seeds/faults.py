@@ -30,9 +30,13 @@ __all__ = [
     "FaultRecorder",
     "GuardedBlend",
     "all_finite",
+    "call_kernel",
     "contain_backward",
+    "cut_nonfinite_gradient",
     "finite_chunks",
     "guarded_blend",
+    "kernel_modules",
+    "log_fault",
     "output_fault",
     "short_reason",
 ]
@@ -94,6 +98,22 @@ def _finite(sums: torch.Tensor) -> torch.Tensor:
     return sums.mul(0).eq(0)
 
 
+def kernel_modules(root: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """``root`` and every module below it, each once (a shared submodule is listed once): the
+    tree whose parameters the backward guard hands to the engine."""
+    seen: set[int] = set()
+    found: list[torch.nn.Module] = []
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return tuple(found)
+
+
 def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
     """``(kind, reason)`` when ``out`` cannot stand in for ``host``, else None.
 
@@ -109,6 +129,54 @@ def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
     if out.device != host.device:
         return "device", f"output on {out.device} but host on {host.device}"
     return None
+
+
+def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
+    """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
+    gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
+    stays finite."""
+    if xin.requires_grad:
+        xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+
+
+def call_kernel(
+    kernel: torch.nn.Module, x: torch.Tensor, active: bool, record: FaultRecorder
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
+    fault found on the host (given to ``record``). Nothing here reads the device.
+
+    Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
+    into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
+    non-finite output would send upstream.
+    """
+    xin = x.view_as(x) if active else x.detach()
+    try:
+        out = kernel(xin)
+    except Exception as exc:  # the kernel's own failure: contained, never the host's
+        record("exception", f"raised {type(exc).__name__}: {exc}")
+        return None
+    fault = output_fault(out, x)
+    if fault is not None:
+        record(*fault)
+        return None
+    return out, xin
+
+
+def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
+    """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at
+    WARNING, the rest at DEBUG, so a seed that faults on every step stays visible without
+    flooding the log."""
+    level = logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG
+    logger.log(
+        level,
+        "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
+        seed_id,
+        count,
+        limit,
+        stage,
+        kind,
+        reason,
+    )
 
 
 def _grad(

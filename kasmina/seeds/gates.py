@@ -13,6 +13,7 @@ compares a benefit Kasmina measured on validation data, never a number a command
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kasmina.stages import SeedStage
+
+logger = logging.getLogger(__name__)
 
 # G4 passes once alpha rounds to 1000/1000 in the state table (alpha is stored * 1000): a sigmoid
 # schedule never reaches 1.0 exactly, and leaving GRAFTING then changes the output by at most
@@ -301,6 +304,21 @@ class CompatibilityProbe:
             end.synchronize()
             return float(start.elapsed_time(end))
         return float("inf") if self.cpu_latency_ms is None else self.cpu_latency_ms
+
+    def cost_ratio(self, kernel: nn.Module, host_flops_per_element: float | None) -> float | None:
+        """The kernel's counted FLOPs per output element over the host layer's
+        (``host_flops_per_element``, counted the same way), on zeros of the probed shape; None
+        when the host's count is unknown or the counter cannot count this kernel (it ran in
+        the probe, so that is the counter's limitation: logged, cost unchecked)."""
+        if host_flops_per_element is None or not host_flops_per_element > 0:
+            return None
+        x = torch.zeros(self.host_shape, dtype=self.host_dtype, device=self.output.device)
+        try:
+            flops = count_flops(kernel, x)
+        except Exception as exc:
+            logger.warning("FLOPs not counted (%s); cost unchecked", exc)
+            return None
+        return flops / max(1, self.output.numel()) / host_flops_per_element
 
     def gate(
         self,

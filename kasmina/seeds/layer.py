@@ -49,7 +49,6 @@ blend are one autograd node (``faults.GuardedBlend``); the other cases run it op
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -62,15 +61,12 @@ from kasmina.ops import alpha_blend
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     contain_backward,
+    cut_nonfinite_gradient,
     finite_chunks,
     guarded_blend,
 )
-from kasmina.seeds.seed import (
-    KD_STAGES,
-    RUNS_KERNEL,
-    GradientIsolatedSeed,
-    cut_nonfinite_gradient,
-)
+from kasmina.seeds.outputs import output_element, replace_output_element
+from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 
@@ -355,31 +351,10 @@ class KasminaLayer(nn.Module):
         )
 
     def _element(self, out: Any) -> Any:
-        """The tensor the seeds apply to (anything else when the output has none there)."""
-        if isinstance(out, torch.Tensor):
-            return out if self.output_index == 0 else None
-        if isinstance(out, tuple | list):
-            return out[self.output_index] if -len(out) <= self.output_index < len(out) else None
-        if dataclasses.is_dataclass(out) and not isinstance(out, type):
-            names = _present_fields(out)
-            if -len(names) <= self.output_index < len(names):
-                return getattr(out, names[self.output_index])
-            return None
-        return out
+        return output_element(out, self.output_index)
 
     def _replace(self, out: Any, new: torch.Tensor) -> Any:
-        """``out`` with the chosen element replaced by ``new``; the rest is passed through."""
-        if isinstance(out, torch.Tensor):
-            return new
-        i = self.output_index
-        if isinstance(out, list):
-            return [new if j == i % len(out) else item for j, item in enumerate(out)]
-        if isinstance(out, tuple):
-            items = tuple(new if j == i % len(out) else item for j, item in enumerate(out))
-            return type(out)(*items) if hasattr(out, "_fields") else items  # namedtuples
-        if dataclasses.is_dataclass(out) and not isinstance(out, type):
-            return dataclasses.replace(out, **{_present_fields(out)[i]: new})  # type: ignore[type-var]
-        return new
+        return replace_output_element(out, self.output_index, new)
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""
@@ -620,8 +595,3 @@ class KasminaLayer(nn.Module):
             f"layer_id={self.layer_id!r}, chunk_size={self.chunk_size}, "
             f"chunk_dim={self.chunk_dim}, stages=[{stages}]"
         )
-
-
-def _present_fields(out: Any) -> list[str]:
-    """A dataclass output's fields that hold a value, in order: what ``ModelOutput`` indexes."""
-    return [f.name for f in dataclasses.fields(out) if getattr(out, f.name) is not None]

@@ -1,43 +1,23 @@
 """A seed: a small trainable module grafted into a host in gradient isolation.
 
-See docs/design.md §3 (stages) and §4 (isolation).
+See docs/design.md §3 (stages), §4 (isolation) and §6a (faults).
 
 The seed's stage lives in a :class:`~kasmina.seeds.table.GPUStateTensor` (its own one-row table,
 or a slot of a table shared by many seeds); the forward reads the table's host mirror, so it
 never waits for the device. Until a seed is ACTIVE it only ever sees ``x.detach()``.
 
 Fault containment: the host's training step never depends on a seed behaving. Every call into
-the kernel on the host's path (``forward``, a ``KasminaLayer``'s forward, ``probe``) is guarded,
-and a fault makes the seed stand aside for that call:
-
-- the kernel raises an ``Exception``, or returns something that is not a Tensor of the host
-  chunk's shape, dtype and device: known on the host at once, so the call returns the host
-  activations themselves, exactly as a DORMANT seed would (value and gradient);
-- the output is non-finite: deciding that on the host would cost a sync per forward, so the
-  output is replaced by the host's on the device (``torch.where``) and a device flag remembers
-  it. :meth:`GradientIsolatedSeed.poll_nonfinite` reads the flag at a step boundary (the manager
-  does, once per step) and records the fault then.
-
-Each fault is counted (``faults``), kept in a short ``fault_log``, sent as a ``seed.fault``
-telemetry event and logged (the first at WARNING, later ones at DEBUG, so a seed that faults on
-every step cannot flood the log). At ``fault_limit`` faults the seed goes to QUARANTINE; an
-ACTIVE seed cannot (docs/design.md §3), so it keeps falling back and counting. One fault is not
-enough to give up on a seed: a kernel can fail on one odd batch and be fine afterwards.
-
-Before ACTIVE a kernel's backward runs inside a guarded autograd node (``ContainedBackward``,
-one per layer for all its isolated seeds): a backward that raises is one fault (kind
-``backward``) and costs the seed that step's gradient, never the host's backward. Not contained
-(docs/design.md §6a has the full list): a backward that raises in an ACTIVE seed or under
-``torch.compile``, and a kernel that writes into the activations it was given.
-
-In a ``KasminaLayer`` the device half (finite test, flag, ``where``) runs once for all the
-layer's seeds (:mod:`kasmina.seeds.layer`); a stand-alone seed does its own.
-
-Under ``torch.compile`` the guard is traced like the rest of the forward, so a healthy seed
-costs no graph break (``fullgraph=True`` works). A fault found while tracing (a Python
-``raise``, a wrong output) reaches the fault bookkeeping through a graph break; a kernel whose
-tensor ops fail inside the tracer itself is a compile error that no code in the traced frame can
-catch.
+the kernel on the host's path (``forward``, a ``KasminaLayer``'s forward, ``probe``) is guarded
+(:mod:`kasmina.seeds.faults`), and a fault makes the seed stand aside for that call: a kernel
+that raises or returns the wrong thing gives the host activations back at once (value and
+gradient, as a DORMANT seed); a non-finite output is replaced by the host's on the device and
+remembered in a device flag, which :meth:`GradientIsolatedSeed.poll_nonfinite` reads at a step
+boundary; before ACTIVE a backward that raises costs the seed that step's gradient. Each fault
+is counted, kept in a short ``fault_log``, reported and logged at a bounded rate; at
+``fault_limit`` faults the seed goes to QUARANTINE (an ACTIVE seed cannot, so it keeps falling
+back and counting). A stand-alone seed guards itself; a ``KasminaLayer`` guards its seeds
+together. Under ``torch.compile`` the guard is traced with the forward (no graph break while the
+seed is healthy); a fault found while tracing reaches the bookkeeping through a graph break.
 """
 
 from __future__ import annotations
@@ -55,13 +35,16 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
+from kasmina.seeds.extra_state import encode_extra_state, parse_seed_state
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
-    FAULT_WARN_EVERY,
     all_finite,
+    call_kernel,
     contain_backward,
+    cut_nonfinite_gradient,
+    kernel_modules,
+    log_fault,
     output_fault,
     short_reason,
 )
@@ -70,7 +53,6 @@ from kasmina.seeds.gates import (
     GateResult,
     ProbeOutputError,
     SeedEvaluation,
-    count_flops,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
     gate_g3_compatibility,
@@ -86,7 +68,6 @@ from kasmina.stages import (
     NEXT_STAGE,
     TRAINING_STAGES,
     SeedStage,
-    StateColumn,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,14 +77,6 @@ RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 # Stages in which a KD loss trains the seed alone. Once ACTIVE the seed is part of the host,
 # whose objective belongs to the trainer, so no seed-only KD loss is produced.
 KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
-
-
-def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
-    """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
-    gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
-    stays finite."""
-    if xin.requires_grad:
-        xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
 
 
 class GradientIsolatedSeed(nn.Module):
@@ -141,16 +114,14 @@ class GradientIsolatedSeed(nn.Module):
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        # True while every output since the last poll was finite. An AND keeps it in one
-        # in-place op per forward, and it stays on the device (reading it is the poll's sync).
-        # In a KasminaLayer it is a view of the layer's flags, which its guard updates at once.
+        # True while every output since the last poll was finite (ANDed in place, on the
+        # device); in a KasminaLayer, a view of the layer's flags.
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.isolation_violations = 0
         self.nonfinite_events = 0
         self.fault_limit = fault_limit
-        # Run the kernel's backward in the guarded node before ACTIVE (ContainedBackward).
-        # It costs one autograd node and one autograd.grad call per seed per backward (measured
-        # in perf/bench_faults.py); a trainer that trusts its kernels may switch it off.
+        # Run the kernel's backward in a guarded node before ACTIVE (perf/bench_faults.py has
+        # its cost); a trainer that trusts its kernels may switch it off.
         self.guard_backward = True
         self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
@@ -192,15 +163,12 @@ class GradientIsolatedSeed(nn.Module):
     ) -> GateResult:
         """The gate guarding ``stage -> target`` (default: the next main-path stage).
 
-        ``sample`` (host activations) runs a fresh compatibility probe for G3. G3's cost is the
-        kernel's counted FLOPs per output element over ``host_flops_per_element`` (the host
-        layer's, counted the same way; None: unknown, cost unchecked), at most
-        ``max_cost_ratio``; ``latency_budget_ms`` is advisory only (a warning), because a timing
-        depends on the machine's load. G5 compares ``self.evaluation`` (see
-        ``record_evaluation``) with ``performance_gate`` and, when a metric was measured,
-        refuses a seed that costs more than ``max_metric_drop`` of it. A transition that no
-        gate guards passes with ``gate == 0``; its legality is the table's business.
-        """
+        ``sample`` (host activations) runs a fresh probe for G3, whose cost is the kernel's
+        counted FLOPs per output element over ``host_flops_per_element`` (None: unchecked), at
+        most ``max_cost_ratio``; ``latency_budget_ms`` only warns (timings depend on load).
+        G5 compares ``self.evaluation`` with ``performance_gate`` and refuses a seed that
+        costs more than ``max_metric_drop`` of a measured metric. A transition no gate guards
+        passes with ``gate == 0``; its legality is the table's business."""
         stage = self.stage
         target = NEXT_STAGE.get(stage) if target is None else parse_stage(target)
         gate = GATE_FOR_TRANSITION.get((stage, target)) if target is not None else None
@@ -237,24 +205,14 @@ class GradientIsolatedSeed(nn.Module):
         probe = self.probe_result
         if probe is None or self.kernel is None:
             return gate_g3_compatibility(None, (), torch.float32)
-        ratio = None
-        if host_flops_per_element is not None and host_flops_per_element > 0:
-            x = torch.zeros(probe.host_shape, dtype=probe.host_dtype, device=probe.output.device)
-            try:
-                flops = count_flops(self.kernel, x)
-            except Exception as exc:  # ran in the probe, so this is the counter's limitation
-                logger.warning("seed %s: FLOPs not counted (%s); cost unchecked", self.seed_id, exc)
-            else:
-                per_element = flops / max(1, probe.output.numel())
-                ratio = per_element / host_flops_per_element
+        ratio = probe.cost_ratio(self.kernel, host_flops_per_element)
         result = probe.gate(ratio, max_cost_ratio, latency_budget_ms)
         if result.passed and not probe.latency_ms <= latency_budget_ms:
             logger.warning("seed %s: G3 %s", self.seed_id, result.reason)
         return result
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
-        """Keep Kasmina's measurement of this seed (G5's evidence); the table's GATE_SCORE
-        column becomes its score."""
+        """Keep Kasmina's measurement of this seed (G5's evidence, and its GATE_SCORE)."""
         if evaluation.seed_id != self.seed_id:
             raise ValueError(f"evaluation of {evaluation.seed_id!r} given to {self.seed_id!r}")
         self.evaluation = evaluation
@@ -292,12 +250,9 @@ class GradientIsolatedSeed(nn.Module):
         return True
 
     def poll_nonfinite(self) -> bool:
-        """Read the device flag set by non-finite forwards (one sync); a set flag is one fault.
-
-        Returns whether any forward since the last poll fell back to the host output. However
-        many forwards fell back since the last poll, it counts once (in ``nonfinite_events`` and
-        ``faults``): the flag is one bit so that setting it never waits for the device.
-        """
+        """Read the device flag set by non-finite forwards (one sync): whether any forward
+        since the last poll fell back to the host output. However many did, that is one fault
+        (and one ``nonfinite_events``): the flag is one bit, so setting it never waits."""
         if bool(self.finite_flag):
             return False
         self.finite_flag.fill_(True)
@@ -331,18 +286,7 @@ class GradientIsolatedSeed(nn.Module):
         self.state_table.report(
             "seed.fault", {"seed_id": self.seed_id, "kind": kind, "stage": stage.name}
         )
-        first = self.faults == 1
-        level = logging.WARNING if first or self.faults % FAULT_WARN_EVERY == 0 else logging.DEBUG
-        logger.log(
-            level,
-            "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
-            self.seed_id,
-            self.faults,
-            self.fault_limit,
-            stage.name,
-            kind,
-            reason,
-        )
+        log_fault(self.seed_id, self.faults, self.fault_limit, stage.name, kind, reason)
         if self.faults < self.fault_limit:
             return
         if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
@@ -425,7 +369,7 @@ class GradientIsolatedSeed(nn.Module):
             return []
         tree = self.__dict__.get("_kernel_tree")
         if tree is None or tree[0] is not kernel:
-            tree = self.__dict__["_kernel_tree"] = (kernel, _module_tree(kernel))
+            tree = self.__dict__["_kernel_tree"] = (kernel, kernel_modules(kernel))
         return [
             p
             for module in tree[1]
@@ -506,32 +450,27 @@ class GradientIsolatedSeed(nn.Module):
         return torch.where(ok, s, x)  # ACTIVE: fossilized, end-to-end gradient
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
-        """The COMPATIBILITY_CHECK probe of a host forward, skipped while ``torch.compile``
-        traces one: it times the kernel on the host clock, which is host work a graph cannot
-        hold (a graph break). The output is the host's either way; G3 then probes random
-        activations of the slot's recorded chunk (``evaluate_gate(sample=...)``)."""
+        """The COMPATIBILITY_CHECK probe of a host forward, skipped under ``torch.compile`` (it
+        times the kernel on the host clock; G3 then probes ``evaluate_gate(sample=...)``)."""
         if not torch.compiler.is_compiling():
             self.probe(x)
 
     def probe(self, x: torch.Tensor) -> CompatibilityProbe | None:
         """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
 
-        Guarded like the forward, because the probe runs inside the host's forward: a kernel
-        that raises or returns a non-Tensor is a fault and leaves no probe (G3 then refuses); a
-        wrong shape, dtype or device is a fault too, but the probe is kept so that G3 names the
-        mismatch; a non-finite output sets the device flag for ``poll_nonfinite``.
-        """
+        Guarded like the forward (it runs inside the host's): a raise or a non-Tensor is a
+        fault and leaves no probe; a wrong shape, dtype or device is a fault that keeps the
+        probe, so G3 names the mismatch; a non-finite output sets the flag."""
         if self.kernel is None:
             return None
         try:
             result = run_probe(self.kernel, x)
-        except ProbeOutputError as exc:
-            self.probe_result = None
-            self._record_fault("type", str(exc))
-            return None
         except Exception as exc:  # the kernel's own failure: contained, never the host's
             self.probe_result = None
-            self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
+            if isinstance(exc, ProbeOutputError):
+                self._record_fault("type", str(exc))
+            else:
+                self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
             return None
         self.probe_result = result
         fault = output_fault(result.output, x)
@@ -544,12 +483,9 @@ class GradientIsolatedSeed(nn.Module):
     def _run_kernel(
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(seed_out, finite)``, or None after a fault found on the host (the caller then
-        passes ``x`` through). ``finite`` stays on the device: reading it would be a sync.
-
-        The stand-alone seed's guard; a KasminaLayer runs the same host half
-        (:meth:`_call_kernel`) and does the device half once for all its seeds.
-        """
+        """``(seed_out, finite)`` (``finite`` stays on the device), or None after a fault found
+        on the host. The stand-alone seed's guard; a KasminaLayer runs the same host half
+        (:meth:`_call_kernel`) and does the device half once for all its seeds."""
         called = self._call_kernel(x, stage)
         if called is None:
             return None
@@ -561,23 +497,10 @@ class GradientIsolatedSeed(nn.Module):
     def _call_kernel(
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The host half of the guard: ``(seed_out, kernel_input)``, or None after a fault
-        found on the host (recorded). Nothing here reads the device."""
+        """The host half of the guard (:func:`~kasmina.seeds.faults.call_kernel`)."""
         kernel = self._modules["kernel"]
         assert kernel is not None
-        # A fossilized seed backpropagates into the host: if its output is non-finite, the
-        # gradient it sends upstream (0 * nan) is cut by a hook on this alias of ``x``.
-        xin = x.view_as(x) if stage == SeedStage.ACTIVE else x.detach()
-        try:
-            s = kernel(xin)
-        except Exception as exc:  # the kernel's own failure: contained, never the host's
-            self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
-            return None
-        fault = output_fault(s, x)
-        if fault is not None:
-            self._record_fault(*fault)
-            return None
-        return s, xin
+        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
@@ -637,40 +560,23 @@ class GradientIsolatedSeed(nn.Module):
         that came back ACTIVE with nothing to run would silently compute the host alone. That
         raises ``ValueError`` naming ``kasmina.load``, which ships the program too.
         """
-        state = decode_extra_state(state)
-        # Every value is read before anything is written: a malformed state changes nothing.
-        alpha = float(state["alpha"])
-        gate_score = float(state["gate_score"])
-        performance_gate = float(state["performance_gate"])
-        violations = int(state["isolation_violations"])
-        nonfinite = int(state["nonfinite_events"])
-        faults = int(state.get("faults", 0))  # absent from states saved before fault counting
-        if faults < 0:
-            raise ValueError(f"seed {self.seed_id}: faults must be >= 0, got {faults}")
-        saved_log = state.get("fault_log", ())
-        if not isinstance(saved_log, list | tuple):
-            raise ValueError(f"seed {self.seed_id}: fault_log must be a list, got {saved_log!r}")
-        fault_log = [str(reason) for reason in saved_log]
-        row = state["row"]
-        if not isinstance(row, list | tuple) or len(row) != len(StateColumn):
-            raise ValueError(f"seed {self.seed_id}: a state row has {len(StateColumn)} columns")
-        saved_stage = parse_stage(int(row[StateColumn.LIFECYCLE_STAGE]))
-        if self.kernel is None and saved_stage in RUNS_KERNEL:
+        saved = parse_seed_state(state, self.seed_id)  # read and checked: nothing changed yet
+        if self.kernel is None and saved.stage in RUNS_KERNEL:
             raise ValueError(
-                f"seed {self.seed_id}: the state was saved in {saved_stage.name} with a kernel, "
+                f"seed {self.seed_id}: the state was saved in {saved.stage.name} with a kernel, "
                 "and this seed has none; a state_dict holds a kernel's weights but not its "
                 "verified program. Restore a grown model with kasmina.save / kasmina.load "
                 "(or germinate the seed before loading its state)"
             )
-        self.state_table.restore_row(self.state_index, row)
-        self._alpha_value = alpha
-        self._gate_score = gate_score
-        self._performance_gate = performance_gate
-        self.isolation_violations = violations
-        self.nonfinite_events = nonfinite
-        self.faults = faults
+        self.state_table.restore_row(self.state_index, list(saved.row))
+        self._alpha_value = saved.alpha
+        self._gate_score = saved.gate_score
+        self._performance_gate = saved.performance_gate
+        self.isolation_violations = saved.isolation_violations
+        self.nonfinite_events = saved.nonfinite_events
+        self.faults = saved.faults
         self.fault_log.clear()
-        self.fault_log.extend(fault_log)
+        self.fault_log.extend(saved.fault_log)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
         # The (possibly shared) state table follows the seed's device moves.
@@ -681,23 +587,13 @@ class GradientIsolatedSeed(nn.Module):
             self.state_table.to(moved.device)
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_kernel_tree", None)  # a cache of the kernel's modules, rebuilt on use
+        return state
+
     def extra_repr(self) -> str:
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed", "cut_nonfinite_gradient"]
-
-
-def _module_tree(root: nn.Module) -> tuple[nn.Module, ...]:
-    """``root`` and every module below it, each once (a shared submodule is listed once)."""
-    seen: set[int] = set()
-    found: list[nn.Module] = []
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        found.append(module)
-        stack.extend(child for child in module._modules.values() if child is not None)
-    return tuple(found)
+__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed"]

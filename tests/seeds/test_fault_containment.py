@@ -552,7 +552,10 @@ def test_logging_is_bounded_and_nothing_is_printed(
 ) -> None:
     seed = make_seed(Raises(C), S.GRAFTING, fault_limit=3)
     h = torch.randn(BATCH, C)
-    with caplog.at_level(logging.DEBUG, logger="kasmina.seeds.seed"):
+    with (
+        caplog.at_level(logging.DEBUG, logger="kasmina.seeds.seed"),
+        caplog.at_level(logging.DEBUG, logger="kasmina.seeds.faults"),
+    ):
         for _ in range(3):
             seed(h)
     faults = [r for r in caplog.records if "the host output stands in" in r.getMessage()]
