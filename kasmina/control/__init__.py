@@ -14,9 +14,14 @@
 - ``handler`` -- ``LeylineAdaptationHandler``: parse -> signature -> freshness -> nonce ->
   validation -> execute. Any failure is ``False`` with a reason counter and a telemetry event;
   no exception escapes, whatever the bytes; rejections are logged at a bounded rate.
-- ``distributed`` -- multi-rank runs: commands verified on the rank that receives them and
-  applied on every rank or none at the epoch sync, replicas checksummed and a divergent rank
-  repaired from the majority.
+- ``distributed`` -- multi-rank runs: ``DistributedCoordinator`` verifies a command on the rank
+  that receives it and applies it on every rank or none at the epoch sync, then checksums the
+  replicas and repairs a divergent rank from the majority.
+- ``relay`` -- what crosses between ranks at that sync and how a rank judges it: the handler's
+  and applier's protocols (``RelayHandler``, ``CommandApplier``), the byte framing of relayed
+  commands, the per-rank verdict and the one refusal reason.
+- ``replica`` -- what ranks compare and repair: the ``ReplicaState`` protocol, bitwise CRC-32
+  checksums (``state_checksum``, ``nested_checksum``) and ``TensorReplica``.
 - ``processes`` -- what the coordinator stands on: the parallel wrappers Kasmina refuses (FSDP,
   tensor parallelism, ``DataParallel``), rank/device helpers, ``spawn`` and ``init_from_env``.
 

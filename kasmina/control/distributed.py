@@ -25,9 +25,13 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    ``on_divergence`` (typically: quarantine its seeds). Every repair is logged and counted
    (``stats["repairs"]``, the ``distributed.repair`` event).
 
-What is replicated, and how it is applied, checksummed, exported and loaded, is given by two
-small protocols (``CommandApplier``, ``ReplicaState``) so this module imports nothing above
-``control``; the kernel manager's implementations are in ``kasmina.manager.ddp``.
+This module holds the coordinator that carries out the three rules, the majority rule and the
+repair, and what a sync returns (``EpochSyncResult``). How commands cross between ranks and how
+each rank judges them (``RelayHandler``, ``CommandApplier``, the framing, the per-rank verdict)
+is in ``kasmina.control.relay``; what is replicated, and how it is checksummed, exported and
+loaded (``ReplicaState``, ``TensorReplica``), in ``kasmina.control.replica``. Both are given as
+small protocols, so this package imports nothing above ``control``; the kernel manager's
+implementations are in ``kasmina.manager.ddp``.
 
 Without an initialised process group the coordinator runs as a single rank with no collectives,
 so the same training loop works in one process and under ``torchrun``.
@@ -35,23 +39,38 @@ so the same training loop works in one process and under ``torchrun``.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from kasmina.control.commands import CommandExecutor, KasminaCommand
+from kasmina.control.commands import KasminaCommand
 from kasmina.control.processes import collective_device, global_rank
-from kasmina.leyline import AdaptationCommand, MetricType
+from kasmina.control.relay import (
+    DUPLICATE,
+    READY,
+    UNPREPARED,
+    UNVERIFIED,
+    CommandApplier,
+    CommandResult,
+    ExecutorApplier,
+    Received,
+    Relayed,
+    RelayHandler,
+    frame,
+    refusal,
+    relayed_command_id,
+    unframe,
+)
+from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica
+from kasmina.leyline import MetricType
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -59,79 +78,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CommandApplier",
-    "CommandResult",
     "DistributedCoordinator",
     "EpochSyncResult",
-    "ExecutorApplier",
-    "RelayHandler",
-    "ReplicaState",
-    "TensorReplica",
-    "nested_checksum",
-    "state_checksum",
 ]
-
-# One relayed command on the wire: receive time (float64 seconds), length, then the raw bytes.
-_ENTRY = struct.Struct("<dQ")
-_LEN = struct.Struct("<Q")
-
-# What one rank says about one relayed command (all-gathered; a command runs only if all READY).
-READY, UNVERIFIED, UNPREPARED, DUPLICATE = 0, 1, 2, 3
-_REFUSAL = {
-    UNVERIFIED: "could not verify it",
-    UNPREPARED: "could not prepare it",
-    DUPLICATE: "it duplicates an earlier command of the same sync",
-}
-
-
-class RelayHandler(Protocol):
-    """The one door, split in its halves (``LeylineAdaptationHandler`` satisfies it)."""
-
-    def accept(self, raw: bytes) -> KasminaCommand | None: ...
-
-    def accept_relayed(self, raw: bytes, received_at: float) -> KasminaCommand | None: ...
-
-    def complete(self, command: KasminaCommand, success: bool) -> None: ...
-
-
-class CommandApplier(Protocol):
-    """How one rank readies and applies commands the ranks agreed on.
-
-    ``prepare`` runs before the agreement: "" when this rank can apply the command, else why not
-    (it may block, bounded by the command's timeout: a GERMINATE's kernel fetch). ``apply``
-    carries out the agreed commands in order and returns ``(ok, reason)`` for each; ``refuse``
-    records a command this rank accepted that is applied nowhere. Both report the outcome to the
-    handler (``complete``).
-    """
-
-    def prepare(self, command: KasminaCommand) -> str: ...
-
-    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]: ...
-
-    def refuse(self, command: KasminaCommand, reason: str) -> None: ...
-
-
-class ReplicaState(Protocol):
-    """The state every rank must hold bit for bit: its checksum, and a copy to repair from."""
-
-    def checksum(self) -> int: ...
-
-    def export_state(self) -> bytes: ...
-
-    def import_state(self, payload: bytes) -> None: ...
-
-
-StateProvider = Callable[[], Mapping[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What became of one relayed command, the same list on every rank."""
-
-    command_id: str
-    origin: int  # the rank that received (and first verified) it
-    ok: bool  # applied on this rank
-    reason: str  # why not ("" when ok)
 
 
 @dataclass(frozen=True)
@@ -166,145 +115,6 @@ class EpochSyncResult:
     def unrepaired_ranks(self) -> tuple[int, ...]:
         """Divergent ranks that still disagree after the repair (handed to ``on_divergence``)."""
         return tuple(r for r in self.divergent_ranks if r not in self.repaired_ranks)
-
-
-def state_checksum(state: Mapping[str, torch.Tensor]) -> int:
-    """CRC-32 over names, dtypes, shapes and raw bytes of ``state`` in sorted name order.
-
-    Bitwise: two ranks agree only if every element is bit-identical, which is what lockstep
-    data parallelism promises.
-    """
-    crc = 0
-    for name in sorted(state):
-        crc = _crc_tensor(name, state[name], crc)
-    return crc
-
-
-def _crc_tensor(name: str, tensor: torch.Tensor, crc: int) -> int:
-    t = tensor.detach()
-    crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
-    flat = t.to("cpu").contiguous().reshape(-1)
-    if flat.numel():
-        crc = zlib.crc32(flat.view(torch.uint8).numpy().tobytes(), crc)
-    return crc
-
-
-def nested_checksum(value: Any, crc: int = 0) -> int:
-    """CRC-32 of a nest of mappings, sequences, tensors and plain values (a state dict, an
-    optimizer's state): keys in sorted order, tensors by their bytes, the rest by ``repr``."""
-    if isinstance(value, torch.Tensor):
-        return _crc_tensor("", value, crc)
-    if isinstance(value, Mapping):
-        for key in sorted(value, key=repr):
-            crc = nested_checksum(value[key], zlib.crc32(f"k{key!r}".encode(), crc))
-        return zlib.crc32(b"}", crc)
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            crc = nested_checksum(item, zlib.crc32(b",", crc))
-        return zlib.crc32(b"]", crc)
-    return zlib.crc32(f"v{value!r}".encode(), crc)
-
-
-class TensorReplica:
-    """A ``ReplicaState`` over named tensors whose names, dtypes and shapes never change (a
-    state table, a fixed set of weights): repaired by copying the source's bytes in place.
-
-    The payload is a length-prefixed JSON header per tensor and its raw bytes, so a repair
-    unpickles nothing. ``after_import`` runs after a load (e.g. ``GPUStateTensor.resync``).
-    """
-
-    def __init__(
-        self, provider: StateProvider, *, after_import: Callable[[], object] | None = None
-    ) -> None:
-        self.provider = provider
-        self.after_import = after_import
-
-    def checksum(self) -> int:
-        return state_checksum(self.provider())
-
-    def export_state(self) -> bytes:
-        chunks: list[bytes] = []
-        state = self.provider()
-        for name in sorted(state):
-            t = state[name].detach().to("cpu").contiguous()
-            header = json.dumps({"name": name, "dtype": str(t.dtype), "shape": list(t.shape)})
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            for part in (header.encode(), data):
-                chunks += [_LEN.pack(len(part)), part]
-        return b"".join(chunks)
-
-    def import_state(self, payload: bytes) -> None:
-        state = self.provider()
-        parts = list(_length_prefixed(payload))
-        if len(parts) % 2:
-            raise ValueError("replica payload is truncated")
-        incoming: dict[str, tuple[dict[str, Any], bytes]] = {}
-        for header, data in zip(parts[::2], parts[1::2], strict=True):
-            meta = json.loads(header)
-            incoming[meta["name"]] = (meta, data)
-        if set(incoming) != set(state):
-            raise ValueError(f"replica payload names {sorted(incoming)}, expected {sorted(state)}")
-        for name, (meta, data) in incoming.items():
-            live = state[name]
-            if meta["dtype"] != str(live.dtype) or meta["shape"] != list(live.shape):
-                raise ValueError(f"replica payload {name} is {meta}, expected {live.dtype}")
-            if len(data) != live.numel() * live.element_size():
-                raise ValueError(f"replica payload {name} holds {len(data)} bytes")
-        with torch.no_grad():
-            for name, (_, data) in incoming.items():
-                live = state[name]
-                if not data:
-                    continue
-                src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                live.copy_(src.view(live.dtype).reshape(live.shape).to(live.device))
-        if self.after_import is not None:
-            self.after_import()
-
-
-class ExecutorApplier:
-    """A ``CommandApplier`` over a synchronous ``CommandExecutor`` (the handler's own): every
-    command is ready at once and executed in turn. For stand-ins and simple executors; the
-    kernel manager has its own (``kasmina.manager.ddp``)."""
-
-    def __init__(self, handler: RelayHandler, executor: CommandExecutor) -> None:
-        self.handler = handler
-        self.executor = executor
-
-    def prepare(self, command: KasminaCommand) -> str:
-        return ""
-
-    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
-        results = []
-        for command in commands:
-            try:
-                ok = bool(self.executor.execute(command))
-            except Exception as exc:
-                logger.exception("executor raised on command %s", command.command_id)
-                ok, reason = False, f"executor raised {type(exc).__name__}: {exc}"
-            else:
-                reason = "" if ok else "refused by the executor"
-            self.handler.complete(command, ok)
-            results.append((ok, reason))
-        return results
-
-    def refuse(self, command: KasminaCommand, reason: str) -> None:
-        self.handler.complete(command, False)
-
-
-@dataclass
-class _Received:
-    """A command this rank accepted, waiting for the next sync."""
-
-    raw: bytes
-    received_at: float
-    command: KasminaCommand
-
-
-@dataclass
-class _Relayed:
-    raw: bytes
-    received_at: float
-    origin: int
 
 
 class DistributedCoordinator:
@@ -354,7 +164,7 @@ class DistributedCoordinator:
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self._device = collective_device(group) if self.distributed else torch.device("cpu")
         self._lock = threading.Lock()
-        self._pending: list[_Received] = []
+        self._pending: list[Received] = []
         self.stats: Counter[str] = Counter()
         self.history: list[EpochSyncResult] = []
 
@@ -380,7 +190,7 @@ class DistributedCoordinator:
         with self._lock:
             full = len(self._pending) >= self.max_pending
             if not full:
-                self._pending.append(_Received(bytes(raw), received_at, command))
+                self._pending.append(Received(bytes(raw), received_at, command))
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.warning(
@@ -423,15 +233,15 @@ class DistributedCoordinator:
         self._report(result)
         return result
 
-    def _exchange(self, epoch: int, local: list[_Received]) -> list[_Relayed]:
+    def _exchange(self, epoch: int, local: list[Received]) -> list[Relayed]:
         """Every rank's received commands, in rank order then arrival order, on every rank.
 
         One small all-gather of (epoch, count, bytes) per rank; then nothing (no commands), a
         broadcast (one rank received some: the usual case), or an all-gather of padded frames.
         """
-        body = b"".join(_ENTRY.pack(e.received_at, len(e.raw)) + e.raw for e in local)
+        body = frame(local)
         if not self.distributed:
-            return [_Relayed(e.raw, e.received_at, 0) for e in local]
+            return [Relayed(e.raw, e.received_at, 0) for e in local]
         rows = self._all_gather([epoch, len(local), len(body)])
         if len({row[0] for row in rows}) > 1:
             self.stats["epoch_mismatch"] += 1
@@ -454,12 +264,12 @@ class DistributedCoordinator:
             bufs = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(bufs, mine, group=self.group)
             bodies = {r: _bytes(bufs[r])[: rows[r][2]] for r in senders}
-        relayed: list[_Relayed] = []
+        relayed: list[Relayed] = []
         for r in senders:
-            relayed += _unframe(bodies[r], rows[r][1], r)
+            relayed += unframe(bodies[r], rows[r][1], r)
         return relayed
 
-    def _apply(self, relayed: list[_Relayed], local: list[_Received]) -> tuple[CommandResult, ...]:
+    def _apply(self, relayed: list[Relayed], local: list[Received]) -> tuple[CommandResult, ...]:
         """Judge each relayed command here, agree with the other ranks, apply what all can."""
         mine = iter(local)
         by_bytes = {e.raw: e.command for e in local}
@@ -498,10 +308,12 @@ class DistributedCoordinator:
         for i, ((command, _), column) in enumerate(zip(judged, codes, strict=True)):
             if i in results:
                 continue
-            reason = _refusal(column)
+            reason = refusal(column)
             if command is not None:
                 self.applier.refuse(command, reason)
-            command_id = command.command_id if command is not None else _command_id(relayed[i].raw)
+            command_id = (
+                command.command_id if command is not None else relayed_command_id(relayed[i].raw)
+            )
             results[i] = CommandResult(command_id, relayed[i].origin, False, reason)
             self.stats["refused"] += 1
             if self.rank == 0:
@@ -648,18 +460,6 @@ def _is_replica(state: object) -> bool:
     )
 
 
-def _refusal(column: Sequence[int]) -> str:
-    """The reason, the same on every rank, a command is applied nowhere."""
-    if DUPLICATE in column:  # judged alike on every rank
-        return "not applied on any rank: " + _REFUSAL[DUPLICATE]
-    parts = []
-    for code in (UNVERIFIED, UNPREPARED):
-        ranks = [r for r, c in enumerate(column) if c == code]
-        if ranks:
-            parts.append(f"rank(s) {ranks} {_REFUSAL[code]}")
-    return "not applied on any rank: " + "; ".join(parts)
-
-
 def _minority_ranks(keys: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     """Ranks whose key differs from the most common one; ties go to rank 0's key."""
     counts = Counter(keys)
@@ -668,39 +468,5 @@ def _minority_ranks(keys: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(r for r, k in enumerate(keys) if k != majority)
 
 
-def _length_prefixed(body: bytes) -> Iterator[bytes]:
-    pos = 0
-    while pos < len(body):
-        if pos + _LEN.size > len(body):
-            raise ValueError("length-prefixed payload is truncated")
-        (n,) = _LEN.unpack_from(body, pos)
-        pos += _LEN.size
-        if pos + n > len(body):
-            raise ValueError("length-prefixed payload is truncated")
-        yield body[pos : pos + n]
-        pos += n
-
-
-def _unframe(body: bytes, count: int, origin: int) -> list[_Relayed]:
-    out: list[_Relayed] = []
-    pos = 0
-    for _ in range(count):
-        received_at, n = _ENTRY.unpack_from(body, pos)
-        pos += _ENTRY.size
-        out.append(_Relayed(body[pos : pos + n], received_at, origin))
-        pos += n
-    if pos != len(body):
-        raise RuntimeError(f"command exchange framing mismatch ({pos} != {len(body)} bytes)")
-    return out
-
-
 def _bytes(buf: torch.Tensor) -> bytes:
     return buf.cpu().numpy().tobytes()
-
-
-def _command_id(raw: bytes) -> str:
-    """The id of a relayed command, for the record ("" if it does not even parse)."""
-    try:
-        return AdaptationCommand.FromString(raw).command_id
-    except Exception:
-        return ""

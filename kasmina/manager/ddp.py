@@ -42,8 +42,9 @@ import torch.distributed as dist
 from torch import nn
 
 from kasmina.control.commands import KasminaCommand
-from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, nested_checksum
+from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult
 from kasmina.control.processes import check_supported_parallelism
+from kasmina.control.replica import nested_checksum
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
 from kasmina.manager.checkpoints import MemoryCheckpointStore

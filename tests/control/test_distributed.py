@@ -18,16 +18,10 @@ from torch import nn
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.distributed import (
-    DistributedCoordinator,
-    EpochSyncResult,
-    TensorReplica,
-    _minority_ranks,
-    nested_checksum,
-    state_checksum,
-)
+from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, _minority_ranks
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import average_gradients, broadcast_tensors, spawn
+from kasmina.control.replica import TensorReplica, nested_checksum, state_checksum
 from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NEXT_STAGE, TRAINING_STAGES, SeedStage

@@ -1,0 +1,177 @@
+"""Relaying commands between ranks: what crosses the wire at an epoch sync, how a rank judges it.
+
+Why: under data parallelism a command is verified once, on the rank that receives it, and must
+then be applied on every rank or on none (docs/design.md §5, "Multi-process runs"). The
+``DistributedCoordinator`` (``kasmina.control.distributed``) drives that relay at each
+``sync_epoch``; this module holds what it is made of:
+
+- ``RelayHandler`` -- the one door in its halves: ``accept`` on arrival, ``accept_relayed`` for
+  a command another rank received (freshness judged against its receive time), ``complete``
+  once the outcome is known (``LeylineAdaptationHandler`` satisfies it);
+- ``CommandApplier`` -- how one rank prepares the relayed commands before the ranks agree and
+  applies the agreed ones; ``ExecutorApplier`` is the plain one over a synchronous
+  ``CommandExecutor`` (the kernel manager's is in ``kasmina.manager.ddp``);
+- the wire format -- the commands a rank received (``Received``), framed as raw bytes with their
+  receive times (``frame``) and read back on every rank (``unframe``, giving ``Relayed``), so no
+  pickle crosses the wire;
+- the verdict -- what each rank says of each relayed command (``READY``, ``UNVERIFIED``,
+  ``UNPREPARED``, ``DUPLICATE``; all-gathered, a command runs only if every rank is ready), the
+  one reason given on every rank for a command applied nowhere (``refusal``), and what became of
+  each command (``CommandResult``).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kasmina.control.commands import CommandExecutor, KasminaCommand
+from kasmina.leyline import AdaptationCommand
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CommandApplier",
+    "CommandResult",
+    "ExecutorApplier",
+    "RelayHandler",
+]
+
+# One relayed command on the wire: receive time (float64 seconds), length, then the raw bytes.
+_ENTRY = struct.Struct("<dQ")
+
+# What one rank says about one relayed command (all-gathered; a command runs only if all READY).
+READY, UNVERIFIED, UNPREPARED, DUPLICATE = 0, 1, 2, 3
+_REFUSAL = {
+    UNVERIFIED: "could not verify it",
+    UNPREPARED: "could not prepare it",
+    DUPLICATE: "it duplicates an earlier command of the same sync",
+}
+
+
+class RelayHandler(Protocol):
+    """The one door, split in its halves (``LeylineAdaptationHandler`` satisfies it)."""
+
+    def accept(self, raw: bytes) -> KasminaCommand | None: ...
+
+    def accept_relayed(self, raw: bytes, received_at: float) -> KasminaCommand | None: ...
+
+    def complete(self, command: KasminaCommand, success: bool) -> None: ...
+
+
+class CommandApplier(Protocol):
+    """How one rank readies and applies commands the ranks agreed on.
+
+    ``prepare`` runs before the agreement: "" when this rank can apply the command, else why not
+    (it may block, bounded by the command's timeout: a GERMINATE's kernel fetch). ``apply``
+    carries out the agreed commands in order and returns ``(ok, reason)`` for each; ``refuse``
+    records a command this rank accepted that is applied nowhere. Both report the outcome to the
+    handler (``complete``).
+    """
+
+    def prepare(self, command: KasminaCommand) -> str: ...
+
+    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]: ...
+
+    def refuse(self, command: KasminaCommand, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What became of one relayed command, the same list on every rank."""
+
+    command_id: str
+    origin: int  # the rank that received (and first verified) it
+    ok: bool  # applied on this rank
+    reason: str  # why not ("" when ok)
+
+
+class ExecutorApplier:
+    """A ``CommandApplier`` over a synchronous ``CommandExecutor`` (the handler's own): every
+    command is ready at once and executed in turn. For stand-ins and simple executors; the
+    kernel manager has its own (``kasmina.manager.ddp``)."""
+
+    def __init__(self, handler: RelayHandler, executor: CommandExecutor) -> None:
+        self.handler = handler
+        self.executor = executor
+
+    def prepare(self, command: KasminaCommand) -> str:
+        return ""
+
+    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
+        results = []
+        for command in commands:
+            try:
+                ok = bool(self.executor.execute(command))
+            except Exception as exc:
+                logger.exception("executor raised on command %s", command.command_id)
+                ok, reason = False, f"executor raised {type(exc).__name__}: {exc}"
+            else:
+                reason = "" if ok else "refused by the executor"
+            self.handler.complete(command, ok)
+            results.append((ok, reason))
+        return results
+
+    def refuse(self, command: KasminaCommand, reason: str) -> None:
+        self.handler.complete(command, False)
+
+
+@dataclass
+class Received:
+    """A command this rank accepted, waiting for the next sync."""
+
+    raw: bytes
+    received_at: float
+    command: KasminaCommand
+
+
+@dataclass
+class Relayed:
+    """A command as every rank reads it off the wire: its bytes, receive time, receiving rank."""
+
+    raw: bytes
+    received_at: float
+    origin: int  # the rank that received (and first verified) it
+
+
+def frame(entries: Iterable[Received]) -> bytes:
+    """The commands one rank received, as one body: per command its receive time (float64
+    seconds), its length, then its raw bytes."""
+    return b"".join(_ENTRY.pack(e.received_at, len(e.raw)) + e.raw for e in entries)
+
+
+def unframe(body: bytes, count: int, origin: int) -> list[Relayed]:
+    """The ``count`` commands ``origin`` framed into ``body``, in the order it received them."""
+    out: list[Relayed] = []
+    pos = 0
+    for _ in range(count):
+        received_at, n = _ENTRY.unpack_from(body, pos)
+        pos += _ENTRY.size
+        out.append(Relayed(body[pos : pos + n], received_at, origin))
+        pos += n
+    if pos != len(body):
+        raise RuntimeError(f"command exchange framing mismatch ({pos} != {len(body)} bytes)")
+    return out
+
+
+def refusal(column: Sequence[int]) -> str:
+    """The reason, the same on every rank, a command is applied nowhere."""
+    if DUPLICATE in column:  # judged alike on every rank
+        return "not applied on any rank: " + _REFUSAL[DUPLICATE]
+    parts = []
+    for code in (UNVERIFIED, UNPREPARED):
+        ranks = [r for r, c in enumerate(column) if c == code]
+        if ranks:
+            parts.append(f"rank(s) {ranks} {_REFUSAL[code]}")
+    return "not applied on any rank: " + "; ".join(parts)
+
+
+def relayed_command_id(raw: bytes) -> str:
+    """The id of a relayed command, for the record ("" if it does not even parse)."""
+    try:
+        return AdaptationCommand.FromString(raw).command_id
+    except Exception:
+        return ""
