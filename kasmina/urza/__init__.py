@@ -13,8 +13,10 @@ nothing. Publishers sign with a private key; readers hold only public keys.
 - ``publish`` -- the write side: export a module, sign, write the payload and then the manifest
   (an artifact is listed only once complete), and re-sign a retired HMAC manifest.
   ``kasmina urza publish`` and ``kasmina urza resign`` use it.
-- ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default) with
-  timeouts, retries with backoff, a circuit breaker and coalescing of concurrent fetches.
+- ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default),
+  verifies what it reads, and coalesces concurrent fetches of one artifact.
+- ``resilience`` -- ``ReadGuard`` and ``CircuitBreaker``: how the client's reads are run, with
+  timeouts on bounded I/O threads, retries with backoff, deadlines and a circuit breaker.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
 - ``cache`` -- ``GPUKernelCache``: an LRU bounded in bytes, O(1) get/put, thread-safe, with
   pinning: a kernel attached to a live seed is never evicted.
@@ -29,11 +31,12 @@ them) and the root vocabulary; never seeds, isolation, control or the manager.
 from kasmina.urza.artifact import Manifest, TensorSpec, validate_artifact_id
 from kasmina.urza.blueprints import Blueprint, get_blueprint
 from kasmina.urza.cache import GPUKernelCache
-from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
+from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.loader import KernelLoader
 from kasmina.urza.publish import export_module, publish_artifact, publish_payload, resign_artifact
+from kasmina.urza.resilience import CircuitBreaker
 
 __all__ = [
     "Blueprint",

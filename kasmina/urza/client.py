@@ -14,15 +14,16 @@ that could sign an artifact), size and SHA-256 verify; it never deserialises any
 (``GPUKernel.from_binary`` does, after checking again). Reads are bounded and streamed: a
 manifest above ``max_manifest_bytes``, or a payload longer than its manifest declares (or above
 ``max_artifact_bytes``), is refused after at most the limit plus one chunk, and the payload is
-hashed as it streams. Every store read has a timeout (an abandoned read stops at its next
-chunk), failed reads are retried with exponential backoff, a circuit breaker (one success or one
-failure per fetch, manifest and payload together) stops hammering a store that keeps failing,
-and concurrent fetches of one artifact share a single read.
+hashed as it streams. Concurrent fetches of one artifact share a single read.
 
-A fetch may carry a deadline (a ``time.monotonic()`` instant): the whole fetch, every read,
-retry and backoff sleep included, ends by it. Reads run on ``urza-io`` threads, and a client
-never has more than ``max_stalled_reads`` of them alive, abandoned ones included: a store that
-hangs in a blocking call (a FIFO, a stalled HTTP server) cannot make the thread count grow.
+How each read is run is ``kasmina.urza.resilience``'s: every store read has a timeout (an
+abandoned read stops at its next chunk), failed reads are retried with exponential backoff, a
+circuit breaker (one success or one failure per fetch, manifest and payload together) stops
+hammering a store that keeps failing, and a fetch may carry a deadline (a ``time.monotonic()``
+instant): the whole fetch, every read, retry and backoff sleep included, ends by it. Reads run
+on ``urza-io`` threads, and a client never has more than ``max_stalled_reads`` of them alive,
+abandoned ones included: a store that hangs in a blocking call (a FIFO, a stalled HTTP server)
+cannot make the thread count grow.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
+from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
     MAX_MANIFEST_BYTES,
@@ -52,107 +52,20 @@ from kasmina.urza.artifact import (
     verify_payload_digest,
 )
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.urza.resilience import (
+    MAX_STALLED_READS,
+    Budget,
+    CircuitBreaker,
+    ReadGuard,
+    _DeadlineExpired,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CircuitBreaker", "UrzaLibraryClient"]
+__all__ = ["UrzaLibraryClient"]
 
-T = TypeVar("T")
 # Default payload ceiling: a kernel is a small module, so this is generous.
 MAX_ARTIFACT_BYTES = 1 << 30
-# Default cap on a client's live I/O threads (abandoned reads still blocked included).
-MAX_STALLED_READS = 4
-
-
-class _DeadlineExpired(UrzaUnavailableError):
-    """An operation's deadline passed before it finished.
-
-    Callers see an ``UrzaUnavailableError``; the subclass only lets a coalesced follower tell
-    that its leader ran out of *its own* time (so a follower with time left fetches anew,
-    instead of inheriting a failure that says nothing about the store)."""
-
-
-@dataclass
-class _Budget:
-    """What one operation (a fetch, a manifest read, a listing) may spend, and what it saw.
-
-    ``failed`` and ``answered`` count its reads that failed (transport error, timeout) and
-    that the store answered (data, "missing", "refused"): they decide how a deadline expiry
-    counts for the breaker (``UrzaLibraryClient._breaker_op``)."""
-
-    what: str
-    attempts: int
-    deadline: float | None
-    failed: int = 0
-    answered: int = 0
-
-
-@dataclass
-class _Read:
-    """One read on an ``urza-io`` thread; ``abandoned`` once its caller stopped waiting."""
-
-    abandoned: bool = False
-
-
-class CircuitBreaker:
-    """Opens after ``threshold`` consecutive failures; after ``reset_s`` one trial call is let
-    through (half-open): success closes it, failure opens it again for another ``reset_s``.
-
-    ``UrzaLibraryClient`` reports one outcome per operation (a fetch: manifest and payload
-    together), never per read attempt, and none for an operation whose deadline had passed
-    before its first read (a trial that never reports back is replaced after ``reset_s``)."""
-
-    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-
-    def __init__(
-        self, threshold: int, reset_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if threshold < 1:
-            raise ValueError(f"breaker threshold must be >= 1, got {threshold}")
-        if reset_s < 0:
-            raise ValueError(f"breaker reset_s must be >= 0, got {reset_s}")
-        self.threshold = threshold
-        self.reset_s = reset_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._state = self.CLOSED
-        self._failures = 0
-        self._opened_at = 0.0
-        self.times_opened = 0
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._state == self.CLOSED:
-                return True
-            # Open long enough, or a half-open trial that never reported back (interrupted):
-            # this caller becomes the single trial.
-            if self._clock() - self._opened_at >= self.reset_s:
-                self._state = self.HALF_OPEN
-                self._opened_at = self._clock()
-                return True
-            return False
-
-    def record_success(self) -> None:
-        with self._lock:
-            if self._state != self.CLOSED:
-                logger.info("Urza circuit breaker closed")
-            self._state = self.CLOSED
-            self._failures = 0
-
-    def record_failure(self) -> None:
-        with self._lock:
-            self._failures += 1
-            if self._state == self.HALF_OPEN or (
-                self._state == self.CLOSED and self._failures >= self.threshold
-            ):
-                self._state = self.OPEN
-                self._opened_at = self._clock()
-                self.times_opened += 1
-                logger.warning("Urza circuit breaker opened after %d failures", self._failures)
 
 
 class UrzaLibraryClient:
@@ -169,21 +82,16 @@ class UrzaLibraryClient:
     left)``, no backoff sleep runs past the deadline (a retry that could not start before it
     is not waited for), and a coalesced follower waits for the shared fetch only until its own
     deadline. Expiry raises ``UrzaUnavailableError`` ("... did not finish within its deadline").
-    For the breaker, an expiry is a failure when one of the operation's reads failed or timed
-    out (the store did not answer in time); when every read it made was answered it is a
-    success; and when it expired before its first read it is no outcome at all, since the
-    store was never asked. A caller whose deadlines are shorter than the store's usual latency
-    therefore opens the breaker: from where it stands the store is unavailable, and the open
-    breaker stops it from starting reads that cannot finish in time.
+    How an expiry counts for the breaker: ``kasmina.urza.resilience.ReadGuard``.
 
     **Threads.** Reads run on ``urza-io`` daemon threads, since a blocking syscall cannot be
     interrupted; a read that overruns is abandoned, not killed. At most ``max_stalled_reads``
-    such threads are alive at once, abandoned ones still blocked included. A read that finds
-    every slot held by an abandoned read is refused at once, without starting a thread (an
-    ``UrzaUnavailableError``, counted in ``stats()["reads_refused_stalled"]``, and a breaker
-    failure: those reads are the store still hanging). A read that finds slots held by live
-    reads waits for one within its own timeout, so healthy concurrent fetches of different
-    artifacts are queued, not refused, and the thread count stays bounded either way.
+    such threads are alive at once, abandoned ones still blocked included; a read that finds
+    every slot held by an abandoned read is refused (``stats()["reads_refused_stalled"]``), one
+    that finds slots held by live reads waits for one (``ReadGuard`` again).
+
+    Timeouts, retries, deadlines, the breaker and the I/O threads are the ``ReadGuard``'s; this
+    class says what is read and verifies it.
     """
 
     def __init__(
@@ -219,18 +127,25 @@ class UrzaLibraryClient:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.url = url
         self.publishers = _trusted(publishers)
-        self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
-        self.backoff_s = float(backoff_s)
-        self.backoff_max_s = float(backoff_max_s)
         self.max_manifest_bytes = max_manifest_bytes
         self.max_artifact_bytes = max_artifact_bytes
         self.chunk_bytes = chunk_bytes
-        self.max_stalled_reads = max_stalled_reads
         self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock)
         self._clock = clock
-        self._sleep = sleep
-        self._closed = False
+        # Guards the counters and the in-flight map here and the guard's I/O thread counts.
+        self._lock = threading.Lock()
+        self._guard = ReadGuard(
+            url,
+            self.breaker,
+            self._lock,
+            timeout_s=float(timeout_s),
+            retries=int(retries),
+            backoff_s=float(backoff_s),
+            backoff_max_s=float(backoff_max_s),
+            max_stalled_reads=max_stalled_reads,
+            clock=clock,
+            sleep=sleep,
+        )
         options = dict(storage_options or {})
         if url.startswith(("http://", "https://")) and "client_kwargs" not in options:
             import aiohttp  # fsspec's HTTP backend depends on it
@@ -244,21 +159,8 @@ class UrzaLibraryClient:
         self._open_kwargs: dict[str, Any] = {"block_size": chunk_bytes}
         if _is_http(self._fs):
             self._open_kwargs = {"block_size": 0, "size": 1}
-        self._lock = threading.Lock()
-        # Guards the I/O thread counts below (same lock as the stats and the in-flight map).
-        self._io_changed = threading.Condition(self._lock)
-        self._io_alive = 0  # urza-io threads not yet finished
-        self._io_stalled = 0  # of which abandoned by their caller
         self._inflight: dict[str, Future[tuple[bytes, Manifest]]] = {}
-        self._stats = {
-            "fetches": 0,
-            "coalesced": 0,
-            "reads": 0,
-            "read_failures": 0,
-            "reads_abandoned": 0,
-            "reads_refused_stalled": 0,
-            "deadlines_expired": 0,
-        }
+        self._stats = {"fetches": 0, "coalesced": 0}
 
     @classmethod
     def from_config(
@@ -278,15 +180,40 @@ class UrzaLibraryClient:
             breaker_reset_s=config.urza_breaker_reset_s,
         )
 
+    @property
+    def timeout_s(self) -> float:
+        """Seconds one store read may take (the ``ReadGuard``'s setting)."""
+        return self._guard.timeout_s
+
+    @property
+    def retries(self) -> int:
+        """Retries of a failed read (the ``ReadGuard``'s setting)."""
+        return self._guard.retries
+
+    @property
+    def backoff_s(self) -> float:
+        """The first backoff between retries, doubled per retry (the ``ReadGuard``'s setting)."""
+        return self._guard.backoff_s
+
+    @property
+    def backoff_max_s(self) -> float:
+        """The longest backoff between retries (the ``ReadGuard``'s setting)."""
+        return self._guard.backoff_max_s
+
+    @property
+    def max_stalled_reads(self) -> int:
+        """The most ``urza-io`` threads alive at once (the ``ReadGuard``'s setting)."""
+        return self._guard.max_stalled_reads
+
     # --- public API ---------------------------------------------------------------------
 
     def list_artifacts(self) -> list[str]:
         """Ids of the artifacts whose manifest is in the store (unverified), sorted."""
         try:
-            entries = self._breaker_op(
+            entries = self._guard.operation(
                 "listing",
                 None,
-                lambda budget: self._call(
+                lambda budget: self._guard.call(
                     lambda cancelled: self._fs.ls(self._root, detail=False), budget
                 ),
             )
@@ -308,7 +235,7 @@ class UrzaLibraryClient:
 
         ``deadline`` bounds the read and its retries as for ``fetch``."""
         validate_artifact_id(artifact_id)
-        return self._breaker_op(
+        return self._guard.operation(
             f"manifest read of artifact {artifact_id!r}",
             deadline,
             lambda budget: self._read_manifest(artifact_id, budget),
@@ -335,11 +262,11 @@ class UrzaLibraryClient:
             if leader:
                 return self._lead(artifact_id, future, deadline)
             try:
-                return future.result(timeout=self._time_left(deadline))
+                return future.result(timeout=self._guard.time_left(deadline))
             except concurrent.futures.TimeoutError:
                 if future.done():  # the leader's own error, not this wait running out
                     raise
-                raise self._expired(
+                raise self._guard.expired(
                     f"fetch of artifact {artifact_id!r}",
                     "waiting for the in-flight fetch it shares",
                 ) from None
@@ -376,17 +303,16 @@ class UrzaLibraryClient:
         because every slot was held by a stalled read), plus ``io_threads`` and
         ``stalled_reads``: the ``urza-io`` threads alive now, and how many of them were
         abandoned by their caller."""
-        with self._lock:
+        with self._lock:  # the guard's lock too: one snapshot
             stats: dict[str, Any] = dict(self._stats)
-            stats["io_threads"] = self._io_alive
-            stats["stalled_reads"] = self._io_stalled
+            stats.update(self._guard.snapshot_locked())
         stats["breaker_state"] = self.breaker.state
         stats["breaker_opened"] = self.breaker.times_opened
         return stats
 
     def close(self) -> None:
         """Refuse further store reads (reads already abandoned to a timeout finish alone)."""
-        self._closed = True
+        self._guard.close()
 
     def __enter__(self) -> UrzaLibraryClient:
         return self
@@ -404,7 +330,7 @@ class UrzaLibraryClient:
     ) -> tuple[bytes, Manifest]:
         """Run the fetch that followers of ``artifact_id`` wait on, and hand them its result."""
         try:
-            result = self._breaker_op(
+            result = self._guard.operation(
                 f"fetch of artifact {artifact_id!r}",
                 deadline,
                 lambda budget: self._read_artifact(artifact_id, budget),
@@ -419,18 +345,7 @@ class UrzaLibraryClient:
             with self._lock:
                 del self._inflight[artifact_id]
 
-    def _time_left(self, deadline: float | None) -> float | None:
-        """Seconds until ``deadline`` (never negative), or None without one."""
-        return None if deadline is None else max(0.0, deadline - self._clock())
-
-    def _expired(self, what: str, detail: str) -> _DeadlineExpired:
-        with self._lock:
-            self._stats["deadlines_expired"] += 1
-        return _DeadlineExpired(
-            f"Urza {what} at {self.url} did not finish within its deadline ({detail})"
-        )
-
-    def _read_manifest(self, artifact_id: str, budget: _Budget) -> Manifest:
+    def _read_manifest(self, artifact_id: str, budget: Budget) -> Manifest:
         path = self._path(artifact_id, MANIFEST_SUFFIX)
 
         def read(cancelled: threading.Event) -> bytes:
@@ -440,14 +355,14 @@ class UrzaLibraryClient:
             )
 
         try:
-            raw = self._call(read, budget)
+            raw = self._guard.call(read, budget)
         except FileNotFoundError:
             raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
         return verify_manifest(
             raw, self.publishers, expected_id=artifact_id, max_bytes=self.max_manifest_bytes
         )
 
-    def _read_artifact(self, artifact_id: str, budget: _Budget) -> tuple[bytes, Manifest]:
+    def _read_artifact(self, artifact_id: str, budget: Budget) -> tuple[bytes, Manifest]:
         # The manifest is verified (signature first) before a payload byte is read.
         manifest = self._read_manifest(artifact_id, budget)
         if manifest.size > self.max_artifact_bytes:
@@ -464,7 +379,7 @@ class UrzaLibraryClient:
             return data, hasher.hexdigest()
 
         try:
-            payload, digest = self._call(read, budget)
+            payload, digest = self._guard.call(read, budget)
         except FileNotFoundError:
             raise ArtifactNotFoundError(
                 f"artifact {artifact_id!r} has a manifest but no payload in {self.url}"
@@ -494,176 +409,6 @@ class UrzaLibraryClient:
             cancelled=cancelled,
             open_kwargs=self._open_kwargs,
         )
-
-    def _breaker_op(self, what: str, deadline: float | None, op: Callable[[_Budget], T]) -> T:
-        """One operation (a fetch, a manifest read, a listing) as one breaker outcome.
-
-        ``op`` gets its ``_Budget``: ``retries + 1`` attempts per read, or 1 for the half-open
-        trial, and the deadline. The store answering, even "missing" or "corrupt", is a
-        success; a read that stayed unavailable after its attempts is a failure. A deadline
-        expiry is a failure if a read failed or timed out, a success if every read was
-        answered, and no outcome if no read was made: a deadline that had passed before the
-        first read is checked before the breaker is asked, so it cannot use up the half-open
-        trial.
-        """
-        if self._closed:
-            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
-        if deadline is not None and self._clock() >= deadline:
-            raise self._expired(what, "it had passed before the first read; nothing was read")
-        if not self.breaker.allow():
-            raise UrzaUnavailableError(f"Urza circuit breaker is open for {self.url}; not trying")
-        trial = self.breaker.state == CircuitBreaker.HALF_OPEN
-        budget = _Budget(what, 1 if trial else self.retries + 1, deadline)
-        try:
-            result = op(budget)
-        except _DeadlineExpired:
-            if budget.failed:
-                self.breaker.record_failure()
-            elif budget.answered:
-                self.breaker.record_success()
-            raise
-        except UrzaUnavailableError:
-            self.breaker.record_failure()
-            raise
-        except (FileNotFoundError, ArtifactNotFoundError, ArtifactIntegrityError):
-            self.breaker.record_success()
-            raise
-        self.breaker.record_success()
-        return result
-
-    def _call(self, op: Callable[[threading.Event], T], budget: _Budget) -> T:
-        """One store read with a timeout, retried with backoff up to ``budget.attempts`` times.
-
-        ``op`` gets an event that is set when its read is abandoned (timed out): a streaming
-        read checks it per chunk and stops. A missing file (``FileNotFoundError``) or a refused
-        object (``ArtifactIntegrityError``) is an answer and is re-raised at once; so is a read
-        refused because every I/O slot is held by a stalled read (retrying would only wait on
-        the same stalled reads). Anything else is a transport failure, and the last one is
-        raised as ``UrzaUnavailableError``. Retrying stops early once the breaker is open
-        (another operation opened it), and at the deadline: each attempt waits at most the time
-        left, and a backoff sleep that would reach the deadline is not slept.
-        """
-        if self._closed:
-            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
-        deadline = budget.deadline
-        last: BaseException | None = None
-        for attempt in range(budget.attempts):
-            if attempt and self.breaker.state == CircuitBreaker.OPEN:
-                raise UrzaUnavailableError(
-                    f"Urza circuit breaker opened for {self.url}; not retrying"
-                ) from last
-            timeout = self.timeout_s
-            if deadline is not None:
-                left = deadline - self._clock()
-                if left <= 0:
-                    detail = f"last error: {last!r}" if last else "no time left for the next read"
-                    raise self._expired(budget.what, detail) from last
-                timeout = min(timeout, left)
-            try:
-                result = self._run_read(op, timeout)
-            except (FileNotFoundError, ArtifactIntegrityError):
-                budget.answered += 1
-                raise
-            except UrzaUnavailableError:
-                raise
-            except Exception as exc:  # any transport failure: timeout, connection, HTTP 5xx
-                budget.failed += 1
-                with self._lock:
-                    self._stats["read_failures"] += 1
-                last = exc
-                logger.warning(
-                    "Urza read failed (attempt %d/%d): %s: %s",
-                    attempt + 1,
-                    budget.attempts,
-                    type(exc).__name__,
-                    exc,
-                )
-                if attempt + 1 < budget.attempts:
-                    delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
-                    if deadline is not None and self._clock() + delay >= deadline:
-                        raise self._expired(
-                            budget.what,
-                            f"no time left to retry after {delay:.3g} s of backoff; "
-                            f"last error: {exc!r}",
-                        ) from exc
-                    self._sleep(delay)
-                elif deadline is not None and self._clock() >= deadline:
-                    raise self._expired(budget.what, f"last error: {exc!r}") from exc
-            else:
-                budget.answered += 1
-                return result
-        plural = "s" if budget.attempts != 1 else ""
-        raise UrzaUnavailableError(
-            f"Urza at {self.url} unavailable after {budget.attempts} attempt{plural}: {last!r}"
-        ) from last
-
-    def _run_read(self, op: Callable[[threading.Event], T], timeout_s: float) -> T:
-        """Run ``op(cancelled)`` on an ``urza-io`` daemon thread and wait at most ``timeout_s``
-        (a wait for a free I/O slot included) for it.
-
-        A read that overruns is abandoned, not killed (Python cannot kill a thread):
-        ``cancelled`` is set, so a chunked read stops at its next chunk and drops what it read,
-        but a read blocked inside one syscall (opening a FIFO, a server that stopped sending)
-        stays blocked, and its thread stays alive, until that call returns. Such threads keep
-        their slot, so they are capped: with every slot held by an abandoned read a new one is
-        refused at once, without a thread; with slots held by live reads it waits for one.
-        """
-        started = time.monotonic()  # real time: this bounds real waits, whatever the clock
-        read = _Read()
-        with self._io_changed:
-            while self._io_alive >= self.max_stalled_reads:
-                if self._io_stalled >= self.max_stalled_reads:
-                    self._stats["reads_refused_stalled"] += 1
-                    raise UrzaUnavailableError(
-                        f"Urza at {self.url}: {self._io_stalled} abandoned reads are still "
-                        f"blocked (max_stalled_reads={self.max_stalled_reads}); read refused "
-                        "without starting a thread"
-                    )
-                left = timeout_s - (time.monotonic() - started)
-                if left <= 0:
-                    raise TimeoutError(
-                        f"no free Urza I/O slot within {timeout_s:.3g} s "
-                        f"({self._io_alive} reads in progress)"
-                    )
-                self._io_changed.wait(left)
-            self._io_alive += 1
-            self._stats["reads"] += 1
-        future: Future[T] = Future()
-        cancelled = threading.Event()
-
-        def run() -> None:
-            try:
-                if cancelled.is_set():  # abandoned before it began: do not even open the file
-                    raise TimeoutError("Urza read abandoned before it started")
-                future.set_result(op(cancelled))
-            except BaseException as exc:
-                future.set_exception(exc)
-            finally:
-                with self._io_changed:
-                    self._io_alive -= 1
-                    if read.abandoned:
-                        self._io_stalled -= 1
-                    self._io_changed.notify_all()
-
-        try:
-            threading.Thread(target=run, name="urza-io", daemon=True).start()
-        except BaseException:
-            with self._io_changed:
-                self._io_alive -= 1
-                self._io_changed.notify_all()
-            raise
-        try:
-            return future.result(timeout=max(0.0, timeout_s - (time.monotonic() - started)))
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"Urza read did not finish within {timeout_s:.3g} s") from None
-        finally:
-            cancelled.set()  # a no-op once the read is done; otherwise it is abandoned
-            with self._io_changed:
-                if not future.done():  # still running: its thread keeps its slot
-                    read.abandoned = True
-                    self._io_stalled += 1
-                    self._stats["reads_abandoned"] += 1
-                    self._io_changed.notify_all()
 
 
 def _trusted(publishers: object) -> TrustedPublishers:

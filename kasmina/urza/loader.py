@@ -29,8 +29,8 @@ import torch
 from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
-from kasmina.urza.client import _DeadlineExpired
 from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.resilience import _DeadlineExpired
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.telemetry import TelemetryReporter
 

@@ -17,10 +17,11 @@ from torch import nn
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 from kasmina.urza.artifact import Manifest, sign_manifest, verify_manifest
-from kasmina.urza.client import CircuitBreaker, UrzaLibraryClient
+from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_artifact, publish_payload
+from kasmina.urza.resilience import CircuitBreaker
 from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve_directory
 
 
