@@ -13,6 +13,9 @@ checkpoints and rollback, and telemetry. It is a façade over components that do
 - ``guard`` -- ``IsolationGuard``: the per-step isolation checks and the seeds' monitors.
 - ``executor`` -- ``CommandExecution``: what each verified command does; every operation
   completes or leaves the seed as it was (validate and load first, then mutate).
+- ``intake`` / ``pending`` -- ``CommandIntake``: a command's path from arrival (verified, then
+  queued in the ``CommandQueue``, its kernel fetch running ahead) to the training thread's safe
+  point, where its nonce is made durable and it is applied.
 - ``checkpoints`` / ``rollback`` -- signed epoch checkpoints on a cadence, written atomically,
   and the rollback that verifies one, then rebuilds its seed and optimizer layout before it loads
   any weight.

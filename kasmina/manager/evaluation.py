@@ -34,6 +34,7 @@ from torch import nn
 
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.seeds.gates import SeedEvaluation, count_flops
+from kasmina.seeds.outputs import output_element, replace_output_element
 from kasmina.seeds.seed import RUNS_KERNEL
 from kasmina.stages import SeedStage
 
@@ -68,8 +69,14 @@ def _ablate(record: SeedRecord) -> list[Any]:
     slot = record.slot
     k, width = _chunk_index(record), slot.chunk_size
     dim = getattr(slot, "chunk_dim", -1)
-    element = getattr(slot, "_element", lambda out: out)
-    replace = getattr(slot, "_replace", lambda _out, new: new)
+    index = getattr(slot, "output_index", None)  # a KasminaLayer's element of a tuple output
+
+    def element(out: Any) -> Any:
+        return out if index is None else output_element(out, index)
+
+    def replace(out: Any, new: torch.Tensor) -> Any:
+        return new if index is None else replace_output_element(out, index, new)
+
     captured: list[Any] = []
 
     def keep_host(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:

@@ -35,10 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.control.auth import CommandVerifier
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
-from kasmina.control.ledger import NonceLedger
 from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
@@ -47,6 +45,7 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck
 from kasmina.manager.rollback import snapshot
@@ -86,8 +85,8 @@ class KasminaKernelManager:
     """Loads, caches and grafts seed kernels on command; see the module docstring.
 
     A façade: the shared fields live in ``self.state`` (a ``ManagerState``); the components
-    (``guard``, ``report``, ``execution``, the command ``handler``) each receive the state and
-    the components they use. The fields below read through to the state.
+    (``guard``, ``report``, ``execution``, the command ``handler`` and ``intake``) each receive
+    the state or the components they use. The fields below read through to the state.
     """
 
     config = _StateField()
@@ -137,7 +136,7 @@ class KasminaKernelManager:
         )
         self.report = ManagerReport(self.state, self.guard)
         self.execution = CommandExecution(self.state, self.guard, self.report)
-        self.verifier = _command_verifier(config, self.keyring)
+        self.verifier = command_verifier(config, self.keyring)
         self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
         self.teacher_passes = TeacherForwardPassManager(None)
         self._lock = threading.RLock()
@@ -145,6 +144,15 @@ class KasminaKernelManager:
             loader,
             max_pending=config.max_pending_commands,
             fetch_workers=config.fetch_workers,
+        )
+        self.intake = CommandIntake(
+            self.handler,
+            self.verifier,
+            self.pending,
+            self.execution,
+            self.report,
+            lock=self._lock,
+            perf=self.state.perf,
         )
         self._last_teacher_input: torch.Tensor | None = None
         # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands arriving
@@ -383,21 +391,7 @@ class KasminaKernelManager:
         relay = self.command_relay
         if relay is not None:  # one rank of several: applied on all of them, or on none
             return relay(raw)
-        started = time.perf_counter_ns()
-        command = self.handler.accept(raw)
-        accepted = command is not None and self._enqueue(command)
-        self.state.perf["overhead"].add_ns(time.perf_counter_ns() - started)
-        return accepted
-
-    def _enqueue(self, command: KasminaCommand) -> bool:
-        if self.pending.submit(command):
-            return True
-        reason = f"command queue full ({self.pending.max_pending} pending) or closed"
-        logger.warning("command %s dropped: %s", command.command_id, reason)
-        self.handler.complete(command, False)
-        with self._lock:
-            self.report.note_command(command, False, reason)
-        return False
+        return self.intake.arrive(raw)
 
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
         """A safe point: apply every queued command that is ready, in arrival order.
@@ -406,51 +400,13 @@ class KasminaKernelManager:
         first thing). A GERMINATE whose kernel is still being fetched stays queued unless
         ``wait`` (then this waits for it, at most until its command's timeout runs out).
         """
-        ready = self.pending.take_ready(wait=wait)
-        if not ready:
-            return []
-        outcomes = []
-        try:
-            # Their nonces reach the disk before any of them takes effect (docs/design.md §5).
-            self.verifier.make_durable()
-            not_durable = ""
-        except OSError as exc:
-            not_durable = f"its nonce could not be made durable: {exc}"
-            logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
-        with self._lock:
-            for entry, original, error in ready:
-                command = entry.command
-                started = time.perf_counter_ns()
-                try:
-                    if not_durable:
-                        outcome = self._refused(command, not_durable)
-                    else:
-                        outcome = self.execution.apply(
-                            command, original=original, fetch_error=error
-                        )
-                except Exception as exc:  # a bug in execution must not stop the training step
-                    logger.exception("applying command %s raised", command.command_id)
-                    outcome = self._refused(command, f"internal error: {type(exc).__name__}: {exc}")
-                self.state.perf["command"].add_ns(time.perf_counter_ns() - started)
-                self.handler.complete(command, outcome.ok)
-                outcomes.append(outcome)
-        return outcomes
-
-    def _refused(self, command: KasminaCommand, reason: str) -> CommandOutcome:
-        self.report.note_command(command, False, reason)
-        return CommandOutcome(command.command_id, command.kind, "", False, reason)
+        return self.intake.apply_pending(wait=wait)
 
     def execute(self, command: KasminaCommand) -> bool:
         """``CommandExecutor``: carry out a verified command at once. Only at a safe point on
         the training thread (commands from a controller go through
         ``handle_adaptation_command``, which queues them)."""
-        try:
-            self.verifier.make_durable()
-        except OSError as exc:
-            self._refused(command, f"its nonce could not be made durable: {exc}")
-            return False
-        with self._lock:
-            return self.execution.execute(command)
+        return self.intake.execute(command)
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
         """``handle_adaptation_command`` for a message object (its kernel fetch, if any, runs
@@ -479,14 +435,7 @@ class KasminaKernelManager:
     def verify_message_auth(self, message: Any) -> bool:
         """Signature, freshness and nonce of a command (object or bytes), without using its
         nonce: this only answers the question; the handler still refuses a later replay."""
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            try:
-                message = AdaptationCommand.FromString(bytes(message))
-            except Exception:
-                return False
-        if not isinstance(message, AdaptationCommand):
-            return False
-        return self.verifier.verify(message, record_nonce=False)[0]
+        return self.intake.verify_auth(message)
 
     # ------------------------------------------------------------------ training step
     def collect_kd_losses(self) -> torch.Tensor | None:
@@ -628,37 +577,9 @@ class KasminaKernelManager:
         """Drop queued commands, stop store reads, report pending rejection counts, close the
         nonce ledger (later commands are refused) and the JSONL telemetry file this manager
         opened, if any."""
-        for entry in self.pending.close():
-            self.handler.complete(entry.command, False)
-            self.report.note_command(entry.command, False, "manager closed before it applied")
+        self.intake.drop_pending()
         self.urza_client.close()
         self.handler.flush_rejections(force=True)
         self.verifier.close()
         if self._jsonl is not None:
             self._jsonl.close()
-
-
-def _command_verifier(config: KasminaConfig, keyring: Keyring) -> CommandVerifier:
-    """The verifier of this run's commands, with its durable nonce ledger unless disabled."""
-    path = config.nonce_ledger_path
-    if path is None:
-        logger.warning(
-            "nonce_ledger is off: a command captured less than %gs before a restart can be "
-            "replayed after it",
-            config.command_freshness_s,
-        )
-        ledger = None
-    else:
-        ledger = NonceLedger(path, durability=config.nonce_ledger_durability)
-    try:
-        return CommandVerifier(
-            keyring,
-            config.command_freshness_s,
-            key_ids=config.command_key_ids or None,
-            ledger=ledger,
-            defer_sync=True,  # fdatasync once per safe point, before the commands apply
-        )
-    except BaseException:
-        if ledger is not None:
-            ledger.close()
-        raise

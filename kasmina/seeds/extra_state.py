@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from kasmina.seeds.table import parse_stage
-from kasmina.stages import SeedStage, StateColumn
+from kasmina.stages import SeedStage, StateColumn, parse_stage
 
 __all__ = [
     "EXTRA_STATE_VERSION",

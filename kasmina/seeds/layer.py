@@ -333,11 +333,14 @@ class KasminaLayer(nn.Module):
             plan = tuple(SeedStage(code) for code in self._stage_codes)
         else:
             plan = self._plan
-        return self._replace(out, self._graft(self._element(out), plan, teacher_logits))
+        element = output_element(out, self.output_index)
+        return replace_output_element(
+            out, self.output_index, self._graft(element, plan, teacher_logits)
+        )
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
         """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
-        element = self._element(out)
+        element = output_element(out, self.output_index)
         spec = _spec(element)
         self.output_contract = spec if spec is not None else self._no_tensor(out, element)
         self.input_spec = _spec(args[0]) if args else None
@@ -349,12 +352,6 @@ class KasminaLayer(nn.Module):
             f"element {self.output_index} of the host's {type(out).__name__} output is a "
             f"{type(element).__name__}, not a Tensor"
         )
-
-    def _element(self, out: Any) -> Any:
-        return output_element(out, self.output_index)
-
-    def _replace(self, out: Any, new: torch.Tensor) -> Any:
-        return replace_output_element(out, self.output_index, new)
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""

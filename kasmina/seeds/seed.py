@@ -61,13 +61,14 @@ from kasmina.seeds.gates import (
     run_probe,
     sigmoid_alpha,
 )
-from kasmina.seeds.table import GPUStateTensor, parse_stage
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     LEGAL_TRANSITIONS,
     NEXT_STAGE,
     TRAINING_STAGES,
     SeedStage,
+    parse_stage,
 )
 
 logger = logging.getLogger(__name__)

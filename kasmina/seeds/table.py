@@ -32,6 +32,8 @@ from kasmina.stages import (
     SeedStage,
     StateColumn,
     TransitionCode,
+    parse_gate,
+    parse_stage,
 )
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ _GATE_TYPES = frozenset({int, type(None)})
 _GATE_VALUES = frozenset({_NO_GATE, 1, 2, 3, 4, 5})
 _COOLDOWN = SeedStage.COOLDOWN
 
-__all__ = ["SCALE", "GPUStateTensor", "blueprint_hash", "parse_gate", "parse_stage"]
+__all__ = ["SCALE", "GPUStateTensor", "blueprint_hash"]
 
 
 TransitionObserver = Callable[[int, SeedStage, SeedStage], None]
@@ -93,43 +95,6 @@ class _Observer:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Observer, (self() if self.follows_copies else None,))
-
-
-def parse_stage(value: SeedStage | int | str) -> SeedStage:
-    """A stage from an enum, its value, or a name (``"GRAFTING"``, ``"SEED_STAGE_GRAFTING"``)."""
-    if isinstance(value, SeedStage):
-        return value
-    if isinstance(value, str):
-        name = value.strip().upper()
-        for prefix in ("SEED_STAGE_", "SEED_"):
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-        try:
-            return SeedStage[name]
-        except KeyError:
-            raise ValueError(f"unknown lifecycle stage {value!r}") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return SeedStage(value)
-        except ValueError:
-            raise ValueError(f"lifecycle stage value {value} is outside 0..10") from None
-    raise ValueError(f"lifecycle stage must be a SeedStage, int or str, got {type(value).__name__}")
-
-
-def parse_gate(value: int | str | None) -> int | None:
-    """A gate number 1..5 from ``3`` or ``"G3"``; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().upper()
-        number = int(text[1:]) if text.startswith("G") and text[1:].isdigit() else -1
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    else:
-        raise ValueError(f"gate must be an int or 'G1'..'G5', got {value!r}")
-    if not 1 <= number <= 5:
-        raise ValueError(f"gate must be 1..5 (G1..G5), got {value!r}")
-    return number
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:

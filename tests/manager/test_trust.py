@@ -302,7 +302,7 @@ def test_the_ledger_can_be_moved_or_switched_off(tmp_path, store, keyring, caplo
     assert manager.verifier.ledger.path == elsewhere and elsewhere.is_file()
     assert manager.verifier.ledger.durability == "flush"
     manager.close()
-    with caplog.at_level(logging.WARNING, logger="kasmina.manager.manager"):
+    with caplog.at_level(logging.WARNING, logger="kasmina.manager.intake"):
         off = KasminaKernelManager(
             make_config(tmp_path, store, nonce_ledger=False), keyring=keyring
         )

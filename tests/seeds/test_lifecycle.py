@@ -22,7 +22,7 @@ from kasmina.seeds.gates import (
     gate_g5_performance,
 )
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.seeds.table import GPUStateTensor, blueprint_hash, parse_gate, parse_stage
+from kasmina.seeds.table import GPUStateTensor, blueprint_hash
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     LEGAL_TRANSITIONS,
@@ -30,6 +30,8 @@ from kasmina.stages import (
     SeedStage,
     StateColumn,
     TransitionCode,
+    parse_gate,
+    parse_stage,
 )
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from kasmina.seeds.table import GPUStateTensor, parse_gate, parse_stage
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     LEGAL_TRANSITIONS,
@@ -25,6 +25,8 @@ from kasmina.stages import (
     StateColumn,
     TransitionCode,
     is_legal,
+    parse_gate,
+    parse_stage,
 )
 
 S = SeedStage
