@@ -232,3 +232,57 @@ def test_the_one_node_path_matches_in_every_dtype_and_backend(
     for name in want_grads:
         torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
     assert flags.tolist() == want_flags.tolist() == [True, True, False]
+
+
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_the_guarded_training_step_never_syncs(device: str) -> None:
+    """A full training step through a layer of guarded seeds (one of them non-finite) reads
+    nothing back from the device: the profiler sees no synchronisation and no scalar read
+    inside the steps (on CUDA ``set_sync_debug_mode("error")`` also turns any into an error),
+    and the fault is seen at the step boundary, by the one poll."""
+    torch.manual_seed(5)
+    stages = [S.GRAFTING, S.GRAFTING, S.STABILIZATION]
+    layer = _layer(stages, nn.Linear(8, 6), 2, kernels={1: _Poison(2, float("nan"))})
+    net = nn.Sequential(nn.Linear(4, 8), layer, nn.Linear(6, 3)).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(16, 4, device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        net(x).square().mean().backward()
+        optimizer.step()
+
+    step()  # warm-up: the layer's cached masks, the optimizer's state
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.record_function("guarded_steps"):
+                for _ in range(3):
+                    step()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    events = prof.events()
+    (window,) = [e.time_range for e in events if e.name == "guarded_steps"]
+    inside = [
+        e.name
+        for e in events
+        if e.name in _SYNCS and window.start <= e.time_range.start <= window.end
+    ]
+    assert inside == []
+    assert layer.poll_nonfinite() == [layer.seed(1).seed_id]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
