@@ -20,6 +20,7 @@ from kasmina.seeds.faults import all_finite, finite_chunks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
+from tests.seeds.test_fault_containment import RaisesInBackward
 
 S = SeedStage
 TO_GRAFTING = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING]
@@ -43,25 +44,6 @@ class _Poison(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
         return y.index_fill(-1, torch.tensor([0]), self.value)
-
-
-class _ExplodingBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        raise RuntimeError("kernel backward exploded")
-
-
-class _RaisesInBackward(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((width,), 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ExplodingBackward.apply(x * self.scale)
 
 
 def _layer(
@@ -162,7 +144,7 @@ class _ConvPoison(nn.Module):
 
 
 def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -> None:
-    layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: _RaisesInBackward(2)})
+    layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: RaisesInBackward(2)})
     healthy = copy.deepcopy(layer)
     healthy.seed(1).detach_kernel()
     x, w = torch.randn(5, 4), torch.randn(5, 6)
