@@ -210,6 +210,21 @@ def close_check(ref: torch.Tensor, rel: float, view=None) -> Callable[[object], 
 REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+# Rows of each KD case whose gradient is checked against float64.
+CHECK_ROWS = 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compiled(b: Bench, fn: Callable) -> Callable | None:
+    """One ``torch.compile`` object per peer, reused across cases (what a user gets: it
+    recompiles on a new dtype and turns shapes dynamic on a second shape)."""
+    return torch.compile(fn) if b.args.compile else None
+
+
+def generator(b: Bench, seed: int) -> torch.Generator:
+    return torch.Generator(device=b.device).manual_seed(seed)
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
