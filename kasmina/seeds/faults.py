@@ -356,7 +356,17 @@ class _Graft:
     outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' finite flags.
     """
 
-    __slots__ = ("blend", "chunk", "chunks", "dim", "flags", "island", "island_chunks", "passed")
+    __slots__ = (
+        "blend",
+        "chunk",
+        "chunks",
+        "dim",
+        "flags",
+        "island",
+        "island_chunks",
+        "n",
+        "passed",
+    )
 
     def __init__(
         self,
@@ -369,6 +379,7 @@ class _Graft:
         blend: bool,
     ) -> None:
         self.chunks = list(chunks)
+        self.n = len(self.chunks)
         self.chunk = chunks[0].shape[dim]
         self.dim = dim
         self.passed = passed
@@ -382,7 +393,7 @@ def _graft_values(
     graft: _Graft, host: torch.Tensor, alpha: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """``(out, alpha_used)`` in the moved layout (chunks along the last dim of ``host``)."""
-    n, dim = len(graft.chunks), graft.dim
+    n, dim = graft.n, graft.dim
     full = torch.cat(graft.chunks, dim=dim)
     if dim != full.dim() - 1:
         full = full.movedim(dim, -1)
@@ -420,6 +431,7 @@ class GuardedBlend(torch.autograd.Function):
         ctx: Any, graft: _Graft, host: torch.Tensor, alpha: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
         out, used = _graft_values(graft, host, alpha)
+        graft.chunks = []  # the backward needs the island's outputs, not the host's chunks
         ctx.graft = graft
         ctx.save_for_backward(used)
         return out
@@ -428,7 +440,7 @@ class GuardedBlend(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         graft: _Graft = ctx.graft
         (used,) = ctx.saved_tensors
-        n = len(graft.chunks)
+        n = graft.n
         grad_c = grad.unflatten(-1, (n, -1))
         if graft.blend:
             grad_c = blend_chunks_seed_grad(grad_c, used)
