@@ -13,7 +13,7 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
 
-__all__ = ["StaticKDLoss", "seed_kd_loss", "sum_kd_losses"]
+__all__ = ["StaticKDLoss", "kd_head_problem", "seed_kd_loss", "sum_kd_losses"]
 
 
 class StaticKDLoss(nn.Module):
@@ -129,6 +129,20 @@ def seed_kd_loss(
         temperature=config.temperature,
         reduction=config.reduction,
     )
+
+
+def kd_head_problem(weight: object, bias: object, width: int) -> str | None:
+    """Why ``weight`` (``[V, H]``) and ``bias`` (``[V]`` or None) cannot map an output whose
+    last dimension is ``width`` wide to logits, or None when they can."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return "a KD head weight is a [V, H] tensor"
+    if weight.shape[1] != width:
+        return f"a KD head over a {width}-wide output needs H = {width}, got {tuple(weight.shape)}"
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or bias.shape != weight[:, 0].shape
+    ):
+        return f"a KD head bias is [{weight.shape[0]}], got {bias!r:.60}"
+    return None
 
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:

@@ -371,12 +371,23 @@ class KasminaKernelManager:
         return self.teacher_passes.get_checkpoint_effectiveness()
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
-        """Hand teacher logits to the next forward of every slot as wide as the logits."""
+        """Hand teacher logits to the next forward of every slot whose KD reads logits that
+        wide (its own width, or its KD head's vocabulary: ``set_kd_head``)."""
         if teacher_logits is None:
             return
         for slot in self.require_registry().slots:
-            if slot.num_seeds * slot.chunk_size == teacher_logits.shape[-1]:
+            if slot.kd_width == teacher_logits.shape[-1]:
                 slot.set_teacher_logits(teacher_logits)
+
+    def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
+        """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose
+        output is ``H`` wide along its last dimension, for its seeds' KD loss
+        (``KasminaLayer.set_kd_head``); returns their layer ids."""
+        slots = [s for s in self.require_registry().slots if s.chunk_dim == -1]
+        chosen = [s for s in slots if s.width == weight.shape[-1]]
+        for slot in chosen:
+            slot.set_kd_head(weight, bias)
+        return [slot.layer_id for slot in chosen]
 
     # ------------------------------------------------------------------ commands
     def handle_adaptation_command(self, raw: bytes) -> bool:

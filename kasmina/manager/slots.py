@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.seeds.layer import ActivationSpec, KasminaLayer
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.outputs import ActivationSpec
 from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage

@@ -32,7 +32,8 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import sum_kd_losses
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
-from kasmina.seeds.layer import KasminaLayer, default_chunk_dim
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.outputs import default_chunk_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 

@@ -36,15 +36,12 @@ runs, those weight reads return a marked view (a tensor subclass) that the fused
 ``has_torch_function`` check rejects, so the regular path runs and calls the slot. With every
 seed passing through, the real tensors come back and the fused path runs as for the bare model.
 
-A seed that faults (its kernel raises, or returns the wrong thing) contributes its host chunk
-unchanged with alpha 1, as a DORMANT seed would; the other seeds of the layer are unaffected.
-See :mod:`kasmina.seeds.seed` for what counts as a fault and what happens after ``fault_limit``.
-The layer guards its seeds together: each seed's host half (a ``try`` and a metadata check), then
-once for the layer one finiteness reduction over the concatenated outputs, one update of the
-seeds' flags (views of one layer buffer), the host's chunk in place of a non-finite one (whose
-alpha becomes 0), and one guarded backward node for all isolated seeds. In eager mode, when every
-running seed blends against the detached host (GRAFTING, STABILIZATION), all of that and the
-blend are one autograd node (``faults.GuardedBlend``); the other cases run it op by op.
+A seed that faults contributes its host chunk unchanged with alpha 1, as a DORMANT seed would;
+the others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: each
+seed's host half, then one finiteness reduction over the concatenated outputs, one update of the
+seeds' flags (views of one layer buffer), the host's chunk for a non-finite one, and one guarded
+backward node. In eager mode, when every running seed blends against the detached host
+(GRAFTING, STABILIZATION), that and the blend are one autograd node (``faults.GuardedBlend``).
 """
 
 from __future__ import annotations
@@ -56,7 +53,7 @@ import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
+from kasmina.kd.loss import kd_head_problem, seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -65,17 +62,21 @@ from kasmina.seeds.faults import (
     finite_chunks,
     guarded_blend,
 )
-from kasmina.seeds.outputs import output_element, replace_output_element
+from kasmina.seeds.outputs import (
+    ActivationSpec,
+    activation_spec,
+    declared_width,
+    default_chunk_dim,
+    output_element,
+    replace_output_element,
+)
 from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationSpec", "KasminaLayer", "default_chunk_dim", "declared_width"]
-
-# Shape, dtype and device of one tensor the slot saw.
-ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
+__all__ = ["KasminaLayer"]
 
 # Stages whose seeds blend against the detached host (their fallback needs no host gradient):
 # a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
@@ -91,38 +92,6 @@ class _SeedsLive(torch.Tensor):
     A plain subclass: ``torch.overrides.has_torch_function`` is true for it, which is exactly
     what the fused path tests before it skips the modules. Nothing else about it differs.
     """
-
-
-def default_chunk_dim(host: nn.Module) -> int:
-    """Channels (dim 1) for a ``ConvNd``, the last dimension for every other module."""
-    return 1 if isinstance(host, nn.modules.conv._ConvNd) else -1
-
-
-def declared_width(host: nn.Module, chunk_dim: int) -> int | None:
-    """The width of the host's output along ``chunk_dim`` as far as the module declares it.
-
-    None when the module does not say (a whole block, a custom module): the first forward's
-    recorded shape decides then.
-    """
-    if isinstance(host, nn.modules.conv._ConvNd):
-        return host.out_channels if chunk_dim == 1 else None
-    if chunk_dim != -1:
-        return None
-    if isinstance(host, nn.MultiheadAttention):
-        return host.embed_dim
-    if isinstance(host, nn.Embedding):
-        return host.embedding_dim
-    for name in ("out_features", "nf"):  # nn.Linear and friends; Hugging Face's Conv1D
-        width = getattr(host, name, None)
-        if isinstance(width, int) and not isinstance(width, bool):
-            return width
-    return None
-
-
-def _spec(value: object) -> ActivationSpec | None:
-    if isinstance(value, torch.Tensor):
-        return (value.shape, value.dtype, value.device)
-    return None
 
 
 class KasminaLayer(nn.Module):
@@ -212,6 +181,8 @@ class KasminaLayer(nn.Module):
         self.input_spec: ActivationSpec | None = None
         self._teacher_logits: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
+        # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
+        self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # The plan: each seed's stage (as an int, and as a SeedStage for the eager path) and
         # whether any seed runs its kernel. A slot-local snapshot, refreshed by the table on
         # every change (``GPUStateTensor.listen``), so the forward never reads the table.
@@ -308,6 +279,29 @@ class KasminaLayer(nn.Module):
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
         return sum_kd_losses(self._kd_losses)
 
+    def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
+        """The head that maps this slot's output to logits for the seeds' KD loss (a language
+        model's ``lm_head``: ``weight [V, H]`` over the slot's ``H``-wide last dimension), or
+        None to compare the output itself with the teacher's logits. With a head the teacher's
+        logits are ``V`` wide and the loss is ``fused_linear_kd_loss``, which never forms the
+        student's logits. The head is used detached: the KD loss trains the seeds alone."""
+        if weight is None:
+            if bias is not None:
+                raise ValueError(f"{self.layer_id}: a KD head bias needs its weight")
+            self._kd_head = None
+            return
+        problem = kd_head_problem(weight, bias, self.width)
+        if self.chunk_dim != -1:
+            problem = f"a KD head reads the last dimension; this slot chunks dim {self.chunk_dim}"
+        if problem is not None:
+            raise ValueError(f"{self.layer_id}: {problem}")
+        self._kd_head = (weight, bias)  # type: ignore[assignment]
+
+    @property
+    def kd_width(self) -> int:
+        """The width of this slot's teacher logits: its KD head's vocabulary, or its width."""
+        return self.width if self._kd_head is None else int(self._kd_head[0].shape[0])
+
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, teacher_logits: torch.Tensor | None = None, **kwargs: Any) -> Any:
         # The hot path reads ``_modules`` directly: ``self.host`` would go through this class's
@@ -341,9 +335,9 @@ class KasminaLayer(nn.Module):
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
         """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
         element = output_element(out, self.output_index)
-        spec = _spec(element)
+        spec = activation_spec(element)
         self.output_contract = spec if spec is not None else self._no_tensor(out, element)
-        self.input_spec = _spec(args[0]) if args else None
+        self.input_spec = activation_spec(args[0]) if args else None
 
     def _no_tensor(self, out: Any, element: Any) -> str:
         if element is out:
@@ -576,7 +570,17 @@ class KasminaLayer(nn.Module):
             [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)],
             dim=dim,
         )
-        self._kd_losses.append(seed_kd_loss(self.kd_config, student, teacher_logits))
+        # A KD head is read detached: the seeds' loss trains the seeds alone, never the head.
+        weight, bias = (None, None) if self._kd_head is None else self._kd_head
+        self._kd_losses.append(
+            seed_kd_loss(
+                self.kd_config,
+                student,
+                teacher_logits,
+                head_weight=None if weight is None else weight.detach(),
+                head_bias=None if bias is None else bias.detach(),
+            )
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         super()._apply(fn, recurse)

@@ -1,4 +1,5 @@
-"""Which tensor of a host module's output a slot's seeds apply to, and putting it back.
+"""A host module's output as a slot sees it: which tensor the seeds apply to, along which
+dimension and how wide (as far as the module declares it), and putting the result back.
 
 A host's forward may return a tensor, a tuple or list (an attention module's ``(output,
 weights)``), a namedtuple, or a dataclass such as a Hugging Face ``ModelOutput``. The seeds
@@ -12,8 +13,19 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["output_element", "replace_output_element"]
+__all__ = [
+    "ActivationSpec",
+    "activation_spec",
+    "declared_width",
+    "default_chunk_dim",
+    "output_element",
+    "replace_output_element",
+]
+
+# Shape, dtype and device of one tensor the slot saw.
+ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
 
 
 def output_element(out: Any, index: int) -> Any:
@@ -46,3 +58,36 @@ def replace_output_element(out: Any, index: int, new: torch.Tensor) -> Any:
 def _present_fields(out: Any) -> list[str]:
     """A dataclass output's fields that hold a value, in order: what ``ModelOutput`` indexes."""
     return [f.name for f in dataclasses.fields(out) if getattr(out, f.name) is not None]
+
+
+def default_chunk_dim(host: nn.Module) -> int:
+    """Channels (dim 1) for a ``ConvNd``, the last dimension for every other module."""
+    return 1 if isinstance(host, nn.modules.conv._ConvNd) else -1
+
+
+def declared_width(host: nn.Module, chunk_dim: int) -> int | None:
+    """The width of the host's output along ``chunk_dim`` as far as the module declares it.
+
+    None when the module does not say (a whole block, a custom module): the first forward's
+    recorded shape decides then.
+    """
+    if isinstance(host, nn.modules.conv._ConvNd):
+        return host.out_channels if chunk_dim == 1 else None
+    if chunk_dim != -1:
+        return None
+    if isinstance(host, nn.MultiheadAttention):
+        return host.embed_dim
+    if isinstance(host, nn.Embedding):
+        return host.embedding_dim
+    for name in ("out_features", "nf"):  # nn.Linear and friends; Hugging Face's Conv1D
+        width = getattr(host, name, None)
+        if isinstance(width, int) and not isinstance(width, bool):
+            return width
+    return None
+
+
+def activation_spec(value: object) -> ActivationSpec | None:
+    """Shape, dtype and device of ``value`` when it is a tensor, else None."""
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.dtype, value.device)
+    return None

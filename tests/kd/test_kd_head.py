@@ -10,6 +10,8 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import StaticKDLoss, seed_kd_loss
 from kasmina.ops import kd_kl_loss
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
 
 HIDDEN, T_HIDDEN, VOCAB = 8, 6, 37
 
@@ -77,3 +79,75 @@ def test_seed_kd_loss_with_a_head() -> None:
         seed_kd_loss(config, head(hidden), teacher, head_bias=head.bias)
     with pytest.raises(ValueError, match="teacher_logits shape"):
         seed_kd_loss(config, hidden, teacher[..., :-1], head_weight=head.weight)
+
+
+def _kd_slot(head: nn.Linear | None = None) -> KasminaLayer:
+    torch.manual_seed(7)
+    layer = KasminaLayer(nn.Linear(4, HIDDEN), 2, HIDDEN // 2, kd_config=KDConfig(temperature=2.0))
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(HIDDEN // 2, HIDDEN // 2), nn.Tanh()))
+        for stage in (SeedStage.ISOLATED_INIT, SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+            seed.transition_to(stage)
+    layer.update_alpha_blending(3, 10)
+    if head is not None:
+        layer.set_kd_head(head.weight, head.bias)
+    return layer
+
+
+def test_a_slot_with_a_kd_head_distils_its_seeds_through_the_head() -> None:
+    """A slot over hidden states (a language model's last block) distils its seeds against
+    vocabulary logits through the model's head, fused: the loss is the one on the head's
+    logits of the seeds' outputs, the seeds get its gradient, and the head gets none."""
+    head, _, _, _, _ = _setup(4)
+    layer = _kd_slot(head)
+    assert layer.kd_width == VOCAB
+    x, teacher = torch.randn(5, 4), torch.randn(5, VOCAB)
+    layer(x, teacher_logits=teacher)
+    loss = layer.get_and_clear_kd_losses()
+    chunks = layer.host(x).detach().split(HIDDEN // 2, dim=-1)
+    students = torch.cat([s.kernel(c) for s, c in zip(layer.seeds, chunks, strict=True)], -1)
+    want = kd_kl_loss(head(students), teacher, temperature=2.0)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    params = [p for s in layer.seeds for p in s.kernel.parameters()]
+    got = torch.autograd.grad(loss, params)
+    expected = torch.autograd.grad(want, params)
+    for g, w in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    layer(x, teacher_logits=teacher)
+    layer.get_and_clear_kd_losses().backward()
+    assert head.weight.grad is None and head.bias.grad is None  # the head is not trained
+    assert layer.host.weight.grad is None  # nor the host
+    layer.set_kd_head(None)
+    assert layer.kd_width == HIDDEN
+
+
+def test_a_kd_head_that_does_not_fit_the_slot_is_refused() -> None:
+    layer = _kd_slot()
+    with pytest.raises(ValueError, match="H = 8"):
+        layer.set_kd_head(torch.randn(VOCAB, HIDDEN + 1))
+    with pytest.raises(ValueError, match="bias"):
+        layer.set_kd_head(torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB + 1))
+    with pytest.raises(ValueError, match="needs its weight"):
+        layer.set_kd_head(None, torch.randn(VOCAB))
+    with pytest.raises(ValueError, match=r"\[V, H\]"):
+        layer.set_kd_head(torch.randn(HIDDEN))
+    conv = KasminaLayer(nn.Conv2d(2, HIDDEN, 1), 2, HIDDEN // 2)
+    with pytest.raises(ValueError, match="last dimension"):
+        conv.set_kd_head(torch.randn(VOCAB, HIDDEN))
+    assert layer.kd_width == HIDDEN and conv.kd_width == HIDDEN  # nothing was set
+
+
+def test_a_slot_with_a_kd_head_compiles_whole() -> None:
+    """Under ``torch.compile(fullgraph=True)`` the slot's fused head loss is the eager one."""
+    head = _setup(5)[0]
+    layer = _kd_slot(head)
+    x, teacher = torch.randn(5, 4), torch.randn(5, VOCAB)
+    layer(x, teacher_logits=teacher)
+    want = layer.get_and_clear_kd_losses()
+    compiled = torch.compile(lambda x, t: layer(x, teacher_logits=t), fullgraph=True)
+    compiled(x, teacher)
+    got = layer.get_and_clear_kd_losses()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert all(p.grad is not None for s in layer.seeds for p in s.kernel.parameters())
+    assert head.weight.grad is None

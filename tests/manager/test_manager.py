@@ -664,3 +664,27 @@ def test_a_copy_racing_an_eviction_is_refused(rig: Rig, mlp, monkeypatch) -> Non
     monkeypatch.setattr(loader_module.copy, "deepcopy", deepcopy_while_evicted)
     with pytest.raises(ValueError, match="while it was copied"):
         manager.loader.copy(original)
+
+
+def test_a_kd_head_routes_vocabulary_logits_to_the_slot_it_reads(kd_rig: Rig, mlp) -> None:
+    """``set_kd_head`` gives a head to the slots as wide as its input; teacher logits as wide
+    as its vocabulary then reach those slots, whose seeds distil through the head (fused)
+    while the head and the host stay untouched by the KD loss."""
+    rig, manager = kd_rig, kd_rig.manager
+    torch.manual_seed(11)
+    head = nn.Linear(4, 9)  # the slot "out" is 2 seeds x 2 = 4 wide
+    assert manager.set_kd_head(head.weight, head.bias) == [rig.slot.layer_id]
+    assert rig.slot.kd_width == 9
+    assert rig.send("germinate", SEED0, mlp)
+    teacher = torch.randn(16, 9)
+    manager.set_teacher_logits(teacher)
+    rig.model(rig.x)
+    kd = manager.collect_kd_losses()
+    assert kd is not None and torch.isfinite(kd)
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y), kd_loss=kd)
+    assert all(p.grad is not None for p in manager.seed(SEED0).kernel.parameters())
+    assert head.weight.grad is None
+    assert manager.step()["isolation_clean"]
+    manager.set_teacher_logits(torch.randn(16, 4))  # the slot's own width: not for it now
+    rig.model(rig.x)
+    assert manager.collect_kd_losses() is None

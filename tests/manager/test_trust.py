@@ -88,6 +88,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "register_gradient_monitors",
         "require_registry",
         "seed",
+        "set_kd_head",
         "set_teacher_logits",
         "stages",
         "step",
