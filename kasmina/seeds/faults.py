@@ -391,8 +391,9 @@ class _Graft:
 
 def _graft_values(
     graft: _Graft, host: torch.Tensor, alpha: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """``(out, alpha_used)`` in the moved layout (chunks along the last dim of ``host``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, alpha_used, ok)`` in the moved layout (chunks along the last dim of ``host``);
+    ``ok[k]``: chunk k is the seed's (finite) output or the host's own."""
     n, dim = graft.n, graft.dim
     full = torch.cat(graft.chunks, dim=dim)
     if dim != full.dim() - 1:
@@ -403,13 +404,13 @@ def _graft_values(
         ok = ok.logical_or(graft.passed)
     graft.flags.logical_and_(ok)
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
-        return torch.where(ok.unsqueeze(-1), full_c, host_c).flatten(-2), alpha
+        return torch.where(ok.unsqueeze(-1), full_c, host_c).flatten(-2), alpha, ok
     # A chunk that fails the test blends with alpha 0 against its values with every
     # non-finite one zeroed: ``h + 0 * (s' - h)`` is ``h`` (``s' - h`` is finite wherever the
     # host is). One elementwise pass, where ``torch.where`` would broadcast a mask too.
     used = alpha.mul(ok)
     safe = full_c.nan_to_num(0.0, 0.0, 0.0)
-    return blend_chunks(safe, host_c, used).flatten(-2), used
+    return blend_chunks(safe, host_c, used).flatten(-2), used, ok
 
 
 class GuardedBlend(torch.autograd.Function):
@@ -430,20 +431,23 @@ class GuardedBlend(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, graft: _Graft, host: torch.Tensor, alpha: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
-        out, used = _graft_values(graft, host, alpha)
+        out, used, ok = _graft_values(graft, host, alpha)
         graft.chunks = []  # the backward needs the island's outputs, not the host's chunks
         ctx.graft = graft
-        ctx.save_for_backward(used)
+        ctx.save_for_backward(used, ok)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         graft: _Graft = ctx.graft
-        (used,) = ctx.saved_tensors
+        used, ok = ctx.saved_tensors
         n = graft.n
         grad_c = grad.unflatten(-1, (n, -1))
         if graft.blend:
             grad_c = blend_chunks_seed_grad(grad_c, used)
+        # A chunk that fell back sends its seed exactly 0, whatever ``g`` holds (0 * inf would
+        # be NaN), as ``torch.where``'s backward does on the per-op path.
+        grad_c = torch.where(ok.unsqueeze(-1), grad_c, 0.0)
         grad_host = None
         if ctx.needs_input_grad[1] and graft.passed is not None:
             grad_host = grad_c.mul(graft.passed.unsqueeze(-1)).flatten(-2)

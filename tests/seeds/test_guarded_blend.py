@@ -101,6 +101,7 @@ CASES = {
     "a dormant seed passes the host": ([S.GRAFTING, S.DORMANT, S.GRAFTING], {}),
     "a NaN output falls back": ([S.GRAFTING, S.GRAFTING, S.STABILIZATION], {1: float("nan")}),
     "an inf output falls back": ([S.STABILIZATION, S.GRAFTING], {0: float("inf")}),
+    "stabilization only, a NaN falls back": ([S.STABILIZATION] * 3, {2: float("nan")}),
 }
 
 
@@ -141,6 +142,24 @@ class _ConvPoison(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x).index_fill(1, torch.tensor([0]), self.value)
+
+
+@pytest.mark.parametrize("blend", [True, False])
+def test_a_fallen_back_seed_gets_exactly_zero_even_from_a_non_finite_gradient(blend: bool) -> None:
+    """The per-op path's ``where`` sends a seed whose chunk fell back exactly 0; so does the
+    node, even where the gradient arriving from above is inf (``0 * inf`` would be NaN)."""
+    stages = [S.GRAFTING if blend else S.STABILIZATION, S.STABILIZATION]
+    layer = _layer(stages, nn.Linear(3, 4), 2, kernels={0: _Poison(2, float("nan"))})
+    twin = _unfused(layer)
+    x, w = torch.randn(5, 3), torch.randn(5, 4)
+    w[:, 1] = float("inf")  # only over the chunk that falls back (its unpoisoned column)
+    _, _, grads, _, raw = _run(layer, x, w)
+    assert "GuardedBlendBackward" in _nodes(raw)
+    _, _, want, _, _ = _run(twin, x, w)
+    assert grads.keys() == want.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want[name], rtol=0, atol=0)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.seed(0).kernel.parameters())
 
 
 def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -> None:
