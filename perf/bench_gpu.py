@@ -61,7 +61,16 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_gpu_fused_kd import bench_fused_linear_kd  # noqa: E402  (perf/ is on sys.path)
-from gpu_table import CHECK_ROWS, DTYPES, REL_TOL, Bench, close_check, compiled, generator, render  # noqa: E402
+from gpu_table import (  # noqa: E402
+    CHECK_ROWS,
+    DTYPES,
+    REL_TOL,
+    Bench,
+    close_check,
+    compiled,
+    generator,
+    render,
+)
 
 from kasmina.ops import (  # noqa: E402
     alpha_blend,
