@@ -32,6 +32,7 @@ __all__ = [
     "broadcast_tensors",
     "check_supported_parallelism",
     "collective_device",
+    "copy_into_grads",
     "default_backend",
     "find_free_port",
     "global_rank",
@@ -138,12 +139,17 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
     for group_params in by_dtype.values():
         flat = torch.cat([p.grad.detach().reshape(-1).to(device) for p in group_params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(world)
-        offset = 0
-        for p in group_params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+        copy_into_grads(flat.div_(world), group_params)
+
+
+def copy_into_grads(flat: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+    """Copy consecutive slices of ``flat`` into the ``.grad`` of each of ``params`` in order
+    (the inverse of concatenating their flattened gradients)."""
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

@@ -43,7 +43,7 @@ from torch import nn
 
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult
-from kasmina.control.processes import check_supported_parallelism
+from kasmina.control.processes import check_supported_parallelism, copy_into_grads
 from kasmina.control.replica import nested_checksum
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
@@ -196,12 +196,7 @@ class SeedGradientSync:
         ]
         for bucket, flat, handle in handles:
             handle.wait()
-            flat.div_(world)
-            offset = 0
-            for p in bucket:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-                offset += n
+            copy_into_grads(flat.div_(world), bucket)
         self.stats["steps"] += 1
         self.stats["buckets"] += len(handles)
         self.latency.add_ns(time.perf_counter_ns() - started)

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 import kasmina.ops.fused_linear_kd as flkd
 import kasmina.ops.fused_linear_kd_chunks as chunks
 from kasmina.ops import fused_linear_kd_loss, fused_linear_kd_loss_reference, kd_kl_loss
+from tests.ops.bench_smoke import gpu_bench_smoke_rows
 from tests.ops.tolerances import tol
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -614,23 +615,5 @@ def test_rejections(change, match):
 def test_gpu_bench_fused_linear_rows_run_in_smoke_mode(tmp_path):
     """``perf/bench_gpu.py --smoke --ops fused_linear_kd``: the fused-linear rows of the GPU
     table at tiny sizes on the CPU build, check against float64 and write their JSON."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "table.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("KASMINA_BACKEND", "TRITON_INTERPRET")}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "bench_gpu.py", "--smoke", "--ops", "fused_linear_kd", "--json", str(out)],
-        cwd=root / "perf", env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = gpu_bench_smoke_rows("fused_linear_kd", tmp_path)
     assert {r["impl"] for r in rows} == {"kasmina", "kasmina default chunk", "eager"}
-    for row in rows:
-        assert row["ms"] is not None and row["wall_ms"] is not None, row
-        assert "MISMATCH" not in row["note"] and "error" not in row["note"], row

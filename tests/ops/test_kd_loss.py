@@ -28,6 +28,7 @@ from kasmina.ops.kd_loss import (
     kd_backward_reference,
     kd_forward_reference,
 )
+from tests.ops.bench_smoke import gpu_bench_smoke_rows
 from tests.ops.tolerances import DTYPES, tol
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -620,20 +621,8 @@ def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
     """``perf/bench_gpu.py --smoke``: the KD rows of the GPU table, at tiny sizes on the CPU
     (the kernels interpreted), build, check against float64 and write their JSON, so a bug in
     the benchmark shows without a GPU."""
-    root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "table.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("KASMINA_BACKEND", "TRITON_INTERPRET")}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "bench_gpu.py", "--smoke", "--ops", "kd_kl_loss", "--json", str(out)],
-        cwd=root / "perf", env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = gpu_bench_smoke_rows("kd_kl_loss", tmp_path)
     assert {r["impl"] for r in rows} == {"kasmina", "eager"}
-    for row in rows:
-        assert row["ms"] is not None and row["wall_ms"] is not None, row
-        assert "MISMATCH" not in row["note"] and "error" not in row["note"], row
 
 
 # --------------------------------------------------------------------------- rejections
