@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.kasmina-bench-stamp
 # Run the Triton kernels through the interpreter on machines without a GPU.
 INTERP := TRITON_INTERPRET=1
 
-.PHONY: setup demo test test-fast bench bench-gpu proto lint clean
+.PHONY: setup demo test test-fast bench bench-gpu gpu-wheels proto lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: setup
 # check (install, CUDA tests, table, perf/results/) for a machine whose torch is preinstalled.
 bench-gpu: $(BENCH_STAMP)
 	$(BIN)/python perf/bench_gpu.py $(BENCH_ARGS)
+
+# Wheels a GPU machine without network needs for perf/gpu_check.sh (into perf/wheels, ignored).
+gpu-wheels: setup
+	PYTHON=$(BIN)/python bash perf/gpu_wheels.sh
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -e ".[bench]"

@@ -4,28 +4,34 @@
 # then the GPU table (perf/bench_gpu.py), and write everything to perf/results/.
 #
 #   bash perf/gpu_check.sh            # PYTHON=python3.12 picks the interpreter
+#   bash perf/gpu_check.sh --install-only   # stage 1 alone (no GPU needed): install, import
 #
 # Stages have hard time limits, so the whole run stays within 8 minutes: install 150 s, tests
 # 210 s (and up to 120 s more for the NCCL runs on a machine with 2+ GPUs), the table what is
 # left of 470 s (its own budget is shorter, and an interrupted table still writes the rows it
-# has). The table runs the KD rows first. On a machine without network, put the extras' wheels
-# in perf/wheels first (on a machine with network: pip download liger-kernel --no-deps -d
-# perf/wheels); without them the table runs without Liger and says so in its rows.
+# has). The table runs the KD rows first. On a machine without network, fill perf/wheels first
+# on one with network (bash perf/gpu_wheels.sh: the runtime dependencies such images lack, and
+# Liger-Kernel) and bring it along; they are installed without their dependencies, over the
+# preinstalled torch and triton. Without Liger the table says so in its rows.
+# KASMINA_RESULTS_DIR (default perf/results) is where the logs and tables go.
 # Exit status: that of the tests, else that of the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 STAMP=$(date -u +%Y-%m-%d-%H%M)
-OUT=perf/results
-mkdir -p "$OUT"
-TESTS_LOG="$OUT/gpu-$STAMP-tests.txt"
-TABLE_TXT="$OUT/gpu-$STAMP.txt"
-TABLE_JSON="$OUT/gpu-$STAMP.json"
+RESULTS=${KASMINA_RESULTS_DIR:-perf/results}
+mkdir -p "$RESULTS"
+TESTS_LOG="$RESULTS/gpu-$STAMP-tests.txt"
+TABLE_TXT="$RESULTS/gpu-$STAMP.txt"
+TABLE_JSON="$RESULTS/gpu-$STAMP.json"
 unset TRITON_INTERPRET KASMINA_BACKEND
 started=$SECONDS
 
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+install_only=0
+if [ "${1:-}" = "--install-only" ]; then install_only=1; fi
+if [ "$install_only" -eq 0 ] &&
+        ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: $PY has no CUDA torch; run this on the GPU machine" >&2
     exit 2
 fi
@@ -45,11 +51,14 @@ EOF
 pip_install() {
     timeout 150 "$PY" -m pip install --quiet --retries 1 --timeout 10 -c "$constraints" "$@"
 }
-if pip_install -e ".[dev,bench]"; then
+shopt -s nullglob
+wheels=(perf/wheels/*.whl)
+shopt -u nullglob
+if [ "${#wheels[@]}" -gt 0 ] && pip_install --no-index --no-deps "${wheels[@]}" &&
+        pip_install --no-index --no-deps --no-build-isolation -e .; then
+    echo "gpu_check: installed the package and ${#wheels[@]} wheels from perf/wheels"
+elif pip_install -e ".[dev,bench]"; then
     echo "gpu_check: installed .[dev,bench]"
-elif [ -d perf/wheels ] && pip_install --no-index --find-links perf/wheels \
-        --no-build-isolation -e ".[dev,bench]"; then
-    echo "gpu_check: installed .[dev,bench] from perf/wheels"
 elif pip_install --no-deps --no-build-isolation -e .; then
     echo "gpu_check: installed the package alone (no network, no perf/wheels): no Liger rows" >&2
 else
@@ -58,6 +67,29 @@ else
 fi
 "$PY" -c 'import importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' \
     2>/dev/null || echo "gpu_check: liger-kernel not installed"
+# Every module must import (a missing runtime dependency, or a protobuf older than the generated
+# leyline code, would otherwise fail each test on its own): stop here, saying which.
+if ! "$PY" - <<'EOF'
+import importlib
+import pkgutil
+
+import kasmina
+import kasmina.kernels  # installed from kernels/, outside kasmina/ in the checkout
+
+for package in (kasmina, kasmina.kernels):
+    for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+        if not module.name.endswith(".__main__"):  # that one runs the CLI
+            importlib.import_module(module.name)
+EOF
+then
+    echo "gpu_check: the package does not import (see above); bring the wheels of" \
+        "bash perf/gpu_wheels.sh in perf/wheels" >&2
+    exit 3
+fi
+if [ "$install_only" -eq 1 ]; then
+    echo "gpu_check: installed, every module imports"
+    exit 0
+fi
 
 # --- 2. the tests that run on CUDA ---------------------------------------------------------
 # test_kd_loss.py runs every test on the GPU when there is one; the -k picks the other
