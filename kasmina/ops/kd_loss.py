@@ -222,12 +222,15 @@ def _loss_rows(
     factor = temperature * temperature * LN2
     if reduction in ("mean", "batchmean"):
         factor *= _host_scale(reduction, math.prod(lead), student.shape[-1], kept is not None)
-    for careful in (False, True):
+    # On a CPU the host read that decides on the careful form is free; on any other device
+    # (CUDA tensors forced onto the reference) it would be a sync, so the careful form runs.
+    on_cpu = student.device.type == "cpu"
+    for careful in (False, True) if on_cpu else (True,):
         row, *rest = _rows(student, teacher, work, k, careful)
         if mask is not None:
             row = row.squeeze(-1).masked_fill_(~mask, 0.0)
         loss = row.view(lead).mul_(factor) if reduction == "none" else row.sum().mul_(factor)
-        if not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
+        if not on_cpu or not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
             break
     if kept is not None:
         loss = loss.div_(kept)
@@ -248,8 +251,9 @@ def kd_forward_reference(
     It works in fp32 (float64 for float64 inputs, which only the tests pass) and spends one
     ``exp2`` per element and side. Small inputs are dominated by the per-op cost, so the op
     count is kept low: only when the loss holds a NaN (an infinite logit, or a NaN input) are
-    the rows recomputed in the careful form, which a host read decides (free on a CPU; a sync
-    only for CUDA tensors forced onto the reference). Eager autograd on a CPU uses
+    the rows recomputed in the careful form, which a host read decides (free on a CPU; tensors
+    on another device, CUDA ones forced onto the reference, always take the careful form, so
+    that nothing syncs). Eager autograd on a CPU uses
     ``kd_forward_grad_reference`` instead (the gradient from the same exponentials).
     """
     loss, kept, (neg_ma, neg_mb, z_a, z_b, _, _) = _loss_rows(
