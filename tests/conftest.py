@@ -47,6 +47,46 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, or None.
+
+    Every kernel loops over runtime bounds (``range(0, n, BLOCK)``). Triton before 3.7 turns
+    such a bound into a Python int with ``int()`` of a one-element array, which recent NumPy
+    refuses (2.4 here), so each kernel test would fail with the same cryptic
+    ``InterpreterError``.
+    A three-element kernel answers it once, before any test runs.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _count(out_ptr, n):
+        acc = 0
+        for _ in range(0, n):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count[(1,)](out, 3)
+    except Exception as exc:  # the interpreter's own failure, whatever its type
+        import numpy
+
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound "
+            f"with NumPy {numpy.__version__} ({type(exc).__name__}: {exc}); install "
+            f"triton>=3.7 to run the kernel tests on a CPU"
+        )
+    return None if int(out[0]) == 3 else f"the interpreter counted {int(out[0])} for 3"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        problem = _interpreter_problem()
+        if problem is not None:
+            pytest.exit(problem, returncode=4)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _OWN_INDUCTOR_CACHE is not None:
         shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
