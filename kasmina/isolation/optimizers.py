@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +34,7 @@ from kasmina.kd.teacher import is_teacher_parameter
 from kasmina.leyline import CommandType, MetricType, OptimizerCommand
 from kasmina.ops import grad_norms
 from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.utils.flags import read_flags
 from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
@@ -316,16 +317,24 @@ class IsolatedOptimizerManager:
         With clipping, a non-finite global norm skips the step (one host sync, like AMP's
         scaler) so NaN/Inf never reach the weights; returns False then, True when it stepped.
         """
-        entry = self._entry(optimizer_id)
+        return self.step_many([optimizer_id], grad_clip_norm)[0]
+
+    def step_many(self, optimizer_ids: Sequence[str], grad_clip_norm: float = 0.0) -> list[bool]:
+        """``step`` for each optimizer, with one host sync in all when clipping: every group is
+        clipped, the finiteness of all their norms read in one transfer, then each steps."""
+        entries = [self._entry(optimizer_id) for optimizer_id in optimizer_ids]
+        finite = [True] * len(entries)
         if grad_clip_norm > 0:
-            total = self.clip_grad_norm(optimizer_id, grad_clip_norm)
-            self.last_grad_norm[optimizer_id] = total
-            if not bool(torch.isfinite(total)):
+            totals = [self.clip_grad_norm(oid, grad_clip_norm) for oid in optimizer_ids]
+            self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
+            finite = read_flags([torch.isfinite(total) for total in totals])
+        for optimizer_id, entry, ok in zip(optimizer_ids, entries, finite, strict=True):
+            if ok:
+                entry.optimizer.step()
+            else:
                 logger.warning("optimizer %s: non-finite grad norm, step skipped", optimizer_id)
                 self._emit("optimizer_step_skipped", 1.0, {"optimizer_id": optimizer_id})
-                return False
-        entry.optimizer.step()
-        return True
+        return finite
 
     def reset_state(self, optimizer_id: str) -> None:
         """Forget the optimizer's running state (moments, step counts); keep its params."""

@@ -5,7 +5,8 @@ quarantines the seed at ``max_isolation_violations``; the host keeps training):
 
 - the seed-only backward (KD): host gradients are set aside, the loss is backpropagated, and
   one ``leak_check`` launch tests that the host got nothing; the flag is read at the step's
-  check (the one host sync) and whatever leaked is dropped before any optimizer sees it. The KD
+  check (with the seeds' non-finite flags, in the step's one transfer) and whatever leaked is
+  dropped before any optimizer sees it. The KD
   loss of a slot mixes its seeds, so a leak counts against every seed that was distilling;
 - the autograd graph of each isolated seed's last output (``verify_gradient_isolation``);
 - debug monitors added by ``register_gradient_monitors`` (backward hooks on every parameter).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import ISOLATED_STAGES, SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
 from kasmina.seeds.seed import KD_STAGES
+from kasmina.utils.flags import read_flags
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 from kasmina.utils.telemetry import TelemetryReporter
 
@@ -124,10 +126,18 @@ class IsolationGuard:
                 for p, grad in zip(host, stash, strict=True):
                     p.grad = grad  # whatever leaked is dropped here
 
-    def check(self, registry: SlotRegistry) -> bool:
-        """Verify the step (see the module docstring); True when it was clean."""
+    def kd_flags(self) -> list[torch.Tensor]:
+        """The device flags of this step's seed-only backwards, for a caller that reads them
+        together with other flags and hands their values to ``check``."""
+        return [flag for flag, _ in self._kd_checks]
+
+    def check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None = None) -> bool:
+        """Verify the step (see the module docstring); True when it was clean. ``kd_leaked``:
+        the values of ``kd_flags()``, if the caller has read them (else they are read here)."""
         checks, self._kd_checks = self._kd_checks, []
-        leaked = [ids for flag, ids in checks if bool(flag)]
+        if kd_leaked is None:
+            kd_leaked = read_flags([flag for flag, _ in checks])
+        leaked = [ids for (_, ids), bad in zip(checks, kd_leaked, strict=True) if bad]
         suspects = {seed_id for ids in leaked for seed_id in ids}
         clean = not leaked
         for record in registry.in_stages(ISOLATED_STAGES):

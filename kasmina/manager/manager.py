@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from itertools import compress
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
+from kasmina.utils.flags import read_flags
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
 
@@ -474,22 +476,31 @@ class KasminaKernelManager:
             optimizers = state.optimizers
             if self.grad_sync is not None:
                 self.grad_sync()  # a collective: every rank, every step, before any checks
-            clean = self.check_gradient_isolation()
-            nonfinite = [
+            # Every device flag of the step in one transfer: the seed-only backwards' leak
+            # flags and the running seeds' non-finite flags.
+            polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
+            kd_flags = self.guard.kd_flags()
+            values = read_flags([*kd_flags, *(r.seed.finite_flag for r in polled)])
+            clean = self.guard.check(registry, values[: len(kd_flags)])
+            nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
-                for r in registry.in_stages(RUNS_KERNEL)
-                if r.kernel is not None and r.seed.poll_nonfinite()
+                for r, finite in zip(polled, values[len(kd_flags) :], strict=True)
+                if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(finite)
             ]
-            host_stepped = False
-            if optimizers.has_host and clean:
-                host_stepped = optimizers.step(HOST_ID, grad_clip_norm)
-            stepped = [
+            host = [HOST_ID] if optimizers.has_host and clean else []
+            seeds = [
                 r.seed_id
                 for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
-                if r.seed_id in optimizers.seed_ids and optimizers.step(r.seed_id, grad_clip_norm)
+                if r.seed_id in optimizers.seed_ids
             ]
+            done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
+            host_stepped = bool(host) and done[0]
+            stepped = list(compress(seeds, done[len(host) :]))
             optimizers.zero_grad()
-            self._drop_unused_kd_losses(registry)
+            dropped = registry.drop_kd_losses()  # computed, never passed to backward()
+            if dropped and not self.counters["kd_dropped"]:
+                logger.warning("KD losses were computed but not passed to backward(); dropped")
+            self.counters["kd_dropped"] += dropped
             config = state.config
             for record in registry.in_stages([SeedStage.GRAFTING]):
                 record.graft_steps += 1
@@ -510,14 +521,6 @@ class KasminaKernelManager:
             "nonfinite": nonfinite,  # fell back to the host output: one fault each
             "commands": outcomes,  # queued commands applied at the end of this step
         }
-
-    def _drop_unused_kd_losses(self, registry: SlotRegistry) -> None:
-        """KD losses never handed to ``backward`` would pile up (with their graphs) in the
-        slots; drop them, and say so once."""
-        dropped = [slot.get_and_clear_kd_losses() for slot in registry.slots]
-        if any(loss is not None for loss in dropped) and not self.counters["kd_dropped"]:
-            logger.warning("KD losses were computed but not passed to backward(); dropped")
-        self.counters["kd_dropped"] += sum(loss is not None for loss in dropped)
 
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None

@@ -193,6 +193,10 @@ class SlotRegistry:
         wanted = frozenset(stages)
         return [r for r in self.records.values() if r.stage in wanted]
 
+    def drop_kd_losses(self) -> int:
+        """Drop the KD losses the slots hold (with their graphs); how many slots held one."""
+        return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)
+
     def host_side_params(self) -> list[nn.Parameter]:
         """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""
         params = list(self.host_params)

@@ -73,6 +73,7 @@ from kasmina.seeds.outputs import (
 from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
+from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,7 @@ class KasminaLayer(nn.Module):
         self.seeds.to(device)
         self.register_buffer("_one", torch.ones((), device=device), persistent=False)
         # Every seed's non-finite flag (``GradientIsolatedSeed.finite_flag``) is a view of this
-        # buffer, so that the layer's guard updates all of them in one op and a seed's poll
-        # reads its own.
+        # buffer, so that the layer's guard updates all of them in one op.
         flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
         self.register_buffer("_finite_flags", flags, persistent=False)
         self._link_flags()
@@ -268,8 +268,10 @@ class KasminaLayer(nn.Module):
             seed.update_alpha_blending(step, total_steps, temperature)
 
     def poll_nonfinite(self) -> list[str]:
-        """Poll every seed's non-finite flag (one sync each); ids of seeds that fell back."""
-        return [seed.seed_id for seed in self.seeds if seed.poll_nonfinite()]
+        """Read all seeds' non-finite flags (one transfer); ids of the seeds that fell back."""
+        seeds = tuple(self.seeds)
+        finite = read_flags([seed.finite_flag for seed in seeds])
+        return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
         """Teacher logits for the next forward's KD loss (for hosts that call ``layer(x)``)."""

@@ -251,10 +251,14 @@ class GradientIsolatedSeed(nn.Module):
         return True
 
     def poll_nonfinite(self) -> bool:
-        """Read the device flag set by non-finite forwards (one sync): whether any forward
-        since the last poll fell back to the host output. However many did, that is one fault
-        (and one ``nonfinite_events``): the flag is one bit, so setting it never waits."""
-        if bool(self.finite_flag):
+        """Read the device flag set by non-finite forwards (one sync) and settle it."""
+        return self.settle_nonfinite(bool(self.finite_flag))
+
+    def settle_nonfinite(self, finite: bool) -> bool:
+        """Act on ``finite_flag``'s value, read alone or with other flags in one transfer: True
+        when a forward since the last read fell back to the host output. However many did,
+        that is one fault and one ``nonfinite_events`` (the flag is one bit: it never waits)."""
+        if finite:
             return False
         self.finite_flag.fill_(True)
         self.nonfinite_events += 1
@@ -532,12 +536,8 @@ class GradientIsolatedSeed(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------
     def get_extra_state(self) -> torch.Tensor:
-        """The seed's bookkeeping as a 1-D uint8 tensor (see :func:`encode_extra_state`).
-
-        A tensor, not a dict: tools that walk a ``state_dict`` (Hugging Face's
-        ``save_pretrained``, safetensors) expect every value to be one, so a model keeps
-        saving with slots attached.
-        """
+        """The seed's bookkeeping as a 1-D uint8 tensor (:func:`encode_extra_state`), not a dict:
+        tools that walk a ``state_dict`` (``save_pretrained``, safetensors) expect tensors."""
         return encode_extra_state(
             {
                 "seed_id": self.seed_id,

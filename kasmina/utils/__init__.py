@@ -10,6 +10,8 @@
   half of one; ``CheckpointSigner`` writes checkpoints behind an HMAC'd manifest (SHA-256, size,
   epoch, run id) and verifies it before any byte reaches ``torch.load(weights_only=True)``;
   ``clone_state`` detaches snapshots from live tensors.
+- ``flags`` -- ``read_flags``: the step's device-side verdicts (0-d bools) read back in one
+  transfer per device, where reading them one by one would cost a GPU round trip each.
 - ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
   variable or a file (never from code), never shown in ``repr`` or logs.
 

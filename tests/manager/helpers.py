@@ -75,7 +75,12 @@ class Rig:
     """A manager over a fresh Host, with helpers to send signed commands and train."""
 
     def __init__(
-        self, config: KasminaConfig, keyring: Keyring, urza_client=None, device: str = "cpu"
+        self,
+        config: KasminaConfig,
+        keyring: Keyring,
+        urza_client=None,
+        device: str = "cpu",
+        **attach_options,
     ) -> None:
         self.keyring = keyring
         self.sink = MemorySink()
@@ -86,7 +91,9 @@ class Rig:
             urza_client=urza_client,
         )
         self.model = Host().to(device)
-        self.slot = self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)[0]
+        self.slot = self.manager.attach(
+            self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05, **attach_options
+        )[0]
         generator = torch.Generator().manual_seed(2)
         self.x = torch.randn(16, 6, generator=generator).to(device)
         self.y = torch.randint(0, 4, (16,), generator=generator).to(device)

@@ -113,6 +113,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "set_parameter_source",
         "state_dict",
         "step",
+        "step_many",
         "validate_state_dict",
         "zero_grad",
     },

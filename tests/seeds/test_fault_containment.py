@@ -28,6 +28,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
+from kasmina.utils import flags as flags_module
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 
 S = SeedStage
@@ -580,7 +581,9 @@ class _ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_guarded_forward_and_backward_never_read_the_device() -> None:
+def test_the_guarded_forward_and_backward_never_read_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     torch.manual_seed(14)
     kernels = [
         NonFinite(2, float("nan")),
@@ -596,9 +599,13 @@ def test_the_guarded_forward_and_backward_never_read_the_device() -> None:
             seed(torch.randn(BATCH, C))
     assert mode.reads == []
     assert [s.faults for s in layer.seeds] == [0, 1, 2, 0] and seed.faults == 2
+    transfers: list[int] = []
+    read = flags_module._read
+    monkeypatch.setattr(flags_module, "_read", lambda f: transfers.append(len(f)) or read(f))
     with _ScalarReads() as mode:
-        assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one read per seed
-    assert len(mode.reads) == 4
+        assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one transfer
+    assert mode.reads == [] and transfers == [4]
+    assert layer.poll_nonfinite() == [] and transfers == [4, 4]  # settled: a clean flag again
 
 
 # ------------------------------------------------------------------------------- compile

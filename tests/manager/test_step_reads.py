@@ -1,0 +1,107 @@
+"""What ``manager.step()`` reads back from the device: one transfer for all the step's flags.
+
+Inside a step every verdict stays on the device (docs/design.md §6a). At the step boundary the
+manager reads the seed-only backwards' leak flags and every running seed's non-finite flag in
+one transfer (``kasmina.utils.flags.read_flags``), and, with gradient clipping, the finiteness
+of every optimizer's norm in one more; on a GPU each separate read would be a round trip of its
+own. On a CPU a ``.tolist()`` dispatches nothing a mode could see, so the transfers are counted
+where they happen (``flags._read``), and the dispatch mode checks that no scalar is read apart
+from them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kasmina.utils.flags as flags_module
+from kasmina.kd.config import KDConfig
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Every ``.item()``-style read (``bool(t)``, ``float(t)``) of a tensor this mode sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def transfers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of flags in each device-to-host transfer of ``read_flags``."""
+    seen: list[int] = []
+    read = flags_module._read
+
+    def counted(flags):
+        seen.append(len(flags))
+        return read(flags)
+
+    monkeypatch.setattr(flags_module, "_read", counted)
+    return seen
+
+
+@pytest.fixture
+def kd_rig(tmp_path, store, keyring) -> Rig:
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
+    # SGD: Adam reads its step counters back on a CPU, which would hide the manager's reads.
+    return Rig(config, keyring, optimizer_cls=torch.optim.SGD)
+
+
+def _step(
+    rig: Rig, teacher: torch.Tensor, grad_clip_norm: float = 0.0, leak: float | None = None
+) -> tuple[dict, int]:
+    """One training step; ``leak`` adds ``leak * host weight`` to the seed-only (KD) loss,
+    which gives the host a gradient there (zero for 0.0) and so a leak flag to read."""
+    manager = rig.manager
+    manager.set_teacher_logits(teacher)
+    loss = nn.functional.cross_entropy(rig.model(rig.x), rig.y)
+    kd_loss = manager.collect_kd_losses()
+    if leak is not None:
+        kd_loss = kd_loss + leak * rig.model.inp.weight.sum()
+    manager.backward(loss, kd_loss=kd_loss)
+    with _ScalarReads() as mode:
+        report = manager.step(grad_clip_norm=grad_clip_norm)
+    return report, mode.reads
+
+
+def test_a_step_reads_every_flag_in_one_transfer(kd_rig: Rig, mlp, transfers) -> None:
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    assert rig.stage(SEED0) == rig.stage(SEED1) == S.ISOLATED_INIT
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
+    rig.train(1, teacher=teacher)  # warm-up: the optimizers' state
+    for leak, clean in ((None, True), (0.0, True), (1e-2, False)):
+        transfers.clear()
+        report, reads = _step(rig, teacher, leak=leak)
+        # both seeds' non-finite flags, and the seed-only backward's leak flag when the host
+        # got a gradient there (zero, or not): one transfer
+        assert transfers == [2 if leak is None else 3] and reads == 0, leak
+        assert report["isolation_clean"] == clean == report["host_stepped"], leak
+        assert sorted(report["seeds_stepped"]) == [SEED0, SEED1] and report["nonfinite"] == []
+    transfers.clear()
+    report, reads = _step(rig, teacher, grad_clip_norm=1.0)
+    assert transfers == [2, 3] and reads == 0  # and the three clipped norms' finiteness
+    assert report["host_stepped"] and sorted(report["seeds_stepped"]) == [SEED0, SEED1]
+    assert set(manager.optimizers.last_grad_norm) == {"host", SEED0, SEED1}
+
+
+def test_a_non_finite_seed_is_found_by_the_one_transfer(kd_rig: Rig, mlp, transfers) -> None:
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    seed = manager.seed(SEED1)
+    with torch.no_grad():
+        next(seed.kernel.parameters()).fill_(float("nan"))
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    transfers.clear()
+    report, _ = _step(rig, teacher)
+    assert transfers == [2] and report["nonfinite"] == [SEED1]
+    assert seed.faults == 1 and seed.nonfinite_events == 1 and manager.seed(SEED0).faults == 0
+    assert bool(seed.finite_flag)  # settled: the next step starts clean
