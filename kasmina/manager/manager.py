@@ -473,6 +473,7 @@ class KasminaKernelManager:
         state = self.state
         with self._lock:
             registry = state.require_registry()
+            registry.check_held()  # before anything changes
             optimizers = state.optimizers
             if self.grad_sync is not None:
                 self.grad_sync()  # a collective: every rank, every step, before any checks

@@ -178,6 +178,24 @@ class SlotRegistry:
         ]
         if not self.host_params:
             raise ValueError("the host model has no trainable parameters")
+        # One host parameter and where the model holds it, for ``check_held``.
+        first = self.host_params[0]
+        name = next(n for n, p in model.named_parameters() if p is first)
+        owner, _, leaf = name.rpartition(".")
+        self._anchor = (model.get_submodule(owner), leaf, first)
+
+    def check_held(self) -> None:
+        """``RuntimeError`` if the model no longer holds the parameters registered with it
+        (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
+        say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
+        the optimizers would go on stepping the old ones while the model trains nothing."""
+        module, name, param = self._anchor
+        if module._parameters.get(name) is not param:
+            raise RuntimeError(
+                "the model's parameters were replaced after the manager registered them (a "
+                "move to another kind of device, or load_state_dict(assign=True)); its "
+                "optimizers hold the old ones. Move or load the model before attach"
+            )
 
     # ------------------------------------------------------------------ lookup
     def __getitem__(self, seed_id: str) -> SeedRecord:

@@ -688,3 +688,28 @@ def test_a_kd_head_routes_vocabulary_logits_to_the_slot_it_reads(kd_rig: Rig, ml
     manager.set_teacher_logits(torch.randn(16, 4))  # the slot's own width: not for it now
     rig.model(rig.x)
     assert manager.collect_kd_losses() is None
+
+
+@pytest.mark.parametrize("how", ["to-meta", "load-assign"])
+def test_a_step_refuses_a_model_whose_parameters_were_replaced(rig: Rig, mlp, how: str) -> None:
+    """After attach, a move to another kind of device (meta tensors are another tensor type,
+    so ``.to`` makes new parameters) or ``load_state_dict(assign=True)`` leaves the manager's
+    optimizers holding the old parameters: ``step()`` says so before it changes anything,
+    where it would have stepped tensors the model no longer uses."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    registered = list(manager.require_registry().host_params)
+    saved = clone_state(manager.optimizers.state_dict())
+    weights = [p.detach().clone() for p in registered]
+    if how == "to-meta":
+        rig.model.to("meta")
+    else:
+        rig.model.load_state_dict(clone_state(rig.model.state_dict()), assign=True)
+    assert not any(p is q for p, q in zip(rig.model.parameters(), registered, strict=False))
+    step_before = manager.state.global_step
+    with pytest.raises(RuntimeError, match="replaced after the manager registered them"):
+        manager.step()
+    assert manager.state.global_step == step_before
+    assert_same(saved, clone_state(manager.optimizers.state_dict()))
+    assert all(torch.equal(p, w) for p, w in zip(registered, weights, strict=True))
