@@ -6,7 +6,8 @@ one transfer (``kasmina.utils.flags.read_flags``), and, with gradient clipping, 
 of every optimizer's norm in one more; on a GPU each separate read would be a round trip of its
 own. On a CPU a ``.tolist()`` dispatches nothing a mode could see, so the transfers are counted
 where they happen (``flags._read``), and the dispatch mode checks that no scalar is read apart
-from them.
+from them. On a GPU the profiler counts the synchronisations inside ``step()`` as well (its
+name has ``on_cuda``, so ``perf/gpu_check.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -105,3 +106,38 @@ def test_a_non_finite_seed_is_found_by_the_one_transfer(kd_rig: Rig, mlp, transf
     assert transfers == [2] and report["nonfinite"] == [SEED1]
     assert seed.faults == 1 and seed.nonfinite_events == 1 and manager.seed(SEED0).faults == 0
     assert bool(seed.finite_flag)  # settled: the next step starts clean
+
+
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_on_cuda_synchronises_once_per_transfer(tmp_path, store, keyring, mlp, transfers):
+    """On a GPU the profiler sees exactly the step's transfers: one synchronisation for the
+    flags, one more for the clipped norms, and nothing else that waits for the device."""
+    config = make_config(tmp_path, store, device="cuda", kd_enabled=True, kd=KDConfig())
+    rig = Rig(config, keyring, device="cuda", optimizer_cls=torch.optim.SGD)
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    teacher = torch.randn(16, 4, device="cuda")
+    for clip, expected in ((0.0, [2]), (1.0, [2, 3])):
+        rig.train(1, teacher=teacher)  # warm-up: launch caches, optimizer state
+        rig.manager.set_teacher_logits(teacher)
+        loss = nn.functional.cross_entropy(rig.model(rig.x), rig.y)
+        rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+        torch.cuda.synchronize()
+        transfers.clear()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.record_function("managed_step"):
+                report = rig.manager.step(grad_clip_norm=clip)
+        events = prof.events()
+        (window,) = [e.time_range for e in events if e.name == "managed_step"]
+        syncs = [
+            e.name
+            for e in events
+            if e.name in _SYNCS and window.start <= e.time_range.start <= window.end
+        ]
+        assert transfers == expected, clip
+        assert syncs.count("aten::_local_scalar_dense") == 0, syncs
+        assert len(syncs) == len(expected), syncs
+        assert report["host_stepped"] and sorted(report["seeds_stepped"]) == [SEED0, SEED1]
