@@ -6,8 +6,8 @@ quarantines the seed at ``max_isolation_violations``; the host keeps training):
 - the seed-only backward (KD): host gradients are set aside, the loss is backpropagated, and
   one ``leak_check`` launch tests that the host got nothing; the flag is read at the step's
   check (with the seeds' non-finite flags, in the step's one transfer) and whatever leaked is
-  dropped before any optimizer sees it. The KD
-  loss of a slot mixes its seeds, so a leak counts against every seed that was distilling;
+  dropped before any optimizer sees it. The KD loss of a slot mixes its seeds, so a leak
+  counts against every seed that was distilling;
 - the autograd graph of each isolated seed's last output (``verify_gradient_isolation``);
 - debug monitors added by ``register_gradient_monitors`` (backward hooks on every parameter).
 """
