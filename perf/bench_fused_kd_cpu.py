@@ -3,13 +3,20 @@
 
     python perf/bench_fused_kd_cpu.py [--rows 1024] [--hidden 256] [--vocab 32000] [--reps 5]
 
-Each (implementation, dtype) runs in a fresh subprocess, one torch thread: the inputs are built,
-the resident set size is read (``/proc/self/statm``), one forward + backward runs and the peak
-resident set size (``getrusage``) minus the size before it is the call's peak extra memory
-(inputs excluded; gradients included). Then ``--reps`` more calls are timed and the median is
-printed. The teacher is a head (its own hidden states and weight, its logits computed under
-``no_grad``); temperature 2, ``batchmean``. Not collected by pytest (no test functions): run it
-directly. Speeds are reported, never asserted.
+Each (implementation, dtype) runs in a fresh subprocess, one torch thread: the inputs are built
+and one forward + backward runs (for ``compiled``, ``torch.compile(fullgraph=True)`` of the
+fused op, this compiles it). Then the peak resident set size is reset (``/proc/self/clear_refs``)
+and the resident set size read, one more forward + backward runs, and the peak (``VmHWM``) minus
+the size before it is the call's peak extra memory (inputs excluded; gradients included). Then
+``--reps`` more calls are timed and the median is printed.
+
+Each child runs with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``). By
+default it rises to 32 MiB after the first large free, after which freed buffers stay in the
+heap: a second call reuses them and its resident set does not grow. Each child also has an
+Inductor cache of its own, so no compiled graph of an older build is replayed. The teacher is a
+head (its own hidden states and weight, its logits computed under ``no_grad``); temperature 2,
+``batchmean``. Not collected by pytest (no test functions): run it directly. Speeds are
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -38,8 +45,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _child(impl: str, dt: str, rows: int, hidden: int, vocab: int, reps: int, chunk: int | None):
@@ -55,22 +71,25 @@ def _child(impl: str, dt: str, rows: int, hidden: int, vocab: int, reps: int, ch
     t_h = rand(rows, hidden)
     t_w = rand(vocab, hidden, scale=hidden**-0.5)
 
+    def fused(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return fused_linear_kd_loss(
+            h, w, teacher_hidden=t_h, teacher_weight=t_w, temperature=TEMPERATURE,
+            chunk_rows=chunk,
+        )  # fmt: skip
+
+    compiled = torch.compile(fused, fullgraph=True)
+
     def step() -> tuple[torch.Tensor, ...]:
         if impl == "eager":
             with torch.no_grad():
                 t_logits = t_h @ t_w.t()
             loss = kd_kl_loss(h @ w.t(), t_logits, TEMPERATURE)
         else:
-            loss = fused_linear_kd_loss(
-                h,
-                w,
-                teacher_hidden=t_h,
-                teacher_weight=t_w,
-                temperature=TEMPERATURE,
-                chunk_rows=chunk,
-            )
+            loss = (compiled if impl == "compiled" else fused)(h, w)
         return (*torch.autograd.grad(loss, (h, w)), loss)
 
+    step()  # warm-up (and, compiled, the compilation); its results are dropped here
+    _reset_peak_rss()
     before = _rss_bytes()
     result = step()
     peak = _peak_rss_bytes() - before
@@ -113,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rows, args.vocab, dtype, dtype, device_type="cpu"
         )
         results = {}
-        for impl in ("eager", "fused"):
+        for impl in ("eager", "fused", "compiled"):
             cmd = [
                 sys.executable,
                 __file__,
@@ -131,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.chunk_rows:
                 cmd += ["--chunk-rows", str(args.chunk_rows)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                       "TORCHINDUCTOR_CACHE_DIR": cache}  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         for impl, r in results.items():
             ratio = ""
-            if impl == "fused":
+            if impl != "eager":
                 e = results["eager"]
                 ratio = f"  {r['ms'] / e['ms']:.2f}x, {r['peak_mib'] / e['peak_mib']:.3f}x"
-            label = str(chunk) if impl == "fused" else "-"
+            label = str(chunk) if impl != "eager" else "-"
             print(
                 f"{dt:<6} {impl:<8} {label:>6} {r['ms']:>12.1f} {r['peak_mib']:>15.1f}"
                 f" {r['loss']:>10.5f}{ratio}"

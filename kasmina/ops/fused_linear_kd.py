@@ -38,8 +38,9 @@ second weight-sized buffer ever exists (a second backward through a retained gra
 the spent gradients from the saved inputs). With ``reduction="none"`` the weight gradient
 depends on the per-row ``grad_output``, so the forward keeps the per-row KD statistics
 (``[rows, 4]`` fp32) and the backward recomputes each chunk's logits (two GEMMs per chunk more),
-rounding its accumulators in place too. Under ``torch.compile`` the traced backward rounds into
-fresh tensors (it may not mutate what it saved).
+rounding its accumulators in place too. Under ``torch.compile`` a scalar reduction's backward
+spends the buffers in place as well, through ``kasmina::fused_linear_kd_spend_`` (a custom op
+that declares the mutation), and takes the gradients as views of them afterwards.
 
 Default chunk size: ``default_chunk_rows`` (in ``kasmina.ops.fused_linear_kd_chunks``, with
 the chunk engine) fits a chunk's scratch (student logits and their
@@ -48,10 +49,12 @@ CPU) into ``DEFAULT_CHUNK_BYTES`` (512 MiB) on CUDA and ``DEFAULT_CPU_CHUNK_BYTE
 elsewhere, rounded down to a multiple of 64 rows; ``chunk_rows`` overrides it.
 
 Eager calls go through a ``torch.autograd.Function``; under ``torch.compile`` the op is the
-custom op ``kasmina::fused_linear_kd_loss`` (and ``kasmina::fused_linear_kd_loss_backward`` for
-``reduction="none"``), with fake implementations and ``register_autograd``; both call the same
-implementation. Hidden states that cannot be viewed as ``[rows, H]`` are copied (hidden-sized);
-teacher logits that cannot be viewed as ``[rows, V]`` are gathered one chunk at a time.
+custom op ``kasmina::fused_linear_kd_loss`` (and, for its backward,
+``kasmina::fused_linear_kd_spend_`` for scalar reductions and
+``kasmina::fused_linear_kd_loss_backward`` for ``reduction="none"``), with fake
+implementations and ``register_autograd``; both paths call the same implementation. Hidden
+states that cannot be viewed as ``[rows, H]`` are copied (hidden-sized); teacher logits that
+cannot be viewed as ``[rows, V]`` are gathered one chunk at a time.
 """
 
 from __future__ import annotations
@@ -66,8 +69,8 @@ from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
     _forward,
-    _scaled_grads,
     _spend_grads,
+    _spent_views,
     default_chunk_rows,
 )
 from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
@@ -205,15 +208,16 @@ def _fused_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg(
         temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap,
         teacher_cap, need_hidden, need_weight, need_bias,
     )  # fmt: skip
-    return _forward(
+    outputs = _forward(
         hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
         cfg,
     )  # fmt: skip
+    return (*outputs, torch.zeros((), dtype=torch.bool))  # not spent yet (a CPU marker)
 
 
 @_fused_op.register_fake
@@ -235,7 +239,8 @@ def _fused_fake(
     scale = hidden.new_empty((), dtype=f32)
     rows = math.prod(lead) if need_grad and reduction == "none" else 0
     stats = hidden.new_empty((rows, 4), dtype=f32)
-    return loss, grad_h, acc_w, acc_b, scale, stats
+    spent = torch.empty((), dtype=torch.bool, device="cpu")
+    return loss, grad_h, acc_w, acc_b, scale, stats, spent
 
 
 @torch.library.custom_op("kasmina::fused_linear_kd_loss_backward", mutates_args=())
@@ -285,6 +290,65 @@ def _fused_backward_fake(
     return grad_h, grad_w, grad_b
 
 
+@torch.library.custom_op(
+    "kasmina::fused_linear_kd_spend_", mutates_args=("grad_h", "acc_w", "acc_b", "spent")
+)
+def _spend_op(
+    grad_loss: Tensor,
+    grad_h: Tensor,
+    acc_w: Tensor,
+    acc_b: Tensor,
+    scale: Tensor,
+    spent: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    mask: Tensor | None,
+    temperature: float,
+    reduction: str,
+    chunk_rows: int,
+    student_scale: float | None,
+    teacher_scale: float | None,
+    student_cap: float | None,
+    teacher_cap: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> None:
+    """The traced backward of a scalar reduction: the forward's unscaled gradients scaled and
+    rounded in their own buffers (``_spend_grads``), which the caller then views as the
+    gradients (``_spent_views``), so the compiled backward allocates nothing gradient-sized
+    either. ``spent`` (a CPU bool, free to read) marks buffers an earlier backward of a
+    retained graph used: they are recomputed from the inputs first, as the eager path does."""
+    cfg = _cfg(
+        temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap,
+        teacher_cap, need_hidden, need_weight, need_bias,
+    )  # fmt: skip
+    if bool(spent):
+        with torch.no_grad():
+            fresh = _forward(
+                hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                teacher_bias, mask, cfg,
+            )[1:5]  # fmt: skip
+        for buffer, value in zip((grad_h, acc_w, acc_b, scale), fresh, strict=True):
+            buffer.copy_(value)
+    _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+    spent.fill_(True)
+
+
+@_spend_op.register_fake
+def _spend_fake(
+    grad_loss, grad_h, acc_w, acc_b, scale, spent, hidden, weight, bias, teacher_logits,
+    teacher_hidden, teacher_weight, teacher_bias, mask, temperature, reduction, chunk_rows,
+    student_scale, teacher_scale, student_cap, teacher_cap, need_hidden, need_weight, need_bias,
+):  # fmt: skip
+    return None
+
+
 _OP_ARGS = (
     "hidden", "weight", "bias", "teacher_logits", "teacher_hidden", "teacher_weight",
     "teacher_bias", "mask", "temperature", "reduction", "chunk_rows", "student_scale",
@@ -295,14 +359,15 @@ _OP_ARGS = (
 def _setup_context(ctx, inputs, output) -> None:
     args = dict(zip(_OP_ARGS, inputs, strict=True))
     cfg = _cfg(*(args[k] for k in _OP_ARGS[8:]))
-    _, grad_h, acc_w, acc_b, scale, stats = output
-    ctx.mark_non_differentiable(grad_h, acc_w, acc_b, scale, stats)
+    _, grad_h, acc_w, acc_b, scale, stats, spent = output
+    ctx.mark_non_differentiable(grad_h, acc_w, acc_b, scale, stats, spent)
     ctx.set_materialize_grads(False)
     ctx.cfg = cfg
+    inputs_ = (args[k] for k in _OP_ARGS[:8])
     if cfg.reduction == "none":
-        ctx.save_for_backward(*(args[k] for k in _OP_ARGS[:8]), stats)
+        ctx.save_for_backward(*inputs_, stats)
     else:
-        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, args["weight"], args["bias"])
+        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, spent, *inputs_)
 
 
 def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
@@ -323,8 +388,13 @@ def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
             gb if cfg.need_bias else None,
         )
     else:
-        grad_h, acc_w, acc_b, scale, weight, bias = ctx.saved_tensors
-        grads = _scaled_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+        grad_h, acc_w, acc_b, scale, spent, *inputs = ctx.saved_tensors
+        torch.ops.kasmina.fused_linear_kd_spend_(
+            grad_loss, grad_h, acc_w, acc_b, scale, spent, *inputs, cfg.temperature,
+            cfg.reduction, cfg.chunk_rows, cfg.student_scale, cfg.teacher_scale,
+            cfg.student_cap, cfg.teacher_cap, cfg.need_hidden, cfg.need_weight, cfg.need_bias,
+        )  # fmt: skip
+        grads = _spent_views(grad_h, acc_w, acc_b, inputs[1], inputs[2], cfg)
     return (*grads, *nothing[3:])
 
 

@@ -341,17 +341,6 @@ def _backward_rows(
     return grad_h, _round_in_place(grads.weight, weight.dtype), grad_b
 
 
-def _round(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
-    """``acc·scale`` rounded once to ``dtype`` into a fresh tensor (the traced backward of the
-    custom op, which may not mutate what it saved)."""
-    if acc.numel() == 0:
-        return acc.new_empty(0, dtype=dtype)
-    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
-    if scale is None:
-        return out.copy_(acc)
-    return torch.mul(acc, scale, out=out)
-
-
 def _round_in_place(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
     """``acc·scale`` rounded once to ``dtype`` in ``acc``'s own storage, which it spends;
     returns the result, a ``dtype`` view of that storage's first bytes, so no second
@@ -396,22 +385,25 @@ def _round_in_place(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None
     return dst.view(acc.shape)
 
 
-def _round_bias(acc: Tensor, bias: Tensor | None, scale: Tensor | None = None) -> Tensor:
-    if bias is None or acc.numel() == 0:
-        return acc.new_empty(0)
-    return _round(acc, bias.dtype, scale)
+def _rounded_view(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """What ``_round_in_place(acc, dtype)`` returned, recovered from ``acc`` after it ran (the
+    view of the storage's first bytes as ``dtype``): a custom op that spends ``acc`` in place
+    may not return a view of it, so its caller takes the view."""
+    if acc.dtype == dtype:
+        return acc
+    return acc.view(-1).view(dtype)[: acc.numel()].view(acc.shape)
 
 
-def _scaled_grads(
-    grad_loss: Tensor, grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, scale: Tensor,
-    weight: Tensor, bias: Tensor | None, cfg: _Config,
+def _spent_views(
+    grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, weight: Tensor, bias: Tensor | None,
+    cfg: _Config,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
-    """Scalar reductions: the forward's unscaled gradients times ``grad_output·scale``, in
-    fp32, rounded once (the hidden one was rounded once already, by its GEMM)."""
-    c = grad_loss.to(torch.float32) * scale
-    gh = grad_h * c if cfg.need_hidden else None
-    gw = _round(acc_w, weight.dtype, c) if cfg.need_weight else None
-    gb = _round_bias(acc_b, bias, c) if cfg.need_bias else None
+    """The gradients ``_spend_grads`` left in the forward's buffers, as views of them."""
+    gh = grad_h if cfg.need_hidden else None
+    gw = _rounded_view(acc_w, weight.dtype) if cfg.need_weight else None
+    gb = None
+    if cfg.need_bias and bias is not None:
+        gb = _rounded_view(acc_b, bias.dtype)
     return gh, gw, gb
 
 
@@ -419,9 +411,11 @@ def _spend_grads(
     grad_loss: Tensor, grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, scale: Tensor,
     weight: Tensor, bias: Tensor | None, cfg: _Config,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
-    """``_scaled_grads`` in the forward's own buffers (the eager backward, which owns them):
-    the hidden gradient scaled in place, the accumulators scaled and rounded in place
-    (``_round_in_place``), so the backward allocates nothing gradient-sized."""
+    """The forward's unscaled gradients times ``grad_output·scale`` in fp32, rounded once (the
+    hidden one was rounded once already, by its GEMM), in the forward's own buffers: the
+    hidden gradient scaled in place, the accumulators scaled and rounded in place
+    (``_round_in_place``), so the backward allocates nothing gradient-sized (the eager
+    backward, and the compiled one through ``kasmina::fused_linear_kd_spend_``)."""
     c = grad_loss.to(torch.float32) * scale
     gh = grad_h.mul_(c) if cfg.need_hidden else None
     gw = _round_in_place(acc_w, weight.dtype, c) if cfg.need_weight else None
