@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kasmina.utils.flags as flags_module
 from kasmina.kd.config import KDConfig
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+from tests.profiling import syncs_inside
 
 
 class _ScalarReads(TorchDispatchMode):
@@ -108,9 +109,6 @@ def test_a_non_finite_seed_is_found_by_the_one_transfer(kd_rig: Rig, mlp, transf
     assert bool(seed.finite_flag)  # settled: the next step starts clean
 
 
-_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_step_on_cuda_synchronises_once_per_transfer(tmp_path, store, keyring, mlp, transfers):
     """On a GPU the profiler sees exactly the step's transfers: one synchronisation for the
@@ -130,13 +128,7 @@ def test_a_step_on_cuda_synchronises_once_per_transfer(tmp_path, store, keyring,
         with torch.profiler.profile(activities=activities) as prof:
             with torch.profiler.record_function("managed_step"):
                 report = rig.manager.step(grad_clip_norm=clip)
-        events = prof.events()
-        (window,) = [e.time_range for e in events if e.name == "managed_step"]
-        syncs = [
-            e.name
-            for e in events
-            if e.name in _SYNCS and window.start <= e.time_range.start <= window.end
-        ]
+        syncs = syncs_inside(prof, "managed_step")
         assert transfers == expected, clip
         assert syncs.count("aten::_local_scalar_dense") == 0, syncs
         assert len(syncs) == len(expected), syncs

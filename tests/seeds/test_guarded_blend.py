@@ -20,6 +20,7 @@ from kasmina.seeds.faults import all_finite, finite_chunks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
+from tests.profiling import syncs_inside
 from tests.seeds.test_fault_containment import RaisesInBackward
 
 S = SeedStage
@@ -235,7 +236,6 @@ def test_the_one_node_path_matches_in_every_dtype_and_backend(
     assert flags.tolist() == want_flags.tolist() == [True, True, False]
 
 
-_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
 _DEVICES = [
     "cpu",
     pytest.param(
@@ -277,13 +277,6 @@ def test_the_guarded_training_step_never_syncs(device: str) -> None:
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    events = prof.events()
-    (window,) = [e.time_range for e in events if e.name == "guarded_steps"]
-    inside = [
-        e.name
-        for e in events
-        if e.name in _SYNCS and window.start <= e.time_range.start <= window.end
-    ]
-    assert inside == []
+    assert syncs_inside(prof, "guarded_steps") == []
     assert layer.poll_nonfinite() == [layer.seed(1).seed_id]
     assert all(torch.isfinite(p).all() for p in net.parameters())
