@@ -131,6 +131,14 @@ def fused_linear_kd_loss_reference(
 # --------------------------------------------------------------------------- autograd wiring
 
 
+def _recomputed(inputs: tuple[Tensor | None, ...], cfg: _Config) -> tuple[Tensor, ...]:
+    """The forward's unscaled gradients again, ``(grad_h, acc_w, acc_b, scale)``, for a
+    backward that finds them spent by an earlier backward of a retained graph (one more
+    chunked pass, the same ops in the same order: the same gradients)."""
+    with torch.no_grad():
+        return _forward(*inputs, cfg)[1:5]
+
+
 class _FusedFunction(torch.autograd.Function):
     """Eager path (only built when a student input needs a gradient).
 
@@ -169,10 +177,8 @@ class _FusedFunction(torch.autograd.Function):
         else:
             unscaled, ctx.grads = ctx.grads, None
             if unscaled is None:  # spent by an earlier backward of a retained graph
-                with torch.no_grad():
-                    unscaled = _forward(
-                        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg
-                    )[1:5]
+                inputs = (hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask)
+                unscaled = _recomputed(inputs, cfg)
             grads = _spend_grads(grad_loss, *unscaled, weight, bias, cfg)
         return (*grads, None, None, None, None, None, None)
 
@@ -329,24 +335,18 @@ def _spend_op(
         teacher_cap, need_hidden, need_weight, need_bias,
     )  # fmt: skip
     if bool(spent):
-        with torch.no_grad():
-            fresh = _forward(
-                hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
-                teacher_bias, mask, cfg,
-            )[1:5]  # fmt: skip
-        for buffer, value in zip((grad_h, acc_w, acc_b, scale), fresh, strict=True):
+        inputs = (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                  teacher_bias, mask)  # fmt: skip
+        for buffer, value in zip((grad_h, acc_w, acc_b, scale), _recomputed(inputs, cfg),
+                                 strict=True):  # fmt: skip
             buffer.copy_(value)
     _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
     spent.fill_(True)
 
 
 @_spend_op.register_fake
-def _spend_fake(
-    grad_loss, grad_h, acc_w, acc_b, scale, spent, hidden, weight, bias, teacher_logits,
-    teacher_hidden, teacher_weight, teacher_bias, mask, temperature, reduction, chunk_rows,
-    student_scale, teacher_scale, student_cap, teacher_cap, need_hidden, need_weight, need_bias,
-):  # fmt: skip
-    return None
+def _spend_fake(*_args: object) -> None:
+    return None  # it only mutates its inputs
 
 
 _OP_ARGS = (
