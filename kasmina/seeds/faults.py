@@ -11,6 +11,7 @@ counts one fault, never the host's backward.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,9 +88,19 @@ def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
     slot's seed outputs side by side): the test of :func:`all_finite` for each chunk, in one
     reduction and without a host sync, so a slot checks all its seeds' outputs at once,
     concatenated as they are blended."""
+    return _finite(_chunk_sums(chunks))
+
+
+def _chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
+    """The sum of each chunk of ``chunks`` (``[..., n, c]``), fp32 at least, detached."""
     dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
-    dtype = _SUM_DTYPE.get(chunks.dtype, chunks.dtype)
-    return _finite(chunks.detach().sum(dims, dtype=dtype))
+    return chunks.detach().sum(dims, dtype=_SUM_DTYPE.get(chunks.dtype, chunks.dtype))
+
+
+def _read_all_finite(sums: torch.Tensor) -> bool:
+    """Whether every sum is finite, read on the host where that is a load and not a device sync
+    (CPU tensors); False elsewhere, where the device-side test decides without a read."""
+    return sums.device.type == "cpu" and all(map(math.isfinite, sums.tolist()))
 
 
 def _finite(sums: torch.Tensor) -> torch.Tensor:
@@ -391,15 +402,23 @@ class _Graft:
 
 def _graft_values(
     graft: _Graft, host: torch.Tensor, alpha: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(out, alpha_used, ok)`` in the moved layout (chunks along the last dim of ``host``);
-    ``ok[k]``: chunk k is the seed's (finite) output or the host's own."""
+    ``ok[k]``: chunk k is the seed's (finite) output or the host's own; ``ok`` is None when
+    every chunk is known on the host to be finite (then ``out`` needs no mask)."""
     n, dim = graft.n, graft.dim
     full = torch.cat(graft.chunks, dim=dim)
     if dim != full.dim() - 1:
         full = full.movedim(dim, -1)
     full_c, host_c = full.unflatten(-1, (n, -1)), host.unflatten(-1, (n, -1))
-    ok = finite_chunks(full_c)
+    sums = _chunk_sums(full_c)
+    if _read_all_finite(sums):
+        # Every chunk finite, read for free on the CPU (every step of healthy seeds): the flag
+        # update, the alpha mask and the zeroing would all be identities, and are skipped.
+        if not graft.blend:
+            return full, alpha, None
+        return blend_chunks(full_c, host_c, alpha).flatten(-2), alpha, None
+    ok = _finite(sums)
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
     graft.flags.logical_and_(ok)
@@ -424,7 +443,9 @@ class GuardedBlend(torch.autograd.Function):
     kernels' own backward in the guard of :class:`_Island` (a kernel whose backward raises is
     a fault and loses this step's gradient) and returns the parameters' gradients. Chunks the
     host passed through give the host exactly ``g``; the others give it nothing (the blend's
-    host is detached). Values and gradients are those of the unfused path, bit for bit.
+    host is detached). Values and gradients are those of the unfused path, bit for bit. On the
+    CPU the chunk sums are read on the host (a load, not a sync), and when all are finite the
+    masks, which would be identities, are skipped.
     """
 
     @staticmethod
@@ -445,9 +466,10 @@ class GuardedBlend(torch.autograd.Function):
         grad_c = grad.unflatten(-1, (n, -1))
         if graft.blend:
             grad_c = blend_chunks_seed_grad(grad_c, used)
-        # A chunk that fell back sends its seed exactly 0, whatever ``g`` holds (0 * inf would
-        # be NaN), as ``torch.where``'s backward does on the per-op path.
-        grad_c = torch.where(ok.unsqueeze(-1), grad_c, 0.0)
+        if ok is not None:
+            # A chunk that fell back sends its seed exactly 0, whatever ``g`` holds (0 * inf
+            # would be NaN), as ``torch.where``'s backward does on the per-op path.
+            grad_c = torch.where(ok.unsqueeze(-1), grad_c, 0.0)
         grad_host = None
         if ctx.needs_input_grad[1] and graft.passed is not None:
             grad_host = grad_c.mul(graft.passed.unsqueeze(-1)).flatten(-2)

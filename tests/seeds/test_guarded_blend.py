@@ -15,7 +15,9 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from kasmina.seeds import faults
 from kasmina.seeds.faults import all_finite, finite_chunks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -106,9 +108,20 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["read on the host", "device test only"])
+def finite_read(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The node reads the chunk sums on the host where that is free (CPU tensors) and skips
+    the masks when every chunk is finite; "device test only" takes the path a GPU takes."""
+    if request.param == "device test only":
+        monkeypatch.setattr(faults, "_read_all_finite", lambda sums: False)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shape", ["linear", "conv"])
-def test_the_one_node_path_gives_the_unfused_values_and_gradients(case: str, shape: str) -> None:
+def test_the_one_node_path_gives_the_unfused_values_and_gradients(
+    case: str, shape: str, finite_read: str
+) -> None:
     stages, poison = CASES[case]
     n, chunk = len(stages), 3
     if shape == "linear":
@@ -181,6 +194,33 @@ def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -
         ):
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     assert layer.host.weight.grad is None  # GRAFTING gives the host no gradient through a slot
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_finite_cpu_chunks_skip_the_masks() -> None:
+    """On the CPU the node reads the chunk sums (a load, not a sync): with every chunk finite
+    it runs no finite test, flag update, alpha mask, zeroing or backward ``where``; a
+    non-finite chunk still takes the masked path and clears its flag."""
+    layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2)
+    x, w = torch.randn(5, 4, requires_grad=True), torch.randn(5, 6)
+    with _AtenOps() as ops:
+        (layer(x) * w).sum().backward()
+    assert {"eq", "logical_and_", "nan_to_num", "where"}.isdisjoint(ops.names), ops.names
+    assert layer._finite_flags.tolist() == [True] * 3
+    poisoned = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: _Poison(2, float("inf"))})
+    with _AtenOps() as ops:
+        (poisoned(x) * w).sum().backward()
+    assert {"logical_and_", "nan_to_num", "where"} <= set(ops.names)
+    assert poisoned._finite_flags.tolist() == [True, False, True]
 
 
 def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
