@@ -99,8 +99,10 @@ def _chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
 
 def _read_all_finite(sums: torch.Tensor) -> bool:
     """Whether every sum is finite, read on the host where that is a load and not a device sync
-    (CPU tensors); False elsewhere, where the device-side test decides without a read."""
-    return sums.device.type == "cpu" and all(map(math.isfinite, sums.tolist()))
+    (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a
+    collective), where the device-side test decides without a read."""
+    plain_cpu = type(sums) is torch.Tensor and sums.device.type == "cpu"
+    return plain_cpu and all(map(math.isfinite, sums.tolist()))
 
 
 def _finite(sums: torch.Tensor) -> torch.Tensor:

@@ -223,6 +223,21 @@ def test_finite_cpu_chunks_skip_the_masks() -> None:
     assert poisoned._finite_flags.tolist() == [True, False, True]
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_only_plain_cpu_sums_are_read_on_the_host() -> None:
+    """Reading is free only for a plain CPU tensor: another device, or a subclass whose read
+    might be a collective or a trace, leaves the decision to the device-side test."""
+    sums = torch.tensor([1.0, -2.0, 3e38])
+    assert faults._read_all_finite(sums)
+    assert not faults._read_all_finite(torch.tensor([1.0, float("nan")]))
+    assert not faults._read_all_finite(torch.tensor([float("-inf"), 0.0]))
+    assert not faults._read_all_finite(sums.to("meta"))
+    assert not faults._read_all_finite(sums.as_subclass(_Subclass))
+
+
 def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
     layer = _layer([S.GRAFTING, S.GRAFTING], nn.Linear(3, 4), 2, kernels={1: _Poison(2, 3e38)})
     x = torch.randn(3, 3)
