@@ -35,6 +35,7 @@ __all__ = [
     "contain_backward",
     "cut_nonfinite_gradient",
     "finite_chunks",
+    "finite_test",
     "guarded_blend",
     "kernel_modules",
     "log_fault",
@@ -89,6 +90,17 @@ def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
     reduction and without a host sync, so a slot checks all its seeds' outputs at once,
     concatenated as they are blended."""
     return _finite(_chunk_sums(chunks))
+
+
+def finite_test(chunks: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | None:
+    """:func:`finite_chunks`, or None when ``read_on_host`` and the chunk sums, read on the host
+    where that is a load and not a sync (plain CPU tensors), are all finite: then every mask
+    built from the test would be an identity, and the caller skips it. ``read_on_host`` is
+    False under ``torch.compile`` (a read would break the graph)."""
+    sums = _chunk_sums(chunks)
+    if read_on_host and _read_all_finite(sums):
+        return None
+    return _finite(sums)
 
 
 def _chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
@@ -413,14 +425,13 @@ def _graft_values(
     if dim != full.dim() - 1:
         full = full.movedim(dim, -1)
     full_c, host_c = full.unflatten(-1, (n, -1)), host.unflatten(-1, (n, -1))
-    sums = _chunk_sums(full_c)
-    if _read_all_finite(sums):
+    ok = finite_test(full_c, read_on_host=True)
+    if ok is None:
         # Every chunk finite, read for free on the CPU (every step of healthy seeds): the flag
         # update, the alpha mask and the zeroing would all be identities, and are skipped.
         if not graft.blend:
             return full, alpha, None
         return blend_chunks(full_c, host_c, alpha).flatten(-2), alpha, None
-    ok = _finite(sums)
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
     graft.flags.logical_and_(ok)

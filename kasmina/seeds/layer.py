@@ -59,7 +59,7 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     contain_backward,
     cut_nonfinite_gradient,
-    finite_chunks,
+    finite_test,
     guarded_blend,
 )
 from kasmina.seeds.outputs import (
@@ -394,7 +394,8 @@ class KasminaLayer(nn.Module):
         if not inputs:
             return x
         stages = {plan[k] for k in inputs}
-        if not torch.compiler.is_compiling():  # the guard nodes are eager only
+        eager = not torch.compiler.is_compiling()
+        if eager:  # the guard nodes are eager only
             kd = self.kd_config is not None and teacher_logits is not None
             if stages <= _BLENDING and not kd:
                 fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
@@ -402,20 +403,24 @@ class KasminaLayer(nn.Module):
                     return fused
             self._contain_backward(outs, inputs, plan)
         # The device half, once for the layer: one finiteness reduction over every seed's
-        # output as it is concatenated for the blend, one flag update, one ``where``.
+        # output as it is concatenated for the blend, one flag update, one ``where``; none of
+        # the three after the sums, read on the CPU (eager), show every chunk finite (ok None).
         n = self.num_seeds
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)
         seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
-        ok = finite_chunks(seed_m)
-        if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
-            ok = ok.logical_or(self._passed_through(inputs, ok.device))
-        self._buffers["_finite_flags"].logical_and_(ok)
+        ok = finite_test(seed_m, read_on_host=eager)
+        if ok is not None:
+            if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
+                ok = ok.logical_or(self._passed_through(inputs, ok.device))
+            self._buffers["_finite_flags"].logical_and_(ok)
         if stages <= _BLENDING:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
-            host_m = x.detach() if last else x.detach().movedim(dim, -1)
-            full = torch.where(ok.unsqueeze(-1), seed_m, host_m.unflatten(-1, (n, -1)))
-            full = full.flatten(-2) if last else full.flatten(-2).movedim(-1, dim)
+            full = seed_full
+            if ok is not None:
+                host_m = x.detach() if last else x.detach().movedim(dim, -1)
+                full = torch.where(ok.unsqueeze(-1), seed_m, host_m.unflatten(-1, (n, -1)))
+                full = full.flatten(-2) if last else full.flatten(-2).movedim(-1, dim)
             alphas: list[torch.Tensor] | None = None
             if SeedStage.GRAFTING in stages:
                 # A chunk that is not finite blends with alpha 0: the host's value, no gradient
@@ -433,7 +438,7 @@ class KasminaLayer(nn.Module):
         if alphas is None:
             return full  # a blend with alpha 1 everywhere is the identity
         alpha_vec = torch.stack(alphas)
-        if stages <= _BLENDING:
+        if stages <= _BLENDING and ok is not None:
             alpha_vec = alpha_vec.mul(ok)
         if last:
             return alpha_blend(full, x, alpha_vec, mode="blend")
@@ -521,7 +526,7 @@ class KasminaLayer(nn.Module):
         chunks: tuple[torch.Tensor, ...],
         inputs: dict[int, torch.Tensor],
         plan: tuple[SeedStage, ...],
-        ok: torch.Tensor,
+        ok: torch.Tensor | None,
         dim: int,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """The pre-blend tensor and alphas chunk by chunk (ISOLATED_INIT or ACTIVE seeds ran).
@@ -529,9 +534,10 @@ class KasminaLayer(nn.Module):
         ISOLATED_INIT contributes ``x - (s.detach() - s)``: its value is exactly ``x`` and both
         the host and the seed get the gradient ``g`` unchanged (the straight-through
         ``incubate``). ACTIVE falls back to ``x`` with its gradient, and the gradient its
-        kernel would send upstream is cut where its output is not finite.
+        kernel would send upstream is cut where its output is not finite. ``ok`` None: every
+        chunk is known to be finite, and no mask is built.
         """
-        oks = ok.unbind()
+        oks = None if ok is None else ok.unbind()
         pieces: list[torch.Tensor] = []
         alphas: list[torch.Tensor | None] = []
         for k, (seed, stage) in enumerate(zip(self._seed_list, plan, strict=True)):
@@ -539,15 +545,17 @@ class KasminaLayer(nn.Module):
             if k not in inputs:
                 piece = x_k
             elif stage == SeedStage.ISOLATED_INIT:
-                safe = torch.where(oks[k], outs[k], 0.0)
+                safe = outs[k] if oks is None else torch.where(oks[k], outs[k], 0.0)
                 piece = x_k - (safe.detach() - safe)
             elif stage == SeedStage.ACTIVE:
-                piece = torch.where(oks[k], outs[k], x_k)
-                cut_nonfinite_gradient(inputs[k], oks[k])
+                piece = outs[k]
+                if oks is not None:
+                    piece = torch.where(oks[k], piece, x_k)
+                    cut_nonfinite_gradient(inputs[k], oks[k])
             else:
-                piece = torch.where(oks[k], outs[k], x_k.detach())
+                piece = outs[k] if oks is None else torch.where(oks[k], outs[k], x_k.detach())
                 if stage == SeedStage.GRAFTING:
-                    alpha = seed.alpha * oks[k]
+                    alpha = seed.alpha if oks is None else seed.alpha * oks[k]
             pieces.append(piece)
             alphas.append(alpha)
         full = torch.cat(pieces, dim=dim)

@@ -23,7 +23,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from tests.profiling import syncs_inside
-from tests.seeds.test_fault_containment import RaisesInBackward
+from tests.seeds.test_fault_containment import BATCH, RaisesInBackward, four_stage_layer
 
 S = SeedStage
 TO_GRAFTING = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING]
@@ -221,6 +221,33 @@ def test_finite_cpu_chunks_skip_the_masks() -> None:
         (poisoned(x) * w).sum().backward()
     assert {"logical_and_", "nan_to_num", "where"} <= set(ops.names)
     assert poisoned._finite_flags.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("poisoned", [None, 3], ids=["finite", "ACTIVE seed NaN"])
+def test_the_per_op_path_reads_the_sums_and_gives_the_device_path_values(
+    poisoned: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ISOLATED_INIT, GRAFTING, STABILIZATION and ACTIVE seeds take the per-op path. On the CPU
+    with every chunk finite it builds no mask (no ``where``, no gradient hook), and gives what
+    the device-side test gives bit for bit; a non-finite chunk takes the masked path."""
+    kernels = [nn.Sequential(nn.Linear(2, 2), nn.Tanh()) for _ in range(4)]
+    if poisoned is not None:
+        kernels[poisoned] = _Poison(2, float("nan"))
+    layer, x = four_stage_layer(kernels)
+    device_only = copy.deepcopy(layer)
+    w = torch.randn(BATCH, 8)
+    with _AtenOps() as ops:
+        got = _run(layer, x, w)
+    assert "GuardedBlendBackward" not in _nodes(got[-1])
+    assert ("where" in ops.names) == (poisoned is not None)
+    monkeypatch.setattr(faults, "_read_all_finite", lambda sums: False)
+    want = _run(device_only, x, w)
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got[2].keys() == want[2].keys()
+    for name in got[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=0)
+    assert got[3].tolist() == want[3].tolist() == [k != poisoned for k in range(4)]
 
 
 class _Subclass(torch.Tensor):
