@@ -403,8 +403,9 @@ class KasminaLayer(nn.Module):
                     return fused
             self._contain_backward(outs, inputs, plan)
         # The device half, once for the layer: one finiteness reduction over every seed's
-        # output as it is concatenated for the blend, one flag update, one ``where``; none of
-        # the three after the sums, read on the CPU (eager), show every chunk finite (ok None).
+        # output as it is concatenated for the blend, one flag update, one ``where``. When the
+        # sums, read on the CPU in eager mode, show every chunk finite (``ok`` None), only the
+        # reduction runs.
         n = self.num_seeds
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)
