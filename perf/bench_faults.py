@@ -13,7 +13,9 @@ Peers, built from copies of the same host and kernels and checked to give the sa
 - **unguarded**: a hand-written slot that runs the kernels on the detached chunks and the same
   ``kasmina.ops.alpha_blend`` with a per-chunk alpha, and nothing else (the target's peer);
 - **device half only**: the hand-written slot plus the seeds' own device-side check, ``where``
-  and alpha mask (no ``try``, no output check, none of the layer's bookkeeping);
+  and alpha mask (no ``try``, no output check, none of the layer's bookkeeping), built on every
+  step as a GPU builds them: on the CPU the layer reads its chunk sums on the host instead and
+  skips the masks while every chunk is finite (``faults.finite_test``);
 - **no host guard**: the same ``KasminaLayer`` with the host half of the guard taken out of each
   seed (the ``try``, the output check and the backward guard), which also puts the layer on its
   per-op path (the one node needs the backward guard);
