@@ -32,6 +32,7 @@ __all__ = [
     "GuardedBlend",
     "all_finite",
     "call_kernel",
+    "chunk_sums",
     "contain_backward",
     "cut_nonfinite_gradient",
     "finite_chunks",
@@ -40,6 +41,7 @@ __all__ = [
     "kernel_modules",
     "log_fault",
     "output_fault",
+    "output_sum",
     "short_reason",
 ]
 
@@ -81,7 +83,7 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     on it. No temporary the size of ``t`` (``isfinite(t).all()`` writes one bool per element).
     Detached: the test is never differentiated.
     """
-    return _finite(t.detach().sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype)))
+    return _finite(output_sum(t))
 
 
 def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
@@ -89,32 +91,40 @@ def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
     slot's seed outputs side by side): the test of :func:`all_finite` for each chunk, in one
     reduction and without a host sync, so a slot checks all its seeds' outputs at once,
     concatenated as they are blended."""
-    return _finite(_chunk_sums(chunks))
+    return _finite(chunk_sums(chunks))
 
 
-def finite_test(chunks: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | None:
-    """:func:`finite_chunks`, or None when ``read_on_host`` and the chunk sums, read on the host
-    where that is a load and not a sync (plain CPU tensors), are all finite: then every mask
-    built from the test would be an identity, and the caller skips it. ``read_on_host`` is
-    False under ``torch.compile`` (a read would break the graph)."""
-    sums = _chunk_sums(chunks)
+def output_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` (0-d), fp32 at least, detached: :func:`all_finite`'s reduction."""
+    return t.detach().sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype))
+
+
+def chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
+    """The sum of each chunk of ``chunks`` (``[..., n, c]``), fp32 at least, detached:
+    :func:`finite_chunks`'s reduction."""
+    dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
+    return chunks.detach().sum(dims, dtype=_SUM_DTYPE.get(chunks.dtype, chunks.dtype))
+
+
+def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | None:
+    """The finite test of ``sums`` (:func:`output_sum` or :func:`chunk_sums`) on the device, or
+    None when ``read_on_host`` and the sums, read on the host where that is a load and not a
+    sync (plain CPU tensors), are all finite: then every mask built from the test would be an
+    identity, and the caller skips it. ``read_on_host`` is False under ``torch.compile`` (a
+    read would break the graph)."""
     if read_on_host and _read_all_finite(sums):
         return None
     return _finite(sums)
-
-
-def _chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
-    """The sum of each chunk of ``chunks`` (``[..., n, c]``), fp32 at least, detached."""
-    dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
-    return chunks.detach().sum(dims, dtype=_SUM_DTYPE.get(chunks.dtype, chunks.dtype))
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:
     """Whether every sum is finite, read on the host where that is a load and not a device sync
     (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a
     collective), where the device-side test decides without a read."""
-    plain_cpu = type(sums) is torch.Tensor and sums.device.type == "cpu"
-    return plain_cpu and all(map(math.isfinite, sums.tolist()))
+    if type(sums) is not torch.Tensor or sums.device.type != "cpu":
+        return False
+    values = sums.tolist()
+    return all(map(math.isfinite, values)) if isinstance(values, list) else math.isfinite(values)
 
 
 def _finite(sums: torch.Tensor) -> torch.Tensor:
@@ -425,7 +435,7 @@ def _graft_values(
     if dim != full.dim() - 1:
         full = full.movedim(dim, -1)
     full_c, host_c = full.unflatten(-1, (n, -1)), host.unflatten(-1, (n, -1))
-    ok = finite_test(full_c, read_on_host=True)
+    ok = finite_test(chunk_sums(full_c), read_on_host=True)
     if ok is None:
         # Every chunk finite, read for free on the CPU (every step of healthy seeds): the flag
         # update, the alpha mask and the zeroing would all be identities, and are skipped.

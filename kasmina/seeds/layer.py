@@ -57,6 +57,7 @@ from kasmina.kd.loss import kd_head_problem, seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
+    chunk_sums,
     contain_backward,
     cut_nonfinite_gradient,
     finite_test,
@@ -410,7 +411,7 @@ class KasminaLayer(nn.Module):
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)
         seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
-        ok = finite_test(seed_m, read_on_host=eager)
+        ok = finite_test(chunk_sums(seed_m), read_on_host=eager)
         if ok is not None:
             if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
                 ok = ok.logical_or(self._passed_through(inputs, ok.device))

@@ -43,9 +43,11 @@ from kasmina.seeds.faults import (
     call_kernel,
     contain_backward,
     cut_nonfinite_gradient,
+    finite_test,
     kernel_modules,
     log_fault,
     output_fault,
+    output_sum,
     short_reason,
 )
 from kasmina.seeds.gates import (
@@ -444,15 +446,17 @@ class GradientIsolatedSeed(nn.Module):
         result = self._run_kernel(x, stage)
         if result is None:
             return x
-        s, ok = result
+        s, ok = result  # ok None: known finite on the host, no mask needed
         self._maybe_kd(s, teacher_logits, stage)
         if stage == SeedStage.ISOLATED_INIT:
             return alpha_blend(s, x, self.alpha, mode="incubate")
         if stage == SeedStage.GRAFTING:
-            return torch.where(ok, alpha_blend(s, x, self.alpha, mode="blend"), x.detach())
-        if stage == SeedStage.STABILIZATION:
-            return torch.where(ok, s, x.detach())
-        return torch.where(ok, s, x)  # ACTIVE: fossilized, end-to-end gradient
+            s = alpha_blend(s, x, self.alpha, mode="blend")
+        if ok is None:
+            return s
+        # GRAFTING, STABILIZATION: the host's value without its gradient; ACTIVE (fossilized,
+        # end-to-end gradient) with it.
+        return torch.where(ok, s, x if stage == SeedStage.ACTIVE else x.detach())
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
         """The COMPATIBILITY_CHECK probe of a host forward, skipped under ``torch.compile`` (it
@@ -487,10 +491,11 @@ class GradientIsolatedSeed(nn.Module):
 
     def _run_kernel(
         self, x: torch.Tensor, stage: SeedStage
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(seed_out, finite)`` (``finite`` stays on the device), or None after a fault found
-        on the host. The stand-alone seed's guard; a KasminaLayer runs the same host half
-        (:meth:`_call_kernel`) and does the device half once for all its seeds."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(seed_out, finite)`` (``finite`` stays on the device; None when known finite on
+        the host), or None after a fault found on the host. The stand-alone seed's guard; a
+        KasminaLayer runs the same host half (:meth:`_call_kernel`) and does the device half
+        once for all its seeds."""
         called = self._call_kernel(x, stage)
         if called is None:
             return None
@@ -516,9 +521,15 @@ class GradientIsolatedSeed(nn.Module):
             and not torch.compiler.is_compiling()
         )
 
-    def _check_finite(self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage) -> torch.Tensor:
-        """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``."""
-        ok = all_finite(s)
+    def _check_finite(
+        self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage
+    ) -> torch.Tensor | None:
+        """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``;
+        None when the sum, read on the CPU in eager mode, is finite (``faults.finite_test``)."""
+        eager = not torch.compiler.is_compiling()
+        ok = finite_test(output_sum(s), read_on_host=eager)
+        if ok is None:
+            return None
         self.finite_flag.logical_and_(ok)
         if stage == SeedStage.ACTIVE:
             cut_nonfinite_gradient(xin, ok)

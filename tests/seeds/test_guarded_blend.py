@@ -23,7 +23,14 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from tests.profiling import syncs_inside
-from tests.seeds.test_fault_containment import BATCH, RaisesInBackward, four_stage_layer
+from tests.seeds.test_fault_containment import (
+    BATCH,
+    RUNNING,
+    C,
+    RaisesInBackward,
+    four_stage_layer,
+    make_seed,
+)
 
 S = SeedStage
 TO_GRAFTING = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING]
@@ -250,6 +257,39 @@ def test_the_per_op_path_reads_the_sums_and_gives_the_device_path_values(
     assert got[3].tolist() == want[3].tolist() == [k != poisoned for k in range(4)]
 
 
+@pytest.mark.parametrize("stage", RUNNING, ids=[s.name for s in RUNNING])
+@pytest.mark.parametrize("poison", [None, float("nan")], ids=["finite", "NaN"])
+def test_a_stand_alone_seed_reads_its_sum_and_gives_the_device_path_values(
+    stage: SeedStage, poison: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed used outside a layer reads its one sum the same way: no mask while finite on the
+    CPU, and bit for bit what the device-side test gives, in every running stage."""
+    torch.manual_seed(3)
+    kernel = nn.Sequential(nn.Linear(C, C), nn.Tanh()) if poison is None else _Poison(C, poison)
+    seed = make_seed(kernel, stage)
+    device_only = copy.deepcopy(seed)
+    x, w = torch.randn(BATCH, C), torch.randn(BATCH, C)
+
+    def run(s: GradientIsolatedSeed):
+        h = x.clone().requires_grad_()
+        with _AtenOps() as ops:
+            out = s(h)
+            (out * w).sum().backward()
+        grads = [p.grad for p in s.seed_parameters()]
+        return out.detach(), h.grad, grads, bool(s.finite_flag), ops.names
+
+    got = run(seed)
+    assert ("where" in got[4]) == (poison is not None and stage != S.ISOLATED_INIT)
+    monkeypatch.setattr(faults, "_read_all_finite", lambda sums: False)
+    want = run(device_only)
+    for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]], strict=True):
+        if a is None or b is None:
+            assert a is b
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got[3] == want[3] == (poison is None)
+
+
 class _Subclass(torch.Tensor):
     pass
 
@@ -263,6 +303,9 @@ def test_only_plain_cpu_sums_are_read_on_the_host() -> None:
     assert not faults._read_all_finite(torch.tensor([float("-inf"), 0.0]))
     assert not faults._read_all_finite(sums.to("meta"))
     assert not faults._read_all_finite(sums.as_subclass(_Subclass))
+    assert faults._read_all_finite(torch.tensor(2.0)) and not faults._read_all_finite(
+        torch.tensor(float("inf"))
+    )
 
 
 def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
