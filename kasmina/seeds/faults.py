@@ -120,8 +120,9 @@ def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | Non
 def _read_all_finite(sums: torch.Tensor) -> bool:
     """Whether every sum is finite, read on the host where that is a load and not a device sync
     (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a
-    collective), where the device-side test decides without a read."""
-    if type(sums) is not torch.Tensor or sums.device.type != "cpu":
+    collective; ``torch.jit.trace``, which would bake the value into the trace), where the
+    device-side test decides without a read."""
+    if type(sums) is not torch.Tensor or sums.device.type != "cpu" or torch.jit.is_tracing():
         return False
     values = sums.tolist()
     return all(map(math.isfinite, values)) if isinstance(values, list) else math.isfinite(values)

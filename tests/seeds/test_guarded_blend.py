@@ -308,6 +308,21 @@ def test_only_plain_cpu_sums_are_read_on_the_host() -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_traced_layer_keeps_the_device_side_test() -> None:
+    """``torch.jit.trace`` records the device-side test, not a value read while tracing: the
+    trace, made with finite seeds, still falls back when a seed turns non-finite."""
+    layer = _layer([S.GRAFTING] * 2, nn.Linear(4, 4), 2)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+        layer.seed(1).kernel[0].weight.fill_(float("nan"))  # shared with the trace
+        want = layer(x)
+        got = traced(x)
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+    assert torch.equal(want[:, 2:], layer.host(x)[:, 2:])  # seed 1 fell back to the host
+
+
 def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
     layer = _layer([S.GRAFTING, S.GRAFTING], nn.Linear(3, 4), 2, kernels={1: _Poison(2, 3e38)})
     x = torch.randn(3, 3)
