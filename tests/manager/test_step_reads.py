@@ -15,25 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kasmina.utils.flags as flags_module
 from kasmina.kd.config import KDConfig
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
-from tests.profiling import syncs_inside
-
-
-class _ScalarReads(TorchDispatchMode):
-    """Every ``.item()``-style read (``bool(t)``, ``float(t)``) of a tensor this mode sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
+from tests.profiling import DispatchedOps, syncs_inside
 
 
 @pytest.fixture
@@ -69,9 +55,9 @@ def _step(
     if leak is not None:
         kd_loss = kd_loss + leak * rig.model.inp.weight.sum()
     manager.backward(loss, kd_loss=kd_loss)
-    with _ScalarReads() as mode:
+    with DispatchedOps() as mode:
         report = manager.step(grad_clip_norm=grad_clip_norm)
-    return report, mode.reads
+    return report, len(mode.scalar_reads)
 
 
 def test_a_step_reads_every_flag_in_one_transfer(kd_rig: Rig, mlp, transfers) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kasmina.seeds import faults
 from kasmina.seeds.extra_state import decode_extra_state
@@ -30,6 +29,7 @@ from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.utils import flags as flags_module
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.profiling import DispatchedOps
 
 S = SeedStage
 PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
@@ -568,19 +568,6 @@ def test_logging_is_bounded_and_nothing_is_printed(
     assert capsys.readouterr() == ("", "")
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Records every device-to-host scalar read (``.item()``, ``bool(t)``, ``float(t)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_guarded_forward_and_backward_never_read_the_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -593,18 +580,18 @@ def test_the_guarded_forward_and_backward_never_read_the_device(
     ]
     layer, x = four_stage_layer(kernels)
     seed = make_seed(Raises(C), S.GRAFTING)
-    with _ScalarReads() as mode:
+    with DispatchedOps() as mode:
         for _ in range(2):
             layer(x).sum().backward()
             seed(torch.randn(BATCH, C))
-    assert mode.reads == []
+    assert mode.scalar_reads == []
     assert [s.faults for s in layer.seeds] == [0, 1, 2, 0] and seed.faults == 2
     transfers: list[int] = []
     read = flags_module._read
     monkeypatch.setattr(flags_module, "_read", lambda f: transfers.append(len(f)) or read(f))
-    with _ScalarReads() as mode:
+    with DispatchedOps() as mode:
         assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one transfer
-    assert mode.reads == [] and transfers == [4]
+    assert mode.scalar_reads == [] and transfers == [4]
     assert layer.poll_nonfinite() == [] and transfers == [4, 4]  # settled: a clean flag again
 
 

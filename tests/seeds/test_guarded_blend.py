@@ -15,14 +15,13 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kasmina.seeds import faults
 from kasmina.seeds.faults import all_finite, finite_chunks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
-from tests.profiling import syncs_inside
+from tests.profiling import DispatchedOps, syncs_inside
 from tests.seeds.test_fault_containment import (
     BATCH,
     RUNNING,
@@ -203,28 +202,18 @@ def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -
     assert layer.host.weight.grad is None  # GRAFTING gives the host no gradient through a slot
 
 
-class _AtenOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_finite_cpu_chunks_skip_the_masks() -> None:
     """On the CPU the node reads the chunk sums (a load, not a sync): with every chunk finite
     it runs no finite test, flag update, alpha mask, zeroing or backward ``where``; a
     non-finite chunk still takes the masked path and clears its flag."""
     layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2)
     x, w = torch.randn(5, 4, requires_grad=True), torch.randn(5, 6)
-    with _AtenOps() as ops:
+    with DispatchedOps() as ops:
         (layer(x) * w).sum().backward()
     assert {"eq", "logical_and_", "nan_to_num", "where"}.isdisjoint(ops.names), ops.names
     assert layer._finite_flags.tolist() == [True] * 3
     poisoned = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: _Poison(2, float("inf"))})
-    with _AtenOps() as ops:
+    with DispatchedOps() as ops:
         (poisoned(x) * w).sum().backward()
     assert {"logical_and_", "nan_to_num", "where"} <= set(ops.names)
     assert poisoned._finite_flags.tolist() == [True, False, True]
@@ -243,7 +232,7 @@ def test_the_per_op_path_reads_the_sums_and_gives_the_device_path_values(
     layer, x = four_stage_layer(kernels)
     device_only = copy.deepcopy(layer)
     w = torch.randn(BATCH, 8)
-    with _AtenOps() as ops:
+    with DispatchedOps() as ops:
         got = _run(layer, x, w)
     assert "GuardedBlendBackward" not in _nodes(got[-1])
     assert ("where" in ops.names) == (poisoned is not None)
@@ -272,7 +261,7 @@ def test_a_stand_alone_seed_reads_its_sum_and_gives_the_device_path_values(
 
     def run(s: GradientIsolatedSeed):
         h = x.clone().requires_grad_()
-        with _AtenOps() as ops:
+        with DispatchedOps() as ops:
             out = s(h)
             (out * w).sum().backward()
         grads = [p.grad for p in s.seed_parameters()]
