@@ -6,6 +6,11 @@ must give exactly what the layer gives with the guard's backward half switched o
 unfused path, ``guard_backward=False`` on every seed): output, host and kernel gradients,
 finite flags; and it must still contain the faults: a non-finite chunk falls back to the
 host, a kernel whose backward raises loses only its own gradient.
+
+On the CPU the guard reads its finiteness sums on the host (a load, not a sync) and builds no
+mask while every chunk is finite: on this node, on the layer's per-op path and for a
+stand-alone seed. Each of those is checked against the device-side test (the path a GPU
+takes) bit for bit, and ``torch.jit.trace`` must keep the device-side test.
 """
 
 from __future__ import annotations
