@@ -3,22 +3,25 @@
 Seeds and slots call these on the host's path: ``output_fault`` checks a kernel's output against
 the host activations it must replace (metadata only: no device read); ``all_finite`` (one seed)
 and ``finite_chunks`` (every seed of a slot in one reduction) are the device-side finiteness
-tests (no host sync); ``contain_backward`` puts the isolated seeds' own backward inside one
-guarded autograd node, so a kernel whose backward raises costs that seed one step's gradient and
-counts one fault, never the host's backward.
+tests (no host sync), and ``finite_test`` reads their sums instead where that is free (the
+CPU); ``fallback_per_chunk`` puts the host's chunk in place of a seed's that failed;
+``contain_backward`` puts the isolated seeds' own backward inside one guarded autograd node,
+so a kernel whose backward raises costs that seed one step's gradient and counts one fault,
+never the host's backward.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
+from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ __all__ = [
     "chunk_sums",
     "contain_backward",
     "cut_nonfinite_gradient",
+    "fallback_per_chunk",
     "finite_chunks",
     "finite_test",
     "guarded_blend",
@@ -173,6 +177,54 @@ def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
     stays finite."""
     if xin.requires_grad:
         xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+
+
+def fallback_per_chunk(
+    seeds: Sequence[torch.nn.Module],
+    plan: Sequence[SeedStage],
+    outs: Sequence[torch.Tensor],
+    chunks: Sequence[torch.Tensor],
+    inputs: Mapping[int, torch.Tensor],
+    ok: torch.Tensor | None,
+    dim: int,
+    one: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """A slot's pre-blend tensor and alphas chunk by chunk, with each seed's fallback, for a
+    slot where ISOLATED_INIT or ACTIVE seeds ran (``KasminaLayer``'s per-op path).
+
+    ``outs[k]`` is seed k's output (the host's chunk ``chunks[k]`` where it did not run, k not
+    in ``inputs``); ``ok`` the per-chunk finite test, None when every chunk is known finite
+    (then no mask is built); ``one`` the alpha of a chunk that does not blend. ISOLATED_INIT
+    contributes ``x - (s.detach() - s)``: its value is exactly ``x`` and both the host and the
+    seed get the gradient ``g`` unchanged (the straight-through ``incubate``). ACTIVE falls
+    back to ``x`` with its gradient, and the gradient its kernel would send upstream is cut
+    where its output is not finite. GRAFTING and STABILIZATION fall back to ``x`` detached.
+    """
+    oks = None if ok is None else ok.unbind()
+    pieces: list[torch.Tensor] = []
+    alphas: list[torch.Tensor | None] = []
+    for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
+        x_k, alpha = chunks[k], None
+        if k not in inputs:
+            piece = x_k
+        elif stage == SeedStage.ISOLATED_INIT:
+            safe = outs[k] if oks is None else torch.where(oks[k], outs[k], 0.0)
+            piece = x_k - (safe.detach() - safe)
+        elif stage == SeedStage.ACTIVE:
+            piece = outs[k]
+            if oks is not None:
+                piece = torch.where(oks[k], piece, x_k)
+                cut_nonfinite_gradient(inputs[k], oks[k])
+        else:
+            piece = outs[k] if oks is None else torch.where(oks[k], outs[k], x_k.detach())
+            if stage == SeedStage.GRAFTING:
+                alpha = seed.alpha if oks is None else seed.alpha * oks[k]
+        pieces.append(piece)
+        alphas.append(alpha)
+    full = torch.cat(pieces, dim=dim)
+    if all(alpha is None for alpha in alphas):
+        return full, None
+    return full, [one if a is None else a for a in alphas]
 
 
 def call_kernel(

@@ -356,3 +356,27 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
     if not isinstance(out, torch.Tensor):
         raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
     return CompatibilityProbe(out, tuple(x.shape), x.dtype, latency, events)
+
+
+def gate_g3_probed(
+    probe: CompatibilityProbe | None,
+    kernel: nn.Module | None,
+    host_flops_per_element: float | None,
+    max_cost_ratio: float,
+    latency_budget_ms: float,
+    *,
+    seed_id: str,
+    fault: str | None = None,
+) -> GateResult:
+    """G3 on a seed's last probe: refused when the probe just run faulted (``fault``), or
+    without a probe or a kernel; the counted cost ratio decides, and a latency over budget
+    only warns (timings depend on load)."""
+    if fault is not None:
+        return GateResult(False, f"compatibility probe faulted: {fault}", float("inf"), 3)
+    if probe is None or kernel is None:
+        return gate_g3_compatibility(None, (), torch.float32)
+    ratio = probe.cost_ratio(kernel, host_flops_per_element)
+    result = probe.gate(ratio, max_cost_ratio, latency_budget_ms)
+    if result.passed and not probe.latency_ms <= latency_budget_ms:
+        logger.warning("seed %s: G3 %s", seed_id, result.reason)
+    return result

@@ -59,7 +59,7 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     chunk_sums,
     contain_backward,
-    cut_nonfinite_gradient,
+    fallback_per_chunk,
     finite_test,
     guarded_blend,
 )
@@ -433,7 +433,8 @@ class KasminaLayer(nn.Module):
                     for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True))
                 ]
         else:
-            full, alphas = self._per_chunk(outs, chunks, inputs, plan, ok, dim)
+            one = self._buffers["_one"]
+            full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
         if self.kd_config is not None and teacher_logits is not None:
             students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
             self._maybe_kd(full, students, teacher_logits, dim)
@@ -521,50 +522,6 @@ class KasminaLayer(nn.Module):
         if mask is None:
             mask = self._masks[key] = torch.tensor(values, device=device)
         return mask
-
-    def _per_chunk(
-        self,
-        outs: list[torch.Tensor],
-        chunks: tuple[torch.Tensor, ...],
-        inputs: dict[int, torch.Tensor],
-        plan: tuple[SeedStage, ...],
-        ok: torch.Tensor | None,
-        dim: int,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """The pre-blend tensor and alphas chunk by chunk (ISOLATED_INIT or ACTIVE seeds ran).
-
-        ISOLATED_INIT contributes ``x - (s.detach() - s)``: its value is exactly ``x`` and both
-        the host and the seed get the gradient ``g`` unchanged (the straight-through
-        ``incubate``). ACTIVE falls back to ``x`` with its gradient, and the gradient its
-        kernel would send upstream is cut where its output is not finite. ``ok`` None: every
-        chunk is known to be finite, and no mask is built.
-        """
-        oks = None if ok is None else ok.unbind()
-        pieces: list[torch.Tensor] = []
-        alphas: list[torch.Tensor | None] = []
-        for k, (seed, stage) in enumerate(zip(self._seed_list, plan, strict=True)):
-            x_k, alpha = chunks[k], None
-            if k not in inputs:
-                piece = x_k
-            elif stage == SeedStage.ISOLATED_INIT:
-                safe = outs[k] if oks is None else torch.where(oks[k], outs[k], 0.0)
-                piece = x_k - (safe.detach() - safe)
-            elif stage == SeedStage.ACTIVE:
-                piece = outs[k]
-                if oks is not None:
-                    piece = torch.where(oks[k], piece, x_k)
-                    cut_nonfinite_gradient(inputs[k], oks[k])
-            else:
-                piece = outs[k] if oks is None else torch.where(oks[k], outs[k], x_k.detach())
-                if stage == SeedStage.GRAFTING:
-                    alpha = seed.alpha if oks is None else seed.alpha * oks[k]
-            pieces.append(piece)
-            alphas.append(alpha)
-        full = torch.cat(pieces, dim=dim)
-        if all(alpha is None for alpha in alphas):
-            return full, None
-        one = self._buffers["_one"]
-        return full, [one if a is None else a for a in alphas]
 
     def _maybe_kd(
         self,

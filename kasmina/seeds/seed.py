@@ -57,7 +57,7 @@ from kasmina.seeds.gates import (
     SeedEvaluation,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
-    gate_g3_compatibility,
+    gate_g3_probed,
     gate_g4_alpha,
     gate_g5_performance,
     run_probe,
@@ -184,7 +184,16 @@ class GradientIsolatedSeed(nn.Module):
                 self.epochs_in_stage, min_isolated_epochs, self.isolation_violations
             )
         if gate == 3:
-            return self._gate_g3(sample, host_flops_per_element, max_cost_ratio, latency_budget_ms)
+            fault = None if sample is None else self._probe_fault(sample)
+            return gate_g3_probed(
+                self.probe_result,
+                self.kernel,
+                host_flops_per_element,
+                max_cost_ratio,
+                latency_budget_ms,
+                seed_id=self.seed_id,
+                fault=fault,
+            )
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
@@ -192,27 +201,11 @@ class GradientIsolatedSeed(nn.Module):
             self.evaluation, threshold, stage, max_metric_drop=max_metric_drop
         )
 
-    def _gate_g3(
-        self,
-        sample: torch.Tensor | None,
-        host_flops_per_element: float | None,
-        max_cost_ratio: float,
-        latency_budget_ms: float,
-    ) -> GateResult:
-        if sample is not None:
-            faults = self.faults
-            self.probe(sample)
-            if self.probe_result is None and self.faults > faults:
-                reason = f"compatibility probe faulted: {self.fault_log[-1]}"
-                return GateResult(False, reason, float("inf"), 3)
-        probe = self.probe_result
-        if probe is None or self.kernel is None:
-            return gate_g3_compatibility(None, (), torch.float32)
-        ratio = probe.cost_ratio(self.kernel, host_flops_per_element)
-        result = probe.gate(ratio, max_cost_ratio, latency_budget_ms)
-        if result.passed and not probe.latency_ms <= latency_budget_ms:
-            logger.warning("seed %s: G3 %s", self.seed_id, result.reason)
-        return result
+    def _probe_fault(self, sample: torch.Tensor) -> str | None:
+        """Probe ``sample`` for G3: the fault the probe recorded, or None."""
+        faults = self.faults
+        self.probe(sample)
+        return self.fault_log[-1] if self.probe_result is None and self.faults > faults else None
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
         """Keep Kasmina's measurement of this seed (G5's evidence, and its GATE_SCORE)."""
@@ -454,9 +447,7 @@ class GradientIsolatedSeed(nn.Module):
             s = alpha_blend(s, x, self.alpha, mode="blend")
         if ok is None:
             return s
-        # GRAFTING, STABILIZATION: the host's value without its gradient; ACTIVE (fossilized,
-        # end-to-end gradient) with it.
-        return torch.where(ok, s, x if stage == SeedStage.ACTIVE else x.detach())
+        return torch.where(ok, s, x if stage == SeedStage.ACTIVE else x.detach())  # grad: ACTIVE
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
         """The COMPATIBILITY_CHECK probe of a host forward, skipped under ``torch.compile`` (it
@@ -492,10 +483,9 @@ class GradientIsolatedSeed(nn.Module):
     def _run_kernel(
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """``(seed_out, finite)`` (``finite`` stays on the device; None when known finite on
-        the host), or None after a fault found on the host. The stand-alone seed's guard; a
-        KasminaLayer runs the same host half (:meth:`_call_kernel`) and does the device half
-        once for all its seeds."""
+        """``(seed_out, finite)`` (``finite`` on the device; None if known finite on the host),
+        or None after a fault found on the host. The stand-alone seed's guard; a KasminaLayer
+        runs the same host half (:meth:`_call_kernel`), the device half once for all seeds."""
         called = self._call_kernel(x, stage)
         if called is None:
             return None
@@ -526,8 +516,7 @@ class GradientIsolatedSeed(nn.Module):
     ) -> torch.Tensor | None:
         """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``;
         None when the sum, read on the CPU in eager mode, is finite (``faults.finite_test``)."""
-        eager = not torch.compiler.is_compiling()
-        ok = finite_test(output_sum(s), read_on_host=eager)
+        ok = finite_test(output_sum(s), read_on_host=not torch.compiler.is_compiling())
         if ok is None:
             return None
         self.finite_flag.logical_and_(ok)
