@@ -60,6 +60,7 @@ cannot be viewed as ``[rows, V]`` are gathered one chunk at a time.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -183,113 +184,80 @@ class _FusedFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _cfg(
-    temperature: float, reduction: str, chunk_rows: int, s_scale: float | None,
-    t_scale: float | None, s_cap: float | None, t_cap: float | None, need_hidden: bool,
-    need_weight: bool, need_bias: bool,
-) -> _Config:  # fmt: skip
-    return _Config(
-        temperature, reduction, chunk_rows, s_scale, t_scale, s_cap, t_cap, need_hidden,
-        need_weight, need_bias,
-    )  # fmt: skip
+# The custom ops' schemas, each argument list written once: the tensors every op reads, then the
+# settings (in ``_Config``'s order, so ``_Config(*args[8:])`` rebuilds it). The ops' Python
+# bodies take ``*args`` in this order; only the kernels in ``fused_linear_kd_chunks`` name them.
+_INPUTS = (
+    "Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, Tensor? teacher_hidden, "
+    "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? mask"
+)
+_HEADS = (
+    "float? student_scale, float? teacher_scale, float? student_cap, float? teacher_cap, "
+    "bool need_hidden, bool need_weight, bool need_bias"
+)
+_SETTINGS = f"float temperature, str reduction, SymInt chunk_rows, {_HEADS}"
+_N_INPUTS = 8
+_N_ARGS = _N_INPUTS + len(_SETTINGS.split(","))  # the forward op's
 
 
-@torch.library.custom_op("kasmina::fused_linear_kd_loss", mutates_args=())
-def _fused_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher_logits: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    mask: Tensor | None,
-    temperature: float,
-    reduction: str,
-    chunk_rows: int,
-    student_scale: float | None,
-    teacher_scale: float | None,
-    student_cap: float | None,
-    teacher_cap: float | None,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg = _cfg(
-        temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap,
-        teacher_cap, need_hidden, need_weight, need_bias,
-    )  # fmt: skip
-    outputs = _forward(
-        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
-        cfg,
-    )  # fmt: skip
+@torch.library.custom_op(
+    "kasmina::fused_linear_kd_loss",
+    mutates_args=(),
+    schema=f"({_INPUTS}, {_SETTINGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _fused_op(*args: Any) -> tuple[Tensor, ...]:
+    outputs = _forward(*args[:_N_INPUTS], _Config(*args[_N_INPUTS:]))
     return (*outputs, torch.zeros((), dtype=torch.bool))  # not spent yet (a CPU marker)
 
 
 @_fused_op.register_fake
-def _fused_fake(
-    hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
-    temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap, teacher_cap,
-    need_hidden, need_weight, need_bias,
-):  # fmt: skip
+def _fused_fake(*args):
+    hidden, weight, bias = args[:3]
+    cfg = _Config(*args[_N_INPUTS:])
     lead = hidden.shape[:-1]
     f32 = torch.promote_types(hidden.dtype, torch.float32)
     acc = torch.promote_types(weight.dtype, f32)
-    loss = hidden.new_empty(lead if reduction == "none" else (), dtype=f32)
-    need_grad = need_hidden or need_weight or need_bias
-    now = need_grad and reduction != "none"
-    grad_h = hidden.new_empty(hidden.shape if now and need_hidden else (0,))
-    acc_w = weight.new_empty(weight.shape if now and need_weight else (0,), dtype=acc)
-    bias_shape = bias.shape if now and need_bias and bias is not None else (0,)
+    loss = hidden.new_empty(lead if cfg.reduction == "none" else (), dtype=f32)
+    now = cfg.need_grad and cfg.reduction != "none"
+    grad_h = hidden.new_empty(hidden.shape if now and cfg.need_hidden else (0,))
+    acc_w = weight.new_empty(weight.shape if now and cfg.need_weight else (0,), dtype=acc)
+    bias_shape = bias.shape if now and cfg.need_bias and bias is not None else (0,)
     acc_b = hidden.new_empty(bias_shape, dtype=acc if now else f32)
     scale = hidden.new_empty((), dtype=f32)
-    rows = math.prod(lead) if need_grad and reduction == "none" else 0
+    rows = math.prod(lead) if cfg.need_grad and cfg.reduction == "none" else 0
     stats = hidden.new_empty((rows, 4), dtype=f32)
     spent = torch.empty((), dtype=torch.bool, device="cpu")
     return loss, grad_h, acc_w, acc_b, scale, stats, spent
 
 
-@torch.library.custom_op("kasmina::fused_linear_kd_loss_backward", mutates_args=())
-def _fused_backward_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher_logits: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    mask: Tensor | None,
-    stats: Tensor,
-    grad_output: Tensor,
-    temperature: float,
-    chunk_rows: int,
-    student_scale: float | None,
-    teacher_scale: float | None,
-    student_cap: float | None,
-    teacher_cap: float | None,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = _cfg(
-        temperature, "none", chunk_rows, student_scale, teacher_scale, student_cap, teacher_cap,
-        need_hidden, need_weight, need_bias,
-    )  # fmt: skip
-    return _backward_rows(
-        hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
-        stats, grad_output, cfg,
-    )  # fmt: skip
+def _backward_cfg(settings: tuple[Any, ...]) -> _Config:
+    """The backward op's settings (``temperature, chunk_rows, heads...``: no reduction)."""
+    temperature, chunk_rows, *heads = settings
+    return _Config(temperature, "none", chunk_rows, *heads)
+
+
+@torch.library.custom_op(
+    "kasmina::fused_linear_kd_loss_backward",
+    mutates_args=(),
+    schema=(
+        f"({_INPUTS}, Tensor stats, Tensor grad_output, float temperature, SymInt chunk_rows, "
+        f"{_HEADS}) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _fused_backward_op(*args: Any) -> tuple[Tensor, ...]:
+    stats, grad_output = args[_N_INPUTS : _N_INPUTS + 2]
+    cfg = _backward_cfg(args[_N_INPUTS + 2 :])
+    return _backward_rows(*args[:_N_INPUTS], stats, grad_output, cfg)
 
 
 @_fused_backward_op.register_fake
-def _fused_backward_fake(
-    hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, mask,
-    stats, grad_output, temperature, chunk_rows, student_scale, teacher_scale, student_cap,
-    teacher_cap, need_hidden, need_weight, need_bias,
-):  # fmt: skip
-    grad_h = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    grad_w = weight.new_empty(weight.shape if need_weight else (0,))
-    if bias is not None and need_bias:
+def _fused_backward_fake(*args):
+    hidden, weight, bias = args[:3]
+    stats = args[_N_INPUTS]
+    cfg = _backward_cfg(args[_N_INPUTS + 2 :])
+    grad_h = hidden.new_empty(hidden.shape if cfg.need_hidden else (0,))
+    grad_w = weight.new_empty(weight.shape if cfg.need_weight else (0,))
+    if bias is not None and cfg.need_bias:
         grad_b = bias.new_empty(bias.shape)
     else:
         grad_b = stats.new_empty((0,))
@@ -297,50 +265,27 @@ def _fused_backward_fake(
 
 
 @torch.library.custom_op(
-    "kasmina::fused_linear_kd_spend_", mutates_args=("grad_h", "acc_w", "acc_b", "spent")
+    "kasmina::fused_linear_kd_spend_",
+    mutates_args=("grad_h", "acc_w", "acc_b", "spent"),
+    schema=(
+        "(Tensor grad_loss, Tensor(a1!) grad_h, Tensor(a2!) acc_w, Tensor(a3!) acc_b, "
+        f"Tensor scale, Tensor(a5!) spent, {_INPUTS}, {_SETTINGS}) -> ()"
+    ),
 )
-def _spend_op(
-    grad_loss: Tensor,
-    grad_h: Tensor,
-    acc_w: Tensor,
-    acc_b: Tensor,
-    scale: Tensor,
-    spent: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher_logits: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    mask: Tensor | None,
-    temperature: float,
-    reduction: str,
-    chunk_rows: int,
-    student_scale: float | None,
-    teacher_scale: float | None,
-    student_cap: float | None,
-    teacher_cap: float | None,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> None:
+def _spend_op(*args: Any) -> None:
     """The traced backward of a scalar reduction: the forward's unscaled gradients scaled and
     rounded in their own buffers (``_spend_grads``), which the caller then views as the
     gradients (``_spent_views``), so the compiled backward allocates nothing gradient-sized
     either. ``spent`` (a CPU bool, free to read) marks buffers an earlier backward of a
     retained graph used: they are recomputed from the inputs first, as the eager path does."""
-    cfg = _cfg(
-        temperature, reduction, chunk_rows, student_scale, teacher_scale, student_cap,
-        teacher_cap, need_hidden, need_weight, need_bias,
-    )  # fmt: skip
+    grad_loss, grad_h, acc_w, acc_b, scale, spent = args[:6]
+    inputs = args[6 : 6 + _N_INPUTS]
+    cfg = _Config(*args[6 + _N_INPUTS :])
     if bool(spent):
-        inputs = (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
-                  teacher_bias, mask)  # fmt: skip
         for buffer, value in zip((grad_h, acc_w, acc_b, scale), _recomputed(inputs, cfg),
                                  strict=True):  # fmt: skip
             buffer.copy_(value)
-    _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, weight, bias, cfg)
+    _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, inputs[1], inputs[2], cfg)
     spent.fill_(True)
 
 
@@ -349,39 +294,30 @@ def _spend_fake(*_args: object) -> None:
     return None  # it only mutates its inputs
 
 
-_OP_ARGS = (
-    "hidden", "weight", "bias", "teacher_logits", "teacher_hidden", "teacher_weight",
-    "teacher_bias", "mask", "temperature", "reduction", "chunk_rows", "student_scale",
-    "teacher_scale", "student_cap", "teacher_cap", "need_hidden", "need_weight", "need_bias",
-)  # fmt: skip
-
-
 def _setup_context(ctx, inputs, output) -> None:
-    args = dict(zip(_OP_ARGS, inputs, strict=True))
-    cfg = _cfg(*(args[k] for k in _OP_ARGS[8:]))
+    cfg = _Config(*inputs[_N_INPUTS:])
     _, grad_h, acc_w, acc_b, scale, stats, spent = output
     ctx.mark_non_differentiable(grad_h, acc_w, acc_b, scale, stats, spent)
     ctx.set_materialize_grads(False)
     ctx.cfg = cfg
-    inputs_ = (args[k] for k in _OP_ARGS[:8])
     if cfg.reduction == "none":
-        ctx.save_for_backward(*inputs_, stats)
+        ctx.save_for_backward(*inputs[:_N_INPUTS], stats)
     else:
-        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, spent, *inputs_)
+        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, spent, *inputs[:_N_INPUTS])
 
 
 def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
-    nothing = (None,) * len(_OP_ARGS)
+    nothing = (None,) * _N_ARGS
     if grad_loss is None:
         return nothing
     cfg: _Config = ctx.cfg
+    heads = (cfg.student_scale, cfg.teacher_scale, cfg.student_cap, cfg.teacher_cap,
+             cfg.need_hidden, cfg.need_weight, cfg.need_bias)  # fmt: skip
     if cfg.reduction == "none":
-        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = ctx.saved_tensors
+        *inputs, stats = ctx.saved_tensors
         gh, gw, gb = torch.ops.kasmina.fused_linear_kd_loss_backward(
-            hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats, grad_loss,
-            cfg.temperature, cfg.chunk_rows, cfg.student_scale, cfg.teacher_scale,
-            cfg.student_cap, cfg.teacher_cap, cfg.need_hidden, cfg.need_weight, cfg.need_bias,
-        )  # fmt: skip
+            *inputs, stats, grad_loss, cfg.temperature, cfg.chunk_rows, *heads
+        )
         grads = (
             gh if cfg.need_hidden else None,
             gw if cfg.need_weight else None,
@@ -391,8 +327,7 @@ def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
         grad_h, acc_w, acc_b, scale, spent, *inputs = ctx.saved_tensors
         torch.ops.kasmina.fused_linear_kd_spend_(
             grad_loss, grad_h, acc_w, acc_b, scale, spent, *inputs, cfg.temperature,
-            cfg.reduction, cfg.chunk_rows, cfg.student_scale, cfg.teacher_scale,
-            cfg.student_cap, cfg.teacher_cap, cfg.need_hidden, cfg.need_weight, cfg.need_bias,
+            cfg.reduction, cfg.chunk_rows, *heads,
         )  # fmt: skip
         grads = _spent_views(grad_h, acc_w, acc_b, inputs[1], inputs[2], cfg)
     return (*grads, *nothing[3:])
@@ -538,7 +473,7 @@ def fused_linear_kd_loss(
             student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,
             chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,
         )[0]  # fmt: skip
-    cfg = _cfg(
+    cfg = _Config(
         temperature, reduction, chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b
     )
     if cfg.need_grad:

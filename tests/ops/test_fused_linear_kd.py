@@ -347,7 +347,7 @@ def test_gradcheck_chunked_path_float64():
     tw = torch.randn(6, 2, dtype=torch.float64, generator=g)
     mask = torch.tensor([True, True, False, True, True, True, False])
     for reduction in REDUCTIONS:
-        cfg = flkd._cfg(1.4, reduction, 3, 0.8, 1.2, 2.5, 3.0, True, True, True)
+        cfg = flkd._Config(1.4, reduction, 3, 0.8, 1.2, 2.5, 3.0, True, True, True)
 
         def run(h, w, b, cfg=cfg):
             return flkd._FusedFunction.apply(h, w, b, None, th, tw, None, mask, cfg)
