@@ -195,6 +195,9 @@ class CommandExecution:
                 raise CommandRefused(f"cannot germinate {artifact_id}: {exc}") from exc
             raise
         seed = record.seed
+        table, row = seed.state_table, seed.state_index
+        # attach_kernel writes the row's BLUEPRINT_ID: kept (on the device) for the undo.
+        blueprint = table.state_tensor[row, StateColumn.BLUEPRINT_ID].clone()
         try:
             self._dry_run(record, kernel, artifact_id)
             seed.attach_kernel(kernel, artifact_id)
@@ -217,6 +220,7 @@ class CommandExecution:
             seed.transition_to(S.ISOLATED_INIT, gate=1)
         except BaseException:
             self._undo_germinate(record, kernel, artifact_id, pinned)
+            table.set_column(row, StateColumn.BLUEPRINT_ID, int(blueprint))  # read on failure only
             raise
 
     @staticmethod

@@ -91,6 +91,8 @@ class CommandIntake:
         self.report = report
         self.lock = lock
         self.perf = perf
+        # One safe point at a time takes and applies: two at once would take the same commands.
+        self._applying = threading.Lock()
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises."""
@@ -112,7 +114,17 @@ class CommandIntake:
 
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
         """Apply every queued command that is ready, in arrival order (see
-        ``KasminaKernelManager.apply_pending``)."""
+        ``KasminaKernelManager.apply_pending``). While another thread is applying, a call
+        that does not ``wait`` returns at once (that thread applies what is ready), and one
+        that waits waits its turn."""
+        if not self._applying.acquire(blocking=wait):
+            return []
+        try:
+            return self._take_and_apply(wait)
+        finally:
+            self._applying.release()
+
+    def _take_and_apply(self, wait: bool) -> list[CommandOutcome]:
         ready = self.queue.take_ready(wait=wait)
         if not ready:
             return []

@@ -122,7 +122,7 @@ class ManagerReport:
             ("isolation.violations", float(violations), _COUNTER, None),
             ("isolation.violating_steps", float(self.guard.violating_steps), _COUNTER, None),
             ("isolation.breaker_trips", float(self.guard.breaker_trips), _COUNTER, None),
-            ("seed.field_reports", float(len(self.state.field_reports)), _COUNTER, None),
+            ("seed.field_reports", float(self.state.field_reports_total), _COUNTER, None),
         ]  # fmt: skip
 
     def _seed_metrics(self) -> list[Metric]:
@@ -251,6 +251,7 @@ class ManagerReport:
     def note_field_report(self, report: dict[str, Any]) -> None:
         """Keep a harvested seed's field report and send it as telemetry."""
         self.state.field_reports.append(report)
+        self.state.field_reports_total += 1
         labels = {k: str(v) for k, v in report.items()}
         self.state.telemetry.emit("seed.field_report", 1.0, labels=labels)
 

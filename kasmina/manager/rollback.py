@@ -259,6 +259,7 @@ def _commit(
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
         record.last_output = None
         record.seed.probe_result = None
+        record.seed.evaluation = None  # measured on weights the rollback threw away
         record.monitor = None
         if record.kernel is not None and record.stage in ISOLATED_STAGES:
             record.monitor = guard.new_monitor(record, registry)

@@ -14,6 +14,7 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "KernelHook",
     "SeedRecord",
     "SlotRegistry",
+    "TIMELINE_SIZE",
 ]
 
 # A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
@@ -50,6 +52,8 @@ ISOLATED_STAGES = frozenset(
 )
 # Stages in which the seed's own optimizer steps it.
 STEPPED_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
+# A seed's timeline keeps its latest stage changes only (a run may recycle a seed for ever).
+TIMELINE_SIZE = 1000
 
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
 
@@ -107,7 +111,10 @@ class SeedRecord:
     hook: Any = None  # RemovableHandle of the kernel forward hook
     last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
     last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
-    timeline: list[tuple[int, int, str]] = field(default_factory=list)  # (epoch, step, stage)
+    # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes
+    timeline: deque[tuple[int, int, str]] = field(
+        default_factory=lambda: deque(maxlen=TIMELINE_SIZE)
+    )
 
     @property
     def stage(self) -> SeedStage:

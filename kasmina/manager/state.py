@@ -28,10 +28,17 @@ from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.state_io import CheckpointSigner
 from kasmina.utils.telemetry import TelemetryReporter
 
-__all__ = ["COMMAND_LOG_SIZE", "PERF_TIMERS", "CommandLogEntry", "ManagerState"]
+__all__ = [
+    "COMMAND_LOG_SIZE",
+    "FIELD_REPORTS_SIZE",
+    "PERF_TIMERS",
+    "CommandLogEntry",
+    "ManagerState",
+]
 
 # The executed-command log keeps the newest entries only: (command_id, kind, ok, reason).
 COMMAND_LOG_SIZE = 1000
+FIELD_REPORTS_SIZE = 1000  # the latest harvested seeds' reports; the count is kept apart
 CommandLogEntry = tuple[str, str, bool, str]
 # The manager's own timers (see ManagerReport.get_performance_metrics).
 PERF_TIMERS = ("command", "overhead", "step", "execute")
@@ -64,7 +71,10 @@ class ManagerState:
     # Counters and records the report reads.
     counters: Counter[str] = field(default_factory=Counter)
     gate_counts: Counter[tuple[int, bool]] = field(default_factory=Counter)
-    field_reports: list[dict[str, Any]] = field(default_factory=list)
+    field_reports: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=FIELD_REPORTS_SIZE)
+    )
+    field_reports_total: int = 0
     command_log: deque[CommandLogEntry] = field(
         default_factory=lambda: deque(maxlen=COMMAND_LOG_SIZE)
     )

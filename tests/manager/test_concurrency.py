@@ -153,6 +153,42 @@ def test_later_commands_for_the_same_seed_wait_behind_a_fetch(
     assert torch.isfinite(rig.model(rig.x)).all()
 
 
+def test_two_safe_points_at_once_apply_each_command_once(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """A thread waiting in ``apply_pending(wait=True)`` for a fetch and the training thread's
+    own safe point never both take a command: the safe point that finds another thread
+    applying returns at once (without waiting for the fetch), and that thread applies each
+    queued command once, in order."""
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.5
+    rig = Rig(config, keyring, urza_client=urza)
+    manager = rig.manager
+    commands = [
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("cull", SEED1),
+        make_seed_command("cull", SEED1),
+    ]
+    for cmd in commands:
+        assert manager.handle_adaptation_command(rig.signed(cmd))
+    waited: list = []
+    other = threading.Thread(target=lambda: waited.extend(manager.apply_pending(wait=True)))
+    other.start()
+    time.sleep(0.1)  # the other thread is waiting for the fetch
+    mine = manager.apply_pending()
+    rig.train(1)  # a step's safe point does not wait either
+    other.join(timeout=30)
+    assert not other.is_alive()
+    applied = [o.command_id for o in (*mine, *waited)]
+    assert sorted(applied) == sorted(c.command_id for c in commands)
+    assert [entry[0] for entry in manager.command_log] == applied
+    stats = manager.handler.stats
+    assert stats["executed"] + stats["failed"] == stats["accepted"] == 3
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and len(manager.pending) == 0
+
+
 def test_a_germinate_that_must_fetch_applies_at_a_later_step(rig: Rig, mlp) -> None:
     """The step never waits for the store: the fetch runs on a worker, and the command is
     applied at the first safe point after it finished."""

@@ -34,6 +34,13 @@ class Infinite(nn.Module):
         return torch.log(torch.relu(x))
 
 
+class Doubling(nn.Module):
+    """Runs on any input and is finite, but has no parameter to train."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
 class Normalised(nn.Module):
     """Batch norm in training mode: running a probe updates its running statistics."""
 
@@ -52,8 +59,10 @@ def publish(module: nn.Module, example: torch.Tensor, store: Path, **kw) -> str:
 
 def assert_refused_and_host_trains(rig: Rig, artifact_id: str, reason: str) -> None:
     manager = rig.manager
+    table = rig.slot.state_table.state_tensor.clone()
     assert not rig.send("germinate", SEED0, artifact_id)
     assert reason in manager.command_log[-1][3], manager.command_log[-1]
+    assert torch.equal(rig.slot.state_table.state_tensor, table)  # the row, BLUEPRINT_ID too
     assert rig.stage(SEED0) == S.DORMANT and manager.seed(SEED0).kernel is None
     assert not manager.kernel_cache.is_pinned(artifact_id)
     assert manager.optimizers.seed_ids == []
@@ -81,6 +90,14 @@ def test_a_non_finite_kernel_is_refused(rig: Rig, store) -> None:
     artifact = publish(Infinite(), torch.randn(3, 2), store)
     rig.train(1)
     assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
+
+
+def test_a_refusal_after_the_kernel_is_attached_leaves_the_table_as_it_was(rig: Rig, store) -> None:
+    """A kernel that passes the dry run and G1 but cannot have an optimizer is refused after
+    ``attach_kernel`` wrote the row's BLUEPRINT_ID: the undo puts it back."""
+    rig.train(1)
+    artifact = publish(Doubling(), torch.randn(3, 2), store)
+    assert_refused_and_host_trains(rig, artifact, "optimizer")
 
 
 def test_the_probe_takes_the_manifests_shapes_before_the_first_forward(rig: Rig, store) -> None:

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kasmina.control.commands import make_rollback_command
 from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, SEED1, Rig, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, make_config, run_command
 
 S = SeedStage
 
@@ -160,6 +161,25 @@ def test_g5_refuses_without_evidence_and_on_a_low_measured_benefit(
     assert "measured benefit" in manager.command_log[-1][3] and rig.stage(SEED0) == S.STABILIZATION
     # The same measurement against the default gate (no harm done) fossilizes it.
     manager.config.performance_gate = 0
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+
+
+def test_a_rollback_drops_the_evaluation_of_the_abandoned_timeline(rig: Rig, mlp) -> None:
+    """Evaluations are not checkpointed: one taken after the checkpoint measured weights the
+    rollback threw away, so the restored seed must be evaluated again before G5."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    manager.end_epoch(1)  # the checkpoint: STABILIZATION, never evaluated
+    rig.train(3)
+    manager.config.performance_gate = 0
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    assert manager.seed(SEED0).evaluation is not None
+    assert run_command(manager, rig.signed(make_rollback_command(1)))
+    assert manager.seed(SEED0).evaluation is None and rig.stage(SEED0) == S.STABILIZATION
+    assert not rig.send("advance", SEED0)
+    assert "never evaluated" in manager.command_log[-1][3]
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)  # measured again
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
 
 

@@ -22,6 +22,8 @@ from kasmina.control.commands import (
 )
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import TelemetryPacket
+from kasmina.manager import slots as slots_module
+from kasmina.manager import state as state_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import StateColumn
 from kasmina.urza.blueprints import ResidualMLP
@@ -197,11 +199,41 @@ def test_cull_releases_unpins_embargoes_and_recycles_on_epoch_ticks(rig: Rig, ml
         stages.append(seed.stage)
     assert stages == [S.COOLDOWN, S.RECYCLING, S.DORMANT]
     record = manager.require_registry().records[SEED0]
-    automatic = [(epoch, stage) for epoch, _, stage in record.timeline[-2:]]
+    automatic = [(epoch, stage) for epoch, _, stage in list(record.timeline)[-2:]]
     assert automatic == [(1, "RECYCLING"), (2, "DORMANT")]  # stamped at their own boundary
     assert rig.send("germinate", SEED0, mlp)  # recycled: the slot takes a new kernel (cached)
     assert manager.urza_client.stats()["fetches"] == 1
     assert not rig.send("cull", SEED1)  # a DORMANT seed cannot be culled
+
+
+def test_field_reports_and_timelines_keep_the_newest(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run may cull and recycle a seed for ever: the harvested seeds' reports and each
+    seed's timeline keep their newest entries only (as ``command_log`` does); the reports'
+    count in the packet is the run's total."""
+    monkeypatch.setattr(state_module, "FIELD_REPORTS_SIZE", 3)
+    monkeypatch.setattr(slots_module, "TIMELINE_SIZE", 4)
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="off"), keyring)
+    manager = rig.manager
+    record = manager.require_registry()[SEED0]
+    rig.train(1)
+    for cycle in range(5):
+        assert rig.send("germinate", SEED0, mlp)
+        assert rig.send("cull", SEED0, embargo_epochs=0)
+        manager.end_epoch(2 * cycle)  # COOLDOWN -> RECYCLING
+        manager.end_epoch(2 * cycle + 1)  # -> DORMANT
+    assert len(manager.field_reports) == 3
+    assert all(report["seed_id"] == SEED0 for report in manager.field_reports)
+    # The fifth cycle's four stage changes, stamped (epoch, step, stage).
+    assert list(record.timeline) == [
+        (7, 1, "HARVESTING"),
+        (7, 1, "COOLDOWN"),
+        (8, 1, "RECYCLING"),
+        (9, 1, "DORMANT"),
+    ]
+    reported = {m.name: m.value for m in manager.export_leyline_telemetry().metrics}
+    assert reported["seed.field_reports"] == 5.0
 
 
 def test_urza_unreachable_leaves_the_seed_dormant_and_the_host_training(
@@ -557,7 +589,7 @@ def test_an_end_epoch_whose_checkpoint_cannot_be_written_changes_nothing(
     with pytest.raises(OSError, match="read-only"):
         manager.end_epoch(1, {"acc": 0.5})
     assert_same(before, _live(rig))
-    assert manager.require_registry()[SEED0].timeline == timeline
+    assert list(manager.require_registry()[SEED0].timeline) == timeline
     monkeypatch.undo()
     manager.end_epoch(1, {"acc": 0.5})  # the retry does what the failed call would have done
     assert rig.stage(SEED0) == S.RECYCLING and manager.val_metrics == {"acc": 0.5}

@@ -188,7 +188,7 @@ def test_deepcopy_and_whole_model_pickle_with_a_manager_attached(grown: Grown) -
         # The copy's seeds still follow their own transitions; the manager hears nothing.
         slot.seed(1).transition_to(S.HARVESTING)
         assert slot.seed(1).kernel is None and grown.rig.slot.seed(1).kernel is not None
-    assert grown.rig.manager.require_registry()[SEED0].timeline == timeline
+    assert list(grown.rig.manager.require_registry()[SEED0].timeline) == timeline
     assert grown.rig.stage(SEED1) == S.GRAFTING
 
 
