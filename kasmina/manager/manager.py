@@ -489,10 +489,10 @@ class KasminaKernelManager:
                 if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(finite)
             ]
             host = [HOST_ID] if optimizers.has_host and clean else []
-            seeds = [
+            seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
                 r.seed_id
                 for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
-                if r.seed_id in optimizers.seed_ids
+                if r.seed_id in optimizers.seed_ids and r.seed_id not in nonfinite
             ]
             done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
             host_stepped = bool(host) and done[0]

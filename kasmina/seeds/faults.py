@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
@@ -62,6 +63,16 @@ FAULT_REASON_CHARS = 200
 # seed that cannot be quarantined (ACTIVE) and faults on every step stays visible without
 # flooding the log; the others go to DEBUG.
 FAULT_WARN_EVERY = 1000
+
+
+# Exceptions that are torch's control flow, not a kernel's failure: non-reentrant activation
+# checkpointing stops a recomputation early by raising this from inside the forward, once it has
+# the last tensor it needs, which may be inside a seed's kernel. The guards let them through.
+CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
+    cls
+    for cls in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),)
+    if isinstance(cls, type) and issubclass(cls, BaseException)
+)
 
 
 def short_reason(text: str) -> str:
@@ -240,14 +251,46 @@ def call_kernel(
     xin = x.view_as(x) if active else x.detach()
     try:
         out = kernel(xin)
+    except CONTROL_FLOW:
+        raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        record("exception", f"raised {type(exc).__name__}: {exc}")
+        if not recomputing():
+            record("exception", f"raised {type(exc).__name__}: {exc}")
         return None
+    out = autocast_to_host(out, x)
     fault = output_fault(out, x)
     if fault is not None:
-        record(*fault)
+        if not recomputing():
+            record(*fault)
         return None
     return out, xin
+
+
+def autocast_to_host(out: Any, host: torch.Tensor) -> Any:
+    """``out`` in the host's dtype when autocast made the kernel compute in another: under
+    ``torch.autocast`` a kernel's matmuls return the autocast dtype while the host's output
+    (a residual stream, a norm) may stay float32, and a seed stands in for the host's chunk
+    in the host's dtype. Outside autocast a dtype mismatch is the kernel's fault."""
+    if (
+        isinstance(out, torch.Tensor)
+        and out.dtype != host.dtype
+        and out.dtype.is_floating_point
+        and host.dtype.is_floating_point
+        and torch.is_autocast_enabled(out.device.type)
+    ):
+        return out.to(host.dtype)
+    return out
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing recomputing a
+    region (``torch.utils.checkpoint``, either mode). A seed's fault there was recorded when
+    the region first ran; recording it again would count it twice and could quarantine the
+    seed mid-recompute, changing the path the recompute must repeat exactly."""
+    if torch.compiler.is_compiling():  # a compiled graph recomputes below Python
+        return False
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
@@ -278,10 +321,16 @@ def _grad(
     torch whose engine entry point does not behave as :func:`_direct_engine` checked once, take
     the public function.
     """
+    # Inside a backward grad mode is on only under ``create_graph=True``: the island's
+    # gradients are then differentiable too, as the kernels' own would be without the guard.
+    create_graph = torch.is_grad_enabled()
     run = _direct_engine()
     if run is None or has_torch_function((*outputs, *inputs)):
-        return torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
-    keep_graph, create_graph, allow_unused = True, False, True
+        return torch.autograd.grad(
+            outputs, inputs, grads, retain_graph=True, create_graph=create_graph,
+            allow_unused=True,
+        )  # fmt: skip
+    keep_graph, allow_unused = True, True
     return run(
         tuple(outputs),
         tuple(grads),

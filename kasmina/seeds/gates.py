@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kasmina.seeds.faults import autocast_to_host
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
@@ -355,6 +356,7 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
             latency = (time.perf_counter() - start) * 1000.0
     if not isinstance(out, torch.Tensor):
         raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
+    out = autocast_to_host(out, xd)  # as the forward does
     return CompatibilityProbe(out, tuple(x.shape), x.dtype, latency, events)
 
 

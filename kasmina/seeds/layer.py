@@ -269,7 +269,8 @@ class KasminaLayer(nn.Module):
             seed.update_alpha_blending(step, total_steps, temperature)
 
     def poll_nonfinite(self) -> list[str]:
-        """Read all seeds' non-finite flags (one transfer); ids of the seeds that fell back."""
+        """Read all seeds' non-finite flags (one transfer); ids of the seeds that fell back,
+        whose kernels' gradients are dropped (call it before the optimizer step)."""
         seeds = tuple(self.seeds)
         finite = read_flags([seed.finite_flag for seed in seeds])
         return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]

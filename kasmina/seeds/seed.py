@@ -37,6 +37,7 @@ from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
 from kasmina.seeds.extra_state import encode_extra_state, parse_seed_state
 from kasmina.seeds.faults import (
+    CONTROL_FLOW,
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
     all_finite,
@@ -48,6 +49,7 @@ from kasmina.seeds.faults import (
     log_fault,
     output_fault,
     output_sum,
+    recomputing,
     short_reason,
 )
 from kasmina.seeds.gates import (
@@ -252,9 +254,17 @@ class GradientIsolatedSeed(nn.Module):
     def settle_nonfinite(self, finite: bool) -> bool:
         """Act on ``finite_flag``'s value, read alone or with other flags in one transfer: True
         when a forward since the last read fell back to the host output. However many did,
-        that is one fault and one ``nonfinite_events`` (the flag is one bit: it never waits)."""
+        that is one fault and one ``nonfinite_events`` (the flag is one bit: it never waits).
+
+        The kernel's gradients since the last read are dropped (``grad = None``): its
+        backward ran on the zero gradient of the output that was set aside, and where the
+        output overflowed, ``0 * inf`` inside it is NaN. Read before the optimizers step
+        (``manager.step`` does), so that they skip the seed this step."""
         if finite:
             return False
+        if self.kernel is not None:
+            for param in self.kernel.parameters():
+                param.grad = None
         self.finite_flag.fill_(True)
         self.nonfinite_events += 1
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
@@ -465,8 +475,12 @@ class GradientIsolatedSeed(nn.Module):
             return None
         try:
             result = run_probe(self.kernel, x)
+        except CONTROL_FLOW:
+            raise
         except Exception as exc:  # the kernel's own failure: contained, never the host's
             self.probe_result = None
+            if recomputing():  # recorded when the region first ran
+                return None
             if isinstance(exc, ProbeOutputError):
                 self._record_fault("type", str(exc))
             else:
@@ -475,7 +489,8 @@ class GradientIsolatedSeed(nn.Module):
         self.probe_result = result
         fault = output_fault(result.output, x)
         if fault is not None:
-            self._record_fault(*fault)
+            if not recomputing():
+                self._record_fault(*fault)
         else:
             self.finite_flag.logical_and_(all_finite(result.output))
         return result

@@ -156,3 +156,34 @@ def test_compile_fullgraph_first_then_after_every_transition(case: Case) -> None
     # One recompile once the first call has recorded the slots, then one per stage change.
     assert counter.frame_count <= 2 + len(PATH)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+HF_CASES = [c for c in CASES if c.name.startswith(("llama", "gpt2"))]
+
+
+@pytest.mark.parametrize("case", HF_CASES, ids=[c.name for c in HF_CASES])
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.ACTIVE], ids=lambda s: s.name)
+def test_hugging_face_gradient_checkpointing_keeps_seeds_healthy(
+    case: Case, stage: SeedStage
+) -> None:
+    """Activation checkpointing (``gradient_checkpointing_enable()``) recomputes each decoder
+    layer in the backward (and stops the recompute early by raising inside it): healthy seeds
+    record no fault and every gradient is the one without checkpointing."""
+    _, plain, plain_slots = build(case)
+    _, checkpointed, slots = build(case)
+    give_kernels(case, plain_slots, stage)
+    give_kernels(case, slots, stage)
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None)  # the newer name
+    (enable or checkpointed.gradient_checkpointing_enable)()
+    plain.train()
+    checkpointed.train()
+    for _ in range(2):
+        assert torch.equal(run(case, checkpointed), run(case, plain))
+    assert [s.faults for slot in slots for s in slot.seeds] == [0] * sum(
+        len(x.seeds) for x in slots
+    )
+    want = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in checkpointed.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any(".seeds." in n for n in got)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)

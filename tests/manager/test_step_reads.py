@@ -93,6 +93,8 @@ def test_a_non_finite_seed_is_found_by_the_one_transfer(kd_rig: Rig, mlp, transf
     assert transfers == [2] and report["nonfinite"] == [SEED1]
     assert seed.faults == 1 and seed.nonfinite_events == 1 and manager.seed(SEED0).faults == 0
     assert bool(seed.finite_flag)  # settled: the next step starts clean
+    # Its gradient was dropped before the optimizers stepped: the seed did not step.
+    assert report["seeds_stepped"] == [SEED0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

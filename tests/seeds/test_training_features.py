@@ -1,0 +1,188 @@
+"""The seed guard under the features real training loops use (docs/design.md §6a): activation
+checkpointing, autocast, double backward, and one bad batch. Each runs a layer of seeds in
+every running stage beside the same computation without the feature (or without the guard)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from tests.seeds.test_fault_containment import RUNNING, Raises, walk
+
+S = SeedStage
+ISOLATED = [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION]
+
+
+class Block(nn.Module):
+    """A residual block whose inner projection is the slot: ``x + down(relu(up(x)))``."""
+
+    def __init__(self, kernels: dict[int, nn.Module], stages: list[SeedStage]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(8, 16)
+        self.down = KasminaLayer(nn.Linear(16, 8), len(stages), 8 // len(stages))
+        for k, stage in enumerate(stages):
+            seed = self.down.seed(k)
+            torch.manual_seed(10 + k)
+            seed.attach_kernel(kernels.get(k) or nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+            walk(seed, stage)
+        self.down.update_alpha_blending(3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_activation_checkpointing_is_not_a_fault(stage: SeedStage, reentrant: bool) -> None:
+    """Non-reentrant checkpointing stops its recompute by raising from inside the forward,
+    maybe inside a seed's kernel: that is torch's control flow, not the kernel's failure. The
+    recompute repeats the forward's path exactly, and every gradient is the plain run's."""
+    plain = Block({}, [stage, stage])
+    checkpointed = copy.deepcopy(plain)
+    finished: list[int] = []  # the slot's forwards that ran to the end
+    checkpointed.down.register_forward_hook(lambda *_: finished.append(1))
+    x = torch.randn(5, 8, requires_grad=True)
+    for _ in range(3):
+        plain(x).pow(2).sum().backward()
+        y = checkpoint(checkpointed, x, use_reentrant=reentrant)
+        y.pow(2).sum().backward()
+    assert [s.faults for s in checkpointed.down.seeds] == [0, 0]
+    # The non-reentrant recompute stops inside the slot (its last saved tensor is there): the
+    # guard let the stop through instead of finishing the slot on a fallback.
+    assert len(finished) == (6 if reentrant else 3)
+    assert [s.stage for s in checkpointed.down.seeds] == [stage, stage]
+    want, got = _grads(plain), _grads(checkpointed)
+    assert want.keys() == got.keys() and any(n.startswith("down.seeds") for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_a_fault_under_checkpointing_counts_once_per_step(stage: SeedStage) -> None:
+    """The recompute meets the raising kernel again: it falls back again (the same path),
+    but the fault was recorded when the region first ran."""
+    block = Block({1: Raises(4)}, [stage, stage])
+    block.down.seed(1).fault_limit = 10
+    x = torch.randn(5, 8, requires_grad=True)
+    for step in range(3):
+        checkpoint(block, x, use_reentrant=False).pow(2).sum().backward()
+        assert [s.faults for s in block.down.seeds] == [0, step + 1]
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+class Residual(nn.Module):
+    """``x + linear(x)``: under autocast the linear runs in bfloat16, the sum stays float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_autocast_kernels_stand_in_in_the_hosts_dtype(stage: SeedStage) -> None:
+    """Under ``torch.autocast`` a kernel's Linear answers in bfloat16 where the host's output
+    (a residual stream) is float32: the seed's output is cast to the host's dtype, no fault;
+    outside autocast a wrong dtype is still a fault."""
+    torch.manual_seed(2)
+    layer = KasminaLayer(Residual(), 2, 4)
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+        walk(seed, stage)
+    layer.update_alpha_blending(3, 10)
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.float32
+        out.pow(2).sum().backward()
+        assert layer.poll_nonfinite() == []
+    assert [s.faults for s in layer.seeds] == [0, 0]
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32
+        for s in layer.seeds
+        for p in s.seed_parameters()
+    )
+    layer.seed(0).kernel.to(torch.bfloat16)  # no autocast: the kernel's own dtype is a fault
+    layer(x)
+    assert layer.seed(0).faults == 1 and "dtype" not in layer.seed(1).fault_log
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_double_backward_through_the_backward_guard(stage: SeedStage) -> None:
+    """``create_graph=True`` (a gradient penalty) reaches the kernels through the guard: their
+    gradients are differentiable, as without the guard, and the penalty's gradient is the
+    same up to rounding (the one-node path's double backward orders its ops otherwise)."""
+    results = []
+    for guard in (True, False):
+        torch.manual_seed(4)
+        layer = KasminaLayer(nn.Linear(6, 8), 2, 4)
+        for seed in layer.seeds:
+            seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+            walk(seed, stage)
+            seed.guard_backward = guard
+        layer.update_alpha_blending(3, 10)
+        params = [p for s in layer.seeds for p in s.seed_parameters()]
+        x = torch.randn(5, 6)
+        grads = torch.autograd.grad(layer(x).pow(2).sum(), params, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        sum(g.pow(2).sum() for g in grads).backward()
+        results.append([p.grad.clone() for p in params])
+    for guarded, plain in zip(*results, strict=True):
+        torch.testing.assert_close(guarded, plain)
+
+
+class Exp(nn.Module):
+    """``exp(linear(x))``: finite for ordinary inputs, overflows on an outlier."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.linear(x))
+
+
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_one_bad_batch_does_not_poison_the_seed(stage: SeedStage) -> None:
+    """An outlier row makes the kernel's output overflow: the host's chunk stands in, and
+    the kernel's backward, run on the zero gradient of the output set aside, has NaN inside
+    (``0 * inf``). Polled before the optimizer step, the seed's gradient is dropped, so its
+    weights stay finite and it trains on from the next batch."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(4, 8), 2, 4)
+    kernel = Exp(4)
+    layer.seed(0).attach_kernel(kernel)
+    walk(layer.seed(0), stage)
+    layer.update_alpha_blending(3, 10)
+    optimizer = torch.optim.SGD(kernel.parameters(), lr=1e-3)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        x = torch.randn(16, 4)
+        if step == 1:
+            x[0] = 1e4
+        optimizer.zero_grad()
+        layer(x).pow(2).mean().backward()
+        if step == 1:
+            assert not torch.isfinite(kernel.linear.weight.grad).all()  # what it would step on
+        assert layer.poll_nonfinite() == (["layer[0]"] if step == 1 else [])
+        if step == 1:
+            assert all(p.grad is None for p in kernel.parameters())
+        else:
+            assert all(p.grad is not None for p in kernel.parameters())
+        optimizer.step()
+        assert all(torch.isfinite(p).all() for p in kernel.parameters())
+    assert layer.seed(0).faults == 1 and layer.seed(0).stage == stage
