@@ -22,12 +22,26 @@ block reduction and so no barrier; the lanes are merged once per row (two tuple 
 since ``KL = Σ p_t (log p_t - log p_s) = ln2·(Σ p_t (b - a) - lse_b + lse_a)``.
 
 Why ``(-M_a, -M_b, Z_a, Z_b)`` (the negated maxima are the exponent offsets) suffices for
-the backward: ``p_s = 2^(a - M_a)/Z_a`` and
-``p_t = 2^(b - M_b)/Z_b`` exactly, and ``dL/ds = T·(p_s - p_t)·scale·grad_output``. The backward
-forms the exponent as ``fma(s, log2(e)/T, -M)``: one rounding of ``s·k - M``, whose size is that
-of the exponent itself (small where ``p`` is large), not of the logit; storing ``lse`` instead
-would add an error of ``ulp(lse)`` (``|lse|·2^-24``) to every exponent. The row constant
-``c = T·scale·grad_output`` is folded into ``1/Z`` in fp32, so the gradient is
+the backward: ``p_s = 2^(a - M_a)/Z_a`` and ``p_t = 2^(b - M_b)/Z_b``, and
+``dL/ds = T·(p_s - p_t)·scale·grad_output``, provided the backward's exponents are the ones the
+forward summed into ``Z``. Both kernels therefore form them by the same operations:
+``a = fl(s·k)`` (``s`` converted to fp32 exactly, ``k = fl32(log2(e)/T)``), then ``fl(a - m)``.
+``a`` itself carries a rounding error of up to ``ulp(a)/2``, about ``|s|·k·2^-24``, which
+grows as ``1/T`` (0.008 at ``|s| = 100``, ``T = 1e-3``; hundreds at ``T = 1e-10``): harmless as
+long as every pass sees the same ``a``, since the loss and ``p`` are then exactly those of the
+rounded logits, but an exponent ``fma(s, k, -M)`` (the exact ``s·k - M``) differs from the
+forward's ``a - M`` by that error, so its ``p`` no longer sums to 1 under the forward's ``Z``:
+the gradient rows stop summing to 0 and the relative error grows as ``1/T``. The subtraction
+adds nothing that grows: where ``2^(a-M)`` is not negligible, ``a`` is within 126 of ``M``,
+exact by Sterbenz when ``|M| >= 252`` (the small-``T`` case) and otherwise rounded to
+``|a - M|·2^-24 <= 8e-6``, far below fp32 tolerance; the forward's per-lane split
+``(a - m)+(m - M)`` obeys the same bound. Hence the launches pass ``enable_fp_fusion=False``:
+with contraction on, the compiler fused ``s·k - m`` into one fma in some places of the
+forward (not in others: the maximum keeps ``fl(s·k)``) and nothing made the two kernels agree.
+Every product and sum is then rounded as written, and fma appears only where a kernel writes
+``tl.fma`` (accumulations, never an exponent). Storing ``lse`` instead of ``(-M, Z)`` would add
+an error of ``ulp(lse)`` (``|lse|·2^-24``, the same ``1/T`` growth) to every exponent. The row
+constant ``c = T·scale·grad_output`` is folded into ``1/Z`` in fp32, so the gradient is
 ``2^(a-M_a)·(c/Z_a) - 2^(b-M_b)·(c/Z_b)``, computed in fp32 and rounded ONCE to the student's
 dtype. An fp16 gradient is therefore the correctly rounded fp32 value: nothing is stored
 unscaled and rescaled later (a stored ``T·(p_s - p_t)`` at V = 131k is mostly fp16-subnormal
@@ -48,7 +62,8 @@ to 0, cannot produce ``inf·0 = NaN`` (the old kernel did). Running maxima start
 ``-inf`` is undefined (NaN: no finite logit, ``Z = 0``), as is any row holding a NaN (it
 reaches ``Z``). Masked rows read nothing and write loss 0 (and a zero gradient row).
 Per-element forward cost: two ``exp2`` and about 22 other instructions per student/teacher
-pair (sm_90 SASS), no barrier; backward: two ``exp2`` and about 8.
+pair (sm_90 SASS), no barrier; backward: two ``exp2`` and about 10 (the two exponents are
+a rounded multiply and add each, not one fma: see above).
 
 Vectorisation: a row starting at an arbitrary element offset (odd V, shifted views) is split
 into a head (< VEC elements up to the first 16-byte boundary of the student row), a body of
@@ -88,17 +103,19 @@ STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets
 @triton.jit
 def _fold_lanes(m, z, v):
     """Fold ``v`` into the per-lane maximum ``m`` and sum ``z``; returns the new pair and the
-    weights ``(w_old, w_new)`` with ``z' = z·w_old + w_new`` (one exp2 per element)."""
+    weights ``(w_old, w_new)`` with ``z' = z·w_old + w_new`` (one exp2 per element). ``d`` is
+    the backward's exponent ``fl(v - m)`` (no contraction: see the module docstring)."""
     d = v - m
     up = d > 0.0  # False for v = -inf (d = -inf) and NaN
     e = tl.exp2(-tl.abs(d))
     w_old = tl.where(up, e, 1.0)
     w_new = tl.where(up, 1.0, e)
-    return tl.where(up, v, m), z * w_old + w_new, w_old, w_new
+    return tl.where(up, v, m), tl.fma(z, w_old, w_new), w_old, w_new
 
 
 @triton.jit
 def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
+    # a = fl(s·k), b = fl(t·k): the rounded values the maxima, Z and the backward all use.
     a = s.to(tl.float32) * k
     b = t.to(tl.float32) * k
     m_a, z_a, _, _ = _fold_lanes(m_a, z_a, a)
@@ -113,7 +130,7 @@ def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
         BIG,
         propagate_nan=tl.PropagateNan.NONE,
     )
-    x = x * w_old + w_new * diff
+    x = tl.fma(w_new, diff, x * w_old)
     return m_a, z_a, m_b, z_b, x, hi
 
 
@@ -216,10 +233,13 @@ def _kd_fwd_kernel(
 
 @triton.jit
 def _bwd_step(s, t, k, neg_ma, c_a, neg_mb, c_b):
-    """``2^(a - M_a)·(c/Z_a) - 2^(b - M_b)·(c/Z_b)``; each exponent is one fma (one rounding)."""
-    p_a = tl.exp2(tl.fma(s.to(tl.float32), k, neg_ma))
-    p_b = tl.exp2(tl.fma(t.to(tl.float32), k, neg_mb))
-    return p_a * c_a - p_b * c_b
+    """``2^(a - M_a)·(c/Z_a) - 2^(b - M_b)·(c/Z_b)``. The exponents are the forward's,
+    ``fl(fl(s·k) - M)``: the same two roundings (``a + (-M)`` is ``a - M`` exactly), never the
+    fma ``s·k - M``, which differs from them by ``a``'s own rounding error (up to
+    ``ulp(a)/2``, growing as ``1/T``) and so would not match the forward's ``Z``."""
+    p_a = tl.exp2(s.to(tl.float32) * k + neg_ma)
+    p_b = tl.exp2(t.to(tl.float32) * k + neg_mb)
+    return tl.fma(p_a, c_a, -(p_b * c_b))
 
 
 @triton.jit
@@ -376,6 +396,14 @@ def _plan(tensors: list[torch.Tensor]) -> tuple[list, int, int, list[bool]] | No
     return args, r1, vec, aligned
 
 
+def row_vector(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (a mask or ``grad_output``, one element per row) as the dense 1-d vector the
+    kernels index by row (``ptr + row``): ``reshape(-1)`` keeps a view where it can, and a
+    view may be strided (``mask[::2]``, ``m[..., 0]``) or expanded (``.sum()``'s backward hands
+    a stride-0 ``grad_output``), so it is copied then; rows-sized, so the copy is cheap."""
+    return x.reshape(-1).contiguous()
+
+
 def _readable(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits as the kernels read them: as given when each has a unit last stride and the
     pair merges to two leading dims, else contiguous copies (documented)."""
@@ -464,7 +492,7 @@ def kd_forward(
     _check_buffer("stats_out", stats_out, stats_shape, student, f32)
     if not stats_out.is_contiguous():
         raise ValueError("stats_out must be contiguous")
-    flat_mask = None if mask is None else mask.reshape(-1)
+    flat_mask = None if mask is None else row_vector(mask)
 
     kept: torch.Tensor | None = None
     if flat_mask is not None and reduction in ("mean", "batchmean"):
@@ -485,6 +513,7 @@ def kd_forward(
             HAS_MASK=flat_mask is not None, WRITE_STATS=need_grad, ALIGN_S=aligned[0],
             ALIGN_T=aligned[1], VEC=vec, BLOCK_V=block_v or default_block_v(vocab),
             MERGED=not interpreting() if merged is None else merged, num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # the exponents' roundings are the backward's (see above)
         )  # fmt: skip
     if reduction == "none":
         return loss_rows_out.view(lead), stats_out, scale
@@ -511,7 +540,8 @@ def kd_backward(
     """The student gradient ``T·(p_s - p_t)·scale·grad_output``, computed in fp32 from the
     logits and ``kd_forward``'s ``stats``/``scale``, rounded once to the student's dtype.
 
-    ``grad_output`` is 0-d, or has the loss's per-row shape for ``"none"``. ``out`` (the
+    ``grad_output`` is 0-d, or has the loss's per-row shape for ``"none"`` (any strides, an
+    expanded one too: see ``row_vector``). ``out`` (the
     student's shape and dtype, any strides the kernel can address) is written when given, else
     a contiguous tensor. A gradient laid out like a strided student (``kasmina.ops`` does that)
     shares the student rows' 16-byte phase, so its stores stay vectorised for odd V.
@@ -528,7 +558,7 @@ def kd_backward(
     if per_row:
         if tuple(grad_output.shape) != lead:
             raise ValueError(f"grad_output must have shape {lead}, got {tuple(grad_output.shape)}")
-        grad_output = grad_output.reshape(-1)
+        grad_output = row_vector(grad_output)
     elif grad_output.numel() != 1:
         raise ValueError(f"grad_output must be a scalar, got shape {tuple(grad_output.shape)}")
     if grad_output.device != student.device:
@@ -553,11 +583,12 @@ def kd_backward(
         aligned = [False, False, False]
     c_host = temperature * host_scale(reduction, rows, vocab, mask is not None)
     _kd_bwd_kernel[(rows,)](
-        sa[0], ta[0], ga[0], sa[0] if mask is None else mask.reshape(-1), stats, grad_output,
+        sa[0], ta[0], ga[0], sa[0] if mask is None else row_vector(mask), stats, grad_output,
         scale if has_scale else stats, vocab, r1, *sa[1:], *ta[1:], *ga[1:],
         LOG2E / temperature, c_host,
         HAS_MASK=mask is not None, PER_ROW=per_row, HAS_SCALE=has_scale, ALIGN_S=aligned[0],
         ALIGN_T=aligned[1], ALIGN_G=aligned[2], VEC=vec,
         BLOCK_V=block_v or default_block_v(vocab, BWD_BLOCK_V), num_warps=NUM_WARPS,
+        enable_fp_fusion=False,  # the forward's exponents exactly (see the module docstring)
     )  # fmt: skip
     return out

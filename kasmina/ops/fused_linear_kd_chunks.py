@@ -126,8 +126,16 @@ def _as_rows(
         hidden=hidden.reshape(rows, hidden.shape[-1]), weight=weight, bias=bias,
         teacher=teacher, teacher_nd=teacher_nd, teacher_hidden=t_hidden,
         teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-        mask=None if mask is None else mask.reshape(rows), rows=rows, vocab=vocab,
+        mask=None if mask is None else _dense(mask.reshape(rows)), rows=rows, vocab=vocab,
     )  # fmt: skip
+
+
+def _dense(x: Tensor) -> Tensor:
+    """A per-row vector (the mask, a ``"none"`` ``grad_output``) made dense once: ``reshape``
+    keeps a strided or expanded view where it can (``mask[::2]``, ``m[..., 0]``, the stride-0
+    ``grad_output`` of ``.sum()``'s backward), and each chunk then passes a slice of it to the
+    KD op's kernels, which index it by row. Rows-sized, so the copy is cheap."""
+    return x.contiguous()
 
 
 def _head_into(
@@ -327,7 +335,7 @@ def _backward_rows(
     )
     chunks = _Chunker(r, cfg)
     grads = _Grads(r, cfg)
-    go = grad_output.reshape(r.rows)
+    go = _dense(grad_output.reshape(r.rows))
     empty = stats.new_empty(0)
     for r0, r1 in chunks.ranges():
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)

@@ -186,14 +186,19 @@ def _rows(
     errs is a NaN, which the caller sees and answers with the careful form. Three fp32
     logits-sized buffers besides the fp32 copy of bf16/fp16 student logits: a teacher copy
     takes the difference in place and then the student's exponentials, so it is one of them.
-    Twelve passes over the row, two of them ``exp2``.
+    Fourteen passes over the row, two of them ``exp2``.
+
+    The exponents are the kernels', ``fl(fl(k·x) - M)``: ``mul`` then ``add_``, not
+    ``add(..., alpha=k)``, whose vectorised form is one fma (the exact ``k·x - M``). ``M`` is
+    ``fl(k·max x)``, so that fma leaves ``k·x``'s own rounding error in every exponent, up to
+    ``ulp(k·x)/2``, growing as ``1/T`` (hundreds at ``T = 1e-10``: ``2^±512``, a NaN loss).
     """
     s = student if student.dtype == work else student.to(work)
     t_owned = teacher.dtype != work
     t = teacher.to(work) if t_owned else teacher
     neg_ma = s.amax(-1, keepdim=True).mul_(-k)
     neg_mb = t.amax(-1, keepdim=True).mul_(-k)
-    e_b = torch.add(neg_mb, t, alpha=k).exp2_()
+    e_b = torch.mul(t, k).add_(neg_mb).exp2_()
     z_b = e_b.sum(-1, keepdim=True)
     diff = t.sub_(s) if t_owned else torch.sub(t, s)  # the teacher copy is spent
     if careful:
@@ -201,7 +206,7 @@ def _rows(
     cross = diff.mul_(e_b).sum(-1, keepdim=True)  # e_b is kept for the gradient
     if careful:  # a NaN left is 0·inf: a student -inf under an underflowed teacher weight
         cross = cross.nan_to_num_(nan=math.inf, posinf=math.inf)
-    e_a = torch.add(neg_ma, s, alpha=k, out=diff).exp2_()
+    e_a = torch.mul(s, k, out=diff).add_(neg_ma).exp2_()
     z_a = e_a.sum(-1, keepdim=True)
     row = torch.addcdiv(neg_mb - neg_ma, cross, z_b, value=k)
     return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b, e_a, e_b
@@ -319,41 +324,36 @@ def kd_backward_reference(
     reduction: str,
 ) -> Tensor:
     """The CPU path's backward, as ``kasmina.kernels.kd_loss.kd_backward``: ``(p_s - p_t)·c``
-    with ``c = T·scale·grad_output`` and ``p = 2^(k·x - lse)``, ``lse = M + log2 Z``, in the
-    stats' dtype, rounded once to the student's and laid out as ``grad_strides(student)``.
-    (Folding ``Z`` into ``lse`` costs an exponent error of ``ulp(lse)``, far below the fp32
-    tolerance; the kernel avoids even that, see ``kasmina.kernels.kd_loss``.) A positive
-    scalar ``c`` on a CPU is folded into the exponents as ``log2 c`` (one pass fewer)."""
+    with ``c = T·scale·grad_output`` and ``p = 2^(fl(k·x) - M)·(1/Z)``, in the stats' dtype,
+    rounded once to the student's and laid out as ``grad_strides(student)``. The exponents are
+    the forward's (``_rows``: ``mul`` then ``add_``) and ``c/Z`` is a per-row factor: an fma
+    exponent ``k·x - M``, or ``Z`` (or ``log2 c``) folded into the exponent as
+    ``lse = M + log2 Z``, would add an error of ``ulp(k·x)`` or ``ulp(lse)`` to every exponent,
+    and both grow as ``1/T`` (0.5% of ``p`` at ``T = 1e-3`` for logits near 100)."""
     work = stats.dtype
     k = LOG2E / temperature
     rows, vocab = math.prod(student.shape[:-1]), student.shape[-1]
     host = temperature * _host_scale(reduction, rows, vocab, mask is not None)
     has_scale = scale is not None and scale.numel() > 0
-    neg_m, z = stats.split(2, -1)
-    neg_lse = neg_m.sub(z.log2())  # -(lse_a, lse_b) per row
-    c: Tensor | float | None = None
+    neg_ma, neg_mb, z_a, z_b = stats.split(1, -1)
+    c: Tensor | float
     if grad_output.dim() == 0 and grad_output.device.type == "cpu":
         c = float(grad_output) * host * (float(scale) if has_scale else 1.0)
-        if 0.0 < c < math.inf:
-            neg_lse, c = neg_lse.add_(math.log2(c)), None
     else:
         c = grad_output.to(work) * host
         c = c.unsqueeze(-1) if c.dim() else c
         c = c * scale if has_scale else c
-    neg_lse_a, neg_lse_b = neg_lse.split(1, -1)
     # A converted (bf16/fp16) copy is ours: its buffer takes the exponentials.
     s = student if student.dtype == work else student.to(work)
     t = teacher if teacher.dtype == work else teacher.to(work)
-    p_a = torch.add(neg_lse_a, s, alpha=k, out=None if s is student else s).exp2_()
-    p_b = torch.add(neg_lse_b, t, alpha=k, out=None if t is teacher else t).exp2_()
+    p_a = torch.mul(s, k, out=None if s is student else s).add_(neg_ma).exp2_().mul_(c / z_a)
+    p_b = torch.mul(t, k, out=None if t is teacher else t).add_(neg_mb).exp2_().mul_(c / z_b)
     in_place = student.dtype == work and (
         student.is_contiguous() or p_a.stride() == grad_strides(student)
     )
-    if c is None and mask is None and not in_place:  # the one rounding, written in place
+    if mask is None and not in_place:  # the one rounding, written in place
         return torch.sub(p_a, p_b, out=_new_grad(student))
     grad = p_a.sub_(p_b)
-    if c is not None:
-        grad = grad.mul_(c)
     if mask is not None:
         grad = grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
     return grad if in_place else _new_grad(student).copy_(grad)

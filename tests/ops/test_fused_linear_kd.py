@@ -355,6 +355,59 @@ def test_gradcheck_chunked_path_float64():
         assert torch.autograd.gradcheck(run, (h, w, b))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("objective", ["sum", "strided"])
+def test_none_reduction_under_sum_and_strided_grad_output(monkeypatch, backend, mode, objective):
+    """``"none"`` then ``.sum()`` (an expanded ``grad_output``) or a ``stack(...)[..., 0]``
+    weight (a stride-2 one): the per-row ``grad_output`` is read by row, eager and compiled."""
+    if backend == "triton" and DEVICE.type == "cpu":
+        if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    h, w, b, _, _, _, tl, _ = _inputs((2, 3), 8, 11, torch.float32, seed=60)
+    weight = torch.randn(2, 3, 2, generator=_gen(61))
+
+    def step(h, w, b):
+        loss = fused_linear_kd_loss(
+            h, w, tl, student_bias=b, temperature=2.0, reduction="none", chunk_rows=4
+        )
+        if objective == "sum":
+            return loss.sum()
+        return (torch.stack((loss, torch.zeros_like(loss)), -1) * weight).sum()
+
+    torch._dynamo.reset()
+    fn = step if mode == "eager" else torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(fn(h, w, b), (h, w, b))
+    go = torch.ones(2, 3) if objective == "sum" else weight[..., 0]
+    _, want = _oracle(h, w, b, tl, 2.0, "none", grad_output=go)
+    for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+        _close(x, y, torch.float32, what)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_strided_masks(triton_backend, reduction):
+    """``mask[::2]`` and ``m[..., 0]`` (strided after ``reshape(-1)``) drop the right rows."""
+    pairs = torch.tensor([[True, False], [False, True], [True, True]]).repeat(2, 1)
+    for lead, mask in (
+        ((6,), torch.tensor([True, False] * 6)[::2]),
+        ((2, 3), pairs.reshape(2, 3, 2)[..., 0]),
+    ):
+        assert mask.reshape(-1).stride() != (1,)
+        h, w, b, _, _, _, tl, _ = _inputs(lead, 8, 11, torch.float32, seed=62)
+        loss = fused_linear_kd_loss(
+            h, w, tl, student_bias=b, temperature=1.5, reduction=reduction, mask=mask,
+            chunk_rows=4,
+        )  # fmt: skip
+        go = torch.randn(loss.shape, generator=_gen(63))
+        got = torch.autograd.grad(loss, (h, w, b), go)
+        exp_loss, want = _oracle(h, w, b, tl, 1.5, reduction, mask.contiguous(), go)
+        _close(loss, exp_loss, torch.float32, "loss")
+        for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+            _close(x, y, torch.float32, what)
+
+
 # --------------------------------------------------------------------------- custom op, compile
 
 

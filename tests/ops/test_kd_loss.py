@@ -532,6 +532,74 @@ def test_gradcheck_reference_float64():
         assert torch.autograd.gradcheck(lambda s, r=reduction: CPUPath.apply(s, r), (student,))
 
 
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("objective", ["sum", "strided"])
+def test_none_reduction_under_sum_and_strided_grad_output(backend, mode, objective):
+    """``"none"`` then ``.sum()`` hands the backward an expanded (stride-0) ``grad_output``;
+    ``stack(...)[..., 0]`` a stride-2 one. Both must be read per row, eager and compiled."""
+    student, teacher = _logits((3, 4, 7), seed=50)
+    weight = torch.randn(3, 4, 2, generator=_gen(51))
+
+    def step(s):
+        loss = kd_kl_loss(s, teacher, 2.0, "none")
+        if objective == "sum":
+            return loss.sum()
+        return (torch.stack((loss, torch.zeros_like(loss)), -1) * weight).sum()
+
+    torch._dynamo.reset()
+    fn = step if mode == "eager" else torch.compile(step, fullgraph=True, backend="aot_eager")
+    s = student.clone().requires_grad_(True)
+    fn(s).backward()
+    go = torch.ones(3, 4) if objective == "sum" else weight[..., 0]
+    _, exp_grad = _oracle(student, teacher, 2.0, "none", grad_output=go)
+    _close(s.grad, exp_grad, torch.float32)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_strided_masks(backend, reduction):
+    """A mask whose ``reshape(-1)`` is a strided view (``mask[::2]``, ``m[..., 0]``) is read
+    by row, not as if dense."""
+    pairs = torch.tensor([[True, False], [False, True], [True, True]]).repeat(2, 1)
+    cases = [
+        (_logits((6, 9), seed=52), torch.tensor([True, False] * 6)[::2]),
+        (_logits((2, 3, 9), seed=53), pairs.reshape(2, 3, 2)[..., 0]),
+    ]
+    for (student, teacher), mask in cases:
+        assert mask.reshape(-1).stride() != (1,)
+        s = student.clone().requires_grad_(True)
+        loss = kd_kl_loss(s, teacher, 1.5, reduction, mask=mask)
+        go = torch.randn(loss.shape, generator=_gen(54))
+        loss.backward(go)
+        exp_loss, exp_grad = _oracle(student, teacher, 1.5, reduction, mask.contiguous(), go)
+        _close(loss, exp_loss, torch.float32)
+        _close(s.grad, exp_grad, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-4, 1e-10])
+def test_small_temperature_gradient(backend, mode, temperature):
+    """LLM-sized logits at small T: the backward's exponents must be the forward's rounded
+    ``fl(fl(s·k) - M)`` (an fma ``s·k - M`` differs by ``ulp(s·k)/2``, which grows as ``1/T``),
+    so the gradient matches float64 tightly and each row sums to 0; the loss stays finite."""
+    student, teacher = _logits((4, 64), seed=55, scale=30.0)
+
+    def step(s):
+        return kd_kl_loss(s, teacher, temperature, "sum")
+
+    torch._dynamo.reset()
+    fn = step if mode == "eager" else torch.compile(step, fullgraph=True, backend="aot_eager")
+    s = student.clone().requires_grad_(True)
+    loss = fn(s)
+    loss.backward()
+    exp_loss, exp_grad = _oracle(student, teacher, temperature, "sum")
+    torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=0.0)
+    size = float(exp_grad.abs().max())
+    assert float((s.grad.double() - exp_grad).abs().max()) <= 1e-6 * size
+    assert float(s.grad.double().sum(-1).abs().max()) <= 1e-6 * size
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- compile
 
 
