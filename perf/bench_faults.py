@@ -6,7 +6,7 @@ device, the non-finite fallback (a finite test, a flag, the alpha masked by the 
 must be cheap enough to leave on always, so it is measured where a seed spends its training: a
 full step (forward, backward, SGD step) of a small host whose ``KasminaLayer`` has every seed in
 GRAFTING. There the layer runs the device half, the blend and the backward guard as one
-autograd node (``kasmina.seeds.faults.GuardedBlend``).
+autograd node (``kasmina.seeds.island.GuardedBlend``).
 
 Peers, built from copies of the same host and kernels and checked to give the same values:
 

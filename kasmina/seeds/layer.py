@@ -41,7 +41,7 @@ the others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seed
 seed's host half, then one finiteness reduction over the concatenated outputs, one update of the
 seeds' flags (views of one layer buffer), the host's chunk for a non-finite one, and one guarded
 backward node. In eager mode, when every running seed blends against the detached host
-(GRAFTING, STABILIZATION), that and the blend are one autograd node (``faults.GuardedBlend``).
+(GRAFTING, STABILIZATION), that and the blend are one autograd node (``island.GuardedBlend``).
 """
 
 from __future__ import annotations
@@ -58,11 +58,10 @@ from kasmina.ops import alpha_blend
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     chunk_sums,
-    contain_backward,
     fallback_per_chunk,
     finite_test,
-    guarded_blend,
 )
+from kasmina.seeds.island import contain_backward, guarded_blend
 from kasmina.seeds.outputs import (
     ActivationSpec,
     activation_spec,
@@ -460,7 +459,7 @@ class KasminaLayer(nn.Module):
         stages: set[SeedStage],
     ) -> torch.Tensor | None:
         """The eager path of a layer whose running seeds all blend against the detached host:
-        device half, blend and backward guard in one node (``faults.guarded_blend``), the
+        device half, blend and backward guard in one node (``island.guarded_blend``), the
         same values and gradients as the path below. None where that path must run (a seed
         without the backward guard, an alpha that needs a gradient)."""
         seeds = self._seed_list

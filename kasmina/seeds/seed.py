@@ -42,7 +42,6 @@ from kasmina.seeds.faults import (
     FAULT_LOG_SIZE,
     all_finite,
     call_kernel,
-    contain_backward,
     cut_nonfinite_gradient,
     finite_test,
     kernel_modules,
@@ -65,6 +64,7 @@ from kasmina.seeds.gates import (
     run_probe,
     sigmoid_alpha,
 )
+from kasmina.seeds.island import contain_backward
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     GATE_FOR_TRANSITION,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.seeds import faults
+from kasmina.seeds import island
 from kasmina.seeds.extra_state import decode_extra_state
 from kasmina.seeds.faults import FAULT_LOG_SIZE
 from kasmina.seeds.inject import attach
@@ -777,15 +777,15 @@ def test_the_guard_takes_the_direct_engine_entry_even_when_first_asked_inside_a_
     """The engine entry point is probed once, on first use, which is inside the host's
     backward where grad mode is off: the probe must still find the entry (it once cached
     "unavailable" there, and every guarded backward took the slower public path)."""
-    monkeypatch.setattr(faults, "_ENGINE", [])
+    monkeypatch.setattr(island, "_ENGINE", [])
     public = []
     monkeypatch.setattr(
-        faults.torch.autograd, "grad", lambda *a, **k: public.append(1) or _public_grad(*a, **k)
+        island.torch.autograd, "grad", lambda *a, **k: public.append(1) or _public_grad(*a, **k)
     )
     torch.manual_seed(19)
     seed = make_seed(nn.Linear(C, C), SeedStage.GRAFTING)
     seed(torch.randn(BATCH, C, requires_grad=True)).pow(2).sum().backward()
-    assert faults._ENGINE[0] is not None
+    assert island._ENGINE[0] is not None
     # The probe compares the entry with the public function once; the guard never uses it.
     assert len(public) == 1
     assert all(p.grad is not None for p in seed.kernel.parameters())

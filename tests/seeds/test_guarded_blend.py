@@ -1,4 +1,4 @@
-"""The one-node guarded graft (``faults.GuardedBlend``) against the unguarded layer path.
+"""The one-node guarded graft (``island.GuardedBlend``) against the unguarded layer path.
 
 A layer whose running seeds all blend against the detached host (GRAFTING, STABILIZATION)
 takes one autograd node for its guard's device half, the blend and the backward guard. It

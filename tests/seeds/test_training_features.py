@@ -186,3 +186,35 @@ def test_one_bad_batch_does_not_poison_the_seed(stage: SeedStage) -> None:
         optimizer.step()
         assert all(torch.isfinite(p).all() for p in kernel.parameters())
     assert layer.seed(0).faults == 1 and layer.seed(0).stage == stage
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
+    """The backward guard hands the kernels' gradients to the host's autograd, so the outer
+    call decides what happens to them: ``autograd.grad`` returns them and writes no ``.grad``;
+    ``backward(inputs=...)`` without the seeds leaves them alone; post-accumulate hooks run
+    once."""
+    torch.manual_seed(6)
+    layer = KasminaLayer(nn.Linear(6, 8), 2, 4)
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+        walk(seed, stage)
+    layer.update_alpha_blending(3, 10)
+    plain = copy.deepcopy(layer)
+    for seed in plain.seeds:
+        seed.guard_backward = False
+    params = [p for s in layer.seeds for p in s.seed_parameters()]
+    x = torch.randn(5, 6)
+    got = torch.autograd.grad(layer(x).pow(2).sum(), params)
+    want = torch.autograd.grad(
+        plain(x).pow(2).sum(), [p for s in plain.seeds for p in s.seed_parameters()]
+    )
+    assert all(p.grad is None for p in params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    layer(x).pow(2).sum().backward(inputs=list(layer.host.parameters()))
+    assert all(p.grad is None for p in params)
+    accumulated: list[int] = []
+    params[0].register_post_accumulate_grad_hook(lambda _: accumulated.append(1))
+    layer(x).pow(2).sum().backward()
+    assert accumulated == [1] and all(p.grad is not None for p in params)
