@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kasmina.seeds.faults import autocast_to_host
+from kasmina.seeds.faults import (
+    CONTROL_FLOW,
+    FaultRecorder,
+    all_finite,
+    autocast_to_host,
+    output_fault,
+    recomputing,
+)
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
@@ -358,6 +365,32 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
         raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
     out = autocast_to_host(out, xd)  # as the forward does
     return CompatibilityProbe(out, tuple(x.shape), x.dtype, latency, events)
+
+
+def guarded_probe(
+    kernel: nn.Module, x: torch.Tensor, record: FaultRecorder, finite_flag: torch.Tensor
+) -> CompatibilityProbe | None:
+    """:func:`run_probe` guarded like the forward (it runs inside the host's): a raise or a
+    non-Tensor is a fault (given to ``record``) and leaves no probe; a wrong shape, dtype or
+    device is a fault that keeps the probe, so G3 names the mismatch; a non-finite output
+    clears ``finite_flag``. A recompute under activation checkpointing records nothing again."""
+    try:
+        result = run_probe(kernel, x)
+    except CONTROL_FLOW:
+        raise
+    except Exception as exc:  # the kernel's own failure: contained, never the host's
+        if not recomputing():
+            if isinstance(exc, ProbeOutputError):
+                record("type", str(exc))
+            else:
+                record("exception", f"raised {type(exc).__name__}: {exc}")
+        return None
+    fault = output_fault(result.output, x)
+    if fault is None:
+        finite_flag.logical_and_(all_finite(result.output))
+    elif not recomputing():
+        record(*fault)
+    return result
 
 
 def gate_g3_probed(

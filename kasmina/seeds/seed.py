@@ -37,31 +37,26 @@ from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
 from kasmina.seeds.extra_state import encode_extra_state, parse_seed_state
 from kasmina.seeds.faults import (
-    CONTROL_FLOW,
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
-    all_finite,
     call_kernel,
     cut_nonfinite_gradient,
     finite_test,
     kernel_modules,
     log_fault,
-    output_fault,
     output_sum,
-    recomputing,
     short_reason,
 )
 from kasmina.seeds.gates import (
     CompatibilityProbe,
     GateResult,
-    ProbeOutputError,
     SeedEvaluation,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
     gate_g3_probed,
     gate_g4_alpha,
     gate_g5_performance,
-    run_probe,
+    guarded_probe,
     sigmoid_alpha,
 )
 from kasmina.seeds.island import contain_backward
@@ -473,27 +468,8 @@ class GradientIsolatedSeed(nn.Module):
         probe, so G3 names the mismatch; a non-finite output sets the flag."""
         if self.kernel is None:
             return None
-        try:
-            result = run_probe(self.kernel, x)
-        except CONTROL_FLOW:
-            raise
-        except Exception as exc:  # the kernel's own failure: contained, never the host's
-            self.probe_result = None
-            if recomputing():  # recorded when the region first ran
-                return None
-            if isinstance(exc, ProbeOutputError):
-                self._record_fault("type", str(exc))
-            else:
-                self._record_fault("exception", f"raised {type(exc).__name__}: {exc}")
-            return None
-        self.probe_result = result
-        fault = output_fault(result.output, x)
-        if fault is not None:
-            if not recomputing():
-                self._record_fault(*fault)
-        else:
-            self.finite_flag.logical_and_(all_finite(result.output))
-        return result
+        self.probe_result = guarded_probe(self.kernel, x, self._record_fault, self.finite_flag)
+        return self.probe_result
 
     def _run_kernel(
         self, x: torch.Tensor, stage: SeedStage
