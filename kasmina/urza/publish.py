@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import json
 import logging
 import re
 import secrets
@@ -47,7 +46,7 @@ from kasmina.urza.artifact import (
 )
 from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
-from kasmina.utils.signed_json import canonical_json
+from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ def resign_artifact(
         raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
     own = publisher.trusted_publishers()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         data = None
     if isinstance(data, dict) and "manifest_version" in data:
@@ -271,7 +270,7 @@ def _verify_legacy_manifest(raw: bytes, keyring: Keyring, artifact_id: str) -> M
     Returned as an unsigned, unverified version 2 ``Manifest`` with the same fields."""
     where = f"artifact {artifact_id!r}"
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ArtifactIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("signature"), str):

@@ -232,7 +232,7 @@ class ReadGuard:
         expiry is a failure if a read failed or timed out, a success if every read was
         answered, and no outcome if no read was made: a deadline that had passed before the
         first read is checked before the breaker is asked, so it cannot use up the half-open
-        trial.
+        trial. Any other exception is a failure, so that a half-open trial always ends.
         """
         if self.closed:
             raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
@@ -255,6 +255,9 @@ class ReadGuard:
             raise
         except (FileNotFoundError, ArtifactNotFoundError, ArtifactIntegrityError):
             self.breaker.record_success()
+            raise
+        except Exception:  # anything else is a failed operation: never a trial left open
+            self.breaker.record_failure()
             raise
         self.breaker.record_success()
         return result

@@ -25,8 +25,13 @@ def canonical_json(fields: Mapping[str, Any]) -> bytes:
 
 
 def strict_json_loads(text: str) -> Any:
-    """``json.loads`` that raises ``ValueError`` on a duplicate key or a NaN/Infinity."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    """``json.loads`` that raises ``ValueError`` on a duplicate key, a NaN/Infinity, or nesting
+    deeper than the interpreter's recursion limit (the parser recurses per level: 200 KB of
+    ``[`` is enough, and what reads a file from a store must refuse it, not crash)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -207,7 +207,15 @@ def test_missing_signature_is_rejected(store, trusted, signature) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"not json", b"[1, 2]", b'{"signature": "a", "signature": "b"}', b"\xff\xfe", b"{}"],
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"signature": "a", "signature": "b"}',
+        b"\xff\xfe",
+        b"{}",
+        b"[" * 100_000 + b"]" * 100_000,  # 200 KB, deeper than the parser can recurse
+    ],
+    ids=["text", "list", "duplicate", "utf16", "empty", "deep"],
 )
 def test_malformed_manifests_are_rejected(trusted, raw) -> None:
     with pytest.raises(ArtifactIntegrityError):
@@ -516,6 +524,33 @@ def test_verify_store_reports_each_artifact(store, publisher, trusted) -> None:
     root, manifest = store
     publish_payload(b"second", str(root), "bp", publisher, "second")
     payload_path(root, "second").write_bytes(b"SECOND")
+    manifest_path(root, "deep").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     report = client(str(root), trusted).verify_store()
     assert report[manifest.artifact_id] == "ok"
     assert report["second"].startswith("ArtifactIntegrityError")
+    assert report["deep"].startswith("ArtifactIntegrityError") and "nested" in report["deep"]
+
+
+def test_an_unexpected_error_ends_the_half_open_trial(store, trusted, monkeypatch) -> None:
+    """A trial that raises something no branch expects is a failure: the breaker never stays
+    half-open with its one trial spent (every fetch refused until the next reset)."""
+    root, manifest = store
+    clock = FakeClock()
+    urza = client(str(root), trusted, breaker_threshold=1, breaker_reset_s=30, clock=clock)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError):
+        urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "open"
+    flaky.down = False
+    clock.now += 31
+    monkeypatch.setattr(
+        "kasmina.urza.client.verify_manifest", lambda *a, **k: (_ for _ in ()).throw(KeyError("x"))
+    )
+    with pytest.raises(KeyError):
+        urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "open"  # a failure: it waits for the next reset
+    monkeypatch.undo()
+    clock.now += 31
+    assert urza.fetch(manifest.artifact_id)[1] == manifest
+    assert urza.breaker.state == "closed"
