@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import difflib
 import re
+import weakref
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import sum_kd_losses
+from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import default_chunk_dim
@@ -97,6 +100,10 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
         if slot is not None:
             raise ValueError(f"{name!r} is already attached (slot {slot!r}); detach it first")
     return matched
+
+
+# The load_state_dict pre-hook attach put on each model (weakly: the model owns its hooks).
+_LOAD_CHECKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -181,6 +188,8 @@ def attach(
     for name, layer in zip(names, layers, strict=True):
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
+    if model not in _LOAD_CHECKS:  # a load refused by any seed changes no module of the model
+        _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(check_seed_states)
     return layers
 
 
@@ -197,6 +206,9 @@ def detach(model: nn.Module) -> list[KasminaLayer]:
     for name, layer in slots:
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.host)
+    handle = _LOAD_CHECKS.pop(model, None)
+    if handle is not None:
+        handle.remove()
     return [layer for _, layer in slots]
 
 

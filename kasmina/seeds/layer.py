@@ -55,6 +55,7 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import kd_head_problem, seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
+from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     chunk_sums,
@@ -191,6 +192,9 @@ class KasminaLayer(nn.Module):
         self._runs_any = False
         self._refresh_plan()
         state.listen(self._refresh_plan)
+        # A load checks every seed's state before the host loads (kasmina.attach adds the same
+        # check to the model, for every slot before any module loads).
+        self.register_load_state_dict_pre_hook(check_seed_states)
 
     # -- the wrapped module's attributes ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -35,7 +35,7 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.extra_state import encode_extra_state, parse_seed_state
+from kasmina.seeds.extra_state import SavedSeedState, encode_extra_state, parse_seed_state
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
@@ -532,6 +532,7 @@ class GradientIsolatedSeed(nn.Module):
         return encode_extra_state(
             {
                 "seed_id": self.seed_id,
+                "chunk_size": self.chunk_size,
                 "row": list(self.state_table.read_row(self.state_index).values()),
                 "alpha": self._alpha_value,
                 "gate_score": self._gate_score,
@@ -544,15 +545,17 @@ class GradientIsolatedSeed(nn.Module):
             }
         )
 
-    def set_extra_state(self, state: torch.Tensor | Mapping[str, Any]) -> None:
-        """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints).
-
-        A state whose seed ran a kernel cannot be restored into a seed without one: the
-        ``state_dict`` carries the kernel's weights but not its verified program, and a seed
-        that came back ACTIVE with nothing to run would silently compute the host alone. That
-        raises ``ValueError`` naming ``kasmina.load``, which ships the program too.
-        """
-        saved = parse_seed_state(state, self.seed_id)  # read and checked: nothing changed yet
+    def check_state(self, state: torch.Tensor | Mapping[str, Any]) -> SavedSeedState:
+        """What :meth:`set_extra_state` would restore, checked (``ValueError`` if this seed cannot
+        take it; ``check_seed_states`` asks every seed before a load). A kernel's state needs a
+        kernel: a ``state_dict`` holds its weights, not its verified program (``kasmina.load``
+        ships both), and an ACTIVE seed with nothing to run would compute the host alone."""
+        saved = parse_seed_state(state, self.seed_id)
+        if saved.chunk_size not in (None, self.chunk_size):
+            raise ValueError(
+                f"seed {self.seed_id}: the state was saved by a seed of chunk size "
+                f"{saved.chunk_size}, this one has {self.chunk_size} (attach the model as it was)"
+            )
         if self.kernel is None and saved.stage in RUNS_KERNEL:
             raise ValueError(
                 f"seed {self.seed_id}: the state was saved in {saved.stage.name} with a kernel, "
@@ -560,6 +563,12 @@ class GradientIsolatedSeed(nn.Module):
                 "verified program. Restore a grown model with kasmina.save / kasmina.load "
                 "(or germinate the seed before loading its state)"
             )
+        return saved
+
+    def set_extra_state(self, state: torch.Tensor | Mapping[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints),
+        checked first (:meth:`check_state`): a refused state changes nothing."""
+        saved = self.check_state(state)
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
         self._gate_score = saved.gate_score

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -131,9 +132,13 @@ def test_state_dict_into_kernel_less_slots_raises_naming_kasmina_load(grown: Gro
     for strict in (True, False):
         fresh = Host()
         kasmina.attach(fresh, "out", 2, 2)
+        before = _snapshot(fresh)
         with pytest.raises(ValueError, match=r"kasmina\.load"):
             fresh.load_state_dict(state, strict=strict)
         assert [s.stage for s in _seeds(fresh)][0] is S.DORMANT  # the ACTIVE seed came first
+        # Every seed was asked before any module loaded: the hosts' weights too are as before.
+        after = fresh.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
     # Into slots whose seeds hold kernels (a rollback, a copy), the state restores fully.
     twin = copy.deepcopy(grown.model)
     for seed in _seeds(twin):
@@ -141,6 +146,49 @@ def test_state_dict_into_kernel_less_slots_raises_naming_kasmina_load(grown: Gro
     twin.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(twin(grown.x), grown.model(grown.x))
+
+
+def test_a_state_for_another_seed_layout_is_refused_before_anything_loads(grown: Grown) -> None:
+    """The same host attached with another chunk size: the saved seeds are other seeds. The
+    error says so, and nothing of the model changes (nor of a bare KasminaLayer's host)."""
+    state = grown.model.state_dict()
+    fresh = Host()
+    kasmina.attach(fresh, "out", 1, 4)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="chunk size 2, this one has 4"):
+        fresh.load_state_dict(state, strict=False)
+    after = fresh.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    layer = fresh.out
+    inner = {k.removeprefix("out."): v for k, v in state.items() if k.startswith("out.")}
+    host = {k: v.clone() for k, v in layer.host.state_dict().items()}
+    with pytest.raises(ValueError, match="chunk size"):
+        layer.load_state_dict(inner, strict=False)
+    assert all(torch.equal(layer.host.state_dict()[k], v) for k, v in host.items())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: [1, 2], "JSON object, got list"),
+        (lambda d: {k: v for k, v in d.items() if k != "alpha"}, "has no 'alpha'"),
+        (lambda d: {**d, "row": ["a"] * len(d["row"])}, "saved 'row'"),
+        (lambda d: {**d, "gate_score": None}, "saved 'gate_score'"),
+    ],
+    ids=["list", "missing", "row", "gate_score"],
+)
+def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> None:
+    seed = GradientIsolatedSeed(2, "s")
+    saved = json.loads(bytes(seed.get_extra_state().tolist()).decode())
+    bad = encode_json(change(saved))
+    row = seed.state_table.state_tensor.clone()
+    with pytest.raises(ValueError, match=message):
+        seed.set_extra_state(bad)
+    assert torch.equal(seed.state_table.state_tensor, row)
+
+
+def encode_json(value: object) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
 
 
 def test_merge_bakes_active_seeds_into_plain_modules(grown: Grown) -> None:

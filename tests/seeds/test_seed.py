@@ -311,7 +311,7 @@ def test_a_malformed_extra_state_changes_nothing() -> None:
     table_before = target.state_table.state_tensor.clone()
     extra = dict(decode_extra_state(saved["_extra_state"]))
     del extra["nonfinite_events"]
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="no .nonfinite_events."):
         target.set_extra_state(extra)
     assert target.stage is S.ISOLATED_INIT and target.alpha_value == 0.0
     assert torch.equal(target.state_table.state_tensor, table_before)
