@@ -106,9 +106,12 @@ def _update_kernel(
     gate = rule & 0xFF
     gate_set = apply & (gate > 0)
     if HAS_GATE:
-        given = tl.load(gate_ptr + lanes, mask=live, other=-1).to(tl.int32)
-        gate = tl.where(given >= 0, given, gate)
-        gate_set = apply & ((given >= 0) | (gate > 0))
+        # The sign is tested at the given width, then the value narrowed, as the host paths
+        # do (an int64 gate >= 2**31 is "given" and wraps, where narrowing first would not).
+        given = tl.load(gate_ptr + lanes, mask=live, other=-1)
+        is_given = given >= 0
+        gate = tl.where(is_given, given.to(tl.int32), gate)
+        gate_set = apply & (is_given | (gate > 0))
     tl.store(row + COL_GATE, gate, mask=gate_set)
 
 

@@ -293,7 +293,8 @@ def _alpha_blend_backward_op(
 def _alpha_blend_backward_fake(grad, seed, host, alpha, alpha_value):
     wants_alpha = seed is not None and host is not None and alpha is not None
     grad_alpha = torch.empty_like(alpha) if wants_alpha else grad.new_empty(0)
-    return torch.empty_like(grad), grad_alpha
+    # Contiguous, as _backward_impl returns it whatever the incoming gradient's strides.
+    return torch.empty_like(grad, memory_format=torch.contiguous_format), grad_alpha
 
 
 _alpha_blend_op.register_autograd(

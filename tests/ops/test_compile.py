@@ -134,3 +134,21 @@ def test_use_grad_under_compile(reference_backend: None) -> None:
     torch.testing.assert_close(got, torch.tensor([2.0 * 5**0.5, 0.0]))
     assert bool(flag)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+def test_compiled_blend_backward_takes_a_non_contiguous_gradient(
+    request: pytest.FixtureRequest, kernels: str
+) -> None:
+    """The blend's output transposed downstream hands its backward a non-contiguous
+    gradient; the backward op's fake must describe the contiguous tensor it returns, or
+    Inductor's stride assertion fails the compiled backward."""
+    request.getfixturevalue(kernels)
+    torch._dynamo.reset()
+
+    def loss(seed: torch.Tensor, host: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (alpha_blend(seed, host, 0.3).t() * w).sum()
+
+    seed, host, w = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6), torch.randn(6, 4)
+    torch.compile(loss, fullgraph=True)(seed, host, w).backward()
+    torch.testing.assert_close(seed.grad, 0.3 * w.t())

@@ -153,6 +153,17 @@ def test_explicit_gates_and_fallback(backend: str) -> None:
     assert state[2, C.LAST_GATE] == 3
 
 
+def test_a_wide_gate_is_given_on_every_backend(backend: str) -> None:
+    """An int64 gate >= 2**31 is "given" (its sign is tested at its own width) and then
+    narrowed to the int32 column, on every backend alike."""
+    state = random_state(1, seed=4, stages=[0])
+    codes = lifecycle_update(
+        state, torch.tensor([0]), torch.tensor([1]), torch.tensor([2**31], dtype=torch.int64)
+    )
+    assert codes.tolist() == [TransitionCode.APPLIED]
+    assert state[0, C.LAST_GATE] == -(2**31)
+
+
 def test_gate_column_unchanged_without_a_gate(backend: str) -> None:
     state = random_state(2, seed=4, stages=[7, 9])
     before = state[:, C.LAST_GATE].clone()
