@@ -266,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, KasminaError, OSError, ValueError, KeyError) as exc:
+    except (CLIError, KasminaError, OSError, ValueError, KeyError, ImportError) as exc:
+        # ImportError: a store URL whose fsspec backend is not installed (s3://, gs://).
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
 

@@ -70,6 +70,17 @@ def test_usage_errors_exit_2(capsys) -> None:
     assert run(capsys, "frobnicate")[0] == 2
 
 
+def test_a_store_whose_backend_is_not_installed_is_one_error_line(capsys, monkeypatch) -> None:
+    """``--store s3://...`` without s3fs: fsspec raises ImportError, which the CLI reports."""
+
+    def missing(*_args, **_kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr("fsspec.core.url_to_fs", missing)
+    rc, _, err = run(capsys, "urza", "list", "--store", "s3://bucket/store")
+    assert_one_line_error(rc, err, "Install s3fs")
+
+
 # ------------------------------------------------------------------------------------ keygen
 
 
