@@ -253,8 +253,10 @@ def call_kernel(
         if not recomputing():
             record("exception", f"raised {type(exc).__name__}: {exc}")
         return None
-    out = autocast_to_host(out, x)
     fault = output_fault(out, x)
+    if fault is not None and fault[0] == "dtype":  # under autocast, cast rather than fault
+        out = autocast_to_host(out, x)
+        fault = output_fault(out, x)
     if fault is not None:
         if not recomputing():
             record(*fault)
