@@ -657,6 +657,26 @@ def test_compiled_host_contains_a_faulting_seed(make: Callable[[], nn.Module]) -
     assert slot.seed(0).stage is S.GRAFTING
 
 
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.ACTIVE], ids=lambda s: s.name)
+def test_inductor_keeps_the_non_finite_fallback(stage: SeedStage) -> None:
+    """Under the default ``torch.compile`` (Inductor) a NaN output still falls back and is
+    counted: the finite test must survive Inductor's algebra (it folds ``0 * v`` to ``0``,
+    which made every sum pass as finite)."""
+    torch._dynamo.reset()
+    model = MLP()
+    slot = attach(model, "head", 2, 4, fault_limit=100)[0]
+    slot.seed(0).attach_kernel(NonFinite(4, float("nan")))
+    walk(slot.seed(0), stage)
+    slot.update_alpha_blending(4, 10)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        host_only = model.head.host(torch.relu(model.encoder(x)))
+    out = torch.compile(model)(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :4], host_only[:, :4])
+    assert slot.poll_nonfinite() == ["head[0]"]
+
+
 # ------------------------------------------------------------------- a backward that raises
 
 
