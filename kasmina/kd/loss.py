@@ -112,7 +112,15 @@ def seed_kd_loss(
 
     With ``head_weight`` (``[V, H]``, and ``head_bias``), ``student`` is hidden states
     ``[..., H]`` that the head maps to logits: the loss is then ``fused_linear_kd_loss``, which
-    never forms them."""
+    never forms them.
+
+    A teacher row that is not finite (an fp16 teacher's overflow, a NaN) teaches nothing: it is
+    masked (as ``mask`` drops a row), found on the device by its sum (one reduction, no
+    logits-sized temporary, no host sync), so one bad logit cannot turn every distilling
+    seed's gradient into NaN. A row whose finite logits sum past the float32 range is
+    masked too."""
+    teacher = teacher.detach()
+    rows_ok = teacher.sum(-1, dtype=torch.float32).isfinite()
     if head_weight is None:
         if teacher.shape != student.shape:
             raise ValueError(
@@ -120,14 +128,15 @@ def seed_kd_loss(
             )
         if head_bias is not None:
             raise ValueError("head_bias needs head_weight")
-        return kd_kl_loss(student, teacher.detach(), config.temperature, config.reduction)
+        return kd_kl_loss(student, teacher, config.temperature, config.reduction, rows_ok)
     return fused_linear_kd_loss(
         student,
         head_weight,
-        teacher.detach(),
+        teacher,
         student_bias=head_bias,
         temperature=config.temperature,
         reduction=config.reduction,
+        mask=rows_ok,
     )
 
 

@@ -61,6 +61,7 @@ from kasmina.seeds.faults import (
     chunk_sums,
     fallback_per_chunk,
     finite_test,
+    recomputing,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
 from kasmina.seeds.outputs import (
@@ -181,6 +182,7 @@ class KasminaLayer(nn.Module):
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
         self._teacher_logits: torch.Tensor | None = None
+        self._recompute_teacher: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -324,6 +326,14 @@ class KasminaLayer(nn.Module):
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
             self._teacher_logits = None
+            # An activation-checkpointing recompute of this forward (in the backward) must
+            # take the same path, KD included: kept until the next forward that is not one.
+            self._recompute_teacher = teacher_logits
+        elif self._recompute_teacher is not None:
+            if not recomputing():
+                self._recompute_teacher = None
+            elif teacher_logits is None:
+                teacher_logits = self._recompute_teacher
         # Only slot-local attributes are read here, never the shared table or the seeds: a
         # compiled forward is guarded on this bool alone while every seed passes the host
         # through (each path to the one shared table would be a Python aliasing guard per
@@ -441,6 +451,11 @@ class KasminaLayer(nn.Module):
             full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
         if self.kd_config is not None and teacher_logits is not None:
             students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
+            if ok is not None:  # a non-finite chunk must not poison the others' softmax rows
+                students = [
+                    None if s is None else torch.where(ok[k], s, chunks[k].detach())
+                    for k, s in enumerate(students)
+                ]
             self._maybe_kd(full, students, teacher_logits, dim)
         if alphas is None:
             return full  # a blend with alpha 1 everywhere is the identity

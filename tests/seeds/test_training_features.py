@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kasmina.kd import KDConfig
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from tests.seeds.test_fault_containment import RUNNING, Raises, walk
@@ -218,3 +219,91 @@ def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
     params[0].register_post_accumulate_grad_hook(lambda _: accumulated.append(1))
     layer(x).pow(2).sum().backward()
     assert accumulated == [1] and all(p.grad is not None for p in params)
+
+
+def _distilling_layer(stage: SeedStage, kernels: dict[int, nn.Module] | None = None):
+    torch.manual_seed(8)
+    layer = KasminaLayer(nn.Linear(3, 4), 2, 2, kd_config=KDConfig(), layer_id="fc")
+    for k, seed in enumerate(layer.seeds):
+        seed.attach_kernel((kernels or {}).get(k) or nn.Linear(2, 2))
+        walk(seed, stage)
+    layer.update_alpha_blending(5, 10)
+    return layer
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_kd_under_activation_checkpointing(stage: SeedStage) -> None:
+    """The recompute of a distilling slot takes the KD path again (the teacher logits set for
+    the forward are kept for it), so the KD loss trains the seeds as without checkpointing."""
+    grads = []
+    for use_checkpoint in (False, True):
+        layer = _distilling_layer(stage)
+        inp = nn.Linear(3, 3)
+        torch.manual_seed(9)
+        x, teacher = torch.randn(5, 3, requires_grad=True), torch.randn(5, 4)
+        layer.set_teacher_logits(teacher.clone())  # nothing else keeps this tensor alive
+        if use_checkpoint:
+            out = checkpoint(nn.Sequential(inp, layer), x, use_reentrant=False)
+        else:
+            out = layer(inp(x))
+        kd = layer.get_and_clear_kd_losses()
+        assert kd is not None and kd.requires_grad
+        (out.sum() + kd).backward()
+        grads.append([p.grad.clone() for s in layer.seeds for p in s.seed_parameters()])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_non_finite_seed_does_not_poison_its_siblings_kd(stage: SeedStage) -> None:
+    """The slot's KD student puts the host's chunk in place of a non-finite one, as its
+    output does: the healthy seed's KD gradient is the one it gets beside a seed that passed
+    the host through."""
+    teacher = torch.randn(5, 4, generator=torch.Generator().manual_seed(10))
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(11))
+    nan_layer = _distilling_layer(stage, {0: NaNKernel()})
+    plain = _distilling_layer(stage, {0: NaNKernel()})
+    plain.seed(0).detach_kernel()  # passes the host through: the reference
+    results = []
+    for layer in (nan_layer, plain):
+        layer.set_teacher_logits(teacher)
+        layer(x)
+        kd = layer.get_and_clear_kd_losses()
+        assert kd is not None and torch.isfinite(kd)
+        kd.backward()
+        results.append([p.grad for p in layer.seed(1).seed_parameters()])
+    for got, want in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert nan_layer.poll_nonfinite() == ["fc[0]"]
+
+
+class NaNKernel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * float("nan")
+
+
+def test_a_non_finite_teacher_row_teaches_nothing() -> None:
+    """A teacher row holding inf (an fp16 teacher's overflow) is masked: the loss is the one
+    over the other rows, and every seed's gradient stays finite."""
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(12))
+    teacher = torch.randn(5, 4, generator=torch.Generator().manual_seed(13))
+    bad = teacher.clone()
+    bad[0, 1] = float("inf")
+    layer.set_teacher_logits(bad)
+    layer(x)
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and torch.isfinite(kd)
+    kd.backward()
+    assert all(torch.isfinite(p.grad).all() for s in layer.seeds for p in s.seed_parameters())
+    rest = _distilling_layer(S.ISOLATED_INIT)  # the same seeds on the other rows alone
+    rest.set_teacher_logits(teacher[1:])
+    rest(x[1:])
+    want = rest.get_and_clear_kd_losses()
+    assert want is not None
+    torch.testing.assert_close(kd.detach(), want.detach())
