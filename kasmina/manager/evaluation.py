@@ -141,9 +141,12 @@ def evaluate_seeds(
     ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
     averaged weighted by batch size. G5 reads the metric as higher is better and refuses a
     seed that lowers it by more than ``KasminaConfig.g5_max_metric_drop``: pass the metric
-    the fossilization should not cost (accuracy), negated if lower is better. Each seed's
-    :class:`SeedEvaluation` is recorded on it (``seed.record_evaluation``) and returned by seed
-    id. No live seed: ``{}``, no forward.
+    the fossilization should not cost (accuracy), negated if lower is better. A metric that is
+    not finite on any batch makes the average not finite (it is not skipped): the evaluation
+    says a metric was asked for (``metric_given``), so G5 refuses rather than reading NaN as
+    "no metric", and a warning counts the batches. Each seed's :class:`SeedEvaluation` is
+    recorded on it (``seed.record_evaluation``) and returned by seed id. No live seed: ``{}``,
+    no forward.
     """
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
@@ -158,7 +161,8 @@ def evaluate_seeds(
     saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
     for slot in registry.slots:
         slot._teacher_logits = None
-    n_total = 0
+    n_total = n_batches = 0
+    bad_metric: set[int] = set()  # the batches on which metric_fn was not finite
     loss_with = 0.0
     metric_with = 0.0
     loss_without = {r.seed_id: 0.0 for r in contributing}
@@ -170,10 +174,14 @@ def evaluate_seeds(
                 inputs, targets = _to(inputs, device), _to(targets, device)
                 n = _batch_size(inputs, targets)
                 n_total += n
+                n_batches += 1
                 output = _call(model, inputs)
                 loss_with += n * _value(loss_fn(output, targets))
                 if metric_fn is not None:
-                    metric_with += n * _value(metric_fn(output, targets))
+                    value = _value(metric_fn(output, targets))
+                    metric_with += n * value
+                    if not math.isfinite(value):
+                        bad_metric.add(n_batches)
                 for record in contributing:
                     hooks = _ablate(record)
                     try:
@@ -183,7 +191,10 @@ def evaluate_seeds(
                             hook.remove()
                     loss_without[record.seed_id] += n * _value(loss_fn(output, targets))
                     if metric_fn is not None:
-                        metric_without[record.seed_id] += n * _value(metric_fn(output, targets))
+                        value = _value(metric_fn(output, targets))
+                        metric_without[record.seed_id] += n * value
+                        if not math.isfinite(value):
+                            bad_metric.add(n_batches)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -195,6 +206,13 @@ def evaluate_seeds(
             slot._teacher_logits = logits
     if n_total == 0:
         raise ValueError("evaluate_seeds needs at least one validation batch")
+    if bad_metric:
+        logger.warning(
+            "metric_fn was not finite on %d of %d validation batches: the measured metric is "
+            "not finite, and G5 refuses the seeds measured with it",
+            len(bad_metric),
+            n_batches,
+        )
     mean_loss = loss_with / n_total
     mean_metric = metric_with / n_total if metric_fn is not None else math.nan
     results: dict[str, SeedEvaluation] = {}
@@ -216,6 +234,7 @@ def evaluate_seeds(
             samples=n_total,
             epoch=epoch,
             step=step,
+            metric_given=metric_fn is not None,
         )
         record.seed.record_evaluation(evaluation)
         results[sid] = evaluation

@@ -372,14 +372,21 @@ class KasminaKernelManager:
         """Measured teacher memory and forward-time figures (NaN until measured)."""
         return self.teacher_passes.get_checkpoint_effectiveness()
 
-    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
-        """Hand teacher logits to the next forward of every slot whose KD reads logits that
-        wide (its own width, or its KD head's vocabulary: ``set_kd_head``)."""
+    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> list[str]:
+        """Hand teacher logits to the next forward of the slots that read them: split along the
+        last dim (as ``set_kd_head`` picks) with KD logits that wide (width or head vocabulary).
+        Returns their ids; logits no slot reads count as ``teacher_logits_unread``, warned once."""
         if teacher_logits is None:
-            return
-        for slot in self.require_registry().slots:
-            if slot.kd_width == teacher_logits.shape[-1]:
-                slot.set_teacher_logits(teacher_logits)
+            return []
+        width, slots = teacher_logits.shape[-1], self.require_registry().slots
+        chosen = [s for s in slots if s.chunk_dim == -1 and s.kd_width == width]
+        for slot in chosen:
+            slot.set_teacher_logits(teacher_logits)
+        if not chosen:
+            if not self.counters["teacher_logits_unread"]:
+                logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
+            self.counters["teacher_logits_unread"] += 1
+        return [s.layer_id for s in chosen]
 
     def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
         """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose

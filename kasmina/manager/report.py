@@ -143,9 +143,9 @@ class ManagerReport:
                 metrics.append(("seed.loss_with", evaluation.loss_with, _GAUGE, labels))
                 metrics.append(("seed.loss_without", evaluation.loss_without, _GAUGE, labels))
                 metrics.append(("seed.gate_score", evaluation.score, _GAUGE, labels))
-                for name in ("metric_with", "metric_without"):
-                    value = getattr(evaluation, name)
-                    if math.isfinite(value):
+                if evaluation.metric_measured:  # as measured: NaN or inf included
+                    for name in ("metric_with", "metric_without"):
+                        value = getattr(evaluation, name)
                         metrics.append((f"seed.{name}", value, _GAUGE, labels))
         return metrics
 
@@ -161,6 +161,9 @@ class ManagerReport:
         ``seed/<id>/gate_score`` and ``seed/<id>/evaluated_stage`` (the stage value it was
         measured in), and, when a metric was measured, ``seed/<id>/metric_with`` and
         ``seed/<id>/metric_without``; the other validation metrics go in as ``val/<key>``.
+        A metric measured but not finite (``metric_fn`` NaN on a batch) is sent as it is, NaN
+        or infinite, never left out: the binary packet carries IEEE NaN and infinities, and the
+        protobuf JSON mapping writes them as the strings ``"NaN"`` and ``"Infinity"``.
         """
         state = self.state
         val = state.val_metrics
@@ -183,9 +186,8 @@ class ManagerReport:
                 metrics[f"seed/{sid}/benefit"] = evaluation.benefit
                 metrics[f"seed/{sid}/gate_score"] = evaluation.score
                 metrics[f"seed/{sid}/evaluated_stage"] = float(int(evaluation.stage))
-                if math.isfinite(evaluation.metric_with):
+                if evaluation.metric_measured:  # NaN or inf included: G5 refuses on them
                     metrics[f"seed/{sid}/metric_with"] = evaluation.metric_with
-                if math.isfinite(evaluation.metric_without):
                     metrics[f"seed/{sid}/metric_without"] = evaluation.metric_without
         return SystemStatePacket(
             version=SYSTEM_STATE_VERSION,
@@ -207,7 +209,7 @@ class ManagerReport:
                 "loss_without": f"{ev.loss_without:.6g}",
                 "gate_score": f"{ev.score:.6g}",
             }
-            if not (math.isnan(ev.metric_with) and math.isnan(ev.metric_without)):
+            if ev.metric_measured:  # "nan" or "inf" when the metric was not finite
                 labels["metric_with"] = f"{ev.metric_with:.6g}"
                 labels["metric_without"] = f"{ev.metric_without:.6g}"
             self.state.telemetry.emit("seed.benefit", ev.benefit, labels=labels)

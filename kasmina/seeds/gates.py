@@ -187,9 +187,11 @@ class SeedEvaluation:
     ``loss_with`` is the mean validation loss of the model as it is (the seed at its stage and
     alpha), ``loss_without`` the same with the seed's chunk replaced by the host's own output
     (alpha = 0, everything else untouched). ``metric_*`` are the same for the caller's metric
-    (NaN without one; G5 reads it as higher is better). ``stage``, ``alpha``, ``epoch`` and
-    ``step`` say when it was measured: G5 only takes evidence measured in the stage being left,
-    at alpha 1.
+    (NaN without one; G5 reads it as higher is better). ``metric_given`` says a metric was
+    asked for (``evaluate_seeds`` got a ``metric_fn``): its values then decide G5 even when
+    they are NaN (the metric was undefined on a batch), which G5 refuses. ``stage``,
+    ``alpha``, ``epoch`` and ``step`` say when it was measured: G5 only takes evidence measured
+    in the stage being left, at alpha 1.
     """
 
     seed_id: str
@@ -202,6 +204,15 @@ class SeedEvaluation:
     samples: int = 0
     epoch: int = -1
     step: int = 0
+    metric_given: bool = False
+
+    @property
+    def metric_measured(self) -> bool:
+        """Whether a metric was measured: one was asked for (``metric_given``), or either value
+        is a number (an evaluation built without ``metric_given``). False only for both NaN
+        without ``metric_given``: no metric, the loss alone decides G5."""
+        nan = math.isnan(self.metric_with) and math.isnan(self.metric_without)
+        return self.metric_given or not nan
 
     @property
     def benefit(self) -> float:
@@ -244,9 +255,12 @@ def gate_g5_performance(
     The metric (``evaluate_seeds``' ``metric_fn``, e.g. accuracy) is read as *higher is
     better*: the seed is refused when ``metric_with < metric_without - max_metric_drop``, in
     the metric's own units (0.01 is one point of an accuracy in [0, 1]; ``inf`` never
-    refuses). A lower-is-better metric (an error rate) is passed negated. Both values NaN
-    means no metric was measured, and the loss alone decides; one of them NaN or infinite
-    is refused. Loss and metric are both required: a loss benefit does not buy back a metric
+    refuses). A lower-is-better metric (an error rate) is passed negated. Without a metric
+    (no ``metric_fn``: ``evaluation.metric_measured`` is False) the loss alone decides. A
+    metric that was measured but is not finite (NaN or infinite on either side, e.g. a
+    ``metric_fn`` undefined on one validation batch, which makes its average NaN) is refused:
+    what cannot be read cannot show the seed costs nothing. Loss and metric are both
+    required: a loss benefit does not buy back a metric
     the seed costs, which is how loss and accuracy disagree on a seed that cuts the loss of
     badly scored inputs while it costs more right answers than it gains.
     """
@@ -266,11 +280,12 @@ def gate_g5_performance(
         return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
     passed = f"{measured} >= {performance_gate:.4f}"
     with_, without = float(evaluation.metric_with), float(evaluation.metric_without)
-    if math.isnan(with_) and math.isnan(without):
+    if not evaluation.metric_measured:
         return GateResult(True, passed, score, 5)
     if not math.isfinite(with_) or not math.isfinite(without):
         reason = (
-            f"{passed}, but the measured metric is not finite ({with_} with, {without} without)"
+            f"{passed}, but the measured metric is not finite ({with_} with, {without} without):"
+            " a metric asked for (metric_fn) that cannot be read refuses the seed"
         )
         return GateResult(False, reason, score, 5)
     metric = f"metric {with_:.4f} with it, {without:.4f} without"

@@ -16,6 +16,7 @@ from kasmina.control.commands import make_rollback_command
 from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
+from kasmina.seeds.gates import gate_g5_performance
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
@@ -123,6 +124,41 @@ def test_no_live_seed_means_no_forward() -> None:
     slot.host.register_forward_hook(lambda *_: calls.append(1))
     assert evaluate_seeds(registry, [(torch.zeros(1, 3), torch.zeros(1, 4))], F.mse_loss) == {}
     assert calls == []
+
+
+def test_a_metric_nan_on_one_batch_is_recorded_and_refused_by_g5(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One NaN batch makes the metric's averages NaN; the evaluation still says a metric was
+    asked for, so G5 refuses the seed (fail closed) instead of passing it on the loss alone."""
+    _, slot, registry = _tiny()
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(4, 3, generator=gen), torch.randn(4, 6, generator=gen)) for _ in "abcd"]
+    undefined = batches[2][0]
+
+    def metric(output: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(math.nan) if current[0] is undefined else output[:, 0].mean()
+
+    current: list[torch.Tensor] = []
+
+    def loader():
+        for x, t in batches:
+            current[:] = [x]
+            yield x, t
+
+    clean = evaluate_seeds(registry, batches, F.mse_loss, lambda o, _t: o[:, 0].mean())["fc[0]"]
+    assert clean.metric_given and math.isfinite(clean.metric_with)
+    with caplog.at_level("WARNING", logger="kasmina.manager.evaluation"):
+        ev = evaluate_seeds(registry, loader(), F.mse_loss, metric)["fc[0]"]
+    assert "not finite on 1 of 4 validation batches" in caplog.text
+    assert ev.metric_given and ev.metric_measured and ev.samples == 16
+    assert math.isnan(ev.metric_with) and math.isnan(ev.metric_without)
+    assert ev.loss_with == pytest.approx(clean.loss_with) and slot.seeds[0].evaluation is ev
+    result = gate_g5_performance(ev, 0.0, max_metric_drop=math.inf)  # only the metric refuses
+    assert not result.passed and "not finite" in result.reason
+    assert gate_g5_performance(clean, 0.0, max_metric_drop=math.inf).passed
+    unasked = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
+    assert not unasked.metric_given and not unasked.metric_measured
 
 
 # ------------------------------------------------------------------ through the manager
@@ -237,6 +273,50 @@ def test_g5_without_a_metric_decides_on_the_loss_alone(
     assert f"seed/{SEED0}/metric_with" not in manager.system_state().training_metrics
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
     assert "metric" not in rig.sink.events("lifecycle.gate")[-1].labels["reason"]
+
+
+def test_a_non_finite_metric_is_refused_and_reported_not_dropped(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """A metric_fn NaN on one validation batch: G5 refuses the seed through the command path,
+    and the NaN metric reaches the SystemStatePacket, the seed.benefit event and the gauges
+    (as NaN, "nan" in labels) instead of disappearing as if no metric had been asked for."""
+    rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
+    manager = rig.manager
+    manager.config.g5_max_metric_drop = math.inf  # only a metric that cannot be read refuses
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    batches = [(rig.x[:8], rig.y[:8]), (rig.x[8:], rig.y[8:])]
+    undefined = batches[1][0]
+
+    def accuracy(output: torch.Tensor, targets: torch.Tensor) -> float:
+        if seen[-1] is undefined:  # a batch the metric is undefined on
+            return math.nan
+        return (output.argmax(-1) == targets).float().mean().item()
+
+    seen: list[torch.Tensor] = []
+
+    def loader():
+        for x, t in batches:
+            seen.append(x)
+            yield x, t
+
+    measured = manager.evaluate_seeds(loader(), loss_fn=F.cross_entropy, metric_fn=accuracy)
+    evaluation = measured[SEED0]
+    assert evaluation.metric_given and math.isnan(evaluation.metric_with)
+    labels = rig.sink.events("seed.benefit")[-1].labels
+    assert labels["metric_with"] == "nan" and labels["metric_without"] == "nan"
+    packet = manager.system_state()
+    assert packet == SystemStatePacket.FromString(packet.SerializeToString())
+    assert math.isnan(packet.training_metrics[f"seed/{SEED0}/metric_with"])
+    assert math.isnan(packet.training_metrics[f"seed/{SEED0}/metric_without"])
+    gauges = {m.name: m.value for m in manager.export_leyline_telemetry().metrics}
+    assert math.isnan(gauges["seed.metric_with"]) and math.isnan(gauges["seed.metric_without"])
+    assert not rig.send("advance", SEED0)
+    assert "not finite" in manager.command_log[-1][3] and rig.stage(SEED0) == S.STABILIZATION
+    # Measured again with a metric that is defined everywhere, the same seed passes.
+    manager.evaluate_seeds(batches, loss_fn=F.cross_entropy, metric_fn=lambda o, t: 1.0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
 
 
 def test_system_state_packet_carries_the_measured_benefit(rig: Rig, mlp) -> None:

@@ -91,3 +91,14 @@ def test_the_seed_forwards_the_tolerance_to_g5() -> None:
     assert not seed.evaluate_gate(S.ACTIVE, performance_gate=0.5).passed
     assert seed.evaluate_gate(S.ACTIVE, performance_gate=0.5, max_metric_drop=0.05).passed
     assert seed.stage == S.STABILIZATION  # evaluating a gate moves nothing
+
+
+def test_a_metric_asked_for_but_nan_on_both_sides_is_refused_not_skipped() -> None:
+    # evaluate_seeds with a metric_fn that was NaN on one batch: both averages are NaN, which
+    # is a metric that cannot be read, not "no metric" (the loss alone would pass this seed).
+    asked = SeedEvaluation("s", S.STABILIZATION, 1.0, 0.8, 1.0, NAN, NAN, metric_given=True)
+    assert asked.metric_measured and not _evaluation(0.8, 1.0).metric_measured
+    result = gate_g5_performance(asked, 0.5)
+    assert not result.passed and result.gate == 5
+    assert "not finite" in result.reason and "metric_fn" in result.reason
+    assert result.score == pytest.approx(asked.score)
