@@ -218,6 +218,21 @@ class KasminaLayer(nn.Module):
             return value.as_subclass(_SeedsLive)
         return value
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A parameter or buffer the host holds and the slot does not is assigned on the host,
+        # as it is read there: weight tying (``lm_head.weight = wte.weight``) keeps working.
+        host = self.__dict__.get("_modules", {}).get("host")
+        if (
+            host is not None
+            and (name in host._parameters or name in host._buffers)
+            and name not in self._parameters
+            and name not in self._buffers
+            and name not in self.__dict__
+        ):
+            setattr(host, name, value)
+            return
+        super().__setattr__(name, value)
+
     def _link_flags(self) -> None:
         """Point each seed's ``finite_flag`` at its element of ``_finite_flags`` (again after a
         move, which copies each buffer on its own)."""

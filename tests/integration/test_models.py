@@ -187,3 +187,25 @@ def test_hugging_face_gradient_checkpointing_keeps_seeds_healthy(
     assert got.keys() == want.keys() and any(".seeds." in n for n in got)
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
+    """A slot behaves like the module it wraps for writes too: ``tie_weights`` and
+    ``resize_token_embeddings`` assign the head's ``weight`` through the slot (to its host),
+    and the head stays tied to the embedding."""
+    from tests.integration.models import tiny_gpt2
+
+    model = tiny_gpt2()
+    (slot,) = attach(model, ["lm_head"], 2, 64)
+    model.tie_weights()
+    assert slot.host.weight is model.transformer.wte.weight
+    model.resize_token_embeddings(130)
+    assert slot.host.weight is model.transformer.wte.weight
+    assert slot.host.weight.shape == (130, 32)
+    ids = torch.randint(0, 130, (2, 6), generator=torch.Generator().manual_seed(1))
+    assert model(input_ids=ids).logits.shape == (2, 6, 130)
+    plain = nn.Sequential(nn.Linear(4, 4))
+    attach(plain, ["0"], 2, 2)
+    weight = nn.Parameter(torch.zeros(4, 4))
+    plain[0].weight = weight
+    assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
