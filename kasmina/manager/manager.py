@@ -378,22 +378,19 @@ class KasminaKernelManager:
         Returns their ids; logits no slot reads count as ``teacher_logits_unread``, warned once."""
         if teacher_logits is None:
             return []
-        width, slots = teacher_logits.shape[-1], self.require_registry().slots
-        chosen = [s for s in slots if s.chunk_dim == -1 and s.kd_width == width]
+        width = teacher_logits.shape[-1]
+        chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
         for slot in chosen:
             slot.set_teacher_logits(teacher_logits)
-        if not chosen:
-            if not self.counters["teacher_logits_unread"]:
-                logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
-            self.counters["teacher_logits_unread"] += 1
+        if not chosen and not self.counters["teacher_logits_unread"]:
+            logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
+        self.counters["teacher_logits_unread"] += not chosen
         return [s.layer_id for s in chosen]
 
     def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
         """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose
-        output is ``H`` wide along its last dimension, for its seeds' KD loss
-        (``KasminaLayer.set_kd_head``); returns their layer ids."""
-        slots = [s for s in self.require_registry().slots if s.chunk_dim == -1]
-        chosen = [s for s in slots if s.width == weight.shape[-1]]
+        output is ``H`` wide along its last dim, for its seeds' KD loss; returns their ids."""
+        chosen = self.require_registry().last_dim_slots(lambda s: s.width == weight.shape[-1])
         for slot in chosen:
             slot.set_kd_head(weight, bias)
         return [slot.layer_id for slot in chosen]
@@ -437,12 +434,8 @@ class KasminaKernelManager:
 
     async def handle_optimizer_command(self, command: AdaptationCommand | bytes) -> bool:
         """A signed ``AdaptationCommand`` (object or bytes), normally carrying an optimizer
-        command, authenticated and queued like any other command.
-
-        A bare ``OptimizerCommand`` is refused with ``TypeError``: it carries no signature, and
-        a method that applied it would be a door around the verifier for any transport that
-        parsed one (docs/design.md §5, "Trust boundary").
-        """
+        command, queued like any other. A bare ``OptimizerCommand`` (unsigned) is refused with
+        ``TypeError``: applying one would open a door around the verifier (design §5)."""
         if isinstance(command, (bytes, bytearray, memoryview)):
             return self.handle_adaptation_command(bytes(command))
         if not isinstance(command, AdaptationCommand):

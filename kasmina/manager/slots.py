@@ -218,6 +218,11 @@ class SlotRegistry:
         wanted = frozenset(stages)
         return [r for r in self.records.values() if r.stage in wanted]
 
+    def last_dim_slots(self, keep: Callable[[KasminaLayer], bool]) -> list[KasminaLayer]:
+        """The slots split along their output's last dimension (the one a KD loss reads) that
+        ``keep`` accepts, in order."""
+        return [slot for slot in self.slots if slot.chunk_dim == -1 and keep(slot)]
+
     def drop_kd_losses(self) -> int:
         """Drop the KD losses the slots hold (with their graphs); how many slots held one."""
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)
