@@ -15,15 +15,21 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    tensor with the receive time (no pickle crosses the wire). Every other rank re-checks the
    signature and records the nonce, judging freshness against the receive time
    (``LeylineAdaptationHandler.accept_relayed``), then prepares it (a kernel fetched, for a
-   GERMINATE). The ranks all-gather whether they are ready; a command is applied, in the same
-   order on every rank, only if every rank is, and is otherwise refused everywhere with a reason
-   that names the ranks that could not.
+   GERMINATE). A rank that received the same bytes itself (before the sync, or while it was
+   under way) uses its own copy, already verified, and drops it from its queue: the first copy
+   stands, and runs once. The ranks all-gather whether they are ready; a command is applied, in
+   the same order on every rank, only if every rank is, and is otherwise refused everywhere
+   with a reason that names the ranks that could not.
 3. **Repair, not only detect.** After applying, every rank checksums its replicated state and the
    checksums are all-gathered. A rank that disagrees with the majority (with two ranks, or a
    tie, the group holding rank 0 wins) receives the state of the lowest rank of the majority and
    loads it; the checksums are compared again, and only a rank that still disagrees is handed to
    ``on_divergence`` (typically: quarantine its seeds). Every repair is logged and counted
-   (``stats["repairs"]``, the ``distributed.repair`` event).
+   (``stats["repairs"]``, the ``distributed.repair`` event). A command whose execution
+   succeeded on some ranks and failed on others then gets one verdict on every rank, that of
+   the lowest rank of the majority (whose state a repaired rank now holds); a repaired rank
+   whose own outcome differed reports the verdict to its handler again (``revise_completion``)
+   and to its applier's optional ``revise``.
 
 This module holds the coordinator that carries out the three rules, the majority rule and the
 repair, and what a sync returns (``EpochSyncResult``). How commands cross between ranks and how
@@ -42,10 +48,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +72,7 @@ from kasmina.control.relay import (
     frame,
     refusal,
     relayed_command_id,
+    revise_completion,
     unframe,
 )
 from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica
@@ -76,6 +82,10 @@ if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
+
+# The row every rank all-gathers after applying: epoch, checksum, command count, then one
+# outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
+_OUTCOMES = 3
 
 __all__ = [
     "DistributedCoordinator",
@@ -98,7 +108,8 @@ class EpochSyncResult:
 
     @property
     def outcomes(self) -> tuple[bool, ...]:
-        """Whether each relayed command was applied on this rank, in order."""
+        """Whether each relayed command was applied, in order: one verdict on every rank, which
+        the state of every rank that agreed or was repaired reflects."""
         return tuple(c.ok for c in self.commands)
 
     @property
@@ -210,15 +221,17 @@ class DistributedCoordinator:
         with self._lock:
             local, self._pending = self._pending, []
         relayed = self._exchange(epoch, local)
-        commands = self._apply(relayed, local)
-        outcome_digest = zlib.crc32(bytes(c.ok for c in commands))
-        rows = self._all_gather([epoch, self.state.checksum(), outcome_digest, len(commands)])
+        commands, judged = self._apply(relayed, local)
+        outcomes = [int(c.ok) for c in commands]
+        rows = self._all_gather([epoch, self.state.checksum(), len(commands), *outcomes])
         checksums = tuple(row[1] for row in rows)
         divergent = _minority_ranks([tuple(row) for row in rows])
         source, repaired = -1, ()
         if divergent and self.repair:
             source = min(r for r in range(len(rows)) if r not in divergent)
             repaired = self._repair(epoch, source, divergent)
+        if divergent:
+            commands = self._settle(commands, judged, rows, divergent, source, repaired)
         result = EpochSyncResult(
             epoch=epoch,
             rank=self.rank,
@@ -269,8 +282,13 @@ class DistributedCoordinator:
             relayed += unframe(bodies[r], rows[r][1], r)
         return relayed
 
-    def _apply(self, relayed: list[Relayed], local: list[Received]) -> tuple[CommandResult, ...]:
-        """Judge each relayed command here, agree with the other ranks, apply what all can."""
+    def _apply(
+        self, relayed: list[Relayed], local: list[Received]
+    ) -> tuple[tuple[CommandResult, ...], list[KasminaCommand | None]]:
+        """Judge each relayed command here, agree with the other ranks, apply what all can.
+
+        Returns the result of each relayed command and, beside it, this rank's verified copy of
+        the command applied for it (None where none was applied)."""
         mine = iter(local)
         by_bytes = {e.raw: e.command for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
@@ -283,9 +301,10 @@ class DistributedCoordinator:
                 judged.append((leftover, DUPLICATE))
                 continue
             first_seen.add(entry.raw)
-            # This rank's own copy, or the same bytes this rank received too: verified here
-            # already (its nonce is used up, so a second check would call it a replay).
-            command = own or by_bytes.get(entry.raw)
+            # This rank's own copy, or the same bytes this rank received too (before this sync
+            # or during it): verified here already (its nonce is used up, so a second check
+            # would call it a replay).
+            command = own or by_bytes.get(entry.raw) or self._take_pending(entry.raw)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)
             if command is None:
@@ -302,8 +321,10 @@ class DistributedCoordinator:
         ]
         outcomes = self.applier.apply([command for _, command in agreed])
         results: dict[int, CommandResult] = {}
+        applied: list[KasminaCommand | None] = [None] * len(relayed)
         for (i, command), (ok, reason) in zip(agreed, outcomes, strict=True):
             results[i] = CommandResult(command.command_id, relayed[i].origin, ok, reason)
+            applied[i] = command
             self.stats["applied" if ok else "failed"] += 1
         for i, ((command, _), column) in enumerate(zip(judged, codes, strict=True)):
             if i in results:
@@ -318,7 +339,21 @@ class DistributedCoordinator:
             self.stats["refused"] += 1
             if self.rank == 0:
                 logger.warning("command %s refused on every rank: %s", command_id, reason)
-        return tuple(results[i] for i in range(len(relayed)))
+        return tuple(results[i] for i in range(len(relayed))), applied
+
+    def _take_pending(self, raw: bytes) -> KasminaCommand | None:
+        """This rank's copy of ``raw`` if it arrived after this sync took the queue (another
+        rank's copy is being relayed now): taken off the queue, so it is not relayed again."""
+        with self._lock:
+            for i, entry in enumerate(self._pending):
+                if entry.raw == raw:
+                    del self._pending[i]
+                    break
+            else:
+                return None
+        self.stats["matched_during_sync"] += 1
+        logger.debug("command %s also arrived here during the sync", entry.command.command_id)
+        return entry.command
 
     def _prepare(self, command: KasminaCommand) -> str:
         try:
@@ -340,6 +375,59 @@ class DistributedCoordinator:
         return [tuple(row[i] for row in rows) for i in range(len(codes))]
 
     # ------------------------------------------------------------------ repair
+    def _settle(
+        self,
+        commands: tuple[CommandResult, ...],
+        judged: list[KasminaCommand | None],
+        rows: list[list[int]],
+        divergent: tuple[int, ...],
+        source: int,
+        repaired: tuple[int, ...],
+    ) -> tuple[CommandResult, ...]:
+        """One verdict per command on every rank after the repair: where the ranks' outcomes
+        differ, that of the lowest rank of the majority (the state a repaired rank now holds).
+
+        Every rank computes it from the gathered rows, so the results (reasons included) are the
+        same everywhere. A repaired rank whose own outcome differed tells its handler and its
+        applier the verdict; a rank that could not be repaired leaves its handler's count as it
+        was (its state still reflects it) and is handed to ``on_divergence``.
+        """
+        truth = min(r for r in range(len(rows)) if r not in divergent)
+        settled = []
+        for i, result in enumerate(commands):
+            column = [bool(row[_OUTCOMES + i]) for row in rows]
+            ok = column[truth]
+            if all(c == ok for c in column):
+                settled.append(result)
+                continue
+            reason = "" if ok else _split_reason(column, source, repaired)
+            if self.rank == 0:
+                logger.warning(
+                    "command %s applied on rank(s) %s, failed on rank(s) %s: %s everywhere",
+                    result.command_id,
+                    [r for r, c in enumerate(column) if c],
+                    [r for r, c in enumerate(column) if not c],
+                    "applied" if ok else "failed",
+                )
+            command = judged[i]
+            if result.ok != ok and self.rank in repaired and command is not None:
+                self._revise(command, ok, reason)
+            settled.append(replace(result, ok=ok, reason=reason))
+        return tuple(settled)
+
+    def _revise(self, command: KasminaCommand, ok: bool, reason: str) -> None:
+        """This rank reported the opposite of the verdict its repaired state now matches."""
+        self.stats["applied" if ok else "failed"] += 1
+        self.stats["failed" if ok else "applied"] -= 1
+        self.stats["revised"] += 1
+        revise_completion(self.handler, command, ok)
+        revise = getattr(self.applier, "revise", None)
+        if callable(revise):
+            try:
+                revise(command, ok, reason)
+            except Exception:  # a bug in a record keeper must not stop the other ranks' sync
+                logger.exception("revising command %s raised", command.command_id)
+
     def _repair(self, epoch: int, source: int, divergent: tuple[int, ...]) -> tuple[int, ...]:
         """Send ``source``'s replica to each divergent rank, load it there, compare again.
         Returns the divergent ranks that agree with ``source`` afterwards."""
@@ -466,6 +554,21 @@ def _minority_ranks(keys: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     best = max(counts.values())
     majority = keys[0] if counts[keys[0]] == best else counts.most_common(1)[0][0]
     return tuple(r for r, k in enumerate(keys) if k != majority)
+
+
+def _split_reason(column: Sequence[bool], source: int, repaired: tuple[int, ...]) -> str:
+    """Why a command that failed on the majority but ran on some ranks counts as not applied
+    (built from gathered values only: the same text on every rank)."""
+    ran = [r for r, c in enumerate(column) if c]
+    failed = [r for r, c in enumerate(column) if not c]
+    undone = [r for r in ran if r in repaired]
+    kept = [r for r in ran if r not in repaired]
+    parts = [f"not applied: it failed on rank(s) {failed}"]
+    if undone:
+        parts.append(f"rank(s) {undone} that ran it were repaired from rank {source}")
+    if kept:
+        parts.append(f"rank(s) {kept} that ran it were not repaired")
+    return "; ".join(parts)
 
 
 def _bytes(buf: torch.Tensor) -> bytes:

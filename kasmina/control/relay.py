@@ -17,14 +17,16 @@ then be applied on every rank or on none (docs/design.md §5, "Multi-process run
 - the verdict -- what each rank says of each relayed command (``READY``, ``UNVERIFIED``,
   ``UNPREPARED``, ``DUPLICATE``; all-gathered, a command runs only if every rank is ready), the
   one reason given on every rank for a command applied nowhere (``refusal``), and what became of
-  each command (``CommandResult``).
+  each command (``CommandResult``), reported again when the replica repair overturned a rank's
+  own outcome (``revise_completion``).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,6 +72,11 @@ class CommandApplier(Protocol):
     carries out the agreed commands in order and returns ``(ok, reason)`` for each; ``refuse``
     records a command this rank accepted that is applied nowhere. Both report the outcome to the
     handler (``complete``).
+
+    An applier may also define ``revise(command, ok, reason)``: called on a rank whose outcome
+    for an applied command was overturned by the replica repair (it ran here but failed on the
+    majority, or the reverse), after the handler has been told (``revise_completion``), so the
+    applier can correct its own records.
     """
 
     def prepare(self, command: KasminaCommand) -> str: ...
@@ -81,11 +88,15 @@ class CommandApplier(Protocol):
 
 @dataclass(frozen=True)
 class CommandResult:
-    """What became of one relayed command, the same list on every rank."""
+    """What became of one relayed command, the same list on every rank.
+
+    Where execution differed between ranks, ``ok`` is the majority's outcome, which a repaired
+    rank's state now reflects (``DistributedCoordinator.sync_epoch``).
+    """
 
     command_id: str
     origin: int  # the rank that received (and first verified) it
-    ok: bool  # applied on this rank
+    ok: bool  # applied (the verdict after any repair, the same on every rank)
     reason: str  # why not ("" when ok)
 
 
@@ -117,6 +128,22 @@ class ExecutorApplier:
 
     def refuse(self, command: KasminaCommand, reason: str) -> None:
         self.handler.complete(command, False)
+
+
+def revise_completion(handler: RelayHandler, command: KasminaCommand, success: bool) -> None:
+    """Report ``success`` for a command whose outcome was already reported as the opposite
+    (the replica repair overturned it on this rank): the handler's ``complete`` runs again, and
+    the earlier count is withdrawn from its ``stats`` (``executed``/``failed``) where it keeps
+    one, so each command is counted once, as it ended."""
+    handler.complete(command, success)
+    stats = getattr(handler, "stats", None)
+    if not isinstance(stats, MutableMapping):
+        return
+    earlier = "failed" if success else "executed"
+    # LeylineAdaptationHandler updates its counters under this lock; other handlers may not.
+    with getattr(handler, "_stats_lock", None) or nullcontext():
+        if stats.get(earlier, 0) > 0:
+            stats[earlier] -= 1
 
 
 @dataclass

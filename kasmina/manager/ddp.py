@@ -368,6 +368,11 @@ class ManagerApplier:
         self.manager.handler.complete(command, False)
         self.manager.report.note_command(command, False, reason)
 
+    def revise(self, command: KasminaCommand, ok: bool, reason: str) -> None:
+        """The verdict the ranks agreed on for ``command``, where the repair overturned this
+        rank's own outcome: the command log records it as the command ended here."""
+        self.manager.report.revise_command(command, ok, reason)
+
 
 class DistributedKasmina:
     """A kernel manager as one rank of a data-parallel run (docs/design.md §5).

@@ -239,6 +239,19 @@ class ManagerReport:
         self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
         self.state.command_log.append((command.command_id, kind, ok, reason))
 
+    def revise_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
+        """``command`` ended otherwise than noted (a multi-rank repair overturned this rank's
+        outcome): its log entry and its count say so instead."""
+        log = self.state.command_log
+        for i in range(len(log) - 1, -1, -1):
+            command_id, kind, was_ok, _ = log[i]
+            if command_id == command.command_id:
+                self.state.counters[f"{kind}:{'ok' if was_ok else 'refused'}"] -= 1
+                self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
+                log[i] = (command_id, kind, ok, reason)
+                return
+        self.note_command(command, ok, reason)  # no longer in the bounded log
+
     def note_gate(self, record: SeedRecord, result: GateResult) -> None:
         """Count a gate evaluation and send it as a ``lifecycle.gate`` event."""
         self.state.gate_counts[(result.gate, result.passed)] += 1

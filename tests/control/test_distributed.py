@@ -9,7 +9,9 @@ test compares. The single-process tests drive the coordinator with an injected c
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,158 @@ def test_two_gloo_ranks_stay_identical_and_a_divergent_rank_is_repaired(tmp_path
     assert sorted(runs[1]["quarantined"]) == [0, 2]
     assert runs[1]["stages"][0] == SeedStage.QUARANTINE
     assert runs[0]["stages"][0] == SeedStage.GRAFTING
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _straddle_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: bytes) -> None:
+    """One command (``raw``, the same bytes on both ranks) received by rank 0 before the sync
+    and by rank 1 while it already waits in it."""
+    keyring = Keyring({"k1": bytes.fromhex(key_hex)})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring), executor)
+    coord = DistributedCoordinator(handler, lambda: {"table": table.state_tensor})
+    done = Path(out_dir, "late.done")
+    arrivals: list[bool] = []
+    late = None
+    if rank == 0:
+        arrivals.append(coord.submit(raw))
+        assert _wait_for(done.exists)  # rank 1 is inside sync_epoch(0) and has its copy
+    else:
+        arrivals.append(coord.submit(_signed(keyring, GERMINATE, 1, "blueprint-b")))
+
+        def arrive_during_the_sync() -> None:
+            if _wait_for(lambda: coord.pending == 0):  # sync_epoch(0) took the queue
+                arrivals.append(coord.submit(raw))
+            done.touch()
+
+        late = threading.Thread(target=arrive_during_the_sync, daemon=True)
+        late.start()
+    first = coord.sync_epoch(0)
+    if late is not None:
+        late.join(timeout=30)
+    pending_after = coord.pending
+    second = coord.sync_epoch(1)
+    torch.save(
+        {
+            "arrivals": arrivals,
+            "first": [(c.command_id, c.origin, c.ok, c.reason) for c in first.commands],
+            "second": [(c.command_id, c.origin, c.ok, c.reason) for c in second.commands],
+            "pending_after": pending_after,
+            "executed": list(executor.executed),
+            "stages": [int(s) for s in table.stages()],
+            "stats": dict(handler.stats),
+        },
+        Path(out_dir, f"straddle{rank}.pt"),
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(tmp_path: Path) -> None:
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
+    straddler = AdaptationCommand.FromString(raw).command_id
+    args = (key, str(tmp_path), raw)
+    spawn(_straddle_worker, 2, args=args, backend="gloo", timeout_s=60, join_timeout_s=120)
+
+    runs = [torch.load(tmp_path / f"straddle{r}.pt") for r in range(2)]
+    assert runs[0]["arrivals"] == [True] and runs[1]["arrivals"] == [True, True]
+    for run in runs:
+        assert [(i, origin, ok) for i, origin, ok, _ in run["first"]][0] == (straddler, 0, True)
+        assert [ok for *_, ok, _ in run["first"]] == [True, True]  # rank 1's own one too
+        assert run["second"] == []  # rank 1's copy was taken off its queue, not relayed again
+        assert run["pending_after"] == 0
+        assert run["executed"].count(straddler) == 1  # applied exactly once on every rank
+        assert run["stages"][:2] == [SeedStage.ISOLATED_INIT, SeedStage.ISOLATED_INIT]
+        assert run["stats"]["failed"] == 0
+    assert runs[0]["stats"]["executed"] == runs[1]["stats"]["executed"] == 2
+    assert runs[1]["stats"]["accepted"] == 2  # its own copy, verified once on arrival
+
+
+class FailingOnRank(TableExecutor):
+    """A ``TableExecutor`` whose GERMINATE of seed 0 raises on one rank only."""
+
+    def __init__(self, table: GPUStateTensor, failing: bool) -> None:
+        super().__init__(table)
+        self.failing = failing
+
+    def execute(self, command: KasminaCommand) -> bool:
+        if self.failing and command.seed is not None and command.seed.seed_id == "seed-0":
+            self.executed.append(command.command_id)
+            raise RuntimeError("a device-specific failure")
+        return super().execute(command)
+
+
+def _verdict_worker(rank: int, world: int, key_hex: str, out_dir: str, failing: int) -> None:
+    """Two commands from rank 0; the first fails on rank ``failing`` only, then the repair."""
+    keyring = Keyring({"k1": bytes.fromhex(key_hex)})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    handler = LeylineAdaptationHandler(
+        CommandVerifier(keyring), FailingOnRank(table, rank == failing)
+    )
+    replica = TensorReplica(lambda: {"table": table.state_tensor}, after_import=table.resync)
+    coord = DistributedCoordinator(handler, replica)
+    if rank == 0:
+        assert coord.submit(_signed(keyring, GERMINATE, 0, "blueprint-a"))
+        assert coord.submit(_signed(keyring, GERMINATE, 1, "blueprint-b"))
+    result = coord.sync_epoch(0)
+    torch.save(
+        {
+            "commands": [(c.command_id, c.origin, c.ok, c.reason) for c in result.commands],
+            "verdict": (result.divergent_ranks, result.source_rank, result.repaired_ranks),
+            "stages": [int(s) for s in table.stages()],
+            "stats": dict(handler.stats),
+            "coordinator": dict(coord.stats),
+        },
+        Path(out_dir, f"verdict{rank}.pt"),
+    )
+
+
+@pytest.mark.slow  # spawns processes
+@pytest.mark.parametrize(
+    ("world", "applied", "source"),
+    [(2, False, 0), (3, True, 1)],  # 2 ranks: the tie goes to rank 0; 3: ranks 1 and 2 outvote it
+    ids=["2-ranks-tie", "3-ranks-majority"],
+)
+def test_a_command_that_fails_on_one_rank_gets_one_verdict_matching_the_repaired_state(
+    tmp_path: Path, world: int, applied: bool, source: int
+) -> None:
+    from kasmina.utils.keyring import generate_key
+
+    args = (generate_key().hex(), str(tmp_path), 0)  # execution fails on rank 0 only
+    spawn(_verdict_worker, world, args=args, backend="gloo", timeout_s=60, join_timeout_s=150)
+
+    runs = [torch.load(tmp_path / f"verdict{r}.pt") for r in range(world)]
+    ran = [r for r in range(world) if r != 0]  # the ranks where it ran
+    for run in runs:
+        assert run["commands"] == runs[0]["commands"]  # one verdict, reasons included
+        assert [ok for *_, ok, _ in run["commands"]] == [applied, True]
+        divergent = tuple(ran) if not applied else (0,)
+        assert run["verdict"] == (divergent, source, divergent)  # every divergent rank repaired
+        # The verdict is the state every rank ended in.
+        assert run["stages"][0] == (SeedStage.ISOLATED_INIT if applied else SeedStage.DORMANT)
+        assert run["stats"]["executed"] == (2 if applied else 1)  # counted as it ended
+        assert run["stats"]["failed"] == (0 if applied else 1)
+    if not applied:
+        reason = runs[0]["commands"][0][3]
+        assert reason == (
+            "not applied: it failed on rank(s) [0]; rank(s) [1] that ran it were repaired "
+            "from rank 0"
+        )
+    else:
+        assert runs[0]["commands"][0][3] == ""
+    revised = [r for r in range(world) if runs[r]["coordinator"].get("revised")]
+    assert revised == ([0] if applied else ran)
 
 
 def _sleep_forever(rank: int, world: int) -> None:

@@ -249,6 +249,21 @@ def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:
     t.manager.close()
 
 
+def _worker_verdict(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """A GERMINATE whose execution fails on rank 0 alone: the ranks tie, rank 0 decides, and
+    rank 1 is repaired back to DORMANT."""
+    t = Trainer(rank, world, spec)
+    if rank == 0:
+
+        def fails_here(*_args: Any, **_kwargs: Any) -> None:
+            raise RuntimeError("a failure on rank 0 only")
+
+        t.manager.execution._dry_run = fails_here
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    t.save(spec["out"], "verdict", last_logged=t.manager.command_log[-1])
+    t.manager.close()
+
+
 def _local_cull(t: Trainer, seed_id: str) -> Any:
     """A verified command made in-process (what a bug or a stray call on one rank would do)."""
     from kasmina.control.commands import to_kasmina_command
@@ -415,3 +430,20 @@ def test_fsdp_sharded_hosts_are_refused(tmp_path, store, keyring) -> None:
         DistributedKasmina(rig.manager)
     with pytest.raises(UnsupportedParallelismError, match="DataParallel"):
         wrap_ddp(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_command_overturned_by_the_repair_is_logged_as_it_ended(
+    tmp_path: Path, published
+) -> None:
+    """Every rank reports one verdict for a command that failed on one rank only, and the
+    rank whose outcome the repair overturned logs and counts it as it ended there."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_verdict, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "verdict", 2)
+    for run in runs:
+        assert run["results"][0][1] == (False,)  # the same verdict on both ranks
+        assert run["stages"][SEED0] == S.DORMANT
+        assert run["last_logged"][2] is False
+        assert run["handler"]["executed"] == 0 and run["handler"]["failed"] == 1
+    assert runs[1]["coordinator"]["revised"] == 1
