@@ -13,23 +13,37 @@ computes what the slot computes for the seeds that are part of the host:
 
 A slot without an ACTIVE seed becomes its host module again. A slot with one becomes a
 ``torch.fx.GraphModule`` holding ``host`` and ``seed_<k>`` submodules (the kernel's exported
-program module, not its Kasmina wrapper), generated from a graph of plain torch calls: no
-Kasmina class, hook, state table or custom op is left, so the model runs and ``torch.export``s
+program module, not its Kasmina wrapper), generated from a graph of plain torch and standard
+library calls: no Kasmina class, hook, state table or custom op is left (``merge`` also removes
+the load check ``kasmina.attach`` put on the model), so the model runs and ``torch.export``s
 without Kasmina. Ship the exported program (``torch.export.save``): the kernels' program
 modules keep their generated input-guard submodule, which ``pickle`` cannot name, so a merged
 model with ACTIVE seeds does not go through ``torch.save(model)``.
+
+The host's output is taken apart at run time, as the slot does it (``kasmina.seeds.outputs``):
+one level of ``torch.utils._pytree`` flattening gives a Tensor as itself and a tuple, list,
+namedtuple or Hugging Face ``ModelOutput`` as its elements; the one at the slot's
+``output_index`` (negative counts from the end) is chunked, and the output is rebuilt with the
+same type. Nothing is guessed at merge time: the slot records no input a probe could replay
+(an attention module takes three, a ``model.to(dtype)`` leaves the recorded dtype stale). A
+container pytree does not know (a plain dataclass) is one leaf, so such a merged module fails
+at its first forward where its slot would have chunked an element. (Unpickling a
+``GraphModule`` re-traces its code, and that trace flattens the output as a Tensor: one more
+reason to ship the exported program.)
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import operator
-from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from kasmina.seeds.inject import remove_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from kasmina.urza.kernel import GPUKernel
@@ -41,9 +55,10 @@ __all__ = ["merge"]
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every slot of ``model`` by its merged module (see the module docstring) and
-    return ``model``. Every replacement is built before the model is touched, so a slot that
-    cannot be merged (its host's forward takes ``*args``/``**kwargs``, or returns a container
-    the merged graph cannot rebuild) raises ``ValueError`` and leaves the model as it was."""
+    return ``model``, without the load check ``kasmina.attach`` registered on it. Every
+    replacement is built before the model is touched, so a slot that cannot be merged (its
+    host's forward takes ``*args``/``**kwargs``) raises ``ValueError`` and leaves the model as
+    it was."""
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
     if any(name == "" for name, _ in slots):
         raise ValueError("the model itself is a KasminaLayer; merge the model around it")
@@ -52,6 +67,7 @@ def merge(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module)
+    remove_load_checks(model)
     logger.info("merged %d slot(s)", len(merged))
     return model
 
@@ -69,12 +85,19 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     root.host = slot.host
     for k, kernel in active.items():
         root.add_module(f"seed_{k}", kernel)
+    # ``is_not`` stays on the module: fx renders no function as a call's argument.
+    root.is_not = operator.is_not
     graph = fx.Graph()
     args, kwargs = _placeholders(graph, slot.host)
     out = graph.call_module("host", tuple(args), kwargs)
-    kind = _output_kind(slot)
+    # One level of flattening (every node below the output is a leaf): [out] for a Tensor, the
+    # elements of a tuple, list, namedtuple or ModelOutput, with the spec that rebuilds it.
+    below = graph.call_function(functools.partial, (graph.get_attr("is_not"), out))
+    flat = graph.call_function(pytree.tree_flatten, (out,), {"is_leaf": below})
+    items = graph.call_function(operator.getitem, (flat, 0))
+    spec = graph.call_function(operator.getitem, (flat, 1))
     index = int(vars(slot).get("output_index", 0))
-    element = out if kind is torch.Tensor else graph.call_function(operator.getitem, (out, index))
+    element = graph.call_function(operator.getitem, (items, index))
     dim = int(vars(slot).get("chunk_dim", -1))
     chunks = graph.call_function(torch.split, (element, slot.chunk_size), {"dim": dim})
     pieces = []
@@ -84,13 +107,14 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
             piece = graph.call_module(f"seed_{k}", (piece,))
         pieces.append(piece)
     result = graph.call_function(torch.cat, (pieces,), {"dim": dim})
-    if kind is not torch.Tensor:
-        # out[:i] + (result,) + out[i+1:], as a list or tuple like the host's.
-        head = graph.call_function(operator.getitem, (out, slice(None, index)))
-        tail = graph.call_function(operator.getitem, (out, slice(index + 1, None)))
-        middle = [result] if kind is list else (result,)
-        joined = graph.call_function(operator.add, (head, middle))
-        result = graph.call_function(operator.add, (joined, tail))
+    # items[:i] + [result] + items[i + 1:], with i = index % len(items) (index may be negative).
+    i = graph.call_function(operator.mod, (index, graph.call_function(len, (items,))))
+    head = graph.call_function(operator.getitem, (items, slice(None, i)))
+    after = graph.call_function(operator.add, (i, 1))
+    tail = graph.call_function(operator.getitem, (items, slice(after, None)))
+    joined = graph.call_function(operator.add, (head, [result]))
+    rebuilt = graph.call_function(operator.add, (joined, tail))
+    result = graph.call_function(pytree.tree_unflatten, (rebuilt, spec))
     graph.output(result)
     merged = fx.GraphModule(root, graph, class_name=f"Merged{type(slot.host).__name__}")
     merged.training = slot.training  # its own flag only: the submodules keep their modes
@@ -124,36 +148,3 @@ def _placeholders(graph: fx.Graph, host: nn.Module) -> tuple[list[fx.Node], dict
         else:
             args.append(node)
     return args, kwargs
-
-
-def _output_kind(slot: KasminaLayer) -> type:
-    """``torch.Tensor``, ``tuple`` or ``list``: what the host returns, from one probe on the
-    input shape the slot recorded (a Tensor when it never ran: most slots wrap a layer)."""
-    spec = vars(slot).get("input_spec")
-    if spec is None:
-        return torch.Tensor
-    shape, dtype, device = spec
-    generator = torch.Generator(device=device).manual_seed(0)
-    sample = torch.randn(shape, generator=generator, device=device).to(dtype)
-    # Eval mode for the probe, so it moves no batch-norm statistics; each module's own mode
-    # is put back afterwards.
-    modes = [(module, module.training) for module in slot.host.modules()]
-    slot.host.eval()
-    try:
-        with torch.no_grad():
-            out: Any = slot.host(sample)
-    except Exception:  # a host that needs more than one input: assume a Tensor
-        return torch.Tensor
-    finally:
-        for module, training in modes:
-            module.training = training
-    if isinstance(out, torch.Tensor):
-        return torch.Tensor
-    if isinstance(out, list):
-        return list
-    if type(out) is tuple:
-        return tuple
-    raise ValueError(
-        f"cannot merge slot {slot.layer_id!r}: its host returns a {type(out).__name__}, and a "
-        "merged module rebuilds only Tensor, tuple and list outputs"
-    )

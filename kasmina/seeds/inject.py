@@ -206,10 +206,23 @@ def detach(model: nn.Module) -> list[KasminaLayer]:
     for name, layer in slots:
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.host)
-    handle = _LOAD_CHECKS.pop(model, None)
-    if handle is not None:
-        handle.remove()
+    remove_load_checks(model)
     return [layer for _, layer in slots]
+
+
+def remove_load_checks(model: nn.Module) -> None:
+    """Remove the ``load_state_dict`` pre-hook ``attach`` put on ``model`` or any module in it,
+    once their slots are gone (``detach``, ``kasmina.merge``): what is left must load, run and
+    pickle without Kasmina. A deep copy or an unpickled model holds the hook without a handle
+    here, so it is found by its function."""
+    for module in model.modules():
+        handle = _LOAD_CHECKS.pop(module, None)
+        if handle is not None:
+            handle.remove()
+        hooks = module._load_state_dict_pre_hooks
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "hook", hook) is check_seed_states:
+                del hooks[key]
 
 
 def collect_kd_losses(model: nn.Module) -> torch.Tensor | None:

@@ -1,0 +1,233 @@
+"""kasmina.merge on hosts whose output is not one Tensor, and what a merged model still holds
+(docs/design.md §6a, "Keeping what you grew")."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina
+from kasmina.stages import SeedStage
+from tests.persist.conftest import Grown
+
+S = SeedStage
+PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
+
+
+def walk_to_active(seed: Any, width: int, init: int) -> None:
+    torch.manual_seed(init)
+    seed.attach_kernel(nn.Sequential(nn.Linear(width, width), nn.Tanh()))
+    for stage in PATH:
+        seed.transition_to(stage)
+
+
+class Attention(nn.Module):
+    """A model whose slot is an attention module: three inputs, a ``(output, weights)`` tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(x, x, x)
+        return self.head(y), weights
+
+
+class Pair(nn.Module):
+    """A block returning ``(2 * h, h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.lin(x)
+        return h * 2, h
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = Pair()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.blk(x)
+
+
+def _compare(merged: Any, grown: Any) -> None:
+    assert type(merged) is type(grown)
+    if isinstance(grown, torch.Tensor):
+        assert torch.equal(merged, grown)
+        return
+    if dataclasses.is_dataclass(grown):
+        merged, grown = merged.to_tuple(), grown.to_tuple()
+    assert len(merged) == len(grown)
+    for mine, theirs in zip(merged, grown, strict=True):
+        assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+
+
+def test_merge_of_an_attention_slot_computes_what_the_grown_model_computed() -> None:
+    model = Attention().eval()
+    x = torch.randn(2, 5, 8)
+    (slot,) = kasmina.attach(model, ["attn"], 2, 4)
+    walk_to_active(slot.seed(0), 4, init=1)
+    with torch.no_grad():
+        grown = model(x)
+        assert not torch.equal(grown[0], Attention().eval()(x)[0])  # the seed does contribute
+    merged = kasmina.merge(model)
+    with torch.no_grad():
+        _compare(merged(x), grown)
+
+
+def test_merge_after_a_dtype_change_decides_nothing_from_the_stale_recorded_input() -> None:
+    """``model.to(dtype)`` forgets the slot's output contract but not its recorded input: no
+    probe with that float32 input may decide what a float64 host returns."""
+    model = Blocks().eval()
+    x = torch.randn(3, 6)
+    (slot,) = kasmina.attach(model, ["blk"], 2, 4)
+    with torch.no_grad():
+        model(x)
+    walk_to_active(slot.seed(1), 4, init=1)
+    model.double()  # and no forward since: merged as it stands
+    with torch.no_grad():
+        grown = copy.deepcopy(model)(x.double())
+    merged = kasmina.merge(model)
+    with torch.no_grad():
+        _compare(merged(x.double()), grown)
+
+
+def test_merge_rebuilds_a_model_output() -> None:
+    transformers = pytest.importorskip("transformers")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(6, 8)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            h = self.lin(x)
+            return transformers.modeling_outputs.BaseModelOutput(
+                last_hidden_state=h, hidden_states=(x,)
+            )
+
+    model = nn.Sequential(Block()).eval()
+    x = torch.randn(3, 6)
+    (slot,) = kasmina.attach(model, ["0"], 2, 4)
+    walk_to_active(slot.seed(0), 4, init=1)
+    with torch.no_grad():
+        grown = model(x)
+    merged = kasmina.merge(model)
+    with torch.no_grad():
+        out = merged(x)
+    assert type(out) is type(grown) and out.hidden_states == grown.hidden_states
+    assert torch.equal(out.last_hidden_state, grown.last_hidden_state)
+
+
+def test_merge_with_a_negative_output_index_keeps_the_output_structure() -> None:
+    model = Blocks().eval()
+    x = torch.randn(3, 6)
+    (slot,) = kasmina.attach(model, ["blk"], 2, 4, output_index=-1)  # the last element: h
+    with torch.no_grad():
+        model(x)
+    walk_to_active(slot.seed(1), 4, init=1)
+    with torch.no_grad():
+        grown = model(x)
+        plain = Pair()(x)
+    assert torch.equal(grown[0], plain[0]) and not torch.equal(grown[1], plain[1])
+    merged = kasmina.merge(model)
+    with torch.no_grad():
+        _compare(merged(x), grown)
+
+
+def _origins(obj: Any) -> list[str]:
+    """The modules that define ``obj`` (a hook, a wrapped hook, a partial, a bound method)."""
+    found = [type(obj).__module__]
+    for inner in (getattr(obj, "hook", None), getattr(obj, "func", None)):
+        if inner is not None and inner is not obj:
+            found += _origins(inner)
+    function = getattr(obj, "__func__", obj)
+    found.append(getattr(function, "__module__", None) or "")
+    found += _origins(getattr(obj, "__self__", None)) if hasattr(obj, "__self__") else []
+    return found
+
+
+def _kasmina_left(model: nn.Module) -> list[str]:
+    """Every hook, class or function of Kasmina reachable from the modules of ``model``, their
+    hook tables, parameters and buffers."""
+    left = []
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            if cls.__module__.startswith("kasmina"):
+                left.append(f"{name}: class {cls.__qualname__}")
+        for attr, value in vars(module).items():
+            if "hook" in attr and isinstance(value, dict):
+                for hook in value.values():
+                    hook = hook[0] if isinstance(hook, tuple) else hook
+                    if any(o.startswith("kasmina") for o in _origins(hook)):
+                        left.append(f"{name}.{attr}: {hook!r}")
+            elif callable(value) and any(o.startswith("kasmina") for o in _origins(value)):
+                left.append(f"{name}.{attr}: {value!r}")
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for tensor_name, tensor in tensors:
+            for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                for hook in (getattr(tensor, attr, None) or {}).values():
+                    if any(o.startswith("kasmina") for o in _origins(hook)):
+                        left.append(f"{name}.{tensor_name}.{attr}: {hook!r}")
+    return left
+
+
+def test_a_merged_grown_model_holds_no_kasmina_hook_class_or_function(grown: Grown) -> None:
+    assert _kasmina_left(grown.model)  # the walk does find what attach put there
+    merged = kasmina.merge(copy.deepcopy(grown.model))
+    assert _kasmina_left(merged) == []
+
+
+def test_a_merged_model_pickles_and_loads_without_kasmina(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    models = {}
+    for name, active in (("host", False), ("graph", True)):
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+        (slot,) = kasmina.attach(model, ["2"], 2, 4)
+        if active:
+            walk_to_active(slot.seed(0), 4, init=1)
+        model(torch.randn(2, 5))
+        models[name] = kasmina.merge(model)
+        assert _kasmina_left(models[name]) == []
+        assert b"kasmina" not in pickle.dumps(models[name])
+    x = torch.randn(2, 5)
+    for name, model in models.items():
+        torch.save(model, tmp_path / f"{name}.pt")
+        torch.save(x, tmp_path / "x.pt")
+        with torch.no_grad():
+            torch.save(model(x), tmp_path / f"{name}.want.pt")
+    # A serving process that has no Kasmina at all.
+    code = "\n".join(
+        [
+            "import sys; sys.modules['kasmina'] = None",
+            "import torch",
+            f"root = {str(tmp_path)!r}",
+            "x = torch.load(root + '/x.pt')",
+            "for name in ('host', 'graph'):",
+            "    model = torch.load(f'{root}/{name}.pt', weights_only=False)",
+            "    with torch.no_grad():",
+            "        assert torch.equal(model(x), torch.load(f'{root}/{name}.want.pt')), name",
+            "print('ok')",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
