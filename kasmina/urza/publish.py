@@ -44,7 +44,7 @@ from kasmina.urza.artifact import (
     verify_manifest,
     verify_payload_digest,
 )
-from kasmina.urza.keys import PublisherKey
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
@@ -133,13 +133,20 @@ def publish_payload(
     input_spec: Sequence[TensorSpec] = (),
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write already-saved ``.pt2`` bytes and their manifest, signed by ``publisher`` (payload
-    first).
+    """Write already-saved ``.pt2`` bytes and their manifest, signed by ``publisher``.
 
     Publishing is idempotent for identical bytes from the same publisher; an existing id with
     a different payload, or whose manifest this publisher's key does not verify (another
     publisher's, or a retired HMAC one), raises ``FileExistsError``: a published artifact never
     changes under its id.
+
+    Two publishers of one id at once: the manifest is created exclusively (``mode="xb"``) before
+    the payload is written, so one of them claims the id and the other finds it taken (the same
+    bytes: done; other bytes: ``FileExistsError``), and no store is left with one publisher's
+    manifest beside the other's payload. Until the payload lands a reader finds the artifact
+    missing. A publish that stopped between the two writes is finished by publishing the same
+    bytes again. A filesystem without exclusive creation is written as before: check, then
+    write, with no claim.
     """
     _require_publisher(publisher)
     if not isinstance(blueprint, str) or not blueprint:
@@ -162,30 +169,66 @@ def publish_payload(
     own = publisher.trusted_publishers()
     fs, root = open_store(store_url, storage_options)
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
-    if fs.exists(manifest_path):
-        try:
-            raw = read_bounded(
-                fs,
-                manifest_path,
-                MAX_MANIFEST_BYTES,
-                what=f"artifact {artifact_id!r}: existing manifest",
-                why="MAX_MANIFEST_BYTES",
-            )
-            existing = verify_manifest(raw, own, expected_id=artifact_id)
-        except ArtifactIntegrityError as exc:
+    payload_path = f"{root}/{artifact_id}{PAYLOAD_SUFFIX}"
+    fs.makedirs(root, exist_ok=True)
+    if not _claim(fs, manifest_path, manifest.to_json()):
+        existing = _existing_manifest(fs, manifest_path, own, artifact_id, publisher.key_id)
+        if existing.sha256 != sha256:
             raise FileExistsError(
-                f"artifact {artifact_id!r} already exists and publisher key "
-                f"{publisher.key_id!r} does not verify it ({exc}); choose another artifact id"
-            ) from None
-        if existing.sha256 == sha256:
+                f"artifact {artifact_id!r} already exists with a different payload"
+            )
+        if _has_size(fs, payload_path, existing.size):
             logger.info("artifact %s already published with identical payload", artifact_id)
             return existing
-        raise FileExistsError(f"artifact {artifact_id!r} already exists with a different payload")
-    fs.makedirs(root, exist_ok=True)
-    _atomic_write(fs, f"{root}/{artifact_id}{PAYLOAD_SUFFIX}", bytes(payload))
-    _atomic_write(fs, manifest_path, manifest.to_json())
+        manifest = existing  # ours, its payload never written: finish that publish
+    _atomic_write(fs, payload_path, bytes(payload))
     logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), store_url)
     return verify_manifest(manifest.to_json(), own, expected_id=artifact_id)
+
+
+def _claim(fs: Any, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` if it does not exist; False if it does. Exclusive where
+    the filesystem can create exclusively (``mode="xb"``); elsewhere a check, then a write."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError, TypeError):  # no exclusive mode here
+        logger.debug("%s cannot create files exclusively; checking first", type(fs).__name__)
+    if fs.exists(path):
+        return False
+    _atomic_write(fs, path, data)
+    return True
+
+
+def _existing_manifest(
+    fs: Any, path: str, own: TrustedPublishers, artifact_id: str, key_id: str
+) -> Manifest:
+    """The manifest already at ``path``, verified with this publisher's key, or
+    ``FileExistsError`` (another publisher's id, or not a manifest this key signed)."""
+    try:
+        raw = read_bounded(
+            fs,
+            path,
+            MAX_MANIFEST_BYTES,
+            what=f"artifact {artifact_id!r}: existing manifest",
+            why="MAX_MANIFEST_BYTES",
+        )
+        return verify_manifest(raw, own, expected_id=artifact_id)
+    except ArtifactIntegrityError as exc:
+        raise FileExistsError(
+            f"artifact {artifact_id!r} already exists and publisher key {key_id!r} does not "
+            f"verify it ({exc}); choose another artifact id"
+        ) from None
+
+
+def _has_size(fs: Any, path: str, size: int) -> bool:
+    try:
+        return int(fs.size(path)) == size
+    except FileNotFoundError:
+        return False
 
 
 def resign_artifact(

@@ -100,6 +100,67 @@ def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+class _PausingFS:
+    """A store whose payload writes from the thread named ``slow`` wait for ``go``."""
+
+    def __init__(self, fs, go: threading.Event, paused: threading.Event) -> None:
+        self.fs, self.go, self.paused = fs, go, paused
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def pipe_file(self, path, data, **kwargs):
+        if threading.current_thread().name == "slow" and ".pt2" in path:
+            self.paused.set()
+            assert self.go.wait(10)
+        return self.fs.pipe_file(path, data, **kwargs)
+
+
+def test_two_publishers_of_one_id_at_once_leave_one_artifact(
+    tmp_path, publisher, trusted, monkeypatch
+) -> None:
+    """The manifest is claimed exclusively before the payload is written: while the first
+    publisher is between its writes, a second one with other bytes is refused, a reader finds
+    the artifact missing (not corrupt), and the store ends with the first one's artifact."""
+    import kasmina.urza.publish as publish
+
+    go, paused = threading.Event(), threading.Event()
+    real = publish.open_store
+    monkeypatch.setattr(
+        publish,
+        "open_store",
+        lambda *a: (lambda fr: (_PausingFS(fr[0], go, paused), fr[1]))(real(*a)),
+    )
+    done: list = []
+    slow = threading.Thread(
+        target=lambda: done.append(
+            publish_payload(b"A" * 64, str(tmp_path), "bp", publisher, "id")
+        ),
+        name="slow",
+    )
+    slow.start()
+    assert paused.wait(10)
+    with pytest.raises(FileExistsError, match="different payload"):
+        publish_payload(b"B" * 64, str(tmp_path), "bp", publisher, "id")
+    with pytest.raises(ArtifactNotFoundError):
+        client(str(tmp_path), trusted).fetch("id")
+    go.set()
+    slow.join(10)
+    assert done and client(str(tmp_path), trusted).fetch("id")[0] == b"A" * 64
+
+
+def test_a_publish_stopped_between_its_writes_is_finished_by_publishing_again(
+    tmp_path, publisher, trusted
+) -> None:
+    first = publish_payload(b"payload", str(tmp_path), "bp", publisher, "art")
+    payload_path(tmp_path, "art").unlink()  # the manifest landed, the payload did not
+    with pytest.raises(FileExistsError):
+        publish_payload(b"other", str(tmp_path), "bp", publisher, "art")
+    again = publish_payload(b"payload", str(tmp_path), "bp", publisher, "art")
+    assert again == first
+    assert client(str(tmp_path), trusted).fetch("art")[0] == b"payload"
+
+
 def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, publisher) -> None:
     manifest = publish_payload(b"x" * 10, str(tmp_path), "../my blueprint", publisher)
     assert manifest.artifact_id.startswith("my-blueprint-")
