@@ -194,8 +194,7 @@ class KasminaLayer(nn.Module):
         self._runs_any = False
         self._refresh_plan()
         state.listen(self._refresh_plan)
-        # A load checks every seed's state before the host loads (kasmina.attach adds the same
-        # check to the model, for every slot before any module loads).
+        # A load checks every seed's state before the host loads (attach does so on the model).
         self.register_load_state_dict_pre_hook(check_seed_states)
 
     # -- the wrapped module's attributes ---------------------------------------------------

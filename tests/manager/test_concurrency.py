@@ -128,16 +128,22 @@ def test_the_queue_is_bounded(tmp_path: Path, store: Path, keyring: Keyring) -> 
     assert len(manager.apply_pending()) == 2 and len(manager.pending) == 0
 
 
+def slow_store_rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
+    """A rig whose store answers every read after 0.5 s: a fetch is still running at the next
+    safe point."""
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.delay_s = 0.5
+    return Rig(config, keyring, urza_client=urza)
+
+
 def test_later_commands_for_the_same_seed_wait_behind_a_fetch(
     tmp_path: Path, store: Path, keyring: Keyring, mlp
 ) -> None:
     """While a GERMINATE's kernel is fetched, a CULL of that seed waits behind it; a command
     for the other seed goes ahead."""
-    config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config)
-    flaky = urza._fs = FlakyFS(urza._fs)
-    flaky.delay_s = 0.5
-    rig = Rig(config, keyring, urza_client=urza)
+    rig = slow_store_rig(tmp_path, store, keyring)
     manager = rig.manager
     for cmd in (
         make_seed_command("germinate", SEED0, mlp),
@@ -160,11 +166,7 @@ def test_two_safe_points_at_once_apply_each_command_once(
     own safe point never both take a command: the safe point that finds another thread
     applying returns at once (without waiting for the fetch), and that thread applies each
     queued command once, in order."""
-    config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config)
-    flaky = urza._fs = FlakyFS(urza._fs)
-    flaky.delay_s = 0.5
-    rig = Rig(config, keyring, urza_client=urza)
+    rig = slow_store_rig(tmp_path, store, keyring)
     manager = rig.manager
     commands = [
         make_seed_command("germinate", SEED0, mlp),
