@@ -114,17 +114,22 @@ class IsolationGuard:
         stash = [p.grad for p in host]
         for p in host:
             p.grad = None
-        with contextlib.ExitStack() as phases:
-            for monitor in self.external:
-                phases.enter_context(monitor.seed_backward())
-            try:
-                kd_loss.backward(retain_graph=retain_graph)
-            finally:
-                leaked = [p.grad for p in host if p.grad is not None]
-                if leaked:
-                    self._kd_checks.append((leak_check(leaked)[1], students))
-                for p, grad in zip(host, stash, strict=True):
-                    p.grad = grad  # whatever leaked is dropped here
+        try:
+            # The debug monitors' phases sit inside the set-aside: they see the same empty host
+            # grads before the backward and the same leaks after it, and put back what they
+            # found (nothing) before the host's own gradients come back.
+            with contextlib.ExitStack() as phases:
+                for monitor in self.external:
+                    phases.enter_context(monitor.seed_backward())
+                try:
+                    kd_loss.backward(retain_graph=retain_graph)
+                finally:
+                    leaked = [p.grad for p in host if p.grad is not None]
+                    if leaked:
+                        self._kd_checks.append((leak_check(leaked)[1], students))
+        finally:
+            for p, grad in zip(host, stash, strict=True):
+                p.grad = grad  # whatever leaked is dropped here
 
     def kd_flags(self) -> list[torch.Tensor]:
         """The device flags of this step's seed-only backwards, for a caller that reads them
@@ -152,7 +157,8 @@ class IsolationGuard:
             clean &= self._verify(monitor)
             record.seed.isolation_violations = monitor.violation_count
         for monitor in self.external:
-            clean &= self._verify(monitor)
+            if not monitor.tripped:  # a tripped monitor is inert: it had its say when it tripped
+                clean &= self._verify(monitor)
         if not clean:
             self.counters["isolation_violations"] += 1
         return clean

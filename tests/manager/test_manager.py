@@ -471,6 +471,39 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
 
 
+def test_debug_monitors_keep_accumulated_host_gradients_and_go_inert_once_tripped(
+    rig: Rig,
+) -> None:
+    """A seed-only loss under a debug monitor leaves the host's accumulated gradients as they
+    were (two micro-batches sum, no false leak); once a monitor trips, it has had its say and
+    the host steps again on clean steps."""
+    manager, model = rig.manager, rig.model
+    student = nn.Linear(6, 3)  # seed-side, disjoint from the host
+    manager.register_gradient_monitors(model.inp, student)
+    xs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ys = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])]
+    for x, y in zip(xs, ys, strict=True):
+        F.cross_entropy(model(x), y).backward()
+    want = model.inp.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    for x, y in zip(xs, ys, strict=True):
+        manager.backward(F.cross_entropy(model(x), y), kd_loss=student(x).pow(2).mean())
+    torch.testing.assert_close(model.inp.weight.grad, want)
+    assert manager.check_gradient_isolation()
+    model.zero_grad(set_to_none=True)
+    for _ in range(manager.config.max_isolation_violations):  # a leaking seed loss trips it
+        leak = student(xs[0]).sum() + model.inp.bias.sum()
+        manager.backward(F.cross_entropy(model(xs[0]), ys[0]), kd_loss=leak)
+        assert not manager.step()["host_stepped"]
+    assert manager.guard.external[0].tripped
+    for _ in range(2):
+        before = model.inp.weight.detach().clone()
+        manager.backward(F.cross_entropy(model(xs[0]), ys[0]))
+        report = manager.step()
+        assert report["isolation_clean"] and report["host_stepped"]
+        assert not torch.equal(before, model.inp.weight)
+
+
 def test_a_rollback_that_cannot_complete_changes_nothing(rig: Rig, store: Path, mlp) -> None:
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
