@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Iterator
 from copy import deepcopy
 from typing import Any
@@ -29,9 +30,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["GPUKernel"]
 
 
+# ``torch.export.load`` keeps its deserializer in one process-wide slot and refuses to start
+# while another load runs: loads of different artifacts (the fetch workers) take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
     """The one deserialisation call (a ``.pt2`` may contain pickles: verify first)."""
-    return torch.export.load(io.BytesIO(payload))
+    with _LOAD_LOCK:
+        return torch.export.load(io.BytesIO(payload))
 
 
 def _program_module(payload: bytes, manifest: Manifest, device: torch.device) -> nn.Module:

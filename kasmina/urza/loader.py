@@ -19,7 +19,6 @@ import copy
 import logging
 import threading
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any
@@ -102,10 +101,9 @@ class KernelLoader:
                 f"kernel {original.artifact_id!r} was evicted from the cache and released; "
                 "load it again"
             )
-        with warnings.catch_warnings():
-            # torch's own pytree specs warn about their own deprecated class when copied.
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            duplicate = copy.deepcopy(original)
+        # Not under ``warnings.catch_warnings``: it swaps the process-wide filter list, which
+        # concurrent copies (and the application's threads) would see restored out of order.
+        duplicate = copy.deepcopy(original)
         if self.is_released(original) or duplicate.released:
             duplicate.release_gpu_memory()
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -182,3 +183,25 @@ def test_training_mode_export_keeps_updating_batch_norm_statistics(
     torch.testing.assert_close(out, module(x))  # batch statistics, as in training
     out.sum().backward()
     assert all(p.grad is not None for p in kernel.parameters())
+
+
+def test_kernels_load_from_several_threads_at_once(artifact) -> None:
+    """``torch.export.load`` holds its deserializer in one process-wide slot and refuses a
+    second load while one runs: the fetch workers' loads of different artifacts take turns."""
+    _, payload, manifest, _ = artifact
+    barrier, failures, loaded = threading.Barrier(4), [], []
+
+    def load() -> None:
+        barrier.wait()
+        for _ in range(3):
+            try:
+                loaded.append(GPUKernel.from_binary(payload, manifest, "cpu"))
+            except Exception as exc:  # the old race: "_CURRENT_DESERIALIZER is already set"
+                failures.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == [] and len(loaded) == 12
