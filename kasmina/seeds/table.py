@@ -490,7 +490,8 @@ class GPUStateTensor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a table saved by :meth:`state_dict`; invalid input changes nothing."""
+        """Restore a table saved by :meth:`state_dict`; invalid input changes nothing (every
+        value is read and checked before the first write)."""
         table = state["state_tensor"]
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(
             self.state_tensor.shape
@@ -499,11 +500,14 @@ class GPUStateTensor:
         if table.dtype != torch.int32:
             raise ValueError(f"state table must be int32, got {table.dtype}")
         stages = [parse_stage(int(s)) for s in table[:, StateColumn.LIFECYCLE_STAGE].tolist()]
+        epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
+        embargo = state.get("embargo_epochs", self.embargo_epochs)
+        if isinstance(embargo, bool) or not isinstance(embargo, int) or embargo < 0:
+            raise ValueError(f"embargo_epochs must be an int >= 0, got {embargo!r}")
+        counters = Counter(state.get("counters", {}))
         self.state_tensor.copy_(table.to(self.device))
-        self._stages = stages
-        self._epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
-        self.embargo_epochs = int(state.get("embargo_epochs", self.embargo_epochs))
-        self.counters = Counter(state.get("counters", {}))
+        self._stages, self._epochs = stages, epochs
+        self.embargo_epochs, self.counters = embargo, counters
         self._bump()
 
     # -- internals -----------------------------------------------------------------------
@@ -539,7 +543,7 @@ class GPUStateTensor:
             if observer is None:
                 refs.remove(ref)
             else:
-                observer(idx, old, new)
+                _call_safely(observer, idx, old, new)
 
     def touch(self) -> None:
         """Mark a host-visible change that is not a transition (e.g. a kernel attached)."""
@@ -554,7 +558,7 @@ class GPUStateTensor:
             if listener is None:
                 listeners.remove(ref)
             else:
-                listener()
+                _call_safely(listener)
 
     def report(self, name: str, labels: dict[str, str]) -> None:
         """Send one event to the telemetry reporter, if any; never raises."""
@@ -567,3 +571,12 @@ class GPUStateTensor:
             self.telemetry.emit(name, 1.0, labels=labels)
         except Exception:  # telemetry never breaks training
             logger.exception("telemetry emit failed for %s", name)
+
+
+def _call_safely(fn: Callable[..., None], *args: Any) -> None:
+    """Call an observer or listener; one that raises is logged and the others still run: a
+    change the table made is never half announced."""
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("a state-table observer raised; the other observers still run")

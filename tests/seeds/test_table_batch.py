@@ -338,3 +338,43 @@ def test_runs_of_consecutive_seeds_match_the_reference(order: Any) -> None:
         table.tick()
         ref.tick()
     assert ref.counters["applied"] > 30
+
+
+def test_an_observer_that_raises_is_logged_and_the_others_still_run(caplog) -> None:
+    """A change the table made is announced to every observer and listener: one that raises is
+    logged, and neither stops the others nor undoes the batch."""
+    table = GPUStateTensor(3, "cpu")
+    heard: list[tuple[int, SeedStage]] = []
+
+    def raises(idx: int, old: SeedStage, new: SeedStage) -> None:
+        raise RuntimeError("a user observer's bug")
+
+    def hears(idx: int, old: SeedStage, new: SeedStage) -> None:
+        heard.append((idx, new))
+
+    listened: list[int] = []
+
+    def listen() -> None:
+        listened.append(table.version)
+
+    table.observe(0, raises)
+    for idx in range(3):
+        table.observe(idx, hears)
+    table.listen(listen)
+    with caplog.at_level(logging.ERROR, logger="kasmina.seeds.table"):
+        table.batch_state_update([(idx, SeedStage.ISOLATED_INIT) for idx in range(3)])
+    assert table.stages() == [SeedStage.ISOLATED_INIT] * 3
+    assert heard == [(idx, SeedStage.ISOLATED_INIT) for idx in range(3)]
+    assert listened and "a state-table observer raised" in caplog.text
+
+
+@pytest.mark.parametrize("embargo", ["five", -3, 1.5, True])
+def test_load_state_dict_checks_every_value_before_writing(embargo: Any) -> None:
+    source = GPUStateTensor(2, "cpu")
+    source.batch_state_update([(0, SeedStage.ISOLATED_INIT)])
+    target = GPUStateTensor(2, "cpu")
+    before, version = target.state_tensor.clone(), target.version
+    with pytest.raises(ValueError, match="embargo_epochs"):
+        target.load_state_dict({**source.state_dict(), "embargo_epochs": embargo})
+    assert torch.equal(target.state_tensor, before) and target.version == version
+    assert target.stages() == [SeedStage.DORMANT] * 2
