@@ -129,6 +129,14 @@ class GPUKernel(nn.Module):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__dict__.update(deepcopy(self.__dict__, memo))
+        # A program module's deep copy registers its non-persistent buffers and tensor
+        # constants as persistent ones; the copy must save what the original saves, or a copy
+        # pickled (``_rebuild``'s strict load) would not load back.
+        copies = dict(clone.named_modules())
+        for name, module in self.named_modules():
+            twin = copies.get(name)
+            if twin is not None and twin is not module:
+                twin._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
         return clone
 
     @property

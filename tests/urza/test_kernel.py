@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import threading
 
 import pytest
@@ -205,3 +207,18 @@ def test_kernels_load_from_several_threads_at_once(artifact) -> None:
     for thread in threads:
         thread.join(60)
     assert failures == [] and len(loaded) == 12
+
+
+def test_a_copy_saves_what_the_original_saves_and_pickles_back(artifact) -> None:
+    """A seed trains a deep copy of the cached kernel: the copy keeps the program's
+    non-persistent buffers non-persistent (its ``state_dict`` is the original's), so a model
+    holding it round-trips through ``torch.save``."""
+    _, payload, manifest, _ = artifact
+    original = GPUKernel.from_binary(payload, manifest, "cpu")
+    duplicate = copy.deepcopy(original)
+    assert duplicate.state_dict().keys() == original.state_dict().keys()
+    buffer = io.BytesIO()
+    torch.save(duplicate, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), duplicate(x), rtol=0, atol=0)
