@@ -31,11 +31,14 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
 
 
 class ParameterOwnership:
-    """Maps parameters to one owner name each; refuses any second claim on the same memory."""
+    """Maps parameters to one owner name each; refuses any second claim on the same memory.
+
+    Byte ranges are read from the owned tensors when a claim is checked, never cached: a
+    module converted in place after its parameters were claimed (``host.half()`` swaps each
+    parameter's ``.data`` for new storage) is checked where its memory is now."""
 
     def __init__(self) -> None:
         self._owner: dict[int, tuple[str, torch.Tensor]] = {}  # keeps claimed tensors alive
-        self._extents: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
 
     def owner_of(self, param: torch.Tensor) -> str | None:
         entry = self._owner.get(id(param))
@@ -46,14 +49,21 @@ class ParameterOwnership:
 
     def check_free(self, params: Iterable[torch.Tensor], new_owner: str) -> None:
         """Raise ``ParameterOverlapError`` if any of ``params`` is already (partly) owned."""
+        params = list(params)
         for index, p in enumerate(params):
             owner = self.owner_of(p)
             if owner is not None:
                 raise ParameterOverlapError(
                     f"parameter {index} for {new_owner!r} is already owned by {owner!r}"
                 )
+        extents: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
+        for name, t in self._owner.values():
+            start, end = _extent(t)
+            if end > start:
+                extents[_storage_key(t)].append((start, end, name))
+        for index, p in enumerate(params):
             start, end = _extent(p)
-            for other_start, other_end, other in self._extents.get(_storage_key(p), ()):
+            for other_start, other_end, other in extents.get(_storage_key(p), ()):
                 if start < other_end and other_start < end:
                     raise ParameterOverlapError(
                         f"parameter {index} for {new_owner!r} shares memory with a parameter "
@@ -64,24 +74,13 @@ class ParameterOwnership:
         """Record ``owner`` for ``params`` (call ``check_free`` first)."""
         for p in params:
             self._owner[id(p)] = (owner, p)
-            start, end = _extent(p)
-            if end > start:
-                self._extents[_storage_key(p)].append((start, end, owner))
 
     def release(self, owner: str) -> None:
         """Forget everything ``owner`` claimed."""
         self._owner = {pid: e for pid, e in self._owner.items() if e[0] != owner}
-        for key in list(self._extents):
-            kept = [extent for extent in self._extents[key] if extent[2] != owner]
-            if kept:
-                self._extents[key] = kept
-            else:
-                del self._extents[key]
 
     def transfer(self, old: str, new: str) -> None:
         """Everything ``old`` owned now belongs to ``new`` (a seed promoted into the host)."""
         self._owner = {
             pid: ((new, t) if name == old else (name, t)) for pid, (name, t) in self._owner.items()
         }
-        for extents in self._extents.values():
-            extents[:] = [(s, e, new if o == old else o) for s, e, o in extents]

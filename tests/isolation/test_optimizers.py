@@ -52,6 +52,18 @@ def test_overlap_between_seeds_is_rejected():
     assert not opts.has_host
 
 
+def test_overlap_is_checked_where_the_memory_is_now():
+    """``host.half()`` after the host optimizer was built swaps each parameter's storage: an
+    alias of the new storage is still the host's memory."""
+    host = nn.Linear(4, 4)
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(list(host.parameters()), lr=0.1)
+    host.half()
+    with pytest.raises(ParameterOverlapError, match="shares memory"):
+        opts.create_seed_optimizer("s", [nn.Parameter(host.weight.data)], lr=0.1)
+    assert opts.seed_ids == []
+
+
 def test_shared_memory_is_overlap_but_disjoint_slices_are_not():
     host, _ = _models()
     opts = IsolatedOptimizerManager()
