@@ -224,7 +224,10 @@ class SlotRegistry:
         return [slot for slot in self.slots if slot.chunk_dim == -1 and keep(slot)]
 
     def drop_kd_losses(self) -> int:
-        """Drop the KD losses the slots hold (with their graphs); how many slots held one."""
+        """Drop the KD losses the slots hold (with their graphs) and the teacher logits kept
+        for a recompute; how many slots held a loss."""
+        for slot in self.slots:
+            slot.forget_teacher()
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)
 
     def host_side_params(self) -> list[nn.Parameter]:

@@ -298,6 +298,10 @@ class KasminaLayer(nn.Module):
         """Teacher logits for the next forward's KD loss (for hosts that call ``layer(x)``)."""
         self._teacher_logits = teacher_logits
 
+    def forget_teacher(self) -> None:
+        """Drop the teacher logits kept for a checkpointing recompute (at a step's end)."""
+        self._recompute_teacher = None
+
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
         return sum_kd_losses(self._kd_losses)
@@ -340,20 +344,15 @@ class KasminaLayer(nn.Module):
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
             self._teacher_logits = None
-            # An activation-checkpointing recompute of this forward (in the backward) must
-            # take the same path, KD included: kept until the next forward that is not one.
-            self._recompute_teacher = teacher_logits
-        elif self._recompute_teacher is not None:
-            if not recomputing():
-                self._recompute_teacher = None
-            elif teacher_logits is None:
-                teacher_logits = self._recompute_teacher
+            self._recompute_teacher = teacher_logits  # for a checkpointing recompute, below
         # Only slot-local attributes are read here, never the shared table or the seeds: a
         # compiled forward is guarded on this bool alone while every seed passes the host
         # through (each path to the one shared table would be a Python aliasing guard per
         # call), and on the stage ints below while one runs, so a stage change recompiles.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
+        if teacher_logits is None and self._recompute_teacher is not None and recomputing():
+            teacher_logits = self._recompute_teacher  # the first run's, for the same path
         if torch.compiler.is_compiling():
             plan = tuple(SeedStage(code) for code in self._stage_codes)
         else:
@@ -574,15 +573,15 @@ class KasminaLayer(nn.Module):
         )
         # A KD head is read detached: the seeds' loss trains the seeds alone, never the head.
         weight, bias = (None, None) if self._kd_head is None else self._kd_head
-        self._kd_losses.append(
-            seed_kd_loss(
-                self.kd_config,
-                student,
-                teacher_logits,
-                head_weight=None if weight is None else weight.detach(),
-                head_bias=None if bias is None else bias.detach(),
-            )
+        loss = seed_kd_loss(
+            self.kd_config,
+            student,
+            teacher_logits,
+            head_weight=None if weight is None else weight.detach(),
+            head_bias=None if bias is None else bias.detach(),
         )
+        if not recomputing():  # a recompute saves the same tensors; its loss was taken already
+            self._kd_losses.append(loss)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         super()._apply(fn, recurse)

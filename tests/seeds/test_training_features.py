@@ -249,6 +249,7 @@ def test_kd_under_activation_checkpointing(stage: SeedStage) -> None:
         kd = layer.get_and_clear_kd_losses()
         assert kd is not None and kd.requires_grad
         (out.sum() + kd).backward()
+        assert layer.get_and_clear_kd_losses() is None  # the recompute took no second loss
         grads.append([p.grad.clone() for s in layer.seeds for p in s.seed_parameters()])
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
