@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import io
 import logging
+import os
 import re
 import secrets
 import time
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
@@ -140,13 +142,13 @@ def publish_payload(
     publisher's, or a retired HMAC one), raises ``FileExistsError``: a published artifact never
     changes under its id.
 
-    Two publishers of one id at once: the manifest is created exclusively (``mode="xb"``) before
-    the payload is written, so one of them claims the id and the other finds it taken (the same
-    bytes: done; other bytes: ``FileExistsError``), and no store is left with one publisher's
-    manifest beside the other's payload. Until the payload lands a reader finds the artifact
-    missing. A publish that stopped between the two writes is finished by publishing the same
-    bytes again. A filesystem without exclusive creation is written as before: check, then
-    write, with no claim.
+    Two publishers of one id at once: the manifest claims the id before the payload is written
+    (it appears whole, and on a local filesystem only if the name is free: ``_claim``), so one
+    of them gets the id and the other finds it taken (the same bytes: done; other bytes:
+    ``FileExistsError``), and no store is left with one publisher's manifest beside the
+    other's payload. Until the payload lands a reader finds the artifact missing. A publish
+    that stopped between the two writes is finished by publishing the same bytes again. Other
+    filesystems are checked, then written: complete, but not exclusive.
     """
     _require_publisher(publisher)
     if not isinstance(blueprint, str) or not blueprint:
@@ -187,20 +189,28 @@ def publish_payload(
 
 
 def _claim(fs: Any, path: str, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` if it does not exist; False if it does. Exclusive where
-    the filesystem can create exclusively (``mode="xb"``); elsewhere a check, then a write."""
+    """Create ``path`` holding ``data`` unless it exists (False then), appearing whole: written
+    under a temporary name, then given its name by ``os.link`` on a local filesystem (atomic,
+    and refused if the name exists). Elsewhere, or where hard links fail, a check, then a
+    rename: complete, but not exclusive."""
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    fs.pipe_file(tmp, data)
     try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
+        if isinstance(fs, LocalFileSystem):
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here
+                logger.debug("%s: no hard links; checking, then renaming", path)
+        if fs.exists(path):
+            return False
+        fs.mv(tmp, path)
         return True
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError, TypeError):  # no exclusive mode here
-        logger.debug("%s cannot create files exclusively; checking first", type(fs).__name__)
-    if fs.exists(path):
-        return False
-    _atomic_write(fs, path, data)
-    return True
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
 
 
 def _existing_manifest(

@@ -144,9 +144,12 @@ def test_two_publishers_of_one_id_at_once_leave_one_artifact(
         publish_payload(b"B" * 64, str(tmp_path), "bp", publisher, "id")
     with pytest.raises(ArtifactNotFoundError):
         client(str(tmp_path), trusted).fetch("id")
+    # The claim appears whole: a reader in the window reads a complete, signed manifest.
+    assert verify_manifest(manifest_path(tmp_path, "id").read_bytes(), trusted).artifact_id == "id"
     go.set()
     slow.join(10)
     assert done and client(str(tmp_path), trusted).fetch("id")[0] == b"A" * 64
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_a_publish_stopped_between_its_writes_is_finished_by_publishing_again(
