@@ -157,13 +157,17 @@ class SeedGradientSync:
             if p.requires_grad
         ]
 
-    def __call__(self) -> None:
-        """Average now (a collective: every rank calls it at the same step)."""
+    def __call__(self) -> bool:
+        """Average now (a collective: every rank calls it at the same step); whether it did.
+
+        A non-finite gradient entry counts as 0: a seed whose output fell back on one rank has
+        a zero gradient there but for NaN where its kernel's backward met ``0 * inf``, and the
+        ranks must all step on the same finite average (``settle_nonfinite`` then keeps it)."""
         if not _distributed():
-            return
+            return False
         world = dist.get_world_size(self.group)
         if world == 1:
-            return
+            return False
         started = time.perf_counter_ns()
         live = self.live_parameters()
         params = [p for _, p in live]
@@ -184,9 +188,9 @@ class SeedGradientSync:
                     "not averaged until the next epoch sync repairs the divergent rank",
                     self.stats["layout_mismatch"],
                 )
-            return
+            return False
         if not params:
-            return
+            return False
         if any_missing:
             packed = self._pack(self._fill_missing(params, device))
         assert packed is not None
@@ -200,6 +204,7 @@ class SeedGradientSync:
         self.stats["steps"] += 1
         self.stats["buckets"] += len(handles)
         self.latency.add_ns(time.perf_counter_ns() - started)
+        return True
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""
@@ -220,7 +225,7 @@ class SeedGradientSync:
     def _pack(self, params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
         """Each bucket with its gradients copied into one flat tensor."""
         return [
-            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]))
+            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]).nan_to_num_(0, 0, 0))
             for bucket in self._buckets(params)
         ]
 

@@ -475,8 +475,8 @@ class KasminaKernelManager:
             registry = state.require_registry()
             registry.check_held()  # before anything changes
             optimizers = state.optimizers
-            if self.grad_sync is not None:
-                self.grad_sync()  # a collective: every rank, every step, before any checks
+            # A collective: every rank, every step, before any checks; whether it averaged.
+            shared = self.grad_sync is not None and bool(self.grad_sync())
             # Every device flag of the step in one transfer: the seed-only backwards' leak
             # flags and the running seeds' non-finite flags.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
@@ -485,14 +485,14 @@ class KasminaKernelManager:
             clean = self.guard.check(registry, values[: len(kd_flags)])
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
-                for r, finite in zip(polled, values[len(kd_flags) :], strict=True)
-                if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(finite)
+                for r, ok in zip(polled, values[len(kd_flags) :], strict=True)
+                if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(ok, drop_gradient=not shared)
             ]
             host = [HOST_ID] if optimizers.has_host and clean else []
             seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
                 r.seed_id
                 for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
-                if r.seed_id in optimizers.seed_ids and r.seed_id not in nonfinite
+                if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
             ]
             done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
             host_stepped = bool(host) and done[0]

@@ -246,18 +246,18 @@ class GradientIsolatedSeed(nn.Module):
         """Read the device flag set by non-finite forwards (one sync) and settle it."""
         return self.settle_nonfinite(bool(self.finite_flag))
 
-    def settle_nonfinite(self, finite: bool) -> bool:
+    def settle_nonfinite(self, finite: bool, *, drop_gradient: bool = True) -> bool:
         """Act on ``finite_flag``'s value, read alone or with other flags in one transfer: True
         when a forward since the last read fell back to the host output. However many did,
         that is one fault and one ``nonfinite_events`` (the flag is one bit: it never waits).
 
-        The kernel's gradients since the last read are dropped (``grad = None``): its
-        backward ran on the zero gradient of the output that was set aside, and where the
-        output overflowed, ``0 * inf`` inside it is NaN. Read before the optimizers step
-        (``manager.step`` does), so that they skip the seed this step."""
+        The kernel's gradients since the last read are dropped (``grad = None``; read before the
+        optimizers step, as ``manager.step`` does, they skip the seed): its backward ran on the
+        zero gradient of the output set aside, and ``0 * inf`` inside it (an overflow) is NaN.
+        Not where ranks averaged them (``drop_gradient=False``): the average took the NaN as 0."""
         if finite:
             return False
-        if self.kernel is not None:
+        if drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
         self.finite_flag.fill_(True)

@@ -264,6 +264,22 @@ def _worker_verdict(rank: int, world: int, spec: dict[str, Any]) -> None:
     t.manager.close()
 
 
+def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0's seed output is not finite for one step: its kernel's backward meets 0 * inf."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    kernel = t.manager.seed(SEED0).kernel
+    handle = None
+    if rank == 0:
+        handle = kernel.register_forward_hook(lambda _m, _a, out: out * float("inf"))
+    t.train(1)
+    if handle is not None:
+        handle.remove()
+    t.train(1)
+    t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.manager.close()
+
+
 def _local_cull(t: Trainer, seed_id: str) -> Any:
     """A verified command made in-process (what a bug or a stray call on one rank would do)."""
     from kasmina.control.commands import to_kasmina_command
@@ -447,3 +463,17 @@ def test_a_command_overturned_by_the_repair_is_logged_as_it_ended(
         assert run["last_logged"][2] is False
         assert run["handler"]["executed"] == 0 and run["handler"]["failed"] == 1
     assert runs[1]["coordinator"]["revised"] == 1
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """The averaged seed gradients take one rank's NaN (its fallen-back seed's 0 * inf) as 0,
+    and every rank steps on that same finite average: the replicas stay equal and finite."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_overflow, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "overflow", 2)
+    _assert_equal_states(runs)
+    assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
+    assert [run["faults"] for run in runs] == [1, 0]
