@@ -104,7 +104,8 @@ STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets
 def _fold_lanes(m, z, v):
     """Fold ``v`` into the per-lane maximum ``m`` and sum ``z``; returns the new pair and the
     weights ``(w_old, w_new)`` with ``z' = z·w_old + w_new`` (one exp2 per element). ``d`` is
-    the backward's exponent ``fl(v - m)`` (no contraction: see the module docstring)."""
+    ``fl(v - m)`` against the lane's running maximum ``m``, rounded as written (no contraction:
+    see the module docstring)."""
     d = v - m
     up = d > 0.0  # False for v = -inf (d = -inf) and NaN
     e = tl.exp2(-tl.abs(d))
