@@ -141,10 +141,15 @@ class LeylineAdaptationHandler:
         """
         return self._accept(raw, received_at)
 
-    def complete(self, command: KasminaCommand, success: bool) -> None:
-        """Record the outcome of an accepted command (``executed`` / ``failed``, telemetry)."""
+    def complete(self, command: KasminaCommand, success: bool, *, revised: bool = False) -> None:
+        """Record the outcome of an accepted command (``executed`` / ``failed``, telemetry).
+        ``revised``: it was recorded before as the opposite (a multi-rank repair overturned it
+        on this rank), so that count moves rather than adds."""
         with self._stats_lock:
             self.stats["executed" if success else "failed"] += 1
+            earlier = "failed" if success else "executed"
+            if revised and self.stats.get(earlier, 0) > 0:
+                self.stats[earlier] -= 1
         events = self._events
         if events is not None and events.enabled:
             event = events.complete[command.kind, success]

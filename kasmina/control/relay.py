@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, MutableMapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,7 +60,9 @@ class RelayHandler(Protocol):
 
     def accept_relayed(self, raw: bytes, received_at: float) -> KasminaCommand | None: ...
 
-    def complete(self, command: KasminaCommand, success: bool) -> None: ...
+    def complete(
+        self, command: KasminaCommand, success: bool, *, revised: bool = False
+    ) -> None: ...
 
 
 class CommandApplier(Protocol):
@@ -132,18 +133,9 @@ class ExecutorApplier:
 
 def revise_completion(handler: RelayHandler, command: KasminaCommand, success: bool) -> None:
     """Report ``success`` for a command whose outcome was already reported as the opposite
-    (the replica repair overturned it on this rank): the handler's ``complete`` runs again, and
-    the earlier count is withdrawn from its ``stats`` (``executed``/``failed``) where it keeps
-    one, so each command is counted once, as it ended."""
-    handler.complete(command, success)
-    stats = getattr(handler, "stats", None)
-    if not isinstance(stats, MutableMapping):
-        return
-    earlier = "failed" if success else "executed"
-    # LeylineAdaptationHandler updates its counters under this lock; other handlers may not.
-    with getattr(handler, "_stats_lock", None) or nullcontext():
-        if stats.get(earlier, 0) > 0:
-            stats[earlier] -= 1
+    (the replica repair overturned it on this rank): the handler records it as revised, so
+    each command is counted once, as it ended."""
+    handler.complete(command, success, revised=True)
 
 
 @dataclass
