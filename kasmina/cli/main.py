@@ -27,8 +27,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     if args.publisher:
         return _keygen_publisher(args)
     key_id = "default" if args.key_id is None else args.key_id
-    if not key_id or any(c in key_id for c in ",: \t\n"):
-        raise CLIError(f"invalid key id {key_id!r}: use a non-empty id without ',', ':' or spaces")
+    if not key_id or any(c in key_id for c in ",: \t\n") or key_id.startswith("{"):
+        raise CLIError(
+            f"invalid key id {key_id!r}: use a non-empty id without ',', ':' or spaces, not "
+            "starting with '{'"
+        )
     key = generate_key(args.bytes)
     keys: dict[str, bytes] = {}
     if args.out is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,6 +27,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from kasmina.utils.signed_json import strict_json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +246,12 @@ class PublisherKey:
         data = self.to_pem()
         if not overwrite:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:  # a half-written key is no key: a retry must find no file
+                path.unlink(missing_ok=True)
+                raise
             return
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -334,12 +339,15 @@ class TrustedPublishers:
                 path,
             )
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+            data = strict_json_loads(text)  # one key id twice is refused, not last-one-wins
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of key id -> public key")
-        return cls(data)
+        try:
+            return cls(data)
+        except TypeError as exc:  # a value that is not key text: the file's fault
+            raise ValueError(f"{path}: {exc}") from None
 
     def merged(self, other: TrustedPublishers) -> TrustedPublishers:
         """Both sets; one key id bound to two different keys is an error, not a choice."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+
+from kasmina.utils.signed_json import strict_json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Keyring:
             key_id, sep, hex_key = item.strip().partition(":")
             if not sep:
                 raise ValueError(f"${var}: expected 'key_id:hexkey' items separated by commas")
+            if key_id.strip() in keys:
+                raise ValueError(f"${var}: key id {key_id.strip()!r} is given twice")
             keys[key_id.strip()] = _unhex(hex_key.strip(), key_id, f"${var}")
         return cls(keys)
 
@@ -84,9 +87,9 @@ class Keyring:
     @classmethod
     def _from_json(cls, text: str, origin: str) -> Keyring:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{origin}: not valid JSON ({exc.msg})") from None
+            data = strict_json_loads(text)  # one key id twice is refused, not last-one-wins
+        except ValueError as exc:
+            raise ValueError(f"{origin}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{origin}: expected a JSON object of key_id -> hex key")
         keys = {}

@@ -114,10 +114,18 @@ def test_keygen_writes_appends_and_protects_a_keyring_file(tmp_path, capsys) -> 
     assert Keyring.from_file(path).get("a") != first
 
 
-@pytest.mark.parametrize("key_id", ["", "a,b", "a:b", "a b"])
+@pytest.mark.parametrize("key_id", ["", "a,b", "a:b", "a b", "{ops"])
 def test_keygen_rejects_key_ids_the_env_format_cannot_hold(key_id, capsys) -> None:
     rc, _, err = run(capsys, "keygen", "--key-id", key_id)
     assert_one_line_error(rc, err, "invalid key id")
+
+
+@pytest.mark.parametrize("value", ["123", "null"])
+def test_a_publishers_file_with_a_non_text_key_is_one_error_line(tmp_path, capsys, value) -> None:
+    path = tmp_path / "pubs.json"
+    path.write_text(f'{{"ci": {value}}}')
+    rc, _, err = run(capsys, "urza", "list", "--store", str(tmp_path), "--publishers", str(path))
+    assert_one_line_error(rc, err, "publisher 'ci'")
 
 
 def test_keygen_append_to_a_corrupt_file_is_one_line(tmp_path, capsys) -> None:

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import pickle
 import stat
 from pathlib import Path
@@ -500,3 +501,53 @@ def test_canonical_json_is_what_the_signature_covers(publisher: PublisherKey) ->
     assert publisher.trusted_publishers().manifest_signature_valid(
         "pub", canonical, base64.b64decode(signed.signature)
     )
+
+
+def test_one_key_id_given_twice_is_refused_not_last_one_wins(
+    tmp_path: Path, publisher: PublisherKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line appended to a trusted-publishers file or a keyring must not silently replace a
+    trusted key: a key id given twice is an error everywhere keys are read."""
+    other = PublisherKey.generate("pub")
+    pubs = tmp_path / "pubs.json"
+    pubs.write_text(f'{{"pub": "{publisher.public_key_text}", "pub": "{other.public_key_text}"}}')
+    with pytest.raises(ValueError, match="duplicate"):
+        TrustedPublishers.from_file(pubs)
+    a, b = generate_key().hex(), generate_key().hex()
+    keys = tmp_path / "keys.json"
+    keys.write_text(f'{{"t": "{a}", "t": "{b}"}}')
+    keys.chmod(0o600)
+    with pytest.raises(ValueError, match="duplicate"):
+        Keyring.from_file(keys)
+    monkeypatch.setenv("KASMINA_HMAC_KEYS", f"t:{a},t:{b}")
+    with pytest.raises(ValueError, match="given twice"):
+        Keyring.from_env()
+
+
+def test_a_failed_key_write_leaves_no_file(
+    tmp_path: Path, publisher: PublisherKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "publisher.key"
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kasmina.urza.keys.os.fdopen", Full)
+    with pytest.raises(OSError, match="No space"):
+        publisher.save(path)
+    assert not path.exists()
+    monkeypatch.undo()
+    publisher.save(path)  # a retry finds no half-written key in its way
+    assert PublisherKey.from_file(path, "pub").public_key_text == publisher.public_key_text
