@@ -85,6 +85,7 @@ class DemoLoop:
             emergency_checkpoint_dir=str(out / "emergency"),
             max_rollback_epochs=1,  # two checkpoints kept
             checkpoint_key_file=str(out / "checkpoints" / "checkpoint.key"),
+            runs_root=str(out / "runs"),  # the nonce ledger too stays in the output directory
             min_isolated_epochs=1,
             latency_budget_ms=25.0,
             performance_gate=500,

@@ -222,10 +222,9 @@ class KasminaConfig:
         _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
         _positive_int("seed_fault_limit", self.seed_fault_limit)
-        if not isinstance(self.guard_seed_backward, bool):
-            raise ValueError(
-                f"guard_seed_backward must be True or False, got {self.guard_seed_backward!r}"
-            )
+        for flag in ("guard_seed_backward", "kd_enabled"):  # "false" would be truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.run_id, str):
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
         if not self.run_id:

@@ -53,7 +53,7 @@ from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import SeedEvaluation
-from kasmina.seeds.inject import attach, collect_kd_losses, kasmina_layers
+from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
 from kasmina.stages import SeedStage
@@ -178,12 +178,10 @@ class KasminaKernelManager:
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         **optimizer_options: Any,
     ) -> list[KasminaLayer]:
-        """``kasmina.attach`` the targets (one shared state table), then ``register`` them.
-
-        ``targets``, ``chunk_dim`` and ``output_index`` mean what they mean for
-        ``kasmina.attach`` (PEFT-style names; the seeds' dimension; the element of a tuple
-        output). The slots record their host's output on the first forward, eager or compiled,
-        and GERMINATE checks an artifact against that record.
+        """``kasmina.attach`` the targets (one shared state table), then ``register`` them; if
+        that fails, the slots come off again. ``targets``, ``chunk_dim`` and ``output_index``
+        mean what they mean for ``kasmina.attach``. The slots record their host's output on the
+        first forward, eager or compiled, and GERMINATE checks an artifact against that record.
         """
         if self.registry is not None:
             raise ValueError("this manager already manages a model")
@@ -200,7 +198,11 @@ class KasminaKernelManager:
             telemetry=self.telemetry,
         )
         options = dict(optimizer_options, host_lr=host_lr, seed_lr=seed_lr)
-        self.register(model, slots, optimizer_cls=optimizer_cls, **options)
+        try:
+            self.register(model, slots, optimizer_cls=optimizer_cls, **options)
+        except BaseException:
+            detach(model, only=slots)  # all or nothing: the model as it was
+            raise
         return slots
 
     def register(
@@ -426,8 +428,7 @@ class KasminaKernelManager:
         return self.intake.execute(command)
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
-        """``handle_adaptation_command`` for a message object (its kernel fetch, if any, runs
-        on a worker, so the event loop never waits on the store)."""
+        """``handle_adaptation_command`` for a message object (fetches run on a worker)."""
         if not isinstance(command, AdaptationCommand):
             raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
         return self.handle_adaptation_command(command.SerializeToString())
@@ -446,8 +447,7 @@ class KasminaKernelManager:
         return await self.handle_leyline_command(command)
 
     def verify_message_auth(self, message: Any) -> bool:
-        """Signature, freshness and nonce of a command (object or bytes), without using its
-        nonce: this only answers the question; the handler still refuses a later replay."""
+        """Signature, freshness and nonce of a command (object or bytes); the nonce unused."""
         return self.intake.verify_auth(message)
 
     # ------------------------------------------------------------------ training step

@@ -198,15 +198,22 @@ def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
     return [m for m in model.modules() if isinstance(m, KasminaLayer)]
 
 
-def detach(model: nn.Module) -> list[KasminaLayer]:
-    """Put every wrapped module back in place of its KasminaLayer; returns the removed slots."""
-    slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
+def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) -> list[KasminaLayer]:
+    """Put every wrapped module (or those of the slots in ``only``) back in place of its
+    KasminaLayer; returns the removed slots."""
+    chosen = None if only is None else {id(slot) for slot in only}
+    slots = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, KasminaLayer) and (chosen is None or id(m) in chosen)
+    ]
     if any(name == "" for name, _ in slots):
         raise ValueError("the model itself is a KasminaLayer; use its .host")
     for name, layer in slots:
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.host)
-    remove_load_checks(model)
+    if not any(isinstance(m, KasminaLayer) for m in model.modules()):
+        remove_load_checks(model)
     return [layer for _, layer in slots]
 
 

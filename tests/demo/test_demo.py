@@ -61,6 +61,7 @@ def test_outputs_are_written(short_run, capsys) -> None:
     names = {m["name"] for e in events for m in e["metrics"]}
     assert {"command.ack", "command.rejected", "lifecycle.transition"} <= names
     assert len(result.epochs) == SHORT["epochs"]
+    assert list((out / "runs").glob("*/nonces.log"))  # the run's ledger too is under --out
 
 
 def test_the_published_store_verifies_with_the_written_keys(short_run, capsys) -> None:

@@ -132,4 +132,30 @@ def test_the_backward_guard_setting_reaches_every_seed(tmp_path) -> None:
     assert all(not record.seed.guard_backward for record in manager.registry)
     with pytest.raises(ValueError, match="guard_seed_backward"):
         KasminaConfig(guard_seed_backward="yes")
+    with pytest.raises(ValueError, match="kd_enabled"):
+        KasminaConfig(kd_enabled="false")  # a truthy string would switch KD on
+    manager.close()
+
+
+def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> None:
+    from torch import nn
+
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.urza.keys import PublisherKey
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    config = KasminaConfig(
+        device="cpu",
+        urza_url=str(tmp_path / "urza"),
+        runs_root=str(tmp_path / "runs"),
+        urza_trusted_publishers=PublisherKey.generate("pub").trusted_publishers().to_json(),
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(4, 4))
+    host = model[0]
+    with pytest.raises(ValueError, match="learning rate"):
+        manager.attach(model, "0", 2, 2, host_lr=-1.0)
+    assert model[0] is host and manager.registry is None
+    assert not model._load_state_dict_pre_hooks
+    assert manager.attach(model, "0", 2, 2)  # a retry with good values works
     manager.close()
