@@ -464,12 +464,7 @@ class KasminaLayer(nn.Module):
             full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
         if self.kd_config is not None and teacher_logits is not None:
             students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
-            if ok is not None:  # a non-finite chunk must not poison the others' softmax rows
-                students = [
-                    None if s is None else torch.where(ok[k], s, chunks[k].detach())
-                    for k, s in enumerate(students)
-                ]
-            self._maybe_kd(full, students, teacher_logits, dim)
+            self._maybe_kd(full, students, teacher_logits, dim, ok, x)
         if alphas is None:
             return full  # a blend with alpha 1 everywhere is the identity
         alpha_vec = torch.stack(alphas)
@@ -561,6 +556,8 @@ class KasminaLayer(nn.Module):
         students: list[torch.Tensor | None],
         teacher_logits: torch.Tensor,
         dim: int,
+        ok: torch.Tensor | None,
+        host: torch.Tensor,
     ) -> None:
         # The student is the layer's output with every non-seed-path chunk detached, so the
         # KD gradient reaches the seeds that are training and nothing else.
@@ -571,6 +568,10 @@ class KasminaLayer(nn.Module):
             [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)],
             dim=dim,
         )
+        if ok is not None:  # a non-finite chunk is the host's here too: no NaN in shared rows
+            shape = [-1 if i == dim else 1 for i in range(student.dim())]
+            keep = ok.repeat_interleave(self.chunk_size).view(shape)
+            student = torch.where(keep, student, host.detach())  # one op for every chunk
         # A KD head is read detached: the seeds' loss trains the seeds alone, never the head.
         weight, bias = (None, None) if self._kd_head is None else self._kd_head
         loss = seed_kd_loss(
