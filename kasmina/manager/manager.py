@@ -157,9 +157,8 @@ class KasminaKernelManager:
             perf=self.state.perf,
         )
         self._last_teacher_input: torch.Tensor | None = None
-        # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands arriving
-        # here go to its coordinator (verified here, applied on every rank at the epoch sync),
-        # and step() averages the seeds' gradients across ranks before any optimizer steps.
+        # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands go to its
+        # coordinator (applied on every rank at the epoch sync); step() averages seed gradients.
         self.command_relay: Callable[[bytes], bool] | None = None
         self.grad_sync: Callable[[], object] | None = None
 
@@ -256,11 +255,8 @@ class KasminaKernelManager:
         return {r.seed_id: r.stage for r in self.require_registry()}
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
-        """Write a trainer's own score (0..1) into the seed's GATE_SCORE column, for reports.
-
-        Not evidence: G5 compares only the benefit ``evaluate_seeds`` measured, and the next
-        evaluation overwrites this score.
-        """
+        """A trainer's own score (0..1) into the seed's GATE_SCORE column, for reports only:
+        G5 uses the benefit ``evaluate_seeds`` measured, which overwrites this score."""
         logger.warning(
             "record_gate_score(%s): reported only; G5 uses evaluate_seeds' measurement", seed_id
         )
@@ -472,7 +468,7 @@ class KasminaKernelManager:
         started = time.perf_counter_ns()
         state = self.state
         with self._lock:
-            registry = state.require_registry()
+            registry = state.require_registry(training=True)
             registry.check_held()  # before anything changes
             optimizers = state.optimizers
             # A collective: every rank, every step, before any checks; whether it averaged.
@@ -531,16 +527,19 @@ class KasminaKernelManager:
         lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
         telemetry packet (returned).
 
-        All or nothing: the checkpoint (the state just before this boundary, marked so that a
-        rollback replays the boundary) is written before anything changes, so a failed write
-        raises with the table, stages, epoch and metrics as they were."""
+        ``epoch`` must be after the last epoch ended (``ValueError``). All or nothing: the
+        checkpoint (the state just before this boundary, marked so that a rollback replays the
+        boundary) is written before anything changes, so a failed write raises with the table,
+        stages, epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
-            self.require_registry()
             state = self.state
+            state.require_registry(training=True)
+            if epoch <= state.epoch:  # a checkpoint of ``epoch`` would prune the later ones
+                raise ValueError(f"epoch {epoch} is not after the last epoch ended ({state.epoch})")
             metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
             checkpoints = state.checkpoints
             if checkpoints.is_due(epoch):
@@ -591,7 +590,8 @@ class KasminaKernelManager:
     def close(self) -> None:
         """Drop queued commands, stop store reads, report pending rejection counts, close the
         nonce ledger (later commands are refused) and the JSONL telemetry file this manager
-        opened, if any."""
+        opened, if any. Later ``step()`` and ``end_epoch`` calls raise ``RuntimeError``."""
+        self.state.closed = True
         self.intake.drop_pending()
         self.urza_client.close()
         self.handler.flush_rejections(force=True)

@@ -80,6 +80,7 @@ class ManagerState:
     )
     perf: dict[str, LatencyStats] = field(default_factory=_timers)
     dormant_overhead_us: float = math.nan
+    closed: bool = False  # manager.close() was called
     _checkpoints: CheckpointStore | None = field(default=None, init=False, repr=False)
     _checkpoint_signer: CheckpointSigner | None = field(default=None, init=False, repr=False)
 
@@ -107,7 +108,11 @@ class ManagerState:
             self._checkpoints = open_checkpoint_store(self.config, self.checkpoint_signer)
         return self._checkpoints
 
-    def require_registry(self) -> SlotRegistry:
+    def require_registry(self, *, training: bool = False) -> SlotRegistry:
+        """The managed model's slots; ``training``: for a step or an epoch boundary, which a
+        closed manager refuses."""
+        if training and self.closed:
+            raise RuntimeError("this manager is closed: it no longer steps or ends epochs")
         if self.registry is None:
             raise ValueError("no model attached: call manager.attach(model, ...) first")
         return self.registry

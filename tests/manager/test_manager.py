@@ -628,6 +628,49 @@ def test_an_end_epoch_whose_checkpoint_cannot_be_written_changes_nothing(
     assert rig.stage(SEED0) == S.RECYCLING and manager.val_metrics == {"acc": 0.5}
 
 
+def test_an_epoch_that_does_not_go_forward_is_refused_before_anything_changes(
+    rig: Rig, mlp
+) -> None:
+    # Saving epoch n deletes the checkpoints after n (a rollback's abandoned timeline): an
+    # end_epoch(n) that went backwards would delete the run's newer checkpoints.
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    for epoch in range(3):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    kept = manager.checkpoints.epochs()
+    before = _live(rig)
+    for epoch in (1, 2):
+        with pytest.raises(ValueError, match=f"epoch {epoch} is not after the last epoch ended"):
+            manager.end_epoch(epoch)
+    assert manager.checkpoints.epochs() == kept == [0, 1, 2]
+    assert manager.epoch == 2
+    assert_same(before, _live(rig))
+    # A rollback takes the run back; its next boundary is the one after the target.
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert manager.epoch == 0
+    manager.end_epoch(1)
+    assert manager.checkpoints.epochs() == [0, 1]
+
+
+def test_a_closed_manager_refuses_steps_and_epochs_and_changes_nothing(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    manager.close()
+    before = _live(rig)
+    step, epoch = manager.global_step, manager.epoch
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.train(1)  # its backward ran: step() refuses before any optimizer steps
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.end_epoch(1)
+    assert (manager.global_step, manager.epoch, manager.checkpoints.epochs()) == (step, epoch, [0])
+    assert_same(before, _live(rig))
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0))) is False
+    manager.close()  # twice is fine
+
+
 def test_a_rollback_replays_the_epoch_boundary_of_its_checkpoint(rig: Rig, mlp) -> None:
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
