@@ -164,7 +164,8 @@ class CheckpointedTeacher:
         device's peak statistics). On CPU, which has no allocator statistics, it is the largest
         input+output bytes of any module call, captured by forward hooks: a lower bound of the
         true peak. For another dtype the teacher is cast in place for the measurement and cast
-        back; fp32 holds every bf16/fp16 value exactly, so the round trip is bit-exact.
+        back, so only a cast that holds every value exactly is allowed (to fp32 from bf16/fp16):
+        one that would round a weight (fp32 to bf16, bf16 to fp16...) raises ``ValueError``.
         """
         target = self.dtype if dtype is None else dtype
         if target not in _TEACHER_DTYPES:
@@ -172,6 +173,13 @@ class CheckpointedTeacher:
         own_dtype = self.dtype
         cast = target != own_dtype
         saved = _floating_dtypes(self.teacher)
+        exact = {target} | ({torch.float16, torch.bfloat16} if target == torch.float32 else set())
+        lossy = sorted({str(d) for d in saved.values()} - {str(d) for d in exact})
+        if cast and lossy:
+            raise ValueError(
+                f"measuring at {target} would round the teacher's {', '.join(lossy)} tensors "
+                "for good; measure at its own dtype or at float32"
+            )
         try:
             if cast:
                 self.teacher.to(dtype=target)

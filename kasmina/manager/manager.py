@@ -533,13 +533,13 @@ class KasminaKernelManager:
         stages, epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        state = self.state
+        if epoch <= state.epoch:  # a checkpoint of ``epoch`` would prune the later ones
+            raise ValueError(f"epoch {epoch} is not after the last epoch ended ({state.epoch})")
+        state.require_registry(training=True)
         self.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
-            state = self.state
-            state.require_registry(training=True)
-            if epoch <= state.epoch:  # a checkpoint of ``epoch`` would prune the later ones
-                raise ValueError(f"epoch {epoch} is not after the last epoch ended ({state.epoch})")
             metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
             checkpoints = state.checkpoints
             if checkpoints.is_due(epoch):

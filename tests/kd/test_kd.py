@@ -408,4 +408,22 @@ def test_profiling_restores_a_mixed_precision_teacher_tensor_by_tensor() -> None
     full = teacher.measure_forward_peak_bytes(inputs(8), torch.float32)
     assert full > teacher.measure_forward_peak_bytes(inputs(8)) > 0
     assert teacher.teacher.scale.dtype == torch.float32  # not flattened to bf16
+    with pytest.raises(ValueError, match="would round the teacher's torch.bfloat16, torch.float32"):
+        teacher.measure_forward_peak_bytes(inputs(8), torch.float16)
     assert_bit_identical(teacher.teacher, before)
+
+
+@pytest.mark.parametrize(
+    ("own", "at"), [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                    (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)],
+)  # fmt: skip
+def test_measuring_at_a_narrower_dtype_is_refused_and_leaves_the_teacher_as_it_was(
+    own: torch.dtype, at: torch.dtype
+) -> None:
+    # The cast back cannot undo a rounding: the teacher would teach other logits from then on.
+    teacher = CheckpointedTeacher(make_mlp(), dtype=own)
+    before = snapshot(teacher.teacher)
+    with pytest.raises(ValueError, match=f"measuring at {at} would round"):
+        teacher.measure_forward_peak_bytes(inputs(8), at)
+    assert_bit_identical(teacher.teacher, before)
+    assert teacher.dtype == own

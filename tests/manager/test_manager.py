@@ -640,12 +640,15 @@ def test_an_epoch_that_does_not_go_forward_is_refused_before_anything_changes(
         manager.end_epoch(epoch)
     kept = manager.checkpoints.epochs()
     before = _live(rig)
+    # A command waiting for the next safe point stays queued: the refusal changes nothing.
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
     for epoch in (1, 2):
         with pytest.raises(ValueError, match=f"epoch {epoch} is not after the last epoch ended"):
             manager.end_epoch(epoch)
     assert manager.checkpoints.epochs() == kept == [0, 1, 2]
     assert manager.epoch == 2
     assert_same(before, _live(rig))
+    assert [o.ok for o in manager.apply_pending()] == [True]  # the CULL, applied now
     # A rollback takes the run back; its next boundary is the one after the target.
     assert run_command(manager, rig.signed(make_rollback_command(0)))
     assert manager.epoch == 0
