@@ -114,13 +114,14 @@ def seed_kd_loss(
     ``[..., H]`` that the head maps to logits: the loss is then ``fused_linear_kd_loss``, which
     never forms them.
 
-    A teacher row that is not finite (an fp16 teacher's overflow, a NaN) teaches nothing: it is
-    masked (as ``mask`` drops a row), found on the device by its sum (one reduction, no
-    logits-sized temporary, no host sync), so one bad logit cannot turn every distilling
-    seed's gradient into NaN. A row whose finite logits sum past the float32 range is
-    masked too."""
+    A teacher row that holds a NaN or a ``+inf`` (an fp16 teacher's overflow), or is all
+    ``-inf``, teaches nothing: it is masked (as ``mask`` drops a row), found on the device by
+    its maximum (one reduction that propagates NaN, no logits-sized temporary, no host sync), so
+    one bad logit cannot turn every distilling seed's gradient into NaN. A ``-inf`` logit
+    among finite ones is a class the teacher rules out (probability 0, as ``kd_kl_loss``
+    defines it): its row still teaches."""
     teacher = teacher.detach()
-    rows_ok = teacher.sum(-1, dtype=torch.float32).isfinite()
+    rows_ok = teacher.amax(-1).isfinite()
     if head_weight is None:
         if teacher.shape != student.shape:
             raise ValueError(

@@ -308,3 +308,31 @@ def test_a_non_finite_teacher_row_teaches_nothing() -> None:
     want = rest.get_and_clear_kd_losses()
     assert want is not None
     torch.testing.assert_close(kd.detach(), want.detach())
+
+
+def test_a_teacher_row_that_rules_classes_out_still_teaches() -> None:
+    """A ``-inf`` teacher logit among finite ones is a class with probability 0 (a vocabulary
+    mask): the row is kept, and the loss is the one the seeds' own KD op gives it. A row of
+    only ``-inf`` has no distribution and is masked like a NaN row."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(14))
+    teacher = torch.randn(5, 4, generator=torch.Generator().manual_seed(15))
+    teacher[0, 1] = teacher[2, 0] = float("-inf")
+    teacher[4] = float("-inf")
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    layer.set_teacher_logits(teacher)
+    layer(x)
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and torch.isfinite(kd)
+    kd.backward()
+    assert all(torch.isfinite(p.grad).all() for s in layer.seeds for p in s.seed_parameters())
+    rest = _distilling_layer(S.ISOLATED_INIT)  # rows 0-3, their -inf logits included
+    rest.set_teacher_logits(teacher[:4])
+    rest(x[:4])
+    want = rest.get_and_clear_kd_losses()
+    assert want is not None and torch.isfinite(want)
+    torch.testing.assert_close(kd.detach(), want.detach())
+    without = _distilling_layer(S.ISOLATED_INIT)  # the ruled-out rows dropped: another loss
+    without.set_teacher_logits(teacher[[1, 3]])
+    without(x[[1, 3]])
+    other = without.get_and_clear_kd_losses()
+    assert other is not None and not torch.allclose(kd.detach(), other.detach())
