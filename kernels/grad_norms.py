@@ -4,10 +4,21 @@ Why a pointer/chunk table: a model has hundreds to thousands of parameter tensor
 per tensor (or a flat concatenation, which doubles memory traffic) wastes most of the time. The
 host builds an int64 table of chunks ``(tensor index, element offset, length)`` per group and an
 int64 table of data pointers. Each program of ``_sumsq_kernel`` loads its chunk's pointer, casts
-it to the group's element type, and writes the chunk's fp32 sum of squares to ``partials``.
-``_finish_kernel`` (one program per tensor) sums that tensor's contiguous run of partials in a
-fixed order, so results are deterministic (no float atomics), takes the square root and, for the
-leak check, raises a device flag. Nothing waits on the host.
+it to the group's element type, and writes the chunk's scaled partial ``(m, s)`` to ``partials``.
+``_finish_kernel`` (one program per tensor) combines that tensor's contiguous run of partials in
+a fixed order, so results are deterministic (no float atomics), takes the square root and, for
+the leak check, raises a device flag. Nothing waits on the host.
+
+Why scaled: squaring in fp32 underflows below |x| ~ 1e-19 and overflows above ~ 1e19, so a
+plain sum of squares turns a finite, representable norm into 0 or inf (a tiny leaked gradient
+would read as "no leak", a large finite gradient as non-finite). So every partial is a scaled
+pair ``(m, s)`` with ``sum(x^2) = m^2 * s``: ``m`` is a power of two (the largest not above the
+chunk's max |x|, kept within [2^-126, 2^126]) and ``s = sum((x/m)^2)``, which is below
+16 * CHUNK, and at least 1 unless the chunk is all zeros and subnormals. Powers of two make every
+rescaling exact, and they are built from exponent bits, so there is no division. The finishing
+step combines partials as ``M = max m_i``, ``S = sum s_i * (m_i/M)^2`` and returns
+``M * sqrt(S)``: 0 only for all zeros, and for finite entries inf only when the true norm
+exceeds the fp32 range. NaN and inf entries propagate into ``s`` as in a plain sum of squares.
 
 A group is a (dtype, 16-byte aligned) pair: aligned tensors get vectorised loads, and a
 misaligned view (``base[1:]``) only sends its own group to the scalar path.
@@ -39,7 +50,8 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# The element type each group is loaded as: bf16 as its raw bits (see ``_fold``).
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16}
 # Elements per program: enough work per program and enough programs per tensor. A multiple of 16
 # (the kernel tells the compiler so) that keeps chunk starts at the tensor's 16-byte alignment.
 CHUNK = 32768
@@ -61,10 +73,61 @@ def _add(a, b):
     return a + b
 
 
-# ``tl.sum``'s own combine function. Reducing with it directly compiles to exactly ``tl.sum``,
-# and the interpreter recognises it and sums with numpy instead of re-entering the JIT in every
-# program, which makes the CPU tests of thousands of programs two orders of magnitude faster.
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+# ``tl.sum``'s and ``tl.max``'s own combine functions. Reducing with them directly compiles to
+# exactly ``tl.sum``/``tl.max``, and the interpreter recognises them and reduces with numpy
+# instead of re-entering the JIT in every program, which makes the CPU tests of thousands of
+# programs two orders of magnitude faster.
 _sum_combine = getattr(tl.standard, "_sum_combine", _add)
+_max_combine = getattr(tl.standard, "_elementwise_max", _max)
+
+# Scales are powers of two taken from fp32 exponent fields (bits 23..30, ``E << 23`` for a
+# biased exponent E): ``bits(x) & _EXP_MASK`` read back as a float is 2^(E-127), the largest power
+# of two not above |x| (for normal x), and it is monotonic in |x|. Multiplying by a power of two is
+# exact unless the product leaves the normal range (then it is negligible, see below). Only
+# bitwise ops, min/max and float multiplies are used: no division, and no integer add/sub (which
+# the interpreter checks for overflow at great cost).
+_EXP_MASK: tl.constexpr = tl.constexpr(0x7F800000)
+# Scale fields are kept in [E = 1, E = 253], m in [2^-126, 2^126], so m and 1/m are normal.
+# Below: a lane of zeros and subnormals (|x| < 2^-126) keeps m = 2^-126, and x/m in [2^-23, 1)
+# keeps every subnormal input whole. Above: elements up to fp32's max (E = 254) scale to < 4, and
+# inf and NaN (E = 255) scale to themselves, so they propagate through ``s`` as in a plain sum of
+# squares.
+_TOP: tl.constexpr = tl.constexpr(253 << 23)
+# 1/m for such an m, exactly: XOR with _EXP_MASK turns the field E into 255 - E, that of 2/m, and
+# halving that is exact (the result is normal). Written inline rather than as a jit helper: the
+# interpreter re-patches triton.language on every call of a nested jit function, which is slow
+# (``_fold`` is the one helper, called once per block).
+
+
+@triton.jit
+def _fold(m, s, raw, DTYPE: tl.constexpr):
+    """Fold loaded elements ``raw`` into the per-lane states ``(m, s)``, sum(x^2) = m^2 * s.
+
+    bf16 arrives as its raw bits (DTYPE uint16): shifted up by 16 they are its fp32 value,
+    exactly, as the hardware conversion does. The interpreter's own bf16 conversion mangles
+    subnormals (|x| < 2^-126), exactly the tiny entries a leak check must count.
+
+    The new m is the larger of m and x's power of two (clamped to _TOP), the old s is rescaled
+    by (m_old/m_new)^2 and (x/m_new)^2 is added. Both factors are exact unless they fall below
+    the normal range; then the term is under 2^-126 of the lane's largest ((x/m)^2 >= 1 for the
+    x that set m), and dropping it, or rounding it as a subnormal, is negligible even over 2^40
+    terms.
+    """
+    if DTYPE == tl.uint16:
+        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = raw.to(tl.float32)
+    fx = x.to(tl.int32, bitcast=True) & _EXP_MASK  # the sign bit is dropped
+    fn = tl.minimum(tl.maximum(m.to(tl.int32, bitcast=True), fx), _TOP)
+    inv = (fn ^ _EXP_MASK).to(tl.float32, bitcast=True) * 0.5  # 1/m_new
+    y = x * inv  # x/m_new: exact, |y| < 4
+    ratio = m * inv
+    return fn.to(tl.float32, bitcast=True), s * (ratio * ratio) + y * y
 
 
 @triton.jit
@@ -89,15 +152,23 @@ def _sumsq_kernel(
         src = tl.multiple_of(src, 16)
     src += offset
     cols = tl.arange(0, BLOCK)
-    acc = tl.full([BLOCK], 0.0, dtype=tl.float32)  # tl.zeros re-enters the JIT when interpreted
+    # One scaled state per lane, m starting at the floor 2^-126 (tl.zeros re-enters the JIT when
+    # interpreted). Each lane folds at most CHUNK / BLOCK elements, each (x/m)^2 < 16: s stays
+    # far below overflow.
+    m = tl.full([BLOCK], 2.0**-126, dtype=tl.float32)
+    s = tl.full([BLOCK], 0.0, dtype=tl.float32)
     full = length - length % BLOCK
     for start in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorise
-        x = tl.load(src + start + cols).to(tl.float32)
-        acc += x * x
+        m, s = _fold(m, s, tl.load(src + start + cols), DTYPE)
     tail = full + cols
-    x = tl.load(src + tail, mask=tail < length, other=0.0).to(tl.float32)
-    acc += x * x
-    tl.store(partials_ptr + base + pid, tl.reduce(acc, 0, _sum_combine))
+    m, s = _fold(m, s, tl.load(src + tail, mask=tail < length, other=0), DTYPE)
+    # Lanes to one pair: the chunk's scale is the largest lane scale.
+    top = tl.reduce(m, 0, _max_combine)
+    ratio = m * ((top.to(tl.int32, bitcast=True) ^ _EXP_MASK).to(tl.float32, bitcast=True) * 0.5)
+    total = tl.reduce(s * (ratio * ratio), 0, _sum_combine)
+    out = partials_ptr + 2 * (base + pid).to(tl.int64)  # (m, s): 2 slots per chunk
+    tl.store(out, top)
+    tl.store(out + 1, total)
 
 
 @triton.jit
@@ -115,11 +186,29 @@ def _finish_kernel(
     first = tl.load(first_ptr + pid)
     count = tl.load(count_ptr + pid)
     cols = tl.arange(0, BLOCK)
-    acc = tl.full([BLOCK], 0.0, dtype=tl.float32)  # tl.zeros re-enters the JIT when interpreted
+    m = tl.full([BLOCK], 2.0**-126, dtype=tl.float32)  # tl.zeros re-enters the JIT (interpreted)
+    s = tl.full([BLOCK], 0.0, dtype=tl.float32)
     for start in range(0, count, BLOCK):
         idx = start + cols
-        acc += tl.load(partials_ptr + first + idx, mask=idx < count, other=0.0)
-    norm = tl.sqrt(tl.reduce(acc, 0, _sum_combine))
+        mask = idx < count
+        at = partials_ptr + 2 * (first + idx)
+        mi = tl.load(at, mask=mask, other=2.0**-126)
+        si = tl.load(at + 1, mask=mask, other=0.0)
+        m_new = tl.maximum(m, mi)  # powers of two in [2^-126, 2^126]: never NaN
+        inv = (m_new.to(tl.int32, bitcast=True) ^ _EXP_MASK).to(tl.float32, bitcast=True) * 0.5
+        # Each s_i < 16 * CHUNK = 2^19, so finite sums of any count of partials cannot overflow;
+        # a ratio below the normal range drops a negligible term, as in the chunk kernel.
+        ratio, ratio_i = m * inv, mi * inv
+        s = s * (ratio * ratio) + si * (ratio_i * ratio_i)
+        m = m_new
+    top = tl.reduce(m, 0, _max_combine)
+    ratio = m * ((top.to(tl.int32, bitcast=True) ^ _EXP_MASK).to(tl.float32, bitcast=True) * 0.5)
+    total = tl.reduce(s * (ratio * ratio), 0, _sum_combine)
+    # norm = M * sqrt(S). M is a normal power of two and a nonzero S is >= 2^-46 (and finite
+    # unless an entry is inf/NaN), so the product rounds once: a subnormal norm is kept, not
+    # flushed, and only a true norm beyond fp32's range overflows to inf. NaN and inf in S pass
+    # through (M is finite and nonzero); S = 0 gives 0.
+    norm = tl.sqrt_rn(total) * top
     tl.store(norms_ptr + pid, norm)
     if HAS_FLAG:
         # NaN fails every comparison, so test it explicitly; +inf also exceeds any finite tol.
@@ -317,7 +406,7 @@ def tensor_norms(
         return norms, flag
     prep = prepare(tensors, device)
     plan = prep.plan
-    partials = torch.empty(max(plan.total_chunks, 1), dtype=torch.float32, device=device)
+    partials = torch.empty(2 * max(plan.total_chunks, 1), dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for g in plan.groups:
             _sumsq_kernel[(g.chunks,)](

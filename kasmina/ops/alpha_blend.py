@@ -19,6 +19,10 @@ torch reference below (see ``kasmina.ops.backend``). Under ``torch.compile`` the
 ``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
 use an equivalent ``torch.autograd.Function``, which costs far less per call. On the CPU, eager
 calls that record no graph skip it, and most that do use lerp's own autograd (``_native_blend``).
+
+Higher order: a backward under ``create_graph=True`` (a gradient penalty) computes the gradients
+with differentiable torch ops (``_blend_backward_graph``), in both wrappers and on both backends,
+so a second backward is exact; a plain backward runs the kernels, which record no graph.
 """
 
 from __future__ import annotations
@@ -226,7 +230,12 @@ def blend_chunks(seed: Tensor, host: Tensor, alpha: Tensor) -> Tensor:
 
 def blend_chunks_seed_grad(grad: Tensor, alpha: Tensor) -> Tensor:
     """``blend``'s gradient for the seed (``alpha[k] * g`` on chunk ``k``) on a ``[..., C, W]``
-    view, the partner of :func:`blend_chunks`."""
+    view, the partner of :func:`blend_chunks`. In grad mode (a backward under
+    ``create_graph=True``) it is torch ops, differentiable in ``grad`` and ``alpha``, as in
+    ``_blend_backward_graph``; the kernel records no graph."""
+    if torch.is_grad_enabled():
+        work = _WORK.get(grad.dtype, grad.dtype)
+        return (grad * alpha.to(work).unsqueeze(-1)).to(grad.dtype)
     if grad.dtype not in _WORK and not use_triton(grad.device):
         a = alpha if alpha.dtype == grad.dtype else alpha.to(grad.dtype)
         return grad * a.unsqueeze(-1)
@@ -245,7 +254,44 @@ def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: fl
         ctx.save_for_backward(alpha)
 
 
+def _blend_backward_graph(
+    grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
+) -> tuple[Tensor, Tensor]:
+    """``_backward_impl``'s gradients as differentiable torch ops, for a backward that is itself
+    differentiated (``create_graph=True``, e.g. a gradient penalty).
+
+    ``alpha*g`` is linear in ``g`` and in ``alpha``, ``sum(g*(seed - host))`` linear in ``g``
+    and in ``seed``, so autograd of these ops is the exact second derivative. The kernels record
+    no graph, and the CPU path reads a 0-d alpha as a float: both would drop terms of it. The
+    values are the reference path's: fp32 math (the data's own dtype for fp32/fp64), one
+    rounding to the data's dtype, the host detached (it gets no gradient at any order).
+    """
+    dtype = grad.dtype
+    work = _WORK.get(dtype, dtype)
+    if alpha is None:
+        grad_seed = grad * alpha_value  # an fp32 (opmath) scalar, rounded once
+    else:
+        a = alpha.to(work)
+        if a.dim() == 1:  # fp16/bf16 times the fp32 alpha is promoted to fp32
+            g = grad.unflatten(-1, (a.numel(), -1)) * a.unsqueeze(-1)
+            grad_seed = g.to(dtype).flatten(-2)
+        else:
+            grad_seed = (grad.to(work) * a).to(dtype)
+    if seed is None or host is None or alpha is None:
+        return grad_seed, grad.new_empty(0)
+    prod = grad.to(work) * (seed.to(work) - host.detach().to(work))
+    if alpha.dim() == 0:
+        grad_alpha = prod.sum()
+    else:
+        c = alpha.numel()
+        grad_alpha = prod.unflatten(-1, (c, -1)).sum(-1).reshape(-1, c).sum(0)
+    return grad_seed, grad_alpha.to(alpha.dtype)
+
+
 def _grads(ctx, grad: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
+    """Both wrappers' backward. Grad mode is on inside a backward only under
+    ``create_graph=True``: then the gradients are differentiable ops (``_blend_backward_graph``),
+    else ``backward_fn`` (the kernels, or the CPU path)."""
     if ctx.mode == "incubate":
         return grad, grad, None, None, None
     if ctx.alpha_needs_grad:
@@ -253,6 +299,8 @@ def _grads(ctx, grad: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     else:
         (alpha,) = ctx.saved_tensors
         seed = host = None
+    if torch.is_grad_enabled():
+        backward_fn = _blend_backward_graph
     grad_seed, grad_alpha = backward_fn(grad, seed, host, alpha, ctx.alpha_value)
     return grad_seed, None, (grad_alpha if ctx.alpha_needs_grad else None), None, None
 

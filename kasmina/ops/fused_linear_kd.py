@@ -54,7 +54,11 @@ custom op ``kasmina::fused_linear_kd_loss`` (and, for its backward,
 ``kasmina::fused_linear_kd_loss_backward`` for ``reduction="none"``), with fake
 implementations and ``register_autograd``; both paths call the same implementation. Hidden
 states that cannot be viewed as ``[rows, H]`` are copied (hidden-sized); teacher logits that
-cannot be viewed as ``[rows, V]`` are gathered one chunk at a time.
+cannot be viewed as ``[rows, V]`` are gathered one chunk at a time. A ``[V, 0]`` head (hidden
+size 0) gives logits equal to the bias and empty hidden and weight gradients of their shapes.
+
+The backward is once-differentiable, as ``kd_kl_loss``'s (``first_order_backward``): first-order
+gradients under ``create_graph=True`` are exact, and a second backward through them raises.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
     _spent_views,
     default_chunk_rows,
 )
-from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
+from kasmina.ops.kd_loss import REDUCTIONS, first_order_backward, kd_kl_loss_reference
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 
@@ -162,6 +166,7 @@ class _FusedFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_loss):  # type: ignore[override]
         cfg: _Config = ctx.cfg
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats = ctx.saved_tensors
@@ -439,7 +444,8 @@ def fused_linear_kd_loss(
     ``teacher_weight`` ``[V, H_t]`` (and ``teacher_bias``). ``*_logit_scale`` multiplies the
     head's logits; ``*_softcap`` caps them as ``cap·tanh(z/cap)`` (after the scale). Both are
     floats > 0. ``chunk_rows`` (int >= 1) overrides ``default_chunk_rows``. Returns a float32
-    tensor: 0-d, or the rows' shape for ``reduction="none"``.
+    tensor: 0-d, or the rows' shape for ``reduction="none"``. Differentiable once: a second
+    backward through its gradients (``create_graph=True``, then a gradient penalty) raises.
     """
     _check(
         student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,

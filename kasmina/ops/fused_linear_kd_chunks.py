@@ -365,8 +365,8 @@ def _round_in_place(acc: Tensor, dtype: torch.dtype, scale: Tensor | None = None
     conversion is one out-of-place op that never reads a byte it has written). Blocks double
     up to ``ROUND_BLOCK`` elements (on a CPU torch converts through a block-sized fp32
     temporary)."""
-    if acc.numel() == 0:
-        return acc.new_empty(0, dtype=dtype)
+    if acc.numel() == 0:  # e.g. a [V, 0] head's weight: the gradient keeps the shape
+        return acc.new_empty(acc.shape, dtype=dtype)
     if acc.dtype == dtype:
         return acc if scale is None else acc.mul_(scale)
     assert acc.is_contiguous() and acc.element_size() >= 2 * _itemsize(dtype)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from itertools import repeat
 from operator import is_not
 
+import numpy as np
 import torch
 
 from kasmina.ops.backend import SUPPORTED_DTYPES, use_triton
@@ -32,15 +33,51 @@ def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     fp16/bf16 before squaring. ``no_grad`` instead of a ``detach()`` per tensor. A ``None``
     entry becomes an empty tensor (norm 0) in place, so the result is one ``stack`` with no
     index tensor built from Python ints: the Python work per tensor is a pointer compare.
+    Squares in fp32 underflow and overflow, so norms that may have lost range are recomputed
+    in float64 (``_repair``); off the CPU, where that choice would need a host read, every norm
+    is computed in float64.
     """
     ts = tensors if isinstance(tensors, list) else list(tensors)
+    empty = None
     if not all(map(is_not, ts, repeat(None))):
         empty = torch.zeros(0, device=device)
         ts = [empty if t is None else t for t in ts]
     if not ts:
         return torch.zeros(0, device=device)
     with torch.no_grad():
-        return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+        if device.type != "cpu":
+            return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).float()
+        norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+        if norms.device.type == "cpu":  # else the caller rejects the list
+            _repair(norms, ts, empty)
+    return norms
+
+
+# An fp32 norm >= 2^-31 that is finite lost nothing to range. Overflow: squares are >= 0, so an
+# overflowing square or partial sum leaves +inf, never a finite result. Underflow: each square
+# loses at most 2^-126 (even with denormals flushed), so n elements lose at most n * 2^-126 of a
+# sum of squares >= 2^-62, a relative error <= n * 2^-64, under fp32's own 2^-24 for every
+# n <= 2^40. Below the threshold (exact zeros included), at +inf, or NaN, the norm is recomputed
+# in float64, whose squares of fp32/fp16/bf16 values neither underflow nor overflow.
+_TRUSTED = 2.0**-31
+
+
+def _repair(norms: torch.Tensor, ts: list[torch.Tensor], empty: torch.Tensor | None) -> None:
+    """Recompute in float64, in place, the CPU norms that fp32 squaring may have got wrong.
+
+    Costs a min and a max over the norms when none is suspect (the usual case; NaN propagates
+    into both), and otherwise one float64 pass over the suspect tensors only (never the empty
+    stand-ins for ``None``). The norms are read through a numpy view: right after the pass over
+    the data, numpy's small reductions cost less than torch's (about 0.1 ms per call).
+    """
+    values = norms.numpy()
+    if values.min() >= _TRUSTED and values.max() < math.inf:
+        return
+    suspect = np.flatnonzero(~((values >= _TRUSTED) & (values < math.inf))).tolist()
+    idx = [i for i in suspect if ts[i] is not empty]
+    if idx:
+        exact = torch._foreach_norm([ts[i] for i in idx], 2, dtype=torch.float64)
+        norms[idx] = torch.stack(exact).float()
 
 
 def grad_norms_reference(tensors: MaybeTensors) -> torch.Tensor:
@@ -67,9 +104,11 @@ def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> t
         if dev.type == "cuda" and dev.index is None:  # compare equal to the tensors' devices
             dev = torch.device("cuda", torch.cuda.current_device())
         return dev
-    for t in tensors:
-        if t is not None:
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor):
             return t.device
+        if t is not None:  # before any ``.device`` read: the documented error, not AttributeError
+            raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
     return torch.device("cpu")
 
 
@@ -96,9 +135,13 @@ def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     refuses mixed devices, and a list wholly on another device shows in the result's device.
     Any of those, or an entry that is not a tensor, sends the call through ``_validate``, which
     raises the ``ValueError`` that names the entry; the pre-check is only the container type.
+    Off the CPU (the reference forced onto another device, for debugging) the norms are taken
+    in float64, which would accept float64 inputs, so the list is validated first there.
     """
     if not isinstance(tensors, (list, tuple)):
         raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
+    if device.type != "cpu":  # float64 there accepts float64 inputs: check the list first
+        _validate(tensors, device)
     try:
         norms = _norms_of(tensors, device)
     except (RuntimeError, TypeError, AttributeError):
@@ -166,7 +209,11 @@ def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
     if isinstance(tensors, torch.Tensor):  # iterating it would silently measure its rows
         raise ValueError("tensors must be a sequence of tensors, not a single Tensor")
     if use_grad:
-        return [None if t is None else t.grad for t in tensors]
+        try:
+            return [None if t is None else t.grad for t in tensors]
+        except AttributeError:
+            _infer_device([None if isinstance(t, torch.Tensor) else t for t in tensors], None)
+            raise
     return list(tensors)
 
 

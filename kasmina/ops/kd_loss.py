@@ -37,18 +37,26 @@ same two implementations.
 The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
 lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher);
 ``temperature`` must be a float > 0.
+
+The backward is once-differentiable (``first_order_backward``): under ``create_graph=True`` its
+first-order gradients are exact, and a second backward through them (a gradient penalty)
+raises PyTorch's "trying to differentiate twice" error rather than miss the softmax's
+second-order term; the compiled path's backward op has no autograd formula and raises too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from kasmina.ops.backend import check_float_tensor, use_triton
 
 __all__ = [
+    "first_order_backward",
     "grad_strides",
     "kd_backward_reference",
     "kd_forward_grad_reference",
@@ -365,6 +373,33 @@ def kd_backward_reference(
 # nodes, no graph break), whose eager dispatcher round trip would cost several times more.
 
 
+def first_order_backward(backward):
+    """``torch.autograd.function.once_differentiable`` for a backward whose gradients depend
+    on its saved inputs, not only on the incoming gradient.
+
+    Such a backward (this op's, the fused-linear op's) scales a gradient it recomputes or
+    stored; it records no graph, so a second derivative through it would be silently wrong
+    (the softmax's own second-order term missing). ``once_differentiable`` raises on that
+    second backward only when an incoming gradient requires grad, which ``grad_output = 1``
+    of ``autograd.grad(loss, x, create_graph=True)`` does not, although the student does.
+    So under ``create_graph=True`` (grad mode on inside the backward) the incoming gradients
+    are marked as requiring grad first: the first-order gradients keep their values and a
+    second backward through them raises PyTorch's "trying to differentiate twice" error."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            grads = tuple(
+                g.detach().requires_grad_() if isinstance(g, Tensor) and not g.requires_grad
+                else g
+                for g in grads
+            )  # fmt: skip
+        return once(ctx, *grads)
+
+    return wrapper
+
+
 def _kernels():
     from kasmina.kernels import kd_loss as kernels  # lazy: triton only when used
 
@@ -419,6 +454,7 @@ class _KDFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_loss):  # type: ignore[override]
         if ctx.cpu:
             unscaled, scale = ctx.saved_tensors
@@ -539,6 +575,8 @@ def kd_kl_loss(
 
     See the module docstring for reductions, masking, dtypes, layouts and memory behaviour.
     Returns a float32 tensor: 0-d, or ``student_logits.shape[:-1]`` for ``reduction="none"``.
+    Differentiable once: a second backward through its gradients (``create_graph=True``, then
+    a gradient penalty) raises.
     """
     _check(student_logits, teacher_logits, temperature, reduction, mask)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kasmina.ops import alpha_blend, alpha_blend_reference
+from kasmina.ops.alpha_blend import blend_chunks_seed_grad
 from tests.ops.tolerances import DTYPES, tol
 
 # Not multiples of the 4096-element block, and a last dim divisible by the chunk counts used.
@@ -479,3 +480,86 @@ def test_activations_are_saved_only_when_alpha_needs_a_gradient(
         torch.testing.assert_close(
             seed.grad.double(), _alpha64(alpha, 36) * grad.double(), **tol(dtype)
         )
+
+
+# --------------------------------------------------------------------------- higher order
+
+
+def _penalty(x, w, host, alpha, blend):
+    """A gradient penalty: the squared gradients of ``sum(blend(tanh(x @ w), host, alpha)²)``
+    for ``x`` (and a tensor ``alpha`` that requires grad), taken with ``create_graph=True``."""
+    out = blend(torch.tanh(x @ w), host, alpha)
+    wrt = (x, alpha) if isinstance(alpha, torch.Tensor) and alpha.requires_grad else (x,)
+    grads = torch.autograd.grad(out.pow(2).sum(), wrt, create_graph=True)
+    return sum(g.pow(2).sum() for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("kind", "alpha_grad"),
+    [("float", False), ("0-d", False), ("0-d", True), ("chunks", False), ("chunks", True)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("call", ["public", "custom-op"])
+def test_gradient_penalty_matches_float64_autograd(
+    backend: str, call: str, dtype: torch.dtype, kind: str, alpha_grad: bool
+) -> None:
+    """A second backward through the op's backward (docs/design.md §6a: a gradient penalty
+    through guarded seeds) against float64 autograd of the plain blend, eager and through the
+    custom op torch.compile uses (called eagerly): the kernels record no graph, so under
+    ``create_graph=True`` the backward is differentiable torch ops. (fp16 data with a tensor
+    alpha takes the Function on the CPU path too; bf16's own rounding of the matmul and tanh
+    around the op is above any tolerance that would still catch a missing term.)"""
+    gen = torch.Generator().manual_seed(62)
+    x0 = torch.randn(4, 6, generator=gen).to(dtype)
+    w0 = (torch.randn(6, 12, generator=gen) * 0.5).to(dtype)
+    host0 = torch.randn(4, 12, generator=gen).to(dtype)
+    alpha0 = _alpha(kind, 12, seed=62)
+
+    def leaves(dt):
+        x, w = (t.detach().to(dt).requires_grad_(True) for t in (x0, w0))
+        a = alpha0
+        if isinstance(a, torch.Tensor):
+            a = a.detach().to(dt if dt == torch.float64 else a.dtype).requires_grad_(alpha_grad)
+        return x, w, a
+
+    x, w, a = leaves(dtype)
+    host = host0.clone().requires_grad_(True)  # gets no gradient, at any order
+
+    def op(seed, h, alpha):
+        if isinstance(alpha, torch.Tensor):
+            return torch.ops.kasmina.alpha_blend(seed, h, alpha, 0.0, "blend")
+        return torch.ops.kasmina.alpha_blend(seed, h, None, alpha, "blend")
+
+    _penalty(x, w, host, a, alpha_blend if call == "public" else op).backward()
+
+    x64, w64, a64 = leaves(torch.float64)
+
+    def blend64(seed, h, alpha):
+        col = _alpha64(alpha, seed.shape[-1])
+        return col * seed + (1 - col) * h.detach()
+
+    _penalty(x64, w64, host0.double(), a64, blend64).backward()
+    assert host.grad is None
+    got = [x.grad, w.grad, *([a.grad] if alpha_grad else [])]
+    want = [x64.grad, w64.grad, *([a64.grad] if alpha_grad else [])]
+    for g, e in zip(got, want, strict=True):
+        assert g is not None and g.shape == e.shape
+        t = tol(dtype)
+        torch.testing.assert_close(g.double(), e, rtol=t["rtol"], atol=t["atol"] * e.abs().max())
+
+
+def test_blend_chunks_seed_grad_is_differentiable_in_grad_mode(backend: str) -> None:
+    """The seeds' guarded graft forms its seeds' gradient with ``blend_chunks_seed_grad``:
+    inside a backward under ``create_graph=True`` (grad mode on) it is differentiable in the
+    incoming gradient and in alpha, with the value it has without a graph."""
+    gen = torch.Generator().manual_seed(63)
+    grad = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
+    alpha = torch.rand(4, generator=gen, requires_grad=True)
+    weights = torch.randn(3, 4, 5, generator=gen)
+    with torch.no_grad():
+        plain = blend_chunks_seed_grad(grad, alpha)
+    out = blend_chunks_seed_grad(grad, alpha)
+    assert torch.equal(out, plain)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(grad.grad, alpha.detach()[:, None] * weights)
+    torch.testing.assert_close(alpha.grad, (weights * grad.detach()).sum(dim=(0, 2)))

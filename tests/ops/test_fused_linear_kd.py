@@ -59,7 +59,7 @@ def _oracle(
     leaves = [x.detach().double().requires_grad_() for x in (hidden, weight)]
     b64 = None if bias is None else bias.detach().double().requires_grad_()
     vocab = weight.shape[0]
-    z = leaves[0].reshape(-1, hidden.shape[-1]) @ leaves[1].t()
+    z = leaves[0].reshape(hidden.shape[:-1].numel(), hidden.shape[-1]) @ leaves[1].t()
     if b64 is not None:
         z = z + b64
     if scale is not None:
@@ -384,6 +384,54 @@ def test_none_reduction_under_sum_and_strided_grad_output(monkeypatch, backend, 
     for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
         _close(x, y, torch.float32, what)
     torch._dynamo.reset()
+
+
+def _use_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    if backend == "triton" and DEVICE.type == "cpu":
+        if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_create_graph_first_order_exact_and_second_backward_raises(monkeypatch, backend, reduction):
+    """The backward is once-differentiable (docs/design.md §2): under ``create_graph=True``
+    the first-order gradients are exact, and a gradient penalty through them raises instead of
+    silently missing the second-order term (the incoming gradient, 1, needs no grad; the
+    hidden states and the head do)."""
+    _use_backend(monkeypatch, backend)
+    h, w, b, _, _, _, tl, mask = _inputs((2, 3), 8, 11, torch.float32, seed=66)
+    loss = fused_linear_kd_loss(
+        h, w, tl, student_bias=b, temperature=1.5, reduction=reduction, mask=mask, chunk_rows=4
+    )
+    out = loss.sum() if reduction == "none" else loss
+    got = torch.autograd.grad(out, (h, w, b), create_graph=True)
+    _, want = _oracle(h, w, b, tl, 1.5, reduction, mask, grad_output=torch.ones(loss.shape))
+    for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+        _close(x, y, torch.float32, what)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            x.pow(2).sum().backward(retain_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_zero_width_head(monkeypatch, backend, reduction):
+    """A ``[V, 0]`` head (hidden size 0), as ``torch.nn.functional.linear`` takes one: the
+    logits are the bias, and the hidden and weight gradients are empty tensors of their own
+    shapes (the accumulator's in-place rounding keeps the shape of an empty one)."""
+    _use_backend(monkeypatch, backend)
+    h, w, b, _, _, _, tl, mask = _inputs((2, 3), 0, 11, torch.float32, seed=67)
+    loss = fused_linear_kd_loss(
+        h, w, tl, student_bias=b, temperature=2.0, reduction=reduction, mask=mask, chunk_rows=4
+    )
+    go = torch.rand(loss.shape, generator=_gen(68)) + 0.5
+    got = torch.autograd.grad(loss, (h, w, b), go)
+    want_loss, want = _oracle(h, w, b, tl, 2.0, reduction, mask, grad_output=go)
+    _close(loss, want_loss, torch.float32, "loss")
+    assert got[0].shape == (2, 3, 0) and got[1].shape == (11, 0)
+    for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+        _close(x, y, torch.float32, what)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])

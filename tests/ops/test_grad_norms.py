@@ -119,6 +119,121 @@ def test_flag_threshold(any_backend: str) -> None:
     assert not bool(leak_check([t], tol=5.0)[1])
 
 
+def _extremes(dtype: torch.dtype) -> list[float]:
+    """Finite nonzero magnitudes of ``dtype`` whose fp32 squares underflow or overflow
+    (where ``dtype`` holds any), down to its smallest subnormal and up to a quarter of its max."""
+    info = torch.finfo(dtype)
+    wanted = [info.tiny * info.eps, 1e-40, info.tiny, 1e-30, 1e-20, 0.5, 1e20, 1e38, info.max / 4]
+    held = {float(torch.tensor(v, dtype=dtype)) for v in wanted}
+    return sorted(v for v in held if v != 0 and math.isfinite(v))
+
+
+def _extreme_tensors(dtype: torch.dtype, seed: int) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    values = _extremes(dtype)
+    lo, hi = values[0], values[-1] / 16  # 77 entries of hi still have a finite fp32 norm
+
+    def signed(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.rand(v.shape, generator=g) < 0.5, -v, v)
+
+    out: list[torch.Tensor | None] = [torch.full((8,), v, dtype=dtype) for v in values]
+    mixed = torch.tensor(values * 3 + [0.0] * 5, dtype=torch.float64)  # one tensor, all scales
+    out.append(signed(mixed[torch.randperm(len(mixed), generator=g)]).to(dtype))
+    # Random mantissas at one extreme scale, spread over lanes, blocks and the tail.
+    out.append(signed(torch.rand(2049, generator=g, dtype=torch.float64) * lo).to(dtype))
+    out.append(signed(torch.rand(2049, generator=g, dtype=torch.float64) * hi).to(dtype))
+    # Two chunks of opposite extremes: the partials' scales differ by the whole range.
+    split = torch.rand(gn_kernels.CHUNK + 77, generator=g, dtype=torch.float64) * lo
+    split[gn_kernels.CHUNK :] *= hi / lo
+    out.append(signed(split).to(dtype))
+    out += [None, torch.zeros(9, dtype=dtype), torch.tensor([0.0, 1.0, 0.0], dtype=dtype)]
+    return out
+
+
+def _assert_norms_match(norms: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
+    """Relative to the float64 norm rounded to fp32: no absolute slack that a tiny norm could
+    hide in, beyond one ulp of the smallest subnormal (a subnormal result rounds once)."""
+    expected = oracle(tensors).float()
+    assert torch.isfinite(expected).all()  # every true norm here is representable
+    torch.testing.assert_close(norms.double(), expected.double(), rtol=FP32["rtol"], atol=2**-149)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_magnitudes_match_float64(
+    any_backend: str, poisoned_empty: None, fresh_caches: None, dtype: torch.dtype
+) -> None:
+    """Norms whose squares leave fp32's range are still exact: alone, mixed in one tensor,
+    across chunks of one tensor and across tensors (a scaled sum, not a sum of squares)."""
+    tensors = _extreme_tensors(dtype, seed=7 + DTYPES.index(dtype))
+    norms = grad_norms(tensors)
+    _assert_norms_match(norms, tensors)
+    flagged, flag = leak_check(tensors, tol=float(torch.finfo(torch.float32).max))
+    torch.testing.assert_close(flagged, norms, rtol=0, atol=0)
+    assert not bool(flag)  # all finite, none above tol: huge finite norms do not read as inf
+    if any_backend == "reference_backend":
+        _assert_norms_match(grad_norms_reference(tensors), tensors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_tiny_entry_is_a_leak_at_zero_tol(
+    any_backend: str, poisoned_empty: None, dtype: torch.dtype
+) -> None:
+    """The isolation monitor's tol=0: any nonzero entry, down to one subnormal, is a leak."""
+    for v in _extremes(dtype)[:3]:  # the smallest subnormal, and the next smallest extremes
+        for size, pos in ((1, 0), (37, 36), (2049, 1000), (4097, 4096)):
+            t = torch.zeros(size, dtype=dtype)
+            t[pos] = -v
+            norms, flag = leak_check([torch.zeros(5), None, t, torch.zeros(3, dtype=dtype)])
+            assert bool(flag), (v, size, pos)
+            assert norms.tolist() == [0.0, 0.0, v, 0.0], (v, size, pos)  # one entry: exactly |v|
+
+
+def test_nan_and_inf_among_extreme_values(any_backend: str, poisoned_empty: None) -> None:
+    nan, inf = float("nan"), float("inf")
+    spread = torch.full((2049,), 1e-30)
+    spread[3], spread[2048] = inf, nan  # NaN wins over inf, whatever the order
+    tensors = [
+        torch.tensor([1e-30, nan, 1e38]),
+        torch.tensor([1e-30, inf, 1e-40]),
+        torch.tensor([1e38, -inf, 1e38], dtype=torch.bfloat16),
+        torch.tensor([inf, 1e-30, nan], dtype=torch.float16),
+        spread,
+        torch.full((8,), 3e38),  # finite entries whose true norm (8.5e38) exceeds fp32: inf
+        torch.full((8,), 1e-30),
+        torch.full((8,), 1e20),
+    ]
+    norms, flag = leak_check(tensors, tol=1e30)
+    assert [math.isnan(v) for v in norms.tolist()] == [True, False, False, True, True] + [False] * 3
+    assert norms[1].item() == norms[2].item() == norms[5].item() == math.inf
+    _assert_norms_match(norms[6:], tensors[6:])
+    assert bool(flag)
+    for i in range(6):
+        assert bool(leak_check([tensors[i], tensors[6]], tol=1e30)[1]), i
+    assert not bool(leak_check(tensors[6:], tol=1e30)[1])  # 2.8e20 is finite and below tol
+
+
+def test_many_chunks_of_different_scales(
+    triton_backend: None,
+    poisoned_empty: None,
+    fresh_caches: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Partials spanning the whole range, more than the finishing kernel combines per step, the
+    largest in a later step than the first: every rescaling of the combine is exercised."""
+    monkeypatch.setattr(gn_kernels, "CHUNK", 16)
+    monkeypatch.setattr(gn_kernels, "BLOCK", 16)  # one whole block per chunk; cheap to interpret
+    monkeypatch.setattr(gn_kernels, "FINISH_BLOCK", 8)
+    g = torch.Generator().manual_seed(5)
+    chunks = gn_kernels.FINISH_BLOCK * 4 + 3
+    exps = torch.randint(-40, 31, (chunks,), generator=g).double()
+    exps[gn_kernels.FINISH_BLOCK + 7] = 34  # the largest scale, in the second step
+    scale = (10.0**exps).repeat_interleave(16)
+    a = (torch.randn(chunks * 16, generator=g, dtype=torch.float64) * scale).float()
+    b = a.flip(0)[:-5].to(torch.bfloat16)
+    tensors = [a, b, (a * 1e-10).float()]
+    _assert_norms_match(grad_norms(tensors), tensors)
+
+
 def test_use_grad_reads_gradients(any_backend: str) -> None:
     params = [torch.nn.Parameter(torch.randn(s)) for s in (5, 300, 2)]
     params.append(torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)))
@@ -325,6 +440,9 @@ def test_reference_functions_directly() -> None:
         ([torch.ones(3, dtype=torch.float64)], "float32, float16 or bfloat16"),
         ([torch.ones(3), torch.ones(3, device="meta")], "expected cpu"),
         ([torch.ones(3), "x"], "Tensor or None"),
+        ([1.0], r"tensors\[0\] must be a Tensor or None, got float"),
+        ([None, "x"], r"tensors\[1\] must be a Tensor or None, got str"),
+        ([None, object(), torch.ones(3)], r"tensors\[1\] must be a Tensor or None"),
     ],
 )
 def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None:
@@ -332,6 +450,21 @@ def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None
         grad_norms(tensors)
     with pytest.raises(ValueError, match=message):
         leak_check(tensors)
+
+
+def test_non_tensor_entry_raises_value_error_everywhere(any_backend: str) -> None:
+    """The documented ValueError, never an AttributeError: with ``use_grad``, a device given,
+    and through the public reference functions."""
+    for call in (
+        lambda: grad_norms([torch.ones(2), 1.0], use_grad=True),
+        lambda: leak_check([None, "x"], use_grad=True),
+        lambda: grad_norms([None, "x"], device="cpu"),
+        lambda: leak_check([2.0], device="cpu"),
+        lambda: grad_norms_reference([None, "x"]),
+        lambda: leak_check_reference([1.0]),
+    ):
+        with pytest.raises(ValueError, match="must be a Tensor or None"):
+            call()
 
 
 def test_single_tensor_is_not_a_list(any_backend: str) -> None:

@@ -495,6 +495,37 @@ def test_retain_graph_backward_twice(backend):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_create_graph_first_order_exact_and_second_backward_raises(backend, reduction):
+    """The backward is once-differentiable (docs/design.md §2). Under ``create_graph=True``
+    the first-order gradients are exact, and a gradient penalty through them raises instead of
+    silently missing the softmax's second-order term, also when the incoming gradient (the
+    default 1) needs no grad while the student does: the case plain ``once_differentiable``
+    lets through (here via ``x @ w``, the penalty reaching the op through ``w``)."""
+    student, teacher = _logits((3, 7), seed=64)
+    x = student.clone().requires_grad_(True)
+    w = (torch.randn(7, 7, generator=_gen(65)) * 0.5).requires_grad_(True)
+    logits = x @ w
+    loss = kd_kl_loss(logits, teacher, 2.0, reduction)
+    out = loss.sum() if reduction == "none" else loss
+    gx, gw = torch.autograd.grad(out, (x, w), create_graph=True)
+    _, grad = _oracle(logits, teacher, 2.0, reduction, grad_output=torch.ones(loss.shape))
+    _close(gx, grad @ w.detach().double().t(), torch.float32)
+    _close(gw, x.detach().double().t() @ grad, torch.float32)
+    for penalty in (gx.pow(2).sum(), gw.pow(2).sum()):
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            penalty.backward(retain_graph=True)
+    (g,) = torch.autograd.grad(kd_kl_loss(x, teacher, 2.0), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()
+    # The custom op torch.compile uses (called eagerly) raises too: its backward is an op
+    # with no autograd formula.
+    loss = torch.ops.kasmina.kd_kl_loss(x @ w, teacher, None, 2.0, "batchmean", True)[0]
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gx.pow(2).sum().backward()
+
+
 def test_no_grad_mode_and_transposed_logits(backend):
     student, teacher = _logits((5, 24), seed=13)
     with torch.no_grad():
