@@ -1,5 +1,12 @@
-"""``verify_gradient_isolation``: walk the autograd graph of a seed's output and fail if it
-reaches a host parameter, i.e. if any gradient of that output could flow into the host."""
+"""Walk the autograd graph of a seed's output and tell whether it reaches a host parameter,
+i.e. whether any gradient of that output could flow into the host.
+
+A compiled region (``torch.compile`` with an AOT backend: ``aot_eager``, ``inductor``) runs its
+whole backward as one autograd node, AOTAutograd's ``CompiledFunction``, whose inputs are every
+parameter and activation the region read, whatever output a gradient comes from. A host
+parameter reached only through such a node cannot be attributed to the seed's output:
+``graph_isolation`` says so (None) instead of calling it a leak.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NamedParams", "named_params", "verify_gradient_isolation"]
+__all__ = [
+    "NamedParams",
+    "compiled_node",
+    "graph_isolation",
+    "named_params",
+    "verify_gradient_isolation",
+]
 
 
 NamedParams = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Mapping[str, Any]
@@ -32,12 +45,26 @@ def named_params(params: NamedParams, prefix: str) -> list[tuple[str, torch.Tens
     return out
 
 
-def verify_gradient_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool:
-    """True iff no host parameter is reachable from ``seed_output``'s autograd graph.
+def compiled_node(node: Any) -> bool:
+    """Whether ``node`` is the backward of a compiled region (AOTAutograd's
+    ``CompiledFunction``): one node for a whole graph, its inputs not attributable to any one
+    of its outputs."""
+    if type(node).__name__ == "CompiledFunctionBackward":
+        return True
+    forward = getattr(node, "_forward_cls", None)  # a custom autograd.Function's backward
+    module = getattr(forward, "__module__", None) or ""
+    return module.startswith("torch._functorch._aot_autograd")
+
+
+def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool | None:
+    """True when no host parameter is reachable from ``seed_output``'s autograd graph; False
+    when one is (a leak, logged); None when host parameters are reachable only through a
+    compiled region's node (:func:`compiled_node`), so the graph cannot tell.
 
     Iterative walk over ``grad_fn.next_functions`` with a visited set; a host parameter shows up
-    as the ``variable`` of an ``AccumulateGrad`` node (matched by identity). Logs the first host
-    parameter found.
+    as the ``variable`` of an ``AccumulateGrad`` node (matched by identity). The first pass does
+    not enter compiled nodes, so a path around them is still a leak; a second pass from the
+    compiled nodes it met decides between True and None.
     """
     if not isinstance(seed_output, torch.Tensor):
         raise ValueError(f"seed_output must be a tensor, got {type(seed_output).__name__}")
@@ -49,7 +76,37 @@ def verify_gradient_isolation(seed_output: torch.Tensor, host_params: NamedParam
         return False
     # Nodes are kept referenced so their ids cannot be reused by fresh wrapper objects mid-walk.
     visited: dict[int, Any] = {}
-    stack = [seed_output.grad_fn]
+    compiled: list[Any] = []
+    found = _walk([seed_output.grad_fn], host, visited, compiled)
+    if found is not None:
+        name, node = found
+        logger.error(
+            "gradient isolation: seed output reaches host parameter %s through %s",
+            name,
+            type(node).__name__,
+        )
+        return False
+    if not compiled:
+        return True
+    # Past a compiled node every path counts, compiled or not: none of it is attributable.
+    beyond = [fn for node in compiled for fn, _ in node.next_functions]
+    found = _walk(beyond, host, visited, None)
+    if found is None:
+        return True
+    logger.debug(
+        "gradient isolation: host parameter %s is reachable only through a compiled region's "
+        "backward (%s); not attributable to the seed output",
+        found[0],
+        type(compiled[0]).__name__,
+    )
+    return None
+
+
+def _walk(
+    stack: list[Any], host: dict[int, str], visited: dict[int, Any], compiled: list[Any] | None
+) -> tuple[str, Any] | None:
+    """(name, node) of the first host parameter reached from ``stack``, or None. With a
+    ``compiled`` list, compiled nodes are collected there and not entered."""
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
@@ -57,11 +114,22 @@ def verify_gradient_isolation(seed_output: torch.Tensor, host_params: NamedParam
         visited[id(node)] = node
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) in host:
-            logger.error(
-                "gradient isolation: seed output reaches host parameter %s through %s",
-                host[id(variable)],
-                type(node).__name__,
-            )
-            return False
+            return host[id(variable)], node
+        if compiled is not None and compiled_node(node):
+            compiled.append(node)
+            continue
         stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
-    return True
+    return None
+
+
+def verify_gradient_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool:
+    """True iff no host parameter is reachable from ``seed_output``'s autograd graph (logs the
+    first one found). Conservative: a host parameter behind a compiled region's node counts as
+    reachable (False); :func:`graph_isolation` tells that case apart (None)."""
+    verdict = graph_isolation(seed_output, host_params)
+    if verdict is None:
+        logger.error(
+            "gradient isolation: the seed output reaches host parameters through a compiled "
+            "region's backward node; counted as reachable"
+        )
+    return verdict is True

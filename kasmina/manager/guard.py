@@ -8,7 +8,11 @@ quarantines the seed at ``max_isolation_violations``; the host keeps training):
   check (with the seeds' non-finite flags, in the step's one transfer) and whatever leaked is
   dropped before any optimizer sees it. The KD loss of a slot mixes its seeds, so a leak
   counts against every seed that was distilling;
-- the autograd graph of each isolated seed's last output (``verify_gradient_isolation``);
+- the autograd graph of each isolated seed's last output (``GradientIsolationMonitor.
+  check_graph``), and whether its kernel's input needed a gradient (``SeedRecord.capture``).
+  An output of a compiled region (``torch.compile`` with an AOT backend) is one backward node
+  over the whole region: the walk cannot attribute it and counts nothing, while the input
+  check, read from the traced metadata, still holds;
 - debug monitors added by ``register_gradient_monitors`` (backward hooks on every parameter).
 """
 
@@ -147,10 +151,13 @@ class IsolationGuard:
         clean = not leaked
         for record in registry.in_stages(ISOLATED_STAGES):
             monitor = record.monitor
+            attached, record.input_grad = record.input_grad, False
             if monitor is None:
                 continue
             if record.seed_id in suspects:
                 monitor.note_violation("host gradient during the seed-only (KD) backward")
+            if attached:
+                monitor.note_violation("graph: the seed's input was not detached from the host")
             output, record.last_output = record.last_output, None
             if output is not None and output.grad_fn is not None:
                 monitor.check_graph(output)

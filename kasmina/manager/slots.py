@@ -25,9 +25,9 @@ from torch import nn
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import ActivationSpec
-from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import SeedStage
+from kasmina.stages import RUNS_KERNEL, SeedStage
 from kasmina.urza.kernel import GPUKernel
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class SeedRecord:
     monitor: GradientIsolationMonitor | None = None
     hook: Any = None  # RemovableHandle of the kernel forward hook
     last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
+    input_grad: bool = False  # an isolated kernel's input carried a graph (it was not detached)
     last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
     # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes
     timeline: deque[tuple[int, int, str]] = field(
@@ -122,9 +123,16 @@ class SeedRecord:
 
     def capture(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook on the seed's kernel: keep its output (for the step's graph check while
-        the seed is isolated) and its input shape (for G3)."""
-        if isinstance(output, torch.Tensor) and self.seed.stage in ISOLATED_STAGES:
-            self.last_output = output
+        the seed is isolated), whether its input needs a gradient, and its input shape (for G3).
+
+        An isolated kernel sees ``x.detach()``, so an input that needs a gradient is a path
+        around the detach into the host. Under ``torch.compile`` that is the traced input's
+        metadata, so it holds where the output's graph cannot be walked (docs/design.md §4)."""
+        if self.seed.stage in ISOLATED_STAGES:
+            if isinstance(output, torch.Tensor):
+                self.last_output = output
+            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                self.input_grad = True
         if args:
             self.last_input = _spec(args[0]) or self.last_input
 
@@ -139,6 +147,7 @@ class SeedRecord:
             self.hook.remove()
             self.hook = None
         self.last_output = None
+        self.input_grad = False
         self.monitor = None
         return kernel
 

@@ -7,6 +7,7 @@ slot's contract with the reason, and a seed goes DORMANT -> ... -> ACTIVE throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,16 @@ from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
+from kasmina.kd.config import KDConfig
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds import seed as seed_module
 from kasmina.stages import SeedStage
 from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.integration.models import tiny_llama
-from tests.manager.helpers import PUBLISHER, make_config, run_command
+from tests.manager.helpers import PUBLISHER, SEED0, Rig, make_config, run_command
 
 pytest.importorskip("transformers")
 
@@ -116,3 +120,126 @@ def test_a_bf16_host_refuses_an_fp32_kernel_with_the_reason(
     reason = manager.command_log[-1][3]
     assert "float32 is not the host's torch.bfloat16" in reason, reason
     assert manager.seed(SEED).stage == S.DORMANT
+
+
+# ---------------------------------------------------------------- isolation under torch.compile
+
+
+@pytest.fixture(scope="module")
+def host_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A kernel for the 2-wide chunks of the small manager-test host's ``out``."""
+    store = tmp_path_factory.mktemp("urza-host")
+    torch.manual_seed(1)
+    kernel = publish_artifact(ResidualMLP(2, 2), [torch.randn(3, 2)], str(store), "k2", PUBLISHER)
+    return store, kernel.artifact_id
+
+
+def _compiled_rig(
+    tmp_path: Path, store: Path, backend: str, fullgraph: bool, **overrides: object
+) -> tuple[Rig, Callable[..., dict]]:
+    """A rig over the small host, its model compiled; ``train(teacher=None)`` runs one step
+    through the compiled model and returns the step's report."""
+    torch._dynamo.reset()
+    rig = Rig(make_config(tmp_path, store, **overrides), Keyring({"ctl": generate_key()}))
+    compiled = torch.compile(rig.model, backend=backend, fullgraph=fullgraph)
+    manager = rig.manager
+
+    def train(teacher: torch.Tensor | None = None) -> dict:
+        manager.set_teacher_logits(teacher)
+        loss = F.cross_entropy(compiled(rig.x), rig.y)
+        manager.backward(loss, kd_loss=manager.collect_kd_losses())
+        return manager.step()
+
+    return rig, train
+
+
+@pytest.mark.parametrize(
+    "backend, fullgraph, last",
+    [
+        ("aot_eager", True, S.STABILIZATION),
+        # Inductor compiles C++ per stage (about 10 s each on two shared cores): fewer stages.
+        pytest.param("inductor", False, S.GRAFTING, marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_training_of_an_isolated_seed_has_no_false_violations(
+    tmp_path: Path,
+    host_store: tuple[Path, str],
+    backend: str,
+    fullgraph: bool,
+    last: SeedStage,
+) -> None:
+    """Compiled with an AOT backend, a seed's output comes out of one backward node over the
+    whole graph, which reaches every host parameter: the graph walk cannot attribute it and
+    counts nothing, so a healthy seed is not quarantined and the host steps every step."""
+    store, artifact = host_store
+    rig, train = _compiled_rig(tmp_path, store, backend, fullgraph)
+    manager = rig.manager
+
+    def steps(n: int, stage: SeedStage) -> None:
+        for _ in range(n):
+            report = train()
+            assert report["isolation_clean"] and report["host_stepped"], report
+            assert rig.stage(SEED0) == stage
+
+    steps(1, S.DORMANT)
+    assert rig.send("germinate", SEED0, artifact)
+    steps(3, S.ISOLATED_INIT)  # the breaker's limit: it used to trip here
+    manager.end_epoch(0)
+    for stage, n in ((S.COMPATIBILITY_CHECK, 1), (S.GRAFTING, 4), (S.STABILIZATION, 2)):
+        assert rig.send("advance", SEED0), manager.command_log[-1]
+        steps(n, stage)
+        if stage == last:
+            break
+    assert manager.guard.violating_steps == 0 and manager.guard.breaker_trips == 0
+    assert manager.seed(SEED0).isolation_violations == 0
+
+
+def test_an_undetached_seed_input_is_caught_under_compile(
+    tmp_path: Path, host_store: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot that routes the host's activation around the detach: compiled, the output's
+    graph cannot be walked, but the kernel's traced input needs a gradient, and that trips the
+    breaker (no KD loss, so no seed-only backward, is needed)."""
+    store, artifact = host_store
+    real = seed_module.call_kernel
+    monkeypatch.setattr(  # an ACTIVE seed's call: the kernel sees x itself, not x.detach()
+        seed_module, "call_kernel", lambda kernel, x, _active, record: real(kernel, x, True, record)
+    )
+    rig, train = _compiled_rig(tmp_path, store, "aot_eager", True)
+    train()
+    assert rig.send("germinate", SEED0, artifact)
+    for step in range(3):
+        report = train()
+        assert not report["isolation_clean"] and not report["host_stepped"]
+        assert rig.stage(SEED0) == (S.QUARANTINE if step == 2 else S.ISOLATED_INIT)
+    monitor = rig.manager.require_registry()[SEED0].monitor
+    assert monitor is not None and monitor.tripped
+    assert all("not detached" in " ".join(found) for found in monitor.violations)
+    assert rig.manager.guard.breaker_trips == 1
+    assert train()["host_stepped"]  # the host keeps training
+
+
+def test_a_kernel_reaching_the_host_is_caught_under_compile_by_the_kd_check(
+    tmp_path: Path, host_store: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that reads a host parameter itself (its input is detached): compiled, the graph
+    walk cannot attribute the seed's output, and the seed-only (KD) backward's leak check is
+    what catches it; the leaked gradient never reaches the host's optimizer."""
+    store, artifact = host_store
+    kd = {"kd_enabled": True, "kd": KDConfig(temperature=2.0, alpha=1.0)}
+    rig, train = _compiled_rig(tmp_path, store, "aot_eager", True, **kd)
+    host_bias = rig.model.inp.bias
+    real = GPUKernel.forward
+    monkeypatch.setattr(GPUKernel, "forward", lambda self, x: real(self, x) + host_bias.sum())
+    train()
+    assert rig.send("germinate", SEED0, artifact)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
+    for step in range(3):
+        before = host_bias.detach().clone()
+        report = train(teacher)
+        assert not report["isolation_clean"] and not report["host_stepped"]
+        assert torch.equal(host_bias, before)
+        assert rig.stage(SEED0) == (S.QUARANTINE if step == 2 else S.ISOLATED_INIT)
+    monitor = rig.manager.require_registry()[SEED0].monitor
+    assert monitor is not None and monitor.tripped and monitor.unattributed_graphs >= 1
+    assert all("seed-only (KD) backward" in " ".join(found) for found in monitor.violations)

@@ -10,7 +10,7 @@ from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
-from kasmina.isolation.verify import verify_gradient_isolation
+from kasmina.isolation.verify import graph_isolation, verify_gradient_isolation
 
 
 def _host() -> nn.Sequential:
@@ -157,6 +157,39 @@ def test_check_graph_counts_at_the_next_verify():
     assert not monitor.check_graph(_seed_output(host, seed, "no_detach", x))
     assert monitor.verify_isolation_after_step() is False
     assert monitor.violations[0] == ["graph: seed output reaches a host parameter"]
+
+
+def test_a_compiled_region_is_not_attributed_and_a_path_around_it_still_is(caplog):
+    """An AOT-compiled region backpropagates through one node whose inputs are every parameter
+    it read: a host parameter behind it cannot be attributed to the seed's output (None, and
+    the monitor counts nothing), while a path that goes around it is still a leak."""
+    torch._dynamo.reset()
+    host, seed = _host(), nn.Linear(8, 8)
+    monitor = _monitor(host, seed)
+    x = torch.randn(3, 4)
+
+    def both(x):  # a model's forward: the host's output and the (isolated) seed's
+        hidden = host[1](host[0](x))
+        return host[4](host[3](host[2](hidden))), seed(hidden.detach())
+
+    _, out = torch.compile(both, backend="aot_eager", fullgraph=True)(x)
+    assert type(out.grad_fn).__name__ == "CompiledFunctionBackward"
+    assert graph_isolation(out, host.parameters()) is None
+    assert not verify_gradient_isolation(out, host.parameters())  # conservative: reachable
+    with caplog.at_level(logging.WARNING, logger="kasmina.isolation.monitor"):
+        assert monitor.check_graph(out) is None
+        assert monitor.check_graph(out * 2) is None
+    assert monitor.unattributed_graphs == 2
+    assert sum("cannot attribute" in r.getMessage() for r in caplog.records) == 1  # once
+    assert monitor.verify_isolation_after_step()
+    around = out + host[4].weight.sum()  # an eager path to the host beside the compiled node
+    assert graph_isolation(around, host.parameters()) is False
+    assert monitor.check_graph(around) is False
+    assert monitor.verify_isolation_after_step() is False
+    hidden = host[1](host[0](x))
+    kernel_only = torch.compile(seed, backend="aot_eager")(hidden.detach())
+    assert graph_isolation(kernel_only, host.parameters()) is True  # its inputs: seed params
+    assert graph_isolation(seed(hidden.detach()), host.parameters()) is True
 
 
 def test_phase_misuse_raises():
