@@ -64,6 +64,8 @@ NEXT_STAGE: dict[SeedStage, SeedStage] = {src: dst for (src, dst) in GATE_FOR_TR
 TRAINING_STAGES = frozenset(
     {SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION, SeedStage.ACTIVE}
 )
+# Stages whose forward runs the kernel; every other stage returns the host activations.
+RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 
 
 def is_legal(src: int, dst: int) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,8 +35,7 @@ from torch import nn
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.outputs import output_element, replace_output_element
-from kasmina.seeds.seed import RUNS_KERNEL
-from kasmina.stages import SeedStage
+from kasmina.stages import RUNS_KERNEL, SeedStage
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +102,8 @@ def _to(value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, tuple | list):
         return type(value)(_to(v, device) for v in value)
+    if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
@@ -112,10 +113,14 @@ def _batch_size(inputs: Any, targets: Any) -> int:
             return int(value.shape[0])
         if isinstance(value, tuple | list) and value:
             return _batch_size(value[0], None)
+        if isinstance(value, Mapping) and value:
+            return _batch_size(next(iter(value.values())), None)
     return 1
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
@@ -137,7 +142,8 @@ def evaluate_seeds(
     """Measure every live seed (a kernel attached, a stage that runs it) on ``batches``.
 
     ``batches`` yields ``(inputs, targets)``; ``inputs`` is passed to the model (a tuple is
-    unpacked), tensors are moved to the model's device. ``loss_fn(output, targets)`` and
+    unpacked, a mapping such as a tokenizer's output is passed as keyword arguments), tensors
+    are moved to the model's device. ``loss_fn(output, targets)`` and
     ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
     averaged weighted by batch size. G5 reads the metric as higher is better and refuses a
     seed that lowers it by more than ``KasminaConfig.g5_max_metric_drop``: pass the metric

@@ -118,6 +118,7 @@ class CommandExecution:
         """Carry out ``command`` now. A GERMINATE may come with its kernel already fetched
         (``original``) or with the error its fetch ended in (``fetch_error``: refused)."""
         target = command.seed.seed_id if command.seed is not None else command.kind
+        problem = ""  # of a command applied anyway (a rollback whose boundary replay failed)
         try:
             if fetch_error is not None:
                 raise CommandRefused(
@@ -129,7 +130,9 @@ class CommandExecution:
                 rollback = command.rollback
                 log = logger.critical if rollback.emergency else logger.warning
                 log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
-                restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
+                problem = restore_epoch(
+                    self.state, self.guard, rollback.target_epoch, self.epoch_boundary
+                )
             elif command.kind == "optimizer" and command.optimizer is not None:
                 if not self.state.optimizers.apply_optimizer_command(command):
                     raise CommandRefused("rejected by the optimizer manager (see its log)")
@@ -140,8 +143,8 @@ class CommandExecution:
             logger.warning("command %s (%s) refused: %s", command.command_id, target, reason)
             self.report.note_command(command, False, reason)
             return CommandOutcome(command.command_id, command.kind, target, False, reason)
-        self.report.note_command(command, True, "")
-        return CommandOutcome(command.command_id, command.kind, target, True, "")
+        self.report.note_command(command, True, problem)
+        return CommandOutcome(command.command_id, command.kind, target, True, problem)
 
     def _seed_command(
         self, action: SeedAction, timeout_s: float, original: GPUKernel | None
@@ -196,8 +199,11 @@ class CommandExecution:
             raise
         seed = record.seed
         table, row = seed.state_table, seed.state_index
-        # attach_kernel writes the row's BLUEPRINT_ID: kept (on the device) for the undo.
-        blueprint = table.state_tensor[row, StateColumn.BLUEPRINT_ID].clone()
+        # attach_kernel writes the row's BLUEPRINT_ID, and the seed its PERFORMANCE_GATE: kept
+        # (on the device) for the undo.
+        columns = (StateColumn.BLUEPRINT_ID, StateColumn.PERFORMANCE_GATE)
+        saved = table.state_tensor[row, list(columns)].clone()
+        performance_gate = seed.performance_gate
         try:
             self._dry_run(record, kernel, artifact_id)
             seed.attach_kernel(kernel, artifact_id)
@@ -220,7 +226,9 @@ class CommandExecution:
             seed.transition_to(S.ISOLATED_INIT, gate=1)
         except BaseException:
             self._undo_germinate(record, kernel, artifact_id, pinned)
-            table.set_column(row, StateColumn.BLUEPRINT_ID, int(blueprint))  # read on failure only
+            seed.performance_gate = performance_gate
+            for column, value in zip(columns, saved.tolist(), strict=True):  # on failure only
+                table.set_column(row, column, value)
             raise
 
     @staticmethod

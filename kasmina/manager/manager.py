@@ -55,8 +55,8 @@ from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.seed import RUNS_KERNEL, GradientIsolatedSeed
-from kasmina.stages import SeedStage
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.stages import RUNS_KERNEL, SeedStage
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient

@@ -115,11 +115,15 @@ class ManagerReport:
         return state.telemetry.packet(metrics)
 
     def _isolation_metrics(self) -> list[Metric]:
+        """The counters are the manager's own, which only go up; the live seeds' violation
+        counts (reset by RECYCLING and put back by a rollback) are a gauge."""
         registry = self.state.registry
         seeds = list(registry) if registry is not None else []
-        violations = sum(r.seed.isolation_violations for r in seeds)
+        live = sum(r.seed.isolation_violations for r in seeds)
+        violations = self.state.counters["isolation_violations"]
         return [
             ("isolation.violations", float(violations), _COUNTER, None),
+            ("isolation.seed_violations", float(live), _GAUGE, None),
             ("isolation.violating_steps", float(self.guard.violating_steps), _COUNTER, None),
             ("isolation.breaker_trips", float(self.guard.breaker_trips), _COUNTER, None),
             ("seed.field_reports", float(self.state.field_reports_total), _COUNTER, None),

@@ -12,14 +12,23 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    states;
 2. reversible writes: the kernels are swapped in, then ``restore_training_state`` validates the
    weights against the swapped model (keys and shapes) and writes them and the state table,
-   undoing its own writes if one fails; any failure puts the old kernels and the table back;
-3. the commit, which cannot fail: the new optimizers, counters and records take over.
+   undoing its own writes if one fails, and the host mirror is resynced. Then what the commit
+   will hand over is prepared beside the records: the cached originals the restored seeds need
+   are pinned and the isolated seeds' monitors built. Any failure unpins what was pinned and
+   puts the old kernels (with their probe results), the weights and the table back, so the
+   command is refused with nothing changed;
+3. the commit, which cannot fail: the new optimizers, counters, records, pins and monitors take
+   over. Afterwards a seed's original is pinned exactly while it holds a kernel and is not
+   TERMINATED (docs/design.md §3), whatever it held before.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
 table and runs the automatic COOLDOWN -> RECYCLING -> DORMANT steps, so that a failed write
 changes nothing. A checkpoint marked ``boundary_pending`` therefore holds the state just before
 that boundary, and the rollback applies the boundary again (the manager's ``boundary``
-callback, deterministic) to reach the state ``end_epoch`` left.
+callback, deterministic) to reach the state ``end_epoch`` left. The replay runs after the commit:
+the rollback has happened, so a replay that raises is logged at ERROR and returned as the
+problem of an applied command (the state is the checkpoint's, without the boundary or with part
+of it), never reported as the refusal of a change that was made.
 """
 
 from __future__ import annotations
@@ -30,11 +39,15 @@ from typing import Any
 
 import torch
 
+from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.manager.checkpoints import capture_training_state, restore_training_state
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import ISOLATED_STAGES, SlotRegistry
 from kasmina.manager.state import ManagerState
+from kasmina.seeds.extra_state import owner_restore
+from kasmina.seeds.gates import CompatibilityProbe
+from kasmina.stages import SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.state_io import clone_state
 
@@ -87,13 +100,14 @@ def restore_epoch(
     guard: IsolationGuard,
     epoch: int,
     boundary: Callable[[], object] | None = None,
-) -> None:
+) -> str:
     """Put the manager's ``state`` back to the checkpoint of ``epoch``; ``guard`` makes the
     monitors of the restored isolated seeds, ``boundary`` replays the epoch boundary (tick and
     automatic transitions) for a checkpoint taken before it. Raises, changing nothing, if it
     cannot: no checkpoint of that epoch (``CheckpointUnavailableError``, naming the nearest), a
     file that does not verify (``CheckpointIntegrityError``), other seeds, an artifact that no
-    longer loads, bad layout."""
+    longer loads, bad layout. Returns "" once rolled back, or the problem of a boundary replay
+    that failed after the commit (see the module docstring)."""
     registry = state.require_registry()
     # Phase 1 begins: the checkpoint is verified before it is unpickled; nothing live changes.
     checkpoint = state.checkpoints.load(epoch)
@@ -128,53 +142,118 @@ def restore_epoch(
     # that counts is this one, after the old kernels are back.
     table_before = registry.table.state_dict()
     model_before = clone_state(registry.model.state_dict())
-    old: dict[str, torch.nn.Module | None] = {}
+    old: dict[str, _Detached] = {}
+    taken: list[str] = []  # pins taken for the restored seeds, dropped again by the undo
     try:
         _swap_kernels(registry, changes, fresh, old)
-        restore_training_state(
-            checkpoint, {"model": registry.model}, None, registry.table.state_tensor
-        )
+        with owner_restore():  # the seeds' stages may change: this restore brings the rest
+            restore_training_state(
+                checkpoint, {"model": registry.model}, None, registry.table.state_tensor
+            )
+        registry.table.resync()  # the host mirror follows the restored table (stages below)
+        pins = _take_pins(state, registry, saved_seeds, taken)
+        monitors = _new_monitors(guard, registry)
     except BaseException:
+        for artifact_id in taken:
+            state.kernel_cache.unpin(artifact_id)
         _unswap_kernels(registry, old)
         registry.table.load_state_dict(table_before)  # blueprint columns, mirror included
-        registry.model.load_state_dict(model_before)
+        with owner_restore():
+            registry.model.load_state_dict(model_before)
         _release(fresh)
         raise
     # Phase 3: the commit (nothing here can fail).
-    registry.table.resync()  # the host mirror follows the restored table
     state.optimizers = optimizers
     state.epoch = int(extra.get("epoch", epoch))
     state.global_step = int(extra.get("global_step", state.global_step))
     state.val_metrics = dict(extra.get("val_metrics", {}))
-    _commit(state, guard, registry, changes, fresh, saved_seeds)
-    if pending and boundary is not None:
-        boundary()
+    _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
+    if not pending or boundary is None:
+        return ""
+    try:
+        boundary()
+    except Exception as exc:
+        problem = (
+            f"rolled back to epoch {epoch}, but replaying its epoch boundary failed "
+            f"({type(exc).__name__}: {exc}); the state is the checkpoint's without that "
+            "boundary, or with part of it"
+        )
+        logger.error("%s", problem, exc_info=True)
+        return problem
+    return ""
+
+
+# A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach
+# cleared (COMPATIBILITY_CHECK's evidence for G3), for the undo.
+_Detached = tuple[torch.nn.Module | None, CompatibilityProbe | None]
 
 
 def _swap_kernels(
     registry: SlotRegistry,
     changes: dict[str, str | None],
     fresh: dict[str, tuple[str, GPUKernel]],
-    old: dict[str, torch.nn.Module | None],
+    old: dict[str, _Detached],
 ) -> None:
     """Detach the changed seeds' kernels (into ``old``, so a failure can be undone at any
     point) and attach the fresh ones."""
     for seed_id in changes:
         seed = registry[seed_id].seed
-        old[seed_id] = seed.detach_kernel() if seed.kernel is not None else None
+        probe = seed.probe_result
+        old[seed_id] = (seed.detach_kernel() if seed.kernel is not None else None, probe)
     for seed_id, (artifact_id, kernel) in fresh.items():
         registry[seed_id].seed.attach_kernel(kernel, artifact_id)
 
 
-def _unswap_kernels(registry: SlotRegistry, old: dict[str, torch.nn.Module | None]) -> None:
-    """Put back the kernels ``_swap_kernels`` took (the table is restored by the caller)."""
-    for seed_id, kernel in old.items():
+def _unswap_kernels(registry: SlotRegistry, old: dict[str, _Detached]) -> None:
+    """Put back the kernels (and probe results) ``_swap_kernels`` took (the table is restored
+    by the caller)."""
+    for seed_id, (kernel, probe) in old.items():
         seed = registry[seed_id].seed
         if seed.kernel is not None:
             seed.detach_kernel()
         if kernel is not None:
             seed.attach_kernel(kernel, registry[seed_id].artifact_id)
+        seed.probe_result = probe
+
+
+def _take_pins(
+    state: ManagerState,
+    registry: SlotRegistry,
+    saved_seeds: dict[str, Any],
+    taken: list[str],
+) -> dict[str, tuple[bool, str | None]]:
+    """Each restored seed's pin (run with the checkpoint's kernels and stages in place): its
+    cached original is pinned while it holds a kernel and is not TERMINATED (an original the
+    cache does not hold needs none). The pins it needs and lacks are taken now, into ``taken``
+    for the undo; returns ``{seed_id: (pinned, release)}``, ``release`` being the artifact whose
+    pin the commit drops (None: none)."""
+    plan: dict[str, tuple[bool, str | None]] = {}
+    for record in registry:
+        artifact_id = saved_seeds[record.seed_id].get("artifact_id") or None
+        live = record.seed.kernel is not None and record.stage != SeedStage.TERMINATED
+        held = record.artifact_id if record.pinned else None
+        if live and artifact_id is not None and held == artifact_id:
+            plan[record.seed_id] = (True, None)  # its pin stays
+            continue
+        pinned = live and artifact_id is not None and state.loader.pin(artifact_id)
+        if pinned:
+            taken.append(artifact_id)
+        plan[record.seed_id] = (pinned, held)
+    return plan
+
+
+def _new_monitors(
+    guard: IsolationGuard, registry: SlotRegistry
+) -> dict[str, GradientIsolationMonitor]:
+    """The monitors of the restored isolated seeds, with their restored violation counts."""
+    monitors = {}
+    for record in registry:
+        if record.seed.kernel is not None and record.stage in ISOLATED_STAGES:
+            monitor = guard.new_monitor(record, registry)
+            monitor.violation_count = record.seed.isolation_violations
+            monitors[record.seed_id] = monitor
+    return monitors
 
 
 def _release(fresh: dict[str, tuple[str, GPUKernel]]) -> None:
@@ -231,28 +310,28 @@ def _optimizer_class(state: ManagerState, name: object) -> type[torch.optim.Opti
 
 def _commit(
     state: ManagerState,
-    guard: IsolationGuard,
     registry: SlotRegistry,
     changes: dict[str, str | None],
     fresh: dict[str, tuple[str, GPUKernel]],
     saved_seeds: dict[str, Any],
+    pins: dict[str, tuple[bool, str | None]],
+    monitors: dict[str, GradientIsolationMonitor],
 ) -> None:
-    """The records follow the restored seeds: kernels, pins, hooks, monitors, step counts."""
+    """The records follow the restored seeds: kernels, hooks, pins, monitors, step counts."""
     for seed_id in changes:
         record = registry[seed_id]
         replaced = record.clear_kernel()
         if replaced is not None:
             replaced.release_gpu_memory()
-        if record.pinned and record.artifact_id is not None:
-            state.kernel_cache.unpin(record.artifact_id)
-        record.artifact_id, record.pinned = None, False
         if seed_id in fresh:
-            artifact_id, kernel = fresh[seed_id]
-            record.artifact_id, record.kernel = artifact_id, kernel
-            record.pinned = state.loader.pin(artifact_id)
-            record.hook_kernel(kernel)
+            record.kernel = fresh[seed_id][1]
+            record.hook_kernel(record.kernel)
+    released = []
     for record in registry:
         saved = saved_seeds[record.seed_id]
+        record.pinned, release = pins[record.seed_id]
+        if release is not None:
+            released.append(release)
         record.artifact_id = saved.get("artifact_id") or None
         record.graft_steps = int(saved.get("graft_steps", 0))
         if not record.timeline or record.timeline[-1][2] != record.stage.name:
@@ -260,7 +339,6 @@ def _commit(
         record.last_output = None
         record.seed.probe_result = None
         record.seed.evaluation = None  # measured on weights the rollback threw away
-        record.monitor = None
-        if record.kernel is not None and record.stage in ISOLATED_STAGES:
-            record.monitor = guard.new_monitor(record, registry)
-            record.monitor.violation_count = record.seed.isolation_violations
+        record.monitor = monitors.get(record.seed_id)
+    for artifact_id in released:  # each was pinned on a record's behalf: the count is > 0
+        state.kernel_cache.unpin(artifact_id)

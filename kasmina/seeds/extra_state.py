@@ -8,21 +8,27 @@ it back without unpickling anything but tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kasmina.stages import SeedStage, StateColumn, parse_stage
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
 
 __all__ = [
     "EXTRA_STATE_VERSION",
     "RestorableSeed",
     "SavedSeedState",
+    "check_seed_kernel_keys",
+    "check_seed_state",
     "check_seed_states",
     "decode_extra_state",
     "encode_extra_state",
+    "owner_restore",
     "parse_seed_state",
 ]
 
@@ -73,6 +79,7 @@ class SavedSeedState:
     row: tuple[float, ...]
     stage: SeedStage
     chunk_size: int | None  # absent from states saved before it was recorded
+    has_kernel: bool | None  # likewise
 
 
 def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> SavedSeedState:
@@ -102,6 +109,10 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         field = "chunk_size"
         chunk = state.get("chunk_size")
         chunk_size = None if chunk is None else int(chunk)
+        field = "has_kernel"
+        has_kernel = state.get("has_kernel")
+        if has_kernel is not None and not isinstance(has_kernel, bool):
+            raise ValueError(f"must be true or false, got {has_kernel!r:.80}")
     except KeyError:
         raise ValueError(f"seed {seed_id}: the saved state has no {field!r}") from None
     except (TypeError, ValueError) as exc:
@@ -113,27 +124,142 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         row=tuple(row),
         stage=stage,
         chunk_size=chunk_size,
+        has_kernel=has_kernel,
     )
+
+
+# Set while a seed's owner restores its own state (a manager's rollback, which swaps kernels,
+# optimizers, monitors and pins to match): only then may a load change an owned seed's stage.
+_OWNER_RESTORE: ContextVar[bool] = ContextVar("kasmina_owner_restore", default=False)
+
+
+@contextmanager
+def owner_restore() -> Iterator[None]:
+    """Within it, loads may change the stage of seeds that have an owner (the owner's own
+    rollback, which brings the rest of the seed's bookkeeping along)."""
+    token = _OWNER_RESTORE.set(True)
+    try:
+        yield
+    finally:
+        _OWNER_RESTORE.reset(token)
 
 
 @runtime_checkable
 class RestorableSeed(Protocol):
     """A module whose extra state :func:`check_seed_states` checks (a seed)."""
 
+    seed_id: str
+    chunk_size: int
+    state_table: GPUStateTensor
+    state_index: int
+
+    @property
+    def stage(self) -> SeedStage: ...
+
     def check_state(self, state: torch.Tensor | Mapping[str, Any]) -> SavedSeedState: ...
+
+
+def check_seed_state(
+    seed: RestorableSeed, state: torch.Tensor | Mapping[str, Any]
+) -> SavedSeedState:
+    """What ``seed.set_extra_state(state)`` would restore, checked: ``ValueError`` if the seed
+    cannot take it (the seed's ``check_state``). A state is restored into a seed that holds a
+    kernel exactly when the saved seed held one. A kernel's state needs a kernel: a
+    ``state_dict`` holds its weights, not its verified program (``kasmina.load`` ships both), and
+    an ACTIVE seed with nothing to run would compute the host alone. A seed's kernel, once
+    attached, is taken away by its lifecycle (or ``detach_kernel``), not by a load. A seed with
+    an owner (:meth:`GPUStateTensor.owned`: a manager) takes a kernel's state only from a seed
+    that held the same artifact, in the stage it is in (only the owner's own rollback,
+    :func:`owner_restore`, changes it)."""
+    saved = parse_seed_state(state, seed.seed_id)
+    if saved.chunk_size not in (None, seed.chunk_size):
+        raise ValueError(
+            f"seed {seed.seed_id}: the state was saved by a seed of chunk size "
+            f"{saved.chunk_size}, this one has {seed.chunk_size} (attach the model as it was)"
+        )
+    live = _kernel(seed) is not None
+    if not live and (saved.has_kernel or saved.stage in RUNS_KERNEL):
+        raise ValueError(
+            f"seed {seed.seed_id}: the state was saved in {saved.stage.name} with a kernel, "
+            "and this seed has none; a state_dict holds a kernel's weights but not its "
+            "verified program. Restore a grown model with kasmina.save / kasmina.load "
+            "(or germinate the seed before loading its state)"
+        )
+    if live and saved.has_kernel is False:
+        raise ValueError(
+            f"seed {seed.seed_id}: the state was saved in {saved.stage.name} without a kernel, "
+            f"and this seed holds one in {seed.stage.name}; {_advice(seed)}"
+        )
+    column = StateColumn.BLUEPRINT_ID
+    owned = live and seed.state_table.owned(seed.state_index) and not _OWNER_RESTORE.get()
+    if owned and int(seed.state_table.state_tensor[seed.state_index, column]) != int(
+        saved.row[column]
+    ):
+        raise ValueError(
+            f"seed {seed.seed_id}: the state was saved with a kernel of another artifact; "
+            + _advice(seed)
+        )
+    if owned and saved.stage != seed.stage:  # its optimizer layout and gates follow the stage
+        raise ValueError(
+            f"seed {seed.seed_id}: the state was saved in {saved.stage.name} and the seed is "
+            f"{seed.stage.name}; " + _advice(seed)
+        )
+    return saved
+
+
+def _advice(seed: RestorableSeed) -> str:
+    """What to do instead of a load that would leave the seed's kernel behind, or swap it."""
+    if seed.state_table.owned(seed.state_index):
+        return (
+            "its kernel, optimizer, isolation monitor and cache pin belong to its manager, "
+            "which a state_dict load cannot change. Go back to an earlier epoch with a signed "
+            "ROLLBACK, or restore the grown model with kasmina.save / kasmina.load into a "
+            "freshly built host"
+        )
+    if _kernel(seed) is not None:
+        return "detach its kernel (seed.detach_kernel()) before loading a state saved without it"
+    return "restore a grown model with kasmina.save / kasmina.load"
+
+
+def check_seed_kernel_keys(seed: RestorableSeed, state_dict: Mapping[str, Any], at: str) -> None:
+    """The kernel weights ``state_dict`` holds under ``at`` (the seed's prefix) are exactly its
+    live kernel's (none without one): ``ValueError`` naming the difference. Asked wherever the
+    seed's own state is loaded, whatever ``strict`` says: a seed's state loads with its kernel's
+    weights or not at all (PyTorch would report the keys only after every module loaded)."""
+    kernel = _kernel(seed)
+    inner = at + _KERNEL
+    want = set() if kernel is None else set(kernel.state_dict(prefix=inner, keep_vars=True))
+    have = {key for key in state_dict if key.startswith(inner)}
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing or unexpected:
+        raise ValueError(
+            f"seed {seed.seed_id}: the state_dict does not hold its kernel's weights (missing "
+            f"{missing[:4]}, unexpected {unexpected[:4]}): it was saved with another kernel, or "
+            f"none; {_advice(seed)}"
+        )
+
+
+def _kernel(seed: object) -> torch.nn.Module | None:
+    return getattr(seed, "_modules", {}).get("kernel")
 
 
 def check_seed_states(
     module: torch.nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any
 ) -> None:
-    """A ``load_state_dict`` pre-hook: every seed under ``module`` checks the state it is about
-    to receive (``ValueError`` if one cannot take it) before any module loads anything, so a
-    refused load leaves the whole model as it was, not half loaded."""
+    """A ``load_state_dict`` pre-hook: every seed under ``module`` whose state is in
+    ``state_dict`` checks it (``ValueError`` if the seed cannot take it: its extra state,
+    :func:`check_seed_state`, and its kernel's weights, :func:`check_seed_kernel_keys`) before
+    any module loads anything, so a refused load leaves the whole model as it was, not half
+    loaded. PyTorch hands every pre-hook ``strict=True``, so these rules hold for a lenient
+    load too; a state_dict without a seed's extra state leaves that seed alone."""
     for name, sub in module.named_modules():
         if isinstance(sub, RestorableSeed):
-            value = state_dict.get(prefix + (f"{name}." if name else "") + _EXTRA_STATE)
+            at = prefix + (f"{name}." if name else "")
+            value = state_dict.get(at + _EXTRA_STATE)
             if value is not None:
                 sub.check_state(value)
+                check_seed_kernel_keys(sub, state_dict, at)
 
 
 _EXTRA_STATE = "_extra_state"  # the key torch gives a module's get_extra_state()
+_KERNEL = "kernel."  # the prefix of a seed's kernel weights in its state_dict

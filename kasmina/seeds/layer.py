@@ -69,12 +69,15 @@ from kasmina.seeds.outputs import (
     activation_spec,
     declared_width,
     default_chunk_dim,
+    dense,
+    on_dense,
     output_element,
+    recorded_spec,
     replace_output_element,
 )
-from kasmina.seeds.seed import KD_STAGES, RUNS_KERNEL, GradientIsolatedSeed
+from kasmina.seeds.seed import KD_STAGES, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import SeedStage
+from kasmina.stages import RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
@@ -255,10 +258,8 @@ class KasminaLayer(nn.Module):
         """Why the recorded host output cannot be chunked as configured, or None (also before
         the first forward, when nothing is known yet)."""
         contract = self.output_contract
-        if contract is None:
-            return None
-        if isinstance(contract, str):
-            return f"{self.layer_id}: {contract}"
+        if contract is None or isinstance(contract, str):
+            return None if contract is None else f"{self.layer_id}: {contract}"
         shape = contract[0]
         if not -len(shape) <= self.chunk_dim < len(shape):
             return f"{self.layer_id}: chunk_dim {self.chunk_dim} is outside output {tuple(shape)}"
@@ -334,10 +335,9 @@ class KasminaLayer(nn.Module):
         # The hot path reads ``_modules`` directly: ``self.host`` would go through this class's
         # ``__getattr__`` (an extra frame per access, on every forward of every slot).
         out = self._modules["host"](*args, **kwargs)
-        # The first forward's shapes, then one compare. Compiled, the compare is a guard: the
-        # graph traced before anything was recorded records (a side effect replayed after each
-        # call), and the next call swaps it, once, for one that does not. A one-shot hook that
-        # removed itself mid-forward is what fullgraph tracing cannot take.
+        # The first forward's shapes, then one compare (compiled, a guard: the graph traced
+        # before the record records, as a side effect replayed after each call, and the next
+        # call swaps it once for one that does not; fullgraph cannot take a one-shot hook).
         if self.output_contract is None:
             self._record(args, out)
         if self._teacher_logits is not None:  # consumed by this forward, used or not
@@ -358,16 +358,15 @@ class KasminaLayer(nn.Module):
         else:
             plan = self._plan
         element = output_element(out, self.output_index)
-        return replace_output_element(
-            out, self.output_index, self._graft(element, plan, teacher_logits)
-        )
+        grafted = on_dense(element, lambda dense: self._graft(dense, plan, teacher_logits))
+        return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
         """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
-        element = output_element(out, self.output_index)
-        spec = activation_spec(element)
+        element = dense(output_element(out, self.output_index))
+        spec = recorded_spec(element, self._modules["host"])
         self.output_contract = spec if spec is not None else self._no_tensor(out, element)
-        self.input_spec = activation_spec(args[0]) if args else None
+        self.input_spec = activation_spec(dense(args[0])) if args else None
 
     def _no_tensor(self, out: Any, element: Any) -> str:
         if element is out:

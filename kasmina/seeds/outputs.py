@@ -5,11 +5,18 @@ A host's forward may return a tensor, a tuple or list (an attention module's ``(
 weights)``), a namedtuple, or a dataclass such as a Hugging Face ``ModelOutput``. The seeds
 apply to the element at the slot's ``output_index``; everything else passes through untouched,
 and the output keeps its type.
+
+A nested (ragged) tensor reaches a slot from ``nn.TransformerEncoder``'s inference path with a
+padding mask: the encoder packs its batch when its *first* layer can take the fused path, and
+a later layer whose slot runs seeds then calls its modules with the packed tensor. The seeds
+see it zero-padded to a dense ``[B, T, ...]`` tensor (what the unpacked path would give them),
+and their output is packed back to the input's ragged lengths (``on_dense``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +27,9 @@ __all__ = [
     "activation_spec",
     "declared_width",
     "default_chunk_dim",
+    "dense",
+    "on_dense",
+    "recorded_spec",
     "output_element",
     "replace_output_element",
 ]
@@ -91,3 +101,38 @@ def activation_spec(value: object) -> ActivationSpec | None:
     if isinstance(value, torch.Tensor):
         return (value.shape, value.dtype, value.device)
     return None
+
+
+def recorded_spec(value: object, host: nn.Module) -> ActivationSpec | None:
+    """:func:`activation_spec` of a host's output as a slot records it: under ``torch.autocast``
+    the output's dtype is autocast's, and the dtype recorded is the one the host computes in
+    outside it (its floating parameters'), the dtype the seeds must share to run in both (an
+    fp32 kernel runs under bf16 autocast too; a bf16 kernel faults in an fp32 evaluation)."""
+    spec = activation_spec(value)
+    if spec is None or not spec[1].is_floating_point:
+        return spec
+    kind = spec[2].type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return spec
+    dtype = next((p.dtype for p in host.parameters() if p.is_floating_point()), spec[1])
+    return (spec[0], dtype, spec[2])
+
+
+def dense(value: Any) -> Any:
+    """A nested tensor zero-padded to a dense one; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        return value.to_padded_tensor(0.0)
+    return value
+
+
+def on_dense(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(value)``; for a nested tensor, ``fn`` of its zero-padded form, packed back to the
+    components' own shapes (the padding the seeds saw is dropped)."""
+    if not (isinstance(value, torch.Tensor) and value.is_nested):
+        return fn(value)
+    padded = fn(value.to_padded_tensor(0.0))
+    parts = [
+        row[tuple(slice(0, n) for n in part.shape)]
+        for row, part in zip(padded.unbind(0), value.unbind(), strict=True)
+    ]
+    return torch.nested.as_nested_tensor(parts, layout=value.layout)

@@ -35,7 +35,7 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.extra_state import SavedSeedState, encode_extra_state, parse_seed_state
+from kasmina.seeds.extra_state import SavedSeedState, check_seed_state, encode_extra_state
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
@@ -65,15 +65,13 @@ from kasmina.stages import (
     GATE_FOR_TRANSITION,
     LEGAL_TRANSITIONS,
     NEXT_STAGE,
-    TRAINING_STAGES,
+    RUNS_KERNEL,
     SeedStage,
     parse_stage,
 )
 
 logger = logging.getLogger(__name__)
 
-# Stages whose forward runs the kernel; every other stage returns the host activations.
-RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 # Stages in which a KD loss trains the seed alone. Once ACTIVE the seed is part of the host,
 # whose objective belongs to the trainer, so no seed-only KD loss is produced.
 KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
@@ -547,23 +545,8 @@ class GradientIsolatedSeed(nn.Module):
 
     def check_state(self, state: torch.Tensor | Mapping[str, Any]) -> SavedSeedState:
         """What :meth:`set_extra_state` would restore, checked (``ValueError`` if this seed cannot
-        take it; ``check_seed_states`` asks every seed before a load). A kernel's state needs a
-        kernel: a ``state_dict`` holds its weights, not its verified program (``kasmina.load``
-        ships both), and an ACTIVE seed with nothing to run would compute the host alone."""
-        saved = parse_seed_state(state, self.seed_id)
-        if saved.chunk_size not in (None, self.chunk_size):
-            raise ValueError(
-                f"seed {self.seed_id}: the state was saved by a seed of chunk size "
-                f"{saved.chunk_size}, this one has {self.chunk_size} (attach the model as it was)"
-            )
-        if self.kernel is None and saved.stage in RUNS_KERNEL:
-            raise ValueError(
-                f"seed {self.seed_id}: the state was saved in {saved.stage.name} with a kernel, "
-                "and this seed has none; a state_dict holds a kernel's weights but not its "
-                "verified program. Restore a grown model with kasmina.save / kasmina.load "
-                "(or germinate the seed before loading its state)"
-            )
-        return saved
+        take it; ``check_seed_states`` asks every seed before a load): :func:`check_seed_state`."""
+        return check_seed_state(self, state)
 
     def set_extra_state(self, state: torch.Tensor | Mapping[str, Any]) -> None:
         """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints),
@@ -597,4 +580,4 @@ class GradientIsolatedSeed(nn.Module):
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = ["KD_STAGES", "RUNS_KERNEL", "GradientIsolatedSeed"]
+__all__ = ["KD_STAGES", "GradientIsolatedSeed"]

@@ -203,6 +203,13 @@ class GPUStateTensor:
         entry = _Observer(observer, follows_copies)
         self._observers.setdefault(self.check_index(idx), []).append(entry)
 
+    def owned(self, idx: int) -> bool:
+        """Whether seed ``idx`` has an owner: a live observer registered with
+        ``follows_copies=False`` (a manager's registry, which keeps the seed's kernel, optimizer,
+        monitor and pin). A copy of the table has none."""
+        refs = self._observers.get(self.check_index(idx), ())
+        return any(not ref.follows_copies and ref() is not None for ref in refs)
+
     def listen(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every change of ``version``: every applied transition,
         restore, resync, load and :meth:`touch` (a kernel attached or detached).

@@ -11,6 +11,8 @@ For every case (tests/integration/models.py), against the same model without Kas
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -209,3 +211,37 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     weight = nn.Parameter(torch.zeros(4, 4))
     plain[0].weight = weight
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
+
+
+@pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.ACTIVE], ids=lambda s: s.name)
+def test_a_running_seed_past_the_first_encoder_layer_takes_the_packed_batch(
+    stage: SeedStage,
+) -> None:
+    """``nn.TransformerEncoder`` packs a padded batch into a nested tensor in inference when its
+    first layer can take the fused path, and a later layer whose slot runs seeds then calls the
+    slot with it. The seeds see it zero-padded and their output is packed back: the valid
+    positions are those of the same model unpacked."""
+    from tests.integration.models import CASES
+
+    case = next(c for c in CASES if c.build.__name__ == "encoder")
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    packed = nn.TransformerEncoder(layer, 2)  # enable_nested_tensor: the default
+    (slot,) = attach(packed, ["layers.1.linear2"], 2, 8)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    packed.eval()
+    with torch.no_grad():
+        before = packed(x, src_key_padding_mask=mask)
+        give_kernels(case, [slot], stage)
+        slot.seed(0).update_alpha_blending(3, 10)  # alpha strictly between 0 and 1 in GRAFTING
+        got = packed(x, src_key_padding_mask=mask)
+        unpacked = copy.deepcopy(packed)  # the same weights, seeds and stages, never packing
+        unpacked.use_nested_tensor = unpacked.enable_nested_tensor = False
+        want = unpacked(x, src_key_padding_mask=mask)
+    valid = ~mask
+    assert got.shape == want.shape == x.shape
+    assert not torch.allclose(got[valid], before[valid])  # the seed ran
+    torch.testing.assert_close(got[valid], want[valid])
+    assert torch.equal(got[mask], torch.zeros_like(got[mask]))  # packed: padding comes back 0
+    assert not torch.equal(want[mask], torch.zeros_like(want[mask]))  # unpacked: it does not

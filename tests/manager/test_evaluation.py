@@ -117,6 +117,32 @@ def test_evaluate_seeds_matches_a_hand_computation_and_changes_nothing() -> None
     assert results["fc[2]"].benefit == 0.0
 
 
+class KeywordInputs(nn.Module):
+    """A model called as Hugging Face models are: ``model(**batch)``, ``batch`` a mapping."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.inner(features) * scale
+
+
+def test_mapping_inputs_are_passed_as_keyword_arguments() -> None:
+    model, _, registry = _tiny()
+    gen = torch.Generator().manual_seed(5)
+    x, t = torch.randn(4, 3, generator=gen), torch.randn(4, 6, generator=gen)
+    want = evaluate_seeds(registry, [(x, t)], F.mse_loss)
+    keyword = KeywordInputs(model)
+    registry.model = keyword
+    batch = {"features": x, "scale": torch.ones(())}  # a tokenizer's BatchEncoding is a Mapping
+    got = evaluate_seeds(registry, [(batch, t)], F.mse_loss)
+    assert set(got) == set(want)
+    for sid, ev in want.items():
+        assert got[sid].loss_with == ev.loss_with and got[sid].loss_without == ev.loss_without
+        assert got[sid].samples == 4  # the batch size read from the mapping's first tensor
+
+
 def test_no_live_seed_means_no_forward() -> None:
     slot = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
     registry = SlotRegistry(nn.Sequential(slot), [slot])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from kasmina.control.commands import (
     make_seed_command,
 )
 from kasmina.kd.config import KDConfig
-from kasmina.leyline import TelemetryPacket
+from kasmina.leyline import MetricType, TelemetryPacket
+from kasmina.manager import rollback as rollback_module
 from kasmina.manager import slots as slots_module
 from kasmina.manager import state as state_module
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.seeds.table import SCALE, GPUStateTensor
 from kasmina.stages import StateColumn
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.client import UrzaLibraryClient
@@ -824,3 +828,152 @@ def test_a_step_refuses_a_model_whose_parameters_were_replaced(rig: Rig, mlp, ho
     assert manager.state.global_step == step_before
     assert_same(saved, clone_state(manager.optimizers.state_dict()))
     assert all(torch.equal(p, w) for p, w in zip(registered, weights, strict=True))
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """``owner.name`` raises on its first call, then behaves."""
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def test_a_rollback_pins_exactly_the_originals_of_live_seeds(rig: Rig, mlp) -> None:
+    """After a rollback a seed's cached original is pinned while the seed holds a kernel and is
+    not TERMINATED, whether its kernel changed or not: a live seed never runs unpinned, and a
+    TERMINATED one never keeps a pin (its original stays evictable)."""
+    manager, cache = rig.manager, rig.manager.kernel_cache
+    record = manager.require_registry()[SEED0]
+    rig.train(1)
+    manager.end_epoch(0)  # 0: no kernel
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0], epoch=1)  # 1: ISOLATED_INIT
+    assert rig.send("terminate", SEED0)
+    manager.end_epoch(2)  # 2: TERMINATED, its kernel kept, its original unpinned
+    assert not record.pinned and not cache.is_pinned(mlp)
+
+    def rolled_back_to(epoch: int, stage: S, pinned: bool) -> None:
+        assert run_command(manager, rig.signed(make_rollback_command(epoch)))
+        assert rig.stage(SEED0) == stage and record.kernel is not None
+        assert record.pinned == cache.is_pinned(mlp) == pinned
+        assert cache.stats()["pinned"] == int(pinned)  # the cache.pinned gauge
+
+    rolled_back_to(1, S.ISOLATED_INIT, True)  # the same kernel, live again
+    rolled_back_to(2, S.TERMINATED, False)  # the same kernel, terminal
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert record.kernel is None and not cache.is_pinned(mlp)
+    rolled_back_to(2, S.TERMINATED, False)  # a kernel re-attached to a terminal seed
+    assert manager.evict_kernel(mlp)  # no pin left behind by any of them
+
+
+def test_isolation_violations_is_a_counter_a_rollback_never_lowers(kd_rig: Rig, mlp) -> None:
+    """``isolation.violations`` is the manager's own count of violating steps; the live seeds'
+    counts, which RECYCLING resets and a rollback puts back, are the gauge beside it."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    for _ in range(2):  # leaking seed-only losses (below the breaker's limit)
+        rig.slot.set_teacher_logits(torch.randn(16, 4))
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        kd = manager.collect_kd_losses() + 1e-2 * rig.model.inp.weight.sum()
+        manager.backward(loss, kd_loss=kd)
+        assert not manager.step()["isolation_clean"]
+
+    def isolation() -> dict:
+        metrics = manager.export_leyline_telemetry().metrics
+        return {m.name: (m.value, m.type) for m in metrics if m.name.startswith("isolation.")}
+
+    before = isolation()
+    assert before["isolation.violations"] == (2.0, MetricType.METRIC_TYPE_COUNTER)
+    assert before["isolation.seed_violations"][0] == manager.seed(SEED0).isolation_violations > 0
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    after = isolation()
+    assert manager.seed(SEED0).isolation_violations == 0  # the checkpoint's count
+    assert after["isolation.violations"] == before["isolation.violations"]
+    assert after["isolation.seed_violations"] == (0.0, MetricType.METRIC_TYPE_GAUGE)
+
+
+@pytest.mark.parametrize("where", ["weights", "mirror", "pin", "monitor"])
+def test_a_rollback_failing_before_its_commit_changes_nothing_not_even_a_probe(
+    rig: Rig, mlp, published, monkeypatch, where: str
+) -> None:
+    """What can fail (the weights, the host mirror, the restored seeds' pins and monitors)
+    happens before the commit, so a failure leaves everything as it was, including the probe
+    result a COMPATIBILITY_CHECK seed holds for G3 and the pins of the live seeds."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    assert rig.send("germinate", SEED1, published[2])
+    rig.train(2)
+    manager.end_epoch(1)
+    assert rig.send("advance", SEED1) and rig.stage(SEED1) == S.COMPATIBILITY_CHECK
+    rig.train(1)  # the forward probes the kernel
+    record = manager.require_registry()[SEED1]
+    probe, monitor = record.seed.probe_result, record.monitor
+    assert probe is not None and monitor is not None
+    before = _live(rig)
+    owners = {
+        "weights": (rollback_module, "restore_training_state"),
+        "mirror": (GPUStateTensor, "resync"),
+        "pin": (manager.loader, "pin"),
+        "monitor": (manager.guard, "new_monitor"),
+    }
+    _fail_once(monkeypatch, *owners[where])
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
+    monkeypatch.undo()
+    assert_same(before, _live(rig))
+    assert record.seed.probe_result is probe and record.monitor is monitor
+    assert record.pinned and manager.kernel_cache.is_pinned(published[2])
+    assert not manager.require_registry()[SEED0].pinned and not manager.kernel_cache.is_pinned(mlp)
+    assert run_command(manager, rig.signed(make_rollback_command(0)))  # now it can
+    assert manager.kernel_cache.is_pinned(mlp) and not manager.kernel_cache.is_pinned(published[2])
+
+
+def test_a_rollback_whose_boundary_replay_fails_is_applied_and_says_so(
+    rig: Rig, mlp, monkeypatch, caplog
+) -> None:
+    """The epoch boundary is replayed after the commit: if it fails, the rollback has happened
+    all the same, so the command is reported applied, with the problem in its reason and in an
+    ERROR log, never as a refusal of a change that was made."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    assert rig.send("cull", SEED0, embargo_epochs=1)
+    manager.end_epoch(0)  # the checkpoint is written before this boundary's tick
+    manager.end_epoch(1)
+    _fail_once(monkeypatch, manager.execution, "epoch_boundary")
+    with caplog.at_level(logging.ERROR, logger="kasmina.manager.rollback"):
+        assert run_command(manager, rig.signed(make_rollback_command(0)))
+    _, kind, ok, reason = manager.command_log[-1]
+    assert kind == "rollback" and ok and "replaying its epoch boundary failed" in reason
+    assert [r.levelno for r in caplog.records if "epoch boundary" in r.getMessage()] == [
+        logging.ERROR
+    ]
+    assert manager.epoch == 0 and rig.stage(SEED0) == S.COOLDOWN  # the checkpoint's state
+    assert rig.train(1)["host_stepped"]
+
+
+def test_a_germinate_failing_at_its_transition_leaves_the_row_as_it_was(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """GERMINATE's last step is the transition; if it fails, the undo puts back everything the
+    steps before it wrote, the PERFORMANCE_GATE column and the seed's threshold included."""
+    manager = rig.manager
+    seed = manager.seed(SEED0)
+    rig.train(1)
+    before, gate = _live(rig), seed.performance_gate
+    _fail_once(monkeypatch, GradientIsolatedSeed, "transition_to")
+    assert not rig.send("germinate", SEED0, mlp)
+    monkeypatch.undo()
+    assert_same(before, _live(rig))
+    assert seed.performance_gate == gate and seed.kernel is None
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert seed.performance_gate == manager.config.performance_gate / SCALE

@@ -221,8 +221,9 @@ def test_a_restarted_manager_refuses_a_replay_inside_the_window(tmp_path, store,
     assert (config.run_dir / LEDGER_FILE_NAME).is_file()
     rig.manager.close()
 
-    restarted = Rig(make_config(tmp_path, store, run_id="restart-inside"), keyring).manager
-    rig.train(1)  # the old model has moments again: a replayed reset would clear the new one's
+    restarted_rig = Rig(make_config(tmp_path, store, run_id="restart-inside"), keyring)
+    restarted = restarted_rig.manager
+    restarted_rig.train(1)  # the host has moments again: a replayed reset would clear them
     assert restarted.handle_adaptation_command(reset) is False
     assert restarted.handler.stats["rejected:replay"] == 1
     assert restarted.verifier.ledger_size == 1

@@ -122,6 +122,25 @@ def test_autocast_kernels_stand_in_in_the_hosts_dtype(stage: SeedStage) -> None:
     assert layer.seed(0).faults == 1 and "dtype" not in layer.seed(1).fault_log
 
 
+@pytest.mark.parametrize("first", ["autocast", "plain"])
+def test_the_recorded_dtype_is_the_hosts_own_under_autocast_too(first: str) -> None:
+    """An fp32 host trained under bf16 autocast: whichever forward comes first, the slot
+    records float32 (its parameters' dtype), so GERMINATE asks for the kernel that runs both
+    under autocast and in an fp32 evaluation, not the autocast output's bfloat16."""
+    torch.manual_seed(3)
+    layer = KasminaLayer(nn.Linear(8, 8), 2, 4)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=first == "autocast"):
+        out = layer(x)
+    assert out.dtype == (torch.bfloat16 if first == "autocast" else torch.float32)
+    assert layer.chunk_spec() == (torch.Size([5, 4]), torch.float32, torch.device("cpu"))
+    assert layer.contract_problem() is None
+    half = KasminaLayer(nn.Linear(8, 8).to(torch.bfloat16), 2, 4)  # a bf16 host stays bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half(x.to(torch.bfloat16))
+    assert half.chunk_spec()[1] == torch.bfloat16
+
+
 @pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
 def test_double_backward_through_the_backward_guard(stage: SeedStage) -> None:
     """``create_graph=True`` (a gradient penalty) reaches the kernels through the guard: their

@@ -1,0 +1,219 @@
+"""``model.load_state_dict`` of a snapshot into a model a manager holds (docs/design.md §6a).
+
+Hugging Face Trainer's ``load_best_model_at_end`` does this with a snapshot of an earlier step.
+A state saved in the same stage with the same kernel loads bit for bit; one that would give or
+take a seed's kernel, swap its artifact or change its stage is refused before anything is
+written, whatever the strictness, since the kernel's optimizer, monitor, hook and pin belong to
+the manager (its own ROLLBACK may change a stage). A seed's kernel weights must also be exactly
+those in the state_dict before anything loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina
+from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.publish import publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.state_io import clone_state
+from tests.manager.helpers import PUBLISHER, SEED0, Host, Rig, S, make_config, run_command
+
+REFUSED = "signed ROLLBACK"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> tuple[Rig, str, str]:
+    """A managed Host with two published artifacts of the same shape (other weights)."""
+    store = tmp_path / "urza"
+    ids = []
+    for k, name in enumerate(("mlp-a", "mlp-b")):
+        torch.manual_seed(10 + k)
+        artifact = publish_artifact(
+            ResidualMLP(2, 2), [torch.randn(3, 2)], str(store), name, PUBLISHER
+        )
+        ids.append(artifact.artifact_id)
+    keyring = Keyring({"ctl": generate_key()})
+    rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
+    rig.train(1)
+    return rig, ids[0], ids[1]
+
+
+def _grow_to_grafting(rig: Rig, artifact_id: str, epoch: int = 0) -> None:
+    assert rig.send("germinate", SEED0, artifact_id)
+    rig.train(2)
+    rig.manager.end_epoch(epoch)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    rig.train(1)  # the forward probes the kernel (G3)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    rig.train(1)
+
+
+def _everything(rig: Rig) -> dict[str, Any]:
+    """All a load could touch, and all the manager keeps about the seeds."""
+    manager = rig.manager
+    registry = manager.require_registry()
+    return {
+        "model": clone_state(rig.model.state_dict()),
+        "table": registry.table.state_tensor.clone(),
+        "stages": registry.table.stages(),
+        "epochs": [registry.table.epochs_in_state(r.index) for r in registry],
+        "optimizers": clone_state(manager.state.optimizers.state_dict()),
+        "seed_optimizers": list(manager.state.optimizers.seed_ids),
+        "pins": dict(manager.state.kernel_cache._pins),
+        "records": [
+            (r.seed_id, r.kernel, r.seed.kernel, r.pinned, r.monitor, r.hook, r.artifact_id)
+            for r in registry
+        ],
+        "seeds": [
+            (s.alpha_value, s.gate_score, s.faults, s.isolation_violations, s.nonfinite_events)
+            for s in (r.seed for r in registry)
+        ],
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b or a == b
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_snapshot_from_before_germinate_is_refused_and_changes_nothing(rig, strict) -> None:
+    rig, artifact_id, _ = rig
+    dormant = clone_state(rig.model.state_dict())  # the seed DORMANT, no kernel
+    _grow_to_grafting(rig, artifact_id)
+    before = _everything(rig)
+    with pytest.raises(ValueError, match=REFUSED) as refused:
+        rig.model.load_state_dict(dormant, strict=strict)
+    assert "saved in DORMANT without a kernel" in str(refused.value)
+    assert "holds one in GRAFTING" in str(refused.value)
+    assert _same(_everything(rig), before)
+    # The seed is still its manager's: it trains, and a CULL takes it (and its pin) away.
+    assert SEED0 in rig.train(1)["seeds_stepped"]
+    assert rig.send("cull", SEED0) and rig.stage(SEED0) == S.COOLDOWN
+    assert rig.manager.seed(SEED0).kernel is None
+    assert not rig.manager.state.kernel_cache._pins.get(artifact_id)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_snapshot_holding_another_artifact_is_refused(rig, strict) -> None:
+    rig, first, second = rig
+    _grow_to_grafting(rig, first)
+    other = clone_state(rig.model.state_dict())  # same shapes, the other artifact
+    assert rig.send("cull", SEED0)
+    for epoch in (1, 2, 3):  # COOLDOWN -> RECYCLING -> DORMANT
+        rig.manager.end_epoch(epoch)
+    assert rig.stage(SEED0) == S.DORMANT
+    _grow_to_grafting(rig, second, epoch=4)
+    before = _everything(rig)
+    with pytest.raises(ValueError, match="of another artifact"):
+        rig.model.load_state_dict(other, strict=strict)
+    assert _same(_everything(rig), before)
+    assert rig.send("cull", SEED0)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_snapshot_of_the_same_stage_loads_bit_for_bit(rig, strict) -> None:
+    """A resume, or ``load_best_model_at_end`` of a snapshot taken in the same stage."""
+    rig, artifact_id, _ = rig
+    _grow_to_grafting(rig, artifact_id)
+    snapshot = clone_state(rig.model.state_dict())
+    alpha = rig.manager.seed(SEED0).alpha_value
+    rig.train(2)  # the weights move on, and the seed's blend with them
+    assert rig.manager.seed(SEED0).alpha_value != alpha
+    result = rig.model.load_state_dict(snapshot, strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert _same(clone_state(rig.model.state_dict()), snapshot)
+    assert rig.stage(SEED0) == S.GRAFTING and rig.manager.seed(SEED0).alpha_value == alpha
+    assert SEED0 in rig.train(1)["seeds_stepped"]
+    assert rig.send("cull", SEED0)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_snapshot_of_another_stage_is_refused_and_a_rollback_still_restores_it(
+    rig, strict
+) -> None:
+    """The same kernel in an earlier stage (``load_best_model_at_end`` of a GRAFTING snapshot
+    into a STABILIZATION seed): the stage would change behind the manager, whose optimizer
+    layout and gates follow it. Only its own signed ROLLBACK takes a seed back a stage."""
+    from kasmina.control.commands import make_rollback_command
+
+    rig, artifact_id, _ = rig
+    _grow_to_grafting(rig, artifact_id)
+    rig.manager.end_epoch(1)  # the checkpoint holds the seed in GRAFTING
+    grafting = clone_state(rig.model.state_dict())
+    rig.train(4)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.STABILIZATION
+    before = _everything(rig)
+    with pytest.raises(ValueError, match="saved in GRAFTING and the seed is STABILIZATION"):
+        rig.model.load_state_dict(grafting, strict=strict)
+    assert _same(_everything(rig), before)
+    assert run_command(rig.manager, rig.signed(make_rollback_command(1)))
+    assert rig.stage(SEED0) == S.GRAFTING
+    assert SEED0 in rig.train(1)["seeds_stepped"]
+
+
+def test_only_the_managed_model_is_owned(rig) -> None:
+    """The artifact rule is the manager's: a deep copy of its model has no manager."""
+    rig, artifact_id, _ = rig
+    _grow_to_grafting(rig, artifact_id)
+    twin = copy.deepcopy(rig.model)
+    table = rig.manager.require_registry().table
+    assert table.owned(0) and table.owned(1)
+    assert not twin.out.state_table.owned(0) and not twin.out.state_table.owned(1)
+
+
+def _attached(kernel: bool) -> tuple[nn.Module, kasmina.KasminaLayer]:
+    model = Host()
+    slot = kasmina.attach(model, "out", 2, 2)[0]
+    if kernel:
+        torch.manual_seed(5)
+        slot.seed(0).attach_kernel(ResidualMLP(2, 2))
+    return model, slot
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_seed_state_loads_with_its_kernels_weights_or_not_at_all(strict) -> None:
+    """Without a manager too, whatever the strictness: a state saved while the seed had no
+    kernel, into a seed that has one (its weights are missing), or the other way round (they
+    are unexpected), is refused before any module loads. A state_dict without the seeds' states
+    (a host-only partial load) still loads what fits."""
+    cases = ((False, True, "without a kernel"), (True, False, "with a kernel"))
+    for source_kernel, target_kernel, words in cases:
+        source, _ = _attached(source_kernel)
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(1.0)
+        state = clone_state(source.state_dict())
+        target, slot = _attached(target_kernel)
+        before = clone_state(target.state_dict())
+        with pytest.raises(
+            ValueError, match=rf"seed out\[0\]: the state was saved in DORMANT {words}"
+        ):
+            target.load_state_dict(state, strict=strict)
+        assert _same(clone_state(target.state_dict()), before)
+        # The kernel weights alone, without the seed's state: the keys decide.
+        extra = "out.seeds.0._extra_state"
+        keys = {k: v for k, v in state.items() if k != extra}
+        keys[extra] = before[extra]
+        with pytest.raises(ValueError, match=r"does not hold its kernel's weights"):
+            target.load_state_dict(keys, strict=strict)
+        assert _same(clone_state(target.state_dict()), before)
+        host = {k: v for k, v in state.items() if ".seeds." not in k}
+        result = target.load_state_dict(host, strict=False)
+        assert all(".seeds." in k for k in result.missing_keys) and not result.unexpected_keys
+        assert torch.equal(target.inp.weight, source.inp.weight)
+        assert (
+            slot.seed(0).stage == S.DORMANT and (slot.seed(0).kernel is not None) == target_kernel
+        )
