@@ -300,6 +300,8 @@ def _optimizer_problem(opt: OptimizerCommand) -> str | None:
         return "unknown_optimizer_command"
     if opt.command_type == _CREATE_SEED and not opt.optimizer_id:
         return "missing_optimizer_id"
+    if len(opt.optimizer_id) > MAX_ID_CHARS:  # ids are bounded, as the command's own
+        return "bad_optimizer_id"
     clip = opt.grad_clip_norm  # NaN fails every comparison, so it is refused too
     if not 0.0 <= clip <= MAX_GRAD_CLIP_NORM:
         return "bad_grad_clip_norm"

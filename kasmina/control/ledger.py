@@ -183,12 +183,23 @@ class NonceLedger:
     def read(self) -> tuple[list[tuple[float, str]], float]:
         """Every ``(timestamp, nonce)`` record in the file and the newest floor (-inf: none).
 
-        A line that does not parse or fails its CRC is skipped, with one warning for all.
+        A line that does not parse or fails its CRC is skipped, with one warning for all. A
+        file that is not a ledger (no header and not one record: a path that names another
+        file) raises ``ValueError``, since the ledger's next compaction would overwrite it.
         """
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return [], -math.inf
+        if (
+            data
+            and not data.startswith(_LEDGER_HEADER[:22])
+            and not any(_parse_ledger_line(line) for line in data.split(b"\n") if line)
+        ):
+            raise ValueError(
+                f"{self.path} is not a kasmina nonce ledger (no header, no record); refusing to "
+                "overwrite it: point nonce_ledger_path at a new file"
+            )
         entries: list[tuple[float, str]] = []
         floor = -math.inf
         skipped = 0

@@ -121,6 +121,8 @@ def seed_kd_loss(
     among finite ones is a class the teacher rules out (probability 0, as ``kd_kl_loss``
     defines it): its row still teaches."""
     teacher = teacher.detach()
+    if teacher.dim() == 0 or teacher.shape[-1] == 0:
+        raise ValueError(f"teacher logits need a non-empty last dim, got {tuple(teacher.shape)}")
     rows_ok = teacher.amax(-1).isfinite()
     if head_weight is None:
         if teacher.shape != student.shape:

@@ -109,13 +109,22 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def _batch_size(inputs: Any, targets: Any) -> int:
     for value in (targets, inputs):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-        if isinstance(value, tuple | list) and value:
-            return _batch_size(value[0], None)
-        if isinstance(value, Mapping) and value:
-            return _batch_size(next(iter(value.values())), None)
+        size = _leading(value)
+        if size is not None:
+            return size
     return 1
+
+
+def _leading(value: Any) -> int | None:
+    """The batch size ``value`` shows: a tensor's first dimension, a sequence's first element's,
+    a mapping's first value that has one (a 0-d flag or a scalar has none)."""
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() > 0 else None
+    if isinstance(value, tuple | list):
+        return _leading(value[0]) if value else None
+    if isinstance(value, Mapping):
+        return next((n for n in map(_leading, value.values()) if n is not None), None)
+    return None
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

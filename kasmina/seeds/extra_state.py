@@ -191,9 +191,11 @@ def check_seed_state(
             f"and this seed holds one in {seed.stage.name}; {_advice(seed)}"
         )
     column = StateColumn.BLUEPRINT_ID
-    owned = live and seed.state_table.owned(seed.state_index) and not _OWNER_RESTORE.get()
-    if owned and int(seed.state_table.state_tensor[seed.state_index, column]) != int(
-        saved.row[column]
+    owned = seed.state_table.owned(seed.state_index) and not _OWNER_RESTORE.get()
+    if (
+        live
+        and owned
+        and int(seed.state_table.state_tensor[seed.state_index, column]) != int(saved.row[column])
     ):
         raise ValueError(
             f"seed {seed.seed_id}: the state was saved with a kernel of another artifact; "

@@ -73,6 +73,7 @@ from kasmina.seeds.outputs import (
     on_dense,
     output_element,
     recorded_spec,
+    recording_deferred,
     replace_output_element,
 )
 from kasmina.seeds.seed import KD_STAGES, GradientIsolatedSeed
@@ -93,11 +94,8 @@ _FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bi
 
 
 class _SeedsLive(torch.Tensor):
-    """Marks a host tensor handed to a fused path while seeds run (see the module docstring).
-
-    A plain subclass: ``torch.overrides.has_torch_function`` is true for it, which is exactly
-    what the fused path tests before it skips the modules. Nothing else about it differs.
-    """
+    """Marks a host tensor handed to a fused path while seeds run (module docstring): a plain
+    subclass, for which ``has_torch_function`` (what the fused path tests) is true."""
 
 
 class KasminaLayer(nn.Module):
@@ -363,8 +361,10 @@ class KasminaLayer(nn.Module):
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
         """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
-        element = dense(output_element(out, self.output_index))
-        spec = recorded_spec(element, self._modules["host"])
+        element, host = dense(output_element(out, self.output_index)), self._modules["host"]
+        if recording_deferred(element, host):  # autocast's dtype only: a later forward records
+            return
+        spec = recorded_spec(element, host)
         self.output_contract = spec if spec is not None else self._no_tensor(out, element)
         self.input_spec = activation_spec(dense(args[0])) if args else None
 

@@ -30,6 +30,7 @@ __all__ = [
     "dense",
     "on_dense",
     "recorded_spec",
+    "recording_deferred",
     "output_element",
     "replace_output_element",
 ]
@@ -107,15 +108,30 @@ def recorded_spec(value: object, host: nn.Module) -> ActivationSpec | None:
     """:func:`activation_spec` of a host's output as a slot records it: under ``torch.autocast``
     the output's dtype is autocast's, and the dtype recorded is the one the host computes in
     outside it (its floating parameters'), the dtype the seeds must share to run in both (an
-    fp32 kernel runs under bf16 autocast too; a bf16 kernel faults in an fp32 evaluation)."""
+    fp32 kernel runs under bf16 autocast too; a bf16 kernel faults in an fp32 evaluation).
+    A host without floating parameters does not say: see :func:`recording_deferred`."""
     spec = activation_spec(value)
-    if spec is None or not spec[1].is_floating_point:
-        return spec
-    kind = spec[2].type
-    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+    if spec is None or not _under_autocast(spec):
         return spec
     dtype = next((p.dtype for p in host.parameters() if p.is_floating_point()), spec[1])
     return (spec[0], dtype, spec[2])
+
+
+def recording_deferred(value: object, host: nn.Module) -> bool:
+    """Whether a slot leaves its record to a later forward: under ``torch.autocast`` a host
+    without floating parameters (an activation, a residual sum) has no dtype of its own to
+    record, only autocast's; a forward outside autocast records it."""
+    spec = activation_spec(value)
+    if spec is None or not _under_autocast(spec):
+        return False
+    return not any(p.is_floating_point() for p in host.parameters())
+
+
+def _under_autocast(spec: ActivationSpec) -> bool:
+    kind = spec[2].type
+    if not spec[1].is_floating_point or not torch.amp.is_autocast_available(kind):
+        return False
+    return torch.is_autocast_enabled(kind)
 
 
 def dense(value: Any) -> Any:

@@ -274,6 +274,7 @@ def test_semantically_invalid_signed_commands_are_rejected(rig: Rig, reason: str
         ("unknown_optimizer_command", make_optimizer_command(0)),
         ("unknown_optimizer_command", make_optimizer_command(77)),
         ("missing_optimizer_id", make_optimizer_command("create_seed")),
+        ("bad_optimizer_id", make_optimizer_command("step", "o" * 257)),
         ("bad_learning_rate", make_optimizer_command("step", learning_rate=math.inf)),
         ("bad_learning_rate", make_optimizer_command("step", learning_rate=-0.1)),
         ("bad_grad_clip_norm", make_optimizer_command("step", grad_clip_norm=math.nan)),

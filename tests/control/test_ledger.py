@@ -124,6 +124,16 @@ def test_a_corrupt_tail_line_is_skipped_with_one_warning(keyring, clock, path, c
     assert start(keyring, clock, path).ledger_size == 4  # the rewrite dropped the bad lines
 
 
+def test_a_path_that_names_another_file_is_refused_not_overwritten(keyring, clock, path):
+    """A mistyped ledger path must not destroy what it names: a file with no header and not
+    one record is no ledger (a torn last line of a real one still is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"precious user data\nmore of it\n")
+    with pytest.raises(ValueError, match="is not a kasmina nonce ledger"):
+        start(keyring, clock, path)
+    assert path.read_bytes() == b"precious user data\nmore of it\n"
+
+
 def test_the_file_stays_bounded_after_many_commands(keyring, clock, path) -> None:
     """20,000 commands at 1,000/s through a 2 s window: at most ~4,000 live nonces, and the
     file never holds more than twice those plus the compaction slack. (Durability does not

@@ -124,7 +124,7 @@ class KeywordInputs(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, scale: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.inner(features) * scale
 
 
@@ -135,12 +135,16 @@ def test_mapping_inputs_are_passed_as_keyword_arguments() -> None:
     want = evaluate_seeds(registry, [(x, t)], F.mse_loss)
     keyword = KeywordInputs(model)
     registry.model = keyword
-    batch = {"features": x, "scale": torch.ones(())}  # a tokenizer's BatchEncoding is a Mapping
+    batch = {"scale": torch.ones(()), "features": x}  # a tokenizer's BatchEncoding is a Mapping
     got = evaluate_seeds(registry, [(batch, t)], F.mse_loss)
     assert set(got) == set(want)
     for sid, ev in want.items():
         assert got[sid].loss_with == ev.loss_with and got[sid].loss_without == ev.loss_without
-        assert got[sid].samples == 4  # the batch size read from the mapping's first tensor
+        assert got[sid].samples == 4
+    # Targets that show no batch size (a loss that reads labels from the batch itself): the
+    # size is the first mapping value that has one, past the 0-d scale.
+    sized = evaluate_seeds(registry, [(batch, None)], lambda out, _: F.mse_loss(out, t))
+    assert all(ev.samples == 4 for ev in sized.values())
 
 
 def test_no_live_seed_means_no_forward() -> None:

@@ -164,6 +164,28 @@ def test_a_snapshot_of_another_stage_is_refused_and_a_rollback_still_restores_it
     assert SEED0 in rig.train(1)["seeds_stepped"]
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_kernelless_seeds_stage_is_the_managers_too(rig, strict) -> None:
+    """A culled seed (COOLDOWN, no kernel) must not skip its embargo to DORMANT through a
+    snapshot, nor a TERMINATED one come back to life."""
+    from kasmina.control.commands import make_seed_command
+
+    rig, artifact_id, _ = rig
+    dormant = clone_state(rig.model.state_dict())
+    _grow_to_grafting(rig, artifact_id)
+    assert rig.send("cull", SEED0) and rig.stage(SEED0) == S.COOLDOWN
+    before = _everything(rig)
+    with pytest.raises(ValueError, match="saved in DORMANT and the seed is COOLDOWN"):
+        rig.model.load_state_dict(dormant, strict=strict)
+    assert _same(_everything(rig), before)
+    terminate = rig.signed(make_seed_command("terminate", "out[1]"))
+    assert run_command(rig.manager, terminate) and rig.stage("out[1]") == S.TERMINATED
+    only_terminated = {k: v for k, v in dormant.items() if ".seeds.0." not in k}
+    with pytest.raises(ValueError, match="saved in DORMANT and the seed is TERMINATED"):
+        rig.model.load_state_dict(only_terminated, strict=False)
+    assert rig.stage("out[1]") == S.TERMINATED and rig.stage(SEED0) == S.COOLDOWN
+
+
 def test_only_the_managed_model_is_owned(rig) -> None:
     """The artifact rule is the manager's: a deep copy of its model has no manager."""
     rig, artifact_id, _ = rig

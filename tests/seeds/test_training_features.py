@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kasmina.kd import KDConfig
+from kasmina.kd.loss import seed_kd_loss
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from tests.seeds.test_fault_containment import RUNNING, Raises, walk
@@ -139,6 +140,20 @@ def test_the_recorded_dtype_is_the_hosts_own_under_autocast_too(first: str) -> N
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half(x.to(torch.bfloat16))
     assert half.chunk_spec()[1] == torch.bfloat16
+    # A host without parameters has only autocast's dtype to show: the record waits for a
+    # forward outside autocast.
+    act = KasminaLayer(nn.GELU(), 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        act(x.to(torch.bfloat16))
+    assert act.output_contract is None
+    act(x)
+    assert act.chunk_spec() == (torch.Size([5, 4]), torch.float32, torch.device("cpu"))
+
+
+def test_a_seed_kd_loss_over_no_classes_is_a_value_error() -> None:
+    config = KDConfig()
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        seed_kd_loss(config, torch.zeros(3, 0), torch.zeros(3, 0))
 
 
 @pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
