@@ -17,8 +17,17 @@ from pathlib import Path
 
 from kasmina.cli.common import PROG, CLIError, one_line, positive_int
 from kasmina.errors import KasminaError
+from kasmina.utils.keyring import MIN_KEY_BYTES
 
 # ------------------------------------------------------------------------------------ keygen
+
+
+def _key_bytes(text: str) -> int:
+    """A key length from ``MIN_KEY_BYTES`` (what a keyring accepts) to 1,024 bytes."""
+    value = positive_int(text)
+    if not MIN_KEY_BYTES <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"expected {MIN_KEY_BYTES} to 1024 bytes, got {value}")
+    return value
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -241,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--force", action="store_true", help="replace a key with the same id, or a key file"
     )
-    keygen.add_argument("--bytes", type=positive_int, default=32, help="key length (32)")
+    keygen.add_argument(
+        "--bytes", type=_key_bytes, default=32, help=f"key length, {MIN_KEY_BYTES}-1024 (32)"
+    )
     keygen.set_defaults(func=_cmd_keygen)
 
     bench = sub.add_parser(

@@ -200,8 +200,14 @@ def _client(args: argparse.Namespace, publishers: TrustedPublishers | None) -> U
 def _cmd_urza_publish(args: argparse.Namespace) -> int:
     import torch
 
+    from kasmina.urza.artifact import validate_artifact_id
     from kasmina.urza.publish import publish_artifact
 
+    if args.artifact_id is not None:  # given, even empty: never replaced by a generated one
+        try:
+            validate_artifact_id(args.artifact_id)
+        except ValueError as exc:
+            raise CLIError(f"--artifact-id: {one_line(exc)}") from None
     publisher = _signing_key(args)
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

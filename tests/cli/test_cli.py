@@ -68,6 +68,9 @@ def test_usage_errors_exit_2(capsys) -> None:
     assert run(capsys, "demo", "--epochs", "0")[0] == 2
     assert run(capsys, "urza", "publish", "--store", "s")[0] == 2  # needs --builtin/--factory
     assert run(capsys, "frobnicate")[0] == 2
+    for size in ("8", "100000000000"):  # a keyring refuses short keys; a huge one ran out of memory
+        rc, _, err = run(capsys, "keygen", "--bytes", size)
+        assert rc == 2 and "expected 16 to 1024 bytes" in err and "Traceback" not in err
 
 
 def test_a_store_whose_backend_is_not_installed_is_one_error_line(capsys, monkeypatch) -> None:
@@ -204,6 +207,10 @@ def test_urza_publish_list_verify_round_trip(tmp_path, keys, publishers, capsys)
     a = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8")
     b = publish(capsys, store, keys, "--builtin", "affine-shift", "--dim", "4", "--artifact-id=x1")
     assert a.startswith("residual-mlp-") and b == "x1"
+    for bad in ("", "../x"):  # an id given is used or refused, never replaced
+        argv = ["urza", "publish", "--store", str(store), "--key", str(keys), "--builtin"]
+        rc, _, err = run(capsys, *argv, "residual-mlp", "--dim", "8", f"--artifact-id={bad}")
+        assert_one_line_error(rc, err, "--artifact-id")
     # Same blueprint, width and seed: the same bytes, so the same id (publishing is idempotent).
     assert publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8") == a
 

@@ -322,26 +322,30 @@ class NaNKernel(nn.Module):
         return self.linear(x) * float("nan")
 
 
+def _seed_kd(teacher: torch.Tensor, x: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """The KD loss of fresh distilling seeds (ISOLATED_INIT) on ``x`` against ``teacher``;
+    with ``backward``, after checking that every seed's gradient is finite."""
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    layer.set_teacher_logits(teacher)
+    layer(x)
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and torch.isfinite(kd)
+    if backward:
+        kd.backward()
+        grads = [p.grad for s in layer.seeds for p in s.seed_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return kd.detach()
+
+
 def test_a_non_finite_teacher_row_teaches_nothing() -> None:
     """A teacher row holding inf (an fp16 teacher's overflow) is masked: the loss is the one
     over the other rows, and every seed's gradient stays finite."""
-    layer = _distilling_layer(S.ISOLATED_INIT)
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(12))
     teacher = torch.randn(5, 4, generator=torch.Generator().manual_seed(13))
     bad = teacher.clone()
     bad[0, 1] = float("inf")
-    layer.set_teacher_logits(bad)
-    layer(x)
-    kd = layer.get_and_clear_kd_losses()
-    assert kd is not None and torch.isfinite(kd)
-    kd.backward()
-    assert all(torch.isfinite(p.grad).all() for s in layer.seeds for p in s.seed_parameters())
-    rest = _distilling_layer(S.ISOLATED_INIT)  # the same seeds on the other rows alone
-    rest.set_teacher_logits(teacher[1:])
-    rest(x[1:])
-    want = rest.get_and_clear_kd_losses()
-    assert want is not None
-    torch.testing.assert_close(kd.detach(), want.detach())
+    kd = _seed_kd(bad, x, backward=True)
+    torch.testing.assert_close(kd, _seed_kd(teacher[1:], x[1:]))  # the other rows alone
 
 
 def test_a_teacher_row_that_rules_classes_out_still_teaches() -> None:
@@ -352,21 +356,7 @@ def test_a_teacher_row_that_rules_classes_out_still_teaches() -> None:
     teacher = torch.randn(5, 4, generator=torch.Generator().manual_seed(15))
     teacher[0, 1] = teacher[2, 0] = float("-inf")
     teacher[4] = float("-inf")
-    layer = _distilling_layer(S.ISOLATED_INIT)
-    layer.set_teacher_logits(teacher)
-    layer(x)
-    kd = layer.get_and_clear_kd_losses()
-    assert kd is not None and torch.isfinite(kd)
-    kd.backward()
-    assert all(torch.isfinite(p.grad).all() for s in layer.seeds for p in s.seed_parameters())
-    rest = _distilling_layer(S.ISOLATED_INIT)  # rows 0-3, their -inf logits included
-    rest.set_teacher_logits(teacher[:4])
-    rest(x[:4])
-    want = rest.get_and_clear_kd_losses()
-    assert want is not None and torch.isfinite(want)
-    torch.testing.assert_close(kd.detach(), want.detach())
-    without = _distilling_layer(S.ISOLATED_INIT)  # the ruled-out rows dropped: another loss
-    without.set_teacher_logits(teacher[[1, 3]])
-    without(x[[1, 3]])
-    other = without.get_and_clear_kd_losses()
-    assert other is not None and not torch.allclose(kd.detach(), other.detach())
+    kd = _seed_kd(teacher, x, backward=True)
+    torch.testing.assert_close(kd, _seed_kd(teacher[:4], x[:4]))  # their -inf logits included
+    other = _seed_kd(teacher[[1, 3]], x[[1, 3]])  # the ruled-out rows dropped: another loss
+    assert not torch.allclose(kd, other)
