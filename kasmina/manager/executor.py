@@ -410,7 +410,7 @@ class CommandExecution:
             # Fossilized: the seed is part of the host now; its parameters join the host
             # optimizer (when there is one; otherwise its own optimizer keeps stepping it).
             record.monitor = None
-            record.last_output = None
+            record.last_output, record.input_grad = None, False
             if state.optimizers.has_host and record.seed_id in state.optimizers.seed_ids:
                 state.optimizers.promote_seed(record.seed_id)
         elif new == S.HARVESTING:

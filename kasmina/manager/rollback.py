@@ -336,7 +336,7 @@ def _commit(
         record.graft_steps = int(saved.get("graft_steps", 0))
         if not record.timeline or record.timeline[-1][2] != record.stage.name:
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
-        record.last_output = None
+        record.last_output, record.input_grad = None, False
         record.seed.probe_result = None
         record.seed.evaluation = None  # measured on weights the rollback threw away
         record.monitor = monitors.get(record.seed_id)

@@ -356,7 +356,7 @@ class KasminaLayer(nn.Module):
         else:
             plan = self._plan
         element = output_element(out, self.output_index)
-        grafted = on_dense(element, lambda dense: self._graft(dense, plan, teacher_logits))
+        grafted = on_dense(element, self._graft, plan, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:

@@ -141,12 +141,12 @@ def dense(value: Any) -> Any:
     return value
 
 
-def on_dense(value: Any, fn: Callable[[Any], Any]) -> Any:
-    """``fn(value)``; for a nested tensor, ``fn`` of its zero-padded form, packed back to the
-    components' own shapes (the padding the seeds saw is dropped)."""
+def on_dense(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(value, *args)``; for a nested tensor, ``fn`` of its zero-padded form, packed back to
+    the components' own shapes (the padding the seeds saw is dropped)."""
     if not (isinstance(value, torch.Tensor) and value.is_nested):
-        return fn(value)
-    padded = fn(value.to_padded_tensor(0.0))
+        return fn(value, *args)
+    padded = fn(value.to_padded_tensor(0.0), *args)
     parts = [
         row[tuple(slice(0, n) for n in part.shape)]
         for row, part in zip(padded.unbind(0), value.unbind(), strict=True)
