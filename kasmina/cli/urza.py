@@ -193,6 +193,16 @@ def _client(args: argparse.Namespace, publishers: TrustedPublishers | None) -> U
     url = args.store
     if "://" not in url and not Path(url).is_dir():
         raise CLIError(f"no Urza store at {url!r} (not a directory)")
+    if "://" in url:  # a local store named by URL is checked alike; remote ones answer later
+        from kasmina.urza.artifact import open_store
+
+        try:
+            fs, root = open_store(url)
+        except Exception as exc:  # a missing fsspec backend, a malformed URL
+            raise CLIError(f"cannot open the store {url!r}: {one_line(exc)}") from None
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+        if "file" in protocols and not fs.isdir(root):
+            raise CLIError(f"no Urza store at {url!r} (not a directory)")
     trusted = publishers if publishers is not None else TrustedPublishers()
     return UrzaLibraryClient(url, trusted, retries=0)
 

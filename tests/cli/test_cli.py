@@ -385,6 +385,8 @@ def test_urza_publish_from_a_factory(tmp_path, keys, publishers, capsys, monkeyp
     ("argv", "fragment"),
     [
         (["urza", "list", "--store", "{tmp}/missing"], "no Urza store"),
+        (["urza", "list", "--store", "file://{tmp}/missing"], "no Urza store"),
+        (["urza", "verify", "--store", "file://{tmp}/missing", "--key", "{keys}"], "no Urza"),
         (
             ["urza", "verify", "--store", "{tmp}", "--publishers", "{tmp}/nokeys.json"],
             "nokeys.json",
