@@ -20,12 +20,13 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   (``bad_embargo_epochs``); TERMINATE takes no parameter;
 - rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``;
 - optimizer ``learning_rate``: 0 (unset: keep the current lr / the default on creation) or
-  (0, ``MAX_LEARNING_RATE``] -> ``bad_learning_rate``;
-- optimizer ``grad_clip_norm``: [0, ``MAX_GRAD_CLIP_NORM``] = [0, 1e6], 0 = no clipping ->
-  ``bad_grad_clip_norm``;
-- optimizer ``parameters`` (creation options): ``weight_decay`` and ``dampening`` in [0, 1],
-  ``momentum``, ``beta1`` and ``beta2`` in [0, 1), ``eps`` in (0, 1] -> ``bad_<key>``; any other
-  key is ``unknown_parameter``.
+  (0, ``MAX_LEARNING_RATE``], and only on a creation or a STEP -> ``bad_learning_rate``;
+- optimizer ``grad_clip_norm``: [0, ``MAX_GRAD_CLIP_NORM``] = [0, 1e6], 0 = no clipping, and
+  only on a STEP -> ``bad_grad_clip_norm``;
+- optimizer ``parameters`` (creation options, INITIALIZE_HOST and CREATE_SEED only):
+  ``weight_decay`` and ``dampening`` in [0, 1], ``momentum``, ``beta1`` and ``beta2`` in [0, 1),
+  ``eps`` in (0, 1] -> ``bad_<key>``; any other key, or any key on a command that creates
+  nothing, is ``unknown_parameter``.
 
 A NaN or infinite parameter value is ``non_finite_parameter`` whatever its key.
 """
@@ -69,6 +70,9 @@ _OPTIMIZER_COMMANDS = frozenset(v for v in CommandType.values() if v != 0)
 _PRIORITIES = frozenset(MessagePriority.values())
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 _CREATE_SEED = CommandType.COMMAND_TYPE_CREATE_SEED
+_STEP = CommandType.COMMAND_TYPE_STEP
+_CREATES = frozenset((CommandType.COMMAND_TYPE_INITIALIZE_HOST, _CREATE_SEED))
+_SETS_LR = _CREATES | {_STEP}
 COMMAND_KINDS = ("seed", "rollback", "optimizer")
 
 # Longest timeout a command may carry, in whole seconds. Protobuf's Duration allows ~10,000
@@ -303,13 +307,14 @@ def _optimizer_problem(opt: OptimizerCommand) -> str | None:
     if len(opt.optimizer_id) > MAX_ID_CHARS:  # ids are bounded, as the command's own
         return "bad_optimizer_id"
     clip = opt.grad_clip_norm  # NaN fails every comparison, so it is refused too
-    if not 0.0 <= clip <= MAX_GRAD_CLIP_NORM:
-        return "bad_grad_clip_norm"
+    if not 0.0 <= clip <= MAX_GRAD_CLIP_NORM or (clip and opt.command_type != _STEP):
+        return "bad_grad_clip_norm"  # only a STEP clips
     lr = opt.learning_rate  # 0 means unset: keep the lr (STEP) or take the default (creation)
-    if not (lr == 0.0 or _LEARNING_RATE.admits(lr)):
+    if not (lr == 0.0 or _LEARNING_RATE.admits(lr)) or (lr and opt.command_type not in _SETS_LR):
         return "bad_learning_rate"
-    if opt.parameters:
-        return _parameter_problem(opt.parameters, _OPTIMIZER_PARAMETERS)
+    if opt.parameters:  # creation options: a command that creates nothing takes none
+        allowed = _OPTIMIZER_PARAMETERS if opt.command_type in _CREATES else {}
+        return _parameter_problem(opt.parameters, allowed)
     return None
 
 

@@ -119,11 +119,11 @@ def test_valid_seed_command_is_executed_once_and_reported(rig: Rig) -> None:
 def test_rollback_and_optimizer_commands_are_converted(rig: Rig) -> None:
     rb = make_rollback_command(7, emergency=True, reason="loss spike", command_id="rb")
     assert rig.handler.handle_adaptation_command(rig.sign(rb))
-    opt = make_optimizer_command(
-        "step", "host", grad_clip_norm=1.0, learning_rate=0.01, parameters={"momentum": 0.9}
-    )
+    opt = make_optimizer_command("step", "host", grad_clip_norm=1.0, learning_rate=0.01)
     assert rig.handler.handle_adaptation_command(rig.sign(opt))
-    rollback_cmd, optimizer_cmd = rig.executor.commands
+    create = make_optimizer_command("create_seed", "s0", parameters={"momentum": 0.9})
+    assert rig.handler.handle_adaptation_command(rig.sign(create))
+    rollback_cmd, optimizer_cmd, create_cmd = rig.executor.commands
     assert rollback_cmd.kind == "rollback" and rollback_cmd.seed is None
     assert rollback_cmd.rollback == RollbackAction(7, True, "loss spike")
     assert rollback_cmd.priority == MessagePriority.MESSAGE_PRIORITY_HIGH
@@ -131,7 +131,8 @@ def test_rollback_and_optimizer_commands_are_converted(rig: Rig) -> None:
     assert optimizer_cmd.optimizer.command_type == CommandType.COMMAND_TYPE_STEP
     assert optimizer_cmd.optimizer.optimizer_id == "host"
     assert optimizer_cmd.optimizer.learning_rate == pytest.approx(0.01)
-    assert dict(optimizer_cmd.optimizer.parameters) == {"momentum": 0.9}
+    assert create_cmd.optimizer.optimizer_id == "s0"
+    assert dict(create_cmd.optimizer.parameters) == {"momentum": 0.9}
 
 
 def test_bytearray_and_memoryview_inputs(rig: Rig) -> None:
@@ -310,6 +311,10 @@ def optimizer(**fields) -> AdaptationCommand:
     return make_optimizer_command("initialize_host", "host", **fields)
 
 
+def optimizer_step(**fields) -> AdaptationCommand:
+    return make_optimizer_command("step", "host", **fields)
+
+
 TINY = 5e-324  # the smallest positive double
 F32_TINY = 1e-45  # the smallest positive float32
 UP = math.inf
@@ -359,12 +364,17 @@ RANGE_CASES = [
     ("bad_learning_rate", optimizer(learning_rate=f32_up(MAX_LEARNING_RATE))),
     ("bad_learning_rate", optimizer(learning_rate=1e30)),
     ("bad_learning_rate", optimizer(learning_rate=math.nan)),
-    # optimizer grad_clip_norm: [0, 1e6], 0 = no clipping
-    (None, optimizer(grad_clip_norm=0.0)),
-    (None, optimizer(grad_clip_norm=MAX_GRAD_CLIP_NORM)),
-    ("bad_grad_clip_norm", optimizer(grad_clip_norm=-F32_TINY)),
-    ("bad_grad_clip_norm", optimizer(grad_clip_norm=f32_up(MAX_GRAD_CLIP_NORM))),
-    ("bad_grad_clip_norm", optimizer(grad_clip_norm=math.inf)),
+    (None, optimizer_step(learning_rate=MAX_LEARNING_RATE)),
+    ("bad_learning_rate", make_optimizer_command("reset_state", "host", learning_rate=0.1)),
+    ("bad_learning_rate", make_optimizer_command("register_teacher", learning_rate=0.1)),
+    # optimizer grad_clip_norm: [0, 1e6], 0 = no clipping, on a STEP only
+    (None, optimizer_step(grad_clip_norm=0.0)),
+    (None, optimizer_step(grad_clip_norm=MAX_GRAD_CLIP_NORM)),
+    ("bad_grad_clip_norm", optimizer_step(grad_clip_norm=-F32_TINY)),
+    ("bad_grad_clip_norm", optimizer_step(grad_clip_norm=f32_up(MAX_GRAD_CLIP_NORM))),
+    ("bad_grad_clip_norm", optimizer_step(grad_clip_norm=math.inf)),
+    ("bad_grad_clip_norm", optimizer(grad_clip_norm=1.0)),
+    ("bad_grad_clip_norm", make_optimizer_command("reset_state", "host", grad_clip_norm=1.0)),
     # optimizer parameters (creation options)
     (None, optimizer(parameters={"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0})),
     (None, optimizer(parameters={"weight_decay": 1.0, "dampening": 1.0, "eps": 1.0})),
@@ -385,6 +395,11 @@ RANGE_CASES = [
     ("bad_eps", optimizer(parameters={"eps": math.nextafter(1.0, UP)})),
     ("unknown_parameter", optimizer(parameters={"lr": 0.1})),
     ("unknown_parameter", optimizer(parameters={"maximize": 1.0})),
+    (None, make_optimizer_command("create_seed", "s0", parameters={"momentum": 0.5})),
+    # creation options on a command that creates nothing
+    ("unknown_parameter", optimizer_step(parameters={"momentum": 0.5})),
+    ("unknown_parameter", make_optimizer_command("reset_state", parameters={"eps": 0.1})),
+    ("unknown_parameter", make_optimizer_command("register_teacher", parameters={"eps": 0.1})),
     ("non_finite_parameter", optimizer(parameters={"lr": math.nan})),
 ]
 
