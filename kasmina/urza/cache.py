@@ -16,6 +16,7 @@ got from the cache can tell afterwards whether the copy may have read released m
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -39,8 +40,8 @@ class GPUKernelCache:
     """Thread-safe LRU of kernels by id, bounded by ``cache_size_mb`` of device memory."""
 
     def __init__(self, cache_size_mb: float) -> None:
-        if isinstance(cache_size_mb, bool) or not cache_size_mb >= 0:
-            raise ValueError(f"cache_size_mb must be >= 0, got {cache_size_mb!r}")
+        if isinstance(cache_size_mb, bool) or not 0 <= cache_size_mb < math.inf:
+            raise ValueError(f"cache_size_mb must be finite and >= 0, got {cache_size_mb!r}")
         self.max_bytes = int(cache_size_mb * 1024 * 1024)
         self._entries: dict[str, tuple[CachedKernel, int]] = {}
         # Unpinned ids, least recently used first: the only eviction candidates, so neither a

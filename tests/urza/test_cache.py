@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import sys
 import threading
@@ -120,8 +121,9 @@ def test_replacing_and_evicting() -> None:
     cache.unpin("k")
     assert cache.evict("k") and new.releases == 1 and cache.bytes_used == 0
     assert not cache.evict("k")
-    with pytest.raises(ValueError):
-        GPUKernelCache(cache_size_mb=-1)
+    for bad in (-1, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match="cache_size_mb"):
+            GPUKernelCache(cache_size_mb=bad)
 
 
 def test_concurrent_get_put_evict_keeps_the_books_straight() -> None:
