@@ -204,6 +204,7 @@ class CommandExecution:
         columns = (StateColumn.BLUEPRINT_ID, StateColumn.PERFORMANCE_GATE)
         saved = table.state_tensor[row, list(columns)].clone()
         performance_gate = seed.performance_gate
+        created = False  # the undo removes only an optimizer this GERMINATE created
         try:
             self._dry_run(record, kernel, artifact_id)
             seed.attach_kernel(kernel, artifact_id)
@@ -218,6 +219,7 @@ class CommandExecution:
                 optimizer_cls=state.optimizer_cls,
                 **state.optimizer_options,
             )
+            created = True
             record.artifact_id, record.kernel, record.pinned = artifact_id, kernel, pinned
             record.hook_kernel(kernel)
             record.monitor = self.guard.new_monitor(record, state.require_registry())
@@ -225,7 +227,7 @@ class CommandExecution:
             seed.performance_gate = state.config.performance_gate / SCALE
             seed.transition_to(S.ISOLATED_INIT, gate=1)
         except BaseException:
-            self._undo_germinate(record, kernel, artifact_id, pinned)
+            self._undo_germinate(record, kernel, artifact_id, pinned, created)
             seed.performance_gate = performance_gate
             for column, value in zip(columns, saved.tolist(), strict=True):  # on failure only
                 table.set_column(row, column, value)
@@ -292,9 +294,9 @@ class CommandExecution:
                         buffer.copy_(saved)
 
     def _undo_germinate(
-        self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool
+        self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool, created: bool
     ) -> None:
-        if record.seed_id in self.state.optimizers.seed_ids:
+        if created:
             self.state.optimizers.remove_seed(record.seed_id)
         if record.seed.kernel is kernel:
             record.seed.detach_kernel()

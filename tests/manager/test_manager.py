@@ -977,3 +977,15 @@ def test_a_germinate_failing_at_its_transition_leaves_the_row_as_it_was(
     assert seed.performance_gate == gate and seed.kernel is None
     assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
     assert seed.performance_gate == manager.config.performance_gate / SCALE
+
+
+def test_a_refused_germinate_removes_only_an_optimizer_it_created(rig: Rig, mlp) -> None:
+    """An optimizer already under the seed's id (registered by hand) makes GERMINATE fail at
+    its creation; the undo leaves that optimizer alone, since this GERMINATE did not make it."""
+    manager = rig.manager
+    rig.train(1)
+    own = torch.nn.Parameter(torch.zeros(3))
+    theirs = manager.optimizers.create_seed_optimizer(SEED0, [own])
+    assert not rig.send("germinate", SEED0, mlp)
+    assert "already has an optimizer" in manager.command_log[-1][3]
+    assert manager.optimizers.optimizer(SEED0) is theirs and manager.seed(SEED0).kernel is None
