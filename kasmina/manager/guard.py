@@ -57,7 +57,9 @@ class IsolationGuard:
             config.checkpoint_key_path, config.run_id
         )
         self.telemetry = telemetry
-        self.counters = counters  # the manager's: "isolation_violations", "circuit_breaker_trips"
+        # The manager's: "isolation_violations" (violating steps), "isolation_seed_violations"
+        # (violations, one per monitor per violating step), "circuit_breaker_trips".
+        self.counters = counters
         self.external: list[GradientIsolationMonitor] = []
         self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
 
@@ -171,9 +173,13 @@ class IsolationGuard:
         return clean
 
     def _verify(self, monitor: GradientIsolationMonitor) -> bool:
+        """The monitor's verdict on this step; a violation it found is counted, once."""
+        before = monitor.violation_count
         try:
-            return monitor.verify_isolation_after_step()
+            clean = monitor.verify_isolation_after_step()
         except GradientIsolationViolationError as exc:
             self.counters["circuit_breaker_trips"] += 1
             logger.critical("%s (the host keeps training)", exc)
-            return False
+            clean = False
+        self.counters["isolation_seed_violations"] += monitor.violation_count - before
+        return clean

@@ -115,12 +115,13 @@ class ManagerReport:
         return state.telemetry.packet(metrics)
 
     def _isolation_metrics(self) -> list[Metric]:
-        """The counters are the manager's own, which only go up; the live seeds' violation
+        """The counters are the manager's own, which only go up (``violations``: one per seed
+        per violating step; ``violating_steps``: steps with any); the live seeds' violation
         counts (reset by RECYCLING and put back by a rollback) are a gauge."""
         registry = self.state.registry
         seeds = list(registry) if registry is not None else []
         live = sum(r.seed.isolation_violations for r in seeds)
-        violations = self.state.counters["isolation_violations"]
+        violations = self.state.counters["isolation_seed_violations"]
         return [
             ("isolation.violations", float(violations), _COUNTER, None),
             ("isolation.seed_violations", float(live), _GAUGE, None),

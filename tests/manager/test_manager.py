@@ -891,6 +891,7 @@ def test_isolation_violations_is_a_counter_a_rollback_never_lowers(kd_rig: Rig, 
 
     before = isolation()
     assert before["isolation.violations"] == (2.0, MetricType.METRIC_TYPE_COUNTER)
+    assert before["isolation.violating_steps"] == (2.0, MetricType.METRIC_TYPE_COUNTER)
     assert before["isolation.seed_violations"][0] == manager.seed(SEED0).isolation_violations > 0
     assert run_command(manager, rig.signed(make_rollback_command(0)))
     after = isolation()
@@ -989,3 +990,21 @@ def test_a_refused_germinate_removes_only_an_optimizer_it_created(rig: Rig, mlp)
     assert not rig.send("germinate", SEED0, mlp)
     assert "already has an optimizer" in manager.command_log[-1][3]
     assert manager.optimizers.optimizer(SEED0) is theirs and manager.seed(SEED0).kernel is None
+
+
+def test_isolation_violations_counts_each_seed_and_violating_steps_each_step(
+    kd_rig: Rig, mlp
+) -> None:
+    """One step whose shared seed-only KD backward leaks is one violating step and a violation
+    for each of the two seeds in it."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    rig.train(1)
+    rig.slot.set_teacher_logits(torch.randn(16, 4))
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    manager.backward(loss, kd_loss=manager.collect_kd_losses() + rig.model.inp.weight.sum())
+    assert not manager.step()["isolation_clean"]
+    metrics = {m.name: m.value for m in manager.export_leyline_telemetry().metrics}
+    assert metrics["isolation.violations"] == 2.0
+    assert metrics["isolation.violating_steps"] == 1.0
+    assert [manager.seed(s).isolation_violations for s in (SEED0, SEED1)] == [1, 1]
