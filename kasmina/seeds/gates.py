@@ -97,7 +97,14 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
 
     Runs without gradient, in the module's current mode; buffers the forward mutates (batch-norm
     statistics) are put back, so counting changes nothing. A module that raises propagates.
+    A floating ``x`` is cast to the module's own floating dtype first: activations recorded
+    under ``torch.autocast`` are in autocast's dtype, which the module, run outside autocast,
+    would refuse, and the count does not depend on the dtype.
     """
+    if x.dtype.is_floating_point:
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1 and x.dtype not in dtypes:
+            x = x.to(dtypes.pop())
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

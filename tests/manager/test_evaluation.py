@@ -414,3 +414,31 @@ def test_g3_decides_identically_on_a_busy_machine(rig: Rig, mlp) -> None:
     assert quiet == busy == [(True, 1.0)] * 3
     manager.config.max_seed_cost_ratio = 0.5
     assert g3() == (False, 1.0)
+
+
+def test_g3_counts_costs_of_a_host_trained_under_autocast(rig: Rig, mlp) -> None:
+    """Under ``torch.autocast`` the slot records its input in autocast's dtype; counting the
+    host's and the kernel's FLOPs outside autocast must still work, so G3's cost limit holds
+    whatever the training precision (the counts depend on shapes only)."""
+    manager = rig.manager
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = rig.model(rig.x)
+            manager.backward(F.cross_entropy(logits.float(), rig.y))
+            manager.step()
+
+    train(1)
+    assert rig.slot.input_spec[1] == torch.bfloat16  # what autocast handed the host
+    assert rig.send("germinate", SEED0, mlp)
+    train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    train(1)
+    record = manager.require_registry()[SEED0]
+    manager.config.latency_budget_ms = math.inf
+    result = manager.execution.evaluate_gate(record, S.GRAFTING)
+    assert (result.gate, result.passed, result.score) == (3, True, 1.0)  # counted, as in fp32
+    manager.config.max_seed_cost_ratio = 0.5
+    assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
