@@ -11,6 +11,11 @@ Side effects of transitions live in ``on_transition`` (called for every applied 
 whoever made it): a seed that reaches HARVESTING has its kernel copy released, the cached
 original unpinned, its optimizer and monitor dropped and a field report recorded, whether a CULL
 command or the seed itself sent it there.
+
+An interrupt (``KeyboardInterrupt``, ``SystemExit``: a ``BaseException`` that is not an
+``Exception``) is never swallowed, but it is all-or-nothing too: an operation it lands in undoes
+itself (GERMINATE, exactly, stage included) or, past its commit point, completes (CULL) before
+the interrupt propagates, and ``apply`` notes the command's outcome first.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -114,11 +119,17 @@ class CommandExecution:
         *,
         original: GPUKernel | None = None,
         fetch_error: BaseException | None = None,
+        on_interrupt: Callable[[CommandOutcome], None] | None = None,
     ) -> CommandOutcome:
         """Carry out ``command`` now. A GERMINATE may come with its kernel already fetched
-        (``original``) or with the error its fetch ended in (``fetch_error``: refused)."""
+        (``original``) or with the error its fetch ended in (``fetch_error``: refused).
+
+        An interrupt propagates once the operation has undone or completed itself; the
+        command's outcome is noted and handed to ``on_interrupt`` first, so that the caller can
+        report it (see ``_interrupted``)."""
         target = command.seed.seed_id if command.seed is not None else command.kind
         problem = ""  # of a command applied anyway (a rollback whose boundary replay failed)
+        before = self._seed_stage(command)
         try:
             if fetch_error is not None:
                 raise CommandRefused(
@@ -143,8 +154,42 @@ class CommandExecution:
             logger.warning("command %s (%s) refused: %s", command.command_id, target, reason)
             self.report.note_command(command, False, reason)
             return CommandOutcome(command.command_id, command.kind, target, False, reason)
+        except Exception:
+            raise  # a bug: the caller logs it with its traceback and reports the command failed
+        except BaseException as exc:
+            outcome = self._interrupted(command, target, before, exc)
+            if on_interrupt is not None:
+                on_interrupt(outcome)
+            raise
         self.report.note_command(command, True, problem)
         return CommandOutcome(command.command_id, command.kind, target, True, problem)
+
+    def _seed_stage(self, command: KasminaCommand) -> SeedStage | None:
+        """The stage of the seed ``command`` names (None: not a seed command, or no such seed)."""
+        registry = self.state.registry
+        if command.seed is None or registry is None:
+            return None
+        record = registry.records.get(command.seed.seed_id)
+        return None if record is None else record.stage
+
+    def _interrupted(
+        self, command: KasminaCommand, target: str, before: SeedStage | None, exc: BaseException
+    ) -> CommandOutcome:
+        """Note the outcome of a command an interrupt cut short, once its operation has undone
+        or completed itself: a seed command took effect exactly when its seed's stage changed
+        (a CULL past its commit, completed); any other command is reported not applied, with
+        what its own undo left in the log."""
+        after = self._seed_stage(command)
+        name = type(exc).__name__
+        if before is not None and after is not None and after != before:
+            ok, reason = True, f"interrupted by {name}; completed ({before.name} -> {after.name})"
+        elif before is not None:
+            ok, reason = False, f"interrupted by {name}; nothing changed"
+        else:
+            ok, reason = False, f"interrupted by {name} while it applied (see the log)"
+        logger.warning("command %s (%s): %s", command.command_id, target, reason)
+        self.report.note_command(command, ok, reason)
+        return CommandOutcome(command.command_id, command.kind, target, ok, reason)
 
     def _seed_command(
         self, action: SeedAction, timeout_s: float, original: GPUKernel | None
@@ -199,11 +244,13 @@ class CommandExecution:
             raise
         seed = record.seed
         table, row = seed.state_table, seed.state_index
-        # attach_kernel writes the row's BLUEPRINT_ID, and the seed its PERFORMANCE_GATE: kept
-        # (on the device) for the undo.
-        columns = (StateColumn.BLUEPRINT_ID, StateColumn.PERFORMANCE_GATE)
-        saved = table.state_tensor[row, list(columns)].clone()
-        performance_gate = seed.performance_gate
+        # What the steps below change, kept for the undo: the seed's whole row (on the device, so
+        # nothing syncs unless it is needed: attach_kernel writes BLUEPRINT_ID, the seed its
+        # PERFORMANCE_GATE, the transition the stage, and an interrupt may land after it), the
+        # seed's and the record's fields, and the timeline.
+        saved_row = table.state_tensor[row].clone()
+        saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
+        graft_steps, timeline = record.graft_steps, record.timeline.copy()
         created = False  # the undo removes only an optimizer this GERMINATE created
         try:
             self._dry_run(record, kernel, artifact_id)
@@ -228,9 +275,19 @@ class CommandExecution:
             seed.transition_to(S.ISOLATED_INIT, gate=1)
         except BaseException:
             self._undo_germinate(record, kernel, artifact_id, pinned, created)
-            seed.performance_gate = performance_gate
-            for column, value in zip(columns, saved.tolist(), strict=True):  # on failure only
-                table.set_column(row, column, value)
+            seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned = saved
+            record.graft_steps = graft_steps
+            if record.timeline != timeline:  # the transition was announced before the failure
+                record.timeline.clear()
+                record.timeline.extend(timeline)
+            if record.stage != S.DORMANT:
+                # Interrupted after the table applied DORMANT -> ISOLATED_INIT: the row is put
+                # back as it was (as a rollback restores stages), announcing no transition.
+                logger.warning(
+                    "seed %s: GERMINATE interrupted after its transition; it is DORMANT again",
+                    record.seed_id,
+                )
+            table.restore_row(row, saved_row.tolist())  # on failure only: one sync
             raise
 
     @staticmethod
@@ -366,7 +423,25 @@ class CommandExecution:
             raise CommandRefused(
                 f"embargo_epochs must be in 0..{_MAX_EMBARGO_EPOCHS}, got {embargo}"
             )
-        record.seed.transition_to(S.HARVESTING)
+        # All or nothing (docs/design.md §3): the table applying HARVESTING is the commit. From
+        # there the kernel is released (its device memory freed, its optimizer and that state
+        # dropped), which no undo could give back, while what remains (release, COOLDOWN, the
+        # embargo) cannot fail. So a cull interrupted once the table applied HARVESTING (say a
+        # KeyboardInterrupt from a telemetry sink or an observer that hears of it, before the
+        # release) is completed before the interrupt propagates: the seed leaves in COOLDOWN,
+        # as an uninterrupted cull leaves it. One refused or interrupted before the commit has
+        # changed nothing.
+        try:
+            record.seed.transition_to(S.HARVESTING)
+        finally:
+            if record.stage == S.HARVESTING:
+                self._finish_cull(record, embargo)
+
+    def _finish_cull(self, record: SeedRecord, embargo: int) -> None:
+        """HARVESTING -> COOLDOWN with the embargo, the kernel released first (``on_transition``
+        has released it unless the announcement of HARVESTING was interrupted; again is a
+        no-op)."""
+        self.release(record)
         record.seed.transition_to(S.COOLDOWN)
         self.state.require_registry().table.set_column(
             record.index, StateColumn.EMBARGO_COUNTER, embargo

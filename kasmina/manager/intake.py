@@ -8,7 +8,9 @@ Commands arrive on any thread at any time; the model changes only on the trainin
   ``CommandQueue`` (``kasmina.manager.pending``); a full or closed queue refuses it at once;
 - **safe point** (``apply_pending``, the training thread): the ready commands' nonces are made
   durable first (if that fails, every one of them is refused), then each is applied in arrival
-  order under the manager's lock, and its completion reported to the handler;
+  order under the manager's lock, and its completion reported to the handler. An interrupt
+  (``KeyboardInterrupt``, ``SystemExit``) propagates, but every command taken still gets an
+  outcome or goes back to the queue (``_take_and_apply``);
 - **at once** (``execute``): a verified command carried out by code already at a safe point.
 
 ``command_verifier`` builds the run's verifier with its durable nonce ledger. The intake holds
@@ -30,8 +32,9 @@ from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.executor import CommandExecution, CommandOutcome
-from kasmina.manager.pending import CommandQueue
+from kasmina.manager.pending import CommandQueue, PendingCommand, Ready
 from kasmina.manager.report import ManagerReport
+from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.perfstats import LatencyStats
 
@@ -125,41 +128,114 @@ class CommandIntake:
             self._applying.release()
 
     def _take_and_apply(self, wait: bool) -> list[CommandOutcome]:
+        """Take the ready commands, make their nonces durable, apply and report each.
+
+        An interrupt (a ``BaseException`` that is not an ``Exception``: each command's own
+        errors are its refusal) propagates, and no command taken is lost to it:
+
+        - while the nonces are made durable: which of them reached the disk is unknown, and the
+          verifier does not sync them again (it forgets what it was syncing when it starts), so
+          none may take effect. Each is reported refused; its controller may send it again;
+        - while a command applies: its operation undoes or completes itself and it is reported
+          with that outcome (``CommandExecution.apply``). It is not queued again: its nonce is
+          durable, it may have taken effect, and a command interrupted because it hung would
+          hang again. Cut short between its own bookkeeping steps, before its outcome was
+          known, it is reported refused for the same reasons;
+        - the commands behind it never began and their nonces are durable: they go back to the
+          front of the queue, in order, and the next safe point applies them (refused if the
+          manager closed meanwhile, or if their nonces could not be made durable).
+        """
         ready = self.queue.take_ready(wait=wait)
         if not ready:
             return []
-        outcomes = []
+        outcomes: list[CommandOutcome] = []  # one per command reported, in order
+        not_durable = self._make_durable(ready, outcomes)
+        began = -1  # the index of the last command whose application began
+        try:
+            with self.lock:
+                for index, (entry, original, error) in enumerate(ready):
+                    began = index
+                    if not_durable:
+                        refused = self.refuse(entry.command, not_durable)
+                        self._report(entry.command, refused, outcomes)
+                    else:
+                        self._apply_one(entry.command, original, error, outcomes)
+        except BaseException as exc:
+            rest = [entry for entry, _, _ in ready[len(outcomes) :]]
+            if not_durable:
+                self._drop(rest, not_durable)
+            else:
+                if rest and began == len(outcomes):
+                    name = type(exc).__name__
+                    self._drop(rest[:1], f"interrupted by {name} while it applied (see the log)")
+                    rest = rest[1:]
+                self._drop(self.queue.put_back(rest), "manager closed before it applied")
+            raise
+        return outcomes
+
+    def _make_durable(self, ready: list[Ready], outcomes: list[CommandOutcome]) -> str:
+        """Make the nonces of the ``ready`` commands durable: "" once they are, else why not
+        (each is then refused). An interrupt refuses every one of them (``_take_and_apply``)."""
         try:
             # Their nonces reach the disk before any of them takes effect (docs/design.md §5).
             self.verifier.make_durable()
-            not_durable = ""
         except OSError as exc:
-            not_durable = f"its nonce could not be made durable: {exc}"
             logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
-        with self.lock:
-            for entry, original, error in ready:
-                command = entry.command
-                started = time.perf_counter_ns()
-                try:
-                    if not_durable:
-                        outcome = self.refuse(command, not_durable)
-                    else:
-                        outcome = self.execution.apply(
-                            command, original=original, fetch_error=error
-                        )
-                except Exception as exc:  # a bug in execution must not stop the training step
-                    logger.exception("applying command %s raised", command.command_id)
-                    outcome = self.refuse(command, f"internal error: {type(exc).__name__}: {exc}")
-                self.perf["command"].add_ns(time.perf_counter_ns() - started)
-                self.handler.complete(command, outcome.ok)
-                outcomes.append(outcome)
-        return outcomes
+            return f"its nonce could not be made durable: {exc}"
+        except BaseException as exc:
+            reason = (
+                f"interrupted by {type(exc).__name__} before its nonce was durable; not applied "
+                "(send it again)"
+            )
+            with self.lock:
+                for entry, _, _ in ready:
+                    self._report(entry.command, self.refuse(entry.command, reason), outcomes)
+            raise
+        return ""
+
+    def _apply_one(
+        self,
+        command: KasminaCommand,
+        original: GPUKernel | None,
+        error: BaseException | None,
+        outcomes: list[CommandOutcome],
+    ) -> None:
+        """Apply one command and report it; its outcome joins ``outcomes`` once reported, also
+        when an interrupt cuts it short (the interrupt then propagates)."""
+        started = time.perf_counter_ns()
+        try:
+            outcome = self.execution.apply(
+                command,
+                original=original,
+                fetch_error=error,
+                on_interrupt=lambda interrupted: self._report(command, interrupted, outcomes),
+            )
+        except Exception as exc:  # a bug in execution must not stop the training step
+            logger.exception("applying command %s raised", command.command_id)
+            outcome = self.refuse(command, f"internal error: {type(exc).__name__}: {exc}")
+        self.perf["command"].add_ns(time.perf_counter_ns() - started)
+        self._report(command, outcome, outcomes)
+
+    def _report(
+        self, command: KasminaCommand, outcome: CommandOutcome, outcomes: list[CommandOutcome]
+    ) -> None:
+        """Report ``outcome`` to the handler and add it to ``outcomes``; added even when the
+        report is interrupted (its telemetry), since the handler counted it first."""
+        try:
+            self.handler.complete(command, outcome.ok)
+        finally:
+            outcomes.append(outcome)
 
     def drop_pending(self) -> None:
         """Close the queue: every command still in it is reported refused, none applied."""
-        for entry in self.queue.close():
+        self._drop(self.queue.close(), "manager closed before it applied")
+
+    def _drop(self, entries: list[PendingCommand], reason: str) -> None:
+        """Report each of ``entries`` refused for ``reason``, none applied."""
+        for entry in entries:
             self.handler.complete(entry.command, False)
-            self.report.note_command(entry.command, False, "manager closed before it applied")
+            with self.lock:
+                self.report.note_command(entry.command, False, reason)
 
     def refuse(self, command: KasminaCommand, reason: str) -> CommandOutcome:
         """Report ``command`` refused for ``reason`` (nothing changed); its outcome."""

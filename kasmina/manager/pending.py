@@ -35,7 +35,7 @@ from kasmina.urza.loader import KernelLoader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_PENDING", "CommandQueue", "PendingCommand"]
+__all__ = ["DEFAULT_MAX_PENDING", "CommandQueue", "PendingCommand", "Ready"]
 
 DEFAULT_MAX_PENDING = 256
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
@@ -140,10 +140,29 @@ class CommandQueue:
                     held_seeds.add(seed_id)
                 continue
             ready.append((entry, *result))
-        taken = {id(entry) for entry, _, _ in ready}
         with self._lock:
+            # Only what is still queued is taken: a command ``close`` dropped meanwhile (another
+            # thread) has been reported refused already, and must not be reported twice.
+            queued = {id(entry) for entry in self._queue}
+            ready = [item for item in ready if id(item[0]) in queued]
+            taken = {id(entry) for entry, _, _ in ready}
             self._queue = deque(e for e in self._queue if id(e) not in taken)
         return ready
+
+    def put_back(self, entries: list[PendingCommand]) -> list[PendingCommand]:
+        """Return taken commands that never began (a safe point was interrupted) to the front
+        of the queue, in their order, for the next ``take_ready``; returns those it cannot take
+        back because the queue is closed (the caller reports them).
+
+        The front keeps every order ``take_ready`` promises: a command that was taken was held
+        back by nothing queued before it. The bound may be exceeded until they are taken: they
+        were accepted when there was room.
+        """
+        with self._lock:
+            if self._closed:
+                return list(entries)
+            self._queue.extendleft(reversed(entries))
+        return []
 
     def _poll(
         self, entry: PendingCommand, wait: bool
@@ -162,6 +181,10 @@ class CommandQueue:
                 except Exception:  # a failed fetch is inspected below like any other
                     logger.debug("fetch for command %s failed", entry.command.command_id)
         if fetch.done():
+            if fetch.cancelled():  # only ``close`` cancels a fetch: the command is dropped
+                return None, UrzaUnavailableError(
+                    f"fetching {entry.artifact_id} was cancelled (the manager is closing)"
+                )
             error = fetch.exception()
             return (None, error) if error is not None else (fetch.result(), None)
         if self._clock() < entry.deadline:

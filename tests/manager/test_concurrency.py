@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
@@ -233,3 +234,58 @@ def test_commands_apply_only_once_their_nonces_are_durable(rig: Rig, mlp, monkey
     (outcome,) = manager.apply_pending()
     assert not outcome.ok and "could not be made durable" in outcome.reason
     assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+
+def test_close_during_a_waiting_safe_point_reports_each_command_once(
+    tmp_path: Path, store: Path, keyring: Keyring, published, monkeypatch
+) -> None:
+    """``close()`` on one thread while another waits in ``apply_pending(wait=True)`` for a
+    fetch: the close refuses both queued GERMINATEs (one's fetch running, the other's not yet
+    started, so cancelled), and the waiting safe point neither raises nor reports either again.
+    """
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, fetch_workers=1), keyring)
+    manager = rig.manager
+    release = threading.Event()
+
+    def blocked_fetch(artifact_id: str, deadline: float | None = None):
+        release.wait(30)  # until the close has happened
+        raise UrzaUnavailableError(f"{artifact_id}: store closed")
+
+    monkeypatch.setattr(manager.loader, "original", blocked_fetch)
+    waiting = threading.Event()  # the safe point polls the queued fetches (past its snapshot)
+    clock = manager.pending._clock
+
+    def watched_clock() -> float:
+        if threading.current_thread() is not threading.main_thread():
+            waiting.set()
+        return clock()
+
+    monkeypatch.setattr(manager.pending, "_clock", watched_clock)
+    for seed_id, artifact_id in ((SEED0, mlp), (SEED1, affine)):
+        cmd = make_seed_command("germinate", seed_id, artifact_id, timeout_s=60.0)
+        assert manager.handle_adaptation_command(rig.signed(cmd))
+    result: dict = {}
+
+    def safe_point() -> None:
+        try:
+            result["outcomes"] = manager.apply_pending(wait=True)
+        except BaseException as exc:  # recorded: the test fails on it below
+            result["raised"] = exc
+
+    other = threading.Thread(target=safe_point)
+    other.start()
+    try:
+        assert waiting.wait(30)
+        manager.close()
+    finally:
+        release.set()
+        other.join(timeout=30)
+    assert not other.is_alive()
+    assert result == {"outcomes": []}
+    stats = manager.handler.stats
+    assert (stats["accepted"], stats["executed"], stats["failed"]) == (2, 0, 2)
+    assert [entry[2:] for entry in manager.command_log] == [
+        (False, "manager closed before it applied")
+    ] * 2
+    assert len(manager.pending) == 0

@@ -1,0 +1,198 @@
+"""An interrupt at a safe point (KeyboardInterrupt, any BaseException that is not an Exception)
+propagates, but it breaks nothing (docs/design.md §3, §5): the operation it lands in undoes
+itself or completes, every command taken gets an outcome or goes back to the queue, and the
+handler's counts add up (``accepted == executed + failed + pending``).
+
+The interrupt is raised deterministically where a Ctrl-C could land: by a telemetry sink when
+a given event is sent (sinks are called on the training thread, in the middle of the change),
+or by a stand-in for the nonce ledger's sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kasmina.control.commands import make_seed_command
+from kasmina.leyline import TelemetryPacket
+from kasmina.stages import StateColumn
+from tests.manager.helpers import SEED0, SEED1, Rig, S
+
+
+class CtrlC:
+    """A telemetry sink that raises ``KeyboardInterrupt`` once, on the first event called
+    ``name`` whose labels include ``labels``."""
+
+    def __init__(self, name: str, **labels: str) -> None:
+        self.name = name
+        self.labels = labels
+        self.fired = False
+
+    def send(self, packet: TelemetryPacket) -> None:
+        if self.fired:
+            return
+        for metric in packet.metrics:
+            if metric.name == self.name and all(
+                metric.labels.get(k) == v for k, v in self.labels.items()
+            ):
+                self.fired = True
+                raise KeyboardInterrupt("Ctrl-C")
+
+
+def interrupt_on(rig: Rig, name: str, **labels: str) -> CtrlC:
+    sink = CtrlC(name, **labels)
+    rig.manager.telemetry.add_sink(sink)
+    return sink
+
+
+def queue(rig: Rig, *commands) -> list[str]:
+    """Send each command (accepted, queued); their ids."""
+    for command in commands:
+        assert rig.manager.handle_adaptation_command(rig.signed(command))
+    return [command.command_id for command in commands]
+
+
+def assert_counts_add_up(rig: Rig, executed: int, failed: int) -> None:
+    stats = rig.manager.handler.stats
+    assert (stats["executed"], stats["failed"]) == (executed, failed), stats
+    assert stats["accepted"] == executed + failed + len(rig.manager.pending)
+
+
+def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, mlp) -> None:
+    """Ctrl-C after the table applied DORMANT -> ISOLATED_INIT (a sink raises on that event):
+    the GERMINATE undoes itself, stage included, reports itself refused and re-raises."""
+    manager = rig.manager
+    rig.train(1)
+    manager.loader.original(mlp)  # cached: applied at the next safe point
+    record = manager.registry[SEED0]
+    table = record.seed.state_table
+    row, timeline = table.read_row(record.index), list(record.timeline)
+    ctrl_c = interrupt_on(rig, "lifecycle.transition", to="ISOLATED_INIT")
+    (command_id,) = queue(rig, make_seed_command("germinate", SEED0, mlp))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert ctrl_c.fired
+    assert record.stage == S.DORMANT and table.read_row(record.index) == row
+    assert record.kernel is None and record.seed.kernel is None and record.artifact_id is None
+    assert SEED0 not in manager.optimizers.seed_ids
+    assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
+    assert list(record.timeline) == timeline
+    assert manager.command_log[-1][:3] == (command_id, "seed.germinate", False)
+    assert manager.command_log[-1][3] == "interrupted by KeyboardInterrupt; nothing changed"
+    assert_counts_add_up(rig, executed=0, failed=1)
+    # Nothing is left behind: the same GERMINATE, sent again, goes through.
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    rig.train(1)
+    assert torch.isfinite(rig.model(rig.x)).all()
+
+
+@pytest.mark.parametrize(
+    ("event", "labels"),
+    [
+        # after the table applied HARVESTING, before any observer heard of it
+        ("lifecycle.transition", {"to": "HARVESTING"}),
+        # in the manager's observer, after the field report and before the release
+        ("seed.field_report", {}),
+    ],
+)
+def test_an_interrupted_cull_completes(rig: Rig, mlp, event: str, labels: dict) -> None:
+    """Ctrl-C once the table applied HARVESTING: the CULL completes (kernel, optimizer and pin
+    released, COOLDOWN with its embargo), reports itself done and re-raises; the seed recycles
+    and takes a new kernel as after any cull."""
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    record = manager.registry[SEED0]
+    ctrl_c = interrupt_on(rig, event, **labels)
+    (command_id,) = queue(rig, make_seed_command("cull", SEED0, parameters={"embargo_epochs": 2}))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert ctrl_c.fired
+    assert record.stage == S.COOLDOWN
+    assert record.kernel is None and record.seed.kernel is None
+    assert SEED0 not in manager.optimizers.seed_ids
+    assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
+    assert manager.registry.table.read_row(record.index)[StateColumn.EMBARGO_COUNTER.name] == 2
+    assert manager.command_log[-1][:3] == (command_id, "seed.cull", True)
+    assert manager.command_log[-1][3].startswith("interrupted by KeyboardInterrupt; completed")
+    assert_counts_add_up(rig, executed=2, failed=0)
+    for epoch in range(4):  # the embargo runs out: COOLDOWN -> RECYCLING -> DORMANT
+        rig.train(1)
+        manager.end_epoch(epoch)
+    assert record.stage == S.DORMANT
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+
+
+def test_an_interrupt_while_nonces_are_made_durable_refuses_every_command_taken(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """Ctrl-C in the ledger's sync: which nonces reached the disk is unknown, so none of the
+    commands taken may apply; each is reported refused, none is lost."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    ids = queue(
+        rig,
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("germinate", SEED1, mlp),
+    )
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("Ctrl-C")
+
+    monkeypatch.setattr(manager.verifier, "make_durable", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    monkeypatch.undo()
+    assert [(entry[0], entry[2]) for entry in manager.command_log] == [(i, False) for i in ids]
+    assert all("before its nonce was durable" in entry[3] for entry in manager.command_log)
+    assert_counts_add_up(rig, executed=0, failed=2)
+    assert len(manager.pending) == 0 and manager.apply_pending() == []
+    assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.DORMANT
+
+
+def test_commands_behind_an_interrupted_one_go_back_to_the_queue(rig: Rig, mlp) -> None:
+    """Ctrl-C in the first of three commands: it undoes itself and is reported; the two behind
+    it never began, so they go back to the front of the queue, in order, and the next safe point
+    applies them (each once)."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    index = str(manager.registry[SEED0].index)
+    interrupt_on(rig, "lifecycle.transition", seed_index=index, to="ISOLATED_INIT")
+    ids = queue(
+        rig,
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("germinate", SEED1, mlp),
+        make_seed_command("cull", SEED1),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert len(manager.pending) == 2 and [entry[0] for entry in manager.command_log] == ids[:1]
+    assert_counts_add_up(rig, executed=0, failed=1)
+    assert rig.stage(SEED1) == S.DORMANT
+    outcomes = manager.apply_pending()
+    assert [(o.command_id, o.ok) for o in outcomes] == [(ids[1], True), (ids[2], True)]
+    assert [entry[0] for entry in manager.command_log] == ids
+    assert_counts_add_up(rig, executed=2, failed=1)
+    assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.COOLDOWN
+
+
+def test_an_interrupt_in_a_commands_report_applies_nothing_twice(rig: Rig, mlp) -> None:
+    """Ctrl-C in the telemetry of the first command's completion: that command was applied and
+    counted, so it stays done; the one behind it goes back to the queue and applies once."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    interrupt_on(rig, "command.complete")
+    ids = queue(
+        rig,
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("germinate", SEED1, mlp),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and len(manager.pending) == 1
+    assert_counts_add_up(rig, executed=1, failed=0)
+    (outcome,) = manager.apply_pending()
+    assert (outcome.command_id, outcome.ok) == (ids[1], True)
+    assert [(entry[0], entry[2]) for entry in manager.command_log] == [(i, True) for i in ids]
+    assert_counts_add_up(rig, executed=2, failed=0)
+    assert rig.stage(SEED1) == S.ISOLATED_INIT
