@@ -386,7 +386,8 @@ class CommandVerifier:
     def make_durable(self) -> None:
         """Return once every nonce accepted so far is durable (``defer_sync``): the staged
         records are written (one ``write``), then synced (one ``fdatasync`` with ``"fsync"``).
-        Raises ``OSError`` when the ledger cannot make them so (then act on none of them)."""
+        Raises ``OSError`` when the ledger cannot make them so (then act on none of them). An
+        interrupt propagates and leaves them to the next call, which syncs them again."""
         ledger = self._ledger
         if ledger is None:
             return
@@ -399,10 +400,17 @@ class CommandVerifier:
             except OSError as exc:
                 ledger.mark_broken(exc)
                 raise
+            except BaseException:  # an interrupt: the next call syncs these nonces again
+                self._unsynced = max(self._unsynced, seq)
+                raise
         try:
             ledger.sync(seq)
         except OSError as exc:
             ledger.mark_broken(exc)
+            raise
+        except BaseException:
+            with self._lock:
+                self._unsynced = max(self._unsynced, seq)
             raise
 
     def _prune(self, now: float) -> None:

@@ -133,9 +133,9 @@ class CommandIntake:
         An interrupt (a ``BaseException`` that is not an ``Exception``: each command's own
         errors are its refusal) propagates, and no command taken is lost to it:
 
-        - while the nonces are made durable: which of them reached the disk is unknown, and the
-          verifier does not sync them again (it forgets what it was syncing when it starts), so
-          none may take effect. Each is reported refused; its controller may send it again;
+        - while the nonces are made durable: none of the commands began, and the verifier
+          syncs their nonces again at its next call, so they all go back to the front of the
+          queue, in order;
         - while a command applies: its operation undoes or completes itself and it is reported
           with that outcome (``CommandExecution.apply``). It is not queued again: its nonce is
           durable, it may have taken effect, and a command interrupted because it hung would
@@ -175,21 +175,17 @@ class CommandIntake:
 
     def _make_durable(self, ready: list[Ready], outcomes: list[CommandOutcome]) -> str:
         """Make the nonces of the ``ready`` commands durable: "" once they are, else why not
-        (each is then refused). An interrupt refuses every one of them (``_take_and_apply``)."""
+        (each is then refused). An interrupt puts them back in the queue (``_take_and_apply``)."""
         try:
             # Their nonces reach the disk before any of them takes effect (docs/design.md §5).
             self.verifier.make_durable()
         except OSError as exc:
             logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
             return f"its nonce could not be made durable: {exc}"
-        except BaseException as exc:
-            reason = (
-                f"interrupted by {type(exc).__name__} before its nonce was durable; not applied "
-                "(send it again)"
-            )
-            with self.lock:
-                for entry, _, _ in ready:
-                    self._report(entry.command, self.refuse(entry.command, reason), outcomes)
+        except BaseException:
+            # None of them began, and the verifier syncs their nonces again at its next call:
+            # they go back to the front of the queue (refused if the manager closed meanwhile).
+            self._drop(self.queue.put_back([entry for entry, _, _ in ready]), "manager closed")
             raise
         return ""
 

@@ -123,31 +123,42 @@ def test_an_interrupted_cull_completes(rig: Rig, mlp, event: str, labels: dict) 
     assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
 
 
-def test_an_interrupt_while_nonces_are_made_durable_refuses_every_command_taken(
+def test_an_interrupt_while_nonces_are_made_durable_puts_every_command_taken_back(
     rig: Rig, mlp, monkeypatch
 ) -> None:
-    """Ctrl-C in the ledger's sync: which nonces reached the disk is unknown, so none of the
-    commands taken may apply; each is reported refused, none is lost."""
+    """Ctrl-C in the ledger's sync: none of the commands taken began, and the verifier syncs
+    their nonces again at its next call, so they all go back to the queue, in order, and the
+    next safe point makes them durable and applies them (each once)."""
     manager = rig.manager
+    ledger = manager.verifier._ledger
+    assert ledger is not None
     manager.loader.original(mlp)
     ids = queue(
         rig,
         make_seed_command("germinate", SEED0, mlp),
         make_seed_command("germinate", SEED1, mlp),
     )
+    synced: list[int] = []
+    real_sync = ledger.sync
 
-    def interrupted() -> None:
-        raise KeyboardInterrupt("Ctrl-C")
+    def sync(seq: int) -> None:
+        if not synced:
+            synced.append(-1)
+            raise KeyboardInterrupt("Ctrl-C")
+        synced.append(seq)
+        real_sync(seq)
 
-    monkeypatch.setattr(manager.verifier, "make_durable", interrupted)
+    monkeypatch.setattr(ledger, "sync", sync)
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
-    monkeypatch.undo()
-    assert [(entry[0], entry[2]) for entry in manager.command_log] == [(i, False) for i in ids]
-    assert all("before its nonce was durable" in entry[3] for entry in manager.command_log)
-    assert_counts_add_up(rig, executed=0, failed=2)
-    assert len(manager.pending) == 0 and manager.apply_pending() == []
+    assert not manager.command_log and len(manager.pending) == 2
+    assert_counts_add_up(rig, executed=0, failed=0)
     assert rig.stage(SEED0) == S.DORMANT and rig.stage(SEED1) == S.DORMANT
+    outcomes = manager.apply_pending()
+    assert len(synced) == 2 and synced[1] > 0  # synced again before anything applied
+    assert [(o.command_id, o.ok) for o in outcomes] == [(i, True) for i in ids]
+    assert_counts_add_up(rig, executed=2, failed=0)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.ISOLATED_INIT
 
 
 def test_commands_behind_an_interrupted_one_go_back_to_the_queue(rig: Rig, mlp) -> None:
