@@ -409,10 +409,17 @@ class GPUStateTensor:
             cooled = [idx for idx, new in zip(indices, news, strict=True) if new is _COOLDOWN]
             rows = torch.tensor(cooled, dtype=torch.int64, device=self.device)
             self.state_tensor[rows, StateColumn.EMBARGO_COUNTER] = self.embargo_epochs
-        self._bump()  # listeners (each slot's plan) hear of the whole batch at once
-        if reported:
-            for n, old in zip(reported, olds, strict=True):
-                report(indices[n], old, news[n])
+        # Listeners (each slot's plan) hear of the whole batch at once. An interrupt in an
+        # announcement never keeps an owner from hearing of its seed's change: the observers
+        # keep a seed's kernel, optimizer and pins in step with its stage.
+        pending = [(indices[n], old, news[n]) for n, old in zip(reported or (), olds, strict=True)]
+        try:
+            self._bump()
+            while pending:
+                report(*pending.pop(0))
+        finally:
+            for change in pending:
+                self._notify_observers(*change)
         return codes_t, raw
 
     def tick(self) -> None:
@@ -535,11 +542,12 @@ class GPUStateTensor:
         )
 
     def _report_applied(self, idx: int, old: SeedStage, new: SeedStage) -> None:
-        logger.info("lifecycle: seed %d %s -> %s", idx, old.name, new.name)
-        self._emit(
-            "lifecycle.transition", {"seed_index": str(idx), "from": old.name, "to": new.name}
-        )
-        self._notify_observers(idx, old, new)
+        try:
+            logger.info("lifecycle: seed %d %s -> %s", idx, old.name, new.name)
+            labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
+            self._emit("lifecycle.transition", labels)
+        finally:
+            self._notify_observers(idx, old, new)
 
     def _notify_observers(self, idx: int, old: SeedStage, new: SeedStage) -> None:
         refs = self._observers.get(idx)

@@ -207,3 +207,22 @@ def test_an_interrupt_in_a_commands_report_applies_nothing_twice(rig: Rig, mlp) 
     assert [(entry[0], entry[2]) for entry in manager.command_log] == [(i, True) for i in ids]
     assert_counts_add_up(rig, executed=2, failed=0)
     assert rig.stage(SEED1) == S.ISOLATED_INIT
+
+
+def test_an_interrupted_announcement_still_lets_the_owner_hear_of_the_change(rig: Rig, mlp) -> None:
+    """Ctrl-C in the telemetry event of an applied ADVANCE: the table has applied it, so its
+    owner still hears of it (the manager's side effects: here the seed's timeline) before the
+    interrupt propagates, and the command is reported done."""
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    record = manager.registry[SEED0]
+    ctrl_c = interrupt_on(rig, "lifecycle.transition", to="COMPATIBILITY_CHECK")
+    (command_id,) = queue(rig, make_seed_command("advance", SEED0))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert ctrl_c.fired and record.stage == S.COMPATIBILITY_CHECK
+    assert record.timeline[-1][2] == "COMPATIBILITY_CHECK"
+    assert manager.command_log[-1][:3] == (command_id, "seed.advance", True)
