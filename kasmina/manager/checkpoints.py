@@ -76,7 +76,10 @@ class CheckpointStore(ABC):
     Subclasses keep the checkpoints (``_write``, ``_read``, ``_delete``, ``epochs``); this class
     decides which epochs are due, which are kept, and what a refusal says. Saving epoch ``n``
     also removes checkpoints of epochs after ``n``: they belong to a timeline that a rollback
-    abandoned, and keeping them would make ``latest_epoch`` point at stale state.
+    abandoned, and keeping them would make ``latest_epoch`` point at stale state. Which of the
+    kept checkpoints are abandoned is known only after a rollback (``abandon_after``) or a save
+    in this process: until then every checkpoint of the run is live, and ``check_next_epoch``
+    refuses an epoch whose save would delete one (a trainer restarted with the same run id).
     """
 
     mode = ""
@@ -99,6 +102,9 @@ class CheckpointStore(ABC):
         self.run_id = run_id
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._announced = False
+        # The last epoch of the live timeline, set by a save or a rollback: the checkpoints
+        # after it are an abandoned timeline's. None: every checkpoint of the run is live.
+        self._abandoned_after: int | None = None
 
     # ------------------------------------------------------------------ policy
     def is_due(self, epoch: int) -> bool:
@@ -112,6 +118,29 @@ class CheckpointStore(ABC):
     def latest_epoch(self) -> int | None:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
+
+    def abandon_after(self, epoch: int) -> None:
+        """A rollback took the run back to ``epoch``: the checkpoints after it belong to the
+        timeline it left, which the next save deletes (``check_next_epoch`` allows that)."""
+        self._abandoned_after = _check_epoch(epoch)
+
+    def check_next_epoch(self, epoch: int, last_ended: int) -> None:
+        """``ValueError`` unless ``end_epoch(epoch)`` goes forward: after ``last_ended`` (the
+        manager's clock) and after every live checkpoint of this run. Saving ``epoch`` deletes
+        the checkpoints after it, and a trainer restarted with the run's id starts its clock
+        again; only a rollback (``abandon_after``) gives up the checkpoints after its target."""
+        _check_epoch(epoch)
+        if epoch <= last_ended:
+            raise ValueError(f"epoch {epoch} is not after the last epoch ended ({last_ended})")
+        after = self._abandoned_after
+        live = [e for e in self.epochs() if e >= epoch and (after is None or e <= after)]
+        if live:
+            raise ValueError(
+                f"epoch {epoch} is not after this run's checkpoints of epochs {live} (run "
+                f"{self.run_id or '-'}, {self.describe()}): ending it would overwrite or delete "
+                f"them. To resume the run, roll back (a signed ROLLBACK, to epoch {live[-1]} "
+                "for the latest) and go on from there; to start a new run, use a new run_id"
+            )
 
     def save(self, epoch: int, state: Mapping[str, Any]) -> None:
         """Keep ``state`` as the checkpoint of ``epoch`` (whether or not it is due: the caller
@@ -132,6 +161,7 @@ class CheckpointStore(ABC):
                 self.max_rollback_epochs,
             )
         self._write(epoch, state)
+        self._abandoned_after = epoch  # what is after it is pruned now, or was left behind
         self._prune(epoch)
 
     def load(self, epoch: int, map_location: Any = None) -> dict[str, Any]:

@@ -527,15 +527,15 @@ class KasminaKernelManager:
         lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
         telemetry packet (returned).
 
-        ``epoch`` must be after the last epoch ended (``ValueError``). All or nothing: the
-        checkpoint (the state just before this boundary, marked so that a rollback replays the
-        boundary) is written before anything changes, so a failed write raises with the table,
-        stages, epoch and metrics as they were."""
+        ``epoch`` must be after the last epoch ended and after the run's live checkpoints
+        (``ValueError``, nothing changed; a restarted trainer rolls back first). The checkpoint
+        (the state just before this boundary, marked so that a rollback replays the boundary)
+        is written before the boundary's tick, so a failed write raises with the tick, epoch
+        and metrics as they were (the queued commands are applied, as at any safe point)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         state = self.state
-        if epoch <= state.epoch:  # a checkpoint of ``epoch`` would prune the later ones
-            raise ValueError(f"epoch {epoch} is not after the last epoch ended ({state.epoch})")
+        state.checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
         state.require_registry(training=True)
         self.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped

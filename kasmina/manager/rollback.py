@@ -167,6 +167,7 @@ def restore_epoch(
     state.epoch = int(extra.get("epoch", epoch))
     state.global_step = int(extra.get("global_step", state.global_step))
     state.val_metrics = dict(extra.get("val_metrics", {}))
+    state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
     _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:

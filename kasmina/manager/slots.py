@@ -106,7 +106,6 @@ class SeedRecord:
     artifact_id: str | None = None
     kernel: GPUKernel | None = None  # the seed's own trainable copy
     pinned: bool = False  # the cached original is pinned on this seed's behalf
-    graft_steps: int = 0
     monitor: GradientIsolationMonitor | None = None
     hook: Any = None  # RemovableHandle of the kernel forward hook
     last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
@@ -120,6 +119,17 @@ class SeedRecord:
     @property
     def stage(self) -> SeedStage:
         return self.seed.stage
+
+    @property
+    def graft_steps(self) -> int:
+        """The alpha schedule's step (GRAFTING), kept by the seed (``graft_step``) and saved in
+        its extra state: a ``state_dict`` load mid-GRAFTING brings the schedule back with the
+        seed's alpha, and the next ``step()`` goes on from there."""
+        return self.seed.graft_step
+
+    @graft_steps.setter
+    def graft_steps(self, steps: int) -> None:
+        self.seed.graft_step = int(steps)
 
     def capture(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook on the seed's kernel: keep its output (for the step's graph check while

@@ -11,7 +11,9 @@ All or nothing, in this order, so that a refusal leaves the model exactly as it 
    Urza rule, docs/design.md §6), then each seed's copy gets its trained weights;
 4. the slots are built aside on a new state table, and the seeds' weights, extra state and
    the table are restored into them;
-5. only then are the host weights written and the slots put into the model.
+5. only then are the host weights written and the slots put into the model, with the
+   model-level load check ``kasmina.attach`` puts on a model (``add_load_checks``), so that
+   a later ``load_state_dict`` the seeds refuse changes no module of it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
+from kasmina.seeds.inject import add_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.urza.artifact import verify_manifest
@@ -120,6 +123,7 @@ def load(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer)
+    add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
     logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), len(originals), path)
     return list(layers.values())
 

@@ -70,6 +70,7 @@ class SavedSeedState:
     """A seed's saved bookkeeping, every value read and checked (nothing applied yet)."""
 
     alpha: float
+    graft_step: int | None  # the GRAFTING schedule's step; absent from older states
     gate_score: float
     performance_gate: float
     isolation_violations: int
@@ -106,6 +107,9 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
             values[field] = float(state[field])
         for field in ("isolation_violations", "nonfinite_events"):
             values[field] = int(state[field])
+        field = "graft_step"
+        step = state.get("graft_step")
+        graft_step = None if step is None else _count(step)
         field = "chunk_size"
         chunk = state.get("chunk_size")
         chunk_size = None if chunk is None else int(chunk)
@@ -120,12 +124,20 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
     return SavedSeedState(
         **values,
         faults=faults,
+        graft_step=graft_step,
         fault_log=tuple(str(reason) for reason in saved_log),
         row=tuple(row),
         stage=stage,
         chunk_size=chunk_size,
         has_kernel=has_kernel,
     )
+
+
+def _count(value: object) -> int:
+    """``value`` as an int >= 0 (a bool or a float is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be an int >= 0, got {value!r:.80}")
+    return value
 
 
 # Set while a seed's owner restores its own state (a manager's rollback, which swaps kernels,

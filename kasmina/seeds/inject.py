@@ -188,9 +188,18 @@ def attach(
     for name, layer in zip(names, layers, strict=True):
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
-    if model not in _LOAD_CHECKS:  # a load refused by any seed changes no module of the model
-        _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(check_seed_states)
+    add_load_checks(model)
     return layers
+
+
+def add_load_checks(model: nn.Module) -> None:
+    """Put the ``load_state_dict`` pre-hook on ``model`` that asks every seed in it to check
+    its incoming state before any module loads (``check_seed_states``), once: a load refused
+    by any seed then changes no module of the model (PyTorch loads module by module, and each
+    slot's own hook runs only when the load reaches it). Whoever installs slots in a model
+    calls it (``attach``, ``kasmina.load``); ``remove_load_checks`` takes it off."""
+    if model not in _LOAD_CHECKS:
+        _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(check_seed_states)
 
 
 def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:

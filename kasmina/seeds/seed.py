@@ -126,6 +126,9 @@ class GradientIsolatedSeed(nn.Module):
         self._gate_score = 0.0
         self._performance_gate = 0.0
         self._alpha_value = 0.0
+        # The GRAFTING schedule's step alpha was last set at (0 on entering GRAFTING): saved in
+        # the extra state, so a seed loaded mid-GRAFTING goes on from where it was saved.
+        self.graft_step = 0
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None
         # Kasmina's latest measurement of this seed's benefit (G5's only evidence); not saved
@@ -306,6 +309,7 @@ class GradientIsolatedSeed(nn.Module):
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
         if new == SeedStage.GRAFTING:
             self._set_alpha(0.0, force=True)
+            self.graft_step = 0
         elif new in (SeedStage.STABILIZATION, SeedStage.ACTIVE):
             self._set_alpha(1.0, force=True)
         elif new == SeedStage.COMPATIBILITY_CHECK:
@@ -324,6 +328,7 @@ class GradientIsolatedSeed(nn.Module):
             self.detach_kernel()
         elif new == SeedStage.RECYCLING:
             self._set_alpha(0.0, force=True)
+            self.graft_step = 0
             self.isolation_violations = 0
             self.nonfinite_events = 0
             self.faults = 0
@@ -387,10 +392,12 @@ class GradientIsolatedSeed(nn.Module):
         return self._alpha_value
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> float:
-        """Advance the GRAFTING schedule in place (no host sync, no recompile); else a no-op."""
+        """Advance the GRAFTING schedule to ``step`` (kept as ``graft_step``) in place (no host
+        sync, no recompile); else a no-op."""
         if total_steps <= 0 or not temperature > 0:
             raise ValueError("total_steps must be > 0 and temperature > 0")
         if self.stage == SeedStage.GRAFTING:
+            self.graft_step = int(step)
             self._set_alpha(sigmoid_alpha(step, total_steps, temperature))
         return self._alpha_value
 
@@ -533,6 +540,7 @@ class GradientIsolatedSeed(nn.Module):
                 "chunk_size": self.chunk_size,
                 "row": list(self.state_table.read_row(self.state_index).values()),
                 "alpha": self._alpha_value,
+                "graft_step": self.graft_step,
                 "gate_score": self._gate_score,
                 "performance_gate": self._performance_gate,
                 "isolation_violations": self.isolation_violations,
@@ -554,6 +562,8 @@ class GradientIsolatedSeed(nn.Module):
         saved = self.check_state(state)
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
+        if saved.graft_step is not None:  # absent from states saved before it was recorded
+            self.graft_step = saved.graft_step
         self._gate_score = saved.gate_score
         self._performance_gate = saved.performance_gate
         self.isolation_violations = saved.isolation_violations

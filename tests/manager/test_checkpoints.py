@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from kasmina.control.commands import make_rollback_command
 from kasmina.errors import CheckpointIntegrityError, CheckpointUnavailableError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.manager.checkpoints import (
@@ -27,6 +28,7 @@ from kasmina.utils.state_io import (
     atomic_torch_save,
     load_or_create_checkpoint_key,
 )
+from tests.manager.helpers import Rig, make_config, run_command
 
 
 def _state_equal(a, b) -> bool:
@@ -151,6 +153,32 @@ def test_runs_sharing_a_directory_never_list_rotate_or_clean_each_others_files(t
         "run-b.epoch_00000002.ckpt",
         "run-b.epoch_00000003.ckpt",
     ]
+
+
+def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoints(
+    tmp_path, keyring
+):
+    """A new manager of the same run starts its clock again (epoch -1), while the run's
+    checkpoints are on disk: ending an epoch they already hold is refused, changing nothing,
+    until a ROLLBACK gives up the epochs after its target."""
+    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
+    store.mkdir()
+    first = Rig(make_config(tmp_path, store, run_id="run-a"), keyring)
+    for epoch in range(4):
+        first.train(1)
+        first.manager.end_epoch(epoch)
+    first.manager.close()
+    again = Rig(make_config(tmp_path, store, run_id="run-a"), keyring)
+    manager = again.manager
+    again.train(1)
+    for epoch in (0, 3):
+        with pytest.raises(ValueError, match=r"checkpoints of epochs \[.*signed ROLLBACK.*run_id"):
+            manager.end_epoch(epoch)
+    assert manager.checkpoints.epochs() == [0, 1, 2, 3] and manager.epoch == -1
+    assert run_command(manager, again.signed(make_rollback_command(1)))
+    manager.end_epoch(2)  # the timeline after epoch 1 is abandoned: epoch 3 goes
+    assert manager.checkpoints.epochs() == [0, 1, 2] and manager.epoch == 2
+    manager.end_epoch(3)
 
 
 @pytest.mark.parametrize(

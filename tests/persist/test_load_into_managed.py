@@ -140,6 +140,29 @@ def test_a_snapshot_of_the_same_stage_loads_bit_for_bit(rig, strict) -> None:
     assert rig.send("cull", SEED0)
 
 
+def test_a_snapshot_mid_grafting_resumes_its_alpha_schedule_bit_for_bit(rig) -> None:
+    """The schedule's position comes back with the seed's alpha: training on from a loaded
+    snapshot (model and optimizers) repeats the uninterrupted run, alphas and weights."""
+    rig, artifact_id, _ = rig
+    _grow_to_grafting(rig, artifact_id)
+    model, optimizers = rig.model, rig.manager.state.optimizers
+    snapshot = clone_state(model.state_dict()), clone_state(optimizers.state_dict())
+
+    def go_on() -> tuple[list[float], dict[str, torch.Tensor]]:
+        alphas = []
+        for _ in range(2):
+            rig.train(1)
+            alphas.append(rig.manager.seed(SEED0).alpha_value)
+        return alphas, clone_state(model.state_dict())
+
+    alphas, weights = go_on()
+    assert len(set(alphas)) == 2 and rig.stage(SEED0) == S.GRAFTING
+    model.load_state_dict(snapshot[0])
+    optimizers.load_state_dict(snapshot[1])
+    again, resumed = go_on()
+    assert again == alphas and _same(resumed, weights)
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
 def test_a_snapshot_of_another_stage_is_refused_and_a_rollback_still_restores_it(
     rig, strict

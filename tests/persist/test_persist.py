@@ -55,6 +55,23 @@ def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
         assert not torch.equal(fresh(grown.x), Host()(grown.x))  # the seeds do contribute
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_loaded_model_refuses_a_seed_state_before_any_module_loads(saved: Path, strict) -> None:
+    """As after ``kasmina.attach``: every seed of a model ``kasmina.load`` built checks its
+    incoming state before the first module (``inp``, ahead of the slot) loads anything."""
+    fresh = Host()
+    kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
+    bare = Host()
+    kasmina.attach(bare, "out", 2, 2)  # its seeds DORMANT, without kernels
+    stale = _snapshot(bare)
+    stale["inp.weight"] = torch.full_like(stale["inp.weight"], 7.0)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="saved in DORMANT without a kernel"):
+        fresh.load_state_dict(stale, strict=strict)
+    after = fresh.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_a_tampered_file_is_refused_and_the_model_untouched(grown: Grown, saved: Path) -> None:
     publishers = PUBLISHER.trusted_publishers()
     fresh = Host()
@@ -174,8 +191,9 @@ def test_a_state_for_another_seed_layout_is_refused_before_anything_loads(grown:
         (lambda d: {k: v for k, v in d.items() if k != "alpha"}, "has no 'alpha'"),
         (lambda d: {**d, "row": ["a"] * len(d["row"])}, "saved 'row'"),
         (lambda d: {**d, "gate_score": None}, "saved 'gate_score'"),
+        (lambda d: {**d, "graft_step": -1}, "saved 'graft_step'"),
     ],
-    ids=["list", "missing", "row", "gate_score"],
+    ids=["list", "missing", "row", "gate_score", "graft_step"],
 )
 def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> None:
     seed = GradientIsolatedSeed(2, "s")
@@ -185,6 +203,20 @@ def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> 
     with pytest.raises(ValueError, match=message):
         seed.set_extra_state(bad)
     assert torch.equal(seed.state_table.state_tensor, row)
+
+
+def test_an_extra_state_saved_before_the_graft_step_was_recorded_still_loads() -> None:
+    """States saved before the schedule's step was recorded load, leaving the seed's own."""
+    source = GradientIsolatedSeed(2, "s")
+    source.graft_step = 5
+    saved = json.loads(bytes(source.get_extra_state().tolist()).decode())
+    assert saved["graft_step"] == 5
+    target = GradientIsolatedSeed(2, "s")
+    target.graft_step = 3
+    target.set_extra_state(encode_json({k: v for k, v in saved.items() if k != "graft_step"}))
+    assert target.graft_step == 3
+    target.set_extra_state(encode_json(saved))
+    assert target.graft_step == 5
 
 
 def encode_json(value: object) -> torch.Tensor:
