@@ -152,6 +152,9 @@ def attach(
     ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
     already a slot or nested in another, or a declared width does not fit.
     """
+    for arg, value in (("seeds_per_layer", seeds_per_layer), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
     names = _resolve(model, targets)
     slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     for name in names:

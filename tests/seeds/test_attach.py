@@ -101,6 +101,9 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
         ("head", 3, 4, "12 != 8"),
         ([], 2, 4, "at least one"),
         ("(", 2, 4, "regular expression"),
+        ("head", -2, -4, "seeds_per_layer must be a positive int, got -2"),
+        ("head", True, 4, "seeds_per_layer must be a positive int, got True"),
+        ("head", 2, 0, "chunk_size must be a positive int, got 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
