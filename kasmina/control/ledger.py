@@ -334,7 +334,10 @@ class NonceLedger:
         self.broken = False
 
     def mark_broken(self, exc: BaseException) -> None:
-        """An append or sync failed: log it once, and rewrite the file before the next record."""
+        """An append or sync failed: log it once, and rewrite the file before the next record.
+        A ledger closed on purpose refuses every record without being broken."""
+        if self._closed:
+            return
         if not self.broken:
             logger.error(
                 "nonce ledger %s failed (%s: %s): commands are refused until it can be written",

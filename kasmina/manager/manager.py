@@ -597,4 +597,4 @@ class KasminaKernelManager:
         self.handler.flush_rejections(force=True)
         self.verifier.close()
         if self._jsonl is not None:
-            self._jsonl.close()
+            self.telemetry.close_sink(self._jsonl)

@@ -209,6 +209,15 @@ class TelemetryReporter:
         with self._failure_lock:
             self._entries = [*self._entries, _SinkState(sink)]
 
+    def close_sink(self, sink: TelemetrySink) -> None:
+        """Stop sending to ``sink`` and close it (``sink.close()``, if it has one): later
+        packets go to the other sinks, none to a closed file."""
+        with self._failure_lock:
+            self._entries = [e for e in self._entries if e.sink is not sink]
+        close = getattr(sink, "close", None)
+        if callable(close):
+            close()
+
     def packet(self, metrics: Iterable[MetricSpec]) -> TelemetryPacket:
         """Build (but do not send) a packet holding ``(name, value, type, labels)`` metrics."""
         pkt = self._new_packet()

@@ -366,7 +366,7 @@ def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, 
     assert not run_command(manager, rig.signed(make_rollback_command(7)))
 
 
-def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp) -> None:
+def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp, caplog) -> None:
     jsonl = tmp_path / "telemetry.jsonl"
     rig = Rig(make_config(tmp_path, store, telemetry_jsonl_path=str(jsonl)), keyring)
     assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
@@ -386,6 +386,15 @@ def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp) -> None:
     assert metrics[("val.accuracy", ())] == 0.5 and metrics[("kernel.loads", ())] == 1
     lines = jsonl.read_text().splitlines()
     assert len(lines) >= 4 and json.loads(lines[-1])["packet_id"] == packet.packet_id
+    # close() takes its file off the reporter: a command arriving later is refused and its
+    # events go to the other sinks, none to the closed file (no sink failure, no ERROR).
+    rig.manager.close()
+    written = jsonl.read_text()
+    with caplog.at_level(logging.WARNING, logger="kasmina"):
+        assert not rig.manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no ledger "failure"
+    assert rig.manager.telemetry.sink_errors == 0 and jsonl.read_text() == written
+    assert rig.manager.telemetry.sinks == (rig.sink,)
 
 
 def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
