@@ -73,3 +73,14 @@ def check_float_tensor(name: str, t: torch.Tensor, device: torch.device | None =
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a tensor autograd may save for a backward. A teacher run under
+    ``torch.inference_mode()`` hands over inference tensors, which autograd refuses to save:
+    such a tensor is copied out of inference mode (one copy, only then); any other is ``t``.
+    TorchDynamo cannot trace the test, so a compiled caller passes tensors made outside
+    inference mode (``t.clone()`` outside the compiled region)."""
+    if t is None or torch.compiler.is_compiling():
+        return t
+    return t.clone() if t.is_inference() else t

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor
+from kasmina.ops.backend import check_float_tensor, saveable
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -470,10 +470,12 @@ def fused_linear_kd_loss(
     need_h = grad_on and student_hidden.requires_grad
     need_w = grad_on and student_weight.requires_grad
     need_b = grad_on and student_bias is not None and student_bias.requires_grad
+    keep = saveable if need_h or need_w or need_b else lambda t: t  # the backward saves them
     t_args = tuple(
-        None if t is None else t.detach()
+        None if t is None else keep(t.detach())
         for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     )
+    mask = keep(mask)
     if torch.compiler.is_compiling():
         return _fused_op(
             student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,

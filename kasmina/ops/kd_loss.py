@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kasmina.ops.backend import check_float_tensor, use_triton
+from kasmina.ops.backend import check_float_tensor, saveable, use_triton
 
 __all__ = [
     "first_order_backward",
@@ -581,6 +581,8 @@ def kd_kl_loss(
     _check(student_logits, teacher_logits, temperature, reduction, mask)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
     teacher = teacher_logits.detach()
+    if need_grad:  # the backward saves them
+        teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
     if torch.compiler.is_compiling():
         return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]

@@ -195,6 +195,37 @@ def test_triton_kernels_match_float64_oracle(triton_backend, dtype, reduction, t
     _check_case(dtype, reduction, 2.0, True, teacher, 0.5, cap, (2, 5), 37, 3, seed=5)
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_a_teacher_made_under_inference_mode_is_accepted(monkeypatch, path):
+    """Teacher logits, or a teacher's hidden states, made under ``torch.inference_mode()`` are
+    inference tensors, which autograd refuses to save: the op takes them all the same."""
+    if path == "triton" and DEVICE.type == "cpu":
+        if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
+    monkeypatch.setenv("KASMINA_BACKEND", path)
+    g = _gen(21)
+    hidden = torch.randn(2, 3, 8, generator=g)
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)
+    t_weight = torch.randn(13, 8, generator=g)
+    with torch.inference_mode():
+        t_hidden = hidden.clone() + 0.5
+        t_logits = t_hidden @ t_weight.T
+    runs = []
+    for teacher in ({"teacher_logits": t_logits}, {"teacher_hidden": t_hidden}):
+        for frozen in (True, False):
+            kwargs = dict(teacher)
+            if not frozen:
+                kwargs = {k: v.clone() for k, v in kwargs.items()}
+            if "teacher_hidden" in kwargs:
+                kwargs["teacher_weight"] = t_weight
+            h = hidden.clone().requires_grad_(True)
+            loss = fused_linear_kd_loss(h, weight, temperature=2.0, **kwargs)
+            (dh,) = torch.autograd.grad(loss, [h])
+            runs.append((loss.detach(), dh))
+    for got in runs[1:]:
+        torch.testing.assert_close(got, runs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_no_bias_and_one_chunk_for_everything():
     _check_case(
         torch.float32, "batchmean", 2.0, True, "head", None, None, (6,), 40, 100, bias=False

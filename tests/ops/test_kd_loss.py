@@ -371,6 +371,22 @@ def test_matches_f_kl_div_and_teacher_gets_no_grad(backend):
     assert student.grad is not None
 
 
+def test_a_teacher_made_under_inference_mode_is_accepted(backend):
+    """A teacher run under ``torch.inference_mode()`` hands over inference tensors, which
+    autograd refuses to save: the op takes them all the same, with the same loss and grad."""
+    student, teacher = _logits((3, 5, 17), seed=9)
+    mask = torch.tensor([True, False, True]).unsqueeze(-1).expand(3, 5)
+    with torch.inference_mode():
+        frozen_teacher, frozen_mask = teacher.clone(), mask.clone()
+    grads = []
+    for t, m in ((teacher, mask), (frozen_teacher, frozen_mask)):
+        s = student.detach().requires_grad_(True)
+        loss = kd_kl_loss(s, t, 2.0, mask=m)
+        loss.backward()
+        grads.append((loss.detach(), s.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_custom_op_matches_eager_function(backend, reduction):
     """The custom op torch.compile uses (called eagerly here) against the eager path."""
