@@ -427,3 +427,25 @@ def test_measuring_at_a_narrower_dtype_is_refused_and_leaves_the_teacher_as_it_w
         teacher.measure_forward_peak_bytes(inputs(8), at)
     assert_bit_identical(teacher.teacher, before)
     assert teacher.dtype == own
+
+
+def test_padded_positions_written_as_all_minus_inf_teacher_rows_are_left_out() -> None:
+    """The README's padding recipe: rows whose teacher logits are all ``-inf`` teach nothing
+    and leave the mean, so the seed's loss and gradient are those of the kept rows alone."""
+    from kasmina.kd.loss import seed_kd_loss
+
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 4, 7, generator=g)
+    teacher = torch.randn(2, 4, 7, generator=g)
+    keep = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    padded = teacher.masked_fill(~keep[..., None], float("-inf"))
+    config = KDConfig(temperature=2.0)
+    s_all = student.clone().requires_grad_(True)
+    s_kept = student[keep].clone().requires_grad_(True)
+    loss = seed_kd_loss(config, s_all, padded)
+    expected = seed_kd_loss(config, s_kept, teacher[keep])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(s_all.grad[keep], s_kept.grad)
+    assert torch.equal(s_all.grad[~keep], torch.zeros_like(s_all.grad[~keep]))
