@@ -4,8 +4,9 @@ raises for a clean one-line failure, and argument parsers."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-__all__ = ["PROG", "CLIError", "one_line", "positive_int"]
+__all__ = ["PROG", "CLIError", "bounded_int", "one_line", "positive_int"]
 
 
 PROG = "kasmina"
@@ -23,6 +24,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``; argparse names the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
+        return value
+
+    return parse
 
 
 def one_line(exc: BaseException) -> str:

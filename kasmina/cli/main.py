@@ -10,14 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import secrets
+import shlex
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kasmina.cli.common import PROG, CLIError, one_line, positive_int
+from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
 from kasmina.errors import KasminaError
 from kasmina.utils.keyring import MIN_KEY_BYTES
+
+# kasmina.demo.config.MAX_SEED, repeated here so that --help does not import torch.
+DEMO_MAX_SEED = 2**32 - 1
 
 # ------------------------------------------------------------------------------------ keygen
 
@@ -30,44 +37,98 @@ def _key_bytes(text: str) -> int:
     return value
 
 
+# HMAC key ids keygen makes: the characters publisher key ids allow (urza.keys.validate_key_id),
+# so an id is safe in the printed export line, in file names and in logs. A Keyring accepts any
+# non-empty id (hand-written files still load); every id allowed here round-trips through both
+# of its formats, "id:hex,..." ($KASMINA_HMAC_KEYS) and JSON.
+_HMAC_KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from kasmina.utils.keyring import Keyring, generate_key
 
+    out = _output_file(args.out)
     if args.publisher:
-        return _keygen_publisher(args)
+        return _keygen_publisher(args, out)
     key_id = "default" if args.key_id is None else args.key_id
-    if not key_id or any(c in key_id for c in ",: \t\n") or key_id.startswith("{"):
+    if not _HMAC_KEY_ID_RE.fullmatch(key_id):
         raise CLIError(
-            f"invalid key id {key_id!r}: use a non-empty id without ',', ':' or spaces, not "
-            "starting with '{'"
+            f"invalid key id {key_id!r}: 1-64 characters of [A-Za-z0-9._-], starting with a "
+            "letter or digit"
         )
     key = generate_key(args.bytes)
     keys: dict[str, bytes] = {}
-    if args.out is not None:
-        out = Path(args.out)
+    if out is not None:
         if out.exists():
             if not args.append:
-                raise CLIError(f"{out} exists; pass --append to add a key or choose another file")
+                raise CLIError(
+                    f"{args.out} exists; pass --append to add a key or choose another file"
+                )
             existing = Keyring.from_file(out)
             if key_id in existing and not args.force:
-                raise CLIError(f"{out} already holds key {key_id!r}; pass --force to replace it")
+                raise CLIError(
+                    f"{args.out} already holds key {key_id!r}; pass --force to replace it"
+                )
             keys = {k: existing.get(k) or b"" for k in existing.key_ids}
         keys[key_id] = key
-        _write_private(out, json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n")
-        print(f"wrote key {key_id!r} to {out} ({len(keys)} key(s), mode 0600)", file=sys.stderr)
+        text = json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n"
+        try:
+            _write_private(out, text)
+        except OSError as exc:
+            raise _cannot_write(args.out, exc) from None
+        print(
+            f"wrote key {key_id!r} to {args.out} ({len(keys)} key(s), mode 0600)", file=sys.stderr
+        )
     else:
         keys[key_id] = key
-    exported = ",".join(f"{k}:{v.hex()}" for k, v in keys.items())
-    print(f"export KASMINA_HMAC_KEYS={exported}")
+    print(f"export KASMINA_HMAC_KEYS={_export_value(keys)}")
     return 0
 
 
-def _keygen_publisher(args: argparse.Namespace) -> int:
+def _export_value(keys: dict[str, bytes]) -> str:
+    """``$KASMINA_HMAC_KEYS`` for ``keys``, quoted for a POSIX shell: the "id:hex,..." form,
+    or the JSON form when an id from an appended file is one that form cannot hold."""
+    if all(_HMAC_KEY_ID_RE.fullmatch(k) for k in keys):
+        value = ",".join(f"{k}:{v.hex()}" for k, v in keys.items())
+    else:
+        value = json.dumps({k: v.hex() for k, v in keys.items()}, separators=(",", ":"))
+    return shlex.quote(value)
+
+
+def _output_file(text: str | None) -> Path | None:
+    """``--out`` as the key file to write, or None without one. Refused: an empty name, and
+    anything that exists and is not a regular file (a directory, a FIFO, a device), which a
+    key file must never replace or be read from. Both keygen paths check here."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise CLIError("--out is empty: name the key file to write")
+    path = Path(text)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise CLIError(f"cannot use --out {text}: {exc.strerror or one_line(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise CLIError(
+            f"--out {text} exists and is not a regular file; key files are written only to a "
+            "new or a regular file"
+        )
+    return path
+
+
+def _cannot_write(text: str, exc: OSError) -> CLIError:
+    """The error for a key file that could not be written, naming the path as given."""
+    return CLIError(f"cannot write {text}: {exc.strerror or one_line(exc)}")
+
+
+def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
     """An Ed25519 publisher key: the private key goes only to ``--out`` (0600); stdout gets the
     public key as the JSON object trainers are configured with."""
     from kasmina.urza.keys import PublisherKey, validate_key_id
 
-    if args.out is None:
+    if out is None:
         raise CLIError("--publisher needs --out FILE: a private key is never printed")
     if args.append:
         raise CLIError("--append is for HMAC keyrings; a publisher key file holds one key")
@@ -77,13 +138,15 @@ def _keygen_publisher(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     key = PublisherKey.generate(args.key_id)
-    out = Path(args.out)
     if out.exists() and not args.force:
-        raise CLIError(f"{out} exists; pass --force to replace the key in it")
-    key.save(out, overwrite=args.force)
+        raise CLIError(f"{args.out} exists; pass --force to replace the key in it")
+    try:
+        key.save(out, overwrite=args.force)
+    except OSError as exc:
+        raise _cannot_write(args.out, exc) from None
     print(
-        f"wrote publisher key {key.key_id!r} to {out} (mode 0600); trainers need only the public "
-        f"key: {key.public_key_text}",
+        f"wrote publisher key {key.key_id!r} to {args.out} (mode 0600); trainers need only the "
+        f"public key: {key.public_key_text}",
         file=sys.stderr,
     )
     print(json.dumps({key.key_id: key.public_key_text}))
@@ -91,17 +154,18 @@ def _keygen_publisher(args: argparse.Namespace) -> int:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    """Write ``text`` to ``path`` atomically, readable by the owner only: a new temporary file
+    beside it (``O_EXCL``: never an existing file or link), renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------- bench
@@ -194,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     demo.add_argument("--out", default="kasmina-demo", help="output directory (./kasmina-demo)")
-    demo.add_argument("--seed", type=int, default=0, help="RNG seed; same seed, same run (0)")
+    demo.add_argument(
+        "--seed",
+        type=bounded_int(0, DEMO_MAX_SEED),
+        default=0,
+        help="RNG seed, 0 to 2**32-1; same seed, same run (0)",
+    )
     demo.add_argument(
         "--nproc", type=positive_int, default=1, help="data-parallel processes on loopback (1)"
     )

@@ -13,22 +13,33 @@ signature, size and SHA-256 only.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kasmina.cli.common import PROG, CLIError, one_line, positive_int
+from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
+    import torch
     from torch import nn
 
+    from kasmina.urza.blueprints import Blueprint
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.keys import PublisherKey, TrustedPublishers
     from kasmina.utils.keyring import Keyring
 
 # Names the publisher's private key file when --key is not given.
 PUBLISHER_KEY_ENV = "KASMINA_PUBLISHER_KEY_FILE"
+# --seed of publish: what torch.manual_seed takes, non-negative.
+MAX_SEED = 2**63 - 1
+# The most bytes publish builds for a --builtin module's parameters or an example input: what
+# an Urza client fetches at most by default (UrzaLibraryClient max_artifact_bytes, 1 GiB).
+MAX_BUILD_BYTES = 1 << 30
 
 
 def add_urza_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +96,12 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--dtype", default="float32", help="example input dtype (float32)")
     publish.add_argument("--blueprint", help="blueprint name recorded in the manifest")
     publish.add_argument("--artifact-id", help="artifact id (default: <blueprint>-<sha256>)")
-    publish.add_argument("--seed", type=int, default=0, help="RNG seed for initial weights (0)")
+    publish.add_argument(
+        "--seed",
+        type=bounded_int(0, MAX_SEED),
+        default=0,
+        help="RNG seed for initial weights, 0 to 2**63-1 (0)",
+    )
     publish.set_defaults(func=_cmd_urza_publish)
 
     listing = urza_sub.add_parser(
@@ -186,25 +202,46 @@ def _optional_publishers(args: argparse.Namespace) -> TrustedPublishers | None:
     return publishers
 
 
-def _client(args: argparse.Namespace, publishers: TrustedPublishers | None) -> UrzaLibraryClient:
+def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = False) -> None:
+    """Refuse a ``--store`` no command can use: an empty one (not the current directory), a
+    URL naming no location, a local one that is not a directory (missing too, unless
+    ``may_create``), and for commands that write, a ``memory://`` store, which ends with
+    this process. Remote stores answer later."""
+    url = args.store
+    _, sep, rest = url.partition("://")
+    if not url.strip() or (sep and not rest.strip()):
+        raise CLIError(f"--store {url!r} is empty: give a local directory or a store URL")
+    if writes and any(part.strip().startswith("memory:") for part in url.split("::")):
+        raise CLIError(
+            f"--store {url!r} is a memory:// store, which lives only as long as this process: "
+            f"what 'urza {args.urza_command}' wrote there would be gone when it exits; use a "
+            "directory or a persistent store URL"
+        )
+    if not sep:
+        path = Path(url)
+        if not path.is_dir() and (path.exists() or not may_create):
+            raise CLIError(f"no Urza store at {url!r} (not a directory)")
+        return
+    from kasmina.urza.artifact import open_store
+
+    try:
+        fs, root = open_store(url)
+    except Exception as exc:  # a missing fsspec backend, a malformed URL
+        raise CLIError(f"cannot open the store {url!r}: {one_line(exc)}") from None
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "file" in protocols and not fs.isdir(root) and (fs.exists(root) or not may_create):
+        raise CLIError(f"no Urza store at {url!r} (not a directory)")
+
+
+def _client(
+    args: argparse.Namespace, publishers: TrustedPublishers | None, *, writes: bool = False
+) -> UrzaLibraryClient:
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.keys import TrustedPublishers
 
-    url = args.store
-    if "://" not in url and not Path(url).is_dir():
-        raise CLIError(f"no Urza store at {url!r} (not a directory)")
-    if "://" in url:  # a local store named by URL is checked alike; remote ones answer later
-        from kasmina.urza.artifact import open_store
-
-        try:
-            fs, root = open_store(url)
-        except Exception as exc:  # a missing fsspec backend, a malformed URL
-            raise CLIError(f"cannot open the store {url!r}: {one_line(exc)}") from None
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-        if "file" in protocols and not fs.isdir(root):
-            raise CLIError(f"no Urza store at {url!r} (not a directory)")
+    _check_store(args, writes=writes)
     trusted = publishers if publishers is not None else TrustedPublishers()
-    return UrzaLibraryClient(url, trusted, retries=0)
+    return UrzaLibraryClient(args.store, trusted, retries=0)
 
 
 def _cmd_urza_publish(args: argparse.Namespace) -> int:
@@ -218,6 +255,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             validate_artifact_id(args.artifact_id)
         except ValueError as exc:
             raise CLIError(f"--artifact-id: {one_line(exc)}") from None
+    _check_store(args, writes=True, may_create=True)
     publisher = _signing_key(args)
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -229,22 +267,39 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         blueprint = get_blueprint(args.builtin)
         if args.dim is None:
             raise CLIError("--builtin needs --dim (the chunk width)")
-        module = blueprint.build(args.dim, args.hidden)
+        _check_builtin_size(blueprint, args)
         shape = _parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
         name = args.blueprint or blueprint.name
+        _check_example_size(shape, dtype)
+        torch.manual_seed(args.seed)  # as if the meta-device probe had not run
+        try:
+            module = blueprint.build(args.dim, args.hidden)
+        except (RuntimeError, MemoryError) as exc:  # too large for this machine after all
+            raise CLIError(f"cannot build {name}: {one_line(exc)}") from None
     else:
-        module = _load_factory(args.factory)
+        module = _load_factory(args.factory)  # the user's errors: one line there
         if not args.input_shape:
             raise CLIError("--factory needs --input-shape (e.g. 8,16)")
         shape = _parse_shape(args.input_shape)
         name = args.blueprint or args.factory.rpartition(":")[2]
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+        _check_example_size(shape, dtype)
+    try:
+        generator = torch.Generator().manual_seed(args.seed)
+        example = torch.randn(shape, generator=generator).to(dtype)
+    except (RuntimeError, MemoryError) as exc:
+        raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
     module.eval()
     try:
-        manifest = publish_artifact(
-            module, [example], args.store, name, publisher, args.artifact_id
-        )
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, RuntimeError) as exc:
+        with _quiet_torch_logs():
+            manifest = publish_artifact(
+                module, [example], args.store, name, publisher, args.artifact_id
+            )
+    except (
+        torch._dynamo.exc.Unsupported,
+        torch._dynamo.exc.UserError,
+        RuntimeError,
+        MemoryError,
+    ) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
     except TypeError as exc:  # the module's forward does not take one example input
         raise CLIError(f"torch.export of {name} failed: {one_line(exc)[:300]}") from None
@@ -255,6 +310,55 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     )
     print(manifest.artifact_id)
     return 0
+
+
+def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace) -> None:
+    """Refuse a ``--builtin`` module whose parameters exceed ``MAX_BUILD_BYTES``, measured on
+    the meta device, where nothing is allocated."""
+    import torch
+
+    widths = f"--dim {args.dim}" + (f" --hidden {args.hidden}" if args.hidden else "")
+    try:
+        with torch.device("meta"):
+            probe = blueprint.build(args.dim, args.hidden)
+    except (RuntimeError, OverflowError) as exc:  # sizes beyond what torch can index
+        raise CLIError(f"{blueprint.name} with {widths} is too large: {one_line(exc)}") from None
+    size = sum(p.numel() * p.element_size() for p in probe.parameters())
+    if size > MAX_BUILD_BYTES:
+        raise CLIError(
+            f"{blueprint.name} with {widths} would have {size} bytes of parameters, above "
+            f"the {MAX_BUILD_BYTES} bytes an Urza client fetches; choose smaller widths"
+        )
+
+
+def _check_example_size(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Refuse an example input above ``MAX_BUILD_BYTES``: one small batch is all export needs."""
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_BUILD_BYTES:
+        dims = ",".join(map(str, shape))
+        raise CLIError(
+            f"example input shape {dims} would take {size} bytes, above {MAX_BUILD_BYTES}; "
+            "an example needs only a small batch (e.g. --input-shape 8,16)"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's loggers while exporting (restored after): a failed export logs its own
+    traceback (fake_tensor, dynamo) before raising, and the CLI reports it in one line."""
+    torch_loggers = [logging.getLogger("torch")] + [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.") and isinstance(logger, logging.Logger) and logger.level
+    ]
+    levels = [logger.level for logger in torch_loggers]
+    for logger in torch_loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(torch_loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -296,7 +400,7 @@ def _load_factory(spec: str) -> nn.Module:
 
 
 def _cmd_urza_list(args: argparse.Namespace) -> int:
-    from kasmina.errors import ArtifactIntegrityError
+    from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
 
     publishers = _optional_publishers(args)
     with _client(args, publishers) as client:
@@ -312,7 +416,7 @@ def _cmd_urza_list(args: argparse.Namespace) -> int:
                 continue
             try:
                 m = client.get_manifest(artifact_id)
-            except ArtifactIntegrityError as exc:
+            except (ArtifactIntegrityError, ArtifactNotFoundError) as exc:
                 print(f"{artifact_id}  INVALID: {one_line(exc)}")
                 continue
             print(f"{artifact_id}  {m.blueprint}  {m.size} bytes  key={m.key_id}")
@@ -348,9 +452,10 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
     from kasmina.errors import ArtifactIntegrityError
     from kasmina.urza.publish import resign_artifact
 
+    _check_store(args, writes=True)
     publisher = _signing_key(args)
     legacy = _legacy_keyring(args)
-    with _client(args, publisher.trusted_publishers()) as client:
+    with _client(args, publisher.trusted_publishers(), writes=True) as client:
         ids = args.artifact_ids or client.list_artifacts()
     if not ids:
         raise CLIError(f"no artifacts to re-sign in {args.store}")

@@ -45,6 +45,9 @@ SCENARIOS = ("standard", "continual")
 COMMAND_KEY, PUBLISHER_KEY = "tamiyo", "urza-publisher"
 KD = KDConfig(temperature=2.0, alpha=0.5)
 MARKER = ".kasmina-demo"
+# The largest --seed: every RNG seed the demo derives from it (seed * 100_003 + epoch, ...)
+# stays far inside what torch.manual_seed takes.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,27 @@ class DemoConfig:
             raise ValueError("--repeats and --scenario continual run in one process: --nproc 1")
         if self.batch_size % self.nproc:
             raise ValueError(f"batch size {self.batch_size} does not split over {self.nproc} ranks")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but CUDA is not available")
+        if not 0 <= self.seed <= MAX_SEED - (self.repeats - 1):
+            raise ValueError(
+                f"--seed {self.seed} with --repeats {self.repeats}: every run's seed must be "
+                f"between 0 and {MAX_SEED}"
+            )
+        _check_device(self.device)
+
+
+def _check_device(name: str) -> None:
+    """The demo runs on the CPU or on a CUDA device this machine has; anything else (meta, mps,
+    xpu, a missing GPU) is refused here, before anything is written."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use cpu or cuda") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r} is not supported by the demo: use cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} was requested but CUDA is not available")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import logging
 import threading
@@ -37,6 +38,8 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from kasmina.urza.artifact import (
@@ -152,6 +155,7 @@ class UrzaLibraryClient:
 
             options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout_s)}
         self._fs, self._root = open_store(url, options)
+        self._local = isinstance(self._fs, LocalFileSystem)
         # Elsewhere, the file's own read-ahead is one chunk at most. HTTP: one streaming GET
         # (block_size=0), which also works against servers that ignore Range. Passing a size
         # skips fsspec's HEAD probe (the streaming file ignores it), which would report any
@@ -397,18 +401,29 @@ class UrzaLibraryClient:
         cancelled: threading.Event,
         hasher: Any = None,
     ) -> bytes:
-        """``read_bounded`` with this client's store, chunk size and open options."""
-        return read_bounded(
-            self._fs,
-            path,
-            limit,
-            what=what,
-            why=why,
-            chunk_bytes=self.chunk_bytes,
-            hasher=hasher,
-            cancelled=cancelled,
-            open_kwargs=self._open_kwargs,
-        )
+        """``read_bounded`` with this client's store, chunk size and open options.
+
+        An entry that is not a readable file (a directory; on a local store also a socket, a
+        symlink loop or a file this process may not read) is that artifact's problem, answered
+        by the store: ``ArtifactIntegrityError``, not retried, a breaker success. Transport
+        errors pass through to the ``ReadGuard`` as before."""
+        try:
+            return read_bounded(
+                self._fs,
+                path,
+                limit,
+                what=what,
+                why=why,
+                chunk_bytes=self.chunk_bytes,
+                hasher=hasher,
+                cancelled=cancelled,
+                open_kwargs=self._open_kwargs,
+            )
+        except OSError as exc:
+            if not _not_a_readable_file(exc, local=self._local):
+                raise
+            reason = exc.strerror or type(exc).__name__
+            raise ArtifactIntegrityError(f"{what} is not a readable file ({reason})") from None
 
 
 def _trusted(publishers: object) -> TrustedPublishers:
@@ -422,6 +437,21 @@ def _trusted(publishers: object) -> TrustedPublishers:
         f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
         "or a private key would let the reader sign artifacts too"
     )
+
+
+# What opening a local entry fails with when the entry itself is the problem (a socket, a
+# symlink loop), not the store: retrying gives the same answer.
+_LOCAL_ENTRY_ERRNOS = frozenset({errno.ENXIO, errno.ELOOP, errno.ENODEV})
+
+
+def _not_a_readable_file(exc: OSError, *, local: bool) -> bool:
+    """Whether ``exc`` says what the entry is (see ``_read_bounded``) rather than that the
+    store failed. ``FileNotFoundError`` and timeouts are handled elsewhere."""
+    if isinstance(exc, (FileNotFoundError, TimeoutError)):
+        return False
+    if isinstance(exc, IsADirectoryError):
+        return True
+    return local and (isinstance(exc, PermissionError) or exc.errno in _LOCAL_ENTRY_ERRNOS)
 
 
 def _is_http(fs: Any) -> bool:

@@ -21,6 +21,8 @@ import hashlib
 import logging
 import os
 import re
+import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -239,7 +241,9 @@ class PublisherKey:
 
         An existing file is refused (``FileExistsError``) unless ``overwrite``: a private key
         is not replaced by accident. With ``overwrite`` the new file is written beside it and
-        renamed over it, so the old key is never half-overwritten.
+        renamed over it, so the old key is never half-overwritten; only a regular file is
+        replaced (anything else at ``path``, a directory, a FIFO, a device, is refused with
+        ``ValueError``). Errors name ``path``, never the temporary file.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,15 +257,26 @@ class PublisherKey:
                 path.unlink(missing_ok=True)
                 raise
             return
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            mode: int | None = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ValueError(f"{path} exists and is not a regular file; not replaced by a key")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
     def __repr__(self) -> str:
         return f"PublisherKey(key_id={self._key_id!r}, public_key={self.public_key_text!r})"

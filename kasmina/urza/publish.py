@@ -278,6 +278,8 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
+    except IsADirectoryError:  # that entry's problem, not the store's (as the client reads it)
+        raise ArtifactIntegrityError(f"{what}: manifest is not a readable file") from None
     own = publisher.trusted_publishers()
     try:
         data = strict_json_loads(raw.decode("utf-8"))
@@ -305,6 +307,8 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} has a manifest but no payload in {store_url}") from None
+    except IsADirectoryError:
+        raise ArtifactIntegrityError(f"{what}: payload is not a readable file") from None
     verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
     signed = sign_manifest(legacy, publisher)
     _atomic_write(fs, manifest_path, signed.to_json())

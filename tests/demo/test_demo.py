@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -284,6 +285,31 @@ def test_repeats_and_continual_refuse_several_processes(tmp_path) -> None:
         DemoConfig(out_dir=tmp_path, scenario="continual", nproc=2).validate()
     with pytest.raises(ValueError, match="--scenario"):
         DemoConfig(out_dir=tmp_path, scenario="other").validate()
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"device": "meta"}, "--device 'meta' is not supported by the demo"),
+        ({"device": "mps"}, "--device 'mps' is not supported"),
+        ({"device": "xpu"}, "--device 'xpu' is not supported"),
+        ({"device": "gpu0"}, "unknown device 'gpu0'"),
+        ({"device": "cuda:99"}, "--device 'cuda:99'"),  # no machine here has 100 GPUs
+        ({"seed": 2**32}, "--seed 4294967296"),
+        ({"seed": -1}, "--seed -1"),
+        ({"seed": 2**32 - 1, "repeats": 2}, "with --repeats 2"),
+    ],
+)
+def test_a_bad_device_or_seed_is_refused_before_anything_is_written(
+    tmp_path, changes, fragment
+) -> None:
+    """meta, mps and xpu passed validation and failed half-way, as did a seed torch could not
+    take: a traceback and keys, a store and a marker left in --out."""
+    cfg = DemoConfig(out_dir=tmp_path / "out", **{**TINY, **changes})
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        run_demo_cli(cfg)
+    assert not (tmp_path / "out").exists()
+    replace(cfg, seed=2**32 - 1, repeats=1, device="cpu").validate()  # the bounds themselves
 
 
 def test_the_continual_scenario_protects_the_host_and_scores_every_method(tmp_path) -> None:

@@ -15,7 +15,8 @@ from kasmina.errors import ArtifactIntegrityError, UrzaUnavailableError
 from kasmina.urza.artifact import Manifest, read_bounded, sign_manifest
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
-from kasmina.urza.publish import publish_payload
+from kasmina.urza.publish import publish_payload, resign_artifact
+from kasmina.utils.keyring import Keyring
 from tests.urza.helpers import FlakyFS, serve_directory
 
 MiB = 1 << 20
@@ -202,3 +203,38 @@ def test_read_bounded_unit(tmp_path) -> None:
         read_bounded(fs, str(tmp_path / "missing"), 6, what="f", why="t")
     with pytest.raises(ValueError):
         read_bounded(fs, str(path), 6, what="f", why="t", chunk_bytes=0)
+
+
+def test_an_entry_that_is_not_a_file_is_that_artifacts_problem(store, trusted, publisher) -> None:
+    """A directory where a manifest or a payload should be is an answer from the store, like a
+    corrupt manifest: ``ArtifactIntegrityError``, not retried, a breaker success. A transport
+    error is still retried and still opens the breaker."""
+    (store / "d.manifest.json").mkdir()
+    declare(store, publisher, "p", len(PAYLOAD))
+    (store / "p.pt2").mkdir()
+    urza, flaky = client(str(store), trusted, retries=2, breaker_threshold=1)
+    with pytest.raises(ArtifactIntegrityError, match="'d': manifest is not a readable file"):
+        urza.get_manifest("d")
+    with pytest.raises(ArtifactIntegrityError, match="'p': payload is not a readable file"):
+        urza.fetch("p")
+    assert urza.verify_store() == {
+        "a1": "ok",
+        "d": "ArtifactIntegrityError: artifact 'd': manifest is not a readable file "
+        "(Is a directory)",
+        "p": "ArtifactIntegrityError: artifact 'p': payload is not a readable file "
+        "(Is a directory)",
+    }
+    stats = urza.stats()
+    assert stats["read_failures"] == 0 and stats["breaker_state"] == "closed"
+    assert flaky.reads_of("d.manifest.json") == 2  # once per call: never retried
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match="after 3 attempts"):
+        urza.get_manifest("a1")
+    assert urza.stats()["breaker_state"] == "open"
+
+
+def test_resign_reports_a_directory_manifest_as_that_artifacts_problem(store, publisher) -> None:
+    (store / "d.manifest.json").mkdir()
+    legacy = Keyring({"old": b"k" * 32})
+    with pytest.raises(ArtifactIntegrityError, match="'d': manifest is not a readable file"):
+        resign_artifact(str(store), "d", publisher, legacy)

@@ -417,6 +417,24 @@ def test_key_file_round_trip_is_0600_and_never_overwritten_by_accident(tmp_path:
     assert "ci-publisher" in text and "PRIVATE" not in text and "MC4C" not in text
 
 
+def test_save_replaces_only_a_regular_file_and_names_the_path_given(tmp_path: Path) -> None:
+    """``overwrite`` renames a new file over the old one: never over a FIFO or a directory
+    (they would be replaced, not written to), and errors name the key file, not the
+    temporary one beside it."""
+    fifo, folder = tmp_path / "fifo", tmp_path / "dir"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for path in (fifo, folder):
+        with pytest.raises(ValueError, match="exists and is not a regular file"):
+            PublisherKey.generate("pub").save(path, overwrite=True)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and not any(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc
+        with pytest.raises(OSError) as info:
+            PublisherKey.generate("pub").save("/proc/x.key", overwrite=True)
+        assert info.value.filename == "/proc/x.key"
+
+
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o700])
 def test_a_key_file_others_can_access_is_refused(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "publisher.key"
