@@ -164,8 +164,11 @@ class CommandExecution:
         self.report.note_command(command, True, problem)
         return CommandOutcome(command.command_id, command.kind, target, True, problem)
 
-    def _seed_stage(self, command: KasminaCommand) -> SeedStage | None:
-        """The stage of the seed ``command`` names (None: not a seed command, or no such seed)."""
+    def _seed_stage(self, command: KasminaCommand) -> SeedStage | int | None:
+        """What tells whether ``command`` took effect: the stage of the seed it names, or for a
+        rollback the count of rollbacks committed (None: neither, or no such seed)."""
+        if command.kind == "rollback":
+            return self.state.counters["rollbacks_committed"]
         registry = self.state.registry
         if command.seed is None or registry is None:
             return None
@@ -173,16 +176,23 @@ class CommandExecution:
         return None if record is None else record.stage
 
     def _interrupted(
-        self, command: KasminaCommand, target: str, before: SeedStage | None, exc: BaseException
+        self,
+        command: KasminaCommand,
+        target: str,
+        before: SeedStage | int | None,
+        exc: BaseException,
     ) -> CommandOutcome:
         """Note the outcome of a command an interrupt cut short, once its operation has undone
         or completed itself: a seed command took effect exactly when its seed's stage changed
-        (a CULL past its commit, completed); any other command is reported not applied, with
-        what its own undo left in the log."""
+        (a CULL past its commit, completed), a rollback when it committed (the boundary replay
+        after it may be cut short, as when it fails); an optimizer command is reported not
+        applied, with what its own undo left in the log."""
         after = self._seed_stage(command)
         name = type(exc).__name__
-        if before is not None and after is not None and after != before:
+        if isinstance(before, SeedStage) and isinstance(after, SeedStage) and after != before:
             ok, reason = True, f"interrupted by {name}; completed ({before.name} -> {after.name})"
+        elif before is not None and after is not None and after != before:  # a rollback
+            ok, reason = True, f"interrupted by {name} after it committed (see the log)"
         elif before is not None:
             ok, reason = False, f"interrupted by {name}; nothing changed"
         else:
@@ -442,10 +452,12 @@ class CommandExecution:
         has released it unless the announcement of HARVESTING was interrupted; again is a
         no-op)."""
         self.release(record)
-        record.seed.transition_to(S.COOLDOWN)
-        self.state.require_registry().table.set_column(
-            record.index, StateColumn.EMBARGO_COUNTER, embargo
-        )
+        try:
+            record.seed.transition_to(S.COOLDOWN)
+        finally:  # the embargo holds even if COOLDOWN's announcement is interrupted
+            if record.stage == S.COOLDOWN:
+                table = self.state.require_registry().table
+                table.set_column(record.index, StateColumn.EMBARGO_COUNTER, embargo)
 
     def terminate(self, record: SeedRecord) -> None:
         stage = record.stage

@@ -209,8 +209,10 @@ class CommandIntake:
         except Exception as exc:  # a bug in execution must not stop the training step
             logger.exception("applying command %s raised", command.command_id)
             outcome = self.refuse(command, f"internal error: {type(exc).__name__}: {exc}")
-        self.perf["command"].add_ns(time.perf_counter_ns() - started)
-        self._report(command, outcome, outcomes)
+        try:
+            self.perf["command"].add_ns(time.perf_counter_ns() - started)
+        finally:  # noted by ``apply``: reported even if an interrupt lands here
+            self._report(command, outcome, outcomes)
 
     def _report(
         self, command: KasminaCommand, outcome: CommandOutcome, outcomes: list[CommandOutcome]

@@ -162,7 +162,8 @@ def restore_epoch(
             registry.model.load_state_dict(model_before)
         _release(fresh)
         raise
-    # Phase 3: the commit (nothing here can fail).
+    # Phase 3: the commit (nothing here can fail; an interrupt from here on finds it counted).
+    state.counters["rollbacks_committed"] += 1
     state.optimizers = optimizers
     state.epoch = int(extra.get("epoch", epoch))
     state.global_step = int(extra.get("global_step", state.global_step))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kasmina.control.commands import make_seed_command
+from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.leyline import TelemetryPacket
 from kasmina.stages import StateColumn
 from tests.manager.helpers import SEED0, SEED1, Rig, S
@@ -92,6 +92,8 @@ def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, ml
         ("lifecycle.transition", {"to": "HARVESTING"}),
         # in the manager's observer, after the field report and before the release
         ("seed.field_report", {}),
+        # in COOLDOWN's announcement, before the command's embargo is written
+        ("lifecycle.transition", {"to": "COOLDOWN"}),
     ],
 )
 def test_an_interrupted_cull_completes(rig: Rig, mlp, event: str, labels: dict) -> None:
@@ -104,7 +106,7 @@ def test_an_interrupted_cull_completes(rig: Rig, mlp, event: str, labels: dict) 
     rig.train(1)
     record = manager.registry[SEED0]
     ctrl_c = interrupt_on(rig, event, **labels)
-    (command_id,) = queue(rig, make_seed_command("cull", SEED0, parameters={"embargo_epochs": 2}))
+    (command_id,) = queue(rig, make_seed_command("cull", SEED0, parameters={"embargo_epochs": 7}))
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
     assert ctrl_c.fired
@@ -112,11 +114,11 @@ def test_an_interrupted_cull_completes(rig: Rig, mlp, event: str, labels: dict) 
     assert record.kernel is None and record.seed.kernel is None
     assert SEED0 not in manager.optimizers.seed_ids
     assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
-    assert manager.registry.table.read_row(record.index)[StateColumn.EMBARGO_COUNTER.name] == 2
+    assert manager.registry.table.read_row(record.index)[StateColumn.EMBARGO_COUNTER.name] == 7
     assert manager.command_log[-1][:3] == (command_id, "seed.cull", True)
     assert manager.command_log[-1][3].startswith("interrupted by KeyboardInterrupt; completed")
     assert_counts_add_up(rig, executed=2, failed=0)
-    for epoch in range(4):  # the embargo runs out: COOLDOWN -> RECYCLING -> DORMANT
+    for epoch in range(9):  # the embargo runs out: COOLDOWN -> RECYCLING -> DORMANT
         rig.train(1)
         manager.end_epoch(epoch)
     assert record.stage == S.DORMANT
@@ -226,3 +228,47 @@ def test_an_interrupted_announcement_still_lets_the_owner_hear_of_the_change(rig
     assert ctrl_c.fired and record.stage == S.COMPATIBILITY_CHECK
     assert record.timeline[-1][2] == "COMPATIBILITY_CHECK"
     assert manager.command_log[-1][:3] == (command_id, "seed.advance", True)
+
+
+def test_a_rollback_interrupted_after_its_commit_is_reported_applied(rig: Rig, monkeypatch) -> None:
+    """Ctrl-C in the epoch boundary a rollback replays after its commit: the state is the
+    checkpoint's, so the command is reported applied (as when the replay fails), once."""
+    manager = rig.manager
+    for epoch in range(3):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    rig.train(2)
+
+    def boundary() -> list[str]:
+        raise KeyboardInterrupt("Ctrl-C")
+
+    monkeypatch.setattr(manager.execution, "epoch_boundary", boundary)
+    (command_id,) = queue(rig, make_rollback_command(1))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert manager.epoch == 1  # committed
+    assert [entry[:3] for entry in manager.command_log] == [(command_id, "rollback", True)]
+    assert "after it committed" in manager.command_log[-1][3]
+    assert_counts_add_up(rig, executed=1, failed=0)
+
+
+def test_an_interrupt_after_a_command_applied_reports_it_once(rig: Rig, mlp, monkeypatch) -> None:
+    """Ctrl-C after ``apply`` returned, before the handler heard of it (in the step timer): the
+    command took effect, so it is reported applied, once, and not as refused besides."""
+    manager = rig.manager
+    rig.train(1)
+    manager.loader.original(mlp)
+    (command_id,) = queue(rig, make_seed_command("germinate", SEED0, mlp))
+    timer, fired = manager.intake.perf["command"], []
+
+    def add_ns(_ns: int) -> None:
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt("Ctrl-C")
+
+    monkeypatch.setattr(timer, "add_ns", add_ns)
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert [entry[:3] for entry in manager.command_log] == [(command_id, "seed.germinate", True)]
+    assert_counts_add_up(rig, executed=1, failed=0)
