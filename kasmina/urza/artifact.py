@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import json
@@ -382,3 +383,20 @@ def _check_digest(sha256_hex: str, manifest: Manifest) -> None:
         raise ArtifactIntegrityError(
             f"artifact {manifest.artifact_id!r}: payload SHA-256 does not match its manifest"
         )
+
+
+# What opening a local entry fails with when the entry itself is the problem (a socket, a
+# symlink loop), not the store: retrying gives the same answer.
+_LOCAL_ENTRY_ERRNOS = frozenset({errno.ENXIO, errno.ELOOP, errno.ENODEV})
+
+
+def not_a_readable_file(exc: OSError, *, local: bool) -> bool:
+    """Whether ``exc``, from opening or reading one store entry, says what the entry is (a
+    directory; on a local store also a socket, a symlink loop or a file the process may not
+    read) rather than that the store failed: that artifact's problem, not retried.
+    ``FileNotFoundError`` and timeouts are answered elsewhere."""
+    if isinstance(exc, (FileNotFoundError, TimeoutError)):
+        return False
+    if isinstance(exc, IsADirectoryError):
+        return True
+    return local and (isinstance(exc, PermissionError) or exc.errno in _LOCAL_ENTRY_ERRNOS)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import hashlib
 import logging
 import threading
@@ -48,6 +47,7 @@ from kasmina.urza.artifact import (
     PAYLOAD_SUFFIX,
     READ_CHUNK_BYTES,
     Manifest,
+    not_a_readable_file,
     open_store,
     read_bounded,
     validate_artifact_id,
@@ -420,7 +420,7 @@ class UrzaLibraryClient:
                 open_kwargs=self._open_kwargs,
             )
         except OSError as exc:
-            if not _not_a_readable_file(exc, local=self._local):
+            if not not_a_readable_file(exc, local=self._local):
                 raise
             reason = exc.strerror or type(exc).__name__
             raise ArtifactIntegrityError(f"{what} is not a readable file ({reason})") from None
@@ -437,21 +437,6 @@ def _trusted(publishers: object) -> TrustedPublishers:
         f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
         "or a private key would let the reader sign artifacts too"
     )
-
-
-# What opening a local entry fails with when the entry itself is the problem (a socket, a
-# symlink loop), not the store: retrying gives the same answer.
-_LOCAL_ENTRY_ERRNOS = frozenset({errno.ENXIO, errno.ELOOP, errno.ENODEV})
-
-
-def _not_a_readable_file(exc: OSError, *, local: bool) -> bool:
-    """Whether ``exc`` says what the entry is (see ``_read_bounded``) rather than that the
-    store failed. ``FileNotFoundError`` and timeouts are handled elsewhere."""
-    if isinstance(exc, (FileNotFoundError, TimeoutError)):
-        return False
-    if isinstance(exc, IsADirectoryError):
-        return True
-    return local and (isinstance(exc, PermissionError) or exc.errno in _LOCAL_ENTRY_ERRNOS)
 
 
 def _is_http(fs: Any) -> bool:

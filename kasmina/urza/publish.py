@@ -38,6 +38,7 @@ from kasmina.urza.artifact import (
     READ_CHUNK_BYTES,
     Manifest,
     TensorSpec,
+    not_a_readable_file,
     open_store,
     payload_sha256,
     read_bounded,
@@ -278,7 +279,9 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
-    except IsADirectoryError:  # that entry's problem, not the store's (as the client reads it)
+    except OSError as exc:  # that entry's problem, not the store's (as the client reads it)
+        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
+            raise
         raise ArtifactIntegrityError(f"{what}: manifest is not a readable file") from None
     own = publisher.trusted_publishers()
     try:
@@ -307,7 +310,9 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} has a manifest but no payload in {store_url}") from None
-    except IsADirectoryError:
+    except OSError as exc:
+        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
+            raise
         raise ArtifactIntegrityError(f"{what}: payload is not a readable file") from None
     verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
     signed = sign_manifest(legacy, publisher)

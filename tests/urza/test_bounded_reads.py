@@ -235,6 +235,8 @@ def test_an_entry_that_is_not_a_file_is_that_artifacts_problem(store, trusted, p
 
 def test_resign_reports_a_directory_manifest_as_that_artifacts_problem(store, publisher) -> None:
     (store / "d.manifest.json").mkdir()
+    (store / "loop.manifest.json").symlink_to("loop.manifest.json")  # ELOOP on a local store
     legacy = Keyring({"old": b"k" * 32})
-    with pytest.raises(ArtifactIntegrityError, match="'d': manifest is not a readable file"):
-        resign_artifact(str(store), "d", publisher, legacy)
+    for artifact_id in ("d", "loop"):
+        with pytest.raises(ArtifactIntegrityError, match="manifest is not a readable file"):
+            resign_artifact(str(store), artifact_id, publisher, legacy)
