@@ -304,7 +304,7 @@ class DemoLoop:
             cache={"hits": cache.hits, "misses": cache.misses, "evictions": cache.evictions},
             isolation={
                 "seed_steps": self.verified_seed_steps,
-                "violations": int(m.counters["isolation_violations"]),
+                "violations": int(m.counters["isolation_seed_violations"]),  # per seed-step
                 "breaker_trips": int(m.counters["circuit_breaker_trips"]),
             },
             kd_steps=self.kd_steps,

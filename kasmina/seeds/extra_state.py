@@ -134,9 +134,10 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
 
 
 def _count(value: object) -> int:
-    """``value`` as an int >= 0 (a bool or a float is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"must be an int >= 0, got {value!r:.80}")
+    """``value`` as an int in [0, 2**63) (a bool or a float is not a count; a crafted huge one
+    would overflow where the count meets a float or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"must be an int in [0, 2**63), got {value!r:.80}")
     return value
 
 

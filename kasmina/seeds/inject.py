@@ -22,6 +22,7 @@ While attached, a wrapped module's parameters appear in ``state_dict`` under ``<
 from __future__ import annotations
 
 import difflib
+import operator
 import re
 import weakref
 from collections.abc import Collection
@@ -153,8 +154,13 @@ def attach(
     already a slot or nested in another, or a declared width does not fit.
     """
     for arg, value in (("seeds_per_layer", seeds_per_layer), ("chunk_size", chunk_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        try:  # an int, or an integer of another library (numpy); never a bool or a float
+            ok = not isinstance(value, bool) and operator.index(value) >= 1  # type: ignore[arg-type]
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    seeds_per_layer, chunk_size = operator.index(seeds_per_layer), operator.index(chunk_size)
     names = _resolve(model, targets)
     slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     for name in names:

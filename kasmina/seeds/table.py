@@ -412,13 +412,15 @@ class GPUStateTensor:
         # Listeners (each slot's plan) hear of the whole batch at once. An interrupt in an
         # announcement never keeps an owner from hearing of its seed's change: the observers
         # keep a seed's kernel, optimizer and pins in step with its stage.
-        pending = [(indices[n], old, news[n]) for n, old in zip(reported or (), olds, strict=True)]
+        changes = [(indices[n], old, news[n]) for n, old in zip(reported or (), olds, strict=True)]
+        done = 0  # changes announced (or being announced: its own finally tells its owners)
         try:
             self._bump()
-            while pending:
-                report(*pending.pop(0))
+            for change in changes:
+                done += 1
+                report(*change)
         finally:
-            for change in pending:
+            for change in changes[done:]:
                 self._notify_observers(*change)
         return codes_t, raw
 

@@ -40,7 +40,7 @@ class GPUKernelCache:
     """Thread-safe LRU of kernels by id, bounded by ``cache_size_mb`` of device memory."""
 
     def __init__(self, cache_size_mb: float) -> None:
-        if isinstance(cache_size_mb, bool) or not 0 <= cache_size_mb < math.inf:
+        if isinstance(cache_size_mb, bool) or not 0 <= cache_size_mb * 1024 * 1024 < math.inf:
             raise ValueError(f"cache_size_mb must be finite and >= 0, got {cache_size_mb!r}")
         self.max_bytes = int(cache_size_mb * 1024 * 1024)
         self._entries: dict[str, tuple[CachedKernel, int]] = {}

@@ -192,8 +192,9 @@ def test_a_state_for_another_seed_layout_is_refused_before_anything_loads(grown:
         (lambda d: {**d, "row": ["a"] * len(d["row"])}, "saved 'row'"),
         (lambda d: {**d, "gate_score": None}, "saved 'gate_score'"),
         (lambda d: {**d, "graft_step": -1}, "saved 'graft_step'"),
+        (lambda d: {**d, "graft_step": 10**400}, "saved 'graft_step'"),
     ],
-    ids=["list", "missing", "row", "gate_score", "graft_step"],
+    ids=["list", "missing", "row", "gate_score", "graft_step", "huge_graft_step"],
 )
 def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> None:
     seed = GradientIsolatedSeed(2, "s")

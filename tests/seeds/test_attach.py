@@ -104,10 +104,18 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
         ("head", -2, -4, "seeds_per_layer must be a positive int, got -2"),
         ("head", True, 4, "seeds_per_layer must be a positive int, got True"),
         ("head", 2, 0, "chunk_size must be a positive int, got 0"),
+        ("head", 2.0, 4, "seeds_per_layer must be a positive int, got 2.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
         assert dict(model.named_modules()) == snapshot
+
+
+def test_seed_counts_may_be_integers_of_another_library() -> None:
+    np = pytest.importorskip("numpy")
+    slots = attach(MLP(), ["head"], np.int64(2), np.int32(4))
+    assert (slots[0].num_seeds, slots[0].chunk_size) == (2, 4)
+    assert type(slots[0].num_seeds) is int
 
 
 def test_slot_reads_through_to_the_wrapped_module() -> None:

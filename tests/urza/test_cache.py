@@ -121,7 +121,7 @@ def test_replacing_and_evicting() -> None:
     cache.unpin("k")
     assert cache.evict("k") and new.releases == 1 and cache.bytes_used == 0
     assert not cache.evict("k")
-    for bad in (-1, math.inf, math.nan, True):
+    for bad in (-1, math.inf, math.nan, True, 1e303):
         with pytest.raises(ValueError, match="cache_size_mb"):
             GPUKernelCache(cache_size_mb=bad)
 
