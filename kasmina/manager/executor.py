@@ -240,6 +240,17 @@ class CommandExecution:
             deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else None
             original = state.loader.original(artifact_id, deadline=deadline)
         self._check_fits_slot(record, original)
+        seed = record.seed
+        table, row = seed.state_table, seed.state_index
+        # What the steps below change, kept (before the pin, so that nothing is taken while
+        # there is no undo yet) for the undo: the seed's whole row (on the device, so
+        # nothing syncs unless it is needed: attach_kernel writes BLUEPRINT_ID, the seed its
+        # PERFORMANCE_GATE, the transition the stage, and an interrupt may land after it), the
+        # seed's and the record's fields, and the timeline.
+        saved_row = table.state_tensor[row].clone()
+        saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
+        graft_steps, timeline = record.graft_steps, record.timeline.copy()
+        created = False  # the undo removes only an optimizer this GERMINATE created
         # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
         # is refused by the copy (docs/design.md §6).
@@ -252,16 +263,6 @@ class CommandExecution:
             if isinstance(exc, ValueError):
                 raise CommandRefused(f"cannot germinate {artifact_id}: {exc}") from exc
             raise
-        seed = record.seed
-        table, row = seed.state_table, seed.state_index
-        # What the steps below change, kept for the undo: the seed's whole row (on the device, so
-        # nothing syncs unless it is needed: attach_kernel writes BLUEPRINT_ID, the seed its
-        # PERFORMANCE_GATE, the transition the stage, and an interrupt may land after it), the
-        # seed's and the record's fields, and the timeline.
-        saved_row = table.state_tensor[row].clone()
-        saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
-        graft_steps, timeline = record.graft_steps, record.timeline.copy()
-        created = False  # the undo removes only an optimizer this GERMINATE created
         try:
             self._dry_run(record, kernel, artifact_id)
             seed.attach_kernel(kernel, artifact_id)
