@@ -424,7 +424,7 @@ class KasminaLayer(nn.Module):
         eager = not torch.compiler.is_compiling()
         if eager:  # the guard nodes are eager only
             kd = self.kd_config is not None and teacher_logits is not None
-            if stages <= _BLENDING and not kd:
+            if stages <= _BLENDING and not kd and not torch.jit.is_tracing():
                 fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
                 if fused is not None:
                     return fused

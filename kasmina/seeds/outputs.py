@@ -118,9 +118,12 @@ def recorded_spec(value: object, host: nn.Module) -> ActivationSpec | None:
 
 
 def recording_deferred(value: object, host: nn.Module) -> bool:
-    """Whether a slot leaves its record to a later forward: under ``torch.autocast`` a host
-    without floating parameters (an activation, a residual sum) has no dtype of its own to
-    record, only autocast's; a forward outside autocast records it."""
+    """Whether a slot leaves its record to a later forward: under ``torch.fx`` tracing the
+    output is a ``Proxy`` with no shape; under ``torch.autocast`` a host without floating
+    parameters (an activation, a residual sum) has no dtype of its own to record, only
+    autocast's; a forward outside autocast records it."""
+    if isinstance(value, torch.fx.Proxy):
+        return True
     spec = activation_spec(value)
     if spec is None or not _under_autocast(spec):
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -109,6 +110,34 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
         with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
         assert dict(model.named_modules()) == snapshot
+
+
+def test_an_fx_trace_before_the_first_forward_records_nothing() -> None:
+    """``torch.fx.symbolic_trace`` runs the forward on proxies: the slot records its contract
+    at the first real forward, as if the trace had not happened."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    torch.fx.symbolic_trace(model)
+    assert slot.output_contract is None and slot.input_spec is None
+    model(torch.randn(3, 5))
+    assert slot.contract_problem() is None and slot.chunk_spec()[0] == (3, 4)
+
+
+@pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.STABILIZATION])
+def test_jit_trace_of_a_blending_seed_matches_eager(stage: SeedStage) -> None:
+    """``torch.jit.trace`` takes the per-op path (the one-node graft cannot be traced)."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    x = torch.randn(3, 5)
+    model(x)
+    seed = slot.seeds[0]
+    seed.attach_kernel(kernel(4, 1))
+    walk(seed, stage)
+    slot.update_alpha_blending(3, 10)
+    with warnings.catch_warnings():  # the tracer's notes on Python values it bakes in
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
 def test_seed_counts_may_be_integers_of_another_library() -> None:
