@@ -305,6 +305,9 @@ class KasminaLayer(nn.Module):
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
         return sum_kd_losses(self._kd_losses)
 
+    def __getstate__(self) -> dict[str, Any]:  # a copy starts without this step's KD state
+        return {**self.__dict__, "_kd_losses": [], "_recompute_teacher": None}
+
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language
         model's ``lm_head``: ``weight [V, H]`` over the slot's ``H``-wide last dimension), or
@@ -593,7 +596,5 @@ class KasminaLayer(nn.Module):
 
     def extra_repr(self) -> str:
         stages = ", ".join(stage.name for stage in self.stages())
-        return (
-            f"layer_id={self.layer_id!r}, chunk_size={self.chunk_size}, "
-            f"chunk_dim={self.chunk_dim}, stages=[{stages}]"
-        )
+        sizes = f"chunk_size={self.chunk_size}, chunk_dim={self.chunk_dim}"
+        return f"layer_id={self.layer_id!r}, {sizes}, stages=[{stages}]"

@@ -584,6 +584,7 @@ class GradientIsolatedSeed(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_kernel_tree", None)  # a cache of the kernel's modules, rebuilt on use
+        state["_kd_losses"] = []  # this step's, with their graphs: not the copy's
         return state
 
     def extra_repr(self) -> str:

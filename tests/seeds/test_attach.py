@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -138,6 +139,28 @@ def test_jit_trace_of_a_blending_seed_matches_eager(stage: SeedStage) -> None:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, (x,), check_trace=False)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", [SeedStage.ISOLATED_INIT, SeedStage.GRAFTING])
+def test_a_copy_between_a_kd_forward_and_its_backward_leaves_the_step_to_the_original(
+    stage: SeedStage,
+) -> None:
+    """``deepcopy`` (or pickle) while a seed's KD loss waits for the step's backward: the copy
+    starts without it (it could not copy a graph), and the original still hands it over."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4, kd_config=KDConfig())
+    x = torch.randn(3, 5)
+    model(x)
+    seed = slot.seeds[0]
+    seed.attach_kernel(kernel(4, 1))
+    walk(seed, stage)
+    slot.set_teacher_logits(torch.randn(3, 8))
+    model(x)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert collect_kd_losses(copied) is None
+        torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    loss = collect_kd_losses(model)
+    assert loss is not None and loss.requires_grad
 
 
 def test_seed_counts_may_be_integers_of_another_library() -> None:
