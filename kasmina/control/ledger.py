@@ -19,10 +19,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: the ledger cannot lock its file
-    fcntl = None  # type: ignore[assignment]
+from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -160,19 +157,14 @@ class NonceLedger:
             stale.unlink(missing_ok=True)
 
     def _acquire(self) -> io.FileIO:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        lock_file = io.FileIO(lock_path, "a")
-        if fcntl is None:  # no advisory locks on this platform: one owner is the caller's duty
-            return lock_file
-        try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
+        lock_file = lock_exclusive(self.path.with_name(self.path.name + ".lock"))
+        if lock_file is None:
             raise RuntimeError(
                 f"nonce ledger {self.path} is held by another live trainer (another process of "
-                "this run, or a second manager in this one); give each trainer its own run_id "
-                "or nonce_ledger path"
-            ) from None
+                "this run, or a second manager in this one); give each trainer, each rank "
+                "included, its own run_id (a nonce_ledger path of its own is not enough: both "
+                "would still write the run's checkpoints, where the second is refused too)"
+            )
         return lock_file
 
     @property

@@ -32,6 +32,7 @@ __all__ = [
     "broadcast_tensors",
     "check_supported_parallelism",
     "collective_device",
+    "collective_timeout_s",
     "copy_into_grads",
     "default_backend",
     "find_free_port",
@@ -57,6 +58,21 @@ def collective_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def collective_timeout_s(group: Any = None) -> float:
+    """Seconds a collective of ``group`` (None: the default group) waits for the other ranks
+    before it fails: the timeout the group was created with. Torch exposes it only through
+    private attributes (its backend's options), so where those cannot be read (another torch
+    version or backend, no process group) this is torch's default collective timeout."""
+    fallback = dist.distributed_c10d.default_pg_timeout.total_seconds()
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        seconds = float(pg._get_backend(collective_device(group)).options._timeout.total_seconds())
+    except Exception:  # private API: any failure to read it means "unknown"
+        logger.debug("the process group's timeout cannot be read; assuming %gs", fallback)
+        return fallback
+    return seconds if 0 < seconds < float("inf") else fallback
 
 
 # ---------------------------------------------------------------------- what Kasmina composes with

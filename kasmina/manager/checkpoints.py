@@ -18,7 +18,10 @@ or none (``"off"``, a rollback is refused with that reason).
 Why run-scoped names: the files are ``<run_id>.epoch_<n>.ckpt``, and listing, rotation and
 cleanup only ever touch names of this run in this run's directory, so runs that share a
 directory never see, rotate or delete each other's checkpoints (and would refuse to load them:
-the run id is signed).
+the run id is signed). Two live trainers of one run, though, would write the same names, so the
+run's disk store (``open_checkpoint_store``) holds an exclusive lock while it is open, in the
+run directory and named after the checkpoint directory, and a second one is refused: give each
+trainer, each rank of a multi-process run included, its own ``run_id`` (or ``checkpoint_dir``).
 
 Why capture/restore helpers: a ``RollbackCommand`` must put seeds' weights, the lifecycle state
 table and every optimizer's state back bit for bit. ``capture_training_state`` snapshots them
@@ -28,6 +31,8 @@ everything before it changes anything, so a bad checkpoint is rejected with the 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import re
@@ -41,6 +46,7 @@ from torch import nn
 
 from kasmina.errors import CheckpointUnavailableError
 from kasmina.manager.config import KasminaConfig
+from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ __all__ = [
     "MemoryCheckpointStore",
     "NoCheckpointStore",
     "capture_training_state",
+    "checkpoint_lock_path",
     "open_checkpoint_store",
     "restore_training_state",
 ]
@@ -176,6 +183,9 @@ class CheckpointStore(ABC):
         """Where the checkpoints are kept, for messages."""
         return self.mode
 
+    def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
+        """Release what the store holds beyond its checkpoints (the disk store: its lock)."""
+
     def unavailable(self, epoch: int) -> CheckpointUnavailableError:
         """The refusal for a missing ``epoch``: the cadence, the reach, the nearest kept."""
         have = self.epochs()
@@ -226,7 +236,11 @@ class DiskCheckpointStore(CheckpointStore):
 
     Only names of this run are ever listed, loaded, rotated or cleaned up, so a directory shared
     with other runs is safe; loading verifies the file (``CheckpointSigner.read``) before a byte
-    reaches ``torch.load``.
+    reaches ``torch.load``. With ``lock_path`` (a run's store: ``open_checkpoint_store``), an
+    exclusive advisory lock on that file (``kasmina.utils.locks``) is taken when the store is
+    built and held until ``close``, until the store is collected, or until the process ends (a
+    restart after a crash is never blocked): a second store with the same ``lock_path``, in
+    another process or in this one, is refused with ``RuntimeError``.
     """
 
     mode = "disk"
@@ -239,6 +253,7 @@ class DiskCheckpointStore(CheckpointStore):
         every_epochs: int = 1,
         max_rollback_epochs: int = 5,
         run_dir: str | os.PathLike[str] | None = None,
+        lock_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             every_epochs=every_epochs,
@@ -248,6 +263,7 @@ class DiskCheckpointStore(CheckpointStore):
         )
         self.directory = Path(directory).expanduser()
         self.signer = signer
+        self._lock_file = None if lock_path is None else self._lock(Path(lock_path).expanduser())
         prefix = re.escape(signer.run_id)
         self._name = re.compile(rf"{prefix}\.epoch_(\d{{8,}})\.ckpt")
         # A temp file of an interrupted write (see state_io): ".<final name>.<random>.tmp".
@@ -259,6 +275,25 @@ class DiskCheckpointStore(CheckpointStore):
 
     def describe(self) -> str:
         return f"signed disk ({self.directory})"
+
+    def close(self) -> None:
+        """Release the lock, if any (another trainer of the run may start)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def _lock(self, lock_path: Path) -> io.FileIO:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = lock_exclusive(lock_path)
+        if lock_file is None:
+            run_id = self.run_id
+            raise RuntimeError(
+                f"the checkpoints of run {run_id} in {self.directory} are held by another live "
+                f"trainer (another process of this run, or a second manager in this one; lock "
+                f"{lock_path}): both would write {run_id}.epoch_<n>.ckpt there. Give each "
+                "trainer, each rank included, its own run_id (or its own checkpoint_dir); a "
+                "separate nonce_ledger does not separate their checkpoints"
+            )
+        return lock_file
 
     def epochs(self) -> list[int]:
         if not self.directory.is_dir():
@@ -361,15 +396,25 @@ class NoCheckpointStore(CheckpointStore):
         """Nothing is ever kept, so there is nothing to forget."""
 
 
+def checkpoint_lock_path(config: KasminaConfig) -> Path:
+    """The lock file of this run's disk checkpoints: in the run directory, named after the
+    checkpoint directory, so two trainers of one run that write checkpoints to the same place
+    meet on it, and two that write them to different places do not."""
+    where = str(Path(config.checkpoint_dir).expanduser().resolve())
+    return config.run_dir / f"checkpoints-{hashlib.sha256(where.encode()).hexdigest()[:16]}.lock"
+
+
 def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> CheckpointStore:
-    """The store ``config.checkpoint_mode`` asks for, with its cadence and reach."""
+    """The store ``config.checkpoint_mode`` asks for, with its cadence and reach; on disk, it
+    holds the run's checkpoint lock (``checkpoint_lock_path``) while open."""
     policy: dict[str, Any] = {
         "every_epochs": config.checkpoint_every_epochs,
         "max_rollback_epochs": config.max_rollback_epochs,
         "run_dir": config.run_dir,
     }
     if config.checkpoint_mode == "disk":
-        return DiskCheckpointStore(config.checkpoint_dir, signer, **policy)
+        lock = checkpoint_lock_path(config)
+        return DiskCheckpointStore(config.checkpoint_dir, signer, lock_path=lock, **policy)
     if config.checkpoint_mode == "memory":
         return MemoryCheckpointStore(run_id=config.run_id, **policy)
     return NoCheckpointStore(run_id=config.run_id, **policy)

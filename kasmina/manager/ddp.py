@@ -31,10 +31,12 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from typing import Any
 
 import torch
@@ -43,7 +45,11 @@ from torch import nn
 
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult
-from kasmina.control.processes import check_supported_parallelism, copy_into_grads
+from kasmina.control.processes import (
+    check_supported_parallelism,
+    collective_timeout_s,
+    copy_into_grads,
+)
 from kasmina.control.replica import nested_checksum
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
@@ -70,6 +76,9 @@ __all__ = [
 # ACTIVE), the same set ``manager.step()`` steps.
 SYNCED_STAGES = STEPPED_STAGES | {SeedStage.ACTIVE}
 DEFAULT_BUCKET_CAP_MB = 25.0
+# The share of the process group's timeout that a sync's command prepares (kernel fetches) may
+# take on one rank, while the other ranks wait for its answer in a collective.
+PREPARE_SHARE = 0.5
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
@@ -128,8 +137,14 @@ class SeedGradientSync:
     then one all-reduce per bucket of at most ``bucket_cap_mb`` per dtype and device, all
     launched before the first is waited on. A layout that differs across ranks (a seed's stage
     changed on one rank only) skips the averaging for that step, is logged and counted
-    (``stats["layout_mismatch"]``), and is repaired at the next epoch sync. A gradient missing on
-    some ranks is taken as zero there; one missing on every rank stays missing.
+    (``stats["layout_mismatch"]``), and is repaired at the next epoch sync. In such a step every
+    rank drops its live seeds' gradients (``grad = None``: the optimizers skip them), since every
+    rank learns of the mismatch from the same collective: stepped on its own unaveraged
+    gradients, each healthy rank would drift from the others, and the sync's vote, split three
+    ways or more, would go to rank 0's group even where rank 0 is the one that diverged. Only the
+    host steps, on DDP's average, so the healthy ranks stay bitwise equal and the majority
+    repairs the odd one. A gradient missing on some ranks is taken as zero there; one missing on
+    every rank stays missing.
     """
 
     def __init__(
@@ -181,11 +196,16 @@ class SeedGradientSync:
         check.wait()
         top, neg_bottom, any_missing = (int(v) for v in header.tolist())
         if top != layout or neg_bottom != -layout:
+            # Every rank sees the mismatch in the same reduced header: all drop their seeds'
+            # gradients alike, so no rank steps a seed on a gradient the others did not see.
+            for p in params:
+                p.grad = None
             self.stats["layout_mismatch"] += 1
             if self.stats["layout_mismatch"] == 1 or self.stats["layout_mismatch"] % 1000 == 0:
                 logger.error(
                     "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
-                    "not averaged until the next epoch sync repairs the divergent rank",
+                    "dropped on every rank (no seed steps) until the next epoch sync repairs "
+                    "the divergent rank",
                     self.stats["layout_mismatch"],
                 )
             return False
@@ -247,6 +267,27 @@ class SeedGradientSync:
             size += nbytes
         if bucket:
             yield bucket
+
+
+def _fetch(
+    load: Callable[..., Any], artifact_id: str, deadline: float | None, *, background: bool
+) -> Future[Any]:
+    """``load(artifact_id, deadline=deadline)`` as a future; ``background``: on a daemon thread,
+    so a fetch that outlasts the wait (a stalled read) neither holds up the caller nor keeps the
+    process alive, and one that completes later still fills the cache."""
+    fetch: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            fetch.set_result(load(artifact_id, deadline=deadline))
+        except Exception as exc:  # handed to whoever waits on the future
+            fetch.set_exception(exc)
+
+    if background:
+        threading.Thread(target=run, name=f"kasmina-prepare-{artifact_id}", daemon=True).start()
+    else:
+        run()
+    return fetch
 
 
 def _layout_key(live: Sequence[tuple[str, nn.Parameter]]) -> int:
@@ -323,32 +364,62 @@ class ManagerReplica:
 class ManagerApplier:
     """The coordinator's ``CommandApplier`` for a kernel manager.
 
-    ``prepare`` fetches a GERMINATE's kernel into the cache (bounded by the command's timeout),
-    so a rank that cannot get it says so before the ranks agree, instead of failing alone
-    afterwards. ``apply`` queues the agreed commands and runs the manager's safe point
-    (``apply_pending(wait=True)``), so they go through exactly the path single-process commands
-    take: nonces made durable first, GERMINATE's dry run, outcomes in the command log.
+    ``prepare`` fetches a GERMINATE's kernel into the cache, so a rank that cannot get it says
+    so before the ranks agree, instead of failing alone afterwards. The fetch is bounded by the
+    command's timeout and, with ``prepare_timeout_s``, by that many seconds for all the prepares
+    of one sync together: meanwhile the other ranks wait in a collective, which fails the whole
+    run once the process group's timeout passes, so ``DistributedKasmina`` gives half of it. A
+    fetch that outlasts its bound is left to finish on its own thread (the kernel is cached for
+    a later command) and this rank answers that it could not prepare the command. ``apply``
+    queues the agreed commands and runs the manager's safe point (``apply_pending(wait=True)``),
+    so they go through exactly the path single-process commands take: nonces made durable
+    first, GERMINATE's dry run, outcomes in the command log.
     """
 
-    def __init__(self, manager: KasminaKernelManager) -> None:
+    def __init__(
+        self, manager: KasminaKernelManager, *, prepare_timeout_s: float | None = None
+    ) -> None:
+        if prepare_timeout_s is not None and not prepare_timeout_s > 0:
+            raise ValueError(f"prepare_timeout_s must be > 0, got {prepare_timeout_s}")
         self.manager = manager
+        self.prepare_timeout_s = prepare_timeout_s
+        # When this sync's prepares must be done (monotonic), set by its first fetch; ``apply``,
+        # which the coordinator calls once per sync after every prepare, clears it.
+        self._prepare_deadline: float | None = None
 
     def prepare(self, command: KasminaCommand) -> str:
         seed = command.seed
         if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
             return ""
-        loader = self.manager.loader
-        if seed.artifact_id in loader.cache:  # a membership test: no hit or miss counted
+        artifact_id, loader = seed.artifact_id, self.manager.loader
+        if artifact_id in loader.cache:  # a membership test: no hit or miss counted
             return ""
+        now = time.monotonic()
         timeout = command.timeout_s
-        deadline = time.monotonic() + timeout if timeout > 0 and math.isfinite(timeout) else None
-        try:
-            loader.original(seed.artifact_id, deadline=deadline)
-        except Exception as exc:
-            return f"fetching {seed.artifact_id} failed: {type(exc).__name__}: {exc}"
+        deadline = now + timeout if timeout > 0 and math.isfinite(timeout) else None
+        if self.prepare_timeout_s is not None and self._prepare_deadline is None:
+            self._prepare_deadline = now + self.prepare_timeout_s
+        limits = [d for d in (deadline, self._prepare_deadline) if d is not None]
+        if not limits:  # nothing bounds it but the store client's own timeouts
+            fetch = _fetch(loader.original, artifact_id, None, background=False)
+        else:  # the store fetch gets the command's deadline; this rank waits for it until limit
+            fetch = _fetch(loader.original, artifact_id, deadline, background=True)
+            wait([fetch], timeout=max(0.0, min(limits) - now))
+        if not fetch.done():
+            if deadline is None or min(limits) < deadline:
+                return (
+                    f"fetching {artifact_id} did not finish within {self.prepare_timeout_s:g} s, "
+                    "the share of the process group's timeout a sync's prepares may take (the "
+                    "other ranks wait for this one in a collective)"
+                )
+            return f"fetching {artifact_id} did not finish within the command's {timeout:g} s"
+        exc = fetch.exception()
+        if exc is not None:
+            return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
         return ""
 
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
+        self._prepare_deadline = None  # every prepare of this sync is done
         manager = self.manager
         queued: set[int] = set()
         for command in commands:
@@ -391,7 +462,9 @@ class DistributedKasmina:
 
     ``check_host`` includes the host's parameters in the replica checksum (see
     ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
-    repaired (default: quarantine its growing seeds).
+    repaired (default: quarantine its growing seeds). Building it opens the manager's checkpoint
+    store, so a rank whose run's disk checkpoints another live trainer holds (ranks given one
+    ``run_id``) is refused here, with ``RuntimeError``, before any rank trains.
     """
 
     def __init__(
@@ -409,13 +482,20 @@ class DistributedKasmina:
         check_supported_parallelism(registry.model)
         if manager.command_relay is not None or manager.grad_sync is not None:
             raise ValueError("this manager is already part of a distributed run")
+        # Opened now rather than at the first checkpoint: a rank whose run's disk checkpoints
+        # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
+        _ = manager.state.checkpoints
         self.manager = manager
         self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
         self.replica = ManagerReplica(manager, include_host=check_host)
+        # The other ranks wait in a collective while this one prepares: half the process
+        # group's timeout leaves the rest of the sync room to answer in time.
+        prepare_s = collective_timeout_s(group) * PREPARE_SHARE if _distributed() else None
+        self.applier = ManagerApplier(manager, prepare_timeout_s=prepare_s)
         self.coordinator = DistributedCoordinator(
             manager.handler,
             self.replica,
-            applier=ManagerApplier(manager),
+            applier=self.applier,
             on_divergence=on_divergence or self._quarantine,
             repair=repair,
             telemetry=manager.telemetry,

@@ -398,11 +398,9 @@ class KasminaKernelManager:
         """Signed ``AdaptationCommand`` bytes in, from any thread, at any time; never raises.
 
         The command is verified now (signature, freshness, nonce, ranges) and queued; it is
-        applied at the training thread's next safe point (the start of ``step()``,
+        applied at the training thread's next safe point (the end of ``step()``, the start of
         ``end_epoch``, or ``apply_pending()``). Returns whether it was accepted; what became of
-        it is in ``apply_pending``'s outcomes, ``command_log`` and the ``command.complete``
-        telemetry (docs/design.md §5).
-        """
+        it is in ``apply_pending``'s outcomes, ``command_log`` and ``command.complete``."""
         relay = self.command_relay
         if relay is not None:  # one rank of several: applied on all of them, or on none
             return relay(raw)
@@ -411,8 +409,8 @@ class KasminaKernelManager:
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
         """A safe point: apply every queued command that is ready, in arrival order.
 
-        Call it on the training thread, between steps (``step()`` and ``end_epoch`` call it
-        first thing). A GERMINATE whose kernel is still being fetched stays queued unless
+        Call it on the training thread, between steps (``step()`` calls it last, ``end_epoch``
+        first). A GERMINATE whose kernel is still being fetched stays queued unless
         ``wait`` (then this waits for it, at most until its command's timeout runs out).
         """
         return self.intake.apply_pending(wait=wait)
@@ -596,5 +594,6 @@ class KasminaKernelManager:
         self.urza_client.close()
         self.handler.flush_rejections(force=True)
         self.verifier.close()
+        self.state.close_checkpoints()  # releases the run's checkpoint lock
         if self._jsonl is not None:
             self.telemetry.close_sink(self._jsonl)

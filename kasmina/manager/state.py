@@ -108,6 +108,11 @@ class ManagerState:
             self._checkpoints = open_checkpoint_store(self.config, self.checkpoint_signer)
         return self._checkpoints
 
+    def close_checkpoints(self) -> None:
+        """Close the checkpoint store, if one was opened (a disk store releases its run lock)."""
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+
     def require_registry(self, *, training: bool = False) -> SlotRegistry:
         """The managed model's slots; ``training``: for a step or an epoch boundary, which a
         closed manager refuses."""

@@ -14,6 +14,8 @@
   transfer per device, where reading them one by one would cost a GPU round trip each.
 - ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
   variable or a file (never from code), never shown in ``repr`` or logs.
+- ``locks`` -- ``lock_exclusive``: an advisory ``flock`` on a lock file, so that one live process
+  owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
 
 Only the root vocabulary (``kasmina.stages``, ``kasmina.errors``, ``kasmina.leyline``) sits below
 this package; everything else may use it. Nothing here imports another Kasmina package.

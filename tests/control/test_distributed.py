@@ -22,7 +22,12 @@ from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
 from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, _minority_ranks
 from kasmina.control.handler import LeylineAdaptationHandler
-from kasmina.control.processes import average_gradients, broadcast_tensors, spawn
+from kasmina.control.processes import (
+    average_gradients,
+    broadcast_tensors,
+    collective_timeout_s,
+    spawn,
+)
 from kasmina.control.replica import TensorReplica, nested_checksum, state_checksum
 from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.seeds.table import GPUStateTensor
@@ -551,3 +556,7 @@ def test_helpers_are_no_ops_without_a_process_group() -> None:
     average_gradients([p])
     broadcast_tensors([p])
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.data, torch.ones(3))
+    # No group's timeout to read: torch's default collective timeout (a group's own is read in
+    # tests/manager/test_ddp.py, under a real one).
+    default = torch.distributed.distributed_c10d.default_pg_timeout.total_seconds()
+    assert collective_timeout_s() == default

@@ -164,8 +164,10 @@ def test_the_file_stays_bounded_after_many_commands(keyring, clock, path) -> Non
 
 def test_two_live_verifiers_cannot_share_a_ledger(keyring, clock, path) -> None:
     first = start(keyring, clock, path)
-    with pytest.raises(RuntimeError, match="held by another live trainer"):
+    with pytest.raises(RuntimeError, match="held by another live trainer") as refused:
         start(keyring, clock, path)
+    # The advice: a run_id of its own (a ledger of its own leaves the checkpoints shared).
+    assert "its own run_id (a nonce_ledger path of its own is not enough" in str(refused.value)
     first.close()
     start(keyring, clock, path).close()  # released on close (and by the kernel on a crash)
 

@@ -168,6 +168,7 @@ def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoin
         first.train(1)
         first.manager.end_epoch(epoch)
     first.manager.close()
+    first.manager.checkpoints.close()  # its process is gone, and the lock with it
     again = Rig(make_config(tmp_path, store, run_id="run-a"), keyring)
     manager = again.manager
     again.train(1)
@@ -179,6 +180,37 @@ def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoin
     manager.end_epoch(2)  # the timeline after epoch 1 is abandoned: epoch 3 goes
     assert manager.checkpoints.epochs() == [0, 1, 2] and manager.epoch == 2
     manager.end_epoch(3)
+
+
+def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path, keyring):
+    """Separate nonce ledgers do not separate checkpoints: a second live trainer of the run
+    (a rank given the same run_id) is refused when its checkpoint store is built, before it
+    writes anything; another run_id, another checkpoint_dir or memory checkpoints are fine."""
+    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
+    store.mkdir()
+
+    def trainer(name: str, **settings) -> Rig:
+        settings.setdefault("run_id", "shared")
+        ledger = str(tmp_path / f"nonces-{name}.log")
+        return Rig(make_config(tmp_path, store, nonce_ledger=ledger, **settings), keyring)
+
+    first = trainer("first")
+    first.train(1)
+    first.manager.end_epoch(0)
+    second = trainer("second")  # its own nonce ledger: the manager starts
+    second.train(1)
+    with pytest.raises(RuntimeError, match="held by another live trainer") as refused:
+        second.manager.end_epoch(0)
+    assert "its own run_id" in str(refused.value) and "nonce_ledger" in str(refused.value)
+    assert second.manager.epoch == -1 and first.manager.checkpoints.epochs() == [0]
+    other_run = trainer("other-run", run_id="other")
+    other_dir = trainer("other-dir", checkpoint_dir=str(tmp_path / "ckpt-2"))
+    in_memory = trainer("in-memory", checkpoint_mode="memory")
+    for rig in (other_run, other_dir, in_memory):
+        rig.train(1)
+        rig.manager.end_epoch(0)
+    first.manager.close()  # releases the run's checkpoint lock: the run may start again
+    assert trainer("third").manager.checkpoints.epochs() == [0]
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ over the small test host wrapped in ``DistributedDataParallel`` (``wrap_ddp``), 
 DORMANT to ACTIVE through signed commands received on different ranks. The ranks write what
 they ended with to files the test compares: seed parameters bit for bit, the sync verdicts, the
 command outcomes. The scenarios also cover an epoch longer than the freshness window, a command
-delivered to two ranks, a forged command, and a corrupted rank being repaired (with three ranks,
-by the majority, from a rank other than 0).
+delivered to two ranks, a forged command, a corrupted rank being repaired (with three ranks,
+by the majority, from a rank other than 0, also after steps trained with mismatched seed
+layouts), and a kernel fetch on one rank slower than the sync's process-group timeout.
 
 Every collective is bounded by the process group's timeout and the whole run by
 ``join_timeout_s``, so a hung rank fails the test instead of hanging the suite.
@@ -15,6 +16,7 @@ Every collective is bounded by the process group's timeout and the whole run by
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,12 @@ from kasmina.control.commands import make_seed_command
 from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
-from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp
+from kasmina.manager.ddp import (
+    DistributedKasmina,
+    ManagerApplier,
+    kasmina_owned_names,
+    wrap_ddp,
+)
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Rig, make_config
@@ -81,14 +88,14 @@ def _signed(rig: Rig, op: str, seed_id: str, artifact: str = "", **params: float
 class Trainer:
     """One rank's loop: DDP forward, the manager's KD backward and step, the epoch boundary."""
 
-    def __init__(self, rank: int, world: int, spec: dict[str, Any]) -> None:
+    def __init__(self, rank: int, world: int, spec: dict[str, Any], group: Any = None) -> None:
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.rig = _rank_rig(rank, spec)
         self.device = _device(rank, spec)
         self.manager = self.rig.manager
         self.net = wrap_ddp(self.rig.model)
-        self.dk = DistributedKasmina(self.manager)
+        self.dk = DistributedKasmina(self.manager, group=group)
         self.gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         self.teacher = torch.nn.Linear(6, 4)
         torch.nn.init.normal_(self.teacher.weight, generator=torch.Generator().manual_seed(9))
@@ -249,6 +256,30 @@ def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:
     t.manager.close()
 
 
+def _worker_three_steps(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0 alone quarantines a seed and the ranks train on before the sync: while the seed
+    layouts differ no rank steps its seeds on its own gradients, so ranks 1 and 2 stay equal and
+    outvote rank 0, which they repair (before, they drifted apart and rank 0 won a 3-way tie)."""
+    t = Trainer(rank, world, spec)
+    rig, mlp = t.rig, spec["mlp"]
+    t.epoch_with(
+        {0: [_signed(rig, "germinate", SEED0, mlp), _signed(rig, "germinate", SEED1, mlp)]}
+    )
+    if rank == 0:
+        t.manager.seed(SEED1).quarantine("a fault on rank 0 only")
+    t.train(3)
+    repaired = t.boundary()
+    t.train(1)
+    after = t.boundary()
+    t.save(
+        spec["out"],
+        "steps",
+        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
+        next_verdict=after.divergent_ranks,
+    )
+    t.manager.close()
+
+
 def _worker_verdict(rank: int, world: int, spec: dict[str, Any]) -> None:
     """A GERMINATE whose execution fails on rank 0 alone: the ranks tie, rank 0 decides, and
     rank 1 is repaired back to DORMANT."""
@@ -277,6 +308,49 @@ def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
         handle.remove()
     t.train(1)
     t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.manager.close()
+
+
+SHORT_GROUP_TIMEOUT_S = 3.0
+
+
+def _worker_slow_fetch(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 1's kernel fetch stalls (a store that ignores its deadline) for longer than the
+    timeout of the sync's process group, though not than the command's: rank 1 must answer
+    that it could not prepare the command before rank 0's collective times out."""
+    from datetime import timedelta
+
+    group = dist.new_group(timeout=timedelta(seconds=SHORT_GROUP_TIMEOUT_S))
+    t = Trainer(rank, world, spec, group=group)
+    loader, mlp = t.manager.loader, spec["mlp"]
+    release = threading.Event()
+    if rank == 0:
+        loader.original(mlp)  # cached here: rank 0 prepares at once
+        germinate = make_seed_command("germinate", SEED0, mlp, timeout_s=30.0)
+        assert t.manager.handle_adaptation_command(t.rig.signed(germinate))
+    else:
+        original = loader.original
+
+        def stalled(artifact_id: str, *, deadline: float | None = None) -> Any:
+            release.wait(20.0)
+            return original(artifact_id, deadline=deadline)
+
+        loader.original = stalled
+    dist.barrier()  # the default group (a long timeout): the ranks start the sync together
+    started = time.monotonic()
+    t.boundary()
+    elapsed = time.monotonic() - started
+    release.set()  # the stalled fetch goes on, and fills the cache: wait for it
+    deadline = time.monotonic() + 30.0
+    while mlp not in loader.cache and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t.save(
+        spec["out"],
+        "slow",
+        elapsed=elapsed,
+        prepare_timeout_s=t.dk.applier.prepare_timeout_s,
+        cached=mlp in loader.cache,
+    )
     t.manager.close()
 
 
@@ -368,6 +442,42 @@ def test_three_ranks_repair_a_minority_rank_0_from_the_majority(
     _assert_equal_states(runs)
 
 
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_three_ranks_repair_rank_0_from_the_majority_after_steps_with_mismatched_layouts(
+    tmp_path: Path, published
+) -> None:
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_three_steps, 3, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=150)
+
+    runs = _load(tmp_path, "steps", 3)
+    for run in runs:
+        assert run["verdict"] == ((0,), 1, (0,))  # the healthy ranks agree: rank 0 is repaired
+        assert run["next_verdict"] == ()
+        assert run["stages"][SEED0] == run["stages"][SEED1] == S.ISOLATED_INIT
+        assert run["grads"]["layout_mismatch"] == 3  # every rank saw each mismatched step
+    assert runs[0]["coordinator"]["repairs"] == 1
+    _assert_equal_states(runs)
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_fetch_slower_than_the_group_timeout_is_refused_on_every_rank_in_time(
+    tmp_path: Path, published
+) -> None:
+    """The prepares of a sync get half the process group's timeout: a slow store on one rank
+    refuses the command everywhere instead of failing every rank in a collective."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_slow_fetch, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "slow", 2)
+    for run in runs:
+        assert run["prepare_timeout_s"] == SHORT_GROUP_TIMEOUT_S / 2
+        assert run["results"][0][1] == (False,)
+        assert run["reasons"][0] == ["not applied on any rank: rank(s) [1] could not prepare it"]
+        assert run["stages"][SEED0] == S.DORMANT
+        assert run["elapsed"] < SHORT_GROUP_TIMEOUT_S
+        assert run["cached"]  # the fetch that outlasted the sync still filled the cache
+    _assert_equal_states(runs)
+
+
 # ----------------------------------------------------------------------- one process, no group
 
 
@@ -383,6 +493,23 @@ def test_without_a_process_group_ddp_wrapping_is_the_identity(tmp_path, store, k
     rig.train(1)  # the seed all-reduce is a no-op in one process
     dk.close()
     assert rig.manager.command_relay is None and rig.manager.grad_sync is None
+
+
+def test_a_second_trainer_of_a_run_is_refused_when_it_joins(tmp_path, store, keyring) -> None:
+    """Ranks given one run_id and their own nonce ledgers would write the same checkpoint
+    files: the second is refused as its ``DistributedKasmina`` is built, before it trains."""
+
+    def rank_rig(name: str) -> Rig:
+        ledger = str(tmp_path / f"nonces-{name}.log")
+        return Rig(make_config(tmp_path, store, run_id="shared", nonce_ledger=ledger), keyring)
+
+    first = rank_rig("rank0").manager  # held: a collected manager's lock goes with it
+    joined = DistributedKasmina(first)
+    second = rank_rig("rank1").manager
+    with pytest.raises(RuntimeError, match="held by another live trainer.*its own run_id"):
+        DistributedKasmina(second)
+    assert second.command_relay is None and second.grad_sync is None
+    assert joined.manager is first and first.command_relay is not None
 
 
 def test_a_command_waits_for_the_sync_and_then_applies(tmp_path, store, keyring, mlp) -> None:
@@ -411,6 +538,52 @@ def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
     assert "could not prepare it" in result.commands[0].reason
     assert rig.stage(SEED0) == S.DORMANT
     assert rig.manager.handler.stats["failed"] == 1
+
+
+def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring, mlp) -> None:
+    """A fetch that outlasts the bound (its store ignores the deadline) is answered with a
+    refusal at the bound; later prepares of the same sync get what is left of it (nothing),
+    the next sync a whole one; the fetch itself goes on and fills the cache."""
+    from kasmina.control.commands import to_kasmina_command
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    loader, release = rig.manager.loader, threading.Event()
+    original = loader.original
+
+    def stalled(artifact_id: str, *, deadline: float | None = None) -> Any:
+        release.wait(20.0)
+        return original(artifact_id, deadline=deadline)
+
+    loader.original = stalled
+    germinate = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=30.0))
+    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.3)
+
+    def timed(command: Any) -> tuple[str, float]:
+        started = time.monotonic()
+        problem = applier.prepare(command)
+        return problem, time.monotonic() - started
+
+    try:
+        first, first_s = timed(germinate)
+        second, second_s = timed(germinate)
+        applier.apply([])  # the sync is over: the next one gets its own bound
+        third, third_s = timed(germinate)
+        quick = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=0.2))
+        unbounded = ManagerApplier(rig.manager)  # no process group: the command's own timeout
+        by_command = unbounded.prepare(quick)
+    finally:
+        release.set()
+    assert "did not finish within 0.3 s" in first and "process group" in first
+    assert 0.25 <= first_s < 5.0 and second_s < 0.2 and 0.25 <= third_s < 5.0
+    assert second == third == first
+    assert by_command == f"fetching {mlp} did not finish within the command's 0.2 s"
+    deadline = time.monotonic() + 30.0
+    while mlp not in loader.cache and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mlp in loader.cache
+    assert applier.prepare(germinate) == ""  # cached now
+    with pytest.raises(ValueError, match="prepare_timeout_s must be > 0"):
+        ManagerApplier(rig.manager, prepare_timeout_s=0.0)
 
 
 def test_a_replica_snapshot_repairs_a_manager_in_one_process(tmp_path, store, keyring, mlp) -> None:
