@@ -116,6 +116,9 @@ class LeylineAdaptationHandler:
         except Exception:
             logger.exception("executor raised on command %s (%s)", command.command_id, command.kind)
             success = False
+        except BaseException:  # an interrupt propagates, with the command counted: failed here
+            self.complete(command, False)  # (the executor's own log says how it ended)
+            raise
         self.complete(command, success)
         return success
 

@@ -44,7 +44,7 @@ GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
 class RecordingExecutor:
-    def __init__(self, result: bool = True, error: Exception | None = None) -> None:
+    def __init__(self, result: bool = True, error: BaseException | None = None) -> None:
         self.result = result
         self.error = error
         self.commands: list[KasminaCommand] = []
@@ -173,6 +173,17 @@ def test_failing_or_raising_executor_returns_false(executor: RecordingExecutor) 
     assert rig.handler.stats["failed"] == 1 and rig.handler.stats["executed"] == 0
     (done,) = rig.sink.events("command.complete")
     assert done.labels["success"] == "false" and done.value == 0.0
+
+
+def test_an_interrupted_executor_propagates_with_the_command_counted() -> None:
+    """A ``KeyboardInterrupt`` in the executor is never swallowed, and the command it cut
+    short still gets an outcome: accepted = executed + failed."""
+    rig = Rig(RecordingExecutor(error=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        rig.handler.handle_adaptation_command(rig.sign(germinate()))
+    stats = rig.handler.stats
+    assert (stats["accepted"], stats["executed"], stats["failed"]) == (1, 0, 1)
+    assert len(rig.sink.events("command.complete")) == 1
 
 
 def test_failing_telemetry_sink_does_not_break_commands(rig: Rig) -> None:
