@@ -125,6 +125,20 @@ class Trainer:
         self.epoch += 1
         return result
 
+    def repair_and_save(self, out: str, name: str, steps_between: int) -> None:
+        """An epoch sync (the one that repairs), ``steps_between`` steps, another sync (which
+        must find nothing); save both verdicts with this rank's state, and close."""
+        repaired = self.boundary()
+        self.train(steps_between)
+        after = self.boundary()
+        self.save(
+            out,
+            name,
+            verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
+            next_verdict=after.divergent_ranks,
+        )
+        self.manager.close()
+
     def epoch_with(self, commands: dict[int, list[bytes]], steps: int = STEPS) -> Any:
         """Train an epoch in which the ranks named in ``commands`` receive them (at its start:
         they were signed just now, and the window is short)."""
@@ -218,16 +232,7 @@ def _worker_two(rank: int, world: int, spec: dict[str, Any]) -> None:
             t.manager.seed(SEED0).seed_parameters()[0].add_(1e-3)
             host_opt = t.manager.optimizers.optimizer("host")
             next(iter(host_opt.state.values()))["exp_avg"].mul_(2.0)
-    repaired = t.boundary()
-    t.train(2)
-    after = t.boundary()
-    t.save(
-        spec["out"],
-        "repaired",
-        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
-        next_verdict=after.divergent_ranks,
-    )
-    t.manager.close()
+    t.repair_and_save(spec["out"], "repaired", steps_between=2)
 
 
 def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:
@@ -244,16 +249,7 @@ def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:
         assert registry[SEED1].kernel is None
         with torch.no_grad():
             t.manager.seed(SEED0).seed_parameters()[0].mul_(1.5)
-    repaired = t.boundary()
-    t.train(2)
-    after = t.boundary()
-    t.save(
-        spec["out"],
-        "three",
-        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
-        next_verdict=after.divergent_ranks,
-    )
-    t.manager.close()
+    t.repair_and_save(spec["out"], "three", steps_between=2)
 
 
 def _worker_three_steps(rank: int, world: int, spec: dict[str, Any]) -> None:
@@ -268,16 +264,7 @@ def _worker_three_steps(rank: int, world: int, spec: dict[str, Any]) -> None:
     if rank == 0:
         t.manager.seed(SEED1).quarantine("a fault on rank 0 only")
     t.train(3)
-    repaired = t.boundary()
-    t.train(1)
-    after = t.boundary()
-    t.save(
-        spec["out"],
-        "steps",
-        verdict=(repaired.divergent_ranks, repaired.source_rank, repaired.repaired_ranks),
-        next_verdict=after.divergent_ranks,
-    )
-    t.manager.close()
+    t.repair_and_save(spec["out"], "steps", steps_between=1)
 
 
 def _worker_verdict(rank: int, world: int, spec: dict[str, Any]) -> None:
