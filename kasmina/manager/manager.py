@@ -533,8 +533,8 @@ class KasminaKernelManager:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         state = self.state
+        state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         state.checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
-        state.require_registry(training=True)
         self.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
@@ -561,8 +561,7 @@ class KasminaKernelManager:
         return self.report.get_performance_metrics()
 
     def validate_performance_targets(self) -> dict[str, TargetCheck]:
-        """Each docs/design.md §8 target this device can measure, measured now, beside its
-        target (see ``ManagerReport.validate_performance_targets``)."""
+        """Each design §8 target this device can measure, measured now (``ManagerReport``)."""
         return self.report.validate_performance_targets()
 
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
@@ -587,13 +586,15 @@ class KasminaKernelManager:
 
     def close(self) -> None:
         """Drop queued commands, stop store reads, report pending rejection counts, close the
-        nonce ledger (later commands are refused) and the JSONL telemetry file this manager
-        opened, if any. Later ``step()`` and ``end_epoch`` calls raise ``RuntimeError``."""
+        nonce ledger (later commands refused), the checkpoint store (its run lock released) and
+        the JSONL file this manager opened; later ``step()``/``end_epoch`` raise RuntimeError."""
         self.state.closed = True
-        self.intake.drop_pending()
-        self.urza_client.close()
-        self.handler.flush_rejections(force=True)
-        self.verifier.close()
-        self.state.close_checkpoints()  # releases the run's checkpoint lock
-        if self._jsonl is not None:
-            self.telemetry.close_sink(self._jsonl)
+        try:
+            self.intake.drop_pending()
+            self.urza_client.close()
+            self.handler.flush_rejections(force=True)
+            self.verifier.close()
+        finally:
+            self.state.close_checkpoints()
+            if self._jsonl is not None:
+                self.telemetry.close_sink(self._jsonl)

@@ -167,8 +167,7 @@ def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoin
     for epoch in range(4):
         first.train(1)
         first.manager.end_epoch(epoch)
-    first.manager.close()
-    first.manager.checkpoints.close()  # its process is gone, and the lock with it
+    first.manager.close()  # as if its process were gone: the run's lock is released
     again = Rig(make_config(tmp_path, store, run_id="run-a"), keyring)
     manager = again.manager
     again.train(1)
@@ -210,7 +209,11 @@ def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path
         rig.train(1)
         rig.manager.end_epoch(0)
     first.manager.close()  # releases the run's checkpoint lock: the run may start again
-    assert trainer("third").manager.checkpoints.epochs() == [0]
+    third = trainer("third")
+    third.manager.close()  # closed before it opened its store: a refused end_epoch opens none
+    with pytest.raises(RuntimeError, match="closed"):
+        third.manager.end_epoch(1)
+    assert trainer("fourth").manager.checkpoints.epochs() == [0]
 
 
 @pytest.mark.parametrize(
