@@ -243,7 +243,7 @@ class CommandExecution:
         seed = record.seed
         table, row = seed.state_table, seed.state_index
         # What the steps below change, kept (before the pin, so that nothing is taken while
-        # there is no undo yet) for the undo: the seed's whole row (on the device, so
+        # there is no undo for it) for the undo: the seed's whole row (on the device, so
         # nothing syncs unless it is needed: attach_kernel writes BLUEPRINT_ID, the seed its
         # PERFORMANCE_GATE, the transition the stage, and an interrupt may land after it), the
         # seed's and the record's fields, and the timeline.
@@ -254,8 +254,9 @@ class CommandExecution:
         # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
         # is refused by the copy (docs/design.md §6).
-        pinned = state.loader.pin(artifact_id, original)
+        pinned = False
         try:
+            pinned = state.loader.pin(artifact_id, original)
             kernel = state.loader.copy(original)
         except BaseException as exc:
             if pinned:
