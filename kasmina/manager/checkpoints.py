@@ -31,7 +31,6 @@ everything before it changes anything, so a bad checkpoint is rejected with the 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -397,11 +396,11 @@ class NoCheckpointStore(CheckpointStore):
 
 
 def checkpoint_lock_path(config: KasminaConfig) -> Path:
-    """The lock file of this run's disk checkpoints: in the run directory, named after the
-    checkpoint directory, so two trainers of one run that write checkpoints to the same place
-    meet on it, and two that write them to different places do not."""
-    where = str(Path(config.checkpoint_dir).expanduser().resolve())
-    return config.run_dir / f"checkpoints-{hashlib.sha256(where.encode()).hexdigest()[:16]}.lock"
+    """The lock file of this run's disk checkpoints: in the checkpoint directory itself, named
+    after the run, so two trainers of one run that write checkpoints to the same place meet on
+    it wherever their run directories are (one per node, a shared checkpoint directory), and
+    two that write them to different places do not."""
+    return Path(config.checkpoint_dir).expanduser() / f".{config.run_id}.checkpoints.lock"
 
 
 def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> CheckpointStore:

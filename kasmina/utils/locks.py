@@ -4,8 +4,9 @@ Why the kernel's ``flock`` on a lock file, rather than a file that names its own
 drops the lock when its process dies, however it dies, so a lock never outlives its owner and a
 restart after a crash is never blocked. The lock belongs to the open file: it is held until that
 file is closed (or collected), and no other open of the same path, in another process or in
-this one, can take it meanwhile. Where the platform has no advisory locks the file is opened
-without one, and a single owner is the caller's duty.
+this one, can take it meanwhile (on NFS, where Linux emulates ``flock`` with byte-range locks
+that belong to the process, only another process is kept out). Where the platform has no
+advisory locks the file is opened without one, and a single owner is the caller's duty.
 """
 
 from __future__ import annotations

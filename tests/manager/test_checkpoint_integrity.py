@@ -227,7 +227,7 @@ def test_runs_under_one_home_never_see_each_others_checkpoints(
     # Run A's file copied into run B's directory under run B's name: B's key refuses it.
     a_file, b_file = run_a.manager.checkpoints.path_for(0), run_b.manager.checkpoints.path_for(0)
     assert a_file.parent != b_file.parent
-    b_file.parent.mkdir(parents=True)
+    b_file.parent.mkdir(parents=True, exist_ok=True)  # held open by run B's store lock
     shutil.copyfile(a_file, b_file)
     ok, reason = _rollback(run_b, 0)
     assert not ok and "CheckpointIntegrityError" in reason
@@ -275,7 +275,8 @@ def test_cadence_writes_only_due_epochs_and_names_the_nearest(
         after[epoch] = _live(rig)
     assert manager.checkpoints.epochs() == [0, 2, 4]
     assert sorted(p.name for p in Path(manager.config.checkpoint_dir).iterdir()) == [
-        f"{manager.config.run_id}.epoch_{e:08d}.ckpt" for e in (0, 2, 4)
+        f".{manager.config.run_id}.checkpoints.lock",  # the run's store lock, never pruned
+        *(f"{manager.config.run_id}.epoch_{e:08d}.ckpt" for e in (0, 2, 4)),
     ]
     before = _live(rig)
     ok, reason = _rollback(rig, 3)

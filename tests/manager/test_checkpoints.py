@@ -202,6 +202,11 @@ def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path
         second.manager.end_epoch(0)
     assert "its own run_id" in str(refused.value) and "nonce_ledger" in str(refused.value)
     assert second.manager.epoch == -1 and first.manager.checkpoints.epochs() == [0]
+    # Another node: its own run directory (its key, its ledger), the same checkpoint directory.
+    node = trainer("node-2", runs_root=str(tmp_path / "node-2"))
+    node.train(1)
+    with pytest.raises(RuntimeError, match="held by another live trainer"):
+        node.manager.end_epoch(0)
     other_run = trainer("other-run", run_id="other")
     other_dir = trainer("other-dir", checkpoint_dir=str(tmp_path / "ckpt-2"))
     in_memory = trainer("in-memory", checkpoint_mode="memory")
