@@ -31,6 +31,10 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    whose own outcome differed reports the verdict to its handler again (``revise_completion``)
    and to its applier's optional ``revise``.
 
+An applier may also define ``begin_sync()``: every ``sync_epoch`` calls it first, before any
+prepare, so what the applier keeps for one sync (the kernel manager's applier: the time budget
+its prepares share) starts afresh even when the previous sync raised before ``apply``.
+
 This module holds the coordinator that carries out the three rules, the majority rule and the
 repair, and what a sync returns (``EpochSyncResult``). How commands cross between ranks and how
 each rank judges them (``RelayHandler``, ``CommandApplier``, the framing, the per-rank verdict)
@@ -137,7 +141,8 @@ class DistributedCoordinator:
     ``TensorReplica``); ``applier`` applies agreed commands (default: the handler's executor,
     at once); ``on_divergence`` is called on a rank that disagrees and could not be repaired;
     ``repair=False`` only detects. ``clock`` gives receive times (default: the handler's
-    verifier's clock, which judged freshness).
+    verifier's clock, which judged freshness). An applier with a ``begin_sync()`` method has it
+    called at the start of every ``sync_epoch``, before any ``prepare``.
     """
 
     def __init__(
@@ -218,6 +223,7 @@ class DistributedCoordinator:
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
         """Collective: every rank must call it at the same boundary with the same ``epoch``,
         on its training thread at a safe point (no forward or backward under way)."""
+        self._begin_sync()
         with self._lock:
             local, self._pending = self._pending, []
         relayed = self._exchange(epoch, local)
@@ -245,6 +251,17 @@ class DistributedCoordinator:
         self.history.append(result)
         self._report(result)
         return result
+
+    def _begin_sync(self) -> None:
+        """Tell the applier a sync begins (its optional ``begin_sync``), before any prepare: what
+        it keeps per sync (a time budget for its prepares) must not outlive a sync that raised
+        before ``apply``."""
+        begin = getattr(self.applier, "begin_sync", None)
+        if callable(begin):
+            try:
+                begin()
+            except Exception:  # a bug in the applier must not stop the other ranks' sync
+                logger.exception("the applier's begin_sync raised")
 
     def _exchange(self, epoch: int, local: list[Received]) -> list[Relayed]:
         """Every rank's received commands, in rank order then arrival order, on every rank.

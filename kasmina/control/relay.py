@@ -77,7 +77,8 @@ class CommandApplier(Protocol):
     An applier may also define ``revise(command, ok, reason)``: called on a rank whose outcome
     for an applied command was overturned by the replica repair (it ran here but failed on the
     majority, or the reverse), after the handler has been told (``revise_completion``), so the
-    applier can correct its own records.
+    applier can correct its own records; and ``begin_sync()``: called at the start of every
+    epoch sync, before any ``prepare`` (a time budget for the sync's prepares starts afresh).
     """
 
     def prepare(self, command: KasminaCommand) -> str: ...

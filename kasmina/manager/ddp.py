@@ -33,10 +33,11 @@ import logging
 import math
 import threading
 import time
+import weakref
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -79,6 +80,10 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 # The share of the process group's timeout that a sync's command prepares (kernel fetches) may
 # take on one rank, while the other ranks wait for its answer in a collective.
 PREPARE_SHARE = 0.5
+_PREPARE_SHARE_TEXT = (
+    "the prepares of one sync may take, the share of the process group's timeout they get: "
+    "the other ranks wait for this one in a collective"
+)
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
@@ -269,27 +274,6 @@ class SeedGradientSync:
             yield bucket
 
 
-def _fetch(
-    load: Callable[..., Any], artifact_id: str, deadline: float | None, *, background: bool
-) -> Future[Any]:
-    """``load(artifact_id, deadline=deadline)`` as a future; ``background``: on a daemon thread,
-    so a fetch that outlasts the wait (a stalled read) neither holds up the caller nor keeps the
-    process alive, and one that completes later still fills the cache."""
-    fetch: Future[Any] = Future()
-
-    def run() -> None:
-        try:
-            fetch.set_result(load(artifact_id, deadline=deadline))
-        except Exception as exc:  # handed to whoever waits on the future
-            fetch.set_exception(exc)
-
-    if background:
-        threading.Thread(target=run, name=f"kasmina-prepare-{artifact_id}", daemon=True).start()
-    else:
-        run()
-    return fetch
-
-
 def _layout_key(live: Sequence[tuple[str, nn.Parameter]]) -> int:
     """A 31-bit digest of which seeds and parameter shapes are about to be averaged."""
     text = ";".join(f"{sid}:{tuple(p.shape)}:{p.dtype}" for sid, p in live)
@@ -368,12 +352,16 @@ class ManagerApplier:
     so before the ranks agree, instead of failing alone afterwards. The fetch is bounded by the
     command's timeout and, with ``prepare_timeout_s``, by that many seconds for all the prepares
     of one sync together: meanwhile the other ranks wait in a collective, which fails the whole
-    run once the process group's timeout passes, so ``DistributedKasmina`` gives half of it. A
-    fetch that outlasts its bound is left to finish on its own thread (the kernel is cached for
-    a later command) and this rank answers that it could not prepare the command. ``apply``
-    queues the agreed commands and runs the manager's safe point (``apply_pending(wait=True)``),
-    so they go through exactly the path single-process commands take: nonces made durable
-    first, GERMINATE's dry run, outcomes in the command log.
+    run once the process group's timeout passes, so ``DistributedKasmina`` gives half of it. The
+    budget belongs to one sync: the coordinator calls ``begin_sync`` before the sync's first
+    prepare, so a sync that ended early (a collective that raised before ``apply``) leaves none
+    of it spent for the next. Fetches run on a pool of at most the manager's ``fetch_workers``
+    threads, one fetch at most per artifact (a later prepare of it waits on the same fetch), and
+    once the sync's budget is spent no new fetch starts. A fetch that outlasts its bound goes on
+    (the kernel is cached for a later command) and this rank answers that it could not prepare
+    the command. ``apply`` queues the agreed commands and runs the manager's safe point
+    (``apply_pending(wait=True)``), so they go through exactly the path single-process commands
+    take: nonces made durable first, GERMINATE's dry run, outcomes in the command log.
     """
 
     def __init__(
@@ -383,9 +371,19 @@ class ManagerApplier:
             raise ValueError(f"prepare_timeout_s must be > 0, got {prepare_timeout_s}")
         self.manager = manager
         self.prepare_timeout_s = prepare_timeout_s
-        # When this sync's prepares must be done (monotonic), set by its first fetch; ``apply``,
-        # which the coordinator calls once per sync after every prepare, clears it.
+        # This sync's prepares: when the first fetch began and when they must be done
+        # (monotonic); ``begin_sync`` (and ``apply``) clears them.
+        self._prepare_started: float | None = None
         self._prepare_deadline: float | None = None
+        self._lock = threading.Lock()
+        self._fetches: dict[str, Future[Any]] = {}  # artifact id -> its running fetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._shutdown: weakref.finalize | None = None
+        self._closed = False
+
+    def begin_sync(self) -> None:
+        """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them."""
+        self._prepare_started = self._prepare_deadline = None
 
     def prepare(self, command: KasminaCommand) -> str:
         seed = command.seed
@@ -398,28 +396,78 @@ class ManagerApplier:
         timeout = command.timeout_s
         deadline = now + timeout if timeout > 0 and math.isfinite(timeout) else None
         if self.prepare_timeout_s is not None and self._prepare_deadline is None:
-            self._prepare_deadline = now + self.prepare_timeout_s
+            self._prepare_started, self._prepare_deadline = now, now + self.prepare_timeout_s
         limits = [d for d in (deadline, self._prepare_deadline) if d is not None]
-        if not limits:  # nothing bounds it but the store client's own timeouts
-            fetch = _fetch(loader.original, artifact_id, None, background=False)
-        else:  # the store fetch gets the command's deadline; this rank waits for it until limit
-            fetch = _fetch(loader.original, artifact_id, deadline, background=True)
-            wait([fetch], timeout=max(0.0, min(limits) - now))
+        limit = min(limits) if limits else None
+        fetch = self._fetch(artifact_id, deadline, start=limit is None or limit > now)
+        if fetch is None:
+            if self._closed:
+                return f"not fetching {artifact_id}: the applier is closed"
+            return (
+                f"not fetching {artifact_id}: this sync's prepare time was spent "
+                f"({now - (self._prepare_started or now):.2f} s of the "
+                f"{self.prepare_timeout_s:g} s {_PREPARE_SHARE_TEXT})"
+            )
+        # The store fetch has its command's deadline; this rank waits for it until ``limit``.
+        wait([fetch], timeout=None if limit is None else max(0.0, limit - now))
         if not fetch.done():
-            if deadline is None or min(limits) < deadline:
+            waited = time.monotonic() - now
+            if deadline is None or limit < deadline:
                 return (
-                    f"fetching {artifact_id} did not finish within {self.prepare_timeout_s:g} s, "
-                    "the share of the process group's timeout a sync's prepares may take (the "
-                    "other ranks wait for this one in a collective)"
+                    f"fetching {artifact_id} did not finish: this rank waited {waited:.2f} s for "
+                    f"it, and this sync's prepare time was spent ({self.prepare_timeout_s:g} s "
+                    f"{_PREPARE_SHARE_TEXT})"
                 )
-            return f"fetching {artifact_id} did not finish within the command's {timeout:g} s"
+            return (
+                f"fetching {artifact_id} did not finish within the command's {timeout:g} s "
+                f"(this rank waited {waited:.2f} s for it)"
+            )
+        if fetch.cancelled():  # only ``close`` cancels a fetch
+            return f"fetching {artifact_id} was cancelled: the applier is closed"
         exc = fetch.exception()
         if exc is not None:
             return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
         return ""
 
+    def _fetch(
+        self, artifact_id: str, deadline: float | None, *, start: bool
+    ) -> Future[Any] | None:
+        """The running fetch of ``artifact_id``, or a new one on the pool if ``start`` (None if
+        not, or once closed). A fetch leaves ``_fetches`` when it ends, cached or failed."""
+        with self._lock:
+            fetch = self._fetches.get(artifact_id)
+            if fetch is not None or not start or self._closed:
+                return fetch
+            if self._pool is None:
+                workers = max(int(getattr(self.manager.config, "fetch_workers", 2)), 1)
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kasmina-prepare")
+                # Dropped with the applier: stopped without waiting (each fetch ends by its
+                # command's deadline, and fills the cache if it succeeds).
+                self._shutdown = weakref.finalize(
+                    self, self._pool.shutdown, wait=False, cancel_futures=True
+                )
+            load = self.manager.loader.original
+            fetch = self._pool.submit(load, artifact_id, deadline=deadline)
+            self._fetches[artifact_id] = fetch
+
+        def forget(done: Future[Any]) -> None:
+            with self._lock:
+                if self._fetches.get(artifact_id) is done:
+                    del self._fetches[artifact_id]
+
+        fetch.add_done_callback(forget)  # at once, here, if it has finished already
+        return fetch
+
+    def close(self) -> None:
+        """Start no more fetches; stop the pool without waiting for a running one."""
+        with self._lock:
+            self._closed = True
+            shutdown, self._shutdown = self._shutdown, None
+        if shutdown is not None:
+            shutdown()
+
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
-        self._prepare_deadline = None  # every prepare of this sync is done
+        self.begin_sync()  # every prepare of this sync is done
         manager = self.manager
         queued: set[int] = set()
         for command in commands:
@@ -523,6 +571,7 @@ class DistributedKasmina:
 
     def close(self) -> None:
         """Detach from the manager (its door and step work single-process again)."""
+        self.applier.close()
         if self.manager.command_relay == self.coordinator.submit:
             self.manager.command_relay = None
         if self.manager.grad_sync is self.seed_grads:

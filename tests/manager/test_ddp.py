@@ -16,6 +16,7 @@ Every collective is bounded by the process group's timeout and the whole run by
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -560,10 +561,12 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
         by_command = unbounded.prepare(quick)
     finally:
         release.set()
-    assert "did not finish within 0.3 s" in first and "process group" in first
+    assert "prepare time was spent (0.3 s" in first and "process group" in first
+    assert re.search(r"waited 0\.(2[5-9]|[3-9]\d) s", first)  # the time it waited, stated
     assert 0.25 <= first_s < 5.0 and second_s < 0.2 and 0.25 <= third_s < 5.0
-    assert second == third == first
-    assert by_command == f"fetching {mlp} did not finish within the command's 0.2 s"
+    assert "waited 0.00 s" in second and "prepare time was spent" in second
+    assert third.split("waited")[0] == first.split("waited")[0]
+    assert by_command.startswith(f"fetching {mlp} did not finish within the command's 0.2 s")
     deadline = time.monotonic() + 30.0
     while mlp not in loader.cache and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -571,6 +574,113 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
     assert applier.prepare(germinate) == ""  # cached now
     with pytest.raises(ValueError, match="prepare_timeout_s must be > 0"):
         ManagerApplier(rig.manager, prepare_timeout_s=0.0)
+
+
+def _stalled_loader(rig: Rig) -> tuple[threading.Event, list[str]]:
+    """The manager's store made to stall every fetch until the event is set; the list records
+    every fetch begun."""
+    loader, release, calls = rig.manager.loader, threading.Event(), []
+    original = loader.original
+
+    def stalled(artifact_id: str, *, deadline: float | None = None) -> Any:
+        calls.append(artifact_id)
+        release.wait(20.0)
+        return original(artifact_id, deadline=deadline)
+
+    loader.original = stalled
+    return release, calls
+
+
+def test_prepares_of_a_stalled_artifact_share_one_fetch_on_a_bounded_pool(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Many prepares of one artifact whose fetch stalls start one fetch, not a thread each:
+    later ones wait on the same fetch, and the pool never holds more than ``fetch_workers``."""
+    from kasmina.control.commands import to_kasmina_command
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    release, calls = _stalled_loader(rig)
+    germinate = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=30.0))
+    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.2)
+    before = threading.active_count()
+    try:
+        problems = [applier.prepare(germinate) for _ in range(50)]
+        extra = threading.active_count() - before
+    finally:
+        release.set()
+    assert 0 < extra <= rig.manager.config.fetch_workers
+    assert calls == [mlp]  # one fetch for all 50
+    assert all("did not finish" in p for p in problems)
+    deadline = time.monotonic() + 30.0
+    while applier._fetches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not applier._fetches and mlp in rig.manager.loader.cache  # dropped once done
+    applier.close()
+
+
+def test_no_fetch_starts_once_the_sync_prepare_time_is_spent(tmp_path, store, keyring, mlp) -> None:
+    """After the sync's budget is spent, a GERMINATE of another uncached artifact is refused
+    at once, without a fetch (no thread started for it)."""
+    from kasmina.control.commands import to_kasmina_command
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    release, calls = _stalled_loader(rig)
+    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.2)
+
+    def germinate(artifact_id: str) -> Any:
+        return to_kasmina_command(
+            make_seed_command("germinate", SEED0, artifact_id, timeout_s=30.0)
+        )
+
+    try:
+        first = applier.prepare(germinate(mlp))
+        started = time.monotonic()
+        other = applier.prepare(germinate("mlp-" + "1" * 64))
+        other_s = time.monotonic() - started
+    finally:
+        release.set()
+    assert "did not finish" in first
+    assert calls == [mlp] and other_s < 0.1
+    assert other.startswith("not fetching mlp-1") and "prepare time was spent (0.2" in other
+    applier.close()
+
+
+def test_a_sync_after_one_that_raised_before_apply_gets_its_own_prepare_time(
+    tmp_path, store, keyring, mlp, monkeypatch
+) -> None:
+    """A sync that raises between its prepares and ``apply`` (a collective timing out) must not
+    leave its spent budget to the next sync: the coordinator begins every sync afresh."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    dk.applier.prepare_timeout_s = 0.3  # as a process group would set it
+    release, calls = _stalled_loader(rig)
+    gather = dk.coordinator._gather_codes
+
+    def collective_times_out(codes: list[int]) -> Any:
+        raise RuntimeError("collective timed out")
+
+    monkeypatch.setattr(dk.coordinator, "_gather_codes", collective_times_out)
+    try:
+        assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+        with pytest.raises(RuntimeError, match="collective timed out"):
+            dk.sync_epoch(0)
+        time.sleep(0.35)  # the aborted sync's budget is long spent
+        monkeypatch.setattr(dk.coordinator, "_gather_codes", gather)
+        assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+        seen: list[list[str]] = []
+
+        def answer() -> None:  # the store answers within the new budget
+            seen.append(list(calls))
+            release.set()
+
+        threading.Timer(0.1, answer).start()
+        result = dk.sync_epoch(1)
+    finally:
+        release.set()
+    assert result.outcomes == (True,), result.commands
+    assert seen == [[mlp]]  # the aborted sync's fetch, still running, served this one
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    dk.close()
 
 
 def test_a_replica_snapshot_repairs_a_manager_in_one_process(tmp_path, store, keyring, mlp) -> None:
