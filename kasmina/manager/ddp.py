@@ -33,11 +33,10 @@ import logging
 import math
 import threading
 import time
-import weakref
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 import torch
@@ -355,9 +354,10 @@ class ManagerApplier:
     run once the process group's timeout passes, so ``DistributedKasmina`` gives half of it. The
     budget belongs to one sync: the coordinator calls ``begin_sync`` before the sync's first
     prepare, so a sync that ended early (a collective that raised before ``apply``) leaves none
-    of it spent for the next. Fetches run on a pool of at most the manager's ``fetch_workers``
-    threads, one fetch at most per artifact (a later prepare of it waits on the same fetch), and
-    once the sync's budget is spent no new fetch starts. A fetch that outlasts its bound goes on
+    of it spent for the next. Fetches run on the manager's own fetch workers (``CommandQueue.
+    fetch``: at most ``fetch_workers`` threads), one fetch at most per artifact (a later
+    prepare of it waits on the same fetch), and once the sync's budget is spent no new fetch
+    starts. A fetch that outlasts its bound goes on
     (the kernel is cached for a later command) and this rank answers that it could not prepare
     the command. ``apply`` queues the agreed commands and runs the manager's safe point
     (``apply_pending(wait=True)``), so they go through exactly the path single-process commands
@@ -377,9 +377,6 @@ class ManagerApplier:
         self._prepare_deadline: float | None = None
         self._lock = threading.Lock()
         self._fetches: dict[str, Future[Any]] = {}  # artifact id -> its running fetch
-        self._pool: ThreadPoolExecutor | None = None
-        self._shutdown: weakref.finalize | None = None
-        self._closed = False
 
     def begin_sync(self) -> None:
         """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them."""
@@ -399,10 +396,11 @@ class ManagerApplier:
             self._prepare_started, self._prepare_deadline = now, now + self.prepare_timeout_s
         limits = [d for d in (deadline, self._prepare_deadline) if d is not None]
         limit = min(limits) if limits else None
-        fetch = self._fetch(artifact_id, deadline, start=limit is None or limit > now)
+        start = limit is None or limit > now
+        fetch = self._fetch(artifact_id, deadline, start=start)
         if fetch is None:
-            if self._closed:
-                return f"not fetching {artifact_id}: the applier is closed"
+            if start:  # the manager's fetch workers are shut down
+                return f"not fetching {artifact_id}: the manager is closed"
             return (
                 f"not fetching {artifact_id}: this sync's prepare time was spent "
                 f"({now - (self._prepare_started or now):.2f} s of the "
@@ -422,8 +420,8 @@ class ManagerApplier:
                 f"fetching {artifact_id} did not finish within the command's {timeout:g} s "
                 f"(this rank waited {waited:.2f} s for it)"
             )
-        if fetch.cancelled():  # only ``close`` cancels a fetch
-            return f"fetching {artifact_id} was cancelled: the applier is closed"
+        if fetch.cancelled():  # only the manager's ``close`` cancels a fetch
+            return f"fetching {artifact_id} was cancelled: the manager is closed"
         exc = fetch.exception()
         if exc is not None:
             return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
@@ -432,22 +430,16 @@ class ManagerApplier:
     def _fetch(
         self, artifact_id: str, deadline: float | None, *, start: bool
     ) -> Future[Any] | None:
-        """The running fetch of ``artifact_id``, or a new one on the pool if ``start`` (None if
-        not, or once closed). A fetch leaves ``_fetches`` when it ends, cached or failed."""
+        """The running fetch of ``artifact_id``, or a new one on the manager's fetch workers
+        (``CommandQueue.fetch``) if ``start`` (None if not, or once the manager is closed). A
+        fetch leaves ``_fetches`` when it ends, cached or failed."""
         with self._lock:
             fetch = self._fetches.get(artifact_id)
-            if fetch is not None or not start or self._closed:
+            if fetch is not None or not start:
                 return fetch
-            if self._pool is None:
-                workers = max(int(getattr(self.manager.config, "fetch_workers", 2)), 1)
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kasmina-prepare")
-                # Dropped with the applier: stopped without waiting (each fetch ends by its
-                # command's deadline, and fills the cache if it succeeds).
-                self._shutdown = weakref.finalize(
-                    self, self._pool.shutdown, wait=False, cancel_futures=True
-                )
-            load = self.manager.loader.original
-            fetch = self._pool.submit(load, artifact_id, deadline=deadline)
+            fetch = self.manager.pending.fetch(artifact_id, deadline)
+            if fetch is None:
+                return None
             self._fetches[artifact_id] = fetch
 
         def forget(done: Future[Any]) -> None:
@@ -457,14 +449,6 @@ class ManagerApplier:
 
         fetch.add_done_callback(forget)  # at once, here, if it has finished already
         return fetch
-
-    def close(self) -> None:
-        """Start no more fetches; stop the pool without waiting for a running one."""
-        with self._lock:
-            self._closed = True
-            shutdown, self._shutdown = self._shutdown, None
-        if shutdown is not None:
-            shutdown()
 
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
         self.begin_sync()  # every prepare of this sync is done
@@ -571,7 +555,6 @@ class DistributedKasmina:
 
     def close(self) -> None:
         """Detach from the manager (its door and step work single-process again)."""
-        self.applier.close()
         if self.manager.command_relay == self.coordinator.submit:
             self.manager.command_relay = None
         if self.manager.grad_sync is self.seed_grads:

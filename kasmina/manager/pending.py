@@ -206,16 +206,22 @@ class CommandQueue:
             pool.shutdown(wait=False, cancel_futures=True)
         return dropped
 
-    def _start_fetch(self, entry: PendingCommand) -> None:
-        artifact_id = entry.artifact_id
-        if artifact_id is None or artifact_id in self.loader.cache:
-            return
+    def fetch(self, artifact_id: str, deadline: float | None) -> Future[GPUKernel] | None:
+        """``loader.original(artifact_id, deadline=deadline)`` on the fetch workers (at most
+        ``fetch_workers`` threads, for every caller: the queue's own fetch-ahead and a
+        multi-rank sync's prepares); None once the queue is closed."""
         with self._lock:
             if self._closed:
-                return
+                return None
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=self.fetch_workers, thread_name_prefix="kasmina-fetch"
                 )
-            deadline = entry.deadline if math.isfinite(entry.deadline) else None
-            entry.fetch = self._pool.submit(self.loader.original, artifact_id, deadline=deadline)
+            return self._pool.submit(self.loader.original, artifact_id, deadline=deadline)
+
+    def _start_fetch(self, entry: PendingCommand) -> None:
+        artifact_id = entry.artifact_id
+        if artifact_id is None or artifact_id in self.loader.cache:
+            return
+        deadline = entry.deadline if math.isfinite(entry.deadline) else None
+        entry.fetch = self.fetch(artifact_id, deadline)

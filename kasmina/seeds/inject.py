@@ -154,11 +154,8 @@ def attach(
     already a slot or nested in another, or a declared width does not fit.
     """
     for arg, value in (("seeds_per_layer", seeds_per_layer), ("chunk_size", chunk_size)):
-        try:  # an int, or an integer of another library (numpy); never a bool or a float
-            ok = not isinstance(value, bool) and operator.index(value) >= 1  # type: ignore[arg-type]
-        except TypeError:
-            ok = False
-        if not ok:
+        # An int, or an integer of another library (numpy); never a bool or a float.
+        if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     seeds_per_layer, chunk_size = operator.index(seeds_per_layer), operator.index(chunk_size)
     names = _resolve(model, targets)

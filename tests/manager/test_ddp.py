@@ -615,7 +615,6 @@ def test_prepares_of_a_stalled_artifact_share_one_fetch_on_a_bounded_pool(
     while applier._fetches and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not applier._fetches and mlp in rig.manager.loader.cache  # dropped once done
-    applier.close()
 
 
 def test_no_fetch_starts_once_the_sync_prepare_time_is_spent(tmp_path, store, keyring, mlp) -> None:
@@ -642,7 +641,6 @@ def test_no_fetch_starts_once_the_sync_prepare_time_is_spent(tmp_path, store, ke
     assert "did not finish" in first
     assert calls == [mlp] and other_s < 0.1
     assert other.startswith("not fetching mlp-1") and "prepare time was spent (0.2" in other
-    applier.close()
 
 
 def test_a_sync_after_one_that_raised_before_apply_gets_its_own_prepare_time(
