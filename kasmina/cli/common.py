@@ -26,8 +26,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer from ``low`` to ``high``; argparse names the option."""
+def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (of ``unit``, as the error names
+    it); argparse names the option."""
 
     def parse(text: str) -> int:
         try:
@@ -35,7 +36,7 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}{unit}, got {value}")
         return value
 
     return parse

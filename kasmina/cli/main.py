@@ -21,20 +21,14 @@ from pathlib import Path
 
 from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
 from kasmina.errors import KasminaError
-from kasmina.utils.keyring import MIN_KEY_BYTES
 
-# kasmina.demo.config.MAX_SEED, repeated here so that --help does not import torch.
+# kasmina.demo.config.MAX_SEED and kasmina.utils.keyring.MIN_KEY_BYTES (the shortest key a
+# keyring accepts), repeated here so that --help does not import torch (kasmina.demo and
+# kasmina.utils do).
 DEMO_MAX_SEED = 2**32 - 1
+MIN_KEY_BYTES = 16
 
 # ------------------------------------------------------------------------------------ keygen
-
-
-def _key_bytes(text: str) -> int:
-    """A key length from ``MIN_KEY_BYTES`` (what a keyring accepts) to 1,024 bytes."""
-    value = positive_int(text)
-    if not MIN_KEY_BYTES <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"expected {MIN_KEY_BYTES} to 1024 bytes, got {value}")
-    return value
 
 
 # HMAC key ids keygen makes: the characters publisher key ids allow (urza.keys.validate_key_id),
@@ -320,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a key with the same id, or a key file"
     )
     keygen.add_argument(
-        "--bytes", type=_key_bytes, default=32, help=f"key length, {MIN_KEY_BYTES}-1024 (32)"
+        "--bytes",
+        type=bounded_int(MIN_KEY_BYTES, 1024, " bytes"),
+        default=32,
+        help=f"key length, {MIN_KEY_BYTES}-1024 (32)",
     )
     keygen.set_defaults(func=_cmd_keygen)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,17 @@ def test_one_bad_store_entry_is_reported_and_the_rest_carry_on(
     assert f"ok     {good}" in out
 
 
-def test_the_demos_seed_bound_matches_its_config() -> None:
+def test_the_bounds_the_cli_repeats_match_their_sources() -> None:
     from kasmina.demo.config import MAX_SEED
+    from kasmina.utils.keyring import MIN_KEY_BYTES
 
     assert cli.DEMO_MAX_SEED == MAX_SEED
+    assert cli.MIN_KEY_BYTES == MIN_KEY_BYTES
+
+
+def test_the_cli_imports_no_torch_for_its_help() -> None:
+    """``kasmina --help`` and argument errors answer at once: the CLI imports torch only in
+    the commands that need it (a second of start-up otherwise)."""
+    code = "import sys, kasmina.cli.main; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
