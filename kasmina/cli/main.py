@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shlex
 import stat
 import subprocess
@@ -148,18 +147,10 @@ def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only: a new temporary file
-    beside it (``O_EXCL``: never an existing file or link), renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically, readable by the owner only (mode 0600)."""
+    from kasmina.utils.state_io import atomic_write_bytes
+
+    atomic_write_bytes(path, [text.encode("utf-8")])
 
 
 # ------------------------------------------------------------------------------------- bench

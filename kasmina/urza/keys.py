@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kasmina.utils.signed_json import strict_json_loads
+from kasmina.utils.state_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -263,16 +263,8 @@ class PublisherKey:
             mode = None
         if mode is not None and not stat.S_ISREG(mode):
             raise ValueError(f"{path} exists and is not a regular file; not replaced by a key")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(path, [data])
         except OSError as exc:
             if exc.errno is None:
                 raise
