@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
@@ -126,8 +127,10 @@ def read_bounded(
     ``hashlib.sha256()``) is updated with every chunk as it arrives. ``cancelled`` is checked
     before every chunk: once set (the caller gave up on this read) the read stops and raises
     ``TimeoutError``. Raises ``ArtifactIntegrityError`` ("``what`` is larger than ``limit``
-    bytes (``why``)") for an oversize object; ``FileNotFoundError`` and transport errors pass
-    through.
+    bytes (``why``)") for an oversize object, and ("``what`` is not a readable file") for an
+    entry that is no readable file (:func:`not_a_readable_file`: that artifact's problem,
+    answered by the store, not a failing store); ``FileNotFoundError`` and transport errors
+    pass through.
     """
     if limit < 0 or chunk_bytes < 1:
         raise ValueError(f"need limit >= 0 and chunk_bytes >= 1, got {limit}, {chunk_bytes}")
@@ -151,6 +154,12 @@ def read_bounded(
                     hasher.update(chunk)
                 chunks.append(chunk)
         return b"".join(chunks)
+    except OSError as exc:
+        chunks.clear()
+        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
+            raise
+        reason = exc.strerror or type(exc).__name__
+        raise ArtifactIntegrityError(f"{what} is not a readable file ({reason})") from None
     except BaseException:
         # Drop the data now: the traceback (kept by an abandoned future) must not pin it.
         chunks.clear()

@@ -38,8 +38,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
@@ -47,7 +45,6 @@ from kasmina.urza.artifact import (
     PAYLOAD_SUFFIX,
     READ_CHUNK_BYTES,
     Manifest,
-    not_a_readable_file,
     open_store,
     read_bounded,
     validate_artifact_id,
@@ -155,7 +152,6 @@ class UrzaLibraryClient:
 
             options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout_s)}
         self._fs, self._root = open_store(url, options)
-        self._local = isinstance(self._fs, LocalFileSystem)
         # Elsewhere, the file's own read-ahead is one chunk at most. HTTP: one streaming GET
         # (block_size=0), which also works against servers that ignore Range. Passing a size
         # skips fsspec's HEAD probe (the streaming file ignores it), which would report any
@@ -401,29 +397,20 @@ class UrzaLibraryClient:
         cancelled: threading.Event,
         hasher: Any = None,
     ) -> bytes:
-        """``read_bounded`` with this client's store, chunk size and open options.
-
-        An entry that is not a readable file (a directory; on a local store also a socket, a
-        symlink loop or a file this process may not read) is that artifact's problem, answered
-        by the store: ``ArtifactIntegrityError``, not retried, a breaker success. Transport
-        errors pass through to the ``ReadGuard`` as before."""
-        try:
-            return read_bounded(
-                self._fs,
-                path,
-                limit,
-                what=what,
-                why=why,
-                chunk_bytes=self.chunk_bytes,
-                hasher=hasher,
-                cancelled=cancelled,
-                open_kwargs=self._open_kwargs,
-            )
-        except OSError as exc:
-            if not not_a_readable_file(exc, local=self._local):
-                raise
-            reason = exc.strerror or type(exc).__name__
-            raise ArtifactIntegrityError(f"{what} is not a readable file ({reason})") from None
+        """``read_bounded`` with this client's store, chunk size and open options (an entry
+        that is not a readable file is that artifact's ``ArtifactIntegrityError``: not
+        retried, a breaker success)."""
+        return read_bounded(
+            self._fs,
+            path,
+            limit,
+            what=what,
+            why=why,
+            chunk_bytes=self.chunk_bytes,
+            hasher=hasher,
+            cancelled=cancelled,
+            open_kwargs=self._open_kwargs,
+        )
 
 
 def _trusted(publishers: object) -> TrustedPublishers:

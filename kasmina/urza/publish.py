@@ -38,7 +38,6 @@ from kasmina.urza.artifact import (
     READ_CHUNK_BYTES,
     Manifest,
     TensorSpec,
-    not_a_readable_file,
     open_store,
     payload_sha256,
     read_bounded,
@@ -279,10 +278,6 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
-    except OSError as exc:  # that entry's problem, not the store's (as the client reads it)
-        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
-            raise
-        raise ArtifactIntegrityError(f"{what}: manifest is not a readable file") from None
     own = publisher.trusted_publishers()
     try:
         data = strict_json_loads(raw.decode("utf-8"))
@@ -310,10 +305,6 @@ def resign_artifact(
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} has a manifest but no payload in {store_url}") from None
-    except OSError as exc:
-        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
-            raise
-        raise ArtifactIntegrityError(f"{what}: payload is not a readable file") from None
     verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
     signed = sign_manifest(legacy, publisher)
     _atomic_write(fs, manifest_path, signed.to_json())
