@@ -19,7 +19,6 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
@@ -217,29 +216,29 @@ def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = F
             f"what 'urza {args.urza_command}' wrote there would be gone when it exits; use a "
             "directory or a persistent store URL"
         )
-    if not sep:
-        path = Path(url)
-        if not path.is_dir() and (path.exists() or not may_create):
-            raise CLIError(f"no Urza store at {url!r} (not a directory)")
-        return
+    from fsspec.implementations.local import LocalFileSystem
+
     from kasmina.urza.artifact import open_store
 
     try:
         fs, root = open_store(url)
     except Exception as exc:  # a missing fsspec backend, a malformed URL
         raise CLIError(f"cannot open the store {url!r}: {one_line(exc)}") from None
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "file" in protocols and not fs.isdir(root) and (fs.exists(root) or not may_create):
+    local = isinstance(fs, LocalFileSystem)
+    if local and not fs.isdir(root) and (fs.exists(root) or not may_create):
         raise CLIError(f"no Urza store at {url!r} (not a directory)")
 
 
 def _client(
-    args: argparse.Namespace, publishers: TrustedPublishers | None, *, writes: bool = False
+    args: argparse.Namespace, publishers: TrustedPublishers | None, *, checked: bool = False
 ) -> UrzaLibraryClient:
+    """A client of ``--store``, checked first (``_check_store``) unless the command has
+    ``checked`` it already."""
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.keys import TrustedPublishers
 
-    _check_store(args, writes=writes)
+    if not checked:
+        _check_store(args, writes=False)
     trusted = publishers if publishers is not None else TrustedPublishers()
     return UrzaLibraryClient(args.store, trusted, retries=0)
 
@@ -452,10 +451,10 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
     from kasmina.errors import ArtifactIntegrityError
     from kasmina.urza.publish import resign_artifact
 
-    _check_store(args, writes=True)
+    _check_store(args, writes=True)  # before the keys: a store no key can help is named first
     publisher = _signing_key(args)
     legacy = _legacy_keyring(args)
-    with _client(args, publisher.trusted_publishers(), writes=True) as client:
+    with _client(args, publisher.trusted_publishers(), checked=True) as client:
         ids = args.artifact_ids or client.list_artifacts()
     if not ids:
         raise CLIError(f"no artifacts to re-sign in {args.store}")
