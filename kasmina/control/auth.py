@@ -391,24 +391,18 @@ class CommandVerifier:
         ledger = self._ledger
         if ledger is None:
             return
-        with self._lock:
-            seq, self._unsynced = self._unsynced, 0
-            if seq == 0:
-                return
-            try:
-                ledger.write_staged()
-            except OSError as exc:
-                ledger.mark_broken(exc)
-                raise
-            except BaseException:  # an interrupt: the next call syncs these nonces again
-                self._unsynced = max(self._unsynced, seq)
-                raise
+        seq = 0
         try:
+            with self._lock:
+                seq, self._unsynced = self._unsynced, 0
+                if seq == 0:
+                    return
+                ledger.write_staged()
             ledger.sync(seq)
         except OSError as exc:
             ledger.mark_broken(exc)
             raise
-        except BaseException:
+        except BaseException:  # an interrupt: the next call syncs these nonces again
             with self._lock:
                 self._unsynced = max(self._unsynced, seq)
             raise

@@ -141,10 +141,10 @@ class CommandQueue:
                 continue
             ready.append((entry, *result))
         with self._lock:
-            # Only what is still queued is taken: a command ``close`` dropped meanwhile (another
-            # thread) has been reported refused already, and must not be reported twice.
-            queued = {id(entry) for entry in self._queue}
-            ready = [item for item in ready if id(item[0]) in queued]
+            # Only ``close`` (another thread) removes entries besides this one: it reported
+            # every command it dropped refused, so none of them may be taken and reported again.
+            if self._closed:
+                return []
             taken = {id(entry) for entry, _, _ in ready}
             self._queue = deque(e for e in self._queue if id(e) not in taken)
         return ready
