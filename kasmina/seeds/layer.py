@@ -340,7 +340,7 @@ class KasminaLayer(nn.Module):
         # before the record records, as a side effect replayed after each call, and the next
         # call swaps it once for one that does not; fullgraph cannot take a one-shot hook).
         if self.output_contract is None:
-            self._record(args, out)
+            self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None:  # consumed by this forward, used or not
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
@@ -363,13 +363,13 @@ class KasminaLayer(nn.Module):
         return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
-        """Keep the shapes the seeds would see (``output_contract``, ``input_spec``)."""
+        """Keep ``output_contract``, and ``input_spec`` if ``slot(x)`` replays the call."""
         element, host = dense(output_element(out, self.output_index)), self._modules["host"]
         if recording_deferred(element, host):  # autocast's dtype only: a later forward records
             return
         spec = recorded_spec(element, host)
         self.output_contract = spec if spec is not None else self._no_tensor(out, element)
-        self.input_spec = activation_spec(dense(args[0])) if args else None
+        self.input_spec = activation_spec(dense(args[0])) if len(args) == 1 else None
 
     def _no_tensor(self, out: Any, element: Any) -> str:
         if element is out:

@@ -417,6 +417,47 @@ def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
             assert 0 < check.measured < math.inf
 
 
+class _MaskedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * mask
+
+
+class _TwoSlotHost(nn.Module):
+    """Slots on modules no one input replays: attention (query, key, value) and (x, mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.blk = _MaskedBlock()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blk(self.enc(x), torch.ones_like(x)).mean(1))
+
+
+@pytest.mark.parametrize("broken_replay", [False, True])
+def test_end_epoch_never_fails_on_the_dormant_overhead_measurement(
+    tmp_path, store, keyring, monkeypatch, broken_replay: bool
+) -> None:
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = _TwoSlotHost()
+    slots = manager.attach(model, ["self_attn", "blk"], 2, 4)
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 4, (4,))
+    manager.backward(F.cross_entropy(model(x), y))
+    manager.step()
+    # Neither call is replayed from one tensor, so neither slot offers a sample to time.
+    assert [slot.input_spec for slot in slots] == [None, None]
+    if broken_replay:  # a slot that did record one, but whose replay raises: NaN, logged
+        slots[1].input_spec = (torch.Size([4, 5, 8]), torch.float32, torch.device("cpu"))
+    manager.end_epoch(0, {"val_accuracy": 0.5})
+    assert math.isnan(manager.get_performance_metrics()["dormant_overhead_us"])
+    manager.close()
+
+
 @pytest.fixture
 def kd_rig(tmp_path, store, keyring) -> Rig:
     config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
