@@ -573,8 +573,13 @@ class GradientIsolatedSeed(nn.Module):
         self.fault_log.extend(saved.fault_log)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
-        # The (possibly shared) state table follows the seed's device moves.
+        # The (possibly shared) state table follows the seed's device moves, and so does alpha,
+        # which stays float32 (``model.half()`` would round it): never the data's dtype.
+        alpha = self._buffers["alpha"]
         super()._apply(fn, recurse)
+        moved = self._buffers["alpha"]
+        if moved is not None and moved.dtype != alpha.dtype:
+            self._buffers["alpha"] = alpha.to(moved.device)
         table = self.state_table.state_tensor
         moved = fn(table)
         if moved.device != table.device:

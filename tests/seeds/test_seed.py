@@ -233,6 +233,21 @@ def test_alpha_schedule_is_in_place_and_mirrored_in_the_table() -> None:
         seed.update_alpha_blending(1, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_alpha_stays_float32_and_exact_when_the_model_changes_dtype(dtype: torch.dtype) -> None:
+    seed = make_seed(S.GRAFTING)
+    value = seed.update_alpha_blending(12, 20, 0.5)  # 0.98201...: not representable in 16 bits
+    net = Net(seed).to(dtype)
+    alpha = seed.alpha
+    assert alpha.dtype == torch.float32 and alpha.item() == torch.tensor(value).item()
+    x = torch.randn(5, 4, dtype=dtype)
+    h = net.up(x)
+    expected = net.down(alpha.to(dtype) * seed.kernel(h) + (1 - alpha.to(dtype)) * h)
+    assert net(x).dtype == dtype
+    torch.testing.assert_close(net(x), expected)
+    assert seed.update_alpha_blending(20, 20, 0.5) > value and seed.alpha is alpha  # in place
+
+
 def test_advance_runs_the_gates_along_the_main_path() -> None:
     seed = GradientIsolatedSeed(C, "s")
     assert not seed.advance().passed and seed.stage is S.DORMANT  # G1: no kernel
