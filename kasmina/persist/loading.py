@@ -185,6 +185,13 @@ def _check_architecture(
             raise SavedModelError(
                 f"architecture mismatch: {bare} is {tuple(target.shape)} here, saved {got}"
             )
+        if isinstance(target, torch.Tensor) and value.dtype != target.dtype:
+            # The seeds' kernels keep the saved dtype and nothing casts them (as at GERMINATE):
+            # a host of another dtype would run none of them.
+            raise SavedModelError(
+                f"dtype mismatch: {bare} is {target.dtype} here, saved {value.dtype}; build "
+                f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
+            )
         state[bare] = value
     return state
 

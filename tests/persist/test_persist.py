@@ -125,7 +125,13 @@ class Elsewhere(nn.Module):
 
 def test_a_wrong_architecture_is_refused(saved: Path) -> None:
     publishers = PUBLISHER.trusted_publishers()
-    for model, match in ((Wider(), "inp.weight is"), (Elsewhere(), "has no module 'out'")):
+    cases = (
+        (Wider(), "inp.weight is"),
+        (Elsewhere(), "has no module 'out'"),
+        # The kernels keep the saved dtype: a bf16 host would run none of the grown seeds.
+        (Host().to(torch.bfloat16), "dtype mismatch: inp.weight is torch.bfloat16 here"),
+    )
+    for model, match in cases:
         before = _snapshot(model)
         with pytest.raises(SavedModelError, match=match):
             kasmina.load(saved, model, publishers=publishers)
