@@ -458,6 +458,35 @@ def test_end_epoch_never_fails_on_the_dormant_overhead_measurement(
     manager.close()
 
 
+def test_the_readme_grad_scaler_recipe_skips_an_overflowing_step_and_charges_no_seed(
+    rig: Rig, mlp
+) -> None:
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    reports, before = [], None
+    for overflow in (False, True, False):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        if overflow:  # what an fp16 backward that overflows produces
+            loss = loss * math.inf
+            before = [p.detach().clone() for p in rig.model.parameters()]
+        manager.backward(scaler.scale(loss), kd_loss=None)
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        reports.append(manager.step(grad_clip_norm=1.0))
+        scaler.update()
+        if overflow:
+            after = list(rig.model.parameters())
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+            assert scaler.get_scale() == 2.0**15
+    assert [r["host_stepped"] for r in reports] == [True, False, True]
+    assert [r["seeds_stepped"] for r in reports] == [[SEED0], [], [SEED0]]
+    assert manager.seed(SEED0).faults == 0 and rig.stage(SEED0) is S.ISOLATED_INIT
+    assert all(torch.isfinite(p).all() for p in rig.model.parameters())
+
+
 @pytest.fixture
 def kd_rig(tmp_path, store, keyring) -> Rig:
     config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
