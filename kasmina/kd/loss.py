@@ -13,7 +13,7 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
 
-__all__ = ["StaticKDLoss", "kd_head_problem", "seed_kd_loss", "sum_kd_losses"]
+__all__ = ["StaticKDLoss", "kd_head_problem", "seed_kd_loss", "slot_kd_loss", "sum_kd_losses"]
 
 
 class StaticKDLoss(nn.Module):
@@ -140,6 +140,43 @@ def seed_kd_loss(
         temperature=config.temperature,
         reduction=config.reduction,
         mask=rows_ok,
+    )
+
+
+def slot_kd_loss(
+    config: KDConfig,
+    full: torch.Tensor,
+    students: list[torch.Tensor | None],
+    teacher: torch.Tensor,
+    chunk_size: int,
+    dim: int,
+    ok: torch.Tensor | None,
+    host: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None] | None,
+) -> torch.Tensor:
+    """A slot's KD loss for one call: ``full`` is its output (chunks of ``chunk_size`` along
+    ``dim``), ``students[k]`` seed k's output when it distils (else None), ``ok`` the chunks'
+    finiteness (None: all finite), ``host`` the host's output and ``head`` the slot's KD head.
+
+    The student is ``full`` with every chunk that does not distil detached, so the KD gradient
+    reaches the seeds that are training and nothing else; a non-finite chunk is the host's
+    here too, so no NaN enters rows the seeds share. The head is read detached: the seeds'
+    loss trains the seeds alone. ``ValueError`` when the teacher does not fit the student."""
+    pieces = full.split(chunk_size, dim=dim)
+    student = torch.cat(
+        [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)], dim=dim
+    )
+    if ok is not None:
+        shape = [-1 if i == dim else 1 for i in range(student.dim())]
+        keep = ok.repeat_interleave(chunk_size).view(shape)
+        student = torch.where(keep, student, host.detach())  # one op for every chunk
+    weight, bias = (None, None) if head is None else head
+    return seed_kd_loss(
+        config,
+        student,
+        teacher,
+        head_weight=None if weight is None else weight.detach(),
+        head_bias=None if bias is None else bias.detach(),
     )
 
 

@@ -310,3 +310,11 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
         kind,
         reason,
     )
+
+
+def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
+    """Log the ``count``-th call of a slot that its seeds (or their KD) sat out, as
+    :func:`log_fault` does: the first and every ``FAULT_WARN_EVERY``-th at WARNING."""
+    level = logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG
+    effect = "the host output stands" if what == "seeds" else "no KD loss from it"
+    logger.log(level, "slot %s: %s sat out call %d (%s); %s", slot_id, what, count, reason, effect)

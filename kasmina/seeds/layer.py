@@ -47,13 +47,14 @@ backward node. In eager mode, when every running seed blends against the detache
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import kd_head_problem, seed_kd_loss, sum_kd_losses
+from kasmina.kd.loss import kd_head_problem, slot_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
@@ -61,6 +62,7 @@ from kasmina.seeds.faults import (
     chunk_sums,
     fallback_per_chunk,
     finite_test,
+    log_sat_out,
     recomputing,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
@@ -70,6 +72,7 @@ from kasmina.seeds.outputs import (
     declared_width,
     default_chunk_dim,
     dense,
+    fits,
     on_dense,
     output_element,
     recorded_spec,
@@ -185,6 +188,7 @@ class KasminaLayer(nn.Module):
         self._teacher_logits: torch.Tensor | None = None
         self._recompute_teacher: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
+        self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # The plan: each seed's stage (as an int, and as a SeedStage for the eager path) and
@@ -402,8 +406,9 @@ class KasminaLayer(nn.Module):
                 f"got {type(x).__name__}"
             )
         problem = self.contract_problem()
-        if problem is not None or x.shape[self.chunk_dim] != self.width:
-            raise ValueError(problem or f"{self.layer_id}: output {tuple(x.shape)} does not fit")
+        if problem is not None or not fits(x, self.chunk_dim, self.width):  # another call's shape
+            self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
+            return x
         dim = self.chunk_dim % x.dim()
         chunks = x.split(self.chunk_size, dim=dim)
         seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
@@ -561,30 +566,24 @@ class KasminaLayer(nn.Module):
         ok: torch.Tensor | None,
         host: torch.Tensor,
     ) -> None:
-        # The student is the layer's output with every non-seed-path chunk detached, so the
-        # KD gradient reaches the seeds that are training and nothing else.
         if all(s is None for s in students):
             return
-        pieces = full.split(self.chunk_size, dim=dim)
-        student = torch.cat(
-            [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)],
-            dim=dim,
-        )
-        if ok is not None:  # a non-finite chunk is the host's here too: no NaN in shared rows
-            shape = [-1 if i == dim else 1 for i in range(student.dim())]
-            keep = ok.repeat_interleave(self.chunk_size).view(shape)
-            student = torch.where(keep, student, host.detach())  # one op for every chunk
-        # A KD head is read detached: the seeds' loss trains the seeds alone, never the head.
-        weight, bias = (None, None) if self._kd_head is None else self._kd_head
-        loss = seed_kd_loss(
-            self.kd_config,
-            student,
-            teacher_logits,
-            head_weight=None if weight is None else weight.detach(),
-            head_bias=None if bias is None else bias.detach(),
-        )
+        try:
+            loss = slot_kd_loss(
+                self.kd_config, full, students, teacher_logits, self.chunk_size, dim, ok, host,
+                self._kd_head,
+            )  # fmt: skip
+        except ValueError as exc:  # a teacher that does not fit this call: it distils nothing
+            self._sit_out("kd", str(exc))
+            return
         if not recomputing():  # a recompute saves the same tensors; its loss was taken already
             self._kd_losses.append(loss)
+
+    def _sit_out(self, what: str, reason: str) -> None:
+        """Count a call that the seeds (``what="seeds"``) or their KD sat out; logged rarely."""
+        self.sat_out[what] += 1
+        if not torch.compiler.is_compiling():
+            log_sat_out(self.layer_id, what, self.sat_out[what], reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         super()._apply(fn, recurse)

@@ -28,6 +28,7 @@ __all__ = [
     "declared_width",
     "default_chunk_dim",
     "dense",
+    "fits",
     "on_dense",
     "recorded_spec",
     "recording_deferred",
@@ -37,6 +38,12 @@ __all__ = [
 
 # Shape, dtype and device of one tensor the slot saw.
 ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
+
+
+def fits(x: torch.Tensor, dim: int, width: int) -> bool:
+    """Whether ``x`` has ``width`` features along ``dim`` (a call of a module called with more
+    than one shape may not: its seeds sit that call out)."""
+    return -x.dim() <= dim < x.dim() and x.shape[dim] == width
 
 
 def output_element(out: Any, index: int) -> Any:

@@ -379,6 +379,62 @@ def test_layer_kd_trains_only_the_isolated_seeds() -> None:
     assert layer.get_and_clear_kd_losses() is not None
 
 
+class _TwoCalls(nn.Module):
+    """A conv called batched and then on one unbatched sample, whose channels are dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean() + self.conv(x[0]).mean()
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.ACTIVE])
+def test_a_call_whose_output_does_not_fit_is_sat_out_by_the_seeds(stage, caplog) -> None:
+    model = _TwoCalls()
+    (slot,) = attach(model, ["conv"], 2, 2)
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    for k in range(2):
+        torch.manual_seed(k)
+        slot.seed(k).attach_kernel(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+        walk(slot.seed(k), stage)
+    slot.update_alpha_blending(3, 10)
+    with caplog.at_level("DEBUG", logger="kasmina"):
+        for _ in range(3):
+            model(x).backward()
+    assert [seed.faults for seed in slot.seeds] == [0, 0] and slot.sat_out["seeds"] == 3
+    assert all(p.grad is not None for p in slot.seed(0).seed_parameters())
+    warned = [r for r in caplog.records if "sat out call" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING", "DEBUG", "DEBUG"]  # bounded
+    with torch.no_grad():  # the unbatched call is the bare conv's
+        assert torch.equal(slot(x[0]), slot.host(x[0]))
+
+
+def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) -> None:
+    class Loop(nn.Module):  # one cell per token [B, T, F], then on the pooled [B, F]
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.cell(self.cell(x).mean(1))
+
+    model = Loop()
+    (slot,) = attach(model, ["cell"], 2, 2, kd_config=KDConfig(temperature=2.0))
+    model(torch.randn(3, 5, 4))
+    for k in range(2):
+        slot.seed(k).attach_kernel(kernel(2, k))
+        walk(slot.seed(k), S.GRAFTING)
+    slot.set_teacher_logits(torch.randn(3, 4))  # the model's output's shape: the first call's?
+    model(torch.randn(3, 5, 4)).sum().backward()
+    assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1}
+    assert [seed.faults for seed in slot.seeds] == [0, 0]
+    assert "teacher logits (3, 4) != student (3, 5, 4)" in caplog.text
+
+
 def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
     layer, x = four_stage_layer()
     with torch.no_grad():
