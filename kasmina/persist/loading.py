@@ -98,6 +98,7 @@ def load(
             raise SavedModelError(f"seed {entry.get('seed_id')!r}: artifact {artifact_id!r} absent")
         kernel = copy.deepcopy(originals[artifact_id])
         try:
+            _in_saved_dtypes(kernel, _mapping(entry, "kernel_state"))
             kernel.load_state_dict(_mapping(entry, "kernel_state"), strict=True)
         except RuntimeError as exc:
             raise SavedModelError(f"seed {entry['seed_id']!r}: kernel weights: {exc}") from None
@@ -186,14 +187,31 @@ def _check_architecture(
                 f"architecture mismatch: {bare} is {tuple(target.shape)} here, saved {got}"
             )
         if isinstance(target, torch.Tensor) and value.dtype != target.dtype:
-            # The seeds' kernels keep the saved dtype and nothing casts them (as at GERMINATE):
-            # a host of another dtype would run none of them.
+            # The seeds' kernels come back in their saved dtype, which is the saved host's, and
+            # nothing casts them (as at GERMINATE): a host of another dtype would run none.
             raise SavedModelError(
                 f"dtype mismatch: {bare} is {target.dtype} here, saved {value.dtype}; build "
                 f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
             )
         state[bare] = value
     return state
+
+
+def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:
+    """Give each floating tensor of ``kernel`` the dtype it was saved in: the artifact rebuilds
+    the program in its own dtype, and a model moved to another dtype after it grew (as its
+    kernels were, with it) saved them in that one; ``load_state_dict`` alone would cast back."""
+    live = dict(kernel.named_parameters()) | dict(kernel.named_buffers())
+    for key, value in state.items():
+        tensor = live.get(key)
+        if (
+            tensor is not None
+            and isinstance(value, torch.Tensor)
+            and tensor.is_floating_point()
+            and value.is_floating_point()
+            and tensor.dtype != value.dtype
+        ):
+            tensor.data = tensor.data.to(value.dtype)
 
 
 def _verified_kernel(

@@ -55,6 +55,22 @@ def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
         assert not torch.equal(fresh(grown.x), Host()(grown.x))  # the seeds do contribute
 
 
+def test_a_model_moved_to_bf16_after_growing_loads_bitwise_into_a_bf16_host(
+    grown: Grown, tmp_path: Path
+) -> None:
+    model = copy.deepcopy(grown.model).to(torch.bfloat16)
+    path = kasmina.save(model, tmp_path / "bf16.kasmina")
+    fresh = Host().to(torch.bfloat16)
+    kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    fresh.eval()
+    kernels = [seed.kernel for seed in _seeds(fresh)]
+    assert all(p.dtype == torch.bfloat16 for k in kernels for p in k.parameters())
+    x = grown.x.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert [seed.faults for seed in _seeds(fresh)] == [0, 0]
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
 def test_a_loaded_model_refuses_a_seed_state_before_any_module_loads(saved: Path, strict) -> None:
     """As after ``kasmina.attach``: every seed of a model ``kasmina.load`` built checks its
