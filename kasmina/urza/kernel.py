@@ -12,8 +12,10 @@ not reach into the graph (which would raise).
 from __future__ import annotations
 
 import io
+import linecache
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from copy import deepcopy
 from typing import Any
@@ -78,6 +80,26 @@ def _rebuild(
     return kernel
 
 
+def _forget_source_with(module: torch.fx.GraphModule) -> None:
+    """Drop the source torch.fx generated for ``module``'s copy when the copy is collected.
+
+    Each copy of a program module recompiles it, and torch.fx keeps the generated source (for
+    tracebacks) in its loader's cache and in ``linecache`` for the life of the process: tens
+    of KB per copy, one copy per GERMINATE, refused dry run or rollback. Without the private
+    loader this does nothing."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    key = getattr(getattr(type(module).forward, "__code__", None), "co_filename", "")
+    if loader is None or not isinstance(getattr(loader, "eval_cache", None), dict):
+        return
+    if key in loader.eval_cache:
+        weakref.finalize(module, _forget_source, loader.eval_cache, key)
+
+
+def _forget_source(cache: dict[str, str], key: str) -> None:
+    cache.pop(key, None)
+    linecache.cache.pop(key, None)
+
+
 class GPUKernel(nn.Module):
     """A loaded artifact: callable, with trainable parameters, on one device."""
 
@@ -137,6 +159,8 @@ class GPUKernel(nn.Module):
             twin = copies.get(name)
             if twin is not None and twin is not module:
                 twin._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+                if isinstance(twin, torch.fx.GraphModule):
+                    _forget_source_with(twin)
         return clone
 
     @property

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import io
+import linecache
 import threading
 
 import pytest
@@ -222,3 +224,24 @@ def test_a_copy_saves_what_the_original_saves_and_pickles_back(artifact) -> None
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     x = torch.randn(3, 8)
     torch.testing.assert_close(loaded(x), duplicate(x), rtol=0, atol=0)
+
+
+def test_copies_do_not_leave_their_generated_source_behind(artifact) -> None:
+    """Every GERMINATE copies the cached kernel; torch.fx recompiles each copy and caches the
+    generated source for the life of the process unless the copy takes it along."""
+    loader = torch.fx.graph_module._loader
+    _, payload, manifest, _ = artifact
+    original = GPUKernel.from_binary(payload, manifest, "cpu")
+    x = torch.randn(3, 8)
+    expected = original(x)
+    gc.collect()
+    before = set(loader.eval_cache)
+    for _ in range(5):
+        duplicate = copy.deepcopy(original)
+        torch.testing.assert_close(duplicate(x), expected, rtol=0, atol=0)
+        added = set(loader.eval_cache) - before
+        assert added and added <= set(linecache.cache)  # the copy's own source, while it lives
+        del duplicate
+        gc.collect()
+    assert set(loader.eval_cache) == before and not added & set(linecache.cache)
+    torch.testing.assert_close(original(x), expected, rtol=0, atol=0)
