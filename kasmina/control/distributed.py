@@ -52,7 +52,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -86,6 +86,8 @@ if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
+
+HISTORY_SIZE = 256  # sync results kept in ``DistributedCoordinator.history``
 
 # The row every rank all-gathers after applying: epoch, checksum, command count, then one
 # outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
@@ -182,7 +184,9 @@ class DistributedCoordinator:
         self._lock = threading.Lock()
         self._pending: list[Received] = []
         self.stats: Counter[str] = Counter()
-        self.history: list[EpochSyncResult] = []
+        # The latest syncs' results (bounded: a run may sync every epoch for years); the count
+        # of all of them is ``stats["syncs"]``.
+        self.history: deque[EpochSyncResult] = deque(maxlen=HISTORY_SIZE)
 
     @property
     def pending(self) -> int:
@@ -249,6 +253,7 @@ class DistributedCoordinator:
             repaired_ranks=repaired,
         )
         self.history.append(result)
+        self.stats["syncs"] += 1
         self._report(result)
         return result
 

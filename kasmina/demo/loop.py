@@ -309,7 +309,7 @@ class DemoLoop:
             },
             kd_steps=self.kd_steps,
             distributed={
-                "syncs": len(self.coordinator.history),
+                "syncs": int(self.coordinator.stats["syncs"]),
                 "divergences": int(self.coordinator.stats["divergences"]),
             },
             grown_parameters=seed_parameters([SeedStage.ACTIVE]),

@@ -20,7 +20,12 @@ from torch import nn
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult, _minority_ranks
+from kasmina.control.distributed import (
+    HISTORY_SIZE,
+    DistributedCoordinator,
+    EpochSyncResult,
+    _minority_ranks,
+)
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import (
     average_gradients,
@@ -389,6 +394,14 @@ def test_single_process_applies_commands_only_at_the_boundary() -> None:
     assert table.stage(0) == SeedStage.ISOLATED_INIT
     assert coord.pending == 0
     assert coord.sync_epoch(1).outcomes == ()
+
+
+def test_the_sync_history_is_bounded_and_the_syncs_counted() -> None:
+    coord, _, _, _ = _local()
+    for epoch in range(HISTORY_SIZE + 3):
+        coord.sync_epoch(epoch)
+    assert len(coord.history) == HISTORY_SIZE and coord.stats["syncs"] == HISTORY_SIZE + 3
+    assert coord.history[-1].epoch == HISTORY_SIZE + 2 and coord.history[0].epoch == 3
 
 
 def test_an_epoch_longer_than_the_freshness_window_still_applies_its_commands() -> None:
