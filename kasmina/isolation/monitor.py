@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
 
 logger = logging.getLogger(__name__)
+
+# Emergency checkpoints kept per directory (and run): a seed that trips its breaker again and
+# again (culled and germinated anew) writes one per trip, and nothing reads them but a person.
+EMERGENCY_KEEP = 64
 
 
 def _gradient_params(
@@ -324,7 +329,8 @@ class GradientIsolationMonitor:
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.seed_id)
         name = f"emergency_isolation_{safe_id}_{time.time_ns()}"
         signer = self.checkpoint_signer
-        path = Path(directory) / (f"{signer.run_id}.{name}.ckpt" if signer else f"{name}.pt")
+        prefix, suffix = (f"{signer.run_id}.", ".ckpt") if signer else ("", ".pt")
+        path = Path(directory) / f"{prefix}{name}{suffix}"
         try:
             if signer is not None:
                 self.last_checkpoint = signer.write(payload, path, kind="emergency")
@@ -334,6 +340,7 @@ class GradientIsolationMonitor:
             logger.exception("could not write the emergency checkpoint to %s", path)
             return None
         logger.critical("emergency checkpoint for seed %s written to %s", self.seed_id, path)
+        _prune_emergency(Path(directory), f"{prefix}emergency_isolation_", suffix)
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ debug hooks
@@ -370,3 +377,20 @@ class GradientIsolationMonitor:
             self.telemetry.emit(
                 name, value, MetricType.METRIC_TYPE_EVENT, labels={"seed_id": self.seed_id}
             )
+
+
+def _prune_emergency(directory: Path, prefix: str, suffix: str) -> None:
+    """Delete all but the newest ``EMERGENCY_KEEP`` emergency checkpoints named
+    ``<prefix>...<time_ns><suffix>`` in ``directory`` (oldest first, by the time in the name)."""
+
+    def written_ns(path: Path) -> int:
+        stamp = path.name[: -len(suffix)].rpartition("_")[2]
+        return int(stamp) if stamp.isdigit() else -1
+
+    try:
+        found = [p for p in directory.glob(f"{glob_escape(prefix)}*{suffix}") if p.is_file()]
+        for old in sorted(found, key=written_ns)[:-EMERGENCY_KEEP]:
+            old.unlink(missing_ok=True)
+            logger.info("deleted the old emergency checkpoint %s", old)
+    except OSError:
+        logger.warning("could not prune emergency checkpoints in %s", directory, exc_info=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
+from kasmina.isolation import monitor as monitor_module
 from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
 from kasmina.isolation.verify import graph_isolation, verify_gradient_isolation
 
@@ -281,6 +282,26 @@ def test_three_violations_trip_the_breaker(tmp_path, monkeypatch):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_emergency_checkpoints_are_bounded_per_directory(tmp_path, monkeypatch) -> None:
+    """A seed id culled and germinated anew can trip again and again: the newest
+    ``EMERGENCY_KEEP`` files stay, the oldest go, and other files in the directory are kept."""
+    monkeypatch.setattr(monitor_module, "EMERGENCY_KEEP", 3)
+    ckpt_dir = tmp_path / "emergency"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "notes.txt").write_text("kept")
+    written = []
+    for _ in range(5):
+        host = _host()
+        seed = _seed(host, "no_detach")
+        monitor = _monitor(host, seed, checkpoint_dir=ckpt_dir, max_violations=1)
+        with pytest.raises(GradientIsolationViolationError):
+            _seed_step(monitor, host, seed, "no_detach")
+        written.append(monitor.last_checkpoint)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
+        ["notes.txt", *(p.name for p in written[-3:])]
+    )
 
 
 def test_breaker_without_configured_dir_uses_per_user_temp(tmp_path, monkeypatch, caplog):
