@@ -6,9 +6,15 @@ identity *and* by memory, so ``nn.Parameter(host.weight.data)`` (a new tensor sh
 storage) is rejected just like the host tensor itself. Teacher parameters are frozen and may never
 enter any optimizer.
 
-When a seed becomes ACTIVE (fossilized) its parameters join the host optimizer as a new param
-group (``promote_seed``) and the seed optimizer is dropped. Gradient clipping computes the global
-norm with ``kasmina.ops.grad_norms`` (one launch per dtype), then scales with one fused multiply.
+When a seed becomes ACTIVE (fossilized) its parameters join one of the host optimizer's
+existing param groups (``promote_seed``) and the seed optimizer is dropped. Never a group of
+their own: a user's LR scheduler on the host optimizer (``LambdaLR``, ``OneCycleLR``) holds one
+entry per group and breaks when the count changes under it. Which parameters each promoted seed
+added is recorded, so a saved state's layout can be checked and a rollback can rebuild it. A
+rollback's commit (``adopt``) moves the rebuilt state into the live optimizer objects instead of
+replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
+Gradient clipping computes the global norm with ``kasmina.ops.grad_norms`` (one launch per
+dtype), then scales with one fused multiply.
 
 This is an in-process component, not a door: a controller's optimizer command reaches it only
 through the kernel manager, which verifies the signed bytes first. So ``apply_optimizer_command``
@@ -41,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 HOST_ID = "host"
 TEACHER_SOURCE = "teacher"
-STATE_FORMAT = 1
+# The layout ``state_dict`` records. Format 1 (older checkpoints, still loaded) gave each
+# promoted seed a param group of its own and named each group's owner ("groups"); format 2 adds
+# a promoted seed to an existing group and records [seed_id, group index, tensor count] per
+# promotion, in order ("promoted").
+STATE_FORMAT = 2
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
@@ -66,12 +76,25 @@ class VerifiedOptimizerCommand(Protocol):
 
 
 @dataclass
+class _Promotion:
+    """A seed whose parameters joined the host optimizer: the group and the tensors it added."""
+
+    seed_id: str
+    group: int
+    params: list[torch.Tensor]
+
+
+@dataclass
 class _Entry:
     optimizer: torch.optim.Optimizer
-    group_tags: list[str] = field(default_factory=list)  # "host" or the promoted seed's id
+    promoted: list[_Promotion] = field(default_factory=list)  # the host's, in promotion order
 
     def params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def layout(self) -> list[list[Any]]:
+        """The promotions as saved: ``[seed_id, group index, tensor count]`` each, in order."""
+        return [[p.seed_id, p.group, len(p.params)] for p in self.promoted]
 
 
 def _from_float32(value: float) -> float:
@@ -195,7 +218,7 @@ class IsolatedOptimizerManager:
         self._check_optimizable(plist, HOST_ID)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._ownership.claim(plist, HOST_ID)
-        self._entries[HOST_ID] = _Entry(optimizer, [HOST_ID])
+        self._entries[HOST_ID] = _Entry(optimizer)
         self._emit("optimizer_created", float(len(plist)), {"optimizer_id": HOST_ID})
         logger.info("host optimizer %s over %d tensors", type(optimizer).__name__, len(plist))
         return optimizer
@@ -216,7 +239,7 @@ class IsolatedOptimizerManager:
         self._check_optimizable(plist, seed_id)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._ownership.claim(plist, seed_id)
-        self._entries[seed_id] = _Entry(optimizer, [seed_id])
+        self._entries[seed_id] = _Entry(optimizer)
         self._emit("seed_optimizer_created", float(len(plist)), {"seed_id": seed_id})
         return optimizer
 
@@ -244,34 +267,83 @@ class IsolatedOptimizerManager:
         del self._entries[seed_id]
         self.last_grad_norm.pop(seed_id, None)
 
-    def promote_seed(self, seed_id: str) -> None:
+    def promote_seed(
+        self,
+        seed_id: str,
+        *,
+        group: int | None = None,
+        near: Iterable[torch.Tensor] = (),
+    ) -> int:
         """The seed is ACTIVE: its params join the host optimizer; the seed optimizer goes.
 
-        With the same optimizer class the seed's hyperparameters and state (e.g. Adam moments)
-        carry over; otherwise the new group takes the host's defaults with the seed's lr.
+        They join an existing param group, never a new one, so the host optimizer keeps its
+        group count (an LR scheduler on it holds one entry per group): group ``group`` if
+        given, else the one group that holds any of ``near`` (the slot's host parameters),
+        else the first. From then on they train with that group's hyperparameters and
+        schedule. With the same optimizer class the seed's state (e.g. Adam moments and step)
+        carries over; otherwise they start with none. Returns the group's index.
         """
         if seed_id == HOST_ID:
             raise ValueError("the host cannot be promoted")
         host = self._entry(HOST_ID)
         seed = self._entry(seed_id)
-        same_kind = type(seed.optimizer) is type(host.optimizer)
-        for group in seed.optimizer.param_groups:
-            if same_kind:
-                hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            else:
-                hyper = {"lr": group["lr"]}
-            host.optimizer.add_param_group({"params": list(group["params"]), **hyper})
-            host.group_tags.append(seed_id)
-            if same_kind:
-                for p in group["params"]:
-                    if p in seed.optimizer.state:
-                        host.optimizer.state[p] = seed.optimizer.state[p]
+        groups = host.optimizer.param_groups
+        if group is None:
+            wanted = {id(p) for p in near}
+            holding = [i for i, g in enumerate(groups) if any(id(p) in wanted for p in g["params"])]
+            index = holding[0] if len(holding) == 1 else 0
+        elif 0 <= group < len(groups):
+            index = group
+        else:
+            raise ValueError(f"the host optimizer has no param group {group}")
         params = seed.params()
+        target = groups[index]
+        target["params"].extend(params)
+        if "param_names" in target:  # a group built from named parameters names each one
+            target["param_names"].extend(f"{seed_id}.{i}" for i in range(len(params)))
+        if type(seed.optimizer) is type(host.optimizer):
+            for p in params:
+                if p in seed.optimizer.state:
+                    host.optimizer.state[p] = seed.optimizer.state[p]
+        host.promoted.append(_Promotion(seed_id, index, params))
         self._ownership.transfer(seed_id, HOST_ID)
         del self._entries[seed_id]
         self.last_grad_norm.pop(seed_id, None)
         self._emit("seed_promoted", float(len(params)), {"seed_id": seed_id})
-        logger.info("seed %s promoted: %d tensors joined the host optimizer", seed_id, len(params))
+        logger.info(
+            "seed %s promoted: %d tensors joined host param group %d", seed_id, len(params), index
+        )
+        return index
+
+    def promoted(self) -> dict[str, tuple[int, list[torch.Tensor]]]:
+        """Each promoted seed's host param group and the tensors it added (none: no host)."""
+        host = self._entries.get(HOST_ID)
+        if host is None:
+            return {}
+        return {p.seed_id: (p.group, list(p.params)) for p in host.promoted}
+
+    def adopt(self, other: IsolatedOptimizerManager) -> None:
+        """Take over ``other``'s optimizers, layout and state, keeping the optimizer objects.
+
+        A rollback's commit: ``other`` was built and loaded beside this manager. Wherever an
+        optimizer id is in both with the same class (always the host), the live object stays
+        and ``other``'s param groups and state move into it, so a scheduler, a ``GradScaler``
+        or any other holder of it goes on driving the optimizer that trains; a group key only
+        the live group has (a scheduler's ``initial_lr``) stays. Other optimizers are taken as
+        built. Only dict and list operations: this cannot fail.
+        """
+        entries: dict[str, _Entry] = {}
+        for oid, entry in other._entries.items():
+            live = self._entries.get(oid)
+            if live is not None and type(live.optimizer) is type(entry.optimizer):
+                _move_into(live.optimizer, entry.optimizer)
+                entry = _Entry(live.optimizer, entry.promoted)
+            elif live is not None:
+                logger.warning("optimizer %s replaced: the restored class differs", oid)
+            entries[oid] = entry
+        self._entries = entries
+        self._ownership = other._ownership
+        self.last_grad_norm.clear()  # measured on the timeline the rollback left
 
     # ------------------------------------------------------------------ stepping
     def set_lr(self, optimizer_id: str, lr: float) -> None:
@@ -404,7 +476,7 @@ class IsolatedOptimizerManager:
             "optimizers": {
                 oid: {
                     "class": type(entry.optimizer).__name__,
-                    "groups": list(entry.group_tags),
+                    "promoted": entry.layout(),
                     "state": entry.optimizer.state_dict(),
                 }
                 for oid, entry in self._entries.items()
@@ -413,8 +485,7 @@ class IsolatedOptimizerManager:
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` unless ``state`` matches the live optimizers' layout."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unsupported optimizer state format {state.get('format')!r}")
+        state = upgrade_state_dict(state)
         saved = state.get("optimizers", {})
         if set(saved) != set(self._entries):
             raise ValueError(
@@ -425,8 +496,11 @@ class IsolatedOptimizerManager:
             item = saved[oid]
             if item.get("class") != type(entry.optimizer).__name__:
                 raise ValueError(f"optimizer {oid!r}: saved class {item.get('class')!r}")
-            if list(item.get("groups", [])) != entry.group_tags:
-                raise ValueError(f"optimizer {oid!r}: saved param groups {item.get('groups')}")
+            promoted = [list(p) for p in item.get("promoted", [])]
+            if promoted != entry.layout():
+                raise ValueError(
+                    f"optimizer {oid!r}: saved promotions {promoted} != live {entry.layout()}"
+                )
             saved_sizes = [len(g["params"]) for g in item["state"]["param_groups"]]
             live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
             if saved_sizes != live_sizes:
@@ -434,6 +508,7 @@ class IsolatedOptimizerManager:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
+        state = upgrade_state_dict(state)
         self.validate_state_dict(state)
         for oid, entry in self._entries.items():
             entry.optimizer.load_state_dict(clone_state(state["optimizers"][oid]["state"]))
@@ -442,6 +517,62 @@ class IsolatedOptimizerManager:
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:
         if self.telemetry is not None:
             self.telemetry.emit(name, value, MetricType.METRIC_TYPE_EVENT, labels=dict(labels))
+
+
+def upgrade_state_dict(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` in the current format (``ValueError`` for one this version cannot read).
+
+    Format 1 kept each promoted seed in a param group of its own. Its groups are merged into
+    the first in order: the saved state's parameter numbering (across groups, in order) stays
+    valid, and the promoted seeds take the first group's hyperparameters, as they do now.
+    """
+    version = state.get("format")
+    if version == STATE_FORMAT:
+        return state
+    if version != 1:
+        raise ValueError(f"unsupported optimizer state format {version!r}")
+    optimizers: dict[str, Any] = {}
+    try:
+        for oid, item in (state.get("optimizers") or {}).items():
+            tags = list(item.get("groups", []))
+            saved = item["state"]
+            groups = list(saved["param_groups"])
+            if len(tags) != len(groups) or not groups:
+                raise ValueError(f"optimizer {oid!r}: {len(tags)} group tags, {len(groups)} groups")
+            first = dict(groups[0])
+            first["params"] = [index for g in groups for index in g["params"]]
+            if all("param_names" in g for g in groups):
+                first["param_names"] = [name for g in groups for name in g["param_names"]]
+            else:
+                first.pop("param_names", None)
+            promoted = [[tags[i], 0, len(groups[i]["params"])] for i in range(1, len(tags))]
+            merged = {"state": saved["state"], "param_groups": [first]}
+            optimizers[oid] = {"class": item.get("class"), "promoted": promoted, "state": merged}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed optimizer state of format 1: {exc!r}") from None
+    return {"format": STATE_FORMAT, "optimizers": optimizers}
+
+
+def _move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> None:
+    """Give ``live`` the param groups and state of ``built`` (same class), in place: the group
+    dicts, their params lists and the state mapping stay the objects that were there (LBFGS,
+    say, holds its group's list). A key only a live group has (a scheduler's ``initial_lr``,
+    ``max_lr``) stays in it."""
+    groups = live.param_groups
+    for index, new in enumerate(built.param_groups):
+        if index < len(groups):
+            group = groups[index]
+            params = group["params"]
+            params[:] = new["params"]
+            kept = {k: v for k, v in group.items() if k not in new and k != "param_names"}
+            group.clear()
+            group.update(new, params=params)
+            group.update(kept)
+        else:
+            groups.append(new)
+    del groups[len(built.param_groups) :]
+    live.state.clear()
+    live.state.update(built.state)
 
 
 def _verified_payload(command: object) -> OptimizerCommand:

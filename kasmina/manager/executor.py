@@ -499,11 +499,14 @@ class CommandExecution:
             record.graft_steps = 0
         elif new == S.ACTIVE:
             # Fossilized: the seed is part of the host now; its parameters join the host
-            # optimizer (when there is one; otherwise its own optimizer keeps stepping it).
+            # optimizer (when there is one; otherwise its own optimizer keeps stepping it), in
+            # the param group of its slot's host layer: no new group, so a user's LR scheduler
+            # on the host optimizer keeps working.
             record.monitor = None
             record.last_output, record.input_grad = None, False
             if state.optimizers.has_host and record.seed_id in state.optimizers.seed_ids:
-                state.optimizers.promote_seed(record.seed_id)
+                near = record.slot.host.parameters()
+                state.optimizers.promote_seed(record.seed_id, near=near)
         elif new == S.HARVESTING:
             report = dict(record.seed.field_report or {})
             report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)

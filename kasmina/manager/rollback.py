@@ -17,9 +17,12 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    are pinned and the isolated seeds' monitors built. Any failure unpins what was pinned and
    puts the old kernels (with their probe results), the weights and the table back, so the
    command is refused with nothing changed;
-3. the commit, which cannot fail: the new optimizers, counters, records, pins and monitors take
-   over. Afterwards a seed's original is pinned exactly while it holds a kernel and is not
-   TERMINATED (docs/design.md §3), whatever it held before.
+3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the
+   live optimizer objects (``IsolatedOptimizerManager.adopt``: the host's optimizer, and a
+   seed's that exists before and after, stays the same object, so a user's LR scheduler or
+   ``GradScaler`` on it keeps driving the optimizer that trains), and the counters, records,
+   pins and monitors take over. Afterwards a seed's original is pinned exactly while it holds
+   a kernel and is not TERMINATED (docs/design.md §3), whatever it held before.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
 table and runs the automatic COOLDOWN -> RECYCLING -> DORMANT steps, so that a failed write
@@ -40,7 +43,7 @@ from typing import Any
 import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
+from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
 from kasmina.manager.checkpoints import capture_training_state, restore_training_state
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import ISOLATED_STAGES, SlotRegistry
@@ -164,7 +167,7 @@ def restore_epoch(
         raise
     # Phase 3: the commit (nothing here can fail; an interrupt from here on finds it counted).
     state.counters["rollbacks_committed"] += 1
-    state.optimizers = optimizers
+    state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
     state.epoch = int(extra.get("epoch", epoch))
     state.global_step = int(extra.get("global_step", state.global_step))
     state.val_metrics = dict(extra.get("val_metrics", {}))
@@ -272,10 +275,13 @@ def _rebuild_optimizers(
 ) -> IsolatedOptimizerManager:
     """Fresh optimizers with the checkpoint's layout, over the parameters the seeds will hold
     (a changed seed's are its fresh kernel's), loaded with the saved states. Built beside the
-    live optimizers: nothing live changes."""
+    live optimizers: nothing live changes. Each is built with the manager's constructor
+    options (``fused``, ``foreach``...), as attach and GERMINATE build them: the commit keeps
+    the live objects where it can, and one it cannot keep must not lose them."""
     saved = checkpoint.get("optimizers")
     if not isinstance(saved, dict) or not isinstance(saved.get("optimizers"), dict):
         raise ValueError("the checkpoint holds no optimizer state")
+    saved = upgrade_state_dict(saved)
 
     def params(seed_id: str) -> list[torch.nn.Parameter]:
         if seed_id in changes:
@@ -287,18 +293,26 @@ def _rebuild_optimizers(
     host = entries.get(HOST_ID)
     if host is not None:
         cls = _optimizer_class(state, host.get("class"))
-        optimizers.initialize_host(registry.host_params, optimizer_cls=cls)
-        for tag in list(host.get("groups", []))[1:]:  # seeds promoted into the host, in order
-            optimizers.create_seed_optimizer(tag, params(tag), optimizer_cls=cls)
-            optimizers.promote_seed(tag)
+        options = _options(state, cls)
+        optimizers.initialize_host(registry.host_params, optimizer_cls=cls, **options)
+        for seed_id, group, _ in host.get("promoted", []):  # seeds promoted, in order
+            optimizers.create_seed_optimizer(seed_id, params(seed_id), optimizer_cls=cls, **options)
+            optimizers.promote_seed(seed_id, group=int(group))
     for oid, entry in entries.items():
         if oid != HOST_ID:
             cls = _optimizer_class(state, entry.get("class"))
-            optimizers.create_seed_optimizer(oid, params(oid), optimizer_cls=cls)
+            optimizers.create_seed_optimizer(
+                oid, params(oid), optimizer_cls=cls, **_options(state, cls)
+            )
     if state.teacher is not None and state.optimizers.teacher_param_count:
         optimizers.register_teacher_params(state.teacher.teacher_parameters())
     optimizers.load_state_dict(saved)
     return optimizers
+
+
+def _options(state: ManagerState, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The constructor options the manager builds ``cls`` with (none for another class)."""
+    return dict(state.optimizer_options) if cls is state.optimizer_cls else {}
 
 
 def _optimizer_class(state: ManagerState, name: object) -> type[torch.optim.Optimizer]:

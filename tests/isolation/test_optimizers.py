@@ -227,7 +227,11 @@ def test_reset_state_and_remove_seed():
         opts.remove_seed("host")
 
 
-def test_promote_seed_moves_params_and_state_into_host():
+def _ids(params) -> list[int]:
+    return [id(p) for p in params]
+
+
+def test_promote_seed_moves_params_and_state_into_the_host_group():
     host, seed = _models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=1e-3)
@@ -236,13 +240,20 @@ def test_promote_seed_moves_params_and_state_into_host():
     opts.step("s0")
     moments = opts.optimizer("s0").state[seed.weight]["exp_avg"].clone()
 
-    opts.promote_seed("s0")
+    assert opts.promote_seed("s0") == 0
     assert opts.optimizer_ids == ["host"]
     host_opt = opts.optimizer("host")
-    assert len(host_opt.param_groups) == 2
-    assert host_opt.param_groups[1]["lr"] == 5e-3
+    # No new group: the seed's params join the host's and train at its lr from now on.
+    assert len(host_opt.param_groups) == 1
+    group = host_opt.param_groups[0]
+    assert _ids(group["params"]) == _ids([*host.parameters(), *seed.parameters()])
+    assert group["lr"] == 1e-3
     assert torch.equal(host_opt.state[seed.weight]["exp_avg"], moments)
+    assert int(host_opt.state[seed.weight]["step"]) == 1  # the seed's own step count
     assert opts.owner_of(seed.weight) == "host"
+    assert {k: (g, _ids(ps)) for k, (g, ps) in opts.promoted().items()} == {
+        "s0": (0, _ids(seed.parameters()))
+    }
     with pytest.raises(ParameterOverlapError, match="'host'"):
         opts.create_seed_optimizer("again", [seed.bias])
 
@@ -254,14 +265,63 @@ def test_promote_seed_moves_params_and_state_into_host():
         opts.step("s0")
 
 
-def test_promote_into_a_different_optimizer_class_keeps_the_seed_lr():
+def test_promote_into_a_different_optimizer_class_takes_the_host_group_without_state():
     host, seed = _models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=0.1, optimizer_cls=torch.optim.SGD)
     opts.create_seed_optimizer("s0", seed.parameters(), lr=0.02)
+    _fill_grads(seed)
+    opts.step("s0")
     opts.promote_seed("s0")
-    group = opts.optimizer("host").param_groups[1]
-    assert group["lr"] == 0.02 and "betas" not in group
+    host_opt = opts.optimizer("host")
+    assert len(host_opt.param_groups) == 1 and host_opt.param_groups[0]["lr"] == 0.1
+    assert "betas" not in host_opt.param_groups[0] and seed.weight not in host_opt.state
+
+
+def test_promote_joins_the_group_of_the_given_parameters():
+    """The manager passes the slot's host layer: the seed joins the group that holds it (the
+    first group when none or several do); an explicit group index wins."""
+    host, seed = _models()
+    other, third = _models(1)
+    opts = IsolatedOptimizerManager()
+    opts.initialize_host(host.parameters(), lr=1e-3)
+    opts.optimizer("host").add_param_group({"params": list(other.parameters()), "lr": 0.1})
+    opts.create_seed_optimizer("s0", seed.parameters())
+    assert opts.promote_seed("s0", near=other.parameters()) == 1
+    groups = opts.optimizer("host").param_groups
+    assert len(groups) == 2 and _ids(groups[1]["params"][2:]) == _ids(seed.parameters())
+    opts.create_seed_optimizer("s1", [third.weight])
+    assert opts.promote_seed("s1", near=[host.weight, other.weight]) == 0  # both groups
+    opts.create_seed_optimizer("s2", [third.bias])
+    with pytest.raises(ValueError, match="no param group 2"):
+        opts.promote_seed("s2", group=2)
+    assert opts.seed_ids == ["s2"] and len(groups[0]["params"]) == 3  # nothing moved
+    assert opts.promote_seed("s2", group=1) == 1
+    assert opts.state_dict()["optimizers"]["host"]["promoted"] == [
+        ["s0", 1, 2],
+        ["s1", 0, 1],
+        ["s2", 1, 1],
+    ]
+
+
+@pytest.mark.parametrize("kind", ["lambda", "onecycle"])
+def test_a_host_lr_scheduler_keeps_stepping_through_a_promotion(kind):
+    host, seed = _models()
+    opts = IsolatedOptimizerManager()
+    host_opt = opts.initialize_host(host.parameters(), lr=0.01)
+    if kind == "lambda":  # what transformers' get_linear_schedule_with_warmup returns
+        sched = torch.optim.lr_scheduler.LambdaLR(host_opt, lambda s: 1.0 - s / 100)
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(host_opt, max_lr=0.1, total_steps=100)
+    opts.create_seed_optimizer("s0", seed.parameters())
+    for step in range(6):
+        if step == 3:
+            opts.promote_seed("s0")
+        _fill_grads(host, seed)
+        opts.step("host")
+        sched.step()  # raised once the host optimizer gained a group behind its back
+    assert host_opt.param_groups[0]["lr"] == sched.get_last_lr()[0]
+    assert len(host_opt.param_groups) == 1
 
 
 def test_state_dict_roundtrip_and_layout_check():
@@ -283,6 +343,96 @@ def test_state_dict_roundtrip_and_layout_check():
         opts.load_state_dict(saved)
     with pytest.raises(ValueError, match="format"):
         opts.load_state_dict({"format": 99})
+    promoted = clone_state(opts.state_dict())
+    opts.load_state_dict(promoted)
+    # Same group sizes, other promotions: refused by the recorded layout.
+    promoted["optimizers"]["host"]["promoted"] = [["s9", 0, 2]]
+    with pytest.raises(ValueError, match="saved promotions"):
+        opts.validate_state_dict(promoted)
+
+
+def _format1(opts: IsolatedOptimizerManager, seed_ids: list[str]) -> dict:
+    """What format 1 saved for ``opts`` (whose host holds ``seed_ids`` promoted, in order): each
+    promoted seed in a param group of its own, tagged with its id."""
+    state = clone_state(opts.state_dict())
+    host = state["optimizers"]["host"]
+    (group,) = host["state"]["param_groups"]
+    sizes = [c for _, _, c in host.pop("promoted")]
+    base = len(group["params"]) - sum(sizes)
+    groups = [dict(group, params=group["params"][:base])]
+    for size in sizes:
+        start = sum(len(g["params"]) for g in groups)
+        groups.append(dict(group, params=group["params"][start : start + size], lr=0.5))
+    host["state"]["param_groups"] = groups
+    host["groups"] = ["host", *seed_ids]
+    for oid, item in state["optimizers"].items():
+        if oid != "host":
+            del item["promoted"]
+            item["groups"] = [oid]
+    return {"format": 1, "optimizers": state["optimizers"]}
+
+
+def test_a_format_1_state_still_loads():
+    """Older checkpoints kept promoted seeds in groups of their own: they load into the merged
+    layout, the saved moments on the right tensors, the seeds at the host group's lr."""
+    host, seed = _models()
+    other, _ = _models(1)
+    opts = IsolatedOptimizerManager()
+    opts.initialize_host(host.parameters(), lr=0.01)
+    opts.create_seed_optimizer("s0", seed.parameters())
+    opts.create_seed_optimizer("s1", other.parameters())
+    opts.promote_seed("s0")
+    _fill_grads(host, seed, other)
+    opts.step_many(["host", "s1"])
+    old = _format1(opts, ["s0"])
+    assert len(old["optimizers"]["host"]["state"]["param_groups"]) == 2
+    moments = {p: opts.optimizer("host").state[p]["exp_avg"].clone() for p in seed.parameters()}
+    _fill_grads(host, seed, other)
+    opts.step_many(["host", "s1"])
+    opts.load_state_dict(old)
+    host_opt = opts.optimizer("host")
+    assert len(host_opt.param_groups) == 1 and host_opt.param_groups[0]["lr"] == 0.01
+    assert all(torch.equal(host_opt.state[p]["exp_avg"], m) for p, m in moments.items())
+    broken = clone_state(old)
+    broken["optimizers"]["host"]["groups"] = ["host"]
+    with pytest.raises(ValueError, match="group tags"):
+        opts.load_state_dict(broken)
+
+
+def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
+    """A rollback's commit: the built layout and state move into the live objects."""
+    host, seed = _models()
+    live = IsolatedOptimizerManager()
+    host_opt = live.initialize_host(host.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(host_opt, max_lr=0.1, total_steps=50)
+    live.create_seed_optimizer("s0", seed.parameters())
+    live.promote_seed("s0")
+    group = host_opt.param_groups[0]
+    params = group["params"]
+
+    built = IsolatedOptimizerManager()  # the checkpoint's layout: s0 still its own optimizer
+    built.initialize_host(host.parameters(), lr=0.02)
+    built.create_seed_optimizer("s0", seed.parameters(), lr=0.03)
+    _fill_grads(host, seed)
+    built.step_many(["host", "s0"])
+    expected = clone_state(built.state_dict())
+    live.adopt(built)
+    assert live.optimizer("host") is host_opt and host_opt.param_groups[0] is group
+    assert group["params"] is params  # the lists, too, stay the live ones
+    assert live.optimizer("s0") is built.optimizer("s0")
+    assert _ids(group["params"]) == _ids(host.parameters()) and group["lr"] == 0.02
+    assert "initial_lr" in group and "max_lr" in group  # the scheduler's keys stay
+    assert live.promoted() == {} and live.owner_of(seed.weight) == "s0"
+    got = clone_state(live.state_dict())
+    (saved_group,) = got["optimizers"]["host"]["state"]["param_groups"]
+    (built_group,) = expected["optimizers"]["host"]["state"]["param_groups"]
+    kept = set(saved_group) - set(built_group)
+    assert {"initial_lr", "max_lr", "min_lr"} <= kept
+    for key in kept:
+        del saved_group[key]
+    assert repr(got) == repr(expected)  # otherwise exactly what was built and loaded
+    sched.step()
+    assert group["lr"] == sched.get_last_lr()[0]
 
 
 # ---------------------------------------------------------------- commands

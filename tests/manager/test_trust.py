@@ -98,6 +98,7 @@ IN_PROCESS: dict[type, set[str]] = {
     LeylineAdaptationHandler: {"complete", "flush_rejections"},
     DistributedCoordinator: {"sync_epoch"},
     IsolatedOptimizerManager: {
+        "adopt",
         "clip_grad_norm",
         "create_seed_optimizer",
         "initialize_host",
@@ -106,6 +107,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "owner_of",
         "parameters",
         "promote_seed",
+        "promoted",
         "register_teacher_params",
         "remove_seed",
         "reset_state",

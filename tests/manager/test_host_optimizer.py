@@ -1,0 +1,137 @@
+"""The host optimizer under controller commands: a user's LR scheduler on it keeps working
+through a promotion (ACTIVE) and a ROLLBACK, which keeps the optimizer objects and their
+constructor options (docs/design.md §4 "ACTIVE", §6a "Rollback")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kasmina.control.commands import make_rollback_command
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+
+Schedule = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+SCHEDULES: dict[str, Schedule] = {
+    # What transformers' get_linear_schedule_with_warmup returns.
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 1000),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=1000),
+}
+
+
+class Trainer:
+    """The user's loop: the manager's step, then the scheduler's."""
+
+    def __init__(self, rig: Rig, schedule: Schedule) -> None:
+        self.rig = rig
+        self.host_opt = rig.manager.optimizers.optimizer("host")
+        self.sched = schedule(self.host_opt)
+
+    def __call__(self, steps: int) -> None:
+        for _ in range(steps):
+            assert self.rig.train(1)["host_stepped"]
+            self.sched.step()
+
+    def check(self) -> None:
+        """The schedule drives the optimizer that trains; its group count never changed."""
+        live = self.rig.manager.optimizers.optimizer("host")
+        assert live is self.host_opt and len(live.param_groups) == 1
+        assert live.param_groups[0]["lr"] == self.sched.get_last_lr()[0]
+
+
+def walk_to_active(rig: Rig, train: Callable[[int], None], epoch: int) -> int:
+    """GERMINATE'd SEED0 through G2..G5 by signed commands; returns the next epoch."""
+    train(2)
+    rig.manager.end_epoch(epoch)
+    for _ in range(2):  # COMPATIBILITY_CHECK, then GRAFTING (the forward probes the kernel)
+        assert rig.send("advance", SEED0), rig.manager.command_log[-1]
+        train(1)
+    train(4)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.STABILIZATION
+    train(1)
+    rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+    return epoch + 1
+
+
+def host_group_ids(rig: Rig) -> list[int]:
+    return [id(p) for p in rig.manager.optimizers.optimizer("host").param_groups[0]["params"]]
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULES))
+def test_a_host_scheduler_keeps_stepping_through_active_and_rollbacks(rig: Rig, mlp, kind):
+    manager = rig.manager
+    train = Trainer(rig, SCHEDULES[kind])
+    base = host_group_ids(rig)
+    assert rig.send("germinate", SEED0, mlp)
+    train(2)
+    manager.end_epoch(0)  # SEED0 isolated, with its own optimizer
+    epoch = walk_to_active(rig, train, 1)
+    seed_params = manager.seed(SEED0).seed_parameters()
+    assert host_group_ids(rig) == base + [id(p) for p in seed_params]  # joined the host group
+    before = [p.detach().clone() for p in seed_params]
+    train(2)
+    train.check()
+    assert any(not torch.equal(a, p) for a, p in zip(before, seed_params, strict=True))
+    manager.end_epoch(epoch)  # SEED0 promoted
+
+    # Back across the promotion: the seed has its own optimizer again, the host keeps its
+    # object (the scheduler's) and one group.
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.optimizers.seed_ids == [SEED0]
+    assert host_group_ids(rig) == base
+    lr = train.host_opt.param_groups[0]["lr"]
+    train(3)
+    train.check()
+    assert train.host_opt.param_groups[0]["lr"] != lr  # the live lr follows the schedule
+
+    # And forward again, to the checkpoint holding the promotion: rebuilt into the live host.
+    assert run_command(manager, rig.signed(make_rollback_command(epoch, reason="test")))
+    assert rig.stage(SEED0) == S.ACTIVE and manager.optimizers.seed_ids == []
+    assert host_group_ids(rig) == base + [id(p) for p in manager.seed(SEED0).seed_parameters()]
+    train(3)
+    train.check()
+
+
+def test_a_scheduler_made_after_the_checkpoint_keeps_its_group_keys(rig: Rig, mlp):
+    """OneCycleLR writes initial_lr, max_lr, ... into the groups when it is made; a checkpoint
+    older than the scheduler lacks them, and the rollback keeps the live ones."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    train = Trainer(rig, SCHEDULES["onecycle"])
+    epoch = walk_to_active(rig, train, 1)
+    manager.end_epoch(epoch)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert "initial_lr" in train.host_opt.param_groups[0]
+    train(3)  # KeyError: 'initial_lr' without them
+    train.check()
+
+
+@pytest.mark.parametrize("option", ["fused", "foreach"])
+def test_a_rollback_keeps_the_optimizers_constructor_options(
+    tmp_path, store, keyring: Keyring, mlp, option
+):
+    rig = Rig(make_config(tmp_path, store), keyring, **{option: True})
+    manager = rig.manager
+    host_opt = manager.optimizers.optimizer("host")
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)  # its optimizer goes: the rollback must make one again
+    rig.train(1)
+    manager.end_epoch(1)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert manager.optimizers.optimizer("host") is host_opt
+    for oid in ("host", SEED0):
+        opt = manager.optimizers.optimizer(oid)
+        assert opt.defaults[option] is True, oid
+        assert opt.param_groups[0][option] is True, oid
+        if option == "fused":  # set by the constructor only; GradScaler reads it
+            assert getattr(opt, "_step_supports_amp_scaling", False), oid
+    report = rig.train(2)
+    assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
