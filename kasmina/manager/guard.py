@@ -19,6 +19,7 @@ quarantines the seed at ``max_isolation_violations``; the host keeps training):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ class IsolationGuard:
         # (violations, one per monitor per violating step), "circuit_breaker_trips".
         self.counters = counters
         self.external: list[GradientIsolationMonitor] = []
+        self._external_ids = itertools.count()
         self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
 
     @property
@@ -94,9 +96,17 @@ class IsolationGuard:
         self,
         host_model: nn.Module,
         seed_model: nn.Module,
-        seed_id: str,
+        seed_id: str | None,
         on_quarantine: Callable[[], object] | None = None,
     ) -> GradientIsolationMonitor:
+        """A debug monitor over ``host_model`` and ``seed_model``; it replaces (hooks removed)
+        an earlier one for the same seed, so a seed id germinated anew and registered again
+        runs one, not one per registration. ``seed_id`` None: a pair of no registered seed."""
+        if seed_id is None:
+            seed_id = f"external[{next(self._external_ids)}]"
+        for old in [m for m in self.external if m.seed_id == seed_id]:
+            old.clear_hooks()
+            self.external.remove(old)
         monitor = GradientIsolationMonitor(
             seed_id,
             list(seed_model.named_parameters()),

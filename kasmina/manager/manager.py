@@ -572,7 +572,7 @@ class KasminaKernelManager:
     def register_gradient_monitors(self, host_model: nn.Module, seed_model: nn.Module) -> None:
         """Debug mode for one host/seed pair: a backward hook on every parameter reports a
         gradient on the wrong side during ``backward``'s seed-only phase (syncs per grad)."""
-        seed_id, on_quarantine = f"external[{len(self.guard.external)}]", None
+        seed_id, on_quarantine = None, None  # a pair of no registered seed: named by the guard
         for record in self.registry or ():
             if seed_model is record.seed or seed_model is record.kernel:
                 seed_id, on_quarantine = record.seed_id, record.seed.quarantine

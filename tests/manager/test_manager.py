@@ -554,6 +554,24 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
 
 
+def test_a_seed_registered_again_runs_one_debug_monitor(rig: Rig, mlp) -> None:
+    """Registered once per germination of a seed id (cull, then germinate anew): the new
+    monitor replaces the old one and its hooks, which would otherwise pile up on every step
+    and keep every released kernel alive."""
+    manager = rig.manager
+    for cycle in range(3):
+        assert rig.send("germinate", SEED0, mlp)
+        manager.register_gradient_monitors(rig.model.inp, manager.seed(SEED0).kernel)
+        manager.register_gradient_monitors(rig.model.inp, nn.Linear(2, 2))  # no seed of ours
+        ids = sorted(m.seed_id for m in manager.guard.external)
+        assert ids == [*(f"external[{i}]" for i in range(cycle + 1)), SEED0]
+        assert len(rig.model.inp.weight._backward_hooks) == cycle + 2
+        rig.train(1)
+        assert rig.send("cull", SEED0)
+        manager.end_epoch(2 * cycle)  # the embargo passes
+        manager.end_epoch(2 * cycle + 1)
+
+
 def test_debug_monitors_keep_accumulated_host_gradients_and_go_inert_once_tripped(
     rig: Rig,
 ) -> None:
