@@ -172,6 +172,8 @@ class IsolatedOptimizerManager:
         """
         if not name or not callable(provider):
             raise ValueError("a parameter source needs a non-empty name and a callable")
+        if name == TEACHER_SOURCE and self._sources.get(name) is not provider:
+            self._ownership.release(TEACHER_SOURCE)  # a new teacher: the old one's are let go
         self._sources[name] = provider
 
     def _entry(self, optimizer_id: str) -> _Entry:
@@ -244,17 +246,17 @@ class IsolatedOptimizerManager:
         return optimizer
 
     def register_teacher_params(self, params: Iterable[torch.Tensor]) -> int:
-        """Freeze teacher parameters and bar them from every optimizer; returns their count."""
-        plist = [
-            p
-            for p in _collect(params, "teacher parameters")
-            if self._ownership.owner_of(p) != TEACHER_SOURCE
-        ]
-        self._ownership.check_free(plist, TEACHER_SOURCE)
+        """Freeze the teacher's parameters and bar them from every optimizer; they replace
+        those registered before (one teacher at a time: a replaced one is not kept alive).
+        Returns how many elements were not registered already."""
+        plist = _collect(params, "teacher parameters")
+        new = [p for p in plist if self._ownership.owner_of(p) != TEACHER_SOURCE]
+        self._ownership.check_free(new, TEACHER_SOURCE)
+        self._ownership.release(TEACHER_SOURCE)
         self._ownership.claim(plist, TEACHER_SOURCE)
-        for p in plist:
+        for p in new:
             p.requires_grad_(False)
-        count = sum(p.numel() for p in plist)
+        count = sum(p.numel() for p in new)
         self._emit("teacher_params_registered", float(self.teacher_param_count), {})
         logger.info("registered %d teacher parameters (frozen, eval only)", count)
         return count

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -120,6 +123,24 @@ def test_teacher_params_are_frozen_and_never_optimizable():
     with pytest.raises(ParameterOverlapError):
         opts.register_teacher_params([host.weight])
     assert host.weight.requires_grad  # the rejected registration froze nothing
+    assert opts.teacher_param_count == 20  # and let go of nothing
+
+
+def test_a_replaced_teacher_is_let_go() -> None:
+    """One teacher at a time: registering another (or pointing the teacher source at one)
+    releases the old one's parameters, which a run that refreshes its teacher every epoch
+    would otherwise keep alive, one whole teacher per swap."""
+    opts = IsolatedOptimizerManager()
+    first, second = nn.Linear(4, 4), nn.Linear(4, 3)
+    gone = weakref.ref(first.weight)
+    assert opts.register_teacher_params(first.parameters()) == 20
+    assert opts.register_teacher_params(second.parameters()) == 15
+    assert opts.teacher_param_count == 15 and opts.owner_of(first.weight) is None
+    del first
+    gc.collect()
+    assert gone() is None
+    opts.set_parameter_source("teacher", lambda: [])  # a new teacher, not registered yet
+    assert opts.teacher_param_count == 0 and opts.owner_of(second.weight) is None
 
 
 def test_checkpointed_teacher_params_are_refused_even_unregistered():
