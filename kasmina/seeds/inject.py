@@ -17,6 +17,8 @@ naming it and the closest module names; so does a module that is already a slot 
 attached"), and a match nested inside another.
 
 While attached, a wrapped module's parameters appear in ``state_dict`` under ``<name>.host.``.
+In a Hugging Face model the tied-weight names and output-recording hooks follow the slots
+(``kasmina.seeds.hf``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import sum_kd_losses
+from kasmina.seeds import hf
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
@@ -206,6 +209,7 @@ def add_load_checks(model: nn.Module) -> None:
     calls it (``attach``, ``kasmina.load``); ``remove_load_checks`` takes it off."""
     if model not in _LOAD_CHECKS:
         _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(check_seed_states)
+    hf.sync(model)
 
 
 def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
@@ -227,6 +231,8 @@ def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) ->
     for name, layer in slots:
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.host)
+        hf.unslot(layer)
+    hf.sync(model)
     if not any(isinstance(m, KasminaLayer) for m in model.modules()):
         remove_load_checks(model)
     return [layer for _, layer in slots]
@@ -237,6 +243,7 @@ def remove_load_checks(model: nn.Module) -> None:
     once their slots are gone (``detach``, ``kasmina.merge``): what is left must load, run and
     pickle without Kasmina. A deep copy or an unpickled model holds the hook without a handle
     here, so it is found by its function."""
+    hf.sync(model)  # ``kasmina.merge`` comes here once the slots are replaced
     for module in model.modules():
         handle = _LOAD_CHECKS.pop(module, None)
         if handle is not None:

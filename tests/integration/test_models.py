@@ -12,6 +12,7 @@ For every case (tests/integration/models.py), against the same model without Kas
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,113 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     weight = nn.Parameter(torch.zeros(4, 4))
     plain[0].weight = weight
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
+
+
+def tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        use_cache=False,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_save_pretrained_with_a_slot_on_a_tied_head(which: str, tmp_path: Path) -> None:
+    """The tied-weight names follow the head into its slot (``lm_head.host.weight``), so
+    ``save_pretrained`` writes the shared tensor once, as for the bare model; the same model
+    built again, with the same slots, loads it back bit for bit; detach restores the names."""
+    from safetensors.torch import load_file
+
+    from kasmina.seeds.inject import detach
+    from tests.integration.models import tiny_gpt2
+
+    build = tiny_gpt2 if which == "gpt2" else tied_llama
+    model = build()
+    attach(model, ["lm_head"], 2, 64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    saved = load_file(f"{tmp_path}/model.safetensors")
+    again = build()
+    (slot,) = attach(again, ["lm_head"], 2, 64)
+    result = again.load_state_dict(saved, strict=False)
+    assert result.missing_keys == ["lm_head.host.weight"] and not result.unexpected_keys
+    want, got = model.state_dict(), again.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert slot.host.weight is again.get_input_embeddings().weight
+    before = dict(type(model)._tied_weights_keys)
+    assert again.all_tied_weights_keys == {
+        k.replace("lm_head.", "lm_head.host."): v for k, v in before.items()
+    }
+    detach(again)
+    assert again.all_tied_weights_keys == before and again._tied_weights_keys == before
+    again.save_pretrained(tmp_path / "detached")
+
+
+@pytest.mark.parametrize("hooked_before_attach", [False, True], ids=["late", "early"])
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_output_hidden_states_of_a_slotted_block_include_its_seeds(
+    which: str, hooked_before_attach: bool
+) -> None:
+    """transformers records ``output_hidden_states`` with forward hooks on the decoder blocks;
+    on a slotted block they record the slot's output (what the next block receives), seeds
+    included, whether transformers hooked the model before ``attach`` or after. DORMANT, and
+    once detached, the hidden states are the bare model's bit for bit."""
+    from kasmina.seeds.inject import detach
+    from tests.integration.models import tiny_gpt2, tiny_llama
+
+    build = tiny_gpt2 if which == "gpt2" else tiny_llama
+    blocks, target = ("transformer.h", r"transformer\.h\.0")
+    if which == "llama":
+        blocks, target = ("model.layers", r"model\.layers\.0")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    bare, model = build().eval(), build().eval()
+    with torch.no_grad():
+        want = bare(ids, output_hidden_states=True, output_attentions=True)
+        if hooked_before_attach:
+            model(ids, output_hidden_states=True)
+        (slot,) = attach(model, target, 2, 16)
+        got = model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    for a, b in zip(
+        got.hidden_states + got.attentions, want.hidden_states + want.attentions, strict=True
+    ):
+        assert torch.equal(a, b)
+    seen: list[torch.Tensor] = []
+    model.get_submodule(f"{blocks}.1").register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args or (kwargs["hidden_states"],))[0]),
+        with_kwargs=True,
+    )
+    seed = slot.seed(0)
+    seed.attach_kernel(nn.Sequential(nn.Linear(16, 16), nn.Tanh()))
+    for stage in PATH:
+        seed.transition_to(stage)
+        if stage in (S.GRAFTING, S.ACTIVE):
+            slot.update_alpha_blending(2, 4, 0.5)
+            seen.clear()
+            with torch.no_grad():
+                got = model(ids, output_hidden_states=True)
+            assert len(got.hidden_states) == 3
+            assert torch.equal(got.hidden_states[1], seen[0])
+            assert not torch.equal(got.hidden_states[1], want.hidden_states[1])
+    detach(model)
+    with torch.no_grad():
+        got = model(ids, output_hidden_states=True)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.ACTIVE], ids=lambda s: s.name)
