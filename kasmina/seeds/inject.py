@@ -71,11 +71,15 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
     slots = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     # Inside a slot only its host's subtree is the user's model; seeds and kernels are ours.
     internal = tuple(f"{slot}.seeds" for slot in slots)
-    names = [
-        n
-        for n, _ in model.named_modules()
+    named = [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)
         if n and not any(n == i or n.startswith(i + ".") for i in internal)
     ]
+    names = [n for n, _ in named]
+    aliases: dict[int, list[str]] = {}
+    for n, m in named:
+        aliases.setdefault(id(m), []).append(n)
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -99,11 +103,25 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
             matched += hits
         order = {n: i for i, n in enumerate(names)}
         matched = sorted(set(matched), key=order.__getitem__)
+    wrapped = {id(m): n for n, m in model.named_modules() if isinstance(m, KasminaLayer)}
+    wrapped |= {id(m.host): n for n, m in model.named_modules() if isinstance(m, KasminaLayer)}
     for name in matched:
-        slot = next((s for s in slots if name == s or name == s + ".host"), None)
+        slot = wrapped.get(id(model.get_submodule(name)))
         if slot is not None:
             raise ValueError(f"{name!r} is already attached (slot {slot!r}); detach it first")
-    return matched
+        shared = aliases[id(model.get_submodule(name))]
+        # One module under several names is one slot only if a single parent attribute holds
+        # it (inside a shared block, every path calls the slot): ``[block] * 3`` or
+        # ``self.a = self.b = layer`` would keep calling the bare module under the other names.
+        homes = {(id(_parent(model, n)[0]), _parent(model, n)[1]) for n in shared}
+        if len(homes) > 1:
+            raise ValueError(
+                f"{name!r} is one module registered under several names ({', '.join(shared)}): "
+                "a slot would replace it under one of them only; target a module that is not "
+                "shared, or give each name its own module"
+            )
+    # A module inside a shared block goes by its first name (``named_modules``' own).
+    return list(dict.fromkeys(aliases[id(model.get_submodule(n))][0] for n in matched))
 
 
 # The load_state_dict pre-hook attach put on each model (weakly: the model owns its hooks).

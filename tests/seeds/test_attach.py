@@ -379,6 +379,40 @@ def test_layer_kd_trains_only_the_isolated_seeds() -> None:
     assert layer.get_and_clear_kd_losses() is not None
 
 
+def test_a_module_shared_under_two_names_is_refused_naming_them() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = self.b = nn.Linear(4, 4)  # one module, two attributes
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    blocks = nn.Sequential(*[nn.Linear(4, 4)] * 3)  # ``[block] * 3``: "1" and "2" are "0"
+    for model, target in ((Twice(), ["b"]), (Twice(), "a|b"), (blocks, ["2"])):
+        before = [type(m) for _, m in model.named_modules(remove_duplicate=False)]
+        with pytest.raises(ValueError, match="one module registered under several names"):
+            attach(model, target, 2, 2)
+        assert [type(m) for _, m in model.named_modules(remove_duplicate=False)] == before
+
+
+def test_a_module_inside_a_shared_block_is_one_slot_on_every_path() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    block = Block()
+    model = nn.Sequential(block, block)  # the block's one ``fc`` attribute, called twice
+    (slot,) = attach(model, ["1.fc"], 2, 2)
+    assert slot.layer_id == "0.fc" and model[0].fc is slot and model[1].fc is slot
+    with pytest.raises(ValueError, match="'1.fc' is already attached"):
+        attach(model, ["1.fc"], 2, 2)
+
+
 class _TwoCalls(nn.Module):
     """A conv called batched and then on one unbatched sample, whose channels are dim 0."""
 
