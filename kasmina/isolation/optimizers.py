@@ -217,6 +217,9 @@ class IsolatedOptimizerManager:
         if self.has_host:
             raise ValueError("the host optimizer is already initialized")
         plist = _collect(params, "host parameters")
+        if not plist:
+            raise ValueError("the host has no trainable parameters: a frozen host takes no host "
+                             "optimizer (attach it with host_lr=None)")  # fmt: skip
         self._check_optimizable(plist, HOST_ID)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._ownership.claim(plist, HOST_ID)

@@ -334,7 +334,7 @@ class KasminaKernelManager:
     ) -> CheckpointedTeacher:
         """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``)."""
         if device is None:
-            host = self.registry.host_params[0] if self.registry is not None else None
+            host = next(iter(self.registry.host_params), None) if self.registry else None
             device = host.device if host is not None else self.device
         teacher = CheckpointedTeacher(
             model,

@@ -202,19 +202,23 @@ class SlotRegistry:
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
         ]
-        if not self.host_params:
-            raise ValueError("the host model has no trainable parameters")
-        # One host parameter and where the model holds it, for ``check_held``.
-        first = self.host_params[0]
-        name = next(n for n, p in model.named_parameters() if p is first)
-        owner, _, leaf = name.rpartition(".")
-        self._anchor = (model.get_submodule(owner), leaf, first)
+        # One host parameter (trainable if any: a frozen host has none) and where the model
+        # holds it, for ``check_held``; None for a model without parameters of its own.
+        held = [(n, p) for n, p in model.named_parameters() if id(p) not in seed_ids]
+        first = next((n, p) for n, p in held if p.requires_grad) if self.host_params else None
+        self._anchor: tuple[nn.Module, str, nn.Parameter] | None = None
+        if first is not None or held:
+            name, param = first or held[0]
+            owner, _, leaf = name.rpartition(".")
+            self._anchor = (model.get_submodule(owner), leaf, param)
 
     def check_held(self) -> None:
         """``RuntimeError`` if the model no longer holds the parameters registered with it
         (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
         say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
         the optimizers would go on stepping the old ones while the model trains nothing."""
+        if self._anchor is None:
+            return
         module, name, param = self._anchor
         if module._parameters.get(name) is not param:
             raise RuntimeError(

@@ -439,6 +439,29 @@ class _TwoSlotHost(nn.Module):
         return self.head(self.blk(self.enc(x), torch.ones_like(x)).mean(1))
 
 
+def test_a_frozen_host_takes_seeds_without_a_host_optimizer(tmp_path, store, keyring, mlp) -> None:
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Host().requires_grad_(False)
+    frozen = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="frozen host takes no host optimizer"):
+        manager.attach(model, "out", 2, 2, host_lr=0.05)
+    assert manager.registry is None and isinstance(model.out, nn.Linear)  # nothing attached
+    manager.attach(model, "out", 2, 2, host_lr=None, seed_lr=0.05)
+    assert not manager.optimizers.has_host
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    assert run_command(manager, sign_command(make_seed_command("germinate", SEED0, mlp),
+                                             keyring, "ctl").SerializeToString())  # fmt: skip
+    before = [p.detach().clone() for p in manager.seed(SEED0).seed_parameters()]
+    for _ in range(3):
+        manager.backward(None, kd_loss=F.cross_entropy(model(x), y))  # the seed alone learns
+        assert manager.step()["seeds_stepped"] == [SEED0]
+    after = manager.seed(SEED0).seed_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    manager.end_epoch(0)
+    manager.close()
+
+
 @pytest.mark.parametrize("broken_replay", [False, True])
 def test_end_epoch_never_fails_on_the_dormant_overhead_measurement(
     tmp_path, store, keyring, monkeypatch, broken_replay: bool
