@@ -340,7 +340,7 @@ class GradientIsolationMonitor:
             logger.exception("could not write the emergency checkpoint to %s", path)
             return None
         logger.critical("emergency checkpoint for seed %s written to %s", self.seed_id, path)
-        _prune_emergency(Path(directory), f"{prefix}emergency_isolation_", suffix)
+        _prune_emergency(path, f"{prefix}emergency_isolation_", suffix)
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ debug hooks
@@ -379,17 +379,24 @@ class GradientIsolationMonitor:
             )
 
 
-def _prune_emergency(directory: Path, prefix: str, suffix: str) -> None:
-    """Delete all but the newest ``EMERGENCY_KEEP`` emergency checkpoints named
-    ``<prefix>...<time_ns><suffix>`` in ``directory`` (oldest first, by the time in the name)."""
+def _prune_emergency(written: Path, prefix: str, suffix: str) -> None:
+    """Keep ``written`` (the checkpoint just written) and the newest ``EMERGENCY_KEEP - 1``
+    other emergency checkpoints named ``<prefix>...<time_ns><suffix>`` beside it; delete the
+    rest, oldest first by the time in the name. The one just written is never a candidate: a
+    clock stepped back would otherwise make it the oldest."""
 
     def written_ns(path: Path) -> int:
         stamp = path.name[: -len(suffix)].rpartition("_")[2]
         return int(stamp) if stamp.isdigit() else -1
 
+    directory = written.parent
     try:
-        found = [p for p in directory.glob(f"{glob_escape(prefix)}*{suffix}") if p.is_file()]
-        for old in sorted(found, key=written_ns)[:-EMERGENCY_KEEP]:
+        found = [
+            p
+            for p in directory.glob(f"{glob_escape(prefix)}*{suffix}")
+            if p.is_file() and p.name != written.name
+        ]
+        for old in sorted(found, key=written_ns)[: max(0, len(found) - (EMERGENCY_KEEP - 1))]:
             old.unlink(missing_ok=True)
             logger.info("deleted the old emergency checkpoint %s", old)
     except OSError:

@@ -302,6 +302,17 @@ def test_emergency_checkpoints_are_bounded_per_directory(tmp_path, monkeypatch) 
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
         ["notes.txt", *(p.name for p in written[-3:])]
     )
+    # A clock stepped back: the next file's name says it is the oldest; it is kept all the same.
+    monkeypatch.setattr(monitor_module.time, "time_ns", lambda: 1)
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed, checkpoint_dir=ckpt_dir, max_violations=1)
+    with pytest.raises(GradientIsolationViolationError) as info:
+        _seed_step(monitor, host, seed, "no_detach")
+    assert info.value.checkpoint_path.exists()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
+        ["notes.txt", *(p.name for p in written[-2:]), info.value.checkpoint_path.name]
+    )
 
 
 def test_breaker_without_configured_dir_uses_per_user_temp(tmp_path, monkeypatch, caplog):
