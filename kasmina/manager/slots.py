@@ -139,7 +139,11 @@ class SeedRecord:
         around the detach into the host. Under ``torch.compile`` that is the traced input's
         metadata, so it holds where the output's graph cannot be walked (docs/design.md §4)."""
         if self.seed.stage in ISOLATED_STAGES:
-            if isinstance(output, torch.Tensor):
+            # A forward without a graph (a ``no_grad`` evaluation or ``generate`` between the
+            # backward and the step) leaves the training forward's output to be checked.
+            if isinstance(output, torch.Tensor) and (
+                output.grad_fn is not None or self.last_output is None
+            ):
                 self.last_output = output
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 self.input_grad = True

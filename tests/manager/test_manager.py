@@ -439,6 +439,20 @@ class _TwoSlotHost(nn.Module):
         return self.head(self.blk(self.enc(x), torch.ones_like(x)).mean(1))
 
 
+def test_a_no_grad_forward_before_the_step_leaves_the_graph_check_its_output(rig: Rig, mlp) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    record = manager.require_registry()[SEED0]
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    trained = record.last_output
+    assert trained is not None and trained.grad_fn is not None
+    with torch.no_grad():  # e.g. logging a sample between the backward and the step
+        rig.model(rig.x)
+    assert record.last_output is trained
+    manager.backward(loss)
+    assert manager.step()["isolation_clean"] and record.last_output is None
+
+
 def test_a_frozen_host_takes_seeds_without_a_host_optimizer(tmp_path, store, keyring, mlp) -> None:
     manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
     model = Host().requires_grad_(False)
