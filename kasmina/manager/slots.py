@@ -141,8 +141,10 @@ class SeedRecord:
         if self.seed.stage in ISOLATED_STAGES:
             # A forward without a graph (a ``no_grad`` evaluation or ``generate`` between the
             # backward and the step) leaves the training forward's output to be checked.
+            # (``requires_grad``, not ``grad_fn``: TorchDynamo traces this hook, and refuses
+            # to read a ``grad_fn``.)
             if isinstance(output, torch.Tensor) and (
-                output.grad_fn is not None or self.last_output is None
+                output.requires_grad or self.last_output is None
             ):
                 self.last_output = output
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
