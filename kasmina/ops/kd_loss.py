@@ -541,7 +541,7 @@ def _check(student: Tensor, teacher: Tensor, temperature: object, reduction: str
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not 0 < temperature < math.inf:  # NaN fails both; no ``isfinite`` (a SymFloat's breaks)
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     check_float_tensor("student_logits", student)
     check_float_tensor("teacher_logits", teacher, student.device)

@@ -358,12 +358,8 @@ class KasminaLayer(nn.Module):
             return out  # fast path: every seed passes the host through
         if teacher_logits is None and self._recompute_teacher is not None and recomputing():
             teacher_logits = self._recompute_teacher  # the first run's, for the same path
-        if torch.compiler.is_compiling():
-            plan = tuple(SeedStage(code) for code in self._stage_codes)
-        else:
-            plan = self._plan
         element = output_element(out, self.output_index)
-        grafted = on_dense(element, self._graft, plan, teacher_logits)
+        grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
@@ -398,8 +394,12 @@ class KasminaLayer(nn.Module):
         )
 
     def _graft(
-        self, x: Any, plan: tuple[SeedStage, ...], teacher_logits: torch.Tensor | None
+        self, x: Any, codes: tuple[int, ...], teacher_logits: torch.Tensor | None
     ) -> torch.Tensor:
+        # Compiled, the stages come from their ints (guarded by value, also when a graph break
+        # makes this method a frame of its own); eager, from the plan cached beside them.
+        compiling = torch.compiler.is_compiling()
+        plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan
         if not isinstance(x, torch.Tensor):
             raise TypeError(
                 f"{self.layer_id}: seeds need a Tensor at output_index {self.output_index}, "

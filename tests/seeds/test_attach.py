@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import kasmina.ops.kd_loss
 import kasmina.seeds.layer
 from kasmina.kd.config import KDConfig
 from kasmina.ops import alpha_blend
@@ -594,6 +595,54 @@ def test_a_compiled_slot_follows_every_kind_of_table_change() -> None:
     slot.seed(0).transition_to(S.HARVESTING)  # the kernel is released
     assert slot.seed(0).kernel is None and slot._runs_any is False
     check()
+
+
+@pytest.mark.parametrize("breaking", [False, True], ids=["kd", "a-graph-break-in-kd"])
+def test_a_dynamic_compile_with_kd_follows_a_stage_change(monkeypatch, breaking: bool) -> None:
+    """Under ``dynamic=True`` a KD step's temperature is a SymFloat: its check must not break
+    the graph, and wherever a graph break puts ``_graft`` in a frame of its own, that frame is
+    guarded on the stages, so GRAFTING never runs ISOLATED_INIT's graph."""
+    torch._dynamo.reset()
+    if breaking:  # any graph break under the slot's method makes it a frame of its own
+        check = kasmina.ops.kd_loss._check
+
+        def breaking_check(*args, **kwargs) -> None:
+            torch._dynamo.graph_break()
+            check(*args, **kwargs)
+
+        monkeypatch.setattr(kasmina.ops.kd_loss, "_check", breaking_check)
+
+    def build() -> tuple[nn.Module, KasminaLayer]:
+        model = MLP()
+        (slot,) = attach(model, "head", 2, 4, kd_config=KDConfig(temperature=2.0))
+        slot.seed(0).attach_kernel(kernel(4, 1))
+        walk(slot.seed(0), S.ISOLATED_INIT)
+        return model, slot
+
+    x, teacher = torch.randn(6, 5), torch.randn(6, 8)
+    runs = {}
+    for mode in ("eager", "compiled"):
+        model, slot = build()
+        run = (
+            torch.compile(model, dynamic=True, backend="aot_eager") if mode == "compiled" else model
+        )
+        grads = []
+        for stage in (S.ISOLATED_INIT, S.GRAFTING):
+            if stage is S.GRAFTING:
+                for step in (S.COMPATIBILITY_CHECK, S.GRAFTING):
+                    slot.seed(0).transition_to(step)
+                slot.update_alpha_blending(3, 10)
+            model.zero_grad(set_to_none=True)
+            slot.set_teacher_logits(teacher)
+            out = run(x)
+            (out.square().mean() + collect_kd_losses(model)).backward()
+            grads.append(
+                [p.grad.clone() for p in (slot.host.bias, *slot.seed(0).seed_parameters())]
+            )
+        runs[mode] = grads
+    for eager, compiled in zip(runs["eager"], runs["compiled"], strict=True):
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(b, a)
 
 
 def test_seed_flags_are_views_of_the_layer_flags_through_copies_and_moves() -> None:
