@@ -120,21 +120,31 @@ def _blend_forward_reference(
     ``[C, 1]`` weight for per-chunk) in one op. fp16/bf16 data with a tensor alpha is upcast,
     and the host's fp32 copy is lerped in place (``lerp_``), then rounded once: the reference
     cannot reuse that buffer, because autograd would need the overwritten value.
+
+    The result is never a view: ``_AlphaBlendFunction`` returns it, and autograd forbids
+    modifying in place (``relu_`` after the slot) a Function's output that is a view of one of
+    its temporaries. A per-chunk blend writes through ``[..., C, W]`` views into an output
+    made in the final shape, rather than flattening its result.
     """
     scalar = _cpu_scalar(alpha, alpha_value)
     if scalar is not None:
         return torch.lerp(host, seed, scalar)
     assert alpha is not None
     dtype = seed.dtype
-    work = _WORK.get(dtype)
-    if work is None:
-        return alpha_blend_reference(seed, host, alpha)
+    work = _WORK.get(dtype, dtype)
     a = alpha if alpha.dtype == work else alpha.to(work)
     if a.dim() == 0:
+        if work == dtype:
+            return torch.lerp(host, seed, a)
         return host.to(work).lerp_(seed.to(work), a).to(dtype)
     c = a.numel()
-    h, s = host.unflatten(-1, (c, -1)), seed.unflatten(-1, (c, -1))
-    return h.to(work).lerp_(s.to(work), a.unsqueeze(-1)).to(dtype).flatten(-2)
+    out = torch.empty_like(host)
+    h, s, o = host.unflatten(-1, (c, -1)), seed.unflatten(-1, (c, -1)), out.unflatten(-1, (c, -1))
+    if work == dtype:
+        torch.lerp(h, s, a.unsqueeze(-1), out=o)
+    else:  # the copy rounds once, as ``.to(dtype)`` would
+        o.copy_(h.to(work).lerp_(s.to(work), a.unsqueeze(-1)))
+    return out
 
 
 def _blend_backward_reference(
@@ -210,22 +220,25 @@ def _backward_impl(
 
 
 def blend_chunks(seed: Tensor, host: Tensor, alpha: Tensor) -> Tensor:
-    """``blend``'s value alone on ``[..., C, W]`` views (chunk ``k`` uses ``alpha[k]``), with
-    no autograd and no argument checks, for an autograd node that owns the backward (the
-    seeds' guarded graft in ``kasmina.seeds.faults``). The math and backend of
-    :func:`alpha_blend`: on the CPU, fp32/fp64 data is one ``lerp`` against ``alpha[:, None]``
-    (the reference's own op); anything else goes through the op's forward."""
+    """``blend``'s value alone, chunk ``k`` of the last dim (``alpha.numel()`` equal chunks)
+    using ``alpha[k]``, with no autograd (call it where grad mode is off) and no argument
+    checks, for an autograd node that owns the backward (the seeds' guarded graft in
+    ``kasmina.seeds.island``). The math and backend of :func:`alpha_blend`: on the CPU,
+    fp32/fp64 data is one ``lerp`` against ``alpha[:, None]`` (the reference's own op); anything
+    else goes through the op's forward.
+
+    ``seed`` must be the caller's own scratch buffer: the CPU ``lerp`` writes over it, through
+    its ``[..., C, W]`` view, and returns it (no new buffer, and the layout of ``seed``); the
+    other paths return a new tensor. Either way the result is not a view, so that the node may
+    return it and its caller modify it in place (autograd forbids that on a Function's output
+    that is a view of one of its temporaries, such as a blend flattened from ``[..., C, W]``)."""
     if seed.dtype not in _WORK and not use_triton(seed.device):
+        c = alpha.numel()
         a = alpha if alpha.dtype == seed.dtype else alpha.to(seed.dtype)
-        return torch.lerp(host, seed, a.unsqueeze(-1))
-    flat = _forward_impl(
-        seed.flatten(-2).contiguous(),
-        host.flatten(-2).contiguous(),
-        alpha.contiguous(),
-        0.0,
-        "blend",
-    )
-    return flat.unflatten(-1, seed.shape[-2:])
+        s = seed.unflatten(-1, (c, -1))
+        torch.lerp(host.unflatten(-1, (c, -1)), s, a.unsqueeze(-1), out=s)  # elementwise
+        return seed
+    return _forward_impl(seed.contiguous(), host.contiguous(), alpha.contiguous(), 0.0, "blend")
 
 
 def blend_chunks_seed_grad(grad: Tensor, alpha: Tensor) -> Tensor:

@@ -253,30 +253,41 @@ def _graft_values(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(out, alpha_used, ok)`` in the moved layout (chunks along the last dim of ``host``);
     ``ok[k]``: chunk k is the seed's (finite) output or the host's own; ``ok`` is None when
-    every chunk is known on the host to be finite (then ``out`` needs no mask)."""
+    every chunk is known on the host to be finite (then ``out`` needs no mask).
+
+    ``out`` is never a view: ``GuardedBlend`` returns it, and autograd forbids modifying in
+    place (a ``relu_`` or ``+=`` after the slot) a Function's output that is a view of one of
+    its temporaries. The chunks are concatenated into a buffer of the moved shape (for a
+    moved dim, through a view of a buffer with the host's strides: its memory in the host's
+    own order, so moving the dim back gives the host's layout), and the masks and the CPU
+    blend write over that buffer, this call's own, through ``[..., n, W]`` views: no buffer
+    beyond the concatenation's, and nothing to flatten or move back inside the node."""
     n, dim = graft.n, graft.dim
-    full = torch.cat(graft.chunks, dim=dim)
-    if dim != full.dim() - 1:
-        full = full.movedim(dim, -1)
-    full_c, host_c = full.unflatten(-1, (n, -1)), host.unflatten(-1, (n, -1))
+    if dim == host.dim() - 1:
+        full = torch.cat(graft.chunks, dim=dim)
+    else:
+        full = torch.empty_like(host)
+        torch.cat(graft.chunks, dim=dim, out=full.movedim(-1, dim))
+    full_c = full.unflatten(-1, (n, -1))
     ok = finite_test(chunk_sums(full_c), read_on_host=True)
     if ok is None:
         # Every chunk finite, read for free on the CPU (every step of healthy seeds): the flag
         # update, the alpha mask and the zeroing would all be identities, and are skipped.
         if not graft.blend:
             return full, alpha, None
-        return blend_chunks(full_c, host_c, alpha).flatten(-2), alpha, None
+        return blend_chunks(full, host, alpha), alpha, None
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
     graft.flags.logical_and_(ok)
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
-        return torch.where(ok.unsqueeze(-1), full_c, host_c).flatten(-2), alpha, ok
+        torch.where(ok.unsqueeze(-1), full_c, host.unflatten(-1, (n, -1)), out=full_c)
+        return full, alpha, ok
     # A chunk that fails the test blends with alpha 0 against its values with every
     # non-finite one zeroed: ``h + 0 * (s' - h)`` is ``h`` (``s' - h`` is finite wherever the
     # host is). One elementwise pass, where ``torch.where`` would broadcast a mask too.
     used = alpha.mul(ok)
-    safe = full_c.nan_to_num(0.0, 0.0, 0.0)
-    return blend_chunks(safe, host_c, used).flatten(-2), used, ok
+    torch.nan_to_num(full, 0.0, 0.0, 0.0, out=full)
+    return blend_chunks(full, host, used), used, ok
 
 
 class GuardedBlend(torch.autograd.Function):

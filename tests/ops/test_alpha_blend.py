@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kasmina.ops import alpha_blend, alpha_blend_reference
-from kasmina.ops.alpha_blend import blend_chunks_seed_grad
+from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
 from tests.ops.tolerances import DTYPES, tol
 
 # Not multiples of the 4096-element block, and a last dim divisible by the chunk counts used.
@@ -563,3 +563,68 @@ def test_blend_chunks_seed_grad_is_differentiable_in_grad_mode(backend: str) -> 
     (out * weights).sum().backward()
     torch.testing.assert_close(grad.grad, alpha.detach()[:, None] * weights)
     torch.testing.assert_close(alpha.grad, (weights * grad.detach()).sum(dim=(0, 2)))
+
+
+@pytest.mark.parametrize(
+    ("kind", "alpha_grad"),
+    [("float", False), ("0-d", False), ("0-d", True), ("chunks", False), ("chunks", True)],
+    ids=["float", "0-d", "0-d trained", "chunks", "chunks trained"],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_output_may_be_modified_in_place(
+    backend: str, dtype: torch.dtype, kind: str, alpha_grad: bool
+) -> None:
+    """The op's output is the caller's to modify in place (a ``relu_``, as an
+    ``nn.ReLU(inplace=True)`` after a slot does), with the values and gradients of the same
+    computation done out of place. Autograd forbids that on a
+    custom Function's output that is a view of one of its temporaries, which a per-chunk
+    blend flattened from ``[..., C, W]`` was."""
+    seed_out, host_out, grad = _inputs((2, 3, 36), dtype, seed=21)
+    alpha = _alpha(kind, 36, seed=21)
+    results = []
+    for inplace in (True, False):
+        s = seed_out.clone().requires_grad_(True)
+        a = alpha.clone().requires_grad_(alpha_grad) if isinstance(alpha, torch.Tensor) else alpha
+        out = alpha_blend(s, host_out, a)
+        out = out.relu_() if inplace else torch.relu(out)
+        out.backward(grad)
+        results.append((out.detach(), s.grad, a.grad if alpha_grad else None))
+    for got, want in zip(*results, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+@pytest.mark.parametrize("moved", [False, True], ids=["last dim", "moved chunk dim"])
+def test_blend_chunks_returns_a_tensor_that_is_not_a_view(
+    backend: str, dtype: torch.dtype, moved: bool
+) -> None:
+    """``blend_chunks`` gives the per-chunk blend as a tensor that is not a view (the seeds'
+    guarded graft returns it from its autograd node, and the caller may modify it in place):
+    on the CPU reference path for fp32/fp64, its scratch ``seed`` buffer itself, overwritten
+    in place (no new buffer; a chunk dim moved last keeps the memory order it had), else a
+    new tensor."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the kernels take fp32, fp16 and bf16")
+    gen = torch.Generator().manual_seed(31)
+    seed, host = (torch.randn(2, 6, 4, 6, generator=gen).to(dtype) for _ in range(2))
+    if moved:  # a conv's channels as the chunk dim, moved last, as the graft does
+        seed, host = (
+            seed.movedim(1, -1).clone(memory_format=torch.preserve_format),
+            host.movedim(1, -1),
+        )
+    alpha = torch.rand(3, generator=gen)
+    want = alpha_blend_reference(seed, host, alpha)
+    strides = seed.stride()
+    out = blend_chunks(seed, host, alpha)
+    assert out._base is None and out.shape == host.shape and out.dtype == dtype
+    if backend == "reference":
+        in_place = dtype in (torch.float32, torch.float64)
+        assert (out is seed) == in_place
+        if in_place:
+            assert out.stride() == strides
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out, want, **tol(dtype))

@@ -39,10 +39,16 @@ from tests.seeds.test_fault_containment import (
 S = SeedStage
 TO_GRAFTING = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING]
 TO_STABILIZATION = [*TO_GRAFTING, S.STABILIZATION]
+TO_ACTIVE = [*TO_STABILIZATION, S.ACTIVE]
 
 
 def _walk(seed: GradientIsolatedSeed, stage: SeedStage) -> None:
-    path = {S.DORMANT: [], S.GRAFTING: TO_GRAFTING, S.STABILIZATION: TO_STABILIZATION}[stage]
+    path = {
+        S.DORMANT: [],
+        S.GRAFTING: TO_GRAFTING,
+        S.STABILIZATION: TO_STABILIZATION,
+        S.ACTIVE: TO_ACTIVE,
+    }[stage]
     for step in path:
         seed.transition_to(step)
 
@@ -414,3 +420,122 @@ def test_the_guarded_training_step_never_syncs(device: str) -> None:
     assert syncs_inside(prof, "guarded_steps") == []
     assert layer.poll_nonfinite() == [layer.seed(1).seed_id]
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def _post(out: torch.Tensor, identity: torch.Tensor, op: str, inplace: bool) -> torch.Tensor:
+    """What a model does right after a slot: ``nn.ReLU(inplace=True)``, or a ResNet block's
+    ``out += identity``; in place, or the same computation out of place."""
+    if op == "relu":
+        return out.relu_() if inplace else torch.relu(out)
+    if inplace:
+        out += identity
+        return out
+    return out + identity
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
+@pytest.mark.parametrize("poison", [None, float("nan")], ids=["finite", "NaN"])
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.STABILIZATION, S.ACTIVE], ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", ["linear", "conv"])
+@pytest.mark.parametrize("op", ["relu", "add"])
+def test_the_slot_output_may_be_modified_in_place(
+    op: str,
+    shape: str,
+    stage: SeedStage,
+    poison: float | None,
+    guard: bool,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slot's output behaves like the bare module's: a ``relu_`` or ``+=`` right after it
+    runs in every stage, guarded or not, with a non-finite chunk or without, and gives the
+    values and gradients (host, seeds, input, the skip branch) of the same computation done
+    out of place, bit for bit. Autograd forbids modifying in place a custom Function's output
+    that is a view of one of its temporaries (the blend flattened from ``[..., n, W]``, or
+    moved back to a non-last ``chunk_dim``)."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    n, chunk = 2, 3
+    if shape == "linear":
+        host, dim, x = nn.Linear(5, n * chunk), -1, torch.randn(2, 7, 5)
+        kernels = {} if poison is None else {1: _Poison(chunk, poison)}
+    else:
+        host, dim, x = nn.Conv2d(2, n * chunk, 3, padding=1), 1, torch.randn(2, 2, 5, 4)
+        kernels = {} if poison is None else {1: _ConvPoison(chunk, poison)}
+    layer = _layer([stage] * n, host, chunk, dim, kernels)
+    for seed in layer.seeds:
+        seed.guard_backward = guard
+    twin = copy.deepcopy(layer)
+    w = torch.randn(host(x).shape)
+    identity = torch.randn(w.shape)
+    results = []
+    for slot, inplace in ((layer, True), (twin, False)):
+        h, skip = x.clone().requires_grad_(), identity.clone().requires_grad_()
+        out = slot(h)
+        fused = guard and stage != S.ACTIVE
+        assert ("GuardedBlendBackward" in _nodes(out)) == fused
+        out = _post(out, skip, op, inplace)
+        (out * w).sum().backward()
+        grads = {name: p.grad for name, p in slot.named_parameters() if p.grad is not None}
+        results.append((out.detach(), h.grad, skip.grad, grads, slot._finite_flags.tolist()))
+    (got, gx, gskip, grads, flags), (want, wx, wskip, want_grads, want_flags) = results
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(gx, wx, rtol=0, atol=0)
+    if op == "add":
+        torch.testing.assert_close(gskip, wskip, rtol=0, atol=0)
+    assert grads.keys() == want_grads.keys()
+    assert any(name.startswith("seeds.") for name in grads)  # the seeds did train
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
+    assert flags == want_flags == [True, poison is None]
+
+
+class _Block(nn.Module):
+    """A slot followed by in-place ops, as in a ResNet block: ``out += identity; relu_()``
+    (or the same out of place)."""
+
+    def __init__(self, slot: KasminaLayer, inplace: bool) -> None:
+        super().__init__()
+        self.slot = slot
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        out = self.slot(x)
+        return _post(_post(out, identity, "add", self.inplace), identity, "relu", self.inplace)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("shape", ["linear", "conv"])
+def test_a_compiled_slot_output_may_be_modified_in_place(shape: str, compiler: str) -> None:
+    """Under ``torch.compile(fullgraph=True)`` a GRAFTING slot's output takes the same in-place
+    ops (the blend is then the custom op, whose output, run by eager autograd under the
+    ``eager`` backend, must not be a view either): the values and gradients of the eager,
+    out-of-place computation. The first call records the slot's output contract, the second
+    runs the graph compiled without the recording: both count."""
+    torch._dynamo.reset()
+    if shape == "linear":
+        host, dim, x = nn.Linear(5, 6), -1, torch.randn(2, 7, 5)
+    else:
+        host, dim, x = nn.Conv2d(2, 6, 3, padding=1), 1, torch.randn(2, 2, 5, 4)
+    slot = _layer([S.GRAFTING, S.GRAFTING], host, 3, dim)
+    block, twin = _Block(slot, inplace=True), _Block(copy.deepcopy(slot), inplace=False)
+    compiled = torch.compile(block, backend=compiler, fullgraph=True)
+    identity = torch.randn(host(x).shape)
+    for _ in range(2):
+        results = []
+        for model in (compiled, twin):
+            for p in block.parameters() if model is compiled else twin.parameters():
+                p.grad = None
+            h = x.clone().requires_grad_()
+            out = model(h, identity)
+            out.sum().backward()
+            params = block.named_parameters() if model is compiled else twin.named_parameters()
+            grads = {name: p.grad for name, p in params if p.grad is not None}
+            results.append((out.detach(), h.grad, grads))
+        (got, gx, grads), (want, wx, want_grads) = results
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(gx, wx, rtol=0, atol=0)
+        assert grads.keys() == want_grads.keys() and grads
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
