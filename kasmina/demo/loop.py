@@ -230,7 +230,10 @@ class DemoLoop:
         bar = tqdm(epochs, desc=desc, unit="epoch", disable=not cfg.progress, leave=False)
         for epoch in bar:
             self.model.train()
-            shard = batches(data, epoch, cfg, self.rank, self.world)
+            # The shuffle of the ``epoch - first``-th training epoch, as ``train_plain`` draws
+            # it: the fine-tuning baseline of the continual scenario (whose boundary 0 comes
+            # before any step) sees the same phase-2 batches in the same order.
+            shard = batches(data, epoch - first, cfg, self.rank, self.world)
             losses = [self.step(xb, yb) for xb, yb in shard]
             val_acc, val_loss = accuracy_and_loss(self.model, data, data.val)
             records.append(self.record(epoch, losses, val_acc))
@@ -248,14 +251,22 @@ class DemoLoop:
         return self.result(records, teacher_acc, baseline_acc, targets)
 
     def record(self, epoch: int, losses: list[float], val_acc: float) -> EpochRecord:
+        """The epoch's row of the report, the test split scored for it. Those forwards run the
+        COMPATIBILITY_CHECK probes like any other; G3 decides on a seed's last probe, so the
+        probes the validation forward left are put back: no gate sees the test split."""
         m = self.manager
         data = self.data
-        test_acc, _ = accuracy_and_loss(self.model, data, data.test)
-        groups = {}
-        if self.cfg.scenario == "continual":
-            for name, classes in (("old", OLD_CLASSES), ("new", NEW_CLASSES)):
-                idx = with_classes(data.test, data, classes)
-                groups[name] = accuracy_and_loss(self.model, data, idx)[0]
+        probes = [(r.seed, r.seed.probe_result) for r in m.registry]
+        try:
+            test_acc, _ = accuracy_and_loss(self.model, data, data.test)
+            groups = {}
+            if self.cfg.scenario == "continual":
+                for name, classes in (("old", OLD_CLASSES), ("new", NEW_CLASSES)):
+                    idx = with_classes(data.test, data, classes)
+                    groups[name] = accuracy_and_loss(self.model, data, idx)[0]
+        finally:
+            for seed, probe in probes:
+                seed.probe_result = probe
         return EpochRecord(
             epoch=epoch,
             train_loss=sum(losses) / max(len(losses), 1),

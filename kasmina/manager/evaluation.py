@@ -18,8 +18,16 @@ one batched forward over a new dimension, keeps the model's own batch semantics 
 Side effects: none that training can see. Evaluation runs in eval mode (modes restored), under
 ``no_grad``, inside ``torch.random.fork_rng`` (no global random number is drawn), and restores
 what a forward leaves on the slots (COMPATIBILITY_CHECK probes, pending teacher logits, the
-captured kernel outputs the isolation check reads). No stage, alpha or weight changes. A kernel
-that faults while evaluated is contained and counted like in any forward.
+captured kernel outputs the isolation check reads), the seeds' non-finite flags and their
+kernels' buffers (batch-norm statistics that a kernel exported in train mode updates whatever
+``eval()`` says). No stage, alpha or weight changes.
+
+Faults: a kernel that faults while evaluated is contained as in any forward (the host's output
+stands in for the seed's), but the fault is the measurement's, not training's: it is not
+counted toward ``fault_limit`` (so evaluation can never quarantine a seed), and a seed that
+faulted, or whose output was not finite, in the forward that measures it gets an evaluation
+that says so (``SeedEvaluation.faults``) and that G5 refuses: the host standing in for it would
+otherwise read as "no effect", which the default gate fossilizes.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 from kasmina.manager.slots import SeedRecord, SlotRegistry
-from kasmina.seeds.gates import SeedEvaluation, count_flops
+from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element
 from kasmina.stages import RUNS_KERNEL, SeedStage
 
@@ -133,6 +141,24 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
+def _watched_call(
+    model: nn.Module, inputs: Any, seeds: list[Any], observed: list[list[str]], device: Any
+) -> tuple[Any, list[str | None]]:
+    """``model(inputs)`` watching the ``seeds``, whose faults go to ``observed`` (one list per
+    seed, ``seed.observed_faults``): the output, and per seed the fault it had in this call,
+    None if none. A non-finite output is one too: each seed's flag is set before the forward
+    and read after it (one transfer)."""
+    marks = [len(sink) for sink in observed]
+    for seed in seeds:
+        seed.finite_flag.fill_(True)
+    output = _call(model, inputs)
+    finite = torch.stack([seed.finite_flag.to(device) for seed in seeds]).tolist()
+    return output, [
+        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
+        for sink, mark, ok in zip(observed, marks, finite, strict=True)
+    ]
+
+
 def _value(result: torch.Tensor | float) -> float:
     if isinstance(result, torch.Tensor):
         return float(result.detach().float().item())
@@ -161,7 +187,9 @@ def evaluate_seeds(
     says a metric was asked for (``metric_given``), so G5 refuses rather than reading NaN as
     "no metric", and a warning counts the batches. Each seed's :class:`SeedEvaluation` is
     recorded on it (``seed.record_evaluation``) and returned by seed id. No live seed: ``{}``,
-    no forward.
+    no forward. A seed that faulted or was not finite in the forward measuring it (the host
+    stood in for it) gets an evaluation with ``faults`` > 0, which G5 refuses; evaluation
+    never counts a fault toward the seed's ``fault_limit``.
     """
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
@@ -176,6 +204,11 @@ def evaluate_seeds(
     saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
     for slot in registry.slots:
         slot._teacher_logits = None
+    seeds = [r.seed for r in live]
+    saved_flags = [seed.finite_flag.clone() for seed in seeds]
+    observed: list[list[str]] = [[] for _ in live]  # each seed's faults, seen and not counted
+    faults = [0] * len(live)  # per seed: the batches it faulted on in the measuring forward
+    last_fault = [""] * len(live)
     n_total = n_batches = 0
     bad_metric: set[int] = set()  # the batches on which metric_fn was not finite
     loss_with = 0.0
@@ -183,14 +216,24 @@ def evaluate_seeds(
     loss_without = {r.seed_id: 0.0 for r in contributing}
     metric_without = {r.seed_id: 0.0 for r in contributing}
     model.eval()
+    for seed, sink in zip(seeds, observed, strict=True):
+        seed.observed_faults = sink
     try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        with (
+            kept_buffers(*(seed.kernel for seed in seeds)),
+            torch.random.fork_rng(devices=cuda),
+            torch.no_grad(),
+        ):
             for inputs, targets in batches:
                 inputs, targets = _to(inputs, device), _to(targets, device)
                 n = _batch_size(inputs, targets)
                 n_total += n
                 n_batches += 1
-                output = _call(model, inputs)
+                output, seen = _watched_call(model, inputs, seeds, observed, device)
+                for i, fault in enumerate(seen):
+                    if fault is not None:
+                        faults[i] += 1
+                        last_fault[i] = fault
                 loss_with += n * _value(loss_fn(output, targets))
                 if metric_fn is not None:
                     value = _value(metric_fn(output, targets))
@@ -211,6 +254,9 @@ def evaluate_seeds(
                         if not math.isfinite(value):
                             bad_metric.add(n_batches)
     finally:
+        for seed, flag in zip(seeds, saved_flags, strict=True):
+            seed.observed_faults = None
+            seed.finite_flag.copy_(flag)
         for module, mode in modes:
             module.training = mode
         for record, output, spec in saved_records:
@@ -231,8 +277,17 @@ def evaluate_seeds(
     mean_loss = loss_with / n_total
     mean_metric = metric_with / n_total if metric_fn is not None else math.nan
     results: dict[str, SeedEvaluation] = {}
-    for record in live:
+    for i, record in enumerate(live):
         sid = record.seed_id
+        if faults[i]:
+            logger.warning(
+                "seed %s faulted on %d of %d validation batches while measured (last: %s): "
+                "the host's output stood in for it, so G5 refuses it (not counted as a fault)",
+                sid,
+                faults[i],
+                n_batches,
+                last_fault[i],
+            )
         without = loss_without[sid] / n_total if sid in loss_without else mean_loss
         if metric_fn is None:
             metric_off = math.nan
@@ -250,6 +305,8 @@ def evaluate_seeds(
             epoch=epoch,
             step=step,
             metric_given=metric_fn is not None,
+            faults=faults[i],
+            last_fault=last_fault[i],
         )
         record.seed.record_evaluation(evaluation)
         results[sid] = evaluation

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,16 +106,26 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
         if len(dtypes) == 1 and x.dtype not in dtypes:
             x = x.to(dtypes.pop())
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    with kept_buffers(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops())
+
+
+@contextmanager
+def kept_buffers(*modules: nn.Module) -> Iterator[None]:
+    """Put the buffers of ``modules`` back as they were on entry, however the block exits: a
+    forward that is only a measurement (a FLOP count, ``evaluate_seeds``) leaves no trace in
+    them. It matters for batch-norm statistics that ``eval()`` cannot freeze: a kernel
+    exported in train mode updates them on every call. Values are copied back in place (the
+    buffer objects stay), a buffer whose shape changed is left alone."""
+    buffers = [(b, b.detach().clone()) for module in modules for b in module.buffers()]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(x)
+        yield
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
                 if buffer.shape == saved.shape:
                     buffer.copy_(saved)
-    return int(counter.get_total_flops())
 
 
 def gate_g3_compatibility(
@@ -198,7 +209,11 @@ class SeedEvaluation:
     asked for (``evaluate_seeds`` got a ``metric_fn``): its values then decide G5 even when
     they are NaN (the metric was undefined on a batch), which G5 refuses. ``stage``,
     ``alpha``, ``epoch`` and ``step`` say when it was measured: G5 only takes evidence measured
-    in the stage being left, at alpha 1.
+    in the stage being left, at alpha 1. ``faults`` counts the validation batches on which
+    the seed faulted (raised, returned the wrong tensor, or a non-finite output) in the
+    forward that measured it, ``last_fault`` says how: the host's output stood in for the
+    seed's there, so ``loss_with`` is not the seed's: its benefit is NaN (unknown, score 0),
+    and G5 refuses it.
     """
 
     seed_id: str
@@ -212,6 +227,8 @@ class SeedEvaluation:
     epoch: int = -1
     step: int = 0
     metric_given: bool = False
+    faults: int = 0
+    last_fault: str = ""
 
     @property
     def metric_measured(self) -> bool:
@@ -223,13 +240,23 @@ class SeedEvaluation:
 
     @property
     def benefit(self) -> float:
-        """Relative validation-loss reduction the seed brings, ``1 - loss_with / loss_without``
-        (0 when both are 0; ``-inf`` when only the host's loss is 0)."""
-        if self.loss_without > 0:
-            return 1.0 - self.loss_with / self.loss_without
-        if self.loss_with == self.loss_without:
-            return 0.0
-        return -math.inf if self.loss_with > self.loss_without else math.nan
+        """Relative validation-loss reduction the seed brings, ``(loss_without - loss_with) /
+        |loss_without|``: ``1 - loss_with / loss_without`` for a positive loss, and for a loss
+        that can be negative (a Gaussian NLL) still positive exactly when the seed lowers it.
+        0 when both are equal; ``+inf``/``-inf`` when only the host's loss is 0 (the seed
+        lowers/raises it). NaN (unknown) for a seed that faulted while measured (``faults``);
+        a loss that is not finite gives NaN or an infinity, and G5 refuses both cases."""
+        with_, without = self.loss_with, self.loss_without
+        if self.faults:
+            return math.nan
+        if without > 0:
+            return 1.0 - with_ / without
+        gain = without - with_
+        if gain == 0 or math.isnan(gain):
+            return 0.0 if gain == 0 else math.nan
+        if without < 0:
+            return gain / -without
+        return math.copysign(math.inf, gain)
 
     @property
     def score(self) -> float:
@@ -257,7 +284,9 @@ def gate_g5_performance(
 
     A seed that was never evaluated, or only in an earlier stage (at a smaller alpha, so its
     measured effect is not the effect fossilizing it would have), is refused: no evidence, no
-    fossilization.
+    fossilization. So is a seed that faulted while measured (``evaluation.faults``: it raised
+    or its output was not finite, and the host's output stood in for it, which would read as
+    "no effect"): a measurement that cannot be read fails closed.
 
     The metric (``evaluate_seeds``' ``metric_fn``, e.g. accuracy) is read as *higher is
     better*: the seed is refused when ``metric_with < metric_without - max_metric_drop``, in
@@ -277,6 +306,13 @@ def gate_g5_performance(
         return GateResult(False, "never evaluated: run manager.evaluate_seeds first", 0.0, 5)
     if evaluation.stage != stage:
         reason = f"evaluated in {evaluation.stage.name}, not in {stage.name}: evaluate it again"
+        return GateResult(False, reason, 0.0, 5)
+    if evaluation.faults:
+        reason = (
+            f"faulted while measured, on {evaluation.faults} validation batch(es) (last: "
+            f"{evaluation.last_fault}): the host's output stood in for the seed's, so its "
+            "benefit was not measured"
+        )
         return GateResult(False, reason, 0.0, 5)
     score = evaluation.score
     benefit = evaluation.benefit

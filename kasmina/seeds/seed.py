@@ -89,6 +89,8 @@ class GradientIsolatedSeed(nn.Module):
     # The dimension of the host activations this seed's chunk spans: the last one by default;
     # a KasminaLayer sets its own (dim 1, the channels, for a convolution).
     chunk_dim: int = -1
+    # Where faults go while ``evaluate_seeds`` measures the seed: seen there, never counted.
+    observed_faults: list[str] | None = None
 
     def __init__(
         self,
@@ -115,17 +117,14 @@ class GradientIsolatedSeed(nn.Module):
         # True while every output since the last poll was finite (ANDed in place, on the
         # device); in a KasminaLayer, a view of the layer's flags.
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
-        self.isolation_violations = 0
-        self.nonfinite_events = 0
+        self.isolation_violations = self.nonfinite_events = 0
         self.fault_limit = fault_limit
         # Run the kernel's backward in a guarded node before ACTIVE (perf/bench_faults.py has
         # its cost); a trainer that trusts its kernels may switch it off.
         self.guard_backward = True
         self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
-        self._gate_score = 0.0
-        self._performance_gate = 0.0
-        self._alpha_value = 0.0
+        self._gate_score = self._performance_gate = self._alpha_value = 0.0
         # The GRAFTING schedule's step alpha was last set at (0 on entering GRAFTING): saved in
         # the extra state, so a seed loaded mid-GRAFTING goes on from where it was saved.
         self.graft_step = 0
@@ -286,6 +285,9 @@ class GradientIsolatedSeed(nn.Module):
     def _record_fault(self, kind: str, reason: str) -> None:
         """Count, log and report one contained fault; quarantine at ``fault_limit``."""
         reason = short_reason(reason)
+        if self.observed_faults is not None:
+            self.observed_faults.append(f"{kind}: {reason}")
+            return
         self.faults += 1
         self.fault_log.append(reason)
         stage = self.stage
@@ -329,9 +331,7 @@ class GradientIsolatedSeed(nn.Module):
         elif new == SeedStage.RECYCLING:
             self._set_alpha(0.0, force=True)
             self.graft_step = 0
-            self.isolation_violations = 0
-            self.nonfinite_events = 0
-            self.faults = 0
+            self.isolation_violations = self.nonfinite_events = self.faults = 0
             self.fault_log.clear()
             self.gate_score = 0.0
             self.evaluation = None
@@ -560,6 +560,7 @@ class GradientIsolatedSeed(nn.Module):
         """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints),
         checked first (:meth:`check_state`): a refused state changes nothing."""
         saved = self.check_state(state)
+        self.evaluation = None  # measured on weights this load may have replaced
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded

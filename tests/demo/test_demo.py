@@ -18,11 +18,16 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 
 from kasmina.cli import main as cli
+from kasmina.demo import loop as demo_loop
+from kasmina.demo import models as demo_models
 from kasmina.demo.config import COMMAND_KEY, DemoConfig
 from kasmina.demo.controller import (
     ADVANCE,
@@ -31,10 +36,13 @@ from kasmina.demo.controller import (
     SeedView,
     views_from_state,
 )
-from kasmina.demo.models import plain_parameters
+from kasmina.demo.data import Digits, accuracy_and_loss
+from kasmina.demo.loop import DemoLoop
+from kasmina.demo.models import HostMLP, graft_slots, plain_parameters
 from kasmina.demo.report import CONTINUAL_METHODS, ContinualResult, DemoResult
 from kasmina.demo.run import prepare, run_demo_cli, run_one
 from kasmina.leyline import SystemStatePacket
+from kasmina.manager.slots import SlotRegistry
 from kasmina.stages import SeedStage
 from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
@@ -312,7 +320,47 @@ def test_a_bad_device_or_seed_is_refused_before_anything_is_written(
     replace(cfg, seed=2**32 - 1, repeats=1, device="cpu").validate()  # the bounds themselves
 
 
-def test_the_continual_scenario_protects_the_host_and_scores_every_method(tmp_path) -> None:
+def test_scoring_the_test_split_leaves_g3_the_validation_probe() -> None:
+    """G3 decides on a seed's last COMPATIBILITY_CHECK probe: the report's test-split forward
+    (``DemoLoop.record``) must not replace the one the validation forward left."""
+    torch.manual_seed(0)
+    model = HostMLP()
+    slots = graft_slots(model, None, 2)
+    registry = SlotRegistry(model, slots)
+    seed = slots[1].seeds[0]
+    seed.attach_kernel(torch.nn.Identity())
+    seed.transition_to(SeedStage.ISOLATED_INIT)
+    seed.transition_to(SeedStage.COMPATIBILITY_CHECK)
+    split = torch.arange(12).split(4)
+    data = Digits(torch.rand(12, 64), torch.arange(12) % 10, *split)
+    accuracy_and_loss(model, data, data.val)
+    probe = seed.probe_result
+    assert probe is not None
+    loop = SimpleNamespace(
+        manager=SimpleNamespace(registry=registry),
+        data=data,
+        model=model,
+        cfg=SimpleNamespace(scenario="standard"),
+    )
+    record = DemoLoop.record(loop, 1, [0.5], 0.25)  # type: ignore[arg-type]
+    assert seed.probe_result is probe
+    assert record.test_acc == accuracy_and_loss(model, data, data.test)[0]
+
+
+def test_the_continual_scenario_protects_the_host_and_scores_every_method(
+    tmp_path, monkeypatch
+) -> None:
+    drawn: dict[str, list[tuple[int, int]]] = {"kasmina": [], "plain": []}
+
+    def spy(name: str, draw: Any) -> Any:
+        def batches(data: Digits, epoch: int, *args: Any) -> Any:
+            drawn[name].append((id(data.train), epoch))
+            return draw(data, epoch, *args)
+
+        return batches
+
+    monkeypatch.setattr(demo_loop, "batches", spy("kasmina", demo_loop.batches))
+    monkeypatch.setattr(demo_models, "batches", spy("plain", demo_models.batches))
     cfg = DemoConfig(
         out_dir=tmp_path / "cont",
         scenario="continual",
@@ -343,6 +391,10 @@ def test_the_continual_scenario_protects_the_host_and_scores_every_method(tmp_pa
     assert growth.isolation["violations"] == 0 and growth.isolation["seed_steps"] > 0
     assert [r.epoch for r in growth.epochs] == list(range(cfg.epochs + 1))
     assert len(result.fine_tune_curve) == cfg.epochs + 1
+    # Fine-tuning trains on the same phase-2 batches as Kasmina, in the same order.
+    phase2 = {train for train, _ in drawn["kasmina"]}
+    assert [d for d in drawn["plain"] if d[0] in phase2] == drawn["kasmina"]
+    assert [epoch for _, epoch in drawn["kasmina"]] == list(range(cfg.epochs))
     # A second run with the same seed reproduces it.
     again = run_one(replace(cfg, out_dir=tmp_path / "again"))
     assert isinstance(again, ContinualResult)

@@ -442,3 +442,98 @@ def test_g3_counts_costs_of_a_host_trained_under_autocast(rig: Rig, mlp) -> None
     assert (result.gate, result.passed, result.score) == (3, True, 1.0)  # counted, as in fp32
     manager.config.max_seed_cost_ratio = 0.5
     assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
+
+
+class NotFinite(nn.Module):
+    """A kernel whose output is NaN on every input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * math.nan
+
+
+class RaisesOnOdd(Scale):
+    """``x * factor``, except on a batch of 7, where it raises."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 7:
+            raise RuntimeError("odd batch")
+        return super().forward(x)
+
+
+class FrozenInTrainMode(nn.Module):
+    """Batch norm that ``eval()`` cannot switch off, as in a kernel exported in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def train(self, mode: bool = True) -> FrozenInTrainMode:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(x)
+
+
+def _stabilizing(kernel: nn.Module) -> tuple[KasminaLayer, SlotRegistry]:
+    """A three-seed slot whose seed 0 runs ``kernel`` in STABILIZATION, seed 1 ``x * 2``."""
+    torch.manual_seed(0)
+    slot = KasminaLayer(nn.Linear(3, 6), 3, 2, layer_id="fc")
+    registry = SlotRegistry(nn.Sequential(slot), [slot])
+    for seed, module in zip(slot.seeds, (kernel, Scale(2.0)), strict=False):
+        seed.attach_kernel(module)
+        for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+            seed.transition_to(stage)
+    return slot, registry
+
+
+def test_a_seed_not_finite_on_validation_data_is_refused_not_measured_as_harmless() -> None:
+    """The fault guard puts the host's output in place of a NaN, so "with" equals "without":
+    read as a benefit of 0, the default gate would fossilize the seed. Non-finite fails closed."""
+    slot, registry = _stabilizing(NotFinite())
+    seed = slot.seeds[0]
+    batches = [(torch.randn(4, 3), torch.randn(4, 6)), (torch.randn(3, 3), torch.randn(3, 6))]
+
+    ev = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
+
+    assert ev.loss_with == ev.loss_without  # what the guard did
+    assert ev.faults == 2 and ev.last_fault == "nonfinite: non-finite output"
+    assert math.isnan(ev.benefit) and ev.score == 0.0 and seed.gate_score == 0.0
+    result = seed.advance(performance_gate=0.5)  # the default gate
+    assert not result.passed and seed.stage == S.STABILIZATION
+    assert "faulted while measured, on 2 validation batch(es)" in result.reason
+    assert "non-finite" in result.reason
+    # The healthy seed beside it is measured as usual; the evaluation left no flag behind.
+    assert evaluate_seeds(registry, batches, F.mse_loss)["fc[1]"].faults == 0
+    assert bool(seed.finite_flag) and seed.poll_nonfinite() is False and seed.faults == 0
+
+
+def test_evaluation_sees_a_fault_without_counting_it_so_it_never_quarantines() -> None:
+    """Evaluation changes no stage: a kernel that raises on one validation batch is seen by
+    the measurement (once per batch, not once per forward) and never counted toward the
+    fault limit, which 1 + C forwards per batch would reach in one evaluation."""
+    slot, registry = _stabilizing(RaisesOnOdd(1.5))
+    seed = slot.seeds[0]
+    batches = [(torch.randn(16, 3), torch.randn(16, 6)), (torch.randn(7, 3), torch.randn(7, 6))]
+
+    ev = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
+
+    assert seed.stage == S.STABILIZATION and seed.faults == 0 and not seed.fault_log
+    assert seed.observed_faults is None
+    assert ev.faults == 1 and ev.last_fault == "exception: raised RuntimeError: odd batch"
+    assert not gate_g5_performance(ev, 0.0).passed
+    # Training forwards still count it.
+    slot(torch.randn(7, 3))
+    assert seed.faults == 1
+
+
+def test_evaluation_puts_back_the_buffers_of_a_kernel_eval_cannot_switch() -> None:
+    slot, registry = _stabilizing(FrozenInTrainMode())
+    bn = slot.seeds[0].kernel.bn
+    before = {k: v.clone() for k, v in bn.named_buffers()}
+    batches = [(torch.randn(8, 3), torch.randn(8, 6))]
+
+    first = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
+
+    assert bn.training  # it did run in train mode, updating its statistics on the way
+    assert all(torch.equal(v, dict(bn.named_buffers())[k]) for k, v in before.items())
+    assert evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"] == first

@@ -102,3 +102,36 @@ def test_a_metric_asked_for_but_nan_on_both_sides_is_refused_not_skipped() -> No
     assert not result.passed and result.gate == 5
     assert "not finite" in result.reason and "metric_fn" in result.reason
     assert result.score == pytest.approx(asked.score)
+
+
+@pytest.mark.parametrize(
+    ("loss_with", "loss_without", "benefit", "passes"),
+    [
+        (-2.0, -1.0, 1.0, True),  # a Gaussian NLL the seed lowers: a benefit
+        (-1.0, -2.0, -0.5, False),  # one it raises: harm
+        (-0.5, 0.5, 2.0, True),  # from positive to negative
+        (-0.5, 0.0, math.inf, True),  # only the host's loss is 0
+        (0.5, 0.0, -math.inf, False),
+        (0.0, 0.0, 0.0, True),  # no effect
+        (0.75, 1.0, 0.25, True),  # positive losses: 1 - with / without, as always
+    ],
+)
+def test_the_benefit_is_well_defined_for_losses_of_any_sign(
+    loss_with: float, loss_without: float, benefit: float, passes: bool
+) -> None:
+    evaluation = _evaluation(loss_with, loss_without)
+    assert evaluation.benefit == benefit
+    assert evaluation.score == 0.5 + 0.5 * max(-1.0, min(1.0, benefit))
+    assert gate_g5_performance(evaluation, 0.5).passed is passes
+
+
+def test_g5_refuses_an_evaluation_that_saw_the_seed_fault() -> None:
+    # The host stood in for the seed on the faulted batches, so its losses say nothing of it.
+    faulted = SeedEvaluation(
+        "s", S.STABILIZATION, 1.0, 0.5, 1.0, faults=2, last_fault="nonfinite: non-finite output"
+    )
+    assert math.isnan(faulted.benefit) and faulted.score == 0.0
+    result = gate_g5_performance(faulted, 0.0, max_metric_drop=math.inf)
+    assert not result.passed and result.gate == 5 and result.score == 0.0
+    assert result.reason.startswith("faulted while measured, on 2 validation batch(es)")
+    assert "nonfinite: non-finite output" in result.reason

@@ -359,3 +359,19 @@ def test_forward_on_the_triton_path_matches_the_reference(triton_backend, x) -> 
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert h.grad is None
+
+
+def test_loading_a_state_drops_the_evaluation_of_the_weights_it_replaces() -> None:
+    """Evaluations are not checkpointed: after ``load_state_dict`` (new kernel weights, in
+    place), G5 must not fossilize on what the old weights measured."""
+    seed = make_seed(S.STABILIZATION)
+    other = make_seed(S.STABILIZATION)
+    with torch.no_grad():
+        for p in other.seed_parameters():
+            p.mul_(20.0)
+    seed.record_evaluation(SeedEvaluation("s0", S.STABILIZATION, 1.0, 0.5, 1.0))
+    assert seed.evaluate_gate(S.ACTIVE, performance_gate=0.5).passed
+    seed.load_state_dict(other.state_dict())
+    assert seed.evaluation is None
+    result = seed.evaluate_gate(S.ACTIVE, performance_gate=0.5)
+    assert not result.passed and result.reason.startswith("never evaluated")
