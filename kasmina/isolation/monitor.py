@@ -50,7 +50,7 @@ from kasmina.isolation.verify import NamedParams, graph_isolation, named_params
 from kasmina.leyline import MetricType
 from kasmina.ops import leak_check
 from kasmina.ops.backend import SUPPORTED_DTYPES
-from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
+from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +341,8 @@ class GradientIsolationMonitor:
             return None
         logger.critical("emergency checkpoint for seed %s written to %s", self.seed_id, path)
         _prune_emergency(path, f"{prefix}emergency_isolation_", suffix)
+        kind = re.escape(f"{prefix}emergency_isolation_") + ".+" + re.escape(suffix)
+        remove_stale_temporaries(path.parent, kind)  # of writes a kill cut short
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ debug hooks

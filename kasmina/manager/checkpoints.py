@@ -46,7 +46,12 @@ from torch import nn
 from kasmina.errors import CheckpointUnavailableError
 from kasmina.manager.config import KasminaConfig
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import CheckpointSigner, clone_state
+from kasmina.utils.state_io import (
+    CheckpointSigner,
+    clone_state,
+    fsync_directory,
+    remove_stale_temporaries,
+)
 
 if TYPE_CHECKING:
     from kasmina.isolation.optimizers import IsolatedOptimizerManager
@@ -81,8 +86,10 @@ class CheckpointStore(ABC):
 
     Subclasses keep the checkpoints (``_write``, ``_read``, ``_delete``, ``epochs``); this class
     decides which epochs are due, which are kept, and what a refusal says. Saving epoch ``n``
-    also removes checkpoints of epochs after ``n``: they belong to a timeline that a rollback
-    abandoned, and keeping them would make ``latest_epoch`` point at stale state. Which of the
+    first removes checkpoints of epochs after ``n`` (after a rollback, all those after its
+    target): they belong to a timeline that a rollback abandoned, and keeping them would make
+    ``latest_epoch`` point at stale state; deleting them before the write means no crash
+    leaves them beside the new epoch as one history (``_drop_abandoned``). Which of the
     kept checkpoints are abandoned is known only after a rollback (``abandon_after``) or a save
     in this process: until then every checkpoint of the run is live, and ``check_next_epoch``
     refuses an epoch whose save would delete one (a trainer restarted with the same run id).
@@ -150,7 +157,8 @@ class CheckpointStore(ABC):
 
     def save(self, epoch: int, state: Mapping[str, Any]) -> None:
         """Keep ``state`` as the checkpoint of ``epoch`` (whether or not it is due: the caller
-        decides), then apply retention. A failed write leaves the kept checkpoints as they
+        decides), then apply retention. The abandoned timeline's checkpoints are deleted, for
+        good, before the write (``_drop_abandoned``); a failed write leaves the others as they
         were."""
         _check_epoch(epoch)
         if not isinstance(state, Mapping):
@@ -166,8 +174,9 @@ class CheckpointStore(ABC):
                 self.every_epochs,
                 self.max_rollback_epochs,
             )
+        self._drop_abandoned(epoch)  # first: no crash may leave them beside the new epoch
         self._write(epoch, state)
-        self._abandoned_after = epoch  # what is after it is pruned now, or was left behind
+        self._abandoned_after = epoch  # what is after it was dropped above, or left behind
         self._prune(epoch)
 
     def load(self, epoch: int, map_location: Any = None) -> dict[str, Any]:
@@ -215,19 +224,42 @@ class CheckpointStore(ABC):
     def _delete(self, epoch: int) -> None:
         """Forget the checkpoint of ``epoch``."""
 
+    def _sync_deletes(self) -> None:  # noqa: B027 - only a disk store has deletes to persist
+        """Make the deletes done so far durable before anything else is written."""
+
+    def _drop_abandoned(self, epoch: int) -> None:
+        """Before ``epoch`` is written, delete the checkpoints of the timeline a rollback left
+        (after its target, ``abandon_after``; with none known, those after ``epoch``), newest
+        first, and make that durable (``_sync_deletes``). Why first and in that order: a crash
+        at any point then leaves a prefix of one timeline on disk, never the new epoch beside
+        the old timeline's later ones, which a restart would take for one history and be told
+        to roll back into. A failed delete raises and nothing is written."""
+        after = self._abandoned_after
+        abandoned = [e for e in self.epochs() if e > epoch or (after is not None and e > after)]
+        for old in reversed(abandoned):
+            try:
+                self._delete(old)
+            except OSError as exc:
+                raise OSError(
+                    f"could not delete the abandoned checkpoint of epoch {old} ({exc}); epoch "
+                    f"{epoch} is not written, since it would sit beside the timeline it replaces"
+                ) from exc
+        if abandoned:
+            self._sync_deletes()
+            logger.info("removed checkpoints of abandoned epochs %s", abandoned)
+
     def _prune(self, saved_epoch: int) -> None:
-        """Delete abandoned epochs (after ``saved_epoch``) and those out of reach. Failures are
-        logged, not raised: the checkpoint is written, and a leftover is only disk."""
+        """Delete epochs out of reach (and any after ``saved_epoch``, which ``_drop_abandoned``
+        already removed unless another writer raced it). Failures are logged, not raised: the
+        checkpoint is written, and a leftover is only disk."""
         epochs = self.epochs()
-        abandoned = [e for e in epochs if e > saved_epoch]
+        later = [e for e in epochs if e > saved_epoch]
         expired = [e for e in epochs if e < saved_epoch - self.max_rollback_epochs]
-        for epoch in abandoned + expired:
+        for epoch in later + expired:
             try:
                 self._delete(epoch)
             except OSError:
                 logger.warning("could not delete the checkpoint of epoch %d", epoch, exc_info=True)
-        if abandoned:
-            logger.info("removed checkpoints of abandoned epochs %s", abandoned)
 
 
 class DiskCheckpointStore(CheckpointStore):
@@ -263,10 +295,8 @@ class DiskCheckpointStore(CheckpointStore):
         self.directory = Path(directory).expanduser()
         self.signer = signer
         self._lock_file = None if lock_path is None else self._lock(Path(lock_path).expanduser())
-        prefix = re.escape(signer.run_id)
-        self._name = re.compile(rf"{prefix}\.epoch_(\d{{8,}})\.ckpt")
-        # A temp file of an interrupted write (see state_io): ".<final name>.<random>.tmp".
-        self._temporary = re.compile(rf"\.{prefix}\.epoch_\d{{8,}}\.ckpt\..+\.tmp")
+        self._final = rf"{re.escape(signer.run_id)}\.epoch_(\d{{8,}})\.ckpt"
+        self._name = re.compile(self._final)
         self._remove_stale_temporaries()
 
     def path_for(self, epoch: int) -> Path:
@@ -319,15 +349,15 @@ class DiskCheckpointStore(CheckpointStore):
     def _delete(self, epoch: int) -> None:
         self.path_for(epoch).unlink(missing_ok=True)
 
+    def _sync_deletes(self) -> None:
+        fsync_directory(self.directory)
+
     def _remove_stale_temporaries(self) -> None:
-        """This run's temp files left by a crash mid-write are garbage: the target was never
-        replaced. Other runs' files are not this run's to judge."""
-        if not self.directory.is_dir():
-            return
-        for entry in self.directory.iterdir():
-            if self._temporary.fullmatch(entry.name):
-                logger.warning("removing incomplete checkpoint temp file %s", entry)
-                entry.unlink(missing_ok=True)
+        """This run's temp files left by a crash mid-write (``.<final name>.<random>.tmp``)
+        are garbage: the target was never replaced. Other runs' files are not this run's to
+        judge. All of them at once: the only writer of this run's names is the store, and the
+        run's store is one (its lock)."""
+        remove_stale_temporaries(self.directory, self._final, older_than_s=None)
 
 
 class MemoryCheckpointStore(CheckpointStore):
@@ -405,12 +435,16 @@ def checkpoint_lock_path(config: KasminaConfig) -> Path:
 
 def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> CheckpointStore:
     """The store ``config.checkpoint_mode`` asks for, with its cadence and reach; on disk, it
-    holds the run's checkpoint lock (``checkpoint_lock_path``) while open."""
+    holds the run's checkpoint lock (``checkpoint_lock_path``) while open. Temp files of this
+    run's killed emergency writes, older than ``STALE_TEMPORARY_S``, are removed first."""
     policy: dict[str, Any] = {
         "every_epochs": config.checkpoint_every_epochs,
         "max_rollback_epochs": config.max_rollback_epochs,
         "run_dir": config.run_dir,
     }
+    # A killed emergency write's temp file holds seed state: removed once no writer can own it.
+    emergency = re.escape(config.run_id) + r"\.emergency_isolation_.+\.ckpt"
+    remove_stale_temporaries(Path(config.emergency_checkpoint_dir).expanduser(), emergency)
     if config.checkpoint_mode == "disk":
         lock = checkpoint_lock_path(config)
         return DiskCheckpointStore(config.checkpoint_dir, signer, lock_path=lock, **policy)

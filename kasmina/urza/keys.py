@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import logging
 import os
@@ -30,7 +31,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kasmina.utils.signed_json import strict_json_loads
-from kasmina.utils.state_io import atomic_write_bytes
+from kasmina.utils.state_io import (
+    atomic_write_bytes,
+    install_new_file,
+    remove_stale_temporaries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -240,22 +245,28 @@ class PublisherKey:
         """Write the key file with mode 0600 (created so, never widened afterwards).
 
         An existing file is refused (``FileExistsError``) unless ``overwrite``: a private key
-        is not replaced by accident. With ``overwrite`` the new file is written beside it and
-        renamed over it, so the old key is never half-overwritten; only a regular file is
-        replaced (anything else at ``path``, a directory, a FIFO, a device, is refused with
-        ``ValueError``). Errors name ``path``, never the temporary file.
+        is not replaced by accident. Either way the key is written to a temp file beside
+        ``path`` and fsync'd before it appears there, so a kill never leaves a torn key under
+        the final name (which would block the retry): without ``overwrite`` it is linked into
+        place, which never overwrites (``install_new_file``); with ``overwrite`` it is renamed
+        over the old key, which is never half-overwritten, and only a regular file is replaced
+        (anything else at ``path``, a directory, a FIFO, a device, is refused with
+        ``ValueError``). Temp files of killed saves, older than ``STALE_TEMPORARY_S``, are
+        removed. Errors name ``path``, never the temporary file.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_pem()
+        remove_stale_temporaries(path.parent, re.escape(path.name))
         if not overwrite:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            except BaseException:  # a half-written key is no key: a retry must find no file
-                path.unlink(missing_ok=True)
-                raise
+                installed = install_new_file(path, data)
+            except OSError as exc:
+                if exc.errno is None:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            if not installed:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
             return
         try:
             mode: int | None = os.stat(path).st_mode

@@ -7,12 +7,22 @@ file is closed (or collected), and no other open of the same path, in another pr
 this one, can take it meanwhile (on NFS, where Linux emulates ``flock`` with byte-range locks
 that belong to the process, only another process is kept out). Where the platform has no
 advisory locks the file is opened without one, and a single owner is the caller's duty.
+
+Why a child closes them: an open file is shared with every ``fork()``ed child (a
+multiprocessing or DataLoader worker under the ``fork`` start method), and a ``flock`` lives
+until the last descriptor of its open file closes, so a child that outlived a killed owner
+would keep the lock and refuse the restart. Every lock taken here is recorded (weakly), and a
+forked child closes its copies at once (``os.register_at_fork``): the parent's lock is
+untouched (closing one descriptor of a shared open file does not unlock it), and the child
+holds none. A child started by ``exec`` inherits none anyway (the files are non-inheritable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import weakref
 from pathlib import Path
 
 try:
@@ -22,11 +32,28 @@ except ImportError:  # not POSIX: no advisory locks
 
 __all__ = ["lock_exclusive"]
 
+# The open lock files of this process: a forked child closes its copies of them.
+_HELD: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    """After ``fork()``, in the child: close the inherited lock files (never unlock them, which
+    would release the parent's lock; closing a copy does not)."""
+    for lock_file in list(_HELD):
+        with contextlib.suppress(OSError):
+            lock_file.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
 
 def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
     """Open ``path`` (created if missing; its directory must exist) and lock it exclusively
-    without waiting: the open file, which holds the lock until it is closed, or None when
-    another open file holds it (a live process, or another owner in this one)."""
+    without waiting: the open file, which holds the lock until it is closed (in this process; a
+    forked child never holds it), or None when another open file holds it (a live process, or
+    another owner in this one)."""
     lock_file = io.FileIO(Path(path), "a")
     if fcntl is None:
         return lock_file
@@ -35,4 +62,5 @@ def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
     except OSError:
         lock_file.close()
         return None
+    _HELD.add(lock_file)
     return lock_file

@@ -5,6 +5,11 @@ never a byte handed to ``torch.load`` before it is authenticated.
 fsync'd, then moved over the target with ``os.replace`` (atomic on POSIX and Windows), and the
 directory is fsync'd so the rename itself survives a crash.
 
+**Never half a new file either.** A file that must not replace an existing one (a key) is
+written the same way and then put in place without overwriting (``install_new_file``). The temp
+file of a killed write is garbage; ``remove_stale_temporaries`` removes those of given names
+once no live writer can own them.
+
 **Tamper-evident.** A checkpoint written by ``CheckpointSigner`` is one file, a header and then
 the payload (the ``torch.save`` bytes)::
 
@@ -38,6 +43,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -51,6 +57,7 @@ from typing import IO, Any
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
@@ -60,8 +67,12 @@ __all__ = [
     "CheckpointSigner",
     "atomic_torch_save",
     "atomic_write_bytes",
+    "STALE_TEMPORARY_S",
     "clone_state",
+    "fsync_directory",
+    "install_new_file",
     "load_or_create_checkpoint_key",
+    "remove_stale_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,10 +89,16 @@ _LENGTH_BYTES = 4
 _KINDS = ("epoch", "emergency")
 _FIELDS = frozenset({"format", "kind", "run_id", "epoch", "size", "sha256", "created", "hmac"})
 _HEX = frozenset("0123456789abcdef")
+# A temp file untouched this long (seconds) belongs to no live writer: every write here makes
+# its file in one go, so a live one is seconds old at most, even for a large checkpoint.
+STALE_TEMPORARY_S = 600.0
+# ``os.link`` errors that mean "no hard links on this filesystem", not "the link failed".
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Persist a rename, link or unlink in ``directory`` (POSIX); a no-op where directories
+    cannot be opened or synced (the files themselves are synced by their writers)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -109,8 +126,103 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
     return target
+
+
+def remove_stale_temporaries(
+    directory: str | os.PathLike[str],
+    final_name: str,
+    *,
+    older_than_s: float | None = STALE_TEMPORARY_S,
+) -> list[Path]:
+    """Delete from ``directory`` the temp files (``.<final name>.<random>.tmp``, as every
+    writer here names them) of killed writes of files whose names match the regular expression
+    ``final_name``; the removed paths. They never replaced their target, so they are garbage
+    once no live writer owns them: with ``older_than_s=None`` the caller knows there is none
+    (it holds the lock under which these names are written), otherwise only those unmodified
+    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk."""
+    temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # no directory yet (nothing was written), or unreadable: nothing to do
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not temporary.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if older_than_s is not None and now - info.st_mtime < older_than_s:
+                continue  # may be a live writer's
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # its writer finished (or someone else removed it) meanwhile
+        except OSError:
+            logger.warning("could not remove the stale temp file %s", entry.path, exc_info=True)
+            continue
+        logger.warning("removed the temp file of an interrupted write: %s", entry.path)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _replace_if_absent(tmp_name: str, target: Path) -> bool:
+    """Where there are no hard links: move ``tmp_name`` to ``target`` unless something is
+    there, under an exclusive lock on ``.<name>.lock`` beside it that every writer of
+    ``install_new_file`` takes, so two of them cannot both see ``target`` absent. The residual
+    window: a writer that bypasses this function, or a platform without advisory locks (not
+    POSIX; NFS across hosts where ``flock`` is not forwarded), may still race the check and the
+    rename, and then the later rename replaces the earlier file."""
+    lock_path = target.with_name(f".{target.name}.lock")
+    deadline = time.monotonic() + 30.0
+    while (lock := lock_exclusive(lock_path)) is None:
+        if time.monotonic() > deadline:  # held for a check and a rename: this is no writer
+            raise TimeoutError(f"the install lock {lock_path} stayed held for 30 s")
+        time.sleep(0.01)
+    with lock:
+        try:
+            os.lstat(target)
+        except FileNotFoundError:
+            os.replace(tmp_name, target)
+            return True
+        return False
+
+
+def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
+    """Put ``data`` at ``path`` (mode 0600) unless something is already there (False then,
+    nothing written), so that a kill at any point leaves no file at ``path`` or the whole one.
+
+    Why not create ``path`` and write it: a kill between the two leaves a torn file under the
+    final name, which then blocks every retry. So the bytes go to a temp file beside ``path``,
+    are fsync'd, and only then appear at ``path``: by a hard link, which never overwrites (two
+    concurrent writers: exactly one wins), or where the filesystem has none by a rename under a
+    lock (``_replace_if_absent``); then the directory is fsync'd. The temp file of a killed
+    write is left for ``remove_stale_temporaries``.
+    """
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if not _replace_if_absent(tmp_name, target):
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    fsync_directory(target.parent)
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
@@ -152,41 +264,6 @@ def _read_key(path: Path) -> bytes:
     )
 
 
-def _write_new_key(path: Path, key: bytes) -> bool:
-    """Install ``key`` at ``path`` unless a key is already there (False then).
-
-    Why link rather than replace: two processes of one run may create the key at once; a hard
-    link never overwrites, so exactly one key wins and the other process reads it. The temp file
-    is created 0600 (``mkstemp``) and complete before the link makes it visible.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp_name, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:  # no hard links here: exclusive create, still never overwrites
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            try:
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                return False
-            with os.fdopen(out, "wb") as handle:
-                handle.write(key)
-                handle.flush()
-                os.fsync(handle.fileno())
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-    _fsync_directory(path.parent)
-    return True
-
-
 def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:
     """The checkpoint key in ``path``, created on first use (32 random bytes, mode 0600, in a
     parent directory created 0700)."""
@@ -194,8 +271,11 @@ def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:
     with contextlib.suppress(FileNotFoundError):
         return _read_key(target)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    remove_stale_temporaries(target.parent, re.escape(target.name))  # of killed creations
     key = secrets.token_bytes(CHECKPOINT_KEY_BYTES)
-    if _write_new_key(target, key):
+    # Installed whole or not at all, never over a key a concurrent creator of the run put
+    # there first (then that key is read and used).
+    if install_new_file(target, key):
         logger.info("created checkpoint key %s", target)
         return key
     return _read_key(target)

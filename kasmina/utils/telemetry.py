@@ -19,7 +19,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import secrets
+import stat
 import threading
 import time
 from collections import deque
@@ -100,11 +102,24 @@ class MemorySink:
         return len(self._buffer)
 
 
+def _ends_a_line(handle: IO[str]) -> bool:
+    """Whether the file open (for append) in ``handle`` is empty, or not a regular file, or
+    ends with a newline (else a crash tore its last line)."""
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        return True
+    with open(handle.name, "rb") as reader:  # the handle is write-only: read the file anew
+        reader.seek(-1, os.SEEK_END)
+        return reader.read(1) == b"\n"
+
+
 class JsonlFileSink:
     """Appends one JSON object per packet per line (protobuf JSON mapping), flushed each time.
 
     The file is opened in append mode so that restarts add to the same log; lines written by one
-    sink are never interleaved because writes are serialized by a lock.
+    sink are never interleaved because writes are serialized by a lock. A process killed while
+    writing leaves a torn last line: the next sink of the file ends it with a newline before
+    its first packet, so the torn line stays one bad line and the new packets stay readable.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -112,6 +127,13 @@ class JsonlFileSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
+        try:
+            if not _ends_a_line(self._file):
+                self._file.write("\n")  # close the torn line, never glue a packet onto it
+                self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
 
     def send(self, packet: TelemetryPacket) -> None:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)

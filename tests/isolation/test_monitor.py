@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -313,6 +314,24 @@ def test_emergency_checkpoints_are_bounded_per_directory(tmp_path, monkeypatch) 
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
         ["notes.txt", *(p.name for p in written[-2:]), info.value.checkpoint_path.name]
     )
+
+
+def test_a_trip_removes_stale_temporaries_of_killed_emergency_writes(tmp_path) -> None:
+    ckpt_dir = tmp_path / "emergency"
+    ckpt_dir.mkdir()
+    stale = ckpt_dir / ".emergency_isolation_s0_12.pt.abc123.tmp"
+    fresh = ckpt_dir / ".emergency_isolation_s0_34.pt.def456.tmp"  # maybe a live writer's
+    other = ckpt_dir / ".notes.txt.xyz.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    os.utime(other, (1, 1))
+    host = _host()
+    seed = _seed(host, "no_detach")
+    monitor = _monitor(host, seed, checkpoint_dir=ckpt_dir, max_violations=1)
+    with pytest.raises(GradientIsolationViolationError):
+        _seed_step(monitor, host, seed, "no_detach")
+    assert not stale.exists() and fresh.exists() and other.exists()
 
 
 def test_breaker_without_configured_dir_uses_per_user_temp(tmp_path, monkeypatch, caplog):

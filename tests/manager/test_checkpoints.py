@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +21,18 @@ from kasmina.manager.checkpoints import (
     MemoryCheckpointStore,
     NoCheckpointStore,
     capture_training_state,
+    open_checkpoint_store,
     restore_training_state,
 )
 from kasmina.manager.config import KasminaConfig
 from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,
+    STALE_TEMPORARY_S,
     CheckpointSigner,
     atomic_torch_save,
     load_or_create_checkpoint_key,
 )
+from tests.crash import KILLED, die, run_in_child
 from tests.manager.helpers import Rig, make_config, run_command
 
 
@@ -129,6 +134,47 @@ def test_saving_after_rollback_drops_abandoned_epochs(tmp_path):
     store.save(4, {"epoch": 4, "retrained": True})
     assert store.epochs() == [3, 4]
     assert store.load(4)["retrained"] is True
+
+
+@pytest.mark.parametrize("killed_at", ["delete 1", "delete 2", "delete 3", "write", "prune"])
+def test_a_save_killed_anywhere_after_a_rollback_leaves_one_timeline(tmp_path, killed_at):
+    """After a ROLLBACK to epoch 1, saving epoch 2 replaces the timeline 2, 3, 4. Killed at any
+    point (each delete, the rename, the pruning after it), the disk holds a prefix of one
+    timeline, never the new epoch 2 beside the old 3 and 4 (which a restart would be told to
+    roll back to, continuing the abandoned timeline after the new epoch)."""
+    store = _store(tmp_path)
+    for epoch in range(5):
+        store.save(epoch, {"timeline": "old"})
+
+    def save_after_rollback() -> None:
+        if killed_at.startswith("delete"):
+            real_delete, deletes = DiskCheckpointStore._delete, []
+
+            def delete(self, epoch):
+                real_delete(self, epoch)
+                deletes.append(epoch)
+                if len(deletes) == int(killed_at.split()[1]):
+                    die()
+
+            DiskCheckpointStore._delete = delete
+        elif killed_at == "write":
+            os.replace = lambda src, dst: die()
+        else:
+            DiskCheckpointStore._prune = lambda self, epoch: die()
+        store.abandon_after(1)
+        store.save(2, {"timeline": "new"})
+
+    assert run_in_child(save_after_rollback) in (0, KILLED)
+    restarted = _store(tmp_path)
+    epochs = restarted.epochs()
+    timelines = [restarted.load(epoch)["timeline"] for epoch in epochs]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 2  # a prefix, 0 and 1 kept
+    if "new" in timelines:
+        assert epochs == [0, 1, 2] and timelines == ["old", "old", "new"]
+    else:
+        assert set(timelines) == {"old"}
+    with pytest.raises(ValueError, match=rf"to epoch {epochs[-1]} for the latest"):
+        restarted.check_next_epoch(0, -1)  # a restarted trainer is still refused
 
 
 def test_runs_sharing_a_directory_never_list_rotate_or_clean_each_others_files(tmp_path):
@@ -275,6 +321,33 @@ def test_load_refuses_unsigned_files_and_arbitrary_pickles_even_when_signed(tmp_
     store.signer.write_payload(buffer.getvalue(), store.path_for(3), kind="epoch", epoch=3)
     with pytest.raises(pickle.UnpicklingError):
         store.load(3)
+
+
+def test_temp_files_of_killed_emergency_writes_are_removed_once_stale(tmp_path):
+    """An emergency checkpoint write killed before its rename leaves a temp file holding seed
+    state; opening the run's store removes it once no live writer can own it (older than
+    ``STALE_TEMPORARY_S``), and never another run's."""
+    config = make_config(tmp_path, tmp_path / "urza", run_id="run-a")
+    signer = CheckpointSigner(config.checkpoint_key_path, config.run_id)
+    emergency = Path(config.emergency_checkpoint_dir)
+
+    def emergency_write_killed_before_its_rename() -> None:
+        os.replace = lambda src, dst: die()
+        name = f"{config.run_id}.emergency_isolation_s0_{time.time_ns()}.ckpt"
+        signer.write({"seed_id": "s0"}, emergency / name, kind="emergency")
+
+    assert run_in_child(emergency_write_killed_before_its_rename) == KILLED
+    [temp] = emergency.iterdir()
+    assert temp.name.startswith(".run-a.emergency_isolation_s0_") and temp.name.endswith(".tmp")
+    other_run = emergency / ".run-b.emergency_isolation_s0_1.ckpt.abcd1234.tmp"
+    other_run.write_bytes(b"run b's")
+    stale = time.time() - 2 * STALE_TEMPORARY_S
+    os.utime(other_run, (stale, stale))
+    open_checkpoint_store(config, signer).close()
+    assert temp.exists()  # fresh: it may be a live writer's
+    os.utime(temp, (stale, stale))
+    open_checkpoint_store(config, signer).close()
+    assert sorted(emergency.iterdir()) == [other_run]
 
 
 # ---------------------------------------------------------------- key, memory, off

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ from kasmina.urza.keys import (
 from kasmina.urza.publish import publish_payload, resign_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.signed_json import canonical_json
+from kasmina.utils.state_io import STALE_TEMPORARY_S
+from tests.crash import KILLED, die, run_in_child
 
 PAYLOAD = b"a payload standing in for a .pt2 program" * 8
 T0 = 1_700_000_000.0
@@ -415,6 +418,47 @@ def test_key_file_round_trip_is_0600_and_never_overwritten_by_accident(tmp_path:
     assert [p.name for p in path.parent.iterdir()] == ["publisher.key"]
     text = repr(key)
     assert "ci-publisher" in text and "PRIVATE" not in text and "MC4C" not in text
+
+
+def test_a_save_killed_mid_write_leaves_no_torn_key_and_the_retry_succeeds(tmp_path: Path) -> None:
+    """The key used to be created under its final name, then written: a kill in between left a
+    torn private key there, and the retry was refused ("exists"). Now it appears only whole;
+    the killed write's temp file is removed by a later save once stale."""
+    path = tmp_path / "publisher.key"
+    key = PublisherKey.generate("pub")
+
+    class Torn:
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+        def write(self, data: bytes) -> None:  # killed after part of the key reached the file
+            self.handle.write(data[:40])
+            self.handle.flush()
+            die()
+
+    def save_killed_mid_write() -> None:
+        real_fdopen = os.fdopen
+        os.fdopen = lambda fd, *args, **kwargs: Torn(real_fdopen(fd, *args, **kwargs))
+        key.save(path)
+
+    assert run_in_child(save_killed_mid_write) == KILLED
+    assert not path.exists()
+    [temp] = tmp_path.iterdir()
+    key.save(path)  # the retry
+    assert PublisherKey.from_file(path).public_key_text == key.public_key_text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and temp.exists()  # fresh: kept
+    stale = time.time() - 2 * STALE_TEMPORARY_S
+    os.utime(temp, (stale, stale))
+    with pytest.raises(FileExistsError):  # never replaced without overwrite
+        PublisherKey.generate("other").save(path)
+    assert list(tmp_path.iterdir()) == [path]
+    assert PublisherKey.from_file(path).public_key_text == key.public_key_text
 
 
 def test_save_replaces_only_a_regular_file_and_names_the_path_given(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from kasmina.utils.telemetry import (
     TelemetryReporter,
     TelemetrySink,
 )
+from tests.crash import KILLED, die, run_in_child
 
 
 class BrokenSink:
@@ -125,6 +126,41 @@ def test_jsonl_lines_parse_back_to_the_same_packets(tmp_path) -> None:
     with JsonlFileSink(path) as again:  # appends, never truncates
         TelemetryReporter(sinks=[again]).emit("more")
     assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_a_line_torn_by_a_crash_is_never_glued_to_the_next_packet(tmp_path) -> None:
+    """A trainer killed mid-line leaves a torn last line; the restarted trainer's sink ends it
+    before its first packet, so that packet (and every later one) stays readable."""
+    path = tmp_path / "telemetry.jsonl"
+
+    def killed_mid_line() -> None:
+        sink = JsonlFileSink(path)
+        reporter = TelemetryReporter(sinks=[sink])
+        reporter.emit("before", 1.0, MetricType.METRIC_TYPE_GAUGE)
+        real = sink._file
+
+        class Torn:
+            def write(self, text: str) -> None:
+                real.write(text[: len(text) // 2])
+                real.flush()
+                die()
+
+        sink._file = Torn()
+        reporter.emit("torn", 2.0, MetricType.METRIC_TYPE_GAUGE, labels={"note": "x" * 400})
+
+    assert run_in_child(killed_mid_line) == KILLED
+    assert not path.read_text(encoding="utf-8").endswith("\n")
+    with JsonlFileSink(path) as sink:  # the restart
+        reporter = TelemetryReporter(sinks=[sink])
+        reporter.emit("restart.first")
+        reporter.emit("restart.second")
+    names, torn = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            names.append(json.loads(line)["metrics"][0]["name"])
+        except ValueError:
+            torn += 1
+    assert names == ["before", "restart.first", "restart.second"] and torn == 1
 
 
 def test_failing_sink_is_logged_and_skipped(caplog) -> None:

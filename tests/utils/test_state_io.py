@@ -1,0 +1,96 @@
+"""New files that must never replace an existing one (the checkpoint key): whole or absent
+after a kill, never clobbering a concurrent writer's, even without hard links; and the temp
+files of killed writes, removed once no live writer can own them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.state_io import (
+    CHECKPOINT_KEY_BYTES,
+    STALE_TEMPORARY_S,
+    install_new_file,
+    load_or_create_checkpoint_key,
+)
+from tests.crash import die, run_in_child
+
+
+def _no_hard_links(src, dst, **kwargs):
+    raise OSError(errno.EPERM, "no hard links here")
+
+
+class _TornWriter:
+    """A file whose first write stops half way, and the process with it."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data[: len(data) // 2])
+        self.handle.flush()
+        die()
+
+
+@pytest.mark.parametrize("killed_in_write", [1, 2])
+def test_a_key_creation_killed_without_hard_links_leaves_no_torn_key(
+    tmp_path, monkeypatch, killed_in_write
+):
+    """Without hard links the key used to be created under its final name, then written: a
+    kill in between left a torn key that failed every restart. Killed in any write, the
+    creation leaves no key or the whole one; the next start creates or reads it, and removes
+    the stale temp file of the killed write."""
+    path = tmp_path / "run" / "checkpoint.key"
+
+    def create_killed_in_a_write() -> None:
+        os.link = _no_hard_links
+        real_fdopen, opened = os.fdopen, []
+
+        def fdopen(fd, *args, **kwargs):
+            opened.append(fd)
+            handle = real_fdopen(fd, *args, **kwargs)
+            return _TornWriter(handle) if len(opened) == killed_in_write else handle
+
+        os.fdopen = fdopen
+        load_or_create_checkpoint_key(path)
+
+    run_in_child(create_killed_in_a_write)
+    assert not path.exists() or len(path.read_bytes()) == CHECKPOINT_KEY_BYTES
+    stale = time.time() - 2 * STALE_TEMPORARY_S
+    for temp in path.parent.glob(".checkpoint.key.*.tmp"):
+        os.utime(temp, (stale, stale))
+    monkeypatch.setattr(os, "link", _no_hard_links)
+    key = load_or_create_checkpoint_key(path)
+    assert len(key) == CHECKPOINT_KEY_BYTES and path.read_bytes() == key
+    assert not list(path.parent.glob("*.tmp"))  # the killed write's temp file is gone
+
+
+def test_without_hard_links_a_new_file_never_replaces_a_concurrent_writers(tmp_path, monkeypatch):
+    """The rename that stands in for a link is taken under a lock every installer takes, so
+    a file another installer put there meanwhile is never replaced."""
+    monkeypatch.setattr(os, "link", _no_hard_links)
+    path = tmp_path / "checkpoint.key"
+    other = lock_exclusive(tmp_path / ".checkpoint.key.lock")  # another installer, mid-way
+    assert other is not None
+    result: list[bool] = []
+    installer = threading.Thread(target=lambda: result.append(install_new_file(path, b"mine")))
+    installer.start()
+    time.sleep(0.2)
+    assert installer.is_alive() and not path.exists()  # waits for the other installer
+    path.write_bytes(b"theirs")  # which installs its file, then lets go
+    other.close()
+    installer.join(timeout=30)
+    assert result == [False] and path.read_bytes() == b"theirs"
+    assert install_new_file(path, b"again") is False and path.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.key.lock", path.name]
