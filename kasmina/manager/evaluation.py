@@ -223,6 +223,10 @@ def evaluate_seeds(
             kept_buffers(*(seed.kernel for seed in seeds)),
             torch.random.fork_rng(devices=cuda),
             torch.no_grad(),
+            # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would
+            # keep running its cached graph without the ablation's hooks (TorchDynamo does not
+            # guard on hooks added later), and measure the seed against itself.
+            torch.compiler.set_stance("force_eager"),
         ):
             for inputs, targets in batches:
                 inputs, targets = _to(inputs, device), _to(targets, device)

@@ -537,3 +537,24 @@ def test_evaluation_puts_back_the_buffers_of_a_kernel_eval_cannot_switch() -> No
     assert bn.training  # it did run in train mode, updating its statistics on the way
     assert all(torch.equal(v, dict(bn.named_buffers())[k]) for k, v in before.items())
     assert evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"] == first
+
+
+@pytest.mark.parametrize("how", ["compiled forward", "module.compile"])
+def test_a_compiled_forward_is_measured_with_the_ablation_it_runs(how: str) -> None:
+    """TorchDynamo does not guard on hooks added after it compiled a forward: the ablation's
+    hooks must not meet a cached graph, or the seed is measured against itself (benefit 0)."""
+    torch._dynamo.reset()
+    model, slot, registry = _tiny()
+    batches = [(torch.randn(4, 3), torch.randn(4, 6))]
+    want = evaluate_seeds(registry, batches, F.mse_loss)
+    if how == "module.compile":
+        model.compile(backend="eager")
+    else:
+        model.forward = torch.compile(model.forward, backend="eager")
+    model.eval()
+    with torch.no_grad():
+        model(batches[0][0])  # a graph cached before the evaluation
+    got = evaluate_seeds(registry, batches, F.mse_loss)
+    for sid in ("fc[0]", "fc[1]"):
+        assert got[sid].loss_without == pytest.approx(want[sid].loss_without, rel=1e-6)
+        assert got[sid].loss_without != got[sid].loss_with
