@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # The exit status of a child killed where the test made it (as SIGKILL's shell status).
 KILLED = 137
@@ -32,3 +32,23 @@ def run_in_child(action: Callable[[], object]) -> int:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+class TornWriter:
+    """A file whose first write stops part way (``keep`` bytes, default half), and the process
+    with it: what a kill in the middle of a write leaves on disk."""
+
+    def __init__(self, handle: Any, keep: int | None = None) -> None:
+        self.handle = handle
+        self.keep = keep
+
+    def __enter__(self) -> TornWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data[: len(data) // 2 if self.keep is None else self.keep])
+        self.handle.flush()
+        die()

@@ -47,7 +47,7 @@ def _ids() -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 128, (2, 6), generator=generator)}
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(tie_word_embeddings: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -59,6 +59,7 @@ def tiny_llama() -> nn.Module:
         num_key_value_heads=2,
         vocab_size=128,
         use_cache=False,
+        tie_word_embeddings=tie_word_embeddings,
         attn_implementation="eager",
     )
     return LlamaForCausalLM(config)

@@ -214,24 +214,6 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
 
 
-def tied_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        use_cache=False,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_save_pretrained_with_a_slot_on_a_tied_head(which: str, tmp_path: Path) -> None:
     """The tied-weight names follow the head into its slot (``lm_head.host.weight``), so
@@ -240,9 +222,9 @@ def test_save_pretrained_with_a_slot_on_a_tied_head(which: str, tmp_path: Path) 
     from safetensors.torch import load_file
 
     from kasmina.seeds.inject import detach
-    from tests.integration.models import tiny_gpt2
+    from tests.integration.models import tiny_gpt2, tiny_llama
 
-    build = tiny_gpt2 if which == "gpt2" else tied_llama
+    build = tiny_gpt2 if which == "gpt2" else lambda: tiny_llama(tie_word_embeddings=True)
     model = build()
     attach(model, ["lm_head"], 2, 64)
     with torch.no_grad():

@@ -40,7 +40,7 @@ from kasmina.urza.publish import publish_payload, resign_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.signed_json import canonical_json
 from kasmina.utils.state_io import STALE_TEMPORARY_S
-from tests.crash import KILLED, die, run_in_child
+from tests.crash import KILLED, TornWriter, run_in_child
 
 PAYLOAD = b"a payload standing in for a .pt2 program" * 8
 T0 = 1_700_000_000.0
@@ -427,24 +427,9 @@ def test_a_save_killed_mid_write_leaves_no_torn_key_and_the_retry_succeeds(tmp_p
     path = tmp_path / "publisher.key"
     key = PublisherKey.generate("pub")
 
-    class Torn:
-        def __init__(self, handle) -> None:
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            self.handle.close()
-
-        def write(self, data: bytes) -> None:  # killed after part of the key reached the file
-            self.handle.write(data[:40])
-            self.handle.flush()
-            die()
-
     def save_killed_mid_write() -> None:
-        real_fdopen = os.fdopen
-        os.fdopen = lambda fd, *args, **kwargs: Torn(real_fdopen(fd, *args, **kwargs))
+        real_fdopen = os.fdopen  # killed after part of the key reached the file
+        os.fdopen = lambda fd, *args, **kw: TornWriter(real_fdopen(fd, *args, **kw), keep=40)
         key.save(path)
 
     assert run_in_child(save_killed_mid_write) == KILLED

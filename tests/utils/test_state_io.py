@@ -18,29 +18,11 @@ from kasmina.utils.state_io import (
     install_new_file,
     load_or_create_checkpoint_key,
 )
-from tests.crash import die, run_in_child
+from tests.crash import TornWriter, run_in_child
 
 
 def _no_hard_links(src, dst, **kwargs):
     raise OSError(errno.EPERM, "no hard links here")
-
-
-class _TornWriter:
-    """A file whose first write stops half way, and the process with it."""
-
-    def __init__(self, handle) -> None:
-        self.handle = handle
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()
-
-    def write(self, data: bytes) -> None:
-        self.handle.write(data[: len(data) // 2])
-        self.handle.flush()
-        die()
 
 
 @pytest.mark.parametrize("killed_in_write", [1, 2])
@@ -60,7 +42,7 @@ def test_a_key_creation_killed_without_hard_links_leaves_no_torn_key(
         def fdopen(fd, *args, **kwargs):
             opened.append(fd)
             handle = real_fdopen(fd, *args, **kwargs)
-            return _TornWriter(handle) if len(opened) == killed_in_write else handle
+            return TornWriter(handle) if len(opened) == killed_in_write else handle
 
         os.fdopen = fdopen
         load_or_create_checkpoint_key(path)
