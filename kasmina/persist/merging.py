@@ -43,6 +43,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from kasmina.seeds import hf
 from kasmina.seeds.inject import remove_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
@@ -62,11 +63,12 @@ def merge(model: nn.Module) -> nn.Module:
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
     if any(name == "" for name, _ in slots):
         raise ValueError("the model itself is a KasminaLayer; merge the model around it")
-    merged = [(name, merged_slot(slot)) for name, slot in slots]
-    for name, module in merged:
+    merged = [(name, slot, merged_slot(slot)) for name, slot in slots]
+    for name, slot, module in merged:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module)
+        hf.unslot(slot, module)  # a Hugging Face model's recording hooks follow
     remove_load_checks(model)
     logger.info("merged %d slot(s)", len(merged))
     return model

@@ -8,17 +8,20 @@ transformers (5.x) records ``output_hidden_states``/``output_attentions`` with f
 ``install_all_output_capturing_hooks`` puts, once per model (on the first forward that asks for
 them), on every module whose class ``_can_record_outputs`` names (a decoder layer, an
 attention). On a slotted module that hook would sit on ``slot.host`` and record the output
-before the seeds apply; so every slotted host's hooks move to its slot, and an HF model gets its
-hooks when a slot goes in (as its first recording forward would) so none lands there later.
-``detach`` and ``kasmina.merge`` put both back (:func:`unslot`, :func:`sync`).
+before the seeds apply; so every slotted host's hooks move to its slot: those installed before
+a slot goes in at once, the others by a forward pre-hook that installs them itself on the
+first forward asking for them (so even that forward records the slots' outputs). Installing
+them at ``attach`` instead would make the model unpicklable (transformers' hooks are local
+closures) before anyone asked for them. ``detach`` and ``kasmina.merge`` move them to what
+replaces the slot (:func:`unslot`).
 
 Everything here is a no-op for a model that holds no transformers ``PreTrainedModel``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,11 +30,6 @@ from torch import nn
 from kasmina.seeds.layer import KasminaLayer
 
 __all__ = ["sync", "unslot"]
-
-# The recording hooks moved off each host, for ``merge`` (which drops the slot) to put back.
-_MOVED_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[Callable[..., Any]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _pretrained_models(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -62,55 +60,64 @@ def _move_capture_hooks(source: nn.Module, target: nn.Module) -> list[Callable[.
     return moved
 
 
-def _install_capture_hooks(models: list[nn.Module]) -> None:
-    """Install transformers' output-recording hooks as its first recording forward would, once:
-    on each outermost HF model not yet marked as hooked, unless one inside it already is
-    (installing on the outer one would then hook the inner one's modules twice; its other
-    inner models are installed instead)."""
-    try:
-        from transformers.utils.output_capturing import install_all_output_capturing_hooks
-    except ImportError:  # transformers 4.x: hooks are installed per forward, none to move
+def _records_outputs(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is the one transformers wraps to record outputs (it installs
+    the recording hooks on that model, on the first forward that asks for them)."""
+    forward = type(module).forward
+    while forward is not None:  # through every decorator (``functools.wraps`` chains them)
+        code = getattr(forward, "__code__", None)
+        if code is not None and code.co_filename.endswith(_RECORDER_FILE):
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+    return False
+
+
+_RECORDER_FILE = os.path.join("transformers", "utils", "output_capturing.py")
+_OUTPUTS = ("output_hidden_states", "output_attentions")
+
+
+def _before_forward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A forward pre-hook on an HF model that records outputs: on the first forward that asks
+    for them, install transformers' recording hooks first (as the forward itself would, a
+    moment later; it then finds them installed) and move those of slotted hosts to their slots,
+    so that even the first recording forward records the slots' outputs."""
+    if vars(model).get("_kasmina_hooks_moved"):
         return
-
-    def hooked(module: nn.Module) -> bool:
-        return bool(getattr(module, "_output_capturing_hooks_installed", False))
-
-    inside = {id(m): [n for n in models if n is not m and _contains(m, n)] for m in models}
-    done: set[int] = set()
-    for module in models:  # outermost first (module order)
-        if id(module) in done or hooked(module):
-            done.update(id(n) for n in inside[id(module)])
-            continue
-        if not any(hooked(n) for n in inside[id(module)]):
-            install_all_output_capturing_hooks(module)
-            done.update(id(n) for n in inside[id(module)])
-
-
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
+    if not getattr(model, "_output_capturing_hooks_installed", False):
+        config = getattr(model, "config", None)
+        if not any(kwargs.get(key, getattr(config, key, False)) for key in _OUTPUTS):
+            return
+        try:
+            from transformers.utils.output_capturing import maybe_install_capturing_hooks
+        except ImportError:  # an older transformers: nothing of this kind to install
+            return
+        maybe_install_capturing_hooks(model)
+    for slot in model.modules():
+        if isinstance(slot, KasminaLayer):
+            _move_capture_hooks(slot.host, slot)
+    model._kasmina_hooks_moved = True
 
 
 def sync(model: nn.Module) -> None:
     """Make every HF model in ``model`` agree with its slots: output-recording hooks on each slot
-    rather than its host (installed first if transformers has not yet), back on a host whose
-    slot ``merge`` replaced; tied-weight names through ``.host.`` where a slot is, and back
-    where it is gone. Nothing for a model without transformers' models in it."""
-    models = list(_pretrained_models(model))
+    rather than its host (now if transformers installed them, else on the first forward that
+    installs them, by :func:`_before_forward`); tied-weight names through ``.host.`` where a
+    slot is, and back where it is gone. Nothing for a model without transformers' models."""
+    models = [module for _, module in _pretrained_models(model)]
     if not models:
         return
     slots = [m for m in model.modules() if isinstance(m, KasminaLayer)]
-    if slots:
-        _install_capture_hooks([module for _, module in models])
-    hosts = {id(slot.host) for slot in slots}
     for slot in slots:
-        moved = _move_capture_hooks(slot.host, slot)
-        if moved:
-            _MOVED_HOOKS.setdefault(slot.host, []).extend(moved)
-    for module in model.modules():
-        if id(module) not in hosts and module in _MOVED_HOOKS:
-            for hook in _MOVED_HOOKS.pop(module):
-                module.register_forward_hook(hook)
-    for _, module in models:
+        _move_capture_hooks(slot.host, slot)
+    for module in models:
+        vars(module).pop("_kasmina_hooks_moved", None)  # slots may have come or gone
+        hooked = [k for k, h in module._forward_pre_hooks.items() if h is _before_forward]
+        if slots and _records_outputs(module) and not hooked:
+            module.register_forward_pre_hook(_before_forward, with_kwargs=True)
+        elif not slots:
+            for key in hooked:
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
         _retie(module)
 
 
@@ -149,7 +156,7 @@ def _retie(model: nn.Module) -> None:
         model.all_tied_weights_keys = fixed(expanded)
 
 
-def unslot(slot: KasminaLayer) -> None:
-    """``slot`` is being replaced by its host (``detach``): its recording hooks go back."""
-    _MOVED_HOOKS.pop(slot.host, None)
-    _move_capture_hooks(slot, slot.host)
+def unslot(slot: KasminaLayer, replacement: nn.Module | None = None) -> None:
+    """``slot`` is being replaced (by its host: ``detach``; by its merged module: ``merge``):
+    its recording hooks go to what replaces it."""
+    _move_capture_hooks(slot, slot.host if replacement is None else replacement)

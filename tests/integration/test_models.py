@@ -12,6 +12,7 @@ For every case (tests/integration/models.py), against the same model without Kas
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from kasmina.persist.merging import merge
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
@@ -273,12 +275,19 @@ def test_output_hidden_states_of_a_slotted_block_include_its_seeds(
         if hooked_before_attach:
             model(ids, output_hidden_states=True)
         (slot,) = attach(model, target, 2, 16)
+        if not hooked_before_attach:  # nothing installed yet: it pickles, as the bare model
+            torch.save(model, io.BytesIO())
         got = model(ids, output_hidden_states=True, output_attentions=True)
     assert len(got.hidden_states) == len(want.hidden_states) == 3
     for a, b in zip(
         got.hidden_states + got.attentions, want.hidden_states + want.attentions, strict=True
     ):
         assert torch.equal(a, b)
+    twin = merge(copy.deepcopy(model))  # a copy's slot gives its recording hooks to the host
+    with torch.no_grad():
+        merged = twin(ids, output_hidden_states=True).hidden_states
+    assert len(merged) == 3
+    assert all(torch.equal(a, b) for a, b in zip(merged, want.hidden_states, strict=True))
     seen: list[torch.Tensor] = []
     model.get_submodule(f"{blocks}.1").register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append((args or (kwargs["hidden_states"],))[0]),
