@@ -147,6 +147,9 @@ def restore_epoch(
     model_before = clone_state(registry.model.state_dict())
     old: dict[str, _Detached] = {}
     taken: list[str] = []  # pins taken for the restored seeds, dropped again by the undo
+    # A seed's state restore drops its evaluation (measured on other weights): the undo below
+    # loads the old state back, so it puts the evaluations back too.
+    evaluations = [(record.seed, record.seed.evaluation) for record in registry]
     try:
         _swap_kernels(registry, changes, fresh, old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
@@ -163,6 +166,8 @@ def restore_epoch(
         registry.table.load_state_dict(table_before)  # blueprint columns, mirror included
         with owner_restore():
             registry.model.load_state_dict(model_before)
+        for seed, evaluation in evaluations:
+            seed.evaluation = evaluation
         _release(fresh)
         raise
     # Phase 3: the commit (nothing here can fail; an interrupt from here on finds it counted).
@@ -354,7 +359,6 @@ def _commit(
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
         record.last_output, record.input_grad = None, False
         record.seed.probe_result = None
-        record.seed.evaluation = None  # measured on weights the rollback threw away
         record.monitor = monitors.get(record.seed_id)
     for artifact_id in released:  # each was pinned on a record's behalf: the count is > 0
         state.kernel_cache.unpin(artifact_id)

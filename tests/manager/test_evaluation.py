@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command
 from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
+from kasmina.manager import rollback as rollback_module
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.gates import gate_g5_performance
@@ -247,6 +248,25 @@ def test_a_rollback_drops_the_evaluation_of_the_abandoned_timeline(rig: Rig, mlp
     assert "never evaluated" in manager.command_log[-1][3]
     manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)  # measured again
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+
+
+def test_a_refused_rollback_keeps_the_evaluations(rig: Rig, mlp, monkeypatch) -> None:
+    """All or nothing: a rollback refused late puts the seeds' state back, and with it the
+    evaluations the state restore dropped on the way."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    manager.end_epoch(1)
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    evaluation = manager.seed(SEED0).evaluation
+    assert evaluation is not None
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a late failure")
+
+    monkeypatch.setattr(rollback_module, "_new_monitors", fail)
+    assert not run_command(manager, rig.signed(make_rollback_command(1)))
+    assert rig.stage(SEED0) == S.STABILIZATION and manager.seed(SEED0).evaluation is evaluation
 
 
 def test_g5_refuses_a_loss_benefit_that_costs_the_measured_metric(
