@@ -13,7 +13,14 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
 
-__all__ = ["StaticKDLoss", "kd_head_problem", "seed_kd_loss", "slot_kd_loss", "sum_kd_losses"]
+__all__ = [
+    "StaticKDLoss",
+    "kd_head_problem",
+    "seed_kd_loss",
+    "slot_kd_loss",
+    "sum_kd_losses",
+    "teacher_fit_problem",
+]
 
 
 class StaticKDLoss(nn.Module):
@@ -178,6 +185,19 @@ def slot_kd_loss(
         head_weight=None if weight is None else weight.detach(),
         head_bias=None if bias is None else bias.detach(),
     )
+
+
+def teacher_fit_problem(
+    output: torch.Size, teacher: torch.Tensor, head: tuple[torch.Tensor, object] | None
+) -> str | None:
+    """Why ``teacher`` logits do not fit a slot call whose output is ``output`` (the student's
+    shape; through the slot's KD ``head``, logits ``[..., V]`` for ``[..., H]``), or None: a
+    module called with other shapes in one forward distils only the call they fit."""
+    if head is None:
+        fits = teacher.shape == output
+    else:
+        fits = teacher.shape[:-1] == output[:-1] and teacher.shape[-1:] == head[0].shape[:1]
+    return None if fits else f"teacher logits {tuple(teacher.shape)} do not fit {tuple(output)}"
 
 
 def kd_head_problem(weight: object, bias: object, width: int) -> str | None:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import kd_head_problem, slot_kd_loss, sum_kd_losses
+from kasmina.kd.loss import kd_head_problem, slot_kd_loss, sum_kd_losses, teacher_fit_problem
 from kasmina.ops import alpha_blend
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
@@ -429,7 +429,7 @@ class KasminaLayer(nn.Module):
         if not inputs:
             return x
         stages = {plan[k] for k in inputs}
-        eager = not torch.compiler.is_compiling()
+        eager = not compiling
         if eager:  # the guard nodes are eager only
             kd = self.kd_config is not None and teacher_logits is not None
             if stages <= _BLENDING and not kd and not torch.jit.is_tracing():
@@ -568,14 +568,14 @@ class KasminaLayer(nn.Module):
     ) -> None:
         if all(s is None for s in students):
             return
-        try:
-            loss = slot_kd_loss(
-                self.kd_config, full, students, teacher_logits, self.chunk_size, dim, ok, host,
-                self._kd_head,
-            )  # fmt: skip
-        except ValueError as exc:  # a teacher that does not fit this call: it distils nothing
-            self._sit_out("kd", str(exc))
+        problem = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
+        if problem is not None:  # a call of another shape (a module called more than once)
+            self._sit_out("kd", problem)
             return
+        loss = slot_kd_loss(
+            self.kd_config, full, students, teacher_logits, self.chunk_size, dim, ok, host,
+            self._kd_head,
+        )  # fmt: skip
         if not recomputing():  # a recompute saves the same tensors; its loss was taken already
             self._kd_losses.append(loss)
 

@@ -467,7 +467,10 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
     model(torch.randn(3, 5, 4)).sum().backward()
     assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1}
     assert [seed.faults for seed in slot.seeds] == [0, 0]
-    assert "teacher logits (3, 4) != student (3, 5, 4)" in caplog.text
+    assert "teacher logits (3, 4) do not fit (3, 5, 4)" in caplog.text
+    slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # a caller's error is not sat out
+    with pytest.raises(ValueError, match="teacher_logits must be float32"):
+        model(torch.randn(3, 5, 4)[:, 0])
 
 
 def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
