@@ -172,7 +172,7 @@ class IsolatedOptimizerManager:
         """
         if not name or not callable(provider):
             raise ValueError("a parameter source needs a non-empty name and a callable")
-        if name == TEACHER_SOURCE and self._sources.get(name) is not provider:
+        if name == TEACHER_SOURCE and self._sources.get(name) != provider:  # bound methods: ==
             self._ownership.release(TEACHER_SOURCE)  # a new teacher: the old one's are let go
         self._sources[name] = provider
 

@@ -208,15 +208,13 @@ class SlotRegistry:
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
         ]
-        # One host parameter (trainable if any: a frozen host has none) and where the model
-        # holds it, for ``check_held``; None for a model without parameters of its own.
-        held = [(n, p) for n, p in model.named_parameters() if id(p) not in seed_ids]
-        first = next((n, p) for n, p in held if p.requires_grad) if self.host_params else None
+        # One host parameter (frozen or not) and where the model holds it, for ``check_held``;
+        # None for a model without parameters of its own.
+        held = next((np for np in model.named_parameters() if id(np[1]) not in seed_ids), None)
         self._anchor: tuple[nn.Module, str, nn.Parameter] | None = None
-        if first is not None or held:
-            name, param = first or held[0]
-            owner, _, leaf = name.rpartition(".")
-            self._anchor = (model.get_submodule(owner), leaf, param)
+        if held is not None:
+            owner, _, leaf = held[0].rpartition(".")
+            self._anchor = (model.get_submodule(owner), leaf, held[1])
 
     def check_held(self) -> None:
         """``RuntimeError`` if the model no longer holds the parameters registered with it

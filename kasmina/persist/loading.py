@@ -201,6 +201,12 @@ def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:
     """Give each floating tensor of ``kernel`` the dtype it was saved in: the artifact rebuilds
     the program in its own dtype, and a model moved to another dtype after it grew (as its
     kernels were, with it) saved them in that one; ``load_state_dict`` alone would cast back."""
+    floating = {
+        v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    if len(floating) == 1:  # the usual case: the whole kernel, constants and buffers included
+        kernel.to(floating.pop())
+        return
     live = dict(kernel.named_parameters()) | dict(kernel.named_buffers())
     for key, value in state.items():
         tensor = live.get(key)

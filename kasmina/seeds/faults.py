@@ -299,9 +299,8 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
     """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at
     WARNING, the rest at DEBUG, so a seed that faults on every step stays visible without
     flooding the log."""
-    level = logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG
     logger.log(
-        level,
+        _rarely(count),
         "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
         seed_id,
         count,
@@ -315,6 +314,13 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
 def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
     """Log the ``count``-th call of a slot that its seeds (or their KD) sat out, as
     :func:`log_fault` does: the first and every ``FAULT_WARN_EVERY``-th at WARNING."""
-    level = logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG
     effect = "the host output stands" if what == "seeds" else "no KD loss from it"
-    logger.log(level, "slot %s: %s sat out call %d (%s); %s", slot_id, what, count, reason, effect)
+    logger.log(
+        _rarely(count), "slot %s: %s sat out call %d (%s); %s", slot_id, what, count, reason, effect
+    )
+
+
+def _rarely(count: int) -> int:
+    """The level of the ``count``-th line of a kind: WARNING for the first and every
+    ``FAULT_WARN_EVERY``-th, DEBUG for the rest."""
+    return logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG

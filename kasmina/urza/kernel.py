@@ -88,16 +88,17 @@ def _forget_source_with(module: torch.fx.GraphModule) -> None:
     of KB per copy, one copy per GERMINATE, refused dry run or rollback. Without the private
     loader this does nothing."""
     loader = getattr(torch.fx.graph_module, "_loader", None)
-    key = getattr(getattr(type(module).forward, "__code__", None), "co_filename", "")
-    if loader is None or not isinstance(getattr(loader, "eval_cache", None), dict):
-        return
-    if key in loader.eval_cache:
-        weakref.finalize(module, _forget_source, loader.eval_cache, key)
+    if loader is not None and isinstance(getattr(loader, "eval_cache", None), dict):
+        # The class is the copy's own (torch.fx makes one per module), and its source key is
+        # read when the copy goes: a recompile (pickling one) gives it a new key.
+        weakref.finalize(module, _forget_source, loader.eval_cache, type(module))
 
 
-def _forget_source(cache: dict[str, str], key: str) -> None:
-    cache.pop(key, None)
-    linecache.cache.pop(key, None)
+def _forget_source(cache: dict[str, str], cls: type) -> None:
+    key = getattr(getattr(cls.forward, "__code__", None), "co_filename", "")
+    if key.startswith("<eval_with_key>"):
+        cache.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 class GPUKernel(nn.Module):

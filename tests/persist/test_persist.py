@@ -313,3 +313,32 @@ def test_save_pretrained_with_slots_attached(tmp_path: Path) -> None:
     kasmina.attach(model, "transformer.h.0.mlp.c_proj", 2, 4)
     model.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_a_kernel_comes_back_whole_in_its_saved_dtype(tmp_path: Path) -> None:
+    """A non-persistent buffer (or a tensor constant) is not in the saved state: a kernel
+    rebuilt in the artifact's float32 and loaded from a bf16 state must not keep it float32."""
+    from kasmina.persist.loading import _in_saved_dtypes
+    from kasmina.urza.client import UrzaLibraryClient
+    from kasmina.urza.kernel import GPUKernel
+    from kasmina.urza.publish import publish_artifact
+    from tests.urza.test_kernel import Blueprint  # a non-persistent ``offset`` buffer
+
+    torch.manual_seed(0)
+    manifest = publish_artifact(
+        Blueprint().eval(), (torch.randn(4, 8),), str(tmp_path), "bp", PUBLISHER
+    )
+    payload, verified = UrzaLibraryClient(str(tmp_path), PUBLISHER.trusted_publishers()).fetch(
+        manifest.artifact_id
+    )
+    kernel = GPUKernel.from_binary(payload, verified, "cpu").eval()
+    saved = copy.deepcopy(kernel).to(torch.bfloat16)  # the model moved to bf16 after growing
+    fresh = copy.deepcopy(kernel)
+    _in_saved_dtypes(fresh, saved.state_dict())
+    fresh.load_state_dict(saved.state_dict(), strict=True)
+    assert {n: b.dtype for n, b in fresh.named_buffers()} == {
+        n: b.dtype for n, b in saved.named_buffers()
+    }
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
