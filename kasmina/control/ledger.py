@@ -14,12 +14,14 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.state_io import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +155,7 @@ class NonceLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire()
         # A rewrite interrupted by a crash leaves its temporary file; ours to remove (locked).
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(self.path.parent, re.escape(self.path.name), older_than_s=None)
 
     def _acquire(self) -> io.FileIO:
         lock_file = lock_exclusive(self.path.with_name(self.path.name + ".lock"))

@@ -363,3 +363,14 @@ def test_deferred_records_survive_a_rewrite_and_a_failed_write(
     restarted = start(keyring, clock, path)
     for nonce in [f"c{i}" for i in range(12)] + ["w", "after"]:
         assert restarted.verify(signed(keyring, nonce, T0)) == (False, "replay"), nonce
+
+
+def test_opening_removes_the_temporaries_of_a_rewrite_a_crash_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    torn = tmp_path / f".{LEDGER_FILE_NAME}.a1b2c3.tmp"  # a compaction killed mid-way
+    other = tmp_path / ".checkpoint.key.d4e5f6.tmp"  # not the ledger's
+    torn.write_text("half")
+    other.write_text("key")
+    ledger = NonceLedger(path)
+    assert not torn.exists() and other.exists()
+    ledger.close()
