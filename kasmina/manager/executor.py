@@ -45,7 +45,7 @@ from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import restore_epoch
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
-from kasmina.seeds.gates import GateResult
+from kasmina.seeds.gates import GateResult, kept_buffers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
@@ -347,8 +347,7 @@ class CommandExecution:
             samples = [
                 x.to(dtype) for size in (2, 3) for x in kernel.example_inputs(dynamic_size=size)
             ]
-        buffers = [(b, b.detach().clone()) for b in kernel.buffers()]
-        try:
+        with kept_buffers(kernel):
             for x in samples:
                 problem = _dry_run_problem(kernel, x)
                 if problem is not None:
@@ -356,11 +355,6 @@ class CommandExecution:
                         f"{artifact_id} cannot run on seed {record.seed_id}: on an input "
                         f"{tuple(x.shape)}/{x.dtype} it {problem}"
                     )
-        finally:
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    if buffer.shape == saved.shape:
-                        buffer.copy_(saved)
 
     def _undo_germinate(
         self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool, created: bool

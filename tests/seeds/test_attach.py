@@ -414,13 +414,8 @@ def test_a_module_inside_a_shared_block_is_one_slot_on_every_path() -> None:
         attach(model, ["1.fc"], 2, 2)
 
 
-class _TwoCalls(nn.Module):
-    """A conv called batched and then on one unbatched sample, whose channels are dim 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+class _TwoCalls(Conv):
+    """``Conv``'s conv called batched and then on one unbatched sample (channels: dim 0)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x).mean() + self.conv(x[0]).mean()
