@@ -341,8 +341,7 @@ class GradientIsolationMonitor:
             return None
         logger.critical("emergency checkpoint for seed %s written to %s", self.seed_id, path)
         _prune_emergency(path, f"{prefix}emergency_isolation_", suffix)
-        kind = re.escape(f"{prefix}emergency_isolation_") + ".+" + re.escape(suffix)
-        remove_stale_temporaries(path.parent, kind)  # of writes a kill cut short
+        remove_stale_temporaries(path.parent, emergency_names(prefix, suffix))  # killed writes
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ debug hooks
@@ -403,3 +402,9 @@ def _prune_emergency(written: Path, prefix: str, suffix: str) -> None:
             logger.info("deleted the old emergency checkpoint %s", old)
     except OSError:
         logger.warning("could not prune emergency checkpoints in %s", directory, exc_info=True)
+
+
+def emergency_names(prefix: str, suffix: str) -> str:
+    """The regular expression of the emergency checkpoints' names a monitor writes with
+    ``prefix`` (``"<run_id>."`` when signed) and ``suffix`` (``.ckpt`` signed, else ``.pt``)."""
+    return re.escape(f"{prefix}emergency_isolation_") + ".+" + re.escape(suffix)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import CheckpointUnavailableError
+from kasmina.isolation.monitor import emergency_names
 from kasmina.manager.config import KasminaConfig
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import (
@@ -443,7 +444,7 @@ def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> Ch
         "run_dir": config.run_dir,
     }
     # A killed emergency write's temp file holds seed state: removed once no writer can own it.
-    emergency = re.escape(config.run_id) + r"\.emergency_isolation_.+\.ckpt"
+    emergency = emergency_names(f"{config.run_id}.", ".ckpt")
     remove_stale_temporaries(Path(config.emergency_checkpoint_dir).expanduser(), emergency)
     if config.checkpoint_mode == "disk":
         lock = checkpoint_lock_path(config)

@@ -44,6 +44,7 @@ from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element
 from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def _watched_call(
-    model: nn.Module, inputs: Any, seeds: list[Any], observed: list[list[str]], device: Any
+    model: nn.Module, inputs: Any, seeds: list[Any], observed: list[list[str]]
 ) -> tuple[Any, list[str | None]]:
     """``model(inputs)`` watching the ``seeds``, whose faults go to ``observed`` (one list per
     seed, ``seed.observed_faults``): the output, and per seed the fault it had in this call,
@@ -152,7 +153,7 @@ def _watched_call(
     for seed in seeds:
         seed.finite_flag.fill_(True)
     output = _call(model, inputs)
-    finite = torch.stack([seed.finite_flag.to(device) for seed in seeds]).tolist()
+    finite = read_flags([seed.finite_flag for seed in seeds])
     return output, [
         sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
         for sink, mark, ok in zip(observed, marks, finite, strict=True)
@@ -233,7 +234,7 @@ def evaluate_seeds(
                 n = _batch_size(inputs, targets)
                 n_total += n
                 n_batches += 1
-                output, seen = _watched_call(model, inputs, seeds, observed, device)
+                output, seen = _watched_call(model, inputs, seeds, observed)
                 for i, fault in enumerate(seen):
                     if fault is not None:
                         faults[i] += 1

@@ -115,12 +115,8 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
     propagates."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = _synced_temporary(target, write)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -128,6 +124,23 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
         raise
     fsync_directory(target.parent)
     return target
+
+
+def _synced_temporary(target: Path, write: Callable[[IO[bytes]], None]) -> str:
+    """A temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
+    ``remove_stale_temporaries`` knows) holding what ``write`` wrote, fsync'd; its path. On a
+    failure it is removed and the error propagates."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return tmp_name
 
 
 def remove_stale_temporaries(
@@ -203,12 +216,8 @@ def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
     write is left for ``remove_stale_temporaries``.
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = _synced_temporary(target, lambda handle: handle.write(data))
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         try:
             os.link(tmp_name, target)
         except FileExistsError:
