@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kasmina.utils.state_io import cast_in_place
+
 logger = logging.getLogger(__name__)
 
 _TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -193,20 +195,13 @@ class CheckpointedTeacher:
             return self.parameter_bytes() + activations
         finally:
             if cast:
-                _restore_dtypes(self.teacher, saved)
+                cast_in_place(self.teacher, saved)
                 self.dtype = own_dtype
 
 
 def _floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
     tensors = [*module.named_parameters(), *module.named_buffers()]
     return {name: t.dtype for name, t in tensors if t.is_floating_point()}
-
-
-def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
-    """Cast back tensor by tensor (a model may mix dtypes); ``.data`` keeps each object."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if name in dtypes and t.dtype != dtypes[name]:
-            t.data = t.data.to(dtypes[name])
 
 
 def _cuda_activation_peak(device: torch.device, run: Callable[[], torch.Tensor]) -> int:

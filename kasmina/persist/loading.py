@@ -36,6 +36,7 @@ from kasmina.seeds.table import GPUStateTensor
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.utils.state_io import cast_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -207,17 +208,8 @@ def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:
     if len(floating) == 1:  # the usual case: the whole kernel, constants and buffers included
         kernel.to(floating.pop())
         return
-    live = dict(kernel.named_parameters()) | dict(kernel.named_buffers())
-    for key, value in state.items():
-        tensor = live.get(key)
-        if (
-            tensor is not None
-            and isinstance(value, torch.Tensor)
-            and tensor.is_floating_point()
-            and value.is_floating_point()
-            and tensor.dtype != value.dtype
-        ):
-            tensor.data = tensor.data.to(value.dtype)
+    saved = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+    cast_in_place(kernel, {k: dtype for k, dtype in saved.items() if dtype.is_floating_point})
 
 
 def _verified_kernel(

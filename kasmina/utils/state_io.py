@@ -550,3 +550,11 @@ def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
     if isinstance(value, tuple):
         return tuple(clone_state(item, device) for item in value)
     return value
+
+
+def cast_in_place(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Give each floating parameter or buffer of ``module`` named in ``dtypes`` that dtype,
+    tensor by tensor (a model may mix dtypes); ``.data`` keeps each tensor object."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if name in dtypes and t.is_floating_point() and t.dtype != dtypes[name]:
+            t.data = t.data.to(dtypes[name])
