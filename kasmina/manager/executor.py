@@ -43,10 +43,9 @@ from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import restore_epoch
-from kasmina.manager.slots import SeedRecord
+from kasmina.manager.slots import SeedRecord, param_dtype
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import GateResult, kept_buffers
-from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
@@ -327,7 +326,7 @@ class CommandExecution:
         spec = specs[0]
         if spec.shape[dim] not in (None, width):
             raise CommandRefused(f"artifact inputs {declared} do not fit {where}")
-        host_dtype = chunk[1] if chunk is not None else _param_dtype(slot)
+        host_dtype = chunk[1] if chunk is not None else param_dtype(slot)
         if spec.dtype != str(host_dtype).removeprefix("torch."):
             raise CommandRefused(
                 f"artifact input dtype {spec.dtype} is not the host's {host_dtype} at {where} "
@@ -341,12 +340,8 @@ class CommandExecution:
         A kernel that cannot run on this slot is refused here rather than failing in every
         host forward. Buffers the program mutates (batch-norm statistics) are put back."""
         registry = self.state.require_registry()
-        samples = registry.dry_run_samples(record)
-        if not samples:  # the slot has not run yet: the manifest's shapes, the host's dtype
-            dtype = _param_dtype(record.slot)
-            samples = [
-                x.to(dtype) for size in (2, 3) for x in kernel.example_inputs(dynamic_size=size)
-            ]
+        # Before the slot's first forward: the manifest's shapes, in the host's dtype.
+        samples = registry.dry_run_samples(record) or registry.manifest_samples(record, kernel)
         with kept_buffers(kernel):
             for x in samples:
                 problem = _dry_run_problem(kernel, x)
@@ -534,11 +529,6 @@ class CommandExecution:
         if record.pinned and record.artifact_id is not None:
             self.state.kernel_cache.unpin(record.artifact_id)
         record.pinned = False
-
-
-def _param_dtype(slot: KasminaLayer) -> torch.dtype:
-    """The host's floating dtype as its parameters declare it (fp32 for a parameterless one)."""
-    return next((p.dtype for p in slot.host.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _dry_run_problem(kernel: GPUKernel, x: torch.Tensor) -> str | None:

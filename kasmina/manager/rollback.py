@@ -8,8 +8,8 @@ is all-or-nothing (docs/design.md §6a), in three phases:
 1. nothing live changes: the checkpoint is verified (its signed manifest, size and SHA-256,
    before any byte is unpickled) and loaded, the kernels it names are loaded and copied
    (fresh copies of the cached originals), and the optimizer layout it describes (host groups,
-   promoted seeds, seed optimizers) is built beside the live one and loaded with the saved
-   states;
+   promoted seeds, seed optimizers) is built beside the live one, of the manager's optimizer
+   class (a checkpoint saved with another is refused), and loaded with the saved states;
 2. reversible writes: the kernels are swapped in, then ``restore_training_state`` validates the
    weights against the swapped model (keys and shapes) and writes them and the state table,
    undoing its own writes if one fails, and the host mirror is resynced. Then what the commit
@@ -280,53 +280,53 @@ def _rebuild_optimizers(
 ) -> IsolatedOptimizerManager:
     """Fresh optimizers with the checkpoint's layout, over the parameters the seeds will hold
     (a changed seed's are its fresh kernel's), loaded with the saved states. Built beside the
-    live optimizers: nothing live changes. Each is built with the manager's constructor
-    options (``fused``, ``foreach``...), as attach and GERMINATE build them: the commit keeps
-    the live objects where it can, and one it cannot keep must not lose them."""
+    live optimizers: nothing live changes. Each is built with the manager's class and
+    constructor options (``fused``, ``foreach``...), as attach and GERMINATE build them: the
+    commit moves the state into the live objects, which a user's scheduler or ``GradScaler``
+    holds, so a checkpoint saved from another class is refused (``_check_class``)."""
     saved = checkpoint.get("optimizers")
     if not isinstance(saved, dict) or not isinstance(saved.get("optimizers"), dict):
         raise ValueError("the checkpoint holds no optimizer state")
     saved = upgrade_state_dict(saved)
+    entries: dict[str, Any] = saved["optimizers"]
+    for oid, entry in entries.items():
+        _check_class(state, oid, entry.get("class"))
 
     def params(seed_id: str) -> list[torch.nn.Parameter]:
         if seed_id in changes:
             return list(fresh[seed_id][1].parameters()) if seed_id in fresh else []
         return registry.seed_parameters(seed_id)
 
-    entries: dict[str, Any] = saved["optimizers"]
+    cls, options = state.optimizer_cls, dict(state.optimizer_options)
     optimizers = state.new_optimizer_manager()
     host = entries.get(HOST_ID)
     if host is not None:
-        cls = _optimizer_class(state, host.get("class"))
-        options = _options(state, cls)
         optimizers.initialize_host(registry.host_params, optimizer_cls=cls, **options)
         for seed_id, group, _ in host.get("promoted", []):  # seeds promoted, in order
             optimizers.create_seed_optimizer(seed_id, params(seed_id), optimizer_cls=cls, **options)
             optimizers.promote_seed(seed_id, group=int(group))
-    for oid, entry in entries.items():
+    for oid in entries:
         if oid != HOST_ID:
-            cls = _optimizer_class(state, entry.get("class"))
-            optimizers.create_seed_optimizer(
-                oid, params(oid), optimizer_cls=cls, **_options(state, cls)
-            )
+            optimizers.create_seed_optimizer(oid, params(oid), optimizer_cls=cls, **options)
     if state.teacher is not None and state.optimizers.teacher_param_count:
         optimizers.register_teacher_params(state.teacher.teacher_parameters())
     optimizers.load_state_dict(saved)
     return optimizers
 
 
-def _options(state: ManagerState, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
-    """The constructor options the manager builds ``cls`` with (none for another class)."""
-    return dict(state.optimizer_options) if cls is state.optimizer_cls else {}
-
-
-def _optimizer_class(state: ManagerState, name: object) -> type[torch.optim.Optimizer]:
-    if name == state.optimizer_cls.__name__:
-        return state.optimizer_cls
-    cls = getattr(torch.optim, str(name), None)
-    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
-        return cls
-    raise ValueError(f"the checkpoint's optimizer class {name!r} is unknown here")
+def _check_class(state: ManagerState, oid: str, name: object) -> None:
+    """Refuse a saved optimizer of another class than the manager's ``optimizer_cls`` (a run
+    resumed with another ``attach(optimizer_cls=...)``). The host's live object must stay
+    (docs/design.md §6a) and cannot take another class's state; a seed's optimizer comes from
+    the same setting (GERMINATE builds it), so it is refused alike rather than mixing classes."""
+    want = state.optimizer_cls.__name__
+    if name != want:
+        owner = "host" if oid == HOST_ID else f"seed {oid}'s"
+        raise ValueError(
+            f"the checkpoint's {owner} optimizer is {name}, this manager's optimizer_cls is "
+            f"{want}: a rollback restores into the live optimizers of the manager's class "
+            f"(attach with optimizer_cls={name} to resume from it)"
+        )
 
 
 def _commit(

@@ -39,6 +39,7 @@ __all__ = [
     "SeedRecord",
     "SlotRegistry",
     "TIMELINE_SIZE",
+    "param_dtype",
 ]
 
 # A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
@@ -56,6 +57,11 @@ STEPPED_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedSta
 TIMELINE_SIZE = 1000
 
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
+
+
+def param_dtype(slot: KasminaLayer) -> torch.dtype:
+    """The host's floating dtype as its parameters declare it (fp32 for a parameterless one)."""
+    return next((p.dtype for p in slot.host.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _random(spec: ActivationSpec) -> torch.Tensor:
@@ -269,8 +275,14 @@ class SlotRegistry:
 
     # ------------------------------------------------------------------ observed shapes
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
-        """Random host activations of the last-seen shape of this seed's input, for G3."""
+        """Random host activations of the last-seen shape of this seed's input, for G3. A
+        process that has seen no forward (one resumed by a ROLLBACK) knows no such shape: then
+        the one its kernel's manifest declares, as the GERMINATE dry run uses before the slot's
+        first forward (:meth:`manifest_samples`)."""
         spec = record.last_input or self.chunk_spec(record)
+        if spec is None and record.kernel is not None:
+            declared = self.manifest_samples(record, record.kernel, sizes=(2,))
+            spec = _spec(declared[0]) if len(declared) == 1 else None
         return None if spec is None else _random(spec)
 
     def chunk_spec(self, record: SeedRecord) -> ActivationSpec | None:
@@ -291,6 +303,15 @@ class SlotRegistry:
         batch = shape[0]
         other = batch // 2 if batch >= 4 else batch + 1
         return [_random((torch.Size((size, *shape[1:])), dtype, device)) for size in (batch, other)]
+
+    def manifest_samples(
+        self, record: SeedRecord, kernel: GPUKernel, sizes: Sequence[int] = (2, 3)
+    ) -> list[torch.Tensor]:
+        """Zeros of the input shapes ``kernel``'s manifest declares (a dynamic dimension at each
+        of ``sizes``), in the host's parameter dtype: the seed's input where the slot has
+        recorded none (before its first forward, or in a process resumed by a ROLLBACK)."""
+        dtype = param_dtype(record.slot)
+        return [x.to(dtype) for size in sizes for x in kernel.example_inputs(dynamic_size=size)]
 
     def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
         """A slot none of whose seeds runs, with a random input of its first-seen shape."""

@@ -1,0 +1,112 @@
+"""Resuming a run in a new process: a new manager over a freshly built model, with the same
+run_id, attached and put back to an epoch checkpoint by a signed ROLLBACK (docs/design.md §6a).
+What the new process lacks (the forwards the old one saw) must not change what the commands
+decide, and a configuration the checkpoint cannot go into is refused with nothing changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.state_io import clone_state
+from tests.manager.helpers import SEED0, Host, Rig, S, make_config, run_command
+
+
+def signed(manager: KasminaKernelManager, keyring: Keyring, cmd: KasminaCommand) -> bool:
+    return run_command(manager, sign_command(cmd, keyring, "ctl").SerializeToString())
+
+
+def rollback(manager: KasminaKernelManager, keyring: Keyring, epoch: int) -> bool:
+    return signed(manager, keyring, make_rollback_command(epoch, reason="resume"))
+
+
+def everything(manager: KasminaKernelManager, model: torch.nn.Module) -> dict:
+    registry = manager.require_registry()
+    return {
+        "model": clone_state(model.state_dict()),
+        "optimizers": clone_state(manager.optimizers.state_dict()),
+        "table": registry.table.state_tensor.clone(),
+        "clock": (manager.state.epoch, manager.state.global_step),
+    }
+
+
+def assert_same(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_a_resumed_seed_in_compatibility_check_passes_g3_before_any_forward(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """The rollback drops the probe results and the new process has seen no input: G3 probes
+    random activations of the shape the kernel's manifest declares, as the uninterrupted run's
+    ADVANCE would pass on its last-seen shape."""
+    config = make_config(tmp_path, store, run_id="resume")
+    first = Rig(config, keyring)
+    assert first.send("germinate", SEED0, mlp)
+    first.train(2)
+    first.manager.end_epoch(0)
+    assert first.send("advance", SEED0) and first.stage(SEED0) == S.COMPATIBILITY_CHECK
+    first.train(1)
+    first.manager.end_epoch(1)
+    first.manager.close()
+
+    rig = Rig(config, keyring)  # the restarted process
+    assert rollback(rig.manager, keyring, 1), rig.manager.command_log[-1]
+    assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    assert rig.manager.seed(SEED0).probe_result is None
+    rng = torch.random.get_rng_state()
+    assert rig.send("advance", SEED0), rig.manager.command_log[-1]
+    assert rig.stage(SEED0) == S.GRAFTING
+    assert torch.equal(rng, torch.random.get_rng_state())  # a private generator's activations
+
+
+@pytest.mark.parametrize("host_lr", [0.05, None], ids=["host", "seeds-only"])
+def test_a_resume_with_another_optimizer_class_is_refused_and_changes_nothing(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, host_lr: float | None
+) -> None:
+    """A rollback keeps the live optimizer objects (a user's scheduler holds the host's), which
+    cannot take another class's state; a seed's optimizer comes from the same setting. So a
+    checkpoint saved with Adam does not go into a manager attached with SGD: refused, naming
+    both classes, with the live host optimizer and every bit as they were."""
+    config = make_config(tmp_path, store, run_id="resume")
+
+    def start(cls: type[torch.optim.Optimizer]) -> tuple[KasminaKernelManager, Host]:
+        manager = KasminaKernelManager(config, keyring=keyring)
+        model = Host()
+        manager.attach(model, "out", 2, 2, host_lr=host_lr, seed_lr=0.05, optimizer_cls=cls)
+        return manager, model
+
+    first, model = start(torch.optim.Adam)
+    assert signed(first, keyring, make_seed_command("germinate", SEED0, mlp, {}))
+    first.end_epoch(0)
+    first.close()
+
+    manager, model = start(torch.optim.SGD)
+    live = manager.optimizers.optimizer("host") if host_lr is not None else None
+    before = everything(manager, model)
+    assert not rollback(manager, keyring, 0)
+    reason = manager.command_log[-1][3]
+    assert "optimizer is Adam" in reason and "optimizer_cls is SGD" in reason, reason
+    if live is not None:
+        assert "host optimizer" in reason and manager.optimizers.optimizer("host") is live
+    else:
+        assert f"seed {SEED0}'s optimizer" in reason
+    assert_same(before, everything(manager, model))
+    assert manager.stages()[SEED0] == S.DORMANT
