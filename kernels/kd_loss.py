@@ -51,11 +51,13 @@ and loses its bits before ``grad_output`` could lift it). ``c/Z`` cannot underfl
 -inf logits (matching float64 math). A teacher ``-inf`` has ``p_t = 0`` and contributes
 nothing (``0·log 0 = 0``). A student ``-inf`` where the teacher logit is finite (teacher mass,
 however small, even one that underflows fp32) makes the row's KL ``+inf``. The cross term never
-carries that infinity: it adds ``clamp(b - a, ±1e30)`` where the clamps are maxNum/minNum
-(``PropagateNan.NONE``), which return the non-NaN operand, so the ``-inf - -inf = NaN`` of a
-``-inf`` pair (no mass on either side) becomes a finite value, and a zero weight times it is 0,
-never ``0·inf``. Each lane records ``max(b - a)`` (maxNum again: NaN ignored); it is ``+inf``
-exactly when a student ``-inf`` met a finite teacher logit, and then the row loss is ``+inf``.
+carries an infinity: it adds ``b - a`` where that is finite and 0 where it is not (``±inf``, or
+the NaN of a ``-inf`` pair: no mass on either side), so a zero weight times it is 0, never
+``0·inf``; finite differences are never clamped, so huge finite logits (1e30) keep float64's
+loss. Each lane records ``max(b - a)`` (maxNum: NaN ignored); it is ``+inf`` exactly when a
+student ``-inf`` met a finite teacher logit (or ``b - a`` overflowed fp32: then KL is beyond
+fp32 too), and then the row loss is ``+inf``. Limit (both backends): the fp32 sums must not
+overflow, ``|t - s|·log2(e)/T·V < FLT_MAX``; beyond it a row may be inf or NaN.
 So a later jump of the teacher's maximum, which rescales ``x`` by a factor that may underflow
 to 0, cannot produce ``inf·0 = NaN`` (the old kernel did). Running maxima start at ``-FLT_MAX``
 (finite), so ``v - m`` is never ``-inf - -inf``. A row whose student (or teacher) is entirely
@@ -96,7 +98,6 @@ LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)
 VEC_BYTES = 16  # widest vector load
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: initial running maximum (finite)
-BIG = tl.constexpr(1.0e30)  # bound of |b - a| in the cross term (see above)
 STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets)
 
 
@@ -121,16 +122,15 @@ def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
     b = t.to(tl.float32) * k
     m_a, z_a, _, _ = _fold_lanes(m_a, z_a, a)
     m_b, z_b, w_old, w_new = _fold_lanes(m_b, z_b, b)
-    # u = b - a is +inf exactly where the student is -inf under a finite teacher logit, and NaN
-    # where both are -inf. maxNum/minNum (PropagateNan.NONE) return the non-NaN operand, so
-    # ``hi`` ignores the NaNs and ``diff`` is always finite: a zero weight times it is 0.
+    # u = b - a is +inf exactly where the student is -inf under a finite teacher logit, -inf
+    # where the teacher is -inf (weight 0), NaN where both are. Only those non-finite u are
+    # replaced, by 0 (|NaN| < inf is false): a zero weight times 0 is 0, never 0·inf, and the
+    # +inf case is recorded in ``hi`` (maxNum: NaN ignored) and makes the row +inf. A finite u
+    # is added as it is, however large (no clamp: a clamp at ±B is wrong for |u| > B). Cost:
+    # one compare (|u| is a free operand modifier) and a select, as the clamp's two min/max.
     u = b - a
     hi = tl.maximum(hi, u, propagate_nan=tl.PropagateNan.NONE)
-    diff = tl.minimum(
-        tl.maximum(u, -BIG, propagate_nan=tl.PropagateNan.NONE),
-        BIG,
-        propagate_nan=tl.PropagateNan.NONE,
-    )
+    diff = tl.where(tl.abs(u) < float("inf"), u, 0.0)
     x = tl.fma(w_new, diff, x * w_old)
     return m_a, z_a, m_b, z_b, x, hi
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, use_triton
+from kasmina.ops.transforms import functorch_active, no_vmap
 
 __all__ = ["alpha_blend", "alpha_blend_reference", "blend_chunks", "blend_chunks_seed_grad"]
 
@@ -41,11 +42,18 @@ MODES = ("blend", "incubate")
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Value of ``host``; gradient ``g`` to both ``host`` and ``seed``."""
+    """Value of ``host``; gradient ``g`` to both ``host`` and ``seed`` (torch ops only, so
+    ``torch.func`` may derive its ``vmap``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, seed: Tensor, host: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(seed: Tensor, host: Tensor) -> Tensor:  # type: ignore[override]
         return host.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -319,16 +327,24 @@ def _grads(ctx, grad: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
 
 
 class _AlphaBlendFunction(torch.autograd.Function):
-    """Eager path."""
+    """Eager path, in the ``setup_context`` form (``forward`` takes no ``ctx``), which
+    ``torch.func.grad`` needs: it runs the forward on the plain tensors. Its backward is then
+    in grad mode (the transform's ``create_graph``), so it takes ``_blend_backward_graph``'s
+    torch ops, on either backend. ``vmap`` is refused with a clear error on every backend."""
 
     @staticmethod
-    def forward(ctx, seed, host, alpha, alpha_value, mode):  # type: ignore[override]
-        _save(ctx, seed, host, alpha, alpha_value, mode)
+    def forward(seed, host, alpha, alpha_value, mode):  # type: ignore[override]
         return _forward_impl(seed, host, alpha, alpha_value, mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _save(ctx, *inputs)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         return _grads(ctx, grad, _backward_impl)
+
+    vmap = no_vmap("alpha_blend")
 
 
 @torch.library.custom_op("kasmina::alpha_blend", mutates_args=())
@@ -414,12 +430,17 @@ def alpha_blend(
         alpha_t, alpha_value = alpha.contiguous(), 0.0
     else:
         alpha_t, alpha_value = None, float(alpha)
-    args = (seed_out.contiguous(), host_out.contiguous(), alpha_t, alpha_value, mode)
+    # blend detaches the host (it gets no gradient), so a host that requires grad makes no
+    # graph node: only the seed's or alpha's gradient does, in both wrappers.
+    host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
+    args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
     if torch.compiler.is_compiling():
         return _alpha_blend_op(*args)
+    if functorch_active():  # torch.func: the Function, whose forward gets plain tensors
+        return _AlphaBlendFunction.apply(*args)
     alpha_grad = alpha_t is not None and alpha_t.requires_grad
     if not torch.is_grad_enabled() or not (
-        seed_out.requires_grad or host_out.requires_grad or alpha_grad
+        seed_out.requires_grad or host.requires_grad or alpha_grad
     ):
         return _forward_impl(*args)  # no graph to record: skip the autograd.Function
     if (

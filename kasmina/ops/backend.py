@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 
+import numpy as np
 import torch
 
 _VALID = ("auto", "triton", "reference")
@@ -84,3 +87,24 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or torch.compiler.is_compiling():
         return t
     return t.clone() if t.is_inference() else t
+
+
+def check_real(name: str, value: object) -> float:
+    """``value`` if it is a real number: an ``int``, a ``float`` (a ``SymFloat`` under
+    ``torch.compile``) or another ``numbers.Real`` (a NumPy float). A bool (an ``int``
+    subclass, NumPy's too), a string, a tensor or anything else is a ``ValueError``: ``float()``
+    would silently take ``True`` and ``"0.5"``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, numbers.Real)):
+        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
+    return value  # type: ignore[return-value]
+
+
+def check_positive(name: str, value: object) -> float:
+    """``value`` (see ``check_real``) if finite and > 0, else ``ValueError``. The test is
+    ``0 < value < inf`` (NaN fails both), not ``math.isfinite``: under ``torch.compile`` with
+    dynamic shapes a float argument may be a ``SymFloat``, which ``math.isfinite`` cannot take
+    (TorchDynamo stops at it: "Unsupported torch.* op returned non-Tensor")."""
+    value = check_real(name, value)
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value

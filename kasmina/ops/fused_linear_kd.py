@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, saveable
+from kasmina.ops.backend import check_float_tensor, check_positive, saveable
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -78,7 +78,8 @@ from kasmina.ops.fused_linear_kd_chunks import (
     _spent_views,
     default_chunk_rows,
 )
-from kasmina.ops.kd_loss import REDUCTIONS, first_order_backward, kd_kl_loss_reference
+from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
+from kasmina.ops.transforms import first_order_backward
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 
@@ -347,11 +348,7 @@ _fused_op.register_autograd(_op_backward, setup_context=_setup_context)
 def _positive(name: str, value: object, optional: bool = True) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)
+    return float(check_positive(name, value))
 
 
 def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:

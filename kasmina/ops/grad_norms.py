@@ -21,7 +21,7 @@ from operator import is_not
 import numpy as np
 import torch
 
-from kasmina.ops.backend import SUPPORTED_DTYPES, use_triton
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, use_triton
 
 MaybeTensors = Sequence[torch.Tensor | None]
 
@@ -90,7 +90,7 @@ def leak_check_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norms, flag)``: flag is a 0-d bool, True if any norm exceeds ``tol`` or is not finite."""
     norms = grad_norms_reference(tensors)
-    return norms, _flag(norms, tol)
+    return norms, _flag(norms, _check_tol(tol))
 
 
 def _flag(norms: torch.Tensor, tol: float) -> torch.Tensor:
@@ -152,9 +152,11 @@ def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     return norms
 
 
-def _check_tol(tol: float) -> float:
-    tol = float(tol)
-    if not math.isfinite(tol) or tol < 0:
+def _check_tol(tol: object) -> float:
+    """``tol`` as a float: a real number (``check_real``: not a bool, a string or a tensor),
+    finite and >= 0 (``0 <= tol < inf`` also refuses NaN)."""
+    tol = float(check_real("tol", tol))
+    if not 0 <= tol < math.inf:
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     return tol
 
@@ -253,7 +255,7 @@ def leak_check(
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
     if _through_dispatcher():
-        return _leak_check_op(_detached(ts), float(tol), dev)
+        return _leak_check_op(_detached(ts), _check_tol(tol), dev)
     norms, flag = _compute(ts, dev, _check_tol(tol))
     assert flag is not None
     return norms, flag

@@ -46,17 +46,20 @@ second-order term; the compiled path's backward op has no autograd formula and r
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from kasmina.ops.backend import check_float_tensor, saveable, use_triton
+from kasmina.ops.backend import check_float_tensor, check_positive, saveable, use_triton
+from kasmina.ops.transforms import (
+    first_order_backward,
+    functorch_active,
+    functorch_context,
+    no_vmap,
+)
 
 __all__ = [
-    "first_order_backward",
     "grad_strides",
     "kd_backward_reference",
     "kd_forward_grad_reference",
@@ -373,33 +376,6 @@ def kd_backward_reference(
 # nodes, no graph break), whose eager dispatcher round trip would cost several times more.
 
 
-def first_order_backward(backward):
-    """``torch.autograd.function.once_differentiable`` for a backward whose gradients depend
-    on its saved inputs, not only on the incoming gradient.
-
-    Such a backward (this op's, the fused-linear op's) scales a gradient it recomputes or
-    stored; it records no graph, so a second derivative through it would be silently wrong
-    (the softmax's own second-order term missing). ``once_differentiable`` raises on that
-    second backward only when an incoming gradient requires grad, which ``grad_output = 1``
-    of ``autograd.grad(loss, x, create_graph=True)`` does not, although the student does.
-    So under ``create_graph=True`` (grad mode on inside the backward) the incoming gradients
-    are marked as requiring grad first: the first-order gradients keep their values and a
-    second backward through them raises PyTorch's "trying to differentiate twice" error."""
-    once = once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            grads = tuple(
-                g.detach().requires_grad_() if isinstance(g, Tensor) and not g.requires_grad
-                else g
-                for g in grads
-            )  # fmt: skip
-        return once(ctx, *grads)
-
-    return wrapper
-
-
 def _kernels():
     from kasmina.kernels import kd_loss as kernels  # lazy: triton only when used
 
@@ -433,29 +409,40 @@ def _backward_impl(
 
 
 class _KDFunction(torch.autograd.Function):
-    """Eager path (only built when the student needs a gradient). The Triton kernels keep the
-    per-row statistics for the backward; the CPU path keeps the unscaled fp32 gradient, which
-    its forward gets from exponentials it computes anyway."""
+    """Eager path (built when the student needs a gradient, or under a ``torch.func``
+    transform). The Triton kernels keep the per-row statistics for the backward; the CPU path
+    keeps the unscaled fp32 gradient, which its forward gets from exponentials it computes
+    anyway. Either is returned as a non-differentiable output beside the loss (``forward`` takes
+    no ``ctx``: the ``setup_context`` form, which ``torch.func.grad`` needs, since it runs the
+    forward on the unwrapped tensors). ``vmap`` is refused with a clear error."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, temperature, reduction):  # type: ignore[override]
+    def forward(student, teacher, mask, temperature, reduction):  # type: ignore[override]
+        if use_triton(student.device):
+            return _forward_impl(student, teacher, mask, temperature, reduction, True)
+        return kd_forward_grad_reference(student, teacher, mask, temperature, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        student, teacher, mask, temperature, reduction = inputs
+        _, kept, scale = output  # the statistics (Triton) or the unscaled gradient (CPU)
+        ctx.mark_non_differentiable(kept, scale)
+        ctx.set_materialize_grads(False)  # no zeros made for them in the backward
+        functorch_context(ctx, "kd_kl_loss")
         ctx.temperature, ctx.reduction = temperature, reduction
         ctx.cpu = not use_triton(student.device)
         if ctx.cpu:
-            loss, unscaled, scale = kd_forward_grad_reference(
-                student, teacher, mask, temperature, reduction
-            )
             ctx.masked = mask is not None
             ctx.layout = (student.shape, grad_strides(student), student.dtype)
-            ctx.save_for_backward(unscaled, scale)
-            return loss
-        loss, stats, scale = _forward_impl(student, teacher, mask, temperature, reduction, True)
-        ctx.save_for_backward(student, teacher, mask, stats, scale)
-        return loss
+            ctx.save_for_backward(kept, scale)
+        else:
+            ctx.save_for_backward(student, teacher, mask, kept, scale)
 
     @staticmethod
     @first_order_backward
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
+        if grad_loss is None:
+            return None, None, None, None, None
         if ctx.cpu:
             unscaled, scale = ctx.saved_tensors
             shape, strides, dtype = ctx.layout
@@ -469,6 +456,8 @@ class _KDFunction(torch.autograd.Function):
             student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
         )
         return grad, None, None, None, None
+
+    vmap = no_vmap("kd_kl_loss")
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
@@ -539,10 +528,7 @@ _kd_op.register_autograd(_op_backward, setup_context=_setup_context)
 def _check(student: Tensor, teacher: Tensor, temperature: object, reduction: str, mask) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not 0 < temperature < math.inf:  # NaN fails both; no ``isfinite`` (a SymFloat's breaks)
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_positive("temperature", temperature)
     check_float_tensor("student_logits", student)
     check_float_tensor("teacher_logits", teacher, student.device)
     if student.dim() == 0 or student.shape[-1] == 0:
@@ -586,6 +572,6 @@ def kd_kl_loss(
     temperature = float(temperature)
     if torch.compiler.is_compiling():
         return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
-    if need_grad:
-        return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction)
+    if need_grad or functorch_active():
+        return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction)[0]
     return _forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]

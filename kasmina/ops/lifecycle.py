@@ -25,6 +25,7 @@ reference everywhere.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Sequence
 
@@ -45,6 +46,7 @@ from kasmina.stages import (
 IndexLike = torch.Tensor | Sequence[int]
 NEEDS_ZERO_EMBARGO = 1 << 8  # flag bit of a rule: legal only while EMBARGO_COUNTER == 0
 READY_NEVER, READY_AFTER_EMBARGO, READY_ALWAYS = 0, 1, 2
+INT32_MAX = 2**31 - 1
 _COLUMNS = {
     "stage": int(StateColumn.LIFECYCLE_STAGE),
     "epochs": int(StateColumn.EPOCHS_IN_STATE),
@@ -111,6 +113,13 @@ def _check_state(state: torch.Tensor) -> None:
         raise ValueError(f"state must have shape [N, {NUM_STATE_COLUMNS}], got {list(state.shape)}")
     if not state.is_contiguous():
         raise ValueError("state must be contiguous")
+    if state.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses the reference's in-place ops on it; the NumPy and Triton paths write
+        # through pointers and would not notice, so every backend refuses it here.
+        raise ValueError(
+            "state was created under torch.inference_mode() and cannot be updated in place "
+            "outside it: create it outside inference mode, or clone it there"
+        )
 
 
 def _check_index(name: str, t: torch.Tensor, state: torch.Tensor, k: int) -> None:
@@ -125,8 +134,13 @@ def _check_index(name: str, t: torch.Tensor, state: torch.Tensor, k: int) -> Non
 
 
 def _check_update(
-    state: torch.Tensor, seed_idx: torch.Tensor, new_stage: torch.Tensor, gate: torch.Tensor | None
+    state: torch.Tensor,
+    seed_idx: torch.Tensor,
+    new_stage: torch.Tensor,
+    gate: torch.Tensor | None,
+    values: bool = True,
 ) -> None:
+    """Types, shapes and devices; with ``values`` (not on fake tensors) also the gate's range."""
     _check_state(state)
     if not isinstance(seed_idx, torch.Tensor) or seed_idx.dim() != 1:
         raise ValueError("seed_idx must be a 1-d integer tensor")
@@ -135,6 +149,13 @@ def _check_update(
     _check_index("new_stage", new_stage, state, k)
     if gate is not None:
         _check_index("gate", gate, state, k)
+        if values and gate.dtype == torch.int64 and k:
+            # LAST_GATE is int32: a larger int64 gate would wrap (to a negative, "not given",
+            # or another gate). Any negative entry means "not given", so only the top is
+            # bounded. One host read of an int64 gate (a sync on a GPU; int32 needs none).
+            top = int(gate.max())
+            if top > INT32_MAX:
+                raise ValueError(f"gate entries must fit in int32 (<= {INT32_MAX}), got {top}")
 
 
 def lifecycle_update_reference(
@@ -332,7 +353,7 @@ def _lifecycle_update_fake(
     new_stage: torch.Tensor,
     gate: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_update(state, seed_idx, new_stage, gate)
+    _check_update(state, seed_idx, new_stage, gate, values=False)
     return torch.empty(seed_idx.shape[0], dtype=torch.int32, device=state.device)
 
 
@@ -363,12 +384,21 @@ def _through_dispatcher() -> bool:
 
 
 def _as_index(name: str, value: IndexLike | None, device: torch.device) -> torch.Tensor | None:
+    """A sequence as an int64 tensor. Its entries must be integers (``operator.index``: a float
+    such as 1.9 is refused rather than truncated); a bool, though an ``int``, is refused too, as
+    a bool tensor is."""
     if value is None or isinstance(value, torch.Tensor):
         return value
     try:
-        return torch.tensor([int(v) for v in value], dtype=torch.int64, device=device)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be an integer tensor or a sequence of ints") from exc
+        items = list(value)  # type: ignore[arg-type]
+        if any(isinstance(v, (bool, np.bool_)) for v in items):
+            raise TypeError("bool")
+        ints = [operator.index(v) for v in items]
+        return torch.tensor(ints, dtype=torch.int64, device=device)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise ValueError(
+            f"{name} must be an int32/int64 tensor or a sequence of ints, got {value!r}"
+        ) from exc
 
 
 def lifecycle_update(
@@ -381,8 +411,11 @@ def lifecycle_update(
 
     ``state``: int32 ``[N, 10]`` contiguous. ``seed_idx``, ``new_stage``, ``gate``: int32/int64
     ``[K]`` tensors on the state's device, any view (strided, offset or expanded; sequences of
-    ints are converted). ``ValueError`` on any other dtype, shape or device; bad indices and
-    stages are reported in the codes instead.
+    ints are converted; a bool or a non-integer entry is refused). ``ValueError`` on any other
+    dtype, shape or device, on a gate above int32's range (``LAST_GATE`` is int32; an int64
+    gate is read once on the host for that), and on a state made under
+    ``torch.inference_mode()`` used outside it; bad indices and stages are reported in the codes
+    instead.
     """
     if not isinstance(state, torch.Tensor):
         raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")

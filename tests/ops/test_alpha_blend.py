@@ -628,3 +628,47 @@ def test_blend_chunks_returns_a_tensor_that_is_not_a_view(
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     else:
         torch.testing.assert_close(out, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("alpha_kind", ALPHA_KINDS)
+def test_a_host_needing_grad_alone_makes_no_graph(backend, alpha_kind):
+    """blend detaches the host: a host that requires grad, with a seed and alpha that do not,
+    gives an output without grad (as the reference's), eager and compiled; incubate passes
+    the host's gradient through, so there it does."""
+    seed_out, host_out, _ = _inputs((2, 8), torch.float32)
+    host_out.requires_grad_()
+    alpha = _alpha(alpha_kind, 8)
+    assert not alpha_blend_reference(seed_out, host_out, alpha).requires_grad
+    assert not alpha_blend(seed_out, host_out, alpha).requires_grad
+    torch._dynamo.reset()
+    compiled = torch.compile(alpha_blend, fullgraph=True, backend="aot_eager")
+    assert not compiled(seed_out, host_out, alpha).requires_grad
+    torch._dynamo.reset()
+    assert alpha_blend(seed_out, host_out, alpha, mode="incubate").requires_grad
+
+
+@pytest.mark.parametrize("alpha_kind", ALPHA_KINDS)
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_torch_func_grad_matches_eager_autograd(backend, alpha_kind, mode):
+    """``torch.func.grad`` over the seed, the host and a tensor alpha equals eager autograd
+    (the float64 reference's) on both backends; ``vmap`` raises naming the op."""
+    seed_out, host_out, grad = _inputs((2, 3, 8), torch.float32, seed=7)
+    alpha = _alpha(alpha_kind, 8)
+    a = alpha if isinstance(alpha, float) else alpha.clone()
+
+    def f(s, h, al):
+        return (alpha_blend(s, h, al if al is not None else a, mode) * grad).sum()
+
+    tensor_alpha = not isinstance(alpha, float)
+    argnums = (0, 1, 2) if tensor_alpha else (0, 1)
+    got = torch.func.grad(f, argnums=argnums)(seed_out, host_out, a if tensor_alpha else None)
+    leaves = [x.double().requires_grad_() for x in (seed_out, host_out)]
+    if tensor_alpha:
+        leaves.append(a.double().requires_grad_())
+    al64 = leaves[2] if tensor_alpha else alpha
+    out = alpha_blend_reference(leaves[0], leaves[1], al64, mode)
+    want = torch.autograd.grad((out * grad.double()).sum(), leaves, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), torch.zeros_like(g.double()) if w is None else w)
+    with pytest.raises(NotImplementedError, match="alpha_blend does not support torch.vmap"):
+        torch.vmap(lambda s, h: alpha_blend(s, h, 0.3, mode))(seed_out, host_out)

@@ -417,6 +417,29 @@ def test_none_reduction_under_sum_and_strided_grad_output(monkeypatch, backend, 
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_with_dynamic_shapes(monkeypatch, backend):
+    """``torch.compile(fullgraph=True, dynamic=True)``: a float argument may be traced as a
+    ``SymFloat`` (the default ``temperature`` is), so the checks take no ``math.isfinite``; loss
+    and gradients equal the float64 oracle's for two batch sizes."""
+    _use_backend(monkeypatch, backend)
+    torch._dynamo.reset()
+
+    def step(h, w, b, t):  # the default temperature (1.0)
+        return fused_linear_kd_loss(h, w, t, student_bias=b, chunk_rows=4)
+
+    fn = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows, seed in ((5, 62), (7, 63)):
+        h, w, b, _, _, _, tl, _ = _inputs((rows,), 8, 11, torch.float32, seed=seed)
+        loss = fn(h, w, b, tl)
+        got = torch.autograd.grad(loss, (h, w, b))
+        want_loss, want = _oracle(h, w, b, tl, 1.0, "batchmean")
+        _close(loss, want_loss, torch.float32, "loss")
+        for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+            _close(x, y, torch.float32, what)
+    torch._dynamo.reset()
+
+
 def _use_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     if backend == "triton" and DEVICE.type == "cpu":
         if __import__("os").environ.get("TRITON_INTERPRET") != "1":

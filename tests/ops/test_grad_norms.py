@@ -6,6 +6,7 @@ import math
 from collections import OrderedDict
 
 import kasmina.kernels.grad_norms as gn_kernels
+import numpy as np
 import pytest
 import torch
 
@@ -472,7 +473,30 @@ def test_single_tensor_is_not_a_list(any_backend: str) -> None:
         grad_norms(torch.ones(3, 4))
 
 
-@pytest.mark.parametrize("bad_tol", [-1.0, float("nan"), float("inf")])
-def test_bad_tolerance_raises(any_backend: str, bad_tol: float) -> None:
+@pytest.mark.parametrize(
+    "bad_tol",
+    [-1.0, float("nan"), float("inf"), True, False, np.True_, "0.5", None, torch.tensor(0.5)],
+)
+def test_bad_tolerance_raises(any_backend: str, bad_tol: object) -> None:
+    """``tol`` is a real number: not a bool (``float(True)`` would be 1.0), not a string (nor
+    ``float("0.5")``), not a tensor; finite and >= 0. Eager, through the dispatcher (a
+    dispatch mode, as under tracing) and in the reference function alike."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
     with pytest.raises(ValueError, match="tol"):
         leak_check([torch.ones(3)], tol=bad_tol)
+    with pytest.raises(ValueError, match="tol"), _Passthrough():
+        leak_check([torch.ones(3)], tol=bad_tol)
+    with pytest.raises(ValueError, match="tol"):
+        leak_check_reference([torch.ones(3)], tol=bad_tol)
+
+
+@pytest.mark.parametrize("good_tol", [2, 2.0, np.float32(2.0), np.float64(2.0)])
+def test_real_tolerances_are_accepted(any_backend: str, good_tol: object) -> None:
+    """Any real number: an int, a float, a NumPy float (norm 2 is not above tol 2, 3 is)."""
+    assert not bool(leak_check([torch.tensor([2.0])], tol=good_tol)[1])
+    assert bool(leak_check([torch.tensor([3.0])], tol=good_tol)[1])

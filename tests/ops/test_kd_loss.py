@@ -774,3 +774,51 @@ def test_rejections(kwargs, match):
             reduction=args.pop("reduction", "batchmean"),
             mask=args.pop("mask", None),
         )
+
+
+@pytest.mark.parametrize("scale, temperature", [(1e30, 1.0), (1e34, 1.0), (1e30, 1e-3)])
+def test_huge_finite_differences_are_not_clamped(backend, scale, temperature):
+    """``|t - s|·log2(e)/T`` far above 1e30 but within fp32's sums: the cross term adds
+    ``b - a`` as it is (the kernel once clamped it to ±1e30, giving a wrong, even negative,
+    KL); both backends follow float64 to fp32 rounding."""
+    student, teacher = _logits((3, 8), seed=41, scale=scale)
+    got = kd_kl_loss(student, teacher, temperature, "none")
+    want, _ = _oracle(student, teacher, temperature, "none")
+    assert bool((got >= 0).all())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("reduction, masked", [("batchmean", False), ("none", True)])
+def test_torch_func_grad_and_vjp_match_eager_autograd(backend, reduction, masked):
+    """``torch.func.grad``/``vjp`` run the Function (``setup_context`` form) and the backward
+    on the plain tensors: the gradients equal eager autograd's and the float64 oracle's."""
+    student, teacher = _logits((4, 37), seed=42)
+    mask = torch.tensor([True, False, True, True]) if masked else None
+    go = torch.rand(4, generator=_gen(43)) if reduction == "none" else torch.tensor(1.0)
+
+    def f(x):
+        return (kd_kl_loss(x, teacher, 2.0, reduction, mask) * go).sum()
+
+    got = torch.func.grad(f)(student)
+    _, vjp_fn = torch.func.vjp(lambda x: kd_kl_loss(x, teacher, 2.0, reduction, mask), student)
+    (got_vjp,) = vjp_fn(go if reduction == "none" else go.reshape(()))
+    x = student.clone().requires_grad_()
+    (eager,) = torch.autograd.grad(f(x), x)
+    _, want = _oracle(student, teacher, 2.0, reduction, mask, grad_output=go)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_vjp, eager, rtol=1e-6, atol=1e-7)
+    _close(got, want, torch.float32)
+
+
+def test_torch_func_vmap_and_nested_grad_raise_clearly(backend):
+    """vmap (and transforms over the backward) are refused naming the op, on both backends;
+    so is a second order through ``torch.func`` (the backward records no graph, so it would
+    be silently zero)."""
+    student, teacher = _logits((2, 3, 5), seed=44)
+    with pytest.raises(NotImplementedError, match="kd_kl_loss does not support torch.vmap"):
+        torch.vmap(lambda a, b: kd_kl_loss(a, b, 1.0, "sum"))(student, teacher)
+    inner = torch.func.grad(lambda x: kd_kl_loss(x, teacher[0], 2.0))
+    with pytest.raises(NotImplementedError, match="kd_kl_loss is differentiable once"):
+        torch.func.grad(lambda y: inner(y).square().sum())(student[0])
+    with pytest.raises(NotImplementedError, match="kd_kl_loss"):
+        torch.func.jacrev(lambda x: kd_kl_loss(x, teacher[0], 2.0, "none"))(student[0])

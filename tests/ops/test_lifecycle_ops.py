@@ -153,15 +153,23 @@ def test_explicit_gates_and_fallback(backend: str) -> None:
     assert state[2, C.LAST_GATE] == 3
 
 
-def test_a_wide_gate_is_given_on_every_backend(backend: str) -> None:
-    """An int64 gate >= 2**31 is "given" (its sign is tested at its own width) and then
-    narrowed to the int32 column, on every backend alike."""
-    state = random_state(1, seed=4, stages=[0])
-    codes = lifecycle_update(
-        state, torch.tensor([0]), torch.tensor([1]), torch.tensor([2**31], dtype=torch.int64)
-    )
-    assert codes.tolist() == [TransitionCode.APPLIED]
-    assert state[0, C.LAST_GATE] == -(2**31)
+def test_a_gate_beyond_int32_is_refused_on_every_backend(backend: str) -> None:
+    """``LAST_GATE`` is int32: an int64 gate >= 2**31 would wrap (2**31 + 5 to a negative, "not
+    given", gate), so it is a ``ValueError`` and the state is left alone; int32's top still
+    fits, and any negative int64 entry, however wide, means "not given"."""
+    state = random_state(2, seed=4, stages=[0, 0])
+    before = state.clone()
+    for bad in (2**31, 2**31 + 5, 2**62):
+        with pytest.raises(ValueError, match="gate entries must fit in int32"):
+            lifecycle_update(state, torch.tensor([0]), torch.tensor([1]), torch.tensor([bad]))
+        with pytest.raises(ValueError, match="gate entries must fit in int32"):
+            lifecycle_update(state, [0], [1], [bad])
+    assert torch.equal(state, before)
+    gate = torch.tensor([2**31 - 1, -(2**40)], dtype=torch.int64)
+    codes = lifecycle_update(state, torch.tensor([0, 1]), torch.tensor([1, 1]), gate)
+    assert codes.tolist() == [TransitionCode.APPLIED] * 2
+    g1 = GATE_FOR_TRANSITION[(SeedStage(0), SeedStage(1))]
+    assert state[:, C.LAST_GATE].tolist() == [2**31 - 1, int(g1)]
 
 
 def test_gate_column_unchanged_without_a_gate(backend: str) -> None:
@@ -273,6 +281,13 @@ def _bad_calls() -> list[tuple[str, dict]]:
         ("gate", {"state": state, **ok, "gate": torch.tensor([1, 2])}),
         ("expected cpu", {"state": state, **ok, "gate": torch.tensor([1], device="meta")}),
         ("sequence of ints", {"state": state, "seed_idx": ["a"], "new_stage": [1]}),
+        # Sequences hold ints: a float is not truncated, a bool is not an index.
+        ("sequence of ints", {"state": state, "seed_idx": [1.9], "new_stage": [1]}),
+        ("sequence of ints", {"state": state, "seed_idx": [0], "new_stage": [1.2]}),
+        ("sequence of ints", {"state": state, "seed_idx": [True], "new_stage": [1]}),
+        ("sequence of ints", {"state": state, "seed_idx": [0], "new_stage": [True]}),
+        ("sequence of ints", {"state": state, **ok, "gate": [1.0]}),
+        ("sequence of ints", {"state": state, **ok, "gate": [False]}),
     ]
 
 
@@ -288,6 +303,22 @@ def test_bad_inputs_raise_and_leave_state_alone(backend: str, message: str, kwar
 def test_tick_rejects_bad_state(backend: str, state: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="state"):
         lifecycle_tick(state)
+
+
+def test_a_state_made_in_inference_mode_is_refused_outside_it(backend: str) -> None:
+    """torch forbids in-place updates of an inference tensor outside inference mode; the NumPy
+    and Triton paths write through pointers, so every backend refuses it up front, alike."""
+    with torch.inference_mode():
+        state = torch.zeros(3, NUM_STATE_COLUMNS, dtype=torch.int32)
+    with pytest.raises(ValueError, match="inference_mode"):
+        lifecycle_update(state, [0], [1])
+    with pytest.raises(ValueError, match="inference_mode"):
+        lifecycle_tick(state)
+    assert not state.any()
+    with torch.inference_mode():  # inside it the update is legal
+        assert lifecycle_update(state, [0], [1]).tolist() == [TransitionCode.APPLIED]
+        lifecycle_tick(state)
+    assert state[0, C.LIFECYCLE_STAGE] == 1 and state[0, C.EPOCHS_IN_STATE] == 1
 
 
 # --------------------------------------------------------------------------- index views

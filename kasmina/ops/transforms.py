@@ -1,0 +1,128 @@
+"""The eager ``torch.autograd.Function``s' support for higher order and ``torch.func``.
+
+``first_order_backward``: a backward that records no graph is differentiable once; a second
+backward through its gradients raises instead of being silently wrong (``kd_kl_loss`` and
+``fused_linear_kd_loss``). Under ``torch.func``: the Functions take the ``setup_context`` form
+(a ``forward`` without ``ctx``), so ``torch.func.grad``/``vjp`` run their forward on the plain
+tensors; such a backward is run one level down, on the plain tensors too (the kernels need
+storage); nested transforms, and any ``vmap``, raise a clear error naming the op
+(``no_vmap``, ``functorch_backward``). ``functorch_active`` routes the ops' eager shortcuts
+(no graph to record) through their Functions while a transform runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["first_order_backward", "functorch_active", "functorch_context", "no_vmap"]
+
+
+# functorch's interpreter stack (private; a torch without it runs no transform we can see).
+_PEEK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``vmap``, ...) is running. The
+    ops' eager shortcuts call kernels that need real storage, so under a transform every call
+    goes through the op's ``torch.autograd.Function``, which ``torch.func`` unwraps."""
+    return _PEEK is not None and _PEEK() is not None
+
+
+def no_vmap(op: str):
+    """A ``vmap`` staticmethod for an op's Function: a clear error. The kernels address whole
+    rows through pointers and strides, which a batched tensor (no storage of its own) lacks,
+    and a per-sample loop would hide a slow path; the ops batch over leading dims already."""
+
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            f"{op} does not support torch.vmap: its kernels need tensors with storage; "
+            "call it on the batched tensors directly"
+        )
+
+    return staticmethod(vmap)
+
+
+def functorch_context(ctx, op: str) -> None:
+    """Record on ``ctx`` (in ``setup_context``) the op's name and whether a ``torch.func``
+    transform applies the Function: its saved tensors are then the transform's wrappers, also
+    when the backward runs after the transform has returned (``vjp``'s function)."""
+    ctx.op, ctx.functorch = op, functorch_active()
+
+
+class _PlainCtx:
+    """``ctx`` with ``saved_tensors`` replaced by the plain tensors under the wrappers; every
+    other attribute (read or written) is ``ctx``'s own."""
+
+    def __init__(self, ctx, saved: tuple) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", saved)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._ctx, name, value)
+
+
+def functorch_backward(op: str, backward, ctx, grads: tuple):
+    """``backward(ctx, *grads)`` under ``torch.func.grad``/``vjp``, one level down: the saved
+    tensors and the incoming gradients unwrapped, and new tensors (the gradients, scratch)
+    made plain, so that the kernels can read and write their storage. Only a single grad
+    transform is supported: the backward records no graph, so a nested one (``grad(grad(f))``,
+    ``jacrev``, ``vmap`` over the gradient) would get silently wrong (zero) second-order
+    terms, and a batched tensor cannot reach the kernels; those raise."""
+    from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    stack = retrieve_all_functorch_interpreters()  # empty in vjp's function
+    if len(stack) > 1 or (stack and stack[0].key() != TransformType.Grad):
+        raise NotImplementedError(
+            f"{op} is differentiable once and supports a single torch.func.grad or vjp only, "
+            f"not nested transforms, vmap or jacrev (active: {[i.key().name for i in stack]})"
+        )
+
+    def plain(t):
+        while isinstance(t, Tensor) and is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+        return t
+
+    with stack[0].lower() if stack else contextlib.nullcontext(), torch.no_grad():
+        saved = tuple(plain(t) for t in ctx.saved_tensors)
+        return backward(_PlainCtx(ctx, saved), *(plain(g) for g in grads))
+
+
+def first_order_backward(backward):
+    """``torch.autograd.function.once_differentiable`` for a backward whose gradients depend
+    on its saved inputs, not only on the incoming gradient; ``setup_context`` calls
+    ``functorch_context`` first.
+
+    Such a backward (``kd_kl_loss``'s, the fused-linear op's) scales a gradient it recomputes
+    or stored; it records no graph, so a second derivative through it would be silently wrong
+    (the softmax's own second-order term missing). ``once_differentiable`` raises on that
+    second backward only when an incoming gradient requires grad, which ``grad_output = 1``
+    of ``autograd.grad(loss, x, create_graph=True)`` does not, although the student does.
+    So under ``create_graph=True`` (grad mode on inside the backward) the incoming gradients
+    are marked as requiring grad first: the first-order gradients keep their values and a
+    second backward through them raises PyTorch's "trying to differentiate twice" error.
+    A backward of a Function applied under ``torch.func`` runs through ``functorch_backward``
+    (which refuses nesting: functorch forbids ``requires_grad_`` inside a transform)."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if getattr(ctx, "functorch", False):
+            return functorch_backward(ctx.op, backward, ctx, grads)
+        if torch.is_grad_enabled():
+            grads = tuple(
+                g.detach().requires_grad_() if isinstance(g, Tensor) and not g.requires_grad
+                else g
+                for g in grads
+            )  # fmt: skip
+        return once(ctx, *grads)
+
+    return wrapper
