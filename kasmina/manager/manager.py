@@ -303,7 +303,7 @@ class KasminaKernelManager:
         validate_artifact_id(kernel_artifact_id)
         original = self.loader.cached(kernel_artifact_id)
         if original is None:
-            original = await asyncio.to_thread(self.loader.original, kernel_artifact_id)
+            original = await asyncio.to_thread(self.loader.load, kernel_artifact_id)
         return self.loader.copy(original)
 
     async def execute_kernel(self, kernel: GPUKernel, input_tensor: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
+from kasmina.utils.keyring import NotARegularFileError, open_regular_file
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
@@ -122,22 +123,24 @@ def read_bounded(
 ) -> bytes:
     """Stream ``path`` from ``fs`` in chunks, refusing it once it is longer than ``limit``.
 
-    At most ``limit + 1`` bytes are ever requested, so a huge object (or a symlink to
-    ``/dev/zero``) costs at most the limit plus one chunk of memory and I/O. ``hasher`` (e.g.
+    At most ``limit + 1`` bytes are ever requested, so a huge object (or an endless
+    stream) costs at most the limit plus one chunk of memory and I/O. ``hasher`` (e.g.
     ``hashlib.sha256()``) is updated with every chunk as it arrives. ``cancelled`` is checked
     before every chunk: once set (the caller gave up on this read) the read stops and raises
     ``TimeoutError``. Raises ``ArtifactIntegrityError`` ("``what`` is larger than ``limit``
     bytes (``why``)") for an oversize object, and ("``what`` is not a readable file") for an
     entry that is no readable file (:func:`not_a_readable_file`: that artifact's problem,
     answered by the store, not a failing store); ``FileNotFoundError`` and transport errors
-    pass through.
+    pass through. On a local filesystem the entry is opened non-blocking and anything but a
+    regular file (a FIFO, a device, a directory) is refused so at once, before a byte is read.
     """
     if limit < 0 or chunk_bytes < 1:
         raise ValueError(f"need limit >= 0 and chunk_bytes >= 1, got {limit}, {chunk_bytes}")
     chunks: list[bytes] = []
     total = 0
+    local = isinstance(fs, LocalFileSystem)
     try:
-        with fs.open(path, "rb", **dict(open_kwargs or {})) as f:
+        with open_regular_file(path) if local else fs.open(path, "rb", **(open_kwargs or {})) as f:
             while True:
                 if cancelled is not None and cancelled.is_set():
                     raise TimeoutError(f"read of {path} abandoned after {total} bytes")
@@ -154,9 +157,13 @@ def read_bounded(
                     hasher.update(chunk)
                 chunks.append(chunk)
         return b"".join(chunks)
+    except NotARegularFileError as exc:
+        raise ArtifactIntegrityError(
+            f"{what} is not a readable file ({exc.kind}, not a regular file)"
+        ) from None
     except OSError as exc:
         chunks.clear()
-        if not not_a_readable_file(exc, local=isinstance(fs, LocalFileSystem)):
+        if not not_a_readable_file(exc, local=local):
             raise
         reason = exc.strerror or type(exc).__name__
         raise ArtifactIntegrityError(f"{what} is not a readable file ({reason})") from None

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kasmina.utils.keyring import read_regular_file, read_text_file
 from kasmina.utils.signed_json import strict_json_loads
 from kasmina.utils.state_io import (
     atomic_write_bytes,
@@ -186,17 +187,13 @@ class PublisherKey:
         artifacts that every trainer will load.
         """
         path = Path(path)
-        with path.open("rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if os.name == "posix" and mode & 0o077:
-                raise PermissionError(
-                    f"publisher key file {path} is accessible by group/others (mode "
-                    f"{mode & 0o777:04o}); anyone who reads it can sign artifacts: "
-                    f"run 'chmod 600 {path}'"
-                )
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-        if len(data) > MAX_KEY_FILE_BYTES:
-            raise ValueError(f"{path}: too large to be a publisher key file")
+        data, st = read_regular_file(path, MAX_KEY_FILE_BYTES, what="publisher key file")
+        if os.name == "posix" and st.st_mode & 0o077:
+            raise PermissionError(
+                f"publisher key file {path} is accessible by group/others (mode "
+                f"{st.st_mode & 0o777:04o}); anyone who reads it can sign artifacts: "
+                f"run 'chmod 600 {path}'"
+            )
         if len(data) == RAW_KEY_BYTES and b"-----" not in data:
             if key_id is None:
                 raise ValueError(f"{path}: a raw key file holds no key id; pass one")
@@ -349,8 +346,8 @@ class TrustedPublishers:
         prints). Public keys are no secret, but whoever can write this file chooses which
         publishers are trusted, so a group- or world-writable file is warned about."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if os.name == "posix" and path.stat().st_mode & 0o022:
+        text, st = read_text_file(path, what="trusted publishers file")
+        if os.name == "posix" and st.st_mode & 0o022:
             logger.warning(
                 "trusted publishers file %s is writable by group/others: whoever can write it "
                 "chooses which artifacts this trainer loads; restrict it to 0644 or tighter",
@@ -364,7 +361,7 @@ class TrustedPublishers:
             raise ValueError(f"{path}: expected a JSON object of key id -> public key")
         try:
             return cls(data)
-        except TypeError as exc:  # a value that is not key text: the file's fault
+        except (TypeError, ValueError) as exc:  # a bad key value: the file's fault
             raise ValueError(f"{path}: {exc}") from None
 
     def merged(self, other: TrustedPublishers) -> TrustedPublishers:

@@ -82,7 +82,14 @@ class KernelLoader:
         """
         validate_artifact_id(artifact_id)
         kernel = self.cached(artifact_id)
-        return kernel if kernel is not None else self._load_coalesced(artifact_id, deadline)
+        return kernel if kernel is not None else self.load(artifact_id, deadline=deadline)
+
+    def load(self, artifact_id: str, *, deadline: float | None = None) -> GPUKernel:
+        """``original`` for a caller that has just missed the cache (``cached``): no second
+        lookup, so one request counts one miss. A load finished by another caller meanwhile
+        is taken from the cache (and counted as a hit)."""
+        validate_artifact_id(artifact_id)
+        return self._load_coalesced(artifact_id, deadline)
 
     def is_released(self, original: GPUKernel) -> bool:
         """True when ``original`` was evicted (its memory released, or being released)."""

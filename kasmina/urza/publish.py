@@ -193,8 +193,7 @@ def _claim(fs: Any, path: str, data: bytes) -> bool:
     under a temporary name, then given its name by ``os.link`` on a local filesystem (atomic,
     and refused if the name exists). Elsewhere, or where hard links fail, a check, then a
     rename: complete, but not exclusive."""
-    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-    fs.pipe_file(tmp, data)
+    tmp = _write_temporary(fs, path, data)
     try:
         if isinstance(fs, LocalFileSystem):
             try:
@@ -363,7 +362,26 @@ def _require_publisher(publisher: object) -> None:
         )
 
 
-def _atomic_write(fs: Any, path: str, data: bytes) -> None:
+def _write_temporary(fs: Any, path: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary name beside ``path`` and return it; an ``OSError``
+    names ``path``, the file the caller meant to write, never the temporary."""
     tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    try:
+        fs.pipe_file(tmp, data)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None
+    return tmp
+
+
+def _atomic_write(fs: Any, path: str, data: bytes) -> None:
+    tmp = _write_temporary(fs, path, data)
+    try:
+        fs.mv(tmp, path)
+    except OSError as exc:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None

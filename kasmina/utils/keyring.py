@@ -8,6 +8,10 @@ key that can verify can also forge, so artifacts are signed with Ed25519 publish
 trainers hold only the public half of (``kasmina.urza.keys``). The one artifact use left is
 checking a retired HMAC manifest before it is re-signed (``kasmina.urza.publish``). Values must
 be ``bytes``, so an Ed25519 key object cannot be put in a keyring by mistake.
+
+Key and publisher files (and entries of a local Urza store) are read through
+``read_regular_file``: a FIFO, a device or a directory is refused at once, without blocking,
+and at most a fixed number of bytes is read.
 """
 
 from __future__ import annotations
@@ -17,20 +21,93 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from kasmina.utils.signed_json import strict_json_loads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ENV_VAR", "MIN_KEY_BYTES", "Keyring", "generate_key"]
+__all__ = [
+    "DEFAULT_ENV_VAR",
+    "MAX_CONFIG_FILE_BYTES",
+    "MIN_KEY_BYTES",
+    "Keyring",
+    "NotARegularFileError",
+    "generate_key",
+    "open_regular_file",
+    "read_regular_file",
+    "read_text_file",
+]
 
 
 MIN_KEY_BYTES = 16
 
 
 DEFAULT_ENV_VAR = "KASMINA_HMAC_KEYS"
+# A keyring or trusted-publishers file is a few kilobytes; anything larger is not one.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class NotARegularFileError(ValueError):
+    """``path`` names something other than a regular file (``kind``: "a FIFO", ...)."""
+
+    def __init__(self, path: str, kind: str, what: str = "file") -> None:
+        super().__init__(f"{what} {path} is not a regular file ({kind})")
+        self.path, self.kind = path, kind
+
+
+def open_regular_file(path: str | os.PathLike[str], *, what: str = "file") -> BinaryIO:
+    """Open a local file to read, refusing at once anything but a regular file (symlinks are
+    followed): opened non-blocking and checked with ``fstat`` on the open descriptor, so a
+    FIFO never blocks and a swap after a check cannot slip one in. Raises
+    ``NotARegularFileError`` (a ``ValueError`` naming ``what`` and ``path``); ``OSError`` as
+    ``open`` does (missing, no permission, a socket)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "not a file")
+            raise NotARegularFileError(os.fspath(path), kind, what)
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(
+    path: str | os.PathLike[str], limit: int = MAX_CONFIG_FILE_BYTES, *, what: str = "file"
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of a local regular file (``open_regular_file``) and its ``fstat``, reading at
+    most ``limit + 1`` bytes: a longer file raises ``ValueError`` naming ``path``."""
+    with open_regular_file(path, what=what) as f:
+        st = os.fstat(f.fileno())
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} {os.fspath(path)} is larger than {limit} bytes; not read whole")
+    return data, st
+
+
+def read_text_file(path: str | os.PathLike[str], *, what: str) -> tuple[str, os.stat_result]:
+    """``read_regular_file`` decoded as UTF-8; undecodable bytes raise ``ValueError`` naming
+    ``path``."""
+    data, st = read_regular_file(path, what=what)
+    try:
+        return data.decode("utf-8"), st
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text ({exc.reason})") from None
 
 
 def generate_key(num_bytes: int = 32) -> bytes:
@@ -79,8 +156,8 @@ class Keyring:
     def from_file(cls, path: str | Path) -> Keyring:
         """Load a JSON object ``{"key_id": "hexkey", ...}`` from ``path``."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if os.name == "posix" and path.stat().st_mode & 0o077:
+        text, st = read_text_file(path, what="keyring file")
+        if os.name == "posix" and st.st_mode & 0o077:
             logger.warning("key file %s is readable by group/others; restrict it to 0600", path)
         return cls._from_json(text, str(path))
 

@@ -3,8 +3,9 @@ included, and a store that hangs in a blocking call (a stalled HTTP server, a FI
 cannot make the client's thread count grow past ``max_stalled_reads``.
 
 Every fault is real: a loopback HTTP server that sends the payload's headers and first half and
-then blocks until the test releases it, and a FIFO in a local store that blocks ``open`` until
-a writer comes. Each test releases what it stalled, so no thread outlives it in a blocking call.
+then blocks until the test releases it, and a FIFO that blocks ``open`` until a writer comes
+(read through a wrapping filesystem: a plain local store refuses a FIFO before opening it).
+Each test releases what it stalled, so no thread outlives it in a blocking call.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ def unblock_fifo(path: Path, timeout: float = 10.0) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_fifo_payload_never_leaks_threads(store, trusted) -> None:
+    """A read that blocks inside ``open`` on a store that is not a plain local directory (a
+    local FIFO seen through a wrapping filesystem: a local store refuses it before opening)."""
     root, manifest = store
     payload = root / f"{manifest.artifact_id}.pt2"
     payload.unlink()
@@ -218,6 +221,7 @@ def test_fifo_payload_never_leaks_threads(store, trusted) -> None:
     urza = UrzaLibraryClient(
         str(root), trusted, timeout_s=0.2, retries=0, max_stalled_reads=cap, breaker_threshold=100
     )
+    urza._fs = FlakyFS(urza._fs)
     try:
         with thread_peaks() as peaks:
             for _ in range(6):

@@ -245,3 +245,23 @@ def test_copies_do_not_leave_their_generated_source_behind(artifact) -> None:
         gc.collect()
     assert set(loader.eval_cache) == before and not added & set(linecache.cache)
     torch.testing.assert_close(original(x), expected, rtol=0, atol=0)
+
+
+def test_one_load_kernel_is_one_cache_lookup(artifact, trusted) -> None:
+    """A cold ``load_kernel`` counts one miss (not a miss, then another inside the load), a
+    warm one one hit."""
+    import asyncio
+
+    from kasmina.manager.config import KasminaConfig
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    _, _, manifest, store = artifact
+    config = KasminaConfig(urza_url=str(store), urza_trusted_publishers=trusted.to_json())
+    manager = KasminaKernelManager(config, keyring=Keyring({"t": generate_key()}))
+    asyncio.run(manager.load_kernel(manifest.artifact_id))
+    stats = manager.kernel_cache.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 1)
+    asyncio.run(manager.load_kernel(manifest.artifact_id))
+    stats = manager.kernel_cache.stats()
+    assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, 0.5)

@@ -1,0 +1,132 @@
+"""Key, keyring and trusted-publishers files, and local store entries, are read through one
+bounded reader of regular files: a FIFO, a device or a directory is refused at once (never
+waited on, never read without end), and errors name the file at fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kasmina.errors import ArtifactIntegrityError
+from kasmina.manager.config import KasminaConfig
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.keys import PublisherKey, TrustedPublishers
+from kasmina.urza.publish import publish_payload
+from kasmina.utils.keyring import MAX_CONFIG_FILE_BYTES, Keyring, read_regular_file
+from tests.cli.helpers import fifo_never_blocks
+
+PAYLOAD = bytes(range(256)) * 4
+FIFO = r"is not a readable file \(a FIFO, not a regular file\)"
+LOADERS = {
+    "keyring": Keyring.from_file,
+    "publishers": TrustedPublishers.from_file,
+    "publisher key": PublisherKey.from_file,
+    "config keyring": lambda p: KasminaConfig(hmac_keys_file=str(p)).load_keyring(),
+    "config publishers": lambda p: KasminaConfig(
+        urza_publishers_file=str(p)
+    ).load_trusted_publishers(),
+}
+
+
+@pytest.fixture
+def odd_files(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO, a symlink to /dev/zero and a directory."""
+    fifo, zero, folder = tmp_path / "fifo", tmp_path / "zero", tmp_path / "dir"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    folder.mkdir()
+    return {"a FIFO": fifo, "a character device": zero, "a directory": folder}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_a_key_file_that_is_not_a_regular_file_is_refused_at_once(loader, odd_files) -> None:
+    for kind, path in odd_files.items():
+        started = time.monotonic()
+        with fifo_never_blocks(odd_files["a FIFO"]), pytest.raises(ValueError) as info:
+            LOADERS[loader](path)
+        assert f"{path} is not a regular file ({kind})" in str(info.value)
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("loader", ["keyring", "publishers", "config publishers"])
+def test_an_oversize_key_file_is_refused_after_a_bounded_read(loader, tmp_path) -> None:
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:
+        f.truncate(64 * MAX_CONFIG_FILE_BYTES)  # sparse
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match=f"{path} is larger than {MAX_CONFIG_FILE_BYTES} bytes"):
+        LOADERS[loader](path)
+
+
+def test_read_regular_file_reads_at_most_one_byte_past_its_limit(tmp_path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdef")
+    data, st = read_regular_file(path, 6)
+    assert data == b"abcdef" and st.st_size == 6
+    with pytest.raises(ValueError, match="larger than 5 bytes"):
+        read_regular_file(path, 5)
+    with pytest.raises(FileNotFoundError):
+        read_regular_file(tmp_path / "missing", 5)
+
+
+@pytest.mark.parametrize("loader", ["keyring", "publishers"])
+def test_key_file_errors_name_the_file(loader, tmp_path) -> None:
+    binary, bad_value = tmp_path / "bin.json", tmp_path / "short.json"
+    binary.write_bytes(b"\xff\xfe{")
+    bad_value.write_text(json.dumps({"ci": "zz"}))
+    for path in (binary, bad_value):
+        path.chmod(0o600)
+        with pytest.raises(ValueError, match=str(path)):
+            LOADERS[loader](path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_local_fifo_or_device_entry_is_that_artifacts_problem(tmp_path) -> None:
+    """On a local store a FIFO (or a device) named like a manifest or a payload is refused at
+    once: an answer, not a stalled read, so no I/O slot is held, the breaker stays closed and
+    the rest of the store is served."""
+    publisher = PublisherKey.generate("pub")
+    store = tmp_path / "store"
+    for artifact_id in ("good", "fifo-payload", "zero-payload"):
+        publish_payload(PAYLOAD, str(store), "bp", publisher, artifact_id)
+    (store / "fifo-payload.pt2").unlink()
+    os.mkfifo(store / "fifo-payload.pt2")
+    (store / "zero-payload.pt2").unlink()
+    (store / "zero-payload.pt2").symlink_to("/dev/zero")
+    os.mkfifo(store / "fifo.manifest.json")
+    urza = UrzaLibraryClient(
+        str(store),
+        publisher.trusted_publishers(),
+        timeout_s=5.0,
+        retries=2,
+        breaker_threshold=1,
+        max_stalled_reads=1,
+    )
+    fifos = (store / "fifo-payload.pt2", store / "fifo.manifest.json")
+    started = time.monotonic()
+    with fifo_never_blocks(fifos[0]), fifo_never_blocks(fifos[1]):
+        for _ in range(3):
+            with pytest.raises(ArtifactIntegrityError, match=rf"manifest {FIFO}"):
+                urza.fetch("fifo")
+            with pytest.raises(ArtifactIntegrityError, match=rf"payload {FIFO}"):
+                urza.fetch("fifo-payload")
+        with pytest.raises(ArtifactIntegrityError, match=r"\(a character device, not a regular"):
+            urza.fetch("zero-payload")
+        assert urza.fetch("good")[0] == PAYLOAD
+    assert time.monotonic() - started < 5
+    stats = urza.stats()
+    assert stats["breaker_state"] == "closed" and stats["read_failures"] == 0
+    assert stats["stalled_reads"] == 0 and stats["reads_refused_stalled"] == 0
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_a_failed_publish_names_the_file_not_its_temporary() -> None:
+    publisher = PublisherKey.generate("pub")
+    with pytest.raises(OSError) as info:
+        publish_payload(PAYLOAD, "/sys/kernel", "bp", publisher, "a1")
+    assert info.value.filename == "/sys/kernel/a1.manifest.json"
