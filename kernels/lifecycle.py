@@ -9,9 +9,9 @@ The kernels know nothing about stage names: the host passes the rules as small d
 * ``ready`` (int32 ``[S]``): when ``tick`` sets ``READY_FLAG`` for a stage: 0 never, 1 when the
   embargo counter has reached 0, 2 always.
 
-Update codes: 0 applied, 1 illegal, 2 index out of range, 3 index duplicated in the batch
-(precedence 2 > 3 > 1). A duplicated index applies none of its updates, so every applied row is
-written by exactly one lane and the launch has no write races.
+Update codes: 0 applied, 1 illegal, 2 index (or gate: above int32's range) out of range,
+3 index duplicated in the batch (precedence 2 > 3 > 1). A duplicated index applies none of its
+updates, so every applied row is written by exactly one lane and the launch has no write races.
 
 The index, stage and gate vectors are read as dense ``[K]`` arrays (``base + lane``), so the
 launcher makes them contiguous: a strided view (``idx[::2]``) or an expanded one (stride 0)
@@ -32,6 +32,7 @@ ILLEGAL = tl.constexpr(1)
 OUT_OF_RANGE = tl.constexpr(2)
 DUPLICATE = tl.constexpr(3)
 NEEDS_ZERO_EMBARGO = tl.constexpr(1 << 8)
+INT32_MAX = tl.constexpr(2**31 - 1)  # LAST_GATE is int32: a larger gate is OUT_OF_RANGE
 UPDATE_BLOCK = 128  # updates per program: one lane per thread at the default 4 warps
 # Indices compared per step of the duplicate scan. The step compares a [UPDATE_BLOCK, DUP_BLOCK]
 # tile, i.e. DUP_BLOCK compares per thread: at 128 the tile of int64 compares needed 255
@@ -93,9 +94,14 @@ def _update_kernel(
     rule = tl.load(rules_ptr + cur * NUM_STAGES + new, mask=look & stages_ok, other=-1)
     legal = (rule >= 0) & (((rule & NEEDS_ZERO_EMBARGO) == 0) | (embargo == 0))
 
-    code = tl.where(
-        in_range, tl.where(dup, DUPLICATE, tl.where(legal, APPLIED, ILLEGAL)), OUT_OF_RANGE
-    )
+    fits = in_range
+    if HAS_GATE:
+        # LAST_GATE is int32: a gate above its range would wrap, so its lane is out of range.
+        # Compared at the gate's own width (int32 or int64) before narrowing; a negative entry,
+        # however wide, means "not given".
+        given = tl.load(gate_ptr + lanes, mask=live, other=-1)
+        fits = fits & (given <= INT32_MAX)
+    code = tl.where(fits, tl.where(dup, DUPLICATE, tl.where(legal, APPLIED, ILLEGAL)), OUT_OF_RANGE)
     tl.store(codes_ptr + lanes, code.to(tl.int32), mask=live)
 
     apply = live & (code == APPLIED)
@@ -106,9 +112,8 @@ def _update_kernel(
     gate = rule & 0xFF
     gate_set = apply & (gate > 0)
     if HAS_GATE:
-        # The sign is tested at the given width, then the value narrowed, as the host paths
-        # do (an int64 gate >= 2**31 is "given" and wraps, where narrowing first would not).
-        given = tl.load(gate_ptr + lanes, mask=live, other=-1)
+        # The sign is tested at the given width, then the value narrowed (an applied lane's
+        # gate fits in int32: a wider one made the lane OUT_OF_RANGE above).
         is_given = given >= 0
         gate = tl.where(is_given, given.to(tl.int32), gate)
         gate_set = apply & (is_given | (gate > 0))
@@ -157,7 +162,8 @@ def lifecycle_update(
     """Apply K transitions to ``state`` (int32 ``[N, C]``, contiguous) in place; int32 codes.
 
     ``gate[k] >= 0`` is written to ``LAST_GATE``; a negative entry (or no ``gate``) falls back
-    to the rule's gate. Inputs are validated by the caller (``kasmina.ops.lifecycle``).
+    to the rule's gate, and one above int32's range makes its lane ``OUT_OF_RANGE``. Inputs
+    are validated by the caller (``kasmina.ops.lifecycle``).
     """
     if not state.is_contiguous():  # rows are addressed as ``state_ptr + row * NUM_COLS``
         raise ValueError("state must be contiguous")

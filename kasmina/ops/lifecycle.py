@@ -2,11 +2,13 @@
 
 ``lifecycle_update`` applies K requested transitions to the int32 ``[num_seeds, 10]`` table in
 one launch and returns one code per request (``kasmina.stages.TransitionCode``): 0 applied,
-1 illegal, 2 index out of range, 3 index duplicated in the batch (none of its updates apply);
-precedence 2 > 3 > 1. An applied transition sets the stage, zeroes ``EPOCHS_IN_STATE`` and
-``READY_FLAG``, and sets ``LAST_GATE`` to ``gate[k]`` when given (a negative entry means "not
-given"), else to the gate that guards that transition (G1..G5), else leaves it unchanged.
-COOLDOWN -> RECYCLING is legal only while ``EMBARGO_COUNTER == 0``.
+1 illegal, 2 index (or gate) out of range, 3 index duplicated in the batch (none of its
+updates apply); precedence 2 > 3 > 1. A gate above int32's range (``LAST_GATE`` is int32) makes
+its own lane 2 in the op, never a host read; its index still counts for duplicates. An applied
+transition sets the stage, zeroes ``EPOCHS_IN_STATE`` and ``READY_FLAG``, and sets
+``LAST_GATE`` to ``gate[k]`` when given (a negative entry means "not given"), else to the gate
+that guards that transition (G1..G5), else leaves it unchanged. COOLDOWN -> RECYCLING is legal
+only while ``EMBARGO_COUNTER == 0``.
 
 ``lifecycle_tick`` ages every seed one epoch, counts ``EMBARGO_COUNTER`` down to 0, then sets
 ``READY_FLAG`` = 1 for the automatic steps that are due (COOLDOWN with the embargo over, and
@@ -134,13 +136,10 @@ def _check_index(name: str, t: torch.Tensor, state: torch.Tensor, k: int) -> Non
 
 
 def _check_update(
-    state: torch.Tensor,
-    seed_idx: torch.Tensor,
-    new_stage: torch.Tensor,
-    gate: torch.Tensor | None,
-    values: bool = True,
+    state: torch.Tensor, seed_idx: torch.Tensor, new_stage: torch.Tensor, gate: torch.Tensor | None
 ) -> None:
-    """Types, shapes and devices; with ``values`` (not on fake tensors) also the gate's range."""
+    """Types, shapes and devices only: no value is read on the host (a gate beyond int32 is
+    reported per lane, in the codes)."""
     _check_state(state)
     if not isinstance(seed_idx, torch.Tensor) or seed_idx.dim() != 1:
         raise ValueError("seed_idx must be a 1-d integer tensor")
@@ -149,13 +148,6 @@ def _check_update(
     _check_index("new_stage", new_stage, state, k)
     if gate is not None:
         _check_index("gate", gate, state, k)
-        if values and gate.dtype == torch.int64 and k:
-            # LAST_GATE is int32: a larger int64 gate would wrap (to a negative, "not given",
-            # or another gate). Any negative entry means "not given", so only the top is
-            # bounded. One host read of an int64 gate (a sync on a GPU; int32 needs none).
-            top = int(gate.max())
-            if top > INT32_MAX:
-                raise ValueError(f"gate entries must fit in int32 (<= {INT32_MAX}), got {top}")
 
 
 def lifecycle_update_reference(
@@ -192,8 +184,11 @@ def lifecycle_update_reference(
     embargo_ok = ((rule & NEEDS_ZERO_EMBARGO) == 0) | (rows[:, StateColumn.EMBARGO_COUNTER] == 0)
     legal = (rule >= 0) & embargo_ok
 
+    # LAST_GATE is int32: a gate above its range would wrap, so that lane is out of range
+    # (compared at the gate's own width; a negative entry, however wide, is "not given").
+    fits = in_range if gate is None else in_range & (gate <= INT32_MAX)
     codes = torch.where(
-        in_range,
+        fits,
         torch.where(
             dup,
             int(TransitionCode.DUPLICATE),
@@ -277,6 +272,13 @@ def _lifecycle_update_host(
     decided = decided.astype(np.int32)
     if dup is not None:
         decided[dup] = int(TransitionCode.DUPLICATE)
+    given = None
+    if gate is not None:
+        given = gate.numpy().astype(np.int64, copy=False)
+        if lanes is not None:
+            given = given[lanes]
+        # LAST_GATE is int32: a gate above its range would wrap; that lane is out of range.
+        decided[given > INT32_MAX] = int(TransitionCode.OUT_OF_RANGE)
     if lanes is None:
         codes = decided
     else:
@@ -294,10 +296,7 @@ def _lifecycle_update_host(
     gate_col = table[:, int(StateColumn.LAST_GATE)]
     default_gate = (rule if every else rule[ok]) & 0xFF
     last_gate = np.where(default_gate > 0, default_gate, gate_col[applied])
-    if gate is not None:
-        given = gate.numpy().astype(np.int64, copy=False)
-        if lanes is not None:
-            given = given[lanes]
+    if given is not None:
         if not every:
             given = given[ok]
         last_gate = np.where(given >= 0, given, last_gate)
@@ -353,7 +352,7 @@ def _lifecycle_update_fake(
     new_stage: torch.Tensor,
     gate: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_update(state, seed_idx, new_stage, gate, values=False)
+    _check_update(state, seed_idx, new_stage, gate)
     return torch.empty(seed_idx.shape[0], dtype=torch.int32, device=state.device)
 
 
@@ -412,10 +411,10 @@ def lifecycle_update(
     ``state``: int32 ``[N, 10]`` contiguous. ``seed_idx``, ``new_stage``, ``gate``: int32/int64
     ``[K]`` tensors on the state's device, any view (strided, offset or expanded; sequences of
     ints are converted; a bool or a non-integer entry is refused). ``ValueError`` on any other
-    dtype, shape or device, on a gate above int32's range (``LAST_GATE`` is int32; an int64
-    gate is read once on the host for that), and on a state made under
-    ``torch.inference_mode()`` used outside it; bad indices and stages are reported in the codes
-    instead.
+    dtype, shape or device, and on a state made under ``torch.inference_mode()`` used outside
+    it. Bad values are reported in the codes instead, with no host read: an index outside the
+    table or a gate above int32's range (``LAST_GATE`` is int32; a negative gate of any width
+    means "not given") is ``OUT_OF_RANGE``, an unknown stage ``ILLEGAL``.
     """
     if not isinstance(state, torch.Tensor):
         raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")

@@ -153,21 +153,29 @@ def test_explicit_gates_and_fallback(backend: str) -> None:
     assert state[2, C.LAST_GATE] == 3
 
 
-def test_a_gate_beyond_int32_is_refused_on_every_backend(backend: str) -> None:
+def test_a_gate_beyond_int32_is_out_of_range_on_every_backend(backend: str) -> None:
     """``LAST_GATE`` is int32: an int64 gate >= 2**31 would wrap (2**31 + 5 to a negative, "not
-    given", gate), so it is a ``ValueError`` and the state is left alone; int32's top still
-    fits, and any negative int64 entry, however wide, means "not given"."""
-    state = random_state(2, seed=4, stages=[0, 0])
-    before = state.clone()
+    given", gate), so its lane is ``OUT_OF_RANGE`` and its row left alone, decided per lane with
+    no host read; a valid lane of the same call is applied. Its index still counts for
+    duplicates. int32's top still fits, and any negative int64 entry, however wide, means "not
+    given"."""
+    oor, applied = int(TransitionCode.OUT_OF_RANGE), int(TransitionCode.APPLIED)
     for bad in (2**31, 2**31 + 5, 2**62):
-        with pytest.raises(ValueError, match="gate entries must fit in int32"):
-            lifecycle_update(state, torch.tensor([0]), torch.tensor([1]), torch.tensor([bad]))
-        with pytest.raises(ValueError, match="gate entries must fit in int32"):
-            lifecycle_update(state, [0], [1], [bad])
-    assert torch.equal(state, before)
+        for as_tensor in (True, False):
+            state = random_state(3, seed=4, stages=[0, 0, 0])
+            before = state.clone()
+            idx, new, gate = [0, 1, 2, 2], [1, 1, 1, 1], [bad, 3, bad, 4]
+            if as_tensor:
+                idx, new, gate = torch.tensor(idx), torch.tensor(new), torch.tensor(gate)
+            codes = lifecycle_update(state, idx, new, gate)
+            dup = int(TransitionCode.DUPLICATE)
+            assert codes.tolist() == [oor, applied, oor, dup], (bad, as_tensor)
+            assert torch.equal(state[0], before[0]) and torch.equal(state[2], before[2])
+            assert state[1, C.LIFECYCLE_STAGE] == 1 and state[1, C.LAST_GATE] == 3
+    state = random_state(2, seed=4, stages=[0, 0])
     gate = torch.tensor([2**31 - 1, -(2**40)], dtype=torch.int64)
     codes = lifecycle_update(state, torch.tensor([0, 1]), torch.tensor([1, 1]), gate)
-    assert codes.tolist() == [TransitionCode.APPLIED] * 2
+    assert codes.tolist() == [applied] * 2
     g1 = GATE_FOR_TRANSITION[(SeedStage(0), SeedStage(1))]
     assert state[:, C.LAST_GATE].tolist() == [2**31 - 1, int(g1)]
 
