@@ -1,8 +1,11 @@
 """Shared helpers of the command-line tests: run ``kasmina`` in-process, check one-line
-errors, publish an artifact."""
+errors, publish an artifact, write one as the retired HMAC scheme did."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kasmina.cli import main as cli
+from kasmina.urza.artifact import PAYLOAD_SUFFIX
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -58,3 +62,23 @@ def fifo_never_blocks(fifo: Path) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def legacy_artifact(store: Path, artifact_id: str, payload: bytes, key: bytes) -> None:
+    """An artifact as the retired HMAC scheme (manifest version 1) published it."""
+    store.mkdir(parents=True, exist_ok=True)
+    (store / f"{artifact_id}{PAYLOAD_SUFFIX}").write_bytes(payload)
+    data = {
+        "artifact_id": artifact_id,
+        "blueprint": "bp",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "input_spec": [],
+        "key_id": "old",
+        "created": 1.0,
+        "torch_version": "2.4.0",
+        "format": "torch.export/pt2",
+    }
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    (store / f"{artifact_id}.manifest.json").write_text(json.dumps(data))

@@ -3,6 +3,7 @@ reads back, torch's own log output, and one bad entry in a store."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -14,7 +15,13 @@ import pytest
 
 from kasmina.cli import main as cli
 from kasmina.utils.keyring import Keyring
-from tests.cli.helpers import assert_one_line_error, fifo_never_blocks, publish, run
+from tests.cli.helpers import (
+    assert_one_line_error,
+    fifo_never_blocks,
+    legacy_artifact,
+    publish,
+    run,
+)
 
 
 def test_keygen_refuses_a_fifo_or_a_directory_and_leaves_it_alone(tmp_path, capsys) -> None:
@@ -90,23 +97,127 @@ def test_a_failed_export_is_one_line_without_torchs_log(tmp_path, keys, capsys) 
     assert {n: logging.getLogger(n).level for n in levels} == levels
 
 
+@pytest.mark.parametrize("entry", ["directory", "FIFO"])
 def test_one_bad_store_entry_is_reported_and_the_rest_carry_on(
-    tmp_path, keys, publishers, capsys
+    tmp_path, keys, publishers, capsys, entry
 ) -> None:
-    """A directory where a manifest should be is that entry's problem, not an unavailable
-    store: list shows it INVALID, verify FAILED (exit status 1), and both go on."""
+    """A directory or a FIFO where a manifest should be is that entry's problem, not an
+    unavailable store: list shows it INVALID, verify FAILED (exit status 1), and both go on
+    (a FIFO is refused before it is opened to read, so nothing waits on it)."""
     store = tmp_path / "store"
     good = publish(capsys, store, keys, "--builtin", "affine-shift", "--dim", "3")
-    (store / "a.manifest.json").mkdir()
+    bad = store / "a.manifest.json"
+    bad.mkdir() if entry == "directory" else os.mkfifo(bad)
     given = ["--store", str(store), "--publishers", str(publishers)]
-    rc, out, err = run(capsys, "urza", "list", *given)
+    with fifo_never_blocks(bad) if entry == "FIFO" else contextlib.nullcontext():
+        rc, out, err = run(capsys, "urza", "list", *given)
     assert rc == 0 and "unavailable" not in err and "Urza read failed" not in err
     assert "a  INVALID: artifact 'a': manifest is not a readable file" in out
     assert f"{good}  affine-shift" in out
-    rc, out, err = run(capsys, "urza", "verify", *given)
+    assert entry == "directory" or "(a FIFO, not a regular file)" in out
+    with fifo_never_blocks(bad) if entry == "FIFO" else contextlib.nullcontext():
+        rc, out, err = run(capsys, "urza", "verify", *given)
     assert rc == 1 and "1 of 2 artifact(s) failed verification" in err and err.count("\n") == 1
     assert "FAILED a: artifact 'a': manifest is not a readable file" in out
     assert f"ok     {good}" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [
+        ("--publishers", "trusted publishers file"),
+        ("--key", "publisher key file"),
+        ("--hmac-keys", "keyring file"),
+    ],
+)
+def test_a_key_file_that_is_no_regular_file_is_one_line_at_once(
+    option, what, tmp_path, keys, capsys
+) -> None:
+    """A FIFO would block and /dev/zero would be read without end: both are refused before a
+    byte is read, naming the file."""
+    fifo, zero = tmp_path / "fifo", tmp_path / "zero"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    action = "resign" if option == "--hmac-keys" else "verify"
+    for path, kind in ((fifo, "a FIFO"), (zero, "a character device")):
+        argv = ["urza", action, "--store", str(tmp_path), option, str(path)]
+        if option == "--hmac-keys":
+            argv += ["--key", str(keys)]
+        with fifo_never_blocks(fifo):
+            rc, out, err = run(capsys, *argv)
+        assert_one_line_error(rc, err, f"{what} {path} is not a regular file ({kind})")
+        assert out == ""
+
+
+@pytest.mark.parametrize("action", ["publish", "resign"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/urza", "HTTPS://example.invalid/u", "simplecache::http://h/u"]
+)
+def test_writes_to_an_http_store_are_refused_in_one_line(action, url, keys, capsys) -> None:
+    argv = ["urza", action, "--store", url, "--key", str(keys)]
+    argv += ["--builtin", "affine-shift", "--dim", "4"] if action == "publish" else []
+    rc, out, err = run(capsys, *argv)
+    assert_one_line_error(rc, err, "is an HTTP store, which Urza only reads")
+    assert out == ""
+
+
+def test_resign_reports_a_failed_write_per_artifact_and_goes_on(
+    tmp_path, keys, capsys, monkeypatch
+) -> None:
+    """A store that refuses a write (an HTTP server's 501 is no OSError) fails that artifact,
+    not the run: every other artifact is still re-signed."""
+    from kasmina.urza import publish as publish_module
+
+    class StoreRefused(Exception):
+        pass
+
+    hmac_keys = tmp_path / "old.json"
+    assert run(capsys, "keygen", "--out", str(hmac_keys), "--key-id", "old")[0] == 0
+    old_key = Keyring.from_file(hmac_keys).get("old")
+    store = tmp_path / "store"
+    for artifact_id in ("a", "b", "c"):
+        legacy_artifact(store, artifact_id, artifact_id.encode() * 10, old_key)
+    real = publish_module._atomic_write
+
+    def write(fs, path, data):
+        if path.endswith("/a.manifest.json"):
+            raise StoreRefused("501, message='Unsupported method (PUT)'")
+        if path.endswith("/b.manifest.json"):
+            raise PermissionError(13, "Permission denied", path)
+        real(fs, path, data)
+
+    monkeypatch.setattr(publish_module, "_atomic_write", write)
+    argv = ["urza", "resign", "--store", str(store), "--key", str(keys)]
+    rc, out, err = run(capsys, *argv, "--hmac-keys", str(hmac_keys))
+    assert rc == 1 and err == "kasmina: error: 2 of 3 artifact(s) could not be re-signed\n"
+    assert "FAILED a: StoreRefused: 501, message='Unsupported method (PUT)'" in out
+    assert f"FAILED b: Permission denied: {store}/b.manifest.json" in out
+    assert "ok     c (signed by 'pub')" in out
+
+
+def test_errors_name_the_file_at_fault(tmp_path, keys, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("KASMINA_HMAC_KEYS", raising=False)
+    binary, bad_value = tmp_path / "bin.json", tmp_path / "short.json"
+    binary.write_bytes(b"\xff\xfe{")
+    bad_value.write_text('{"ci": "zz"}')
+    binary.chmod(0o600)
+    store = ["--store", str(tmp_path)]
+    for argv, fragment in [
+        (["verify", *store, "--publishers", str(binary)], f"{binary} is not UTF-8 text"),
+        (["verify", *store, "--publishers", str(bad_value)], f"{bad_value}: publisher 'ci'"),
+        (["resign", *store, "--key", str(keys), "--hmac-keys", str(binary)], str(binary)),
+    ]:
+        rc, _, err = run(capsys, "urza", *argv)
+        assert_one_line_error(rc, err, fragment)
+    publish = ["urza", "publish", "--key", str(keys), "--builtin", "affine-shift", "--dim", "4"]
+    if Path("/sys/kernel").is_dir():  # Linux: nothing can be created there, even by root
+        rc, _, err = run(capsys, *publish, "--store", "/sys/kernel")
+        assert_one_line_error(rc, err, "/sys/kernel/affine-shift-")
+        assert ".tmp" not in err
+    rc, out, err = run(capsys, *publish, "--store", str(tmp_path / "s"), "--blueprint", "")
+    assert_one_line_error(rc, err, "--blueprint is empty")
+    assert out == "" and not (tmp_path / "s").exists()
 
 
 def test_the_bounds_the_cli_repeats_match_their_sources() -> None:
