@@ -80,8 +80,10 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
             "Export a seed module and write its .pt2 payload and Ed25519-signed manifest into "
             "the store. Give either --builtin NAME --dim N (a built-in blueprint) or --factory "
             "MODULE:CALLABLE --input-shape B,D (any importable zero-argument callable "
-            "returning an nn.Module; the current directory is importable). Prints the "
-            "artifact id on stdout."
+            "returning an nn.Module; the current directory is importable). The example input "
+            "must have the rank of the slot's activations: a --builtin one is 8,DIM unless "
+            "--input-shape says otherwise (B,L,DIM for a sequence model's [B, L, H] slot). "
+            "Prints the artifact id on stdout."
         ),
     )
     store(publish)
@@ -91,7 +93,11 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--factory", help="MODULE:CALLABLE returning the nn.Module to export")
     publish.add_argument("--dim", type=positive_int, help="chunk width (with --builtin)")
     publish.add_argument("--hidden", type=positive_int, help="hidden width (with --builtin)")
-    publish.add_argument("--input-shape", help="example input shape, e.g. 8,16 (--factory)")
+    publish.add_argument(
+        "--input-shape",
+        help="example input shape, e.g. 8,16; its rank must be the slot's activations' (needed "
+        "with --factory; with --builtin 8,DIM by default, e.g. 8,16,DIM for [B, L, H] slots)",
+    )
     publish.add_argument("--dtype", default="float32", help="example input dtype (float32)")
     publish.add_argument("--blueprint", help="blueprint name recorded in the manifest")
     publish.add_argument("--artifact-id", help="artifact id (default: <blueprint>-<sha256>)")
@@ -205,7 +211,8 @@ def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = F
     """Refuse a ``--store`` no command can use: an empty one (not the current directory), a
     URL naming no location, a local one that is not a directory (missing too, unless
     ``may_create``), and for commands that write, a ``memory://`` store, which ends with
-    this process. Remote stores answer later."""
+    this process, or an ``http(s)://`` one, which Urza only reads. Remote stores answer
+    later."""
     url = args.store
     _, sep, rest = url.partition("://")
     if not url.strip() or (sep and not rest.strip()):
@@ -215,6 +222,13 @@ def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = F
             f"--store {url!r} is a memory:// store, which lives only as long as this process: "
             f"what 'urza {args.urza_command}' wrote there would be gone when it exits; use a "
             "directory or a persistent store URL"
+        )
+    schemes = ("http://", "https://")
+    if writes and any(part.strip().lower().startswith(schemes) for part in url.split("::")):
+        raise CLIError(
+            f"--store {url!r} is an HTTP store, which Urza only reads: "
+            f"'urza {args.urza_command}' writes to the directory or object store it serves "
+            "(give that instead)"
         )
     from fsspec.implementations.local import LocalFileSystem
 
@@ -462,9 +476,12 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
     for artifact_id in ids:
         try:
             manifest = resign_artifact(args.store, artifact_id, publisher, legacy)
-        except (ArtifactIntegrityError, FileNotFoundError, ValueError) as exc:
+        except (ArtifactIntegrityError, OSError, ValueError) as exc:
             failed += 1
             print(f"FAILED {artifact_id}: {one_line(exc)}")
+        except Exception as exc:  # a store's own write error (fsspec backends raise their own)
+            failed += 1
+            print(f"FAILED {artifact_id}: {type(exc).__name__}: {one_line(exc)}")
         else:
             print(f"ok     {artifact_id} (signed by {manifest.key_id!r})")
     return _summary(failed, len(ids), "could not be re-signed")

@@ -43,7 +43,7 @@ from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import restore_epoch
-from kasmina.manager.slots import SeedRecord, param_dtype
+from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import GateResult, kept_buffers
 from kasmina.seeds.table import SCALE
@@ -306,27 +306,42 @@ class CommandExecution:
         """Refuse an artifact that cannot take the slot's chunk: run on the host's activations,
         it would fault inside the user's forward.
 
-        The slot must have a chunkable output (its recorded contract, once it has run); the
-        artifact must declare one input whose width along the slot's ``chunk_dim`` is the
-        chunk's, in the host's dtype (seeds run in the host's dtype: nothing casts between
-        them). Rank and batch are the dry run's to check, on activations of the recorded shape.
+        The slot must have recorded its host output (it has run a forward since attach, or
+        since the model was moved or cast) and that output must be chunkable: without it the
+        kernel could only be checked against its own manifest. The artifact must declare one
+        input of the chunk's rank whose width along the slot's ``chunk_dim`` is the chunk's, in
+        the host's dtype (seeds run in the host's dtype: nothing casts between them). The other
+        sizes (the batch) are the dry run's to check, on activations of the recorded shape.
         """
         slot = record.slot
         problem = slot.contract_problem()
         if problem is not None:
             raise CommandRefused(f"seed {record.seed_id} cannot take a kernel: {problem}")
+        chunk = slot.chunk_spec()
+        if chunk is None:
+            raise CommandRefused(
+                f"seed {record.seed_id}'s slot has not run a forward since attach (or since "
+                "the model was moved or cast): the shape of its activations is unknown, so the "
+                "kernel cannot be checked against it; send GERMINATE after the first training "
+                "step or forward"
+            )
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())
         width, dim = record.seed.chunk_size, slot.chunk_dim
-        chunk = slot.chunk_spec()
         declared = [list(spec.shape) for spec in specs]
         where = f"seed {record.seed_id}'s chunk of width {width} along dim {dim}"
-        if len(specs) != 1 or not -len(specs[0].shape) <= dim < len(specs[0].shape):
+        if len(specs) != 1:
             raise CommandRefused(f"artifact inputs {declared} do not fit {where}")
-        spec = specs[0]
+        spec, rank = specs[0], len(chunk[0])
+        if len(spec.shape) != rank:
+            raise CommandRefused(
+                f"artifact input {declared[0]} does not fit {where}: artifact input rank "
+                f"{len(spec.shape)}, the slot's chunk rank {rank} {tuple(chunk[0])} (export "
+                f"the kernel on a {rank}-D example input)"
+            )
         if spec.shape[dim] not in (None, width):
             raise CommandRefused(f"artifact inputs {declared} do not fit {where}")
-        host_dtype = chunk[1] if chunk is not None else param_dtype(slot)
+        host_dtype = chunk[1]
         if spec.dtype != str(host_dtype).removeprefix("torch."):
             raise CommandRefused(
                 f"artifact input dtype {spec.dtype} is not the host's {host_dtype} at {where} "
@@ -339,9 +354,10 @@ class CommandExecution:
         refuse an artifact that raises, answers with another shape or dtype, or is not finite.
         A kernel that cannot run on this slot is refused here rather than failing in every
         host forward. Buffers the program mutates (batch-norm statistics) are put back."""
-        registry = self.state.require_registry()
-        # Before the slot's first forward: the manifest's shapes, in the host's dtype.
-        samples = registry.dry_run_samples(record) or registry.manifest_samples(record, kernel)
+        # The slot's recorded chunk (``_check_fits_slot`` refused a slot that recorded none).
+        samples = self.state.require_registry().dry_run_samples(record)
+        if not samples:
+            raise CommandRefused(f"seed {record.seed_id}: no recorded activations to probe on")
         with kept_buffers(kernel):
             for x in samples:
                 problem = _dry_run_problem(kernel, x)

@@ -277,8 +277,8 @@ class SlotRegistry:
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
         """Random host activations of the last-seen shape of this seed's input, for G3. A
         process that has seen no forward (one resumed by a ROLLBACK) knows no such shape: then
-        the one its kernel's manifest declares, as the GERMINATE dry run uses before the slot's
-        first forward (:meth:`manifest_samples`)."""
+        the one its kernel's manifest declares (:meth:`manifest_samples`; that kernel passed
+        GERMINATE's checks against the slot's recorded activations in the run that grew it)."""
         spec = record.last_input or self.chunk_spec(record)
         if spec is None and record.kernel is not None:
             declared = self.manifest_samples(record, record.kernel, sizes=(2,))
@@ -295,8 +295,8 @@ class SlotRegistry:
         """Random activations shaped like the seed's recorded input at two batch sizes (the
         recorded one, and half of it, or one more when it is below 4): a kernel exported with a
         static batch, or on the wrong rank, fails on one of them. Empty before the slot's
-        first forward."""
-        spec = self.chunk_spec(record) or record.last_input
+        first forward (GERMINATE refuses then)."""
+        spec = self.chunk_spec(record)
         if spec is None or not spec[0]:
             return []
         shape, dtype, device = spec
@@ -308,8 +308,9 @@ class SlotRegistry:
         self, record: SeedRecord, kernel: GPUKernel, sizes: Sequence[int] = (2, 3)
     ) -> list[torch.Tensor]:
         """Zeros of the input shapes ``kernel``'s manifest declares (a dynamic dimension at each
-        of ``sizes``), in the host's parameter dtype: the seed's input where the slot has
-        recorded none (before its first forward, or in a process resumed by a ROLLBACK)."""
+        of ``sizes``), in the host's parameter dtype: the G3 probe's input in a process resumed
+        by a ROLLBACK, which has seen no forward (GERMINATE never probes on these: checked
+        against itself, a kernel would pass on a slot whose activations it cannot take)."""
         dtype = param_dtype(record.slot)
         return [x.to(dtype) for size in sizes for x in kernel.example_inputs(dynamic_size=size)]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import stat
@@ -17,7 +15,13 @@ from kasmina.cli import main as cli
 from kasmina.urza.artifact import PAYLOAD_SUFFIX
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.utils.keyring import Keyring
-from tests.cli.helpers import assert_one_line_error, fifo_never_blocks, publish, run
+from tests.cli.helpers import (
+    assert_one_line_error,
+    fifo_never_blocks,
+    legacy_artifact,
+    publish,
+    run,
+)
 
 HELP_CASES = {
     ("demo",): ["--epochs", "--seeds", "--device", "--out", "--seed", "--nproc"],
@@ -175,6 +179,21 @@ def test_keygen_publisher_mistakes_are_one_line(argv, fragment, tmp_path, capsys
     assert out == "" and not (tmp_path / "k").exists()
 
 
+def test_a_builtin_takes_its_example_shape_from_input_shape(tmp_path, keys, capsys) -> None:
+    """A sequence model's slot sees [B, L, H]: ``--builtin`` exports on ``--input-shape``'s
+    rank (8,DIM by default), every dimension but the chunk's width dynamic."""
+    store = tmp_path / "store"
+    flat = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8")
+    seq = publish(
+        capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8", "--input-shape", "4,5,8"
+    )
+    shapes = {
+        artifact: json.loads((store / f"{artifact}.manifest.json").read_text())["input_spec"]
+        for artifact in (flat, seq)
+    }
+    assert shapes[flat][0]["shape"] == [None, 8] and shapes[seq][0]["shape"] == [None, None, 8]
+
+
 def test_urza_publish_list_verify_round_trip(tmp_path, keys, publishers, capsys) -> None:
     store = tmp_path / "store"
     a = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8")
@@ -278,34 +297,14 @@ def test_the_publisher_key_file_may_come_from_the_environment(
     assert_one_line_error(rc, err, "no publisher public keys")
 
 
-def _legacy_artifact(store: Path, artifact_id: str, payload: bytes, key: bytes) -> None:
-    """An artifact as the retired HMAC scheme (manifest version 1) published it."""
-    store.mkdir(parents=True, exist_ok=True)
-    (store / f"{artifact_id}{PAYLOAD_SUFFIX}").write_bytes(payload)
-    data = {
-        "artifact_id": artifact_id,
-        "blueprint": "bp",
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "size": len(payload),
-        "input_spec": [],
-        "key_id": "old",
-        "created": 1.0,
-        "torch_version": "2.4.0",
-        "format": "torch.export/pt2",
-    }
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
-    (store / f"{artifact_id}.manifest.json").write_text(json.dumps(data))
-
-
 def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys) -> None:
     hmac_keys = tmp_path / "old.json"
     assert run(capsys, "keygen", "--out", str(hmac_keys), "--key-id", "old")[0] == 0
     store = tmp_path / "store"
     old_key = Keyring.from_file(hmac_keys).get("old")
-    _legacy_artifact(store, "one", b"first payload", old_key)
-    _legacy_artifact(store, "two", b"second payload", old_key)
-    _legacy_artifact(store, "bad", b"third payload", b"not the old key, 32 bytes long...")
+    legacy_artifact(store, "one", b"first payload", old_key)
+    legacy_artifact(store, "two", b"second payload", old_key)
+    legacy_artifact(store, "bad", b"third payload", b"not the old key, 32 bytes long...")
 
     verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
     rc, out, err = run(capsys, *verify)

@@ -80,8 +80,10 @@ class Rig:
         keyring: Keyring,
         urza_client=None,
         device: str = "cpu",
+        record: bool = True,
         **attach_options,
     ) -> None:
+        """``record``: run one forward first, so that GERMINATE has the slot's activations."""
         self.keyring = keyring
         self.sink = MemorySink()
         self.manager = KasminaKernelManager(
@@ -97,6 +99,8 @@ class Rig:
         generator = torch.Generator().manual_seed(2)
         self.x = torch.randn(16, 6, generator=generator).to(device)
         self.y = torch.randint(0, 4, (16,), generator=generator).to(device)
+        if record:
+            record_activations(self.model, self.x)
 
     def signed(self, cmd, key_id: str = "ctl") -> bytes:
         return sign_command(cmd, self.keyring, key_id).SerializeToString()
@@ -116,6 +120,17 @@ class Rig:
 
     def stage(self, seed_id: str) -> SeedStage:
         return self.manager.seed(seed_id).stage
+
+
+def record_activations(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward, so that the slots record their activations' shapes (GERMINATE refuses a
+    slot that has recorded none): in eval mode without a graph, so that nothing trains, no
+    dropout or other random op draws from the global generator, and no gradient is left."""
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train(training)
 
 
 def host_params(rig: Rig) -> list[torch.Tensor]:

@@ -100,9 +100,37 @@ def test_a_refusal_after_the_kernel_is_attached_leaves_the_table_as_it_was(rig: 
     assert_refused_and_host_trains(rig, artifact, "optimizer")
 
 
-def test_the_probe_takes_the_manifests_shapes_before_the_first_forward(rig: Rig, store) -> None:
-    artifact = publish(Infinite(), torch.randn(3, 2), store)
-    assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
+def test_a_germinate_before_the_slots_first_forward_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """Before its first forward a slot knows no activations to check a kernel against (the
+    manifest's own shapes would check it against itself): refused, nothing changes; after one
+    forward (without a graph, in eval mode, as any forward) the same artifact is taken."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    manager = rig.manager
+    table = rig.slot.state_table.state_tensor.clone()
+    assert not rig.send("germinate", SEED0, mlp)
+    reason = manager.command_log[-1][3]
+    assert "out[0]'s slot has not run a forward since attach" in reason, reason
+    assert "send GERMINATE after the first training step or forward" in reason
+    assert torch.equal(rig.slot.state_table.state_tensor, table)
+    assert rig.stage(SEED0) == S.DORMANT and manager.seed(SEED0).kernel is None
+    assert not manager.kernel_cache.is_pinned(mlp)
+    assert manager.optimizers.seed_ids == []
+    rig.model.eval()
+    with torch.no_grad():
+        rig.model(rig.x)
+    rig.model.train()
+    assert rig.send("germinate", SEED0, mlp)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.kernel_cache.is_pinned(mlp)
+    assert manager.optimizers.seed_ids == [SEED0]
+
+
+def test_a_kernel_of_another_rank_is_refused_with_both_ranks(rig: Rig, store) -> None:
+    artifact = publish(ResidualMLP(2, 4), torch.randn(3, 5, 2), store)
+    assert_refused_and_host_trains(
+        rig, artifact, "artifact input rank 3, the slot's chunk rank 2 (16, 2)"
+    )
 
 
 class SequenceHost(nn.Module):
@@ -137,7 +165,7 @@ def test_a_kernel_exported_on_2d_input_is_refused_on_3d_activations(
 
     train()
     assert not run_command(manager, germinate(flat))
-    assert "on an input (8, 5, 2)" in manager.command_log[-1][3]
+    assert "artifact input rank 2, the slot's chunk rank 3 (8, 5, 2)" in manager.command_log[-1][3]
     assert manager.seed(SEED0).stage == S.DORMANT
     train()
     # A kernel exported on [B, T, F] with both dynamic runs on both probes (B = 8 and 4).
@@ -160,7 +188,10 @@ def test_the_probe_leaves_buffers_and_the_global_rng_alone(rig: Rig, store) -> N
 
 
 @pytest.mark.parametrize("batch, probes", [(16, (16, 8)), (3, (3, 4)), (1, (1, 2))])
-def test_two_batch_sizes_are_probed(rig: Rig, batch: int, probes: tuple[int, int]) -> None:
+def test_two_batch_sizes_are_probed(
+    tmp_path: Path, store: Path, keyring: Keyring, batch: int, probes: tuple[int, int]
+) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
     rig.model(torch.randn(batch, 6))
     registry = rig.manager.require_registry()
     samples = registry.dry_run_samples(registry[SEED0])

@@ -436,10 +436,13 @@ def test_g3_decides_identically_on_a_busy_machine(rig: Rig, mlp) -> None:
     assert g3() == (False, 1.0)
 
 
-def test_g3_counts_costs_of_a_host_trained_under_autocast(rig: Rig, mlp) -> None:
+def test_g3_counts_costs_of_a_host_trained_under_autocast(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
     """Under ``torch.autocast`` the slot records its input in autocast's dtype; counting the
     host's and the kernel's FLOPs outside autocast must still work, so G3's cost limit holds
     whatever the training precision (the counts depend on shapes only)."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)  # first forward: autocast
     manager = rig.manager
 
     def train(steps: int) -> None:

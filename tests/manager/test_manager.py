@@ -44,6 +44,7 @@ from tests.manager.helpers import (
     S,
     host_params,
     make_config,
+    record_activations,
     run_command,
 )
 from tests.urza.helpers import FlakyFS
@@ -397,7 +398,8 @@ def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp, caplog) -
     assert rig.manager.telemetry.sinks == (rig.sink,)
 
 
-def test_performance_metrics_are_measured(rig: Rig, mlp) -> None:
+def test_performance_metrics_are_measured(tmp_path, store, keyring, mlp) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)  # no slot has run yet
     manager = rig.manager
     assert all(v != v for k, v in manager.get_performance_metrics().items() if "p50" in k)
     rig.train(1)  # the slot has run: its input shape is known, so dormant overhead can be timed
@@ -463,6 +465,7 @@ def test_a_frozen_host_takes_seeds_without_a_host_optimizer(tmp_path, store, key
     manager.attach(model, "out", 2, 2, host_lr=None, seed_lr=0.05)
     assert not manager.optimizers.has_host
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    record_activations(model, x)  # GERMINATE checks the kernel on the slot's activations
     assert run_command(manager, sign_command(make_seed_command("germinate", SEED0, mlp),
                                              keyring, "ctl").SerializeToString())  # fmt: skip
     before = [p.detach().clone() for p in manager.seed(SEED0).seed_parameters()]
@@ -685,6 +688,7 @@ def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring
     assert "timeout" in reason or "deadline" in reason, reason
     assert manager.seed(SEED0).stage == S.DORMANT and manager.optimizers.seed_ids == []
     germinate = make_seed_command("germinate", SEED0, mlp, {"learning_rate": 0.5})
+    record_activations(model, torch.zeros(16, 6))  # the slot's activations, for the check
     assert run_command(manager, signed(germinate))
     assert manager.optimizers.optimizer(SEED0).param_groups[0]["lr"] == 0.5
     step = make_optimizer_command("step", SEED0)

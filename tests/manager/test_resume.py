@@ -15,7 +15,15 @@ from kasmina.control.commands import KasminaCommand, make_rollback_command, make
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
-from tests.manager.helpers import SEED0, Host, Rig, S, make_config, run_command
+from tests.manager.helpers import (
+    SEED0,
+    Host,
+    Rig,
+    S,
+    make_config,
+    record_activations,
+    run_command,
+)
 
 
 def signed(manager: KasminaKernelManager, keyring: Keyring, cmd: KasminaCommand) -> bool:
@@ -67,7 +75,7 @@ def test_a_resumed_seed_in_compatibility_check_passes_g3_before_any_forward(
     first.manager.end_epoch(1)
     first.manager.close()
 
-    rig = Rig(config, keyring)  # the restarted process
+    rig = Rig(config, keyring, record=False)  # the restarted process: no forward yet
     assert rollback(rig.manager, keyring, 1), rig.manager.command_log[-1]
     assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
     assert rig.manager.seed(SEED0).probe_result is None
@@ -94,6 +102,7 @@ def test_a_resume_with_another_optimizer_class_is_refused_and_changes_nothing(
         return manager, model
 
     first, model = start(torch.optim.Adam)
+    record_activations(model, torch.zeros(16, 6))  # GERMINATE checks the slot's activations
     assert signed(first, keyring, make_seed_command("germinate", SEED0, mlp, {}))
     first.end_epoch(0)
     first.close()
