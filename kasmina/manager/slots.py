@@ -39,7 +39,6 @@ __all__ = [
     "SeedRecord",
     "SlotRegistry",
     "TIMELINE_SIZE",
-    "param_dtype",
 ]
 
 # A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
@@ -59,7 +58,7 @@ TIMELINE_SIZE = 1000
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
 
 
-def param_dtype(slot: KasminaLayer) -> torch.dtype:
+def _param_dtype(slot: KasminaLayer) -> torch.dtype:
     """The host's floating dtype as its parameters declare it (fp32 for a parameterless one)."""
     return next((p.dtype for p in slot.host.parameters() if p.is_floating_point()), torch.float32)
 
@@ -277,12 +276,14 @@ class SlotRegistry:
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
         """Random host activations of the last-seen shape of this seed's input, for G3. A
         process that has seen no forward (one resumed by a ROLLBACK) knows no such shape: then
-        the one its kernel's manifest declares (:meth:`manifest_samples`; that kernel passed
-        GERMINATE's checks against the slot's recorded activations in the run that grew it)."""
+        the one input its kernel's manifest declares, a dynamic dimension at 2, in the host's
+        parameter dtype (that kernel passed GERMINATE's checks against the slot's recorded
+        activations in the run that grew it; GERMINATE itself never probes on these)."""
         spec = record.last_input or self.chunk_spec(record)
         if spec is None and record.kernel is not None:
-            declared = self.manifest_samples(record, record.kernel, sizes=(2,))
-            spec = _spec(declared[0]) if len(declared) == 1 else None
+            declared = record.kernel.example_inputs()
+            if len(declared) == 1:
+                spec = (declared[0].shape, _param_dtype(record.slot), declared[0].device)
         return None if spec is None else _random(spec)
 
     def chunk_spec(self, record: SeedRecord) -> ActivationSpec | None:
@@ -303,16 +304,6 @@ class SlotRegistry:
         batch = shape[0]
         other = batch // 2 if batch >= 4 else batch + 1
         return [_random((torch.Size((size, *shape[1:])), dtype, device)) for size in (batch, other)]
-
-    def manifest_samples(
-        self, record: SeedRecord, kernel: GPUKernel, sizes: Sequence[int] = (2, 3)
-    ) -> list[torch.Tensor]:
-        """Zeros of the input shapes ``kernel``'s manifest declares (a dynamic dimension at each
-        of ``sizes``), in the host's parameter dtype: the G3 probe's input in a process resumed
-        by a ROLLBACK, which has seen no forward (GERMINATE never probes on these: checked
-        against itself, a kernel would pass on a slot whose activations it cannot take)."""
-        dtype = param_dtype(record.slot)
-        return [x.to(dtype) for size in sizes for x in kernel.example_inputs(dynamic_size=size)]
 
     def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
         """A slot none of whose seeds runs, with a random input of its first-seen shape."""

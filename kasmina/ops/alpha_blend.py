@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, use_triton
+from kasmina.ops.backend import check_float_tensor, check_real, use_triton
 from kasmina.ops.transforms import functorch_active, no_vmap
 
 __all__ = ["alpha_blend", "alpha_blend_reference", "blend_chunks", "blend_chunks_seed_grad"]
@@ -397,9 +397,9 @@ def _check(seed_out: Tensor, host_out: Tensor, alpha: object, mode: str) -> None
             f"seed_out {tuple(seed_out.shape)} and host_out {tuple(host_out.shape)} must have "
             "the same shape"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, Tensor)):
-        raise ValueError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
-    if isinstance(alpha, Tensor):
+    if not isinstance(alpha, Tensor):
+        check_real("alpha", alpha)  # a bool, a string, None: "alpha must be a float"
+    else:
         check_float_tensor("alpha", alpha, seed_out.device)
         if alpha.dim() > 1:
             raise ValueError(f"alpha must be 0-d or 1-d, got shape {tuple(alpha.shape)}")

@@ -82,7 +82,7 @@ class KernelLoader:
         """
         validate_artifact_id(artifact_id)
         kernel = self.cached(artifact_id)
-        return kernel if kernel is not None else self.load(artifact_id, deadline=deadline)
+        return kernel if kernel is not None else self._load_coalesced(artifact_id, deadline)
 
     def load(self, artifact_id: str, *, deadline: float | None = None) -> GPUKernel:
         """``original`` for a caller that has just missed the cache (``cached``): no second

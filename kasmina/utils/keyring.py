@@ -9,9 +9,9 @@ trainers hold only the public half of (``kasmina.urza.keys``). The one artifact 
 checking a retired HMAC manifest before it is re-signed (``kasmina.urza.publish``). Values must
 be ``bytes``, so an Ed25519 key object cannot be put in a keyring by mistake.
 
-Key and publisher files (and entries of a local Urza store) are read through
-``read_regular_file``: a FIFO, a device or a directory is refused at once, without blocking,
-and at most a fixed number of bytes is read.
+Key, keyring and publisher files are read through ``read_regular_file`` (checkpoints and
+entries of a local Urza store are opened through ``open_regular_file``): a FIFO, a device or a
+directory is refused at once, without blocking, and at most a fixed number of bytes is read.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from typing import IO, Any
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.keyring import NotARegularFileError, open_regular_file, read_regular_file
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
@@ -258,8 +259,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
 def _read_key(path: Path) -> bytes:
     """The key in ``path``: 32 raw bytes, or 64 hex digits (so ``openssl rand -hex 32`` works)."""
-    raw = path.read_bytes()
-    if os.name == "posix" and path.stat().st_mode & 0o077:
+    raw, st = read_regular_file(path, what="checkpoint key")  # never blocks on a FIFO
+    if os.name == "posix" and st.st_mode & 0o077:
         logger.warning("checkpoint key %s is readable by group/others; restrict it to 0600", path)
     if len(raw) == CHECKPOINT_KEY_BYTES:
         return raw
@@ -429,11 +430,11 @@ class CheckpointSigner:
         where = f"checkpoint {path}"
         # Non-blocking open and a regular-file check: a FIFO or device planted under a
         # checkpoint's name must be refused, not block or stream forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CheckpointIntegrityError(f"{where}: not a regular file")
-        with os.fdopen(fd, "rb") as handle:
+        try:
+            handle = open_regular_file(path, what="checkpoint")
+        except NotARegularFileError as exc:
+            raise CheckpointIntegrityError(f"{where}: not a regular file ({exc.kind})") from None
+        with handle:
             head = handle.read(len(CHECKPOINT_MAGIC) + _LENGTH_BYTES)
             if len(head) < len(CHECKPOINT_MAGIC) + _LENGTH_BYTES:
                 raise CheckpointIntegrityError(f"{where}: truncated before its manifest")

@@ -23,6 +23,7 @@ from tests.manager.helpers import (
     S,
     host_params,
     make_config,
+    record_activations,
     run_command,
 )
 
@@ -117,10 +118,7 @@ def test_a_germinate_before_the_slots_first_forward_is_refused(
     assert rig.stage(SEED0) == S.DORMANT and manager.seed(SEED0).kernel is None
     assert not manager.kernel_cache.is_pinned(mlp)
     assert manager.optimizers.seed_ids == []
-    rig.model.eval()
-    with torch.no_grad():
-        rig.model(rig.x)
-    rig.model.train()
+    record_activations(rig.model, rig.x)
     assert rig.send("germinate", SEED0, mlp)
     assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.kernel_cache.is_pinned(mlp)
     assert manager.optimizers.seed_ids == [SEED0]

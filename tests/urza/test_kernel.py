@@ -259,9 +259,12 @@ def test_one_load_kernel_is_one_cache_lookup(artifact, trusted) -> None:
     _, _, manifest, store = artifact
     config = KasminaConfig(urza_url=str(store), urza_trusted_publishers=trusted.to_json())
     manager = KasminaKernelManager(config, keyring=Keyring({"t": generate_key()}))
-    asyncio.run(manager.load_kernel(manifest.artifact_id))
-    stats = manager.kernel_cache.stats()
-    assert (stats["hits"], stats["misses"]) == (0, 1)
-    asyncio.run(manager.load_kernel(manifest.artifact_id))
-    stats = manager.kernel_cache.stats()
-    assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, 0.5)
+    try:
+        asyncio.run(manager.load_kernel(manifest.artifact_id))
+        stats = manager.kernel_cache.stats()
+        assert (stats["hits"], stats["misses"]) == (0, 1)
+        asyncio.run(manager.load_kernel(manifest.artifact_id))
+        stats = manager.kernel_cache.stats()
+        assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, 0.5)
+    finally:
+        manager.close()

@@ -17,6 +17,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_payload
 from kasmina.utils.keyring import MAX_CONFIG_FILE_BYTES, Keyring, read_regular_file
+from kasmina.utils.state_io import load_or_create_checkpoint_key
 from tests.cli.helpers import fifo_never_blocks
 
 PAYLOAD = bytes(range(256)) * 4
@@ -25,6 +26,7 @@ LOADERS = {
     "keyring": Keyring.from_file,
     "publishers": TrustedPublishers.from_file,
     "publisher key": PublisherKey.from_file,
+    "checkpoint key": load_or_create_checkpoint_key,
     "config keyring": lambda p: KasminaConfig(hmac_keys_file=str(p)).load_keyring(),
     "config publishers": lambda p: KasminaConfig(
         urza_publishers_file=str(p)
