@@ -41,6 +41,7 @@ from kasmina.leyline import CommandType, MetricType, OptimizerCommand
 from kasmina.ops import grad_norms
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.utils.flags import read_flags
+from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class IsolatedOptimizerManager:
         self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
         self._sources: dict[str, ParameterProvider] = {}
         self.last_grad_norm: dict[str, torch.Tensor] = {}
+        self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
 
     # ------------------------------------------------------------------ registry
     @property
@@ -409,7 +411,9 @@ class IsolatedOptimizerManager:
             if ok:
                 entry.optimizer.step()
             else:
-                logger.warning("optimizer %s: non-finite grad norm, step skipped", optimizer_id)
+                n = self.skipped_steps[optimizer_id] = self.skipped_steps.get(optimizer_id, 0) + 1
+                msg = "optimizer %s: non-finite grad norm, step skipped (%d skipped so far)"
+                logger.log(rarely(n, every=1000), msg, optimizer_id, n)  # the first, every 1000th
                 self._emit("optimizer_step_skipped", 1.0, {"optimizer_id": optimizer_id})
         return finite
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import cast_in_place
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,8 @@ class TeacherForwardPassManager:
     never waits on the device for its own timing), ``perf_counter`` on CPU. A forward slower
     than ``budget_ms`` logs a warning (the first, then every 100th). An out-of-memory error skips
     KD for that step: ``None`` is returned, the CUDA cache is emptied, ``oom_count`` goes up and
-    the caller trains on. Any other error propagates: a broken teacher is a bug, not a budget.
+    the caller trains on (an ERROR the first, then every 100th time). Any other error
+    propagates: a broken teacher is a bug, not a budget.
 
     With ``profile_memory`` (default) the first successful forward's batch is also used to
     measure the teacher's peak forward memory at its own precision and at fp32
@@ -246,6 +248,7 @@ class TeacherForwardPassManager:
     """
 
     SLOW_WARNING_EVERY = 100
+    OOM_LOG_EVERY = 100  # an OOM is logged at ERROR the first and every this-many-th time
 
     def __init__(
         self,
@@ -304,7 +307,9 @@ class TeacherForwardPassManager:
 
     def _after_oom(self, exc: BaseException, on_cuda: bool) -> None:
         self.oom_count += 1
-        logger.error("teacher forward ran out of memory; KD skipped for this step: %s", exc)
+        msg = "teacher forward ran out of memory; KD skipped for this step (%d OOMs): %s"
+        level = rarely(self.oom_count, self.OOM_LOG_EVERY, logging.ERROR)
+        logger.log(level, msg, self.oom_count, exc)
         if on_cuda:
             torch.cuda.empty_cache()
 
@@ -316,10 +321,9 @@ class TeacherForwardPassManager:
         self._max = max(self._max, elapsed_ms)
         if elapsed_ms > self.budget_ms:
             self.slow_count += 1
-            loud = self.slow_count == 1 or self.slow_count % self.SLOW_WARNING_EVERY == 0
             msg = "teacher forward took %.2f ms, above the %.2f ms budget (%d slow of %d)"
             args = (elapsed_ms, self.budget_ms, self.slow_count, self._count)
-            (logger.warning if loud else logger.debug)(msg, *args)
+            logger.log(rarely(self.slow_count, self.SLOW_WARNING_EVERY), msg, *args)
 
     def _drain(self, block: bool) -> None:
         while self._pending:

@@ -239,8 +239,7 @@ class ManagerReport:
     # ------------------------------------------------------------------ events
     def note_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
         """Count an executed command by kind and result; keep it (with why) in the log."""
-        seed = command.seed
-        kind = command.kind if seed is None else f"seed.{operation_name(seed.operation)}"
+        kind = _command_kind(command)
         self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
         self.state.command_log.append((command.command_id, kind, ok, reason))
 
@@ -255,7 +254,9 @@ class ManagerReport:
                 self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
                 log[i] = (command_id, kind, ok, reason)
                 return
-        self.note_command(command, ok, reason)  # no longer in the bounded log
+        # No longer in the bounded log: a revise overturns, so the earlier outcome was the other.
+        self.state.counters[f"{_command_kind(command)}:{'refused' if ok else 'ok'}"] -= 1
+        self.note_command(command, ok, reason)
 
     def note_gate(self, record: SeedRecord, result: GateResult) -> None:
         """Count a gate evaluation and send it as a ``lifecycle.gate`` event."""
@@ -458,3 +459,9 @@ def _batch_update_us(device: torch.device, repeats: int) -> float:
         table.batch_state_update(updates)
         times.append(time.perf_counter_ns() - start)
     return statistics.median(times[1:]) / 1e3
+
+
+def _command_kind(command: KasminaCommand) -> str:
+    """The counter kind of a command: its kind, or ``seed.<operation>`` for a seed command."""
+    seed = command.seed
+    return command.kind if seed is None else f"seed.{operation_name(seed.operation)}"

@@ -20,6 +20,7 @@ import torch
 import torch.utils.checkpoint
 
 from kasmina.stages import SeedStage
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +322,5 @@ def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
 
 
 def _rarely(count: int) -> int:
-    """The level of the ``count``-th line of a kind: WARNING for the first and every
-    ``FAULT_WARN_EVERY``-th, DEBUG for the rest."""
-    return logging.WARNING if count == 1 or count % FAULT_WARN_EVERY == 0 else logging.DEBUG
+    """The level of the ``count``-th line of a kind (see :func:`rarely`)."""
+    return rarely(count, FAULT_WARN_EVERY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 
 import pytest
@@ -229,6 +230,24 @@ def test_non_finite_norm_skips_the_step():
     assert all(torch.equal(a, b) for a, b in zip(host.parameters(), before, strict=True))
     with pytest.raises(ValueError, match="max_norm"):
         opts.clip_grad_norm("host", -1.0)
+
+
+def test_repeated_non_finite_skips_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    """A diverged run skips every step: the first and every 1000th skip per optimizer is a
+    WARNING, the rest DEBUG, and ``skipped_steps`` counts them all."""
+    host, seed = _models()
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(host.parameters(), lr=0.1)
+    opts.create_seed_optimizer("s0", seed.parameters(), lr=0.1)
+    _fill_grads(host, seed)
+    host.weight.grad[0, 0] = seed.weight.grad[0, 0] = float("nan")
+    with caplog.at_level(logging.DEBUG, logger="kasmina.isolation.optimizers"):
+        for _ in range(2000):
+            assert opts.step_many(["host", "s0"], grad_clip_norm=1.0) == [False, False]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 6 and sum("non-finite" in m for m in caplog.messages) == 4000
+    assert sum("host" in m for m in warned) == 3 and "(2000 skipped so far)" in warned[-1]
+    assert opts.skipped_steps == {"host": 2000, "s0": 2000}
 
 
 def test_reset_state_and_remove_seed():

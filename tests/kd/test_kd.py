@@ -235,6 +235,28 @@ def test_simulated_oom_skips_kd_and_the_step_completes(
     assert stats["ooms"] == 1.0 and stats["forwards"] == 1.0
 
 
+def test_repeated_ooms_log_first_then_every_100th(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A teacher that runs out of memory on every step logs an ERROR the first and every
+    ``OOM_LOG_EVERY``-th time (DEBUG otherwise); ``oom_count`` counts every one."""
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
+    manager = TeacherForwardPassManager(teacher, profile_memory=False)
+
+    def out_of_memory(*args: object) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(teacher.teacher, "forward", out_of_memory)
+    x = inputs(4)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.kd.teacher"):
+        for _ in range(500):
+            assert manager.get_teacher_predictions(x) is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 6 and "(500 OOMs)" in errors[-1]  # the 1st, 100th, ..., 500th
+    assert sum("out of memory" in m for m in caplog.messages) == 500
+    assert manager.oom_count == 500
+
+
 def test_other_teacher_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
     manager = TeacherForwardPassManager(teacher)

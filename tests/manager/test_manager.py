@@ -20,6 +20,7 @@ from kasmina.control.commands import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
+    to_kasmina_command,
 )
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import MetricType, TelemetryPacket
@@ -1147,3 +1148,20 @@ def test_isolation_violations_counts_each_seed_and_violating_steps_each_step(
     assert metrics["isolation.violations"] == 2.0
     assert metrics["isolation.violating_steps"] == 1.0
     assert [manager.seed(s).isolation_violations for s in (SEED0, SEED1)] == [1, 1]
+
+
+def test_revising_a_command_that_left_the_bounded_log_moves_its_count(rig: Rig) -> None:
+    """A revise overturns the noted outcome even once the command has fallen out of the
+    1,000-entry ``command_log``: the old count goes down as the new one goes up."""
+    report, counters = rig.manager.report, rig.manager.state.counters
+    cmds = [
+        to_kasmina_command(make_seed_command("cull", SEED0, command_id=f"c{i}"))
+        for i in range(1001)
+    ]
+    for cmd in cmds:
+        report.note_command(cmd, True, "")
+    assert all(entry[0] != "c0" for entry in rig.manager.command_log)
+    report.revise_command(cmds[0], False, "a repair overturned it")
+    assert (counters["seed.cull:ok"], counters["seed.cull:refused"]) == (1000, 1)
+    report.revise_command(cmds[1], False, "in the log")  # the in-log path, for comparison
+    assert (counters["seed.cull:ok"], counters["seed.cull:refused"]) == (999, 2)

@@ -1,0 +1,11 @@
+"""Rate-limited logging: the level for the ``count``-th line of a repeating kind."""
+
+from __future__ import annotations
+
+import logging
+
+
+def rarely(count: int, every: int, level: int = logging.WARNING) -> int:
+    """``level`` for the first and every ``every``-th occurrence, DEBUG for the rest, so a
+    condition that repeats on every step stays visible without flooding the log."""
+    return level if count == 1 or count % every == 0 else logging.DEBUG
