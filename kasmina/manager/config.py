@@ -27,6 +27,7 @@ from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
 
 __all__ = ["KasminaConfig", "default_cache_root"]
 
@@ -59,6 +60,16 @@ def new_run_id() -> str:
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Checkpoint directories and their defaults under the run directory.
+_RUN_DIRS = (("checkpoint_dir", "checkpoints"), ("emergency_checkpoint_dir", "emergency"))
+# Optional file settings: None (unset) or a non-empty path, kept as a string.
+_OPTIONAL_PATHS = (
+    "urza_publishers_file",
+    "hmac_keys_file",
+    "checkpoint_key_file",
+    "teacher_checkpoint_path",
+    "telemetry_jsonl_path",
+)
 
 
 @dataclass
@@ -181,8 +192,11 @@ class KasminaConfig:
     teacher_checkpoint_path: str | None = None
 
     # --- Telemetry ------------------------------------------------------------------------
-    # When set, every telemetry packet is appended to this JSON-lines file.
+    # When set, every telemetry packet is appended to this JSON-lines file (a regular file).
     telemetry_jsonl_path: str | None = None
+    # Size cap of that file (bytes, >= 1): past it the file is renamed <path>.1 (one rotated
+    # file is kept) and a new one started, between two lines; both hold <= ~2x this.
+    telemetry_jsonl_max_bytes: int = DEFAULT_JSONL_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -202,10 +216,8 @@ class KasminaConfig:
         _positive_int("urza_breaker_threshold", self.urza_breaker_threshold)
         _non_negative("urza_breaker_reset_s", self.urza_breaker_reset_s)
         self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
-        if self.urza_publishers_file is not None and (
-            not isinstance(self.urza_publishers_file, str) or not self.urza_publishers_file
-        ):
-            raise ValueError("urza_publishers_file must be a path string or None")
+        for name in _OPTIONAL_PATHS:
+            setattr(self, name, _optional_path(name, getattr(self, name)))
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
         _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
@@ -236,16 +248,17 @@ class KasminaConfig:
             )
         if not isinstance(self.runs_root, str) or not self.runs_root:
             raise ValueError("runs_root must be a non-empty path")
-        for name, default in (
-            ("checkpoint_dir", "checkpoints"),
-            ("emergency_checkpoint_dir", "emergency"),
-        ):
+        # Directories left to their default: to_dict gives them as "" again, so a template
+        # saved from this run never pins the next run's state into this run's directory.
+        self._defaulted_dirs: dict[str, str] = {}
+        for name, default in _RUN_DIRS:
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a path string, got {value!r}")
             if not value:
                 value = str(self.run_dir / default)
                 setattr(self, name, value)
+                self._defaulted_dirs[name] = value
             if Path(value).expanduser().resolve() == Path.cwd().resolve():
                 raise ValueError(f"{name} must not be the working directory")
         if self.checkpoint_mode not in CHECKPOINT_MODES:
@@ -254,16 +267,11 @@ class KasminaConfig:
             )
         _positive_int("checkpoint_every_epochs", self.checkpoint_every_epochs)
         _non_negative_int("max_rollback_epochs", self.max_rollback_epochs)
-        if self.checkpoint_key_file is not None and (
-            not isinstance(self.checkpoint_key_file, str) or not self.checkpoint_key_file
-        ):
-            raise ValueError(
-                f"checkpoint_key_file must be None or a path, got {self.checkpoint_key_file!r}"
-            )
         _non_negative_int("min_isolated_epochs", self.min_isolated_epochs)
         _positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
         _positive("latency_budget_ms", self.latency_budget_ms)
-        if not isinstance(self.performance_gate, int) or not 0 <= self.performance_gate <= 1000:
+        gate = self.performance_gate
+        if not isinstance(gate, int) or isinstance(gate, bool) or not 0 <= gate <= 1000:
             raise ValueError(
                 f"performance_gate must be an int in [0, 1000], got {self.performance_gate!r}"
             )
@@ -281,6 +289,7 @@ class KasminaConfig:
             raise ValueError(
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
             )
+        _positive_int("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes)
 
     @property
     def torch_device(self) -> torch.device:
@@ -333,8 +342,14 @@ class KasminaConfig:
         return publishers
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (``kd`` as a nested dict)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able values (``kd`` as a nested dict). A checkpoint directory left to its
+        default is given as "" (still the default), so ``from_dict`` of it with another run id
+        uses that run's directory; one set explicitly is kept."""
+        data = dataclasses.asdict(self)
+        for name, value in getattr(self, "_defaulted_dirs", {}).items():
+            if data[name] == value:  # not reassigned since
+                data[name] = ""
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
@@ -350,6 +365,10 @@ class KasminaConfig:
             raise ValueError(f"unknown KasminaConfig settings: {', '.join(unknown)}")
         values = dict(data)
         if isinstance(values.get("kd"), Mapping):
+            kd_known = {f.name for f in dataclasses.fields(KDConfig)}
+            kd_unknown = sorted(set(values["kd"]) - kd_known)
+            if kd_unknown:
+                raise ValueError(f"unknown KasminaConfig settings: kd.{', kd.'.join(kd_unknown)}")
             values["kd"] = KDConfig(**values["kd"])
         return cls(**values)
 
@@ -368,6 +387,19 @@ def _publisher_keys(value: object) -> dict[str, str]:
         raise ValueError(f"urza_trusted_publishers: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"urza_trusted_publishers: {exc}") from None
+
+
+def _optional_path(name: str, value: object) -> str | None:
+    """None, or a non-empty path (a ``str`` or ``os.PathLike``) as a string; "" is refused
+    rather than read as unset, and a number is never a path."""
+    if value is None:
+        return None
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(
+            f"{name} must be None or a path (a non-empty str or os.PathLike), got {value!r}"
+        )
+    return path
 
 
 def _is_number(value: object) -> bool:

@@ -123,9 +123,9 @@ class KasminaKernelManager:
         config = config if config is not None else KasminaConfig()
         self.keyring = keyring if keyring is not None else config.load_keyring()
         telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
-        self._jsonl: JsonlFileSink | None = None
-        if config.telemetry_jsonl_path:
-            self._jsonl = JsonlFileSink(config.telemetry_jsonl_path)
+        path, cap = config.telemetry_jsonl_path, config.telemetry_jsonl_max_bytes
+        self._jsonl = JsonlFileSink(path, cap) if path else None  # bounded, rotated at ``cap``
+        if self._jsonl is not None:
             telemetry.add_sink(self._jsonl)
         kernel_cache = GPUKernelCache(config.cache_size_mb)
         # Artifacts verify against the configured publisher public keys, never self.keyring:

@@ -32,10 +32,12 @@ from typing import IO, Protocol, runtime_checkable
 from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
+from kasmina.utils.keyring import NotARegularFileError, open_regular_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_JSONL_MAX_BYTES",
     "DEFAULT_MAX_SINK_FAILURES",
     "Event",
     "JsonlFileSink",
@@ -102,15 +104,65 @@ class MemorySink:
         return len(self._buffer)
 
 
-def _ends_a_line(handle: IO[str]) -> bool:
-    """Whether the file open (for append) in ``handle`` is empty, or not a regular file, or
-    ends with a newline (else a crash tore its last line)."""
-    info = os.fstat(handle.fileno())
-    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-        return True
-    with open(handle.name, "rb") as reader:  # the handle is write-only: read the file anew
-        reader.seek(-1, os.SEEK_END)
-        return reader.read(1) == b"\n"
+# A JSONL telemetry file is rotated when the next line would take it past this many bytes
+# (about 80,000 steps of a manager's events); one rotated file is kept, so the pair stays bounded.
+DEFAULT_JSONL_MAX_BYTES = 64 << 20
+
+
+def _open_append(path: Path) -> tuple[IO[str], int]:
+    """Open ``path`` to append telemetry lines: the handle and the file's size.
+
+    An existing path must be a regular file: it is checked (and its last byte read) through
+    ``open_regular_file``, so a FIFO or a device is refused at once, never blocked on. The append
+    open is non-blocking too, so a FIFO swapped in after the check fails rather than hangs. A
+    last line torn by a crash is ended with a newline, so no packet is glued onto it.
+    """
+    torn = False
+    try:
+        with open_regular_file(path, what="telemetry file") as reader:
+            if os.fstat(reader.fileno()).st_size:
+                reader.seek(-1, os.SEEK_END)
+                torn = reader.read(1) != b"\n"
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFileError(str(path), "replaced while opening", "telemetry file")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        if torn:
+            handle.write("\n")  # close the torn line, never glue a packet onto it
+            handle.flush()
+    except BaseException:
+        _close_quietly(handle, path)
+        raise
+    return handle, info.st_size + torn
+
+
+def _close_quietly(handle: IO[str], path: Path) -> None:
+    """Close ``handle``; a flush that fails (a full disk) is logged, never raised, and the file
+    is closed all the same (what it could not write is lost)."""
+    try:
+        handle.close()
+    except OSError as exc:
+        logger.warning(
+            "telemetry file %s: closing it failed to write its last lines (%s: %s); they are lost",
+            path,
+            type(exc).__name__,
+            exc,
+        )
+        if not handle.closed:  # the descriptor, at least, must not leak
+            try:
+                os.close(handle.fileno())
+            except OSError:
+                pass
 
 
 class JsonlFileSink:
@@ -120,34 +172,53 @@ class JsonlFileSink:
     sink are never interleaved because writes are serialized by a lock. A process killed while
     writing leaves a torn last line: the next sink of the file ends it with a newline before
     its first packet, so the torn line stays one bad line and the new packets stay readable.
+    Only a regular file is written: a FIFO, a device or a directory is refused at once.
+
+    The file is bounded: when the next line would take it past ``max_bytes`` it is renamed to
+    ``<path>.1`` (replacing the previous one) and a new file is started, always between two
+    lines, so the two files hold at most about ``2 * max_bytes`` (a single line larger than
+    ``max_bytes`` gets a file to itself). ``close`` never raises: lines a full disk kept in the
+    buffer are logged as lost once and the file is closed.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_JSONL_MAX_BYTES) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.rotated_path = self.path.with_name(self.path.name + ".1")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
-        try:
-            if not _ends_a_line(self._file):
-                self._file.write("\n")  # close the torn line, never glue a packet onto it
-                self._file.flush()
-        except BaseException:
-            self._file.close()
-            raise
+        self._file: IO[str] | None
+        self._file, self._size = _open_append(self.path)
 
     def send(self, packet: TelemetryPacket) -> None:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
+        line += "\n"  # ASCII (json.dumps escapes the rest): its length is its size in bytes
         with self._lock:
             if self._file is None:
                 raise ValueError(f"telemetry file {self.path} is closed")
-            self._file.write(line + "\n")
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._size += len(line)
+            self._file.write(line)
             self._file.flush()
+
+    def _rotate(self) -> None:
+        """Move the full file to ``<path>.1`` and start a new one (under the lock)."""
+        file, self._file = self._file, None
+        if file is not None:
+            _close_quietly(file, self.path)
+        try:
+            os.replace(self.path, self.rotated_path)
+        finally:  # a failed rename keeps the full file: the next send tries again
+            self._file, self._size = _open_append(self.path)
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            file, self._file = self._file, None
+            if file is not None:
+                _close_quietly(file, self.path)
 
     def __enter__(self) -> JsonlFileSink:
         return self

@@ -71,6 +71,15 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("teacher_dtype", "int8"),
         ("kd", {"temperature": 2.0}),
         ("grafting_steps", 0),
+        ("performance_gate", True),
+        ("telemetry_jsonl_path", 123),
+        ("telemetry_jsonl_path", ""),
+        ("hmac_keys_file", 5),
+        ("hmac_keys_file", ""),
+        ("teacher_checkpoint_path", 5),
+        ("teacher_checkpoint_path", ""),
+        ("telemetry_jsonl_max_bytes", 0),
+        ("telemetry_jsonl_max_bytes", True),
     ],
 )
 def test_invalid_values_are_rejected(field, value) -> None:
@@ -97,6 +106,33 @@ def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:
     assert KasminaConfig.from_dict(data) == config
     with pytest.raises(ValueError, match="unknown KasminaConfig settings: cache_size"):
         KasminaConfig.from_dict({"cache_size": 1})
+    with pytest.raises(ValueError, match="unknown KasminaConfig settings: kd.bogus"):
+        KasminaConfig.from_dict({"kd": {"bogus": 1}})
+
+
+def test_path_settings_are_none_or_a_non_empty_path(tmp_path) -> None:
+    config = KasminaConfig(hmac_keys_file=tmp_path / "k.json", telemetry_jsonl_path=None)
+    assert config.hmac_keys_file == str(tmp_path / "k.json")  # a PathLike, kept as a string
+    assert config.telemetry_jsonl_path is None
+    json.dumps(config.to_dict())
+
+
+def test_a_saved_config_used_as_a_template_never_pins_the_old_runs_directories(tmp_path) -> None:
+    old = KasminaConfig(runs_root=str(tmp_path), run_id="old-run")
+    data = json.loads(json.dumps(old.to_dict()))
+    assert KasminaConfig.from_dict(data) == old  # same run id: the same directories
+    data["run_id"] = ""  # a fresh run from the template
+    new = KasminaConfig.from_dict(data)
+    assert new.run_id != "old-run"
+    assert Path(new.checkpoint_dir) == new.run_dir / "checkpoints"
+    assert Path(new.emergency_checkpoint_dir) == new.run_dir / "emergency"
+    # An explicitly given directory is the user's choice and round-trips as given.
+    pinned = KasminaConfig(runs_root=str(tmp_path), checkpoint_dir=str(tmp_path / "mine"))
+    data = pinned.to_dict()
+    data["run_id"] = ""
+    again = KasminaConfig.from_dict(data)
+    assert again.checkpoint_dir == str(tmp_path / "mine")
+    assert Path(again.emergency_checkpoint_dir) == again.run_dir / "emergency"
 
 
 def test_keyring_from_file_or_environment(tmp_path, monkeypatch) -> None:

@@ -1165,3 +1165,21 @@ def test_revising_a_command_that_left_the_bounded_log_moves_its_count(rig: Rig) 
     assert (counters["seed.cull:ok"], counters["seed.cull:refused"]) == (1000, 1)
     report.revise_command(cmds[1], False, "in the log")  # the in-log path, for comparison
     assert (counters["seed.cull:ok"], counters["seed.cull:refused"]) == (999, 2)
+
+
+def test_the_managers_telemetry_file_is_rotated_at_the_configured_cap(
+    tmp_path, store, keyring
+) -> None:
+    jsonl, cap = tmp_path / "telemetry.jsonl", 4_000
+    config = make_config(
+        tmp_path, store, telemetry_jsonl_path=str(jsonl), telemetry_jsonl_max_bytes=cap
+    )
+    rig = Rig(config, keyring)
+    rig.train(40)  # a step packet each: far more than the cap in all
+    rig.manager.close()
+    rotated = tmp_path / "telemetry.jsonl.1"
+    assert rotated.exists()
+    for file in (jsonl, rotated):
+        data = file.read_bytes()
+        assert 0 < len(data) <= cap and data.endswith(b"\n")
+        assert all(json.loads(line)["packet_id"] for line in data.decode().splitlines())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import threading
 
 import pytest
 from google.protobuf.json_format import ParseDict
 
 from kasmina.leyline import MetricType, TelemetryPacket
+from kasmina.utils.keyring import NotARegularFileError
 from kasmina.utils.telemetry import (
     JsonlFileSink,
     MemorySink,
@@ -161,6 +164,98 @@ def test_a_line_torn_by_a_crash_is_never_glued_to_the_next_packet(tmp_path) -> N
         except ValueError:
             torn += 1
     assert names == ["before", "restart.first", "restart.second"] and torn == 1
+
+
+class _FullDisk:
+    """A text file whose every write ends in ENOSPC when flushed (what a full disk does)."""
+
+    def __init__(self, path) -> None:
+        self._real = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @property
+    def closed(self) -> bool:
+        return self._real.closed
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._real.close()
+
+
+def test_close_after_a_full_disk_never_raises_and_logs_once(tmp_path, caplog) -> None:
+    sink = JsonlFileSink(tmp_path / "t.jsonl")
+    sink._file.close()
+    full = sink._file = _FullDisk(tmp_path / "t.jsonl")
+    reporter = TelemetryReporter("t", [sink], max_sink_failures=3)
+    for i in range(5):
+        reporter.emit("x", float(i))
+    assert reporter.disabled_sinks == (sink,)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kasmina.utils.telemetry"):
+        reporter.close_sink(sink)  # the manager's close: must not raise
+        sink.close()  # closing twice is harmless
+    assert full.closed
+    assert len(caplog.records) == 1 and "lost" in caplog.records[0].getMessage()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_refused_at_once_never_blocked_on(tmp_path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | JsonlFileSink] = []
+
+    def open_it() -> None:
+        try:
+            outcome.append(JsonlFileSink(fifo))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    worker.start()
+    worker.join(5)
+    if not outcome:  # unblock the hung open so the thread ends
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        pytest.fail("opening a FIFO with no reader blocked")
+    assert isinstance(outcome[0], NotARegularFileError)
+    assert "FIFO" in str(outcome[0])
+
+
+def test_the_file_is_rotated_at_its_size_cap_between_whole_lines(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    cap = 2_000
+    sink = JsonlFileSink(path, max_bytes=cap)
+    reporter = TelemetryReporter("t", [sink])
+    for i in range(300):
+        reporter.emit("step", float(i), labels={"pad": "x" * (i % 37)})
+    sink.close()
+    rotated = tmp_path / "t.jsonl.1"
+    assert rotated.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl", "t.jsonl.1"]
+    values = []
+    for file in (rotated, path):
+        data = file.read_bytes()
+        assert 0 < len(data) <= cap and data.endswith(b"\n")
+        for line in data.decode().splitlines():
+            values.append(json.loads(line)["metrics"][0]["value"])  # whole lines only
+    assert values == [float(i) for i in range(300 - len(values), 300)]  # the newest, in order
+    with JsonlFileSink(path, max_bytes=cap) as again:  # a restart keeps counting the old size
+        again.send(reporter.packet([("late", 1.0, MetricType.METRIC_TYPE_EVENT, None)]))
+    assert path.stat().st_size <= cap and rotated.stat().st_size <= cap
+    with pytest.raises(ValueError, match="max_bytes"):
+        JsonlFileSink(path, max_bytes=0)
 
 
 def test_failing_sink_is_logged_and_skipped(caplog) -> None:
