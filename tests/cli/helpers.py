@@ -3,9 +3,6 @@ errors, publish an artifact, write one as the retired HMAC scheme did."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ import pytest
 
 from kasmina.cli import main as cli
 from kasmina.urza.artifact import PAYLOAD_SUFFIX
+from tests.urza.helpers import legacy_manifest
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -68,17 +66,5 @@ def legacy_artifact(store: Path, artifact_id: str, payload: bytes, key: bytes) -
     """An artifact as the retired HMAC scheme (manifest version 1) published it."""
     store.mkdir(parents=True, exist_ok=True)
     (store / f"{artifact_id}{PAYLOAD_SUFFIX}").write_bytes(payload)
-    data = {
-        "artifact_id": artifact_id,
-        "blueprint": "bp",
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "size": len(payload),
-        "input_spec": [],
-        "key_id": "old",
-        "created": 1.0,
-        "torch_version": "2.4.0",
-        "format": "torch.export/pt2",
-    }
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
-    (store / f"{artifact_id}.manifest.json").write_text(json.dumps(data))
+    manifest = legacy_manifest(payload, artifact_id, "old", key, created=1.0)
+    (store / f"{artifact_id}.manifest.json").write_bytes(manifest)

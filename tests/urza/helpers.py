@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import http.server
 import io
 import json
@@ -217,3 +219,24 @@ def wait_for_io_threads(at_most: int, timeout: float = 10.0) -> None:
     while io_threads() > at_most and time.monotonic() < end:
         time.sleep(0.01)
     assert io_threads() <= at_most
+
+
+def legacy_manifest(
+    payload: bytes, artifact_id: str, key_id: str, key: bytes, created: float = 1_700_000_000.0
+) -> bytes:
+    """A version 1 manifest exactly as the retired HMAC scheme wrote it (written out here, since
+    no code of the library writes one any more)."""
+    data = {
+        "artifact_id": artifact_id,
+        "blueprint": "bp",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "input_spec": [],
+        "key_id": key_id,
+        "created": created,
+        "torch_version": "2.4.0",
+        "format": "torch.export/pt2",
+    }
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
+    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    return json.dumps(data, sort_keys=True, indent=2).encode()

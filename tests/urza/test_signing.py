@@ -41,6 +41,7 @@ from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.signed_json import canonical_json
 from kasmina.utils.state_io import STALE_TEMPORARY_S
 from tests.crash import KILLED, TornWriter, run_in_child
+from tests.urza.helpers import legacy_manifest
 
 PAYLOAD = b"a payload standing in for a .pt2 program" * 8
 T0 = 1_700_000_000.0
@@ -88,25 +89,6 @@ def unsigned_bytes(raw: bytes, **fields: object) -> bytes:
     data = {**json.loads(raw), **fields}
     del data["signature"]
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def legacy_manifest(payload: bytes, artifact_id: str, key_id: str, key: bytes) -> bytes:
-    """A version 1 manifest exactly as the retired HMAC scheme wrote it (written out here, since
-    no code of the library writes one any more)."""
-    data = {
-        "artifact_id": artifact_id,
-        "blueprint": "bp",
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "size": len(payload),
-        "input_spec": [],
-        "key_id": key_id,
-        "created": T0,
-        "torch_version": "2.4.0",
-        "format": "torch.export/pt2",
-    }
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
-    data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
-    return json.dumps(data, sort_keys=True, indent=2).encode()
 
 
 # --- Ed25519 and the purpose tag ---------------------------------------------------------------
