@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.seeds.layer import KasminaLayer
@@ -229,7 +230,13 @@ class SlotRegistry:
         if self._anchor is None:
             return
         module, name, param = self._anchor
-        if module._parameters.get(name) is not param:
+        held = module._parameters.get(name)
+        if held is not param and parametrize.is_parametrized(module, name):
+            # A parametrization (``spectral_norm``, ``orthogonal``) moves the parameter object
+            # itself under ``parametrizations``; one that splits it (``weight_norm``'s
+            # ``original0/1``) leaves it nowhere, and the optimizers would step a dead tensor.
+            held = getattr(module.parametrizations[name], "original", None)
+        if held is not param:
             raise RuntimeError(
                 "the model's parameters were replaced after the manager registered them (a "
                 "move to another kind of device, or load_state_dict(assign=True)); its "

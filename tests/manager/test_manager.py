@@ -970,6 +970,30 @@ def test_a_step_refuses_a_model_whose_parameters_were_replaced(rig: Rig, mlp, ho
     assert all(torch.equal(p, w) for p, w in zip(registered, weights, strict=True))
 
 
+@pytest.mark.parametrize("how", ["spectral_norm", "orthogonal"])
+def test_a_parametrization_added_after_attach_keeps_the_host_training(rig: Rig, how: str) -> None:
+    """``spectral_norm``/``orthogonal`` on a host layer after attach move the very parameter
+    object under ``parametrizations.weight.original``: the optimizers still hold it, so every
+    step goes on training it (the held-parameter check looked only under the original name)."""
+    parametrization = getattr(torch.nn.utils.parametrizations, how)
+    original = rig.model.inp.weight
+    parametrization(rig.model.inp)
+    assert rig.model.inp.parametrizations.weight.original is original
+    before = original.detach().clone()
+    rig.train(2)
+    assert not torch.equal(original, before)  # the host trained through the parametrization
+
+
+def test_a_parametrization_that_splits_a_parameter_is_refused_by_step(rig: Rig) -> None:
+    """``weight_norm`` replaces the weight by two new parameters: the optimizers would step
+    the old tensor while the model trains nothing, so ``step()`` says so."""
+    torch.nn.utils.parametrizations.weight_norm(rig.model.inp)
+    loss = rig.model(rig.x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="replaced after the manager registered them"):
+        rig.manager.step()
+
+
 def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
     """``owner.name`` raises on its first call, then behaves."""
     real, calls = getattr(owner, name), []
