@@ -476,8 +476,22 @@ class CommandExecution:
         """The end of an epoch: tick the table, then the automatic transitions (below). Returns
         the seeds recycled. ``end_epoch`` runs it after its checkpoint is written, and a
         rollback to that checkpoint runs it again (docs/design.md §6a)."""
-        self.state.require_registry().table.tick()
+        registry = self.state.require_registry()
+        registry.count_trained_epochs()  # G2's evidence, before the tick (epochs_in_stage)
+        registry.table.tick()
         return self.auto_transitions()
+
+    def after_step(self, stepped: list[str]) -> None:
+        """A training step's seed bookkeeping once the optimizers stepped (gradients not yet
+        zeroed): which ISOLATED_INIT seeds trained (G2), then the GRAFTING alphas advance."""
+        registry = self.state.require_registry()
+        registry.note_trained(stepped)
+        config = self.state.config
+        for record in registry.in_stages([S.GRAFTING]):
+            record.graft_steps += 1
+            record.seed.update_alpha_blending(
+                record.graft_steps, config.grafting_steps, config.grafting_temperature
+            )
 
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""

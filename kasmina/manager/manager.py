@@ -491,17 +491,12 @@ class KasminaKernelManager:
             done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
             host_stepped = bool(host) and done[0]
             stepped = list(compress(seeds, done[len(host) :]))
+            self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
             optimizers.zero_grad()
             dropped = registry.drop_kd_losses()  # computed, never passed to backward()
             if dropped and not self.counters["kd_dropped"]:
                 logger.warning("KD losses were computed but not passed to backward(); dropped")
             self.counters["kd_dropped"] += dropped
-            config = state.config
-            for record in registry.in_stages([SeedStage.GRAFTING]):
-                record.graft_steps += 1
-                record.seed.update_alpha_blending(
-                    record.graft_steps, config.grafting_steps, config.grafting_temperature
-                )
             state.global_step += 1
             # The safe point: this step's graph is gone and its gradients are applied and
             # zeroed, so a command may now swap kernels, optimizers or weights.

@@ -279,6 +279,29 @@ class SlotRegistry:
     def seed_parameters(self, seed_id: str) -> list[nn.Parameter]:
         return self[seed_id].seed.seed_parameters()
 
+    # ------------------------------------------------------------------ G2's evidence
+    def note_trained(self, stepped: Iterable[str]) -> None:
+        """After a step's optimizer steps, before its gradients are zeroed: each ISOLATED_INIT
+        seed among ``stepped`` whose optimizer had a gradient to apply has trained in this
+        epoch. Read on the host (stages from the table's mirror, ``grad is None``): no sync.
+        Every rank of a data-parallel run marks the same seeds: the seed gradients are averaged
+        (one missing on some ranks is zero there) or dropped on every rank together."""
+        for seed_id in stepped:
+            seed = self[seed_id].seed
+            if seed.stage == SeedStage.ISOLATED_INIT and any(
+                p.grad is not None for p in seed.seed_parameters()
+            ):
+                seed.trained_this_epoch = True
+
+    def count_trained_epochs(self) -> None:
+        """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch
+        counts it (G2 compares the count with ``min_isolated_epochs``); the marks are cleared."""
+        for record in self.records.values():
+            seed = record.seed
+            if seed.trained_this_epoch and seed.stage == SeedStage.ISOLATED_INIT:
+                seed.trained_epochs += 1
+            seed.trained_this_epoch = False
+
     # ------------------------------------------------------------------ observed shapes
     def probe_sample(self, record: SeedRecord) -> torch.Tensor | None:
         """Random host activations of the last-seen shape of this seed's input, for G3. A

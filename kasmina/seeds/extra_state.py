@@ -12,12 +12,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
+
+if TYPE_CHECKING:
+    from kasmina.seeds.seed import GradientIsolatedSeed
 
 __all__ = [
     "EXTRA_STATE_VERSION",
@@ -30,6 +33,7 @@ __all__ = [
     "encode_extra_state",
     "owner_restore",
     "parse_seed_state",
+    "seed_bookkeeping",
 ]
 
 # Version of the encoded extra state; decode_extra_state refuses any other.
@@ -65,12 +69,35 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     return state
 
 
+def seed_bookkeeping(seed: GradientIsolatedSeed) -> dict[str, Any]:
+    """What a seed's ``get_extra_state`` saves (JSON-able): its state-table row and the
+    bookkeeping the seed keeps beside it."""
+    return {
+        "seed_id": seed.seed_id,
+        "chunk_size": seed.chunk_size,
+        "row": list(seed.state_table.read_row(seed.state_index).values()),
+        "alpha": seed.alpha_value,
+        "graft_step": seed.graft_step,
+        "trained_epochs": seed.trained_epochs,
+        "trained_this_epoch": seed.trained_this_epoch,
+        "gate_score": seed.gate_score,
+        "performance_gate": seed.performance_gate,
+        "isolation_violations": seed.isolation_violations,
+        "nonfinite_events": seed.nonfinite_events,
+        "faults": seed.faults,
+        "fault_log": list(seed.fault_log),
+        "has_kernel": seed.kernel is not None,
+    }
+
+
 @dataclass(frozen=True)
 class SavedSeedState:
     """A seed's saved bookkeeping, every value read and checked (nothing applied yet)."""
 
     alpha: float
     graft_step: int | None  # the GRAFTING schedule's step; absent from older states
+    trained_epochs: int  # G2's evidence (older states: see parse_seed_state)
+    trained_this_epoch: bool
     gate_score: float
     performance_gate: float
     isolation_violations: int
@@ -110,6 +137,18 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         field = "graft_step"
         step = state.get("graft_step")
         graft_step = None if step is None else _count(step)
+        field = "trained_epochs"
+        trained = state.get("trained_epochs")
+        if trained is None:
+            # Saved before G2 counted the epochs the seed trained: its epochs in ISOLATED_INIT
+            # count as trained (what G2 assumed then), the epoch under way does not.
+            isolated = stage == SeedStage.ISOLATED_INIT
+            trained = int(row[StateColumn.EPOCHS_IN_STATE]) if isolated else 0
+        trained_epochs = _count(trained)
+        field = "trained_this_epoch"
+        trained_this_epoch = state.get("trained_this_epoch", False)
+        if not isinstance(trained_this_epoch, bool):
+            raise ValueError(f"must be true or false, got {trained_this_epoch!r:.80}")
         field = "chunk_size"
         chunk = state.get("chunk_size")
         chunk_size = None if chunk is None else int(chunk)
@@ -125,6 +164,8 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         **values,
         faults=faults,
         graft_step=graft_step,
+        trained_epochs=trained_epochs,
+        trained_this_epoch=trained_this_epoch,
         fault_log=tuple(str(reason) for reason in saved_log),
         row=tuple(row),
         stage=stage,

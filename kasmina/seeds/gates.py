@@ -79,16 +79,19 @@ def gate_g1_kernel_ready(kernel: nn.Module | None) -> GateResult:
 
 
 def gate_g2_isolated_training(
-    epochs_in_state: int, min_isolated_epochs: int, isolation_violations: int
+    trained_epochs: int, min_isolated_epochs: int, isolation_violations: int
 ) -> GateResult:
-    """G2: trained in ISOLATED_INIT for ``min_isolated_epochs`` with no violation. Score: epochs."""
+    """G2: the seed trained in ISOLATED_INIT for ``min_isolated_epochs`` epochs (``trained_epochs``:
+    the epochs of the stage in which its optimizer stepped it, not the epochs it sat there) with
+    no isolation violation. Score: the trained epochs."""
     if isolation_violations > 0:
         reason = f"{isolation_violations} gradient isolation violation(s)"
-        return GateResult(False, reason, float(epochs_in_state), 2)
-    if epochs_in_state < min_isolated_epochs:
-        reason = f"trained {epochs_in_state} of {min_isolated_epochs} isolated epochs"
-        return GateResult(False, reason, float(epochs_in_state), 2)
-    return GateResult(True, f"trained {epochs_in_state} isolated epochs", float(epochs_in_state), 2)
+        return GateResult(False, reason, float(trained_epochs), 2)
+    if trained_epochs < min_isolated_epochs:
+        reason = f"trained in {trained_epochs} of the {min_isolated_epochs} epochs G2 needs"
+        return GateResult(False, reason, float(trained_epochs), 2)
+    reason = f"trained in {trained_epochs} isolated epochs"
+    return GateResult(True, reason, float(trained_epochs), 2)
 
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:

@@ -35,7 +35,12 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
 from kasmina.ops import alpha_blend
-from kasmina.seeds.extra_state import SavedSeedState, check_seed_state, encode_extra_state
+from kasmina.seeds.extra_state import (
+    SavedSeedState,
+    check_seed_state,
+    encode_extra_state,
+    seed_bookkeeping,
+)
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     FAULT_LOG_SIZE,
@@ -128,6 +133,10 @@ class GradientIsolatedSeed(nn.Module):
         # The GRAFTING schedule's step alpha was last set at (0 on entering GRAFTING): saved in
         # the extra state, so a seed loaded mid-GRAFTING goes on from where it was saved.
         self.graft_step = 0
+        # G2's evidence: the epochs of ISOLATED_INIT in which the seed's optimizer stepped it, and
+        # whether it did in the epoch under way. Kept by whoever steps the seed (the manager:
+        # ``SlotRegistry.note_trained``); saved in the extra state.
+        self.trained_epochs, self.trained_this_epoch = 0, False
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None
         # Kasmina's latest measurement of this seed's benefit (G5's only evidence); not saved
@@ -178,7 +187,7 @@ class GradientIsolatedSeed(nn.Module):
             return gate_g1_kernel_ready(self.kernel)
         if gate == 2:
             return gate_g2_isolated_training(
-                self.epochs_in_stage, min_isolated_epochs, self.isolation_violations
+                self.trained_epochs, min_isolated_epochs, self.isolation_violations
             )
         if gate == 3:
             fault = None if sample is None else self._probe_fault(sample)
@@ -309,6 +318,8 @@ class GradientIsolatedSeed(nn.Module):
             )
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
+        if new in (SeedStage.ISOLATED_INIT, SeedStage.RECYCLING):  # G2 counts from the entry
+            self.trained_epochs, self.trained_this_epoch = 0, False
         if new == SeedStage.GRAFTING:
             self._set_alpha(0.0, force=True)
             self.graft_step = 0
@@ -534,22 +545,7 @@ class GradientIsolatedSeed(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         """The seed's bookkeeping as a 1-D uint8 tensor (:func:`encode_extra_state`), not a dict:
         tools that walk a ``state_dict`` (``save_pretrained``, safetensors) expect tensors."""
-        return encode_extra_state(
-            {
-                "seed_id": self.seed_id,
-                "chunk_size": self.chunk_size,
-                "row": list(self.state_table.read_row(self.state_index).values()),
-                "alpha": self._alpha_value,
-                "graft_step": self.graft_step,
-                "gate_score": self._gate_score,
-                "performance_gate": self._performance_gate,
-                "isolation_violations": self.isolation_violations,
-                "nonfinite_events": self.nonfinite_events,
-                "faults": self.faults,
-                "fault_log": list(self.fault_log),
-                "has_kernel": self.kernel is not None,
-            }
-        )
+        return encode_extra_state(seed_bookkeeping(self))
 
     def check_state(self, state: torch.Tensor | Mapping[str, Any]) -> SavedSeedState:
         """What :meth:`set_extra_state` would restore, checked (``ValueError`` if this seed cannot
@@ -565,6 +561,8 @@ class GradientIsolatedSeed(nn.Module):
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded
             self.graft_step = saved.graft_step
+        self.trained_epochs = saved.trained_epochs
+        self.trained_this_epoch = saved.trained_this_epoch
         self._gate_score = saved.gate_score
         self._performance_gate = saved.performance_gate
         self.isolation_violations = saved.isolation_violations

@@ -157,6 +157,9 @@ class Trainer:
         }
         state.update({f"host.{i}": p.detach().clone() for i, p in enumerate(registry.host_params)})
         state["table"] = registry.table.state_tensor.clone()
+        # G2's evidence: the epochs each seed trained in ISOLATED_INIT, and this epoch's mark.
+        trained = [(r.seed.trained_epochs, int(r.seed.trained_this_epoch)) for r in registry]
+        state["trained"] = torch.tensor(trained)
         return state
 
     def save(self, out: str, name: str, **extra: Any) -> None:

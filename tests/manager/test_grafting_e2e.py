@@ -160,6 +160,9 @@ def test_two_seeds_through_the_whole_lifecycle(backend) -> None:
             if stage is S.GRAFTING:
                 graft_step = slot.seed(0).epochs_in_stage * STEPS + step + 1
                 slot.update_alpha_blending(graft_step, total_graft_steps, total_graft_steps / 16)
+        if stage is S.ISOLATED_INIT and seed_opt is not None:  # the seeds trained this epoch
+            for seed in slot.seeds:  # (a manager counts them for G2; here the trainer does)
+                seed.trained_epochs += 1
         table.tick()
         assert slot.poll_nonfinite() == []
         if stage is S.ACTIVE:
@@ -175,7 +178,7 @@ def test_two_seeds_through_the_whole_lifecycle(backend) -> None:
                 seed.record_evaluation(SeedEvaluation(seed.seed_id, stage, 1.0, 2.0, 1.0))
                 assert not seed.advance().passed  # ... and one measured to do harm
                 seed.record_evaluation(measure(model, slot, k, x, y))
-            epochs, alpha = seed.epochs_in_stage, seed.alpha_value
+            epochs, alpha = seed.trained_epochs, seed.alpha_value
             result = seed.advance(min_isolated_epochs=2, latency_budget_ms=1e4)
             if stage is S.ISOLATED_INIT and epochs < 2:
                 assert not result.passed and result.gate == 2

@@ -215,8 +215,19 @@ def test_a_state_for_another_seed_layout_is_refused_before_anything_loads(grown:
         (lambda d: {**d, "gate_score": None}, "saved 'gate_score'"),
         (lambda d: {**d, "graft_step": -1}, "saved 'graft_step'"),
         (lambda d: {**d, "graft_step": 10**400}, "saved 'graft_step'"),
+        (lambda d: {**d, "trained_epochs": -1}, "saved 'trained_epochs'"),
+        (lambda d: {**d, "trained_this_epoch": 1}, "saved 'trained_this_epoch'"),
     ],
-    ids=["list", "missing", "row", "gate_score", "graft_step", "huge_graft_step"],
+    ids=[
+        "list",
+        "missing",
+        "row",
+        "gate_score",
+        "graft_step",
+        "huge_graft_step",
+        "trained_epochs",
+        "trained_this_epoch",
+    ],
 )
 def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> None:
     seed = GradientIsolatedSeed(2, "s")
@@ -240,6 +251,49 @@ def test_an_extra_state_saved_before_the_graft_step_was_recorded_still_loads() -
     assert target.graft_step == 3
     target.set_extra_state(encode_json(saved))
     assert target.graft_step == 5
+
+
+def _decoded(seed: GradientIsolatedSeed) -> dict:
+    return json.loads(bytes(seed.get_extra_state().tolist()).decode())
+
+
+def test_an_extra_state_saved_before_g2_counted_training_counts_its_isolated_epochs() -> None:
+    """The upgrade of a state saved before G2 counted the epochs a seed trained: its epochs in
+    ISOLATED_INIT count as trained (what G2 assumed then), the epoch under way does not, and a
+    seed in any other stage counts none (G2 counts afresh on entering ISOLATED_INIT)."""
+    source = GradientIsolatedSeed(2, "s")
+    source.attach_kernel(nn.Linear(2, 2))
+    assert source.advance().passed and source.stage is S.ISOLATED_INIT  # G1
+    source.state_table.tick()
+    source.state_table.tick()
+    saved = _decoded(source)
+    assert (saved["trained_epochs"], saved["trained_this_epoch"]) == (0, False)
+    new = {"trained_epochs", "trained_this_epoch"}
+    old = {k: v for k, v in saved.items() if k not in new}
+    target = GradientIsolatedSeed(2, "s")
+    target.attach_kernel(nn.Linear(2, 2))
+    target.set_extra_state(encode_json(old))
+    assert target.stage is S.ISOLATED_INIT and target.epochs_in_stage == 2
+    assert (target.trained_epochs, target.trained_this_epoch) == (2, False)
+    dormant = GradientIsolatedSeed(2, "s")
+    dormant.state_table.tick()
+    target = GradientIsolatedSeed(2, "s")
+    target.trained_epochs = 5
+    target.set_extra_state(
+        encode_json({k: v for k, v in _decoded(dormant).items() if k not in new})
+    )
+    assert target.epochs_in_stage == 1 and target.trained_epochs == 0
+
+
+def test_load_restores_the_epochs_each_seed_trained_for_g2(grown: Grown, tmp_path: Path) -> None:
+    model = copy.deepcopy(grown.model)
+    assert [s.trained_epochs for s in _seeds(model)] == [1, 1]  # counted in ISOLATED_INIT
+    _seeds(model)[1].trained_epochs, _seeds(model)[1].trained_this_epoch = 4, True
+    path = kasmina.save(model, tmp_path / "g2.kasmina")
+    fresh = Host()
+    kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    trained = [(s.trained_epochs, s.trained_this_epoch) for s in _seeds(fresh)]
+    assert trained == [(1, False), (4, True)]
 
 
 def encode_json(value: object) -> torch.Tensor:

@@ -255,6 +255,13 @@ def test_advance_runs_the_gates_along_the_main_path() -> None:
     assert seed.advance().gate == 1 and seed.stage is S.ISOLATED_INIT
     assert not seed.advance(min_isolated_epochs=1).passed  # G2: no epoch yet
     seed.state_table.tick()
+    assert "trained in 0 of the 1" in seed.advance(min_isolated_epochs=1).reason  # not trained
+    # A stand-alone seed's owner steps it, and counts the epochs it trained in (the manager
+    # does this for its seeds): one real step in ISOLATED_INIT.
+    optimizer = torch.optim.SGD(seed.seed_parameters(), lr=0.1)
+    seed(torch.randn(4, C)).square().sum().backward()
+    optimizer.step()
+    seed.trained_epochs += 1
     seed.isolation_violations = 1
     assert not seed.advance(min_isolated_epochs=1).passed
     seed.isolation_violations = 0

@@ -1,0 +1,93 @@
+"""G2 counts the epochs a seed *trained* in ISOLATED_INIT (docs/design.md §3): an epoch counts
+when the seed's optimizer stepped it with a gradient during it, not when it merely passed. The
+count is part of the seed's saved state, so a checkpoint and a ROLLBACK bring it back exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kasmina.control.commands import make_rollback_command
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.state_io import clone_state
+from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+from tests.manager.test_resume import assert_same
+
+
+def three_epoch_rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
+    return Rig(make_config(tmp_path, store, min_isolated_epochs=3), keyring)  # the default
+
+
+def refusal(rig: Rig) -> str:
+    return rig.manager.command_log[-1][3]
+
+
+def test_a_seed_that_never_trained_is_refused_until_it_trains_in_three_epochs(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    rig = three_epoch_rig(tmp_path, store, keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    for epoch in (1, 2, 3):  # no forward, no backward, no step() at all
+        manager.end_epoch(epoch)
+    assert seed.epochs_in_stage == 3 and seed.trained_epochs == 0
+    assert not rig.send("advance", SEED0)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert "G2 refused: trained in 0 of the 3 epochs G2 needs" in refusal(rig)
+    for epoch in (4, 5):
+        rig.train(2)
+        manager.end_epoch(epoch)
+    assert not rig.send("advance", SEED0) and "trained in 2 of the 3" in refusal(rig)
+    rig.train(1)
+    manager.end_epoch(6)
+    assert seed.trained_epochs == 3
+    assert rig.send("advance", SEED0), refusal(rig)
+    assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+
+
+def test_a_seed_that_stepped_in_only_two_of_three_epochs_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    rig = three_epoch_rig(tmp_path, store, keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(3)
+    manager.end_epoch(0)
+    # Epoch 1: step() runs the seed's optimizer, but no backward gave it anything to apply.
+    assert SEED0 in manager.step()["seeds_stepped"]
+    manager.end_epoch(1)
+    rig.train(1)
+    manager.end_epoch(2)
+    assert seed.epochs_in_stage == 3 and seed.trained_epochs == 2
+    assert not rig.send("advance", SEED0)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert "trained in 2 of the 3 epochs G2 needs" in refusal(rig)
+    rig.train(1)
+    manager.end_epoch(3)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+
+
+def test_the_trained_epochs_round_trip_a_checkpoint_and_rollback_bitwise(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """The epoch checkpoint is written before the boundary's tick: it holds the epoch's mark
+    (the seed trained), which the rollback's replay of the boundary counts again."""
+    rig = three_epoch_rig(tmp_path, store, keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    rig.train(2)
+    manager.end_epoch(1)
+    at_1 = clone_state(rig.model.state_dict())  # the seed's extra state holds the count
+    assert (seed.trained_epochs, seed.trained_this_epoch) == (2, False)
+    rig.train(2)
+    manager.end_epoch(2)
+    rig.train(1)  # mid-epoch: marked, not yet counted
+    assert (seed.trained_epochs, seed.trained_this_epoch) == (3, True)
+    assert run_command(manager, rig.signed(make_rollback_command(1))), refusal(rig)
+    assert (seed.trained_epochs, seed.trained_this_epoch) == (2, False)
+    assert_same(clone_state(rig.model.state_dict()), at_1)
+    assert not rig.send("advance", SEED0) and "trained in 2 of the 3" in refusal(rig)
+    rig.train(1)
+    manager.end_epoch(2)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
