@@ -188,6 +188,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- demo
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type for a count that may be 0 (--replay); argparse names the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kasmina.demo.config import DemoConfig
     from kasmina.demo.run import run_demo_cli
@@ -267,10 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--replay",
-        type=int,
+        type=_non_negative_int,
         default=0,
         metavar="K",
-        help="continual: K training digits of each old class stay in the phase-2 data (0)",
+        help="with --scenario continual only: K training digits of each old class stay in the "
+        "phase-2 data (0)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=_cmd_demo)

@@ -79,12 +79,23 @@ class DemoConfig:
             raise ValueError(
                 f"--seeds must be between 1 and {len(SEED_PLAN)}, got {self.num_seeds}"
             )
-        if self.epochs < 1 or self.nproc < 1:
-            raise ValueError("--epochs and --nproc must be positive")
-        if self.repeats < 1 or self.phase1_epochs < 1 or self.replay < 0:
-            raise ValueError("--repeats and the phase-1 epochs must be positive, --replay >= 0")
+        # One flag per message: an error names only the setting at fault.
+        for flag, value in (("--epochs", self.epochs), ("--nproc", self.nproc)):
+            if value < 1:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be positive, got {self.repeats}")
+        if self.phase1_epochs < 1:  # not a flag: DemoConfig(phase1_epochs=...) only
+            raise ValueError(f"phase1_epochs must be positive, got {self.phase1_epochs}")
+        if self.replay < 0:
+            raise ValueError(f"--replay must be 0 or more, got {self.replay}")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"--scenario must be one of {', '.join(SCENARIOS)}")
+        if self.replay and self.scenario != "continual":
+            raise ValueError(
+                f"--replay {self.replay} applies only to --scenario continual "
+                f"(got --scenario {self.scenario})"
+            )
         if self.nproc > 1 and (self.repeats > 1 or self.scenario != "standard"):
             raise ValueError("--repeats and --scenario continual run in one process: --nproc 1")
         if self.batch_size % self.nproc:

@@ -287,8 +287,8 @@ def run_demo_cli(cfg: DemoConfig) -> int:
     result.wall_s = time.perf_counter() - start
     report = _write(result, cfg.out_dir)
     print(report)
-    outputs = ", ".join(str(cfg.out_dir / name) for name in ("report.txt", "demo.png"))
-    print(f"\nwrote {outputs}, {cfg.out_dir / 'telemetry.jsonl'}")
+    names = ("report.txt", "result.json", "demo.png", "telemetry.jsonl")
+    print(f"\nwrote {', '.join(str(cfg.out_dir / name) for name in names)}")
     sys.stdout.flush()
     return 0
 

@@ -118,7 +118,11 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     stage (GRAFTING, STABILIZATION) the slot passes no gradient to the host layers before it,
     and DDP left to its default would hand those parameters zero gradients, which an optimizer
     with momentum (Adam) still steps; with True they stay ``None``, as in a single process, at
-    the cost of one walk of the autograd graph per forward.
+    the cost of one walk of the autograd graph per forward. Each rank's first backward then logs
+    torch's reducer warning that it found no unused parameters (the first steps, before any seed
+    is isolated, use them all: expected here). It is logged from C++ on the autograd thread, so
+    a Python ``warnings`` filter around the wrap or the step does not reach it; only the
+    process-wide ``TORCH_CPP_LOG_LEVEL`` does, which would hide every other torch warning too.
     """
     check_supported_parallelism(model)
     if not _distributed():
