@@ -45,6 +45,7 @@ from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import restore_epoch
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
+from kasmina.seeds.faults import rng_forked
 from kasmina.seeds.gates import GateResult, kept_buffers
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
@@ -312,7 +313,12 @@ class CommandExecution:
         input of the chunk's rank whose width along the slot's ``chunk_dim`` is the chunk's, in
         the host's dtype (seeds run in the host's dtype: nothing casts between them). The other
         sizes (the batch) are the dry run's to check, on activations of the recorded shape.
+        A kernel that writes into its input in place is refused first (``mutates_input``).
         """
+        if getattr(kernel, "mutates_input", False):
+            raise CommandRefused(
+                "artifact mutates its input in place; a seed's input is the host's activation"
+            )
         slot = record.slot
         problem = slot.contract_problem()
         if problem is not None:
@@ -353,12 +359,13 @@ class CommandExecution:
         the slot's (its recorded host output chunk, its dtype and device) at two batch sizes;
         refuse an artifact that raises, answers with another shape or dtype, or is not finite.
         A kernel that cannot run on this slot is refused here rather than failing in every
-        host forward. Buffers the program mutates (batch-norm statistics) are put back."""
+        host forward. Buffers the program mutates (batch-norm statistics) and the global RNG
+        stream are put back."""
         # The slot's recorded chunk (``_check_fits_slot`` refused a slot that recorded none).
         samples = self.state.require_registry().dry_run_samples(record)
         if not samples:
             raise CommandRefused(f"seed {record.seed_id}: no recorded activations to probe on")
-        with kept_buffers(kernel):
+        with kept_buffers(kernel), rng_forked(samples[0].device):  # global RNG: as it was
             for x in samples:
                 problem = _dry_run_problem(kernel, x)
                 if problem is not None:

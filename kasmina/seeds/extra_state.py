@@ -12,15 +12,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
-
-if TYPE_CHECKING:
-    from kasmina.seeds.seed import GradientIsolatedSeed
 
 __all__ = [
     "EXTRA_STATE_VERSION",
@@ -69,7 +66,7 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     return state
 
 
-def seed_bookkeeping(seed: GradientIsolatedSeed) -> dict[str, Any]:
+def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:
     """What a seed's ``get_extra_state`` saves (JSON-able): its state-table row and the
     bookkeeping the seed keeps beside it."""
     return {
@@ -211,6 +208,22 @@ class RestorableSeed(Protocol):
     def stage(self) -> SeedStage: ...
 
     def check_state(self, state: torch.Tensor | Mapping[str, Any]) -> SavedSeedState: ...
+
+
+class BookkeptSeed(RestorableSeed, Protocol):
+    """A seed as :func:`seed_bookkeeping` reads it (the seed module, without importing it)."""
+
+    alpha_value: float
+    graft_step: int
+    trained_epochs: int
+    trained_this_epoch: bool
+    gate_score: float
+    performance_gate: float
+    isolation_violations: int
+    nonfinite_events: int
+    faults: int
+    fault_log: Any
+    kernel: torch.nn.Module | None
 
 
 def check_seed_state(

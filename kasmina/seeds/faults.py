@@ -11,6 +11,7 @@ one-node graft built on it are in ``kasmina.seeds.island``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "output_fault",
     "output_sum",
     "recomputing",
+    "rng_forked",
     "short_reason",
 ]
 
@@ -247,11 +249,17 @@ def call_kernel(
 
     Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
-    non-finite output would send upstream.
+    non-finite output would send upstream. Before ACTIVE a kernel that draws random numbers
+    (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
+    what they would without the seed; not under ``torch.compile``, which cannot trace the fork.
     """
     xin = x.view_as(x) if active else x.detach()
     try:
-        out = kernel(xin)
+        if not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling():
+            with rng_forked(x.device):
+                out = kernel(xin)
+        else:
+            out = kernel(xin)
     except CONTROL_FLOW:
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
@@ -267,6 +275,13 @@ def call_kernel(
             record(*fault)
         return None
     return out, xin
+
+
+def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block whose random draws leave the global RNG stream as it was (the CPU's, and the
+    device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
+    stream a seeded training run (the host's dropout) depends on."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def autocast_to_host(out: Any, host: torch.Tensor) -> Any:

@@ -32,6 +32,7 @@ from kasmina.seeds.faults import (
     autocast_to_host,
     output_fault,
     recomputing,
+    rng_forked,
 )
 from kasmina.stages import SeedStage
 
@@ -109,8 +110,9 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
         if len(dtypes) == 1 and x.dtype not in dtypes:
             x = x.to(dtypes.pop())
-    with kept_buffers(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
+    with kept_buffers(module), torch.no_grad(), rng_forked(x.device):
+        with FlopCounterMode(display=False) as counter:
+            module(x)
     return int(counter.get_total_flops())
 
 
@@ -412,7 +414,7 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
     xd = x.detach()
     events = None
     latency = None
-    with torch.no_grad():
+    with torch.no_grad(), rng_forked(xd.device):  # the global RNG stream is left as it was
         if xd.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()

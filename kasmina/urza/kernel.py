@@ -7,6 +7,11 @@ and SHA-256, so it cannot be pointed at unverified bytes by mistake.
 An exported program's graph fixes the behaviour of dropout and batch norm to the mode it was
 exported in; ``train()``/``eval()`` on a kernel therefore only set its ``training`` flag and do
 not reach into the graph (which would raise).
+
+Two facts about the graph are read at load, for the seed's guards (docs/design.md §3):
+``mutates_input`` (the program writes into its input in place: GERMINATE refuses it, since a
+seed's input is the host's activation) and ``draws_random`` (it has seeded random ops, which
+draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import io
 import linecache
 import logging
+import operator
 import threading
 import weakref
 from collections.abc import Iterator
@@ -43,11 +49,15 @@ def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
         return torch.export.load(io.BytesIO(payload))
 
 
-def _program_module(payload: bytes, manifest: Manifest, device: torch.device) -> nn.Module:
-    """The trainable module of a payload already checked against ``manifest``."""
+def _program_module(
+    payload: bytes, manifest: Manifest, device: torch.device
+) -> tuple[nn.Module, bool, bool]:
+    """The trainable module of a payload already checked against ``manifest``, with whether
+    the program mutates its input and whether it draws random numbers (see the module doc)."""
     try:
         program = move_to_device_pass(_deserialise(payload), device)
         module = program.module()
+        mutates, draws = _mutates_input(program), _draws_random(program.graph_module)
     except Exception as exc:
         raise RuntimeError(
             f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
@@ -62,7 +72,84 @@ def _program_module(payload: bytes, manifest: Manifest, device: torch.device) ->
     for param in module.parameters():
         if param.is_floating_point() or param.is_complex():
             param.requires_grad_(True)  # a seed's kernel is what the seed trains
-    return module
+    return module, mutates, draws
+
+
+def _graphs(root: torch.fx.GraphModule) -> Iterator[torch.fx.Graph]:
+    """The graph of ``root`` and of every graph module below it (higher-order ops' bodies)."""
+    for module in root.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield module.graph
+
+
+def _draws_random(root: torch.fx.GraphModule) -> bool:
+    """Whether any op of the program is a seeded random op (dropout in train mode, rand*)."""
+    seeded = torch.Tag.nondeterministic_seeded
+    return any(
+        seeded in getattr(node.target, "tags", ())
+        for graph in _graphs(root)
+        for node in graph.nodes
+        if node.op == "call_function"
+    )
+
+
+def _mutates_input(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program writes into its user input in place (``x.add_``, ``relu_``, a
+    write into a view of it). A functional program declares it in its signature; a training
+    IR one (what ``torch.export.export`` gives) keeps the in-place ops, found here from the
+    ops' schemas: a written argument that aliases the input, following views. A higher-order
+    op given the input counts as a write if its body writes into any of its own inputs."""
+    signature = program.graph_signature
+    if signature.user_inputs_to_mutate:
+        return True
+    names = set(signature.user_inputs)
+    graph = program.graph_module.graph
+    roots = {n for n in graph.nodes if n.op == "placeholder" and n.name in names}
+    return _writes_into(graph, roots, program.graph_module)
+
+
+def _writes_into(graph: torch.fx.Graph, roots: set[Any], owner: torch.fx.GraphModule) -> bool:
+    aliases = set(roots)
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            schema = target._schema
+            given = [a for a in _flat(node.args, node.kwargs) if a in aliases]
+            if not given:
+                continue
+            for i, arg in enumerate(schema.arguments):
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                written = arg.alias_info is not None and arg.alias_info.is_write
+                if written and any(a in aliases for a in _flat((value,), {})):
+                    return True
+            if any(r.alias_info is not None for r in schema.returns):
+                aliases.add(node)  # a view (or the written tensor) of the input
+        elif target is operator.getitem:
+            if node.args[0] in aliases:
+                aliases.add(node)
+        elif any(a in aliases for a in _flat(node.args, node.kwargs)):
+            bodies = [
+                getattr(owner, a.target)
+                for a in _flat(node.args, node.kwargs)
+                if a.op == "get_attr" and isinstance(getattr(owner, a.target, None), nn.Module)
+            ]
+            for body in bodies:
+                if not isinstance(body, torch.fx.GraphModule):
+                    return True  # cannot look inside: counted as a write
+                inputs = {n for n in body.graph.nodes if n.op == "placeholder"}
+                if _writes_into(body.graph, inputs, body):
+                    return True
+            aliases.add(node)  # its outputs may alias the input
+    return False
+
+
+def _flat(args: Any, kwargs: dict[str, Any]) -> list[torch.fx.Node]:
+    """The fx nodes among ``args`` and ``kwargs`` (nested lists and tuples flattened)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((args, kwargs), found.append)
+    return found
 
 
 def _rebuild(
@@ -74,7 +161,8 @@ def _rebuild(
 ) -> GPUKernel:
     """Unpickle a kernel (see ``GPUKernel.__reduce_ex__``)."""
     verify_payload(payload, manifest)
-    kernel = GPUKernel(_program_module(payload, manifest, torch.device(device)), manifest, payload)
+    module, mutates, draws = _program_module(payload, manifest, torch.device(device))
+    kernel = GPUKernel(module, manifest, payload, mutates_input=mutates, draws_random=draws)
     kernel.load_state_dict(state)
     kernel.training = training
     return kernel
@@ -104,7 +192,15 @@ def _forget_source(cache: dict[str, str], cls: type) -> None:
 class GPUKernel(nn.Module):
     """A loaded artifact: callable, with trainable parameters, on one device."""
 
-    def __init__(self, module: nn.Module, manifest: Manifest, payload: bytes | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        manifest: Manifest,
+        payload: bytes | None = None,
+        *,
+        mutates_input: bool = False,
+        draws_random: bool = False,
+    ) -> None:
         super().__init__()
         self.inner: nn.Module | None = module
         self.manifest = manifest
@@ -113,6 +209,9 @@ class GPUKernel(nn.Module):
         # immutable ``bytes`` object (``copy.deepcopy`` does not copy bytes).
         self.payload = payload
         self._released = False
+        # Read from the program at load (``_program_module``): see the module doc.
+        self.mutates_input = mutates_input
+        self.draws_random = draws_random
 
     @classmethod
     def from_binary(
@@ -130,9 +229,9 @@ class GPUKernel(nn.Module):
             )
         verify_payload(payload, manifest)
         device = torch.device(device)
-        module = _program_module(payload, manifest, device)
+        module, mutates, draws = _program_module(payload, manifest, device)
         logger.debug("loaded kernel %s onto %s", manifest.artifact_id, device)
-        return cls(module, manifest, bytes(payload))
+        return cls(module, manifest, bytes(payload), mutates_input=mutates, draws_random=draws)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle as the artifact plus the trained weights (``torch.save(model)``).

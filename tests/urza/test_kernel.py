@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import ArtifactIntegrityError
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.urza.artifact import Manifest, payload_sha256
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -268,3 +269,39 @@ def test_one_load_kernel_is_one_cache_lookup(artifact, trusted) -> None:
         assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, 0.5)
     finally:
         manager.close()
+
+
+class Hazards(nn.Module):
+    """Writes into its input in place and draws random numbers (dropout in train mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(8))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return self.drop(x * self.w)
+
+
+def test_input_mutation_and_random_ops_are_read_at_load_and_kept_by_copies(
+    artifact, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    _, payload, manifest, store = artifact
+    plain = GPUKernel.from_binary(payload, manifest)
+    assert (plain.mutates_input, plain.draws_random) == (False, False)
+    published = publish_artifact(
+        Hazards().train(), (torch.randn(4, 8),), str(store), "hz", publisher
+    )
+    got, verified = UrzaLibraryClient(str(store), trusted).fetch(published.artifact_id)
+    kernel = GPUKernel.from_binary(got, verified)
+    buffer = io.BytesIO()
+    torch.save(kernel, buffer)
+    buffer.seek(0)
+    for twin in (kernel, copy.deepcopy(kernel), torch.load(buffer, weights_only=False)):
+        assert (twin.mutates_input, twin.draws_random) == (True, True)
+    # A seed driven without the manager (no GERMINATE to refuse it) takes no such kernel.
+    seed = GradientIsolatedSeed(8, "s")
+    with pytest.raises(ValueError, match="mutates its input in place"):
+        seed.attach_kernel(kernel)
+    assert seed.kernel is None

@@ -1,0 +1,145 @@
+"""Kernels that would reach the host through a side channel before ACTIVE (docs/design.md §3):
+one that writes into its input in place (a seed's input is the host's activation) is refused at
+GERMINATE; one that draws random numbers leaves the host's RNG stream as it was, so a host with
+its own dropout trains exactly as beside a DORMANT seed, and GERMINATE's dry run and the G3
+probes never move the global stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import tests.manager.helpers as helpers
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, S, host_params, make_config
+from tests.manager.test_dry_run import assert_refused_and_host_trains, publish
+
+
+class AddsInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.add_(1.0)
+        return x * self.w
+
+
+class ReluInPlace(AddsInPlace):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(x) * self.w
+
+
+class WritesIntoAView(AddsInPlace):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x[:, 0].mul_(2.0)
+        return x * self.w
+
+
+class WritesUnderNoGrad(AddsInPlace):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x.mul_(2.0)
+        return x * self.w
+
+
+class Dropping(nn.Module):
+    """Dropout exported in train mode: draws from the global generator on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x * self.w)
+
+
+class DroppingHost(helpers.Host):
+    """The rig's host with its own dropout (the stream a seed must not shift)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(super().forward(x))
+
+
+@pytest.mark.parametrize("module", [AddsInPlace, ReluInPlace, WritesIntoAView, WritesUnderNoGrad])
+def test_a_kernel_that_mutates_its_input_is_refused(rig: Rig, store, module) -> None:
+    artifact = publish(module().train(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert_refused_and_host_trains(
+        rig, artifact, "mutates its input in place; a seed's input is the host's activation"
+    )
+
+
+def test_the_same_kernel_writing_into_its_own_tensor_is_taken(rig: Rig, store) -> None:
+    class AddsToACopy(AddsInPlace):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * self.w
+            y.add_(1.0)
+            return torch.relu_(y)
+
+    artifact = publish(AddsToACopy(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact)
+
+
+def _forward_backward(rig: Rig) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The host's output and its parameters' gradients of one forward and backward."""
+    host = rig.manager.require_registry().host_params
+    out = rig.model(rig.x)
+    grads = torch.autograd.grad(F.cross_entropy(out, rig.y), host, allow_unused=True)
+    return out.detach(), list(grads)
+
+
+def test_a_random_kernel_leaves_the_hosts_random_ops_as_beside_a_dormant_seed(
+    tmp_path: Path, store: Path, keyring: Keyring, monkeypatch
+) -> None:
+    monkeypatch.setattr(helpers, "Host", DroppingHost)
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    grown = Rig(make_config(tmp_path / "a", store), keyring)
+    twin = Rig(make_config(tmp_path / "b", store), keyring)
+    rng = torch.random.get_rng_state()
+    assert grown.send("germinate", SEED0, artifact)
+    assert torch.equal(rng, torch.random.get_rng_state())  # the dry run drew privately
+    assert grown.stage(SEED0) == S.ISOLATED_INIT and twin.stage(SEED0) == S.DORMANT
+    for _ in range(2):
+        torch.manual_seed(123)
+        out, grads = _forward_backward(grown)
+        torch.manual_seed(123)
+        want, want_grads = _forward_backward(twin)
+        assert torch.equal(out, want)
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
+        for rig in (grown, twin):
+            torch.manual_seed(7)
+            rig.train(3)
+        assert all(
+            torch.equal(a, b) for a, b in zip(host_params(grown), host_params(twin), strict=True)
+        )
+    assert grown.manager.seed(SEED0).faults == 0
+
+
+def test_the_compatibility_probes_leave_the_global_rng_alone(rig: Rig, store) -> None:
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    seed = rig.manager.seed(SEED0)
+    rig.model.eval()
+    rng = torch.random.get_rng_state()
+    with torch.no_grad():
+        rig.model(rig.x)  # the COMPATIBILITY_CHECK forward probes the kernel
+    assert seed.probe_result is not None
+    assert torch.equal(rng, torch.random.get_rng_state())
+    seed.probe_result = None  # G3 probes a sample of its own, and counts the kernel's FLOPs
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    assert torch.equal(rng, torch.random.get_rng_state())
