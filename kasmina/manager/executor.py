@@ -490,15 +490,20 @@ class CommandExecution:
 
     def after_step(self, stepped: list[str]) -> None:
         """A training step's seed bookkeeping once the optimizers stepped (gradients not yet
-        zeroed): which ISOLATED_INIT seeds trained (G2), then the GRAFTING alphas advance."""
-        registry = self.state.require_registry()
-        registry.note_trained(stepped)
+        zeroed), for the seeds it trained only: an ISOLATED_INIT seed has trained in this epoch
+        (G2), a GRAFTING seed's alpha advances one step. A step that trained a seed nothing (no
+        backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
+        never passes a seed whose blend-in never trained."""
         config = self.state.config
-        for record in registry.in_stages([S.GRAFTING]):
-            record.graft_steps += 1
-            record.seed.update_alpha_blending(
-                record.graft_steps, config.grafting_steps, config.grafting_temperature
-            )
+        for record in self.state.require_registry().trained(stepped):
+            seed = record.seed
+            if seed.stage == S.ISOLATED_INIT:
+                seed.trained_this_epoch = True
+            elif seed.stage == S.GRAFTING:
+                record.graft_steps += 1
+                seed.update_alpha_blending(
+                    record.graft_steps, config.grafting_steps, config.grafting_temperature
+                )
 
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""

@@ -280,18 +280,15 @@ class SlotRegistry:
         return self[seed_id].seed.seed_parameters()
 
     # ------------------------------------------------------------------ G2's evidence
-    def note_trained(self, stepped: Iterable[str]) -> None:
-        """After a step's optimizer steps, before its gradients are zeroed: each ISOLATED_INIT
-        seed among ``stepped`` whose optimizer had a gradient to apply has trained in this
-        epoch. Read on the host (stages from the table's mirror, ``grad is None``): no sync.
-        Every rank of a data-parallel run marks the same seeds: the seed gradients are averaged
-        (one missing on some ranks is zero there) or dropped on every rank together."""
-        for seed_id in stepped:
-            seed = self[seed_id].seed
-            if seed.stage == SeedStage.ISOLATED_INIT and any(
-                p.grad is not None for p in seed.seed_parameters()
-            ):
-                seed.trained_this_epoch = True
+    def trained(self, stepped: Iterable[str]) -> list[SeedRecord]:
+        """After a step's optimizer steps, before its gradients are zeroed: the records among
+        ``stepped`` whose optimizer had a gradient to apply, i.e. the seeds this step trained
+        (an optimizer with no gradient, or one a non-finite norm skipped, trained nothing).
+        Read on the host (``grad is None``): no sync. Every rank of a data-parallel run finds
+        the same seeds: the seed gradients are averaged (one missing on some ranks is zero
+        there) or dropped on every rank together."""
+        records = (self[seed_id] for seed_id in stepped)
+        return [r for r in records if any(p.grad is not None for p in r.seed.seed_parameters())]
 
     def count_trained_epochs(self) -> None:
         """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch

@@ -135,7 +135,7 @@ class GradientIsolatedSeed(nn.Module):
         self.graft_step = 0
         # G2's evidence: the epochs of ISOLATED_INIT in which the seed's optimizer stepped it, and
         # whether it did in the epoch under way. Kept by whoever steps the seed (the manager:
-        # ``SlotRegistry.note_trained``); saved in the extra state.
+        # ``CommandExecution.after_step``); saved in the extra state.
         self.trained_epochs, self.trained_this_epoch = 0, False
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None

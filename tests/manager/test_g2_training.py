@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch.nn import functional as F
+
 from kasmina.control.commands import make_rollback_command
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
@@ -91,3 +93,31 @@ def test_the_trained_epochs_round_trip_a_checkpoint_and_rollback_bitwise(
     rig.train(1)
     manager.end_epoch(2)
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+
+
+def test_the_grafting_alpha_advances_only_on_steps_that_train_the_seed(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A step with no backward, or one whose non-finite gradients the clipping skips (a
+    GradScaler overflow), trains the seed nothing: its alpha stays, and G4 does not pass a seed
+    whose blend-in never trained."""
+    rig = Rig(make_config(tmp_path, store), keyring)  # grafting_steps=4
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0)
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    weights = [p.detach().clone() for p in seed.seed_parameters()]
+    for overflow in (False, True):
+        for _ in range(4):
+            if overflow:
+                manager.backward(F.cross_entropy(rig.model(rig.x), rig.y) * 1e38 * 1e10)
+            manager.step(grad_clip_norm=1.0)
+        assert seed.graft_step == 0 and float(seed.alpha) == 0.0
+        assert all(p.equal(w) for p, w in zip(seed.seed_parameters(), weights, strict=True))
+        assert not rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    rig.train(4)
+    assert seed.graft_step == 4 and float(seed.alpha) > 0.99
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.STABILIZATION
