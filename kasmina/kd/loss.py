@@ -12,6 +12,7 @@ from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
+from kasmina.ops.backend import SUPPORTED_DTYPES
 
 __all__ = [
     "StaticKDLoss",
@@ -33,7 +34,8 @@ class StaticKDLoss(nn.Module):
     ``student_bias``, and ``teacher_hidden``/``teacher_weight``/``teacher_bias`` instead of
     ``teacher_logits``) computes the same loss of ``hidden @ W.T + bias`` with
     ``fused_linear_kd_loss``, chunked so the logits never exist. The heads' logit scale and
-    soft-cap, and ``chunk_rows``, are fixed at construction (None: none, default chunking).
+    soft-cap, and ``chunk_rows``, are fixed at construction (None: none, default chunking); the
+    scale and soft-cap apply to the heads only, so with them set, logits raise ``ValueError``.
     """
 
     def __init__(
@@ -77,10 +79,16 @@ class StaticKDLoss(nn.Module):
     ) -> torch.Tensor:
         """``student_logits`` are logits, or hidden states when ``student_weight`` is given."""
         if student_weight is None:
-            if teacher_logits is None or teacher_hidden is not None or student_bias is not None:
+            heads = (teacher_hidden, teacher_weight, teacher_bias, student_bias)
+            if teacher_logits is None or any(t is not None for t in heads):
                 raise ValueError(
-                    "without student_weight, pass logits: teacher_logits (no hidden, no bias)"
+                    "without student_weight, pass logits: teacher_logits (no hidden, weight or "
+                    "bias)"
                 )
+            opts = self.head_options
+            shaped = [k for k, v in opts.items() if v is not None and k != "chunk_rows"]
+            if shaped:  # they shape a head's logits; given logits are taken as they are
+                raise ValueError(f"{', '.join(shaped)} apply to a head: pass student_weight")
             return kd_kl_loss(
                 student_logits,
                 teacher_logits.detach(),
@@ -168,7 +176,8 @@ def slot_kd_loss(
     The student is ``full`` with every chunk that does not distil detached, so the KD gradient
     reaches the seeds that are training and nothing else; a non-finite chunk is the host's
     here too, so no NaN enters rows the seeds share. The head is read detached: the seeds'
-    loss trains the seeds alone. ``ValueError`` when the teacher does not fit the student."""
+    loss trains the seeds alone; a student of another dtype than the head (autocast) is cast to
+    the head's. ``ValueError`` when the teacher does not fit the student."""
     pieces = full.split(chunk_size, dim=dim)
     student = torch.cat(
         [p.detach() if s is None else s for p, s in zip(pieces, students, strict=True)], dim=dim
@@ -178,6 +187,11 @@ def slot_kd_loss(
         keep = ok.repeat_interleave(chunk_size).view(shape)
         student = torch.where(keep, student, host.detach())  # one op for every chunk
     weight, bias = (None, None) if head is None else head
+    if weight is not None and student.dtype != weight.dtype:
+        # Under autocast (or a half model with a float32 head) the slot's output is not the
+        # head's dtype: the hidden-sized student is cast (autograd casts its gradient back),
+        # never the [V, H] head.
+        student = student.to(weight.dtype)
     return seed_kd_loss(
         config,
         student,
@@ -202,15 +216,22 @@ def teacher_fit_problem(
 
 def kd_head_problem(weight: object, bias: object, width: int) -> str | None:
     """Why ``weight`` (``[V, H]``) and ``bias`` (``[V]`` or None) cannot map an output whose
-    last dimension is ``width`` wide to logits, or None when they can."""
+    last dimension is ``width`` wide to logits, or None when they can: a float32, float16 or
+    bfloat16 weight, and a bias of the weight's dtype on the weight's device."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return "a KD head weight is a [V, H] tensor"
     if weight.shape[1] != width:
         return f"a KD head over a {width}-wide output needs H = {width}, got {tuple(weight.shape)}"
-    if bias is not None and (
-        not isinstance(bias, torch.Tensor) or bias.shape != weight[:, 0].shape
-    ):
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"a KD head weight must be float32, float16 or bfloat16, got {weight.dtype}"
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.shape != weight[:, 0].shape:
         return f"a KD head bias is [{weight.shape[0]}], got {bias!r:.60}"
+    if bias.dtype != weight.dtype:
+        return f"a KD head bias needs the weight's dtype {weight.dtype}, got {bias.dtype}"
+    if bias.device != weight.device:
+        return f"a KD head bias needs the weight's device {weight.device}, got {bias.device}"
     return None
 
 

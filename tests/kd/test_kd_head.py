@@ -3,13 +3,15 @@ a linear head (``fused_linear_kd_loss``) equal the same losses on the materialis
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import StaticKDLoss, seed_kd_loss
-from kasmina.ops import kd_kl_loss
+from kasmina.ops import kd_kl_loss, kd_kl_loss_reference
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 
@@ -62,6 +64,20 @@ def test_static_kd_loss_head_options_and_rejections() -> None:
         StaticKDLoss()(hidden, teacher_hidden=teacher_hidden)
     with pytest.raises(ValueError, match="student_weight"):
         StaticKDLoss()(hidden, None)
+
+
+def test_static_kd_loss_refuses_head_arguments_with_logits() -> None:
+    """Logits take no head: a teacher head or a head option is refused, never dropped."""
+    head, teacher_head, hidden, _, _ = _setup(6)
+    logits, teacher = head(hidden), torch.randn(3, 5, VOCAB)
+    for extra in ({"teacher_weight": teacher_head.weight}, {"teacher_bias": teacher_head.bias}):
+        with pytest.raises(ValueError, match="student_weight"):
+            StaticKDLoss()(logits, teacher, **extra)
+    for option in ("student_softcap", "student_logit_scale", "teacher_softcap"):
+        with pytest.raises(ValueError, match=f"{option} apply to a head"):
+            StaticKDLoss(**{option: 0.5})(logits, teacher)
+    plain = kd_kl_loss(logits, teacher, 2.0)  # chunk_rows changes no value: it is allowed
+    torch.testing.assert_close(StaticKDLoss(2.0, chunk_rows=2)(logits, teacher), plain)
 
 
 def test_seed_kd_loss_with_a_head() -> None:
@@ -131,6 +147,16 @@ def test_a_kd_head_that_does_not_fit_the_slot_is_refused() -> None:
         layer.set_kd_head(None, torch.randn(VOCAB))
     with pytest.raises(ValueError, match=r"\[V, H\]"):
         layer.set_kd_head(torch.randn(HIDDEN))
+    weight = torch.randn(VOCAB, HIDDEN)
+    for w, b, match in (
+        (weight, torch.zeros(VOCAB, dtype=torch.float16), "bias needs the weight's dtype"),
+        (weight, torch.zeros(VOCAB, dtype=torch.long), "bias needs the weight's dtype"),
+        (weight, torch.empty(VOCAB, device="meta"), "bias needs the weight's device"),
+        (weight.long(), None, "weight must be float32, float16 or bfloat16"),
+        (weight.double(), None, "weight must be float32, float16 or bfloat16"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            layer.set_kd_head(w, b)
     conv = KasminaLayer(nn.Conv2d(2, HIDDEN, 1), 2, HIDDEN // 2)
     with pytest.raises(ValueError, match="last dimension"):
         conv.set_kd_head(torch.randn(VOCAB, HIDDEN))
@@ -150,4 +176,31 @@ def test_a_slot_with_a_kd_head_compiles_whole() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     got.backward()
     assert all(p.grad is not None for s in layer.seeds for p in s.kernel.parameters())
+    assert head.weight.grad is None
+
+
+def test_a_slot_with_a_float32_kd_head_distils_under_autocast() -> None:
+    """Under bf16 autocast the slot's output is bf16 and the head (master weights) float32:
+    the student is cast to the head's dtype, and the seeds' gradient is the float64 one's
+    within bf16 rounding."""
+    head = _setup(8)[0]
+    layer = _kd_slot(head)
+    x, teacher = torch.randn(6, 4), torch.randn(6, VOCAB) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x, teacher_logits=teacher)
+    loss = layer.get_and_clear_kd_losses()
+    assert loss is not None
+    ref = copy.deepcopy(layer).double()
+    chunks = ref.host(x.double()).detach().split(HIDDEN // 2, dim=-1)
+    students = torch.cat([s.kernel(c) for s, c in zip(ref.seeds, chunks, strict=True)], -1)
+    logits = students @ head.weight.double().t() + head.bias.double()
+    want = kd_kl_loss_reference(logits, teacher.double(), 2.0, "batchmean", None)
+    torch.testing.assert_close(loss.double(), want, rtol=3e-2, atol=1e-3)
+    params = [p for s in layer.seeds for p in s.kernel.parameters()]
+    params64 = [p for s in ref.seeds for p in s.kernel.parameters()]
+    got = torch.autograd.grad(loss, params)
+    expected = torch.autograd.grad(want, params64)
+    for g, w in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        assert (g.double() - w).abs().max() <= 3e-2 * w.abs().max() + 1e-4
     assert head.weight.grad is None
