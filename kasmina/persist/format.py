@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError
+from kasmina.utils.keyring import NotARegularFileError, open_regular_file
 from kasmina.utils.state_io import atomic_write_bytes
 
 __all__ = [
@@ -47,6 +48,7 @@ FORMAT_VERSION = 1
 # The header is a few hundred bytes; a length field claiming more is damage.
 MAX_HEADER_BYTES = 64 << 10
 _LENGTH = struct.Struct(">I")
+_HEX = frozenset("0123456789abcdef")
 
 
 class SavedModelError(KasminaError, ValueError):
@@ -75,11 +77,17 @@ def write_saved(path: str | os.PathLike[str], body: dict[str, Any]) -> Path:
 def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The body of a saved model, after its magic, header, version, size and SHA-256 check.
 
-    Raises ``SavedModelError`` for a file that is not a saved model or has another format
-    version, and ``ArtifactIntegrityError`` when the body does not match its digest.
+    Raises ``SavedModelError`` for a file that is not a saved model, has another format
+    version, is not a regular file, is truncated or extended (its size is compared with the
+    header's before the body is read, so a forged size allocates nothing), or whose body does
+    not load; ``ArtifactIntegrityError`` when the body does not match its digest.
     """
     where = f"saved model {os.fspath(path)!r}"
-    with open(path, "rb") as handle:
+    try:
+        handle = open_regular_file(path, what="saved model")
+    except NotARegularFileError as exc:
+        raise SavedModelError(f"{where} is not a regular file ({exc.kind})") from exc
+    with handle:
         if handle.read(len(MAGIC)) != MAGIC:
             raise SavedModelError(f"{where} is not a Kasmina grown-model file (bad magic)")
         raw_length = handle.read(_LENGTH.size)
@@ -88,15 +96,26 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
         (length,) = _LENGTH.unpack(raw_length)
         if length > MAX_HEADER_BYTES:
             raise SavedModelError(f"{where}: header length {length} is not plausible")
-        header = _parse_header(handle.read(length), where)
-        payload = handle.read(header["size"] + 1)
-    if len(payload) != header["size"]:
-        raise ArtifactIntegrityError(
-            f"{where}: body is {len(payload)} bytes, its header says {header['size']}"
-        )
+        raw_header = handle.read(length)
+        if len(raw_header) != length:
+            raise SavedModelError(f"{where} is truncated inside its header")
+        header = _parse_header(raw_header, where)
+        size = header["size"]
+        # The header is unsigned: its size is checked against the file before it sizes a read.
+        on_disk = os.fstat(handle.fileno()).st_size - (len(MAGIC) + _LENGTH.size + length)
+        if on_disk != size:
+            raise SavedModelError(
+                f"{where}: body is {on_disk} bytes, its header says {size} (truncated or extended)"
+            )
+        payload = handle.read(size)
+        if len(payload) != size or handle.read(1):
+            raise SavedModelError(f"{where}: body changed size while read")
     if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), header["sha256"]):
         raise ArtifactIntegrityError(f"{where}: body SHA-256 does not match its header")
-    body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to unpickle plain data is a malformed body
+        raise SavedModelError(f"{where}: body does not load ({type(exc).__name__}: {exc})") from exc
     if not isinstance(body, dict):
         raise SavedModelError(f"{where}: body is not a mapping")
     return body
@@ -106,7 +125,7 @@ def _parse_header(raw: bytes, where: str) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise SavedModelError(f"{where}: header is not valid JSON ({exc})") from None
+        raise SavedModelError(f"{where}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SavedModelError(f"{where}: not a {FORMAT!r} file")
     version = header.get("format_version")
@@ -118,6 +137,6 @@ def _parse_header(raw: bytes, where: str) -> dict[str, Any]:
     size, digest = header.get("size"), header.get("sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise SavedModelError(f"{where}: header size is malformed")
-    if not isinstance(digest, str) or len(digest) != 64:
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
         raise SavedModelError(f"{where}: header sha256 is malformed")
     return header

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from kasmina.errors import ArtifactIntegrityError
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
 from kasmina.seeds.inject import add_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import NUM_STATE_COLUMNS
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
@@ -62,50 +64,80 @@ def load(
             f"not {type(publishers).__name__}"
         )
     body = read_saved(path)
-    slots_saved = _list(body, "slots")
+    if any(isinstance(m, KasminaLayer) for m in model.modules()):
+        raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
+    try:
+        layers, host_state, kernels = _prepare(body, model, publishers)
+    except (SavedModelError, ArtifactIntegrityError):
+        raise
+    except Exception as exc:  # whatever else a malformed body provokes; nothing was changed
+        raise SavedModelError(
+            f"saved model {os.fspath(path)!r} is malformed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    # Commit: everything that can be refused has been checked.
+    model.load_state_dict(host_state, strict=True)
+    for name, layer in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer)
+    add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
+    logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), kernels, path)
+    return list(layers.values())
+
+
+def _prepare(
+    body: Mapping[str, Any], model: nn.Module, publishers: TrustedPublishers
+) -> tuple[dict[str, KasminaLayer], dict[str, torch.Tensor], int]:
+    """Steps 2 to 4, touching nothing of ``model``: the slots built aside, the host weights to
+    write and the number of kernels. Every value of the body is checked before it sizes an
+    allocation (the file is unsigned: its state table's shape must be the slots')."""
+    layouts = _layouts(_list(body, "slots"))
     seeds_saved = _list(body, "seeds")
     weights = _mapping(body, "weights")
     artifacts = _mapping(body, "artifacts")
-    table_saved = _mapping(body, "table")
-    if any(isinstance(m, KasminaLayer) for m in model.modules()):
-        raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
+    state_tensor, embargo_epochs = _table(_mapping(body, "table"), layouts)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    hosts = {layout["name"]: _host(model, layout) for layout in slots_saved}
+    hosts = {layout["name"]: _host(model, layout) for layout in layouts}
     host_state = _check_architecture(model, hosts, weights)
     originals = {
         artifact_id: _verified_kernel(artifact_id, entry, publishers, device)
         for artifact_id, entry in artifacts.items()
     }
 
-    state_tensor = table_saved.get("state_tensor")
-    if not isinstance(state_tensor, torch.Tensor) or state_tensor.dim() != 2:
-        raise SavedModelError("saved state table is malformed")
-    table = GPUStateTensor(
-        int(state_tensor.shape[0]), device, embargo_epochs=int(table_saved["embargo_epochs"])
-    )
+    table = GPUStateTensor(state_tensor.shape[0], device, embargo_epochs=embargo_epochs)
     layers = {
-        layout["name"]: _build_slot(layout, hosts[layout["name"]], table) for layout in slots_saved
+        layout["name"]: _build_slot(layout, hosts[layout["name"]], table) for layout in layouts
     }
     by_slot: dict[str, dict[str, Any]] = {name: {} for name in layers}
     for entry in seeds_saved:
+        if not isinstance(entry, Mapping):
+            raise SavedModelError(f"saved seed entry is malformed ({type(entry).__name__})")
         name, k = entry.get("slot"), entry.get("index")
-        if name not in layers or not isinstance(k, int) or not 0 <= k < layers[name].num_seeds:
+        if (
+            not isinstance(name, str)
+            or name not in layers
+            or isinstance(k, bool)
+            or not isinstance(k, int)
+            or not 0 <= k < layers[name].num_seeds
+        ):
             raise SavedModelError(f"saved seed {entry.get('seed_id')!r} has no slot")
         artifact_id = entry.get("artifact_id")
         if artifact_id is None:
             continue
-        if artifact_id not in originals:
+        if not isinstance(artifact_id, str) or artifact_id not in originals:
             raise SavedModelError(f"seed {entry.get('seed_id')!r}: artifact {artifact_id!r} absent")
+        kernel_state = _mapping(entry, "kernel_state")
         kernel = copy.deepcopy(originals[artifact_id])
         try:
-            _in_saved_dtypes(kernel, _mapping(entry, "kernel_state"))
-            kernel.load_state_dict(_mapping(entry, "kernel_state"), strict=True)
-        except RuntimeError as exc:
-            raise SavedModelError(f"seed {entry['seed_id']!r}: kernel weights: {exc}") from None
+            _in_saved_dtypes(kernel, kernel_state)
+            kernel.load_state_dict(kernel_state, strict=True)
+        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+            raise SavedModelError(f"seed {entry.get('seed_id')!r}: kernel weights: {exc}") from exc
         layers[name].seed(k).attach_kernel(kernel, artifact_id)
         prefix = f"seeds.{k}.{KERNEL_PREFIX}"
-        by_slot[name].update({prefix + key: v for key, v in entry["kernel_state"].items()})
+        by_slot[name].update({prefix + key: v for key, v in kernel_state.items()})
     for name, layer in layers.items():
         seeds_state = {
             key[len(name) + len(".seeds.") :]: value
@@ -116,18 +148,87 @@ def load(
         try:
             layer.seeds.load_state_dict(seeds_state, strict=True)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise SavedModelError(f"slot {name!r}: seed state does not load: {exc}") from None
-    table.load_state_dict({"state_tensor": state_tensor.to(torch.int32)})
+            raise SavedModelError(f"slot {name!r}: seed state does not load: {exc}") from exc
+    try:
+        table.load_state_dict({"state_tensor": state_tensor, "embargo_epochs": embargo_epochs})
+    except (ValueError, KeyError, IndexError) as exc:
+        raise SavedModelError(f"saved state table does not load: {exc}") from exc
+    return layers, host_state, len(originals)
 
-    # Commit: everything that can be refused has been checked.
-    model.load_state_dict(host_state, strict=True)
-    for name, layer in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, layer)
-    add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
-    logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), len(originals), path)
-    return list(layers.values())
+
+# The slot layout fields, all ints (``saving.slot_layout``); ``host_class`` is only reported.
+_LAYOUT_INTS = (
+    "num_seeds",
+    "chunk_size",
+    "chunk_dim",
+    "output_index",
+    "state_offset",
+    "region_id",
+    "fault_limit",
+)
+
+
+def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
+    """The saved slot layouts, each checked field by field: names unique and not nested,
+    every layout field an int, and the slots' rows tiling the state table from row 0."""
+    layouts: list[dict[str, Any]] = []
+    for raw in slots_saved:
+        if not isinstance(raw, Mapping):
+            raise SavedModelError(f"saved slot layout is malformed ({type(raw).__name__})")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise SavedModelError(f"saved slot name {name!r} is malformed")
+        layout: dict[str, Any] = {"name": name, "host_class": str(raw.get("host_class", "?"))}
+        for key in _LAYOUT_INTS:
+            value = raw.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SavedModelError(f"saved slot {name!r}: {key} is {value!r}, not an int")
+            layout[key] = value
+        if layout["num_seeds"] < 1 or layout["chunk_size"] < 1:
+            raise SavedModelError(f"saved slot {name!r}: num_seeds and chunk_size must be >= 1")
+        layouts.append(layout)
+    names = [layout["name"] for layout in layouts]
+    for name in names:
+        clash = [other for other in names if other == name or name.startswith(other + ".")]
+        if len(clash) > 1:
+            raise SavedModelError(f"saved slot {name!r} is repeated or nested in {clash[0]!r}")
+    row = 0
+    for layout in sorted(layouts, key=lambda item: item["state_offset"]):
+        if layout["state_offset"] != row:
+            raise SavedModelError(
+                f"saved slot {layout['name']!r}: state rows from {layout['state_offset']}, "
+                f"expected {row} (the slots' rows must tile the state table)"
+            )
+        row += layout["num_seeds"]
+    return layouts
+
+
+def _table(
+    table_saved: Mapping[str, Any], layouts: list[dict[str, Any]]
+) -> tuple[torch.Tensor, int]:
+    """The saved state table and embargo, checked before anything is allocated for them: an
+    int32, contiguous (so every row is in the file) ``(slots' seeds, NUM_STATE_COLUMNS)``."""
+    state_tensor = table_saved.get("state_tensor")
+    rows = sum(layout["num_seeds"] for layout in layouts)
+    expected = (rows, NUM_STATE_COLUMNS)
+    if (
+        not isinstance(state_tensor, torch.Tensor)
+        or state_tensor.dtype != torch.int32
+        or tuple(state_tensor.shape) != expected
+        or not state_tensor.is_contiguous()
+    ):
+        got = (
+            f"{state_tensor.dtype} {tuple(state_tensor.shape)}"
+            if isinstance(state_tensor, torch.Tensor)
+            else type(state_tensor).__name__
+        )
+        raise SavedModelError(
+            f"saved state table is malformed: {got}, expected a contiguous int32 {expected}"
+        )
+    embargo = table_saved.get("embargo_epochs")
+    if isinstance(embargo, bool) or not isinstance(embargo, int) or embargo < 0:
+        raise SavedModelError(f"saved embargo_epochs {embargo!r} is not an int >= 0")
+    return state_tensor, embargo
 
 
 def _list(body: Mapping[str, Any], key: str) -> list[Any]:
@@ -150,11 +251,11 @@ def _host(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
         raise SavedModelError(f"saved slot name {name!r} is malformed")
     try:
         return model.get_submodule(name)
-    except AttributeError:
+    except AttributeError as exc:
         raise SavedModelError(
             f"architecture mismatch: {type(model).__name__} has no module {name!r} (the saved "
             f"slot wraps a {layout.get('host_class', '?')})"
-        ) from None
+        ) from exc
 
 
 def _check_architecture(
@@ -226,21 +327,22 @@ def _verified_kernel(
 
 
 def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTensor) -> KasminaLayer:
-    """A slot like the saved one around ``host`` (not yet in the model)."""
+    """A slot like the saved one (a layout checked by ``_layouts``) around ``host`` (not yet in
+    the model)."""
     options: dict[str, Any] = {
         "state": table,
-        "state_offset": int(layout["state_offset"]),
+        "state_offset": layout["state_offset"],
         "layer_id": layout["name"],
-        "region_id": int(layout["region_id"]),
-        "fault_limit": int(layout["fault_limit"]),
+        "region_id": layout["region_id"],
+        "fault_limit": layout["fault_limit"],
     }
     accepted = inspect.signature(KasminaLayer).parameters
     for key in ("chunk_dim", "output_index"):  # layout fields of the slot contract
         if key in accepted:
-            options[key] = int(layout[key])
-        elif int(layout[key]) != {"chunk_dim": -1, "output_index": 0}[key]:
+            options[key] = layout[key]
+        elif layout[key] != {"chunk_dim": -1, "output_index": 0}[key]:
             raise SavedModelError(f"slot {layout['name']!r}: this Kasmina has no {key}")
     try:
-        return KasminaLayer(host, int(layout["num_seeds"]), int(layout["chunk_size"]), **options)
-    except (ValueError, KeyError) as exc:
-        raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from None
+        return KasminaLayer(host, layout["num_seeds"], layout["chunk_size"], **options)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from exc

@@ -73,6 +73,12 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         raise SavedModelError("all slots must share one state table (kasmina.attach does this)")
     if len(kasmina_layers(model)) != len(slots):
         raise SavedModelError("nested slots cannot be saved")
+    used = sum(int(slot.num_seeds) for _, slot in slots)
+    if table.num_seeds != used:  # kasmina.load rebuilds a table of exactly the slots' rows
+        raise SavedModelError(
+            f"the shared state table has {table.num_seeds} rows but the slots use {used}; "
+            "attach the slots to a table of exactly their seeds"
+        )
     artifacts: dict[str, dict[str, Any]] = {}
     seeds: list[dict[str, Any]] = []
     kernel_keys: set[str] = set()

@@ -1,0 +1,160 @@
+"""``kasmina.load`` of crafted, malformed files (docs/design.md §6a): the file is unsigned, so
+nothing in it may size an allocation before it is checked, and every refusal is a
+``SavedModelError`` (``ArtifactIntegrityError`` only for a digest or a kernel that does not
+verify) that leaves the model bitwise unchanged."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import struct
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina
+from kasmina.persist import format as fmt
+from kasmina.persist.format import SavedModelError, read_saved, write_saved
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.table import GPUStateTensor
+from tests.manager.helpers import PUBLISHER, Host
+
+PEAK_LIMIT = 4 << 20  # bytes Python may allocate while refusing a crafted file
+
+
+def _write_raw(path: Path, header: dict[str, Any], payload: bytes) -> Path:
+    encoded = json.dumps(header).encode("ascii")
+    path.write_bytes(fmt.MAGIC + struct.pack(">I", len(encoded)) + encoded + payload)
+    return path
+
+
+def _header(payload: bytes, **changes: Any) -> dict[str, Any]:
+    header = {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return {**header, **changes}
+
+
+def _refused(path: Path, match: str | None = None) -> int:
+    """Load ``path`` into a fresh host: asserts a ``SavedModelError`` and an unchanged model;
+    returns the peak of Python allocations meanwhile."""
+    model = Host()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(SavedModelError, match=match):
+            kasmina.load(path, model, publishers=PUBLISHER.trusted_publishers())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    after = model.state_dict()
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    return peak
+
+
+def test_a_huge_size_claim_is_refused_without_allocating_it(tmp_path: Path) -> None:
+    path = _write_raw(tmp_path / "huge", _header(b"", size=2**62), b"x" * 10)
+    assert path.stat().st_size < 200
+    assert _refused(path, "header says 4611686018427387904") < PEAK_LIMIT
+
+
+def test_a_truncated_or_extended_body_is_refused(saved: Path, tmp_path: Path) -> None:
+    raw = saved.read_bytes()
+    for name, data in (("short", raw[:-1]), ("long", raw + b"\0")):
+        (tmp_path / name).write_bytes(data)
+        _refused(tmp_path / name, "truncated or extended")
+
+
+def test_a_zero_width_state_table_allocates_nothing(saved: Path, tmp_path: Path) -> None:
+    body = read_saved(saved)
+    body["table"]["state_tensor"] = torch.empty((2_000_000, 0), dtype=torch.int32)
+    path = write_saved(tmp_path / "amp", body)
+    assert path.stat().st_size < 64 << 10
+    assert _refused(path, "saved state table is malformed") < PEAK_LIMIT
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        lambda t: t.to(torch.int64),  # another dtype
+        lambda t: t.t().contiguous().t(),  # the right shape, not contiguous
+        lambda t: t[:1].expand(t.shape[0], -1),  # rows that are not in the file (stride 0)
+        lambda t: torch.cat([t, t]),  # more rows than the slots have seeds
+        lambda t: t[:, :-1].contiguous(),  # a column short
+    ],
+)
+def test_a_state_table_not_of_the_slots_shape_is_refused(
+    saved: Path, tmp_path: Path, table: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    body = read_saved(saved)
+    body["table"]["state_tensor"] = table(body["table"]["state_tensor"])
+    _refused(write_saved(tmp_path / "table", body), "saved state table is malformed")
+
+
+def _drop(mapping: dict[str, Any], key: str) -> None:
+    del mapping[key]
+
+
+MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "slot not a mapping": lambda b: b.__setitem__("slots", [1]),
+    "slot without fault_limit": lambda b: _drop(b["slots"][0], "fault_limit"),
+    "slot num_seeds not an int": lambda b: b["slots"][0].__setitem__("num_seeds", "x"),
+    "slot num_seeds a float": lambda b: b["slots"][0].__setitem__("num_seeds", 2.0),
+    "slot repeated": lambda b: b["slots"].append(copy.deepcopy(b["slots"][0])),
+    "seed not a mapping": lambda b: b.__setitem__("seeds", [None]),
+    "seed index a bool": lambda b: b["seeds"][0].__setitem__("index", True),
+    "table without embargo_epochs": lambda b: _drop(b["table"], "embargo_epochs"),
+    "embargo_epochs not an int": lambda b: b["table"].__setitem__("embargo_epochs", "x"),
+    "weights with a non-str key": lambda b: b["weights"].__setitem__(1, torch.zeros(1)),
+}
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS.values(), ids=MUTATIONS.keys())
+def test_a_malformed_entry_is_a_saved_model_error(
+    saved: Path, tmp_path: Path, mutate: Callable[[dict[str, Any]], None]
+) -> None:
+    body = read_saved(saved)
+    mutate(body)
+    _refused(write_saved(tmp_path / "malformed", body))
+
+
+class _NotPlainData:
+    pass
+
+
+def test_a_body_that_is_not_plain_data_is_a_saved_model_error(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"slots": [], "x": _NotPlainData()}, buffer)
+    payload = buffer.getvalue()
+    _refused(_write_raw(tmp_path / "pickle", _header(payload), payload), "does not load")
+
+
+def test_a_non_hex_digest_is_a_saved_model_error(tmp_path: Path) -> None:
+    path = _write_raw(tmp_path / "digest", _header(b"x", sha256="\u00e9" * 64), b"x")
+    _refused(path, "sha256 is malformed")
+
+
+def test_save_refuses_a_table_with_rows_no_slot_uses(tmp_path: Path) -> None:
+    model = Host()
+    kasmina.attach(model, "out", 2, 2, state=GPUStateTensor(3))
+    with pytest.raises(SavedModelError, match="has 3 rows but the slots use 2"):
+        kasmina.save(model, tmp_path / "wide")
+    assert not (tmp_path / "wide").exists()
+
+
+def test_the_unmutated_file_loads(saved: Path) -> None:
+    # The cases above are refused for their mutation, not for the file or host they start from.
+    model: nn.Module = Host()
+    assert len(kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())) == 1
