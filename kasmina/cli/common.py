@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["PROG", "CLIError", "bounded_int", "one_line", "positive_int"]
+__all__ = ["PROG", "CLIError", "bounded_int", "non_negative_int", "one_line", "positive_int"]
 
 
 PROG = "kasmina"
@@ -17,13 +17,27 @@ class CLIError(Exception):
 
 
 def positive_int(text: str) -> int:
+    """An argparse type for a count of at least 1; argparse names the option."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for a count that may be 0; argparse names the option."""
+    return _int_at_least(text, 0, "0 or more")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    value = _as_int(text)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def _as_int(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
@@ -31,10 +45,7 @@ def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
     it); argparse names the option."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = _as_int(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"expected {low} to {high}{unit}, got {value}")
         return value

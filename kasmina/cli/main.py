@@ -18,7 +18,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
+from kasmina.cli.common import (
+    PROG,
+    CLIError,
+    bounded_int,
+    non_negative_int,
+    one_line,
+    positive_int,
+)
 from kasmina.errors import KasminaError
 
 # kasmina.demo.config.MAX_SEED and kasmina.utils.keyring.MIN_KEY_BYTES (the shortest key a
@@ -188,17 +195,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- demo
 
 
-def _non_negative_int(text: str) -> int:
-    """An argparse type for a count that may be 0 (--replay); argparse names the option."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kasmina.demo.config import DemoConfig
     from kasmina.demo.run import run_demo_cli
@@ -278,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--replay",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="K",
         help="with --scenario continual only: K training digits of each old class stay in the "
