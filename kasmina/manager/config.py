@@ -179,7 +179,8 @@ class KasminaConfig:
     g5_max_metric_drop: float = 0.0
     # Epochs of COOLDOWN after a CULL when the command gives no "embargo_epochs".
     default_embargo_epochs: int = 5
-    # GRAFTING alpha = sigmoid((step - steps/2) / temperature).
+    # GRAFTING alpha = sigmoid((step - steps/2) / temperature); step counts the training steps
+    # that trained the seed (one with no gradient for it, or a skipped one, does not advance).
     grafting_steps: int = 100
     grafting_temperature: float = 10.0
 

@@ -460,9 +460,9 @@ class KasminaKernelManager:
 
     def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host
-        step is skipped in a step where a leak was found), non-finite seed outputs polled, grads
-        zeroed, GRAFTING alphas advanced, then the queued commands applied (the step's safe
-        point), telemetry. Returns what it did."""
+        step is skipped in a step where a leak was found), non-finite seed outputs polled, the
+        seeds it trained marked for G2 or their GRAFTING alphas advanced, grads zeroed, then the
+        queued commands applied (the step's safe point), telemetry. Returns what it did."""
         started = time.perf_counter_ns()
         state = self.state
         with self._lock:

@@ -282,13 +282,15 @@ class SlotRegistry:
     # ------------------------------------------------------------------ G2's evidence
     def trained(self, stepped: Iterable[str]) -> list[SeedRecord]:
         """After a step's optimizer steps, before its gradients are zeroed: the records among
-        ``stepped`` whose optimizer had a gradient to apply, i.e. the seeds this step trained
-        (an optimizer with no gradient, or one a non-finite norm skipped, trained nothing).
-        Read on the host (``grad is None``): no sync. Every rank of a data-parallel run finds
-        the same seeds: the seed gradients are averaged (one missing on some ranks is zero
-        there) or dropped on every rank together."""
+        ``stepped`` (the seeds whose optimizer stepped, a non-finite norm's skip left out) whose
+        step moves their bookkeeping, an ISOLATED_INIT seed not yet marked in this epoch or a
+        GRAFTING seed, and that had a gradient to apply, i.e. that this step trained. Only
+        those have their parameters walked (every step). Read on the host (``grad is None``):
+        no sync. Every rank of a data-parallel run finds the same seeds: the seed gradients are
+        averaged (one missing on some ranks is zero there) or dropped on every rank together."""
         records = (self[seed_id] for seed_id in stepped)
-        return [r for r in records if any(p.grad is not None for p in r.seed.seed_parameters())]
+        due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
+        return [r for r in due if any(p.grad is not None for p in r.seed.seed_parameters())]
 
     def count_trained_epochs(self) -> None:
         """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch
@@ -353,3 +355,8 @@ class SlotRegistry:
             self.listener(record, old, new)
         except Exception:  # a bookkeeping failure must not undo a transition already applied
             logger.exception("transition listener failed for seed %s", record.seed_id)
+
+
+def _unmarked(seed: GradientIsolatedSeed) -> bool:
+    """An ISOLATED_INIT seed that has not yet trained in the epoch under way."""
+    return seed.stage == SeedStage.ISOLATED_INIT and not seed.trained_this_epoch

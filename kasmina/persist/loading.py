@@ -246,15 +246,14 @@ def _mapping(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def _host(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
-    name = layout.get("name")
-    if not isinstance(name, str) or not name:
-        raise SavedModelError(f"saved slot name {name!r} is malformed")
+    """The host module a layout (checked by ``_layouts``) names."""
+    name = layout["name"]
     try:
         return model.get_submodule(name)
     except AttributeError as exc:
         raise SavedModelError(
             f"architecture mismatch: {type(model).__name__} has no module {name!r} (the saved "
-            f"slot wraps a {layout.get('host_class', '?')})"
+            f"slot wraps a {layout['host_class']})"
         ) from exc
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Keyring",
     "NotARegularFileError",
     "generate_key",
+    "open_regular_fd",
     "open_regular_file",
     "read_regular_file",
     "read_text_file",
@@ -66,21 +67,39 @@ class NotARegularFileError(ValueError):
         self.path, self.kind = path, kind
 
 
-def open_regular_file(path: str | os.PathLike[str], *, what: str = "file") -> BinaryIO:
-    """Open a local file to read, refusing at once anything but a regular file (symlinks are
-    followed): opened non-blocking and checked with ``fstat`` on the open descriptor, so a
-    FIFO never blocks and a swap after a check cannot slip one in. Raises
+def open_regular_fd(
+    path: str | os.PathLike[str], flags: int, *, what: str = "file", mode: int = 0o666
+) -> int:
+    """``os.open(path, flags)`` (plus non-blocking, no controlling tty, close-on-exec),
+    refusing at once anything but a regular file (symlinks are followed): opened non-blocking
+    and checked with ``fstat`` on the open descriptor, so a FIFO never blocks and a swap after a
+    check cannot slip one in; the descriptor is blocking again on return. Raises
     ``NotARegularFileError`` (a ``ValueError`` naming ``what`` and ``path``); ``OSError`` as
     ``open`` does (missing, no permission, a socket)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    extra = nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((k for test, k in _KINDS if test(mode)), "not a file")
+        fd = os.open(path, flags | extra | getattr(os, "O_BINARY", 0), mode)
+    except IsADirectoryError:  # an open to write: one to read opens it, and fstat refuses it
+        raise NotARegularFileError(os.fspath(path), "a directory", what) from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            kind = next((k for test, k in _KINDS if test(st_mode)), "not a file")
             raise NotARegularFileError(os.fspath(path), kind, what)
-        if flags & getattr(os, "O_NONBLOCK", 0):
+        if nonblock:
             os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular_file(path: str | os.PathLike[str], *, what: str = "file") -> BinaryIO:
+    """Open a local regular file to read (``open_regular_fd``): a FIFO, a device or a
+    directory is refused at once, never blocked on."""
+    fd = open_regular_fd(path, os.O_RDONLY, what=what)
+    try:
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

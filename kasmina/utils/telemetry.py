@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 import threading
 import time
 from collections import deque
@@ -32,7 +31,7 @@ from typing import IO, Protocol, runtime_checkable
 from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
-from kasmina.utils.keyring import NotARegularFileError, open_regular_file
+from kasmina.utils.keyring import open_regular_fd
 
 logger = logging.getLogger(__name__)
 
@@ -104,34 +103,26 @@ class MemorySink:
         return len(self._buffer)
 
 
-# A JSONL telemetry file is rotated when the next line would take it past this many bytes
-# (about 80,000 steps of a manager's events); one rotated file is kept, so the pair stays bounded.
+# A JSONL telemetry file is rotated when the next line would take it past this many bytes; one
+# rotated file is kept, so the pair stays bounded.
 DEFAULT_JSONL_MAX_BYTES = 64 << 20
 
 
 def _open_append(path: Path) -> tuple[IO[str], int]:
     """Open ``path`` to append telemetry lines: the handle and the file's size.
 
-    An existing path must be a regular file: it is checked (and its last byte read) through
-    ``open_regular_file``, so a FIFO or a device is refused at once, never blocked on. The append
-    open is non-blocking too, so a FIFO swapped in after the check fails rather than hangs. A
-    last line torn by a crash is ended with a newline, so no packet is glued onto it.
+    Only a regular file is opened (``open_regular_fd``: a FIFO or a device is refused at once,
+    never blocked on). A last line torn by a crash is ended with a newline, so no packet is
+    glued onto it.
     """
-    torn = False
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: the last byte, to find a torn line
+    fd = open_regular_fd(path, flags, what="telemetry file")
     try:
-        with open_regular_file(path, what="telemetry file") as reader:
-            if os.fstat(reader.fileno()).st_size:
-                reader.seek(-1, os.SEEK_END)
-                torn = reader.read(1) != b"\n"
-    except FileNotFoundError:
-        pass
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotARegularFileError(str(path), "replaced while opening", "telemetry file")
-        os.set_blocking(fd, True)
+        size = os.fstat(fd).st_size
+        torn = False
+        if size:
+            os.lseek(fd, -1, os.SEEK_END)  # reads only: O_APPEND writes go to the end anyway
+            torn = os.read(fd, 1) != b"\n"
         handle = os.fdopen(fd, "a", encoding="utf-8")
     except BaseException:
         os.close(fd)
@@ -143,12 +134,13 @@ def _open_append(path: Path) -> tuple[IO[str], int]:
     except BaseException:
         _close_quietly(handle, path)
         raise
-    return handle, info.st_size + torn
+    return handle, size + torn
 
 
 def _close_quietly(handle: IO[str], path: Path) -> None:
     """Close ``handle``; a flush that fails (a full disk) is logged, never raised, and the file
-    is closed all the same (what it could not write is lost)."""
+    is closed all the same (``close`` closes the descriptor even when its flush fails; what it
+    could not write is lost)."""
     try:
         handle.close()
     except OSError as exc:
@@ -158,11 +150,6 @@ def _close_quietly(handle: IO[str], path: Path) -> None:
             type(exc).__name__,
             exc,
         )
-        if not handle.closed:  # the descriptor, at least, must not leak
-            try:
-                os.close(handle.fileno())
-            except OSError:
-                pass
 
 
 class JsonlFileSink:
