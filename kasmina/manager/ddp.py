@@ -60,6 +60,7 @@ from kasmina.manager.slots import ISOLATED_STAGES, STEPPED_STAGES, SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -209,13 +210,13 @@ class SeedGradientSync:
             for p in params:
                 p.grad = None
             self.stats["layout_mismatch"] += 1
-            if self.stats["layout_mismatch"] == 1 or self.stats["layout_mismatch"] % 1000 == 0:
-                logger.error(
-                    "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
-                    "dropped on every rank (no seed steps) until the next epoch sync repairs "
-                    "the divergent rank",
-                    self.stats["layout_mismatch"],
-                )
+            logger.log(
+                rarely(self.stats["layout_mismatch"], 1000, logging.ERROR),
+                "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
+                "dropped on every rank (no seed steps) until the next epoch sync repairs "
+                "the divergent rank",
+                self.stats["layout_mismatch"],
+            )
             return False
         if not params:
             return False
