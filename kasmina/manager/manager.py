@@ -491,6 +491,7 @@ class KasminaKernelManager:
             done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
             host_stepped = bool(host) and done[0]
             stepped = list(compress(seeds, done[len(host) :]))
+            frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
             self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
             optimizers.zero_grad()
             dropped = registry.drop_kd_losses()  # computed, never passed to backward()
@@ -509,6 +510,7 @@ class KasminaKernelManager:
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,
             "nonfinite": nonfinite,  # fell back to the host output: one fault each
+            "frozen": frozen,  # in a training stage with no parameter that requires grad
             "commands": outcomes,  # queued commands applied at the end of this step
         }
 

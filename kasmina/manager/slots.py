@@ -14,7 +14,7 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,7 @@ from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,16 @@ class SlotRegistry:
         """``RuntimeError`` if the model no longer holds the parameters registered with it
         (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
         say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
-        the optimizers would go on stepping the old ones while the model trains nothing."""
+        the optimizers would go on stepping the old ones while the model trains nothing. Also
+        if ``kasmina.detach`` or ``merge`` took a registered slot out of the model (one flag
+        read per slot): its seeds would never run again while the manager went on stepping."""
+        gone = [slot.layer_id for slot in self.slots if slot.detached]
+        if gone:
+            raise RuntimeError(
+                f"slot(s) {gone} were taken out of the model (kasmina.detach or merge) after the "
+                "manager registered them; this manager can no longer step it. Attach again "
+                "with a new manager"
+            )
         if self._anchor is None:
             return
         module, name, param = self._anchor
@@ -291,6 +301,26 @@ class SlotRegistry:
         records = (self[seed_id] for seed_id in stepped)
         due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
         return [r for r in due if any(p.grad is not None for p in r.seed.seed_parameters())]
+
+    def frozen(self, counters: Counter[str]) -> list[str]:
+        """The seeds in a training stage (``STEPPED_STAGES``) whose kernel has parameters but
+        none that requires a gradient (a ``model.requires_grad_(False)``, say): they would never
+        train, and a GRAFTING alpha would never move. Counted in ``frozen_seed_steps`` and
+        logged (the first time, then every 1000th). ``requires_grad`` is the user's to set, so
+        this warns rather than refuses. Host reads only; a kernel's parameters are listed only
+        when none requires a gradient."""
+        frozen = [
+            r.seed_id
+            for r in self.in_stages(STEPPED_STAGES)
+            if r.kernel is not None
+            and not r.seed._trained_parameters()
+            and r.seed.seed_parameters()
+        ]
+        if frozen:
+            counters["frozen_seed_steps"] += 1
+            msg = "seed(s) %s train in this stage but no parameter of theirs requires grad (%d)"
+            logger.log(rarely(counters["frozen_seed_steps"], 1000), msg, frozen, len(frozen))
+        return frozen
 
     def count_trained_epochs(self) -> None:
         """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch

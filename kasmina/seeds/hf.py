@@ -158,5 +158,6 @@ def _retie(model: nn.Module) -> None:
 
 def unslot(slot: KasminaLayer, replacement: nn.Module | None = None) -> None:
     """``slot`` is being replaced (by its host: ``detach``; by its merged module: ``merge``):
-    its recording hooks go to what replaces it."""
+    its recording hooks go to what replaces it, and a manager stepping it refuses to go on."""
+    slot.detached = True
     _move_capture_hooks(slot, slot.host if replacement is None else replacement)

@@ -66,6 +66,7 @@ from kasmina.seeds.faults import (
     recomputing,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
+from kasmina.seeds.moves import check_move
 from kasmina.seeds.outputs import (
     ActivationSpec,
     activation_spec,
@@ -111,6 +112,8 @@ class KasminaLayer(nn.Module):
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
     seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults).
     """
+
+    detached = False  # set once ``detach``/``merge`` took the slot out (SlotRegistry.check_held)
 
     def __init__(
         self,
@@ -173,14 +176,12 @@ class KasminaLayer(nn.Module):
             state.set_region(seed.state_index, region_id)
         self.seeds.to(device)
         self.register_buffer("_one", torch.ones((), device=device), persistent=False)
-        # Every seed's non-finite flag (``GradientIsolatedSeed.finite_flag``) is a view of this
-        # buffer, so that the layer's guard updates all of them in one op.
+        # Each seed's ``finite_flag`` is a view of this buffer: the guard sets all in one op.
         flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
         self.register_buffer("_finite_flags", flags, persistent=False)
         self._link_flags()
         self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        # Set by kasmina.attach for a slot inside a TransformerEncoderLayer (module docstring).
-        self.guards_fused_path = False
+        self.guards_fused_path = False  # kasmina.attach: inside a TransformerEncoderLayer
         # What the host's forward returned, as the seeds see it: None before the first
         # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
         self.output_contract: ActivationSpec | str | None = None
@@ -204,8 +205,7 @@ class KasminaLayer(nn.Module):
 
     # -- the wrapped module's attributes ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        # nn.Module's lookup (parameters, buffers, submodules) first; then the host, so code
-        # written for the bare module keeps working on the slot.
+        # nn.Module's lookup first; then the host's, so code for the bare module keeps working.
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -586,6 +586,7 @@ class KasminaLayer(nn.Module):
             log_sat_out(self.layer_id, what, self.sat_out[what], reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
+        check_move(self, fn)  # a kernel-holding slot refuses float64 before anything moves
         super()._apply(fn, recurse)
         self._link_flags()
         self._masks.clear()
