@@ -66,7 +66,6 @@ from kasmina.seeds.faults import (
     recomputing,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
-from kasmina.seeds.moves import check_move
 from kasmina.seeds.outputs import (
     ActivationSpec,
     activation_spec,
@@ -586,7 +585,6 @@ class KasminaLayer(nn.Module):
             log_sat_out(self.layer_id, what, self.sat_out[what], reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
-        check_move(self, fn)  # a kernel-holding slot refuses float64 before anything moves
         super()._apply(fn, recurse)
         self._link_flags()
         self._masks.clear()

@@ -1,6 +1,6 @@
 """What a user may do to a managed model between steps, and what the manager then says:
-``kasmina.detach`` (refused by ``step()``), ``.to(torch.float64)`` (refused by the move while a
-seed holds a kernel) and ``requires_grad_(False)`` on the seeds (warned and counted)."""
+``kasmina.detach`` (refused by ``step()``) and ``requires_grad_(False)`` on the seeds (warned
+and counted)."""
 
 from __future__ import annotations
 
@@ -25,20 +25,6 @@ def test_a_step_refuses_a_model_whose_slots_were_detached(rig: Rig, mlp) -> None
         manager.step()
     assert manager.state.global_step == step
     assert all(torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
-
-
-def test_a_float64_move_is_refused_while_a_seed_holds_a_kernel(rig: Rig, mlp) -> None:
-    """attach refuses float64 parameters (the seeds' kernels run in fp32/fp16/bf16 only); a
-    move to float64 after a seed took a kernel is refused too, the slot left as it was."""
-    assert rig.send("germinate", SEED0, mlp)
-    slot = rig.slot
-    with pytest.raises(ValueError, match="float32, float16, bfloat16 only"):
-        rig.model.to(torch.float64)
-    assert all(p.dtype == torch.float32 for p in slot.parameters())
-    rig.model.float()
-    with torch.no_grad():
-        assert rig.model(rig.x).dtype == torch.float32
-    rig.train(1)
 
 
 def test_seeds_whose_parameters_are_frozen_are_warned_and_counted(
