@@ -20,6 +20,7 @@ import io
 import linecache
 import logging
 import operator
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ def _program_module(
 ) -> tuple[nn.Module, bool, bool]:
     """The trainable module of a payload already checked against ``manifest``, with whether
     the program mutates its input and whether it draws random numbers (see the module doc)."""
+    first, module = _next_source_id(), None
     try:
         program = move_to_device_pass(_deserialise(payload), device)
         module = program.module()
@@ -63,6 +65,8 @@ def _program_module(
             f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
             f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
         ) from exc
+    finally:
+        _forget_load_sources(first, module)
     module.to(device)
     # ``ExportedProgram.module()`` overrides train()/eval() on the instance with local
     # functions that raise; they would make a merged model's ``eval()`` raise (and cannot be
@@ -183,10 +187,50 @@ def _forget_source_with(module: torch.fx.GraphModule) -> None:
 
 
 def _forget_source(cache: dict[str, str], cls: type) -> None:
-    key = getattr(getattr(cls.forward, "__code__", None), "co_filename", "")
+    key = _source_key(cls)
     if key.startswith("<eval_with_key>"):
         cache.pop(key, None)
         linecache.cache.pop(key, None)
+
+
+def _source_key(cls: type) -> str:
+    return getattr(getattr(cls.forward, "__code__", None), "co_filename", "")
+
+
+_KEY_ID = re.compile(r"<eval_with_key>\.(\d+)")
+
+
+def _next_source_id() -> int | None:
+    """The id torch.fx's loader will give the next generated source; None without it."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    next_id = getattr(loader, "next_id", None)
+    return next_id if isinstance(next_id, int) else None
+
+
+def _forget_load_sources(first: int | None, module: nn.Module | None) -> None:
+    """Drop the sources torch.fx generated during one load, except those of the graph
+    modules ``module`` keeps (dropped in turn when each is collected).
+
+    A load builds six graph modules or so (the deserialised program, the unlifted module and
+    intermediates between them) and torch.fx keeps every one's source for the life of the
+    process, about 20 KB per load: a run that reloads evicted artifacts would grow without
+    bound. The sources are numbered in creation order, so those of this load are the ids
+    from ``first`` on; a graph module another thread builds during the load loses its
+    traceback source, nothing else (its code is compiled already)."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    cache = getattr(loader, "eval_cache", None)
+    if first is None or not isinstance(cache, dict):
+        return
+    kept = set()
+    for sub in module.modules() if module is not None else ():
+        if isinstance(sub, torch.fx.GraphModule):
+            kept.add(_source_key(type(sub)))
+            _forget_source_with(sub)
+    for key in list(cache):
+        match = _KEY_ID.match(key)
+        if match is not None and int(match.group(1)) >= first and key not in kept:
+            cache.pop(key, None)
+            linecache.cache.pop(key, None)
 
 
 class GPUKernel(nn.Module):

@@ -248,6 +248,26 @@ def test_copies_do_not_leave_their_generated_source_behind(artifact) -> None:
     torch.testing.assert_close(original(x), expected, rtol=0, atol=0)
 
 
+def test_loads_do_not_leave_their_generated_source_behind(artifact) -> None:
+    """A load builds several graph modules (the deserialised program, the unlifted module and
+    intermediates); torch.fx caches each one's source for the life of the process, so a run
+    that reloads evicted artifacts grew by ~20 KB a load. Only the kept module's source stays,
+    and only while the kernel lives."""
+    loader = torch.fx.graph_module._loader
+    _, payload, manifest, _ = artifact
+    x = torch.randn(3, 8)
+    gc.collect()
+    before = set(loader.eval_cache)
+    for _ in range(4):
+        kernel = GPUKernel.from_binary(payload, manifest, "cpu")
+        kernel(x).sum().backward()  # the kept module runs and trains
+        added = set(loader.eval_cache) - before
+        assert 0 < len(added) <= 2 and added <= set(linecache.cache)
+        del kernel
+        gc.collect()
+    assert set(loader.eval_cache) == before and not added & set(linecache.cache)
+
+
 def test_one_load_kernel_is_one_cache_lookup(artifact, trusted) -> None:
     """A cold ``load_kernel`` counts one miss (not a miss, then another inside the load), a
     warm one one hit."""
