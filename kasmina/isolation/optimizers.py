@@ -13,8 +13,6 @@ entry per group and breaks when the count changes under it. Which parameters eac
 added is recorded, so a saved state's layout can be checked and a rollback can rebuild it. A
 rollback's commit (``adopt``) moves the rebuilt state into the live optimizer objects instead of
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
-Gradient clipping computes the global norm with ``kasmina.ops.grad_norms`` (one launch per
-dtype), then scales with one fused multiply.
 
 This is an in-process component, not a door: a controller's optimizer command reaches it only
 through the kernel manager, which verifies the signed bytes first. So ``apply_optimizer_command``
@@ -179,12 +177,10 @@ class IsolatedOptimizerManager:
         self._sources[name] = provider
 
     def _entry(self, optimizer_id: str) -> _Entry:
-        try:
-            return self._entries[optimizer_id]
-        except KeyError:
-            raise KeyError(
-                f"no optimizer {optimizer_id!r} (have {sorted(self._entries)})"
-            ) from None
+        entry = self._entries.get(optimizer_id)
+        if entry is None:
+            raise KeyError(f"no optimizer {optimizer_id!r} (have {sorted(self._entries)})")
+        return entry
 
     # ------------------------------------------------------------------ creation
     def _new_optimizer(
@@ -245,9 +241,14 @@ class IsolatedOptimizerManager:
         plist = _collect(params, f"parameters of seed {seed_id!r}")
         self._check_optimizable(plist, seed_id)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
-        self._ownership.claim(plist, seed_id)
-        self._entries[seed_id] = _Entry(optimizer)
-        self._emit("seed_optimizer_created", float(len(plist)), {"seed_id": seed_id})
+        try:  # all or nothing: a sink that raises on the event (a Ctrl-C) leaves no claim behind
+            self._ownership.claim(plist, seed_id)
+            self._entries[seed_id] = _Entry(optimizer)
+            self._emit("seed_optimizer_created", float(len(plist)), {"seed_id": seed_id})
+        except BaseException:
+            self._ownership.release(seed_id)
+            self._entries.pop(seed_id, None)
+            raise
         return optimizer
 
     def register_teacher_params(self, params: Iterable[torch.Tensor]) -> int:
@@ -440,12 +441,11 @@ class IsolatedOptimizerManager:
         """Execute one verified optimizer command; False (logged) on any rejection.
 
         ``command.optimizer`` is the Leyline ``OptimizerCommand`` of an ``AdaptationCommand``
-        whose signature, freshness, nonce and ranges the handler checked. A wire message
-        (a bare ``OptimizerCommand``, an ``AdaptationCommand``, bytes) raises ``TypeError``.
-        ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``);
-        ``learning_rate`` sets the lr on creation and, when > 0 on STEP, before stepping;
-        ``parameters`` become optimizer options on creation (``beta1``/``beta2`` are combined
-        into ``betas``).
+        whose signature, freshness, nonce and ranges the handler checked. A wire message (a bare
+        ``OptimizerCommand``, an ``AdaptationCommand``, bytes) raises ``TypeError``.
+        ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``); ``learning_rate``
+        sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
+        optimizer options on creation (``beta1``/``beta2`` are combined into ``betas``).
         """
         cmd = _verified_payload(command)
         kind = cmd.command_type

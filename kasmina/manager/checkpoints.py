@@ -252,8 +252,15 @@ class CheckpointStore(ABC):
     def _prune(self, saved_epoch: int) -> None:
         """Delete epochs out of reach (and any after ``saved_epoch``, which ``_drop_abandoned``
         already removed unless another writer raced it). Failures are logged, not raised: the
-        checkpoint is written, and a leftover is only disk."""
-        epochs = self.epochs()
+        checkpoint is written, and a leftover is only disk. The listing too: a raise there would
+        fail ``end_epoch`` after its write, and its retry would be refused (the epoch is kept)."""
+        try:
+            epochs = self.epochs()
+        except OSError:
+            logger.warning(
+                "could not list the checkpoints to prune after epoch %d", saved_epoch, exc_info=True
+            )
+            return
         later = [e for e in epochs if e > saved_epoch]
         expired = [e for e in epochs if e < saved_epoch - self.max_rollback_epochs]
         for epoch in later + expired:

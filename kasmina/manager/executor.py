@@ -250,7 +250,7 @@ class CommandExecution:
         saved_row = table.state_tensor[row].clone()
         saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
         graft_steps, timeline = record.graft_steps, record.timeline.copy()
-        created = False  # the undo removes only an optimizer this GERMINATE created
+        had_optimizer = record.seed_id in state.optimizers.seed_ids  # the undo keeps one it had
         # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
         # is refused by the copy (docs/design.md §6).
@@ -278,7 +278,6 @@ class CommandExecution:
                 optimizer_cls=state.optimizer_cls,
                 **state.optimizer_options,
             )
-            created = True
             record.artifact_id, record.kernel, record.pinned = artifact_id, kernel, pinned
             record.hook_kernel(kernel)
             record.monitor = self.guard.new_monitor(record, state.require_registry())
@@ -286,7 +285,7 @@ class CommandExecution:
             seed.performance_gate = state.config.performance_gate / SCALE
             seed.transition_to(S.ISOLATED_INIT, gate=1)
         except BaseException:
-            self._undo_germinate(record, kernel, artifact_id, pinned, created)
+            self._undo_germinate(record, kernel, artifact_id, pinned, had_optimizer)
             seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned = saved
             record.graft_steps = graft_steps
             if record.timeline != timeline:  # the transition was announced before the failure
@@ -375,9 +374,11 @@ class CommandExecution:
                     )
 
     def _undo_germinate(
-        self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool, created: bool
+        self, record: SeedRecord, kernel: object, artifact_id: str, pinned: bool, had: bool
     ) -> None:
-        if created:
+        # From the registry, not from how far the steps got (an interrupt may land after the
+        # registration); an optimizer the seed had before is not this GERMINATE's to remove.
+        if not had and record.seed_id in self.state.optimizers.seed_ids:
             self.state.optimizers.remove_seed(record.seed_id)
         if record.seed.kernel is kernel:
             record.seed.detach_kernel()
@@ -463,8 +464,7 @@ class CommandExecution:
 
     def _finish_cull(self, record: SeedRecord, embargo: int) -> None:
         """HARVESTING -> COOLDOWN with the embargo, the kernel released first (``on_transition``
-        has released it unless the announcement of HARVESTING was interrupted; again is a
-        no-op)."""
+        has, unless HARVESTING's announcement was interrupted: releasing again is a no-op)."""
         self.release(record)
         try:
             record.seed.transition_to(S.COOLDOWN)

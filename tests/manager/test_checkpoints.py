@@ -3,6 +3,7 @@ writes, safe loading, and bit-for-bit restore of captured training state."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import stat
@@ -225,6 +226,54 @@ def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoin
     manager.end_epoch(2)  # the timeline after epoch 1 is abandoned: epoch 3 goes
     assert manager.checkpoints.epochs() == [0, 1, 2] and manager.epoch == 2
     manager.end_epoch(3)
+
+
+def test_a_listing_that_fails_after_the_write_only_defers_pruning(
+    tmp_path, keyring, monkeypatch, caplog
+):
+    """Pruning runs once the epoch's checkpoint is written, so none of its failures fails the
+    boundary: the directory listing raising OSError right after the write is logged, the
+    boundary completes (clock, metrics, tick), and the next save prunes what this one left."""
+    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
+    store.mkdir()
+    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    manager = rig.manager
+    for epoch in range(2):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    checkpoints, table = manager.checkpoints, manager.registry.table
+    ages = [table.read_row(r.index)["EPOCHS_IN_STATE"] for r in manager.registry]
+    write, listing, armed = checkpoints._write, checkpoints.epochs, []
+
+    def write_then_arm(epoch: int, state) -> None:
+        write(epoch, state)
+        if not armed:  # once
+            armed.append(True)
+
+    def epochs() -> list[int]:
+        if armed and armed[-1]:
+            armed[-1] = False
+            raise OSError(5, "Input/output error")
+        return listing()
+
+    monkeypatch.setattr(checkpoints, "_write", write_then_arm)
+    monkeypatch.setattr(checkpoints, "epochs", epochs)
+    rig.train(1)
+    with caplog.at_level(logging.WARNING, logger="kasmina.manager.checkpoints"):
+        manager.end_epoch(2, {"acc": 0.5})
+    assert armed == [False]  # the listing after the write raised, once
+    assert "could not list the checkpoints to prune after epoch 2" in caplog.text
+    assert manager.epoch == 2 and manager.val_metrics == {"acc": 0.5}
+    assert [table.read_row(r.index)["EPOCHS_IN_STATE"] for r in manager.registry] == [
+        age + 1 for age in ages
+    ]  # the boundary's tick ran
+    assert listing() == [0, 1, 2]  # epoch 0, out of reach, is left on disk for now
+    with pytest.raises(ValueError, match="not after the last epoch ended"):
+        manager.end_epoch(2)  # done once: not run twice
+    rig.train(1)
+    manager.end_epoch(3)
+    assert listing() == [2, 3] and manager.epoch == 3
+    assert checkpoints.load(2)["extra"]["val_metrics"] == {"acc": 0.5}  # the one written
 
 
 def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path, keyring):

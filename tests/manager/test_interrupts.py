@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.isolation.optimizers import HOST_ID as HOST
+from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import TelemetryPacket
 from kasmina.stages import StateColumn
 from tests.manager.helpers import SEED0, SEED1, Rig, S
@@ -83,6 +85,114 @@ def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, ml
     assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
     rig.train(1)
     assert torch.isfinite(rig.model(rig.x)).all()
+
+
+def _state_of(optimizer: torch.optim.Optimizer) -> list[tuple[int, str, object]]:
+    """The optimizer's running state, cloned: (parameter id, key, value) each."""
+    return [
+        (id(p), key, value.clone() if isinstance(value, torch.Tensor) else value)
+        for p, state in optimizer.state.items()
+        for key, value in state.items()
+    ]
+
+
+def _same_state(a: list[tuple[int, str, object]], b: list[tuple[int, str, object]]) -> bool:
+    """Bit for bit (``torch.equal`` on tensors)."""
+    return len(a) == len(b) and all(
+        x[:2] == y[:2]
+        and (torch.equal(x[2], y[2]) if isinstance(x[2], torch.Tensor) else x[2] == y[2])
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+class _CtrlCOnRegistration:
+    """A telemetry sink that raises ``KeyboardInterrupt`` once, on ``seed_optimizer_created``
+    (sent once the optimizer is registered); it keeps the parameters registered for the seed."""
+
+    def __init__(self, rig: Rig, seed_id: str) -> None:
+        self.optimizers, self.seed_id = rig.manager.optimizers, seed_id
+        self.params: list[torch.Tensor] = []
+
+    def send(self, packet: TelemetryPacket) -> None:
+        if not self.params and any(m.name == "seed_optimizer_created" for m in packet.metrics):
+            self.params = self.optimizers.parameters(self.seed_id)
+            raise KeyboardInterrupt("Ctrl-C")
+
+
+@pytest.mark.parametrize("where", ["in its event", "after it returned"])
+def test_a_germinate_interrupted_once_its_optimizer_is_registered_leaves_none(
+    rig: Rig, mlp, monkeypatch, where: str
+) -> None:
+    """Ctrl-C once the seed's optimizer is registered: in the event that announces it (a sink
+    raises), or as ``create_seed_optimizer`` returns. The GERMINATE undoes itself, optimizer
+    and parameter ownership included, so the seed is DORMANT with no optimizer (none is kept
+    in a checkpoint) and the same GERMINATE, sent again, goes through."""
+    manager = rig.manager
+    rig.train(1)
+    manager.loader.original(mlp)
+    optimizers = manager.optimizers
+    record = manager.registry[SEED0]
+    table = record.seed.state_table
+    row, timeline = table.read_row(record.index), list(record.timeline)
+    host_state = _state_of(optimizers.optimizer(HOST))
+    assert host_state  # the host has trained: its running state is there to compare
+    host_params = optimizers.parameters(HOST)
+    if where == "in its event":
+        sink = _CtrlCOnRegistration(rig, SEED0)
+        manager.telemetry.add_sink(sink)
+    else:
+        create, registered = optimizers.create_seed_optimizer, []
+
+        def create_then_interrupt(seed_id: str, params, **options) -> torch.optim.Optimizer:
+            optimizer = create(seed_id, params, **options)
+            if not registered:
+                registered.extend(optimizers.parameters(seed_id))
+                raise KeyboardInterrupt("Ctrl-C")
+            return optimizer
+
+        monkeypatch.setattr(optimizers, "create_seed_optimizer", create_then_interrupt)
+    (command_id,) = queue(rig, make_seed_command("germinate", SEED0, mlp))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    claimed = sink.params if where == "in its event" else registered
+    assert claimed  # the interrupt landed with the optimizer registered
+    assert optimizers.optimizer_ids == [HOST] and SEED0 not in optimizers.seed_ids
+    assert all(optimizers.owner_of(p) is None for p in claimed)
+    assert all(a is b for a, b in zip(optimizers.parameters(HOST), host_params, strict=True))
+    assert _same_state(_state_of(optimizers.optimizer(HOST)), host_state)
+    assert record.stage == S.DORMANT and table.read_row(record.index) == row
+    assert record.kernel is None and record.seed.kernel is None and record.artifact_id is None
+    assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
+    assert list(record.timeline) == timeline
+    assert manager.command_log[-1][:3] == (command_id, "seed.germinate", False)
+    assert manager.command_log[-1][3] == "interrupted by KeyboardInterrupt; nothing changed"
+    assert_counts_add_up(rig, executed=0, failed=1)
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert optimizers.optimizer_ids == [HOST, SEED0]
+    assert all(optimizers.owner_of(p) == SEED0 for p in optimizers.parameters(SEED0))
+    rig.train(1)
+    assert torch.isfinite(rig.model(rig.x)).all()
+
+
+def test_create_seed_optimizer_is_all_or_nothing() -> None:
+    """A telemetry sink that raises on the creation's event (a Ctrl-C) leaves no optimizer and
+    no claimed parameter behind, so the same creation, retried, goes through."""
+    fired: list[str] = []
+
+    class Telemetry:
+        def emit(self, name: str, *_args, **_kwargs) -> None:
+            if not fired:
+                fired.append(name)
+                raise KeyboardInterrupt("Ctrl-C")
+
+    optimizers = IsolatedOptimizerManager(telemetry=Telemetry())
+    params = list(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(KeyboardInterrupt):
+        optimizers.create_seed_optimizer("s", params)
+    assert fired == ["seed_optimizer_created"]
+    assert optimizers.optimizer_ids == [] and all(optimizers.owner_of(p) is None for p in params)
+    optimizers.create_seed_optimizer("s", params)
+    assert optimizers.seed_ids == ["s"] and all(optimizers.owner_of(p) == "s" for p in params)
 
 
 @pytest.mark.parametrize(
