@@ -18,9 +18,10 @@ one batched forward over a new dimension, keeps the model's own batch semantics 
 Side effects: none that training can see. Evaluation runs in eval mode (modes restored), under
 ``no_grad``, inside ``torch.random.fork_rng`` (no global random number is drawn), and restores
 what a forward leaves on the slots (COMPATIBILITY_CHECK probes, pending teacher logits, the
-captured kernel outputs the isolation check reads), the seeds' non-finite flags and their
-kernels' buffers (batch-norm statistics that a kernel exported in train mode updates whatever
-``eval()`` says). No stage, alpha or weight changes.
+captured kernel outputs the isolation check reads), the seeds' non-finite flags and the
+model's buffers, its kernels' included (batch-norm statistics that a kernel exported in train
+mode updates whatever ``eval()`` says, a QAT host's observer statistics, which move in eval
+mode too). No stage, alpha or weight changes.
 
 Faults: a kernel that faults while evaluated is contained as in any forward (the host's output
 stands in for the seed's), but the fault is the measurement's, not training's: it is not
@@ -221,7 +222,11 @@ def evaluate_seeds(
         seed.observed_faults = sink
     try:
         with (
-            kept_buffers(*(seed.kernel for seed in seeds)),
+            # The model's buffers, not only the kernels': a host's may move in eval mode too
+            # (a QAT observer's statistics). The kernels' are among them (a kernel the model
+            # does not hold, in a slot taken out of it, is never run by its forward), so one
+            # copy of each buffer is kept.
+            kept_buffers(model),
             torch.random.fork_rng(devices=cuda),
             torch.no_grad(),
             # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would

@@ -36,7 +36,8 @@ from kasmina.leyline import (
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
-from kasmina.seeds.gates import GateResult, SeedEvaluation
+from kasmina.seeds.faults import rng_forked
+from kasmina.seeds.gates import GateResult, SeedEvaluation, kept_buffers
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
@@ -341,7 +342,10 @@ class ManagerReport:
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
         """Median forward time of a slot whose seeds are all dormant minus its bare host's, on
         an input of the slot's first-seen shape (µs; NaN when no such slot has run yet). Runs
-        in eval mode (no batch-norm statistics move) and draws no global random numbers."""
+        in eval mode, on a forked RNG and with the slot's buffers put back afterwards, so the
+        host sees no trace of it: no global random numbers are drawn (a host may draw in eval
+        mode, ``F.dropout``'s default ``training=True``) and no buffer moves (a QAT observer
+        updates its statistics in eval mode too)."""
         registry = self.state.registry
         sample = registry.dormant_sample() if registry is not None else None
         if sample is None:
@@ -352,7 +356,9 @@ class ManagerReport:
         modes = [(module, module.training) for module in slot.modules()]
         slot.eval()
         try:
-            with torch.no_grad():
+            # The slot's buffers cover its host's and its seeds': kept once, outside the loop,
+            # so the copies cost nothing inside the timed pairs.
+            with kept_buffers(slot), rng_forked(x.device), torch.no_grad():
                 slot(x), slot.host(x)  # warm up
                 for _ in range(repeats):
                     t0 = time.perf_counter_ns()

@@ -352,7 +352,7 @@ class GradientIsolatedSeed(nn.Module):
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:
-        """Install the seed's module (moved to the seed's device).
+        """Install the seed's module (moved to the seed's device, in the seed's mode).
 
         Refused while a kernel is running (ISOLATED_INIT .. ACTIVE): no hot swaps mid-training.
         """
@@ -362,7 +362,7 @@ class GradientIsolatedSeed(nn.Module):
             raise ValueError(f"seed {self.seed_id}: cannot replace the kernel in {self.stage.name}")
         if getattr(module, "mutates_input", False):  # a seed's input is the host's activation
             raise ValueError(f"seed {self.seed_id}: the kernel mutates its input in place")
-        self.kernel = module.to(self.alpha.device)
+        self.kernel = module.to(self.alpha.device).train(self.training)
         self.__dict__.pop("_kernel_tree", None)
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))

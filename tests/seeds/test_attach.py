@@ -656,3 +656,25 @@ def test_seed_flags_are_views_of_the_layer_flags_through_copies_and_moves() -> N
     loaded = kasmina_layers(torch.load(buffer, weights_only=False))[0]
     loaded._finite_flags[1] = False
     assert [bool(s.finite_flag) for s in loaded.seeds] == [True, False]
+
+
+def test_a_slot_takes_its_hosts_mode_and_leaves_the_hosts_own_modes_alone() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    model.eval()
+    slot = attach(model, "2", 2, 4)[0]
+    assert [n for n, m in model.named_modules() if m.training] == []  # the slot is eval too
+    # A block in mixed modes on purpose (a frozen batch norm inside a training block): the
+    # slot follows the block's own flag, and nothing inside the block is flipped.
+    for training in (True, False):
+        block = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+        block.train(training)
+        block[1].train(not training)
+        model = nn.Sequential(nn.Linear(4, 8), block)
+        slot = attach(model, "1", 2, 4)[0]
+        assert slot.training is training and slot.seeds.training is training
+        assert all(seed.training is training for seed in slot.seeds)
+        assert (block.training, block[0].training, block[1].training) == (
+            training,
+            training,
+            not training,
+        )
