@@ -17,12 +17,12 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    are pinned and the isolated seeds' monitors built. Any failure unpins what was pinned and
    puts the old kernels (with their probe results), the weights and the table back, so the
    command is refused with nothing changed;
-3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the
-   live optimizer objects (``IsolatedOptimizerManager.adopt``: the host's optimizer, and a
-   seed's that exists before and after, stays the same object, so a user's LR scheduler or
-   ``GradScaler`` on it keeps driving the optimizer that trains), and the counters, records,
-   pins and monitors take over. Afterwards a seed's original is pinned exactly while it holds
-   a kernel and is not TERMINATED (docs/design.md §3), whatever it held before.
+3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the live
+   optimizer objects (``IsolatedOptimizerManager.adopt``: the host's optimizer, and a seed's that
+   exists before and after, stays the same object, so a user's LR scheduler or ``GradScaler`` on it
+   keeps driving the optimizer that trains), and the counters, records, pins and monitors take over.
+   A Ctrl-C during it is delivered once it is done. Afterwards a seed's original is pinned exactly
+   while it holds a kernel and is not TERMINATED (docs/design.md §3), whatever it held before.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
 table and runs the automatic COOLDOWN -> RECYCLING -> DORMANT steps, so that a failed write
@@ -52,6 +52,7 @@ from kasmina.seeds.extra_state import owner_restore
 from kasmina.seeds.gates import CompatibilityProbe
 from kasmina.stages import SeedStage
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
@@ -170,14 +171,15 @@ def restore_epoch(
             seed.evaluation = evaluation
         _release(fresh)
         raise
-    # Phase 3: the commit (nothing here can fail; an interrupt from here on finds it counted).
-    state.counters["rollbacks_committed"] += 1
-    state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
-    state.epoch = int(extra.get("epoch", epoch))
-    state.global_step = int(extra.get("global_step", state.global_step))
-    state.val_metrics = dict(extra.get("val_metrics", {}))
-    state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
-    _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
+    # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
+    with interrupts_deferred():
+        state.counters["rollbacks_committed"] += 1
+        state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
+        state.epoch = int(extra.get("epoch", epoch))
+        state.global_step = int(extra.get("global_step", state.global_step))
+        state.val_metrics = dict(extra.get("val_metrics", {}))
+        state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
+        _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:
         return ""

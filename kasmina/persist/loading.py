@@ -31,13 +31,14 @@ from torch import nn
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
-from kasmina.seeds.inject import add_load_checks
+from kasmina.seeds.inject import add_load_checks, follow_host_mode
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NUM_STATE_COLUMNS
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.state_io import cast_in_place
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def load(
 
     Raises ``SavedModelError`` (an incompatible version, a malformed file, a host that does not
     match) or ``ArtifactIntegrityError`` (a damaged or tampered file, an unknown publisher,
-    a payload that does not match its manifest). ``model`` is unchanged when it raises.
+    a payload that does not match its manifest). ``model`` is unchanged when it raises: every
+    check runs before the first write. The writes (the host's weights, the slots put in place)
+    hold a Ctrl-C until they are done; an exception from the user's own load hooks on ``model``
+    during them is the one thing that can leave it partly loaded.
     """
     if not isinstance(publishers, TrustedPublishers):
         raise TypeError(
@@ -75,13 +79,14 @@ def load(
             f"saved model {os.fspath(path)!r} is malformed ({type(exc).__name__}: {exc})"
         ) from exc
 
-    # Commit: everything that can be refused has been checked.
-    model.load_state_dict(host_state, strict=True)
-    for name, layer in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, layer)
-    add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
+    # Commit: everything that can be refused has been checked. A Ctrl-C waits until it is done.
+    with interrupts_deferred():
+        model.load_state_dict(host_state, strict=True)
+        for name, layer in layers.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, layer)
+        add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
     logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), kernels, path)
     return list(layers.values())
 
@@ -342,6 +347,8 @@ def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTenso
         elif layout[key] != {"chunk_dim": -1, "output_index": 0}[key]:
             raise SavedModelError(f"slot {layout['name']!r}: this Kasmina has no {key}")
     try:
-        return KasminaLayer(host, layout["num_seeds"], layout["chunk_size"], **options)
+        layer = KasminaLayer(host, layout["num_seeds"], layout["chunk_size"], **options)
     except (ValueError, KeyError, IndexError) as exc:
         raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from exc
+    follow_host_mode(layer)  # an eval() host gets an eval slot, as ``attach`` gives it
+    return layer

@@ -16,6 +16,8 @@
   variable or a file (never from code), never shown in ``repr`` or logs.
 - ``locks`` -- ``lock_exclusive``: an advisory ``flock`` on a lock file, so that one live process
   owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
+- ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an
+  all-or-nothing change is delivered when the commit is done, not half-way through it.
 
 Only the root vocabulary (``kasmina.stages``, ``kasmina.errors``, ``kasmina.leyline``) sits below
 this package; everything else may use it. Nothing here imports another Kasmina package.

@@ -9,6 +9,8 @@ or by a stand-in for the nonce ledger's sync."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -382,3 +384,30 @@ def test_an_interrupt_after_a_command_applied_reports_it_once(rig: Rig, mlp, mon
     assert rig.stage(SEED0) == S.ISOLATED_INIT
     assert [entry[:3] for entry in manager.command_log] == [(command_id, "seed.germinate", True)]
     assert_counts_add_up(rig, executed=1, failed=0)
+
+
+def test_a_ctrl_c_during_a_rollbacks_commit_waits_until_it_is_done(rig: Rig, monkeypatch) -> None:
+    """A SIGINT that lands in the commit (nothing there can fail, but a signal can arrive
+    anywhere) is delivered once the rollback is whole: optimizers adopted, records, epoch and
+    the command's outcome all the checkpoint's."""
+    manager = rig.manager
+    for epoch in range(3):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    rig.train(2)
+    adopt, fired = IsolatedOptimizerManager.adopt, []
+
+    def adopt_then_ctrl_c(self, *args, **kwargs):
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return adopt(self, *args, **kwargs)
+
+    monkeypatch.setattr(IsolatedOptimizerManager, "adopt", adopt_then_ctrl_c)
+    (command_id,) = queue(rig, make_rollback_command(1))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert fired and manager.epoch == 1 and manager.counters["rollbacks_committed"] == 1
+    assert [entry[:3] for entry in manager.command_log] == [(command_id, "rollback", True)]
+    assert_counts_add_up(rig, executed=1, failed=0)
+    rig.train(1)  # and training goes on

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,26 @@ def test_a_kernel_comes_back_whole_in_its_saved_dtype(tmp_path: Path) -> None:
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(fresh(x), saved(x))
+
+
+def test_a_ctrl_c_during_the_load_commit_waits_until_the_model_is_loaded(
+    grown: Grown, saved: Path
+) -> None:
+    """A SIGINT that lands while the host's weights are being written (here, from a hook on
+    the host's first layer) is delivered once the load is complete, not half-way through."""
+    fresh = Host()
+    fired = []
+
+    def ctrl_c(*_args: object) -> None:
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+
+    fresh.inp.register_load_state_dict_pre_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
+    assert fired
+    fresh.eval()
+    assert [s.stage for s in _seeds(fresh)] == [S.ACTIVE, S.GRAFTING]
+    with torch.no_grad():
+        assert torch.equal(fresh(grown.x), grown.model(grown.x))

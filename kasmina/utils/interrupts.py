@@ -1,0 +1,56 @@
+"""Holding a Ctrl-C across the commit of an all-or-nothing change.
+
+Kasmina's state changes validate and load everything first, then commit: move prepared objects
+into place, copy validated tensors. Nothing in a commit is expected to fail, but a SIGINT can
+arrive anywhere, and Python turns it into a ``KeyboardInterrupt`` between any two bytecodes: a
+commit cut there leaves half the change applied. ``interrupts_deferred`` holds the signal until
+the block ends and then delivers it as the previous handler would have (by default, a
+``KeyboardInterrupt`` raised where the block ends), so the user's Ctrl-C still stops the
+program, after the commit.
+
+Signals reach only the main thread, and only its handler can be replaced, so elsewhere the
+block runs as it is (a commit on another thread cannot be interrupted by SIGINT anyway).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+__all__ = ["interrupts_deferred"]
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run the block with SIGINT held; a SIGINT that arrived is delivered when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append((signum, frame))
+
+    try:
+        previous = signal.signal(signal.SIGINT, hold)
+    except ValueError:  # not the main interpreter: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            _deliver(previous, *held[0])
+
+
+def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
+    """What ``handler`` would have done with the signal (SIG_DFL: the default action)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+    # SIG_IGN, or None (a handler installed outside Python): nothing to do here
