@@ -15,9 +15,8 @@ rollback's commit (``adopt``) moves the rebuilt state into the live optimizer ob
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
 
 This is an in-process component, not a door: a controller's optimizer command reaches it only
-through the kernel manager, which verifies the signed bytes first. So ``apply_optimizer_command``
-takes the verified command (``VerifiedOptimizerCommand``), never a bare ``OptimizerCommand``,
-which anything could parse from unauthenticated bytes (docs/design.md §5, "Trust boundary").
+through the kernel manager, which verifies the signed bytes first, so ``apply_optimizer_command``
+takes a ``VerifiedOptimizerCommand``, never a bare ``OptimizerCommand`` (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -58,14 +57,10 @@ ParameterProvider = Callable[[], Iterable[torch.Tensor]]
 
 @runtime_checkable
 class VerifiedOptimizerCommand(Protocol):
-    """What ``apply_optimizer_command`` takes: an optimizer command that passed the verifier.
-
-    The handler's ``KasminaCommand`` of kind ``"optimizer"`` is one (this package may not import
-    the control package, so the type is named by its shape). It is a plain in-process value:
-    code in the trainer's process could build one, as it could call ``step`` directly; the
-    point is that no wire message (bytes, ``AdaptationCommand``, ``OptimizerCommand``) is
-    accepted, so nothing a transport parsed can get here without the signature check.
-    """
+    """What ``apply_optimizer_command`` takes: an optimizer command that passed the verifier,
+    such as the handler's ``KasminaCommand`` of kind ``"optimizer"`` (named by its shape: this
+    package may not import the control package). No wire message (bytes, ``AdaptationCommand``,
+    ``OptimizerCommand``) is accepted, so nothing a transport parsed gets here unverified."""
 
     @property
     def kind(self) -> str: ...
@@ -220,9 +215,7 @@ class IsolatedOptimizerManager:
                              "optimizer (attach it with host_lr=None)")  # fmt: skip
         self._check_optimizable(plist, HOST_ID)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
-        self._ownership.claim(plist, HOST_ID)
-        self._entries[HOST_ID] = _Entry(optimizer)
-        self._emit("optimizer_created", float(len(plist)), {"optimizer_id": HOST_ID})
+        self._register(HOST_ID, plist, optimizer, "optimizer_created", {"optimizer_id": HOST_ID})
         logger.info("host optimizer %s over %d tensors", type(optimizer).__name__, len(plist))
         return optimizer
 
@@ -241,15 +234,22 @@ class IsolatedOptimizerManager:
         plist = _collect(params, f"parameters of seed {seed_id!r}")
         self._check_optimizable(plist, seed_id)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
-        try:  # all or nothing: a sink that raises on the event (a Ctrl-C) leaves no claim behind
-            self._ownership.claim(plist, seed_id)
-            self._entries[seed_id] = _Entry(optimizer)
-            self._emit("seed_optimizer_created", float(len(plist)), {"seed_id": seed_id})
-        except BaseException:
-            self._ownership.release(seed_id)
-            self._entries.pop(seed_id, None)
-            raise
+        self._register(seed_id, plist, optimizer, "seed_optimizer_created", {"seed_id": seed_id})
         return optimizer
+
+    def _register(
+        self, owner: str, plist: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+        event: str, labels: dict[str, str],
+    ) -> None:  # fmt: skip
+        """All or nothing: a sink that raises on the event (a Ctrl-C) leaves no claim behind."""
+        try:
+            self._ownership.claim(plist, owner)
+            self._entries[owner] = _Entry(optimizer)
+            self._emit(event, float(len(plist)), labels)
+        except BaseException:
+            self._ownership.release(owner)
+            self._entries.pop(owner, None)
+            raise
 
     def register_teacher_params(self, params: Iterable[torch.Tensor]) -> int:
         """Freeze the teacher's parameters and bar them from every optimizer; they replace

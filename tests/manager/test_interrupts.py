@@ -176,9 +176,11 @@ def test_a_germinate_interrupted_once_its_optimizer_is_registered_leaves_none(
     assert torch.isfinite(rig.model(rig.x)).all()
 
 
-def test_create_seed_optimizer_is_all_or_nothing() -> None:
+@pytest.mark.parametrize("owner", ["s", HOST])
+def test_creating_an_optimizer_is_all_or_nothing(owner: str) -> None:
     """A telemetry sink that raises on the creation's event (a Ctrl-C) leaves no optimizer and
-    no claimed parameter behind, so the same creation, retried, goes through."""
+    no claimed parameter behind, so the same creation, retried, goes through: a seed's, and
+    the host's (an INITIALIZE_HOST optimizer command's)."""
     fired: list[str] = []
 
     class Telemetry:
@@ -189,12 +191,20 @@ def test_create_seed_optimizer_is_all_or_nothing() -> None:
 
     optimizers = IsolatedOptimizerManager(telemetry=Telemetry())
     params = list(torch.nn.Linear(2, 2).parameters())
+
+    def create() -> None:
+        if owner == HOST:
+            optimizers.initialize_host(params)
+        else:
+            optimizers.create_seed_optimizer(owner, params)
+
     with pytest.raises(KeyboardInterrupt):
-        optimizers.create_seed_optimizer("s", params)
-    assert fired == ["seed_optimizer_created"]
+        create()
+    assert fired == ["optimizer_created" if owner == HOST else "seed_optimizer_created"]
     assert optimizers.optimizer_ids == [] and all(optimizers.owner_of(p) is None for p in params)
-    optimizers.create_seed_optimizer("s", params)
-    assert optimizers.seed_ids == ["s"] and all(optimizers.owner_of(p) == "s" for p in params)
+    create()
+    assert optimizers.optimizer_ids == [owner]
+    assert all(optimizers.owner_of(p) == owner for p in params)
 
 
 @pytest.mark.parametrize(
