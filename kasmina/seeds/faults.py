@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,11 @@ FaultRecorder = Callable[[str, str], None]
 
 # Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
 DEFAULT_FAULT_LIMIT = 3
+# Held while a fault is counted and may quarantine its seed: forwards of one model on several
+# threads (serving) can fault at once, and two that both reach the limit would both send the
+# seed to QUARANTINE, the second raising into its forward. Reentrant: a transition's listeners
+# may record another seed's fault. Faults are rare, so one lock for every seed costs nothing.
+FAULT_LOCK = threading.RLock()
 # The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log
 # is for a person reading a report, and an exception message can be arbitrarily long.
 FAULT_LOG_SIZE = 16

@@ -43,6 +43,7 @@ from kasmina.seeds.extra_state import (
 )
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
+    FAULT_LOCK,
     FAULT_LOG_SIZE,
     call_kernel,
     cut_nonfinite_gradient,
@@ -297,25 +298,23 @@ class GradientIsolatedSeed(nn.Module):
         if self.observed_faults is not None:
             self.observed_faults.append(f"{kind}: {reason}")
             return
-        self.faults += 1
-        self.fault_log.append(reason)
-        stage = self.stage
-        self.state_table.report(
-            "seed.fault", {"seed_id": self.seed_id, "kind": kind, "stage": stage.name}
-        )
-        log_fault(self.seed_id, self.faults, self.fault_limit, stage.name, kind, reason)
-        if self.faults < self.fault_limit:
-            return
-        if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
-            self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
-        elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
-            logger.error(
-                "seed %s: fault limit %d reached in %s, which cannot be quarantined; it keeps "
-                "falling back to the host output",
-                self.seed_id,
-                self.fault_limit,
-                stage.name,
-            )
+        with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
+            self.faults += 1
+            self.fault_log.append(reason)
+            stage = self.stage
+            labels = {"seed_id": self.seed_id, "kind": kind, "stage": stage.name}
+            self.state_table.report("seed.fault", labels)
+            log_fault(self.seed_id, self.faults, self.fault_limit, stage.name, kind, reason)
+            if self.faults < self.fault_limit:
+                return
+            if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
+                self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
+            elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
+                logger.error(
+                    "seed %s: fault limit %d reached in %s, which cannot be quarantined; it "
+                    "keeps falling back to the host output", self.seed_id, self.fault_limit,
+                    stage.name,
+                )  # fmt: skip
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
         if new in (SeedStage.ISOLATED_INIT, SeedStage.RECYCLING):  # G2 counts from the entry
