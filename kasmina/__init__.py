@@ -59,4 +59,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    """The public API only: not this file's helpers (``importlib``, ``Any``, ``_PUBLIC``) nor
+    the subpackages an import has bound here."""
+    return list(__all__)

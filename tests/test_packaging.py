@@ -294,3 +294,15 @@ def test_installed_console_script_runs(installed: Installed, tmp_path: Path) -> 
         assert str(installed.venv) in shebang, shebang
     result = _run([str(script), "--help"], env=installed.env, cwd=tmp_path)
     assert "usage" in result.stdout.lower(), result.stdout
+
+
+def test_dir_of_the_package_is_its_public_api() -> None:
+    """``dir(kasmina)`` (and so tab completion) lists the public API, not the helpers the lazy
+    namespace is built with (``importlib``, ``Any``, ``annotations``, ``_PUBLIC``), nor the
+    subpackages an import has bound on the package."""
+    import kasmina
+    import kasmina.stages  # binds kasmina.stages on the package
+
+    assert dir(kasmina) == sorted(kasmina.__all__)
+    assert not {"Any", "annotations", "importlib", "stages"} & set(dir(kasmina))
+    assert all(hasattr(kasmina, name) for name in kasmina.__all__)

@@ -39,6 +39,10 @@ MAX_SEED = 2**63 - 1
 # The most bytes publish builds for a --builtin module's parameters or an example input: what
 # an Urza client fetches at most by default (UrzaLibraryClient max_artifact_bytes, 1 GiB).
 MAX_BUILD_BYTES = 1 << 30
+# The names of kasmina.urza.blueprints.BLUEPRINTS, sorted, repeated here for --help: importing
+# that module imports torch, and the parser is built for every command, --help included.
+# tests/cli/test_cli_inputs.py checks that the two agree.
+BUILTIN_BLUEPRINTS = ("affine-shift", "residual-mlp", "residual-mlp-narrow")
 
 
 def add_urza_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +93,7 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
     store(publish)
     signer(publish)
     what = publish.add_mutually_exclusive_group(required=True)
-    what.add_argument("--builtin", help=f"built-in blueprint: {', '.join(_blueprint_names())}")
+    what.add_argument("--builtin", help=f"built-in blueprint: {', '.join(BUILTIN_BLUEPRINTS)}")
     what.add_argument("--factory", help="MODULE:CALLABLE returning the nn.Module to export")
     publish.add_argument("--dim", type=positive_int, help="chunk width (with --builtin)")
     publish.add_argument("--hidden", type=positive_int, help="hidden width (with --builtin)")
@@ -154,12 +158,6 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         "artifact_ids", nargs="*", metavar="ARTIFACT_ID", help="ids to re-sign (default: all)"
     )
     resign.set_defaults(func=_cmd_urza_resign)
-
-
-def _blueprint_names() -> list[str]:
-    from kasmina.urza.blueprints import BLUEPRINTS
-
-    return sorted(BLUEPRINTS)
 
 
 def _refuse_hmac_keys(args: argparse.Namespace) -> None:
