@@ -297,7 +297,8 @@ class KasminaLayer(nn.Module):
         return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
-        """Teacher logits for the next forward's KD loss (for hosts that call ``layer(x)``)."""
+        """Teacher logits for the KD loss of the next forward that records a graph (one under
+        ``no_grad``, an eval or a server's request on another thread, leaves them pending)."""
         self._teacher_logits = teacher_logits
 
     def forget_teacher(self) -> None:
@@ -344,7 +345,7 @@ class KasminaLayer(nn.Module):
         # call swaps it once for one that does not; fullgraph cannot take a one-shot hook).
         if self.output_contract is None:
             self._record(args if not kwargs else (), out)
-        if self._teacher_logits is not None:  # consumed by this forward, used or not
+        if self._teacher_logits is not None and torch.is_grad_enabled():  # used or not
             if teacher_logits is None:
                 teacher_logits = self._teacher_logits
             self._teacher_logits = None
@@ -468,7 +469,7 @@ class KasminaLayer(nn.Module):
         else:
             one = self._buffers["_one"]
             full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
-        if self.kd_config is not None and teacher_logits is not None:
+        if self.kd_config is not None and teacher_logits is not None and torch.is_grad_enabled():
             students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
             self._maybe_kd(full, students, teacher_logits, dim, ok, x)
         if alphas is None:

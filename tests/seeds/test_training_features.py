@@ -290,6 +290,30 @@ def test_kd_under_activation_checkpointing(stage: SeedStage) -> None:
 
 
 @pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_forward_without_a_graph_leaves_the_teacher_logits_to_the_training_forward(
+    stage: SeedStage,
+) -> None:
+    """A forward under ``no_grad``/``inference_mode`` (an eval, or a server's request on
+    another thread) took the pending teacher logits and stored a KD loss without a graph:
+    the training forward then had no teacher, and ``backward`` of the collected loss raised."""
+    layer = _distilling_layer(stage)
+    x, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    layer.set_teacher_logits(teacher)
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer(x, teacher_logits=teacher)  # given explicitly: still nothing to train
+    assert layer.get_and_clear_kd_losses() is None
+    layer(x)  # the training forward
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and kd.requires_grad
+    kd.backward()
+    assert all(p.grad is not None for s in layer.seeds for p in s.seed_parameters())
+    layer(x)  # consumed: the next forward has no teacher
+    assert layer.get_and_clear_kd_losses() is None
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
 def test_a_non_finite_seed_does_not_poison_its_siblings_kd(stage: SeedStage) -> None:
     """The slot's KD student puts the host's chunk in place of a non-finite one, as its
     output does: the healthy seed's KD gradient is the one it gets beside a seed that passed
