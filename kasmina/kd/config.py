@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kasmina.ops import KD_REDUCTIONS as REDUCTIONS
+from kasmina.ops.backend import check_positive, check_real
 
 __all__ = ["KDConfig"]
 
@@ -22,9 +23,10 @@ class KDConfig:
     reduction: str = "batchmean"
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"KD temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
+        # The ops' own check, so a config that passes here never fails at the first KD step
+        # (inf, NaN), and a string or bool is a ValueError rather than a TypeError.
+        check_positive("KD temperature", self.temperature)
+        if not 0.0 <= check_real("KD alpha", self.alpha) <= 1.0:
             raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown KD reduction {self.reduction!r}")

@@ -45,7 +45,7 @@ from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacke
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
-from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.guard import IsolationGuard, checked_clip_norm
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck
@@ -407,18 +407,15 @@ class KasminaKernelManager:
         return self.intake.arrive(raw)
 
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
-        """A safe point: apply every queued command that is ready, in arrival order.
-
-        Call it on the training thread, between steps (``step()`` calls it last, ``end_epoch``
-        first). A GERMINATE whose kernel is still being fetched stays queued unless
-        ``wait`` (then this waits for it, at most until its command's timeout runs out).
-        """
+        """A safe point, on the training thread between steps (``step()`` calls it last,
+        ``end_epoch`` first): apply every ready queued command, in arrival order. A GERMINATE
+        whose kernel is still being fetched stays queued unless ``wait`` (then this waits for
+        it, at most until its command's timeout runs out)."""
         return self.intake.apply_pending(wait=wait)
 
     def execute(self, command: KasminaCommand) -> bool:
-        """``CommandExecutor``: carry out a verified command at once. Only at a safe point on
-        the training thread (commands from a controller go through
-        ``handle_adaptation_command``, which queues them)."""
+        """``CommandExecutor``: carry out a verified command at once, at a safe point on the
+        training thread (a controller's go through ``handle_adaptation_command``, which queues)."""
         return self.intake.execute(command)
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
@@ -458,11 +455,14 @@ class KasminaKernelManager:
         if loss is not None:
             loss.backward()
 
-    def step(self, grad_clip_norm: float = 0.0) -> dict[str, Any]:
+    def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host
         step is skipped in a step where a leak was found), non-finite seed outputs polled, the
         seeds it trained marked for G2 or their GRAFTING alphas advanced, grads zeroed, then the
-        queued commands applied (the step's safe point), telemetry. Returns what it did."""
+        queued commands applied (the step's safe point), telemetry. Returns what it did.
+        ``grad_clip_norm`` > 0 clips every optimizer's gradients to it and skips a non-finite
+        step; 0 or None: no clipping; anything else is a ``ValueError`` (``checked_clip_norm``)."""
+        clip = checked_clip_norm(grad_clip_norm)  # before anything changes
         started = time.perf_counter_ns()
         state = self.state
         with self._lock:
@@ -488,7 +488,7 @@ class KasminaKernelManager:
                 for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
                 if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
             ]
-            done = optimizers.step_many([*host, *seeds], grad_clip_norm)  # one sync if clipping
+            done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping
             host_stepped = bool(host) and done[0]
             stepped = list(compress(seeds, done[len(host) :]))
             frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted

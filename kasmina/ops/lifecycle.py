@@ -106,9 +106,14 @@ def _flat_host_rules() -> np.ndarray:
     return _host_rules
 
 
-def _check_state(state: torch.Tensor) -> None:
+def _check_is_tensor(state: object) -> None:
+    # First in both public ops: a list would otherwise meet ``state.device`` (AttributeError).
     if not isinstance(state, torch.Tensor):
         raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")
+
+
+def _check_state(state: torch.Tensor) -> None:
+    _check_is_tensor(state)
     if state.dtype != torch.int32:
         raise ValueError(f"state must be int32, got {state.dtype}")
     if state.dim() != 2 or state.shape[1] != NUM_STATE_COLUMNS:
@@ -416,8 +421,7 @@ def lifecycle_update(
     table or a gate above int32's range (``LAST_GATE`` is int32; a negative gate of any width
     means "not given") is ``OUT_OF_RANGE``, an unknown stage ``ILLEGAL``.
     """
-    if not isinstance(state, torch.Tensor):
-        raise ValueError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    _check_is_tensor(state)
     idx = _as_index("seed_idx", seed_idx, state.device)
     new = _as_index("new_stage", new_stage, state.device)
     gates = _as_index("gate", gate, state.device)
@@ -430,7 +434,9 @@ def lifecycle_update(
 
 
 def lifecycle_tick(state: torch.Tensor) -> None:
-    """Advance every seed one epoch in place (see the module docstring)."""
+    """Advance every seed one epoch in place (see the module docstring); ``ValueError`` for a
+    ``state`` that is not an int32 ``[N, 10]`` contiguous tensor, as ``lifecycle_update``."""
+    _check_is_tensor(state)
     if _through_dispatcher():
         _lifecycle_tick_op(state)
         return

@@ -5,10 +5,13 @@ All or nothing, in this order, so that a refusal leaves the model exactly as it 
 1. the file: magic, format version, size and SHA-256 (``read_saved``), then ``torch.load``
    with ``weights_only=True``;
 2. the architecture: every saved slot names a module of ``model`` that is not already a slot,
-   and the host's parameters and buffers have the saved keys and shapes;
+   its layout is one ``attach`` could have made there (the header is unsigned: a forged layout
+   must not load into a model that differs from the saved one), and the host's parameters and
+   buffers have the saved keys and shapes;
 3. the kernels: each artifact's manifest is verified against the caller's
    ``TrustedPublishers`` and its payload against the manifest before it is deserialised (the
-   Urza rule, docs/design.md §6), then each seed's copy gets its trained weights;
+   Urza rule, docs/design.md §6), each seed's kernel must take its slot's chunks (the check
+   GERMINATE made), then each seed's copy gets its trained weights;
 4. the slots are built aside on a new state table, and the seeds' weights, extra state and
    the table are restored into them;
 5. only then are the host weights written and the slots put into the model, with the
@@ -29,12 +32,14 @@ import torch
 from torch import nn
 
 from kasmina.errors import ArtifactIntegrityError
+from kasmina.ops.lifecycle import INT32_MAX
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
 from kasmina.seeds.inject import add_load_checks, follow_host_mode
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.outputs import declared_width
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import NUM_STATE_COLUMNS
+from kasmina.stages import NUM_STATE_COLUMNS, StateColumn
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
@@ -105,6 +110,10 @@ def _prepare(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     hosts = {layout["name"]: _host(model, layout) for layout in layouts}
+    for layout in layouts:
+        problem = _output_index_problem(layout["output_index"], hosts[layout["name"]])
+        if problem is not None:
+            raise SavedModelError(f"saved slot {layout['name']!r}: {problem}")
     host_state = _check_architecture(model, hosts, weights)
     originals = {
         artifact_id: _verified_kernel(artifact_id, entry, publishers, device)
@@ -116,6 +125,7 @@ def _prepare(
         layout["name"]: _build_slot(layout, hosts[layout["name"]], table) for layout in layouts
     }
     by_slot: dict[str, dict[str, Any]] = {name: {} for name in layers}
+    layouts_by_name = {layout["name"]: layout for layout in layouts}
     for entry in seeds_saved:
         if not isinstance(entry, Mapping):
             raise SavedModelError(f"saved seed entry is malformed ({type(entry).__name__})")
@@ -134,6 +144,9 @@ def _prepare(
         if not isinstance(artifact_id, str) or artifact_id not in originals:
             raise SavedModelError(f"seed {entry.get('seed_id')!r}: artifact {artifact_id!r} absent")
         kernel_state = _mapping(entry, "kernel_state")
+        problem = _kernel_problem(layouts_by_name[name], hosts[name], originals[artifact_id])
+        if problem is not None:
+            raise SavedModelError(f"seed {entry.get('seed_id')!r}: {problem}")
         kernel = copy.deepcopy(originals[artifact_id])
         try:
             _in_saved_dtypes(kernel, kernel_state)
@@ -175,7 +188,11 @@ _LAYOUT_INTS = (
 
 def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
     """The saved slot layouts, each checked field by field: names unique and not nested,
-    every layout field an int, and the slots' rows tiling the state table from row 0."""
+    every layout field an int, ``fault_limit`` in [1, 2**31 - 1] (as the seeds take it, and
+    no further: a count past int32 is no limit a saved model had), and the slots' rows tiling
+    the state table from row 0. ``region_id`` is checked against the table (``_table``),
+    ``output_index`` against the host (``_output_index_problem``) and ``chunk_dim`` against
+    the seeds' kernels (``_kernel_problem``)."""
     layouts: list[dict[str, Any]] = []
     for raw in slots_saved:
         if not isinstance(raw, Mapping):
@@ -191,6 +208,11 @@ def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
             layout[key] = value
         if layout["num_seeds"] < 1 or layout["chunk_size"] < 1:
             raise SavedModelError(f"saved slot {name!r}: num_seeds and chunk_size must be >= 1")
+        if not 1 <= layout["fault_limit"] <= INT32_MAX:
+            raise SavedModelError(
+                f"saved slot {name!r}: fault_limit {layout['fault_limit']} is outside "
+                f"[1, {INT32_MAX}]"
+            )
         layouts.append(layout)
     names = [layout["name"] for layout in layouts]
     for name in names:
@@ -212,7 +234,9 @@ def _table(
     table_saved: Mapping[str, Any], layouts: list[dict[str, Any]]
 ) -> tuple[torch.Tensor, int]:
     """The saved state table and embargo, checked before anything is allocated for them: an
-    int32, contiguous (so every row is in the file) ``(slots' seeds, NUM_STATE_COLUMNS)``."""
+    int32, contiguous (so every row is in the file) ``(slots' seeds, NUM_STATE_COLUMNS)``;
+    each slot's ``region_id`` is its first row's REGION_ID (where ``save`` read it), and the
+    embargo fits the int32 EMBARGO_COUNTER it is written to when a seed enters COOLDOWN."""
     state_tensor = table_saved.get("state_tensor")
     rows = sum(layout["num_seeds"] for layout in layouts)
     expected = (rows, NUM_STATE_COLUMNS)
@@ -230,9 +254,16 @@ def _table(
         raise SavedModelError(
             f"saved state table is malformed: {got}, expected a contiguous int32 {expected}"
         )
+    for layout in layouts:
+        region = int(state_tensor[layout["state_offset"], StateColumn.REGION_ID])
+        if layout["region_id"] != region:
+            raise SavedModelError(
+                f"saved slot {layout['name']!r}: region_id {layout['region_id']} is not its "
+                f"state rows' {region}"
+            )
     embargo = table_saved.get("embargo_epochs")
-    if isinstance(embargo, bool) or not isinstance(embargo, int) or embargo < 0:
-        raise SavedModelError(f"saved embargo_epochs {embargo!r} is not an int >= 0")
+    if isinstance(embargo, bool) or not isinstance(embargo, int) or not 0 <= embargo <= INT32_MAX:
+        raise SavedModelError(f"saved embargo_epochs {embargo!r} is not an int in [0, {INT32_MAX}]")
     return state_tensor, embargo
 
 
@@ -352,3 +383,64 @@ def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTenso
         raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from exc
     follow_host_mode(layer)  # an eval() host gets an eval slot, as ``attach`` gives it
     return layer
+
+
+# Hosts whose forward (the class's own, not an override) returns one tensor: the slot's element
+# is the output itself, which ``output_element`` finds at index 0 only. Of these, Linear and
+# Embedding put their declared width last, in every call whatever the input's rank.
+_TENSOR_FORWARD = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_WIDTH_LAST = (nn.Linear, nn.Embedding)
+
+
+def _forward_owner(host: nn.Module) -> type:
+    """The class whose ``forward`` the host runs (``nn.Module`` itself defines one)."""
+    return next(cls for cls in type(host).__mro__ if "forward" in vars(cls))
+
+
+def _output_index_problem(index: int, host: nn.Module) -> str | None:
+    """Why ``output_index`` cannot pick a tensor of ``host``'s output, or None. Known only for
+    the torch modules above and ``MultiheadAttention`` (a pair); for any other host it is
+    known at the first forward, as after ``attach``: a slot whose seeds run raises
+    ``TypeError`` naming ``output_index`` (seeds without a kernel pass the host through)."""
+    owner = _forward_owner(host)
+    if owner in _TENSOR_FORWARD and index != 0:
+        return f"output_index {index}, but a {owner.__name__} returns one tensor (index 0)"
+    if owner is nn.MultiheadAttention and not -2 <= index < 2:
+        return f"output_index {index}, but a MultiheadAttention returns a pair"
+    return None
+
+
+def _kernel_problem(layout: Mapping[str, Any], host: nn.Module, kernel: GPUKernel) -> str | None:
+    """Why ``kernel`` cannot run on the chunks the slot ``layout`` cuts, or None: GERMINATE's
+    check against the recorded output (``CommandExecutor``), made here from the manifest's one
+    input, whose rank is the chunk's and so the host output's: ``chunk_dim`` must index it and
+    the kernel take ``chunk_size`` features there; a Linear or Embedding host chunked along
+    another dim leaves its whole width last. This is what fixes ``chunk_dim`` before a forward:
+    a seed that holds no kernel passes the host through whatever it is, and its slot's first
+    forward checks it (``contract_problem``, which GERMINATE also refuses on)."""
+    specs = kernel.manifest.input_spec
+    if len(specs) != 1:
+        return f"its kernel takes {len(specs)} inputs; a seed gives it one chunk"
+    shape = specs[0].shape
+    dim, rank, chunk = layout["chunk_dim"], len(shape), layout["chunk_size"]
+    if not -rank <= dim < rank:
+        return f"chunk_dim {dim} is outside the {rank}-D chunk its kernel takes {list(shape)}"
+    if shape[dim] not in (None, chunk):
+        return f"its kernel takes {list(shape)}, not {chunk} features along chunk_dim {dim}"
+    width = declared_width(host, -1) if _forward_owner(host) in _WIDTH_LAST else None
+    if width is not None and dim % rank != rank - 1 and shape[-1] not in (None, width):
+        return (
+            f"chunk_dim {dim} leaves the host's {width} features last, but its kernel takes "
+            f"{list(shape)}"
+        )
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -311,6 +312,17 @@ def test_bad_inputs_raise_and_leave_state_alone(backend: str, message: str, kwar
 def test_tick_rejects_bad_state(backend: str, state: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="state"):
         lifecycle_tick(state)
+
+
+@pytest.mark.parametrize("state", [[[0] * NUM_STATE_COLUMNS], None, np.zeros((1, 10), np.int32)])
+def test_a_state_that_is_not_a_tensor_is_the_same_value_error_for_both_ops(
+    backend: str, state: object
+) -> None:
+    # README: a wrong dtype, device or shape given to the lifecycle ops raises ValueError.
+    with pytest.raises(ValueError, match="state must be a torch.Tensor"):
+        lifecycle_tick(state)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state must be a torch.Tensor"):
+        lifecycle_update(state, [0], [1])  # type: ignore[arg-type]
 
 
 def test_a_state_made_in_inference_mode_is_refused_outside_it(backend: str) -> None:

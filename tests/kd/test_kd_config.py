@@ -1,0 +1,35 @@
+"""KDConfig refuses what the KD ops would refuse at the first step, with a ValueError."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kasmina.kd.config import KDConfig
+from kasmina.kd.loss import StaticKDLoss
+
+BAD_TEMPERATURES = [math.inf, -math.inf, math.nan, 0.0, -1.0, "2", True, None, torch.tensor(2.0)]
+
+
+@pytest.mark.parametrize("temperature", BAD_TEMPERATURES, ids=repr)
+def test_kd_config_refuses_a_temperature_the_ops_refuse(temperature: object) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        KDConfig(temperature=temperature)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        StaticKDLoss(temperature=temperature)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("alpha", [math.nan, -0.1, 1.5, "0.5", True, None], ids=repr)
+def test_kd_config_refuses_a_bad_alpha(alpha: object) -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        KDConfig(alpha=alpha)  # type: ignore[arg-type]
+
+
+def test_kd_config_takes_any_finite_positive_real() -> None:
+    for temperature in (1, 0.5, np.float32(3.0), 100.0):
+        config = KDConfig(temperature=temperature, alpha=np.float64(0.25))
+        loss = StaticKDLoss.from_config(config)(torch.randn(2, 3), torch.randn(2, 3))
+        assert torch.isfinite(loss)

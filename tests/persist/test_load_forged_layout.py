@@ -1,0 +1,90 @@
+"""``kasmina.load`` of a file whose slot layout was rewritten (the header is unsigned; its
+SHA-256 only guards against damage): a layout ``attach`` could not have made around the host,
+or that its seeds' kernels cannot run on, is a ``SavedModelError`` and the model unchanged,
+never a model that loads and then computes something else than the saved one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kasmina
+from kasmina.persist.format import read_saved, write_saved
+from tests.manager.helpers import PUBLISHER, Host
+from tests.persist.conftest import Grown
+from tests.persist.test_load_malformed import _refused
+
+
+def _slot(**changes: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda body: body["slots"][0].update(changes)
+
+
+# The grown model's slot is ``out`` = Linear(8, 4), two seeds of two features along dim -1;
+# its kernels take [None, 2] (2-D chunks).
+FORGED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "chunk_dim past the rank": (_slot(chunk_dim=7), "chunk_dim 7 is outside the 2-D chunk"),
+    "chunk_dim before the rank": (_slot(chunk_dim=-3), "chunk_dim -3 is outside"),
+    "chunk_dim on the batch": (_slot(chunk_dim=0), "leaves the host's 4 features last"),
+    "chunk_dim -2": (_slot(chunk_dim=-2), "leaves the host's 4 features last"),
+    "output_index of a tensor": (_slot(output_index=5), "a Linear returns one tensor"),
+    "output_index -1": (_slot(output_index=-1), "a Linear returns one tensor"),
+    "fault_limit past int32": (_slot(fault_limit=2**31), "fault_limit 2147483648 is outside"),
+    "fault_limit absurd": (_slot(fault_limit=10**30), "fault_limit"),
+    "region_id not the table's": (_slot(region_id=7), "region_id 7 is not its state rows' 0"),
+    "embargo past int32": (
+        lambda body: body["table"].update(embargo_epochs=2**31),
+        "embargo_epochs 2147483648",
+    ),
+    "embargo absurd": (lambda body: body["table"].update(embargo_epochs=10**12), "embargo"),
+}
+
+
+@pytest.mark.parametrize("case", FORGED.values(), ids=FORGED.keys())
+def test_a_forged_layout_is_refused_and_the_model_unchanged(
+    saved: Path, tmp_path: Path, case: tuple[Callable[[dict[str, Any]], None], str]
+) -> None:
+    mutate, message = case
+    body = read_saved(saved)
+    mutate(body)
+    _refused(write_saved(tmp_path / "forged", body), message)
+
+
+def test_a_layout_naming_the_same_dim_otherwise_loads_and_computes_the_saved_model(
+    grown: Grown, saved: Path, tmp_path: Path
+) -> None:
+    # Dim 1 of the 2-D output is its last: the same chunks, so nothing to refuse.
+    body = read_saved(saved)
+    body["slots"][0]["chunk_dim"] = 1
+    path = write_saved(tmp_path / "dim1", body)
+    model, genuine = Host(), Host()
+    kasmina.load(path, model, publishers=PUBLISHER.trusted_publishers())
+    kasmina.load(saved, genuine, publishers=PUBLISHER.trusted_publishers())
+    model.eval(), genuine.eval()
+    with torch.no_grad():
+        assert torch.equal(model(grown.x), genuine(grown.x))
+        assert torch.equal(model(grown.x), grown.model(grown.x))
+
+
+class _PairLinear(torch.nn.Linear):
+    """A Linear whose own forward returns a pair: its output_index is known at a forward only."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return super().forward(x), x
+
+
+def test_output_index_is_bounded_where_the_host_class_fixes_its_output() -> None:
+    from kasmina.persist.loading import _output_index_problem
+
+    linear, conv = torch.nn.Linear(2, 2), torch.nn.Conv2d(1, 2, 1)
+    attention = torch.nn.MultiheadAttention(4, 1)
+    assert _output_index_problem(0, linear) is None and _output_index_problem(0, conv) is None
+    assert "one tensor" in str(_output_index_problem(1, conv))
+    assert [_output_index_problem(i, attention) for i in (-2, -1, 0, 1)] == [None] * 4
+    assert "a pair" in str(_output_index_problem(2, attention))
+    # An override or a module of its own: left to the first forward, as after attach.
+    assert _output_index_problem(1, _PairLinear(2, 2)) is None
+    assert _output_index_problem(9, torch.nn.Sequential(linear)) is None
