@@ -61,6 +61,21 @@ def assert_counts_add_up(rig: Rig, executed: int, failed: int) -> None:
     assert stats["accepted"] == executed + failed + len(rig.manager.pending)
 
 
+def assert_germinate_undone(rig: Rig, record, artifact_id: str, row, timeline, command_id) -> None:
+    """The interrupted GERMINATE left nothing behind: the seed's row, kernel, pin, timeline as
+    before, the command reported as changing nothing; and the same GERMINATE, sent again, goes
+    through."""
+    manager = rig.manager
+    assert record.stage == S.DORMANT and record.seed.state_table.read_row(record.index) == row
+    assert record.kernel is None and record.seed.kernel is None and record.artifact_id is None
+    assert not manager.kernel_cache.is_pinned(artifact_id) and not record.pinned
+    assert list(record.timeline) == timeline
+    assert manager.command_log[-1][:3] == (command_id, "seed.germinate", False)
+    assert manager.command_log[-1][3] == "interrupted by KeyboardInterrupt; nothing changed"
+    assert_counts_add_up(rig, executed=0, failed=1)
+    assert rig.send("germinate", SEED0, artifact_id) and rig.stage(SEED0) == S.ISOLATED_INIT
+
+
 def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, mlp) -> None:
     """Ctrl-C after the table applied DORMANT -> ISOLATED_INIT (a sink raises on that event):
     the GERMINATE undoes itself, stage included, reports itself refused and re-raises."""
@@ -75,16 +90,8 @@ def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, ml
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
     assert ctrl_c.fired
-    assert record.stage == S.DORMANT and table.read_row(record.index) == row
-    assert record.kernel is None and record.seed.kernel is None and record.artifact_id is None
     assert SEED0 not in manager.optimizers.seed_ids
-    assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
-    assert list(record.timeline) == timeline
-    assert manager.command_log[-1][:3] == (command_id, "seed.germinate", False)
-    assert manager.command_log[-1][3] == "interrupted by KeyboardInterrupt; nothing changed"
-    assert_counts_add_up(rig, executed=0, failed=1)
-    # Nothing is left behind: the same GERMINATE, sent again, goes through.
-    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert_germinate_undone(rig, record, mlp, row, timeline, command_id)
     rig.train(1)
     assert torch.isfinite(rig.model(rig.x)).all()
 
@@ -162,14 +169,7 @@ def test_a_germinate_interrupted_once_its_optimizer_is_registered_leaves_none(
     assert all(optimizers.owner_of(p) is None for p in claimed)
     assert all(a is b for a, b in zip(optimizers.parameters(HOST), host_params, strict=True))
     assert _same_state(_state_of(optimizers.optimizer(HOST)), host_state)
-    assert record.stage == S.DORMANT and table.read_row(record.index) == row
-    assert record.kernel is None and record.seed.kernel is None and record.artifact_id is None
-    assert not manager.kernel_cache.is_pinned(mlp) and not record.pinned
-    assert list(record.timeline) == timeline
-    assert manager.command_log[-1][:3] == (command_id, "seed.germinate", False)
-    assert manager.command_log[-1][3] == "interrupted by KeyboardInterrupt; nothing changed"
-    assert_counts_add_up(rig, executed=0, failed=1)
-    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert_germinate_undone(rig, record, mlp, row, timeline, command_id)
     assert optimizers.optimizer_ids == [HOST, SEED0]
     assert all(optimizers.owner_of(p) == SEED0 for p in optimizers.parameters(SEED0))
     rig.train(1)
