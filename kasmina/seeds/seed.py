@@ -361,7 +361,8 @@ class GradientIsolatedSeed(nn.Module):
             raise ValueError(f"seed {self.seed_id}: cannot replace the kernel in {self.stage.name}")
         if getattr(module, "mutates_input", False):  # a seed's input is the host's activation
             raise ValueError(f"seed {self.seed_id}: the kernel mutates its input in place")
-        self.kernel = module.to(self.alpha.device).train(self.training)
+        module.train(self.training)  # (a user's ``train()`` may not return the module)
+        self.kernel = module.to(self.alpha.device)
         self.__dict__.pop("_kernel_tree", None)
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))

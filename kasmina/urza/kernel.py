@@ -40,14 +40,14 @@ __all__ = ["GPUKernel"]
 
 
 # ``torch.export.load`` keeps its deserializer in one process-wide slot and refuses to start
-# while another load runs: loads of different artifacts (the fetch workers) take turns.
+# while another load runs: loads of different artifacts (the fetch workers) take turns, each
+# whole load (``_program_module``), so that the sources one load drops are its own alone.
 _LOAD_LOCK = threading.Lock()
 
 
 def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
     """The one deserialisation call (a ``.pt2`` may contain pickles: verify first)."""
-    with _LOAD_LOCK:
-        return torch.export.load(io.BytesIO(payload))
+    return torch.export.load(io.BytesIO(payload))
 
 
 def _program_module(
@@ -55,18 +55,19 @@ def _program_module(
 ) -> tuple[nn.Module, bool, bool]:
     """The trainable module of a payload already checked against ``manifest``, with whether
     the program mutates its input and whether it draws random numbers (see the module doc)."""
-    first, module = _next_source_id(), None
-    try:
-        program = move_to_device_pass(_deserialise(payload), device)
-        module = program.module()
-        mutates, draws = _mutates_input(program), _draws_random(program.graph_module)
-    except Exception as exc:
-        raise RuntimeError(
-            f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
-            f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
-        ) from exc
-    finally:
-        _forget_load_sources(first, module)
+    with _LOAD_LOCK:
+        first, module = _next_source_id(), None
+        try:
+            program = move_to_device_pass(_deserialise(payload), device)
+            module = program.module()
+            mutates, draws = _mutates_input(program), _draws_random(program.graph_module)
+        except Exception as exc:
+            raise RuntimeError(
+                f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
+                f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
+            ) from exc
+        finally:
+            _forget_load_sources(first, module)
     module.to(device)
     # ``ExportedProgram.module()`` overrides train()/eval() on the instance with local
     # functions that raise; they would make a merged model's ``eval()`` raise (and cannot be
@@ -215,7 +216,8 @@ def _forget_load_sources(first: int | None, module: nn.Module | None) -> None:
     intermediates between them) and torch.fx keeps every one's source for the life of the
     process, about 20 KB per load: a run that reloads evicted artifacts would grow without
     bound. The sources are numbered in creation order, so those of this load are the ids
-    from ``first`` on; a graph module another thread builds during the load loses its
+    from ``first`` on (Kasmina's loads take turns: ``_LOAD_LOCK``); a graph module another
+    thread builds during the load (a ``torch.compile`` on the training thread) loses its
     traceback source, nothing else (its code is compiled already)."""
     loader = getattr(torch.fx.graph_module, "_loader", None)
     cache = getattr(loader, "eval_cache", None)

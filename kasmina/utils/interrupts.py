@@ -9,7 +9,9 @@ the block ends and then delivers it as the previous handler would have (by defau
 program, after the commit.
 
 Signals reach only the main thread, and only its handler can be replaced, so elsewhere the
-block runs as it is (a commit on another thread cannot be interrupted by SIGINT anyway).
+block runs as it is (a commit on another thread cannot be interrupted by SIGINT anyway); so does
+it where the handler was installed outside Python (an embedding application's), which could not
+be put back afterwards.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def interrupts_deferred() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         held.append((signum, frame))
 
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: it could not be put back, so leave it
+        yield
+        return
     try:
-        previous = signal.signal(signal.SIGINT, hold)
+        signal.signal(signal.SIGINT, hold)
     except ValueError:  # not the main interpreter: signals are not ours to handle
         yield
         return
@@ -53,4 +59,4 @@ def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
         handler(signum, frame)
     elif handler == signal.SIG_DFL:
         signal.raise_signal(signum)
-    # SIG_IGN, or None (a handler installed outside Python): nothing to do here
+    # SIG_IGN: nothing to do

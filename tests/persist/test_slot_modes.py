@@ -58,3 +58,24 @@ def test_a_kernel_grafted_into_a_seed_takes_the_seeds_mode() -> None:
     other = nn.Sequential(nn.Linear(2, 2)).eval()
     slot.seed(1).attach_kernel(other)
     assert all(m.training for m in other.modules())
+
+
+def test_a_kernel_whose_train_returns_nothing_is_still_grafted() -> None:
+    """A user's ``train()`` override that forgets ``return self`` (one that keeps a batch norm
+    frozen, say) must not leave the seed holding None."""
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+        def train(self, mode: bool = True) -> None:  # type: ignore[override]
+            self.training = mode
+
+    slot = kasmina.attach(Host(), "out", 2, 2)[0]
+    kernel = Frozen()
+    slot.seed(0).attach_kernel(kernel)
+    assert slot.seed(0).kernel is kernel

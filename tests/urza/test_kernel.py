@@ -8,6 +8,7 @@ import gc
 import io
 import linecache
 import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.urza import kernel as kernel_module
 from kasmina.urza.artifact import Manifest, payload_sha256
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -266,6 +268,37 @@ def test_loads_do_not_leave_their_generated_source_behind(artifact) -> None:
         del kernel
         gc.collect()
     assert set(loader.eval_cache) == before and not added & set(linecache.cache)
+
+
+def test_loads_on_two_threads_keep_each_others_sources(artifact, monkeypatch) -> None:
+    """A load drops the sources generated since it began, except its kept module's: loads on
+    two fetch workers take turns, or the one that ends last drops the other's kept source."""
+    loader = torch.fx.graph_module._loader
+    _, payload, manifest, _ = artifact
+    real, inside = kernel_module.move_to_device_pass, threading.Event()
+
+    def slow(program, device):  # the first load waits here while the second one starts
+        if not inside.is_set():
+            inside.set()
+            time.sleep(0.3)
+        return real(program, device)
+
+    monkeypatch.setattr(kernel_module, "move_to_device_pass", slow)
+    kernels: list[GPUKernel] = []
+    first = threading.Thread(
+        target=lambda: kernels.append(GPUKernel.from_binary(payload, manifest, "cpu"))
+    )
+    first.start()
+    inside.wait()
+    kernels.append(GPUKernel.from_binary(payload, manifest, "cpu"))
+    first.join()
+    kept = [
+        type(sub).forward.__code__.co_filename
+        for kernel in kernels
+        for sub in kernel.modules()
+        if isinstance(sub, torch.fx.GraphModule)
+    ]
+    assert len(kept) == 2 and all(key in loader.eval_cache for key in kept)
 
 
 def test_one_load_kernel_is_one_cache_lookup(artifact, trusted) -> None:

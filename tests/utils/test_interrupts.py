@@ -62,3 +62,14 @@ def test_off_the_main_thread_the_block_just_runs() -> None:
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+def test_a_handler_installed_outside_python_is_left_alone(monkeypatch) -> None:
+    """``getsignal`` gives None for a handler an embedding application installed in C: it
+    could not be put back, so the block runs without holding anything."""
+    installed: list[object] = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(handler))
+    with interrupts_deferred():
+        pass
+    assert installed == []
