@@ -56,6 +56,7 @@ from kasmina.stages import (
     StateColumn,
 )
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.interrupts import interrupts_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -455,12 +456,13 @@ class CommandExecution:
         # KeyboardInterrupt from a telemetry sink or an observer that hears of it, before the
         # release) is completed before the interrupt propagates: the seed leaves in COOLDOWN,
         # as an uninterrupted cull leaves it. One refused or interrupted before the commit has
-        # changed nothing.
-        try:
-            record.seed.transition_to(S.HARVESTING)
-        finally:
-            if record.stage == S.HARVESTING:
-                self._finish_cull(record, embargo)
+        # changed nothing. A real Ctrl-C (a signal) is held until the cull is whole.
+        with interrupts_deferred():
+            try:
+                record.seed.transition_to(S.HARVESTING)
+            finally:
+                if record.stage == S.HARVESTING:
+                    self._finish_cull(record, embargo)
 
     def _finish_cull(self, record: SeedRecord, embargo: int) -> None:
         """HARVESTING -> COOLDOWN with the embargo, the kernel released first (``on_transition``
@@ -558,6 +560,7 @@ class CommandExecution:
 
     def release(self, record: SeedRecord) -> None:
         """Drop the seed's kernel copy (device memory freed), optimizer and monitor; unpin."""
+        record.slot.get_and_clear_kd_losses()  # stored KD graphs may run through this kernel
         kernel = record.clear_kernel()
         if record.seed.kernel is not None:
             record.seed.detach_kernel()

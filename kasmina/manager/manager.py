@@ -63,6 +63,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.flags import read_flags
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
 
@@ -482,23 +483,25 @@ class KasminaKernelManager:
                 for r, ok in zip(polled, values[len(kd_flags) :], strict=True)
                 if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(ok, drop_gradient=not shared)
             ]
-            host = [HOST_ID] if optimizers.has_host and clean else []
-            seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
-                r.seed_id
-                for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
-                if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
-            ]
-            done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping
-            host_stepped = bool(host) and done[0]
-            stepped = list(compress(seeds, done[len(host) :]))
-            frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
-            self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
-            optimizers.zero_grad()
-            dropped = registry.drop_kd_losses()  # computed, never passed to backward()
-            if dropped and not self.counters["kd_dropped"]:
-                logger.warning("KD losses were computed but not passed to backward(); dropped")
-            self.counters["kd_dropped"] += dropped
-            state.global_step += 1
+            # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
+            with interrupts_deferred():
+                host = [HOST_ID] if optimizers.has_host and clean else []
+                seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
+                    r.seed_id
+                    for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
+                    if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
+                ]
+                done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping
+                host_stepped = bool(host) and done[0]
+                stepped = list(compress(seeds, done[len(host) :]))
+                frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
+                self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
+                optimizers.zero_grad()
+                dropped = registry.drop_kd_losses()  # computed, never passed to backward()
+                if dropped and not self.counters["kd_dropped"]:
+                    logger.warning("KD losses were computed but not passed to backward(); dropped")
+                self.counters["kd_dropped"] += dropped
+                state.global_step += 1
             # The safe point: this step's graph is gone and its gradients are applied and
             # zeroed, so a command may now swap kernels, optimizers or weights.
             outcomes = self.apply_pending()

@@ -19,7 +19,7 @@ from kasmina.isolation.optimizers import HOST_ID as HOST
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import TelemetryPacket
 from kasmina.stages import StateColumn
-from tests.manager.helpers import SEED0, SEED1, Rig, S
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
 
 class CtrlC:
@@ -421,3 +421,73 @@ def test_a_ctrl_c_during_a_rollbacks_commit_waits_until_it_is_done(rig: Rig, mon
     assert [entry[:3] for entry in manager.command_log] == [(command_id, "rollback", True)]
     assert_counts_add_up(rig, executed=1, failed=0)
     rig.train(1)  # and training goes on
+
+
+def _ctrl_c_before(monkeypatch, owner: object, name: str, call: int = 1) -> list[int]:
+    """Patch ``owner.name`` to raise a real SIGINT at its ``call``-th call, then run as it
+    would; the calls made."""
+    real, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
+def test_a_ctrl_c_while_a_cull_completes_waits_until_the_seed_is_in_cooldown(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """A SIGINT that lands after HARVESTING, while the kernel is released: the seed used to
+    stay in HARVESTING for good (no CULL or GERMINATE accepted there)."""
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    # The second release: the one that completes the cull, after HARVESTING's announcement.
+    calls = _ctrl_c_before(monkeypatch, manager.execution, "release", call=2)
+    queue(rig, make_seed_command("cull", SEED0))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert len(calls) == 2 and rig.stage(SEED0) == S.COOLDOWN
+    assert manager.command_log[-1][1:3] == ("seed.cull", True)
+    rig.train(1)
+
+
+def test_a_ctrl_c_while_the_optimizers_step_waits_until_the_step_is_counted(
+    rig: Rig, monkeypatch
+) -> None:
+    """A SIGINT that lands in the optimizers' steps: stepped but not zeroed or counted, the
+    next backward would have added to gradients already applied, applying them twice."""
+    manager = rig.manager
+    rig.train(1)
+    loss = torch.nn.functional.cross_entropy(rig.model(rig.x), rig.y)
+    manager.backward(loss)
+    step = manager.global_step
+    calls = _ctrl_c_before(monkeypatch, manager.optimizers, "step_many")
+    with pytest.raises(KeyboardInterrupt):
+        manager.step()
+    assert calls and manager.global_step == step + 1
+    assert all(p.grad is None for p in manager.require_registry().host_params)
+    rig.train(1)
+
+
+def test_stored_kd_losses_through_a_released_kernel_are_dropped(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """A forward whose KD loss was never collected (a step cut short after its forward), then
+    a CULL at a safe point: the stored loss ran through the released kernel, and the next
+    step's KD backward raised on its emptied parameters."""
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    rig.train(1, teacher)
+    manager.set_teacher_logits(teacher)
+    rig.model(rig.x)  # the forward of a step that went no further
+    assert rig.send("cull", SEED0)
+    rig.train(1, teacher)  # an ordinary step
+    assert rig.stage(SEED0) == S.COOLDOWN
