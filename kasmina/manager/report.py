@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import statistics
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from kasmina.leyline import (
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
+from kasmina.ops.backend import check_positive_int
 from kasmina.seeds.faults import rng_forked
 from kasmina.seeds.gates import GateResult, SeedEvaluation, kept_buffers
 from kasmina.seeds.table import GPUStateTensor
@@ -320,7 +320,7 @@ class ManagerReport:
         The GPU kernel rows (bandwidth, KD loss, grad norms, spills) need peers and rooflines:
         ``make bench-gpu`` measures them.
         """
-        repeats = _checked_repeats(repeats)
+        repeats = check_positive_int("repeats", repeats)
         checks: dict[str, TargetCheck] = {}
 
         def add(name: str, measured: float, target: float, unit: str) -> None:
@@ -347,7 +347,7 @@ class ManagerReport:
         mode, ``F.dropout``'s default ``training=True``) and no buffer moves (a QAT observer
         updates its statistics in eval mode too). ``ValueError`` unless ``repeats`` is an int
         >= 1 (a median of no pairs is no measurement)."""
-        repeats = _checked_repeats(repeats)
+        repeats = check_positive_int("repeats", repeats)
         registry = self.state.registry
         sample = registry.dormant_sample() if registry is not None else None
         if sample is None:
@@ -410,17 +410,6 @@ class _TinyKernel:
 
     def release_gpu_memory(self) -> None:
         return None
-
-
-def _checked_repeats(repeats: object) -> int:
-    """``repeats`` as an int >= 1 (an integer of another library too; never a bool), else
-    ``ValueError``: a median of no runs is no measurement (``statistics`` would raise)."""
-    if isinstance(repeats, bool) or not hasattr(repeats, "__index__"):
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    count = operator.index(repeats)  # type: ignore[arg-type]
-    if count < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {count}")
-    return count
 
 
 def _median_us(fn: Callable[[], object], repeats: int) -> float:

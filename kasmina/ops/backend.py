@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import os
 
 import numpy as np
@@ -99,6 +100,17 @@ def check_real(name: str, value: object) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, numbers.Real)):
         raise ValueError(f"{name} must be a float, got {type(value).__name__}")
     return value  # type: ignore[return-value]
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming ``name``: an int or an integer of
+    another library (NumPy: anything with ``__index__``), never a bool or a float. A count of
+    things to make or to run (``attach``'s seeds and chunk size, a measurement's repeats)."""
+    if not isinstance(value, bool) and hasattr(value, "__index__"):
+        count = operator.index(value)  # type: ignore[arg-type]
+        if count >= 1:
+            return count
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def check_positive(name: str, value: object) -> float:

@@ -37,7 +37,7 @@ from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
 from kasmina.seeds.inject import add_load_checks, follow_host_mode
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import declared_width
+from kasmina.seeds.outputs import declared_width, forward_owner, output_index_problem
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NUM_STATE_COLUMNS, StateColumn
 from kasmina.urza.artifact import verify_manifest
@@ -111,7 +111,7 @@ def _prepare(
 
     hosts = {layout["name"]: _host(model, layout) for layout in layouts}
     for layout in layouts:
-        problem = _output_index_problem(layout["output_index"], hosts[layout["name"]])
+        problem = output_index_problem(layout["output_index"], hosts[layout["name"]])
         if problem is not None:
             raise SavedModelError(f"saved slot {layout['name']!r}: {problem}")
     host_state = _check_architecture(model, hosts, weights)
@@ -188,11 +188,11 @@ _LAYOUT_INTS = (
 
 def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
     """The saved slot layouts, each checked field by field: names unique and not nested,
-    every layout field an int, ``fault_limit`` in [1, 2**31 - 1] (as the seeds take it, and
-    no further: a count past int32 is no limit a saved model had), and the slots' rows tiling
-    the state table from row 0. ``region_id`` is checked against the table (``_table``),
-    ``output_index`` against the host (``_output_index_problem``) and ``chunk_dim`` against
-    the seeds' kernels (``_kernel_problem``)."""
+    every layout field an int, ``fault_limit`` >= 1 (what a seed's ``fault_limit`` takes: a
+    Python int, never written to the int32 table, so a huge one is a valid "never quarantine"),
+    and the slots' rows tiling the state table from row 0. ``region_id`` is checked against the
+    table (``_table``), ``output_index`` against the host (``output_index_problem``, as
+    ``attach`` checks it) and ``chunk_dim`` against the seeds' kernels (``_kernel_problem``)."""
     layouts: list[dict[str, Any]] = []
     for raw in slots_saved:
         if not isinstance(raw, Mapping):
@@ -208,10 +208,9 @@ def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
             layout[key] = value
         if layout["num_seeds"] < 1 or layout["chunk_size"] < 1:
             raise SavedModelError(f"saved slot {name!r}: num_seeds and chunk_size must be >= 1")
-        if not 1 <= layout["fault_limit"] <= INT32_MAX:
+        if layout["fault_limit"] < 1:
             raise SavedModelError(
-                f"saved slot {name!r}: fault_limit {layout['fault_limit']} is outside "
-                f"[1, {INT32_MAX}]"
+                f"saved slot {name!r}: fault_limit {layout['fault_limit']} is not >= 1"
             )
         layouts.append(layout)
     names = [layout["name"] for layout in layouts]
@@ -236,7 +235,8 @@ def _table(
     """The saved state table and embargo, checked before anything is allocated for them: an
     int32, contiguous (so every row is in the file) ``(slots' seeds, NUM_STATE_COLUMNS)``;
     each slot's ``region_id`` is its first row's REGION_ID (where ``save`` read it), and the
-    embargo fits the int32 EMBARGO_COUNTER it is written to when a seed enters COOLDOWN."""
+    embargo is one ``GPUStateTensor`` takes: it fits the int32 EMBARGO_COUNTER it is written to
+    when a seed enters COOLDOWN."""
     state_tensor = table_saved.get("state_tensor")
     rows = sum(layout["num_seeds"] for layout in layouts)
     expected = (rows, NUM_STATE_COLUMNS)
@@ -385,39 +385,9 @@ def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTenso
     return layer
 
 
-# Hosts whose forward (the class's own, not an override) returns one tensor: the slot's element
-# is the output itself, which ``output_element`` finds at index 0 only. Of these, Linear and
-# Embedding put their declared width last, in every call whatever the input's rank.
-_TENSOR_FORWARD = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.Embedding,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+# Hosts (by the class whose forward they run, ``forward_owner``) that put their declared width
+# last, in every call whatever the input's rank.
 _WIDTH_LAST = (nn.Linear, nn.Embedding)
-
-
-def _forward_owner(host: nn.Module) -> type:
-    """The class whose ``forward`` the host runs (``nn.Module`` itself defines one)."""
-    return next(cls for cls in type(host).__mro__ if "forward" in vars(cls))
-
-
-def _output_index_problem(index: int, host: nn.Module) -> str | None:
-    """Why ``output_index`` cannot pick a tensor of ``host``'s output, or None. Known only for
-    the torch modules above and ``MultiheadAttention`` (a pair); for any other host it is
-    known at the first forward, as after ``attach``: a slot whose seeds run raises
-    ``TypeError`` naming ``output_index`` (seeds without a kernel pass the host through)."""
-    owner = _forward_owner(host)
-    if owner in _TENSOR_FORWARD and index != 0:
-        return f"output_index {index}, but a {owner.__name__} returns one tensor (index 0)"
-    if owner is nn.MultiheadAttention and not -2 <= index < 2:
-        return f"output_index {index}, but a MultiheadAttention returns a pair"
-    return None
 
 
 def _kernel_problem(layout: Mapping[str, Any], host: nn.Module, kernel: GPUKernel) -> str | None:
@@ -437,7 +407,7 @@ def _kernel_problem(layout: Mapping[str, Any], host: nn.Module, kernel: GPUKerne
         return f"chunk_dim {dim} is outside the {rank}-D chunk its kernel takes {list(shape)}"
     if shape[dim] not in (None, chunk):
         return f"its kernel takes {list(shape)}, not {chunk} features along chunk_dim {dim}"
-    width = declared_width(host, -1) if _forward_owner(host) in _WIDTH_LAST else None
+    width = declared_width(host, -1) if forward_owner(host) in _WIDTH_LAST else None
     if width is not None and dim % rank != rank - 1 and shape[-1] not in (None, width):
         return (
             f"chunk_dim {dim} leaves the host's {width} features last, but its kernel takes "

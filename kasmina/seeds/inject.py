@@ -24,7 +24,6 @@ In a Hugging Face model the tied-weight names and output-recording hooks follow 
 from __future__ import annotations
 
 import difflib
-import operator
 import re
 import weakref
 from collections.abc import Collection
@@ -36,11 +35,12 @@ from torch.utils.hooks import RemovableHandle
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import sum_kd_losses
+from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import default_chunk_dim
+from kasmina.seeds.outputs import default_chunk_dim, output_index_problem
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 
@@ -172,13 +172,11 @@ def attach(
     model's device); slot ``i`` holds rows ``i * seeds_per_layer ...`` and REGION_ID ``i``. Every
     seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
     ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
-    already a slot or nested in another, or a declared width does not fit.
+    already a slot or nested in another, a declared width does not fit, or ``output_index``
+    cannot pick a tensor of a host whose class fixes its output (``output_index_problem``).
     """
-    for arg, value in (("seeds_per_layer", seeds_per_layer), ("chunk_size", chunk_size)):
-        # An int, or an integer of another library (numpy); never a bool or a float.
-        if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    seeds_per_layer, chunk_size = operator.index(seeds_per_layer), operator.index(chunk_size)
+    seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     names = _resolve(model, targets)
     slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     for name in names:
@@ -210,6 +208,9 @@ def attach(
             region_id=i,
             fault_limit=fault_limit,
         )
+        problem = output_index_problem(output_index, host)  # as ``kasmina.load`` refuses it
+        if problem is not None:
+            raise ValueError(f"{name!r}: {problem}")
         layer.guards_fused_path = isinstance(_parent(model, name)[0], nn.TransformerEncoderLayer)
         follow_host_mode(layer)
         layers.append(layer)

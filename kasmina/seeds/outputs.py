@@ -29,7 +29,9 @@ __all__ = [
     "default_chunk_dim",
     "dense",
     "fits",
+    "forward_owner",
     "on_dense",
+    "output_index_problem",
     "recorded_spec",
     "recording_deferred",
     "output_element",
@@ -101,6 +103,40 @@ def declared_width(host: nn.Module, chunk_dim: int) -> int | None:
         width = getattr(host, name, None)
         if isinstance(width, int) and not isinstance(width, bool):
             return width
+    return None
+
+
+# Hosts whose forward (the class's own, not an override) returns one tensor: the slot's element
+# is the output itself, which ``output_element`` finds at index 0 only.
+_TENSOR_FORWARD = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def forward_owner(host: nn.Module) -> type:
+    """The class whose ``forward`` the host runs (``nn.Module`` itself defines one)."""
+    return next(cls for cls in type(host).__mro__ if "forward" in vars(cls))
+
+
+def output_index_problem(index: int, host: nn.Module) -> str | None:
+    """Why ``output_index`` cannot pick a tensor of ``host``'s output, or None: checked where a
+    slot is made (``attach``) and restored (``kasmina.load``). Known only for the torch modules
+    above and ``MultiheadAttention`` (a pair); for any other host it is known at the first
+    forward: a slot whose seeds run raises ``TypeError`` naming ``output_index`` (seeds without
+    a kernel pass the host through)."""
+    owner = forward_owner(host)
+    if owner in _TENSOR_FORWARD and index != 0:
+        return f"output_index {index}, but a {owner.__name__} returns one tensor (index 0)"
+    if owner is nn.MultiheadAttention and not -2 <= index < 2:
+        return f"output_index {index}, but a MultiheadAttention returns a pair"
     return None
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kasmina.errors import IllegalTransitionError
-from kasmina.ops import lifecycle_tick, lifecycle_update
+from kasmina.ops.lifecycle import INT32_MAX, lifecycle_tick, lifecycle_update
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
     SeedStage,
@@ -136,8 +136,8 @@ def _scaled(fraction: float) -> int:
 class GPUStateTensor:
     """The lifecycle table of ``num_seeds`` seeds on ``device`` with a host mirror of stages.
 
-    ``embargo_epochs`` is written to EMBARGO_COUNTER whenever a seed enters COOLDOWN; the
-    COOLDOWN -> RECYCLING transition is refused until ``tick`` has counted it down to zero.
+    ``embargo_epochs`` (0 to 2**31 - 1) goes to the int32 EMBARGO_COUNTER whenever a seed enters
+    COOLDOWN; COOLDOWN -> RECYCLING is refused until ``tick`` has counted it down to zero.
     ``telemetry`` (a ``TelemetryReporter``) receives one event per applied or rejected update.
     """
 
@@ -151,8 +151,8 @@ class GPUStateTensor:
     ) -> None:
         if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
             raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
-        if embargo_epochs < 0:
-            raise ValueError(f"embargo_epochs must be >= 0, got {embargo_epochs}")
+        if not 0 <= embargo_epochs <= INT32_MAX:  # EMBARGO_COUNTER is an int32 column
+            raise ValueError(f"embargo_epochs must be in [0, {INT32_MAX}], got {embargo_epochs}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.state_tensor = torch.zeros(
@@ -518,8 +518,8 @@ class GPUStateTensor:
         stages = [parse_stage(int(s)) for s in table[:, StateColumn.LIFECYCLE_STAGE].tolist()]
         epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
         embargo = state.get("embargo_epochs", self.embargo_epochs)
-        if isinstance(embargo, bool) or not isinstance(embargo, int) or embargo < 0:
-            raise ValueError(f"embargo_epochs must be an int >= 0, got {embargo!r}")
+        if type(embargo) is not int or not 0 <= embargo <= INT32_MAX:  # a bool is no count
+            raise ValueError(f"embargo_epochs must be an int in [0, {INT32_MAX}], got {embargo!r}")
         counters = Counter(state.get("counters", {}))
         self.state_tensor.copy_(table.to(self.device))
         self._stages, self._epochs = stages, epochs

@@ -5,6 +5,7 @@ never a model that loads and then computes something else than the saved one."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 import kasmina
 from kasmina.persist.format import read_saved, write_saved
+from kasmina.seeds.outputs import output_index_problem
 from tests.manager.helpers import PUBLISHER, Host
 from tests.persist.conftest import Grown
 from tests.persist.test_load_malformed import _refused
@@ -32,8 +34,9 @@ FORGED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "chunk_dim -2": (_slot(chunk_dim=-2), "leaves the host's 4 features last"),
     "output_index of a tensor": (_slot(output_index=5), "a Linear returns one tensor"),
     "output_index -1": (_slot(output_index=-1), "a Linear returns one tensor"),
-    "fault_limit past int32": (_slot(fault_limit=2**31), "fault_limit 2147483648 is outside"),
-    "fault_limit absurd": (_slot(fault_limit=10**30), "fault_limit"),
+    "fault_limit 0": (_slot(fault_limit=0), "fault_limit 0 is not >= 1"),
+    "fault_limit negative": (_slot(fault_limit=-5), "fault_limit -5 is not >= 1"),
+    "fault_limit a bool": (_slot(fault_limit=True), "fault_limit is True, not an int"),
     "region_id not the table's": (_slot(region_id=7), "region_id 7 is not its state rows' 0"),
     "embargo past int32": (
         lambda body: body["table"].update(embargo_epochs=2**31),
@@ -51,6 +54,37 @@ def test_a_forged_layout_is_refused_and_the_model_unchanged(
     body = read_saved(saved)
     mutate(body)
     _refused(write_saved(tmp_path / "forged", body), message)
+
+
+@pytest.mark.parametrize("limit", [2**31, sys.maxsize, 10**30])
+def test_a_fault_limit_past_int32_loads_as_the_seeds_take_it(
+    saved: Path, tmp_path: Path, limit: int
+) -> None:
+    """A seed's ``fault_limit`` is a Python int (never in the int32 table): a huge one is a
+    natural "never quarantine", and what a seed takes, a saved slot may carry."""
+    body = read_saved(saved)
+    body["slots"][0]["fault_limit"] = limit
+    model = Host()
+    (slot,) = kasmina.load(
+        write_saved(tmp_path / "limit", body), model, publishers=PUBLISHER.trusted_publishers()
+    )
+    assert [seed.fault_limit for seed in slot.seeds] == [limit] * slot.num_seeds
+
+
+def test_a_model_attached_with_the_largest_fault_limit_saves_and_loads(tmp_path: Path) -> None:
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    model = make()
+    kasmina.attach(model, ["2"], 2, 2, fault_limit=sys.maxsize)
+    x = torch.randn(3, 6)
+    expected = model(x)
+    path = kasmina.save(model, tmp_path / "never.kasmina")
+    fresh = make()
+    (slot,) = kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    assert [seed.fault_limit for seed in slot.seeds] == [sys.maxsize] * 2
+    assert torch.equal(fresh(x), expected)
 
 
 def test_a_layout_naming_the_same_dim_otherwise_loads_and_computes_the_saved_model(
@@ -77,14 +111,12 @@ class _PairLinear(torch.nn.Linear):
 
 
 def test_output_index_is_bounded_where_the_host_class_fixes_its_output() -> None:
-    from kasmina.persist.loading import _output_index_problem
-
     linear, conv = torch.nn.Linear(2, 2), torch.nn.Conv2d(1, 2, 1)
     attention = torch.nn.MultiheadAttention(4, 1)
-    assert _output_index_problem(0, linear) is None and _output_index_problem(0, conv) is None
-    assert "one tensor" in str(_output_index_problem(1, conv))
-    assert [_output_index_problem(i, attention) for i in (-2, -1, 0, 1)] == [None] * 4
-    assert "a pair" in str(_output_index_problem(2, attention))
+    assert output_index_problem(0, linear) is None and output_index_problem(0, conv) is None
+    assert "one tensor" in str(output_index_problem(1, conv))
+    assert [output_index_problem(i, attention) for i in (-2, -1, 0, 1)] == [None] * 4
+    assert "a pair" in str(output_index_problem(2, attention))
     # An override or a module of its own: left to the first forward, as after attach.
-    assert _output_index_problem(1, _PairLinear(2, 2)) is None
-    assert _output_index_problem(9, torch.nn.Sequential(linear)) is None
+    assert output_index_problem(1, _PairLinear(2, 2)) is None
+    assert output_index_problem(9, torch.nn.Sequential(linear)) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -104,10 +105,10 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
         ("head", 3, 4, "12 != 8"),
         ([], 2, 4, "at least one"),
         ("(", 2, 4, "regular expression"),
-        ("head", -2, -4, "seeds_per_layer must be a positive int, got -2"),
-        ("head", True, 4, "seeds_per_layer must be a positive int, got True"),
-        ("head", 2, 0, "chunk_size must be a positive int, got 0"),
-        ("head", 2.0, 4, "seeds_per_layer must be a positive int, got 2.0"),
+        ("head", -2, -4, "seeds_per_layer must be an int >= 1, got -2"),
+        ("head", True, 4, "seeds_per_layer must be an int >= 1, got True"),
+        ("head", 2, 0, "chunk_size must be an int >= 1, got 0"),
+        ("head", 2.0, 4, "seeds_per_layer must be an int >= 1, got 2.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
@@ -269,6 +270,33 @@ def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
     slot = attach(model, ["0"], 2, 2, output_index=5)[0]
     model(x)
     assert "element 5 of the host's tuple output" in slot.contract_problem()
+
+
+def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model() -> None:
+    """A Linear, Conv or Embedding returns one tensor and a MultiheadAttention a pair: an
+    ``output_index`` past them is refused by ``attach``, as ``kasmina.load`` refuses it (else
+    the slot's first forward with a running seed would raise)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1), nn.MultiheadAttention(4, 1))
+    snapshot = dict(model.named_modules())
+    for target, index, message in [
+        ("0", 1, "'0': output_index 1, but a Linear returns one tensor"),
+        ("0", -1, "'0': output_index -1, but a Linear returns one tensor"),
+        ("1", 1, "'1': output_index 1, but a Conv1d returns one tensor"),
+        ("2", 2, "'2': output_index 2, but a MultiheadAttention returns a pair"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attach(model, [target], 2, 2, output_index=index)
+        assert dict(model.named_modules()) == snapshot
+    (slot,) = attach(model, ["2"], 2, 2, output_index=-2)
+    assert slot.output_index == -2
+
+
+@pytest.mark.parametrize("embargo", [2**31, -1])
+def test_attach_refuses_an_embargo_the_state_table_cannot_hold(embargo: int) -> None:
+    model = MLP()
+    with pytest.raises(ValueError, match="embargo_epochs must be in"):
+        attach(model, ["head"], 2, 4, embargo_epochs=embargo)
+    assert not kasmina_layers(model)
 
 
 def test_out_proj_of_multihead_attention_is_refused_with_the_reason() -> None:

@@ -368,7 +368,7 @@ def test_an_observer_that_raises_is_logged_and_the_others_still_run(caplog) -> N
     assert listened and "a state-table observer raised" in caplog.text
 
 
-@pytest.mark.parametrize("embargo", ["five", -3, 1.5, True])
+@pytest.mark.parametrize("embargo", ["five", -3, 1.5, True, 2**31])
 def test_load_state_dict_checks_every_value_before_writing(embargo: Any) -> None:
     source = GPUStateTensor(2, "cpu")
     source.batch_state_update([(0, SeedStage.ISOLATED_INIT)])
@@ -378,3 +378,20 @@ def test_load_state_dict_checks_every_value_before_writing(embargo: Any) -> None
         target.load_state_dict({**source.state_dict(), "embargo_epochs": embargo})
     assert torch.equal(target.state_tensor, before) and target.version == version
     assert target.stages() == [SeedStage.DORMANT] * 2
+
+
+@pytest.mark.parametrize("embargo", [-1, 2**31, 10**12])
+def test_an_embargo_the_int32_counter_cannot_hold_is_refused_at_construction(embargo: int) -> None:
+    """EMBARGO_COUNTER is an int32 column, written when a seed enters COOLDOWN: an embargo past
+    it would fail only then, so the table refuses it when it is made (as ``kasmina.load`` does
+    a saved one)."""
+    with pytest.raises(ValueError, match=r"embargo_epochs must be in \[0, 2147483647\]"):
+        GPUStateTensor(2, "cpu", embargo_epochs=embargo)
+
+
+def test_the_largest_embargo_is_written_to_the_counter_at_cooldown() -> None:
+    table = GPUStateTensor(1, "cpu", embargo_epochs=2**31 - 1)
+    for stage in (SeedStage.ISOLATED_INIT, SeedStage.HARVESTING, SeedStage.COOLDOWN):
+        table.batch_state_update([(0, stage)])
+    assert table.stages() == [SeedStage.COOLDOWN]
+    assert int(table.state_tensor[0, StateColumn.EMBARGO_COUNTER]) == 2**31 - 1
