@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 
 # A fresh Inductor cache per run: a cache left by an earlier build of the custom ops (whose
 # schemas are not part of its key) could replay a stale compiled graph.
@@ -40,6 +42,16 @@ def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KASMINA_BACKEND", "reference")
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises ``KeyboardInterrupt`` in the test (Python's own handler), also where the
+    suite runs with SIGINT ignored (a job started in the background), for the tests that send
+    themselves a real Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

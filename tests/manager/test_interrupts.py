@@ -396,6 +396,7 @@ def test_an_interrupt_after_a_command_applied_reports_it_once(rig: Rig, mlp, mon
     assert_counts_add_up(rig, executed=1, failed=0)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_during_a_rollbacks_commit_waits_until_it_is_done(rig: Rig, monkeypatch) -> None:
     """A SIGINT that lands in the commit (nothing there can fail, but a signal can arrive
     anywhere) is delivered once the rollback is whole: optimizers adopted, records, epoch and
@@ -438,6 +439,7 @@ def _ctrl_c_before(monkeypatch, owner: object, name: str, call: int = 1) -> list
     return calls
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_while_a_cull_completes_waits_until_the_seed_is_in_cooldown(
     rig: Rig, mlp, monkeypatch
 ) -> None:
@@ -457,6 +459,7 @@ def test_a_ctrl_c_while_a_cull_completes_waits_until_the_seed_is_in_cooldown(
     rig.train(1)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_while_the_optimizers_step_waits_until_the_step_is_counted(
     rig: Rig, monkeypatch
 ) -> None:

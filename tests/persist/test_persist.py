@@ -399,6 +399,7 @@ def test_a_kernel_comes_back_whole_in_its_saved_dtype(tmp_path: Path) -> None:
         assert torch.equal(fresh(x), saved(x))
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_during_the_load_commit_waits_until_the_model_is_loaded(
     grown: Grown, saved: Path
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 from kasmina.utils.interrupts import interrupts_deferred
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_sigint_in_the_block_is_delivered_when_it_ends() -> None:
     before = signal.getsignal(signal.SIGINT)
     done = []
