@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kasmina.control.auth import MAX_FRESHNESS_S
+from kasmina.control.commands import MAX_EMBARGO_EPOCHS
 from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.urza.keys import TrustedPublishers
@@ -282,6 +283,8 @@ class KasminaConfig:
                 f"{self.g5_max_metric_drop!r}"
             )
         _non_negative_int("default_embargo_epochs", self.default_embargo_epochs)
+        if self.default_embargo_epochs > MAX_EMBARGO_EPOCHS:  # the table's int32 counter
+            raise ValueError(f"default_embargo_epochs must be <= {MAX_EMBARGO_EPOCHS}")
         _positive_int("grafting_steps", self.grafting_steps)
         _positive("grafting_temperature", self.grafting_temperature)
         if not isinstance(self.kd, KDConfig):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kasmina.control.commands import KasminaCommand, SeedAction
+from kasmina.control.commands import MAX_EMBARGO_EPOCHS, KasminaCommand, SeedAction
 from kasmina.errors import (
     ArtifactIntegrityError,
     ArtifactNotFoundError,
@@ -77,9 +77,6 @@ _REFUSALS = (
     UrzaUnavailableError,
     ValueError,
 )
-
-# EMBARGO_COUNTER is an int32 column of the state table.
-_MAX_EMBARGO_EPOCHS = 2**31 - 1
 
 
 class CommandRefused(Exception):
@@ -445,9 +442,9 @@ class CommandExecution:
         if S.HARVESTING not in LEGAL_TRANSITIONS[stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be culled from {stage.name}")
         embargo = int(parameters.get("embargo_epochs", self.state.config.default_embargo_epochs))
-        if not 0 <= embargo <= _MAX_EMBARGO_EPOCHS:  # checked before the seed is touched
+        if not 0 <= embargo <= MAX_EMBARGO_EPOCHS:  # checked before the seed is touched
             raise CommandRefused(
-                f"embargo_epochs must be in 0..{_MAX_EMBARGO_EPOCHS}, got {embargo}"
+                f"embargo_epochs must be in 0..{MAX_EMBARGO_EPOCHS}, got {embargo}"
             )
         # All or nothing (docs/design.md §3): the table applying HARVESTING is the commit. From
         # there the kernel is released (its device memory freed, its optimizer and that state

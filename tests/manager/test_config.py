@@ -80,6 +80,8 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("teacher_checkpoint_path", ""),
         ("telemetry_jsonl_max_bytes", 0),
         ("telemetry_jsonl_max_bytes", True),
+        ("default_embargo_epochs", -1),
+        ("default_embargo_epochs", 2**31),  # the table's counter is int32
     ],
 )
 def test_invalid_values_are_rejected(field, value) -> None:
