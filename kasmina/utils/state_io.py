@@ -52,11 +52,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import NotARegularFileError, open_regular_file, read_regular_file
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
@@ -77,6 +78,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # The first bytes of every signed checkpoint file.
 CHECKPOINT_MAGIC = b"KASMCKPT"
@@ -116,32 +118,35 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
     propagates."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = _synced_temporary(target, write)
-    try:
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    _through_temporary(target, write, lambda tmp_name: os.replace(tmp_name, target))
     fsync_directory(target.parent)
     return target
 
 
-def _synced_temporary(target: Path, write: Callable[[IO[bytes]], None]) -> str:
-    """A temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
-    ``remove_stale_temporaries`` knows) holding what ``write`` wrote, fsync'd; its path. On a
-    failure it is removed and the error propagates."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+def _through_temporary(
+    target: Path, write: Callable[[IO[bytes]], None], commit: Callable[[str], _T]
+) -> _T:
+    """Write a temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
+    ``remove_stale_temporaries`` knows) with ``write``, fsync it, and return ``commit(path)``
+    (which moves or links it into place). The temp file never outlives the call, whatever
+    fails, a Ctrl-C included: its creation and its removal hold SIGINT, so neither a signal
+    just after the file exists nor a second Ctrl-C during the clean-up leaves it behind."""
+    tmp_name: str | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with interrupts_deferred():
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
+            handle = os.fdopen(fd, "wb")
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    return tmp_name
+        return commit(tmp_name)
+    finally:
+        if tmp_name is not None:  # gone already when ``commit`` moved it
+            with interrupts_deferred(), contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
 
 
 def remove_stale_temporaries(
@@ -217,8 +222,8 @@ def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
     write is left for ``remove_stale_temporaries``.
     """
     target = Path(path)
-    tmp_name = _synced_temporary(target, lambda handle: handle.write(data))
-    try:
+
+    def link(tmp_name: str) -> bool:
         try:
             os.link(tmp_name, target)
         except FileExistsError:
@@ -226,11 +231,11 @@ def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
-            if not _replace_if_absent(tmp_name, target):
-                return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            return _replace_if_absent(tmp_name, target)
+        return True
+
+    if not _through_temporary(target, lambda handle: handle.write(data), link):
+        return False
     fsync_directory(target.parent)
     return True
 

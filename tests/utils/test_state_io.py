@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 import time
+
+import pytest
 
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,
     STALE_TEMPORARY_S,
+    atomic_write_bytes,
     install_new_file,
     load_or_create_checkpoint_key,
 )
@@ -71,3 +75,24 @@ def test_without_hard_links_a_new_file_never_replaces_a_concurrent_writers(tmp_p
     assert result == [False] and path.read_bytes() == b"theirs"
     assert install_new_file(path, b"again") is False and path.read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.key.lock", path.name]
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_second_ctrl_c_during_the_clean_up_leaves_no_temporary(tmp_path, monkeypatch) -> None:
+    """A Ctrl-C in the write, and a second one while the temp file is being removed: the
+    removal used to stop half-way and leave the temp file beside the target for good."""
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C lands before the removal
+        return real_unlink(path, *args, **kwargs)
+
+    def chunks():
+        yield b"partial"
+        raise KeyboardInterrupt  # the first Ctrl-C, in the write
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "model.kasmina", chunks())
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
