@@ -34,12 +34,13 @@ def functorch_active() -> bool:
 
 
 def no_vmap(op: str):
-    """A ``vmap`` staticmethod for an op's Function: a clear error. The kernels address whole
+    """A ``vmap`` staticmethod for an op's Function: a refusal (``RuntimeError``, as torch
+    gives for a Function without a vmap rule), by design and not a gap. The kernels address whole
     rows through pointers and strides, which a batched tensor (no storage of its own) lacks,
     and a per-sample loop would hide a slow path; the ops batch over leading dims already."""
 
     def vmap(info, in_dims, *args):
-        raise NotImplementedError(
+        raise RuntimeError(
             f"{op} does not support torch.vmap: its kernels need tensors with storage; "
             "call it on the batched tensors directly"
         )
@@ -81,7 +82,7 @@ def functorch_backward(op: str, backward, ctx, grads: tuple):
 
     stack = retrieve_all_functorch_interpreters()  # empty in vjp's function
     if len(stack) > 1 or (stack and stack[0].key() != TransformType.Grad):
-        raise NotImplementedError(
+        raise RuntimeError(
             f"{op} is differentiable once and supports a single torch.func.grad or vjp only, "
             f"not nested transforms, vmap or jacrev (active: {[i.key().name for i in stack]})"
         )
