@@ -207,7 +207,6 @@ def evaluate_seeds(
     for slot in registry.slots:
         slot._teacher_logits = None
     seeds = [r.seed for r in live]
-    saved_flags = [seed.finite_flag.clone() for seed in seeds]
     observed: list[list[str]] = [[] for _ in live]  # each seed's faults, seen and not counted
     faults = [0] * len(live)  # per seed: the batches it faulted on in the measuring forward
     last_fault = [""] * len(live)
@@ -264,9 +263,8 @@ def evaluate_seeds(
                         if not math.isfinite(value):
                             bad_metric.add(n_batches)
     finally:
-        for seed, flag in zip(seeds, saved_flags, strict=True):
+        for seed in seeds:  # (their finite flags are buffers: kept_buffers put them back)
             seed.observed_faults = None
-            seed.finite_flag.copy_(flag)
         for module, mode in modes:
             module.training = mode
         for record, output, spec in saved_records:

@@ -483,6 +483,7 @@ class KasminaKernelManager:
                 for r, ok in zip(polled, values[len(kd_flags) :], strict=True)
                 if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(ok, drop_gradient=not shared)
             ]
+            frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
             with interrupts_deferred():
                 host = [HOST_ID] if optimizers.has_host and clean else []
@@ -494,7 +495,6 @@ class KasminaKernelManager:
                 done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping
                 host_stepped = bool(host) and done[0]
                 stepped = list(compress(seeds, done[len(host) :]))
-                frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
                 self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
                 optimizers.zero_grad()
                 dropped = registry.drop_kd_losses()  # computed, never passed to backward()

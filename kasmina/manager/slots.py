@@ -300,7 +300,7 @@ class SlotRegistry:
         averaged (one missing on some ranks is zero there) or dropped on every rank together."""
         records = (self[seed_id] for seed_id in stepped)
         due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
-        return [r for r in due if any(p.grad is not None for p in r.seed.seed_parameters())]
+        return [r for r in due if any(p.grad is not None for p in r.seed.trained_parameters())]
 
     def frozen(self, counters: Counter[str]) -> list[str]:
         """The seeds in a training stage (``STEPPED_STAGES``) whose kernel has parameters but
@@ -312,9 +312,7 @@ class SlotRegistry:
         frozen = [
             r.seed_id
             for r in self.in_stages(STEPPED_STAGES)
-            if r.kernel is not None
-            and not r.seed._trained_parameters()
-            and r.seed.seed_parameters()
+            if r.kernel is not None and not r.seed.trained_parameters() and r.seed.seed_parameters()
         ]
         if frozen:
             counters["frozen_seed_steps"] += 1

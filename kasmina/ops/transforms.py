@@ -1,13 +1,14 @@
 """The eager ``torch.autograd.Function``s' support for higher order and ``torch.func``.
 
-``first_order_backward``: a backward that records no graph is differentiable once; a second
-backward through its gradients raises instead of being silently wrong (``kd_kl_loss`` and
-``fused_linear_kd_loss``). Under ``torch.func``: the Functions take the ``setup_context`` form
-(a ``forward`` without ``ctx``), so ``torch.func.grad``/``vjp`` run their forward on the plain
-tensors; such a backward is run one level down, on the plain tensors too (the kernels need
-storage); nested transforms, and any ``vmap``, raise a clear error naming the op
-(``no_vmap``, ``functorch_backward``). ``functorch_active`` routes the ops' eager shortcuts
-(no graph to record) through their Functions while a transform runs.
+``first_order_backward``: a backward that records no graph is differentiable once; a second backward
+through its gradients raises instead of being silently wrong (``kd_kl_loss`` and
+``fused_linear_kd_loss``). Under ``torch.func`` (``kd_kl_loss`` and ``alpha_blend``; the
+fused-linear op's Function is not in this form and is not supported there): the Functions take the
+``setup_context`` form (a ``forward`` without ``ctx``), so ``torch.func.grad``/``vjp`` run their
+forward on the plain tensors; such a backward is run one level down, on the plain tensors too (the
+kernels need storage); nested transforms, and any ``vmap``, raise a clear error naming the op
+(``no_vmap``, ``functorch_backward``). ``functorch_active`` routes the ops' eager shortcuts (no
+graph to record) through their Functions while a transform runs.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ All or nothing, in this order, so that a refusal leaves the model exactly as it 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -214,10 +213,12 @@ def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
             )
         layouts.append(layout)
     names = [layout["name"] for layout in layouts]
+    if len(set(names)) != len(names):
+        raise SavedModelError(f"a saved slot is repeated: {sorted(names)}")
     for name in names:
-        clash = [other for other in names if other == name or name.startswith(other + ".")]
-        if len(clash) > 1:
-            raise SavedModelError(f"saved slot {name!r} is repeated or nested in {clash[0]!r}")
+        outer = [other for other in names if name.startswith(other + ".")]
+        if outer:
+            raise SavedModelError(f"saved slot {name!r} is nested in {outer[0]!r}")
     row = 0
     for layout in sorted(layouts, key=lambda item: item["state_offset"]):
         if layout["state_offset"] != row:
@@ -370,13 +371,9 @@ def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTenso
         "layer_id": layout["name"],
         "region_id": layout["region_id"],
         "fault_limit": layout["fault_limit"],
+        "chunk_dim": layout["chunk_dim"],
+        "output_index": layout["output_index"],
     }
-    accepted = inspect.signature(KasminaLayer).parameters
-    for key in ("chunk_dim", "output_index"):  # layout fields of the slot contract
-        if key in accepted:
-            options[key] = layout[key]
-        elif layout[key] != {"chunk_dim": -1, "output_index": 0}[key]:
-            raise SavedModelError(f"slot {layout['name']!r}: this Kasmina has no {key}")
     try:
         layer = KasminaLayer(host, layout["num_seeds"], layout["chunk_size"], **options)
     except (ValueError, KeyError, IndexError) as exc:

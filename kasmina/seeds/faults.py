@@ -322,7 +322,7 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
     WARNING, the rest at DEBUG, so a seed that faults on every step stays visible without
     flooding the log."""
     logger.log(
-        _rarely(count),
+        rarely(count, FAULT_WARN_EVERY),
         "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
         seed_id,
         count,
@@ -338,10 +338,11 @@ def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
     :func:`log_fault` does: the first and every ``FAULT_WARN_EVERY``-th at WARNING."""
     effect = "the host output stands" if what == "seeds" else "no KD loss from it"
     logger.log(
-        _rarely(count), "slot %s: %s sat out call %d (%s); %s", slot_id, what, count, reason, effect
+        rarely(count, FAULT_WARN_EVERY),
+        "slot %s: %s sat out call %d (%s); %s",
+        slot_id,
+        what,
+        count,
+        reason,
+        effect,
     )
-
-
-def _rarely(count: int) -> int:
-    """The level of the ``count``-th line of a kind (see :func:`rarely`)."""
-    return rarely(count, FAULT_WARN_EVERY)

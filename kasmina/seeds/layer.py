@@ -297,8 +297,8 @@ class KasminaLayer(nn.Module):
         return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
-        """Teacher logits for the KD loss of the next forward that records a graph (one under
-        ``no_grad``, an eval or a server's request on another thread, leaves them pending)."""
+        """Teacher logits for the KD loss of the next forward that records a graph (a forward
+        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending)."""
         self._teacher_logits = teacher_logits
 
     def forget_teacher(self) -> None:
@@ -521,7 +521,7 @@ class KasminaLayer(nn.Module):
             passed=passed,
             flags=self._buffers["_finite_flags"],
             guarded=guarded,
-            params=[seeds[k]._trained_parameters() for k in guarded],
+            params=[seeds[k].trained_parameters() for k in guarded],
             recorders=[seeds[k]._record_fault for k in guarded],
             blend=grafting,
         )
@@ -540,7 +540,7 @@ class KasminaLayer(nn.Module):
             return
         values = contain_backward(
             [outs[k] for k in guarded],
-            [seeds[k]._trained_parameters() for k in guarded],
+            [seeds[k].trained_parameters() for k in guarded],
             [seeds[k]._record_fault for k in guarded],
         )
         for k, value in zip(guarded, values, strict=True):

@@ -380,7 +380,7 @@ class GradientIsolatedSeed(nn.Module):
     def seed_parameters(self) -> list[nn.Parameter]:
         return [] if self.kernel is None else list(self.kernel.parameters())
 
-    def _trained_parameters(self) -> list[torch.Tensor]:
+    def trained_parameters(self) -> list[torch.Tensor]:
         """The kernel's parameters that require a gradient (the backward guard's inputs), on
         every guarded forward. ``requires_grad`` and the parameter slots are read fresh; the
         module tree is walked once per kernel object (an artifact's module tree is fixed when
@@ -500,7 +500,7 @@ class GradientIsolatedSeed(nn.Module):
             return None
         s, xin = called
         if self._guards_backward(s, stage):
-            s = contain_backward([s], [self._trained_parameters()], [self._record_fault])[0]
+            s = contain_backward([s], [self.trained_parameters()], [self._record_fault])[0]
         return s, self._check_finite(s, xin, stage)
 
     def _call_kernel(

@@ -13,6 +13,7 @@ against the manifest, and only then signs the same fields with a publisher key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -21,8 +22,8 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -51,6 +52,7 @@ from kasmina.utils.keyring import Keyring
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 __all__ = [
     "default_artifact_id",
@@ -193,8 +195,8 @@ def _claim(fs: Any, path: str, data: bytes) -> bool:
     under a temporary name, then given its name by ``os.link`` on a local filesystem (atomic,
     and refused if the name exists). Elsewhere, or where hard links fail, a check, then a
     rename: complete, but not exclusive."""
-    tmp = _write_temporary(fs, path, data)
-    try:
+
+    def link(tmp: str) -> bool:
         if isinstance(fs, LocalFileSystem):
             try:
                 os.link(tmp, path)
@@ -207,9 +209,8 @@ def _claim(fs: Any, path: str, data: bytes) -> bool:
             return False
         fs.mv(tmp, path)
         return True
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+
+    return _through_temporary(fs, path, data, link)
 
 
 def _existing_manifest(
@@ -362,26 +363,24 @@ def _require_publisher(publisher: object) -> None:
         )
 
 
-def _write_temporary(fs: Any, path: str, data: bytes) -> str:
-    """Write ``data`` to a new temporary name beside ``path`` and return it; an ``OSError``
-    names ``path``, the file the caller meant to write, never the temporary."""
+def _atomic_write(fs: Any, path: str, data: bytes) -> None:
+    _through_temporary(fs, path, data, lambda tmp: fs.mv(tmp, path))
+
+
+def _through_temporary(fs: Any, path: str, data: bytes, commit: Callable[[str], _T]) -> _T:
+    """Write ``data`` to a temporary name beside ``path`` and return ``commit(temporary)``
+    (which moves or links it into place). The temporary never outlives the call, whatever
+    fails (fsspec backends raise errors of their own types; a Ctrl-C lands anywhere), and an
+    ``OSError`` names ``path``, the file the caller meant to write, never the temporary."""
     tmp = f"{path}.tmp-{secrets.token_hex(6)}"
     try:
         fs.pipe_file(tmp, data)
+        return commit(tmp)
     except OSError as exc:
         if exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror, path) from None
-    return tmp
-
-
-def _atomic_write(fs: Any, path: str, data: bytes) -> None:
-    tmp = _write_temporary(fs, path, data)
-    try:
-        fs.mv(tmp, path)
-    except OSError as exc:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        if exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        with contextlib.suppress(Exception):  # best effort: a leftover is only storage
+            if fs.exists(tmp):
+                fs.rm(tmp)

@@ -100,6 +100,20 @@ def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_store_write_that_fails_leaves_no_temporary(tmp_path, publisher, monkeypatch) -> None:
+    """An fsspec backend raises errors of its own types; the temporary manifest used to stay
+    beside its target when the move into place raised anything but an OSError."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    def mv(self, *args, **kwargs):
+        raise RuntimeError("backend error")
+
+    monkeypatch.setattr(LocalFileSystem, "mv", mv)
+    with pytest.raises(RuntimeError, match="backend error"):
+        publish_payload(b"payload", str(tmp_path), "blue", publisher, "art-1")
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
 class _PausingFS:
     """A store whose payload writes from the thread named ``slow`` wait for ``go``."""
 
