@@ -341,8 +341,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "extra", None) and args.extra[0] == "--":
         args.extra = args.extra[1:]
     try:
-        if getattr(args, "blueprint", None) == "":  # urza publish: never replaced by a default
-            raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

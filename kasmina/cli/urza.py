@@ -261,6 +261,8 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     from kasmina.urza.artifact import validate_artifact_id
     from kasmina.urza.publish import publish_artifact
 
+    if args.blueprint == "":  # given empty: never replaced by the default name
+        raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
     if args.artifact_id is not None:  # given, even empty: never replaced by a generated one
         try:
             validate_artifact_id(args.artifact_id)

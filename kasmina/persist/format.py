@@ -29,7 +29,7 @@ import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError
 from kasmina.utils.keyring import NotARegularFileError, open_regular_file
-from kasmina.utils.state_io import atomic_write_bytes
+from kasmina.utils.state_io import atomic_write_bytes, is_hex
 
 __all__ = [
     "FORMAT",
@@ -48,7 +48,6 @@ FORMAT_VERSION = 1
 # The header is a few hundred bytes; a length field claiming more is damage.
 MAX_HEADER_BYTES = 64 << 10
 _LENGTH = struct.Struct(">I")
-_HEX = frozenset("0123456789abcdef")
 
 
 class SavedModelError(KasminaError, ValueError):
@@ -137,6 +136,6 @@ def _parse_header(raw: bytes, where: str) -> dict[str, Any]:
     size, digest = header.get("size"), header.get("sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise SavedModelError(f"{where}: header size is malformed")
-    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+    if not is_hex(digest, 64):
         raise SavedModelError(f"{where}: header sha256 is malformed")
     return header

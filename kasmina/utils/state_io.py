@@ -316,7 +316,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_hex(value: object, length: int) -> bool:
+def is_hex(value: object, length: int) -> bool:
+    """Whether ``value`` is a string of ``length`` lower-case hex digits (a digest, an HMAC)."""
     return isinstance(value, str) and len(value) == length and set(value) <= _HEX
 
 
@@ -492,7 +493,7 @@ class CheckpointSigner:
             data = strict_json_loads(raw.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise CheckpointIntegrityError(f"{where}: manifest is not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or not _is_hex(data.get("hmac"), 64):
+        if not isinstance(data, dict) or not is_hex(data.get("hmac"), 64):
             raise CheckpointIntegrityError(f"{where}: manifest carries no HMAC")
         try:
             canonical = canonical_json(data)
@@ -512,7 +513,7 @@ class CheckpointSigner:
             or not isinstance(data["run_id"], str)
             or not (data["epoch"] is None or (_is_int(data["epoch"]) and data["epoch"] >= 0))
             or not (_is_int(data["size"]) and data["size"] >= 0)
-            or not _is_hex(data["sha256"], 64)
+            or not is_hex(data["sha256"], 64)
             or not isinstance(data["created"], (int, float))
         ):
             raise CheckpointIntegrityError(
