@@ -23,7 +23,8 @@
 - ``replica`` -- what ranks compare and repair: the ``ReplicaState`` protocol, bitwise CRC-32
   checksums (``state_checksum``, ``nested_checksum``) and ``TensorReplica``.
 - ``processes`` -- what the coordinator stands on: the parallel wrappers Kasmina refuses (FSDP,
-  tensor parallelism, ``DataParallel``), rank/device helpers, ``spawn`` and ``init_from_env``.
+  tensor parallelism, ``DataParallel``), rank/device helpers, ``spawn``, ``init_from_env`` and
+  ``shutdown_process_group``.
 
 Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
 """

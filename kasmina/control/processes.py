@@ -4,15 +4,17 @@ The coordinator (``kasmina.control.distributed``) decides what crosses between r
 holds what it stands on and what a launcher needs: the refusal of hosts whose weights are
 sharded or re-replicated (FSDP, tensor parallelism, ``nn.DataParallel``), the rank and device
 helpers a collective needs, an initial broadcast, a plain gradient average for models without
-DDP, and ``spawn`` / ``init_from_env`` for one process per rank (``torch.multiprocessing`` or
-``torchrun``).
+DDP, and ``spawn`` / ``init_from_env`` / ``shutdown_process_group`` for one process per rank
+(``torch.multiprocessing`` or ``torchrun``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -38,6 +40,7 @@ __all__ = [
     "find_free_port",
     "global_rank",
     "init_from_env",
+    "shutdown_process_group",
     "spawn",
 ]
 
@@ -197,6 +200,37 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     return rank, world
 
 
+def shutdown_process_group() -> None:
+    """Destroy the default process group and free it now, while the interpreter is whole.
+
+    ``dist.destroy_process_group`` only drops torch's own references; the group lives on while
+    anything else holds it, and a DDP module in a reference cycle (a manager callback into a
+    training loop that holds the wrapped model is one) holds it until the cycle collector
+    runs, which at exit is inside interpreter finalization. A gloo worker releasing its last
+    collective's tensors then needs the GIL, which finalization no longer hands out: the
+    process aborts ("terminate called without an active exception"), now and then, after a
+    run that succeeded. So: collect first, then destroy, and the group's destructor joins its
+    workers here. Call it once the models, the manager and the DDP wrapper are out of scope (at
+    the end of ``main()``, not beside module-level globals); a group something still holds is
+    logged, as its workers outlive the call (torch's first ``import torch._dynamo`` while a group
+    exists holds it for good: ``kasmina.manager`` imports it, so import that first). A no-op
+    without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    holders = sys.getrefcount(group) - 2  # this frame's name and getrefcount's argument
+    if holders > 0:
+        logger.warning(
+            "the process group is still referenced %d time(s) after destroy_process_group (a "
+            "live DDP module?): its worker threads outlive it and may abort the process at "
+            "exit; call shutdown_process_group once the wrapped model is out of scope",
+            holders,
+        )
+
+
 def _spawn_entry(
     rank: int,
     world: int,
@@ -217,7 +251,7 @@ def _spawn_entry(
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def spawn(

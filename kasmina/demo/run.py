@@ -206,7 +206,7 @@ def _run_torchrun(cfg: DemoConfig) -> Any:
     Returns rank 0's result (None on the other ranks)."""
     import torch.distributed as dist
 
-    from kasmina.control.processes import init_from_env
+    from kasmina.control.processes import init_from_env, shutdown_process_group
 
     backend = "nccl" if torch.device(cfg.device).type == "cuda" else "gloo"
     rank, world = init_from_env(backend, timeout_s=300)
@@ -217,7 +217,7 @@ def _run_torchrun(cfg: DemoConfig) -> Any:
         ranked = replace(cfg, nproc=world, progress=cfg.progress and rank == 0)
         result = run_demo(ranked, shared[0], rank, world)
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
     return result if rank == 0 else None
 
 
