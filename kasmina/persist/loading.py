@@ -34,9 +34,9 @@ from kasmina.errors import ArtifactIntegrityError
 from kasmina.ops.lifecycle import INT32_MAX
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
-from kasmina.seeds.inject import add_load_checks, follow_host_mode
+from kasmina.seeds.inject import add_load_checks
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import declared_width, forward_owner, output_index_problem
+from kasmina.seeds.outputs import declared_width, forward_owner
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NUM_STATE_COLUMNS, StateColumn
 from kasmina.urza.artifact import verify_manifest
@@ -109,10 +109,6 @@ def _prepare(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     hosts = {layout["name"]: _host(model, layout) for layout in layouts}
-    for layout in layouts:
-        problem = output_index_problem(layout["output_index"], hosts[layout["name"]])
-        if problem is not None:
-            raise SavedModelError(f"saved slot {layout['name']!r}: {problem}")
     host_state = _check_architecture(model, hosts, weights)
     originals = {
         artifact_id: _verified_kernel(artifact_id, entry, publishers, device)
@@ -190,8 +186,8 @@ def _layouts(slots_saved: list[Any]) -> list[dict[str, Any]]:
     every layout field an int, ``fault_limit`` >= 1 (what a seed's ``fault_limit`` takes: a
     Python int, never written to the int32 table, so a huge one is a valid "never quarantine"),
     and the slots' rows tiling the state table from row 0. ``region_id`` is checked against the
-    table (``_table``), ``output_index`` against the host (``output_index_problem``, as
-    ``attach`` checks it) and ``chunk_dim`` against the seeds' kernels (``_kernel_problem``)."""
+    table (``_table``), ``output_index`` against the host by the slot's constructor (as for
+    ``attach``) and ``chunk_dim`` against the seeds' kernels (``_kernel_problem``)."""
     layouts: list[dict[str, Any]] = []
     for raw in slots_saved:
         if not isinstance(raw, Mapping):
@@ -378,7 +374,6 @@ def _build_slot(layout: Mapping[str, Any], host: nn.Module, table: GPUStateTenso
         layer = KasminaLayer(host, layout["num_seeds"], layout["chunk_size"], **options)
     except (ValueError, KeyError, IndexError) as exc:
         raise SavedModelError(f"architecture mismatch at slot {layout['name']!r}: {exc}") from exc
-    follow_host_mode(layer)  # an eval() host gets an eval slot, as ``attach`` gives it
     return layer
 
 

@@ -40,7 +40,7 @@ from kasmina.seeds import hf
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import default_chunk_dim, output_index_problem
+from kasmina.seeds.outputs import default_chunk_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 
@@ -208,32 +208,13 @@ def attach(
             region_id=i,
             fault_limit=fault_limit,
         )
-        problem = output_index_problem(output_index, host)  # as ``kasmina.load`` refuses it
-        if problem is not None:
-            raise ValueError(f"{name!r}: {problem}")
         layer.guards_fused_path = isinstance(_parent(model, name)[0], nn.TransformerEncoderLayer)
-        follow_host_mode(layer)
         layers.append(layer)
     for name, layer in zip(names, layers, strict=True):
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
     add_load_checks(model)
     return layers
-
-
-def follow_host_mode(slot: KasminaLayer) -> None:
-    """Give ``slot`` and its own submodules (the seeds and any kernels in them) the wrapped
-    host's ``training`` flag, as ``slot.train(slot.host.training)`` would without touching the
-    host. A new ``nn.Module`` starts in train mode whatever the model around it is in, so a
-    slot put into an ``eval()`` model would otherwise read as training (code that asks
-    ``model.block.training`` gets the slot's flag). The host is left alone: its submodules may
-    be in mixed modes on purpose (a frozen batch norm kept in eval inside a training block).
-    Whoever builds a slot around a live host calls it (``attach``, ``kasmina.load``)."""
-    mode = slot.host.training
-    slot.training = mode
-    for child in slot.children():
-        if child is not slot.host:
-            child.train(mode)  # recursive through the seeds (a GPUKernel sets its flag only)
 
 
 def add_load_checks(model: nn.Module) -> None:

@@ -14,34 +14,31 @@ is built wherever the host declares its width (``out_features``, ``out_channels`
 ``embed_dim``, ...), and otherwise against the shape the first forward records
 (:attr:`KasminaLayer.output_contract`, which GERMINATE reads before it lets a kernel in).
 
-Seeds in different stages coexist and are applied in one pass: the seeds' outputs and the
-host's own chunks (for seeds that pass it through) are concatenated into one pre-blend tensor,
-and one ``alpha_blend`` call with a per-chunk alpha vector mixes it with the host output.
-Pass-through and ISOLATED_INIT chunks carry the host value with alpha 1, so their host gradient
-is exactly ``g``; GRAFTING chunks use their schedule; when no seed is GRAFTING the blend would be
-the identity and is skipped.
+Seeds in different stages are applied in one pass: the seeds' outputs and the host's own
+chunks (for seeds that pass it through) form one pre-blend tensor, which one ``alpha_blend``
+with a per-chunk alpha mixes with the host output. Pass-through and ISOLATED_INIT chunks carry
+the host value with alpha 1 (host gradient exactly ``g``); GRAFTING chunks use their schedule;
+with no seed GRAFTING the blend is the identity and is skipped.
 
-The plan (each seed's stage, and whether any runs its kernel) is a slot-local snapshot that the
-state table refreshes on every change (``GPUStateTensor.listen``): the forward never reads the
-shared table or the seeds to decide. When every seed passes the host through (all DORMANT, say)
-the forward returns the host output object itself, at the cost of one attribute read; compiled,
-that bool is the slot's only guard of its own (and the stage ints, while a seed runs).
+The plan (each seed's stage; whether any runs its kernel) is a slot-local snapshot the table
+refreshes on every change (``GPUStateTensor.listen``), so the forward reads neither the table
+nor the seeds. With every seed passing the host through, the forward returns the host's output
+object itself for one attribute read (compiled, that bool and the stage ints are the guards).
 
 **Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
 (``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
-define is read from the host, as PEFT's layers do. One kind of reader would bypass the seeds:
-PyTorch's fused ``TransformerEncoderLayer`` path calls native kernels with the wrapped module's
-weights instead of calling the module. For a slot inside such a layer, while any of its seeds
-runs, those weight reads return a marked view (a tensor subclass) that the fused path's
-``has_torch_function`` check rejects, so the regular path runs and calls the slot. With every
-seed passing through, the real tensors come back and the fused path runs as for the bare model.
+define is read from the host, as PEFT's layers do. PyTorch's fused ``TransformerEncoderLayer``
+path would bypass the seeds (it calls native kernels with the wrapped module's weights): inside
+such a layer, while a seed runs, those reads return a marked view (a tensor subclass) that its
+``has_torch_function`` check rejects, so the regular path calls the slot; with every seed
+passing through, the real tensors come back and the fused path runs as for the bare model.
 
-A seed that faults contributes its host chunk unchanged with alpha 1, as a DORMANT seed would;
-the others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: each
-seed's host half, then one finiteness reduction over the concatenated outputs, one update of the
-seeds' flags (views of one layer buffer), the host's chunk for a non-finite one, and one guarded
-backward node. In eager mode, when every running seed blends against the detached host
-(GRAFTING, STABILIZATION), that and the blend are one autograd node (``island.GuardedBlend``).
+A seed that faults contributes its host chunk with alpha 1, as a DORMANT seed would; the
+others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
+finiteness reduction over the concatenated outputs, one update of the seeds' flags (views of
+one buffer), the host's chunk for a non-finite one and one guarded backward node; eager, with
+every running seed blending against the detached host (GRAFTING, STABILIZATION), that and the
+blend are one autograd node (``island.GuardedBlend``).
 """
 
 from __future__ import annotations
@@ -75,6 +72,7 @@ from kasmina.seeds.outputs import (
     fits,
     on_dense,
     output_element,
+    output_index_problem,
     recorded_spec,
     recording_deferred,
     replace_output_element,
@@ -102,11 +100,12 @@ class _SeedsLive(torch.Tensor):
 
 
 class KasminaLayer(nn.Module):
-    """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (see the module
-    docstring for the contract).
+    """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (the contract: the
+    module docstring), in the host's train/eval mode.
 
     ``chunk_dim`` (default :func:`default_chunk_dim`) is the dimension the seeds split;
-    ``output_index`` picks the element of a tuple, list or dataclass output they apply to.
+    ``output_index`` picks the element of a tuple, list or dataclass output they apply to (one
+    the host's class cannot return is refused: ``output_index_problem``).
     ``state``/``state_offset`` place the seeds in a shared table (``kasmina.attach`` does this);
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
     seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults).
@@ -140,6 +139,9 @@ class KasminaLayer(nn.Module):
             raise ValueError(f"{layer_id}: chunk_dim must be an int, got {chunk_dim!r}")
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise ValueError(f"{layer_id}: output_index must be an int, got {output_index!r}")
+        problem = output_index_problem(output_index, host)
+        if problem is not None:
+            raise ValueError(f"{layer_id!r}: {problem}")
         width = declared_width(host, chunk_dim)
         if width is not None and width != num_seeds * chunk_size:
             raise ValueError(
@@ -191,9 +193,7 @@ class KasminaLayer(nn.Module):
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # The plan: each seed's stage (as an int, and as a SeedStage for the eager path) and
-        # whether any seed runs its kernel. A slot-local snapshot, refreshed by the table on
-        # every change (``GPUStateTensor.listen``), so the forward never reads the table.
+        # The plan (module docstring): each seed's stage, as an int and as a SeedStage (eager).
         self._stage_codes: tuple[int, ...] = ()
         self._plan: tuple[SeedStage, ...] = ()
         self._runs_any = False
@@ -201,6 +201,9 @@ class KasminaLayer(nn.Module):
         state.listen(self._refresh_plan)
         # A load checks every seed's state before the host loads (attach does so on the model).
         self.register_load_state_dict_pre_hook(check_seed_states)
+        # The host's mode, not train()'s (which would reset the host's own mixed modes).
+        self.training = host.training
+        self.seeds.train(host.training)
 
     # -- the wrapped module's attributes ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -257,7 +260,7 @@ class KasminaLayer(nn.Module):
 
     def contract_problem(self) -> str | None:
         """Why the recorded host output cannot be chunked as configured, or None (also before
-        the first forward, when nothing is known yet)."""
+        the first forward)."""
         contract = self.output_contract
         if contract is None or isinstance(contract, str):
             return None if contract is None else f"{self.layer_id}: {contract}"
@@ -274,15 +277,13 @@ class KasminaLayer(nn.Module):
 
     def chunk_spec(self) -> ActivationSpec | None:
         """Shape, dtype and device of one seed's chunk of the recorded host output (a seed's
-        input and required output), or None before the first forward or when the output does
-        not fit the contract."""
+        input and output), or None before the first forward or off the contract."""
         contract = self.output_contract
         if contract is None or isinstance(contract, str) or self.contract_problem() is not None:
             return None
-        shape, dtype, device = contract
-        dims = list(shape)
+        dims = list(contract[0])
         dims[self.chunk_dim] = self.chunk_size
-        return (torch.Size(dims), dtype, device)
+        return (torch.Size(dims), contract[1], contract[2])
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> None:
         """Advance every GRAFTING seed's schedule (the others are left as they are)."""

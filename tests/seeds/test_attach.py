@@ -291,6 +291,20 @@ def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model
     assert slot.output_index == -2
 
 
+def test_a_slot_built_directly_checks_output_index_and_takes_its_hosts_mode() -> None:
+    """The constructor owns both checks ``attach`` and ``kasmina.load`` rely on, so a slot a
+    user builds around a host (as the tests and PEFT-style code do) behaves the same."""
+    with pytest.raises(ValueError, match=re.escape("'fc': output_index 1, but a Linear")):
+        KasminaLayer(nn.Linear(4, 4), 2, 2, output_index=1, layer_id="fc")
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    block.eval()
+    block[1].train()  # a host in mixed modes on purpose keeps them
+    slot = KasminaLayer(block, 2, 2)
+    assert not slot.training and not any(seed.training for seed in slot.seeds)
+    assert (block.training, block[0].training, block[1].training) == (False, False, True)
+    assert KasminaLayer(nn.Linear(4, 4), 2, 2).training  # a training host, a training slot
+
+
 @pytest.mark.parametrize("embargo", [2**31, -1])
 def test_attach_refuses_an_embargo_the_state_table_cannot_hold(embargo: int) -> None:
     model = MLP()
