@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError
-from kasmina.utils.keyring import NotARegularFileError, open_regular_file
+from kasmina.utils.files import NotARegularFileError, open_regular_file
 from kasmina.utils.state_io import atomic_write_bytes, is_hex
 
 __all__ = [

@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
-from kasmina.utils.keyring import NotARegularFileError, open_regular_file
+from kasmina.utils.files import NotARegularFileError, open_regular_file
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [

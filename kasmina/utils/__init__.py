@@ -14,6 +14,10 @@
   transfer per device, where reading them one by one would cost a GPU round trip each.
 - ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
   variable or a file (never from code), never shown in ``repr`` or logs.
+- ``files`` -- ``open_regular_fd``, ``open_regular_file``, ``read_regular_file``,
+  ``read_text_file``: local regular files only, for key, config, checkpoint, model, store and
+  telemetry files alike. A FIFO, a device or a directory is refused at once with
+  ``NotARegularFileError`` (never blocked on), and a whole-file read stops at a size limit.
 - ``locks`` -- ``lock_exclusive``: an advisory ``flock`` on a lock file, so that one live process
   owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
 - ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an

@@ -9,8 +9,7 @@ trainers hold only the public half of (``kasmina.urza.keys``). The one artifact 
 checking a retired HMAC manifest before it is re-signed (``kasmina.urza.publish``). Values must
 be ``bytes``, so an Ed25519 key object cannot be put in a keyring by mistake.
 
-Key, keyring and publisher files are read through ``read_regular_file`` (checkpoints and
-entries of a local Urza store are opened through ``open_regular_file``): a FIFO, a device or a
+A keyring file is read through ``kasmina.utils.files.read_text_file``: a FIFO, a device or a
 directory is refused at once, without blocking, and at most a fixed number of bytes is read.
 """
 
@@ -21,26 +20,19 @@ import hmac
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
+from kasmina.utils.files import read_text_file
 from kasmina.utils.signed_json import strict_json_loads
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENV_VAR",
-    "MAX_CONFIG_FILE_BYTES",
     "MIN_KEY_BYTES",
     "Keyring",
-    "NotARegularFileError",
     "generate_key",
-    "open_regular_fd",
-    "open_regular_file",
-    "read_regular_file",
-    "read_text_file",
 ]
 
 
@@ -48,85 +40,6 @@ MIN_KEY_BYTES = 16
 
 
 DEFAULT_ENV_VAR = "KASMINA_HMAC_KEYS"
-# A keyring or trusted-publishers file is a few kilobytes; anything larger is not one.
-MAX_CONFIG_FILE_BYTES = 1 << 20
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-class NotARegularFileError(ValueError):
-    """``path`` names something other than a regular file (``kind``: "a FIFO", ...)."""
-
-    def __init__(self, path: str, kind: str, what: str = "file") -> None:
-        super().__init__(f"{what} {path} is not a regular file ({kind})")
-        self.path, self.kind = path, kind
-
-
-def open_regular_fd(
-    path: str | os.PathLike[str], flags: int, *, what: str = "file", mode: int = 0o666
-) -> int:
-    """``os.open(path, flags)`` (plus non-blocking, no controlling tty, close-on-exec),
-    refusing at once anything but a regular file (symlinks are followed): opened non-blocking
-    and checked with ``fstat`` on the open descriptor, so a FIFO never blocks and a swap after a
-    check cannot slip one in; the descriptor is blocking again on return. Raises
-    ``NotARegularFileError`` (a ``ValueError`` naming ``what`` and ``path``); ``OSError`` as
-    ``open`` does (missing, no permission, a socket)."""
-    nonblock = getattr(os, "O_NONBLOCK", 0)
-    extra = nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags | extra | getattr(os, "O_BINARY", 0), mode)
-    except IsADirectoryError:  # an open to write: one to read opens it, and fstat refuses it
-        raise NotARegularFileError(os.fspath(path), "a directory", what) from None
-    try:
-        st_mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(st_mode):
-            kind = next((k for test, k in _KINDS if test(st_mode)), "not a file")
-            raise NotARegularFileError(os.fspath(path), kind, what)
-        if nonblock:
-            os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def open_regular_file(path: str | os.PathLike[str], *, what: str = "file") -> BinaryIO:
-    """Open a local regular file to read (``open_regular_fd``): a FIFO, a device or a
-    directory is refused at once, never blocked on."""
-    fd = open_regular_fd(path, os.O_RDONLY, what=what)
-    try:
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_regular_file(
-    path: str | os.PathLike[str], limit: int = MAX_CONFIG_FILE_BYTES, *, what: str = "file"
-) -> tuple[bytes, os.stat_result]:
-    """The bytes of a local regular file (``open_regular_file``) and its ``fstat``, reading at
-    most ``limit + 1`` bytes: a longer file raises ``ValueError`` naming ``path``."""
-    with open_regular_file(path, what=what) as f:
-        st = os.fstat(f.fileno())
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{what} {os.fspath(path)} is larger than {limit} bytes; not read whole")
-    return data, st
-
-
-def read_text_file(path: str | os.PathLike[str], *, what: str) -> tuple[str, os.stat_result]:
-    """``read_regular_file`` decoded as UTF-8; undecodable bytes raise ``ValueError`` naming
-    ``path``."""
-    data, st = read_regular_file(path, what=what)
-    try:
-        return data.decode("utf-8"), st
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text ({exc.reason})") from None
 
 
 def generate_key(num_bytes: int = 32) -> bytes:

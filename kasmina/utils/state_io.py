@@ -57,8 +57,8 @@ from typing import IO, Any, TypeVar
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.files import NotARegularFileError, open_regular_file, read_regular_file
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.keyring import NotARegularFileError, open_regular_file, read_regular_file
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 

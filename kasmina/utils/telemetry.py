@@ -31,7 +31,7 @@ from typing import IO, Protocol, runtime_checkable
 from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
-from kasmina.utils.keyring import open_regular_fd
+from kasmina.utils.files import open_regular_fd
 
 logger = logging.getLogger(__name__)
 

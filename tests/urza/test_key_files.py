@@ -16,7 +16,8 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_payload
-from kasmina.utils.keyring import MAX_CONFIG_FILE_BYTES, Keyring, read_regular_file
+from kasmina.utils.files import MAX_CONFIG_FILE_BYTES
+from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import load_or_create_checkpoint_key
 from tests.cli.helpers import fifo_never_blocks
 
@@ -63,17 +64,6 @@ def test_an_oversize_key_file_is_refused_after_a_bounded_read(loader, tmp_path) 
     path.chmod(0o600)
     with pytest.raises(ValueError, match=f"{path} is larger than {MAX_CONFIG_FILE_BYTES} bytes"):
         LOADERS[loader](path)
-
-
-def test_read_regular_file_reads_at_most_one_byte_past_its_limit(tmp_path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"abcdef")
-    data, st = read_regular_file(path, 6)
-    assert data == b"abcdef" and st.st_size == 6
-    with pytest.raises(ValueError, match="larger than 5 bytes"):
-        read_regular_file(path, 5)
-    with pytest.raises(FileNotFoundError):
-        read_regular_file(tmp_path / "missing", 5)
 
 
 @pytest.mark.parametrize("loader", ["keyring", "publishers"])

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.json_format import ParseDict
 
 from kasmina.leyline import MetricType, TelemetryPacket
-from kasmina.utils.keyring import NotARegularFileError
+from kasmina.utils.files import NotARegularFileError
 from kasmina.utils.telemetry import (
     JsonlFileSink,
     MemorySink,
