@@ -10,8 +10,13 @@ It is enforced structurally and checked here:
 - ``ownership`` -- ``ParameterOwnership``: every parameter belongs to exactly one owner (the host,
   one seed, or the teacher); an overlap is refused at registration (``ParameterOverlapError``).
 - ``optimizers`` -- ``IsolatedOptimizerManager``: one optimizer per owner over disjoint sets,
-  fused gradient clipping through ``kasmina.ops.grad_norms``, promotion of a fossilized seed
-  into the host optimizer, and the trainer's ``OptimizerCommand``s.
+  fused gradient clipping through ``kasmina.ops.grad_norms`` (its norm checked by
+  ``checked_clip_norm`` before anything changes), promotion of a fossilized seed into the host
+  optimizer, its saved layout, and the dispatch of a controller's optimizer commands onto these
+  calls.
+- ``optimizer_commands`` -- ``read_optimizer_command``: the type gate of that dispatch (only a
+  ``VerifiedOptimizerCommand`` gets in; a wire message is a ``TypeError``) and the command read
+  into plain values (``OptimizerOrder``). It knows no optimizer.
 - ``verify`` -- ``verify_gradient_isolation``: walks the autograd graph of a seed's output and
   fails if it reaches a host parameter.
 - ``monitor`` -- ``GradientIsolationMonitor``: the two-phase protocol (``begin_seed_backward`` /

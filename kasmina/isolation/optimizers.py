@@ -14,29 +14,33 @@ added is recorded, so a saved state's layout can be checked and a rollback can r
 rollback's commit (``adopt``) moves the rebuilt state into the live optimizer objects instead of
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
 
+Stepping takes one clip norm for all the optimizers it steps, checked (``checked_clip_norm``)
+before any gradient is clipped or any optimizer stepped: 0 or None is no clipping, a norm > 0
+clips to it and skips a step whose gradient norm is not finite, +inf skips without clipping.
+
 This is an in-process component, not a door: a controller's optimizer command reaches it only
-through the kernel manager, which verifies the signed bytes first, so ``apply_optimizer_command``
-takes a ``VerifiedOptimizerCommand``, never a bare ``OptimizerCommand`` (docs/design.md §5).
+verified (``optimizer_commands`` reads it and refuses a wire message), and
+``apply_optimizer_command`` maps each command type onto one of the calls here (docs/design.md §5).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
 import torch
-from google.protobuf.message import Message
 
 from kasmina.errors import ParameterOverlapError
+from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
 from kasmina.isolation.ownership import ParameterOwnership
 from kasmina.kd.teacher import is_teacher_parameter
-from kasmina.leyline import CommandType, MetricType, OptimizerCommand
+from kasmina.leyline import CommandType, MetricType
 from kasmina.ops import grad_norms
-from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_real
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import clone_state
@@ -53,20 +57,6 @@ STATE_FORMAT = 2
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
-
-
-@runtime_checkable
-class VerifiedOptimizerCommand(Protocol):
-    """What ``apply_optimizer_command`` takes: an optimizer command that passed the verifier,
-    such as the handler's ``KasminaCommand`` of kind ``"optimizer"`` (named by its shape: this
-    package may not import the control package). No wire message (bytes, ``AdaptationCommand``,
-    ``OptimizerCommand``) is accepted, so nothing a transport parsed gets here unverified."""
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def optimizer(self) -> OptimizerCommand | None: ...
 
 
 @dataclass
@@ -91,9 +81,17 @@ class _Entry:
         return [[p.seed_id, p.group, len(p.params)] for p in self.promoted]
 
 
-def _from_float32(value: float) -> float:
-    """The decimal a proto ``float`` field was set from (0.01, not 0.009999999776)."""
-    return float(str(np.float32(value)))
+def checked_clip_norm(value: object) -> float:
+    """A ``grad_clip_norm`` as a float: 0 (or None) for no clipping, else the norm to clip to,
+    which also skips a step whose gradient norm is not finite (+inf: that skip without
+    clipping). A negative or NaN norm would silently turn both off: refused with
+    ``ValueError``, as a bool, a string or a tensor is (``check_real``)."""
+    if value is None:
+        return 0.0
+    norm = float(check_real("grad_clip_norm", value))
+    if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
+        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
+    return norm
 
 
 def _collect(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -391,21 +389,26 @@ class IsolatedOptimizerManager:
             torch._foreach_mul_(group, coef.to(device))
         return total
 
-    def step(self, optimizer_id: str, grad_clip_norm: float = 0.0) -> bool:
-        """Step one optimizer, clipping first when ``grad_clip_norm > 0``.
+    def step(self, optimizer_id: str, grad_clip_norm: float | None = 0.0) -> bool:
+        """Step one optimizer, clipping first when ``grad_clip_norm > 0`` (0 or None: off; a
+        negative, NaN or non-number norm is a ``ValueError`` before anything changes).
 
         With clipping, a non-finite global norm skips the step (one host sync, like AMP's
         scaler) so NaN/Inf never reach the weights; returns False then, True when it stepped.
         """
         return self.step_many([optimizer_id], grad_clip_norm)[0]
 
-    def step_many(self, optimizer_ids: Sequence[str], grad_clip_norm: float = 0.0) -> list[bool]:
+    def step_many(
+        self, optimizer_ids: Sequence[str], grad_clip_norm: float | None = 0.0
+    ) -> list[bool]:
         """``step`` for each optimizer, with one host sync in all when clipping: every group is
-        clipped, the finiteness of all their norms read in one transfer, then each steps."""
+        clipped, the finiteness of all their norms read in one transfer, then each steps. The
+        norm and the ids are checked before any gradient is clipped or any optimizer stepped."""
+        clip = checked_clip_norm(grad_clip_norm)
         entries = [self._entry(optimizer_id) for optimizer_id in optimizer_ids]
         finite = [True] * len(entries)
-        if grad_clip_norm > 0:
-            totals = [self.clip_grad_norm(oid, grad_clip_norm) for oid in optimizer_ids]
+        if clip > 0:
+            totals = [self.clip_grad_norm(oid, clip) for oid in optimizer_ids]
             self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
             finite = read_flags([torch.isfinite(total) for total in totals])
         for optimizer_id, entry, ok in zip(optimizer_ids, entries, finite, strict=True):
@@ -429,14 +432,6 @@ class IsolatedOptimizerManager:
             raise KeyError(f"no parameter source registered for {name!r}")
         return list(provider())
 
-    @staticmethod
-    def _options(cmd: OptimizerCommand) -> dict[str, Any]:
-        """Creation options from ``cmd.parameters``; ``beta1``/``beta2`` become ``betas``."""
-        options: dict[str, Any] = dict(cmd.parameters)
-        if "beta1" in options or "beta2" in options:
-            options["betas"] = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
-        return options
-
     def apply_optimizer_command(self, command: VerifiedOptimizerCommand) -> bool:
         """Execute one verified optimizer command; False (logged) on any rejection.
 
@@ -447,20 +442,19 @@ class IsolatedOptimizerManager:
         sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
         optimizer options on creation (``beta1``/``beta2`` are combined into ``betas``).
         """
-        cmd = _verified_payload(command)
-        kind = cmd.command_type
-        oid = cmd.optimizer_id
-        lr = _from_float32(cmd.learning_rate) if cmd.learning_rate > 0 else 1e-3
+        order = read_optimizer_command(command)  # TypeError for a wire message
+        kind, oid, options = order.kind, order.optimizer_id, order.options
+        lr = 1e-3 if order.learning_rate is None else order.learning_rate
         try:
             if kind == CommandType.COMMAND_TYPE_INITIALIZE_HOST:
-                name = oid or HOST_ID
-                self.initialize_host(self._params_from(name), lr=lr, **self._options(cmd))
+                self.initialize_host(self._params_from(oid or HOST_ID), lr=lr, **options)
             elif kind == CommandType.COMMAND_TYPE_CREATE_SEED:
-                self.create_seed_optimizer(oid, self._params_from(oid), lr=lr, **self._options(cmd))
+                self.create_seed_optimizer(oid, self._params_from(oid), lr=lr, **options)
             elif kind == CommandType.COMMAND_TYPE_STEP:
-                if cmd.learning_rate > 0:
+                clip = checked_clip_norm(order.grad_clip_norm)  # a refusal leaves the lr as it was
+                if order.learning_rate is not None:
                     self.set_lr(oid, lr)
-                return self.step(oid, grad_clip_norm=_from_float32(cmd.grad_clip_norm))
+                return self.step(oid, grad_clip_norm=clip)
             elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
                 self.reset_state(oid)
             elif kind == CommandType.COMMAND_TYPE_REGISTER_TEACHER:
@@ -582,19 +576,3 @@ def _move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> Non
     del groups[len(built.param_groups) :]
     live.state.clear()
     live.state.update(built.state)
-
-
-def _verified_payload(command: object) -> OptimizerCommand:
-    """The ``OptimizerCommand`` of a verified command; ``TypeError`` for anything else."""
-    if isinstance(command, (Message, bytes, bytearray, memoryview)):
-        raise TypeError(
-            f"apply_optimizer_command takes a verified command, not a {type(command).__name__}: "
-            "a controller's optimizer command must arrive signed, through the kernel manager's "
-            "handle_adaptation_command"
-        )
-    payload = getattr(command, "optimizer", None)
-    if getattr(command, "kind", None) != "optimizer" or not isinstance(payload, OptimizerCommand):
-        raise TypeError(
-            f"expected a verified optimizer command (kind 'optimizer'), got {command!r}"
-        )
-    return payload

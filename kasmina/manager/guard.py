@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -33,7 +32,6 @@ from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import ISOLATED_STAGES, SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
-from kasmina.ops.backend import check_real
 from kasmina.seeds.seed import KD_STAGES
 from kasmina.utils.flags import read_flags
 from kasmina.utils.state_io import CheckpointSigner, clone_state
@@ -41,21 +39,7 @@ from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IsolationGuard", "checked_clip_norm"]
-
-
-def checked_clip_norm(value: object) -> float:
-    """``step()``'s ``grad_clip_norm`` as a float: 0 (or None) for no clipping, else the norm
-    to clip to, which also skips a step whose gradient norm is not finite (+inf: that skip
-    without clipping). A negative or NaN norm would silently turn both off: refused with
-    ``ValueError``, as a bool or a string is (``check_real``), before the step changes anything.
-    """
-    if value is None:
-        return 0.0
-    norm = float(check_real("grad_clip_norm", value))
-    if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
-        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
-    return norm
+__all__ = ["IsolationGuard"]
 
 
 class IsolationGuard:

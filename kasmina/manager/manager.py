@@ -39,13 +39,13 @@ from torch import nn
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
-from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
+from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
-from kasmina.manager.guard import IsolationGuard, checked_clip_norm
+from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck

@@ -1,40 +1,29 @@
-"""IsolatedOptimizerManager: disjoint registration, isolated steps, clipping, commands."""
+"""IsolatedOptimizerManager: disjoint registration, isolated steps, clipping, promotion,
+saved state. Its optimizer commands: test_optimizer_commands.py."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from kasmina.control.commands import KasminaCommand
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.kd.teacher import CheckpointedTeacher
-from kasmina.leyline import AdaptationCommand, CommandType, OptimizerCommand
 from kasmina.utils.state_io import clone_state
+from tests.isolation.helpers import fill_grads, models
 from tests.ops.tolerances import tol
-
-
-def _models(seed: int = 0):
-    torch.manual_seed(seed)
-    return nn.Linear(4, 4), nn.Linear(4, 4)
-
-
-def _fill_grads(*modules: nn.Module, scale: float = 1.0) -> None:
-    for module in modules:
-        for p in module.parameters():
-            p.grad = torch.randn_like(p) * scale
-
 
 # ---------------------------------------------------------------- registration
 
 
 def test_overlap_with_host_is_rejected_and_nothing_registered():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters())
     with pytest.raises(ParameterOverlapError, match="already owned by 'host'"):
@@ -46,7 +35,7 @@ def test_overlap_with_host_is_rejected_and_nothing_registered():
 
 
 def test_overlap_between_seeds_is_rejected():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.create_seed_optimizer("a", seed.parameters())
     with pytest.raises(ParameterOverlapError, match="'a'"):
@@ -69,7 +58,7 @@ def test_overlap_is_checked_where_the_memory_is_now():
 
 
 def test_shared_memory_is_overlap_but_disjoint_slices_are_not():
-    host, _ = _models()
+    host, _ = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters())
     with pytest.raises(ParameterOverlapError, match="shares memory"):
@@ -84,7 +73,7 @@ def test_shared_memory_is_overlap_but_disjoint_slices_are_not():
 
 
 def test_bad_registrations_give_clear_errors():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     with pytest.raises(ValueError, match="leaf"):
         opts.initialize_host([host.weight * 2])
@@ -108,7 +97,7 @@ def test_bad_registrations_give_clear_errors():
 
 
 def test_teacher_params_are_frozen_and_never_optimizable():
-    host, seed = _models()
+    host, seed = models()
     teacher = nn.Linear(4, 4)
     opts = IsolatedOptimizerManager()
     assert opts.register_teacher_params(teacher.parameters()) == 20
@@ -156,11 +145,11 @@ def test_checkpointed_teacher_params_are_refused_even_unregistered():
 
 
 def test_seed_step_never_moves_host_and_vice_versa():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
     opts.initialize_host(host.parameters(), lr=0.1)
     opts.create_seed_optimizer("s0", seed.parameters(), lr=0.1)
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     host_before = [p.clone() for p in host.parameters()]
     seed_before = [p.clone() for p in seed.parameters()]
 
@@ -220,10 +209,10 @@ def test_clipped_step_matches_torch_clip_grad_norm():
 
 
 def test_non_finite_norm_skips_the_step():
-    host, _ = _models()
+    host, _ = models()
     opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
     opts.initialize_host(host.parameters(), lr=0.1)
-    _fill_grads(host)
+    fill_grads(host)
     host.weight.grad[0, 0] = float("nan")
     before = [p.clone() for p in host.parameters()]
     assert opts.step("host", grad_clip_norm=1.0) is False
@@ -235,11 +224,11 @@ def test_non_finite_norm_skips_the_step():
 def test_repeated_non_finite_skips_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     """A diverged run skips every step: the first and every 1000th skip per optimizer is a
     WARNING, the rest DEBUG, and ``skipped_steps`` counts them all."""
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
     opts.initialize_host(host.parameters(), lr=0.1)
     opts.create_seed_optimizer("s0", seed.parameters(), lr=0.1)
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     host.weight.grad[0, 0] = seed.weight.grad[0, 0] = float("nan")
     with caplog.at_level(logging.DEBUG, logger="kasmina.isolation.optimizers"):
         for _ in range(2000):
@@ -250,12 +239,73 @@ def test_repeated_non_finite_skips_are_rate_limited(caplog: pytest.LogCaptureFix
     assert opts.skipped_steps == {"host": 2000, "s0": 2000}
 
 
-def test_reset_state_and_remove_seed():
-    host, seed = _models()
+# A negative or NaN norm used to read as "clipping off" (a step unclipped, no non-finite skip),
+# a bool as a norm of 1; a string, a list or a tensor failed, or not, deep in the clipping.
+BAD_CLIP_NORMS = [-1.0, -1e-9, math.nan, -math.inf, "1", True, [1.0], torch.tensor(1.0)]
+
+
+def _clipping_pair() -> tuple[IsolatedOptimizerManager, list[nn.Parameter]]:
+    """A host and a seed optimizer (Adam: a step leaves state) with gradients a clip bites."""
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters())
     opts.create_seed_optimizer("s0", seed.parameters())
-    _fill_grads(seed)
+    fill_grads(host, seed, scale=100.0)
+    return opts, [*host.parameters(), *seed.parameters()]
+
+
+@pytest.mark.parametrize("norm", BAD_CLIP_NORMS, ids=repr)
+def test_a_bad_clip_norm_is_refused_before_anything_changes(norm: object) -> None:
+    opts, params = _clipping_pair()
+    weights = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match="grad_clip_norm must be"):
+        opts.step_many(["host", "s0"], norm)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grad_clip_norm must be"):
+        opts.step("s0", norm)  # type: ignore[arg-type]
+    assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))  # unclipped
+    assert not opts.last_grad_norm and not opts.skipped_steps
+    assert not opts.optimizer("host").state and not opts.optimizer("s0").state  # never stepped
+    assert opts.step_many(["host", "s0"], 1.0) == [True, True]  # the same gradients step now
+
+
+@pytest.mark.parametrize("off", [None, 0, 0.0], ids=repr)
+def test_no_clipping_is_zero_or_none(off: object) -> None:
+    opts, params = _clipping_pair()
+    grads = [p.grad.clone() for p in params]
+    assert opts.step_many(["host", "s0"], off) == [True, True]  # type: ignore[arg-type]
+    assert opts.step("host", off)  # type: ignore[arg-type]
+    assert not opts.last_grad_norm  # never measured, so never clipped
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+
+
+def test_an_infinite_clip_norm_skips_a_non_finite_step_without_clipping() -> None:
+    host, _ = models()
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(host.parameters(), lr=0.1)
+    fill_grads(host, scale=100.0)
+    before = [p.detach().clone() for p in host.parameters()]
+    grads = [p.grad.clone() for p in host.parameters()]
+    assert opts.step("host", math.inf)
+    assert torch.isfinite(opts.last_grad_norm["host"])  # measured, for the skip
+    for p, was, g in zip(host.parameters(), before, grads, strict=True):
+        assert torch.equal(p.grad, g)  # not scaled
+        torch.testing.assert_close(p, was - 0.1 * g, **tol(torch.float32))
+    fill_grads(host)
+    host.weight.grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in host.parameters()]
+    assert opts.step_many(["host"], math.inf) == [False]
+    assert all(torch.equal(p, b) for p, b in zip(host.parameters(), before, strict=True))
+    assert opts.skipped_steps == {"host": 1}
+
+
+def test_reset_state_and_remove_seed():
+    host, seed = models()
+    opts = IsolatedOptimizerManager()
+    opts.initialize_host(host.parameters())
+    opts.create_seed_optimizer("s0", seed.parameters())
+    fill_grads(seed)
     opts.step("s0")
     assert len(opts.optimizer("s0").state) == 2
     opts.reset_state("s0")
@@ -272,11 +322,11 @@ def _ids(params) -> list[int]:
 
 
 def test_promote_seed_moves_params_and_state_into_the_host_group():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=1e-3)
     opts.create_seed_optimizer("s0", seed.parameters(), lr=5e-3)
-    _fill_grads(seed)
+    fill_grads(seed)
     opts.step("s0")
     moments = opts.optimizer("s0").state[seed.weight]["exp_avg"].clone()
 
@@ -297,7 +347,7 @@ def test_promote_seed_moves_params_and_state_into_the_host_group():
     with pytest.raises(ParameterOverlapError, match="'host'"):
         opts.create_seed_optimizer("again", [seed.bias])
 
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     before = seed.weight.clone()
     opts.step("host", grad_clip_norm=1.0)
     assert not torch.equal(seed.weight, before)
@@ -306,11 +356,11 @@ def test_promote_seed_moves_params_and_state_into_the_host_group():
 
 
 def test_promote_into_a_different_optimizer_class_takes_the_host_group_without_state():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=0.1, optimizer_cls=torch.optim.SGD)
     opts.create_seed_optimizer("s0", seed.parameters(), lr=0.02)
-    _fill_grads(seed)
+    fill_grads(seed)
     opts.step("s0")
     opts.promote_seed("s0")
     host_opt = opts.optimizer("host")
@@ -321,8 +371,8 @@ def test_promote_into_a_different_optimizer_class_takes_the_host_group_without_s
 def test_promote_joins_the_group_of_the_given_parameters():
     """The manager passes the slot's host layer: the seed joins the group that holds it (the
     first group when none or several do); an explicit group index wins."""
-    host, seed = _models()
-    other, third = _models(1)
+    host, seed = models()
+    other, third = models(1)
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=1e-3)
     opts.optimizer("host").add_param_group({"params": list(other.parameters()), "lr": 0.1})
@@ -346,7 +396,7 @@ def test_promote_joins_the_group_of_the_given_parameters():
 
 @pytest.mark.parametrize("kind", ["lambda", "onecycle"])
 def test_a_host_lr_scheduler_keeps_stepping_through_a_promotion(kind):
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     host_opt = opts.initialize_host(host.parameters(), lr=0.01)
     if kind == "lambda":  # what transformers' get_linear_schedule_with_warmup returns
@@ -357,7 +407,7 @@ def test_a_host_lr_scheduler_keeps_stepping_through_a_promotion(kind):
     for step in range(6):
         if step == 3:
             opts.promote_seed("s0")
-        _fill_grads(host, seed)
+        fill_grads(host, seed)
         opts.step("host")
         sched.step()  # raised once the host optimizer gained a group behind its back
     assert host_opt.param_groups[0]["lr"] == sched.get_last_lr()[0]
@@ -365,16 +415,16 @@ def test_a_host_lr_scheduler_keeps_stepping_through_a_promotion(kind):
 
 
 def test_state_dict_roundtrip_and_layout_check():
-    host, seed = _models()
+    host, seed = models()
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters())
     opts.create_seed_optimizer("s0", seed.parameters())
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     opts.step("host")
     opts.step("s0")
     saved = clone_state(opts.state_dict())  # like torch, state_dict() holds live references
     exp_avg = opts.optimizer("host").state[host.weight]["exp_avg"].clone()
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     opts.step("host")
     opts.load_state_dict(saved)
     assert torch.equal(opts.optimizer("host").state[host.weight]["exp_avg"], exp_avg)
@@ -415,19 +465,19 @@ def _format1(opts: IsolatedOptimizerManager, seed_ids: list[str]) -> dict:
 def test_a_format_1_state_still_loads():
     """Older checkpoints kept promoted seeds in groups of their own: they load into the merged
     layout, the saved moments on the right tensors, the seeds at the host group's lr."""
-    host, seed = _models()
-    other, _ = _models(1)
+    host, seed = models()
+    other, _ = models(1)
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=0.01)
     opts.create_seed_optimizer("s0", seed.parameters())
     opts.create_seed_optimizer("s1", other.parameters())
     opts.promote_seed("s0")
-    _fill_grads(host, seed, other)
+    fill_grads(host, seed, other)
     opts.step_many(["host", "s1"])
     old = _format1(opts, ["s0"])
     assert len(old["optimizers"]["host"]["state"]["param_groups"]) == 2
     moments = {p: opts.optimizer("host").state[p]["exp_avg"].clone() for p in seed.parameters()}
-    _fill_grads(host, seed, other)
+    fill_grads(host, seed, other)
     opts.step_many(["host", "s1"])
     opts.load_state_dict(old)
     host_opt = opts.optimizer("host")
@@ -441,7 +491,7 @@ def test_a_format_1_state_still_loads():
 
 def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     """A rollback's commit: the built layout and state move into the live objects."""
-    host, seed = _models()
+    host, seed = models()
     live = IsolatedOptimizerManager()
     host_opt = live.initialize_host(host.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(host_opt, max_lr=0.1, total_steps=50)
@@ -453,7 +503,7 @@ def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     built = IsolatedOptimizerManager()  # the checkpoint's layout: s0 still its own optimizer
     built.initialize_host(host.parameters(), lr=0.02)
     built.create_seed_optimizer("s0", seed.parameters(), lr=0.03)
-    _fill_grads(host, seed)
+    fill_grads(host, seed)
     built.step_many(["host", "s0"])
     expected = clone_state(built.state_dict())
     live.adopt(built)
@@ -473,89 +523,3 @@ def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     assert repr(got) == repr(expected)  # otherwise exactly what was built and loaded
     sched.step()
     assert group["lr"] == sched.get_last_lr()[0]
-
-
-# ---------------------------------------------------------------- commands
-
-
-def _cmd(kind: int, oid: str = "", **fields) -> KasminaCommand:
-    """A verified optimizer command, as the handler hands it on (no signature to check here)."""
-    params = fields.pop("parameters", {})
-    cmd = OptimizerCommand(command_type=kind, optimizer_id=oid, **fields)
-    cmd.parameters.update(params)
-    return KasminaCommand("cmd", "optimizer", 0, 1.0, optimizer=cmd)
-
-
-def test_every_optimizer_command_type():
-    host, seed = _models()
-    teacher = nn.Linear(4, 4)
-    opts = IsolatedOptimizerManager()
-    opts.set_parameter_source("host", host.parameters)
-    opts.set_parameter_source("s0", seed.parameters)
-    opts.set_parameter_source("teacher", teacher.parameters)
-
-    ok = opts.apply_optimizer_command(
-        _cmd(
-            CommandType.COMMAND_TYPE_INITIALIZE_HOST,
-            learning_rate=0.01,
-            parameters={"weight_decay": 0.1, "beta1": 0.8, "beta2": 0.95},
-        )
-    )
-    assert ok
-    group = opts.optimizer("host").param_groups[0]
-    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.01, 0.1, (0.8, 0.95))
-
-    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "s0"))
-    assert opts.optimizer("s0").param_groups[0]["lr"] == 1e-3
-
-    _fill_grads(host, seed, scale=100.0)
-    before = host.weight.clone()
-    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=1.0, learning_rate=0.5)
-    assert opts.apply_optimizer_command(step)
-    assert opts.optimizer("host").param_groups[0]["lr"] == 0.5
-    assert float(opts.last_grad_norm["host"]) > 1.0
-    assert not torch.equal(host.weight, before)
-
-    assert len(opts.optimizer("host").state) == 2
-    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_RESET_STATE, "host"))
-    assert len(opts.optimizer("host").state) == 0
-
-    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_REGISTER_TEACHER))
-    assert not teacher.weight.requires_grad
-    opts.set_parameter_source("s_bad", teacher.parameters)
-    assert not opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "s_bad"))
-
-    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "s0"))
-
-
-def test_wire_messages_are_not_accepted_as_commands():
-    """Only a verified command gets in: a parsed message carries no checked signature."""
-    host, _ = _models()
-    opts = IsolatedOptimizerManager()
-    opts.set_parameter_source("host", host.parameters)
-    bare = _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST).optimizer
-    envelope = AdaptationCommand(command_id="x", optimizer_command=bare)
-    for wire in (bare, envelope, bare.SerializeToString(), KasminaCommand("x", "seed", 0, 1.0)):
-        with pytest.raises(TypeError):
-            opts.apply_optimizer_command(wire)  # type: ignore[arg-type]
-    assert opts.optimizer_ids == [] and not hasattr(opts, "handle_optimizer_command")
-
-
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        _cmd(CommandType.COMMAND_TYPE_UNSPECIFIED, "host"),
-        _cmd(CommandType.COMMAND_TYPE_STEP, "missing"),
-        _cmd(CommandType.COMMAND_TYPE_RESET_STATE, "missing"),
-        _cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "no_source"),
-        _cmd(CommandType.COMMAND_TYPE_CREATE_SEED, ""),
-        _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, "host", parameters={"bogus": 1.0}),
-    ],
-    ids=["unspecified", "step-unknown", "reset-unknown", "no-source", "no-id", "bad-option"],
-)
-def test_bad_commands_are_rejected_cleanly(cmd):
-    host, _ = _models()
-    opts = IsolatedOptimizerManager()
-    opts.set_parameter_source("host", host.parameters)
-    assert opts.apply_optimizer_command(cmd) is False
-    assert opts.optimizer_ids == []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.manager.guard import checked_clip_norm
+from kasmina.isolation.optimizers import checked_clip_norm
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import Rig, host_params, make_config
 

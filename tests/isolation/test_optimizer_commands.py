@@ -1,0 +1,137 @@
+"""A controller's optimizer command: read (``read_optimizer_command``: only a verified command
+gets in, its float32 fields read back as set) and applied (``apply_optimizer_command``: each
+command type onto the optimizer manager's calls, a rejection logged and answered False)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.control.commands import KasminaCommand
+from kasmina.isolation.optimizer_commands import OptimizerOrder, read_optimizer_command
+from kasmina.isolation.optimizers import IsolatedOptimizerManager
+from kasmina.leyline import AdaptationCommand, CommandType, OptimizerCommand
+from tests.isolation.helpers import fill_grads, models
+
+
+def _cmd(kind: int, oid: str = "", **fields) -> KasminaCommand:
+    """A verified optimizer command, as the handler hands it on (no signature to check here)."""
+    params = fields.pop("parameters", {})
+    cmd = OptimizerCommand(command_type=kind, optimizer_id=oid, **fields)
+    cmd.parameters.update(params)
+    return KasminaCommand("cmd", "optimizer", 0, 1.0, optimizer=cmd)
+
+
+def test_every_optimizer_command_type():
+    host, seed = models()
+    teacher = nn.Linear(4, 4)
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    opts.set_parameter_source("s0", seed.parameters)
+    opts.set_parameter_source("teacher", teacher.parameters)
+
+    ok = opts.apply_optimizer_command(
+        _cmd(
+            CommandType.COMMAND_TYPE_INITIALIZE_HOST,
+            learning_rate=0.01,
+            parameters={"weight_decay": 0.1, "beta1": 0.8, "beta2": 0.95},
+        )
+    )
+    assert ok
+    group = opts.optimizer("host").param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.01, 0.1, (0.8, 0.95))
+
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "s0"))
+    assert opts.optimizer("s0").param_groups[0]["lr"] == 1e-3
+
+    fill_grads(host, seed, scale=100.0)
+    before = host.weight.clone()
+    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=1.0, learning_rate=0.5)
+    assert opts.apply_optimizer_command(step)
+    assert opts.optimizer("host").param_groups[0]["lr"] == 0.5
+    assert float(opts.last_grad_norm["host"]) > 1.0
+    assert not torch.equal(host.weight, before)
+
+    assert len(opts.optimizer("host").state) == 2
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_RESET_STATE, "host"))
+    assert len(opts.optimizer("host").state) == 0
+
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_REGISTER_TEACHER))
+    assert not teacher.weight.requires_grad
+    opts.set_parameter_source("s_bad", teacher.parameters)
+    assert not opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "s_bad"))
+
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "s0"))
+
+
+def test_wire_messages_are_not_accepted_as_commands():
+    """Only a verified command gets in: a parsed message carries no checked signature."""
+    host, _ = models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    bare = _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST).optimizer
+    envelope = AdaptationCommand(command_id="x", optimizer_command=bare)
+    for wire in (bare, envelope, bare.SerializeToString(), KasminaCommand("x", "seed", 0, 1.0)):
+        with pytest.raises(TypeError):
+            opts.apply_optimizer_command(wire)  # type: ignore[arg-type]
+    assert opts.optimizer_ids == [] and not hasattr(opts, "handle_optimizer_command")
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        _cmd(CommandType.COMMAND_TYPE_UNSPECIFIED, "host"),
+        _cmd(CommandType.COMMAND_TYPE_STEP, "missing"),
+        _cmd(CommandType.COMMAND_TYPE_RESET_STATE, "missing"),
+        _cmd(CommandType.COMMAND_TYPE_CREATE_SEED, "no_source"),
+        _cmd(CommandType.COMMAND_TYPE_CREATE_SEED, ""),
+        _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, "host", parameters={"bogus": 1.0}),
+    ],
+    ids=["unspecified", "step-unknown", "reset-unknown", "no-source", "no-id", "bad-option"],
+)
+def test_bad_commands_are_rejected_cleanly(cmd):
+    host, _ = models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    assert opts.apply_optimizer_command(cmd) is False
+    assert opts.optimizer_ids == []
+
+
+def test_a_command_is_read_into_plain_values():
+    step = _cmd(
+        CommandType.COMMAND_TYPE_STEP,
+        "s0",
+        learning_rate=0.01,
+        grad_clip_norm=0.1,
+        parameters={"beta2": 0.95, "eps": 1e-6},
+    )
+    assert read_optimizer_command(step) == OptimizerOrder(
+        kind=CommandType.COMMAND_TYPE_STEP,
+        optimizer_id="s0",
+        learning_rate=0.01,  # the decimal it was set from, not float32's 0.009999999776
+        grad_clip_norm=0.1,
+        options={"betas": (0.9, 0.95), "eps": 1e-6},
+    )
+    plain = read_optimizer_command(_cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST))
+    assert (plain.optimizer_id, plain.learning_rate, plain.grad_clip_norm) == ("", None, 0.0)
+    assert plain.options == {}
+
+
+@pytest.mark.parametrize("norm", [-1.0, math.nan], ids=repr)
+def test_a_step_command_with_a_bad_clip_norm_is_rejected_unstepped(norm: float) -> None:
+    """The handler refuses such a norm on the wire; an in-process command that carries one is
+    rejected too, rather than stepping unclipped."""
+    host, _ = models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST))
+    fill_grads(host, scale=100.0)
+    before = [p.detach().clone() for p in host.parameters()]
+    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=norm, learning_rate=0.5)
+    assert opts.apply_optimizer_command(step) is False
+    assert all(torch.equal(p, b) for p, b in zip(host.parameters(), before, strict=True))
+    assert not opts.optimizer("host").state and not opts.last_grad_norm
+    assert opts.optimizer("host").param_groups[0]["lr"] == 1e-3  # the command's lr not set either
