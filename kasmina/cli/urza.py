@@ -302,17 +302,17 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as exc:
         raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
     module.eval()
+    # Imported before the export, not looked up in its except clause: a Ctrl-C inside the
+    # export's first import of torch._dynamo left it half initialised, and the lookup then
+    # raised AttributeError over the KeyboardInterrupt (a traceback instead of exit 130).
+    from torch._dynamo.exc import Unsupported, UserError
+
     try:
         with _quiet_torch_logs():
             manifest = publish_artifact(
                 module, [example], args.store, name, publisher, args.artifact_id
             )
-    except (
-        torch._dynamo.exc.Unsupported,
-        torch._dynamo.exc.UserError,
-        RuntimeError,
-        MemoryError,
-    ) as exc:
+    except (Unsupported, UserError, RuntimeError, MemoryError) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
     except TypeError as exc:  # the module's forward does not take one example input
         raise CLIError(f"torch.export of {name} failed: {one_line(exc)[:300]}") from None

@@ -120,13 +120,13 @@ def prepare(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-_OWNED = ("urza", "checkpoints", "emergency")
+_OWNED = ("urza", "checkpoints", "emergency", "runs")
 
 
 def _claim_output_dir(out: Path) -> Path:
-    """Create ``out``, or reuse one an earlier demo made (its store and checkpoints are cleared:
-    each run has fresh keys, so an old store would not verify). Any other non-empty directory
-    is refused rather than written into."""
+    """Create ``out``, or reuse one an earlier demo made (its store, checkpoints and run
+    directories are cleared: each run has fresh keys, so an old store would not verify, and
+    its own run id). Any other non-empty directory is refused rather than written into."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():

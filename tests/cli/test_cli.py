@@ -194,6 +194,26 @@ def test_a_builtin_takes_its_example_shape_from_input_shape(tmp_path, keys, caps
     assert shapes[flat][0]["shape"] == [None, 8] and shapes[seq][0]["shape"] == [None, None, 8]
 
 
+def test_ctrl_c_in_the_exports_first_dynamo_import_exits_130(
+    tmp_path, keys, capsys, monkeypatch
+) -> None:
+    """A Ctrl-C inside ``torch.export``'s first import of ``torch._dynamo`` leaves the package
+    without its ``exc`` attribute; the publish's error handling must not look it up then (it
+    raised AttributeError over the interrupt: a traceback and exit 1 instead of 130)."""
+    import torch._dynamo
+
+    import kasmina.urza.publish
+
+    def interrupted(*args, **kwargs):
+        monkeypatch.delattr(torch._dynamo, "exc")  # as a half-finished import leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kasmina.urza.publish, "publish_artifact", interrupted)
+    argv = ["--store", str(tmp_path / "store"), "--key", str(keys), "--builtin", "residual-mlp"]
+    rc, _, err = run(capsys, "urza", "publish", *argv, "--dim", "4")
+    assert (rc, err) == (130, "kasmina: interrupted\n")
+
+
 def test_urza_publish_list_verify_round_trip(tmp_path, keys, publishers, capsys) -> None:
     store = tmp_path / "store"
     a = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "8")

@@ -401,6 +401,19 @@ def test_the_continual_scenario_protects_the_host_and_scores_every_method(
     assert again.fingerprint() == result.fingerprint()
 
 
+def test_a_rerun_into_its_output_directory_clears_the_earlier_runs(tmp_path) -> None:
+    """Each run's manager makes its own run directory (nonce ledger, lock) under ``runs/``: a
+    demo rerun into the same ``--out`` clears them with the store and checkpoints, so reruns do
+    not pile them up."""
+    cfg = DemoConfig(out_dir=tmp_path, epochs=1, progress=False)
+    prepare(cfg)
+    earlier = tmp_path / "runs" / "run-earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "nonces.log").write_text("")
+    prepare(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     assert cli.main(["demo", "--out", str(tmp_path), "--no-progress"]) == 1
