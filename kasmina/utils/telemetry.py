@@ -359,9 +359,13 @@ class TelemetryReporter:
         """Count a failure; log only the sink's first one, and disable it at the limit.
 
         A sink that fails on every packet would otherwise write one traceback per packet, and
-        under a flood of rejected commands that is a flood of log records.
+        under a flood of rejected commands that is a flood of log records. A sink closed (or
+        disabled) while this packet was on its way to it, by another thread, is no failure: the
+        packet raced the close and is not delivered, as it would not have been a moment later.
         """
         with self._failure_lock:
+            if not any(e is entry for e in self._entries):
+                return
             self.sink_errors += 1
             entry.failures += 1
             entry.total_failures += 1

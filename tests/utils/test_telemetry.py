@@ -280,6 +280,26 @@ def test_closed_file_sink_does_not_break_the_reporter(tmp_path) -> None:
     assert reporter.sink_errors == 1
 
 
+def test_a_packet_racing_its_sinks_close_is_dropped_without_an_error(tmp_path, caplog) -> None:
+    """A manager's close() on one thread closes the file sink while the trainer's packet is on
+    its way to it: the packet is not delivered (as one a moment later would not be), and that
+    is no sink failure to log with a traceback."""
+    sink, memory = JsonlFileSink(tmp_path / "t.jsonl"), MemorySink()
+    reporter = TelemetryReporter(sinks=[sink, memory])
+    send = sink.send
+
+    def closed_on_the_way(packet) -> None:  # the other thread's close lands first
+        reporter.close_sink(sink)
+        send(packet)
+
+    sink.send = closed_on_the_way
+    with caplog.at_level(logging.DEBUG, logger="kasmina.utils.telemetry"):
+        reporter.emit("raced")
+        reporter.emit("after")
+    assert reporter.sink_errors == 0 and not caplog.records
+    assert reporter.sinks == (memory,) and len(memory) == 2
+
+
 def test_a_sink_that_keeps_failing_is_disabled_with_one_record(caplog) -> None:
     broken, good = BrokenSink(), MemorySink()
     reporter = TelemetryReporter(sinks=[broken, good], max_sink_failures=5)
