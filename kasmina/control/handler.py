@@ -100,6 +100,7 @@ class LeylineAdaptationHandler:
         self._reported_at: dict[str, float] = {}
         self._unreported: dict[str, int] = {}
         self._next_due = math.inf
+        self._closed = False  # ``close``: every later command is refused, reason ``closed``
 
     @property
     def telemetry(self) -> TelemetryReporter | None:
@@ -159,12 +160,14 @@ class LeylineAdaptationHandler:
             event.post(1.0 if success else 0.0, labels={"command_id": command.command_id})
 
     def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
-        """The checks, in the order docs/design.md §5 gives; never raises.
+        """The checks, in the order docs/design.md §5 gives (after ``closed``); never raises.
 
         The accepting path does no logging and no string formatting: only rejections are
         reported, and at a bounded rate (``_reject``).
         """
         try:
+            if self._closed:
+                return self._reject("closed")
             if type(raw) is bytes:
                 size = len(raw)
             elif isinstance(raw, memoryview):
@@ -202,6 +205,11 @@ class LeylineAdaptationHandler:
             except Exception:
                 logger.debug("could not record an internal error", exc_info=True)
             return None
+
+    def close(self) -> None:
+        """Refuse every later command with the reason ``closed``, before any other check: its
+        executor is shutting down (the kernel manager closes its handler when it closes)."""
+        self._closed = True
 
     def flush_rejections(self, *, force: bool = False) -> None:
         """Report rejection counts that are due (``force``: every pending count, due or not).

@@ -225,7 +225,10 @@ class CommandIntake:
             outcomes.append(outcome)
 
     def drop_pending(self) -> None:
-        """Close the queue: every command still in it is reported refused, none applied."""
+        """Close the intake (the manager is closing): the handler refuses every later command
+        at the door (reason ``closed``), and every command still queued is reported refused,
+        none applied."""
+        self.handler.close()
         self._drop(self.queue.close(), "manager closed before it applied")
 
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
@@ -241,7 +244,9 @@ class CommandIntake:
         return CommandOutcome(command.command_id, command.kind, "", False, reason)
 
     def execute(self, command: KasminaCommand) -> bool:
-        """Carry out a verified command at once, its nonce made durable first (safe point only)."""
+        """Carry out a verified command at once, its nonce made durable first (safe point only).
+        A closed manager raises ``RuntimeError`` before anything changes (``require_open``)."""
+        self.execution.state.require_open()
         try:
             self.verifier.make_durable()
         except OSError as exc:

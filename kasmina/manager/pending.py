@@ -196,7 +196,11 @@ class CommandQueue:
 
     def close(self) -> list[PendingCommand]:
         """Refuse new commands, drop the queued ones (returned) and stop the fetch workers
-        without waiting for them (each fetch ends by its deadline)."""
+        without waiting for them: a fetch not yet started is cancelled, never run; one running
+        ends when the store client is closed (``manager.close`` closes it next: the read under
+        way is abandoned, no retry starts), else by its command's deadline. The interpreter
+        still joins the workers at exit (``concurrent.futures`` does), so exit waits for a
+        running fetch unless the client was closed."""
         with self._lock:
             self._closed = True
             dropped = list(self._queue)

@@ -103,7 +103,10 @@ class ManagerState:
     @property
     def checkpoints(self) -> CheckpointStore:
         """Epoch checkpoints as ``config.checkpoint_mode`` asks (signed files in
-        ``config.checkpoint_dir``, CPU copies, or none), on the configured cadence."""
+        ``config.checkpoint_dir``, CPU copies, or none), on the configured cadence; opened on
+        first use. A closed manager raises (``require_open``): it never opens a store again, nor
+        takes its run's lock, and reads none whose lock it released."""
+        self.require_open()
         if self._checkpoints is None:
             self._checkpoints = open_checkpoint_store(self.config, self.checkpoint_signer)
         return self._checkpoints
@@ -113,11 +116,21 @@ class ManagerState:
         if self._checkpoints is not None:
             self._checkpoints.close()
 
+    def require_open(self) -> None:
+        """``RuntimeError`` once ``manager.close()`` was called: a closed manager takes no step,
+        ends no epoch, carries out no command and opens no checkpoint store (nor its run lock).
+        The one check of ``closed``; each caller asks before it changes anything."""
+        if self.closed:
+            raise RuntimeError(
+                "this manager is closed: it no longer steps, ends epochs, carries out commands "
+                "or opens its checkpoints"
+            )
+
     def require_registry(self, *, training: bool = False) -> SlotRegistry:
         """The managed model's slots; ``training``: for a step or an epoch boundary, which a
-        closed manager refuses."""
-        if training and self.closed:
-            raise RuntimeError("this manager is closed: it no longer steps or ends epochs")
+        closed manager refuses (``require_open``)."""
+        if training:
+            self.require_open()
         if self.registry is None:
             raise ValueError("no model attached: call manager.attach(model, ...) first")
         return self.registry

@@ -90,6 +90,11 @@ class UrzaLibraryClient:
     every slot held by an abandoned read is refused (``stats()["reads_refused_stalled"]``), one
     that finds slots held by live reads waits for one (``ReadGuard`` again).
 
+    **Close.** ``close`` (from any thread) also ends the fetches under way: no further read
+    attempt or backoff starts, and a caller waiting on a read stops waiting and gets
+    ``RuntimeError`` (the read's thread is abandoned). ``clock`` and ``sleep`` (the backoff
+    wait) are injected by tests; the default backoff wait is one that ``close`` cuts short.
+
     Timeouts, retries, deadlines, the breaker and the I/O threads are the ``ReadGuard``'s; this
     class says what is read and verifies it.
     """
@@ -111,7 +116,7 @@ class UrzaLibraryClient:
         max_stalled_reads: int = MAX_STALLED_READS,
         storage_options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -311,7 +316,9 @@ class UrzaLibraryClient:
         return stats
 
     def close(self) -> None:
-        """Refuse further store reads (reads already abandoned to a timeout finish alone)."""
+        """Refuse further store reads and end the fetches under way (``RuntimeError``): no
+        further attempt or backoff starts, and their callers stop waiting at once. Each read's
+        thread is abandoned and finishes alone (a stalled one within ``timeout_s`` over HTTP)."""
         self._guard.close()
 
     def __enter__(self) -> UrzaLibraryClient:

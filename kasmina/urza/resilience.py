@@ -23,11 +23,15 @@ refused as corrupt) from a transport failure.
 - **Threads.** Every read runs on an ``urza-io`` daemon thread, since a blocking syscall cannot
   be interrupted: a read that overruns its timeout is abandoned, not killed, and at most
   ``max_stalled_reads`` such threads are alive at once, abandoned ones still blocked included.
+- **Close.** ``ReadGuard.close`` refuses new operations and reads and ends the ones under way
+  at once: no further attempt or backoff starts, a backoff wait is cut short, and a caller
+  waiting on a read (or for an I/O slot) stops waiting; that read is abandoned like one that
+  timed out. Each raises the closed client's ``RuntimeError``, and gives the breaker no
+  outcome. So no store read holds up a thread, a fetch worker's included, after ``close``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -45,6 +49,13 @@ __all__ = ["MAX_STALLED_READS", "Budget", "CircuitBreaker", "ReadGuard"]
 T = TypeVar("T")
 # Default cap on a client's live I/O threads (abandoned reads still blocked included).
 MAX_STALLED_READS = 4
+
+
+class _Closed(RuntimeError):
+    """The client was closed before, or while, an operation or read ran (``ReadGuard.close``).
+
+    A ``RuntimeError`` like any use of a closed client; private so that the guard neither
+    retries it as a transport failure nor counts it for the breaker."""
 
 
 class _DeadlineExpired(UrzaUnavailableError):
@@ -173,7 +184,7 @@ class ReadGuard:
         backoff_max_s: float,
         max_stalled_reads: int,
         clock: Callable[[], float],
-        sleep: Callable[[float], None],
+        sleep: Callable[[float], None] | None,
     ) -> None:
         self.url = url
         self.breaker = breaker
@@ -183,8 +194,10 @@ class ReadGuard:
         self.backoff_max_s = backoff_max_s
         self.max_stalled_reads = max_stalled_reads
         self._clock = clock
+        # The backoff wait: injected (tests with a fake clock), or None for a real-time wait
+        # that ``close`` cuts short.
         self._sleep = sleep
-        self.closed = False
+        self._closing = threading.Event()
         self._lock = lock
         # Guards the I/O thread counts below (same lock as the counters).
         self._io_changed = threading.Condition(lock)
@@ -207,9 +220,22 @@ class ReadGuard:
         stats["stalled_reads"] = self._io_stalled
         return stats
 
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
+
     def close(self) -> None:
-        """Refuse further operations and reads."""
-        self.closed = True
+        """Refuse further operations and reads, and end those under way (module docstring):
+        no new attempt or backoff starts, a backoff wait ends at once, and a caller waiting on
+        a read or for an I/O slot stops waiting (the read is abandoned; its thread ends alone
+        when its syscall returns, within the read's timeout when the transport enforces one).
+        Each raises ``RuntimeError``, with no breaker outcome."""
+        with self._io_changed:  # wakes the callers waiting on a read or for a slot
+            self._closing.set()
+            self._io_changed.notify_all()
+
+    def _closed_error(self) -> _Closed:
+        return _Closed(f"UrzaLibraryClient for {self.url} is closed")
 
     def time_left(self, deadline: float | None) -> float | None:
         """Seconds until ``deadline`` (never negative), or None without one."""
@@ -232,10 +258,11 @@ class ReadGuard:
         expiry is a failure if a read failed or timed out, a success if every read was
         answered, and no outcome if no read was made: a deadline that had passed before the
         first read is checked before the breaker is asked, so it cannot use up the half-open
-        trial. Any other exception is a failure, so that a half-open trial always ends.
+        trial. An operation cut short by ``close`` is no outcome (the store was not judged);
+        any other exception is a failure, so that a half-open trial always ends.
         """
         if self.closed:
-            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
+            raise self._closed_error()
         if deadline is not None and self._clock() >= deadline:
             raise self.expired(what, "it had passed before the first read; nothing was read")
         if not self.breaker.allow():
@@ -256,6 +283,8 @@ class ReadGuard:
         except (FileNotFoundError, ArtifactNotFoundError, ArtifactIntegrityError):
             self.breaker.record_success()
             raise
+        except _Closed:
+            raise
         except Exception:  # anything else is a failed operation: never a trial left open
             self.breaker.record_failure()
             raise
@@ -272,13 +301,16 @@ class ReadGuard:
         the same stalled reads). Anything else is a transport failure, and the last one is
         raised as ``UrzaUnavailableError``. Retrying stops early once the breaker is open
         (another operation opened it), and at the deadline: each attempt waits at most the time
-        left, and a backoff sleep that would reach the deadline is not slept.
+        left, and a backoff sleep that would reach the deadline is not slept. ``close`` (from
+        any thread) stops it too: it is checked before every attempt, cuts a backoff wait
+        short and ends the wait on a read under way, and the closed client's ``RuntimeError``
+        is raised.
         """
-        if self.closed:
-            raise RuntimeError(f"UrzaLibraryClient for {self.url} is closed")
         deadline = budget.deadline
         last: BaseException | None = None
         for attempt in range(budget.attempts):
+            if self.closed:
+                raise self._closed_error() from last
             if attempt and self.breaker.state == CircuitBreaker.OPEN:
                 raise UrzaUnavailableError(
                     f"Urza circuit breaker opened for {self.url}; not retrying"
@@ -295,7 +327,7 @@ class ReadGuard:
             except (FileNotFoundError, ArtifactIntegrityError):
                 budget.answered += 1
                 raise
-            except UrzaUnavailableError:
+            except (UrzaUnavailableError, _Closed):
                 raise
             except Exception as exc:  # any transport failure: timeout, connection, HTTP 5xx
                 budget.failed += 1
@@ -317,7 +349,10 @@ class ReadGuard:
                             f"no time left to retry after {delay:.3g} s of backoff; "
                             f"last error: {exc!r}",
                         ) from exc
-                    self._sleep(delay)
+                    if self._sleep is None:
+                        self._closing.wait(delay)  # ``close`` ends it; checked just above
+                    else:
+                        self._sleep(delay)
                 elif deadline is not None and self._clock() >= deadline:
                     raise self.expired(budget.what, f"last error: {exc!r}") from exc
             else:
@@ -338,11 +373,14 @@ class ReadGuard:
         stays blocked, and its thread stays alive, until that call returns. Such threads keep
         their slot, so they are capped: with every slot held by an abandoned read a new one is
         refused at once, without a thread; with slots held by live reads it waits for one.
+        ``close`` ends either wait at once (``_Closed``), abandoning a read under way.
         """
         started = time.monotonic()  # real time: this bounds real waits, whatever the clock
         read = _Read()
         with self._io_changed:
-            while self._io_alive >= self.max_stalled_reads:
+            while self.closed or self._io_alive >= self.max_stalled_reads:
+                if self.closed:
+                    raise self._closed_error()
                 if self._io_stalled >= self.max_stalled_reads:
                     self._stats["reads_refused_stalled"] += 1
                     raise UrzaUnavailableError(
@@ -384,9 +422,16 @@ class ReadGuard:
                 self._io_changed.notify_all()
             raise
         try:
-            return future.result(timeout=max(0.0, timeout_s - (time.monotonic() - started)))
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"Urza read did not finish within {timeout_s:.3g} s") from None
+            # Woken when any read ends (its thread notifies) or the guard is closed.
+            with self._io_changed:
+                while not future.done():
+                    if self.closed:
+                        raise self._closed_error()
+                    left = timeout_s - (time.monotonic() - started)
+                    if left <= 0:
+                        raise TimeoutError(f"Urza read did not finish within {timeout_s:.3g} s")
+                    self._io_changed.wait(left)
+            return future.result()
         finally:
             cancelled.set()  # a no-op once the read is done; otherwise it is abandoned
             with self._io_changed:

@@ -83,7 +83,9 @@ def _rank_rig(rank: int, spec: dict[str, Any]) -> Rig:
 
 
 def _signed(rig: Rig, op: str, seed_id: str, artifact: str = "", **params: float) -> bytes:
-    return rig.signed(make_seed_command(op, seed_id, artifact, params))
+    # A generous timeout: a fresh rank's first fetch loads the exported kernel cold (2-3 s on a
+    # loaded 2-core machine), so the default 5 s refused a GERMINATE on every rank now and then.
+    return rig.signed(make_seed_command(op, seed_id, artifact, params, timeout_s=60.0))
 
 
 class Trainer:

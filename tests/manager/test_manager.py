@@ -800,7 +800,9 @@ def test_an_epoch_that_does_not_go_forward_is_refused_before_anything_changes(
     assert manager.checkpoints.epochs() == [0, 1]
 
 
-def test_a_closed_manager_refuses_steps_and_epochs_and_changes_nothing(rig: Rig, mlp) -> None:
+def test_a_closed_manager_refuses_steps_and_epochs_and_changes_nothing(
+    rig: Rig, mlp, tmp_path: Path
+) -> None:
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
     rig.train(1)
@@ -812,7 +814,12 @@ def test_a_closed_manager_refuses_steps_and_epochs_and_changes_nothing(rig: Rig,
         rig.train(1)  # its backward ran: step() refuses before any optimizer steps
     with pytest.raises(RuntimeError, match="closed"):
         manager.end_epoch(1)
-    assert (manager.global_step, manager.epoch, manager.checkpoints.epochs()) == (step, epoch, [0])
+    assert (manager.global_step, manager.epoch) == (step, epoch)
+    with pytest.raises(RuntimeError, match="closed"):  # its lock released: it reads no more
+        manager.checkpoints.epochs()
+    assert [p.name for p in (tmp_path / "ckpt").glob("*.ckpt")] == [
+        f"{manager.config.run_id}.epoch_00000000.ckpt"
+    ]
     assert_same(before, _live(rig))
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0))) is False
     manager.close()  # twice is fine

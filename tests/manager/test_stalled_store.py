@@ -64,3 +64,30 @@ def test_a_stalled_store_never_blocks_a_step(tmp_path: Path, store: Path, keyrin
         assert peak - baseline <= bound, (peak, baseline)
         manager.close()
     wait_for_io_threads(0)
+
+
+def test_close_ends_an_in_flight_fetch(tmp_path: Path, store: Path, keyring: Keyring, mlp):
+    """After ``close`` no fetch worker waits on the stalled store (so neither does the
+    interpreter's exit, which joins them) and no retry starts. Uninterrupted, the fetch would
+    wait out the read's 30 s timeout and then retry, for as long as its 120 s command timeout."""
+    with StalledServer(store) as server:
+        config = make_config(tmp_path, store, urza_timeout_s=30.0, fetch_workers=1)
+        trusted = PUBLISHER.trusted_publishers()
+        urza = UrzaLibraryClient(server.url, trusted, timeout_s=30.0, retries=3, backoff_s=0.1)
+        rig = Rig(config, keyring, urza_client=urza)
+        manager = rig.manager
+        rig.train(1)
+        before = set(threading.enumerate())  # other tests' idle workers may still be alive
+        cmd = make_seed_command("germinate", SEED0, mlp, timeout_s=120.0)
+        assert manager.handle_adaptation_command(rig.signed(cmd))
+        server.wait_for_payload_requests(1)
+        new = set(threading.enumerate()) - before
+        workers = [t for t in new if t.name.startswith("kasmina-fetch")]
+        assert len(workers) == 1
+        manager.close()
+        for worker in workers:
+            worker.join(timeout=10)  # a hang guard: the fetch ends at once
+            assert not worker.is_alive()
+        assert server.payload_requests == 1  # no retry began after close
+        assert rig.stage(SEED0) == S.DORMANT
+    wait_for_io_threads(0)

@@ -95,7 +95,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "system_state",
         "validate_performance_targets",
     },
-    LeylineAdaptationHandler: {"complete", "flush_rejections"},
+    LeylineAdaptationHandler: {"close", "complete", "flush_rejections"},
     DistributedCoordinator: {"sync_epoch"},
     IsolatedOptimizerManager: {
         "adopt",

@@ -1,16 +1,21 @@
 """What a user may do to a managed model between steps, and what the manager then says:
-``kasmina.detach`` (refused by ``step()``) and ``requires_grad_(False)`` on the seeds (warned
-and counted)."""
+``kasmina.detach`` (refused by ``step()``), ``requires_grad_(False)`` on the seeds (warned
+and counted), and ``close()`` (a closed manager refuses everything, and never opens its
+checkpoint store or takes its run's lock again)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 import kasmina
-from tests.manager.helpers import SEED0, Rig, S, host_params
+from kasmina.control.commands import make_rollback_command, make_seed_command, to_kasmina_command
+from kasmina.manager.ddp import DistributedKasmina
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
 
 
 def test_a_step_refuses_a_model_whose_slots_were_detached(rig: Rig, mlp) -> None:
@@ -47,3 +52,59 @@ def test_seeds_whose_parameters_are_frozen_are_warned_and_counted(
     assert len(warned) == 1 and SEED0 in warned[0].getMessage()
     rig.model.requires_grad_(True)
     assert rig.train(1)["frozen"] == []
+
+
+def _trainer(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
+    """A trainer of the run ``again`` (its default nonce ledger, the shared checkpoint
+    directory): a trainer restarted in this process is another one."""
+    return Rig(make_config(tmp_path, store, run_id="again"), keyring)
+
+
+@pytest.mark.parametrize("action", ["checkpoints", "rollback", "cull", "germinate", "ddp"])
+def test_a_closed_manager_refuses_and_never_takes_its_run_lock_again(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, action: str
+) -> None:
+    """Closed before its first epoch ended (no checkpoint store opened yet), a manager refuses
+    its checkpoints, ``execute`` (even a ROLLBACK that would be refused) and joining a
+    distributed run with ``RuntimeError``, before anything changes. It opens no store, so the
+    run's lock stays free: the same run restarted in this process writes its checkpoint while
+    the closed manager is still alive."""
+    closed = _trainer(tmp_path, store, keyring)
+    manager = closed.manager
+    assert closed.send("germinate", SEED0, mlp)
+    closed.train(2)
+    manager.close()
+    stages, log, step = manager.stages(), list(manager.command_log), manager.global_step
+    commands = {
+        "rollback": make_rollback_command(0),  # no checkpoint of epoch 0: refused if it ran
+        "cull": make_seed_command("cull", SEED0),
+        "germinate": make_seed_command("germinate", SEED1, mlp),
+    }
+    with pytest.raises(RuntimeError, match="this manager is closed"):
+        if action == "checkpoints":
+            manager.checkpoints.epochs()
+        elif action == "ddp":
+            DistributedKasmina(manager)
+        else:
+            manager.execute(to_kasmina_command(commands[action]))
+    assert manager.state._checkpoints is None  # no store opened, no lock taken
+    assert manager.command_relay is None and manager.grad_sync is None
+    assert (manager.stages(), list(manager.command_log)) == (stages, log)
+    assert manager.global_step == step
+    restarted = _trainer(tmp_path, store, keyring)
+    restarted.train(1)
+    restarted.manager.end_epoch(0)  # the run's lock is free: its checkpoint is written
+    assert restarted.manager.checkpoints.epochs() == [0]
+    assert closed.manager is manager  # alive throughout: nothing released the lock for it
+    restarted.manager.close()
+
+
+def test_a_command_sent_to_a_closed_manager_is_refused_as_closed(rig: Rig) -> None:
+    """The door of a closed manager refuses every command with the reason ``closed`` (not as
+    a nonce-ledger failure, though its ledger is closed too), and nothing is queued."""
+    manager = rig.manager
+    manager.close()
+    assert not manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    stats = manager.handler.stats
+    assert stats["rejected"] == stats["rejected:closed"] == 1
+    assert stats["accepted"] == 0 and len(manager.pending) == 0

@@ -416,3 +416,62 @@ def test_loader_passes_a_deadline_only_when_there_is_one(store, trusted) -> None
     deadline = time.monotonic() + 30
     make_loader(RecordingClient()).original(manifest.artifact_id, deadline=deadline)
     assert calls == [{}, {"deadline": deadline}]
+
+
+# --- close --------------------------------------------------------------------------------
+# ``close`` from another thread ends a fetch under way: no further attempt or backoff starts,
+# and the caller stops waiting on the read in progress. The long timeouts and backoffs below
+# are what a fetch would wait for if it did not stop; the joins' timeouts only guard a hang.
+
+CLOSED = "is closed"
+
+
+def test_close_during_a_backoff_starts_no_further_attempt(store, trusted) -> None:
+    root, manifest = store
+    # Closed while it backs off (from the injected sleep, so no timing is involved).
+    urza = UrzaLibraryClient(
+        str(root), trusted, retries=3, breaker_threshold=1, sleep=lambda s: urza.close()
+    )
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(RuntimeError, match=CLOSED):
+        urza.fetch(manifest.artifact_id)
+    assert flaky.reads_of(".manifest.json") == 1  # the 2nd of 4 attempts never started
+    # Cut short by close, the fetch is no outcome for the breaker, though its read failed.
+    assert urza.breaker.state == "closed"
+
+
+def test_close_interrupts_a_real_backoff_wait(store, trusted) -> None:
+    root, manifest = store
+    # Uninterrupted, the first backoff alone would take 60 s.
+    urza = UrzaLibraryClient(str(root), trusted, retries=3, backoff_s=60.0, backoff_max_s=60.0)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    fetch, out = run_in_thread(lambda: urza.fetch(manifest.artifact_id))
+    end = time.monotonic() + 10
+    while flaky.reads_of(".manifest.json") < 1 and time.monotonic() < end:
+        time.sleep(0.005)
+    assert flaky.reads_of(".manifest.json") == 1
+    urza.close()
+    fetch.join(timeout=10)
+    assert not fetch.is_alive()
+    assert isinstance(out.get("error"), RuntimeError) and CLOSED in str(out["error"])
+    assert flaky.reads_of(".manifest.json") == 1
+
+
+def test_close_ends_the_wait_on_a_stalled_read(stalled, store, trusted) -> None:
+    _, manifest = store
+    # Uninterrupted, the stalled payload read would hold the fetch for its 60 s timeout, and
+    # then retry.
+    urza = http_client(stalled.url, trusted, timeout_s=60.0, retries=3)
+    fetch, out = run_in_thread(lambda: urza.fetch(manifest.artifact_id))
+    stalled.wait_for_payload_requests(1)
+    urza.close()
+    fetch.join(timeout=10)
+    assert not fetch.is_alive()  # returned while the store still stalls (not yet released)
+    assert isinstance(out.get("error"), RuntimeError) and CLOSED in str(out["error"])
+    stats = urza.stats()
+    assert stats["reads"] == 2 and stats["reads_abandoned"] == 1  # manifest, one payload read
+    assert stalled.payload_requests == 1 and urza.breaker.state == "closed"
+    with pytest.raises(RuntimeError, match=CLOSED):
+        urza.fetch(manifest.artifact_id)
