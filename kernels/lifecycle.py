@@ -136,8 +136,9 @@ def _tick_kernel(
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = rows < n_rows
     base = state_ptr + rows.to(tl.int64) * NUM_COLS
+    # The count stops at int32's maximum instead of wrapping to a negative age.
     epochs = tl.load(base + COL_EPOCHS, mask=live, other=0)
-    tl.store(base + COL_EPOCHS, epochs + 1, mask=live)
+    tl.store(base + COL_EPOCHS, epochs + (epochs < 2147483647).to(tl.int32), mask=live)
     embargo = tl.maximum(tl.load(base + COL_EMBARGO, mask=live, other=0) - 1, 0)
     tl.store(base + COL_EMBARGO, embargo, mask=live)
     stage = tl.load(base + COL_STAGE, mask=live, other=-1)

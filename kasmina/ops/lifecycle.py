@@ -10,9 +10,9 @@ transition sets the stage, zeroes ``EPOCHS_IN_STATE`` and ``READY_FLAG``, and se
 that guards that transition (G1..G5), else leaves it unchanged. COOLDOWN -> RECYCLING is legal
 only while ``EMBARGO_COUNTER == 0``.
 
-``lifecycle_tick`` ages every seed one epoch, counts ``EMBARGO_COUNTER`` down to 0, then sets
-``READY_FLAG`` = 1 for the automatic steps that are due (COOLDOWN with the embargo over, and
-RECYCLING), 0 otherwise.
+``lifecycle_tick`` ages every seed one epoch (the count saturates at 2**31 - 1), counts
+``EMBARGO_COUNTER`` down to 0, then sets ``READY_FLAG`` = 1 for the automatic steps that are due
+(COOLDOWN with the embargo over, and RECYCLING), 0 otherwise.
 
 The rules live in ``kasmina.stages``; they reach the kernels as small device tables built here
 and cached per device. Both ops are ``torch.library`` custom ops that mutate ``state``. Eager
@@ -313,7 +313,8 @@ def lifecycle_tick_reference(state: torch.Tensor) -> None:
     """Torch version of the tick (the CPU path); mutates ``state``."""
     _check_state(state)
     _, ready = _device_tables(state.device)
-    state[:, StateColumn.EPOCHS_IN_STATE] += 1
+    epochs = state[:, StateColumn.EPOCHS_IN_STATE]
+    epochs += epochs < INT32_MAX  # saturates instead of wrapping to a negative age
     embargo = state[:, StateColumn.EMBARGO_COUNTER].sub_(1).clamp_min_(0)
     stage = state[:, StateColumn.LIFECYCLE_STAGE].long()
     known = (stage >= 0) & (stage < NUM_STAGES)

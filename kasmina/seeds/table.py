@@ -11,11 +11,8 @@ through these methods (or call :meth:`GPUStateTensor.resync` afterwards).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import types
-import weakref
 import zlib
 from array import array
 from collections import Counter
@@ -27,6 +24,7 @@ import torch
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.ops.lifecycle import INT32_MAX, lifecycle_tick, lifecycle_update
+from kasmina.seeds.observers import TransitionObserver, WeakObserver, call_safely
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
     SeedStage,
@@ -58,43 +56,6 @@ _GATE_VALUES = frozenset({_NO_GATE, 1, 2, 3, 4, 5})
 _COOLDOWN = SeedStage.COOLDOWN
 
 __all__ = ["SCALE", "GPUStateTensor", "blueprint_hash"]
-
-
-TransitionObserver = Callable[[int, SeedStage, SeedStage], None]
-
-
-class _Observer:
-    """A weakly held bound method (plain callables are held strongly).
-
-    Copying or pickling the table copies a *following* observer's object with it (as a strong
-    reference would), so a deep-copied or unpickled seed keeps receiving its own transitions.
-    An observer registered with ``follows_copies=False`` (a manager's registry, which holds
-    keys, locks and open files) stays with the original: the copy gets a dead entry, dropped on
-    its first transition, because a copied model is nobody's managed model.
-    """
-
-    def __init__(self, fn: Callable[..., None] | None, follows_copies: bool = True) -> None:
-        owner = getattr(fn, "__self__", None)
-        self._owner = None if owner is None else weakref.ref(owner)
-        self._fn: Any = getattr(fn, "__func__", fn)
-        self.follows_copies = follows_copies
-
-    def __call__(self) -> Callable[..., None] | None:
-        if self._owner is None:
-            return self._fn
-        owner = self._owner()
-        return None if owner is None else types.MethodType(self._fn, owner)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Observer:
-        if not self.follows_copies:
-            return _Observer(None)
-        owner = None if self._owner is None else self._owner()
-        if owner is None:
-            return _Observer(self._fn if self._owner is None else None)
-        return _Observer(types.MethodType(self._fn, copy.deepcopy(owner, memo)))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Observer, (self() if self.follows_copies else None,))
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
@@ -164,8 +125,8 @@ class GPUStateTensor:
         self.version = 0  # bumped on every host-visible change (see ``listen``)
         self._stages = [SeedStage.DORMANT] * num_seeds
         self._epochs = [0] * num_seeds
-        self._observers: dict[int, list[_Observer]] = {}
-        self._listeners: list[_Observer] = []
+        self._observers: dict[int, list[WeakObserver]] = {}
+        self._listeners: list[WeakObserver] = []
 
     # -- host mirror (no device sync) ----------------------------------------------------
     @property
@@ -200,7 +161,7 @@ class GPUStateTensor:
         of the table (and so of a model holding it): what a manager hangs on its model must
         not travel with ``copy.deepcopy(model)`` or ``torch.save(model)``.
         """
-        entry = _Observer(observer, follows_copies)
+        entry = WeakObserver(observer, follows_copies)
         self._observers.setdefault(self.check_index(idx), []).append(entry)
 
     def owned(self, idx: int) -> bool:
@@ -218,7 +179,7 @@ class GPUStateTensor:
         keeps its plan this way, as a slot-local snapshot that its forward reads without
         touching the table (a compiled forward is guarded on that snapshot alone).
         """
-        self.__dict__.setdefault("_listeners", []).append(_Observer(listener))
+        self.__dict__.setdefault("_listeners", []).append(WeakObserver(listener))
 
     # -- transitions ---------------------------------------------------------------------
     def update_seed_state(
@@ -235,13 +196,16 @@ class GPUStateTensor:
         """
         idx = self.check_index(idx)
         gate = parse_gate(last_gate)
-        # Checked before the transition is launched: a bad value must change nothing.
+        # Checked before the transition is launched: a bad value must change nothing. The
+        # EPOCHS_IN_STATE column is int32.
         if epochs_in_state is not None and (
             isinstance(epochs_in_state, bool)
             or not isinstance(epochs_in_state, int)
-            or epochs_in_state < 0
+            or not 0 <= epochs_in_state <= INT32_MAX
         ):
-            raise ValueError(f"epochs_in_state must be an int >= 0, got {epochs_in_state!r}")
+            raise ValueError(
+                f"epochs_in_state must be an int in [0, {INT32_MAX}], got {epochs_in_state!r}"
+            )
         code = self.batch_state_update([(idx, stage)], gates=None if gate is None else [gate])[0]
         if code != TransitionCode.APPLIED:
             raise IllegalTransitionError(
@@ -425,9 +389,10 @@ class GPUStateTensor:
         return codes_t, raw
 
     def tick(self) -> None:
-        """One epoch: age every seed, count embargoes down, refresh READY_FLAG (one launch)."""
+        """One epoch: age every seed, count embargoes down, refresh READY_FLAG (one launch).
+        An epoch count stops at 2**31 - 1, on the device (int32) and in the mirror alike."""
         lifecycle_tick(self.state_tensor)
-        self._epochs = [e + 1 for e in self._epochs]
+        self._epochs = [e + 1 if e < INT32_MAX else e for e in self._epochs]
 
     def get_ready_seeds(self) -> torch.Tensor:
         """Device indices of seeds whose READY_FLAG is set (syncs: call it on commands)."""
@@ -471,6 +436,10 @@ class GPUStateTensor:
         if len(values) != NUM_STATE_COLUMNS:
             raise ValueError(f"a state row has {NUM_STATE_COLUMNS} columns, got {len(values)}")
         stage = parse_stage(values[StateColumn.LIFECYCLE_STAGE])
+        if values[StateColumn.EPOCHS_IN_STATE] < 0:
+            raise ValueError(
+                f"EPOCHS_IN_STATE must be >= 0, got {values[StateColumn.EPOCHS_IN_STATE]}"
+            )
         self.state_tensor[idx] = torch.tensor(values, dtype=torch.int32, device=self.device)
         self._stages[idx] = stage
         self._epochs[idx] = values[StateColumn.EPOCHS_IN_STATE]
@@ -517,10 +486,18 @@ class GPUStateTensor:
             raise ValueError(f"state table must be int32, got {table.dtype}")
         stages = [parse_stage(int(s)) for s in table[:, StateColumn.LIFECYCLE_STAGE].tolist()]
         epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
+        if min(epochs) < 0:
+            raise ValueError(f"EPOCHS_IN_STATE must be >= 0, got {min(epochs)}")
         embargo = state.get("embargo_epochs", self.embargo_epochs)
         if type(embargo) is not int or not 0 <= embargo <= INT32_MAX:  # a bool is no count
             raise ValueError(f"embargo_epochs must be an int in [0, {INT32_MAX}], got {embargo!r}")
-        counters = Counter(state.get("counters", {}))
+        saved = state.get("counters", {})
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"counters must be a mapping, got {type(saved).__name__}")
+        counters = Counter(saved)
+        for key, count in counters.items():  # counts by code name; a bool is no count
+            if type(key) is not str or type(count) is not int or count < 0:
+                raise ValueError(f"counters must map names to ints >= 0, got {key!r}: {count!r}")
         self.state_tensor.copy_(table.to(self.device))
         self._stages, self._epochs = stages, epochs
         self.embargo_epochs, self.counters = embargo, counters
@@ -560,7 +537,7 @@ class GPUStateTensor:
             if observer is None:
                 refs.remove(ref)
             else:
-                _call_safely(observer, idx, old, new)
+                call_safely(observer, idx, old, new)
 
     def touch(self) -> None:
         """Mark a host-visible change that is not a transition (e.g. a kernel attached)."""
@@ -575,7 +552,7 @@ class GPUStateTensor:
             if listener is None:
                 listeners.remove(ref)
             else:
-                _call_safely(listener)
+                call_safely(listener)
 
     def report(self, name: str, labels: dict[str, str]) -> None:
         """Send one event to the telemetry reporter, if any; never raises."""
@@ -588,12 +565,3 @@ class GPUStateTensor:
             self.telemetry.emit(name, 1.0, labels=labels)
         except Exception:  # telemetry never breaks training
             logger.exception("telemetry emit failed for %s", name)
-
-
-def _call_safely(fn: Callable[..., None], *args: Any) -> None:
-    """Call an observer or listener; one that raises is logged and the others still run: a
-    change the table made is never half announced."""
-    try:
-        fn(*args)
-    except Exception:
-        logger.exception("a state-table observer raised; the other observers still run")

@@ -29,7 +29,7 @@ from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
-from kasmina.urza.resilience import _DeadlineExpired
+from kasmina.urza.resilience import _Closed, _DeadlineExpired
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.telemetry import TelemetryReporter
 
@@ -189,6 +189,9 @@ class KernelLoader:
             else:
                 payload, manifest = self.urza_client.fetch(artifact_id, deadline=deadline)
             kernel = GPUKernel.from_binary(payload, manifest, self.device)
+        except _Closed:  # the client was closed under the load: an ending, not a failure
+            logger.info("kernel load of %s stopped: its Urza client was closed", artifact_id)
+            raise
         except Exception as exc:
             self.counters["load_failures"] += 1
             labels = {"artifact_id": artifact_id, "error": type(exc).__name__}

@@ -96,7 +96,7 @@ def oracle_tick(rows: list[list[int]]) -> list[list[int]]:
     out = []
     for r in rows:
         r = list(r)
-        r[C.EPOCHS_IN_STATE] += 1
+        r[C.EPOCHS_IN_STATE] = min(r[C.EPOCHS_IN_STATE] + 1, 2**31 - 1)
         r[C.EMBARGO_COUNTER] = max(0, r[C.EMBARGO_COUNTER] - 1)
         due = (r[C.LIFECYCLE_STAGE] == SeedStage.COOLDOWN and r[C.EMBARGO_COUNTER] == 0) or r[
             C.LIFECYCLE_STAGE
@@ -237,6 +237,8 @@ def test_cooldown_embargo_then_tick(backend: str) -> None:
 def test_tick_matches_oracle_on_random_table(backend: str) -> None:
     state = random_state(600, seed=8)  # several programs, a partial last block
     state[:5, C.LIFECYCLE_STAGE] = torch.tensor([-1, 11, 99, 6, 8], dtype=torch.int32)
+    # Ages at int32's limit saturate there instead of wrapping negative.
+    state[5:8, C.EPOCHS_IN_STATE] = torch.tensor([2**31 - 3, 2**31 - 2, 2**31 - 1])
     for _ in range(3):
         expected = oracle_tick(state.tolist())
         lifecycle_tick(state)

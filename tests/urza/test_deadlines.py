@@ -475,3 +475,18 @@ def test_close_ends_the_wait_on_a_stalled_read(stalled, store, trusted) -> None:
     assert stalled.payload_requests == 1 and urza.breaker.state == "closed"
     with pytest.raises(RuntimeError, match=CLOSED):
         urza.fetch(manifest.artifact_id)
+
+
+def test_a_load_stopped_by_close_is_an_ending_not_a_failure(store, trusted, caplog) -> None:
+    root, manifest = store
+    # The client is closed while the load backs off after a failed read.
+    urza = UrzaLibraryClient(str(root), trusted, retries=3, sleep=lambda s: urza.close())
+    urza._fs = FlakyFS(urza._fs)
+    urza._fs.down = True
+    loader = make_loader(urza)
+    with caplog.at_level("INFO", logger="kasmina.urza.loader"):
+        with pytest.raises(RuntimeError, match=CLOSED):
+            loader.load(manifest.artifact_id)
+    records = [r for r in caplog.records if r.name == "kasmina.urza.loader"]
+    assert [r.levelname for r in records] == ["INFO"] and "was closed" in records[0].message
+    assert loader.counters["load_failures"] == 0
