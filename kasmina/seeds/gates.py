@@ -410,11 +410,13 @@ class CompatibilityProbe:
 
 
 def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
-    """Run ``kernel(x.detach())`` without gradient and record output, host shape/dtype, time."""
+    """Run ``kernel(x.detach())`` without gradient and record output, host shape/dtype, time.
+    A measurement: the global RNG stream and the kernel's buffers (batch-norm statistics of a
+    kernel exported in train mode) are left as they were."""
     xd = x.detach()
     events = None
     latency = None
-    with torch.no_grad(), rng_forked(xd.device):  # the global RNG stream is left as it was
+    with torch.no_grad(), rng_forked(xd.device), kept_buffers(kernel):
         if xd.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()

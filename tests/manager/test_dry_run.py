@@ -19,6 +19,7 @@ from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import (
     PUBLISHER,
     SEED0,
+    SEED1,
     Rig,
     S,
     host_params,
@@ -194,3 +195,28 @@ def test_two_batch_sizes_are_probed(
     registry = rig.manager.require_registry()
     samples = registry.dry_run_samples(registry[SEED0])
     assert [tuple(s.shape) for s in samples] == [(probes[0], 2), (probes[1], 2)]
+
+
+def test_g3_probes_leave_the_kernels_buffers_alone(rig: Rig, store) -> None:
+    # G3's probe is a measurement like the dry run: a train-mode batch norm's statistics stay
+    # as training left them, whether G3 probes at ADVANCE (no forward since the check began)
+    # or in a COMPATIBILITY_CHECK forward (here a validation one).
+    artifact = publish(Normalised(2).train(), torch.randn(4, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact) and rig.send("germinate", SEED1, artifact)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    kernels = [rig.manager.seed(seed_id).kernel for seed_id in (SEED0, SEED1)]
+    assert all(k is not None for k in kernels)
+    trained = [[b.clone() for b in k.buffers()] for k in kernels]
+
+    def kept(n: int) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(trained[n], kernels[n].buffers(), strict=True))
+
+    assert rig.send("advance", SEED0) and rig.send("advance", SEED1)
+    assert rig.send("advance", SEED1) and rig.stage(SEED1) == S.GRAFTING
+    assert kept(1)
+    with torch.no_grad():
+        rig.model.eval()(torch.randn(8, 6))
+    rig.model.train()
+    assert rig.manager.seed(SEED0).probe_result is not None and kept(0)
