@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import threading
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -257,12 +258,14 @@ def call_kernel(
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
     non-finite output would send upstream. Before ACTIVE a kernel that draws random numbers
     (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
-    what they would without the seed; not under ``torch.compile``, which cannot trace the fork.
+    what they would without the seed, and on a stream of its own there (``own_stream``); not
+    under ``torch.compile``, which cannot trace the fork.
     """
     xin = x.view_as(x) if active else x.detach()
     try:
         if not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling():
             with rng_forked(x.device):
+                own_stream(kernel, x.device)
                 out = kernel(xin)
         else:
             out = kernel(xin)
@@ -288,6 +291,27 @@ def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
     device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
     stream a seeded training run (the host's dropout) depends on."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def own_stream(kernel: torch.nn.Module, device: torch.device) -> None:
+    """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
+    GPU's) from its own state and the version counters of the kernel's parameters.
+
+    The fork alone would hand the kernel the global stream's next numbers without consuming
+    them, so a seed beside a host that draws nothing would get the same dropout mask at every
+    step. The versions go up with every optimizer step of the kernel, so each step draws anew;
+    within a step they stand still, and an activation-checkpointing recompute (which restores
+    the global state first) draws what the forward drew. Host reads only: the GPU generator's
+    seed and offset live on the host."""
+    version = sum(p._version for p in kernel.parameters())
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+        key = hash((generator.initial_seed(), generator.get_offset(), version))
+    else:
+        generator = torch.random.default_generator
+        key = hash((zlib.crc32(generator.get_state().numpy()), version))
+    generator.manual_seed(key & (2**63 - 1))
 
 
 def autocast_to_host(out: Any, host: torch.Tensor) -> Any:

@@ -1,0 +1,85 @@
+"""A kernel that draws random numbers, before ACTIVE (docs/design.md §3, "Two side channels").
+
+It runs on a forked RNG state, so the host's stream is untouched (tests/manager/
+test_isolation_hazards.py), and on a stream of its own there: beside a host that draws nothing
+(the global stream stands still), it still draws a fresh dropout mask at every step, and an
+activation-checkpointing recompute draws the mask its forward drew."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from torch.nn import functional as F
+
+import tests.manager.helpers as helpers
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, S, make_config
+from tests.manager.test_dry_run import publish
+from tests.manager.test_isolation_hazards import Dropping
+
+
+def _masks(rig: Rig) -> torch.Tensor:
+    """Where the seed's kernel dropped its input in one training forward (no step)."""
+    kernel = rig.manager.seed(SEED0).kernel
+    assert kernel is not None
+    seen: list[torch.Tensor] = []
+    handle = kernel.register_forward_hook(lambda m, args, out: seen.append(out.detach() == 0))
+    try:
+        rig.model(rig.x)
+    finally:
+        handle.remove()
+    [mask] = seen
+    return mask
+
+
+def test_a_random_kernel_draws_a_fresh_mask_at_every_step(rig: Rig, store) -> None:
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact) and rig.stage(SEED0) == S.ISOLATED_INIT
+    masks = []
+    for _ in range(4):
+        torch.manual_seed(5)  # the host draws nothing: the global stream stands still
+        masks.append(_masks(rig))
+        rig.train(1)
+    assert all(m.any() and not m.all() for m in masks)
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == len(masks)
+    # Within a step the parameters stand still, and so does the kernel's stream.
+    torch.manual_seed(5)
+    first = _masks(rig)
+    torch.manual_seed(5)
+    assert torch.equal(first, _masks(rig))
+
+
+class CheckpointedHost(helpers.Host):
+    """The rig's host with the slot under non-reentrant activation checkpointing."""
+
+    checkpointed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        if self.checkpointed:
+            return torch.utils.checkpoint.checkpoint(self.out, h, use_reentrant=False)
+        return self.out(h)
+
+
+def test_a_recompute_draws_the_mask_its_forward_drew(
+    tmp_path: Path, store: Path, keyring: Keyring, monkeypatch
+) -> None:
+    monkeypatch.setattr(helpers, "Host", CheckpointedHost)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact) and rig.stage(SEED0) == S.ISOLATED_INIT
+    kernel = rig.manager.seed(SEED0).kernel
+    assert kernel is not None
+    params = list(kernel.parameters())
+    grads = {}
+    for checkpointed in (True, False):
+        rig.model.checkpointed = checkpointed
+        torch.manual_seed(11)
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        grads[checkpointed] = torch.autograd.grad(loss, params)
+    assert any(g.abs().sum() > 0 for g in grads[False])
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False], strict=True))
