@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.utils.checkpoint
+from torch import nn
 from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
+from kasmina.seeds.faults import own_stream, rng_forked
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, S, make_config
 from tests.manager.test_dry_run import publish
@@ -83,3 +86,30 @@ def test_a_recompute_draws_the_mask_its_forward_drew(
         grads[checkpointed] = torch.autograd.grad(loss, params)
     assert any(g.abs().sum() > 0 for g in grads[False])
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False], strict=True))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_own_stream_draws_anew_when_the_parameters_move_and_forks_nothing_out(
+    device: str,
+) -> None:
+    dev = torch.device(device)
+    kernel = nn.Linear(2, 2).to(dev)
+    cpu, gpu = torch.random.get_rng_state(), dev.type == "cuda" and torch.cuda.get_rng_state(dev)
+
+    def draw() -> torch.Tensor:
+        with rng_forked(dev):
+            own_stream(kernel, dev)
+            return torch.rand(8, device=dev)
+
+    first = draw()
+    assert torch.equal(first, draw())  # the parameters stood still
+    with torch.no_grad():
+        kernel.weight.mul_(1.0)  # an optimizer step moves the version
+    assert not torch.equal(first, draw())
+    assert torch.equal(cpu, torch.random.get_rng_state())
+    if dev.type == "cuda":
+        assert torch.equal(gpu, torch.cuda.get_rng_state(dev))
