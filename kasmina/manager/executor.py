@@ -310,12 +310,11 @@ class CommandExecution:
         input of the chunk's rank whose width along the slot's ``chunk_dim`` is the chunk's, in
         the host's dtype (seeds run in the host's dtype: nothing casts between them). The other
         sizes (the batch) are the dry run's to check, on activations of the recorded shape.
-        A kernel that writes into its input in place is refused first (``mutates_input``).
+        A kernel that writes into its input or a non-persistent buffer is refused first
+        (``GPUKernel.seed_hazard``, from the facts read at load).
         """
-        if getattr(kernel, "mutates_input", False):
-            raise CommandRefused(
-                "artifact mutates its input in place; a seed's input is the host's activation"
-            )
+        if hazard := getattr(kernel, "seed_hazard", None):
+            raise CommandRefused(f"artifact {hazard}")
         slot = record.slot
         problem = slot.contract_problem()
         if problem is not None:

@@ -359,8 +359,8 @@ class GradientIsolatedSeed(nn.Module):
             raise ValueError(f"a seed kernel must be an nn.Module, got {type(module).__name__}")
         if self.kernel is not None and self.stage in RUNS_KERNEL:
             raise ValueError(f"seed {self.seed_id}: cannot replace the kernel in {self.stage.name}")
-        if getattr(module, "mutates_input", False):  # a seed's input is the host's activation
-            raise ValueError(f"seed {self.seed_id}: the kernel mutates its input in place")
+        if hazard := getattr(module, "seed_hazard", None):  # GPUKernel: read from its program
+            raise ValueError(f"seed {self.seed_id}: the kernel {hazard}")
         module.train(self.training)  # (a user's ``train()`` may not return the module)
         self.kernel = module.to(self.alpha.device)
         self.__dict__.pop("_kernel_tree", None)

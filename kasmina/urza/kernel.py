@@ -8,10 +8,12 @@ An exported program's graph fixes the behaviour of dropout and batch norm to the
 exported in; ``train()``/``eval()`` on a kernel therefore only set its ``training`` flag and do
 not reach into the graph (which would raise).
 
-Two facts about the graph are read at load, for the seed's guards (docs/design.md §3):
+Three facts about the graph are read at load, for the seed's guards (docs/design.md §3):
 ``mutates_input`` (the program writes into its input in place: GERMINATE refuses it, since a
-seed's input is the host's activation) and ``draws_random`` (it has seeded random ops, which
-draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state).
+seed's input is the host's activation), ``writes_unsaved_buffer`` (it writes in place into a
+non-persistent buffer, state that ``state_dict`` does not save, so neither ``kasmina.save`` nor
+a rollback could restore it: refused as well) and ``draws_random`` (it has seeded random ops,
+which draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from copy import deepcopy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -50,17 +52,29 @@ def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
     return torch.export.load(io.BytesIO(payload))
 
 
+class _Facts(NamedTuple):
+    """What ``_program_module`` reads from a program's graph (``GPUKernel``'s keywords)."""
+
+    mutates_input: bool
+    writes_unsaved_buffer: bool
+    draws_random: bool
+
+
 def _program_module(
     payload: bytes, manifest: Manifest, device: torch.device
-) -> tuple[nn.Module, bool, bool]:
-    """The trainable module of a payload already checked against ``manifest``, with whether
-    the program mutates its input and whether it draws random numbers (see the module doc)."""
+) -> tuple[nn.Module, _Facts]:
+    """The trainable module of a payload already checked against ``manifest``, with the facts
+    its guards need (see the module doc)."""
     with _LOAD_LOCK:
         first, module = _next_source_id(), None
         try:
             program = move_to_device_pass(_deserialise(payload), device)
             module = program.module()
-            mutates, draws = _mutates_input(program), _draws_random(program.graph_module)
+            facts = _Facts(
+                _mutates_input(program),
+                _writes_unsaved_buffer(program),
+                _draws_random(program.graph_module),
+            )
         except Exception as exc:
             raise RuntimeError(
                 f"artifact {manifest.artifact_id!r} verified but could not be loaded by this "
@@ -77,7 +91,7 @@ def _program_module(
     for param in module.parameters():
         if param.is_floating_point() or param.is_complex():
             param.requires_grad_(True)  # a seed's kernel is what the seed trains
-    return module, mutates, draws
+    return module, facts
 
 
 def _graphs(root: torch.fx.GraphModule) -> Iterator[torch.fx.Graph]:
@@ -111,6 +125,25 @@ def _mutates_input(program: torch.export.ExportedProgram) -> bool:
     graph = program.graph_module.graph
     roots = {n for n in graph.nodes if n.op == "placeholder" and n.name in names}
     return _writes_into(graph, roots, program.graph_module)
+
+
+def _writes_unsaved_buffer(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program writes into a non-persistent buffer (a step counter registered with
+    ``persistent=False``): declared in a functional program's signature, found from the ops'
+    schemas in a training IR one (an in-place op, or the ``copy_`` an assignment becomes), as
+    for the input. Reading such a buffer (a rotary cache) and writing a persistent one (batch
+    norm's statistics, which ``state_dict`` saves) are fine."""
+    signature = program.graph_signature
+    unsaved = set(signature.non_persistent_buffers)
+    if unsaved & set(signature.buffers_to_mutate.values()):
+        return True
+    graph = program.graph_module.graph
+    roots = {
+        n
+        for n in graph.nodes
+        if n.op == "placeholder" and signature.inputs_to_buffers.get(n.name) in unsaved
+    }
+    return bool(roots) and _writes_into(graph, roots, program.graph_module)
 
 
 def _writes_into(graph: torch.fx.Graph, roots: set[Any], owner: torch.fx.GraphModule) -> bool:
@@ -166,8 +199,8 @@ def _rebuild(
 ) -> GPUKernel:
     """Unpickle a kernel (see ``GPUKernel.__reduce_ex__``)."""
     verify_payload(payload, manifest)
-    module, mutates, draws = _program_module(payload, manifest, torch.device(device))
-    kernel = GPUKernel(module, manifest, payload, mutates_input=mutates, draws_random=draws)
+    module, facts = _program_module(payload, manifest, torch.device(device))
+    kernel = GPUKernel(module, manifest, payload, **facts._asdict())
     kernel.load_state_dict(state)
     kernel.training = training
     return kernel
@@ -246,6 +279,7 @@ class GPUKernel(nn.Module):
         *,
         mutates_input: bool = False,
         draws_random: bool = False,
+        writes_unsaved_buffer: bool = False,
     ) -> None:
         super().__init__()
         self.inner: nn.Module | None = module
@@ -258,6 +292,7 @@ class GPUKernel(nn.Module):
         # Read from the program at load (``_program_module``): see the module doc.
         self.mutates_input = mutates_input
         self.draws_random = draws_random
+        self.writes_unsaved_buffer = writes_unsaved_buffer
 
     @classmethod
     def from_binary(
@@ -275,9 +310,9 @@ class GPUKernel(nn.Module):
             )
         verify_payload(payload, manifest)
         device = torch.device(device)
-        module, mutates, draws = _program_module(payload, manifest, device)
+        module, facts = _program_module(payload, manifest, device)
         logger.debug("loaded kernel %s onto %s", manifest.artifact_id, device)
-        return cls(module, manifest, bytes(payload), mutates_input=mutates, draws_random=draws)
+        return cls(module, manifest, bytes(payload), **facts._asdict())
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle as the artifact plus the trained weights (``torch.save(model)``).
@@ -316,6 +351,18 @@ class GPUKernel(nn.Module):
     @property
     def blueprint(self) -> str:
         return self.manifest.blueprint
+
+    @property
+    def seed_hazard(self) -> str | None:
+        """Why a seed must not run this kernel, from the facts read at load; None if none."""
+        if self.mutates_input:
+            return "mutates its input in place; a seed's input is the host's activation"
+        if self.writes_unsaved_buffer:
+            return (
+                "writes in place into a non-persistent buffer, which state_dict does not save: "
+                "kasmina.save and rollback could not restore it"
+            )
+        return None
 
     @property
     def released(self) -> bool:

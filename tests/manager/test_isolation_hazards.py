@@ -1,6 +1,7 @@
 """Kernels that would reach the host through a side channel before ACTIVE (docs/design.md §3):
 one that writes into its input in place (a seed's input is the host's activation) is refused at
-GERMINATE; one that draws random numbers leaves the host's RNG stream as it was, so a host with
+GERMINATE, as is one that writes into a non-persistent buffer (state no save or rollback could
+restore); one that draws random numbers leaves the host's RNG stream as it was, so a host with
 its own dropout trains exactly as beside a DORMANT seed, and GERMINATE's dry run and the G3
 probes never move the global stream."""
 
@@ -76,6 +77,28 @@ def test_a_kernel_that_mutates_its_input_is_refused(rig: Rig, store, module) -> 
     rig.train(1)
     assert_refused_and_host_trains(
         rig, artifact, "mutates its input in place; a seed's input is the host's activation"
+    )
+
+
+class CountsUnsaved(nn.Module):
+    """A step counter in a non-persistent buffer the output depends on: ``state_dict`` does not
+    save it, so neither ``kasmina.save`` nor a rollback could restore the kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.register_buffer("step", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step.add_(1)
+        return x * self.w * torch.tanh(self.step / 10)
+
+
+def test_a_kernel_that_writes_into_a_non_persistent_buffer_is_refused(rig: Rig, store) -> None:
+    artifact = publish(CountsUnsaved(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert_refused_and_host_trains(
+        rig, artifact, "writes in place into a non-persistent buffer, which state_dict does not"
     )
 
 

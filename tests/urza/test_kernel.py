@@ -342,7 +342,7 @@ def test_input_mutation_and_random_ops_are_read_at_load_and_kept_by_copies(
 ) -> None:
     _, payload, manifest, store = artifact
     plain = GPUKernel.from_binary(payload, manifest)
-    assert (plain.mutates_input, plain.draws_random) == (False, False)
+    assert (plain.mutates_input, plain.draws_random, plain.writes_unsaved_buffer) == (False,) * 3
     published = publish_artifact(
         Hazards().train(), (torch.randn(4, 8),), str(store), "hz", publisher
     )
@@ -356,5 +356,66 @@ def test_input_mutation_and_random_ops_are_read_at_load_and_kept_by_copies(
     # A seed driven without the manager (no GERMINATE to refuse it) takes no such kernel.
     seed = GradientIsolatedSeed(8, "s")
     with pytest.raises(ValueError, match="mutates its input in place"):
+        seed.attach_kernel(kernel)
+    assert seed.kernel is None
+
+
+class Steps(nn.Module):
+    """A step counter in a non-persistent buffer (``state_dict`` does not save it), written in
+    place in the way ``how`` names, or only read."""
+
+    def __init__(self, how: str, persistent: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.register_buffer("step", torch.zeros(2), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "add_":
+            self.step.add_(1)
+        elif self.how == "view":
+            self.step[0].add_(1)  # a write through a view of the buffer
+        elif self.how == "assign":
+            self.step = self.step + 1  # exported as a ``copy_`` into the buffer
+        return self.norm(self.fc(x)) * torch.tanh(self.step.sum())
+
+
+@pytest.mark.parametrize(
+    ("module", "written"),
+    [
+        (Steps("add_"), True),
+        (Steps("view"), True),
+        (Steps("assign"), True),
+        (Steps("read"), False),  # read only (a rotary cache, a constant)
+        (Steps("add_", persistent=True), False),  # saved by state_dict, as batch norm's stats
+        (Blueprint().train(), False),  # batch norm's statistics written, a constant read
+    ],
+    ids=["add_", "view", "assign", "read", "persistent", "batch-norm"],
+)
+def test_writes_into_a_non_persistent_buffer_are_read_from_the_program(
+    module: nn.Module, written: bool
+) -> None:
+    exported = torch.export.export(module.train(), (torch.randn(4, 8),))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    program = kernel_module._deserialise(buffer.getvalue())  # as a kernel's load reads it
+    assert kernel_module._writes_unsaved_buffer(program) is written
+    assert kernel_module._writes_unsaved_buffer(program.run_decompositions()) is written
+    assert kernel_module._mutates_input(program) is False
+
+
+def test_a_kernel_writing_a_non_persistent_buffer_is_flagged_and_refused_by_a_seed(
+    artifact, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    store = artifact[3]
+    published = publish_artifact(Steps("add_"), (torch.randn(4, 8),), str(store), "np", publisher)
+    kernel = GPUKernel.from_binary(
+        *UrzaLibraryClient(str(store), trusted).fetch(published.artifact_id)
+    )
+    for twin in (kernel, copy.deepcopy(kernel)):
+        assert (twin.writes_unsaved_buffer, twin.mutates_input) == (True, False)
+    seed = GradientIsolatedSeed(8, "s")
+    with pytest.raises(ValueError, match="writes in place into a non-persistent buffer"):
         seed.attach_kernel(kernel)
     assert seed.kernel is None
