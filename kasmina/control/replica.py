@@ -13,25 +13,41 @@ compared and moved:
   of mappings, sequences, tensors and plain values (a state dict, an optimizer's state);
 - ``TensorReplica`` -- a ``ReplicaState`` over named tensors of fixed names, dtypes and shapes
   (given by a ``StateProvider``), its payload length-prefixed JSON headers and raw bytes, so a
-  repair unpickles nothing.
+  repair unpickles nothing;
+- ``BufferAverage`` -- what is per-rank by nature made to agree before the checksum: buffers
+  each rank updates from its own shard (a BatchNorm's running statistics), averaged across
+  ranks, integer ones only checked (``buckets``: the runs one flat all-reduce carries).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
+import torch.distributed as dist
+
+from kasmina.control.processes import collective_device
+from kasmina.utils.ratelimit import rarely
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BufferAverage",
     "ReplicaState",
     "TensorReplica",
+    "buckets",
     "nested_checksum",
     "state_checksum",
 ]
+
+T = TypeVar("T")
+DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 # A length prefix (uint64) before each header and each tensor's bytes of a replica payload.
 _LEN = struct.Struct("<Q")
@@ -154,3 +170,103 @@ def _length_prefixed(body: bytes) -> Iterator[bytes]:
             raise ValueError("length-prefixed payload is truncated")
         yield body[pos : pos + n]
         pos += n
+
+
+class BufferAverage:
+    """Buffers each rank updates from its own data (a BatchNorm's running mean and variance),
+    made to agree across ranks before their replicas are compared.
+
+    Healthy ranks' statistics differ by design (each saw its own shard): left alone, the replica
+    checksum would report every rank outside rank 0's group as divergent and "repair" it,
+    discarding its statistics. Calling the object is a collective: every rank calls it at the
+    same point, with the same buffers in the same order. A 2-integer all-reduce first checks the
+    layout (names, dtypes, shapes), as the seeds' gradient average does: one that differs across
+    ranks averages nothing on any rank (``stats["layout_mismatch"]``) and is left to the repair.
+    Then one all-reduce of each buffer's CRC-32 finds the buffers that differ: floating ones are
+    summed, one flat all-reduce per bucket (``buckets``), all launched before the first is
+    waited on, and divided by the world size, the same bits on every rank; buffers equal
+    everywhere are left as they are, bit for bit. Integer buffers (``num_batches_tracked``, a
+    counter) agree when every rank ran the same forwards; where they differ, that is drift,
+    logged and counted (``stats["integer_mismatch"]``) and left to the repair, while the floating
+    ones are averaged still, so the healthy ranks agree and outvote the drifted one.
+    """
+
+    def __init__(self, *, group: Any = None, bucket_cap_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        if not bucket_cap_bytes > 0:
+            raise ValueError(f"bucket_cap_bytes must be > 0, got {bucket_cap_bytes}")
+        self.group = group
+        self.bucket_cap_bytes = bucket_cap_bytes
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Average now (collective); how many buffers were averaged (0 without a group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return 0
+        device = collective_device(self.group)
+        text = ";".join(f"{name}|{t.dtype}|{tuple(t.shape)}" for name, t in named)
+        if not _agree([zlib.crc32(text.encode())], device, self.group)[0]:
+            self.stats["layout_mismatch"] += 1
+            logger.log(
+                rarely(self.stats["layout_mismatch"], 100, logging.ERROR),
+                "seed buffer layouts differ across ranks (%d sync(s) so far): no buffer is "
+                "averaged on any rank; the replica repair settles them",
+                self.stats["layout_mismatch"],
+            )
+            return 0
+        if not named:
+            return 0
+        same = _agree([_crc_tensor("", t, 0) for _, t in named], device, self.group)
+        differ = [(name, t) for (name, t), ok in zip(named, same, strict=True) if not ok]
+        drift = [name for name, t in differ if not t.is_floating_point()]
+        if drift:
+            self.stats["integer_mismatch"] += 1
+            logger.error("non-floating buffers differ across ranks, left to the repair: %s", drift)
+        floats = [t for _, t in differ if t.is_floating_point()]
+        handles = []
+        for bucket in buckets(floats, lambda t: t, self.bucket_cap_bytes):
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            handles.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        with torch.no_grad():
+            for bucket, flat, handle in handles:
+                handle.wait()
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset : offset + t.numel()].div_(world).view_as(t))
+                    offset += t.numel()
+        if floats:
+            self.stats["averaged"] += 1
+            self.stats["buffers"] += len(floats)
+        return len(floats)
+
+
+def _agree(values: list[int], device: torch.device, group: Any) -> list[bool]:
+    """Whether each of ``values`` (>= 0) is the same on every rank: one MAX all-reduce of the
+    values and their negatives (their maximum and minimum)."""
+    both = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    row = both.tolist()
+    return [row[i] == -row[len(values) + i] for i in range(len(values))]
+
+
+def buckets(
+    items: Sequence[T], tensor: Callable[[T], torch.Tensor], cap_bytes: int
+) -> Iterator[list[T]]:
+    """Consecutive runs of ``items`` whose ``tensor`` has one dtype and device, at most
+    ``cap_bytes`` each (an item larger than the cap is a bucket of its own): what one flat
+    all-reduce carries."""
+    bucket: list[T] = []
+    size, key = 0, None
+    for item in items:
+        t = tensor(item)
+        nbytes = t.numel() * t.element_size()
+        if bucket and ((t.dtype, t.device) != key or size + nbytes > cap_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += nbytes
+        key = (t.dtype, t.device)
+    if bucket:
+        yield bucket

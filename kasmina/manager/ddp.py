@@ -14,6 +14,9 @@ runs"):
   twice into the seeds, and gradient accumulation may add more backwards before a step, so a
   seed's gradient is known to be final only when ``step()`` begins. Seeds are a small fraction
   of the host; ``perf/bench_distributed.py`` measures the cost;
+- ``DistributedKasmina.sync_epoch`` averages the running seeds' kernel buffers (a BatchNorm's
+  running statistics, which each rank updates from its own shard) before the replica checksum
+  (``BufferAverage``), so healthy ranks agree and only drift is repaired;
 - ``ManagerReplica`` is what ranks compare bit for bit (state table, seeds, optimizers, the
   step and epoch counters, and by default the host) and how a divergent rank is repaired: the
   majority's rollback snapshot, loaded through the rollback's all-or-nothing restore;
@@ -50,7 +53,7 @@ from kasmina.control.processes import (
     collective_timeout_s,
     copy_into_grads,
 )
-from kasmina.control.replica import nested_checksum
+from kasmina.control.replica import BufferAverage, buckets, nested_checksum
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
 from kasmina.manager.checkpoints import MemoryCheckpointStore
@@ -58,7 +61,7 @@ from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.rollback import restore_epoch, snapshot
 from kasmina.manager.slots import ISOLATED_STAGES, STEPPED_STAGES, SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.stages import SeedStage
+from kasmina.stages import RUNS_KERNEL, SeedStage
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 
@@ -70,6 +73,7 @@ __all__ = [
     "ManagerReplica",
     "SeedGradientSync",
     "kasmina_owned_names",
+    "running_kernel_buffers",
     "wrap_ddp",
 ]
 
@@ -259,23 +263,20 @@ class SeedGradientSync:
         ]
 
     def _buckets(self, params: list[nn.Parameter]) -> Any:
-        """Consecutive runs of one dtype and device, at most ``bucket_cap_bytes`` each (one
-        parameter larger than the cap is a bucket of its own)."""
-        bucket: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            nbytes = p.grad.numel() * p.grad.element_size()
-            same = bucket and (p.grad.dtype, p.grad.device) == (
-                bucket[0].grad.dtype,
-                bucket[0].grad.device,
-            )
-            if bucket and (not same or size + nbytes > self.bucket_cap_bytes):
-                yield bucket
-                bucket, size = [], 0
-            bucket.append(p)
-            size += nbytes
-        if bucket:
-            yield bucket
+        """Consecutive runs of one gradient dtype and device, at most ``bucket_cap_bytes`` each
+        (one parameter larger than the cap is a bucket of its own)."""
+        return buckets(params, lambda p: p.grad, self.bucket_cap_bytes)
+
+
+def running_kernel_buffers(registry: SlotRegistry) -> list[tuple[str, torch.Tensor]]:
+    """``(seed id.buffer name, buffer)`` of every seed whose forward runs its kernel, in registry
+    order (the same on every rank): what its forwards may update from each rank's own data."""
+    return [
+        (f"{record.seed_id}.{name}", buffer)
+        for record in registry.in_stages(RUNS_KERNEL)
+        if record.kernel is not None
+        for name, buffer in record.kernel.named_buffers()
+    ]
 
 
 def _layout_key(live: Sequence[tuple[str, nn.Parameter]]) -> int:
@@ -494,8 +495,9 @@ class DistributedKasmina:
     host). From then on ``manager.step()`` averages the seeds' gradients across ranks, and a
     command given to any rank's door (``manager.handle_adaptation_command``, or ``submit``) is
     verified there and applied on every rank at the next ``sync_epoch(epoch)``, which every rank
-    calls at the same boundary (after ``manager.end_epoch``); that sync also checks the replicas
-    and repairs a rank that diverged. ``close`` detaches it from the manager.
+    calls at the same boundary (after ``manager.end_epoch``); that sync first averages the running
+    seeds' buffers (``seed_buffers``), then checks the replicas and repairs a rank that
+    diverged. ``close`` detaches it from the manager.
 
     ``check_host`` includes the host's parameters in the replica checksum (see
     ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
@@ -524,6 +526,9 @@ class DistributedKasmina:
         _ = manager.state.checkpoints
         self.manager = manager
         self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
+        self.seed_buffers = BufferAverage(
+            group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
+        )
         self.replica = ManagerReplica(manager, include_host=check_host)
         # The other ranks wait in a collective while this one prepares: half the process
         # group's timeout leaves the rest of the sync room to answer in time.
@@ -555,7 +560,15 @@ class DistributedKasmina:
         return self.coordinator.submit(raw)
 
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
-        """The collective boundary: apply what the ranks received, check, repair."""
+        """The collective boundary: average the running seeds' buffers, apply what the ranks
+        received, check, repair."""
+        # Seed buffers are averaged here, once per epoch and before the checksum, on every rank
+        # (this call is itself the collective boundary), rather than at each step: the training
+        # forward reads batch statistics, and running statistics are linear in what each step
+        # adds, so one average at the boundary gives what averaging them at every step would
+        # (up to rounding) at no per-step cost. Before the commands apply, the seeds that ran
+        # this epoch are the ones in a running stage.
+        self.seed_buffers(running_kernel_buffers(self.manager.require_registry()))
         return self.coordinator.sync_epoch(epoch)
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ they ended with to files the test compares: seed parameters bit for bit, the syn
 command outcomes. The scenarios also cover an epoch longer than the freshness window, a command
 delivered to two ranks, a forged command, a corrupted rank being repaired (with three ranks,
 by the majority, from a rank other than 0, also after steps trained with mismatched seed
-layouts), and a kernel fetch on one rank slower than the sync's process-group timeout.
+layouts), a kernel fetch on one rank slower than the sync's process-group timeout, and a
+batch-norm seed whose running statistics, different on each rank's shard, are averaged.
 
 Every collective is bounded by the process group's timeout and the whole run by
 ``join_timeout_s``, so a hung rank fails the test instead of hanging the suite.
@@ -39,6 +40,7 @@ from kasmina.manager.ddp import (
     wrap_ddp,
 )
 from kasmina.stages import SeedStage
+from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Rig, make_config
 
@@ -301,6 +303,36 @@ def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
         handle.remove()
     t.train(1)
     t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.manager.close()
+
+
+class Normalised(torch.nn.Module):
+    """A seed kernel with batch norm in training mode: each rank's forwards update its running
+    statistics from that rank's own shard."""
+
+    def __init__(self, dim: int = 2) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * self.norm(self.fc(x))
+
+
+def _kernel_buffers(t: Trainer) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in t.manager.seed(SEED0).kernel.named_buffers()}
+
+
+def _worker_batch_norm(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """A batch-norm seed trains an epoch on each rank's shard; the buffers before and after the
+    sync that ends it."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["normalised"])]})
+    t.train()
+    before = _kernel_buffers(t)
+    t.boundary()
+    after = _kernel_buffers(t)
+    t.save(spec["out"], "bn", before=before, after=after, buffers=dict(t.dk.seed_buffers.stats))
     t.manager.close()
 
 
@@ -750,3 +782,38 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
     assert [run["faults"] for run in runs] == [1, 0]
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_batch_norm_seed_has_its_statistics_averaged_not_repaired(
+    tmp_path: Path, published, store: Path
+) -> None:
+    """Running statistics differ across healthy ranks by design (each saw its own shard): the
+    sync averages them before the checksum, so no rank is reported divergent or repaired."""
+    spec = _spec(tmp_path, published, "gloo")
+    torch.manual_seed(3)
+    example = [torch.randn(3, 2)]
+    spec["store"] = str(store)  # this test's copy of the store, with the kernel published into it
+    spec["normalised"] = publish_artifact(
+        Normalised(), example, str(store), "normalised", PUBLISHER
+    ).artifact_id
+    spawn(_worker_batch_norm, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+
+    runs = _load(tmp_path, "bn", 2)
+    for run in runs:
+        assert all(divergent == () for _, _, divergent, _, _ in run["results"])
+        assert all(len(set(c)) == 1 for c in run["checksums"])
+        assert not {"divergences", "repairs", "repairs_served"} & run["coordinator"].keys()
+        assert run["buffers"] == {"averaged": 1, "buffers": 2}  # running mean and variance
+    (before0, after0), (before1, after1) = ((r["before"], r["after"]) for r in runs)
+    assert before0.keys() == after0.keys() == before1.keys() and len(before0) == 3
+    for name, mine in before0.items():
+        theirs = before1[name]
+        if mine.is_floating_point():
+            assert not torch.equal(mine, theirs), name  # each rank's own statistics
+            expected = (mine + theirs) / 2
+        else:  # num_batches_tracked: every rank ran as many forwards
+            assert torch.equal(mine, theirs) and mine.item() == STEPS, name
+            expected = mine
+        assert torch.equal(after0[name], expected) and torch.equal(after1[name], expected), name
+    _assert_equal_states(runs)  # seed and host parameters, the table: bit for bit
