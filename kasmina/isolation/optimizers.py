@@ -10,7 +10,9 @@ When a seed becomes ACTIVE (fossilized) its parameters join one of the host opti
 existing param groups (``promote_seed``) and the seed optimizer is dropped. Never a group of
 their own: a user's LR scheduler on the host optimizer (``LambdaLR``, ``OneCycleLR``) holds one
 entry per group and breaks when the count changes under it. Which parameters each promoted seed
-added is recorded, so a saved state's layout can be checked and a rollback can rebuild it. A
+added is recorded, and so is each group a user adds to the host optimizer (``add_param_group``,
+gradual unfreezing: checked and taken up by ``take_host_groups``, by the parameters' names in
+the model), so a saved state's layout can be checked and a rollback can rebuild it. A
 rollback's commit (``adopt``) moves the rebuilt state into the live optimizer objects instead of
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
 
@@ -36,11 +38,10 @@ import torch
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
-from kasmina.isolation.ownership import ParameterOwnership
-from kasmina.kd.teacher import is_teacher_parameter
+from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
 from kasmina.leyline import CommandType, MetricType
 from kasmina.ops import grad_norms
-from kasmina.ops.backend import SUPPORTED_DTYPES, check_real
+from kasmina.ops.backend import check_real
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import clone_state
@@ -52,7 +53,8 @@ TEACHER_SOURCE = "teacher"
 # The layout ``state_dict`` records. Format 1 (older checkpoints, still loaded) gave each
 # promoted seed a param group of its own and named each group's owner ("groups"); format 2 adds
 # a promoted seed to an existing group and records [seed_id, group index, tensor count] per
-# promotion, in order ("promoted").
+# promotion, in order ("promoted"), and the model's names of the parameters of each group a user
+# added, in order ("added_groups"; absent in older states: none).
 STATE_FORMAT = 2
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
@@ -72,6 +74,11 @@ class _Promotion:
 class _Entry:
     optimizer: torch.optim.Optimizer
     promoted: list[_Promotion] = field(default_factory=list)  # the host's, in promotion order
+    added: list[list[str]] = field(default_factory=list)  # groups a user added: model names
+    sizes: list[int] = field(init=False)  # the group sizes this layout accounts for
+
+    def __post_init__(self) -> None:
+        self.sizes = [len(group["params"]) for group in self.optimizer.param_groups]
 
     def params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -92,25 +99,6 @@ def checked_clip_norm(value: object) -> float:
     if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
         raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
     return norm
-
-
-def _collect(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
-    """Distinct leaf float tensors, in order; a clear error for anything else."""
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise ValueError(f"{what} must be tensors, got {type(p).__name__}")
-        if not p.is_leaf:
-            raise ValueError(f"{what} must be leaf tensors (a non-leaf cannot be optimized)")
-        if p.dtype not in SUPPORTED_DTYPES:  # what grad_norms (clipping) accepts
-            raise ValueError(f"{what} must be float32, float16 or bfloat16, got {p.dtype}")
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 class IsolatedOptimizerManager:
@@ -190,14 +178,6 @@ class IsolatedOptimizerManager:
         cls = optimizer_cls or self.default_optimizer_cls
         return cls(params, lr=lr, **dict(options))
 
-    def _check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
-        for index, p in enumerate(params):
-            if is_teacher_parameter(p):  # a live CheckpointedTeacher's, registered here or not
-                raise ParameterOverlapError(
-                    f"parameter {index} for {new_owner!r} belongs to a teacher (never optimized)"
-                )
-        self._ownership.check_free(params, new_owner)
-
     def initialize_host(
         self,
         params: Iterable[torch.Tensor],
@@ -207,11 +187,11 @@ class IsolatedOptimizerManager:
     ) -> torch.optim.Optimizer:
         if self.has_host:
             raise ValueError("the host optimizer is already initialized")
-        plist = _collect(params, "host parameters")
+        plist = collect_tensors(params, "host parameters")
         if not plist:
             raise ValueError("the host has no trainable parameters: a frozen host takes no host "
                              "optimizer (attach it with host_lr=None)")  # fmt: skip
-        self._check_optimizable(plist, HOST_ID)
+        self._ownership.check_optimizable(plist, HOST_ID)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._register(HOST_ID, plist, optimizer, "optimizer_created", {"optimizer_id": HOST_ID})
         logger.info("host optimizer %s over %d tensors", type(optimizer).__name__, len(plist))
@@ -229,8 +209,8 @@ class IsolatedOptimizerManager:
             raise ValueError(f"invalid seed id {seed_id!r}")
         if seed_id in self._entries:
             raise ValueError(f"seed {seed_id!r} already has an optimizer")
-        plist = _collect(params, f"parameters of seed {seed_id!r}")
-        self._check_optimizable(plist, seed_id)
+        plist = collect_tensors(params, f"parameters of seed {seed_id!r}")
+        self._ownership.check_optimizable(plist, seed_id)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._register(seed_id, plist, optimizer, "seed_optimizer_created", {"seed_id": seed_id})
         return optimizer
@@ -253,7 +233,7 @@ class IsolatedOptimizerManager:
         """Freeze the teacher's parameters and bar them from every optimizer; they replace
         those registered before (one teacher at a time: a replaced one is not kept alive).
         Returns how many elements were not registered already."""
-        plist = _collect(params, "teacher parameters")
+        plist = collect_tensors(params, "teacher parameters")
         new = [p for p in plist if self._ownership.owner_of(p) != TEACHER_SOURCE]
         self._ownership.check_free(new, TEACHER_SOURCE)
         self._ownership.release(TEACHER_SOURCE)
@@ -293,7 +273,7 @@ class IsolatedOptimizerManager:
             raise ValueError("the host cannot be promoted")
         host = self._entry(HOST_ID)
         seed = self._entry(seed_id)
-        groups = host.optimizer.param_groups
+        groups = host.optimizer.param_groups[: len(host.sizes)]  # taken up: take_host_groups
         if group is None:
             wanted = {id(p) for p in near}
             holding = [i for i, g in enumerate(groups) if any(id(p) in wanted for p in g["params"])]
@@ -312,6 +292,7 @@ class IsolatedOptimizerManager:
                 if p in seed.optimizer.state:
                     host.optimizer.state[p] = seed.optimizer.state[p]
         host.promoted.append(_Promotion(seed_id, index, params))
+        host.sizes[index] += len(params)
         self._ownership.transfer(seed_id, HOST_ID)
         del self._entries[seed_id]
         self.last_grad_norm.pop(seed_id, None)
@@ -328,6 +309,39 @@ class IsolatedOptimizerManager:
             return {}
         return {p.seed_id: (p.group, list(p.params)) for p in host.promoted}
 
+    def take_host_groups(
+        self, names_of: Callable[[list[torch.Tensor]], list[str]]
+    ) -> list[torch.Tensor]:
+        """Take up the param groups added to the host optimizer (``add_param_group``: gradual
+        unfreezing) since the last call; the manager calls it before each step and checkpoint.
+        Their parameters are checked as any registration is (a teacher's or one another optimizer
+        owns: ``ParameterOverlapError``) and claimed for the host, each group recorded as
+        ``names_of`` names its parameters in the model, so that a checkpoint can rebuild it. Any
+        other edit of the groups (a parameter put into or taken out of one, a group removed) is
+        a ``ValueError``; both raise before anything changes. Unchanged: one ``len`` per group.
+        Returns the parameters taken up (none, mostly)."""
+        host = self._entries.get(HOST_ID)
+        if host is None:
+            return []
+        groups, known = host.optimizer.param_groups, len(host.sizes)
+        sizes = [len(group["params"]) for group in groups]
+        if sizes == host.sizes:
+            return []
+        if sizes[:known] != host.sizes:
+            raise ValueError(
+                f"the host optimizer's param groups of sizes {host.sizes} became {sizes}: only "
+                "new groups (add_param_group) can be kept through a checkpoint"
+            )
+        new = [collect_tensors(g["params"], "host parameters") for g in groups[known:]]
+        self._ownership.check_optimizable([p for ps in new for p in ps], "host (add_param_group)")
+        names = [list(names_of(list(group["params"]))) for group in groups[known:]]
+        for plist, group_names in zip(new, names, strict=True):
+            self._ownership.claim(plist, HOST_ID)
+            host.added.append(group_names)
+            host.sizes.append(len(group_names))
+        logger.info("host optimizer: took up %d added param group(s)", len(new))
+        return [p for ps in new for p in ps]
+
     def adopt(self, other: IsolatedOptimizerManager) -> None:
         """Take over ``other``'s optimizers, layout and state, keeping the optimizer objects.
 
@@ -343,7 +357,7 @@ class IsolatedOptimizerManager:
             live = self._entries.get(oid)
             if live is not None and type(live.optimizer) is type(entry.optimizer):
                 _move_into(live.optimizer, entry.optimizer)
-                entry = _Entry(live.optimizer, entry.promoted)
+                entry = _Entry(live.optimizer, entry.promoted, entry.added)
             elif live is not None:
                 logger.warning("optimizer %s replaced: the restored class differs", oid)
             entries[oid] = entry
@@ -441,6 +455,8 @@ class IsolatedOptimizerManager:
         ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``); ``learning_rate``
         sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
         optimizer options on creation (``beta1``/``beta2`` are combined into ``betas``).
+        INITIALIZE_HOST takes over the host's gradients: once the optimizer is built, those
+        already there (accumulated while nothing stepped the host) are dropped.
         """
         order = read_optimizer_command(command)  # TypeError for a wire message
         kind, oid, options = order.kind, order.optimizer_id, order.options
@@ -448,6 +464,7 @@ class IsolatedOptimizerManager:
         try:
             if kind == CommandType.COMMAND_TYPE_INITIALIZE_HOST:
                 self.initialize_host(self._params_from(oid or HOST_ID), lr=lr, **options)
+                self.zero_grad(HOST_ID)  # else its first step would apply them all at once
             elif kind == CommandType.COMMAND_TYPE_CREATE_SEED:
                 self.create_seed_optimizer(oid, self._params_from(oid), lr=lr, **options)
             elif kind == CommandType.COMMAND_TYPE_STEP:
@@ -480,6 +497,7 @@ class IsolatedOptimizerManager:
                 oid: {
                     "class": type(entry.optimizer).__name__,
                     "promoted": entry.layout(),
+                    "added_groups": [list(names) for names in entry.added],
                     "state": entry.optimizer.state_dict(),
                 }
                 for oid, entry in self._entries.items()
@@ -504,6 +522,9 @@ class IsolatedOptimizerManager:
                 raise ValueError(
                     f"optimizer {oid!r}: saved promotions {promoted} != live {entry.layout()}"
                 )
+            added = [list(names) for names in item.get("added_groups", [])]  # absent: older
+            if added != entry.added:
+                raise ValueError(f"optimizer {oid!r}: saved added groups {added} != {entry.added}")
             saved_sizes = [len(g["params"]) for g in item["state"]["param_groups"]]
             live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
             if saved_sizes != live_sizes:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 
 from kasmina.errors import ParameterOverlapError
+from kasmina.kd.teacher import is_teacher_parameter
+from kasmina.ops.backend import SUPPORTED_DTYPES
 
 _StorageKey = tuple[str, int]
 
@@ -28,6 +30,26 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
         return (t.data_ptr(), t.data_ptr())
     span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
     return (t.data_ptr(), t.data_ptr() + span * t.element_size())
+
+
+def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Distinct leaf float tensors, in order, to register; a clear ``ValueError`` for anything
+    else (a non-leaf cannot be optimized, and clipping reads these dtypes only)."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"{what} must be tensors, got {type(p).__name__}")
+        if not p.is_leaf:
+            raise ValueError(f"{what} must be leaf tensors (a non-leaf cannot be optimized)")
+        if p.dtype not in SUPPORTED_DTYPES:  # what grad_norms (clipping) accepts
+            raise ValueError(f"{what} must be float32, float16 or bfloat16, got {p.dtype}")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 class ParameterOwnership:
@@ -69,6 +91,16 @@ class ParameterOwnership:
                         f"parameter {index} for {new_owner!r} shares memory with a parameter "
                         f"of {other!r}"
                     )
+
+    def check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
+        """``check_free``, after refusing a teacher's parameter (a live ``CheckpointedTeacher``'s,
+        registered here or not): no optimizer ever takes one."""
+        for index, p in enumerate(params):
+            if is_teacher_parameter(p):
+                raise ParameterOverlapError(
+                    f"parameter {index} for {new_owner!r} belongs to a teacher (never optimized)"
+                )
+        self.check_free(params, new_owner)
 
     def claim(self, params: Iterable[torch.Tensor], owner: str) -> None:
         """Record ``owner`` for ``params`` (call ``check_free`` first)."""

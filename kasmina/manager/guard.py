@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -63,6 +64,10 @@ class IsolationGuard:
         self.counters = counters
         self.external: list[GradientIsolationMonitor] = []
         self._external_ids = itertools.count()
+        # The (host, seed) modules of each "external[n]" monitor, held weakly: a pair
+        # registered again gets its name back, and so replaces its monitor.
+        self._pairs: dict[str, tuple[weakref.ref[nn.Module], weakref.ref[nn.Module]]] = {}
+        self.closed = False  # close() was called: no more debug monitors
         self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
 
     @property
@@ -101,9 +106,13 @@ class IsolationGuard:
     ) -> GradientIsolationMonitor:
         """A debug monitor over ``host_model`` and ``seed_model``; it replaces (hooks removed)
         an earlier one for the same seed, so a seed id germinated anew and registered again
-        runs one, not one per registration. ``seed_id`` None: a pair of no registered seed."""
+        runs one, not one per registration. ``seed_id`` None: a pair of no registered seed,
+        named ``external[n]``; the same pair (the same two modules) registered again keeps its
+        name and so replaces its monitor too. ``RuntimeError`` once the guard is closed."""
+        if self.closed:
+            raise RuntimeError("this manager is closed: it adds no gradient monitors")
         if seed_id is None:
-            seed_id = f"external[{next(self._external_ids)}]"
+            seed_id = self._pair_name(host_model, seed_model)
         for old in [m for m in self.external if m.seed_id == seed_id]:
             old.clear_hooks()
             self.external.remove(old)
@@ -120,6 +129,29 @@ class IsolationGuard:
         monitor.register_hooks(host_model, seed_model)
         self.external.append(monitor)
         return monitor
+
+    def _pair_name(self, host_model: nn.Module, seed_model: nn.Module) -> str:
+        """The debug monitor's name for a pair of no registered seed: the name it had if these
+        two modules were registered before, else a new ``external[n]``."""
+        for name, (host, seed) in self._pairs.items():
+            if host() is host_model and seed() is seed_model:
+                return name
+        name = f"external[{next(self._external_ids)}]"
+        self._pairs[name] = (weakref.ref(host_model), weakref.ref(seed_model))
+        return name
+
+    def close(self, registry: SlotRegistry | None) -> None:
+        """``manager.close()``: the debug monitors' hooks come off the user's parameters and the
+        monitors go, then the registry lets go of the model (``SlotRegistry.close``); later
+        ``add_external`` calls are refused. Idempotent."""
+        self.closed = True
+        try:
+            for monitor in self.external:
+                monitor.clear_hooks()
+        finally:
+            self.external, self._pairs, self._kd_checks = [], {}, []
+            if registry is not None:
+                registry.close()
 
     def seed_only_backward(
         self, kd_loss: torch.Tensor, registry: SlotRegistry, retain_graph: bool

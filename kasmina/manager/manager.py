@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import ExitStack, closing
 from itertools import compress
 from typing import Any
 
@@ -125,38 +126,36 @@ class KasminaKernelManager:
         self.keyring = keyring if keyring is not None else config.load_keyring()
         telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
         path, cap = config.telemetry_jsonl_path, config.telemetry_jsonl_max_bytes
-        self._jsonl = JsonlFileSink(path, cap) if path else None  # bounded, rotated at ``cap``
-        if self._jsonl is not None:
+        with ExitStack() as undo:  # a constructor that raises leaves no file, ledger or sink
+            self._jsonl = undo.enter_context(closing(JsonlFileSink(path, cap))) if path else None
+            kernel_cache = GPUKernelCache(config.cache_size_mb)
+            # Artifacts verify against the configured publisher public keys, never self.keyring:
+            # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
+            self.urza_client = urza_client or undo.push(UrzaLibraryClient.from_config(config))
+            loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
+            state = self.state = ManagerState(config, telemetry, kernel_cache, loader)
+            self.guard = IsolationGuard(config, telemetry, state.counters, state.checkpoint_signer)
+            self.report = ManagerReport(state, self.guard)
+            self.execution = CommandExecution(state, self.guard, self.report)
+            self.verifier = undo.enter_context(closing(command_verifier(config, self.keyring)))
+            self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
+            self.teacher_passes = TeacherForwardPassManager(None)
+            self._lock = threading.RLock()
+            self.pending = CommandQueue(
+                loader, max_pending=config.max_pending_commands, fetch_workers=config.fetch_workers
+            )
+            self.intake = CommandIntake(
+                self.handler,
+                self.verifier,
+                self.pending,
+                self.execution,
+                self.report,
+                lock=self._lock,
+                perf=state.perf,
+            )
+            undo.pop_all()  # built: from here on close() closes them
+        if self._jsonl is not None:  # last: bounded, rotated at ``cap``
             telemetry.add_sink(self._jsonl)
-        kernel_cache = GPUKernelCache(config.cache_size_mb)
-        # Artifacts verify against the configured publisher public keys, never self.keyring:
-        # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
-        self.urza_client = urza_client or UrzaLibraryClient.from_config(config)
-        loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
-        self.state = ManagerState(config, telemetry, kernel_cache, loader)
-        self.guard = IsolationGuard(
-            config, telemetry, self.state.counters, self.state.checkpoint_signer
-        )
-        self.report = ManagerReport(self.state, self.guard)
-        self.execution = CommandExecution(self.state, self.guard, self.report)
-        self.verifier = command_verifier(config, self.keyring)
-        self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
-        self.teacher_passes = TeacherForwardPassManager(None)
-        self._lock = threading.RLock()
-        self.pending = CommandQueue(
-            loader,
-            max_pending=config.max_pending_commands,
-            fetch_workers=config.fetch_workers,
-        )
-        self.intake = CommandIntake(
-            self.handler,
-            self.verifier,
-            self.pending,
-            self.execution,
-            self.report,
-            lock=self._lock,
-            perf=self.state.perf,
-        )
         self._last_teacher_input: torch.Tensor | None = None
         # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands go to its
         # coordinator (applied on every rank at the epoch sync); step() averages seed gradients.
@@ -215,12 +214,12 @@ class KasminaKernelManager:
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         **optimizer_options: Any,
     ) -> SlotRegistry:
-        """Manage already-attached slots (default: every KasminaLayer in ``model``).
-
-        The host optimizer (``optimizer_cls`` at ``host_lr`` over the model's parameters outside
-        the seeds) is created unless ``host_lr`` is None (then send INITIALIZE_HOST). Seeds get
-        the same class at ``seed_lr`` (or a GERMINATE's ``learning_rate``).
-        """
+        """Manage already-attached slots (default: every KasminaLayer in ``model``). The host
+        optimizer (``optimizer_cls`` at ``host_lr`` over the model's parameters outside the seeds)
+        is created unless ``host_lr`` is None; then ``step()`` leaves the host's gradients alone
+        until INITIALIZE_HOST creates it, dropping them. Seeds get the same class at ``seed_lr``
+        (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
+        ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
         if self.registry is not None:
             raise ValueError("this manager already manages a model")
         if not seed_lr > 0:
@@ -468,7 +467,7 @@ class KasminaKernelManager:
         state = self.state
         with self._lock:
             registry = state.require_registry(training=True)
-            registry.check_held()  # before anything changes
+            registry.check_step(state.optimizers)  # before anything changes
             optimizers = state.optimizers
             # A collective: every rank, every step, before any checks; whether it averaged.
             shared = self.grad_sync is not None and bool(self.grad_sync())
@@ -585,9 +584,9 @@ class KasminaKernelManager:
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:
-        """Drop queued commands, stop store reads, report pending rejection counts, close the
-        nonce ledger (later commands refused), the checkpoint store (its run lock released) and
-        the JSONL file this manager opened; later ``step()``/``end_epoch`` raise RuntimeError."""
+        """Drop queued commands, stop store reads, report pending rejections, close the nonce
+        ledger (later commands refused), the checkpoint store (its run lock released), the JSONL
+        file, and unhook the model (``IsolationGuard.close``); later steps and epochs raise."""
         self.state.closed = True
         try:
             self.intake.drop_pending()
@@ -595,6 +594,7 @@ class KasminaKernelManager:
             self.handler.flush_rejections(force=True)
             self.verifier.close()
         finally:
+            self.guard.close(self.state.registry)  # the model is the user's: nothing of ours on it
             self.state.close_checkpoints()
             if self._jsonl is not None:
                 self.telemetry.close_sink(self._jsonl)

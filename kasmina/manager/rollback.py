@@ -78,6 +78,7 @@ def snapshot(
     epoch boundary's tick (see the module docstring).
     """
     registry = state.require_registry()
+    registry.take_host_groups(state.optimizers)  # one added since the last step
     seeds = {
         record.seed_id: {
             "artifact_id": record.artifact_id or "",
@@ -175,6 +176,7 @@ def restore_epoch(
     with interrupts_deferred():
         state.counters["rollbacks_committed"] += 1
         state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
+        registry.take_host_groups(state.optimizers, rebuilt=True)  # the restored groups' params
         state.epoch = int(extra.get("epoch", epoch))
         state.global_step = int(extra.get("global_step", state.global_step))
         state.val_metrics = dict(extra.get("val_metrics", {}))
@@ -281,11 +283,13 @@ def _rebuild_optimizers(
     checkpoint: Mapping[str, Any],
 ) -> IsolatedOptimizerManager:
     """Fresh optimizers with the checkpoint's layout, over the parameters the seeds will hold
-    (a changed seed's are its fresh kernel's), loaded with the saved states. Built beside the
-    live optimizers: nothing live changes. Each is built with the manager's class and
-    constructor options (``fused``, ``foreach``...), as attach and GERMINATE build them: the
-    commit moves the state into the live objects, which a user's scheduler or ``GradScaler``
-    holds, so a checkpoint saved from another class is refused (``_check_class``)."""
+    (a changed seed's are its fresh kernel's), loaded with the saved states; the host's groups
+    a user added (their parameters found by name in the model) come before the promotions that
+    may join them. Built beside the live optimizers: nothing live changes. Each is built with
+    the manager's class and constructor options (``fused``, ``foreach``...), as attach and
+    GERMINATE build them: the commit moves the state into the live objects, which a user's
+    scheduler or ``GradScaler`` holds, so a checkpoint saved from another class is refused
+    (``_check_class``)."""
     saved = checkpoint.get("optimizers")
     if not isinstance(saved, dict) or not isinstance(saved.get("optimizers"), dict):
         raise ValueError("the checkpoint holds no optimizer state")
@@ -304,6 +308,10 @@ def _rebuild_optimizers(
     host = entries.get(HOST_ID)
     if host is not None:
         optimizers.initialize_host(registry.host_params, optimizer_cls=cls, **options)
+        host_optimizer = optimizers.optimizer(HOST_ID)
+        for names in host.get("added_groups", []):  # a user's add_param_group, replayed
+            host_optimizer.add_param_group({"params": registry.parameters_named(names)})
+        optimizers.take_host_groups(registry.parameter_names)  # their lr etc.: loaded below
         for seed_id, group, _ in host.get("promoted", []):  # seeds promoted, in order
             optimizers.create_seed_optimizer(seed_id, params(seed_id), optimizer_cls=cls, **options)
             optimizers.promote_seed(seed_id, group=int(group))

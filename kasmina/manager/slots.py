@@ -8,7 +8,8 @@ pinned, the grafting step count, the isolation monitor, and a stage timeline.
 Nothing here runs on the dormant hot path. The shapes a slot's host produces are recorded by
 the slot itself (``KasminaLayer.output_contract``), not by a hook: a one-shot hook that removed
 itself inside the first forward is what ``torch.compile(fullgraph=True)`` cannot trace. The only
-hooks are a forward hook on each seed's own kernel, which runs only while that kernel runs.
+hooks are a forward hook on each seed's own kernel, which runs only while that kernel runs;
+``close`` removes them, and the registry's observers on the state table, when the manager closes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import ActivationSpec
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -215,6 +218,8 @@ class SlotRegistry:
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
         ]
+        # Taken up later from a param group a user added to the host optimizer (``check_step``).
+        self.added_host_params: dict[int, nn.Parameter] = {}
         # One host parameter (frozen or not) and where the model holds it, for ``check_held``;
         # None for a model without parameters of its own.
         held = next((np for np in model.named_parameters() if id(np[1]) not in seed_ids), None)
@@ -253,6 +258,69 @@ class SlotRegistry:
                 "optimizers hold the old ones. Move or load the model before attach"
             )
 
+    def check_step(self, optimizers: IsolatedOptimizerManager) -> None:
+        """Before a step changes anything: ``check_held``, then the param groups a user added
+        to the host optimizer since the last step are checked and taken up
+        (``take_host_groups``, named by ``parameter_names``)."""
+        self.check_held()
+        self.take_host_groups(optimizers)
+
+    def take_host_groups(
+        self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False
+    ) -> None:
+        """Take up the param groups a user added to the host optimizer since the last call
+        (``IsolatedOptimizerManager.take_host_groups``); their parameters are on the host side
+        of the isolation line from then on (``host_side_params``: the KD leak check and the
+        monitors of seeds germinated later). ``rebuilt``: after a rollback, read them all again
+        from the groups past the host's first (the seeds promoted into them left out)."""
+        if not rebuilt:
+            for p in optimizers.take_host_groups(self.parameter_names):
+                self.added_host_params.setdefault(id(p), p)
+        elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
+            promoted = {id(p) for _, ps in optimizers.promoted().values() for p in ps}
+            groups = optimizers.optimizer(HOST_ID).param_groups[1:]
+            self.added_host_params = {
+                id(p): p for g in groups for p in g["params"] if id(p) not in promoted
+            }
+
+    def parameter_names(self, params: Sequence[torch.Tensor]) -> list[str]:
+        """The model's names of ``params`` (``model.named_parameters()``), those of a param
+        group a user added to the host optimizer, which a checkpoint rebuilds by them. A seed's
+        parameter is a ``ParameterOverlapError`` (a seed trains in its own optimizer until it is
+        promoted), one the model does not hold a ``ValueError`` (a checkpoint could not hold it)."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        seeds = {id(p) for slot in self.slots for p in slot.seeds.parameters()}
+        what = "a param group added to the host optimizer (add_param_group)"
+        for p in params:
+            if id(p) in seeds:
+                raise ParameterOverlapError(f"{what} holds seed parameter {names.get(id(p))}")
+            if id(p) not in names:
+                raise ValueError(f"{what} holds a parameter the model does not: register it first")
+        return [names[id(p)] for p in params]
+
+    def parameters_named(self, names: Sequence[str]) -> list[nn.Parameter]:
+        """The model's parameters of these names (``parameter_names`` reversed), or a
+        ``ValueError`` naming those it no longer holds."""
+        held = dict(self.model.named_parameters())
+        missing = [name for name in names if name not in held]
+        if missing:
+            raise ValueError(f"the model holds no parameter {missing} (of a host param group)")
+        return [held[name] for name in names]
+
+    def close(self) -> None:
+        """Let go of the model (``manager.close()``): the state table's observers of its seeds,
+        each kernel's forward hook, the monitors and the kept outputs (with their graphs) go, so
+        the closed manager hears of no later transition and a forward of the model reaches
+        nothing of it. The kernels stay in the model, which is the user's; the records stay
+        readable. Idempotent."""
+        self.listener = None
+        for record in self.records.values():
+            self.table.unobserve(record.index, self._on_transition)
+            if record.hook is not None:
+                record.hook.remove()
+                record.hook = None
+            record.monitor, record.last_output, record.input_grad = None, None, False
+
     # ------------------------------------------------------------------ lookup
     def __getitem__(self, seed_id: str) -> SeedRecord:
         try:
@@ -281,7 +349,7 @@ class SlotRegistry:
 
     def host_side_params(self) -> list[nn.Parameter]:
         """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""
-        params = list(self.host_params)
+        params = [*self.host_params, *self.added_host_params.values()]
         for record in self.in_stages([SeedStage.ACTIVE]):
             params += record.seed.seed_parameters()
         return params

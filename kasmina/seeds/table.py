@@ -159,10 +159,23 @@ class GPUStateTensor:
         A bound method is held weakly, so a table shared by many slots never keeps a dropped
         seed alive. ``follows_copies=False`` keeps the observer out of deep copies and pickles
         of the table (and so of a model holding it): what a manager hangs on its model must
-        not travel with ``copy.deepcopy(model)`` or ``torch.save(model)``.
+        not travel with ``copy.deepcopy(model)`` or ``torch.save(model)``. Entries whose owner
+        is gone are dropped here too, so owners that come and go leave nothing behind.
         """
-        entry = WeakObserver(observer, follows_copies)
-        self._observers.setdefault(self.check_index(idx), []).append(entry)
+        refs = self._observers.setdefault(self.check_index(idx), [])
+        refs[:] = [ref for ref in refs if ref() is not None]
+        refs.append(WeakObserver(observer, follows_copies))
+
+    def unobserve(self, idx: int, observer: TransitionObserver) -> None:
+        """Stop calling ``observer`` (every entry of it) for seed ``idx``; dead entries go too.
+        An owner that lets go of its seeds (a closed manager) no longer hears of, nor owns them.
+        """
+        idx = self.check_index(idx)
+        refs = [ref for ref in self._observers.get(idx, ()) if ref() not in (None, observer)]
+        if refs:
+            self._observers[idx] = refs
+        else:
+            self._observers.pop(idx, None)
 
     def owned(self, idx: int) -> bool:
         """Whether seed ``idx`` has an owner: a live observer registered with

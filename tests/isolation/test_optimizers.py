@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -321,6 +322,12 @@ def _ids(params) -> list[int]:
     return [id(p) for p in params]
 
 
+def _namer(**modules: nn.Module) -> Callable[[list[torch.Tensor]], list[str]]:
+    """``take_host_groups``' names: each parameter's name in a model made of ``modules``."""
+    names = {id(p): name for name, p in nn.ModuleDict(modules).named_parameters()}
+    return lambda params: [names[id(p)] for p in params]
+
+
 def test_promote_seed_moves_params_and_state_into_the_host_group():
     host, seed = models()
     opts = IsolatedOptimizerManager()
@@ -376,6 +383,7 @@ def test_promote_joins_the_group_of_the_given_parameters():
     opts = IsolatedOptimizerManager()
     opts.initialize_host(host.parameters(), lr=1e-3)
     opts.optimizer("host").add_param_group({"params": list(other.parameters()), "lr": 0.1})
+    opts.take_host_groups(_namer(host=host, other=other))  # the manager's step does this
     opts.create_seed_optimizer("s0", seed.parameters())
     assert opts.promote_seed("s0", near=other.parameters()) == 1
     groups = opts.optimizer("host").param_groups
@@ -392,6 +400,72 @@ def test_promote_joins_the_group_of_the_given_parameters():
         ["s1", 0, 1],
         ["s2", 1, 1],
     ]
+
+
+def test_a_group_added_to_the_host_is_taken_up_and_saved_by_name():
+    """Gradual unfreezing: the user's add_param_group is claimed for the host and recorded by
+    the parameters' names, so a checkpoint can rebuild it; a promotion may then join it."""
+    host, seed = models()
+    other, _ = models(1)
+    opts = IsolatedOptimizerManager()
+    host_opt = opts.initialize_host(host.parameters(), lr=0.01)
+    opts.create_seed_optimizer("s0", seed.parameters())
+    host_opt.add_param_group({"params": list(other.parameters()), "lr": 0.1})
+    with pytest.raises(ValueError, match="no param group 1"):
+        opts.promote_seed("s0", group=1)  # not a target until taken up
+    opts.take_host_groups(_namer(host=host, other=other))
+    assert opts.owner_of(other.weight) == "host"
+    assert opts.promote_seed("s0", near=[other.weight]) == 1
+    opts.take_host_groups(_namer())  # nothing new: no name is looked up
+    saved = clone_state(opts.state_dict())
+    assert saved["optimizers"]["host"]["added_groups"] == [["other.weight", "other.bias"]]
+    opts.load_state_dict(saved)
+    saved["optimizers"]["host"]["added_groups"] = [["other.bias", "other.weight"]]
+    with pytest.raises(ValueError, match="saved added groups"):
+        opts.validate_state_dict(saved)
+
+
+def test_an_added_group_the_host_may_not_train_is_refused_before_anything_changes():
+    host, seed = models()
+    other, teacher = models(1)
+    names = _namer(host=host, seed=seed, other=other, teacher=teacher)
+    opts = IsolatedOptimizerManager()
+    host_opt = opts.initialize_host(host.parameters())
+    opts.create_seed_optimizer("s0", seed.parameters())
+    opts.register_teacher_params(teacher.parameters())
+    host_opt.add_param_group({"params": [other.weight]})
+    for bad, owner in ((seed.bias, "owned by 's0'"), (teacher.bias, "teacher")):
+        host_opt.add_param_group({"params": [bad]})
+        with pytest.raises(ParameterOverlapError, match=f"add_param_group.*{owner}"):
+            opts.take_host_groups(names)
+        assert opts.owner_of(other.weight) is None  # the valid group is not taken up either
+        del host_opt.param_groups[2]
+    assert opts.state_dict()["optimizers"]["host"]["added_groups"] == []
+    opts.take_host_groups(names)
+    host_opt.param_groups[1]["params"].append(other.bias)  # not a group of its own
+    with pytest.raises(ValueError, match="only new groups"):
+        opts.take_host_groups(names)
+    del host_opt.param_groups[1]
+    with pytest.raises(ValueError, match="only new groups"):
+        opts.take_host_groups(names)
+
+
+def test_a_state_without_added_groups_still_loads():
+    """States saved before added groups were recorded have no "added_groups": none."""
+    host, seed = models()
+    opts = IsolatedOptimizerManager()
+    opts.initialize_host(host.parameters())
+    opts.create_seed_optimizer("s0", seed.parameters())
+    fill_grads(host, seed)
+    opts.step_many(["host", "s0"])
+    old = clone_state(opts.state_dict())
+    for item in old["optimizers"].values():
+        del item["added_groups"]
+    moment = opts.optimizer("host").state[host.weight]["exp_avg"].clone()
+    fill_grads(host, seed)
+    opts.step_many(["host", "s0"])
+    opts.load_state_dict(old)
+    assert torch.equal(opts.optimizer("host").state[host.weight]["exp_avg"], moment)
 
 
 @pytest.mark.parametrize("kind", ["lambda", "onecycle"])

@@ -116,6 +116,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "state_dict",
         "step",
         "step_many",
+        "take_host_groups",
         "validate_state_dict",
         "zero_grad",
     },

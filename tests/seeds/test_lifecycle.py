@@ -231,6 +231,31 @@ def test_observers_see_applied_transitions_only_and_are_weak() -> None:
     assert len(seen) == 1
 
 
+def test_unobserve_stops_an_observer_and_observe_drops_dead_entries() -> None:
+    table = GPUStateTensor(2, "cpu")
+    seen: list[tuple[int, SeedStage, SeedStage]] = []
+
+    class Owner:
+        def on(self, idx: int, old: SeedStage, new: SeedStage) -> None:
+            seen.append((idx, old, new))
+
+    owner, other = Owner(), Owner()
+    table.observe(0, owner.on, follows_copies=False)
+    table.observe(0, other.on)
+    assert table.owned(0)
+    table.unobserve(0, owner.on)  # that owner only, the other still hears
+    table.unobserve(1, owner.on)  # a seed it never observed: nothing to do
+    assert not table.owned(0)
+    table.update_seed_state(0, S.ISOLATED_INIT)
+    assert seen == [(0, S.DORMANT, S.ISOLATED_INIT)]
+    table.unobserve(0, other.on)
+    table.update_seed_state(0, S.COMPATIBILITY_CHECK)
+    assert len(seen) == 1 and table._observers == {}
+    for _ in range(5):  # owners that come and go without a transition leave no entries behind
+        table.observe(1, Owner().on, follows_copies=False)
+    assert len(table._observers[1]) == 1 and not table.owned(1)
+
+
 def test_columns_and_restore() -> None:
     table = GPUStateTensor(2, "cpu")
     table.set_alpha(1, 0.4567)

@@ -1,0 +1,173 @@
+"""What a manager leaves behind: a constructor that raises leaves nothing open or attached, and
+``close()`` leaves nothing of the manager on the user's model (no observer on its state table,
+no hook on a kernel or parameter), which goes on training with the user's own optimizer."""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.manager import manager as manager_module
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds.inject import attach
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.manager.helpers import SEED0, Host, Rig, make_config, record_activations, run_command
+
+
+def _open_fds(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path`` (Linux' /proc)."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc/self/fd")
+    return sum(os.path.realpath(fd) == os.path.realpath(path) for fd in fds.iterdir())
+
+
+def _param_hooks(model: nn.Module) -> int:
+    return sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+def _forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_a_constructor_that_raises_leaves_no_file_open_and_no_sink_attached(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    jsonl = tmp_path / "telemetry.jsonl"
+    config = make_config(tmp_path, store, run_id="shared", telemetry_jsonl_path=str(jsonl))
+    live = KasminaKernelManager(config, keyring=keyring)  # holds the run's nonce ledger
+    reporter = TelemetryReporter(sinks=[MemorySink()])
+    sinks = reporter.sinks
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="held"):
+            KasminaKernelManager(config, keyring=keyring, telemetry=reporter)
+    gc.collect()
+    assert reporter.sinks == sinks
+    assert _open_fds(jsonl) == 1  # the live manager's own
+    live.close()
+    assert _open_fds(jsonl) == 0
+
+
+def test_a_constructor_that_raises_after_the_ledger_closes_what_it_opened(
+    tmp_path: Path, store: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after every resource is open: the sink, the ledger and the manager's own Urza
+    client are closed; a client the caller passed in is the caller's, and stays open."""
+    jsonl = tmp_path / "telemetry.jsonl"
+    config = make_config(tmp_path, store, telemetry_jsonl_path=str(jsonl))
+    reporter = TelemetryReporter(sinks=[MemorySink()])
+    made: list[UrzaLibraryClient] = []
+    from_config = UrzaLibraryClient.from_config
+
+    def spy(config_: object) -> UrzaLibraryClient:
+        made.append(from_config(config_))
+        return made[-1]
+
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise MemoryError("no room for the intake")
+
+    monkeypatch.setattr(UrzaLibraryClient, "from_config", spy)
+    monkeypatch.setattr(manager_module, "CommandIntake", boom)
+    theirs = from_config(config)
+    for client in (None, theirs):
+        with pytest.raises(MemoryError):
+            KasminaKernelManager(config, keyring=keyring, telemetry=reporter, urza_client=client)
+    assert len(made) == 1 and made[0]._guard.closed and not theirs._guard.closed
+    assert len(reporter.sinks) == 1 and _open_fds(jsonl) == 0
+    monkeypatch.undo()
+    KasminaKernelManager(config, keyring=keyring).close()  # the run's ledger was released
+
+
+def _send(manager: KasminaKernelManager, keyring: Keyring, op: str, artifact: str = "", **p):
+    raw = sign_command(make_seed_command(op, SEED0, artifact, p), keyring, "ctl")
+    return run_command(manager, raw.SerializeToString())
+
+
+def test_close_leaves_nothing_of_the_manager_on_the_users_model(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="off"), keyring)
+    manager, model = rig.manager, rig.model
+    assert rig.send("germinate", SEED0, mlp)
+    kernel = manager.seed(SEED0).kernel
+    manager.register_gradient_monitors(model.inp, kernel)
+    manager.register_gradient_monitors(model.inp, nn.Linear(2, 2))
+    rig.train(1)
+    table, record = manager.require_registry().table, manager.require_registry()[SEED0]
+    assert table.owned(record.index) and _forward_hooks(model) and _param_hooks(model)
+    refs = [weakref.ref(o) for o in (manager, manager.registry, manager.guard, record)]
+    manager.close()
+    assert not any(table.owned(r.index) for r in manager.require_registry())
+    assert _forward_hooks(model) == 0 and _param_hooks(model) == 0
+    assert record.monitor is None and record.last_output is None
+    model(rig.x)  # a forward after close keeps nothing (no output, no graph) in the manager
+    assert record.last_output is None and not record.input_grad
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.register_gradient_monitors(model.inp, nn.Linear(2, 2))
+    del rig.manager, manager, record
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 4  # the model keeps none of it alive
+    # The model is the user's: it trains on with its own optimizer, its seed kept.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.inp.weight.detach().clone()
+    F.cross_entropy(model(rig.x), rig.y).backward()
+    optimizer.step()
+    assert not torch.equal(before, model.inp.weight) and rig.slot.seeds[0].kernel is kernel
+    assert _forward_hooks(model) == 0 and _param_hooks(model) == 0
+
+
+def test_a_closed_manager_hears_of_no_later_transition_and_leaves_no_observer(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    model = Host()
+    (slot,) = attach(model, "out", 2, 2)
+    record_activations(model, torch.randn(16, 6))
+    table = slot.state_table
+
+    def manager(i: int) -> KasminaKernelManager:
+        config = make_config(tmp_path / str(i), store, checkpoint_mode="off")
+        m = KasminaKernelManager(config, keyring=keyring, telemetry=TelemetryReporter())
+        m.register(model, host_lr=0.05, seed_lr=0.05)
+        return m
+
+    closed = manager(0)
+    closed.close()
+    live = manager(1)
+    for epoch in range(0, 4, 2):
+        assert _send(live, keyring, "germinate", mlp)
+        assert _send(live, keyring, "cull", embargo_epochs=0)
+        live.end_epoch(epoch)
+        live.end_epoch(epoch + 1)
+    assert len(live.require_registry()[SEED0].timeline) > 0 and live.field_reports
+    assert len(closed.require_registry()[SEED0].timeline) == 0 and not closed.field_reports
+    live.close()
+    for i in range(2, 6):  # register/close cycles leave no observer entries behind
+        manager(i).close()
+    assert {idx: len(refs) for idx, refs in table._observers.items()} == {0: 1, 1: 1}
+    assert not table.owned(0) and not table.owned(1)  # the seeds' own observers only
+
+
+def test_the_same_debug_pair_registered_again_replaces_its_monitor(rig: Rig) -> None:
+    manager, weight = rig.manager, rig.model.inp.weight
+    probe = nn.Linear(2, 2)
+    for _ in range(3):  # re-armed, say, once per epoch
+        manager.register_gradient_monitors(rig.model.inp, probe)
+        rig.train(1)
+    assert [m.seed_id for m in manager.guard.external] == ["external[0]"]
+    assert len(weight._backward_hooks) == len(probe.weight._backward_hooks) == 1
+    manager.register_gradient_monitors(rig.model.inp, nn.Linear(2, 2))  # another pair
+    assert [m.seed_id for m in manager.guard.external] == ["external[0]", "external[1]"]
+    assert len(weight._backward_hooks) == 2
+    manager.close()
+    assert not weight._backward_hooks and not probe.weight._backward_hooks

@@ -1,0 +1,130 @@
+"""The host optimizer as a user shapes it after attach (docs/design.md §4): created late by
+INITIALIZE_HOST, it takes one step's gradient; a param group the user adds (gradual
+unfreezing) is taken up at the next step and rebuilt by a ROLLBACK into the live optimizer; a
+group over a seed's parameters is refused at the next step, before anything steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import tests.manager.helpers as helpers
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_optimizer_command, make_rollback_command
+from kasmina.errors import ParameterOverlapError
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Host, Rig, S, make_config, run_command
+from tests.manager.test_host_optimizer import walk_to_active
+
+
+def _ids(params) -> list[int]:
+    return [id(p) for p in params]
+
+
+def test_a_late_host_optimizer_applies_one_steps_gradient(tmp_path, store, keyring: Keyring):
+    """attach(host_lr=None): step() leaves the host's gradients alone (a trainer may step the
+    host itself); INITIALIZE_HOST drops those that piled up, so its first step is one step."""
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Host()
+    manager.attach(model, "out", 2, 2, host_lr=None, optimizer_cls=torch.optim.SGD)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        manager.backward(F.cross_entropy(model(x), y))
+        assert not manager.step()["host_stepped"]
+    params = manager.require_registry().host_params
+    assert all(p.grad is not None for p in params)
+    init = sign_command(
+        make_optimizer_command("initialize_host", learning_rate=0.25), keyring, "ctl"
+    )
+    assert run_command(manager, init.SerializeToString())
+    assert all(p.grad is None for p in params)
+    before = [p.detach().clone() for p in params]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, retain_graph=True)  # this step's alone
+    manager.backward(loss)
+    assert manager.step()["host_stepped"]
+    for p, old, grad in zip(params, before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), old - 0.25 * grad)
+
+
+class FrozenOut(Host):
+    """The slot's layer frozen at attach, to be unfrozen later (gradual unfreezing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out.requires_grad_(False)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_an_unfrozen_layers_group_survives_rollbacks(
+    monkeypatch, tmp_path, store, keyring: Keyring, mlp, mode
+):
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    config = make_config(tmp_path, store, checkpoint_mode=mode, performance_gate=0)
+    rig = Rig(config, keyring)
+    manager = rig.manager
+    host_opt = manager.optimizers.optimizer("host")
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    layer = list(rig.model.out.host.parameters())
+    for p in layer:
+        p.requires_grad_(True)
+    host_opt.add_param_group({"params": layer, "lr": 0.02})
+    sched = torch.optim.lr_scheduler.LambdaLR(host_opt, [lambda s: 1.0, lambda s: 0.9**s])
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            assert rig.train(1)["host_stepped"]
+            sched.step()
+
+    registry = manager.require_registry()
+
+    def host_side() -> set[int]:  # what the KD leak check and new monitors guard
+        return set(_ids(registry.host_side_params()))
+
+    assert not set(_ids(layer)) & host_side()
+    manager.end_epoch(0)  # no step since: its checkpoint takes the group up
+    assert manager.optimizers.owner_of(layer[0]) == "host"
+    assert set(_ids(layer)) <= host_side()
+    epoch = walk_to_active(rig, train, 1)
+    seed_params = manager.seed(SEED0).seed_parameters()
+    assert manager.optimizers.promoted()[SEED0][0] == 1  # the group holding the slot's layer
+    train(1)
+    manager.end_epoch(epoch)
+    saved_lr = host_opt.param_groups[1]["lr"]
+    for group in host_opt.param_groups:
+        group["lr"] = 0.5  # after the checkpoint
+
+    assert run_command(manager, rig.signed(make_rollback_command(epoch, reason="test")))
+    assert manager.optimizers.optimizer("host") is host_opt and len(host_opt.param_groups) == 2
+    assert host_opt.param_groups[1]["lr"] == saved_lr
+    assert _ids(host_opt.param_groups[1]["params"]) == _ids(layer + seed_params)
+    train(1)
+
+    # Back before the promotion: the seed has its own optimizer, the group the layer only.
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.optimizers.seed_ids == [SEED0]
+    assert manager.optimizers.optimizer("host") is host_opt
+    assert _ids(host_opt.param_groups[1]["params"]) == _ids(layer)
+    assert set(_ids(layer)) <= host_side()
+    train(2)  # the scheduler still drives both groups
+    assert host_opt.param_groups[1]["lr"] == sched.get_last_lr()[1]
+
+
+def test_a_seeds_parameters_added_to_the_host_optimizer_are_refused(rig: Rig, mlp):
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed_params = manager.seed(SEED0).seed_parameters()
+    host_opt = manager.optimizers.optimizer("host")
+    host_opt.add_param_group({"params": seed_params, "lr": 0.05})
+    before = [p.detach().clone() for p in rig.model.parameters()]
+    step = manager.global_step
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    with pytest.raises(ParameterOverlapError, match="add_param_group"):
+        manager.step()
+    assert manager.global_step == step and manager.optimizers.owner_of(seed_params[0]) == SEED0
+    assert all(torch.equal(a, p) for a, p in zip(before, rig.model.parameters(), strict=True))
+    del host_opt.param_groups[1]  # the user's fix: training goes on
+    assert rig.train(1)["seeds_stepped"] == [SEED0]
