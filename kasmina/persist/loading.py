@@ -34,7 +34,7 @@ from kasmina.errors import ArtifactIntegrityError
 from kasmina.ops.lifecycle import INT32_MAX
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX
-from kasmina.seeds.inject import add_load_checks
+from kasmina.seeds.inject import add_load_checks, install
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import declared_width, forward_owner
 from kasmina.seeds.table import GPUStateTensor
@@ -87,9 +87,7 @@ def load(
     with interrupts_deferred():
         model.load_state_dict(host_state, strict=True)
         for name, layer in layers.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, layer)
+            install(model, name, layer)  # as attach does, with the fused-path guard
         add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
     logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), kernels, path)
     return list(layers.values())
@@ -399,7 +397,8 @@ def _kernel_problem(layout: Mapping[str, Any], host: nn.Module, kernel: GPUKerne
         return f"chunk_dim {dim} is outside the {rank}-D chunk its kernel takes {list(shape)}"
     if shape[dim] not in (None, chunk):
         return f"its kernel takes {list(shape)}, not {chunk} features along chunk_dim {dim}"
-    width = declared_width(host, -1) if forward_owner(host) in _WIDTH_LAST else None
+    owner = forward_owner(host)
+    width = declared_width(host, -1, layout["output_index"]) if owner in _WIDTH_LAST else None
     if width is not None and dim % rank != rank - 1 and shape[-1] not in (None, width):
         return (
             f"chunk_dim {dim} leaves the host's {width} features last, but its kernel takes "

@@ -20,6 +20,20 @@ without Kasmina. Ship the exported program (``torch.export.save``): the kernels'
 modules keep their generated input-guard submodule, which ``pickle`` cannot name, so a merged
 model with ACTIVE seeds does not go through ``torch.save(model)``.
 
+The merged module reads like its host, as the slot did: the code around it reads
+``self.wo.weight.dtype`` (T5), ``self_attn.batch_first``, ``norm1.eps``. Its class (its own,
+made at merge) has a read-only property for each of the host's parameters, buffers,
+submodules and class attributes, returning ``host.<name>`` (compiled from source, as fx
+compiles the forward: no Kasmina code), and a copy of each other attribute, so the
+``state_dict`` and ``named_parameters`` are unchanged. A deep copy keeps the class; a pickle
+does not (``GraphModule`` rebuilds a plain one from its code): the copies survive it, the
+properties do not. In an ``nn.TransformerEncoderLayer``, torch's fused path would run the
+layer from those weights and never call the merged module: ``merge`` sets that layer's
+``activation_relu_or_gelu`` (which torch reads only to choose that path) to 0, and the
+``use_nested_tensor`` of an ``nn.TransformerEncoder`` around it to False (that path checks the
+first layer alone and hands every layer nested tensors, which a merged module cannot split;
+the padded positions then hold what the regular path computes there, not zeros).
+
 The host's output is taken apart at run time, as the slot does it (``kasmina.seeds.outputs``):
 one level of ``torch.utils._pytree`` flattening gives a Tensor as itself and a tuple, list,
 namedtuple or Hugging Face ``ModelOutput`` as its elements; the one at the slot's
@@ -38,6 +52,7 @@ import functools
 import inspect
 import logging
 import operator
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -56,7 +71,8 @@ __all__ = ["merge"]
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every slot of ``model`` by its merged module (see the module docstring) and
-    return ``model``, without the load check ``kasmina.attach`` registered on it. Every
+    return ``model``, without the load check ``kasmina.attach`` registered on it and with
+    torch's fused encoder paths off where they would skip a merged module. Every
     replacement is built before the model is touched, so a slot that cannot be merged (its
     host's forward takes ``*args``/``**kwargs``) raises ``ValueError`` and leaves the model as
     it was."""
@@ -69,6 +85,9 @@ def merge(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module)
         hf.unslot(slot, module)  # a Hugging Face model's recording hooks follow
+        if module is not slot.host and isinstance(parent, nn.TransformerEncoderLayer):
+            parent.activation_relu_or_gelu = 0  # torch reads it only to take its fused path
+    _no_nested_tensors(model, [module for _, slot, module in merged if module is not slot.host])
     remove_load_checks(model)
     logger.info("merged %d slot(s)", len(merged))
     return model
@@ -118,9 +137,56 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     rebuilt = graph.call_function(operator.add, (joined, tail))
     result = graph.call_function(pytree.tree_unflatten, (rebuilt, spec))
     graph.output(result)
-    merged = fx.GraphModule(root, graph, class_name=f"Merged{type(slot.host).__name__}")
+    name = f"Merged{type(slot.host).__name__}"
+    # Its own class, for the host's attributes (``GraphModule`` gives each instance, and each
+    # deep copy, a subclass of it); ``GraphModule``'s ``__module__``, as for that subclass: no
+    # pickle names either (a ``GraphModule`` pickles its code, never its class).
+    cls = type(name, (fx.GraphModule,), {"__module__": fx.GraphModule.__module__})
+    merged = cls(root, graph, class_name=name)
     merged.training = slot.training  # its own flag only: the submodules keep their modes
+    _expose_host(merged, cls, slot.host)
     return merged
+
+
+def _expose_host(merged: fx.GraphModule, cls: type, host: nn.Module) -> None:
+    """Make ``merged`` read like ``host`` for the code around it (``self.wo.weight.dtype``,
+    ``self_attn.batch_first``, ``norm1.eps``), as the slot did through its ``__getattr__``:
+    the host's parameters, buffers, submodules and class attributes (methods, properties)
+    become read-only properties of ``cls`` returning ``merged.host.<name>`` (so a parameter is
+    still registered once, as ``host.<name>``: ``state_dict`` and ``named_parameters`` do not
+    change), and its other attributes are copied onto ``cls`` (a deep copy keeps them) and the
+    instance (a pickle keeps them). A name ``merged`` has already (``forward``, ``training``,
+    ``host``, ``nn.Module``'s and ``GraphModule``'s own) stays ``merged``'s."""
+    values = {k: v for k, v in vars(host).items() if not isinstance(v, nn.Module)}
+    linked = [*host._parameters, *host._buffers, *host._modules]
+    linked += [k for k in dir(type(host)) if not k.startswith("__")]
+    for key in [k for k in dict.fromkeys([*values, *linked]) if not hasattr(merged, k)]:
+        if key in values:
+            setattr(cls, key, values[key])
+            vars(merged)[key] = values[key]
+        else:
+            setattr(cls, key, _host_property(key))
+
+
+def _host_property(name: str) -> property:
+    """A read-only property returning ``self.host.<name>``. Its getter is compiled from source,
+    as ``torch.fx`` compiles a ``GraphModule``'s forward: a function of nothing but the
+    builtins (no Kasmina code), which ``torch.compile`` traces (an ``operator.attrgetter``
+    it cannot)."""
+    namespace: dict[str, Any] = {}
+    exec(f"def host_attribute(self):\n    return getattr(self.host, {name!r})\n", namespace)
+    return property(namespace["host_attribute"], doc=f"The host's {name!r} (read-only).")
+
+
+def _no_nested_tensors(model: nn.Module, merged: list[nn.Module]) -> None:
+    """Turn off the nested-tensor path of every ``nn.TransformerEncoder`` of ``model`` whose
+    layers hold a merged module: that path checks the first layer only and would hand the
+    merged modules nested tensors, which they cannot split."""
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder):
+            inside = {id(m) for m in encoder.layers.modules()}
+            if any(id(m) in inside for m in merged):
+                encoder.use_nested_tensor = False
 
 
 def _plain(kernel: nn.Module) -> nn.Module:

@@ -208,13 +208,21 @@ def attach(
             region_id=i,
             fault_limit=fault_limit,
         )
-        layer.guards_fused_path = isinstance(_parent(model, name)[0], nn.TransformerEncoderLayer)
         layers.append(layer)
     for name, layer in zip(names, layers, strict=True):
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, layer)
+        install(model, name, layer)
     add_load_checks(model)
     return layers
+
+
+def install(model: nn.Module, name: str, layer: KasminaLayer) -> None:
+    """Put ``layer`` in place of the module at ``name`` in ``model``, as every installer of
+    slots does (``attach``, ``kasmina.load``), deciding what depends on where it sits: inside
+    an ``nn.TransformerEncoderLayer`` it guards that layer's fused path (``guards_fused_path``:
+    while a seed runs the layer takes its regular path, which calls the slot)."""
+    parent, attr = _parent(model, name)
+    layer.guards_fused_path = isinstance(parent, nn.TransformerEncoderLayer)
+    setattr(parent, attr, layer)
 
 
 def add_load_checks(model: nn.Module) -> None:

@@ -28,10 +28,10 @@ object itself for one attribute read (compiled, that bool and the stage ints are
 **Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
 (``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
 define is read from the host, as PEFT's layers do. PyTorch's fused ``TransformerEncoderLayer``
-path would bypass the seeds (it calls native kernels with the wrapped module's weights): inside
-such a layer, while a seed runs, those reads return a marked view (a tensor subclass) that its
-``has_torch_function`` check rejects, so the regular path calls the slot; with every seed
-passing through, the real tensors come back and the fused path runs as for the bare model.
+path would bypass a slot in it (it calls native kernels with the layer's tensors): while a seed
+runs, the slot's seeds hold a no-op forward pre-hook and its tensors read as a marked view
+(``outputs.force_regular_path``, ``SeedsLive``), either of which makes the regular path run
+and call the slot; with every seed passing through, the fused path runs as for the bare model.
 
 A seed that faults contributes its host chunk with alpha 1, as a DORMANT seed would; the
 others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
@@ -64,12 +64,16 @@ from kasmina.seeds.faults import (
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
 from kasmina.seeds.outputs import (
+    FUSED_PATH_TENSORS,
     ActivationSpec,
+    SeedsLive,
     activation_spec,
     declared_width,
     default_chunk_dim,
     dense,
     fits,
+    force_regular_path,
+    no_tensor_reason,
     on_dense,
     output_element,
     output_index_problem,
@@ -89,14 +93,6 @@ __all__ = ["KasminaLayer"]
 # Stages whose seeds blend against the detached host (their fallback needs no host gradient):
 # a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
 _BLENDING = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
-
-# Tensors PyTorch's fused encoder-layer path reads from the modules it would otherwise call.
-_FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias"})
-
-
-class _SeedsLive(torch.Tensor):
-    """Marks a host tensor handed to a fused path while seeds run (module docstring): a plain
-    subclass, for which ``has_torch_function`` (what the fused path tests) is true."""
 
 
 class KasminaLayer(nn.Module):
@@ -142,7 +138,7 @@ class KasminaLayer(nn.Module):
         problem = output_index_problem(output_index, host)
         if problem is not None:
             raise ValueError(f"{layer_id!r}: {problem}")
-        width = declared_width(host, chunk_dim)
+        width = declared_width(host, chunk_dim, output_index)
         if width is not None and width != num_seeds * chunk_size:
             raise ValueError(
                 f"{layer_id}: {num_seeds} seeds x chunk {chunk_size} = {num_seeds * chunk_size}"
@@ -182,7 +178,6 @@ class KasminaLayer(nn.Module):
         self.register_buffer("_finite_flags", flags, persistent=False)
         self._link_flags()
         self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        self.guards_fused_path = False  # kasmina.attach: inside a TransformerEncoderLayer
         # What the host's forward returned, as the seeds see it: None before the first
         # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
         self.output_contract: ActivationSpec | str | None = None
@@ -216,13 +211,23 @@ class KasminaLayer(nn.Module):
                 raise
             value = getattr(modules["host"], name)
         if (
-            name in _FUSED_PATH_TENSORS
+            name in FUSED_PATH_TENSORS
             and isinstance(value, torch.Tensor)
-            and self.__dict__.get("guards_fused_path", False)
+            and self.__dict__.get("_guards_fused_path", False)
             and self.__dict__.get("_runs_any", False)
         ):
-            return value.as_subclass(_SeedsLive)
+            return value.as_subclass(SeedsLive)
         return value
+
+    @property
+    def guards_fused_path(self) -> bool:
+        """Whether the slot is in a ``TransformerEncoderLayer`` (``inject.install`` sets it)."""
+        return self.__dict__.get("_guards_fused_path", False)
+
+    @guards_fused_path.setter
+    def guards_fused_path(self, value: bool) -> None:
+        self.__dict__["_guards_fused_path"] = bool(value)
+        force_regular_path(self.seeds, bool(value) and self._runs_any)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A parameter or buffer the host holds and the slot does not is assigned on the host,
@@ -369,16 +374,8 @@ class KasminaLayer(nn.Module):
         if recording_deferred(element, host):  # autocast's dtype only: a later forward records
             return
         spec = recorded_spec(element, host)
-        self.output_contract = spec if spec is not None else self._no_tensor(out, element)
+        self.output_contract = spec or no_tensor_reason(out, element, self.output_index)
         self.input_spec = activation_spec(dense(args[0])) if len(args) == 1 else None
-
-    def _no_tensor(self, out: Any, element: Any) -> str:
-        if element is out:
-            return f"host output is a {type(out).__name__}, not a Tensor"
-        return (
-            f"element {self.output_index} of the host's {type(out).__name__} output is a "
-            f"{type(element).__name__}, not a Tensor"
-        )
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""
@@ -393,6 +390,7 @@ class KasminaLayer(nn.Module):
             stage in RUNS_KERNEL and seed.kernel is not None
             for stage, seed in zip(self._plan, seeds, strict=True)
         )
+        force_regular_path(self.seeds, self._runs_any and self.guards_fused_path)
 
     def _graft(
         self, x: Any, codes: tuple[int, ...], teacher_logits: torch.Tensor | None

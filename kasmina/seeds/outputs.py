@@ -10,7 +10,8 @@ A nested (ragged) tensor reaches a slot from ``nn.TransformerEncoder``'s inferen
 padding mask: the encoder packs its batch when its *first* layer can take the fused path, and
 a later layer whose slot runs seeds then calls its modules with the packed tensor. The seeds
 see it zero-padded to a dense ``[B, T, ...]`` tensor (what the unpacked path would give them),
-and their output is packed back to the input's ragged lengths (``on_dense``).
+and their output is packed back to the input's ragged lengths (``on_dense``). What keeps that
+layer's fused path from skipping a slot while its seeds run is at the end (``force_regular_path``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FUSED_PATH_TENSORS",
     "ActivationSpec",
+    "SeedsLive",
     "activation_spec",
     "declared_width",
     "default_chunk_dim",
     "dense",
     "fits",
+    "force_regular_path",
     "forward_owner",
+    "no_tensor_reason",
     "on_dense",
     "output_index_problem",
     "recorded_spec",
@@ -61,6 +66,17 @@ def output_element(out: Any, index: int) -> Any:
     return out
 
 
+def no_tensor_reason(out: Any, element: Any, index: int) -> str:
+    """Why a slot has no tensor to chunk: the host's output (``out``), or its ``element`` at
+    ``index``, is not a Tensor (recorded as the slot's ``output_contract``)."""
+    if element is out:
+        return f"host output is a {type(out).__name__}, not a Tensor"
+    return (
+        f"element {index} of the host's {type(out).__name__} output is a "
+        f"{type(element).__name__}, not a Tensor"
+    )
+
+
 def replace_output_element(out: Any, index: int, new: torch.Tensor) -> Any:
     """``out`` with its element at ``index`` replaced by ``new``, of the same type."""
     if isinstance(out, torch.Tensor):
@@ -85,18 +101,22 @@ def default_chunk_dim(host: nn.Module) -> int:
     return 1 if isinstance(host, nn.modules.conv._ConvNd) else -1
 
 
-def declared_width(host: nn.Module, chunk_dim: int) -> int | None:
-    """The width of the host's output along ``chunk_dim`` as far as the module declares it.
+def declared_width(host: nn.Module, chunk_dim: int, output_index: int) -> int | None:
+    """The width along ``chunk_dim`` of the host's output element at ``output_index`` as far
+    as the module declares it.
 
-    None when the module does not say (a whole block, a custom module): the first forward's
-    recorded shape decides then.
+    None when the module does not say (a whole block, a custom module, the attention weights
+    of a ``MultiheadAttention``, any element but a single-tensor module's output): the first
+    forward's recorded shape decides then.
     """
+    if isinstance(host, nn.MultiheadAttention):  # (output [..., embed_dim], weights [.., S])
+        return host.embed_dim if chunk_dim == -1 and output_index in (0, -2) else None
+    if output_index != 0:
+        return None
     if isinstance(host, nn.modules.conv._ConvNd):
         return host.out_channels if chunk_dim == 1 else None
     if chunk_dim != -1:
         return None
-    if isinstance(host, nn.MultiheadAttention):
-        return host.embed_dim
     if isinstance(host, nn.Embedding):
         return host.embedding_dim
     for name in ("out_features", "nf"):  # nn.Linear and friends; Hugging Face's Conv1D
@@ -198,3 +218,37 @@ def on_dense(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
         for row, part in zip(padded.unbind(0), value.unbind(), strict=True)
     ]
     return torch.nested.as_nested_tensor(parts, layout=value.layout)
+
+
+# -- PyTorch's fused encoder-layer path ----------------------------------------------------
+# ``nn.TransformerEncoderLayer`` in inference calls ``torch._transformer_encoder_layer_fwd``
+# with its submodules' tensors instead of calling them, which skips a slot in it. It takes the
+# regular path, which calls every submodule, when a tensor it reads ``has_torch_function`` or
+# when any module in it has a forward (pre-)hook: a slot uses both while a seed runs.
+
+# Tensors the fused path (and ``nn.TransformerEncoder``'s packing test) reads from the modules
+# it would otherwise call; a slot inside such a layer marks them while a seed runs.
+FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias"})
+
+
+class SeedsLive(torch.Tensor):
+    """Marks a host tensor handed to a fused path while seeds run: a plain subclass, for which
+    ``has_torch_function`` (what the fused path tests) is true."""
+
+
+def _regular_path(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: a ``TransformerEncoderLayer`` holding a module with
+    a hook declines its fused path, whichever submodule the slot wraps (a Dropout or an
+    activation, which the fused path neither calls nor reads a tensor of)."""
+
+
+def force_regular_path(module: nn.Module, on: bool) -> None:
+    """Put ``_regular_path`` on ``module`` once when ``on``, else take it off. A slot puts it on
+    its ``seeds`` (a ModuleList, never called: no call ever runs it) while a seed runs."""
+    hooks = module._forward_pre_hooks
+    keys = [key for key, hook in hooks.items() if hook is _regular_path]
+    if on and not keys:
+        module.register_forward_pre_hook(_regular_path)
+    elif not on:
+        for key in keys:
+            del hooks[key]

@@ -152,6 +152,99 @@ def test_merge_with_a_negative_output_index_keeps_the_output_structure() -> None
         _compare(merged(x), grown)
 
 
+def _encoder(target: str) -> tuple[nn.TransformerEncoder, Any]:
+    """A two-layer ``nn.TransformerEncoder`` (torch's fused path and nested tensors on, as by
+    default) with one ACTIVE seed in the slot at ``target``."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2)
+    (slot,) = kasmina.attach(model, [target], 2, 4)
+    with torch.no_grad():
+        model(torch.randn(2, 5, 8))
+    walk_to_active(slot.seed(0), 4, init=1)
+    return model, slot
+
+
+# What the layer or encoder around each target reads of it (torch's fused-path checks and
+# call, the encoder's ``first_layer.self_attn.batch_first``).
+ENCODER_READS = {
+    "layers.1.linear2": ("in_features", "weight", "bias"),
+    "layers.0.self_attn": ("batch_first", "_qkv_same_embed_dim", "in_proj_bias", "out_proj"),
+    "layers.0.norm1": ("eps", "weight", "bias"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("target", list(ENCODER_READS))
+def test_merge_inside_a_transformer_encoder_layer_reads_as_its_host(target: str) -> None:
+    """The merged module reads as its host for the layer around it, and that layer no longer
+    takes torch's fused path (which reads the weights and never calls the module): in train
+    and in eval, where ``no_grad`` opens the fused path and a padding mask the nested one
+    (whose padded positions are left out: that path zeroes them), it computes what the grown
+    model computed."""
+    model, slot = _encoder(target)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    host, keys = slot.host, [f"{target}.{k}" for k in slot.host.state_dict()]
+
+    def outputs(m: nn.Module) -> list[torch.Tensor]:
+        found = []
+        for mode in (True, False):
+            m.train(mode)
+            with torch.no_grad():
+                found += [m(x), m(x, src_key_padding_mask=pad)[~pad]]
+        return found
+
+    grown = outputs(model)
+    for mine, theirs in zip(outputs(kasmina.merge(model)), grown, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+    merged = model.get_submodule(target)
+    for name in ENCODER_READS[target]:
+        assert getattr(merged, name) is getattr(host, name), name
+    # Reachable as the host's names, registered once, under ``host.``.
+    assert [k for k in model.state_dict() if k.startswith(target + ".host.")] == [
+        k.replace(target + ".", target + ".host.", 1) for k in keys
+    ]
+    assert not any(k in model.state_dict() for k in keys)
+    assert all(n.startswith(("host.", "seed_0.")) for n, _ in merged.named_parameters())
+    for copied in (copy.deepcopy(model).eval(), torch.export.export(model.eval(), (x,)).module()):
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), grown[2], rtol=1e-6, atol=1e-6)
+
+
+def test_merge_of_a_t5_feed_forward_output_reads_its_weight_dtype() -> None:
+    """T5's feed-forward reads ``self.wo.weight.dtype`` on every forward."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        d_model=16,
+        d_ff=32,
+        d_kv=4,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        vocab_size=32,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
+    )
+    model = transformers.T5ForConditionalGeneration(config)
+    ids = torch.randint(2, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    slots = kasmina.attach(model, ["DenseReluDense.wo"], 2, 8)
+    for k, slot in enumerate(slots):
+        walk_to_active(slot.seed(0), 8, init=k + 1)
+    grown = {}
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            grown[mode] = model(input_ids=ids, labels=ids).logits
+    merged = kasmina.merge(model)
+    for mode in (True, False):
+        merged.train(mode)
+        with torch.no_grad():
+            assert torch.equal(merged(input_ids=ids, labels=ids).logits, grown[mode])
+
+
 def _origins(obj: Any) -> list[str]:
     """The modules that define ``obj`` (a hook, a wrapped hook, a partial, a bound method)."""
     found = [type(obj).__module__]
@@ -224,6 +317,7 @@ def test_a_merged_model_pickles_and_loads_without_kasmina(tmp_path: Path) -> Non
             "    model = torch.load(f'{root}/{name}.pt', weights_only=False)",
             "    with torch.no_grad():",
             "        assert torch.equal(model(x), torch.load(f'{root}/{name}.want.pt')), name",
+            "    assert model[2].in_features == 8, name  # the host's attributes come along",
             "print('ok')",
         ]
     )

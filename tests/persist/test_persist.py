@@ -56,6 +56,53 @@ def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
         assert not torch.equal(fresh(grown.x), Host()(grown.x))  # the seeds do contribute
 
 
+def test_a_loaded_seed_inside_a_transformer_encoder_layer_is_never_skipped(
+    tmp_path: Path,
+) -> None:
+    """``kasmina.load`` installs slots as ``attach`` does: inside a ``TransformerEncoderLayer``
+    a loaded seed that runs makes the layer take its regular path in inference, so the output
+    is the saved model's, not the bare host's (the fused path would skip the seed)."""
+    from kasmina.urza.blueprints import ResidualMLP
+    from kasmina.urza.client import UrzaLibraryClient
+    from kasmina.urza.kernel import GPUKernel
+    from kasmina.urza.publish import publish_artifact
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+    torch.manual_seed(1)
+    manifest = publish_artifact(
+        ResidualMLP(4, 8, init_scale=1.0).eval(),
+        (torch.randn(2, 5, 4),),
+        str(tmp_path / "urza"),
+        "mlp",
+        PUBLISHER,
+    )
+    client = UrzaLibraryClient(str(tmp_path / "urza"), PUBLISHER.trusted_publishers())
+    payload, verified = client.fetch(manifest.artifact_id)
+    model = build()
+    (slot,) = kasmina.attach(model, ["layers.0.linear2"], 2, 4)
+    kernel = GPUKernel.from_binary(payload, verified, "cpu")
+    slot.seed(0).attach_kernel(kernel, manifest.artifact_id)
+    for stage in [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]:
+        slot.seed(0).transition_to(stage)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        grown = model(x)
+        assert not torch.allclose(grown, build()(x))  # the seed contributes
+    fresh = build()
+    (loaded,) = kasmina.load(
+        kasmina.save(model, tmp_path / "encoder.kasmina"),
+        fresh,
+        publishers=PUBLISHER.trusted_publishers(),
+    )
+    with torch.no_grad():
+        assert torch.equal(fresh(x), grown)
+    assert loaded.guards_fused_path and loaded.seed(0).stage == S.ACTIVE
+
+
 def test_a_model_moved_to_bf16_after_growing_loads_bitwise_into_a_bf16_host(
     grown: Grown, tmp_path: Path
 ) -> None:

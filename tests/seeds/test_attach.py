@@ -291,6 +291,34 @@ def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model
     assert slot.output_index == -2
 
 
+def test_the_width_check_of_an_attention_module_follows_output_index() -> None:
+    """A MultiheadAttention declares ``embed_dim`` for its output (element 0, or -2), not for
+    its weights ``[B, L, S]`` (element 1, or -1): their width is the first forward's."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.mha(x, x, x)
+
+    x = torch.randn(2, 6, 8)  # weights [2, 6, 6]: 2 seeds x 3 over the keys
+    for index in (1, -1):
+        model = Net()
+        (slot,) = attach(model, ["mha"], 2, 3, output_index=index)
+        model(x)
+        assert slot.output_contract[0] == (2, 6, 6) and slot.contract_problem() is None
+        model = Net()
+        (slot,) = attach(model, ["mha"], 2, 4, output_index=index)  # not declared: recorded
+        model(x)
+        assert "has 6 features along dim -1" in slot.contract_problem()
+    for index in (0, -2):
+        with pytest.raises(ValueError, match=re.escape("2 seeds x chunk 3 = 6 != 8 features")):
+            attach(Net(), ["mha"], 2, 3, output_index=index)
+        assert attach(Net(), ["mha"], 2, 4, output_index=index)
+
+
 def test_a_slot_built_directly_checks_output_index_and_takes_its_hosts_mode() -> None:
     """The constructor owns both checks ``attach`` and ``kasmina.load`` rely on, so a slot a
     user builds around a host (as the tests and PEFT-style code do) behaves the same."""
@@ -344,6 +372,58 @@ def test_transformer_encoder_fused_path_never_skips_a_live_seed(target: str) -> 
     assert type(getattr(slot, name)) not in (torch.Tensor, nn.Parameter)  # marked while live
     assert not torch.allclose(out, bare)
     torch.testing.assert_close(out, reference)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("target", ["dropout1", "activation"])
+def test_a_live_seed_on_a_module_the_fused_path_never_calls_still_runs(
+    target: str, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused encoder-layer path neither calls a Dropout or activation module nor reads a
+    tensor of one: while a seed of a slot there runs, the layer takes the regular path anyway
+    (dense, or on the batch ``nn.TransformerEncoder`` packed); with no seed running, the fused
+    path comes back."""
+    fused: list[int] = []
+    native = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(
+        torch, "_transformer_encoder_layer_fwd", lambda *a: fused.append(1) or native(*a)
+    )
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        8, 2, 16, dropout=0.0, activation=nn.ReLU(), batch_first=True
+    )
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=packed).eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    kwargs = {"src_key_padding_mask": mask} if packed else {}
+    with torch.no_grad():
+        bare = model(x, **kwargs)
+    width = 16 if target == "activation" else 8
+    (slot,) = attach(model, [f"layers.0.{target}"], 2, width // 2)
+    fused.clear()
+    with torch.no_grad():
+        assert torch.equal(model(x, **kwargs), bare)  # DORMANT: the fused path, bit for bit
+    assert len(fused) == 2
+    slot.seed(0).attach_kernel(kernel(width // 2, 4))
+    walk(slot.seed(0), S.STABILIZATION)
+    fused.clear()
+    with torch.no_grad():
+        out = model(x, **kwargs)
+        model.train()
+        reference = model(x, **kwargs)  # the regular path, which calls every module
+        model.eval()
+    valid = ~mask
+    assert not torch.allclose(out[valid], bare[valid])  # the seed ran
+    torch.testing.assert_close(out[valid], reference[valid])
+    assert len(fused) == 1  # layer 0 took the regular path, layer 1 the fused one
+    assert torch.equal(out[mask] == 0, torch.full_like(out[mask], packed, dtype=torch.bool))
+    slot.seed(0).transition_to(S.HARVESTING)  # no seed runs: the fused path is back
+    fused.clear()
+    with torch.no_grad():
+        assert torch.equal(model(x, **kwargs), bare)
+    assert len(fused) == 2
+    assert not slot.seeds._forward_pre_hooks
 
 
 def four_stage_layer(kd: KDConfig | None = None) -> tuple[KasminaLayer, torch.Tensor]:
