@@ -492,8 +492,12 @@ class CommandExecution:
         (G2), a GRAFTING seed's alpha advances one step. A step that trained a seed nothing (no
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
         never passes a seed whose blend-in never trained."""
-        config = self.state.config
-        for record in self.state.require_registry().trained(stepped):
+        config, registry = self.state.config, self.state.require_registry()
+        for seed_id in stepped:  # a fused optimizer steps in place without telling autograd:
+            kernel = registry[seed_id].kernel  # own_stream keys a random kernel on the versions
+            if kernel is not None and vars(kernel).get("draws_random"):
+                torch.autograd.graph.increment_version(list(kernel.parameters()))
+        for record in registry.trained(stepped):
             seed = record.seed
             if seed.stage == S.ISOLATED_INIT:
                 seed.trained_this_epoch = True

@@ -37,7 +37,13 @@ def _masks(rig: Rig) -> torch.Tensor:
     return mask
 
 
-def test_a_random_kernel_draws_a_fresh_mask_at_every_step(rig: Rig, store) -> None:
+@pytest.mark.parametrize("options", [{}, {"fused": True}], ids=["plain", "fused"])
+def test_a_random_kernel_draws_a_fresh_mask_at_every_step(
+    tmp_path: Path, store: Path, keyring: Keyring, options: dict
+) -> None:
+    # A fused optimizer steps the kernel's parameters without moving their version counters:
+    # the manager moves them for a kernel that draws random numbers.
+    rig = Rig(make_config(tmp_path, store), keyring, **options)
     artifact = publish(Dropping().train(), torch.randn(3, 2), store)
     rig.train(1)
     assert rig.send("germinate", SEED0, artifact) and rig.stage(SEED0) == S.ISOLATED_INIT
