@@ -224,7 +224,18 @@ class BufferAverage:
         if drift:
             self.stats["integer_mismatch"] += 1
             logger.error("non-floating buffers differ across ranks, left to the repair: %s", drift)
-        floats = [t for _, t in differ if t.is_floating_point()]
+        floats = [(name, t) for name, t in differ if t.is_floating_point()]
+        if floats:  # a non-finite buffer on any rank is drift: averaged, it would spread to all
+            bad = torch.stack([~torch.isfinite(t).all() for _, t in floats])
+            bad = bad.to(device=device, dtype=torch.int64)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+            flags = bad.tolist()
+            broken = [name for (name, _), b in zip(floats, flags, strict=True) if b]
+            if broken:
+                self.stats["nonfinite"] += 1
+                logger.error("non-finite seed buffers on some rank, left to the repair: %s", broken)
+            floats = [(name, t) for (name, t), b in zip(floats, flags, strict=True) if not b]
+        floats = [t for _, t in floats]
         handles = []
         for bucket in buckets(floats, lambda t: t, self.bucket_cap_bytes):
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])

@@ -33,7 +33,12 @@ from kasmina.control.processes import (
     collective_timeout_s,
     spawn,
 )
-from kasmina.control.replica import TensorReplica, nested_checksum, state_checksum
+from kasmina.control.replica import (
+    BufferAverage,
+    TensorReplica,
+    nested_checksum,
+    state_checksum,
+)
 from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import NEXT_STAGE, TRAINING_STAGES, SeedStage
@@ -573,3 +578,28 @@ def test_helpers_are_no_ops_without_a_process_group() -> None:
     # tests/manager/test_ddp.py, under a real one).
     default = torch.distributed.distributed_c10d.default_pg_timeout.total_seconds()
     assert collective_timeout_s() == default
+
+
+def _buffer_worker(rank: int, world: int, out_dir: str) -> None:
+    average = BufferAverage()
+    mean = torch.tensor([1.0, 2.0]) + rank  # statistics of each rank's own shard
+    var = torch.tensor([1.0, float("nan") if rank == 1 else 1.0])  # drift on rank 1
+    count = torch.tensor(5)
+    averaged = average([("s.mean", mean), ("s.var", var), ("s.count", count)])
+    torch.save(
+        {"n": averaged, "mean": mean, "var": var, "stats": dict(average.stats)},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_seed_buffers_are_averaged_and_a_non_finite_one_left_to_the_repair(
+    tmp_path: Path,
+) -> None:
+    spawn(_buffer_worker, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank, out in enumerate(ranks):
+        assert out["n"] == 1 and out["stats"]["nonfinite"] == 1
+        assert out["mean"].tolist() == [1.5, 2.5]  # averaged, the same bits on both ranks
+        # Averaged, rank 1's NaN would have reached rank 0 and no repair would have found it.
+        assert out["var"][1].isnan().item() == (rank == 1)
