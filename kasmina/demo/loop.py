@@ -178,7 +178,7 @@ class DemoLoop:
             for raw in commands:
                 self.coordinator.submit(raw)
             self.attack(epoch)
-        result = self.coordinator.sync_epoch(epoch)
+        result = self.replicas.sync_epoch(epoch)  # seed buffers averaged, then the commands
         for kind, indices in self.pending_attacks.items():
             self.attack_outcomes.setdefault(kind, []).extend(result.outcomes[i] for i in indices)
         self.pending_attacks = {}
