@@ -449,6 +449,8 @@ class GPUStateTensor:
         if len(values) != NUM_STATE_COLUMNS:
             raise ValueError(f"a state row has {NUM_STATE_COLUMNS} columns, got {len(values)}")
         stage = parse_stage(values[StateColumn.LIFECYCLE_STAGE])
+        if not all(-INT32_MAX - 1 <= v <= INT32_MAX for v in values):  # an int32 row
+            raise ValueError(f"a state row holds int32 values, got {values}")
         if values[StateColumn.EPOCHS_IN_STATE] < 0:
             raise ValueError(
                 f"EPOCHS_IN_STATE must be >= 0, got {values[StateColumn.EPOCHS_IN_STATE]}"

@@ -600,7 +600,7 @@ class TableMachine(RuleBasedStateMachine):
         row=st.lists(st.integers(0, 20), min_size=NUM_STATE_COLUMNS, max_size=NUM_STATE_COLUMNS),
         stage=st.sampled_from([*range(len(S)), 11, -1]),
         length=st.sampled_from([NUM_STATE_COLUMNS, NUM_STATE_COLUMNS - 1]),
-        age=st.sampled_from([None] * 6 + [INT32_MAX, -1]),
+        age=st.sampled_from([None] * 6 + [INT32_MAX, -1, INT32_MAX + 1]),
     )
     def restore_row(
         self, idx: Any, row: list[int], stage: int, length: int, age: int | None
@@ -611,7 +611,7 @@ class TableMachine(RuleBasedStateMachine):
         if age is not None:
             values[C.EPOCHS_IN_STATE] = age
         values = values[:length]
-        bad_age = values[C.EPOCHS_IN_STATE] < 0
+        bad_age = not 0 <= values[C.EPOCHS_IN_STATE] <= INT32_MAX
         if (
             not 0 <= idx < self.model.n
             or length != NUM_STATE_COLUMNS
