@@ -132,7 +132,10 @@ class IsolationGuard:
 
     def _pair_name(self, host_model: nn.Module, seed_model: nn.Module) -> str:
         """The debug monitor's name for a pair of no registered seed: the name it had if these
-        two modules were registered before, else a new ``external[n]``."""
+        two modules were registered before, else a new ``external[n]``. Pairs whose modules
+        are gone are forgotten here, so the map holds live pairs only."""
+        live = {n: (h, s) for n, (h, s) in self._pairs.items() if None not in (h(), s())}
+        self._pairs = live
         for name, (host, seed) in self._pairs.items():
             if host() is host_model and seed() is seed_model:
                 return name

@@ -169,5 +169,8 @@ def test_the_same_debug_pair_registered_again_replaces_its_monitor(rig: Rig) -> 
     manager.register_gradient_monitors(rig.model.inp, nn.Linear(2, 2))  # another pair
     assert [m.seed_id for m in manager.guard.external] == ["external[0]", "external[1]"]
     assert len(weight._backward_hooks) == 2
+    gc.collect()  # that probe is gone: the next registration forgets its pair
+    manager.register_gradient_monitors(rig.model.inp, probe)
+    assert list(manager.guard._pairs) == ["external[0]"]
     manager.close()
     assert not weight._backward_hooks and not probe.weight._backward_hooks

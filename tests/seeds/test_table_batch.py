@@ -35,6 +35,22 @@ N = 48
 EMBARGO = 2
 
 
+def apply_to_row(
+    row: list[int], old: SeedStage, new: SeedStage, gate: int | None, embargo: int
+) -> None:
+    """docs/design.md §3 on one applied transition's row: the stage, a zero age and ready flag,
+    the gate given or the transition's own, and the embargo on entering COOLDOWN."""
+    row[C.LIFECYCLE_STAGE] = int(new)
+    row[C.EPOCHS_IN_STATE] = 0
+    row[C.READY_FLAG] = 0
+    if gate is not None:
+        row[C.LAST_GATE] = gate
+    elif (old, new) in GATE_FOR_TRANSITION:
+        row[C.LAST_GATE] = GATE_FOR_TRANSITION[(old, new)]
+    if new == S.COOLDOWN:
+        row[C.EMBARGO_COUNTER] = embargo
+
+
 class _Recorder:
     """A telemetry reporter stand-in that writes into the shared event log."""
 
@@ -88,16 +104,7 @@ class Reference:
                     self.log.append(("emit", "lifecycle.transition_rejected", labels))
                 continue
             old = self.stages[idx]
-            row = self.rows[idx]
-            row[C.LIFECYCLE_STAGE] = int(new)
-            row[C.EPOCHS_IN_STATE] = 0
-            row[C.READY_FLAG] = 0
-            if gate is not None:
-                row[C.LAST_GATE] = gate
-            elif (old, new) in GATE_FOR_TRANSITION:
-                row[C.LAST_GATE] = GATE_FOR_TRANSITION[(old, new)]
-            if new == S.COOLDOWN:
-                row[C.EMBARGO_COUNTER] = self.embargo
+            apply_to_row(self.rows[idx], old, new, gate, self.embargo)
             self.stages[idx] = new
             self.epochs[idx] = 0
             applied.append((idx, old, new))

@@ -54,6 +54,7 @@ from kasmina.stages import (
     StateColumn,
     TransitionCode,
 )
+from tests.seeds.test_table_batch import apply_to_row
 
 S = SeedStage
 C = StateColumn
@@ -122,16 +123,7 @@ class TableModel:
                 self.events.append(("lifecycle.transition_rejected", {**labels, "code": code.name}))
                 continue
             old = self.stage(idx)
-            row = self.rows[idx]
-            row[C.LIFECYCLE_STAGE] = int(new)
-            row[C.EPOCHS_IN_STATE] = 0
-            row[C.READY_FLAG] = 0
-            if gate is not None:
-                row[C.LAST_GATE] = gate
-            elif (old, new) in GATE_FOR_TRANSITION:
-                row[C.LAST_GATE] = GATE_FOR_TRANSITION[(old, new)]
-            if new == S.COOLDOWN:
-                row[C.EMBARGO_COUNTER] = self.embargo
+            apply_to_row(self.rows[idx], old, new, gate, self.embargo)
             applied.append((idx, old, new))
         if applied:
             self.version += 1
