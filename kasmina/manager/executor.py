@@ -538,6 +538,7 @@ class CommandExecution:
             record.monitor = None
             record.last_output, record.input_grad = None, False
             if state.optimizers.has_host and record.seed_id in state.optimizers.seed_ids:
+                state.require_registry().take_host_groups_before_promotion(state.optimizers)
                 near = record.slot.host.parameters()
                 state.optimizers.promote_seed(record.seed_id, near=near)
         elif new == S.HARVESTING:

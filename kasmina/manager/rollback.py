@@ -152,6 +152,7 @@ def restore_epoch(
     # A seed's state restore drops its evaluation (measured on other weights): the undo below
     # loads the old state back, so it puts the evaluations back too.
     evaluations = [(record.seed, record.seed.evaluation) for record in registry]
+    added_before = registry.added_host_params
     try:
         _swap_kernels(registry, changes, fresh, old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
@@ -160,8 +161,11 @@ def restore_epoch(
             )
         registry.table.resync()  # the host mirror follows the restored table (stages below)
         pins = _take_pins(state, registry, saved_seeds, taken)
+        if optimizers.has_host:  # the monitors guard the restored host groups too
+            registry.added_host_params = registry.host_groups_of(optimizers)
         monitors = _new_monitors(guard, registry)
     except BaseException:
+        registry.added_host_params = added_before
         for artifact_id in taken:
             state.kernel_cache.unpin(artifact_id)
         _unswap_kernels(registry, old)

@@ -271,17 +271,31 @@ class SlotRegistry:
         """Take up the param groups a user added to the host optimizer since the last call
         (``IsolatedOptimizerManager.take_host_groups``); their parameters are on the host side
         of the isolation line from then on (``host_side_params``: the KD leak check and the
-        monitors of seeds germinated later). ``rebuilt``: after a rollback, read them all again
-        from the groups past the host's first (the seeds promoted into them left out)."""
+        monitors of seeds germinated later or restored by a rollback). ``rebuilt``: after a
+        rollback, read them all again from the groups past the host's first (the seeds promoted
+        into them left out)."""
         if not rebuilt:
             for p in optimizers.take_host_groups(self.parameter_names):
                 self.added_host_params.setdefault(id(p), p)
         elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
-            promoted = {id(p) for _, ps in optimizers.promoted().values() for p in ps}
-            groups = optimizers.optimizer(HOST_ID).param_groups[1:]
-            self.added_host_params = {
-                id(p): p for g in groups for p in g["params"] if id(p) not in promoted
-            }
+            self.added_host_params = self.host_groups_of(optimizers)
+
+    def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
+        """A seed fossilizes at a safe point: take up the groups added since the last step
+        first, since one may hold the slot's layer, whose group the seed joins. An edit
+        ``take_host_groups`` refuses is logged here and left to the next step to raise."""
+        try:
+            self.take_host_groups(optimizers)
+        except (ValueError, ParameterOverlapError) as exc:
+            logger.warning("host param groups not taken up before a promotion: %s", exc)
+
+    @staticmethod
+    def host_groups_of(optimizers: IsolatedOptimizerManager) -> dict[int, torch.Tensor]:
+        """The parameters of the host's groups past its first, the seeds promoted into them
+        left out: what ``take_host_groups(rebuilt=True)`` takes up from ``optimizers``."""
+        promoted = {id(p) for _, ps in optimizers.promoted().values() for p in ps}
+        groups = optimizers.optimizer(HOST_ID).param_groups[1:]
+        return {id(p): p for g in groups for p in g["params"] if id(p) not in promoted}
 
     def parameter_names(self, params: Sequence[torch.Tensor]) -> list[str]:
         """The model's names of ``params`` (``model.named_parameters()``), those of a param

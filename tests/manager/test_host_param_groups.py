@@ -109,6 +109,8 @@ def test_an_unfrozen_layers_group_survives_rollbacks(
     assert manager.optimizers.optimizer("host") is host_opt
     assert _ids(host_opt.param_groups[1]["params"]) == _ids(layer)
     assert set(_ids(layer)) <= host_side()
+    monitor = registry[SEED0].monitor  # the restored seed's, built with the layer on its host side
+    assert monitor is not None and set(_ids(layer)) <= {id(p) for _, p in monitor._host}
     train(2)  # the scheduler still drives both groups
     assert host_opt.param_groups[1]["lr"] == sched.get_last_lr()[1]
 
@@ -128,3 +130,34 @@ def test_a_seeds_parameters_added_to_the_host_optimizer_are_refused(rig: Rig, ml
     assert all(torch.equal(a, p) for a, p in zip(before, rig.model.parameters(), strict=True))
     del host_opt.param_groups[1]  # the user's fix: training goes on
     assert rig.train(1)["seeds_stepped"] == [SEED0]
+
+
+def test_a_seed_promoted_before_the_next_step_joins_the_group_just_added(
+    monkeypatch, tmp_path, store, keyring: Keyring, mlp
+):
+    """A user unfreezes the slot's layer (add_param_group) and the ADVANCE to ACTIVE applies at
+    the next safe point with no step between: the seed joins the layer's new group, as it would
+    had a step taken the group up first, not the host's first group."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    for _ in range(2):
+        assert rig.send("advance", SEED0), manager.command_log[-1]
+        rig.train(1)
+    rig.train(4)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.STABILIZATION
+    rig.train(1)
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    layer = list(rig.model.out.host.parameters())
+    for p in layer:
+        p.requires_grad_(True)
+    host_opt = manager.optimizers.optimizer("host")
+    host_opt.add_param_group({"params": layer, "lr": 0.02})
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+    seed_params = manager.seed(SEED0).seed_parameters()
+    assert manager.optimizers.promoted()[SEED0][0] == 1
+    assert _ids(host_opt.param_groups[1]["params"]) == _ids(layer + seed_params)
+    assert rig.train(1)["host_stepped"]

@@ -119,3 +119,45 @@ def test_a_resume_with_another_optimizer_class_is_refused_and_changes_nothing(
         assert f"seed {SEED0}'s optimizer" in reason
     assert_same(before, everything(manager, model))
     assert manager.stages()[SEED0] == S.DORMANT
+
+
+def test_a_resumed_seeds_monitor_guards_the_host_groups_the_checkpoint_restores(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A layer unfrozen by a user's add_param_group before the checkpoint is on the host side of
+    the isolation line in the resumed process too: the restored isolated seed's monitor, built
+    during the rollback, checks it as the KD leak check does (not only seeds germinated later)."""
+    import tests.manager.helpers as helpers
+
+    class FrozenOut(Host):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out.requires_grad_(False)
+
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    config = make_config(tmp_path, store, run_id="resume")
+
+    def unfreeze(rig: Rig) -> list[torch.nn.Parameter]:
+        layer = list(rig.model.out.host.parameters())
+        for p in layer:
+            p.requires_grad_(True)
+        return layer
+
+    first = Rig(config, keyring)
+    assert first.send("germinate", SEED0, mlp)
+    first.manager.optimizers.optimizer("host").add_param_group({"params": unfreeze(first)})
+    first.train(1)
+    first.manager.end_epoch(0)
+    first.manager.close()
+
+    rig = Rig(config, keyring, record=False)  # the user's resume code unfreezes, then rolls back
+    layer = unfreeze(rig)
+    assert len(rig.manager.optimizers.optimizer("host").param_groups) == 1
+    assert rollback(rig.manager, keyring, 0), rig.manager.command_log[-1]
+    registry = rig.manager.require_registry()
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert {id(p) for p in layer} <= {id(p) for p in registry.host_side_params()}
+    monitor = registry[SEED0].monitor
+    assert monitor is not None
+    assert {id(p) for p in layer} <= {id(p) for _, p in monitor._host}
+    rig.train(1)
