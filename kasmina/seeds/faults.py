@@ -262,13 +262,15 @@ def call_kernel(
     under ``torch.compile``, which cannot trace the fork.
     """
     xin = x.view_as(x) if active else x.detach()
+    forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
     try:
-        if not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling():
-            with rng_forked(x.device):
-                own_stream(kernel, x.device)
+        with island_saves(active):
+            if forked:
+                with rng_forked(x.device):
+                    own_stream(kernel, x.device)
+                    out = kernel(xin)
+            else:
                 out = kernel(xin)
-        else:
-            out = kernel(xin)
     except CONTROL_FLOW:
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
@@ -284,6 +286,34 @@ def call_kernel(
             record(*fault)
         return None
     return out, xin
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
+    """Around a kernel's call before ACTIVE: the tensors its graph saves are kept as they are,
+    past any saved-tensor hooks of the caller's (activation checkpointing's, non-reentrant).
+
+    That graph is an island (the kernel sees ``x.detach()``) whose backward the seed's guard
+    runs in an engine call of its own. Checkpointing would drop what it saves and recompute
+    the region when the outer backward first needs one of its tensors; an unpack from the
+    island's own engine call is another graph task, so each slot's island re-ran the whole
+    region once more (host side effects included: a BatchNorm's running statistics), and a
+    kernel that saved a tensor and then raised left the recompute, which no longer calls a
+    seed that the fault quarantined, one tensor short of the forward (``CheckpointError``).
+    Kept, the island's tensors live until its backward as they do without checkpointing (a
+    seed's kernel is small beside the host). An ACTIVE seed's graph is the host's: the
+    caller's hooks apply. Nothing is pushed without a caller's hooks or under compile."""
+    if (
+        active
+        or torch.compiler.is_compiling()
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+    ):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:

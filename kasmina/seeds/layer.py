@@ -22,8 +22,7 @@ with no seed GRAFTING the blend is the identity and is skipped.
 
 The plan (each seed's stage; whether any runs its kernel) is a slot-local snapshot the table
 refreshes on every change (``GPUStateTensor.listen``), so the forward reads neither the table
-nor the seeds. With every seed passing the host through, the forward returns the host's output
-object itself for one attribute read (compiled, that bool and the stage ints are the guards).
+nor the seeds; with every seed passing the host through it returns the host's output object.
 
 **Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
 (``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
@@ -35,10 +34,9 @@ and call the slot; with every seed passing through, the fused path runs as for t
 
 A seed that faults contributes its host chunk with alpha 1, as a DORMANT seed would; the
 others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
-finiteness reduction over the concatenated outputs, one update of the seeds' flags (views of
-one buffer), the host's chunk for a non-finite one and one guarded backward node; eager, with
-every running seed blending against the detached host (GRAFTING, STABILIZATION), that and the
-blend are one autograd node (``island.GuardedBlend``).
+finiteness reduction over the concatenated outputs, one update of the seeds' flags, the host's
+chunk for a non-finite one and one guarded backward node; eager, with every running seed
+blending against the detached host, that and the blend are one node (``island.GuardedBlend``).
 """
 
 from __future__ import annotations
@@ -351,11 +349,13 @@ class KasminaLayer(nn.Module):
         # call swaps it once for one that does not; fullgraph cannot take a one-shot hook).
         if self.output_contract is None:
             self._record(args if not kwargs else (), out)
-        if self._teacher_logits is not None and torch.is_grad_enabled():  # used or not
-            if teacher_logits is None:
-                teacher_logits = self._teacher_logits
-            self._teacher_logits = None
-            self._recompute_teacher = teacher_logits  # for a checkpointing recompute, below
+        if self._teacher_logits is not None or self._recompute_teacher is not None:
+            if torch.is_grad_enabled() and not recomputing():  # used or not
+                stored, self._teacher_logits = self._teacher_logits, None
+                if teacher_logits is None:
+                    teacher_logits = stored
+                # For a checkpointing recompute of this forward (below): none after one without.
+                self._recompute_teacher = None if stored is None else teacher_logits
         # Only slot-local attributes are read here, never the shared table or the seeds: a
         # compiled forward is guarded on this bool alone while every seed passes the host
         # through (each path to the one shared table would be a Python aliasing guard per
@@ -580,6 +580,8 @@ class KasminaLayer(nn.Module):
 
     def _sit_out(self, what: str, reason: str) -> None:
         """Count a call that the seeds (``what="seeds"``) or their KD sat out; logged rarely."""
+        if recomputing():  # a checkpointing recompute: the region's first run counted it
+            return
         self.sat_out[what] += 1
         if not torch.compiler.is_compiling():
             log_sat_out(self.layer_id, what, self.sat_out[what], reason)

@@ -384,3 +384,114 @@ def test_a_teacher_row_that_rules_classes_out_still_teaches() -> None:
     torch.testing.assert_close(kd, _seed_kd(teacher[:4], x[:4]))  # their -inf logits included
     other = _seed_kd(teacher[[1, 3]], x[[1, 3]])  # the ruled-out rows dropped: another loss
     assert not torch.allclose(kd, other)
+
+
+# ------------------------------------------------- activation checkpointing, seeds in the region
+
+
+class WrongWidth(nn.Module):
+    """Saves a tensor for its backward, then answers in the wrong shape: a fault."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kernel", [Raises, WrongWidth])
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_seed_quarantined_mid_step_under_checkpointing_leaves_the_backward_whole(
+    stage: SeedStage, kernel: type[nn.Module]
+) -> None:
+    """The fault that reaches the limit quarantines the seed during the region's first run, so
+    the recompute no longer calls it. What its kernel saved before it failed is not the
+    checkpoint's to count: the backward ran (``CheckpointError``: one tensor short, before)."""
+    block = Block({1: kernel(4)}, [stage, stage])
+    x = torch.randn(5, 8, requires_grad=True)
+    for _ in range(4):  # the third step's fault quarantines; the fourth passes the host through
+        checkpoint(block, x, use_reentrant=False).pow(2).sum().backward()
+    assert [s.stage for s in block.down.seeds] == [stage, S.QUARANTINE]
+    assert block.down.seed(1).faults == 3
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+class CountedRegion(nn.Module):
+    """``slots`` slots behind a host BatchNorm, counting how often the region runs."""
+
+    def __init__(self, slots: int, stage: SeedStage) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.BatchNorm1d(8)
+        self.slots = nn.ModuleList(KasminaLayer(nn.Linear(8, 8), 2, 4) for _ in range(slots))
+        for slot in self.slots:
+            for seed in slot.seeds:
+                seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+                if stage != S.DORMANT:
+                    walk(seed, stage)
+            slot.update_alpha_blending(3, 10)
+        self.runs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runs += 1
+        h = self.norm(x)
+        for slot in self.slots:
+            h = torch.relu(slot(h))
+        return h
+
+
+@pytest.mark.parametrize("stage", [S.DORMANT, *ISOLATED], ids=lambda s: s.name)
+def test_a_checkpointed_region_runs_twice_per_step_whatever_its_seeds(stage: SeedStage) -> None:
+    """Each isolated seed's island is backpropagated in an engine call of its own; had it saved
+    its tensors through the checkpoint, each slot's island would re-run the whole region in the
+    backward (1 + 1 + slots runs), and the host's BatchNorm would count the extra batches.
+    (A recompute updates its running statistics once, with or without seeds: checkpointing's.)"""
+    region = CountedRegion(3, stage)
+    x = torch.randn(6, 8, requires_grad=True)
+    for _ in range(2):
+        checkpoint(region, x, use_reentrant=False).sum().backward()
+    assert region.runs == 4  # each step: the forward, then one recompute
+    assert int(region.norm.num_batches_tracked) == 4  # as checkpointing does without seeds
+    dormant = CountedRegion(3, S.DORMANT)
+    for _ in range(2):
+        checkpoint(dormant, x, use_reentrant=False).sum().backward()
+    torch.testing.assert_close(region.norm.running_mean, dormant.norm.running_mean)
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_later_forward_without_a_teacher_recomputes_without_one(stage: SeedStage) -> None:
+    """Gradient accumulation: teacher logits for the first micro-batch only. The second's
+    recompute took the first's teacher (kept for a recompute until "the next forward that is
+    not one"), so it took a KD path its forward had not: wrong gradients, or a
+    ``CheckpointError``. Each micro-batch's gradients now equal the plain run's."""
+    grads = []
+    for use_checkpoint in (False, True):
+        layer = _distilling_layer(stage)
+        inp = nn.Linear(3, 3)
+        model = nn.Sequential(inp, layer, nn.Tanh())
+        torch.manual_seed(9)
+        xs, teacher = torch.randn(2, 5, 3), torch.randn(5, 4)
+        for i, x in enumerate(xs):
+            if i == 0:
+                layer.set_teacher_logits(teacher.clone())
+            out = checkpoint(model, x, use_reentrant=False) if use_checkpoint else model(x)
+            kd = layer.get_and_clear_kd_losses()
+            assert (kd is not None) == (i == 0)
+            (out.pow(2).sum() + (kd if kd is not None else 0)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=0, atol=0, msg=name)
+
+
+def test_a_call_sat_out_under_checkpointing_counts_once() -> None:
+    """Teacher logits that do not fit the call: the KD sits out once per call, not once more
+    for each recompute."""
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    model = nn.Sequential(nn.Linear(3, 3), layer, nn.Tanh())
+    x = torch.randn(5, 3, requires_grad=True)
+    for _ in range(3):
+        layer.set_teacher_logits(torch.randn(7, 4))  # seven rows for a batch of five
+        checkpoint(model, x, use_reentrant=False).sum().backward()
+    assert layer.sat_out == {"kd": 3}
