@@ -62,6 +62,8 @@ def _manager(tmp_path, store: str, keyring: Keyring) -> tuple[KasminaKernelManag
     manager = KasminaKernelManager(config, keyring=keyring)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, SEEDS * CHUNK))
     manager.attach(model, "2", SEEDS, CHUNK)
+    with torch.no_grad():
+        model(torch.randn(4, 16))  # GERMINATE checks a kernel against the slot's activations
     return manager, model
 
 
