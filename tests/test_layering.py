@@ -869,6 +869,44 @@ def test_real_tree_follows_the_import_rules() -> None:
     )
 
 
+HEAVY = ("torch", "triton", "numpy")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from kasmina.control.auth import CommandVerifier, sign_command\n"
+        "from kasmina.control.commands import make_seed_command\n"
+        "from kasmina.utils.keyring import Keyring, generate_key\n"
+        "k = Keyring({'ctl': generate_key()})\n"
+        "sign_command(make_seed_command('cull', 'fc[0]'), k, 'ctl').SerializeToString()\n",
+        "import kasmina\n"
+        "k = kasmina.Keyring({'ctl': kasmina.generate_key()})\n"
+        "kasmina.sign_command(kasmina.make_seed_command('cull', 'fc[0]'), k, 'ctl')\n",
+        "import contextlib, io, sys, tempfile\n"
+        "from kasmina.cli.main import main\n"
+        "out = tempfile.mkdtemp()\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['keygen', '--key-id', 'ctl', '--out', out + '/c.json']) == 0\n"
+        "    assert main(['keygen', '--publisher', '--key-id', 'ci', '--out', out + '/k']) == 0\n",
+    ],
+    ids=["controller-modules", "controller-top-level", "keygen"],
+)
+def test_a_controller_signing_commands_never_loads_torch(code: str) -> None:
+    """docs/design.md §1: protocol-only users (a controller signing commands, a key made by the
+    CLI) do not pay for torch. A package ``__init__`` that re-exported a torch module (the
+    atomic file helpers beside the checkpoint signer, the coordinator beside the verifier)
+    loaded it for every one of them."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code += (
+        f"import sys\nheavy = [m for m in {HEAVY!r} if m in sys.modules]\nassert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_kasmina_is_light() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = (

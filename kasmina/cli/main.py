@@ -155,7 +155,7 @@ def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
 
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable by the owner only (mode 0600)."""
-    from kasmina.utils.state_io import atomic_write_bytes
+    from kasmina.utils.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, [text.encode("utf-8")])
 

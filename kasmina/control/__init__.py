@@ -27,27 +27,7 @@
   ``shutdown_process_group``.
 
 Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
+Each name is imported from its module: this package re-exports nothing, so a controller that
+signs commands (``auth``, ``commands``, ``kasmina.utils.keyring``) never loads torch, which only
+``distributed``, ``replica`` and ``processes`` need.
 """
-
-from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import (
-    CommandExecutor,
-    KasminaCommand,
-    make_optimizer_command,
-    make_rollback_command,
-    make_seed_command,
-)
-from kasmina.control.distributed import DistributedCoordinator
-from kasmina.control.handler import LeylineAdaptationHandler
-
-__all__ = [
-    "CommandExecutor",
-    "CommandVerifier",
-    "DistributedCoordinator",
-    "KasminaCommand",
-    "LeylineAdaptationHandler",
-    "make_optimizer_command",
-    "make_rollback_command",
-    "make_seed_command",
-    "sign_command",
-]

@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from kasmina.utils.atomic import remove_stale_temporaries
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ from kasmina.isolation.verify import NamedParams, graph_isolation, named_params
 from kasmina.leyline import MetricType
 from kasmina.ops import leak_check
 from kasmina.ops.backend import SUPPORTED_DTYPES
-from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save, remove_stale_temporaries
+from kasmina.utils.atomic import remove_stale_temporaries
+from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 

@@ -46,13 +46,9 @@ from torch import nn
 from kasmina.errors import CheckpointUnavailableError
 from kasmina.isolation.monitor import emergency_names
 from kasmina.manager.config import KasminaConfig
+from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import (
-    CheckpointSigner,
-    clone_state,
-    fsync_directory,
-    remove_stale_temporaries,
-)
+from kasmina.utils.state_io import CheckpointSigner, clone_state
 
 if TYPE_CHECKING:
     from kasmina.isolation.optimizers import IsolatedOptimizerManager

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError
+from kasmina.utils.atomic import atomic_write_bytes
 from kasmina.utils.files import NotARegularFileError, open_regular_file
-from kasmina.utils.state_io import atomic_write_bytes, is_hex
+from kasmina.utils.state_io import is_hex
 
 __all__ = [
     "FORMAT",

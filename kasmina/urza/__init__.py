@@ -25,34 +25,7 @@ nothing. Publishers sign with a private key; readers hold only public keys.
 - ``blueprints`` -- the seed architectures the demo and the CLI publish.
 
 Imports ``kasmina.utils`` (the HMAC keyring, only to check old manifests before re-signing
-them) and the root vocabulary; never seeds, isolation, control or the manager.
+them) and the root vocabulary; never seeds, isolation, control or the manager. Each name is
+imported from its module: this package re-exports nothing, so ``keys`` (a publisher's key
+pair, ``kasmina keygen --publisher``) loads without torch.
 """
-
-from kasmina.urza.artifact import Manifest, TensorSpec, validate_artifact_id
-from kasmina.urza.blueprints import Blueprint, get_blueprint
-from kasmina.urza.cache import GPUKernelCache
-from kasmina.urza.client import UrzaLibraryClient
-from kasmina.urza.kernel import GPUKernel
-from kasmina.urza.keys import PublisherKey, TrustedPublishers
-from kasmina.urza.loader import KernelLoader
-from kasmina.urza.publish import export_module, publish_artifact, publish_payload, resign_artifact
-from kasmina.urza.resilience import CircuitBreaker
-
-__all__ = [
-    "Blueprint",
-    "CircuitBreaker",
-    "GPUKernel",
-    "GPUKernelCache",
-    "KernelLoader",
-    "Manifest",
-    "PublisherKey",
-    "TensorSpec",
-    "TrustedPublishers",
-    "UrzaLibraryClient",
-    "export_module",
-    "get_blueprint",
-    "publish_artifact",
-    "publish_payload",
-    "resign_artifact",
-    "validate_artifact_id",
-]

@@ -30,13 +30,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kasmina.utils.atomic import atomic_write_bytes, install_new_file, remove_stale_temporaries
 from kasmina.utils.files import read_regular_file, read_text_file
 from kasmina.utils.signed_json import strict_json_loads
-from kasmina.utils.state_io import (
-    atomic_write_bytes,
-    install_new_file,
-    remove_stale_temporaries,
-)
 
 logger = logging.getLogger(__name__)
 

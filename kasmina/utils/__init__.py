@@ -5,11 +5,12 @@
   reaches the caller; prepared ``Event``s keep the per-event cost to one dict build.
 - ``perfstats`` -- ``LatencyStats``, a bounded window of latencies with p50/mean/last, and the
   docs/design.md §8 latency targets the manager reports against.
-- ``state_io`` -- atomic state files: written to a temporary name beside the target, fsync'd and
-  moved into place with ``os.replace``, so a reader sees the old file or the new one and never
-  half of one; ``CheckpointSigner`` writes checkpoints behind an HMAC'd manifest (SHA-256, size,
-  epoch, run id) and verifies it before any byte reaches ``torch.load(weights_only=True)``;
-  ``clone_state`` detaches snapshots from live tensors.
+- ``atomic`` -- atomic files, without torch: written to a temporary name beside the target,
+  fsync'd and moved into place with ``os.replace``, so a reader sees the old file or the new one
+  and never half of one; a key put in place without overwriting; killed writes' leftovers.
+- ``state_io`` -- signed state files: ``CheckpointSigner`` writes checkpoints (atomically)
+  behind an HMAC'd manifest (SHA-256, size, epoch, run id) and verifies it before any byte
+  reaches ``torch.load(weights_only=True)``; ``clone_state`` detaches snapshots from live tensors.
 - ``flags`` -- ``read_flags``: the step's device-side verdicts (0-d bools) read back in one
   transfer per device, where reading them one by one would cost a GPU round trip each.
 - ``keyring`` -- ``Keyring``: secret keys by ``key_id``, loaded from a mapping, an environment
@@ -24,24 +25,7 @@
   all-or-nothing change is delivered when the commit is done, not half-way through it.
 
 Only the root vocabulary (``kasmina.stages``, ``kasmina.errors``, ``kasmina.leyline``) sits below
-this package; everything else may use it. Nothing here imports another Kasmina package.
+this package; everything else may use it. Nothing here imports another Kasmina package. Each name
+is imported from its module (``kasmina.utils.keyring.Keyring``): this package re-exports nothing,
+so a controller that reads only its keyring does not load torch with ``state_io``.
 """
-
-from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring, generate_key
-from kasmina.utils.perfstats import LatencyStats
-from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save, clone_state
-from kasmina.utils.telemetry import Event, JsonlFileSink, MemorySink, TelemetryReporter
-
-__all__ = [
-    "CheckpointSigner",
-    "DEFAULT_ENV_VAR",
-    "Event",
-    "JsonlFileSink",
-    "Keyring",
-    "LatencyStats",
-    "MemorySink",
-    "TelemetryReporter",
-    "atomic_torch_save",
-    "clone_state",
-    "generate_key",
-]

@@ -1,14 +1,8 @@
 """Atomic, tamper-evident state files: the old version or the new one, never half of one, and
 never a byte handed to ``torch.load`` before it is authenticated.
 
-**Atomic.** Every file is written to a temporary name in the same directory, flushed and
-fsync'd, then moved over the target with ``os.replace`` (atomic on POSIX and Windows), and the
-directory is fsync'd so the rename itself survives a crash.
-
-**Never half a new file either.** A file that must not replace an existing one (a key) is
-written the same way and then put in place without overwriting (``install_new_file``). The temp
-file of a killed write is garbage; ``remove_stale_temporaries`` removes those of given names
-once no live writer can own them.
+**Atomic.** Every file is written through ``kasmina.utils.atomic`` (a temp file beside it,
+fsync'd, moved into place with ``os.replace``; a key put in place without overwriting).
 
 **Tamper-evident.** A checkpoint written by ``CheckpointSigner`` is one file, a header and then
 the payload (the ``torch.save`` bytes)::
@@ -37,7 +31,6 @@ training cannot mutate a snapshot.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import hmac
 import io
@@ -45,21 +38,18 @@ import logging
 import os
 import re
 import secrets
-import stat
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import torch
 
 from kasmina.errors import CheckpointIntegrityError
+from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries
 from kasmina.utils.files import NotARegularFileError, open_regular_file, read_regular_file
-from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
@@ -68,17 +58,11 @@ __all__ = [
     "CheckpointManifest",
     "CheckpointSigner",
     "atomic_torch_save",
-    "atomic_write_bytes",
-    "STALE_TEMPORARY_S",
     "clone_state",
-    "fsync_directory",
-    "install_new_file",
     "load_or_create_checkpoint_key",
-    "remove_stale_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 # The first bytes of every signed checkpoint file.
 CHECKPOINT_MAGIC = b"KASMCKPT"
@@ -92,171 +76,13 @@ _LENGTH_BYTES = 4
 _KINDS = ("epoch", "emergency")
 _FIELDS = frozenset({"format", "kind", "run_id", "epoch", "size", "sha256", "created", "hmac"})
 _HEX = frozenset("0123456789abcdef")
-# A temp file untouched this long (seconds) belongs to no live writer: every write here makes
-# its file in one go, so a live one is seconds old at most, even for a large checkpoint.
-STALE_TEMPORARY_S = 600.0
-# ``os.link`` errors that mean "no hard links on this filesystem", not "the link failed".
-_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
-
-
-def fsync_directory(directory: str | os.PathLike[str]) -> None:
-    """Persist a rename, link or unlink in ``directory`` (POSIX); a no-op where directories
-    cannot be opened or synced (the files themselves are synced by their writers)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    # Some filesystems refuse fsync on a directory; the file itself is already synced.
-    with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then ``os.replace`` it over
-    ``path``. On any failure the temp file is removed, ``path`` is untouched, the error
-    propagates."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _through_temporary(target, write, lambda tmp_name: os.replace(tmp_name, target))
-    fsync_directory(target.parent)
-    return target
-
-
-def _through_temporary(
-    target: Path, write: Callable[[IO[bytes]], None], commit: Callable[[str], _T]
-) -> _T:
-    """Write a temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
-    ``remove_stale_temporaries`` knows) with ``write``, fsync it, and return ``commit(path)``
-    (which moves or links it into place). The temp file never outlives the call, whatever
-    fails, a Ctrl-C included: its creation and its removal hold SIGINT, so neither a signal
-    just after the file exists nor a second Ctrl-C during the clean-up leaves it behind."""
-    tmp_name: str | None = None
-    try:
-        with interrupts_deferred():
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-            )
-            handle = os.fdopen(fd, "wb")
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return commit(tmp_name)
-    finally:
-        if tmp_name is not None:  # gone already when ``commit`` moved it
-            with interrupts_deferred(), contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-
-
-def remove_stale_temporaries(
-    directory: str | os.PathLike[str],
-    final_name: str,
-    *,
-    older_than_s: float | None = STALE_TEMPORARY_S,
-) -> list[Path]:
-    """Delete from ``directory`` the temp files (``.<final name>.<random>.tmp``, as every
-    writer here names them) of killed writes of files whose names match the regular expression
-    ``final_name``; the removed paths. They never replaced their target, so they are garbage
-    once no live writer owns them: with ``older_than_s=None`` the caller knows there is none
-    (it holds the lock under which these names are written), otherwise only those unmodified
-    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk."""
-    temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:  # no directory yet (nothing was written), or unreadable: nothing to do
-        return removed
-    now = time.time()
-    for entry in entries:
-        if not temporary.fullmatch(entry.name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            if older_than_s is not None and now - info.st_mtime < older_than_s:
-                continue  # may be a live writer's
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue  # its writer finished (or someone else removed it) meanwhile
-        except OSError:
-            logger.warning("could not remove the stale temp file %s", entry.path, exc_info=True)
-            continue
-        logger.warning("removed the temp file of an interrupted write: %s", entry.path)
-        removed.append(Path(entry.path))
-    return removed
-
-
-def _replace_if_absent(tmp_name: str, target: Path) -> bool:
-    """Where there are no hard links: move ``tmp_name`` to ``target`` unless something is
-    there, under an exclusive lock on ``.<name>.lock`` beside it that every writer of
-    ``install_new_file`` takes, so two of them cannot both see ``target`` absent. The residual
-    window: a writer that bypasses this function, or a platform without advisory locks (not
-    POSIX; NFS across hosts where ``flock`` is not forwarded), may still race the check and the
-    rename, and then the later rename replaces the earlier file."""
-    lock_path = target.with_name(f".{target.name}.lock")
-    deadline = time.monotonic() + 30.0
-    while (lock := lock_exclusive(lock_path)) is None:
-        if time.monotonic() > deadline:  # held for a check and a rename: this is no writer
-            raise TimeoutError(f"the install lock {lock_path} stayed held for 30 s")
-        time.sleep(0.01)
-    with lock:
-        try:
-            os.lstat(target)
-        except FileNotFoundError:
-            os.replace(tmp_name, target)
-            return True
-        return False
-
-
-def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
-    """Put ``data`` at ``path`` (mode 0600) unless something is already there (False then,
-    nothing written), so that a kill at any point leaves no file at ``path`` or the whole one.
-
-    Why not create ``path`` and write it: a kill between the two leaves a torn file under the
-    final name, which then blocks every retry. So the bytes go to a temp file beside ``path``,
-    are fsync'd, and only then appear at ``path``: by a hard link, which never overwrites (two
-    concurrent writers: exactly one wins), or where the filesystem has none by a rename under a
-    lock (``_replace_if_absent``); then the directory is fsync'd. The temp file of a killed
-    write is left for ``remove_stale_temporaries``.
-    """
-    target = Path(path)
-
-    def link(tmp_name: str) -> bool:
-        try:
-            os.link(tmp_name, target)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            return _replace_if_absent(tmp_name, target)
-        return True
-
-    if not _through_temporary(target, lambda handle: handle.write(data), link):
-        return False
-    fsync_directory(target.parent)
-    return True
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
-    """Write ``chunks`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``,
-    directory fsync): a crash leaves the old file or the new one, never half of one. Creates
-    the parent directory if needed; the file is created with mode 0600."""
-
-    def write(handle: IO[bytes]) -> None:
-        for chunk in chunks:
-            handle.write(chunk)
-
-    return _atomic_write(path, write)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically, unsigned (for files that are never read
     back as trusted state, e.g. a stand-alone monitor's emergency dump). Creates the parent
     directory if needed; a failure leaves the previous file at ``path`` untouched."""
-    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 # ---------------------------------------------------------------------- checkpoint key
@@ -409,7 +235,7 @@ class CheckpointSigner:
             handle.write(header)
             handle.write(payload)
 
-        return _atomic_write(path, write)
+        return atomic_write(path, write)
 
     def write(
         self,

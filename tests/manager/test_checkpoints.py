@@ -26,9 +26,9 @@ from kasmina.manager.checkpoints import (
     restore_training_state,
 )
 from kasmina.manager.config import KasminaConfig
+from kasmina.utils.atomic import STALE_TEMPORARY_S
 from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,
-    STALE_TEMPORARY_S,
     CheckpointSigner,
     atomic_torch_save,
     load_or_create_checkpoint_key,
@@ -91,7 +91,7 @@ def test_crash_at_replace_keeps_previous_signed_file(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr("kasmina.utils.state_io.os.replace", failing_replace)
+    monkeypatch.setattr("kasmina.utils.atomic.os.replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
         store.save(1, {"v": torch.tensor([9.0])})
     monkeypatch.undo()

@@ -762,7 +762,7 @@ def test_an_end_epoch_whose_checkpoint_cannot_be_written_changes_nothing(
     def failing_replace(src, dst):
         raise OSError("read-only checkpoint directory")
 
-    monkeypatch.setattr("kasmina.utils.state_io.os.replace", failing_replace)
+    monkeypatch.setattr("kasmina.utils.atomic.os.replace", failing_replace)
     with pytest.raises(OSError, match="read-only"):
         manager.end_epoch(1, {"acc": 0.5})
     assert_same(before, _live(rig))

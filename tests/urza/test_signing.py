@@ -37,9 +37,9 @@ from kasmina.urza.keys import (
     parse_public_key,
 )
 from kasmina.urza.publish import publish_payload, resign_artifact
+from kasmina.utils.atomic import STALE_TEMPORARY_S
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.signed_json import canonical_json
-from kasmina.utils.state_io import STALE_TEMPORARY_S
 from tests.crash import KILLED, TornWriter, run_in_child
 from tests.urza.helpers import legacy_manifest
 

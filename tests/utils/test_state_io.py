@@ -12,14 +12,9 @@ import time
 
 import pytest
 
+from kasmina.utils.atomic import STALE_TEMPORARY_S, atomic_write_bytes, install_new_file
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import (
-    CHECKPOINT_KEY_BYTES,
-    STALE_TEMPORARY_S,
-    atomic_write_bytes,
-    install_new_file,
-    load_or_create_checkpoint_key,
-)
+from kasmina.utils.state_io import CHECKPOINT_KEY_BYTES, load_or_create_checkpoint_key
 from tests.crash import KILLED, TornWriter, run_in_child
 
 
