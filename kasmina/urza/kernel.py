@@ -82,6 +82,7 @@ def _program_module(
             ) from exc
         finally:
             _forget_load_sources(first, module)
+            _forget_shape_env_memos()
     module.to(device)
     # ``ExportedProgram.module()`` overrides train()/eval() on the instance with local
     # functions that raise; they would make a merged model's ``eval()`` raise (and cannot be
@@ -266,6 +267,20 @@ def _forget_load_sources(first: int | None, module: nn.Module | None) -> None:
         if match is not None and int(match.group(1)) >= first and key not in kept:
             cache.pop(key, None)
             linecache.cache.pop(key, None)
+
+
+def _forget_shape_env_memos() -> None:
+    """Clear the memo caches of torch's ``ShapeEnv`` methods (``functools.lru_cache`` on the
+    class, keyed by the instance), which kept alive the ShapeEnv every ``torch.export.load``
+    builds, with its symbols and fake tensors: about 12 KB a load, for the life of the
+    process, in a run that reloads evicted artifacts. They are memos only (recomputed on
+    demand), shared with any ``torch.compile`` of the process, which recomputes what it next
+    asks them."""
+    shape_env = getattr(torch.fx.experimental.symbolic_shapes, "ShapeEnv", None)
+    for value in vars(shape_env).values() if shape_env is not None else ():
+        clear = getattr(value, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 class GPUKernel(nn.Module):

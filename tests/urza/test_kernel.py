@@ -270,6 +270,29 @@ def test_loads_do_not_leave_their_generated_source_behind(artifact) -> None:
     assert set(loader.eval_cache) == before and not added & set(linecache.cache)
 
 
+def test_loads_do_not_keep_their_shape_envs_alive(artifact) -> None:
+    """Each load's torch.export deserialiser builds a ShapeEnv, which the memo caches on the
+    ShapeEnv class (keyed by the instance) kept for the life of the process: one more per
+    reload of an evicted artifact, with its symbols and fake tensors (~12 KB). Released
+    kernels leave none behind now."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    def shape_envs() -> int:
+        gc.collect()
+        return sum(isinstance(o, ShapeEnv) for o in gc.get_objects())
+
+    _, payload, manifest, _ = artifact
+    x = torch.randn(3, 8)
+    for _ in range(12):  # what the first loads leave in torch's bounded caches (a few)
+        GPUKernel.from_binary(payload, manifest, "cpu")(x).sum().backward()
+    before = shape_envs()
+    for _ in range(12):
+        kernel = GPUKernel.from_binary(payload, manifest, "cpu")
+        kernel(x).sum().backward()
+        del kernel
+    assert shape_envs() <= before
+
+
 def test_loads_on_two_threads_keep_each_others_sources(artifact, monkeypatch) -> None:
     """A load drops the sources generated since it began, except its kept module's: loads on
     two fetch workers take turns, or the one that ends last drops the other's kept source."""
