@@ -96,6 +96,7 @@ class CommandIntake:
         self.perf = perf
         # One safe point at a time takes and applies: two at once would take the same commands.
         self._applying = threading.Lock()
+        self._applier: int | None = None  # the thread applying, whose own calls return at once
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises."""
@@ -119,12 +120,17 @@ class CommandIntake:
         """Apply every queued command that is ready, in arrival order (see
         ``KasminaKernelManager.apply_pending``). While another thread is applying, a call
         that does not ``wait`` returns at once (that thread applies what is ready), and one
-        that waits waits its turn."""
+        that waits waits its turn; a call from inside the application on its own thread (a
+        telemetry sink's, a hook's) returns at once, waiting or not: it would wait on itself."""
+        if self._applier == threading.get_ident():
+            return []
         if not self._applying.acquire(blocking=wait):
             return []
         try:
+            self._applier = threading.get_ident()
             return self._take_and_apply(wait)
         finally:
+            self._applier = None
             self._applying.release()
 
     def _take_and_apply(self, wait: bool) -> list[CommandOutcome]:
@@ -155,8 +161,9 @@ class CommandIntake:
             with self.lock:
                 for index, (entry, original, error) in enumerate(ready):
                     began = index
-                    if not_durable:
-                        refused = self.refuse(entry.command, not_durable)
+                    blocked = not_durable or self.blocked()
+                    if blocked:
+                        refused = self.refuse(entry.command, blocked)
                         self._report(entry.command, refused, outcomes)
                     else:
                         self._apply_one(entry.command, original, error, outcomes)
@@ -243,10 +250,28 @@ class CommandIntake:
         self.report.note_command(command, False, reason)
         return CommandOutcome(command.command_id, command.kind, "", False, reason)
 
+    def blocked(self) -> str:
+        """Why no command can apply now, checked before each one ("" when one can): the manager
+        was closed (by a sink or another thread while earlier commands applied), or a slot was
+        taken out of the model (``SlotRegistry.check_held``: a detach or merge)."""
+        state = self.execution.state
+        try:
+            state.require_open()
+            if state.registry is not None:
+                state.registry.check_held()
+        except RuntimeError as exc:
+            return str(exc)
+        return ""
+
     def execute(self, command: KasminaCommand) -> bool:
         """Carry out a verified command at once, its nonce made durable first (safe point only).
-        A closed manager raises ``RuntimeError`` before anything changes (``require_open``)."""
+        A closed manager raises ``RuntimeError`` before anything changes (``require_open``); a
+        model a slot was taken out of refuses it (``blocked``)."""
         self.execution.state.require_open()
+        blocked = self.blocked()
+        if blocked:
+            self.refuse(command, blocked)
+            return False
         try:
             self.verifier.make_durable()
         except OSError as exc:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.control.commands import KasminaCommand
+from kasmina.control.commands import MAX_EPOCH, KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
@@ -182,8 +182,7 @@ class KasminaKernelManager:
         mean what they mean for ``kasmina.attach``. The slots record their host's output on the
         first forward, eager or compiled, and GERMINATE checks an artifact against that record.
         """
-        if self.registry is not None:
-            raise ValueError("this manager already manages a model")
+        self.state.require_no_model()
         kd = self.config.kd if self.config.kd_enabled else None
         slots = attach(
             model,
@@ -220,8 +219,7 @@ class KasminaKernelManager:
         until INITIALIZE_HOST creates it, dropping them. Seeds get the same class at ``seed_lr``
         (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
         ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
-        if self.registry is not None:
-            raise ValueError("this manager already manages a model")
+        self.state.require_no_model()
         if not seed_lr > 0:
             raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
@@ -281,7 +279,7 @@ class KasminaKernelManager:
         with self._lock:
             state = self.state
             results = evaluate_seeds(
-                state.require_registry(),
+                state.require_registry(training=True),
                 batches,
                 loss_fn,
                 metric_fn,
@@ -410,7 +408,8 @@ class KasminaKernelManager:
         """A safe point, on the training thread between steps (``step()`` calls it last,
         ``end_epoch`` first): apply every ready queued command, in arrival order. A GERMINATE
         whose kernel is still being fetched stays queued unless ``wait`` (then this waits for
-        it, at most until its command's timeout runs out)."""
+        it, at most until its command's timeout runs out). Never from a forward (a hook) or
+        between a forward and its backward: a CULL frees a kernel that graph still uses."""
         return self.intake.apply_pending(wait=wait)
 
     def execute(self, command: KasminaCommand) -> bool:
@@ -529,8 +528,8 @@ class KasminaKernelManager:
         (the state just before this boundary, marked so that a rollback replays the boundary)
         is written before the boundary's tick, so a failed write raises with the tick, epoch
         and metrics as they were (the queued commands are applied, as at any safe point)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+            raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
         state = self.state
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         state.checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones

@@ -197,6 +197,12 @@ class SlotRegistry:
         table = slots[0].state_table
         if any(slot.state_table is not table for slot in slots):
             raise ValueError("all slots must share one GPUStateTensor (kasmina.attach does this)")
+        for layer in (m for m in model.modules() if isinstance(m, KasminaLayer)):
+            if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
+                raise ValueError(
+                    f"slot {layer.layer_id!r} of this model is managed by another manager: one "
+                    "manager per model (close the other first)"
+                )
         self.model = model
         self.slots = list(slots)
         self.table: GPUStateTensor = table

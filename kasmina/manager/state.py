@@ -126,13 +126,23 @@ class ManagerState:
                 "or opens its checkpoints"
             )
 
+    def require_no_model(self) -> None:
+        """Before ``attach``/``register``: ``RuntimeError`` once closed (``require_open``),
+        ``ValueError`` while a model is managed already."""
+        self.require_open()
+        if self.registry is not None:
+            raise ValueError("this manager already manages a model")
+
     def require_registry(self, *, training: bool = False) -> SlotRegistry:
-        """The managed model's slots; ``training``: for a step or an epoch boundary, which a
-        closed manager refuses (``require_open``)."""
+        """The managed model's slots; ``training``: for a step, an epoch boundary or an evaluation,
+        which a closed manager refuses (``require_open``), as it does a model a slot was taken
+        out of (``SlotRegistry.check_held``)."""
         if training:
             self.require_open()
         if self.registry is None:
             raise ValueError("no model attached: call manager.attach(model, ...) first")
+        if training:
+            self.registry.check_held()
         return self.registry
 
     def new_optimizer_manager(self) -> IsolatedOptimizerManager:

@@ -1,0 +1,126 @@
+"""The manager's public calls made in the wrong order or from the wrong place: each is refused
+with a reason before anything changes, or returns at once, and training goes on (design §5)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import kasmina
+from kasmina.control.commands import make_seed_command
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.state_io import clone_state
+from tests.manager.helpers import SEED0, Host, Rig, S, make_config
+
+SEED1 = "out[1]"
+
+
+def test_a_model_another_manager_manages_is_refused(rig: Rig, tmp_path, store, keyring) -> None:
+    """Two managers over one model's seeds (``register``) or its parameters (another target)
+    would both step the host and tear down each other's seeds."""
+    other = KasminaKernelManager(make_config(tmp_path / "b", store), keyring=keyring)
+    with pytest.raises(ValueError, match="managed by another manager"):
+        other.register(rig.model)
+    with pytest.raises(ValueError, match="managed by another manager"):
+        other.attach(rig.model, "inp", 2, 4)
+    assert type(rig.model.inp) is torch.nn.Linear  # the refused attach took its slot off again
+    assert other.registry is None and rig.train(1)["host_stepped"]
+    rig.manager.close()  # released: another manager may take the model
+    other.register(rig.model)
+    assert other.require_registry().slots == [rig.model.out]
+
+
+def test_a_closed_manager_attaches_nothing(tmp_path, store, keyring: Keyring) -> None:
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    manager.close()
+    model = Host()
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.attach(model, "out", 2, 2)
+    assert type(model.out) is torch.nn.Linear and manager.registry is None
+
+
+@pytest.mark.parametrize("epoch", [2**31, 2**32, 10**30])
+def test_an_epoch_beyond_int32_is_refused(rig: Rig, epoch: int) -> None:
+    """The wire carries epochs as 32-bit integers (a ROLLBACK's target as int32): a later
+    epoch made every ``system_state()`` raise, for good, since epochs only go up."""
+    with pytest.raises(ValueError, match="epoch must be an int in"):
+        rig.manager.end_epoch(epoch)
+    assert rig.manager.epoch == rig.manager.state.epoch
+    rig.manager.end_epoch(2**31 - 1)
+    assert rig.manager.system_state().current_epoch == 2**31 - 1
+
+
+def test_apply_pending_from_inside_its_own_application_returns_at_once(rig: Rig) -> None:
+    """A telemetry sink that applies pending commands, waiting, ran on the thread that was
+    applying them: it waited on itself for ever."""
+    manager, calls = rig.manager, []
+
+    class Sink:
+        def send(self, packet) -> None:
+            if any(m.name == "command.complete" for m in packet.metrics):
+                calls.append(manager.apply_pending(wait=True))
+
+    manager.telemetry.add_sink(Sink())
+    assert manager.handle_adaptation_command(
+        rig.signed(make_seed_command("terminate", SEED1, "", {}))
+    )
+    done: list[object] = []
+    worker = threading.Thread(
+        target=lambda: done.append(manager.apply_pending(wait=True)), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "apply_pending waited on itself"
+    assert [o.ok for o in done[0]] == [True] and calls == [[]]
+    assert rig.stage(SEED1) == S.TERMINATED
+
+
+def test_a_manager_whose_slot_was_detached_measures_and_applies_nothing(rig: Rig, mlp) -> None:
+    """After ``kasmina.detach`` the seed no longer runs: its evaluation measured no effect and
+    G5 fossilized it; the epoch checkpointed the stripped model. All refused now, as step()."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    kasmina.detach(rig.model)
+    before = clone_state(rig.model.state_dict())
+    with pytest.raises(RuntimeError, match="taken out of the model"):
+        manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    with pytest.raises(RuntimeError, match="taken out of the model"):
+        manager.end_epoch(1)
+    assert not rig.send("advance", SEED0)
+    assert "taken out of the model" in manager.command_log[-1][3]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.epoch == 0
+    after = rig.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_commands_queued_behind_a_close_are_refused(rig: Rig, mlp) -> None:
+    """``close()`` from a telemetry sink (or another thread) while a batch applies: the
+    commands behind it applied anyway, a GERMINATE hooking a kernel into the closed manager."""
+    manager = rig.manager
+
+    class Sink:
+        armed = True
+
+        def send(self, packet) -> None:
+            if self.armed and any(m.name == "command.complete" for m in packet.metrics):
+                self.armed = False
+                manager.close()
+
+    for raw in (
+        rig.signed(make_seed_command("germinate", SEED0, mlp, {})),
+        rig.signed(make_seed_command("germinate", SEED1, mlp, {})),
+    ):
+        assert manager.handle_adaptation_command(raw)
+    manager.telemetry.add_sink(Sink())
+    outcomes = manager.apply_pending(wait=True)
+    assert [o.ok for o in outcomes] == [True, False]
+    assert "closed" in outcomes[1].reason
+    record = manager.registry[SEED1]
+    assert record.kernel is None and rig.stage(SEED1) == S.DORMANT
+    assert SEED1 not in manager.optimizers.seed_ids
