@@ -351,18 +351,28 @@ class _AlphaBlendFunction(torch.autograd.Function):
 def _alpha_blend_op(
     seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str
 ) -> Tensor:
-    return _forward_impl(seed, host, alpha, alpha_value, mode)
+    # Compiled, an input may arrive with other strides than it was traced with: the caller's
+    # ``.contiguous()`` ran on a fake tensor that was contiguous where the real one (a
+    # channels_last slot's pre-blend, built of 1-channel chunks) is not. The kernels take
+    # contiguous rows; a contiguous input is not copied.
+    args = (seed.contiguous(), host.contiguous(), _contiguous(alpha))
+    return _forward_impl(*args, alpha_value, mode)
+
+
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.contiguous()
 
 
 @_alpha_blend_op.register_fake
 def _alpha_blend_fake(seed, host, alpha, alpha_value, mode):
-    return torch.empty_like(host)
+    return torch.empty_like(host, memory_format=torch.contiguous_format)  # as the op's output
 
 
 @torch.library.custom_op("kasmina::alpha_blend_backward", mutates_args=())
 def _alpha_blend_backward_op(
     grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
 ) -> tuple[Tensor, Tensor]:
+    seed, host, alpha = _contiguous(seed), _contiguous(host), _contiguous(alpha)  # as above
     return _backward_impl(grad, seed, host, alpha, alpha_value)
 
 

@@ -672,3 +672,46 @@ def test_torch_func_grad_matches_eager_autograd(backend, alpha_kind, mode):
         torch.testing.assert_close(g.double(), torch.zeros_like(g.double()) if w is None else w)
     with pytest.raises(RuntimeError, match="alpha_blend does not support torch.vmap"):
         torch.vmap(lambda s, h: alpha_blend(s, h, 0.3, mode))(seed_out, host_out)
+
+
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_the_custom_ops_take_inputs_of_any_strides(backend: str, mode: str) -> None:
+    """Compiled, the op's inputs can have other strides than the ones traced (below): its own
+    implementation makes them contiguous, forward and backward, against float64."""
+    seed_out, host_out, grad = _inputs((5, 6, 4), torch.float32, seed=21)
+    alpha = torch.rand(2, generator=torch.Generator().manual_seed(22))
+    s, h = seed_out.transpose(0, 1), host_out.transpose(0, 1)  # [6, 5, 4], not contiguous
+    assert not s.is_contiguous()
+    out = torch.ops.kasmina.alpha_blend(s, h, alpha, 0.0, mode)
+    want = _blend64(s, h, alpha) if mode == "blend" else h.double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    g = grad.transpose(0, 1)
+    grad_seed, grad_alpha = torch.ops.kasmina.alpha_blend_backward(g, s, h, alpha, 0.0)
+    torch.testing.assert_close(
+        grad_seed.double(), _alpha64(alpha, 4) * g.double(), rtol=1e-6, atol=1e-6
+    )
+    per_column = (g.double() * (s.double() - h.double())).sum(dim=(0, 1))
+    torch.testing.assert_close(
+        grad_alpha.double(), per_column.view(2, 2).sum(1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_channels_last_blend_of_one_channel_chunks_compiles(backend: str) -> None:
+    """A channels_last conv slot's pre-blend, built of 1-channel chunks and moved to the last
+    dim, is contiguous as AOTAutograd's fake tensor and not as the real one: the public op's
+    ``.contiguous()``, traced as a no-op, handed the kernel a strided tensor (ValueError)."""
+
+    def blend(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        a, b = x.split(1, dim=1)
+        pre = torch.cat([torch.tanh(a * w), b], dim=1)
+        return alpha_blend(pre.movedim(1, -1), x.movedim(1, -1), alpha)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 2, 5, 5).to(memory_format=torch.channels_last)
+    w, alpha = torch.tensor(0.7, requires_grad=True), torch.tensor([0.3, 1.0])
+    got = torch.compile(blend, backend="aot_eager", fullgraph=True)(x, w, alpha)
+    x64 = x.double().movedim(1, -1)
+    pre64 = torch.stack([torch.tanh(x64[..., 0] * 0.7), x64[..., 1]], dim=-1)
+    torch.testing.assert_close(got.double(), _blend64(pre64, x64, alpha), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad)
