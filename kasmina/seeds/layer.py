@@ -405,7 +405,7 @@ class KasminaLayer(nn.Module):
                 f"got {type(x).__name__}"
             )
         problem = self.contract_problem()
-        if problem is not None or not fits(x, self.chunk_dim, self.width):  # another call's shape
+        if problem is not None or not fits(x, self.chunk_dim, self.width, self.output_contract):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x
         dim = self.chunk_dim % x.dim()

@@ -582,12 +582,14 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
         walk(slot.seed(k), S.GRAFTING)
     slot.set_teacher_logits(torch.randn(3, 4))  # the model's output's shape: the first call's?
     model(torch.randn(3, 5, 4)).sum().backward()
-    assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1}
+    # The teacher's call sits its KD out; the pooled call (rank 2 against the recorded 3) its
+    # seeds, whose kernels were admitted for the recorded rank.
+    assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1, "seeds": 1}
     assert [seed.faults for seed in slot.seeds] == [0, 0]
     assert "teacher logits (3, 4) do not fit (3, 5, 4)" in caplog.text
-    slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # a caller's error is not sat out
+    slot.set_teacher_logits(torch.randint(0, 4, (3, 5, 4)))  # a caller's error: not sat out
     with pytest.raises(ValueError, match="teacher_logits must be float32"):
-        model(torch.randn(3, 5, 4)[:, 0])
+        model(torch.randn(3, 5, 4))
 
 
 def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
@@ -800,3 +802,28 @@ def test_a_slot_takes_its_hosts_mode_and_leaves_the_hosts_own_modes_alone() -> N
             training,
             not training,
         )
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.ACTIVE])
+def test_an_unbatched_call_whose_height_is_the_channel_count_is_sat_out(stage) -> None:
+    """The unbatched call's output ``[C, H, W]`` has H == C here: its dim 1 (the conv slot's
+    chunk dim) is as wide as the seeds cover, and only its rank tells it from the batched
+    ``[B, C, H, W]`` the slot recorded. Its seeds were handed slices of the height: a fault
+    each call, then QUARANTINE for two healthy seeds."""
+    model = _TwoCalls()
+    model.conv = nn.Conv2d(3, 4, 3)  # no padding: a [3, 6, 6] sample gives [4, 4, 4]
+    (slot,) = attach(model, ["conv"], 2, 2)
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    assert slot.host(x[0]).shape == (4, 4, 4)
+    for k in range(2):
+        torch.manual_seed(k)
+        slot.seed(k).attach_kernel(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+        walk(slot.seed(k), stage)
+    slot.update_alpha_blending(3, 10)
+    for _ in range(4):
+        model(x).backward()
+    assert [seed.faults for seed in slot.seeds] == [0, 0] and slot.sat_out["seeds"] == 4
+    assert [seed.stage for seed in slot.seeds] == [stage, stage]
+    with torch.no_grad():
+        assert torch.equal(slot(x[0]), slot.host(x[0]))
