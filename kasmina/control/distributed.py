@@ -79,7 +79,7 @@ from kasmina.control.relay import (
     revise_completion,
     unframe,
 )
-from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica
+from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica, minority_ranks
 from kasmina.leyline import MetricType
 
 if TYPE_CHECKING:
@@ -233,9 +233,10 @@ class DistributedCoordinator:
         relayed = self._exchange(epoch, local)
         commands, judged = self._apply(relayed, local)
         outcomes = [int(c.ok) for c in commands]
-        rows = self._all_gather([epoch, self.state.checksum(), len(commands), *outcomes])
+        row = [epoch, self.state.checksum(), len(commands), *outcomes, self._healthy()]
+        rows = self._all_gather(row)  # the health last: ``_OUTCOMES`` indexes the outcomes
         checksums = tuple(row[1] for row in rows)
-        divergent = _minority_ranks([tuple(row) for row in rows])
+        divergent = minority_ranks([tuple(r[:-1]) for r in rows], [bool(r[-1]) for r in rows])
         source, repaired = -1, ()
         if divergent and self.repair:
             source = min(r for r in range(len(rows)) if r not in divergent)
@@ -256,6 +257,16 @@ class DistributedCoordinator:
         self.stats["syncs"] += 1
         self._report(result)
         return result
+
+    def _healthy(self) -> int:
+        """1 unless the replica answers ``healthy()`` False (``ReplicaState``); a check that
+        raises counts as healthy, as a replica without one (logged: the sync must go on)."""
+        check = getattr(self.state, "healthy", None)
+        try:
+            return int(bool(check())) if callable(check) else 1
+        except Exception:
+            logger.exception("the replica's health check raised; counted as healthy")
+            return 1
 
     def _begin_sync(self) -> None:
         """Tell the applier a sync begins (its optional ``begin_sync``), before any prepare: what
@@ -568,14 +579,6 @@ def _is_replica(state: object) -> bool:
         callable(getattr(state, name, None))
         for name in ("checksum", "export_state", "import_state")
     )
-
-
-def _minority_ranks(keys: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    """Ranks whose key differs from the most common one; ties go to rank 0's key."""
-    counts = Counter(keys)
-    best = max(counts.values())
-    majority = keys[0] if counts[keys[0]] == best else counts.most_common(1)[0][0]
-    return tuple(r for r, k in enumerate(keys) if k != majority)
 
 
 def _split_reason(column: Sequence[bool], source: int, repaired: tuple[int, ...]) -> str:

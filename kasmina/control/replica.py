@@ -42,7 +42,9 @@ __all__ = [
     "ReplicaState",
     "TensorReplica",
     "buckets",
+    "minority_ranks",
     "nested_checksum",
+    "nested_finite",
     "state_checksum",
 ]
 
@@ -54,7 +56,11 @@ _LEN = struct.Struct("<Q")
 
 
 class ReplicaState(Protocol):
-    """The state every rank must hold bit for bit: its checksum, and a copy to repair from."""
+    """The state every rank must hold bit for bit: its checksum, and a copy to repair from.
+
+    One may also answer ``healthy() -> bool`` (whether its floating tensors are all finite,
+    ``nested_finite``): a rank that answers False is never the one the others are repaired
+    from (``minority_ranks``), so a NaN one rank's data made is not spread by the repair."""
 
     def checksum(self) -> int: ...
 
@@ -64,6 +70,39 @@ class ReplicaState(Protocol):
 
 
 StateProvider = Callable[[], Mapping[str, torch.Tensor]]
+
+
+def minority_ranks(
+    keys: Sequence[tuple[int, ...]], healthy: Sequence[bool] | None = None
+) -> tuple[int, ...]:
+    """Ranks whose key differs from the most common one among the ``healthy`` ranks (all, when
+    not given or when none is), ties going to the lowest of them: a rank whose replica is not
+    finite is outvoted even in a two-rank tie, and repaired from a finite one."""
+    ranks = [r for r in range(len(keys)) if healthy is None or healthy[r]] or range(len(keys))
+    counts = Counter(keys[r] for r in ranks)
+    best = max(counts.values())
+    majority = next(keys[r] for r in ranks if counts[keys[r]] == best)
+    return tuple(r for r, k in enumerate(keys) if k != majority)
+
+
+def nested_finite(value: Any) -> bool:
+    """Whether every floating tensor in a nest of mappings and sequences (what
+    ``nested_checksum`` reads) is finite; one device read for all of them."""
+    flags: list[torch.Tensor] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() or item.is_complex():
+                flags.append(torch.isfinite(item.detach()).all().to("cpu"))
+        elif isinstance(item, Mapping):
+            for v in item.values():
+                walk(v)
+        elif isinstance(item, (list, tuple)):
+            for v in item:
+                walk(v)
+
+    walk(value)
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def state_checksum(state: Mapping[str, torch.Tensor]) -> int:
@@ -119,6 +158,9 @@ class TensorReplica:
 
     def checksum(self) -> int:
         return state_checksum(self.provider())
+
+    def healthy(self) -> bool:
+        return nested_finite(dict(self.provider()))
 
     def export_state(self) -> bytes:
         chunks: list[bytes] = []

@@ -53,7 +53,7 @@ from kasmina.control.processes import (
     collective_timeout_s,
     copy_into_grads,
 )
-from kasmina.control.replica import BufferAverage, buckets, nested_checksum
+from kasmina.control.replica import BufferAverage, buckets, nested_checksum, nested_finite
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
 from kasmina.manager.checkpoints import MemoryCheckpointStore
@@ -310,6 +310,15 @@ class ManagerReplica:
         self.include_host = include_host
 
     def checksum(self) -> int:
+        return nested_checksum(self._view())
+
+    def healthy(self) -> bool:
+        """Whether every floating tensor the checksum covers is finite (``ReplicaState``): a
+        rank whose seed's BatchNorm statistics a batch of inf made NaN is repaired from a
+        finite rank, never taken as the one to copy, even in a two-rank tie."""
+        return nested_finite(self._view())
+
+    def _view(self) -> dict[str, Any]:
         state = self.manager.state
         registry = state.require_registry()
         optimizers = state.optimizers.state_dict()["optimizers"]
@@ -324,7 +333,7 @@ class ManagerReplica:
         }
         if self.include_host:
             view["host"] = list(registry.host_params)
-        return nested_checksum(view)
+        return view
 
     def export_state(self) -> bytes:
         state = self.manager.state

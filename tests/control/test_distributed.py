@@ -20,12 +20,7 @@ from torch import nn
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.distributed import (
-    HISTORY_SIZE,
-    DistributedCoordinator,
-    EpochSyncResult,
-    _minority_ranks,
-)
+from kasmina.control.distributed import HISTORY_SIZE, DistributedCoordinator, EpochSyncResult
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import (
     average_gradients,
@@ -36,7 +31,9 @@ from kasmina.control.processes import (
 from kasmina.control.replica import (
     BufferAverage,
     TensorReplica,
+    minority_ranks,
     nested_checksum,
+    nested_finite,
     state_checksum,
 )
 from kasmina.leyline import AdaptationCommand, SeedOperation
@@ -553,11 +550,23 @@ def test_checksum_is_bitwise_and_order_free() -> None:
 
 
 def test_majority_and_tie_breaking() -> None:
-    assert _minority_ranks([(1,), (1,), (2,)]) == (2,)
-    assert _minority_ranks([(2,), (1,), (1,)]) == (0,)
-    assert _minority_ranks([(1,), (2,)]) == (1,)  # a tie goes to rank 0
-    assert _minority_ranks([(1,), (2,), (3,)]) == (1, 2)
-    assert _minority_ranks([(1,), (1,)]) == ()
+    assert minority_ranks([(1,), (1,), (2,)]) == (2,)
+    assert minority_ranks([(2,), (1,), (1,)]) == (0,)
+    assert minority_ranks([(1,), (2,)]) == (1,)  # a tie goes to rank 0
+    assert minority_ranks([(1,), (2,), (3,)]) == (1, 2)
+    assert minority_ranks([(1,), (1,)]) == ()
+    # A rank whose replica is not finite is never the majority, in a tie or outnumbering.
+    assert minority_ranks([(1,), (2,)], [False, True]) == (0,)
+    assert minority_ranks([(1,), (1,), (2,)], [False, False, True]) == (0, 1)
+    assert minority_ranks([(1,), (2,), (3,)], [True, False, True]) == (1, 2)
+    assert minority_ranks([(1,), (2,)], [False, False]) == (1,)  # none finite: as before
+
+
+def test_nested_finite_reads_every_floating_tensor_of_a_nest() -> None:
+    ok = {"a": torch.ones(2), "b": [torch.zeros(1), (torch.tensor(3), "x")], "c": 1.5}
+    assert nested_finite(ok) and nested_finite({}) and nested_finite([torch.tensor([1, 2])])
+    for bad in (float("nan"), float("inf")):
+        assert not nested_finite({"a": torch.ones(2), "b": [(torch.tensor([0.0, bad]),)]})
 
 
 def test_on_divergence_is_not_called_when_consistent() -> None:
@@ -603,3 +612,27 @@ def test_seed_buffers_are_averaged_and_a_non_finite_one_left_to_the_repair(
         assert out["mean"].tolist() == [1.5, 2.5]  # averaged, the same bits on both ranks
         # Averaged, rank 1's NaN would have reached rank 0 and no repair would have found it.
         assert out["var"][1].isnan().item() == (rank == 1)
+
+
+def _nan_repair_worker(rank: int, world: int, out_dir: str) -> None:
+    """Rank 0's replica holds a NaN (a seed's BatchNorm statistics after a batch of inf), rank
+    1's is finite: two ranks tie, and the tie went to rank 0, so the repair copied its NaN to
+    the healthy rank, where nothing flagged it again (the checksums then agreed)."""
+    stats = torch.tensor([0.5, float("nan") if rank == 0 else 0.25])
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    handler = LeylineAdaptationHandler(CommandVerifier(Keyring({"k1": KEY})), TableExecutor(table))
+    replica = TensorReplica(lambda: {"stats": stats, "table": table.state_tensor})
+    result = DistributedCoordinator(handler, replica).sync_epoch(0)
+    torch.save(
+        {"stats": stats, "divergent": result.divergent_ranks, "source": result.source_rank},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_a_non_finite_rank_is_repaired_from_a_finite_one(tmp_path: Path) -> None:
+    spawn(_nan_repair_worker, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["divergent"] == (0,) and out["source"] == 1
+        assert out["stats"].tolist() == [0.5, 0.25]

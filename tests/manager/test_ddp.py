@@ -736,6 +736,29 @@ def test_a_replica_snapshot_repairs_a_manager_in_one_process(tmp_path, store, ke
     rig.train(1)  # and it trains on
 
 
+@pytest.mark.parametrize("where", ["seed weight", "host weight", "optimizer state"])
+def test_a_replica_with_a_non_finite_tensor_is_not_healthy(
+    tmp_path, store, keyring, mlp, where: str
+) -> None:
+    """What the checksum covers is what the health check reads: a rank holding a NaN there is
+    never the one a sync repairs the others from (``minority_ranks``)."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    dk.sync_epoch(0)
+    rig.train(2)
+    assert dk.replica.healthy()
+    if where == "seed weight":
+        tensor = rig.manager.seed(SEED0).seed_parameters()[0]
+    elif where == "host weight":
+        tensor = rig.manager.require_registry().host_params[0]
+    else:
+        tensor = next(iter(rig.manager.optimizers.optimizer(SEED0).state.values()))["exp_avg"]
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("nan")
+    assert not dk.replica.healthy()
+
+
 def test_fsdp_sharded_hosts_are_refused(tmp_path, store, keyring) -> None:
     from torch.distributed.fsdp import FSDPModule
 
