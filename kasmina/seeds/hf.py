@@ -76,6 +76,17 @@ _RECORDER_FILE = os.path.join("transformers", "utils", "output_capturing.py")
 _OUTPUTS = ("output_hidden_states", "output_attentions")
 
 
+def _asked(model: nn.Module) -> set[str]:
+    """The ``output_*`` flags that make transformers record on ``model``: one per output its
+    class can record (``_can_record_outputs``: ``output_router_logits`` of a mixture of
+    experts, say), and the two every model has, as its own forward decides."""
+    registry = getattr(
+        sys.modules.get("transformers.utils.output_capturing"), "_CAN_RECORD_REGISTRY", None
+    )
+    flags = registry.get(model) if registry is not None else {}
+    return {*_OUTPUTS, *(f"output_{key}" for key in flags)}
+
+
 def _before_forward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A forward pre-hook on an HF model that records outputs: on the first forward that asks
     for them, install transformers' recording hooks first (as the forward itself would, a
@@ -84,14 +95,14 @@ def _before_forward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     if vars(model).get("_kasmina_hooks_moved"):
         return
     if not getattr(model, "_output_capturing_hooks_installed", False):
-        config = getattr(model, "config", None)
-        if not any(kwargs.get(key, getattr(config, key, False)) for key in _OUTPUTS):
-            return
         try:
-            from transformers.utils.output_capturing import maybe_install_capturing_hooks
+            from transformers.utils import output_capturing
         except ImportError:  # an older transformers: nothing of this kind to install
             return
-        maybe_install_capturing_hooks(model)
+        config = getattr(model, "config", None)
+        if not any(kwargs.get(key, getattr(config, key, False)) for key in _asked(model)):
+            return
+        output_capturing.maybe_install_capturing_hooks(model)
     for slot in model.modules():
         if isinstance(slot, KasminaLayer):
             _move_capture_hooks(slot.host, slot)

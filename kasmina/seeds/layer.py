@@ -24,13 +24,14 @@ The plan (each seed's stage; whether any runs its kernel) is a slot-local snapsh
 refreshes on every change (``GPUStateTensor.listen``), so the forward reads neither the table
 nor the seeds; with every seed passing the host through it returns the host's output object.
 
-**Behaving like the wrapped module.** Code around a slot keeps reading the module it expects
-(``fc.weight``, ``attn.batch_first``, ``proj.out_features``), so an attribute the slot does not
-define is read from the host, as PEFT's layers do. PyTorch's fused ``TransformerEncoderLayer``
-path would bypass a slot in it (it calls native kernels with the layer's tensors): while a seed
-runs, the slot's seeds hold a no-op forward pre-hook and its tensors read as a marked view
-(``outputs.force_regular_path``, ``SeedsLive``), either of which makes the regular path run
-and call the slot; with every seed passing through, the fused path runs as for the bare model.
+**Behaving like the wrapped module.** Code around a slot keeps reading (and writing) the module
+it expects (``fc.weight``, ``attn.batch_first``, ``proj.out_features``): an attribute the slot
+does not define is read from the host and written there, as PEFT's layers do. PyTorch's fused
+``TransformerEncoderLayer`` path would bypass a slot in it (it calls native kernels with the
+layer's tensors): while a seed runs, the slot's seeds hold a no-op forward pre-hook and its
+tensors read as a marked view (``outputs.force_regular_path``, ``SeedsLive``), either of which
+makes the regular path run and call the slot; with every seed passing through, the fused path
+runs as for the bare model.
 
 A seed that faults contributes its host chunk with alpha 1, as a DORMANT seed would; the
 others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
@@ -197,6 +198,7 @@ class KasminaLayer(nn.Module):
         # The host's mode, not train()'s (which would reset the host's own mixed modes).
         self.training = host.training
         self.seeds.train(host.training)
+        self.__dict__["_built"] = True  # from now on the host's plain attributes are written there
 
     # -- the wrapped module's attributes ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -228,12 +230,13 @@ class KasminaLayer(nn.Module):
         force_regular_path(self.seeds, bool(value) and self._runs_any)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # A parameter or buffer the host holds and the slot does not is assigned on the host,
-        # as it is read there: weight tying (``lm_head.weight = wte.weight``) keeps working.
-        host = self.__dict__.get("_modules", {}).get("host")
+        # What the host holds and the slot does not is assigned on the host, as it is read there:
+        # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
+        host, built = self.__dict__.get("_modules", {}).get("host"), "_built" in self.__dict__
         if (
             host is not None
-            and (name in host._parameters or name in host._buffers)
+            and (name in host._parameters or name in host._buffers or built and name in vars(host))
+            and not hasattr(type(self), name)
             and name not in self._parameters
             and name not in self._buffers
             and name not in self.__dict__
@@ -341,8 +344,7 @@ class KasminaLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, teacher_logits: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        # The hot path reads ``_modules`` directly: ``self.host`` would go through this class's
-        # ``__getattr__`` (an extra frame per access, on every forward of every slot).
+        # The hot path reads ``_modules`` directly (``self.host``: a ``__getattr__`` frame a call).
         out = self._modules["host"](*args, **kwargs)
         # The first forward's shapes, then one compare (compiled, a guard: the graph traced
         # before the record records, as a side effect replayed after each call, and the next
@@ -395,8 +397,7 @@ class KasminaLayer(nn.Module):
     def _graft(
         self, x: Any, codes: tuple[int, ...], teacher_logits: torch.Tensor | None
     ) -> torch.Tensor:
-        # Compiled, the stages come from their ints (guarded by value, also when a graph break
-        # makes this method a frame of its own); eager, from the plan cached beside them.
+        # Compiled, the stages come from their ints (``_refresh_plan``); eager, the cached plan.
         compiling = torch.compiler.is_compiling()
         plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan
         if not isinstance(x, torch.Tensor):
@@ -436,10 +437,9 @@ class KasminaLayer(nn.Module):
                 if fused is not None:
                     return fused
             self._contain_backward(outs, inputs, plan)
-        # The device half, once for the layer: one finiteness reduction over every seed's
-        # output as it is concatenated for the blend, one flag update, one ``where``. When the
-        # sums, read on the CPU in eager mode, show every chunk finite (``ok`` None), only the
-        # reduction runs.
+        # The device half, once for the layer: one finiteness reduction over every seed's output
+        # as it is concatenated for the blend, one flag update, one ``where``; only the reduction
+        # when the sums, read on the CPU in eager mode, show every chunk finite (``ok`` None).
         n = self.num_seeds
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)

@@ -216,6 +216,57 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
 
 
+def test_a_resize_through_a_slot_reaches_the_hosts_plain_attributes() -> None:
+    """``resize_token_embeddings`` also sets the head's ``out_features``: written through the
+    slot, it stayed on the slot, hiding the host's stale 96 from then on; detached, the head
+    said 96 with a 100-row weight, and a new attach was refused for 96 features."""
+    from kasmina.seeds.inject import detach
+    from tests.integration.models import tiny_gpt2
+
+    model = tiny_gpt2()
+    (slot,) = attach(model, ["lm_head"], 2, 64)
+    model.resize_token_embeddings(130)
+    assert slot.host.out_features == 130 and "out_features" not in vars(slot)
+    detach(model)
+    assert model.lm_head.out_features == 130 == model.lm_head.weight.shape[0]
+    (slot,) = attach(model, ["lm_head"], 2, 65)
+    assert slot.width == 130
+    slot.layer_id = "head"  # the slot's own attributes stay the slot's
+    assert slot.layer_id == "head" and not hasattr(slot.host, "layer_id")
+
+
+def test_the_first_forward_records_a_mixture_of_experts_router_through_its_slot() -> None:
+    """transformers installs its recording hooks on the first forward that asks for any output
+    its class records; for ``output_router_logits`` (not hidden states or attentions) they were
+    moved to the slot only after that forward, so it recorded the host's router logits (its
+    ``aux_loss`` differed from the same forward's next time)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).eval()
+    (slot,) = attach(model, ["model.layers.0.mlp.gate"], 2, 2)
+    seed = slot.seed(0)
+    seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    for stage in PATH:
+        seed.transition_to(stage)
+    seen: list[torch.Tensor] = []
+    slot.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(2):
+        seen.clear()
+        with torch.no_grad():
+            out = model(ids)
+        assert torch.equal(out.router_logits[0], seen[0])
+        losses.append(out.aux_loss)
+    assert torch.equal(losses[0], losses[1])
+
+
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_save_pretrained_with_a_slot_on_a_tied_head(which: str, tmp_path: Path) -> None:
     """The tied-weight names follow the head into its slot (``lm_head.host.weight``), so
