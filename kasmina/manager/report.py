@@ -174,13 +174,13 @@ class ManagerReport:
         """
         state = self.state
         val = state.val_metrics
-        accuracy = next((val[k] for k in _ACCURACY_KEYS if k in val), 0.0)
-        loss = next((val[k] for k in _LOSS_KEYS if k in val), 0.0)
-        metrics: dict[str, float] = {
-            f"val/{key}": float(value)
-            for key, value in val.items()
-            if key not in _ACCURACY_KEYS and key not in _LOSS_KEYS
-        }
+        # The first key of each list present fills the field; every other metric, another
+        # synonym included (``accuracy`` beside ``val_accuracy``), goes in as ``val/<key>``.
+        fields = [
+            next((k for k in keys if k in val), None) for keys in (_ACCURACY_KEYS, _LOSS_KEYS)
+        ]
+        accuracy, loss = (val[k] if k is not None else 0.0 for k in fields)
+        metrics = {f"val/{k}": float(v) for k, v in val.items() if k not in fields}
         stages: dict[str, int] = {}
         registry = state.registry
         for record in registry if registry is not None else ():

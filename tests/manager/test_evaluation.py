@@ -391,6 +391,14 @@ def test_system_state_packet_carries_the_measured_benefit(rig: Rig, mlp) -> None
     assert metrics[f"seed/{SEED0}/alpha"] == 1.0
     assert metrics[f"seed/{SEED0}/epochs_in_stage"] == 1.0
     assert f"seed/{SEED1}/benefit" not in metrics and metrics["val/top5"] == pytest.approx(0.9)
+    # A synonym beside the key that fills a field (a training accuracy passed as "accuracy"
+    # next to "val_accuracy") is a metric of its own: it was dropped from the packet.
+    manager.end_epoch(2, {"val_accuracy": 0.6, "accuracy": 0.9, "loss": 0.4, "val_acc": 0.5})
+    packet = manager.system_state()
+    assert packet.validation_accuracy == pytest.approx(0.6)
+    assert packet.validation_loss == pytest.approx(0.4)
+    val = {k: v for k, v in packet.training_metrics.items() if k.startswith("val/")}
+    assert val == {"val/accuracy": pytest.approx(0.9), "val/val_acc": pytest.approx(0.5)}
     # ... and in the full telemetry packet.
     names = {m.name for m in manager.export_leyline_telemetry().metrics}
     assert {"seed.benefit", "seed.loss_with", "seed.loss_without"} <= names
