@@ -207,11 +207,11 @@ def teacher_fit_problem(
     """Why ``teacher`` logits do not fit a slot call whose output is ``output`` (the student's
     shape; through the slot's KD ``head``, logits ``[..., V]`` for ``[..., H]``), or None: a
     module called with other shapes in one forward distils only the call they fit."""
-    if head is None:
-        fits = teacher.shape == output
-    else:
-        fits = teacher.shape[:-1] == output[:-1] and teacher.shape[-1:] == head[0].shape[:1]
-    return None if fits else f"teacher logits {tuple(teacher.shape)} do not fit {tuple(output)}"
+    want = tuple(output) if head is None else (*output[:-1], int(head[0].shape[0]))
+    if tuple(teacher.shape) == want:
+        return None
+    through = "" if head is None else f" (the KD head's logits of {tuple(output)})"
+    return f"teacher logits {tuple(teacher.shape)} do not fit {want}{through}"
 
 
 def kd_head_problem(weight: object, bias: object, width: int) -> str | None:

@@ -302,8 +302,25 @@ class TeacherForwardPassManager:
             self._after_oom(failed, on_cuda)
             return None
         if self.auto_profile and self._memory is None:
-            self.profile_memory(input_batch)
+            self._auto_profile(input_batch)
         return logits
+
+    def _auto_profile(self, input_batch: torch.Tensor) -> None:
+        """The first forward's memory profile, a measurement that must never stop training: a
+        second forward beside the logits just computed may run out of memory (or fail), and
+        then the peaks are recorded as not measured (NaN), once, with a warning."""
+        try:
+            self.profile_memory(input_batch)
+        except Exception as exc:
+            reason = "ran out of memory" if is_oom_error(exc) else f"failed: {exc!r}"
+            logger.warning("the teacher's memory profile %s; its peaks are not measured", reason)
+            self._memory = {
+                "peak_forward_bytes_full": math.nan,
+                "peak_forward_bytes_reduced": math.nan,
+            }
+            teacher = self.checkpointed_teacher
+            if teacher is not None and teacher.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _after_oom(self, exc: BaseException, on_cuda: bool) -> None:
         self.oom_count += 1

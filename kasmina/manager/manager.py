@@ -448,7 +448,7 @@ class KasminaKernelManager:
     def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
         host gradients must stay zero (checked at ``step``), then ``loss``."""
-        if kd_loss is not None:
+        if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
             weighted = kd_loss * self.config.kd.alpha
             self.guard.seed_only_backward(weighted, self.require_registry(), loss is not None)
         if loss is not None:

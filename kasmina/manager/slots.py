@@ -28,7 +28,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import ActivationSpec
+from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage
@@ -358,7 +358,8 @@ class SlotRegistry:
     def last_dim_slots(self, keep: Callable[[KasminaLayer], bool]) -> list[KasminaLayer]:
         """The slots split along their output's last dimension (the one a KD loss reads) that
         ``keep`` accepts, in order."""
-        return [slot for slot in self.slots if slot.chunk_dim == -1 and keep(slot)]
+        last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.output_contract))
+        return [slot for slot in last if keep(slot)]
 
     def drop_kd_losses(self) -> int:
         """Drop the KD losses the slots hold (with their graphs) and the teacher logits kept

@@ -79,6 +79,7 @@ from kasmina.seeds.outputs import (
     recorded_spec,
     recording_deferred,
     replace_output_element,
+    splits_last_dim,
 )
 from kasmina.seeds.seed import KD_STAGES, GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
@@ -98,9 +99,8 @@ class KasminaLayer(nn.Module):
     """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (the contract: the
     module docstring), in the host's train/eval mode.
 
-    ``chunk_dim`` (default :func:`default_chunk_dim`) is the dimension the seeds split;
-    ``output_index`` picks the element of a tuple, list or dataclass output they apply to (one
-    the host's class cannot return is refused: ``output_index_problem``).
+    ``chunk_dim`` (default: :func:`default_chunk_dim`) is the dimension split; ``output_index``
+    the element of a tuple, list or dataclass output the seeds apply to (``output_index_problem``).
     ``state``/``state_offset`` place the seeds in a shared table (``kasmina.attach`` does this);
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
     seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults).
@@ -331,7 +331,7 @@ class KasminaLayer(nn.Module):
             self._kd_head = None
             return
         problem = kd_head_problem(weight, bias, self.width)
-        if self.chunk_dim != -1:
+        if not splits_last_dim(self.chunk_dim, self.output_contract):
             problem = f"a KD head reads the last dimension; this slot chunks dim {self.chunk_dim}"
         if problem is not None:
             raise ValueError(f"{self.layer_id}: {problem}")

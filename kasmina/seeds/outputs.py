@@ -41,6 +41,7 @@ __all__ = [
     "recording_deferred",
     "output_element",
     "replace_output_element",
+    "splits_last_dim",
 ]
 
 # Shape, dtype and device of one tensor the slot saw.
@@ -56,6 +57,12 @@ def fits(x: torch.Tensor, dim: int, width: int, contract: ActivationSpec | str |
     if isinstance(contract, tuple) and x.dim() != len(contract[0]):
         return False
     return -x.dim() <= dim < x.dim() and x.shape[dim] == width
+
+
+def splits_last_dim(dim: int, contract: ActivationSpec | str | None) -> bool:
+    """Whether a slot split along ``dim`` splits its output's last dimension (the one a KD loss
+    reads): ``-1``, or the last index of the recorded output (``chunk_dim=1`` on ``[B, F]``)."""
+    return dim == -1 or (isinstance(contract, tuple) and dim == len(contract[0]) - 1)
 
 
 def output_element(out: Any, index: int) -> Any:

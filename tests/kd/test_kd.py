@@ -336,6 +336,29 @@ def test_fp32_profile_oom_is_recorded_and_teacher_restored(
     assert_bit_identical(teacher.teacher, before)
 
 
+def test_a_memory_profile_that_runs_out_of_memory_leaves_the_step_its_logits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first forward's profile runs the teacher again while its logits are held: an OOM
+    there reached the training loop (uncounted, and retried by the next call's profile)."""
+    teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
+    calls = []
+
+    def second_does_not_fit(x: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        calls.append(dtype)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(teacher, "measure_forward_peak_bytes", second_does_not_fit)
+    manager = TeacherForwardPassManager(teacher)
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        first = manager.get_teacher_predictions(inputs(8))
+        second = manager.get_teacher_predictions(inputs(8))
+    assert first is not None and second is not None and calls == [None]  # profiled once
+    stats = manager.get_checkpoint_effectiveness()
+    assert math.isnan(stats["peak_forward_bytes_reduced"]) and stats["ooms"] == 0.0
+    assert "memory profile ran out of memory" in caplog.text
+
+
 def test_slow_forward_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     teacher = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
     fast = TeacherForwardPassManager(teacher, budget_ms=1e9, profile_memory=False)

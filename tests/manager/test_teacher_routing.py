@@ -80,3 +80,59 @@ def test_logits_no_slot_reads_are_dropped_with_one_warning(
     assert all(slot._teacher_logits is None for slot in manager.require_registry().slots)
     model(torch.randn(8, 3, 5, 5))
     assert manager.collect_kd_losses() is None
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.out = nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x)))
+
+
+def test_a_slot_split_along_its_last_dimension_by_a_positive_index_distils(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """``chunk_dim=1`` on a ``[B, C]`` output is its last dimension: the logits were left
+    unread (only ``-1`` counted as last) and a KD head was refused."""
+    (tmp_path / "urza").mkdir()
+    config = make_config(tmp_path, tmp_path / "urza", kd_enabled=True, kd=KDConfig())
+    manager = KasminaKernelManager(config, keyring=keyring)
+    torch.manual_seed(0)
+    model = Head()
+    (slot,) = manager.attach(model, "out", 2, 2, chunk_dim=1)
+    x = torch.randn(5, 6)
+    model(x)  # the slot records its [5, 4] output
+    slot.seeds[0].attach_kernel(nn.Linear(2, 2))
+    slot.seeds[0].transition_to(SeedStage.ISOLATED_INIT)
+    assert manager.set_teacher_logits(torch.randn(5, CLASSES)) == [slot.layer_id]
+    model(x)
+    kd = manager.collect_kd_losses()
+    assert kd is not None and kd.requires_grad
+    assert manager.counters["teacher_logits_unread"] == 0
+    slot.set_kd_head(torch.randn(9, CLASSES))  # reads the last dimension: accepted
+
+
+@pytest.mark.parametrize("kernel", ["frozen", "parameter-free"])
+def test_kd_of_a_seed_with_nothing_to_train_leaves_the_step_whole(
+    tmp_path: Path, keyring: Keyring, kernel: str
+) -> None:
+    """A distilling seed whose kernel has no parameter that needs a gradient makes a KD loss
+    without one: ``manager.backward`` raised on it before the task loss ran."""
+    manager, model = _manager(tmp_path, keyring)
+    conv, fc = manager.require_registry().slots
+    if kernel == "frozen":
+        fc.seeds[0].kernel.requires_grad_(False)
+    else:
+        fc.seeds[0].detach_kernel()
+        fc.seeds[0].attach_kernel(nn.Tanh())
+    conv.seeds[0].kernel.requires_grad_(False)
+    x, y = torch.randn(8, 3, 5, 5), torch.randint(0, CLASSES, (8,))
+    manager.set_teacher_logits(torch.randn(8, CLASSES))
+    loss = F.cross_entropy(model(x), y)
+    kd = manager.collect_kd_losses()
+    assert kd is not None and not kd.requires_grad
+    manager.backward(loss, kd_loss=kd)
+    assert all(p.grad is not None for p in model.fc.host.parameters())
