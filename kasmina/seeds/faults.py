@@ -289,7 +289,9 @@ def call_kernel(
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+    # Detached: a saved output kept with its own grad_fn is a reference cycle through C++
+    # that nothing frees (a Tanh's output, every step). Unpacking restores its autograd links.
+    return tensor.detach()
 
 
 def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:

@@ -309,8 +309,8 @@ class KasminaLayer(nn.Module):
         self._teacher_logits = teacher_logits
 
     def forget_teacher(self) -> None:
-        """Drop the teacher logits kept for a checkpointing recompute (at a step's end)."""
-        self._recompute_teacher = None
+        """At a step's end: drop the teacher logits kept for a recompute, and any not taken."""
+        self._recompute_teacher = self._teacher_logits = None
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
@@ -346,22 +346,22 @@ class KasminaLayer(nn.Module):
     def forward(self, *args: Any, teacher_logits: torch.Tensor | None = None, **kwargs: Any) -> Any:
         # The hot path reads ``_modules`` directly (``self.host``: a ``__getattr__`` frame a call).
         out = self._modules["host"](*args, **kwargs)
-        # The first forward's shapes, then one compare (compiled, a guard: the graph traced
-        # before the record records, as a side effect replayed after each call, and the next
-        # call swaps it once for one that does not; fullgraph cannot take a one-shot hook).
+        # The first forward's shapes, then one compare (compiled: a guard; the record, a side
+        # effect replayed after each call, swaps the graph once; fullgraph takes no one-shot hook).
         if self.output_contract is None:
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
-            if torch.is_grad_enabled() and not recomputing():  # used or not
+            again = recomputing()
+            if torch.is_grad_enabled() and not again:  # used or not
                 stored, self._teacher_logits = self._teacher_logits, None
-                if teacher_logits is None:
-                    teacher_logits = stored
+                teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
                 self._recompute_teacher = None if stored is None else teacher_logits
-        # Only slot-local attributes are read here, never the shared table or the seeds: a
-        # compiled forward is guarded on this bool alone while every seed passes the host
-        # through (each path to the one shared table would be a Python aliasing guard per
-        # call), and on the stage ints below while one runs, so a stage change recompiles.
+            elif again and self._recompute_teacher is None:  # a reentrant checkpoint's first run
+                self._teacher_logits = None  # records no graph: its recompute drops what it left
+        # Only slot-local attributes are read here, never the shared table or the seeds: compiled,
+        # the forward is guarded on this bool alone while every seed passes the host through (the
+        # shared table would be an aliasing guard per call), on the stage ints while one runs.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
         if teacher_logits is None and self._recompute_teacher is not None and recomputing():

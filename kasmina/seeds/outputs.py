@@ -49,12 +49,13 @@ ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
 
 
 def fits(x: torch.Tensor, dim: int, width: int, contract: ActivationSpec | str | None) -> bool:
-    """Whether ``x`` has ``width`` features along ``dim``, and the rank of the recorded output
-    ``contract`` (a call of a module called with more than one shape may not: its seeds sit
-    that call out). The rank matters: an unbatched call of a conv slot has its channels at dim
-    0, and an output height equal to the channel count passed the width check alone, its
-    seeds handed slices of the height (faults, then QUARANTINE, for healthy seeds)."""
-    if isinstance(contract, tuple) and x.dim() != len(contract[0]):
+    """Whether ``x`` has ``width`` features along ``dim`` (a call of a module called with more
+    than one shape may not: its seeds sit that call out). A ``dim`` counted from the front also
+    needs the recorded output's rank (``contract``): an unbatched call of a conv slot has its
+    channels at dim 0, and an output height equal to the channel count passed the width check
+    alone, its seeds handed slices of the height (faults, then QUARANTINE, for healthy seeds).
+    The last dimension is the last at any rank (``[B, F]`` then ``[B, T, F]``)."""
+    if dim >= 0 and isinstance(contract, tuple) and x.dim() != len(contract[0]):
         return False
     return -x.dim() <= dim < x.dim() and x.shape[dim] == width
 

@@ -582,14 +582,28 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
         walk(slot.seed(k), S.GRAFTING)
     slot.set_teacher_logits(torch.randn(3, 4))  # the model's output's shape: the first call's?
     model(torch.randn(3, 5, 4)).sum().backward()
-    # The teacher's call sits its KD out; the pooled call (rank 2 against the recorded 3) its
-    # seeds, whose kernels were admitted for the recorded rank.
-    assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1, "seeds": 1}
+    assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1}
     assert [seed.faults for seed in slot.seeds] == [0, 0]
     assert "teacher logits (3, 4) do not fit (3, 5, 4)" in caplog.text
-    slot.set_teacher_logits(torch.randint(0, 4, (3, 5, 4)))  # a caller's error: not sat out
+    slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # a caller's error is not sat out
     with pytest.raises(ValueError, match="teacher_logits must be float32"):
-        model(torch.randn(3, 5, 4))
+        model(torch.randn(3, 5, 4)[:, 0])
+
+
+def test_a_slot_split_along_its_last_dimension_runs_its_seeds_at_any_rank() -> None:
+    """The last dimension is the last at every rank: a slot that first saw ``[B, F]`` (a
+    warm-up) runs its seeds on ``[B, T, F]`` calls (only a dim counted from the front, a conv's
+    channels, needs the recorded rank)."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    (slot,) = attach(model, ["0"], 2, 2)
+    model(torch.randn(3, 4))
+    for k in range(2):
+        slot.seed(k).attach_kernel(kernel(2, k))
+        walk(slot.seed(k), S.GRAFTING)
+    slot.update_alpha_blending(3, 10)
+    model(torch.randn(3, 5, 4)).sum().backward()
+    assert slot.sat_out == {} and [seed.faults for seed in slot.seeds] == [0, 0]
+    assert all(p.grad is not None for seed in slot.seeds for p in seed.seed_parameters())
 
 
 def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:

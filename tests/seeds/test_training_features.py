@@ -5,6 +5,7 @@ every running stage beside the same computation without the feature (or without 
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -495,3 +496,37 @@ def test_a_call_sat_out_under_checkpointing_counts_once() -> None:
         layer.set_teacher_logits(torch.randn(7, 4))  # seven rows for a batch of five
         checkpoint(model, x, use_reentrant=False).sum().backward()
     assert layer.sat_out == {"kd": 3}
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_checkpointed_kernel_that_saves_its_output_frees_it(stage: SeedStage) -> None:
+    """The island keeps its saved tensors past the checkpoint's hooks; kept with its own
+    ``grad_fn``, a Tanh's saved output was a reference cycle nothing freed: memory grew every
+    step, backward or not."""
+    block = Block({}, [stage, stage])  # Linear + Tanh kernels: Tanh saves its output
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    checkpoint(block, x, use_reentrant=False).pow(2).sum().backward()
+    before = live()
+    for _ in range(3):
+        checkpoint(block, x, use_reentrant=False).pow(2).sum().backward()
+        with torch.no_grad():
+            checkpoint(block, x, use_reentrant=False)
+    assert live() <= before
+
+
+def test_a_reentrant_checkpoint_leaves_no_teacher_pending() -> None:
+    """Its first run records no graph, so no forward takes the teacher logits; its recompute
+    drops them, or the next forward outside a checkpoint would distil against them."""
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    x = torch.randn(5, 3, requires_grad=True)
+    layer.set_teacher_logits(torch.randn(5, 4))
+    checkpoint(model, x, use_reentrant=True).sum().backward()
+    assert layer._teacher_logits is None and layer.get_and_clear_kd_losses() is None
+    model(x)  # a later forward distils against nothing stale
+    assert layer.get_and_clear_kd_losses() is None
