@@ -87,13 +87,13 @@ def minority_ranks(
 
 def nested_finite(value: Any) -> bool:
     """Whether every floating tensor in a nest of mappings and sequences (what
-    ``nested_checksum`` reads) is finite; one device read for all of them."""
-    flags: list[torch.Tensor] = []
+    ``nested_checksum`` reads) is finite; one read per device holding them."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
 
     def walk(item: Any) -> None:
         if isinstance(item, torch.Tensor):
             if item.is_floating_point() or item.is_complex():
-                flags.append(torch.isfinite(item.detach()).all().to("cpu"))
+                flags.setdefault(item.device, []).append(torch.isfinite(item.detach()).all())
         elif isinstance(item, Mapping):
             for v in item.values():
                 walk(v)
@@ -102,7 +102,7 @@ def nested_finite(value: Any) -> bool:
                 walk(v)
 
     walk(value)
-    return bool(torch.stack(flags).all()) if flags else True
+    return all(bool(torch.stack(group).all()) for group in flags.values())
 
 
 def state_checksum(state: Mapping[str, torch.Tensor]) -> int:

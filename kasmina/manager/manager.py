@@ -465,8 +465,8 @@ class KasminaKernelManager:
         started = time.perf_counter_ns()
         state = self.state
         with self._lock:
-            registry = state.require_registry(training=True)
-            registry.check_step(state.optimizers)  # before anything changes
+            registry = state.require_registry(training=True)  # check_held: before any change
+            registry.take_host_groups(state.optimizers)  # a user's new groups, checked first
             optimizers = state.optimizers
             # A collective: every rank, every step, before any checks; whether it averaged.
             shared = self.grad_sync is not None and bool(self.grad_sync())

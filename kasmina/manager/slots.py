@@ -224,7 +224,8 @@ class SlotRegistry:
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
         ]
-        # Taken up later from a param group a user added to the host optimizer (``check_step``).
+        # Taken up later from a param group a user added to the host optimizer (a step's
+        # ``take_host_groups``).
         self.added_host_params: dict[int, nn.Parameter] = {}
         # One host parameter (frozen or not) and where the model holds it, for ``check_held``;
         # None for a model without parameters of its own.
@@ -263,13 +264,6 @@ class SlotRegistry:
                 "move to another kind of device, or load_state_dict(assign=True)); its "
                 "optimizers hold the old ones. Move or load the model before attach"
             )
-
-    def check_step(self, optimizers: IsolatedOptimizerManager) -> None:
-        """Before a step changes anything: ``check_held``, then the param groups a user added
-        to the host optimizer since the last step are checked and taken up
-        (``take_host_groups``, named by ``parameter_names``)."""
-        self.check_held()
-        self.take_host_groups(optimizers)
 
     def take_host_groups(
         self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False

@@ -76,17 +76,6 @@ _RECORDER_FILE = os.path.join("transformers", "utils", "output_capturing.py")
 _OUTPUTS = ("output_hidden_states", "output_attentions")
 
 
-def _asked(model: nn.Module) -> set[str]:
-    """The ``output_*`` flags that make transformers record on ``model``: one per output its
-    class can record (``_can_record_outputs``: ``output_router_logits`` of a mixture of
-    experts, say), and the two every model has, as its own forward decides."""
-    registry = getattr(
-        sys.modules.get("transformers.utils.output_capturing"), "_CAN_RECORD_REGISTRY", None
-    )
-    flags = registry.get(model) if registry is not None else {}
-    return {*_OUTPUTS, *(f"output_{key}" for key in flags)}
-
-
 def _before_forward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A forward pre-hook on an HF model that records outputs: on the first forward that asks
     for them, install transformers' recording hooks first (as the forward itself would, a
@@ -99,8 +88,13 @@ def _before_forward(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
             from transformers.utils import output_capturing
         except ImportError:  # an older transformers: nothing of this kind to install
             return
+        # One ``output_*`` flag per output the model's class records (``_can_record_outputs``: a
+        # mixture of experts' ``router_logits``, say), as its own forward decides; a private
+        # registry, so without it the two every model has.
+        registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+        flags = {*_OUTPUTS, *(f"output_{k}" for k in (registry.get(model) if registry else ()))}
         config = getattr(model, "config", None)
-        if not any(kwargs.get(key, getattr(config, key, False)) for key in _asked(model)):
+        if not any(kwargs.get(key, getattr(config, key, False)) for key in flags):
             return
         output_capturing.maybe_install_capturing_hooks(model)
     for slot in model.modules():

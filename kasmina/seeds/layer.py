@@ -359,13 +359,13 @@ class KasminaLayer(nn.Module):
                 self._recompute_teacher = None if stored is None else teacher_logits
             elif again and self._recompute_teacher is None:  # a reentrant checkpoint's first run
                 self._teacher_logits = None  # records no graph: its recompute drops what it left
+            elif again and teacher_logits is None:
+                teacher_logits = self._recompute_teacher  # the first run's, for the same path
         # Only slot-local attributes are read here, never the shared table or the seeds: compiled,
         # the forward is guarded on this bool alone while every seed passes the host through (the
         # shared table would be an aliasing guard per call), on the stage ints while one runs.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
-        if teacher_logits is None and self._recompute_teacher is not None and recomputing():
-            teacher_logits = self._recompute_teacher  # the first run's, for the same path
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)
