@@ -475,7 +475,7 @@ class ManagerApplier:
             else:
                 self.refuse(command, "the manager's command queue is full or closed")
         outcomes: dict[str, deque[Any]] = {}
-        for outcome in manager.apply_pending(wait=True):
+        for outcome in manager.intake.apply_pending(wait=True):  # every rank, graph or not
             outcomes.setdefault(outcome.command_id, deque()).append(outcome)
         results = []
         for command in commands:

@@ -37,6 +37,7 @@ from kasmina.manager.report import ManagerReport
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class CommandIntake:
         # One safe point at a time takes and applies: two at once would take the same commands.
         self._applying = threading.Lock()
         self._applier: int | None = None  # the thread applying, whose own calls return at once
+        self.deferred = 0  # calls that found a forward's graph open, and applied nothing
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises."""
@@ -116,12 +118,24 @@ class CommandIntake:
             self.report.note_command(command, False, reason)
         return False
 
-    def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
+    def apply_pending(
+        self, *, wait: bool = False, graph_open: bool = False
+    ) -> list[CommandOutcome]:
         """Apply every queued command that is ready, in arrival order (see
         ``KasminaKernelManager.apply_pending``). While another thread is applying, a call
         that does not ``wait`` returns at once (that thread applies what is ready), and one
         that waits waits its turn; a call from inside the application on its own thread (a
-        telemetry sink's, a hook's) returns at once, waiting or not: it would wait on itself."""
+        telemetry sink's, a hook's) returns at once, waiting or not: it would wait on itself.
+        ``graph_open`` (a forward's graph may be alive: not a safe point) applies nothing."""
+        if graph_open:
+            self.deferred += 1
+            logger.log(
+                rarely(self.deferred, 1000),
+                "apply_pending() after a forward that recorded a graph, before the step's end: "
+                "nothing applied, the commands wait for step() (a forward under torch.no_grad() "
+                "leaves no graph) [%d such calls]", self.deferred,
+            )  # fmt: skip
+            return []
         if self._applier == threading.get_ident():
             return []
         if not self._applying.acquire(blocking=wait):

@@ -405,12 +405,13 @@ class KasminaKernelManager:
         return self.intake.arrive(raw)
 
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
-        """A safe point, on the training thread between steps (``step()`` calls it last,
-        ``end_epoch`` first): apply every ready queued command, in arrival order. A GERMINATE
-        whose kernel is still being fetched stays queued unless ``wait`` (then this waits for
-        it, at most until its command's timeout runs out). Never from a forward (a hook) or
-        between a forward and its backward: a CULL frees a kernel that graph still uses."""
-        return self.intake.apply_pending(wait=wait)
+        """A safe point, on the training thread between steps (``step()`` ends with one,
+        ``end_epoch`` starts with one): apply every ready queued command, in arrival order. A
+        GERMINATE whose kernel is still being fetched stays queued unless ``wait`` (then this
+        waits for it, at most until its command's timeout runs out). After a forward through a
+        seed's kernel that recorded a graph, until the step's end, nothing is applied (a CULL
+        would free a kernel, a ROLLBACK rewrite a weight, that graph still uses): they wait."""
+        return self.intake.apply_pending(wait=wait, graph_open=self.state.graph_open())
 
     def execute(self, command: KasminaCommand) -> bool:
         """``CommandExecutor``: carry out a verified command at once, at a safe point on the
@@ -495,14 +496,14 @@ class KasminaKernelManager:
                 stepped = list(compress(seeds, done[len(host) :]))
                 self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
                 optimizers.zero_grad()
-                dropped = registry.drop_kd_losses()  # computed, never passed to backward()
+                dropped = registry.end_step()  # KD losses computed, never passed to backward()
                 if dropped and not self.counters["kd_dropped"]:
                     logger.warning("KD losses were computed but not passed to backward(); dropped")
                 self.counters["kd_dropped"] += dropped
                 state.global_step += 1
             # The safe point: this step's graph is gone and its gradients are applied and
             # zeroed, so a command may now swap kernels, optimizers or weights.
-            outcomes = self.apply_pending()
+            outcomes = self.intake.apply_pending()
         state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()
         return {
@@ -533,7 +534,7 @@ class KasminaKernelManager:
         state = self.state
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         state.checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
-        self.apply_pending()  # commands that arrived during the epoch take effect first
+        self.intake.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
             metrics = {k: float(v) for k, v in (val_metrics or {}).items()}

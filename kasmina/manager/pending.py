@@ -4,8 +4,9 @@ Why a queue: a controller speaks on its own thread, at any time, while the train
 middle of a forward or backward. A CULL that released a kernel then, or a GERMINATE that swapped
 optimizers, would pull tensors out from under autograd. So a command is verified the moment it
 arrives (signature, freshness, nonce, ranges: the handler's ``accept``), then waits here; it is
-carried out only at a safe point on the training thread (the start of ``step()``, ``end_epoch``,
-or ``manager.apply_pending()``), where no graph of the manager's is alive (docs/design.md §5).
+carried out only at a safe point on the training thread (the end of ``step()``, the start of
+``end_epoch``, or ``manager.apply_pending()`` outside a forward's graph), where no graph of the
+manager's is alive (docs/design.md §5).
 
 Why fetches run ahead: a GERMINATE whose kernel is not cached starts its store fetch on a small
 worker pool at arrival, bounded by the command's ``timeout`` (manifest, payload, retries and

@@ -355,12 +355,16 @@ class SlotRegistry:
         last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.output_contract))
         return [slot for slot in last if keep(slot)]
 
-    def drop_kd_losses(self) -> int:
-        """Drop the KD losses the slots hold (with their graphs) and the teacher logits kept
-        for a recompute; how many slots held a loss."""
+    def end_step(self) -> int:
+        """At a step's end: drop the KD losses the slots hold (with their graphs), the teacher
+        logits kept for a recompute and the slots' graph marks; how many slots held a loss."""
         for slot in self.slots:
-            slot.forget_teacher()
+            slot.end_step()
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)
+
+    def graph_open(self) -> bool:
+        """Whether a slot's forward recorded a graph since the last step's end."""
+        return any(slot.graph_open for slot in self.slots)
 
     def host_side_params(self) -> list[nn.Parameter]:
         """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""

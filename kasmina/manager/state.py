@@ -145,6 +145,11 @@ class ManagerState:
             self.registry.check_held()
         return self.registry
 
+    def graph_open(self) -> bool:
+        """Whether a forward through the managed model's slots recorded a graph since the last
+        step's end (``SlotRegistry.graph_open``): until then no explicit safe point applies."""
+        return self.registry is not None and self.registry.graph_open()
+
     def new_optimizer_manager(self) -> IsolatedOptimizerManager:
         """An empty optimizer manager whose commands find host, seed and teacher parameters."""
         optimizers = IsolatedOptimizerManager(

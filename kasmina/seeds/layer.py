@@ -67,15 +67,13 @@ from kasmina.seeds.outputs import (
     ActivationSpec,
     SeedsLive,
     activation_spec,
-    declared_width,
-    default_chunk_dim,
+    checked_chunk_dim,
     dense,
     fits,
     force_regular_path,
     no_tensor_reason,
     on_dense,
     output_element,
-    output_index_problem,
     recorded_spec,
     recording_deferred,
     replace_output_element,
@@ -93,6 +91,17 @@ __all__ = ["KasminaLayer"]
 # Stages whose seeds blend against the detached host (their fallback needs no host gradient):
 # a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
 _BLENDING = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
+
+
+class GraphMark:
+    """Set by a slot's forward that runs a seed's kernel and records a graph, cleared at a
+    step's end (``end_step``): until then ``manager.apply_pending()`` applies nothing, since a
+    CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live graph still uses."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False
 
 
 class KasminaLayer(nn.Module):
@@ -124,25 +133,9 @@ class KasminaLayer(nn.Module):
         fault_limit: int = DEFAULT_FAULT_LIMIT,
     ) -> None:
         super().__init__()
-        if not isinstance(host, nn.Module):
-            raise ValueError(f"host must be an nn.Module, got {type(host).__name__}")
-        if not isinstance(num_seeds, int) or num_seeds < 1:
-            raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
-        if chunk_dim is None:
-            chunk_dim = default_chunk_dim(host)
-        if not isinstance(chunk_dim, int) or isinstance(chunk_dim, bool):
-            raise ValueError(f"{layer_id}: chunk_dim must be an int, got {chunk_dim!r}")
-        if not isinstance(output_index, int) or isinstance(output_index, bool):
-            raise ValueError(f"{layer_id}: output_index must be an int, got {output_index!r}")
-        problem = output_index_problem(output_index, host)
-        if problem is not None:
-            raise ValueError(f"{layer_id!r}: {problem}")
-        width = declared_width(host, chunk_dim, output_index)
-        if width is not None and width != num_seeds * chunk_size:
-            raise ValueError(
-                f"{layer_id}: {num_seeds} seeds x chunk {chunk_size} = {num_seeds * chunk_size}"
-                f" != {width} features of {type(host).__name__} along dim {chunk_dim}"
-            )
+        chunk_dim = checked_chunk_dim(
+            host, num_seeds, chunk_size, chunk_dim, output_index, layer_id
+        )
         device = next((p.device for p in host.parameters()), torch.device("cpu"))
         if state is None:
             state = GPUStateTensor(num_seeds, device)
@@ -184,6 +177,7 @@ class KasminaLayer(nn.Module):
         self._teacher_logits: torch.Tensor | None = None
         self._recompute_teacher: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
+        self._graph = GraphMark()  # an object: compiled, a store to it is a replayed side effect
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -308,16 +302,25 @@ class KasminaLayer(nn.Module):
         under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending)."""
         self._teacher_logits = teacher_logits
 
-    def forget_teacher(self) -> None:
-        """At a step's end: drop the teacher logits kept for a recompute, and any not taken."""
+    @property
+    def graph_open(self) -> bool:  # a forward recorded a graph since the last step's end
+        return self._graph.open
+
+    def end_step(self) -> None:
+        """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
         self._recompute_teacher = self._teacher_logits = None
+        self._graph.open = False
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
         return sum_kd_losses(self._kd_losses)
 
-    def __getstate__(self) -> dict[str, Any]:  # a copy starts without this step's KD state
-        return {**self.__dict__, "_kd_losses": [], "_recompute_teacher": None}
+    def __getstate__(self) -> dict[str, Any]:  # a copy starts without this step's state
+        fresh = {"_kd_losses": [], "_recompute_teacher": None, "_graph": GraphMark()}
+        return {**self.__dict__, **fresh}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a pickle from before the mark
+        super().__setstate__({"_graph": GraphMark(), **state})
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language
@@ -366,6 +369,8 @@ class KasminaLayer(nn.Module):
         # shared table would be an aliasing guard per call), on the stage ints while one runs.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
+        if torch.is_grad_enabled():  # a graph through a kernel (GraphMark)
+            self._graph.open = True
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)
@@ -460,11 +465,7 @@ class KasminaLayer(nn.Module):
             if SeedStage.GRAFTING in stages:
                 # A chunk that is not finite blends with alpha 0: the host's value, no gradient
                 # (GRAFTING and STABILIZATION give the host none through the slot anyway).
-                one = self._buffers["_one"]
-                alphas = [
-                    seed.alpha if stage == SeedStage.GRAFTING and k in inputs else one
-                    for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True))
-                ]
+                alphas = self._alphas(plan, inputs)
         else:
             one = self._buffers["_one"]
             full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
@@ -498,16 +499,10 @@ class KasminaLayer(nn.Module):
         seeds = self._seed_list
         if not all(seeds[k].guard_backward for k in inputs):
             return None
-        one = self._buffers["_one"]
         grafting = SeedStage.GRAFTING in stages
-        alpha = one
+        alpha = self._buffers["_one"]
         if grafting:
-            alpha = torch.stack(
-                [
-                    seed.alpha if stage == SeedStage.GRAFTING and k in inputs else one
-                    for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True))
-                ]
-            )
+            alpha = torch.stack(self._alphas(plan, inputs))
             if alpha.requires_grad:
                 return None
         guarded = [k for k in inputs if outs[k].requires_grad]
@@ -544,6 +539,11 @@ class KasminaLayer(nn.Module):
         )
         for k, value in zip(guarded, values, strict=True):
             outs[k] = value
+
+    def _alphas(self, plan: tuple[SeedStage, ...], ran: dict[int, torch.Tensor]) -> list[Any]:
+        one = self._buffers["_one"]  # each chunk's alpha: a GRAFTING seed's that ran, else 1
+        pairs = enumerate(zip(self._seed_list, plan, strict=True))
+        return [s.alpha if p == SeedStage.GRAFTING and k in ran else one for k, (s, p) in pairs]
 
     def _passed_through(self, ran: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
         """``[num_seeds]`` bool: the seeds that did not run this call (cached per pattern)."""

@@ -28,6 +28,7 @@ __all__ = [
     "ActivationSpec",
     "SeedsLive",
     "activation_spec",
+    "checked_chunk_dim",
     "declared_width",
     "default_chunk_dim",
     "dense",
@@ -152,6 +153,38 @@ _TENSOR_FORWARD = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+
+def checked_chunk_dim(
+    host: nn.Module,
+    num_seeds: int,
+    chunk_size: int,
+    chunk_dim: int | None,
+    output_index: int,
+    layer_id: str,
+) -> int:
+    """A slot's ``chunk_dim`` (``default_chunk_dim`` for None), once its layout is checked
+    against what the host declares; ``ValueError`` naming ``layer_id`` otherwise."""
+    if not isinstance(host, nn.Module):
+        raise ValueError(f"host must be an nn.Module, got {type(host).__name__}")
+    if not isinstance(num_seeds, int) or num_seeds < 1:
+        raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
+    if chunk_dim is None:
+        chunk_dim = default_chunk_dim(host)
+    if not isinstance(chunk_dim, int) or isinstance(chunk_dim, bool):
+        raise ValueError(f"{layer_id}: chunk_dim must be an int, got {chunk_dim!r}")
+    if not isinstance(output_index, int) or isinstance(output_index, bool):
+        raise ValueError(f"{layer_id}: output_index must be an int, got {output_index!r}")
+    problem = output_index_problem(output_index, host)
+    if problem is not None:
+        raise ValueError(f"{layer_id!r}: {problem}")
+    width = declared_width(host, chunk_dim, output_index)
+    if width is not None and width != num_seeds * chunk_size:
+        raise ValueError(
+            f"{layer_id}: {num_seeds} seeds x chunk {chunk_size} = {num_seeds * chunk_size}"
+            f" != {width} features of {type(host).__name__} along dim {chunk_dim}"
+        )
+    return chunk_dim
 
 
 def forward_owner(host: nn.Module) -> type:

@@ -107,6 +107,38 @@ def test_commands_wait_for_the_safe_point(rig: Rig, mlp) -> None:
     assert manager.handler.stats["executed"] == 1
 
 
+def test_apply_pending_between_a_forward_and_its_backward_applies_nothing(
+    rig: Rig, mlp, caplog
+) -> None:
+    """A CULL applied there released a kernel the forward's graph still used: the backward
+    raised on its emptied parameters (an ACTIVE seed's, a GRAFTING seed's through its guard).
+    Until the step's end an explicit safe point now applies nothing; the step applies it."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.send("advance", SEED1)  # COMPATIBILITY_CHECK
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    for seed_id in (SEED0, SEED1):
+        raw = rig.signed(make_seed_command("cull", seed_id))
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)  # the graph runs through the kernel
+        assert manager.handle_adaptation_command(raw)
+        assert manager.apply_pending(wait=True) == [] and len(manager.pending) == 1
+        assert rig.stage(seed_id) != S.COOLDOWN
+        manager.backward(loss)
+        report = manager.step()
+        assert report["host_stepped"] and [(o.target, o.ok) for o in report["commands"]] == [
+            (seed_id, True)
+        ]
+        assert rig.stage(seed_id) == S.COOLDOWN
+    assert "nothing applied, the commands wait for step()" in caplog.text
+    with torch.no_grad():  # a forward without a graph leaves the safe point open
+        rig.model(rig.x)
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    assert len(manager.apply_pending()) == 1  # (refused: a seed in COOLDOWN)
+
+
 def test_a_refused_command_is_reported_with_its_reason(rig: Rig) -> None:
     manager = rig.manager
     assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED1)))

@@ -482,7 +482,7 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     tmp_path, store, keyring, mlp
 ) -> None:
     """A forward whose KD loss was never collected (a step cut short after its forward), then
-    a CULL at a safe point: the stored loss ran through the released kernel, and the next
+    a CULL at an epoch's end: the stored loss ran through the released kernel, and the next
     step's KD backward raised on its emptied parameters."""
     rig = Rig(make_config(tmp_path, store, kd_enabled=True), keyring)
     manager = rig.manager
@@ -491,6 +491,8 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     rig.train(1, teacher)
     manager.set_teacher_logits(teacher)
     rig.model(rig.x)  # the forward of a step that went no further
-    assert rig.send("cull", SEED0)
-    rig.train(1, teacher)  # an ordinary step
-    assert rig.stage(SEED0) == S.COOLDOWN
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0, "", {})))
+    assert manager.apply_pending(wait=True) == []  # that forward's graph may still be used
+    manager.end_epoch(0)  # the epoch's end applies it (then its tick ends the embargo)
+    assert manager.command_log[-1][2] and rig.stage(SEED0) == S.RECYCLING
+    assert rig.train(1, teacher)["host_stepped"]  # an ordinary step
