@@ -15,11 +15,11 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    tensor with the receive time (no pickle crosses the wire). Every other rank re-checks the
    signature and records the nonce, judging freshness against the receive time
    (``LeylineAdaptationHandler.accept_relayed``), then prepares it (a kernel fetched, for a
-   GERMINATE). A rank that received the same bytes itself (before the sync, or while it was
-   under way) uses its own copy, already verified, and drops it from its queue: the first copy
-   stands, and runs once. The ranks all-gather whether they are ready; a command is applied, in
-   the same order on every rank, only if every rank is, and is otherwise refused everywhere
-   with a reason that names the ranks that could not.
+   GERMINATE). A rank that received the same command itself (in any encoding of the message:
+   ``relay.command_identity``; before the sync or during it) uses its own verified copy and
+   drops it from its queue: the first copy stands, and runs once. The ranks all-gather whether
+   they are ready; a command is applied, in the same order on every rank, only if every rank
+   is, and is otherwise refused everywhere with a reason that names the ranks that could not.
 3. **Repair, not only detect.** After applying, every rank checksums its replicated state and the
    checksums are all-gathered. A rank that disagrees with the majority (with two ranks, or a
    tie, the group holding rank 0 wins) receives the state of the lowest rank of the majority and
@@ -73,6 +73,7 @@ from kasmina.control.relay import (
     Received,
     Relayed,
     RelayHandler,
+    command_identity,
     frame,
     refusal,
     relayed_command_id,
@@ -93,10 +94,7 @@ HISTORY_SIZE = 256  # sync results kept in ``DistributedCoordinator.history``
 # outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
 _OUTCOMES = 3
 
-__all__ = [
-    "DistributedCoordinator",
-    "EpochSyncResult",
-]
+__all__ = ["DistributedCoordinator", "EpochSyncResult"]
 
 
 @dataclass(frozen=True)
@@ -323,21 +321,21 @@ class DistributedCoordinator:
         Returns the result of each relayed command and, beside it, this rank's verified copy of
         the command applied for it (None where none was applied)."""
         mine = iter(local)
-        by_bytes = {e.raw: e.command for e in local}
+        by_identity = {command_identity(e.raw): e.command for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
         first_seen: set[bytes] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []
         for entry in relayed:
             own = next(mine).command if entry.origin == self.rank else None
-            if entry.raw in first_seen:  # the first copy stands for it: this one runs nowhere
+            identity = command_identity(entry.raw)  # one message, however it was encoded
+            if identity in first_seen:  # the first copy stands for it: this one runs nowhere
                 leftover = own if own is not None and id(own) not in used else None
                 judged.append((leftover, DUPLICATE))
                 continue
-            first_seen.add(entry.raw)
-            # This rank's own copy, or the same bytes this rank received too (before this sync
-            # or during it): verified here already (its nonce is used up, so a second check
-            # would call it a replay).
-            command = own or by_bytes.get(entry.raw) or self._take_pending(entry.raw)
+            first_seen.add(identity)
+            # This rank's own copy, or the same command received here too (before this sync or
+            # during it): verified already (its nonce is used: a second check says replay).
+            command = own or by_identity.get(identity) or self._take_pending(identity)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)
             if command is None:
@@ -374,12 +372,12 @@ class DistributedCoordinator:
                 logger.warning("command %s refused on every rank: %s", command_id, reason)
         return tuple(results[i] for i in range(len(relayed))), applied
 
-    def _take_pending(self, raw: bytes) -> KasminaCommand | None:
-        """This rank's copy of ``raw`` if it arrived after this sync took the queue (another
-        rank's copy is being relayed now): taken off the queue, so it is not relayed again."""
+    def _take_pending(self, identity: bytes) -> KasminaCommand | None:
+        """This rank's copy of the command if it arrived after this sync took the queue
+        (another rank's is relayed now): taken off the queue, so it is not relayed again."""
         with self._lock:
             for i, entry in enumerate(self._pending):
-                if entry.raw == raw:
+                if command_identity(entry.raw) == identity:
                     del self._pending[i]
                     break
             else:

@@ -189,6 +189,17 @@ def refusal(column: Sequence[int]) -> str:
     return "not applied on any rank: " + "; ".join(parts)
 
 
+def command_identity(raw: bytes) -> bytes:
+    """What makes two received copies one command: the message they parse to, serialised
+    deterministically (what its signature covers). Protobuf gives one message many encodings
+    (a field repeated, fields reordered), and every one verifies; raw bytes that do not parse
+    are their own identity."""
+    try:
+        return AdaptationCommand.FromString(raw).SerializeToString(deterministic=True)
+    except Exception:
+        return raw
+
+
 def relayed_command_id(raw: bytes) -> str:
     """The id of a relayed command, for the record ("" if it does not even parse)."""
     try:

@@ -208,9 +208,20 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
     return True
 
 
-def _straddle_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: bytes) -> None:
-    """One command (``raw``, the same bytes on both ranks) received by rank 0 before the sync
-    and by rank 1 while it already waits in it."""
+def _reencoded(raw: bytes) -> bytes:
+    """Another encoding of the same signed message: its ``command_id`` field repeated (the last
+    one wins when parsing), so the copy verifies as the original does."""
+    command_id = AdaptationCommand.FromString(raw).command_id.encode()
+    copy = raw + bytes([0x0A, len(command_id)]) + command_id
+    assert copy != raw and AdaptationCommand.FromString(copy) == AdaptationCommand.FromString(raw)
+    return copy
+
+
+def _straddle_worker(
+    rank: int, world: int, key_hex: str, out_dir: str, raw: bytes, late_raw: bytes
+) -> None:
+    """One command received by rank 0 (``raw``) before the sync and by rank 1 (``late_raw``:
+    the same bytes, or another encoding of them) while it already waits in it."""
     keyring = Keyring({"k1": bytes.fromhex(key_hex)})
     table = GPUStateTensor(NUM_SEEDS, "cpu")
     executor = TableExecutor(table)
@@ -227,7 +238,7 @@ def _straddle_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: byt
 
         def arrive_during_the_sync() -> None:
             if _wait_for(lambda: coord.pending == 0):  # sync_epoch(0) took the queue
-                arrivals.append(coord.submit(raw))
+                arrivals.append(coord.submit(late_raw))
             done.touch()
 
         late = threading.Thread(target=arrive_during_the_sync, daemon=True)
@@ -252,13 +263,16 @@ def _straddle_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: byt
 
 
 @pytest.mark.slow  # spawns processes
-def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding", ["same bytes", "re-encoded"])
+def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(
+    tmp_path: Path, encoding: str
+) -> None:
     from kasmina.utils.keyring import generate_key
 
     key = generate_key().hex()
     raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
     straddler = AdaptationCommand.FromString(raw).command_id
-    args = (key, str(tmp_path), raw)
+    args = (key, str(tmp_path), raw, raw if encoding == "same bytes" else _reencoded(raw))
     spawn(_straddle_worker, 2, args=args, backend="gloo", timeout_s=60, join_timeout_s=120)
 
     runs = [torch.load(tmp_path / f"straddle{r}.pt") for r in range(2)]
@@ -273,6 +287,46 @@ def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(tmp_
         assert run["stats"]["failed"] == 0
     assert runs[0]["stats"]["executed"] == runs[1]["stats"]["executed"] == 2
     assert runs[1]["stats"]["accepted"] == 2  # its own copy, verified once on arrival
+
+
+def _two_encodings_worker(rank: int, world: int, key_hex: str, out_dir: str, raws: list) -> None:
+    keyring = Keyring({"k1": bytes.fromhex(key_hex)})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring), executor)
+    coord = DistributedCoordinator(handler, lambda: {"table": table.state_tensor})
+    arrived = coord.submit(raws[rank])
+    result = coord.sync_epoch(0)
+    torch.save(
+        {
+            "arrived": arrived,
+            "results": [(c.command_id, c.origin, c.ok, c.reason) for c in result.commands],
+            "executed": list(executor.executed),
+            "stage": int(table.stage(0)),
+        },
+        Path(out_dir, f"encodings{rank}.pt"),
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_one_command_in_two_encodings_on_two_ranks_runs_once(tmp_path: Path) -> None:
+    """The controller's bytes reach rank 0; another encoding of the same signed message (which
+    verifies too) reaches rank 1 first. Keyed on the bytes, each rank's copy was the other's
+    replay, and the command was refused on every rank: a re-encoded copy cancelled it."""
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
+    command_id = AdaptationCommand.FromString(raw).command_id
+    args = (key, str(tmp_path), [raw, _reencoded(raw)])
+    spawn(_two_encodings_worker, 2, args=args, backend="gloo", timeout_s=60, join_timeout_s=120)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"encodings{rank}.pt")
+        assert run["arrived"] and run["executed"] == [command_id]
+        assert run["stage"] == SeedStage.ISOLATED_INIT
+        (first, second) = run["results"]  # rank 0's copy stands; rank 1's is its duplicate
+        assert first == (command_id, 0, True, "")
+        assert second[:3] == (command_id, 1, False) and "duplicate" in second[3]
 
 
 class FailingOnRank(TableExecutor):
