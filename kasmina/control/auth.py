@@ -385,9 +385,11 @@ class CommandVerifier:
 
     def make_durable(self) -> None:
         """Return once every nonce accepted so far is durable (``defer_sync``): the staged
-        records are written (one ``write``), then synced (one ``fdatasync`` with ``"fsync"``).
-        Raises ``OSError`` when the ledger cannot make them so (then act on none of them). An
-        interrupt propagates and leaves them to the next call, which syncs them again."""
+        records are written (one ``write``), then synced (one ``fdatasync`` with ``"fsync"``);
+        a ledger that failed is rewritten whole instead. Raises ``OSError`` when the ledger
+        cannot make them so (then act on none of them); the nonces stay owed, so the next
+        call tries again (a command still queued behind a failed call never takes effect
+        before its nonce is on disk). An interrupt propagates, owing them the same way."""
         ledger = self._ledger
         if ledger is None:
             return
@@ -397,14 +399,16 @@ class CommandVerifier:
                 seq, self._unsynced = self._unsynced, 0
                 if seq == 0:
                     return
+                if ledger.broken:  # what it held may be lost: every live nonce, written anew
+                    ledger.compact(self._seen.items(), self._floor)
+                    return
                 ledger.write_staged()
             ledger.sync(seq)
-        except OSError as exc:
-            ledger.mark_broken(exc)
-            raise
-        except BaseException:  # an interrupt: the next call syncs these nonces again
-            with self._lock:
+        except BaseException as exc:
+            with self._lock:  # still owed: the next call writes and syncs them again
                 self._unsynced = max(self._unsynced, seq)
+            if isinstance(exc, OSError):
+                ledger.mark_broken(exc)
             raise
 
     def _prune(self, now: float) -> None:

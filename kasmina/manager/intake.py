@@ -262,7 +262,8 @@ class CommandIntake:
     def refuse(self, command: KasminaCommand, reason: str) -> CommandOutcome:
         """Report ``command`` refused for ``reason`` (nothing changed); its outcome."""
         self.report.note_command(command, False, reason)
-        return CommandOutcome(command.command_id, command.kind, "", False, reason)
+        target = command.seed.seed_id if command.seed is not None else command.kind
+        return CommandOutcome(command.command_id, command.kind, target, False, reason)
 
     def blocked(self) -> str:
         """Why no command can apply now, checked before each one ("" when one can): the manager

@@ -365,6 +365,34 @@ def test_deferred_records_survive_a_rewrite_and_a_failed_write(
         assert restarted.verify(signed(keyring, nonce, T0)) == (False, "replay"), nonce
 
 
+@pytest.mark.parametrize("failure", ["write", "interrupt"])
+def test_nonces_a_failed_make_durable_owed_are_made_durable_by_the_next_call(
+    keyring, clock, path, failure, monkeypatch
+) -> None:
+    """A safe point whose ``make_durable`` failed refuses the commands it took, but commands
+    still queued (a GERMINATE whose fetch was running) had their nonces in that batch: the
+    next safe point's call returned at once (nothing left owed) and applied them with their
+    nonces never written, so a restarted trainer accepted them again."""
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    assert verifier.verify(signed(keyring, "taken", T0))[0]
+    assert verifier.verify(signed(keyring, "queued", T0))[0]
+
+    def failing(data: bytes) -> int:
+        raise OSError(28, "ENOSPC") if failure == "write" else KeyboardInterrupt
+
+    monkeypatch.setattr(ledger._file, "write", failing, raising=False)
+    with pytest.raises(OSError if failure == "write" else KeyboardInterrupt):
+        verifier.make_durable()
+    monkeypatch.undo()
+    verifier.make_durable()  # the next safe point, no command arrived in between
+    assert not ledger.broken
+    assert b"queued".hex() in path.read_text()
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    assert restarted.verify(signed(keyring, "queued", T0)) == (False, "replay")
+
+
 def test_opening_removes_the_temporaries_of_a_rewrite_a_crash_cut_short(tmp_path: Path) -> None:
     path = tmp_path / LEDGER_FILE_NAME
     torn = tmp_path / f".{LEDGER_FILE_NAME}.a1b2c3.tmp"  # a compaction killed mid-way

@@ -265,6 +265,7 @@ def test_commands_apply_only_once_their_nonces_are_durable(rig: Rig, mlp, monkey
     assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
     (outcome,) = manager.apply_pending()
     assert not outcome.ok and "could not be made durable" in outcome.reason
+    assert outcome.target == SEED0  # named, as an executor's refusal names it
     assert rig.stage(SEED0) == S.ISOLATED_INIT
 
 
