@@ -115,6 +115,9 @@ class CheckpointStore(ABC):
         # The last epoch of the live timeline, set by a save or a rollback: the checkpoints
         # after it are an abandoned timeline's. None: every checkpoint of the run is live.
         self._abandoned_after: int | None = None
+        # The epoch a save began writing. A boundary that stops after its checkpoint is written
+        # (a Ctrl-C) has not ended its epoch: its retry may write that checkpoint again.
+        self._writing: int | None = None
 
     # ------------------------------------------------------------------ policy
     def is_due(self, epoch: int) -> bool:
@@ -144,6 +147,8 @@ class CheckpointStore(ABC):
             raise ValueError(f"epoch {epoch} is not after the last epoch ended ({last_ended})")
         after = self._abandoned_after
         live = [e for e in self.epochs() if e >= epoch and (after is None or e <= after)]
+        if live == [self._writing] == [epoch]:  # written by this store, its epoch never ended
+            return
         if live:
             raise ValueError(
                 f"epoch {epoch} is not after this run's checkpoints of epochs {live} (run "
@@ -172,6 +177,7 @@ class CheckpointStore(ABC):
                 self.max_rollback_epochs,
             )
         self._drop_abandoned(epoch)  # first: no crash may leave them beside the new epoch
+        self._writing = epoch  # before: the write may be done when an interrupt lands in it
         self._write(epoch, state)
         self._abandoned_after = epoch  # what is after it was dropped above, or left behind
         self._prune(epoch)

@@ -145,14 +145,9 @@ class KasminaKernelManager:
                 loader, max_pending=config.max_pending_commands, fetch_workers=config.fetch_workers
             )
             self.intake = CommandIntake(
-                self.handler,
-                self.verifier,
-                self.pending,
-                self.execution,
-                self.report,
-                lock=self._lock,
-                perf=state.perf,
-            )
+                self.handler, self.verifier, self.pending, self.execution, self.report,
+                lock=self._lock, perf=state.perf,
+            )  # fmt: skip
             undo.pop_all()  # built: from here on close() closes them
         if self._jsonl is not None:  # last: bounded, rotated at ``cap``
             telemetry.add_sink(self._jsonl)
@@ -525,25 +520,29 @@ class KasminaKernelManager:
         telemetry packet (returned).
 
         ``epoch`` must be after the last epoch ended and after the run's live checkpoints
-        (``ValueError``, nothing changed; a restarted trainer rolls back first). The checkpoint
-        (the state just before this boundary, marked so that a rollback replays the boundary)
-        is written before the boundary's tick, so a failed write raises with the tick, epoch
-        and metrics as they were (the queued commands are applied, as at any safe point)."""
+        (``ValueError``, nothing changed; a restarted trainer rolls back first), checked again
+        once the queued commands are applied (a ROLLBACK moves the clock). The checkpoint (the
+        state just before this boundary, marked so that a rollback replays the boundary) is
+        written before the boundary's tick, so a failed or interrupted write raises with the
+        tick, epoch and metrics as they were, and the same call may be made again (the queued
+        commands are applied, as at any safe point); a Ctrl-C waits out the tick."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
         state = self.state
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
-        state.checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
+        checkpoints = state.checkpoints
+        checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
         self.intake.apply_pending()  # commands that arrived during the epoch take effect first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
+            checkpoints.check_next_epoch(epoch, state.epoch)
             metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
-            checkpoints = state.checkpoints
             if checkpoints.is_due(epoch):
                 checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
-            state.epoch = epoch  # the automatic steps below happen at this epoch's boundary
-            state.val_metrics = metrics
-            recycled = self.execution.epoch_boundary()
+            with interrupts_deferred():  # the boundary is whole: an epoch ticks once
+                state.epoch = epoch  # the automatic steps below happen at this boundary
+                state.val_metrics = metrics
+                recycled = self.execution.epoch_boundary()
         if recycled:
             logger.info("epoch %d: recycled %s", epoch, recycled)
         packet = self.export_leyline_telemetry()

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 import kasmina
-from kasmina.control.commands import make_seed_command
+from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
@@ -52,6 +52,26 @@ def test_an_epoch_beyond_int32_is_refused(rig: Rig, epoch: int) -> None:
     assert rig.manager.epoch == rig.manager.state.epoch
     rig.manager.end_epoch(2**31 - 1)
     assert rig.manager.system_state().current_epoch == 2**31 - 1
+
+
+def test_an_epoch_a_queued_rollback_puts_behind_the_clock_is_refused(rig: Rig) -> None:
+    """``end_epoch(n)`` checked that ``n`` goes forward before its own safe point applied a
+    queued ROLLBACK to a later checkpoint (one an earlier rollback left on disk): epoch 2 was
+    then written over a clock at 3, and the checkpoint just restored was deleted."""
+    manager = rig.manager
+    for epoch in range(4):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    send = manager.handle_adaptation_command
+    assert send(rig.signed(make_rollback_command(1))) and manager.apply_pending()[0].ok
+    assert manager.epoch == 1 and manager.checkpoints.epochs() == [0, 1, 2, 3]
+    assert send(rig.signed(make_rollback_command(3)))
+    with pytest.raises(ValueError, match="not after the last epoch ended"):
+        manager.end_epoch(2)
+    assert manager.command_log[-1][1:3] == ("rollback", True)  # applied, as at any safe point
+    assert manager.epoch == 3 and manager.checkpoints.epochs() == [0, 1, 2, 3]
+    rig.train(1)
+    manager.end_epoch(4)
 
 
 def test_apply_pending_from_inside_its_own_application_returns_at_once(rig: Rig) -> None:

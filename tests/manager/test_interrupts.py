@@ -478,6 +478,43 @@ def test_a_ctrl_c_while_the_optimizers_step_waits_until_the_step_is_counted(
     rig.train(1)
 
 
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_ctrl_c_once_the_epoch_checkpoint_is_written_lets_the_epoch_end_again(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """A SIGINT that lands after the checkpoint's write (while old ones are pruned): the epoch
+    had not ended, yet its retry was refused for good ("not after this run's checkpoints"),
+    and the boundary's tick never ran."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    index = manager.require_registry()[SEED0].index
+    calls = _ctrl_c_before(monkeypatch, manager.checkpoints, "_prune")
+    with pytest.raises(KeyboardInterrupt):
+        manager.end_epoch(0)
+    assert calls and manager.epoch == -1 and manager.checkpoints.epochs() == [0]
+    assert manager.require_registry().table.read_row(index)["EPOCHS_IN_STATE"] == 0
+    rig.train(1)
+    manager.end_epoch(0)  # the same boundary, again: written anew, then ticked once
+    assert manager.epoch == 0 and manager.checkpoints.epochs() == [0]
+    assert manager.require_registry().table.read_row(index)["EPOCHS_IN_STATE"] == 1
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_ctrl_c_in_the_epoch_boundary_waits_until_the_epoch_has_ticked(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    index = manager.require_registry()[SEED0].index
+    calls = _ctrl_c_before(monkeypatch, manager.require_registry().table, "tick")
+    with pytest.raises(KeyboardInterrupt):
+        manager.end_epoch(0)
+    assert calls and manager.epoch == 0  # the boundary is whole: epoch and tick together
+    assert manager.require_registry().table.read_row(index)["EPOCHS_IN_STATE"] == 1
+
+
 def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     tmp_path, store, keyring, mlp
 ) -> None:
