@@ -405,12 +405,9 @@ class KasminaLayer(nn.Module):
         # Compiled, the stages come from their ints (``_refresh_plan``); eager, the cached plan.
         compiling = torch.compiler.is_compiling()
         plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"{self.layer_id}: seeds need a Tensor at output_index {self.output_index}, "
-                f"got {type(x).__name__}"
-            )
         problem = self.contract_problem()
+        if not isinstance(x, torch.Tensor):  # a call of another kind (an RNN's PackedSequence)
+            problem = f"output_index {self.output_index} holds a {type(x).__name__}, no Tensor"
         if problem is not None or not fits(x, self.chunk_dim, self.width, self.output_contract):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x

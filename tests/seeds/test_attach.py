@@ -606,6 +606,30 @@ def test_a_slot_split_along_its_last_dimension_runs_its_seeds_at_any_rank() -> N
     assert all(p.grad is not None for seed in slot.seeds for p in seed.seed_parameters())
 
 
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING])
+def test_an_lstm_slot_passes_a_packed_sequence_through_while_its_seeds_run(stage) -> None:
+    """Recorded on padded ``[B, T, F]`` batches, called later on a ``PackedSequence`` (batches
+    of varying lengths): once a seed ran, that call raised ``TypeError`` from the host's forward
+    instead of sitting out like any call that does not fit the seeds' chunks."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    model = nn.Sequential(nn.LSTM(6, 4, batch_first=True))
+    (slot,) = attach(model, ["0"], 2, 2)
+    x = torch.randn(3, 5, 6)
+    model(x)  # recorded: [3, 5, 4]
+    slot.seed(0).attach_kernel(kernel(2, 0))
+    walk(slot.seed(0), stage)
+    lengths = torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, (h, _) = model(packed)
+    expected, _ = slot.host(packed)
+    assert torch.equal(out.data, expected.data) and slot.sat_out == {"seeds": 1}
+    h.sum().backward()  # and trains on
+    assert slot.seed(0).faults == 0
+    model(x)[0].sum().backward()  # a padded call still runs the seed
+    assert all(p.grad is not None for p in slot.seed(0).seed_parameters())
+
+
 def test_non_finite_seed_in_a_layer_falls_back_per_chunk() -> None:
     layer, x = four_stage_layer()
     with torch.no_grad():
