@@ -273,7 +273,7 @@ class CommandIntake:
         try:
             state.require_open()
             if state.registry is not None:
-                state.registry.check_held()
+                state.registry.check_held(state.optimizers)
         except RuntimeError as exc:
             return str(exc)
         return ""

@@ -178,6 +178,24 @@ class SeedRecord:
         return kernel
 
 
+# Parameters and modules registered anywhere in this process since the first registry (a
+# global hook counts them): a registry whose model may have changed looks only when it moved.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> int:
+    """Install the counting hooks (once per process); the count now."""
+    if not _REGISTRATIONS[0]:
+        _REGISTRATIONS[0] = 1
+        nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        nn.modules.module.register_module_module_registration_hook(_count_registration)
+    return _REGISTRATIONS[0]
+
+
 class SlotRegistry:
     """Seeds of the slots attached to ``model``, all in one shared state table.
 
@@ -234,14 +252,20 @@ class SlotRegistry:
         if held is not None:
             owner, _, leaf = held[0].rpartition(".")
             self._anchor = (model.get_submodule(owner), leaf, held[1])
+        # Every host parameter, frozen or not, and the registration count they were last
+        # checked against (``_check_registered``).
+        self._held = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
+        self._checked_at = _watch_registrations()
 
-    def check_held(self) -> None:
+    def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
         """``RuntimeError`` if the model no longer holds the parameters registered with it
         (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
         say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
         the optimizers would go on stepping the old ones while the model trains nothing. Also
         if ``kasmina.detach`` or ``merge`` took a registered slot out of the model (one flag
-        read per slot): its seeds would never run again while the manager went on stepping."""
+        read per slot): its seeds would never run again while the manager went on stepping;
+        and, once anything registered a parameter or module since the last look, if the model
+        holds a trainable parameter no optimizer steps (``_check_registered``)."""
         gone = [slot.layer_id for slot in self.slots if slot.detached]
         if gone:
             raise RuntimeError(
@@ -264,6 +288,34 @@ class SlotRegistry:
                 "move to another kind of device, or load_state_dict(assign=True)); its "
                 "optimizers hold the old ones. Move or load the model before attach"
             )
+        if _REGISTRATIONS[0] != self._checked_at:
+            self._check_registered(optimizers)
+
+    def _check_registered(self, optimizers: IsolatedOptimizerManager | None) -> None:
+        """``RuntimeError`` naming the model's trainable parameters that neither the model held
+        when registered nor a host param group holds: a module replaced (``model.fc = ...``),
+        ``weight_norm``/``parametrize`` or ``load_state_dict(assign=True)`` on one layer after
+        attach. Nothing would step them (the first parameter's check above misses these).
+        Runs once per change of the process-wide registration count (GERMINATE moves it too)."""
+        count = _REGISTRATIONS[0]
+        known = set(self._held) | set(self.added_host_params)
+        if optimizers is not None and optimizers.has_host:
+            known |= set(self.host_groups_of(optimizers))
+        known |= {id(p) for slot in self.slots for p in slot.seeds.parameters()}
+        unknown = [
+            name
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in known
+        ]
+        if unknown:
+            raise RuntimeError(
+                f"the model holds trainable parameters {unknown[:8]} that it did not hold when "
+                "the manager registered it and no optimizer steps (a module replaced, or "
+                "weight_norm, parametrize or load_state_dict(assign=True) on a layer after "
+                "attach): they would never train. Make such changes before attach, or add them "
+                "to the host optimizer (add_param_group)"
+            )
+        self._checked_at = count
 
     def take_host_groups(
         self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False

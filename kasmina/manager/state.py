@@ -142,7 +142,7 @@ class ManagerState:
         if self.registry is None:
             raise ValueError("no model attached: call manager.attach(model, ...) first")
         if training:
-            self.registry.check_held()
+            self.registry.check_held(self.optimizers)
         return self.registry
 
     def graph_open(self) -> bool:

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -999,6 +1000,43 @@ def test_a_parametrization_that_splits_a_parameter_is_refused_by_step(rig: Rig) 
     loss.backward()
     with pytest.raises(RuntimeError, match="replaced after the manager registered them"):
         rig.manager.step()
+
+
+@pytest.mark.parametrize(
+    "change", ["weight_norm on a later layer", "a layer replaced", "one layer loaded by assign"]
+)
+def test_new_trainable_parameters_no_optimizer_steps_are_refused_by_step(
+    rig: Rig, mlp, change: str
+) -> None:
+    """Changes to a layer other than the model's first: ``step()`` checked only the first
+    parameter, so it went on while the new parameters never trained. A layer added to the host
+    optimizer (``add_param_group``) trains, and is not refused."""
+    model, manager = rig.model, rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    if change == "weight_norm on a later layer":
+        torch.nn.utils.parametrizations.weight_norm(model.out.host)
+        new = [f"out.host.parametrizations.weight.original{i}" for i in (0, 1)]
+    elif change == "a layer replaced":
+        model.inp = torch.nn.Linear(6, 8)
+        new = ["inp.weight", "inp.bias"]
+    else:
+        weight = torch.nn.Parameter(torch.zeros(4, 8))
+        model.out.host.load_state_dict({"weight": weight}, strict=False, assign=True)
+        new = ["out.host.weight"]
+    loss = torch.nn.functional.cross_entropy(model(rig.x), rig.y)
+    manager.backward(loss)
+    step = manager.global_step
+    with pytest.raises(RuntimeError, match=re.escape(str(new)[:-1])):
+        manager.step()
+    assert manager.global_step == step
+    if change == "weight_norm on a later layer":
+        return  # (its ``original1`` is the old weight's memory, which the host group holds)
+    added = [p for n, p in model.named_parameters() if n in new]
+    manager.optimizers.optimizer("host").add_param_group({"params": added})
+    before = [p.detach().clone() for p in added]
+    rig.train(2)
+    assert all(not torch.equal(a, p) for a, p in zip(before, added, strict=True))
 
 
 def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
