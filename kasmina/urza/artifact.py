@@ -22,6 +22,7 @@ import errno
 import hashlib
 import hmac
 import json
+import math
 import re
 import threading
 from collections.abc import Mapping
@@ -189,9 +190,10 @@ class TensorSpec:
             raise ValueError("an input spec entry must be {'shape': [...], 'dtype': str}")
         shape, dtype = obj["shape"], obj["dtype"]
         if not isinstance(shape, list) or not all(
-            d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
+            d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63)
+            for d in shape
         ):
-            raise ValueError("input spec shape must be a list of non-negative ints or nulls")
+            raise ValueError("input spec shape must be a list of int64 sizes (>= 0) or nulls")
         if not isinstance(dtype, str) or not dtype:
             raise ValueError("input spec dtype must be a non-empty string")
         return cls(tuple(shape), dtype)
@@ -242,11 +244,17 @@ class Manifest:
         if not isinstance(data["sha256"], str) or not _SHA_RE.fullmatch(data["sha256"]):
             raise ValueError("manifest sha256 must be 64 lowercase hex digits")
         size = data["size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError("manifest size must be a non-negative int")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
+            raise ValueError("manifest size must be an int64 byte count (>= 0)")
         created = data["created"]
         if not isinstance(created, (int, float)) or isinstance(created, bool):
             raise ValueError("manifest created must be a number (Unix time)")
+        try:  # a JSON integer past a float's range (10**400) raised OverflowError, no ValueError
+            created = float(created)
+        except OverflowError:
+            created = math.inf
+        if not math.isfinite(created):
+            raise ValueError("manifest created must be a finite Unix time")
         if data["format"] != ARTIFACT_FORMAT:
             raise ValueError(f"unsupported artifact format {data['format']!r}")
         if data["manifest_version"] != MANIFEST_VERSION or isinstance(
@@ -262,7 +270,7 @@ class Manifest:
             size=size,
             input_spec=tuple(TensorSpec.from_json(s) for s in data["input_spec"]),
             key_id=data["key_id"],
-            created=float(created),
+            created=created,
             torch_version=data["torch_version"],
             format=data["format"],
             signature=data["signature"],
@@ -274,7 +282,8 @@ def sign_manifest(manifest: Manifest, publisher: PublisherKey) -> Manifest:
     """A copy of ``manifest`` with ``key_id`` set to the publisher's and signed by its key.
 
     Only a ``PublisherKey`` signs: an HMAC ``Keyring`` (a command key) or a trainer's
-    ``TrustedPublishers`` is refused with ``TypeError``.
+    ``TrustedPublishers`` is refused with ``TypeError``; a field ``verify_manifest`` would
+    refuse (a ``created`` past a float's range) with ``ValueError``, before anything is signed.
     """
     if not isinstance(publisher, PublisherKey):
         raise TypeError(
@@ -289,7 +298,9 @@ def sign_manifest(manifest: Manifest, publisher: PublisherKey) -> Manifest:
             "manifest_version": MANIFEST_VERSION,
         }
     )
-    signature = publisher.sign_manifest(canonical_json(unsigned.unsigned_dict()))
+    fields = unsigned.unsigned_dict()
+    Manifest.from_dict({**fields, "signature": ""})  # ValueError: what no trainer would read
+    signature = publisher.sign_manifest(canonical_json(fields))
     encoded = base64.b64encode(signature).decode("ascii")
     return Manifest(**{**_init_fields(unsigned), "signature": encoded})
 

@@ -5,6 +5,7 @@ re-signing of retired HMAC manifests, and publisher key files."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -26,6 +27,7 @@ from kasmina.leyline import AdaptationCommand
 from kasmina.urza.artifact import (
     LEGACY_HMAC_MESSAGE,
     Manifest,
+    TensorSpec,
     sign_manifest,
     verify_manifest,
 )
@@ -150,6 +152,39 @@ def test_tampered_manifest_fields_are_refused(store: Path, trusted, fields, matc
     manifest_file(store).write_text(json.dumps(data))
     with pytest.raises(ArtifactIntegrityError, match=match):
         client(store, trusted).fetch("a1")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"created": 10**400},
+        {"size": 2**64},
+        {"input_spec": [{"shape": [2**70], "dtype": "float32"}]},
+    ],
+)
+def test_a_signed_manifest_with_an_out_of_range_number_is_refused_as_malformed(
+    store: Path, publisher: PublisherKey, trusted, fields
+) -> None:
+    """A ``created`` past a float's range made ``verify_manifest`` raise ``OverflowError``: the
+    store's breaker counted each fetch a store failure and opened for every artifact, and
+    ``kasmina urza list``/``verify`` stopped. Signed by the trusted publisher, and refused."""
+    raw = manifest_file(store).read_bytes()
+    signature = publisher.sign_manifest(unsigned_bytes(raw, **fields))
+    manifest_file(store).write_bytes(with_signature(raw, signature, **fields))
+    urza = client(store, trusted)
+    for _ in range(8):  # more than the breaker's threshold
+        with pytest.raises(ArtifactIntegrityError, match="malformed manifest"):
+            urza.fetch("a1")
+    assert urza.stats()["breaker_state"] == "closed"
+    # The publisher's own API signs no such manifest.
+    values = dict(fields)
+    if "input_spec" in values:
+        values["input_spec"] = tuple(
+            TensorSpec(tuple(s["shape"]), s["dtype"]) for s in fields["input_spec"]
+        )
+    manifest = dataclasses.replace(verify_manifest(raw, trusted, expected_id="a1"), **values)
+    with pytest.raises(ValueError, match="manifest|input spec"):
+        sign_manifest(manifest, publisher)
 
 
 def test_a_tampered_payload_is_refused_after_the_manifest_verifies(store: Path, trusted) -> None:
