@@ -143,16 +143,16 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         help="re-sign artifacts signed with the retired HMAC scheme with a publisher key",
         description=(
             "Migrate manifests signed with HMAC (manifest version 1) to Ed25519: each old "
-            "signature is checked with the old keyring (--hmac-keys, or $KASMINA_HMAC_KEYS) and "
-            "each payload against its manifest before the manifest is signed again with the "
-            "publisher key and replaced. Artifacts already signed by this key are left alone. "
-            "Exit status 1 if any fails."
+            "signature is checked with the old keyring (--hmac-keys; never a command key, which "
+            "every trainer holds) and each payload against its manifest before the manifest is "
+            "signed again with the publisher key and replaced. Artifacts already signed by this "
+            "key are left alone. Exit status 1 if any fails."
         ),
     )
     store(resign)
     signer(resign)
     resign.add_argument(
-        "--hmac-keys", help="JSON keyring the old manifests were signed with ($KASMINA_HMAC_KEYS)"
+        "--hmac-keys", help="JSON keyring the old manifests were signed with (not the command keys)"
     )
     resign.add_argument(
         "artifact_ids", nargs="*", metavar="ARTIFACT_ID", help="ids to re-sign (default: all)"
@@ -488,18 +488,30 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
 
 
 def _legacy_keyring(args: argparse.Namespace) -> Keyring:
-    """The HMAC keyring the old manifests were signed with: ``--hmac-keys FILE``, else
-    ``$KASMINA_HMAC_KEYS``."""
+    """The HMAC keyring the old manifests were signed with: ``--hmac-keys FILE``, and never
+    the command keyring. Every trainer holds the command keys, so a version 1 manifest signed
+    with one proves nothing about who made its payload, and re-signing it would turn a command
+    key into a publisher's signature: no fallback to ``$KASMINA_HMAC_KEYS`` (the command keys'
+    variable), and a file holding any key that variable holds is refused."""
     from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring
 
-    if args.hmac_keys:
-        return Keyring.from_file(args.hmac_keys)
+    if not args.hmac_keys:
+        raise CLIError(
+            "resign checks each old HMAC signature first: pass --hmac-keys FILE, the keys the "
+            "old manifests were signed with (without them, publish the artifacts again instead)"
+        )
+    legacy = Keyring.from_file(args.hmac_keys)
     if os.environ.get(DEFAULT_ENV_VAR, "").strip():
-        return Keyring.from_env(DEFAULT_ENV_VAR)
-    raise CLIError(
-        f"resign checks each old HMAC signature first: pass --hmac-keys FILE or set "
-        f"{DEFAULT_ENV_VAR} (without the old keys, publish the artifacts again instead)"
-    )
+        commands = Keyring.from_env(DEFAULT_ENV_VAR)
+        secrets = {commands.get(key_id) for key_id in commands.key_ids}
+        shared = [key_id for key_id in legacy.key_ids if legacy.get(key_id) in secrets]
+        if shared:
+            raise CLIError(
+                f"--hmac-keys {args.hmac_keys}: key(s) {shared} also sign commands "
+                f"(${DEFAULT_ENV_VAR}); every trainer holds them, so an old manifest they "
+                "verify may be anyone's. Publish those artifacts again from their sources"
+            )
+    return legacy
 
 
 def _summary(failed: int, total: int, what: str) -> int:

@@ -344,6 +344,26 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     assert run(capsys, *resign, "--hmac-keys", str(hmac_keys), "one", "two")[0] == 0
 
 
+def test_resign_never_takes_the_command_keys_for_the_old_ones(
+    tmp_path, keys, publishers, capsys, monkeypatch
+) -> None:
+    """Every trainer holds the command keys: with them as the "old" keyring anyone could forge
+    a version 1 manifest for any bytes and have ``resign`` sign it as the publisher. They were
+    the fallback when ``--hmac-keys`` was left out; now they are never used, even named."""
+    commands = tmp_path / "commands.json"
+    assert run(capsys, "keygen", "--out", str(commands), "--key-id", "ctl")[0] == 0
+    store = tmp_path / "store"
+    legacy_artifact(store, "forged", b"anyone's bytes", Keyring.from_file(commands).get("ctl"))
+    monkeypatch.setenv("KASMINA_HMAC_KEYS", json.dumps(json.loads(commands.read_text())))
+    resign = ["urza", "resign", "--store", str(store), "--key", str(keys)]
+    rc, _, err = run(capsys, *resign)  # no fallback to the environment's command keys
+    assert_one_line_error(rc, err, "pass --hmac-keys FILE")
+    rc, _, err = run(capsys, *resign, "--hmac-keys", str(commands))
+    assert_one_line_error(rc, err, "key(s) ['ctl'] also sign commands")
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    assert run(capsys, *verify)[0] == 1  # still unsigned by the publisher
+
+
 def test_urza_verify_of_unknown_or_invalid_ids_fails_per_id(
     tmp_path, keys, publishers, capsys
 ) -> None:
