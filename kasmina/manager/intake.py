@@ -296,8 +296,11 @@ class CommandIntake:
             return self.execution.execute(command)
 
     def verify_auth(self, message: Any) -> bool:
-        """Signature, freshness and nonce of a command (object or bytes), its nonce unused."""
+        """Signature, freshness and nonce of a command (object or bytes), its nonce unused; bytes
+        the door would refuse for their size are refused here too."""
         if isinstance(message, (bytes, bytearray, memoryview)):
+            if memoryview(message).nbytes > self.handler.max_message_bytes:
+                return False
             try:
                 message = AdaptationCommand.FromString(bytes(message))
             except Exception:

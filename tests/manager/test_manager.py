@@ -314,6 +314,8 @@ def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig,
     assert stats["rejected:unknown_key_id"] == 1 and stats["rejected:missing_metadata"] == 1
     valid = rig.signed(make_seed_command("germinate", SEED0, mlp))
     assert manager.verify_message_auth(valid)  # answers without using the nonce
+    oversize = rig.signed(make_rollback_command(0, reason="x" * 100_000))  # signed, 100 KB
+    assert not manager.verify_message_auth(oversize)  # the door's size bound, as on arrival
     assert run_command(manager, valid)
     assert not run_command(manager, valid)  # replay
     assert stats["rejected:replay"] == 1 and stats["executed"] == 1
