@@ -36,7 +36,7 @@ prepare, so what the applier keeps for one sync (the kernel manager's applier: t
 its prepares share) starts afresh even when the previous sync raised before ``apply``.
 
 This module holds the coordinator that carries out the three rules, the majority rule and the
-repair, and what a sync returns (``EpochSyncResult``). How commands cross between ranks and how
+repair. What a sync returns (``EpochSyncResult``), how commands cross between ranks and how
 each rank judges them (``RelayHandler``, ``CommandApplier``, the framing, the per-rank verdict)
 is in ``kasmina.control.relay``; what is replicated, and how it is checksummed, exported and
 loaded (``ReplicaState``, ``TensorReplica``), in ``kasmina.control.replica``. Both are given as
@@ -54,7 +54,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,6 +69,7 @@ from kasmina.control.relay import (
     UNVERIFIED,
     CommandApplier,
     CommandResult,
+    EpochSyncResult,
     ExecutorApplier,
     Received,
     Relayed,
@@ -82,6 +83,7 @@ from kasmina.control.relay import (
 )
 from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica, minority_ranks
 from kasmina.leyline import MetricType
+from kasmina.utils.ratelimit import rarely
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -94,42 +96,7 @@ HISTORY_SIZE = 256  # sync results kept in ``DistributedCoordinator.history``
 # outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
 _OUTCOMES = 3
 
-__all__ = ["DistributedCoordinator", "EpochSyncResult"]
-
-
-@dataclass(frozen=True)
-class EpochSyncResult:
-    """What one ``sync_epoch`` did, as seen from ``rank`` (every rank gets the same verdict)."""
-
-    epoch: int
-    rank: int
-    world_size: int
-    commands: tuple[CommandResult, ...]  # every relayed command, in the order applied
-    checksums: tuple[int, ...]  # per rank, after the commands and before any repair
-    divergent_ranks: tuple[int, ...]  # ranks that disagreed with the majority
-    source_rank: int = -1  # the rank the divergent ones were repaired from (-1: none)
-    repaired_ranks: tuple[int, ...] = ()  # divergent ranks that agree again after the repair
-
-    @property
-    def outcomes(self) -> tuple[bool, ...]:
-        """Whether each relayed command was applied, in order: one verdict on every rank, which
-        the state of every rank that agreed or was repaired reflects."""
-        return tuple(c.ok for c in self.commands)
-
-    @property
-    def diverged(self) -> bool:
-        """Whether this rank was one of the divergent ones."""
-        return self.rank in self.divergent_ranks
-
-    @property
-    def consistent(self) -> bool:
-        """No rank disagreed (nothing needed repairing)."""
-        return not self.divergent_ranks
-
-    @property
-    def unrepaired_ranks(self) -> tuple[int, ...]:
-        """Divergent ranks that still disagree after the repair (handed to ``on_divergence``)."""
-        return tuple(r for r in self.divergent_ranks if r not in self.repaired_ranks)
+__all__ = ["DistributedCoordinator"]
 
 
 class DistributedCoordinator:
@@ -181,6 +148,7 @@ class DistributedCoordinator:
         self._device = collective_device(group) if self.distributed else torch.device("cpu")
         self._lock = threading.Lock()
         self._pending: list[Received] = []
+        self._applying = False  # a sync's commands began to apply (none go back to _pending)
         self.stats: Counter[str] = Counter()
         # The latest syncs' results (bounded: a run may sync every epoch for years); the count
         # of all of them is ``stats["syncs"]``.
@@ -211,15 +179,24 @@ class DistributedCoordinator:
                 self._pending.append(Received(bytes(raw), received_at, command))
         if full:
             self.stats["dropped:queue_full"] += 1
-            logger.warning(
-                "command %s dropped: %d commands already wait for the next sync",
-                command.command_id,
-                self.max_pending,
-            )
+            logger.log(
+                rarely(self.stats["dropped:queue_full"], 1000),
+                "command %s dropped: %d commands already wait for the next sync [%d dropped]",
+                command.command_id, self.max_pending, self.stats["dropped:queue_full"],
+            )  # fmt: skip
             self.applier.refuse(command, "the coordinator's queue is full")
             return False
         self.stats["submitted"] += 1
         return True
+
+    def drop_pending(self, reason: str) -> None:
+        """Refuse every command held for the next sync, each reported through the applier (its
+        manager closed: no sync will apply them)."""
+        with self._lock:
+            held, self._pending = self._pending, []
+        for entry in held:
+            self.applier.refuse(entry.command, reason)
+            self.stats["refused"] += 1
 
     # ------------------------------------------------------------------ the boundary
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
@@ -228,8 +205,15 @@ class DistributedCoordinator:
         self._begin_sync()
         with self._lock:
             local, self._pending = self._pending, []
-        relayed = self._exchange(epoch, local)
-        commands, judged = self._apply(relayed, local)
+        self._applying = False
+        try:
+            relayed = self._exchange(epoch, local)
+            commands, judged = self._apply(relayed, local)
+        except BaseException:  # a Ctrl-C or a failed collective before anything was applied:
+            if not self._applying:  # the commands wait for the next sync, in order, not lost
+                with self._lock:
+                    self._pending[:0] = local
+            raise
         outcomes = [int(c.ok) for c in commands]
         row = [epoch, self.state.checksum(), len(commands), *outcomes, self._healthy()]
         rows = self._all_gather(row)  # the health last: ``_OUTCOMES`` indexes the outcomes
@@ -350,6 +334,7 @@ class DistributedCoordinator:
             for i, ((command, _), column) in enumerate(zip(judged, codes, strict=True))
             if command is not None and all(c == READY for c in column)
         ]
+        self._applying = True  # from here each command taken gets an outcome (the applier's)
         outcomes = self.applier.apply([command for _, command in agreed])
         results: dict[int, CommandResult] = {}
         applied: list[KasminaCommand | None] = [None] * len(relayed)

@@ -18,7 +18,7 @@ then be applied on every rank or on none (docs/design.md §5, "Multi-process run
   ``UNPREPARED``, ``DUPLICATE``; all-gathered, a command runs only if every rank is ready), the
   one reason given on every rank for a command applied nowhere (``refusal``), and what became of
   each command (``CommandResult``), reported again when the replica repair overturned a rank's
-  own outcome (``revise_completion``).
+  own outcome (``revise_completion``), and what one sync did (``EpochSyncResult``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CommandApplier",
     "CommandResult",
+    "EpochSyncResult",
     "ExecutorApplier",
     "RelayHandler",
 ]
@@ -100,6 +101,41 @@ class CommandResult:
     origin: int  # the rank that received (and first verified) it
     ok: bool  # applied (the verdict after any repair, the same on every rank)
     reason: str  # why not ("" when ok)
+
+
+@dataclass(frozen=True)
+class EpochSyncResult:
+    """What one ``sync_epoch`` did, as seen from ``rank`` (every rank gets the same verdict)."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    commands: tuple[CommandResult, ...]  # every relayed command, in the order applied
+    checksums: tuple[int, ...]  # per rank, after the commands and before any repair
+    divergent_ranks: tuple[int, ...]  # ranks that disagreed with the majority
+    source_rank: int = -1  # the rank the divergent ones were repaired from (-1: none)
+    repaired_ranks: tuple[int, ...] = ()  # divergent ranks that agree again after the repair
+
+    @property
+    def outcomes(self) -> tuple[bool, ...]:
+        """Whether each relayed command was applied, in order: one verdict on every rank, which
+        the state of every rank that agreed or was repaired reflects."""
+        return tuple(c.ok for c in self.commands)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether this rank was one of the divergent ones."""
+        return self.rank in self.divergent_ranks
+
+    @property
+    def consistent(self) -> bool:
+        """No rank disagreed (nothing needed repairing)."""
+        return not self.divergent_ranks
+
+    @property
+    def unrepaired_ranks(self) -> tuple[int, ...]:
+        """Divergent ranks that still disagree after the repair (handed to ``on_divergence``)."""
+        return tuple(r for r in self.divergent_ranks if r not in self.repaired_ranks)
 
 
 class ExecutorApplier:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kasmina.control.distributed import EpochSyncResult
+from kasmina.control.relay import EpochSyncResult
 from kasmina.demo.config import COMMAND_KEY, KD, NEW_CLASSES, OLD_CLASSES, DemoConfig
 from kasmina.demo.controller import Adversary, PlateauController, SeedPlan
 from kasmina.demo.data import Digits, accuracy_and_loss, batch_accuracy, batches, with_classes

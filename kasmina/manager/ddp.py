@@ -47,12 +47,13 @@ import torch.distributed as dist
 from torch import nn
 
 from kasmina.control.commands import KasminaCommand
-from kasmina.control.distributed import DistributedCoordinator, EpochSyncResult
+from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.processes import (
     check_supported_parallelism,
     collective_timeout_s,
     copy_into_grads,
 )
+from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, buckets, nested_checksum, nested_finite
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
@@ -555,6 +556,7 @@ class DistributedKasmina:
         )
         manager.grad_sync = self.seed_grads
         manager.command_relay = self.coordinator.submit
+        manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
 
     @property
     def rank(self) -> int:
@@ -581,11 +583,16 @@ class DistributedKasmina:
         return self.coordinator.sync_epoch(epoch)
 
     def close(self) -> None:
-        """Detach from the manager (its door and step work single-process again)."""
+        """Detach from the manager (its door and step work single-process again); commands
+        held for the next sync are refused, each reported."""
         if self.manager.command_relay == self.coordinator.submit:
             self.manager.command_relay = None
         if self.manager.grad_sync is self.seed_grads:
             self.manager.grad_sync = None
+        dropping = self.manager.intake.also_dropping
+        if self.coordinator.drop_pending in dropping:
+            dropping.remove(self.coordinator.drop_pending)
+        self.coordinator.drop_pending("the multi-rank coordinator closed before its next sync")
 
     def _quarantine(self, result: EpochSyncResult) -> None:
         for record in self.manager.require_registry().in_stages(ISOLATED_STAGES):

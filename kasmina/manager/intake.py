@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kasmina.control.auth import CommandVerifier
@@ -35,6 +35,7 @@ from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.pending import CommandQueue, PendingCommand, Ready
 from kasmina.manager.report import ManagerReport
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
@@ -99,12 +100,19 @@ class CommandIntake:
         self._applying = threading.Lock()
         self._applier: int | None = None  # the thread applying, whose own calls return at once
         self.deferred = 0  # calls that found a forward's graph open, and applied nothing
+        self.dropped = 0  # commands refused on arrival for a full or closed queue
+        # Who else holds accepted commands for this manager (a ``DistributedKasmina``'s
+        # coordinator): each is told to refuse them when the manager closes.
+        self.also_dropping: list[Callable[[str], None]] = []
 
     def arrive(self, raw: bytes) -> bool:
-        """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises."""
+        """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises.
+        A Ctrl-C waits until the command is queued or refused: between its nonce's use and the
+        queue it was lost (counted accepted, never reported)."""
         started = time.perf_counter_ns()
-        command = self.handler.accept(raw)
-        accepted = command is not None and self._enqueue(command)
+        with interrupts_deferred():
+            command = self.handler.accept(raw)
+            accepted = command is not None and self._enqueue(command)
         self.perf["overhead"].add_ns(time.perf_counter_ns() - started)
         return accepted
 
@@ -112,7 +120,11 @@ class CommandIntake:
         if self.queue.submit(command):
             return True
         reason = f"command queue full ({self.queue.max_pending} pending) or closed"
-        logger.warning("command %s dropped: %s", command.command_id, reason)
+        self.dropped += 1  # a flood is logged rarely (each drop is reported and counted)
+        logger.log(
+            rarely(self.dropped, 1000), "command %s dropped: %s [%d dropped so far]",
+            command.command_id, reason, self.dropped,
+        )  # fmt: skip
         self.handler.complete(command, False)
         with self.lock:
             self.report.note_command(command, False, reason)
@@ -247,10 +259,14 @@ class CommandIntake:
 
     def drop_pending(self) -> None:
         """Close the intake (the manager is closing): the handler refuses every later command
-        at the door (reason ``closed``), and every command still queued is reported refused,
-        none applied."""
+        at the door (reason ``closed``), and every command still queued, here or held by a
+        multi-rank coordinator for its next sync (``also_dropping``), is reported refused, none
+        applied."""
         self.handler.close()
-        self._drop(self.queue.close(), "manager closed before it applied")
+        reason = "manager closed before it applied"
+        self._drop(self.queue.close(), reason)
+        for drop in list(self.also_dropping):
+            drop(reason)
 
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from kasmina.control.auth import CommandVerifier, sign_command
 from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.distributed import HISTORY_SIZE, DistributedCoordinator, EpochSyncResult
+from kasmina.control.distributed import HISTORY_SIZE, DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import (
     average_gradients,
@@ -28,6 +28,7 @@ from kasmina.control.processes import (
     collective_timeout_s,
     spawn,
 )
+from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import (
     BufferAverage,
     TensorReplica,

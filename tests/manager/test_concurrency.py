@@ -149,15 +149,19 @@ def test_a_refused_command_is_reported_with_its_reason(rig: Rig) -> None:
     assert events and events[-1].labels["success"] == "false"
 
 
-def test_the_queue_is_bounded(tmp_path: Path, store: Path, keyring: Keyring) -> None:
+def test_the_queue_is_bounded(tmp_path: Path, store: Path, keyring: Keyring, caplog) -> None:
+    """A full queue refuses each command (counted, reported); a flood of them is logged once
+    and then every 1,000th, not a warning per command."""
     rig = Rig(make_config(tmp_path, store, max_pending_commands=2), keyring)
     manager = rig.manager
+    caplog.set_level("WARNING", logger="kasmina.manager.intake")
     results = [
         manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
-        for _ in range(4)
+        for _ in range(12)
     ]
-    assert results == [True, True, False, False]
-    assert len(manager.pending) == 2 and manager.handler.stats["failed"] == 2
+    assert results == [True, True] + [False] * 10
+    assert len(manager.pending) == 2 and manager.handler.stats["failed"] == 10
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
     assert len(manager.apply_pending()) == 2 and len(manager.pending) == 0
 
 

@@ -18,6 +18,7 @@ Every collective is bounded by the process group's timeout and the whole run by
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -551,6 +552,48 @@ def test_a_command_waits_for_the_sync_and_then_applies(tmp_path, store, keyring,
     assert rig.manager.command_log[-1][2] is True
 
 
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_ctrl_c_in_a_sync_before_it_applies_keeps_every_command_for_the_next(
+    tmp_path, store, keyring, mlp, monkeypatch
+) -> None:
+    """A Ctrl-C while the sync prepared (a kernel fetch) lost every command it had taken:
+    accepted, nonces used, never applied, refused or reported, and the next sync had none."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    original, calls = rig.manager.loader.original, []
+
+    def fetch_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rig.manager.loader, "original", fetch_then_ctrl_c)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    assert dk.submit(_signed(rig, "germinate", SEED1, mlp))
+    with pytest.raises(KeyboardInterrupt):
+        dk.sync_epoch(0)
+    assert dk.coordinator.pending == 2 and rig.manager.handler.stats["executed"] == 0
+    assert dk.sync_epoch(0).outcomes == (True, True)
+    assert rig.stage(SEED0) == rig.stage(SEED1) == S.ISOLATED_INIT
+
+
+def test_close_refuses_the_commands_held_for_the_next_sync(tmp_path, store, keyring, mlp) -> None:
+    """``manager.close()`` refused its own queue only: commands the coordinator held were
+    never reported; ``DistributedKasmina.close()`` (single-process again) refuses them too."""
+    for closing in ("manager", "coordinator"):
+        rig = Rig(make_config(tmp_path / closing, store), keyring)
+        dk = DistributedKasmina(rig.manager)
+        assert rig.manager.handle_adaptation_command(_signed(rig, "germinate", SEED0, mlp))
+        assert dk.coordinator.pending == 1
+        (rig.manager if closing == "manager" else dk).close()
+        stats = rig.manager.handler.stats
+        assert dk.coordinator.pending == 0 and (stats["accepted"], stats["failed"]) == (1, 1)
+        assert rig.manager.command_log[-1][2] is False
+        assert len(rig.sink.events("command.complete")) == 1
+        rig.manager.close()
+
+
 def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
     tmp_path, store, keyring
 ) -> None:
@@ -701,7 +744,7 @@ def test_a_sync_after_one_that_raised_before_apply_gets_its_own_prepare_time(
             dk.sync_epoch(0)
         time.sleep(0.35)  # the aborted sync's budget is long spent
         monkeypatch.setattr(dk.coordinator, "_gather_codes", gather)
-        assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+        assert dk.coordinator.pending == 1  # taken by the sync that raised, back for the next
         seen: list[list[str]] = []
 
         def answer() -> None:  # the store answers within the new budget

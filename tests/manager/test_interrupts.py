@@ -478,6 +478,33 @@ def test_a_ctrl_c_while_the_optimizers_step_waits_until_the_step_is_counted(
     rig.train(1)
 
 
+class CtrlCOnAck:
+    """A sink that takes a moment over ``command.ack``, while the user presses Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def send(self, packet: TelemetryPacket) -> None:
+        if not self.fired and any(m.name == "command.ack" for m in packet.metrics):
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_ctrl_c_while_a_command_arrives_on_the_main_thread_loses_nothing(rig: Rig, mlp) -> None:
+    """Between the nonce's use (the ack) and the queue, the command was lost: counted accepted,
+    never queued, applied or reported, and its bytes a replay from then on."""
+    manager = rig.manager
+    sink = CtrlCOnAck()
+    manager.telemetry.add_sink(sink)
+    with pytest.raises(KeyboardInterrupt):
+        manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    assert sink.fired and len(manager.pending) == 1
+    assert_counts_add_up(rig, executed=0, failed=0)
+    assert [o.ok for o in manager.apply_pending(wait=True)] == [True]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+
 @pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_once_the_epoch_checkpoint_is_written_lets_the_epoch_end_again(
     rig: Rig, mlp, monkeypatch
