@@ -337,9 +337,12 @@ class GradientIsolatedSeed(nn.Module):
                 "faults": self.faults,
                 "last_fault": self.fault_log[-1] if self.fault_log else "",
             }
-            self.detach_kernel()
+            self.detach_kernel()  # from here it passes the host through: alpha 0, nothing
+            self._set_alpha(0.0, force=True)  # measured or scored (the field report keeps them)
+            self.gate_score, self.evaluation = 0.0, None
         elif new == SeedStage.RECYCLING:
             self._set_alpha(0.0, force=True)
+            self.state_table.set_blueprint(self.state_index, "")  # the culled artifact's, gone
             self.graft_step = 0
             self.isolation_violations = self.nonfinite_events = self.faults = 0
             self.fault_log.clear()
@@ -513,12 +516,8 @@ class GradientIsolatedSeed(nn.Module):
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
-        return (
-            self.guard_backward
-            and stage != SeedStage.ACTIVE
-            and s.requires_grad
-            and not torch.compiler.is_compiling()
-        )
+        island = stage != SeedStage.ACTIVE and s.requires_grad  # its graph reaches no host
+        return self.guard_backward and island and not torch.compiler.is_compiling()
 
     def _check_finite(
         self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage

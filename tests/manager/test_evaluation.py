@@ -589,3 +589,30 @@ def test_a_compiled_forward_is_measured_with_the_ablation_it_runs(how: str) -> N
     for sid in ("fc[0]", "fc[1]"):
         assert got[sid].loss_without == pytest.approx(want[sid].loss_without, rel=1e-6)
         assert got[sid].loss_without != got[sid].loss_with
+
+
+def test_a_culled_seed_reports_no_alpha_score_or_measurement_it_no_longer_has(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """Culled from STABILIZATION, the seed passes the host through with no kernel, yet reported
+    alpha 1, its old benefit and gate score (the table's ALPHA_BLEND 1000), and once recycled
+    its row still named the culled artifact. The field report keeps what it had."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    record = manager.require_registry()[SEED0]
+    assert f"seed/{SEED0}/benefit" in manager.system_state().training_metrics
+    assert rig.send("cull", SEED0, embargo_epochs=0)
+    assert record.stage == SeedStage.COOLDOWN and record.seed.field_report["alpha"] == 1.0
+    metrics = manager.system_state().training_metrics
+    assert metrics[f"seed/{SEED0}/alpha"] == 0.0
+    assert not any(k.startswith(f"seed/{SEED0}/benefit") for k in metrics)
+    row = record.seed.state_table.read_row(record.index)
+    assert row["ALPHA_BLEND"] == 0 and row["GATE_SCORE"] == 0
+    for epoch in (1, 2):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    assert record.stage == SeedStage.DORMANT
+    assert record.seed.state_table.read_row(record.index)["BLUEPRINT_ID"] == 0

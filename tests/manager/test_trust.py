@@ -96,7 +96,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "validate_performance_targets",
     },
     LeylineAdaptationHandler: {"close", "complete", "flush_rejections"},
-    DistributedCoordinator: {"sync_epoch"},
+    DistributedCoordinator: {"drop_pending", "sync_epoch"},
     IsolatedOptimizerManager: {
         "adopt",
         "clip_grad_norm",
