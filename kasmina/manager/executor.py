@@ -282,6 +282,7 @@ class CommandExecution:
             record.graft_steps = 0
             seed.performance_gate = state.config.performance_gate / SCALE
             seed.transition_to(S.ISOLATED_INIT, gate=1)
+            seed.draw_step = 0  # its random kernel's stream, counted by after_step from here
         except BaseException:
             self._undo_germinate(record, kernel, artifact_id, pinned, had_optimizer)
             seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned = saved
@@ -493,10 +494,9 @@ class CommandExecution:
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
         never passes a seed whose blend-in never trained."""
         config, registry = self.state.config, self.state.require_registry()
-        for seed_id in stepped:  # a fused optimizer steps in place without telling autograd:
-            kernel = registry[seed_id].kernel  # own_stream keys a random kernel on the versions
-            if kernel is not None and vars(kernel).get("draws_random"):
-                torch.autograd.graph.increment_version(list(kernel.parameters()))
+        for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
+            seed = registry[seed_id].seed
+            seed.draw_step = (seed.draw_step or 0) + 1
         for record in registry.trained(stepped):
             seed = record.seed
             if seed.stage == S.ISOLATED_INIT:

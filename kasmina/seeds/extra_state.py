@@ -75,6 +75,7 @@ def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:
         "row": list(seed.state_table.read_row(seed.state_index).values()),
         "alpha": seed.alpha_value,
         "graft_step": seed.graft_step,
+        "draw_step": seed.draw_step,
         "trained_epochs": seed.trained_epochs,
         "trained_this_epoch": seed.trained_this_epoch,
         "gate_score": seed.gate_score,
@@ -93,6 +94,7 @@ class SavedSeedState:
 
     alpha: float
     graft_step: int | None  # the GRAFTING schedule's step; absent from older states
+    draw_step: int | None  # a random kernel's stream position (None: unmanaged, or older)
     trained_epochs: int  # G2's evidence (older states: see parse_seed_state)
     trained_this_epoch: bool
     gate_score: float
@@ -134,6 +136,9 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         field = "graft_step"
         step = state.get("graft_step")
         graft_step = None if step is None else _count(step)
+        field = "draw_step"
+        draws = state.get("draw_step")
+        draw_step = None if draws is None else _count(draws)
         field = "trained_epochs"
         trained = state.get("trained_epochs")
         if trained is None:
@@ -161,6 +166,7 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         **values,
         faults=faults,
         graft_step=graft_step,
+        draw_step=draw_step,
         trained_epochs=trained_epochs,
         trained_this_epoch=trained_this_epoch,
         fault_log=tuple(str(reason) for reason in saved_log),
@@ -215,6 +221,7 @@ class BookkeptSeed(RestorableSeed, Protocol):
 
     alpha_value: float
     graft_step: int
+    draw_step: int | None
     trained_epochs: int
     trained_this_epoch: bool
     gate_score: float

@@ -5,8 +5,9 @@ the host activations it must replace (metadata only: no device read); ``all_fini
 and ``finite_chunks`` (every seed of a slot in one reduction) are the device-side finiteness
 tests (no host sync), and ``finite_test`` reads their sums instead where that is free (the
 CPU); ``fallback_per_chunk`` puts the host's chunk in place of a seed's that failed; ``call_kernel``
-is the host half of a seed's guard. The backward guard (a kernel whose backward raises) and the
-one-node graft built on it are in ``kasmina.seeds.island``.
+is the host half of a seed's guard; ``GraphMark`` tells a slot's manager that a forward left a
+graph through a kernel. The backward guard (a kernel whose backward raises) and the one-node
+graft built on it are in ``kasmina.seeds.island``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "FAULT_REASON_CHARS",
     "FAULT_WARN_EVERY",
     "FaultRecorder",
+    "GraphMark",
     "all_finite",
     "autocast_to_host",
     "call_kernel",
@@ -50,6 +52,18 @@ __all__ = [
     "rng_forked",
     "short_reason",
 ]
+
+
+class GraphMark:
+    """Set by a slot's forward that runs a seed's kernel and records a graph, cleared at a
+    step's end (``end_step``): until then ``manager.apply_pending()`` applies nothing, since a
+    CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live graph still uses."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False
+
 
 # ``record_fault(kind, reason)``: counts, logs and reports one fault (the seed's ``_record_fault``).
 FaultRecorder = Callable[[str, str], None]
@@ -249,7 +263,11 @@ def fallback_per_chunk(
 
 
 def call_kernel(
-    kernel: torch.nn.Module, x: torch.Tensor, active: bool, record: FaultRecorder
+    kernel: torch.nn.Module,
+    x: torch.Tensor,
+    active: bool,
+    record: FaultRecorder,
+    stream: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
     fault found on the host (given to ``record``). Nothing here reads the device.
@@ -258,8 +276,8 @@ def call_kernel(
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
     non-finite output would send upstream. Before ACTIVE a kernel that draws random numbers
     (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
-    what they would without the seed, and on a stream of its own there (``own_stream``); not
-    under ``torch.compile``, which cannot trace the fork.
+    what they would without the seed, and on a stream of its own there (``own_stream`` at
+    position ``stream``); not under ``torch.compile``, which cannot trace the fork.
     """
     xin = x.view_as(x) if active else x.detach()
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
@@ -267,7 +285,7 @@ def call_kernel(
         with island_saves(active):
             if forked:
                 with rng_forked(x.device):
-                    own_stream(kernel, x.device)
+                    own_stream(kernel, x.device, stream)
                     out = kernel(xin)
             else:
                 out = kernel(xin)
@@ -325,17 +343,21 @@ def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def own_stream(kernel: torch.nn.Module, device: torch.device) -> None:
+def own_stream(kernel: torch.nn.Module, device: torch.device, position: int | None) -> None:
     """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
-    GPU's) from its own state and the version counters of the kernel's parameters.
+    GPU's) from its own state and the stream's ``position``: the seed's ``draw_step``, which
+    its manager moves at every optimizer step and a checkpoint saves, or (None: a seed no
+    manager steps) the version counters of the kernel's parameters.
 
     The fork alone would hand the kernel the global stream's next numbers without consuming
     them, so a seed beside a host that draws nothing would get the same dropout mask at every
-    step. The versions go up with every optimizer step of the kernel, so each step draws anew;
-    within a step they stand still, and an activation-checkpointing recompute (which restores
-    the global state first) draws what the forward drew. Host reads only: the GPU generator's
-    seed and offset live on the host."""
-    version = sum(p._version for p in kernel.parameters())
+    step. The position moves with every optimizer step, so each step draws anew; within a step
+    it stands still, and an activation-checkpointing recompute (which restores the global state
+    first) draws what the forward drew. A saved position is restored with the weights, so a
+    rollback or ``kasmina.load`` goes on drawing exactly what the run drew; version counters
+    are not (a load moves them). Host reads only: the GPU generator's seed and offset live on
+    the host."""
+    version = sum(p._version for p in kernel.parameters()) if position is None else position
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[index]

@@ -55,6 +55,7 @@ from kasmina.ops import alpha_blend
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
+    GraphMark,
     chunk_sums,
     fallback_per_chunk,
     finite_test,
@@ -91,17 +92,6 @@ __all__ = ["KasminaLayer"]
 # Stages whose seeds blend against the detached host (their fallback needs no host gradient):
 # a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
 _BLENDING = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
-
-
-class GraphMark:
-    """Set by a slot's forward that runs a seed's kernel and records a graph, cleared at a
-    step's end (``end_step``): until then ``manager.apply_pending()`` applies nothing, since a
-    CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live graph still uses."""
-
-    __slots__ = ("open",)
-
-    def __init__(self) -> None:
-        self.open = False
 
 
 class KasminaLayer(nn.Module):
@@ -238,6 +228,18 @@ class KasminaLayer(nn.Module):
             setattr(host, name, value)
             return
         super().__setattr__(name, value)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Pruning aimed at the slot reads the host's tensor through it, then registers it here
+        # under a second name (a state_dict key no fresh slot has): refused, nothing changed.
+        host = self.__dict__.get("_modules", {}).get("host")
+        held = () if host is None else host._parameters.values()
+        if param is not None and any(param is p for p in held):
+            raise ValueError(
+                f"{self.layer_id}: {name!r} would register the host's own parameter on the slot "
+                "(pruning or a parametrization applied to the slot): apply it to slot.host"
+            )
+        super().register_parameter(name, param)
 
     def _link_flags(self) -> None:
         """Point each seed's ``finite_flag`` at its element of ``_finite_flags`` (again after a

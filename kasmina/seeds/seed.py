@@ -134,6 +134,7 @@ class GradientIsolatedSeed(nn.Module):
         # The GRAFTING schedule's step alpha was last set at (0 on entering GRAFTING): saved in
         # the extra state, so a seed loaded mid-GRAFTING goes on from where it was saved.
         self.graft_step = 0
+        self.draw_step: int | None = None  # a random kernel's stream position (own_stream)
         # G2's evidence: the epochs of ISOLATED_INIT in which the seed's optimizer stepped it, and
         # whether it did in the epoch under way. Kept by whoever steps the seed (the manager:
         # ``CommandExecution.after_step``); saved in the extra state.
@@ -476,8 +477,7 @@ class GradientIsolatedSeed(nn.Module):
         return torch.where(ok, s, x if stage == SeedStage.ACTIVE else x.detach())  # grad: ACTIVE
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
-        """The COMPATIBILITY_CHECK probe of a host forward, skipped under ``torch.compile`` (it
-        times the kernel on the host clock; G3 then probes ``evaluate_gate(sample=...)``)."""
+        """COMPATIBILITY_CHECK's probe, not compiled (it times on the host clock; G3 probes)."""
         if not torch.compiler.is_compiling():
             self.probe(x)
 
@@ -512,7 +512,7 @@ class GradientIsolatedSeed(nn.Module):
         """The host half of the guard (:func:`~kasmina.seeds.faults.call_kernel`)."""
         kernel = self._modules["kernel"]
         assert kernel is not None
-        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault)
+        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, self.draw_step)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
@@ -562,6 +562,7 @@ class GradientIsolatedSeed(nn.Module):
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded
             self.graft_step = saved.graft_step
+        self.draw_step = saved.draw_step
         self.trained_epochs = saved.trained_epochs
         self.trained_this_epoch = saved.trained_this_epoch
         self._gate_score = saved.gate_score

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
+from kasmina.control.commands import make_rollback_command
 from kasmina.seeds.faults import own_stream, rng_forked
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, S, make_config
@@ -42,7 +43,7 @@ def test_a_random_kernel_draws_a_fresh_mask_at_every_step(
     tmp_path: Path, store: Path, keyring: Keyring, options: dict
 ) -> None:
     # A fused optimizer steps the kernel's parameters without moving their version counters:
-    # the manager moves them for a kernel that draws random numbers.
+    # the stream's position is the seed's ``draw_step``, which the manager moves at each step.
     rig = Rig(make_config(tmp_path, store), keyring, **options)
     artifact = publish(Dropping().train(), torch.randn(3, 2), store)
     rig.train(1)
@@ -59,6 +60,43 @@ def test_a_random_kernel_draws_a_fresh_mask_at_every_step(
     first = _masks(rig)
     torch.manual_seed(5)
     assert torch.equal(first, _masks(rig))
+
+
+@pytest.mark.parametrize("restore", ["rollback", "no-op load"])
+def test_a_random_kernel_goes_on_bit_for_bit_after_its_state_is_restored(
+    tmp_path: Path, store: Path, keyring: Keyring, restore: str
+) -> None:
+    """The kernel's stream was keyed on its parameters' version counters, which no checkpoint
+    saves and every load moves: after a ROLLBACK (or ``load_state_dict`` of the model's own
+    state), equal in every saved bit, the masks differed and the runs diverged in steps."""
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    rigs = [Rig(make_config(tmp_path / name, store), keyring) for name in ("a", "b")]
+
+    def train(rig: Rig, steps: int) -> None:
+        for _ in range(steps):
+            torch.manual_seed(123)  # the same global stream on both sides
+            rig.train(1)
+
+    for rig in rigs:
+        rig.train(1)
+        assert rig.send("germinate", SEED0, artifact)
+        train(rig, 2)
+        rig.manager.end_epoch(0)
+    a, b = rigs
+    if restore == "rollback":
+        train(a, 2)  # a timeline the rollback abandons
+        assert run_rollback(a, 0)
+    else:
+        a.model.load_state_dict(a.model.state_dict())
+    train(a, 3)
+    train(b, 3)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def run_rollback(rig: Rig, epoch: int) -> bool:
+    command = make_rollback_command(epoch)
+    return helpers.run_command(rig.manager, rig.signed(command))
 
 
 class CheckpointedHost(helpers.Host):
@@ -106,16 +144,20 @@ def test_own_stream_draws_anew_when_the_parameters_move_and_forks_nothing_out(
     kernel = nn.Linear(2, 2).to(dev)
     cpu, gpu = torch.random.get_rng_state(), dev.type == "cuda" and torch.cuda.get_rng_state(dev)
 
-    def draw() -> torch.Tensor:
+    def draw(position: int | None = None) -> torch.Tensor:
         with rng_forked(dev):
-            own_stream(kernel, dev)
+            own_stream(kernel, dev, position)
             return torch.rand(8, device=dev)
 
     first = draw()
     assert torch.equal(first, draw())  # the parameters stood still
     with torch.no_grad():
-        kernel.weight.mul_(1.0)  # an optimizer step moves the version
+        kernel.weight.mul_(1.0)  # an optimizer step moves the version (a seed no manager steps)
     assert not torch.equal(first, draw())
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+    with torch.no_grad():
+        kernel.weight.mul_(1.0)  # a position given: the versions (a load moves them) are not read
+    assert torch.equal(draw(3), draw(3))
     assert torch.equal(cpu, torch.random.get_rng_state())
     if dev.type == "cuda":
         assert torch.equal(gpu, torch.cuda.get_rng_state(dev))

@@ -183,6 +183,23 @@ def test_slot_reads_through_to_the_wrapped_module() -> None:
     assert "weight" not in dict(slot.named_parameters(recurse=False))  # not re-registered
 
 
+def test_pruning_aimed_at_a_slot_is_refused_before_it_changes_anything() -> None:
+    """``prune`` on the slot read the host's weight through it, registered it on the slot as
+    ``weight_orig``, then failed with a bare ``KeyError``: the slot was left holding a second
+    copy of the host's weight, a ``state_dict`` key no fresh slot has (strict loads failed)."""
+    from torch.nn.utils import prune
+
+    model = MLP()
+    attach(model, "head", 2, 4)
+    keys = list(model.state_dict())
+    for name in ("weight", "bias"):
+        with pytest.raises(ValueError, match="apply it to slot.host"):
+            prune.l1_unstructured(model.head, name, 0.5)
+    assert list(model.state_dict()) == keys and not model.head._forward_pre_hooks
+    prune.l1_unstructured(model.head.host, "weight", 0.5)  # as the message says
+    assert "head.host.weight_mask" in model.state_dict()
+
+
 class Conv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
