@@ -514,7 +514,8 @@ class KasminaKernelManager:
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
-        """Apply the queued commands, write the epoch checkpoint if ``epoch`` is on the cadence
+        """Apply the queued commands (none after a forward through a seed's kernel and before
+        its step: ``apply_pending``), write the epoch checkpoint if ``epoch`` is on the cadence
         (``config.checkpoint_every_epochs``; none with ``checkpoint_mode="off"``), then tick the
         lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
         telemetry packet (returned).
@@ -532,7 +533,7 @@ class KasminaKernelManager:
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         checkpoints = state.checkpoints
         checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
-        self.intake.apply_pending()  # commands that arrived during the epoch take effect first
+        self.intake.apply_pending(graph_open=state.graph_open())  # the epoch's commands first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
             checkpoints.check_next_epoch(epoch, state.epoch)

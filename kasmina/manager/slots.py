@@ -184,7 +184,8 @@ _REGISTRATIONS = [0]
 
 
 def _count_registration(*_: Any) -> None:
-    _REGISTRATIONS[0] += 1
+    if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile
+        _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing new)
 
 
 def _watch_registrations() -> int:

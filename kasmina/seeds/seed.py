@@ -131,8 +131,7 @@ class GradientIsolatedSeed(nn.Module):
         self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = self._performance_gate = self._alpha_value = 0.0
-        # The GRAFTING schedule's step alpha was last set at (0 on entering GRAFTING): saved in
-        # the extra state, so a seed loaded mid-GRAFTING goes on from where it was saved.
+        # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.
         self.graft_step = 0
         self.draw_step: int | None = None  # a random kernel's stream position (own_stream)
         # G2's evidence: the epochs of ISOLATED_INIT in which the seed's optimizer stepped it, and
@@ -409,8 +408,7 @@ class GradientIsolatedSeed(nn.Module):
         return self._alpha_value
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> float:
-        """Advance the GRAFTING schedule to ``step`` (kept as ``graft_step``) in place (no host
-        sync, no recompile); else a no-op."""
+        """Advance GRAFTING's schedule to ``step`` (``graft_step``), in place; else a no-op."""
         if total_steps <= 0 or not temperature > 0:
             raise ValueError("total_steps must be > 0 and temperature > 0")
         if self.stage == SeedStage.GRAFTING:
@@ -512,7 +510,9 @@ class GradientIsolatedSeed(nn.Module):
         """The host half of the guard (:func:`~kasmina.seeds.faults.call_kernel`)."""
         kernel = self._modules["kernel"]
         assert kernel is not None
-        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, self.draw_step)
+        # Compiled, the stream is not forked (nor read: its int would recompile every step).
+        draws = None if torch.compiler.is_compiling() else self.draw_step
+        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, draws)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""

@@ -203,7 +203,7 @@ def test_an_undetached_seed_input_is_caught_under_compile(
     store, artifact = host_store
     real = seed_module.call_kernel
     monkeypatch.setattr(  # an ACTIVE seed's call: the kernel sees x itself, not x.detach()
-        seed_module, "call_kernel", lambda kernel, x, _active, record: real(kernel, x, True, record)
+        seed_module, "call_kernel", lambda kernel, x, _, record, *a: real(kernel, x, True, record)
     )
     rig, train = _compiled_rig(tmp_path, store, "aot_eager", True)
     train()

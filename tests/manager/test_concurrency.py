@@ -139,6 +139,45 @@ def test_apply_pending_between_a_forward_and_its_backward_applies_nothing(
     assert len(manager.apply_pending()) == 1  # (refused: a seed in COOLDOWN)
 
 
+def test_end_epoch_after_a_forward_through_a_kernel_leaves_the_commands_to_the_step(
+    rig: Rig, mlp
+) -> None:
+    """The last micro-batch of an epoch went forward (and maybe backward) before
+    ``end_epoch``, its step to come: a ROLLBACK applied there rewrote the weights under the
+    live graph (its backward raised) or left that graph's gradients for the step to apply to
+    the restored weights. The epoch ends; the command waits for the step's end."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    rig.train(2)
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    manager.end_epoch(1)
+    assert manager.epoch == 1 and len(manager.pending) == 1  # ended, the rollback waiting
+    manager.backward(loss)
+    report = manager.step()
+    assert [(o.kind, o.ok) for o in report["commands"]] == [("rollback", True)]
+    assert manager.epoch == 0
+
+
+def test_a_rollback_drops_the_gradients_of_the_timeline_it_leaves(rig: Rig) -> None:
+    """Gradients accumulated before a rollback at a safe point (no seed running, so no graph
+    mark) were computed on the abandoned weights: the next step applied them to the restored
+    ones. The checkpoint holds none, and neither does the model after the rollback."""
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)
+    saved = host_params(rig)
+    rig.train(2)
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))  # a step's worth, not stepped
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert [o.ok for o in manager.apply_pending()] == [True]
+    assert all(p.grad is None for p in rig.model.parameters())
+    manager.step()  # nothing to apply
+    assert all(torch.equal(a, b) for a, b in zip(saved, host_params(rig), strict=True))
+
+
 def test_a_refused_command_is_reported_with_its_reason(rig: Rig) -> None:
     manager = rig.manager
     assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED1)))
