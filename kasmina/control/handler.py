@@ -157,7 +157,10 @@ class LeylineAdaptationHandler:
         events = self._events
         if events is not None and events.enabled:
             event = events.complete[command.kind, success]
-            event.post(1.0 if success else 0.0, labels={"command_id": command.command_id})
+            labels = {"command_id": command.command_id}
+            if revised:  # the same command's second event: its earlier outcome was overturned
+                labels["revised"] = "true"
+            event.post(1.0 if success else 0.0, labels=labels)
 
     def _accept(self, raw: bytes, received_at: float | None) -> KasminaCommand | None:
         """The checks, in the order docs/design.md §5 gives (after ``closed``); never raises.

@@ -116,6 +116,21 @@ def test_valid_seed_command_is_executed_once_and_reported(rig: Rig) -> None:
     assert names == ["command.ack", "command.complete", "command.rejected"]
 
 
+def test_a_revised_outcome_moves_the_count_and_says_it_revises(rig: Rig) -> None:
+    """A multi-rank repair that overturns a rank's outcome reports the command again: that
+    second ``command.complete`` carried no mark, so a consumer counting events counted one
+    command twice, with contradicting outcomes."""
+    assert rig.handler.handle_adaptation_command(rig.sign(germinate()))
+    (cmd,) = rig.executor.commands
+    rig.handler.complete(cmd, False, revised=True)
+    assert (rig.handler.stats["executed"], rig.handler.stats["failed"]) == (0, 1)
+    first, second = rig.sink.events("command.complete")
+    assert "revised" not in dict(first.labels)
+    assert dict(second.labels) == {
+        "kind": "seed", "command_id": "cmd-1", "success": "false", "revised": "true"
+    }  # fmt: skip
+
+
 def test_rollback_and_optimizer_commands_are_converted(rig: Rig) -> None:
     rb = make_rollback_command(7, emergency=True, reason="loss spike", command_id="rb")
     assert rig.handler.handle_adaptation_command(rig.sign(rb))
