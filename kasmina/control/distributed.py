@@ -91,6 +91,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HISTORY_SIZE = 256  # sync results kept in ``DistributedCoordinator.history``
+ARRIVAL_WAIT_S = 10.0  # how long a sync waits for a copy of a relayed command still arriving
 
 # The row every rank all-gathers after applying: epoch, checksum, command count, then one
 # outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
@@ -148,6 +149,8 @@ class DistributedCoordinator:
         self._device = collective_device(group) if self.distributed else torch.device("cpu")
         self._lock = threading.Lock()
         self._pending: list[Received] = []
+        self._arriving: Counter[bytes] = Counter()  # commands in submit's check (identities)
+        self._arrived = threading.Condition(self._lock)
         self._applying = False  # a sync's commands began to apply (none go back to _pending)
         self.stats: Counter[str] = Counter()
         # The latest syncs' results (bounded: a run may sync every epoch for years); the count
@@ -169,14 +172,24 @@ class DistributedCoordinator:
         whether it was applied is in that sync's result.
         """
         received_at = self._clock()  # before the check: fresh now is fresh at this time
-        command = self.handler.accept(raw)
-        if command is None:
-            self.stats["refused_on_arrival"] += 1
-            return False
-        with self._lock:
-            full = len(self._pending) >= self.max_pending
-            if not full:
-                self._pending.append(Received(bytes(raw), received_at, command))
+        identity = command_identity(raw)
+        with self._lock:  # a sync relaying the same command waits for this copy (_take_pending)
+            self._arriving[identity] += 1
+        full = False
+        try:
+            command = self.handler.accept(raw)
+            if command is None:
+                self.stats["refused_on_arrival"] += 1
+                return False
+            with self._lock:
+                full = len(self._pending) >= self.max_pending
+                if not full:
+                    self._pending.append(Received(bytes(raw), received_at, command))
+        finally:
+            with self._lock:
+                self._arriving[identity] -= 1
+                self._arriving += Counter()  # drops the zero counts
+                self._arrived.notify_all()
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.log(
@@ -359,8 +372,10 @@ class DistributedCoordinator:
 
     def _take_pending(self, identity: bytes) -> KasminaCommand | None:
         """This rank's copy of the command if it arrived after this sync took the queue
-        (another rank's is relayed now): taken off the queue, so it is not relayed again."""
+        (another rank's is relayed now): taken off the queue, so it is not relayed again. A
+        copy still in its check here (its nonce used, not queued yet) is waited for, a while."""
         with self._lock:
+            self._arrived.wait_for(lambda: identity not in self._arriving, ARRIVAL_WAIT_S)
             for i, entry in enumerate(self._pending):
                 if command_identity(entry.raw) == identity:
                     del self._pending[i]

@@ -290,6 +290,68 @@ def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(
     assert runs[1]["stats"]["accepted"] == 2  # its own copy, verified once on arrival
 
 
+def _slow_arrival_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: bytes) -> None:
+    """Rank 0 received ``raw`` before the sync; rank 1 receives it on a controller thread as
+    the sync starts, and that thread is descheduled between the check (its nonce used) and
+    the queue (a 0.5 s pause stands for it)."""
+    keyring = Keyring({"k1": bytes.fromhex(key_hex)})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring), executor)
+    coord = DistributedCoordinator(handler, lambda: {"table": table.state_tensor})
+    arrivals: list[bool] = []
+    thread = None
+    if rank == 0:
+        arrivals.append(coord.submit(raw))
+        torch.distributed.barrier()
+    else:
+        accept = handler.accept
+
+        def descheduled(message: bytes) -> KasminaCommand | None:
+            command = accept(message)
+            time.sleep(0.5)
+            return command
+
+        handler.accept = descheduled  # type: ignore[method-assign]
+        thread = threading.Thread(target=lambda: arrivals.append(coord.submit(raw)))
+        torch.distributed.barrier()
+        thread.start()
+        time.sleep(0.1)  # inside the check when the sync begins
+    first = coord.sync_epoch(0)
+    if thread is not None:
+        thread.join(timeout=30)
+    second = coord.sync_epoch(1)
+    torch.save(
+        {
+            "arrivals": arrivals,
+            "first": [(c.command_id, c.origin, c.ok, c.reason) for c in first.commands],
+            "second": [(c.command_id, c.origin, c.ok, c.reason) for c in second.commands],
+            "executed": list(executor.executed),
+        },
+        Path(out_dir, f"slow{rank}.pt"),
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_a_copy_still_in_its_check_when_the_sync_relays_the_command_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    """The sync looked for rank 1's own copy before that copy was queued: the relayed one was
+    then a replay there, refused on every rank, and rank 1's copy, relayed at the next sync,
+    a replay on rank 0: a command both ranks accepted ran nowhere."""
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
+    command_id = AdaptationCommand.FromString(raw).command_id
+    spawn(_slow_arrival_worker, 2, args=(key, str(tmp_path), raw), backend="gloo", timeout_s=60)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"slow{rank}.pt")
+        assert run["arrivals"] == [True]
+        assert run["first"] == [(command_id, 0, True, "")] and run["second"] == []
+        assert run["executed"] == [command_id]
+
+
 def _two_encodings_worker(rank: int, world: int, key_hex: str, out_dir: str, raws: list) -> None:
     keyring = Keyring({"k1": bytes.fromhex(key_hex)})
     table = GPUStateTensor(NUM_SEEDS, "cpu")
