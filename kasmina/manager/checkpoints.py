@@ -132,6 +132,18 @@ class CheckpointStore(ABC):
         epochs = self.epochs()
         return epochs[-1] if epochs else None
 
+    @property
+    def abandoned_after(self) -> int | None:
+        """The last epoch of the live timeline a rollback left (None: every checkpoint is)."""
+        return self._abandoned_after
+
+    def follow_timeline(self, abandoned_after: int | None) -> None:
+        """Take another store's ``abandoned_after``: a rank repaired from another holds the
+        state of that rank's timeline (a rollback applied there and not here, or the reverse),
+        so its checkpoints past it belong to a timeline it left."""
+        after = abandoned_after
+        self._abandoned_after = None if after is None else _check_epoch(after)
+
     def abandon_after(self, epoch: int) -> None:
         """A rollback took the run back to ``epoch``: the checkpoints after it belong to the
         timeline it left, which the next save deletes (``check_next_epoch`` allows that)."""

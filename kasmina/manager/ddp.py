@@ -338,8 +338,10 @@ class ManagerReplica:
 
     def export_state(self) -> bytes:
         state = self.manager.state
+        shipped = snapshot(state, state.epoch)
+        shipped["extra"]["abandoned_after"] = state.checkpoints.abandoned_after  # its timeline
         buf = io.BytesIO()
-        torch.save(snapshot(state, state.epoch), buf)
+        torch.save(shipped, buf)
         return buf.getvalue()
 
     def import_state(self, payload: bytes) -> None:
@@ -347,37 +349,35 @@ class ManagerReplica:
         if not isinstance(checkpoint, dict):
             raise ValueError("a replica payload must hold a snapshot mapping")
         state = self.manager.state
-        key = max(int((checkpoint.get("extra") or {}).get("epoch", 0)), 0)
+        extra = checkpoint.get("extra") or {}
+        key, after = max(int(extra.get("epoch", 0)), 0), extra.get("abandoned_after")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
+            raise ValueError(f"a replica payload's abandoned_after is {after!r}, no int")
         store = MemoryCheckpointStore(run_id=state.config.run_id, max_rollback_epochs=0)
-        store.save(key, checkpoint)
-        # The rollback restores from the manager's checkpoint store; for the length of this
-        # restore that store is one holding just the source rank's snapshot.
+        store.save(key, checkpoint)  # restored from a store holding just the source's snapshot
         live = state._checkpoints
         state._checkpoints = store
         try:
             restore_epoch(state, self.manager.guard, key)
         finally:
             state._checkpoints = live
+        live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now
 
 
 class ManagerApplier:
     """The coordinator's ``CommandApplier`` for a kernel manager.
 
     ``prepare`` fetches a GERMINATE's kernel into the cache, so a rank that cannot get it says
-    so before the ranks agree, instead of failing alone afterwards. The fetch is bounded by the
-    command's timeout and, with ``prepare_timeout_s``, by that many seconds for all the prepares
-    of one sync together: meanwhile the other ranks wait in a collective, which fails the whole
-    run once the process group's timeout passes, so ``DistributedKasmina`` gives half of it. The
-    budget belongs to one sync: the coordinator calls ``begin_sync`` before the sync's first
-    prepare, so a sync that ended early (a collective that raised before ``apply``) leaves none
-    of it spent for the next. Fetches run on the manager's own fetch workers (``CommandQueue.
-    fetch``: at most ``fetch_workers`` threads), one fetch at most per artifact (a later
-    prepare of it waits on the same fetch), and once the sync's budget is spent no new fetch
-    starts. A fetch that outlasts its bound goes on
-    (the kernel is cached for a later command) and this rank answers that it could not prepare
-    the command. ``apply`` queues the agreed commands and runs the manager's safe point
-    (``apply_pending(wait=True)``), so they go through exactly the path single-process commands
-    take: nonces made durable first, GERMINATE's dry run, outcomes in the command log.
+    so before the ranks agree, not failing alone afterwards. The fetch is bounded by the
+    command's timeout and, with ``prepare_timeout_s``, by that many seconds for all of one
+    sync's prepares (the other ranks wait in a collective, which fails the run at the process
+    group's timeout: ``DistributedKasmina`` gives half of it). ``begin_sync`` starts each sync's
+    budget afresh, even after one that raised before ``apply``. Fetches run on the manager's
+    fetch workers (``CommandQueue.fetch``), one per artifact (later prepares wait on it), none
+    started once the budget is spent; one that outlasts its bound goes on (the kernel is cached
+    for later) and this rank answers that it could not prepare the command. ``apply`` queues
+    the agreed commands and runs the manager's safe point (``apply_pending(wait=True)``): the
+    single-process path (nonces made durable first, GERMINATE's dry run, the command log).
     """
 
     def __init__(

@@ -30,13 +30,14 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.ddp import (
     DistributedKasmina,
     ManagerApplier,
+    ManagerReplica,
     kasmina_owned_names,
     wrap_ddp,
 )
@@ -592,6 +593,39 @@ def test_close_refuses_the_commands_held_for_the_next_sync(tmp_path, store, keyr
         assert rig.manager.command_log[-1][2] is False
         assert len(rig.sink.events("command.complete")) == 1
         rig.manager.close()
+
+
+@pytest.mark.parametrize("rolled_back", ["source", "repaired"])
+def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
+    tmp_path, store, keyring, rolled_back: str
+) -> None:
+    """A ROLLBACK that applied on one rank and failed on the other: the repair restored the
+    state, but the repaired rank's checkpoint store kept its own timeline (a restore from a
+    store holding only the source's snapshot), so its next ``end_epoch`` was refused there
+    (or deleted checkpoints the other rank kept) and the ranks' stores split."""
+    names = ("source", "repaired")
+    rigs = {name: Rig(make_config(tmp_path / name, store), keyring) for name in names}
+    for rig in rigs.values():
+        for epoch in range(4):
+            rig.train(1)
+            rig.manager.end_epoch(epoch)
+    rolled = rigs[rolled_back]
+    assert _rollback(rolled, 1)
+    source, repaired = rigs["source"].manager, rigs["repaired"].manager
+    ManagerReplica(repaired).import_state(ManagerReplica(source).export_state())
+    assert repaired.checkpoints.abandoned_after == source.checkpoints.abandoned_after
+    assert repaired.epoch == source.epoch
+    next_epoch = source.epoch + 1
+    for rig in rigs.values():
+        rig.train(1)
+        rig.manager.end_epoch(next_epoch)  # allowed on both, as on the source
+    assert repaired.checkpoints.epochs() == source.checkpoints.epochs()
+
+
+def _rollback(rig: Rig, epoch: int) -> bool:
+    raw = rig.signed(make_rollback_command(epoch))
+    assert rig.manager.handle_adaptation_command(raw)
+    return all(o.ok for o in rig.manager.apply_pending(wait=True))
 
 
 def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
