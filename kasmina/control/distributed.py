@@ -50,7 +50,6 @@ so the same training loop works in one process and under ``torchrun``.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -71,6 +70,7 @@ from kasmina.control.relay import (
     CommandResult,
     EpochSyncResult,
     ExecutorApplier,
+    HeldCommands,
     Received,
     Relayed,
     RelayHandler,
@@ -126,8 +126,7 @@ class DistributedCoordinator:
         max_pending: int = 1024,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
+        self._held = HeldCommands(max_pending)
         self.handler = handler
         self.state: ReplicaState = state if _is_replica(state) else TensorReplica(state)
         if applier is None:
@@ -140,28 +139,34 @@ class DistributedCoordinator:
         self.repair = repair
         self.telemetry = telemetry
         self.group = group
-        self.max_pending = max_pending
         verifier = getattr(handler, "verifier", None)
         self._clock = clock or getattr(verifier, "now", None) or time.time
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self._device = collective_device(group) if self.distributed else torch.device("cpu")
-        self._lock = threading.Lock()
-        self._pending: list[Received] = []
-        self._arriving: Counter[bytes] = Counter()  # commands in submit's check (identities)
-        self._arrived = threading.Condition(self._lock)
-        self._applying = False  # a sync's commands began to apply (none go back to _pending)
+        self._applying = False  # a sync's commands began to apply (none go back to be held)
+        self._taken: list[KasminaCommand] = []  # this sync's commands, verified on this rank
         self.stats: Counter[str] = Counter()
         # The latest syncs' results (bounded: a run may sync every epoch for years); the count
         # of all of them is ``stats["syncs"]``.
         self.history: deque[EpochSyncResult] = deque(maxlen=HISTORY_SIZE)
 
     @property
+    def max_pending(self) -> int:
+        """How many accepted commands this rank holds for its next sync, at most."""
+        return self._held.max_pending
+
+    @max_pending.setter
+    def max_pending(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_pending must be >= 1")
+        self._held.max_pending = value
+
+    @property
     def pending(self) -> int:
         """Commands accepted on this rank since the last sync."""
-        with self._lock:
-            return len(self._pending)
+        return len(self._held)
 
     # ------------------------------------------------------------------ arrival
     def submit(self, raw: bytes) -> bool:
@@ -172,24 +177,12 @@ class DistributedCoordinator:
         whether it was applied is in that sync's result.
         """
         received_at = self._clock()  # before the check: fresh now is fresh at this time
-        identity = command_identity(raw)
-        with self._lock:  # a sync relaying the same command waits for this copy (_take_pending)
-            self._arriving[identity] += 1
-        full = False
-        try:
+        with self._held.arriving(command_identity(raw)):  # a sync relaying it waits for it
             command = self.handler.accept(raw)
             if command is None:
                 self.stats["refused_on_arrival"] += 1
                 return False
-            with self._lock:
-                full = len(self._pending) >= self.max_pending
-                if not full:
-                    self._pending.append(Received(bytes(raw), received_at, command))
-        finally:
-            with self._lock:
-                self._arriving[identity] -= 1
-                self._arriving += Counter()  # drops the zero counts
-                self._arrived.notify_all()
+            full = not self._held.add(Received(bytes(raw), received_at, command))
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.log(
@@ -205,9 +198,7 @@ class DistributedCoordinator:
     def drop_pending(self, reason: str) -> None:
         """Refuse every command held for the next sync, each reported through the applier (its
         manager closed: no sync will apply them)."""
-        with self._lock:
-            held, self._pending = self._pending, []
-        for entry in held:
+        for entry in self._held.take_all():
             self.applier.refuse(entry.command, reason)
             self.stats["refused"] += 1
 
@@ -216,16 +207,15 @@ class DistributedCoordinator:
         """Collective: every rank must call it at the same boundary with the same ``epoch``,
         on its training thread at a safe point (no forward or backward under way)."""
         self._begin_sync()
-        with self._lock:
-            local, self._pending = self._pending, []
-        self._applying = False
+        local, exchanged = self._held.take_all(), False
+        self._applying, self._taken = False, []
         try:
             relayed = self._exchange(epoch, local)
+            exchanged = self.distributed  # other ranks may have used these nonces from here
             commands, judged = self._apply(relayed, local)
-        except BaseException:  # a Ctrl-C or a failed collective before anything was applied:
-            if not self._applying:  # the commands wait for the next sync, in order, not lost
-                with self._lock:
-                    self._pending[:0] = local
+        except BaseException:  # a Ctrl-C or a failed collective before anything was applied
+            if not self._applying:
+                self._unapplied(local, exchanged)
             raise
         outcomes = [int(c.ok) for c in commands]
         row = [epoch, self.state.checksum(), len(commands), *outcomes, self._healthy()]
@@ -339,6 +329,7 @@ class DistributedCoordinator:
                 judged.append((None, UNVERIFIED))
                 continue
             used.add(id(command))
+            self._taken.append(command)
             problem = self._prepare(command)
             judged.append((command, UNPREPARED if problem else READY))
         codes = self._gather_codes([code for _, code in judged])
@@ -370,18 +361,25 @@ class DistributedCoordinator:
                 logger.warning("command %s refused on every rank: %s", command_id, reason)
         return tuple(results[i] for i in range(len(relayed))), applied
 
+    def _unapplied(self, local: list[Received], exchanged: bool) -> None:
+        """A sync stopped before it applied anything: its commands wait for the next, in
+        order; or, once exchanged with other ranks (which may have used their nonces, so a
+        copy relayed again would be a replay there), each is reported refused, never lost."""
+        if not exchanged:
+            self._held.put_back(local)
+            return
+        commands = {id(c): c for c in [*self._taken, *(e.command for e in local)]}
+        for command in commands.values():
+            self.applier.refuse(command, "the sync was interrupted before it applied it")
+            self.stats["refused"] += 1
+
     def _take_pending(self, identity: bytes) -> KasminaCommand | None:
-        """This rank's copy of the command if it arrived after this sync took the queue
-        (another rank's is relayed now): taken off the queue, so it is not relayed again. A
-        copy still in its check here (its nonce used, not queued yet) is waited for, a while."""
-        with self._lock:
-            self._arrived.wait_for(lambda: identity not in self._arriving, ARRIVAL_WAIT_S)
-            for i, entry in enumerate(self._pending):
-                if command_identity(entry.raw) == identity:
-                    del self._pending[i]
-                    break
-            else:
-                return None
+        """This rank's copy of the command if it arrived after this sync took the held ones
+        (another rank's is relayed now), so it is not relayed again; a copy still in its check
+        here is waited for, a while (``HeldCommands.take``)."""
+        entry = self._held.take(identity, ARRIVAL_WAIT_S)
+        if entry is None:
+            return None
         self.stats["matched_during_sync"] += 1
         logger.debug("command %s also arrived here during the sync", entry.command.command_id)
         return entry.command

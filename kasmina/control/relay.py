@@ -11,6 +11,7 @@ then be applied on every rank or on none (docs/design.md §5, "Multi-process run
 - ``CommandApplier`` -- how one rank prepares the relayed commands before the ranks agree and
   applies the agreed ones; ``ExecutorApplier`` is the plain one over a synchronous
   ``CommandExecutor`` (the kernel manager's is in ``kasmina.manager.ddp``);
+- the commands a rank holds for its next sync (``HeldCommands``);
 - the wire format -- the commands a rank received (``Received``), framed as raw bytes with their
   receive times (``frame``) and read back on every rank (``unframe``, giving ``Relayed``), so no
   pickle crosses the wire;
@@ -25,7 +26,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +42,7 @@ __all__ = [
     "CommandApplier",
     "CommandResult",
     "EpochSyncResult",
+    "HeldCommands",
     "ExecutorApplier",
     "RelayHandler",
 ]
@@ -191,6 +196,67 @@ class Relayed:
     raw: bytes
     received_at: float
     origin: int  # the rank that received (and first verified) it
+
+
+class HeldCommands:
+    """The commands one rank accepted for its next sync (at most ``max_pending``), in arrival
+    order, and the identities of those still in their check (``arriving``): a sync relaying a
+    command whose copy is checked here at that moment waits for it (``take``), for the copy's
+    nonce is used already and the relayed one would be a replay here."""
+
+    def __init__(self, max_pending: int) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._held: list[Received] = []
+        self._arriving: Counter[bytes] = Counter()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    @contextmanager
+    def arriving(self, identity: bytes) -> Iterator[None]:
+        """Around a command's check, until it is held or refused."""
+        with self._lock:
+            self._arriving[identity] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving[identity] -= 1
+                self._arriving += Counter()  # drops the zero counts
+                self._arrived.notify_all()
+
+    def add(self, entry: Received) -> bool:
+        """Hold ``entry``; False (not held) when ``max_pending`` are held already."""
+        with self._lock:
+            if len(self._held) >= self.max_pending:
+                return False
+            self._held.append(entry)
+            return True
+
+    def take_all(self) -> list[Received]:
+        with self._lock:
+            held, self._held = self._held, []
+        return held
+
+    def put_back(self, entries: list[Received]) -> None:
+        """``entries`` (taken by a sync that applied none of them) before the others, in order."""
+        with self._lock:
+            self._held[:0] = entries
+
+    def take(self, identity: bytes, wait_s: float) -> Received | None:
+        """The held copy of the command ``identity`` names, taken off, waiting at most
+        ``wait_s`` for one still in its check; None if there is none."""
+        with self._lock:
+            self._arrived.wait_for(lambda: identity not in self._arriving, wait_s)
+            for i, entry in enumerate(self._held):
+                if command_identity(entry.raw) == identity:
+                    return self._held.pop(i)
+        return None
 
 
 def frame(entries: Iterable[Received]) -> bytes:

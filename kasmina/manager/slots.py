@@ -299,9 +299,10 @@ class SlotRegistry:
         attach. Nothing would step them (the first parameter's check above misses these).
         Runs once per change of the process-wide registration count (GERMINATE moves it too)."""
         count = _REGISTRATIONS[0]
-        known = set(self._held) | set(self.added_host_params)
-        if optimizers is not None and optimizers.has_host:
-            known |= set(self.host_groups_of(optimizers))
+        if optimizers is None or not optimizers.has_host:  # the trainer steps the host itself
+            self._checked_at = count  # (``attach(host_lr=None)``): its optimizer is its own
+            return
+        known = set(self._held) | set(self.added_host_params) | set(self.host_groups_of(optimizers))
         known |= {id(p) for slot in self.slots for p in slot.seeds.parameters()}
         unknown = [
             name

@@ -55,9 +55,11 @@ __all__ = [
 
 
 class GraphMark:
-    """Set by a slot's forward that runs a seed's kernel and records a graph, cleared at a
-    step's end (``end_step``): until then ``manager.apply_pending()`` applies nothing, since a
-    CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live graph still uses."""
+    """Set by a slot's forward that runs a seed's kernel in training mode or with grad enabled
+    (a reentrant checkpoint's forward runs under ``no_grad``, its recompute with the kernel),
+    cleared at a step's end (``end_step``): until then ``manager.apply_pending()`` applies
+    nothing, since a CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live
+    graph still uses."""
 
     __slots__ = ("open",)
 

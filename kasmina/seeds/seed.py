@@ -120,8 +120,7 @@ class GradientIsolatedSeed(nn.Module):
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        # True while every output since the last poll was finite (ANDed in place, on the
-        # device); in a KasminaLayer, a view of the layer's flags.
+        # Every output since the last poll finite (ANDed on the device; a view of a layer's).
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.isolation_violations = self.nonfinite_events = 0
         self.fault_limit = fault_limit
@@ -554,15 +553,16 @@ class GradientIsolatedSeed(nn.Module):
         return check_seed_state(self, state)
 
     def set_extra_state(self, state: torch.Tensor | Mapping[str, Any]) -> None:
-        """Restore what :meth:`get_extra_state` saved (or the dict form of older checkpoints),
-        checked first (:meth:`check_state`): a refused state changes nothing."""
+        """Restore what :meth:`get_extra_state` saved (or an older checkpoint's dict), checked
+        first (:meth:`check_state`: a refused state changes nothing); ``draw_step``, a position
+        only a manager moves, only into a seed one owns (else its versions key its stream)."""
         saved = self.check_state(state)
         self.evaluation = None  # measured on weights this load may have replaced
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded
             self.graft_step = saved.graft_step
-        self.draw_step = saved.draw_step
+        self.draw_step = saved.draw_step if self.state_table.owned(self.state_index) else None
         self.trained_epochs = saved.trained_epochs
         self.trained_this_epoch = saved.trained_this_epoch
         self._gate_score = saved.gate_score

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -350,6 +351,61 @@ def test_a_copy_still_in_its_check_when_the_sync_relays_the_command_is_waited_fo
         assert run["arrivals"] == [True]
         assert run["first"] == [(command_id, 0, True, "")] and run["second"] == []
         assert run["executed"] == [command_id]
+
+
+def _interrupted_worker(rank: int, world: int, key_hex: str, out_dir: str, raw: bytes) -> None:
+    """Rank 0 holds ``raw``; both ranks are interrupted in the sync after the exchange (rank 1
+    has verified the relayed copy, its nonce used), as torchrun passes a Ctrl-C to every rank."""
+    keyring = Keyring({"k1": bytes.fromhex(key_hex)})
+    table = GPUStateTensor(NUM_SEEDS, "cpu")
+    executor = TableExecutor(table)
+    handler = LeylineAdaptationHandler(CommandVerifier(keyring), executor)
+    coord = DistributedCoordinator(handler, lambda: {"table": table.state_tensor})
+    if rank == 0:
+        assert coord.submit(raw)
+    gather = coord._gather_codes
+
+    def ctrl_c(codes: list[int]) -> Any:
+        raise KeyboardInterrupt
+
+    coord._gather_codes = ctrl_c  # type: ignore[method-assign]
+    interrupted = False
+    try:
+        coord.sync_epoch(0)
+    except KeyboardInterrupt:
+        interrupted = True
+    coord._gather_codes = gather  # type: ignore[method-assign]
+    after = coord.sync_epoch(1)
+    torch.save(
+        {
+            "interrupted": interrupted,
+            "pending": coord.pending,
+            "after": [(c.command_id, c.ok) for c in after.commands],
+            "stats": dict(handler.stats),
+            "executed": list(executor.executed),
+        },
+        Path(out_dir, f"interrupted{rank}.pt"),
+    )
+
+
+@pytest.mark.slow  # spawns processes
+def test_a_sync_interrupted_after_the_exchange_reports_its_commands_refused(
+    tmp_path: Path,
+) -> None:
+    """Put back for the next sync, the command was relayed again to a rank that had used its
+    nonce in the interrupted sync: a replay there, refused on every rank with a misleading
+    reason. Once exchanged, an interrupted sync's commands are reported refused on every rank
+    that verified them (accepted = failed), and nothing is relayed again."""
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
+    spawn(_interrupted_worker, 2, args=(key, str(tmp_path), raw), backend="gloo", timeout_s=60)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"interrupted{rank}.pt")
+        assert run["interrupted"] and run["pending"] == 0 and run["after"] == []
+        assert run["executed"] == [] and run["stats"].get("rejected:replay", 0) == 0
+        assert run["stats"]["accepted"] == run["stats"]["failed"] == 1
 
 
 def _two_encodings_worker(rank: int, world: int, key_hex: str, out_dir: str, raws: list) -> None:

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
+import tests.manager.helpers as helpers
 from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.client import UrzaLibraryClient
@@ -137,6 +139,31 @@ def test_apply_pending_between_a_forward_and_its_backward_applies_nothing(
         rig.model(rig.x)
     assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
     assert len(manager.apply_pending()) == 1  # (refused: a seed in COOLDOWN)
+
+
+class ReentrantHost(helpers.Host):
+    """The rig's host with the slot under a reentrant activation checkpoint: its forward runs
+    under ``no_grad``, and its backward runs the slot (and the seed's kernel) again."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return torch.utils.checkpoint.checkpoint(self.out, h, use_reentrant=True)
+
+
+def test_a_reentrant_checkpoints_forward_marks_the_graph_too(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch
+) -> None:
+    monkeypatch.setattr(helpers, "Host", ReentrantHost)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)  # the slot ran under no_grad
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    assert manager.apply_pending() == [] and rig.stage(SEED0) == S.ISOLATED_INIT
+    manager.backward(loss)  # the recompute runs the kernel the CULL would have released
+    assert [o.ok for o in manager.step()["commands"]] == [True]
+    assert rig.stage(SEED0) == S.COOLDOWN
 
 
 def test_end_epoch_after_a_forward_through_a_kernel_leaves_the_commands_to_the_step(

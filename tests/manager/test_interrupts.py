@@ -546,8 +546,9 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     tmp_path, store, keyring, mlp
 ) -> None:
     """A forward whose KD loss was never collected (a step cut short after its forward), then
-    a CULL at an epoch's end: the stored loss ran through the released kernel, and the next
-    step's KD backward raised on its emptied parameters."""
+    a CULL: the stored loss ran through the released kernel, and the next step's KD backward
+    raised on its emptied parameters. The CULL now waits for a step's end (that forward's
+    graph may still be used), where the stored losses are gone; its release drops any left."""
     rig = Rig(make_config(tmp_path, store, kd_enabled=True), keyring)
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
@@ -557,6 +558,10 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     rig.model(rig.x)  # the forward of a step that went no further
     assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0, "", {})))
     assert manager.apply_pending(wait=True) == []  # that forward's graph may still be used
-    manager.end_epoch(0)  # the epoch's end applies it (then its tick ends the embargo)
-    assert manager.command_log[-1][2] and rig.stage(SEED0) == S.RECYCLING
+    manager.end_epoch(0)  # and the epoch's end leaves it to the step
+    assert len(manager.pending) == 1 and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert rig.train(1, teacher)["commands"][0].ok  # applied at the step's end
+    assert rig.stage(SEED0) == S.COOLDOWN
+    record = manager.require_registry()[SEED0]
+    assert record.slot.get_and_clear_kd_losses() is None  # nothing through the released kernel
     assert rig.train(1, teacher)["host_stepped"]  # an ordinary step

@@ -94,6 +94,27 @@ def test_a_random_kernel_goes_on_bit_for_bit_after_its_state_is_restored(
         assert torch.equal(p, q), name
 
 
+def test_a_seed_no_manager_owns_keys_its_stream_on_its_versions(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A managed seed's position, loaded into a copy nobody manages (``kasmina.load``, a
+    deep copy), would never move again: one dropout mask at every step of the copy."""
+    import copy
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, publish(Dropping().train(), torch.randn(3, 2), store))
+    rig.train(3)
+    seed = rig.manager.seed(SEED0)
+    assert seed.draw_step == 3  # moved by each managed step
+    model = copy.deepcopy(rig.model)
+    (clone,) = [m for m in model.modules() if getattr(m, "seed_id", None) == SEED0]
+    clone.set_extra_state(seed.get_extra_state())
+    assert clone.draw_step is None and seed.draw_step == 3
+    seed.set_extra_state(seed.get_extra_state())  # the manager's own seed keeps it
+    assert seed.draw_step == 3
+
+
 def run_rollback(rig: Rig, epoch: int) -> bool:
     command = make_rollback_command(epoch)
     return helpers.run_command(rig.manager, rig.signed(command))

@@ -1041,6 +1041,23 @@ def test_new_trainable_parameters_no_optimizer_steps_are_refused_by_step(
     assert all(not torch.equal(a, p) for a, p in zip(before, added, strict=True))
 
 
+def test_a_trainer_stepping_the_host_itself_may_change_its_layers(tmp_path, store, keyring) -> None:
+    """``attach(host_lr=None)``: the trainer's own optimizer steps the host, so a layer it
+    replaces (and gives its optimizer) is its business; the check of new trainable parameters
+    refused the step, telling it to use a host optimizer that does not exist."""
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Host()
+    manager.attach(model, "out", 2, 2, host_lr=None)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    model.inp = torch.nn.Linear(6, 8)
+    own = torch.optim.SGD([p for n, p in model.named_parameters() if ".seeds." not in n], lr=0.1)
+    before = model.inp.weight.detach().clone()
+    manager.backward(torch.nn.functional.cross_entropy(model(x), y))
+    own.step()
+    manager.step()
+    assert not torch.equal(before, model.inp.weight)
+
+
 def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
     """``owner.name`` raises on its first call, then behaves."""
     real, calls = getattr(owner, name), []
