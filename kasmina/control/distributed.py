@@ -177,7 +177,8 @@ class DistributedCoordinator:
         whether it was applied is in that sync's result.
         """
         received_at = self._clock()  # before the check: fresh now is fresh at this time
-        with self._held.arriving(command_identity(raw)):  # a sync relaying it waits for it
+        small = len(raw) <= getattr(self.handler, "max_message_bytes", len(raw))  # else refused
+        with self._held.arriving(command_identity(raw) if small else b""):  # a sync waits for it
             command = self.handler.accept(raw)
             if command is None:
                 self.stats["refused_on_arrival"] += 1
