@@ -143,9 +143,9 @@ class CommandIntake:
             self.deferred += 1
             logger.log(
                 rarely(self.deferred, 1000),
-                "apply_pending() after a forward that recorded a graph, before the step's end: "
-                "nothing applied, the commands wait for step() (a forward under torch.no_grad() "
-                "leaves no graph) [%d such calls]", self.deferred,
+                "a safe point after a forward through a seed's kernel that recorded a graph, "
+                "before the step's end: nothing applied, the commands wait for step() (a "
+                "forward under torch.no_grad() leaves no graph) [%d such calls]", self.deferred,
             )  # fmt: skip
             return []
         if self._applier == threading.get_ident():

@@ -55,8 +55,8 @@ __all__ = [
 
 
 class GraphMark:
-    """Set by a slot's forward that runs a seed's kernel in training mode or with grad enabled
-    (a reentrant checkpoint's forward runs under ``no_grad``, its recompute with the kernel),
+    """Set by a slot's forward that runs a seed's kernel with grad enabled, or under ``no_grad``
+    on an input that needs grad (a reentrant checkpoint's forward; its recompute runs the kernel),
     cleared at a step's end (``end_step``): until then ``manager.apply_pending()`` applies
     nothing, since a CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live
     graph still uses."""

@@ -371,8 +371,9 @@ class KasminaLayer(nn.Module):
         # shared table would be an aliasing guard per call), on the stage ints while one runs.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
-        if self.training or torch.is_grad_enabled():  # a graph through a kernel (GraphMark),
-            self._graph.open = True  # now or in a reentrant checkpoint's recompute (no_grad now)
+        x0 = args[0] if args else None  # no_grad with an input that needs grad: a reentrant
+        if torch.is_grad_enabled() or isinstance(x0, torch.Tensor) and x0.requires_grad:
+            self._graph.open = True  # checkpoint, whose recompute runs the kernel (GraphMark)
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)

@@ -166,6 +166,22 @@ def test_a_reentrant_checkpoints_forward_marks_the_graph_too(
     assert rig.stage(SEED0) == S.COOLDOWN
 
 
+def test_a_validation_forward_in_train_mode_under_no_grad_leaves_no_mark(rig: Rig, mlp) -> None:
+    """No graph, none to come: the epoch's commands apply at ``end_epoch`` (a training-mode
+    forward used to mark the slot whatever the grad mode, and the demo's validation, in train
+    mode under ``no_grad``, left 26 of its 40 epoch ends applying nothing)."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    assert rig.model.training
+    with torch.no_grad():
+        rig.model(rig.x)
+    assert not manager.require_registry().graph_open()
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    manager.end_epoch(0)
+    assert len(manager.pending) == 0 and rig.stage(SEED0) != S.ISOLATED_INIT
+
+
 def test_end_epoch_after_a_forward_through_a_kernel_leaves_the_commands_to_the_step(
     rig: Rig, mlp
 ) -> None:
