@@ -178,12 +178,13 @@ class DistributedCoordinator:
         """
         received_at = self._clock()  # before the check: fresh now is fresh at this time
         small = len(raw) <= getattr(self.handler, "max_message_bytes", len(raw))  # else refused
-        with self._held.arriving(command_identity(raw) if small else b""):  # a sync waits for it
+        identity = command_identity(raw) if small else b""
+        with self._held.arriving(identity):  # a sync relaying it meanwhile waits for it
             command = self.handler.accept(raw)
             if command is None:
                 self.stats["refused_on_arrival"] += 1
                 return False
-            full = not self._held.add(Received(bytes(raw), received_at, command))
+            full = not self._held.add(Received(bytes(raw), received_at, command, identity))
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.log(
@@ -309,7 +310,7 @@ class DistributedCoordinator:
         Returns the result of each relayed command and, beside it, this rank's verified copy of
         the command applied for it (None where none was applied)."""
         mine = iter(local)
-        by_identity = {command_identity(e.raw): e.command for e in local}
+        by_identity = {e.identity: e.command for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
         first_seen: set[bytes] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []

@@ -187,6 +187,7 @@ class Received:
     raw: bytes
     received_at: float
     command: KasminaCommand
+    identity: bytes  # ``command_identity(raw)``, taken once on arrival
 
 
 @dataclass
@@ -254,7 +255,7 @@ class HeldCommands:
         with self._lock:
             self._arrived.wait_for(lambda: identity not in self._arriving, wait_s)
             for i, entry in enumerate(self._held):
-                if command_identity(entry.raw) == identity:
+                if entry.identity == identity:
                     return self._held.pop(i)
         return None
 

@@ -186,8 +186,8 @@ def restore_epoch(
         state.val_metrics = dict(extra.get("val_metrics", {}))
         state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
-        for param in registry.model.parameters():  # gradients of the abandoned timeline's
-            param.grad = None  # weights (accumulated, not yet stepped): the checkpoint has none
+        # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
+        registry.model.zero_grad(set_to_none=True)
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:
         return ""
