@@ -183,6 +183,28 @@ def test_slot_reads_through_to_the_wrapped_module() -> None:
     assert "weight" not in dict(slot.named_parameters(recurse=False))  # not re-registered
 
 
+def test_a_slot_on_a_container_is_not_one_so_a_parent_cannot_skip_its_seeds() -> None:
+    class Iterating(nn.Module):  # a parent that runs its stage's children itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.stage = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.stage:
+                x = block(x)
+            return x
+
+    model = Iterating()
+    last = model.stage[-1]
+    attach(model, ["stage"], 2, 4)
+    with pytest.raises(TypeError, match="not iterable"):  # not a silent run without the seeds
+        model(torch.randn(2, 4))
+    for reach in (lambda: model.stage[-1], lambda: len(model.stage)):
+        with pytest.raises(TypeError):
+            reach()
+    assert model.stage.host[-1] is last  # the children, through the host
+
+
 def test_pruning_aimed_at_a_slot_is_refused_before_it_changes_anything() -> None:
     """``prune`` on the slot read the host's weight through it, registered it on the slot as
     ``weight_orig``, then failed with a bare ``KeyError``: the slot was left holding a second
