@@ -146,6 +146,7 @@ def restore_epoch(
     # and a seed's state cannot go back into a seed whose kernel is swapped out, so the undo
     # that counts is this one, after the old kernels are back.
     table_before = registry.table.state_dict()
+    stages_before = registry.table.stages()
     model_before = clone_state(registry.model.state_dict())
     old: dict[str, _Detached] = {}
     taken: list[str] = []  # pins taken for the restored seeds, dropped again by the undo
@@ -188,6 +189,7 @@ def restore_epoch(
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
         registry.model.zero_grad(set_to_none=True)
+        registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:
         return ""

@@ -460,6 +460,15 @@ class GPUStateTensor:
         self._epochs[idx] = values[StateColumn.EPOCHS_IN_STATE]
         self._bump()
 
+    def report_restored(self, before: Sequence[SeedStage], cause: str) -> None:
+        """Log and emit ``lifecycle.transition`` (labelled ``cause``) for each seed whose stage a
+        restore changed from ``before``; observers are not called (the restore set their state)."""
+        for idx, (old, new) in enumerate(zip(before, self._stages, strict=True)):
+            if old != new:
+                logger.info("lifecycle: seed %d %s -> %s (%s)", idx, old.name, new.name, cause)
+                labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
+                self._emit("lifecycle.transition", {**labels, "cause": cause})
+
     def resync(self) -> None:
         """Re-read the host mirror from the device table (after an outside write)."""
         rows = self.state_tensor[:, [StateColumn.LIFECYCLE_STAGE, StateColumn.EPOCHS_IN_STATE]]

@@ -359,8 +359,20 @@ def test_rollback_restores_weights_states_and_layout_bit_for_bit(rig: Rig, mlp, 
     rig.train(2)
     manager.end_epoch(2)
     rollback = make_rollback_command(0, reason="test")
+    rig.sink.packets.clear()
     assert run_command(manager, rig.signed(rollback))
     assert manager.stages() == stages and manager.epoch == 0
+    moves = {  # the stages the rollback changed, reported as transitions
+        (e.labels["seed_index"], e.labels["from"], e.labels["to"])
+        for p in rig.sink.packets
+        for e in p.metrics
+        if e.name == "lifecycle.transition" and e.labels.get("cause") == "rollback"
+    }
+    index = {seed_id: str(manager.require_registry()[seed_id].index) for seed_id in (SEED0, SEED1)}
+    assert moves == {
+        (index[SEED0], "ACTIVE", "ISOLATED_INIT"),
+        (index[SEED1], "RECYCLING", "DORMANT"),
+    }
     assert_same(saved[0], clone_state(rig.model.state_dict()))
     assert_same(saved[1], clone_state(manager.optimizers.state_dict()))
     assert_same(saved[2], rig.slot.state_table.state_tensor)
