@@ -155,6 +155,11 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         "--hmac-keys", help="JSON keyring the old manifests were signed with (not the command keys)"
     )
     resign.add_argument(
+        "--command-keys",
+        help="the trainers' command keyring (JSON), whose keys are refused as old keys "
+        "(needed unless $KASMINA_HMAC_KEYS holds it)",
+    )
+    resign.add_argument(
         "artifact_ids", nargs="*", metavar="ARTIFACT_ID", help="ids to re-sign (default: all)"
     )
     resign.set_defaults(func=_cmd_urza_resign)
@@ -492,7 +497,9 @@ def _legacy_keyring(args: argparse.Namespace) -> Keyring:
     the command keyring. Every trainer holds the command keys, so a version 1 manifest signed
     with one proves nothing about who made its payload, and re-signing it would turn a command
     key into a publisher's signature: no fallback to ``$KASMINA_HMAC_KEYS`` (the command keys'
-    variable), and a file holding any key that variable holds is refused."""
+    variable), and a file holding any key of the command keyring (``--command-keys FILE``, that
+    variable, or both; one is required, since both keyrings are the same kind of file) is
+    refused."""
     from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring
 
     if not args.hmac_keys:
@@ -501,14 +508,25 @@ def _legacy_keyring(args: argparse.Namespace) -> Keyring:
             "old manifests were signed with (without them, publish the artifacts again instead)"
         )
     legacy = Keyring.from_file(args.hmac_keys)
+    commands = []  # the command keys, each source the operator has: every one is refused
+    if args.command_keys:
+        commands.append(
+            (f"--command-keys {args.command_keys}", Keyring.from_file(args.command_keys))
+        )
     if os.environ.get(DEFAULT_ENV_VAR, "").strip():
-        commands = Keyring.from_env(DEFAULT_ENV_VAR)
-        secrets = {commands.get(key_id) for key_id in commands.key_ids}
+        commands.append((f"${DEFAULT_ENV_VAR}", Keyring.from_env(DEFAULT_ENV_VAR)))
+    if not commands:  # the same file format: without the command keys no check is possible
+        raise CLIError(
+            "resign refuses the command keys as old keys and must know them to: pass "
+            f"--command-keys FILE (the trainers' command keyring) or set ${DEFAULT_ENV_VAR}"
+        )
+    for where, keyring in commands:
+        secrets = {keyring.get(key_id) for key_id in keyring.key_ids}
         shared = [key_id for key_id in legacy.key_ids if legacy.get(key_id) in secrets]
         if shared:
             raise CLIError(
                 f"--hmac-keys {args.hmac_keys}: key(s) {shared} also sign commands "
-                f"(${DEFAULT_ENV_VAR}); every trainer holds them, so an old manifest they "
+                f"({where}); every trainer holds them, so an old manifest they "
                 "verify may be anyone's. Publish those artifacts again from their sources"
             )
     return legacy

@@ -35,7 +35,7 @@ HELP_CASES = {
     ],
     ("urza", "list"): ["--store", "--publishers", "--key"],
     ("urza", "verify"): ["--store", "--publishers", "ARTIFACT_ID"],
-    ("urza", "resign"): ["--store", "--key", "--hmac-keys", "ARTIFACT_ID"],
+    ("urza", "resign"): ["--store", "--key", "--hmac-keys", "--command-keys", "ARTIFACT_ID"],
     ("keygen",): ["--key-id", "--out", "--append", "KASMINA_HMAC_KEYS", "--publisher", "Ed25519"],
     ("bench",): ["--gpu", "perf"],
     ("urza",): ["publish", "list", "verify", "resign"],
@@ -331,9 +331,14 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     assert rc == 1 and "3 of 3" in err
     assert out.count("signed with the retired HMAC scheme") == 3 and "kasmina urza resign" in out
 
+    commands = tmp_path / "commands.json"
+    assert run(capsys, "keygen", "--out", str(commands), "--key-id", "ctl")[0] == 0
     resign = ["urza", "resign", "--store", str(store), "--key", str(keys)]
     rc, _, err = run(capsys, *resign)
     assert_one_line_error(rc, err, "--hmac-keys")
+    rc, _, err = run(capsys, *resign, "--hmac-keys", str(hmac_keys))  # which are the command keys?
+    assert_one_line_error(rc, err, "pass --command-keys FILE")
+    resign += ["--command-keys", str(commands)]
     rc, out, err = run(capsys, *resign, "--hmac-keys", str(hmac_keys))
     assert rc == 1 and "1 of 3 artifact(s) could not be re-signed" in err
     assert "ok     one (signed by 'pub')" in out and "ok     two" in out
@@ -360,6 +365,15 @@ def test_resign_never_takes_the_command_keys_for_the_old_ones(
     assert_one_line_error(rc, err, "pass --hmac-keys FILE")
     rc, _, err = run(capsys, *resign, "--hmac-keys", str(commands))
     assert_one_line_error(rc, err, "key(s) ['ctl'] also sign commands")
+    # The documented set-up keeps the command keys in a file, not the variable: resign must be
+    # told which keys sign commands, and refuses to run without knowing.
+    monkeypatch.delenv("KASMINA_HMAC_KEYS")
+    rc, _, err = run(capsys, *resign, "--hmac-keys", str(commands))
+    assert_one_line_error(rc, err, "pass --command-keys FILE")
+    copy = tmp_path / "copy.json"  # the same keys under another name
+    copy.write_text(commands.read_text())
+    rc, _, err = run(capsys, *resign, "--hmac-keys", str(commands), "--command-keys", str(copy))
+    assert_one_line_error(rc, err, "key(s) ['ctl'] also sign commands (--command-keys")
     verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
     assert run(capsys, *verify)[0] == 1  # still unsigned by the publisher
 

@@ -189,7 +189,10 @@ def test_resign_reports_a_failed_write_per_artifact_and_goes_on(
         real(fs, path, data)
 
     monkeypatch.setattr(publish_module, "_atomic_write", write)
+    commands = tmp_path / "commands.json"
+    assert run(capsys, "keygen", "--out", str(commands), "--key-id", "ctl")[0] == 0
     argv = ["urza", "resign", "--store", str(store), "--key", str(keys)]
+    argv += ["--command-keys", str(commands)]
     rc, out, err = run(capsys, *argv, "--hmac-keys", str(hmac_keys))
     assert rc == 1 and err == "kasmina: error: 2 of 3 artifact(s) could not be re-signed\n"
     assert "FAILED a: StoreRefused: 501, message='Unsupported method (PUT)'" in out
