@@ -181,10 +181,10 @@ def publish_payload(
             raise FileExistsError(
                 f"artifact {artifact_id!r} already exists with a different payload"
             )
-        if _has_size(fs, payload_path, existing.size):
+        if _holds(fs, payload_path, payload):
             logger.info("artifact %s already published with identical payload", artifact_id)
             return existing
-        manifest = existing  # ours, its payload never written: finish that publish
+        manifest = existing  # ours, its payload never written or damaged: write it again
     _atomic_write(fs, payload_path, bytes(payload))
     logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), store_url)
     return verify_manifest(manifest.to_json(), own, expected_id=artifact_id)
@@ -234,9 +234,14 @@ def _existing_manifest(
         ) from None
 
 
-def _has_size(fs: Any, path: str, size: int) -> bool:
+def _holds(fs: Any, path: str, payload: bytes | bytearray | memoryview) -> bool:
+    """Whether ``path`` holds exactly ``payload``: a payload of the right size whose bytes
+    were damaged is written again (a size check alone reported it published)."""
     try:
-        return int(fs.size(path)) == size
+        if int(fs.size(path)) != len(payload):
+            return False
+        with fs.open(path, "rb") as stored:
+            return stored.read(len(payload) + 1) == bytes(payload)
     except FileNotFoundError:
         return False
 

@@ -166,7 +166,7 @@ def test_two_publishers_of_one_id_at_once_leave_one_artifact(
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_a_publish_stopped_between_its_writes_is_finished_by_publishing_again(
+def test_a_publish_stopped_between_its_writes_or_damaged_is_finished_by_publishing_again(
     tmp_path, publisher, trusted
 ) -> None:
     first = publish_payload(b"payload", str(tmp_path), "bp", publisher, "art")
@@ -176,6 +176,11 @@ def test_a_publish_stopped_between_its_writes_is_finished_by_publishing_again(
     again = publish_payload(b"payload", str(tmp_path), "bp", publisher, "art")
     assert again == first
     assert client(str(tmp_path), trusted).fetch("art")[0] == b"payload"
+    payload_path(tmp_path, "art").write_bytes(b"pay1oad")  # damaged, the same size
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        client(str(tmp_path), trusted).fetch("art")
+    assert publish_payload(b"payload", str(tmp_path), "bp", publisher, "art") == first
+    assert client(str(tmp_path), trusted).fetch("art")[0] == b"payload"  # repaired
 
 
 def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, publisher) -> None:
