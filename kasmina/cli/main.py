@@ -8,6 +8,7 @@ dependencies lazily so that ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -15,8 +16,13 @@ import shlex
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 from kasmina.cli.common import (
     PROG,
@@ -45,7 +51,7 @@ _HMAC_KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from kasmina.utils.keyring import Keyring, generate_key
+    from kasmina.utils.keyring import generate_key
 
     out = _output_file(args.out)
     if args.publisher:
@@ -57,30 +63,52 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
             "letter or digit"
         )
     key = generate_key(args.bytes)
-    keys: dict[str, bytes] = {}
     if out is not None:
-        if out.exists():
-            if not args.append:
-                raise CLIError(
-                    f"{args.out} exists; pass --append to add a key or choose another file"
-                )
-            existing = Keyring.from_file(out)
-            if key_id in existing and not args.force:
-                raise CLIError(
-                    f"{args.out} already holds key {key_id!r}; pass --force to replace it"
-                )
-            keys = {k: existing.get(k) or b"" for k in existing.key_ids}
-        keys[key_id] = key
-        text = json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n"
+        with _directory_locked(out):
+            return _keygen_file(args, out, key_id, key)
+    print(f"export KASMINA_HMAC_KEYS={_export_value({key_id: key})}")
+    return 0
+
+
+def _directory_locked(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Held while keygen reads and rewrites a key file: an exclusive lock on its directory, so
+    that concurrent ``--append`` runs each add their key (read, add, replace: without it, runs
+    at once read the same file and the last rename dropped the others' keys)."""
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[None]:
+        if fcntl is None:  # no flock here: as before, one run at a time is the caller's job
+            yield
+            return
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
-            _write_private(out, text)
-        except OSError as exc:
-            raise _cannot_write(args.out, exc) from None
-        print(
-            f"wrote key {key_id!r} to {args.out} ({len(keys)} key(s), mode 0600)", file=sys.stderr
-        )
-    else:
-        keys[key_id] = key
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    return locked()
+
+
+def _keygen_file(args: argparse.Namespace, out: Path, key_id: str, key: bytes) -> int:
+    """Write (or with ``--append`` add to) the HMAC keyring ``out``; print the export line."""
+    from kasmina.utils.keyring import Keyring
+
+    keys: dict[str, bytes] = {}
+    if out.exists():
+        if not args.append:
+            raise CLIError(f"{args.out} exists; pass --append to add a key or choose another file")
+        existing = Keyring.from_file(out)
+        if key_id in existing and not args.force:
+            raise CLIError(f"{args.out} already holds key {key_id!r}; pass --force to replace it")
+        keys = {k: existing.get(k) or b"" for k in existing.key_ids}
+    keys[key_id] = key
+    text = json.dumps({k: v.hex() for k, v in keys.items()}, indent=2) + "\n"
+    try:
+        _write_private(out, text)
+    except OSError as exc:
+        raise _cannot_write(args.out, exc) from None
+    print(f"wrote key {key_id!r} to {args.out} ({len(keys)} key(s), mode 0600)", file=sys.stderr)
     print(f"export KASMINA_HMAC_KEYS={_export_value(keys)}")
     return 0
 
@@ -103,7 +131,9 @@ def _output_file(text: str | None) -> Path | None:
         return None
     if not text.strip():
         raise CLIError("--out is empty: name the key file to write")
-    path = Path(text)
+    # A link's target is the file to write (replacing the link would leave the keyring the
+    # trainers read, through it, without the new key).
+    path = Path(os.path.realpath(text))
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

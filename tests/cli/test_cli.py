@@ -115,6 +115,58 @@ def test_keygen_writes_appends_and_protects_a_keyring_file(tmp_path, capsys) -> 
     assert Keyring.from_file(path).get("a") != first
 
 
+def test_keygen_writes_a_linked_key_file_through_the_link(tmp_path, capsys) -> None:
+    """A key file that is a link (into a shared configuration directory) keeps being one: the
+    write replaced the link with a file, and the trainers reading the target never saw the
+    new key."""
+    (tmp_path / "etc").mkdir()
+    target, link = tmp_path / "etc" / "commands.json", tmp_path / "commands.json"
+    assert run(capsys, "keygen", "--out", str(target), "--key-id", "a")[0] == 0
+    link.symlink_to(target)
+    assert run(capsys, "keygen", "--out", str(link), "--key-id", "b", "--append")[0] == 0
+    assert link.is_symlink() and set(Keyring.from_file(target).key_ids) == {"a", "b"}
+    publisher, publisher_link = tmp_path / "etc" / "publisher.key", tmp_path / "publisher.key"
+    assert run(capsys, "keygen", "--publisher", "--out", str(publisher))[0] == 0
+    publisher_link.symlink_to(publisher)
+    before = publisher.read_bytes()
+    assert run(capsys, "keygen", "--publisher", "--out", str(publisher_link), "--force")[0] == 0
+    assert publisher_link.is_symlink() and publisher.read_bytes() != before
+
+
+def test_concurrent_appends_each_add_their_key(tmp_path, capsys, monkeypatch) -> None:
+    """Runs at once each read the file, added a key and renamed theirs over it: the last
+    rename kept its own key and dropped the others'. The read is slowed here so that every run
+    reads before any writes, unless they take turns."""
+    import threading
+    import time
+
+    from kasmina.utils import keyring as keyring_module
+
+    path = tmp_path / "commands.json"
+    assert run(capsys, "keygen", "--out", str(path), "--key-id", "k0")[0] == 0
+    read = keyring_module.Keyring.from_file.__func__
+
+    def slow_read(cls, *args, **kwargs):
+        keyring = read(cls, *args, **kwargs)
+        time.sleep(0.2)
+        return keyring
+
+    monkeypatch.setattr(keyring_module.Keyring, "from_file", classmethod(slow_read))
+    codes: list[int] = []
+    argv = ["keygen", "--out", str(path), "--append", "--key-id"]
+    runs = [
+        threading.Thread(target=lambda k=k: codes.append(cli.main([*argv, f"k{k}"])))
+        for k in range(1, 5)
+    ]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join(30)
+    capsys.readouterr()
+    assert codes == [0] * 4
+    assert set(read(Keyring, path).key_ids) == {f"k{k}" for k in range(5)}
+
+
 @pytest.mark.parametrize(
     "key_id", ["", "a,b", "a:b", "a b", "{ops", "a\r", "a\u00a0", "a;b", "$(id)", ".a", "é"]
 )
