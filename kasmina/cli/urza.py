@@ -339,7 +339,7 @@ def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace) -> None:
     try:
         with torch.device("meta"):
             probe = blueprint.build(args.dim, args.hidden)
-    except (RuntimeError, OverflowError) as exc:  # sizes beyond what torch can index
+    except (RuntimeError, OverflowError, TypeError) as exc:  # sizes torch cannot index
         raise CLIError(f"{blueprint.name} with {widths} is too large: {one_line(exc)}") from None
     size = sum(p.numel() * p.element_size() for p in probe.parameters())
     if size > MAX_BUILD_BYTES:
@@ -386,6 +386,11 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         raise CLIError(f"bad --input-shape {text!r}: expected comma-separated ints") from None
     if not shape or any(d < 1 for d in shape):
         raise CLIError(f"bad --input-shape {text!r}: dimensions must be positive")
+    if 1 in shape[:-1]:  # the last is the chunk width, fixed by the slot anyway
+        raise CLIError(
+            f"bad --input-shape {text!r}: torch.export fixes a size of 1, so the kernel would "
+            "take only that size there (a batch of 1); give the batch and other dims >= 2"
+        )
     return shape
 
 

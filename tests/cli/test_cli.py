@@ -513,6 +513,18 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
         ),
         # Sizes torch cannot allocate or index: refused before anything is built.
         (["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "99999999999"], "large"),
+        (["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", str(2**63 - 1)], "large"),
+        (
+            ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
+            + ["--hidden", "99999999999999999999"],
+            "too large",
+        ),
+        # A size of 1 is fixed by torch.export: a kernel for batches of 1 only.
+        (
+            ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
+            + ["--input-shape", "1,4"],
+            "torch.export fixes a size of 1",
+        ),
         (
             ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
             + ["--hidden", "99999999999999"],
