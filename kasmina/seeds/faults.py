@@ -44,6 +44,7 @@ __all__ = [
     "fallback_per_chunk",
     "finite_chunks",
     "finite_test",
+    "host_excused",
     "kernel_modules",
     "log_fault",
     "output_fault",
@@ -152,6 +153,15 @@ def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | Non
     if read_on_host and _read_all_finite(sums):
         return None
     return _finite(sums)
+
+
+def host_excused(ok: torch.Tensor, host_sums: torch.Tensor) -> torch.Tensor:
+    """What a seed's fault flag takes from the finite test ``ok`` of its output: ``ok``, and
+    True where the seed's input, the host's chunk (whose sums are ``host_sums``, broadcast like
+    ``ok``), was itself non-finite. That NaN or inf is the host's (a diverging host, an fp16
+    overflow), not the seed's, so no fault is charged; the gradients it leaves are the step's
+    clip check to skip (``grad_clip_norm > 0``). The output still falls back by ``ok``."""
+    return ok.logical_or(_finite(host_sums).logical_not())
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:

@@ -30,7 +30,9 @@ from kasmina.seeds.faults import (
     FaultRecorder,
     all_finite,
     autocast_to_host,
+    host_excused,
     output_fault,
+    output_sum,
     recomputing,
     rng_forked,
 )
@@ -452,7 +454,7 @@ def guarded_probe(
         return None
     fault = output_fault(result.output, x)
     if fault is None:
-        finite_flag.logical_and_(all_finite(result.output))
+        finite_flag.logical_and_(host_excused(all_finite(result.output), output_sum(x)))
     elif not recomputing():
         record(*fault)
     return result

@@ -25,7 +25,7 @@ import torch
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
-from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test
+from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test, host_excused
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def _graft_values(
         return blend_chunks(full, host, alpha), alpha, None
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
-    graft.flags.logical_and_(ok)
+    graft.flags.logical_and_(host_excused(ok, chunk_sums(host.unflatten(-1, (n, -1)))))
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
         torch.where(ok.unsqueeze(-1), full_c, host.unflatten(-1, (n, -1)), out=full_c)
         return full, alpha, ok

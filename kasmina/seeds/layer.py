@@ -59,6 +59,7 @@ from kasmina.seeds.faults import (
     chunk_sums,
     fallback_per_chunk,
     finite_test,
+    host_excused,
     log_sat_out,
     recomputing,
 )
@@ -69,9 +70,11 @@ from kasmina.seeds.outputs import (
     SeedsLive,
     activation_spec,
     checked_chunk_dim,
+    contract_problem,
     dense,
     fits,
     force_regular_path,
+    kernels_refuse,
     no_tensor_reason,
     on_dense,
     output_element,
@@ -175,6 +178,7 @@ class KasminaLayer(nn.Module):
         self._stage_codes: tuple[int, ...] = ()
         self._plan: tuple[SeedStage, ...] = ()
         self._runs_any = False
+        self._kernel_shapes: tuple[tuple[int | None, ...], ...] = ()
         self._refresh_plan()
         state.listen(self._refresh_plan)
         # A load checks every seed's state before the host loads (attach does so on the model).
@@ -263,19 +267,10 @@ class KasminaLayer(nn.Module):
     def contract_problem(self) -> str | None:
         """Why the recorded host output cannot be chunked as configured, or None (also before
         the first forward)."""
-        contract = self.output_contract
-        if contract is None or isinstance(contract, str):
-            return None if contract is None else f"{self.layer_id}: {contract}"
-        shape = contract[0]
-        if not -len(shape) <= self.chunk_dim < len(shape):
-            return f"{self.layer_id}: chunk_dim {self.chunk_dim} is outside output {tuple(shape)}"
-        if shape[self.chunk_dim] != self.width:
-            return (
-                f"{self.layer_id}: host output {tuple(shape)} has {shape[self.chunk_dim]} "
-                f"features along dim {self.chunk_dim}, the seeds cover {self.num_seeds} x "
-                f"{self.chunk_size} = {self.width}"
-            )
-        return None
+        problem = contract_problem(
+            self.output_contract, self.chunk_dim, self.num_seeds, self.chunk_size
+        )
+        return None if problem is None else f"{self.layer_id}: {problem}"
 
     def chunk_spec(self) -> ActivationSpec | None:
         """Shape, dtype and device of one seed's chunk of the recorded host output (a seed's
@@ -396,10 +391,10 @@ class KasminaLayer(nn.Module):
         seeds = self._seed_list = tuple(self.seeds)  # indexing a ModuleList costs a frame
         self._plan = tuple(seed.stage for seed in seeds)
         self._stage_codes = tuple(int(stage) for stage in self._plan)
-        self._runs_any = any(
-            stage in RUNS_KERNEL and seed.kernel is not None
-            for stage, seed in zip(self._plan, seeds, strict=True)
-        )
+        running = [s.kernel for s in seeds if s.stage in RUNS_KERNEL and s.kernel is not None]
+        self._runs_any = bool(running)
+        # The exported kernels' signed input shapes (``outputs.kernels_refuse``), each once.
+        self._kernel_shapes = tuple({getattr(k, "input_shape", None) for k in running} - {None})
         force_regular_path(self.seeds, self._runs_any and self.guards_fused_path)
 
     def _graft(
@@ -415,6 +410,11 @@ class KasminaLayer(nn.Module):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x
         dim = self.chunk_dim % x.dim()
+        if self._kernel_shapes and (
+            problem := kernels_refuse(x, dim, self.chunk_size, self._kernel_shapes)
+        ):
+            self._sit_out("seeds", problem)
+            return x
         chunks = x.split(self.chunk_size, dim=dim)
         seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
         # The host half of every seed's guard (a ``try`` and a metadata check, no device read).
@@ -450,16 +450,16 @@ class KasminaLayer(nn.Module):
         seed_full = torch.cat(outs, dim=dim)
         seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
         ok = finite_test(chunk_sums(seed_m), read_on_host=eager)
-        if ok is not None:
+        if ok is not None:  # a seed's chunk fails, or could: its own fault, the host's, or none
+            host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
             if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
                 ok = ok.logical_or(self._passed_through(inputs, ok.device))
-            self._buffers["_finite_flags"].logical_and_(ok)
+            self._buffers["_finite_flags"].logical_and_(host_excused(ok, chunk_sums(host_m)))
         if stages <= _BLENDING:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
             full = seed_full
             if ok is not None:
-                host_m = x.detach() if last else x.detach().movedim(dim, -1)
-                full = torch.where(ok.unsqueeze(-1), seed_m, host_m.unflatten(-1, (n, -1)))
+                full = torch.where(ok.unsqueeze(-1), seed_m, host_m)
                 full = full.flatten(-2) if last else full.flatten(-2).movedim(-1, dim)
             alphas: list[torch.Tensor] | None = None
             if SeedStage.GRAFTING in stages:

@@ -29,10 +29,12 @@ __all__ = [
     "SeedsLive",
     "activation_spec",
     "checked_chunk_dim",
+    "contract_problem",
     "declared_width",
     "default_chunk_dim",
     "dense",
     "fits",
+    "kernels_refuse",
     "force_regular_path",
     "forward_owner",
     "no_tensor_reason",
@@ -59,6 +61,42 @@ def fits(x: torch.Tensor, dim: int, width: int, contract: ActivationSpec | str |
     if dim >= 0 and isinstance(contract, tuple) and x.dim() != len(contract[0]):
         return False
     return -x.dim() <= dim < x.dim() and x.shape[dim] == width
+
+
+def contract_problem(
+    contract: ActivationSpec | str | None, dim: int, num_seeds: int, chunk_size: int
+) -> str | None:
+    """Why a slot of ``num_seeds`` chunks of ``chunk_size`` along ``dim`` cannot chunk the
+    recorded output ``contract``, or None (also before the first forward, ``contract`` None)."""
+    if contract is None or isinstance(contract, str):
+        return contract
+    shape, width = contract[0], num_seeds * chunk_size
+    if not -len(shape) <= dim < len(shape):
+        return f"chunk_dim {dim} is outside output {tuple(shape)}"
+    if shape[dim] != width:
+        return (
+            f"host output {tuple(shape)} has {shape[dim]} features along dim {dim}, the seeds "
+            f"cover {num_seeds} x {chunk_size} = {width}"
+        )
+    return None
+
+
+def kernels_refuse(
+    x: torch.Tensor, dim: int, chunk_size: int, shapes: tuple[tuple[int | None, ...], ...]
+) -> str | None:
+    """Why a chunk of ``x`` (``chunk_size`` along ``dim``) is no input the seeds' kernels
+    take, or None: each of ``shapes`` (an exported kernel's signed input shape, ``None`` for a
+    dynamic size) fixes a rank and sizes. Such a call, a last-dim slot's ``[T, F]`` or
+    ``[B, T, F]`` after ``[B, F]``, an unseen sequence length, would make every kernel raise,
+    each call a fault; its seeds sit it out instead."""
+    for shape in shapes:
+        if len(shape) != x.dim() or any(
+            size is not None and size != (chunk_size if i == dim else x.shape[i])
+            for i, size in enumerate(shape)
+        ):
+            taken = ", ".join("*" if size is None else str(size) for size in shape)
+            return f"chunk of output {tuple(x.shape)} is not the kernels' input [{taken}]"
+    return None
 
 
 def splits_last_dim(dim: int, contract: ActivationSpec | str | None) -> bool:

@@ -48,6 +48,7 @@ from kasmina.seeds.faults import (
     call_kernel,
     cut_nonfinite_gradient,
     finite_test,
+    host_excused,
     kernel_modules,
     log_fault,
     output_sum,
@@ -124,8 +125,7 @@ class GradientIsolatedSeed(nn.Module):
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.isolation_violations = self.nonfinite_events = 0
         self.fault_limit = fault_limit
-        # Run the kernel's backward in a guarded node before ACTIVE (perf/bench_faults.py has
-        # its cost); a trainer that trusts its kernels may switch it off.
+        # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
         self.guard_backward = True
         self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
@@ -526,7 +526,7 @@ class GradientIsolatedSeed(nn.Module):
         ok = finite_test(output_sum(s), read_on_host=not torch.compiler.is_compiling())
         if ok is None:
             return None
-        self.finite_flag.logical_and_(ok)
+        self.finite_flag.logical_and_(host_excused(ok, output_sum(xin)))
         if stage == SeedStage.ACTIVE:
             cut_nonfinite_gradient(xin, ok)
         return ok

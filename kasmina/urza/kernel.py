@@ -368,6 +368,13 @@ class GPUKernel(nn.Module):
         return self.manifest.blueprint
 
     @property
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """The signed shape of the program's one input (None for a dynamic dimension): the
+        exported graph takes that rank and those fixed sizes only. None for several inputs."""
+        specs = self.manifest.input_spec
+        return tuple(specs[0].shape) if len(specs) == 1 else None
+
+    @property
     def seed_hazard(self) -> str | None:
         """Why a seed must not run this kernel, from the facts read at load; None if none."""
         if self.mutates_input:

@@ -220,3 +220,22 @@ def test_g3_probes_leave_the_kernels_buffers_alone(rig: Rig, store) -> None:
         rig.model.eval()(torch.randn(8, 6))
     rig.model.train()
     assert rig.manager.seed(SEED0).probe_result is not None and kept(0)
+
+
+def test_a_call_of_a_rank_the_exported_kernels_do_not_take_sits_out_without_a_fault(
+    rig: Rig, mlp
+) -> None:
+    """The dry run checks the recorded rank; an exported kernel takes that rank only. A later
+    call of another rank (an unbatched request, a ``[1, B, F]`` batch: both fine for the
+    ``nn.Linear`` host) made the kernel raise, one fault a call, three to QUARANTINE for an
+    ACTIVE or healthy GRAFTING seed. Such calls sit out: the host's output, no fault."""
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    rig.train(1)
+    model, slot = rig.model.eval(), rig.slot
+    with torch.no_grad():
+        for x in (rig.x[0], rig.x.unsqueeze(0), rig.x[:3].unsqueeze(1)) * 2:
+            assert torch.equal(model(x), slot.host(torch.relu(model.inp(x))))
+        model(rig.x)  # the recorded rank: the seeds run
+    assert slot.sat_out == {"seeds": 6}
+    assert [rig.manager.seed(s).faults for s in (SEED0, SEED1)] == [0, 0]
+    assert rig.stage(SEED0) is S.ISOLATED_INIT

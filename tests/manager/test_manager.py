@@ -544,6 +544,27 @@ def test_the_readme_grad_scaler_recipe_skips_an_overflowing_step_and_charges_no_
     assert all(torch.isfinite(p).all() for p in rig.model.parameters())
 
 
+def test_nan_activations_of_a_diverging_host_charge_no_seed_while_clipping_skips(
+    rig: Rig, mlp
+) -> None:
+    """A batch whose activations at the slot are NaN (one bad sample) makes the seed's output
+    NaN too: clipping skips that step, and the seed, whose input was the NaN, is charged
+    nothing (three such batches quarantined it)."""
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    bad = rig.x.clone()
+    bad[0, 0] = math.nan
+    reports = []
+    for x in (rig.x, bad, bad, rig.x, bad, rig.x):
+        manager.backward(F.cross_entropy(rig.model(x), rig.y))
+        reports.append(manager.step(grad_clip_norm=1.0))
+    assert [r["host_stepped"] for r in reports] == [True, False, False, True, False, True]
+    assert [r["nonfinite"] for r in reports] == [[]] * 6
+    assert manager.seed(SEED0).faults == 0 and rig.stage(SEED0) is S.ISOLATED_INIT
+    assert all(torch.isfinite(p).all() for p in rig.model.parameters())
+
+
 @pytest.fixture
 def kd_rig(tmp_path, store, keyring) -> Rig:
     config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))

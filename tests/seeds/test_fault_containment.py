@@ -456,6 +456,30 @@ def test_non_finite_seeds_in_every_stage_of_a_layer_fall_back_per_chunk() -> Non
     assert {e["kind"] for e in fault_events(sink)} == {"nonfinite"}
 
 
+@pytest.mark.parametrize("stage", [*RUNNING, S.COMPATIBILITY_CHECK])
+def test_a_host_chunk_that_is_not_finite_is_no_fault_of_its_seed(stage: SeedStage) -> None:
+    """The seed's input is the host's chunk: NaN there (a diverging host, an fp16 overflow) makes
+    the seed's output NaN too, but that is the host's, and charging it quarantined healthy
+    seeds while the step was skipped for the host's gradients. A seed whose own output is
+    non-finite on a finite chunk is still charged, in the same call."""
+    torch.manual_seed(17)
+    layer = KasminaLayer(nn.Linear(6, 8), 4, 2)
+    kernels = [nn.Linear(2, 2), NonFinite(2, float("nan")), nn.Linear(2, 2), nn.Linear(2, 2)]
+    for k, kernel in enumerate(kernels):
+        layer.seed(k).attach_kernel(kernel)
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10, 2.0)
+    with torch.no_grad():
+        layer.host.weight[0, 0] = float("nan")  # host feature 0 (seed 0's chunk) only
+    x = torch.randn(BATCH, 6)
+    layer(x).sum().backward()
+    assert layer.poll_nonfinite() == ["layer[1]"]
+    assert [s.faults for s in layer.seeds] == [0, 1, 0, 0]
+    seed = make_seed(nn.Linear(C, C), stage if stage in PATH else S.GRAFTING)
+    seed(torch.full((BATCH, C), float("inf"), requires_grad=True)).sum().backward()  # alone
+    assert not seed.poll_nonfinite() and seed.faults == 0
+
+
 # --------------------------------------------------------------- COMPATIBILITY_CHECK probe
 
 
