@@ -148,6 +148,8 @@ def _blend_forward_reference(
     c = a.numel()
     out = torch.empty_like(host)
     h, s, o = host.unflatten(-1, (c, -1)), seed.unflatten(-1, (c, -1)), out.unflatten(-1, (c, -1))
+    if work == dtype and torch.jit.is_tracing():  # a trace replays ``out=`` even with grad,
+        return torch.lerp(h, s, a.unsqueeze(-1)).flatten(-2)  # which ``out=`` refuses
     if work == dtype:
         torch.lerp(h, s, a.unsqueeze(-1), out=o)
     else:  # the copy rounds once, as ``.to(dtype)`` would

@@ -128,7 +128,9 @@ def test_an_fx_trace_before_the_first_forward_records_nothing() -> None:
 
 @pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.STABILIZATION])
 def test_jit_trace_of_a_blending_seed_matches_eager(stage: SeedStage) -> None:
-    """``torch.jit.trace`` takes the per-op path (the one-node graft cannot be traced)."""
+    """``torch.jit.trace`` takes the per-op path (the one-node graft cannot be traced). Traced
+    under ``no_grad`` (the usual way for inference), the blend recorded ``lerp(out=...)``,
+    which the traced model then ran with grad and autograd refused."""
     model = MLP()
     (slot,) = attach(model, ["head"], 2, 4)
     x = torch.randn(3, 5)
@@ -140,7 +142,12 @@ def test_jit_trace_of_a_blending_seed_matches_eager(stage: SeedStage) -> None:
     with warnings.catch_warnings():  # the tracer's notes on Python values it bakes in
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, (x,), check_trace=False)
+        with torch.no_grad():
+            for_inference = torch.jit.trace(model, (x,), check_trace=False)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    out = for_inference(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    out.sum().backward()
 
 
 @pytest.mark.parametrize("stage", [SeedStage.ISOLATED_INIT, SeedStage.GRAFTING])
