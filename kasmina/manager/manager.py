@@ -371,8 +371,8 @@ class KasminaKernelManager:
             return []
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
-        for slot in chosen:
-            slot.set_teacher_logits(teacher_logits)
+        dropped = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)
+        self.counters["kd_dropped"] += dropped  # a skipped batch's, left uncollected
         if not chosen and not self.counters["teacher_logits_unread"]:
             logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
         self.counters["teacher_logits_unread"] += not chosen

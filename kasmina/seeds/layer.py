@@ -70,6 +70,7 @@ from kasmina.seeds.outputs import (
     SeedsLive,
     activation_spec,
     checked_chunk_dim,
+    chunk_spec,
     contract_problem,
     dense,
     fits,
@@ -273,14 +274,8 @@ class KasminaLayer(nn.Module):
         return None if problem is None else f"{self.layer_id}: {problem}"
 
     def chunk_spec(self) -> ActivationSpec | None:
-        """Shape, dtype and device of one seed's chunk of the recorded host output (a seed's
-        input and output), or None before the first forward or off the contract."""
-        contract = self.output_contract
-        if contract is None or isinstance(contract, str) or self.contract_problem() is not None:
-            return None
-        dims = list(contract[0])
-        dims[self.chunk_dim] = self.chunk_size
-        return (torch.Size(dims), contract[1], contract[2])
+        """One seed's chunk of the recorded host output (``outputs.chunk_spec``), or None."""
+        return chunk_spec(self.output_contract, self.chunk_dim, self.num_seeds, self.chunk_size)
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> None:
         """Advance every GRAFTING seed's schedule (the others are left as they are)."""
@@ -294,10 +289,16 @@ class KasminaLayer(nn.Module):
         finite = read_flags([seed.finite_flag for seed in seeds])
         return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]
 
-    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> None:
+    def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> int:
         """Teacher logits for the KD loss of the next forward that records a graph (a forward
-        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending)."""
+        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending). KD losses
+        left uncollected (a batch skipped) are dropped, not summed into the next: how many."""
+        dropped = len(self._kd_losses) if teacher_logits is not None else 0
+        if dropped:
+            self._kd_losses.clear()
+            self._sit_out("kd_uncollected", "the batch's KD loss was never collected")
         self._teacher_logits = teacher_logits
+        return dropped
 
     @property
     def graph_open(self) -> bool:  # a forward recorded a graph since the last step's end
@@ -551,12 +552,11 @@ class KasminaLayer(nn.Module):
         if torch.compiler.is_compiling():
             return torch.tensor(values, device=device)  # a constant of the graph
         key = (tuple(ran), device)
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = self._masks[key] = torch.tensor(values, device=device)
-        return mask
+        if key not in self._masks:
+            self._masks[key] = torch.tensor(values, device=device)
+        return self._masks[key]
 
-    def _maybe_kd(
+    def _maybe_kd(  # fmt: skip
         self,
         full: torch.Tensor,
         students: list[torch.Tensor | None],

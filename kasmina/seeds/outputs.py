@@ -29,6 +29,7 @@ __all__ = [
     "SeedsLive",
     "activation_spec",
     "checked_chunk_dim",
+    "chunk_spec",
     "contract_problem",
     "declared_width",
     "default_chunk_dim",
@@ -79,6 +80,18 @@ def contract_problem(
             f"cover {num_seeds} x {chunk_size} = {width}"
         )
     return None
+
+
+def chunk_spec(
+    contract: ActivationSpec | str | None, dim: int, num_seeds: int, chunk_size: int
+) -> ActivationSpec | None:
+    """Shape, dtype and device of one seed's chunk of the recorded output ``contract`` (a
+    seed's input and output), or None before the first forward or off the contract."""
+    if not isinstance(contract, tuple) or contract_problem(contract, dim, num_seeds, chunk_size):
+        return None
+    dims = list(contract[0])
+    dims[dim] = chunk_size
+    return (torch.Size(dims), contract[1], contract[2])
 
 
 def kernels_refuse(

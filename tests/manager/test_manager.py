@@ -595,6 +595,26 @@ def test_teacher_predictions_kd_training_and_register_teacher(kd_rig: Rig, mlp) 
     assert all(torch.equal(a, p) for a, p in zip(before, teacher.teacher_parameters(), strict=True))
 
 
+def test_a_skipped_batchs_kd_loss_is_not_summed_into_the_next(kd_rig: Rig, mlp) -> None:
+    """A loop that skips a batch after its forward (a non-finite loss: ``continue``, no collect,
+    no step) left that batch's KD loss in the slot, and the next batch's collect summed it in:
+    the seed was trained on the rejected batch. The next batch's teacher logits drop it."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    skipped = rig.x.flip(0)
+    manager.set_teacher_logits(teacher * 10)
+    rig.model(skipped)  # skipped: nothing collected, no step
+    manager.set_teacher_logits(teacher)
+    rig.model(rig.x)
+    alone = manager.collect_kd_losses()
+    manager.step()
+    manager.set_teacher_logits(teacher)  # the same batch again, after a step: the reference
+    rig.model(rig.x)
+    assert torch.equal(alone, manager.collect_kd_losses())
+    assert manager.counters["kd_dropped"] == 1 and rig.slot.sat_out["kd_uncollected"] == 1
+
+
 def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
     kd_rig: Rig, mlp, tmp_path
 ) -> None:
