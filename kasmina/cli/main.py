@@ -80,6 +80,7 @@ def _directory_locked(path: Path) -> contextlib.AbstractContextManager[None]:
         if fcntl is None:  # no flock here: as before, one run at a time is the caller's job
             yield
             return
+        path.parent.mkdir(parents=True, exist_ok=True)  # as the write would
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -386,10 +386,10 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         raise CLIError(f"bad --input-shape {text!r}: expected comma-separated ints") from None
     if not shape or any(d < 1 for d in shape):
         raise CLIError(f"bad --input-shape {text!r}: dimensions must be positive")
-    if 1 in shape[:-1]:  # the last is the chunk width, fixed by the slot anyway
+    if len(shape) > 1 and shape[0] == 1:  # other sizes of 1 may be the slot's own (a channel)
         raise CLIError(
             f"bad --input-shape {text!r}: torch.export fixes a size of 1, so the kernel would "
-            "take only that size there (a batch of 1); give the batch and other dims >= 2"
+            "take batches of 1 only; give a batch of 2 or more"
         )
     return shape
 

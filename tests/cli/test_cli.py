@@ -133,6 +133,22 @@ def test_keygen_writes_a_linked_key_file_through_the_link(tmp_path, capsys) -> N
     assert publisher_link.is_symlink() and publisher.read_bytes() != before
 
 
+def test_keygen_creates_the_key_files_directory(tmp_path, capsys) -> None:
+    path = tmp_path / "new" / "dir" / "commands.json"
+    assert run(capsys, "keygen", "--out", str(path), "--key-id", "a")[0] == 0
+    assert set(Keyring.from_file(path).key_ids) == {"a"}
+
+
+def test_an_input_shape_refuses_a_batch_of_one_only() -> None:
+    from kasmina.cli.common import CLIError
+    from kasmina.cli.urza import _parse_shape
+
+    assert _parse_shape("8,1,7,7") == (8, 1, 7, 7)  # one channel per seed: the slot's own
+    assert _parse_shape("8,4,1,1") == (8, 4, 1, 1)  # a pooled [B, C, 1, 1] output
+    with pytest.raises(CLIError, match="batches of 1 only"):
+        _parse_shape("1,16")
+
+
 def test_concurrent_appends_each_add_their_key(tmp_path, capsys, monkeypatch) -> None:
     """Runs at once each read the file, added a key and renamed theirs over it: the last
     rename kept its own key and dropped the others'. The read is slowed here so that every run
