@@ -173,6 +173,12 @@ class CommandVerifier:
         self._keyring = keyring
         self.freshness_s = float(freshness_s)
         self.key_ids = None if key_ids is None else _key_id_set(key_ids)
+        missing = sorted((self.key_ids or set()) - set(keyring.key_ids))
+        if missing:  # a typo would refuse every command as signed by an untrusted key
+            raise ValueError(
+                f"command key id(s) {missing} are not in the keyring, which holds "
+                f"{sorted(keyring.key_ids)}: no command signed with them could be accepted"
+            )
         # One prepared HMAC per key whose signatures count (the keyring is immutable).
         self._macs: dict[str, _CommandMac] = {}
         for key_id in keyring.key_ids:

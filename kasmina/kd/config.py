@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from kasmina.ops import KD_REDUCTIONS as REDUCTIONS
 from kasmina.ops.backend import check_positive, check_real
 
-__all__ = ["KDConfig"]
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "KDConfig"]
+
+# The temperatures a KD loss stays finite at: logits are divided by T and the loss scaled by T²
+# in fp32 (T = 1e20 gave -inf or NaN, T = 1e-300 overflowed the scalar); far beyond any in use.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,11 @@ class KDConfig:
         # The ops' own check, so a config that passes here never fails at the first KD step
         # (inf, NaN), and a string or bool is a ValueError rather than a TypeError.
         check_positive("KD temperature", self.temperature)
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # T and T² in fp32
+            raise ValueError(
+                f"KD temperature must be within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
+                f"{self.temperature!r}"
+            )
         if not 0.0 <= check_real("KD alpha", self.alpha) <= 1.0:
             raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
         if self.reduction not in REDUCTIONS:

@@ -26,20 +26,24 @@ from kasmina.control.auth import MAX_FRESHNESS_S
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS
 from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
+from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
 
 __all__ = ["KasminaConfig", "default_cache_root"]
 
 _TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# Strings a path setting refuses: a flag's spelling, from a file or a command line.
+_NOT_PATHS = frozenset({"true", "false", "yes", "no", "on", "off", "0", "1", "none", "null"})
 # Where epoch checkpoints are kept (see KasminaConfig.checkpoint_mode).
 CHECKPOINT_MODES = ("disk", "memory", "off")
 
 
 def default_cache_root() -> Path:
     """``$KASMINA_HOME``, else ``$XDG_CACHE_HOME/kasmina``, else ``~/.cache/kasmina``."""
-    home = os.environ.get("KASMINA_HOME")
+    home = os.environ.get("KASMINA_HOME", "").strip()
     if home:
         return Path(home)
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -73,9 +77,31 @@ _OPTIONAL_PATHS = (
 )
 
 
+# Settings a manager reads at each use (the gates, GRAFTING's schedule): set on a config a
+# manager holds, one applies from its next use, validated as the constructor validates it. The
+# manager read every other setting when it was built (devices, stores, keys, paths, KD, limits),
+# so a change to one would apply half-way, or not at all: refused (``KasminaConfig.hold``).
+LIVE_FIELDS = frozenset(
+    {
+        "performance_gate",
+        "g5_max_metric_drop",
+        "max_seed_cost_ratio",
+        "latency_budget_ms",
+        "min_isolated_epochs",
+        "grafting_steps",
+        "grafting_temperature",
+    }
+)
+# The longest urza_timeout_s a wait can take (threading.TIMEOUT_MAX is ~292 years): a week.
+MAX_URZA_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 @dataclass
 class KasminaConfig:
-    """Settings of one Kasmina executor (see each field's comment for its unit and meaning)."""
+    """Settings of one Kasmina executor (see each field's comment for its unit and meaning).
+
+    A manager holds its config (:meth:`hold`): from then on the fields in ``LIVE_FIELDS`` may be
+    set (validated, applied from their next use) and the others are read-only."""
 
     # Where seeds' kernels run: "auto" picks CUDA when available, else CPU.
     device: str = "auto"
@@ -211,7 +237,7 @@ class KasminaConfig:
         _positive("cache_size_mb", self.cache_size_mb)
         if not isinstance(self.urza_url, str) or not self.urza_url:
             raise ValueError("urza_url must be a non-empty string")
-        _positive("urza_timeout_s", self.urza_timeout_s)
+        _in_range("urza_timeout_s", self.urza_timeout_s, 0.0, MAX_URZA_TIMEOUT_S)
         _non_negative_int("urza_retries", self.urza_retries)
         _non_negative("urza_backoff_s", self.urza_backoff_s)
         _non_negative("urza_backoff_max_s", self.urza_backoff_max_s)
@@ -220,13 +246,21 @@ class KasminaConfig:
         self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
         for name in _OPTIONAL_PATHS:
             setattr(self, name, _optional_path(name, getattr(self, name)))
+        if self.checkpoint_key_file:  # read at the first end_epoch: a wrong file fails now
+            check_checkpoint_key(self.checkpoint_key_file)
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
         _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
         self.command_key_ids = _id_tuple("command_key_ids", self.command_key_ids)
         ledger = self.nonce_ledger
-        if not isinstance(ledger, bool) and not (isinstance(ledger, str) and ledger):
+        if not isinstance(ledger, bool) and not (isinstance(ledger, str) and ledger.strip()):
             raise ValueError(f"nonce_ledger must be True, False or a file path, got {ledger!r}")
+        if isinstance(ledger, str) and ledger.strip().lower() in _NOT_PATHS:
+            raise ValueError(  # from a file or the command line, "false" would be a file name
+                f"nonce_ledger {ledger!r} reads as a flag, not a file: pass True or False"
+            )
+        if isinstance(ledger, str):  # absolute, as runs_root
+            self.nonce_ledger = str(Path(ledger).expanduser().absolute())
         if self.nonce_ledger_durability not in DURABILITY_MODES:
             raise ValueError(
                 f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
@@ -248,8 +282,11 @@ class KasminaConfig:
                 f"run_id must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, "
                 f"got {self.run_id!r}"
             )
-        if not isinstance(self.runs_root, str) or not self.runs_root:
+        if not isinstance(self.runs_root, str) or not self.runs_root.strip():
             raise ValueError("runs_root must be a non-empty path")
+        # Absolute now: resolved at each use, a chdir between two (a notebook, Hydra) split one
+        # run's ledger, key and checkpoints across two directories.
+        self.runs_root = str(Path(self.runs_root).expanduser().absolute())
         # Directories left to their default: to_dict gives them as "" again, so a template
         # saved from this run never pins the next run's state into this run's directory.
         self._defaulted_dirs: dict[str, str] = {}
@@ -259,10 +296,13 @@ class KasminaConfig:
                 raise ValueError(f"{name} must be a path string, got {value!r}")
             if not value:
                 value = str(self.run_dir / default)
-                setattr(self, name, value)
                 self._defaulted_dirs[name] = value
+            value = str(Path(value).expanduser().absolute())  # as runs_root
+            setattr(self, name, value)
             if Path(value).expanduser().resolve() == Path.cwd().resolve():
                 raise ValueError(f"{name} must not be the working directory")
+            if Path(value).exists() and not Path(value).is_dir():  # else the first end_epoch
+                raise ValueError(f"{name} {value} exists and is not a directory")
         if self.checkpoint_mode not in CHECKPOINT_MODES:
             raise ValueError(
                 f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {self.checkpoint_mode!r}"
@@ -294,6 +334,28 @@ class KasminaConfig:
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
             )
         _positive_int("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_held") and name in _FIELD_NAMES:
+            if name not in LIVE_FIELDS:
+                raise AttributeError(
+                    f"KasminaConfig.{name} was read when the manager was built: changed now it "
+                    "would apply half-way or not at all; build a new config and manager "
+                    f"(settable while a manager runs: {', '.join(sorted(LIVE_FIELDS))})"
+                )
+            dataclasses.replace(self, **{name: value})  # validated as the constructor does
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy or a pickle is nobody's config yet
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+
+    def hold(self) -> KasminaConfig:
+        """Mark this config as a manager's (see the class doc) and check the environment the
+        manager reads later (``$KASMINA_BACKEND``, read at the first op: a bad value failed
+        the first GERMINATE and end_epoch after an epoch of training); returns it."""
+        backend()
+        object.__setattr__(self, "_held", True)
+        return self
 
     @property
     def torch_device(self) -> torch.device:
@@ -375,6 +437,9 @@ class KasminaConfig:
                 raise ValueError(f"unknown KasminaConfig settings: kd.{', kd.'.join(kd_unknown)}")
             values["kd"] = KDConfig(**values["kd"])
         return cls(**values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KasminaConfig))
 
 
 def _publisher_keys(value: object) -> dict[str, str]:

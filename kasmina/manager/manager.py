@@ -52,7 +52,7 @@ from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
-from kasmina.manager.state import ManagerState
+from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
@@ -73,18 +73,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["KasminaKernelManager"]
 
 
-class _StateField:
-    """A read-only view of one ``ManagerState`` field on the façade (``manager.epoch``...)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, manager: KasminaKernelManager | None, owner: type | None = None) -> Any:
-        if manager is None:
-            return self
-        return getattr(manager.state, self.name)
-
-
 class KasminaKernelManager:
     """Loads, caches and grafts seed kernels on command; see the module docstring.
 
@@ -93,26 +81,26 @@ class KasminaKernelManager:
     the state or the components they use. The fields below read through to the state.
     """
 
-    config = _StateField()
-    telemetry = _StateField()
-    device = _StateField()
-    kernel_cache = _StateField()
-    loader = _StateField()
-    registry = _StateField()
-    optimizers = _StateField()
-    optimizer_cls = _StateField()
-    optimizer_options = _StateField()
-    seed_lr = _StateField()
-    teacher = _StateField()
-    epoch = _StateField()
-    global_step = _StateField()
-    val_metrics = _StateField()
-    counters = _StateField()
-    gate_counts = _StateField()
-    field_reports = _StateField()
-    command_log = _StateField()
-    perf = _StateField()
-    checkpoints = _StateField()
+    config = StateField()
+    telemetry = StateField()
+    device = StateField()
+    kernel_cache = StateField()
+    loader = StateField()
+    registry = StateField()
+    optimizers = StateField()
+    optimizer_cls = StateField()
+    optimizer_options = StateField()
+    seed_lr = StateField()
+    teacher = StateField()
+    epoch = StateField()
+    global_step = StateField()
+    val_metrics = StateField()
+    counters = StateField()
+    gate_counts = StateField()
+    field_reports = StateField()
+    command_log = StateField()
+    perf = StateField()
+    checkpoints = StateField()
 
     def __init__(
         self,
@@ -148,7 +136,8 @@ class KasminaKernelManager:
                 self.handler, self.verifier, self.pending, self.execution, self.report,
                 lock=self._lock, perf=state.perf,
             )  # fmt: skip
-            undo.pop_all()  # built: from here on close() closes them
+            config.hold()  # built (a constructor that raised left the config settable)
+            undo.pop_all()  # from here on close() closes them
         if self._jsonl is not None:  # last: bounded, rotated at ``cap``
             telemetry.add_sink(self._jsonl)
         self._last_teacher_input: torch.Tensor | None = None
@@ -215,8 +204,8 @@ class KasminaKernelManager:
         (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
         ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
         self.state.require_no_model()
-        if not seed_lr > 0:
-            raise ValueError(f"seed_lr must be > 0, got {seed_lr}")
+        check_optimizer(optimizer_cls, seed_lr, optimizer_options)  # as GERMINATE will build it
+        check_device(model, self.config.torch_device)  # where GERMINATE will load the kernels
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
         registry = SlotRegistry(model, slots or kasmina_layers(model), self.execution.on_transition)
         state = self.state
@@ -371,8 +360,8 @@ class KasminaKernelManager:
             return []
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
-        dropped = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)
-        self.counters["kd_dropped"] += dropped  # a skipped batch's, left uncollected
+        uncollected = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)
+        self.counters["kd_uncollected"] += uncollected  # a skipped batch's? (logged by slot)
         if not chosen and not self.counters["teacher_logits_unread"]:
             logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
         self.counters["teacher_logits_unread"] += not chosen
@@ -467,15 +456,18 @@ class KasminaKernelManager:
             # A collective: every rank, every step, before any checks; whether it averaged.
             shared = self.grad_sync is not None and bool(self.grad_sync())
             # Every device flag of the step in one transfer: the seed-only backwards' leak
-            # flags and the running seeds' non-finite flags.
+            # flags and the running seeds' non-finite and fault flags.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
-            kd_flags = self.guard.kd_flags()
-            values = read_flags([*kd_flags, *(r.seed.finite_flag for r in polled)])
+            kd_flags, n = self.guard.kd_flags(), len(polled)
+            seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
+            values = read_flags([*kd_flags, *seed_flags])
             clean = self.guard.check(registry, values[: len(kd_flags)])
+            read = values[len(kd_flags) :]
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
-                for r, ok in zip(polled, values[len(kd_flags) :], strict=True)
-                if r.stage in RUNS_KERNEL and r.seed.settle_nonfinite(ok, drop_gradient=not shared)
+                for r, ok, bad in zip(polled, read[:n], read[n:], strict=True)
+                if r.stage in RUNS_KERNEL
+                and r.seed.settle_nonfinite(ok, bad, drop_gradient=not shared)
             ]
             frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
@@ -552,8 +544,10 @@ class KasminaKernelManager:
 
     # ------------------------------------------------------------------ report
     def export_leyline_telemetry(self) -> TelemetryPacket:
-        """One packet with the manager's whole state (see ``ManagerReport``)."""
-        return self.report.export_leyline_telemetry(self.handler.stats)
+        """One packet with the manager's whole state (see ``ManagerReport``), read under the
+        manager's lock, as ``system_state`` is: never one epoch's clock with the next's metrics."""
+        with self._lock:
+            return self.report.export_leyline_telemetry(self.handler.stats)
 
     def get_performance_metrics(self) -> dict[str, float]:
         """Measured figures (NaN: not measured yet); see ``ManagerReport``."""

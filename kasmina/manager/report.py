@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -73,6 +74,7 @@ class ManagerReport:
     def __init__(self, state: ManagerState, guard: IsolationGuard) -> None:
         self.state = state
         self.guard = guard
+        self._measuring = threading.Lock()  # one dormant-overhead measurement at a time
 
     def export_leyline_telemetry(self, command_stats: Mapping[str, int]) -> TelemetryPacket:
         """One packet with the manager's whole state: cache, loads, gates, commands (the
@@ -284,8 +286,8 @@ class ManagerReport:
         ``handle_adaptation_command`` takes on arrival (parse, verify, validate, queue); command
         latency is the time a command takes to apply at its safe point."""
         state = self.state
-        if math.isnan(state.dormant_overhead_us):
-            self.measure_dormant_overhead()
+        if math.isnan(state.dormant_overhead_us) and self._on_training_thread():
+            self.measure_dormant_overhead()  # elsewhere a read: NaN until end_epoch measures
         perf, loader = state.perf, state.loader
         return {
             "command_overhead_p50_us": perf["overhead"].p50_us,
@@ -336,7 +338,9 @@ class ManagerReport:
         add("state_packet_bytes", float(len(packet.SerializeToString())), 100.0, "bytes")
         add("cache_hit_p50_us", _cache_hit_us(repeats), 2.0, "us")
         add("batch_update_1024_us", _batch_update_us(self.state.device, repeats), 1000.0, "us")
-        add("dormant_overhead_us", self.measure_dormant_overhead(repeats), 10.0, "us")
+        live = self._on_training_thread()  # elsewhere the last measurement (a read)
+        dormant = self.measure_dormant_overhead(repeats) if live else self.state.dormant_overhead_us
+        add("dormant_overhead_us", dormant, 10.0, "us")
         return checks
 
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
@@ -345,14 +349,32 @@ class ManagerReport:
         in eval mode, on a forked RNG and with the slot's buffers put back afterwards, so the
         host sees no trace of it: no global random numbers are drawn (a host may draw in eval
         mode, ``F.dropout``'s default ``training=True``) and no buffer moves (a QAT observer
-        updates its statistics in eval mode too). ``ValueError`` unless ``repeats`` is an int
+        updates its statistics in eval mode too). Only on the training thread (the one that
+        steps; any before the first step), since it runs the live model: ``RuntimeError``
+        elsewhere, where a training forward raced it. ``ValueError`` unless ``repeats`` is an int
         >= 1 (a median of no pairs is no measurement)."""
         repeats = check_positive_int("repeats", repeats)
+        if not self._on_training_thread():
+            raise RuntimeError(
+                "measure_dormant_overhead runs forwards on the live model: call it on the "
+                "training thread (the one that calls step()), between steps"
+            )
         registry = self.state.registry
         sample = registry.dormant_sample() if registry is not None else None
-        if sample is None:
-            return math.nan
-        slot, x = sample
+        if sample is None or not self._measuring.acquire(blocking=False):
+            return math.nan if sample is None else self.state.dormant_overhead_us
+        try:
+            return self._measure(*sample, repeats)
+        finally:
+            self._measuring.release()
+
+    def _on_training_thread(self) -> bool:
+        """Whether this is the thread that steps the model (any, before its first step)."""
+        registry = self.state.registry
+        trainer = None if registry is None else registry.training_thread
+        return trainer is None or trainer == threading.get_ident()
+
+    def _measure(self, slot: Any, x: torch.Tensor, repeats: int) -> float:
         host_ns: list[int] = []
         slot_ns: list[int] = []
         modes = [(module, module.training) for module in slot.modules()]
@@ -463,6 +485,7 @@ def _batch_update_us(device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(max(1, min(repeats, 20)) + 1):
         table = GPUStateTensor(1024, device)
+        table.log_transitions = False  # 1,024 INFO lines a round in the run's log, timed too
         start = time.perf_counter_ns()
         table.batch_state_update(updates)
         times.append(time.perf_counter_ns() - start)

@@ -15,6 +15,7 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -246,6 +247,9 @@ class SlotRegistry:
         # Taken up later from a param group a user added to the host optimizer (a step's
         # ``take_host_groups``).
         self.added_host_params: dict[int, nn.Parameter] = {}
+        # The thread that trains (registers, then ends the steps: ``end_step``): measurements
+        # run forwards on it only.
+        self.training_thread = threading.get_ident()
         # One host parameter (frozen or not) and where the model holds it, for ``check_held``;
         # None for a model without parameters of its own.
         held = next((np for np in model.named_parameters() if id(np[1]) not in seed_ids), None)
@@ -412,6 +416,7 @@ class SlotRegistry:
     def end_step(self) -> int:
         """At a step's end: drop the KD losses the slots hold (with their graphs), the teacher
         logits kept for a recompute and the slots' graph marks; how many slots held a loss."""
+        self.training_thread = threading.get_ident()  # the model's forwards are this thread's
         for slot in self.slots:
             slot.end_step()
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)

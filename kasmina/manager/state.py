@@ -10,6 +10,8 @@ optimizers lives in a component and happens under the façade's lock.
 from __future__ import annotations
 
 import math
+import numbers
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,9 @@ __all__ = [
     "PERF_TIMERS",
     "CommandLogEntry",
     "ManagerState",
+    "StateField",
+    "check_device",
+    "check_optimizer",
 ]
 
 # The executed-command log keeps the newest entries only: (command_id, kind, ok, reason).
@@ -46,6 +51,56 @@ PERF_TIMERS = ("command", "overhead", "step", "execute")
 
 def _timers() -> dict[str, LatencyStats]:
     return {name: LatencyStats() for name in PERF_TIMERS}
+
+
+def check_optimizer(
+    cls: type[torch.optim.Optimizer], seed_lr: object, options: dict[str, Any]
+) -> None:
+    """Refuse at ``register`` what a GERMINATE would meet only when it builds a seed's
+    optimizer (each one failed as an "internal error"): a learning rate that is not a finite
+    number > 0 (a bool, inf) and options ``cls`` does not take (a typo), built once here on a
+    throwaway parameter."""
+    if isinstance(seed_lr, torch.Tensor) and seed_lr.numel() == 1:  # torch.optim takes one
+        seed_lr = seed_lr.item()
+    if isinstance(seed_lr, bool) or not isinstance(seed_lr, numbers.Real):
+        raise ValueError(f"seed_lr must be a finite number > 0, got {seed_lr!r}")
+    if not 0 < seed_lr < math.inf:
+        raise ValueError(f"seed_lr must be a finite number > 0, got {seed_lr!r}")
+    try:
+        cls([torch.zeros(1, requires_grad=True)], lr=float(seed_lr), **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the seeds' optimizer {cls.__name__} refuses {options}: {exc}") from exc
+
+
+def check_device(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a model whose parameters are not on ``device`` (``config.device``, where the
+    kernels load): every GERMINATE was refused, its dry run finding the kernel on one device
+    and the slot's activations on another ("auto" on a GPU machine with a CPU model)."""
+    held = next((p.device for p in model.parameters()), None)
+    if held is None:
+        return
+    index = held.index if held.index is not None else 0
+    same = held.type == device.type and (device.index is None or device.index == index)
+    if not same:
+        raise ValueError(
+            f"the model is on {held} but config.device puts the seeds' kernels on {device}: "
+            "move the model there, or set KasminaConfig(device=...) to the model's device"
+        )
+
+
+class StateField:
+    """A read-only view of one ``ManagerState`` field on the façade (``manager.epoch``...); a
+    log (a deque the safe points append to) is read as a tuple copied in one C call, so a
+    thread walking it never meets "deque mutated during iteration"."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, manager: Any, owner: type | None = None) -> Any:
+        if manager is None:
+            return self
+        value = getattr(manager.state, self.name)
+        return tuple(value.copy()) if isinstance(value, deque) else value
 
 
 @dataclass(eq=False)
@@ -83,6 +138,9 @@ class ManagerState:
     closed: bool = False  # manager.close() was called
     _checkpoints: CheckpointStore | None = field(default=None, init=False, repr=False)
     _checkpoint_signer: CheckpointSigner | None = field(default=None, init=False, repr=False)
+    # Held while the store (and its signer) is opened on first use: a health thread listing
+    # checkpoints as end_epoch first wrote one opened it twice, and the second run lock failed.
+    _opening: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.optimizers = self.new_optimizer_manager()
@@ -95,9 +153,11 @@ class ManagerState:
     def checkpoint_signer(self) -> CheckpointSigner:
         """Signs and verifies this run's checkpoint files (epoch and emergency) with the run's
         key; the key file is read, or created, only when a file is first written or read."""
-        if self._checkpoint_signer is None:
-            config = self.config
-            self._checkpoint_signer = CheckpointSigner(config.checkpoint_key_path, config.run_id)
+        with self._opening:
+            if self._checkpoint_signer is None:
+                config = self.config
+                signer = CheckpointSigner(config.checkpoint_key_path, config.run_id)
+                self._checkpoint_signer = signer
         return self._checkpoint_signer
 
     @property
@@ -107,14 +167,18 @@ class ManagerState:
         first use. A closed manager raises (``require_open``): it never opens a store again, nor
         takes its run's lock, and reads none whose lock it released."""
         self.require_open()
-        if self._checkpoints is None:
-            self._checkpoints = open_checkpoint_store(self.config, self.checkpoint_signer)
+        signer = self.checkpoint_signer
+        with self._opening:
+            if self._checkpoints is None:
+                self.require_open()  # close() may have run while this waited
+                self._checkpoints = open_checkpoint_store(self.config, signer)
         return self._checkpoints
 
     def close_checkpoints(self) -> None:
         """Close the checkpoint store, if one was opened (a disk store releases its run lock)."""
-        if self._checkpoints is not None:
-            self._checkpoints.close()
+        with self._opening:
+            if self._checkpoints is not None:
+                self._checkpoints.close()
 
     def require_open(self) -> None:
         """``RuntimeError`` once ``manager.close()`` was called: a closed manager takes no step,

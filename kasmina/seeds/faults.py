@@ -44,11 +44,11 @@ __all__ = [
     "fallback_per_chunk",
     "finite_chunks",
     "finite_test",
-    "host_excused",
     "kernel_modules",
     "log_fault",
     "output_fault",
     "output_sum",
+    "record_fallbacks",
     "recomputing",
     "rng_forked",
     "short_reason",
@@ -155,13 +155,16 @@ def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | Non
     return _finite(sums)
 
 
-def host_excused(ok: torch.Tensor, host_sums: torch.Tensor) -> torch.Tensor:
-    """What a seed's fault flag takes from the finite test ``ok`` of its output: ``ok``, and
-    True where the seed's input, the host's chunk (whose sums are ``host_sums``, broadcast like
-    ``ok``), was itself non-finite. That NaN or inf is the host's (a diverging host, an fp16
-    overflow), not the seed's, so no fault is charged; the gradients it leaves are the step's
-    clip check to skip (``grad_clip_norm > 0``). The output still falls back by ``ok``."""
-    return ok.logical_or(_finite(host_sums).logical_not())
+def record_fallbacks(
+    ok: torch.Tensor, host_sums: torch.Tensor, finite: torch.Tensor, faulted: torch.Tensor
+) -> None:
+    """Remember the finite test ``ok`` of seeds' outputs, on the device: ``finite`` ANDs it (a
+    seed that fell back loses the step's gradient and its step, ``settle_nonfinite``) and
+    ``faulted`` ORs in the chunks that failed where the seed's input, the host's chunk (sums
+    ``host_sums``, shaped like ``ok``), was finite: the seed's own fault. Where the host's chunk
+    was not (a diverging host, an fp16 overflow) the NaN is the host's and no fault is charged."""
+    finite.logical_and_(ok)
+    faulted.logical_or_(ok.logical_not().logical_and_(_finite(host_sums)))
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:
@@ -423,10 +426,17 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
     )
 
 
+_SAT_OUT_EFFECTS = {
+    "seeds": "the host output stands",
+    "kd_uncollected": "the next collect_kd_losses() sums it in; a skipped batch's: collect it "
+    "and discard it",
+}
+
+
 def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
     """Log the ``count``-th call of a slot that its seeds (or their KD) sat out, as
     :func:`log_fault` does: the first and every ``FAULT_WARN_EVERY``-th at WARNING."""
-    effect = "the host output stands" if what == "seeds" else "no KD loss from it"
+    effect = _SAT_OUT_EFFECTS.get(what, "no KD loss from it")
     logger.log(
         rarely(count, FAULT_WARN_EVERY),
         "slot %s: %s sat out call %d (%s); %s",

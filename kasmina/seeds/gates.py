@@ -30,10 +30,10 @@ from kasmina.seeds.faults import (
     FaultRecorder,
     all_finite,
     autocast_to_host,
-    host_excused,
     output_fault,
     output_sum,
     recomputing,
+    record_fallbacks,
     rng_forked,
 )
 from kasmina.stages import SeedStage
@@ -435,12 +435,17 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
 
 
 def guarded_probe(
-    kernel: nn.Module, x: torch.Tensor, record: FaultRecorder, finite_flag: torch.Tensor
+    kernel: nn.Module,
+    x: torch.Tensor,
+    record: FaultRecorder,
+    finite_flag: torch.Tensor,
+    fault_flag: torch.Tensor,
 ) -> CompatibilityProbe | None:
     """:func:`run_probe` guarded like the forward (it runs inside the host's): a raise or a
     non-Tensor is a fault (given to ``record``) and leaves no probe; a wrong shape, dtype or
     device is a fault that keeps the probe, so G3 names the mismatch; a non-finite output
-    clears ``finite_flag``. A recompute under activation checkpointing records nothing again."""
+    clears ``finite_flag`` (``record_fallbacks``). A recompute under activation checkpointing
+    records nothing again."""
     try:
         result = run_probe(kernel, x)
     except CONTROL_FLOW:
@@ -454,7 +459,7 @@ def guarded_probe(
         return None
     fault = output_fault(result.output, x)
     if fault is None:
-        finite_flag.logical_and_(host_excused(all_finite(result.output), output_sum(x)))
+        record_fallbacks(all_finite(result.output), output_sum(x), finite_flag, fault_flag)
     elif not recomputing():
         record(*fault)
     return result

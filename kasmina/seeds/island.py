@@ -25,7 +25,7 @@ import torch
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
-from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test, host_excused
+from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test, record_fallbacks
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class _Graft:
 
     ``chunks[k]`` is seed ``k``'s output, or the host's own chunk for a seed that passed it
     through (``passed[k]``; ``passed`` is None when every seed ran); ``island`` holds the
-    outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' finite flags.
+    outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags.
     """
 
     __slots__ = (
@@ -232,7 +232,7 @@ class _Graft:
         chunks: Sequence[torch.Tensor],
         dim: int,
         passed: torch.Tensor | None,
-        flags: torch.Tensor,
+        flags: tuple[torch.Tensor, torch.Tensor],
         island: _Island | None,
         island_chunks: Sequence[int],
         blend: bool,
@@ -278,7 +278,7 @@ def _graft_values(
         return blend_chunks(full, host, alpha), alpha, None
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
-    graft.flags.logical_and_(host_excused(ok, chunk_sums(host.unflatten(-1, (n, -1)))))
+    record_fallbacks(ok, chunk_sums(host.unflatten(-1, (n, -1))), *graft.flags)
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
         torch.where(ok.unsqueeze(-1), full_c, host.unflatten(-1, (n, -1)), out=full_c)
         return full, alpha, ok
@@ -349,7 +349,7 @@ def guarded_blend(
     *,
     dim: int,
     passed: torch.Tensor | None,
-    flags: torch.Tensor,
+    flags: tuple[torch.Tensor, torch.Tensor],
     guarded: Sequence[int],
     params: Sequence[Sequence[torch.Tensor]],
     recorders: Sequence[FaultRecorder],

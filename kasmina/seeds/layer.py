@@ -59,9 +59,9 @@ from kasmina.seeds.faults import (
     chunk_sums,
     fallback_per_chunk,
     finite_test,
-    host_excused,
     log_sat_out,
     recomputing,
+    record_fallbacks,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend
 from kasmina.seeds.outputs import (
@@ -82,6 +82,7 @@ from kasmina.seeds.outputs import (
     recorded_spec,
     recording_deferred,
     replace_output_element,
+    signed_shape,
     splits_last_dim,
 )
 from kasmina.seeds.seed import KD_STAGES, GradientIsolatedSeed
@@ -159,9 +160,10 @@ class KasminaLayer(nn.Module):
             state.set_region(seed.state_index, region_id)
         self.seeds.to(device)
         self.register_buffer("_one", torch.ones((), device=device), persistent=False)
-        # Each seed's ``finite_flag`` is a view of this buffer: the guard sets all in one op.
+        # Each seed's ``finite_flag`` and ``fault_flag`` are views of these: set in one op each.
         flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
         self.register_buffer("_finite_flags", flags, persistent=False)
+        self.register_buffer("_fault_flags", torch.zeros_like(flags), persistent=False)
         self._link_flags()
         self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         # What the host's forward returned, as the seeds see it: None before the first
@@ -179,7 +181,7 @@ class KasminaLayer(nn.Module):
         self._stage_codes: tuple[int, ...] = ()
         self._plan: tuple[SeedStage, ...] = ()
         self._runs_any = False
-        self._kernel_shapes: tuple[tuple[int | None, ...], ...] = ()
+        self._kernel_shapes: tuple[tuple[int | None, ...] | None, ...] = ()
         self._refresh_plan()
         state.listen(self._refresh_plan)
         # A load checks every seed's state before the host loads (attach does so on the model).
@@ -247,11 +249,15 @@ class KasminaLayer(nn.Module):
         super().register_parameter(name, param)
 
     def _link_flags(self) -> None:
-        """Point each seed's ``finite_flag`` at its element of ``_finite_flags`` (again after a
-        move, which copies each buffer on its own)."""
-        flags = self._finite_flags
+        """Point each seed's flags at its elements of the layer's (again after a move, which
+        copies each buffer on its own)."""
         for k, seed in enumerate(self.seeds):
-            seed._buffers["finite_flag"] = flags[k]
+            seed._buffers["finite_flag"], seed._buffers["fault_flag"] = (
+                f[k] for f in self._flags()
+            )
+
+    def _flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._buffers["_finite_flags"], self._buffers["_fault_flags"]
 
     # -- convenience ---------------------------------------------------------------------
     def seed(self, k: int) -> GradientIsolatedSeed:
@@ -286,19 +292,20 @@ class KasminaLayer(nn.Module):
         """Read all seeds' non-finite flags (one transfer); ids of the seeds that fell back,
         whose kernels' gradients are dropped (call it before the optimizer step)."""
         seeds = tuple(self.seeds)
-        finite = read_flags([seed.finite_flag for seed in seeds])
-        return [s.seed_id for s, ok in zip(seeds, finite, strict=True) if s.settle_nonfinite(ok)]
+        got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
+        pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
+        return [s.seed_id for s, ok, faulted in pairs if s.settle_nonfinite(ok, faulted)]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> int:
         """Teacher logits for the KD loss of the next forward that records a graph (a forward
-        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending). KD losses
-        left uncollected (a batch skipped) are dropped, not summed into the next: how many."""
-        dropped = len(self._kd_losses) if teacher_logits is not None else 0
-        if dropped:
-            self._kd_losses.clear()
-            self._sit_out("kd_uncollected", "the batch's KD loss was never collected")
+        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending). Returns how
+        many KD losses earlier forwards left uncollected, counted and logged rarely: a skipped
+        batch's, summed into the next collect unless discarded, or several views' (kept)."""
+        uncollected = len(self._kd_losses) if teacher_logits is not None else 0
+        if uncollected:
+            self._sit_out("kd_uncollected", "KD loss of an earlier forward not collected yet")
         self._teacher_logits = teacher_logits
-        return dropped
+        return uncollected
 
     @property
     def graph_open(self) -> bool:  # a forward recorded a graph since the last step's end
@@ -318,7 +325,7 @@ class KasminaLayer(nn.Module):
         return {**self.__dict__, **fresh}
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a pickle from before the mark
-        super().__setstate__({"_graph": GraphMark(), **state})
+        super().__setstate__({"_graph": GraphMark(), "_kernel_shapes": (), **state})
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language
@@ -392,10 +399,10 @@ class KasminaLayer(nn.Module):
         seeds = self._seed_list = tuple(self.seeds)  # indexing a ModuleList costs a frame
         self._plan = tuple(seed.stage for seed in seeds)
         self._stage_codes = tuple(int(stage) for stage in self._plan)
-        running = [s.kernel for s in seeds if s.stage in RUNS_KERNEL and s.kernel is not None]
-        self._runs_any = bool(running)
-        # The exported kernels' signed input shapes (``outputs.kernels_refuse``), each once.
-        self._kernel_shapes = tuple({getattr(k, "input_shape", None) for k in running} - {None})
+        self._runs_any = any(s.stage in RUNS_KERNEL and s.kernel is not None for s in seeds)
+        # Each seed's kernel's signed input shape (``outputs.kernels_refuse``); () when none has.
+        shapes = tuple(signed_shape(s.kernel) if s.stage in RUNS_KERNEL else None for s in seeds)
+        self._kernel_shapes = shapes if any(shapes) else ()
         force_regular_path(self.seeds, self._runs_any and self.guards_fused_path)
 
     def _graft(
@@ -411,11 +418,9 @@ class KasminaLayer(nn.Module):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x
         dim = self.chunk_dim % x.dim()
-        if self._kernel_shapes and (
-            problem := kernels_refuse(x, dim, self.chunk_size, self._kernel_shapes)
-        ):
-            self._sit_out("seeds", problem)
-            return x
+        refused, why = kernels_refuse(x, dim, self.chunk_size, self._kernel_shapes)
+        if refused:  # seeds whose exported kernel cannot take this call sit it out
+            self._sit_out("seeds", why)
         chunks = x.split(self.chunk_size, dim=dim)
         seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
         # The host half of every seed's guard (a ``try`` and a metadata check, no device read).
@@ -424,7 +429,7 @@ class KasminaLayer(nn.Module):
         outs = list(chunks)
         inputs: dict[int, torch.Tensor] = {}  # the kernels' inputs of the seeds that ran
         for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
-            if stage not in RUNS_KERNEL or seed._modules["kernel"] is None:
+            if stage not in RUNS_KERNEL or seed._modules["kernel"] is None or k in refused:
                 continue
             if stage == SeedStage.COMPATIBILITY_CHECK:
                 seed._probe_unless_compiling(chunks[k])
@@ -455,7 +460,7 @@ class KasminaLayer(nn.Module):
             host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
             if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
                 ok = ok.logical_or(self._passed_through(inputs, ok.device))
-            self._buffers["_finite_flags"].logical_and_(host_excused(ok, chunk_sums(host_m)))
+            record_fallbacks(ok, chunk_sums(host_m), *self._flags())
         if stages <= _BLENDING:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
             full = seed_full
@@ -514,7 +519,7 @@ class KasminaLayer(nn.Module):
             alpha,
             dim=dim,
             passed=passed,
-            flags=self._buffers["_finite_flags"],
+            flags=self._flags(),
             guarded=guarded,
             params=[seeds[k].trained_parameters() for k in guarded],
             recorders=[seeds[k]._record_fault for k in guarded],
@@ -556,15 +561,10 @@ class KasminaLayer(nn.Module):
             self._masks[key] = torch.tensor(values, device=device)
         return self._masks[key]
 
-    def _maybe_kd(  # fmt: skip
-        self,
-        full: torch.Tensor,
-        students: list[torch.Tensor | None],
-        teacher_logits: torch.Tensor,
-        dim: int,
-        ok: torch.Tensor | None,
-        host: torch.Tensor,
-    ) -> None:
+    def _maybe_kd(
+        self, full: torch.Tensor, students: list[torch.Tensor | None], teacher_logits: torch.Tensor,
+        dim: int, ok: torch.Tensor | None, host: torch.Tensor,
+    ) -> None:  # fmt: skip
         if all(s is None for s in students):
             return
         problem = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)

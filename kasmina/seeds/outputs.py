@@ -36,6 +36,7 @@ __all__ = [
     "dense",
     "fits",
     "kernels_refuse",
+    "signed_shape",
     "force_regular_path",
     "forward_owner",
     "no_tensor_reason",
@@ -94,22 +95,40 @@ def chunk_spec(
     return (torch.Size(dims), contract[1], contract[2])
 
 
+_NONE_REFUSED: tuple[frozenset[int], str] = (frozenset(), "")
+
+
+def signed_shape(kernel: object) -> tuple[int | None, ...] | None:
+    """An exported kernel's signed input shape (``GPUKernel.signed_input_shape``: ints, None
+    for a dynamic size), or None for a kernel that declares none (any module)."""
+    shape = getattr(kernel, "signed_input_shape", None)
+    ok = isinstance(shape, tuple) and all(d is None or type(d) is int for d in shape)
+    return shape if ok else None
+
+
 def kernels_refuse(
-    x: torch.Tensor, dim: int, chunk_size: int, shapes: tuple[tuple[int | None, ...], ...]
-) -> str | None:
-    """Why a chunk of ``x`` (``chunk_size`` along ``dim``) is no input the seeds' kernels
-    take, or None: each of ``shapes`` (an exported kernel's signed input shape, ``None`` for a
-    dynamic size) fixes a rank and sizes. Such a call, a last-dim slot's ``[T, F]`` or
-    ``[B, T, F]`` after ``[B, F]``, an unseen sequence length, would make every kernel raise,
-    each call a fault; its seeds sit it out instead."""
-    for shape in shapes:
-        if len(shape) != x.dim() or any(
-            size is not None and size != (chunk_size if i == dim else x.shape[i])
-            for i, size in enumerate(shape)
+    x: torch.Tensor, dim: int, chunk_size: int, shapes: tuple[tuple[int | None, ...] | None, ...]
+) -> tuple[frozenset[int], str]:
+    """The seeds (indices into ``shapes``, one per seed: ``signed_shape`` of its kernel) whose
+    kernel takes no chunk of ``x`` (``chunk_size`` along ``dim``), and why: a signed shape
+    fixes a rank and sizes. Such a call (a last-dim slot's ``[T, F]`` or ``[B, T, F]`` after
+    ``[B, F]``, an unseen sequence length) made the kernel raise, each call a fault; those
+    seeds sit it out instead, the others run."""
+    if not shapes:  # no exported kernel runs (every call while all pass the host through)
+        return _NONE_REFUSED
+    refused, why = set(), ""
+    for k, shape in enumerate(shapes):
+        if shape is not None and (
+            len(shape) != x.dim()
+            or any(
+                d is not None and d != (chunk_size if i == dim else x.shape[i])
+                for i, d in enumerate(shape)
+            )
         ):
-            taken = ", ".join("*" if size is None else str(size) for size in shape)
-            return f"chunk of output {tuple(x.shape)} is not the kernels' input [{taken}]"
-    return None
+            refused.add(k)
+            taken = ", ".join("*" if d is None else str(d) for d in shape)
+            why = why or f"chunk of output {tuple(x.shape)} is not a kernel's input [{taken}]"
+    return frozenset(refused), why
 
 
 def splits_last_dim(dim: int, contract: ActivationSpec | str | None) -> bool:

@@ -48,10 +48,10 @@ from kasmina.seeds.faults import (
     call_kernel,
     cut_nonfinite_gradient,
     finite_test,
-    host_excused,
     kernel_modules,
     log_fault,
     output_sum,
+    record_fallbacks,
     short_reason,
 )
 from kasmina.seeds.gates import (
@@ -121,8 +121,10 @@ class GradientIsolatedSeed(nn.Module):
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        # Every output since the last poll finite (ANDed on the device; a view of a layer's).
+        # Every output since the last poll finite (ANDed on the device), and whether one that was
+        # not had a finite input (the seed's fault, not the host's): views of a layer's.
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
+        self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool), persistent=False)
         self.isolation_violations = self.nonfinite_events = 0
         self.fault_limit = fault_limit
         # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
@@ -192,14 +194,9 @@ class GradientIsolatedSeed(nn.Module):
         if gate == 3:
             fault = None if sample is None else self._probe_fault(sample)
             return gate_g3_probed(
-                self.probe_result,
-                self.kernel,
-                host_flops_per_element,
-                max_cost_ratio,
-                latency_budget_ms,
-                seed_id=self.seed_id,
-                fault=fault,
-            )
+                self.probe_result, self.kernel, host_flops_per_element, max_cost_ratio,
+                latency_budget_ms, seed_id=self.seed_id, fault=fault,
+            )  # fmt: skip
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
@@ -252,27 +249,28 @@ class GradientIsolatedSeed(nn.Module):
         return True
 
     def poll_nonfinite(self) -> bool:
-        """Read the device flag set by non-finite forwards (one sync) and settle it."""
-        return self.settle_nonfinite(bool(self.finite_flag))
+        """Read the device flags set by non-finite forwards (one sync) and settle them."""
+        return self.settle_nonfinite(bool(self.finite_flag), bool(self.fault_flag))
 
-    def settle_nonfinite(self, finite: bool, *, drop_gradient: bool = True) -> bool:
-        """Act on ``finite_flag``'s value, read alone or with other flags in one transfer: True
-        when a forward since the last read fell back to the host output. However many did,
-        that is one fault and one ``nonfinite_events`` (the flag is one bit: it never waits).
-
-        The kernel's gradients since the last read are dropped (``grad = None``; read before the
-        optimizers step, as ``manager.step`` does, they skip the seed): its backward ran on the
-        zero gradient of the output set aside, and ``0 * inf`` inside it (an overflow) is NaN.
-        Not where ranks averaged them (``drop_gradient=False``): the average took the NaN as 0."""
+    def settle_nonfinite(
+        self, finite: bool, faulted: bool = True, *, drop_gradient: bool = True
+    ) -> bool:
+        """Act on the two flags (read in one transfer): True when a forward since the last read
+        fell back to the host output. Its gradients since then are dropped (``grad = None``: the
+        step skips it; its backward met NaN inputs or ``0 * inf``), except where ranks averaged
+        them (``drop_gradient=False``: the average took the NaN as 0). One fault however many
+        fell back; none when each one's input was the host's NaN (``faulted`` False)."""
         if finite:
             return False
         if drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
         self.finite_flag.fill_(True)
+        self.fault_flag.fill_(False)
         self.nonfinite_events += 1
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
-        self._record_fault("nonfinite", "non-finite output")
+        if faulted:
+            self._record_fault("nonfinite", "non-finite output")
         return True
 
     # -- faults --------------------------------------------------------------------------
@@ -348,6 +346,7 @@ class GradientIsolatedSeed(nn.Module):
             self.gate_score = 0.0
             self.evaluation = None
             self.finite_flag.fill_(True)
+            self.fault_flag.fill_(False)
             self._kd_losses.clear()
             self.probe_result = None
 
@@ -486,7 +485,8 @@ class GradientIsolatedSeed(nn.Module):
         probe, so G3 names the mismatch; a non-finite output sets the flag."""
         if self.kernel is None:
             return None
-        self.probe_result = guarded_probe(self.kernel, x, self._record_fault, self.finite_flag)
+        flags = (self.finite_flag, self.fault_flag)
+        self.probe_result = guarded_probe(self.kernel, x, self._record_fault, *flags)
         return self.probe_result
 
     def _run_kernel(
@@ -526,7 +526,7 @@ class GradientIsolatedSeed(nn.Module):
         ok = finite_test(output_sum(s), read_on_host=not torch.compiler.is_compiling())
         if ok is None:
             return None
-        self.finite_flag.logical_and_(host_excused(ok, output_sum(xin)))
+        record_fallbacks(ok, output_sum(xin), self.finite_flag, self.fault_flag)
         if stage == SeedStage.ACTIVE:
             cut_nonfinite_gradient(xin, ok)
         return ok

@@ -121,6 +121,7 @@ class GPUStateTensor:
         )
         self.embargo_epochs = int(embargo_epochs)
         self.telemetry = telemetry
+        self.log_transitions = True  # False: a private table (a benchmark's) logs none
         self.counters: Counter[str] = Counter()
         self.version = 0  # bumped on every host-visible change (see ``listen``)
         self._stages = [SeedStage.DORMANT] * num_seeds
@@ -366,7 +367,7 @@ class GPUStateTensor:
         # or sent to telemetry, else only the observed seeds' (observers alone, no log/event).
         reported: list[int] | None = None
         report = self._report_applied
-        if self.telemetry is not None or logger.isEnabledFor(logging.INFO):
+        if self.telemetry is not None or self.log_transitions and logger.isEnabledFor(logging.INFO):
             reported = list(range(len(indices)))
         elif self._observers:
             observers = self._observers
@@ -546,7 +547,8 @@ class GPUStateTensor:
 
     def _report_applied(self, idx: int, old: SeedStage, new: SeedStage) -> None:
         try:
-            logger.info("lifecycle: seed %d %s -> %s", idx, old.name, new.name)
+            if self.log_transitions:
+                logger.info("lifecycle: seed %d %s -> %s", idx, old.name, new.name)
             labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
             self._emit("lifecycle.transition", labels)
         finally:

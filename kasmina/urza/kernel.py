@@ -368,7 +368,7 @@ class GPUKernel(nn.Module):
         return self.manifest.blueprint
 
     @property
-    def input_shape(self) -> tuple[int | None, ...] | None:
+    def signed_input_shape(self) -> tuple[int | None, ...] | None:
         """The signed shape of the program's one input (None for a dynamic dimension): the
         exported graph takes that rank and those fixed sizes only. None for several inputs."""
         specs = self.manifest.input_spec

@@ -58,6 +58,7 @@ __all__ = [
     "CheckpointManifest",
     "CheckpointSigner",
     "atomic_torch_save",
+    "check_checkpoint_key",
     "clone_state",
     "load_or_create_checkpoint_key",
 ]
@@ -103,6 +104,13 @@ def _read_key(path: Path) -> bytes:
         f"checkpoint key {path} must hold {CHECKPOINT_KEY_BYTES} raw bytes or "
         f"{2 * CHECKPOINT_KEY_BYTES} hex digits, not {len(raw)} bytes"
     )
+
+
+def check_checkpoint_key(path: str | os.PathLike[str]) -> None:
+    """``ValueError`` now if ``path`` exists and holds no checkpoint key (a keyring's JSON
+    named by mistake failed the first end_epoch, after a whole epoch of training)."""
+    with contextlib.suppress(FileNotFoundError):
+        _read_key(Path(path).expanduser())
 
 
 def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:

@@ -266,6 +266,9 @@ def test_key_ids_restrict_which_keys_may_sign_commands(keyring, clock) -> None:
         CommandVerifier(keyring, key_ids="ctl")
     with pytest.raises(ValueError, match="non-empty"):
         CommandVerifier(keyring, key_ids=[""])
+    # A typo ("ctI") refused every command at arrival as untrusted, silently: refused here.
+    with pytest.raises(ValueError, match=r"\['ctI'\] are not in the keyring"):
+        CommandVerifier(keyring, key_ids=["ctl", "ctI"])
 
 
 def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(

@@ -28,8 +28,17 @@ def test_kd_config_refuses_a_bad_alpha(alpha: object) -> None:
         KDConfig(alpha=alpha)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("temperature", [1e20, 1e200, 1e-300, 1e3 * 1.01, 1e-3 * 0.99])
+def test_kd_config_refuses_a_temperature_whose_loss_is_not_finite(temperature: float) -> None:
+    """Finite and positive, but the loss scales by T² and divides logits by T in fp32: 1e20
+    gave -inf or NaN and 1e-300 an overflow at the first KD step, which the config promises
+    never happens."""
+    with pytest.raises(ValueError, match="temperature must be within"):
+        KDConfig(temperature=temperature)
+
+
 def test_kd_config_takes_any_finite_positive_real() -> None:
-    for temperature in (1, 0.5, np.float32(3.0), 100.0):
+    for temperature in (1, 0.5, np.float32(3.0), 100.0, 1e-3, 1e3):
         config = KDConfig(temperature=temperature, alpha=np.float64(0.25))
         loss = StaticKDLoss.from_config(config)(torch.randn(2, 3), torch.randn(2, 3))
         assert torch.isfinite(loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("telemetry_jsonl_max_bytes", True),
         ("default_embargo_epochs", -1),
         ("default_embargo_epochs", 2**31),  # the table's counter is int32
+        ("urza_timeout_s", 1e10),  # past threading.TIMEOUT_MAX: every wait failed at use
+        ("nonce_ledger", "false"),  # a flag's spelling from a file, not a file name
+        ("nonce_ledger", "Off"),
+        ("nonce_ledger", " "),
     ],
 )
 def test_invalid_values_are_rejected(field, value) -> None:
@@ -195,5 +200,116 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
         manager.attach(model, "0", 2, 2, host_lr=-1.0)
     assert model[0] is host and manager.registry is None
     assert not model._load_state_dict_pre_hooks
-    assert manager.attach(model, "0", 2, 2)  # a retry with good values works
+    # What only the seeds' optimizer reads (with host_lr=None, first at a GERMINATE, each one
+    # an "internal error" then) is refused here too: a typo, an infinite or a bool rate.
+    for options in ({"weight_decy": 0.01}, {"seed_lr": float("inf")}, {"seed_lr": True}):
+        with pytest.raises(ValueError, match="seed"):
+            manager.attach(model, "0", 2, 2, host_lr=None, **options)
+        assert model[0] is host and manager.registry is None
+    assert manager.attach(model, "0", 2, 2, seed_lr=torch.tensor(0.01))  # torch.optim takes it
     manager.close()
+
+
+def test_a_model_off_the_kernels_device_is_refused_at_attach(tmp_path) -> None:
+    """Kernels load on config.device; a model elsewhere ("auto" on a GPU machine, a CPU model)
+    trained on with every GERMINATE refused by its dry run, the reason naming no setting."""
+    from torch import nn
+
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    config = KasminaConfig(
+        device="meta", urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs")
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="model is on cpu but config.device"):
+        manager.attach(model, "0", 2, 2)
+    assert isinstance(model[0], nn.Linear) and manager.registry is None
+    manager.close()
+
+
+def test_a_managers_config_takes_live_changes_validated_and_refuses_the_rest(tmp_path) -> None:
+    """The manager reads most settings once, when it is built: a change to one afterwards
+    applied half-way (grafting_steps = 0 raised inside step() after the optimizers stepped;
+    checkpoint_mode = "Disk" silently turned checkpoints off). The gates and GRAFTING's
+    schedule are read at each use: those may change, validated."""
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring
+
+    config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    config.checkpoint_mode = "memory"  # not held yet: anything goes, as before
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+    assert manager.config is config
+    for name, value in (("checkpoint_mode", "disk"), ("device", "cpu"), ("kd", KDConfig())):
+        with pytest.raises(AttributeError, match="read when the manager was built"):
+            setattr(config, name, value)
+    assert config.checkpoint_mode == "memory"
+    with pytest.raises(ValueError, match="grafting_steps"):
+        config.grafting_steps = 0
+    assert config.grafting_steps == 100
+    config.grafting_steps, config.performance_gate = 50, 0
+    assert (manager.config.grafting_steps, manager.config.performance_gate) == (50, 0)
+    free = dataclasses.replace(config, checkpoint_mode="off")  # a new config is a new config
+    assert free.checkpoint_mode == "off"
+    manager.close()
+
+
+def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
+    tmp_path, monkeypatch
+) -> None:
+    """Resolved at each use, a chdir between two uses (a notebook, Hydra) split one run's
+    nonce ledger, checkpoint key and checkpoints across two directories."""
+    monkeypatch.chdir(tmp_path)
+    config = KasminaConfig(runs_root="runs", run_id="r", nonce_ledger="n.log", checkpoint_dir="c")
+    monkeypatch.chdir("/")
+    assert config.run_dir == tmp_path / "runs" / "r"
+    assert config.nonce_ledger_path == tmp_path / "n.log"
+    assert config.checkpoint_key_path == tmp_path / "runs" / "r" / "checkpoint.key"
+    assert Path(config.checkpoint_dir) == tmp_path / "c"
+    monkeypatch.setenv("KASMINA_HOME", f"  {tmp_path / 'home'}\n")  # as a shell may leave it
+    assert default_cache_root() == tmp_path / "home"
+
+
+def test_the_backend_variable_is_checked_when_the_manager_is_built(tmp_path, monkeypatch) -> None:
+    """Read at the first op, a bad $KASMINA_BACKEND failed the first GERMINATE and end_epoch
+    after a whole epoch of training."""
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring
+
+    monkeypatch.setenv("KASMINA_BACKEND", "cuda")
+    config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="KASMINA_BACKEND"):
+        KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+    config.checkpoint_mode = "memory"  # a constructor that raised leaves the config settable
+
+
+def test_a_copy_of_a_held_config_is_settable(tmp_path) -> None:
+    import copy
+    import pickle
+
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring
+
+    config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        copied.run_id = "another"
+        assert copied.run_id == "another" and config.run_id != "another"
+    manager.close()
+
+
+def test_a_checkpoint_setting_that_cannot_work_fails_when_the_config_is_built(tmp_path) -> None:
+    """Read at the first end_epoch, after a whole epoch of training: a checkpoint directory that
+    is a file, a checkpoint key file that is a keyring's JSON."""
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        KasminaConfig(checkpoint_dir=str(a_file), runs_root=str(tmp_path / "runs"))
+    keyring = tmp_path / "commands.json"
+    keyring.write_text(json.dumps({"ctl": "00" * 32}))
+    with pytest.raises(ValueError, match="checkpoint key"):
+        KasminaConfig(checkpoint_key_file=str(keyring), runs_root=str(tmp_path / "runs"))
+    key = tmp_path / "checkpoint.key"
+    key.write_text("ab" * 32 + "\n")
+    assert KasminaConfig(checkpoint_key_file=str(key)).checkpoint_key_path == key

@@ -652,6 +652,51 @@ def test_a_slot_split_along_its_last_dimension_runs_its_seeds_at_any_rank() -> N
     assert all(p.grad is not None for seed in slot.seeds for p in seed.seed_parameters())
 
 
+def test_only_the_seeds_whose_signed_kernel_cannot_take_a_call_sit_it_out() -> None:
+    """A kernel's signed input shape (an exported one's manifest) fixes its rank and sizes: a
+    call it cannot take sits out for that seed only, and a plain module that merely has an
+    ``input_shape`` attribute of its own is no signed kernel (a list there raised from every
+    table change, an int from every forward)."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    (slot,) = attach(model, ["0"], 2, 2)
+    model(torch.randn(5, 4))
+    signed = [kernel(2, 0), kernel(2, 1)]
+    signed[0].signed_input_shape = (None, 2)  # any batch
+    signed[1].signed_input_shape = (16, 2)  # exported on a static batch of 16
+    for k in range(2):
+        slot.seed(k).attach_kernel(signed[k])
+        walk(slot.seed(k), S.ISOLATED_INIT)
+    ran: list[int] = []
+    for k in range(2):
+        signed[k].register_forward_hook(lambda *_, k=k: ran.append(k))
+    model(torch.randn(5, 4)).sum().backward()
+    assert ran == [0] and slot.sat_out == {"seeds": 1}
+    assert [seed.faults for seed in slot.seeds] == [0, 0]
+    for bad in ([8, 2], 3, (2,)):  # not a signed shape: the kernel is called as any module
+        other = nn.Sequential(nn.Linear(4, 4))
+        (plain_slot,) = attach(other, ["0"], 2, 2)
+        other(torch.randn(5, 4))
+        plain = kernel(2, 2)
+        plain.input_shape = bad
+        plain_slot.seed(1).attach_kernel(plain)
+        walk(plain_slot.seed(1), S.GRAFTING)
+        other(torch.randn(5, 4)).sum().backward()
+        assert plain_slot.sat_out == {} and plain_slot.seed(1).faults == 0
+
+
+def test_a_slot_pickled_before_the_kernel_shapes_runs_its_seeds() -> None:
+    (slot,) = attach(nn.Sequential(nn.Linear(4, 4)), ["0"], 2, 2)
+    slot(torch.randn(3, 4))
+    slot.seed(0).attach_kernel(kernel(2, 0))
+    walk(slot.seed(0), S.GRAFTING)
+    state = slot.__getstate__()
+    del state["_kernel_shapes"]  # as an earlier version pickled it
+    old = KasminaLayer.__new__(KasminaLayer)
+    old.__setstate__(state)
+    old(torch.randn(3, 4)).sum().backward()
+    assert old.sat_out == {} and old.seed(0).faults == 0
+
+
 @pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING])
 def test_an_lstm_slot_passes_a_packed_sequence_through_while_its_seeds_run(stage) -> None:
     """Recorded on padded ``[B, T, F]`` batches, called later on a ``PackedSequence`` (batches

@@ -460,8 +460,9 @@ def test_non_finite_seeds_in_every_stage_of_a_layer_fall_back_per_chunk() -> Non
 def test_a_host_chunk_that_is_not_finite_is_no_fault_of_its_seed(stage: SeedStage) -> None:
     """The seed's input is the host's chunk: NaN there (a diverging host, an fp16 overflow) makes
     the seed's output NaN too, but that is the host's, and charging it quarantined healthy
-    seeds while the step was skipped for the host's gradients. A seed whose own output is
-    non-finite on a finite chunk is still charged, in the same call."""
+    seeds while the step was skipped for the host's gradients. It still falls back and loses
+    this step's (NaN) gradient; a seed whose own output is non-finite on a finite chunk is
+    charged, in the same call."""
     torch.manual_seed(17)
     layer = KasminaLayer(nn.Linear(6, 8), 4, 2)
     kernels = [nn.Linear(2, 2), NonFinite(2, float("nan")), nn.Linear(2, 2), nn.Linear(2, 2)]
@@ -473,11 +474,13 @@ def test_a_host_chunk_that_is_not_finite_is_no_fault_of_its_seed(stage: SeedStag
         layer.host.weight[0, 0] = float("nan")  # host feature 0 (seed 0's chunk) only
     x = torch.randn(BATCH, 6)
     layer(x).sum().backward()
-    assert layer.poll_nonfinite() == ["layer[1]"]
-    assert [s.faults for s in layer.seeds] == [0, 1, 0, 0]
+    assert layer.poll_nonfinite() == ["layer[0]", "layer[1]"]  # both fell back
+    assert [s.faults for s in layer.seeds] == [0, 1, 0, 0]  # one charged
+    assert all(p.grad is None for p in layer.seed(0).kernel.parameters())  # NaN: dropped
+    assert layer.poll_nonfinite() == []  # settled
     seed = make_seed(nn.Linear(C, C), stage if stage in PATH else S.GRAFTING)
     seed(torch.full((BATCH, C), float("inf"), requires_grad=True)).sum().backward()  # alone
-    assert not seed.poll_nonfinite() and seed.faults == 0
+    assert seed.poll_nonfinite() and seed.faults == 0
 
 
 # --------------------------------------------------------------- COMPATIBILITY_CHECK probe
@@ -615,8 +618,8 @@ def test_the_guarded_forward_and_backward_never_read_the_device(
     monkeypatch.setattr(flags_module, "_read", lambda f: transfers.append(len(f)) or read(f))
     with DispatchedOps() as mode:
         assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one transfer
-    assert mode.scalar_reads == [] and transfers == [4]
-    assert layer.poll_nonfinite() == [] and transfers == [4, 4]  # settled: a clean flag again
+    assert mode.scalar_reads == [] and transfers == [8]  # each seed's finite and fault flags
+    assert layer.poll_nonfinite() == [] and transfers == [8, 8]  # settled: clean flags again
 
 
 # ------------------------------------------------------------------------------- compile

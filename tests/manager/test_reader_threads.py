@@ -1,0 +1,121 @@
+"""What a metrics exporter, a health endpoint or a controller reads from another thread while the
+training thread runs: reads that never run the model, never open a store twice and never meet
+a log being appended to."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import pytest
+import torch.nn.functional as F
+
+from kasmina.manager import checkpoints as checkpoints_module
+from kasmina.manager import state as state_module
+from tests.manager.helpers import Rig, make_config
+
+
+def on_thread(fn):
+    """``fn()`` on another thread: its result, or the exception it raised."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    return box[0]
+
+
+def test_performance_reads_on_another_thread_never_run_the_live_model(rig: Rig) -> None:
+    """Before the first end_epoch, get_performance_metrics measured the dormant overhead itself,
+    on the caller's thread: eval mode, buffers copied back and the RNG forked under the
+    training thread's forwards (a backward then raised on a saved tensor modified in place, or
+    the run silently diverged). Off the training thread it is a read now; the measurements
+    that must run the model refuse there."""
+    calls: list[int] = []
+    rig.slot.host.register_forward_hook(lambda *_: calls.append(1))
+    metrics = on_thread(rig.manager.get_performance_metrics)  # before any step: register's
+    assert math.isnan(metrics["dormant_overhead_us"]) and calls == []
+    rig.train(1)  # the training thread: this one
+    calls.clear()
+    metrics = on_thread(rig.manager.get_performance_metrics)
+    assert math.isnan(metrics["dormant_overhead_us"]) and calls == []
+    refused = on_thread(rig.manager.measure_dormant_overhead)
+    assert isinstance(refused, RuntimeError) and "training thread" in str(refused)
+    targets = on_thread(lambda: rig.manager.validate_performance_targets())
+    assert "dormant_overhead_us" not in targets and calls == []  # NaN: not measurable there
+    assert rig.manager.get_performance_metrics()["dormant_overhead_us"] >= 0  # here it measures
+    assert calls
+
+
+def test_the_timing_table_logs_no_transitions_into_the_runs_log(rig: Rig, caplog) -> None:
+    """validate_performance_targets times 1,024 transitions on a private table, which logged
+    each at INFO: thousands of lines naming the run's own seed indices, and the log formatting
+    timed with them."""
+    with caplog.at_level(logging.INFO, logger="kasmina"):
+        rig.manager.validate_performance_targets()
+    assert not [r for r in caplog.records if "lifecycle: seed" in r.getMessage()]
+
+
+def test_the_checkpoint_store_opens_once_when_two_threads_ask_first(
+    tmp_path, store, keyring, monkeypatch
+) -> None:
+    """A health thread listing checkpoints as end_epoch first wrote one: both opened the store,
+    and the second run lock failed end_epoch ("held by another live trainer")."""
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="disk"), keyring)
+    real = checkpoints_module.open_checkpoint_store
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.2)  # both threads are past the "not opened yet" test
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state_module, "open_checkpoint_store", slow_open)
+    box: list = []
+    health = threading.Thread(target=lambda: box.append(on_thread(lambda: rig.manager.checkpoints)))
+    health.start()
+    trainer = rig.manager.checkpoints  # raised when the health thread opened it too
+    health.join(30)
+    assert box[0] is trainer
+    rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    rig.manager.step()
+    rig.manager.end_epoch(0)
+    assert rig.manager.checkpoints.epochs() == [0]
+    rig.manager.close()
+
+
+def test_logs_read_on_another_thread_are_copies(rig: Rig) -> None:
+    """command_log and field_reports were the live deques: an exporter walking one while a safe
+    point appended raised "deque mutated during iteration"."""
+    log = rig.manager.command_log
+    assert isinstance(log, tuple) and isinstance(rig.manager.field_reports, tuple)
+    assert rig.send("cull", "out[0]") is False  # a refused command is logged too
+    assert len(rig.manager.command_log) == len(log) + 1
+
+
+def test_the_full_packet_is_read_under_the_managers_lock(rig: Rig) -> None:
+    """export_leyline_telemetry read the clock and the metrics in turn, unlocked: a packet
+    could carry one epoch's number with the next epoch's validation metrics."""
+    rig.manager._lock.acquire()
+    try:
+        done = threading.Event()
+        reader = threading.Thread(
+            target=lambda: (rig.manager.export_leyline_telemetry(), done.set())
+        )
+        reader.start()
+        assert not done.wait(0.3)  # waits for the lock, as system_state does
+    finally:
+        rig.manager._lock.release()
+    reader.join(30)
+    assert done.is_set()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_rig_logs(caplog):
+    caplog.set_level(logging.ERROR, logger="kasmina.manager.executor")
