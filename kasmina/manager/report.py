@@ -74,7 +74,6 @@ class ManagerReport:
     def __init__(self, state: ManagerState, guard: IsolationGuard) -> None:
         self.state = state
         self.guard = guard
-        self._measuring = threading.Lock()  # one dormant-overhead measurement at a time
 
     def export_leyline_telemetry(self, command_stats: Mapping[str, int]) -> TelemetryPacket:
         """One packet with the manager's whole state: cache, loads, gates, commands (the
@@ -281,6 +280,12 @@ class ManagerReport:
         self.state.telemetry.emit("seed.field_report", 1.0, labels=labels)
 
     # ------------------------------------------------------------------ performance
+    def _on_training_thread(self) -> bool:
+        """Whether this is the thread that registered the model and steps it (the forwards a
+        measurement runs would race that thread's anywhere else)."""
+        registry = self.state.registry
+        return registry is None or registry.training_thread == threading.get_ident()
+
     def get_performance_metrics(self) -> dict[str, float]:
         """Measured figures (NaN: not measured yet). Command overhead is the time
         ``handle_adaptation_command`` takes on arrival (parse, verify, validate, queue); command
@@ -350,7 +355,7 @@ class ManagerReport:
         host sees no trace of it: no global random numbers are drawn (a host may draw in eval
         mode, ``F.dropout``'s default ``training=True``) and no buffer moves (a QAT observer
         updates its statistics in eval mode too). Only on the training thread (the one that
-        steps; any before the first step), since it runs the live model: ``RuntimeError``
+        registered the model and steps it), since it runs the live model: ``RuntimeError``
         elsewhere, where a training forward raced it. ``ValueError`` unless ``repeats`` is an int
         >= 1 (a median of no pairs is no measurement)."""
         repeats = check_positive_int("repeats", repeats)
@@ -361,20 +366,9 @@ class ManagerReport:
             )
         registry = self.state.registry
         sample = registry.dormant_sample() if registry is not None else None
-        if sample is None or not self._measuring.acquire(blocking=False):
-            return math.nan if sample is None else self.state.dormant_overhead_us
-        try:
-            return self._measure(*sample, repeats)
-        finally:
-            self._measuring.release()
-
-    def _on_training_thread(self) -> bool:
-        """Whether this is the thread that steps the model (any, before its first step)."""
-        registry = self.state.registry
-        trainer = None if registry is None else registry.training_thread
-        return trainer is None or trainer == threading.get_ident()
-
-    def _measure(self, slot: Any, x: torch.Tensor, repeats: int) -> float:
+        if sample is None:
+            return math.nan
+        slot, x = sample
         host_ns: list[int] = []
         slot_ns: list[int] = []
         modes = [(module, module.training) for module in slot.modules()]

@@ -10,7 +10,6 @@ optimizers lives in a component and happens under the façade's lock.
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SlotRegistry
+from kasmina.ops.backend import check_positive
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
@@ -62,12 +62,9 @@ def check_optimizer(
     throwaway parameter."""
     if isinstance(seed_lr, torch.Tensor) and seed_lr.numel() == 1:  # torch.optim takes one
         seed_lr = seed_lr.item()
-    if isinstance(seed_lr, bool) or not isinstance(seed_lr, numbers.Real):
-        raise ValueError(f"seed_lr must be a finite number > 0, got {seed_lr!r}")
-    if not 0 < seed_lr < math.inf:
-        raise ValueError(f"seed_lr must be a finite number > 0, got {seed_lr!r}")
+    lr = check_positive("seed_lr", seed_lr)  # finite, > 0, no bool
     try:
-        cls([torch.zeros(1, requires_grad=True)], lr=float(seed_lr), **options)
+        cls([torch.zeros(1, requires_grad=True)], lr=lr, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the seeds' optimizer {cls.__name__} refuses {options}: {exc}") from exc
 

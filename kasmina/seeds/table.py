@@ -466,9 +466,7 @@ class GPUStateTensor:
         restore changed from ``before``; observers are not called (the restore set their state)."""
         for idx, (old, new) in enumerate(zip(before, self._stages, strict=True)):
             if old != new:
-                logger.info("lifecycle: seed %d %s -> %s (%s)", idx, old.name, new.name, cause)
-                labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
-                self._emit("lifecycle.transition", {**labels, "cause": cause})
+                self._announce(idx, old, new, cause)
 
     def resync(self) -> None:
         """Re-read the host mirror from the device table (after an outside write)."""
@@ -547,12 +545,19 @@ class GPUStateTensor:
 
     def _report_applied(self, idx: int, old: SeedStage, new: SeedStage) -> None:
         try:
-            if self.log_transitions:
-                logger.info("lifecycle: seed %d %s -> %s", idx, old.name, new.name)
-            labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
-            self._emit("lifecycle.transition", labels)
+            self._announce(idx, old, new)
         finally:
             self._notify_observers(idx, old, new)
+
+    def _announce(self, idx: int, old: SeedStage, new: SeedStage, cause: str = "") -> None:
+        """Log (unless ``log_transitions`` is off) and emit ``lifecycle.transition``."""
+        labels = {"seed_index": str(idx), "from": old.name, "to": new.name}
+        if cause:
+            labels["cause"] = cause
+        if self.log_transitions:
+            why = f" ({cause})" if cause else ""
+            logger.info("lifecycle: seed %d %s -> %s%s", idx, old.name, new.name, why)
+        self._emit("lifecycle.transition", labels)
 
     def _notify_observers(self, idx: int, old: SeedStage, new: SeedStage) -> None:
         refs = self._observers.get(idx)

@@ -181,7 +181,7 @@ def publish_payload(
             raise FileExistsError(
                 f"artifact {artifact_id!r} already exists with a different payload"
             )
-        if _holds(fs, payload_path, payload):
+        if _holds(fs, payload_path, existing):
             logger.info("artifact %s already published with identical payload", artifact_id)
             return existing
         manifest = existing  # ours, its payload never written or damaged: write it again
@@ -234,16 +234,18 @@ def _existing_manifest(
         ) from None
 
 
-def _holds(fs: Any, path: str, payload: bytes | bytearray | memoryview) -> bool:
-    """Whether ``path`` holds exactly ``payload``: a payload of the right size whose bytes
-    were damaged is written again (a size check alone reported it published)."""
+def _holds(fs: Any, path: str, manifest: Manifest) -> bool:
+    """Whether ``path`` holds the payload ``manifest`` describes, its size and SHA-256 checked
+    as a fetch checks them (read bounded, hashed as it streams): a payload of the right size
+    whose bytes were damaged is written again (a size check alone reported it published)."""
+    hasher = hashlib.sha256()
+    what = f"artifact {manifest.artifact_id!r}: stored payload"
     try:
-        if int(fs.size(path)) != len(payload):
-            return False
-        with fs.open(path, "rb") as stored:
-            return stored.read(len(payload) + 1) == bytes(payload)
-    except FileNotFoundError:
+        data = read_bounded(fs, path, manifest.size, what=what, why="its manifest", hasher=hasher)
+        verify_payload_digest(len(data), hasher.hexdigest(), manifest)
+    except (FileNotFoundError, ArtifactIntegrityError):
         return False
+    return True
 
 
 def resign_artifact(
