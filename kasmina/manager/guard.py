@@ -69,6 +69,9 @@ class IsolationGuard:
         self._pairs: dict[str, tuple[weakref.ref[nn.Module], weakref.ref[nn.Module]]] = {}
         self.closed = False  # close() was called: no more debug monitors
         self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
+        # False once a check called before the step's own (``check_gradient_isolation``) found a
+        # violation: the evidence that check consumed still decides the step's verdict.
+        self._step_clean = True
 
     @property
     def violating_steps(self) -> int:
@@ -187,9 +190,25 @@ class IsolationGuard:
         together with other flags and hands their values to ``check``."""
         return [flag for flag, _ in self._kd_checks]
 
-    def check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None = None) -> bool:
+    def check(
+        self,
+        registry: SlotRegistry,
+        kd_leaked: Sequence[bool] | None = None,
+        *,
+        end_of_step: bool = False,
+    ) -> bool:
         """Verify the step (see the module docstring); True when it was clean. ``kd_leaked``:
-        the values of ``kd_flags()``, if the caller has read them (else they are read here)."""
+        the values of ``kd_flags()``, if the caller has read them (else they are read here).
+
+        A check consumes the evidence it reads (the flags, the captured outputs, the monitors'
+        counts), so a user's check before ``step()`` must not leave the step's own check
+        finding nothing: the verdict is carried until the step's check (``end_of_step``),
+        which returns it and starts the next step clean."""
+        clean = self._check(registry, kd_leaked) and self._step_clean
+        self._step_clean = True if end_of_step else clean
+        return clean
+
+    def _check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None) -> bool:
         checks, self._kd_checks = self._kd_checks, []
         if kd_leaked is None:
             kd_leaked = read_flags([flag for flag, _ in checks])

@@ -461,7 +461,7 @@ class KasminaKernelManager:
             kd_flags, n = self.guard.kd_flags(), len(polled)
             seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
             values = read_flags([*kd_flags, *seed_flags])
-            clean = self.guard.check(registry, values[: len(kd_flags)])
+            clean = self.guard.check(registry, values[: len(kd_flags)], end_of_step=True)
             read = values[len(kd_flags) :]
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
@@ -574,7 +574,9 @@ class KasminaKernelManager:
     def check_gradient_isolation(self) -> bool:
         """Verify this step: seed-only backward leaks, each isolated seed's autograd graph, the
         debug monitors. Violations count toward each seed's breaker (QUARANTINE at the limit;
-        the host keeps training). True when the step was clean; ``step`` calls it."""
+        the host keeps training). True when the step was clean so far; ``step`` calls it too,
+        and a violation found by an earlier call still keeps that step's host optimizer from
+        stepping."""
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:

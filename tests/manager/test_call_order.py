@@ -144,3 +144,27 @@ def test_commands_queued_behind_a_close_are_refused(rig: Rig, mlp) -> None:
     record = manager.registry[SEED1]
     assert record.kernel is None and rig.stage(SEED1) == S.DORMANT
     assert SEED1 not in manager.optimizers.seed_ids
+
+
+def test_an_isolation_check_before_step_does_not_clear_the_steps_verdict(
+    rig: Rig, mlp: str
+) -> None:
+    """``check_gradient_isolation()`` reads (and consumes) the step's evidence; a leak it found
+    must still keep that step's host optimizer from stepping when ``step()`` checks again."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+    forward = kernel.forward
+    kernel.forward = lambda x: forward(x) + 0.0 * weight.sum()  # reaches a host parameter
+    before = weight.detach().clone()
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    assert not manager.check_gradient_isolation()
+    assert not manager.check_gradient_isolation()  # the step is still not clean
+    report = manager.step()
+    assert not report["isolation_clean"] and not report["host_stepped"]
+    assert torch.equal(weight, before)
+    assert manager.guard.violating_steps == 1  # one violation found, counted once
+    kernel.forward = forward
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    assert manager.check_gradient_isolation()  # the next step starts clean
+    assert manager.step()["host_stepped"]
