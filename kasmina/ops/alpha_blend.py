@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_real, use_triton
+from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
 from kasmina.ops.transforms import functorch_active, no_vmap
 
 __all__ = ["alpha_blend", "alpha_blend_reference", "blend_chunks", "blend_chunks_seed_grad"]
@@ -97,8 +97,11 @@ def alpha_blend_reference(
       alpha as a scalar.)
 
     A per-chunk alpha ``[C]`` broadcasts over a ``[..., C, W]`` view of the inputs
-    (``unflatten``), so no per-column alpha is materialised.
+    (``unflatten``), so no per-column alpha is materialised. An unknown ``mode`` is a
+    ``ValueError``, as for the op.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "incubate":
         return _StraightThrough.apply(seed_out, host_out)
     host = host_out.detach()
@@ -239,16 +242,20 @@ def blend_chunks(seed: Tensor, host: Tensor, alpha: Tensor) -> Tensor:
 
     ``seed`` must be the caller's own scratch buffer: the CPU ``lerp`` writes over it, through
     its ``[..., C, W]`` view, and returns it (no new buffer, and the layout of ``seed``); the
-    other paths return a new tensor. Either way the result is not a view, so that the node may
-    return it and its caller modify it in place (autograd forbids that on a Function's output
-    that is a view of one of its temporaries, such as a blend flattened from ``[..., C, W]``)."""
+    other paths return a new tensor, or ``seed`` with the result written into it when ``seed``
+    is not contiguous (a slot's buffer in the host's layout, seen with the chunk dim moved
+    last), so that the layout is the same on every path. Either way the result is not a view,
+    so that the node may return it and its caller modify it in place (autograd forbids that on
+    a Function's output that is a view of one of its temporaries, such as a blend flattened
+    from ``[..., C, W]``)."""
     if seed.dtype not in _WORK and not use_triton(seed.device):
         c = alpha.numel()
         a = alpha if alpha.dtype == seed.dtype else alpha.to(seed.dtype)
         s = seed.unflatten(-1, (c, -1))
         torch.lerp(host.unflatten(-1, (c, -1)), s, a.unsqueeze(-1), out=s)  # elementwise
         return seed
-    return _forward_impl(seed.contiguous(), host.contiguous(), alpha.contiguous(), 0.0, "blend")
+    out = _forward_impl(seed.contiguous(), host.contiguous(), alpha.contiguous(), 0.0, "blend")
+    return out if seed.is_contiguous() else seed.copy_(out)  # the layout of ``seed``
 
 
 def blend_chunks_seed_grad(grad: Tensor, alpha: Tensor) -> Tensor:
@@ -446,7 +453,7 @@ def alpha_blend(
     # graph node: only the seed's or alpha's gradient does, in both wrappers.
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
-    if torch.compiler.is_compiling():
+    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
         return _alpha_blend_op(*args)
     if functorch_active():  # torch.func: the Function, whose forward gets plain tensors
         return _AlphaBlendFunction.apply(*args)

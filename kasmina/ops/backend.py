@@ -55,9 +55,10 @@ def interpreter_enabled() -> bool:
 
 
 def use_triton(device: torch.device) -> bool:
-    """Whether an op on ``device`` should run its Triton kernel."""
+    """Whether an op on ``device`` should run its Triton kernel (never on ``meta`` tensors,
+    which have no storage to launch on: their shapes come from the reference)."""
     choice = backend()
-    if choice == "reference":
+    if choice == "reference" or device.type == "meta":
         return False
     if device.type == "cuda":
         return triton_available()
@@ -69,6 +70,13 @@ def use_triton(device: torch.device) -> bool:
             )
         return triton_available()
     return False
+
+
+def through_dispatcher() -> bool:
+    """Whether an op's call must go through its custom op: while ``torch.compile`` traces, or
+    under a dispatch mode (``FakeTensorMode``, ``FlopCounterMode``, ...), whose tensors or
+    bookkeeping the eager paths (kernel launches on storage, host reads of a value) bypass."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def check_float_tensor(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:

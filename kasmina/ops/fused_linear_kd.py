@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_positive, saveable
+from kasmina.ops.backend import check_float_tensor, check_positive, saveable, through_dispatcher
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -473,7 +473,7 @@ def fused_linear_kd_loss(
         for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     )
     mask = keep(mask)
-    if torch.compiler.is_compiling():
+    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
         return _fused_op(
             student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,
             chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,

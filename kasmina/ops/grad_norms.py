@@ -21,7 +21,7 @@ from operator import is_not
 import numpy as np
 import torch
 
-from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, use_triton
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, through_dispatcher, use_triton
 
 MaybeTensors = Sequence[torch.Tensor | None]
 
@@ -202,11 +202,6 @@ def _leak_check_fake(
     return norms, torch.empty((), dtype=torch.bool, device=device)
 
 
-def _through_dispatcher() -> bool:
-    """Whether the call must go through the custom op (tracing, fake or other dispatch modes)."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-
-
 def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
     if isinstance(tensors, torch.Tensor):  # iterating it would silently measure its rows
         raise ValueError("tensors must be a sequence of tensors, not a single Tensor")
@@ -235,7 +230,7 @@ def grad_norms(
     """
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
-    if _through_dispatcher():
+    if through_dispatcher():
         return _grad_norms_op(_detached(ts), dev)
     return _compute(ts, dev, None)[0]
 
@@ -254,7 +249,7 @@ def leak_check(
     """
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
-    if _through_dispatcher():
+    if through_dispatcher():
         return _leak_check_op(_detached(ts), _check_tol(tol), dev)
     norms, flag = _compute(ts, dev, _check_tol(tol))
     assert flag is not None

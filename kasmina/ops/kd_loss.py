@@ -51,11 +51,18 @@ import math
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_positive, saveable, use_triton
+from kasmina.ops.backend import (
+    check_float_tensor,
+    check_positive,
+    saveable,
+    through_dispatcher,
+    use_triton,
+)
 from kasmina.ops.transforms import (
     first_order_backward,
     functorch_active,
     functorch_context,
+    graph_anchor,
     no_vmap,
 )
 
@@ -102,9 +109,12 @@ def kd_kl_loss_reference(
 
     Computes in at least fp32 and returns that dtype; materialises the probabilities (clarity
     first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``;
-    NaN propagates.
+    NaN propagates. An unknown ``reduction`` or a temperature that is not a finite number > 0
+    is a ``ValueError``, as for the op.
     """
-    t_ = temperature
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    t_ = check_positive("temperature", temperature)
     work = torch.promote_types(student_logits.dtype, torch.float32)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -417,14 +427,14 @@ class _KDFunction(torch.autograd.Function):
     forward on the unwrapped tensors). ``vmap`` is refused with a clear error."""
 
     @staticmethod
-    def forward(student, teacher, mask, temperature, reduction):  # type: ignore[override]
+    def forward(student, teacher, mask, temperature, reduction, anchor):  # type: ignore[override]
         if use_triton(student.device):
             return _forward_impl(student, teacher, mask, temperature, reduction, True)
         return kd_forward_grad_reference(student, teacher, mask, temperature, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        student, teacher, mask, temperature, reduction = inputs
+        student, teacher, mask, temperature, reduction, anchor = inputs
         _, kept, scale = output  # the statistics (Triton) or the unscaled gradient (CPU)
         ctx.mark_non_differentiable(kept, scale)
         ctx.set_materialize_grads(False)  # no zeros made for them in the backward
@@ -434,7 +444,9 @@ class _KDFunction(torch.autograd.Function):
         if ctx.cpu:
             ctx.masked = mask is not None
             ctx.layout = (student.shape, grad_strides(student), student.dtype)
-            ctx.save_for_backward(kept, scale)
+            # No student saved (its memory may go): the anchor ties a create_graph backward's
+            # gradient to the student's graph (``first_order_backward``).
+            ctx.save_for_backward(kept, scale, anchor)
         else:
             ctx.save_for_backward(student, teacher, mask, kept, scale)
 
@@ -442,20 +454,20 @@ class _KDFunction(torch.autograd.Function):
     @first_order_backward
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if ctx.cpu:
-            unscaled, scale = ctx.saved_tensors
+            unscaled, scale, _ = ctx.saved_tensors
             shape, strides, dtype = ctx.layout
             out = torch.empty_strided(shape, strides, dtype=dtype, device=unscaled.device)
             grad = kd_scale_grad_reference(
                 unscaled, out, scale, grad_loss, ctx.temperature, ctx.reduction, ctx.masked
             )
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         student, teacher, mask, stats, scale = ctx.saved_tensors
         grad = _backward_impl(
             student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
         )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
     vmap = no_vmap("kd_kl_loss")
 
@@ -570,8 +582,12 @@ def kd_kl_loss(
     if need_grad:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
-    if torch.compiler.is_compiling():
+    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
         return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
-    if need_grad or functorch_active():
-        return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction)[0]
+    if functorch_active():
+        return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
+    if need_grad:
+        anchor = None if use_triton(student_logits.device) else graph_anchor(student_logits)
+        args = (student_logits, teacher, mask, temperature, reduction, anchor)
+        return _KDFunction.apply(*args)[0]
     return _forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]

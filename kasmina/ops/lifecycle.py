@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kasmina.ops.backend import backend, use_triton
+from kasmina.ops.backend import backend, through_dispatcher, use_triton
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     NUM_STAGES,
@@ -383,11 +383,6 @@ def _lifecycle_tick_fake(state: torch.Tensor) -> None:
     _check_state(state)
 
 
-def _through_dispatcher() -> bool:
-    """Whether the call must go through the custom op (tracing, fake or other dispatch modes)."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-
-
 def _as_index(name: str, value: IndexLike | None, device: torch.device) -> torch.Tensor | None:
     """A sequence as an int64 tensor. Its entries must be integers (``operator.index``: a float
     such as 1.9 is refused rather than truncated); a bool, though an ``int``, is refused too, as
@@ -427,7 +422,7 @@ def lifecycle_update(
     new = _as_index("new_stage", new_stage, state.device)
     gates = _as_index("gate", gate, state.device)
     assert idx is not None and new is not None
-    if _through_dispatcher():
+    if through_dispatcher():
         return _lifecycle_update_op(state, idx, new, gates)
     codes = _update_impl(state, idx, new, gates)
     torch.autograd.graph.increment_version(state)  # as the custom op does for a mutated input
@@ -438,7 +433,7 @@ def lifecycle_tick(state: torch.Tensor) -> None:
     """Advance every seed one epoch in place (see the module docstring); ``ValueError`` for a
     ``state`` that is not an int32 ``[N, 10]`` contiguous tensor, as ``lifecycle_update``."""
     _check_is_tensor(state)
-    if _through_dispatcher():
+    if through_dispatcher():
         _lifecycle_tick_op(state)
         return
     _tick_impl(state)

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["first_order_backward", "functorch_active", "functorch_context", "no_vmap"]
+__all__ = [
+    "first_order_backward",
+    "functorch_active",
+    "functorch_context",
+    "graph_anchor",
+    "no_vmap",
+]
 
 
 # functorch's interpreter stack (private; a torch without it runs no transform we can see).
@@ -109,8 +115,12 @@ def first_order_backward(backward):
     second backward only when an incoming gradient requires grad, which ``grad_output = 1``
     of ``autograd.grad(loss, x, create_graph=True)`` does not, although the student does.
     So under ``create_graph=True`` (grad mode on inside the backward) the incoming gradients
-    are marked as requiring grad first: the first-order gradients keep their values and a
-    second backward through them raises PyTorch's "trying to differentiate twice" error.
+    are marked as requiring grad first, and each gradient returned is tied, through an identity
+    node whose backward raises, to the saved tensors that require grad (the op's inputs, or a
+    0-element anchor on the student's graph: ``graph_anchor``): the first-order gradients keep
+    their values, and a second derivative through them raises, whether by ``backward()`` or by
+    ``autograd.grad`` of named inputs (which prunes a node hanging off the incoming gradient
+    alone and would otherwise return a silently incomplete result, or None).
     A backward of a Function applied under ``torch.func`` runs through ``functorch_backward``
     (which refuses nesting: functorch forbids ``requires_grad_`` inside a transform)."""
     once = once_differentiable(backward)
@@ -119,12 +129,45 @@ def first_order_backward(backward):
     def wrapper(ctx, *grads):
         if getattr(ctx, "functorch", False):
             return functorch_backward(ctx.op, backward, ctx, grads)
-        if torch.is_grad_enabled():
-            grads = tuple(
-                g.detach().requires_grad_() if isinstance(g, Tensor) and not g.requires_grad
-                else g
-                for g in grads
-            )  # fmt: skip
-        return once(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return once(ctx, *grads)
+        grads = tuple(
+            g.detach().requires_grad_() if isinstance(g, Tensor) and not g.requires_grad else g
+            for g in grads
+        )
+        out = once(ctx, *grads)
+        ties = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+        if not ties:
+            return out
+        op = getattr(ctx, "op", backward.__qualname__)
+        tie = _DifferentiableOnce.apply
+        if isinstance(out, Tensor):
+            return tie(op, out, *ties)
+        return tuple(tie(op, g, *ties) if isinstance(g, Tensor) else g for g in out)
 
     return wrapper
+
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """Identity on a first-order gradient, with the op's inputs as inputs: a second derivative
+    through the gradient reaches this node (the path to the inputs runs through it) and
+    raises, where without it the op's own second-order term would be silently missing."""
+
+    @staticmethod
+    def forward(ctx, op: str, grad: Tensor, *_inputs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.op = op
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_grads: Tensor):  # type: ignore[override]
+        raise RuntimeError(
+            f"{ctx.op} is differentiable once: trying to differentiate twice through its "
+            "gradients (create_graph=True, then a gradient penalty or a Hessian)"
+        )
+
+
+def graph_anchor(t: Tensor) -> Tensor:
+    """A 0-element tensor on ``t``'s autograd graph that holds none of ``t``'s memory (a clone
+    of an empty view): saved by a backward that does not save ``t`` itself, so that
+    ``first_order_backward`` can tie its gradients to ``t``'s graph."""
+    return t.as_strided((0,), (1,)).clone()

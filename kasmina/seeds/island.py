@@ -29,7 +29,13 @@ from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test, record_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContainedBackward", "GuardedBlend", "contain_backward", "guarded_blend"]
+__all__ = [
+    "ContainedBackward",
+    "GuardedBlend",
+    "contain_backward",
+    "guarded_blend",
+    "in_layout_of",
+]
 
 
 def _grad(
@@ -378,3 +384,18 @@ def guarded_blend(
     else:
         out = _graft_values(graft, moved, alpha)[0]
     return out if last else out.movedim(-1, dim)
+
+
+def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` (of ``like``'s shape) in ``like``'s memory format, when that is the contiguous or
+    a channels-last one: a slot's output keeps its host's layout, so that code after the slot
+    (``y.view(len(y), -1)`` after a conv) works as it did on the host's own output. A blend
+    along a moved chunk dim returns the moved layout; one copy, only then."""
+    if like.is_contiguous():
+        return out.contiguous()
+    for layout in (torch.channels_last, torch.channels_last_3d):
+        if like.dim() == (4 if layout is torch.channels_last else 5) and like.is_contiguous(
+            memory_format=layout
+        ):
+            return out.contiguous(memory_format=layout)
+    return out

@@ -63,7 +63,7 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
 )
-from kasmina.seeds.island import contain_backward, guarded_blend
+from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
 from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
     ActivationSpec,
@@ -487,7 +487,7 @@ class KasminaLayer(nn.Module):
             return alpha_blend(full, x, alpha_vec, mode="blend")
         # The per-chunk blend runs over the last dimension: move the chunk dimension there.
         moved = alpha_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
-        return moved.movedim(-1, dim)
+        return in_layout_of(moved.movedim(-1, dim), x)
 
     def _guarded_graft(
         self,

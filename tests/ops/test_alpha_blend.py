@@ -285,6 +285,9 @@ def test_empty_tensors(backend):
     ],
 )
 def test_rejections(seed_out, host_out, alpha, mode, match):
+    if mode not in ("blend", "incubate"):  # the oracle refuses an unknown mode too
+        with pytest.raises(ValueError, match=match):
+            alpha_blend_reference(seed_out, host_out, alpha, mode)
     with pytest.raises(ValueError, match=match):
         alpha_blend(seed_out, host_out, alpha, mode)
 
@@ -604,8 +607,9 @@ def test_blend_chunks_returns_a_tensor_that_is_not_a_view(
     """``blend_chunks`` gives the per-chunk blend as a tensor that is not a view (the seeds'
     guarded graft returns it from its autograd node, and the caller may modify it in place):
     on the CPU reference path for fp32/fp64, its scratch ``seed`` buffer itself, overwritten
-    in place (no new buffer; a chunk dim moved last keeps the memory order it had), else a
-    new tensor."""
+    in place (no new buffer; a chunk dim moved last keeps the memory order it had); else a
+    new tensor, or, for a moved chunk dim, ``seed`` with the result copied in (the slot's
+    output keeps its host's layout on every path)."""
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the kernels take fp32, fp16 and bf16")
     gen = torch.Generator().manual_seed(31)
@@ -620,11 +624,12 @@ def test_blend_chunks_returns_a_tensor_that_is_not_a_view(
     strides = seed.stride()
     out = blend_chunks(seed, host, alpha)
     assert out._base is None and out.shape == host.shape and out.dtype == dtype
+    # The memory order of ``seed`` on every path: a moved chunk dim's result is written into
+    # ``seed`` when the path computes it in a contiguous buffer of its own.
+    assert out.stride() == strides
+    in_place = backend == "reference" and dtype in (torch.float32, torch.float64)
+    assert (out is seed) == (in_place or moved)
     if backend == "reference":
-        in_place = dtype in (torch.float32, torch.float64)
-        assert (out is seed) == in_place
-        if in_place:
-            assert out.stride() == strides
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     else:
         torch.testing.assert_close(out, want, **tol(dtype))

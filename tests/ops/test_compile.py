@@ -152,3 +152,44 @@ def test_compiled_blend_backward_takes_a_non_contiguous_gradient(
     seed, host, w = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6), torch.randn(6, 4)
     torch.compile(loss, fullgraph=True)(seed, host, w).backward()
     torch.testing.assert_close(seed.grad, 0.3 * w.t())
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+@pytest.mark.parametrize("where", ["FakeTensorMode", "meta"])
+def test_every_op_gives_shapes_on_fake_and_meta_tensors(
+    request: pytest.FixtureRequest, kernels: str, where: str
+) -> None:
+    """Shape propagation outside ``torch.compile`` (a ``FakeTensorMode``, as memory planners
+    and export tooling run one; tensors on the ``meta`` device): the ops return their outputs'
+    shapes and dtypes, forward and backward, and launch no kernel (a fake or meta tensor has
+    no storage) nor read a value on the host; ``KASMINA_BACKEND=triton`` forces the kernels on
+    CPU tensors only. (The lifecycle table's ops, whose results are data, run on fake tensors
+    but not on meta ones.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kasmina.ops import fused_linear_kd_loss
+
+    request.getfixturevalue(kernels)
+    fake = where == "FakeTensorMode"
+    with FakeTensorMode() if fake else torch.device("meta"):
+        inputs = {k: v.to("cpu" if fake else "meta") for k, v in make_inputs().items()}
+        for k in ("seed", "host", "alpha", "student", "weight"):
+            inputs[k] = inputs[k].detach().requires_grad_()
+        if fake:
+            loss, norms, flag, clip, codes = training_step(**inputs)
+            assert codes.shape == (4,)
+        else:
+            seed, host, student, weight = (inputs[k] for k in ("seed", "host", "student", "weight"))
+            blended = alpha_blend(seed @ weight, host, inputs["alpha"])
+            incubated = alpha_blend(seed, host, 0.0, mode="incubate")
+            kd = kd_kl_loss(student @ weight, inputs["teacher"], temperature=2.0)
+            loss = blended.square().mean() + incubated.sum() + kd
+            norms, flag = leak_check([host, None, weight], tol=1e3)
+            clip = grad_norms([seed, weight])
+        fused = fused_linear_kd_loss(inputs["student"], inputs["weight"], inputs["teacher"])
+        (loss + fused).backward()
+        assert loss.shape == fused.shape == () and loss.dtype == torch.float32
+        assert norms.shape == (3,) and flag.shape == () and flag.dtype == torch.bool
+        assert clip.shape == (2,)
+        for k in ("seed", "host", "alpha", "student", "weight"):
+            assert inputs[k].grad.shape == inputs[k].shape, k

@@ -466,6 +466,11 @@ def test_create_graph_first_order_exact_and_second_backward_raises(monkeypatch, 
         _close(x, y, torch.float32, what)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             x.pow(2).sum().backward(retain_graph=True)
+        # Asked of named inputs (``autograd.grad``, ``allow_unused``) it raises too, rather
+        # than returning an incomplete value, or None.
+        for wrt in (h, w, b):
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                torch.autograd.grad(x.pow(2).sum(), wrt, retain_graph=True, allow_unused=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -533,7 +533,15 @@ def test_create_graph_first_order_exact_and_second_backward_raises(backend, redu
             penalty.backward(retain_graph=True)
     (g,) = torch.autograd.grad(kd_kl_loss(x, teacher, 2.0), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.pow(2).sum().backward()
+        g.pow(2).sum().backward(retain_graph=True)
+    # A second derivative asked of named inputs (which prunes what hangs off the incoming
+    # gradient alone) raises too, rather than returning an incomplete value, or None.
+    for penalty, wrt in ((g.pow(2).sum(), x), (gw.pow(2).sum(), x), (gx.pow(2).sum(), w)):
+        for allow_unused in (False, True):
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                torch.autograd.grad(penalty, wrt, retain_graph=True, allow_unused=allow_unused)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.functional.hessian(lambda s: kd_kl_loss(s, teacher, 2.0), x.detach())
     # The custom op torch.compile uses (called eagerly) raises too: its backward is an op
     # with no autograd formula.
     loss = torch.ops.kasmina.kd_kl_loss(x @ w, teacher, None, 2.0, "batchmean", True)[0]
@@ -766,6 +774,9 @@ def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
 )
 def test_rejections(kwargs, match):
     args = {"student": torch.zeros(2, 5), "teacher": torch.zeros(2, 5), **kwargs}
+    if "reduction" in kwargs or "temperature" in kwargs:  # the oracle refuses them too
+        with pytest.raises(ValueError, match=match):
+            kd_kl_loss_reference(torch.zeros(2, 5), torch.zeros(2, 5), **kwargs)
     with pytest.raises(ValueError, match=match):
         kd_kl_loss(
             args.pop("student"),

@@ -539,3 +539,47 @@ def test_a_compiled_slot_output_may_be_modified_in_place(shape: str, compiler: s
         assert grads.keys() == want_grads.keys() and grads
         for name in grads:
             torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0)
+
+
+_TO = {S.DORMANT: [], S.ISOLATED_INIT: [S.ISOLATED_INIT], S.GRAFTING: TO_GRAFTING}
+_TO |= {S.STABILIZATION: TO_STABILIZATION, S.ACTIVE: TO_ACTIVE}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        (S.GRAFTING, S.DORMANT),
+        (S.GRAFTING, S.GRAFTING),
+        (S.GRAFTING, S.ACTIVE),
+        (S.GRAFTING, S.ISOLATED_INIT),
+        (S.STABILIZATION, S.ACTIVE),
+    ],
+    ids=lambda st: "+".join(s.name for s in st),
+)
+def test_a_conv_slot_keeps_its_hosts_layout_while_its_seeds_blend(
+    stages, layout: torch.memory_format, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blend runs along a moved chunk dim (channels last); the slot's output must still
+    have the host's own strides, so that a CNN's ``y.view(len(y), -1)`` after it works. The
+    op returns the moved layout (on the Triton path for every blending mix, on the reference
+    path for the per-op one); the slot puts the host's back."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Conv2d(3, 4, 3, padding=1).to(memory_format=layout), 2, 2, chunk_dim=1)
+    for seed, stage in zip(layer.seeds, stages, strict=True):
+        if stage != S.DORMANT:
+            seed.attach_kernel(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+        for step in _TO[stage]:
+            seed.transition_to(step)
+    layer.update_alpha_blending(3, 10)
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=layout)
+    want = layer.host(x).stride()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert y.stride() == want, (grad, y.stride())
+        flat = y.view(len(y), -1) if layout == torch.contiguous_format else y.flatten(1)
+        if grad:
+            flat.square().sum().backward()
