@@ -2,7 +2,8 @@
 
 The package namespace is import-light: ``import kasmina`` loads nothing but this file, and each
 name below loads its module (and torch) on first use, so the CLI and protocol code start fast.
-Each name lives in exactly one module of a subpackage; this table is its only other path.
+Each name lives in exactly one module of a subpackage, whose ``__init__`` may re-export it
+(docs/design.md §1); this table is the path the documentation uses.
 
 The subpackages, in their one-way import order (docs/design.md §1)::
 

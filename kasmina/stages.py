@@ -60,12 +60,21 @@ GATE_FOR_TRANSITION: dict[tuple[SeedStage, SeedStage], int] = {
 # The next stage ADVANCE aims for from each stage of the main path.
 NEXT_STAGE: dict[SeedStage, SeedStage] = {src: dst for (src, dst) in GATE_FOR_TRANSITION}
 
-# Stages in which the seed's parameters train (in isolation, or with the host once ACTIVE).
-TRAINING_STAGES = frozenset(
-    {SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION, SeedStage.ACTIVE}
+# Stages in which the seed trains apart from the host: its own optimizer steps it, its kernel
+# sees the host's activations detached, and KD distils into it.
+ISOLATED_TRAINING_STAGES = frozenset(
+    {SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION}
 )
+# Stages in which the seed's parameters train (in isolation, or with the host once ACTIVE).
+TRAINING_STAGES = ISOLATED_TRAINING_STAGES | {SeedStage.ACTIVE}
 # Stages whose forward runs the kernel; every other stage returns the host activations.
 RUNS_KERNEL = TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
+# A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
+ISOLATED_STAGES = ISOLATED_TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
+# Stages whose slot output blends the seed's against the detached host.
+BLENDING_STAGES = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
+# Stages whose seed's output reaches the slot's (what G5 measures).
+CONTRIBUTING_STAGES = BLENDING_STAGES | {SeedStage.ACTIVE}
 
 
 def is_legal(src: int, dst: int) -> bool:

@@ -41,6 +41,7 @@ from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand, SystemStatePacket
 from kasmina.manager.pending import CommandQueue
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 
@@ -205,10 +206,12 @@ class _CachedLoader:
 
 
 def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> None:
-    """The kernel manager's arrival path: ``accept`` with the ledger as the manager configures
-    it (fsync durability, deferred to the safe point: the nonce is staged, no system call),
-    then the command queued for the safe point. The queue is drained between rounds, untimed;
-    one ``make_durable`` at the end writes and syncs every nonce, as the safe point would."""
+    """The kernel manager's arrival path (``CommandIntake.arrive``): under the Ctrl-C hold
+    (``interrupts_deferred``: on the main thread, two ``signal.signal`` calls), ``accept`` with
+    the ledger as the manager configures it (fsync durability, deferred to the safe point: the
+    nonce is staged, no system call), then the command queued for the safe point. The queue is
+    drained between rounds, untimed; one ``make_durable`` at the end writes and syncs every
+    nonce, as the safe point would."""
     clock = Clock()
     ledger = NonceLedger(tmp_path / "nonces.log", durability="fsync")
     verifier = CommandVerifier(keyring, clock=clock, ledger=ledger, defer_sync=True)
@@ -223,9 +226,10 @@ def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> Non
         clock.now = T0 + i * DT
         return (signed_pool[i],), {}
 
-    def arrive(raw: bytes) -> bool:
-        command = handler.accept(raw)
-        return command is not None and queue.submit(command)
+    def arrive(raw: bytes) -> bool:  # ``CommandIntake.arrive``'s body, Ctrl-C hold included
+        with interrupts_deferred():
+            command = handler.accept(raw)
+            return command is not None and queue.submit(command)
 
     results = []
     benchmark.pedantic(
@@ -240,6 +244,18 @@ def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> Non
     benchmark.extra_info["target"] = COMMAND_TARGET
     verifier.close()
     queue.close()
+
+
+def test_ctrl_c_hold(benchmark) -> None:
+    """``interrupts_deferred`` around nothing, on the main thread: what the arrival path's
+    Ctrl-C hold costs by itself (two ``signal.signal`` calls, each a ``sigaction``)."""
+
+    def hold() -> None:
+        with interrupts_deferred():
+            pass
+
+    benchmark(hold)
+    benchmark.extra_info["target"] = "part of the arrival path's 20 us (main thread only)"
 
 
 def test_parse_and_hmac_floor(benchmark, keyring, signed_pool) -> None:

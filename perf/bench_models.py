@@ -48,10 +48,13 @@ def tiny_llama() -> nn.Module:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], number: int, repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternating blocks."""
+    """Median seconds per call of each function, measured in blocks whose order rotates every
+    round (bare first, then slot first, ...), so neither side always runs warm after the other."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(number):
                 fn()

@@ -7,11 +7,11 @@ and again inside each seed benchmark so that ``extra_info`` carries the overhead
 
 from __future__ import annotations
 
-import statistics
 import timeit
 
 import pytest
 import torch
+from paired import paired  # perf/ is on sys.path under pytest
 from torch import nn
 
 from kasmina.seeds.layer import KasminaLayer
@@ -43,19 +43,18 @@ def _host() -> nn.Linear:
     return nn.Linear(FEATURES, FEATURES)
 
 
-def _median_s(fn, number: int = 200, repeat: int = 15) -> float:
-    return statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number
-
-
-def _record_overhead(benchmark, bare, target: str) -> None:
-    bare_s = _median_s(bare)
-    seed_s = benchmark.stats.stats.median
+def _record_overhead(benchmark, ours, bare, target: str) -> None:
+    """The slot's overhead over the bare layer from one paired run (``perf/paired.py``: batches
+    of each back to back, the order alternating), not from two timings taken apart: the
+    difference of two unpaired medians on a shared machine swung by more than the overhead."""
+    seed_s, bare_s, ratio = paired(ours, bare, rounds=21, number=200)
     benchmark.extra_info.update(
         {
             "target": target,
             "bare_median_us": round(bare_s * 1e6, 3),
+            "slot_median_us": round(seed_s * 1e6, 3),
             "overhead_us": round((seed_s - bare_s) * 1e6, 3),
-            "ratio": round(seed_s / bare_s, 3),
+            "ratio": round(ratio, 3),
         }
     )
 
@@ -72,7 +71,7 @@ def test_dormant_seed_layer(benchmark) -> None:
     for k in range(SEEDS):
         layer.seed(k).attach_kernel(nn.Linear(CHUNK, CHUNK))
     benchmark(layer, x)
-    _record_overhead(benchmark, lambda: host(x), DORMANT_TARGET)
+    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), DORMANT_TARGET)
     # The same wrapper around an identity host: the overhead without the Linear's noise.
     identity = _Identity()
     wrapped = KasminaLayer(identity, SEEDS, CHUNK)
@@ -90,9 +89,8 @@ def test_grafting_seed_layer(benchmark) -> None:
         seed.transition_to(stage)
     seed.update_alpha_blending(5, 10)
     benchmark(layer, x)
-    _record_overhead(
-        benchmark, lambda: host(x), "GRAFTING: one seed's kernel + one blend (no §8 number)"
-    )
+    what = "GRAFTING: one seed's kernel + one blend (no §8 number)"
+    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), what)
 
 
 def test_grafting_seed_forward_backward(benchmark) -> None:
@@ -108,7 +106,8 @@ def test_grafting_seed_forward_backward(benchmark) -> None:
         module(x).sum().backward()
 
     benchmark(step, layer)
-    _record_overhead(benchmark, lambda: step(host), "GRAFTING forward+backward (no §8 number)")
+    what = "GRAFTING forward+backward (no §8 number)"
+    _record_overhead(benchmark, lambda: step(layer), lambda: step(host), what)
 
 
 def test_lifecycle_tick_1024(benchmark) -> None:

@@ -376,14 +376,16 @@ class CommandVerifier:
 
         With ``defer_sync`` the record is only staged: ``make_durable`` writes and syncs every
         staged record before the caller acts on any of their commands, so arrival costs no
-        system call (docs/design.md §5, "Cost")."""
+        system call (docs/design.md §5, "Cost"), and a file grown past its bound is rewritten
+        there too, not here under the lock the safe point takes (only a broken ledger is
+        rewritten on arrival: a failure already cost that safe point its commands)."""
         seen = self._seen
         try:
+            if self.defer_sync and not ledger.broken:
+                return ledger.stage(nonce, timestamp)
             if ledger.needs_compaction(len(seen)):
                 ledger.compact(seen.items(), self._floor)  # includes this nonce
                 return 0
-            if self.defer_sync:
-                return ledger.stage(nonce, timestamp)
             return ledger.append(nonce, timestamp)
         except OSError as exc:
             ledger.mark_broken(exc)
@@ -405,7 +407,9 @@ class CommandVerifier:
                 seq, self._unsynced = self._unsynced, 0
                 if seq == 0:
                     return
-                if ledger.broken:  # what it held may be lost: every live nonce, written anew
+                # Broken (what it held may be lost), or grown past twice the live nonces:
+                # every live nonce written anew, staged ones included, durable on return.
+                if ledger.needs_compaction(len(self._seen)):
                     ledger.compact(self._seen.items(), self._floor)
                     return
                 ledger.write_staged()

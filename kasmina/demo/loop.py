@@ -39,8 +39,7 @@ from kasmina.demo.report import DemoResult, EpochRecord
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.ddp import DistributedKasmina, wrap_ddp
 from kasmina.manager.manager import KasminaKernelManager
-from kasmina.manager.slots import ISOLATED_STAGES
-from kasmina.stages import SeedStage
+from kasmina.stages import BLENDING_STAGES, ISOLATED_STAGES, SeedStage
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
 
@@ -51,10 +50,9 @@ GRAFT_STEPS = 36
 # G5 and the controller: a seed may not cost any validation accuracy (the fraction of the
 # validation digits it gets right, with it against without it).
 MAX_ACCURACY_DROP = 0.0
+
+
 # Seed stages whose output shapes the model's (the seed counts toward the grown model's size).
-BLENDING_STAGES = (SeedStage.GRAFTING, SeedStage.STABILIZATION)
-
-
 class DemoLoop:
     def __init__(
         self,

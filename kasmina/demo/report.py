@@ -202,6 +202,8 @@ def format_targets(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
     for name, t in targets.items():
         verdict = "met" if t["met"] else "MISSED"
+        if t["measured"] < 0:  # a paired difference of timings, as it came out
+            verdict += " (below this machine's noise)"
         lines.append(
             f"  {name:<32} {t['measured']:>10.2f} {t['unit']:<5} target <= {t['target']:g}  "
             f"{verdict}"

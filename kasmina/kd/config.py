@@ -19,12 +19,15 @@ class KDConfig:
     """How a seed distils from a teacher.
 
     ``alpha`` weighs the KD term when the trainer adds it to its objective; ``temperature``
-    softens both distributions (the loss is scaled by T², docs/design.md §2).
+    softens both distributions (the loss is scaled by T², docs/design.md §2). ``enabled``
+    (the specification's switch): a seed or layer given a config with ``enabled=False``
+    distils nothing, as with no config.
     """
 
     temperature: float = 2.0
     alpha: float = 0.5
     reduction: str = "batchmean"
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         # The ops' own check, so a config that passes here never fails at the first KD step
@@ -37,5 +40,7 @@ class KDConfig:
             )
         if not 0.0 <= check_real("KD alpha", self.alpha) <= 1.0:
             raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
+        if not isinstance(self.enabled, bool):  # "false" would be truthy
+            raise ValueError(f"KD enabled must be a bool, got {self.enabled!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown KD reduction {self.reduction!r}")

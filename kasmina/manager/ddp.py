@@ -60,9 +60,9 @@ from kasmina.leyline import SeedOperation
 from kasmina.manager.checkpoints import MemoryCheckpointStore
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.rollback import restore_epoch, snapshot
-from kasmina.manager.slots import ISOLATED_STAGES, STEPPED_STAGES, SlotRegistry
+from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL, TRAINING_STAGES
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 
@@ -80,7 +80,6 @@ __all__ = [
 
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.
-SYNCED_STAGES = STEPPED_STAGES | {SeedStage.ACTIVE}
 DEFAULT_BUCKET_CAP_MB = 25.0
 # The share of the process group's timeout that a sync's command prepares (kernel fetches) may
 # take on one rank, while the other ranks wait for its answer in a collective.
@@ -180,7 +179,7 @@ class SeedGradientSync:
         """``(seed id, parameter)`` of every seed an optimizer steps, in registry order."""
         return [
             (record.seed_id, p)
-            for record in self.registry.in_stages(SYNCED_STAGES)
+            for record in self.registry.in_stages(TRAINING_STAGES)
             if record.kernel is not None
             for p in record.seed.seed_parameters()
             if p.requires_grad

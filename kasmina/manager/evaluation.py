@@ -44,20 +44,18 @@ from torch import nn
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element
-from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTRIBUTING_STAGES", "LossFn", "MetricFn", "evaluate_seeds", "host_flops_per_element"]
+__all__ = ["LossFn", "MetricFn", "evaluate_seeds", "host_flops_per_element"]
 
 LossFn = Callable[[Any, Any], torch.Tensor | float]
 MetricFn = Callable[[Any, Any], torch.Tensor | float]
 
+
 # Stages whose seed output reaches the layer's output (with alpha > 0 in GRAFTING).
-CONTRIBUTING_STAGES = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION, SeedStage.ACTIVE})
-
-
 def _contributes(record: SeedRecord) -> bool:
     if record.stage not in CONTRIBUTING_STAGES:
         return False

@@ -528,8 +528,9 @@ class CommandExecution:
     def on_transition(self, record: SeedRecord, old: SeedStage, new: SeedStage) -> None:
         state = self.state
         record.timeline.append((state.epoch, state.global_step, new.name))
-        if new == S.GRAFTING:
-            record.graft_steps = 0
+        if new == S.GRAFTING:  # step 0 of the schedule, so the first GRAFTING step blends
+            config = state.config
+            record.seed.update_alpha_blending(0, config.grafting_steps, config.grafting_temperature)
         elif new == S.ACTIVE:
             # Fossilized: the seed is part of the host now; its parameters join the host
             # optimizer (when there is one; otherwise its own optimizer keeps stepping it), in

@@ -31,9 +31,9 @@ from torch import nn
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.manager.config import KasminaConfig
-from kasmina.manager.slots import ISOLATED_STAGES, SeedRecord, SlotRegistry
+from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
-from kasmina.seeds.seed import KD_STAGES
+from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 from kasmina.utils.telemetry import TelemetryReporter
@@ -164,7 +164,8 @@ class IsolationGuard:
     ) -> None:
         """Backpropagate a seed-only loss with the host's gradients set aside and checked."""
         host = [p for p in registry.host_side_params() if p.requires_grad]
-        students = [r.seed_id for r in registry.in_stages(KD_STAGES) if r.kernel is not None]
+        kd = registry.in_stages(ISOLATED_TRAINING_STAGES)  # the stages KD distils into
+        students = [r.seed_id for r in kd if r.kernel is not None]
         stash = [p.grad for p in host]
         for p in host:
             p.grad = None

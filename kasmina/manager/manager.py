@@ -51,13 +51,13 @@ from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck
 from kasmina.manager.rollback import snapshot
-from kasmina.manager.slots import STEPPED_STAGES, SlotRegistry
+from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.stages import RUNS_KERNEL, TRAINING_STAGES, SeedStage
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -475,7 +475,7 @@ class KasminaKernelManager:
                 host = [HOST_ID] if optimizers.has_host and clean else []
                 seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
                     r.seed_id
-                    for r in registry.in_stages(STEPPED_STAGES | {SeedStage.ACTIVE})
+                    for r in registry.in_stages(TRAINING_STAGES)
                     if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
                 ]
                 done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping

@@ -393,11 +393,12 @@ class ManagerReport:
             for module, mode in modes:
                 module.training = mode
         # The median of paired differences: each pair ran back to back, so a burst of load
-        # on a shared machine shifts both halves of a pair rather than one median. A slot
-        # cannot be faster than its host, so a negative difference is noise and reads as 0.
+        # on a shared machine shifts both halves of a pair rather than one median. It is
+        # reported as it came out: a negative median (a slot cannot be faster than its host)
+        # says the overhead is below what this machine's noise can resolve.
         overhead = statistics.median(s - h for s, h in zip(slot_ns, host_ns, strict=True)) / 1e3
-        self.state.dormant_overhead_us = max(0.0, overhead)
-        return self.state.dormant_overhead_us
+        self.state.dormant_overhead_us = overhead
+        return overhead
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,11 @@ class TargetCheck:
     target: float
     unit: str
     met: bool
+
+    def __bool__(self) -> bool:
+        """Whether the target was met: the specification's ``Dict[str, bool]`` reading
+        (``all(manager.validate_performance_targets().values())``) holds."""
+        return self.met
 
 
 class _NullExecutor:

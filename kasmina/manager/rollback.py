@@ -46,11 +46,11 @@ from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
 from kasmina.manager.checkpoints import capture_training_state, restore_training_state
 from kasmina.manager.guard import IsolationGuard
-from kasmina.manager.slots import ISOLATED_STAGES, SlotRegistry
+from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.extra_state import owner_restore
 from kasmina.seeds.gates import CompatibilityProbe
-from kasmina.stages import SeedStage
+from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.state_io import clone_state

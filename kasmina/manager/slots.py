@@ -32,32 +32,19 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ISOLATED_STAGES",
-    "STEPPED_STAGES",
     "KernelHook",
     "SeedRecord",
     "SlotRegistry",
     "TIMELINE_SIZE",
 ]
 
-# A kernel is attached and the isolation invariant holds (the seed is not yet part of the host).
-ISOLATED_STAGES = frozenset(
-    {
-        SeedStage.ISOLATED_INIT,
-        SeedStage.COMPATIBILITY_CHECK,
-        SeedStage.GRAFTING,
-        SeedStage.STABILIZATION,
-    }
-)
-# Stages in which the seed's own optimizer steps it.
-STEPPED_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
 # A seed's timeline keeps its latest stage changes only (a run may recycle a seed for ever).
 TIMELINE_SIZE = 1000
 
@@ -449,15 +436,15 @@ class SlotRegistry:
         return [r for r in due if any(p.grad is not None for p in r.seed.trained_parameters())]
 
     def frozen(self, counters: Counter[str]) -> list[str]:
-        """The seeds in a training stage (``STEPPED_STAGES``) whose kernel has parameters but
-        none that requires a gradient (a ``model.requires_grad_(False)``, say): they would never
+        """The seeds in an isolated training stage whose kernel has parameters but none that
+        requires a gradient (a ``model.requires_grad_(False)``, say): they would never
         train, and a GRAFTING alpha would never move. Counted in ``frozen_seed_steps`` and
         logged (the first time, then every 1000th). ``requires_grad`` is the user's to set, so
         this warns rather than refuses. Host reads only; a kernel's parameters are listed only
         when none requires a gradient."""
         frozen = [
             r.seed_id
-            for r in self.in_stages(STEPPED_STAGES)
+            for r in self.in_stages(ISOLATED_TRAINING_STAGES)
             if r.kernel is not None and not r.seed.trained_parameters() and r.seed.seed_parameters()
         ]
         if frozen:

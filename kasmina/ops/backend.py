@@ -110,6 +110,26 @@ def check_real(name: str, value: object) -> float:
     return value  # type: ignore[return-value]
 
 
+# The temperatures the KD ops take. Below: the kernels scale logits by log2(e)/T in fp32, which
+# overflows below about 4e-39 (T = 1e-40 raised an overflow error; 1e-10 is still exact to fp32).
+# Above: logits differing by d give a KL of about (d/T)²/2, which fp32 rounding swamps once
+# (d/T)² is below its epsilon; scaled by T², that noise is the loss (T = 1e18 gave -3e17, T = 1e20
+# inf or NaN), and for logits spanning tens it begins near T = 1e4. ``KDConfig`` keeps a seed's
+# KD to [1e-3, 1e3].
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e4
+
+
+def check_temperature(name: str, value: object) -> float:
+    """``value`` (see ``check_positive``) if within [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``],
+    else ``ValueError`` naming ``name``: a temperature whose fp32 scale factors are finite."""
+    value = check_positive(name, value)
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"{name} must be within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value!r}"
+        )
+    return value
+
+
 def check_positive_int(name: str, value: object) -> int:
     """``value`` as an int >= 1, else ``ValueError`` naming ``name``: an int or an integer of
     another library (NumPy: anything with ``__index__``), never a bool or a float. A count of

@@ -69,7 +69,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_positive, saveable, through_dispatcher
+from kasmina.ops.backend import (
+    check_float_tensor,
+    check_positive,
+    check_temperature,
+    saveable,
+    through_dispatcher,
+)
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -448,7 +454,7 @@ def fused_linear_kd_loss(
         student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
         teacher_weight, teacher_bias, reduction, mask,
     )  # fmt: skip
-    temperature = _positive("temperature", temperature, optional=False)  # type: ignore[assignment]
+    temperature = check_temperature("temperature", temperature)
     s_scale = _positive("student_logit_scale", student_logit_scale)
     t_scale = _positive("teacher_logit_scale", teacher_logit_scale)
     s_cap = _positive("student_softcap", student_softcap)

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from kasmina.ops.backend import (
     check_float_tensor,
-    check_positive,
+    check_temperature,
     saveable,
     through_dispatcher,
     use_triton,
@@ -114,7 +114,7 @@ def kd_kl_loss_reference(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    t_ = check_positive("temperature", temperature)
+    t_ = check_temperature("temperature", temperature)
     work = torch.promote_types(student_logits.dtype, torch.float32)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -540,7 +540,7 @@ _kd_op.register_autograd(_op_backward, setup_context=_setup_context)
 def _check(student: Tensor, teacher: Tensor, temperature: object, reduction: str, mask) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_positive("temperature", temperature)
+    check_temperature("temperature", temperature)
     check_float_tensor("student_logits", student)
     check_float_tensor("teacher_logits", teacher, student.device)
     if student.dim() == 0 or student.shape[-1] == 0:

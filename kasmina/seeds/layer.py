@@ -85,18 +85,14 @@ from kasmina.seeds.outputs import (
     signed_shape,
     splits_last_dim,
 )
-from kasmina.seeds.seed import KD_STAGES, GradientIsolatedSeed
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import RUNS_KERNEL, SeedStage
+from kasmina.stages import BLENDING_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KasminaLayer"]
-
-# Stages whose seeds blend against the detached host (their fallback needs no host gradient):
-# a layer whose running seeds are all in them takes the one-``where`` path of ``_graft``.
-_BLENDING = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
 
 
 class KasminaLayer(nn.Module):
@@ -141,7 +137,7 @@ class KasminaLayer(nn.Module):
         self.chunk_size = chunk_size
         self.chunk_dim = chunk_dim
         self.output_index = output_index
-        self.kd_config = kd_config
+        self.kd_config = kd_config if kd_config is None or kd_config.enabled else None
         self.layer_id = layer_id
         self.state_table = state
         self.seeds = nn.ModuleList(
@@ -443,7 +439,7 @@ class KasminaLayer(nn.Module):
         eager = not compiling
         if eager:  # the guard nodes are eager only
             kd = self.kd_config is not None and teacher_logits is not None
-            if stages <= _BLENDING and not kd and not torch.jit.is_tracing():
+            if stages <= BLENDING_STAGES and not kd and not torch.jit.is_tracing():
                 fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
                 if fused is not None:
                     return fused
@@ -461,7 +457,7 @@ class KasminaLayer(nn.Module):
             if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
                 ok = ok.logical_or(self._passed_through(inputs, ok.device))
             record_fallbacks(ok, chunk_sums(host_m), *self._flags())
-        if stages <= _BLENDING:
+        if stages <= BLENDING_STAGES:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
             full = seed_full
             if ok is not None:
@@ -476,12 +472,13 @@ class KasminaLayer(nn.Module):
             one = self._buffers["_one"]
             full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, dim, one)
         if self.kd_config is not None and teacher_logits is not None and torch.is_grad_enabled():
-            students = [outs[k] if k in inputs and plan[k] in KD_STAGES else None for k in range(n)]
+            kd = ISOLATED_TRAINING_STAGES
+            students = [outs[k] if k in inputs and plan[k] in kd else None for k in range(n)]
             self._maybe_kd(full, students, teacher_logits, dim, ok, x)
         if alphas is None:
             return full  # a blend with alpha 1 everywhere is the identity
         alpha_vec = torch.stack(alphas)
-        if stages <= _BLENDING and ok is not None:
+        if stages <= BLENDING_STAGES and ok is not None:
             alpha_vec = alpha_vec.mul(ok)
         if last:
             return alpha_blend(full, x, alpha_vec, mode="blend")

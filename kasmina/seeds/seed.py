@@ -70,6 +70,7 @@ from kasmina.seeds.island import contain_backward
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
+    ISOLATED_TRAINING_STAGES,
     LEGAL_TRANSITIONS,
     NEXT_STAGE,
     RUNS_KERNEL,
@@ -79,11 +80,9 @@ from kasmina.stages import (
 
 logger = logging.getLogger(__name__)
 
+
 # Stages in which a KD loss trains the seed alone. Once ACTIVE the seed is part of the host,
 # whose objective belongs to the trainer, so no seed-only KD loss is produced.
-KD_STAGES = frozenset({SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION})
-
-
 class GradientIsolatedSeed(nn.Module):
     """One seed over a ``chunk_size``-wide slice of a host layer's output.
 
@@ -116,7 +115,7 @@ class GradientIsolatedSeed(nn.Module):
             raise ValueError("seed_id must be a non-empty string")
         self.chunk_size = chunk_size
         self.seed_id = seed_id
-        self.kd_config = kd_config
+        self.kd_config = kd_config if kd_config is None or kd_config.enabled else None
         self.state_table = state if state is not None else GPUStateTensor(1, "cpu")
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
@@ -533,7 +532,7 @@ class GradientIsolatedSeed(nn.Module):
 
     # -- knowledge distillation ----------------------------------------------------------
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
-        if self.kd_config is None or teacher is None or stage not in KD_STAGES:
+        if self.kd_config is None or teacher is None or stage not in ISOLATED_TRAINING_STAGES:
             return
         self._kd_losses.append(seed_kd_loss(self.kd_config, s, teacher))
 
@@ -597,4 +596,4 @@ class GradientIsolatedSeed(nn.Module):
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 
 
-__all__ = ["KD_STAGES", "GradientIsolatedSeed"]
+__all__ = ["GradientIsolatedSeed"]

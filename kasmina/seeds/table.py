@@ -18,6 +18,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from itertools import compress
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,9 +60,8 @@ __all__ = ["SCALE", "GPUStateTensor", "blueprint_hash"]
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
-    """Seed indices as an int64 buffer; anything ``int()`` accepts, as it always was (plain
-    ints go straight into the buffer; anything else, such as numpy or 0-d tensor indices,
-    through ``int()`` first)."""
+    """Seed indices as an int64 buffer: plain ints as they are, anything else ``int()`` accepts
+    (numpy or 0-d tensor indices) through ``int()``."""
     try:
         try:
             return array("q", indices)
@@ -72,8 +72,7 @@ def _index_buffer(indices: Sequence[Any]) -> array[int]:
 
 
 def _ascending(requested: torch.Tensor, k: int, applied: int) -> bool:
-    """Whether ``requested`` (int64 ``[K]`` on the host) counts up by one throughout; only
-    asked when every request applied (``applied == k``), so the applied indices are these."""
+    """Whether ``requested`` (int64 ``[K]``, host) counts up by one; asked if all ``k`` applied."""
     if applied != k:
         return False
     steps = requested.numpy()
@@ -91,9 +90,6 @@ def _scaled(fraction: float) -> int:
     return int(round(fraction * SCALE))
 
 
-# --------------------------------------------------------------------------------- state table
-
-
 class GPUStateTensor:
     """The lifecycle table of ``num_seeds`` seeds on ``device`` with a host mirror of stages.
 
@@ -101,6 +97,10 @@ class GPUStateTensor:
     COOLDOWN; COOLDOWN -> RECYCLING is refused until ``tick`` has counted it down to zero.
     ``telemetry`` (a ``TelemetryReporter``) receives one event per applied or rejected update.
     """
+
+    # The specification's name -> index tables of the columns and the stage codes (read-only).
+    STATE_COLUMNS: Mapping[str, int] = MappingProxyType({c.name: c.value for c in StateColumn})
+    LIFECYCLE_STATES: Mapping[str, int] = MappingProxyType({s.name: s.value for s in SeedStage})
 
     def __init__(
         self,
@@ -198,8 +198,8 @@ class GPUStateTensor:
     # -- transitions ---------------------------------------------------------------------
     def update_seed_state(
         self,
-        idx: int,
-        stage: SeedStage | int | str,
+        seed_idx: int,
+        lifecycle_stage: SeedStage | int | str,
         epochs_in_state: int | None = None,
         last_gate: int | str | None = None,
     ) -> None:
@@ -208,7 +208,7 @@ class GPUStateTensor:
         Raises ``IndexError`` for a bad index and ``IllegalTransitionError`` (nothing changed)
         for a transition outside the table or COOLDOWN -> RECYCLING under embargo.
         """
-        idx = self.check_index(idx)
+        idx, stage = self.check_index(seed_idx), lifecycle_stage
         gate = parse_gate(last_gate)
         # Checked before the transition is launched: a bad value must change nothing. The
         # EPOCHS_IN_STATE column is int32.

@@ -287,6 +287,12 @@ class UrzaLibraryClient:
         """``fetch`` on a worker thread, so an event loop is never blocked by store I/O."""
         return await asyncio.to_thread(self.fetch, artifact_id, deadline=deadline)
 
+    async def fetch_kernel(self, artifact_id: str, *, deadline: float | None = None) -> bytes:
+        """The verified payload (the serialized kernel) alone: the specification's
+        ``await client.fetch_kernel(kernel_artifact_id)``; ``fetch_async`` also returns the
+        manifest, which loading the kernel needs."""
+        return (await self.fetch_async(artifact_id, deadline=deadline))[0]
+
     def verify(self, artifact_id: str) -> Manifest:
         """Fetch and verify one artifact; returns its manifest or raises."""
         return self.fetch(artifact_id)[1]

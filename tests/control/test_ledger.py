@@ -368,6 +368,41 @@ def test_deferred_records_survive_a_rewrite_and_a_failed_write(
         assert restarted.verify(signed(keyring, nonce, T0)) == (False, "replay"), nonce
 
 
+def test_a_deferred_ledger_is_rewritten_at_the_safe_point_not_on_arrival(
+    keyring, clock, path, monkeypatch
+) -> None:
+    """Arrival holds the lock the safe point's ``make_durable`` takes: a rewrite there (a
+    write, an fdatasync and a rename) would stall the training step behind a controller
+    thread's disk. With ``defer_sync`` a file grown past its bound is rewritten by
+    ``make_durable`` instead, and stays bounded across safe points."""
+    ledger = NonceLedger(path, durability="fsync", compact_slack=3)
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    rewrites: list[bool] = []  # whether each rewrite ran on arrival
+    arriving = [False]
+    real = ledger.compact
+
+    def compact(live, floor) -> None:
+        rewrites.append(arriving[0])
+        real(live, floor)
+
+    monkeypatch.setattr(ledger, "compact", compact)
+    sent = []
+    for i in range(40):  # four a window: the live nonces stay few, the file's lines grow
+        clock.now = T0 + i * WINDOW / 4
+        sent.append(signed(keyring, f"a{i}", clock.now))
+        arriving[0] = True
+        assert verifier.verify(sent[-1])[0]
+        arriving[0] = False
+        if i % 5 == 4:
+            verifier.make_durable()  # the safe point
+            lines = path.read_text().splitlines()
+            assert len(lines) <= 2 * 5 + 3 + 1, (i, len(lines))  # + the floor's line
+    assert rewrites and not any(rewrites), rewrites  # rewritten, never on arrival
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    assert not any(restarted.verify(cmd)[0] for cmd in sent)  # replays, or stale
+
+
 @pytest.mark.parametrize("failure", ["write", "interrupt"])
 def test_nonces_a_failed_make_durable_owed_are_made_durable_by_the_next_call(
     keyring, clock, path, failure, monkeypatch

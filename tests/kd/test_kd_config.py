@@ -42,3 +42,29 @@ def test_kd_config_takes_any_finite_positive_real() -> None:
         config = KDConfig(temperature=temperature, alpha=np.float64(0.25))
         loss = StaticKDLoss.from_config(config)(torch.randn(2, 3), torch.randn(2, 3))
         assert torch.isfinite(loss)
+
+
+def test_a_disabled_kd_config_distils_nothing() -> None:
+    """The specification's ``kd_config.enabled``: a seed or layer given a disabled config
+    computes no KD loss, as with none; the flag is a bool, not a string that reads as one."""
+    from torch import nn
+
+    from kasmina.seeds.layer import KasminaLayer
+    from kasmina.seeds.seed import GradientIsolatedSeed
+    from kasmina.stages import SeedStage
+
+    with pytest.raises(ValueError, match="bool"):
+        KDConfig(enabled="false")
+    for enabled in (True, False):
+        kd = KDConfig(enabled=enabled)
+        seed = GradientIsolatedSeed(3, "s", kd)
+        seed.attach_kernel(nn.Linear(3, 3))
+        seed.transition_to(SeedStage.ISOLATED_INIT)
+        layer = KasminaLayer(nn.Linear(3, 6), 2, 3, kd_config=kd)
+        layer.seeds[0].attach_kernel(nn.Linear(3, 3))
+        layer.seeds[0].transition_to(SeedStage.ISOLATED_INIT)
+        seed(torch.randn(2, 3), torch.randn(2, 3))
+        layer.set_teacher_logits(torch.randn(2, 6))
+        layer(torch.randn(2, 3))
+        losses = [seed.get_and_clear_kd_losses(), layer.get_and_clear_kd_losses()]
+        assert [loss is not None for loss in losses] == [enabled, enabled], losses

@@ -4,8 +4,10 @@ count is part of the seed's saved state, so a checkpoint and a ROLLBACK bring it
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
 from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command
@@ -109,13 +111,17 @@ def test_the_grafting_alpha_advances_only_on_steps_that_train_the_seed(
     assert rig.send("advance", SEED0)
     rig.train(1)
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    # The schedule's step 0, sigmoid((0 - 4 / 2) / 0.25), from the first GRAFTING step on: an
+    # alpha of 0 would have given the seed no gradient in its first step.
+    first = 1 / (1 + math.exp(8))
+    assert seed.graft_step == 0 and float(seed.alpha) == pytest.approx(first, rel=1e-6)
     weights = [p.detach().clone() for p in seed.seed_parameters()]
     for overflow in (False, True):
         for _ in range(4):
             if overflow:
                 manager.backward(F.cross_entropy(rig.model(rig.x), rig.y) * 1e38 * 1e10)
             manager.step(grad_clip_norm=1.0)
-        assert seed.graft_step == 0 and float(seed.alpha) == 0.0
+        assert seed.graft_step == 0 and float(seed.alpha) == pytest.approx(first, rel=1e-6)
         assert all(p.equal(w) for p, w in zip(seed.seed_parameters(), weights, strict=True))
         assert not rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
     rig.train(4)

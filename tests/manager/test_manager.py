@@ -424,13 +424,13 @@ def test_performance_metrics_are_measured(tmp_path, store, keyring, mlp) -> None
     assert metrics["commands_measured"] == 2 and metrics["command_overhead_p50_us"] > 0
     assert metrics["dormant_overhead_us"] != metrics["dormant_overhead_us"]  # a seed runs now
     assert rig.send("cull", SEED0)
-    assert manager.measure_dormant_overhead(repeats=20) >= 0
+    assert math.isfinite(manager.measure_dormant_overhead(repeats=20))  # as measured: noise < 0
     targets = manager.validate_performance_targets()
     assert {"command_path_p50_us", "state_packet_bytes", "dormant_overhead_us"} <= set(targets)
     for name, check in targets.items():  # measured now: real values beside the bound
-        assert check.met == (check.measured <= check.target)
-        if name == "dormant_overhead_us":  # a difference of two timings, 0 when within noise
-            assert 0 <= check.measured < math.inf
+        assert check.met == (check.measured <= check.target) == bool(check)
+        if name == "dormant_overhead_us":  # a difference of two timings, < 0 within noise
+            assert math.isfinite(check.measured)
         else:
             assert 0 < check.measured < math.inf
 

@@ -9,6 +9,7 @@ The dormant-overhead timing (run by a plain ``end_epoch`` the first time) and G5
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def _same_buffers(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 def test_dormant_overhead_timing_draws_no_global_random_number(tmp_path, store, keyring) -> None:
     manager, model, _, _ = _managed(tmp_path, store, keyring, NoisyOut())
     rng = torch.get_rng_state()
-    assert manager.measure_dormant_overhead(repeats=3) >= 0  # timed: the host did run
+    assert math.isfinite(manager.measure_dormant_overhead(repeats=3))  # timed: the host ran
     assert torch.equal(torch.get_rng_state(), rng)
     manager.close()
 
@@ -89,7 +90,7 @@ def test_dormant_overhead_timing_leaves_a_qat_hosts_observer_as_it_was(
 ) -> None:
     manager, model, _, _ = _managed(tmp_path, store, keyring, QuantOut())
     before = _buffers(model)
-    assert manager.measure_dormant_overhead(repeats=3) >= 0
+    assert math.isfinite(manager.measure_dormant_overhead(repeats=3))
     assert _same_buffers(model, before)
     manager.close()
 
@@ -104,7 +105,7 @@ def test_a_plain_end_epoch_leaves_the_rng_and_host_buffers_as_they_were(
     manager.step()
     before, rng = _buffers(model), torch.get_rng_state()
     manager.end_epoch(0)
-    assert manager.get_performance_metrics()["dormant_overhead_us"] >= 0  # it did measure
+    assert math.isfinite(manager.get_performance_metrics()["dormant_overhead_us"])  # measured
     assert torch.equal(torch.get_rng_state(), rng)
     assert _same_buffers(model, before)
     manager.close()

@@ -51,7 +51,7 @@ def test_performance_reads_on_another_thread_never_run_the_live_model(rig: Rig) 
     assert isinstance(refused, RuntimeError) and "training thread" in str(refused)
     targets = on_thread(lambda: rig.manager.validate_performance_targets())
     assert "dormant_overhead_us" not in targets and calls == []  # NaN: not measurable there
-    assert rig.manager.get_performance_metrics()["dormant_overhead_us"] >= 0  # here it measures
+    assert math.isfinite(rig.manager.get_performance_metrics()["dormant_overhead_us"])  # measured
     assert calls
 
 

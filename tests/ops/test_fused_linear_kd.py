@@ -763,6 +763,8 @@ def test_round_in_place_equals_rounding_into_a_fresh_tensor(dtype):
         ({"reduction": "avg"}, "reduction"),
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": True}, "temperature"),
+        ({"temperature": 1e20}, "temperature must be within"),
+        ({"temperature": 1e-40}, "temperature must be within"),
         ({"student_softcap": -1.0}, "student_softcap"),
         ({"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
         ({"chunk_rows": 0}, "chunk_rows"),

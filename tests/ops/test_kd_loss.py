@@ -761,6 +761,8 @@ def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
         ({"temperature": float("inf")}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"temperature": torch.tensor(1.0)}, "temperature"),
+        ({"temperature": 1e20}, "temperature must be within"),  # T² overflowed fp32: inf, NaN
+        ({"temperature": 1e-40}, "temperature must be within"),  # log2(e)/T overflowed fp32
         ({"student": torch.zeros(2, 5, dtype=torch.float64)}, "float32"),
         ({"teacher": torch.zeros(2, 5, dtype=torch.int64)}, "float32"),
         ({"teacher": torch.zeros(2, 6)}, "same shape"),

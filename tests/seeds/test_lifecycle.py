@@ -107,6 +107,23 @@ def test_update_seed_state_sets_epochs_and_explicit_gate() -> None:
         table.update_seed_state(0, "NOT_A_STAGE")
 
 
+def test_the_specifications_names_for_the_table_and_its_update() -> None:
+    """Controller code written against the original specification reads the column and stage
+    tables by name and passes ``seed_idx=`` / ``lifecycle_stage=`` by keyword."""
+    table = GPUStateTensor(2, "cpu")
+    columns = ["LIFECYCLE_STAGE", "BLUEPRINT_ID", "EPOCHS_IN_STATE", "LAST_GATE", "ALPHA_BLEND"]
+    columns += ["PERFORMANCE_GATE", "EMBARGO_COUNTER", "READY_FLAG", "REGION_ID", "GATE_SCORE"]
+    assert dict(table.STATE_COLUMNS) == {name: i for i, name in enumerate(columns)}
+    assert table.LIFECYCLE_STATES["TERMINATED"] == 10 and len(table.LIFECYCLE_STATES) == 11
+    assert [table.LIFECYCLE_STATES[s.name] for s in S] == list(range(11))
+    with pytest.raises(TypeError):
+        table.STATE_COLUMNS["LAST_GATE"] = 0  # shared by every table: read-only
+    table.update_seed_state(seed_idx=1, lifecycle_stage="ISOLATED_INIT", epochs_in_state=2)
+    row = table.state_tensor[1]
+    assert row[table.STATE_COLUMNS["LIFECYCLE_STAGE"]] == table.LIFECYCLE_STATES["ISOLATED_INIT"]
+    assert row[table.STATE_COLUMNS["EPOCHS_IN_STATE"]] == 2 and table.stage(0) is S.DORMANT
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True])
 def test_update_seed_state_with_bad_epochs_changes_nothing(bad: object) -> None:
     table = GPUStateTensor(1, "cpu")

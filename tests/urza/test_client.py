@@ -601,6 +601,11 @@ def test_fetch_async_coalesces(store, trusted) -> None:
     results = asyncio.run(main())
     assert all(r[1] == manifest for r in results)
     assert flaky.reads_of(".pt2") == 1
+    # The specification's name: the verified payload alone, the same bytes.
+    assert asyncio.run(urza.fetch_kernel(manifest.artifact_id)) == results[0][0]
+    with pytest.raises(ArtifactIntegrityError):
+        payload_path(root, manifest.artifact_id).write_bytes(b"forged")
+        asyncio.run(client(str(root), trusted).fetch_kernel(manifest.artifact_id))
 
 
 def test_verify_store_reports_each_artifact(store, publisher, trusted) -> None:
