@@ -72,6 +72,7 @@ from torch import Tensor
 from kasmina.ops.backend import (
     check_float_tensor,
     check_positive,
+    check_positive_int,
     check_temperature,
     saveable,
     through_dispatcher,
@@ -85,7 +86,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
     default_chunk_rows,
 )
 from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
-from kasmina.ops.transforms import first_order_backward
+from kasmina.ops.transforms import first_order_backward, functorch_active
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 
@@ -450,6 +451,11 @@ def fused_linear_kd_loss(
     tensor: 0-d, or the rows' shape for ``reduction="none"``. Differentiable once: a second
     backward through its gradients (``create_graph=True``, then a gradient penalty) raises.
     """
+    if functorch_active():  # its Function and chunk loop need plain tensors (docs/design.md §2)
+        raise RuntimeError(
+            "fused_linear_kd_loss does not support torch.func transforms (vmap, grad, vjp, ...): "
+            "call it on the batched tensors directly, and use autograd for its gradients"
+        )
     _check(
         student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
         teacher_weight, teacher_bias, reduction, mask,
@@ -465,10 +471,8 @@ def fused_linear_kd_loss(
         chunk = default_chunk_rows(
             rows, vocab, student_hidden.dtype, computed, device_type=student_hidden.device.type
         )
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
-    else:
-        chunk = chunk_rows
+    else:  # an int or another library's integer (NumPy), never a bool or a float
+        chunk = check_positive_int("chunk_rows", chunk_rows)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and student_hidden.requires_grad
     need_w = grad_on and student_weight.requires_grad

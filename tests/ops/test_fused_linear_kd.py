@@ -8,6 +8,7 @@ allocated or saved for the backward."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -236,9 +237,11 @@ def test_equals_kd_kl_loss_of_materialised_logits():
     """The definition, at fp32 tolerance: kd_kl_loss(h @ W.T + b, t) and autograd."""
     h, w, b, _, _, _, tl, mask = _inputs((4, 6), 16, 70, torch.float32, seed=3)
     for reduction in REDUCTIONS:
+        chunk = np.int64(5) if reduction == "sum" else 5  # NumPy's integers count too
         loss = fused_linear_kd_loss(
-            h, w, tl, student_bias=b, temperature=1.7, reduction=reduction, mask=mask, chunk_rows=5
-        )
+            h, w, tl, student_bias=b, temperature=1.7, reduction=reduction, mask=mask,
+            chunk_rows=chunk,
+        )  # fmt: skip
         go = torch.rand(loss.shape, generator=_gen(4)) + 0.5
         grads = torch.autograd.grad(loss, (h, w, b), go)
         ref = kd_kl_loss(h @ w.t() + b, tl, temperature=1.7, reduction=reduction, mask=mask)
@@ -769,6 +772,7 @@ def test_round_in_place_equals_rounding_into_a_fresh_tensor(dtype):
         ({"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
         ({"chunk_rows": 0}, "chunk_rows"),
         ({"chunk_rows": 2.5}, "chunk_rows"),
+        ({"chunk_rows": True}, "chunk_rows"),
         ({"teacher_logits": None}, "either"),
         ({"teacher_hidden": "t_hidden"}, "either"),
         ({"teacher_logits": "bad_vocab"}, "teacher_logits shape"),
@@ -817,3 +821,16 @@ def test_gpu_bench_fused_linear_rows_run_in_smoke_mode(tmp_path):
     table at tiny sizes on the CPU build, check against float64 and write their JSON."""
     rows = gpu_bench_smoke_rows("fused_linear_kd", tmp_path)
     assert {r["impl"] for r in rows} == {"kasmina", "kasmina default chunk", "eager"}
+
+
+def test_torch_func_transforms_are_refused_naming_the_op():
+    """Its Function is not in ``torch.func``'s form and its chunk loop calls ``mm`` with
+    ``out=``, which vmap has no rule for: every transform is refused with the op's name, not
+    a batching-rule error from deep inside."""
+    h, w, t = torch.randn(5, 3, 4), torch.randn(7, 4), torch.randn(5, 3, 7)
+    for transform in (
+        lambda: torch.vmap(lambda h, t: fused_linear_kd_loss(h, w, t))(h, t),
+        lambda: torch.func.grad(lambda h: fused_linear_kd_loss(h, w, t))(h),
+    ):
+        with pytest.raises(RuntimeError, match="fused_linear_kd_loss does not support torch.func"):
+            transform()
