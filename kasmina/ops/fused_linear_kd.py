@@ -451,7 +451,7 @@ def fused_linear_kd_loss(
     tensor: 0-d, or the rows' shape for ``reduction="none"``. Differentiable once: a second
     backward through its gradients (``create_graph=True``, then a gradient penalty) raises.
     """
-    if functorch_active():  # its Function and chunk loop need plain tensors (docs/design.md §2)
+    if not torch.compiler.is_compiling() and functorch_active():  # needs plain tensors
         raise RuntimeError(
             "fused_linear_kd_loss does not support torch.func transforms (vmap, grad, vjp, ...): "
             "call it on the batched tensors directly, and use autograd for its gradients"
