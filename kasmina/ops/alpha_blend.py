@@ -33,7 +33,13 @@ from torch import Tensor
 from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
 from kasmina.ops.transforms import functorch_active, no_vmap
 
-__all__ = ["alpha_blend", "alpha_blend_reference", "blend_chunks", "blend_chunks_seed_grad"]
+__all__ = [
+    "alpha_blend",
+    "alpha_blend_reference",
+    "blend_chunks",
+    "blend_chunks_seed_grad",
+    "seed_blend",
+]
 
 MODES = ("blend", "incubate")
 
@@ -491,3 +497,15 @@ def _native_blend(
     if alpha.requires_grad and seed.dtype not in _WORK:
         return alpha_blend_reference(seed, host, alpha)
     return None
+
+
+def seed_blend(
+    seed_out: Tensor, host_out: Tensor, alpha: Tensor | float, mode: str = "blend"
+) -> Tensor:
+    """``alpha_blend`` in any float dtype a host runs in, for the seeds' slots: the fused op for
+    fp32/fp16/bf16 data, and for fp64 (a model converted with ``.double()``, a ``gradcheck`` of
+    a grown model) ``alpha_blend_reference``, the same math in plain torch, which autograd
+    differentiates (the kernels take 16- and 32-bit floats only)."""
+    if isinstance(seed_out, Tensor) and seed_out.dtype == torch.float64:
+        return alpha_blend_reference(seed_out, host_out, alpha, mode)
+    return alpha_blend(seed_out, host_out, alpha, mode)

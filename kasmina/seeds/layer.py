@@ -51,7 +51,7 @@ from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import kd_head_problem, slot_kd_loss, sum_kd_losses, teacher_fit_problem
-from kasmina.ops import alpha_blend
+from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -481,9 +481,9 @@ class KasminaLayer(nn.Module):
         if stages <= BLENDING_STAGES and ok is not None:
             alpha_vec = alpha_vec.mul(ok)
         if last:
-            return alpha_blend(full, x, alpha_vec, mode="blend")
+            return seed_blend(full, x, alpha_vec, mode="blend")
         # The per-chunk blend runs over the last dimension: move the chunk dimension there.
-        moved = alpha_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
+        moved = seed_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
         return in_layout_of(moved.movedim(-1, dim), x)
 
     def _guarded_graft(

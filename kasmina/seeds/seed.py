@@ -34,7 +34,7 @@ from torch import nn
 from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
-from kasmina.ops import alpha_blend
+from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     check_seed_state,
@@ -464,9 +464,9 @@ class GradientIsolatedSeed(nn.Module):
         s, ok = result  # ok None: known finite on the host, no mask needed
         self._maybe_kd(s, teacher_logits, stage)
         if stage == SeedStage.ISOLATED_INIT:
-            return alpha_blend(s, x, self.alpha, mode="incubate")
+            return seed_blend(s, x, self.alpha, mode="incubate")
         if stage == SeedStage.GRAFTING:
-            s = alpha_blend(s, x, self.alpha, mode="blend")
+            s = seed_blend(s, x, self.alpha, mode="blend")
         if ok is None:
             return s
         return torch.where(ok, s, x if stage == SeedStage.ACTIVE else x.detach())  # grad: ACTIVE

@@ -15,7 +15,7 @@ from torch import nn
 import kasmina.ops.kd_loss
 import kasmina.seeds.layer
 from kasmina.kd.config import KDConfig
-from kasmina.ops import alpha_blend
+from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage, StateColumn
@@ -488,9 +488,9 @@ def test_four_seeds_in_four_stages_in_one_forward(monkeypatch) -> None:
 
     def counting_blend(*args, **kwargs):
         calls.append(args[2])
-        return alpha_blend(*args, **kwargs)
+        return seed_blend(*args, **kwargs)
 
-    monkeypatch.setattr(kasmina.seeds.layer, "alpha_blend", counting_blend)
+    monkeypatch.setattr(kasmina.seeds.layer, "seed_blend", counting_blend)
     w = torch.randn(3, 8)
     out = layer(x)
     (out * w).sum().backward()

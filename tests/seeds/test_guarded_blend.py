@@ -583,3 +583,39 @@ def test_a_conv_slot_keeps_its_hosts_layout_while_its_seeds_blend(
         flat = y.view(len(y), -1) if layout == torch.contiguous_format else y.flatten(1)
         if grad:
             flat.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_grown_model_runs_in_float64_with_the_float32_math(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model.double()`` (a scientific host, a gradient check of a grown model): every mix of
+    stages runs in fp64, where the fused blend's kernels take 16/32-bit floats only (the slot
+    blends with the op's plain-torch reference there), with the values and gradients of the
+    same layer in fp32, to fp32 rounding."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    for stages in (
+        (S.ACTIVE, S.GRAFTING),
+        (S.ISOLATED_INIT, S.GRAFTING, S.ACTIVE),
+        (S.GRAFTING, S.GRAFTING),
+    ):
+        torch.manual_seed(0)
+        layer = KasminaLayer(nn.Linear(3, 2 * len(stages)), len(stages), 2)
+        for seed, stage in zip(layer.seeds, stages, strict=True):
+            seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+            for step in _TO[stage]:
+                seed.transition_to(step)
+        layer.update_alpha_blending(3, 10)
+        x = torch.randn(4, 3)
+        results = []
+        for model in (layer, copy.deepcopy(layer).double()):
+            dtype = next(model.parameters()).dtype
+            out = model(x.to(dtype))
+            out.square().sum().backward()
+            grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((out.dtype, out.detach().double(), grads))
+        (d32, out32, g32), (d64, out64, g64) = results
+        assert (d32, d64) == (torch.float32, torch.float64) and g32.keys() == g64.keys()
+        torch.testing.assert_close(out64, out32, rtol=1e-5, atol=1e-6)
+        for name in g32:
+            torch.testing.assert_close(g64[name], g32[name], rtol=1e-4, atol=1e-5, msg=name)
