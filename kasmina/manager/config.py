@@ -28,6 +28,7 @@ from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.urza.resilience import redact_urls
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
@@ -348,6 +349,11 @@ class KasminaConfig:
 
     def __getstate__(self) -> dict[str, Any]:  # a copy or a pickle is nobody's config yet
         return {k: v for k, v in self.__dict__.items() if k != "_held"}
+
+    def __repr__(self) -> str:
+        """The dataclass's repr, with the store URL's credentials and query redacted."""
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return redact_urls(f"{type(self).__name__}({shown})")
 
     def hold(self) -> KasminaConfig:
         """Mark this config as a manager's (see the class doc) and check the environment the

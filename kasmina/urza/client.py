@@ -58,6 +58,7 @@ from kasmina.urza.resilience import (
     CircuitBreaker,
     ReadGuard,
     _DeadlineExpired,
+    redact_urls,
 )
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class UrzaLibraryClient:
                 self.verify(artifact_id)
                 report[artifact_id] = "ok"
             except (ArtifactIntegrityError, ArtifactNotFoundError) as exc:
-                report[artifact_id] = f"{type(exc).__name__}: {exc}"
+                report[artifact_id] = redact_urls(f"{type(exc).__name__}: {exc}")
         return report
 
     def stats(self) -> dict[str, Any]:
@@ -370,7 +371,8 @@ class UrzaLibraryClient:
         try:
             raw = self._guard.call(read, budget)
         except FileNotFoundError:
-            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {self.url}") from None
+            where = self._guard.url  # without credentials
+            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} in {where}") from None
         return verify_manifest(
             raw, self.publishers, expected_id=artifact_id, max_bytes=self.max_manifest_bytes
         )
@@ -395,7 +397,7 @@ class UrzaLibraryClient:
             payload, digest = self._guard.call(read, budget)
         except FileNotFoundError:
             raise ArtifactNotFoundError(
-                f"artifact {artifact_id!r} has a manifest but no payload in {self.url}"
+                f"artifact {artifact_id!r} has a manifest but no payload in {self._guard.url}"
             ) from None
         verify_payload_digest(len(payload), digest, manifest)
         logger.debug("fetched and verified %s (%d bytes)", artifact_id, len(payload))

@@ -33,6 +33,7 @@ refused as corrupt) from a transport failure.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,19 @@ from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_STALLED_READS", "Budget", "CircuitBreaker", "ReadGuard"]
+__all__ = ["MAX_STALLED_READS", "Budget", "CircuitBreaker", "ReadGuard", "redact_urls"]
+
+# A URL's user information (``user:password@``) and its query (a signed URL's token): secrets
+# that a store's URL may carry and that no message, log line or ``repr`` may show.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+_QUERY = re.compile(r"(://[^\s'\"?#]*)\?[^\s'\"#]*")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the user information and the query of every URL in it replaced by
+    ``***``: a store's URL, or an I/O error's text that quotes one, fit for a log."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+
 
 T = TypeVar("T")
 # Default cap on a client's live I/O threads (abandoned reads still blocked included).
@@ -186,7 +199,7 @@ class ReadGuard:
         clock: Callable[[], float],
         sleep: Callable[[float], None] | None,
     ) -> None:
-        self.url = url
+        self.url = redact_urls(url)  # as messages show it: no credentials
         self.breaker = breaker
         self.timeout_s = timeout_s
         self.retries = retries
@@ -319,7 +332,9 @@ class ReadGuard:
             if deadline is not None:
                 left = deadline - self._clock()
                 if left <= 0:
-                    detail = f"last error: {last!r}" if last else "no time left for the next read"
+                    detail = "no time left for the next read"
+                    if last:
+                        detail = f"last error: {redact_urls(repr(last))}"
                     raise self.expired(budget.what, detail) from last
                 timeout = min(timeout, left)
             try:
@@ -347,20 +362,22 @@ class ReadGuard:
                         raise self.expired(
                             budget.what,
                             f"no time left to retry after {delay:.3g} s of backoff; "
-                            f"last error: {exc!r}",
+                            f"last error: {redact_urls(repr(exc))}",
                         ) from exc
                     if self._sleep is None:
                         self._closing.wait(delay)  # ``close`` ends it; checked just above
                     else:
                         self._sleep(delay)
                 elif deadline is not None and self._clock() >= deadline:
-                    raise self.expired(budget.what, f"last error: {exc!r}") from exc
+                    detail = f"last error: {redact_urls(repr(exc))}"
+                    raise self.expired(budget.what, detail) from exc
             else:
                 budget.answered += 1
                 return result
         plural = "s" if budget.attempts != 1 else ""
         raise UrzaUnavailableError(
-            f"Urza at {self.url} unavailable after {budget.attempts} attempt{plural}: {last!r}"
+            f"Urza at {self.url} unavailable after {budget.attempts} attempt{plural}: "
+            f"{redact_urls(repr(last))}"
         ) from last
 
     def _run_read(self, op: Callable[[threading.Event], T], timeout_s: float) -> T:

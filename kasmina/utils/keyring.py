@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,13 +57,15 @@ class Keyring:
         self._keys: dict[str, bytes] = {}
         # One keyed HMAC per key, copied per message: the key schedule is paid once.
         self._macs: dict[str, hmac.HMAC] = {}
-        for key_id, key in keys.items():
+        for position, (key_id, key) in enumerate(keys.items()):
             if not isinstance(key_id, str) or not key_id:
                 raise ValueError("key ids must be non-empty strings")
             if not isinstance(key, (bytes, bytearray)):
-                raise TypeError(f"key {key_id!r} must be bytes, got {type(key).__name__}")
+                named = _named(key_id, position)
+                raise TypeError(f"{named} must be bytes, got {type(key).__name__}")
             if len(key) < MIN_KEY_BYTES:
-                raise ValueError(f"key {key_id!r} is shorter than {MIN_KEY_BYTES} bytes")
+                named = _named(key_id, position)
+                raise ValueError(f"{named} is shorter than {MIN_KEY_BYTES} bytes")
             self._keys[key_id] = bytes(key)
             self._macs[key_id] = hmac.new(bytes(key), digestmod=hashlib.sha256)
 
@@ -75,13 +78,13 @@ class Keyring:
         if text.startswith("{"):
             return cls._from_json(text, f"${var}")
         keys: dict[str, bytes] = {}
-        for item in text.split(","):
+        for position, item in enumerate(text.split(",")):
             key_id, sep, hex_key = item.strip().partition(":")
             if not sep:
                 raise ValueError(f"${var}: expected 'key_id:hexkey' items separated by commas")
             if key_id.strip() in keys:
-                raise ValueError(f"${var}: key id {key_id.strip()!r} is given twice")
-            keys[key_id.strip()] = _unhex(hex_key.strip(), key_id, f"${var}")
+                raise ValueError(f"${var}: {_named(key_id.strip(), position)} is given twice")
+            keys[key_id.strip()] = _unhex(hex_key.strip(), key_id.strip(), position, f"${var}")
         return cls(keys)
 
     @classmethod
@@ -102,10 +105,10 @@ class Keyring:
         if not isinstance(data, dict):
             raise ValueError(f"{origin}: expected a JSON object of key_id -> hex key")
         keys = {}
-        for key_id, hex_key in data.items():
+        for position, (key_id, hex_key) in enumerate(data.items()):
             if not isinstance(hex_key, str):
-                raise ValueError(f"{origin}: key {key_id!r} must be a hex string")
-            keys[key_id] = _unhex(hex_key, key_id, origin)
+                raise ValueError(f"{origin}: {_named(key_id, position)} must be a hex string")
+            keys[key_id] = _unhex(hex_key, key_id, position, origin)
         return cls(keys)
 
     def get(self, key_id: str) -> bytes | None:
@@ -134,8 +137,21 @@ class Keyring:
         return f"Keyring(key_ids={list(self._keys)!r})"
 
 
-def _unhex(hex_key: str, key_id: str, origin: str) -> bytes:
+def _unhex(hex_key: str, key_id: str, position: int, origin: str) -> bytes:
     try:
         return bytes.fromhex(hex_key)
     except ValueError:
-        raise ValueError(f"{origin}: key {key_id!r} is not valid hex") from None
+        raise ValueError(f"{origin}: {_named(key_id, position)} is not valid hex") from None
+
+
+# A key id an error may quote: a plain name, not a run of hex as long as a key (a key file whose
+# ids and keys were swapped must not print its secrets in the error that refuses it).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_KEY_LIKE = re.compile(f"[0-9a-fA-F]{{{2 * MIN_KEY_BYTES},}}")
+
+
+def _named(key_id: object, position: int) -> str:
+    """How an error names a key: by its id when that reads as a name, else by its position."""
+    if isinstance(key_id, str) and _PLAIN_ID.fullmatch(key_id) and not _KEY_LIKE.match(key_id):
+        return f"key {key_id!r}"
+    return f"key #{position + 1} (its id is not shown: not a plain name, or like key material)"

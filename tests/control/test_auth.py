@@ -123,6 +123,27 @@ def test_keyring_from_env_rejects_garbage(monkeypatch: pytest.MonkeyPatch, value
         Keyring.from_env()
 
 
+def test_a_keyring_with_ids_and_keys_swapped_never_prints_a_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A key given in the id's place (``{"<hex key>": "ctl"}``, ``<hex key>:ctl``) is refused
+    naming the entry by its position: the error (printed by the CLI, logged by a trainer)
+    must not carry the secret. A plain id is still named."""
+    secret = KEY.hex()
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"k1": OTHER_KEY.hex(), secret: "ctl"}))
+    attempts = [lambda: Keyring.from_file(path), lambda: Keyring({secret: b"short"})]
+    monkeypatch.setenv("KASMINA_HMAC_KEYS", f"{secret}:ctl")
+    attempts.append(Keyring.from_env)
+    for attempt in attempts:
+        with pytest.raises(ValueError) as raised:
+            attempt()
+        assert secret not in str(raised.value) and "key #" in str(raised.value)
+    path.write_text(json.dumps({"ctl": "zz"}))
+    with pytest.raises(ValueError, match="key 'ctl' is not valid hex"):
+        Keyring.from_file(path)
+
+
 def test_keyring_from_env_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KASMINA_HMAC_KEYS", raising=False)
     with pytest.raises(ValueError, match="KASMINA_HMAC_KEYS"):

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import shutil
 import threading
 import uuid
@@ -420,6 +421,29 @@ def test_http_store_on_loopback(store, trusted) -> None:
     gone = client(url, trusted, retries=1, sleep=lambda s: None)
     with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
         gone.fetch(manifest.artifact_id)
+
+
+def test_a_store_urls_credentials_never_reach_a_message_or_a_repr(
+    trusted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store URL may carry a user and password, or a signed URL's token in its query: the
+    client's errors (which the loader logs and the command log keeps) and a config's repr
+    show the URL with both replaced by ``***``."""
+    from kasmina.manager.config import KasminaConfig
+    from kasmina.urza.resilience import redact_urls
+
+    with serve_directory(Path(".")) as url:  # a port that is free again once the server ends
+        pass
+    secret_url = url.replace("http://", "http://alice:S3CRET@") + "/urza?sig=S3CRET-SIG"
+    gone = client(secret_url, trusted, timeout_s=2.0)
+    with caplog.at_level(logging.DEBUG), pytest.raises(UrzaUnavailableError) as raised:
+        gone.fetch("mlp")
+    assert "S3CRET" not in str(raised.value) and "http://***@127.0.0.1" in str(raised.value)
+    assert "S3CRET" not in caplog.text
+    config = KasminaConfig(urza_url=secret_url, urza_trusted_publishers={})
+    assert "S3CRET" not in repr(config) and "urza_url=" in repr(config)
+    assert redact_urls("s3://k:s@b/p?X-Amz-Signature=ab cd") == "s3://***@b/p?*** cd"
+    assert redact_urls("/data/urza") == "/data/urza"
 
 
 def test_retries_backoff_breaker_and_recovery(store, trusted) -> None:
