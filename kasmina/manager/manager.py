@@ -576,7 +576,8 @@ class KasminaKernelManager:
         debug monitors. Violations count toward each seed's breaker (QUARANTINE at the limit;
         the host keeps training). True when the step was clean so far; ``step`` calls it too,
         and a violation found by an earlier call still keeps that step's host optimizer from
-        stepping."""
+        stepping: the next ``step()``, which zeroes the gradients the leak left, even when
+        the batch was dropped in between."""
         return self.guard.check(self.require_registry())
 
     def close(self) -> None:

@@ -459,10 +459,10 @@ def alpha_blend(
     # graph node: only the seed's or alpha's gradient does, in both wrappers.
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
-    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
+    if functorch_active() and not torch.compiler.is_compiling():
+        return _AlphaBlendFunction.apply(*args)  # torch.func: its forward gets plain tensors
+    if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _alpha_blend_op(*args)
-    if functorch_active():  # torch.func: the Function, whose forward gets plain tensors
-        return _AlphaBlendFunction.apply(*args)
     alpha_grad = alpha_t is not None and alpha_t.requires_grad
     if not torch.is_grad_enabled() or not (
         seed_out.requires_grad or host.requires_grad or alpha_grad

@@ -74,9 +74,26 @@ def use_triton(device: torch.device) -> bool:
 
 def through_dispatcher() -> bool:
     """Whether an op's call must go through its custom op: while ``torch.compile`` traces, or
-    under a dispatch mode (``FakeTensorMode``, ``FlopCounterMode``, ...), whose tensors or
-    bookkeeping the eager paths (kernel launches on storage, host reads of a value) bypass."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    under a mode that traces or fakes tensors (``FakeTensorMode``, ``make_fx``'s proxy mode,
+    functionalization), whose tensors the eager paths (kernel launches on storage, host reads
+    of a value) cannot take. Any other dispatch mode (``FlopCounterMode``, a user's logging
+    mode) sees the eager path's own aten ops, as without the mode."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._len_torch_dispatch_stack() == 0:
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(mode, _tracing_modes()) for mode in _get_current_dispatch_mode_stack())
+
+
+@functools.cache
+def _tracing_modes() -> tuple[type, ...]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+
+    return (FakeTensorMode, FunctionalTensorMode, ProxyTorchDispatchMode)
 
 
 def check_float_tensor(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:

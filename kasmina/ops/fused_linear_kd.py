@@ -166,7 +166,7 @@ class _FusedFunction(torch.autograd.Function):
         loss, grad_h, acc_w, acc_b, scale, stats = _forward(
             hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, cfg
         )
-        ctx.cfg = cfg
+        ctx.cfg, ctx.op = cfg, "fused_linear_kd_loss"
         ctx.save_for_backward(
             hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask, stats
         )
@@ -483,7 +483,7 @@ def fused_linear_kd_loss(
         for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     )
     mask = keep(mask)
-    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
+    if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _fused_op(
             student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,
             chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,

@@ -582,10 +582,10 @@ def kd_kl_loss(
     if need_grad:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
-    if through_dispatcher():  # tracing, or a dispatch mode (FakeTensorMode, ...)
-        return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
-    if functorch_active():
+    if functorch_active() and not torch.compiler.is_compiling():  # torch.func: plain tensors
         return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
+    if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
+        return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
     if need_grad:
         anchor = None if use_triton(student_logits.device) else graph_anchor(student_logits)
         args = (student_logits, teacher, mask, temperature, reduction, anchor)

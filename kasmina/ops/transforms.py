@@ -120,7 +120,11 @@ def first_order_backward(backward):
     0-element anchor on the student's graph: ``graph_anchor``): the first-order gradients keep
     their values, and a second derivative through them raises, whether by ``backward()`` or by
     ``autograd.grad`` of named inputs (which prunes a node hanging off the incoming gradient
-    alone and would otherwise return a silently incomplete result, or None).
+    alone and would otherwise return a silently incomplete result, or None). The tie is no
+    view (a caller may scale the gradient in place); like any ``backward(create_graph=True)``
+    it makes a leaf's ``.grad`` reach the leaf's graph (PyTorch's own warning about that
+    reference cycle applies). The anchor costs two 0-element ops per CPU call that needs a
+    gradient.
     A backward of a Function applied under ``torch.func`` runs through ``functorch_backward``
     (which refuses nesting: functorch forbids ``requires_grad_`` inside a transform)."""
     once = once_differentiable(backward)
@@ -156,7 +160,7 @@ class _DifferentiableOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: str, grad: Tensor, *_inputs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.op = op
-        return grad.view_as(grad)
+        return grad.detach()  # not a view: the caller may modify the gradient in place
 
     @staticmethod
     def backward(ctx, *_grads: Tensor):  # type: ignore[override]

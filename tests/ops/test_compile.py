@@ -193,3 +193,30 @@ def test_every_op_gives_shapes_on_fake_and_meta_tensors(
         assert clip.shape == (2,)
         for k in ("seed", "host", "alpha", "student", "weight"):
             assert inputs[k].grad.shape == inputs[k].shape, k
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+def test_a_mode_that_only_watches_sees_the_eager_path(
+    request: pytest.FixtureRequest, kernels: str
+) -> None:
+    """A dispatch mode that neither traces nor fakes tensors (``FlopCounterMode``, a user's
+    logging mode) changes nothing: the fused-linear op's GEMMs are counted, ``torch.func``
+    runs the ops' Functions, and values equal those without the mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kasmina.ops import fused_linear_kd_loss
+
+    request.getfixturevalue(kernels)
+    h = torch.randn(4, 8, requires_grad=True)
+    w, t = torch.randn(16, 8, requires_grad=True), torch.randn(4, 16)
+    with FlopCounterMode(display=False) as counter:
+        fused_linear_kd_loss(h, w, t, chunk_rows=2).backward()
+    assert counter.get_total_flops() >= 2 * 2 * 4 * 8 * 16  # the GEMMs seen (was 0)
+    s, a = torch.randn(3, 4), torch.tensor(0.3)
+    blend = torch.func.grad(lambda s: alpha_blend(s, torch.zeros(3, 4), a).square().sum())
+    kd = torch.func.grad(lambda s: kd_kl_loss(s, t[:3, :4], 2.0))
+    want = blend(s), kd(s)
+    with FlopCounterMode(display=False):
+        got = blend(s), kd(s)
+    for g, x in zip(got, want, strict=True):
+        torch.testing.assert_close(g, x, rtol=0, atol=0)

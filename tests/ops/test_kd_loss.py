@@ -528,6 +528,7 @@ def test_create_graph_first_order_exact_and_second_backward_raises(backend, redu
     _, grad = _oracle(logits, teacher, 2.0, reduction, grad_output=torch.ones(loss.shape))
     _close(gx, grad @ w.detach().double().t(), torch.float32)
     _close(gw, x.detach().double().t() @ grad, torch.float32)
+    assert not gx._is_view() and not gw._is_view()  # a caller may scale them in place
     for penalty in (gx.pow(2).sum(), gw.pow(2).sum()):
         with pytest.raises(RuntimeError, match="differentiate twice"):
             penalty.backward(retain_graph=True)

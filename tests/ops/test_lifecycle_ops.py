@@ -440,9 +440,12 @@ def test_launcher_copies_views_itself(triton_backend: None) -> None:
     assert state[:, C.LIFECYCLE_STAGE].tolist() == [0, 1, 0, 1, 0, 1]
 
 
-def test_eager_calls_skip_the_dispatcher_and_modes_see_the_custom_ops(backend: str) -> None:
+def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_custom_ops(backend: str) -> None:
     """Eager calls run the implementation directly (no custom-op round trip) yet still bump the
-    state's version counter; under a dispatch mode the calls are the custom ops, same results."""
+    state's version counter; a mode that only watches (a profiler, a logger) sees that same
+    path with the same results; a trace (``make_fx``) records the custom ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     eager, moded = random_state(64, seed=30), random_state(64, seed=30)
     requests = (torch.tensor([3, 9, 9, 70, 12]), torch.tensor([1, 2, 3, 1, 11]))
     version = eager._version
@@ -452,9 +455,18 @@ def test_eager_calls_skip_the_dispatcher_and_modes_see_the_custom_ops(backend: s
     with DispatchedOps() as mode:
         moded_codes = lifecycle_update(moded, *requests)
         lifecycle_tick(moded)
-    assert any("kasmina.lifecycle_update" in str(op) for op in mode.ops)
-    assert any("kasmina.lifecycle_tick" in str(op) for op in mode.ops)
+    assert mode.ops and not any("kasmina." in str(op) for op in mode.ops)
     assert torch.equal(codes, moded_codes) and torch.equal(eager, moded)
+
+    def update_and_tick(state, idx, stage):
+        out = lifecycle_update(state, idx, stage)
+        lifecycle_tick(state)
+        return out
+
+    graph = make_fx(update_and_tick)(random_state(64, seed=30), *requests).graph
+    traced = [str(node.target) for node in graph.nodes]
+    assert "kasmina.lifecycle_update.default" in traced
+    assert "kasmina.lifecycle_tick.default" in traced
 
 
 def test_auto_backend_on_cpu_runs_the_host_path(
