@@ -48,6 +48,7 @@ __all__ = [
     "TensorSpec",
     "payload_sha256",
     "read_bounded",
+    "shown",
     "sign_manifest",
     "validate_artifact_id",
     "verify_manifest",
@@ -96,11 +97,18 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, root.rstrip("/")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters: a field read from a store
+    before its signature is checked may be megabytes long (logged, and kept in command logs)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def validate_artifact_id(artifact_id: object) -> str:
     """Artifact ids name files in the store, so only ``[A-Za-z0-9._-]`` (no paths) is allowed."""
     if not isinstance(artifact_id, str) or not _ID_RE.fullmatch(artifact_id):
         raise ValueError(
-            f"invalid artifact id {artifact_id!r}: 1-128 characters of [A-Za-z0-9._-], "
+            f"invalid artifact id {shown(artifact_id)}: 1-128 characters of [A-Za-z0-9._-], "
             "starting with a letter or digit"
         )
     return artifact_id
@@ -256,11 +264,11 @@ class Manifest:
         if not math.isfinite(created):
             raise ValueError("manifest created must be a finite Unix time")
         if data["format"] != ARTIFACT_FORMAT:
-            raise ValueError(f"unsupported artifact format {data['format']!r}")
+            raise ValueError(f"unsupported artifact format {shown(data['format'])}")
         if data["manifest_version"] != MANIFEST_VERSION or isinstance(
             data["manifest_version"], bool
         ):
-            raise ValueError(f"unsupported manifest version {data['manifest_version']!r}")
+            raise ValueError(f"unsupported manifest version {shown(data['manifest_version'])}")
         if not isinstance(data["input_spec"], list):
             raise ValueError("manifest input_spec must be a list")
         return cls(
@@ -342,7 +350,7 @@ def verify_manifest(
         raise ArtifactIntegrityError(f"{where}: {LEGACY_HMAC_MESSAGE}")
     if version != MANIFEST_VERSION or isinstance(version, bool):
         raise ArtifactIntegrityError(
-            f"{where}: unsupported manifest version {version!r} (this Kasmina reads version "
+            f"{where}: unsupported manifest version {shown(version)} (this Kasmina reads version "
             f"{MANIFEST_VERSION})"
         )
     signature = data.get("signature")
@@ -352,7 +360,7 @@ def verify_manifest(
     if not isinstance(key_id, str) or key_id not in publishers:
         trusted = ", ".join(publishers.key_ids) or "none configured"
         raise ArtifactIntegrityError(
-            f"{where}: unknown publisher key {key_id!r} (trusted publishers: {trusted})"
+            f"{where}: unknown publisher key {shown(key_id)} (trusted publishers: {trusted})"
         )
     unsigned = {k: v for k, v in data.items() if k != "signature"}
     try:
@@ -369,7 +377,7 @@ def verify_manifest(
         raise ArtifactIntegrityError(f"{where}: malformed manifest ({exc})") from None
     if expected_id is not None and manifest.artifact_id != expected_id:
         raise ArtifactIntegrityError(
-            f"{where}: manifest is for a different artifact ({manifest.artifact_id!r})"
+            f"{where}: manifest is for a different artifact ({shown(manifest.artifact_id)})"
         )
     object.__setattr__(manifest, "verified", True)
     return manifest

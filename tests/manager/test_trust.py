@@ -432,3 +432,20 @@ def test_every_numeric_setting_states_its_range(field: str, value: float) -> Non
         KasminaConfig(**{field: value})
     message = str(info.value)
     assert field in message and _RANGE.search(message), message
+
+
+def test_a_stores_megabyte_field_stays_out_of_logs_and_the_command_log(
+    rig: Rig, store: Path, mlp: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store serving a manifest with a megabyte-long unverified field (its key id): the
+    refused GERMINATE's log lines and command log entry quote it cut short, so a flood of
+    such commands cannot grow the process's memory or its logs by megabytes each."""
+    path = store / f"{mlp}.manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "key_id": "K" * 1_000_000}))
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            assert not rig.send("germinate", SEED0, mlp)
+    reasons = [entry[3] for entry in rig.manager.command_log]
+    assert len(reasons) == 3 and all("unknown publisher key" in r for r in reasons)
+    assert max(len(r) for r in reasons) < 1000
+    assert max(len(record.getMessage()) for record in caplog.records) < 2000
