@@ -18,7 +18,10 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   (``bad_learning_rate``); ADVANCE ``gate_score`` in [0, 1] (``bad_gate_score``); CULL
   ``embargo_epochs`` an integer in [0, ``MAX_EMBARGO_EPOCHS``] = [0, 2**31 - 1]
   (``bad_embargo_epochs``); TERMINATE takes no parameter;
-- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``;
+- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``; its
+  ``reason`` at most ``MAX_REASON_CHARS`` printable characters -> ``bad_reason``;
+- ids (command, seed, artifact, optimizer): at most ``MAX_ID_CHARS`` printable characters (no
+  newline, escape or other control character, which would forge log lines) -> ``bad_<id>``;
 - optimizer ``learning_rate``: 0 (unset: keep the current lr / the default on creation) or
   (0, ``MAX_LEARNING_RATE``], and only on a creation or a STEP -> ``bad_learning_rate``;
 - optimizer ``grad_clip_norm``: [0, ``MAX_GRAD_CLIP_NORM``] = [0, 1e6], 0 = no clipping, and
@@ -65,6 +68,8 @@ __all__ = [
 ]
 
 MAX_ID_CHARS = 256
+# A rollback's free-text reason (logged at CRITICAL, kept in the command log) is bounded too.
+MAX_REASON_CHARS = 1024
 _SEED_OPERATIONS = frozenset(v for v in SeedOperation.values() if v != 0)
 _OPTIMIZER_COMMANDS = frozenset(v for v in CommandType.values() if v != 0)
 _PRIORITIES = frozenset(MessagePriority.values())
@@ -243,7 +248,7 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
     passed. Nothing is deep-copied: an optimizer payload is the parsed sub-message itself.
     """
     command_id = cmd.command_id
-    if not command_id or len(command_id) > MAX_ID_CHARS:
+    if not command_id or len(command_id) > MAX_ID_CHARS or not command_id.isprintable():
         return "bad_command_id"
     priority = cmd.priority
     if priority not in _PRIORITIES:
@@ -267,10 +272,10 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         if op not in _SEED_OPERATIONS:
             return "unknown_operation"
         seed_id = seed.seed_id
-        if not seed_id or len(seed_id) > MAX_ID_CHARS:
+        if not seed_id or len(seed_id) > MAX_ID_CHARS or not seed_id.isprintable():
             return "bad_seed_id"
         artifact_id = seed.kernel_artifact_id
-        if len(artifact_id) > MAX_ID_CHARS:
+        if len(artifact_id) > MAX_ID_CHARS or not artifact_id.isprintable():
             return "bad_artifact_id"
         if op == _GERMINATE and not artifact_id:
             return "missing_artifact_id"
@@ -288,7 +293,10 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         target_epoch = r.target_epoch
         if not 0 <= target_epoch <= MAX_EPOCH:
             return "bad_target_epoch"
-        rollback = RollbackAction(target_epoch, r.emergency, r.reason)
+        reason = r.reason
+        if len(reason) > MAX_REASON_CHARS or not reason.isprintable():
+            return "bad_reason"
+        rollback = RollbackAction(target_epoch, r.emergency, reason)
         return _command(command_id, "rollback", priority, timeout_s, None, rollback, None)
     if cmd.HasField("optimizer_command"):
         opt = cmd.optimizer_command
@@ -304,7 +312,7 @@ def _optimizer_problem(opt: OptimizerCommand) -> str | None:
         return "unknown_optimizer_command"
     if opt.command_type == _CREATE_SEED and not opt.optimizer_id:
         return "missing_optimizer_id"
-    if len(opt.optimizer_id) > MAX_ID_CHARS:  # ids are bounded, as the command's own
+    if len(opt.optimizer_id) > MAX_ID_CHARS or not opt.optimizer_id.isprintable():
         return "bad_optimizer_id"
     clip = opt.grad_clip_norm  # NaN fails every comparison, so it is refused too
     if not 0.0 <= clip <= MAX_GRAD_CLIP_NORM or (clip and opt.command_type != _STEP):

@@ -275,6 +275,12 @@ SEMANTIC_CASES = [
     ("bad_timeout", _timeout(0, -1)),
     ("bad_timeout", _timeout(1, 1_000_000_000)),
     ("bad_command_id", _set("command_id", "")),
+    ("bad_command_id", _set("command_id", "c" * 257)),
+    # Control characters in an id would forge log lines (ids are logged as they are).
+    ("bad_command_id", _set("command_id", "ok\n2026-01-01 INFO forged")),
+    ("bad_seed_id", _set("seed_command.seed_id", "out[0]\x1b[2K")),
+    ("bad_artifact_id", _set("seed_command.kernel_artifact_id", "a\x00b")),
+    ("bad_artifact_id", _set("seed_command.kernel_artifact_id", "a" * 257)),
     ("unknown_priority", _set("priority", 42)),
     ("non_finite_parameter", _param("learning_rate", math.nan)),
     ("non_finite_parameter", _param("x", math.inf)),
@@ -298,6 +304,9 @@ def test_semantically_invalid_signed_commands_are_rejected(rig: Rig, reason: str
     ("reason", "cmd"),
     [
         ("bad_target_epoch", make_rollback_command(-1)),
+        ("bad_reason", make_rollback_command(1, reason="r" * 1025)),
+        ("bad_reason", make_rollback_command(1, reason="ok\r\x1b[2K forged")),
+        ("bad_optimizer_id", make_optimizer_command("step", "o\n")),
         ("unknown_optimizer_command", make_optimizer_command(0)),
         ("unknown_optimizer_command", make_optimizer_command(77)),
         ("missing_optimizer_id", make_optimizer_command("create_seed")),
@@ -678,3 +687,16 @@ def test_the_report_interval_is_bounded(interval: float) -> None:
             RecordingExecutor(),
             rejection_report_interval_s=interval,
         )
+
+
+def test_ids_and_reasons_at_their_bounds_are_accepted(rig: Rig) -> None:
+    """Just inside every bound of the strings: 256-character ids, a 1,024-character rollback
+    reason, printable non-ASCII text (an id is any printable text, not ASCII only)."""
+    cmd = germinate()
+    cmd.command_id, cmd.seed_command.seed_id = "c" * 256, "s" * 256
+    cmd.seed_command.kernel_artifact_id = "a" * 256
+    rollback = make_rollback_command(1, reason="r" * 1023 + "é")
+    optimizer = make_optimizer_command("step", "Ω" * 256)
+    for accepted in (cmd, rollback, optimizer):
+        assert rig.handler.handle_adaptation_command(rig.sign(accepted)) is True
+    assert rig.reasons() == []
