@@ -115,7 +115,11 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle plain data is a malformed body
-        raise SavedModelError(f"{where}: body does not load ({type(exc).__name__}: {exc})") from exc
+        # Quoted, escaped and cut: the text may carry the crafted file's own strings.
+        text = str(exc)
+        shown = repr(text[:300]) + (f" ... ({len(text)} characters)" if len(text) > 300 else "")
+        problem = f"{type(exc).__name__}: {shown}"
+        raise SavedModelError(f"{where}: body does not load ({problem})") from exc
     if not isinstance(body, dict):
         raise SavedModelError(f"{where}: body is not a mapping")
     return body

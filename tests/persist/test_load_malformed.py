@@ -141,6 +141,28 @@ def test_a_body_that_is_not_plain_data_is_a_saved_model_error(tmp_path: Path) ->
     _refused(_write_raw(tmp_path / "pickle", _header(payload), payload), "does not load")
 
 
+def test_a_bodys_own_text_reaches_the_error_escaped_and_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unpickler's error quotes the crafted file's own strings (a class name): the
+    refusal, which a service logs, shows them escaped (no raw newline or escape code to forge
+    a log line) and cut short."""
+    buffer = io.BytesIO()
+    torch.save({"slots": []}, buffer)
+    payload = buffer.getvalue()
+    path = _write_raw(tmp_path / "crafted", _header(payload), payload)
+
+    def load(*args, **kwargs):
+        raise RuntimeError("Unsupported global: x\r\n2026-01-01 INFO forged\x1b[2K" + "y" * 5000)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(SavedModelError) as raised:
+        kasmina.load(path, Host(), publishers=PUBLISHER.trusted_publishers())
+    text = str(raised.value)
+    assert "\n" not in text and "\x1b" not in text and "\r" not in text
+    assert "forged" in text and len(text) < 600 and "(5049 characters)" in text
+
+
 def test_a_non_hex_digest_is_a_saved_model_error(tmp_path: Path) -> None:
     path = _write_raw(tmp_path / "digest", _header(b"x", sha256="\u00e9" * 64), b"x")
     _refused(path, "sha256 is malformed")
