@@ -619,3 +619,23 @@ def test_a_grown_model_runs_in_float64_with_the_float32_math(
         torch.testing.assert_close(out64, out32, rtol=1e-5, atol=1e-6)
         for name in g32:
             torch.testing.assert_close(g64[name], g32[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_host_chunk_passed_through_is_never_a_seeds_fault() -> None:
+    """A DORMANT seed's chunk is the host's own output: when the host's values there are not
+    finite, the GRAFTING seed beside it is not charged, nothing falls back, and the host's
+    passed-through chunk keeps its own gradient."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    layer.seeds[1].attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    for step in TO_GRAFTING:
+        layer.seeds[1].transition_to(step)
+    layer.update_alpha_blending(3, 10)
+    with torch.no_grad():
+        layer.host.weight[0, 0] = float("inf")  # the host's chunk 0 overflows
+    x = torch.randn(5, 6).abs() + 0.1
+    out = layer(x)
+    assert not torch.isfinite(out[:, 0]).any() and torch.isfinite(out[:, 1:]).all()
+    out[:, 1:].sum().backward()
+    assert layer.poll_nonfinite() == [] and layer.seeds[1].faults == 0
+    assert torch.equal(layer.host.weight.grad[1], x.sum(0))  # its own chunk, passed through

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import pytest
@@ -20,6 +21,7 @@ from kasmina.seeds.gates import (
     gate_g3_compatibility,
     gate_g4_alpha,
     gate_g5_performance,
+    sigmoid_alpha,
 )
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor, blueprint_hash
@@ -445,3 +447,11 @@ def test_gate_g5_compares_the_measured_benefit() -> None:
     stale = gate_g5_performance(_evaluation(0.1, 1.0, S.GRAFTING), 0.0)
     assert not stale.passed and "GRAFTING" in stale.reason
     assert not gate_g5_performance(_evaluation(float("nan"), 1.0), 0.0).passed
+
+
+def test_the_grafting_schedule_is_exact_at_both_ends_of_a_long_schedule() -> None:
+    """``sigmoid((step - total/2) / T)`` far out on either side (a 2,000-step schedule at
+    T = 1: exp(1000) overflows a float): 0 and 1 as limits, no OverflowError."""
+    assert sigmoid_alpha(0, 2000, 1.0) == 0.0 and sigmoid_alpha(2000, 2000, 1.0) == 1.0
+    assert sigmoid_alpha(1000, 2000, 1.0) == 0.5
+    assert sigmoid_alpha(990, 2000, 1.0) == pytest.approx(1 / (1 + math.exp(10)))

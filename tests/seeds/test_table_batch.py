@@ -402,3 +402,19 @@ def test_the_largest_embargo_is_written_to_the_counter_at_cooldown() -> None:
         table.batch_state_update([(0, stage)])
     assert table.stages() == [SeedStage.COOLDOWN]
     assert int(table.state_tensor[0, StateColumn.EMBARGO_COUNTER]) == 2**31 - 1
+
+
+def test_a_batch_that_does_not_count_up_keeps_the_mirror_on_the_right_seeds() -> None:
+    """K requests whose indices run ``first .. first + K - 1`` but not in order (0, 2, 1, 3)
+    all apply: the host mirror must follow each index, not assume the batch counts up (a
+    mirror that did put seed 1's stage on seed 2 and back)."""
+    table = GPUStateTensor(4, "cpu")
+    table.update_seed_state(1, SeedStage.ISOLATED_INIT)
+    S = SeedStage
+    updates = [(0, S.ISOLATED_INIT), (2, S.ISOLATED_INIT), (1, S.COMPATIBILITY_CHECK)]
+    codes = table.batch_state_update([*updates, (3, S.ISOLATED_INIT)])
+    assert all(code == 0 for code in codes)
+    want = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.ISOLATED_INIT, S.ISOLATED_INIT]
+    assert table.stages() == want
+    device = table.state_tensor[:, StateColumn.LIFECYCLE_STAGE].tolist()
+    assert device == [int(s) for s in want]
