@@ -166,3 +166,31 @@ def test_the_compatibility_probes_leave_the_global_rng_alone(rig: Rig, store) ->
     seed.probe_result = None  # G3 probes a sample of its own, and counts the kernel's FLOPs
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
     assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_a_rollback_brings_back_the_isolation_count_it_saved(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """The breaker counts a seed's violations towards QUARANTINE; a rollback to an epoch
+    restores the count the seed had then (not the count reached since, nor zero), so the
+    breaker trips after the same number of further violations as it would have then."""
+    from kasmina.control.commands import make_rollback_command
+
+    rig = Rig(make_config(tmp_path, store, max_isolation_violations=10), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+
+    def leak() -> None:  # the kernel's output reaches a host parameter: one violation a step
+        kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+        forward = kernel.forward
+        kernel.forward = lambda x: forward(x) + 0.0 * weight.sum()
+
+    leak()
+    assert not rig.train(1)["isolation_clean"]
+    manager.end_epoch(0)  # the checkpoint holds 1 violation
+    rig.train(2)
+    record = manager.require_registry()[SEED0]
+    assert record.monitor.violation_count == 3 == manager.seed(SEED0).isolation_violations
+    assert helpers.run_command(manager, rig.signed(make_rollback_command(0)))
+    record = manager.require_registry()[SEED0]
+    assert record.monitor.violation_count == 1 == manager.seed(SEED0).isolation_violations
