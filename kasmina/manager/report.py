@@ -44,14 +44,16 @@ from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.ratelimit import clipped
 
 __all__ = [
-    "MAX_REASON_CHARS",
     "SYSTEM_STATE_VERSION",
     "ManagerReport",
     "TargetCheck",
-    "bounded_reason",
 ]
+
+# A command log entry's reason is cut to this many characters (the log keeps 1,000 entries).
+MAX_REASON_CHARS = 1000
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +252,8 @@ class ManagerReport:
         """Count an executed command by kind and result; keep it (with why) in the log."""
         kind = _command_kind(command)
         self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
-        self.state.command_log.append((command.command_id, kind, ok, bounded_reason(reason)))
+        reason = clipped(reason, MAX_REASON_CHARS)
+        self.state.command_log.append((command.command_id, kind, ok, reason))
 
     def revise_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
         """``command`` ended otherwise than noted (a multi-rank repair overturned this rank's
@@ -261,7 +264,7 @@ class ManagerReport:
             if command_id == command.command_id:
                 self.state.counters[f"{kind}:{'ok' if was_ok else 'refused'}"] -= 1
                 self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
-                log[i] = (command_id, kind, ok, bounded_reason(reason))
+                log[i] = (command_id, kind, ok, clipped(reason, MAX_REASON_CHARS))
                 return
         # No longer in the bounded log: a revise overturns, so the earlier outcome was the other.
         self.state.counters[f"{_command_kind(command)}:{'refused' if ok else 'ok'}"] -= 1
@@ -405,17 +408,6 @@ class ManagerReport:
         overhead = statistics.median(s - h for s, h in zip(slot_ns, host_ns, strict=True)) / 1e3
         self.state.dormant_overhead_us = overhead
         return overhead
-
-
-# A command log entry's reason is cut to this many characters (the log keeps 1,000 entries).
-MAX_REASON_CHARS = 1000
-
-
-def bounded_reason(reason: str) -> str:
-    """``reason`` as a command log keeps it: at most ``MAX_REASON_CHARS`` characters."""
-    if len(reason) <= MAX_REASON_CHARS:
-        return reason
-    return f"{reason[: MAX_REASON_CHARS - 40]}... ({len(reason)} characters)"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 from kasmina.errors import ArtifactIntegrityError, KasminaError
 from kasmina.utils.atomic import atomic_write_bytes
 from kasmina.utils.files import NotARegularFileError, open_regular_file
+from kasmina.utils.ratelimit import clipped
 from kasmina.utils.state_io import is_hex
 
 __all__ = [
@@ -115,10 +116,8 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle plain data is a malformed body
-        # Quoted, escaped and cut: the text may carry the crafted file's own strings.
-        text = str(exc)
-        shown = repr(text[:300]) + (f" ... ({len(text)} characters)" if len(text) > 300 else "")
-        problem = f"{type(exc).__name__}: {shown}"
+        # Cut and quoted (escaped): the text may carry the crafted file's own strings.
+        problem = f"{type(exc).__name__}: {clipped(str(exc), 300)!r}"
         raise SavedModelError(f"{where}: body does not load ({problem})") from exc
     if not isinstance(body, dict):
         raise SavedModelError(f"{where}: body is not a mapping")

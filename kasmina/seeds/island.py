@@ -393,9 +393,7 @@ def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     along a moved chunk dim returns the moved layout; one copy, only then."""
     if like.is_contiguous():
         return out.contiguous()
-    for layout in (torch.channels_last, torch.channels_last_3d):
-        if like.dim() == (4 if layout is torch.channels_last else 5) and like.is_contiguous(
-            memory_format=layout
-        ):
+    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if like.dim() == rank and like.is_contiguous(memory_format=layout):
             return out.contiguous(memory_format=layout)
     return out

@@ -35,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.utils.files import NotARegularFileError, open_regular_file
+from kasmina.utils.ratelimit import clipped
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
 __all__ = [
@@ -97,11 +98,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, root.rstrip("/")
 
 
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` for a message, cut to ``limit`` characters: a field read from a store
-    before its signature is checked may be megabytes long (logged, and kept in command logs)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, cut short: a field read from a store before its signature
+    is checked may be megabytes long (logged, and kept in command logs)."""
+    return clipped(repr(value), 80)
 
 
 def validate_artifact_id(artifact_id: object) -> str:

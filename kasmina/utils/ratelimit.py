@@ -1,4 +1,5 @@
-"""Rate-limited logging: the level for the ``count``-th line of a repeating kind."""
+"""Bounded logging: the level for the ``count``-th line of a repeating kind, and text an
+untrusted source wrote (a store's manifest, a crafted file) cut to a length fit for a line."""
 
 from __future__ import annotations
 
@@ -9,3 +10,8 @@ def rarely(count: int, every: int, level: int = logging.WARNING) -> int:
     """``level`` for the first and every ``every``-th occurrence, DEBUG for the rest, so a
     condition that repeats on every step stays visible without flooding the log."""
     return level if count == 1 or count % every == 0 else logging.DEBUG
+
+
+def clipped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
