@@ -96,7 +96,10 @@ def alpha_blend_reference(
       ``host + alpha*(seed - host)`` (``seed - (seed - host)*(1 - alpha)`` for alpha >= 0.5, so
       alpha = 0 and 1 give host and seed exactly). A float weight is an fp32 (opmath) scalar
       even for fp16/bf16 data. The kernel evaluates ``alpha*seed + (1-alpha)*host``: the same
-      value to within an fp32 rounding.
+      value to within an fp32 rounding for finite inputs. Where ``host`` is infinite they
+      differ: lerp gives NaN for alpha < 0.5 (``inf + alpha*(seed - inf)``) where the kernel's
+      sum gives the infinity, and both give NaN for alpha = 1 (``0 * inf``). A seeds' slot
+      never blends a chunk that is the host's own (``kasmina.seeds.layer``).
     * fp16/bf16 with a tensor alpha: lerp would round the weight to the data's dtype, so the
       data is upcast, lerped in fp32 and rounded once. (The CPU op's forward,
       ``_blend_forward_reference``, does the same with one buffer fewer, and passes a CPU 0-d

@@ -282,18 +282,26 @@ def _graft_values(
         if not graft.blend:
             return full, alpha, None
         return blend_chunks(full, host, alpha), alpha, None
+    host_c = host.unflatten(-1, (n, -1))
+    keep = ok.logical_not()  # the chunks whose seed falls back
     if graft.passed is not None:  # a host chunk is never the seed's fault
         ok = ok.logical_or(graft.passed)
-    record_fallbacks(ok, chunk_sums(host.unflatten(-1, (n, -1))), *graft.flags)
+        keep = keep.logical_or(graft.passed)
+    record_fallbacks(ok, chunk_sums(host_c), *graft.flags)
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
-        torch.where(ok.unsqueeze(-1), full_c, host.unflatten(-1, (n, -1)), out=full_c)
+        torch.where(ok.unsqueeze(-1), full_c, host_c, out=full_c)
         return full, alpha, ok
     # A chunk that fails the test blends with alpha 0 against its values with every
-    # non-finite one zeroed: ``h + 0 * (s' - h)`` is ``h`` (``s' - h`` is finite wherever the
-    # host is). One elementwise pass, where ``torch.where`` would broadcast a mask too.
+    # non-finite one zeroed (``h + 0 * (s' - h)`` is ``h`` wherever the host is finite), and
+    # then every chunk that does not blend, a fallback or the host's own, takes the host's
+    # values as they are: the blend would turn a host's infinity there into NaN
+    # (``lerp(inf, inf, 1)``), where the host without seeds gives its infinity.
     used = alpha.mul(ok)
     torch.nan_to_num(full, 0.0, 0.0, 0.0, out=full)
-    return blend_chunks(full, host, used), used, ok
+    out = blend_chunks(full, host, used)
+    out_c = out.unflatten(-1, (n, -1))
+    torch.where(keep.unsqueeze(-1), host_c, out_c, out=out_c)
+    return out, used, ok
 
 
 class GuardedBlend(torch.autograd.Function):

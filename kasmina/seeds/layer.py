@@ -33,8 +33,8 @@ tensors read as a marked view (``outputs.force_regular_path``, ``SeedsLive``), e
 makes the regular path run and call the slot; with every seed passing through, the fused path
 runs as for the bare model.
 
-A seed that faults contributes its host chunk with alpha 1, as a DORMANT seed would; the
-others are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
+A seed that faults contributes its host chunk as it is, as a DORMANT seed would; the others
+are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
 finiteness reduction over the concatenated outputs, one update of the seeds' flags, the host's
 chunk for a non-finite one and one guarded backward node; eager, with every running seed
 blending against the detached host, that and the blend are one node (``island.GuardedBlend``).
@@ -268,8 +268,7 @@ class KasminaLayer(nn.Module):
         return self.num_seeds * self.chunk_size
 
     def contract_problem(self) -> str | None:
-        """Why the recorded host output cannot be chunked as configured, or None (also before
-        the first forward)."""
+        """Why the recorded output cannot be chunked as configured (None: it can, or none yet)."""
         problem = contract_problem(
             self.output_contract, self.chunk_dim, self.num_seeds, self.chunk_size
         )
@@ -452,10 +451,13 @@ class KasminaLayer(nn.Module):
         seed_full = torch.cat(outs, dim=dim)
         seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
         ok = finite_test(chunk_sums(seed_m), read_on_host=eager)
+        keep = None  # the chunks that do not blend where ``ok`` is known: fallbacks, the host's
         if ok is not None:  # a seed's chunk fails, or could: its own fault, the host's, or none
             host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
+            keep = ok.logical_not()
             if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
-                ok = ok.logical_or(self._passed_through(inputs, ok.device))
+                passed = self._passed_through(inputs, ok.device)
+                ok, keep = ok.logical_or(passed), keep.logical_or(passed)
             record_fallbacks(ok, chunk_sums(host_m), *self._flags())
         if stages <= BLENDING_STAGES:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
@@ -480,11 +482,12 @@ class KasminaLayer(nn.Module):
         alpha_vec = torch.stack(alphas)
         if stages <= BLENDING_STAGES and ok is not None:
             alpha_vec = alpha_vec.mul(ok)
-        if last:
-            return seed_blend(full, x, alpha_vec, mode="blend")
-        # The per-chunk blend runs over the last dimension: move the chunk dimension there.
-        moved = seed_blend(full.movedim(dim, -1), x.movedim(dim, -1), alpha_vec, "blend")
-        return in_layout_of(moved.movedim(-1, dim), x)
+        full_m = full if last else full.movedim(dim, -1)  # the blend runs over the last dim
+        moved = seed_blend(full_m, x if last else x.movedim(dim, -1), alpha_vec, "blend")
+        if keep is not None:  # those chunks are ``full``'s (the blend made a host's inf NaN)
+            pair = (full_m.unflatten(-1, (n, -1)), moved.unflatten(-1, (n, -1)))
+            moved = torch.where(keep.unsqueeze(-1), *pair).flatten(-2)
+        return moved if last else in_layout_of(moved.movedim(-1, dim), x)
 
     def _guarded_graft(
         self,

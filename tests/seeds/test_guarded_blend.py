@@ -639,3 +639,33 @@ def test_a_host_chunk_passed_through_is_never_a_seeds_fault() -> None:
     out[:, 1:].sum().backward()
     assert layer.poll_nonfinite() == [] and layer.seeds[1].faults == 0
     assert torch.equal(layer.host.weight.grad[1], x.sum(0))  # its own chunk, passed through
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["one_node", "per_op"])
+@pytest.mark.parametrize("first", [S.DORMANT, S.ACTIVE], ids=["dormant", "active"])
+def test_a_chunk_that_does_not_blend_keeps_the_hosts_infinities(guard: bool, first: S) -> None:
+    """A host may give infinities on purpose (masked logits). Beside a GRAFTING seed, a chunk
+    that does not blend is the host's exactly: the host's own chunk passed through, and the
+    chunk of a seed that falls back because its input was not finite. Blending them with
+    alpha 1 or 0 gave NaN (``lerp(inf, inf, 1)``), on the one-node path, on the per-op path
+    and on the path for a slot with an ACTIVE seed."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 6), 3, 2)
+    stages = (first, S.GRAFTING, S.GRAFTING)
+    for seed, stage in zip(layer.seeds, stages, strict=True):
+        seed.attach_kernel(nn.Linear(2, 2))  # an infinite input gives a non-finite output
+        _walk(seed, stage)
+        seed.guard_backward = guard
+    layer.update_alpha_blending(3, 10)
+    with torch.no_grad():
+        layer.host.weight[0, 0] = float("inf")  # chunk 0: +inf in column 0
+        layer.host.weight[2, 0] = -float("inf")  # chunk 1: the GRAFTING seed's input, -inf
+    x = torch.rand(5, 6) + 0.1
+    host = layer.host(x)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+        assert torch.equal(out[:, :2], host[:, :2])  # the host's own, or the ACTIVE fallback
+        assert torch.equal(out[:, 2:4], host[:, 2:4])  # seed 1 falls back: the host's chunk
+        assert torch.isfinite(out[:, 4:]).all() and not torch.equal(out[:, 4:], host[:, 4:])
+    assert layer.seeds[1].faults == 0  # the input was not finite: not the seed's fault
