@@ -20,8 +20,10 @@ import hmac
 import io
 import json
 import os
+import pickletools
 import struct
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,10 @@ FORMAT_VERSION = 1
 # The header is a few hundred bytes; a length field claiming more is damage.
 MAX_HEADER_BYTES = 64 << 10
 _LENGTH = struct.Struct(">I")
+# The longest class name the body's pickle may name. The body's are torch's own (such as
+# ``torch._utils _rebuild_tensor_v2``); torch's error text for a name it refuses runs a regex
+# whose time grows with the square of the name's length (40,000 characters: over a minute).
+MAX_GLOBAL_CHARS = 256
 
 
 class SavedModelError(KasminaError, ValueError):
@@ -113,6 +119,9 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise SavedModelError(f"{where}: body changed size while read")
     if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), header["sha256"]):
         raise ArtifactIntegrityError(f"{where}: body SHA-256 does not match its header")
+    problem = _pickle_problem(payload)
+    if problem is not None:
+        raise SavedModelError(f"{where}: body does not load ({problem})")
     try:
         body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle plain data is a malformed body
@@ -122,6 +131,30 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise SavedModelError(f"{where}: body is not a mapping")
     return body
+
+
+def _pickle_problem(payload: bytes) -> str | None:
+    """Why the body's pickle is not one ``torch.save`` wrote for this format, read before
+    ``torch.load`` sees it, or None (also where the archive does not parse: ``torch.load``
+    then says why). The format's pickles are protocol 2, stored uncompressed: names come in
+    ``GLOBAL`` opcodes, none longer than :data:`MAX_GLOBAL_CHARS`. Reading the opcodes is
+    linear in the pickle, which holds the body's structure and not its tensors' data."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
+            if len(entries) != 1:
+                return None
+            if entries[0].compress_type != zipfile.ZIP_STORED:
+                return "a compressed pickle"
+            pickle = archive.read(entries[0])
+        for opcode, arg, _ in pickletools.genops(pickle):
+            if opcode.name == "STACK_GLOBAL":
+                return "a protocol-4 name; the format writes protocol 2"
+            if opcode.name == "GLOBAL" and len(arg) > MAX_GLOBAL_CHARS:
+                return f"a class name of {len(arg)} characters"
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError):
+        return None
+    return None
 
 
 def _parse_header(raw: bytes, where: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import io
 import json
 import struct
 import tracemalloc
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,34 @@ def test_the_unmutated_file_loads(saved: Path) -> None:
     # The cases above are refused for their mutation, not for the file or host they start from.
     model: nn.Module = Host()
     assert len(kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())) == 1
+
+
+def _with_pickle(pickle: bytes) -> bytes:
+    """A ``torch.save`` archive whose pickle is ``pickle``."""
+    buffer = io.BytesIO()
+    torch.save({"slots": []}, buffer)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source:
+        with zipfile.ZipFile(out, "w") as archive:
+            for name in source.namelist():
+                data = pickle if name.endswith("data.pkl") else source.read(name)
+                archive.writestr(name, data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "pickle, match",
+    [
+        (b"\x80\x02c" + b"a" * 20_000 + b"\nb\n.", "a class name of 20002 characters"),
+        (b"\x80\x04\x8c\x01a\x8c\x01b\x93.", "a protocol-4 name"),
+    ],
+    ids=["long_global", "stack_global"],
+)
+def test_a_crafted_class_name_is_refused_before_torch_reads_it(
+    tmp_path: Path, pickle: bytes, match: str
+) -> None:
+    """torch's refusal of a class name runs a regex quadratic in the name's length (20,000
+    characters: over ten seconds here, 40,000: over a minute); the body's pickle is read first and
+    a name no ``torch.save`` of this format writes is refused at once."""
+    payload = _with_pickle(pickle)
+    _refused(_write_raw(tmp_path / "crafted", _header(payload), payload), match)
