@@ -207,9 +207,10 @@ class _CachedLoader:
 
 def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> None:
     """The kernel manager's arrival path (``CommandIntake.arrive``): under the Ctrl-C hold
-    (``interrupts_deferred``: on the main thread, two ``signal.signal`` calls), ``accept`` with
-    the ledger as the manager configures it (fsync durability, deferred to the safe point: the
-    nonce is staged, no system call), then the command queued for the safe point. The queue is
+    (``interrupts_deferred``: on the main thread, a read and two swaps of the SIGINT handler),
+    ``accept`` with the ledger as the manager configures it (fsync durability, deferred to the
+    safe point: the nonce is staged, no system call), then the command queued for the safe
+    point. The queue is
     drained between rounds, untimed; one ``make_durable`` at the end writes and syncs every
     nonce, as the safe point would."""
     clock = Clock()
@@ -248,7 +249,7 @@ def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> Non
 
 def test_ctrl_c_hold(benchmark) -> None:
     """``interrupts_deferred`` around nothing, on the main thread: what the arrival path's
-    Ctrl-C hold costs by itself (two ``signal.signal`` calls, each a ``sigaction``)."""
+    Ctrl-C hold costs by itself (a read and two swaps of the SIGINT handler)."""
 
     def hold() -> None:
         with interrupts_deferred():

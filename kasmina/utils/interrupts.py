@@ -12,10 +12,18 @@ Signals reach only the main thread, and only its handler can be replaced, so els
 block runs as it is (a commit on another thread cannot be interrupted by SIGINT anyway); so does
 it where the handler was installed outside Python (an embedding application's), which could not
 be put back afterwards.
+
+The handlers are read and swapped through ``_signal``, the C module that ``signal`` wraps:
+the wrapper converts every handler it returns into its ``Handlers`` enum, and for a function
+(Python's default handler is one) that conversion raises and catches a ``ValueError``, about
+10 us per call on a small virtual machine. The three calls of a hold cost 27 us through
+``signal`` and under 2 us through ``_signal``, with the same effect (the enum's members are
+the integers ``_signal`` returns).
 """
 
 from __future__ import annotations
 
+import _signal
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,6 +31,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 __all__ = ["interrupts_deferred"]
+
+_SIGINT = int(signal.SIGINT)
 
 
 @contextmanager
@@ -36,19 +46,19 @@ def interrupts_deferred() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         held.append((signum, frame))
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _signal.getsignal(_SIGINT)
     if previous is None:  # installed outside Python: it could not be put back, so leave it
         yield
         return
     try:
-        signal.signal(signal.SIGINT, hold)
+        _signal.signal(_SIGINT, hold)
     except ValueError:  # not the main interpreter: signals are not ours to handle
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signal.signal(_SIGINT, previous)
         if held:
             _deliver(previous, *held[0])
 
