@@ -162,7 +162,7 @@ def test_op_gradients_match_reference_autograd(backend, dtype, kind):
     assert host_out.grad is None
     if isinstance(alpha, torch.Tensor):
         assert alpha.grad.shape == alpha.shape
-        torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["blend", "incubate"])
@@ -370,7 +370,7 @@ def test_strided_inputs_and_alpha_views(
     torch.testing.assert_close(seed_out.grad.double(), s64.grad, **tol(dtype))
     if isinstance(alpha, torch.Tensor):
         assert alpha.grad.shape == alpha.shape
-        torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -437,7 +437,7 @@ def test_triton_backward_matches_reference_autograd(
     alpha_blend_reference(s_ref, host_out, a_ref).backward(grad)
     torch.testing.assert_close(s.grad.double(), s_ref.grad.double(), **tol(dtype))
     if isinstance(alpha, torch.Tensor):
-        torch.testing.assert_close(a_t.grad.double(), a_ref.grad.double(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a_t.grad.double(), a_ref.grad.double(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("view", ["step-2", "offset", "expanded"])
