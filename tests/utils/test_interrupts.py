@@ -3,6 +3,7 @@ was installed before would have (by default, KeyboardInterrupt where the block e
 
 from __future__ import annotations
 
+import _signal
 import signal
 import threading
 
@@ -69,8 +70,8 @@ def test_a_handler_installed_outside_python_is_left_alone(monkeypatch) -> None:
     """``getsignal`` gives None for a handler an embedding application installed in C: it
     could not be put back, so the block runs without holding anything."""
     installed: list[object] = []
-    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(handler))
+    monkeypatch.setattr(_signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(_signal, "signal", lambda signum, handler: installed.append(handler))
     with interrupts_deferred():
         pass
     assert installed == []
