@@ -68,21 +68,18 @@ from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
     ActivationSpec,
     SeedsLive,
-    activation_spec,
+    batched_rank,
     checked_chunk_dim,
     chunk_spec,
     contract_problem,
-    dense,
     fits,
     force_regular_path,
     kernels_refuse,
-    no_tensor_reason,
     on_dense,
     output_element,
-    recorded_spec,
-    recording_deferred,
     replace_output_element,
     signed_shape,
+    slot_record,
     splits_last_dim,
 )
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -107,6 +104,8 @@ class KasminaLayer(nn.Module):
     """
 
     detached = False  # set once ``detach``/``merge`` took the slot out (SlotRegistry.check_held)
+    _rank: int | None = None  # a conv's batched output rank (``outputs.batched_rank``)
+    _moved: tuple[Any, Any] | None = None  # the record before ``_apply``: its shapes stay
 
     def __init__(
         self,
@@ -166,6 +165,7 @@ class KasminaLayer(nn.Module):
         # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
+        self._rank = batched_rank(host, chunk_dim)
         self._teacher_logits: torch.Tensor | None = None
         self._recompute_teacher: torch.Tensor | None = None
         self._kd_losses: list[torch.Tensor] = []
@@ -378,12 +378,9 @@ class KasminaLayer(nn.Module):
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
         """Keep ``output_contract``, and ``input_spec`` if ``slot(x)`` replays the call."""
-        element, host = dense(output_element(out, self.output_index)), self._modules["host"]
-        if recording_deferred(element, host):  # autocast's dtype only: a later forward records
-            return
-        spec = recorded_spec(element, host)
-        self.output_contract = spec or no_tensor_reason(out, element, self.output_index)
-        self.input_spec = activation_spec(dense(args[0])) if len(args) == 1 else None
+        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved)
+        if record is not None:
+            self.output_contract, self.input_spec, self._moved = *record, None
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""
@@ -409,7 +406,8 @@ class KasminaLayer(nn.Module):
         problem = self.contract_problem()
         if not isinstance(x, torch.Tensor):  # a call of another kind (an RNN's PackedSequence)
             problem = f"output_index {self.output_index} holds a {type(x).__name__}, no Tensor"
-        if problem is not None or not fits(x, self.chunk_dim, self.width, self.output_contract):
+        contract, dim = self.output_contract, self.chunk_dim
+        if problem is not None or not fits(x, dim, self.width, contract, self._rank):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x
         dim = self.chunk_dim % x.dim()
@@ -591,6 +589,8 @@ class KasminaLayer(nn.Module):
         self._link_flags()
         self._masks.clear()
         self._refresh_plan()
+        if self._moved is None and self.output_contract is not None:
+            self._moved = (self.output_contract, self.input_spec)
         self.output_contract = None  # dtype or device may have changed: record again
         return self
 

@@ -53,16 +53,68 @@ __all__ = [
 ActivationSpec = tuple[torch.Size, torch.dtype, torch.device]
 
 
-def fits(x: torch.Tensor, dim: int, width: int, contract: ActivationSpec | str | None) -> bool:
+def fits(
+    x: torch.Tensor,
+    dim: int,
+    width: int,
+    contract: ActivationSpec | str | None,
+    rank: int | None = None,
+) -> bool:
     """Whether ``x`` has ``width`` features along ``dim`` (a call of a module called with more
     than one shape may not: its seeds sit that call out). A ``dim`` counted from the front also
-    needs the recorded output's rank (``contract``): an unbatched call of a conv slot has its
-    channels at dim 0, and an output height equal to the channel count passed the width check
-    alone, its seeds handed slices of the height (faults, then QUARANTINE, for healthy seeds).
-    The last dimension is the last at any rank (``[B, F]`` then ``[B, T, F]``)."""
+    needs the recorded output's rank (``contract``), or the host's batched ``rank`` where it
+    declares one (:func:`batched_rank`, also before anything is recorded): an unbatched call
+    of a conv slot has its channels at dim 0, and an output height equal to the channel count
+    passed the width check alone, its seeds handed slices of the height (faults, then
+    QUARANTINE, for healthy seeds). The last dimension is the last at any rank (``[B, F]``
+    then ``[B, T, F]``)."""
     if dim >= 0 and isinstance(contract, tuple) and x.dim() != len(contract[0]):
         return False
+    if dim >= 0 and rank is not None and x.dim() != rank:
+        return False
     return -x.dim() <= dim < x.dim() and x.shape[dim] == width
+
+
+def batched_rank(host: nn.Module, chunk_dim: int) -> int | None:
+    """The rank of a batched output of ``host`` where the module declares it and ``chunk_dim``
+    counts from the front (a ``ConvNd``: ``N + 2``), else None. A slot records its contract
+    from a batched call only: one unbatched call first (a single image served after a load or
+    a ``model.to``) had recorded a rank that every later batched call failed, and the seeds sat
+    out from then on."""
+    if chunk_dim >= 0 and isinstance(host, nn.modules.conv._ConvNd):
+        return len(host.kernel_size) + 2
+    return None
+
+
+def slot_record(
+    args: tuple[Any, ...],
+    out: Any,
+    index: int,
+    host: nn.Module,
+    rank: int | None,
+    before: tuple[Any, Any] | None,
+) -> tuple[ActivationSpec | str, ActivationSpec | None] | None:
+    """A slot's ``(output_contract, input_spec)`` from a call of ``host`` (``args`` when it
+    is ``slot(x)``, else ()), or None to leave the record to a later call: under autocast or
+    tracing (:func:`recording_deferred`), or for an output not of the host's batched ``rank``.
+    ``before`` is the record kept when the module was moved or cast (``_apply``): a move
+    changes dtype and device, never the shapes, so the new record keeps ``before``'s shapes;
+    the first call after a move need not be shaped as the calls the record was made from
+    (one unbatched call had switched the seeds off for every batched call after it)."""
+    element = dense(output_element(out, index))
+    if recording_deferred(element, host):  # autocast's dtype only: a later forward records
+        return None
+    if rank is not None and isinstance(element, torch.Tensor) and element.dim() != rank:
+        return None  # unbatched: the call sits out (``fits``), a batched call records
+    contract = recorded_spec(element, host) or no_tensor_reason(out, element, index)
+    spec_in = activation_spec(dense(args[0])) if len(args) == 1 else None
+    if before is None:
+        return contract, spec_in
+    kept = [
+        (old[0], new[1], new[2]) if isinstance(old, tuple) and isinstance(new, tuple) else new
+        for old, new in zip(before, (contract, spec_in), strict=True)
+    ]
+    return kept[0], kept[1]
 
 
 def contract_problem(

@@ -956,3 +956,59 @@ def test_an_unbatched_call_whose_height_is_the_channel_count_is_sat_out(stage) -
     assert [seed.stage for seed in slot.seeds] == [stage, stage]
     with torch.no_grad():
         assert torch.equal(slot(x[0]), slot.host(x[0]))
+
+
+@pytest.mark.parametrize("side", [6, 4], ids=["height_not_channels", "height_is_channels"])
+@pytest.mark.parametrize("when", ["first_call", "after_a_move"])
+def test_an_unbatched_first_call_does_not_switch_a_conv_slots_seeds_off(side, when) -> None:
+    """A single image served first (after ``kasmina.load``, whose slots have recorded nothing,
+    or after ``model.to`` / ``.cpu()``, which has the slot record again) had the slot record a
+    rank-3 contract; every batched call after it failed the contract, and the ACTIVE seeds sat
+    out from then on, silently: the served model was the bare host. The unbatched call sits
+    out, and the record keeps (or waits for) the batched shape."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)  # a [3, side, side] sample gives [4, side, side]
+    model = nn.Sequential(conv)
+    (slot,) = attach(model, ["0"], 2, 2)
+    x = torch.randn(2, 3, side, side)
+    if when == "after_a_move":
+        model(x)  # recorded batched
+    for k in range(2):
+        slot.seed(k).attach_kernel(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+        walk(slot.seed(k), S.ACTIVE)
+    if when == "after_a_move":
+        model.cpu()  # a no-op move: the slot records dtype and device again
+    contract_before = slot.output_contract
+    with torch.no_grad():
+        single = model(x[0])
+        assert torch.equal(single, conv(x[0]))  # the unbatched call sits out
+        assert slot.output_contract == contract_before  # and records nothing
+        batched = model(x)
+    assert slot.output_contract[0] == (2, 4, side, side)
+    assert not torch.equal(batched, conv(x))  # the seeds run on every batched call
+    assert slot.sat_out["seeds"] == 1 and [s.faults for s in slot.seeds] == [0, 0]
+
+
+def test_a_move_keeps_the_recorded_shapes_and_takes_the_new_dtype() -> None:
+    """A slot on a block that declares no batched rank (here a ``Sequential`` around a conv,
+    chunked along dim 1): after ``model.double()`` the slot records dtype and device from the
+    next call but keeps the shapes it recorded batched, so an unbatched first call sits out
+    and does not switch the seeds off for the batched calls after it."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv1d(3, 4, 1))
+    model = nn.Sequential()
+    model.add_module("block", block)
+    (slot,) = attach(model, ["block"], 2, 2, chunk_dim=1)
+    x = torch.randn(2, 3, 5)
+    model(x)
+    for k in range(2):
+        slot.seed(k).attach_kernel(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Tanh()))
+        walk(slot.seed(k), S.ACTIVE)
+    model.double()
+    x = x.double()
+    with torch.no_grad():
+        assert torch.equal(model(x[0]), block(x[0]))  # [4, 5]: dim 1 is not the channels
+        batched = model(x)
+    assert slot.output_contract == ((2, 4, 5), torch.float64, x.device)
+    assert slot.input_spec == ((2, 3, 5), torch.float64, x.device)
+    assert not torch.equal(batched, block(x))
