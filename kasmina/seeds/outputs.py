@@ -96,7 +96,8 @@ def slot_record(
 ) -> tuple[ActivationSpec | str, ActivationSpec | None] | None:
     """A slot's ``(output_contract, input_spec)`` from a call of ``host`` (``args`` when it
     is ``slot(x)``, else ()), or None to leave the record to a later call: under autocast or
-    tracing (:func:`recording_deferred`), or for an output not of the host's batched ``rank``.
+    tracing (:func:`recording_deferred`), for an output not of the host's batched ``rank``, or
+    for an empty one.
     ``before`` is the record kept when the module was moved or cast (``_apply``): a move
     changes dtype and device, never the shapes, so the new record keeps ``before``'s shapes;
     the first call after a move need not be shaped as the calls the record was made from
@@ -106,6 +107,8 @@ def slot_record(
         return None
     if rank is not None and isinstance(element, torch.Tensor) and element.dim() != rank:
         return None  # unbatched: the call sits out (``fits``), a batched call records
+    if isinstance(element, torch.Tensor) and element.numel() == 0:
+        return None  # an empty batch: G3 would count the host's cost per element on it
     contract = recorded_spec(element, host) or no_tensor_reason(out, element, index)
     spec_in = activation_spec(dense(args[0])) if len(args) == 1 else None
     if before is None:

@@ -481,9 +481,10 @@ class GradientIsolatedSeed(nn.Module):
 
         Guarded like the forward (it runs inside the host's): a raise or a non-Tensor is a
         fault and leaves no probe; a wrong shape, dtype or device is a fault that keeps the
-        probe, so G3 names the mismatch; a non-finite output sets the flag."""
-        if self.kernel is None:
-            return None
+        probe, so G3 names the mismatch; a non-finite output sets the flag. An empty batch
+        keeps the probe there is: it measures nothing (its cost per element read as 0)."""
+        if self.kernel is None or x.numel() == 0:
+            return self.probe_result if self.kernel is not None else None
         flags = (self.finite_flag, self.fault_flag)
         self.probe_result = guarded_probe(self.kernel, x, self._record_fault, *flags)
         return self.probe_result

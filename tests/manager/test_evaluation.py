@@ -616,3 +616,35 @@ def test_a_culled_seed_reports_no_alpha_score_or_measurement_it_no_longer_has(
         manager.end_epoch(epoch)
     assert record.stage == SeedStage.DORMANT
     assert record.seed.state_table.read_row(record.index)["BLUEPRINT_ID"] == 0
+
+
+def test_an_empty_batch_keeps_g3s_probe_and_the_slots_record(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """A forward on an empty batch (the last batch of a filtered validation set) in
+    COMPATIBILITY_CHECK replaced the seed's probe with one of 0 elements, whose cost per
+    element read as 0: G3 then passed a kernel over the cost budget. The empty call keeps the
+    probe there is; and a slot records nothing from an empty call (its cost per element would
+    be unknown, and the cost check off)."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    manager = rig.manager
+    with torch.no_grad():
+        rig.model(rig.x[:0])  # the slot's first call: empty, records nothing
+    assert rig.slot.output_contract is None and rig.slot.input_spec is None
+    rig.train(1)
+    assert rig.slot.input_spec[0][0] == len(rig.x)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    rig.train(1)
+    record = manager.require_registry()[SEED0]
+    manager.config.latency_budget_ms = 1e9
+    manager.config.max_seed_cost_ratio = 0.5  # the kernel costs 1x the host
+    assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
+    rig.model.eval()
+    with torch.no_grad():
+        rig.model(rig.x[:0])
+    rig.model.train()
+    assert record.seed.probe_result.output.numel() > 0
+    assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
