@@ -216,9 +216,11 @@ class _Grads:
             assert r.bias is not None
             self.bias = torch.zeros(r.bias.shape, dtype=acc, device=w.device)
 
-    def fold(self, grad: Tensor, logits: Tensor, r0: int, r1: int) -> None:
+    def fold(self, grad: Tensor, logits: Tensor, r0: int, r1: int, bound: float | Tensor) -> None:
         """Add the chunk's logits gradient ``grad`` (``d loss / d y``, ``y`` the capped logits
-        in ``logits``, whose buffer this spends) to the three gradients."""
+        in ``logits``, whose buffer this spends) to the three gradients. ``bound`` bounds
+        ``|grad|``: ``T·|p_s - p_t| <= T`` per unit of the row's ``grad_output``, and the cap's
+        derivative is at most 1 (:func:`_add_mm` sizes an fp16 product by it)."""
         r, cfg = self.r, self.cfg
         if cfg.student_cap is not None:  # dy/dz = 1 - tanh² = 1 - (y/cap)²
             t2 = logits.div_(cfg.student_cap).square_()
@@ -228,18 +230,34 @@ class _Grads:
             out = self.hidden[r0:r1]
             torch.addmm(out, grad, r.weight, beta=0.0, alpha=alpha, out=out)
         if cfg.need_weight:
-            _add_mm(self.weight, grad.t(), r.hidden[r0:r1], alpha, logits)
+            _add_mm(self.weight, grad.t(), r.hidden[r0:r1], alpha, logits, bound)
         if cfg.need_bias:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=alpha)
 
 
-def _add_mm(acc: Tensor, a: Tensor, b: Tensor, alpha: float, spare: Tensor) -> None:
+def _add_mm(
+    acc: Tensor, a: Tensor, b: Tensor, alpha: float, spare: Tensor, bound: float | Tensor
+) -> None:
     """``acc += alpha·(a @ b)``. A wider ``acc`` (fp32 for bf16/fp16 operands) takes the
     product in blocks of its rows, each rounded once to the operands' dtype in ``spare``'s
-    storage (a spent chunk buffer), so no ``acc``-sized temporary exists."""
+    storage (a spent chunk buffer), so no ``acc``-sized temporary exists.
+
+    fp16's range is the catch: ``(a @ b)[i, j]`` sums a whole chunk of rows, up to
+    ``bound · sum_r |b[r, j]|`` (``bound`` bounds ``|a|``), and rounded to fp16 it overflowed to
+    inf (2,048 rows of hidden 20 at T = 2: 82k), before any ``grad_output`` or loss scale could
+    help. Each column ``j`` of ``b`` is scaled by the power of two ``2^-k_j`` that brings that
+    bound under 2^15, and the product's column multiplied back in fp32: exact, except for
+    entries of ``b`` that become subnormal, far below the column's rounding. bf16 has fp32's
+    range and is left as it is."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b, alpha=alpha)
         return
+    back = None  # fp16: the columns' powers of two, to multiply the product back by
+    if a.dtype == torch.float16:
+        k = b.abs().sum(0, dtype=torch.float32).mul_(bound).div_(2.0**15)
+        k = k.log2_().ceil_().clamp_(min=0.0)  # an all-zero column: log2(0) = -inf, then 0
+        back = k.exp2()
+        b = b.float().div_(back).to(b.dtype)
     rows, cols = acc.shape
     block = min(rows, spare.numel() // max(cols, 1))
     if block < 1 or spare.dtype != a.dtype:
@@ -250,7 +268,10 @@ def _add_mm(acc: Tensor, a: Tensor, b: Tensor, alpha: float, spare: Tensor) -> N
     for v0 in range(0, rows, block):
         v1 = min(rows, v0 + block)
         part = torch.mm(a[v0:v1], b, out=scratch[: v1 - v0])
-        acc[v0:v1].add_(part, alpha=alpha)
+        if back is None:
+            acc[v0:v1].add_(part, alpha=alpha)
+        else:
+            acc[v0:v1].addcmul_(part, back, value=alpha)
 
 
 # --------------------------------------------------------------------------- implementation
@@ -307,7 +328,7 @@ def _forward(
         if grads is not None:
             empty = st.new_empty(0)
             g = _backward_impl(s, t, m, st, empty, one, temperature, "sum")
-            grads.fold(g, s, r0, r1)
+            grads.fold(g, s, r0, r1, temperature)
             del g  # before the next chunk allocates its own
     scale = _reduction_scale(r, cfg.reduction)
     if loss_rows is not None:
@@ -340,7 +361,7 @@ def _backward_rows(
     for r0, r1 in chunks.ranges():
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
         g = _backward_impl(s, t, m, stats[r0:r1], empty, go[r0:r1], cfg.temperature, "none")
-        grads.fold(g, s, r0, r1)
+        grads.fold(g, s, r0, r1, go[r0:r1].abs().amax().float() * cfg.temperature)
         del g  # before the next chunk allocates its own
     grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden
     grad_b = grads.bias.new_empty(0)

@@ -326,6 +326,51 @@ def test_fp16_gradient_survives_loss_scaling():
         _close(got, want, torch.float16, "fp16 gradient")
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp16_weight_gradient_of_a_long_chunk_does_not_overflow(monkeypatch, backend, reduction):
+    """A chunk's weight gradient sums its rows: 256 rows of hidden 200 at T = 2 is ~102k for
+    one column, over fp16's 65,504 (as 2,048 rows of hidden 20 are). Rounded to fp16 before
+    any scaling, it was inf (so no loss scale could help, and every step was skipped).
+    Per-column powers of two keep the product in range; the gradient is the float64 one."""
+    _use_backend(monkeypatch, backend)
+    g = _gen(21)
+    rows, hidden, vocab = 256, 8, 16
+    h = (torch.randn(rows, hidden, generator=g) * 0.1).to(DEVICE)
+    h[:, 0] = 200.0
+    w = (torch.randn(vocab, hidden, generator=g) * 0.1).to(DEVICE)
+    w[0, 0] = 1.0  # the student puts its mass on class 0
+    t = torch.zeros(rows, vocab, device=DEVICE)
+    t[:, 1] = 12.0  # the teacher on class 1
+    h16, w16 = h.half().requires_grad_(), w.half().requires_grad_()
+    loss = fused_linear_kd_loss(h16, w16, t.half(), temperature=2.0, reduction=reduction)
+    go = None  # "none": a per-row grad_output of the batch mean's size; its product is in range
+    if reduction == "none":
+        go = ((torch.rand(loss.shape, generator=g) + 0.5) / rows).to(DEVICE)
+    grads = torch.autograd.grad(loss, (h16, w16), go)
+    _, expected = _oracle(h16, w16, None, t.half(), 2.0, reduction, grad_output=go)
+    if reduction == "batchmean":  # the chunk's unscaled sum is over fp16's range
+        assert float(expected[1].abs().max()) * rows > 65_504
+    for got, want, what in zip(grads, expected, ("hidden", "weight"), strict=False):
+        assert torch.isfinite(got).all(), what
+        _close(got, want, torch.float16, f"fp16 {what} gradient")
+
+
+@pytest.mark.parametrize("option", ["teacher_logit_scale", "teacher_softcap"])
+def test_teacher_head_options_with_teacher_logits_are_refused(option):
+    """A teacher's scale and cap shape its head's logits: with ``teacher_logits`` they were
+    silently ignored (the loss of the uncapped teacher), by the op, its oracle and
+    ``StaticKDLoss`` alike."""
+    from kasmina.kd.loss import StaticKDLoss
+
+    h, w, _, _, _, _, tl, _ = _inputs((4,), 8, 30, torch.float32, seed=22)
+    for call in (fused_linear_kd_loss, fused_linear_kd_loss_reference):
+        with pytest.raises(ValueError, match="apply to a teacher head"):
+            call(h, w, tl, **{option: 2.0})
+    with pytest.raises(ValueError, match="apply to a teacher head"):
+        StaticKDLoss(**{option: 2.0})(h, tl, student_weight=w)
+
+
 def test_default_chunk_rows_follows_the_budget(monkeypatch: pytest.MonkeyPatch):
     """docs/design.md §2: the device's budget over the per-row scratch, a multiple of 64."""
     assert chunks.default_chunk_rows(10**6, 128_256, torch.bfloat16, torch.bfloat16) == 640
