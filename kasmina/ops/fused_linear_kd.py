@@ -126,6 +126,7 @@ def fused_linear_kd_loss_reference(
 ) -> Tensor:
     """Plain torch, logits materialised: the test oracle (differentiable by autograd; run it in
     float64 for a reference)."""
+    _teacher_head_options(teacher_logits, teacher_logit_scale, teacher_softcap)
     student = _head_reference(
         student_hidden, student_weight, student_bias, student_logit_scale, student_softcap
     )
@@ -380,6 +381,15 @@ def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) 
             )
 
 
+def _teacher_head_options(logits: Tensor | None, scale: object, cap: object) -> None:
+    """A teacher's scale and cap act on its head's logits: given logits, they were ignored."""
+    if logits is not None and (scale is not None or cap is not None):
+        raise ValueError(
+            "teacher_logit_scale and teacher_softcap apply to a teacher head (teacher_hidden "
+            "and teacher_weight); teacher_logits are taken as given: scale or cap them first"
+        )
+
+
 def _check(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: Tensor | None,
     teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
@@ -465,6 +475,7 @@ def fused_linear_kd_loss(
     t_scale = _positive("teacher_logit_scale", teacher_logit_scale)
     s_cap = _positive("student_softcap", student_softcap)
     t_cap = _positive("teacher_softcap", teacher_softcap)
+    _teacher_head_options(teacher_logits, t_scale, t_cap)
     rows, vocab = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
     if chunk_rows is None:
         computed = teacher_hidden.dtype if teacher_hidden is not None else None
