@@ -127,13 +127,14 @@ def check_real(name: str, value: object) -> float:
     return value  # type: ignore[return-value]
 
 
-# The temperatures the KD ops take. Below: the kernels scale logits by log2(e)/T in fp32, which
-# overflows below about 4e-39 (T = 1e-40 raised an overflow error; 1e-10 is still exact to fp32).
-# Above: logits differing by d give a KL of about (d/T)²/2, which fp32 rounding swamps once
-# (d/T)² is below its epsilon; scaled by T², that noise is the loss (T = 1e18 gave -3e17, T = 1e20
-# inf or NaN), and for logits spanning tens it begins near T = 1e4. ``KDConfig`` keeps a seed's
-# KD to [1e-3, 1e3].
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e4
+# The temperatures the KD ops take. Below: the loss is the row sums scaled by T²·ln 2 in fp32,
+# which is subnormal below T of about 1.3e-19 (the loss 7e-6 off at T = 1e-20, exactly 0 below
+# about 1e-22 while the gradient stayed right; T = 1e-18 is exact to fp32), and the logits' scale
+# log2(e)/T overflows below about 4e-39. Above: logits differing by d give a KL of about (d/T)²/2,
+# which fp32 rounding swamps once (d/T)² is below its epsilon; scaled by T², that noise is the
+# loss (T = 1e18 gave -3e17, T = 1e20 inf or NaN), and for logits spanning tens it begins near T =
+# 1e4. ``KDConfig`` keeps a seed's KD to [1e-3, 1e3].
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-18, 1e4
 
 
 def check_temperature(name: str, value: object) -> float:

@@ -633,7 +633,7 @@ def test_strided_masks(backend, reduction):
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-@pytest.mark.parametrize("temperature", [1e-3, 1e-4, 1e-10])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-4, 1e-10, 1e-18])
 def test_small_temperature_gradient(backend, mode, temperature):
     """LLM-sized logits at small T: the backward's exponents must be the forward's rounded
     ``fl(fl(s·k) - M)`` (an fma ``s·k - M`` differs by ``ulp(s·k)/2``, which grows as ``1/T``),
@@ -764,6 +764,7 @@ def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
         ({"temperature": torch.tensor(1.0)}, "temperature"),
         ({"temperature": 1e20}, "temperature must be within"),  # T² overflowed fp32: inf, NaN
         ({"temperature": 1e-40}, "temperature must be within"),  # log2(e)/T overflowed fp32
+        ({"temperature": 1e-22}, "temperature must be within"),  # T² was 0 in fp32: loss 0
         ({"student": torch.zeros(2, 5, dtype=torch.float64)}, "float32"),
         ({"teacher": torch.zeros(2, 5, dtype=torch.int64)}, "float32"),
         ({"teacher": torch.zeros(2, 6)}, "same shape"),
