@@ -92,13 +92,17 @@ if [ "$install_only" -eq 1 ]; then
 fi
 
 # --- 2. the tests that run on CUDA ---------------------------------------------------------
-# test_kd_loss.py runs every test on the GPU when there is one; the -k picks the other
-# CUDA-only tests of the suite, and the no-sync checks (the leak check, and a training step
-# through guarded seeds counted with the CUDA profiler under set_sync_debug_mode("error")).
+# test_kd_loss.py and test_fused_linear_kd.py run every test on the GPU when there is one (-k
+# matches their module names); the rest of the -k picks the other CUDA-only tests of the suite,
+# and the no-sync checks (the leak check, and a training step through guarded seeds counted
+# with the CUDA profiler under set_sync_debug_mode("error")). The blend and lifecycle kernels'
+# CUDA results are checked by the table below, which compares every implementation with a
+# float64 reference before timing it (perf/gpu_table.py); their tests here run on the CPU.
 {
     echo "# $(date -u) $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
     timeout --signal=INT 210 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/manager \
-        tests/seeds/test_guarded_blend.py -k "kd_loss or on_cuda or never_syncs" -o addopts="-ra"
+        tests/seeds/test_guarded_blend.py -k "kd_loss or fused_linear_kd or on_cuda or never_syncs" \
+        -o addopts="-ra"
 } 2>&1 | tee "$TESTS_LOG"
 tests_status=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests_status after $((SECONDS - started)) s"
