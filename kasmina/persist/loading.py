@@ -33,7 +33,7 @@ from torch import nn
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.ops.lifecycle import INT32_MAX
 from kasmina.persist.format import SavedModelError, read_saved
-from kasmina.persist.saving import KERNEL_PREFIX
+from kasmina.persist.saving import KERNEL_PREFIX, uncompiled
 from kasmina.seeds.inject import add_load_checks, install
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import declared_width, forward_owner
@@ -72,6 +72,7 @@ def load(
             f"not {type(publishers).__name__}"
         )
     body = read_saved(path)
+    model = uncompiled(model)
     if any(isinstance(m, KasminaLayer) for m in model.modules()):
         raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
     try:

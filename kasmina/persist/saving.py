@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kasmina.persist.format import FORMAT_VERSION, SavedModelError, write_saved
@@ -54,6 +55,17 @@ def slot_layout(name: str, slot: KasminaLayer) -> dict[str, Any]:
     }
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiled, else ``model``.
+    The wrapper names every submodule under ``_orig_mod.``: a file saved from it named slots
+    that a plain model of the same architecture does not have. Saving and loading go through
+    the module itself, so a file moves between compiled and plain models either way."""
+    inner = model._modules.get("_orig_mod")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and inner is not None:
+        return inner
+    return model
+
+
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` (host, slots, seeds, kernels) to ``path`` atomically; returns the path.
 
@@ -61,8 +73,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     manager or by ``kasmina.load``), because the loader accepts no program without its
     publisher's signature. Raises ``SavedModelError`` otherwise, or when ``model`` has no
     slots (a plain model is saved with ``torch.save(model.state_dict())``). Nothing is written
-    then, and a failure while writing leaves any previous file at ``path`` as it was.
+    then, and a failure while writing leaves any previous file at ``path`` as it was. A
+    ``torch.compile`` of the model is saved as the model it compiled (:func:`uncompiled`).
     """
+    model = uncompiled(model)
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
     if not slots:
         raise SavedModelError(f"{type(model).__name__} has no Kasmina slots to save")

@@ -41,6 +41,21 @@ def _seeds(model: nn.Module) -> list[GradientIsolatedSeed]:
     return [m for m in model.modules() if isinstance(m, GradientIsolatedSeed)]
 
 
+def test_a_compiled_model_saves_and_loads_by_its_own_names(grown: Grown, tmp_path: Path) -> None:
+    """``torch.compile`` wraps the model in a module that names everything under
+    ``_orig_mod.``: a file saved from it had slots a plain model does not have, and loaded
+    only into another compiled model. Saved and loaded through the module it compiled, the
+    file moves between compiled and plain models either way."""
+    path = kasmina.save(torch.compile(grown.model), tmp_path / "compiled.kasmina")
+    publishers = PUBLISHER.trusted_publishers()
+    for target, tol in ((Host(), 0.0), (torch.compile(Host()), 1e-5)):  # Inductor's rounding
+        slots = kasmina.load(path, target, publishers=publishers)
+        assert [s.layer_id for s in slots] == ["out"]
+        target.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(target(grown.x), grown.model(grown.x), rtol=tol, atol=tol)
+
+
 def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
     fresh = Host()
     slots = kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
