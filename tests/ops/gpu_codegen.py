@@ -158,6 +158,14 @@ def _drive_ops() -> None:
         kd_kl_loss(student, teacher, 2.0, "batchmean").backward()
         mask = torch.tensor([True, False, True, True, False, True])
         kd_kl_loss(student, teacher, 1.0, "none", mask=mask).sum().backward()
+    # The production block (BLOCK_V = 2048, from V >= 2048) on an odd, shifted fp16 student
+    # (rows not 16-byte aligned: the unaligned loads), per row with a grad_output (the scale).
+    leaf = torch.randn(3, 2050, generator=gen).half().requires_grad_(True)
+    teacher = torch.randn(3, 2049, generator=gen)
+    go = torch.rand(3, generator=gen)
+    kd_kl_loss(leaf[:, :-1], teacher, 2.0, "none").backward(go)
+    student = torch.randn(2, 4096, generator=gen).bfloat16().requires_grad_(True)
+    kd_kl_loss(student, torch.randn(2, 4096, generator=gen), 1.0, "batchmean").backward()
 
 
 def record_launches(drive: Callable[[], None] = _drive_ops) -> list[Launch]:
