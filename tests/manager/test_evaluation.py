@@ -404,15 +404,21 @@ def test_system_state_packet_carries_the_measured_benefit(rig: Rig, mlp) -> None
     assert {"seed.benefit", "seed.loss_with", "seed.loss_without"} <= names
 
 
+def _to_compatibility_check(rig: Rig, artifact: str):
+    """SEED0 germinated with ``artifact``, trained, and in COMPATIBILITY_CHECK after a step
+    that probed it; its record."""
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    rig.train(1)
+    return rig.manager.require_registry()[SEED0]
+
+
 def test_g3_decides_identically_on_a_busy_machine(rig: Rig, mlp) -> None:
     """The executor's G3 on a real kernel: same decision and score with four busy threads."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
-    rig.train(1)
-    record = manager.require_registry()[SEED0]
+    record = _to_compatibility_check(rig, mlp)
     manager.config.latency_budget_ms = 1e-6  # every probe "too slow": advisory only
 
     def g3() -> tuple[bool, float]:
@@ -633,12 +639,7 @@ def test_an_empty_batch_keeps_g3s_probe_and_the_slots_record(
     assert rig.slot.output_contract is None and rig.slot.input_spec is None
     rig.train(1)
     assert rig.slot.input_spec[0][0] == len(rig.x)
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
-    rig.train(1)
-    record = manager.require_registry()[SEED0]
+    record = _to_compatibility_check(rig, mlp)
     manager.config.latency_budget_ms = 1e9
     manager.config.max_seed_cost_ratio = 0.5  # the kernel costs 1x the host
     assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
