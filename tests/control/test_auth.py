@@ -242,11 +242,13 @@ def test_wrong_key_unknown_key_id_and_missing_fields(keyring, verifier) -> None:
 
     huge_nonce = signed(keyring, nonce="n" * 1000)
     assert verifier.verify(huge_nonce) == (False, "bad_nonce")
+    assert verifier.verify(signed(keyring, nonce="n" * 257)) == (False, "bad_nonce")
+    assert verifier.verify(signed(keyring, nonce="n" * 256)) == (True, "ok")  # the longest
 
     tampered = signed(keyring)
     tampered.seed_command.seed_id = "layer0:2"
     assert verifier.verify(tampered) == (False, "bad_signature")
-    assert verifier.ledger_size == 0
+    assert verifier.ledger_size == 1  # the 256-character nonce alone
 
 
 def test_verify_leaves_the_message_unchanged_whatever_the_answer(keyring, verifier) -> None:

@@ -449,3 +449,42 @@ def test_a_stores_megabyte_field_stays_out_of_logs_and_the_command_log(
     assert len(reasons) == 3 and all("unknown publisher key" in r for r in reasons)
     assert max(len(r) for r in reasons) < 1000
     assert max(len(record.getMessage()) for record in caplog.records) < 2000
+
+
+def test_a_command_executed_at_once_refuses_when_its_nonce_cannot_be_made_durable(
+    rig: Rig, mlp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler's synchronous path (``handler.handle_adaptation_command``, which calls
+    ``manager.execute``) stages the nonce on arrival like the queue does: it must reach the
+    disk before the command acts, or a crash right after could have the command replayed.
+    A disk that refuses the write refuses the command, and nothing changes."""
+    from kasmina.stages import SeedStage
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rig.manager.verifier, "make_durable", full)
+    raw = rig.signed(make_seed_command("germinate", SEED0, mlp))
+    assert rig.manager.handler.handle_adaptation_command(raw) is False
+    assert rig.stage(SEED0) == SeedStage.DORMANT
+    assert "could not be made durable" in rig.manager.command_log[-1][3]
+
+
+@pytest.mark.parametrize("embargo", [2.0**40, -1.0])
+def test_an_unsigned_in_process_cull_with_an_embargo_out_of_range_changes_nothing(
+    rig: Rig, mlp, embargo: float
+) -> None:
+    """``manager.execute`` takes a command object without the door's checks: a CULL whose
+    embargo does not fit the table (int32) or is negative is refused before the cull begins
+    (the cull had released the kernel, then raised writing the embargo)."""
+    from kasmina.control.commands import KasminaCommand, SeedAction
+    from kasmina.leyline import SeedOperation
+    from kasmina.stages import SeedStage
+
+    assert rig.send("germinate", SEED0, mlp)
+    seed = rig.manager.seed(SEED0)
+    kernel = seed.kernel
+    cull = SeedAction(SeedOperation.SEED_OPERATION_CULL, SEED0, "", {"embargo_epochs": embargo})
+    command = KasminaCommand("cull-1", "seed", 0, 5.0, seed=cull)
+    assert rig.manager.execute(command) is False
+    assert seed.stage == SeedStage.ISOLATED_INIT and seed.kernel is kernel

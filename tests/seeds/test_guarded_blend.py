@@ -669,3 +669,28 @@ def test_a_chunk_that_does_not_blend_keeps_the_hosts_infinities(guard: bool, fir
         assert torch.equal(out[:, 2:4], host[:, 2:4])  # seed 1 falls back: the host's chunk
         assert torch.isfinite(out[:, 4:]).all() and not torch.equal(out[:, 4:], host[:, 4:])
     assert layer.seeds[1].faults == 0  # the input was not finite: not the seed's fault
+
+
+class _OnMeta(nn.Module):
+    """A kernel whose output has the right shape and dtype on the wrong device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device="meta") * self.scale.to("meta")
+
+
+def test_an_output_on_another_device_is_a_contained_fault() -> None:
+    """Only shape and dtype matched would let a kernel's output on another device reach the
+    layer's concatenation and raise in the host's forward: the device is checked too, and the
+    seed falls back to the host's chunk with a fault that names it."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    layer.seeds[1].attach_kernel(_OnMeta())
+    _walk(layer.seeds[1], S.GRAFTING)
+    x = torch.randn(3, 6)
+    out = layer(x)
+    assert torch.equal(out, layer.host(x))
+    assert layer.seeds[1].faults == 1 and "on meta" in layer.seeds[1].fault_log[-1]
