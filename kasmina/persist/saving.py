@@ -61,7 +61,7 @@ def uncompiled(model: nn.Module) -> nn.Module:
     that a plain model of the same architecture does not have. Saving and loading go through
     the module itself, so a file moves between compiled and plain models either way."""
     inner = model._modules.get("_orig_mod")
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and inner is not None:
+    if inner is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         return inner
     return model
 

@@ -155,6 +155,20 @@ def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | Non
     return _finite(sums)
 
 
+def fallback_masks(
+    ok: torch.Tensor, passed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ok, keep)`` from the chunks' finite test ``ok`` and the chunks the host passed
+    through (``passed``, or None when every seed ran): a host chunk is never a seed's fault,
+    so it counts as finite; ``keep`` marks the chunks that do not blend, a seed's fallback or
+    the host's own, which take the host's values as they are (a blend, even at alpha 0 or 1,
+    turns a host's infinity into NaN: ``lerp(inf, inf, 1)``)."""
+    keep = ok.logical_not()
+    if passed is None:
+        return ok, keep
+    return ok.logical_or(passed), keep.logical_or_(passed)
+
+
 def record_fallbacks(
     ok: torch.Tensor, host_sums: torch.Tensor, finite: torch.Tensor, faulted: torch.Tensor
 ) -> None:

@@ -25,7 +25,13 @@ import torch
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
-from kasmina.seeds.faults import FaultRecorder, chunk_sums, finite_test, record_fallbacks
+from kasmina.seeds.faults import (
+    FaultRecorder,
+    chunk_sums,
+    fallback_masks,
+    finite_test,
+    record_fallbacks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -283,19 +289,14 @@ def _graft_values(
             return full, alpha, None
         return blend_chunks(full, host, alpha), alpha, None
     host_c = host.unflatten(-1, (n, -1))
-    keep = ok.logical_not()  # the chunks whose seed falls back
-    if graft.passed is not None:  # a host chunk is never the seed's fault
-        ok = ok.logical_or(graft.passed)
-        keep = keep.logical_or(graft.passed)
+    ok, keep = fallback_masks(ok, graft.passed)
     record_fallbacks(ok, chunk_sums(host_c), *graft.flags)
     if not graft.blend:  # no GRAFTING seed: every alpha is 1, the blend is the identity
         torch.where(ok.unsqueeze(-1), full_c, host_c, out=full_c)
         return full, alpha, ok
     # A chunk that fails the test blends with alpha 0 against its values with every
     # non-finite one zeroed (``h + 0 * (s' - h)`` is ``h`` wherever the host is finite), and
-    # then every chunk that does not blend, a fallback or the host's own, takes the host's
-    # values as they are: the blend would turn a host's infinity there into NaN
-    # (``lerp(inf, inf, 1)``), where the host without seeds gives its infinity.
+    # then every chunk that does not blend takes the host's values as they are (``keep``).
     used = alpha.mul(ok)
     torch.nan_to_num(full, 0.0, 0.0, 0.0, out=full)
     out = blend_chunks(full, host, used)

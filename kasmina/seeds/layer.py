@@ -57,6 +57,7 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     GraphMark,
     chunk_sums,
+    fallback_masks,
     fallback_per_chunk,
     finite_test,
     log_sat_out,
@@ -452,10 +453,8 @@ class KasminaLayer(nn.Module):
         keep = None  # the chunks that do not blend where ``ok`` is known: fallbacks, the host's
         if ok is not None:  # a seed's chunk fails, or could: its own fault, the host's, or none
             host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
-            keep = ok.logical_not()
-            if len(inputs) < n:  # only a seed's output can fault; the host's own chunks pass
-                passed = self._passed_through(inputs, ok.device)
-                ok, keep = ok.logical_or(passed), keep.logical_or(passed)
+            passed = self._passed_through(inputs, ok.device) if len(inputs) < n else None
+            ok, keep = fallback_masks(ok, passed)  # only a seed's output can fault
             record_fallbacks(ok, chunk_sums(host_m), *self._flags())
         if stages <= BLENDING_STAGES:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
@@ -482,7 +481,7 @@ class KasminaLayer(nn.Module):
             alpha_vec = alpha_vec.mul(ok)
         full_m = full if last else full.movedim(dim, -1)  # the blend runs over the last dim
         moved = seed_blend(full_m, x if last else x.movedim(dim, -1), alpha_vec, "blend")
-        if keep is not None:  # those chunks are ``full``'s (the blend made a host's inf NaN)
+        if keep is not None:  # those chunks are ``full``'s, the host's (``fallback_masks``)
             pair = (full_m.unflatten(-1, (n, -1)), moved.unflatten(-1, (n, -1)))
             moved = torch.where(keep.unsqueeze(-1), *pair).flatten(-2)
         return moved if last else in_layout_of(moved.movedim(-1, dim), x)

@@ -111,13 +111,16 @@ def slot_record(
         return None  # an empty batch: G3 would count the host's cost per element on it
     contract = recorded_spec(element, host) or no_tensor_reason(out, element, index)
     spec_in = activation_spec(dense(args[0])) if len(args) == 1 else None
-    if before is None:
-        return contract, spec_in
-    kept = [
-        (old[0], new[1], new[2]) if isinstance(old, tuple) and isinstance(new, tuple) else new
-        for old, new in zip(before, (contract, spec_in), strict=True)
-    ]
-    return kept[0], kept[1]
+    if before is not None:
+        contract, spec_in = _shaped_as(before[0], contract), _shaped_as(before[1], spec_in)
+    return contract, spec_in
+
+
+def _shaped_as(old: Any, new: Any) -> Any:
+    """``new`` (a spec, a reason or None) with ``old``'s shape where both are specs."""
+    if isinstance(old, tuple) and isinstance(new, tuple):
+        return (old[0], new[1], new[2])
+    return new
 
 
 def contract_problem(

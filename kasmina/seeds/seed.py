@@ -81,8 +81,6 @@ from kasmina.stages import (
 logger = logging.getLogger(__name__)
 
 
-# Stages in which a KD loss trains the seed alone. Once ACTIVE the seed is part of the host,
-# whose objective belongs to the trainer, so no seed-only KD loss is produced.
 class GradientIsolatedSeed(nn.Module):
     """One seed over a ``chunk_size``-wide slice of a host layer's output.
 
@@ -483,8 +481,10 @@ class GradientIsolatedSeed(nn.Module):
         fault and leaves no probe; a wrong shape, dtype or device is a fault that keeps the
         probe, so G3 names the mismatch; a non-finite output sets the flag. An empty batch
         keeps the probe there is: it measures nothing (its cost per element read as 0)."""
-        if self.kernel is None or x.numel() == 0:
-            return self.probe_result if self.kernel is not None else None
+        if self.kernel is None:
+            return None
+        if x.numel() == 0:
+            return self.probe_result
         flags = (self.finite_flag, self.fault_flag)
         self.probe_result = guarded_probe(self.kernel, x, self._record_fault, *flags)
         return self.probe_result
