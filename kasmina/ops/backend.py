@@ -139,7 +139,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-18, 1e4
 
 def check_temperature(name: str, value: object) -> float:
     """``value`` (see ``check_positive``) if within [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``],
-    else ``ValueError`` naming ``name``: a temperature whose fp32 scale factors are finite."""
+    else ``ValueError`` naming ``name``: a temperature whose fp32 factors are finite and normal."""
     value = check_positive(name, value)
     if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
         raise ValueError(
