@@ -146,16 +146,17 @@ def _watched_call(
 ) -> tuple[Any, list[str | None]]:
     """``model(inputs)`` watching the ``seeds``, whose faults go to ``observed`` (one list per
     seed, ``seed.observed_faults``): the output, and per seed the fault it had in this call,
-    None if none. A non-finite output is one too: each seed's flag is set before the forward
-    and read after it (one transfer)."""
+    None if none. A non-finite output on a finite host chunk is one too: each seed's fault
+    flag is cleared before the forward and read after it (one transfer). (Where the host's
+    chunk is not finite, the loss is not either, and G5 refuses on that.)"""
     marks = [len(sink) for sink in observed]
     for seed in seeds:
-        seed.finite_flag.fill_(True)
+        seed.fault_flag.fill_(False)
     output = _call(model, inputs)
-    finite = read_flags([seed.finite_flag for seed in seeds])
+    faulted = read_flags([seed.fault_flag for seed in seeds])
     return output, [
-        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
-        for sink, mark, ok in zip(observed, marks, finite, strict=True)
+        sink[-1] if len(sink) > mark else ("nonfinite: non-finite output" if bad else None)
+        for sink, mark, bad in zip(observed, marks, faulted, strict=True)
     ]
 
 

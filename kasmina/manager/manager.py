@@ -498,7 +498,7 @@ class KasminaKernelManager:
             "isolation_clean": clean,
             "host_stepped": host_stepped,
             "seeds_stepped": stepped,
-            "nonfinite": nonfinite,  # fell back to the host output: one fault each
+            "nonfinite": nonfinite,  # fell back in a forward with grad: its gradient dropped
             "frozen": frozen,  # in a training stage with no parameter that requires grad
             "commands": outcomes,  # queued commands applied at the end of this step
         }

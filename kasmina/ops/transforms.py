@@ -8,7 +8,9 @@ fused-linear op's Function is not in this form and is not supported there): the 
 forward on the plain tensors; such a backward is run one level down, on the plain tensors too (the
 kernels need storage); nested transforms, and any ``vmap``, raise a clear error naming the op
 (``no_vmap``, ``functorch_backward``). ``functorch_active`` routes the ops' eager shortcuts (no
-graph to record) through their Functions while a transform runs.
+graph to record) through their Functions while a transform runs. ``plain_flag`` and
+``outside_transforms`` let a forward run under a transform (a grown model under
+``torch.func.grad``) update its device flags, which live outside it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "functorch_context",
     "graph_anchor",
     "no_vmap",
+    "outside_transforms",
+    "plain_flag",
 ]
 
 
@@ -38,6 +42,35 @@ def functorch_active() -> bool:
     ops' eager shortcuts call kernels that need real storage, so under a transform every call
     goes through the op's ``torch.autograd.Function``, which ``torch.func`` unwraps."""
     return _PEEK is not None and _PEEK() is not None
+
+
+def plain_flag(t: Tensor, reduce) -> Tensor:
+    """``t``, a bool tensor computed under ``torch.func`` transforms, as the plain tensor under
+    their wrappers, reduced by ``reduce`` (``torch.all``, ``torch.any``) over each ``vmap``'s
+    batch dim: a value a tensor outside the transforms may take (``outside_transforms``)."""
+    from torch._C._functorch import (
+        _unwrap_batched,
+        get_unwrapped,
+        is_batchedtensor,
+        is_functorch_wrapped_tensor,
+        maybe_get_level,
+    )
+
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            t, dim = _unwrap_batched(t, maybe_get_level(t))
+            t = t if dim is None else reduce(t, dim=dim)
+        else:
+            t = get_unwrapped(t)
+    return t
+
+
+def outside_transforms():
+    """A context in which no ``torch.func`` transform runs: an in-place update there of a tensor
+    the transformed function did not create (a device flag) is not one the transform refuses."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
 
 
 def no_vmap(op: str):

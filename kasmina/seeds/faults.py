@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
+from kasmina.ops.transforms import functorch_active, outside_transforms, plain_flag
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -44,10 +45,12 @@ __all__ = [
     "fallback_per_chunk",
     "finite_chunks",
     "finite_test",
+    "gradient_flags",
     "kernel_modules",
     "log_fault",
     "output_fault",
     "output_sum",
+    "plain_eager",
     "record_fallbacks",
     "recomputing",
     "rng_forked",
@@ -170,23 +173,59 @@ def fallback_masks(
 
 
 def record_fallbacks(
-    ok: torch.Tensor, host_sums: torch.Tensor, finite: torch.Tensor, faulted: torch.Tensor
+    ok: torch.Tensor, host_sums: torch.Tensor, finite: torch.Tensor | None, faulted: torch.Tensor
 ) -> None:
     """Remember the finite test ``ok`` of seeds' outputs, on the device: ``finite`` ANDs it (a
     seed that fell back loses the step's gradient and its step, ``settle_nonfinite``) and
     ``faulted`` ORs in the chunks that failed where the seed's input, the host's chunk (sums
     ``host_sums``, shaped like ``ok``), was finite: the seed's own fault. Where the host's chunk
-    was not (a diverging host, an fp16 overflow) the NaN is the host's and no fault is charged."""
-    finite.logical_and_(ok)
-    faulted.logical_or_(ok.logical_not().logical_and_(_finite(host_sums)))
+    was not (a diverging host, an fp16 overflow) the NaN is the host's and no fault is charged.
+    A forward with grad disabled (a validation pass, serving) records no gradient, so its
+    caller passes ``finite`` None (``gradient_flags``): the step's gradients from the training
+    forwards stay, and only its fault is charged at the next settle. (A checkpointed region's
+    forward without grad is recomputed with grad in the backward, which sets ``finite`` then.)"""
+    bad = ok.logical_not().logical_and_(_finite(host_sums))
+    if not torch.compiler.is_compiling() and functorch_active():
+        # Under torch.func: the flags live outside the transform; its plain values go there.
+        ok, bad = plain_flag(ok, torch.all), plain_flag(bad, torch.any)
+        with outside_transforms():
+            _update_flags(ok, bad, finite, faulted)
+    else:
+        _update_flags(ok, bad, finite, faulted)
+
+
+def _update_flags(
+    ok: torch.Tensor, bad: torch.Tensor, finite: torch.Tensor | None, faulted: torch.Tensor
+) -> None:
+    if finite is not None:
+        finite.logical_and_(ok)
+    faulted.logical_or_(bad)
+
+
+def gradient_flags(
+    finite: torch.Tensor, faulted: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The flags a forward running now updates (``record_fallbacks``): ``finite``, whose
+    fallback drops the step's gradient, only where the forward records one (grad mode on)."""
+    return finite if torch.is_grad_enabled() else None, faulted
+
+
+def plain_eager() -> bool:
+    """Whether the forward running now is eager PyTorch: neither compiled nor under a
+    ``torch.func`` transform. Only then do the guards read a sum on the host (a transform's
+    tensors have no storage) or put a backward in a guard node (a ``ctx``-form
+    ``autograd.Function``, which ``torch.func`` refuses)."""
+    return not torch.compiler.is_compiling() and not functorch_active()
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:
     """Whether every sum is finite, read on the host where that is a load and not a device sync
     (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a
-    collective; ``torch.jit.trace``, which would bake the value into the trace), where the
-    device-side test decides without a read."""
+    collective; ``torch.jit.trace``, which would bake the value into the trace; ``torch.func``),
+    where the device-side test decides without a read."""
     if type(sums) is not torch.Tensor or sums.device.type != "cpu" or torch.jit.is_tracing():
+        return False
+    if not plain_eager():
         return False
     values = sums.tolist()
     return all(map(math.isfinite, values)) if isinstance(values, list) else math.isfinite(values)

@@ -30,6 +30,7 @@ from kasmina.seeds.faults import (
     FaultRecorder,
     all_finite,
     autocast_to_host,
+    gradient_flags,
     output_fault,
     output_sum,
     recomputing,
@@ -459,7 +460,8 @@ def guarded_probe(
         return None
     fault = output_fault(result.output, x)
     if fault is None:
-        record_fallbacks(all_finite(result.output), output_sum(x), finite_flag, fault_flag)
+        ok = all_finite(result.output)
+        record_fallbacks(ok, output_sum(x), *gradient_flags(finite_flag, fault_flag))
     elif not recomputing():
         record(*fault)
     return result

@@ -30,6 +30,7 @@ from kasmina.seeds.faults import (
     chunk_sums,
     fallback_masks,
     finite_test,
+    gradient_flags,
     record_fallbacks,
 )
 
@@ -121,9 +122,10 @@ class _Island:
     ``outputs[i]`` was computed from detached activations and the kernel parameters
     ``params[j]`` for ``j`` in ``groups[i]`` (parameters shared by two seeds are listed once, so
     that their gradient is not returned twice); ``recorders[i]`` counts a fault of its seed.
+    ``versions`` are the parameters' versions when the graphs were recorded.
     """
 
-    __slots__ = ("groups", "outputs", "params", "recorders")
+    __slots__ = ("groups", "outputs", "params", "recorders", "versions")
 
     def __init__(
         self,
@@ -146,6 +148,7 @@ class _Island:
         self.params = tuple(flat)
         self.groups = groups
         self.recorders = list(recorders)
+        self.versions = [p._version for p in flat]
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
@@ -162,6 +165,11 @@ class _Island:
             try:
                 got = _grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
+                if any(self.params[j]._version != self.versions[j] for j in group):
+                    # Not the kernel's failure: its weights were changed in place since the
+                    # forward (an optimizer stepped, then a backward through the stale graph
+                    # ran), which autograd refuses, and the caller hears it, as without a seed.
+                    raise
                 record("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
             for j, g in zip(group, got, strict=True):
@@ -224,7 +232,8 @@ class _Graft:
 
     ``chunks[k]`` is seed ``k``'s output, or the host's own chunk for a seed that passed it
     through (``passed[k]``; ``passed`` is None when every seed ran); ``island`` holds the
-    outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags.
+    outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags
+    (the first None under ``no_grad``: ``faults.gradient_flag``).
     """
 
     __slots__ = (
@@ -244,7 +253,7 @@ class _Graft:
         chunks: Sequence[torch.Tensor],
         dim: int,
         passed: torch.Tensor | None,
-        flags: tuple[torch.Tensor, torch.Tensor],
+        flags: tuple[torch.Tensor | None, torch.Tensor],
         island: _Island | None,
         island_chunks: Sequence[int],
         blend: bool,
@@ -385,9 +394,16 @@ def guarded_blend(
             [params[i] for i in chosen],
             [recorders[i] for i in chosen],
         )
+    flags = gradient_flags(*flags)  # the mode of the forward running: the node's is no_grad
     graft = _Graft(chunks, dim, passed, flags, island, [guarded[i] for i in chosen], blend)
     last = dim == host.dim() - 1
     moved = host if last else host.movedim(dim, -1)
+    if passed is None:
+        # No chunk gives the host a gradient: no edge to it either. With one, the engine would
+        # run the host's graph above the slot, where a Python ``autograd.Function`` (a custom
+        # op, a full backward hook, a reentrant checkpoint) turns "no gradient" into zeros,
+        # and an optimizer with momentum steps weights the blend never reached.
+        moved = moved.detach()
     if torch.is_grad_enabled():
         out = GuardedBlend.apply(graft, moved, alpha, *(island.params if island else ()))
     else:

@@ -60,7 +60,9 @@ from kasmina.seeds.faults import (
     fallback_masks,
     fallback_per_chunk,
     finite_test,
+    gradient_flags,
     log_sat_out,
+    plain_eager,
     recomputing,
     record_fallbacks,
 )
@@ -162,8 +164,7 @@ class KasminaLayer(nn.Module):
         self.register_buffer("_fault_flags", torch.zeros_like(flags), persistent=False)
         self._link_flags()
         self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        # What the host's forward returned, as the seeds see it: None before the first
-        # forward, the spec of the chosen tensor, or why there is no tensor to chunk (a str).
+        # The host's output as the seeds see it: None before a forward, its spec, or why none.
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
         self._rank = batched_rank(host, chunk_dim)
@@ -285,8 +286,8 @@ class KasminaLayer(nn.Module):
             seed.update_alpha_blending(step, total_steps, temperature)
 
     def poll_nonfinite(self) -> list[str]:
-        """Read all seeds' non-finite flags (one transfer); ids of the seeds that fell back,
-        whose kernels' gradients are dropped (call it before the optimizer step)."""
+        """Read all seeds' flags (one transfer) and charge their faults; ids of the seeds that
+        fell back with grad, whose kernels' gradients are dropped (call before the step)."""
         seeds = tuple(self.seeds)
         got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
         pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
@@ -434,8 +435,8 @@ class KasminaLayer(nn.Module):
         if not inputs:
             return x
         stages = {plan[k] for k in inputs}
-        eager = not compiling
-        if eager:  # the guard nodes are eager only
+        eager = plain_eager()
+        if eager:  # the guard nodes are eager only (not under torch.func either)
             kd = self.kd_config is not None and teacher_logits is not None
             if stages <= BLENDING_STAGES and not kd and not torch.jit.is_tracing():
                 fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
@@ -455,7 +456,7 @@ class KasminaLayer(nn.Module):
             host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
             passed = self._passed_through(inputs, ok.device) if len(inputs) < n else None
             ok, keep = fallback_masks(ok, passed)  # only a seed's output can fault
-            record_fallbacks(ok, chunk_sums(host_m), *self._flags())
+            record_fallbacks(ok, chunk_sums(host_m), *gradient_flags(*self._flags()))
         if stages <= BLENDING_STAGES:
             # Every chunk at once: the seed's output where finite, else the host's (detached).
             full = seed_full

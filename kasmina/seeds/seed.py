@@ -48,9 +48,11 @@ from kasmina.seeds.faults import (
     call_kernel,
     cut_nonfinite_gradient,
     finite_test,
+    gradient_flags,
     kernel_modules,
     log_fault,
     output_sum,
+    plain_eager,
     record_fallbacks,
     short_reason,
 )
@@ -90,8 +92,7 @@ class GradientIsolatedSeed(nn.Module):
     seed is quarantined.
     """
 
-    # The dimension of the host activations this seed's chunk spans: the last one by default;
-    # a KasminaLayer sets its own (dim 1, the channels, for a convolution).
+    # The host activations' dim the chunk spans: the last, or a KasminaLayer's (1 for a conv).
     chunk_dim: int = -1
     # Where faults go while ``evaluate_seeds`` measures the seed: seen there, never counted.
     observed_faults: list[str] | None = None
@@ -118,8 +119,8 @@ class GradientIsolatedSeed(nn.Module):
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        # Every output since the last poll finite (ANDed on the device), and whether one that was
-        # not had a finite input (the seed's fault, not the host's): views of a layer's.
+        # Every output of a forward with grad since the last poll finite (ANDed on the device),
+        # and whether any that was not had a finite input (the seed's fault): views of a layer's.
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
         self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool), persistent=False)
         self.isolation_violations = self.nonfinite_events = 0
@@ -252,14 +253,14 @@ class GradientIsolatedSeed(nn.Module):
     def settle_nonfinite(
         self, finite: bool, faulted: bool = True, *, drop_gradient: bool = True
     ) -> bool:
-        """Act on the two flags (read in one transfer): True when a forward since the last read
-        fell back to the host output. Its gradients since then are dropped (``grad = None``: the
-        step skips it; its backward met NaN inputs or ``0 * inf``), except where ranks averaged
-        them (``drop_gradient=False``: the average took the NaN as 0). One fault however many
-        fell back; none when each one's input was the host's NaN (``faulted`` False)."""
-        if finite:
+        """Act on the two flags (read in one transfer): True when a forward with grad since the last
+        read fell back to the host output; its gradients since then are dropped (``grad = None``:
+        the step skips it; its backward met NaN or ``0 * inf``) unless ranks averaged them
+        (``drop_gradient=False``, the NaN taken as 0). One fault however many fell back, with grad
+        or without; none when each one's input was the host's NaN (``faulted`` False)."""
+        if finite and not faulted:
             return False
-        if drop_gradient and self.kernel is not None:
+        if not finite and drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
         self.finite_flag.fill_(True)
@@ -268,7 +269,7 @@ class GradientIsolatedSeed(nn.Module):
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
         if faulted:
             self._record_fault("nonfinite", "non-finite output")
-        return True
+        return not finite
 
     # -- faults --------------------------------------------------------------------------
     @property
@@ -442,8 +443,7 @@ class GradientIsolatedSeed(nn.Module):
     def forward(
         self, host_activations: torch.Tensor, teacher_logits: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """docs/design.md §3's table; ``teacher_logits`` adds a KD loss (see
-        get_and_clear_kd_losses)."""
+        """docs/design.md §3's table; ``teacher_logits`` adds a KD loss (to get_and_clear)."""
         x = host_activations
         stage = self.stage
         if self.kernel is None or stage not in RUNS_KERNEL:
@@ -516,17 +516,17 @@ class GradientIsolatedSeed(nn.Module):
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
         island = stage != SeedStage.ACTIVE and s.requires_grad  # its graph reaches no host
-        return self.guard_backward and island and not torch.compiler.is_compiling()
+        return self.guard_backward and island and plain_eager()
 
     def _check_finite(
         self, s: torch.Tensor, xin: torch.Tensor, stage: SeedStage
     ) -> torch.Tensor | None:
         """The device half of the guard: ``finite`` (0-d bool), remembered in ``finite_flag``;
         None when the sum, read on the CPU in eager mode, is finite (``faults.finite_test``)."""
-        ok = finite_test(output_sum(s), read_on_host=not torch.compiler.is_compiling())
+        ok = finite_test(output_sum(s), read_on_host=plain_eager())
         if ok is None:
             return None
-        record_fallbacks(ok, output_sum(xin), self.finite_flag, self.fault_flag)
+        record_fallbacks(ok, output_sum(xin), *gradient_flags(self.finite_flag, self.fault_flag))
         if stage == SeedStage.ACTIVE:
             cut_nonfinite_gradient(xin, ok)
         return ok

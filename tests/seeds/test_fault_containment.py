@@ -21,7 +21,12 @@ from torch import nn
 
 from kasmina.seeds import island
 from kasmina.seeds.extra_state import decode_extra_state
-from kasmina.seeds.faults import FAULT_LOG_SIZE
+from kasmina.seeds.faults import (
+    FAULT_LOG_SIZE,
+    FAULT_REASON_CHARS,
+    fallback_per_chunk,
+    short_reason,
+)
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -260,7 +265,8 @@ def test_a_non_finite_output_falls_back_on_the_device_and_is_a_fault_at_the_poll
         upstream = set() if isolated else {"up.weight", "up.bias"}
         assert_host_trained(net, before, upstream | {"down.weight", "down.bias"})
     assert seed.faults == 0 and not fault_events(sink)  # no sync in the forward: not known yet
-    assert seed.poll_nonfinite() is True
+    # True: the gradient of the training forward is dropped; a no-grad one recorded none.
+    assert seed.poll_nonfinite() is (mode == "train")
     assert seed.faults == 1 and seed.nonfinite_events == 1 and seed.stage is stage
     assert list(seed.fault_log) == ["non-finite output"]
     assert fault_events(sink) == [{"seed_id": "s0", "kind": "nonfinite", "stage": stage.name}]
@@ -575,6 +581,14 @@ def test_the_fault_log_is_bounded_and_its_reasons_short() -> None:
     assert all(r.startswith("raised RuntimeError: xxx") and len(r) <= 200 for r in seed.fault_log)
 
 
+def test_a_reason_of_exactly_the_cap_is_kept_whole() -> None:
+    exact = "x" * FAULT_REASON_CHARS
+    assert short_reason(exact) == exact
+    longer = short_reason(exact + "y")
+    assert longer == "x" * (FAULT_REASON_CHARS - 3) + "..." and len(longer) == FAULT_REASON_CHARS
+    assert short_reason(" two\n\tlines ") == "two lines"
+
+
 def test_logging_is_bounded_and_nothing_is_printed(
     caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -816,6 +830,60 @@ def test_a_kernel_shared_by_two_seeds_gets_its_gradient_once() -> None:
     layer(x).pow(2).sum().backward()
     for g, p in zip(guarded, shared.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_a_kernel_shared_by_two_seeds_gets_both_gradients_when_a_third_backward_raises() -> None:
+    """A third seed's backward raises, so the guard goes seed by seed: the kernel the other two
+    share still gets the sum of their gradients, exactly what it gets without the guard."""
+    torch.manual_seed(19)
+    shared = nn.Linear(2, 2)
+    layer = KasminaLayer(nn.Linear(6, 6), 3, 2)
+    for seed, kernel in zip(layer.seeds, [shared, RaisesInBackward(2), shared], strict=True):
+        seed.attach_kernel(kernel)
+        walk(seed, S.GRAFTING)
+    layer.update_alpha_blending(5, 10)
+    reference = copy.deepcopy(layer)  # the shared kernel stays shared in the copy
+    reference.seed(1).detach_kernel()
+    for seed in reference.seeds:
+        seed.guard_backward = False
+    x = torch.randn(BATCH, 6)
+    layer(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert [s.faults for s in layer.seeds] == [0, 1, 0]
+    ref_shared = reference.seed(0).kernel
+    assert ref_shared is reference.seed(2).kernel
+    for p, q in zip(shared.parameters(), ref_shared.parameters(), strict=True):
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_mixed_slots_grafting_chunk_that_fell_back_blends_with_alpha_zero() -> None:
+    """``fallback_per_chunk`` (a slot whose seeds do not all blend): a GRAFTING seed's chunk
+    blends with its alpha where its output is finite and with 0 where it fell back; the chunks
+    of the other stages do not blend (alpha ``one``)."""
+    layer, _ = four_stage_layer([nn.Linear(2, 2) for _ in range(4)])
+    seeds, plan = layer.seeds, tuple(RUNNING)
+    grafting = seeds[1].alpha
+    assert 0 < float(grafting) < 1
+    chunks = [torch.randn(BATCH, 2) for _ in range(4)]
+    outs = [torch.randn(BATCH, 2) for _ in range(4)]
+    outs[1][0, 0] = float("nan")
+    inputs = dict(enumerate(chunks))
+    one = torch.ones(())
+    for ok, want in (
+        (None, grafting),
+        (torch.tensor([True, True, True, True]), grafting),
+        (torch.tensor([True, False, True, True]), torch.zeros(())),
+    ):
+        full, alphas = fallback_per_chunk(seeds, plan, outs, chunks, inputs, ok, -1, one)
+        assert alphas is not None and len(alphas) == 4
+        assert alphas[0] is one and alphas[2] is one and alphas[3] is one
+        torch.testing.assert_close(alphas[1], want)
+        if ok is not None and not ok[1]:
+            assert torch.equal(full[:, 2:4], chunks[1])  # the host's chunk in its place
+    # Without a GRAFTING seed nothing blends.
+    plan = (S.ISOLATED_INIT, S.STABILIZATION, S.STABILIZATION, S.ACTIVE)
+    assert fallback_per_chunk(seeds, plan, outs, chunks, inputs, None, -1, one)[1] is None
 
 
 def test_the_guard_takes_the_direct_engine_entry_even_when_first_asked_inside_a_backward(

@@ -329,7 +329,9 @@ def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
     with torch.no_grad():
         out = layer(x)
     assert out.grad_fn is None
-    assert layer._finite_flags.tolist() == [True, False]
+    # The fault is the seed's (charged at the poll); no gradient was recorded to drop.
+    assert layer._finite_flags.tolist() == [True, True]
+    assert layer._fault_flags.tolist() == [False, True]
     want = _unfused(layer)(x).detach()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
@@ -694,3 +696,45 @@ def test_an_output_on_another_device_is_a_contained_fault() -> None:
     out = layer(x)
     assert torch.equal(out, layer.host(x))
     assert layer.seeds[1].faults == 1 and "on meta" in layer.seeds[1].fault_log[-1]
+
+
+class _PythonIdentity(torch.autograd.Function):
+    """A custom op as a user's model holds one: a Python node above the slot."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+@pytest.mark.parametrize("above", ["custom op", "full backward hook"])
+@pytest.mark.parametrize("stages", [[S.GRAFTING] * 2, [S.STABILIZATION, S.GRAFTING]])
+def test_the_host_above_a_blending_slot_gets_no_gradient_not_zeros(
+    stages: list[SeedStage], above: str
+) -> None:
+    """In GRAFTING and STABILIZATION the host gets no gradient through the slot: its weights
+    above it keep ``grad`` None, as on the per-op path, even where a Python node above the
+    slot would turn a missing gradient into zeros (an optimizer with momentum would step
+    weights on those); a full backward hook on the slot sees no gradient, and does not run."""
+    layer = _layer(stages, nn.Linear(3, 4), 2)
+    torch.manual_seed(1)
+    up = nn.Linear(3, 3)
+    fired = []
+    if above == "full backward hook":
+        layer.register_full_backward_hook(lambda *args: fired.append(1))
+    x = torch.randn(5, 3)
+    for model in (layer, _unfused(layer)):
+        up.zero_grad(set_to_none=True)
+        mid = up(x)
+        if above == "custom op":
+            mid = _PythonIdentity.apply(mid)
+        out = model(mid)
+        assert out.requires_grad
+        out.sum().backward()
+        assert up.weight.grad is None and up.bias.grad is None
+        assert model.host.weight.grad is None
+        assert all(p.grad is not None for p in model.seeds.parameters())
+    assert fired == []

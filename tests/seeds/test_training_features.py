@@ -418,6 +418,22 @@ def test_a_seed_quarantined_mid_step_under_checkpointing_leaves_the_backward_who
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_a_shape_fault_under_checkpointing_counts_once_per_step(
+    stage: SeedStage, reentrant: bool
+) -> None:
+    """The recompute meets the wrong-shaped output again and falls back again, but the fault
+    was counted when the region first ran: one per step, as for a kernel that raises."""
+    block = Block({1: WrongWidth(4)}, [stage, stage])
+    block.down.seed(1).fault_limit = 10
+    x = torch.randn(5, 8, requires_grad=True)
+    for step in range(3):
+        checkpoint(block, x, use_reentrant=reentrant).pow(2).sum().backward()
+        assert [s.faults for s in block.down.seeds] == [0, step + 1]
+    assert block.down.seed(1).fault_log[-1].startswith("output (5, 5)/torch.float32")
+
+
 class CountedRegion(nn.Module):
     """``slots`` slots behind a host BatchNorm, counting how often the region runs."""
 
@@ -530,3 +546,74 @@ def test_a_reentrant_checkpoint_leaves_no_teacher_pending() -> None:
     assert layer._teacher_logits is None and layer.get_and_clear_kd_losses() is None
     model(x)  # a later forward distils against nothing stale
     assert layer.get_and_clear_kd_losses() is None
+
+
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_torch_func_grad_over_a_grown_model_gives_the_eager_gradients(stage: SeedStage) -> None:
+    """``torch.func.grad`` of a ``functional_call`` (per-sample gradients, meta-learning) over
+    a block whose seeds run: the guard takes the per-op path under the transform (its guard
+    nodes are ``ctx``-form Functions, which torch.func refuses) and reads no sum on the host,
+    and the gradients are autograd's on the same block."""
+    block = Block({}, [stage, stage])
+    x = torch.randn(5, 8)
+    block(x).pow(2).sum().backward()
+    want = _grads(block)
+    params = {n: p.detach() for n, p in block.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(block, p, (x,)).pow(2).sum()
+
+    got = torch.func.grad(loss)(params)
+    assert any(n.startswith("down.seeds") for n in want)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-6)
+    assert [s.faults for s in block.down.seeds] == [0, 0]
+
+
+class _Times(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_a_non_finite_seed_under_torch_func_falls_back_and_is_charged(transform: str) -> None:
+    """The seeds' device flags live outside a ``torch.func`` transform: a forward under one
+    updates them with the plain values (over a ``vmap``'s batch: any sample's fallback), and
+    the poll charges the fault."""
+    block = Block({1: nn.Sequential(nn.Linear(4, 4), _Times(float("nan")))}, [S.ACTIVE] * 2)
+    plain = Block({1: nn.Identity()}, [S.ACTIVE] * 2)  # seed 1 gives the host's chunk
+    x = torch.randn(5, 8)
+    if transform == "grad":
+        got = torch.func.grad(lambda v: block(v).pow(2).sum())(x)
+        want = torch.func.grad(lambda v: plain(v).pow(2).sum())(x)
+    else:
+        got, want = (torch.func.vmap(m)(x) for m in (block, plain))
+    # seed 1 fell back to the host's chunk
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert block.down._fault_flags.tolist() == [False, True]
+    block.down.poll_nonfinite()
+    assert [s.faults for s in block.down.seeds] == [0, 1]
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_backward_through_a_stale_graph_is_the_callers_error_not_a_fault(
+    stage: SeedStage,
+) -> None:
+    """``backward(retain_graph=True)``, an optimizer step, then a second backward through the
+    same graph: autograd refuses the kernels' weights changed in place, and without seeds the
+    caller hears it. The guard must not take it for the kernels' failure, count it against
+    healthy seeds and quarantine them."""
+    kernels = {k: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)) for k in (0, 1)}
+    block = Block(kernels, [stage, stage])  # the second Linear saves its weight
+    optimizer = torch.optim.SGD(block.down.seeds.parameters(), lr=0.1)
+    loss = block(torch.randn(5, 8)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    assert [s.faults for s in block.down.seeds] == [0, 0]
+    assert [s.stage for s in block.down.seeds] == [stage, stage]
