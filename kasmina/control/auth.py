@@ -429,6 +429,9 @@ class CommandVerifier:
             timestamp, nonce = heapq.heappop(expiry)
             del self._seen[nonce]
             self._floor = timestamp  # pops come in increasing timestamp order
+        ledger = self._ledger
+        if ledger is not None and ledger.staged > 2 * len(self._seen) + ledger.compact_slack:
+            ledger.forget_staged(self._seen)  # a stalled trainer's: bounded as the rest
 
 
 def _key_id_set(key_ids: Collection[str]) -> frozenset[str]:

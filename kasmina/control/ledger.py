@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries
@@ -121,7 +121,9 @@ class NonceLedger:
     **Staged records.** A verifier whose caller acts on accepted commands only later
     (``defer_sync``) ``stage``s each nonce (memory only) and writes them all with one
     ``write_staged`` before the first of their commands takes effect; a rewrite takes the staged
-    nonces along (they are live ones).
+    nonces along (they are live ones). Staged nonces that leave the window first (a trainer
+    stalled while commands keep coming) are dropped and the file rewritten with the floor that
+    covers them (``forget_staged``), so the staged records are bounded like the rest.
 
     ``append``, ``stage``, ``write_staged`` and ``compact`` are called under the verifier's
     lock; ``sync`` from any thread.
@@ -150,6 +152,7 @@ class NonceLedger:
         self._written = 0  # every record up to this one is in the OS (written)
         self._synced = 0  # every record up to this one is on disk
         self._staged: list[tuple[float, str]] = []  # taken by ``stage``, not written yet
+        self._rewrite_due = False  # ``forget_staged`` dropped records: the floor must cover them
         self._sync_lock = threading.Lock()
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +247,21 @@ class NonceLedger:
         self._last += 1
         return self._last
 
+    @property
+    def staged(self) -> int:
+        """Records taken by ``stage`` and not written yet."""
+        return len(self._staged)
+
+    def forget_staged(self, live: Container[str]) -> None:
+        """Drop the staged records of nonces no longer ``live``: they left the freshness window
+        before a safe point wrote them (a trainer that stalls while commands keep arriving),
+        and would otherwise grow memory with the stall. The next record rewrites the file
+        (``needs_compaction``), whose floor then covers them: they are stale."""
+        kept = [(timestamp, nonce) for timestamp, nonce in self._staged if nonce in live]
+        self._lines -= len(self._staged) - len(kept)
+        self._staged = kept
+        self._rewrite_due = True
+
     def write_staged(self) -> int:
         """Write every staged record (one ``write``); the sequence number now in the OS."""
         if self._staged:
@@ -288,7 +306,8 @@ class NonceLedger:
             self._synced = max(self._synced, target)
 
     def needs_compaction(self, live: int) -> bool:
-        return self.broken or self._file is None or self._lines > 2 * live + self.compact_slack
+        grown = self._lines > 2 * live + self.compact_slack
+        return self.broken or self._file is None or self._rewrite_due or grown
 
     def compact(self, live: Iterable[tuple[str, float]], floor: float) -> None:
         """Atomically replace the file with ``live`` ``(nonce, timestamp)`` records and the
@@ -318,6 +337,7 @@ class NonceLedger:
             old, self._file = self._file, new_file
             self._lines = len(chunks) - 1
             self._staged.clear()  # staged nonces are live ones: in the new file too
+            self._rewrite_due = False
             # Whatever the old file held or was staged is in the new one, on disk.
             self._written = self._synced = self._last
         if old is not None:

@@ -328,10 +328,10 @@ class GradientIsolationMonitor:
             except Exception:
                 logger.exception("state_provider failed; emergency checkpoint without state")
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.seed_id)
-        name = f"emergency_isolation_{safe_id}_{time.time_ns()}"
         signer = self.checkpoint_signer
         prefix, suffix = (f"{signer.run_id}.", ".ckpt") if signer else ("", ".pt")
-        path = Path(directory) / f"{prefix}{name}{suffix}"
+        stamp = _next_stamp(Path(directory), f"{prefix}emergency_isolation_", suffix)
+        path = Path(directory) / f"{prefix}emergency_isolation_{safe_id}_{stamp}{suffix}"
         try:
             if signer is not None:
                 self.last_checkpoint = signer.write(payload, path, kind="emergency")
@@ -381,24 +381,37 @@ class GradientIsolationMonitor:
             )
 
 
+def _stamp_ns(path: Path, suffix: str) -> int:
+    """The time in an emergency checkpoint's name (``..._<time_ns><suffix>``); -1 if none."""
+    stamp = path.name[: -len(suffix)].rpartition("_")[2]
+    return int(stamp) if stamp.isdigit() else -1
+
+
+def _emergency_files(directory: Path, prefix: str, suffix: str) -> list[Path]:
+    return [p for p in directory.glob(f"{glob_escape(prefix)}*{suffix}") if p.is_file()]
+
+
+def _next_stamp(directory: Path, prefix: str, suffix: str) -> int:
+    """The time for the next emergency checkpoint's name: now, or past the newest one there
+    (a clock stepped back would name the newest file the oldest, and pruning deletes those)."""
+    try:
+        files = _emergency_files(directory, prefix, suffix)
+    except OSError:  # not there yet: the write makes it
+        files = []
+    newest = max((_stamp_ns(p, suffix) for p in files), default=-1)
+    return max(time.time_ns(), newest + 1)
+
+
 def _prune_emergency(written: Path, prefix: str, suffix: str) -> None:
     """Keep ``written`` (the checkpoint just written) and the newest ``EMERGENCY_KEEP - 1``
     other emergency checkpoints named ``<prefix>...<time_ns><suffix>`` beside it; delete the
-    rest, oldest first by the time in the name. The one just written is never a candidate: a
-    clock stepped back would otherwise make it the oldest."""
-
-    def written_ns(path: Path) -> int:
-        stamp = path.name[: -len(suffix)].rpartition("_")[2]
-        return int(stamp) if stamp.isdigit() else -1
-
+    rest, oldest first by the time in the name (``_next_stamp`` names each file after the
+    ones there). The one just written is never a candidate."""
     directory = written.parent
     try:
-        found = [
-            p
-            for p in directory.glob(f"{glob_escape(prefix)}*{suffix}")
-            if p.is_file() and p.name != written.name
-        ]
-        for old in sorted(found, key=written_ns)[: max(0, len(found) - (EMERGENCY_KEEP - 1))]:
+        found = [p for p in _emergency_files(directory, prefix, suffix) if p != written]
+        by_time = sorted(found, key=lambda p: _stamp_ns(p, suffix))
+        for old in by_time[: max(0, len(found) - (EMERGENCY_KEEP - 1))]:
             old.unlink(missing_ok=True)
             logger.info("deleted the old emergency checkpoint %s", old)
     except OSError:

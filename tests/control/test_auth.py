@@ -366,6 +366,19 @@ def test_forgotten_nonce_cannot_be_replayed_after_the_clock_steps_back(keyring, 
     assert verifier.verify(first) == (False, "stale")
 
 
+def test_a_relayed_command_from_a_clock_ahead_prunes_only_up_to_this_clock(
+    keyring, verifier
+) -> None:
+    """A peer whose clock runs 30 s ahead relays a command (received "in the future", inside
+    the window): nonces are forgotten only up to this clock, so one seen 50 s ago is still a
+    replay, and the floor stays put for a fresh command older than it."""
+    assert verifier.check(signed(keyring, nonce="a", timestamp=T0 - 50)) == ""
+    assert verifier.check(signed(keyring, nonce="b", timestamp=T0 + 25), T0 + 30) == ""
+    assert verifier.ledger_size == 2
+    assert verifier.check(signed(keyring, nonce="a", timestamp=T0 - 50)) == "replay"
+    assert verifier.check(signed(keyring, nonce="c", timestamp=T0 - 55)) == ""
+
+
 def test_verifier_rejects_bad_freshness(keyring) -> None:
     with pytest.raises(ValueError):
         CommandVerifier(keyring, freshness_s=0)

@@ -403,6 +403,28 @@ def test_a_deferred_ledger_is_rewritten_at_the_safe_point_not_on_arrival(
     assert not any(restarted.verify(cmd)[0] for cmd in sent)  # replays, or stale
 
 
+def test_a_stalled_trainers_staged_nonces_stay_bounded(keyring, clock, path) -> None:
+    """With ``defer_sync`` the nonces wait in memory for the next safe point. A trainer that
+    reaches none for many windows (a long evaluation) while commands keep arriving keeps only
+    the staged nonces still inside the window; the dropped ones are stale, and the rewrite at
+    the next safe point writes the floor that keeps them so after a restart, even with the
+    clock stepped back."""
+    ledger = NonceLedger(path, durability="fsync", compact_slack=3)
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    sent = []
+    for i in range(200):  # four a window, 50 windows without a safe point
+        clock.now = T0 + i * WINDOW / 4
+        sent.append(signed(keyring, f"s{i}", clock.now))
+        assert verifier.verify(sent[-1])[0]
+        assert ledger.staged <= 2 * 5 + 3 + 1, (i, ledger.staged)
+    verifier.make_durable()  # the safe point: everything accepted is durable
+    assert ledger.staged == 0 and len(path.read_text().splitlines()) <= 2 * 5 + 3 + 2
+    verifier.close()
+    clock.now = T0  # restarted with the clock stepped back to the first command's time
+    restarted = start(keyring, clock, path)
+    assert not any(restarted.verify(cmd)[0] for cmd in sent)  # replays, or under the floor
+
+
 @pytest.mark.parametrize("failure", ["write", "interrupt"])
 def test_nonces_a_failed_make_durable_owed_are_made_durable_by_the_next_call(
     keyring, clock, path, failure, monkeypatch

@@ -303,16 +303,18 @@ def test_emergency_checkpoints_are_bounded_per_directory(tmp_path, monkeypatch) 
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
         ["notes.txt", *(p.name for p in written[-3:])]
     )
-    # A clock stepped back: the next file's name says it is the oldest; it is kept all the same.
+    # A clock stepped back: the files written after it are still the newest, and kept.
     monkeypatch.setattr(monitor_module.time, "time_ns", lambda: 1)
-    host = _host()
-    seed = _seed(host, "no_detach")
-    monitor = _monitor(host, seed, checkpoint_dir=ckpt_dir, max_violations=1)
-    with pytest.raises(GradientIsolationViolationError) as info:
-        _seed_step(monitor, host, seed, "no_detach")
-    assert info.value.checkpoint_path.exists()
+    for _ in range(2):
+        host = _host()
+        seed = _seed(host, "no_detach")
+        monitor = _monitor(host, seed, checkpoint_dir=ckpt_dir, max_violations=1)
+        with pytest.raises(GradientIsolationViolationError) as info:
+            _seed_step(monitor, host, seed, "no_detach")
+        assert info.value.checkpoint_path.exists()
+        written.append(info.value.checkpoint_path)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
-        ["notes.txt", *(p.name for p in written[-2:]), info.value.checkpoint_path.name]
+        ["notes.txt", *(p.name for p in written[-3:])]
     )
 
 
