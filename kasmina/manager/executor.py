@@ -57,6 +57,7 @@ from kasmina.stages import (
 )
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,9 @@ class CommandExecution:
                 raise CommandRefused(f"command of kind {command.kind!r} has no payload")
         except (CommandRefused, *_REFUSALS) as exc:
             reason = str(exc) if isinstance(exc, CommandRefused) else f"{type(exc).__name__}: {exc}"
-            logger.warning("command %s (%s) refused: %s", command.command_id, target, reason)
+            self.state.counters["commands_refused"] += 1  # each in command_log; logged rarely
+            n, msg = self.state.counters["commands_refused"], "command %s (%s) refused: %s [%d]"
+            logger.log(rarely(n, 100), msg, command.command_id, target, reason, n)
             self.report.note_command(command, False, reason)
             return CommandOutcome(command.command_id, command.kind, target, False, reason)
         except Exception:
@@ -240,11 +243,10 @@ class CommandExecution:
         self._check_fits_slot(record, original)
         seed = record.seed
         table, row = seed.state_table, seed.state_index
-        # What the steps below change, kept (before the pin, so that nothing is taken while
-        # there is no undo for it) for the undo: the seed's whole row (on the device, so
-        # nothing syncs unless it is needed: attach_kernel writes BLUEPRINT_ID, the seed its
-        # PERFORMANCE_GATE, the transition the stage, and an interrupt may land after it), the
-        # seed's and the record's fields, and the timeline.
+        # Kept for the undo, before the pin (nothing is taken without an undo): the seed's
+        # whole row (on the device: no sync unless needed; attach_kernel writes BLUEPRINT_ID,
+        # the seed PERFORMANCE_GATE, the transition the stage, and an interrupt may land after
+        # it), the seed's and the record's fields, and the timeline.
         saved_row = table.state_tensor[row].clone()
         saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
         graft_steps, timeline = record.graft_steps, record.timeline.copy()
@@ -447,13 +449,12 @@ class CommandExecution:
                 f"embargo_epochs must be in 0..{MAX_EMBARGO_EPOCHS}, got {embargo}"
             )
         # All or nothing (docs/design.md §3): the table applying HARVESTING is the commit. From
-        # there the kernel is released (its device memory freed, its optimizer and that state
-        # dropped), which no undo could give back, while what remains (release, COOLDOWN, the
-        # embargo) cannot fail. So a cull interrupted once the table applied HARVESTING (say a
-        # KeyboardInterrupt from a telemetry sink or an observer that hears of it, before the
-        # release) is completed before the interrupt propagates: the seed leaves in COOLDOWN,
-        # as an uninterrupted cull leaves it. One refused or interrupted before the commit has
-        # changed nothing. A real Ctrl-C (a signal) is held until the cull is whole.
+        # there the kernel is released (device memory freed, optimizer and state dropped), which
+        # no undo could give back, while the rest (release, COOLDOWN, embargo) cannot fail. So a
+        # cull interrupted after the commit (a KeyboardInterrupt from a telemetry sink or an
+        # observer, before the release) is completed before the interrupt propagates: the seed
+        # leaves in COOLDOWN, as an uninterrupted cull leaves it. One refused or interrupted
+        # before the commit changed nothing. A real Ctrl-C (a signal) waits for the whole cull.
         with interrupts_deferred():
             try:
                 record.seed.transition_to(S.HARVESTING)

@@ -172,7 +172,7 @@ class CommandIntake:
           with that outcome (``CommandExecution.apply``). It is not queued again: its nonce is
           durable, it may have taken effect, and a command interrupted because it hung would
           hang again. Cut short between its own bookkeeping steps, before its outcome was
-          known, it is reported refused for the same reasons;
+          noted, it is reported refused for the same reasons; after, with the outcome noted;
         - the commands behind it never began and their nonces are durable: they go back to the
           front of the queue, in order, and the next safe point applies them (refused if the
           manager closed meanwhile, or if their nonces could not be made durable).
@@ -198,10 +198,14 @@ class CommandIntake:
             if not_durable:
                 self._drop(rest, not_durable)
             else:
-                if rest and began == len(outcomes):
-                    name = type(exc).__name__
-                    self._drop(rest[:1], f"interrupted by {name} while it applied (see the log)")
-                    rest = rest[1:]
+                if rest and began == len(outcomes):  # cut short as it applied
+                    cut, rest = rest[0], rest[1:]
+                    noted = self.report.noted(cut.command)
+                    if noted is None:  # before its outcome was known: refused
+                        name = type(exc).__name__
+                        self._drop([cut], f"interrupted by {name} while it applied (see the log)")
+                    else:  # after ``apply`` noted it: that outcome stands, reported once
+                        self.handler.complete(cut.command, noted)
                 self._drop(self.queue.put_back(rest), "manager closed before it applied")
             raise
         return outcomes

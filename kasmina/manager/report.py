@@ -82,6 +82,7 @@ class ManagerReport:
     def __init__(self, state: ManagerState, guard: IsolationGuard) -> None:
         self.state = state
         self.guard = guard
+        self._last_noted: tuple[KasminaCommand, bool] | None = None  # ``noted``
 
     def export_leyline_telemetry(self, command_stats: Mapping[str, int]) -> TelemetryPacket:
         """One packet with the manager's whole state: cache, loads, gates, commands (the
@@ -254,6 +255,13 @@ class ManagerReport:
         self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
         reason = clipped(reason, MAX_REASON_CHARS)
         self.state.command_log.append((command.command_id, kind, ok, reason))
+        self._last_noted = (command, ok)
+
+    def noted(self, command: KasminaCommand) -> bool | None:
+        """How ``command`` (this object) was noted, when it is the last command noted; else
+        None: whether an interrupt that cut its application short came before or after."""
+        last = self._last_noted
+        return last[1] if last is not None and last[0] is command else None
 
     def revise_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
         """``command`` ended otherwise than noted (a multi-rank repair overturned this rank's

@@ -31,6 +31,7 @@ from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.resilience import _Closed, _DeadlineExpired
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class KernelLoader:
             self.counters["load_failures"] += 1
             labels = {"artifact_id": artifact_id, "error": type(exc).__name__}
             self.telemetry.emit("kernel.load_failed", 1.0, labels=labels)
-            logger.error("could not load kernel %s: %s: %s", artifact_id, type(exc).__name__, exc)
+            level = rarely(self.counters["load_failures"], 100, logging.ERROR)  # all in telemetry
+            msg = "could not load kernel %s: %s: %s"
+            logger.log(level, msg, artifact_id, type(exc).__name__, exc)
             raise
         cached = self.cache.put(artifact_id, kernel)
         elapsed = time.perf_counter_ns() - started

@@ -396,6 +396,49 @@ def test_an_interrupt_after_a_command_applied_reports_it_once(rig: Rig, mlp, mon
     assert_counts_add_up(rig, executed=1, failed=0)
 
 
+def test_a_command_interrupted_as_its_apply_returns_is_not_applied_again(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """Ctrl-C as ``apply`` returns, before the intake has the command's outcome: the command
+    took effect, so it is not queued again (its nonce is durable); it is reported once, with
+    the outcome ``apply`` noted (one log entry, not a second one saying it was refused), and
+    the one behind it goes back to the front of the queue and applies once."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    real_apply, applied = manager.execution.apply, []
+
+    def apply(command, **kwargs):
+        outcome = real_apply(command, **kwargs)
+        applied.append((command.command_id, outcome.ok))
+        if len(applied) == 1:
+            raise KeyboardInterrupt("Ctrl-C")
+        return outcome
+
+    monkeypatch.setattr(manager.execution, "apply", apply)
+    ids = queue(
+        rig,
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("germinate", SEED1, mlp),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert applied == [(ids[0], True)] and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert len(manager.pending) == 1  # only the command behind it
+    assert [entry[:3] for entry in manager.command_log if entry[0] == ids[0]] == [
+        (ids[0], "seed.germinate", True)
+    ]
+    stats = manager.handler.stats
+    assert (stats["executed"], stats["failed"]) == (1, 0)  # reported once, as it ended
+    assert stats["accepted"] == stats["executed"] + stats["failed"] + len(manager.pending)
+    log_size = len(manager.command_log)
+    (outcome,) = manager.apply_pending()
+    assert (outcome.command_id, outcome.ok) == (ids[1], True)
+    assert applied == [(ids[0], True), (ids[1], True)]  # the first never again
+    assert [entry[0] for entry in manager.command_log[log_size:]] == [ids[1]]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.ISOLATED_INIT
+    assert not manager.pending and stats["accepted"] == stats["executed"] + stats["failed"]
+
+
 @pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_during_a_rollbacks_commit_waits_until_it_is_done(rig: Rig, monkeypatch) -> None:
     """A SIGINT that lands in the commit (nothing there can fail, but a signal can arrive

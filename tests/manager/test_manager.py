@@ -575,6 +575,49 @@ def test_nan_activations_of_a_diverging_host_charge_no_seed_while_clipping_skips
     assert all(torch.isfinite(p).all() for p in manager.seed(SEED0).seed_parameters())
 
 
+def test_a_non_finite_validation_forward_is_charged_and_keeps_the_steps_gradients(
+    rig: Rig, mlp
+) -> None:
+    """A forward under ``no_grad`` between the backward and the step (a validation batch) on
+    which the seed's output is not finite: the seed falls back there and is charged one fault
+    at the step, but that forward recorded no gradient, so the seed steps on the training
+    forward's clean gradients."""
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    weight = next(seed.kernel.parameters())
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(math.nan)  # the kernel's output overflows on this batch
+        assert torch.isfinite(rig.model(rig.x)).all()  # the host stood in for it
+        weight.copy_(kept)
+    before = [p.detach().clone() for p in seed.seed_parameters()]
+    assert all(p.grad is not None for p in seed.seed_parameters())
+    report = manager.step()
+    assert report["seeds_stepped"] == [SEED0] and report["nonfinite"] == []
+    assert seed.faults == 1 and seed.nonfinite_events == 1 and list(seed.fault_log)
+    after = [p.detach() for p in seed.seed_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(torch.isfinite(p).all() for p in after)
+
+
+def test_refused_commands_are_each_recorded_and_logged_rarely(rig: Rig, caplog) -> None:
+    """A controller that sends the same refused command over and over (ADVANCE of a DORMANT
+    seed) gets each refusal in ``command_log`` and the counters, and the log a WARNING for the
+    first and every 100th (DEBUG for the rest), not one WARNING each."""
+    caplog.set_level(logging.DEBUG, logger="kasmina.manager.executor")
+    for _ in range(150):
+        assert not rig.send("advance", SEED0)
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 150
+    warned = [r.getMessage().rpartition(" ")[2] for r in refused if r.levelno >= logging.WARNING]
+    assert warned == ["[1]", "[100]"]
+    assert rig.manager.state.counters["commands_refused"] == 150
+    assert [entry[2] for entry in rig.manager.command_log][-150:] == [False] * 150
+
+
 @pytest.fixture
 def kd_rig(tmp_path, store, keyring) -> Rig:
     config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
@@ -984,6 +1027,31 @@ def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
     monkeypatch.undo()
     assert rig.send("germinate", SEED1, mlp)  # loaded again: a valid kernel
     assert manager.seed(SEED1).kernel.get_memory_size() > 0
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_a_germinate_whose_copy_fails_takes_its_pin_back(
+    rig: Rig, mlp, monkeypatch, error: type[BaseException]
+) -> None:
+    """The cached original is pinned before it is copied; a copy that fails (a refusal, or an
+    interrupt) unpins it again, so that it stays evictable."""
+    manager = rig.manager
+    pinned: list[bool] = []
+
+    def failing_copy(original):
+        pinned.append(manager.kernel_cache.is_pinned(mlp))
+        raise error("copy failed")
+
+    monkeypatch.setattr(manager.loader, "copy", failing_copy)
+    if error is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            rig.send("germinate", SEED0, mlp)
+    else:
+        assert not rig.send("germinate", SEED0, mlp)
+        assert "cannot germinate" in manager.command_log[-1][3]
+    assert pinned == [True] and not manager.kernel_cache.is_pinned(mlp)
+    assert rig.stage(SEED0) == S.DORMANT and not manager.require_registry()[SEED0].pinned
+    assert manager.evict_kernel(mlp)
 
 
 def test_a_copy_racing_an_eviction_is_refused(rig: Rig, mlp, monkeypatch) -> None:

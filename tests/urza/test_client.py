@@ -666,3 +666,44 @@ def test_an_unexpected_error_ends_the_half_open_trial(store, trusted, monkeypatc
     clock.now += 31
     assert urza.fetch(manifest.artifact_id)[1] == manifest
     assert urza.breaker.state == "closed"
+
+
+def test_a_breaker_opened_during_a_backoff_stops_the_retries(store, trusted) -> None:
+    """Another operation opens the breaker while this fetch backs off after a failed read: no
+    further attempt starts, and the fetch ends in ``UrzaUnavailableError`` at once."""
+    root, manifest = store
+
+    def sleep(_seconds: float) -> None:
+        for _ in range(urza.breaker.threshold):  # other fetches failing meanwhile
+            urza.breaker.record_failure()
+
+    urza = client(str(root), trusted, retries=3, breaker_threshold=5, sleep=sleep)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match="breaker opened .*; not retrying") as info:
+        urza.fetch(manifest.artifact_id)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert flaky.reads_of(".manifest.json") == 1  # the 2nd of 4 attempts never started
+    assert urza.breaker.state == "open"
+
+
+def test_max_artifact_bytes_is_the_largest_payload_fetched(store, trusted) -> None:
+    """A manifest that declares exactly ``max_artifact_bytes`` is fetched; one byte more is
+    refused before the payload is opened ("declares more than", docs/design.md §6)."""
+    root, manifest = store
+    payload, fetched = client(str(root), trusted, max_artifact_bytes=manifest.size).fetch(
+        manifest.artifact_id
+    )
+    assert fetched == manifest and len(payload) == manifest.size
+    urza = client(str(root), trusted, max_artifact_bytes=manifest.size - 1)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    with pytest.raises(ArtifactIntegrityError, match="above max_artifact_bytes"):
+        urza.fetch(manifest.artifact_id)
+    assert flaky.reads_of(".pt2") == 0
+
+
+def test_verify_manifest_takes_a_manifest_of_exactly_max_bytes(publisher, trusted) -> None:
+    raw = sign_manifest(Manifest("a1", "bp", "0" * 64, 3, (), "pub", 1.0, "2"), publisher).to_json()
+    assert verify_manifest(raw, trusted, max_bytes=len(raw)).artifact_id == "a1"
+    with pytest.raises(ArtifactIntegrityError, match=f"manifest larger than {len(raw) - 1} bytes"):
+        verify_manifest(raw, trusted, max_bytes=len(raw) - 1)

@@ -11,6 +11,7 @@ Each test releases what it stalled, so no thread outlives it in a blocking call.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import UrzaUnavailableError
+from kasmina.urza import resilience
 from kasmina.urza.artifact import Manifest
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -362,6 +364,38 @@ def test_max_stalled_reads_is_validated(bad, tmp_path, trusted) -> None:
         UrzaLibraryClient(str(tmp_path), trusted, max_stalled_reads=bad)
 
 
+def test_a_read_abandoned_before_its_thread_ran_reads_nothing(store, trusted, monkeypatch) -> None:
+    """The caller gives up on a read whose ``urza-io`` thread has not begun yet (a loaded
+    machine): when that thread does run, it opens nothing and gives its slot back."""
+    root, manifest = store
+    held: list[threading.Thread] = []
+
+    class HeldThread(threading.Thread):
+        def start(self) -> None:  # started below, once its caller has given up on it
+            held.append(self)
+
+    class Threading:
+        Thread = HeldThread
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+    monkeypatch.setattr(resilience, "threading", Threading())
+    urza = UrzaLibraryClient(str(root), trusted, timeout_s=0.05, retries=0)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    with pytest.raises(UrzaUnavailableError, match="after 1 attempt") as info:
+        urza.fetch(manifest.artifact_id)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    monkeypatch.undo()
+    (thread,) = held
+    assert urza.stats()["stalled_reads"] == 1  # abandoned, its thread not yet run
+    threading.Thread.start(thread)
+    thread.join(timeout=10)
+    assert not thread.is_alive() and not flaky.reads  # the manifest was never opened
+    stats = urza.stats()
+    assert (stats["io_threads"], stats["stalled_reads"]) == (0, 0)
+
+
 # --- the loader ---------------------------------------------------------------------------
 
 
@@ -490,3 +524,23 @@ def test_a_load_stopped_by_close_is_an_ending_not_a_failure(store, trusted, capl
     records = [r for r in caplog.records if r.name == "kasmina.urza.loader"]
     assert [r.levelname for r in records] == ["INFO"] and "was closed" in records[0].message
     assert loader.counters["load_failures"] == 0
+
+
+class _Missing:
+    """A store client whose every fetch fails (an artifact id the store does not hold)."""
+
+    def fetch(self, artifact_id: str, deadline: float | None = None):
+        raise FileNotFoundError(f"no artifact {artifact_id}")
+
+
+def test_failed_loads_are_each_counted_and_logged_rarely(caplog) -> None:
+    """A controller that keeps asking for an artifact the store lacks: every failure is
+    counted and reported, and logged at ERROR for the first and every 100th only."""
+    caplog.set_level(logging.DEBUG, logger="kasmina.urza.loader")
+    loader = make_loader(_Missing())
+    for _ in range(150):
+        with pytest.raises(FileNotFoundError):
+            loader.original("gone")
+    failed = [r for r in caplog.records if "could not load kernel" in r.getMessage()]
+    assert len(failed) == 150 and loader.counters["load_failures"] == 150
+    assert [i for i, r in enumerate(failed, 1) if r.levelno >= logging.ERROR] == [1, 100]
