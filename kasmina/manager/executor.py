@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import torch
-
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS, KasminaCommand, SeedAction
 from kasmina.errors import (
     ArtifactIntegrityError,
@@ -46,7 +44,7 @@ from kasmina.manager.rollback import restore_epoch
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.faults import rng_forked
-from kasmina.seeds.gates import GateResult, kept_buffers
+from kasmina.seeds.gates import GateResult, dry_run_problem, kept_buffers
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
@@ -354,8 +352,8 @@ class CommandExecution:
             )
 
     def _dry_run(self, record: SeedRecord, kernel: GPUKernel, artifact_id: str) -> None:
-        """Run the seed's new kernel once, without gradient, on random activations shaped like
-        the slot's (its recorded host output chunk, its dtype and device) at two batch sizes;
+        """Run the seed's new kernel on random activations shaped like the slot's (its recorded
+        host output chunk, its dtype and device) at two batch sizes, and its backward once;
         refuse an artifact that raises, answers with another shape or dtype, or is not finite.
         A kernel that cannot run on this slot is refused here rather than failing in every
         host forward. Buffers the program mutates (batch-norm statistics) and the global RNG
@@ -365,8 +363,8 @@ class CommandExecution:
         if not samples:
             raise CommandRefused(f"seed {record.seed_id}: no recorded activations to probe on")
         with kept_buffers(kernel), rng_forked(samples[0].device):  # global RNG: as it was
-            for x in samples:
-                problem = _dry_run_problem(kernel, x)
+            for i, x in enumerate(samples):  # the backward once, at the recorded batch
+                problem = dry_run_problem(kernel, x, backward=i == 0)
                 if problem is not None:
                     raise CommandRefused(
                         f"{artifact_id} cannot run on seed {record.seed_id}: on an input "
@@ -577,22 +575,6 @@ class CommandExecution:
         if record.pinned and record.artifact_id is not None:
             self.state.kernel_cache.unpin(record.artifact_id)
         record.pinned = False
-
-
-def _dry_run_problem(kernel: GPUKernel, x: torch.Tensor) -> str | None:
-    """What is wrong with ``kernel(x)`` as a replacement for ``x`` (None: nothing)."""
-    try:
-        with torch.no_grad():
-            out = kernel(x)
-    except Exception as exc:  # any failure of foreign code is a refusal, not a crash
-        return f"raised {type(exc).__name__}: {exc}"
-    if not isinstance(out, torch.Tensor):
-        return f"returned {type(out).__name__}, not a tensor"
-    if out.shape != x.shape or out.dtype != x.dtype:
-        return f"returned {tuple(out.shape)}/{out.dtype}"
-    if not bool(torch.isfinite(out).all()):
-        return "returned non-finite values"
-    return None
 
 
 def _public_name(error: BaseException) -> str:

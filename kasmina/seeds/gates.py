@@ -489,3 +489,27 @@ def gate_g3_probed(
     if result.passed and not probe.latency_ms <= latency_budget_ms:
         logger.warning("seed %s: G3 %s", seed_id, result.reason)
     return result
+
+
+def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str | None:
+    """GERMINATE's dry run on one input: what is wrong with ``kernel(x)`` as a replacement for
+    ``x`` (None: nothing); with ``backward``, also a backward into its parameters that raises
+    (``autograd.grad``: no ``.grad`` is written). The caller keeps buffers and the RNG."""
+    params = [p for p in kernel.parameters() if p.requires_grad] if backward else []
+    try:
+        with torch.set_grad_enabled(bool(params)):
+            out = kernel(x)
+    except Exception as exc:  # any failure of foreign code is a refusal, not a crash
+        return f"raised {type(exc).__name__}: {exc}"
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, not a tensor"
+    if out.shape != x.shape or out.dtype != x.dtype:
+        return f"returned {tuple(out.shape)}/{out.dtype}"
+    if not bool(torch.isfinite(out).all()):
+        return "returned non-finite values"
+    if out.requires_grad:
+        try:
+            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
+        except Exception as exc:
+            return f"raised {type(exc).__name__} in its backward: {exc}"
+    return None

@@ -54,6 +54,34 @@ class Normalised(nn.Module):
         return x + 0.01 * self.norm(x)
 
 
+@torch.library.custom_op("kasmina_tests::backward_breaks", mutates_args=())
+def _backward_breaks(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_backward_breaks.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _broken_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this kernel's backward is broken")
+
+
+_backward_breaks.register_autograd(_broken_backward)
+
+
+class BrokenBackward(nn.Module):
+    """Runs forward on any input, finite; its backward always raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.ops.kasmina_tests.backward_breaks(self.lin(x))
+
+
 def publish(module: nn.Module, example: torch.Tensor, store: Path, **kw) -> str:
     name = type(module).__name__.lower()
     return publish_artifact(module, [example], str(store), name, PUBLISHER, **kw).artifact_id
@@ -92,6 +120,16 @@ def test_a_non_finite_kernel_is_refused(rig: Rig, store) -> None:
     artifact = publish(Infinite(), torch.randn(3, 2), store)
     rig.train(1)
     assert_refused_and_host_trains(rig, artifact, "returned non-finite values")
+
+
+def test_a_kernel_whose_backward_raises_is_refused(rig: Rig, store) -> None:
+    """A kernel that could never train (its backward raises on every input) is refused at the
+    command, with the backward guard's fault budget untouched and no seed parameter given a
+    gradient, instead of being quarantined after three training steps (or, with
+    ``guard_seed_backward`` off, raising from the host's own backward)."""
+    artifact = publish(BrokenBackward(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert_refused_and_host_trains(rig, artifact, "raised RuntimeError in its backward")
 
 
 def test_a_refusal_after_the_kernel_is_attached_leaves_the_table_as_it_was(rig: Rig, store) -> None:
