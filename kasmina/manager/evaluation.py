@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from kasmina.manager.slots import SeedRecord, SlotRegistry
+from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
@@ -146,17 +147,16 @@ def _watched_call(
 ) -> tuple[Any, list[str | None]]:
     """``model(inputs)`` watching the ``seeds``, whose faults go to ``observed`` (one list per
     seed, ``seed.observed_faults``): the output, and per seed the fault it had in this call,
-    None if none. A non-finite output on a finite host chunk is one too: each seed's fault
-    flag is cleared before the forward and read after it (one transfer). (Where the host's
-    chunk is not finite, the loss is not either, and G5 refuses on that.)"""
+    None if none. A non-finite output is one too: each seed's flag is set before the forward
+    and read after it (one transfer)."""
     marks = [len(sink) for sink in observed]
     for seed in seeds:
-        seed.fault_flag.fill_(False)
+        seed.finite_flag.fill_(True)
     output = _call(model, inputs)
-    faulted = read_flags([seed.fault_flag for seed in seeds])
+    finite = read_flags([seed.finite_flag for seed in seeds])
     return output, [
-        sink[-1] if len(sink) > mark else ("nonfinite: non-finite output" if bad else None)
-        for sink, mark, bad in zip(observed, marks, faulted, strict=True)
+        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
+        for sink, mark, ok in zip(observed, marks, finite, strict=True)
     ]
 
 
@@ -227,6 +227,7 @@ def evaluate_seeds(
             kept_buffers(model),
             torch.random.fork_rng(devices=cuda),
             torch.no_grad(),
+            measuring(),  # every fallback sets the finite flag, the host's NaN's included
             # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would
             # keep running its cached graph without the ablation's hooks (TorchDynamo does not
             # guard on hooks added later), and measure the seed against itself.

@@ -13,11 +13,12 @@ graft built on it are in ``kasmina.seeds.island``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import threading
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ __all__ = [
     "gradient_flags",
     "kernel_modules",
     "log_fault",
+    "measuring",
     "output_fault",
     "output_sum",
     "plain_eager",
@@ -202,12 +204,32 @@ def _update_flags(
     faulted.logical_or_(bad)
 
 
+# Set by ``measuring``: forwards without grad update the finite flags too.
+_MEASURING = contextvars.ContextVar("kasmina_measuring", default=False)
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Forwards inside (on this thread) update ``finite`` without grad too: ``evaluate_seeds``
+    reads it, so that a seed whose output fell back counts as faulted in the forward measuring
+    it even where the host's chunk was not finite (a masked logit that the loss absorbs), where
+    the fault flag stays clear. Its flags are restored after (``kept_buffers``)."""
+    token = _MEASURING.set(True)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)
+
+
 def gradient_flags(
     finite: torch.Tensor, faulted: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The flags a forward running now updates (``record_fallbacks``): ``finite``, whose
-    fallback drops the step's gradient, only where the forward records one (grad mode on)."""
-    return finite if torch.is_grad_enabled() else None, faulted
+    fallback drops the step's gradient, only where the forward records one (grad mode on), or
+    under ``measuring``."""
+    if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _MEASURING.get()):
+        return finite, faulted
+    return None, faulted
 
 
 def plain_eager() -> bool:

@@ -18,6 +18,8 @@ when the island captures the gradient and once when the host's autograd delivers
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,7 +127,7 @@ class _Island:
     ``versions`` are the parameters' versions when the graphs were recorded.
     """
 
-    __slots__ = ("groups", "outputs", "params", "recorders", "versions")
+    __slots__ = ("__weakref__", "groups", "outputs", "params", "recorders", "versions")
 
     def __init__(
         self,
@@ -149,6 +151,8 @@ class _Island:
         self.groups = groups
         self.recorders = list(recorders)
         self.versions = [p._version for p in flat]
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
@@ -165,11 +169,9 @@ class _Island:
             try:
                 got = _grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
-                if any(self.params[j]._version != self.versions[j] for j in group):
-                    # Not the kernel's failure: its weights were changed in place since the
-                    # forward (an optimizer stepped, then a backward through the stale graph
-                    # ran), which autograd refuses, and the caller hears it, as without a seed.
-                    raise
+                if self._changed_by_caller(group):
+                    raise  # a stale graph: the caller's error, heard as without a seed
+
                 record("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
             for j, g in zip(group, got, strict=True):
@@ -177,6 +179,30 @@ class _Island:
                     previous = total[j]
                     total[j] = g if previous is None else previous + g
         return total
+
+    def _changed_by_caller(self, group: Sequence[int]) -> bool:
+        """Whether a parameter of ``group`` was changed in place since the newest forward that
+        used it (an optimizer stepped, then a backward ran through the stale graph, which
+        autograd refuses): not the kernel's failure, but the caller's. A change made by a
+        kernel's own forward (a weight clamped in place, the slot run twice before one
+        backward) is the kernel's: the newest live island using the parameter recorded it."""
+        with _LIVE_LOCK:
+            live = list(_LIVE)
+        for j in group:
+            p = self.params[j]
+            newest = max(
+                (isl.versions[k] for isl in live for k, q in enumerate(isl.params) if q is p),
+                default=self.versions[j],
+            )
+            if p._version != newest:
+                return True
+        return False
+
+
+# The islands whose graphs are alive (their outputs' backward not yet freed): the newest
+# versions a kernel's own forwards left on its parameters (``_Island._changed_by_caller``).
+_LIVE: weakref.WeakSet[_Island] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 class ContainedBackward(torch.autograd.Function):

@@ -544,6 +544,36 @@ def test_a_seed_not_finite_on_validation_data_is_refused_not_measured_as_harmles
     assert bool(seed.finite_flag) and seed.poll_nonfinite() is False and seed.faults == 0
 
 
+class MaskedHead(nn.Linear):
+    """A classifier head whose logit of a disallowed class is -inf on row 0 (the loss stays
+    finite where that row's target is another class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x).clone()
+        out[0, 1] = -math.inf
+        return out
+
+
+def test_a_nan_seed_beside_a_masked_host_logit_is_refused() -> None:
+    """The host's chunk is not finite (a masked logit), so a NaN output there is no fault of
+    the seed's in training; the cross-entropy absorbs the -inf and stays finite. Measured, the
+    seed still fell back on every row and must read as faulted, never as harmless."""
+    torch.manual_seed(0)
+    slot = KasminaLayer(MaskedHead(3, 4), 2, 2, layer_id="head")
+    registry = SlotRegistry(nn.Sequential(slot), [slot])
+    seed = slot.seeds[0]  # columns 0..1, the masked one among them
+    seed.attach_kernel(NotFinite())
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        seed.transition_to(stage)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 2, 3, 0]))]
+
+    ev = evaluate_seeds(registry, batches, F.cross_entropy)["head[0]"]
+
+    assert math.isfinite(ev.loss_with) and ev.loss_with == ev.loss_without
+    assert ev.faults == 1 and ev.last_fault == "nonfinite: non-finite output"
+    assert not gate_g5_performance(ev, seed.performance_gate).passed
+
+
 def test_evaluation_sees_a_fault_without_counting_it_so_it_never_quarantines() -> None:
     """Evaluation changes no stage: a kernel that raises on one validation batch is seen by
     the measurement (once per batch, not once per forward) and never counted toward the

@@ -617,3 +617,31 @@ def test_a_backward_through_a_stale_graph_is_the_callers_error_not_a_fault(
         loss.backward()
     assert [s.faults for s in block.down.seeds] == [0, 0]
     assert [s.stage for s in block.down.seeds] == [stage, stage]
+
+
+class ClampsItself(nn.Module):
+    """Clips its own weight in place at each forward (WGAN-style), then uses the weight in a
+    way whose backward needs it as it was: a second forward makes the first graph stale."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.lin.weight.clamp_(-1.0, 1.0)
+        return self.lin(x) * self.lin.weight.pow(2).mean()
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_kernel_that_changes_its_own_weights_in_its_forward_is_contained(
+    stage: SeedStage,
+) -> None:
+    """The slot runs twice before one backward (a siamese step): the kernel's second forward
+    changed the weights the first graph saved. That staleness is the kernel's doing, not the
+    caller's: each seed loses the step's gradient to one fault, and the host's backward
+    completes."""
+    block = Block({k: ClampsItself(4) for k in (0, 1)}, [stage, stage])
+    x1, x2 = torch.randn(5, 8), torch.randn(5, 8)
+    (block(x1).pow(2).sum() + block(x2).pow(2).sum()).backward()  # completes
+    assert [s.faults for s in block.down.seeds] == [1, 1]
