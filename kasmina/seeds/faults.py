@@ -357,7 +357,7 @@ def call_kernel(
     x: torch.Tensor,
     active: bool,
     record: FaultRecorder,
-    stream: int | None = None,
+    stream: tuple[str, int | None] = ("", None),
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
     fault found on the host (given to ``record``). Nothing here reads the device.
@@ -366,8 +366,9 @@ def call_kernel(
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
     non-finite output would send upstream. Before ACTIVE a kernel that draws random numbers
     (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
-    what they would without the seed, and on a stream of its own there (``own_stream`` at
-    position ``stream``); not under ``torch.compile``, which cannot trace the fork.
+    what they would without the seed, and on a stream of its own there (``own_stream``:
+    ``stream`` is the seed's id and position); not under ``torch.compile``, which cannot trace
+    the fork.
     """
     xin = x.view_as(x) if active else x.detach()
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
@@ -375,7 +376,7 @@ def call_kernel(
         with island_saves(active):
             if forked:
                 with rng_forked(x.device):
-                    own_stream(kernel, x.device, stream)
+                    own_stream(kernel, x.device, *stream)
                     out = kernel(xin)
             else:
                 out = kernel(xin)
@@ -433,11 +434,16 @@ def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def own_stream(kernel: torch.nn.Module, device: torch.device, position: int | None) -> None:
+def own_stream(
+    kernel: torch.nn.Module, device: torch.device, seed_id: str, position: int | None
+) -> None:
     """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
-    GPU's) from its own state and the stream's ``position``: the seed's ``draw_step``, which
-    its manager moves at every optimizer step and a checkpoint saves, or (None: a seed no
-    manager steps) the version counters of the kernel's parameters.
+    GPU's) from its own state, the seed's id and the stream's ``position``: the seed's
+    ``draw_step``, which its manager moves at every optimizer step and a checkpoint saves, or
+    (None: a seed no manager steps) the version counters of the kernel's parameters. The id
+    (its CRC-32: the same in every process) gives each seed a stream of its own: without it,
+    seeds that run with no host draw between them, in one slot or in two, drew the same
+    dropout masks.
 
     The fork alone would hand the kernel the global stream's next numbers without consuming
     them, so a seed beside a host that draws nothing would get the same dropout mask at every
@@ -448,13 +454,14 @@ def own_stream(kernel: torch.nn.Module, device: torch.device, position: int | No
     are not (a load moves them). Host reads only: the GPU generator's seed and offset live on
     the host."""
     version = sum(p._version for p in kernel.parameters()) if position is None else position
+    stream = zlib.crc32(seed_id.encode())
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[index]
-        key = hash((generator.initial_seed(), generator.get_offset(), version))
+        key = hash((generator.initial_seed(), generator.get_offset(), stream, version))
     else:
         generator = torch.random.default_generator
-        key = hash((zlib.crc32(generator.get_state().numpy()), version))
+        key = hash((zlib.crc32(generator.get_state().numpy()), stream, version))
     generator.manual_seed(key & (2**63 - 1))
 
 

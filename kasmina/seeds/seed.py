@@ -510,8 +510,8 @@ class GradientIsolatedSeed(nn.Module):
         kernel = self._modules["kernel"]
         assert kernel is not None
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
-        draws = None if torch.compiler.is_compiling() else self.draw_step
-        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, draws)
+        stream = (self.seed_id, None if torch.compiler.is_compiling() else self.draw_step)
+        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, stream)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""

@@ -19,14 +19,14 @@ import tests.manager.helpers as helpers
 from kasmina.control.commands import make_rollback_command
 from kasmina.seeds.faults import own_stream, rng_forked
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, Rig, S, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 from tests.manager.test_dry_run import publish
 from tests.manager.test_isolation_hazards import Dropping
 
 
-def _masks(rig: Rig) -> torch.Tensor:
+def _masks(rig: Rig, seed_id: str = SEED0) -> torch.Tensor:
     """Where the seed's kernel dropped its input in one training forward (no step)."""
-    kernel = rig.manager.seed(SEED0).kernel
+    kernel = rig.manager.seed(seed_id).kernel
     assert kernel is not None
     seen: list[torch.Tensor] = []
     handle = kernel.register_forward_hook(lambda m, args, out: seen.append(out.detach() == 0))
@@ -36,6 +36,22 @@ def _masks(rig: Rig) -> torch.Tensor:
         handle.remove()
     [mask] = seen
     return mask
+
+
+def test_two_seeds_with_the_same_random_kernel_draw_masks_of_their_own(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Two seeds of one slot germinated from the same dropout artifact, beside a host that
+    draws nothing: each draws from a stream of its own, so their masks differ."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, artifact) and rig.send("germinate", SEED1, artifact)
+    torch.manual_seed(5)
+    first = _masks(rig, SEED0)
+    torch.manual_seed(5)
+    second = _masks(rig, SEED1)
+    assert first.any() and second.any() and not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("options", [{}, {"fused": True}], ids=["plain", "fused"])
@@ -165,9 +181,9 @@ def test_own_stream_draws_anew_when_the_parameters_move_and_forks_nothing_out(
     kernel = nn.Linear(2, 2).to(dev)
     cpu, gpu = torch.random.get_rng_state(), dev.type == "cuda" and torch.cuda.get_rng_state(dev)
 
-    def draw(position: int | None = None) -> torch.Tensor:
+    def draw(position: int | None = None, seed_id: str = "fc[0]") -> torch.Tensor:
         with rng_forked(dev):
-            own_stream(kernel, dev, position)
+            own_stream(kernel, dev, seed_id, position)
             return torch.rand(8, device=dev)
 
     first = draw()
@@ -176,6 +192,7 @@ def test_own_stream_draws_anew_when_the_parameters_move_and_forks_nothing_out(
         kernel.weight.mul_(1.0)  # an optimizer step moves the version (a seed no manager steps)
     assert not torch.equal(first, draw())
     assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+    assert not torch.equal(draw(3), draw(3, "fc[1]"))  # each seed a stream of its own
     with torch.no_grad():
         kernel.weight.mul_(1.0)  # a position given: the versions (a load moves them) are not read
     assert torch.equal(draw(3), draw(3))
