@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.manager.slots import SeedRecord, SlotRegistry
+from kasmina.manager.slots import HostShapes, SeedRecord, SlotRegistry
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element
@@ -332,17 +332,58 @@ def evaluate_seeds(
     return results
 
 
-def host_flops_per_element(record: SeedRecord) -> float | None:
-    """The host layer of ``record``'s slot, counted in FLOPs per output element on an input of
-    its first-seen shape (zeros: the count depends on shapes only). None before the slot's
-    first forward, or when the counter sees no FLOPs (a host of operators it does not count),
-    in which case G3 cannot compare costs."""
-    slot = record.slot
+def host_shapes(registry: SlotRegistry) -> dict[str, dict[str, Any]]:
+    """Each slot's :data:`HostShapes` as the slot recorded them (or as a checkpoint restored
+    them), in plain data for a checkpoint: a process resumed from it counts G3's host cost
+    before its first forward, as the run it resumes did."""
+    shapes: dict[str, dict[str, Any]] = {}
+    for slot in registry.slots:
+        known = _recorded_shapes(slot) or registry.saved_host_shapes.get(slot.layer_id)
+        if known is not None:
+            shape, dtype, out = known
+            shapes[slot.layer_id] = {"input": list(shape), "dtype": str(dtype), "output": list(out)}
+    return shapes
+
+
+def parse_host_shapes(saved: object) -> dict[str, HostShapes]:
+    """A checkpoint's ``host_shapes`` back; an entry that is not well formed is dropped (its
+    slot's cost then goes unchecked until its first forward, as with an older checkpoint)."""
+    shapes: dict[str, HostShapes] = {}
+    for slot_id, entry in (saved if isinstance(saved, dict) else {}).items():
+        try:
+            dtype = getattr(torch, str(entry["dtype"]).removeprefix("torch."))
+            shape, out_shape = (tuple(int(n) for n in entry[k]) for k in ("input", "output"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if (
+            isinstance(dtype, torch.dtype)
+            and dtype.is_floating_point
+            and all(0 <= n < 2**31 for n in (*shape, *out_shape))
+        ):
+            shapes[str(slot_id)] = (shape, dtype, out_shape)
+    return shapes
+
+
+def _recorded_shapes(slot: nn.Module) -> HostShapes | None:
     spec = getattr(slot, "input_spec", None)
     contract = getattr(slot, "output_contract", None)
     if spec is None or contract is None or isinstance(contract, str):
         return None
-    (shape, dtype, device), out_shape = spec, contract[0]
+    return tuple(spec[0]), spec[1], tuple(contract[0])
+
+
+def host_flops_per_element(record: SeedRecord, saved: HostShapes | None = None) -> float | None:
+    """The host layer of ``record``'s slot, counted in FLOPs per output element on an input of
+    its first-seen shape (zeros: the count depends on shapes only), or of ``saved`` (what a
+    checkpoint recorded) before the slot's first forward in this process. None without
+    either, or when the counter sees no FLOPs (a host of operators it does not count), in
+    which case G3 cannot compare costs."""
+    slot = record.slot
+    known = _recorded_shapes(slot) or saved
+    if known is None:
+        return None
+    shape, dtype, out_shape = known
+    device = next((p.device for p in slot.host.parameters()), torch.device("cpu"))
     if not dtype.is_floating_point:
         return None
     host = slot.host

@@ -424,7 +424,9 @@ class CommandExecution:
                 # No forward since COMPATIBILITY_CHECK began: probe activations of the seed's
                 # last-seen input shape instead.
                 sample = self.state.require_registry().probe_sample(record)
-            host_cost = host_flops_per_element(record)
+            registry = self.state.require_registry()
+            saved = registry.saved_host_shapes.get(record.slot.layer_id)
+            host_cost = host_flops_per_element(record, saved)
         return record.seed.evaluate_gate(
             target,
             min_isolated_epochs=config.min_isolated_epochs,

@@ -45,6 +45,7 @@ import torch
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
 from kasmina.manager.checkpoints import capture_training_state, restore_training_state
+from kasmina.manager.evaluation import host_shapes, parse_host_shapes
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
@@ -94,6 +95,7 @@ def snapshot(
         "seeds": seeds,
         "val_metrics": {k: float(v) for k, v in metrics.items()},
         BOUNDARY_PENDING: bool(boundary_pending),
+        "host_shapes": host_shapes(registry),  # G3's host cost before a resumed first forward
     }
     return capture_training_state(
         {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
@@ -185,6 +187,7 @@ def restore_epoch(
         state.epoch = int(extra.get("epoch", epoch))
         state.global_step = int(extra.get("global_step", state.global_step))
         state.val_metrics = dict(extra.get("val_metrics", {}))
+        registry.saved_host_shapes = parse_host_shapes(extra.get("host_shapes"))
         state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.

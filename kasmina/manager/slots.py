@@ -49,6 +49,8 @@ __all__ = [
 TIMELINE_SIZE = 1000
 
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
+# A slot's host: the shape and dtype of its first-seen input, and the shape of its output.
+HostShapes = tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]
 
 
 def _param_dtype(slot: KasminaLayer) -> torch.dtype:
@@ -234,6 +236,9 @@ class SlotRegistry:
         # Taken up later from a param group a user added to the host optimizer (a step's
         # ``take_host_groups``).
         self.added_host_params: dict[int, nn.Parameter] = {}
+        # Each slot's host shapes as a checkpoint saved them (``evaluation.host_shapes``): G3's
+        # cost in a process resumed by a ROLLBACK before the slot's first forward.
+        self.saved_host_shapes: dict[str, HostShapes] = {}
         # The thread that trains (registers, then ends the steps: ``end_step``): measurements
         # run forwards on it only.
         self.training_thread = threading.get_ident()

@@ -13,6 +13,7 @@ import torch
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.urza.blueprints import ResidualMLP
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
 from tests.manager.helpers import (
@@ -24,6 +25,7 @@ from tests.manager.helpers import (
     record_activations,
     run_command,
 )
+from tests.manager.test_dry_run import publish
 
 
 def signed(manager: KasminaKernelManager, keyring: Keyring, cmd: KasminaCommand) -> bool:
@@ -83,6 +85,38 @@ def test_a_resumed_seed_in_compatibility_check_passes_g3_before_any_forward(
     assert rig.send("advance", SEED0), rig.manager.command_log[-1]
     assert rig.stage(SEED0) == S.GRAFTING
     assert torch.equal(rng, torch.random.get_rng_state())  # a private generator's activations
+
+
+def test_a_resumed_g3_counts_the_hosts_cost_as_the_run_it_resumes(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The slots' first-seen host shapes are checkpointed: a process resumed by a ROLLBACK
+    refuses, before its first forward, a kernel over the cost budget that the uninterrupted
+    run's G3 refuses, instead of passing it with the cost unchecked."""
+    config = make_config(tmp_path, store, run_id="resume")
+    costly = publish(ResidualMLP(2, 512), torch.randn(3, 2), store)
+    first = Rig(config, keyring)
+    assert first.send("germinate", SEED0, costly)
+    first.train(2)
+    first.manager.end_epoch(0)
+    assert first.send("advance", SEED0) and first.stage(SEED0) == S.COMPATIBILITY_CHECK
+    first.train(1)
+    first.manager.end_epoch(1)
+    assert not first.send("advance", SEED0)
+    refusal = first.manager.command_log[-1][3]
+    assert "G3 refused" in refusal and "budget" in refusal, refusal
+    first.manager.close()
+
+    rig = Rig(config, keyring, record=False)  # the restarted process: no forward yet
+    assert rollback(rig.manager, keyring, 1), rig.manager.command_log[-1]
+    assert not rig.send("advance", SEED0)
+    assert rig.manager.command_log[-1][3] == refusal
+    assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    rig.manager.end_epoch(2)  # a checkpoint before any forward keeps the shapes it restored
+    rig.manager.close()
+    again = Rig(config, keyring, record=False)
+    assert rollback(again.manager, keyring, 2) and not again.send("advance", SEED0)
+    assert again.manager.command_log[-1][3] == refusal
 
 
 @pytest.mark.parametrize("host_lr", [0.05, None], ids=["host", "seeds-only"])
