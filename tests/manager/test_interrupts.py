@@ -55,6 +55,16 @@ def queue(rig: Rig, *commands) -> list[str]:
     return [command.command_id for command in commands]
 
 
+def two_germinates(rig: Rig, mlp: str) -> list[str]:
+    """Queue a GERMINATE of each seed (their kernel cached first); their ids."""
+    rig.manager.loader.original(mlp)
+    return queue(
+        rig,
+        make_seed_command("germinate", SEED0, mlp),
+        make_seed_command("germinate", SEED1, mlp),
+    )
+
+
 def assert_counts_add_up(rig: Rig, executed: int, failed: int) -> None:
     stats = rig.manager.handler.stats
     assert (stats["executed"], stats["failed"]) == (executed, failed), stats
@@ -256,12 +266,7 @@ def test_an_interrupt_while_nonces_are_made_durable_puts_every_command_taken_bac
     manager = rig.manager
     ledger = manager.verifier._ledger
     assert ledger is not None
-    manager.loader.original(mlp)
-    ids = queue(
-        rig,
-        make_seed_command("germinate", SEED0, mlp),
-        make_seed_command("germinate", SEED1, mlp),
-    )
+    ids = two_germinates(rig, mlp)
     synced: list[int] = []
     real_sync = ledger.sync
 
@@ -315,13 +320,8 @@ def test_an_interrupt_in_a_commands_report_applies_nothing_twice(rig: Rig, mlp) 
     """Ctrl-C in the telemetry of the first command's completion: that command was applied and
     counted, so it stays done; the one behind it goes back to the queue and applies once."""
     manager = rig.manager
-    manager.loader.original(mlp)
     interrupt_on(rig, "command.complete")
-    ids = queue(
-        rig,
-        make_seed_command("germinate", SEED0, mlp),
-        make_seed_command("germinate", SEED1, mlp),
-    )
+    ids = two_germinates(rig, mlp)
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
     assert rig.stage(SEED0) == S.ISOLATED_INIT and len(manager.pending) == 1
@@ -404,7 +404,6 @@ def test_a_command_interrupted_as_its_apply_returns_is_not_applied_again(
     the outcome ``apply`` noted (one log entry, not a second one saying it was refused), and
     the one behind it goes back to the front of the queue and applies once."""
     manager = rig.manager
-    manager.loader.original(mlp)
     real_apply, applied = manager.execution.apply, []
 
     def apply(command, **kwargs):
@@ -415,11 +414,7 @@ def test_a_command_interrupted_as_its_apply_returns_is_not_applied_again(
         return outcome
 
     monkeypatch.setattr(manager.execution, "apply", apply)
-    ids = queue(
-        rig,
-        make_seed_command("germinate", SEED0, mlp),
-        make_seed_command("germinate", SEED1, mlp),
-    )
+    ids = two_germinates(rig, mlp)
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
     assert applied == [(ids[0], True)] and rig.stage(SEED0) == S.ISOLATED_INIT

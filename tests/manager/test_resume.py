@@ -12,6 +12,7 @@ import torch
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
+from kasmina.manager.config import KasminaConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.utils.keyring import Keyring
@@ -61,6 +62,19 @@ def assert_same(a: object, b: object) -> None:
         assert a == b
 
 
+def compatibility_check_run(config: KasminaConfig, keyring: Keyring, artifact: str) -> Rig:
+    """A run whose seed 0 germinated ``artifact``, trained and reached COMPATIBILITY_CHECK, with
+    the checkpoints of epochs 0 and 1 (its forwards recorded the host's shapes)."""
+    first = Rig(config, keyring)
+    assert first.send("germinate", SEED0, artifact)
+    first.train(2)
+    first.manager.end_epoch(0)
+    assert first.send("advance", SEED0) and first.stage(SEED0) == S.COMPATIBILITY_CHECK
+    first.train(1)
+    first.manager.end_epoch(1)
+    return first
+
+
 def test_a_resumed_seed_in_compatibility_check_passes_g3_before_any_forward(
     tmp_path: Path, store: Path, keyring: Keyring, mlp: str
 ) -> None:
@@ -68,14 +82,7 @@ def test_a_resumed_seed_in_compatibility_check_passes_g3_before_any_forward(
     random activations of the shape the kernel's manifest declares, as the uninterrupted run's
     ADVANCE would pass on its last-seen shape."""
     config = make_config(tmp_path, store, run_id="resume")
-    first = Rig(config, keyring)
-    assert first.send("germinate", SEED0, mlp)
-    first.train(2)
-    first.manager.end_epoch(0)
-    assert first.send("advance", SEED0) and first.stage(SEED0) == S.COMPATIBILITY_CHECK
-    first.train(1)
-    first.manager.end_epoch(1)
-    first.manager.close()
+    compatibility_check_run(config, keyring, mlp).manager.close()
 
     rig = Rig(config, keyring, record=False)  # the restarted process: no forward yet
     assert rollback(rig.manager, keyring, 1), rig.manager.command_log[-1]
@@ -95,13 +102,7 @@ def test_a_resumed_g3_counts_the_hosts_cost_as_the_run_it_resumes(
     run's G3 refuses, instead of passing it with the cost unchecked."""
     config = make_config(tmp_path, store, run_id="resume")
     costly = publish(ResidualMLP(2, 512), torch.randn(3, 2), store)
-    first = Rig(config, keyring)
-    assert first.send("germinate", SEED0, costly)
-    first.train(2)
-    first.manager.end_epoch(0)
-    assert first.send("advance", SEED0) and first.stage(SEED0) == S.COMPATIBILITY_CHECK
-    first.train(1)
-    first.manager.end_epoch(1)
+    first = compatibility_check_run(config, keyring, costly)
     assert not first.send("advance", SEED0)
     refusal = first.manager.command_log[-1][3]
     assert "G3 refused" in refusal and "budget" in refusal, refusal

@@ -71,15 +71,20 @@ def test_activation_checkpointing_is_not_a_fault(stage: SeedStage, reentrant: bo
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("fault", ["raises", "wrong width"])
 @pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
-def test_a_fault_under_checkpointing_counts_once_per_step(stage: SeedStage) -> None:
-    """The recompute meets the raising kernel again: it falls back again (the same path),
-    but the fault was recorded when the region first ran."""
-    block = Block({1: Raises(4)}, [stage, stage])
+def test_a_fault_under_checkpointing_counts_once_per_step(
+    stage: SeedStage, fault: str, reentrant: bool
+) -> None:
+    """The recompute meets the faulty kernel again (it raises, or answers the wrong shape): it
+    falls back again (the same path), but the fault was recorded when the region first ran:
+    one per step."""
+    block = Block({1: Raises(4) if fault == "raises" else WrongWidth(4)}, [stage, stage])
     block.down.seed(1).fault_limit = 10
     x = torch.randn(5, 8, requires_grad=True)
     for step in range(3):
-        checkpoint(block, x, use_reentrant=False).pow(2).sum().backward()
+        checkpoint(block, x, use_reentrant=reentrant).pow(2).sum().backward()
         assert [s.faults for s in block.down.seeds] == [0, step + 1]
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -416,22 +421,6 @@ def test_a_seed_quarantined_mid_step_under_checkpointing_leaves_the_backward_who
     assert [s.stage for s in block.down.seeds] == [stage, S.QUARANTINE]
     assert block.down.seed(1).faults == 3
     assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
-def test_a_shape_fault_under_checkpointing_counts_once_per_step(
-    stage: SeedStage, reentrant: bool
-) -> None:
-    """The recompute meets the wrong-shaped output again and falls back again, but the fault
-    was counted when the region first ran: one per step, as for a kernel that raises."""
-    block = Block({1: WrongWidth(4)}, [stage, stage])
-    block.down.seed(1).fault_limit = 10
-    x = torch.randn(5, 8, requires_grad=True)
-    for step in range(3):
-        checkpoint(block, x, use_reentrant=reentrant).pow(2).sum().backward()
-        assert [s.faults for s in block.down.seeds] == [0, step + 1]
-    assert block.down.seed(1).fault_log[-1].startswith("output (5, 5)/torch.float32")
 
 
 class CountedRegion(nn.Module):
