@@ -33,6 +33,7 @@ otherwise read as "no effect", which the default gate fossilizes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -345,22 +346,29 @@ def host_shapes(registry: SlotRegistry) -> dict[str, dict[str, Any]]:
     return shapes
 
 
-def parse_host_shapes(saved: object) -> dict[str, HostShapes]:
-    """A checkpoint's ``host_shapes`` back; an entry that is not well formed is dropped (its
-    slot's cost then goes unchecked until its first forward, as with an older checkpoint)."""
+def parse_host_shapes(saved: object, registry: SlotRegistry) -> dict[str, HostShapes]:
+    """A checkpoint's ``host_shapes`` back, for the ``registry``'s slots. An entry that is not
+    well formed, or does not fit its slot (an output whose chunked dim is not the slot's
+    seeds' width, an input of more than 2^31 elements), is dropped: that slot's cost goes
+    unchecked until its first forward, as with an older checkpoint."""
     shapes: dict[str, HostShapes] = {}
-    for slot_id, entry in (saved if isinstance(saved, dict) else {}).items():
+    entries = saved if isinstance(saved, dict) else {}
+    for slot in registry.slots:
         try:
+            entry = entries[slot.layer_id]
             dtype = getattr(torch, str(entry["dtype"]).removeprefix("torch."))
             shape, out_shape = (tuple(int(n) for n in entry[k]) for k in ("input", "output"))
-        except (KeyError, TypeError, ValueError, AttributeError):
+            fits = out_shape[slot.chunk_dim] == slot.num_seeds * slot.chunk_size
+        except Exception:  # missing or malformed: the cost stays unchecked until a forward
             continue
         if (
-            isinstance(dtype, torch.dtype)
+            fits
+            and isinstance(dtype, torch.dtype)
             and dtype.is_floating_point
-            and all(0 <= n < 2**31 for n in (*shape, *out_shape))
+            and all(n >= 0 for n in (*shape, *out_shape))
+            and math.prod(shape) < 2**31
         ):
-            shapes[str(slot_id)] = (shape, dtype, out_shape)
+            shapes[slot.layer_id] = (shape, dtype, out_shape)
     return shapes
 
 
@@ -383,10 +391,12 @@ def host_flops_per_element(record: SeedRecord, saved: HostShapes | None = None) 
     if known is None:
         return None
     shape, dtype, out_shape = known
-    device = next((p.device for p in slot.host.parameters()), torch.device("cpu"))
     if not dtype.is_floating_point:
         return None
     host = slot.host
+    spec = getattr(slot, "input_spec", None)
+    held = (t.device for t in itertools.chain(host.parameters(), host.buffers()))
+    device = spec[2] if spec is not None else next(held, torch.device("cpu"))
     modes = [(module, module.training) for module in host.modules()]
     host.eval()
     try:

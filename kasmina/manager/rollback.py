@@ -123,6 +123,7 @@ def restore_epoch(
     if not isinstance(saved_seeds, dict) or set(saved_seeds) != set(registry.records):
         raise ValueError(f"the checkpoint of epoch {epoch} is not for this model's seeds")
     pending = bool(extra.get(BOUNDARY_PENDING, False))
+    saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
     if pending and boundary is None:
         raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
@@ -187,7 +188,7 @@ def restore_epoch(
         state.epoch = int(extra.get("epoch", epoch))
         state.global_step = int(extra.get("global_step", state.global_step))
         state.val_metrics = dict(extra.get("val_metrics", {}))
-        registry.saved_host_shapes = parse_host_shapes(extra.get("host_shapes"))
+        registry.saved_host_shapes = saved_shapes
         state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.

@@ -17,9 +17,8 @@ when the island captures the gradient and once when the host's autograd delivers
 
 from __future__ import annotations
 
+import itertools
 import logging
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,8 +34,17 @@ from kasmina.seeds.faults import (
     gradient_flags,
     record_fallbacks,
 )
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
+
+# Backwards through a seed graph whose kernel weights changed in place after its forward.
+_STALE_GRAPHS = itertools.count(1)
+_STALE_MESSAGE = (
+    "a seed's graph was stale (its kernel's weights changed in place after the forward: an "
+    "optimizer step before a second backward, or the kernel's own later forward); its "
+    "gradient from that graph is dropped, no fault charged [%d so far]: %s: %s"
+)
 
 __all__ = [
     "ContainedBackward",
@@ -127,7 +135,7 @@ class _Island:
     ``versions`` are the parameters' versions when the graphs were recorded.
     """
 
-    __slots__ = ("__weakref__", "groups", "outputs", "params", "recorders", "versions")
+    __slots__ = ("groups", "outputs", "params", "recorders", "versions")
 
     def __init__(
         self,
@@ -151,8 +159,6 @@ class _Island:
         self.groups = groups
         self.recorders = list(recorders)
         self.versions = [p._version for p in flat]
-        with _LIVE_LOCK:
-            _LIVE.add(self)
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
@@ -169,8 +175,16 @@ class _Island:
             try:
                 got = _grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
-                if self._changed_by_caller(group):
-                    raise  # a stale graph: the caller's error, heard as without a seed
+                if any(self.params[j]._version != self.versions[j] for j in group):
+                    # Its weights were changed in place after this forward: autograd refuses
+                    # the stale graph. By the caller (an optimizer step, then a second backward
+                    # through the graph) or by the kernel's own later forward (a weight clipped
+                    # in place, the slot run twice before one backward): which, no version
+                    # tells. So no fault is charged and the host's backward completes; the
+                    # seed's gradient from this graph is dropped, and that is logged.
+                    n = next(_STALE_GRAPHS)
+                    logger.log(rarely(n, 1000), _STALE_MESSAGE, n, type(exc).__name__, exc)
+                    continue
 
                 record("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
@@ -179,30 +193,6 @@ class _Island:
                     previous = total[j]
                     total[j] = g if previous is None else previous + g
         return total
-
-    def _changed_by_caller(self, group: Sequence[int]) -> bool:
-        """Whether a parameter of ``group`` was changed in place since the newest forward that
-        used it (an optimizer stepped, then a backward ran through the stale graph, which
-        autograd refuses): not the kernel's failure, but the caller's. A change made by a
-        kernel's own forward (a weight clamped in place, the slot run twice before one
-        backward) is the kernel's: the newest live island using the parameter recorded it."""
-        with _LIVE_LOCK:
-            live = list(_LIVE)
-        for j in group:
-            p = self.params[j]
-            newest = max(
-                (isl.versions[k] for isl in live for k, q in enumerate(isl.params) if q is p),
-                default=self.versions[j],
-            )
-            if p._version != newest:
-                return True
-        return False
-
-
-# The islands whose graphs are alive (their outputs' backward not yet freed): the newest
-# versions a kernel's own forwards left on its parameters (``_Island._changed_by_caller``).
-_LIVE: weakref.WeakSet[_Island] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
 
 
 class ContainedBackward(torch.autograd.Function):

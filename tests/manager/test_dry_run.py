@@ -124,9 +124,9 @@ def test_a_non_finite_kernel_is_refused(rig: Rig, store) -> None:
 
 def test_a_kernel_whose_backward_raises_is_refused(rig: Rig, store) -> None:
     """A kernel that could never train (its backward raises on every input) is refused at the
-    command, with the backward guard's fault budget untouched and no seed parameter given a
-    gradient, instead of being quarantined after three training steps (or, with
-    ``guard_seed_backward`` off, raising from the host's own backward)."""
+    command (the seed stays DORMANT, nothing attached or pinned), instead of being quarantined
+    after three training steps (or, with ``guard_seed_backward`` off, raising from the host's
+    own backward)."""
     artifact = publish(BrokenBackward(), torch.randn(3, 2), store)
     rig.train(1)
     assert_refused_and_host_trains(rig, artifact, "raised RuntimeError in its backward")

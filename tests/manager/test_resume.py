@@ -13,6 +13,7 @@ import torch
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.evaluation import parse_host_shapes
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.utils.keyring import Keyring
@@ -196,3 +197,25 @@ def test_a_resumed_seeds_monitor_guards_the_host_groups_the_checkpoint_restores(
     assert monitor is not None
     assert {id(p) for p in layer} <= {id(p) for _, p in monitor._host}
     rig.train(1)
+
+
+def test_saved_host_shapes_that_do_not_fit_their_slot_are_dropped(rig: Rig) -> None:
+    """A checkpoint's host shapes are parsed before a rollback changes anything, and an entry
+    that is malformed or does not fit its slot is dropped (that slot's cost is then unchecked
+    until its first forward), never raised from the rollback's commit."""
+    registry = rig.manager.state.require_registry()
+    slot = rig.slot.layer_id  # the Rig's slot: two seeds of width 2 on a 4-wide output
+    good = {"input": [16, 6], "dtype": "torch.float32", "output": [16, 4]}
+    assert parse_host_shapes({slot: good}, registry) == {slot: ((16, 6), torch.float32, (16, 4))}
+    for bad in (
+        {**good, "input": [float("inf"), 6]},
+        {**good, "input": [2**16, 2**16]},  # 2^32 elements: G3 would run the host on them
+        {**good, "output": [16, 5]},  # not the seeds' width
+        {**good, "dtype": "int64"},
+        {**good, "dtype": "no_such_dtype"},
+        {"input": [16, 6]},
+        torch.zeros(3),
+        "16x6",
+    ):
+        assert parse_host_shapes({slot: bad}, registry) == {}, bad
+    assert parse_host_shapes(None, registry) == {} and parse_host_shapes([good], registry) == {}
