@@ -21,6 +21,7 @@ from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries
+from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ DURABILITY_MODES = ("fsync", "flush")
 # Lines the ledger file may hold beyond twice its live nonces before it is rewritten: each
 # rewrite (O(live nonces)) is paid for by at least this many appends.
 LEDGER_COMPACT_SLACK = 4096
+# The most a ledger file may hold when it is read (a record is about 100 bytes; compaction
+# keeps a file near twice the live nonces): a larger one is not this ledger's, or is damaged.
+MAX_LEDGER_BYTES = 1 << 28
 _LEDGER_HEADER = (
     b"# kasmina nonce ledger v1: 'N <timestamp> <nonce hex> <crc32>' | 'F <floor> - <crc32>'\n"
 )
@@ -181,10 +185,12 @@ class NonceLedger:
 
         A line that does not parse or fails its CRC is skipped, with one warning for all. A
         file that is not a ledger (no header and not one record: a path that names another
-        file) raises ``ValueError``, since the ledger's next compaction would overwrite it.
+        file), is not a regular file (a FIFO would block the read for good) or is larger than
+        :data:`MAX_LEDGER_BYTES` raises ``ValueError``, since the ledger's next compaction
+        would overwrite it.
         """
         try:
-            data = self.path.read_bytes()
+            data, _ = read_regular_file(self.path, MAX_LEDGER_BYTES, what="nonce ledger")
         except FileNotFoundError:
             return [], -math.inf
         if (

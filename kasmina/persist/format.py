@@ -33,6 +33,7 @@ from kasmina.errors import ArtifactIntegrityError, KasminaError
 from kasmina.utils.atomic import atomic_write_bytes
 from kasmina.utils.files import NotARegularFileError, open_regular_file
 from kasmina.utils.ratelimit import clipped
+from kasmina.utils.signed_json import strict_json_loads
 from kasmina.utils.state_io import is_hex
 
 __all__ = [
@@ -159,7 +160,7 @@ def _pickle_problem(payload: bytes) -> str | None:
 
 def _parse_header(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        header = json.loads(raw.decode("ascii"))
+        header = strict_json_loads(raw.decode("ascii"))  # nesting, a duplicated key: refused
     except (UnicodeDecodeError, ValueError) as exc:
         raise SavedModelError(f"{where}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT:

@@ -8,6 +8,7 @@ it back without unpickling anything but tensors.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -56,8 +57,10 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
         raise ValueError(f"a seed's extra state is a 1-D uint8 tensor, got {value!r:.80}")
     try:
-        state = json.loads(bytes(value.detach().cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        # NaN is allowed (a gate score may be one); a duplicated key or deep nesting is not.
+        text = bytes(value.detach().cpu().tolist()).decode("utf-8")
+        state = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"a seed's extra state is a JSON object, got {type(state).__name__}")
@@ -116,9 +119,7 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
     field = ""
     try:
         field = "faults"
-        faults = int(state.get("faults", 0))  # absent from states saved before fault counting
-        if faults < 0:
-            raise ValueError(f"must be >= 0, got {faults}")
+        faults = _count(state.get("faults", 0))  # absent from states saved before fault counting
         field = "fault_log"
         saved_log = state.get("fault_log", ())
         if not isinstance(saved_log, list | tuple):
@@ -130,9 +131,9 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         stage = parse_stage(int(row[StateColumn.LIFECYCLE_STAGE]))
         values: dict[str, Any] = {}
         for field in ("alpha", "gate_score", "performance_gate"):
-            values[field] = float(state[field])
+            values[field] = _number(state[field], field)
         for field in ("isolation_violations", "nonfinite_events"):
-            values[field] = int(state[field])
+            values[field] = _count(state[field])
         field = "graft_step"
         step = state.get("graft_step")
         graft_step = None if step is None else _count(step)
@@ -175,6 +176,29 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         chunk_size=chunk_size,
         has_kernel=has_kernel,
     )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("duplicate key")
+    return data
+
+
+def _number(value: object, field: str) -> float:
+    """``value`` as the float ``field`` holds: ``alpha`` in [0, 1], a finite ``performance_gate``
+    (an infinite one would pass or refuse every seed at G5), a ``gate_score`` that is a number
+    (NaN allowed: it is only reported)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, got {value!r:.80}")
+    number = float(value)
+    if field == "alpha" and not 0.0 <= number <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {number}")
+    if field == "performance_gate" and not math.isfinite(number):
+        raise ValueError(f"must be finite, got {number}")
+    if field == "gate_score" and math.isinf(number):
+        raise ValueError(f"must be finite or NaN, got {number}")
+    return number
 
 
 def _count(value: object) -> int:

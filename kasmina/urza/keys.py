@@ -26,7 +26,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -138,7 +138,7 @@ def _decode_key_text(text: str, key_id: str) -> bytes:
 def _load_pem_public(pem: bytes, key_id: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"publisher {key_id!r}: unreadable PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"publisher {key_id!r}: PEM public key is not Ed25519")
@@ -307,7 +307,7 @@ def _load_pem_private(data: bytes, path: Path) -> Ed25519PrivateKey:
         )
     try:
         key = serialization.load_pem_private_key(match.group(0), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"{path}: unreadable PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: the private key is not Ed25519")

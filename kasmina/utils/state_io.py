@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import io
 import logging
+import math
 import os
 import re
 import secrets
@@ -148,6 +149,15 @@ class CheckpointManifest:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_time(value: int | float) -> bool:
+    """Whether ``value`` is a finite float (a JSON integer past a float's range, 10**400,
+    raises ``OverflowError`` on the way: not one)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def is_hex(value: object, length: int) -> bool:
@@ -349,6 +359,8 @@ class CheckpointSigner:
             or not (_is_int(data["size"]) and data["size"] >= 0)
             or not is_hex(data["sha256"], 64)
             or not isinstance(data["created"], (int, float))
+            or isinstance(data["created"], bool)
+            or not _finite_time(data["created"])
         ):
             raise CheckpointIntegrityError(
                 f"{where}: manifest is signed but not of format {CHECKPOINT_FILE_FORMAT}"

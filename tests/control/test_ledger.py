@@ -8,6 +8,7 @@ closed (or its process died), which is what a restarted trainer does. See docs/d
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -461,4 +462,27 @@ def test_opening_removes_the_temporaries_of_a_rewrite_a_crash_cut_short(tmp_path
     other.write_text("key")
     ledger = NonceLedger(path)
     assert not torn.exists() and other.exists()
+    ledger.close()
+
+
+def test_a_fifo_at_the_ledger_path_is_refused_not_blocked_on(keyring, clock, path) -> None:
+    """Reading the ledger at start would block for good on a FIFO (no writer): refused at once,
+    naming the file, before the verifier accepts anything."""
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    ledger = NonceLedger(path)
+    outcome: list[BaseException | None] = []
+
+    def build() -> None:
+        try:
+            CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert outcome, "the verifier blocked on the FIFO"
+    assert isinstance(outcome[0], ValueError) and "nonce ledger" in str(outcome[0])
     ledger.close()

@@ -372,6 +372,23 @@ def test_load_refuses_unsigned_files_and_arbitrary_pickles_even_when_signed(tmp_
         store.load(3)
 
 
+@pytest.mark.parametrize("created", [10**400, True])
+def test_a_signed_manifest_with_an_impossible_creation_time_is_refused(
+    tmp_path, monkeypatch, created
+):
+    """Signed with the run's key, but ``created`` is past a float's range (float() raised
+    OverflowError) or not a number: an integrity error, as for any malformed manifest."""
+    import kasmina.utils.state_io as state_io
+
+    store = _store(tmp_path)
+    store.save(3, {"ok": torch.ones(1)})
+    monkeypatch.setattr(state_io.time, "time", lambda: created)
+    store.save(3, {"ok": torch.ones(1)})
+    monkeypatch.undo()
+    with pytest.raises(CheckpointIntegrityError, match="not of format"):
+        store.load(3)
+
+
 def test_temp_files_of_killed_emergency_writes_are_removed_once_stale(tmp_path):
     """An emergency checkpoint write killed before its rename leaves a temp file holding seed
     state; opening the run's store removes it once no live writer can own it (older than

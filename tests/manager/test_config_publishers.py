@@ -20,6 +20,30 @@ PUBLISHER = PublisherKey.generate("pub")
 RAW = base64.b64decode(PUBLISHER.public_key_text)
 
 
+def _pem(label: str, der: bytes) -> str:
+    return f"-----BEGIN {label}-----\n{base64.b64encode(der).decode()}\n-----END {label}-----\n"
+
+
+# A key of an algorithm the cryptography library does not know (OID 1.2.3.4): its
+# UnsupportedAlgorithm had escaped the parsers, which promise a ValueError.
+_OID = bytes([0x06, 0x03, 0x2A, 0x03, 0x04])
+_ALGORITHM = bytes([0x30, len(_OID)]) + _OID
+_BITS = bytes([0x03, 33, 0]) + b"\x01" * 32
+_UNKNOWN_KEY_TYPE_PEM = _pem(
+    "PUBLIC KEY", bytes([0x30, len(_ALGORITHM) + len(_BITS)]) + _ALGORITHM + _BITS
+)
+
+
+def test_a_private_key_file_of_an_unknown_algorithm_is_a_value_error(tmp_path: Path) -> None:
+    octets = bytes([0x04, 34, 0x04, 32]) + b"\x01" * 32
+    body = bytes([0x02, 0x01, 0x00]) + _ALGORITHM + octets
+    path = tmp_path / "publisher.key"
+    path.write_text(_pem("PRIVATE KEY", bytes([0x30, len(body)]) + body))
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match="unreadable PEM private key"):
+        PublisherKey.from_file(path, key_id="pub")
+
+
 def test_public_keys_in_base64_or_hex_are_normalised_to_base64(tmp_path: Path) -> None:
     for text in (PUBLISHER.public_key_text, RAW.hex(), RAW.hex().upper()):
         config = KasminaConfig(runs_root=str(tmp_path), urza_trusted_publishers={"pub": text})
@@ -44,6 +68,7 @@ def test_public_keys_in_base64_or_hex_are_normalised_to_base64(tmp_path: Path) -
         ({"": PUBLISHER.public_key_text}, "invalid publisher key id"),
         ({"a b": PUBLISHER.public_key_text}, "invalid publisher key id"),
         ({"pub": PUBLISHER.to_pem().decode()}, "private key"),
+        ({"pub": _UNKNOWN_KEY_TYPE_PEM}, "unreadable PEM public key"),
     ],
 )
 def test_invalid_publishers_are_refused(value: object, fragment: str, tmp_path: Path) -> None:

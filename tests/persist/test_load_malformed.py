@@ -169,6 +169,21 @@ def test_a_non_hex_digest_is_a_saved_model_error(tmp_path: Path) -> None:
     _refused(path, "sha256 is malformed")
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 60000, b'{"format": "kasmina-model", "format": "kasmina-model"}'],
+    ids=["nested", "duplicate key"],
+)
+def test_a_header_nested_too_deeply_or_with_a_duplicate_key_is_refused(
+    tmp_path: Path, raw: bytes
+) -> None:
+    """Read before anything is verified: 60,000 ``[`` raised RecursionError from the JSON parser,
+    and a duplicated key was read as its last value."""
+    path = tmp_path / "crafted.kasmina"
+    path.write_bytes(fmt.MAGIC + struct.pack(">I", len(raw)) + raw)
+    _refused(path, "header is not valid JSON")
+
+
 def test_save_refuses_a_table_with_rows_no_slot_uses(tmp_path: Path) -> None:
     model = Host()
     kasmina.attach(model, "out", 2, 2, state=GPUStateTensor(3))

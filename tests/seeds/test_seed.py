@@ -12,7 +12,7 @@ from torch import nn
 from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
 from kasmina.ops import kd_kl_loss
-from kasmina.seeds.extra_state import decode_extra_state
+from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor, blueprint_hash
@@ -337,6 +337,46 @@ def test_a_malformed_extra_state_changes_nothing() -> None:
         target.set_extra_state(extra)
     assert target.stage is S.ISOLATED_INIT and target.alpha_value == 0.0
     assert torch.equal(target.state_table.state_tensor, table_before)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("alpha", float("nan")),
+        ("alpha", 1.5),
+        ("alpha", "0.5"),
+        ("performance_gate", float("-inf")),
+        ("gate_score", float("inf")),
+        ("faults", "3"),
+        ("faults", -1),
+        ("faults", 2.0),
+        ("isolation_violations", True),
+        ("nonfinite_events", 1e300),
+    ],
+)
+def test_an_out_of_range_extra_state_field_is_refused(field: str, value: object) -> None:
+    """A saved state whose numbers are out of range (an edited file: an alpha of NaN made
+    every later step raise in the alpha schedule) is refused, naming the field, and changes
+    nothing; a NaN gate score (only reported) is taken."""
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(7, 10, 1.5)
+    extra = dict(decode_extra_state(seed.state_dict()["_extra_state"]))
+    target = make_seed(S.ISOLATED_INIT)
+    table_before = target.state_table.state_tensor.clone()
+    with pytest.raises(ValueError, match=field):
+        target.set_extra_state(encode_extra_state({**extra, field: value}))
+    assert target.stage is S.ISOLATED_INIT and target.alpha_value == 0.0
+    assert torch.equal(target.state_table.state_tensor, table_before)
+    target.set_extra_state(encode_extra_state({**extra, "gate_score": float("nan")}))
+    assert target.stage is S.GRAFTING and math.isnan(target.gate_score)
+
+
+def test_a_duplicated_or_deeply_nested_extra_state_is_a_value_error() -> None:
+    text = '{"version": 1, "version": 1}'
+    for raw in (text, "[" * 5000 + "]" * 5000):
+        value = torch.frombuffer(bytearray(raw.encode()), dtype=torch.uint8).clone()
+        with pytest.raises(ValueError, match="not valid JSON"):
+            decode_extra_state(value)
 
 
 def test_shared_table_slot_and_constructor_validation() -> None:
