@@ -41,7 +41,10 @@ namedtuple or Hugging Face ``ModelOutput`` as its elements; the one at the slot'
 same type. Nothing is guessed at merge time: the slot records no input a probe could replay
 (an attention module takes three, a ``model.to(dtype)`` leaves the recorded dtype stale). A
 container pytree does not know (a plain dataclass) is one leaf, so such a merged module fails
-at its first forward where its slot would have chunked an element. (Unpickling a
+at its first forward where its slot would have chunked an element. Nor is there a sit-out: a
+call the slot passes through because it does not fit the seeds (a conv slot's unbatched image,
+a chunk of a rank an exported kernel's signed input does not take) reaches the kernels here,
+whose input guards raise. (Unpickling a
 ``GraphModule`` re-traces its code, and that trace flattens the output as a Tensor: one more
 reason to ship the exported program.)
 """
