@@ -249,7 +249,7 @@ class _Graft:
     ``chunks[k]`` is seed ``k``'s output, or the host's own chunk for a seed that passed it
     through (``passed[k]``; ``passed`` is None when every seed ran); ``island`` holds the
     outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags
-    (the first None under ``no_grad``: ``faults.gradient_flag``).
+    (the first None under ``no_grad``: ``faults.gradient_flags``).
     """
 
     __slots__ = (
