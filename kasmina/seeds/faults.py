@@ -245,9 +245,12 @@ def _read_all_finite(sums: torch.Tensor) -> bool:
     (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a
     collective; ``torch.jit.trace``, which would bake the value into the trace; ``torch.func``),
     where the device-side test decides without a read."""
-    if type(sums) is not torch.Tensor or sums.device.type != "cpu" or torch.jit.is_tracing():
-        return False
-    if not plain_eager():
+    if (
+        type(sums) is not torch.Tensor
+        or sums.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or not plain_eager()
+    ):
         return False
     values = sums.tolist()
     return all(map(math.isfinite, values)) if isinstance(values, list) else math.isfinite(values)

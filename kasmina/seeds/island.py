@@ -185,7 +185,6 @@ class _Island:
                     n = next(_STALE_GRAPHS)
                     logger.log(rarely(n, 1000), _STALE_MESSAGE, n, type(exc).__name__, exc)
                     continue
-
                 record("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
             for j, g in zip(group, got, strict=True):
