@@ -19,6 +19,7 @@ import torch
 
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
+from kasmina.utils.signed_json import strict_json_loads
 
 __all__ = [
     "EXTRA_STATE_VERSION",
@@ -59,8 +60,8 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     try:
         # NaN is allowed (a gate score may be one); a duplicated key or deep nesting is not.
         text = bytes(value.detach().cpu().tolist()).decode("utf-8")
-        state = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        state = strict_json_loads(text, allow_nan=True)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"a seed's extra state is a JSON object, got {type(state).__name__}")
@@ -176,13 +177,6 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         chunk_size=chunk_size,
         has_kernel=has_kernel,
     )
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        raise ValueError("duplicate key")
-    return data
 
 
 def _number(value: object, field: str) -> float:

@@ -22,7 +22,6 @@ import errno
 import hashlib
 import hmac
 import json
-import math
 import re
 import threading
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.utils.files import NotARegularFileError, open_regular_file
 from kasmina.utils.ratelimit import clipped
-from kasmina.utils.signed_json import canonical_json, strict_json_loads
+from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -257,12 +256,9 @@ class Manifest:
         created = data["created"]
         if not isinstance(created, (int, float)) or isinstance(created, bool):
             raise ValueError("manifest created must be a number (Unix time)")
-        try:  # a JSON integer past a float's range (10**400) raised OverflowError, no ValueError
-            created = float(created)
-        except OverflowError:
-            created = math.inf
-        if not math.isfinite(created):
+        if not finite_number(created):  # 10**400 too: float() raises OverflowError
             raise ValueError("manifest created must be a finite Unix time")
+        created = float(created)
         if data["format"] != ARTIFACT_FORMAT:
             raise ValueError(f"unsupported artifact format {shown(data['format'])}")
         if data["manifest_version"] != MANIFEST_VERSION or isinstance(

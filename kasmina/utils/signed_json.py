@@ -11,10 +11,11 @@ fields behind one signature).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["canonical_json", "strict_json_loads"]
+__all__ = ["canonical_json", "finite_number", "strict_json_loads"]
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:
@@ -24,14 +25,27 @@ def canonical_json(fields: Mapping[str, Any]) -> bytes:
     ).encode("ascii")
 
 
-def strict_json_loads(text: str) -> Any:
-    """``json.loads`` that raises ``ValueError`` on a duplicate key, a NaN/Infinity, or nesting
-    deeper than the interpreter's recursion limit (the parser recurses per level: 200 KB of
-    ``[`` is enough, and what reads a file from a store must refuse it, not crash)."""
+def strict_json_loads(text: str, *, allow_nan: bool = False) -> Any:
+    """``json.loads`` that raises ``ValueError`` on a duplicate key, a NaN/Infinity (unless
+    ``allow_nan``: a document that is not signed and may hold a NaN score), or nesting deeper
+    than the interpreter's recursion limit (the parser recurses per level: 200 KB of ``[`` is
+    enough, and what reads a file from a store must refuse it, not crash)."""
+    constant = {} if allow_nan else {"parse_constant": _reject_constant}
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, **constant)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def finite_number(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool) with a finite float value: a JSON
+    integer past a float's range (``10**400``) is not one (``float()`` raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

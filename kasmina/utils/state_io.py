@@ -35,7 +35,6 @@ import hashlib
 import hmac
 import io
 import logging
-import math
 import os
 import re
 import secrets
@@ -51,7 +50,7 @@ import torch
 from kasmina.errors import CheckpointIntegrityError
 from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries
 from kasmina.utils.files import NotARegularFileError, open_regular_file, read_regular_file
-from kasmina.utils.signed_json import canonical_json, strict_json_loads
+from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 
 __all__ = [
     "CHECKPOINT_KEY_BYTES",
@@ -149,15 +148,6 @@ class CheckpointManifest:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite_time(value: int | float) -> bool:
-    """Whether ``value`` is a finite float (a JSON integer past a float's range, 10**400,
-    raises ``OverflowError`` on the way: not one)."""
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
 
 
 def is_hex(value: object, length: int) -> bool:
@@ -358,9 +348,7 @@ class CheckpointSigner:
             or not (data["epoch"] is None or (_is_int(data["epoch"]) and data["epoch"] >= 0))
             or not (_is_int(data["size"]) and data["size"] >= 0)
             or not is_hex(data["sha256"], 64)
-            or not isinstance(data["created"], (int, float))
-            or isinstance(data["created"], bool)
-            or not _finite_time(data["created"])
+            or not finite_number(data["created"])
         ):
             raise CheckpointIntegrityError(
                 f"{where}: manifest is signed but not of format {CHECKPOINT_FILE_FORMAT}"
