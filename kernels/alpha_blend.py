@@ -27,6 +27,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from kasmina.kernels.device import on_device
 
 BLOCK = 4096  # elements per program in the flat kernels (16 per thread at 8 warps)
 NUM_WARPS = 8
@@ -172,10 +173,11 @@ def blend_forward(
     mode, d, w = _alpha_layout(seed, alpha)
     n = seed.numel()
     if n:
-        _blend_fwd_kernel[(triton.cdiv(n, block),)](
-            seed, host, seed if alpha is None else alpha, out, float(alpha_value), n, d, w,
-            ALPHA_MODE=mode, BLOCK=block, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with on_device(seed.device):
+            _blend_fwd_kernel[(triton.cdiv(n, block),)](
+                seed, host, seed if alpha is None else alpha, out, float(alpha_value), n, d, w,
+                ALPHA_MODE=mode, BLOCK=block, num_warps=NUM_WARPS,
+            )  # fmt: skip
     return out
 
 
@@ -191,6 +193,19 @@ def blend_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(alpha*grad, grad_alpha)``; ``grad_alpha = sum(grad*(seed-host))`` reduced to
     ``alpha.shape`` when ``seed``, ``host`` and ``alpha`` are all given, else an empty tensor."""
+    with on_device(grad.device):
+        return _blend_backward(grad, seed, host, alpha, alpha_value, grad_seed_out, block)
+
+
+def _blend_backward(
+    grad: torch.Tensor,
+    seed: torch.Tensor | None,
+    host: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    alpha_value: float,
+    grad_seed_out: torch.Tensor | None,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check("grad", grad, grad)
     if grad_seed_out is None:
         grad_seed_out = torch.empty_like(grad)

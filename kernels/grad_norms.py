@@ -41,13 +41,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 import triton
 import triton.language as tl
+from kasmina.kernels.device import on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The element type each group is loaded as: bf16 as its raw bits (see ``_fold``).
@@ -407,7 +407,7 @@ def tensor_norms(
     prep = prepare(tensors, device)
     plan = prep.plan
     partials = torch.empty(2 * max(plan.total_chunks, 1), dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with on_device(device):
         for g in plan.groups:
             _sumsq_kernel[(g.chunks,)](
                 g.table,

@@ -86,6 +86,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from kasmina.kernels.device import on_device
 from triton.runtime.interpreter import InterpretedFunction
 
 logger = logging.getLogger(__name__)
@@ -506,16 +507,17 @@ def kd_forward(
         plan = _plan([s, t])
         assert plan is not None  # _readable guarantees a two-dim row layout
         ((s_b, s_off, s_st0, s_st1), (t_b, t_off, t_st0, t_st1)), r1, vec, aligned = plan
-        _kd_fwd_kernel[(rows,)](
-            s_b, t_b, s_b if flat_mask is None else flat_mask, loss_rows_out,
-            stats_out if need_grad else loss_rows_out, vocab, r1,
-            s_off, s_st0, s_st1, t_off, t_st0, t_st1,
-            LOG2E / temperature, temperature * temperature * LN2,
-            HAS_MASK=flat_mask is not None, WRITE_STATS=need_grad, ALIGN_S=aligned[0],
-            ALIGN_T=aligned[1], VEC=vec, BLOCK_V=block_v or default_block_v(vocab),
-            MERGED=not interpreting() if merged is None else merged, num_warps=NUM_WARPS,
-            enable_fp_fusion=False,  # the exponents' roundings are the backward's (see above)
-        )  # fmt: skip
+        with on_device(student.device):
+            _kd_fwd_kernel[(rows,)](
+                s_b, t_b, s_b if flat_mask is None else flat_mask, loss_rows_out,
+                stats_out if need_grad else loss_rows_out, vocab, r1,
+                s_off, s_st0, s_st1, t_off, t_st0, t_st1,
+                LOG2E / temperature, temperature * temperature * LN2,
+                HAS_MASK=flat_mask is not None, WRITE_STATS=need_grad, ALIGN_S=aligned[0],
+                ALIGN_T=aligned[1], VEC=vec, BLOCK_V=block_v or default_block_v(vocab),
+                MERGED=not interpreting() if merged is None else merged, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,  # the exponents' roundings are the backward's (above)
+            )  # fmt: skip
     if reduction == "none":
         return loss_rows_out.view(lead), stats_out, scale
     total = loss_rows_out.sum()
@@ -583,13 +585,14 @@ def kd_backward(
         # per step. Scalar loads keep the whole loop in one layout.
         aligned = [False, False, False]
     c_host = temperature * host_scale(reduction, rows, vocab, mask is not None)
-    _kd_bwd_kernel[(rows,)](
-        sa[0], ta[0], ga[0], sa[0] if mask is None else row_vector(mask), stats, grad_output,
-        scale if has_scale else stats, vocab, r1, *sa[1:], *ta[1:], *ga[1:],
-        LOG2E / temperature, c_host,
-        HAS_MASK=mask is not None, PER_ROW=per_row, HAS_SCALE=has_scale, ALIGN_S=aligned[0],
-        ALIGN_T=aligned[1], ALIGN_G=aligned[2], VEC=vec,
-        BLOCK_V=block_v or default_block_v(vocab, BWD_BLOCK_V), num_warps=NUM_WARPS,
-        enable_fp_fusion=False,  # the forward's exponents exactly (see the module docstring)
-    )  # fmt: skip
+    with on_device(student.device):
+        _kd_bwd_kernel[(rows,)](
+            sa[0], ta[0], ga[0], sa[0] if mask is None else row_vector(mask), stats, grad_output,
+            scale if has_scale else stats, vocab, r1, *sa[1:], *ta[1:], *ga[1:],
+            LOG2E / temperature, c_host,
+            HAS_MASK=mask is not None, PER_ROW=per_row, HAS_SCALE=has_scale, ALIGN_S=aligned[0],
+            ALIGN_T=aligned[1], ALIGN_G=aligned[2], VEC=vec,
+            BLOCK_V=block_v or default_block_v(vocab, BWD_BLOCK_V), num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # the forward's exponents exactly (see the module docstring)
+        )  # fmt: skip
     return out

@@ -20,11 +20,10 @@ would otherwise be read as the wrong elements, or past the end of its allocation
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
+from kasmina.kernels.device import on_device
 
 # Globals read inside @triton.jit functions must be constexpr.
 APPLIED = tl.constexpr(0)
@@ -148,10 +147,6 @@ def _tick_kernel(
     tl.store(base + COL_READY, ready.to(tl.int32), mask=live)
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
-
-
 def lifecycle_update(
     state: torch.Tensor,
     seed_idx: torch.Tensor,
@@ -177,7 +172,7 @@ def lifecycle_update(
     seed_idx = seed_idx.contiguous()
     new_stage = new_stage.contiguous()
     gate = None if gate is None else gate.contiguous()
-    with _device_ctx(state):
+    with on_device(state.device):
         _update_kernel[(triton.cdiv(k, UPDATE_BLOCK),)](
             state,
             seed_idx,
@@ -208,7 +203,7 @@ def lifecycle_tick(state: torch.Tensor, ready: torch.Tensor, columns: dict[str, 
     n = state.shape[0]
     if n == 0:
         return
-    with _device_ctx(state):
+    with on_device(state.device):
         _tick_kernel[(triton.cdiv(n, TICK_BLOCK),)](
             state,
             ready,

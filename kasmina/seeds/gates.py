@@ -421,10 +421,12 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
     latency = None
     with torch.no_grad(), rng_forked(xd.device), kept_buffers(kernel):
         if xd.device.type == "cuda":
+            # On the activations' device's stream, which need not be the current device's.
+            stream = torch.cuda.current_stream(xd.device)
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
+            events[0].record(stream)
             out = kernel(xd)
-            events[1].record()
+            events[1].record(stream)
         else:
             start = time.perf_counter()
             out = kernel(xd)
