@@ -283,11 +283,13 @@ class TeacherForwardPassManager:
         try:
             if on_cuda:
                 self._drain(block=False)
+                # On the teacher's device's stream, which need not be the current device's.
+                stream = torch.cuda.current_stream(teacher.device)
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(stream)
                 logits = teacher.forward(input_batch)
-                end.record()
+                end.record(stream)
                 self._pending.append((start, end))
             else:
                 began = time.perf_counter()
@@ -296,9 +298,12 @@ class TeacherForwardPassManager:
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
-            failed = exc
+            # Without its traceback: kept, it would hold the failed forward's frames (and
+            # their activations) through a cycle with this frame until the next collection,
+            # so the cache could not be emptied of them below.
+            failed = exc.with_traceback(None)
         if failed is not None:
-            # Outside the except block, so the traceback's frames no longer pin tensors.
+            # Outside the except block, whose handled exception also pins the frames.
             self._after_oom(failed, on_cuda)
             return None
         if self.auto_profile and self._memory is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import weakref
 
 import pytest
 import torch
@@ -233,6 +234,27 @@ def test_simulated_oom_skips_kd_and_the_step_completes(
     assert train_step() is True
     stats = manager.get_checkpoint_effectiveness()
     assert stats["ooms"] == 1.0 and stats["forwards"] == 1.0
+
+
+def test_an_oom_frees_the_failed_forwards_activations_at_once() -> None:
+    """Nothing of the failed forward outlives the call (the CUDA cache is emptied right after):
+    no reference cycle through the exception's traceback keeps its frames for the collector."""
+    alive: list[weakref.ref] = []
+
+    class Exhausted(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.repeat(1, 1000)
+            alive.append(weakref.ref(h))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    manager = TeacherForwardPassManager(CheckpointedTeacher(Exhausted(), dtype=torch.float32))
+    gc.collect()
+    gc.disable()
+    try:
+        assert manager.get_teacher_predictions(torch.randn(4, 8)) is None
+        assert alive and alive[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_repeated_ooms_log_first_then_every_100th(
