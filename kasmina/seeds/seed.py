@@ -312,6 +312,8 @@ class GradientIsolatedSeed(nn.Module):
                 )  # fmt: skip
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
+        # G3's evidence (the kernel's output on a batch) is read in COMPATIBILITY_CHECK only.
+        self.probe_result = None
         if new in (SeedStage.ISOLATED_INIT, SeedStage.RECYCLING):  # G2 counts from the entry
             self.trained_epochs, self.trained_this_epoch = 0, False
         if new == SeedStage.GRAFTING:
@@ -319,8 +321,6 @@ class GradientIsolatedSeed(nn.Module):
             self.graft_step = 0
         elif new in (SeedStage.STABILIZATION, SeedStage.ACTIVE):
             self._set_alpha(1.0, force=True)
-        elif new == SeedStage.COMPATIBILITY_CHECK:
-            self.probe_result = None
         elif new == SeedStage.HARVESTING:
             self.field_report = {
                 "seed_id": self.seed_id,
@@ -346,7 +346,6 @@ class GradientIsolatedSeed(nn.Module):
             self.finite_flag.fill_(True)
             self.fault_flag.fill_(False)
             self._kd_losses.clear()
-            self.probe_result = None
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:
@@ -591,6 +590,7 @@ class GradientIsolatedSeed(nn.Module):
         state = dict(self.__dict__)
         state.pop("_kernel_tree", None)  # a cache of the kernel's modules, rebuilt on use
         state["_kd_losses"] = []  # this step's, with their graphs: not the copy's
+        state["probe_result"] = None  # this kernel's measurement (a GPU's events do not copy)
         return state
 
     def extra_repr(self) -> str:

@@ -422,3 +422,18 @@ def test_loading_a_state_drops_the_evaluation_of_the_weights_it_replaces() -> No
     assert seed.evaluation is None
     result = seed.evaluate_gate(S.ACTIVE, performance_gate=0.5)
     assert not result.passed and result.reason.startswith("never evaluated")
+
+
+def test_the_g3_probe_is_dropped_once_compatibility_check_is_left() -> None:
+    """The probe holds the kernel's output on a whole batch: kept for G3, and no longer."""
+    seed = make_seed(S.COMPATIBILITY_CHECK)
+    seed(torch.randn(64, C))
+    assert seed.probe_result is not None
+    assert copy.deepcopy(seed).probe_result is None  # a measurement of this seed's kernel
+    assert seed.probe_result is not None  # the original keeps it for its G3
+    seed.transition_to(S.GRAFTING)
+    assert seed.probe_result is None
+    for stage in (S.STABILIZATION, S.ACTIVE):
+        seed.transition_to(stage)
+        seed(torch.randn(64, C))
+        assert seed.probe_result is None
