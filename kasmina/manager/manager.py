@@ -19,8 +19,7 @@ A training loop is::
         # meanwhile, on any thread, the controller: manager.handle_adaptation_command(signed)
         # (verified now, applied at the end of the next step() or at end_epoch)
 
-Kernels are loaded once, verified, and kept pristine in the cache; every seed trains its own
-copy, and the cached original stays pinned while a live seed uses it.
+Kernels load once, verified, into the cache; each seed trains its own copy of a pinned original.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import ExitStack, closing
+from contextlib import AbstractContextManager, ExitStack, closing
 from itertools import compress
 from typing import Any
 
@@ -73,8 +72,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["KasminaKernelManager"]
 
 
-class KasminaKernelManager:
-    """Loads, caches and grafts seed kernels on command; see the module docstring.
+class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
+    """Loads, caches and grafts seed kernels on command; see the module docstring. ``with``
+    closes it on the way out (``close``), releasing its ledger, run lock and files at once.
 
     A façade: the shared fields live in ``self.state`` (a ``ManagerState``); the components
     (``guard``, ``report``, ``execution``, the command ``handler`` and ``intake``) each receive
@@ -579,6 +579,9 @@ class KasminaKernelManager:
         stepping: the next ``step()``, which zeroes the gradients the leak left, even when
         the batch was dropped in between."""
         return self.guard.check(self.require_registry())
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Drop queued commands, stop store reads, report pending rejections, close the nonce

@@ -59,6 +59,30 @@ def test_a_constructor_that_raises_leaves_no_file_open_and_no_sink_attached(
     assert _open_fds(jsonl) == 0
 
 
+def test_a_with_block_closes_the_manager_and_releases_its_run_at_once(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A manager holds the run's nonce ledger, checkpoint run lock and JSONL file; its parts
+    refer to one another, so dropping it frees them only at the collector's next full pass.
+    ``with`` closes it on the way out, an exception's way too, and the next run starts at once."""
+    jsonl = tmp_path / "telemetry.jsonl"
+    config = make_config(
+        tmp_path, store, run_id="shared", telemetry_jsonl_path=str(jsonl), checkpoint_mode="disk"
+    )
+    gc.disable()  # no collection may release what ``with`` must
+    try:
+        with KasminaKernelManager(config, keyring=keyring) as manager:
+            assert isinstance(manager, KasminaKernelManager) and _open_fds(jsonl) == 1
+        assert _open_fds(jsonl) == 0
+        with pytest.raises(ValueError, match="inside"):
+            with KasminaKernelManager(config, keyring=keyring):
+                raise ValueError("inside")
+        assert _open_fds(jsonl) == 0
+        KasminaKernelManager(config, keyring=keyring).close()  # the ledger is free again
+    finally:
+        gc.enable()
+
+
 def test_a_constructor_that_raises_after_the_ledger_closes_what_it_opened(
     tmp_path: Path, store: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
