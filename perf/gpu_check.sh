@@ -93,15 +93,17 @@ fi
 
 # --- 2. the tests that run on CUDA ---------------------------------------------------------
 # test_kd_loss.py and test_fused_linear_kd.py run every test on the GPU when there is one (-k
-# matches their module names); the rest of the -k picks the other CUDA-only tests of the suite,
-# and the no-sync checks (the leak check, and a training step through guarded seeds counted
-# with the CUDA profiler under set_sync_debug_mode("error")). The blend and lifecycle kernels'
-# CUDA results are checked by the table below, which compares every implementation with a
-# float64 reference before timing it (perf/gpu_table.py); their tests here run on the CPU.
+# matches their module names); the rest of the -k picks the other CUDA-only tests ("cuda" in a
+# name or a [cuda] parameter, and the state table's property test on the lifecycle kernel) and
+# the no-sync checks (the leak check, and a training step through guarded seeds counted with
+# the CUDA profiler under set_sync_debug_mode("error")). The blend kernel's CUDA results, and
+# the lifecycle kernel's beyond that test, are checked by the table below, which compares every
+# implementation with a float64 reference before timing it (perf/gpu_table.py).
 {
     echo "# $(date -u) $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
     timeout --signal=INT 210 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/manager \
-        tests/seeds/test_guarded_blend.py -k "kd_loss or fused_linear_kd or on_cuda or never_syncs" \
+        tests/seeds/test_guarded_blend.py tests/seeds/test_table_properties.py \
+        -k "kd_loss or fused_linear_kd or cuda or never_syncs or on_the_triton_kernel" \
         -o addopts="-ra"
 } 2>&1 | tee "$TESTS_LOG"
 tests_status=${PIPESTATUS[0]}

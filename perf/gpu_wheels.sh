@@ -3,15 +3,16 @@
 #
 # A CUDA image with PyTorch and Triton preinstalled usually lacks some of Kasmina's runtime
 # dependencies (cryptography with its cffi and pycparser; protobuf at least as new as the
-# generated leyline code, whose import checks the runtime's version) and the bench extra's
-# Liger-Kernel. This script downloads those wheels, built for the GPU machine's Python and
+# generated leyline code, whose import checks the runtime's version), the bench extra's
+# Liger-Kernel, and what the CUDA tests run with (pytest and its plugins' dependencies;
+# hypothesis, which the state table's property test imports). This script downloads those wheels, built for the GPU machine's Python and
 # platform, into perf/wheels (ignored by git). Run it where pip can download, copy perf/wheels to
 # the GPU machine with the checkout, and perf/gpu_check.sh installs from it without network.
 #
 #   bash perf/gpu_wheels.sh        # GPU_PYTHON_VERSION=3.12 GPU_PLATFORM_ARCH=x86_64
 #
-# The runtime dependencies are pinned to the versions installed here (the ones the test suite
-# ran with); liger-kernel is the newest release.
+# The runtime and test dependencies are pinned to the versions installed here (the ones the
+# test suite ran with); liger-kernel is the newest release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,9 @@ mkdir -p "$DEST"
 pinned=$("$PY" - <<'PYEOF'
 import importlib.metadata as md
 
-for name in ("cryptography", "cffi", "pycparser", "protobuf"):
+runtime = ("cryptography", "cffi", "pycparser", "protobuf")
+tests = ("pytest", "pluggy", "iniconfig", "packaging", "pygments", "hypothesis", "sortedcontainers")
+for name in runtime + tests:
     print(f"{name}=={md.version(name)}")
 PYEOF
 )

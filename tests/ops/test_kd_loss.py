@@ -777,6 +777,12 @@ def test_gpu_bench_kd_rows_run_in_smoke_mode(tmp_path: Path):
     ],
 )
 def test_rejections(kwargs, match):
+    # The cases are built at import, on the CPU: each moves to DEVICE (meta stays meta), so a
+    # GPU run tests the same rejection and not a device mismatch.
+    kwargs = {
+        k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+        for k, v in kwargs.items()
+    }
     args = {"student": torch.zeros(2, 5), "teacher": torch.zeros(2, 5), **kwargs}
     if "reduction" in kwargs or "temperature" in kwargs:  # the oracle refuses them too
         with pytest.raises(ValueError, match=match):

@@ -63,7 +63,7 @@ class _Poison(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
-        return y.index_fill(-1, torch.tensor([0]), self.value)
+        return y.index_fill(-1, torch.tensor([0], device=y.device), self.value)
 
 
 def _layer(
