@@ -315,15 +315,19 @@ def _advice(seed: RestorableSeed) -> str:
     return "restore a grown model with kasmina.save / kasmina.load"
 
 
-def check_seed_kernel_keys(seed: RestorableSeed, state_dict: Mapping[str, Any], at: str) -> None:
+def check_seed_kernel_keys(
+    seed: RestorableSeed, state_dict: Mapping[str, Any], at: str, have: set[str] | None = None
+) -> None:
     """The kernel weights ``state_dict`` holds under ``at`` (the seed's prefix) are exactly its
     live kernel's (none without one): ``ValueError`` naming the difference. Asked wherever the
     seed's own state is loaded, whatever ``strict`` says: a seed's state loads with its kernel's
-    weights or not at all (PyTorch would report the keys only after every module loaded)."""
+    weights or not at all (PyTorch would report the keys only after every module loaded).
+    ``have``: those keys, when the caller has them (:func:`_kernel_keys`)."""
     kernel = _kernel(seed)
     inner = at + _KERNEL
     want = set() if kernel is None else set(kernel.state_dict(prefix=inner, keep_vars=True))
-    have = {key for key in state_dict if key.startswith(inner)}
+    if have is None:
+        have = {key for key in state_dict if key.startswith(inner)}
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
         raise ValueError(
@@ -346,13 +350,34 @@ def check_seed_states(
     any module loads anything, so a refused load leaves the whole model as it was, not half
     loaded. PyTorch hands every pre-hook ``strict=True``, so these rules hold for a lenient
     load too; a state_dict without a seed's extra state leaves that seed alone."""
+    checked: list[tuple[RestorableSeed, str]] = []
     for name, sub in module.named_modules():
         if isinstance(sub, RestorableSeed):
             at = prefix + (f"{name}." if name else "")
             value = state_dict.get(at + _EXTRA_STATE)
             if value is not None:
                 sub.check_state(value)
-                check_seed_kernel_keys(sub, state_dict, at)
+                checked.append((sub, at))
+    keys = _kernel_keys(state_dict, {at + _KERNEL for _, at in checked})
+    for sub, at in checked:
+        check_seed_kernel_keys(sub, state_dict, at, keys.get(at + _KERNEL, set()))
+
+
+def _kernel_keys(state_dict: Mapping[str, Any], prefixes: set[str]) -> dict[str, set[str]]:
+    """The keys of ``state_dict`` under each of ``prefixes`` (each ends in ``kernel.``), in one
+    pass over the keys: a whole model's load checks every seed, and a scan of every key per
+    seed made that quadratic (seconds for a thousand seeds)."""
+    found: dict[str, set[str]] = {}
+    if not prefixes:
+        return found
+    for key in state_dict:
+        end = key.find(_KERNEL)
+        while end >= 0:  # every "kernel." in the key may end a seed's prefix
+            inner = key[: end + len(_KERNEL)]
+            if inner in prefixes:
+                found.setdefault(inner, set()).add(key)
+            end = key.find(_KERNEL, end + 1)
+    return found
 
 
 _EXTRA_STATE = "_extra_state"  # the key torch gives a module's get_extra_state()

@@ -181,7 +181,7 @@ class KasminaLayer(nn.Module):
         self._runs_any = False
         self._kernel_shapes: tuple[tuple[int | None, ...] | None, ...] = ()
         self._refresh_plan()
-        state.listen(self._refresh_plan)
+        state.listen(self._refresh_plan, rows=[seed.state_index for seed in self.seeds])
         # A load checks every seed's state before the host loads (attach does so on the model).
         self.register_load_state_dict_pre_hook(check_seed_states)
         # The host's mode, not train()'s (which would reset the host's own mixed modes).
@@ -310,7 +310,7 @@ class KasminaLayer(nn.Module):
 
     def end_step(self) -> None:
         """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
-        self._recompute_teacher = self._teacher_logits = None
+        vars(self).update(_recompute_teacher=None, _teacher_logits=None)  # past __setattr__
         self._graph.open = False
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:

@@ -13,14 +13,14 @@ import copy
 import logging
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransitionObserver", "WeakObserver", "call_safely"]
+__all__ = ["Listeners", "TransitionObserver", "WeakObserver", "call_safely"]
 
 TransitionObserver = Callable[[int, SeedStage, SeedStage], None]
 
@@ -66,3 +66,53 @@ def call_safely(fn: Callable[..., None], *args: Any) -> None:
         fn(*args)
     except Exception:
         logger.exception("a state-table observer raised; the other observers still run")
+
+
+class Listeners:
+    """The table's listeners, each following some rows (or every one).
+
+    A change of some rows calls, once each and in the order they were added, only the listeners
+    that follow one of them (and those that follow every row), through an index from row to
+    listener, so that restoring N seeds of a model with many slots costs O(N), not N times
+    every slot. A change of every row (``rows=None``: a resync, a load) calls them all.
+    """
+
+    def __init__(
+        self, entries: Iterable[WeakObserver | tuple[WeakObserver, frozenset[int] | None]] = ()
+    ) -> None:
+        # A bare observer: one added before listeners followed rows (an older pickle).
+        self._entries = [e if isinstance(e, tuple) else (e, None) for e in entries]
+        self._index: dict[int | None, list[int]] | None = None
+
+    def add(self, listener: Callable[[], None], rows: frozenset[int] | None) -> None:
+        self._entries.append((WeakObserver(listener), rows))
+        self._index = None
+
+    def notify(self, rows: Iterable[int] | None) -> None:
+        if rows is None:
+            chosen = range(len(self._entries))
+        else:
+            index = self._index if self._index is not None else self._build()
+            picked = set(index.get(None, ()))
+            for row in rows:
+                picked.update(index.get(row, ()))
+            chosen = sorted(picked)
+        called = [(n, self._entries[n][0]()) for n in chosen]
+        if any(listener is None for _, listener in called):  # dead ones go, before any call
+            dead = {n for n, listener in called if listener is None}
+            self._entries = [e for n, e in enumerate(self._entries) if n not in dead]
+            self._index = None
+        for _, listener in called:
+            if listener is not None:
+                call_safely(listener)
+
+    def _build(self) -> dict[int | None, list[int]]:
+        index: dict[int | None, list[int]] = {}
+        for n, (_, rows) in enumerate(self._entries):
+            for row in (None,) if rows is None else rows:
+                index.setdefault(row, []).append(n)
+        self._index = index
+        return index
+
+    def __getstate__(self) -> dict[str, Any]:  # the index is rebuilt on use
+        return {"_entries": self._entries, "_index": None}

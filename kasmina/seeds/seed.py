@@ -364,7 +364,7 @@ class GradientIsolatedSeed(nn.Module):
         self.__dict__.pop("_kernel_tree", None)
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))
-        self.state_table.touch()
+        self.state_table.touch(self.state_index)
 
     def detach_kernel(self) -> nn.Module | None:
         """Remove and return the kernel; the seed passes the host through until a new one."""
@@ -372,7 +372,7 @@ class GradientIsolatedSeed(nn.Module):
         self.kernel = None
         self.__dict__.pop("_kernel_tree", None)  # hold nothing of a kernel that left
         self.probe_result = None
-        self.state_table.touch()
+        self.state_table.touch(self.state_index)
         return kernel
 
     def seed_parameters(self) -> list[nn.Parameter]:

@@ -25,7 +25,7 @@ import torch
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.ops.lifecycle import INT32_MAX, lifecycle_tick, lifecycle_update
-from kasmina.seeds.observers import TransitionObserver, WeakObserver, call_safely
+from kasmina.seeds.observers import Listeners, TransitionObserver, WeakObserver, call_safely
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
     SeedStage,
@@ -127,7 +127,7 @@ class GPUStateTensor:
         self._stages = [SeedStage.DORMANT] * num_seeds
         self._epochs = [0] * num_seeds
         self._observers: dict[int, list[WeakObserver]] = {}
-        self._listeners: list[WeakObserver] = []
+        self._listeners = Listeners()
 
     # -- host mirror (no device sync) ----------------------------------------------------
     @property
@@ -185,15 +185,17 @@ class GPUStateTensor:
         refs = self._observers.get(self.check_index(idx), ())
         return any(not ref.follows_copies and ref() is not None for ref in refs)
 
-    def listen(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` after every change of ``version``: every applied transition,
-        restore, resync, load and :meth:`touch` (a kernel attached or detached).
+    def listen(self, listener: Callable[[], None], rows: Iterable[int] | None = None) -> None:
+        """Call ``listener()`` after every change of ``version`` that concerns ``rows`` (None:
+        every change): an applied transition, a restored row or a :meth:`touch` (a kernel
+        attached or detached) of one of them, and every resync and load.
 
         Held like an observer (a bound method weakly, following copies). A ``KasminaLayer``
-        keeps its plan this way, as a slot-local snapshot that its forward reads without
-        touching the table (a compiled forward is guarded on that snapshot alone).
+        keeps its plan this way, a snapshot its forward reads without touching the table (a
+        compiled forward is guarded on it alone), following its own seeds' rows (``Listeners``).
         """
-        self.__dict__.setdefault("_listeners", []).append(WeakObserver(listener))
+        watched = None if rows is None else frozenset(self.check_index(i) for i in rows)
+        self._listener_set().add(listener, watched)
 
     # -- transitions ---------------------------------------------------------------------
     def update_seed_state(
@@ -393,7 +395,7 @@ class GPUStateTensor:
         changes = [(indices[n], old, news[n]) for n, old in zip(reported or (), olds, strict=True)]
         done = 0  # changes announced (or being announced: its own finally tells its owners)
         try:
-            self._bump()
+            self._bump(indices)
             for change in changes:
                 done += 1
                 report(*change)
@@ -459,7 +461,7 @@ class GPUStateTensor:
         self.state_tensor[idx] = torch.tensor(values, dtype=torch.int32, device=self.device)
         self._stages[idx] = stage
         self._epochs[idx] = values[StateColumn.EPOCHS_IN_STATE]
-        self._bump()
+        self._bump((idx,))
 
     def report_restored(self, before: Sequence[SeedStage], cause: str) -> None:
         """Log and emit ``lifecycle.transition`` (labelled ``cause``) for each seed whose stage a
@@ -570,20 +572,20 @@ class GPUStateTensor:
             else:
                 call_safely(observer, idx, old, new)
 
-    def touch(self) -> None:
-        """Mark a host-visible change that is not a transition (e.g. a kernel attached)."""
-        self._bump()
+    def touch(self, idx: int | None = None) -> None:
+        """Mark a change of seed ``idx`` (None: any) that is not a transition (a new kernel)."""
+        self._bump(None if idx is None else (self.check_index(idx),))
 
-    def _bump(self) -> None:
-        """``version`` goes up and every listener hears of it (dead ones are dropped)."""
+    def _bump(self, rows: Iterable[int] | None = None) -> None:
+        """``version`` goes up and the listeners that follow ``rows`` (None: all) hear of it."""
         self.version += 1
-        listeners = self.__dict__.setdefault("_listeners", [])  # absent from older pickles
-        for ref in list(listeners):
-            listener = ref()
-            if listener is None:
-                listeners.remove(ref)
-            else:
-                call_safely(listener)
+        self._listener_set().notify(rows)
+
+    def _listener_set(self) -> Listeners:
+        listeners = self.__dict__.get("_listeners", ())  # absent, or a list: an older pickle
+        if not isinstance(listeners, Listeners):
+            listeners = self.__dict__["_listeners"] = Listeners(listeners)
+        return listeners
 
     def report(self, name: str, labels: dict[str, str]) -> None:
         """Send one event to the telemetry reporter, if any; never raises."""

@@ -418,3 +418,39 @@ def test_a_batch_that_does_not_count_up_keeps_the_mirror_on_the_right_seeds() ->
     assert table.stages() == want
     device = table.state_tensor[:, StateColumn.LIFECYCLE_STAGE].tolist()
     assert device == [int(s) for s in want]
+
+
+def test_listeners_hear_only_of_the_rows_they_follow() -> None:
+    """A slot's plan follows its own seeds: one seed's change re-plans one slot, and restoring
+    every seed (a rollback, a load) re-plans each slot once per seed of its own, not once per
+    seed of the model (which made a rollback of 1,024 seeds take seconds)."""
+    table = GPUStateTensor(12)
+    heard: Counter[str] = Counter()
+
+    class Plan:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def refresh(self) -> None:
+            heard[self.name] += 1
+
+    plans = [Plan(f"slot{k}") for k in range(4)]  # rows 3k .. 3k+2
+    everything = Plan("all")
+    for k, plan in enumerate(plans):
+        table.listen(plan.refresh, rows=range(3 * k, 3 * k + 3))
+    table.listen(everything.refresh)
+    table.update_seed_state(4, SeedStage.ISOLATED_INIT)
+    assert heard == {"slot1": 1, "all": 1}
+    table.batch_state_update([(0, SeedStage.ISOLATED_INIT), (10, SeedStage.ISOLATED_INIT)])
+    assert heard == {"slot0": 1, "slot1": 1, "slot3": 1, "all": 2}
+    heard.clear()
+    rows = [table.state_tensor[i].tolist() for i in range(12)]
+    for i, row in enumerate(rows):
+        table.restore_row(i, row)
+    assert heard == {"slot0": 3, "slot1": 3, "slot2": 3, "slot3": 3, "all": 12}
+    heard.clear()
+    table.touch(7)
+    table.resync()
+    assert heard == {"slot0": 1, "slot1": 1, "slot2": 2, "slot3": 1, "all": 2}
+    with pytest.raises(IndexError):
+        table.listen(everything.refresh, rows=[12])
