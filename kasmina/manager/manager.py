@@ -16,8 +16,7 @@ A training loop is::
             manager.backward(loss, kd_loss=manager.collect_kd_losses())
             manager.step()       # isolation checks, host + seed optimizers, alpha schedules
         manager.end_epoch(epoch, {"val_accuracy": acc})  # checkpoint, tick, recycling
-        # meanwhile, on any thread, the controller: manager.handle_adaptation_command(signed)
-        # (verified now, applied at the end of the next step() or at end_epoch)
+        # meanwhile, any thread: manager.handle_adaptation_command(signed) (applied at step())
 
 Kernels load once, verified, into the cache; each seed trains its own copy of a pinned original.
 """
@@ -141,8 +140,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         if self._jsonl is not None:  # last: bounded, rotated at ``cap``
             telemetry.add_sink(self._jsonl)
         self._last_teacher_input: torch.Tensor | None = None
-        # Set by kasmina.manager.ddp.DistributedKasmina in a multi-rank run: commands go to its
-        # coordinator (applied on every rank at the epoch sync); step() averages seed gradients.
+        # Set by DistributedKasmina (multi-rank): commands to its coordinator; seed grads averaged.
         self.command_relay: Callable[[bytes], bool] | None = None
         self.grad_sync: Callable[[], object] | None = None
 
@@ -432,11 +430,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
-        host gradients must stay zero (checked at ``step``), then ``loss``."""
+        host gradients must stay zero (checked at ``step``), then ``loss``; either is skipped
+        if it needs no gradient (a frozen host's, as a command moves a seed past ISOLATED_INIT)."""
+        main = loss is not None and loss.requires_grad
         if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
             weighted = kd_loss * self.config.kd.alpha
-            self.guard.seed_only_backward(weighted, self.require_registry(), loss is not None)
-        if loss is not None:
+            self.guard.seed_only_backward(weighted, self.require_registry(), main)
+        if main:
             loss.backward()
 
     def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.isolation.optimizers import checked_clip_norm
+from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import Rig, host_params, make_config
+from tests.manager.helpers import SEED0, Rig, host_params, make_config
 
 BAD_CLIP_NORMS = [-1.0, -1e-9, math.nan, -math.inf, "1", True, [1.0], torch.tensor(1.0)]
 
@@ -89,3 +90,23 @@ def test_measure_dormant_overhead_refuses_fewer_than_one_repeat(rig: Rig, repeat
     with pytest.raises(ValueError, match="repeats must be an int >= 1"):
         rig.manager.report.validate_performance_targets(repeats)  # type: ignore[arg-type]
     assert math.isfinite(rig.manager.measure_dormant_overhead(np.int64(2)))
+
+
+def test_a_frozen_host_trains_its_seeds_on_through_every_stage(rig: Rig, mlp: str) -> None:
+    """With the host frozen, the model's output has a gradient in ISOLATED_INIT (the seed's
+    straight-through path) and none once a command moves the seed on: ``manager.backward``
+    skips a loss that needs no gradient instead of raising from inside the user's loop."""
+    seed_params = {id(p) for p in rig.slot.seeds.parameters()}
+    for p in rig.model.parameters():
+        if id(p) not in seed_params:
+            p.requires_grad_(False)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == SeedStage.COMPATIBILITY_CHECK
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    assert not loss.requires_grad
+    rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+    rig.manager.step()
+    rig.train(2)
+    assert rig.stage(SEED0) == SeedStage.COMPATIBILITY_CHECK
