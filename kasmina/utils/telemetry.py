@@ -32,6 +32,7 @@ from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
 from kasmina.utils.files import open_regular_fd
+from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,11 @@ class JsonlFileSink:
     lines, so the two files hold at most about ``2 * max_bytes`` (a single line larger than
     ``max_bytes`` gets a file to itself). ``close`` never raises: lines a full disk kept in the
     buffer are logged as lost once and the file is closed.
+
+    One live sink writes a file: it holds an exclusive advisory lock (``<path>.lock``, as the
+    nonce ledger does) until ``close``, and a second sink of the path, in another process or
+    this one, is refused. Two would each count only their own bytes and rotate over each
+    other's lines.
     """
 
     def __init__(self, path: str | Path, max_bytes: int = DEFAULT_JSONL_MAX_BYTES) -> None:
@@ -175,9 +181,19 @@ class JsonlFileSink:
         self.max_bytes = max_bytes
         self.rotated_path = self.path.with_name(self.path.name + ".1")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._held = lock_exclusive(self.path.with_name(self.path.name + ".lock"))
+        if self._held is None:
+            raise RuntimeError(
+                f"telemetry file {self.path} is held by another live sink (another process, "
+                "or another manager in this one): give each its own telemetry_jsonl_path"
+            )
         self._lock = threading.Lock()
         self._file: IO[str] | None
-        self._file, self._size = _open_append(self.path)
+        try:
+            self._file, self._size = _open_append(self.path)
+        except BaseException:
+            self._held.close()
+            raise
 
     def send(self, packet: TelemetryPacket) -> None:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
@@ -206,6 +222,7 @@ class JsonlFileSink:
             file, self._file = self._file, None
             if file is not None:
                 _close_quietly(file, self.path)
+            self._held.close()  # the lock, last: no other sink writes before this one is done
 
     def __enter__(self) -> JsonlFileSink:
         return self

@@ -4,6 +4,7 @@ no hook on a kernel or parameter), which goes on training with the user's own op
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import weakref
@@ -49,9 +50,14 @@ def test_a_constructor_that_raises_leaves_no_file_open_and_no_sink_attached(
     live = KasminaKernelManager(config, keyring=keyring)  # holds the run's nonce ledger
     reporter = TelemetryReporter(sinks=[MemorySink()])
     sinks = reporter.sinks
-    for _ in range(3):
-        with pytest.raises(RuntimeError, match="held"):
-            KasminaKernelManager(config, keyring=keyring, telemetry=reporter)
+    with pytest.raises(RuntimeError, match="held by another live sink"):  # its JSONL file
+        KasminaKernelManager(config, keyring=keyring, telemetry=reporter)
+    for n in range(3):  # a JSONL file of its own: opened, then the ledger refuses
+        other = tmp_path / f"other{n}.jsonl"
+        attempt = dataclasses.replace(config, telemetry_jsonl_path=str(other))
+        with pytest.raises(RuntimeError, match="nonce ledger"):
+            KasminaKernelManager(attempt, keyring=keyring, telemetry=reporter)
+        assert _open_fds(other) == 0 and _open_fds(other.with_name(f"other{n}.jsonl.lock")) == 0
     gc.collect()
     assert reporter.sinks == sinks
     assert _open_fds(jsonl) == 1  # the live manager's own

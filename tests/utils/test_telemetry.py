@@ -6,6 +6,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -243,7 +245,7 @@ def test_the_file_is_rotated_at_its_size_cap_between_whole_lines(tmp_path) -> No
     sink.close()
     rotated = tmp_path / "t.jsonl.1"
     assert rotated.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl", "t.jsonl.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl", "t.jsonl.1", "t.jsonl.lock"]
     values = []
     for file in (rotated, path):
         data = file.read_bytes()
@@ -256,6 +258,29 @@ def test_the_file_is_rotated_at_its_size_cap_between_whole_lines(tmp_path) -> No
     assert path.stat().st_size <= cap and rotated.stat().st_size <= cap
     with pytest.raises(ValueError, match="max_bytes"):
         JsonlFileSink(path, max_bytes=0)
+
+
+def test_one_live_sink_writes_a_file(tmp_path) -> None:
+    """Two sinks of one path (two ranks given one config, an overlapping restart) would each
+    count only their own bytes and rotate over each other's lines: the second is refused
+    while the first is open, in this process or another, and takes the file once it closes."""
+    path = tmp_path / "t.jsonl"
+    first = JsonlFileSink(path, max_bytes=200)
+    with pytest.raises(RuntimeError, match="held by another live sink"):
+        JsonlFileSink(path)
+    script = (
+        "import sys\nfrom kasmina.utils.telemetry import JsonlFileSink\n"
+        "try:\n    JsonlFileSink(sys.argv[1])\nexcept RuntimeError as e:\n    print(e)\n"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True
+    )
+    assert "held by another live sink" in other.stdout
+    first.send(TelemetryReporter("t").packet([("x", 1.0, MetricType.METRIC_TYPE_EVENT, None)]))
+    first.close()
+    with JsonlFileSink(path) as second:  # the lock went with the first sink's close
+        second.send(TelemetryReporter("t").packet([("y", 2.0, MetricType.METRIC_TYPE_EVENT, None)]))
+    assert len(path.read_text().splitlines()) == 2
 
 
 def test_failing_sink_is_logged_and_skipped(caplog) -> None:
