@@ -278,7 +278,6 @@ class KasminaConfig:
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
         if not self.run_id:
             self.run_id = new_run_id()
-            self._drawn_in = os.getpid()  # see __setstate__
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(
                 f"run_id must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, "
@@ -350,18 +349,6 @@ class KasminaConfig:
 
     def __getstate__(self) -> dict[str, Any]:  # a copy or a pickle is nobody's config yet
         return {k: v for k, v in self.__dict__.items() if k != "_held"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """A config whose run id was drawn (``run_id=""``) and that is unpickled in another
-        process (``torch.multiprocessing.spawn(worker, args=(config,))``) draws that process
-        its own run, directories included, as a config built there would: one run per process
-        (each holds its run's ledger). A copy in the same process keeps the run."""
-        object.__setattr__(self, "__dict__", state)
-        if state.get("_drawn_in", os.getpid()) != os.getpid():
-            drawn = state.get("_defaulted_dirs", {}).items()  # and not reassigned since
-            defaulted = {name: "" for name, value in drawn if state.get(name) == value}
-            fresh = dataclasses.replace(self, run_id="", **defaulted)
-            object.__setattr__(self, "__dict__", fresh.__dict__)
 
     def __repr__(self) -> str:
         """The dataclass's repr, with the store URL's credentials and query redacted."""

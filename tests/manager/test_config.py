@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -316,26 +313,3 @@ def test_a_checkpoint_setting_that_cannot_work_fails_when_the_config_is_built(tm
     key = tmp_path / "checkpoint.key"
     key.write_text("ab" * 32 + "\n")
     assert KasminaConfig(checkpoint_key_file=str(key)).checkpoint_key_path == key
-
-
-def test_a_drawn_run_id_is_drawn_again_in_a_process_the_config_is_sent_to(
-    tmp_path, monkeypatch
-) -> None:
-    """``torch.multiprocessing.spawn(worker, args=(config,))`` pickles the config to each
-    worker: with ``run_id`` left unset every worker gets its own run (its own ledger), as a
-    config built there would; a copy in the same process, or a run id given, stays."""
-    import kasmina.manager.config as config_module
-
-    config = KasminaConfig(runs_root=str(tmp_path))
-    config.emergency_checkpoint_dir = str(tmp_path / "mine")  # reassigned: kept as it is
-    given = KasminaConfig(runs_root=str(tmp_path), run_id="shared")
-    assert copy.deepcopy(config).run_id == config.run_id
-    raw, raw_given = pickle.dumps(config), pickle.dumps(given)
-    parent = os.getpid()
-    monkeypatch.setattr(config_module.os, "getpid", lambda: parent + 1)  # "another process"
-    child, child_given = pickle.loads(raw), pickle.loads(raw_given)
-    assert child.run_id != config.run_id and child_given.run_id == "shared"
-    assert child.checkpoint_dir == str(tmp_path / child.run_id / "checkpoints")
-    assert child.emergency_checkpoint_dir == str(tmp_path / "mine")
-    assert child.to_dict() == {**config.to_dict(), "run_id": child.run_id}
-    assert pickle.loads(pickle.dumps(child)).run_id == child.run_id  # drawn here: kept here
