@@ -430,9 +430,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
-        host gradients must stay zero (checked at ``step``), then ``loss``; either is skipped
-        if it needs no gradient (a frozen host's, as a command moves a seed past ISOLATED_INIT)."""
-        main = loss is not None and loss.requires_grad
+        host gradients must stay zero (checked at ``step``), then ``loss``. A frozen host's loss
+        has no graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
+        frozen = self.registry is not None and self.registry.host_frozen()
+        main = loss is not None and (loss.requires_grad or not frozen)  # else torch's error
         if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
             weighted = kd_loss * self.config.kd.alpha
             self.guard.seed_only_backward(weighted, self.require_registry(), main)
@@ -455,8 +456,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             optimizers = state.optimizers
             # A collective: every rank, every step, before any checks; whether it averaged.
             shared = self.grad_sync is not None and bool(self.grad_sync())
-            # Every device flag of the step in one transfer: the seed-only backwards' leak
-            # flags and the running seeds' non-finite and fault flags.
+            # Every device flag of the step in one transfer: KD leak, seeds' non-finite, fault.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
             kd_flags, n = self.guard.kd_flags(), len(polled)
             seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]

@@ -421,6 +421,11 @@ class SlotRegistry:
         """Whether a slot's forward recorded a graph since the last step's end."""
         return any(slot.graph_open for slot in self.slots)
 
+    def host_frozen(self) -> bool:
+        """Whether no host parameter needs a gradient now (the user froze the host)."""
+        params = (*self.host_params, *self.added_host_params.values())
+        return not any(p.requires_grad for p in params)
+
     def host_side_params(self) -> list[nn.Parameter]:
         """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""
         params = [*self.host_params, *self.added_host_params.values()]

@@ -110,3 +110,14 @@ def test_a_frozen_host_trains_its_seeds_on_through_every_stage(rig: Rig, mlp: st
     rig.manager.step()
     rig.train(2)
     assert rig.stage(SEED0) == SeedStage.COMPATIBILITY_CHECK
+
+
+def test_a_loss_without_a_graph_still_raises_while_the_host_trains(rig: Rig, mlp: str) -> None:
+    """Only a frozen host's loss may come without a graph: a trainable host's loss computed by
+    mistake under no_grad raises as ``loss.backward()`` does, not a step that trains nothing."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    with torch.no_grad():
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
