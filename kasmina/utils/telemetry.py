@@ -109,6 +109,9 @@ class MemorySink:
 DEFAULT_JSONL_MAX_BYTES = 64 << 20
 
 
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: the last byte, to find a torn line
+
+
 def _open_append(path: Path) -> tuple[IO[str], int]:
     """Open ``path`` to append telemetry lines: the handle and the file's size.
 
@@ -116,8 +119,7 @@ def _open_append(path: Path) -> tuple[IO[str], int]:
     never blocked on). A last line torn by a crash is ended with a newline, so no packet is
     glued onto it.
     """
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: the last byte, to find a torn line
-    fd = open_regular_fd(path, flags, what="telemetry file")
+    fd = open_regular_fd(path, _APPEND_FLAGS, what="telemetry file")
     try:
         size = os.fstat(fd).st_size
         torn = False
@@ -181,6 +183,9 @@ class JsonlFileSink:
         self.max_bytes = max_bytes
         self.rotated_path = self.path.with_name(self.path.name + ".1")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Not a regular file (a FIFO, a device, a directory): refused before a lock file is
+        # made beside it. Opened without writing: the live sink, if any, writes the file.
+        os.close(open_regular_fd(self.path, _APPEND_FLAGS, what="telemetry file"))
         self._held = lock_exclusive(self.path.with_name(self.path.name + ".lock"))
         if self._held is None:
             raise RuntimeError(

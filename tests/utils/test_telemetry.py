@@ -233,6 +233,10 @@ def test_a_fifo_is_refused_at_once_never_blocked_on(tmp_path) -> None:
         pytest.fail("opening a FIFO with no reader blocked")
     assert isinstance(outcome[0], NotARegularFileError)
     assert "FIFO" in str(outcome[0])
+    with pytest.raises(NotARegularFileError, match="directory"):
+        JsonlFileSink(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]  # and no lock file beside
+    assert not tmp_path.with_name(tmp_path.name + ".lock").exists()
 
 
 def test_the_file_is_rotated_at_its_size_cap_between_whole_lines(tmp_path) -> None:
