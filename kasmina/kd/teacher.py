@@ -232,6 +232,19 @@ def _hooked_activation_peak(model: nn.Module, run: Callable[[], torch.Tensor]) -
     return largest
 
 
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` with its traceback and those of the exceptions it chains cleared. Kept, they
+    would hold the failed forward's frames (and activations) through a cycle with the caller's
+    frame until the next collection, so the cache could not be emptied of them."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
+
+
 class TeacherForwardPassManager:
     """Timed teacher forwards that never stop training (docs/design.md §7).
 
@@ -298,10 +311,7 @@ class TeacherForwardPassManager:
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
-            # Without its traceback: kept, it would hold the failed forward's frames (and
-            # their activations) through a cycle with this frame until the next collection,
-            # so the cache could not be emptied of them below.
-            failed = exc.with_traceback(None)
+            failed = _without_tracebacks(exc)
         if failed is not None:
             # Outside the except block, whose handled exception also pins the frames.
             self._after_oom(failed, on_cuda)

@@ -236,16 +236,26 @@ def test_simulated_oom_skips_kd_and_the_step_completes(
     assert stats["ooms"] == 1.0 and stats["forwards"] == 1.0
 
 
-def test_an_oom_frees_the_failed_forwards_activations_at_once() -> None:
+@pytest.mark.parametrize("chained", [False, True], ids=["plain", "chained"])
+def test_an_oom_frees_the_failed_forwards_activations_at_once(chained: bool) -> None:
     """Nothing of the failed forward outlives the call (the CUDA cache is emptied right after):
-    no reference cycle through the exception's traceback keeps its frames for the collector."""
+    no reference cycle through the exception's traceback, or a chained one's, keeps its frames
+    for the collector."""
     alive: list[weakref.ref] = []
+
+    def inner(h: torch.Tensor) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     class Exhausted(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = x.repeat(1, 1000)
             alive.append(weakref.ref(h))
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if not chained:
+                inner(h)
+            try:
+                inner(h)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise RuntimeError("CUDA out of memory in the teacher's block 3") from exc
 
     manager = TeacherForwardPassManager(CheckpointedTeacher(Exhausted(), dtype=torch.float32))
     gc.collect()

@@ -783,7 +783,8 @@ def test_rejections(kwargs, match):
         k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
         for k, v in kwargs.items()
     }
-    args = {"student": torch.zeros(2, 5), "teacher": torch.zeros(2, 5), **kwargs}
+    zeros = torch.zeros(2, 5, device=DEVICE)
+    args = {"student": zeros, "teacher": zeros, **kwargs}
     if "reduction" in kwargs or "temperature" in kwargs:  # the oracle refuses them too
         with pytest.raises(ValueError, match=match):
             kd_kl_loss_reference(torch.zeros(2, 5), torch.zeros(2, 5), **kwargs)
