@@ -194,55 +194,43 @@ def blend_backward(
     """``(alpha*grad, grad_alpha)``; ``grad_alpha = sum(grad*(seed-host))`` reduced to
     ``alpha.shape`` when ``seed``, ``host`` and ``alpha`` are all given, else an empty tensor."""
     with on_device(grad.device):
-        return _blend_backward(grad, seed, host, alpha, alpha_value, grad_seed_out, block)
-
-
-def _blend_backward(
-    grad: torch.Tensor,
-    seed: torch.Tensor | None,
-    host: torch.Tensor | None,
-    alpha: torch.Tensor | None,
-    alpha_value: float,
-    grad_seed_out: torch.Tensor | None,
-    block: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("grad", grad, grad)
-    if grad_seed_out is None:
-        grad_seed_out = torch.empty_like(grad)
-    _check("grad_seed_out", grad_seed_out, grad)
-    alpha = _dense_alpha(alpha, grad)
-    mode, d, w = _alpha_layout(grad, alpha)
-    n = grad.numel()
-    alpha_arg = grad if alpha is None else alpha
-    want_alpha = seed is not None and host is not None and alpha is not None
-    if not want_alpha:
-        if n:
-            _blend_bwd_kernel[(triton.cdiv(n, block),)](
-                grad, grad, grad, alpha_arg, grad_seed_out, grad_seed_out, float(alpha_value),
-                n, d, w, ALPHA_MODE=mode, ALPHA_GRAD=False, BLOCK=block, num_warps=NUM_WARPS,
+        _check("grad", grad, grad)
+        if grad_seed_out is None:
+            grad_seed_out = torch.empty_like(grad)
+        _check("grad_seed_out", grad_seed_out, grad)
+        alpha = _dense_alpha(alpha, grad)
+        mode, d, w = _alpha_layout(grad, alpha)
+        n = grad.numel()
+        alpha_arg = grad if alpha is None else alpha
+        want_alpha = seed is not None and host is not None and alpha is not None
+        if not want_alpha:
+            if n:
+                _blend_bwd_kernel[(triton.cdiv(n, block),)](
+                    grad, grad, grad, alpha_arg, grad_seed_out, grad_seed_out, float(alpha_value),
+                    n, d, w, ALPHA_MODE=mode, ALPHA_GRAD=False, BLOCK=block, num_warps=NUM_WARPS,
+                )  # fmt: skip
+            return grad_seed_out, grad.new_empty(0)
+        _check("seed", seed, grad)
+        _check("host", host, grad)
+        if n == 0:
+            return grad_seed_out, torch.zeros_like(alpha)
+        if mode == 1:
+            programs = triton.cdiv(n, block)
+            partial = torch.empty(programs, device=grad.device, dtype=torch.float32)
+            _blend_bwd_kernel[(programs,)](
+                grad, seed, host, alpha, grad_seed_out, partial, 0.0, n, d, w,
+                ALPHA_MODE=1, ALPHA_GRAD=True, BLOCK=block, num_warps=NUM_WARPS,
             )  # fmt: skip
-        return grad_seed_out, grad.new_empty(0)
-    _check("seed", seed, grad)
-    _check("host", host, grad)
-    if n == 0:
-        return grad_seed_out, torch.zeros_like(alpha)
-    if mode == 1:
-        programs = triton.cdiv(n, block)
-        partial = torch.empty(programs, device=grad.device, dtype=torch.float32)
-        _blend_bwd_kernel[(programs,)](
-            grad, seed, host, alpha, grad_seed_out, partial, 0.0, n, d, w,
-            ALPHA_MODE=1, ALPHA_GRAD=True, BLOCK=block, num_warps=NUM_WARPS,
+            return grad_seed_out, partial.sum().to(alpha.dtype).reshape(alpha.shape)
+        rows = n // d
+        col_blocks = triton.cdiv(d, CHUNK_BLOCK_D)
+        row_programs = max(
+            1, min(triton.cdiv(rows, CHUNK_BLOCK_R), _program_target(grad.device) // col_blocks)
+        )
+        partial = torch.empty((row_programs, d), device=grad.device, dtype=torch.float32)
+        _blend_bwd_chunked_kernel[(col_blocks, row_programs)](
+            grad, seed, host, alpha, grad_seed_out, partial, rows, d, w,
+            BLOCK_R=CHUNK_BLOCK_R, BLOCK_D=CHUNK_BLOCK_D, num_warps=NUM_WARPS,
         )  # fmt: skip
-        return grad_seed_out, partial.sum().to(alpha.dtype).reshape(alpha.shape)
-    rows = n // d
-    col_blocks = triton.cdiv(d, CHUNK_BLOCK_D)
-    row_programs = max(
-        1, min(triton.cdiv(rows, CHUNK_BLOCK_R), _program_target(grad.device) // col_blocks)
-    )
-    partial = torch.empty((row_programs, d), device=grad.device, dtype=torch.float32)
-    _blend_bwd_chunked_kernel[(col_blocks, row_programs)](
-        grad, seed, host, alpha, grad_seed_out, partial, rows, d, w,
-        BLOCK_R=CHUNK_BLOCK_R, BLOCK_D=CHUNK_BLOCK_D, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    grad_alpha = partial.view(row_programs, alpha.numel(), w).sum(dim=(0, 2))
-    return grad_seed_out, grad_alpha.to(alpha.dtype)
+        grad_alpha = partial.view(row_programs, alpha.numel(), w).sum(dim=(0, 2))
+        return grad_seed_out, grad_alpha.to(alpha.dtype)
