@@ -154,6 +154,18 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         )
 
 
+def _outputs(
+    like: torch.Tensor, out: torch.Tensor | None, name: str, alpha: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, int]]:
+    """``out`` (allocated when None) checked against ``like``, ``alpha`` as the kernels read it
+    (``_dense_alpha``), and its layout (``_alpha_layout``)."""
+    if out is None:
+        out = torch.empty_like(like)
+    _check(name, out, like)
+    alpha = _dense_alpha(alpha, like)
+    return out, alpha, _alpha_layout(like, alpha)
+
+
 def blend_forward(
     seed: torch.Tensor,
     host: torch.Tensor,
@@ -166,11 +178,7 @@ def blend_forward(
     """``alpha*seed + (1-alpha)*host`` in the inputs' dtype (``alpha=None``: ``alpha_value``)."""
     _check("host", host, seed)
     _check("seed", seed, seed)
-    if out is None:
-        out = torch.empty_like(seed)
-    _check("out", out, seed)
-    alpha = _dense_alpha(alpha, seed)
-    mode, d, w = _alpha_layout(seed, alpha)
+    out, alpha, (mode, d, w) = _outputs(seed, out, "out", alpha)
     n = seed.numel()
     if n:
         with on_device(seed.device):
@@ -195,11 +203,7 @@ def blend_backward(
     ``alpha.shape`` when ``seed``, ``host`` and ``alpha`` are all given, else an empty tensor."""
     with on_device(grad.device):
         _check("grad", grad, grad)
-        if grad_seed_out is None:
-            grad_seed_out = torch.empty_like(grad)
-        _check("grad_seed_out", grad_seed_out, grad)
-        alpha = _dense_alpha(alpha, grad)
-        mode, d, w = _alpha_layout(grad, alpha)
+        grad_seed_out, alpha, (mode, d, w) = _outputs(grad, grad_seed_out, "grad_seed_out", alpha)
         n = grad.numel()
         alpha_arg = grad if alpha is None else alpha
         want_alpha = seed is not None and host is not None and alpha is not None

@@ -19,14 +19,7 @@ import kasmina.kernels.lifecycle as lifecycle_kernels
 import pytest
 import torch
 
-from kasmina.ops import (
-    alpha_blend,
-    grad_norms,
-    kd_kl_loss,
-    leak_check,
-    lifecycle_tick,
-    lifecycle_update,
-)
+from kasmina import ops
 from kasmina.stages import NUM_STATE_COLUMNS, SeedStage
 
 MODULES = (blend_kernels, kd_kernels, norm_kernels, lifecycle_kernels)
@@ -77,14 +70,14 @@ def test_every_launch_enters_its_tensors_device(launches: _Launches) -> None:
     seed, host = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
     seed.requires_grad_(True)
     for alpha in (0.3, torch.tensor(0.3, requires_grad=True), torch.rand(4).requires_grad_()):
-        alpha_blend(seed, host, alpha).sum().backward()
+        ops.alpha_blend(seed, host, alpha).sum().backward()
     student = torch.randn(3, 5, generator=gen, requires_grad=True)
-    kd_kl_loss(student, torch.randn(3, 5, generator=gen), temperature=2.0).backward()
-    grad_norms([seed, None, host])
-    leak_check([seed, host], 0.0)
+    ops.kd_kl_loss(student, torch.randn(3, 5, generator=gen), temperature=2.0).backward()
+    ops.grad_norms([seed, None, host])
+    ops.leak_check([seed, host], 0.0)
     state = torch.zeros(4, NUM_STATE_COLUMNS, dtype=torch.int32)
-    lifecycle_update(state, [0, 2], [int(SeedStage.ISOLATED_INIT)] * 2)
-    lifecycle_tick(state)
+    ops.lifecycle_update(state, [0, 2], [int(SeedStage.ISOLATED_INIT)] * 2)
+    ops.lifecycle_tick(state)
     assert {"_blend_fwd_kernel", "_blend_bwd_kernel", "_blend_bwd_chunked_kernel"} <= set(
         launches.launched
     )
