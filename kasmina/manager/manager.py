@@ -432,8 +432,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
         host gradients must stay zero (checked at ``step``), then ``loss``. A frozen host's loss
         has no graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
-        frozen = self.registry is not None and self.registry.host_frozen()
-        main = loss is not None and (loss.requires_grad or not frozen)  # else torch's error
+        reg = self.registry  # its host parameters are read only for a loss without a graph
+        main = loss is not None and (loss.requires_grad or reg is None or not reg.host_frozen())
         if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
             weighted = kd_loss * self.config.kd.alpha
             self.guard.seed_only_backward(weighted, self.require_registry(), main)

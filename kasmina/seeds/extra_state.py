@@ -327,7 +327,7 @@ def check_seed_kernel_keys(
     inner = at + _KERNEL
     want = set() if kernel is None else set(kernel.state_dict(prefix=inner, keep_vars=True))
     if have is None:
-        have = {key for key in state_dict if key.startswith(inner)}
+        have = _kernel_keys(state_dict, {inner}).get(inner, set())
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
         raise ValueError(
