@@ -420,11 +420,11 @@ class CommandExecution:
         host_cost = None
         gate = GATE_FOR_TRANSITION.get((record.stage, target))
         if gate == 3:
+            registry = self.state.require_registry()
             if record.seed.probe_result is None:
                 # No forward since COMPATIBILITY_CHECK began: probe activations of the seed's
                 # last-seen input shape instead.
-                sample = self.state.require_registry().probe_sample(record)
-            registry = self.state.require_registry()
+                sample = registry.probe_sample(record)
             saved = registry.saved_host_shapes.get(record.slot.layer_id)
             host_cost = host_flops_per_element(record, saved)
         return record.seed.evaluate_gate(

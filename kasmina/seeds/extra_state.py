@@ -19,7 +19,7 @@ import torch
 
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
-from kasmina.utils.signed_json import strict_json_loads
+from kasmina.utils.signed_json import finite_number, strict_json_loads
 
 __all__ = [
     "EXTRA_STATE_VERSION",
@@ -183,15 +183,13 @@ def _number(value: object, field: str) -> float:
     """``value`` as the float ``field`` holds: ``alpha`` in [0, 1], a finite ``performance_gate``
     (an infinite one would pass or refuse every seed at G5), a ``gate_score`` that is a number
     (NaN allowed: it is only reported)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r:.80}")
-    number = float(value)
+    if field == "gate_score" and isinstance(value, float) and math.isnan(value):
+        return value
+    if not finite_number(value):  # a bool, a string, inf, or an int past a float's range
+        raise ValueError(f"must be a finite number, got {value!r:.80}")
+    number = float(value)  # type: ignore[arg-type]
     if field == "alpha" and not 0.0 <= number <= 1.0:
         raise ValueError(f"must be in [0, 1], got {number}")
-    if field == "performance_gate" and not math.isfinite(number):
-        raise ValueError(f"must be finite, got {number}")
-    if field == "gate_score" and math.isinf(number):
-        raise ValueError(f"must be finite or NaN, got {number}")
     return number
 
 

@@ -346,6 +346,7 @@ def test_a_malformed_extra_state_changes_nothing() -> None:
         ("alpha", 1.5),
         ("alpha", "0.5"),
         ("performance_gate", float("-inf")),
+        ("performance_gate", 10**400),  # past a float's range: float() raised OverflowError
         ("gate_score", float("inf")),
         ("faults", "3"),
         ("faults", -1),
