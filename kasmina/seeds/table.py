@@ -60,8 +60,7 @@ __all__ = ["SCALE", "GPUStateTensor", "blueprint_hash"]
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
-    """Seed indices as an int64 buffer: plain ints as they are, anything else ``int()`` accepts
-    (numpy or 0-d tensor indices) through ``int()``."""
+    """Seed indices as an int64 buffer (numpy or 0-d tensor indices through ``int()``)."""
     try:
         try:
             return array("q", indices)
@@ -128,6 +127,7 @@ class GPUStateTensor:
         self._epochs = [0] * num_seeds
         self._observers: dict[int, list[WeakObserver]] = {}
         self._listeners = Listeners()
+        self._host_rows: tuple[torch.Tensor, int | None, list[list[int]]] | None = None
 
     # -- host mirror (no device sync) ----------------------------------------------------
     @property
@@ -157,11 +157,10 @@ class GPUStateTensor:
     ) -> None:
         """Call ``observer(idx, old, new)`` after every applied transition of seed ``idx``.
 
-        A bound method is held weakly, so a table shared by many slots never keeps a dropped
-        seed alive. ``follows_copies=False`` keeps the observer out of deep copies and pickles
-        of the table (and so of a model holding it): what a manager hangs on its model must
-        not travel with ``copy.deepcopy(model)`` or ``torch.save(model)``. Entries whose owner
-        is gone are dropped here too, so owners that come and go leave nothing behind.
+        A bound method is held weakly: a table shared by many slots keeps no dropped seed alive.
+        ``follows_copies=False`` keeps the observer out of deep copies and pickles of the table
+        (and of a model holding it): what a manager hangs on its model must not travel with
+        ``copy.deepcopy(model)`` or ``torch.save(model)``. Dead entries are dropped here too.
         """
         refs = self._observers.setdefault(self.check_index(idx), [])
         refs[:] = [ref for ref in refs if ref() is not None]
@@ -169,8 +168,7 @@ class GPUStateTensor:
 
     def unobserve(self, idx: int, observer: TransitionObserver) -> None:
         """Stop calling ``observer`` (every entry of it) for seed ``idx``; dead entries go too.
-        An owner that lets go of its seeds (a closed manager) no longer hears of, nor owns them.
-        """
+        An owner that lets go of its seeds (a closed manager) no longer hears of, nor owns them."""
         idx = self.check_index(idx)
         refs = [ref for ref in self._observers.get(idx, ()) if ref() not in (None, observer)]
         if refs:
@@ -179,9 +177,8 @@ class GPUStateTensor:
             self._observers.pop(idx, None)
 
     def owned(self, idx: int) -> bool:
-        """Whether seed ``idx`` has an owner: a live observer registered with
-        ``follows_copies=False`` (a manager's registry, which keeps the seed's kernel, optimizer,
-        monitor and pin). A copy of the table has none."""
+        """Whether seed ``idx`` has an owner: a live observer with ``follows_copies=False`` (a
+        manager's registry, keeping the seed's kernel, optimizer, monitor, pin). A copy has none."""
         refs = self._observers.get(self.check_index(idx), ())
         return any(not ref.follows_copies and ref() is not None for ref in refs)
 
@@ -212,8 +209,7 @@ class GPUStateTensor:
         """
         idx, stage = self.check_index(seed_idx), lifecycle_stage
         gate = parse_gate(last_gate)
-        # Checked before the transition is launched: a bad value must change nothing. The
-        # EPOCHS_IN_STATE column is int32.
+        # Checked before the launch: a bad value changes nothing (EPOCHS_IN_STATE is int32).
         if epochs_in_state is not None and (
             isinstance(epochs_in_state, bool)
             or not isinstance(epochs_in_state, int)
@@ -243,9 +239,8 @@ class GPUStateTensor:
         counted and reported. Malformed input (unknown stage, bad gate, length mismatch) raises
         ``ValueError`` before anything is launched, so a batch applies in full or not at all.
 
-        The requests become one int64 buffer (``array`` + ``torch.frombuffer``) checked in bulk;
-        only malformed input goes through the per-item parsers, to name the bad item. Callers
-        that hold tensors use :meth:`batch_state_update_tensors`.
+        The requests become one int64 buffer checked in bulk; only malformed input goes through
+        the per-item parsers, to name the bad item. Tensors: :meth:`batch_state_update_tensors`.
         """
         if not isinstance(updates, Sized):
             updates = list(updates)
@@ -412,8 +407,7 @@ class GPUStateTensor:
 
     def get_ready_seeds(self) -> torch.Tensor:
         """Device indices of seeds whose READY_FLAG is set (syncs: call it on commands)."""
-        ready = self.state_tensor[:, StateColumn.READY_FLAG]
-        return torch.nonzero(ready, as_tuple=False).squeeze(-1)
+        return torch.nonzero(self.state_tensor[:, StateColumn.READY_FLAG]).squeeze(-1)
 
     # -- other columns (device writes, no sync) ------------------------------------------
     def set_column(self, idx: int, column: StateColumn, value: int) -> None:
@@ -441,9 +435,15 @@ class GPUStateTensor:
         self.set_column(idx, StateColumn.REGION_ID, region)
 
     def read_row(self, idx: int) -> dict[str, int]:
-        """One seed's row by column name (syncs)."""
-        row = self.state_tensor[self.check_index(idx)].tolist()
-        return {column.name: int(row[column]) for column in StateColumn}
+        """One seed's row by column name. Rows read between two writes (each seed's state_dict
+        in a checkpoint) cost one sync in all: one host copy of the table serves them while the
+        version counter of the table, which every in-place write bumps, stays put."""
+        idx, table = self.check_index(idx), self.state_tensor
+        version = None if table.is_inference() else table._version  # inference: no counter
+        copy = self.__dict__.get("_host_rows")  # (table, its version, its rows); older pickles
+        if version is None or copy is None or copy[0] is not table or copy[1] != version:
+            copy = self._host_rows = (table, version, table.tolist())
+        return {column.name: int(copy[2][idx][column]) for column in StateColumn}
 
     def restore_row(self, idx: int, row: Sequence[int]) -> None:
         """Overwrite one seed's row (rollback/restore: bypasses validation, checks values)."""
@@ -489,7 +489,7 @@ class GPUStateTensor:
         # behind: it belongs to whoever attached the slots and holds locks and sinks. A copy
         # reports nowhere until it is given a reporter (``table.telemetry = ...``).
         state = dict(self.__dict__)
-        state["telemetry"] = None
+        state["telemetry"] = state["_host_rows"] = None
         return state
 
     def state_dict(self) -> dict[str, Any]:

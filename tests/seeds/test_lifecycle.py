@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -9,6 +10,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.seeds.gates import (
@@ -23,6 +25,7 @@ from kasmina.seeds.gates import (
     gate_g5_performance,
     sigmoid_alpha,
 )
+from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor, blueprint_hash
 from kasmina.stages import (
@@ -329,6 +332,43 @@ def test_state_dict_round_trip_and_invalid_load() -> None:
         with pytest.raises(ValueError):
             other.load_state_dict(bad)
     assert torch.equal(other.state_tensor, before) and other.stage(2) is S.ISOLATED_INIT
+
+
+class _TableReads(TorchFunctionMode):
+    """Counts ``.tolist()`` calls on a tensor or its views (on a GPU, each is a device sync)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.storage, self.reads = table.untyped_storage().data_ptr(), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.tolist and args[0].untyped_storage().data_ptr() == self.storage:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_state_dict_of_many_seeds_reads_the_table_once_and_never_stale() -> None:
+    """A checkpoint saves every seed's row: one read of the table for all of them, not one per
+    seed; any write in between (a column, a transition, a tick, a restore) is seen."""
+    layer = KasminaLayer(nn.Linear(6, 16), 8, 2)
+    table = layer.state_table
+    with _TableReads(table.state_tensor) as mode:
+        saved = layer.state_dict()
+    assert mode.reads == 1
+    writes = [
+        lambda: table.set_alpha(3, 0.25),
+        lambda: table.update_seed_state(3, S.ISOLATED_INIT),
+        table.tick,
+        lambda: table.restore_row(5, _row(S.ACTIVE, embargo=9)),
+        lambda: table.load_state_dict({"state_tensor": torch.zeros_like(table.state_tensor)}),
+    ]
+    for write in writes:
+        write()
+        with _TableReads(table.state_tensor) as mode:
+            saved = layer.state_dict()
+        assert mode.reads == 1
+        rows = [json.loads(bytes(v.tolist()))["row"] for k, v in saved.items() if "extra" in k]
+        assert rows == table.state_tensor.tolist()  # every seed's row, as the table has it
 
 
 # ----------------------------------------------------------------------------------- gates
