@@ -185,7 +185,8 @@ class NonceLedger:
 
         A line that does not parse or fails its CRC is skipped, with one warning for all. A
         file that is not a ledger (no header and not one record: a path that names another
-        file), is not a regular file (a FIFO would block the read for good) or is larger than
+        file), a ledger of another format version (a newer Kasmina's), a file that is not a
+        regular file (a FIFO would block the read for good) or is larger than
         :data:`MAX_LEDGER_BYTES` raises ``ValueError``, since the ledger's next compaction
         would overwrite it.
         """
@@ -193,6 +194,13 @@ class NonceLedger:
             data, _ = read_regular_file(self.path, MAX_LEDGER_BYTES, what="nonce ledger")
         except FileNotFoundError:
             return [], -math.inf
+        if data.startswith(_LEDGER_HEADER[:23]) and not data.startswith(_LEDGER_HEADER[:26]):
+            raise ValueError(  # a newer Kasmina's: its records would read as damaged, and go
+                f"{self.path} is a nonce ledger of another format "
+                f"({data[23:40].split(b':')[0].decode('ascii', 'replace')!r}; this Kasmina "
+                "reads v1); refusing to rewrite it, which would forget its nonces: run the "
+                "Kasmina that wrote it, or point nonce_ledger_path at a new file"
+            )
         if (
             data
             and not data.startswith(_LEDGER_HEADER[:22])

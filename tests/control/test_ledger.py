@@ -135,6 +135,21 @@ def test_a_path_that_names_another_file_is_refused_not_overwritten(keyring, cloc
     assert path.read_bytes() == b"precious user data\nmore of it\n"
 
 
+def test_a_ledger_of_a_newer_format_is_refused_not_rewritten(keyring, clock, path) -> None:
+    """After a downgrade, the older Kasmina must not read a newer ledger's records as damaged
+    and compact them away: the nonces they hold would be accepted again."""
+    first = start(keyring, clock, path)
+    accepted = signed(keyring, "newer", T0)
+    assert first.verify(accepted) == (True, "ok")
+    first.close()
+    newer = path.read_bytes().replace(b"ledger v1:", b"ledger v2:", 1)
+    newer = newer.replace(b"\nN ", b"\nN2 ")  # records of a layout this version cannot parse
+    path.write_bytes(newer)
+    with pytest.raises(ValueError, match="nonce ledger of another format \\('v2'"):
+        start(keyring, clock, path)
+    assert path.read_bytes() == newer
+
+
 def test_the_file_stays_bounded_after_many_commands(keyring, clock, path) -> None:
     """20,000 commands at 1,000/s through a 2 s window: at most ~4,000 live nonces, and the
     file never holds more than twice those plus the compaction slack. (Durability does not
