@@ -100,6 +100,7 @@ def _prepare(
     """Steps 2 to 4, touching nothing of ``model``: the slots built aside, the host weights to
     write and the number of kernels. Every value of the body is checked before it sizes an
     allocation (the file is unsigned: its state table's shape must be the slots')."""
+    body = _as_saved_through_the_module(body, model)
     layouts = _layouts(_list(body, "slots"))
     seeds_saved = _list(body, "seeds")
     weights = _mapping(body, "weights")
@@ -261,6 +262,38 @@ def _table(
     if isinstance(embargo, bool) or not isinstance(embargo, int) or not 0 <= embargo <= INT32_MAX:
         raise SavedModelError(f"saved embargo_epochs {embargo!r} is not an int in [0, {INT32_MAX}]")
     return state_tensor, embargo
+
+
+_WRAPPED = "_orig_mod."  # a ``torch.compile`` wrapper's name for the module it compiled
+
+
+def _as_saved_through_the_module(body: Mapping[str, Any], model: nn.Module) -> Mapping[str, Any]:
+    """``body`` with the names an older Kasmina gave a compiled model's file made the module's.
+
+    Saved from a ``torch.compile`` wrapper, such a file named every slot, seed slot and weight
+    under ``_orig_mod.``; files are now saved through the module itself (``uncompiled``), and
+    ``load`` looks names up in it. When every name carries the prefix and the model has no
+    module of that name, the prefix is dropped, so the file loads as a newer one would (into a
+    plain or a compiled model). Anything else is returned as it is, for the checks to judge."""
+    slots, seeds, weights = body.get("slots"), body.get("seeds"), body.get("weights")
+    if (
+        "_orig_mod" in model._modules
+        or not isinstance(slots, list)
+        or not isinstance(seeds, list)
+        or not isinstance(weights, Mapping)
+        or not all(isinstance(s, Mapping) for s in slots + seeds)
+    ):
+        return body
+    names = [s.get("name") for s in slots] + [s.get("slot") for s in seeds] + list(weights)
+    if not slots or not all(isinstance(n, str) and n.startswith(_WRAPPED) for n in names):
+        return body
+    cut = len(_WRAPPED)
+    return {
+        **body,
+        "slots": [{**s, "name": s["name"][cut:]} for s in slots],
+        "seeds": [{**s, "slot": s["slot"][cut:]} for s in seeds],
+        "weights": {key[cut:]: value for key, value in weights.items()},
+    }
 
 
 def _list(body: Mapping[str, Any], key: str) -> list[Any]:

@@ -56,6 +56,37 @@ def test_a_compiled_model_saves_and_loads_by_its_own_names(grown: Grown, tmp_pat
             torch.testing.assert_close(target(grown.x), grown.model(grown.x), rtol=tol, atol=tol)
 
 
+def test_a_file_an_older_kasmina_saved_from_a_compiled_model_still_loads(
+    grown: Grown, saved: Path, tmp_path: Path
+) -> None:
+    """Before saves went through the compiled module, a compiled model's file named every
+    slot, seed slot and weight under ``_orig_mod.`` (same format version). Such a file loads
+    as the newer file does, into a plain model and a compiled one."""
+    body = dict(read_saved(saved))
+    body["slots"] = [{**s, "name": "_orig_mod." + s["name"]} for s in body["slots"]]
+    body["seeds"] = [{**s, "slot": "_orig_mod." + s["slot"]} for s in body["seeds"]]
+    body["weights"] = {"_orig_mod." + k: v for k, v in body["weights"].items()}
+    older = write_saved(tmp_path / "older.kasmina", body)
+    publishers = PUBLISHER.trusted_publishers()
+    reference = Host()
+    kasmina.load(saved, reference, publishers=publishers)
+    expected = reference.state_dict()
+    for plain, target in ((p := Host(), p), (p := Host(), torch.compile(p))):
+        slots = kasmina.load(older, target, publishers=publishers)
+        assert [s.layer_id for s in slots] == ["out"]
+        assert [s.stage for s in _seeds(plain)] == [S.ACTIVE, S.GRAFTING]
+        loaded = plain.state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    body["weights"] = {k.removeprefix("_orig_mod."): v for k, v in body["weights"].items()}
+    mixed = write_saved(tmp_path / "mixed.kasmina", body)  # some names prefixed: no guessing
+    fresh = Host()
+    before = _snapshot(fresh)
+    with pytest.raises(SavedModelError, match="has no module '_orig_mod.out'"):
+        kasmina.load(mixed, fresh, publishers=publishers)
+    assert _unchanged(fresh, before)
+
+
 def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
     fresh = Host()
     slots = kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
