@@ -46,6 +46,7 @@ from torch import nn
 from kasmina.errors import CheckpointUnavailableError
 from kasmina.isolation.monitor import emergency_names
 from kasmina.manager.config import KasminaConfig
+from kasmina.seeds.extra_state import check_seed_states
 from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import CheckpointSigner, clone_state
@@ -527,8 +528,9 @@ def restore_training_state(
 ) -> None:
     """Put back what ``capture_training_state`` took, bit for bit.
 
-    Everything is validated first (module keys and shapes, optimizer layout, state-table shape
-    and dtype); only then is anything written, so a mismatched checkpoint raises ``ValueError``
+    Everything is validated first (module keys and shapes, the seeds' states as their load
+    would check them, optimizer layout, state-table shape and dtype); only then is anything
+    written, so a mismatched checkpoint raises ``ValueError``
     and leaves the live state untouched. A write that fails anyway is undone from a backup
     taken just before the writes, so the live state is never left half restored. The state
     table is copied in place so references held elsewhere (e.g. by the lifecycle's state
@@ -542,6 +544,7 @@ def restore_training_state(
         raise ValueError(f"checkpoint holds no state for modules {absent}")
     for name, module in modules.items():
         _validate_module_state(name, module, saved_modules[name])
+        check_seed_states(module, saved_modules[name], "")  # what its load would refuse
     saved_table = state.get("state_table")
     if state_table is not None:
         if not isinstance(saved_table, torch.Tensor):
@@ -567,13 +570,16 @@ def restore_training_state(
         if state_table is not None:
             with torch.no_grad():
                 state_table.copy_(saved_table.to(state_table.device))
-    except BaseException:
-        for name, module in modules.items():
-            module.load_state_dict(backup["modules"][name], strict=True)
-        if state_table is not None:
-            with torch.no_grad():
-                state_table.copy_(backup["state_table"])
-        if optimizers is not None:
-            optimizers.load_state_dict(backup["optimizers"])
+    except BaseException as exc:
+        try:
+            for name, module in modules.items():
+                module.load_state_dict(backup["modules"][name], strict=True)
+            if state_table is not None:
+                with torch.no_grad():
+                    state_table.copy_(backup["state_table"])
+            if optimizers is not None:
+                optimizers.load_state_dict(backup["optimizers"])
+        except Exception as undo:  # the caller learns what failed first, and that this did
+            exc.add_note(f"undoing the partial restore failed too: {type(undo).__name__}: {undo}")
         raise
     logger.info("restored training state for modules %s", sorted(modules))

@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
-from kasmina.manager.checkpoints import capture_training_state, restore_training_state
+from kasmina.manager.checkpoints import (
+    CHECKPOINT_FORMAT,
+    capture_training_state,
+    restore_training_state,
+)
 from kasmina.manager.evaluation import host_shapes, parse_host_shapes
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SlotRegistry
@@ -118,18 +122,18 @@ def restore_epoch(
     registry = state.require_registry()
     # Phase 1 begins: the checkpoint is verified before it is unpickled; nothing live changes.
     checkpoint = state.checkpoints.load(epoch)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:  # before any other field is read
+        raise ValueError(f"unsupported checkpoint format {checkpoint.get('format')!r}")
     extra = checkpoint.get("extra") or {}
-    saved_seeds = extra.get("seeds")
-    if not isinstance(saved_seeds, dict) or set(saved_seeds) != set(registry.records):
-        raise ValueError(f"the checkpoint of epoch {epoch} is not for this model's seeds")
-    pending = bool(extra.get(BOUNDARY_PENDING, False))
+    saved_seeds = _saved_seeds(extra, registry, epoch)
+    pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
     if pending and boundary is None:
         raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
     for record in registry:
         saved = saved_seeds[record.seed_id]
-        want = (saved.get("artifact_id") or None) if saved.get("attached") else None
+        want = saved.artifact_id if saved.attached else None
         have = record.artifact_id if record.kernel is not None else None
         if want != have:
             changes[record.seed_id] = want
@@ -185,9 +189,7 @@ def restore_epoch(
         state.counters["rollbacks_committed"] += 1
         state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
         registry.take_host_groups(state.optimizers, rebuilt=True)  # the restored groups' params
-        state.epoch = int(extra.get("epoch", epoch))
-        state.global_step = int(extra.get("global_step", state.global_step))
-        state.val_metrics = dict(extra.get("val_metrics", {}))
+        state.epoch, state.global_step, state.val_metrics = clock
         registry.saved_host_shapes = saved_shapes
         state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
@@ -208,6 +210,56 @@ def restore_epoch(
         logger.error("%s", problem, exc_info=True)
         return problem
     return ""
+
+
+class _SavedSeed(NamedTuple):
+    """A seed's record in a checkpoint (``snapshot``'s ``extra["seeds"]``), read and checked."""
+
+    artifact_id: str | None
+    attached: bool
+    graft_steps: int
+
+
+def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _SavedSeed]:
+    """Every seed's record, checked in phase 1 so that the commit only assigns (a checkpoint
+    is signed by the run's key, but may come from another version or a bug)."""
+    seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
+    if not isinstance(seeds, dict) or set(seeds) != set(registry.records):
+        raise ValueError(f"the checkpoint of epoch {epoch} is not for this model's seeds")
+    parsed = {}
+    for seed_id, saved in seeds.items():
+        if isinstance(saved, Mapping):
+            artifact_id = saved.get("artifact_id") or None
+            attached, graft_steps = saved.get("attached", False), saved.get("graft_steps", 0)
+            if (
+                (artifact_id is None or isinstance(artifact_id, str))
+                and type(attached) is bool
+                and type(graft_steps) is int
+                and graft_steps >= 0
+            ):
+                parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps)
+                continue
+        raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed record of {seed_id}")
+    return parsed
+
+
+def _saved_clock(
+    extra: Mapping[str, Any], epoch: int, global_step: int
+) -> tuple[bool, tuple[int, int, dict[str, float]]]:
+    """``(boundary_pending, (epoch, global_step, val_metrics))`` of the checkpoint, checked."""
+    pending = extra.get(BOUNDARY_PENDING, False)
+    saved_epoch, step = extra.get("epoch", epoch), extra.get("global_step", global_step)
+    metrics = extra.get("val_metrics", {})
+    if (
+        type(pending) is not bool
+        or type(saved_epoch) is not int
+        or type(step) is not int
+        or step < 0
+        or not isinstance(metrics, Mapping)
+        or not all(type(k) is str and type(v) in (float, int) for k, v in metrics.items())
+    ):
+        raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed clock or metrics")
+    return pending, (saved_epoch, step, {k: float(v) for k, v in metrics.items()})
 
 
 # A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach
@@ -246,7 +298,7 @@ def _unswap_kernels(registry: SlotRegistry, old: dict[str, _Detached]) -> None:
 def _take_pins(
     state: ManagerState,
     registry: SlotRegistry,
-    saved_seeds: dict[str, Any],
+    saved_seeds: dict[str, _SavedSeed],
     taken: list[str],
 ) -> dict[str, tuple[bool, str | None]]:
     """Each restored seed's pin (run with the checkpoint's kernels and stages in place): its
@@ -256,7 +308,7 @@ def _take_pins(
     pin the commit drops (None: none)."""
     plan: dict[str, tuple[bool, str | None]] = {}
     for record in registry:
-        artifact_id = saved_seeds[record.seed_id].get("artifact_id") or None
+        artifact_id = saved_seeds[record.seed_id].artifact_id
         live = record.seed.kernel is not None and record.stage != SeedStage.TERMINATED
         held = record.artifact_id if record.pinned else None
         if live and artifact_id is not None and held == artifact_id:
@@ -356,7 +408,7 @@ def _commit(
     registry: SlotRegistry,
     changes: dict[str, str | None],
     fresh: dict[str, tuple[str, GPUKernel]],
-    saved_seeds: dict[str, Any],
+    saved_seeds: dict[str, _SavedSeed],
     pins: dict[str, tuple[bool, str | None]],
     monitors: dict[str, GradientIsolationMonitor],
 ) -> None:
@@ -375,8 +427,8 @@ def _commit(
         record.pinned, release = pins[record.seed_id]
         if release is not None:
             released.append(release)
-        record.artifact_id = saved.get("artifact_id") or None
-        record.graft_steps = int(saved.get("graft_steps", 0))
+        record.artifact_id = saved.artifact_id
+        record.graft_steps = saved.graft_steps
         if not record.timeline or record.timeline[-1][2] != record.stage.name:
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
         record.last_output, record.input_grad = None, False

@@ -116,7 +116,10 @@ class SavedSeedState:
 def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> SavedSeedState:
     """What a seed's ``get_extra_state`` saved, read and checked before anything is restored
     (``ValueError`` names the bad field): a malformed state changes nothing."""
-    state = decode_extra_state(value)
+    try:
+        state = decode_extra_state(value)
+    except ValueError as exc:
+        raise ValueError(f"seed {seed_id}: {exc}") from None
     field = ""
     try:
         field = "faults"

@@ -569,6 +569,24 @@ def test_mismatched_checkpoint_is_rejected_without_touching_live_state():
     assert torch.equal(table, live["table"])
 
 
+def test_a_failed_restore_whose_undo_fails_too_reports_the_first_failure(monkeypatch) -> None:
+    """The caller must learn why the restore failed, not only why its undo did."""
+    host, seed_mod, opts, table = _setup(3)
+    modules = {"host": host, "seed": seed_mod}
+    captured = capture_training_state(modules, opts, table)
+    failures = iter([RuntimeError("device lost mid-restore"), RuntimeError("still lost")])
+
+    def failing_load(state_dict, strict=True):
+        raise next(failures)
+
+    monkeypatch.setattr(seed_mod, "load_state_dict", failing_load)
+    with pytest.raises(RuntimeError, match="device lost mid-restore") as raised:
+        restore_training_state(captured, modules, opts, table)
+    assert raised.value.__notes__ == [
+        "undoing the partial restore failed too: RuntimeError: still lost"
+    ]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_fifo_under_a_checkpoint_name_is_refused_without_blocking(tmp_path):
     signer = _signer(tmp_path)

@@ -30,6 +30,7 @@ from kasmina.manager import slots as slots_module
 from kasmina.manager import state as state_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.report import TargetCheck
+from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import SCALE, GPUStateTensor
 from kasmina.stages import StateColumn
@@ -991,6 +992,87 @@ def test_a_rollback_failing_late_changes_nothing(
     assert kernel is not None and not kernel.released and manager.seed(SEED0).kernel is None
     assert rig.train(1)["seeds_stepped"] == [SEED1]
     assert run_command(manager, rig.signed(make_rollback_command(0)))  # now it can
+
+
+def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
+    rig: Rig, mlp, published, monkeypatch
+) -> None:
+    """A checkpoint whose seed state this version cannot read (a newer Kasmina's extra state)
+    is refused before anything is written, for the reason that it is: with kernels to swap
+    back, the undo of a half-written restore used to fail on the swapped seeds and report its
+    own error (another seed, another cause) instead."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)  # diverge: the rollback must swap kernels back
+    assert rig.send("germinate", SEED1, published[2])
+    rig.train(2)
+    manager.end_epoch(1)
+    before = _live(rig)
+    store = manager.state.checkpoints
+    real_load = store.load
+
+    def from_a_newer_kasmina(epoch: int):
+        checkpoint = real_load(epoch)
+        weights = checkpoint["modules"]["model"]
+        key = next(k for k in weights if k.endswith("seeds.0._extra_state"))
+        newer = {**decode_extra_state(weights[key]), "version": 2}
+        weights[key] = encode_extra_state(newer)
+        return checkpoint
+
+    monkeypatch.setattr(store, "load", from_a_newer_kasmina)
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
+    reason = manager.command_log[-1][3]
+    assert "unsupported seed extra state (version 2)" in reason and SEED0 in reason, reason
+    assert_same(before, _live(rig))
+    monkeypatch.undo()
+    assert run_command(manager, rig.signed(make_rollback_command(0)))  # the real one restores
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("format", 2, "unsupported checkpoint format 2"),
+        ("global_step", None, "malformed clock or metrics"),
+        ("boundary_pending", "false", "malformed clock or metrics"),
+        ("val_metrics", {"loss": "low"}, "malformed clock or metrics"),
+        ("graft_steps", 1.5, "malformed record of"),
+    ],
+)
+def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
+    rig: Rig, mlp, published, monkeypatch, field: str, value: object, message: str
+) -> None:
+    """Every field the commit assigns is read in phase 1: a checkpoint signed with the run's
+    key but written by another version (or a bug) is refused with the live state as it was,
+    never half restored by a commit that fails on its clock (a newer format's payload is
+    refused for its format, not for whichever field happened to be read first)."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    assert rig.send("germinate", SEED1, published[2])
+    rig.train(2)
+    before = _live(rig)
+    store = manager.state.checkpoints
+    real_load = store.load
+
+    def malformed(epoch: int):
+        checkpoint = real_load(epoch)
+        if field == "format":
+            checkpoint["format"] = value
+            checkpoint["optimizers"] = None  # a newer layout: read only after its format
+        elif field == "graft_steps":
+            checkpoint["extra"]["seeds"][SEED1]["graft_steps"] = value
+        else:
+            checkpoint["extra"][field] = value
+        return checkpoint
+
+    monkeypatch.setattr(store, "load", malformed)
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
+    assert message in manager.command_log[-1][3], manager.command_log[-1][3]
+    assert_same(before, _live(rig))
 
 
 def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
