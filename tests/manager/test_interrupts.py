@@ -10,14 +10,16 @@ or by a stand-in for the nonce ledger's sync."""
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 import torch
 
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
 from kasmina.isolation.optimizers import HOST_ID as HOST
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import TelemetryPacket
+from kasmina.manager.executor import CommandOutcome
 from kasmina.stages import StateColumn
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
@@ -603,3 +605,44 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     record = manager.require_registry()[SEED0]
     assert record.slot.get_and_clear_kd_losses() is None  # nothing through the released kernel
     assert rig.train(1, teacher)["host_stepped"]  # an ordinary step
+
+
+def test_a_refused_command_interrupted_as_its_apply_returns_is_reported_refused_once(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ADVANCE of a DORMANT seed is refused by ``apply``; Ctrl-C as ``apply`` returns: that
+    refusal stands (counted failed, logged refused once, not as applied), the command is not
+    taken again, and the GERMINATE behind it applies once at the next safe point."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    real_apply, applied = manager.execution.apply, []
+
+    def apply(command: KasminaCommand, **kwargs: Any) -> CommandOutcome:
+        outcome = real_apply(command, **kwargs)
+        applied.append((command.command_id, outcome.ok))
+        if len(applied) == 1:
+            raise KeyboardInterrupt("Ctrl-C")
+        return outcome
+
+    monkeypatch.setattr(manager.execution, "apply", apply)
+    advance, germinate = queue(
+        rig,
+        make_seed_command("advance", SEED1),  # SEED1 is DORMANT: refused
+        make_seed_command("germinate", SEED0, mlp),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert applied == [(advance, False)] and rig.stage(SEED1) == S.DORMANT
+    assert [entry[:3] for entry in manager.command_log] == [(advance, "seed.advance", False)]
+    assert len(manager.pending) == 1  # only the GERMINATE behind it
+    assert_counts_add_up(rig, executed=0, failed=1)
+
+    (outcome,) = manager.apply_pending()
+    assert (outcome.command_id, outcome.ok) == (germinate, True)
+    assert applied == [(advance, False), (germinate, True)]  # the ADVANCE never again
+    assert [entry[:3] for entry in manager.command_log] == [
+        (advance, "seed.advance", False),
+        (germinate, "seed.germinate", True),
+    ]
+    assert_counts_add_up(rig, executed=1, failed=1)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and not manager.pending

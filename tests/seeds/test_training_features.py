@@ -642,3 +642,25 @@ def test_a_kernel_that_changes_its_own_weights_in_its_forward_is_contained(
             block(x2)
     loss.backward()  # completes
     assert all(s.stage == stage for s in block.down.seeds)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kernel", [Raises, WrongWidth], ids=["raises", "wrong width"])
+def test_a_probe_fault_under_checkpointing_counts_once_per_step(
+    kernel: type[torch.nn.Module], reentrant: bool
+) -> None:
+    """A COMPATIBILITY_CHECK seed's probe meets its faulty kernel (it raises, or answers the
+    wrong shape) when the region first runs and again when a reentrant checkpoint recomputes
+    it: one fault per step, the seed stays in COMPATIBILITY_CHECK below its fault limit, and
+    the host's backward completes with finite gradients."""
+    block = Block({1: kernel(4)}, [S.COMPATIBILITY_CHECK, S.COMPATIBILITY_CHECK])
+    faulty = block.down.seed(1)
+    faulty.fault_limit = 10
+    x = torch.randn(5, 8, requires_grad=True)
+    for step in range(3):
+        checkpoint(block, x, use_reentrant=reentrant).pow(2).sum().backward()
+        assert [s.faults for s in block.down.seeds] == [0, step + 1]
+        assert len(faulty.fault_log) == step + 1
+    assert [s.stage for s in block.down.seeds] == [S.COMPATIBILITY_CHECK] * 2
+    assert block.down.seed(0).probe_result is not None  # the healthy seed was probed
+    assert x.grad is not None and torch.isfinite(x.grad).all()

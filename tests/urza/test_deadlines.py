@@ -544,3 +544,47 @@ def test_failed_loads_are_each_counted_and_logged_rarely(caplog) -> None:
     failed = [r for r in caplog.records if "could not load kernel" in r.getMessage()]
     assert len(failed) == 150 and loader.counters["load_failures"] == 150
     assert [i for i, r in enumerate(failed, 1) if r.levelno >= logging.ERROR] == [1, 100]
+
+
+def test_a_read_whose_thread_cannot_start_gives_its_slot_back(
+    tmp_path: Path,
+    publisher: PublisherKey,
+    trusted: TrustedPublishers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process cannot start the read's thread (out of threads): that attempt is a
+    transport failure, retried, and the fetch ends in ``UrzaUnavailableError``; no read ran, so
+    no I/O thread is counted, and with ``max_stalled_reads=1`` the next fetch still gets the one
+    slot at once and reads the artifact."""
+
+    class Unstartable(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    class Threading:
+        Thread = Unstartable
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+    payload = bytes(range(256)) * 4
+    store = tmp_path / "store"
+    publish_payload(payload, str(store), "bp", publisher, "a1")
+    monkeypatch.setattr(resilience, "threading", Threading())
+    urza = UrzaLibraryClient(
+        str(store), trusted, timeout_s=2.0, retries=1, backoff_s=0.0, max_stalled_reads=1
+    )
+    flaky = urza._fs = FlakyFS(urza._fs)
+    with pytest.raises(UrzaUnavailableError, match="after 2 attempts") as info:
+        urza.fetch("a1")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "can't start new thread" in str(info.value.__cause__)
+    assert not flaky.reads  # nothing was opened
+    stats = urza.stats()
+    assert (stats["io_threads"], stats["stalled_reads"]) == (0, 0)
+
+    monkeypatch.undo()
+    fetched, manifest = urza.fetch("a1")
+    assert fetched == payload and manifest.artifact_id == "a1"
+    stats = urza.stats()
+    assert (stats["io_threads"], stats["stalled_reads"]) == (0, 0)
