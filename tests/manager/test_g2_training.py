@@ -11,6 +11,7 @@ import pytest
 from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command
+from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
 from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
@@ -95,6 +96,38 @@ def test_the_trained_epochs_round_trip_a_checkpoint_and_rollback_bitwise(
     rig.train(1)
     manager.end_epoch(2)
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+
+
+def test_a_checkpoint_from_before_the_count_resumes_to_the_verdict_it_had(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed state saved before G2 counted trained epochs has neither count: every epoch in
+    ISOLATED_INIT counts, as G2 then assumed, including the one under way when a checkpoint
+    taken before its boundary's tick was written (the rollback replays that tick)."""
+    rig = three_epoch_rig(tmp_path, store, keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    for epoch in (0, 1, 2):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    assert seed.epochs_in_stage == 3 and rig.send("advance", SEED0)  # the run went on here
+    store_ = manager.state.checkpoints
+    real_load = store_.load
+
+    def from_before_the_count(epoch: int):
+        checkpoint = real_load(epoch)
+        weights = checkpoint["modules"]["model"]
+        for key in [k for k in weights if k.endswith("._extra_state")]:
+            older = decode_extra_state(weights[key])
+            older.pop("trained_epochs"), older.pop("trained_this_epoch")
+            weights[key] = encode_extra_state(older)
+        return checkpoint
+
+    monkeypatch.setattr(store_, "load", from_before_the_count)
+    assert run_command(manager, rig.signed(make_rollback_command(2))), refusal(rig)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and seed.epochs_in_stage == 3
+    assert seed.trained_epochs == 3
+    assert rig.send("advance", SEED0), refusal(rig)  # as the run that wrote it decided
 
 
 def test_the_grafting_alpha_advances_only_on_steps_that_train_the_seed(
