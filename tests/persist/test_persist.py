@@ -353,8 +353,9 @@ def _decoded(seed: GradientIsolatedSeed) -> dict:
 
 def test_an_extra_state_saved_before_g2_counted_training_counts_its_isolated_epochs() -> None:
     """The upgrade of a state saved before G2 counted the epochs a seed trained: its epochs in
-    ISOLATED_INIT count as trained (what G2 assumed then), the epoch under way does not, and a
-    seed in any other stage counts none (G2 counts afresh on entering ISOLATED_INIT)."""
+    ISOLATED_INIT count as trained (what G2 assumed then), the epoch under way too (a
+    checkpoint taken before its boundary's tick is resumed to the verdict it had), and a seed
+    in any other stage counts none (G2 counts afresh on entering ISOLATED_INIT)."""
     source = GradientIsolatedSeed(2, "s")
     source.attach_kernel(nn.Linear(2, 2))
     assert source.advance().passed and source.stage is S.ISOLATED_INIT  # G1
@@ -368,7 +369,7 @@ def test_an_extra_state_saved_before_g2_counted_training_counts_its_isolated_epo
     target.attach_kernel(nn.Linear(2, 2))
     target.set_extra_state(encode_json(old))
     assert target.stage is S.ISOLATED_INIT and target.epochs_in_stage == 2
-    assert (target.trained_epochs, target.trained_this_epoch) == (2, False)
+    assert (target.trained_epochs, target.trained_this_epoch) == (2, True)
     dormant = GradientIsolatedSeed(2, "s")
     dormant.state_table.tick()
     target = GradientIsolatedSeed(2, "s")
@@ -376,7 +377,8 @@ def test_an_extra_state_saved_before_g2_counted_training_counts_its_isolated_epo
     target.set_extra_state(
         encode_json({k: v for k, v in _decoded(dormant).items() if k not in new})
     )
-    assert target.epochs_in_stage == 1 and target.trained_epochs == 0
+    assert target.epochs_in_stage == 1
+    assert (target.trained_epochs, target.trained_this_epoch) == (0, False)
 
 
 def test_load_restores_the_epochs_each_seed_trained_for_g2(grown: Grown, tmp_path: Path) -> None:
