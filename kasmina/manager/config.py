@@ -97,6 +97,15 @@ LIVE_FIELDS = frozenset(
 MAX_URZA_TIMEOUT_S = 7 * 24 * 3600.0
 
 
+# Settings an earlier version had, and what a saved config holding one should say instead.
+_REMOVED_SETTINGS = {
+    "urza_trusted_key_ids": "artifacts are signed with Ed25519 publisher keys now; set "
+    "urza_trusted_publishers to {key id: public key}",
+    "checkpoints_kept": "set max_rollback_epochs, the epochs a ROLLBACK may reach back (the "
+    "checkpoints kept follow from it and checkpoint_every_epochs)",
+}
+
+
 @dataclass
 class KasminaConfig:
     """Settings of one Kasmina executor (see each field's comment for its unit and meaning).
@@ -426,11 +435,9 @@ class KasminaConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
         """Build from a mapping; unknown keys are an error (a typo must not be ignored)."""
-        if "urza_trusted_key_ids" in data:
-            raise ValueError(
-                "urza_trusted_key_ids was removed: artifacts are signed with Ed25519 publisher "
-                "keys now; set urza_trusted_publishers to {key id: public key}"
-            )
+        for name, advice in _REMOVED_SETTINGS.items():
+            if name in data:
+                raise ValueError(f"{name} was removed: {advice}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -64,8 +64,10 @@ LEGACY_HMAC_MESSAGE = (
     "manifest was signed with the retired HMAC scheme (manifest version 1), which is no longer "
     "accepted: an HMAC key that can verify an artifact can also forge one. Re-sign it with an "
     "Ed25519 publisher key ('kasmina keygen --publisher --out FILE', then 'kasmina urza resign "
-    "--store URL --key FILE --hmac-keys OLD_KEYS.json'), or publish it again with 'kasmina urza "
-    "publish --key FILE', and give trainers the public key (urza_trusted_publishers)"
+    "--store URL --key FILE --hmac-keys OLD_KEYS.json --command-keys COMMAND_KEYS.json', the "
+    "second keyring so that no command key is taken for an old one), or publish it again with "
+    "'kasmina urza publish --key FILE', and give trainers the public key "
+    "(urza_trusted_publishers)"
 )
 # Store layout: two flat files per artifact, side by side.
 PAYLOAD_SUFFIX = ".pt2"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -398,6 +399,10 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     rc, out, err = run(capsys, *verify)
     assert rc == 1 and "3 of 3" in err
     assert out.count("signed with the retired HMAC scheme") == 3 and "kasmina urza resign" in out
+    advice = re.search(r"'kasmina urza resign ([^']*)'", out)
+    assert advice is not None  # the command it gives names every option the run below needs
+    flags = [word for word in advice.group(1).split() if word.startswith("--")]
+    assert flags == ["--store", "--key", "--hmac-keys", "--command-keys"]
 
     commands = tmp_path / "commands.json"
     assert run(capsys, "keygen", "--out", str(commands), "--key-id", "ctl")[0] == 0

@@ -111,6 +111,8 @@ def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:
     )
     data = json.loads(json.dumps(config.to_dict()))
     assert KasminaConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="checkpoints_kept was removed: set max_rollback_epochs"):
+        KasminaConfig.from_dict({**config.to_dict(), "checkpoints_kept": 5})  # a saved older one
     with pytest.raises(ValueError, match="unknown KasminaConfig settings: cache_size"):
         KasminaConfig.from_dict({"cache_size": 1})
     with pytest.raises(ValueError, match="unknown KasminaConfig settings: kd.bogus"):
