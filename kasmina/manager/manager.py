@@ -3,9 +3,8 @@
 One object wires the parts together (docs/design.md §3-§7): the Urza client and the
 byte-bounded kernel cache, the signed-command handler (the manager is its executor), the shared
 lifecycle table of the host's slots, one optimizer per seed beside the host's, an isolation
-monitor per seed, the teacher for KD, epoch checkpoints for rollback, and telemetry. It is a
-façade: the work is done by components that receive a ``ManagerState`` (``kasmina.manager``).
-A training loop is::
+monitor per seed, the teacher for KD, epoch checkpoints for rollback, and telemetry. A façade:
+components that receive a ``ManagerState`` do the work (``kasmina.manager``). A loop is::
 
     manager = KasminaKernelManager(config, keyring=keyring)
     manager.attach(model, "fc2", seeds_per_layer=2, chunk_size=16)  # host optimizer too
@@ -100,6 +99,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     command_log = StateField()
     perf = StateField()
     checkpoints = StateField()
+    keyring = StateField("verifier")  # the command keys its verifier prepared (docs §5)
 
     def __init__(
         self,
@@ -110,13 +110,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         urza_client: Any | None = None,
     ) -> None:
         config = config if config is not None else KasminaConfig()
-        self.keyring = keyring if keyring is not None else config.load_keyring()
+        keyring = keyring if keyring is not None else config.load_keyring()
         telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
         path, cap = config.telemetry_jsonl_path, config.telemetry_jsonl_max_bytes
         with ExitStack() as undo:  # a constructor that raises leaves no file, ledger or sink
             self._jsonl = undo.enter_context(closing(JsonlFileSink(path, cap))) if path else None
             kernel_cache = GPUKernelCache(config.cache_size_mb)
-            # Artifacts verify against the configured publisher public keys, never self.keyring:
+            # Artifacts verify against the configured publisher public keys, never the keyring:
             # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
             self.urza_client = urza_client or undo.push(UrzaLibraryClient.from_config(config))
             loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
@@ -124,7 +124,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self.guard = IsolationGuard(config, telemetry, state.counters, state.checkpoint_signer)
             self.report = ManagerReport(state, self.guard)
             self.execution = CommandExecution(state, self.guard, self.report)
-            self.verifier = undo.enter_context(closing(command_verifier(config, self.keyring)))
+            self.verifier = undo.enter_context(closing(command_verifier(config, keyring)))
             self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
             self.teacher_passes = TeacherForwardPassManager(None)
             self._lock = threading.RLock()

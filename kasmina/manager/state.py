@@ -86,9 +86,13 @@ def check_device(model: torch.nn.Module, device: torch.device) -> None:
 
 
 class StateField:
-    """A read-only view of one ``ManagerState`` field on the façade (``manager.epoch``...); a
-    log (a deque the safe points append to) is read as a tuple copied in one C call, so a
-    thread walking it never meets "deque mutated during iteration"."""
+    """A read-only view of one field of ``ManagerState`` (or of another component, ``source``)
+    on the façade (``manager.epoch``...); a log (a deque the safe points append to) is read as
+    a tuple copied in one C call, so a thread walking it never meets "deque mutated during
+    iteration". Assigning one raises: it would only hide the value the manager goes on using."""
+
+    def __init__(self, source: str = "state") -> None:
+        self.source = source
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -96,8 +100,15 @@ class StateField:
     def __get__(self, manager: Any, owner: type | None = None) -> Any:
         if manager is None:
             return self
-        value = getattr(manager.state, self.name)
+        value = getattr(getattr(manager, self.source), self.name)
         return tuple(value.copy()) if isinstance(value, deque) else value
+
+    def __set__(self, manager: Any, value: Any) -> None:
+        raise AttributeError(
+            f"manager.{self.name} is read-only: the manager goes on using its own (the clock "
+            "moves with end_epoch and rollbacks, settings and keys are fixed for its life: "
+            "build a new manager to change them)"
+        )
 
 
 @dataclass(eq=False)

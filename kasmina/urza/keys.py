@@ -333,8 +333,16 @@ class TrustedPublishers:
                 f"{type(keys).__name__}"
             )
         self._keys: dict[str, Ed25519PublicKey] = {}
+        ids: dict[bytes, str] = {}
         for key_id, value in keys.items():
-            self._keys[validate_key_id(key_id)] = parse_public_key(value, key_id=key_id)
+            key = self._keys[validate_key_id(key_id)] = parse_public_key(value, key_id=key_id)
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            if raw in ids:  # revoking one id would leave the publisher trusted under the other
+                raise ValueError(
+                    f"publisher key ids {ids[raw]!r} and {key_id!r} hold the same public key: "
+                    "one key under two ids cannot be revoked by removing either"
+                )
+            ids[raw] = key_id
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrustedPublishers:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 import re
 import secrets
@@ -26,8 +25,6 @@ from pathlib import Path
 
 from kasmina.utils.files import read_text_file
 from kasmina.utils.signed_json import strict_json_loads
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENV_VAR",
@@ -57,6 +54,7 @@ class Keyring:
         self._keys: dict[str, bytes] = {}
         # One keyed HMAC per key, copied per message: the key schedule is paid once.
         self._macs: dict[str, hmac.HMAC] = {}
+        ids: dict[bytes, tuple[str, int]] = {}  # each secret's first id and position
         for position, (key_id, key) in enumerate(keys.items()):
             if not isinstance(key_id, str) or not key_id:
                 raise ValueError("key ids must be non-empty strings")
@@ -66,6 +64,13 @@ class Keyring:
             if len(key) < MIN_KEY_BYTES:
                 named = _named(key_id, position)
                 raise ValueError(f"{named} is shorter than {MIN_KEY_BYTES} bytes")
+            if bytes(key) in ids:  # removing one id would leave the secret valid under another
+                raise ValueError(
+                    f"{_named(key_id, position)} is the same secret as {_named(*ids[bytes(key)])}"
+                    ": one secret under two ids cannot be revoked by removing either; give each "
+                    "id its own key"
+                )
+            ids[bytes(key)] = (key_id, position)
             self._keys[key_id] = bytes(key)
             self._macs[key_id] = hmac.new(bytes(key), digestmod=hashlib.sha256)
 
@@ -89,11 +94,16 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Keyring:
-        """Load a JSON object ``{"key_id": "hexkey", ...}`` from ``path``."""
+        """Load a JSON object ``{"key_id": "hexkey", ...}`` from ``path``; a file that group or
+        others can access is refused (``PermissionError``)."""
         path = Path(path)
         text, st = read_text_file(path, what="keyring file")
-        if os.name == "posix" and st.st_mode & 0o077:
-            logger.warning("key file %s is readable by group/others; restrict it to 0600", path)
+        if os.name == "posix" and st.st_mode & 0o077:  # refused, as a publisher key file is
+            raise PermissionError(
+                f"keyring file {path} is accessible by group/others (mode "
+                f"{st.st_mode & 0o777:04o}); anyone who reads it can sign commands: "
+                f"run 'chmod 600 {path}'"
+            )
         return cls._from_json(text, str(path))
 
     @classmethod

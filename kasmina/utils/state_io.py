@@ -92,8 +92,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def _read_key(path: Path) -> bytes:
     """The key in ``path``: 32 raw bytes, or 64 hex digits (so ``openssl rand -hex 32`` works)."""
     raw, st = read_regular_file(path, what="checkpoint key")  # never blocks on a FIFO
-    if os.name == "posix" and st.st_mode & 0o077:
-        logger.warning("checkpoint key %s is readable by group/others; restrict it to 0600", path)
+    if os.name == "posix" and st.st_mode & 0o077:  # refused, as a publisher key file is
+        raise PermissionError(
+            f"checkpoint key {path} is accessible by group/others (mode {st.st_mode & 0o777:04o}); "
+            f"anyone who reads it can forge the run's checkpoints: run 'chmod 600 {path}'"
+        )
     if len(raw) == CHECKPOINT_KEY_BYTES:
         return raw
     text = raw.strip()

@@ -203,6 +203,7 @@ def test_a_publishers_file_with_a_non_text_key_is_one_error_line(tmp_path, capsy
 def test_keygen_append_to_a_corrupt_file_is_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "keys.json"
     path.write_text("{not json")
+    path.chmod(0o600)
     rc, _, err = run(capsys, "keygen", "--out", str(path), "--append")
     assert_one_line_error(rc, err, "not valid JSON")
     assert path.read_text() == "{not json"  # untouched
@@ -445,6 +446,7 @@ def test_resign_never_takes_the_command_keys_for_the_old_ones(
     assert_one_line_error(rc, err, "pass --command-keys FILE")
     copy = tmp_path / "copy.json"  # the same keys under another name
     copy.write_text(commands.read_text())
+    copy.chmod(0o600)
     rc, _, err = run(capsys, *resign, "--hmac-keys", str(commands), "--command-keys", str(copy))
     assert_one_line_error(rc, err, "key(s) ['ctl'] also sign commands (--command-keys")
     verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]

@@ -132,6 +132,7 @@ def test_a_keyring_with_ids_and_keys_swapped_never_prints_a_key(
     secret = KEY.hex()
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"k1": OTHER_KEY.hex(), secret: "ctl"}))
+    path.chmod(0o600)
     attempts = [lambda: Keyring.from_file(path), lambda: Keyring({secret: b"short"})]
     monkeypatch.setenv("KASMINA_HMAC_KEYS", f"{secret}:ctl")
     attempts.append(Keyring.from_env)

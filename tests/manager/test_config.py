@@ -310,8 +310,10 @@ def test_a_checkpoint_setting_that_cannot_work_fails_when_the_config_is_built(tm
         KasminaConfig(checkpoint_dir=str(a_file), runs_root=str(tmp_path / "runs"))
     keyring = tmp_path / "commands.json"
     keyring.write_text(json.dumps({"ctl": "00" * 32}))
+    keyring.chmod(0o600)
     with pytest.raises(ValueError, match="checkpoint key"):
         KasminaConfig(checkpoint_key_file=str(keyring), runs_root=str(tmp_path / "runs"))
     key = tmp_path / "checkpoint.key"
     key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
     assert KasminaConfig(checkpoint_key_file=str(key)).checkpoint_key_path == key

@@ -1075,6 +1075,19 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
     assert_same(before, _live(rig))
 
 
+def test_the_facades_fields_cannot_be_assigned(rig: Rig, mlp) -> None:
+    """``manager.epoch = 3`` or ``manager.keyring = rotated`` used to set a new attribute that
+    hid the value the manager went on using (its clock, the keys its verifier prepared)."""
+    manager = rig.manager
+    epoch, keyring = manager.epoch, manager.keyring
+    rotated = Keyring({"ctl-2": generate_key()})
+    for name, value in (("epoch", 3), ("keyring", rotated), ("config", None), ("teacher", None)):
+        with pytest.raises(AttributeError, match=f"manager.{name} is read-only"):
+            setattr(manager, name, value)
+    assert manager.epoch == epoch and keyring is manager.keyring is manager.verifier.keyring
+    assert rig.send("germinate", SEED0, mlp)  # still the keys it was built with
+
+
 def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
     rig: Rig, mlp, monkeypatch
 ) -> None:

@@ -77,6 +77,42 @@ def test_key_file_errors_name_the_file(loader, tmp_path) -> None:
             LOADERS[loader](path)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize(
+    ("loader", "contents", "what"),
+    [
+        ("keyring", json.dumps({"ctl": "11" * 32}), "sign commands"),
+        ("config keyring", json.dumps({"ctl": "11" * 32}), "sign commands"),
+        ("checkpoint key", "ab" * 32, "forge the run's checkpoints"),
+    ],
+)
+def test_a_secret_key_file_others_can_read_is_refused(
+    loader: str, contents: str, what: str, tmp_path: Path
+) -> None:
+    """As a publisher key file: whoever reads a command keyring can sign commands, whoever reads
+    a checkpoint key can forge the checkpoints a ROLLBACK restores. A warning let both run."""
+    path = tmp_path / "secret"
+    path.write_text(contents)
+    for mode in (0o640, 0o604, 0o660):
+        path.chmod(mode)
+        with pytest.raises(PermissionError, match=f"{mode:04o}.*anyone who reads it can {what}"):
+            LOADERS[loader](path)
+    path.chmod(0o600)
+    LOADERS[loader](path)
+
+
+def test_one_key_under_two_ids_is_refused() -> None:
+    """Removing an id is how a key is revoked: a secret (or a publisher's public key) that is
+    also held under another id would stay valid. The error never shows a command secret."""
+    secret = bytes(range(32))
+    with pytest.raises(ValueError, match="key 'new' is the same secret as key 'old'") as info:
+        Keyring({"old": secret, "other": bytes(32), "new": secret})
+    assert secret.hex() not in str(info.value)
+    public = PublisherKey.generate("ci").public_key_text
+    with pytest.raises(ValueError, match="ids 'ci' and 'ci-2025' hold the same public key"):
+        TrustedPublishers({"ci": public, "ci-2025": public})
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_local_fifo_or_device_entry_is_that_artifacts_problem(tmp_path) -> None:
     """On a local store a FIFO (or a device) named like a manifest or a payload is refused at
