@@ -140,19 +140,25 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
 
     resign = urza_sub.add_parser(
         "resign",
-        help="re-sign artifacts signed with the retired HMAC scheme with a publisher key",
+        help="re-sign artifacts with a publisher key (HMAC migration, publisher key rotation)",
         description=(
-            "Migrate manifests signed with HMAC (manifest version 1) to Ed25519: each old "
-            "signature is checked with the old keyring (--hmac-keys; never a command key, which "
-            "every trainer holds) and each payload against its manifest before the manifest is "
-            "signed again with the publisher key and replaced. Artifacts already signed by this "
-            "key are left alone. Exit status 1 if any fails."
+            "Sign manifests again with the publisher key (--key), replacing them: manifests "
+            "signed with HMAC (manifest version 1), each old signature checked with the old "
+            "keyring (--hmac-keys; never a command key, which every trainer holds), or manifests "
+            "signed by a publisher key being retired, checked with its public key "
+            "(--previous-publishers). Each payload is checked against its manifest first; the "
+            "ids stay. Artifacts already signed by this key are left alone. Exit status 1 if "
+            "any fails."
         ),
     )
     store(resign)
     signer(resign)
     resign.add_argument(
         "--hmac-keys", help="JSON keyring the old manifests were signed with (not the command keys)"
+    )
+    resign.add_argument(
+        "--previous-publishers",
+        help="JSON file of the retiring publisher public keys {key_id: public_key} (rotation)",
     )
     resign.add_argument(
         "--command-keys",
@@ -473,11 +479,17 @@ def _cmd_urza_verify(args: argparse.Namespace) -> int:
 
 def _cmd_urza_resign(args: argparse.Namespace) -> int:
     from kasmina.errors import ArtifactIntegrityError
+    from kasmina.urza.keys import TrustedPublishers
     from kasmina.urza.publish import resign_artifact
 
     _check_store(args, writes=True)  # before the keys: a store no key can help is named first
     publisher = _signing_key(args)
-    legacy = _legacy_keyring(args)
+    if args.previous_publishers:
+        if args.hmac_keys:
+            raise CLIError("pass --hmac-keys (a migration) or --previous-publishers, not both")
+        old: Keyring | TrustedPublishers = TrustedPublishers.from_file(args.previous_publishers)
+    else:
+        old = _legacy_keyring(args)
     with _client(args, publisher.trusted_publishers(), checked=True) as client:
         ids = args.artifact_ids or client.list_artifacts()
     if not ids:
@@ -485,7 +497,7 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
     failed = 0
     for artifact_id in ids:
         try:
-            manifest = resign_artifact(args.store, artifact_id, publisher, legacy)
+            manifest = resign_artifact(args.store, artifact_id, publisher, old)
         except (ArtifactIntegrityError, OSError, ValueError) as exc:
             failed += 1
             print(f"FAILED {artifact_id}: {one_line(exc)}")

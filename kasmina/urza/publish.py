@@ -6,9 +6,10 @@ one); ``publish_payload`` does the same for bytes that are already a saved progr
 is written before the manifest, each through a temporary name and a rename, so readers only
 ever list complete artifacts.
 
-``resign_artifact`` migrates an artifact whose manifest was signed with the retired HMAC scheme
-(manifest version 1): it checks the old HMAC signature with the old keyring and the payload
-against the manifest, and only then signs the same fields with a publisher key.
+``resign_artifact`` signs an artifact's manifest again with another publisher key: one signed
+with the retired HMAC scheme (manifest version 1), checked with the old keyring, or one signed
+by a publisher key being retired (a rotation), checked with its public key. The payload is
+checked against the manifest, and only then are the same fields signed with the new key.
 """
 
 from __future__ import annotations
@@ -252,25 +253,31 @@ def resign_artifact(
     store_url: str,
     artifact_id: str,
     publisher: PublisherKey,
-    legacy_keyring: Keyring,
+    old_keys: Keyring | TrustedPublishers,
     *,
     storage_options: dict[str, Any] | None = None,
     max_payload_bytes: int = MAX_RESIGN_PAYLOAD_BYTES,
 ) -> Manifest:
-    """Re-sign a version 1 (HMAC) manifest with ``publisher``'s Ed25519 key, in place.
+    """Re-sign an artifact's manifest with ``publisher``'s Ed25519 key, in place: a version 1
+    (HMAC) manifest whose signature verifies under the ``Keyring`` ``old_keys`` (the keys the
+    old manifests were signed with: the migration), or a version 2 manifest that verifies
+    under the ``TrustedPublishers`` ``old_keys`` (a retiring publisher's public key: a key
+    rotation, which keeps the artifact's id, so checkpoints that name it still resume).
 
-    Nothing is signed on trust: the old HMAC signature must verify under ``legacy_keyring``
-    (the keys the old manifests were signed with), and the payload's size and SHA-256 must
-    match the manifest, before the same fields are signed as a version 2 manifest and written
-    over the old one (through a temporary name and a rename). A manifest that is already
-    version 2 and verifies under ``publisher`` is returned unchanged (so a whole store can be
-    re-signed twice); one this key does not verify (another publisher's) is not touched. Any
-    failed check raises ``ArtifactIntegrityError`` (``FileNotFoundError`` for a missing
-    artifact) and leaves the store as it was. Returns the verified new manifest.
+    Nothing is signed on trust: the old signature must verify, and the payload's size and
+    SHA-256 must match the manifest, before the same fields are signed by ``publisher`` and
+    written over the old manifest (through a temporary name and a rename). A manifest that
+    already verifies under ``publisher`` is returned unchanged (so a whole store can be
+    re-signed twice); one neither key verifies is not touched. Any failed check raises
+    ``ArtifactIntegrityError`` (``FileNotFoundError`` for a missing artifact) and leaves the
+    store as it was. Returns the verified new manifest.
     """
     _require_publisher(publisher)
-    if not isinstance(legacy_keyring, Keyring):
-        raise TypeError("legacy_keyring must be the Keyring the old manifests were signed with")
+    if not isinstance(old_keys, Keyring | TrustedPublishers):
+        raise TypeError(
+            "old_keys must be the Keyring the old HMAC manifests were signed with, or the "
+            "TrustedPublishers of the publisher key being retired"
+        )
     validate_artifact_id(artifact_id)
     fs, root = open_store(store_url, storage_options)
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
@@ -291,10 +298,22 @@ def resign_artifact(
     except (UnicodeDecodeError, ValueError):
         data = None
     if isinstance(data, dict) and "manifest_version" in data:
-        current = verify_manifest(raw, own, expected_id=artifact_id)  # raises if not ours
-        logger.info("artifact %s is already signed by %s", artifact_id, publisher.key_id)
-        return current
-    legacy = _verify_legacy_manifest(raw, legacy_keyring, artifact_id)
+        try:
+            current = verify_manifest(raw, own, expected_id=artifact_id)
+        except ArtifactIntegrityError:
+            if not isinstance(old_keys, TrustedPublishers):
+                raise  # another publisher's, and no retiring key was given
+            legacy = verify_manifest(raw, old_keys, expected_id=artifact_id)  # raises if not
+        else:
+            logger.info("artifact %s is already signed by %s", artifact_id, publisher.key_id)
+            return current
+    elif isinstance(old_keys, Keyring):
+        legacy = _verify_legacy_manifest(raw, old_keys, artifact_id)
+    else:
+        raise ArtifactIntegrityError(
+            f"{what}: its manifest is not a version 2 manifest a retiring publisher signed "
+            "(a version 1 HMAC manifest is re-signed with the keyring it was signed with)"
+        )
     if legacy.size > max_payload_bytes:
         raise ArtifactIntegrityError(
             f"{what}: manifest declares {legacy.size} bytes, above {max_payload_bytes}"
@@ -316,8 +335,9 @@ def resign_artifact(
     signed = sign_manifest(legacy, publisher)
     _atomic_write(fs, manifest_path, signed.to_json())
     logger.info(
-        "re-signed artifact %s (HMAC key %s -> publisher %s)",
+        "re-signed artifact %s (%s key %s -> publisher %s)",
         artifact_id,
+        "HMAC" if isinstance(old_keys, Keyring) else "publisher",
         legacy.key_id,
         publisher.key_id,
     )

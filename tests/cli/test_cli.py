@@ -36,7 +36,14 @@ HELP_CASES = {
     ],
     ("urza", "list"): ["--store", "--publishers", "--key"],
     ("urza", "verify"): ["--store", "--publishers", "ARTIFACT_ID"],
-    ("urza", "resign"): ["--store", "--key", "--hmac-keys", "--command-keys", "ARTIFACT_ID"],
+    ("urza", "resign"): [
+        "--store",
+        "--key",
+        "--hmac-keys",
+        "--command-keys",
+        "--previous-publishers",
+        "ARTIFACT_ID",
+    ],
     ("keygen",): ["--key-id", "--out", "--append", "KASMINA_HMAC_KEYS", "--publisher", "Ed25519"],
     ("bench",): ["--gpu", "perf"],
     ("urza",): ["publish", "list", "verify", "resign"],
@@ -421,6 +428,28 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     assert rc == 0 and out.count("ok") == 2
     # Running it again leaves the re-signed artifacts as they are.
     assert run(capsys, *resign, "--hmac-keys", str(hmac_keys), "one", "two")[0] == 0
+
+
+def test_urza_resign_rotates_a_retiring_publishers_artifacts(
+    tmp_path, keys, publishers, capsys
+) -> None:
+    from kasmina.urza.publish import publish_payload
+
+    retiring = PublisherKey.generate("ci-2025")
+    store = tmp_path / "store"
+    for artifact_id in ("one", "two"):
+        publish_payload(artifact_id.encode() * 40, str(store), "bp", retiring, artifact_id)
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps(retiring.trusted_publishers().to_json()))
+    resign = ["urza", "resign", "--store", str(store), "--key", str(keys)]
+    rc, _, err = run(capsys, *resign, "--previous-publishers", str(previous), "--hmac-keys", "x")
+    assert_one_line_error(rc, err, "not both")
+    rc, out, err = run(capsys, *resign, "--previous-publishers", str(previous))
+    assert rc == 0 and "ok     one (signed by 'pub')" in out and "ok     two" in out, err
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    rc, out, _ = run(capsys, *verify)
+    assert rc == 0 and out.count("ok") == 2  # the new key alone verifies them, same ids
+    assert run(capsys, *verify[:-1], str(previous))[0] == 1  # the retired key no longer does
 
 
 def test_resign_never_takes_the_command_keys_for_the_old_ones(

@@ -407,7 +407,35 @@ def test_resign_checks_the_old_signature_and_payload_first(
     with pytest.raises(FileNotFoundError):
         resign_artifact(str(root), "absent", publisher, old)
     with pytest.raises(TypeError):
-        resign_artifact(str(root), "ok", publisher, trusted)  # type: ignore[arg-type]
+        resign_artifact(str(root), "ok", publisher, publisher)  # type: ignore[arg-type]
+
+
+def test_a_retiring_publishers_artifacts_are_re_signed_under_their_ids(
+    tmp_path: Path, publisher: PublisherKey
+) -> None:
+    """A publisher key rotation: each manifest the retiring key signed is checked with its
+    public key, its payload against the manifest, then signed by the new key under the same
+    id (checkpoints and commands name artifacts by id). Anything else is left as it was."""
+    retiring, stranger = PublisherKey.generate("ci-2025"), PublisherKey.generate("stranger")
+    root = tmp_path / "store"
+    for artifact_id, key in (("ok", retiring), ("swapped", retiring), ("theirs", stranger)):
+        publish_payload(PAYLOAD, str(root), "bp", key, artifact_id)
+    (root / "swapped.pt2").write_bytes(PAYLOAD[::-1])  # the same size, other bytes
+    old = retiring.trusted_publishers()
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+
+    new = resign_artifact(str(root), "ok", publisher, old)
+    assert new.verified and (new.artifact_id, new.key_id) == ("ok", "pub")
+    assert client(root, publisher.trusted_publishers()).fetch("ok") == (PAYLOAD, new)
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'pub'"):
+        client(root, old).fetch("ok")  # a trainer that still trusts only the old key
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        resign_artifact(str(root), "swapped", publisher, old)
+    with pytest.raises(ArtifactIntegrityError, match="unknown publisher key 'stranger'"):
+        resign_artifact(str(root), "theirs", publisher, old)
+    for name in ("swapped.manifest.json", "swapped.pt2", "theirs.manifest.json"):
+        assert (root / name).read_bytes() == before[name]
+    assert resign_artifact(str(root), "ok", publisher, old) == new  # already the new key's
 
 
 def test_publishing_over_an_id_this_key_cannot_verify_is_refused(
