@@ -140,12 +140,11 @@ class SeedRecord:
         metadata, so it holds where the output's graph cannot be walked (docs/design.md §4)."""
         if self.seed.stage in ISOLATED_STAGES:
             # A forward without a graph (a ``no_grad`` evaluation or ``generate`` between the
-            # backward and the step) leaves the training forward's output to be checked.
+            # backward and the step, or a whole serving phase) is not kept: it has no graph to
+            # check, and holding it would keep an activation alive until the next step.
             # (``requires_grad``, not ``grad_fn``: TorchDynamo traces this hook, and refuses
             # to read a ``grad_fn``.)
-            if isinstance(output, torch.Tensor) and (
-                output.requires_grad or self.last_output is None
-            ):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
                 self.last_output = output
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 self.input_grad = True

@@ -473,6 +473,9 @@ def test_a_no_grad_forward_before_the_step_leaves_the_graph_check_its_output(rig
     assert record.last_output is trained
     manager.backward(loss)
     assert manager.step()["isolation_clean"] and record.last_output is None
+    with torch.no_grad():  # a serving phase after training: no activation held for a check
+        rig.model(rig.x)
+    assert record.last_output is None
 
 
 def test_a_frozen_host_takes_seeds_without_a_host_optimizer(tmp_path, store, keyring, mlp) -> None:
