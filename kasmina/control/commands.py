@@ -18,8 +18,9 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   (``bad_learning_rate``); ADVANCE ``gate_score`` in [0, 1] (``bad_gate_score``); CULL
   ``embargo_epochs`` an integer in [0, ``MAX_EMBARGO_EPOCHS``] = [0, 2**31 - 1]
   (``bad_embargo_epochs``); TERMINATE takes no parameter;
-- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``; its
-  ``reason`` at most ``MAX_REASON_CHARS`` printable characters -> ``bad_reason``;
+- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``, and
+  present (unset would read as epoch 0) -> ``missing_target_epoch``; its ``reason`` at most
+  ``MAX_REASON_CHARS`` printable characters -> ``bad_reason``;
 - ids (command, seed, artifact, optimizer): at most ``MAX_ID_CHARS`` printable characters (no
   newline, escape or other control character, which would forge log lines) -> ``bad_<id>``;
 - optimizer ``learning_rate``: 0 (unset: keep the current lr / the default on creation) or
@@ -31,7 +32,9 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   ``eps`` in (0, 1] -> ``bad_<key>``; any other key, or any key on a command that creates
   nothing, is ``unknown_parameter``.
 
-A NaN or infinite parameter value is ``non_finite_parameter`` whatever its key.
+A NaN or infinite parameter value is ``non_finite_parameter`` whatever its key. A field this
+version's schema does not know, at any depth (a newer controller's), is ``unknown_field``: the
+signature covers it, so dropping it would obey another command than the one signed.
 """
 
 from __future__ import annotations
@@ -240,6 +243,17 @@ def _parameter_problem(params: Mapping[str, float], known: Mapping[str, _Range])
     return None
 
 
+def _carries_unknown_fields(cmd: AdaptationCommand) -> bool:
+    """Whether ``cmd`` holds a field, at any depth, that this version's schema does not know
+    (a newer controller's). Protobuf keeps such fields, and the signature covers them, but the
+    conversion below would silently drop them: a rollback "to step N" would run as one to
+    epoch 0, a "dry run" for real. A command is obeyed whole or refused (about 2 us)."""
+    known = AdaptationCommand()
+    known.CopyFrom(cmd)
+    known.DiscardUnknownFields()  # recursive: sub-messages and map entries too
+    return known.ByteSize() != cmd.ByteSize()
+
+
 def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
     """Validate an authenticated command and convert it; returns a rejection reason if invalid.
 
@@ -247,6 +261,8 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
     protobuf field is read once on the hot path and nothing is built before every check has
     passed. Nothing is deep-copied: an optimizer payload is the parsed sub-message itself.
     """
+    if _carries_unknown_fields(cmd):
+        return "unknown_field"
     command_id = cmd.command_id
     if not command_id or len(command_id) > MAX_ID_CHARS or not command_id.isprintable():
         return "bad_command_id"
@@ -290,6 +306,8 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         return _command(command_id, "seed", priority, timeout_s, action, None, None)
     if cmd.HasField("rollback_command"):
         r = cmd.rollback_command
+        if not r.HasField("target_epoch"):  # unset would read as 0: the run's first epoch
+            return "missing_target_epoch"
         target_epoch = r.target_epoch
         if not 0 <= target_epoch <= MAX_EPOCH:
             return "bad_target_epoch"

@@ -22,6 +22,7 @@ sees the test split. Its policy:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from kasmina.control.commands import make_seed_command
 from kasmina.leyline import SeedLifecycleStage, SeedOperation, SystemStatePacket
 from kasmina.stages import NEXT_STAGE, SeedStage
 from kasmina.utils.keyring import Keyring
+
+logger = logging.getLogger(__name__)
 
 GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 ADVANCE = SeedOperation.SEED_OPERATION_ADVANCE
@@ -58,6 +61,9 @@ class SeedView:
     metric_without: float | None = None
 
 
+_KNOWN_STAGES = frozenset(SeedLifecycleStage.values())
+
+
 def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
     """Each seed as the manager's ``SystemStatePacket`` describes it: its stage, epochs in the
     stage and, in STABILIZATION, the benefit Kasmina measured there (``seed/<id>/benefit``)
@@ -66,6 +72,11 @@ def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
     metrics = packet.training_metrics
     views: dict[str, SeedView] = {}
     for seed_id, value in sorted(packet.seed_stages.items()):
+        if value not in _KNOWN_STAGES:  # a newer trainer's stage: nothing this controller decides
+            logger.warning(
+                "seed %s is in a stage this controller does not know (%d)", seed_id, value
+            )
+            continue
         stage = SeedStage[SeedLifecycleStage.Name(value).removeprefix("SEED_STAGE_")]
         measured_in = metrics.get(f"seed/{seed_id}/evaluated_stage")
         help_ = metric_with = metric_without = None

@@ -323,6 +323,49 @@ def test_invalid_rollback_and_optimizer_commands(rig: Rig, reason: str, cmd) -> 
     assert not rig.executor.commands
 
 
+def _with_unknown_field(where: str) -> AdaptationCommand:
+    """A command as a newer controller's schema writes it: a field this one does not know."""
+    if where == "rollback":  # e.g. a dry_run flag (field 4, varint 1)
+        cmd = make_rollback_command(7)
+        cmd.rollback_command.MergeFromString(b"\x20\x01")
+    elif where == "seed":  # e.g. a target slot path (field 6, a string)
+        cmd = germinate()
+        cmd.seed_command.MergeFromString(b"\x32\x03enc")
+    elif where == "optimizer":  # e.g. max_grad_value (field 9, a float)
+        cmd = make_optimizer_command("step", "host")
+        cmd.optimizer_command.MergeFromString(b"\x4d\x00\x00\x00\x3f")
+    else:  # e.g. min_trainer_version on the envelope (field 15, varint 2)
+        cmd = germinate()
+        cmd.MergeFromString(b"\x78\x02")
+    return cmd
+
+
+@pytest.mark.parametrize("where", ["rollback", "seed", "optimizer", "envelope"])
+def test_a_signed_command_with_a_field_this_version_does_not_know_is_refused(
+    rig: Rig, where: str
+) -> None:
+    """Protobuf keeps a newer controller's fields and the signature covers them, but converting
+    the command would drop them: a rollback's dry_run would run for real. Obeyed whole or
+    refused, never in part."""
+    cmd = _with_unknown_field(where)
+    raw = rig.sign(cmd)
+    assert AdaptationCommand.FromString(raw) == cmd  # the field travels, signed
+    assert rig.handler.handle_adaptation_command(raw) is False
+    assert rig.reasons() == ["unknown_field"]
+    assert not rig.executor.commands
+
+
+def test_a_rollback_without_a_target_epoch_is_refused_not_read_as_epoch_0(rig: Rig) -> None:
+    cmd = make_rollback_command(0)
+    assert cmd.rollback_command.HasField("target_epoch")  # epoch 0, said explicitly: accepted
+    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is True
+    cmd = make_rollback_command(0, reason="bad epoch, roll back")
+    cmd.rollback_command.ClearField("target_epoch")  # what a controller's missing field sends
+    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is False
+    assert rig.reasons() == ["missing_target_epoch"]
+    assert len(rig.executor.commands) == 1
+
+
 # --- ranges: every numeric field, just inside (accepted) and just outside (refused) -----------
 
 

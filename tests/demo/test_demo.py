@@ -219,6 +219,8 @@ def test_the_controller_reads_the_managers_state_packet() -> None:
     assert views["a[1]"].metric_with is None and views["b[0]"].metric_without is None
     assert views["a[1]"].stage == SeedStage.GRAFTING and views["a[1]"].help is None
     assert views["b[0]"].stage == SeedStage.DORMANT
+    packet.seed_stages["c[0]"] = 11  # a newer trainer's stage: left out, not a crash
+    assert list(views_from_state(packet)) == ["a[0]", "a[1]", "b[0]"]
 
 
 def test_the_controller_culls_a_seed_that_cuts_the_loss_but_costs_accuracy() -> None:
