@@ -406,16 +406,7 @@ def test_a_command_interrupted_as_its_apply_returns_is_not_applied_again(
     the outcome ``apply`` noted (one log entry, not a second one saying it was refused), and
     the one behind it goes back to the front of the queue and applies once."""
     manager = rig.manager
-    real_apply, applied = manager.execution.apply, []
-
-    def apply(command, **kwargs):
-        outcome = real_apply(command, **kwargs)
-        applied.append((command.command_id, outcome.ok))
-        if len(applied) == 1:
-            raise KeyboardInterrupt("Ctrl-C")
-        return outcome
-
-    monkeypatch.setattr(manager.execution, "apply", apply)
+    applied = ctrl_c_as_the_first_apply_returns(manager, monkeypatch)
     ids = two_germinates(rig, mlp)
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
@@ -607,14 +598,9 @@ def test_stored_kd_losses_through_a_released_kernel_are_dropped(
     assert rig.train(1, teacher)["host_stepped"]  # an ordinary step
 
 
-def test_a_refused_command_interrupted_as_its_apply_returns_is_reported_refused_once(
-    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An ADVANCE of a DORMANT seed is refused by ``apply``; Ctrl-C as ``apply`` returns: that
-    refusal stands (counted failed, logged refused once, not as applied), the command is not
-    taken again, and the GERMINATE behind it applies once at the next safe point."""
-    manager = rig.manager
-    manager.loader.original(mlp)
+def ctrl_c_as_the_first_apply_returns(manager, monkeypatch) -> list[tuple[str, bool]]:
+    """Each command ``apply`` ran, with its outcome, as a list that fills; a Ctrl-C lands as
+    the first ``apply`` returns (after its command took effect, or was refused)."""
     real_apply, applied = manager.execution.apply, []
 
     def apply(command: KasminaCommand, **kwargs: Any) -> CommandOutcome:
@@ -625,6 +611,18 @@ def test_a_refused_command_interrupted_as_its_apply_returns_is_reported_refused_
         return outcome
 
     monkeypatch.setattr(manager.execution, "apply", apply)
+    return applied
+
+
+def test_a_refused_command_interrupted_as_its_apply_returns_is_reported_refused_once(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ADVANCE of a DORMANT seed is refused by ``apply``; Ctrl-C as ``apply`` returns: that
+    refusal stands (counted failed, logged refused once, not as applied), the command is not
+    taken again, and the GERMINATE behind it applies once at the next safe point."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    applied = ctrl_c_as_the_first_apply_returns(manager, monkeypatch)
     advance, germinate = queue(
         rig,
         make_seed_command("advance", SEED1),  # SEED1 is DORMANT: refused

@@ -997,6 +997,31 @@ def test_a_rollback_failing_late_changes_nothing(
     assert run_command(manager, rig.signed(make_rollback_command(0)))  # now it can
 
 
+def _diverge_after_epoch_0(rig: Rig, mlp: str, published: list[str]) -> None:
+    """A checkpoint of epoch 0 with SEED0 grown, then a timeline a rollback must swap kernels
+    back from: SEED0 culled, SEED1 germinated and trained."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    assert rig.send("germinate", SEED1, published[2])
+    rig.train(2)
+
+
+def _loads_changed(manager: KasminaKernelManager, monkeypatch, change) -> None:
+    """The checkpoint store's loads return what ``change`` makes of each checkpoint (an
+    authentic file that another version, or a bug, wrote)."""
+    store = manager.state.checkpoints
+    real_load = store.load
+
+    def load(epoch: int) -> dict:
+        checkpoint = real_load(epoch)
+        change(checkpoint)
+        return checkpoint
+
+    monkeypatch.setattr(store, "load", load)
+
+
 def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
     rig: Rig, mlp, published, monkeypatch
 ) -> None:
@@ -1005,26 +1030,17 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
     back, the undo of a half-written restore used to fail on the swapped seeds and report its
     own error (another seed, another cause) instead."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("cull", SEED0)  # diverge: the rollback must swap kernels back
-    assert rig.send("germinate", SEED1, published[2])
-    rig.train(2)
+    _diverge_after_epoch_0(rig, mlp, published)
     manager.end_epoch(1)
     before = _live(rig)
-    store = manager.state.checkpoints
-    real_load = store.load
 
-    def from_a_newer_kasmina(epoch: int):
-        checkpoint = real_load(epoch)
+    def from_a_newer_kasmina(checkpoint: dict) -> None:
         weights = checkpoint["modules"]["model"]
         key = next(k for k in weights if k.endswith("seeds.0._extra_state"))
         newer = {**decode_extra_state(weights[key]), "version": 2}
         weights[key] = encode_extra_state(newer)
-        return checkpoint
 
-    monkeypatch.setattr(store, "load", from_a_newer_kasmina)
+    _loads_changed(manager, monkeypatch, from_a_newer_kasmina)
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     reason = manager.command_log[-1][3]
     assert "unsupported seed extra state (version 2)" in reason and SEED0 in reason, reason
@@ -1051,18 +1067,10 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
     never half restored by a commit that fails on its clock (a newer format's payload is
     refused for its format, not for whichever field happened to be read first)."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("cull", SEED0)
-    assert rig.send("germinate", SEED1, published[2])
-    rig.train(2)
+    _diverge_after_epoch_0(rig, mlp, published)
     before = _live(rig)
-    store = manager.state.checkpoints
-    real_load = store.load
 
-    def malformed(epoch: int):
-        checkpoint = real_load(epoch)
+    def malformed(checkpoint: dict) -> None:
         if field == "format":
             checkpoint["format"] = value
             checkpoint["optimizers"] = None  # a newer layout: read only after its format
@@ -1070,9 +1078,8 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
             checkpoint["extra"]["seeds"][SEED1]["graft_steps"] = value
         else:
             checkpoint["extra"][field] = value
-        return checkpoint
 
-    monkeypatch.setattr(store, "load", malformed)
+    _loads_changed(manager, monkeypatch, malformed)
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     assert message in manager.command_log[-1][3], manager.command_log[-1][3]
     assert_same(before, _live(rig))
