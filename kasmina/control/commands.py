@@ -18,9 +18,10 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   (``bad_learning_rate``); ADVANCE ``gate_score`` in [0, 1] (``bad_gate_score``); CULL
   ``embargo_epochs`` an integer in [0, ``MAX_EMBARGO_EPOCHS``] = [0, 2**31 - 1]
   (``bad_embargo_epochs``); TERMINATE takes no parameter;
-- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``, and
-  present (unset would read as epoch 0) -> ``missing_target_epoch``; its ``reason`` at most
-  ``MAX_REASON_CHARS`` printable characters -> ``bad_reason``;
+- rollback ``target_epoch``: [0, ``MAX_EPOCH``] = [0, 2**31 - 1] -> ``bad_target_epoch``. A
+  proto3 ``int32`` has no presence: a controller that leaves it unset asks for epoch 0, so the
+  command builders take it as a required argument. Its ``reason`` at most ``MAX_REASON_CHARS``
+  printable characters -> ``bad_reason``;
 - ids (command, seed, artifact, optimizer): at most ``MAX_ID_CHARS`` printable characters (no
   newline, escape or other control character, which would forge log lines) -> ``bad_<id>``;
 - optimizer ``learning_rate``: 0 (unset: keep the current lr / the default on creation) or
@@ -306,9 +307,7 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         return _command(command_id, "seed", priority, timeout_s, action, None, None)
     if cmd.HasField("rollback_command"):
         r = cmd.rollback_command
-        if not r.HasField("target_epoch"):  # unset would read as 0: the run's first epoch
-            return "missing_target_epoch"
-        target_epoch = r.target_epoch
+        target_epoch = r.target_epoch  # proto3: an unset epoch is epoch 0 (see the docstring)
         if not 0 <= target_epoch <= MAX_EPOCH:
             return "bad_target_epoch"
         reason = r.reason

@@ -22,6 +22,7 @@ sees the test split. Its policy:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from kasmina.control.commands import make_seed_command
 from kasmina.leyline import SeedLifecycleStage, SeedOperation, SystemStatePacket
 from kasmina.stages import NEXT_STAGE, SeedStage
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class SeedView:
 
 
 _KNOWN_STAGES = frozenset(SeedLifecycleStage.values())
+_UNKNOWN_STAGES = itertools.count(1)
 
 
 def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
@@ -73,9 +76,9 @@ def views_from_state(packet: SystemStatePacket) -> dict[str, SeedView]:
     views: dict[str, SeedView] = {}
     for seed_id, value in sorted(packet.seed_stages.items()):
         if value not in _KNOWN_STAGES:  # a newer trainer's stage: nothing this controller decides
-            logger.warning(
-                "seed %s is in a stage this controller does not know (%d)", seed_id, value
-            )
+            n = next(_UNKNOWN_STAGES)  # every packet repeats it: logged at a bounded rate
+            message = "seed %s is in a stage this controller does not know (%d) [%d so far]"
+            logger.log(rarely(n, 1000), message, seed_id, value, n)
             continue
         stage = SeedStage[SeedLifecycleStage.Name(value).removeprefix("SEED_STAGE_")]
         measured_in = metrics.get(f"seed/{seed_id}/evaluated_stage")

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rleyline.proto\x12\resper.leyline\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0f\x43ommandMetadata\x12\r\n\x05nonce\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"\xde\x01\n\x0bSeedCommand\x12/\n\toperation\x18\x01 \x01(\x0e\x32\x1c.esper.leyline.SeedOperation\x12\x0f\n\x07seed_id\x18\x02 \x01(\t\x12\x1a\n\x12kernel_artifact_id\x18\x03 \x01(\t\x12>\n\nparameters\x18\x04 \x03(\x0b\x32*.esper.leyline.SeedCommand.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"`\n\x0fRollbackCommand\x12\x19\n\x0ctarget_epoch\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\temergency\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\tB\x0f\n\r_target_epoch\"\x81\x02\n\x10OptimizerCommand\x12\x30\n\x0c\x63ommand_type\x18\x01 \x01(\x0e\x32\x1a.esper.leyline.CommandType\x12\x14\n\x0coptimizer_id\x18\x02 \x01(\t\x12\x16\n\x0egrad_clip_norm\x18\x03 \x01(\x02\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x43\n\nparameters\x18\x05 \x03(\x0b\x32/.esper.leyline.OptimizerCommand.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf0\x02\n\x11\x41\x64\x61ptationCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x32\n\x0cseed_command\x18\x02 \x01(\x0b\x32\x1a.esper.leyline.SeedCommandH\x00\x12:\n\x10rollback_command\x18\x03 \x01(\x0b\x32\x1e.esper.leyline.RollbackCommandH\x00\x12<\n\x11optimizer_command\x18\x04 \x01(\x0b\x32\x1f.esper.leyline.OptimizerCommandH\x00\x12\x30\n\x08priority\x18\x05 \x01(\x0e\x32\x1e.esper.leyline.MessagePriority\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x08metadata\x18\x07 \x01(\x0b\x32\x1e.esper.leyline.CommandMetadataB\t\n\x07\x63ommand\"\xb0\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.esper.leyline.MetricType\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.esper.leyline.Metric.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0fTelemetryPacket\x12\x11\n\tpacket_id\x18\x01 \x01(\t\x12\x18\n\x10source_subsystem\x18\x02 \x01(\t\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07metrics\x18\x04 \x03(\x0b\x32\x15.esper.leyline.Metric\"\xac\x03\n\x11SystemStatePacket\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x02\x12O\n\x10training_metrics\x18\x04 \x03(\x0b\x32\x35.esper.leyline.SystemStatePacket.TrainingMetricsEntry\x12\x17\n\x0fvalidation_loss\x18\x05 \x01(\x02\x12\x13\n\x0bglobal_step\x18\x06 \x01(\x04\x12\x45\n\x0bseed_stages\x18\x07 \x03(\x0b\x32\x30.esper.leyline.SystemStatePacket.SeedStagesEntry\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1aT\n\x0fSeedStagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0e\x32!.esper.leyline.SeedLifecycleStage:\x02\x38\x01*\xc0\x02\n\x12SeedLifecycleStage\x12\x16\n\x12SEED_STAGE_DORMANT\x10\x00\x12\x1c\n\x18SEED_STAGE_ISOLATED_INIT\x10\x01\x12\"\n\x1eSEED_STAGE_COMPATIBILITY_CHECK\x10\x02\x12\x17\n\x13SEED_STAGE_GRAFTING\x10\x03\x12\x1c\n\x18SEED_STAGE_STABILIZATION\x10\x04\x12\x15\n\x11SEED_STAGE_ACTIVE\x10\x05\x12\x17\n\x13SEED_STAGE_COOLDOWN\x10\x06\x12\x19\n\x15SEED_STAGE_HARVESTING\x10\x07\x12\x18\n\x14SEED_STAGE_RECYCLING\x10\x08\x12\x19\n\x15SEED_STAGE_QUARANTINE\x10\t\x12\x19\n\x15SEED_STAGE_TERMINATED\x10\n*\xa0\x01\n\rSeedOperation\x12\x1e\n\x1aSEED_OPERATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18SEED_OPERATION_GERMINATE\x10\x01\x12\x1a\n\x16SEED_OPERATION_ADVANCE\x10\x02\x12\x17\n\x13SEED_OPERATION_CULL\x10\x03\x12\x1c\n\x18SEED_OPERATION_TERMINATE\x10\x04*\xc3\x01\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43OMMAND_TYPE_INITIALIZE_HOST\x10\x01\x12\x1c\n\x18\x43OMMAND_TYPE_CREATE_SEED\x10\x02\x12\x15\n\x11\x43OMMAND_TYPE_STEP\x10\x03\x12\x1c\n\x18\x43OMMAND_TYPE_RESET_STATE\x10\x04\x12!\n\x1d\x43OMMAND_TYPE_REGISTER_TEACHER\x10\x05*\xa4\x01\n\x0fMessagePriority\x12 \n\x1cMESSAGE_PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_PRIORITY_LOW\x10\x01\x12\x1b\n\x17MESSAGE_PRIORITY_NORMAL\x10\x02\x12\x19\n\x15MESSAGE_PRIORITY_HIGH\x10\x03\x12\x1d\n\x19MESSAGE_PRIORITY_CRITICAL\x10\x04*\x8b\x01\n\nMetricType\x12\x1b\n\x17METRIC_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_TYPE_COUNTER\x10\x01\x12\x15\n\x11METRIC_TYPE_GAUGE\x10\x02\x12\x19\n\x15METRIC_TYPE_HISTOGRAM\x10\x03\x12\x15\n\x11METRIC_TYPE_EVENT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rleyline.proto\x12\resper.leyline\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0f\x43ommandMetadata\x12\r\n\x05nonce\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"\xde\x01\n\x0bSeedCommand\x12/\n\toperation\x18\x01 \x01(\x0e\x32\x1c.esper.leyline.SeedOperation\x12\x0f\n\x07seed_id\x18\x02 \x01(\t\x12\x1a\n\x12kernel_artifact_id\x18\x03 \x01(\t\x12>\n\nparameters\x18\x04 \x03(\x0b\x32*.esper.leyline.SeedCommand.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x0fRollbackCommand\x12\x14\n\x0ctarget_epoch\x18\x01 \x01(\x05\x12\x11\n\temergency\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x81\x02\n\x10OptimizerCommand\x12\x30\n\x0c\x63ommand_type\x18\x01 \x01(\x0e\x32\x1a.esper.leyline.CommandType\x12\x14\n\x0coptimizer_id\x18\x02 \x01(\t\x12\x16\n\x0egrad_clip_norm\x18\x03 \x01(\x02\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x43\n\nparameters\x18\x05 \x03(\x0b\x32/.esper.leyline.OptimizerCommand.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf0\x02\n\x11\x41\x64\x61ptationCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x32\n\x0cseed_command\x18\x02 \x01(\x0b\x32\x1a.esper.leyline.SeedCommandH\x00\x12:\n\x10rollback_command\x18\x03 \x01(\x0b\x32\x1e.esper.leyline.RollbackCommandH\x00\x12<\n\x11optimizer_command\x18\x04 \x01(\x0b\x32\x1f.esper.leyline.OptimizerCommandH\x00\x12\x30\n\x08priority\x18\x05 \x01(\x0e\x32\x1e.esper.leyline.MessagePriority\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x08metadata\x18\x07 \x01(\x0b\x32\x1e.esper.leyline.CommandMetadataB\t\n\x07\x63ommand\"\xb0\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.esper.leyline.MetricType\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.esper.leyline.Metric.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0fTelemetryPacket\x12\x11\n\tpacket_id\x18\x01 \x01(\t\x12\x18\n\x10source_subsystem\x18\x02 \x01(\t\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07metrics\x18\x04 \x03(\x0b\x32\x15.esper.leyline.Metric\"\xac\x03\n\x11SystemStatePacket\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x02\x12O\n\x10training_metrics\x18\x04 \x03(\x0b\x32\x35.esper.leyline.SystemStatePacket.TrainingMetricsEntry\x12\x17\n\x0fvalidation_loss\x18\x05 \x01(\x02\x12\x13\n\x0bglobal_step\x18\x06 \x01(\x04\x12\x45\n\x0bseed_stages\x18\x07 \x03(\x0b\x32\x30.esper.leyline.SystemStatePacket.SeedStagesEntry\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1aT\n\x0fSeedStagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0e\x32!.esper.leyline.SeedLifecycleStage:\x02\x38\x01*\xc0\x02\n\x12SeedLifecycleStage\x12\x16\n\x12SEED_STAGE_DORMANT\x10\x00\x12\x1c\n\x18SEED_STAGE_ISOLATED_INIT\x10\x01\x12\"\n\x1eSEED_STAGE_COMPATIBILITY_CHECK\x10\x02\x12\x17\n\x13SEED_STAGE_GRAFTING\x10\x03\x12\x1c\n\x18SEED_STAGE_STABILIZATION\x10\x04\x12\x15\n\x11SEED_STAGE_ACTIVE\x10\x05\x12\x17\n\x13SEED_STAGE_COOLDOWN\x10\x06\x12\x19\n\x15SEED_STAGE_HARVESTING\x10\x07\x12\x18\n\x14SEED_STAGE_RECYCLING\x10\x08\x12\x19\n\x15SEED_STAGE_QUARANTINE\x10\t\x12\x19\n\x15SEED_STAGE_TERMINATED\x10\n*\xa0\x01\n\rSeedOperation\x12\x1e\n\x1aSEED_OPERATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18SEED_OPERATION_GERMINATE\x10\x01\x12\x1a\n\x16SEED_OPERATION_ADVANCE\x10\x02\x12\x17\n\x13SEED_OPERATION_CULL\x10\x03\x12\x1c\n\x18SEED_OPERATION_TERMINATE\x10\x04*\xc3\x01\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43OMMAND_TYPE_INITIALIZE_HOST\x10\x01\x12\x1c\n\x18\x43OMMAND_TYPE_CREATE_SEED\x10\x02\x12\x15\n\x11\x43OMMAND_TYPE_STEP\x10\x03\x12\x1c\n\x18\x43OMMAND_TYPE_RESET_STATE\x10\x04\x12!\n\x1d\x43OMMAND_TYPE_REGISTER_TEACHER\x10\x05*\xa4\x01\n\x0fMessagePriority\x12 \n\x1cMESSAGE_PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_PRIORITY_LOW\x10\x01\x12\x1b\n\x17MESSAGE_PRIORITY_NORMAL\x10\x02\x12\x19\n\x15MESSAGE_PRIORITY_HIGH\x10\x03\x12\x1d\n\x19MESSAGE_PRIORITY_CRITICAL\x10\x04*\x8b\x01\n\nMetricType\x12\x1b\n\x17METRIC_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_TYPE_COUNTER\x10\x01\x12\x15\n\x11METRIC_TYPE_GAUGE\x10\x02\x12\x19\n\x15METRIC_TYPE_HISTOGRAM\x10\x03\x12\x15\n\x11METRIC_TYPE_EVENT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,16 +43,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYSTEMSTATEPACKET_TRAININGMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._loaded_options = None
   _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._serialized_options = b'8\001'
-  _globals['_SEEDLIFECYCLESTAGE']._serialized_start=1930
-  _globals['_SEEDLIFECYCLESTAGE']._serialized_end=2250
-  _globals['_SEEDOPERATION']._serialized_start=2253
-  _globals['_SEEDOPERATION']._serialized_end=2413
-  _globals['_COMMANDTYPE']._serialized_start=2416
-  _globals['_COMMANDTYPE']._serialized_end=2611
-  _globals['_MESSAGEPRIORITY']._serialized_start=2614
-  _globals['_MESSAGEPRIORITY']._serialized_end=2778
-  _globals['_METRICTYPE']._serialized_start=2781
-  _globals['_METRICTYPE']._serialized_end=2920
+  _globals['_SEEDLIFECYCLESTAGE']._serialized_start=1908
+  _globals['_SEEDLIFECYCLESTAGE']._serialized_end=2228
+  _globals['_SEEDOPERATION']._serialized_start=2231
+  _globals['_SEEDOPERATION']._serialized_end=2391
+  _globals['_COMMANDTYPE']._serialized_start=2394
+  _globals['_COMMANDTYPE']._serialized_end=2589
+  _globals['_MESSAGEPRIORITY']._serialized_start=2592
+  _globals['_MESSAGEPRIORITY']._serialized_end=2756
+  _globals['_METRICTYPE']._serialized_start=2759
+  _globals['_METRICTYPE']._serialized_end=2898
   _globals['_COMMANDMETADATA']._serialized_start=97
   _globals['_COMMANDMETADATA']._serialized_end=211
   _globals['_SEEDCOMMAND']._serialized_start=214
@@ -60,23 +60,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEEDCOMMAND_PARAMETERSENTRY']._serialized_start=387
   _globals['_SEEDCOMMAND_PARAMETERSENTRY']._serialized_end=436
   _globals['_ROLLBACKCOMMAND']._serialized_start=438
-  _globals['_ROLLBACKCOMMAND']._serialized_end=534
-  _globals['_OPTIMIZERCOMMAND']._serialized_start=537
-  _globals['_OPTIMIZERCOMMAND']._serialized_end=794
+  _globals['_ROLLBACKCOMMAND']._serialized_end=512
+  _globals['_OPTIMIZERCOMMAND']._serialized_start=515
+  _globals['_OPTIMIZERCOMMAND']._serialized_end=772
   _globals['_OPTIMIZERCOMMAND_PARAMETERSENTRY']._serialized_start=387
   _globals['_OPTIMIZERCOMMAND_PARAMETERSENTRY']._serialized_end=436
-  _globals['_ADAPTATIONCOMMAND']._serialized_start=797
-  _globals['_ADAPTATIONCOMMAND']._serialized_end=1165
-  _globals['_METRIC']._serialized_start=1168
-  _globals['_METRIC']._serialized_end=1344
-  _globals['_METRIC_LABELSENTRY']._serialized_start=1299
-  _globals['_METRIC_LABELSENTRY']._serialized_end=1344
-  _globals['_TELEMETRYPACKET']._serialized_start=1347
-  _globals['_TELEMETRYPACKET']._serialized_end=1496
-  _globals['_SYSTEMSTATEPACKET']._serialized_start=1499
-  _globals['_SYSTEMSTATEPACKET']._serialized_end=1927
-  _globals['_SYSTEMSTATEPACKET_TRAININGMETRICSENTRY']._serialized_start=1787
-  _globals['_SYSTEMSTATEPACKET_TRAININGMETRICSENTRY']._serialized_end=1841
-  _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._serialized_start=1843
-  _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._serialized_end=1927
+  _globals['_ADAPTATIONCOMMAND']._serialized_start=775
+  _globals['_ADAPTATIONCOMMAND']._serialized_end=1143
+  _globals['_METRIC']._serialized_start=1146
+  _globals['_METRIC']._serialized_end=1322
+  _globals['_METRIC_LABELSENTRY']._serialized_start=1277
+  _globals['_METRIC_LABELSENTRY']._serialized_end=1322
+  _globals['_TELEMETRYPACKET']._serialized_start=1325
+  _globals['_TELEMETRYPACKET']._serialized_end=1474
+  _globals['_SYSTEMSTATEPACKET']._serialized_start=1477
+  _globals['_SYSTEMSTATEPACKET']._serialized_end=1905
+  _globals['_SYSTEMSTATEPACKET_TRAININGMETRICSENTRY']._serialized_start=1765
+  _globals['_SYSTEMSTATEPACKET_TRAININGMETRICSENTRY']._serialized_end=1819
+  _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._serialized_start=1821
+  _globals['_SYSTEMSTATEPACKET_SEEDSTAGESENTRY']._serialized_end=1905
 # @@protoc_insertion_point(module_scope)

@@ -580,6 +580,7 @@ def restore_training_state(
             if optimizers is not None:
                 optimizers.load_state_dict(backup["optimizers"])
         except Exception as undo:  # the caller learns what failed first, and that this did
-            exc.add_note(f"undoing the partial restore failed too: {type(undo).__name__}: {undo}")
+            note = f"undoing the partial restore failed too: {type(undo).__name__}: {undo}"
+            exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note: 3.11 and up
         raise
     logger.info("restored training state for modules %s", sorted(modules))

@@ -46,7 +46,7 @@ from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
-from kasmina.manager.report import ManagerReport, TargetCheck
+from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
@@ -521,7 +521,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         commands are applied, as at any safe point); a Ctrl-C waits out the tick."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
-        state = self.state
+        metrics, state = epoch_metrics(val_metrics), self.state  # checked before any change
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         checkpoints = state.checkpoints
         checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
@@ -529,7 +529,6 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
             checkpoints.check_next_epoch(epoch, state.epoch)
-            metrics = {k: float(v) for k, v in (val_metrics or {}).items()}
             if checkpoints.is_due(epoch):
                 checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
             with interrupts_deferred():  # the boundary is whole: an epoch ticks once

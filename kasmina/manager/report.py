@@ -68,6 +68,17 @@ _GAUGE = MetricType.METRIC_TYPE_GAUGE
 Metric = tuple[str, float, int, Mapping[str, str] | None]
 
 
+def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """``end_epoch``'s validation metrics as floats, checked before the epoch changes anything:
+    each key a string (they name telemetry metrics and the state packet's fields, and are sorted
+    with one another), each value a real number (``float()`` refuses anything else)."""
+    metrics = dict(val_metrics or {})
+    bad = [key for key in metrics if not isinstance(key, str)]
+    if bad:
+        raise ValueError(f"val_metrics keys must be strings, got {bad[0]!r}")
+    return {key: float(value) for key, value in metrics.items()}
+
+
 def operation_name(operation: int) -> str:
     """``SEED_OPERATION_GERMINATE`` -> ``germinate`` (unknown values as their number)."""
     try:

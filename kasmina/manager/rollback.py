@@ -252,14 +252,19 @@ def _saved_clock(
     metrics = extra.get("val_metrics", {})
     if (
         type(pending) is not bool
-        or type(saved_epoch) is not int
+        or isinstance(saved_epoch, bool)
+        or not isinstance(saved_epoch, int)
         or type(step) is not int
         or step < 0
         or not isinstance(metrics, Mapping)
-        or not all(type(k) is str and type(v) in (float, int) for k, v in metrics.items())
+        # what end_epoch saves: any key its caller gave (str, as documented, or a number)
+        or not all(type(k) in _METRIC_KEYS and type(v) in (float, int) for k, v in metrics.items())
     ):
         raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed clock or metrics")
-    return pending, (saved_epoch, step, {k: float(v) for k, v in metrics.items()})
+    return pending, (int(saved_epoch), step, {k: float(v) for k, v in metrics.items()})
+
+
+_METRIC_KEYS = frozenset({str, int, float, bool})
 
 
 # A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach

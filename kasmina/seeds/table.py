@@ -473,7 +473,7 @@ class GPUStateTensor:
     def resync(self) -> None:
         """Re-read the host mirror from the device table (after an outside write)."""
         rows = self.state_tensor[:, [StateColumn.LIFECYCLE_STAGE, StateColumn.EPOCHS_IN_STATE]]
-        values = rows.tolist()
+        values, self._host_rows = rows.tolist(), None  # a write read_row's cache could not see
         self._stages = [parse_stage(int(s)) for s, _ in values]
         self._epochs = [int(e) for _, e in values]
         self._bump()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from kasmina.utils.files import read_text_file
 from kasmina.utils.signed_json import strict_json_loads
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENV_VAR",
@@ -95,14 +98,15 @@ class Keyring:
     @classmethod
     def from_file(cls, path: str | Path) -> Keyring:
         """Load a JSON object ``{"key_id": "hexkey", ...}`` from ``path``; a file that group or
-        others can access is refused (``PermissionError``)."""
+        others can access is warned about (a container's secret mount may fix its mode)."""
         path = Path(path)
         text, st = read_text_file(path, what="keyring file")
-        if os.name == "posix" and st.st_mode & 0o077:  # refused, as a publisher key file is
-            raise PermissionError(
-                f"keyring file {path} is accessible by group/others (mode "
-                f"{st.st_mode & 0o777:04o}); anyone who reads it can sign commands: "
-                f"run 'chmod 600 {path}'"
+        if os.name == "posix" and st.st_mode & 0o077:  # a secret mount's fixed mode: warned
+            logger.warning(
+                "keyring file %s is accessible by group/others (mode %04o): anyone who reads "
+                "it can sign commands; restrict it to 0600",
+                path,
+                st.st_mode & 0o777,
             )
         return cls._from_json(text, str(path))
 

@@ -92,10 +92,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def _read_key(path: Path) -> bytes:
     """The key in ``path``: 32 raw bytes, or 64 hex digits (so ``openssl rand -hex 32`` works)."""
     raw, st = read_regular_file(path, what="checkpoint key")  # never blocks on a FIFO
-    if os.name == "posix" and st.st_mode & 0o077:  # refused, as a publisher key file is
-        raise PermissionError(
-            f"checkpoint key {path} is accessible by group/others (mode {st.st_mode & 0o777:04o}); "
-            f"anyone who reads it can forge the run's checkpoints: run 'chmod 600 {path}'"
+    if os.name == "posix" and st.st_mode & 0o077:  # a secret mount's fixed mode: warned
+        logger.warning(
+            "checkpoint key %s is accessible by group/others (mode %04o): anyone who reads it "
+            "can forge the run's checkpoints; restrict it to 0600",
+            path,
+            st.st_mode & 0o777,
         )
     if len(raw) == CHECKPOINT_KEY_BYTES:
         return raw

@@ -355,17 +355,6 @@ def test_a_signed_command_with_a_field_this_version_does_not_know_is_refused(
     assert not rig.executor.commands
 
 
-def test_a_rollback_without_a_target_epoch_is_refused_not_read_as_epoch_0(rig: Rig) -> None:
-    cmd = make_rollback_command(0)
-    assert cmd.rollback_command.HasField("target_epoch")  # epoch 0, said explicitly: accepted
-    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is True
-    cmd = make_rollback_command(0, reason="bad epoch, roll back")
-    cmd.rollback_command.ClearField("target_epoch")  # what a controller's missing field sends
-    assert rig.handler.handle_adaptation_command(rig.sign(cmd)) is False
-    assert rig.reasons() == ["missing_target_epoch"]
-    assert len(rig.executor.commands) == 1
-
-
 # --- ranges: every numeric field, just inside (accepted) and just outside (refused) -----------
 
 

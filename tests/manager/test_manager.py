@@ -1049,6 +1049,20 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
     assert run_command(manager, rig.signed(make_rollback_command(0)))  # the real one restores
 
 
+def test_end_epoch_refuses_metrics_it_could_not_report_before_anything_changes(rig: Rig) -> None:
+    """A metric under a number key used to end the epoch (ticked, checkpointed) and then raise
+    a TypeError from the telemetry export, where the keys are sorted together."""
+    manager = rig.manager
+    rig.train(1)
+    before = _live(rig)
+    for bad, message in (({1: 0.5, "acc": 2}, "keys must be strings, got 1"), ({"a": "x"}, "")):
+        with pytest.raises(ValueError, match=message):
+            manager.end_epoch(0, bad)
+        assert_same(before, _live(rig))
+    manager.end_epoch(0, {"acc": 2})
+    assert manager.val_metrics == {"acc": 2.0} and manager.epoch == 0
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -1056,6 +1070,7 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
         ("global_step", None, "malformed clock or metrics"),
         ("boundary_pending", "false", "malformed clock or metrics"),
         ("val_metrics", {"loss": "low"}, "malformed clock or metrics"),
+        ("val_metrics", {("a", "b"): 1.0}, "malformed clock or metrics"),
         ("graft_steps", 1.5, "malformed record of"),
     ],
 )

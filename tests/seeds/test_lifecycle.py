@@ -369,6 +369,11 @@ def test_a_state_dict_of_many_seeds_reads_the_table_once_and_never_stale() -> No
         assert mode.reads == 1
         rows = [json.loads(bytes(v.tolist()))["row"] for k, v in saved.items() if "extra" in k]
         assert rows == table.state_tensor.tolist()  # every seed's row, as the table has it
+    # A write the version counter does not see (through ``.data``, a collective into the
+    # tensor): ``resync``, the documented remedy for an outside write, drops the host copy.
+    table.state_tensor.data[2, StateColumn.ALPHA_BLEND] = 7
+    table.resync()
+    assert table.read_row(2)["ALPHA_BLEND"] == 7
 
 
 # ----------------------------------------------------------------------------------- gates
