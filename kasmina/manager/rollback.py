@@ -257,14 +257,14 @@ def _saved_clock(
         or type(step) is not int
         or step < 0
         or not isinstance(metrics, Mapping)
-        # what end_epoch saves: any key its caller gave (str, as documented, or a number)
         or not all(type(k) in _METRIC_KEYS and type(v) in (float, int) for k, v in metrics.items())
     ):
         raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed clock or metrics")
     return pending, (int(saved_epoch), step, {k: float(v) for k, v in metrics.items()})
 
 
-_METRIC_KEYS = frozenset({str, int, float, bool})
+# end_epoch saves string keys (report.epoch_metrics); an earlier version saved number keys too.
+_METRIC_KEYS = frozenset({str, int, float})
 
 
 # A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach

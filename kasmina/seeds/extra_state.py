@@ -146,17 +146,15 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         draw_step = None if draws is None else _count(draws)
         field = "trained_epochs"
         trained = state.get("trained_epochs")
-        isolated = stage == SeedStage.ISOLATED_INIT
-        if trained is None:
+        isolated, older = stage == SeedStage.ISOLATED_INIT, trained is None
+        if older:
             # Saved before G2 counted the epochs the seed trained: every epoch in ISOLATED_INIT
             # counts as trained (what G2 assumed then), the one under way too, so a checkpoint
             # taken before its boundary's tick resumes to the verdict the run would have had.
             trained = int(row[StateColumn.EPOCHS_IN_STATE]) if isolated else 0
         trained_epochs = _count(trained)
         field = "trained_this_epoch"
-        trained_this_epoch = state.get(
-            "trained_this_epoch", isolated and "trained_epochs" not in state
-        )
+        trained_this_epoch = state.get("trained_this_epoch", isolated and older)
         if not isinstance(trained_this_epoch, bool):
             raise ValueError(f"must be true or false, got {trained_this_epoch!r:.80}")
         field = "chunk_size"

@@ -67,15 +67,16 @@ class Keyring:
             if len(key) < MIN_KEY_BYTES:
                 named = _named(key_id, position)
                 raise ValueError(f"{named} is shorter than {MIN_KEY_BYTES} bytes")
-            if bytes(key) in ids:  # removing one id would leave the secret valid under another
+            secret = bytes(key)
+            if secret in ids:  # removing one id would leave the secret valid under another
                 raise ValueError(
-                    f"{_named(key_id, position)} is the same secret as {_named(*ids[bytes(key)])}"
-                    ": one secret under two ids cannot be revoked by removing either; give each "
+                    f"{_named(key_id, position)} is the same secret as {_named(*ids[secret])}: "
+                    "one secret under two ids cannot be revoked by removing either; give each "
                     "id its own key"
                 )
-            ids[bytes(key)] = (key_id, position)
-            self._keys[key_id] = bytes(key)
-            self._macs[key_id] = hmac.new(bytes(key), digestmod=hashlib.sha256)
+            ids[secret] = (key_id, position)
+            self._keys[key_id] = secret
+            self._macs[key_id] = hmac.new(secret, digestmod=hashlib.sha256)
 
     @classmethod
     def from_env(cls, var: str = DEFAULT_ENV_VAR) -> Keyring:

@@ -4,8 +4,11 @@ signs and applies commands and trains."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -135,3 +138,21 @@ def record_activations(model: nn.Module, x: torch.Tensor) -> None:
 
 def host_params(rig: Rig) -> list[torch.Tensor]:
     return [p.detach().clone() for p in rig.manager.require_registry().host_params]
+
+
+def loads_changed(
+    manager: KasminaKernelManager,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[dict[str, Any]], None],
+) -> None:
+    """The checkpoint store's loads return what ``change`` makes of each checkpoint (an
+    authentic file that another version, or a bug, wrote)."""
+    store = manager.state.checkpoints
+    real_load = store.load
+
+    def load(epoch: int) -> dict[str, Any]:
+        checkpoint = real_load(epoch)
+        change(checkpoint)
+        return checkpoint
+
+    monkeypatch.setattr(store, "load", load)

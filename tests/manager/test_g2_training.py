@@ -14,7 +14,7 @@ from kasmina.control.commands import make_rollback_command
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
-from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+from tests.manager.helpers import SEED0, Rig, S, loads_changed, make_config, run_command
 from tests.manager.test_resume import assert_same
 
 
@@ -111,19 +111,15 @@ def test_a_checkpoint_from_before_the_count_resumes_to_the_verdict_it_had(
         rig.train(1)
         manager.end_epoch(epoch)
     assert seed.epochs_in_stage == 3 and rig.send("advance", SEED0)  # the run went on here
-    store_ = manager.state.checkpoints
-    real_load = store_.load
 
-    def from_before_the_count(epoch: int):
-        checkpoint = real_load(epoch)
+    def from_before_the_count(checkpoint: dict) -> None:
         weights = checkpoint["modules"]["model"]
         for key in [k for k in weights if k.endswith("._extra_state")]:
             older = decode_extra_state(weights[key])
             older.pop("trained_epochs"), older.pop("trained_this_epoch")
             weights[key] = encode_extra_state(older)
-        return checkpoint
 
-    monkeypatch.setattr(store_, "load", from_before_the_count)
+    loads_changed(manager, monkeypatch, from_before_the_count)
     assert run_command(manager, rig.signed(make_rollback_command(2))), refusal(rig)
     assert rig.stage(SEED0) == S.ISOLATED_INIT and seed.epochs_in_stage == 3
     assert seed.trained_epochs == 3

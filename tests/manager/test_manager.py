@@ -47,6 +47,7 @@ from tests.manager.helpers import (
     Rig,
     S,
     host_params,
+    loads_changed,
     make_config,
     record_activations,
     run_command,
@@ -1008,20 +1009,6 @@ def _diverge_after_epoch_0(rig: Rig, mlp: str, published: list[str]) -> None:
     rig.train(2)
 
 
-def _loads_changed(manager: KasminaKernelManager, monkeypatch, change) -> None:
-    """The checkpoint store's loads return what ``change`` makes of each checkpoint (an
-    authentic file that another version, or a bug, wrote)."""
-    store = manager.state.checkpoints
-    real_load = store.load
-
-    def load(epoch: int) -> dict:
-        checkpoint = real_load(epoch)
-        change(checkpoint)
-        return checkpoint
-
-    monkeypatch.setattr(store, "load", load)
-
-
 def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
     rig: Rig, mlp, published, monkeypatch
 ) -> None:
@@ -1040,7 +1027,7 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
         newer = {**decode_extra_state(weights[key]), "version": 2}
         weights[key] = encode_extra_state(newer)
 
-    _loads_changed(manager, monkeypatch, from_a_newer_kasmina)
+    loads_changed(manager, monkeypatch, from_a_newer_kasmina)
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     reason = manager.command_log[-1][3]
     assert "unsupported seed extra state (version 2)" in reason and SEED0 in reason, reason
@@ -1094,7 +1081,7 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
         else:
             checkpoint["extra"][field] = value
 
-    _loads_changed(manager, monkeypatch, malformed)
+    loads_changed(manager, monkeypatch, malformed)
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     assert message in manager.command_log[-1][3], manager.command_log[-1][3]
     assert_same(before, _live(rig))
