@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -136,8 +136,39 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
                     buffer.copy_(saved)
 
 
+class ProbedOutput(NamedTuple):
+    """What G3 reads of a probe's output: its shape, dtype and finiteness (``finite``, a 0-d
+    bool on the output's device, read only when the gate is evaluated). A probe keeps this, not
+    the output: a COMPATIBILITY_CHECK seed would otherwise hold an activation-sized tensor
+    until the gate runs."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    finite: torch.Tensor
+
+    @classmethod
+    def of(cls, output: torch.Tensor) -> ProbedOutput:
+        """The summary of ``output``; its finiteness is :func:`all_finite`'s test (no sync). An
+        output that test cannot read (a meta tensor, a subclass whose sum raises) is summarised
+        as not finite, so that the probe is kept and G3 names what is wrong with it."""
+        try:
+            finite = all_finite(output)
+        except Exception:
+            finite = None
+        if finite is None or finite.is_meta:
+            finite = torch.zeros((), dtype=torch.bool)
+        return cls(tuple(output.shape), output.dtype, finite)
+
+    @property
+    def device(self) -> torch.device:
+        return self.finite.device
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 def gate_g3_compatibility(
-    seed_output: torch.Tensor | None,
+    seed_output: torch.Tensor | ProbedOutput | None,
     expected_shape: Sequence[int],
     expected_dtype: torch.dtype,
     cost_ratio: float | None = None,
@@ -146,8 +177,8 @@ def gate_g3_compatibility(
     latency_ms: float | None = None,
     latency_budget_ms: float = math.inf,
 ) -> GateResult:
-    """G3: the seed's output matches the host's shape and dtype, is finite, and costs at most
-    ``max_cost_ratio`` times the host.
+    """G3: the seed's output (the tensor, or a probe's :class:`ProbedOutput` of it) matches the
+    host's shape and dtype, is finite, and costs at most ``max_cost_ratio`` times the host.
 
     ``cost_ratio`` is the seed's counted FLOPs per output element over the host layer's counted
     FLOPs per output element (None: the host's cost is unknown, so cost is not checked and the
@@ -161,14 +192,16 @@ def gate_g3_compatibility(
     score = 0.0 if cost_ratio is None else ratio
     if seed_output is None:
         return GateResult(False, "no compatibility probe recorded", score, 3)
-    if tuple(seed_output.shape) != tuple(expected_shape):
-        reason = f"output shape {tuple(seed_output.shape)} != host {tuple(expected_shape)}"
+    if isinstance(seed_output, torch.Tensor):
+        seed_output = ProbedOutput.of(seed_output)
+    if seed_output.shape != tuple(expected_shape):
+        reason = f"output shape {seed_output.shape} != host {tuple(expected_shape)}"
         return GateResult(False, reason, score, 3)
     if seed_output.dtype != expected_dtype:
         return GateResult(
             False, f"output dtype {seed_output.dtype} != host {expected_dtype}", score, 3
         )
-    if not bool(torch.isfinite(seed_output).all()):
+    if not bool(seed_output.finite):
         return GateResult(False, "output is not finite", score, 3)
     if cost_ratio is not None and not ratio <= max_cost_ratio:
         reason = f"cost {ratio:.3g}x the host's FLOPs per element > budget {max_cost_ratio:g}x"
@@ -359,13 +392,14 @@ class ProbeOutputError(ValueError):
 
 @dataclass
 class CompatibilityProbe:
-    """One no-grad run of a seed's kernel on host activations, for gate G3.
+    """One no-grad run of a seed's kernel on host activations, for gate G3: what G3 reads of
+    its output (:class:`ProbedOutput`), the host's shape and dtype, and its time.
 
     On a GPU the kernel is timed with CUDA events, read (one sync) only when the gate asks, so
     the COMPATIBILITY_CHECK forward does not wait for the device.
     """
 
-    output: torch.Tensor
+    output: ProbedOutput
     host_shape: tuple[int, ...]
     host_dtype: torch.dtype
     cpu_latency_ms: float | None = None
@@ -413,9 +447,14 @@ class CompatibilityProbe:
 
 
 def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
-    """Run ``kernel(x.detach())`` without gradient and record output, host shape/dtype, time.
-    A measurement: the global RNG stream and the kernel's buffers (batch-norm statistics of a
-    kernel exported in train mode) are left as they were."""
+    """Run ``kernel(x.detach())`` without gradient and record what G3 reads of the output, the
+    host's shape and dtype, and the time. A measurement: the global RNG stream and the kernel's
+    buffers (batch-norm statistics of a kernel exported in train mode) are left as they were."""
+    return _probe(kernel, x)[1]
+
+
+def _probe(kernel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, CompatibilityProbe]:
+    """:func:`run_probe`, and the output itself (for the guard's checks; not kept)."""
     xd = x.detach()
     events = None
     latency = None
@@ -434,7 +473,8 @@ def run_probe(kernel: nn.Module, x: torch.Tensor) -> CompatibilityProbe:
     if not isinstance(out, torch.Tensor):
         raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
     out = autocast_to_host(out, xd)  # as the forward does
-    return CompatibilityProbe(out, tuple(x.shape), x.dtype, latency, events)
+    probe = CompatibilityProbe(ProbedOutput.of(out), tuple(x.shape), x.dtype, latency, events)
+    return out, probe
 
 
 def guarded_probe(
@@ -450,7 +490,7 @@ def guarded_probe(
     clears ``finite_flag`` (``record_fallbacks``). A recompute under activation checkpointing
     records nothing again."""
     try:
-        result = run_probe(kernel, x)
+        out, result = _probe(kernel, x)
     except CONTROL_FLOW:
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
@@ -460,9 +500,9 @@ def guarded_probe(
             else:
                 record("exception", f"raised {type(exc).__name__}: {exc}")
         return None
-    fault = output_fault(result.output, x)
+    fault = output_fault(out, x)
     if fault is None:
-        ok = all_finite(result.output)
+        ok = result.output.finite
         record_fallbacks(ok, output_sum(x), *gradient_flags(finite_flag, fault_flag))
     elif not recomputing():
         record(*fault)

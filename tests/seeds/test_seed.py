@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -208,7 +210,7 @@ def test_compatibility_check_probes_for_g3() -> None:
     h = torch.randn(2, C, requires_grad=True)
     assert seed(h) is h
     probe = seed.probe_result
-    assert probe is not None and probe.host_shape == (2, C) and not probe.output.requires_grad
+    assert probe is not None and probe.host_shape == (2, C) and probe.output.shape == (2, C)
     assert seed.evaluate_gate(latency_budget_ms=1e3).passed
     assert "advisory" in seed.evaluate_gate(latency_budget_ms=1e-9).reason  # never decides
     # Counted cost: Linear(C, C) is 2*C FLOPs per output element.
@@ -216,6 +218,36 @@ def test_compatibility_check_probes_for_g3() -> None:
     assert not seed.evaluate_gate(host_flops_per_element=C, max_cost_ratio=1.5).passed
     with pytest.raises(ValueError):  # swapping the kernel while it runs is refused
         seed.attach_kernel(nn.Linear(C, C))
+
+
+class _OutputWatcher(nn.Module):
+    """``Linear(C, C)`` that keeps a weak reference to each output it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.outputs: list[weakref.ref[torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def test_compatibility_probe_keeps_what_g3_reads_not_the_output() -> None:
+    """A COMPATIBILITY_CHECK seed waits an epoch for G3; its probe must not hold an
+    activation-sized output all that time, only its shape, dtype and finiteness."""
+    seed = make_seed(S.COMPATIBILITY_CHECK)
+    watcher = _OutputWatcher()
+    seed.detach_kernel()
+    seed.attach_kernel(watcher)
+    seed(torch.randn(3, C))
+    assert seed.probe_result is not None and watcher.outputs
+    gc.collect()
+    assert all(ref() is None for ref in watcher.outputs)
+    assert seed.evaluate_gate(latency_budget_ms=1e3).passed
+    seed(torch.full((3, C), float("nan")))  # a non-finite probe is still refused at G3
+    assert "not finite" in seed.evaluate_gate(latency_budget_ms=1e3).reason
 
 
 def test_alpha_schedule_is_in_place_and_mirrored_in_the_table() -> None:
