@@ -291,6 +291,8 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         blueprint = get_blueprint(args.builtin)
         if args.dim is None:
             raise CLIError("--builtin needs --dim (the chunk width)")
+        if args.hidden is not None and not blueprint.has_hidden:
+            raise CLIError(f"--hidden: {blueprint.name} has no hidden width")
         _check_builtin_size(blueprint, args)
         shape = _parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
         name = args.blueprint or blueprint.name
@@ -366,10 +368,21 @@ def _check_example_size(shape: tuple[int, ...], dtype: torch.dtype) -> None:
         )
 
 
+class _Discard:
+    """A text stream that keeps nothing (``os.devnull`` without a file descriptor)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
-    """Silence torch's loggers while exporting (restored after): a failed export logs its own
-    traceback (fake_tensor, dynamo) before raising, and the CLI reports it in one line."""
+    """Silence torch's loggers, and its prints to stderr, while exporting (restored after): a
+    failed export logs its own traceback (fake_tensor, dynamo) and prints the partial graph of a
+    data-dependent branch before raising, and the CLI reports it in one line."""
     torch_loggers = [logging.getLogger("torch")] + [
         logger
         for name, logger in logging.root.manager.loggerDict.items()
@@ -379,7 +392,8 @@ def _quiet_torch_logs() -> Iterator[None]:
     for logger in torch_loggers:
         logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with contextlib.redirect_stderr(_Discard()):  # type: ignore[arg-type]
+            yield
     finally:
         for logger, level in zip(torch_loggers, levels, strict=True):
             logger.setLevel(level)

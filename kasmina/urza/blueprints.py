@@ -54,10 +54,13 @@ class Blueprint:
     name: str
     factory: Callable[..., nn.Module]
     description: str
+    has_hidden: bool = True  # whether ``build`` has a hidden width to set
 
     def build(self, dim: int, hidden: int | None = None) -> nn.Module:
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"blueprint dim must be a positive int, got {dim!r}")
+        if hidden is not None and not self.has_hidden:
+            raise ValueError(f"blueprint {self.name} has no hidden width to set")
         if hidden is not None and hidden < 1:
             raise ValueError(f"blueprint hidden width must be positive, got {hidden}")
         return self.factory(dim, hidden)
@@ -73,7 +76,10 @@ BLUEPRINTS: dict[str, Blueprint] = {
         "x + W2 gelu(W1 x), hidden = dim/2 by default",
     ),
     "affine-shift": Blueprint(
-        "affine-shift", AffineShift, "x*(1+g)+b per feature: adds no capacity (a cull candidate)"
+        "affine-shift",
+        AffineShift,
+        "x*(1+g)+b per feature: adds no capacity (a cull candidate)",
+        has_hidden=False,
     ),
 }
 

@@ -72,10 +72,24 @@ def export_module(
 ) -> torch.export.ExportedProgram:
     """``torch.export`` a module. With ``dynamic`` every dimension is ``Dim.AUTO``: dimensions
     the module does not pin (batch, sequence) stay dynamic; sizes 0 and 1 specialise, so give
-    example inputs with at least 2 along each dimension meant to vary."""
+    example inputs with at least 2 along each dimension meant to vary. A batch of 1 (the first
+    dimension of an input of two or more) is refused under ``dynamic``: the kernel would take
+    batches of 1 only."""
+    if isinstance(example_inputs, torch.Tensor):  # iterable too: it would be split into rows
+        raise TypeError(
+            "example_inputs must be a sequence of tensors, one per input of the module: "
+            "pass [x], not x"
+        )
     inputs = tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a non-empty sequence of tensors")
+    for i, t in enumerate(inputs):
+        if dynamic and t.dim() > 1 and t.shape[0] == 1:
+            raise ValueError(
+                f"example input {i} has a batch of 1 (shape {tuple(t.shape)}): torch.export "
+                "fixes a size of 1, so the kernel would take batches of 1 only; give a batch "
+                "of 2 or more (or dynamic=False for a kernel of this exact shape)"
+            )
     shapes = None
     if dynamic:
         shapes = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in inputs)

@@ -571,6 +571,12 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
             + ["--hidden", "99999999999999999999"],
             "too large",
         ),
+        # A width the blueprint does not have is refused, not ignored.
+        (
+            ["urza", "publish", *PUB, "--builtin", "affine-shift", "--dim", "4"]
+            + ["--hidden", "3"],
+            "--hidden: affine-shift has no hidden width",
+        ),
         # A size of 1 is fixed by torch.export: a kernel for batches of 1 only.
         (
             ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
@@ -628,12 +634,20 @@ def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsy
         ("torch.nn:Linear", "calling torch.nn:Linear failed: TypeError"),  # needs arguments
         ("broken_seed_mod:make", "cannot import 'broken_seed_mod'"),  # raises on import
         ("torch.nn:CosineSimilarity", "torch.export of CosineSimilarity failed"),  # 2 inputs
+        # torch prints the partial graph of a data-dependent branch to stderr itself.
+        ("branchy_seed_mod:Branchy", "torch.export failed"),
     ],
 )
 def test_publish_errors_in_the_users_factory_are_one_line(
     factory, fragment, tmp_path, keys, capsys, monkeypatch
 ) -> None:
     (tmp_path / "broken_seed_mod.py").write_text("raise SystemError('broken at import')\n")
+    (tmp_path / "branchy_seed_mod.py").write_text(
+        "import torch\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x if x.sum() > 0 else -x\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--key", str(keys)]

@@ -91,6 +91,15 @@ def test_publish_list_fetch_roundtrip(store, trusted) -> None:
         urza.fetch(manifest.artifact_id)
 
 
+def test_a_store_may_be_a_path_and_nothing_else_but_a_string(store, trusted) -> None:
+    """A ``Path`` reached ``url.startswith`` (AttributeError), a number a regex (TypeError)."""
+    root, manifest = store
+    with client(root, trusted) as urza:  # type: ignore[arg-type]
+        assert urza.list_artifacts() == [manifest.artifact_id]
+    with pytest.raises(TypeError, match="url must be a store's path or URL"):
+        client(5, trusted)  # type: ignore[arg-type]
+
+
 def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted) -> None:
     first = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")
     again = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")

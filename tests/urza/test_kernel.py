@@ -173,6 +173,20 @@ def test_signed_but_unloadable_payload_raises_clearly(tmp_path, publisher, trust
         GPUKernel.from_binary(payload, manifest)
 
 
+def test_publishing_refuses_examples_that_would_sign_the_wrong_input(tmp_path, publisher) -> None:
+    """A tensor given as ``example_inputs`` is iterable: it was split into its rows and, for a
+    batch of one, signed as an unbatched kernel; a batch of 1 made a batch-1-only kernel."""
+    module = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match=r"pass \[x\], not x"):
+        publish_artifact(module, torch.randn(1, 4), str(tmp_path), "lin", publisher)
+    with pytest.raises(ValueError, match="batch of 1"):
+        publish_artifact(module, [torch.randn(1, 4)], str(tmp_path), "lin", publisher)
+    assert not list(tmp_path.iterdir())  # nothing was published
+    fixed = publish_artifact(module, [torch.randn(1, 4)], str(tmp_path), "lin", publisher,
+                             dynamic=False)  # fmt: skip
+    assert fixed.input_spec[0].shape == (1, 4)
+
+
 def test_training_mode_export_keeps_updating_batch_norm_statistics(
     tmp_path, publisher, trusted
 ) -> None:
