@@ -20,6 +20,7 @@ what is still pending (the manager calls it at each epoch boundary and on close)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -34,9 +35,13 @@ from kasmina.control.commands import (
     to_kasmina_command,
 )
 from kasmina.leyline import AdaptationCommand
+from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import Event, TelemetryReporter
 
 logger = logging.getLogger(__name__)
+
+# Commands handed over as something other than bytes (a caller's mistake, said plainly).
+_NOT_BYTES = itertools.count(1)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -178,6 +183,15 @@ class LeylineAdaptationHandler:
             elif isinstance(raw, (bytes, bytearray)):
                 size = len(raw)
             else:
+                n = next(_NOT_BYTES)
+                logger.log(
+                    rarely(n, 1000),
+                    "a command must be the serialized bytes of a signed AdaptationCommand, not "
+                    "%s (call SerializeToString(); a manager's handle_leyline_command takes the "
+                    "message) [%d so far]",
+                    type(raw).__name__,
+                    n,
+                )
                 return self._reject("malformed")
             if size > self.max_message_bytes:
                 return self._reject("oversize")

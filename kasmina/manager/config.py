@@ -292,8 +292,10 @@ class KasminaConfig:
                 f"run_id must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, "
                 f"got {self.run_id!r}"
             )
+        if isinstance(self.runs_root, os.PathLike):
+            self.runs_root = os.fspath(self.runs_root)
         if not isinstance(self.runs_root, str) or not self.runs_root.strip():
-            raise ValueError("runs_root must be a non-empty path")
+            raise ValueError(f"runs_root must be a non-empty path, got {self.runs_root!r}")
         # Absolute now: resolved at each use, a chdir between two (a notebook, Hydra) split one
         # run's ledger, key and checkpoints across two directories.
         self.runs_root = str(Path(self.runs_root).expanduser().absolute())
@@ -302,8 +304,10 @@ class KasminaConfig:
         self._defaulted_dirs: dict[str, str] = {}
         for name, default in _RUN_DIRS:
             value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
             if not isinstance(value, str):
-                raise ValueError(f"{name} must be a path string, got {value!r}")
+                raise ValueError(f"{name} must be a path, got {value!r}")
             if not value:
                 value = str(self.run_dir / default)
                 self._defaulted_dirs[name] = value
@@ -435,6 +439,8 @@ class KasminaConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
         """Build from a mapping; unknown keys are an error (a typo must not be ignored)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"KasminaConfig.from_dict takes a mapping, got {type(data).__name__}")
         for name, advice in _REMOVED_SETTINGS.items():
             if name in data:
                 raise ValueError(f"{name} was removed: {advice}")
@@ -453,6 +459,26 @@ class KasminaConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KasminaConfig))
+
+
+def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyring]:
+    """A manager's ``config`` (the defaults for None) and ``keyring`` (the config's for None),
+    each refused with the remedy when it is of another type (a dict of settings, of keys)."""
+    if config is None:
+        config = KasminaConfig()
+    elif not isinstance(config, KasminaConfig):
+        raise TypeError(
+            f"config must be a KasminaConfig, got {type(config).__name__} "
+            "(KasminaConfig.from_dict builds one from a mapping)"
+        )
+    if keyring is None:
+        return config, config.load_keyring()
+    if not isinstance(keyring, Keyring):
+        raise TypeError(
+            f"keyring must be a Keyring, got {type(keyring).__name__} "
+            "(Keyring({key_id: key_bytes}) builds one)"
+        )
+    return config, keyring
 
 
 def _publisher_keys(value: object) -> dict[str, str]:

@@ -40,7 +40,7 @@ from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
-from kasmina.manager.config import KasminaConfig
+from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
@@ -109,8 +109,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         telemetry: TelemetryReporter | None = None,
         urza_client: Any | None = None,
     ) -> None:
-        config = config if config is not None else KasminaConfig()
-        keyring = keyring if keyring is not None else config.load_keyring()
+        config, keyring = manager_inputs(config, keyring)
         telemetry = telemetry if telemetry is not None else TelemetryReporter("kasmina")
         path, cap = config.telemetry_jsonl_path, config.telemetry_jsonl_max_bytes
         with ExitStack() as undo:  # a constructor that raises leaves no file, ledger or sink
@@ -202,7 +201,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
         ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
         self.state.require_no_model()
-        check_optimizer(optimizer_cls, seed_lr, optimizer_options)  # as GERMINATE will build it
+        check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr)  # as GERMINATE builds
         check_device(model, self.config.torch_device)  # where GERMINATE will load the kernels
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
         registry = SlotRegistry(model, slots or kasmina_layers(model), self.execution.on_transition)

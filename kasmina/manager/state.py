@@ -54,12 +54,20 @@ def _timers() -> dict[str, LatencyStats]:
 
 
 def check_optimizer(
-    cls: type[torch.optim.Optimizer], seed_lr: object, options: dict[str, Any]
+    cls: type[torch.optim.Optimizer], seed_lr: object, options: dict[str, Any], host_lr: object
 ) -> None:
     """Refuse at ``register`` what a GERMINATE would meet only when it builds a seed's
-    optimizer (each one failed as an "internal error"): a learning rate that is not a finite
-    number > 0 (a bool, inf) and options ``cls`` does not take (a typo), built once here on a
-    throwaway parameter."""
+    optimizer (each one failed as an "internal error"): a class that is not an optimizer's, a
+    learning rate that is not a finite number > 0 (a bool, inf, a string) and options ``cls``
+    does not take (a typo), built once here on a throwaway parameter. ``host_lr`` (None: no
+    host optimizer) is held to the same rule."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(
+            f"optimizer_cls must be a torch.optim.Optimizer subclass (torch.optim.Adam), "
+            f"got {cls!r}"
+        )
+    if host_lr is not None and not isinstance(host_lr, torch.Tensor):
+        check_positive("host_lr", host_lr)
     if isinstance(seed_lr, torch.Tensor) and seed_lr.numel() == 1:  # torch.optim takes one
         seed_lr = seed_lr.item()
     lr = check_positive("seed_lr", seed_lr)  # finite, > 0, no bool

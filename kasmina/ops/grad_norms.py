@@ -101,6 +101,12 @@ def _flag(norms: torch.Tensor, tol: float) -> torch.Tensor:
 def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> torch.device:
     if device is not None:
         dev = torch.device(device)
+        # The first tensor's device type before anything reads ``dev``'s: else a CPU build
+        # answers ``device="cuda"`` with torch's "not compiled with CUDA", not the mismatch.
+        first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+        if first is not None and first.device.type != dev.type:
+            i = next(i for i, t in enumerate(tensors) if t is first)
+            raise ValueError(f"tensors[{i}] is on {first.device}, expected {dev}")
         if dev.type == "cuda" and dev.index is None:  # compare equal to the tensors' devices
             dev = torch.device("cuda", torch.cuda.current_device())
         return dev

@@ -421,7 +421,8 @@ def lifecycle_update(
     idx = _as_index("seed_idx", seed_idx, state.device)
     new = _as_index("new_stage", new_stage, state.device)
     gates = _as_index("gate", gate, state.device)
-    assert idx is not None and new is not None
+    if idx is None or new is None:
+        raise ValueError("seed_idx and new_stage are required (a gate alone may be None)")
     if through_dispatcher():
         return _lifecycle_update_op(state, idx, new, gates)
     codes = _update_impl(state, idx, new, gates)

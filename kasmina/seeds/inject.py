@@ -89,6 +89,11 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
         if not matched:
             raise _no_match(targets, model, names)
     else:
+        if not isinstance(targets, Collection):
+            raise TypeError(
+                "targets must be a pattern (str) or a collection of module names, got "
+                f"{type(targets).__name__} {targets!r}"
+            )
         entries = list(targets)
         if not entries:
             raise ValueError("attach needs at least one target name")
@@ -177,6 +182,13 @@ def attach(
     """
     seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
     chunk_size = check_positive_int("chunk_size", chunk_size)
+    if kd_config is not None and not isinstance(kd_config, KDConfig):
+        raise TypeError(
+            f"kd_config must be a KDConfig or None, got {type(kd_config).__name__} "
+            "(KDConfig(**settings) builds one)"
+        )
+    if state is not None and not isinstance(state, GPUStateTensor):
+        raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
     names = _resolve(model, targets)
     slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
     for name in names:

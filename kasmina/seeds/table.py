@@ -111,8 +111,8 @@ class GPUStateTensor:
     ) -> None:
         if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
             raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
-        if not 0 <= embargo_epochs <= INT32_MAX:  # EMBARGO_COUNTER is an int32 column
-            raise ValueError(f"embargo_epochs must be in [0, {INT32_MAX}], got {embargo_epochs}")
+        if not hasattr(embargo_epochs, "__index__") or not 0 <= embargo_epochs <= INT32_MAX:
+            raise ValueError(f"embargo_epochs {embargo_epochs!r} is not an int in [0, {INT32_MAX}]")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.state_tensor = torch.zeros(

@@ -507,6 +507,18 @@ def test_non_command_inputs_are_rejected(rig: Rig, raw, reason: str) -> None:
     assert rig.reasons() == [reason]
 
 
+def test_a_message_object_is_refused_with_the_remedy(rig: Rig, caplog) -> None:
+    """Passing the message instead of its bytes is refused (the call never raises) and the
+    log says what to pass: "malformed" alone left a caller guessing."""
+    cmd = germinate()
+    sign_command(cmd, rig.keyring, "ctl", timestamp=T0)
+    with caplog.at_level(logging.DEBUG, logger="kasmina.control.handler"):  # rate-limited
+        assert rig.handler.handle_adaptation_command(cmd) is False
+    assert rig.reasons() == ["malformed"]
+    assert "not AdaptationCommand (call SerializeToString()" in caplog.text
+    assert rig.handler.handle_adaptation_command(cmd.SerializeToString()) is True
+
+
 def test_stale_future_wrong_key_and_unsigned_are_rejected(rig: Rig) -> None:
     stale = germinate()
     sign_command(stale, rig.keyring, "ctl", timestamp=T0 - 120)

@@ -11,6 +11,7 @@ import torch
 
 from kasmina.kd.config import KDConfig
 from kasmina.manager.config import KasminaConfig, default_cache_root
+from kasmina.manager.manager import KasminaKernelManager
 
 
 def test_defaults_are_valid_and_stay_out_of_the_working_directory(monkeypatch, tmp_path) -> None:
@@ -144,6 +145,28 @@ def test_a_saved_config_used_as_a_template_never_pins_the_old_runs_directories(t
     assert Path(again.emergency_checkpoint_dir) == again.run_dir / "emergency"
 
 
+def test_directories_may_be_paths_and_from_dict_wants_a_mapping(tmp_path) -> None:
+    """A ``Path`` for runs_root or a checkpoint directory was refused as "must be a non-empty
+    path"; ``from_dict`` of a string read its letters as settings."""
+    config = KasminaConfig(runs_root=tmp_path / "runs", checkpoint_dir=tmp_path / "ckpt")
+    assert config.runs_root == str(tmp_path / "runs")
+    assert config.checkpoint_dir == str(tmp_path / "ckpt")
+    assert KasminaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for bad in (None, "abc", ["run_id"]):
+        with pytest.raises(TypeError, match="takes a mapping"):
+            KasminaConfig.from_dict(bad)  # type: ignore[arg-type]
+
+
+def test_a_manager_refuses_a_dict_for_its_config_or_keyring(tmp_path) -> None:
+    """Dicts reached deep into the constructor: AttributeError on load_keyring or key_ids."""
+    with pytest.raises(TypeError, match="KasminaConfig.from_dict builds one"):
+        KasminaKernelManager({"device": "cpu"})  # type: ignore[arg-type]
+    config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    with pytest.raises(TypeError, match="keyring must be a Keyring, got dict"):
+        KasminaKernelManager(config, keyring={"k": b"x" * 32})  # type: ignore[arg-type]
+    assert not (tmp_path / "runs").exists()  # refused before anything was created
+
+
 def test_keyring_from_file_or_environment(tmp_path, monkeypatch) -> None:
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps({"file-key": "11" * 32}))
@@ -198,7 +221,7 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
     manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
     model = nn.Sequential(nn.Linear(4, 4))
     host = model[0]
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(ValueError, match="host_lr must be finite and > 0"):
         manager.attach(model, "0", 2, 2, host_lr=-1.0)
     assert model[0] is host and manager.registry is None
     assert not model._load_state_dict_pre_hooks
@@ -207,6 +230,14 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
     for options in ({"weight_decy": 0.01}, {"seed_lr": float("inf")}, {"seed_lr": True}):
         with pytest.raises(ValueError, match="seed"):
             manager.attach(model, "0", 2, 2, host_lr=None, **options)
+        assert model[0] is host and manager.registry is None
+    # A class given by name, a rate as a string: refused naming the argument.
+    for options, error, match in (
+        ({"optimizer_cls": "Adam"}, TypeError, "optimizer_cls must be a torch.optim.Optimizer"),
+        ({"host_lr": "1e-3"}, ValueError, "host_lr must be a float, got str"),
+    ):
+        with pytest.raises(error, match=match):
+            manager.attach(model, "0", 2, 2, **options)
         assert model[0] is host and manager.registry is None
     assert manager.attach(model, "0", 2, 2, seed_lr=torch.tensor(0.01))  # torch.optim takes it
     manager.close()

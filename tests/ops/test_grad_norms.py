@@ -453,6 +453,17 @@ def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None
         leak_check(tensors)
 
 
+@pytest.mark.parametrize("device", ["cuda:7", "cuda", "meta"])
+def test_a_device_other_than_the_tensors_is_the_documented_error(
+    any_backend: str, device: str
+) -> None:
+    """On a CPU build, ``device="cuda:7"`` raised torch's "not compiled with CUDA enabled"
+    (an AssertionError) before the mismatch was looked at."""
+    for op in (grad_norms, leak_check):
+        with pytest.raises(ValueError, match=r"tensors\[1\] is on cpu, expected"):
+            op([None, torch.ones(3)], device=device)
+
+
 def test_non_tensor_entry_raises_value_error_everywhere(any_backend: str) -> None:
     """The documented ValueError, never an AttributeError: with ``use_grad``, a device given,
     and through the public reference functions."""

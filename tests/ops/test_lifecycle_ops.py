@@ -327,6 +327,15 @@ def test_a_state_that_is_not_a_tensor_is_the_same_value_error_for_both_ops(
         lifecycle_update(state, [0], [1])  # type: ignore[arg-type]
 
 
+def test_missing_indices_or_stages_are_a_value_error(backend: str) -> None:
+    """A bare ``assert`` stood here: an empty AssertionError, and nothing at all under -O."""
+    state = torch.zeros(2, NUM_STATE_COLUMNS, dtype=torch.int32)
+    for idx, stages in ((None, [1]), ([0], None)):
+        with pytest.raises(ValueError, match="seed_idx and new_stage are required"):
+            lifecycle_update(state, idx, stages)  # type: ignore[arg-type]
+    assert not state.any()
+
+
 def test_a_state_made_in_inference_mode_is_refused_outside_it(backend: str) -> None:
     """torch forbids in-place updates of an inference tensor outside inference mode; the NumPy
     and Triton paths write through pointers, so every backend refuses it up front, alike."""

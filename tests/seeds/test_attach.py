@@ -382,8 +382,21 @@ def test_a_slot_built_directly_checks_output_index_and_takes_its_hosts_mode() ->
 @pytest.mark.parametrize("embargo", [2**31, -1])
 def test_attach_refuses_an_embargo_the_state_table_cannot_hold(embargo: int) -> None:
     model = MLP()
-    with pytest.raises(ValueError, match="embargo_epochs must be in"):
+    with pytest.raises(ValueError, match="embargo_epochs .* is not an int in"):
         attach(model, ["head"], 2, 4, embargo_epochs=embargo)
+    assert not kasmina_layers(model)
+
+
+def test_attach_names_an_argument_of_the_wrong_type() -> None:
+    """Each reached deep before: 'int' object is not iterable, 'dict' object has no attribute
+    'enabled', 'Tensor' object has no attribute 'num_seeds'."""
+    model = MLP()
+    with pytest.raises(TypeError, match="targets must be a pattern .* got int"):
+        attach(model, 0, 2, 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"kd_config must be a KDConfig or None, got dict"):
+        attach(model, ["head"], 2, 4, kd_config={"temperature": 2.0})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="state must be a GPUStateTensor or None, got Tensor"):
+        attach(model, ["head"], 2, 4, state=torch.zeros(2, 10))  # type: ignore[arg-type]
     assert not kasmina_layers(model)
 
 
