@@ -582,5 +582,7 @@ def restore_training_state(
         except Exception as undo:  # the caller learns what failed first, and that this did
             note = f"undoing the partial restore failed too: {type(undo).__name__}: {undo}"
             exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note: 3.11 and up
+            # Logged as well: Python 3.10's traceback does not print notes.
+            logger.error("%s (the restore had failed with %s: %s)", note, type(exc).__name__, exc)
         raise
     logger.info("restored training state for modules %s", sorted(modules))
