@@ -29,6 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Collection
+from numbers import Real
 from typing import Any, NamedTuple
 
 from kasmina.control.ledger import NonceLedger
@@ -92,6 +93,7 @@ def compute_signature(command: AdaptationCommand, keyring: Keyring, key_id: str)
     afterwards, so the caller's message is left as it was (not safe to share across threads
     while it runs).
     """
+    _check_signing_arguments(command, keyring)
     if key_id not in keyring:
         return None
     metadata = command.metadata
@@ -112,13 +114,28 @@ def sign_command(
     nonce: str | None = None,
     timestamp: float | None = None,
 ) -> AdaptationCommand:
-    """Fill ``command.metadata`` (key id, nonce, timestamp, signature) in place and return it."""
+    """Fill ``command.metadata`` (key id, nonce, timestamp, signature) in place and return it.
+
+    ``timestamp``: seconds since the epoch (default: now). Arguments are checked before the
+    command is touched; a wrong one is a TypeError or ValueError naming it."""
+    _check_signing_arguments(command, keyring)
     if key_id not in keyring:
-        raise KeyError(f"no key {key_id!r} in the keyring")
+        raise KeyError(f"no key {key_id!r} in the keyring, which holds {list(keyring.key_ids)}")
+    if nonce is not None and not isinstance(nonce, str):
+        raise TypeError(
+            f"nonce must be a str or None (a fresh one), got {type(nonce).__name__} {nonce!r:.40}"
+        )
+    now = time.time() if timestamp is None else timestamp
+    if isinstance(now, bool) or not isinstance(now, Real):
+        raise TypeError(
+            f"timestamp must be seconds since the epoch (a number) or None (now), "
+            f"got {type(now).__name__} {now!r:.40}"
+        )
+    if not math.isfinite(now):
+        raise ValueError(f"timestamp must be finite seconds since the epoch, got {now!r}")
     metadata = command.metadata
     metadata.key_id = key_id
     metadata.nonce = secrets.token_hex(16) if nonce is None else nonce
-    now = time.time() if timestamp is None else timestamp
     seconds, nanos = divmod(round(now * 1e9), 1_000_000_000)
     metadata.timestamp.seconds = seconds
     metadata.timestamp.nanos = nanos
@@ -164,6 +181,8 @@ class CommandVerifier:
         ledger: NonceLedger | None = None,
         defer_sync: bool = False,
     ) -> None:
+        if not isinstance(keyring, Keyring):  # not its contents: a mapping of key material
+            raise TypeError(f"keyring must be a Keyring, got {type(keyring).__name__}")
         if isinstance(freshness_s, bool) or not isinstance(freshness_s, (int, float)):
             raise TypeError(f"freshness_s must be a number of seconds, got {freshness_s!r}")
         if not 0 < freshness_s <= MAX_FRESHNESS_S:
@@ -432,6 +451,19 @@ class CommandVerifier:
         ledger = self._ledger
         if ledger is not None and ledger.staged > 2 * len(self._seen) + ledger.compact_slack:
             ledger.forget_staged(self._seen)  # a stalled trainer's: bounded as the rest
+
+
+def _check_signing_arguments(command: object, keyring: object) -> None:
+    if not isinstance(command, AdaptationCommand):
+        raise TypeError(
+            f"command must be an AdaptationCommand (make_*_command builds one), "
+            f"got {type(command).__name__}"
+        )
+    if not isinstance(keyring, Keyring):  # not its contents: a mapping of key material
+        raise TypeError(
+            f"keyring must be a Keyring, e.g. Keyring({{key_id: key}}), got "
+            f"{type(keyring).__name__}"
+        )
 
 
 def _key_id_set(key_ids: Collection[str]) -> frozenset[str]:

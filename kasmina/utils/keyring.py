@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
+from numbers import Integral
 from pathlib import Path
 
 from kasmina.utils.files import read_text_file
@@ -45,8 +46,16 @@ DEFAULT_ENV_VAR = "KASMINA_HMAC_KEYS"
 
 def generate_key(num_bytes: int = 32) -> bytes:
     """A fresh random HMAC key (store it in configuration, never in code)."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, Integral):
+        raise TypeError(
+            f"num_bytes must be an int (at least {MIN_KEY_BYTES}), "
+            f"got {type(num_bytes).__name__} {num_bytes!r:.40}"
+        )
     if num_bytes < MIN_KEY_BYTES:
-        raise ValueError(f"HMAC keys need at least {MIN_KEY_BYTES} bytes, got {num_bytes}")
+        raise ValueError(
+            f"num_bytes must be at least {MIN_KEY_BYTES} (HMAC keys need that many bytes), "
+            f"got {num_bytes}"
+        )
     return secrets.token_bytes(num_bytes)
 
 
@@ -54,6 +63,11 @@ class Keyring:
     """HMAC keys by ``key_id``. Key material never appears in ``repr`` or logs."""
 
     def __init__(self, keys: Mapping[str, bytes]) -> None:
+        if not isinstance(keys, Mapping):  # its contents are not shown: they hold key material
+            raise TypeError(
+                f"keys must be a mapping of key id -> bytes, e.g. {{'ctl': key}} or dict(pairs), "
+                f"got {type(keys).__name__}"
+            )
         self._keys: dict[str, bytes] = {}
         # One keyed HMAC per key, copied per message: the key schedule is paid once.
         self._macs: dict[str, hmac.HMAC] = {}

@@ -56,7 +56,7 @@ def verifier(keyring: Keyring, clock: FakeClock) -> CommandVerifier:
 
 
 def signed(keyring: Keyring, key_id: str = "k1", timestamp: float = T0, nonce: str | None = None):
-    cmd = make_seed_command("germinate", "layer0:1", "artifact-1", {"lr_scale": 0.5})
+    cmd = make_seed_command("germinate", "layer0:1", "artifact-1", {"learning_rate": 0.5})
     return sign_command(cmd, keyring, key_id, nonce=nonce, timestamp=timestamp)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -29,14 +30,26 @@ from kasmina.control.commands import (
     _command,
     _field_setters,
     _seed,
-    make_optimizer_command,
-    make_rollback_command,
-    make_seed_command,
+)
+from kasmina.control.commands import (
+    make_optimizer_command as make_optimizer_command_checked,
+)
+from kasmina.control.commands import (
+    make_rollback_command as make_rollback_command_checked,
+)
+from kasmina.control.commands import (
+    make_seed_command as make_seed_command_checked,
 )
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.leyline import AdaptationCommand, CommandType, MessagePriority, SeedOperation
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+# Most commands here are ones the trainer must refuse, so they are built unchecked: the
+# builders' own run of the trainer's rules (``validate``) is tested in test_builder_errors.py.
+make_seed_command = functools.partial(make_seed_command_checked, validate=False)
+make_rollback_command = functools.partial(make_rollback_command_checked, validate=False)
+make_optimizer_command = functools.partial(make_optimizer_command_checked, validate=False)
 
 KEY = bytes(range(7, 39))
 T0 = 1_700_000_000.0
@@ -311,10 +324,19 @@ def test_semantically_invalid_signed_commands_are_rejected(rig: Rig, reason: str
         ("unknown_optimizer_command", make_optimizer_command(77)),
         ("missing_optimizer_id", make_optimizer_command("create_seed")),
         ("bad_optimizer_id", make_optimizer_command("step", "o" * 257)),
-        ("bad_learning_rate", make_optimizer_command("step", learning_rate=math.inf)),
+        (
+            "bad_learning_rate",
+            make_optimizer_command("step", learning_rate=math.inf),
+        ),
         ("bad_learning_rate", make_optimizer_command("step", learning_rate=-0.1)),
-        ("bad_grad_clip_norm", make_optimizer_command("step", grad_clip_norm=math.nan)),
-        ("non_finite_parameter", make_optimizer_command("step", parameters={"b": -math.inf})),
+        (
+            "bad_grad_clip_norm",
+            make_optimizer_command("step", grad_clip_norm=math.nan),
+        ),
+        (
+            "non_finite_parameter",
+            make_optimizer_command("step", parameters={"b": -math.inf}),
+        ),
     ],
 )
 def test_invalid_rollback_and_optimizer_commands(rig: Rig, reason: str, cmd) -> None:
@@ -365,7 +387,9 @@ def f32_up(x: float) -> float:
 
 
 def seed(op: str, **params: float) -> AdaptationCommand:
-    return make_seed_command(op, "layer2:5", "artifact-9" if op == "germinate" else "", params)
+    """Built unchecked: the cases test the trainer's own refusals."""
+    artifact = "artifact-9" if op == "germinate" else ""
+    return make_seed_command(op, "layer2:5", artifact, params)
 
 
 def with_timeout(seconds: int, nanos: int) -> AdaptationCommand:

@@ -109,7 +109,9 @@ class Rig:
         return sign_command(cmd, self.keyring, key_id).SerializeToString()
 
     def send(self, op: str, seed_id: str, artifact_id: str = "", **params: float) -> bool:
-        raw = self.signed(make_seed_command(op, seed_id, artifact_id, params))
+        """A signed seed command through the manager; built unchecked, so that a test can
+        send one the trainer must refuse."""
+        raw = self.signed(make_seed_command(op, seed_id, artifact_id, params, validate=False))
         return run_command(self.manager, raw)
 
     def train(self, steps: int = 1, teacher: torch.Tensor | None = None) -> dict:
