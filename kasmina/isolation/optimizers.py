@@ -1,10 +1,9 @@
 """One host optimizer and one optimizer per seed, over disjoint parameter sets (docs/design.md §4).
 
-Why disjoint sets checked at registration: a parameter reachable by two optimizers is the
-simplest way for a seed to move the host (or the reverse). Every registration is checked by
-identity *and* by memory, so ``nn.Parameter(host.weight.data)`` (a new tensor sharing the host's
-storage) is rejected just like the host tensor itself. Teacher parameters are frozen and may never
-enter any optimizer.
+Disjoint sets checked at registration: a parameter two optimizers reach is the simplest way
+for a seed to move the host (or the reverse). Every registration is checked by identity *and* by
+memory, so ``nn.Parameter(host.weight.data)`` (sharing the host's storage) is rejected like the
+host tensor itself. Teacher parameters are frozen and never enter any optimizer.
 
 When a seed becomes ACTIVE (fossilized) its parameters join one of the host optimizer's
 existing param groups (``promote_seed``) and the seed optimizer is dropped. Never a group of
@@ -17,8 +16,8 @@ rollback's commit (``adopt``) moves the rebuilt state into the live optimizer ob
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
 
 Stepping takes one clip norm for all the optimizers it steps, checked (``checked_clip_norm``)
-before any gradient is clipped or any optimizer stepped: 0 or None is no clipping, a norm > 0
-clips to it and skips a step whose gradient norm is not finite, +inf skips without clipping.
+first: 0 or None is no clipping, a norm > 0 clips to it and skips (gradients and lr untouched)
+a step whose gradient norm is not finite, +inf skips without clipping.
 
 This is an in-process component, not a door: a controller's optimizer command reaches it only
 verified (``optimizer_commands`` reads it and refuses a wire message), and
@@ -90,9 +89,8 @@ class _Entry:
 
 def checked_clip_norm(value: object) -> float:
     """A ``grad_clip_norm`` as a float: 0 (or None) for no clipping, else the norm to clip to,
-    which also skips a step whose gradient norm is not finite (+inf: that skip without
-    clipping). A negative or NaN norm would silently turn both off: refused with
-    ``ValueError``, as a bool, a string or a tensor is (``check_real``)."""
+    which also skips a step whose gradient norm is not finite (+inf: only that). A negative or
+    NaN norm would silently turn both off: a ``ValueError``, as a bool, a string or a tensor."""
     if value is None:
         return 0.0
     norm = float(check_real("grad_clip_norm", value))
@@ -165,12 +163,9 @@ class IsolatedOptimizerManager:
 
     # ------------------------------------------------------------------ creation
     def _new_optimizer(
-        self,
-        params: list[torch.Tensor],
-        lr: float,
-        optimizer_cls: type[torch.optim.Optimizer] | None,
-        options: Mapping[str, Any],
-    ) -> torch.optim.Optimizer:
+        self, params: list[torch.Tensor], lr: float,
+        optimizer_cls: type[torch.optim.Optimizer] | None, options: Mapping[str, Any],
+    ) -> torch.optim.Optimizer:  # fmt: skip
         if not params:
             raise ValueError("an optimizer needs at least one parameter")
         if not (lr > 0):
@@ -398,7 +393,8 @@ class IsolatedOptimizerManager:
         first = grads[0].device
         norms = [grad_norms(group).to(first) for group in by_device.values()]
         total = torch.linalg.vector_norm(torch.cat(norms))
-        coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0)
+        # A norm that is not finite leaves the gradients as they were (torch's scales by 0 or NaN).
+        coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
         for device, group in by_device.items():
             torch._foreach_mul_(group, coef.to(device))
         return total
@@ -467,11 +463,16 @@ class IsolatedOptimizerManager:
                 self.zero_grad(HOST_ID)  # else its first step would apply them all at once
             elif kind == CommandType.COMMAND_TYPE_CREATE_SEED:
                 self.create_seed_optimizer(oid, self._params_from(oid), lr=lr, **options)
-            elif kind == CommandType.COMMAND_TYPE_STEP:
-                clip = checked_clip_norm(order.grad_clip_norm)  # a refusal leaves the lr as it was
+            elif kind == CommandType.COMMAND_TYPE_STEP:  # refused (skipped): the lr as it was
+                clip = checked_clip_norm(order.grad_clip_norm)
+                groups = self._entry(oid).optimizer.param_groups
+                before = [group["lr"] for group in groups]
                 if order.learning_rate is not None:
                     self.set_lr(oid, lr)
-                return self.step(oid, grad_clip_norm=clip)
+                stepped = self.step(oid, grad_clip_norm=clip)
+                for group, old_lr in zip(groups, before if not stepped else (), strict=False):
+                    group["lr"] = old_lr
+                return stepped
             elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
                 self.reset_state(oid)
             elif kind == CommandType.COMMAND_TYPE_REGISTER_TEACHER:

@@ -135,3 +135,27 @@ def test_a_step_command_with_a_bad_clip_norm_is_rejected_unstepped(norm: float) 
     assert all(torch.equal(p, b) for p, b in zip(host.parameters(), before, strict=True))
     assert not opts.optimizer("host").state and not opts.last_grad_norm
     assert opts.optimizer("host").param_groups[0]["lr"] == 1e-3  # the command's lr not set either
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_step_command_skipped_for_a_non_finite_norm_changes_nothing(bad: float) -> None:
+    """Refused as skipped, it kept the lr it carried and had scaled the gradients in place (by
+    0 or NaN) before the skip: a refused command changes nothing."""
+    host, _ = models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    init = _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, learning_rate=0.05)
+    assert opts.apply_optimizer_command(init)
+    opts.optimizer("host").add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.3})
+    fill_grads(host)
+    host.weight.grad[0, 0] = bad
+    grads = [p.grad.clone() for p in host.parameters()]
+    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=1.0, learning_rate=0.2)
+    assert opts.apply_optimizer_command(step) is False
+    assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.05, 0.3]
+    for p, before in zip(host.parameters(), grads, strict=True):
+        assert torch.equal(p.grad.isnan(), before.isnan())
+        assert torch.equal(p.grad.nan_to_num(), before.nan_to_num())
+    fill_grads(host)  # a finite step takes the command's lr
+    assert opts.apply_optimizer_command(step) is True
+    assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.2, 0.2]
