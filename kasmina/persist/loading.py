@@ -43,7 +43,7 @@ from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import cast_in_place
+from kasmina.utils.state_io import cast_in_place, with_metadata_of
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,9 @@ def _check_architecture(
                 f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
             )
         state[bare] = value
-    return state
+    # The modules' format versions: this host's own (a file from before they were saved has
+    # none, and ``load_state_dict`` would read its state as the oldest format).
+    return with_metadata_of(live, state)
 
 
 def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:

@@ -31,6 +31,7 @@ training cannot mutate a snapshot.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import hmac
 import io
@@ -40,6 +41,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,18 +386,32 @@ class CheckpointSigner:
 
 def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
     """Deep copy of nested dicts/lists/tuples, cloning tensors (detached; onto ``device`` when
-    given) and keeping scalars."""
+    given) and keeping scalars. A module ``state_dict``'s ``_metadata`` (each module's format
+    version) is kept: without it ``load_state_dict`` reads the state as the oldest format (a
+    quantized ``Linear`` then looks for a ``weight`` key it no longer has)."""
     if isinstance(value, torch.Tensor):
         if device is None:
             return value.detach().clone()
         return value.detach().to(device, copy=True)
     if isinstance(value, Mapping):
-        return {key: clone_state(item, device) for key, item in value.items()}
+        copied = {key: clone_state(item, device) for key, item in value.items()}
+        return with_metadata_of(value, copied)
     if isinstance(value, list):
         return [clone_state(item, device) for item in value]
     if isinstance(value, tuple):
         return tuple(clone_state(item, device) for item in value)
     return value
+
+
+def with_metadata_of(source: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """``state``, as an ``OrderedDict`` carrying a copy of ``source``'s ``_metadata`` (a module
+    ``state_dict``'s format versions) when ``source`` has one; else ``state`` itself."""
+    metadata = getattr(source, "_metadata", None)
+    if metadata is None:
+        return state
+    state = OrderedDict(state)
+    state._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return state
 
 
 def cast_in_place(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:

@@ -571,6 +571,20 @@ def test_mismatched_checkpoint_is_rejected_without_touching_live_state():
     assert torch.equal(table, live["table"])
 
 
+def test_a_captured_state_keeps_the_modules_format_versions() -> None:
+    """A restore through ``load_state_dict`` needs each module's version (``_metadata``): an
+    int8 dynamic ``Linear`` refused a state without it (KeyError), so a rollback of a host with
+    a quantized layer failed."""
+    from torch.ao.quantization import quantize_dynamic
+
+    host = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), {"0"})
+    captured = capture_training_state({"host": host}, None, None)
+    before = host(torch.ones(1, 4))
+    host[1].weight.data.add_(1.0)
+    restore_training_state(captured, {"host": host}, None, None)
+    assert torch.equal(host(torch.ones(1, 4)), before)
+
+
 def test_a_failed_restore_whose_undo_fails_too_reports_the_first_failure(
     monkeypatch, caplog
 ) -> None:

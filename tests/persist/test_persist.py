@@ -167,6 +167,26 @@ def test_a_model_moved_to_bf16_after_growing_loads_bitwise_into_a_bf16_host(
     assert [seed.faults for seed in _seeds(fresh)] == [0, 0]
 
 
+def test_a_host_with_a_quantized_layer_loads(tmp_path: Path) -> None:
+    """The saved weights lost the modules' format versions (``_metadata``): an int8 dynamic
+    ``Linear`` then read its state as the oldest format and raised KeyError mid-load, after
+    the layers before it had been written."""
+    from torch.ao.quantization import quantize_dynamic
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        return quantize_dynamic(mlp, {"2"}, dtype=torch.qint8)
+
+    model = build(0).eval()
+    kasmina.attach(model, ["4"], seeds_per_layer=2, chunk_size=2)
+    x = torch.randn(3, 6)
+    path = kasmina.save(model, tmp_path / "q.kasmina")
+    fresh = build(1).eval()
+    kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    assert torch.equal(fresh(x), model(x))
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
 def test_a_loaded_model_refuses_a_seed_state_before_any_module_loads(saved: Path, strict) -> None:
     """As after ``kasmina.attach``: every seed of a model ``kasmina.load`` built checks its
