@@ -278,11 +278,14 @@ class SlotRegistry:
             # itself under ``parametrizations``; one that splits it (``weight_norm``'s
             # ``original0/1``) leaves it nowhere, and the optimizers would step a dead tensor.
             held = getattr(module.parametrizations[name], "original", None)
+        if held is not param and any(p is param for p in module._parameters.values()):
+            held = param  # renamed where it is (``torch.nn.utils.prune``: ``weight_orig``)
         if held is not param:
             raise RuntimeError(
                 "the model's parameters were replaced after the manager registered them (a "
-                "move to another kind of device, or load_state_dict(assign=True)); its "
-                "optimizers hold the old ones. Move or load the model before attach"
+                "move to another kind of device, load_state_dict(assign=True), or a "
+                "reparametrization that makes new ones: torch.nn.utils.weight_norm); its "
+                "optimizers hold the old ones. Move, load or reparametrize the model before attach"
             )
         if _REGISTRATIONS[0] != self._checked_at:
             self._check_registered(optimizers)

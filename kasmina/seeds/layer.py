@@ -77,6 +77,7 @@ from kasmina.seeds.outputs import (
     contract_problem,
     fits,
     force_regular_path,
+    host_holds,
     kernels_refuse,
     on_dense,
     output_element,
@@ -223,8 +224,7 @@ class KasminaLayer(nn.Module):
         # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
         host, built = self.__dict__.get("_modules", {}).get("host"), "_built" in self.__dict__
         if (
-            host is not None
-            and (name in host._parameters or name in host._buffers or built and name in vars(host))
+            host_holds(host, name, built)
             and not hasattr(type(self), name)
             and name not in self._parameters
             and name not in self._buffers

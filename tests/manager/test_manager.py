@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 from torch.nn import functional as F
 
@@ -317,7 +318,7 @@ def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig,
     assert stats["rejected:unknown_key_id"] == 1 and stats["rejected:missing_metadata"] == 1
     valid = rig.signed(make_seed_command("germinate", SEED0, mlp))
     assert manager.verify_message_auth(valid)  # answers without using the nonce
-    oversize = rig.signed(make_rollback_command(0, reason="x" * 100_000))  # signed, 100 KB
+    oversize = rig.signed(make_rollback_command(0, reason="x" * 100_000, validate=False))
     assert not manager.verify_message_auth(oversize)  # the door's size bound, as on arrival
     assert run_command(manager, valid)
     assert not run_command(manager, valid)  # replay
@@ -1226,15 +1227,19 @@ def test_a_step_refuses_a_model_whose_parameters_were_replaced(rig: Rig, mlp, ho
     assert all(torch.equal(p, w) for p, w in zip(registered, weights, strict=True))
 
 
-@pytest.mark.parametrize("how", ["spectral_norm", "orthogonal"])
+@pytest.mark.parametrize("how", ["spectral_norm", "orthogonal", "prune"])
 def test_a_parametrization_added_after_attach_keeps_the_host_training(rig: Rig, how: str) -> None:
     """``spectral_norm``/``orthogonal`` on a host layer after attach move the very parameter
-    object under ``parametrizations.weight.original``: the optimizers still hold it, so every
-    step goes on training it (the held-parameter check looked only under the original name)."""
-    parametrization = getattr(torch.nn.utils.parametrizations, how)
+    object under ``parametrizations.weight.original``, and pruning renames it ``weight_orig``:
+    the optimizers still hold it, so every step goes on training it (the held-parameter check
+    looked only under the original name: each step was refused as "parameters replaced")."""
     original = rig.model.inp.weight
-    parametrization(rig.model.inp)
-    assert rig.model.inp.parametrizations.weight.original is original
+    if how == "prune":
+        torch.nn.utils.prune.l1_unstructured(rig.model.inp, "weight", amount=0.25)
+        assert rig.model.inp.weight_orig is original
+    else:
+        getattr(torch.nn.utils.parametrizations, how)(rig.model.inp)
+        assert rig.model.inp.parametrizations.weight.original is original
     before = original.detach().clone()
     rig.train(2)
     assert not torch.equal(original, before)  # the host trained through the parametrization

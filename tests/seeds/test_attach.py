@@ -190,6 +190,28 @@ def test_slot_reads_through_to_the_wrapped_module() -> None:
     assert "weight" not in dict(slot.named_parameters(recurse=False))  # not re-registered
 
 
+def test_a_parametrized_weight_assigned_through_the_slot_is_set_on_the_host() -> None:
+    """A parametrized ``weight`` is a property of the host's class, not an entry of its
+    ``_parameters``: assigned through the slot it was stored on the slot, which then read it
+    back while the host kept its old weight (and ``functional_call`` left such a copy)."""
+    model = MLP()
+    torch.nn.utils.parametrizations.weight_norm(model.head)
+    bare = copy.deepcopy(model)
+    attach(model, ["head"], 2, 4)
+    new = torch.randn(8, 8)
+    model.head.weight = new
+    bare.head.weight = new  # the parametrization's right_inverse, on both
+    assert "weight" not in model.head.__dict__
+    assert torch.equal(model.head.weight, bare.head.weight)
+    assert torch.equal(model.head.host.weight, bare.head.weight)
+    x = torch.randn(3, 5)
+    assert torch.equal(model(x), bare(x))
+    other = torch.randn(8, 8)
+    got = torch.func.functional_call(model, {"head.weight": other}, (x,))
+    assert torch.equal(got, torch.func.functional_call(bare, {"head.weight": other}, (x,)))
+    assert "weight" not in model.head.__dict__ and torch.equal(model(x), bare(x))
+
+
 def test_a_slot_on_a_container_is_not_one_so_a_parent_cannot_skip_its_seeds() -> None:
     class Iterating(nn.Module):  # a parent that runs its stage's children itself
         def __init__(self) -> None:
