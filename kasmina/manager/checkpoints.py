@@ -49,7 +49,7 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import CheckpointSigner, clone_state
+from kasmina.utils.state_io import CheckpointSigner, clone_state, resized_on_load
 
 if TYPE_CHECKING:
     from kasmina.isolation.optimizers import IsolatedOptimizerManager
@@ -512,7 +512,8 @@ def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any
         if key.rpartition(".")[2] == EXTRA_STATE_KEY:
             continue  # a module's extra state is a value (its length varies), not a weight
         if isinstance(tensor, torch.Tensor) and (
-            not isinstance(value, torch.Tensor) or value.shape != tensor.shape
+            not isinstance(value, torch.Tensor)
+            or (value.shape != tensor.shape and not resized_on_load(module, key, saved))
         ):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(

@@ -43,7 +43,7 @@ from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import cast_in_place, with_metadata_of
+from kasmina.utils.state_io import cast_in_place, resized_on_load, with_metadata_of
 
 logger = logging.getLogger(__name__)
 
@@ -343,10 +343,12 @@ def _check_architecture(
             f"{missing[:5]}, have extra {unexpected[:5]}"
         )
     state: dict[str, torch.Tensor] = {}
+    as_bare = with_metadata_of(live, {bare: weights[key] for key, bare in wanted.items()})
     for key, bare in wanted.items():
         value, target = weights[key], live[bare]
         if isinstance(target, torch.Tensor) and (
-            not isinstance(value, torch.Tensor) or value.shape != target.shape
+            not isinstance(value, torch.Tensor)
+            or (value.shape != target.shape and not resized_on_load(model, bare, as_bare))
         ):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise SavedModelError(

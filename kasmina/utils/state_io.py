@@ -414,6 +414,38 @@ def with_metadata_of(source: Mapping[str, Any], state: dict[str, Any]) -> dict[s
     return state
 
 
+def resized_on_load(root: torch.nn.Module, key: str, state: Mapping[str, Any]) -> bool:
+    """Whether loading ``state`` (``root``'s keys) gives ``key`` the shape ``state`` holds for
+    it although ``root``'s tensor has another: a tensor its module resizes as it loads (a QAT
+    ``FakeQuantize``'s scale and zero point, an observer's min and max: one element until the
+    first forward, per channel after). Tried on a copy of that module; ``root`` is untouched.
+    A module with the default loader never resizes: False without a copy."""
+    owner_name, _, leaf = key.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    if type(owner)._load_from_state_dict is torch.nn.Module._load_from_state_dict:
+        return False
+    prefix = f"{owner_name}." if owner_name else ""
+    local = OrderedDict((k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # keyed by module path, as the state: made relative to the owner
+        local._metadata = {  # type: ignore[attr-defined]
+            m[len(prefix) :] if m != owner_name else "": v
+            for m, v in metadata.items()
+            if m == owner_name or m.startswith(prefix)
+        }
+    trial = copy.deepcopy(owner)
+    try:
+        trial.load_state_dict(local, strict=True)
+        loaded = trial.state_dict()[leaf]
+    except Exception:  # it does not load there either: the mismatch stands
+        return False
+    wanted = state[key]
+    return isinstance(wanted, torch.Tensor) and loaded.shape == wanted.shape
+
+
 def cast_in_place(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
     """Give each floating parameter or buffer of ``module`` named in ``dtypes`` that dtype,
     tensor by tensor (a model may mix dtypes); ``.data`` keeps each tensor object."""

@@ -31,6 +31,7 @@ from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,
     CheckpointSigner,
     atomic_torch_save,
+    clone_state,
     load_or_create_checkpoint_key,
 )
 from tests.crash import KILLED, die, run_in_child
@@ -583,6 +584,31 @@ def test_a_captured_state_keeps_the_modules_format_versions() -> None:
     host[1].weight.data.add_(1.0)
     restore_training_state(captured, {"host": host}, None, None)
     assert torch.equal(host(torch.ones(1, 4)), before)
+
+
+def test_a_fresh_qat_module_takes_a_state_its_loader_resizes_and_nothing_else() -> None:
+    """A resumed process builds its QAT host fresh (one-element fake-quant scales); the saved
+    per-channel ones load, as ``load_state_dict`` takes them. A shape no loader makes is still
+    refused before anything is written."""
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(4, 6)).train()
+        mlp.qconfig = get_default_qat_qconfig("x86")
+        return prepare_qat(mlp)
+
+    trained = build()
+    trained(torch.randn(8, 4))
+    captured = capture_training_state({"host": trained}, None, None)
+    fresh = build()
+    restore_training_state(captured, {"host": fresh}, None, None)
+    assert torch.equal(fresh[0].weight_fake_quant.scale, trained[0].weight_fake_quant.scale)
+    captured["modules"]["host"]["0.weight"] = torch.zeros(5, 4)
+    before = clone_state(fresh.state_dict())
+    with pytest.raises(ValueError, match="0.weight has shape"):
+        restore_training_state(captured, {"host": fresh}, None, None)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_failed_restore_whose_undo_fails_too_reports_the_first_failure(

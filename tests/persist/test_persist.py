@@ -187,6 +187,33 @@ def test_a_host_with_a_quantized_layer_loads(tmp_path: Path) -> None:
     assert torch.equal(fresh(x), model(x))
 
 
+def test_a_fresh_qat_host_loads_the_per_channel_observers_it_was_saved_with(
+    tmp_path: Path,
+) -> None:
+    """A QAT host's fake-quant scales hold one element until the first forward and one per
+    channel after; their loader resizes them, so ``load_state_dict`` takes a trained state into a
+    fresh host. kasmina.load refused it as an architecture mismatch (its shape check was
+    stricter than the modules' own loaders)."""
+    from torch.ao.quantization import disable_observer, get_default_qat_qconfig, prepare_qat
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).train()
+        mlp.qconfig = get_default_qat_qconfig("x86")
+        return prepare_qat(mlp)
+
+    model = build()
+    model(torch.randn(16, 6))  # the observers take their per-channel sizes
+    kasmina.attach(model, ["2"], seeds_per_layer=2, chunk_size=2)
+    model.eval().apply(disable_observer)
+    path = kasmina.save(model, tmp_path / "qat.kasmina")
+    fresh = build()
+    kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    fresh.eval().apply(disable_observer)
+    x = torch.randn(5, 6)
+    assert torch.equal(fresh(x), model(x))
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
 def test_a_loaded_model_refuses_a_seed_state_before_any_module_loads(saved: Path, strict) -> None:
     """As after ``kasmina.attach``: every seed of a model ``kasmina.load`` built checks its
