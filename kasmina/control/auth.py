@@ -133,10 +133,12 @@ def sign_command(
         )
     if not math.isfinite(now):
         raise ValueError(f"timestamp must be finite seconds since the epoch, got {now!r}")
+    seconds, nanos = divmod(round(now * 1e9), 1_000_000_000)
+    if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S:  # what a protobuf Timestamp holds
+        raise ValueError(f"timestamp must be within the years 1 to 9999, got {now!r}")
     metadata = command.metadata
     metadata.key_id = key_id
     metadata.nonce = secrets.token_hex(16) if nonce is None else nonce
-    seconds, nanos = divmod(round(now * 1e9), 1_000_000_000)
     metadata.timestamp.seconds = seconds
     metadata.timestamp.nanos = nanos
     metadata.signature = b""
@@ -144,6 +146,8 @@ def sign_command(
     return command
 
 
+# 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the range of google.protobuf.Timestamp.
+_TIMESTAMP_MIN_S, _TIMESTAMP_MAX_S = -62_135_596_800, 253_402_300_799
 MAX_FRESHNESS_S = 3600.0  # a longer window only widens what a captured command can be replayed in
 
 

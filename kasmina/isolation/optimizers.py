@@ -292,9 +292,7 @@ class IsolatedOptimizerManager:
         del self._entries[seed_id]
         self.last_grad_norm.pop(seed_id, None)
         self._emit("seed_promoted", float(len(params)), {"seed_id": seed_id})
-        logger.info(
-            "seed %s promoted: %d tensors joined host param group %d", seed_id, len(params), index
-        )
+        logger.info("seed %s promoted: %d tensors into host group %d", seed_id, len(params), index)
         return index
 
     def promoted(self) -> dict[str, tuple[int, list[torch.Tensor]]]:
@@ -341,11 +339,10 @@ class IsolatedOptimizerManager:
         """Take over ``other``'s optimizers, layout and state, keeping the optimizer objects.
 
         A rollback's commit: ``other`` was built and loaded beside this manager. Wherever an
-        optimizer id is in both with the same class (always the host), the live object stays
-        and ``other``'s param groups and state move into it, so a scheduler, a ``GradScaler``
-        or any other holder of it goes on driving the optimizer that trains; a group key only
-        the live group has (a scheduler's ``initial_lr``) stays. Other optimizers are taken as
-        built. Only dict and list operations: this cannot fail.
+        optimizer id is in both with the same class (always the host), the live object stays and
+        ``other``'s param groups and state move into it, so a scheduler or a ``GradScaler`` goes
+        on driving the optimizer that trains; a group key only the live group has (a scheduler's
+        ``initial_lr``) stays. Others are taken as built. Dict and list operations: cannot fail.
         """
         entries: dict[str, _Entry] = {}
         for oid, entry in other._entries.items():
@@ -467,11 +464,14 @@ class IsolatedOptimizerManager:
                 clip = checked_clip_norm(order.grad_clip_norm)
                 groups = self._entry(oid).optimizer.param_groups
                 before = [group["lr"] for group in groups]
-                if order.learning_rate is not None:
-                    self.set_lr(oid, lr)
-                stepped = self.step(oid, grad_clip_norm=clip)
-                for group, old_lr in zip(groups, before if not stepped else (), strict=False):
-                    group["lr"] = old_lr
+                stepped = False
+                try:
+                    if order.learning_rate is not None:
+                        self.set_lr(oid, lr)
+                    stepped = self.step(oid, grad_clip_norm=clip)
+                finally:  # skipped or raised: refused
+                    for group, old_lr in zip(groups, () if stepped else before, strict=False):
+                        group["lr"] = old_lr
                 return stepped
             elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
                 self.reset_state(oid)

@@ -29,7 +29,7 @@ from kasmina.seeds.inject import kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
-from kasmina.utils.state_io import clone_state, with_metadata_of
+from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                 entry["kernel_state"] = clone_state(kernel.state_dict(), "cpu")
                 kernel_keys.update(prefix + KERNEL_PREFIX + key for key in kernel.state_dict())
             seeds.append(entry)
-    state = clone_state(model.state_dict(), "cpu")
-    weights = with_metadata_of(state, {k: v for k, v in state.items() if k not in kernel_keys})
+    weights = {
+        key: value
+        for key, value in clone_state(model.state_dict(), "cpu").items()
+        if key not in kernel_keys
+    }
     body = {
         "format_version": FORMAT_VERSION,
         "slots": [slot_layout(name, slot) for name, slot in slots],

@@ -148,11 +148,11 @@ class ProbedOutput(NamedTuple):
 
     @classmethod
     def of(cls, output: torch.Tensor) -> ProbedOutput:
-        """The summary of ``output``; its finiteness is :func:`all_finite`'s test (no sync). An
-        output that test cannot read (a meta tensor, a subclass whose sum raises) is summarised
-        as not finite, so that the probe is kept and G3 names what is wrong with it."""
+        """The summary of ``output``; finite when every element is (read on the device, no
+        sync). An output that test cannot read (a meta tensor, a subclass that raises) is
+        summarised as not finite, so that the probe is kept and G3 names what is wrong."""
         try:
-            finite = all_finite(output)
+            finite = output.detach().isfinite().all()
         except Exception:
             finite = None
         if finite is None or finite.is_meta:
@@ -502,7 +502,7 @@ def guarded_probe(
         return None
     fault = output_fault(out, x)
     if fault is None:
-        ok = result.output.finite
+        ok = all_finite(out)
         record_fallbacks(ok, output_sum(x), *gradient_flags(finite_flag, fault_flag))
     elif not recomputing():
         record(*fault)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 import re
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,7 +89,7 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
         if not matched:
             raise _no_match(targets, model, names)
     else:
-        if not isinstance(targets, Collection):
+        if not isinstance(targets, Iterable):
             raise TypeError(
                 "targets must be a pattern (str) or a collection of module names, got "
                 f"{type(targets).__name__} {targets!r}"

@@ -159,3 +159,18 @@ def test_a_step_command_skipped_for_a_non_finite_norm_changes_nothing(bad: float
     fill_grads(host)  # a finite step takes the command's lr
     assert opts.apply_optimizer_command(step) is True
     assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.2, 0.2]
+
+
+def test_a_step_command_that_raises_leaves_the_lr_as_it_was() -> None:
+    """Clipping refuses sparse gradients: the command is refused, and the lr it carried had
+    been set before the step raised."""
+    host = nn.Embedding(10, 4, sparse=True)
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.set_parameter_source("host", host.parameters)
+    assert opts.apply_optimizer_command(
+        _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, learning_rate=0.05)
+    )
+    host(torch.tensor([1, 2])).sum().backward()
+    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=1.0, learning_rate=0.2)
+    assert opts.apply_optimizer_command(step) is False
+    assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.05]

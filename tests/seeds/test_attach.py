@@ -415,6 +415,7 @@ def test_attach_names_an_argument_of_the_wrong_type() -> None:
     model = MLP()
     with pytest.raises(TypeError, match="targets must be a pattern .* got int"):
         attach(model, 0, 2, 4)  # type: ignore[arg-type]
+    assert len(attach(copy.deepcopy(model), (n for n in ["head"]), 2, 4)) == 1  # any iterable
     with pytest.raises(TypeError, match=r"kd_config must be a KDConfig or None, got dict"):
         attach(model, ["head"], 2, 4, kd_config={"temperature": 2.0})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="state must be a GPUStateTensor or None, got Tensor"):

@@ -404,6 +404,8 @@ def test_gate_g3_shape_dtype_finite_and_counted_cost() -> None:
     nan = out.clone()
     nan[0, 0] = float("nan")
     assert "finite" in gate_g3_compatibility(nan, (2, 4), torch.float32, 0.5, 1.0).reason
+    huge = torch.full((2, 4), 3e38)  # every element finite, their sum not: still finite
+    assert gate_g3_compatibility(huge, (2, 4), torch.float32, 0.5, 1.0).passed
     over = gate_g3_compatibility(out, (2, 4), torch.float32, 2.0, 1.0)
     assert not over.passed and "cost" in over.reason and over.score == 2.0
     assert not gate_g3_compatibility(None, (2, 4), torch.float32, None, 1.0).passed
