@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand
-from kasmina.utils.keyring import Keyring
+from kasmina.utils.keyring import Keyring, checked_keyring
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def compute_signature(command: AdaptationCommand, keyring: Keyring, key_id: str)
     while it runs).
     """
     _check_signing_arguments(command, keyring)
+    return _signature(command, keyring, key_id)
+
+
+def _signature(command: AdaptationCommand, keyring: Keyring, key_id: str) -> bytes | None:
+    """:func:`compute_signature` of arguments already checked."""
     if key_id not in keyring:
         return None
     metadata = command.metadata
@@ -142,7 +147,7 @@ def sign_command(
     metadata.timestamp.seconds = seconds
     metadata.timestamp.nanos = nanos
     metadata.signature = b""
-    metadata.signature = compute_signature(command, keyring, key_id) or b""
+    metadata.signature = _signature(command, keyring, key_id) or b""
     return command
 
 
@@ -185,8 +190,7 @@ class CommandVerifier:
         ledger: NonceLedger | None = None,
         defer_sync: bool = False,
     ) -> None:
-        if not isinstance(keyring, Keyring):  # not its contents: a mapping of key material
-            raise TypeError(f"keyring must be a Keyring, got {type(keyring).__name__}")
+        checked_keyring(keyring)
         if isinstance(freshness_s, bool) or not isinstance(freshness_s, (int, float)):
             raise TypeError(f"freshness_s must be a number of seconds, got {freshness_s!r}")
         if not 0 < freshness_s <= MAX_FRESHNESS_S:
@@ -463,11 +467,7 @@ def _check_signing_arguments(command: object, keyring: object) -> None:
             f"command must be an AdaptationCommand (make_*_command builds one), "
             f"got {type(command).__name__}"
         )
-    if not isinstance(keyring, Keyring):  # not its contents: a mapping of key material
-        raise TypeError(
-            f"keyring must be a Keyring, e.g. Keyring({{key_id: key}}), got "
-            f"{type(keyring).__name__}"
-        )
+    checked_keyring(keyring)
 
 
 def _key_id_set(key_ids: Collection[str]) -> frozenset[str]:

@@ -29,7 +29,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.resilience import redact_urls
-from kasmina.utils.keyring import Keyring
+from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
 
@@ -471,14 +471,7 @@ def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyr
             f"config must be a KasminaConfig, got {type(config).__name__} "
             "(KasminaConfig.from_dict builds one from a mapping)"
         )
-    if keyring is None:
-        return config, config.load_keyring()
-    if not isinstance(keyring, Keyring):
-        raise TypeError(
-            f"keyring must be a Keyring, got {type(keyring).__name__} "
-            "(Keyring({key_id: key_bytes}) builds one)"
-        )
-    return config, keyring
+    return config, config.load_keyring() if keyring is None else checked_keyring(keyring)
 
 
 def _publisher_keys(value: object) -> dict[str, str]:

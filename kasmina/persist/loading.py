@@ -342,13 +342,14 @@ def _check_architecture(
             f"architecture mismatch with {type(model).__name__}: saved weights lack "
             f"{missing[:5]}, have extra {unexpected[:5]}"
         )
-    state: dict[str, torch.Tensor] = {}
-    as_bare = with_metadata_of(live, {bare: weights[key] for key, bare in wanted.items()})
-    for key, bare in wanted.items():
-        value, target = weights[key], live[bare]
+    # Under the bare model's keys, with its modules' format versions (the file carries none, and
+    # ``load_state_dict`` would read a state without them as the oldest format).
+    state = with_metadata_of(live, {bare: weights[key] for key, bare in wanted.items()})
+    for bare, value in state.items():
+        target = live[bare]
         if isinstance(target, torch.Tensor) and (
             not isinstance(value, torch.Tensor)
-            or (value.shape != target.shape and not resized_on_load(model, bare, as_bare))
+            or (value.shape != target.shape and not resized_on_load(model, bare, state))
         ):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise SavedModelError(
@@ -361,10 +362,7 @@ def _check_architecture(
                 f"dtype mismatch: {bare} is {target.dtype} here, saved {value.dtype}; build "
                 f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
             )
-        state[bare] = value
-    # The modules' format versions: this host's own (a file from before they were saved has
-    # none, and ``load_state_dict`` would read its state as the oldest format).
-    return with_metadata_of(live, state)
+    return state
 
 
 def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:

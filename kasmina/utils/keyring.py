@@ -59,6 +59,17 @@ def generate_key(num_bytes: int = 32) -> bytes:
     return secrets.token_bytes(num_bytes)
 
 
+def checked_keyring(value: object) -> Keyring:
+    """``value`` if it is a :class:`Keyring`, else ``TypeError`` with the remedy (a dict of keys
+    is the usual slip; its contents are never shown: they hold key material)."""
+    if not isinstance(value, Keyring):
+        raise TypeError(
+            f"keyring must be a Keyring, e.g. Keyring({{key_id: key_bytes}}), got "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
 class Keyring:
     """HMAC keys by ``key_id``. Key material never appears in ``repr`` or logs."""
 
