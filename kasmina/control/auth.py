@@ -130,6 +130,8 @@ def sign_command(
         raise TypeError(
             f"nonce must be a str or None (a fresh one), got {type(nonce).__name__} {nonce!r:.40}"
         )
+    if nonce is not None and not 0 < len(nonce) <= MAX_NONCE_CHARS:  # what the trainer refuses
+        raise ValueError(f"nonce must be 1 to {MAX_NONCE_CHARS} characters, got {nonce!r:.40}")
     now = time.time() if timestamp is None else timestamp
     if isinstance(now, bool) or not isinstance(now, Real):
         raise TypeError(

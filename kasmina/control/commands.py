@@ -412,7 +412,10 @@ def _invalid(
 
 
 def _set(message: Any, field: str, value: object, argument: str) -> None:
-    """``message.field = value``, with protobuf's type and range errors naming ``argument``."""
+    """``message.field = value``, with protobuf's type and range errors naming ``argument``.
+    Protobuf takes ``True`` for a number and ``2`` for a bool: both are refused here."""
+    if isinstance(value, bool) != (argument == "emergency"):
+        raise _invalid(TypeError, argument, value)
     try:
         setattr(message, field, value)
     except (TypeError, ValueError) as exc:
@@ -424,6 +427,9 @@ def _set_parameters(target: Any, parameters: Mapping[str, float] | None) -> None
         return
     if not isinstance(parameters, Mapping):
         raise _invalid(TypeError, "parameters", parameters)
+    for key, value in parameters.items():
+        if isinstance(value, bool):  # protobuf would store 1.0
+            raise _invalid(TypeError, f"parameters[{key!r}]", value, "a number")
     try:
         target.update(parameters)  # one update: entry by entry would change the wire order
     except (TypeError, ValueError):  # protobuf does not say which entry: find it
@@ -479,7 +485,7 @@ def _checked(cmd: AdaptationCommand, given: Mapping[str, Any], validate: bool) -
 
 
 def _duration(timeout_s: float) -> Duration:
-    if not isinstance(timeout_s, Real):
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real):
         raise _invalid(TypeError, "timeout_s", timeout_s)
     try:
         if not (math.isfinite(timeout_s) and timeout_s > 0):

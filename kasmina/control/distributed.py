@@ -21,8 +21,9 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    they are ready; a command is applied, in the same order on every rank, only if every rank
    is, and is otherwise refused everywhere with a reason that names the ranks that could not.
 3. **Repair, not only detect.** After applying, every rank checksums its replicated state and the
-   checksums are all-gathered. A rank that disagrees with the majority (with two ranks, or a
-   tie, the group holding rank 0 wins) receives the state of the lowest rank of the majority and
+   checksums are all-gathered. A rank that disagrees with the majority of the ranks whose state
+   is finite (a tie goes to the group holding the lowest such rank, so a rank whose state is not
+   finite loses even a two-rank tie) receives the state of the lowest rank of the majority and
    loads it; the checksums are compared again, and only a rank that still disagrees is handed to
    ``on_divergence`` (typically: quarantine its seeds). Every repair is logged and counted
    (``stats["repairs"]``, the ``distributed.repair`` event). A command whose execution

@@ -20,8 +20,9 @@ cleanup only ever touch names of this run in this run's directory, so runs that 
 directory never see, rotate or delete each other's checkpoints (and would refuse to load them:
 the run id is signed). Two live trainers of one run, though, would write the same names, so the
 run's disk store (``open_checkpoint_store``) holds an exclusive lock while it is open, in the
-run directory and named after the checkpoint directory, and a second one is refused: give each
-trainer, each rank of a multi-process run included, its own ``run_id`` (or ``checkpoint_dir``).
+checkpoint directory and named after the run (``.<run_id>.checkpoints.lock``), and a second one
+is refused: give each trainer, each rank of a multi-process run included, its own ``run_id``
+(or ``checkpoint_dir``).
 
 Why capture/restore helpers: a ``RollbackCommand`` must put seeds' weights, the lifecycle state
 table and every optimizer's state back bit for bit. ``capture_training_state`` snapshots them

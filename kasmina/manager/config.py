@@ -28,7 +28,7 @@ from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
-from kasmina.urza.resilience import redact_urls
+from kasmina.urza.resilience import check_store_settings, redact_urls
 from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
@@ -93,8 +93,6 @@ LIVE_FIELDS = frozenset(
         "grafting_temperature",
     }
 )
-# The longest urza_timeout_s a wait can take (threading.TIMEOUT_MAX is ~292 years): a week.
-MAX_URZA_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 # Settings an earlier version had, and what a saved config holding one should say instead.
@@ -245,14 +243,19 @@ class KasminaConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a valid torch device") from None
         _positive("cache_size_mb", self.cache_size_mb)
+        if isinstance(self.urza_url, os.PathLike):  # a store directory given as a Path
+            self.urza_url = os.fspath(self.urza_url)
         if not isinstance(self.urza_url, str) or not self.urza_url:
             raise ValueError("urza_url must be a non-empty string")
-        _in_range("urza_timeout_s", self.urza_timeout_s, 0.0, MAX_URZA_TIMEOUT_S)
-        _non_negative_int("urza_retries", self.urza_retries)
-        _non_negative("urza_backoff_s", self.urza_backoff_s)
-        _non_negative("urza_backoff_max_s", self.urza_backoff_max_s)
-        _positive_int("urza_breaker_threshold", self.urza_breaker_threshold)
-        _non_negative("urza_breaker_reset_s", self.urza_breaker_reset_s)
+        check_store_settings(
+            "urza_",
+            timeout_s=self.urza_timeout_s,
+            retries=self.urza_retries,
+            backoff_s=self.urza_backoff_s,
+            backoff_max_s=self.urza_backoff_max_s,
+            breaker_threshold=self.urza_breaker_threshold,
+            breaker_reset_s=self.urza_breaker_reset_s,
+        )
         self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
         for name in _OPTIONAL_PATHS:
             setattr(self, name, _optional_path(name, getattr(self, name)))
@@ -263,6 +266,8 @@ class KasminaConfig:
         _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
         self.command_key_ids = _id_tuple("command_key_ids", self.command_key_ids)
         ledger = self.nonce_ledger
+        if isinstance(ledger, os.PathLike):  # a file given as a Path, as the other paths
+            ledger = os.fspath(ledger)
         if not isinstance(ledger, bool) and not (isinstance(ledger, str) and ledger.strip()):
             raise ValueError(f"nonce_ledger must be True, False or a file path, got {ledger!r}")
         if isinstance(ledger, str) and ledger.strip().lower() in _NOT_PATHS:
@@ -491,8 +496,10 @@ def _publisher_keys(value: object) -> dict[str, str]:
 
 
 def _optional_path(name: str, value: object) -> str | None:
-    """None, or a non-empty path (a ``str`` or ``os.PathLike``) as a string; "" is refused
-    rather than read as unset, and a number is never a path."""
+    """None, or a non-empty path (a ``str`` or ``os.PathLike``) as an absolute string, as
+    ``runs_root`` (a relative checkpoint key file read at the first checkpoint, after a chdir,
+    was created anew in the other directory, and the run refused its own checkpoints); "" is
+    refused rather than read as unset, and a number is never a path."""
     if value is None:
         return None
     path = os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -500,7 +507,7 @@ def _optional_path(name: str, value: object) -> str | None:
         raise ValueError(
             f"{name} must be None or a path (a non-empty str or os.PathLike), got {value!r}"
         )
-    return path
+    return str(Path(path).expanduser().absolute())
 
 
 def _is_number(value: object) -> bool:

@@ -54,6 +54,7 @@ from kasmina.stages import (
     StateColumn,
 )
 from kasmina.urza.kernel import GPUKernel
+from kasmina.utils.grad_modes import training_tensors
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.ratelimit import rarely
 
@@ -125,27 +126,10 @@ class CommandExecution:
         command's outcome is noted and handed to ``on_interrupt`` first, so that the caller can
         report it (see ``_interrupted``)."""
         target = command.seed.seed_id if command.seed is not None else command.kind
-        problem = ""  # of a command applied anyway (a rollback whose boundary replay failed)
         before = self._seed_stage(command)
         try:
-            if fetch_error is not None:
-                raise CommandRefused(
-                    f"loading its kernel failed: {_public_name(fetch_error)}: {fetch_error}"
-                )
-            if command.kind == "seed" and command.seed is not None:
-                self._seed_command(command.seed, command.timeout_s, original)
-            elif command.kind == "rollback" and command.rollback is not None:
-                rollback = command.rollback
-                log = logger.critical if rollback.emergency else logger.warning
-                log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
-                problem = restore_epoch(
-                    self.state, self.guard, rollback.target_epoch, self.epoch_boundary
-                )
-            elif command.kind == "optimizer" and command.optimizer is not None:
-                if not self.state.optimizers.apply_optimizer_command(command):
-                    raise CommandRefused("rejected by the optimizer manager (see its log)")
-            else:
-                raise CommandRefused(f"command of kind {command.kind!r} has no payload")
+            with training_tensors():
+                problem = self._operation(command, original, fetch_error)
         except (CommandRefused, *_REFUSALS) as exc:
             reason = str(exc) if isinstance(exc, CommandRefused) else f"{type(exc).__name__}: {exc}"
             self.state.counters["commands_refused"] += 1  # each in command_log; logged rarely
@@ -162,6 +146,32 @@ class CommandExecution:
             raise
         self.report.note_command(command, True, problem)
         return CommandOutcome(command.command_id, command.kind, target, True, problem)
+
+    def _operation(
+        self,
+        command: KasminaCommand,
+        original: GPUKernel | None,
+        fetch_error: BaseException | None,
+    ) -> str:
+        """``apply``'s operation: what it reports of a command applied anyway ("": nothing;
+        a rollback whose boundary replay failed says so), or an exception that refuses it."""
+        if fetch_error is not None:
+            raise CommandRefused(
+                f"loading its kernel failed: {_public_name(fetch_error)}: {fetch_error}"
+            )
+        if command.kind == "seed" and command.seed is not None:
+            self._seed_command(command.seed, command.timeout_s, original)
+        elif command.kind == "rollback" and command.rollback is not None:
+            rollback = command.rollback
+            log = logger.critical if rollback.emergency else logger.warning
+            log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
+            return restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
+        elif command.kind == "optimizer" and command.optimizer is not None:
+            if not self.state.optimizers.apply_optimizer_command(command):
+                raise CommandRefused("rejected by the optimizer manager (see its log)")
+        else:
+            raise CommandRefused(f"command of kind {command.kind!r} has no payload")
+        return ""
 
     def _seed_stage(self, command: KasminaCommand) -> SeedStage | int | None:
         """What tells whether ``command`` took effect: the stage of the seed it names, or for a
@@ -486,7 +496,8 @@ class CommandExecution:
         registry = self.state.require_registry()
         registry.count_trained_epochs()  # G2's evidence, before the tick (epochs_in_stage)
         registry.table.tick()
-        return self.auto_transitions()
+        with training_tensors():  # a recycled seed's fresh state
+            return self.auto_transitions()
 
     def after_step(self, stepped: list[str]) -> None:
         """A training step's seed bookkeeping once the optimizers stepped (gradients not yet

@@ -160,9 +160,13 @@ class IsolationGuard:
                 registry.close()
 
     def seed_only_backward(
-        self, kd_loss: torch.Tensor, registry: SlotRegistry, retain_graph: bool
+        self, kd_loss: torch.Tensor, weight: float, registry: SlotRegistry, retain_graph: bool
     ) -> None:
-        """Backpropagate a seed-only loss with the host's gradients set aside and checked."""
+        """Backpropagate a seed-only loss, times ``weight``, with the host's gradients set
+        aside and checked. The weighting records a graph in any grad mode: called under
+        ``torch.no_grad()``, as ``loss.backward()`` may be, it made a loss without one."""
+        with torch.enable_grad():
+            kd_loss = kd_loss * weight
         host = [p for p in registry.host_side_params() if p.requires_grad]
         kd = registry.in_stages(ISOLATED_TRAINING_STAGES)  # the stages KD distils into
         students = [r.seed_id for r in kd if r.kernel is not None]

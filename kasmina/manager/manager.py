@@ -48,8 +48,9 @@ from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics
 from kasmina.manager.rollback import snapshot
-from kasmina.manager.slots import SlotRegistry
+from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
+from kasmina.ops.backend import check_float_tensor
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
@@ -117,6 +118,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             kernel_cache = GPUKernelCache(config.cache_size_mb)
             # Artifacts verify against the configured publisher public keys, never the keyring:
             # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
+            self._owns_client = urza_client is None  # a caller's client stays open on close()
             self.urza_client = urza_client or undo.push(UrzaLibraryClient.from_config(config))
             loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
             state = self.state = ManagerState(config, telemetry, kernel_cache, loader)
@@ -201,10 +203,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
         ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
         self.state.require_no_model()
-        check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr)  # as GERMINATE builds
+        host_lr = check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr)
         check_device(model, self.config.torch_device)  # where GERMINATE will load the kernels
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
-        registry = SlotRegistry(model, slots or kasmina_layers(model), self.execution.on_transition)
+        slots = slots or kasmina_layers(model)
+        registry = SlotRegistry(model, slots, self.execution.on_transition, self.telemetry)
         state = self.state
         state.optimizer_cls = optimizer_cls
         state.optimizer_options = dict(optimizer_options)
@@ -219,6 +222,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 params, cls = registry.host_params, optimizer_cls
                 state.optimizers.initialize_host(params, host_lr, cls, **optimizer_options)
         except BaseException:
+            registry.close(undone=True)  # nothing of it stays on the model
             state.registry = None
             state.optimizers = state.new_optimizer_manager()
             raise
@@ -236,9 +240,6 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def record_gate_score(self, seed_id: str, score: float) -> None:
         """A trainer's own score (0..1) into the seed's GATE_SCORE column, for reports only:
         G5 uses the benefit ``evaluate_seeds`` measured, which overwrites this score."""
-        logger.warning(
-            "record_gate_score(%s): reported only; G5 uses evaluate_seeds' measurement", seed_id
-        )
         self.state.record_gate_score(seed_id, score)
 
     def evaluate_seeds(
@@ -259,13 +260,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """
         with self._lock:
             state = self.state
+            registry = state.require_registry(training=True)
             results = evaluate_seeds(
-                state.require_registry(training=True),
-                batches,
-                loss_fn,
-                metric_fn,
-                epoch=state.epoch,
-                step=state.global_step,
+                registry, batches, loss_fn, metric_fn, epoch=state.epoch, step=state.global_step
             )
             self.report.note_evaluations(results)
         return results
@@ -311,7 +308,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def load_teacher(
         self, model: nn.Module, *, device: torch.device | str | None = None, copy_model=True
     ) -> CheckpointedTeacher:
-        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``)."""
+        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``);
+        ``copy_model=False``: ``model`` itself, which must not be managed."""
+        if not copy_model:
+            check_unmanaged(model)
         if device is None:
             host = next(iter(self.registry.host_params), None) if self.registry else None
             device = host.device if host is not None else self.device
@@ -355,6 +355,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         Returns their ids; logits no slot reads count as ``teacher_logits_unread``, warned once."""
         if teacher_logits is None:
             return []
+        check_float_tensor("teacher_logits", teacher_logits)  # a float64 one raised at forward
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
         uncollected = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)
@@ -434,8 +435,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         reg = self.registry  # its host parameters are read only for a loss without a graph
         main = loss is not None and (loss.requires_grad or reg is None or not reg.host_frozen())
         if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
-            weighted = kd_loss * self.config.kd.alpha
-            self.guard.seed_only_backward(weighted, self.require_registry(), main)
+            alpha, registry = self.config.kd.alpha, self.require_registry()
+            self.guard.seed_only_backward(kd_loss, alpha, registry, main)
         if main:
             loss.backward()
 
@@ -582,13 +583,14 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.close()
 
     def close(self) -> None:
-        """Drop queued commands, stop store reads, report pending rejections, close the nonce
-        ledger (later commands refused), the checkpoint store (its run lock released), the JSONL
-        file, and unhook the model (``IsolationGuard.close``); later steps and epochs raise."""
+        """Drop queued commands, close its own Urza client (a caller's stays open), report
+        pending rejections, close the nonce ledger, the checkpoint store (its run lock), the
+        JSONL file, and unhook the model (``IsolationGuard.close``); later calls raise."""
         self.state.closed = True
         try:
             self.intake.drop_pending()
-            self.urza_client.close()
+            if self._owns_client:
+                self.urza_client.close()
             self.handler.flush_rejections(force=True)
             self.verifier.close()
         finally:

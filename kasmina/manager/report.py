@@ -37,7 +37,7 @@ from kasmina.leyline import (
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
-from kasmina.ops.backend import check_positive_int
+from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.faults import rng_forked
 from kasmina.seeds.gates import GateResult, SeedEvaluation, kept_buffers
 from kasmina.seeds.table import GPUStateTensor
@@ -71,12 +71,22 @@ Metric = tuple[str, float, int, Mapping[str, str] | None]
 def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
     """``end_epoch``'s validation metrics as floats, checked before the epoch changes anything:
     each key a string (they name telemetry metrics and the state packet's fields, and are sorted
-    with one another), each value a real number (``float()`` refuses anything else)."""
+    with one another), each value a real number or a one-element tensor holding one (a string
+    or a bool is refused, as ``check_real`` refuses them: ``float("0.9")`` would take it)."""
     metrics = dict(val_metrics or {})
     bad = [key for key in metrics if not isinstance(key, str)]
     if bad:
         raise ValueError(f"val_metrics keys must be strings, got {bad[0]!r}")
-    return {key: float(value) for key, value in metrics.items()}
+    return {key: _metric(key, value) for key, value in metrics.items()}
+
+
+def _metric(key: str, value: object) -> float:
+    name = f"val_metrics[{key!r}]"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be one number, got a tensor of shape {value.shape}")
+        value = value.item()
+    return float(check_real(name, value))
 
 
 def operation_name(operation: int) -> str:

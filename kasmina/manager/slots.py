@@ -14,12 +14,14 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,10 +38,14 @@ from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNE
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.ratelimit import rarely
 
+if TYPE_CHECKING:
+    from kasmina.utils.telemetry import TelemetryReporter
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "KernelHook",
+    "check_unmanaged",
     "SeedRecord",
     "SlotRegistry",
     "TIMELINE_SIZE",
@@ -167,6 +173,47 @@ class SeedRecord:
         return kernel
 
 
+# The registries of this process's live managers (``close`` or garbage collection drops one).
+_LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()
+
+
+def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
+    """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a
+    slot not in ``model`` (its seeds would never run in the model stepped); a slot of ``model``
+    another manager owns; a trainable parameter of ``model`` another manager's host optimizer
+    steps (the other's model inside this one, or this one inside the other's: both would step
+    it); a new slot inside another manager's model (its GERMINATEs would put parameters there
+    that the other steps nothing of, refusing its every step)."""
+    modules = {id(m): m for m in model.modules()}
+    outside = [slot.layer_id for slot in slots if id(slot) not in modules]
+    if outside:
+        return f"slot(s) {outside} are not modules of the model registered with them"
+    for layer in (m for m in modules.values() if isinstance(m, KasminaLayer)):
+        if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
+            return f"slot {layer.layer_id!r} of this model is managed by another manager"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    new_slots = {id(slot) for slot in slots}
+    for other in list(_LIVE):
+        if any(id(p) in trainable for p in other.host_params):
+            return "parameters of this model are a host another manager steps"
+        if any(id(m) in new_slots for m in other.model.modules()):
+            return "slots of this model lie inside a model another manager steps"
+    return None
+
+
+def check_unmanaged(model: nn.Module) -> None:
+    """``ValueError`` if ``model`` holds Kasmina slots or parameters a live manager steps: a
+    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and such a
+    model's training would stop without a word."""
+    slots = [m for m in model.modules() if isinstance(m, KasminaLayer)]
+    params = {id(p) for p in model.parameters()}
+    if slots or any(id(p) in params for other in list(_LIVE) for p in other.host_params):
+        raise ValueError(
+            "this model holds Kasmina slots or a managed host's parameters: a teacher loaded "
+            "with copy_model=False is frozen in place. Pass copy_model=True (the default)"
+        )
+
+
 # Parameters and modules registered anywhere in this process since the first registry (a
 # global hook counts them): a registry whose model may have changed looks only when it moved.
 _REGISTRATIONS = [0]
@@ -199,18 +246,19 @@ class SlotRegistry:
         model: nn.Module,
         slots: Sequence[KasminaLayer],
         listener: TransitionListener | None = None,
+        telemetry: TelemetryReporter | None = None,
     ) -> None:
         if not slots:
             raise ValueError("no KasminaLayer slots to register")
         table = slots[0].state_table
         if any(slot.state_table is not table for slot in slots):
             raise ValueError("all slots must share one GPUStateTensor (kasmina.attach does this)")
-        for layer in (m for m in model.modules() if isinstance(m, KasminaLayer)):
-            if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
-                raise ValueError(
-                    f"slot {layer.layer_id!r} of this model is managed by another manager: one "
-                    "manager per model (close the other first)"
-                )
+        problem = _shared_with_another_manager(model, slots)
+        if problem is not None:  # a manager dropped without close() lets go when collected
+            gc.collect()
+            problem = _shared_with_another_manager(model, slots)
+        if problem is not None:
+            raise ValueError(f"{problem}: one manager per model (close the other first)")
         self.model = model
         self.slots = list(slots)
         self.table: GPUStateTensor = table
@@ -252,6 +300,12 @@ class SlotRegistry:
         # checked against (``_check_registered``).
         self._held = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
         self._checked_at = _watch_registrations()
+        # The seeds' transition and fault events go to the manager's reporter (a model attached
+        # by kasmina.attach, or by a manager closed since, reported to another or to none).
+        self._reporter, self._replaced = telemetry, table.telemetry
+        if telemetry is not None:
+            table.telemetry = telemetry
+        _LIVE.add(self)
 
     def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
         """``RuntimeError`` if the model no longer holds the parameters registered with it
@@ -373,12 +427,16 @@ class SlotRegistry:
             raise ValueError(f"the model holds no parameter {missing} (of a host param group)")
         return [held[name] for name in names]
 
-    def close(self) -> None:
+    def close(self, *, undone: bool = False) -> None:
         """Let go of the model (``manager.close()``): the state table's observers of its seeds,
-        each kernel's forward hook, the monitors and the kept outputs (with their graphs) go, so
-        the closed manager hears of no later transition and a forward of the model reaches
-        nothing of it. The kernels stay in the model, which is the user's; the records stay
-        readable. Idempotent."""
+        its reporter, each kernel's forward hook, the monitors and the kept outputs (with their
+        graphs) go, so the closed manager hears of no later transition and a forward of the
+        model reaches nothing of it. The kernels stay in the model, which is the user's; the
+        records stay readable. ``undone`` (a ``register`` that failed): the table reports where
+        it did before. Idempotent."""
+        _LIVE.discard(self)
+        if self._reporter is not None and self.table.telemetry is self._reporter:
+            self.table.telemetry = self._replaced if undone else None
         self.listener = None
         for record in self.records.values():
             self.table.unobserve(record.index, self._on_transition)

@@ -9,6 +9,7 @@ optimizers lives in a component and happens under the façade's lock.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter, deque
@@ -23,7 +24,7 @@ from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SlotRegistry
-from kasmina.ops.backend import check_positive
+from kasmina.ops.backend import check_positive, check_real
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
@@ -53,28 +54,46 @@ def _timers() -> dict[str, LatencyStats]:
     return {name: LatencyStats() for name in PERF_TIMERS}
 
 
+logger = logging.getLogger(__name__)
+
+
 def check_optimizer(
     cls: type[torch.optim.Optimizer], seed_lr: object, options: dict[str, Any], host_lr: object
-) -> None:
+) -> float | torch.Tensor | None:
     """Refuse at ``register`` what a GERMINATE would meet only when it builds a seed's
     optimizer (each one failed as an "internal error"): a class that is not an optimizer's, a
     learning rate that is not a finite number > 0 (a bool, inf, a string) and options ``cls``
     does not take (a typo), built once here on a throwaway parameter. ``host_lr`` (None: no
-    host optimizer) is held to the same rule."""
+    host optimizer) is held to the same rule, a one-element tensor (torch.optim takes one) by
+    its value; returned as the host optimizer takes it: a NumPy or ``Fraction`` rate as a
+    Python float (checkpoints are read with ``weights_only=True``, which refuses a NumPy
+    scalar), a tensor as it is."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(
             f"optimizer_cls must be a torch.optim.Optimizer subclass (torch.optim.Adam), "
             f"got {cls!r}"
         )
-    if host_lr is not None and not isinstance(host_lr, torch.Tensor):
-        check_positive("host_lr", host_lr)
-    if isinstance(seed_lr, torch.Tensor) and seed_lr.numel() == 1:  # torch.optim takes one
-        seed_lr = seed_lr.item()
-    lr = check_positive("seed_lr", seed_lr)  # finite, > 0, no bool
+    if host_lr is not None:
+        host_lr = _checked_lr("host_lr", host_lr)
+    lr = _checked_lr("seed_lr", seed_lr)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item()
     try:
         cls([torch.zeros(1, requires_grad=True)], lr=lr, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the seeds' optimizer {cls.__name__} refuses {options}: {exc}") from exc
+    return host_lr  # type: ignore[return-value]
+
+
+def _checked_lr(name: str, lr: object) -> float | torch.Tensor:
+    """``lr`` if a finite number > 0 (``check_positive``: a Python float for a NumPy one), or a
+    one-element tensor holding one (an inf tensor rate made every weight inf)."""
+    if not isinstance(lr, torch.Tensor):
+        return check_positive(name, lr)
+    if lr.numel() != 1:
+        raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(lr.shape)}")
+    check_positive(name, lr.item())
+    return lr
 
 
 def check_device(model: torch.nn.Module, device: torch.device) -> None:
@@ -245,11 +264,13 @@ class ManagerState:
         return optimizers
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
-        """The trainer's measure of a seed's benefit (0..1) that gate G5 compares."""
-        score = float(score)
+        """The trainer's measure of a seed's benefit (0..1), for reports only (warned): G5
+        uses the benefit ``evaluate_seeds`` measured, which overwrites this score."""
+        score = check_real("gate score", score)
         if not math.isfinite(score):
             raise ValueError(f"gate score must be finite, got {score}")
-        self.require_registry()[seed_id].seed.gate_score = score
+        logger.warning("record_gate_score(%s): reported only; G5 uses evaluate_seeds'", seed_id)
+        self.require_registry()[seed_id].seed.gate_score = float(score)
 
 
 def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:

@@ -119,12 +119,16 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def check_real(name: str, value: object) -> float:
     """``value`` if it is a real number: an ``int``, a ``float`` (a ``SymFloat`` under
-    ``torch.compile``) or another ``numbers.Real`` (a NumPy float). A bool (an ``int``
-    subclass, NumPy's too), a string, a tensor or anything else is a ``ValueError``: ``float()``
-    would silently take ``True`` and ``"0.5"``."""
+    ``torch.compile``, returned as it is) or another ``numbers.Real`` (a NumPy float, a
+    ``Fraction``), returned as a Python ``float``: a Triton launch cannot take a NumPy float32,
+    ``Tensor * Fraction`` raises, and ``torch.load(weights_only=True)`` refuses a NumPy scalar
+    saved in a checkpoint. A bool (an ``int`` subclass, NumPy's too), a string, a tensor or
+    anything else is a ``ValueError``: ``float()`` would silently take ``True`` and ``"0.5"``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, numbers.Real)):
         raise ValueError(f"{name} must be a float, got {type(value).__name__}")
-    return value  # type: ignore[return-value]
+    if type(value) in (int, float) or isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value  # type: ignore[return-value]
+    return float(value)  # type: ignore[arg-type]
 
 
 # The temperatures the KD ops take. Below: the loss is the row sums scaled by T²·ln 2 in fp32,
@@ -152,8 +156,12 @@ def check_positive_int(name: str, value: object) -> int:
     """``value`` as an int >= 1, else ``ValueError`` naming ``name``: an int or an integer of
     another library (NumPy: anything with ``__index__``), never a bool or a float. A count of
     things to make or to run (``attach``'s seeds and chunk size, a measurement's repeats)."""
-    if not isinstance(value, bool) and hasattr(value, "__index__"):
-        count = operator.index(value)  # type: ignore[arg-type]
+    flag = isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, np.bool_)
+    if not flag and hasattr(value, "__index__"):
+        try:
+            count = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:  # a float tensor's __index__
+            count = 0
         if count >= 1:
             return count
     raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -40,10 +40,10 @@ def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     ts = tensors if isinstance(tensors, list) else list(tensors)
     empty = None
     if not all(map(is_not, ts, repeat(None))):
-        empty = torch.zeros(0, device=device)
+        empty = torch.zeros(0, device=device, dtype=torch.float32)  # whatever the default dtype
         ts = [empty if t is None else t for t in ts]
     if not ts:
-        return torch.zeros(0, device=device)
+        return torch.zeros(0, device=device, dtype=torch.float32)
     with torch.no_grad():
         if device.type != "cpu":
             return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).float()

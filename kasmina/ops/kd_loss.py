@@ -36,7 +36,7 @@ same two implementations.
 
 The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
 lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher);
-``temperature`` must be a float > 0.
+``temperature`` must be a real number in [1e-18, 1e4] (``check_temperature``).
 
 The backward is once-differentiable (``first_order_backward``): under ``create_graph=True`` its
 first-order gradients are exact, and a second backward through them (a gradient penalty)
@@ -109,8 +109,8 @@ def kd_kl_loss_reference(
 
     Computes in at least fp32 and returns that dtype; materialises the probabilities (clarity
     first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``;
-    NaN propagates. An unknown ``reduction`` or a temperature that is not a finite number > 0
-    is a ``ValueError``, as for the op.
+    NaN propagates. An unknown ``reduction`` or a temperature outside [1e-18, 1e4] is a
+    ``ValueError``, as for the op.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

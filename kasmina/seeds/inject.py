@@ -89,7 +89,7 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
         if not matched:
             raise _no_match(targets, model, names)
     else:
-        if not isinstance(targets, Iterable):
+        if not isinstance(targets, Iterable) or isinstance(targets, (bytes, bytearray)):
             raise TypeError(
                 "targets must be a pattern (str) or a collection of module names, got "
                 f"{type(targets).__name__} {targets!r}"

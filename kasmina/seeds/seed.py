@@ -118,16 +118,16 @@ class GradientIsolatedSeed(nn.Module):
         self.state_table = state if state is not None else GPUStateTensor(1, "cpu")
         self.state_index = self.state_table.check_index(index)
         self.register_module("kernel", None)
-        self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
-        # Every output of a forward with grad since the last poll finite (ANDed on the device),
-        # and whether any that was not had a finite input (the seed's fault): views of a layer's.
-        self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool), persistent=False)
-        self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool), persistent=False)
-        self.isolation_violations = self.nonfinite_events = 0
+        cpu = torch.device("cpu")  # not the default device: a "meta" one made data-less buffers
+        self.register_buffer("alpha", torch.zeros((), dtype=torch.float32, device=cpu))
+        # Outputs of forwards with grad since the last poll all finite (ANDed on the device), and
+        # whether one that was not had a finite input (a fault): views of the layer's flags.
+        self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool, device=cpu), False)
+        self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool, device=cpu), False)
+        self.isolation_violations = self.nonfinite_events = self.faults = 0
         self.fault_limit = fault_limit
         # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
         self.guard_backward = True
-        self.faults = 0
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = self._performance_gate = self._alpha_value = 0.0
         # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.

@@ -10,8 +10,9 @@ nothing. Publishers sign with a private key; readers hold only public keys.
 - ``keys`` -- ``PublisherKey`` (a publisher's Ed25519 private key, from a 0600 file) and
   ``TrustedPublishers`` (the public keys a trainer verifies with), and the manifest purpose tag.
 - ``artifact`` -- the manifest, its signing and verification, id validation, store opening.
-- ``publish`` -- the write side: export a module, sign, write the payload and then the manifest
-  (an artifact is listed only once complete), and re-sign a retired HMAC manifest.
+- ``publish`` -- the write side: export a module, sign, claim the id with the manifest and then
+  write the payload (a reader finds the artifact missing until the payload lands), and re-sign
+  a retired HMAC manifest.
   ``kasmina urza publish`` and ``kasmina urza resign`` use it.
 - ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default),
   verifies what it reads, and coalesces concurrent fetches of one artifact.

@@ -6,8 +6,8 @@ stores work the same way) holding two files per artifact, side by side::
     <artifact_id>.pt2            the torch.export program (payload)
     <artifact_id>.manifest.json  its signed manifest (kasmina.urza.artifact.Manifest)
 
-The manifest is written last (``kasmina.urza.publish``), so an artifact is listed only once it is
-complete.
+The manifest is written first, claiming the id (``kasmina.urza.publish``): until its payload
+lands the artifact is listed, and a fetch finds it missing (``kasmina urza verify`` says so).
 ``UrzaLibraryClient.fetch`` returns payload bytes only after the manifest's Ed25519 signature
 (checked against the client's ``TrustedPublishers``: public keys only, so a trainer holds nothing
 that could sign an artifact), size and SHA-256 verify; it never deserialises anything
@@ -59,6 +59,7 @@ from kasmina.urza.resilience import (
     CircuitBreaker,
     ReadGuard,
     _DeadlineExpired,
+    check_store_settings,
     redact_urls,
 )
 
@@ -124,10 +125,14 @@ class UrzaLibraryClient:
             url = os.fspath(url)
         if not isinstance(url, str):
             raise TypeError(f"url must be a store's path or URL (a str), got {type(url).__name__}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if retries < 0 or backoff_s < 0 or backoff_max_s < 0:
-            raise ValueError("retries, backoff_s and backoff_max_s must be >= 0")
+        check_store_settings(
+            timeout_s=timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+            breaker_threshold=breaker_threshold,
+            breaker_reset_s=breaker_reset_s,
+        )
         for name, value in (
             ("max_manifest_bytes", max_manifest_bytes),
             ("max_artifact_bytes", max_artifact_bytes),

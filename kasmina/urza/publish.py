@@ -2,9 +2,11 @@
 
 ``publish_artifact`` exports a module with ``torch.export``, saves it as ``.pt2`` and writes it
 with a manifest signed by the publisher's Ed25519 key (a ``PublisherKey``: only publishers hold
-one); ``publish_payload`` does the same for bytes that are already a saved program. The payload
-is written before the manifest, each through a temporary name and a rename, so readers only
-ever list complete artifacts.
+one); ``publish_payload`` does the same for bytes that are already a saved program. The
+manifest claims the id first (it appears whole, and on a local filesystem only if the name is
+free), then the payload is written through a temporary name and a rename: two publishers of one
+id never leave one's manifest beside the other's payload, and until the payload lands a reader
+finds the artifact missing.
 
 ``resign_artifact`` signs an artifact's manifest again with another publisher key: one signed
 with the retired HMAC scheme (manifest version 1), checked with the old keyring, or one signed
@@ -80,6 +82,8 @@ def export_module(
             "example_inputs must be a sequence of tensors, one per input of the module: "
             "pass [x], not x"
         )
+    if not isinstance(dynamic, bool):  # "false" would be truthy
+        raise TypeError(f"dynamic must be a bool, got {type(dynamic).__name__} {dynamic!r:.40}")
     inputs = tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a non-empty sequence of tensors")

@@ -45,7 +45,43 @@ from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_STALLED_READS", "Budget", "CircuitBreaker", "ReadGuard", "redact_urls"]
+__all__ = [
+    "MAX_STALLED_READS",
+    "MAX_TIMEOUT_S",
+    "Budget",
+    "CircuitBreaker",
+    "ReadGuard",
+    "check_store_settings",
+    "redact_urls",
+]
+
+# The longest a store read may wait (``threading.TIMEOUT_MAX`` is ~292 years): a week.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+_COUNTS = {"retries": 0, "breaker_threshold": 1}  # ints, and their least value
+
+
+def check_store_settings(prefix: str = "", **settings: object) -> None:
+    """``ValueError`` naming ``prefix`` + the setting for a value outside its range: a
+    ``timeout_s`` in (0, a week], ``retries`` >= 0 and ``breaker_threshold`` >= 1 as ints (never
+    a bool or a float: ``retries=2.7`` was 2), ``backoff_s``, ``backoff_max_s`` and
+    ``breaker_reset_s`` finite and >= 0 (an inf timeout failed every read, a NaN reset never
+    half-opened the breaker, a NaN threshold never opened it). The client's, the breaker's and
+    ``KasminaConfig``'s ``urza_*`` settings are held to this one rule."""
+    for name, value in settings.items():
+        label = prefix + name
+        if name in _COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < _COUNTS[name]:
+                raise ValueError(f"{label} must be an int >= {_COUNTS[name]}, got {value!r}")
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if name == "timeout_s":
+            if not number or not 0 < value <= MAX_TIMEOUT_S:  # type: ignore[operator]
+                raise ValueError(
+                    f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
+                )
+        elif not number or not 0 <= value < float("inf"):  # type: ignore[operator]  # NaN fails
+            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+
 
 # A URL's user information (``user:password@``) and its query (a signed URL's token): secrets
 # that a store's URL may carry and that no message, log line or ``repr`` may show.
@@ -114,10 +150,7 @@ class CircuitBreaker:
     def __init__(
         self, threshold: int, reset_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        if threshold < 1:
-            raise ValueError(f"breaker threshold must be >= 1, got {threshold}")
-        if reset_s < 0:
-            raise ValueError(f"breaker reset_s must be >= 0, got {reset_s}")
+        check_store_settings(breaker_threshold=threshold, breaker_reset_s=reset_s)
         self.threshold = threshold
         self.reset_s = reset_s
         self._clock = clock

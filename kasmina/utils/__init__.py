@@ -23,6 +23,8 @@
   owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
 - ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an
   all-or-nothing change is delivered when the commit is done, not half-way through it.
+- ``grad_modes`` -- ``training_tensors``: what a safe point makes (a kernel copy, a restored
+  optimizer state) is made outside ``torch.inference_mode``, even when the caller is inside it.
 
 Only the root vocabulary (``kasmina.stages``, ``kasmina.errors``, ``kasmina.leyline``) sits below
 this package; everything else may use it. Nothing here imports another Kasmina package. Each name

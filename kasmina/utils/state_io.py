@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import io
 import logging
+import numbers
 import os
 import re
 import secrets
@@ -386,7 +387,8 @@ class CheckpointSigner:
 
 def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
     """Deep copy of nested dicts/lists/tuples, cloning tensors (detached; onto ``device`` when
-    given) and keeping scalars. A module ``state_dict``'s ``_metadata`` (each module's format
+    given) and keeping scalars, a NumPy scalar or a ``Fraction`` as the Python number it equals
+    (``plain_number``). A module ``state_dict``'s ``_metadata`` (each module's format
     version) is kept: without it ``load_state_dict`` reads the state as the oldest format (a
     quantized ``Linear`` then looks for a ``weight`` key it no longer has)."""
     if isinstance(value, torch.Tensor):
@@ -400,6 +402,18 @@ def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
         return [clone_state(item, device) for item in value]
     if isinstance(value, tuple):
         return tuple(clone_state(item, device) for item in value)
+    return plain_number(value)
+
+
+def plain_number(value: Any) -> Any:
+    """A NumPy scalar (``np.float64``: a learning rate a schedule computed with ``np.cos``) as
+    its Python number, another real number type (``Fraction``) as a float; anything else as it
+    is (an ``IntEnum`` stays itself). A checkpoint is read with ``weights_only=True``, which
+    refuses both: one such value in an optimizer's options made every rollback fail."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return float(value)
     return value
 
 

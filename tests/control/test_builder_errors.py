@@ -51,6 +51,22 @@ def test_parameters_must_be_a_mapping_of_str_to_numbers() -> None:
         make_seed_command("germinate", "s", "a", {1: 0.5})  # type: ignore[dict-item]
 
 
+def test_a_bool_is_no_number_and_a_number_no_bool() -> None:
+    """Protobuf stores ``True`` in a number field as 1 and ``2`` in a bool field as True: a
+    one-second timeout, a learning rate of 1.0 and an emergency rollback nobody asked for."""
+    with pytest.raises(TypeError, match="timeout_s must be .* got bool True"):
+        make_rollback_command(1, timeout_s=True)
+    with pytest.raises(TypeError, match="emergency must be a bool, got int 2"):
+        make_rollback_command(1, emergency=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="grad_clip_norm must be .* got bool True"):
+        make_optimizer_command("step", "host", grad_clip_norm=True)
+    with pytest.raises(TypeError, match="learning_rate must be .* got bool True"):
+        make_optimizer_command("step", "host", learning_rate=True)
+    with pytest.raises(TypeError, match=r"parameters\['learning_rate'\] must be a number"):
+        make_seed_command("germinate", "s", "a", {"learning_rate": True})
+    assert make_rollback_command(1, emergency=True).rollback_command.emergency
+
+
 def test_priority_takes_a_value_or_a_name_and_lists_the_names() -> None:
     cmd = make_seed_command("cull", "s", priority="high")
     assert cmd.priority == MessagePriority.MESSAGE_PRIORITY_HIGH

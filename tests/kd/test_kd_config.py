@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -68,3 +71,15 @@ def test_a_disabled_kd_config_distils_nothing() -> None:
         layer(torch.randn(2, 3))
         losses = [seed.get_and_clear_kd_losses(), layer.get_and_clear_kd_losses()]
         assert [loss is not None for loss in losses] == [enabled, enabled], losses
+
+
+@pytest.mark.parametrize("number", [np.float32(2.0), np.int64(2), Fraction(2, 1)], ids=repr)
+def test_kd_config_keeps_other_numbers_as_python_floats(number: object) -> None:
+    """A NumPy or Fraction temperature/alpha reached the loss as it was: ``Tensor * Fraction``
+    raised at the first KD step, a NumPy float32 failed the Triton launch, and ``to_dict``'s
+    JSON refused both."""
+    config = KDConfig(temperature=number, alpha=number / 4)  # type: ignore[arg-type, operator]
+    assert type(config.temperature) is float and type(config.alpha) is float
+    assert (config.temperature, config.alpha) == (2.0, 0.5)
+    json.dumps(dataclasses.asdict(config))
+    assert torch.isfinite(torch.randn(2) * config.alpha).all()

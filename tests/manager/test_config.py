@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kasmina.kd.config import KDConfig
-from kasmina.manager.config import KasminaConfig, default_cache_root
+from kasmina.manager.config import _OPTIONAL_PATHS, KasminaConfig, default_cache_root
 from kasmina.manager.manager import KasminaKernelManager
 
 
@@ -53,6 +53,9 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("urza_timeout_s", -1.0),
         ("urza_retries", -1),
         ("urza_retries", 1.5),
+        ("urza_retries", True),
+        ("urza_breaker_reset_s", float("nan")),
+        ("urza_backoff_s", float("inf")),
         ("urza_breaker_threshold", 0),
         ("urza_trusted_publishers", "pub"),
         ("urza_trusted_publishers", {"pub": "AAAA"}),
@@ -121,8 +124,11 @@ def test_dict_round_trip_and_unknown_keys(tmp_path) -> None:
 
 
 def test_path_settings_are_none_or_a_non_empty_path(tmp_path) -> None:
-    config = KasminaConfig(hmac_keys_file=tmp_path / "k.json", telemetry_jsonl_path=None)
+    config = KasminaConfig(
+        hmac_keys_file=tmp_path / "k.json", telemetry_jsonl_path=None, urza_url=tmp_path / "u"
+    )
     assert config.hmac_keys_file == str(tmp_path / "k.json")  # a PathLike, kept as a string
+    assert config.urza_url == str(tmp_path / "u")  # a store directory too
     assert config.telemetry_jsonl_path is None
     json.dumps(config.to_dict())
 
@@ -295,11 +301,17 @@ def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
     nonce ledger, checkpoint key and checkpoints across two directories."""
     monkeypatch.chdir(tmp_path)
     config = KasminaConfig(runs_root="runs", run_id="r", nonce_ledger="n.log", checkpoint_dir="c")
+    files = {name: f"{name}.file" for name in _OPTIONAL_PATHS}
+    with_files = KasminaConfig(**files, nonce_ledger=Path("n.log"))  # PathLike, as the others
     monkeypatch.chdir("/")
     assert config.run_dir == tmp_path / "runs" / "r"
     assert config.nonce_ledger_path == tmp_path / "n.log"
     assert config.checkpoint_key_path == tmp_path / "runs" / "r" / "checkpoint.key"
     assert Path(config.checkpoint_dir) == tmp_path / "c"
+    for name, file in files.items():  # a key file read at the first checkpoint was made anew
+        assert getattr(with_files, name) == str(tmp_path / file)
+    assert with_files.checkpoint_key_path == tmp_path / "checkpoint_key_file.file"
+    assert with_files.nonce_ledger_path == tmp_path / "n.log"
     monkeypatch.setenv("KASMINA_HOME", f"  {tmp_path / 'home'}\n")  # as a shell may leave it
     assert default_cache_root() == tmp_path / "home"
 

@@ -71,10 +71,16 @@ def test_close_ends_an_in_flight_fetch(tmp_path: Path, store: Path, keyring: Key
     interpreter's exit, which joins them) and no retry starts. Uninterrupted, the fetch would
     wait out the read's 30 s timeout and then retry, for as long as its 120 s command timeout."""
     with StalledServer(store) as server:
-        config = make_config(tmp_path, store, urza_timeout_s=30.0, fetch_workers=1)
-        trusted = PUBLISHER.trusted_publishers()
-        urza = UrzaLibraryClient(server.url, trusted, timeout_s=30.0, retries=3, backoff_s=0.1)
-        rig = Rig(config, keyring, urza_client=urza)
+        config = make_config(
+            tmp_path,
+            store,
+            urza_url=server.url,
+            urza_timeout_s=30.0,
+            urza_retries=3,
+            urza_backoff_s=0.1,
+            fetch_workers=1,
+        )  # the manager's own client: close() closes it (one passed in is the caller's)
+        rig = Rig(config, keyring)
         manager = rig.manager
         rig.train(1)
         before = set(threading.enumerate())  # other tests' idle workers may still be alive

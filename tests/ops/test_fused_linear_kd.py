@@ -8,6 +8,9 @@ allocated or saved for the backward."""
 
 from __future__ import annotations
 
+import os
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +252,20 @@ def test_equals_kd_kl_loss_of_materialised_logits():
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
         for got, want in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_numpy_and_fraction_temperatures_equal_the_float(monkeypatch, path):
+    """A NumPy float32 temperature reached the Triton launch as it was, which refuses it
+    ("cannot convert ... numpy.float32"); the float it equals is what every path takes."""
+    if path == "triton" and DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
+    monkeypatch.setenv("KASMINA_BACKEND", path)
+    h, w, b, _, _, _, tl, _ = _inputs((3, 4), 8, 19, torch.float32, seed=6)
+    want = fused_linear_kd_loss(h, w, tl, student_bias=b, temperature=1.5)
+    for temperature in (np.float32(1.5), np.float64(1.5), Fraction(3, 2)):
+        got = fused_linear_kd_loss(h, w, tl, student_bias=b, temperature=temperature)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_non_contiguous_hidden_and_shifted_teacher_logits():

@@ -258,6 +258,22 @@ def test_empty_and_all_none_lists(any_backend: str) -> None:
     assert torch.equal(norms, torch.zeros(2))
 
 
+def test_a_float64_default_dtype_changes_nothing(any_backend: str) -> None:
+    """The placeholder of a None entry and the empty result took the default dtype: with
+    ``torch.set_default_dtype(torch.float64)``, fp32 gradients beside a None raised
+    ("should be convertible without narrowing") and ``grad_norms([])`` was float64."""
+    grads = [torch.full((3,), 2.0), None]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        norms, flag = leak_check(grads)
+        empty = grad_norms([])
+    finally:
+        torch.set_default_dtype(previous)
+    assert norms.dtype == empty.dtype == torch.float32 and bool(flag)
+    torch.testing.assert_close(norms, torch.tensor([math.sqrt(12.0), 0.0]))
+
+
 def _layouts(dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     """Fresh random values in every layout a caller can hand over, odd sizes throughout."""
     g = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ import pickle
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,10 +110,17 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
         ("head", True, 4, "seeds_per_layer must be an int >= 1, got True"),
         ("head", 2, 0, "chunk_size must be an int >= 1, got 0"),
         ("head", 2.0, 4, "seeds_per_layer must be an int >= 1, got 2.0"),
+        ("head", torch.tensor(True), 4, "seeds_per_layer must be an int >= 1, got tensor"),
+        ("head", torch.tensor(2.0), 4, "seeds_per_layer must be an int >= 1, got tensor"),
+        ("head", np.bool_(True), 4, "seeds_per_layer must be an int >= 1, got "),
     ]:
         with pytest.raises(ValueError, match=message):
             attach(model, targets, spl, chunk)
         assert dict(model.named_modules()) == snapshot
+    with pytest.raises(TypeError, match="targets must be a pattern .* got bytes"):
+        attach(model, b"head", 2, 4)  # iterable: its bytes read as names 104, 101...
+    assert dict(model.named_modules()) == snapshot
+    assert attach(model, "head", torch.tensor(2), np.int64(4))[0].num_seeds == 2  # integers
 
 
 def test_an_fx_trace_before_the_first_forward_records_nothing() -> None:
@@ -1048,3 +1056,14 @@ def test_a_move_keeps_the_recorded_shapes_and_takes_the_new_dtype() -> None:
     assert slot.output_contract == ((2, 4, 5), torch.float64, x.device)
     assert slot.input_spec == ((2, 3, 5), torch.float64, x.device)
     assert not torch.equal(batched, block(x))
+
+
+def test_attach_under_a_meta_default_device_builds_real_seeds() -> None:
+    """``torch.set_default_device("meta")`` (a user building the next model lazily) made the
+    seeds' buffers data-less, and attach raised "Cannot copy out of meta tensor"."""
+    model = MLP()
+    with torch.device("meta"):
+        (slot,) = attach(model, ["head"], 2, 4)
+    assert all(b.device.type == "cpu" for b in slot.buffers())
+    x = torch.ones(3, 5)
+    assert torch.equal(model(x), slot.host(torch.relu(model.encoder(x))))

@@ -100,6 +100,29 @@ def test_a_store_may_be_a_path_and_nothing_else_but_a_string(store, trusted) -> 
         client(5, trusted)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("timeout_s", float("inf")),  # every read failed: "timestamp out of range"
+        ("timeout_s", float("nan")),
+        ("retries", 2.7),  # was int(2.7) == 2
+        ("retries", True),
+        ("backoff_s", float("nan")),
+        ("breaker_threshold", float("nan")),  # the breaker never opened
+        ("breaker_threshold", 0),
+        ("breaker_reset_s", float("nan")),  # an open breaker never half-opened
+        ("breaker_reset_s", -1.0),
+    ],
+)
+def test_client_settings_are_held_to_the_configs_ranges(store, trusted, setting, value) -> None:
+    with pytest.raises(ValueError, match=f"^{setting} must be"):
+        UrzaLibraryClient(str(store[0]), trusted, **{setting: value})
+    if setting.startswith("breaker_"):  # the breaker itself, built alone
+        arguments = {"threshold": 1, "reset_s": 1.0, setting.removeprefix("breaker_"): value}
+        with pytest.raises(ValueError, match=f"^{setting} must be"):
+            CircuitBreaker(**arguments)
+
+
 def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted) -> None:
     first = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")
     again = publish_payload(b"payload-one", str(tmp_path), "blue", publisher, "art-1")

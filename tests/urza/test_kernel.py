@@ -181,6 +181,9 @@ def test_publishing_refuses_examples_that_would_sign_the_wrong_input(tmp_path, p
         publish_artifact(module, torch.randn(1, 4), str(tmp_path), "lin", publisher)
     with pytest.raises(ValueError, match="batch of 1"):
         publish_artifact(module, [torch.randn(1, 4)], str(tmp_path), "lin", publisher)
+    with pytest.raises(TypeError, match="dynamic must be a bool, got str 'false'"):
+        publish_artifact(module, [torch.randn(2, 4)], str(tmp_path), "lin", publisher,
+                         dynamic="false")  # fmt: skip  # truthy: it exported a dynamic kernel
     assert not list(tmp_path.iterdir())  # nothing was published
     fixed = publish_artifact(module, [torch.randn(1, 4)], str(tmp_path), "lin", publisher,
                              dynamic=False)  # fmt: skip

@@ -1,0 +1,169 @@
+"""Several managers in one process: one manager per model in both directions, a shared Urza
+client, where each manager's events go, and models another manager holds."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import kasmina
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.urza.client import UrzaLibraryClient
+from kasmina.utils.keyring import Keyring
+from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.manager.helpers import SEED0, Host, Rig, S, make_config, record_activations
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Host(), Host()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _manager(tmp_path: Path, store: Path, keyring: Keyring, name: str, **kw):
+    return KasminaKernelManager(make_config(tmp_path / name, store), keyring=keyring, **kw)
+
+
+def test_a_second_manager_inside_or_around_a_managed_model_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Manager 1 on ``model``, manager 2 on ``model.b``: both host optimizers held b's
+    parameters, and once manager 2 germinated, every step of manager 1 raised ("parameters it
+    did not hold"). Only the other order was refused. A model sharing a module with a managed
+    one is the same case."""
+    model = Outer()
+    first = _manager(tmp_path, store, keyring, "one")
+    first.attach(model, "a.out", 2, 2)
+    second = _manager(tmp_path, store, keyring, "two")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="another manager steps.*one manager per model"):
+        second.attach(model.b, "out", 2, 2)
+    assert [n for n, _ in model.named_parameters()] == list(before)  # nothing attached
+    shared = nn.Sequential(model.b.inp)  # another model holding one of model's layers
+    with pytest.raises(ValueError, match="another manager steps"):
+        second.attach(shared, "0", 2, 4)
+    first.close()  # released: the submodule may now be managed on its own
+    second.attach(model.b, "out", 2, 2)
+    second.close()
+
+
+def test_slots_inside_another_managers_frozen_part_are_refused(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Even where no trainable parameter is shared (the other's part is frozen), a slot put
+    inside another manager's model would grow parameters there that it steps nothing of."""
+    model = Outer()
+    for p in model.b.parameters():
+        p.requires_grad_(False)
+    first = _manager(tmp_path, store, keyring, "one")
+    first.attach(model, "a.out", 2, 2)
+    slots = kasmina.attach(model.b, "out", 2, 2)
+    with pytest.raises(ValueError, match="lie inside a model another manager steps"):
+        _manager(tmp_path, store, keyring, "two").register(model.b, slots)
+    first.close()
+
+
+def test_slots_not_in_the_model_registered_are_refused(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    model = Host()
+    slots = kasmina.attach(model, "out", 2, 2)
+    twin = Host()
+    manager = _manager(tmp_path, store, keyring, "m")
+    with pytest.raises(ValueError, match=r"slot\(s\) \['out'\] are not modules of the model"):
+        manager.register(twin, slots)
+    manager.register(model, slots)  # the refusal left the manager as it was
+    manager.close()
+
+
+def test_a_dropped_manager_lets_go_of_its_model(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Rebinding ``manager = KasminaKernelManager(...)`` (a notebook cell run again) drops the
+    old one without ``close``; it lived on in reference cycles, and the new registration was
+    told to close a manager nobody could reach any more."""
+    gc.disable()  # the cycle stays until something collects it
+    try:
+        model = Host()
+        manager = _manager(tmp_path, store, keyring, "old")
+        manager.attach(model, "out", 2, 2)
+        manager.backward(F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 3])))
+        manager.step()
+        manager = _manager(tmp_path, store, keyring, "new")
+        manager.register(model)
+        manager.close()
+    finally:
+        gc.enable()
+
+
+def test_closing_one_manager_leaves_a_shared_urza_client_open(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A client passed in is the caller's: closing run A closed it, and every later GERMINATE
+    of run B, which shared it, failed ("UrzaLibraryClient ... is closed")."""
+    client = UrzaLibraryClient.from_config(make_config(tmp_path, store))
+    a = Rig(make_config(tmp_path / "a", store), keyring, urza_client=client)
+    b = Rig(make_config(tmp_path / "b", store), keyring, urza_client=client)
+    assert a.send("germinate", SEED0, mlp)
+    a.manager.close()
+    assert b.send("germinate", SEED0, mlp)
+    assert b.stage(SEED0) == S.ISOLATED_INIT
+    b.manager.close()
+    client.fetch(mlp)  # still the caller's to use
+    client.close()
+
+
+def _transitions(sink: MemorySink) -> list[tuple[str, str]]:
+    return [(e.labels["from"], e.labels["to"]) for e in sink.events("lifecycle.transition")]
+
+
+def test_a_registering_manager_hears_its_seeds_events(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """``register`` left the table reporting where it did: to a closed manager's reporter for a
+    model taken over from it, to none for a model made with ``kasmina.attach``."""
+    old_sink = MemorySink()
+    taken_over = Host()
+    old = _manager(tmp_path, store, keyring, "old", telemetry=TelemetryReporter(sinks=[old_sink]))
+    old.attach(taken_over, "out", 2, 2)
+    old.close()
+    attached = Host()
+    kasmina.attach(attached, "out", 2, 2)
+    for index, model in enumerate((taken_over, attached)):
+        sink = MemorySink()
+        rig = Rig.__new__(Rig)  # this manager, with the rig's signed sending
+        rig.keyring = keyring
+        rig.manager = _manager(
+            tmp_path, store, keyring, f"new{index}", telemetry=TelemetryReporter(sinks=[sink])
+        )
+        rig.manager.register(model)
+        record_activations(model, torch.randn(16, 6))
+        assert rig.send("germinate", SEED0, mlp)
+        assert _transitions(sink) == [("DORMANT", "ISOLATED_INIT")]
+        rig.manager.close()
+        assert model.out.state_table.telemetry is None  # a closed manager hears nothing more
+    assert _transitions(old_sink) == []
+
+
+def test_a_managed_model_cannot_be_frozen_in_place_as_a_teacher(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """``load_teacher(model, copy_model=False)`` casts and freezes ``model``: given another
+    manager's live host, that host trained no more while its manager reported it stepped."""
+    student = Rig(make_config(tmp_path / "s", store, kd_enabled=True), keyring)
+    other = Rig(make_config(tmp_path / "o", store), keyring)
+    weight = other.model.inp.weight
+    for model in (other.model, other.model.inp):
+        with pytest.raises(ValueError, match="copy_model=False is frozen in place"):
+            student.manager.load_teacher(model, copy_model=False)
+    assert weight.dtype == torch.float32 and weight.requires_grad
+    student.manager.load_teacher(other.model)  # a copy is fine
+    student.manager.load_teacher(Host(), copy_model=False)  # and an unmanaged model in place
