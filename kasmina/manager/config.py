@@ -28,7 +28,7 @@ from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
-from kasmina.urza.resilience import check_store_settings, redact_urls
+from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings, redact_urls
 from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
@@ -247,15 +247,7 @@ class KasminaConfig:
             self.urza_url = os.fspath(self.urza_url)
         if not isinstance(self.urza_url, str) or not self.urza_url:
             raise ValueError("urza_url must be a non-empty string")
-        check_store_settings(
-            "urza_",
-            timeout_s=self.urza_timeout_s,
-            retries=self.urza_retries,
-            backoff_s=self.urza_backoff_s,
-            backoff_max_s=self.urza_backoff_max_s,
-            breaker_threshold=self.urza_breaker_threshold,
-            breaker_reset_s=self.urza_breaker_reset_s,
-        )
+        check_store_settings("urza_", **self.store_settings())
         self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
         for name in _OPTIONAL_PATHS:
             setattr(self, name, _optional_path(name, getattr(self, name)))
@@ -422,6 +414,10 @@ class KasminaConfig:
         if self.hmac_keys_file:
             return Keyring.from_file(self.hmac_keys_file)
         return Keyring.from_env(self.hmac_keys_env)
+
+    def store_settings(self) -> dict[str, Any]:
+        """The Urza client's read settings under its own argument names (``urza_`` dropped)."""
+        return {name: getattr(self, f"urza_{name}") for name in STORE_SETTINGS}
 
     def load_trusted_publishers(self) -> TrustedPublishers:
         """The publisher public keys artifacts are verified with: ``urza_trusted_publishers``

@@ -84,7 +84,10 @@ class IsolationGuard:
 
     def new_monitor(self, record: SeedRecord, registry: SlotRegistry) -> GradientIsolationMonitor:
         """The monitor of one seed against the host side; its breaker quarantines the seed and
-        writes the seed's state row and kernel weights to the emergency checkpoint."""
+        writes the seed's state row and kernel weights to the emergency checkpoint. It holds
+        the table, not the registry: the model holds the monitor (through the kernel's forward
+        hook), and a manager dropped without ``close()`` must still be collected."""
+        table = registry.table
         return GradientIsolationMonitor(
             record.seed_id,
             record.seed.seed_parameters(),
@@ -94,7 +97,7 @@ class IsolationGuard:
             checkpoint_signer=self.checkpoint_signer,
             on_quarantine=lambda: record.seed.quarantine("gradient isolation circuit breaker"),
             state_provider=lambda: {
-                "row": registry.table.read_row(record.index),
+                "row": table.read_row(record.index),
                 "kernel": clone_state(record.kernel.state_dict()) if record.kernel else {},
             },
             telemetry=self.telemetry,

@@ -118,8 +118,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             kernel_cache = GPUKernelCache(config.cache_size_mb)
             # Artifacts verify against the configured publisher public keys, never the keyring:
             # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
-            self._owns_client = urza_client is None  # a caller's client stays open on close()
             self.urza_client = urza_client or undo.push(UrzaLibraryClient.from_config(config))
+            self._owns_client = self.urza_client is not urza_client  # a caller's stays open
             loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
             state = self.state = ManagerState(config, telemetry, kernel_cache, loader)
             self.guard = IsolationGuard(config, telemetry, state.counters, state.checkpoint_signer)

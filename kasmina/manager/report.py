@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from kasmina.control.auth import CommandVerifier, sign_command
@@ -82,9 +83,9 @@ def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
 
 def _metric(key: str, value: object) -> float:
     name = f"val_metrics[{key!r}]"
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be one number, got a tensor of shape {value.shape}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):  # ``tensor.numpy()`` too
+        if value.size != 1 if isinstance(value, np.ndarray) else value.numel() != 1:
+            raise ValueError(f"{name} must be one number, got an array of shape {value.shape}")
         value = value.item()
     return float(check_real(name, value))
 

@@ -179,11 +179,9 @@ _LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()
 
 def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
     """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a
-    slot not in ``model`` (its seeds would never run in the model stepped); a slot of ``model``
-    another manager owns; a trainable parameter of ``model`` another manager's host optimizer
-    steps (the other's model inside this one, or this one inside the other's: both would step
-    it); a new slot inside another manager's model (its GERMINATEs would put parameters there
-    that the other steps nothing of, refusing its every step)."""
+    slot not in ``model``; a slot of ``model`` another manager owns; a trainable parameter of
+    ``model`` another manager's host steps (both would step it); a new slot inside another
+    manager's model (its GERMINATEs would grow parameters there the other never steps)."""
     modules = {id(m): m for m in model.modules()}
     outside = [slot.layer_id for slot in slots if id(slot) not in modules]
     if outside:
@@ -202,16 +200,22 @@ def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]
 
 
 def check_unmanaged(model: nn.Module) -> None:
-    """``ValueError`` if ``model`` holds Kasmina slots or parameters a live manager steps: a
-    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and such a
-    model's training would stop without a word."""
-    slots = [m for m in model.modules() if isinstance(m, KasminaLayer)]
-    params = {id(p) for p in model.parameters()}
-    if slots or any(id(p) in params for other in list(_LIVE) for p in other.host_params):
-        raise ValueError(
-            "this model holds Kasmina slots or a managed host's parameters: a teacher loaded "
-            "with copy_model=False is frozen in place. Pass copy_model=True (the default)"
-        )
+    """``ValueError`` if a live manager owns a slot of ``model`` or steps a parameter of it: a
+    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
+    manager's training would stop without a word. A dropped manager is collected first."""
+    for collected in (False, True):
+        params = {id(p) for p in model.parameters()}
+        slots = [m for m in model.modules() if isinstance(m, KasminaLayer)]
+        if not any(m.state_table.owned(s.state_index) for m in slots for s in m.seeds) and not any(
+            id(p) in params for r in list(_LIVE) for p in r.host_params
+        ):
+            return
+        if not collected:
+            gc.collect()
+    raise ValueError(
+        "a live manager manages this model: a teacher loaded with copy_model=False is frozen "
+        "in place. Pass copy_model=True (the default), or close that manager first"
+    )
 
 
 # Parameters and modules registered anywhere in this process since the first registry (a
@@ -300,8 +304,7 @@ class SlotRegistry:
         # checked against (``_check_registered``).
         self._held = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
         self._checked_at = _watch_registrations()
-        # The seeds' transition and fault events go to the manager's reporter (a model attached
-        # by kasmina.attach, or by a manager closed since, reported to another or to none).
+        # The seeds' events go to this manager's reporter (not a closed manager's, or none).
         self._reporter, self._replaced = telemetry, table.telemetry
         if telemetry is not None:
             table.telemetry = telemetry

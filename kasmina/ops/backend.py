@@ -118,9 +118,9 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def check_real(name: str, value: object) -> float:
-    """``value`` if it is a real number: an ``int``, a ``float`` (a ``SymFloat`` under
-    ``torch.compile``, returned as it is) or another ``numbers.Real`` (a NumPy float, a
-    ``Fraction``), returned as a Python ``float``: a Triton launch cannot take a NumPy float32,
+    """``value`` if it is a real number: a plain ``int`` or ``float`` (a ``SymFloat`` under
+    ``torch.compile``) as it is, any other ``numbers.Real`` (a NumPy number, a ``Fraction``, an
+    ``IntEnum``) as a Python ``float``: a Triton launch cannot take a NumPy float32,
     ``Tensor * Fraction`` raises, and ``torch.load(weights_only=True)`` refuses a NumPy scalar
     saved in a checkpoint. A bool (an ``int`` subclass, NumPy's too), a string, a tensor or
     anything else is a ``ValueError``: ``float()`` would silently take ``True`` and ``"0.5"``."""
@@ -128,7 +128,10 @@ def check_real(name: str, value: object) -> float:
         raise ValueError(f"{name} must be a float, got {type(value).__name__}")
     if type(value) in (int, float) or isinstance(value, (torch.SymInt, torch.SymFloat)):
         return value  # type: ignore[return-value]
-    return float(value)  # type: ignore[arg-type]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # Fraction(10**400)
+        raise ValueError(f"{name} must be a float, got {value!r:.40}") from None
 
 
 # The temperatures the KD ops take. Below: the loss is the row sums scaled by T²·ln 2 in fp32,

@@ -188,12 +188,7 @@ class UrzaLibraryClient:
         return cls(
             config.urza_url,
             publishers if publishers is not None else config.load_trusted_publishers(),
-            timeout_s=config.urza_timeout_s,
-            retries=config.urza_retries,
-            backoff_s=config.urza_backoff_s,
-            backoff_max_s=config.urza_backoff_max_s,
-            breaker_threshold=config.urza_breaker_threshold,
-            breaker_reset_s=config.urza_breaker_reset_s,
+            **config.store_settings(),
         )
 
     @property

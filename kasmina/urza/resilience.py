@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MAX_STALLED_READS",
     "MAX_TIMEOUT_S",
+    "STORE_SETTINGS",
     "Budget",
     "CircuitBreaker",
     "ReadGuard",
@@ -58,6 +59,15 @@ __all__ = [
 # The longest a store read may wait (``threading.TIMEOUT_MAX`` is ~292 years): a week.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _COUNTS = {"retries": 0, "breaker_threshold": 1}  # ints, and their least value
+# A client's read settings (``KasminaConfig`` spells each with ``urza_`` in front).
+STORE_SETTINGS = (
+    "timeout_s",
+    "retries",
+    "backoff_s",
+    "backoff_max_s",
+    "breaker_threshold",
+    "breaker_reset_s",
+)
 
 
 def check_store_settings(prefix: str = "", **settings: object) -> None:

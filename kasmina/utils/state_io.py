@@ -411,7 +411,8 @@ def plain_number(value: Any) -> Any:
     is (an ``IntEnum`` stays itself). A checkpoint is read with ``weights_only=True``, which
     refuses both: one such value in an optimizer's options made every rollback fail."""
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        return value.item()
+        item = value.item()
+        return float(item) if type(item).__module__ == "numpy" else item  # a longdouble's
     if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
         return float(value)
     return value

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import kasmina
 from kasmina.manager.manager import KasminaKernelManager
@@ -85,19 +84,25 @@ def test_slots_not_in_the_model_registered_are_refused(
 
 
 def test_a_dropped_manager_lets_go_of_its_model(
-    tmp_path: Path, store: Path, keyring: Keyring
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
 ) -> None:
     """Rebinding ``manager = KasminaKernelManager(...)`` (a notebook cell run again) drops the
     old one without ``close``; it lived on in reference cycles, and the new registration was
-    told to close a manager nobody could reach any more."""
+    told to close a manager nobody could reach any more. A seed it germinated must not keep it
+    alive either (the model holds the seed's monitor)."""
     gc.disable()  # the cycle stays until something collects it
     try:
-        model = Host()
-        manager = _manager(tmp_path, store, keyring, "old")
-        manager.attach(model, "out", 2, 2)
-        manager.backward(F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 3])))
-        manager.step()
+        rig = Rig(make_config(tmp_path / "old", store), keyring)
+        assert rig.send("germinate", SEED0, mlp)
+        rig.train(1)
+        model = rig.model
+        del rig
         manager = _manager(tmp_path, store, keyring, "new")
+        with pytest.raises(ValueError, match="must be DORMANT without a kernel"):
+            manager.register(model)  # its own refusal: not "managed by another manager"
+        assert not any(model.out.state_table.owned(k) for k in range(2))
+        model = Host()  # a fresh model's dropped manager, which never germinated
+        _manager(tmp_path, store, keyring, "other").attach(model, "out", 2, 2)
         manager.register(model)
         manager.close()
     finally:
@@ -162,8 +167,11 @@ def test_a_managed_model_cannot_be_frozen_in_place_as_a_teacher(
     other = Rig(make_config(tmp_path / "o", store), keyring)
     weight = other.model.inp.weight
     for model in (other.model, other.model.inp):
-        with pytest.raises(ValueError, match="copy_model=False is frozen in place"):
+        with pytest.raises(ValueError, match="a live manager manages this model"):
             student.manager.load_teacher(model, copy_model=False)
     assert weight.dtype == torch.float32 and weight.requires_grad
     student.manager.load_teacher(other.model)  # a copy is fine
     student.manager.load_teacher(Host(), copy_model=False)  # and an unmanaged model in place
+    grown = Host()
+    kasmina.attach(grown, "out", 2, 2)  # slots no live manager owns
+    student.manager.load_teacher(grown, copy_model=False)

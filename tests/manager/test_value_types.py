@@ -95,8 +95,10 @@ def test_teacher_logits_of_a_dtype_the_kd_loss_refuses_are_refused_when_set(
 
 
 def test_epoch_metrics_take_numbers_and_one_element_tensors_only() -> None:
-    got = epoch_metrics({"a": np.float32(0.5), "b": torch.tensor(0.25), "c": Fraction(1, 4)})
-    assert got == {"a": 0.5, "b": 0.25, "c": 0.25} and all(type(v) is float for v in got.values())
+    given = {"a": np.float32(0.5), "b": torch.tensor(0.25), "c": Fraction(1, 4)}
+    got = epoch_metrics(given | {"d": torch.tensor([0.75]).numpy()})
+    assert got == {"a": 0.5, "b": 0.25, "c": 0.25, "d": 0.75}
+    assert all(type(v) is float for v in got.values())
     for value, message in (("0.9", "float"), (True, "float"), (torch.ones(2), "one number")):
         with pytest.raises(ValueError, match=rf"val_metrics\['a'\] must be.*{message}"):
             epoch_metrics({"a": value})
