@@ -299,6 +299,22 @@ def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
     return None
 
 
+def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | None:
+    """Under ``torch.autograd.set_detect_anomaly(True)`` with its NaN checks (eager, an output
+    with a graph): a non-finite output of a finite host chunk, found on the host (anomaly mode
+    reads the device at every node anyway), so the seed passes the host through. Left to the
+    device half, the chunk falls back, but the kernel's backward still runs on the zero
+    gradient the fallback gives it; ``0 * inf`` is NaN there, and anomaly mode raised: out of
+    the host's backward in ACTIVE, as a second fault ("backward raised") before it."""
+    if not torch.is_anomaly_check_nan_enabled() or not out.requires_grad:
+        return None
+    if torch.compiler.is_compiling() or bool(out.detach().isfinite().all()):
+        return None
+    if not bool(host.detach().isfinite().all()):  # the host's NaN: anomaly mode blames its op
+        return None
+    return "nonfinite", "non-finite output"
+
+
 def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
     """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
     gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
@@ -393,6 +409,8 @@ def call_kernel(
     if fault is not None and fault[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
         fault = output_fault(out, x)
+    if fault is None and torch.is_anomaly_enabled():
+        fault = anomaly_fault(out, x)
     if fault is not None:
         if not recomputing():
             record(*fault)

@@ -116,6 +116,19 @@ class NonFinite(nn.Module):
         return self.lin(x) + self.value
 
 
+class Overflows(nn.Module):
+    """``x + eps * exp(w * x)``: finite on small inputs, inf where ``x`` exceeds about 89; its
+    backward then meets ``0 * inf`` (NaN) in the zero gradient a fallback gives it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(width))
+        self.eps = nn.Parameter(torch.full((width,), 1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.eps * torch.exp(self.w * x)
+
+
 Kernel = Callable[[int], nn.Module]
 
 # (kernel factory, telemetry kind, fault_log reason for a (BATCH, C) float32 host chunk)
@@ -439,6 +452,28 @@ def test_faulting_seeds_leave_the_healthy_seeds_of_a_layer_exactly_as_they_were(
     # The next call, the flaky seed is healthy again and blends in.
     assert not torch.equal(layer(x)[:, 2:4], layer.host(x)[:, 2:4])
     assert layer.seed(1).faults == 1
+
+
+@pytest.mark.parametrize("stage", RUNNING)
+def test_anomaly_detection_meets_no_nan_of_a_contained_seed(
+    x: torch.Tensor, stage: SeedStage
+) -> None:
+    """Under ``set_detect_anomaly(True)`` the kernel's backward still ran on the zero gradient
+    its fallback gave it: ``0 * inf`` made NaN there, and anomaly mode raised out of the host's
+    backward (ACTIVE) or charged a second fault for one bad batch ("backward raised")."""
+    table, sink = reporting_table(1)
+    seed = make_seed(Overflows(C), stage, table)
+    net, bare = Net(seed), Net(None)
+    big = x * 1000  # the slot's activations reach hundreds: exp overflows
+    with torch.autograd.set_detect_anomaly(True):
+        assert torch.equal(train_step(net, big), bare(big))
+    assert all(p.grad is None or p.grad.isfinite().all() for p in net.parameters())
+    seed.poll_nonfinite()
+    assert seed.faults == 1 and list(seed.fault_log) == ["non-finite output"]
+    assert fault_events(sink) == [{"seed_id": "s0", "kind": "nonfinite", "stage": stage.name}]
+    with torch.autograd.set_detect_anomaly(True, check_nan=False):  # as without anomaly mode
+        train_step(net, big)
+    assert seed.faults == 1 and seed.poll_nonfinite() and seed.faults == 2
 
 
 def test_non_finite_seeds_in_every_stage_of_a_layer_fall_back_per_chunk() -> None:
