@@ -63,6 +63,7 @@ from kasmina.manager.rollback import restore_epoch, snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL, TRAINING_STAGES
+from kasmina.utils.grad_modes import training_tensors
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 
@@ -357,7 +358,8 @@ class ManagerReplica:
         live = state._checkpoints
         state._checkpoints = store
         try:
-            restore_epoch(state, self.manager.guard, key)
+            with training_tensors():  # a repair in a sync under inference_mode: still trainable
+                restore_epoch(state, self.manager.guard, key)
         finally:
             state._checkpoints = live
         live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now

@@ -278,8 +278,8 @@ class SlotRegistry:
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
                 self.records[seed.seed_id] = record
                 self.by_index[seed.state_index] = record
-                # Not copied with the model: the registry is this manager's (keys, locks).
-                table.observe(seed.state_index, self._on_transition, follows_copies=False)
+        for index in self.by_index:  # after every check: a refusal leaves no owner behind
+            table.observe(index, self._on_transition, follows_copies=False)  # not in a copy
         seed_ids = {id(p) for slot in self.slots for p in slot.seeds.parameters()}
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids

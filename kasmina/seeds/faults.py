@@ -300,15 +300,16 @@ def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
 
 
 def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | None:
-    """Under ``torch.autograd.set_detect_anomaly(True)`` with its NaN checks (eager, an output
-    with a graph): a non-finite output of a finite host chunk, found on the host (anomaly mode
+    """Under ``torch.autograd.set_detect_anomaly(True)`` with its NaN checks (eager only; a
+    compiled region's backward is one node anomaly mode still checks), for an output with a
+    graph: a non-finite output of a finite host chunk, found on the host (anomaly mode
     reads the device at every node anyway), so the seed passes the host through. Left to the
     device half, the chunk falls back, but the kernel's backward still runs on the zero
     gradient the fallback gives it; ``0 * inf`` is NaN there, and anomaly mode raised: out of
     the host's backward in ACTIVE, as a second fault ("backward raised") before it."""
     if not torch.is_anomaly_check_nan_enabled() or not out.requires_grad:
         return None
-    if torch.compiler.is_compiling() or bool(out.detach().isfinite().all()):
+    if bool(out.detach().isfinite().all()):
         return None
     if not bool(host.detach().isfinite().all()):  # the host's NaN: anomaly mode blames its op
         return None
@@ -409,8 +410,8 @@ def call_kernel(
     if fault is not None and fault[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
         fault = output_fault(out, x)
-    if fault is None and torch.is_anomaly_enabled():
-        fault = anomaly_fault(out, x)
+    if fault is None and not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
+        fault = anomaly_fault(out, x)  # eager only: traced, the call would break the graph
     if fault is not None:
         if not recomputing():
             record(*fault)

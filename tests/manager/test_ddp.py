@@ -17,6 +17,7 @@ Every collective is bounded by the process group's timeout and the whole run by
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import threading
@@ -125,17 +126,22 @@ class Trainer:
                 self.manager.seed(drop_grad_of).seed_parameters()[0].grad = None
             self.manager.step()
 
-    def boundary(self) -> Any:
-        self.manager.end_epoch(self.epoch)
-        result = self.dk.sync_epoch(self.epoch)
+    def boundary(self, inference: bool = False) -> Any:
+        """``inference``: the boundary inside the user's ``torch.inference_mode()`` block."""
+        with torch.inference_mode() if inference else contextlib.nullcontext():
+            self.manager.end_epoch(self.epoch)
+            result = self.dk.sync_epoch(self.epoch)
         self.results.append(result)
         self.epoch += 1
         return result
 
-    def repair_and_save(self, out: str, name: str, steps_between: int) -> None:
-        """An epoch sync (the one that repairs), ``steps_between`` steps, another sync (which
-        must find nothing); save both verdicts with this rank's state, and close."""
-        repaired = self.boundary()
+    def repair_and_save(
+        self, out: str, name: str, steps_between: int, inference: bool = False
+    ) -> None:
+        """An epoch sync (the one that repairs; ``inference``: under inference mode, whose
+        tensors the repaired rank could not train), ``steps_between`` steps, another sync
+        (which must find nothing); save both verdicts with this rank's state, and close."""
+        repaired = self.boundary(inference)
         self.train(steps_between)
         after = self.boundary()
         self.save(
@@ -242,7 +248,7 @@ def _worker_two(rank: int, world: int, spec: dict[str, Any]) -> None:
             t.manager.seed(SEED0).seed_parameters()[0].add_(1e-3)
             host_opt = t.manager.optimizers.optimizer("host")
             next(iter(host_opt.state.values()))["exp_avg"].mul_(2.0)
-    t.repair_and_save(spec["out"], "repaired", steps_between=2)
+    t.repair_and_save(spec["out"], "repaired", steps_between=2, inference=True)
 
 
 def _worker_three(rank: int, world: int, spec: dict[str, Any]) -> None:

@@ -83,6 +83,25 @@ def test_slots_not_in_the_model_registered_are_refused(
     manager.close()
 
 
+def test_a_refused_registration_leaves_no_owner_behind(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The seeds checked before the one that refused the registration stayed observed by the
+    refused registry for as long as the exception lived (a REPL keeps the last one), and the
+    next registration was told another manager managed them."""
+    model = Outer()
+    slot_a, slot_b = kasmina.attach(model, ["a.out", "b.out"], 2, 2)
+    slot_b.seed(1).transition_to(S.ISOLATED_INIT)  # a seed something else moved on
+    manager = _manager(tmp_path, store, keyring, "m")
+    with pytest.raises(ValueError, match="must be DORMANT") as kept:
+        manager.register(model)
+    seeds = [*slot_a.seeds, *slot_b.seeds]
+    assert not any(slot_a.state_table.owned(s.state_index) for s in seeds)
+    assert kept.value is not None  # the exception (and its frames) still alive
+    manager.register(model, [slot_a])
+    manager.close()
+
+
 def test_a_dropped_manager_lets_go_of_its_model(
     tmp_path: Path, store: Path, keyring: Keyring, mlp: str
 ) -> None:
