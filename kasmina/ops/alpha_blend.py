@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
-from kasmina.ops.transforms import functorch_active, no_vmap
+from kasmina.ops.transforms import functorch_active, no_jvp, no_vmap
 
 __all__ = [
     "alpha_blend",
@@ -363,6 +363,7 @@ class _AlphaBlendFunction(torch.autograd.Function):
         return _grads(ctx, grad, _backward_impl)
 
     vmap = no_vmap("alpha_blend")
+    jvp = no_jvp("alpha_blend")
 
 
 @torch.library.custom_op("kasmina::alpha_blend", mutates_args=())

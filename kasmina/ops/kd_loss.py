@@ -63,6 +63,7 @@ from kasmina.ops.transforms import (
     functorch_active,
     functorch_context,
     graph_anchor,
+    no_jvp,
     no_vmap,
 )
 
@@ -470,6 +471,7 @@ class _KDFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
     vmap = no_vmap("kd_kl_loss")
+    jvp = no_jvp("kd_kl_loss")
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())

@@ -27,6 +27,7 @@ __all__ = [
     "functorch_active",
     "functorch_context",
     "graph_anchor",
+    "no_jvp",
     "no_vmap",
     "outside_transforms",
     "plain_flag",
@@ -86,6 +87,21 @@ def no_vmap(op: str):
         )
 
     return staticmethod(vmap)
+
+
+def no_jvp(op: str):
+    """A ``jvp`` staticmethod for an op's Function: forward-mode AD (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``) is refused naming the op, where torch said only
+    "You must implement the jvp function for custom autograd.Function". The kernels have no
+    forward-mode rule; reverse mode (``backward``, ``torch.func.grad``/``vjp``) works."""
+
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad or vjp)"
+        )
+
+    return staticmethod(jvp)
 
 
 def functorch_context(ctx, op: str) -> None:

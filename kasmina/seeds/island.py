@@ -26,6 +26,7 @@ import torch
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
+from kasmina.ops.transforms import no_jvp
 from kasmina.seeds.faults import (
     FaultRecorder,
     chunk_sums,
@@ -217,6 +218,8 @@ class ContainedBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         return (None, *([None] * ctx.num_outputs), *ctx.island.backward(grads))
 
+    jvp = no_jvp("a seed's guarded kernel (before ACTIVE)")
+
 
 def contain_backward(
     outputs: Sequence[torch.Tensor],
@@ -354,6 +357,8 @@ class GuardedBlend(torch.autograd.Function):
         ctx.graft = graft
         ctx.save_for_backward(used, ok)
         return out
+
+    jvp = no_jvp("a blending seed's guarded blend (GRAFTING, STABILIZATION)")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]

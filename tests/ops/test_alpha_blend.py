@@ -720,3 +720,21 @@ def test_a_channels_last_blend_of_one_channel_chunks_compiles(backend: str) -> N
     torch.testing.assert_close(got.double(), _blend64(pre64, x64, alpha), rtol=1e-6, atol=1e-6)
     got.sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad)
+
+
+def test_forward_mode_transforms_are_refused_naming_the_op() -> None:
+    """``torch.func.jvp`` (and ``jacfwd``, ``hessian``) raised torch's "You must implement the
+    jvp function for custom autograd.Function", naming nothing of Kasmina."""
+    from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
+
+    seed, host = torch.randn(3, 4), torch.randn(3, 4)
+    teacher = torch.randn(3, 5)
+    calls = {
+        "alpha_blend": lambda s: alpha_blend(s, host, 0.5),
+        "kd_kl_loss": lambda s: kd_kl_loss(s, host),
+        "fused_linear_kd_loss": lambda s: fused_linear_kd_loss(s, torch.randn(5, 4), teacher),
+    }
+    for name, call in calls.items():
+        refused = f"{name} (has no forward-mode derivative|does not support torch.func)"
+        with pytest.raises(RuntimeError, match=refused):
+            torch.func.jvp(call, (seed,), (torch.ones(3, 4),))

@@ -1067,3 +1067,23 @@ def test_attach_under_a_meta_default_device_builds_real_seeds() -> None:
     assert all(b.device.type == "cpu" for b in slot.buffers())
     x = torch.ones(3, 5)
     assert torch.equal(model(x), slot.host(torch.relu(model.encoder(x))))
+
+
+@pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.STABILIZATION])
+def test_forward_mode_ad_through_a_blending_seed_is_refused_naming_it(stage: SeedStage) -> None:
+    """Reverse mode works in every stage; forward mode through a blending seed's guard raised
+    torch's "You must implement the jvp function", naming nothing of Kasmina."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    model(torch.randn(3, 5))
+    slot.seed(0).attach_kernel(kernel(4, 0))
+    walk(slot.seed(0), stage)
+    x, v = torch.randn(3, 5), torch.ones(3, 5)
+    with pytest.raises(RuntimeError, match="has no forward-mode derivative"):
+        with fwAD.dual_level():
+            model(fwAD.make_dual(x, v))
+    if stage == SeedStage.GRAFTING:  # under torch.func a STABILIZATION slot has no blend
+        with pytest.raises(RuntimeError, match="alpha_blend has no forward-mode derivative"):
+            torch.func.jvp(model, (x,), (v,))
