@@ -238,9 +238,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return {r.seed_id: r.stage for r in self.require_registry()}
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
-        """A trainer's own score (0..1) into the seed's GATE_SCORE column, for reports only:
-        G5 uses the benefit ``evaluate_seeds`` measured, which overwrites this score."""
+        """A trainer's score (0..1), for reports only (``ManagerState.record_gate_score``)."""
         self.state.record_gate_score(seed_id, score)
+
+    def track(self, name: str, obj: Any) -> None:
+        """Save ``obj``'s ``state_dict`` (an LR scheduler, a GradScaler, an EMA model) in every
+        checkpoint, and load it back with a ROLLBACK to it (``ManagerState.track``)."""
+        self.state.track(name, obj)
 
     def evaluate_seeds(
         self,
@@ -543,8 +547,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     # ------------------------------------------------------------------ report
     def export_leyline_telemetry(self) -> TelemetryPacket:
-        """One packet with the manager's whole state (see ``ManagerReport``), read under the
-        manager's lock, as ``system_state`` is: never one epoch's clock with the next's metrics."""
+        """The manager's whole state in one packet (``ManagerReport``), read under its lock."""
         with self._lock:
             return self.report.export_leyline_telemetry(self.handler.stats)
 
@@ -571,12 +574,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.guard.add_external(host_model, seed_model, seed_id, on_quarantine)
 
     def check_gradient_isolation(self) -> bool:
-        """Verify this step: seed-only backward leaks, each isolated seed's autograd graph, the
-        debug monitors. Violations count toward each seed's breaker (QUARANTINE at the limit;
-        the host keeps training). True when the step was clean so far; ``step`` calls it too,
-        and a violation found by an earlier call still keeps that step's host optimizer from
-        stepping: the next ``step()``, which zeroes the gradients the leak left, even when
-        the batch was dropped in between."""
+        """Verify this step: seed-only backward leaks, each isolated seed's graph, the debug
+        monitors; violations count toward each seed's breaker. True when clean so far; a
+        violation keeps the host optimizer from stepping at the next ``step()`` (which calls it)."""
         return self.guard.check(self.require_registry())
 
     def __exit__(self, *exc_info: object) -> None:

@@ -36,6 +36,7 @@ of it), never reported as the refusal of a change that was made.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -100,6 +101,7 @@ def snapshot(
         "val_metrics": {k: float(v) for k, v in metrics.items()},
         BOUNDARY_PENDING: bool(boundary_pending),
         "host_shapes": host_shapes(registry),  # G3's host cost before a resumed first forward
+        "tracked": {name: obj.state_dict() for name, obj in state.tracked.items()},
     }
     return capture_training_state(
         {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
@@ -128,6 +130,7 @@ def restore_epoch(
     saved_seeds = _saved_seeds(extra, registry, epoch)
     pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
+    tracked = _saved_tracked(extra, state.tracked, epoch)
     if pending and boundary is None:
         raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
@@ -161,6 +164,7 @@ def restore_epoch(
     # loads the old state back, so it puts the evaluations back too.
     evaluations = [(record.seed, record.seed.evaluation) for record in registry]
     added_before = registry.added_host_params
+    tracked_before = {name: copy.deepcopy(state.tracked[name].state_dict()) for name in tracked}
     try:
         _swap_kernels(registry, changes, fresh, old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
@@ -168,6 +172,8 @@ def restore_epoch(
                 checkpoint, {"model": registry.model}, None, registry.table.state_tensor
             )
         registry.table.resync()  # the host mirror follows the restored table (stages below)
+        for name, saved in tracked.items():  # the user's scheduler, scaler...: the epoch's
+            state.tracked[name].load_state_dict(copy.deepcopy(saved))
         pins = _take_pins(state, registry, saved_seeds, taken)
         if optimizers.has_host:  # the monitors guard the restored host groups too
             registry.added_host_params = registry.host_groups_of(optimizers)
@@ -183,6 +189,7 @@ def restore_epoch(
         for seed, evaluation in evaluations:
             seed.evaluation = evaluation
         _release(fresh)
+        _put_back(state.tracked, tracked_before)
         raise
     # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
     with interrupts_deferred():
@@ -210,6 +217,30 @@ def restore_epoch(
         logger.error("%s", problem, exc_info=True)
         return problem
     return ""
+
+
+def _put_back(tracked: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+    """The tracked objects' states from before a rollback that failed; one whose own load fails
+    again is logged and the others are still put back (the failure being undone propagates)."""
+    for name, saved in states.items():
+        try:
+            tracked[name].load_state_dict(saved)
+        except Exception:
+            logger.exception("rollback undo: tracked %r could not be put back", name)
+
+
+def _saved_tracked(extra: Any, live: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+    """The saved states of the tracked objects (``snapshot``'s ``extra["tracked"]``). An object
+    tracked since that checkpoint was taken has none there, and is left as it is (logged)."""
+    saved = extra.get("tracked", {}) if isinstance(extra, Mapping) else {}
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"checkpoint of epoch {epoch}: tracked states are malformed")
+    missing = sorted(set(live) - set(saved))
+    if missing:
+        logger.warning(
+            "checkpoint of epoch %d holds no state of %s: left as they are", epoch, missing
+        )
+    return {name: saved[name] for name in live if name in saved}
 
 
 class _SavedSeed(NamedTuple):

@@ -154,6 +154,9 @@ class ManagerState:
     seed_lr: float = 1e-3
     teacher: CheckpointedTeacher | None = None
     optimizers: IsolatedOptimizerManager = field(init=False)
+    # The user's stateful training objects (an LR scheduler, a GradScaler, an EMA model), by
+    # name: saved in every checkpoint and put back by a ROLLBACK with the optimizers (``track``).
+    tracked: dict[str, Any] = field(default_factory=dict)
     # The training clock: the last epoch ended (-1: none yet) and the steps taken.
     epoch: int = -1
     global_step: int = 0
@@ -262,6 +265,21 @@ class ManagerState:
         if self.teacher is not None:
             optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
         return optimizers
+
+    def track(self, name: str, obj: Any) -> None:
+        """Keep ``obj`` (anything with ``state_dict``/``load_state_dict``) in step with the
+        checkpoints under ``name``: saved in each, loaded back by a ROLLBACK (all or nothing,
+        with the weights and optimizers). A scheduler left at its own step count set the
+        rolled-back optimizer's lr from the abandoned timeline (a cosine schedule at 6x its
+        base lr, a OneCycleLR past its last step). Tracking a name again replaces the object."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a tracked object's name must be a non-empty str, got {name!r}")
+        if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):
+            raise TypeError(
+                f"{type(obj).__name__} has no state_dict/load_state_dict: only such an object "
+                "(an LR scheduler, a GradScaler, a module) can follow a rollback"
+            )
+        self.tracked[name] = obj
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
         """The trainer's measure of a seed's benefit (0..1), for reports only (warned): G5

@@ -135,3 +135,81 @@ def test_a_rollback_keeps_the_optimizers_constructor_options(
             assert getattr(opt, "_step_supports_amp_scaling", False), oid
     report = rig.train(2)
     assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6),
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6),
+    ],
+    ids=["cosine", "step", "onecycle"],
+)
+def test_a_tracked_scheduler_follows_a_rollback(rig: Rig, make) -> None:
+    """A scheduler left at its own step count after a ROLLBACK set the restored lr from the
+    abandoned timeline: a chained cosine schedule climbed to 6x its base lr on the replay, and
+    OneCycleLR raised once it passed its last step. ``manager.track`` saves its state in every
+    checkpoint and puts it back with the rollback, so the replay repeats the first pass."""
+    manager = rig.manager
+    host_opt = manager.optimizers.optimizer("host")
+    scheduler = make(host_opt)
+    manager.track("scheduler", scheduler)
+    first: list[float] = []
+    for epoch in range(4):
+        rig.train(1)
+        manager.end_epoch(epoch)
+        scheduler.step()
+        first.append(host_opt.param_groups[0]["lr"])
+    assert run_command(manager, rig.signed(make_rollback_command(1)))
+    assert scheduler.last_epoch == 1  # as when epoch 1's checkpoint was written
+    replay = []
+    for epoch in range(2, 6):
+        rig.train(1)
+        manager.end_epoch(epoch)
+        scheduler.step()
+        replay.append(host_opt.param_groups[0]["lr"])
+    assert replay[:2] == first[1:3]  # the lrs of the first pass, from the same epoch on
+    assert max(replay) <= max(first)
+
+
+def test_a_rollback_that_fails_leaves_a_tracked_object_as_it_was(rig: Rig) -> None:
+    """All or nothing: a tracked object's state is loaded with the weights; when a later part
+    of the rollback fails, it is put back as it was, with everything else."""
+
+    class Counter:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def state_dict(self) -> dict[str, int]:
+            return {"count": self.count}
+
+        def load_state_dict(self, state: dict[str, int]) -> None:
+            self.count = state["count"]
+
+    class Broken(Counter):
+        def load_state_dict(self, state: dict[str, int]) -> None:
+            if self.fail:
+                raise ValueError("cannot load")
+            super().load_state_dict(state)
+
+    manager = rig.manager
+    counter, broken = Counter(), Broken()
+    broken.fail = False
+    manager.track("counter", counter)
+    manager.track("broken", broken)  # loaded after the counter
+    rig.train(1)
+    manager.end_epoch(0)
+    rig.train(1)
+    counter.count = broken.count = 7
+    weights = [p.detach().clone() for p in rig.model.parameters()]
+    broken.fail = True
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
+    assert counter.count == broken.count == 7  # the counter's load was undone
+    assert all(torch.equal(a, b) for a, b in zip(weights, rig.model.parameters(), strict=True))
+    broken.fail = False
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert counter.count == broken.count == 0
+    assert not all(torch.equal(a, b) for a, b in zip(weights, rig.model.parameters(), strict=True))
+    with pytest.raises(TypeError, match="no state_dict/load_state_dict"):
+        manager.track("lr", 0.1)
