@@ -132,14 +132,22 @@ def sign_command(
         )
     if nonce is not None and not 0 < len(nonce) <= MAX_NONCE_CHARS:  # what the trainer refuses
         raise ValueError(f"nonce must be 1 to {MAX_NONCE_CHARS} characters, got {nonce!r:.40}")
+    try:  # a lone surrogate cannot go on the wire: it failed with the key id already written
+        f"{key_id}{nonce or ''}".encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"nonce {nonce!r:.40} or key_id {key_id!r:.40} is not UTF-8 text"
+        ) from None
     now = time.time() if timestamp is None else timestamp
     if isinstance(now, bool) or not isinstance(now, Real):
         raise TypeError(
             f"timestamp must be seconds since the epoch (a number) or None (now), "
             f"got {type(now).__name__} {now!r:.40}"
         )
-    if not math.isfinite(now):
+    if isinstance(now, float) and not math.isfinite(now):
         raise ValueError(f"timestamp must be finite seconds since the epoch, got {now!r}")
+    if not _TIMESTAMP_MIN_S <= now < _TIMESTAMP_MAX_S + 1:  # before it is scaled (1e300 overflowed)
+        raise ValueError(f"timestamp must be within the years 1 to 9999, got {now!r:.40}")
     seconds, nanos = divmod(round(now * 1e9), 1_000_000_000)
     if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S:  # what a protobuf Timestamp holds
         raise ValueError(f"timestamp must be within the years 1 to 9999, got {now!r}")

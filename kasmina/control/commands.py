@@ -418,8 +418,12 @@ def _set(message: Any, field: str, value: object, argument: str) -> None:
         raise _invalid(TypeError, argument, value)
     try:
         setattr(message, field, value)
-    except (TypeError, ValueError) as exc:
-        raise _invalid(type(exc), argument, value) from None
+    except (TypeError, ValueError, OverflowError) as exc:  # 10**400; a lone surrogate
+        raise _invalid(
+            TypeError if isinstance(exc, TypeError) else ValueError, argument, value
+        ) from None
+    if value and getattr(message, field) == 0:  # a float32 field: 1e-46 would read as 0, unset
+        raise _invalid(ValueError, argument, value, note=" (it rounds to 0 in the wire's float32)")
 
 
 def _set_parameters(target: Any, parameters: Mapping[str, float] | None) -> None:
@@ -432,15 +436,24 @@ def _set_parameters(target: Any, parameters: Mapping[str, float] | None) -> None
             raise _invalid(TypeError, f"parameters[{key!r}]", value, "a number")
     try:
         target.update(parameters)  # one update: entry by entry would change the wire order
-    except (TypeError, ValueError):  # protobuf does not say which entry: find it
+    except (TypeError, ValueError, OverflowError):  # protobuf does not say which entry: find it
         for key, value in parameters.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or not _encodable(key):  # a lone surrogate is no text
                 raise _invalid(TypeError, "a key of parameters", key, "a str") from None
             try:
                 target[key] = value
-            except (TypeError, ValueError) as exc:
-                raise _invalid(type(exc), f"parameters[{key!r}]", value, "a number") from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise _invalid(kind, f"parameters[{key!r}]", value, "a number") from None
         raise
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _enum(enum: EnumTypeWrapper, value: int | str, argument: str) -> int:
@@ -492,7 +505,7 @@ def _duration(timeout_s: float) -> Duration:
             raise ValueError
         duration = Duration()
         duration.FromNanoseconds(round(timeout_s * 1e9))
-    except ValueError:  # not positive and finite, or beyond protobuf's Duration
+    except (ValueError, OverflowError):  # not positive and finite, beyond a Duration, 1e300
         raise _invalid(ValueError, "timeout_s", timeout_s) from None
     return duration
 

@@ -252,7 +252,10 @@ class KasminaConfig:
         for name in _OPTIONAL_PATHS:
             setattr(self, name, _optional_path(name, getattr(self, name)))
         if self.checkpoint_key_file:  # read at the first end_epoch: a wrong file fails now
-            check_checkpoint_key(self.checkpoint_key_file)
+            try:
+                check_checkpoint_key(self.checkpoint_key_file)
+            except OSError as exc:  # unreadable, a directory, a name too long
+                raise ValueError(f"checkpoint_key_file cannot be read: {exc}") from None
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
         _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
@@ -267,7 +270,7 @@ class KasminaConfig:
                 f"nonce_ledger {ledger!r} reads as a flag, not a file: pass True or False"
             )
         if isinstance(ledger, str):  # absolute, as runs_root
-            self.nonce_ledger = str(Path(ledger).expanduser().absolute())
+            self.nonce_ledger = _absolute("nonce_ledger", ledger)
         if self.nonce_ledger_durability not in DURABILITY_MODES:
             raise ValueError(
                 f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
@@ -295,7 +298,7 @@ class KasminaConfig:
             raise ValueError(f"runs_root must be a non-empty path, got {self.runs_root!r}")
         # Absolute now: resolved at each use, a chdir between two (a notebook, Hydra) split one
         # run's ledger, key and checkpoints across two directories.
-        self.runs_root = str(Path(self.runs_root).expanduser().absolute())
+        self.runs_root = _absolute("runs_root", self.runs_root)
         # Directories left to their default: to_dict gives them as "" again, so a template
         # saved from this run never pins the next run's state into this run's directory.
         self._defaulted_dirs: dict[str, str] = {}
@@ -308,11 +311,16 @@ class KasminaConfig:
             if not value:
                 value = str(self.run_dir / default)
                 self._defaulted_dirs[name] = value
-            value = str(Path(value).expanduser().absolute())  # as runs_root
+            value = _absolute(name, value)  # as runs_root
             setattr(self, name, value)
-            if Path(value).expanduser().resolve() == Path.cwd().resolve():
+            try:
+                here = Path(value).resolve() == Path.cwd().resolve()
+                file = Path(value).exists() and not Path(value).is_dir()
+            except OSError as exc:  # a name too long
+                raise ValueError(f"{name} {value!r:.80} cannot be used: {exc}") from None
+            if here:
                 raise ValueError(f"{name} must not be the working directory")
-            if Path(value).exists() and not Path(value).is_dir():  # else the first end_epoch
+            if file:  # else the first end_epoch
                 raise ValueError(f"{name} {value} exists and is not a directory")
         if self.checkpoint_mode not in CHECKPOINT_MODES:
             raise ValueError(
@@ -430,7 +438,9 @@ class KasminaConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (``kd`` as a nested dict). A checkpoint directory left to its
         default is given as "" (still the default), so ``from_dict`` of it with another run id
-        uses that run's directory; one set explicitly is kept."""
+        uses that run's directory; one set explicitly is kept. ``g5_max_metric_drop=inf`` is
+        a float inf: ``json.dumps`` writes ``Infinity``, which Python reads back (a strict
+        JSON parser does not: write such a config with ``allow_nan`` and read it with Python)."""
         data = dataclasses.asdict(self)
         for name, value in getattr(self, "_defaulted_dirs", {}).items():
             if data[name] == value:  # not reassigned since
@@ -503,7 +513,16 @@ def _optional_path(name: str, value: object) -> str | None:
         raise ValueError(
             f"{name} must be None or a path (a non-empty str or os.PathLike), got {value!r}"
         )
-    return str(Path(path).expanduser().absolute())
+    return _absolute(name, path)
+
+
+def _absolute(name: str, path: str) -> str:
+    """``path`` with ``~`` expanded, made absolute; a ``ValueError`` naming the setting when the
+    OS cannot take it (``~nobody``: no such home, a RuntimeError from pathlib)."""
+    try:
+        return str(Path(path).expanduser().absolute())
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"{name} {path!r:.80} cannot be used: {exc}") from None
 
 
 def _is_number(value: object) -> bool:

@@ -202,3 +202,44 @@ def test_valid_arguments_build_and_sign_the_same_bytes_as_before() -> None:
         "ccccccec3f2802320208053a360a016e120c0880e2cfaa061080cab5ee011a20ae7e56912ad9982d1c23f5"
         "89b3373869894b50d7f14a94820466c43c8015fcfe22016b",
     ]
+
+
+def test_numbers_too_large_for_the_wire_are_value_errors_naming_the_argument() -> None:
+    """They escaped as OverflowError ("cannot convert float infinity to integer")."""
+    for build, argument in (
+        (lambda: make_seed_command("germinate", "s", "a", timeout_s=1e300), "timeout_s"),
+        (lambda: make_optimizer_command("step", "o", learning_rate=10**400), "learning_rate"),
+        (lambda: make_optimizer_command("step", "o", grad_clip_norm=10**400), "grad_clip_norm"),
+        (lambda: make_seed_command("germinate", "s", "a", {"learning_rate": 10**400}),
+         r"parameters\['learning_rate'\]"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{argument} must be"):
+            build()
+    keyring = Keyring({"k": KEY})
+    for timestamp in (1e300, 10**400, -1e20):
+        cmd = make_seed_command("cull", "s")
+        with pytest.raises(ValueError, match="timestamp must be within the years 1 to 9999"):
+            sign_command(cmd, keyring, "k", timestamp=timestamp)
+        assert not cmd.HasField("metadata")
+
+
+def test_text_the_wire_cannot_encode_is_a_value_error_and_signing_touches_nothing() -> None:
+    """A lone surrogate gave "TypeError: function takes exactly 5 arguments", and
+    ``sign_command`` wrote the key id before failing on the nonce."""
+    with pytest.raises(ValueError, match="seed_id must be"):
+        make_seed_command("cull", "\ud800")
+    with pytest.raises(TypeError, match="a key of parameters must be a str"):
+        make_seed_command("germinate", "s", "a", {"\ud800": 0.5})
+    cmd = make_seed_command("cull", "s")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        sign_command(cmd, Keyring({"k": KEY}), "k", nonce="\ud800")
+    assert not cmd.HasField("metadata")
+
+
+def test_a_rate_the_wire_rounds_to_zero_is_refused() -> None:
+    """The optimizer command's learning rate and clip norm are float32 on the wire: 1e-46 read
+    as 0, "unset" (keep the lr, no clipping), with no error."""
+    for argument in ("learning_rate", "grad_clip_norm"):
+        with pytest.raises(ValueError, match=f"{argument} must be .*rounds to 0"):
+            make_optimizer_command("step", "o", **{argument: 1e-46})
+    assert make_optimizer_command("step", "o", learning_rate=1e-30).optimizer_command.learning_rate

@@ -360,3 +360,21 @@ def test_a_checkpoint_setting_that_cannot_work_fails_when_the_config_is_built(tm
     key.write_text("ab" * 32 + "\n")
     key.chmod(0o600)
     assert KasminaConfig(checkpoint_key_file=str(key)).checkpoint_key_path == key
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["runs_root", "checkpoint_dir", "nonce_ledger", "checkpoint_key_file", "hmac_keys_file"],
+)
+def test_a_path_the_os_cannot_take_is_a_value_error_naming_the_setting(field, tmp_path) -> None:
+    """``~nobody/...`` (no such home) raised pathlib's RuntimeError, and a name too long for
+    the OS an OSError, out of the constructor."""
+    paths = ["~kasmina_no_such_user_x/p"]
+    if field in ("checkpoint_dir", "checkpoint_key_file"):  # looked at on the disk now
+        paths.append(str(tmp_path / ("a" * 300) / "p"))
+    for path in paths:
+        settings = {field: path}
+        if field != "runs_root":
+            settings["runs_root"] = str(tmp_path / "runs")
+        with pytest.raises(ValueError, match=field):
+            KasminaConfig(**settings)

@@ -93,6 +93,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "stages",
         "step",
         "system_state",
+        "track",
         "validate_performance_targets",
     },
     LeylineAdaptationHandler: {"close", "complete", "flush_rejections"},
