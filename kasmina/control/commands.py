@@ -419,9 +419,7 @@ def _set(message: Any, field: str, value: object, argument: str) -> None:
     try:
         setattr(message, field, value)
     except (TypeError, ValueError, OverflowError) as exc:  # 10**400; a lone surrogate
-        raise _invalid(
-            TypeError if isinstance(exc, TypeError) else ValueError, argument, value
-        ) from None
+        raise _invalid(_kind(exc), argument, value) from None
     if value and getattr(message, field) == 0:  # a float32 field: 1e-46 would read as 0, unset
         raise _invalid(ValueError, argument, value, note=" (it rounds to 0 in the wire's float32)")
 
@@ -443,9 +441,14 @@ def _set_parameters(target: Any, parameters: Mapping[str, float] | None) -> None
             try:
                 target[key] = value
             except (TypeError, ValueError, OverflowError) as exc:
-                kind = TypeError if isinstance(exc, TypeError) else ValueError
-                raise _invalid(kind, f"parameters[{key!r}]", value, "a number") from None
+                raise _invalid(_kind(exc), f"parameters[{key!r}]", value, "a number") from None
         raise
+
+
+def _kind(exc: Exception) -> type[Exception]:
+    """The builders' exception for protobuf's ``exc``: a wrong type stays a TypeError, the rest
+    (a value out of range, 10**400's OverflowError, a lone surrogate) is a ValueError."""
+    return TypeError if isinstance(exc, TypeError) else ValueError
 
 
 def _encodable(text: str) -> bool:

@@ -316,7 +316,7 @@ class KasminaConfig:
             try:
                 here = Path(value).resolve() == Path.cwd().resolve()
                 file = Path(value).exists() and not Path(value).is_dir()
-            except OSError as exc:  # a name too long
+            except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop
                 raise ValueError(f"{name} {value!r:.80} cannot be used: {exc}") from None
             if here:
                 raise ValueError(f"{name} must not be the working directory")
@@ -520,8 +520,10 @@ def _absolute(name: str, path: str) -> str:
     """``path`` with ``~`` expanded, made absolute; a ``ValueError`` naming the setting when the
     OS cannot take it (``~nobody``: no such home, a RuntimeError from pathlib)."""
     try:
+        if "\0" in path:
+            raise ValueError("a path holds no NUL character")
         return str(Path(path).expanduser().absolute())
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:
         raise ValueError(f"{name} {path!r:.80} cannot be used: {exc}") from None
 
 

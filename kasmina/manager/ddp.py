@@ -302,8 +302,8 @@ class ManagerReplica:
     large host is not copied to the CPU at every epoch boundary). A repair sends the manager's
     rollback snapshot (``torch.save``; read back with ``weights_only=True``, which loads
     tensors and plain containers only) and loads it with the rollback's restore, which
-    re-attaches the kernels the source holds, rebuilds the optimizers and changes nothing if
-    any part fails.
+    re-attaches the kernels the source holds, rebuilds the optimizers, loads the tracked
+    objects (``manager.track``; not checksummed) and changes nothing if any part fails.
     """
 
     def __init__(self, manager: KasminaKernelManager, *, include_host: bool = True) -> None:

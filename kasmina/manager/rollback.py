@@ -12,11 +12,12 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    class (a checkpoint saved with another is refused), and loaded with the saved states;
 2. reversible writes: the kernels are swapped in, then ``restore_training_state`` validates the
    weights against the swapped model (keys and shapes) and writes them and the state table,
-   undoing its own writes if one fails, and the host mirror is resynced. Then what the commit
-   will hand over is prepared beside the records: the cached originals the restored seeds need
-   are pinned and the isolated seeds' monitors built. Any failure unpins what was pinned and
-   puts the old kernels (with their probe results), the weights and the table back, so the
-   command is refused with nothing changed;
+   undoing its own writes if one fails, and the host mirror is resynced; the user's tracked
+   objects (``manager.track``: a scheduler, a scaler) get the checkpoint's states. Then what
+   the commit will hand over is prepared beside the records: the cached originals the restored
+   seeds need are pinned and the isolated seeds' monitors built. Any failure unpins what was
+   pinned and puts the old kernels (with their probe results), the weights, the table and the
+   tracked objects' states back, so the command is refused with nothing changed;
 3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the live
    optimizer objects (``IsolatedOptimizerManager.adopt``: the host's optimizer, and a seed's that
    exists before and after, stays the same object, so a user's LR scheduler or ``GradScaler`` on it
@@ -59,7 +60,7 @@ from kasmina.seeds.gates import CompatibilityProbe
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import clone_state
+from kasmina.utils.state_io import clone_state, unsaveable
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def snapshot(
         "val_metrics": {k: float(v) for k, v in metrics.items()},
         BOUNDARY_PENDING: bool(boundary_pending),
         "host_shapes": host_shapes(registry),  # G3's host cost before a resumed first forward
-        "tracked": {name: obj.state_dict() for name, obj in state.tracked.items()},
+        "tracked": _tracked_states(state.tracked),
     }
     return capture_training_state(
         {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
@@ -130,7 +131,7 @@ def restore_epoch(
     saved_seeds = _saved_seeds(extra, registry, epoch)
     pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
-    tracked = _saved_tracked(extra, state.tracked, epoch)
+    tracked = _saved_tracked(extra, state.tracked, epoch)  # name -> (object, its saved state)
     if pending and boundary is None:
         raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
@@ -143,6 +144,9 @@ def restore_epoch(
     # Phase 1: load and validate everything; nothing live changes.
     fresh: dict[str, tuple[str, GPUKernel]] = {}
     try:
+        tracked_before = {
+            name: copy.deepcopy(obj.state_dict()) for name, (obj, _) in tracked.items()
+        }
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
                 original = state.loader.original(artifact_id)
@@ -164,7 +168,6 @@ def restore_epoch(
     # loads the old state back, so it puts the evaluations back too.
     evaluations = [(record.seed, record.seed.evaluation) for record in registry]
     added_before = registry.added_host_params
-    tracked_before = {name: copy.deepcopy(state.tracked[name].state_dict()) for name in tracked}
     try:
         _swap_kernels(registry, changes, fresh, old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
@@ -172,8 +175,8 @@ def restore_epoch(
                 checkpoint, {"model": registry.model}, None, registry.table.state_tensor
             )
         registry.table.resync()  # the host mirror follows the restored table (stages below)
-        for name, saved in tracked.items():  # the user's scheduler, scaler...: the epoch's
-            state.tracked[name].load_state_dict(copy.deepcopy(saved))
+        for obj, saved in tracked.values():  # the user's scheduler, scaler...: the epoch's
+            obj.load_state_dict(copy.deepcopy(saved))
         pins = _take_pins(state, registry, saved_seeds, taken)
         if optimizers.has_host:  # the monitors guard the restored host groups too
             registry.added_host_params = registry.host_groups_of(optimizers)
@@ -189,7 +192,7 @@ def restore_epoch(
         for seed, evaluation in evaluations:
             seed.evaluation = evaluation
         _release(fresh)
-        _put_back(state.tracked, tracked_before)
+        _put_back(tracked, tracked_before)
         raise
     # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
     with interrupts_deferred():
@@ -219,28 +222,48 @@ def restore_epoch(
     return ""
 
 
-def _put_back(tracked: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+def _tracked_states(tracked: Mapping[str, tuple[Any, int]]) -> dict[str, Any]:
+    """Each tracked object's state and generation for a snapshot; one whose state no longer
+    loads from a checkpoint (``unsaveable``) is left out and logged, never the checkpoint."""
+    states = {}
+    for name, (obj, generation) in tracked.items():
+        state = obj.state_dict()
+        problem = unsaveable(state)
+        if problem is None:
+            states[name] = {"generation": generation, "state": state}
+        else:
+            logger.error("tracked %r left out of the checkpoint: its state holds %s", name, problem)
+    return states
+
+
+def _put_back(tracked: Mapping[str, tuple[Any, Any]], states: Mapping[str, Any]) -> None:
     """The tracked objects' states from before a rollback that failed; one whose own load fails
     again is logged and the others are still put back (the failure being undone propagates)."""
-    for name, saved in states.items():
+    for name, before in states.items():
         try:
-            tracked[name].load_state_dict(saved)
+            tracked[name][0].load_state_dict(before)
         except Exception:
             logger.exception("rollback undo: tracked %r could not be put back", name)
 
 
-def _saved_tracked(extra: Any, live: Mapping[str, Any], epoch: int) -> dict[str, Any]:
-    """The saved states of the tracked objects (``snapshot``'s ``extra["tracked"]``). An object
-    tracked since that checkpoint was taken has none there, and is left as it is (logged)."""
+def _saved_tracked(
+    extra: Any, live: Mapping[str, tuple[Any, int]], epoch: int
+) -> dict[str, tuple[Any, Any]]:
+    """The live tracked objects with their states in a checkpoint (``snapshot``'s
+    ``extra["tracked"]``). One tracked since (a name with none there, or of an older
+    generation: an EMA copy made again after a CULL) is left as it is (logged)."""
     saved = extra.get("tracked", {}) if isinstance(extra, Mapping) else {}
     if not isinstance(saved, Mapping):
         raise ValueError(f"checkpoint of epoch {epoch}: tracked states are malformed")
-    missing = sorted(set(live) - set(saved))
-    if missing:
-        logger.warning(
-            "checkpoint of epoch %d holds no state of %s: left as they are", epoch, missing
-        )
-    return {name: saved[name] for name in live if name in saved}
+    found = {}
+    for name, (obj, generation) in live.items():
+        entry = saved.get(name)
+        if isinstance(entry, Mapping) and entry.get("generation") == generation:
+            found[name] = (obj, entry.get("state"))
+    left = sorted(set(live) - set(found))
+    if left:
+        logger.warning("checkpoint of epoch %d holds no state of %s: left alone", epoch, left)
+    return found
 
 
 class _SavedSeed(NamedTuple):

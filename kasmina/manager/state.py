@@ -28,7 +28,7 @@ from kasmina.ops.backend import check_positive, check_real
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
-from kasmina.utils.state_io import CheckpointSigner
+from kasmina.utils.state_io import CheckpointSigner, unsaveable
 from kasmina.utils.telemetry import TelemetryReporter
 
 __all__ = [
@@ -155,8 +155,10 @@ class ManagerState:
     teacher: CheckpointedTeacher | None = None
     optimizers: IsolatedOptimizerManager = field(init=False)
     # The user's stateful training objects (an LR scheduler, a GradScaler, an EMA model), by
-    # name: saved in every checkpoint and put back by a ROLLBACK with the optimizers (``track``).
-    tracked: dict[str, Any] = field(default_factory=dict)
+    # name, each with its generation (``track``): saved in every checkpoint and put back by a
+    # ROLLBACK with the optimizers. Replaced whole, never changed in place: ``snapshot`` may be
+    # iterating the old dict on another thread.
+    tracked: dict[str, tuple[Any, int]] = field(default_factory=dict)
     # The training clock: the last epoch ended (-1: none yet) and the steps taken.
     epoch: int = -1
     global_step: int = 0
@@ -269,9 +271,12 @@ class ManagerState:
     def track(self, name: str, obj: Any) -> None:
         """Keep ``obj`` (anything with ``state_dict``/``load_state_dict``) in step with the
         checkpoints under ``name``: saved in each, loaded back by a ROLLBACK (all or nothing,
-        with the weights and optimizers). A scheduler left at its own step count set the
-        rolled-back optimizer's lr from the abandoned timeline (a cosine schedule at 6x its
-        base lr, a OneCycleLR past its last step). Tracking a name again replaces the object."""
+        with the weights and optimizers: a load that raises refuses the rollback). A scheduler
+        left at its own step count set the rolled-back optimizer's lr from the abandoned
+        timeline (a cosine schedule at 6x its base lr, a OneCycleLR past its last step).
+        Its state must be what a checkpoint read with ``weights_only=True`` holds (tensors,
+        plain containers, numbers, strings), checked now. Tracking a name again replaces the
+        object, a new generation: a checkpoint of the old one's state leaves it alone."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"a tracked object's name must be a non-empty str, got {name!r}")
         if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):
@@ -279,7 +284,11 @@ class ManagerState:
                 f"{type(obj).__name__} has no state_dict/load_state_dict: only such an object "
                 "(an LR scheduler, a GradScaler, a module) can follow a rollback"
             )
-        self.tracked[name] = obj
+        problem = unsaveable(obj.state_dict())
+        if problem is not None:
+            raise TypeError(f"tracked {name!r}: its state_dict holds {problem}")
+        generation = 1 + max((g for _, g in self.tracked.values()), default=0)
+        self.tracked = {**self.tracked, name: (obj, generation)}
 
     def record_gate_score(self, seed_id: str, score: float) -> None:
         """The trainer's measure of a seed's benefit (0..1), for reports only (warned): G5

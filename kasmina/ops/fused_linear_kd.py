@@ -86,7 +86,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
     default_chunk_rows,
 )
 from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
-from kasmina.ops.transforms import first_order_backward, functorch_active, no_jvp
+from kasmina.ops.transforms import first_order_backward, functorch_active
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 
@@ -196,8 +196,6 @@ class _FusedFunction(torch.autograd.Function):
                 unscaled = _recomputed(inputs, cfg)
             grads = _spend_grads(grad_loss, *unscaled, weight, bias, cfg)
         return (*grads, None, None, None, None, None, None)
-
-    jvp = no_jvp("fused_linear_kd_loss")
 
 
 # The custom ops' schemas, each argument list written once: the tensors every op reads, then the

@@ -90,13 +90,14 @@ def no_vmap(op: str):
 
 
 def no_jvp(op: str):
-    """A ``jvp`` staticmethod for an op's Function: forward-mode AD (``torch.func.jvp``,
-    ``jacfwd``, ``torch.autograd.forward_ad``) is refused naming the op, where torch said only
-    "You must implement the jvp function for custom autograd.Function". The kernels have no
-    forward-mode rule; reverse mode (``backward``, ``torch.func.grad``/``vjp``) works."""
+    """A ``jvp`` staticmethod for a Function: forward-mode AD reaching it (``torch.func.jvp``,
+    ``jacfwd``; ``torch.autograd.forward_ad`` where the forward takes a dual tensor) is
+    refused naming the op, where torch said only "You must implement the jvp function for
+    custom autograd.Function". ``NotImplementedError``, torch's own type there, so a caller
+    falling back from ``jacfwd`` to ``jacrev`` still does. Reverse mode works."""
 
     def jvp(ctx, *tangents):
-        raise RuntimeError(
+        raise NotImplementedError(
             f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
             "torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad or vjp)"
         )

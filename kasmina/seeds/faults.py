@@ -307,8 +307,8 @@ def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | No
     device half, the chunk falls back, but the kernel's backward still runs on the zero
     gradient the fallback gives it; ``0 * inf`` is NaN there, and anomaly mode raised: out of
     the host's backward in ACTIVE, as a second fault ("backward raised") before it."""
-    if not torch.is_anomaly_check_nan_enabled() or not out.requires_grad:
-        return None
+    if not torch.is_anomaly_check_nan_enabled() or not out.requires_grad or functorch_active():
+        return None  # under a torch.func transform a read of a batched tensor is refused
     if bool(out.detach().isfinite().all()):
         return None
     if not bool(host.detach().isfinite().all()):  # the host's NaN: anomaly mode blames its op
@@ -380,7 +380,8 @@ def call_kernel(
     stream: tuple[str, int | None] = ("", None),
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
-    fault found on the host (given to ``record``). Nothing here reads the device.
+    fault found on the host (given to ``record``). Nothing here reads the device, but under
+    anomaly mode (``anomaly_fault``).
 
     Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a

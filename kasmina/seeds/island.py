@@ -218,8 +218,6 @@ class ContainedBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         return (None, *([None] * ctx.num_outputs), *ctx.island.backward(grads))
 
-    jvp = no_jvp("a seed's guarded kernel (before ACTIVE)")
-
 
 def contain_backward(
     outputs: Sequence[torch.Tensor],

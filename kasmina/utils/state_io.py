@@ -405,6 +405,24 @@ def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
     return plain_number(value)
 
 
+_PLAIN = (str, int, float, bool, complex, type(None), torch.Tensor, torch.dtype, torch.Size)
+
+
+def unsaveable(value: Any) -> str | None:
+    """What in ``value`` a checkpoint read with ``torch.load(weights_only=True)`` would refuse
+    (a NumPy array, a deque, a slice, a function), or None: only tensors, dicts, lists and
+    tuples of them, numbers (NumPy scalars become Python ones, ``plain_number``) and strings."""
+    if isinstance(value, _PLAIN) or plain_number(value) is not value:
+        return None
+    if isinstance(value, Mapping):
+        items: Any = (item for pair in value.items() for item in pair)
+    elif type(value) in (list, tuple):
+        items = value
+    else:
+        return f"a {type(value).__name__}, which a checkpoint cannot hold"
+    return next((p for p in map(unsaveable, items) if p is not None), None)
+
+
 def plain_number(value: Any) -> Any:
     """A NumPy scalar (``np.float64``: a learning rate a schedule computed with ``np.cos``) as
     its Python number, another real number type (``Fraction``) as a float; anything else as it

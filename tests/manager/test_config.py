@@ -378,3 +378,13 @@ def test_a_path_the_os_cannot_take_is_a_value_error_naming_the_setting(field, tm
             settings["runs_root"] = str(tmp_path / "runs")
         with pytest.raises(ValueError, match=field):
             KasminaConfig(**settings)
+
+
+def test_a_symlink_loop_or_a_nul_in_a_path_is_a_value_error_naming_it(tmp_path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        KasminaConfig(runs_root=str(tmp_path / "runs"), checkpoint_dir=str(loop / "c"))
+    for field in ("nonce_ledger", "checkpoint_dir", "teacher_checkpoint_path"):
+        with pytest.raises(ValueError, match=field):
+            KasminaConfig(runs_root=str(tmp_path / "runs"), **{field: "a\0b"})

@@ -213,3 +213,68 @@ def test_a_rollback_that_fails_leaves_a_tracked_object_as_it_was(rig: Rig) -> No
     assert not all(torch.equal(a, b) for a, b in zip(weights, rig.model.parameters(), strict=True))
     with pytest.raises(TypeError, match="no state_dict/load_state_dict"):
         manager.track("lr", 0.1)
+
+
+def test_a_tracked_state_a_checkpoint_cannot_hold_is_refused_or_left_out(rig: Rig, caplog) -> None:
+    """A tracked state holding a NumPy array (or a deque, a function) went into every
+    checkpoint, which ``weights_only=True`` then refused: every later ROLLBACK failed."""
+    import numpy as np
+
+    class Holder:
+        def __init__(self, value: object) -> None:
+            self.value = value
+
+        def state_dict(self) -> dict[str, object]:
+            return {"value": self.value}
+
+        def load_state_dict(self, state: dict[str, object]) -> None:
+            self.value = state["value"]
+
+    manager = rig.manager
+    with pytest.raises(TypeError, match="'bad'.* holds a ndarray"):
+        manager.track("bad", Holder(np.zeros(3)))
+    later = Holder([1, 2.0, "x", torch.ones(2), np.float64(0.5)])  # plain, when tracked
+    manager.track("later", later)
+    rig.train(1)
+    manager.end_epoch(0)
+    later.value = np.zeros(3)  # no longer plain: left out of the next checkpoint, logged
+    rig.train(1)
+    manager.end_epoch(1)
+    assert "tracked 'later' left out of the checkpoint" in caplog.text
+    assert run_command(manager, rig.signed(make_rollback_command(1)))  # not vetoed
+    assert isinstance(later.value, np.ndarray)  # epoch 1 holds no state of it: left alone
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert later.value[:3] == [1, 2.0, "x"] and later.value[4] == 0.5
+
+
+def test_an_object_tracked_again_under_a_name_is_left_alone_by_older_checkpoints(
+    rig: Rig,
+) -> None:
+    """An EMA copy made again after a CULL (as README advises) and tracked under the same
+    name: the old copy's state, in older checkpoints, vetoed every rollback to them."""
+
+    class Strict:
+        def __init__(self, size: int) -> None:
+            self.weights = torch.zeros(size)
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {"weights": self.weights}
+
+        def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+            if state["weights"].shape != self.weights.shape:
+                raise ValueError("size mismatch")
+            self.weights = state["weights"].clone()
+
+    manager = rig.manager
+    manager.track("ema", Strict(3))
+    rig.train(1)
+    manager.end_epoch(0)
+    again = Strict(5)
+    manager.track("ema", again)  # a new generation
+    rig.train(1)
+    manager.end_epoch(1)
+    again.weights += 1
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert torch.equal(again.weights, torch.ones(5))  # the old copy's state is not its
+    assert run_command(manager, rig.signed(make_rollback_command(1)))
+    assert torch.equal(again.weights, torch.zeros(5))

@@ -725,16 +725,12 @@ def test_a_channels_last_blend_of_one_channel_chunks_compiles(backend: str) -> N
 def test_forward_mode_transforms_are_refused_naming_the_op() -> None:
     """``torch.func.jvp`` (and ``jacfwd``, ``hessian``) raised torch's "You must implement the
     jvp function for custom autograd.Function", naming nothing of Kasmina."""
-    from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
+    from kasmina.ops import kd_kl_loss
 
     seed, host = torch.randn(3, 4), torch.randn(3, 4)
-    teacher = torch.randn(3, 5)
-    calls = {
-        "alpha_blend": lambda s: alpha_blend(s, host, 0.5),
-        "kd_kl_loss": lambda s: kd_kl_loss(s, host),
-        "fused_linear_kd_loss": lambda s: fused_linear_kd_loss(s, torch.randn(5, 4), teacher),
-    }
+    calls = {"alpha_blend": lambda s: alpha_blend(s, host, 0.5), "kd_kl_loss": kd_kl_loss}
     for name, call in calls.items():
-        refused = f"{name} (has no forward-mode derivative|does not support torch.func)"
-        with pytest.raises(RuntimeError, match=refused):
-            torch.func.jvp(call, (seed,), (torch.ones(3, 4),))
+        args = (seed,) if name == "alpha_blend" else (seed, host)
+        # NotImplementedError, torch's type: a caller falling back to jacrev on it still does
+        with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+            torch.func.jvp(call, args, tuple(torch.ones_like(a) for a in args))

@@ -476,6 +476,27 @@ def test_anomaly_detection_meets_no_nan_of_a_contained_seed(
     assert seed.faults == 1 and seed.poll_nonfinite() and seed.faults == 2
 
 
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.ACTIVE])
+def test_anomaly_detection_leaves_per_sample_gradients_working(stage: SeedStage) -> None:
+    """The anomaly check read the kernel's output on the host, which ``vmap`` refuses for a
+    batched tensor ("calling .item()"): per-sample gradients broke under anomaly mode."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, C), nn.ReLU(), nn.Linear(C, C))
+    (layer,) = attach(net, ["2"], 1, C)
+    net(torch.randn(2, 4))
+    layer.seed(0).attach_kernel(nn.Linear(C, C))
+    walk(layer.seed(0), stage)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(net, p, (x,)).pow(2).sum()
+
+    x = torch.randn(BATCH, 4)
+    with torch.autograd.set_detect_anomaly(True):
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    assert all(g.shape[0] == BATCH for g in grads.values()) and layer.seed(0).faults == 0
+
+
 def test_non_finite_seeds_in_every_stage_of_a_layer_fall_back_per_chunk() -> None:
     table, sink = reporting_table(4)
     torch.manual_seed(13)
