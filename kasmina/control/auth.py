@@ -146,11 +146,10 @@ def sign_command(
         )
     if isinstance(now, float) and not math.isfinite(now):
         raise ValueError(f"timestamp must be finite seconds since the epoch, got {now!r}")
-    if not _TIMESTAMP_MIN_S <= now < _TIMESTAMP_MAX_S + 1:  # before it is scaled (1e300 overflowed)
+    # What a protobuf Timestamp holds, checked before it is scaled (1e300 overflowed there).
+    if not _TIMESTAMP_MIN_S <= now <= _TIMESTAMP_MAX_S:
         raise ValueError(f"timestamp must be within the years 1 to 9999, got {now!r:.40}")
     seconds, nanos = divmod(round(now * 1e9), 1_000_000_000)
-    if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S:  # what a protobuf Timestamp holds
-        raise ValueError(f"timestamp must be within the years 1 to 9999, got {now!r}")
     metadata = command.metadata
     metadata.key_id = key_id
     metadata.nonce = secrets.token_hex(16) if nonce is None else nonce

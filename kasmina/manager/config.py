@@ -519,11 +519,11 @@ def _optional_path(name: str, value: object) -> str | None:
 def _absolute(name: str, path: str) -> str:
     """``path`` with ``~`` expanded, made absolute; a ``ValueError`` naming the setting when the
     OS cannot take it (``~nobody``: no such home, a RuntimeError from pathlib)."""
+    if "\0" in path:
+        raise ValueError(f"{name} {path!r:.80} cannot be used: it holds a NUL character")
     try:
-        if "\0" in path:
-            raise ValueError("a path holds no NUL character")
         return str(Path(path).expanduser().absolute())
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError) as exc:
         raise ValueError(f"{name} {path!r:.80} cannot be used: {exc}") from None
 
 

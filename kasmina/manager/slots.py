@@ -173,49 +173,52 @@ class SeedRecord:
         return kernel
 
 
-# The registries of this process's live managers (``close`` or garbage collection drops one).
-_LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()  # live managers' (close() drops one)
 
 
-def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
-    """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a
-    slot not in ``model``; a slot of ``model`` another manager owns; a trainable parameter of
-    ``model`` another manager's host steps (both would step it); a new slot inside another
-    manager's model (its GERMINATEs would grow parameters there the other never steps)."""
-    modules = {id(m): m for m in model.modules()}
-    outside = [slot.layer_id for slot in slots if id(slot) not in modules]
-    if outside:
-        return f"slot(s) {outside} are not modules of the model registered with them"
-    for layer in (m for m in modules.values() if isinstance(m, KasminaLayer)):
+def _managed(model: nn.Module) -> str | None:
+    """How a live manager holds ``model`` (a slot of it, or a parameter its host steps), or None."""
+    for layer in (m for m in model.modules() if isinstance(m, KasminaLayer)):
         if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
             return f"slot {layer.layer_id!r} of this model is managed by another manager"
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    new_slots = {id(slot) for slot in slots}
-    for other in list(_LIVE):
-        if any(id(p) in trainable for p in other.host_params):
-            return "parameters of this model are a host another manager steps"
-        if any(id(m) in new_slots for m in other.model.modules()):
-            return "slots of this model lie inside a model another manager steps"
+    params = {id(p) for p in model.parameters()}  # inside its model, around it, or sharing a layer
+    if any(id(p) in params for other in list(_LIVE) for p in other.host_params):
+        return "parameters of this model are a host another manager steps"
     return None
 
 
+def _after_collection(problem: Callable[[], str | None]) -> str | None:
+    """``problem()``, asked again after one garbage collection when it finds one: a manager
+    dropped without ``close()`` lets go only when collected."""
+    found = problem()
+    if found is not None:
+        gc.collect()
+        found = problem()
+    return found
+
+
+def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
+    """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a slot
+    not in ``model``; ``model`` held by another (``_managed``); a slot inside another manager's
+    model (its GERMINATEs would grow parameters there the other never steps)."""
+    modules = {id(m) for m in model.modules()}
+    outside = [slot.layer_id for slot in slots if id(slot) not in modules]
+    if outside:
+        return f"slot(s) {outside} are not modules of the model registered with them"
+    new_slots = {id(slot) for slot in slots}
+    inside = any(id(m) in new_slots for other in list(_LIVE) for m in other.model.modules())
+    inside_why = "slots of this model lie inside a model another manager steps"
+    return _managed(model) or (inside_why if inside else None)
+
+
 def check_unmanaged(model: nn.Module) -> None:
-    """``ValueError`` if a live manager owns a slot of ``model`` or steps a parameter of it: a
-    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
-    manager's training would stop without a word. A dropped manager is collected first."""
-    for collected in (False, True):
-        params = {id(p) for p in model.parameters()}
-        slots = [m for m in model.modules() if isinstance(m, KasminaLayer)]
-        if not any(m.state_table.owned(s.state_index) for m in slots for s in m.seeds) and not any(
-            id(p) in params for r in list(_LIVE) for p in r.host_params
-        ):
-            return
-        if not collected:
-            gc.collect()
-    raise ValueError(
-        "a live manager manages this model: a teacher loaded with copy_model=False is frozen "
-        "in place. Pass copy_model=True (the default), or close that manager first"
-    )
+    """``ValueError`` if a live manager holds ``model`` (``_managed``): a teacher loaded in place
+    (``load_teacher(copy_model=False)``) is frozen and cast, and that manager's training stops."""
+    if _after_collection(lambda: _managed(model)) is not None:
+        raise ValueError(
+            "a live manager manages this model: a teacher loaded with copy_model=False is "
+            "frozen in place. Pass copy_model=True (the default), or close that manager first"
+        )
 
 
 # Parameters and modules registered anywhere in this process since the first registry (a
@@ -257,10 +260,7 @@ class SlotRegistry:
         table = slots[0].state_table
         if any(slot.state_table is not table for slot in slots):
             raise ValueError("all slots must share one GPUStateTensor (kasmina.attach does this)")
-        problem = _shared_with_another_manager(model, slots)
-        if problem is not None:  # a manager dropped without close() lets go when collected
-            gc.collect()
-            problem = _shared_with_another_manager(model, slots)
+        problem = _after_collection(lambda: _shared_with_another_manager(model, slots))
         if problem is not None:
             raise ValueError(f"{problem}: one manager per model (close the other first)")
         self.model = model

@@ -31,6 +31,8 @@ from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.state_io import CheckpointSigner, unsaveable
 from kasmina.utils.telemetry import TelemetryReporter
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "COMMAND_LOG_SIZE",
     "FIELD_REPORTS_SIZE",
@@ -52,9 +54,6 @@ PERF_TIMERS = ("command", "overhead", "step", "execute")
 
 def _timers() -> dict[str, LatencyStats]:
     return {name: LatencyStats() for name in PERF_TIMERS}
-
-
-logger = logging.getLogger(__name__)
 
 
 def check_optimizer(
