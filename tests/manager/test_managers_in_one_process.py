@@ -11,11 +11,21 @@ import torch
 from torch import nn
 
 import kasmina
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
-from tests.manager.helpers import SEED0, Host, Rig, S, make_config, record_activations
+from tests.manager.helpers import (
+    SEED0,
+    Host,
+    Rig,
+    S,
+    make_config,
+    record_activations,
+    run_command,
+)
 
 
 class Outer(nn.Module):
@@ -163,16 +173,15 @@ def test_a_registering_manager_hears_its_seeds_events(
     kasmina.attach(attached, "out", 2, 2)
     for index, model in enumerate((taken_over, attached)):
         sink = MemorySink()
-        rig = Rig.__new__(Rig)  # this manager, with the rig's signed sending
-        rig.keyring = keyring
-        rig.manager = _manager(
+        manager = _manager(
             tmp_path, store, keyring, f"new{index}", telemetry=TelemetryReporter(sinks=[sink])
         )
-        rig.manager.register(model)
+        manager.register(model)
         record_activations(model, torch.randn(16, 6))
-        assert rig.send("germinate", SEED0, mlp)
+        germinate = sign_command(make_seed_command("germinate", SEED0, mlp), keyring, "ctl")
+        assert run_command(manager, germinate.SerializeToString())
         assert _transitions(sink) == [("DORMANT", "ISOLATED_INIT")]
-        rig.manager.close()
+        manager.close()
         assert model.out.state_table.telemetry is None  # a closed manager hears nothing more
     assert _transitions(old_sink) == []
 
