@@ -10,7 +10,7 @@ then be applied on every rank or on none (docs/design.md §5, "Multi-process run
   once the outcome is known (``LeylineAdaptationHandler`` satisfies it);
 - ``CommandApplier`` -- how one rank prepares the relayed commands before the ranks agree and
   applies the agreed ones; ``ExecutorApplier`` is the plain one over a synchronous
-  ``CommandExecutor`` (the kernel manager's is in ``kasmina.manager.ddp``);
+  ``CommandExecutor`` (the kernel manager's is in ``kasmina.manager.coordination``);
 - the commands a rank holds for its next sync (``HeldCommands``);
 - the wire format -- the commands a rank received (``Received``), framed as raw bytes with their
   receive times (``frame``) and read back on every rank (``unframe``, giving ``Relayed``), so no
@@ -146,7 +146,7 @@ class EpochSyncResult:
 class ExecutorApplier:
     """A ``CommandApplier`` over a synchronous ``CommandExecutor`` (the handler's own): every
     command is ready at once and executed in turn. For stand-ins and simple executors; the
-    kernel manager has its own (``kasmina.manager.ddp``)."""
+    kernel manager has its own (``kasmina.manager.coordination``)."""
 
     def __init__(self, handler: RelayHandler, executor: CommandExecutor) -> None:
         self.handler = handler

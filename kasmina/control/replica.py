@@ -8,7 +8,7 @@ checksum of it, and a rank that disagrees with the majority loads the majority's
 compared and moved:
 
 - ``ReplicaState`` -- the protocol: ``checksum``, ``export_state`` and ``import_state`` (the
-  kernel manager's implementation is ``ManagerReplica`` in ``kasmina.manager.ddp``);
+  kernel manager's implementation is ``ManagerReplica`` in ``kasmina.manager.coordination``);
 - ``state_checksum`` and ``nested_checksum`` -- bitwise CRC-32s of named tensors, and of a nest
   of mappings, sequences, tensors and plain values (a state dict, an optimizer's state);
 - ``TensorReplica`` -- a ``ReplicaState`` over named tensors of fixed names, dtypes and shapes

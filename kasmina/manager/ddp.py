@@ -17,11 +17,8 @@ runs"):
 - ``DistributedKasmina.sync_epoch`` averages the running seeds' kernel buffers (a BatchNorm's
   running statistics, which each rank updates from its own shard) before the replica checksum
   (``BufferAverage``), so healthy ranks agree and only drift is repaired;
-- ``ManagerReplica`` is what ranks compare bit for bit (state table, seeds, optimizers, the
-  step and epoch counters, and by default the host) and how a divergent rank is repaired: the
-  majority's rollback snapshot, loaded through the rollback's all-or-nothing restore;
-- ``ManagerApplier`` prepares relayed commands (a GERMINATE's kernel fetched on every rank
-  before the ranks agree) and applies the agreed ones at the sync, through the manager's queue;
+- ``ManagerReplica`` and ``ManagerApplier`` (``kasmina.manager.coordination``) are what ranks
+  compare and repair, and how agreed commands apply;
 - ``DistributedKasmina`` puts them together over a ``DistributedCoordinator``, and routes the
   manager's command door through it, so a command sent to any rank is verified there and applied
   on every rank or none.
@@ -31,22 +28,17 @@ FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-import threading
 import time
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, wait
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.processes import (
     check_supported_parallelism,
@@ -54,16 +46,12 @@ from kasmina.control.processes import (
     copy_into_grads,
 )
 from kasmina.control.relay import EpochSyncResult
-from kasmina.control.replica import BufferAverage, buckets, nested_checksum, nested_finite
-from kasmina.isolation.optimizers import HOST_ID
-from kasmina.leyline import SeedOperation
-from kasmina.manager.checkpoints import MemoryCheckpointStore
+from kasmina.control.replica import BufferAverage, buckets
+from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerReplica
 from kasmina.manager.manager import KasminaKernelManager
-from kasmina.manager.rollback import restore_epoch, snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL, TRAINING_STAGES
-from kasmina.utils.grad_modes import training_tensors
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 
@@ -71,8 +59,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedKasmina",
-    "ManagerApplier",
-    "ManagerReplica",
     "SeedGradientSync",
     "kasmina_owned_names",
     "running_kernel_buffers",
@@ -82,14 +68,6 @@ __all__ = [
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.
 DEFAULT_BUCKET_CAP_MB = 25.0
-# The share of the process group's timeout that a sync's command prepares (kernel fetches) may
-# take on one rank, while the other ranks wait for its answer in a collective.
-PREPARE_SHARE = 0.5
-_PREPARE_SHARE_TEXT = (
-    "the prepares of one sync may take, the share of the process group's timeout they get: "
-    "the other ranks wait for this one in a collective"
-)
-_GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
 def _distributed() -> bool:
@@ -292,213 +270,6 @@ def _device_for(params: Sequence[nn.Parameter], group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-class ManagerReplica:
-    """A kernel manager's replicated state, as the coordinator checks and repairs it.
-
-    The checksum covers the state table, every seed's state (kernel weights, alpha, the fields
-    of its extra state), its record (artifact, grafting steps), every optimizer's state, the
-    epoch and step counters, and with ``include_host`` the host's parameters (DDP keeps them
-    equal, but nothing else would notice a rank whose host weights were corrupted; off, a
-    large host is not copied to the CPU at every epoch boundary). A repair sends the manager's
-    rollback snapshot (``torch.save``; read back with ``weights_only=True``, which loads
-    tensors and plain containers only) and loads it with the rollback's restore, which
-    re-attaches the kernels the source holds, rebuilds the optimizers, loads the tracked
-    objects (``manager.track``; not checksummed) and changes nothing if any part fails.
-    """
-
-    def __init__(self, manager: KasminaKernelManager, *, include_host: bool = True) -> None:
-        self.manager = manager
-        self.include_host = include_host
-
-    def checksum(self) -> int:
-        return nested_checksum(self._view())
-
-    def healthy(self) -> bool:
-        """Whether every floating tensor the checksum covers is finite (``ReplicaState``): a
-        rank whose seed's BatchNorm statistics a batch of inf made NaN is repaired from a
-        finite rank, never taken as the one to copy, even in a two-rank tie."""
-        return nested_finite(self._view())
-
-    def _view(self) -> dict[str, Any]:
-        state = self.manager.state
-        registry = state.require_registry()
-        optimizers = state.optimizers.state_dict()["optimizers"]
-        if not self.include_host:
-            optimizers = {k: v for k, v in optimizers.items() if k != HOST_ID}
-        view: dict[str, Any] = {
-            "table": registry.table.state_tensor,
-            "seeds": {r.seed_id: r.seed.state_dict() for r in registry},
-            "records": {r.seed_id: (r.artifact_id or "", r.graft_steps) for r in registry},
-            "optimizers": optimizers,
-            "clock": (state.epoch, state.global_step),
-        }
-        if self.include_host:
-            view["host"] = list(registry.host_params)
-        return view
-
-    def export_state(self) -> bytes:
-        state = self.manager.state
-        shipped = snapshot(state, state.epoch)
-        shipped["extra"]["abandoned_after"] = state.checkpoints.abandoned_after  # its timeline
-        buf = io.BytesIO()
-        torch.save(shipped, buf)
-        return buf.getvalue()
-
-    def import_state(self, payload: bytes) -> None:
-        checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict):
-            raise ValueError("a replica payload must hold a snapshot mapping")
-        state = self.manager.state
-        extra = checkpoint.get("extra") or {}
-        key, after = max(int(extra.get("epoch", 0)), 0), extra.get("abandoned_after")
-        if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
-            raise ValueError(f"a replica payload's abandoned_after is {after!r}, no int")
-        store = MemoryCheckpointStore(run_id=state.config.run_id, max_rollback_epochs=0)
-        store.save(key, checkpoint)  # restored from a store holding just the source's snapshot
-        live = state._checkpoints
-        state._checkpoints = store
-        try:
-            with training_tensors():  # a repair in a sync under inference_mode: still trainable
-                restore_epoch(state, self.manager.guard, key)
-        finally:
-            state._checkpoints = live
-        live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now
-
-
-class ManagerApplier:
-    """The coordinator's ``CommandApplier`` for a kernel manager.
-
-    ``prepare`` fetches a GERMINATE's kernel into the cache, so a rank that cannot get it says
-    so before the ranks agree, not failing alone afterwards. The fetch is bounded by the
-    command's timeout and, with ``prepare_timeout_s``, by that many seconds for all of one
-    sync's prepares (the other ranks wait in a collective, which fails the run at the process
-    group's timeout: ``DistributedKasmina`` gives half of it). ``begin_sync`` starts each sync's
-    budget afresh, even after one that raised before ``apply``. Fetches run on the manager's
-    fetch workers (``CommandQueue.fetch``), one per artifact (later prepares wait on it), none
-    started once the budget is spent; one that outlasts its bound goes on (the kernel is cached
-    for later) and this rank answers that it could not prepare the command. ``apply`` queues
-    the agreed commands and runs the manager's safe point (``apply_pending(wait=True)``): the
-    single-process path (nonces made durable first, GERMINATE's dry run, the command log).
-    """
-
-    def __init__(
-        self, manager: KasminaKernelManager, *, prepare_timeout_s: float | None = None
-    ) -> None:
-        if prepare_timeout_s is not None and not prepare_timeout_s > 0:
-            raise ValueError(f"prepare_timeout_s must be > 0, got {prepare_timeout_s}")
-        self.manager = manager
-        self.prepare_timeout_s = prepare_timeout_s
-        # This sync's prepares: when the first fetch began and when they must be done
-        # (monotonic); ``begin_sync`` (and ``apply``) clears them.
-        self._prepare_started: float | None = None
-        self._prepare_deadline: float | None = None
-        self._lock = threading.Lock()
-        self._fetches: dict[str, Future[Any]] = {}  # artifact id -> its running fetch
-
-    def begin_sync(self) -> None:
-        """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them."""
-        self._prepare_started = self._prepare_deadline = None
-
-    def prepare(self, command: KasminaCommand) -> str:
-        seed = command.seed
-        if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
-            return ""
-        artifact_id, loader = seed.artifact_id, self.manager.loader
-        if artifact_id in loader.cache:  # a membership test: no hit or miss counted
-            return ""
-        now = time.monotonic()
-        timeout = command.timeout_s
-        deadline = now + timeout if timeout > 0 and math.isfinite(timeout) else None
-        if self.prepare_timeout_s is not None and self._prepare_deadline is None:
-            self._prepare_started, self._prepare_deadline = now, now + self.prepare_timeout_s
-        limits = [d for d in (deadline, self._prepare_deadline) if d is not None]
-        limit = min(limits) if limits else None
-        start = limit is None or limit > now
-        fetch = self._fetch(artifact_id, deadline, start=start)
-        if fetch is None:
-            if start:  # the manager's fetch workers are shut down
-                return f"not fetching {artifact_id}: the manager is closed"
-            return (
-                f"not fetching {artifact_id}: this sync's prepare time was spent "
-                f"({now - (self._prepare_started or now):.2f} s of the "
-                f"{self.prepare_timeout_s:g} s {_PREPARE_SHARE_TEXT})"
-            )
-        # The store fetch has its command's deadline; this rank waits for it until ``limit``.
-        wait([fetch], timeout=None if limit is None else max(0.0, limit - now))
-        if not fetch.done():
-            waited = time.monotonic() - now
-            if deadline is None or limit < deadline:
-                return (
-                    f"fetching {artifact_id} did not finish: this rank waited {waited:.2f} s for "
-                    f"it, and this sync's prepare time was spent ({self.prepare_timeout_s:g} s "
-                    f"{_PREPARE_SHARE_TEXT})"
-                )
-            return (
-                f"fetching {artifact_id} did not finish within the command's {timeout:g} s "
-                f"(this rank waited {waited:.2f} s for it)"
-            )
-        if fetch.cancelled():  # only the manager's ``close`` cancels a fetch
-            return f"fetching {artifact_id} was cancelled: the manager is closed"
-        exc = fetch.exception()
-        if exc is not None:
-            return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
-        return ""
-
-    def _fetch(
-        self, artifact_id: str, deadline: float | None, *, start: bool
-    ) -> Future[Any] | None:
-        """The running fetch of ``artifact_id``, or a new one on the manager's fetch workers
-        (``CommandQueue.fetch``) if ``start`` (None if not, or once the manager is closed). A
-        fetch leaves ``_fetches`` when it ends, cached or failed."""
-        with self._lock:
-            fetch = self._fetches.get(artifact_id)
-            if fetch is not None or not start:
-                return fetch
-            fetch = self.manager.pending.fetch(artifact_id, deadline)
-            if fetch is None:
-                return None
-            self._fetches[artifact_id] = fetch
-
-        def forget(done: Future[Any]) -> None:
-            with self._lock:
-                if self._fetches.get(artifact_id) is done:
-                    del self._fetches[artifact_id]
-
-        fetch.add_done_callback(forget)  # at once, here, if it has finished already
-        return fetch
-
-    def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
-        self.begin_sync()  # every prepare of this sync is done
-        manager = self.manager
-        queued: set[int] = set()
-        for command in commands:
-            if manager.pending.submit(command):
-                queued.add(id(command))
-            else:
-                self.refuse(command, "the manager's command queue is full or closed")
-        outcomes: dict[str, deque[Any]] = {}
-        for outcome in manager.intake.apply_pending(wait=True):  # every rank, graph or not
-            outcomes.setdefault(outcome.command_id, deque()).append(outcome)
-        results = []
-        for command in commands:
-            applied = outcomes.get(command.command_id)
-            if id(command) in queued and applied:
-                outcome = applied.popleft()
-                results.append((outcome.ok, outcome.reason))
-            else:
-                results.append((False, "not applied at this safe point"))
-        return results
-
-    def refuse(self, command: KasminaCommand, reason: str) -> None:
-        self.manager.handler.complete(command, False)
-        self.manager.report.note_command(command, False, reason)
-
-    def revise(self, command: KasminaCommand, ok: bool, reason: str) -> None:
-        """The verdict the ranks agreed on for ``command``, where the repair overturned this
-        rank's own outcome: the command log records it as the command ended here."""
-        self.manager.report.revise_command(command, ok, reason)
-
-
 class DistributedKasmina:
     """A kernel manager as one rank of a data-parallel run (docs/design.md §5).
 
@@ -540,11 +311,11 @@ class DistributedKasmina:
         self.seed_buffers = BufferAverage(
             group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
         )
-        self.replica = ManagerReplica(manager, include_host=check_host)
+        self.replica = ManagerReplica(manager.state, manager.guard, include_host=check_host)
         # The other ranks wait in a collective while this one prepares: half the process
         # group's timeout leaves the rest of the sync room to answer in time.
         prepare_s = collective_timeout_s(group) * PREPARE_SHARE if _distributed() else None
-        self.applier = ManagerApplier(manager, prepare_timeout_s=prepare_s)
+        self.applier = ManagerApplier(manager.intake, manager.report, prepare_timeout_s=prepare_s)
         self.coordinator = DistributedCoordinator(
             manager.handler,
             self.replica,

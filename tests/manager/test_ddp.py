@@ -35,13 +35,8 @@ from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
-from kasmina.manager.ddp import (
-    DistributedKasmina,
-    ManagerApplier,
-    ManagerReplica,
-    kasmina_owned_names,
-    wrap_ddp,
-)
+from kasmina.manager.coordination import ManagerApplier, ManagerReplica
+from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp
 from kasmina.stages import SeedStage
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
@@ -618,7 +613,8 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
     rolled = rigs[rolled_back]
     assert _rollback(rolled, 1)
     source, repaired = rigs["source"].manager, rigs["repaired"].manager
-    ManagerReplica(repaired).import_state(ManagerReplica(source).export_state())
+    replica = ManagerReplica(repaired.state, repaired.guard)
+    replica.import_state(ManagerReplica(source.state, source.guard).export_state())
     assert repaired.checkpoints.abandoned_after == source.checkpoints.abandoned_after
     assert repaired.epoch == source.epoch
     next_epoch = source.epoch + 1
@@ -664,7 +660,7 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
 
     loader.original = stalled
     germinate = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=30.0))
-    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.3)
+    applier = ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=0.3)
 
     def timed(command: Any) -> tuple[str, float]:
         started = time.monotonic()
@@ -677,7 +673,8 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
         applier.apply([])  # the sync is over: the next one gets its own bound
         third, third_s = timed(germinate)
         quick = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=0.2))
-        unbounded = ManagerApplier(rig.manager)  # no process group: the command's own timeout
+        # No process group: the command's own timeout.
+        unbounded = ManagerApplier(rig.manager.intake, rig.manager.report)
         by_command = unbounded.prepare(quick)
     finally:
         release.set()
@@ -693,7 +690,7 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
     assert mlp in loader.cache
     assert applier.prepare(germinate) == ""  # cached now
     with pytest.raises(ValueError, match="prepare_timeout_s must be > 0"):
-        ManagerApplier(rig.manager, prepare_timeout_s=0.0)
+        ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=0.0)
 
 
 def _stalled_loader(rig: Rig) -> tuple[threading.Event, list[str]]:
@@ -721,7 +718,7 @@ def test_prepares_of_a_stalled_artifact_share_one_fetch_on_a_bounded_pool(
     rig = Rig(make_config(tmp_path, store), keyring)
     release, calls = _stalled_loader(rig)
     germinate = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=30.0))
-    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.2)
+    applier = ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=0.2)
     before = threading.active_count()
     try:
         problems = [applier.prepare(germinate) for _ in range(50)]
@@ -744,7 +741,7 @@ def test_no_fetch_starts_once_the_sync_prepare_time_is_spent(tmp_path, store, ke
 
     rig = Rig(make_config(tmp_path, store), keyring)
     release, calls = _stalled_loader(rig)
-    applier = ManagerApplier(rig.manager, prepare_timeout_s=0.2)
+    applier = ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=0.2)
 
     def germinate(artifact_id: str) -> Any:
         return to_kasmina_command(
