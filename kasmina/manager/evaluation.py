@@ -182,9 +182,10 @@ def evaluate_seeds(
     unpacked, a mapping such as a tokenizer's output is passed as keyword arguments), tensors
     are moved to the model's device. ``loss_fn(output, targets)`` and
     ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
-    averaged weighted by batch size. G5 reads the metric as higher is better and refuses a
-    seed that lowers it by more than ``KasminaConfig.g5_max_metric_drop``: pass the metric
-    the fossilization should not cost (accuracy), negated if lower is better. A metric that is
+    averaged weighted by batch size (an empty batch weighs nothing and is skipped, not run).
+    G5 reads the metric as higher is better and refuses a seed that lowers it by more than
+    ``KasminaConfig.g5_max_metric_drop``: pass the metric the fossilization should not cost
+    (accuracy), negated if lower is better. A metric that is
     not finite on any batch makes the average not finite (it is not skipped): the evaluation
     says a metric was asked for (``metric_given``), so G5 refuses rather than reading NaN as
     "no metric", and a warning counts the batches. Each seed's :class:`SeedEvaluation` is
@@ -210,7 +211,7 @@ def evaluate_seeds(
     observed: list[list[str]] = [[] for _ in live]  # each seed's faults, seen and not counted
     faults = [0] * len(live)  # per seed: the batches it faulted on in the measuring forward
     last_fault = [""] * len(live)
-    n_total = n_batches = 0
+    n_total = n_batches = n_empty = 0
     bad_metric: set[int] = set()  # the batches on which metric_fn was not finite
     loss_with = 0.0
     metric_with = 0.0
@@ -237,6 +238,9 @@ def evaluate_seeds(
             for inputs, targets in batches:
                 inputs, targets = _to(inputs, device), _to(targets, device)
                 n = _batch_size(inputs, targets)
+                if n == 0:  # weight 0: its mean loss (0/0, NaN) would still poison the sums
+                    n_empty += 1
+                    continue
                 n_total += n
                 n_batches += 1
                 output, seen = _watched_call(model, inputs, seeds, observed)
@@ -275,7 +279,8 @@ def evaluate_seeds(
         for slot, logits in saved_teacher:
             slot._teacher_logits = logits
     if n_total == 0:
-        raise ValueError("evaluate_seeds needs at least one validation batch")
+        given = f" (given {n_empty}, every one empty)" if n_empty else ""
+        raise ValueError(f"evaluate_seeds needs at least one non-empty validation batch{given}")
     if bad_metric:
         logger.warning(
             "metric_fn was not finite on %d of %d validation batches: the measured metric is "

@@ -148,6 +148,27 @@ def test_mapping_inputs_are_passed_as_keyword_arguments() -> None:
     assert all(ev.samples == 4 for ev in sized.values())
 
 
+def test_an_empty_batch_weighs_nothing() -> None:
+    """The last batch of a filtered loader can hold no sample. Its mean loss and metric are
+    NaN (0/0), and ``0 * NaN`` made every measurement NaN, so G5 refused every seed."""
+    model, _, registry = _tiny()
+    gen = torch.Generator().manual_seed(7)
+    x, t = torch.randn(4, 3, generator=gen), torch.randn(4, 6, generator=gen)
+
+    def metric(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (o - t).abs().mean()
+
+    want = evaluate_seeds(registry, [(x, t)], F.mse_loss, metric_fn=metric)
+    got = evaluate_seeds(registry, [(x[:0], t[:0]), (x, t)], F.mse_loss, metric_fn=metric)
+    assert set(got) == set(want)
+    for sid, ev in want.items():
+        assert math.isfinite(got[sid].loss_with) and math.isfinite(got[sid].metric_with)
+        assert got[sid].loss_with == ev.loss_with and got[sid].loss_without == ev.loss_without
+        assert got[sid].metric_with == ev.metric_with and got[sid].samples == 4
+    with pytest.raises(ValueError, match=r"non-empty validation batch \(given 2, every one"):
+        evaluate_seeds(registry, [(x[:0], t[:0])] * 2, F.mse_loss)
+
+
 def test_no_live_seed_means_no_forward() -> None:
     slot = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
     registry = SlotRegistry(nn.Sequential(slot), [slot])
