@@ -77,8 +77,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     A façade: the shared fields live in ``self.state`` (a ``ManagerState``); the components
     (``guard``, ``report``, ``execution``, the command ``handler`` and ``intake``) each receive
-    the state or the components they use. The fields below read through to the state.
-    """
+    the state or the components they use. The fields below read through to the state."""
 
     config = StateField()
     telemetry = StateField()
@@ -574,27 +573,28 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.guard.add_external(host_model, seed_model, seed_id, on_quarantine)
 
     def check_gradient_isolation(self) -> bool:
-        """Verify this step: seed-only backward leaks, each isolated seed's graph, the debug
-        monitors; violations count toward each seed's breaker. True when clean so far; a
-        violation keeps the host optimizer from stepping at the next ``step()`` (which calls it)."""
+        """Verify this step (seed-only KD leaks, isolated seeds' graphs, debug monitors; each
+        violation counts toward its seed's breaker): True when clean so far; else the host takes
+        no step on its gradients at the next ``step()`` (which calls it)."""
         return self.guard.check(self.require_registry())
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Drop queued commands, close its own Urza client (a caller's stays open), report
-        pending rejections, close the nonce ledger, the checkpoint store (its run lock), the
-        JSONL file, and unhook the model (``IsolationGuard.close``); later calls raise."""
-        self.state.closed = True
-        try:
-            self.intake.drop_pending()
-            if self._owns_client:
-                self.urza_client.close()
-            self.handler.flush_rejections(force=True)
-            self.verifier.close()
-        finally:
-            self.guard.close(self.state.registry)  # the model is the user's: nothing of ours on it
-            self.state.close_checkpoints()
-            if self._jsonl is not None:
-                self.telemetry.close_sink(self._jsonl)
+        """Drop queued commands, report pending rejections, close its own Urza client (not a
+        caller's), the nonce ledger, checkpoint store (run lock) and JSONL file, unhook the model;
+        later calls raise. On another thread it waits out the step or command in flight."""
+        with self._lock:
+            self.state.closed = True
+            try:
+                self.intake.drop_pending()
+                if self._owns_client:
+                    self.urza_client.close()
+                self.handler.flush_rejections(force=True)
+                self.verifier.close()
+            finally:
+                self.guard.close(self.state.registry)  # the model is the user's: none of ours
+                self.state.close_checkpoints()
+                if self._jsonl is not None:
+                    self.telemetry.close_sink(self._jsonl)

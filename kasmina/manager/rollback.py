@@ -124,7 +124,8 @@ def restore_epoch(
     that failed after the commit (see the module docstring)."""
     registry = state.require_registry()
     # Phase 1 begins: the checkpoint is verified before it is unpickled; nothing live changes.
-    checkpoint = state.checkpoints.load(epoch)
+    store = state.checkpoints  # opened now: the commit below reads no property that can raise
+    checkpoint = store.load(epoch)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:  # before any other field is read
         raise ValueError(f"unsupported checkpoint format {checkpoint.get('format')!r}")
     extra = checkpoint.get("extra") or {}
@@ -201,7 +202,7 @@ def restore_epoch(
         registry.take_host_groups(state.optimizers, rebuilt=True)  # the restored groups' params
         state.epoch, state.global_step, state.val_metrics = clock
         registry.saved_host_shapes = saved_shapes
-        state.checkpoints.abandon_after(epoch)  # the next save may drop the later epochs
+        store.abandon_after(epoch)  # the next save may drop the later epochs
         _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
         registry.model.zero_grad(set_to_none=True)

@@ -408,3 +408,67 @@ def test_close_during_a_waiting_safe_point_reports_each_command_once(
         (False, "manager closed before it applied")
     ] * 2
     assert len(manager.pending) == 0
+
+
+def _close_from_another_thread_while(target, name: str, rig: Rig) -> threading.Thread:
+    """Patch ``target.name`` to pause once it has run, and close the manager from another
+    thread during that pause: without the manager's lock, close() ran in the middle."""
+    original = getattr(target, name)
+    inside = threading.Event()
+
+    def paused(*args, **kwargs):
+        result = original(*args, **kwargs)
+        inside.set()
+        time.sleep(0.3)  # close() is called now, and must wait for the rest
+        return result
+
+    setattr(target, name, paused)
+    closer = threading.Thread(target=lambda: (inside.wait(10.0), rig.manager.close()))
+    closer.start()
+    return closer
+
+
+def test_close_from_another_thread_waits_for_a_rollback_to_commit(rig: Rig, mlp, monkeypatch):
+    """A watchdog (or a ``with`` block's exit after a Ctrl-C while a trainer thread runs)
+    closed the manager inside a ROLLBACK's commit: reported refused, it was half done (the
+    weights and clock rolled back, the seed's kernel attached without its record or pin)."""
+    from kasmina.manager import rollback
+
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0, embargo_epochs=0.0)
+    rig.train(2)
+    monkeypatch.setattr(rollback, "_new_monitors", rollback._new_monitors)
+    closer = _close_from_another_thread_while(rollback, "_new_monitors", rig)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    (outcome,) = rig.train(1)["commands"]
+    closer.join(10.0)
+    assert outcome.ok, outcome.reason
+    assert manager.state.closed and manager.epoch == 0
+    record = manager.require_registry()[SEED0]
+    seed = manager.seed(SEED0)
+    assert seed.kernel is not None and record.kernel is seed.kernel and record.pinned
+    assert not seed.kernel._forward_hooks  # unhooked by the close that followed
+
+
+def test_close_from_another_thread_waits_for_a_germinate(rig: Rig, mlp, monkeypatch):
+    """Closed inside a GERMINATE, the command went on: the closed manager's hook stayed on the
+    kernel (recording every later forward's output) with a monitor and a pin made after it."""
+    from kasmina.manager import executor
+
+    manager = rig.manager
+    manager.loader.original(mlp)  # cached: the command applies at once
+    monkeypatch.setattr(executor.CommandExecution, "_dry_run", executor.CommandExecution._dry_run)
+    closer = _close_from_another_thread_while(executor.CommandExecution, "_dry_run", rig)
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    (outcome,) = rig.train(1)["commands"]
+    closer.join(10.0)
+    assert outcome.ok and manager.state.closed
+    kernel = manager.seed(SEED0).kernel
+    assert kernel is not None and not kernel._forward_hooks
+    rig.model(rig.x)
+    assert (
+        manager.require_registry()[SEED0].last_output is None
+    )  # the closed manager records nothing
