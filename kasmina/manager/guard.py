@@ -211,9 +211,15 @@ class IsolationGuard:
         A check consumes the evidence it reads (the flags, the captured outputs, the monitors'
         counts), so a user's check before ``step()`` must not leave the step's own check
         finding nothing: the verdict is carried until the step's check (``end_of_step``),
-        which returns it and starts the next step clean."""
+        which returns it and starts the next step clean. A step found not clean drops the
+        host's gradients there: no optimizer steps the host on them, the manager's (which
+        skips its step) or a trainer's own under ``attach(host_lr=None)``, stepped after
+        ``manager.step()``."""
         clean = self._check(registry, kd_leaked) and self._step_clean
         self._step_clean = True if end_of_step else clean
+        if end_of_step and not clean:
+            for param in (*registry.host_params, *registry.added_host_params.values()):
+                param.grad = None
         return clean
 
     def _check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None) -> bool:

@@ -96,9 +96,8 @@ class Rig:
             urza_client=urza_client,
         )
         self.model = Host().to(device)
-        self.slot = self.manager.attach(
-            self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05, **attach_options
-        )[0]
+        attach_options = {"host_lr": 0.05, "seed_lr": 0.05, **attach_options}
+        self.slot = self.manager.attach(self.model, "out", 2, 2, **attach_options)[0]
         generator = torch.Generator().manual_seed(2)
         self.x = torch.randn(16, 6, generator=generator).to(device)
         self.y = torch.randint(0, 4, (16,), generator=generator).to(device)

@@ -49,6 +49,34 @@ def test_a_late_host_optimizer_applies_one_steps_gradient(tmp_path, store, keyri
         torch.testing.assert_close(p.detach(), old - 0.25 * grad)
 
 
+def test_a_step_found_leaking_leaves_a_trainers_own_host_optimizer_nothing_to_apply(
+    tmp_path, store, keyring: Keyring, mlp
+) -> None:
+    """Under attach(host_lr=None) the trainer steps the host itself, after ``step()``. A step
+    the isolation check found not clean kept the host's gradients, leaked part included, for
+    that optimizer to apply; the manager's own host optimizer skips such a step."""
+    config = make_config(tmp_path, store, guard_seed_backward=False)
+    rig = Rig(config, keyring, host_lr=None)
+    manager = rig.manager
+    own = torch.optim.SGD(manager.require_registry().host_params, lr=0.1)
+    assert rig.send("germinate", SEED0, mlp)
+    kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+    forward = kernel.forward
+    kernel.forward = lambda x: forward(x) + 0.1 * weight.sum()  # a path into a host weight
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    assert weight.grad is not None
+    before = [p.detach().clone() for p in manager.require_registry().host_params]
+    report = manager.step()
+    assert not report["isolation_clean"] and not report["host_stepped"]
+    assert all(p.grad is None for p in manager.require_registry().host_params)
+    own.step()
+    after = manager.require_registry().host_params
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    kernel.forward = forward
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    assert manager.step()["isolation_clean"] and weight.grad is not None  # the next one is
+
+
 class FrozenOut(Host):
     """The slot's layer frozen at attach, to be unfrozen later (gradual unfreezing)."""
 
