@@ -630,6 +630,33 @@ def kd_rig(tmp_path, store, keyring) -> Rig:
     return Rig(config, keyring)
 
 
+def test_the_readme_accumulation_recipe_runs_before_and_after_a_seed_computes_kd(
+    kd_rig: Rig, mlp
+) -> None:
+    """``kd`` is None until a seed computes a KD loss: the recipe divided it by N and raised
+    (TypeError) on the first step. Its micro-batches give the host the full batch's gradient."""
+    rig, manager = kd_rig, kd_rig.manager
+    n, teacher = 2, torch.randn(16, 4)
+    params = manager.require_registry().host_params
+    for germinate in (False, True):
+        if germinate:
+            assert rig.send("germinate", SEED0, mlp)
+        full = torch.autograd.grad(F.cross_entropy(rig.model(rig.x), rig.y), params)
+        assert manager.collect_kd_losses() is None  # no teacher set: none computed
+        seen = []
+        for x, y, t in zip(rig.x.chunk(n), rig.y.chunk(n), teacher.chunk(n), strict=True):
+            manager.set_teacher_logits(t)
+            loss = F.cross_entropy(rig.model(x), y)
+            kd = manager.collect_kd_losses()
+            seen.append(kd is not None)
+            manager.backward(loss / n, kd_loss=None if kd is None else kd / n)
+        for p, g in zip(params, full, strict=True):
+            torch.testing.assert_close(p.grad, g)
+        assert seen == [germinate] * n
+        report = manager.step()
+        assert report["host_stepped"] and report["seeds_stepped"] == ([SEED0] if germinate else [])
+
+
 def test_teacher_predictions_kd_training_and_register_teacher(kd_rig: Rig, mlp) -> None:
     rig, manager = kd_rig, kd_rig.manager
     torch.manual_seed(3)
