@@ -245,6 +245,11 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
         with pytest.raises(error, match=match):
             manager.attach(model, "0", 2, 2, **options)
         assert model[0] is host and manager.registry is None
+    # A class whose step() needs a closure or sparse gradients: every manager.step() raised.
+    for cls, why in ((torch.optim.LBFGS, "closure"), (torch.optim.SparseAdam, "dense")):
+        with pytest.raises(ValueError, match=f"optimizer_cls {cls.__name__} cannot step.*{why}"):
+            manager.attach(model, "0", 2, 2, optimizer_cls=cls)
+        assert model[0] is host and manager.registry is None
     assert manager.attach(model, "0", 2, 2, seed_lr=torch.tensor(0.01))  # torch.optim takes it
     manager.close()
 
