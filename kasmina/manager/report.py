@@ -330,7 +330,13 @@ class ManagerReport:
         ``handle_adaptation_command`` takes on arrival (parse, verify, validate, queue); command
         latency is the time a command takes to apply at its safe point."""
         state = self.state
-        if math.isnan(state.dormant_overhead_us) and self._on_training_thread():
+        # Only once a step named the training thread: before it, the registering thread is a
+        # guess, and a trainer of its own may be running forwards (an exporter attached them).
+        if (
+            math.isnan(state.dormant_overhead_us)
+            and state.global_step
+            and self._on_training_thread()
+        ):
             self.measure_dormant_overhead()  # elsewhere a read: NaN until end_epoch measures
         perf, loader = state.perf, state.loader
         return {

@@ -43,6 +43,10 @@ def test_performance_reads_on_another_thread_never_run_the_live_model(rig: Rig) 
     rig.slot.host.register_forward_hook(lambda *_: calls.append(1))
     metrics = on_thread(rig.manager.get_performance_metrics)  # before any step: register's
     assert math.isnan(metrics["dormant_overhead_us"]) and calls == []
+    # Nor on the registering thread before a step: a trainer thread of its own may be in its
+    # first step (its forwards ran in eval mode, its BatchNorm's counts were put back).
+    assert math.isnan(rig.manager.get_performance_metrics()["dormant_overhead_us"])
+    assert calls == []
     rig.train(1)  # the training thread: this one
     calls.clear()
     metrics = on_thread(rig.manager.get_performance_metrics)
