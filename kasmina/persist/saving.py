@@ -75,6 +75,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     slots (a plain model is saved with ``torch.save(model.state_dict())``). Nothing is written
     then, and a failure while writing leaves any previous file at ``path`` as it was. A
     ``torch.compile`` of the model is saved as the model it compiled (:func:`uncompiled`).
+
+    It reads the live model: call it on the training thread between steps. A lifecycle change
+    while it reads (a command a manager applied on the training thread, met by a save on
+    another thread) is a ``SavedModelError``, nothing written: the file would hold a seed's
+    kernel from before the change and its state from after, which ``kasmina.load`` refuses.
     """
     model = uncompiled(model)
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
@@ -93,6 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             f"the shared state table has {table.num_seeds} rows but the slots use {used}; "
             "attach the slots to a table of exactly their seeds"
         )
+    before = _lifecycle(table, slots)
     artifacts: dict[str, dict[str, Any]] = {}
     seeds: list[dict[str, Any]] = []
     kernel_keys: set[str] = set()
@@ -123,6 +129,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "seeds": seeds,
         "artifacts": artifacts,
     }
+    if _lifecycle(table, slots) != before:
+        raise SavedModelError(
+            "a seed's stage or kernel changed while the model was read (a command applied on "
+            "the training thread?): nothing written; save on the training thread between steps"
+        )
     written = write_saved(path, body)
     logger.info(
         "saved %d slot(s), %d kernel(s) of %d artifact(s) to %s",
@@ -132,6 +143,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         written,
     )
     return written
+
+
+def _lifecycle(table: Any, slots: list[tuple[str, KasminaLayer]]) -> tuple[Any, ...]:
+    """The seeds' stages and kernels (not the alphas a GRAFTING step moves): a save that reads
+    the same before and after read no half-applied command."""
+    stages = table.state_tensor[:, StateColumn.LIFECYCLE_STAGE].tolist()
+    return (stages, [id(seed.kernel) for _, slot in slots for seed in slot.seeds])
 
 
 def _artifact_of(seed_id: str, kernel: nn.Module, artifacts: dict[str, dict[str, Any]]) -> str:

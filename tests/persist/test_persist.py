@@ -565,3 +565,38 @@ def test_a_ctrl_c_during_the_load_commit_waits_until_the_model_is_loaded(
     assert [s.stage for s in _seeds(fresh)] == [S.ACTIVE, S.GRAFTING]
     with torch.no_grad():
         assert torch.equal(fresh(grown.x), grown.model(grown.x))
+
+
+def test_a_lifecycle_change_while_saving_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A save on another thread met a CULL the training thread applied: the file held the
+    seed's kernel from before and its state (COOLDOWN, no kernel) from after, and
+    ``kasmina.load`` refused it. The save now sees the change and writes nothing."""
+    from kasmina.persist import saving
+    from kasmina.urza.blueprints import ResidualMLP
+    from kasmina.urza.publish import publish_artifact
+    from kasmina.utils.keyring import Keyring, generate_key
+    from tests.manager.helpers import Rig, make_config
+
+    torch.manual_seed(1)
+    store = tmp_path / "urza"
+    artifact = publish_artifact(
+        ResidualMLP(2, 4), [torch.randn(3, 2)], str(store), "mlp", PUBLISHER
+    )
+    rig = Rig(make_config(tmp_path, store), Keyring({"pub": generate_key(), "ctl": generate_key()}))
+    assert rig.send("germinate", SEED0, artifact.artifact_id)
+    rig.train(1)
+    read = saving._artifact_of
+
+    def culled_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(saving, "_artifact_of", read)  # once
+        result = read(*args, **kwargs)
+        assert rig.send("cull", SEED0)  # what the training thread's safe point applied
+        return result
+
+    monkeypatch.setattr(saving, "_artifact_of", culled_meanwhile)
+    path = tmp_path / "grown.kasmina"
+    with pytest.raises(SavedModelError, match="changed while the model was read"):
+        kasmina.save(rig.model, path)
+    assert not path.exists()
+    kasmina.save(rig.model, path)  # between steps: whole
+    assert kasmina.load(path, Host(), publishers=PUBLISHER.trusted_publishers())
