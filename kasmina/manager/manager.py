@@ -325,9 +325,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             copy_model=copy_model,
             checkpoint_path=self.config.teacher_checkpoint_path,
         )
-        self.state.teacher = teacher
-        self.teacher_passes = TeacherForwardPassManager(teacher)
-        self.state.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
+        with self._lock:  # a safe point's command on the training thread reads the teacher
+            self.state.teacher, self.teacher_passes = teacher, TeacherForwardPassManager(teacher)
+            self.state.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
         if not self.config.kd_enabled:
             logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
         return teacher

@@ -472,3 +472,38 @@ def test_close_from_another_thread_waits_for_a_germinate(rig: Rig, mlp, monkeypa
     assert (
         manager.require_registry()[SEED0].last_output is None
     )  # the closed manager records nothing
+
+
+def test_a_teacher_loaded_on_another_thread_is_swapped_in_between_commands(
+    rig: Rig, mlp, monkeypatch
+):
+    """``load_teacher`` swapped the teacher and the optimizers' teacher source without the
+    manager's lock, in the middle of a command a safe point was applying."""
+    from kasmina.manager import executor
+
+    manager = rig.manager
+    manager.loader.original(mlp)
+    original, times = executor.CommandExecution._dry_run, {}
+    inside = threading.Event()
+
+    def paused(*args, **kwargs):
+        result = original(*args, **kwargs)
+        inside.set()
+        time.sleep(0.3)
+        times["command"] = time.monotonic()
+        return result
+
+    monkeypatch.setattr(executor.CommandExecution, "_dry_run", paused)
+
+    def load() -> None:
+        inside.wait(10.0)
+        manager.load_teacher(torch.nn.Linear(6, 4))
+        times["teacher"] = time.monotonic()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("germinate", SEED0, mlp)))
+    (outcome,) = rig.train(1)["commands"]
+    loader.join(10.0)
+    assert outcome.ok and manager.teacher is not None
+    assert times["teacher"] >= times["command"]
