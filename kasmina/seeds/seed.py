@@ -332,20 +332,18 @@ class GradientIsolatedSeed(nn.Module):
                 "faults": self.faults,
                 "last_fault": self.fault_log[-1] if self.fault_log else "",
             }
-            self.detach_kernel()  # from here it passes the host through: alpha 0, nothing
-            self._set_alpha(0.0, force=True)  # measured or scored (the field report keeps them)
-            self.gate_score, self.evaluation = 0.0, None
+            self.detach_kernel()
         elif new == SeedStage.RECYCLING:
-            self._set_alpha(0.0, force=True)
             self.state_table.set_blueprint(self.state_index, "")  # the culled artifact's, gone
             self.graft_step = 0
             self.isolation_violations = self.nonfinite_events = self.faults = 0
             self.fault_log.clear()
-            self.gate_score = 0.0
-            self.evaluation = None
             self.finite_flag.fill_(True)
             self.fault_flag.fill_(False)
             self._kd_losses.clear()
+        if new not in RUNS_KERNEL:  # from here it passes the host through (QUARANTINE too):
+            self._set_alpha(0.0, force=True)  # alpha 0, nothing measured or scored
+            self.gate_score, self.evaluation = 0.0, None
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:

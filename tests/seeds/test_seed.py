@@ -265,6 +265,26 @@ def test_alpha_schedule_is_in_place_and_mirrored_in_the_table() -> None:
         seed.update_alpha_blending(1, 0)
 
 
+@pytest.mark.parametrize(
+    ("path", "end"), [(PATH[:3], S.QUARANTINE), (PATH[:4], S.QUARANTINE), (PATH, S.TERMINATED)]
+)
+def test_a_seed_that_stops_running_reports_alpha_zero_and_no_evaluation(path, end) -> None:
+    """A quarantined (or terminated ACTIVE) seed passes the host through, but kept reporting
+    the alpha it blended at (the table's ALPHA_BLEND, telemetry) and its last evaluation."""
+    seed = GradientIsolatedSeed(C, "s0")
+    seed.attach_kernel(nn.Sequential(nn.Linear(C, C), nn.Tanh()))
+    for stage in path:
+        seed.transition_to(stage)
+    seed.update_alpha_blending(10, 20)
+    seed.gate_score = 0.7
+    assert seed.alpha_value > 0
+    seed.transition_to(end)
+    assert seed.alpha_value == 0.0 and seed.state_table.read_row(0)["ALPHA_BLEND"] == 0
+    assert seed.gate_score == 0.0 and seed.evaluation is None
+    h = torch.randn(5, C)
+    assert torch.equal(seed(h), h)  # what it reports: the host's own output
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_alpha_stays_float32_and_exact_when_the_model_changes_dtype(dtype: torch.dtype) -> None:
     seed = make_seed(S.GRAFTING)
