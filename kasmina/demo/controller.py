@@ -14,8 +14,9 @@ sees the test split. Its policy:
   relative validation-loss reduction, and the validation accuracy with and without it. Enough
   help at no more than ``max_metric_drop`` of accuracy sends a plain ADVANCE (gate G5 checks
   the same measurement against the performance gate and ``g5_max_metric_drop``; a command
-  carries no evidence); too little help, or an accuracy cost, sends CULL with an embargo. A
-  culled slot, once recycled, may be germinated again.
+  carries no evidence); too little help (or none measured: NaN), or an accuracy cost, sends CULL
+  with an embargo, as does a seed its faults quarantined. A culled slot, once recycled, may be
+  germinated again.
 
 ``Adversary`` replays, forges and back-dates commands, to show the handler refusing them.
 """
@@ -157,6 +158,10 @@ class PlateauController:
             for sid, v in seeds.items()
             if v.stage in NEXT_STAGE and v.stage != SeedStage.DORMANT
         ]
+        for seed_id, view in seeds.items():  # its kernel pinned, its slot held: give it back
+            if view.stage == SeedStage.QUARANTINE:
+                params = {"embargo_epochs": float(self.embargo_epochs)}
+                out.append(self._command(epoch, CULL, seed_id, "", params, "cull: quarantined"))
         for seed_id in growing:
             view = seeds[seed_id]
             if view.stage == SeedStage.STABILIZATION and view.epochs_in_stage < self.settle_epochs:
@@ -167,8 +172,10 @@ class PlateauController:
                 costs = False
                 if with_ is not None and without is not None:
                     measured += f", val acc {100 * with_:.1f}% (without: {100 * without:.1f}%)"
-                    costs = with_ < without - self.max_metric_drop
-                if view.help < self.help_threshold or costs:
+                    costs = not with_ >= without - self.max_metric_drop  # NaN: unknown, a cost
+                # A NaN help is no measurement (the seed faulted while measured): G5 refuses
+                # it, and an ADVANCE every epoch would hold its slot for ever.
+                if not view.help >= self.help_threshold or costs:
                     params = {"embargo_epochs": float(self.embargo_epochs)}
                     why = f"cull: {measured}"
                     out.append(self._command(epoch, CULL, seed_id, "", params, why))

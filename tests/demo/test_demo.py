@@ -242,6 +242,22 @@ def test_the_controller_culls_a_seed_that_cuts_the_loss_but_costs_accuracy() -> 
     assert reasons["no-metric"] == (ADVANCE, "fossilize: val loss -6.0% with it")
 
 
+def test_the_controller_culls_an_unmeasured_or_quarantined_seed() -> None:
+    """A NaN help (the seed faulted while measured, which G5 refuses) compared as neither too
+    little nor a cost: the controller sent ADVANCE every epoch and the seed held its slot for
+    ever; a quarantined seed was never culled, its kernel pinned and its slot never regrown."""
+    keyring = Keyring({COMMAND_KEY: b"k" * 32})
+    controller = PlateauController(keyring, COMMAND_KEY, [], warmup=99, settle_epochs=0)
+    stab, nan = SeedStage.STABILIZATION, float("nan")
+    seeds = {
+        "unmeasured": SeedView(stab, 2, help=nan, metric_with=nan, metric_without=nan),
+        "nan-metric": SeedView(stab, 2, help=0.06, metric_with=nan, metric_without=0.9),
+        "quarantined": SeedView(SeedStage.QUARANTINE, 0),
+    }
+    assert len(controller.observe(5, 0.5, seeds)) == 3
+    assert {d.seed_id: d.operation for d in controller.decisions} == dict.fromkeys(seeds, CULL)
+
+
 def test_the_demo_measures_accuracy_for_g5(short_run) -> None:
     out, _ = short_run
     events = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
