@@ -218,7 +218,7 @@ class IsolatedOptimizerManager:
         try:
             self._ownership.claim(plist, owner)
             self._entries[owner] = _Entry(optimizer)
-            self._emit(event, float(len(plist)), labels)
+            self._emit(event, float(sum(p.numel() for p in plist)), labels)  # elements
         except BaseException:
             self._ownership.release(owner)
             self._entries.pop(owner, None)
@@ -291,7 +291,7 @@ class IsolatedOptimizerManager:
         self._ownership.transfer(seed_id, HOST_ID)
         del self._entries[seed_id]
         self.last_grad_norm.pop(seed_id, None)
-        self._emit("seed_promoted", float(len(params)), {"seed_id": seed_id})
+        self._emit("seed_promoted", float(sum(p.numel() for p in params)), {"seed_id": seed_id})
         logger.info("seed %s promoted: %d tensors into host group %d", seed_id, len(params), index)
         return index
 

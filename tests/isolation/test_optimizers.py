@@ -117,6 +117,31 @@ def test_teacher_params_are_frozen_and_never_optimizable():
     assert opts.teacher_param_count == 20  # and let go of nothing
 
 
+def test_the_parameter_count_events_count_elements() -> None:
+    """``optimizer_created``, ``seed_optimizer_created`` and ``seed_promoted`` carried the
+    number of tensors (a 4x4 Linear: 2) and ``teacher_params_registered`` the number of
+    elements (20): one documented "parameter count", two units."""
+    from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+
+    host, seed = models()
+    sink = MemorySink()
+    opts = IsolatedOptimizerManager(telemetry=TelemetryReporter(sinks=[sink]))
+    opts.initialize_host(host.parameters())
+    opts.create_seed_optimizer("s0", seed.parameters())
+    opts.register_teacher_params(nn.Linear(4, 4).parameters())
+    opts.promote_seed("s0")
+    counts = {name: event.value for name in (
+        "optimizer_created", "seed_optimizer_created", "teacher_params_registered",
+        "seed_promoted",
+    ) for event in sink.events(name)}  # fmt: skip
+    host_n = sum(p.numel() for p in host.parameters())
+    seed_n = sum(p.numel() for p in seed.parameters())
+    assert counts == {
+        "optimizer_created": host_n, "seed_optimizer_created": seed_n,
+        "teacher_params_registered": 20, "seed_promoted": seed_n,
+    }  # fmt: skip
+
+
 def test_a_replaced_teacher_is_let_go() -> None:
     """One teacher at a time: registering another (or pointing the teacher source at one)
     releases the old one's parameters, which a run that refreshes its teacher every epoch
