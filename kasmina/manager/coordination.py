@@ -159,6 +159,10 @@ class ManagerApplier:
         self._prepare_deadline: float | None = None
         self._lock = threading.Lock()
         self._fetches: dict[str, Future[Any]] = {}  # artifact id -> its running fetch
+        # This sync's prepares that fetched a kernel, handed to the first agreed command for
+        # it: that command's GERMINATE then takes the fetched kernel, as a fetch of its own
+        # would give it, and is counted once, a miss (looked up again, it counted a hit too).
+        self._fetched: dict[str, Future[Any]] = {}
 
     def begin_sync(self) -> None:
         """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them."""
@@ -207,6 +211,7 @@ class ManagerApplier:
         exc = fetch.exception()
         if exc is not None:
             return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
+        self._fetched[artifact_id] = fetch
         return ""
 
     def _fetch(
@@ -234,9 +239,12 @@ class ManagerApplier:
 
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
         self.begin_sync()  # every prepare of this sync is done
+        fetched, self._fetched = self._fetched, {}
         queued: set[int] = set()
         for command in commands:
-            if self.intake.queue.submit(command):
+            seed = command.seed
+            fetch = fetched.pop(seed.artifact_id, None) if seed is not None else None
+            if self.intake.queue.submit(command, fetch):
                 queued.add(id(command))
             else:
                 self.refuse(command, "the manager's command queue is full or closed")

@@ -101,16 +101,16 @@ class CommandQueue:
         with self._lock:
             return len(self._queue)
 
-    def submit(self, command: KasminaCommand) -> bool:
-        """Queue an accepted command (starting its kernel fetch if needed); False when full
-        or closed."""
-        entry = PendingCommand(command, self._clock())
+    def submit(self, command: KasminaCommand, fetch: Future[GPUKernel] | None = None) -> bool:
+        """Queue an accepted command (starting its kernel fetch if needed, unless ``fetch``,
+        one already made for it, is given); False when full or closed."""
+        entry = PendingCommand(command, self._clock(), fetch)
         with self._lock:
             if self._closed or len(self._queue) >= self.max_pending:
                 return False
             self._queue.append(entry)
         seed = command.seed  # only a GERMINATE of an uncached artifact starts a fetch
-        if seed is not None and seed.operation == _GERMINATE:
+        if fetch is None and seed is not None and seed.operation == _GERMINATE:
             self._start_fetch(entry)
         return True
 

@@ -644,6 +644,24 @@ def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
     assert rig.manager.handler.stats["failed"] == 1
 
 
+def test_a_kernel_fetched_by_the_prepare_counts_one_miss_and_no_hit(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """The prepare fetched the kernel (a miss); the agreed GERMINATE then looked it up in the
+    cache again and counted a hit too: the demo's report gave 5 hits for 2."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    cache = rig.manager.kernel_cache
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    assert dk.sync_epoch(0).outcomes == (True,)
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (0, 1)
+    assert dk.submit(_signed(rig, "germinate", SEED1, mlp))  # cached now: one hit
+    assert dk.sync_epoch(1).outcomes == (True,)
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (1, 1)
+    dk.close()
+    rig.manager.close()
+
+
 def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring, mlp) -> None:
     """A fetch that outlasts the bound (its store ignores the deadline) is answered with a
     refusal at the bound; later prepares of the same sync get what is left of it (nothing),
