@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickletools
+import re
 import struct
 import time
 import zipfile
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError
-from kasmina.utils.atomic import atomic_write_bytes
+from kasmina.utils.atomic import atomic_write_bytes, remove_stale_temporaries
 from kasmina.utils.files import NotARegularFileError, open_regular_file
 from kasmina.utils.ratelimit import clipped
 from kasmina.utils.signed_json import strict_json_loads
@@ -66,7 +67,11 @@ class SavedModelError(KasminaError, ValueError):
 
 
 def write_saved(path: str | os.PathLike[str], body: dict[str, Any]) -> Path:
-    """Serialise ``body`` and write header and body atomically to ``path``."""
+    """Serialise ``body`` and write header and body atomically to ``path``. The temp files of
+    earlier writes to ``path`` that were killed (a SIGKILL skips their cleanup) go first, once
+    old enough not to be a live writer's (``remove_stale_temporaries``)."""
+    target = Path(path)
+    remove_stale_temporaries(target.parent, re.escape(target.name))
     buffer = io.BytesIO()
     torch.save(body, buffer)
     payload = buffer.getvalue()

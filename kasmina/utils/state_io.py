@@ -125,10 +125,12 @@ def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:
     """The checkpoint key in ``path``, created on first use (32 random bytes, mode 0600, in a
     parent directory created 0700)."""
     target = Path(path).expanduser()
+    # Killed creations' temp files, also once the key exists: a creation killed between
+    # linking the key into place and unlinking its temp name left a second link to the key.
+    remove_stale_temporaries(target.parent, re.escape(target.name))
     with contextlib.suppress(FileNotFoundError):
         return _read_key(target)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_stale_temporaries(target.parent, re.escape(target.name))  # of killed creations
     key = secrets.token_bytes(CHECKPOINT_KEY_BYTES)
     # Installed whole or not at all, never over a key a concurrent creator of the run put
     # there first (then that key is read and used).

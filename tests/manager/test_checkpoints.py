@@ -417,6 +417,22 @@ def test_temp_files_of_killed_emergency_writes_are_removed_once_stale(tmp_path):
     assert sorted(emergency.iterdir()) == [other_run]
 
 
+def test_a_key_creation_killed_after_its_link_leaves_no_second_link_for_good(tmp_path):
+    """Killed between linking the new key into place and unlinking its temp name, a creation
+    left a second link to the key; the key existed from then on, so the cleanup, which ran
+    only before a creation, never ran again."""
+    key = tmp_path / "checkpoint.key"
+    load_or_create_checkpoint_key(key)
+    leftover = tmp_path / ".checkpoint.key.abcd1234.tmp"
+    os.link(key, leftover)
+    fresh = tmp_path / ".checkpoint.key.fresh123.tmp"
+    fresh.write_bytes(b"a live creator's")
+    stale = time.time() - 2 * STALE_TEMPORARY_S
+    os.utime(leftover, (stale, stale))
+    assert load_or_create_checkpoint_key(key) == key.read_bytes()
+    assert sorted(tmp_path.iterdir()) == sorted([key, fresh])
+
+
 # ---------------------------------------------------------------- key, memory, off
 
 

@@ -567,6 +567,27 @@ def test_a_ctrl_c_during_the_load_commit_waits_until_the_model_is_loaded(
         assert torch.equal(fresh(grown.x), grown.model(grown.x))
 
 
+def test_a_save_removes_the_temp_files_of_killed_saves_once_stale(grown: Grown, tmp_path) -> None:
+    """A save killed before its rename leaves ``.<name>.<random>.tmp`` (its cleanup is a
+    ``finally`` a SIGKILL skips), a whole model's size each; nothing ever removed them."""
+    import os
+    import time
+
+    from kasmina.utils.atomic import STALE_TEMPORARY_S
+
+    path = tmp_path / "grown.kasmina"
+    killed = tmp_path / ".grown.kasmina.abcd1234.tmp"
+    live = tmp_path / ".grown.kasmina.live5678.tmp"  # perhaps another process's save, now
+    other = tmp_path / ".other.kasmina.abcd1234.tmp"
+    for leftover in (killed, live, other):
+        leftover.write_bytes(b"half a model")
+    stale = time.time() - 2 * STALE_TEMPORARY_S
+    os.utime(killed, (stale, stale))
+    os.utime(other, (stale, stale))
+    kasmina.save(grown.model, path)
+    assert sorted(tmp_path.iterdir()) == sorted([path, live, other])
+
+
 def test_a_lifecycle_change_while_saving_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     """A save on another thread met a CULL the training thread applied: the file held the
     seed's kernel from before and its state (COOLDOWN, no kernel) from after, and
