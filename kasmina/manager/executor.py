@@ -336,7 +336,8 @@ class CommandExecution:
                 f"seed {record.seed_id}'s slot has not run a forward since attach (or since "
                 "the model was moved or cast): the shape of its activations is unknown, so the "
                 "kernel cannot be checked against it; send GERMINATE after the first training "
-                "step or forward"
+                "step or forward (a slot still unknown after one wraps a module its model never "
+                "calls, only reads the weight of: attach to the module that calls it)"
             )
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())
