@@ -267,7 +267,9 @@ def spawn(
     ``fn`` must be importable (a module-level function). Raises if any process fails.
     ``timeout_s`` bounds each collective; ``join_timeout_s`` (None: no limit) bounds the whole
     run, after which every process is killed and ``TimeoutError`` raised, so a rank stuck
-    outside a collective cannot hang the caller (a test suite) either.
+    outside a collective cannot hang the caller (a test suite) either. An interrupt of the
+    caller (a Ctrl-C sent to it alone) kills them too: they would train on to the end, writing
+    their results after it.
     """
     import torch.multiprocessing as mp
 
@@ -282,11 +284,21 @@ def spawn(
         start_method="spawn",
     )
     deadline = None if join_timeout_s is None else time.monotonic() + join_timeout_s
-    while not context.join(timeout=1.0):
-        if deadline is not None and time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            for process in context.processes:
-                process.join()
-            raise TimeoutError(f"{nprocs} spawned processes did not finish in {join_timeout_s}s")
+
+    def kill_all() -> None:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+        for process in context.processes:
+            process.join()
+
+    try:
+        while not context.join(timeout=1.0):
+            if deadline is not None and time.monotonic() > deadline:
+                kill_all()
+                raise TimeoutError(
+                    f"{nprocs} spawned processes did not finish in {join_timeout_s}s"
+                )
+    except BaseException:  # a rank failed, the time ran out, an interrupt: leave none behind
+        kill_all()
+        raise

@@ -96,3 +96,36 @@ def test_a_group_a_live_ddp_module_still_holds_is_reported() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOG the process group is still referenced" in proc.stdout
     assert "out of scope" in proc.stdout
+
+
+def _rank_that_trains_on(rank: int, world: int, directory: str) -> None:
+    """A rank that would run for minutes: says it started, then sleeps."""
+    import time
+
+    Path(directory, f"rank{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(300)
+
+
+def test_an_interrupted_spawn_leaves_no_rank_running(tmp_path: Path) -> None:
+    """A Ctrl-C sent to the parent alone (``kasmina demo --nproc 2``) stopped the parent's wait,
+    but the ranks trained on to the end and wrote their result after the interrupt."""
+    import signal
+    import threading
+    import time
+
+    from kasmina.control.processes import spawn
+
+    def interrupt_once_started() -> None:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        spawn(_rank_that_trains_on, 2, args=(str(tmp_path),), backend="gloo", join_timeout_s=280)
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # killed and reaped before spawn returned
+            os.kill(pid, 0)
