@@ -230,6 +230,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kasmina.demo.config import DemoConfig
     from kasmina.demo.run import run_demo_cli
 
+    if not args.out.strip():  # Path("") is ".", the current directory
+        raise CLIError("--out is empty: name the directory to write into")
     config = DemoConfig(
         epochs=args.epochs,
         num_seeds=args.seeds,
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training epochs; in the continual scenario, the epochs after the new classes (40)",
     )
     demo.add_argument(
-        "--seeds", type=positive_int, default=4, help="seeds the controller may grow, 1-6 (4)"
+        "--seeds", type=bounded_int(1, 6), default=4, help="seeds the controller may grow, 1-6 (4)"
     )
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     demo.add_argument("--out", default="kasmina-demo", help="output directory (./kasmina-demo)")

@@ -116,6 +116,8 @@ def _check_device(name: str) -> None:
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {name!r}: use cpu or cuda") from None
     if device.type == "cpu":
+        if device.index not in (None, 0):  # the kernels load on it, the model stays on cpu
+            raise ValueError(f"--device {name!r}: the CPU is one device, cpu (or cpu:0)")
         return
     if device.type != "cuda":
         raise ValueError(f"--device {name!r} is not supported by the demo: use cpu or cuda")

@@ -58,3 +58,16 @@ def test_each_config_error_names_only_its_own_setting(tmp_path, changes, message
 def test_replay_in_the_continual_scenario_still_validates(tmp_path) -> None:
     DemoConfig(out_dir=tmp_path, scenario="continual", replay=20).validate()
     DemoConfig(out_dir=tmp_path, replay=0).validate()
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_directory(tmp_path, capsys) -> None:
+    """``--out ""`` is ``Path("")``, the current directory: the demo wrote into it if empty."""
+    rc, _, err = run(capsys, "demo", "--out", "")
+    assert_one_line_error(rc, err, "--out is empty")
+
+
+def test_seeds_beyond_the_plan_is_a_usage_error(tmp_path, capsys) -> None:
+    """--seeds 7 got exit 1 from the config, where --seeds 0 got argparse's usage error (2)."""
+    rc, _, err = run(capsys, "demo", "--seeds", "7", "--out", str(tmp_path / "out"))
+    assert rc == 2 and "argument --seeds: expected 1 to 6, got 7" in err
+    assert not (tmp_path / "out").exists()

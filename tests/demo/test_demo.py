@@ -321,6 +321,7 @@ def test_repeats_and_continual_refuse_several_processes(tmp_path) -> None:
         ({"device": "xpu"}, "--device 'xpu' is not supported"),
         ({"device": "gpu0"}, "unknown device 'gpu0'"),
         ({"device": "cuda:99"}, "--device 'cuda:99'"),  # no machine here has 100 GPUs
+        ({"device": "cpu:1"}, "--device 'cpu:1': the CPU is one device"),
         ({"seed": 2**32}, "--seed 4294967296"),
         ({"seed": -1}, "--seed -1"),
         ({"seed": 2**32 - 1, "repeats": 2}, "with --repeats 2"),
