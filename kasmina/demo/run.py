@@ -120,22 +120,56 @@ def prepare(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-_OWNED = ("urza", "checkpoints", "emergency", "runs")
+# What a demo writes into --out, cleared before the next one writes there.
+_OWNED = ("urza", "checkpoints", "emergency", "runs", "seed-*")
+_OWNED_FILES = ("report.txt", "result.json", "demo.png", "keys.json", "publisher.key")
+_OWNED_FILES += ("publishers.json", "telemetry*.jsonl*")
+LOCK = ".kasmina-demo.lock"
+
+
+def _check_output_dir(out: Path) -> None:
+    """``out`` is new, or one an earlier demo made; any other non-empty directory is refused
+    rather than written into."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if not out.is_dir() or (out / MARKER).exists():
+        return
+    if any(path.name != LOCK for path in out.iterdir()):
+        raise ValueError(f"--out {out} is a non-empty directory the demo did not create")
 
 
 def _claim_output_dir(out: Path) -> Path:
-    """Create ``out``, or reuse one an earlier demo made (its store, checkpoints and run
-    directories are cleared: each run has fresh keys, so an old store would not verify, and
-    its own run id). Any other non-empty directory is refused rather than written into."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise ValueError(f"--out {out} is a non-empty directory the demo did not create")
+    """Create ``out``, or reuse one an earlier demo made: what that demo wrote is cleared (its
+    report, plot and results, which would describe another run beside this one's keys; its
+    store, checkpoints and run directories: each run has fresh keys, so an old store would not
+    verify, and its own run id; an earlier ``--repeats``' runs)."""
+    _check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
-    for name in _OWNED:
-        shutil.rmtree(out / name, ignore_errors=True)
+    for pattern in _OWNED:
+        for path in out.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+    for pattern in _OWNED_FILES:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
     return out
+
+
+@contextmanager
+def _output_locked(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one demo run (an exclusive lock on ``out/.kasmina-demo.lock``): a second
+    demo into the same directory at once cleared the first one's store and keys under it."""
+    from kasmina.utils.locks import lock_exclusive
+
+    _check_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_exclusive(out / LOCK)
+    if lock is None:
+        raise ValueError(f"--out {out} is in use by another demo running now")
+    try:
+        yield
+    finally:
+        lock.close()
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -266,6 +300,16 @@ def run_demo_cli(cfg: DemoConfig) -> int:
     report (rank 0)."""
     cfg.validate()
     _quiet_logging()
+    if _under_torchrun():  # its world is the launch's: --repeats, continual refused as for --nproc
+        replace(cfg, nproc=int(os.environ["WORLD_SIZE"])).validate()
+        if os.environ["RANK"] != "0":  # rank 0 writes --out
+            _run_torchrun(cfg)
+            return 0
+    with _output_locked(cfg.out_dir):
+        return _run_cli(cfg)
+
+
+def _run_cli(cfg: DemoConfig) -> int:
     if cfg.repeats > 1:
         return _run_repeats(cfg)
     start = time.perf_counter()

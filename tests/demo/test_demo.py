@@ -429,8 +429,41 @@ def test_a_rerun_into_its_output_directory_clears_the_earlier_runs(tmp_path) -> 
     earlier = tmp_path / "runs" / "run-earlier"
     earlier.mkdir(parents=True)
     (earlier / "nonces.log").write_text("")
+    # An earlier run's report, results and repeats: left beside this run's keys, they
+    # described another run (another seed) as this one's.
+    stale = ["report.txt", "result.json", "demo.png", "telemetry.jsonl", "telemetry.jsonl.1"]
+    for name in [*stale, "telemetry.rank1.jsonl"]:
+        (tmp_path / name).write_text("an earlier run's")
+    (tmp_path / "seed-7").mkdir()
+    (tmp_path / "seed-7" / "report.txt").write_text("an earlier repeat's")
     prepare(cfg)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "seed-7").exists()
+    assert not [name for name in stale if (tmp_path / name).exists()]
+    assert not (tmp_path / "telemetry.rank1.jsonl").exists()
+
+
+def test_a_second_demo_into_the_same_output_directory_at_once_is_refused(tmp_path) -> None:
+    """Two demos into one --out: the second cleared the first's store and keys under it, and
+    both reported success."""
+    from kasmina.demo.run import _output_locked
+
+    cfg = DemoConfig(out_dir=tmp_path / "out", epochs=1, progress=False)
+    with _output_locked(cfg.out_dir), pytest.raises(ValueError, match="in use by another demo"):
+        run_demo_cli(cfg)
+    assert [p.name for p in cfg.out_dir.iterdir()] == [".kasmina-demo.lock"]
+
+
+def test_repeats_under_torchrun_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+) -> None:
+    """Under torchrun every rank ran the whole --repeats loop into one --out, and they
+    collided; --nproc 2 --repeats 2 was refused in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = DemoConfig(out_dir=tmp_path / "out", epochs=1, repeats=2, progress=False)
+    with pytest.raises(ValueError, match="--repeats"):
+        run_demo_cli(cfg)
+    assert not cfg.out_dir.exists()
 
 
 def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
@@ -439,8 +472,10 @@ def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("kasmina: error: --out") and "did not create" in err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
-    assert cli.main(["demo", "--out", str(tmp_path / "x"), "--seeds", "9"]) == 1
-    assert "--seeds must be between 1 and 6" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error, as for --seeds 0
+        cli.main(["demo", "--out", str(tmp_path / "x"), "--seeds", "9"])
+    assert usage.value.code == 2
+    assert "argument --seeds: expected 1 to 6, got 9" in capsys.readouterr().err
 
 
 def test_cli_defaults_match_the_demo_config() -> None:
