@@ -102,7 +102,12 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         help="example input shape, e.g. 8,16; its rank must be the slot's activations' (needed "
         "with --factory; with --builtin 8,DIM by default, e.g. 8,16,DIM for [B, L, H] slots)",
     )
-    publish.add_argument("--dtype", default="float32", help="example input dtype (float32)")
+    publish.add_argument(
+        "--dtype",
+        default="float32",
+        help="the kernel's dtype: a --builtin is built in it, a --factory module must run in "
+        "it (float32)",
+    )
     publish.add_argument("--blueprint", help="blueprint name recorded in the manifest")
     publish.add_argument("--artifact-id", help="artifact id (default: <blueprint>-<sha256>)")
     publish.add_argument(
@@ -315,6 +320,16 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as exc:
         raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
     module.eval()
+    if args.builtin:
+        module.to(dtype)  # its parameters in the dtype its input is: the kernel runs in it
+    try:  # an artifact signed as taking this input must run on it (the export did not check)
+        with torch.no_grad():
+            module(example)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CLIError(
+            f"{name} does not run on a {args.dtype} input of shape {list(shape)}: "
+            f"{one_line(exc)[:300]}"
+        ) from None
     # Imported before the export, not looked up in its except clause: a Ctrl-C inside the
     # export's first import of torch._dynamo left it half initialised, and the lookup then
     # raised AttributeError over the KeyboardInterrupt (a traceback instead of exit 130).

@@ -511,6 +511,40 @@ def test_urza_publish_from_a_factory(tmp_path, keys, publishers, capsys, monkeyp
     assert rc == 0 and artifact in out
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_a_builtin_published_in_a_dtype_runs_in_it(tmp_path, keys, publishers, capsys, dtype):
+    """``--dtype float16`` converted only the example input: the artifact, signed as taking
+    float16, held float32 weights and every call raised ("mat1 and mat2 must have the same
+    dtype"). A module that does not run on the example is refused, nothing published."""
+    import torch
+
+    from kasmina.urza.client import UrzaLibraryClient
+    from kasmina.urza.kernel import GPUKernel
+    from kasmina.urza.keys import TrustedPublishers
+
+    store = tmp_path / "store"
+    argv = ["--builtin", "residual-mlp", "--dim", "4", "--dtype", dtype]
+    artifact = publish(capsys, store, keys, *argv)
+    trusted = TrustedPublishers.from_file(publishers)
+    payload, manifest = UrzaLibraryClient(str(store), trusted).fetch(artifact)
+    kernel = GPUKernel.from_binary(payload, manifest, torch.device("cpu"))
+    x = torch.randn(3, 4, dtype=getattr(torch, dtype))
+    assert kernel(x).dtype == x.dtype
+
+    (tmp_path / "fp32_seed_mod.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(4, 4)\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        rc, _, err = run(capsys, "urza", "publish", "--store", str(tmp_path / "other"), "--key",
+                         str(keys), "--factory", "fp32_seed_mod:make", "--input-shape", "2,4",
+                         "--dtype", dtype)  # fmt: skip
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert_one_line_error(rc, err, f"does not run on a {dtype} input of shape [2, 4]")
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
 PUB = ["--store", "{tmp}/s", "--key", "{keys}"]
 AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
 
@@ -633,7 +667,7 @@ def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsy
     [
         ("torch.nn:Linear", "calling torch.nn:Linear failed: TypeError"),  # needs arguments
         ("broken_seed_mod:make", "cannot import 'broken_seed_mod'"),  # raises on import
-        ("torch.nn:CosineSimilarity", "torch.export of CosineSimilarity failed"),  # 2 inputs
+        ("torch.nn:CosineSimilarity", "CosineSimilarity does not run on a float32 input"),
         # torch prints the partial graph of a data-dependent branch to stderr itself.
         ("branchy_seed_mod:Branchy", "torch.export failed"),
     ],
