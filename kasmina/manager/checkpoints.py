@@ -151,22 +151,6 @@ class CheckpointStore(ABC):
         timeline it left, which the next save deletes (``check_next_epoch`` allows that)."""
         self._abandoned_after = _check_epoch(epoch)
 
-    def forget_abandoned(self) -> None:
-        """Delete the abandoned timeline's checkpoints now, after a rollback, rather than at
-        the next save: a crash before that save left them the newest on disk, and a restarted
-        trainer, rolling back to the newest, undid the rollback. Never raises: a failed delete
-        is logged, and the next save deletes them first or writes nothing."""
-        after = self._abandoned_after
-        if after is None:
-            return
-        try:
-            self._drop_abandoned(after)
-        except OSError as exc:
-            logger.error(
-                "after the rollback to epoch %d its abandoned checkpoints stay for now (%s); "
-                "the next epoch's save deletes them first", after, exc.__cause__ or exc,
-            )  # fmt: skip
-
     def check_next_epoch(self, epoch: int, last_ended: int) -> None:
         """``ValueError`` unless ``end_epoch(epoch)`` goes forward: after ``last_ended`` (the
         manager's clock) and after every live checkpoint of this run. Saving ``epoch`` deletes

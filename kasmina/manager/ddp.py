@@ -328,7 +328,6 @@ class DistributedKasmina:
         )
         manager.grad_sync = self.seed_grads
         manager.command_relay = self.coordinator.submit
-        manager.state.multi_rank = True
         manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
 
     @property
@@ -353,10 +352,7 @@ class DistributedKasmina:
         # (up to rounding) at no per-step cost. Before the commands apply, the seeds that ran
         # this epoch are the ones in a running stage.
         self.seed_buffers(running_kernel_buffers(self.manager.require_registry()))
-        result = self.coordinator.sync_epoch(epoch)
-        # The ranks agree on the state now: a rollback's abandoned checkpoints go from disk.
-        self.manager.state.checkpoints.forget_abandoned()
-        return result
+        return self.coordinator.sync_epoch(epoch)
 
     def close(self) -> None:
         """Detach from the manager (its door and step work single-process again); commands
@@ -365,7 +361,6 @@ class DistributedKasmina:
             self.manager.command_relay = None
         if self.manager.grad_sync is self.seed_grads:
             self.manager.grad_sync = None
-            self.manager.state.multi_rank = False
         dropping = self.manager.intake.also_dropping
         if self.coordinator.drop_pending in dropping:
             dropping.remove(self.coordinator.drop_pending)

@@ -207,8 +207,6 @@ def restore_epoch(
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
         registry.model.zero_grad(set_to_none=True)
         registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
-    if not state.multi_rank:  # on disk now: a crash before the next save keeps the rollback
-        store.forget_abandoned()
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:
         return ""

@@ -186,9 +186,6 @@ class ManagerState:
     perf: dict[str, LatencyStats] = field(default_factory=_timers)
     dormant_overhead_us: float = math.nan
     closed: bool = False  # manager.close() was called
-    # One rank of several (``DistributedKasmina``): a rollback's abandoned checkpoints are
-    # deleted once the ranks agreed on the state (the sync), not where one rank applied it.
-    multi_rank: bool = False
     _checkpoints: CheckpointStore | None = field(default=None, init=False, repr=False)
     _checkpoint_signer: CheckpointSigner | None = field(default=None, init=False, repr=False)
     # Held while the store (and its signer) is opened on first use: a health thread listing

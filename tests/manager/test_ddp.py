@@ -607,7 +607,6 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
     names = ("source", "repaired")
     rigs = {name: Rig(make_config(tmp_path / name, store), keyring) for name in names}
     for rig in rigs.values():
-        rig.manager.state.multi_rank = True  # two ranks: the sync's verdict drops checkpoints
         for epoch in range(4):
             rig.train(1)
             rig.manager.end_epoch(epoch)
@@ -643,26 +642,6 @@ def test_a_kernel_that_cannot_be_fetched_is_refused_before_anything_changes(
     assert "could not prepare it" in result.commands[0].reason
     assert rig.stage(SEED0) == S.DORMANT
     assert rig.manager.handler.stats["failed"] == 1
-
-
-def test_a_rollback_agreed_at_a_sync_deletes_its_abandoned_checkpoints_there(
-    tmp_path, store, keyring
-) -> None:
-    """Kept on disk until the next epoch's save, the abandoned timeline's checkpoints were the
-    newest a trainer restarted after a crash found, and rolling back to them undid the
-    rollback. A rank deletes them once the ranks agreed (a rank whose own rollback the
-    majority overturned keeps its checkpoints)."""
-    rig = Rig(make_config(tmp_path, store), keyring)
-    dk = DistributedKasmina(rig.manager)
-    for epoch in range(4):
-        rig.train(1)
-        rig.manager.end_epoch(epoch)
-        dk.sync_epoch(epoch)
-    assert dk.submit(rig.signed(make_rollback_command(1)))
-    assert dk.sync_epoch(4).outcomes == (True,)
-    assert rig.manager.checkpoints.epochs() == [0, 1]
-    dk.close()
-    rig.manager.close()
 
 
 def test_a_kernel_fetched_by_the_prepare_counts_one_miss_and_no_hit(

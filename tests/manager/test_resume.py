@@ -219,27 +219,3 @@ def test_saved_host_shapes_that_do_not_fit_their_slot_are_dropped(rig: Rig) -> N
     ):
         assert parse_host_shapes({slot: bad}, registry) == {}, bad
     assert parse_host_shapes(None, registry) == {} and parse_host_shapes([good], registry) == {}
-
-
-def test_a_process_that_dies_after_a_rollback_resumes_on_its_timeline(
-    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
-) -> None:
-    """A ROLLBACK to epoch 1 from epoch 3 kept checkpoints 2 and 3 on disk until the next
-    epoch's save. Killed before that save, the process left them the newest, and its restart,
-    rolling back to the newest, brought back the seed the rollback had removed."""
-    config = make_config(tmp_path, store)
-    first = Rig(config, keyring)
-    for epoch in range(4):
-        if epoch == 2:
-            assert first.send("germinate", SEED0, mlp)
-        first.train(1)
-        first.manager.end_epoch(epoch)
-    assert rollback(first.manager, keyring, 1) and first.stage(SEED0) == S.DORMANT
-    assert first.manager.checkpoints.epochs() == [0, 1]
-    first.train(1)
-    first.manager.close()  # a crash: nothing more was saved
-    second = Rig(config, keyring)
-    newest = second.manager.checkpoints.latest_epoch()
-    assert newest == 1 and rollback(second.manager, keyring, newest)
-    assert second.stage(SEED0) == S.DORMANT
-    second.manager.close()
