@@ -162,8 +162,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """``kasmina.attach`` the targets (one shared state table), then ``register`` them; if
         that fails, the slots come off again. ``targets``, ``chunk_dim`` and ``output_index``
         mean what they mean for ``kasmina.attach``. The slots record their host's output on the
-        first forward, eager or compiled, and GERMINATE checks an artifact against that record.
-        """
+        first forward, eager or compiled, and GERMINATE checks an artifact against that record."""
         self.state.require_no_model()
         kd = self.config.kd if self.config.kd_enabled else None
         slots = attach(
@@ -202,8 +201,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         (or a GERMINATE's ``learning_rate``). A group added to the host optimizer later (its
         ``add_param_group``) is checked and taken up at the next ``step()`` (design.md §4)."""
         self.state.require_no_model()
-        host_lr = check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr)
-        check_device(model, self.config.torch_device)  # where GERMINATE will load the kernels
+        device = self.config.torch_device  # where GERMINATE will load the kernels
+        check_device(model, device)
+        host_lr = check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr, device)
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
         slots = slots or kasmina_layers(model)
         registry = SlotRegistry(model, slots, self.execution.on_transition, self.telemetry)
@@ -513,15 +513,12 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         its step: ``apply_pending``), write the epoch checkpoint if ``epoch`` is on the cadence
         (``config.checkpoint_every_epochs``; none with ``checkpoint_mode="off"``), then tick the
         lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
-        telemetry packet (returned).
-
-        ``epoch`` must be after the last epoch ended and after the run's live checkpoints
-        (``ValueError``, nothing changed; a restarted trainer rolls back first), checked again
-        once the queued commands are applied (a ROLLBACK moves the clock). The checkpoint (the
-        state just before this boundary, marked so that a rollback replays the boundary) is
-        written before the boundary's tick, so a failed or interrupted write raises with the
-        tick, epoch and metrics as they were, and the same call may be made again (the queued
-        commands are applied, as at any safe point); a Ctrl-C waits out the tick."""
+        telemetry packet (returned). ``epoch`` must be after the last epoch ended and after the
+        run's live checkpoints (``ValueError``, nothing changed; a restarted trainer rolls back
+        first), checked again once the commands applied (a ROLLBACK moves the clock). The
+        checkpoint (the state before this boundary, marked for a rollback to replay it) is written
+        before the tick: a failed or interrupted write raises with tick, epoch and metrics as
+        they were, and the call may be made again; a Ctrl-C waits out the tick."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
         metrics, state = epoch_metrics(val_metrics), self.state  # checked before any change
@@ -531,6 +528,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.intake.apply_pending(graph_open=state.graph_open())  # the epoch's commands first
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
+            state.require_registry(training=True)  # a close() on another thread came first
             checkpoints.check_next_epoch(epoch, state.epoch)
             if checkpoints.is_due(epoch):
                 checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
@@ -573,9 +571,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.guard.add_external(host_model, seed_model, seed_id, on_quarantine)
 
     def check_gradient_isolation(self) -> bool:
-        """Verify this step (seed-only KD leaks, isolated seeds' graphs, debug monitors; each
-        violation counts toward its seed's breaker): True when clean so far; else the host takes
-        no step on its gradients at the next ``step()`` (which calls it)."""
+        """Verify this step (seed-only KD leaks, isolated seeds' graphs, debug monitors): True
+        when clean so far; else the host takes no step at the next ``step()`` (which calls it)."""
         return self.guard.check(self.require_registry())
 
     def __exit__(self, *exc_info: object) -> None:
@@ -585,12 +582,15 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Drop queued commands, report pending rejections, close its own Urza client (not a
         caller's), the nonce ledger, checkpoint store (run lock) and JSONL file, unhook the model;
         later calls raise. On another thread it waits out the step or command in flight."""
+        if self._owns_client:  # first, lock-free: a fetch may run under the lock (execute's)
+            try:
+                self.urza_client.close()
+            except Exception:  # the rest is closed whatever this raised
+                logger.exception("closing the manager's Urza client raised")
         with self._lock:
             self.state.closed = True
             try:
                 self.intake.drop_pending()
-                if self._owns_client:
-                    self.urza_client.close()
                 self.handler.flush_rejections(force=True)
                 self.verifier.close()
             finally:

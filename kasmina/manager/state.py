@@ -57,14 +57,19 @@ def _timers() -> dict[str, LatencyStats]:
 
 
 def check_optimizer(
-    cls: type[torch.optim.Optimizer], seed_lr: object, options: dict[str, Any], host_lr: object
+    cls: type[torch.optim.Optimizer],
+    seed_lr: object,
+    options: dict[str, Any],
+    host_lr: object,
+    device: torch.device | None = None,
 ) -> float | torch.Tensor | None:
     """Refuse at ``register`` what a GERMINATE would meet only when it builds a seed's
     optimizer (each one failed as an "internal error"): a class that is not an optimizer's, a
     learning rate that is not a finite number > 0 (a bool, inf, a string) and options ``cls``
     does not take (a typo), built once here on a throwaway parameter, and a class that cannot
     ``step()`` as the manager steps it, without a closure, on a dense gradient (``LBFGS``,
-    ``SparseAdam``: every step raised), stepped once there. ``host_lr`` (None: no
+    ``SparseAdam``: every step raised), stepped once there, on ``device`` when it is a GPU
+    (``capturable=True`` steps only there). ``host_lr`` (None: no
     host optimizer) is held to the same rule, a one-element tensor (torch.optim takes one) by
     its value; returned as the host optimizer takes it: a NumPy or ``Fraction`` rate as a
     Python float (checkpoints are read with ``weights_only=True``, which refuses a NumPy
@@ -79,12 +84,13 @@ def check_optimizer(
     lr = _checked_lr("seed_lr", seed_lr)
     if isinstance(lr, torch.Tensor):
         lr = lr.item()
-    param = torch.zeros(1, requires_grad=True)
+    on = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    param = torch.zeros(1, requires_grad=True, device=on)
     try:
         optimizer = cls([param], lr=lr, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the seeds' optimizer {cls.__name__} refuses {options}: {exc}") from exc
-    param.grad = torch.zeros(1)
+    param.grad = torch.zeros(1, device=on)
     try:
         optimizer.step()
     except Exception as exc:

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.utils.checkpoint
 from torch.nn import functional as F
@@ -507,3 +508,27 @@ def test_a_teacher_loaded_on_another_thread_is_swapped_in_between_commands(
     loader.join(10.0)
     assert outcome.ok and manager.teacher is not None
     assert times["teacher"] >= times["command"]
+
+
+def test_an_epoch_end_a_close_overtakes_writes_nothing(rig: Rig, monkeypatch) -> None:
+    """``end_epoch`` opens the store and applies the queued commands before it takes the lock;
+    a ``close()`` on another thread in between then released the run lock, and the epoch's
+    checkpoint was still written into the closed store, its clock ticked."""
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)
+    apply_pending = manager.intake.apply_pending
+
+    def closed_meanwhile(**kwargs):
+        closer = threading.Thread(target=manager.close)
+        closer.start()
+        closer.join(10.0)
+        return apply_pending(**kwargs)
+
+    rig.train(1)
+    monkeypatch.setattr(manager.intake, "apply_pending", closed_meanwhile)
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.end_epoch(1)
+    assert manager.epoch == 0
+    written = sorted(p.name for p in Path(manager.config.checkpoint_dir).glob("*.ckpt"))
+    assert len(written) == 1 and "epoch_00000000" in written[0]

@@ -393,3 +393,21 @@ def test_a_symlink_loop_or_a_nul_in_a_path_is_a_value_error_naming_it(tmp_path) 
     for field in ("nonce_ledger", "checkpoint_dir", "teacher_checkpoint_path"):
         with pytest.raises(ValueError, match=field):
             KasminaConfig(runs_root=str(tmp_path / "runs"), **{field: "a\0b"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_optimizer_trial_step_runs_on_the_kernels_gpu(tmp_path) -> None:
+    """``capturable=True`` steps only on a GPU: a trial step on a CPU parameter refused it
+    for a CUDA model that trains with it."""
+    from torch import nn
+
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    config = KasminaConfig(
+        device="cuda", urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs")
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(4, 4)).cuda()
+    assert manager.attach(model, "0", 2, 2, capturable=True)
+    manager.close()

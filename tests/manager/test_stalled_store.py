@@ -97,3 +97,34 @@ def test_close_ends_an_in_flight_fetch(tmp_path: Path, store: Path, keyring: Key
         assert server.payload_requests == 1  # no retry began after close
         assert rig.stage(SEED0) == S.DORMANT
     wait_for_io_threads(0)
+
+
+def test_close_ends_a_fetch_that_runs_under_the_managers_lock(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+):
+    """``manager.execute`` fetches a GERMINATE's kernel on the training thread, holding the
+    manager's lock. ``close()`` on another thread took that lock before it closed the store
+    client, so it waited for the fetch to run its read timeout and retries out."""
+    from kasmina.control.commands import to_kasmina_command
+
+    with StalledServer(store) as server:
+        config = make_config(
+            tmp_path, store, urza_url=server.url, urza_timeout_s=30.0, urza_retries=3,
+            urza_backoff_s=0.1,
+        )  # fmt: skip
+        rig = Rig(config, keyring)
+        manager = rig.manager
+        rig.train(1)
+        cmd = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=120.0))
+        trainer = threading.Thread(target=manager.execute, args=(cmd,))
+        trainer.start()
+        server.wait_for_payload_requests(1)
+        started = time.monotonic()
+        manager.close()
+        closed_in = time.monotonic() - started
+        trainer.join(timeout=30)
+        assert not trainer.is_alive()
+        assert closed_in < 10.0, closed_in  # the read's own timeout is 30 s
+        assert server.payload_requests == 1  # no retry began after close
+        assert rig.stage(SEED0) == S.DORMANT
+    wait_for_io_threads(0)
