@@ -76,10 +76,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     then, and a failure while writing leaves any previous file at ``path`` as it was. A
     ``torch.compile`` of the model is saved as the model it compiled (:func:`uncompiled`).
 
-    It reads the live model: call it on the training thread between steps. A lifecycle change
-    while it reads (a command a manager applied on the training thread, met by a save on
-    another thread) is a ``SavedModelError``, nothing written: the file would hold a seed's
-    kernel from before the change and its state from after, which ``kasmina.load`` refuses.
+    It reads the live model: call it on the training thread between steps. A change of a seed's
+    stage or kernel while it reads (a command a manager applied on the training thread, met by a
+    save on another thread) is a ``SavedModelError``, nothing written: the file would hold a
+    seed's kernel from before the change and its state from after, which ``kasmina.load``
+    refuses. Weights rewritten in place meanwhile (a step) it cannot see.
     """
     model = uncompiled(model)
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]

@@ -77,6 +77,34 @@ def test_a_step_found_leaking_leaves_a_trainers_own_host_optimizer_nothing_to_ap
     assert manager.step()["isolation_clean"] and weight.grad is not None  # the next one is
 
 
+def test_the_readme_grad_scaler_recipe_with_an_own_host_optimizer_survives_a_leak(
+    tmp_path, store, keyring: Keyring, mlp
+) -> None:
+    """``scaler.step`` asserts that ``unscale_`` recorded an inf check, which a step whose
+    gradients were dropped gives none: the README's order (unscale every optimizer, the
+    trainer's own included, before ``manager.step()``) keeps a contained leak from raising."""
+    config = make_config(tmp_path, store, guard_seed_backward=False)
+    rig = Rig(config, keyring, host_lr=None)
+    manager = rig.manager
+    own = torch.optim.SGD(manager.require_registry().host_params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert rig.send("germinate", SEED0, mlp)
+    kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+    forward = kernel.forward
+    for leak in (True, False):
+        kernel.forward = (lambda x: forward(x) + 0.1 * weight.sum()) if leak else forward
+        before = weight.detach().clone()
+        manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)))
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        scaler.unscale_(own)
+        assert manager.step()["isolation_clean"] is not leak
+        scaler.step(own)
+        scaler.update()
+        own.zero_grad()
+        assert torch.equal(weight, before) is leak
+
+
 class FrozenOut(Host):
     """The slot's layer frozen at attach, to be unfrozen later (gradual unfreezing)."""
 
