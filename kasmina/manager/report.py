@@ -330,11 +330,12 @@ class ManagerReport:
         ``handle_adaptation_command`` takes on arrival (parse, verify, validate, queue); command
         latency is the time a command takes to apply at its safe point."""
         state = self.state
-        # Only once a step named the training thread: before it, the registering thread is a
-        # guess, and a trainer of its own may be running forwards (an exporter attached them).
+        # Only once a step of this process named the training thread (the clock will not do: a
+        # restarted trainer's ROLLBACK sets it): before, the registering thread is a guess, and
+        # a trainer of its own may be running forwards (an exporter attached them).
         if (
             math.isnan(state.dormant_overhead_us)
-            and state.global_step
+            and state.perf["step"].count
             and self._on_training_thread()
         ):
             self.measure_dormant_overhead()  # elsewhere a read: NaN until end_epoch measures

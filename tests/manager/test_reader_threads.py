@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kasmina.manager import checkpoints as checkpoints_module
 from kasmina.manager import state as state_module
-from tests.manager.helpers import Rig, make_config
+from tests.manager.helpers import Rig, make_config, run_command
 
 
 def on_thread(fn):
@@ -123,3 +123,25 @@ def test_the_full_packet_is_read_under_the_managers_lock(rig: Rig) -> None:
 @pytest.fixture(autouse=True)
 def _quiet_rig_logs(caplog):
     caplog.set_level(logging.ERROR, logger="kasmina.manager.executor")
+
+
+def test_a_restarted_trainers_rollback_does_not_name_the_training_thread(
+    tmp_path, store, keyring
+) -> None:
+    """The clock a ROLLBACK restores made ``global_step`` > 0 before this process stepped, so
+    an exporter on the registering thread measured the live model under a trainer thread."""
+    from kasmina.control.commands import make_rollback_command
+
+    config = make_config(tmp_path, store)
+    first = Rig(config, keyring)
+    first.train(2)
+    first.manager.end_epoch(0)
+    first.manager.close()
+    second = Rig(config, keyring)
+    assert run_command(second.manager, second.signed(make_rollback_command(0)))
+    assert second.manager.global_step == 2
+    calls: list[int] = []
+    second.slot.host.register_forward_hook(lambda *_: calls.append(1))
+    assert math.isnan(second.manager.get_performance_metrics()["dormant_overhead_us"])
+    assert calls == []
+    second.manager.close()
