@@ -298,7 +298,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             raise CLIError("--builtin needs --dim (the chunk width)")
         if args.hidden is not None and not blueprint.has_hidden:
             raise CLIError(f"--hidden: {blueprint.name} has no hidden width")
-        _check_builtin_size(blueprint, args)
+        _check_builtin_size(blueprint, args, dtype)
         shape = _parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
         name = args.blueprint or blueprint.name
         _check_example_size(shape, dtype)
@@ -320,12 +320,12 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as exc:
         raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
     module.eval()
-    if args.builtin:
-        module.to(dtype)  # its parameters in the dtype its input is: the kernel runs in it
     try:  # an artifact signed as taking this input must run on it (the export did not check)
+        if args.builtin:
+            module.to(dtype)  # its parameters in the dtype its input is: the kernel runs in it
         with torch.no_grad():
             module(example)
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (Exception, MemoryError) as exc:  # the user's forward: any error, one line
         raise CLIError(
             f"{name} does not run on a {args.dtype} input of shape {list(shape)}: "
             f"{one_line(exc)[:300]}"
@@ -353,9 +353,9 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace) -> None:
-    """Refuse a ``--builtin`` module whose parameters exceed ``MAX_BUILD_BYTES``, measured on
-    the meta device, where nothing is allocated."""
+def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Refuse a ``--builtin`` module whose parameters, in ``dtype`` (what it is published in),
+    exceed ``MAX_BUILD_BYTES``, measured on the meta device, where nothing is allocated."""
     import torch
 
     widths = f"--dim {args.dim}" + (f" --hidden {args.hidden}" if args.hidden else "")
@@ -364,7 +364,7 @@ def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace) -> None:
             probe = blueprint.build(args.dim, args.hidden)
     except (RuntimeError, OverflowError, TypeError) as exc:  # sizes torch cannot index
         raise CLIError(f"{blueprint.name} with {widths} is too large: {one_line(exc)}") from None
-    size = sum(p.numel() * p.element_size() for p in probe.parameters())
+    size = sum(p.numel() * dtype.itemsize for p in probe.parameters())
     if size > MAX_BUILD_BYTES:
         raise CLIError(
             f"{blueprint.name} with {widths} would have {size} bytes of parameters, above "

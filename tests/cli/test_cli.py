@@ -622,6 +622,11 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
             + ["--hidden", "99999999999999"],
             "bytes of parameters, above",
         ),
+        (  # 640 MB in float32, over the 1 GiB a client fetches in the float64 it is built in
+            ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
+            + ["--hidden", "20000000", "--dtype", "float64"],
+            "bytes of parameters, above",
+        ),
         (
             ["urza", "publish", *PUB, "--factory", "torch.nn:Identity"]
             + ["--input-shape", "99999999999,99999999"],
@@ -670,6 +675,8 @@ def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsy
         ("torch.nn:CosineSimilarity", "CosineSimilarity does not run on a float32 input"),
         # torch prints the partial graph of a data-dependent branch to stderr itself.
         ("branchy_seed_mod:Branchy", "torch.export failed"),
+        # Any error of the forward on its example is one line, not a traceback.
+        ("branchy_seed_mod:Indexy", "Indexy does not run on a float32 input of shape [2, 3]"),
     ],
 )
 def test_publish_errors_in_the_users_factory_are_one_line(
@@ -681,6 +688,9 @@ def test_publish_errors_in_the_users_factory_are_one_line(
         "class Branchy(torch.nn.Module):\n"
         "    def forward(self, x):\n"
         "        return x if x.sum() > 0 else -x\n"
+        "class Indexy(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return [x][1]\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
