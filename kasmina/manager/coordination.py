@@ -165,8 +165,10 @@ class ManagerApplier:
         self._fetched: dict[str, Future[Any]] = {}
 
     def begin_sync(self) -> None:
-        """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them."""
+        """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them (and the
+        fetches of an earlier sync that never applied are no command's)."""
         self._prepare_started = self._prepare_deadline = None
+        self._fetched = {}
 
     def prepare(self, command: KasminaCommand) -> str:
         seed = command.seed
@@ -238,12 +240,13 @@ class ManagerApplier:
         return fetch
 
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
+        fetched = self._fetched
         self.begin_sync()  # every prepare of this sync is done
-        fetched, self._fetched = self._fetched, {}
         queued: set[int] = set()
         for command in commands:
             seed = command.seed
-            fetch = fetched.pop(seed.artifact_id, None) if seed is not None else None
+            germinate = seed is not None and seed.operation == _GERMINATE
+            fetch = fetched.pop(seed.artifact_id, None) if germinate else None
             if self.intake.queue.submit(command, fetch):
                 queued.add(id(command))
             else:

@@ -662,6 +662,26 @@ def test_a_kernel_fetched_by_the_prepare_counts_one_miss_and_no_hit(
     rig.manager.close()
 
 
+def test_a_fetch_of_a_sync_that_never_applied_is_no_later_commands(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """A prepare's fetch is handed to the GERMINATE of its own sync only: one that raised
+    between its prepares and ``apply`` left it for a later sync's command, which then took a
+    kernel it never fetched as its own miss."""
+    from kasmina.control.commands import to_kasmina_command
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    applier = ManagerApplier(rig.manager.intake, rig.manager.report)
+    cache = rig.manager.kernel_cache
+    first = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=60.0))
+    assert applier.prepare(first) == ""  # fetched: one miss
+    applier.begin_sync()  # that sync raised before apply; the next begins
+    later = to_kasmina_command(make_seed_command("germinate", SEED1, mlp, timeout_s=60.0))
+    assert applier.apply([later]) == [(True, "")]
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (1, 1)  # cached by then: a hit
+    rig.manager.close()
+
+
 def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring, mlp) -> None:
     """A fetch that outlasts the bound (its store ignores the deadline) is answered with a
     refusal at the bound; later prepares of the same sync get what is left of it (nothing),
