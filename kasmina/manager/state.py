@@ -28,6 +28,7 @@ from kasmina.ops.backend import check_positive, check_real
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import CheckpointSigner, unsaveable
 from kasmina.utils.telemetry import TelemetryReporter
 
@@ -312,8 +313,12 @@ class ManagerState:
         score = check_real("gate score", score)
         if not math.isfinite(score):
             raise ValueError(f"gate score must be finite, got {score}")
-        logger.warning("record_gate_score(%s): reported only; G5 uses evaluate_seeds'", seed_id)
-        self.require_registry()[seed_id].seed.gate_score = float(score)
+        record = self.require_registry()[seed_id]
+        self.counters["gate_scores_recorded"] += 1  # a trainer may record one every step
+        n = self.counters["gate_scores_recorded"]
+        logger.log(rarely(n, 1000), "record_gate_score(%s): reported only; G5 uses "
+                   "evaluate_seeds' [%d recorded so far]", seed_id, n)  # fmt: skip
+        record.seed.gate_score = float(score)
 
 
 def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:

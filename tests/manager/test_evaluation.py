@@ -700,3 +700,16 @@ def test_an_empty_batch_keeps_g3s_probe_and_the_slots_record(
     rig.model.train()
     assert record.seed.probe_result.output.numel() > 0
     assert not manager.execution.evaluate_gate(record, S.GRAFTING).passed
+
+
+def test_a_gate_score_recorded_every_step_warns_rarely(rig: Rig, caplog) -> None:
+    """``record_gate_score`` warned on every call: a trainer recording one per step flooded
+    the log. The first call warns, later ones are counted and logged at DEBUG."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="kasmina"):
+        for score in (0.1, 0.2, 0.3):
+            rig.manager.record_gate_score(SEED0, score)
+    said = [r for r in caplog.records if "record_gate_score" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert rig.manager.seed(SEED0).gate_score == 0.3
