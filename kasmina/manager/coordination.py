@@ -61,13 +61,21 @@ class ManagerReplica:
     tensors and plain containers only) and loads it with the rollback's restore, which
     re-attaches the kernels the source holds, rebuilds the optimizers, loads the tracked
     objects (``manager.track``; not checksummed) and changes nothing if any part fails.
+    Snapshot and repair run under ``lock``, the manager's: a ``close()`` or a command on
+    another thread waits for them, and a closed manager is not repaired (``RuntimeError``).
     """
 
     def __init__(
-        self, state: ManagerState, guard: IsolationGuard, *, include_host: bool = True
+        self,
+        state: ManagerState,
+        guard: IsolationGuard,
+        *,
+        lock: threading.RLock,
+        include_host: bool = True,
     ) -> None:
         self.state = state
         self.guard = guard
+        self.lock = lock
         self.include_host = include_host
 
     def checksum(self) -> int:
@@ -98,8 +106,9 @@ class ManagerReplica:
 
     def export_state(self) -> bytes:
         state = self.state
-        shipped = snapshot(state, state.epoch)
-        shipped["extra"]["abandoned_after"] = state.checkpoints.abandoned_after  # its timeline
+        with self.lock:
+            shipped = snapshot(state, state.epoch)
+            shipped["extra"]["abandoned_after"] = state.checkpoints.abandoned_after  # its timeline
         buf = io.BytesIO()
         torch.save(shipped, buf)
         return buf.getvalue()
@@ -115,14 +124,16 @@ class ManagerReplica:
             raise ValueError(f"a replica payload's abandoned_after is {after!r}, no int")
         store = MemoryCheckpointStore(run_id=state.config.run_id, max_rollback_epochs=0)
         store.save(key, checkpoint)  # restored from a store holding just the source's snapshot
-        live = state._checkpoints
-        state._checkpoints = store
-        try:
-            with training_tensors():  # a repair in a sync under inference_mode: still trainable
-                restore_epoch(state, self.guard, key)
-        finally:
-            state._checkpoints = live
-        live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now
+        with self.lock:  # a close() on another thread waits, or came first and is refused
+            state.require_registry(training=True)
+            live = state.checkpoints
+            state._checkpoints = store
+            try:
+                with training_tensors():  # a repair in a sync under inference_mode: trainable
+                    restore_epoch(state, self.guard, key)
+            finally:
+                state._checkpoints = live
+            live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now
 
 
 class ManagerApplier:

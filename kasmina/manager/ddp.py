@@ -311,7 +311,9 @@ class DistributedKasmina:
         self.seed_buffers = BufferAverage(
             group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
         )
-        self.replica = ManagerReplica(manager.state, manager.guard, include_host=check_host)
+        self.replica = ManagerReplica(
+            manager.state, manager.guard, lock=manager.intake.lock, include_host=check_host
+        )
         # The other ranks wait in a collective while this one prepares: half the process
         # group's timeout leaves the rest of the sync room to answer in time.
         prepare_s = collective_timeout_s(group) * PREPARE_SHARE if _distributed() else None

@@ -613,8 +613,9 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
     rolled = rigs[rolled_back]
     assert _rollback(rolled, 1)
     source, repaired = rigs["source"].manager, rigs["repaired"].manager
-    replica = ManagerReplica(repaired.state, repaired.guard)
-    replica.import_state(ManagerReplica(source.state, source.guard).export_state())
+    replica = ManagerReplica(repaired.state, repaired.guard, lock=repaired.intake.lock)
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    replica.import_state(sent)
     assert repaired.checkpoints.abandoned_after == source.checkpoints.abandoned_after
     assert repaired.epoch == source.epoch
     next_epoch = source.epoch + 1
@@ -852,6 +853,50 @@ def test_a_replica_snapshot_repairs_a_manager_in_one_process(tmp_path, store, ke
     dk.replica.import_state(payload)
     assert dk.replica.checksum() == good and rig.stage(SEED0) == S.ISOLATED_INIT
     rig.train(1)  # and it trains on
+
+
+def test_a_repair_runs_under_the_managers_lock_and_never_on_a_closed_manager(
+    tmp_path, store, keyring, mlp, monkeypatch
+) -> None:
+    """A repair restored weights, kernels and optimizers outside the manager's lock, so a
+    ``close()`` (or a command) on another thread ran in the middle of it, and a repair after
+    a ``close()`` restored into the closed manager."""
+    import kasmina.manager.coordination as coordination
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    dk.sync_epoch(0)
+    rig.train(1)
+    payload, restore, held = dk.replica.export_state(), coordination.restore_epoch, []
+
+    def other_thread_can_take_the_lock() -> bool:
+        took: list[bool] = []
+
+        def attempt() -> None:
+            took.append(rig.manager.intake.lock.acquire(blocking=False))
+            if took[0]:
+                rig.manager.intake.lock.release()
+
+        thread = threading.Thread(target=attempt)
+        thread.start()
+        thread.join()
+        return took[0]
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        held.append(not other_thread_can_take_the_lock())
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(coordination, "restore_epoch", watched)
+    dk.replica.import_state(payload)
+    assert held == [True]
+    rig.train(1)
+    before = dk.replica.checksum()
+    rig.manager.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        dk.replica.import_state(payload)
+    assert held == [True]  # nothing restored
+    assert dk.replica.checksum() == before
 
 
 @pytest.mark.parametrize("where", ["seed weight", "host weight", "optimizer state"])
