@@ -124,8 +124,10 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
 class SeedGradientSync:
     """Averages live seeds' gradients across ranks; ``manager.step()`` calls it each step.
 
-    One step costs a 3-integer all-reduce (the layout check: every rank must be about to
-    average the same seeds, or sizes would mismatch and the collective would fail or hang) and
+    One step costs a 4-integer all-reduce (the layout check: every rank must be about to
+    average the same seeds, or sizes would mismatch and the collective would fail or hang; and
+    the isolation verdict, agreed: DDP averaged the host's gradients in the backward, so a leak
+    one rank found is in every rank's, and every rank skips the host's step) and
     then one all-reduce per bucket of at most ``bucket_cap_mb`` per dtype and device, all
     launched before the first is waited on. A layout that differs across ranks (a seed's stage
     changed on one rank only) skips the averaging for that step, is logged and counted
@@ -164,29 +166,35 @@ class SeedGradientSync:
             if p.requires_grad
         ]
 
-    def __call__(self) -> bool:
-        """Average now (a collective: every rank calls it at the same step); whether it did.
+    def __call__(self, clean: bool = True) -> tuple[bool, bool]:
+        """Average now (a collective: every rank calls it at the same step): whether it did,
+        and whether every rank's isolation check found the step ``clean``.
 
         A non-finite gradient entry counts as 0: a seed whose output fell back on one rank has
         a zero gradient there but for NaN where its kernel's backward met ``0 * inf``, and the
         ranks must all step on the same finite average (``settle_nonfinite`` then keeps it)."""
         if not _distributed():
-            return False
+            return False, clean
         world = dist.get_world_size(self.group)
         if world == 1:
-            return False
+            return False, clean
         started = time.perf_counter_ns()
         live = self.live_parameters()
         params = [p for _, p in live]
         layout = _layout_key(live)
         missing = any(p.grad is None for p in params)
         device = _device_for(params, self.group)
-        header = torch.tensor([layout, -layout, int(missing)], dtype=torch.int64, device=device)
+        header = torch.tensor(
+            [layout, -layout, int(missing), int(not clean)], dtype=torch.int64, device=device
+        )
         check = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         # Packed while the check is in flight; thrown away if the check says otherwise.
         packed = None if missing else self._pack(params)
         check.wait()
-        top, neg_bottom, any_missing = (int(v) for v in header.tolist())
+        top, neg_bottom, any_missing, any_leak = (int(v) for v in header.tolist())
+        if any_leak and clean:
+            self.stats["peer_leaks"] += 1  # this rank's host skips the step with the others
+        clean = not any_leak
         if top != layout or neg_bottom != -layout:
             # Every rank sees the mismatch in the same reduced header: all drop their seeds'
             # gradients alike, so no rank steps a seed on a gradient the others did not see.
@@ -200,9 +208,9 @@ class SeedGradientSync:
                 "the divergent rank",
                 self.stats["layout_mismatch"],
             )
-            return False
+            return False, clean
         if not params:
-            return False
+            return False, clean
         if any_missing:
             packed = self._pack(self._fill_missing(params, device))
         assert packed is not None
@@ -216,7 +224,7 @@ class SeedGradientSync:
         self.stats["steps"] += 1
         self.stats["buckets"] += len(handles)
         self.latency.add_ns(time.perf_counter_ns() - started)
-        return True
+        return True, clean
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""

@@ -216,11 +216,19 @@ class IsolationGuard:
         skips its step) or a trainer's own under ``attach(host_lr=None)``, stepped after
         ``manager.step()``."""
         clean = self._check(registry, kd_leaked) and self._step_clean
-        self._step_clean = True if end_of_step else clean
-        if end_of_step and not clean:
+        if end_of_step:
+            self.end_step(registry, clean)
+        else:
+            self._step_clean = clean
+        return clean
+
+    def end_step(self, registry: SlotRegistry, clean: bool) -> None:
+        """The step's verdict, as carried (``check``) and, across ranks, agreed: the next step
+        starts clean, and one not clean drops the host's gradients."""
+        self._step_clean = True
+        if not clean:
             for param in (*registry.host_params, *registry.added_host_params.values()):
                 param.grad = None
-        return clean
 
     def _check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None) -> bool:
         checks, self._kd_checks = self._kd_checks, []

@@ -137,12 +137,12 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             )  # fmt: skip
             config.hold()  # built (a constructor that raised left the config settable)
             undo.pop_all()  # from here on close() closes them
-        if self._jsonl is not None:  # last: bounded, rotated at ``cap``
-            telemetry.add_sink(self._jsonl)
+        if self._jsonl is not None:
+            telemetry.add_sink(self._jsonl)  # last: bounded, rotated at ``cap``
         self._last_teacher_input: torch.Tensor | None = None
-        # Set by DistributedKasmina (multi-rank): commands to its coordinator; seed grads averaged.
+        # Set by DistributedKasmina: commands to its coordinator; seed grads and verdict agreed.
         self.command_relay: Callable[[bytes], bool] | None = None
-        self.grad_sync: Callable[[], object] | None = None
+        self.grad_sync: Callable[[bool], tuple[bool, bool]] | None = None
 
     # ------------------------------------------------------------------ slots
     def attach(
@@ -259,8 +259,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         ``C`` contributing seeds (see ``kasmina.manager.evaluation``). Eval mode, no gradient,
         no global random numbers; no stage, alpha or weight changes. Call it at a safe point
         (between steps). Each seed keeps its evaluation (``seed.evaluation``, GATE_SCORE =
-        its score), and a ``seed.benefit`` event per seed goes to telemetry.
-        """
+        its score), and a ``seed.benefit`` event per seed goes to telemetry."""
         with self._lock:
             state = self.state
             registry = state.require_registry(training=True)
@@ -457,14 +456,15 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             registry = state.require_registry(training=True)  # check_held: before any change
             registry.take_host_groups(state.optimizers)  # a user's new groups, checked first
             optimizers = state.optimizers
-            # A collective: every rank, every step, before any checks; whether it averaged.
-            shared = self.grad_sync is not None and bool(self.grad_sync())
             # Every device flag of the step in one transfer: KD leak, seeds' non-finite, fault.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
             kd_flags, n = self.guard.kd_flags(), len(polled)
             seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
             values = read_flags([*kd_flags, *seed_flags])
-            clean = self.guard.check(registry, values[: len(kd_flags)], end_of_step=True)
+            clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
+            # A collective, every rank, every step: seed grads averaged (or not), verdict agreed.
+            shared, clean = self.grad_sync(clean) if self.grad_sync else (False, clean)
+            self.guard.end_step(registry, clean)
             read = values[len(kd_flags) :]
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id

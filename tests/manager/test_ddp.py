@@ -104,6 +104,7 @@ class Trainer:
         torch.nn.init.normal_(self.teacher.weight, generator=torch.Generator().manual_seed(9))
         self.teacher.to(self.device)
         self.results: list[Any] = []
+        self.host_stepped: list[bool] = []
         self.epoch = 0
 
     def train(self, steps: int = STEPS, drop_grad_of: str | None = None) -> None:
@@ -119,7 +120,7 @@ class Trainer:
             self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
             if drop_grad_of is not None:
                 self.manager.seed(drop_grad_of).seed_parameters()[0].grad = None
-            self.manager.step()
+            self.host_stepped.append(self.manager.step()["host_stepped"])
 
     def boundary(self, inference: bool = False) -> Any:
         """``inference``: the boundary inside the user's ``torch.inference_mode()`` block."""
@@ -306,6 +307,20 @@ def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
         handle.remove()
     t.train(1)
     t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.manager.close()
+
+
+def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0's isolation check finds a leak in one step; rank 1's finds none."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    guard, check = t.manager.guard, t.manager.guard._check
+    if rank == 0:
+        guard._check = lambda registry, kd_leaked: check(registry, kd_leaked) and False
+    t.train(1)
+    guard._check = check
+    t.train(1)
+    t.save(spec["out"], "leak", stepped=t.host_stepped[-2:])
     t.manager.close()
 
 
@@ -968,6 +983,21 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
     assert [run["faults"] for run in runs] == [1, 0]
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_leak_found_on_one_rank_skips_the_host_step_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """DDP averaged the host's gradients in the backward, so a leak one rank's check found is
+    in every rank's: that rank alone skipped the host's step, and the hosts split until the
+    next sync. The verdict is agreed in the step's collective; every rank skips."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_leak, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "leak", 2)
+    assert [run["stepped"] for run in runs] == [[False, True], [False, True]]
+    _assert_equal_states(runs)  # host weights included
+    assert [run["grads"].get("peer_leaks", 0) for run in runs] == [0, 1]
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
