@@ -130,7 +130,8 @@ def format_report(result: DemoResult) -> str:
         f"  ranks: {r.world_size}   rng seed: {r.seed}   wall time: {r.wall_s:.1f} s",
         "",
         "Test accuracy: every model on the same held-out test split; the hosts and the static",
-        f"net train {len(r.epochs)} epochs on the same batches with Adam",
+        f"net train {len(r.epochs)} epoch{'s' * (len(r.epochs) != 1)} on the same batches "
+        "with Adam",
         _row(
             "teacher: 128x128 MLP, distilled into the head's seeds (not a competitor)",
             r.teacher_test_acc,

@@ -207,6 +207,15 @@ def test_a_publishers_file_with_a_non_text_key_is_one_error_line(tmp_path, capsy
     assert_one_line_error(rc, err, "publisher 'ci'")
 
 
+@pytest.mark.parametrize("flag", ["--append", "--force"])
+def test_keygen_file_flags_without_a_file_are_refused(flag, capsys) -> None:
+    """``--append`` or ``--force`` without ``--out`` printed a new key and wrote nothing: the
+    user believed it added to (or replaced a key in) a keyring the trainers read."""
+    rc, out, err = run(capsys, "keygen", "--key-id", "a", flag)
+    assert_one_line_error(rc, err, flag, "--out")
+    assert out == ""
+
+
 def test_keygen_append_to_a_corrupt_file_is_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "keys.json"
     path.write_text("{not json")

@@ -44,6 +44,7 @@ def test_a_negative_replay_is_a_usage_error_naming_only_replay(tmp_path, capsys,
         ({"phase1_epochs": 0}, "phase1_epochs must be positive, got 0"),
         ({"scenario": "continual", "replay": -1}, "--replay must be 0 or more, got -1"),
         ({"replay": 3}, "--replay 3 applies only to --scenario continual"),
+        ({"nproc": 3}, "--nproc 3: the demo's batch of 64 does not split"),  # and what does
     ],
 )
 def test_each_config_error_names_only_its_own_setting(tmp_path, changes, message) -> None:
