@@ -131,15 +131,18 @@ class ManagerReport:
         for (gate, passed), count in sorted(state.gate_counts.items()):
             labels = {"gate": f"G{gate}", "passed": str(passed).lower()}
             metrics.append(("lifecycle.gate_results", float(count), _COUNTER, labels))
+        # The handler's counters since the start: ``commands.*``, never a name of an event
+        # (``command.rejected`` events carry counts since the last report, summed by readers).
         for key, count in sorted(command_stats.items()):
             name, _, reason = key.partition(":")
             labels = {"reason": reason} if reason else None
-            metrics.append((f"command.{name}", float(count), _COUNTER, labels))
+            name = f"{name}_by_reason" if reason else name  # the total is not one of its series
+            metrics.append((f"commands.{name}", float(count), _COUNTER, labels))
         for key, count in sorted(state.counters.items()):
             kind, _, result = key.rpartition(":")
             if result in ("ok", "refused"):
                 labels = {"kind": kind, "result": result}
-                metrics.append(("command.by_kind", float(count), _COUNTER, labels))
+                metrics.append(("commands.by_kind", float(count), _COUNTER, labels))
         metrics += self._isolation_metrics()
         metrics += self._seed_metrics()
         for key, value in sorted(state.val_metrics.items()):

@@ -398,10 +398,17 @@ def test_telemetry_every_step_and_epoch(tmp_path, store, keyring, mlp, caplog) -
     assert {"cache.hit_rate", "kernel.load_ms_last", "lifecycle.gates_passed"} <= names
     hit_rate = next(m.value for m in steps[-1].metrics if m.name == "cache.hit_rate")
     assert hit_rate == rig.manager.kernel_cache.stats()["hit_rate"] > 0
+    assert not rig.manager.handle_adaptation_command(b"junk")  # one rejection, malformed
     packet = rig.manager.end_epoch(0, {"accuracy": 0.5})
     assert isinstance(packet, TelemetryPacket) and rig.sink.packets[-1] is packet
     metrics = {(m.name, tuple(sorted(m.labels.items()))): m.value for m in packet.metrics}
-    assert metrics[("command.accepted", ())] == 2
+    assert metrics[("commands.accepted", ())] == 2
+    # A packet's counters never share a name with an event (``command.rejected`` events carry
+    # counts since the last report) nor a total with its own per-reason series.
+    assert not {name for name, _ in metrics} & {"command.rejected", "command.accepted"}
+    assert metrics[("commands.rejected", ())] == 1
+    by_reason = [v for (name, _), v in metrics.items() if name == "commands.rejected_by_reason"]
+    assert by_reason == [1]
     assert metrics[("lifecycle.gate_results", (("gate", "G1"), ("passed", "true")))] == 2
     assert metrics[("seeds.in_stage", (("stage", "ISOLATED_INIT"),))] == 2
     assert metrics[("val.accuracy", ())] == 0.5 and metrics[("kernel.loads", ())] == 1
