@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
+from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES
 
 __all__ = [
@@ -134,7 +134,9 @@ def seed_kd_loss(
     its maximum (one reduction that propagates NaN, no logits-sized temporary, no host sync), so
     one bad logit cannot turn every distilling seed's gradient into NaN. A ``-inf`` logit
     among finite ones is a class the teacher rules out (probability 0, as ``kd_kl_loss``
-    defines it): its row still teaches."""
+    defines it): its row still teaches. A float64 student (a slot of an fp64 model, in a
+    gradient check) takes the float64 reference, differentiable by autograd; a float64
+    teacher of a narrower student is read in fp32, as the kernel reads the others."""
     teacher = teacher.detach()
     if teacher.dim() == 0 or teacher.shape[-1] == 0:
         raise ValueError(f"teacher logits need a non-empty last dim, got {tuple(teacher.shape)}")
@@ -146,6 +148,12 @@ def seed_kd_loss(
             )
         if head_bias is not None:
             raise ValueError("head_bias needs head_weight")
+        if student.dtype == torch.float64:
+            return kd_kl_loss_reference(
+                student, teacher, config.temperature, config.reduction, rows_ok
+            )
+        if teacher.dtype == torch.float64:
+            teacher = teacher.float()
         return kd_kl_loss(student, teacher, config.temperature, config.reduction, rows_ok)
     return fused_linear_kd_loss(
         student,

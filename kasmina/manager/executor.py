@@ -333,11 +333,12 @@ class CommandExecution:
         chunk = slot.chunk_spec()
         if chunk is None:
             raise CommandRefused(
-                f"seed {record.seed_id}'s slot has not run a forward since attach (or since "
+                f"seed {record.seed_id}'s slot has recorded no forward since attach (or since "
                 "the model was moved or cast): the shape of its activations is unknown, so the "
                 "kernel cannot be checked against it; send GERMINATE after the first training "
-                "step or forward (a slot still unknown after one wraps a module its model never "
-                "calls, only reads the weight of: attach to the module that calls it)"
+                "step or forward (a module without parameters records none under torch.autocast"
+                ": run one forward outside it; one unknown after that wraps a module its model "
+                "never calls, only reads the weight of: attach to the module that calls it)"
             )
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())

@@ -31,7 +31,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
+from kasmina.seeds.outputs import ActivationSpec, activation_spec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
@@ -70,12 +70,6 @@ def _random(spec: ActivationSpec) -> torch.Tensor:
     shape, dtype, device = spec
     generator = torch.Generator(device=device).manual_seed(0)
     return torch.randn(shape, device=device, generator=generator).to(dtype)
-
-
-def _spec(value: object) -> ActivationSpec | None:
-    if isinstance(value, torch.Tensor):
-        return (value.shape, value.dtype, value.device)
-    return None
 
 
 class KernelHook:
@@ -155,7 +149,7 @@ class SeedRecord:
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 self.input_grad = True
         if args:
-            self.last_input = _spec(args[0]) or self.last_input
+            self.last_input = activation_spec(args[0]) or self.last_input
 
     def hook_kernel(self, kernel: nn.Module) -> None:
         """Put :meth:`capture` on ``kernel`` as a forward hook (``self.hook`` is its handle)."""
@@ -545,8 +539,13 @@ class SlotRegistry:
         process that has seen no forward (one resumed by a ROLLBACK) knows no such shape: then
         the one input its kernel's manifest declares, a dynamic dimension at 2, in the host's
         parameter dtype (that kernel passed GERMINATE's checks against the slot's recorded
-        activations in the run that grew it; GERMINATE itself never probes on these)."""
-        spec = record.last_input or self.chunk_spec(record)
+        activations in the run that grew it; GERMINATE itself never probes on these). The
+        probe runs outside ``torch.autocast``: a floating input seen under it (in autocast's
+        dtype) is probed in the chunk's recorded dtype, the host's outside autocast."""
+        chunk, spec = self.chunk_spec(record), record.last_input
+        if spec is not None and spec[1].is_floating_point:
+            spec = (spec[0], chunk[1] if chunk else _param_dtype(record.slot), spec[2])
+        spec = spec or chunk
         if spec is None and record.kernel is not None:
             declared = record.kernel.example_inputs()
             if len(declared) == 1:

@@ -104,8 +104,7 @@ class KasminaLayer(nn.Module):
     the element of a tuple, list or dataclass output the seeds apply to (``output_index_problem``).
     ``state``/``state_offset`` place the seeds in a shared table (``kasmina.attach`` does this);
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
-    seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults).
-    """
+    seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults)."""
 
     detached = False  # set once ``detach``/``merge`` took the slot out (SlotRegistry.check_held)
     _rank: int | None = None  # a conv's batched output rank (``outputs.batched_rank``)
@@ -247,8 +246,7 @@ class KasminaLayer(nn.Module):
         super().register_parameter(name, param)
 
     def _link_flags(self) -> None:
-        """Point each seed's flags at its elements of the layer's (again after a move, which
-        copies each buffer on its own)."""
+        """Point each seed's flags at the layer's (again after a move: each buffer copied)."""
         for k, seed in enumerate(self.seeds):
             seed._buffers["finite_flag"], seed._buffers["fault_flag"] = (
                 f[k] for f in self._flags()
@@ -298,6 +296,8 @@ class KasminaLayer(nn.Module):
         under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending). Returns how
         many KD losses earlier forwards left uncollected, counted and logged rarely: a skipped
         batch's, summed into the next collect unless discarded, or several views' (kept)."""
+        if teacher_logits is not None and not teacher_logits.is_floating_point():
+            raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
         uncollected = len(self._kd_losses) if teacher_logits is not None else 0
         if uncollected:
             self._sit_out("kd_uncollected", "KD loss of an earlier forward not collected yet")

@@ -111,7 +111,7 @@ def slot_record(
     if isinstance(element, torch.Tensor) and element.numel() == 0:
         return None  # an empty batch: G3 would count the host's cost per element on it
     contract = recorded_spec(element, host) or no_tensor_reason(out, element, index)
-    spec_in = activation_spec(dense(args[0])) if len(args) == 1 else None
+    spec_in = recorded_spec(dense(args[0]), host) if len(args) == 1 else None  # autocast's
     if before is not None:
         contract, spec_in = _shaped_as(before[0], contract), _shaped_as(before[1], spec_in)
     return contract, spec_in

@@ -204,3 +204,37 @@ def test_a_slot_with_a_float32_kd_head_distils_under_autocast() -> None:
         assert g.dtype == torch.float32
         assert (g.double() - w).abs().max() <= 3e-2 * w.abs().max() + 1e-4
     assert head.weight.grad is None
+
+
+def test_a_slots_teacher_logits_of_a_dtype_the_kernel_does_not_read() -> None:
+    """Teacher logits handed to a slot directly (``KasminaLayer.set_teacher_logits``) in
+    float64 or an integer dtype made the next training forward raise from inside the model;
+    float64 ones teach (read in fp32), integer ones are refused when they are handed over."""
+    layer, x = _kd_slot(), torch.randn(5, 4)
+    teacher = torch.randn(5, HIDDEN)
+    layer(x, teacher_logits=teacher)
+    want = layer.get_and_clear_kd_losses()
+    layer(x, teacher_logits=teacher.double())
+    torch.testing.assert_close(layer.get_and_clear_kd_losses(), want)
+    with pytest.raises(ValueError, match="floating point"):
+        layer.set_teacher_logits(teacher.round().long())
+
+
+def test_a_float64_slot_distils_in_float64() -> None:
+    """A slot of an fp64 model (a gradient check of a grown model) raised at every forward
+    that distilled: the op reads fp32, fp16 and bf16 only. Its KD is the float64 reference,
+    whose gradient autograd checks."""
+    layer = _kd_slot().double()
+    x, teacher = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, HIDDEN)
+    params = [p for s in layer.seeds for p in s.kernel.parameters()]
+    layer(x, teacher_logits=teacher)
+    loss = layer.get_and_clear_kd_losses()
+    assert loss.dtype == torch.float64
+    chunks = layer.host(x).detach().split(HIDDEN // 2, dim=-1)
+    students = torch.cat([s.kernel(c) for s, c in zip(layer.seeds, chunks, strict=True)], -1)
+    want = kd_kl_loss_reference(students, teacher.double(), temperature=2.0)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    got = torch.autograd.grad(loss, params)
+    expected = torch.autograd.grad(want, params)
+    for g, w in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

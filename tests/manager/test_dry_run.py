@@ -151,7 +151,7 @@ def test_a_germinate_before_the_slots_first_forward_is_refused(
     table = rig.slot.state_table.state_tensor.clone()
     assert not rig.send("germinate", SEED0, mlp)
     reason = manager.command_log[-1][3]
-    assert "out[0]'s slot has not run a forward since attach" in reason, reason
+    assert "out[0]'s slot has recorded no forward since attach" in reason, reason
     assert "send GERMINATE after the first training step or forward" in reason
     assert torch.equal(rig.slot.state_table.state_tensor, table)
     assert rig.stage(SEED0) == S.DORMANT and manager.seed(SEED0).kernel is None

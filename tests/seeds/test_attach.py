@@ -675,9 +675,11 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
     assert collect_kd_losses(model) is None and slot.sat_out == {"kd": 1}
     assert [seed.faults for seed in slot.seeds] == [0, 0]
     assert "teacher logits (3, 4) do not fit (3, 5, 4)" in caplog.text
-    slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # a caller's error is not sat out
-    with pytest.raises(ValueError, match="teacher_logits must be float32"):
-        model(torch.randn(3, 5, 4)[:, 0])
+    with pytest.raises(ValueError, match="teacher_logits must be floating point"):
+        slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # refused here, not in a forward
+    slot.set_teacher_logits(torch.randn(3, 5, 4, dtype=torch.float64))  # read in fp32
+    model(torch.randn(3, 5, 4)).sum().backward()
+    assert collect_kd_losses(model).dtype == torch.float32
 
 
 def test_a_slot_split_along_its_last_dimension_runs_its_seeds_at_any_rank() -> None:

@@ -1,0 +1,122 @@
+"""A training loop that keeps every forward under ``torch.autocast``: what Kasmina records and
+replays by itself (G3's probe, the dormant-overhead sample, GERMINATE's dry run) runs outside
+autocast, so it must be in the dtype the host computes in there, never autocast's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.manager.manager import KasminaKernelManager
+from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+
+
+def _train_under_autocast(rig: Rig, steps: int) -> None:
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        rig.manager.backward(loss, kd_loss=None)
+        rig.manager.step()
+
+
+def test_g3_probes_a_seed_in_the_hosts_dtype_not_autocasts(tmp_path, store, keyring, mlp) -> None:
+    """The kernel's input was last seen in bf16 (autocast's); G3's probe, outside autocast, fed
+    it that to an fp32 kernel, which raised: the seed was charged a fault per ADVANCE, and a
+    controller retrying quarantined a healthy seed."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    _train_under_autocast(rig, 2)
+    assert rig.send("germinate", SEED0, mlp)
+    _train_under_autocast(rig, 2)
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0)  # G2: to COMPATIBILITY_CHECK
+    assert rig.manager.require_registry()[SEED0].last_input[1] == torch.bfloat16
+    assert rig.send("advance", SEED0)  # G3 on its own probe: no forward since
+    assert rig.stage(SEED0) is S.GRAFTING and rig.manager.seed(SEED0).faults == 0
+
+
+def test_the_dormant_overhead_is_measured_after_autocast_forwards(tmp_path, store, keyring) -> None:
+    """The slot's input was recorded in bf16 and replayed outside autocast into the fp32
+    host: the measurement raised, and the figure stayed NaN for the whole run."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    _train_under_autocast(rig, 2)
+    assert rig.model.out.input_spec[1] == torch.float32
+    assert math.isfinite(rig.manager.get_performance_metrics()["dormant_overhead_us"])
+    rig.manager.close()
+
+
+class ActHost(nn.Module):
+    """A slot on a module without parameters (an activation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 4)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.inp(x))
+
+
+def test_a_slot_on_a_module_without_parameters_records_outside_autocast(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Every forward under autocast leaves such a slot unrecorded (its module has no dtype of
+    its own); GERMINATE's refusal said it had run no forward, and named no way out."""
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = ActHost()
+    manager.attach(model, "act", 2, 2, host_lr=0.05, seed_lr=0.05)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        manager.backward(loss, kd_loss=None)
+        manager.step()
+    germinate = make_seed_command("germinate", "act[0]", mlp)
+    raw = sign_command(germinate, keyring, "ctl").SerializeToString()
+    assert manager.handle_adaptation_command(raw)
+    (outcome,) = manager.apply_pending(wait=True)
+    assert not outcome.ok and "under torch.autocast" in outcome.reason, outcome.reason
+    with torch.no_grad():
+        model(x)  # one forward outside autocast: recorded
+    assert model.act.output_contract[1] == torch.float32
+    raw = sign_command(
+        make_seed_command("germinate", "act[0]", mlp), keyring, "ctl"
+    ).SerializeToString()
+    assert run_command(manager, raw)
+    manager.close()
+
+
+def test_the_readme_scaler_recipe_keeps_the_scaler_a_rollback_restored(rig: Rig) -> None:
+    """A ROLLBACK applied at ``step()``'s safe point restores a tracked GradScaler; the
+    recipe's ``scaler.update()`` after it then applied the abandoned step's overflow to the
+    restored scale. The README's recipe skips the update in such a step."""
+    manager = rig.manager
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    manager.track("scaler", scaler)
+
+    def step(overflow: bool = False) -> dict:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        manager.backward(scaler.scale(loss * (math.inf if overflow else 1.0)), kd_loss=None)
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        report = manager.step(grad_clip_norm=1.0)
+        if not any(o.ok and o.kind == "rollback" for o in report["commands"]):
+            scaler.update()  # else the scaler is the checkpoint's, as restored
+        return report
+
+    step()
+    manager.end_epoch(0)
+    saved = scaler.state_dict()
+    step()
+    step()
+    assert scaler.state_dict() != saved
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    report = step(overflow=True)  # the rollback applies at this step's safe point
+    assert [o.ok for o in report["commands"]] == [True]
+    assert scaler.state_dict() == saved
