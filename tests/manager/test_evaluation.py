@@ -474,9 +474,9 @@ def test_g3_decides_identically_on_a_busy_machine(rig: Rig, mlp) -> None:
 def test_g3_counts_costs_of_a_host_trained_under_autocast(
     tmp_path: Path, store: Path, keyring: Keyring, mlp
 ) -> None:
-    """Under ``torch.autocast`` the slot records its input in autocast's dtype; counting the
-    host's and the kernel's FLOPs outside autocast must still work, so G3's cost limit holds
-    whatever the training precision (the counts depend on shapes only)."""
+    """Under ``torch.autocast`` the slot saw its input in autocast's dtype and records the
+    host's own; counting the host's and the kernel's FLOPs outside autocast must work, so G3's
+    cost limit holds whatever the training precision (the counts depend on shapes only)."""
     rig = Rig(make_config(tmp_path, store), keyring, record=False)  # first forward: autocast
     manager = rig.manager
 
@@ -488,7 +488,7 @@ def test_g3_counts_costs_of_a_host_trained_under_autocast(
             manager.step()
 
     train(1)
-    assert rig.slot.input_spec[1] == torch.bfloat16  # what autocast handed the host
+    assert rig.slot.input_spec[1] == torch.float32  # the host's dtype, not autocast's bf16
     assert rig.send("germinate", SEED0, mlp)
     train(2)
     manager.end_epoch(0)
