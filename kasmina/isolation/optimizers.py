@@ -147,8 +147,7 @@ class IsolatedOptimizerManager:
         """Where commands find parameters: ``"host"``, a seed id, or ``"teacher"``.
 
         A command carries only names; the provider is called when the command runs, so it sees
-        the module as it is then (e.g. a seed whose kernel was attached after registration).
-        """
+        the module as it is then (e.g. a seed whose kernel was attached after registration)."""
         if not name or not callable(provider):
             raise ValueError("a parameter source needs a non-empty name and a callable")
         if name == TEACHER_SOURCE and self._sources.get(name) != provider:  # bound methods: ==
@@ -229,6 +228,8 @@ class IsolatedOptimizerManager:
         those registered before (one teacher at a time: a replaced one is not kept alive).
         Returns how many elements were not registered already."""
         plist = collect_tensors(params, "teacher parameters")
+        if not plist:  # would only drop the teacher registered before
+            raise ValueError("no teacher parameters to register")
         new = [p for p in plist if self._ownership.owner_of(p) != TEACHER_SOURCE]
         self._ownership.check_free(new, TEACHER_SOURCE)
         self._ownership.release(TEACHER_SOURCE)
@@ -262,8 +263,7 @@ class IsolatedOptimizerManager:
         given, else the one group that holds any of ``near`` (the slot's host parameters),
         else the first. From then on they train with that group's hyperparameters and
         schedule. With the same optimizer class the seed's state (e.g. Adam moments and step)
-        carries over; otherwise they start with none. Returns the group's index.
-        """
+        carries over; otherwise they start with none. Returns the group's index."""
         if seed_id == HOST_ID:
             raise ValueError("the host cannot be promoted")
         host = self._entry(HOST_ID)
@@ -342,8 +342,7 @@ class IsolatedOptimizerManager:
         optimizer id is in both with the same class (always the host), the live object stays and
         ``other``'s param groups and state move into it, so a scheduler or a ``GradScaler`` goes
         on driving the optimizer that trains; a group key only the live group has (a scheduler's
-        ``initial_lr``) stays. Others are taken as built. Dict and list operations: cannot fail.
-        """
+        ``initial_lr``) stays. Others are taken as built. Dict and list operations: cannot fail."""
         entries: dict[str, _Entry] = {}
         for oid, entry in other._entries.items():
             live = self._entries.get(oid)
@@ -374,8 +373,7 @@ class IsolatedOptimizerManager:
 
         Same math as ``torch.nn.utils.clip_grad_norm_`` (coef = max/(norm+1e-6), clamped to 1),
         with the per-tensor norms from ``grad_norms``. Returns the pre-clip norm (a device
-        tensor, no host sync).
-        """
+        tensor, no host sync)."""
         if not (max_norm > 0):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         params = self.parameters(optimizer_id)
@@ -401,8 +399,7 @@ class IsolatedOptimizerManager:
         negative, NaN or non-number norm is a ``ValueError`` before anything changes).
 
         With clipping, a non-finite global norm skips the step (one host sync, like AMP's
-        scaler) so NaN/Inf never reach the weights; returns False then, True when it stepped.
-        """
+        scaler) so NaN/Inf never reach the weights; returns False then, True when it stepped."""
         return self.step_many([optimizer_id], grad_clip_norm)[0]
 
     def step_many(
@@ -475,8 +472,10 @@ class IsolatedOptimizerManager:
                 return stepped
             elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
                 self.reset_state(oid)
-            elif kind == CommandType.COMMAND_TYPE_REGISTER_TEACHER:
-                self.register_teacher_params(self._params_from(oid or TEACHER_SOURCE))
+            elif kind == CommandType.COMMAND_TYPE_REGISTER_TEACHER:  # the teacher's, no other's
+                if oid not in ("", TEACHER_SOURCE):
+                    raise ValueError(f"REGISTER_TEACHER takes the teacher's, not {oid}'s")
+                self.register_teacher_params(self._params_from(TEACHER_SOURCE))
             else:
                 logger.error("optimizer command with unknown type %d rejected", kind)
                 return False

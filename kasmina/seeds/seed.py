@@ -71,6 +71,7 @@ from kasmina.seeds.gates import (
 from kasmina.seeds.island import contain_backward
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
+    CONTRIBUTING_STAGES,
     GATE_FOR_TRANSITION,
     ISOLATED_TRAINING_STAGES,
     LEGAL_TRANSITIONS,
@@ -341,9 +342,10 @@ class GradientIsolatedSeed(nn.Module):
             self.finite_flag.fill_(True)
             self.fault_flag.fill_(False)
             self._kd_losses.clear()
-        if new not in RUNS_KERNEL:  # from here it passes the host through (QUARANTINE too):
-            self._set_alpha(0.0, force=True)  # alpha 0, nothing measured or scored
-            self.gate_score, self.evaluation = 0.0, None
+        if new not in CONTRIBUTING_STAGES:  # its forward is the host's (QUARANTINE's too):
+            self.gate_score, self.evaluation = 0.0, None  # nothing measured or scored
+            if new not in RUNS_KERNEL:
+                self._set_alpha(0.0, force=True)
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:

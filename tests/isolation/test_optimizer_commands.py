@@ -67,6 +67,25 @@ def test_every_optimizer_command_type():
     assert opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "s0"))
 
 
+def test_register_teacher_takes_only_the_teachers_parameters():
+    """REGISTER_TEACHER naming a seed (a DORMANT one, with no parameters) was applied: it
+    registered nothing and let go of the teacher registered before, reported as done."""
+    host, seed = models()
+    teacher = nn.Linear(4, 4)
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("s0", lambda: [])  # a DORMANT seed: no kernel, no parameters
+    opts.set_parameter_source("s1", seed.parameters)
+    opts.set_parameter_source("teacher", teacher.parameters)
+    register = CommandType.COMMAND_TYPE_REGISTER_TEACHER
+    assert opts.apply_optimizer_command(_cmd(register, "teacher"))
+    for oid in ("s0", "s1", "host"):
+        assert not opts.apply_optimizer_command(_cmd(register, oid))
+    assert opts.teacher_param_count == 20 and opts.owner_of(teacher.weight) == "teacher"
+    assert all(p.requires_grad for p in seed.parameters())
+    opts.set_parameter_source("teacher", lambda: [])  # a teacher source that finds none
+    assert not opts.apply_optimizer_command(_cmd(register))
+
+
 def test_wire_messages_are_not_accepted_as_commands():
     """Only a verified command gets in: a parsed message carries no checked signature."""
     host, _ = models()

@@ -285,6 +285,19 @@ def test_a_seed_that_stops_running_reports_alpha_zero_and_no_evaluation(path, en
     assert torch.equal(seed(h), h)  # what it reports: the host's own output
 
 
+def test_a_score_measured_in_isolation_is_dropped_on_entering_compatibility_check() -> None:
+    """COMPATIBILITY_CHECK's forward is the host's too, but the gate score and evaluation
+    measured in ISOLATED_INIT survived the ADVANCE (table, telemetry, ``system_state()``)."""
+    seed = GradientIsolatedSeed(C, "s0")
+    seed.attach_kernel(nn.Sequential(nn.Linear(C, C), nn.Tanh()))
+    seed.transition_to(S.ISOLATED_INIT)
+    seed.gate_score = 0.5
+    assert seed.state_table.read_row(0)["GATE_SCORE"] == 500
+    seed.transition_to(S.COMPATIBILITY_CHECK)
+    assert seed.gate_score == 0.0 and seed.evaluation is None
+    assert seed.state_table.read_row(0)["GATE_SCORE"] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_alpha_stays_float32_and_exact_when_the_model_changes_dtype(dtype: torch.dtype) -> None:
     seed = make_seed(S.GRAFTING)
