@@ -54,11 +54,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from kasmina.utils.keyring import generate_key
 
     out = _output_file(args.out)
+    if args.publisher:
+        return _keygen_publisher(args, out)
     if out is None and (args.append or args.force):  # else ignored: a key printed, none written
         flag = "--append" if args.append else "--force"
         raise CLIError(f"{flag} acts on the key file --out names; give --out FILE")
-    if args.publisher:
-        return _keygen_publisher(args, out)
     key_id = "default" if args.key_id is None else args.key_id
     if not _HMAC_KEY_ID_RE.fullmatch(key_id):
         raise CLIError(

@@ -99,7 +99,7 @@ class DemoConfig:
         if self.nproc > 1 and (self.repeats > 1 or self.scenario != "standard"):
             raise ValueError("--repeats and --scenario continual run in one process: --nproc 1")
         if self.batch_size % self.nproc:
-            fits = [n for n in range(1, min(self.batch_size, 8) + 1) if self.batch_size % n == 0]
+            fits = [n for n in range(1, self.batch_size + 1) if self.batch_size % n == 0]
             raise ValueError(
                 f"--nproc {self.nproc}: the demo's batch of {self.batch_size} does not split "
                 f"evenly over {self.nproc} ranks; use --nproc {', '.join(map(str, fits))}"

@@ -140,6 +140,10 @@ def seed_kd_loss(
     teacher = teacher.detach()
     if teacher.dim() == 0 or teacher.shape[-1] == 0:
         raise ValueError(f"teacher logits need a non-empty last dim, got {tuple(teacher.shape)}")
+    if teacher.dtype == torch.float64 and (
+        head_weight is not None or student.dtype != teacher.dtype
+    ):
+        teacher = teacher.float()  # first: a row finite in fp64 only is masked as bad
     rows_ok = teacher.amax(-1).isfinite()
     if head_weight is None:
         if teacher.shape != student.shape:
@@ -152,8 +156,6 @@ def seed_kd_loss(
             return kd_kl_loss_reference(
                 student, teacher, config.temperature, config.reduction, rows_ok
             )
-        if teacher.dtype == torch.float64:
-            teacher = teacher.float()
         return kd_kl_loss(student, teacher, config.temperature, config.reduction, rows_ok)
     return fused_linear_kd_loss(
         student,

@@ -126,8 +126,9 @@ class SeedGradientSync:
 
     One step costs a 4-integer all-reduce (the layout check: every rank must be about to
     average the same seeds, or sizes would mismatch and the collective would fail or hang; and
-    the isolation verdict, agreed: DDP averaged the host's gradients in the backward, so a leak
-    one rank found is in every rank's, and every rank skips the host's step) and
+    the isolation verdict, agreed: DDP averaged the host's gradients in the backward, so a graph
+    leak one rank found is in every rank's, and the ranks' hosts must take the same step: every
+    rank skips it) and
     then one all-reduce per bucket of at most ``bucket_cap_mb`` per dtype and device, all
     launched before the first is waited on. A layout that differs across ranks (a seed's stage
     changed on one rank only) skips the averaging for that step, is logged and counted

@@ -463,7 +463,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             values = read_flags([*kd_flags, *seed_flags])
             clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
             # A collective, every rank, every step: seed grads averaged (or not), verdict agreed.
-            shared, clean = self.grad_sync(clean) if self.grad_sync else (False, clean)
+            shared, clean = (False, clean) if self.grad_sync is None else self.grad_sync(clean)
             self.guard.end_step(registry, clean)
             read = values[len(kd_flags) :]
             nonfinite = [  # a seed the check just quarantined is no longer polled

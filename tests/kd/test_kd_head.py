@@ -4,6 +4,7 @@ a linear head (``fused_linear_kd_loss``) equal the same losses on the materialis
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -218,6 +219,23 @@ def test_a_slots_teacher_logits_of_a_dtype_the_kernel_does_not_read() -> None:
     torch.testing.assert_close(layer.get_and_clear_kd_losses(), want)
     with pytest.raises(ValueError, match="floating point"):
         layer.set_teacher_logits(teacher.round().long())
+    # A row finite in float64 only (1e39 overflows fp32) teaches nothing, as an inf row.
+    wide = teacher.double()
+    wide[0, 0] = 1e39
+    layer(x, teacher_logits=wide)
+    got = layer.get_and_clear_kd_losses()
+    bad = teacher.clone()
+    bad[0, 0] = math.inf
+    layer(x, teacher_logits=bad)
+    assert torch.isfinite(got) and torch.equal(got, layer.get_and_clear_kd_losses())
+    # Through a KD head (vocabulary logits), a float64 teacher is read in fp32 too.
+    head, _, _, _, _ = _setup(4)
+    headed = _kd_slot(head)
+    vocab = torch.randn(5, VOCAB)
+    headed(x, teacher_logits=vocab)
+    want = headed.get_and_clear_kd_losses()
+    headed(x, teacher_logits=vocab.double())
+    torch.testing.assert_close(headed.get_and_clear_kd_losses(), want)
 
 
 def test_a_float64_slot_distils_in_float64() -> None:

@@ -94,7 +94,7 @@ def test_a_slot_on_a_module_without_parameters_records_outside_autocast(
 def test_the_readme_scaler_recipe_keeps_the_scaler_a_rollback_restored(rig: Rig) -> None:
     """A ROLLBACK applied at ``step()``'s safe point restores a tracked GradScaler; the
     recipe's ``scaler.update()`` after it then applied the abandoned step's overflow to the
-    restored scale. The README's recipe skips the update in such a step."""
+    restored scale. The README's recipe ends such a step keeping the restored scale."""
     manager = rig.manager
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     manager.track("scaler", scaler)
@@ -106,8 +106,10 @@ def test_the_readme_scaler_recipe_keeps_the_scaler_a_rollback_restored(rig: Rig)
         for optimizer_id in manager.optimizers.optimizer_ids:
             scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
         report = manager.step(grad_clip_norm=1.0)
-        if not any(o.ok and o.kind == "rollback" for o in report["commands"]):
-            scaler.update()  # else the scaler is the checkpoint's, as restored
+        if any(o.ok and o.kind == "rollback" for o in report["commands"]):
+            scaler.update(scaler.get_scale())  # ends the step; the scale is the checkpoint's
+        else:
+            scaler.update()
         return report
 
     step()
@@ -120,3 +122,4 @@ def test_the_readme_scaler_recipe_keeps_the_scaler_a_rollback_restored(rig: Rig)
     report = step(overflow=True)  # the rollback applies at this step's safe point
     assert [o.ok for o in report["commands"]] == [True]
     assert scaler.state_dict() == saved
+    assert step()["host_stepped"]  # and the loop goes on (unscale_ again)
