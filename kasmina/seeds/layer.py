@@ -78,6 +78,7 @@ from kasmina.seeds.outputs import (
     fits,
     force_regular_path,
     host_holds,
+    inputs_need_grad,
     kernels_refuse,
     on_dense,
     output_element,
@@ -371,9 +372,8 @@ class KasminaLayer(nn.Module):
         # shared table would be an aliasing guard per call), on the stage ints while one runs.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
-        x0 = args[0] if args else None  # no_grad with an input that needs grad: a reentrant
-        if torch.is_grad_enabled() or isinstance(x0, torch.Tensor) and x0.requires_grad:
-            self._graph.open = True  # checkpoint, whose recompute runs the kernel (GraphMark)
+        if torch.is_grad_enabled() or inputs_need_grad(args, kwargs):  # no_grad with one: a
+            self._graph.open = True  # reentrant checkpoint, whose recompute runs the kernel
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)

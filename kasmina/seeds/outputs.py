@@ -40,6 +40,7 @@ __all__ = [
     "signed_shape",
     "force_regular_path",
     "forward_owner",
+    "inputs_need_grad",
     "no_tensor_reason",
     "on_dense",
     "output_index_problem",
@@ -228,10 +229,21 @@ def replace_output_element(out: Any, index: int, new: torch.Tensor) -> Any:
         return [new if j == index % len(out) else item for j, item in enumerate(out)]
     if isinstance(out, tuple):
         items = tuple(new if j == index % len(out) else item for j, item in enumerate(out))
-        return type(out)(*items) if hasattr(out, "_fields") else items  # namedtuples
+        if hasattr(out, "_fields"):  # a namedtuple
+            return type(out)(*items)
+        if hasattr(type(out), "n_fields"):  # a structseq: torch.sort's, max(dim)'s (.values)
+            return type(out)(items)
+        return items
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return dataclasses.replace(out, **{_present_fields(out)[index]: new})  # type: ignore[type-var]
     return new
+
+
+def inputs_need_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a tensor among a call's arguments, positional or keyword (Hugging Face calls
+    ``self_attn(hidden_states=...)``), needs a gradient: under ``no_grad`` that is a reentrant
+    checkpoint's first run, whose recompute runs the seeds' kernels with a graph."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
 
 
 def _present_fields(out: Any) -> list[str]:

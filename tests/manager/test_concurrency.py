@@ -151,10 +151,20 @@ class ReentrantHost(helpers.Host):
         return torch.utils.checkpoint.checkpoint(self.out, h, use_reentrant=True)
 
 
+class KeywordReentrantHost(helpers.Host):
+    """As ``ReentrantHost``, the slot called by keyword (Hugging Face calls its attention
+    ``self_attn(hidden_states=...)``): the mark looked at positional inputs only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return torch.utils.checkpoint.checkpoint(lambda h: self.out(input=h), h, use_reentrant=True)
+
+
+@pytest.mark.parametrize("host", [ReentrantHost, KeywordReentrantHost], ids=["args", "kwargs"])
 def test_a_reentrant_checkpoints_forward_marks_the_graph_too(
-    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch, host
 ) -> None:
-    monkeypatch.setattr(helpers, "Host", ReentrantHost)
+    monkeypatch.setattr(helpers, "Host", host)
     rig = Rig(make_config(tmp_path, store), keyring)
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)

@@ -348,6 +348,32 @@ def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
     assert "element 5 of the host's tuple output" in slot.contract_problem()
 
 
+def test_a_structseq_output_keeps_its_type_once_a_seed_runs() -> None:
+    """A module returning ``torch.sort``'s or ``max(dim)``'s result (a structseq, not a
+    namedtuple) got a plain tuple back once a seed ran, and the caller's ``.values`` raised."""
+
+    class Sorted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.return_types.sort:
+            return torch.sort(self.proj(x), dim=-1)
+
+    model = nn.Sequential(Sorted())
+    x = torch.randn(3, 4)
+    bare = model(x)
+    slot = attach(model, ["0"], 2, 2)[0]
+    model(x)
+    slot.seed(0).attach_kernel(kernel(2, 1))
+    walk(slot.seed(0), S.STABILIZATION)
+    out = model(x)
+    assert type(out) is type(bare) and torch.equal(out.indices, bare.indices)
+    assert torch.equal(out.values[:, 2:], bare.values[:, 2:])
+    torch.testing.assert_close(out.values[:, :2], slot.seed(0).kernel(bare.values[:, :2]))
+
+
 def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model() -> None:
     """A Linear, Conv or Embedding returns one tensor and a MultiheadAttention a pair: an
     ``output_index`` past them is refused by ``attach``, as ``kasmina.load`` refuses it (else
