@@ -367,9 +367,8 @@ class KasminaLayer(nn.Module):
                 self._teacher_logits = None  # records no graph: its recompute drops what it left
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
-        # Only slot-local attributes are read here, never the shared table or the seeds: compiled,
-        # the forward is guarded on this bool alone while every seed passes the host through (the
-        # shared table would be an aliasing guard per call), on the stage ints while one runs.
+        # Only slot-local attributes here (the shared table is an aliasing guard per call):
+        # compiled, guarded on this bool while every seed passes, on the stage ints otherwise.
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
         if torch.is_grad_enabled() or inputs_need_grad(args, kwargs):  # no_grad with one: a
@@ -386,10 +385,9 @@ class KasminaLayer(nn.Module):
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""
-        # The compiled forward rebuilds its stages from the ints: TorchDynamo (torch 2.13)
-        # installs no guard on a SeedStage member that is also met through a module-level set
-        # (RUNS_KERNEL), so a graph specialised on one could keep running a stale stage; an
-        # int read is guarded by value, and each stage change recompiles.
+        # Compiled, stages come from the ints: TorchDynamo (torch 2.13) guards no SeedStage
+        # member also met through a module-level set (RUNS_KERNEL), so a graph could keep a stale
+        # stage; an int is guarded by value, and each stage change recompiles.
         seeds = self._seed_list = tuple(self.seeds)  # indexing a ModuleList costs a frame
         self._plan = tuple(seed.stage for seed in seeds)
         self._stage_codes = tuple(int(stage) for stage in self._plan)
@@ -418,9 +416,8 @@ class KasminaLayer(nn.Module):
             self._sit_out("seeds", why)
         chunks = x.split(self.chunk_size, dim=dim)
         seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
-        # The host half of every seed's guard (a ``try`` and a metadata check, no device read).
-        # A seed that passes the host through, for its stage or after a fault, keeps the host's
-        # own chunk in ``outs``: its value and its gradient, exactly as a DORMANT seed's.
+        # The host half of every seed's guard (a ``try``, a metadata check): a seed that passes
+        # the host through keeps the host's chunk in ``outs``, value and gradient, as DORMANT.
         outs = list(chunks)
         inputs: dict[int, torch.Tensor] = {}  # the kernels' inputs of the seeds that ran
         for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
@@ -443,9 +440,8 @@ class KasminaLayer(nn.Module):
                 if fused is not None:
                     return fused
             self._contain_backward(outs, inputs, plan)
-        # The device half, once for the layer: one finiteness reduction over every seed's output
-        # as it is concatenated for the blend, one flag update, one ``where``; only the reduction
-        # when the sums, read on the CPU in eager mode, show every chunk finite (``ok`` None).
+        # The device half, once for the layer: one finiteness reduction over the concatenated
+        # outputs, one flag update, one ``where`` (only the reduction when all are finite).
         n = self.num_seeds
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)
@@ -585,7 +581,11 @@ class KasminaLayer(nn.Module):
             log_sat_out(self.layer_id, what, self.sat_out[what], reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
+        empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values
         super()._apply(fn, recurse)
+        if empty and not self._buffers["_one"].is_meta:  # the constants, put back
+            for name, value in (("_one", 1), ("_finite_flags", True), ("_fault_flags", False)):
+                self._buffers[name].fill_(value)
         self._link_flags()
         self._masks.clear()
         self._refresh_plan()

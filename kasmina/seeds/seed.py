@@ -89,8 +89,7 @@ class GradientIsolatedSeed(nn.Module):
 
     ``state``/``index`` place the seed in a shared state table (``kasmina.attach`` does this);
     without them the seed owns a one-row table on the CPU that follows ``.to(device)``.
-    ``fault_limit`` is the number of contained faults (see the module docstring) after which the
-    seed is quarantined.
+    ``fault_limit``: contained faults (the module docstring) after which it is quarantined.
     """
 
     # The host activations' dim the chunk spans: the last, or a KasminaLayer's (1 for a conv).
@@ -351,8 +350,7 @@ class GradientIsolatedSeed(nn.Module):
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:
         """Install the seed's module (moved to the seed's device, in the seed's mode).
 
-        Refused while a kernel is running (ISOLATED_INIT .. ACTIVE): no hot swaps mid-training.
-        """
+        Refused while a kernel is running (ISOLATED_INIT .. ACTIVE): no hot swaps mid-training."""
         if not isinstance(module, nn.Module):
             raise ValueError(f"a seed kernel must be an nn.Module, got {type(module).__name__}")
         if self.kernel is not None and self.stage in RUNS_KERNEL:
@@ -578,7 +576,9 @@ class GradientIsolatedSeed(nn.Module):
         alpha = self._buffers["alpha"]
         super()._apply(fn, recurse)
         moved = self._buffers["alpha"]
-        if moved is not None and moved.dtype != alpha.dtype:
+        if moved is not None and alpha.is_meta and not moved.is_meta:  # ``to_empty``: no value
+            self._buffers["alpha"] = moved.to(alpha.dtype).fill_(self._alpha_value)
+        elif moved is not None and moved.dtype != alpha.dtype:
             self._buffers["alpha"] = alpha.to(moved.device)
         table = self.state_table.state_tensor
         moved = fn(table)

@@ -113,11 +113,10 @@ class GPUStateTensor:
             raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
         if not hasattr(embargo_epochs, "__index__") or not 0 <= embargo_epochs <= INT32_MAX:
             raise ValueError(f"embargo_epochs {embargo_epochs!r} is not an int in [0, {INT32_MAX}]")
-        if device is None:
+        if device is None or torch.device(device).type == "meta":  # meta: a table without data
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.state_tensor = torch.zeros(
-            (num_seeds, NUM_STATE_COLUMNS), dtype=torch.int32, device=torch.device(device)
-        )
+        shape = (num_seeds, NUM_STATE_COLUMNS)
+        self.state_tensor = torch.zeros(shape, dtype=torch.int32, device=torch.device(device))
         self.embargo_epochs = int(embargo_epochs)
         self.telemetry = telemetry
         self.log_transitions = True  # False: a private table (a benchmark's) logs none
@@ -479,8 +478,9 @@ class GPUStateTensor:
         self._bump()
 
     def to(self, device: torch.device | str) -> GPUStateTensor:
-        """Move the table in place (the mirror is unaffected); returns ``self``."""
-        self.state_tensor = self.state_tensor.to(device)
+        """Move the table in place, never to ``meta`` (where it would hold no data)."""
+        if torch.device(device).type != "meta":
+            self.state_tensor = self.state_tensor.to(device)
         return self
 
     # -- persistence ---------------------------------------------------------------------

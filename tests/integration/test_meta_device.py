@@ -224,3 +224,39 @@ def test_third_party_models_train_with_seeds_on_meta(case) -> None:
     with torch.no_grad():
         out = model(**inputs)
     assert _on_meta(getattr(out, "logits", out))
+
+
+def test_a_model_built_on_meta_attaches_and_materialises_with_to_empty() -> None:
+    """Deferred init (build on ``meta``, attach, ``to_empty``, load the weights): the table was
+    made on ``meta`` and ``to_empty`` raised copying out of it, leaving the model half on
+    ``meta``; the slot's constants (``_one``, its flags, alpha) came back as garbage."""
+    import kasmina
+
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    (slot,) = kasmina.attach(model, ["2"], 2, 2)
+    model.to_empty(device="cpu")
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    model.load_state_dict(
+        {k.replace("2.", "2.host.", 1) if k.startswith("2.") else k: v
+         for k, v in bare.state_dict().items()},
+        strict=False,
+    )  # fmt: skip
+    assert slot._one.item() == 1.0 and not slot._fault_flags.any() and slot._finite_flags.all()
+    assert all(seed.alpha.item() == 0.0 for seed in slot.seeds)
+    x = torch.randn(3, 6)
+    assert torch.equal(model(x), bare(x))
+    slot.seed(0).attach_kernel(nn.Linear(2, 2))
+    for stage in PATH[:3]:
+        slot.seed(0).transition_to(stage)
+    slot.seed(0).update_alpha_blending(1, 2)
+    model(x).sum().backward()  # a GRAFTING seed runs, its fault flag clean
+    assert not slot.seed(0).fault_flag.item() and slot.seed(0).faults == 0
+    # A move to meta leaves the lifecycle where it is (it would hold no data there).
+    table = slot.state_table.state_tensor.clone()
+    model.to("meta")
+    assert slot.state_table.state_tensor.device.type == "cpu"
+    model.to_empty(device="cpu")
+    assert torch.equal(slot.state_table.state_tensor, table)
