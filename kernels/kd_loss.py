@@ -483,8 +483,10 @@ def kd_forward(
     lead = tuple(student.shape[:-1])
     rows = math.prod(lead)
     f32 = torch.float32
+    per_row = None  # "none" returns it: a tensor of its own, not a view (an in-place op works)
     if loss_rows_out is None:
-        loss_rows_out = torch.empty(rows, device=student.device, dtype=f32)
+        per_row = torch.empty(lead, device=student.device, dtype=f32)
+        loss_rows_out = per_row.view(rows)
     _check_buffer("loss_rows_out", loss_rows_out, (rows,), student, f32)
     if not loss_rows_out.is_contiguous():
         raise ValueError("loss_rows_out must be contiguous")
@@ -519,7 +521,7 @@ def kd_forward(
                 enable_fp_fusion=False,  # the exponents' roundings are the backward's (above)
             )  # fmt: skip
     if reduction == "none":
-        return loss_rows_out.view(lead), stats_out, scale
+        return loss_rows_out.view(lead) if per_row is None else per_row, stats_out, scale
     total = loss_rows_out.sum()
     if reduction == "sum":
         return total, stats_out, scale

@@ -310,7 +310,8 @@ def _forward(
     grads = _Grads(r, cfg) if grads_now else None
     f32 = torch.promote_types(hidden.dtype, torch.float32)  # float64 only in tests
     device = hidden.device
-    loss_rows = torch.empty(r.rows, dtype=f32, device=device) if per_row else None
+    # Per-row losses in the rows' shape, returned as they are: not a view (an in-place op works).
+    loss_rows = torch.empty(hidden.shape[:-1], dtype=f32, device=device) if per_row else None
     total = torch.zeros((), dtype=f32, device=device)
     stats = torch.empty(r.rows if cfg.need_grad and per_row else 0, 4, dtype=f32, device=device)
     one = torch.ones((), dtype=f32, device=device)
@@ -320,7 +321,7 @@ def _forward(
         need_stats = grads_now or stats.numel() > 0
         loss, st, _ = _forward_impl(s, t, m, temperature, kd_reduction, need_stats)
         if loss_rows is not None:
-            loss_rows[r0:r1].copy_(loss)
+            loss_rows.view(-1)[r0:r1].copy_(loss)
         else:
             total.add_(loss)
         if stats.numel():
@@ -332,7 +333,7 @@ def _forward(
             del g  # before the next chunk allocates its own
     scale = _reduction_scale(r, cfg.reduction)
     if loss_rows is not None:
-        loss_out = loss_rows.view(hidden.shape[:-1])
+        loss_out = loss_rows
     else:
         loss_out = total.mul_(scale) if cfg.reduction != "sum" else total
     if grads is None:

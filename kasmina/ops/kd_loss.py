@@ -256,7 +256,8 @@ def _loss_rows(
         row, *rest = _rows(student, teacher, work, k, careful)
         if mask is not None:
             row = row.squeeze(-1).masked_fill_(~mask, 0.0)
-        loss = row.view(lead).mul_(factor) if reduction == "none" else row.sum().mul_(factor)
+        # "none": ``mul``, not ``mul_``: a tensor of its own, not a view (an in-place op works)
+        loss = row.view(lead).mul(factor) if reduction == "none" else row.sum().mul_(factor)
         if not on_cpu or not math.isnan(loss.sum().item() if reduction == "none" else loss.item()):
             break
     if kept is not None:

@@ -453,10 +453,12 @@ def test_gradcheck_chunked_path_float64():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-@pytest.mark.parametrize("objective", ["sum", "strided"])
+@pytest.mark.parametrize("objective", ["sum", "strided", "inplace"])
 def test_none_reduction_under_sum_and_strided_grad_output(monkeypatch, backend, mode, objective):
     """``"none"`` then ``.sum()`` (an expanded ``grad_output``) or a ``stack(...)[..., 0]``
-    weight (a stride-2 one): the per-row ``grad_output`` is read by row, eager and compiled."""
+    weight (a stride-2 one): the per-row ``grad_output`` is read by row, eager and compiled.
+    ``"inplace"``: the rows weighted in place (``loss *= w``), which raised in eager mode (the
+    rows were a view of the op's own buffer)."""
     if backend == "triton" and DEVICE.type == "cpu":
         if __import__("os").environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton kernels on a CPU need TRITON_INTERPRET=1")
@@ -469,6 +471,9 @@ def test_none_reduction_under_sum_and_strided_grad_output(monkeypatch, backend, 
             h, w, tl, student_bias=b, temperature=2.0, reduction="none", chunk_rows=4
         )
         if objective == "sum":
+            return loss.sum()
+        if objective == "inplace":
+            loss *= weight[..., 0]
             return loss.sum()
         return (torch.stack((loss, torch.zeros_like(loss)), -1) * weight).sum()
 

@@ -267,6 +267,22 @@ def test_op_on_shifted_and_expanded_views_every_dtype(backend, dtype):
     _close(s.grad, exp_grad, dtype)
 
 
+def test_per_row_losses_can_be_weighted_in_place(backend):
+    """``reduction="none"`` rows weighted in place (``rows *= w``, as after ``F.kl_div``)
+    raised in eager mode: they were a view of the op's own buffer."""
+    student, teacher = _logits((3, 4, 9), seed=80)
+    student.requires_grad_()
+    weight = torch.rand(3, 4, generator=_gen(82))
+    rows = kd_kl_loss(student, teacher, 2.0, reduction="none")
+    assert rows._base is None
+    rows *= weight
+    (got,) = torch.autograd.grad(rows.sum(), student)
+    want_rows = kd_kl_loss_reference(student.double(), teacher.double(), 2.0, "none")
+    (want,) = torch.autograd.grad((want_rows * weight.double()).sum(), student)
+    torch.testing.assert_close(rows.double(), (want_rows * weight).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_expanded_student_gets_a_dense_gradient(backend):
     row = torch.randn(1, 31, generator=_gen(14), requires_grad=True)
     student = row.expand(4, 31)
