@@ -78,8 +78,7 @@ class KernelHook:
     The hook lives in the kernel's hook table, inside the model's module tree, while the record
     belongs to the manager (its monitor holds the checkpoint key, locks and telemetry). A deep
     copy or a pickle of the model therefore gets an inert hook instead of a copy of the
-    manager: the copy is nobody's managed seed.
-    """
+    manager: the copy is nobody's managed seed."""
 
     def __init__(self, record: SeedRecord | None) -> None:
         self.record = record
@@ -239,8 +238,7 @@ class SlotRegistry:
 
     ``host_params`` are the model's trainable parameters outside any seed, taken when the slots
     are registered (every seed must then be DORMANT without a kernel). ``listener`` is called as
-    ``listener(record, old, new)`` after every applied transition of any seed.
-    """
+    ``listener(record, old, new)`` after every applied transition of any seed."""
 
     def __init__(
         self,
@@ -308,17 +306,20 @@ class SlotRegistry:
         """``RuntimeError`` if the model no longer holds the parameters registered with it
         (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
         say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
-        the optimizers would go on stepping the old ones while the model trains nothing. Also
-        if ``kasmina.detach`` or ``merge`` took a registered slot out of the model (one flag
-        read per slot): its seeds would never run again while the manager went on stepping;
-        and, once anything registered a parameter or module since the last look, if the model
-        holds a trainable parameter no optimizer steps (``_check_registered``)."""
+        the optimizers would go on stepping the old ones. Also if a registered slot was taken
+        out of the model (``kasmina.detach`` or ``merge``: a flag per slot; by hand: a module
+        walk once anything registered a module since the last look): its seeds would never run
+        while the manager went on stepping them; and then if the model holds a trainable
+        parameter no optimizer steps (``_check_registered``)."""
         gone = [slot.layer_id for slot in self.slots if slot.detached]
+        if not gone and _REGISTRATIONS[0] != self._checked_at:  # ``model.fc = model.fc.host``?
+            held = {id(module) for module in self.model.modules()}
+            gone = [slot.layer_id for slot in self.slots if id(slot) not in held]
         if gone:
             raise RuntimeError(
-                f"slot(s) {gone} were taken out of the model (kasmina.detach or merge) after the "
-                "manager registered them; this manager can no longer step it. Attach again "
-                "with a new manager"
+                f"slot(s) {gone} were taken out of the model (kasmina.detach, merge, or replaced "
+                "in it) after the manager registered them; this manager can no longer step it. "
+                "Attach again with a new manager"
             )
         if self._anchor is None:
             return

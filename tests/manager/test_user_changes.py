@@ -32,6 +32,23 @@ def test_a_step_refuses_a_model_whose_slots_were_detached(rig: Rig, mlp) -> None
     assert all(torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
 
 
+def test_a_step_refuses_a_model_whose_slot_was_replaced_by_hand(rig: Rig, mlp) -> None:
+    """``model.out = model.out.host`` takes the slot out as ``detach`` does, without its flag:
+    ``step()`` went on, listing seeds that no longer ran as stepped. A wrapped slot is kept."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    slot = rig.model.out
+    rig.model.out = torch.nn.Sequential(slot)  # wrapped: still in the model, still trains
+    assert rig.train(1)["seeds_stepped"] == [SEED0]
+    rig.model.out = slot.host
+    before, step = host_params(rig), manager.state.global_step
+    with pytest.raises(RuntimeError, match=r"\['out'\] were taken out of the model"):
+        manager.step()
+    assert manager.state.global_step == step
+    assert all(torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
+
+
 def test_seeds_whose_parameters_are_frozen_are_warned_and_counted(
     rig: Rig, mlp, caplog: pytest.LogCaptureFixture
 ) -> None:
