@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -536,6 +537,22 @@ _SAT_OUT_EFFECTS = {
     "kd_uncollected": "the next collect_kd_losses() sums it in; a skipped batch's: collect it "
     "and discard it",
 }
+
+
+def count_sat_out(
+    counts: Counter[str], compiled: torch.Tensor, slot_id: str, what: str, reason: str
+) -> None:
+    """Count (and log rarely) a call a slot's seeds (``what="seeds"``) or their KD sat out. A
+    checkpointing recompute is not counted (the region's first run was). In a compiled forward
+    the count goes to ``compiled`` (``[seeds, KD]``, on the device), unlogged: a Python count
+    there is a guard on its value, and every call recompiled."""
+    if recomputing():
+        return
+    if torch.compiler.is_compiling():
+        compiled[int(what != "seeds")].add_(1)
+        return
+    counts[what] += 1
+    log_sat_out(slot_id, what, counts[what], reason)
 
 
 def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:

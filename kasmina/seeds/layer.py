@@ -20,9 +20,9 @@ with a per-chunk alpha mixes with the host output. Pass-through and ISOLATED_INI
 the host value with alpha 1 (host gradient exactly ``g``); GRAFTING chunks use their schedule;
 with no seed GRAFTING the blend is the identity and is skipped.
 
-The plan (each seed's stage; whether any runs its kernel) is a slot-local snapshot the table
-refreshes on every change (``GPUStateTensor.listen``), so the forward reads neither the table
-nor the seeds; with every seed passing the host through it returns the host's output object.
+The plan (each seed's stage; whether any runs) is a slot-local snapshot the table refreshes
+(``GPUStateTensor.listen``): the forward reads neither table nor seeds, and with every seed
+passing the host through returns the host's output object.
 
 **Behaving like the wrapped module.** Code around a slot keeps reading (and writing) the module
 it expects (``fc.weight``, ``attn.batch_first``, ``proj.out_features``): an attribute the slot
@@ -33,12 +33,11 @@ tensors read as a marked view (``outputs.force_regular_path``, ``SeedsLive``), e
 makes the regular path run and call the slot; with every seed passing through, the fused path
 runs as for the bare model.
 
-A seed that faults contributes its host chunk as it is, as a DORMANT seed would; the others
-are unaffected (:mod:`kasmina.seeds.seed`). The layer guards its seeds together: one
-finiteness reduction over the concatenated outputs, one update of the seeds' flags, the host's
-chunk for a non-finite one and one guarded backward node; eager, with every running seed
-blending against the detached host, that and the blend are one node (``island.GuardedBlend``).
-"""
+A seed that faults contributes its host chunk, as a DORMANT seed would; the others are
+unaffected. The layer guards its seeds together: one finiteness reduction over the concatenated
+outputs, one flag update, the host's chunk for a non-finite one and one guarded backward node;
+eager, with every running seed blending against the detached host, one node with the blend
+(``island.GuardedBlend``)."""
 
 from __future__ import annotations
 
@@ -57,11 +56,11 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     GraphMark,
     chunk_sums,
+    count_sat_out,
     fallback_masks,
     fallback_per_chunk,
     finite_test,
     gradient_flags,
-    log_sat_out,
     plain_eager,
     recomputing,
     record_fallbacks,
@@ -95,6 +94,8 @@ from kasmina.utils.flags import read_flags
 logger = logging.getLogger(__name__)
 
 __all__ = ["KasminaLayer"]
+# A ``to_empty`` from meta leaves buffers without values: these are put back (``_apply``).
+_CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "sat_out_compiled": 0}
 
 
 class KasminaLayer(nn.Module):
@@ -174,6 +175,8 @@ class KasminaLayer(nn.Module):
         self._kd_losses: list[torch.Tensor] = []
         self._graph = GraphMark()  # an object: compiled, a store to it is a replayed side effect
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
+        counts = torch.zeros(2, dtype=torch.long, device=device)  # seeds, KD: compiled calls'
+        self.register_buffer("sat_out_compiled", counts, persistent=False)  # (a count: a guard)
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # The plan (module docstring): each seed's stage, as an int and as a SeedStage (eager).
@@ -573,18 +576,14 @@ class KasminaLayer(nn.Module):
             self._kd_losses.append(loss)
 
     def _sit_out(self, what: str, reason: str) -> None:
-        """Count a call that the seeds (``what="seeds"``) or their KD sat out; logged rarely."""
-        if recomputing():  # a checkpointing recompute: the region's first run counted it
-            return
-        self.sat_out[what] += 1
-        if not torch.compiler.is_compiling():
-            log_sat_out(self.layer_id, what, self.sat_out[what], reason)
+        compiled = self._buffers["sat_out_compiled"]
+        count_sat_out(self.sat_out, compiled, self.layer_id, what, reason)  # (faults)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values
         super()._apply(fn, recurse)
         if empty and not self._buffers["_one"].is_meta:  # the constants, put back
-            for name, value in (("_one", 1), ("_finite_flags", True), ("_fault_flags", False)):
+            for name, value in _CONSTANTS.items():
                 self._buffers[name].fill_(value)
         self._link_flags()
         self._masks.clear()

@@ -861,6 +861,43 @@ def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
 
+def test_a_compiled_forward_whose_kd_sits_out_at_every_call_compiles_once() -> None:
+    """Counting a sit-out in a compiled forward (``sat_out[what] += 1``) guarded the graph on
+    the count's value: every step recompiled, and ``fullgraph=True`` raised at the limit. The
+    count of a compiled call goes to a device tensor, ``sat_out_compiled``."""
+
+    class Loop(nn.Module):  # one cell per token [B, T, F], then on the pooled [B, F]
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.cell(self.cell(x).mean(1))
+
+    torch._dynamo.reset()
+    model = Loop()
+    (slot,) = attach(model, ["cell"], 2, 2, kd_config=KDConfig(temperature=2.0))
+    x = torch.randn(3, 5, 4)
+    model(x)
+    for k in range(2):
+        slot.seed(k).attach_kernel(kernel(2, k))
+        walk(slot.seed(k), S.GRAFTING)
+    compiled = torch.compile(model, fullgraph=True)
+
+    def step() -> None:  # logits shaped like the model's output: the first call's KD sits out
+        slot.set_teacher_logits(torch.randn(3, 4))
+        compiled(x).sum().backward()
+        assert collect_kd_losses(model) is None
+
+    for _ in range(2):
+        step()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(9):  # past the recompile limit (8)
+        step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert slot.sat_out_compiled.tolist() == [0, 11] and slot.sat_out == {}
+
+
 def _guards(model: nn.Module) -> str:
     """The guards of the newest compiled entry of ``model``'s forward."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
