@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.utils import parametrize
 
 __all__ = [
@@ -174,9 +173,7 @@ def kernels_refuse(
     kernel takes no chunk of ``x`` (``chunk_size`` along ``dim``), and why: a signed shape
     fixes a rank and sizes. Such a call (a last-dim slot's ``[T, F]`` or ``[B, T, F]`` after
     ``[B, F]``, an unseen sequence length) made the kernel raise, each call a fault; those
-    seeds sit it out instead, the others run. Compiled, a size that is symbolic (dynamic) is
-    taken only where it is known to equal the kernel's: comparing it would specialise it, and
-    a dimension the user marked dynamic (``mark_dynamic``) then failed the compile."""
+    seeds sit it out instead, the others run."""
     if not shapes:  # no exported kernel runs (every call while all pass the host through)
         return _NONE_REFUSED
     refused, why = set(), ""
@@ -184,8 +181,7 @@ def kernels_refuse(
         if shape is not None and (
             len(shape) != x.dim()
             or any(
-                d is not None
-                and not statically_known_true((chunk_size if i == dim else x.shape[i]) == d)
+                d is not None and d != (chunk_size if i == dim else x.shape[i])
                 for i, d in enumerate(shape)
             )
         ):

@@ -898,28 +898,6 @@ def test_a_compiled_forward_whose_kd_sits_out_at_every_call_compiles_once() -> N
     assert slot.sat_out_compiled.tolist() == [0, 11] and slot.sat_out == {}
 
 
-def test_a_kernel_pinning_a_size_the_user_marked_dynamic_sits_out_compiled() -> None:
-    """A kernel whose signed shape pins the sequence length (7) was compared with a dimension
-    the user marked dynamic: at length 7 the compare specialised it, and the compile failed
-    with ``ConstraintViolationError`` out of the forward. Unknown to equal, the seed sits out."""
-    torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(4, 4))
-    (slot,) = attach(model, ["0"], 2, 2)
-    model(torch.randn(3, 7, 4))
-    pinned = kernel(2, 0)
-    pinned.signed_input_shape = (None, 7, 2)
-    slot.seed(0).attach_kernel(pinned)
-    walk(slot.seed(0), S.ISOLATED_INIT)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for length in (9, 7, 11):
-        x = torch.randn(3, length, 4)
-        torch._dynamo.mark_dynamic(x, 1)
-        torch.testing.assert_close(compiled(x), model[0].host(x))
-    assert slot.seed(0).faults == 0 and slot.sat_out_compiled[0] >= 2
-    model(torch.randn(3, 7, 4))  # eager: the length is 7, the kernel takes it
-    assert slot.sat_out["seeds"] == 0
-
-
 def _guards(model: nn.Module) -> str:
     """The guards of the newest compiled entry of ``model``'s forward."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
