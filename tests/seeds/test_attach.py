@@ -681,15 +681,19 @@ def test_a_call_whose_output_does_not_fit_is_sat_out_by_the_seeds(stage, caplog)
         assert torch.equal(slot(x[0]), slot.host(x[0]))
 
 
+class Loop(nn.Module):
+    """One cell per token ``[B, T, F]``, then on the pooled ``[B, F]``: a module called twice
+    with two shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cell(self.cell(x).mean(1))
+
+
 def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) -> None:
-    class Loop(nn.Module):  # one cell per token [B, T, F], then on the pooled [B, F]
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.cell(self.cell(x).mean(1))
-
     model = Loop()
     (slot,) = attach(model, ["cell"], 2, 2, kd_config=KDConfig(temperature=2.0))
     model(torch.randn(3, 5, 4))
@@ -865,14 +869,6 @@ def test_a_compiled_forward_whose_kd_sits_out_at_every_call_compiles_once() -> N
     """Counting a sit-out in a compiled forward (``sat_out[what] += 1``) guarded the graph on
     the count's value: every step recompiled, and ``fullgraph=True`` raised at the limit. The
     count of a compiled call goes to a device tensor, ``sat_out_compiled``."""
-
-    class Loop(nn.Module):  # one cell per token [B, T, F], then on the pooled [B, F]
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.cell(self.cell(x).mean(1))
 
     torch._dynamo.reset()
     model = Loop()
