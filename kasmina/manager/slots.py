@@ -307,10 +307,9 @@ class SlotRegistry:
         (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
         say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
         the optimizers would go on stepping the old ones. Also if a registered slot was taken
-        out of the model (``kasmina.detach`` or ``merge``: a flag per slot; by hand: a module
-        walk once anything registered a module since the last look): its seeds would never run
-        while the manager went on stepping them; and then if the model holds a trainable
-        parameter no optimizer steps (``_check_registered``)."""
+        out (``detach``, ``merge``: a flag per slot; by hand: a module walk once anything
+        registered a module since the last look): its seeds would never run while the manager
+        stepped them; and if the model holds a trainable parameter no optimizer steps."""
         gone = [slot.layer_id for slot in self.slots if slot.detached]
         if not gone and _REGISTRATIONS[0] != self._checked_at:  # ``model.fc = model.fc.host``?
             held = {id(module) for module in self.model.modules()}
@@ -321,7 +320,8 @@ class SlotRegistry:
                 "in it) after the manager registered them; this manager can no longer step it. "
                 "Attach again with a new manager"
             )
-        if self._anchor is None:
+        if self._anchor is None:  # no host parameter to find: the walk above was the check
+            self._checked_at = _REGISTRATIONS[0]
             return
         module, name, param = self._anchor
         held = module._parameters.get(name)

@@ -175,8 +175,8 @@ class KasminaLayer(nn.Module):
         self._kd_losses: list[torch.Tensor] = []
         self._graph = GraphMark()  # an object: compiled, a store to it is a replayed side effect
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
-        counts = torch.zeros(2, dtype=torch.long, device=device)  # seeds, KD: compiled calls'
-        self.register_buffer("sat_out_compiled", counts, persistent=False)  # (a count: a guard)
+        counts = torch.zeros(2, dtype=torch.long, device=device)  # [seeds, KD] of compiled calls:
+        self.register_buffer("sat_out_compiled", counts, persistent=False)  # a tensor, no guard
         # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
         self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # The plan (module docstring): each seed's stage, as an int and as a SeedStage (eager).
@@ -577,7 +577,7 @@ class KasminaLayer(nn.Module):
 
     def _sit_out(self, what: str, reason: str) -> None:
         compiled = self._buffers["sat_out_compiled"]
-        count_sat_out(self.sat_out, compiled, self.layer_id, what, reason)  # (faults)
+        count_sat_out(self.sat_out, compiled, self.layer_id, what, reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values

@@ -88,9 +88,8 @@ class GradientIsolatedSeed(nn.Module):
     """One seed over a ``chunk_size``-wide slice of a host layer's output.
 
     ``state``/``index`` place the seed in a shared state table (``kasmina.attach`` does this);
-    without them the seed owns a one-row table on the CPU that follows ``.to(device)``.
-    ``fault_limit``: contained faults (the module docstring) after which it is quarantined.
-    """
+    without them it owns a one-row table on the CPU that follows ``.to(device)``. ``fault_limit``:
+    contained faults (the module docstring) after which it is quarantined."""
 
     # The host activations' dim the chunk spans: the last, or a KasminaLayer's (1 for a conv).
     chunk_dim: int = -1
@@ -571,13 +570,14 @@ class GradientIsolatedSeed(nn.Module):
         self.fault_log.extend(saved.fault_log)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
-        # The (possibly shared) state table follows the seed's device moves, and so does alpha,
-        # which stays float32 (``model.half()`` would round it): never the data's dtype.
+        # The (shared) table follows the seed's moves, and alpha, in float32 (``half()`` rounds).
         alpha = self._buffers["alpha"]
         super()._apply(fn, recurse)
         moved = self._buffers["alpha"]
-        if moved is not None and alpha.is_meta and not moved.is_meta:  # ``to_empty``: no value
+        if moved is not None and alpha.is_meta and not moved.is_meta:  # ``to_empty``: no values
             self._buffers["alpha"] = moved.to(alpha.dtype).fill_(self._alpha_value)
+            self.finite_flag.fill_(True)  # a layer's seeds' flags: views of its own, refilled there
+            self.fault_flag.fill_(False)
         elif moved is not None and moved.dtype != alpha.dtype:
             self._buffers["alpha"] = alpha.to(moved.device)
         table = self.state_table.state_tensor

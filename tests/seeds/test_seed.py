@@ -503,3 +503,18 @@ def test_the_g3_probe_is_dropped_once_compatibility_check_is_left() -> None:
         seed.transition_to(stage)
         seed(torch.randn(64, C))
         assert seed.probe_result is None
+
+
+def test_a_seed_materialised_from_meta_gets_its_alpha_and_flags_back() -> None:
+    """``to_empty`` from meta leaves uninitialised buffers: a standalone seed got its alpha
+    back but not its flags, and a set fault flag charged a DORMANT seed a fault."""
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(1, 4)
+    alpha = seed.alpha.clone()
+    seed.to("meta")
+    assert seed.state_table.state_tensor.device.type == "cpu"  # the lifecycle keeps its data
+    for buffer in (seed._buffers["finite_flag"], seed._buffers["fault_flag"]):
+        assert buffer.is_meta
+    seed.to_empty(device="cpu")
+    assert torch.equal(seed.alpha, alpha) and alpha.item() > 0
+    assert seed.finite_flag.item() and not seed.fault_flag.item()
