@@ -9,7 +9,8 @@ checkpoints and rollback, and telemetry. It is a façade over components that do
   other components they call, never the manager.
 - ``config`` -- ``KasminaConfig``: every setting, validated once.
 - ``slots`` -- ``SlotRegistry``/``SeedRecord``: the managed model's seeds by id, with what the
-  manager keeps per seed (kernel, pin, monitor, timeline).
+  manager keeps per seed (kernel, pin, monitor, timeline); ``held`` -- ``ModelHold``: at
+  each step, whether the model still holds the slots and parameters registered with it.
 - ``guard`` -- ``IsolationGuard``: the per-step isolation checks and the seeds' monitors.
 - ``executor`` -- ``CommandExecution``: what each verified command does; every operation
   completes or leaves the seed as it was (validate and load first, then mutate).

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
+from kasmina.manager.held import ModelHold
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import ActivationSpec, activation_spec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -214,25 +214,6 @@ def check_unmanaged(model: nn.Module) -> None:
         )
 
 
-# Parameters and modules registered anywhere in this process since the first registry (a
-# global hook counts them): a registry whose model may have changed looks only when it moved.
-_REGISTRATIONS = [0]
-
-
-def _count_registration(*_: Any) -> None:
-    if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile
-        _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing new)
-
-
-def _watch_registrations() -> int:
-    """Install the counting hooks (once per process); the count now."""
-    if not _REGISTRATIONS[0]:
-        _REGISTRATIONS[0] = 1
-        nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-        nn.modules.module.register_module_module_registration_hook(_count_registration)
-    return _REGISTRATIONS[0]
-
-
 class SlotRegistry:
     """Seeds of the slots attached to ``model``, all in one shared state table.
 
@@ -285,17 +266,8 @@ class SlotRegistry:
         # The thread that trains (registers, then ends the steps: ``end_step``): measurements
         # run forwards on it only.
         self.training_thread = threading.get_ident()
-        # One host parameter (frozen or not) and where the model holds it, for ``check_held``;
-        # None for a model without parameters of its own.
-        held = next((np for np in model.named_parameters() if id(np[1]) not in seed_ids), None)
-        self._anchor: tuple[nn.Module, str, nn.Parameter] | None = None
-        if held is not None:
-            owner, _, leaf = held[0].rpartition(".")
-            self._anchor = (model.get_submodule(owner), leaf, held[1])
-        # Every host parameter, frozen or not, and the registration count they were last
-        # checked against (``_check_registered``).
-        self._held = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
-        self._checked_at = _watch_registrations()
+        # What the model held when registered, for ``check_held``.
+        self.hold = ModelHold(model, {s.layer_id: s for s in self.slots}, seed_ids)
         # The seeds' events go to this manager's reporter (not a closed manager's, or none).
         self._reporter, self._replaced = telemetry, table.telemetry
         if telemetry is not None:
@@ -303,71 +275,20 @@ class SlotRegistry:
         _LIVE.add(self)
 
     def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
-        """``RuntimeError`` if the model no longer holds the parameters registered with it
-        (one lookup). A move to a device of another tensor type (``to_empty`` from ``meta``,
-        say) or ``load_state_dict(assign=True)`` puts new parameter objects in the model, and
-        the optimizers would go on stepping the old ones. Also if a registered slot was taken
-        out (``detach``, ``merge``: a flag per slot; by hand: a module walk once anything
-        registered a module since the last look): its seeds would never run while the manager
-        stepped them; and if the model holds a trainable parameter no optimizer steps."""
-        gone = [slot.layer_id for slot in self.slots if slot.detached]
-        if not gone and _REGISTRATIONS[0] != self._checked_at:  # ``model.fc = model.fc.host``?
-            held = {id(module) for module in self.model.modules()}
-            gone = [slot.layer_id for slot in self.slots if id(slot) not in held]
-        if gone:
-            raise RuntimeError(
-                f"slot(s) {gone} were taken out of the model (kasmina.detach, merge, or replaced "
-                "in it) after the manager registered them; this manager can no longer step it. "
-                "Attach again with a new manager"
-            )
-        if self._anchor is None:  # no host parameter to find: the walk above was the check
-            self._checked_at = _REGISTRATIONS[0]
-            return
-        module, name, param = self._anchor
-        held = module._parameters.get(name)
-        if held is not param and parametrize.is_parametrized(module, name):
-            # A parametrization (``spectral_norm``, ``orthogonal``) moves the parameter object
-            # itself under ``parametrizations``; one that splits it (``weight_norm``'s
-            # ``original0/1``) leaves it nowhere, and the optimizers would step a dead tensor.
-            held = getattr(module.parametrizations[name], "original", None)
-        if held is not param and any(p is param for p in module._parameters.values()):
-            held = param  # renamed where it is (``torch.nn.utils.prune``: ``weight_orig``)
-        if held is not param:
-            raise RuntimeError(
-                "the model's parameters were replaced after the manager registered them (a "
-                "move to another kind of device, load_state_dict(assign=True), or a "
-                "reparametrization that makes new ones: torch.nn.utils.weight_norm); its "
-                "optimizers hold the old ones. Move, load or reparametrize the model before attach"
-            )
-        if _REGISTRATIONS[0] != self._checked_at:
-            self._check_registered(optimizers)
-
-    def _check_registered(self, optimizers: IsolatedOptimizerManager | None) -> None:
-        """``RuntimeError`` naming the model's trainable parameters that neither the model held
-        when registered nor a host param group holds: a module replaced (``model.fc = ...``),
-        ``weight_norm``/``parametrize`` or ``load_state_dict(assign=True)`` on one layer after
-        attach. Nothing would step them (the first parameter's check above misses these).
-        Runs once per change of the process-wide registration count (GERMINATE moves it too)."""
-        count = _REGISTRATIONS[0]
-        if optimizers is None or not optimizers.has_host:  # the trainer steps the host itself
-            self._checked_at = count  # (``attach(host_lr=None)``): its optimizer is its own
-            return
-        known = set(self._held) | set(self.added_host_params) | set(self.host_groups_of(optimizers))
-        known |= {id(p) for slot in self.slots for p in slot.seeds.parameters()}
-        unknown = [
-            name
-            for name, p in self.model.named_parameters()
-            if p.requires_grad and id(p) not in known
-        ]
-        if unknown:
-            raise RuntimeError(
-                f"the model holds trainable parameters {unknown[:8]} that it did not hold when "
-                "the manager registered it and no optimizer steps (a module replaced, or "
-                "weight_norm, parametrize or load_state_dict(assign=True) on a layer after "
-                "attach): they would never train. Make such changes before attach, or add them "
-                "to the host optimizer (add_param_group)"
-            )
-        self._checked_at = count
+        """``RuntimeError`` if the model no longer holds the parameters registered with it, or
+        a registered slot was taken out (``detach``, ``merge``: a flag per slot; by hand:
+        replaced or deleted), or it holds a trainable parameter no optimizer steps
+        (``ModelHold.check``): the optimizers would step tensors the model no longer uses, or
+        seeds that never run."""
+        known = None
+        if optimizers is not None and optimizers.has_host:  # else the trainer steps the host
+            known = lambda: {  # noqa: E731
+                *self.added_host_params,
+                *self.host_groups_of(optimizers),
+                *(id(p) for slot in self.slots for p in slot.seeds.parameters()),
+            }
+        detached = [slot.layer_id for slot in self.slots if slot.detached]
+        self.hold.check(detached, known)
 
     def take_host_groups(
         self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False

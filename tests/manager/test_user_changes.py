@@ -49,6 +49,32 @@ def test_a_step_refuses_a_model_whose_slot_was_replaced_by_hand(rig: Rig, mlp) -
     assert all(torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
 
 
+@pytest.mark.parametrize("how", ["del", "modules", "pop"])
+def test_a_step_refuses_a_model_whose_slot_was_deleted(rig: Rig, mlp, how: str) -> None:
+    """A slot deleted from the model (``del model.out``, a write to ``_modules``, or the
+    container holding it popped) fires no registration hook: the paths to the slots are looked
+    at every step. A slot moved elsewhere in the model still trains under its new path."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    model, slot = rig.model, rig.model.out
+    model._modules["holder"] = torch.nn.ModuleList([slot])  # moved, no hook fired
+    del model._modules["out"]
+    model.forward = lambda x: model.holder[0](torch.relu(model.inp(x)))  # type: ignore
+    assert rig.train(1)["seeds_stepped"] == [SEED0]
+    if how == "del":
+        del model.holder
+    elif how == "modules":
+        model._modules["holder"] = slot.host  # no hook fires
+    else:
+        model.holder.pop(0)
+    before, step = host_params(rig), manager.state.global_step
+    with pytest.raises(RuntimeError, match=r"\['out'\] were taken out of the model"):
+        manager.step()
+    assert manager.state.global_step == step
+    assert all(torch.equal(a, b) for a, b in zip(before, host_params(rig), strict=True))
+
+
 def test_seeds_whose_parameters_are_frozen_are_warned_and_counted(
     rig: Rig, mlp, caplog: pytest.LogCaptureFixture
 ) -> None:

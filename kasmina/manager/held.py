@@ -1,0 +1,150 @@
+"""Whether a model still holds what its manager registered (``SlotRegistry.check_held``).
+
+A manager steps the host parameters and runs the seeds of the slots it found in the model when
+it registered it. The model is the user's, and between two steps a user may change it: move it
+to another kind of device (``to_empty`` from ``meta``), ``load_state_dict(assign=True)``,
+reparametrize a layer, replace a module (``model.fc = model.fc.host``), delete one
+(``del model.fc``, ``model.layers.pop()``). After any of these the optimizers would step tensors
+the model no longer uses, or the manager would list as stepped seeds that never run. So every
+step starts with a check, and it must cost next to nothing when nothing changed:
+
+- *replaced parameters*: one dictionary lookup of one host parameter where the model held it;
+- *slots taken out*: one lookup per edge of the paths from the model to its slots (each edge
+  once: a layer's slots share the path to it). A deletion fires no hook, so the edges are looked
+  at every time; a broken edge costs a module walk, which either finds every slot still in the
+  model (moved, wrapped) and takes the new paths, or names the slots that are gone;
+- *anything registered*: PyTorch's global registration hooks count every module and parameter
+  registered in the process; when the count moved since the last check, the module walk and a
+  check of the model's trainable parameters against the optimizers' run once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["ModelHold", "watch_registrations"]
+
+# Parameters and modules registered anywhere in this process since the first registry (a
+# global hook counts them): a registry whose model may have changed looks only when it moved.
+_REGISTRATIONS = [0]
+
+Edge = tuple[nn.Module, str, nn.Module]  # (parent, name, child): parent._modules[name] is child
+
+
+def _count_registration(*_: Any) -> None:
+    if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile
+        _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing new)
+
+
+def watch_registrations() -> int:
+    """Install the counting hooks (once per process); the count now."""
+    if not _REGISTRATIONS[0]:
+        _REGISTRATIONS[0] = 1
+        nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        nn.modules.module.register_module_module_registration_hook(_count_registration)
+    return _REGISTRATIONS[0]
+
+
+def _edges(model: nn.Module, slots: Iterable[nn.Module]) -> tuple[Edge, ...]:
+    """The edges of the paths from ``model`` to each of ``slots`` (all held by it), each once."""
+    names = {id(m): name for name, m in model.named_modules()}  # each module's first path
+    edges: dict[tuple[int, str], Edge] = {}
+    for slot in slots:
+        parent = model
+        for part in names[id(slot)].split(".") if names[id(slot)] else ():
+            child = parent._modules[part]
+            assert child is not None  # named_modules skips empty entries
+            edges[(id(parent), part)] = (parent, part, child)
+            parent = child
+    return tuple(edges.values())
+
+
+class ModelHold:
+    """What ``model`` held when registered with ``slots`` (by name): one host parameter where
+    it held it (the ``anchor``), all its parameters outside the seeds (``seed_ids``), the paths
+    to the slots, and the registration count they were last checked against."""
+
+    def __init__(self, model: nn.Module, slots: dict[str, nn.Module], seed_ids: set[int]) -> None:
+        self.model = model
+        self.slots = dict(slots)
+        held = next((np for np in model.named_parameters() if id(np[1]) not in seed_ids), None)
+        self.anchor: tuple[nn.Module, str, nn.Parameter] | None = None  # None: no parameter
+        if held is not None:
+            owner, _, leaf = held[0].rpartition(".")
+            self.anchor = (model.get_submodule(owner), leaf, held[1])
+        self.params = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
+        self.edges = _edges(model, self.slots.values())
+        self.checked_at = watch_registrations()
+
+    def check(self, detached: Sequence[str], known: Callable[[], set[int]] | None) -> None:
+        """``RuntimeError`` if the model no longer holds what was registered. ``detached``:
+        the slots a ``detach``/``merge`` flagged; ``known()``: the ids of every parameter an
+        optimizer steps (None: the trainer steps the host itself, so none is left out)."""
+        moved = _REGISTRATIONS[0] != self.checked_at
+        gone = list(detached)
+        if not gone and (moved or any(p._modules.get(n) is not c for p, n, c in self.edges)):
+            held = {id(module) for module in self.model.modules()}
+            gone = [name for name, slot in self.slots.items() if id(slot) not in held]
+            if not gone:  # moved or wrapped, still in the model: its new paths from now on
+                self.edges = _edges(self.model, self.slots.values())
+        if gone:
+            raise RuntimeError(
+                f"slot(s) {gone} were taken out of the model (kasmina.detach, merge, or replaced "
+                "or deleted in it) after the manager registered them; this manager can no "
+                "longer step it. Attach again with a new manager"
+            )
+        self._check_anchor()
+        if moved:
+            self._check_registered(known)
+
+    def _check_anchor(self) -> None:
+        """``RuntimeError`` if the model's first host parameter is not where it was: a move to a
+        device of another tensor type or ``load_state_dict(assign=True)`` put new parameter
+        objects in the model, and the optimizers would go on stepping the old ones."""
+        if self.anchor is None:
+            return
+        module, name, param = self.anchor
+        held = module._parameters.get(name)
+        if held is not param and parametrize.is_parametrized(module, name):
+            # A parametrization (``spectral_norm``, ``orthogonal``) moves the parameter object
+            # itself under ``parametrizations``; one that splits it (``weight_norm``'s
+            # ``original0/1``) leaves it nowhere, and the optimizers would step a dead tensor.
+            held = getattr(module.parametrizations[name], "original", None)
+        if held is not param and any(p is param for p in module._parameters.values()):
+            held = param  # renamed where it is (``torch.nn.utils.prune``: ``weight_orig``)
+        if held is not param:
+            raise RuntimeError(
+                "the model's parameters were replaced after the manager registered them (a "
+                "move to another kind of device, load_state_dict(assign=True), or a "
+                "reparametrization that makes new ones: torch.nn.utils.weight_norm); its "
+                "optimizers hold the old ones. Move, load or reparametrize the model before attach"
+            )
+
+    def _check_registered(self, known: Callable[[], set[int]] | None) -> None:
+        """``RuntimeError`` naming the model's trainable parameters that neither the model held
+        when registered nor an optimizer steps: a module replaced (``model.fc = ...``),
+        ``weight_norm``/``parametrize`` or ``load_state_dict(assign=True)`` on one layer after
+        attach. Nothing would step them (the anchor's check misses these). Runs once per change
+        of the process-wide registration count (GERMINATE moves it too)."""
+        count = _REGISTRATIONS[0]
+        if known is not None:
+            stepped = set(self.params) | known()
+            unknown = [
+                name
+                for name, p in self.model.named_parameters()
+                if p.requires_grad and id(p) not in stepped
+            ]
+            if unknown:
+                raise RuntimeError(
+                    f"the model holds trainable parameters {unknown[:8]} that it did not hold "
+                    "when the manager registered it and no optimizer steps (a module replaced, "
+                    "or weight_norm, parametrize or load_state_dict(assign=True) on a layer "
+                    "after attach): they would never train. Make such changes before attach, "
+                    "or add them to the host optimizer (add_param_group)"
+                )
+        self.checked_at = count
