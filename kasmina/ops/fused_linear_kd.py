@@ -209,6 +209,8 @@ _HEADS = (
     "float? student_scale, float? teacher_scale, float? student_cap, float? teacher_cap, "
     "bool need_hidden, bool need_weight, bool need_bias"
 )
+# A row count no budget reaches: the default chunk of a traced call whose count is symbolic.
+_ANY_ROWS = 1 << 62
 _SETTINGS = f"float temperature, str reduction, SymInt chunk_rows, {_HEADS}"
 _N_INPUTS = 8
 _N_ARGS = _N_INPUTS + len(_SETTINGS.split(","))  # the forward op's
@@ -479,8 +481,12 @@ def fused_linear_kd_loss(
     rows, vocab = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
     if chunk_rows is None:
         computed = teacher_hidden.dtype if teacher_hidden is not None else None
+        # Traced with a dynamic row count (torch.export, a dynamic compile) the budget's chunk
+        # is taken for every count: the op clamps a chunk to the rows it gets, and comparing
+        # the symbolic count with the budget would guard the graph on it.
+        budgeted = rows if isinstance(rows, int) else _ANY_ROWS
         chunk = default_chunk_rows(
-            rows, vocab, student_hidden.dtype, computed, device_type=student_hidden.device.type
+            budgeted, vocab, student_hidden.dtype, computed, device_type=student_hidden.device.type
         )
     else:  # an int or another library's integer (NumPy), never a bool or a float
         chunk = check_positive_int("chunk_rows", chunk_rows)
