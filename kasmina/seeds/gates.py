@@ -538,11 +538,16 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     ``x`` (None: nothing); with ``backward``, also a backward into its parameters that raises
     (``autograd.grad``: no ``.grad`` is written). The caller keeps buffers and the RNG."""
     params = [p for p in kernel.parameters() if p.requires_grad] if backward else []
+    watched = _written_by_forward(kernel, x)
+    versions = [t._version for _, t in watched]
     try:
         with torch.set_grad_enabled(bool(params)):
             out = kernel(x)
     except Exception as exc:  # any failure of foreign code is a refusal, not a crash
         return f"raised {type(exc).__name__}: {exc}"
+    for (what, t), version in zip(watched, versions, strict=True):
+        if t._version != version:
+            return f"wrote in place into {what}"
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, not a tensor"
     if out.shape != x.shape or out.dtype != x.dtype:
@@ -555,3 +560,25 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
         except Exception as exc:
             return f"raised {type(exc).__name__} in its backward: {exc}"
     return None
+
+
+def _written_by_forward(kernel: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """What a seed's forward must never write in place, each with what the dry run says of it.
+    ``GPUKernel`` reads writes into its input and non-persistent buffers from the program at
+    load (``seed_hazard``), through the ops' alias annotations; an op that returns its input
+    without declaring an alias (``type_as`` of the same dtype, ``broadcast_tensors``) hides
+    them there, and the tensors' version counters, which every in-place op bumps, do not."""
+    saved = {id(t) for t in kernel.state_dict(keep_vars=True).values()}
+    return [
+        ("its input (a seed's input is the host's activation)", x),
+        *(
+            ("its own parameters (a measurement would change its weights)", p)
+            for p in kernel.parameters()
+        ),
+        *(
+            ("a non-persistent buffer, which state_dict does not save (kasmina.save and "
+             "rollback could not restore it)", b)
+            for b in kernel.buffers()
+            if id(b) not in saved
+        ),
+    ]  # fmt: skip

@@ -102,6 +102,61 @@ def test_a_kernel_that_writes_into_a_non_persistent_buffer_is_refused(rig: Rig, 
     )
 
 
+class AddsThroughTypeAs(AddsInPlace):
+    """``type_as`` of the same dtype returns its input itself, and its schema declares no
+    alias: the program's ops hide the write, the dry run's version counters do not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.type_as(self.w).add_(1.0)
+        return x * self.w
+
+
+class AddsThroughBroadcast(AddsInPlace):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.broadcast_tensors(x)[0].mul_(2.0)
+        return x * self.w
+
+
+class CountsThroughTypeAs(CountsUnsaved):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step.type_as(x).add_(1)
+        return x * self.w * torch.tanh(self.step / 10)
+
+
+class ScalesItself(AddsInPlace):
+    """A forward that rescales its own weight: every measurement (the dry run, G3's probe,
+    ``evaluate_seeds``) would change the seed's weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.w.mul_(1.5)
+        return x * self.w
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (AddsThroughTypeAs, "wrote in place into its input (a seed's input is the host's"),
+        (AddsThroughBroadcast, "wrote in place into its input (a seed's input is the host's"),
+        (CountsThroughTypeAs, "wrote in place into a non-persistent buffer, which state_dict"),
+        (ScalesItself, "wrote in place into its own parameters (a measurement would change"),
+    ],
+)
+def test_writes_an_ops_schema_hides_are_refused_by_the_dry_run(
+    rig: Rig, store, module, reason: str
+) -> None:
+    """An op that returns its input without declaring an alias hides a write from the
+    program's check at load (``seed_hazard``); GERMINATE's dry run compares the version
+    counters of the probe, the kernel's parameters and its non-persistent buffers, which every
+    in-place op bumps. Accepted, the first wrote into the host's activation: an eval forward
+    differed from a DORMANT seed's and every training forward raised in the host's backward,
+    with no fault charged."""
+    kernel = module()
+    artifact = publish(kernel, torch.randn(3, 2), store)
+    rig.train(1)
+    assert_refused_and_host_trains(rig, artifact, reason)
+
+
 def test_the_same_kernel_writing_into_its_own_tensor_is_taken(rig: Rig, store) -> None:
     class AddsToACopy(AddsInPlace):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
