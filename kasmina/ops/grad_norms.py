@@ -94,8 +94,10 @@ def leak_check_reference(
 
 
 def _flag(norms: torch.Tensor, tol: float) -> torch.Tensor:
-    # NaN fails every comparison, so ``not (norm <= tol)`` catches it too; +inf exceeds any tol.
-    return (norms <= tol).logical_not_().any()
+    # NaN fails every comparison, so ``not (norm <= tol)`` catches it too; +inf exceeds any tol
+    # once tol is at most the norms' largest finite value: compared with an fp32 tensor, a
+    # Python float rounds to fp32 (1e39 to inf, and ``inf <= inf``), so it is capped first.
+    return (norms <= min(tol, torch.finfo(norms.dtype).max)).logical_not_().any()
 
 
 def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> torch.device:

@@ -189,6 +189,17 @@ def test_one_tiny_entry_is_a_leak_at_zero_tol(
             assert norms.tolist() == [0.0, 0.0, v, 0.0], (v, size, pos)  # one entry: exactly |v|
 
 
+@pytest.mark.parametrize("tol", [3.4e38, 3.5e38, 1e39, 1e300])
+def test_an_infinite_norm_is_flagged_at_any_finite_tol(any_backend: str, tol: float) -> None:
+    """A tolerance above fp32's largest value rounds to inf when compared with fp32 norms, and
+    ``inf <= inf``: the reference let an infinite norm (an inf entry, or finite entries whose
+    norm overflows) pass for ``tol`` 3.5e38 and up, where the kernel flagged it."""
+    for t in (torch.tensor([1.0, float("inf")]), torch.full((8,), 3e38)):
+        norms, flag = leak_check([t], tol=tol)
+        assert norms.item() == math.inf and bool(flag)
+    assert not bool(leak_check([torch.full((8,), 1e20)], tol=tol)[1])
+
+
 def test_nan_and_inf_among_extreme_values(any_backend: str, poisoned_empty: None) -> None:
     nan, inf = float("nan"), float("inf")
     spread = torch.full((2049,), 1e-30)
