@@ -357,7 +357,7 @@ class KasminaLayer(nn.Module):
         out = self._modules["host"](*args, **kwargs)
         # The first forward's shapes, then one compare (compiled: a guard; the record, a side
         # effect replayed after each call, swaps the graph once; fullgraph takes no one-shot hook).
-        if self.output_contract is None:
+        if self.output_contract is None and not torch.jit.is_tracing():  # a trace check reruns
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
             again = recomputing()

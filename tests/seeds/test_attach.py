@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -131,6 +132,23 @@ def test_an_fx_trace_before_the_first_forward_records_nothing() -> None:
     torch.fx.symbolic_trace(model)
     assert slot.output_contract is None and slot.input_spec is None
     model(torch.randn(3, 5))
+    assert slot.contract_problem() is None and slot.chunk_spec()[0] == (3, 4)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_jit_trace_before_the_first_forward_passes_its_check(mode: str) -> None:
+    """``torch.jit.trace`` with its default check traces twice and compares: the slot recorded
+    its contract in the first pass only, the graphs differed and the trace raised on a freshly
+    attached model with every seed DORMANT. A trace records nothing (an eager forward does:
+    the check's own, here), so the check passes and the traced model is the bare one's."""
+    model, bare = MLP(), MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    getattr(model, mode)(), getattr(bare, mode)()
+    x = torch.randn(3, 5)
+    with torch.no_grad() if mode == "eval" else contextlib.nullcontext():
+        traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x), bare(x), rtol=0, atol=0)
+    model(x)
     assert slot.contract_problem() is None and slot.chunk_spec()[0] == (3, 4)
 
 
