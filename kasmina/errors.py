@@ -40,3 +40,12 @@ class CheckpointIntegrityError(KasminaError):
 class CheckpointUnavailableError(KasminaError):
     """No checkpoint can serve the request: none of that epoch is kept (the message names the
     nearest kept ones), or this run keeps none at all (``checkpoint_mode="off"``)."""
+
+
+class NotARegularFileError(KasminaError, ValueError):
+    """``path`` names something other than a regular file (``kind``: "a FIFO", ...), refused
+    before anything blocks on it; a ``ValueError`` too, as a bad path argument is."""
+
+    def __init__(self, path: str, kind: str, what: str = "file") -> None:
+        super().__init__(f"{what} {path} is not a regular file ({kind})")
+        self.path, self.kind = path, kind

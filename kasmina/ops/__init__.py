@@ -1,11 +1,11 @@
 """The fused ops: the hot paths, each a Triton kernel behind autograd (docs/design.md §2).
 
-Four op families, one module each, read top to bottom: the plain torch reference (the CPU path
-and the test oracle), the Triton launch (device code lives in ``kasmina.kernels``, and only this
-package imports it), one ``torch.autograd.Function`` for eager use and one
-``torch.library.custom_op`` with ``register_fake`` and ``register_autograd`` for
-``torch.compile(fullgraph=True)`` -- both over the same implementation -- and the public function
-that dispatches:
+Five op families, one module each (``fused_linear_kd`` has its chunk engine beside it), read
+top to bottom: the plain torch reference (the CPU path and the test oracle), the Triton launch
+(device code lives in ``kasmina.kernels``, and only this package imports it), one
+``torch.autograd.Function`` for eager use and one ``torch.library.custom_op`` with
+``register_fake`` and ``register_autograd`` for ``torch.compile(fullgraph=True)`` -- both over
+the same implementation -- and the public function that dispatches:
 
 - ``alpha_blend`` -- ``alpha*seed + (1-alpha)*host.detach()`` (per-chunk alpha), or the
   straight-through ``incubate`` mode; the host gets no gradient from the blend.

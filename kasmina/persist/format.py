@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from kasmina.errors import ArtifactIntegrityError, KasminaError
+from kasmina.errors import ArtifactIntegrityError, KasminaError, NotARegularFileError
 from kasmina.utils.atomic import atomic_write_bytes, remove_stale_temporaries
-from kasmina.utils.files import NotARegularFileError, open_regular_file
+from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import clipped
 from kasmina.utils.signed_json import strict_json_loads
 from kasmina.utils.state_io import is_hex

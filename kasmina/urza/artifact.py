@@ -31,9 +31,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kasmina.errors import ArtifactIntegrityError
+from kasmina.errors import ArtifactIntegrityError, NotARegularFileError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
-from kasmina.utils.files import NotARegularFileError, open_regular_file
+from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import clipped
 from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 

@@ -18,7 +18,8 @@
 - ``files`` -- ``open_regular_fd``, ``open_regular_file``, ``read_regular_file``,
   ``read_text_file``: local regular files only, for key, config, checkpoint, model, store and
   telemetry files alike. A FIFO, a device or a directory is refused at once with
-  ``NotARegularFileError`` (never blocked on), and a whole-file read stops at a size limit.
+  ``kasmina.errors.NotARegularFileError`` (never blocked on), and a whole-file read stops at a
+  size limit.
 - ``locks`` -- ``lock_exclusive``: an advisory ``flock`` on a lock file, so that one live process
   owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
 - ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an

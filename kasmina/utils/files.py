@@ -26,9 +26,10 @@ import os
 import stat
 from typing import BinaryIO
 
+from kasmina.errors import NotARegularFileError
+
 __all__ = [
     "MAX_CONFIG_FILE_BYTES",
-    "NotARegularFileError",
     "open_regular_fd",
     "open_regular_file",
     "read_regular_file",
@@ -45,14 +46,6 @@ _KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
-
-
-class NotARegularFileError(ValueError):
-    """``path`` names something other than a regular file (``kind``: "a FIFO", ...)."""
-
-    def __init__(self, path: str, kind: str, what: str = "file") -> None:
-        super().__init__(f"{what} {path} is not a regular file ({kind})")
-        self.path, self.kind = path, kind
 
 
 def open_regular_fd(

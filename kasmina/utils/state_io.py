@@ -50,9 +50,9 @@ from typing import IO, Any
 
 import torch
 
-from kasmina.errors import CheckpointIntegrityError
+from kasmina.errors import CheckpointIntegrityError, NotARegularFileError
 from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries
-from kasmina.utils.files import NotARegularFileError, open_regular_file, read_regular_file
+from kasmina.utils.files import open_regular_file, read_regular_file
 from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 
 __all__ = [

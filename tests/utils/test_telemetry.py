@@ -13,8 +13,8 @@ import threading
 import pytest
 from google.protobuf.json_format import ParseDict
 
+from kasmina.errors import KasminaError, NotARegularFileError
 from kasmina.leyline import MetricType, TelemetryPacket
-from kasmina.utils.files import NotARegularFileError
 from kasmina.utils.telemetry import (
     JsonlFileSink,
     MemorySink,
@@ -233,8 +233,9 @@ def test_a_fifo_is_refused_at_once_never_blocked_on(tmp_path) -> None:
         pytest.fail("opening a FIFO with no reader blocked")
     assert isinstance(outcome[0], NotARegularFileError)
     assert "FIFO" in str(outcome[0])
-    with pytest.raises(NotARegularFileError, match="directory"):
+    with pytest.raises(NotARegularFileError, match="directory") as raised:
         JsonlFileSink(tmp_path)
+    assert isinstance(raised.value, KasminaError) and isinstance(raised.value, ValueError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]  # and no lock file beside
     assert not tmp_path.with_name(tmp_path.name + ".lock").exists()
 
