@@ -554,8 +554,9 @@ class KasminaLayer(nn.Module):
         if torch.compiler.is_compiling():
             return torch.tensor(values, device=device)  # a constant of the graph
         key = (tuple(ran), device)
-        if key not in self._masks:
-            self._masks[key] = torch.tensor(values, device=device)
+        if key not in self._masks:  # made under inference mode, no backward could save it
+            with torch.inference_mode(False):
+                self._masks[key] = torch.tensor(values, device=device)
         return self._masks[key]
 
     def _maybe_kd(

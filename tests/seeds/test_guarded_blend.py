@@ -336,6 +336,29 @@ def test_no_grad_and_eval_take_the_values_without_a_node() -> None:
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("first", [S.GRAFTING, S.STABILIZATION])
+def test_an_inference_mode_forward_leaves_no_mask_a_backward_cannot_save(
+    first: S, finite_read: str
+) -> None:
+    """The mask of the seeds that did not run is cached per pattern; one first made in an
+    inference-mode forward (a validation pass, ``generate``) was an inference tensor, and
+    every later training step differentiated twice (``create_graph``: a gradient penalty)
+    raised saving it, for good."""
+    layer = _layer([first, S.DORMANT], nn.Linear(3, 4), 2)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(5, 3)
+    with torch.inference_mode():
+        layer(x)
+    for slot in (layer, twin):
+        xs = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(slot(xs).pow(2).sum(), xs, create_graph=True)
+        gx.pow(2).sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_the_finite_test_is_one_sum_that_only_an_absurd_output_overflows(
     dtype: torch.dtype,
