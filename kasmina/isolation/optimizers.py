@@ -363,10 +363,13 @@ class IsolatedOptimizerManager:
         for group in self._entry(optimizer_id).optimizer.param_groups:
             group["lr"] = lr
 
-    def zero_grad(self, optimizer_id: str | None = None, set_to_none: bool = True) -> None:
-        ids = [optimizer_id] if optimizer_id is not None else list(self._entries)
-        for oid in ids:
-            self._entry(oid).optimizer.zero_grad(set_to_none=set_to_none)
+    def zero_grad(
+        self, optimizer_id: str | None = None, set_to_none: bool = True, host: bool | None = None
+    ) -> None:
+        """``host``: ``set_to_none`` for the host's optimizer alone (None: the same)."""
+        for oid in [optimizer_id] if optimizer_id is not None else list(self._entries):
+            none = set_to_none if host is None or oid != HOST_ID else host
+            self._entry(oid).optimizer.zero_grad(set_to_none=none)
 
     def clip_grad_norm(self, optimizer_id: str, max_norm: float) -> torch.Tensor:
         """Scale the group's grads so their global L2 norm is at most ``max_norm``.
@@ -489,8 +492,7 @@ class IsolatedOptimizerManager:
         """Every optimizer's ``state_dict`` plus the layout needed to check it on load.
 
         Like torch's, it holds references to the live state tensors; clone it (or use
-        ``kasmina.manager.checkpoints.capture_training_state``) to keep a snapshot in memory.
-        """
+        ``kasmina.manager.checkpoints.capture_training_state``) to keep a snapshot in memory."""
         return {
             "format": STATE_FORMAT,
             "optimizers": {
@@ -548,8 +550,7 @@ def upgrade_state_dict(state: Mapping[str, Any]) -> Mapping[str, Any]:
 
     Format 1 kept each promoted seed in a param group of its own. Its groups are merged into
     the first in order: the saved state's parameter numbering (across groups, in order) stays
-    valid, and the promoted seeds take the first group's hyperparameters, as they do now.
-    """
+    valid, and the promoted seeds take the first group's hyperparameters, as they do now."""
     version = state.get("format")
     if version == STATE_FORMAT:
         return state

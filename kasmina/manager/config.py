@@ -174,6 +174,11 @@ class KasminaConfig:
     # Contain a kernel whose backward raises (before ACTIVE): one guarded autograd node per seed.
     # Its cost per step is in perf/bench_faults.py; False trades that safety for the time.
     guard_seed_backward: bool = True
+    # How step() clears the host optimizer's gradients after stepping: True (PyTorch's default)
+    # sets them to None; False zeroes them in place, as zero_grad(set_to_none=False) in a plain
+    # loop: a parameter a step did not reach keeps a zero gradient, and an optimizer with state
+    # (Adam's moments, weight decay) steps it. Seeds' gradients are always set to None.
+    host_grads_set_to_none: bool = True
     # Atomic, signed per-epoch checkpoints for rollback ("" = <run_dir>/checkpoints).
     checkpoint_dir: str = ""
     # Emergency checkpoints written when a breaker trips ("" = <run_dir>/emergency); written
@@ -280,7 +285,7 @@ class KasminaConfig:
         _positive_int("fetch_workers", self.fetch_workers)
         _positive_int("max_isolation_violations", self.max_isolation_violations)
         _positive_int("seed_fault_limit", self.seed_fault_limit)
-        for flag in ("guard_seed_backward", "kd_enabled"):  # "false" would be truthy
+        for flag in ("guard_seed_backward", "host_grads_set_to_none", "kd_enabled"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.run_id, str):

@@ -485,7 +485,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 host_stepped = bool(host) and done[0]
                 stepped = list(compress(seeds, done[len(host) :]))
                 self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
-                optimizers.zero_grad()
+                optimizers.zero_grad(host=state.config.host_grads_set_to_none)
                 dropped = registry.end_step()  # KD losses computed, never passed to backward()
                 if dropped and not self.counters["kd_dropped"]:
                     logger.warning("KD losses were computed but not passed to backward(); dropped")

@@ -11,7 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command
-from kasmina.utils.keyring import Keyring
+from kasmina.manager import KasminaKernelManager
+from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
 
 Schedule = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -278,3 +279,48 @@ def test_an_object_tracked_again_under_a_name_is_left_alone_by_older_checkpoints
     assert torch.equal(again.weights, torch.ones(5))  # the old copy's state is not its
     assert run_command(manager, rig.signed(make_rollback_command(1)))
     assert torch.equal(again.weights, torch.zeros(5))
+
+
+class TwoHeads(torch.nn.Module):
+    """A body and two heads; each step uses one (multi-task training, a head used rarely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(6, 8)
+        self.head_a = torch.nn.Linear(8, 4)
+        self.head_b = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return (self.head_a if task == 0 else self.head_b)(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_host_gradients_are_cleared_as_the_config_says(tmp_path, set_to_none: bool) -> None:
+    """``step()`` cleared the host's gradients to None, whatever the user's loop meant: with
+    Adam, a head a step does not reach keeps stepping on its moments in a plain loop that
+    zeroes in place (``zero_grad(set_to_none=False)``), and under the manager it stopped.
+    ``host_grads_set_to_none=False`` gives that loop's update, every seed DORMANT."""
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(2))
+    tasks = [0, 1, 0, 0, 0]
+    plain = TwoHeads()
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for task in tasks:
+        opt.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(plain(x, task), y).backward()
+        opt.step()
+    config = make_config(tmp_path, tmp_path / "urza", host_grads_set_to_none=set_to_none)
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    grown = TwoHeads()
+    manager.attach(grown, ["head_a"], seeds_per_layer=2, chunk_size=2, host_lr=1e-2)
+    for task in tasks:
+        manager.backward(F.cross_entropy(grown(x, task), y))
+        assert manager.step()["host_stepped"]
+    for name, p in plain.named_parameters():
+        got = grown.get_parameter(name.replace("head_a.", "head_a.host."))
+        assert torch.equal(got, p), name
+    kept = [p.grad for p in manager.require_registry().host_params]
+    assert all((g is None) == set_to_none for g in kept)
+    assert set_to_none or all(not g.any() for g in kept)
+    manager.close()
