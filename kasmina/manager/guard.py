@@ -140,14 +140,24 @@ class IsolationGuard:
         """The debug monitor's name for a pair of no registered seed: the name it had if these
         two modules were registered before, else a new ``external[n]``. Pairs whose modules
         are gone are forgotten here, so the map holds live pairs only."""
-        live = {n: (h, s) for n, (h, s) in self._pairs.items() if None not in (h(), s())}
-        self._pairs = live
+        self.drop_dead_pairs()
         for name, (host, seed) in self._pairs.items():
             if host() is host_model and seed() is seed_model:
                 return name
         name = f"external[{next(self._external_ids)}]"
         self._pairs[name] = (weakref.ref(host_model), weakref.ref(seed_model))
         return name
+
+    def drop_dead_pairs(self) -> None:
+        """Forget the ``external[n]`` pairs whose modules are gone, and take their monitors off
+        (hooks removed): a monitor of a culled kernel's module held its parameters, hooked the
+        host's and was checked at every step until ``close()``, one more per registration."""
+        dead = {n for n, (h, s) in self._pairs.items() if None in (h(), s())}
+        if dead:
+            self._pairs = {n: pair for n, pair in self._pairs.items() if n not in dead}
+            for old in [m for m in self.external if m.seed_id in dead]:
+                old.clear_hooks()
+                self.external.remove(old)
 
     def close(self, registry: SlotRegistry | None) -> None:
         """``manager.close()``: the debug monitors' hooks come off the user's parameters and the
@@ -251,6 +261,7 @@ class IsolationGuard:
                 monitor.check_graph(output)
             clean &= self._verify(monitor)
             record.seed.isolation_violations = monitor.violation_count
+        self.drop_dead_pairs()
         for monitor in self.external:
             if not monitor.tripped:  # a tripped monitor is inert: it had its say when it tripped
                 clean &= self._verify(monitor)

@@ -4,6 +4,7 @@ rolled back; a real Urza store, the real handler, a tiny host on CPU."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -756,19 +757,28 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
 def test_a_seed_registered_again_runs_one_debug_monitor(rig: Rig, mlp) -> None:
     """Registered once per germination of a seed id (cull, then germinate anew): the new
     monitor replaces the old one and its hooks, which would otherwise pile up on every step
-    and keep every released kernel alive."""
+    and keep every released kernel alive. A pair of no seed id keeps its name while its
+    modules live; once one is gone, its monitor goes too (it piled up as the seed's did)."""
     manager = rig.manager
+    kept = nn.Linear(2, 2)  # no seed of ours, alive all along: one monitor, ``external[0]``
     for cycle in range(3):
+        gc.collect()  # the last cycle's released program module (graph modules hold cycles)
         assert rig.send("germinate", SEED0, mlp)
         manager.register_gradient_monitors(rig.model.inp, manager.seed(SEED0).kernel)
-        manager.register_gradient_monitors(rig.model.inp, nn.Linear(2, 2))  # no seed of ours
+        manager.register_gradient_monitors(rig.model.inp, kept)
+        # The kernel's program module is no seed id either; it goes with the CULL below.
+        manager.register_gradient_monitors(rig.model.inp, manager.seed(SEED0).kernel.inner)
         ids = sorted(m.seed_id for m in manager.guard.external)
-        assert ids == [*(f"external[{i}]" for i in range(cycle + 1)), SEED0]
-        assert len(rig.model.inp.weight._backward_hooks) == cycle + 2
+        assert ids == ["external[0]", f"external[{cycle + 1}]", SEED0]
+        assert len(rig.model.inp.weight._backward_hooks) == 3
         rig.train(1)
         assert rig.send("cull", SEED0)
         manager.end_epoch(2 * cycle)  # the embargo passes
         manager.end_epoch(2 * cycle + 1)
+    gc.collect()
+    rig.train(1)  # a step forgets the monitors of pairs whose modules are gone, hooks and all
+    assert sorted(m.seed_id for m in manager.guard.external) == ["external[0]", SEED0]
+    assert len(rig.model.inp.weight._backward_hooks) == 2
 
 
 def test_debug_monitors_keep_accumulated_host_gradients_and_go_inert_once_tripped(
