@@ -15,6 +15,7 @@ from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES
 
 __all__ = [
+    "PendingKDLosses",
     "StaticKDLoss",
     "kd_head_problem",
     "seed_kd_loss",
@@ -245,7 +246,26 @@ def kd_head_problem(weight: object, bias: object, width: int) -> str | None:
     return None
 
 
+class PendingKDLosses(list):  # type: ignore[type-arg]
+    """A slot's KD losses waiting for a collect, and how many of them it has already reported
+    as left uncollected: a forward loop that never collects reports each loss once, not once
+    per later forward (the count grew with the square of the forwards)."""
+
+    reported = 0
+
+    def newly_uncollected(self) -> int:
+        """How many losses became uncollected since the last call or ``clear``."""
+        new, self.reported = len(self) - self.reported, len(self)
+        return new
+
+    def clear(self) -> None:
+        super().clear()
+        self.reported = 0
+
+
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of ``losses`` (each summed to a scalar first), and ``losses`` emptied; None for
+    none."""
     if not losses:
         return None
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()

@@ -49,7 +49,13 @@ import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import kd_head_problem, slot_kd_loss, sum_kd_losses, teacher_fit_problem
+from kasmina.kd.loss import (
+    PendingKDLosses,
+    kd_head_problem,
+    slot_kd_loss,
+    sum_kd_losses,
+    teacher_fit_problem,
+)
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
@@ -144,16 +150,10 @@ class KasminaLayer(nn.Module):
         self.kd_config = kd_config if kd_config is None or kd_config.enabled else None
         self.layer_id = layer_id
         self.state_table = state
+        ids = [(f"{layer_id}[{k}]", state_offset + k) for k in range(num_seeds)]
+        options = {"state": state, "fault_limit": fault_limit}
         self.seeds = nn.ModuleList(
-            GradientIsolatedSeed(
-                chunk_size,
-                f"{layer_id}[{k}]",
-                kd_config,
-                state=state,
-                index=state_offset + k,
-                fault_limit=fault_limit,
-            )
-            for k in range(num_seeds)
+            GradientIsolatedSeed(chunk_size, sid, kd_config, index=i, **options) for sid, i in ids
         )
         for seed in self.seeds:
             seed.chunk_dim = chunk_dim
@@ -172,7 +172,7 @@ class KasminaLayer(nn.Module):
         self._rank = batched_rank(host, chunk_dim)
         self._teacher_logits: torch.Tensor | None = None
         self._recompute_teacher: torch.Tensor | None = None
-        self._kd_losses: list[torch.Tensor] = []
+        self._kd_losses = PendingKDLosses()
         self._graph = GraphMark()  # an object: compiled, a store to it is a replayed side effect
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
         counts = torch.zeros(2, dtype=torch.long, device=device)  # [seeds, KD] of compiled calls:
@@ -302,7 +302,7 @@ class KasminaLayer(nn.Module):
         batch's, summed into the next collect unless discarded, or several views' (kept)."""
         if teacher_logits is not None and not teacher_logits.is_floating_point():
             raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
-        uncollected = len(self._kd_losses) if teacher_logits is not None else 0
+        uncollected = self._kd_losses.newly_uncollected() if teacher_logits is not None else 0
         if uncollected:
             self._sit_out("kd_uncollected", "KD loss of an earlier forward not collected yet")
         self._teacher_logits = teacher_logits
@@ -322,7 +322,7 @@ class KasminaLayer(nn.Module):
         return sum_kd_losses(self._kd_losses)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy starts without this step's state
-        fresh = {"_kd_losses": [], "_recompute_teacher": None, "_graph": GraphMark()}
+        fresh = {"_kd_losses": PendingKDLosses(), "_recompute_teacher": None, "_graph": GraphMark()}
         return {**self.__dict__, **fresh}
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a pickle from before the mark
@@ -577,8 +577,7 @@ class KasminaLayer(nn.Module):
             self._kd_losses.append(loss)
 
     def _sit_out(self, what: str, reason: str) -> None:
-        compiled = self._buffers["sat_out_compiled"]
-        count_sat_out(self.sat_out, compiled, self.layer_id, what, reason)
+        count_sat_out(self.sat_out, self._buffers["sat_out_compiled"], self.layer_id, what, reason)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values

@@ -717,6 +717,26 @@ def test_a_skipped_batchs_kd_loss_is_reported_and_discarded_by_a_collect(
     assert torch.equal(reference, manager.collect_kd_losses())
 
 
+def test_each_uncollected_kd_loss_is_counted_once(kd_rig: Rig, mlp) -> None:
+    """Forwards with teacher logits and no collect (a validation loop reusing the training
+    forward): each left loss is counted once, at the next teacher logits; the count grew with
+    the square of the forwards (every call counted every loss still held again). A collect
+    starts the count anew."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    for _ in range(6):
+        manager.set_teacher_logits(teacher)
+        rig.model(rig.x)
+    manager.set_teacher_logits(teacher)
+    assert manager.counters["kd_uncollected"] == 6
+    manager.collect_kd_losses()
+    rig.model(rig.x)
+    manager.set_teacher_logits(teacher)
+    assert manager.counters["kd_uncollected"] == 7
+    manager.set_teacher_logits(None)
+
+
 def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
     kd_rig: Rig, mlp, tmp_path
 ) -> None:
