@@ -69,7 +69,12 @@ def _program_module(
         first, module = _next_source_id(), None
         try:
             program = move_to_device_pass(_deserialise(payload), device)
-            module = program.module()
+            # No guards module: its function is wrapped in a config patch that makes a
+            # ContextVar per loaded program and sets it in the calling thread's context at the
+            # first call, for good (one more per load, however many are evicted). The inputs'
+            # shapes are still checked against the program's range constraints (the module's
+            # own pre-hook), and Kasmina checks what a seed's kernel gets itself.
+            module = program.module(check_guards=False)
             facts = _Facts(
                 _mutates_input(program),
                 _writes_unsaved_buffer(program),

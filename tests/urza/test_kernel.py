@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import gc
@@ -308,6 +309,23 @@ def test_loads_do_not_keep_their_shape_envs_alive(artifact) -> None:
         kernel(x).sum().backward()
         del kernel
     assert shape_envs() <= before
+
+
+def test_loads_leave_no_context_variables_behind(artifact) -> None:
+    """The program module's guards function ran under a config patch with a ContextVar of its
+    own, set in the calling thread's context at its first call and never taken out: one more
+    per load (every reload of an evicted artifact, every ``kasmina.load``). Loads build no
+    guards module now; a wrong input is still refused by the program's own check."""
+    _, payload, manifest, _ = artifact
+    x = torch.randn(3, 8)
+    GPUKernel.from_binary(payload, manifest, "cpu")(x)
+    before = len(contextvars.copy_context())
+    for _ in range(6):
+        kernel = GPUKernel.from_binary(payload, manifest, "cpu")
+        kernel(x).sum().backward()
+    assert len(contextvars.copy_context()) == before
+    with pytest.raises(Exception, match="shape|size|dimension"):
+        kernel(torch.randn(3, 5))
 
 
 def test_loads_on_two_threads_keep_each_others_sources(artifact, monkeypatch) -> None:
