@@ -148,7 +148,9 @@ def _pickle_problem(payload: bytes) -> str | None:
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
             entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
-            if len(entries) != 1:
+            if len(entries) > 1:  # which one torch reads is torch's choice: check all or none
+                return f"{len(entries)} pickles; the format writes one"
+            if not entries:
                 return None
             if entries[0].compress_type != zipfile.ZIP_STORED:
                 return "a compressed pickle"

@@ -227,3 +227,18 @@ def test_a_crafted_class_name_is_refused_before_torch_reads_it(
     a name no ``torch.save`` of this format writes is refused at once."""
     payload = _with_pickle(pickle)
     _refused(_write_raw(tmp_path / "crafted", _header(payload), payload), match)
+
+
+def test_a_decoy_pickle_beside_the_real_one_is_refused(tmp_path: Path) -> None:
+    """A second ``*data.pkl`` entry beside the archive's own made the pickle check pass the
+    archive unread, and torch then read the real pickle, a crafted class name included (30 s
+    for 40,000 characters). An archive with more than one pickle is refused at once."""
+    payload = _with_pickle(b"\x80\x02c" + b"a" * 20_000 + b"\nb\n.")
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(payload)) as source, zipfile.ZipFile(out, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, source.read(name))
+        prefix = source.namelist()[0].split("/")[0]
+        archive.writestr(f"{prefix}/decoy_data.pkl", b"\x80\x02}q\x00.")
+    crafted = out.getvalue()
+    _refused(_write_raw(tmp_path / "decoy", _header(crafted), crafted), "2 pickles")
