@@ -22,6 +22,7 @@ the file.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import BinaryIO
@@ -63,6 +64,10 @@ def open_regular_fd(
         fd = os.open(path, flags | extra | getattr(os, "O_BINARY", 0), mode)
     except IsADirectoryError:  # an open to write: one to read opens it, and fstat refuses it
         raise NotARegularFileError(os.fspath(path), "a directory", what) from None
+    except OSError as exc:  # a FIFO without a reader, opened to write without blocking
+        if exc.errno == errno.ENXIO and stat.S_ISFIFO(os.stat(path).st_mode):
+            raise NotARegularFileError(os.fspath(path), "a FIFO", what) from None
+        raise
     try:
         st_mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(st_mode):

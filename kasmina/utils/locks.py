@@ -25,6 +25,8 @@ import os
 import weakref
 from pathlib import Path
 
+from kasmina.utils.files import open_regular_fd
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no advisory locks
@@ -53,8 +55,11 @@ def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
     """Open ``path`` (created if missing; its directory must exist) and lock it exclusively
     without waiting: the open file, which holds the lock until it is closed (in this process; a
     forked child never holds it), or None when another open file holds it (a live process, or
-    another owner in this one)."""
-    lock_file = io.FileIO(Path(path), "a")
+    another owner in this one). A path that is not a regular file (a FIFO planted there, which
+    a plain open would block on for good) or is a symlink is refused (``NotARegularFileError``,
+    ``OSError``), never opened through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    lock_file = io.FileIO(open_regular_fd(Path(path), flags, what="lock file"), "a")
     if fcntl is None:
         return lock_file
     try:

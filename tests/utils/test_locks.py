@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from kasmina.errors import NotARegularFileError
 from kasmina.utils.locks import lock_exclusive
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
@@ -61,3 +62,23 @@ def test_a_trainer_killed_while_its_forked_worker_lives_leaves_no_lock(tmp_path)
         restarted.close()
     finally:
         os.kill(worker_pid, signal.SIGKILL)
+
+
+def test_a_fifo_or_symlink_at_a_lock_path_is_refused_at_once(tmp_path):
+    """A FIFO planted where a run's lock file goes (a shared checkpoint directory) made the
+    open block for good, and the trainer hung at start; a symlink there was opened through,
+    creating an empty file at its target. Both are refused now, without waiting."""
+    fifo = tmp_path / "nonces.log.lock"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(NotARegularFileError, match="FIFO"):
+        lock_exclusive(fifo)
+    assert time.monotonic() - started < 5
+    target, link = tmp_path / "elsewhere", tmp_path / "run.lock"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        lock_exclusive(link)
+    assert not target.exists()
+    held = lock_exclusive(tmp_path / "plain.lock")
+    assert held is not None and lock_exclusive(tmp_path / "plain.lock") is None
+    held.close()
