@@ -546,7 +546,7 @@ def _legacy_keyring(args: argparse.Namespace) -> Keyring:
     variable), and a file holding any key of the command keyring (``--command-keys FILE``, that
     variable, or both; one is required, since both keyrings are the same kind of file) is
     refused."""
-    from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring
+    from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring, hmac_equivalent
 
     if not args.hmac_keys:
         raise CLIError(
@@ -567,8 +567,8 @@ def _legacy_keyring(args: argparse.Namespace) -> Keyring:
             f"--command-keys FILE (the trainers' command keyring) or set ${DEFAULT_ENV_VAR}"
         )
     for where, keyring in commands:
-        secrets = {keyring.get(key_id) for key_id in keyring.key_ids}
-        shared = [key_id for key_id in legacy.key_ids if legacy.get(key_id) in secrets]
+        secrets = {hmac_equivalent(keyring.get(key_id)) for key_id in keyring.key_ids}
+        shared = [k for k in legacy.key_ids if hmac_equivalent(legacy.get(k)) in secrets]
         if shared:
             raise CLIError(
                 f"--hmac-keys {args.hmac_keys}: key(s) {shared} also sign commands "

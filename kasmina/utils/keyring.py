@@ -35,6 +35,7 @@ __all__ = [
     "MIN_KEY_BYTES",
     "Keyring",
     "generate_key",
+    "hmac_equivalent",
 ]
 
 
@@ -70,6 +71,18 @@ def checked_keyring(value: object) -> Keyring:
     return value
 
 
+_HMAC_BLOCK = hashlib.sha256().block_size
+
+
+def hmac_equivalent(key: bytes) -> bytes:
+    """The HMAC-SHA256 key ``key`` acts as: one longer than the 64-byte block is hashed, and
+    every key is zero-padded to the block, so ``K`` and ``K + b"\\0"`` (or a long key and its
+    digest) sign every message alike; compared in this form, they are one secret."""
+    if len(key) > _HMAC_BLOCK:
+        key = hashlib.sha256(key).digest()
+    return key.ljust(_HMAC_BLOCK, b"\0")
+
+
 class Keyring:
     """HMAC keys by ``key_id``. Key material never appears in ``repr`` or logs."""
 
@@ -93,13 +106,14 @@ class Keyring:
                 named = _named(key_id, position)
                 raise ValueError(f"{named} is shorter than {MIN_KEY_BYTES} bytes")
             secret = bytes(key)
-            if secret in ids:  # removing one id would leave the secret valid under another
+            same = hmac_equivalent(secret)  # HMAC keys that differ only as HMAC pads them
+            if same in ids:  # removing one id would leave the secret valid under another
                 raise ValueError(
-                    f"{_named(key_id, position)} is the same secret as {_named(*ids[secret])}: "
+                    f"{_named(key_id, position)} is the same secret as {_named(*ids[same])}: "
                     "one secret under two ids cannot be revoked by removing either; give each "
                     "id its own key"
                 )
-            ids[secret] = (key_id, position)
+            ids[same] = (key_id, position)
             self._keys[key_id] = secret
             self._macs[key_id] = hmac.new(secret, digestmod=hashlib.sha256)
 

@@ -4,6 +4,7 @@ waited on, never read without end), and errors name the file at fault."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,6 +115,14 @@ def test_one_key_under_two_ids_is_refused() -> None:
     with pytest.raises(ValueError, match="key 'new' is the same secret as key 'old'") as info:
         Keyring({"old": secret, "other": bytes(32), "new": secret})
     assert secret.hex() not in str(info.value)
+    # HMAC pads a key with zeros to its 64-byte block and hashes a longer one: these sign
+    # every message alike, so they are one secret too.
+    long = bytes(range(80))
+    for twin in (secret + b"\0", secret + bytes(32), hashlib.sha256(long).digest()):
+        held = long if len(twin) == 32 and twin != secret else secret
+        with pytest.raises(ValueError, match="key 'new' is the same secret as key 'old'"):
+            Keyring({"old": held, "new": twin})
+    Keyring({"old": secret, "new": secret[:-1] + b"\1"})  # a different secret is fine
     public = PublisherKey.generate("ci").public_key_text
     with pytest.raises(ValueError, match="ids 'ci' and 'ci-2025' hold the same public key"):
         TrustedPublishers({"ci": public, "ci-2025": public})
