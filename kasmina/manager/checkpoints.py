@@ -520,6 +520,14 @@ def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any
             raise ValueError(
                 f"checkpoint for {name}.{key} has shape {got}, expected {tuple(tensor.shape)}"
             )
+        if isinstance(tensor, torch.Tensor) and value.dtype != tensor.dtype:
+            # A load would cast it silently, and the seeds' kernels (the artifacts' dtype)
+            # would then fault at every call: build the model as the run was, as kasmina.load
+            # asks too.
+            raise ValueError(
+                f"checkpoint for {name}.{key} is {value.dtype}, the live model's "
+                f"{tensor.dtype}: build the model in the checkpoint's dtype, then roll back"
+            )
 
 
 def restore_training_state(

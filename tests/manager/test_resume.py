@@ -121,6 +121,26 @@ def test_a_resumed_g3_counts_the_hosts_cost_as_the_run_it_resumes(
     assert again.manager.command_log[-1][3] == refusal
 
 
+def test_a_resume_into_a_host_of_another_dtype_is_refused_and_changes_nothing(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A float32 run resumed into a host built in bfloat16: the load cast the checkpoint into
+    it silently, the float32 kernels came back beside it, and every running seed faulted at
+    each call until quarantined. Refused now, naming both dtypes, with every bit as it was."""
+    config = make_config(tmp_path, store, run_id="resume")
+    compatibility_check_run(config, keyring, mlp).manager.close()
+    manager = KasminaKernelManager(config, keyring=keyring)
+    model = Host().to(torch.bfloat16)
+    manager.attach(model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)
+    before = everything(manager, model)
+    assert not rollback(manager, keyring, 1)
+    reason = manager.command_log[-1][3]
+    assert "is torch.float32, the live model's torch.bfloat16" in reason, reason
+    assert_same(before, everything(manager, model))
+    assert manager.stages()[SEED0] == S.DORMANT and manager.seed(SEED0).kernel is None
+    manager.close()
+
+
 @pytest.mark.parametrize("host_lr", [0.05, None], ids=["host", "seeds-only"])
 def test_a_resume_with_another_optimizer_class_is_refused_and_changes_nothing(
     tmp_path: Path, store: Path, keyring: Keyring, mlp: str, host_lr: float | None
