@@ -75,6 +75,11 @@ def load(
     model = uncompiled(model)
     if any(isinstance(m, KasminaLayer) for m in model.modules()):
         raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # copies are no-ops
+        raise SavedModelError(
+            "model has tensors on the meta device, which a load cannot fill; build it on a "
+            "real device (or to_empty(device=...) first), then load"
+        )
     try:
         layers, host_state, kernels = _prepare(body, model, publishers)
     except (SavedModelError, ArtifactIntegrityError):

@@ -242,3 +242,18 @@ def test_a_decoy_pickle_beside_the_real_one_is_refused(tmp_path: Path) -> None:
         archive.writestr(f"{prefix}/decoy_data.pkl", b"\x80\x02}q\x00.")
     crafted = out.getvalue()
     _refused(_write_raw(tmp_path / "decoy", _header(crafted), crafted), "2 pickles")
+
+
+def test_a_host_on_meta_is_refused_before_anything_changes(saved: Path) -> None:
+    """A model built on the meta device took the load: every copy into it was a no-op, the
+    kernels were built on meta too, and after ``to_empty`` the seeds reported their saved
+    stages over uninitialised weights. Refused now, the model as it was; built on a real
+    device, the same file loads."""
+    with torch.device("meta"):
+        model: nn.Module = Host()
+    before = dict(model.named_modules())
+    with pytest.raises(SavedModelError, match="meta device"):
+        kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())
+    assert dict(model.named_modules()) == before
+    model.to_empty(device="cpu")
+    assert len(kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())) == 1
