@@ -98,10 +98,12 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     Attach the slots first (``manager.attach``), then wrap, then build a ``DistributedKasmina``
     over the manager, which averages the seeds' gradients.
 
-    ``find_unused_parameters`` defaults to True: while every seed of a slot is in an isolated
-    stage (GRAFTING, STABILIZATION) the slot passes no gradient to the host layers before it,
-    and DDP left to its default would hand those parameters zero gradients, which an optimizer
-    with momentum (Adam) still steps; with True they stay ``None``, as in a single process, at
+    ``find_unused_parameters`` defaults to True, and ``find_unused_parameters=False`` or
+    ``static_graph=True`` is refused (``ValueError``): while every seed of a slot is in an
+    isolated stage (GRAFTING, STABILIZATION) the slot passes no gradient to the host layers
+    before it, and DDP without the flag never reduces the bucket it waits for (each rank steps
+    on its own gradient, the ranks split, and the next forward raises torch's "expected to have
+    finished reduction"); with it they stay ``None``, as in a single process, at
     the cost of one walk of the autograd graph per forward. Each rank's first backward then logs
     torch's reducer warning that it found no unused parameters (the first steps, before any seed
     is isolated, use them all: expected here). It is logged from C++ on the autograd thread, so
@@ -109,11 +111,17 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     process-wide ``TORCH_CPP_LOG_LEVEL`` does, which would hide every other torch warning too.
     """
     check_supported_parallelism(model)
+    ddp_options.setdefault("find_unused_parameters", True)
+    if ddp_options.get("static_graph") or not ddp_options["find_unused_parameters"]:
+        raise ValueError(
+            "wrap_ddp: static_graph=True and find_unused_parameters=False need every step to "
+            "use the same parameters; a slot whose seeds are isolated passes no gradient to "
+            "the host layers before it, so DDP would skip their reduction and the ranks split"
+        )
     if not _distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp_options.setdefault("find_unused_parameters", True)
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, kasmina_owned_names(model)

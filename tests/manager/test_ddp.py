@@ -527,6 +527,11 @@ def test_a_fetch_slower_than_the_group_timeout_is_refused_on_every_rank_in_time(
 def test_without_a_process_group_ddp_wrapping_is_the_identity(tmp_path, store, keyring) -> None:
     rig = Rig(make_config(tmp_path, store), keyring)
     assert wrap_ddp(rig.model) is rig.model
+    # Options a grown model cannot keep are refused here too: a slot whose seeds are isolated
+    # leaves the host layers before it unused, and DDP would never reduce their bucket.
+    for options in ({"static_graph": True}, {"find_unused_parameters": False}):
+        with pytest.raises(ValueError, match="ranks split"):
+            wrap_ddp(rig.model, **options)
     names = kasmina_owned_names(rig.model)
     assert names and all(n.startswith("out.") and not n.startswith("out.host.") for n in names)
     dk = DistributedKasmina(rig.manager)
