@@ -359,7 +359,8 @@ class GPUKernel(nn.Module):
         for name, module in self.named_modules():
             twin = copies.get(name)
             if twin is not None and twin is not module:
-                twin._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+                constants = set(twin._buffers) - set(module._buffers)  # registered by the copy
+                twin._non_persistent_buffers_set = module._non_persistent_buffers_set | constants
                 if isinstance(twin, torch.fx.GraphModule):
                     _forget_source_with(twin)
         return clone

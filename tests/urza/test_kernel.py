@@ -247,6 +247,35 @@ def test_a_copy_saves_what_the_original_saves_and_pickles_back(artifact) -> None
     torch.testing.assert_close(loaded(x), duplicate(x), rtol=0, atol=0)
 
 
+class _Scaled(nn.Module):
+    """A kernel with a tensor constant: the program keeps it as a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x) * torch.tensor([0.5] * 4 + [0.25] * 4)
+
+
+def test_a_copy_of_a_kernel_with_a_tensor_constant_pickles_back(
+    tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    """The program module's deep copy registers a tensor constant as a persistent buffer: the
+    copy (what every seed holds) saved a key the original has not, and ``torch.save(model)``
+    wrote a file whose ``torch.load`` refused it ("Unexpected key(s)")."""
+    torch.manual_seed(0)
+    manifest = publish_artifact(_Scaled(), (torch.randn(4, 8),), str(tmp_path), "sc", publisher)
+    payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
+    duplicate = copy.deepcopy(GPUKernel.from_binary(payload, verified, "cpu"))
+    assert sorted(duplicate.state_dict()) == ["inner.fc.bias", "inner.fc.weight"]
+    buffer = io.BytesIO()
+    torch.save(duplicate, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), duplicate(x), rtol=0, atol=0)
+
+
 def test_copies_do_not_leave_their_generated_source_behind(artifact) -> None:
     """Every GERMINATE copies the cached kernel; torch.fx recompiles each copy and caches the
     generated source for the life of the process unless the copy takes it along."""
