@@ -65,7 +65,7 @@ from kasmina.seeds import hf
 from kasmina.seeds.inject import remove_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
-from kasmina.urza.kernel import GPUKernel
+from kasmina.urza.kernel import GPUKernel, built_with_bounded_sources
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     # deep copy, a subclass of it); ``GraphModule``'s ``__module__``, as for that subclass: no
     # pickle names either (a ``GraphModule`` pickles its code, never its class).
     cls = type(name, (fx.GraphModule,), {"__module__": fx.GraphModule.__module__})
-    merged = cls(root, graph, class_name=name)
+    # A one-off merge compiles the graph and the kernels' program modules again: their old
+    # sources go, and the new ones with the modules (a merge every epoch grew without bound).
+    merged = built_with_bounded_sources(lambda: cls(root, graph, class_name=name), [root])
     merged.training = slot.training  # its own flag only: the submodules keep their modes
     _expose_host(merged, cls, slot.host)
     return merged

@@ -25,9 +25,9 @@ import operator
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -38,13 +38,15 @@ from kasmina.urza.artifact import Manifest, verify_payload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPUKernel"]
+__all__ = ["GPUKernel", "built_with_bounded_sources"]
 
 
 # ``torch.export.load`` keeps its deserializer in one process-wide slot and refuses to start
 # while another load runs: loads of different artifacts (the fetch workers) take turns, each
 # whole load (``_program_module``), so that the sources one load drops are its own alone.
 _LOAD_LOCK = threading.Lock()
+
+T = TypeVar("T")
 
 
 def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
@@ -226,8 +228,34 @@ def _forget_source_with(module: torch.fx.GraphModule) -> None:
         weakref.finalize(module, _forget_source, loader.eval_cache, type(module))
 
 
+def built_with_bounded_sources(build: Callable[[], T], old: Iterable[nn.Module]) -> T:
+    """``build()``, which makes graph modules (``kasmina.merge``: torch.fx compiles each and
+    keeps its generated source for the life of the process), with what it leaves bounded: the
+    sources generated during it stay only while a graph module of its result uses them
+    (``_forget_load_sources``), and a graph module under ``old`` that it compiled again (a
+    kernel's program module, moved into the result) lets its previous source go."""
+    before = [
+        (module, _source_key(type(module)))
+        for root in old
+        for module in root.modules()
+        if isinstance(module, torch.fx.GraphModule)
+    ]
+    with _LOAD_LOCK:  # the sources numbered from ``first`` on are this build's
+        first = _next_source_id()
+        built = build()
+        _forget_load_sources(first, built if isinstance(built, nn.Module) else None)
+    cache = getattr(getattr(torch.fx.graph_module, "_loader", None), "eval_cache", None)
+    for module, key in before:
+        if isinstance(cache, dict) and key != _source_key(type(module)):
+            _forget_key(cache, key)
+    return built
+
+
 def _forget_source(cache: dict[str, str], cls: type) -> None:
-    key = _source_key(cls)
+    _forget_key(cache, _source_key(cls))
+
+
+def _forget_key(cache: dict[str, str], key: str) -> None:
     if key.startswith("<eval_with_key>"):
         cache.pop(key, None)
         linecache.cache.pop(key, None)

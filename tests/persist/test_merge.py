@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import linecache
 import pickle
 import subprocess
 import sys
@@ -325,3 +327,27 @@ def test_a_merged_model_pickles_and_loads_without_kasmina(tmp_path: Path) -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_merges_leave_no_generated_source_behind(grown: Grown) -> None:
+    """torch.fx keeps the source it generates for every graph module it compiles: a merge
+    compiles the merged module and compiles each ACTIVE kernel's program module again, and
+    three sources (about 2.5 KB) stayed per merge for the life of the process. A merged model
+    keeps its own sources while it lives (tracebacks); dropped, it leaves none."""
+    loader = torch.fx.graph_module._loader
+    x = grown.x
+
+    def merged_output() -> torch.Tensor:
+        with torch.no_grad():
+            return kasmina.merge(copy.deepcopy(grown.model))(x)
+
+    merged_output()
+    gc.collect()
+    before = len(loader.eval_cache)
+    for _ in range(4):
+        merged_output()
+    gc.collect()
+    assert len(loader.eval_cache) <= before
+    kept = kasmina.merge(copy.deepcopy(grown.model))
+    key = type(kept.out).forward.__code__.co_filename
+    assert key in loader.eval_cache and key in linecache.cache
