@@ -141,7 +141,7 @@ class UrzaLibraryClient:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.url = url
+        self.url = redact_urls(url)  # as messages and repr show it: no credentials
         self.publishers = _trusted(publishers)
         self.max_manifest_bytes = max_manifest_bytes
         self.max_artifact_bytes = max_artifact_bytes

@@ -51,6 +51,7 @@ from kasmina.urza.artifact import (
     verify_payload_digest,
 )
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
+from kasmina.urza.resilience import redact_urls
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
@@ -205,7 +206,8 @@ def publish_payload(
             return existing
         manifest = existing  # ours, its payload never written or damaged: write it again
     _atomic_write(fs, payload_path, bytes(payload))
-    logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), store_url)
+    where = redact_urls(store_url)  # a store URL's credentials reach no log
+    logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), where)
     return verify_manifest(manifest.to_json(), own, expected_id=artifact_id)
 
 
@@ -309,7 +311,8 @@ def resign_artifact(
             why="MAX_MANIFEST_BYTES",
         )
     except FileNotFoundError:
-        raise FileNotFoundError(f"no artifact {artifact_id!r} in {store_url}") from None
+        where = redact_urls(store_url)
+        raise FileNotFoundError(f"no artifact {artifact_id!r} in {where}") from None
     own = publisher.trusted_publishers()
     try:
         data = strict_json_loads(raw.decode("utf-8"))
@@ -348,7 +351,8 @@ def resign_artifact(
             hasher=hasher,
         )
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} has a manifest but no payload in {store_url}") from None
+        where = redact_urls(store_url)
+        raise FileNotFoundError(f"{what} has a manifest but no payload in {where}") from None
     verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
     signed = sign_manifest(legacy, publisher)
     _atomic_write(fs, manifest_path, signed.to_json())

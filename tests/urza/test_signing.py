@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import os
 import pickle
 import stat
@@ -647,3 +648,20 @@ def test_a_failed_key_write_leaves_no_file(
     monkeypatch.undo()
     publisher.save(path)  # a retry finds no half-written key in its way
     assert PublisherKey.from_file(path, "pub").public_key_text == publisher.public_key_text
+
+
+def test_store_url_credentials_reach_no_publisher_log_error_or_client_attribute(caplog) -> None:
+    """The trainer's side redacted a store URL's credentials everywhere; the publisher's did
+    not: ``publish_payload`` logged the URL as given, ``resign_artifact``'s errors held it,
+    and ``UrzaLibraryClient.url`` kept it."""
+    url = "memory://alice:S3CRET-TOKEN@store/urza-redact?sig=SIGNED-URL-TOKEN"
+    publisher = PublisherKey.generate("pub")
+    with caplog.at_level(logging.INFO, logger="kasmina"):
+        publish_payload(b"not-a-real-pt2", url, "blueprint", publisher, "art1")
+    assert "published artifact art1" in caplog.text
+    with pytest.raises(FileNotFoundError) as missing:
+        resign_artifact(url, "missing1", publisher, publisher.trusted_publishers())
+    client = UrzaLibraryClient(url, publisher.trusted_publishers())
+    for text in (caplog.text, str(missing.value), client.url):
+        assert "S3CRET" not in text and "SIGNED-URL-TOKEN" not in text, text
+    client.close()
