@@ -56,14 +56,20 @@ def slot_layout(name: str, slot: KasminaLayer) -> dict[str, Any]:
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiled, else ``model``.
-    The wrapper names every submodule under ``_orig_mod.``: a file saved from it named slots
-    that a plain model of the same architecture does not have. Saving and loading go through
-    the module itself, so a file moves between compiled and plain models either way."""
-    inner = model._modules.get("_orig_mod")
-    if inner is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        return inner
-    return model
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiled or a
+    ``DistributedDataParallel`` wraps (unwrapped as far as they nest), else ``model``. A
+    wrapper names every submodule under its own prefix (``_orig_mod.``, ``module.``): a file
+    saved from it named slots that a plain model of the same architecture does not have.
+    Saving and loading go through the module itself, so a file moves between compiled,
+    data-parallel and plain models either way."""
+    while True:
+        inner = model._modules.get("_orig_mod")
+        if inner is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = inner
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:

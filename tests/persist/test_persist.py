@@ -56,6 +56,25 @@ def test_a_compiled_model_saves_and_loads_by_its_own_names(grown: Grown, tmp_pat
             torch.testing.assert_close(target(grown.x), grown.model(grown.x), rtol=tol, atol=tol)
 
 
+def test_a_data_parallel_model_saves_by_its_modules_names(grown: Grown, tmp_path: Path) -> None:
+    """``DistributedDataParallel`` names everything under ``module.``: a file saved from the
+    wrapper (``wrap_ddp``'s result, what a data-parallel loop holds) named slots a plain model
+    does not have, and loaded into none. Saved through the module it wraps, as a compiled
+    model is. (The wrapper is built without a process group: only its naming matters here.)"""
+    wrapper = torch.nn.parallel.DistributedDataParallel.__new__(
+        torch.nn.parallel.DistributedDataParallel
+    )
+    torch.nn.Module.__init__(wrapper)
+    wrapper.module = grown.model
+    path = kasmina.save(torch.compile(wrapper), tmp_path / "ddp.kasmina")
+    target = Host()
+    slots = kasmina.load(path, target, publishers=PUBLISHER.trusted_publishers())
+    assert [s.layer_id for s in slots] == ["out"]
+    target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(grown.x), grown.model(grown.x), rtol=0, atol=0)
+
+
 def test_a_file_an_older_kasmina_saved_from_a_compiled_model_still_loads(
     grown: Grown, saved: Path, tmp_path: Path
 ) -> None:
