@@ -122,7 +122,6 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, kasmina_owned_names(model)
     )
