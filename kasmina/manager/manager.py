@@ -46,7 +46,7 @@ from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
-from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics
+from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
@@ -510,22 +510,22 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
         """Apply the queued commands (none after a forward through a seed's kernel and before
-        its step: ``apply_pending``), write the epoch checkpoint if ``epoch`` is on the cadence
-        (``config.checkpoint_every_epochs``; none with ``checkpoint_mode="off"``), then tick the
-        lifecycle and run due COOLDOWN -> RECYCLING -> DORMANT steps, and send the full
-        telemetry packet (returned). ``epoch`` must be after the last epoch ended and after the
-        run's live checkpoints (``ValueError``, nothing changed; a restarted trainer rolls back
-        first), checked again once the commands applied (a ROLLBACK moves the clock). The
-        checkpoint (the state before this boundary, marked for a rollback to replay it) is written
-        before the tick: a failed or interrupted write raises with tick, epoch and metrics as
-        they were, and the call may be made again; a Ctrl-C waits out the tick."""
+        its step: ``apply_pending``; one that changed the model drops ``val_metrics``, measured
+        before it), write the epoch checkpoint if ``epoch`` is on the cadence (none with
+        ``checkpoint_mode="off"``), then tick the lifecycle and run due COOLDOWN -> RECYCLING ->
+        DORMANT steps, and send the full telemetry packet (returned). ``epoch`` must be after
+        the last epoch ended and after the run's live checkpoints (``ValueError``, nothing
+        changed; a restarted trainer rolls back first), checked again once the commands applied
+        (a ROLLBACK moves the clock). The checkpoint (the state before this boundary) is written
+        before the tick: a failed write raises with tick, epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
         metrics, state = epoch_metrics(val_metrics), self.state  # checked before any change
         state.require_registry(training=True)  # a closed manager opens no store (nor its lock)
         checkpoints = state.checkpoints
         checkpoints.check_next_epoch(epoch, state.epoch)  # saving prunes the later ones
-        self.intake.apply_pending(graph_open=state.graph_open())  # the epoch's commands first
+        applied = self.intake.apply_pending(graph_open=state.graph_open())  # commands first
+        metrics = metrics_of_the_model(metrics, applied, epoch)
         self.handler.flush_rejections()  # rejection counts left over from a flood that stopped
         with self._lock:
             state.require_registry(training=True)  # a close() on another thread came first

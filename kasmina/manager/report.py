@@ -18,9 +18,9 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.ratelimit import clipped
+
+if TYPE_CHECKING:  # the executor imports this module
+    from kasmina.manager.executor import CommandOutcome
 
 __all__ = [
     "SYSTEM_STATE_VERSION",
@@ -79,6 +82,25 @@ def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
     if bad:
         raise ValueError(f"val_metrics keys must be strings, got {bad[0]!r}")
     return {key: _metric(key, value) for key, value in metrics.items()}
+
+
+def metrics_of_the_model(
+    metrics: dict[str, float], applied: Sequence[CommandOutcome], epoch: int
+) -> dict[str, float]:
+    """``end_epoch``'s metrics, or none when a command applied at its start (a seed command or a
+    ROLLBACK that arrived while the trainer validated) changed the model they were measured
+    on: reported and checkpointed with the epoch, they would describe another model (a
+    ROLLBACK to epoch k read as epoch n's validation, 180 times better than the model's)."""
+    changed = sorted({o.kind for o in applied if o.ok and o.kind != "optimizer"})
+    if metrics and changed:
+        logger.warning(
+            "end_epoch(%d): %s command(s) applied at its start changed the model its validation "
+            "metrics were measured on; they are not recorded for this epoch",
+            epoch,
+            "/".join(changed),
+        )
+        return {}
+    return metrics
 
 
 def _metric(key: str, value: object) -> float:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_rollback_command
 from kasmina.errors import CheckpointIntegrityError, CheckpointUnavailableError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
@@ -656,3 +657,29 @@ def test_a_fifo_under_a_checkpoint_name_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "pipe.ckpt")
     with pytest.raises(CheckpointIntegrityError, match="not a regular file"):
         signer.read(tmp_path / "pipe.ckpt", epoch=0)
+
+
+def test_metrics_measured_before_a_command_applied_at_end_epoch_are_not_recorded(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ROLLBACK that arrives while the trainer validates is applied at the start of
+    ``end_epoch``: the metrics handed in were measured on the weights it discarded, and they
+    were reported and checkpointed as the rolled-back model's (a loss far better than it has,
+    under the epoch the trainer ended). They are dropped, with a warning; a boundary that
+    applied no command records its metrics as before."""
+    manager = rig.manager
+    for epoch in range(3):
+        rig.train(1)
+        manager.end_epoch(epoch, {"val_loss": float(epoch)})
+    keyring = rig.keyring
+    raw = sign_command(make_rollback_command(1, reason="rewind"), keyring, "ctl")
+    assert manager.handle_adaptation_command(raw.SerializeToString())  # queued, not applied
+    with caplog.at_level(logging.WARNING, logger="kasmina.manager"):
+        manager.end_epoch(3, {"val_loss": 0.001})  # measured before the ROLLBACK applied
+    assert manager.command_log[-1][1:3] == ("rollback", True)
+    assert manager.val_metrics == {}
+    assert manager.state.checkpoints.load(3)["extra"]["val_metrics"] == {}
+    assert "changed the model its validation metrics were measured on" in caplog.text
+    rig.train(1)
+    manager.end_epoch(4, {"val_loss": 4.0})
+    assert manager.val_metrics == {"val_loss": 4.0}
