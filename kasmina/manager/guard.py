@@ -150,14 +150,17 @@ class IsolationGuard:
 
     def drop_dead_pairs(self) -> None:
         """Forget the ``external[n]`` pairs whose modules are gone, and take their monitors off
-        (hooks removed): a monitor of a culled kernel's module held its parameters, hooked the
-        host's and was checked at every step until ``close()``, one more per registration."""
+        (hooks removed, logged): a monitor of a culled kernel's module held its parameters,
+        hooked the host's and was checked at every step until ``close()``, one more per
+        registration. Such a monitor lives as long as the two modules given (held weakly):
+        a container built for the call (``nn.ModuleList([aux])``) goes with it."""
         dead = {n for n, (h, s) in self._pairs.items() if None in (h(), s())}
         if dead:
             self._pairs = {n: pair for n, pair in self._pairs.items() if n not in dead}
             for old in [m for m in self.external if m.seed_id in dead]:
                 old.clear_hooks()
                 self.external.remove(old)
+                logger.info("debug monitor %s dropped: a module it watched is gone", old.seed_id)
 
     def close(self, registry: SlotRegistry | None) -> None:
         """``manager.close()``: the debug monitors' hooks come off the user's parameters and the

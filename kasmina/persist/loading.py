@@ -72,7 +72,11 @@ def load(
             f"not {type(publishers).__name__}"
         )
     body = read_saved(path)
-    model = uncompiled(model)
+    model = uncompiled(model, data_parallel=False)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise SavedModelError(  # slots made behind DDP's back: its buffer lists would be stale
+            "load into the model before wrapping it (kasmina.load, then wrap_ddp)"
+        )
     if any(isinstance(m, KasminaLayer) for m in model.modules()):
         raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # copies are no-ops

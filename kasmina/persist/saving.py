@@ -55,18 +55,18 @@ def slot_layout(name: str, slot: KasminaLayer) -> dict[str, Any]:
     }
 
 
-def uncompiled(model: nn.Module) -> nn.Module:
+def uncompiled(model: nn.Module, *, data_parallel: bool = True) -> nn.Module:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiled or a
     ``DistributedDataParallel`` wraps (unwrapped as far as they nest), else ``model``. A
     wrapper names every submodule under its own prefix (``_orig_mod.``, ``module.``): a file
     saved from it named slots that a plain model of the same architecture does not have.
     Saving and loading go through the module itself, so a file moves between compiled,
-    data-parallel and plain models either way."""
+    data-parallel and plain models either way (``data_parallel=False``: DDP is left on)."""
     while True:
         inner = model._modules.get("_orig_mod")
         if inner is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             model = inner
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        elif data_parallel and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
         else:
             return model

@@ -325,8 +325,9 @@ class KasminaLayer(nn.Module):
         fresh = {"_kd_losses": PendingKDLosses(), "_recompute_teacher": None, "_graph": GraphMark()}
         return {**self.__dict__, **fresh}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # a pickle from before the mark
-        super().__setstate__({"_graph": GraphMark(), "_kernel_shapes": (), **state})
+    def __setstate__(self, state: dict[str, Any]) -> None:  # an older pickle: no mark, a list
+        fresh = {"_kd_losses": PendingKDLosses(state.get("_kd_losses", ()))}
+        super().__setstate__({"_graph": GraphMark(), "_kernel_shapes": (), **state, **fresh})
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language

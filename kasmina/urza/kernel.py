@@ -71,12 +71,8 @@ def _program_module(
         first, module = _next_source_id(), None
         try:
             program = move_to_device_pass(_deserialise(payload), device)
-            # No guards module: its function is wrapped in a config patch that makes a
-            # ContextVar per loaded program and sets it in the calling thread's context at the
-            # first call, for good (one more per load, however many are evicted). The inputs'
-            # shapes are still checked against the program's range constraints (the module's
-            # own pre-hook), and Kasmina checks what a seed's kernel gets itself.
-            module = program.module(check_guards=False)
+            module = program.module()
+            _share_guard_patch(module)
             facts = _Facts(
                 _mutates_input(program),
                 _writes_unsaved_buffer(program),
@@ -209,9 +205,27 @@ def _rebuild(
     verify_payload(payload, manifest)
     module, facts = _program_module(payload, manifest, torch.device(device))
     kernel = GPUKernel(module, manifest, payload, **facts._asdict())
-    kernel.load_state_dict(state)
+    kernel.load_state_dict(_without_constants(kernel, state))
     kernel.training = training
     return kernel
+
+
+def _without_constants(kernel: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``state`` less the program's tensor constants: a deep copy of a program module (what a
+    seed holds) registers them as buffers, so the copy's state holds them, and a module rebuilt
+    from the payload, where they are constants of the same values, has no such key (a strict
+    load refused a pickled seed's kernel). Saved files and checkpoints keep them as they were."""
+    own = kernel.state_dict().keys()
+
+    def constant(key: str) -> bool:
+        owner, _, name = key.rpartition(".")
+        try:
+            module = kernel.get_submodule(owner)
+        except AttributeError:
+            return False
+        return isinstance(getattr(module, name, None), torch.Tensor)
+
+    return {key: value for key, value in state.items() if key in own or not constant(key)}
 
 
 def _forget_source_with(module: torch.fx.GraphModule) -> None:
@@ -226,6 +240,29 @@ def _forget_source_with(module: torch.fx.GraphModule) -> None:
         # The class is the copy's own (torch.fx makes one per module), and its source key is
         # read when the copy goes: a recompile (pickling one) gives it a new key.
         weakref.finalize(module, _forget_source, loader.eval_cache, type(module))
+
+
+_GUARD_PATCH: list[Any] = []  # made once: torch's "trace into this" config patch
+
+
+def _share_guard_patch(module: nn.Module) -> None:
+    """Have the program module's guards function (the export's shape guards: sizes, ranges,
+    divisibility) run under one config patch shared by every loaded program. torch wraps each
+    in a patch of its own, whose ContextVar the first call sets in the calling thread's context
+    for good: one more per load, however many kernels are evicted. The function is taken from
+    the wrapper's closure; a torch whose wrapper differs keeps its own (and that entry)."""
+    guards = module._modules.get("_guards_fn")
+    forward = getattr(guards, "forward", None)
+    code, closure = getattr(forward, "__code__", None), getattr(forward, "__closure__", None)
+    if guards is None or code is None or not closure:
+        return
+    cells = dict(zip(code.co_freevars, closure, strict=True))
+    func = cells["func"].cell_contents if "func" in cells else None
+    if not callable(func):
+        return
+    if not _GUARD_PATCH:
+        _GUARD_PATCH.append(torch._dynamo.dont_skip_tracing())
+    guards.forward = _GUARD_PATCH[0](func)
 
 
 def built_with_bounded_sources(build: Callable[[], T], old: Iterable[nn.Module]) -> T:
@@ -387,8 +424,7 @@ class GPUKernel(nn.Module):
         for name, module in self.named_modules():
             twin = copies.get(name)
             if twin is not None and twin is not module:
-                constants = set(twin._buffers) - set(module._buffers)  # registered by the copy
-                twin._non_persistent_buffers_set = module._non_persistent_buffers_set | constants
+                twin._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
                 if isinstance(twin, torch.fx.GraphModule):
                     _forget_source_with(twin)
         return clone

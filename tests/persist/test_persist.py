@@ -67,6 +67,8 @@ def test_a_data_parallel_model_saves_by_its_modules_names(grown: Grown, tmp_path
     torch.nn.Module.__init__(wrapper)
     wrapper.module = grown.model
     path = kasmina.save(torch.compile(wrapper), tmp_path / "ddp.kasmina")
+    with pytest.raises(SavedModelError, match="before wrapping it"):  # its lists predate slots
+        kasmina.load(path, torch.compile(wrapper), publishers=PUBLISHER.trusted_publishers())
     target = Host()
     slots = kasmina.load(path, target, publishers=PUBLISHER.trusted_publishers())
     assert [s.layer_id for s in slots] == ["out"]

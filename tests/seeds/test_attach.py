@@ -1166,3 +1166,16 @@ def test_forward_mode_ad_through_a_blending_seed_is_refused_naming_it(stage: See
     if stage == SeedStage.GRAFTING:  # under torch.func a STABILIZATION slot has no blend
         with pytest.raises(RuntimeError, match="alpha_blend has no forward-mode derivative"):
             torch.func.jvp(model, (x,), (v,))
+
+
+def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:
+    """An older pickle holds the slot's pending KD losses as a plain list; the slot takes the
+    list that counts uncollected losses once, or every teacher logits call raised."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4, kd_config=KDConfig())
+    state = {**slot.__getstate__(), "_kd_losses": []}
+    state.pop("_graph")
+    old = KasminaLayer.__new__(KasminaLayer)
+    old.__setstate__(state)
+    assert old.set_teacher_logits(torch.randn(3, 8)) == 0
+    assert type(old._kd_losses).__name__ == "PendingKDLosses"

@@ -262,13 +262,14 @@ def test_a_copy_of_a_kernel_with_a_tensor_constant_pickles_back(
     tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
 ) -> None:
     """The program module's deep copy registers a tensor constant as a persistent buffer: the
-    copy (what every seed holds) saved a key the original has not, and ``torch.save(model)``
-    wrote a file whose ``torch.load`` refused it ("Unexpected key(s)")."""
+    copy (what every seed holds) saves a key the original has not (saved files and checkpoints
+    hold it, and keep loading), and ``torch.save(model)`` wrote a file whose ``torch.load``
+    refused it ("Unexpected key(s)"): the rebuilt kernel takes the copy's state less it."""
     torch.manual_seed(0)
     manifest = publish_artifact(_Scaled(), (torch.randn(4, 8),), str(tmp_path), "sc", publisher)
     payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
     duplicate = copy.deepcopy(GPUKernel.from_binary(payload, verified, "cpu"))
-    assert sorted(duplicate.state_dict()) == ["inner.fc.bias", "inner.fc.weight"]
+    assert "inner.lifted_tensor_0" in duplicate.state_dict()
     buffer = io.BytesIO()
     torch.save(duplicate, buffer)
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
@@ -343,8 +344,8 @@ def test_loads_do_not_keep_their_shape_envs_alive(artifact) -> None:
 def test_loads_leave_no_context_variables_behind(artifact) -> None:
     """The program module's guards function ran under a config patch with a ContextVar of its
     own, set in the calling thread's context at its first call and never taken out: one more
-    per load (every reload of an evicted artifact, every ``kasmina.load``). Loads build no
-    guards module now; a wrong input is still refused by the program's own check."""
+    per load (every reload of an evicted artifact, every ``kasmina.load``). Every program's
+    guards share one patch now, and still run: a wrong input is refused."""
     _, payload, manifest, _ = artifact
     x = torch.randn(3, 8)
     GPUKernel.from_binary(payload, manifest, "cpu")(x)
@@ -355,6 +356,32 @@ def test_loads_leave_no_context_variables_behind(artifact) -> None:
     assert len(contextvars.copy_context()) == before
     with pytest.raises(Exception, match="shape|size|dimension"):
         kernel(torch.randn(3, 5))
+
+
+class _Parity(nn.Module):
+    """A forward that branches on the batch's parity: export keeps one branch and guards it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x) if x.shape[0] % 2 == 0 else x - self.fc(x)
+
+
+def test_a_programs_shape_guards_still_run(
+    tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    """The guards share one config patch; they are not dropped: a kernel exported with an even
+    batch raises on an odd one (a fault, the host's output used) instead of answering with the
+    branch it never took."""
+    torch.manual_seed(0)
+    manifest = publish_artifact(_Parity(), (torch.randn(4, 2),), str(tmp_path), "par", publisher)
+    payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
+    kernel = GPUKernel.from_binary(payload, verified, "cpu")
+    kernel(torch.randn(6, 2))
+    with pytest.raises(Exception, match="Guard failed"):
+        kernel(torch.randn(5, 2))
 
 
 def test_loads_on_two_threads_keep_each_others_sources(artifact, monkeypatch) -> None:
