@@ -125,9 +125,9 @@ class CommandIntake:
             rarely(self.dropped, 1000), "command %s dropped: %s [%d dropped so far]",
             command.command_id, reason, self.dropped,
         )  # fmt: skip
-        self.handler.complete(command, False)
-        with self.lock:
+        with self.lock:  # logged first: a sink reading command_log at the complete finds it
             self.report.note_command(command, False, reason)
+        self.handler.complete(command, False)
         return False
 
     def apply_pending(
@@ -275,9 +275,9 @@ class CommandIntake:
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""
         for entry in entries:
-            self.handler.complete(entry.command, False)
-            with self.lock:
+            with self.lock:  # logged before its complete, as an applied command is
                 self.report.note_command(entry.command, False, reason)
+            self.handler.complete(entry.command, False)
 
     def refuse(self, command: KasminaCommand, reason: str) -> CommandOutcome:
         """Report ``command`` refused for ``reason`` (nothing changed); its outcome."""

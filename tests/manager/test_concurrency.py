@@ -542,3 +542,32 @@ def test_an_epoch_end_a_close_overtakes_writes_nothing(rig: Rig, monkeypatch) ->
     assert manager.epoch == 0
     written = sorted(p.name for p in Path(manager.config.checkpoint_dir).glob("*.ckpt"))
     assert len(written) == 1 and "epoch_00000000" in written[0]
+
+
+def test_a_commands_log_entry_is_there_when_its_complete_event_arrives(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A controller's sink that reads ``command_log`` when ``command.complete`` arrives found no
+    entry for a command refused at the queue (full) or dropped by ``close()``: those posted the
+    event first. Every refusal is logged before its event now, as an applied command is."""
+    rig = Rig(make_config(tmp_path, store, max_pending_commands=1), keyring)
+    manager, seen = rig.manager, []
+
+    class Controller:
+        def send(self, packet) -> None:
+            for metric in packet.metrics:
+                if metric.name == "command.complete":
+                    cid = metric.labels["command_id"]
+                    logged = [entry for entry in manager.command_log if entry[0] == cid]
+                    seen.append((cid, logged[-1][3] if logged else None))
+
+    manager.telemetry.add_sink(Controller())
+    first = make_seed_command("terminate", SEED1, command_id="queued")
+    full = make_seed_command("terminate", SEED0, command_id="full")
+    assert manager.handle_adaptation_command(rig.signed(first))
+    assert not manager.handle_adaptation_command(rig.signed(full))
+    manager.close()
+    assert dict(seen) == {
+        "full": "command queue full (1 pending) or closed",
+        "queued": "manager closed before it applied",
+    }
