@@ -372,11 +372,9 @@ class IsolatedOptimizerManager:
             self._entry(oid).optimizer.zero_grad(set_to_none=none)
 
     def clip_grad_norm(self, optimizer_id: str, max_norm: float) -> torch.Tensor:
-        """Scale the group's grads so their global L2 norm is at most ``max_norm``.
-
-        Same math as ``torch.nn.utils.clip_grad_norm_`` (coef = max/(norm+1e-6), clamped to 1),
-        with the per-tensor norms from ``grad_norms``. Returns the pre-clip norm (a device
-        tensor, no host sync)."""
+        """Scale the group's grads so their global L2 norm is at most ``max_norm``: the math of
+        ``torch.nn.utils.clip_grad_norm_`` (coef = max/(norm+1e-6), clamped to 1), norms from
+        ``grad_norms``. Returns the pre-clip norm (a device tensor, no host sync)."""
         if not (max_norm > 0):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         params = self.parameters(optimizer_id)
@@ -468,7 +466,10 @@ class IsolatedOptimizerManager:
                 try:
                     if order.learning_rate is not None:
                         self.set_lr(oid, lr)
-                    stepped = self.step(oid, grad_clip_norm=clip)
+                    # At a safe point the step's gradients were applied and cleared: zeros
+                    # kept in place (set_to_none=False) would move Adam on its moments alone.
+                    held = [p.grad for p in self.parameters(oid) if p.grad is not None]
+                    stepped = not any(bool(g.any()) for g in held) or self.step(oid, clip)
                 finally:  # skipped or raised: refused
                     for group, old_lr in zip(groups, () if stepped else before, strict=False):
                         group["lr"] = old_lr
@@ -580,9 +581,8 @@ def upgrade_state_dict(state: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> None:
     """Give ``live`` the param groups and state of ``built`` (same class), in place: the group
-    dicts, their params lists and the state mapping stay the objects that were there (LBFGS,
-    say, holds its group's list). A key only a live group has (a scheduler's ``initial_lr``,
-    ``max_lr``) stays in it."""
+    dicts, their params lists and the state mapping stay the objects that were there (LBFGS
+    holds its group's list). A key only a live group has (``initial_lr``) stays in it."""
     groups = live.param_groups
     for index, new in enumerate(built.param_groups):
         if index < len(groups):

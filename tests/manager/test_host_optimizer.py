@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.commands import make_optimizer_command, make_rollback_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
@@ -324,3 +324,18 @@ def test_the_host_gradients_are_cleared_as_the_config_says(tmp_path, set_to_none
     assert all((g is None) == set_to_none for g in kept)
     assert set_to_none or all(not g.any() for g in kept)
     manager.close()
+
+
+def test_a_step_command_at_a_safe_point_moves_no_weight(tmp_path, store, keyring) -> None:
+    """A controller's STEP (the command that sets a learning rate at run time) is applied at
+    a safe point, where the step's gradients were applied and cleared. Kept as zeros
+    (``host_grads_set_to_none=False``), Adam stepped on them: the host's weights moved on its
+    moments alone. It sets the rate and steps nothing now."""
+    rig = Rig(make_config(tmp_path, store, host_grads_set_to_none=False), keyring)
+    rig.train(3)
+    before = [p.detach().clone() for p in rig.manager.require_registry().host_params]
+    command = make_optimizer_command("step", "host", learning_rate=0.01)
+    assert run_command(rig.manager, rig.signed(command))
+    assert rig.manager.optimizers.optimizer("host").param_groups[0]["lr"] == 0.01
+    after = rig.manager.require_registry().host_params
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
