@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,9 +46,6 @@ from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.ratelimit import clipped
-
-if TYPE_CHECKING:  # the executor imports this module
-    from kasmina.manager.executor import CommandOutcome
 
 __all__ = [
     "SYSTEM_STATE_VERSION",
@@ -84,8 +81,16 @@ def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
     return {key: _metric(key, value) for key, value in metrics.items()}
 
 
+class Applied(Protocol):
+    """What ``metrics_of_the_model`` reads of an applied command (``executor.CommandOutcome``,
+    whose module imports this one)."""
+
+    kind: str
+    ok: bool
+
+
 def metrics_of_the_model(
-    metrics: dict[str, float], applied: Sequence[CommandOutcome], epoch: int
+    metrics: dict[str, float], applied: Sequence[Applied], epoch: int
 ) -> dict[str, float]:
     """``end_epoch``'s metrics, or none when a command applied at its start (a seed command or a
     ROLLBACK that arrived while the trainer validated) changed the model they were measured
