@@ -37,7 +37,7 @@ from kasmina.seeds.faults import (
     record_fallbacks,
     rng_forked,
 )
-from kasmina.seeds.outputs import signed_shape
+from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.stages import SeedStage
 
 logger = logging.getLogger(__name__)
@@ -538,13 +538,9 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     """GERMINATE's dry run on one input: what is wrong with ``kernel(x)`` as a replacement for
     ``x`` (None: nothing); with ``backward``, also a backward into its parameters that raises
     (``autograd.grad``: no ``.grad`` is written). The caller keeps buffers and the RNG."""
-    signed = signed_shape(kernel)  # an exported kernel's signed sizes, which its call needs
-    if signed is not None and (
-        len(signed) != x.dim()
-        or any(d not in (None, n) for d, n in zip(signed, x.shape, strict=True))
-    ):
-        taken = ", ".join("*" if d is None else str(d) for d in signed)
-        return f"is not what it takes: its signed input shape is [{taken}]"
+    taken = signed_misfit(signed_shape(kernel), tuple(x.shape))  # what its call needs
+    if taken is not None:
+        return f"is not what it takes: its signed input shape is {taken}"
     params = [p for p in kernel.parameters() if p.requires_grad] if backward else []
     watched = _written_by_forward(kernel, x)
     versions = [t._version for _, t in watched]

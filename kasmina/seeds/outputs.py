@@ -37,6 +37,7 @@ __all__ = [
     "dense",
     "fits",
     "kernels_refuse",
+    "signed_misfit",
     "signed_shape",
     "force_regular_path",
     "forward_owner",
@@ -176,19 +177,25 @@ def kernels_refuse(
     seeds sit it out instead, the others run."""
     if not shapes:  # no exported kernel runs (every call while all pass the host through)
         return _NONE_REFUSED
+    chunk = tuple(chunk_size if i == dim % x.dim() else n for i, n in enumerate(x.shape))
     refused, why = set(), ""
     for k, shape in enumerate(shapes):
-        if shape is not None and (
-            len(shape) != x.dim()
-            or any(
-                d is not None and d != (chunk_size if i == dim else x.shape[i])
-                for i, d in enumerate(shape)
-            )
-        ):
+        taken = signed_misfit(shape, chunk)
+        if taken is not None:
             refused.add(k)
-            taken = ", ".join("*" if d is None else str(d) for d in shape)
-            why = why or f"chunk of output {tuple(x.shape)} is not a kernel's input [{taken}]"
+            why = why or f"chunk of output {tuple(x.shape)} is not a kernel's input {taken}"
     return frozenset(refused), why
+
+
+def signed_misfit(shape: tuple[int | None, ...] | None, sizes: tuple[int, ...]) -> str | None:
+    """``shape`` (``signed_shape``) as ``"[3, *]"`` when an input of ``sizes`` does not fit it
+    (another rank, or a fixed size that differs), else None (also for no signed shape)."""
+    if shape is None or (
+        len(shape) == len(sizes)
+        and all(d is None or d == n for d, n in zip(shape, sizes, strict=True))
+    ):
+        return None
+    return "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
 
 
 def splits_last_dim(dim: int, contract: ActivationSpec | str | None) -> bool:
