@@ -300,6 +300,7 @@ def resign_artifact(
         )
     validate_artifact_id(artifact_id)
     fs, root = open_store(store_url, storage_options)
+    where = redact_urls(store_url)  # its credentials reach no error
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
     what = f"artifact {artifact_id!r}"
     try:
@@ -311,7 +312,6 @@ def resign_artifact(
             why="MAX_MANIFEST_BYTES",
         )
     except FileNotFoundError:
-        where = redact_urls(store_url)
         raise FileNotFoundError(f"no artifact {artifact_id!r} in {where}") from None
     own = publisher.trusted_publishers()
     try:
@@ -351,7 +351,6 @@ def resign_artifact(
             hasher=hasher,
         )
     except FileNotFoundError:
-        where = redact_urls(store_url)
         raise FileNotFoundError(f"{what} has a manifest but no payload in {where}") from None
     verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
     signed = sign_manifest(legacy, publisher)
