@@ -7,10 +7,18 @@ under the same key never verifies as a command. Keys live in a ``Keyring``
 (by ``key_id``) loaded from configuration, an environment variable or a file, never from code.
 
 The verifier checks, in order: the envelope is present, the signature (constant-time), the
-freshness of the timestamp, and that the nonce is unseen. A nonce is recorded only after the
+freshness of the timestamp, that the nonce is unseen, and that no command accepted inside the
+window carried the same ``command_id``. A nonce (and its command's id) is recorded only after the
 signature and freshness pass, and is forgotten once its timestamp leaves the freshness window
 (it would be rejected as stale from then on), so the ledger holds at most
 ``rate x 2 x freshness_s`` entries however many commands arrive.
+
+The command id is an idempotency key: a controller that saw no outcome of a command and sends it
+again, signed anew (a new nonce and timestamp, or it would be a replay), keeps its id, and inside
+the window the retry is refused as ``duplicate_command`` instead of acting twice (a second
+ADVANCE would move its seed on by another stage). An id counts once whatever became of its
+command, so a new command after a refusal takes a new id. Ids are kept in memory only: a
+restarted trainer resumes from a checkpoint, which may predate the command.
 
 With a ``NonceLedger`` the accepted nonces are also appended to a file in the run's state
 directory before their commands can take effect, and read back when a verifier starts, so a
@@ -170,7 +178,8 @@ class CommandVerifier:
 
     Reasons returned on rejection: ``missing_metadata``, ``missing_signature``,
     ``missing_nonce``, ``bad_nonce``, ``untrusted_key_id``, ``unknown_key_id``,
-    ``bad_signature``, ``stale``, ``future``, ``replay``, ``ledger_error``. ``"ok"`` on success.
+    ``bad_signature``, ``stale``, ``future``, ``replay``, ``duplicate_command``,
+    ``ledger_error``. ``"ok"`` on success.
 
     ``key_ids`` (optional) are the only key ids whose signatures count, so that a keyring file
     shared with other controllers or tools lends this trainer only the keys meant for it.
@@ -225,6 +234,10 @@ class CommandVerifier:
         self._lock = threading.Lock()
         self._seen: dict[str, float] = {}  # nonce -> command timestamp
         self._expiry: list[tuple[float, str]] = []  # min-heap of (timestamp, nonce)
+        # Accepted commands' ids -> their timestamps, and their min-heap: forgotten with their
+        # nonces (module docstring: the id is an idempotency key inside the window).
+        self._ids: dict[str, float] = {}
+        self._id_expiry: list[tuple[float, str]] = []
         # The newest timestamp of any forgotten nonce. Commands at or below it are stale even
         # if the clock later steps backwards, so a forgotten nonce can never be replayed.
         self._floor = float("-inf")
@@ -363,16 +376,22 @@ class CommandVerifier:
             seen = self._seen
             if nonce in seen:
                 return "replay"
+            command_id = command.command_id  # "" is refused by validation (``bad_command_id``)
+            if command_id in self._ids:
+                return "duplicate_command"
             if not record_nonce:
                 return ""
             seen[nonce] = timestamp
             _heappush(expiry, (timestamp, nonce))
             ledger = self._ledger
+            seq = 0 if ledger is None else self._write(ledger, nonce, timestamp)
+            if seq < 0:  # refused, its nonce used up: the same id sent again is no duplicate
+                return "ledger_error"
+            if command_id:
+                self._ids[command_id] = timestamp
+                _heappush(self._id_expiry, (timestamp, command_id))
             if ledger is None:
                 return ""
-            seq = self._write(ledger, nonce, timestamp)
-            if seq < 0:
-                return "ledger_error"
             if self.defer_sync:
                 if seq > self._unsynced:
                     self._unsynced = seq
@@ -465,6 +484,11 @@ class CommandVerifier:
             timestamp, nonce = heapq.heappop(expiry)
             del self._seen[nonce]
             self._floor = timestamp  # pops come in increasing timestamp order
+        ids, id_expiry = self._ids, self._id_expiry  # each id has a nonce as old: pruned here
+        while id_expiry and id_expiry[0][0] < cutoff:
+            timestamp, command_id = heapq.heappop(id_expiry)
+            if ids.get(command_id) == timestamp:
+                del ids[command_id]
         ledger = self._ledger
         if ledger is not None and ledger.staged > 2 * len(self._seen) + ledger.compact_slack:
             ledger.forget_staged(self._seen)  # a stalled trainer's: bounded as the rest

@@ -211,6 +211,31 @@ def test_valid_command_accepted_exactly_once(keyring, verifier) -> None:
     assert verifier.ledger_size == 1
 
 
+def test_a_retry_under_the_same_command_id_is_refused_inside_the_window(
+    keyring, verifier, clock
+) -> None:
+    """A controller that saw no outcome signs its command again (a new nonce, no replay) and
+    keeps the id: the retry must not act a second time (a second ADVANCE moves its seed on)."""
+    cmd = make_seed_command("advance", "layer0:1", command_id="adv-1")
+    assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0)) == (True, "ok")
+    checked = sign_command(cmd, keyring, "k1", timestamp=T0 + 1)
+    assert verifier.verify(checked, record_nonce=False) == (False, "duplicate_command")
+    assert verifier.verify(checked) == (False, "duplicate_command")
+    other = make_seed_command("advance", "layer0:1", command_id="adv-2")
+    assert verifier.verify(sign_command(other, keyring, "k1", timestamp=T0 + 1)) == (True, "ok")
+    # Kept as long as its nonce: once the first command's timestamp left the window, the id
+    # is free again (the first is stale by then, the retry judged on its own).
+    clock.now = T0 + 62
+    assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0 + 62)) == (True, "ok")
+    assert sorted(verifier._ids) == ["adv-1"]  # "adv-2"'s timestamp left the window too
+
+
+def test_a_checked_command_does_not_use_up_its_id(keyring, verifier) -> None:
+    cmd = make_seed_command("cull", "layer0:1", command_id="cull-1")
+    assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0), record_nonce=False)[0]
+    assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0)) == (True, "ok")
+
+
 @pytest.mark.parametrize(
     ("offset", "expected"),
     [
@@ -400,8 +425,10 @@ def test_nonce_ledger_stays_bounded_under_200k_commands(keyring, clock) -> None:
     for i in range(count):
         clock.now += dt
         jitter = rng.uniform(-0.9, 0.9) * freshness_s
+        cmd.command_id = f"c{i}"
         sign_command(cmd, keyring, "k1", nonce=f"n{i}", timestamp=clock.now + jitter)
         assert verifier.verify(cmd) == (True, "ok")
+        assert len(verifier._ids) == verifier.ledger_size  # the ids are forgotten alike
         largest = max(largest, verifier.ledger_size)
     assert largest <= bound
     assert largest > freshness_s / dt  # the window really filled: the bound is not vacuous

@@ -96,9 +96,9 @@ def rig() -> Rig:
     return Rig()
 
 
-def germinate() -> AdaptationCommand:
+def germinate(command_id: str = "cmd-1") -> AdaptationCommand:
     return make_seed_command(
-        "germinate", "layer2:5", "artifact-9", {"learning_rate": 0.5}, 2.5, command_id="cmd-1"
+        "germinate", "layer2:5", "artifact-9", {"learning_rate": 0.5}, 2.5, command_id=command_id
     )
 
 
@@ -167,9 +167,9 @@ def test_bytearray_and_memoryview_inputs(rig: Rig) -> None:
     class Frame(bytes):
         """A transport's bytes subclass."""
 
-    assert rig.handler.handle_adaptation_command(bytearray(rig.sign(germinate())))
-    assert rig.handler.handle_adaptation_command(memoryview(rig.sign(germinate())))
-    assert rig.handler.handle_adaptation_command(Frame(rig.sign(germinate())))
+    assert rig.handler.handle_adaptation_command(bytearray(rig.sign(germinate("c1"))))
+    assert rig.handler.handle_adaptation_command(memoryview(rig.sign(germinate("c2"))))
+    assert rig.handler.handle_adaptation_command(Frame(rig.sign(germinate("c3"))))
     assert len(rig.executor.commands) == 3
 
 

@@ -163,6 +163,7 @@ def test_the_file_stays_bounded_after_many_commands(keyring, clock, path) -> Non
         clock.now = T0 + i * 1e-3
         cmd = AdaptationCommand()
         cmd.CopyFrom(template)
+        cmd.command_id = f"c{i}"
         sign_command(cmd, keyring, "ctl", nonce=f"{i:08x}", timestamp=clock.now)
         assert verifier.verify(cmd)[0]
         most_live = max(most_live, verifier.ledger_size)

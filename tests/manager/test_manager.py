@@ -139,6 +139,25 @@ def test_advance_with_a_failing_gate_stays(rig: Rig, mlp) -> None:
     assert rig.stage(SEED1) == S.DORMANT
 
 
+def test_a_retried_advance_moves_its_seed_once(rig: Rig, mlp) -> None:
+    """The controller saw no outcome and sends its ADVANCE again, signed anew under the same
+    command id: the retry is refused at the door and the seed moves one stage, not two."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    advance = make_seed_command("advance", SEED0, command_id="advance-0")
+    assert run_command(rig.manager, rig.signed(advance))
+    rig.train(1)  # the forward probes the kernel (G3), which the retry would pass
+    assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    assert not rig.manager.handle_adaptation_command(rig.signed(advance))
+    assert rig.manager.apply_pending(wait=True) == []
+    assert rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    assert rig.manager.handler.stats["rejected:duplicate_command"] == 1
+    # A new command (a new id) moves it on.
+    assert run_command(rig.manager, rig.signed(make_seed_command("advance", SEED0)))
+    assert rig.stage(SEED0) == S.GRAFTING
+
+
 def walk_to_active(rig: Rig, seed_ids: list[str], epoch: int = 0) -> None:
     """ADVANCE through G2..G5, training in between; asserts each gate refuses first."""
     rig.train(2)
