@@ -31,6 +31,7 @@ __all__ = [
     "no_vmap",
     "outside_transforms",
     "plain_flag",
+    "transform_wrapped",
 ]
 
 
@@ -64,6 +65,14 @@ def plain_flag(t: Tensor, reduce) -> Tensor:
         else:
             t = get_unwrapped(t)
     return t
+
+
+def transform_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (a tensor the transformed function
+    was given, such as a buffer ``functional_call`` put in place of a module's own)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    return is_functorch_wrapped_tensor(t)
 
 
 def outside_transforms():

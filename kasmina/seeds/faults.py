@@ -25,7 +25,12 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from kasmina.ops.transforms import functorch_active, outside_transforms, plain_flag
+from kasmina.ops.transforms import (
+    functorch_active,
+    outside_transforms,
+    plain_flag,
+    transform_wrapped,
+)
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -189,6 +194,11 @@ def record_fallbacks(
     forward without grad is recomputed with grad in the backward, which sets ``finite`` then.)"""
     bad = ok.logical_not().logical_and_(_finite(host_sums))
     if not torch.compiler.is_compiling() and functorch_active():
+        if transform_wrapped(faulted) and (finite is None or transform_wrapped(finite)):
+            # The transform's own flags (an ensemble's stacked buffers that ``functional_call``
+            # put in place of the layer's): each member's test goes to its own, inside it.
+            _update_flags(ok, bad, finite, faulted)
+            return
         # Under torch.func: the flags live outside the transform; its plain values go there.
         ok, bad = plain_flag(ok, torch.all), plain_flag(bad, torch.any)
         with outside_transforms():
@@ -239,6 +249,11 @@ def plain_eager() -> bool:
     tensors have no storage) or put a backward in a guard node (a ``ctx``-form
     ``autograd.Function``, which ``torch.func`` refuses)."""
     return not torch.compiler.is_compiling() and not functorch_active()
+
+
+def in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform runs the eager forward running now."""
+    return not torch.compiler.is_compiling() and functorch_active()
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:

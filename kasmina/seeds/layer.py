@@ -67,6 +67,7 @@ from kasmina.seeds.faults import (
     fallback_per_chunk,
     finite_test,
     gradient_flags,
+    in_func_transform,
     plain_eager,
     recomputing,
     record_fallbacks,
@@ -159,7 +160,8 @@ class KasminaLayer(nn.Module):
             seed.chunk_dim = chunk_dim
             state.set_region(seed.state_index, region_id)
         self.seeds.to(device)
-        self.register_buffer("_one", torch.ones((), device=device), persistent=False)
+        one = torch.ones((), dtype=torch.float32, device=device)  # float32 as seeds' alphas
+        self.register_buffer("_one", one, persistent=False)
         # Each seed's ``finite_flag`` and ``fault_flag`` are views of these: set in one op each.
         flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
         self.register_buffer("_finite_flags", flags, persistent=False)
@@ -226,15 +228,10 @@ class KasminaLayer(nn.Module):
         # What the host holds and the slot does not is assigned on the host, as it is read there:
         # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
         host, built = self.__dict__.get("_modules", {}).get("host"), "_built" in self.__dict__
-        if (
-            host_holds(host, name, built)
-            and not hasattr(type(self), name)
-            and name not in self._parameters
-            and name not in self._buffers
-            and name not in self.__dict__
-        ):
-            setattr(host, name, value)
-            return
+        if host_holds(host, name, built) and not hasattr(type(self), name):
+            if not (name in self._parameters or name in self._buffers or name in self.__dict__):
+                setattr(host, name, value)
+                return
         super().__setattr__(name, value)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
@@ -251,10 +248,9 @@ class KasminaLayer(nn.Module):
 
     def _link_flags(self) -> None:
         """Point each seed's flags at the layer's (again after a move: each buffer copied)."""
+        finite, faulted = self._flags()
         for k, seed in enumerate(self.seeds):
-            seed._buffers["finite_flag"], seed._buffers["fault_flag"] = (
-                f[k] for f in self._flags()
-            )
+            seed._buffers["finite_flag"], seed._buffers["fault_flag"] = finite[k], faulted[k]
 
     def _flags(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._buffers["_finite_flags"], self._buffers["_fault_flags"]
@@ -273,9 +269,8 @@ class KasminaLayer(nn.Module):
 
     def contract_problem(self) -> str | None:
         """Why the recorded output cannot be chunked as configured (None: it can, or none yet)."""
-        problem = contract_problem(
-            self.output_contract, self.chunk_dim, self.num_seeds, self.chunk_size
-        )
+        spec, dim, n, size = self.output_contract, self.chunk_dim, self.num_seeds, self.chunk_size
+        problem = contract_problem(spec, dim, n, size)
         return None if problem is None else f"{self.layer_id}: {problem}"
 
     def chunk_spec(self) -> ActivationSpec | None:
@@ -362,7 +357,7 @@ class KasminaLayer(nn.Module):
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
             again = recomputing()
-            if torch.is_grad_enabled() and not again:  # used or not
+            if torch.is_grad_enabled() and not again and not in_func_transform():  # used or not
                 stored, self._teacher_logits = self._teacher_logits, None
                 teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
@@ -566,6 +561,10 @@ class KasminaLayer(nn.Module):
     ) -> None:  # fmt: skip
         if all(s is None for s in students):
             return
+        if in_func_transform():  # kd_kl_loss refuses vmap, a grad's loss leaves no graph: the
+            # teacher stays for the next training forward (``forward`` takes none under one)
+            self._sit_out("kd", "under a torch.func transform")
+            return
         problem = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
         if problem is not None:  # a call of another shape (a module called more than once)
             self._sit_out("kd", problem)
@@ -583,6 +582,7 @@ class KasminaLayer(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values
         super()._apply(fn, recurse)
+        self._buffers["_one"] = self._buffers["_one"].float()  # a cast: alphas stay float32
         if empty and not self._buffers["_one"].is_meta:  # the constants, put back
             for name, value in _CONSTANTS.items():
                 self._buffers[name].fill_(value)

@@ -664,3 +664,86 @@ def test_a_probe_fault_under_checkpointing_counts_once_per_step(
     assert [s.stage for s in block.down.seeds] == [S.COMPATIBILITY_CHECK] * 2
     assert block.down.seed(0).probe_result is not None  # the healthy seed was probed
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.STABILIZATION], ids=lambda s: s.name)
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_a_torch_func_forward_leaves_the_teacher_logits_to_the_training_forward(
+    stage: SeedStage, transform: str
+) -> None:
+    """Under ``torch.func`` the seed KD cannot run (``kd_kl_loss`` refuses ``vmap``, and a
+    ``grad``'s loss keeps no graph once the transform returns): the forward under one took
+    the pending teacher, so ``vmap`` raised from the host's forward and ``grad`` left a loss
+    without a graph, and the training forward after it had no teacher. It sits out now."""
+    layer = _distilling_layer(stage)
+    x, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    layer(x)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    layer.set_teacher_logits(teacher)
+    if transform == "grad":
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    else:
+        torch.func.vmap(layer)(x.unsqueeze(1))
+    assert layer.get_and_clear_kd_losses() is None
+    layer(x)  # the training forward distils
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and kd.requires_grad
+    # Given explicitly under a transform, the KD sits out (counted) and the forward completes.
+    before = layer.sat_out["kd"]
+    torch.func.vmap(lambda v: layer(v, teacher_logits=teacher[:1]))(x.unsqueeze(1))
+    assert layer.sat_out["kd"] == before + 1
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.STABILIZATION, S.ACTIVE], ids=repr)
+def test_an_ensemble_of_grown_models_vmaps_over_their_stacked_buffers(stage: SeedStage) -> None:
+    """PyTorch's model-ensembling recipe (``stack_module_state``, then ``vmap`` over a
+    ``functional_call`` with the stacked parameters *and buffers*): the slot's fault flags
+    are then the transform's own, and the fallback wrote the plain values over them outside
+    the transform, which raised from the host's forward. Each member's test goes to its own
+    flags now; a member whose seed is non-finite falls back alone."""
+    members = [Block({}, [stage, stage]) for _ in range(3)]
+    for k, member in enumerate(members):
+        torch.manual_seed(20 + k)
+        for p in member.parameters():
+            p.data.normal_()
+    members[2].down.seed(1).kernel[0].weight.data.fill_(float("nan"))  # its seed 1 falls back
+    x = torch.randn(5, 8)
+    want = torch.stack([m(x) for m in members])
+    for m in members:
+        m.down._finite_flags.fill_(True)
+        m.down._fault_flags.fill_(False)
+    params, buffers = torch.func.stack_module_state(members)
+
+    def member(p, b):
+        return torch.func.functional_call(members[0], (p, b), (x,))
+
+    got = torch.func.vmap(member)(params, buffers)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert buffers["down._fault_flags"].tolist() == [[False, False], [False, False], [False, True]]
+    assert members[0].down._fault_flags.tolist() == [False, False]  # the model's own untouched
+
+
+def test_the_slots_alpha_stays_float32_whatever_the_default_dtype() -> None:
+    """A model built in float32 and attached while torch's default dtype was float64: the
+    alpha of a chunk that does not blend was made in the default dtype, so a GRAFTING seed
+    beside an isolated or ACTIVE one stacked a float64 alpha that the blend refused, from the
+    host's forward. A ``double()`` or ``half()`` cast keeps it float32 too, as the seeds'."""
+    torch.manual_seed(0)
+    host = nn.Linear(8, 8)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = KasminaLayer(host, 2, 4)
+    finally:
+        torch.set_default_dtype(previous)
+    for k, stage in enumerate([S.GRAFTING, S.ISOLATED_INIT]):
+        layer.seed(k).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10)
+    x = torch.randn(5, 8)
+    layer(x).sum().backward()
+    assert layer._one.dtype == torch.float32
+    layer.double()
+    assert layer._one.dtype == torch.float32
+    layer(x.double()).sum().backward()
+    assert [s.faults for s in layer.seeds] == [0, 0]
