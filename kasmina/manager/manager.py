@@ -64,7 +64,7 @@ from kasmina.urza.loader import KernelLoader
 from kasmina.utils.flags import read_flags
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring
-from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
+from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter, add_owned_sink
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             )  # fmt: skip
             config.hold()  # built (a constructor that raised left the config settable)
             undo.pop_all()  # from here on close() closes them
-        if self._jsonl is not None:
-            telemetry.add_sink(self._jsonl)  # last: bounded, rotated at ``cap``
+        self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
         self._last_teacher_input: torch.Tensor | None = None
         # Set by DistributedKasmina: commands to its coordinator; seed grads and verdict agreed.
         self.command_relay: Callable[[bytes], bool] | None = None
@@ -596,5 +595,4 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             finally:
                 self.guard.close(self.state.registry)  # the model is the user's: none of ours
                 self.state.close_checkpoints()
-                if self._jsonl is not None:
-                    self.telemetry.close_sink(self._jsonl)
+                self._release_jsonl()  # or when collected: the model's table keeps the reporter

@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "PendingPacket",
     "TelemetryReporter",
     "TelemetrySink",
+    "add_owned_sink",
 ]
 
 
@@ -565,3 +567,27 @@ def _add_metric(
     metric.value = value
     if labels:
         metric.labels.update(labels)
+
+
+def add_owned_sink(
+    reporter: TelemetryReporter, sink: TelemetrySink | None, owner: object
+) -> Callable[[], object]:
+    """Add ``owner``'s own ``sink`` (if any) to ``reporter``, and return what takes it off
+    again and closes it: call it to close, or drop ``owner``, and the collector calls it. The
+    reporter may outlive its owner (the caller's, or the one a model's state table keeps), and
+    a sink it kept would hold its file, and the file's lock, for good. Held weakly here, the
+    reporter is not kept alive by the owner's finalizer, nor anything a sink of it holds."""
+    if sink is None:
+        return lambda: None
+    reporter.add_sink(sink)
+    return weakref.finalize(owner, _take_off, weakref.ref(reporter), sink)
+
+
+def _take_off(reporter: weakref.ref[TelemetryReporter], sink: TelemetrySink) -> None:
+    live = reporter()
+    if live is not None:
+        live.close_sink(sink)
+        return
+    close = getattr(sink, "close", None)
+    if callable(close):
+        close()

@@ -89,6 +89,33 @@ def test_a_with_block_closes_the_manager_and_releases_its_run_at_once(
         gc.enable()
 
 
+@pytest.mark.parametrize("reporter", ["own", "callers"])
+def test_a_dropped_manager_lets_go_of_its_telemetry_file_while_the_model_lives(
+    tmp_path: Path, store: Path, keyring: Keyring, reporter: str
+) -> None:
+    """A notebook builds the model in one cell and the manager in another, run again without
+    ``close()``: the old manager was collected, but its JSONL sink stayed in the reporter the
+    model's state table (or the caller) still holds, with the file's lock, and the new
+    manager was refused "held by another live sink"."""
+    jsonl = tmp_path / "telemetry.jsonl"
+    config = make_config(tmp_path, store, telemetry_jsonl_path=str(jsonl))
+    callers = TelemetryReporter(sinks=[MemorySink()]) if reporter == "callers" else None
+    model = Host()
+    manager = KasminaKernelManager(config, keyring=keyring, telemetry=callers)
+    manager.attach(model, "out", 2, 2)
+    dropped = weakref.ref(manager)
+    del manager
+    gc.collect()
+    assert dropped() is None
+    assert _open_fds(jsonl) == 0
+    assert model.out.state_table.telemetry is not None  # the model keeps the old reporter
+    assert all(not hasattr(s, "path") for s in model.out.state_table.telemetry.sinks)
+    if callers is not None:
+        assert len(callers.sinks) == 1  # its own sink, not the dropped manager's file
+    again = dataclasses.replace(config, run_id="next")  # the file, not the run, is the point
+    KasminaKernelManager(again, keyring=keyring, telemetry=callers).close()
+
+
 def test_a_constructor_that_raises_after_the_ledger_closes_what_it_opened(
     tmp_path: Path, store: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
