@@ -165,16 +165,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self.state.require_no_model()
         kd = self.config.kd if self.config.kd_enabled else None
         slots = attach(
-            model,
-            targets,
-            seeds_per_layer,
-            chunk_size,
-            chunk_dim=chunk_dim,
-            output_index=output_index,
-            kd_config=kd,
-            embargo_epochs=self.config.default_embargo_epochs,
-            telemetry=self.telemetry,
-        )
+            model, targets, seeds_per_layer, chunk_size, chunk_dim=chunk_dim,
+            output_index=output_index, kd_config=kd,
+            embargo_epochs=self.config.default_embargo_epochs, telemetry=self.telemetry,
+        )  # fmt: skip
         options = dict(optimizer_options, host_lr=host_lr, seed_lr=seed_lr)
         try:
             self.register(model, slots, optimizer_cls=optimizer_cls, **options)
@@ -317,12 +311,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             host = next(iter(self.registry.host_params), None) if self.registry else None
             device = host.device if host is not None else self.device
         teacher = CheckpointedTeacher(
-            model,
-            dtype=self.config.teacher_torch_dtype,
-            device=device,
-            copy_model=copy_model,
+            model, dtype=self.config.teacher_torch_dtype, device=device, copy_model=copy_model,
             checkpoint_path=self.config.teacher_checkpoint_path,
-        )
+        )  # fmt: skip
         with self._lock:  # a safe point's command on the training thread reads the teacher
             self.state.teacher, self.teacher_passes = teacher, TeacherForwardPassManager(teacher)
             self.state.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
@@ -586,13 +577,21 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 self.urza_client.close()
             except Exception:  # the rest is closed whatever this raised
                 logger.exception("closing the manager's Urza client raised")
-        with self._lock:
-            self.state.closed = True
-            try:
-                self.intake.drop_pending()
-                self.handler.flush_rejections(force=True)
-                self.verifier.close()
-            finally:
-                self.guard.close(self.state.registry)  # the model is the user's: none of ours
-                self.state.close_checkpoints()
-                self._release_jsonl()  # or when collected: the model's table keeps the reporter
+        try:
+            self._lock.acquire()
+        except BaseException:  # a second Ctrl-C as it waited: closed to every later call (the
+            self.state.closed = True  # step in flight completes), released by a later close()
+            raise
+        try:
+            with interrupts_deferred():  # all of it: a Ctrl-C there left the ledger held
+                self.state.closed = True
+                try:
+                    self.intake.drop_pending()
+                    self.handler.flush_rejections(force=True)
+                    self.verifier.close()
+                finally:
+                    self.guard.close(self.state.registry)  # the model is the user's
+                    self.state.close_checkpoints()
+                    self._release_jsonl()  # or when collected: the model's table keeps the reporter
+        finally:
+            self._lock.release()

@@ -10,6 +10,8 @@ or by a stand-in for the nonce ledger's sync."""
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -644,3 +646,50 @@ def test_a_refused_command_interrupted_as_its_apply_returns_is_reported_refused_
     ]
     assert_counts_add_up(rig, executed=1, failed=1)
     assert rig.stage(SEED0) == S.ISOLATED_INIT and not manager.pending
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_second_ctrl_c_while_close_waits_leaves_the_manager_closed(rig: Rig, mlp) -> None:
+    """A ``with manager:`` block's exit waits in ``close()`` for the trainer thread's step (a
+    checkpoint being written); a second Ctrl-C there left the manager open, its store client
+    closed, and GERMINATEs accepted that then failed. Now every later call is refused, the
+    step in flight completes, and a later ``close()`` releases the run."""
+    manager = rig.manager
+    holding, go_on = threading.Event(), threading.Event()
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+
+    def trainer() -> None:  # holds the manager's lock as a step does, Ctrl-C sent meanwhile
+        with manager._lock:
+            holding.set()
+            time.sleep(0.3)  # the main thread is waiting in close() by now
+            signal.pthread_kill(main, signal.SIGINT)
+            go_on.wait(10)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    holding.wait(10)
+    with pytest.raises(KeyboardInterrupt):
+        manager.close()
+    go_on.set()
+    thread.join(10)
+    assert manager.state.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.train(1)
+    assert not rig.send("germinate", SEED0, mlp)
+    manager.close()  # a later close() releases the run: the same run starts again
+    config = manager.config
+    type(manager)(config, keyring=rig.keyring).close()
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_a_ctrl_c_inside_close_still_closes_everything(rig: Rig, monkeypatch) -> None:
+    """A Ctrl-C landing while ``close()`` reports its pending rejections skipped closing the
+    nonce ledger: the run stayed held until ``close()`` ran again. It is delivered once all is
+    closed."""
+    manager = rig.manager
+    calls = _ctrl_c_before(monkeypatch, manager.handler, "flush_rejections")
+    with pytest.raises(KeyboardInterrupt):
+        manager.close()
+    assert calls
+    type(manager)(manager.config, keyring=rig.keyring).close()  # the run is free
