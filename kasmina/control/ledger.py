@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries
 from kasmina.utils.files import read_regular_file
-from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.locks import lock_exclusive, released
 
 logger = logging.getLogger(__name__)
 
@@ -233,12 +233,18 @@ class NonceLedger:
             )
         return entries, floor
 
+    def _open_file(self) -> io.FileIO:
+        """The file records are appended to; ``OSError`` when closed, or in a forked child
+        (``locks.released``: the parent's ledger is not the child's to write)."""
+        file = self._file
+        if file is None or released(self._lock_file):
+            raise OSError(f"nonce ledger {self.path} is not open (closed, or a forked child's)")
+        return file
+
     def append(self, nonce: str, timestamp: float) -> int:
         """Write one accepted nonce (one ``write``: in the OS on return); its sequence number.
         Records staged before it are written with it, in order."""
-        file = self._file
-        if file is None:
-            raise OSError(f"nonce ledger {self.path} is not open")
+        file = self._open_file()
         line = _ledger_line("N", timestamp, nonce)
         if self._staged:
             line = self._staged_lines() + line
@@ -254,8 +260,7 @@ class NonceLedger:
         or rewrite); its sequence number. No I/O: for a verifier whose caller acts on accepted
         commands only after ``write_staged`` and ``sync`` (``CommandVerifier(defer_sync=True)``
         and its ``make_durable``)."""
-        if self._file is None:
-            raise OSError(f"nonce ledger {self.path} is not open")
+        self._open_file()
         self._staged.append((timestamp, nonce))
         self._lines += 1
         self._last += 1
@@ -279,9 +284,7 @@ class NonceLedger:
     def write_staged(self) -> int:
         """Write every staged record (one ``write``); the sequence number now in the OS."""
         if self._staged:
-            file = self._file
-            if file is None:
-                raise OSError(f"nonce ledger {self.path} is not open")
+            file = self._open_file()
             data = self._staged_lines()
             if file.write(data) != len(data):
                 raise OSError(f"short write to nonce ledger {self.path}")
@@ -303,9 +306,7 @@ class NonceLedger:
         with self._sync_lock:
             if self._synced >= seq:
                 return
-            file = self._file
-            if file is None:
-                raise OSError(f"nonce ledger {self.path} is not open")
+            file = self._open_file()
             if self.broken:
                 # After a failed fdatasync the kernel may have dropped the dirty pages and a
                 # second one can succeed without them: nothing counts as durable until the
@@ -326,8 +327,8 @@ class NonceLedger:
     def compact(self, live: Iterable[tuple[str, float]], floor: float) -> None:
         """Atomically replace the file with ``live`` ``(nonce, timestamp)`` records and the
         floor, durable on return, and append to the new file from now on."""
-        if self._closed:
-            raise OSError(f"nonce ledger {self.path} is closed")
+        if self._closed or released(self._lock_file):
+            raise OSError(f"nonce ledger {self.path} is closed (or a forked child's)")
         chunks = [_LEDGER_HEADER]
         if math.isfinite(floor):
             chunks.append(_ledger_line("F", floor, ""))

@@ -49,7 +49,7 @@ from kasmina.isolation.monitor import emergency_names
 from kasmina.manager.config import KasminaConfig
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
-from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.locks import lock_exclusive, require_held
 from kasmina.utils.state_io import CheckpointSigner, clone_state, resized_on_load
 
 if TYPE_CHECKING:
@@ -359,6 +359,7 @@ class DiskCheckpointStore(CheckpointStore):
         return sorted(found)
 
     def _write(self, epoch: int, state: Mapping[str, Any]) -> None:
+        require_held(self._lock_file, f"the checkpoints in {self.directory}")
         path = self.signer.write(dict(state), self.path_for(epoch), kind="epoch", epoch=epoch)
         logger.info("checkpoint for epoch %d written to %s", epoch, path)
 
@@ -371,6 +372,7 @@ class DiskCheckpointStore(CheckpointStore):
         return state
 
     def _delete(self, epoch: int) -> None:
+        require_held(self._lock_file, f"the checkpoints in {self.directory}")
         self.path_for(epoch).unlink(missing_ok=True)
 
     def _sync_deletes(self) -> None:

@@ -32,7 +32,7 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["lock_exclusive"]
+__all__ = ["lock_exclusive", "released", "require_held"]
 
 # The open lock files of this process: a forked child closes its copies of them.
 _HELD: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
@@ -49,6 +49,16 @@ def _close_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
+
+
+def released(lock_file: io.FileIO | None) -> bool:
+    """Whether ``lock_file`` (from ``lock_exclusive``; None: no lock was taken) no longer holds
+    its lock in this process: closed by its owner, or at a ``fork()`` in a child. What it
+    guards is then not this process's to write: a forked child's copy of a run's ledger,
+    checkpoint store or telemetry file still has the parent's files open, and its writes (an
+    ``end_epoch`` pruning the parent's checkpoints, a ``close()`` reporting into its JSONL)
+    would land in the parent's run."""
+    return lock_file is not None and lock_file.closed
 
 
 def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
@@ -69,3 +79,10 @@ def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
         return None
     _HELD.add(lock_file)
     return lock_file
+
+
+def require_held(lock_file: io.FileIO | None, what: str) -> None:
+    """``RuntimeError`` when ``lock_file`` was ``released``: ``what`` it guards is not this
+    process's to write (closed, or a forked child's copy of its owner)."""
+    if released(lock_file):
+        raise RuntimeError(f"{what} are not this process's to write (closed, or a forked child)")

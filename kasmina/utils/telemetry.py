@@ -33,7 +33,7 @@ from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
 from kasmina.utils.files import open_regular_fd
-from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.locks import lock_exclusive, released
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ class JsonlFileSink:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
         line += "\n"  # ASCII (json.dumps escapes the rest): its length is its size in bytes
         with self._lock:
-            if self._file is None:
-                raise ValueError(f"telemetry file {self.path} is closed")
+            if self._file is None or released(self._held):  # a forked child's: the parent's
+                raise ValueError(f"telemetry file {self.path} is closed (or a forked child's)")
             if self._size and self._size + len(line) > self.max_bytes:
                 self._rotate()
             self._size += len(line)

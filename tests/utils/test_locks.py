@@ -9,8 +9,13 @@ import time
 
 import pytest
 
+from kasmina.control.ledger import NonceLedger
 from kasmina.errors import NotARegularFileError
+from kasmina.leyline import TelemetryPacket
+from kasmina.manager.checkpoints import DiskCheckpointStore
 from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.state_io import CheckpointSigner
+from kasmina.utils.telemetry import JsonlFileSink
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
@@ -82,3 +87,55 @@ def test_a_fifo_or_symlink_at_a_lock_path_is_refused_at_once(tmp_path):
     held = lock_exclusive(tmp_path / "plain.lock")
     assert held is not None and lock_exclusive(tmp_path / "plain.lock") is None
     held.close()
+
+
+def _child_writes(store, ledger, sink, report: int) -> None:
+    """In a forked child: try each write the parent's run would take; one word per refusal."""
+    refused = []
+    for name, write in (
+        ("checkpoint", lambda: store.save(7, {"epoch": 7})),
+        ("prune", lambda: store._delete(0)),
+        ("ledger", lambda: ledger.append("child-nonce", 1.0)),
+        ("telemetry", lambda: sink.send(TelemetryPacket(packet_id="child"))),
+    ):
+        try:
+            write()
+        except (OSError, RuntimeError, ValueError):
+            refused.append(name)
+    os.write(report, " ".join(refused).encode())
+
+
+def test_a_forked_child_does_not_write_its_parents_run(tmp_path):
+    """A forked child's copy of a manager still has the run's files open, though its locks
+    were closed at the fork: its ``end_epoch`` wrote and pruned the parent's checkpoints, and
+    its ``close()`` reported into the parent's telemetry file. Every writer refuses there."""
+    signer = CheckpointSigner(tmp_path / "ckpt.key", run_id="run")
+    store = DiskCheckpointStore(tmp_path / "ckpt", signer, lock_path=tmp_path / "ckpt.lock")
+    store.save(0, {"epoch": 0})
+    ledger = NonceLedger(tmp_path / "nonces.log", durability="flush")
+    ledger.compact([], float("-inf"))
+    sink = JsonlFileSink(tmp_path / "telemetry.jsonl")
+    sink.send(TelemetryPacket(packet_id="parent"))
+    files = {p: p.read_bytes() for p in (tmp_path / "nonces.log", tmp_path / "telemetry.jsonl")}
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            _child_writes(store, ledger, sink, write_end)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as report:
+        refused = report.read().split()
+    os.waitpid(child, 0)
+    assert refused == ["checkpoint", "prune", "ledger", "telemetry"]
+    assert store.epochs() == [0]
+    assert all(path.read_bytes() == data for path, data in files.items())
+    # The parent's own writes go on.
+    store.save(1, {"epoch": 1})
+    ledger.append("parent-nonce", 2.0)
+    sink.send(TelemetryPacket(packet_id="parent-2"))
+    assert store.epochs() == [0, 1]
+    store.close()
+    ledger.close()
+    sink.close()
