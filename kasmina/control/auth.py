@@ -402,6 +402,9 @@ class CommandVerifier:
             ledger.sync(seq)
         except OSError as exc:
             ledger.mark_broken(exc)
+            with self._lock:  # refused: the same id sent again is no duplicate
+                if command_id and self._ids.get(command_id) == timestamp:
+                    del self._ids[command_id]
             return "ledger_error"
         return ""
 

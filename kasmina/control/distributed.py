@@ -175,8 +175,7 @@ class DistributedCoordinator:
 
         Verified now, completely (the handler's ``accept``: freshness against this moment,
         the nonce used up), then held for the next ``sync_epoch``. True if it was accepted;
-        whether it was applied is in that sync's result.
-        """
+        whether it was applied is in that sync's result."""
         received_at = self._clock()  # before the check: fresh now is fresh at this time
         small = len(raw) <= getattr(self.handler, "max_message_bytes", len(raw))  # else refused
         identity = command_identity(raw) if small else b""
@@ -271,8 +270,7 @@ class DistributedCoordinator:
         """Every rank's received commands, in rank order then arrival order, on every rank.
 
         One small all-gather of (epoch, count, bytes) per rank; then nothing (no commands), a
-        broadcast (one rank received some: the usual case), or an all-gather of padded frames.
-        """
+        broadcast (one rank received some: the usual case), or an all-gather of padded frames."""
         body = frame(local)
         if not self.distributed:
             return [Relayed(e.raw, e.received_at, 0) for e in local]
@@ -312,20 +310,23 @@ class DistributedCoordinator:
         the command applied for it (None where none was applied)."""
         mine = iter(local)
         by_identity = {e.identity: e.command for e in local}
+        by_id = {e.command.command_id: e.command for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
-        first_seen: set[bytes] = set()
+        first_seen: set[bytes | str] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []
         for entry in relayed:
             own = next(mine).command if entry.origin == self.rank else None
-            identity = command_identity(entry.raw)  # one message, however it was encoded
-            if identity in first_seen:  # the first copy stands for it: this one runs nowhere
+            # One message, however encoded; and its retry (signed anew under its id) is it too.
+            identity, command_id = command_identity(entry.raw), relayed_command_id(entry.raw)
+            if identity in first_seen or command_id in first_seen:  # the first copy stands
                 leftover = own if own is not None and id(own) not in used else None
-                judged.append((leftover, DUPLICATE))
+                judged.append((leftover, DUPLICATE))  # for it: this one runs nowhere
                 continue
-            first_seen.add(identity)
+            first_seen.update((identity, command_id) if command_id else (identity,))
             # This rank's own copy, or the same command received here too (before this sync or
-            # during it): verified already (its nonce is used: a second check says replay).
-            command = own or by_identity.get(identity) or self._take_pending(identity)
+            # during it, perhaps as a retry): verified already (a second check says replay).
+            mine_too = by_identity.get(identity) or by_id.get(command_id)
+            command = own or mine_too or self._take_pending(identity)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)
             if command is None:

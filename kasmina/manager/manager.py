@@ -64,7 +64,8 @@ from kasmina.urza.loader import KernelLoader
 from kasmina.utils.flags import read_flags
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring
-from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter, add_owned_sink
+from kasmina.utils.orphans import add_owned_sink
+from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
 
 logger = logging.getLogger(__name__)
 
@@ -577,13 +578,14 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 self.urza_client.close()
             except Exception:  # the rest is closed whatever this raised
                 logger.exception("closing the manager's Urza client raised")
-        try:
-            self._lock.acquire()
-        except BaseException:  # a second Ctrl-C as it waited: closed to every later call (the
-            self.state.closed = True  # step in flight completes), released by a later close()
-            raise
-        try:
-            with interrupts_deferred():  # all of it: a Ctrl-C there left the ledger held
+        hold = interrupts_deferred()  # a Ctrl-C in the middle left the ledger, so the run, held
+        with hold:  # delivered on the way out, the lock let go
+            while not self._lock.acquire(timeout=0.05):  # waiting out the step in flight
+                if hold.held:  # a second Ctrl-C: closed to every later call (the step in flight
+                    self.state.closed = True  # completes); a later close() releases the rest
+                    self.handler.close()
+                    return
+            try:
                 self.state.closed = True
                 try:
                     self.intake.drop_pending()
@@ -593,5 +595,5 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                     self.guard.close(self.state.registry)  # the model is the user's
                     self.state.close_checkpoints()
                     self._release_jsonl()  # or when collected: the model's table keeps the reporter
-        finally:
-            self._lock.release()
+            finally:
+                self._lock.release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -198,6 +199,8 @@ class ManagerState:
     # Held while the store (and its signer) is opened on first use: a health thread listing
     # checkpoints as end_epoch first wrote one opened it twice, and the second run lock failed.
     _opening: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # The process the manager was built in: a forked child's copy opens no store of the run.
+    _pid: int = field(default_factory=os.getpid, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.optimizers = self.new_optimizer_manager()
@@ -228,6 +231,11 @@ class ManagerState:
         with self._opening:
             if self._checkpoints is None:
                 self.require_open()  # close() may have run while this waited
+                if os.getpid() != self._pid:  # its parent's run: the store's lock is free here
+                    raise RuntimeError(
+                        f"the checkpoints of run {self.config.run_id} belong to process "
+                        f"{self._pid}: a forked child's copy of its manager opens none"
+                    )
                 self._checkpoints = open_checkpoint_store(self.config, signer)
         return self._checkpoints
 

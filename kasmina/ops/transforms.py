@@ -31,6 +31,7 @@ __all__ = [
     "no_vmap",
     "outside_transforms",
     "plain_flag",
+    "reduced_to_level_of",
     "transform_wrapped",
 ]
 
@@ -59,6 +60,28 @@ def plain_flag(t: Tensor, reduce) -> Tensor:
     )
 
     while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            t, dim = _unwrap_batched(t, maybe_get_level(t))
+            t = t if dim is None else reduce(t, dim=dim)
+        else:
+            t = get_unwrapped(t)
+    return t
+
+
+def reduced_to_level_of(t: Tensor, like: Tensor, reduce) -> Tensor:
+    """``t``, a bool tensor computed under ``torch.func`` transforms, reduced by ``reduce`` over
+    the batch of every ``vmap`` inside the one that gave ``like`` (a tensor the transformed
+    function was given): a value ``like`` may take in place (``plain_flag`` for all levels)."""
+    from torch._C._functorch import (
+        _unwrap_batched,
+        get_unwrapped,
+        is_batchedtensor,
+        is_functorch_wrapped_tensor,
+        maybe_get_level,
+    )
+
+    level = maybe_get_level(like)
+    while is_functorch_wrapped_tensor(t) and maybe_get_level(t) > level:
         if is_batchedtensor(t):
             t, dim = _unwrap_batched(t, maybe_get_level(t))
             t = t if dim is None else reduce(t, dim=dim)

@@ -29,6 +29,7 @@ from kasmina.ops.transforms import (
     functorch_active,
     outside_transforms,
     plain_flag,
+    reduced_to_level_of,
     transform_wrapped,
 )
 from kasmina.stages import SeedStage
@@ -196,7 +197,10 @@ def record_fallbacks(
     if not torch.compiler.is_compiling() and functorch_active():
         if transform_wrapped(faulted) and (finite is None or transform_wrapped(finite)):
             # The transform's own flags (an ensemble's stacked buffers that ``functional_call``
-            # put in place of the layer's): each member's test goes to its own, inside it.
+            # put in place of the layer's): each member's test goes to its own, inside it
+            # (over the batch of a per-sample vmap inside the ensemble's: any sample's).
+            ok = reduced_to_level_of(ok, faulted, torch.all)
+            bad = reduced_to_level_of(bad, faulted, torch.any)
             _update_flags(ok, bad, finite, faulted)
             return
         # Under torch.func: the flags live outside the transform; its plain values go there.
@@ -251,9 +255,15 @@ def plain_eager() -> bool:
     return not torch.compiler.is_compiling() and not functorch_active()
 
 
-def in_func_transform() -> bool:
-    """Whether a ``torch.func`` transform runs the eager forward running now."""
-    return not torch.compiler.is_compiling() and functorch_active()
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` (perhaps around other transforms) runs the eager forward
+    running now: ``kd_kl_loss`` refuses it (``grad`` and ``vjp`` it takes)."""
+    if torch.compiler.is_compiling() or not functorch_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:

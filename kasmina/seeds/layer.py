@@ -67,10 +67,10 @@ from kasmina.seeds.faults import (
     fallback_per_chunk,
     finite_test,
     gradient_flags,
-    in_func_transform,
     plain_eager,
     recomputing,
     record_fallbacks,
+    under_vmap,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
 from kasmina.seeds.outputs import (
@@ -357,7 +357,7 @@ class KasminaLayer(nn.Module):
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
             again = recomputing()
-            if torch.is_grad_enabled() and not again and not in_func_transform():  # used or not
+            if torch.is_grad_enabled() and not again and not under_vmap():  # used or not
                 stored, self._teacher_logits = self._teacher_logits, None
                 teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
@@ -561,9 +561,9 @@ class KasminaLayer(nn.Module):
     ) -> None:  # fmt: skip
         if all(s is None for s in students):
             return
-        if in_func_transform():  # kd_kl_loss refuses vmap, a grad's loss leaves no graph: the
-            # teacher stays for the next training forward (``forward`` takes none under one)
-            self._sit_out("kd", "under a torch.func transform")
+        if under_vmap():  # kd_kl_loss refuses vmap: a pending teacher stays for the next
+            # training forward (``forward`` takes none under it); one given here sits out
+            self._sit_out("kd", "under torch.func.vmap")
             return
         problem = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
         if problem is not None:  # a call of another shape (a module called more than once)

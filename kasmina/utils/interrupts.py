@@ -69,6 +69,11 @@ class interrupts_deferred:  # noqa: N801 - used as ``with interrupts_deferred():
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         self._held.append((signum, frame))
 
+    @property
+    def held(self) -> bool:
+        """Whether a SIGINT arrived in the block so far (it is delivered when the block ends)."""
+        return bool(self._held)
+
 
 def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
     """What ``handler`` would have done with the signal (SIG_DFL: the default action)."""

@@ -16,6 +16,7 @@ are taken when the event is posted, and it is built from the same fields by the 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -23,7 +24,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +34,7 @@ from google.protobuf.json_format import MessageToDict
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
 from kasmina.utils.files import open_regular_fd
 from kasmina.utils.locks import lock_exclusive, released
+from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ __all__ = [
     "PendingPacket",
     "TelemetryReporter",
     "TelemetrySink",
-    "add_owned_sink",
 ]
 
 
@@ -188,7 +188,12 @@ class JsonlFileSink:
         # Not a regular file (a FIFO, a device, a directory): refused before a lock file is
         # made beside it. Opened without writing: the live sink, if any, writes the file.
         os.close(open_regular_fd(self.path, _APPEND_FLAGS, what="telemetry file"))
-        self._held = lock_exclusive(self.path.with_name(self.path.name + ".lock"))
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._held = lock_exclusive(lock_path)
+        if self._held is None:  # perhaps a collected manager's sink, not yet closed
+            gc.collect()
+            release_orphaned_sinks()
+            self._held = lock_exclusive(lock_path)
         if self._held is None:
             raise RuntimeError(
                 f"telemetry file {self.path} is held by another live sink (another process, "
@@ -310,6 +315,8 @@ class TelemetryReporter:
         return bool(self._entries)
 
     def add_sink(self, sink: TelemetrySink) -> None:
+        if ORPHANED_SINKS:
+            release_orphaned_sinks()
         with self._failure_lock:
             self._entries = [*self._entries, _SinkState(sink)]
 
@@ -353,6 +360,8 @@ class TelemetryReporter:
 
     def send(self, packet: TelemetryPacket) -> None:
         """Deliver ``packet`` to every sink; a failing sink is skipped (see the class doc)."""
+        if ORPHANED_SINKS:
+            release_orphaned_sinks()
         for entry in self._entries:
             try:
                 entry.sink.send(packet)
@@ -366,6 +375,8 @@ class TelemetryReporter:
         """``send`` for a posted event: a ``send_pending`` sink keeps it unbuilt, any other sink
         gets its packet (built once, shared by all of them); failures are handled as in ``send``.
         """
+        if ORPHANED_SINKS:
+            release_orphaned_sinks()
         for entry in self._entries:
             try:
                 send_pending = entry.send_pending
@@ -567,27 +578,3 @@ def _add_metric(
     metric.value = value
     if labels:
         metric.labels.update(labels)
-
-
-def add_owned_sink(
-    reporter: TelemetryReporter, sink: TelemetrySink | None, owner: object
-) -> Callable[[], object]:
-    """Add ``owner``'s own ``sink`` (if any) to ``reporter``, and return what takes it off
-    again and closes it: call it to close, or drop ``owner``, and the collector calls it. The
-    reporter may outlive its owner (the caller's, or the one a model's state table keeps), and
-    a sink it kept would hold its file, and the file's lock, for good. Held weakly here, the
-    reporter is not kept alive by the owner's finalizer, nor anything a sink of it holds."""
-    if sink is None:
-        return lambda: None
-    reporter.add_sink(sink)
-    return weakref.finalize(owner, _take_off, weakref.ref(reporter), sink)
-
-
-def _take_off(reporter: weakref.ref[TelemetryReporter], sink: TelemetrySink) -> None:
-    live = reporter()
-    if live is not None:
-        live.close_sink(sink)
-        return
-    close = getattr(sink, "close", None)
-    if callable(close):
-        close()

@@ -448,6 +448,29 @@ def test_one_command_in_two_encodings_on_two_ranks_runs_once(tmp_path: Path) -> 
         assert second[:3] == (command_id, 1, False) and "duplicate" in second[3]
 
 
+@pytest.mark.slow  # spawns processes
+def test_a_retry_received_by_another_rank_is_the_same_command_and_runs_once(tmp_path) -> None:
+    """The controller's command reaches rank 0; its retry, signed anew under the same command
+    id (the controller saw no outcome), reaches rank 1. Each rank refused the other's copy as a
+    duplicate command id, and the command ran on no rank."""
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    keyring = Keyring({"k1": bytes.fromhex(key)})
+    command = make_seed_command(GERMINATE, "seed-0", "blueprint-a")
+    raw = sign_command(command, keyring, "k1").SerializeToString()
+    retry = sign_command(command, keyring, "k1").SerializeToString()  # a new nonce, same id
+    args = (key, str(tmp_path), [raw, retry])
+    spawn(_two_encodings_worker, 2, args=args, backend="gloo", timeout_s=60, join_timeout_s=120)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"encodings{rank}.pt")
+        assert run["arrived"] and run["executed"] == [command.command_id]
+        assert run["stage"] == SeedStage.ISOLATED_INIT
+        (first, second) = run["results"]  # rank 0's copy stands; rank 1's is its duplicate
+        assert first == (command.command_id, 0, True, "")
+        assert second[:3] == (command.command_id, 1, False) and "duplicate" in second[3]
+
+
 class FailingOnRank(TableExecutor):
     """A ``TableExecutor`` whose GERMINATE of seed 0 raises on one rank only."""
 

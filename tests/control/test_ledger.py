@@ -315,6 +315,38 @@ def test_a_failed_fdatasync_refuses_until_the_file_is_rewritten(
     assert restarted.verify(signed(keyring, "next", T0)) == (False, "replay")
 
 
+@pytest.mark.parametrize("failing", ["append", "fdatasync"])
+def test_a_command_the_ledger_could_not_keep_leaves_its_id_free(
+    keyring, clock, path, monkeypatch, failing: str
+) -> None:
+    """Refused as ``ledger_error``, the command never ran: the controller's retry under the
+    same command id (signed anew) is no duplicate, whichever write failed."""
+    import kasmina.control.ledger as ledger_module
+
+    verifier = start(keyring, clock, path)
+    fail = [OSError(5, "Input/output error")]
+
+    def once(real):
+        def flaky(*args):
+            if fail:
+                raise fail.pop()
+            return real(*args)
+
+        return flaky
+
+    if failing == "append":
+        monkeypatch.setattr(NonceLedger, "append", once(NonceLedger.append))
+    else:
+        monkeypatch.setattr(ledger_module, "_datasync", once(ledger_module._datasync))
+    command = make_seed_command("advance", "layer0:1", command_id="adv-1")
+    first = sign_command(command, keyring, "ctl", nonce="first", timestamp=T0)
+    assert verifier.verify(first) == (False, "ledger_error")
+    retry = sign_command(command, keyring, "ctl", nonce="retry", timestamp=T0 + 1)
+    assert verifier.verify(retry) == (True, "ok")
+    again = sign_command(command, keyring, "ctl", nonce="again", timestamp=T0 + 2)
+    assert verifier.verify(again) == (False, "duplicate_command")
+
+
 def test_deferred_sync_writes_and_syncs_once_before_acting(
     keyring, clock, path, monkeypatch
 ) -> None:

@@ -22,6 +22,7 @@ from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.inject import attach
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.orphans import add_owned_sink
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 from tests.manager.helpers import SEED0, Host, Rig, make_config, record_activations, run_command
 
@@ -107,13 +108,39 @@ def test_a_dropped_manager_lets_go_of_its_telemetry_file_while_the_model_lives(
     del manager
     gc.collect()
     assert dropped() is None
-    assert _open_fds(jsonl) == 0
-    assert model.out.state_table.telemetry is not None  # the model keeps the old reporter
-    assert all(not hasattr(s, "path") for s in model.out.state_table.telemetry.sinks)
-    if callers is not None:
-        assert len(callers.sinks) == 1  # its own sink, not the dropped manager's file
+    kept = model.out.state_table.telemetry  # the model keeps the old reporter
+    assert kept is not None
+    # The collector only queued the sink (it may run inside a lock closing it takes); the new
+    # manager's wait for the file's lock closes it, as would the reporter's next packet.
     again = dataclasses.replace(config, run_id="next")  # the file, not the run, is the point
-    KasminaKernelManager(again, keyring=keyring, telemetry=callers).close()
+    second = KasminaKernelManager(again, keyring=keyring, telemetry=callers)
+    files = [s for s in kept.sinks if hasattr(s, "path")]  # the new manager's, if it shares
+    assert len(files) == (0 if callers is None else 1)
+    assert _open_fds(jsonl) == 1  # the new manager's own
+    second.close()
+    assert _open_fds(jsonl) == 0
+    if callers is not None:
+        assert len(callers.sinks) == 1  # its own sink, not the dropped managers' files
+
+
+def test_a_sink_whose_owner_was_collected_is_closed_by_the_reporters_next_packet() -> None:
+    """The finalizer of a collected owner only queues its sink: run inside the reporter's own
+    lock (a collection landing in ``add_sink``), closing it there would deadlock."""
+    reporter, sink = TelemetryReporter(), MemorySink()
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    add_owned_sink(reporter, sink, owner)
+    del owner
+    gc.collect()
+    assert reporter.sinks == (sink,)  # queued, not yet taken off
+    reporter.emit("x")
+    assert reporter.sinks == ()
+    release = add_owned_sink(reporter, MemorySink(), Owner())  # its owner dropped at once
+    release()  # closing explicitly takes it off at once, and only once
+    release()
 
 
 def test_a_constructor_that_raises_after_the_ledger_closes_what_it_opened(
@@ -231,3 +258,29 @@ def test_the_same_debug_pair_registered_again_replaces_its_monitor(rig: Rig) -> 
     assert list(manager.guard._pairs) == ["external[0]"]
     manager.close()
     assert not weight._backward_hooks and not probe.weight._backward_hooks
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
+def test_a_forked_child_opens_no_checkpoint_store_of_its_parents_run(rig: Rig) -> None:
+    """Forked before the parent's first ``end_epoch`` (DataLoader workers start then), the
+    child's copy of the manager would open the run's checkpoint store itself, take its free
+    lock and write into the parent's run, whose own ``end_epoch`` was then refused."""
+    assert rig.manager.state._checkpoints is None  # opened on first use: not yet
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child: no torch op here (OpenMP after fork)
+        try:
+            _ = rig.manager.state.checkpoints
+            os.write(write_end, b"opened")
+        except RuntimeError as exc:
+            os.write(write_end, b"refused " + str(exc).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        said = report.read().decode()
+    os.waitpid(child, 0)
+    assert said.startswith("refused") and "forked child" in said, said
+    rig.train(1)
+    rig.manager.end_epoch(0)  # the parent's run is its own
+    assert rig.manager.checkpoints.epochs() == [0]

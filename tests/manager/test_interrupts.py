@@ -674,9 +674,23 @@ def test_a_second_ctrl_c_while_close_waits_leaves_the_manager_closed(rig: Rig, m
     go_on.set()
     thread.join(10)
     assert manager.state.closed
+    taken: list[bool] = []  # by another thread: the interrupted close() holds no lock
+
+    def take_and_release() -> None:
+        taken.append(manager._lock.acquire(timeout=5))
+        if taken[-1]:
+            manager._lock.release()
+
+    other = threading.Thread(target=take_and_release)
+    other.start()
+    other.join(10)
+    assert taken == [True]
     with pytest.raises(RuntimeError, match="closed"):
         rig.train(1)
-    assert not rig.send("germinate", SEED0, mlp)
+    assert not manager.handle_adaptation_command(
+        rig.signed(make_seed_command("germinate", SEED0, mlp))
+    )
+    assert manager.handler.stats["rejected:closed"] == 1  # refused at the door
     manager.close()  # a later close() releases the run: the same run starts again
     config = manager.config
     type(manager)(config, keyring=rig.keyring).close()

@@ -667,35 +667,55 @@ def test_a_probe_fault_under_checkpointing_counts_once_per_step(
 
 
 @pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.STABILIZATION], ids=lambda s: s.name)
-@pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_a_torch_func_forward_leaves_the_teacher_logits_to_the_training_forward(
-    stage: SeedStage, transform: str
+def test_a_vmapped_forward_leaves_the_teacher_logits_to_the_training_forward(
+    stage: SeedStage,
 ) -> None:
-    """Under ``torch.func`` the seed KD cannot run (``kd_kl_loss`` refuses ``vmap``, and a
-    ``grad``'s loss keeps no graph once the transform returns): the forward under one took
-    the pending teacher, so ``vmap`` raised from the host's forward and ``grad`` left a loss
-    without a graph, and the training forward after it had no teacher. It sits out now."""
+    """``kd_kl_loss`` refuses ``vmap``: a forward under one took the pending teacher and the
+    seed KD raised from the host's forward. The teacher now stays for the training forward,
+    and one given to the vmapped call sits out (counted)."""
     layer = _distilling_layer(stage)
     x, teacher = torch.randn(5, 3), torch.randn(5, 4)
-    layer(x)
-    params = {n: p.detach() for n, p in layer.named_parameters()}
     layer.set_teacher_logits(teacher)
-    if transform == "grad":
-        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
-    else:
-        torch.func.vmap(layer)(x.unsqueeze(1))
+    torch.func.vmap(layer)(x.unsqueeze(1))
     assert layer.get_and_clear_kd_losses() is None
     layer(x)  # the training forward distils
     kd = layer.get_and_clear_kd_losses()
     assert kd is not None and kd.requires_grad
-    # Given explicitly under a transform, the KD sits out (counted) and the forward completes.
     before = layer.sat_out["kd"]
     torch.func.vmap(lambda v: layer(v, teacher_logits=teacher[:1]))(x.unsqueeze(1))
     assert layer.sat_out["kd"] == before + 1
 
 
-@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.STABILIZATION, S.ACTIVE], ids=repr)
-def test_an_ensemble_of_grown_models_vmaps_over_their_stacked_buffers(stage: SeedStage) -> None:
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_seed_kd_inside_torch_func_grad_gives_the_eager_gradients(stage: SeedStage) -> None:
+    """Functional training (``grad`` of a loss that collects the seeds' KD inside the
+    transformed function) distils as eager training does: ``kd_kl_loss`` takes ``grad``."""
+    layer = _distilling_layer(stage)
+    x, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    layer.set_teacher_logits(teacher)
+    out = layer(x)
+    (out.sum() + layer.get_and_clear_kd_losses()).backward()
+    want = {n: p.grad for n, p in layer.named_parameters() if n.startswith("seeds")}
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        layer.set_teacher_logits(teacher)
+        y = torch.func.functional_call(layer, p, (x,))
+        return y.sum() + layer.get_and_clear_kd_losses()
+
+    got = torch.func.grad(loss)(params)
+    assert want and all(g is not None for g in want.values())
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["ensemble", "ensemble-x-sample"])
+@pytest.mark.parametrize(
+    "stage", [S.ISOLATED_INIT, S.STABILIZATION, S.ACTIVE], ids=lambda s: s.name
+)
+def test_an_ensemble_of_grown_models_vmaps_over_their_stacked_buffers(
+    stage: SeedStage, per_sample: bool
+) -> None:
     """PyTorch's model-ensembling recipe (``stack_module_state``, then ``vmap`` over a
     ``functional_call`` with the stacked parameters *and buffers*): the slot's fault flags
     are then the transform's own, and the fallback wrote the plain values over them outside
@@ -715,6 +735,9 @@ def test_an_ensemble_of_grown_models_vmaps_over_their_stacked_buffers(stage: See
     params, buffers = torch.func.stack_module_state(members)
 
     def member(p, b):
+        if per_sample:  # a vmap over the samples inside the ensemble's: its test per member
+            call = torch.func.functional_call
+            return torch.func.vmap(lambda xi: call(members[0], (p, b), (xi,)))(x)
         return torch.func.functional_call(members[0], (p, b), (x,))
 
     got = torch.func.vmap(member)(params, buffers)
