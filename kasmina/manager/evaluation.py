@@ -36,7 +36,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -161,6 +162,29 @@ def _watched_call(
     ]
 
 
+@contextmanager
+def kernels_on_copies(seeds: Sequence[Any]) -> Iterator[None]:
+    """The seeds' kernels run on copies of their buffers inside the block. A kernel exported in
+    train mode writes its batch-norm statistics on every call, which ``eval()`` cannot stop:
+    evaluated between a training forward and its backward, that write (and putting the values
+    back) moved the versions that forward's graph saved, and the seed's backward raised, a
+    fault charged to it by the manager's own measurement."""
+    swapped = [
+        (module, name, buffer)
+        for seed in seeds
+        for module in seed.kernel.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    for module, name, buffer in swapped:
+        module._buffers[name] = buffer.detach().clone()
+    try:
+        yield
+    finally:
+        for module, name, buffer in swapped:
+            module._buffers[name] = buffer
+
+
 def _value(result: torch.Tensor | float) -> float:
     if isinstance(result, torch.Tensor):
         return float(result.detach().float().item())
@@ -227,6 +251,7 @@ def evaluate_seeds(
             # does not hold, in a slot taken out of it, is never run by its forward), so one
             # copy of each buffer is kept.
             kept_buffers(model),
+            kernels_on_copies(seeds),  # a train-mode kernel's statistics: its pending backward
             torch.random.fork_rng(devices=cuda),
             torch.no_grad(),
             measuring(),  # every fallback sets the finite flag, the host's NaN's included

@@ -126,14 +126,16 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     forward that is only a measurement (a FLOP count, ``evaluate_seeds``) leaves no trace in
     them. It matters for batch-norm statistics that ``eval()`` cannot freeze: a kernel
     exported in train mode updates them on every call. Values are copied back in place (the
-    buffer objects stay), a buffer whose shape changed is left alone."""
-    buffers = [(b, b.detach().clone()) for module in modules for b in module.buffers()]
+    buffer objects stay) where the block wrote them (its version moved: an unchanged buffer
+    keeps its version, which a pending backward that saved it checks); a buffer whose shape
+    changed is left alone."""
+    buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, saved in buffers:
-                if buffer.shape == saved.shape:
+            for buffer, version, saved in buffers:
+                if buffer._version != version and buffer.shape == saved.shape:
                     buffer.copy_(saved)
 
 

@@ -627,6 +627,25 @@ def test_evaluation_puts_back_the_buffers_of_a_kernel_eval_cannot_switch() -> No
     assert evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"] == first
 
 
+def test_evaluation_between_a_forward_and_its_backward_charges_the_seed_nothing() -> None:
+    """A kernel whose batch norm ``eval()`` cannot switch off writes its statistics in every
+    call, and its training forward's graph saved them: measured before that backward, the
+    evaluation's own writes (and its putting the values back) moved their versions, the seed's
+    guarded backward raised, and each step charged the seed a fault until quarantine. The
+    kernels run on copies of their buffers now."""
+    slot, registry = _stabilizing(FrozenInTrainMode())
+    seed = slot.seeds[0]
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        out = registry.model(x)
+        evaluate_seeds(registry, [(torch.randn(8, 3), torch.randn(8, 6))], F.mse_loss)
+        out.pow(2).sum().backward()
+        assert seed.faults == 0 and not seed.fault_log
+        assert all(p.grad is not None for p in seed.seed_parameters())
+        slot.zero_grad(set_to_none=True)
+    assert seed.stage == S.STABILIZATION
+
+
 @pytest.mark.parametrize("how", ["compiled forward", "module.compile"])
 def test_a_compiled_forward_is_measured_with_the_ablation_it_runs(how: str) -> None:
     """TorchDynamo does not guard on hooks added after it compiled a forward: the ablation's
