@@ -500,8 +500,8 @@ def own_stream(
     it stands still, and an activation-checkpointing recompute (which restores the global state
     first) draws what the forward drew. A saved position is restored with the weights into a
     seed a manager owns, so a rollback goes on drawing exactly what the run drew; version
-    counters are not (a load moves them), so ``kasmina.load``'s unmanaged seeds draw anew. Host reads only: the GPU generator's seed and offset live on
-    the host."""
+    counters are not (a load moves them), so ``kasmina.load``'s unmanaged seeds draw anew.
+    Host reads only: the GPU generator's seed and offset live on the host."""
     version = sum(p._version for p in kernel.parameters()) if position is None else position
     stream = zlib.crc32(seed_id.encode())
     if device.type == "cuda":
