@@ -57,10 +57,9 @@ def load(
 
     ``model`` is a freshly built host of the saved architecture (no slots). ``publishers``
     are the public keys whose artifacts this process trusts; a kernel signed by any other key
-    is refused. In eval mode the restored model's outputs are bitwise those of the saved one,
-    except a kernel's that draws random numbers in eval mode (exported with train-mode
-    dropout): a seed no manager owns keys its stream on its parameters' version counters
-    (``faults.own_stream``), which the load moved.
+    is refused. In eval mode the restored model's outputs are bitwise those of the saved one
+    (a kernel drawing random numbers in eval mode draws from the saved position:
+    ``extra_state.stream_position``).
 
     Raises ``SavedModelError`` (an incompatible version, a malformed file, a host that does not
     match) or ``ArtifactIntegrityError`` (a damaged or tampered file, an unknown publisher,

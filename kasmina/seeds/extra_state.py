@@ -33,6 +33,7 @@ __all__ = [
     "owner_restore",
     "parse_seed_state",
     "seed_bookkeeping",
+    "stream_position",
 ]
 
 # Version of the encoded extra state; decode_extra_state refuses any other.
@@ -68,6 +69,21 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     if state.get("version") != EXTRA_STATE_VERSION:
         raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
     return state
+
+
+def stream_position(seed: Any, kernel: torch.nn.Module) -> int | None:
+    """A seed's random stream position (``faults.own_stream``): its manager's ``draw_step``;
+    for a seed ``kasmina.load`` restored without one (``seed._loaded_draws``: the saved
+    position, and its kernel's version count at its first forward since), the saved position
+    moved on by every parameter update since: the loaded model draws what the saved one drew
+    until it is trained, and anew at each step after. Else None: the versions alone."""
+    loaded = seed._loaded_draws
+    if seed.draw_step is not None or loaded is None or loaded[0] is None:
+        return seed.draw_step
+    versions = sum(p._version for p in kernel.parameters())
+    if loaded[1] is None:  # the load moved them itself: counted from the first forward on
+        loaded[1] = versions
+    return loaded[0] + versions - loaded[1]
 
 
 def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:

@@ -498,9 +498,10 @@ def own_stream(
     them, so a seed beside a host that draws nothing would get the same dropout mask at every
     step. The position moves with every optimizer step, so each step draws anew; within a step
     it stands still, and an activation-checkpointing recompute (which restores the global state
-    first) draws what the forward drew. A saved position is restored with the weights into a
-    seed a manager owns, so a rollback goes on drawing exactly what the run drew; version
-    counters are not (a load moves them), so ``kasmina.load``'s unmanaged seeds draw anew.
+    first) draws what the forward drew. A saved position is restored with the weights, so a
+    rollback goes on drawing exactly what the run drew, and a seed ``kasmina.load`` restored
+    without a manager starts there and moves on with its own updates (version counters are
+    not saved, and a load moves them: ``extra_state.stream_position``).
     Host reads only: the GPU generator's seed and offset live on the host."""
     version = sum(p._version for p in kernel.parameters()) if position is None else position
     stream = zlib.crc32(seed_id.encode())

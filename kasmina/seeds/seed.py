@@ -40,6 +40,7 @@ from kasmina.seeds.extra_state import (
     check_seed_state,
     encode_extra_state,
     seed_bookkeeping,
+    stream_position,
 )
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -132,9 +133,9 @@ class GradientIsolatedSeed(nn.Module):
         # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.
         self.graft_step = 0
         self.draw_step: int | None = None  # a random kernel's stream position (own_stream)
-        # G2's evidence: the epochs of ISOLATED_INIT in which the seed's optimizer stepped it, and
-        # whether it did in the epoch under way. Kept by whoever steps the seed (the manager:
-        # ``CommandExecution.after_step``); saved in the extra state.
+        self._loaded_draws: list[int | None] | None = None  # a load's, unowned (stream_position)
+        # G2's evidence: the epochs of ISOLATED_INIT in which its optimizer stepped the seed, and
+        # whether it did in this one; kept by whoever steps it (``after_step``), saved.
         self.trained_epochs, self.trained_this_epoch = 0, False
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None
@@ -185,9 +186,8 @@ class GradientIsolatedSeed(nn.Module):
         if gate == 1:
             return gate_g1_kernel_ready(self.kernel)
         if gate == 2:
-            return gate_g2_isolated_training(
-                self.trained_epochs, min_isolated_epochs, self.isolation_violations
-            )
+            epochs, violations = self.trained_epochs, self.isolation_violations
+            return gate_g2_isolated_training(epochs, min_isolated_epochs, violations)
         if gate == 3:
             fault = None if sample is None else self._probe_fault(sample)
             return gate_g3_probed(
@@ -197,9 +197,8 @@ class GradientIsolatedSeed(nn.Module):
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
-        return gate_g5_performance(
-            self.evaluation, threshold, stage, max_metric_drop=max_metric_drop
-        )
+        evaluation, drop = self.evaluation, max_metric_drop
+        return gate_g5_performance(evaluation, threshold, stage, max_metric_drop=drop)
 
     def _probe_fault(self, sample: torch.Tensor) -> str | None:
         """Probe ``sample`` for G3: the fault the probe recorded, or None."""
@@ -237,9 +236,7 @@ class GradientIsolatedSeed(nn.Module):
         """Send the seed to QUARANTINE if that is legal from its stage; returns whether it went."""
         stage = self.stage
         if SeedStage.QUARANTINE not in LEGAL_TRANSITIONS[stage]:
-            logger.error(
-                "seed %s: cannot quarantine from %s (%s)", self.seed_id, stage.name, reason
-            )
+            logger.error("seed %s: no quarantine from %s (%s)", self.seed_id, stage.name, reason)
             return False
         logger.error("seed %s: quarantined from %s: %s", self.seed_id, stage.name, reason)
         self.transition_to(SeedStage.QUARANTINE)
@@ -506,7 +503,8 @@ class GradientIsolatedSeed(nn.Module):
         kernel = self._modules["kernel"]
         assert kernel is not None
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
-        stream = (self.seed_id, None if torch.compiler.is_compiling() else self.draw_step)
+        position = None if torch.compiler.is_compiling() else stream_position(self, kernel)
+        stream = (self.seed_id, position)
         return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, stream)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
@@ -558,7 +556,9 @@ class GradientIsolatedSeed(nn.Module):
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded
             self.graft_step = saved.graft_step
-        self.draw_step = saved.draw_step if self.state_table.owned(self.state_index) else None
+        owned = self.state_table.owned(self.state_index)  # unowned: its versions move it on
+        self.draw_step = saved.draw_step if owned else None
+        self._loaded_draws = None if owned else [saved.draw_step, None]
         self.trained_epochs = saved.trained_epochs
         self.trained_this_epoch = saved.trained_this_epoch
         self._gate_score = saved.gate_score

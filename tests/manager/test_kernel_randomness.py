@@ -131,6 +131,48 @@ def test_a_seed_no_manager_owns_keys_its_stream_on_its_versions(
     assert seed.draw_step == 3
 
 
+def test_a_loaded_copy_draws_what_the_saved_seed_drew_until_it_is_trained(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """``kasmina.load`` restores the model bitwise, eval outputs included: a copy nobody
+    manages keyed its stream on its version counters, which the load moved, so a kernel that
+    draws in eval mode (exported with train-mode dropout) drew other masks than the saved
+    model. The copy starts at the saved position, and its own updates move it on."""
+    import copy
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, publish(Dropping().train(), torch.randn(3, 2), store))
+    rig.train(3)
+    seed = rig.manager.seed(SEED0)
+    model = copy.deepcopy(rig.model)
+    (clone,) = [m for m in model.modules() if getattr(m, "seed_id", None) == SEED0]
+    clone.set_extra_state(seed.get_extra_state())
+    with torch.no_grad():
+        for p in clone.kernel.parameters():  # a load copies the weights after the state
+            p.add_(0.0)
+
+    def mask(of: nn.Module, run) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        handle = of.register_forward_hook(lambda m, args, out: seen.append(out.detach() == 0))
+        try:
+            torch.manual_seed(9)
+            run()
+        finally:
+            handle.remove()
+        return seen[0]
+
+    with torch.no_grad():
+        want = mask(seed.kernel, lambda: rig.model(rig.x))
+        assert torch.equal(mask(clone.kernel, lambda: model(rig.x)), want)
+    optimizer = torch.optim.SGD(clone.kernel.parameters(), lr=0.0)
+    masks = []
+    for _ in range(3):  # trained without a manager: a fresh mask at every step
+        masks.append(mask(clone.kernel, lambda: model(rig.x).sum().backward()))
+        optimizer.step()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
 def run_rollback(rig: Rig, epoch: int) -> bool:
     command = make_rollback_command(epoch)
     return helpers.run_command(rig.manager, rig.signed(command))
