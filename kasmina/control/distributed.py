@@ -75,6 +75,7 @@ from kasmina.control.relay import (
     Received,
     Relayed,
     RelayHandler,
+    command_content,
     command_identity,
     frame,
     refusal,
@@ -310,7 +311,7 @@ class DistributedCoordinator:
         the command applied for it (None where none was applied)."""
         mine = iter(local)
         by_identity = {e.identity: e.command for e in local}
-        by_id = {e.command.command_id: e.command for e in local}
+        by_id = {e.command.command_id: (command_content(e.raw), e.command) for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
         first_seen: set[bytes | str] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []
@@ -325,8 +326,9 @@ class DistributedCoordinator:
             first_seen.update((identity, command_id) if command_id else (identity,))
             # This rank's own copy, or the same command received here too (before this sync or
             # during it, perhaps as a retry): verified already (a second check says replay).
-            mine_too = by_identity.get(identity) or by_id.get(command_id)
-            command = own or mine_too or self._take_pending(identity)
+            held = by_id.get(command_id)  # a retry of it, if it says the same
+            retry = held[1] if held and held[0] == command_content(entry.raw) else None
+            command = own or by_identity.get(identity) or retry or self._take_pending(identity)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)
             if command is None:
@@ -423,8 +425,7 @@ class DistributedCoordinator:
         Every rank computes it from the gathered rows, so the results (reasons included) are the
         same everywhere. A repaired rank whose own outcome differed tells its handler and its
         applier the verdict; a rank that could not be repaired leaves its handler's count as it
-        was (its state still reflects it) and is handed to ``on_divergence``.
-        """
+        was (its state still reflects it) and is handed to ``on_divergence``."""
         truth = min(r for r in range(len(rows)) if r not in divergent)
         settled = []
         for i, result in enumerate(commands):
@@ -575,10 +576,8 @@ class DistributedCoordinator:
 
 
 def _is_replica(state: object) -> bool:
-    return all(
-        callable(getattr(state, name, None))
-        for name in ("checksum", "export_state", "import_state")
-    )
+    names = ("checksum", "export_state", "import_state")
+    return all(callable(getattr(state, name, None)) for name in names)
 
 
 def _split_reason(column: Sequence[bool], source: int, repaired: tuple[int, ...]) -> str:

@@ -303,6 +303,17 @@ def command_identity(raw: bytes) -> bytes:
         return raw
 
 
+def command_content(raw: bytes) -> bytes:
+    """What a command says, without how it was signed (metadata cleared): a retry signed anew
+    under the same id says the same; another command that reuses the id does not."""
+    try:
+        command = AdaptationCommand.FromString(raw)
+    except Exception:
+        return raw
+    command.ClearField("metadata")
+    return command.SerializeToString(deterministic=True)
+
+
 def relayed_command_id(raw: bytes) -> str:
     """The id of a relayed command, for the record ("" if it does not even parse)."""
     try:

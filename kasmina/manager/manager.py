@@ -62,7 +62,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.flags import read_flags
-from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.interrupts import interrupts_deferred, take_lock
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.orphans import add_owned_sink
 from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
@@ -573,18 +573,19 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Drop queued commands, report pending rejections, close its own Urza client (not a
         caller's), the nonce ledger, checkpoint store (run lock) and JSONL file, unhook the model;
         later calls raise. On another thread it waits out the step or command in flight."""
-        if self._owns_client:  # first, lock-free: a fetch may run under the lock (execute's)
-            try:
+        try:  # first, lock-free: a fetch may run under the lock (execute's)
+            if self._owns_client:
                 self.urza_client.close()
-            except Exception:  # the rest is closed whatever this raised
-                logger.exception("closing the manager's Urza client raised")
+        except Exception:  # the rest is closed whatever this raised
+            logger.exception("closing the manager's Urza client raised")
         hold = interrupts_deferred()  # a Ctrl-C in the middle left the ledger, so the run, held
         with hold:  # delivered on the way out, the lock let go
-            while not self._lock.acquire(timeout=0.05):  # waiting out the step in flight
-                if hold.held:  # a second Ctrl-C: closed to every later call (the step in flight
-                    self.state.closed = True  # completes); a later close() releases the rest
-                    self.handler.close()
-                    return
+            try:
+                take_lock(self._lock, hold)  # waiting out the step in flight
+            except BaseException:  # a Ctrl-C raised: closed to every later call (the step in
+                self.state.closed = True  # flight completes); a later close() frees the rest
+                self.handler.close()
+                raise
             try:
                 self.state.closed = True
                 try:

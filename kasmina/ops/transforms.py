@@ -32,7 +32,9 @@ __all__ = [
     "outside_transforms",
     "plain_flag",
     "reduced_to_level_of",
+    "transform_depth",
     "transform_wrapped",
+    "under_vmap",
 ]
 
 
@@ -45,6 +47,26 @@ def functorch_active() -> bool:
     ops' eager shortcuts call kernels that need real storage, so under a transform every call
     goes through the op's ``torch.autograd.Function``, which ``torch.func`` unwraps."""
     return _PEEK is not None and _PEEK() is not None
+
+
+def transform_depth() -> int:
+    """How many ``torch.func`` transforms run the eager forward running now (0 compiled)."""
+    if torch.compiler.is_compiling() or not functorch_active():
+        return 0
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return len(retrieve_all_functorch_interpreters())
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` (perhaps around other transforms) runs the eager forward
+    running now: ``kd_kl_loss`` refuses it (``grad`` and ``vjp`` it takes)."""
+    if torch.compiler.is_compiling() or not functorch_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def plain_flag(t: Tensor, reduce) -> Tensor:

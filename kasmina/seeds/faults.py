@@ -255,17 +255,6 @@ def plain_eager() -> bool:
     return not torch.compiler.is_compiling() and not functorch_active()
 
 
-def under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` (perhaps around other transforms) runs the eager forward
-    running now: ``kd_kl_loss`` refuses it (``grad`` and ``vjp`` it takes)."""
-    if torch.compiler.is_compiling() or not functorch_active():
-        return False
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
-
-
 def _read_all_finite(sums: torch.Tensor) -> bool:
     """Whether every sum is finite, read on the host where that is a load and not a device sync
     (plain CPU tensors); False elsewhere (another device, a tensor subclass, whose read may be a

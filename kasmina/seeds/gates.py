@@ -126,17 +126,18 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     forward that is only a measurement (a FLOP count, ``evaluate_seeds``) leaves no trace in
     them. It matters for batch-norm statistics that ``eval()`` cannot freeze: a kernel
     exported in train mode updates them on every call. Values are copied back in place (the
-    buffer objects stay) where the block wrote them (its version moved: an unchanged buffer
-    keeps its version, which a pending backward that saved it checks); a buffer whose shape
-    changed is left alone."""
+    buffer objects stay) where the block wrote them (its version moved, or its values did:
+    a write through ``.data``), through ``.data``: a version a pending backward that saved the
+    buffer checks does not move; a buffer whose shape changed is left alone."""
     buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
             for buffer, version, saved in buffers:
-                if buffer._version != version and buffer.shape == saved.shape:
-                    buffer.copy_(saved)
+                same = buffer._version == version and torch.equal(buffer, saved)
+                if buffer.shape == saved.shape and not same:
+                    buffer.data.copy_(saved)
 
 
 class ProbedOutput(NamedTuple):

@@ -57,6 +57,7 @@ from kasmina.kd.loss import (
     teacher_fit_problem,
 )
 from kasmina.ops.alpha_blend import seed_blend
+from kasmina.ops.transforms import transform_depth, under_vmap
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -70,7 +71,6 @@ from kasmina.seeds.faults import (
     plain_eager,
     recomputing,
     record_fallbacks,
-    under_vmap,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
 from kasmina.seeds.outputs import (
@@ -173,6 +173,7 @@ class KasminaLayer(nn.Module):
         self.input_spec: ActivationSpec | None = None
         self._rank = batched_rank(host, chunk_dim)
         self._teacher_logits: torch.Tensor | None = None
+        self._teacher_depth = 0  # the torch.func depth they were set at (set_teacher_logits)
         self._recompute_teacher: torch.Tensor | None = None
         self._kd_losses = PendingKDLosses()
         self._graph = GraphMark()  # an object: compiled, a store to it is a replayed side effect
@@ -300,7 +301,8 @@ class KasminaLayer(nn.Module):
         uncollected = self._kd_losses.newly_uncollected() if teacher_logits is not None else 0
         if uncollected:
             self._sit_out("kd_uncollected", "KD loss of an earlier forward not collected yet")
-        self._teacher_logits = teacher_logits
+        # Taken by a forward as deep in torch.func transforms (not a probe's ``grad``: later).
+        self._teacher_logits, self._teacher_depth = teacher_logits, transform_depth()
         return uncollected
 
     @property
@@ -357,7 +359,7 @@ class KasminaLayer(nn.Module):
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
             again = recomputing()
-            if torch.is_grad_enabled() and not again and not under_vmap():  # used or not
+            if torch.is_grad_enabled() and not again and self._teacher_depth == transform_depth():
                 stored, self._teacher_logits = self._teacher_logits, None
                 teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
@@ -561,12 +563,10 @@ class KasminaLayer(nn.Module):
     ) -> None:  # fmt: skip
         if all(s is None for s in students):
             return
-        if under_vmap():  # kd_kl_loss refuses vmap: a pending teacher stays for the next
-            # training forward (``forward`` takes none under it); one given here sits out
-            self._sit_out("kd", "under torch.func.vmap")
-            return
-        problem = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
-        if problem is not None:  # a call of another shape (a module called more than once)
+        # kd_kl_loss refuses vmap; or a call of another shape (a module called more than once)
+        fit = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
+        problem = "under torch.func.vmap" if under_vmap() else fit
+        if problem is not None:
             self._sit_out("kd", problem)
             return
         loss = slot_kd_loss(

@@ -27,8 +27,9 @@ import _signal
 import signal
 import threading
 from types import FrameType
+from typing import Protocol
 
-__all__ = ["interrupts_deferred"]
+__all__ = ["interrupts_deferred", "take_lock"]
 
 _SIGINT = int(signal.SIGINT)
 
@@ -74,6 +75,14 @@ class interrupts_deferred:  # noqa: N801 - used as ``with interrupts_deferred():
         """Whether a SIGINT arrived in the block so far (it is delivered when the block ends)."""
         return bool(self._held)
 
+    def deliver_held(self) -> None:
+        """Deliver a SIGINT held so far at once, as the previous handler would (by default: a
+        ``KeyboardInterrupt`` raised here; ignored, or a handler that only records it: nothing
+        raised, and the block goes on holding the next one)."""
+        held, self._held = self._held, []
+        if held and self._previous is not None:
+            _deliver(self._previous, *held[0])
+
 
 def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
     """What ``handler`` would have done with the signal (SIG_DFL: the default action)."""
@@ -82,3 +91,16 @@ def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
     elif handler == signal.SIG_DFL:
         signal.raise_signal(signum)
     # SIG_IGN: nothing to do
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+
+def take_lock(lock: _Lock, hold: interrupts_deferred) -> None:
+    """Take ``lock`` inside ``hold``'s block, a SIGINT that arrives meanwhile delivered as its
+    handler would (polled every 50 ms): a ``KeyboardInterrupt`` propagates without the lock,
+    an ignored or recorded one does not stop the wait. (A plain ``acquire()`` would raise it
+    anywhere, even just after taking the lock, which the caller would then never release.)"""
+    while not lock.acquire(timeout=0.05):
+        hold.deliver_held()

@@ -471,6 +471,27 @@ def test_a_retry_received_by_another_rank_is_the_same_command_and_runs_once(tmp_
         assert second[:3] == (command.command_id, 1, False) and "duplicate" in second[3]
 
 
+@pytest.mark.slow  # spawns processes
+def test_two_commands_that_share_an_id_on_two_ranks_run_on_neither(tmp_path) -> None:
+    """Not a retry: two different commands under one id (a controller's bug), one per rank.
+    Taken as the same command, each rank ran its own, and the ranks diverged."""
+    from kasmina.utils.keyring import generate_key
+
+    key = generate_key().hex()
+    keyring = Keyring({"k1": bytes.fromhex(key)})
+    raws = [
+        sign_command(
+            make_seed_command(GERMINATE, f"seed-{k}", "a", command_id="cmd-7"), keyring, "k1"
+        ).SerializeToString()
+        for k in range(2)
+    ]
+    spawn(_two_encodings_worker, 2, args=(key, str(tmp_path), raws), backend="gloo", timeout_s=60)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"encodings{rank}.pt")
+        assert run["executed"] == [] and run["stage"] == SeedStage.DORMANT
+        assert [ok for _, _, ok, _ in run["results"]] == [False, False]
+
+
 class FailingOnRank(TableExecutor):
     """A ``TableExecutor`` whose GERMINATE of seed 0 raises on one rank only."""
 

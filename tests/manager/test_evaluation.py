@@ -17,7 +17,7 @@ from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
 from kasmina.manager import rollback as rollback_module
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
-from kasmina.seeds.gates import gate_g5_performance
+from kasmina.seeds.gates import gate_g5_performance, kept_buffers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
@@ -625,6 +625,20 @@ def test_evaluation_puts_back_the_buffers_of_a_kernel_eval_cannot_switch() -> No
     assert bn.training  # it did run in train mode, updating its statistics on the way
     assert all(torch.equal(v, dict(bn.named_buffers())[k]) for k, v in before.items())
     assert evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"] == first
+
+
+def test_kept_buffers_puts_back_a_write_through_data_and_moves_no_version() -> None:
+    """A buffer written through ``.data`` (an EMA kept by hand) moves no version: it is put
+    back by its values; and putting back a written one moves its version no further."""
+    module = nn.Module()
+    module.register_buffer("ema", torch.ones(3))
+    module.register_buffer("count", torch.zeros(()))
+    with kept_buffers(module):
+        module.ema.data.mul_(0.5)
+        module.count.add_(1)
+        written = module.count._version
+    assert torch.equal(module.ema, torch.ones(3)) and module.count.item() == 0
+    assert module.ema._version == 0 and module.count._version == written
 
 
 def test_evaluation_between_a_forward_and_its_backward_charges_the_seed_nothing() -> None:

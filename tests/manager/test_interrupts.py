@@ -707,3 +707,36 @@ def test_a_ctrl_c_inside_close_still_closes_everything(rig: Rig, monkeypatch) ->
         manager.close()
     assert calls
     type(manager)(manager.config, keyring=rig.keyring).close()  # the run is free
+
+
+@pytest.mark.parametrize("handling", ["ignored", "recorded"])
+def test_a_ctrl_c_its_handler_does_not_raise_for_leaves_close_waiting(
+    rig: Rig, handling: str
+) -> None:
+    """A job started with SIGINT ignored, or a handler that only records it ("finish the
+    epoch"): a SIGINT while ``close()`` waits out the step is that handler's, and the close
+    goes on to release the run (it returned early, the ledger and run lock still held)."""
+    manager = rig.manager
+    seen: list[int] = []
+    handler = signal.SIG_IGN if handling == "ignored" else (lambda signum, frame: seen.append(1))
+    previous = signal.signal(signal.SIGINT, handler)
+    holding = threading.Event()
+    main = threading.get_ident()
+
+    def trainer() -> None:
+        with manager._lock:
+            holding.set()
+            time.sleep(0.3)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=trainer)
+    try:
+        thread.start()
+        holding.wait(10)
+        manager.close()
+    finally:
+        thread.join(10)
+        signal.signal(signal.SIGINT, previous)
+    assert seen == ([] if handling == "ignored" else [1])
+    type(manager)(manager.config, keyring=rig.keyring).close()  # the run was released

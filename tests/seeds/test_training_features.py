@@ -686,6 +686,29 @@ def test_a_vmapped_forward_leaves_the_teacher_logits_to_the_training_forward(
     assert layer.sat_out["kd"] == before + 1
 
 
+@pytest.mark.parametrize("probe", ["grad", "jvp"])
+def test_a_probe_under_torch_func_leaves_the_pending_teacher_to_the_training_forward(
+    probe: str,
+) -> None:
+    """Teacher logits set for the training step, then a functional probe (a ``grad`` whose
+    loss leaves KD out, a ``jvp``) runs first: the probe's forward took them (its KD loss
+    escaped without a graph, or raised under ``jvp``), and the training step distilled
+    nothing. Only a forward as deep in the transforms as the call that set them takes them."""
+    layer = _distilling_layer(S.ISOLATED_INIT)
+    x, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    layer(x)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    layer.set_teacher_logits(teacher)
+    if probe == "grad":
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    else:
+        torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+    assert layer.get_and_clear_kd_losses() is None
+    layer(x)  # the training forward distils
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and kd.requires_grad
+
+
 @pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
 def test_seed_kd_inside_torch_func_grad_gives_the_eager_gradients(stage: SeedStage) -> None:
     """Functional training (``grad`` of a loss that collects the seeds' KD inside the
