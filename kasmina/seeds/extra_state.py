@@ -77,7 +77,7 @@ def stream_position(seed: Any, kernel: torch.nn.Module) -> int | None:
     position, and its kernel's version count at its first forward since), the saved position
     moved on by every parameter update since: the loaded model draws what the saved one drew
     until it is trained, and anew at each step after. Else None: the versions alone."""
-    loaded = seed._loaded_draws
+    loaded = getattr(seed, "_loaded_draws", None)  # None in a seed pickled before it was kept
     if seed.draw_step is not None or loaded is None or loaded[0] is None:
         return seed.draw_step
     versions = sum(p._version for p in kernel.parameters())

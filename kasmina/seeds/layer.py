@@ -323,8 +323,8 @@ class KasminaLayer(nn.Module):
         return {**self.__dict__, **fresh}
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # an older pickle: no mark, a list
-        fresh = {"_kd_losses": PendingKDLosses(state.get("_kd_losses", ()))}
-        super().__setstate__({"_graph": GraphMark(), "_kernel_shapes": (), **state, **fresh})
+        old = {"_graph": GraphMark(), "_kernel_shapes": (), "_teacher_depth": 0, **state}
+        super().__setstate__({**old, "_kd_losses": PendingKDLosses(state.get("_kd_losses", ()))})
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language

@@ -70,11 +70,6 @@ class interrupts_deferred:  # noqa: N801 - used as ``with interrupts_deferred():
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         self._held.append((signum, frame))
 
-    @property
-    def held(self) -> bool:
-        """Whether a SIGINT arrived in the block so far (it is delivered when the block ends)."""
-        return bool(self._held)
-
     def deliver_held(self) -> None:
         """Deliver a SIGINT held so far at once, as the previous handler would (by default: a
         ``KeyboardInterrupt`` raised here; ignored, or a handler that only records it: nothing

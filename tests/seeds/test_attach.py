@@ -784,9 +784,14 @@ def test_a_slot_pickled_before_the_kernel_shapes_runs_its_seeds() -> None:
     slot.seed(0).attach_kernel(kernel(2, 0))
     walk(slot.seed(0), S.GRAFTING)
     state = slot.__getstate__()
-    del state["_kernel_shapes"]  # as an earlier version pickled it
+    del state["_kernel_shapes"], state["_teacher_depth"]  # as earlier versions pickled it
+    seed_state = slot.seed(0).__getstate__()
+    del seed_state["_loaded_draws"]
+    slot.seed(0).__dict__.clear()
+    slot.seed(0).__setstate__(seed_state)
     old = KasminaLayer.__new__(KasminaLayer)
     old.__setstate__(state)
+    old.set_teacher_logits(torch.randn(3, 4))
     old(torch.randn(3, 4)).sum().backward()
     assert old.sat_out == {} and old.seed(0).faults == 0
 
