@@ -73,27 +73,21 @@ def plain_flag(t: Tensor, reduce) -> Tensor:
     """``t``, a bool tensor computed under ``torch.func`` transforms, as the plain tensor under
     their wrappers, reduced by ``reduce`` (``torch.all``, ``torch.any``) over each ``vmap``'s
     batch dim: a value a tensor outside the transforms may take (``outside_transforms``)."""
-    from torch._C._functorch import (
-        _unwrap_batched,
-        get_unwrapped,
-        is_batchedtensor,
-        is_functorch_wrapped_tensor,
-        maybe_get_level,
-    )
-
-    while is_functorch_wrapped_tensor(t):
-        if is_batchedtensor(t):
-            t, dim = _unwrap_batched(t, maybe_get_level(t))
-            t = t if dim is None else reduce(t, dim=dim)
-        else:
-            t = get_unwrapped(t)
-    return t
+    return _unwrapped_above(t, reduce, -1)
 
 
 def reduced_to_level_of(t: Tensor, like: Tensor, reduce) -> Tensor:
     """``t``, a bool tensor computed under ``torch.func`` transforms, reduced by ``reduce`` over
     the batch of every ``vmap`` inside the one that gave ``like`` (a tensor the transformed
     function was given): a value ``like`` may take in place (``plain_flag`` for all levels)."""
+    from torch._C._functorch import maybe_get_level
+
+    return _unwrapped_above(t, reduce, maybe_get_level(like))
+
+
+def _unwrapped_above(t: Tensor, reduce, level: int) -> Tensor:
+    """``t`` with its transform wrappers above ``level`` taken off, each ``vmap``'s batch dim
+    reduced by ``reduce``."""
     from torch._C._functorch import (
         _unwrap_batched,
         get_unwrapped,
@@ -102,7 +96,6 @@ def reduced_to_level_of(t: Tensor, like: Tensor, reduce) -> Tensor:
         maybe_get_level,
     )
 
-    level = maybe_get_level(like)
     while is_functorch_wrapped_tensor(t) and maybe_get_level(t) > level:
         if is_batchedtensor(t):
             t, dim = _unwrap_batched(t, maybe_get_level(t))
