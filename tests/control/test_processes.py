@@ -106,6 +106,7 @@ def _rank_that_trains_on(rank: int, world: int, directory: str) -> None:
     time.sleep(300)
 
 
+@pytest.mark.usefixtures("sigint_raises")  # a suite started in the background ignores SIGINT
 def test_an_interrupted_spawn_leaves_no_rank_running(tmp_path: Path) -> None:
     """A Ctrl-C sent to the parent alone (``kasmina demo --nproc 2``) stopped the parent's wait,
     but the ranks trained on to the end and wrote their result after the interrupt."""
