@@ -75,8 +75,8 @@ from kasmina.control.relay import (
     Received,
     Relayed,
     RelayHandler,
-    command_content,
     command_identity,
+    command_keys,
     frame,
     refusal,
     relayed_command_id,
@@ -311,14 +311,14 @@ class DistributedCoordinator:
         the command applied for it (None where none was applied)."""
         mine = iter(local)
         by_identity = {e.identity: e.command for e in local}
-        by_id = {e.command.command_id: (command_content(e.raw), e.command) for e in local}
+        by_id = {e.command.command_id: (command_keys(e.raw)[2], e.command) for e in local}
         used: set[int] = set()  # local commands already standing for a relayed one
         first_seen: set[bytes | str] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []
         for entry in relayed:
             own = next(mine).command if entry.origin == self.rank else None
             # One message, however encoded; and its retry (signed anew under its id) is it too.
-            identity, command_id = command_identity(entry.raw), relayed_command_id(entry.raw)
+            identity, command_id, content = command_keys(entry.raw)
             if identity in first_seen or command_id in first_seen:  # the first copy stands
                 leftover = own if own is not None and id(own) not in used else None
                 judged.append((leftover, DUPLICATE))  # for it: this one runs nowhere
@@ -327,7 +327,7 @@ class DistributedCoordinator:
             # This rank's own copy, or the same command received here too (before this sync or
             # during it, perhaps as a retry): verified already (a second check says replay).
             held = by_id.get(command_id)  # a retry of it, if it says the same
-            retry = held[1] if held and held[0] == command_content(entry.raw) else None
+            retry = held[1] if held and held[0] == content else None
             command = own or by_identity.get(identity) or retry or self._take_pending(identity)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)

@@ -303,15 +303,17 @@ def command_identity(raw: bytes) -> bytes:
         return raw
 
 
-def command_content(raw: bytes) -> bytes:
-    """What a command says, without how it was signed (metadata cleared): a retry signed anew
+def command_keys(raw: bytes) -> tuple[bytes, str, bytes]:
+    """``(command_identity(raw), its command id, its content)`` from one parse. The content is
+    what the command says without how it was signed (metadata cleared): a retry signed anew
     under the same id says the same; another command that reuses the id does not."""
     try:
         command = AdaptationCommand.FromString(raw)
     except Exception:
-        return raw
+        return raw, "", raw
+    identity = command.SerializeToString(deterministic=True)
     command.ClearField("metadata")
-    return command.SerializeToString(deterministic=True)
+    return identity, command.command_id, command.SerializeToString(deterministic=True)
 
 
 def relayed_command_id(raw: bytes) -> str:

@@ -71,15 +71,14 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
     return state
 
 
-def stream_position(seed: Any, kernel: torch.nn.Module) -> int | None:
-    """A seed's random stream position (``faults.own_stream``): its manager's ``draw_step``;
-    for a seed ``kasmina.load`` restored without one (``seed._loaded_draws``: the saved
-    position, and its kernel's version count at its first forward since), the saved position
-    moved on by every parameter update since: the loaded model draws what the saved one drew
-    until it is trained, and anew at each step after. Else None: the versions alone."""
-    loaded = getattr(seed, "_loaded_draws", None)  # None in a seed pickled before it was kept
-    if seed.draw_step is not None or loaded is None or loaded[0] is None:
-        return seed.draw_step
+def stream_position(loaded: list[int | None], kernel: torch.nn.Module) -> int | None:
+    """The random stream position (``faults.own_stream``) of a seed ``kasmina.load`` restored
+    without a manager (``loaded``: its saved position, and its kernel's version count at its
+    first forward since): the saved position moved on by every parameter update since, so the
+    loaded model draws what the saved one drew until it is trained, and anew at each step
+    after. None when nothing was saved: the versions alone key the stream."""
+    if loaded[0] is None:
+        return None
     versions = sum(p._version for p in kernel.parameters())
     if loaded[1] is None:  # the load moved them itself: counted from the first forward on
         loaded[1] = versions

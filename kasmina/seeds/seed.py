@@ -224,10 +224,8 @@ class GradientIsolatedSeed(nn.Module):
         result = self.evaluate_gate(destination, **gate_kwargs)
         if not result.passed:
             logger.info("seed %s: gate G%d refused: %s", self.seed_id, result.gate, result.reason)
-            self.state_table.report(
-                "lifecycle.gate_failed",
-                {"seed_id": self.seed_id, "gate": f"G{result.gate}", "reason": result.reason},
-            )
+            labels = {"seed_id": self.seed_id, "gate": f"G{result.gate}", "reason": result.reason}
+            self.state_table.report("lifecycle.gate_failed", labels)
             return result
         self.transition_to(destination, gate=result.gate or None)
         return result
@@ -302,9 +300,8 @@ class GradientIsolatedSeed(nn.Module):
                 self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
             elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
                 logger.error(
-                    "seed %s: fault limit %d reached in %s, which cannot be quarantined; it "
-                    "keeps falling back to the host output", self.seed_id, self.fault_limit,
-                    stage.name,
+                    "seed %s: fault limit %d reached in %s, which cannot be quarantined; it keeps "
+                    "falling back to the host output", self.seed_id, self.fault_limit, stage.name,
                 )  # fmt: skip
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
@@ -442,10 +439,8 @@ class GradientIsolatedSeed(nn.Module):
         if self.kernel is None or stage not in RUNS_KERNEL:
             return x
         if x.shape[self.chunk_dim] != self.chunk_size:
-            raise ValueError(
-                f"seed {self.seed_id}: dim {self.chunk_dim} of {tuple(x.shape)} is not "
-                f"{self.chunk_size} wide"
-            )
+            width = f"dim {self.chunk_dim} of {tuple(x.shape)} is not {self.chunk_size} wide"
+            raise ValueError(f"seed {self.seed_id}: {width}")
         if stage == SeedStage.COMPATIBILITY_CHECK:
             self._probe_unless_compiling(x)
             return x
@@ -503,7 +498,11 @@ class GradientIsolatedSeed(nn.Module):
         kernel = self._modules["kernel"]
         assert kernel is not None
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
-        position = None if torch.compiler.is_compiling() else stream_position(self, kernel)
+        if torch.compiler.is_compiling():
+            position = None
+        else:  # a position kept from a load only where one restored the seed unmanaged
+            loaded = self.__dict__.get("_loaded_draws")  # absent from older pickles
+            position = self.draw_step if loaded is None else stream_position(loaded, kernel)
         stream = (self.seed_id, position)
         return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, stream)
 
