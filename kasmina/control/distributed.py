@@ -15,11 +15,11 @@ training, or the copies drift apart. Three rules keep them together (docs/design
    tensor with the receive time (no pickle crosses the wire). Every other rank re-checks the
    signature and records the nonce, judging freshness against the receive time
    (``LeylineAdaptationHandler.accept_relayed``), then prepares it (a kernel fetched, for a
-   GERMINATE). A rank that received the same command itself (in any encoding of the message:
-   ``relay.command_identity``; before the sync or during it) uses its own verified copy and
-   drops it from its queue: the first copy stands, and runs once. The ranks all-gather whether
-   they are ready; a command is applied, in the same order on every rank, only if every rank
-   is, and is otherwise refused everywhere with a reason that names the ranks that could not.
+   GERMINATE). A rank that received the same command itself (any encoding of the message, or
+   a retry under its id that says the same: ``relay.command_keys``; before the sync or during
+   it) uses its own verified copy, off its queue: the first copy stands, and runs once. The
+   ranks all-gather whether they are ready; a command is applied, in the same order on every
+   rank, only if every rank is, else refused everywhere, the reason naming the ranks that could not.
 3. **Repair, not only detect.** After applying, every rank checksums its replicated state and the
    checksums are all-gathered. A rank that disagrees with the majority of the ranks whose state
    is finite (a tie goes to the group holding the lowest such rank, so a rank whose state is not
@@ -75,7 +75,6 @@ from kasmina.control.relay import (
     Received,
     Relayed,
     RelayHandler,
-    command_identity,
     command_keys,
     frame,
     refusal,
@@ -179,13 +178,14 @@ class DistributedCoordinator:
         whether it was applied is in that sync's result."""
         received_at = self._clock()  # before the check: fresh now is fresh at this time
         small = len(raw) <= getattr(self.handler, "max_message_bytes", len(raw))  # else refused
-        identity = command_identity(raw) if small else b""
-        with self._held.arriving(identity):  # a sync relaying it meanwhile waits for it
+        identity, command_id, content = command_keys(raw) if small else (b"", "", b"")
+        with self._held.arriving(identity, command_id):  # a sync relaying it waits for it
             command = self.handler.accept(raw)
             if command is None:
                 self.stats["refused_on_arrival"] += 1
                 return False
-            full = not self._held.add(Received(bytes(raw), received_at, command, identity))
+            entry = Received(bytes(raw), received_at, command, identity, command_id, content)
+            full = not self._held.add(entry)
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.log(
@@ -311,7 +311,7 @@ class DistributedCoordinator:
         the command applied for it (None where none was applied)."""
         mine = iter(local)
         by_identity = {e.identity: e.command for e in local}
-        by_id = {e.command.command_id: (command_keys(e.raw)[2], e.command) for e in local}
+        by_id = {e.command_id: (e.content, e.command) for e in local if e.command_id}
         used: set[int] = set()  # local commands already standing for a relayed one
         first_seen: set[bytes | str] = set()
         judged: list[tuple[KasminaCommand | None, int]] = []
@@ -328,7 +328,8 @@ class DistributedCoordinator:
             # during it, perhaps as a retry): verified already (a second check says replay).
             held = by_id.get(command_id)  # a retry of it, if it says the same
             retry = held[1] if held and held[0] == content else None
-            command = own or by_identity.get(identity) or retry or self._take_pending(identity)
+            command = own or by_identity.get(identity) or retry
+            command = command or self._take_pending(identity, command_id, content)
             if command is None:
                 command = self.handler.accept_relayed(entry.raw, entry.received_at)
             if command is None:
@@ -379,11 +380,11 @@ class DistributedCoordinator:
             self.applier.refuse(command, "the sync was interrupted before it applied it")
             self.stats["refused"] += 1
 
-    def _take_pending(self, identity: bytes) -> KasminaCommand | None:
-        """This rank's copy of the command if it arrived after this sync took the held ones
-        (another rank's is relayed now), so it is not relayed again; a copy still in its check
-        here is waited for, a while (``HeldCommands.take``)."""
-        entry = self._held.take(identity, ARRIVAL_WAIT_S)
+    def _take_pending(self, identity: bytes, id_: str, content: bytes) -> KasminaCommand | None:
+        """This rank's copy of the command (or its retry, saying the same) if it arrived after
+        this sync took the held ones (another rank's is relayed now), so it is not relayed
+        again; a copy still in its check here is waited for, a while (``HeldCommands.take``)."""
+        entry = self._held.take(identity, id_, content, ARRIVAL_WAIT_S)
         if entry is None:
             return None
         self.stats["matched_during_sync"] += 1

@@ -187,7 +187,9 @@ class Received:
     raw: bytes
     received_at: float
     command: KasminaCommand
-    identity: bytes  # ``command_identity(raw)``, taken once on arrival
+    identity: bytes  # ``command_keys(raw)``, taken once on arrival: its identity,
+    command_id: str = ""  # id
+    content: bytes = b""  # and content
 
 
 @dataclass
@@ -219,15 +221,17 @@ class HeldCommands:
             return len(self._held)
 
     @contextmanager
-    def arriving(self, identity: bytes) -> Iterator[None]:
-        """Around a command's check, until it is held or refused."""
+    def arriving(self, identity: bytes, command_id: str = "") -> Iterator[None]:
+        """Around a command's check, until it is held or refused (``command_id``: a retry
+        of a command the sync relays is its copy here too)."""
+        keys = (identity, command_id) if command_id else (identity,)
         with self._lock:
-            self._arriving[identity] += 1
+            self._arriving.update(keys)
         try:
             yield
         finally:
             with self._lock:
-                self._arriving[identity] -= 1
+                self._arriving.subtract(keys)
                 self._arriving += Counter()  # drops the zero counts
                 self._arrived.notify_all()
 
@@ -249,13 +253,22 @@ class HeldCommands:
         with self._lock:
             self._held[:0] = entries
 
-    def take(self, identity: bytes, wait_s: float) -> Received | None:
-        """The held copy of the command ``identity`` names, taken off, waiting at most
-        ``wait_s`` for one still in its check; None if there is none."""
+    def take(
+        self, identity: bytes, command_id: str, content: bytes, wait_s: float
+    ) -> Received | None:
+        """The held copy of the command ``identity`` names, or a retry of it (``command_id``,
+        saying ``content``), taken off, waiting at most ``wait_s`` for one still in its check;
+        None if there is none (a command under its id that says something else stays held)."""
+
+        def checked() -> bool:
+            return identity not in self._arriving and command_id not in self._arriving
+
         with self._lock:
-            self._arrived.wait_for(lambda: identity not in self._arriving, wait_s)
+            self._arrived.wait_for(checked, wait_s)
             for i, entry in enumerate(self._held):
-                if entry.identity == identity:
+                if entry.identity == identity or (
+                    command_id and entry.command_id == command_id and entry.content == content
+                ):
                     return self._held.pop(i)
         return None
 

@@ -29,7 +29,7 @@ from kasmina.control.processes import (
     collective_timeout_s,
     spawn,
 )
-from kasmina.control.relay import EpochSyncResult
+from kasmina.control.relay import EpochSyncResult, command_keys
 from kasmina.control.replica import (
     BufferAverage,
     TensorReplica,
@@ -265,16 +265,27 @@ def _straddle_worker(
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("encoding", ["same bytes", "re-encoded"])
+@pytest.mark.parametrize("encoding", ["same bytes", "re-encoded", "a retry"])
 def test_a_copy_that_arrives_during_the_sync_is_the_duplicate_and_runs_once(
     tmp_path: Path, encoding: str
 ) -> None:
+    """A retry (signed anew under the command's id) that reached rank 1 while it waited in the
+    sync was matched by identity only: the relayed original was then a duplicate id there,
+    refused on every rank, and the retry, relayed at the next sync, one on rank 0."""
     from kasmina.utils.keyring import generate_key
 
     key = generate_key().hex()
-    raw = _signed(Keyring({"k1": bytes.fromhex(key)}), GERMINATE, 0, "blueprint-a")
-    straddler = AdaptationCommand.FromString(raw).command_id
-    args = (key, str(tmp_path), raw, raw if encoding == "same bytes" else _reencoded(raw))
+    keyring = Keyring({"k1": bytes.fromhex(key)})
+    command = make_seed_command(GERMINATE, "seed-0", "blueprint-a")
+    raw = sign_command(command, keyring, "k1").SerializeToString()
+    straddler = command.command_id
+    late = {
+        "same bytes": raw,
+        "re-encoded": _reencoded(raw),
+        "a retry": sign_command(command, keyring, "k1").SerializeToString(),
+    }[encoding]
+    assert encoding != "a retry" or command_keys(late)[0] != command_keys(raw)[0]
+    args = (key, str(tmp_path), raw, late)
     spawn(_straddle_worker, 2, args=args, backend="gloo", timeout_s=60, join_timeout_s=120)
 
     runs = [torch.load(tmp_path / f"straddle{r}.pt") for r in range(2)]
@@ -727,6 +738,22 @@ def test_submit_verifies_on_arrival_bounds_the_queue_and_never_raises() -> None:
     assert coord.sync_epoch(0).outcomes == (True,)
     with pytest.raises(TypeError, match="applier"):
         DistributedCoordinator(object(), lambda: {})  # type: ignore[arg-type]
+
+
+def test_a_held_copy_is_taken_for_its_identity_or_a_retry_that_says_the_same() -> None:
+    from kasmina.control.relay import HeldCommands, Received
+
+    keyring = Keyring({"k1": KEY})
+    command = make_seed_command(GERMINATE, "seed-0", "a")
+    other = make_seed_command(GERMINATE, "seed-1", "a", command_id=command.command_id)
+    raws = [sign_command(c, keyring, "k1").SerializeToString() for c in (command, command, other)]
+    held = HeldCommands(4)
+    for raw in raws[1:]:  # the retry, and another command under the id
+        assert held.add(Received(raw, 0.0, command, *command_keys(raw)))
+    assert held.take(*command_keys(raws[0]), wait_s=0.0).raw == raws[1]  # the retry
+    assert held.take(*command_keys(raws[0]), wait_s=0.0) is None  # says something else
+    assert held.take(*command_keys(raws[2]), wait_s=0.0).raw == raws[2]  # its own identity
+    assert len(held) == 0
 
 
 def test_tensor_replicas_round_trip_without_pickle_and_refuse_other_layouts() -> None:
