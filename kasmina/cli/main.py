@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_urza_parser(sub)
 
+    from kasmina.cli.runs import add_runs_parser
+
+    add_runs_parser(sub)
+
     keygen = sub.add_parser(
         "keygen",
         help="generate an HMAC command key, or an Ed25519 artifact publisher key (--publisher)",

@@ -47,7 +47,9 @@ HELP_CASES = {
     ("keygen",): ["--key-id", "--out", "--append", "KASMINA_HMAC_KEYS", "--publisher", "Ed25519"],
     ("bench",): ["--gpu", "perf"],
     ("urza",): ["publish", "list", "verify", "resign"],
-    (): ["demo", "urza", "keygen", "bench"],
+    ("runs", "prune"): ["--runs-root", "--older-than", "--keep", "--dry-run"],
+    ("runs",): ["list", "prune"],
+    (): ["demo", "urza", "keygen", "bench", "runs"],
 }
 
 

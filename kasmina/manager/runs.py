@@ -1,0 +1,204 @@
+"""Run directories: what earlier runs left under ``runs_root``, and pruning them.
+
+Every manager keeps its state in ``<runs_root>/<run_id>/`` (``KasminaConfig.run_dir``): the nonce
+ledger, its epoch and emergency checkpoints, the checkpoint key. Nothing removes a run's
+directory when the run ends (a trainer restarted with the run's id resumes from it), so under
+the default root, in the user's cache, they add up run after run, a few model-sized checkpoints
+each. ``list_runs`` says what is there and ``prune_runs`` (``kasmina runs list|prune``) removes
+the runs a user no longer needs, by age (``older_than_s``) and count (``keep`` the newest).
+
+What counts as a run: a directory directly under the root whose name is a run id and that holds
+a file only Kasmina writes there (the ledger ``nonces.log``, the key ``checkpoint.key``, or the
+checkpoint store's lock ``checkpoints/.<run_id>.checkpoints.lock``): a root given by mistake
+(a home directory) loses nothing else. Symlinks are never followed.
+
+A run is in use while a trainer holds one of its locks (the ledger's, the checkpoint store's:
+``flock`` locks, dropped when their process dies, so a crashed run is not in use). Pruning takes
+every lock a run has, without waiting, and leaves the run alone if any is held; holding them, it
+renames the directory out of the way (atomic: a trainer that opens the run from then on starts
+afresh) and deletes it. A run that keeps neither a ledger nor a disk checkpoint store holds no
+lock, and is judged by its age alone. Its age is that of its newest file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kasmina.control.ledger import LEDGER_FILE_NAME
+from kasmina.utils.locks import lock_exclusive
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunInfo", "list_runs", "prune_runs"]
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Renamed here (under the root) while being deleted; never listed as a run.
+_TRASH_PREFIX = ".pruning-"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run directory: its id, path, bytes on disk (its files' sizes), when its newest file
+    was written (seconds since the epoch) and whether a trainer holds one of its locks."""
+
+    run_id: str
+    path: Path
+    size_bytes: int
+    modified: float
+    in_use: bool
+
+
+def _is_run(path: Path) -> bool:
+    markers = (
+        path / LEDGER_FILE_NAME,
+        path / "checkpoint.key",
+        path / "checkpoints" / f".{path.name}.checkpoints.lock",
+    )
+    return any(stat.S_ISREG(_lstat_mode(p)) for p in markers)
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
+def _walk(path: Path) -> tuple[int, float, list[Path]]:
+    """``(bytes, newest mtime, lock files)`` of the tree at ``path``, links not followed."""
+    size, newest, locks = 0, os.lstat(path).st_mtime, []
+    for folder, dirs, files in os.walk(path, followlinks=False):
+        for name in dirs + files:
+            entry = Path(folder, name)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                info = os.lstat(entry)
+                newest = max(newest, info.st_mtime)
+                if stat.S_ISREG(info.st_mode):
+                    size += info.st_size
+                    if name.endswith(".lock"):
+                        locks.append(entry)
+    return size, newest, locks
+
+
+def _take_locks(locks: list[Path]) -> list[io.FileIO] | None:
+    """Every lock in ``locks``, held; None (none held) if a trainer holds any of them."""
+    held: list[io.FileIO] = []
+    for path in locks:
+        try:
+            lock_file = lock_exclusive(path)
+        except FileNotFoundError:
+            continue  # removed meanwhile: nobody holds it
+        except OSError:
+            lock_file = None  # not a regular file: not ours to judge, so the run is left
+        if lock_file is None:
+            for other in held:
+                other.close()
+            return None
+        held.append(lock_file)
+    return held
+
+
+def _runs(root: Path) -> list[tuple[RunInfo, list[Path]]]:
+    found = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        path = Path(entry.path)
+        if not (_RUN_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        if not _is_run(path):
+            continue
+        try:
+            size, modified, locks = _walk(path)
+        except FileNotFoundError:
+            continue  # pruned meanwhile
+        held = _take_locks(locks)
+        for lock_file in held or ():
+            lock_file.close()
+        info = RunInfo(entry.name, path, size, modified, held is None)
+        found.append((info, locks))
+    return found
+
+
+def list_runs(runs_root: str | os.PathLike[str]) -> list[RunInfo]:
+    """The runs under ``runs_root``, newest first (an absent root holds none)."""
+    runs = [info for info, _ in _runs(Path(runs_root).expanduser())]
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+def prune_runs(
+    runs_root: str | os.PathLike[str],
+    *,
+    older_than_s: float | None = None,
+    keep: int | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> list[RunInfo]:
+    """Remove the runs under ``runs_root`` that no trainer uses, that are not among the ``keep``
+    newest, and whose newest file is at least ``older_than_s`` old (each criterion given must
+    hold; at least one must be given). Returns the runs removed (with ``dry_run``: that would
+    be), newest first. A run whose locks cannot all be taken now is left, and so is one that
+    changed since it was listed."""
+    if older_than_s is None and keep is None:
+        raise ValueError("give older_than_s, keep or both: prune_runs removes nothing by default")
+    if older_than_s is not None and not (older_than_s >= 0 and older_than_s != float("inf")):
+        raise ValueError(f"older_than_s must be finite and >= 0, got {older_than_s!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
+    root = Path(runs_root).expanduser()
+    now = time.time() if now is None else now
+    runs = sorted(_runs(root), key=lambda r: r[0].modified, reverse=True)
+    chosen = [
+        (info, locks)
+        for i, (info, locks) in enumerate(runs)
+        if (keep is None or i >= keep)
+        and (older_than_s is None or now - info.modified >= older_than_s)
+        and not info.in_use
+    ]
+    if dry_run:
+        return [info for info, _ in chosen]
+    _clear_trash(root)
+    return [info for info, locks in chosen if _remove(root, info, locks)]
+
+
+def _clear_trash(root: Path) -> None:
+    """Delete what an interrupted prune renamed out of the way and did not finish deleting."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _remove(root: Path, info: RunInfo, locks: list[Path]) -> bool:
+    held = _take_locks(locks)
+    if held is None:
+        logger.info("run %s is in use now; left", info.run_id)
+        return False
+    try:
+        if _walk(info.path)[1] != info.modified:  # written since it was listed
+            logger.info("run %s changed since it was listed; left", info.run_id)
+            return False
+        trash = root / f"{_TRASH_PREFIX}{info.run_id}-{secrets.token_hex(4)}"
+        os.rename(info.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        if trash.exists():
+            logger.warning("run %s was renamed to %s but not fully deleted", info.run_id, trash)
+        return True
+    except OSError as exc:
+        logger.warning("run %s could not be removed: %s", info.run_id, exc)
+        return False
+    finally:
+        for lock_file in held:
+            lock_file.close()

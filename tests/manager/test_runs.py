@@ -1,0 +1,142 @@
+"""Run directories left by earlier runs: listed, and pruned by age and count, never a live one.
+
+Real managers write the runs (default checkpoint directories under the run directory, an epoch
+checkpoint each); one stays open while the others are pruned around it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kasmina.manager.runs import list_runs, prune_runs
+from kasmina.utils.keyring import Keyring
+from tests.cli.helpers import assert_one_line_error, run
+from tests.manager.helpers import Rig, make_config
+
+DAY = 86400.0
+
+
+def _run(tmp_path: Path, store: Path, keyring: Keyring, run_id: str, close: bool = True) -> Rig:
+    config = make_config(
+        tmp_path, store, run_id=run_id, checkpoint_dir="", emergency_checkpoint_dir=""
+    )
+    rig = Rig(config, keyring)
+    rig.train(1)
+    rig.manager.end_epoch(0, {"val_accuracy": 0.5})
+    if close:
+        rig.manager.close()
+    return rig
+
+
+def _age(path: Path, days: float) -> None:
+    """Every file and directory of ``path`` last written ``days`` ago."""
+    when = time.time() - days * DAY
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.utime(Path(folder, name), (when, when), follow_symlinks=False)
+    os.utime(path, (when, when))
+
+
+def test_prune_removes_old_runs_and_never_a_live_one(tmp_path, store, keyring) -> None:
+    root = tmp_path / "runs"
+    for run_id, days in (("old-a", 30), ("old-b", 10), ("recent", 0)):
+        _run(tmp_path, store, keyring, run_id)
+        _age(root / run_id, days)
+    live = _run(tmp_path, store, keyring, "live", close=False)
+    _age(root / "live", 40)  # old files, but a trainer holds the run
+    (root / "notes" / "checkpoints").mkdir(parents=True)  # not a run: no file only Kasmina writes
+    (tmp_path / "elsewhere").mkdir()
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+
+    runs = list_runs(root)
+    assert [r.run_id for r in runs] == ["recent", "old-b", "old-a", "live"]  # newest first
+    assert [r.in_use for r in runs] == [False, False, False, True]
+    assert all(r.size_bytes > 0 for r in runs)
+
+    assert prune_runs(root, older_than_s=5 * DAY, dry_run=True)[0].run_id == "old-b"
+    assert sorted(os.listdir(root)) == ["linked", "live", "notes", "old-a", "old-b", "recent"]
+    removed = prune_runs(root, older_than_s=20 * DAY)
+    assert [r.run_id for r in removed] == ["old-a"]
+    removed = prune_runs(root, keep=1)  # "recent" is the newest; "live" is held
+    assert [r.run_id for r in removed] == ["old-b"]
+    assert sorted(os.listdir(root)) == ["linked", "live", "notes", "recent"]
+
+    live.train(1)  # the live run is untouched and goes on
+    live.manager.end_epoch(1, {"val_accuracy": 0.5})
+    live.manager.close()
+    assert [r.run_id for r in prune_runs(root, older_than_s=0)] == ["live", "recent"]
+    assert sorted(os.listdir(root)) == ["linked", "notes"]
+    assert (tmp_path / "elsewhere").is_dir()
+
+    again = _run(tmp_path, store, keyring, "old-a")  # a pruned run's id starts afresh
+    assert again.manager.config.run_dir.is_dir()
+
+
+@pytest.mark.parametrize("taken", ["restarted", "locked only"])
+def test_prune_leaves_a_run_taken_after_it_was_listed(
+    tmp_path, store, keyring, monkeypatch, taken
+) -> None:
+    import kasmina.manager.runs as runs
+    from kasmina.utils.locks import lock_exclusive
+
+    root = tmp_path / "runs"
+    _run(tmp_path, store, keyring, "r1")
+    _age(root / "r1", 3)
+    holder = []
+    remove = runs._remove
+
+    def a_trainer_starts_first(*args):
+        if taken == "restarted":  # a restart of the run: it holds its ledger, and writes
+            config = make_config(tmp_path, store, run_id="r1", checkpoint_dir="")
+            holder.append(Rig(config, keyring).manager)
+        else:  # its lock taken, nothing written yet
+            holder.append(lock_exclusive(root / "r1" / "nonces.log.lock"))
+        return remove(*args)
+
+    monkeypatch.setattr(runs, "_remove", a_trainer_starts_first)
+    assert prune_runs(root, older_than_s=DAY) == []
+    assert (root / "r1").is_dir()
+    holder[0].close()
+
+
+def test_an_interrupted_prune_is_finished_by_the_next(tmp_path, store, keyring) -> None:
+    root = tmp_path / "runs"
+    _run(tmp_path, store, keyring, "r1")
+    os.rename(root / "r1", root / ".pruning-r1-0000")  # renamed, then interrupted
+    assert list_runs(root) == []
+    assert prune_runs(root, keep=5) == [] and os.listdir(root) == []
+
+
+def test_prune_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="removes nothing by default"):
+        prune_runs("unused")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="older_than_s"):
+            prune_runs("unused", older_than_s=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep"):
+            prune_runs("unused", keep=bad)  # type: ignore[arg-type]
+    assert list_runs("no/such/root") == [] and prune_runs("no/such/root", keep=0) == []
+
+
+def test_the_cli_lists_and_prunes(tmp_path, store, keyring, capsys) -> None:
+    root = tmp_path / "runs"
+    _run(tmp_path, store, keyring, "r1")
+    _run(tmp_path, store, keyring, "r2")
+    _age(root / "r1", 2)
+    rc, out, err = run(capsys, "runs", "list", "--runs-root", str(root))
+    assert rc == 0 and out.splitlines()[0].startswith("r2") and "2 run(s)" in err
+    rc, out, err = run(capsys, "runs", "prune", "--runs-root", str(root), "--older-than", "1")
+    assert rc == 0 and out.startswith("r1") and "removed 1 run(s)" in err
+    assert os.listdir(root) == ["r2"]
+    rc, out, err = run(
+        capsys, "runs", "prune", "--runs-root", str(root), "--keep", "0", "--dry-run"
+    )
+    assert rc == 0 and "would remove 1 run(s)" in err and os.listdir(root) == ["r2"]
+    assert_one_line_error(*run(capsys, "runs", "prune", "--runs-root", str(root))[::2], "--keep")
+    rc, _, err = run(capsys, "runs", "prune", "--older-than", "-1")
+    assert rc == 2 and "finite number of days" in err
