@@ -78,11 +78,24 @@ def plain_flag(t: Tensor, reduce) -> Tensor:
 
 def reduced_to_level_of(t: Tensor, like: Tensor, reduce) -> Tensor:
     """``t``, a bool tensor computed under ``torch.func`` transforms, reduced by ``reduce`` over
-    the batch of every ``vmap`` inside the one that gave ``like`` (a tensor the transformed
-    function was given): a value ``like`` may take in place (``plain_flag`` for all levels)."""
-    from torch._C._functorch import maybe_get_level
+    the batch of every ``vmap`` inside the innermost one that batches ``like`` (a tensor the
+    transformed function was given): a value ``like`` may take in place (``plain_flag`` for all
+    levels). A ``grad`` wrapping ``like`` (its buffers lifted, in a per-sample ``grad`` inside
+    an ensemble's ``vmap``) is no batch: an in-place update lifts the other operand there."""
+    from torch._C._functorch import (
+        get_unwrapped,
+        is_batchedtensor,
+        is_functorch_wrapped_tensor,
+        maybe_get_level,
+    )
 
-    return _unwrapped_above(t, reduce, maybe_get_level(like))
+    level = -1
+    while is_functorch_wrapped_tensor(like):
+        if is_batchedtensor(like):
+            level = maybe_get_level(like)
+            break
+        like = get_unwrapped(like)
+    return _unwrapped_above(t, reduce, level)
 
 
 def _unwrapped_above(t: Tensor, reduce, level: int) -> Tensor:

@@ -769,6 +769,41 @@ def test_an_ensemble_of_grown_models_vmaps_over_their_stacked_buffers(
     assert members[0].down._fault_flags.tolist() == [False, False]  # the model's own untouched
 
 
+@pytest.mark.parametrize(
+    "stage", [S.ISOLATED_INIT, S.STABILIZATION, S.ACTIVE], ids=lambda s: s.name
+)
+def test_per_sample_gradients_of_an_ensemble_of_grown_models(stage: SeedStage) -> None:
+    """``vmap(grad(...))`` per sample inside the ensemble's ``vmap``: ``grad`` wraps the
+    stacked buffers too, and the fallback's flags, taken at that wrapper's level, kept the
+    per-sample batch, which the in-place update refused from the host's forward. The gradients
+    are each member's on each sample, and the member whose seed is non-finite falls back."""
+    members = [Block({}, [stage, stage]) for _ in range(3)]
+    for k, member in enumerate(members):
+        torch.manual_seed(30 + k)
+        for p in member.parameters():
+            p.data.normal_()
+    members[2].down.seed(1).kernel[0].weight.data.fill_(float("nan"))
+    x = torch.randn(4, 8)
+    call = torch.func.functional_call
+
+    def loss(model: nn.Module, p, b, xi: torch.Tensor) -> torch.Tensor:
+        return call(model, (p, b), (xi.unsqueeze(0),)).square().sum()
+
+    want = []
+    for m in members:
+        p = {n: t.detach() for n, t in m.named_parameters()}
+        b = {n: t.clone() for n, t in m.named_buffers()}
+        want.append([torch.func.grad(loss, argnums=1)(m, p, b, xi) for xi in x])
+    params, buffers = torch.func.stack_module_state(members)
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, None, None, 0))
+    got = torch.func.vmap(lambda p, b: per_sample(members[0], p, b, x))(params, buffers)
+    for name, grads in got.items():
+        expected = torch.stack([torch.stack([g[name] for g in w]) for w in want])
+        torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert buffers["down._fault_flags"].tolist() == [[False, False], [False, False], [False, True]]
+    assert members[0].down._fault_flags.tolist() == [False, False]
+
+
 def test_the_slots_alpha_stays_float32_whatever_the_default_dtype() -> None:
     """A model built in float32 and attached while torch's default dtype was float64: the
     alpha of a chunk that does not blend was made in the default dtype, so a GRAFTING seed
