@@ -262,9 +262,12 @@ class CommandVerifier:
         return self._ledger
 
     def close(self) -> None:
-        """Close the durable ledger (if any): from now on every command is refused."""
+        """Close the durable ledger (if any): from now on every command is refused. Under the
+        lock its records are written under, so a write in flight (a safe point's
+        ``make_durable`` on the training thread) completes first, never on a closed file."""
         if self._ledger is not None:
-            self._ledger.close()
+            with self._lock:
+                self._ledger.close()
 
     def _restore(self, ledger: NonceLedger) -> None:
         """Load the ledger's records: nonces still inside the window are seen, older ones only

@@ -534,3 +534,33 @@ def test_a_fifo_at_the_ledger_path_is_refused_not_blocked_on(keyring, clock, pat
     assert outcome, "the verifier blocked on the FIFO"
     assert isinstance(outcome[0], ValueError) and "nonce ledger" in str(outcome[0])
     ledger.close()
+
+
+def test_closing_waits_for_a_write_in_flight(keyring, clock, path) -> None:
+    """``close()`` on another thread (a manager closed while its training thread's
+    ``end_epoch`` makes the queued commands' nonces durable) closed the file between
+    ``write_staged``'s open check and its write: the trainer got ``ValueError: I/O operation
+    on closed file``. The close now waits for the write; what follows it refuses cleanly."""
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    assert all(verifier.verify(signed(keyring, f"n{i}", T0))[0] for i in range(3))
+    writing, closing = threading.Event(), threading.Event()
+    staged_lines = ledger._staged_lines
+
+    def slow_lines() -> bytes:
+        writing.set()
+        closing.wait(5)  # the closer is blocked on the lock, or has closed the file
+        return staged_lines()
+
+    ledger._staged_lines = slow_lines  # type: ignore[method-assign]
+    closer = threading.Thread(target=lambda: (writing.wait(5), verifier.close(), closing.set()))
+    closer.start()
+    threading.Timer(0.3, closing.set).start()  # a close that waits lets the write go on
+    try:  # written; the sync then either runs first or finds the file closed
+        verifier.make_durable()
+    except OSError as exc:
+        assert "not open" in str(exc)
+    closer.join(5)
+    assert not closer.is_alive()
+    assert all(f"n{i}".encode().hex() in path.read_text() for i in range(3))
+    assert not verifier.verify(signed(keyring, "after", T0))[0]  # closed: refused
