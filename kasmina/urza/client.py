@@ -33,9 +33,11 @@ import concurrent.futures
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -69,6 +71,12 @@ __all__ = ["UrzaLibraryClient"]
 
 # Default payload ceiling: a kernel is a small module, so this is generous.
 MAX_ARTIFACT_BYTES = 1 << 30
+# An HTTP store's index page is read up to this many bytes (about 100,000 artifacts' links).
+MAX_LISTING_BYTES = 16 << 20
+# fsspec layers that copy each whole object before a byte reaches the client's bounded read.
+_CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")
+_HREF = re.compile("href", re.IGNORECASE)
+_UNQUOTED_VALUE = re.compile(r"[^\s>]*")
 
 
 class UrzaLibraryClient:
@@ -141,6 +149,7 @@ class UrzaLibraryClient:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_chain(url)
         self.url = redact_urls(url)  # as messages and repr show it: no credentials
         self.publishers = _trusted(publishers)
         self.max_manifest_bytes = max_manifest_bytes
@@ -219,26 +228,43 @@ class UrzaLibraryClient:
     # --- public API ---------------------------------------------------------------------
 
     def list_artifacts(self) -> list[str]:
-        """Ids of the artifacts whose manifest is in the store (unverified), sorted."""
+        """Ids of the artifacts whose manifest is in the store (unverified), sorted.
+
+        An HTTP store's listing is its index page, read as any other store read (streamed, at
+        most ``MAX_LISTING_BYTES``, within ``timeout_s``) and scanned for links in linear time:
+        fsspec's own HTTP listing reads the page whole and scans it with a regular expression
+        that a page of a few kilobytes can hold for minutes, holding the GIL."""
+        http = _is_http(self._fs)
+
+        def listing(cancelled: threading.Event) -> list[str]:
+            if not http:
+                entries = self._fs.ls(self._root, detail=False)
+                return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+            page = self._read_bounded(
+                self._root + "/", MAX_LISTING_BYTES, "the store's index page",
+                "MAX_LISTING_BYTES", cancelled,
+            )  # fmt: skip
+            return list(_linked_children(page.decode("utf-8", "replace"), self._root + "/"))
+
         try:
-            entries = self._guard.operation(
-                "listing",
-                None,
-                lambda budget: self._guard.call(
-                    lambda cancelled: self._fs.ls(self._root, detail=False), budget
-                ),
+            names = self._guard.operation(
+                "listing", None, lambda budget: self._guard.call(listing, budget)
             )
         except FileNotFoundError:
             return []
-        ids = []
-        for entry in entries:
-            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        ids, invalid = set(), []
+        for name in names:
             if name.endswith(MANIFEST_SUFFIX):
-                artifact_id = name[: -len(MANIFEST_SUFFIX)]
                 try:
-                    ids.append(validate_artifact_id(artifact_id))
+                    ids.add(validate_artifact_id(name[: -len(MANIFEST_SUFFIX)]))
                 except ValueError:
-                    logger.warning("ignoring store entry with an invalid artifact id: %r", name)
+                    invalid.append(name)
+        if invalid:  # one line for them all: a store may hold thousands
+            shown_names = ", ".join(repr(n[:80]) for n in invalid[:3])
+            logger.warning(
+                "ignoring %d store entr%s with an invalid artifact id: %s%s", len(invalid),
+                "y" if len(invalid) == 1 else "ies", shown_names, ", ..." * (len(invalid) > 3),
+            )  # fmt: skip
         return sorted(ids)
 
     def get_manifest(self, artifact_id: str, *, deadline: float | None = None) -> Manifest:
@@ -444,6 +470,52 @@ def _trusted(publishers: object) -> TrustedPublishers:
         f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
         "or a private key would let the reader sign artifacts too"
     )
+
+
+def _check_chain(url: str) -> None:
+    """``ValueError`` for a chained URL through a caching layer (``simplecache::http://...``):
+    it copies each whole object to local disk before the client's bounded read sees a byte, so
+    neither ``max_manifest_bytes`` nor a payload's declared size bounds the transfer, and over
+    HTTP the client's timeout does not reach it either. Kasmina caches verified kernels itself
+    (``GPUKernelCache``); give the store's own URL."""
+    layers = [part.split("://", 1)[0].strip().lower() for part in url.split("::")[:-1]]
+    caching = [layer for layer in layers if layer in _CACHING_LAYERS]
+    if caching:
+        raise ValueError(
+            f"store URL {redact_urls(url)!r} goes through the caching layer {caching[0]!r}, "
+            "which copies whole objects before Kasmina's bounded, timed reads apply: give the "
+            "store's own URL (Kasmina caches verified kernels itself)"
+        )
+
+
+def _linked_children(page: str, base: str) -> Iterator[str]:
+    """The names of the direct children of ``base`` that ``page`` (an HTML index) links to, in
+    one pass: every ``href`` value, resolved against ``base``, without query or fragment,
+    percent-decoded."""
+    consumed = 0
+    for match in _HREF.finditer(page):
+        pos = match.end()
+        if pos <= consumed or not page[match.start() - 1 : match.start()].isspace():
+            continue  # inside the last value, or not an attribute's name
+        while pos < len(page) and page[pos].isspace():
+            pos += 1
+        if pos >= len(page) or page[pos] != "=":
+            continue
+        pos += 1
+        while pos < len(page) and page[pos].isspace():
+            pos += 1
+        if pos < len(page) and page[pos] in "'\"":
+            end = page.find(page[pos], pos + 1)
+            end = len(page) if end < 0 else end
+            value, consumed = page[pos + 1 : end], end + 1
+        else:
+            value = _UNQUOTED_VALUE.match(page, pos).group()  # type: ignore[union-attr]
+            consumed = pos + len(value)
+        link = urllib.parse.urljoin(base, value.strip())
+        link = urllib.parse.urldefrag(link)[0].split("?", 1)[0]
+        rest = link[len(base) :] if link.startswith(base) else ""
+        if rest and "/" not in rest:
+            yield urllib.parse.unquote(rest)
 
 
 def _is_http(fs: Any) -> bool:

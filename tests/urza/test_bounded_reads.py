@@ -240,3 +240,100 @@ def test_resign_reports_a_directory_manifest_as_that_artifacts_problem(store, pu
     for artifact_id in ("d", "loop"):
         with pytest.raises(ArtifactIntegrityError, match="manifest is not a readable file"):
             resign_artifact(str(store), artifact_id, publisher, legacy)
+
+
+class _IndexPage:
+    """A loopback HTTP server that answers every GET with ``body`` (an index page)."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:  # the client stopped reading: refused
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/urza"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_http_listing_is_scanned_in_linear_time(trusted) -> None:
+    """fsspec's HTTP listing scanned the index page with a regular expression that backtracks:
+    a 1.2 KB page ending in "<a " and spaces held the GIL for seconds (about 8x as long for
+    each doubling), so the listing's timeout never fired and every other thread stopped."""
+    page = b'<a href="a1.manifest.json">a1</a> <a ' + b" " * 1200
+    with _IndexPage(page) as url:
+        urza = UrzaLibraryClient(url, trusted, timeout_s=2.0, retries=0)
+        assert urza.list_artifacts() == ["a1"]
+
+
+def test_an_http_listing_is_a_bounded_read(trusted, monkeypatch) -> None:
+    import kasmina.urza.client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_LISTING_BYTES", 4096)
+    links = b"".join(b'<a href="x%d.manifest.json">x</a>\n' % i for i in range(2000))
+    with _IndexPage(links) as url:
+        urza = UrzaLibraryClient(url, trusted, timeout_s=5.0, retries=0)
+        with pytest.raises(ArtifactIntegrityError, match="index page is larger than 4096"):
+            urza.list_artifacts()
+
+
+def test_the_links_of_an_index_page_that_name_the_stores_files() -> None:
+    from kasmina.urza.client import _linked_children
+
+    base = "http://h/urza/"
+    page = (
+        "<a href=\"a.manifest.json\">a</a> <A HREF = 'b.pt2'>b</A> <a href=c.manifest.json>"
+        '<a href="/urza/d%20e.manifest.json?x=1#top"> <a href="http://h/urza/f.manifest.json">'
+        '<a href="/other/g.manifest.json"> <a href="http://evil/urza/h.manifest.json">'
+        '<a href="sub/i.manifest.json"> <a href="../j.manifest.json"> text href=k.manifest.json'
+        ' <a title="href=zz" href="l.manifest.json"> <a href="unterminated'
+    )
+    names = list(_linked_children(page, base))
+    assert names == [
+        "a.manifest.json",
+        "b.pt2",
+        "c.manifest.json",
+        "d e.manifest.json",
+        "f.manifest.json",
+        "k.manifest.json",  # a link in text is taken too: the listing is unverified anyway
+        "l.manifest.json",
+        "unterminated",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url", ["simplecache::http://127.0.0.1:9/u", "filecache::memory://u", "blockcache::s3://b/u"]
+)
+def test_a_caching_layer_in_the_store_url_is_refused(url, trusted) -> None:
+    """``simplecache::http://...`` copied each whole object to local disk before the bounded
+    read saw a byte, under aiohttp's default timeout of 300 s rather than ``timeout_s``: an
+    endless manifest filled the disk from an abandoned read for minutes."""
+    with pytest.raises(ValueError, match="caching layer"):
+        UrzaLibraryClient(url, trusted)
+
+
+def test_invalid_names_in_a_listing_are_logged_in_one_line(store, trusted, caplog) -> None:
+    for i in range(50):
+        (store / f"-bad{i}.manifest.json").write_bytes(b"{}")
+    urza = UrzaLibraryClient(str(store), trusted)
+    with caplog.at_level("WARNING", logger="kasmina.urza.client"):
+        assert urza.list_artifacts() == ["a1"]
+    assert len(caplog.records) == 1 and "ignoring 50 store entries" in caplog.text
