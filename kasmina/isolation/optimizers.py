@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +37,10 @@ import torch
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
 from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
+from kasmina.isolation.stepping import clip_gradients, follow_parameters, step_contained
 from kasmina.leyline import CommandType, MetricType
-from kasmina.ops import grad_norms
 from kasmina.ops.backend import check_real
+from kasmina.utils.conversions import conversions
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import clone_state
@@ -55,7 +55,6 @@ TEACHER_SOURCE = "teacher"
 # promotion, in order ("promoted"), and the model's names of the parameters of each group a user
 # added, in order ("added_groups"; absent in older states: none).
 STATE_FORMAT = 2
-_CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
 
@@ -115,6 +114,8 @@ class IsolatedOptimizerManager:
         self._sources: dict[str, ParameterProvider] = {}
         self.last_grad_norm: dict[str, torch.Tensor] = {}
         self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
+        self.failed_steps: dict[str, tuple[int, str]] = {}  # a seed's: (count, last reason)
+        self._conversions = conversions()  # the model conversions its states followed
 
     # ------------------------------------------------------------------ registry
     @property
@@ -372,28 +373,9 @@ class IsolatedOptimizerManager:
             self._entry(oid).optimizer.zero_grad(set_to_none=none)
 
     def clip_grad_norm(self, optimizer_id: str, max_norm: float) -> torch.Tensor:
-        """Scale the group's grads so their global L2 norm is at most ``max_norm``: the math of
-        ``torch.nn.utils.clip_grad_norm_`` (coef = max/(norm+1e-6), clamped to 1), norms from
-        ``grad_norms``. Returns the pre-clip norm (a device tensor, no host sync)."""
-        if not (max_norm > 0):
-            raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        params = self.parameters(optimizer_id)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=params[0].device)
-        if any(g.is_sparse for g in grads):
-            raise ValueError("gradient clipping does not support sparse gradients")
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for g in grads:
-            by_device[g.device].append(g)
-        first = grads[0].device
-        norms = [grad_norms(group).to(first) for group in by_device.values()]
-        total = torch.linalg.vector_norm(torch.cat(norms))
-        # A norm that is not finite leaves the gradients as they were (torch's scales by 0 or NaN).
-        coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
-        for device, group in by_device.items():
-            torch._foreach_mul_(group, coef.to(device))
-        return total
+        """Scale the group's grads so their global L2 norm is at most ``max_norm``
+        (``stepping.clip_gradients``); the pre-clip norm (a device tensor, no host sync)."""
+        return clip_gradients(self.parameters(optimizer_id), max_norm)
 
     def step(self, optimizer_id: str, grad_clip_norm: float | None = 0.0) -> bool:
         """Step one optimizer, clipping first when ``grad_clip_norm > 0`` (0 or None: off; a
@@ -411,13 +393,20 @@ class IsolatedOptimizerManager:
         norm and the ids are checked before any gradient is clipped or any optimizer stepped."""
         clip = checked_clip_norm(grad_clip_norm)
         entries = [self._entry(optimizer_id) for optimizer_id in optimizer_ids]
+        if self._conversions != conversions():  # a model converted since: states follow it
+            self._conversions = conversions()
+            for entry in self._entries.values():
+                follow_parameters(entry.optimizer)
         finite = [True] * len(entries)
         if clip > 0:
             totals = [self.clip_grad_norm(oid, clip) for oid in optimizer_ids]
             self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
             finite = read_flags([torch.isfinite(total) for total in totals])
-        for optimizer_id, entry, ok in zip(optimizer_ids, entries, finite, strict=True):
-            if ok:
+        for i, (optimizer_id, entry) in enumerate(zip(optimizer_ids, entries, strict=True)):
+            ok = finite[i]
+            if ok and optimizer_id != HOST_ID:  # a seed's: one that raises skips its step
+                finite[i] = step_contained(entry.optimizer, optimizer_id, self.failed_steps)
+            elif ok:
                 entry.optimizer.step()
             else:
                 n = self.skipped_steps[optimizer_id] = self.skipped_steps.get(optimizer_id, 0) + 1

@@ -81,6 +81,7 @@ from kasmina.stages import (
     SeedStage,
     parse_stage,
 )
+from kasmina.utils.conversions import count_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +269,7 @@ class GradientIsolatedSeed(nn.Module):
     # -- faults --------------------------------------------------------------------------
     @property
     def fault_limit(self) -> int:
-        """Faults after which the seed is quarantined (>= 1); a lower limit applies from the next
-        fault on."""
+        """Faults after which the seed is quarantined (>= 1); a lower one applies from the next."""
         return self._fault_limit
 
     @fault_limit.setter
@@ -572,6 +572,7 @@ class GradientIsolatedSeed(nn.Module):
         # The (shared) table follows the seed's moves, and alpha, in float32 (``half()`` rounds).
         alpha = self._buffers["alpha"]
         super()._apply(fn, recurse)
+        count_conversion()  # optimizers' states follow their parameters at the next step
         moved = self._buffers["alpha"]
         if moved is not None and alpha.is_meta and not moved.is_meta:  # ``to_empty``: no values
             self._buffers["alpha"] = moved.to(alpha.dtype).fill_(self._alpha_value)

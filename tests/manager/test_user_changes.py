@@ -151,3 +151,59 @@ def test_a_command_sent_to_a_closed_manager_is_refused_as_closed(rig: Rig) -> No
     stats = manager.handler.stats
     assert stats["rejected"] == stats["rejected:closed"] == 1
     assert stats["accepted"] == 0 and len(manager.pending) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("owner", ["manager", "user"])
+def test_a_model_converted_mid_run_trains_on_in_its_new_dtype(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, dtype: torch.dtype, owner: str
+) -> None:
+    """``model.to(bfloat16)`` after a seed trained: the optimizers the manager owns kept their
+    moments in float32 and every ``step()`` raised from the seed's Adam (no fault charged, the
+    step's graph never closed, so a controller's CULL was accepted and never applied). Their
+    state now follows the parameters, as torch's ``load_state_dict`` casts a loaded one."""
+    options = {} if owner == "manager" else {"host_lr": None}
+    rig = Rig(make_config(tmp_path, store), keyring, **options)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.model.to(dtype)
+    mine = None
+    if owner == "user":  # the README's own optimizer, built over the host's parameters anew
+        mine = torch.optim.SGD(manager.require_registry().host_params, lr=0.05)
+    x = rig.x.to(dtype)
+    seed = manager.seed(SEED0)
+    before = [p.detach().clone() for p in seed.kernel.parameters()]
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(rig.model(x).float(), rig.y)
+        manager.backward(loss, kd_loss=manager.collect_kd_losses())
+        report = manager.step()
+        if mine is not None:
+            mine.step()
+            mine.zero_grad()
+        assert report["seeds_stepped"] == [SEED0]
+    assert report["host_stepped"] == (owner == "manager")
+    after = list(seed.kernel.parameters())
+    assert all(p.dtype == dtype for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    state = manager.optimizers.optimizer(SEED0).state
+    assert all(s["exp_avg"].dtype == dtype for s in state.values())
+    assert rig.send("cull", SEED0) and rig.stage(SEED0) != S.ISOLATED_INIT
+
+
+def test_a_seed_optimizer_that_raises_leaves_the_hosts_step_whole(rig: Rig, mlp) -> None:
+    """A seed's optimizer that raises (here a state of another shape) made ``step()`` raise
+    after the host's optimizer had stepped: host gradients never zeroed, commands never
+    applied. Its seed now skips the step, counted and logged; the rest of the step completes."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    state = manager.optimizers.optimizer(SEED0).state
+    for s in state.values():
+        s["exp_avg"] = torch.zeros(3)  # not its parameter's shape
+    report = rig.train(1)
+    assert report["seeds_stepped"] == [] and report["host_stepped"]
+    assert all(p.grad is None or not p.grad.any() for p in host_params(rig))
+    count, reason = manager.optimizers.failed_steps[SEED0]
+    assert count == 1 and "RuntimeError" in reason
+    assert rig.send("cull", SEED0)  # the safe point still applies commands

@@ -1,0 +1,110 @@
+"""How the manager's optimizers step: gradients clipped, state that follows its parameters, and
+a seed optimizer's step that cannot stop the host's.
+
+**Clipping.** ``clip_gradients`` is ``torch.nn.utils.clip_grad_norm_``'s math (coef = max /
+(norm + 1e-6), clamped to 1) with the norms from the fused ``grad_norms``, per optimizer; a norm
+that is not finite leaves the gradients as they were (torch's scales them by 0 or NaN), so the
+caller can skip the step on it.
+
+**Following.** torch's optimizers create their state (Adam's moments) at the first step, in the
+dtype and on the device the parameters had then. After a model conversion (``model.to(
+torch.bfloat16)``, ``half()``, ``cuda()``) every step raises (``expected dtype float``), and for
+the optimizers a manager owns (every seed's, the host's under ``host_lr``) the user has no way
+to the fix. ``follow_parameters`` casts each state tensor as torch's own
+``Optimizer.load_state_dict`` casts a loaded state to its parameters: floating-point state takes
+the parameter's dtype and device, and ``step`` keeps its dtype and moves only where it lives
+with its parameter (``capturable``/``fused``: not on the CPU). A state whose shape no longer
+matches (a ``.data`` swap that resized the parameter) is not this module's to guess at: the
+step raises, as it would in plain PyTorch, and ``manager.optimizers.reset_state`` starts it over.
+
+**Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
+state of another shape, whatever else) leaves that seed untrained in this step, logged at a
+bounded rate and counted, and the manager's step goes on: the host's optimizer, the zeroing
+of gradients, the safe point that applies queued commands (a controller's CULL among them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from kasmina.ops import grad_norms
+from kasmina.utils.ratelimit import rarely
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["clip_gradients", "follow_parameters", "step_contained"]
+
+_CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
+
+
+def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` so their global L2 norm is at most ``max_norm``; the
+    norm before (a device tensor: no host sync)."""
+    if not (max_norm > 0):
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device)
+    if any(g.is_sparse for g in grads):
+        raise ValueError("gradient clipping does not support sparse gradients")
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g)
+    first = grads[0].device
+    norms = [grad_norms(group).to(first) for group in by_device.values()]
+    total = torch.linalg.vector_norm(torch.cat(norms))
+    coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
+    for device, group in by_device.items():
+        torch._foreach_mul_(group, coef.to(device))
+    return total
+
+
+def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
+    """Cast ``optimizer``'s state to its parameters' dtype and device where they differ (see the
+    module docstring); the number of parameters whose state was cast."""
+    cast = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            followed = {key: _followed(key, value, param) for key, value in state.items()}
+            if any(followed[key] is not value for key, value in state.items()):
+                optimizer.state[param] = followed
+                cast += 1
+    if cast:
+        logger.info("optimizer state of %d parameter(s) cast to their dtype and device", cast)
+    return cast
+
+
+def _followed(key: str, value: object, param: torch.Tensor) -> object:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key == "step":
+        on_cpu = value.device.type == "cpu"
+        return value if on_cpu or value.device == param.device else value.to(param.device)
+    dtype = param.dtype if value.is_floating_point() and param.is_floating_point() else value.dtype
+    if value.dtype == dtype and value.device == param.device:
+        return value
+    return value.to(device=param.device, dtype=dtype)
+
+
+def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures: dict) -> bool:
+    """``optimizer.step()``; False, with the exception in ``failures[optimizer_id]`` (a count
+    and the last reason) and logged at a bounded rate, when it raised."""
+    try:
+        optimizer.step()
+    except Exception as exc:  # a seed's optimizer: the host's step goes on
+        count, _ = failures.get(optimizer_id, (0, ""))
+        failures[optimizer_id] = (count + 1, f"{type(exc).__name__}: {exc}")
+        logger.log(
+            rarely(count + 1, every=1000),
+            "optimizer %s: step raised (%d so far), its parameters not stepped: %s: %s",
+            optimizer_id, count + 1, type(exc).__name__, exc,
+        )  # fmt: skip
+        return False
+    return True
