@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import kasmina.ops.kd_loss
+import kasmina.seeds.extra_state
 import kasmina.seeds.layer
 from kasmina.kd.config import KDConfig
 from kasmina.ops.alpha_blend import seed_blend
@@ -866,6 +867,31 @@ def test_attached_model_state_dict_deepcopy_and_pickle_round_trip() -> None:
         assert seed.state_table is not slots[0].state_table
         seed.transition_to(S.HARVESTING)  # its own table, and its own observer still fires
         assert seed.kernel is None and slots[0].seed(0).stage is S.GRAFTING
+
+
+def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() -> None:
+    """timm's ModelEmaV2/V3 loop (lerp the float entries of the EMA copy's ``state_dict``, copy
+    the rest): a seed's extra state, JSON in a uint8 tensor, changed length as its alpha and
+    steps changed, and the copy raised at the first update. It is padded to a fixed size now."""
+    model = MLP()
+    slot = attach(model, "head", 2, 4)[0]
+    for k, seed in enumerate(slot.seeds):
+        seed.attach_kernel(kernel(4, k))
+    walk(slot.seed(0), S.GRAFTING)
+    ema = copy.deepcopy(model)
+    for step in range(1, 12):
+        slot.update_alpha_blending(step, 10)
+        slot.seed(0).draw_step = 10**step  # a number that grows in digits
+        with torch.no_grad():
+            pairs = zip(ema.state_dict().values(), model.state_dict().values(), strict=True)
+            for ema_v, model_v in pairs:
+                if ema_v.is_floating_point():
+                    ema_v.lerp_(model_v, 0.1)
+                else:
+                    ema_v.copy_(model_v)
+    state = slot.seed(0).get_extra_state()
+    assert state.numel() % 1024 == 0
+    assert kasmina.seeds.extra_state.decode_extra_state(state)["draw_step"] == 10**11
 
 
 def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
