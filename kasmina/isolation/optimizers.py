@@ -115,6 +115,7 @@ class IsolatedOptimizerManager:
         self.last_grad_norm: dict[str, torch.Tensor] = {}
         self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
         self.failed_steps: dict[str, tuple[int, str]] = {}  # a seed's: (count, last reason)
+        self.last_refusal = ""  # why apply_optimizer_command last returned False
         self._conversions = conversions()  # the model conversions its states followed
 
     # ------------------------------------------------------------------ registry
@@ -462,6 +463,7 @@ class IsolatedOptimizerManager:
                 finally:  # skipped or raised: refused
                     for group, old_lr in zip(groups, () if stepped else before, strict=False):
                         group["lr"] = old_lr
+                self.last_refusal = "" if stepped else "step skipped (non-finite norm, or raised)"
                 return stepped
             elif kind == CommandType.COMMAND_TYPE_RESET_STATE:
                 self.reset_state(oid)
@@ -470,9 +472,11 @@ class IsolatedOptimizerManager:
                     raise ValueError(f"REGISTER_TEACHER takes the teacher's, not {oid}'s")
                 self.register_teacher_params(self._params_from(TEACHER_SOURCE))
             else:
+                self.last_refusal = f"unknown optimizer command type {kind}"
                 logger.error("optimizer command with unknown type %d rejected", kind)
                 return False
         except (ParameterOverlapError, KeyError, ValueError, TypeError) as exc:
+            self.last_refusal = f"{type(exc).__name__}: {exc}"
             logger.error("optimizer command %s for %r rejected: %s", kind, oid, exc)
             return False
         return True

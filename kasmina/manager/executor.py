@@ -168,7 +168,8 @@ class CommandExecution:
             return restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
         elif command.kind == "optimizer" and command.optimizer is not None:
             if not self.state.optimizers.apply_optimizer_command(command):
-                raise CommandRefused("rejected by the optimizer manager (see its log)")
+                why = self.state.optimizers.last_refusal or "see its log"
+                raise CommandRefused(f"rejected by the optimizer manager: {why}")
         else:
             raise CommandRefused(f"command of kind {command.kind!r} has no payload")
         return ""

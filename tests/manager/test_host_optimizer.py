@@ -339,3 +339,11 @@ def test_a_step_command_at_a_safe_point_moves_no_weight(tmp_path, store, keyring
     assert rig.manager.optimizers.optimizer("host").param_groups[0]["lr"] == 0.01
     after = rig.manager.require_registry().host_params
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_refused_optimizer_command_says_why_in_the_command_log(rig: Rig) -> None:
+    """The command log said only "rejected by the optimizer manager (see its log)"."""
+    command = make_optimizer_command("create_seed", "no-such-seed", learning_rate=0.01)
+    assert not run_command(rig.manager, rig.signed(command))
+    reason = rig.manager.command_log[-1][3]
+    assert "rejected by the optimizer manager: KeyError" in reason and "no-such-seed" in reason
