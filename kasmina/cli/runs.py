@@ -57,6 +57,12 @@ def add_runs_parser(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--older-than", type=_days, metavar="DAYS", help="age in days (0.5: 12 h)")
     prune.add_argument("--keep", type=non_negative_int, metavar="N", help="keep the N newest")
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    prune.add_argument(
+        "--unlocked",
+        action="store_true",
+        help="also runs with no lock file in their directory (a trainer whose ledger and "
+        "checkpoints live elsewhere holds none there: judged by age alone)",
+    )
     prune.set_defaults(func=_cmd_prune)
 
 
@@ -83,7 +89,7 @@ def _root(args: argparse.Namespace) -> str:
 def _row(info: RunInfo, now: float) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.modified))
     age = (now - info.modified) / 86400
-    use = "  in use" if info.in_use else ""
+    use = "  in use" if info.in_use else "" if info.locked else "  no lock (--unlocked)"
     return f"{info.run_id:<40} {_size(info.size_bytes):>9}  {when} ({age:.1f} d){use}"
 
 
@@ -115,7 +121,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise CLIError("give --older-than DAYS, --keep N or both; prune removes nothing by default")
     root = _root(args)
     older = None if args.older_than is None else args.older_than * 86400
-    removed = prune_runs(root, older_than_s=older, keep=args.keep, dry_run=args.dry_run)
+    removed = prune_runs(
+        root, older_than_s=older, keep=args.keep, dry_run=args.dry_run, unlocked=args.unlocked
+    )
     now = time.time()
     for info in removed:
         print(_row(info, now))

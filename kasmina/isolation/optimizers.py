@@ -115,6 +115,7 @@ class IsolatedOptimizerManager:
         self.last_grad_norm: dict[str, torch.Tensor] = {}
         self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
         self.failed_steps: dict[str, tuple[int, str]] = {}  # a seed's: (count, last reason)
+        self.failed_now: list[str] = []  # the seeds' optimizers whose step raised in the last call
         self.last_refusal = ""  # why apply_optimizer_command last returned False
         self._conversions = conversions()  # the model conversions its states followed
 
@@ -395,18 +396,20 @@ class IsolatedOptimizerManager:
         clip = checked_clip_norm(grad_clip_norm)
         entries = [self._entry(optimizer_id) for optimizer_id in optimizer_ids]
         if self._conversions != conversions():  # a model converted since: states follow it
-            self._conversions = conversions()
             for entry in self._entries.values():
                 follow_parameters(entry.optimizer)
+            self._conversions = conversions()
         finite = [True] * len(entries)
         if clip > 0:
             totals = [self.clip_grad_norm(oid, clip) for oid in optimizer_ids]
             self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
             finite = read_flags([torch.isfinite(total) for total in totals])
+        self.failed_now = []
         for i, (optimizer_id, entry) in enumerate(zip(optimizer_ids, entries, strict=True)):
             ok = finite[i]
             if ok and optimizer_id != HOST_ID:  # a seed's: one that raises skips its step
                 finite[i] = step_contained(entry.optimizer, optimizer_id, self.failed_steps)
+                self.failed_now += [] if finite[i] else [optimizer_id]
             elif ok:
                 entry.optimizer.step()
             else:

@@ -18,9 +18,11 @@ matches (a ``.data`` swap that resized the parameter) is not this module's to gu
 step raises, as it would in plain PyTorch, and ``manager.optimizers.reset_state`` starts it over.
 
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
-state of another shape, whatever else) leaves that seed untrained in this step, logged at a
-bounded rate and counted, and the manager's step goes on: the host's optimizer, the zeroing
-of gradients, the safe point that applies queued commands (a controller's CULL among them).
+state of another shape, whatever else) may have stepped part of its parameters (torch's
+optimizers go parameter by parameter), so its state is reset, the failure counted, logged at a
+bounded rate and charged to the seed as a fault (by the manager: QUARANTINE at its limit), and
+the manager's step goes on: the host's optimizer, the zeroing of gradients, the safe point that
+applies queued commands (a controller's CULL among them).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
             state = optimizer.state.get(param)
             if not state:
                 continue
-            followed = {key: _followed(key, value, param) for key, value in state.items()}
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            followed = {k: _followed(k, v, param, on_device) for k, v in state.items()}
             if any(followed[key] is not value for key, value in state.items()):
                 optimizer.state[param] = followed
                 cast += 1
@@ -81,12 +84,13 @@ def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
     return cast
 
 
-def _followed(key: str, value: object, param: torch.Tensor) -> object:
+def _followed(key: str, value: object, param: torch.Tensor, on_device: bool) -> object:
     if not isinstance(value, torch.Tensor):
         return value
-    if key == "step":
-        on_cpu = value.device.type == "cpu"
-        return value if on_cpu or value.device == param.device else value.to(param.device)
+    if key == "step":  # torch's policy: float32 with its parameter when fused or capturable
+        if not on_device or (value.device == param.device and value.dtype == torch.float32):
+            return value
+        return value.to(device=param.device, dtype=torch.float32)
     dtype = param.dtype if value.is_floating_point() and param.is_floating_point() else value.dtype
     if value.dtype == dtype and value.device == param.device:
         return value
@@ -94,17 +98,20 @@ def _followed(key: str, value: object, param: torch.Tensor) -> object:
 
 
 def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures: dict) -> bool:
-    """``optimizer.step()``; False, with the exception in ``failures[optimizer_id]`` (a count
-    and the last reason) and logged at a bounded rate, when it raised."""
+    """``optimizer.step()``; False when it raised: the exception goes in ``failures[optimizer_id]``
+    (a count and the last reason), logged at a bounded rate, and the optimizer's state is reset.
+    A step that raised may have stepped some parameters (or only moved ``step`` counters): torch's
+    optimizers work parameter by parameter, so its state is no longer that of any step."""
     try:
         optimizer.step()
     except Exception as exc:  # a seed's optimizer: the host's step goes on
+        optimizer.state.clear()
         count, _ = failures.get(optimizer_id, (0, ""))
         failures[optimizer_id] = (count + 1, f"{type(exc).__name__}: {exc}")
         logger.log(
             rarely(count + 1, every=1000),
-            "optimizer %s: step raised (%d so far), its parameters not stepped: %s: %s",
-            optimizer_id, count + 1, type(exc).__name__, exc,
+            "optimizer %s: step raised (%d so far; its state reset, and what it had stepped "
+            "stays): %s: %s", optimizer_id, count + 1, type(exc).__name__, exc,
         )  # fmt: skip
         return False
     return True

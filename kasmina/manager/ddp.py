@@ -347,6 +347,8 @@ class DistributedKasmina:
         manager.grad_sync = self.seed_grads
         manager.command_relay = self.coordinator.submit
         manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
+        # Accepted before the relay: applied here alone they would apply on this rank only.
+        manager.intake.refuse_queued("queued before the manager joined a multi-rank run")
 
     @property
     def rank(self) -> int:

@@ -245,8 +245,7 @@ class CommandExecution:
         if not lr > 0:
             raise CommandRefused(f"learning_rate must be > 0, got {lr}")
         if original is None:
-            # Executed directly (not through the queue, which fetches ahead): the command's
-            # timeout bounds the whole fetch.
+            # Executed directly (not through the queue): its timeout bounds the whole fetch.
             deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else None
             original = state.loader.original(artifact_id, deadline=deadline)
         self._check_fits_slot(record, original)
@@ -507,8 +506,11 @@ class CommandExecution:
         zeroed), for the seeds it trained only: an ISOLATED_INIT seed has trained in this epoch
         (G2), a GRAFTING seed's alpha advances one step. A step that trained a seed nothing (no
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
-        never passes a seed whose blend-in never trained."""
+        never passes a seed whose blend-in never trained. A seed whose optimizer raised: a fault."""
         config, registry = self.state.config, self.state.require_registry()
+        failed = self.state.optimizers.failed_steps
+        for seed_id in self.state.optimizers.failed_now:  # its optimizer's step raised: a fault
+            registry[seed_id].seed.record_fault("optimizer", failed[seed_id][1])
         for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
             seed = registry[seed_id].seed
             seed.draw_step = (seed.draw_step or 0) + 1

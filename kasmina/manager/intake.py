@@ -272,6 +272,12 @@ class CommandIntake:
         for drop in list(self.also_dropping):
             drop(reason)
 
+    def refuse_queued(self, reason: str) -> None:
+        """Report every command queued now refused for ``reason``, none applied (the intake
+        stays open): the manager joined a multi-rank run, where a command this rank queued
+        alone would apply on this rank only."""
+        self._drop(self.queue.take_all(), reason)
+
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""
         for entry in entries:

@@ -195,6 +195,14 @@ class CommandQueue:
             f"{entry.command.timeout_s:g} s timeout"
         )
 
+    def take_all(self) -> list[PendingCommand]:
+        """Remove and return every queued command (the queue stays open; a fetch under way for
+        one goes on and fills the cache)."""
+        with self._lock:
+            taken = list(self._queue)
+            self._queue.clear()
+        return taken
+
     def close(self) -> list[PendingCommand]:
         """Refuse new commands, drop the queued ones (returned) and stop the fetch workers
         without waiting for them: a fetch not yet started is cancelled, never run; one running

@@ -16,8 +16,11 @@ A run is in use while a trainer holds one of its locks (the ledger's, the checkp
 ``flock`` locks, dropped when their process dies, so a crashed run is not in use). Pruning takes
 every lock a run has, without waiting, and leaves the run alone if any is held; holding them, it
 renames the directory out of the way (atomic: a trainer that opens the run from then on starts
-afresh) and deletes it. A run that keeps neither a ledger nor a disk checkpoint store holds no
-lock, and is judged by its age alone. Its age is that of its newest file.
+afresh) and deletes it. A run directory with no lock in it tells nothing of its trainer (one
+whose ledger and checkpoints live elsewhere still keeps its checkpoint key here), so it is left
+unless ``unlocked`` asks for such runs too, judged by age alone. A run's age is that of its
+newest file. Listing takes each lock for an instant too: a trainer of that run starting in that
+instant is refused as if a second trainer held it.
 """
 
 from __future__ import annotations
@@ -49,13 +52,15 @@ _TRASH_PREFIX = ".pruning-"
 @dataclass(frozen=True)
 class RunInfo:
     """One run directory: its id, path, bytes on disk (its files' sizes), when its newest file
-    was written (seconds since the epoch) and whether a trainer holds one of its locks."""
+    was written (seconds since the epoch), whether a trainer holds one of its locks, and
+    whether it has any."""
 
     run_id: str
     path: Path
     size_bytes: int
     modified: float
     in_use: bool
+    locked: bool = True  # it has a lock file (a run with none tells nothing of its trainer)
 
 
 def _is_run(path: Path) -> bool:
@@ -127,7 +132,7 @@ def _runs(root: Path) -> list[tuple[RunInfo, list[Path]]]:
         held = _take_locks(locks)
         for lock_file in held or ():
             lock_file.close()
-        info = RunInfo(entry.name, path, size, modified, held is None)
+        info = RunInfo(entry.name, path, size, modified, held is None, bool(locks))
         found.append((info, locks))
     return found
 
@@ -144,13 +149,14 @@ def prune_runs(
     older_than_s: float | None = None,
     keep: int | None = None,
     dry_run: bool = False,
+    unlocked: bool = False,
     now: float | None = None,
 ) -> list[RunInfo]:
     """Remove the runs under ``runs_root`` that no trainer uses, that are not among the ``keep``
     newest, and whose newest file is at least ``older_than_s`` old (each criterion given must
-    hold; at least one must be given). Returns the runs removed (with ``dry_run``: that would
-    be), newest first. A run whose locks cannot all be taken now is left, and so is one that
-    changed since it was listed."""
+    hold; at least one must be given); a run with no lock file only with ``unlocked``. Returns
+    the runs removed (with ``dry_run``: that would be), newest first. A run whose locks cannot
+    all be taken now is left, and so is one that changed since it was listed."""
     if older_than_s is None and keep is None:
         raise ValueError("give older_than_s, keep or both: prune_runs removes nothing by default")
     if older_than_s is not None and not (older_than_s >= 0 and older_than_s != float("inf")):
@@ -166,6 +172,7 @@ def prune_runs(
         if (keep is None or i >= keep)
         and (older_than_s is None or now - info.modified >= older_than_s)
         and not info.in_use
+        and (info.locked or unlocked)
     ]
     if dry_run:
         return [info for info, _ in chosen]

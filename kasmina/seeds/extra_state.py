@@ -38,22 +38,29 @@ __all__ = [
 
 # Version of the encoded extra state; decode_extra_state refuses any other.
 EXTRA_STATE_VERSION = 1
-# The encoded state is padded with spaces to a multiple of this many bytes (a seed's is a few
-# hundred), so its length does not change from one step to the next: an EMA that copies every
-# non-float entry of one state_dict into another's (timm's ModelEmaV2/V3) copies like into like.
-EXTRA_STATE_BLOCK = 1024
+# The encoded state is this many bytes, padded with spaces (a seed's is a few hundred; the oldest
+# fault reasons are left out to fit), so its length does not change from one step to the next:
+# an EMA that copies every non-float entry of one state_dict into another's (timm's
+# ModelEmaV2/V3) copies like into like. A state that cannot fit (a seed id of kilobytes) takes
+# the next multiple.
+EXTRA_STATE_BYTES = 2048
 
 
 def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
     """``state`` (JSON-able primitives) as a 1-D uint8 CPU tensor of its UTF-8 JSON, padded with
-    spaces to a multiple of ``EXTRA_STATE_BLOCK`` bytes.
+    spaces to ``EXTRA_STATE_BYTES`` (the oldest of a ``fault_log``'s reasons left out to fit).
 
     Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging
     Face reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=
     True)`` reads it back without unpickling anything but tensors.
     """
-    data = json.dumps({"version": EXTRA_STATE_VERSION, **state}, sort_keys=True).encode("utf-8")
-    data += b" " * (-len(data) % EXTRA_STATE_BLOCK)  # JSON allows trailing whitespace
+    full = {"version": EXTRA_STATE_VERSION, **state}
+    data = json.dumps(full, sort_keys=True).encode("utf-8")
+    log = list(full.get("fault_log") or ())
+    while len(data) > EXTRA_STATE_BYTES and log:  # the count stays in "faults"
+        full["fault_log"] = log = log[1:]
+        data = json.dumps(full, sort_keys=True).encode("utf-8")
+    data += b" " * (-len(data) % EXTRA_STATE_BYTES)  # JSON allows trailing whitespace
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 

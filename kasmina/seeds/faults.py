@@ -80,7 +80,7 @@ class GraphMark:
         self.open = False
 
 
-# ``record_fault(kind, reason)``: counts, logs and reports one fault (the seed's ``_record_fault``).
+# ``record_fault(kind, reason)``: counts, logs and reports one fault (the seed's ``record_fault``).
 FaultRecorder = Callable[[str, str], None]
 
 # Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.

@@ -92,6 +92,7 @@ from kasmina.seeds.outputs import (
     signed_shape,
     slot_record,
     splits_last_dim,
+    teacher_goes_to,
 )
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
@@ -135,12 +136,10 @@ class KasminaLayer(nn.Module):
         fault_limit: int = DEFAULT_FAULT_LIMIT,
     ) -> None:
         super().__init__()
-        chunk_dim = checked_chunk_dim(
-            host, num_seeds, chunk_size, chunk_dim, output_index, layer_id
-        )
+        args = (host, num_seeds, chunk_size, chunk_dim, output_index, layer_id)
+        chunk_dim = checked_chunk_dim(*args)
         device = next((p.device for p in host.parameters()), torch.device("cpu"))
-        if state is None:
-            state = GPUStateTensor(num_seeds, device)
+        state = GPUStateTensor(num_seeds, device) if state is None else state
         if state_offset < 0 or state_offset + num_seeds > state.num_seeds:
             raise ValueError(f"{layer_id}: seeds {state_offset}..+{num_seeds} outside the table")
         self.host = host
@@ -180,8 +179,7 @@ class KasminaLayer(nn.Module):
         self.sat_out: Counter[str] = Counter()  # calls the seeds or their KD sat out, by kind
         counts = torch.zeros(2, dtype=torch.long, device=device)  # [seeds, KD] of compiled calls:
         self.register_buffer("sat_out_compiled", counts, persistent=False)  # a tensor, no guard
-        # The KD head's (weight, bias): a tuple, so they are not registered as parameters here.
-        self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._kd_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # not parameters
         # The plan (module docstring): each seed's stage, as an int and as a SeedStage (eager).
         self._stage_codes: tuple[int, ...] = ()
         self._plan: tuple[SeedStage, ...] = ()
@@ -189,8 +187,7 @@ class KasminaLayer(nn.Module):
         self._kernel_shapes: tuple[tuple[int | None, ...] | None, ...] = ()
         self._refresh_plan()
         state.listen(self._refresh_plan, rows=[seed.state_index for seed in self.seeds])
-        # A load checks every seed's state before the host loads (attach does so on the model).
-        self.register_load_state_dict_pre_hook(check_seed_states)
+        self.register_load_state_dict_pre_hook(check_seed_states)  # every seed's, checked first
         # The host's mode, not train()'s (which would reset the host's own mixed modes).
         self.training = host.training
         self.seeds.train(host.training)
@@ -284,8 +281,8 @@ class KasminaLayer(nn.Module):
             seed.update_alpha_blending(step, total_steps, temperature)
 
     def poll_nonfinite(self) -> list[str]:
-        """Read all seeds' flags (one transfer) and charge their faults; ids of the seeds that
-        fell back with grad, whose kernels' gradients are dropped (call before the step)."""
+        """Read all seeds' flags (one transfer), charge their faults; the ids of those that fell
+        back with grad, whose kernels' gradients are dropped (call before the step)."""
         seeds = tuple(self.seeds)
         got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
         pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
@@ -353,14 +350,15 @@ class KasminaLayer(nn.Module):
     def forward(self, *args: Any, teacher_logits: torch.Tensor | None = None, **kwargs: Any) -> Any:
         # The hot path reads ``_modules`` directly (``self.host``: a ``__getattr__`` frame a call).
         out = self._modules["host"](*args, **kwargs)
-        # The first forward's shapes, then one compare (compiled: a guard; the record, a side
-        # effect replayed after each call, swaps the graph once; fullgraph takes no one-shot hook).
+        # The first forward's shapes, then one compare (compiled: a guard, swapped once).
         if self.output_contract is None and not torch.jit.is_tracing():  # a trace check reruns
             self._record(args if not kwargs else (), out)
         if self._teacher_logits is not None or self._recompute_teacher is not None:
             again = recomputing()
             if torch.is_grad_enabled() and not again and self._teacher_depth == transform_depth():
-                stored, self._teacher_logits = self._teacher_logits, None
+                stored = self._teacher_logits  # taken, unless left to a call they fit
+                if teacher_logits is not None or teacher_goes_to(self, stored, out):
+                    self._teacher_logits = None
                 teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
                 self._recompute_teacher = None if stored is None else teacher_logits
@@ -368,8 +366,7 @@ class KasminaLayer(nn.Module):
                 self._teacher_logits = None  # records no graph: its recompute drops what it left
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
-        # Only slot-local attributes here (the shared table is an aliasing guard per call):
-        # compiled, guarded on this bool while every seed passes, on the stage ints otherwise.
+        # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
         if torch.is_grad_enabled() or inputs_need_grad(args, kwargs):  # no_grad with one: a
@@ -417,8 +414,8 @@ class KasminaLayer(nn.Module):
             self._sit_out("seeds", why)
         chunks = x.split(self.chunk_size, dim=dim)
         seeds = self._seed_list  # not ``self.seeds``: a __getattr__ frame, and slow indexing
-        # The host half of every seed's guard (a ``try``, a metadata check): a seed that passes
-        # the host through keeps the host's chunk in ``outs``, value and gradient, as DORMANT.
+        # The host half of every seed's guard (a ``try``, a metadata check): one that passes the
+        # host through keeps its chunk in ``outs``, value and gradient, as DORMANT.
         outs = list(chunks)
         inputs: dict[int, torch.Tensor] = {}  # the kernels' inputs of the seeds that ran
         for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
@@ -517,7 +514,7 @@ class KasminaLayer(nn.Module):
             flags=self._flags(),
             guarded=guarded,
             params=[seeds[k].trained_parameters() for k in guarded],
-            recorders=[seeds[k]._record_fault for k in guarded],
+            recorders=[seeds[k].record_fault for k in guarded],
             blend=grafting,
         )
 
@@ -536,7 +533,7 @@ class KasminaLayer(nn.Module):
         values = contain_backward(
             [outs[k] for k in guarded],
             [seeds[k].trained_parameters() for k in guarded],
-            [seeds[k]._record_fault for k in guarded],
+            [seeds[k].record_fault for k in guarded],
         )
         for k, value in zip(guarded, values, strict=True):
             outs[k] = value

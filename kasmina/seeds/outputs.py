@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kasmina.kd.loss import teacher_fit_problem
+
 __all__ = [
     "FUSED_PATH_TENSORS",
     "ActivationSpec",
@@ -50,6 +52,7 @@ __all__ = [
     "output_element",
     "replace_output_element",
     "splits_last_dim",
+    "teacher_goes_to",
 ]
 
 # Shape, dtype and device of one tensor the slot saw.
@@ -215,6 +218,19 @@ def output_element(out: Any, index: int) -> Any:
         names = _present_fields(out)
         return getattr(out, names[index]) if -len(names) <= index < len(names) else None
     return out
+
+
+def teacher_goes_to(slot: Any, teacher: torch.Tensor | None, out: Any) -> bool:
+    """Whether pending ``teacher`` logits go to the ``slot`` call that gave ``out``: one they fit,
+    or one that distils nothing (no KD, no seed running, no tensor). A call they do not fit
+    leaves them to a later call of the forward that they fit (a module called with several
+    shapes), else to the step's end; a call that takes them and does not fit would sit out."""
+    if teacher is None or slot.kd_config is None or not slot._runs_any:
+        return True
+    element = output_element(out, slot.output_index)
+    if not isinstance(element, torch.Tensor):
+        return True
+    return teacher_fit_problem(element.shape, teacher, slot._kd_head) is None
 
 
 def no_tensor_reason(out: Any, element: Any, index: int) -> str:

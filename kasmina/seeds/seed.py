@@ -263,7 +263,7 @@ class GradientIsolatedSeed(nn.Module):
         self.nonfinite_events += 1
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
         if faulted:
-            self._record_fault("nonfinite", "non-finite output")
+            self.record_fault("nonfinite", "non-finite output")
         return not finite
 
     # -- faults --------------------------------------------------------------------------
@@ -281,7 +281,7 @@ class GradientIsolatedSeed(nn.Module):
     # Eager even under torch.compile: the bookkeeping (logging, telemetry, a lifecycle
     # transition) is host work with side effects that must run once per fault, never traced.
     @torch.compiler.disable
-    def _record_fault(self, kind: str, reason: str) -> None:
+    def record_fault(self, kind: str, reason: str) -> None:
         """Count, log and report one contained fault; quarantine at ``fault_limit``."""
         reason = short_reason(reason)
         if self.observed_faults is not None:
@@ -474,7 +474,7 @@ class GradientIsolatedSeed(nn.Module):
         if x.numel() == 0:
             return self.probe_result
         flags = (self.finite_flag, self.fault_flag)
-        self.probe_result = guarded_probe(self.kernel, x, self._record_fault, *flags)
+        self.probe_result = guarded_probe(self.kernel, x, self.record_fault, *flags)
         return self.probe_result
 
     def _run_kernel(
@@ -488,7 +488,7 @@ class GradientIsolatedSeed(nn.Module):
             return None
         s, xin = called
         if self._guards_backward(s, stage):
-            s = contain_backward([s], [self.trained_parameters()], [self._record_fault])[0]
+            s = contain_backward([s], [self.trained_parameters()], [self.record_fault])[0]
         return s, self._check_finite(s, xin, stage)
 
     def _call_kernel(
@@ -504,7 +504,7 @@ class GradientIsolatedSeed(nn.Module):
             loaded = self.__dict__.get("_loaded_draws")  # absent from older pickles
             position = self.draw_step if loaded is None else stream_position(loaded, kernel)
         stream = (self.seed_id, position)
-        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self._record_fault, stream)
+        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self.record_fault, stream)
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""
@@ -526,9 +526,9 @@ class GradientIsolatedSeed(nn.Module):
 
     # -- knowledge distillation ----------------------------------------------------------
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
-        if self.kd_config is None or teacher is None or stage not in ISOLATED_TRAINING_STAGES:
-            return
-        self._kd_losses.append(seed_kd_loss(self.kd_config, s, teacher))
+        kd = self.kd_config is not None and teacher is not None and torch.is_grad_enabled()
+        if kd and stage in ISOLATED_TRAINING_STAGES:  # without grad: nothing it could train
+            self._kd_losses.append(seed_kd_loss(self.kd_config, s, teacher))
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the KD losses stored since the last call (graph kept: it trains the seed)."""

@@ -256,3 +256,43 @@ def test_a_float64_slot_distils_in_float64() -> None:
     expected = torch.autograd.grad(want, params)
     for g, w in zip(got, expected, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["misfit first", "fit first"])
+def test_pending_teacher_logits_go_to_the_call_of_the_forward_they_fit(order: str) -> None:
+    """A module called twice in one forward, with two shapes: pending teacher logits went to
+    the first call that recorded a graph, which sat out when they did not fit it, and the call
+    they fit never distilled. The call they do not fit leaves them to the one they fit."""
+    layer = _kd_slot()
+    x_small, x = torch.randn(3, 4), torch.randn(5, 4)
+    teacher = torch.randn(5, HIDDEN)
+    layer(x, teacher_logits=teacher)
+    want = layer.get_and_clear_kd_losses()
+    layer.end_step()
+    layer.set_teacher_logits(teacher)
+    for inputs in (x_small, x) if order == "misfit first" else (x, x_small):
+        layer(inputs)
+    got = layer.get_and_clear_kd_losses()
+    assert got is not None and torch.equal(got, want)
+    assert layer.sat_out["kd"] == (1 if order == "misfit first" else 0)
+    layer.end_step()
+    layer.set_teacher_logits(teacher)
+    layer(x_small)  # fits no call of this forward: left pending, dropped at the step's end
+    assert layer.get_and_clear_kd_losses() is None
+    layer.end_step()
+    layer(x)  # the next step's forward does not take the last step's logits
+    assert layer.get_and_clear_kd_losses() is None
+
+
+def test_a_stand_alone_seed_keeps_no_kd_loss_from_a_forward_without_grad() -> None:
+    """Under ``no_grad`` a stand-alone seed computed and kept a KD loss per call (the slot
+    keeps none): they piled up, and a collected sum of them could not be backpropagated."""
+    seed = _kd_slot().seeds[0]
+    x, teacher = torch.randn(5, HIDDEN // 2), torch.randn(5, HIDDEN // 2)
+    with torch.no_grad():
+        for _ in range(3):
+            seed(x, teacher)
+    assert seed.get_and_clear_kd_losses() is None
+    seed(x, teacher)
+    loss = seed.get_and_clear_kd_losses()
+    assert loss is not None and loss.requires_grad

@@ -574,6 +574,24 @@ def test_a_command_waits_for_the_sync_and_then_applies(tmp_path, store, keyring,
     assert rig.manager.command_log[-1][2] is True
 
 
+def test_a_command_queued_before_the_manager_joins_a_multi_rank_run_is_refused(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Queued by the manager's own door before ``DistributedKasmina`` took it over, a command
+    was applied by this rank's next safe point alone: on one rank only, the others repaired
+    to it with no command in any sync's result. It is refused when the manager joins."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    assert rig.manager.handle_adaptation_command(_signed(rig, "germinate", SEED0, mlp))
+    dk = DistributedKasmina(rig.manager)
+    log = rig.manager.command_log[-1]
+    assert log[2] is False and "joined a multi-rank run" in log[3]
+    rig.train(1)
+    rig.manager.end_epoch(0)
+    assert dk.sync_epoch(0).commands == () and rig.stage(SEED0) == S.DORMANT
+    stats = rig.manager.handler.stats
+    assert (stats["accepted"], stats["failed"]) == (1, 1)
+
+
 @pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_in_a_sync_before_it_applies_keeps_every_command_for_the_next(
     tmp_path, store, keyring, mlp, monkeypatch

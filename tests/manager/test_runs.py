@@ -103,6 +103,28 @@ def test_prune_leaves_a_run_taken_after_it_was_listed(
     holder[0].close()
 
 
+def test_a_run_with_no_lock_in_its_directory_is_pruned_only_when_asked(
+    tmp_path, store, keyring
+) -> None:
+    """A live trainer whose ledger and checkpoints live elsewhere keeps only its checkpoint key
+    in its run directory: no lock there to tell it is live. Judged by age alone, it was pruned
+    under the live trainer."""
+    root = tmp_path / "runs"
+    config = make_config(
+        tmp_path, store, run_id="elsewhere", nonce_ledger=str(tmp_path / "ledgers" / "e.log")
+    )
+    live = Rig(config, keyring)
+    live.train(1)
+    live.manager.end_epoch(0, {"val_accuracy": 0.5})
+    assert os.listdir(root / "elsewhere") == ["checkpoint.key"]
+    _age(root / "elsewhere", 10)
+    (info,) = list_runs(root)
+    assert not info.in_use and not info.locked
+    assert prune_runs(root, older_than_s=DAY) == [] and (root / "elsewhere").is_dir()
+    live.manager.close()
+    assert [r.run_id for r in prune_runs(root, older_than_s=DAY, unlocked=True)] == ["elsewhere"]
+
+
 def test_an_interrupted_prune_is_finished_by_the_next(tmp_path, store, keyring) -> None:
     root = tmp_path / "runs"
     _run(tmp_path, store, keyring, "r1")

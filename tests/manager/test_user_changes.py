@@ -194,7 +194,8 @@ def test_a_model_converted_mid_run_trains_on_in_its_new_dtype(
 def test_a_seed_optimizer_that_raises_leaves_the_hosts_step_whole(rig: Rig, mlp) -> None:
     """A seed's optimizer that raises (here a state of another shape) made ``step()`` raise
     after the host's optimizer had stepped: host gradients never zeroed, commands never
-    applied. Its seed now skips the step, counted and logged; the rest of the step completes."""
+    applied. Its seed now skips the step, its optimizer's state (stepped part-way) is reset,
+    and the seed is charged a fault; the rest of the step completes."""
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
     rig.train(2)
@@ -206,4 +207,8 @@ def test_a_seed_optimizer_that_raises_leaves_the_hosts_step_whole(rig: Rig, mlp)
     assert all(p.grad is None or not p.grad.any() for p in host_params(rig))
     count, reason = manager.optimizers.failed_steps[SEED0]
     assert count == 1 and "RuntimeError" in reason
+    assert not state  # what it stepped part-way is no state of any step: reset
+    seed = manager.seed(SEED0)
+    assert seed.faults == 1 and seed.fault_log[-1].startswith("RuntimeError")
+    assert rig.train(1)["seeds_stepped"] == [SEED0]  # from a fresh state
     assert rig.send("cull", SEED0)  # the safe point still applies commands

@@ -874,7 +874,7 @@ def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() 
     the rest): a seed's extra state, JSON in a uint8 tensor, changed length as its alpha and
     steps changed, and the copy raised at the first update. It is padded to a fixed size now."""
     model = MLP()
-    slot = attach(model, "head", 2, 4)[0]
+    slot = attach(model, "head", 2, 4, fault_limit=100)[0]
     for k, seed in enumerate(slot.seeds):
         seed.attach_kernel(kernel(4, k))
     walk(slot.seed(0), S.GRAFTING)
@@ -882,6 +882,7 @@ def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() 
     for step in range(1, 12):
         slot.update_alpha_blending(step, 10)
         slot.seed(0).draw_step = 10**step  # a number that grows in digits
+        slot.seed(1).record_fault("test", f"fault {step}: " + "é" * 190)  # the log fills
         with torch.no_grad():
             pairs = zip(ema.state_dict().values(), model.state_dict().values(), strict=True)
             for ema_v, model_v in pairs:
@@ -889,9 +890,12 @@ def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() 
                     ema_v.lerp_(model_v, 0.1)
                 else:
                     ema_v.copy_(model_v)
+    decode = kasmina.seeds.extra_state.decode_extra_state
     state = slot.seed(0).get_extra_state()
-    assert state.numel() % 1024 == 0
-    assert kasmina.seeds.extra_state.decode_extra_state(state)["draw_step"] == 10**11
+    assert state.numel() == 2048 and decode(state)["draw_step"] == 10**11
+    full = slot.seed(1).get_extra_state()
+    assert full.numel() == 2048 and decode(full)["faults"] == 11
+    assert decode(full)["fault_log"][-1].startswith("fault 11:")  # the newest are kept
 
 
 def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
