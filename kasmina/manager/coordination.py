@@ -33,7 +33,7 @@ from kasmina.manager.checkpoints import MemoryCheckpointStore
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.intake import CommandIntake
 from kasmina.manager.report import ManagerReport
-from kasmina.manager.rollback import restore_epoch, snapshot
+from kasmina.manager.rollback import fetches_bounded, restore_epoch, snapshot
 from kasmina.manager.state import ManagerState
 from kasmina.utils.grad_modes import training_tensors
 
@@ -72,11 +72,13 @@ class ManagerReplica:
         *,
         lock: threading.RLock,
         include_host: bool = True,
+        fetch_timeout_s: float | None = None,
     ) -> None:
         self.state = state
         self.guard = guard
         self.lock = lock
         self.include_host = include_host
+        self.fetch_timeout_s = fetch_timeout_s  # a repair's kernel fetches (None: unbounded)
 
     def checksum(self) -> int:
         return nested_checksum(self._view())
@@ -129,7 +131,9 @@ class ManagerReplica:
             live = state.checkpoints
             state._checkpoints = store
             try:
-                with training_tensors():  # a repair in a sync under inference_mode: trainable
+                # A repair in a sync under inference_mode: trainable; its kernels' fetches
+                # bounded as a prepare's (the other ranks wait in a collective meanwhile).
+                with training_tensors(), fetches_bounded(self.fetch_timeout_s):
                     restore_epoch(state, self.guard, key)
             finally:
                 state._checkpoints = live
@@ -263,8 +267,9 @@ class ManagerApplier:
             else:
                 self.refuse(command, "the manager's command queue is full or closed")
         outcomes: dict[str, deque[Any]] = {}
-        for outcome in self.intake.apply_pending(wait=True):  # every rank, graph or not
-            outcomes.setdefault(outcome.command_id, deque()).append(outcome)
+        with fetches_bounded(self.prepare_timeout_s):  # a ROLLBACK's kernels, as a prepare's
+            for outcome in self.intake.apply_pending(wait=True):  # every rank, graph or not
+                outcomes.setdefault(outcome.command_id, deque()).append(outcome)
         results = []
         for command in commands:
             applied = outcomes.get(command.command_id)

@@ -327,12 +327,14 @@ class DistributedKasmina:
         self.seed_buffers = BufferAverage(
             group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
         )
-        self.replica = ManagerReplica(
-            manager.state, manager.guard, lock=manager.intake.lock, include_host=check_host
-        )
-        # The other ranks wait in a collective while this one prepares: half the process
-        # group's timeout leaves the rest of the sync room to answer in time.
+        # The other ranks wait in a collective while this one prepares (or fetches a kernel
+        # for a ROLLBACK or a repair): half the process group's timeout leaves the rest of the
+        # sync room to answer in time.
         prepare_s = collective_timeout_s(group) * PREPARE_SHARE if _distributed() else None
+        self.replica = ManagerReplica(
+            manager.state, manager.guard, lock=manager.intake.lock, include_host=check_host,
+            fetch_timeout_s=prepare_s,
+        )  # fmt: skip
         self.applier = ManagerApplier(manager.intake, manager.report, prepare_timeout_s=prepare_s)
         self.coordinator = DistributedCoordinator(
             manager.handler,

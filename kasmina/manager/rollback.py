@@ -37,9 +37,12 @@ of it), never reported as the refusal of a change that was made.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
@@ -64,7 +67,26 @@ from kasmina.utils.state_io import clone_state, unsaveable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["restore_epoch", "snapshot"]
+__all__ = ["fetches_bounded", "restore_epoch", "snapshot"]
+
+# When set, the instant (``time.monotonic``) by which a kernel a rollback puts back must be
+# fetched: inside a multi-rank sync, where the other ranks wait in a collective that fails
+# every rank at the process group's timeout (``fetches_bounded``).
+_FETCH_DEADLINE: ContextVar[float | None] = ContextVar("kasmina_fetch_deadline", default=None)
+
+
+@contextlib.contextmanager
+def fetches_bounded(seconds: float | None) -> Iterator[None]:
+    """Inside: a kernel a rollback (or a repair's restore) fetches must arrive within
+    ``seconds`` of entering (None: unbounded); one that does not refuses the rollback on this
+    rank, nothing changed, where an unbounded fetch could hold every rank past the group's
+    timeout."""
+    token = _FETCH_DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _FETCH_DEADLINE.reset(token)
+
 
 # extra["boundary_pending"]: the checkpoint was taken before end_epoch's tick and automatic
 # transitions (absent in older checkpoints, which were taken after them).
@@ -150,7 +172,7 @@ def restore_epoch(
         }
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
-                original = state.loader.original(artifact_id)
+                original = state.loader.original(artifact_id, deadline=_FETCH_DEADLINE.get())
                 fresh[seed_id] = (artifact_id, state.loader.copy(original))
         optimizers = _rebuild_optimizers(state, registry, changes, fresh, checkpoint)
     except BaseException:

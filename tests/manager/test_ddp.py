@@ -770,6 +770,52 @@ def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring,
         ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=0.0)
 
 
+@pytest.mark.parametrize("path", ["rollback", "repair"])
+def test_a_kernel_a_rollback_or_repair_fetches_in_a_sync_is_bounded_like_a_prepare(
+    tmp_path, store, keyring, mlp, path: str
+) -> None:
+    """A ROLLBACK that puts a culled seed's kernel back (or a repair that does) fetched it with
+    no deadline in the middle of the sync: one rank's slow store held every other rank in the
+    outcome all-gather past the process group's timeout, and every rank raised. The fetch is
+    bounded as a prepare is: on a store that keeps it, the rollback is refused on this rank,
+    nothing changed, and the repair (and so ``on_divergence``) answers it."""
+    from kasmina.control.commands import to_kasmina_command
+    from kasmina.errors import UrzaUnavailableError
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    payload = ManagerReplica(manager.state, manager.guard, lock=manager.intake.lock).export_state()
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    manager.end_epoch(1)
+    manager.evict_kernel(mlp)
+    loader, deadlines = manager.loader, []
+
+    def slow_store(artifact_id: str, *, deadline: float | None = None) -> Any:
+        deadlines.append(deadline)  # a store that keeps the deadline, and is slower than it
+        time.sleep(min(20.0, max(0.0, deadline - time.monotonic())) if deadline else 20.0)
+        raise UrzaUnavailableError(f"{artifact_id}: the store did not answer in time")
+
+    loader.original = slow_store
+    stage, started = rig.stage(SEED0), time.monotonic()
+    if path == "rollback":
+        applier = ManagerApplier(manager.intake, manager.report, prepare_timeout_s=0.3)
+        command = to_kasmina_command(make_rollback_command(0))
+        ((ok, reason),) = applier.apply([command])
+        assert not ok and "did not answer in time" in reason
+    else:
+        lock = manager.intake.lock
+        replica = ManagerReplica(manager.state, manager.guard, lock=lock, fetch_timeout_s=0.3)
+        with pytest.raises(UrzaUnavailableError):
+            replica.import_state(payload)
+    assert time.monotonic() - started < 10.0 and deadlines and deadlines[0] is not None
+    assert rig.stage(SEED0) == stage  # nothing changed
+    rig.train(1)
+
+
 def _stalled_loader(rig: Rig) -> tuple[threading.Event, list[str]]:
     """The manager's store made to stall every fetch until the event is set; the list records
     every fetch begun."""
