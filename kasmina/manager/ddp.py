@@ -350,7 +350,7 @@ class DistributedKasmina:
         manager.command_relay = self.coordinator.submit
         manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
         # Accepted before the relay: applied here alone they would apply on this rank only.
-        manager.intake.refuse_queued("queued before the manager joined a multi-rank run")
+        manager.intake.relay("reached the manager's own queue as it joined a multi-rank run")
 
     @property
     def rank(self) -> int:
@@ -381,6 +381,7 @@ class DistributedKasmina:
         held for the next sync are refused, each reported."""
         if self.manager.command_relay == self.coordinator.submit:
             self.manager.command_relay = None
+            self.manager.intake.relay(None)
         if self.manager.grad_sync is self.seed_grads:
             self.manager.grad_sync = None
         dropping = self.manager.intake.also_dropping

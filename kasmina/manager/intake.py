@@ -104,6 +104,8 @@ class CommandIntake:
         # Who else holds accepted commands for this manager (a ``DistributedKasmina``'s
         # coordinator): each is told to refuse them when the manager closes.
         self.also_dropping: list[Callable[[str], None]] = []
+        self.relayed: str | None = None  # why this queue takes no arrival (``relay``)
+        self._door = threading.Lock()
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises.
@@ -117,9 +119,11 @@ class CommandIntake:
         return accepted
 
     def _enqueue(self, command: KasminaCommand) -> bool:
-        if self.queue.submit(command):
-            return True
-        reason = f"command queue full ({self.queue.max_pending} pending) or closed"
+        with self._door:  # against ``relay``: queued before it takes the queue, or refused
+            relayed = self.relayed
+            if not relayed and self.queue.submit(command):
+                return True
+        reason = relayed or f"command queue full ({self.queue.max_pending} pending) or closed"
         self.dropped += 1  # a flood is logged rarely (each drop is reported and counted)
         logger.log(
             rarely(self.dropped, 1000), "command %s dropped: %s [%d dropped so far]",
@@ -272,11 +276,15 @@ class CommandIntake:
         for drop in list(self.also_dropping):
             drop(reason)
 
-    def refuse_queued(self, reason: str) -> None:
-        """Report every command queued now refused for ``reason``, none applied (the intake
-        stays open): the manager joined a multi-rank run, where a command this rank queued
-        alone would apply on this rank only."""
-        self._drop(self.queue.take_all(), reason)
+    def relay(self, reason: str | None) -> None:
+        """The manager joined a multi-rank run (``reason``; None: it left it), whose coordinator
+        takes its commands from now on: every command queued here is refused for ``reason``,
+        none applied, and so is one that reaches this queue later (verified by a door read
+        before the switch): applied here alone, it would apply on this rank only."""
+        with self._door:
+            self.relayed = reason
+            entries = self.queue.take_all() if reason else []
+        self._drop(entries, reason or "")
 
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""

@@ -44,6 +44,8 @@ EXTRA_STATE_VERSION = 1
 # ModelEmaV2/V3) copies like into like. A state that cannot fit (a seed id of kilobytes) takes
 # the next multiple.
 EXTRA_STATE_BYTES = 2048
+# Bytes kept free beside a state's fixed fields for its numbers to grow into.
+_NUMBERS_ROOM = 512
 
 
 def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
@@ -55,12 +57,17 @@ def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
     True)`` reads it back without unpickling anything but tensors.
     """
     full = {"version": EXTRA_STATE_VERSION, **state}
-    data = json.dumps(full, sort_keys=True).encode("utf-8")
     log = list(full.get("fault_log") or ())
-    while len(data) > EXTRA_STATE_BYTES and log:  # the count stays in "faults"
+    # The size: what holds the state without its log and room for its numbers to grow (a
+    # float's repr, a counter's digits), so that it stays one size; EXTRA_STATE_BYTES but for
+    # a seed id of kilobytes.
+    bare = len(json.dumps({**full, "fault_log": []}, sort_keys=True).encode("utf-8"))
+    size = -(-(bare + _NUMBERS_ROOM) // EXTRA_STATE_BYTES) * EXTRA_STATE_BYTES
+    data = json.dumps(full, sort_keys=True).encode("utf-8")
+    while len(data) > size and log:  # the oldest reasons first; the count stays in "faults"
         full["fault_log"] = log = log[1:]
         data = json.dumps(full, sort_keys=True).encode("utf-8")
-    data += b" " * (-len(data) % EXTRA_STATE_BYTES)  # JSON allows trailing whitespace
+    data += b" " * (size - len(data))  # JSON allows trailing whitespace
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 

@@ -228,7 +228,7 @@ def teacher_goes_to(slot: Any, teacher: torch.Tensor | None, out: Any) -> bool:
     if teacher is None or slot.kd_config is None or not slot._runs_any:
         return True
     element = output_element(out, slot.output_index)
-    if not isinstance(element, torch.Tensor):
+    if not isinstance(element, torch.Tensor) or element.is_nested:  # padded before its check
         return True
     return teacher_fit_problem(element.shape, teacher, slot._kd_head) is None
 

@@ -296,3 +296,30 @@ def test_a_stand_alone_seed_keeps_no_kd_loss_from_a_forward_without_grad() -> No
     seed(x, teacher)
     loss = seed.get_and_clear_kd_losses()
     assert loss is not None and loss.requires_grad
+
+
+def test_pending_teacher_logits_reach_a_slot_whose_output_is_a_nested_tensor() -> None:
+    """The fit check read a nested output's ``shape``, which a strided nested tensor has not:
+    the host's forward raised whenever teacher logits were pending. A nested output is padded
+    before its KD, whose own check then judges the fit."""
+
+    class Ragged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, HIDDEN)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            return torch.nested.as_nested_tensor([y[0], y[1, :2]])
+
+    torch.manual_seed(0)
+    layer = KasminaLayer(Ragged(), 2, HIDDEN // 2, kd_config=KDConfig(temperature=2.0))
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(HIDDEN // 2, HIDDEN // 2), nn.Tanh()))
+        seed.transition_to(SeedStage.ISOLATED_INIT)
+    x = torch.randn(2, 3, 4)
+    layer(x)
+    layer.set_teacher_logits(torch.randn(2, 3, HIDDEN))
+    assert layer(x).is_nested
+    loss = layer.get_and_clear_kd_losses()
+    assert loss is not None and loss.requires_grad

@@ -590,6 +590,13 @@ def test_a_command_queued_before_the_manager_joins_a_multi_rank_run_is_refused(
     assert dk.sync_epoch(0).commands == () and rig.stage(SEED0) == S.DORMANT
     stats = rig.manager.handler.stats
     assert (stats["accepted"], stats["failed"]) == (1, 1)
+    # One the manager's own door verified as it joined, queued after: refused the same way.
+    assert not rig.manager.intake.arrive(_signed(rig, "germinate", SEED1, mlp))
+    assert "joined a multi-rank run" in rig.manager.command_log[-1][3]
+    dk.close()  # single-process again: its own queue takes commands
+    assert rig.manager.handle_adaptation_command(_signed(rig, "germinate", SEED1, mlp))
+    rig.train(1)
+    assert rig.stage(SEED1) == S.ISOLATED_INIT
 
 
 @pytest.mark.usefixtures("sigint_raises")

@@ -898,6 +898,21 @@ def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() 
     assert decode(full)["fault_log"][-1].startswith("fault 11:")  # the newest are kept
 
 
+def test_a_seeds_extra_state_keeps_one_size_as_its_numbers_grow_whatever_its_id() -> None:
+    """A state past 2 KiB without its fault log (a seed id of a kilobyte or two) lost its
+    whole log and flipped between 2 and 4 KiB as a number grew digits."""
+    decode = kasmina.seeds.extra_state.decode_extra_state
+    encode = kasmina.seeds.extra_state.encode_extra_state
+    log = ["RuntimeError: a" * 10, "RuntimeError: b" * 10]
+    for seed_id in ("layer[0]", "é" * 320):
+        sizes = set()
+        for gate in (0.0, 0.12345678901234567, 1e-300):
+            state = encode({"seed_id": seed_id, "gate_score": gate, "fault_log": log})
+            sizes.add(state.numel())
+            assert decode(state)["fault_log"] == log
+        assert len(sizes) == 1
+
+
 def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
     torch._dynamo.reset()
     model = MLP()
