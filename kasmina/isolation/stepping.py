@@ -12,8 +12,8 @@ torch.bfloat16)``, ``half()``, ``cuda()``) every step raises (``expected dtype f
 the optimizers a manager owns (every seed's, the host's under ``host_lr``) the user has no way
 to the fix. ``follow_parameters`` casts each state tensor as torch's own
 ``Optimizer.load_state_dict`` casts a loaded state to its parameters: floating-point state takes
-the parameter's dtype and device, and ``step`` keeps its dtype and moves only where it lives
-with its parameter (``capturable``/``fused``: not on the CPU). A state whose shape no longer
+the parameter's dtype and device, and ``step`` stays as it is unless its group is ``fused`` or
+``capturable`` (then float32, on the parameter's device). A state whose shape no longer
 matches (a ``.data`` swap that resized the parameter) is not this module's to guess at: the
 step raises, as it would in plain PyTorch, and ``manager.optimizers.reset_state`` starts it over.
 
@@ -70,11 +70,11 @@ def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
     module docstring); the number of parameters whose state was cast."""
     cast = 0
     for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
         for param in group["params"]:
             state = optimizer.state.get(param)
             if not state:
                 continue
-            on_device = bool(group.get("fused") or group.get("capturable"))
             followed = {k: _followed(k, v, param, on_device) for k, v in state.items()}
             if any(followed[key] is not value for key, value in state.items()):
                 optimizer.state[param] = followed

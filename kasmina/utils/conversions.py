@@ -3,7 +3,7 @@
 Why: an optimizer keeps its running state (Adam's moments) in the dtype and on the device its
 parameters had at its first step, and after ``model.to(torch.bfloat16)`` or ``model.cuda()``
 every step raises. The optimizers a manager owns make their state follow their parameters
-(``kasmina.isolation.optimizer_state``), and look for that only when this count moved: a
+(``kasmina.isolation.stepping``), and look for that only when this count moved: a
 conversion of a model with seeds in it passes through every seed's ``_apply``, which counts it,
 so a step pays one integer comparison otherwise.
 """
