@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 import time
 import weakref
 from collections import deque
@@ -106,10 +107,7 @@ class CheckpointedTeacher:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
         teacher = copy.deepcopy(model) if copy_model else model
         if checkpoint_path is not None:
-            state = torch.load(Path(checkpoint_path), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"{checkpoint_path} does not hold a state_dict")
-            teacher.load_state_dict(state)
+            _load_checked(teacher, Path(checkpoint_path))
         # The fp32 figure is counted on the model as given, before any cast.
         self.full_precision_parameter_bytes = _FP32_BYTES * sum(
             p.numel() for p in teacher.parameters()
@@ -125,6 +123,16 @@ class CheckpointedTeacher:
         first = next(iter(teacher.parameters()), None)
         self.dtype = dtype or (first.dtype if first is not None else torch.float32)
         self.device = first.device if first is not None else torch.device(device or "cpu")
+        # Held by every forward and by a measurement at another dtype, which casts the shared
+        # teacher in place and back: a forward on another thread (``load_kernel_with_teacher``
+        # runs one on a worker) would otherwise meet, or leave, a half-cast teacher.
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
 
     def teacher_parameters(self) -> list[nn.Parameter]:
         """The frozen teacher-only parameters (to register with the optimizer manager)."""
@@ -139,11 +147,12 @@ class CheckpointedTeacher:
 
     def forward(self, input_batch: torch.Tensor) -> torch.Tensor:
         """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
-        if self.teacher.training:
-            logger.warning("teacher was switched to train mode; returning it to eval mode")
-            self.teacher.eval()
-        with torch.inference_mode():
-            logits = self._run(input_batch)
+        with self._lock:
+            if self.teacher.training:
+                logger.warning("teacher was switched to train mode; returning it to eval mode")
+                self.teacher.eval()
+            with torch.inference_mode():
+                logits = self._run(input_batch)
         # Outside inference mode, so the result is an ordinary tensor.
         target = self.output_dtype or logits.dtype
         return logits.to(target) if logits.dtype != target else logits.clone()
@@ -173,6 +182,10 @@ class CheckpointedTeacher:
         target = self.dtype if dtype is None else dtype
         if target not in _TEACHER_DTYPES:
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
+        with self._lock:  # no forward meets the teacher half-cast
+            return self._measure(input_batch, target)
+
+    def _measure(self, input_batch: torch.Tensor, target: torch.dtype) -> int:
         own_dtype = self.dtype
         cast = target != own_dtype
         saved = _floating_dtypes(self.teacher)
@@ -198,6 +211,37 @@ class CheckpointedTeacher:
             if cast:
                 cast_in_place(self.teacher, saved)
                 self.dtype = own_dtype
+
+
+def _load_checked(teacher: nn.Module, path: Path) -> None:
+    """Load the ``state_dict`` file at ``path`` into ``teacher``, every key and shape checked
+    first: ``load_state_dict`` copies what matches before it raises for what does not, and with
+    ``copy_model=False`` the teacher is the caller's own model. ``ValueError`` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"teacher checkpoint {path} cannot be read: {exc}") from None
+    except Exception as exc:  # a truncated or foreign file: torch's reader or the unpickler
+        raise ValueError(f"teacher checkpoint {path} cannot be read: {exc}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    own = teacher.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k}: {tuple(getattr(state[k], 'shape', ()))} for {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ValueError(
+            f"teacher checkpoint {path} does not fit the teacher model, nothing loaded: "
+            f"{'; '.join(problems[:4])}{more}"
+        )
+    teacher.load_state_dict(state)
 
 
 def _floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
@@ -285,6 +329,7 @@ class TeacherForwardPassManager:
         self._max = 0.0
         self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._memory: dict[str, float] | None = None
+        self._profiling = threading.Lock()
 
     def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
         """Teacher logits for ``input_batch``, or ``None`` (no teacher, or OOM: skip KD)."""
@@ -323,9 +368,13 @@ class TeacherForwardPassManager:
     def _auto_profile(self, input_batch: torch.Tensor) -> None:
         """The first forward's memory profile, a measurement that must never stop training: a
         second forward beside the logits just computed may run out of memory (or fail), and
-        then the peaks are recorded as not measured (NaN), once, with a warning."""
+        then the peaks are recorded as not measured (NaN), once, with a warning. One thread
+        profiles; another that finds it under way goes on without waiting."""
+        if not self._profiling.acquire(blocking=False):
+            return
         try:
-            self.profile_memory(input_batch)
+            if self._memory is None:
+                self.profile_memory(input_batch)
         except Exception as exc:
             reason = "ran out of memory" if is_oom_error(exc) else f"failed: {exc!r}"
             logger.warning("the teacher's memory profile %s; its peaks are not measured", reason)
@@ -336,6 +385,8 @@ class TeacherForwardPassManager:
             teacher = self.checkpointed_teacher
             if teacher is not None and teacher.device.type == "cuda":
                 torch.cuda.empty_cache()
+        finally:
+            self._profiling.release()
 
     def _after_oom(self, exc: BaseException, on_cuda: bool) -> None:
         self.oom_count += 1

@@ -190,6 +190,73 @@ def test_checkpoint_path_loads_state_dict(tmp_path) -> None:
         CheckpointedTeacher(make_mlp(), checkpoint_path=tmp_path / "bad.pt")
 
 
+def test_a_checkpoint_that_does_not_fit_the_teacher_changes_nothing(tmp_path) -> None:
+    """With ``copy_model=False`` the teacher is the caller's own model, and ``load_state_dict``
+    copied every tensor that matched before it raised for the rest: a checkpoint of another
+    architecture left the caller's model half overwritten. Keys and shapes are checked first;
+    an unreadable file is named."""
+    model = make_mlp(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "other.pt"
+    torch.save(make_mlp(hidden=48, seed=2).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit the teacher model, nothing loaded"):
+        CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "other.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"teacher checkpoint {cut} cannot be read"):
+        CheckpointedTeacher(model, copy_model=False, checkpoint_path=cut)
+    with pytest.raises(FileNotFoundError):
+        CheckpointedTeacher(model, checkpoint_path=tmp_path / "absent.pt")
+
+
+def test_a_forward_waits_for_a_measurement_that_casts_the_teacher(monkeypatch) -> None:
+    """The first forward's memory profile casts the shared teacher to float32 in place and
+    back, with no lock: a forward on another thread (``load_kernel_with_teacher`` runs one on a
+    worker) met a half-cast teacher and raised, or left it in mixed dtypes for good."""
+    import threading
+
+    teacher = CheckpointedTeacher(make_mlp(seed=3), dtype=torch.bfloat16)
+    x = inputs(4)
+    want = teacher(x)
+    inside, go_on = threading.Event(), threading.Event()
+    hooked = kd_module._hooked_activation_peak
+
+    def paused(model: nn.Module, run) -> int:  # the fp32 measurement, teacher cast
+        inside.set()
+        go_on.wait(10)
+        return hooked(model, run)
+
+    monkeypatch.setattr(kd_module, "_hooked_activation_peak", paused)
+    measuring = threading.Thread(
+        target=lambda: teacher.measure_forward_peak_bytes(x, torch.float32)
+    )
+    measuring.start()
+    assert inside.wait(10)
+    got: list[torch.Tensor] = []
+    forward = threading.Thread(target=lambda: got.append(teacher(x)))
+    forward.start()
+    forward.join(0.3)
+    assert forward.is_alive()  # waits for the measurement to cast the teacher back
+    go_on.set()
+    measuring.join(10)
+    forward.join(10)
+    assert torch.equal(got[0], want)
+    assert {p.dtype for p in teacher.teacher.parameters()} == {torch.bfloat16}
+
+
+def test_one_thread_profiles_the_teachers_memory() -> None:
+    manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16))
+    assert manager._profiling.acquire(blocking=False)  # another thread's profile under way
+    try:
+        assert manager.get_teacher_predictions(inputs(4)) is not None  # goes on, no profile
+        assert manager._memory is None
+    finally:
+        manager._profiling.release()
+    manager.get_teacher_predictions(inputs(4))
+    assert manager._memory is not None
+
+
 @pytest.mark.parametrize(
     "error",
     [
