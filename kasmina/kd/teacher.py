@@ -4,10 +4,12 @@ teacher forwards that survive an OOM."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -107,7 +109,7 @@ class CheckpointedTeacher:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
         teacher = copy.deepcopy(model) if copy_model else model
         if checkpoint_path is not None:
-            _load_checked(teacher, Path(checkpoint_path))
+            _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
         # The fp32 figure is counted on the model as given, before any cast.
         self.full_precision_parameter_bytes = _FP32_BYTES * sum(
             p.numel() for p in teacher.parameters()
@@ -179,10 +181,10 @@ class CheckpointedTeacher:
         back, so only a cast that holds every value exactly is allowed (to fp32 from bf16/fp16):
         one that would round a weight (fp32 to bf16, bf16 to fp16...) raises ``ValueError``.
         """
-        target = self.dtype if dtype is None else dtype
-        if target not in _TEACHER_DTYPES:
-            raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
-        with self._lock:  # no forward meets the teacher half-cast
+        with self._lock:  # no forward meets the teacher half-cast, nor reads its dtype so
+            target = self.dtype if dtype is None else dtype
+            if target not in _TEACHER_DTYPES:
+                raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
             return self._measure(input_batch, target)
 
     def _measure(self, input_batch: torch.Tensor, target: torch.dtype) -> int:
@@ -213,35 +215,45 @@ class CheckpointedTeacher:
                 self.dtype = own_dtype
 
 
-def _load_checked(teacher: nn.Module, path: Path) -> None:
-    """Load the ``state_dict`` file at ``path`` into ``teacher``, every key and shape checked
-    first: ``load_state_dict`` copies what matches before it raises for what does not, and with
-    ``copy_model=False`` the teacher is the caller's own model. ``ValueError`` naming the file."""
+def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
+    """Load the ``state_dict`` file at ``path`` into ``teacher`` (strict), ``ValueError`` naming
+    the file when it cannot be read or does not fit. ``load_state_dict`` copies what matches
+    before it raises for what does not, so into the caller's ``own`` model (``copy_model=False``)
+    it loads a clone on the meta device first (torch's own checks and hooks, no bytes copied);
+    a model that cannot be cloned so (lazy parameters) is loaded directly."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(f"teacher checkpoint {path} cannot be read: {exc}") from None
+    except FileNotFoundError:
+        raise
     except Exception as exc:  # a truncated or foreign file: torch's reader or the unpickler
         raise ValueError(f"teacher checkpoint {path} cannot be read: {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict")
-    own = teacher.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [
-        f"{k}: {tuple(getattr(state[k], 'shape', ()))} for {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
-    ]
-    if problems:
-        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+    try:
+        trial = _meta_clone(teacher) if own else None
+        if trial is not None:
+            with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": meant
+                warnings.simplefilter("ignore", UserWarning)
+                trial.load_state_dict(state)
+        teacher.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(
             f"teacher checkpoint {path} does not fit the teacher model, nothing loaded: "
-            f"{'; '.join(problems[:4])}{more}"
-        )
-    teacher.load_state_dict(state)
+            f"{' '.join(str(exc).split())[:400]}"
+        ) from None
+
+
+def _meta_clone(model: nn.Module) -> nn.Module | None:
+    """``model`` deep-copied with every parameter and buffer on the meta device, or None."""
+    memo: dict[int, object] = {}
+    try:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            meta = torch.empty_like(t, device="meta")
+            is_param = isinstance(t, nn.Parameter)
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if is_param else meta
+        return copy.deepcopy(model, memo)
+    except Exception:  # lazy parameters, a module that does not deep-copy
+        return None
 
 
 def _floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
@@ -330,6 +342,12 @@ class TeacherForwardPassManager:
         self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._memory: dict[str, float] | None = None
         self._profiling = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_profiling"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _profiling=threading.Lock())
 
     def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
         """Teacher logits for ``input_batch``, or ``None`` (no teacher, or OOM: skip KD)."""
@@ -426,6 +444,10 @@ class TeacherForwardPassManager:
         teacher = self.checkpointed_teacher
         if teacher is None:
             raise ValueError("no teacher to profile")
+        with teacher._lock:  # both at the teacher's own dtype, read once
+            return self._profile(teacher, input_batch)
+
+    def _profile(self, teacher: CheckpointedTeacher, input_batch: torch.Tensor) -> dict[str, float]:
         reduced = float(teacher.measure_forward_peak_bytes(input_batch))
         full = reduced
         if teacher.dtype != torch.float32:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
@@ -208,6 +209,27 @@ def test_a_checkpoint_that_does_not_fit_the_teacher_changes_nothing(tmp_path) ->
         CheckpointedTeacher(model, copy_model=False, checkpoint_path=cut)
     with pytest.raises(FileNotFoundError):
         CheckpointedTeacher(model, checkpoint_path=tmp_path / "absent.pt")
+    state = make_mlp(seed=2).state_dict()
+    state["2.bias"] = 2.0  # not a tensor: torch refuses it after copying the others
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="nothing loaded"):
+        CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # What plain load_state_dict takes is taken: a module's extra state that is no tensor.
+    model[1].get_extra_state = lambda: {"step": 3}  # type: ignore[method-assign]
+    model[1].set_extra_state = lambda state: None  # type: ignore[method-assign]
+    torch.save(model.state_dict(), path)
+    CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+
+
+def test_a_teacher_and_its_forward_manager_copy_and_pickle() -> None:
+    import pickle
+
+    manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16))
+    x = inputs(4)
+    want = manager.get_teacher_predictions(x)
+    for twin in (copy.deepcopy(manager), pickle.loads(pickle.dumps(manager))):
+        assert torch.equal(twin.get_teacher_predictions(x), want)
 
 
 def test_a_forward_waits_for_a_measurement_that_casts_the_teacher(monkeypatch) -> None:
