@@ -215,11 +215,20 @@ def test_a_checkpoint_that_does_not_fit_the_teacher_changes_nothing(tmp_path) ->
     with pytest.raises(ValueError, match="nothing loaded"):
         CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    # What plain load_state_dict takes is taken: a module's extra state that is no tensor.
-    model[1].get_extra_state = lambda: {"step": 3}  # type: ignore[method-assign]
-    model[1].set_extra_state = lambda state: None  # type: ignore[method-assign]
-    torch.save(model.state_dict(), path)
-    CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+
+    class Counted(nn.GELU):  # extra state that is no tensor, as plain load_state_dict takes
+        def get_extra_state(self) -> dict:
+            return {"step": 3}
+
+        def set_extra_state(self, state: dict) -> None:
+            self.step = state["step"]
+
+    torch.manual_seed(4)
+    counted = nn.Sequential(nn.Linear(IN, 32), Counted(), nn.Linear(32, CLASSES))
+    torch.save(counted.state_dict(), path)
+    counted[1].step = 0
+    teacher = CheckpointedTeacher(counted, copy_model=False, checkpoint_path=path)
+    assert counted[1].step == 3 and teacher.teacher is counted
 
 
 def test_a_teacher_and_its_forward_manager_copy_and_pickle() -> None:
