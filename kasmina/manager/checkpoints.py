@@ -46,7 +46,7 @@ from torch import nn
 
 from kasmina.errors import CheckpointUnavailableError
 from kasmina.isolation.monitor import emergency_names
-from kasmina.manager.config import KasminaConfig
+from kasmina.manager.config import CHECKPOINT_LOCK_SUFFIX, KasminaConfig
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
 from kasmina.utils.locks import lock_exclusive, require_held
@@ -456,7 +456,7 @@ def checkpoint_lock_path(config: KasminaConfig) -> Path:
     after the run, so two trainers of one run that write checkpoints to the same place meet on
     it wherever their run directories are (one per node, a shared checkpoint directory), and
     two that write them to different places do not."""
-    return Path(config.checkpoint_dir).expanduser() / f".{config.run_id}.checkpoints.lock"
+    return Path(config.checkpoint_dir).expanduser() / f".{config.run_id}{CHECKPOINT_LOCK_SUFFIX}"
 
 
 def open_checkpoint_store(config: KasminaConfig, signer: CheckpointSigner) -> CheckpointStore:

@@ -65,7 +65,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The run's checkpoint key file when ``checkpoint_key_file`` is unset, in its run directory.
+CHECKPOINT_KEY_NAME = "checkpoint.key"
+# A run's checkpoint lock is ``.<run_id>`` this, in its checkpoint directory (checkpoints.py).
+CHECKPOINT_LOCK_SUFFIX = ".checkpoints.lock"
 # Checkpoint directories and their defaults under the run directory.
 _RUN_DIRS = (("checkpoint_dir", "checkpoints"), ("emergency_checkpoint_dir", "emergency"))
 # Optional file settings: None (unset) or a non-empty path, kept as a string.
@@ -292,7 +296,7 @@ class KasminaConfig:
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
         if not self.run_id:
             self.run_id = new_run_id()
-        if not _RUN_ID.fullmatch(self.run_id):
+        if not RUN_ID_PATTERN.fullmatch(self.run_id):
             raise ValueError(
                 f"run_id must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, "
                 f"got {self.run_id!r}"
@@ -412,7 +416,7 @@ class KasminaConfig:
         """The file of the key that signs this run's checkpoints (see ``checkpoint_key_file``)."""
         if self.checkpoint_key_file:
             return Path(self.checkpoint_key_file).expanduser()
-        return self.run_dir / "checkpoint.key"
+        return self.run_dir / CHECKPOINT_KEY_NAME
 
     @property
     def teacher_torch_dtype(self) -> torch.dtype:

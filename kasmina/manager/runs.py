@@ -29,7 +29,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -38,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasmina.control.ledger import LEDGER_FILE_NAME
+from kasmina.manager.config import CHECKPOINT_KEY_NAME, CHECKPOINT_LOCK_SUFFIX, RUN_ID_PATTERN
 from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunInfo", "list_runs", "prune_runs"]
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Renamed here (under the root) while being deleted; never listed as a run.
 _TRASH_PREFIX = ".pruning-"
 
@@ -66,8 +65,8 @@ class RunInfo:
 def _is_run(path: Path) -> bool:
     markers = (
         path / LEDGER_FILE_NAME,
-        path / "checkpoint.key",
-        path / "checkpoints" / f".{path.name}.checkpoints.lock",
+        path / CHECKPOINT_KEY_NAME,
+        path / "checkpoints" / f".{path.name}{CHECKPOINT_LOCK_SUFFIX}",
     )
     return any(stat.S_ISREG(_lstat_mode(p)) for p in markers)
 
@@ -121,7 +120,7 @@ def _runs(root: Path) -> list[tuple[RunInfo, list[Path]]]:
         return []
     for entry in entries:
         path = Path(entry.path)
-        if not (_RUN_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+        if not (RUN_ID_PATTERN.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
             continue
         if not _is_run(path):
             continue

@@ -61,9 +61,9 @@ def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
     # The size: what holds the state without its log and room for its numbers to grow (a
     # float's repr, a counter's digits), so that it stays one size; EXTRA_STATE_BYTES but for
     # a seed id of kilobytes.
-    bare = len(json.dumps({**full, "fault_log": []}, sort_keys=True).encode("utf-8"))
-    size = -(-(bare + _NUMBERS_ROOM) // EXTRA_STATE_BYTES) * EXTRA_STATE_BYTES
     data = json.dumps(full, sort_keys=True).encode("utf-8")
+    bare = len(data) - len(json.dumps(log).encode("utf-8")) + 2  # the log written as []
+    size = -(-(bare + _NUMBERS_ROOM) // EXTRA_STATE_BYTES) * EXTRA_STATE_BYTES
     while len(data) > size and log:  # the oldest reasons first; the count stays in "faults"
         full["fault_log"] = log = log[1:]
         data = json.dumps(full, sort_keys=True).encode("utf-8")
