@@ -8,54 +8,54 @@ backward reads both again and writes the gradient once (3N), already multiplied 
 allocates exactly one (the gradient). Strided logits such as ``logits[:, :-1]`` are read through
 their row strides (up to two leading dims after merging), never copied.
 
-Forward, per row, in base 2: ``a = s·log2(e)/T`` and ``b = t·log2(e)/T``, so every exponential
-is one ``exp2``. Every lane of the block keeps its own running state over the elements it
-sees: the maxima ``m_a, m_b``, the sums ``z_a = Σ 2^(a-m_a)`` and ``z_b = Σ 2^(b-m_b)``, and
-the cross term ``x = Σ 2^(b-m_b)·(b-a)``. A new element costs one ``exp2`` per side: with
-``d = v - m``, ``e = 2^-|d|`` is either the new element's weight (``v <= m``) or the factor that
-rescales the old sum (``v > m``, and ``v`` becomes the lane's maximum). The loop body has no
-block reduction and so no barrier; the lanes are merged once per row (two tuple reductions),
-``M = max m`` and ``Z = Σ z·2^(m-M)``. Then, with ``lse = M + log2 Z``::
+Forward, per row, in base 2, with ``k = log2(e)/T``: every exponential is one ``exp2`` of a
+scaled logit difference. Every lane of the block keeps its own running state over the elements
+it sees: the maxima ``m_a, m_b`` (raw logits), the sums ``z_a = Σ 2^((s-m_a)·k)`` and
+``z_b = Σ 2^((t-m_b)·k)``, and the cross term ``x = Σ 2^((t-m_b)·k)·(t-s)``. A new element
+costs one ``exp2`` per side: with ``d = v - m``, ``e = 2^(-|d|·k)`` is either the new element's
+weight (``v <= m``) or the factor that rescales the old sum (``v > m``, and ``v`` becomes the
+lane's maximum). The loop body has no block reduction and so no barrier; the lanes are merged
+once per row (two tuple reductions), ``M = max m`` and ``Z = Σ z·2^((m-M)·k)``. Then::
 
-    row_loss = T²·ln2·(X/Z_b - lse_b + lse_a)
+    row_loss = T²·ln2·(k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b))
 
-since ``KL = Σ p_t (log p_t - log p_s) = ln2·(Σ p_t (b - a) - lse_b + lse_a)``.
+since ``KL = Σ p_t (log p_t - log p_s) = ln2·(k·Σ p_t (t - s) - lse_b + lse_a)`` with
+``lse = k·M + log2 Z``.
+
+Precision. Every exponent is the difference first, then scaled: ``fl(fl(v - m)·k)``. Its
+error is relative to ``|v - m|``: nil at the maximum, about ``|v - M|·k·2^-23`` elsewhere,
+where the weight ``2^(-|v - M|·k)`` makes it harmless, whatever the logits' offset and ``T``.
+A product first, ``k·v - k·M``, carries ``ulp(k·v)/2`` in every exponent instead, which grows
+with the offset and as ``1/T`` (with logits near 1000 at ``T = 1`` the old kernels left each
+row an error near 1e-4 where the KL was 1e-7). For the same reason no ``lse = k·M + log2 Z`` is
+formed: its ``ulp(k·M)`` would not cancel between the two sides when the KL is small, whereas
+``k·(M_a - M_b)`` and ``log2(Z_a/Z_b)`` are each exact to a relative ``2^-24`` of what they
+are. The row and gradient errors are then those of eager fp32 ``log_softmax``/``kl_div``,
+which take the maximum off first too (``tests/ops/test_kd_loss.py`` measures both beside a
+float64 oracle). The per-lane split ``(v - m)·k + (m - M)·k`` against the backward's
+``(v - M)·k`` differs by the same relative bound, so ``p`` sums to 1 under the forward's ``Z``
+to fp32 rounding; the launches pass ``enable_fp_fusion=False`` so that every operation is
+rounded as written and the two kernels form their exponents identically.
 
 Why ``(-M_a, -M_b, Z_a, Z_b)`` (the negated maxima are the exponent offsets) suffices for
-the backward: ``p_s = 2^(a - M_a)/Z_a`` and ``p_t = 2^(b - M_b)/Z_b``, and
-``dL/ds = T·(p_s - p_t)·scale·grad_output``, provided the backward's exponents are the ones the
-forward summed into ``Z``. Both kernels therefore form them by the same operations:
-``a = fl(s·k)`` (``s`` converted to fp32 exactly, ``k = fl32(log2(e)/T)``), then ``fl(a - m)``.
-``a`` itself carries a rounding error of up to ``ulp(a)/2``, about ``|s|·k·2^-24``, which
-grows as ``1/T`` (0.008 at ``|s| = 100``, ``T = 1e-3``; hundreds at ``T = 1e-10``): harmless as
-long as every pass sees the same ``a``, since the loss and ``p`` are then exactly those of the
-rounded logits, but an exponent ``fma(s, k, -M)`` (the exact ``s·k - M``) differs from the
-forward's ``a - M`` by that error, so its ``p`` no longer sums to 1 under the forward's ``Z``:
-the gradient rows stop summing to 0 and the relative error grows as ``1/T``. The subtraction
-adds nothing that grows: where ``2^(a-M)`` is not negligible, ``a`` is within 126 of ``M``,
-exact by Sterbenz when ``|M| >= 252`` (the small-``T`` case) and otherwise rounded to
-``|a - M|·2^-24 <= 8e-6``, far below fp32 tolerance; the forward's per-lane split
-``(a - m)+(m - M)`` obeys the same bound. Hence the launches pass ``enable_fp_fusion=False``:
-with contraction on, the compiler fused ``s·k - m`` into one fma in some places of the
-forward (not in others: the maximum keeps ``fl(s·k)``) and nothing made the two kernels agree.
-Every product and sum is then rounded as written, and fma appears only where a kernel writes
-``tl.fma`` (accumulations, never an exponent). Storing ``lse`` instead of ``(-M, Z)`` would add
-an error of ``ulp(lse)`` (``|lse|·2^-24``, the same ``1/T`` growth) to every exponent. The row
-constant ``c = T·scale·grad_output`` is folded into ``1/Z`` in fp32, so the gradient is
-``2^(a-M_a)·(c/Z_a) - 2^(b-M_b)·(c/Z_b)``, computed in fp32 and rounded ONCE to the student's
-dtype. An fp16 gradient is therefore the correctly rounded fp32 value: nothing is stored
-unscaled and rescaled later (a stored ``T·(p_s - p_t)`` at V = 131k is mostly fp16-subnormal
-and loses its bits before ``grad_output`` could lift it). ``c/Z`` cannot underflow fp32:
-``Z <= V``, ``scale >= 1/(rows·V)``.
+the backward: ``p_s = 2^((s - M_a)·k)/Z_a`` and ``p_t = 2^((t - M_b)·k)/Z_b``, and
+``dL/ds = T·(p_s - p_t)·scale·grad_output``. Storing ``lse`` instead of ``(-M, Z)`` would add
+an error of ``ulp(lse)`` to every exponent. The row constant ``c = T·scale·grad_output`` is
+folded into ``1/Z`` in fp32, so the gradient is
+``2^((s-M_a)·k)·(c/Z_a) - 2^((t-M_b)·k)·(c/Z_b)``, computed in fp32 and rounded ONCE to the
+student's dtype. An fp16 gradient is therefore the correctly rounded fp32 value: nothing is
+stored unscaled and rescaled later (a stored ``T·(p_s - p_t)`` at V = 131k is mostly
+fp16-subnormal and loses its bits before ``grad_output`` could lift it). ``c/Z`` cannot
+underflow fp32: ``Z <= V``, ``scale >= 1/(rows·V)``.
 
 -inf logits (matching float64 math). A teacher ``-inf`` has ``p_t = 0`` and contributes
 nothing (``0·log 0 = 0``). A student ``-inf`` where the teacher logit is finite (teacher mass,
 however small, even one that underflows fp32) makes the row's KL ``+inf``. The cross term never
-carries an infinity: it adds ``b - a`` where that is finite and 0 where it is not (``±inf``, or
+carries an infinity: it adds ``t - s`` where that is finite and 0 where it is not (``±inf``, or
 the NaN of a ``-inf`` pair: no mass on either side), so a zero weight times it is 0, never
 ``0·inf``; finite differences are never clamped, so huge finite logits (1e30) keep float64's
-loss. Each lane records ``max(b - a)`` (maxNum: NaN ignored); it is ``+inf`` exactly when a
-student ``-inf`` met a finite teacher logit (or ``b - a`` overflowed fp32: then KL is beyond
+loss. Each lane records ``max(t - s)`` (maxNum: NaN ignored); it is ``+inf`` exactly when a
+student ``-inf`` met a finite teacher logit (or ``t - s`` overflowed fp32: then KL is beyond
 fp32 too), and then the row loss is ``+inf``. Limit (both backends): the fp32 sums must not
 overflow, ``|t - s|·log2(e)/T·V < FLT_MAX``; beyond it a row may be inf or NaN.
 So a later jump of the teacher's maximum, which rescales ``x`` by a factor that may underflow
@@ -65,7 +65,7 @@ to 0, cannot produce ``inf·0 = NaN`` (the old kernel did). Running maxima start
 reaches ``Z``). Masked rows read nothing and write loss 0 (and a zero gradient row).
 Per-element forward cost: two ``exp2`` and about 22 other instructions per student/teacher
 pair (sm_90 SASS), no barrier; backward: two ``exp2`` and about 10 (the two exponents are
-a rounded multiply and add each, not one fma: see above).
+a rounded add and multiply each: see above).
 
 Vectorisation: a row starting at an arbitrary element offset (odd V, shifted views) is split
 into a head (< VEC elements up to the first 16-byte boundary of the student row), a body of
@@ -103,14 +103,14 @@ STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets
 
 
 @triton.jit
-def _fold_lanes(m, z, v):
-    """Fold ``v`` into the per-lane maximum ``m`` and sum ``z``; returns the new pair and the
-    weights ``(w_old, w_new)`` with ``z' = z·w_old + w_new`` (one exp2 per element). ``d`` is
-    ``fl(v - m)`` against the lane's running maximum ``m``, rounded as written (no contraction:
-    see the module docstring)."""
+def _fold_lanes(m, z, v, k):
+    """Fold the logit ``v`` into the per-lane maximum ``m`` and sum ``z`` (raw logits: the
+    weights are ``2^((v - m)·k)``); returns the new pair and the weights ``(w_old, w_new)`` with
+    ``z' = z·w_old + w_new`` (one exp2 per element). The exponent is ``fl(fl(v - m)·k)``: the
+    difference first, so its error is relative to ``|v - m|`` (see the module docstring)."""
     d = v - m
     up = d > 0.0  # False for v = -inf (d = -inf) and NaN
-    e = tl.exp2(-tl.abs(d))
+    e = tl.exp2(-tl.abs(d) * k)
     w_old = tl.where(up, e, 1.0)
     w_new = tl.where(up, 1.0, e)
     return tl.where(up, v, m), tl.fma(z, w_old, w_new), w_old, w_new
@@ -118,18 +118,17 @@ def _fold_lanes(m, z, v):
 
 @triton.jit
 def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
-    # a = fl(s·k), b = fl(t·k): the rounded values the maxima, Z and the backward all use.
-    a = s.to(tl.float32) * k
-    b = t.to(tl.float32) * k
-    m_a, z_a, _, _ = _fold_lanes(m_a, z_a, a)
-    m_b, z_b, w_old, w_new = _fold_lanes(m_b, z_b, b)
-    # u = b - a is +inf exactly where the student is -inf under a finite teacher logit, -inf
+    s = s.to(tl.float32)  # exact for every input dtype
+    t = t.to(tl.float32)
+    m_a, z_a, _, _ = _fold_lanes(m_a, z_a, s, k)
+    m_b, z_b, w_old, w_new = _fold_lanes(m_b, z_b, t, k)
+    # u = t - s is +inf exactly where the student is -inf under a finite teacher logit, -inf
     # where the teacher is -inf (weight 0), NaN where both are. Only those non-finite u are
     # replaced, by 0 (|NaN| < inf is false): a zero weight times 0 is 0, never 0·inf, and the
     # +inf case is recorded in ``hi`` (maxNum: NaN ignored) and makes the row +inf. A finite u
     # is added as it is, however large (no clamp: a clamp at ±B is wrong for |u| > B). Cost:
     # one compare (|u| is a free operand modifier) and a select, as the clamp's two min/max.
-    u = b - a
+    u = t - s
     hi = tl.maximum(hi, u, propagate_nan=tl.PropagateNan.NONE)
     diff = tl.where(tl.abs(u) < float("inf"), u, 0.0)
     x = tl.fma(w_new, diff, x * w_old)
@@ -212,16 +211,17 @@ def _kd_fwd_kernel(
             big_a, big_b, top = tl.reduce((m_a, m_b, hi), 0, _max3)
         else:
             big_a, big_b, top = tl.max(m_a, 0), tl.max(m_b, 0), tl.max(hi, 0)
-        w_a = tl.exp2(m_a - big_a)
-        w_b = tl.exp2(m_b - big_b)  # 0 for lanes that saw no finite logit
+        w_a = tl.exp2((m_a - big_a) * k)
+        w_b = tl.exp2((m_b - big_b) * k)  # 0 for lanes that saw no finite logit
         if MERGED:
             sum_a, sum_b, cross = tl.reduce((z_a * w_a, z_b * w_b, x * w_b), 0, _sum3)
         else:
             sum_a, sum_b, cross = tl.sum(z_a * w_a, 0), tl.sum(z_b * w_b, 0), tl.sum(x * w_b, 0)
-        # No finite logit on a side: undefined (NaN), as in float64.
-        lse_a = tl.where(sum_a > 0.0, big_a + tl.log2(sum_a), float("nan"))
-        lse_b = tl.where(sum_b > 0.0, big_b + tl.log2(sum_b), float("nan"))
-        loss = loss_factor * (cross / sum_b - lse_b + lse_a)
+        # KL/ln2 = k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b): no lse = k·M + log2 Z is formed,
+        # whose rounding (ulp(k·M)) would not cancel. No finite logit on a side: undefined
+        # (NaN), as in float64.
+        row_kl = (big_a - big_b + cross / sum_b) * k + tl.log2(sum_a / sum_b)
+        loss = tl.where((sum_a > 0.0) & (sum_b > 0.0), loss_factor * row_kl, float("nan"))
         loss = tl.where((top == float("inf")) & (loss == loss), float("inf"), loss)
         tl.store(loss_ptr + row, loss)
         if WRITE_STATS:
@@ -235,12 +235,10 @@ def _kd_fwd_kernel(
 
 @triton.jit
 def _bwd_step(s, t, k, neg_ma, c_a, neg_mb, c_b):
-    """``2^(a - M_a)·(c/Z_a) - 2^(b - M_b)·(c/Z_b)``. The exponents are the forward's,
-    ``fl(fl(s·k) - M)``: the same two roundings (``a + (-M)`` is ``a - M`` exactly), never the
-    fma ``s·k - M``, which differs from them by ``a``'s own rounding error (up to
-    ``ulp(a)/2``, growing as ``1/T``) and so would not match the forward's ``Z``."""
-    p_a = tl.exp2(s.to(tl.float32) * k + neg_ma)
-    p_b = tl.exp2(t.to(tl.float32) * k + neg_mb)
+    """``2^((s - M_a)·k)·(c/Z_a) - 2^((t - M_b)·k)·(c/Z_b)``, each exponent the difference
+    first, rounded, then scaled, as the forward formed it."""
+    p_a = tl.exp2((s.to(tl.float32) + neg_ma) * k)
+    p_b = tl.exp2((t.to(tl.float32) + neg_mb) * k)
     return tl.fma(p_a, c_a, -(p_b * c_b))
 
 

@@ -8,18 +8,17 @@ the loss and get a 0 gradient, and ``rows_kept`` counts only kept rows; if no ro
 ``mean``/``batchmean`` return 0 rather than 0/0.
 
 Forward and backward (docs/design.md §2). The forward reads both logits once and keeps only
-per-row statistics, ``(-M_a, -M_b, Z_a, Z_b)`` in base 2 (``a = s·log2(e)/T``, ``M`` the row
-maximum, ``Z = Σ 2^(a-M)``), fp32 ``[..., 4]`` (four numbers per logits row), plus, when a
-mask meets ``mean``/``batchmean``, the 0-d device scale ``1/rows_kept``. The backward reads
-both logits again and writes the
-gradient ``T·(p_s - p_t)·scale·grad_output`` once, computed in fp32 and rounded once to the
-student's dtype. On a GPU that is 5 logits-sized passes in all, and the gradient is the only
-logits-sized buffer the op ever allocates, eager and under ``torch.compile``. Strided logits
-such as ``logits[:, :-1]`` are read in place through their row strides (at most two leading
-dims after merging, unit stride in the last dim; anything else is copied), and the gradient
-takes the student's strides when they are compact (see ``grad_strides``). When the student
-does not require grad (or grad mode is off) no statistics are kept. The teacher never gets a
-gradient.
+per-row statistics, ``(-M_a, -M_b, Z_a, Z_b)`` in base 2 (``k = log2(e)/T``, ``M`` the row's
+maximum logit, ``Z = Σ 2^((x-M)·k)``), fp32 ``[..., 4]`` (four numbers per logits row), plus,
+when a mask meets ``mean``/``batchmean``, the 0-d device scale ``1/rows_kept``. The backward
+reads both logits again and writes the gradient ``T·(p_s - p_t)·scale·grad_output`` once,
+computed in fp32 and rounded once to the student's dtype. On a GPU that is 5 logits-sized passes
+in all, and the gradient is the only logits-sized buffer the op ever allocates, eager and under
+``torch.compile``. Strided logits such as ``logits[:, :-1]`` are read in place through their row
+strides (at most two leading dims after merging, unit stride in the last dim; anything else is
+copied), and the gradient takes the student's strides when they are compact (see
+``grad_strides``). When the student does not require grad (or grad mode is off) no statistics
+are kept. The teacher never gets a gradient.
 
 -inf logits follow float64 math: a teacher ``-inf`` contributes nothing (``0·log 0 = 0``); a
 student ``-inf`` where the teacher logit is finite makes that row's loss ``+inf`` (never NaN);
@@ -195,11 +194,11 @@ def _host_scale(reduction: str, rows: int, vocab: int, masked: bool) -> float:
 def _rows(
     student: Tensor, teacher: Tensor, work: torch.dtype, k: float, careful: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2:
-    ``a = k·s``, ``b = k·t`` (``k > 0``, so ``max(k·s) = k·max(s)``), ``Z = Σ 2^(a - M)`` and
-    ``KL / ln2 = k·X/Z_b - lse_b + lse_a`` with ``X = Σ 2^(b - M_b)·(t - s)``, ``lse = M + log2 Z``;
-    then the exponentials ``2^(a - M_a)`` and ``2^(b - M_b)`` themselves (logits-sized, ``work``),
-    from which ``p = 2^(a - M)/Z`` costs no further ``exp2``.
+    """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2, ``M``
+    the raw maximum logit of the row, ``Z = Σ 2^((x - M)·k)``, and
+    ``KL / ln2 = k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b)`` with ``X = Σ 2^((t - M_b)·k)·(t - s)``;
+    then the exponentials ``2^((s - M_a)·k)`` and ``2^((t - M_b)·k)`` themselves
+    (logits-sized, ``work``), from which ``p = 2^(...)/Z`` costs no further ``exp2``.
 
     With ``careful``, teacher ``-inf`` terms of ``X`` are 0 (``t - s`` is ``-inf``, or NaN when
     the student is ``-inf`` too), and a student ``-inf`` under a finite teacher logit gives
@@ -210,17 +209,18 @@ def _rows(
     takes the difference in place and then the student's exponentials, so it is one of them.
     Fourteen passes over the row, two of them ``exp2``.
 
-    The exponents are the kernels', ``fl(fl(k·x) - M)``: ``mul`` then ``add_``, not
-    ``add(..., alpha=k)``, whose vectorised form is one fma (the exact ``k·x - M``). ``M`` is
-    ``fl(k·max x)``, so that fma leaves ``k·x``'s own rounding error in every exponent, up to
-    ``ulp(k·x)/2``, growing as ``1/T`` (hundreds at ``T = 1e-10``: ``2^±512``, a NaN loss).
+    The exponents are the kernels', ``fl(fl(x - M)·k)``: the difference first, so that its
+    rounding is relative to ``|x - M|`` (exact near the maximum, where the weight is), never
+    ``ulp(k·x)``, which grows with the logits' offset and as ``1/T``; and no
+    ``lse = k·M + log2 Z`` is formed, whose ``ulp(k·M)`` would not cancel between the sides
+    when the KL is small.
     """
     s = student if student.dtype == work else student.to(work)
     t_owned = teacher.dtype != work
     t = teacher.to(work) if t_owned else teacher
-    neg_ma = s.amax(-1, keepdim=True).mul_(-k)
-    neg_mb = t.amax(-1, keepdim=True).mul_(-k)
-    e_b = torch.mul(t, k).add_(neg_mb).exp2_()
+    neg_ma = s.amax(-1, keepdim=True).neg_()
+    neg_mb = t.amax(-1, keepdim=True).neg_()
+    e_b = torch.add(t, neg_mb).mul_(k).exp2_()
     z_b = e_b.sum(-1, keepdim=True)
     diff = t.sub_(s) if t_owned else torch.sub(t, s)  # the teacher copy is spent
     if careful:
@@ -228,9 +228,9 @@ def _rows(
     cross = diff.mul_(e_b).sum(-1, keepdim=True)  # e_b is kept for the gradient
     if careful:  # a NaN left is 0·inf: a student -inf under an underflowed teacher weight
         cross = cross.nan_to_num_(nan=math.inf, posinf=math.inf)
-    e_a = torch.mul(s, k, out=diff).add_(neg_ma).exp2_()
+    e_a = torch.add(s, neg_ma, out=diff).mul_(k).exp2_()
     z_a = e_a.sum(-1, keepdim=True)
-    row = torch.addcdiv(neg_mb - neg_ma, cross, z_b, value=k)
+    row = torch.addcdiv(neg_mb - neg_ma, cross, z_b).mul_(k)
     return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b, e_a, e_b
 
 
@@ -297,7 +297,7 @@ def kd_forward_grad_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The CPU path's forward for eager autograd: ``(loss, unscaled, scale)``, where
     ``unscaled = p_s - p_t`` (``[..., V]`` in fp32, masked rows 0) comes from the forward's own
-    exponentials, ``p = 2^(a - M)/Z``: two passes more here instead of a backward that converts
+    exponentials, ``p = 2^((x - M)·k)/Z``: two passes more here instead of a backward that converts
     and exponentiates both logits again (four ``exp2`` passes in all become two).
     ``kd_scale_grad_reference`` finishes it. The price is one fp32 logits-sized tensor kept
     from forward to backward, in place of 16 bytes a row (the GPU kernels keep only those)."""
@@ -347,12 +347,11 @@ def kd_backward_reference(
     reduction: str,
 ) -> Tensor:
     """The CPU path's backward, as ``kasmina.kernels.kd_loss.kd_backward``: ``(p_s - p_t)·c``
-    with ``c = T·scale·grad_output`` and ``p = 2^(fl(k·x) - M)·(1/Z)``, in the stats' dtype,
+    with ``c = T·scale·grad_output`` and ``p = 2^(fl(x - M)·k)·(1/Z)``, in the stats' dtype,
     rounded once to the student's and laid out as ``grad_strides(student)``. The exponents are
-    the forward's (``_rows``: ``mul`` then ``add_``) and ``c/Z`` is a per-row factor: an fma
-    exponent ``k·x - M``, or ``Z`` (or ``log2 c``) folded into the exponent as
-    ``lse = M + log2 Z``, would add an error of ``ulp(k·x)`` or ``ulp(lse)`` to every exponent,
-    and both grow as ``1/T`` (0.5% of ``p`` at ``T = 1e-3`` for logits near 100)."""
+    the forward's (``_rows``: ``add`` then ``mul_``) and ``c/Z`` is a per-row factor: ``Z`` (or
+    ``log2 c``) folded into the exponent as ``lse = k·M + log2 Z`` would add ``ulp(lse)`` to
+    every exponent, which grows with the logits' offset and as ``1/T``."""
     work = stats.dtype
     k = LOG2E / temperature
     rows, vocab = math.prod(student.shape[:-1]), student.shape[-1]
@@ -369,8 +368,8 @@ def kd_backward_reference(
     # A converted (bf16/fp16) copy is ours: its buffer takes the exponentials.
     s = student if student.dtype == work else student.to(work)
     t = teacher if teacher.dtype == work else teacher.to(work)
-    p_a = torch.mul(s, k, out=None if s is student else s).add_(neg_ma).exp2_().mul_(c / z_a)
-    p_b = torch.mul(t, k, out=None if t is teacher else t).add_(neg_mb).exp2_().mul_(c / z_b)
+    p_a = torch.add(s, neg_ma, out=None if s is student else s).mul_(k).exp2_().mul_(c / z_a)
+    p_b = torch.add(t, neg_mb, out=None if t is teacher else t).mul_(k).exp2_().mul_(c / z_b)
     in_place = student.dtype == work and (
         student.is_contiguous() or p_a.stride() == grad_strides(student)
     )
