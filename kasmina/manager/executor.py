@@ -98,8 +98,7 @@ class CommandExecution:
     """Carries out verified commands on the manager's seeds, kernels and optimizers.
 
     It receives what it touches: the shared ``state``, the ``guard`` that makes seed monitors,
-    and the ``report`` that records commands, gates and field reports.
-    """
+    and the ``report`` that records commands, gates and field reports."""
 
     def __init__(self, state: ManagerState, guard: IsolationGuard, report: ManagerReport) -> None:
         self.state = state
@@ -167,8 +166,12 @@ class CommandExecution:
             log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
             return restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
         elif command.kind == "optimizer" and command.optimizer is not None:
-            if not self.state.optimizers.apply_optimizer_command(command):
-                why = self.state.optimizers.last_refusal or "see its log"
+            optimizers, registry = self.state.optimizers, self.state.registry
+            applied = optimizers.apply_optimizer_command(command)
+            if registry is not None:  # a STEP whose seed optimizer raised: a fault, as in step()
+                registry.charge_failed_steps(optimizers)
+            if not applied:
+                why = optimizers.last_refusal
                 raise CommandRefused(f"rejected by the optimizer manager: {why}")
         else:
             raise CommandRefused(f"command of kind {command.kind!r} has no payload")
@@ -403,8 +406,7 @@ class CommandExecution:
 
         A ``gate_score`` in the command is ignored with a warning: G5's evidence is the benefit
         Kasmina measured itself (``manager.evaluate_seeds``), never a number inside the command
-        that asks for the fossilization.
-        """
+        that asks for the fossilization."""
         stage = record.stage
         target = NEXT_STAGE.get(stage)
         if target is None or stage == S.DORMANT:
@@ -508,9 +510,7 @@ class CommandExecution:
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
         never passes a seed whose blend-in never trained. A seed whose optimizer raised: a fault."""
         config, registry = self.state.config, self.state.require_registry()
-        failed = self.state.optimizers.failed_steps
-        for seed_id in self.state.optimizers.failed_now:  # its optimizer's step raised: a fault
-            registry[seed_id].seed.record_fault("optimizer", failed[seed_id][1])
+        registry.charge_failed_steps(self.state.optimizers)
         for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
             seed = registry[seed_id].seed
             seed.draw_step = (seed.draw_step or 0) + 1

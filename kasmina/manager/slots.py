@@ -428,6 +428,15 @@ class SlotRegistry:
         due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
         return [r for r in due if any(p.grad is not None for p in r.seed.trained_parameters())]
 
+    def charge_failed_steps(self, optimizers: IsolatedOptimizerManager) -> None:
+        """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
+        call, ``step()``'s or a STEP command's; taken, so each is charged once."""
+        failed, optimizers.failed_now = optimizers.failed_now, []
+        for seed_id in failed:
+            record = self.records.get(seed_id)
+            if record is not None:
+                record.seed.record_fault("optimizer", optimizers.failed_steps[seed_id][1])
+
     def frozen(self, counters: Counter[str]) -> list[str]:
         """The seeds in an isolated training stage whose kernel has parameters but none that
         requires a gradient (a ``model.requires_grad_(False)``, say): they would never

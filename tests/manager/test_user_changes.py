@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import kasmina
-from kasmina.control.commands import make_rollback_command, make_seed_command, to_kasmina_command
+from kasmina.control.commands import (
+    make_optimizer_command,
+    make_rollback_command,
+    make_seed_command,
+    to_kasmina_command,
+)
 from kasmina.manager.ddp import DistributedKasmina
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
@@ -212,3 +217,24 @@ def test_a_seed_optimizer_that_raises_leaves_the_hosts_step_whole(rig: Rig, mlp)
     assert seed.faults == 1 and seed.fault_log[-1].startswith("RuntimeError")
     assert rig.train(1)["seeds_stepped"] == [SEED0]  # from a fresh state
     assert rig.send("cull", SEED0)  # the safe point still applies commands
+
+
+def test_a_step_command_whose_seed_optimizer_raises_charges_the_seed_a_fault(rig: Rig, mlp):
+    """A controller's STEP carried out by ``manager.execute`` while the seed holds gradients
+    (a caller's own safe point) reached the same raising optimizer: the command was refused and
+    the optimizer reset, but the seed was charged no fault, so one that raised at every STEP
+    never reached its fault limit. It is charged one, once (the next ``step()`` adds none)."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    for s in manager.optimizers.optimizer(SEED0).state.values():
+        s["exp_avg"] = torch.zeros(3)  # not its parameter's shape
+    torch.nn.functional.cross_entropy(rig.model(rig.x), rig.y).backward()
+    command = make_optimizer_command("step", SEED0, learning_rate=0.01)
+    assert not manager.execute(to_kasmina_command(command))
+    assert "step skipped" in manager.command_log[-1][3]
+    seed = manager.seed(SEED0)
+    assert manager.optimizers.failed_steps[SEED0][0] == 1
+    assert seed.faults == 1 and seed.fault_log[-1].startswith("RuntimeError")
+    manager.step()
+    assert seed.faults == 1
