@@ -12,16 +12,18 @@ from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
-from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive, check_positive_int
 
 __all__ = [
     "PendingKDLosses",
     "StaticKDLoss",
+    "checked_teacher_logits",
     "kd_head_problem",
     "seed_kd_loss",
     "slot_kd_loss",
     "sum_kd_losses",
     "teacher_fit_problem",
+    "teacher_shape_problem",
 ]
 
 
@@ -35,8 +37,11 @@ class StaticKDLoss(nn.Module):
     ``student_bias``, and ``teacher_hidden``/``teacher_weight``/``teacher_bias`` instead of
     ``teacher_logits``) computes the same loss of ``hidden @ W.T + bias`` with
     ``fused_linear_kd_loss``, chunked so the logits never exist. The heads' logit scale and
-    soft-cap, and ``chunk_rows``, are fixed at construction (None: none, default chunking); the
-    scale and soft-cap apply to the heads only, so with them set, logits raise ``ValueError``.
+    soft-cap, and ``chunk_rows``, are fixed and checked at construction (None: none, default
+    chunking; anything but a positive number, or a positive int for ``chunk_rows``, is a
+    ``ValueError``); the scale and soft-cap apply to the heads only, so with them set, logits
+    raise ``ValueError``. Under ``torch.autocast`` hidden states of another dtype than their
+    head are cast to the head's, as the slots' KD does (the ``[V, H]`` head is never copied).
     """
 
     def __init__(
@@ -54,12 +59,17 @@ class StaticKDLoss(nn.Module):
         checked = KDConfig(temperature=temperature, reduction=reduction)  # the one validation
         self.temperature = float(checked.temperature)
         self.reduction = checked.reduction
-        self.head_options: dict[str, float | int | None] = {
-            "chunk_rows": chunk_rows,
+        shaping = {
             "student_logit_scale": student_logit_scale,
             "teacher_logit_scale": teacher_logit_scale,
             "student_softcap": student_softcap,
             "teacher_softcap": teacher_softcap,
+        }  # each checked now, as fused_linear_kd_loss would at the first forward
+        self.head_options: dict[str, float | int | None] = {
+            "chunk_rows": None
+            if chunk_rows is None
+            else check_positive_int("chunk_rows", chunk_rows),
+            **{k: None if v is None else float(check_positive(k, v)) for k, v in shaping.items()},
         }
 
     @classmethod
@@ -97,6 +107,10 @@ class StaticKDLoss(nn.Module):
                 reduction=self.reduction,
                 mask=mask,
             )
+        if torch.is_autocast_enabled(student_logits.device.type):  # as the slots' KD does:
+            student_logits = student_logits.to(student_weight.dtype)  # the hidden, not the head
+            if teacher_hidden is not None and teacher_weight is not None:
+                teacher_hidden = teacher_hidden.to(teacher_weight.dtype)
         return fused_linear_kd_loss(
             student_logits,
             student_weight,
@@ -212,12 +226,12 @@ def slot_kd_loss(
     )
 
 
-def teacher_fit_problem(
+def teacher_shape_problem(
     output: torch.Size, teacher: torch.Tensor, head: tuple[torch.Tensor, object] | None
 ) -> str | None:
-    """Why ``teacher`` logits do not fit a slot call whose output is ``output`` (the student's
-    shape; through the slot's KD ``head``, logits ``[..., V]`` for ``[..., H]``), or None: a
-    module called with other shapes in one forward distils only the call they fit."""
+    """Why ``teacher`` logits do not fit a slot call whose output has the shape ``output``
+    (the student's; through the slot's KD ``head``, logits ``[..., V]`` for ``[..., H]``), or
+    None: a module called with other shapes in one forward distils only the call they fit."""
     want = tuple(output) if head is None else (*output[:-1], int(head[0].shape[0]))
     if tuple(teacher.shape) == want:
         return None
@@ -225,16 +239,50 @@ def teacher_fit_problem(
     return f"teacher logits {tuple(teacher.shape)} do not fit {want}{through}"
 
 
-def kd_head_problem(weight: object, bias: object, width: int) -> str | None:
+def teacher_fit_problem(
+    output: torch.Tensor, teacher: torch.Tensor, head: tuple[torch.Tensor, object] | None
+) -> str | None:
+    """``teacher_shape_problem`` for the student ``output``, or that the logits or the head
+    are on another device than it (a model moved after they were handed over): the call sits
+    out, the host's forward never raises."""
+    problem = teacher_shape_problem(output.shape, teacher, head)
+    for what, tensor in (("teacher logits", teacher), ("the KD head", head and head[0])):
+        if problem is None and isinstance(tensor, torch.Tensor) and tensor.device != output.device:
+            problem = f"{what} on {tensor.device}, the output on {output.device}"
+    return problem
+
+
+def checked_teacher_logits(
+    teacher: object, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Teacher logits as a slot keeps them: None stays None; a floating-point tensor with a
+    last (vocabulary) dimension, moved to the slot's ``device`` when it is elsewhere (a teacher
+    on its own GPU, ``load_teacher(device=...)``); anything else, or logits on the meta device
+    (no values), a ``ValueError`` at hand-over, never at the next forward."""
+    if teacher is None:
+        return None
+    if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point():
+        what = teacher.dtype if isinstance(teacher, torch.Tensor) else type(teacher).__name__
+        raise ValueError(f"teacher_logits must be floating point, got {what}")
+    if teacher.dim() == 0 or teacher.is_meta:
+        raise ValueError(f"teacher_logits need values and a last dim, got {teacher!r:.60}")
+    return teacher if device is None else teacher.to(device, non_blocking=True)
+
+
+def kd_head_problem(
+    weight: object, bias: object, width: int, device: torch.device | None = None
+) -> str | None:
     """Why ``weight`` (``[V, H]``) and ``bias`` (``[V]`` or None) cannot map an output whose
     last dimension is ``width`` wide to logits, or None when they can: a float32, float16 or
-    bfloat16 weight, and a bias of the weight's dtype on the weight's device."""
+    bfloat16 weight on the slot's ``device``, and a bias of the weight's dtype and device."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return "a KD head weight is a [V, H] tensor"
     if weight.shape[1] != width:
         return f"a KD head over a {width}-wide output needs H = {width}, got {tuple(weight.shape)}"
     if weight.dtype not in SUPPORTED_DTYPES:
         return f"a KD head weight must be float32, float16 or bfloat16, got {weight.dtype}"
+    if device is not None and weight.device != device:
+        return f"a KD head weight must be on the slot's device {device}, got {weight.device}"
     if bias is None:
         return None
     if not isinstance(bias, torch.Tensor) or bias.shape != weight[:, 0].shape:

@@ -35,6 +35,7 @@ from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags
+from kasmina.utils.ratelimit import clipped, rarely
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 from kasmina.utils.telemetry import TelemetryReporter
 
@@ -180,15 +181,23 @@ class IsolationGuard:
     ) -> None:
         """Backpropagate a seed-only loss, times ``weight``, with the host's gradients set
         aside and checked. The weighting records a graph in any grad mode: called under
-        ``torch.no_grad()``, as ``loss.backward()`` may be, it made a loss without one."""
+        ``torch.no_grad()``, as ``loss.backward()`` may be, it made a loss without one.
+
+        A backward that raises (teacher logits the caller rewrote in place before it, which
+        the KD op saved; an allocation that failed) loses this step's KD term only: the seeds'
+        gradients of earlier backwards, set aside too, come back without what it had
+        accumulated part-way, the failure is counted (``kd_backward_failed``) and logged, and
+        the host's own backward runs as ever."""
         with torch.enable_grad():
             kd_loss = kd_loss * weight
         host = [p for p in registry.host_side_params() if p.requires_grad]
-        kd = registry.in_stages(ISOLATED_TRAINING_STAGES)  # the stages KD distils into
-        students = [r.seed_id for r in kd if r.kernel is not None]
-        stash = [p.grad for p in host]
-        for p in host:
+        kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
+        students = [r.seed_id for r in kd]  # the stages KD distils into
+        seeds = [p for r in kd for p in r.seed.trained_parameters()]
+        stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
+        for p in itertools.chain(host, seeds):
             p.grad = None
+        failed = False
         try:
             # The debug monitors' phases sit inside the set-aside: they see the same empty host
             # grads before the backward and the same leaks after it, and put back what they
@@ -198,6 +207,15 @@ class IsolationGuard:
                     phases.enter_context(monitor.seed_backward())
                 try:
                     kd_loss.backward(retain_graph=retain_graph)
+                except Exception as exc:  # the KD term is lost, never the host's step
+                    failed = True
+                    self.counters["kd_backward_failed"] += 1
+                    n = self.counters["kd_backward_failed"]
+                    logger.log(
+                        rarely(n, every=1000), "seed-only KD backward failed (%d so far), its "
+                        "term dropped for this step: %s: %s", n, type(exc).__name__,
+                        clipped(str(exc), 400),
+                    )  # fmt: skip
                 finally:
                     leaked = [p.grad for p in host if p.grad is not None]
                     if leaked:
@@ -205,6 +223,9 @@ class IsolationGuard:
         finally:
             for p, grad in zip(host, stash, strict=True):
                 p.grad = grad  # whatever leaked is dropped here
+            for p, grad in zip(seeds, seed_stash, strict=True):
+                got = None if failed else p.grad  # a failed backward's part-way sums: dropped
+                p.grad = grad if got is None else got if grad is None else grad.add_(got)
 
     def kd_flags(self) -> list[torch.Tensor]:
         """The device flags of this step's seed-only backwards, for a caller that reads them

@@ -38,6 +38,7 @@ from kasmina.control.commands import MAX_EPOCH, KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
+from kasmina.kd.loss import checked_teacher_logits
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig, manager_inputs
@@ -50,7 +51,6 @@ from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, me
 from kasmina.manager.rollback import snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
-from kasmina.ops.backend import check_float_tensor
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
@@ -344,11 +344,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> list[str]:
         """Hand teacher logits to the next forward of the slots that read them: split along the
-        last dim (as ``set_kd_head`` picks) with KD logits that wide (width or head vocabulary).
+        last dim (as ``set_kd_head`` picks) with KD logits that wide (width or head vocabulary),
+        each moving them to its device if they are elsewhere (a teacher on its own GPU).
         Returns their ids; logits no slot reads count as ``teacher_logits_unread``, warned once."""
-        if teacher_logits is None:
+        if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
             return []
-        check_float_tensor("teacher_logits", teacher_logits)  # a float64 one raised at forward
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
         uncollected = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)

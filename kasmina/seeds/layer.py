@@ -51,6 +51,7 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import (
     PendingKDLosses,
+    checked_teacher_logits,
     kd_head_problem,
     slot_kd_loss,
     sum_kd_losses,
@@ -290,11 +291,11 @@ class KasminaLayer(nn.Module):
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> int:
         """Teacher logits for the KD loss of the next forward that records a graph (a forward
-        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending). Returns how
+        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending), moved to
+        the slot's device if they are elsewhere (``checked_teacher_logits``). Returns how
         many KD losses earlier forwards left uncollected, counted and logged rarely: a skipped
         batch's, summed into the next collect unless discarded, or several views' (kept)."""
-        if teacher_logits is not None and not teacher_logits.is_floating_point():
-            raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
+        teacher_logits = checked_teacher_logits(teacher_logits, self._buffers["_one"].device)
         uncollected = self._kd_losses.newly_uncollected() if teacher_logits is not None else 0
         if uncollected:
             self._sit_out("kd_uncollected", "KD loss of an earlier forward not collected yet")
@@ -334,7 +335,7 @@ class KasminaLayer(nn.Module):
                 raise ValueError(f"{self.layer_id}: a KD head bias needs its weight")
             self._kd_head = None
             return
-        problem = kd_head_problem(weight, bias, self.width)
+        problem = kd_head_problem(weight, bias, self.width, self._buffers["_one"].device)
         if not splits_last_dim(self.chunk_dim, self.output_contract):
             problem = f"a KD head reads the last dimension; this slot chunks dim {self.chunk_dim}"
         if problem is not None:
@@ -561,7 +562,7 @@ class KasminaLayer(nn.Module):
         if all(s is None for s in students):
             return
         # kd_kl_loss refuses vmap; or a call of another shape (a module called more than once)
-        fit = teacher_fit_problem(full.shape, teacher_logits, self._kd_head)
+        fit = teacher_fit_problem(full, teacher_logits, self._kd_head)
         problem = "under torch.func.vmap" if under_vmap() else fit
         if problem is not None:
             self._sit_out("kd", problem)

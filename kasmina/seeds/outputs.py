@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kasmina.kd.loss import teacher_fit_problem
+from kasmina.kd.loss import teacher_shape_problem
 
 __all__ = [
     "FUSED_PATH_TENSORS",
@@ -230,7 +230,7 @@ def teacher_goes_to(slot: Any, teacher: torch.Tensor | None, out: Any) -> bool:
     element = output_element(out, slot.output_index)
     if not isinstance(element, torch.Tensor) or element.is_nested:  # padded before its check
         return True
-    return teacher_fit_problem(element.shape, teacher, slot._kd_head) is None
+    return teacher_shape_problem(element.shape, teacher, slot._kd_head) is None
 
 
 def no_tensor_reason(out: Any, element: Any, index: int) -> str:

@@ -67,6 +67,47 @@ def test_static_kd_loss_head_options_and_rejections() -> None:
         StaticKDLoss()(hidden, None)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"chunk_rows": 0},
+        {"chunk_rows": -7},
+        {"chunk_rows": "abc"},
+        {"chunk_rows": 2.5},
+        {"student_softcap": math.nan},
+        {"student_softcap": 0.0},
+        {"teacher_logit_scale": -1.0},
+        {"student_logit_scale": math.inf},
+    ],
+)
+def test_static_kd_loss_checks_its_head_options_at_construction(options: dict) -> None:
+    """The options were kept as given: the head path refused them only at its first forward,
+    and the logits path ignored a bad ``chunk_rows`` for ever (it stayed in the repr)."""
+    with pytest.raises(ValueError):
+        StaticKDLoss(2.0, **options)
+
+
+def test_static_kd_loss_head_path_under_autocast_casts_the_hidden_states() -> None:
+    """The README's recipe (hidden states and ``lm_head.weight``) under bf16 autocast raised:
+    the hidden states came out bf16, the head stayed fp32. They are cast to the head's dtype,
+    as the slots' KD does, and the gradient reaches the bf16 hidden states."""
+    head, teacher_head, _, teacher_hidden, _ = _setup(2)
+    x = torch.randn(15, 4)
+    body = nn.Linear(4, HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = body(x)
+        assert hidden.dtype == torch.bfloat16
+        loss = StaticKDLoss(2.0)(
+            hidden, student_weight=head.weight, teacher_hidden=teacher_hidden.reshape(15, -1),
+            teacher_weight=teacher_head.weight,
+        )  # fmt: skip
+    teacher = teacher_hidden.reshape(15, -1) @ teacher_head.weight.t()
+    want = kd_kl_loss(hidden.float() @ head.weight.t(), teacher, 2.0)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert body.weight.grad is not None and head.weight.grad is not None
+
+
 def test_static_kd_loss_refuses_head_arguments_with_logits() -> None:
     """Logits take no head: a teacher head or a head option is refused, never dropped."""
     head, teacher_head, hidden, _, _ = _setup(6)

@@ -1,0 +1,113 @@
+"""Teacher logits and a KD head handed to the manager: checked when they are handed over (never
+at the next forward, inside the user's model), moved to the slot's device when they are
+elsewhere, and a seed-only KD backward that fails loses this step's KD term only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kasmina.kd.config import KDConfig
+from kasmina.kd.loss import teacher_fit_problem
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, make_config
+
+VOCAB = 11
+
+
+@pytest.fixture
+def kd_rig(tmp_path: Path, store: Path, keyring: Keyring, mlp: str) -> Rig:
+    kd = KDConfig(temperature=2.0, alpha=1.0)
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    return rig
+
+
+def _kd_loss(rig: Rig, teacher: torch.Tensor) -> torch.Tensor | None:
+    rig.manager.set_teacher_logits(teacher)
+    rig.model(rig.x)
+    return rig.manager.collect_kd_losses()
+
+
+def test_teacher_logits_are_checked_when_handed_over(kd_rig: Rig) -> None:
+    """The manager refused float64 logits that a slot takes (read in fp32), and a 0-d tensor
+    raised a bare ``IndexError``. Float64 teaches as fp32 does; what cannot teach (no last
+    dim, no values on the meta device, integers) is a ``ValueError`` and leaves nothing
+    pending, so the next forward distils nothing and raises nothing."""
+    manager = kd_rig.manager
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    want = _kd_loss(kd_rig, teacher)
+    got = _kd_loss(kd_rig, teacher.double())
+    assert want is not None and got is not None
+    torch.testing.assert_close(got, want)
+    for bad, match in (
+        (torch.tensor(1.0), "last dim"),
+        (torch.empty(16, 4, device="meta"), "values"),
+        (teacher.long(), "floating point"),
+        ([[0.0] * 4] * 16, "floating point"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            manager.set_teacher_logits(bad)  # type: ignore[arg-type]
+        kd_rig.model(kd_rig.x)
+        assert manager.collect_kd_losses() is None
+
+
+def test_a_kd_head_on_another_device_is_refused_when_handed_over(kd_rig: Rig) -> None:
+    """A head on another device than the slot (an ``lm_head`` placed elsewhere by a device
+    map) was taken, and the next forward raised from inside the model. It is refused at
+    ``set_kd_head``; a head or logits that end up elsewhere later (the model moved after
+    they were handed over) make the call sit out with the reason, never raise."""
+    manager = kd_rig.manager
+    head = torch.nn.Linear(4, VOCAB).to("meta")
+    with pytest.raises(ValueError, match="slot's device"):
+        manager.set_kd_head(head.weight, head.bias)
+    assert kd_rig.train(1)["host_stepped"]
+    student = torch.empty(16, 4, device="meta")
+    assert "teacher logits on cpu" in str(teacher_fit_problem(student, torch.randn(16, 4), None))
+    weight = torch.randn(VOCAB, 4)
+    why = teacher_fit_problem(student, torch.empty(16, VOCAB, device="meta"), (weight, None))
+    assert why is not None and "the KD head on cpu" in why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_teacher_logits_on_another_device_are_moved_to_the_slot(kd_rig: Rig) -> None:
+    """``load_teacher(device=...)`` keeps a teacher on its own device, and its logits there:
+    handed over, they raised from inside the model's forward. They are moved to the slot's."""
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(6))
+    want = _kd_loss(kd_rig, teacher)
+    got = _kd_loss(kd_rig, teacher.cuda())
+    assert want is not None and got is not None
+    torch.testing.assert_close(got, want)
+
+
+def test_teacher_logits_rewritten_before_the_backward_lose_only_the_kd_term(kd_rig: Rig) -> None:
+    """One teacher buffer reused for the next batch (a prefetch, a CUDA-graphed teacher's
+    static output), rewritten between forward and backward: the KD op saved it, so the
+    seed-only backward raised PyTorch's in-place error out of ``manager.backward`` and the
+    host's backward never ran. Now the KD term is dropped for the step and counted, the seeds'
+    earlier gradients (gradient accumulation) come back as they were, and the step completes."""
+    manager = kd_rig.manager
+    head = torch.nn.Linear(4, VOCAB)  # the head path saves the teacher logits on every device
+    manager.set_kd_head(head.weight, head.bias)
+    gen = torch.Generator().manual_seed(7)
+    manager.set_teacher_logits(torch.randn(16, VOCAB, generator=gen))
+    loss = F.cross_entropy(kd_rig.model(kd_rig.x), kd_rig.y)
+    manager.backward(loss, kd_loss=manager.collect_kd_losses())  # a first micro-batch
+    params = manager.seed(SEED0).seed_parameters()
+    earlier = [p.grad.clone() for p in params]
+    buffer = torch.randn(16, VOCAB, generator=gen)
+    manager.set_teacher_logits(buffer)
+    loss = F.cross_entropy(kd_rig.model(kd_rig.x), kd_rig.y)
+    kd = manager.collect_kd_losses()
+    buffer.copy_(torch.randn(16, VOCAB, generator=gen))  # the next batch's, in place
+    manager.backward(None, kd_loss=kd)
+    assert manager.counters["kd_backward_failed"] == 1
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, earlier, strict=True))
+    manager.backward(loss)
+    host = manager.require_registry().host_params
+    assert all(p.grad is not None for p in host)
+    report = manager.step()
+    assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
