@@ -6,6 +6,7 @@ handler all read the same table. Stage values equal ``leyline.SeedLifecycleStage
 
 from __future__ import annotations
 
+import operator
 from enum import IntEnum
 
 
@@ -158,3 +159,22 @@ def parse_gate(value: int | str | None) -> int | None:
     if not 1 <= number <= 5:
         raise ValueError(f"gate must be 1..5 (G1..G5), got {value!r}")
     return number
+
+
+def checked_row(row: object) -> list[int]:
+    """``row`` as a state-table row a restore may write: ``NUM_STATE_COLUMNS`` integers (no
+    bool, float or string), each an int32, a known stage and ``EPOCHS_IN_STATE >= 0``;
+    ``ValueError`` naming the problem otherwise. A saved seed state is checked with it before
+    a load writes anything (``kasmina.seeds.extra_state.parse_seed_state``), and a restore
+    writes only what it passes."""
+    if not isinstance(row, list | tuple) or len(row) != NUM_STATE_COLUMNS:
+        raise ValueError(f"a state row has {NUM_STATE_COLUMNS} columns, got {row!r:.80}")
+    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in row):
+        raise ValueError(f"a state row holds integers, got {list(row)!r:.120}")
+    values = [operator.index(v) for v in row]
+    if not all(-(2**31) <= v < 2**31 for v in values):  # an int32 row
+        raise ValueError(f"a state row holds int32 values, got {values!r:.120}")
+    parse_stage(values[StateColumn.LIFECYCLE_STAGE])  # ValueError naming an unknown one
+    if values[StateColumn.EPOCHS_IN_STATE] < 0:
+        raise ValueError(f"EPOCHS_IN_STATE must be >= 0, got {values[StateColumn.EPOCHS_IN_STATE]}")
+    return values

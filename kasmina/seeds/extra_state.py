@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, parse_stage
+from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row, parse_stage
 from kasmina.utils.signed_json import finite_number, strict_json_loads
 
 __all__ = [
@@ -164,10 +164,8 @@ def parse_seed_state(value: torch.Tensor | Mapping[str, Any], seed_id: str) -> S
         if not isinstance(saved_log, list | tuple):
             raise ValueError(f"must be a list, got {saved_log!r:.80}")
         field = "row"
-        row = state["row"]
-        if not isinstance(row, list | tuple) or len(row) != len(StateColumn):
-            raise ValueError(f"a state row has {len(StateColumn)} columns")
-        stage = parse_stage(int(row[StateColumn.LIFECYCLE_STAGE]))
+        row = checked_row(state["row"])  # what restore_row would refuse, refused before a load
+        stage = parse_stage(row[StateColumn.LIFECYCLE_STAGE])
         values: dict[str, Any] = {}
         for field in ("alpha", "gate_score", "performance_gate"):
             values[field] = _number(state[field], field)
@@ -391,6 +389,7 @@ def check_seed_states(
     for name, sub in module.named_modules():
         if isinstance(sub, RestorableSeed):
             at = prefix + (f"{name}." if name else "")
+            _check_alpha(state_dict.get(at + "alpha"), at + "alpha")
             value = state_dict.get(at + _EXTRA_STATE)
             if value is not None:
                 sub.check_state(value)
@@ -398,6 +397,20 @@ def check_seed_states(
     keys = _kernel_keys(state_dict, {at + _KERNEL for _, at in checked})
     for sub, at in checked:
         check_seed_kernel_keys(sub, state_dict, at, keys.get(at + _KERNEL, set()))
+
+
+def _check_alpha(value: object, key: str) -> None:
+    """A seed's ``alpha`` buffer as a load would write it (None: not in the state_dict): the
+    GRAFTING blend reads it, so a NaN or a value past [0, 1] (one flipped bit: neither
+    safetensors nor ``torch.save`` has a checksum) would reach the host's output, and through
+    the host's step its weights. Meta tensors hold no value to check."""
+    if value is None or (isinstance(value, torch.Tensor) and value.is_meta):
+        return
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() != 1:
+        raise ValueError(f"{key}: a seed's alpha is a one-element float tensor, got {value!r:.80}")
+    alpha = float(value)  # a load is no hot path: one read
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{key}: a seed's alpha must be in [0, 1], got {alpha}")
 
 
 def _kernel_keys(state_dict: Mapping[str, Any], prefixes: set[str]) -> dict[str, set[str]]:

@@ -31,6 +31,7 @@ from kasmina.stages import (
     SeedStage,
     StateColumn,
     TransitionCode,
+    checked_row,
     parse_gate,
     parse_stage,
 )
@@ -447,18 +448,9 @@ class GPUStateTensor:
     def restore_row(self, idx: int, row: Sequence[int]) -> None:
         """Overwrite one seed's row (rollback/restore: bypasses validation, checks values)."""
         idx = self.check_index(idx)
-        values = [int(v) for v in row]
-        if len(values) != NUM_STATE_COLUMNS:
-            raise ValueError(f"a state row has {NUM_STATE_COLUMNS} columns, got {len(values)}")
-        stage = parse_stage(values[StateColumn.LIFECYCLE_STAGE])
-        if not all(-INT32_MAX - 1 <= v <= INT32_MAX for v in values):  # an int32 row
-            raise ValueError(f"a state row holds int32 values, got {values}")
-        if values[StateColumn.EPOCHS_IN_STATE] < 0:
-            raise ValueError(
-                f"EPOCHS_IN_STATE must be >= 0, got {values[StateColumn.EPOCHS_IN_STATE]}"
-            )
+        values = checked_row(row)
         self.state_tensor[idx] = torch.tensor(values, dtype=torch.int32, device=self.device)
-        self._stages[idx] = stage
+        self._stages[idx] = parse_stage(values[StateColumn.LIFECYCLE_STAGE])
         self._epochs[idx] = values[StateColumn.EPOCHS_IN_STATE]
         self._bump((idx,))
 

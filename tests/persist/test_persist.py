@@ -403,6 +403,52 @@ def test_a_malformed_extra_state_is_a_value_error_naming_it(change, message) -> 
     assert torch.equal(seed.state_table.state_tensor, row)
 
 
+def _donor_state() -> dict[str, torch.Tensor]:
+    donor = Host()
+    kasmina.attach(donor, "out", 2, 2)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(1.0)
+    return donor.state_dict()
+
+
+@pytest.mark.parametrize("bad", [-1, 2**40, "x", None, 1.5, True])
+def test_a_bad_state_row_refuses_the_whole_load(bad) -> None:
+    """A row that ``restore_row`` refuses (a negative epoch count, past int32, not an integer)
+    passed the pre-load check, which read only its length and stage: the load raised from the
+    seed's ``set_extra_state`` after the modules before it had loaded, half a model, and a
+    string or None raised an error that named no field. The pre-load check is the restore's."""
+    state = _donor_state()
+    saved = json.loads(bytes(state["out.seeds.1._extra_state"].tolist()).decode())
+    saved["row"][2] = bad
+    state["out.seeds.1._extra_state"] = encode_json(saved)
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="seed .*saved 'row'"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 1.7014118346046923e38, -0.5, float("inf")])
+def test_a_seed_alpha_out_of_range_refuses_the_whole_load(alpha: float) -> None:
+    """A seed's ``alpha`` buffer (what the GRAFTING blend reads) was loaded unchecked: one
+    flipped exponent bit in a safetensors snapshot (0.5 -> 1.7e38) or a NaN made the host's
+    output, and after its step its weights, non-finite, with no fault recorded. A value
+    outside [0, 1] refuses the load before anything changes; one inside loads."""
+    state = _donor_state()
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"out\.seeds\.1\.alpha: .*\[0, 1\]"):
+        model.load_state_dict({**state, "out.seeds.1.alpha": torch.tensor(alpha)})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="one-element float tensor"):
+        model.load_state_dict({**state, "out.seeds.1.alpha": torch.tensor(1)})
+    model.load_state_dict({**state, "out.seeds.1.alpha": torch.tensor(0.25)})
+    assert float(model.out.seeds[1].alpha) == 0.25
+
+
 def test_an_extra_state_saved_before_the_graft_step_was_recorded_still_loads() -> None:
     """States saved before the schedule's step was recorded load, leaving the seed's own."""
     source = GradientIsolatedSeed(2, "s")
