@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import cast_in_place
 
@@ -221,8 +222,9 @@ def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
     before it raises for what does not, so into the caller's ``own`` model (``copy_model=False``)
     it loads a clone on the meta device first (torch's own checks and hooks, no bytes copied);
     a model that cannot be cloned so (lazy parameters) is loaded directly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a FIFO or a device is refused at once, never blocked on
+        with open_regular_file(path, what="teacher checkpoint") as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # a truncated or foreign file: torch's reader or the unpickler

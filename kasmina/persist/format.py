@@ -147,13 +147,17 @@ def _pickle_problem(payload: bytes) -> str | None:
     linear in the pickle, which holds the body's structure and not its tensors' data."""
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-            entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
+            every = archive.infolist()
+            # torch.save stores every entry; torch.load inflates a deflated one, so a few MB
+            # of zeros would allocate gigabytes (the memory a load takes is the file's size).
+            packed = [i for i in every if i.compress_type != zipfile.ZIP_STORED]
+            if packed or any(i.file_size != i.compress_size for i in every):
+                return "a compressed entry; the format stores every entry as it is"
+            entries = [i for i in every if i.filename.endswith("data.pkl")]
             if len(entries) > 1:  # which one torch reads is torch's choice: check all or none
                 return f"{len(entries)} pickles; the format writes one"
             if not entries:
                 return None
-            if entries[0].compress_type != zipfile.ZIP_STORED:
-                return "a compressed pickle"
             pickle = archive.read(entries[0])
         for opcode, arg, _ in pickletools.genops(pickle):
             if opcode.name == "STACK_GLOBAL":

@@ -46,6 +46,9 @@ EXTRA_STATE_VERSION = 1
 EXTRA_STATE_BYTES = 2048
 # Bytes kept free beside a state's fixed fields for its numbers to grow into.
 _NUMBERS_ROOM = 512
+# The most a state may take when it is read back (a crafted 100 MB one cost a second and
+# nine times its size to decode); far above any seed's, a seed id of kilobytes included.
+MAX_EXTRA_STATE_BYTES = 1 << 20
 
 
 def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
@@ -78,9 +81,13 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
         return dict(value)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
         raise ValueError(f"a seed's extra state is a 1-D uint8 tensor, got {value!r:.80}")
+    if value.numel() > MAX_EXTRA_STATE_BYTES:  # read (and parsed) whole: bounded first
+        raise ValueError(
+            f"a seed's extra state is {value.numel()} bytes, above {MAX_EXTRA_STATE_BYTES}"
+        )
     try:
         # NaN is allowed (a gate score may be one); a duplicated key or deep nesting is not.
-        text = bytes(value.detach().cpu().tolist()).decode("utf-8")
+        text = value.detach().cpu().numpy().tobytes().decode("utf-8")
         state = strict_json_loads(text, allow_nan=True)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"a seed's extra state is not valid JSON: {exc}") from None

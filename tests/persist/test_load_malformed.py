@@ -244,6 +244,26 @@ def test_a_decoy_pickle_beside_the_real_one_is_refused(tmp_path: Path) -> None:
     _refused(_write_raw(tmp_path / "decoy", _header(crafted), crafted), "2 pickles")
 
 
+@pytest.mark.parametrize("entry", ["storage", "pickle"])
+def test_a_compressed_entry_is_refused_before_torch_inflates_it(tmp_path: Path, entry: str) -> None:
+    """torch.load inflates a deflated entry of the archive: 3 MB of deflated zeros made a load
+    allocate 3 GB before any check of the body (the header's digest is unsigned, so a forger
+    recomputes it). ``torch.save`` stores every entry, and so must the body."""
+    buffer = io.BytesIO()
+    zeros = torch.zeros(64 << 20 if entry == "storage" else 16, dtype=torch.uint8)
+    torch.save({"format_version": 1, "weights": {"x": zeros}}, buffer)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(out, "w") as z:
+        for info in source.infolist():
+            deflate = ("data.pkl" in info.filename) == (entry == "pickle")
+            mode = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            z.writestr(info.filename, source.read(info), compress_type=mode)
+    bomb = out.getvalue()
+    assert len(bomb) < 1 << 20  # 64 MB of zeros in under 1 MB
+    peak = _refused(_write_raw(tmp_path / "bomb", _header(bomb), bomb), "compressed entry")
+    assert peak < PEAK_LIMIT
+
+
 def test_a_host_on_meta_is_refused_before_anything_changes(saved: Path) -> None:
     """A model built on the meta device took the load: every copy into it was a no-op, the
     kernels were built on meta too, and after ``to_empty`` the seeds reported their saved

@@ -449,6 +449,23 @@ def test_a_seed_alpha_out_of_range_refuses_the_whole_load(alpha: float) -> None:
     assert float(model.out.seeds[1].alpha) == 0.25
 
 
+def test_an_oversized_extra_state_is_refused_before_it_is_decoded() -> None:
+    """A seed's state is 2 KiB; a crafted one of 100 MB (valid JSON padded with spaces) was
+    decoded whole, at nine times its size, three times over (check, set). Above 1 MiB it is
+    refused before any byte is read; one at the limit still decodes."""
+    seed = GradientIsolatedSeed(2, "s")
+    text = bytes(seed.get_extra_state().tolist()).rstrip()
+    row = seed.state_table.state_tensor.clone()
+    for size, fits in ((1 << 20, True), ((1 << 20) + 1, False)):
+        padded = torch.frombuffer(bytearray(text + b" " * (size - len(text))), dtype=torch.uint8)
+        if fits:
+            seed.set_extra_state(padded)
+        else:
+            with pytest.raises(ValueError, match="above 1048576"):
+                seed.set_extra_state(padded)
+    assert torch.equal(seed.state_table.state_tensor, row)
+
+
 def test_an_extra_state_saved_before_the_graft_step_was_recorded_still_loads() -> None:
     """States saved before the schedule's step was recorded load, leaving the seed's own."""
     source = GradientIsolatedSeed(2, "s")
