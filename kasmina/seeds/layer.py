@@ -58,7 +58,7 @@ from kasmina.kd.loss import (
     teacher_fit_problem,
 )
 from kasmina.ops.alpha_blend import seed_blend
-from kasmina.ops.transforms import transform_depth, under_vmap
+from kasmina.ops.transforms import functorch_active, transform_depth, under_vmap
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -547,8 +547,8 @@ class KasminaLayer(nn.Module):
     def _passed_through(self, ran: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
         """``[num_seeds]`` bool: the seeds that did not run this call (cached per pattern)."""
         values = [k not in ran for k in range(self.num_seeds)]
-        if torch.compiler.is_compiling():
-            return torch.tensor(values, device=device)  # a constant of the graph
+        if torch.compiler.is_compiling() or functorch_active():  # a graph's constant; or made
+            return torch.tensor(values, device=device)  # by a transform: a wrapper, never kept
         key = (tuple(ran), device)
         if key not in self._masks:  # made under inference mode, no backward could save it
             with torch.inference_mode(False):

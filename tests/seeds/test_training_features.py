@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
 
 import pytest
 import torch
@@ -557,6 +558,24 @@ def test_torch_func_grad_over_a_grown_model_gives_the_eager_gradients(stage: See
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-6)
     assert [s.faults for s in block.down.seeds] == [0, 0]
+
+
+def test_a_first_forward_under_torch_func_leaves_the_model_copyable() -> None:
+    """The mask of the seeds that did not run is cached per pattern; made first under
+    ``torch.func.grad`` it was a functorch wrapper, kept after the transform: every later
+    ``deepcopy``, ``AveragedModel`` or pickle of the model raised ("Cannot access storage of
+    TensorWrapper"). Under a transform it is made fresh and never cached."""
+    layer = KasminaLayer(nn.Linear(16, 8), 2, 4)  # seed 1 stays DORMANT: passed through
+    layer.seed(0).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    walk(layer.seed(0), S.ISOLATED_INIT)
+    block = nn.Sequential(nn.Linear(8, 16), layer)
+    x = torch.randn(5, 8)
+    params = {n: p.detach() for n, p in block.named_parameters()}
+    torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).pow(2).sum())(params)
+    assert not layer._masks
+    copy.deepcopy(block)
+    pickle.loads(pickle.dumps(block))
+    torch.optim.swa_utils.AveragedModel(block)
 
 
 class _Times(nn.Module):
