@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from kasmina.ops import grad_norms
+from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,14 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     for g in grads:
         by_device[g.device].append(g)
     first = grads[0].device
-    norms = [grad_norms(group).to(first) for group in by_device.values()]
+    # The fused norms read fp32, fp16 and bf16; a model converted to float64 mid-run (a
+    # gradient check) is clipped through torch's own per-tensor norms instead of raising.
+    norms = [
+        grad_norms(group) if all(g.dtype in SUPPORTED_DTYPES for g in group)
+        else torch.stack(torch._foreach_norm(group)).float()
+        for group in by_device.values()
+    ]  # fmt: skip
+    norms = [n.to(first) for n in norms]
     total = torch.linalg.vector_norm(torch.cat(norms))
     coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
     for device, group in by_device.items():

@@ -158,15 +158,17 @@ def test_a_command_sent_to_a_closed_manager_is_refused_as_closed(rig: Rig) -> No
     assert stats["accepted"] == 0 and len(manager.pending) == 0
 
 
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("owner", ["manager", "user"])
 def test_a_model_converted_mid_run_trains_on_in_its_new_dtype(
-    tmp_path: Path, store: Path, keyring: Keyring, mlp, dtype: torch.dtype, owner: str
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, dtype: torch.dtype, owner: str, clip
 ) -> None:
     """``model.to(bfloat16)`` after a seed trained: the optimizers the manager owns kept their
     moments in float32 and every ``step()`` raised from the seed's Adam (no fault charged, the
     step's graph never closed, so a controller's CULL was accepted and never applied). Their
-    state now follows the parameters, as torch's ``load_state_dict`` casts a loaded one."""
+    state now follows the parameters, as torch's ``load_state_dict`` casts a loaded one. With
+    clipping, a float64 model's step raised too (the fused norms read no float64)."""
     options = {} if owner == "manager" else {"host_lr": None}
     rig = Rig(make_config(tmp_path, store), keyring, **options)
     manager = rig.manager
@@ -182,7 +184,7 @@ def test_a_model_converted_mid_run_trains_on_in_its_new_dtype(
     for _ in range(2):
         loss = torch.nn.functional.cross_entropy(rig.model(x).float(), rig.y)
         manager.backward(loss, kd_loss=manager.collect_kd_losses())
-        report = manager.step()
+        report = manager.step(grad_clip_norm=clip)
         if mine is not None:
             mine.step()
             mine.zero_grad()
