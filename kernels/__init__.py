@@ -11,4 +11,6 @@ fp32 accumulation after loading fp16/bf16, int64 offsets, why a block size was c
 - ``kd_loss`` -- the streaming-softmax KD loss and its student gradient.
 - ``grad_norms`` -- per-tensor L2 norms of many tensors through a pointer/chunk table.
 - ``lifecycle`` -- batched transitions of the seed state table and the per-epoch tick.
+- ``rows`` and ``device`` -- shared launcher helpers (no kernels): row addressing and
+  alignment for the row-streaming kernels, and the device a launch runs on.
 """

@@ -11,31 +11,39 @@ their row strides (up to two leading dims after merging), never copied.
 Forward, per row, in base 2, with ``k = log2(e)/T``: every exponential is one ``exp2`` of a
 scaled logit difference. Every lane of the block keeps its own running state over the elements
 it sees: the maxima ``m_a, m_b`` (raw logits), the sums ``z_a = Σ 2^((s-m_a)·k)`` and
-``z_b = Σ 2^((t-m_b)·k)``, and the cross term ``x = Σ 2^((t-m_b)·k)·(t-s)``. A new element
-costs one ``exp2`` per side: with ``d = v - m``, ``e = 2^(-|d|·k)`` is either the new element's
-weight (``v <= m``) or the factor that rescales the old sum (``v > m``, and ``v`` becomes the
-lane's maximum). The loop body has no block reduction and so no barrier; the lanes are merged
-once per row (two tuple reductions), ``M = max m`` and ``Z = Σ z·2^((m-M)·k)``. Then::
+``z_b = Σ 2^((t-m_b)·k)``, and the cross term ``x = Σ 2^((t-m_b)·k)·((t-r_b) - (s-r_a))``,
+``r_a, r_b`` the lane's anchors (its first finite logit of each side). A new element costs one
+``exp2`` per side: with ``d = v - m``, ``e = 2^(-|d|·k)`` is either the new element's weight
+(``v <= m``) or the factor that rescales the old sum (``v > m``, and ``v`` becomes the lane's
+maximum). The loop body has no block reduction and so no barrier; the lanes are merged once
+per row (two tuple reductions), ``M = max m``, ``Z = Σ z·2^((m-M)·k)`` and the cross terms
+re-anchored on the row's maxima, ``X = Σ (x + z_b·((r_b - M_b) - (r_a - M_a)))·2^((m_b-M_b)·k)``.
+Then::
 
-    row_loss = T²·ln2·(k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b))
+    row_loss = T²·ln2·(k·X/Z_b + log2(Z_a/Z_b))
 
 since ``KL = Σ p_t (log p_t - log p_s) = ln2·(k·Σ p_t (t - s) - lse_b + lse_a)`` with
-``lse = k·M + log2 Z``.
+``lse = k·M + log2 Z``, and ``Σ p_t = 1`` turns ``k·Σ p_t (t - s) + k·(M_a - M_b)`` into
+``k·Σ p_t ((t - M_b) - (s - M_a))``.
 
-Precision. Every exponent is the difference first, then scaled: ``fl(fl(v - m)·k)``. Its
-error is relative to ``|v - m|``: nil at the maximum, about ``|v - M|·k·2^-23`` elsewhere,
-where the weight ``2^(-|v - M|·k)`` makes it harmless, whatever the logits' offset and ``T``.
-A product first, ``k·v - k·M``, carries ``ulp(k·v)/2`` in every exponent instead, which grows
-with the offset and as ``1/T`` (with logits near 1000 at ``T = 1`` the old kernels left each
-row an error near 1e-4 where the KL was 1e-7). For the same reason no ``lse = k·M + log2 Z`` is
-formed: its ``ulp(k·M)`` would not cancel between the two sides when the KL is small, whereas
-``k·(M_a - M_b)`` and ``log2(Z_a/Z_b)`` are each exact to a relative ``2^-24`` of what they
-are. The row and gradient errors are then those of eager fp32 ``log_softmax``/``kl_div``,
-which take the maximum off first too (``tests/ops/test_kd_loss.py`` measures both beside a
-float64 oracle). The per-lane split ``(v - m)·k + (m - M)·k`` against the backward's
-``(v - M)·k`` differs by the same relative bound, so ``p`` sums to 1 under the forward's ``Z``
-to fp32 rounding; the launches pass ``enable_fp_fusion=False`` so that every operation is
-rounded as written and the two kernels form their exponents identically.
+Precision: every difference is taken off an anchor of its own side before anything else.
+An exponent is ``fl(fl(v - m)·k)``: its error is relative to ``|v - m|``, nil at the maximum,
+about ``|v - M|·k·2^-23`` elsewhere, where the weight ``2^(-|v - M|·k)`` makes it harmless,
+whatever the logits' offset and ``T``. A product first, ``k·v - k·M``, carries ``ulp(k·v)/2``
+in every exponent instead, which grows with the offset and as ``1/T`` (with logits near 1000
+at ``T = 1`` the old kernels left each row an error near 1e-4 where the KL was 1e-7). The
+cross term's ``(t - r_b) - (s - r_a)`` is as large as the logits' spread; ``fl(t - s)`` would
+carry ``ulp`` of the offset between the two sides, which the KL does not see and nothing
+keeps small (a student 1e5 above its teacher: errors of 1e-2, a negative loss at T = 4). No
+``lse = k·M + log2 Z`` is formed: its ``ulp(k·M)`` would not cancel between the two sides
+when the KL is small, whereas ``k·X/Z_b`` and ``log2(Z_a/Z_b)`` are each exact to a relative
+``2^-24`` of what they are. The row and gradient errors are then those of eager fp32
+``log_softmax``/``kl_div``, which take each side's maximum off first too
+(``tests/ops/test_kd_loss.py`` measures both beside a float64 oracle). The per-lane split
+``(v - m)·k + (m - M)·k`` against the backward's ``(v - M)·k`` differs by the same relative
+bound, so ``p`` sums to 1 under the forward's ``Z`` to fp32 rounding; the launches pass
+``enable_fp_fusion=False`` so that every operation is rounded as written and the two kernels
+form their exponents identically.
 
 Why ``(-M_a, -M_b, Z_a, Z_b)`` (the negated maxima are the exponent offsets) suffices for
 the backward: ``p_s = 2^((s - M_a)·k)/Z_a`` and ``p_t = 2^((t - M_b)·k)/Z_b``, and
@@ -51,31 +59,33 @@ underflow fp32: ``Z <= V``, ``scale >= 1/(rows·V)``.
 -inf logits (matching float64 math). A teacher ``-inf`` has ``p_t = 0`` and contributes
 nothing (``0·log 0 = 0``). A student ``-inf`` where the teacher logit is finite (teacher mass,
 however small, even one that underflows fp32) makes the row's KL ``+inf``. The cross term never
-carries an infinity: it adds ``t - s`` where that is finite and 0 where it is not (``±inf``, or
-the NaN of a ``-inf`` pair: no mass on either side), so a zero weight times it is 0, never
-``0·inf``; finite differences are never clamped, so huge finite logits (1e30) keep float64's
-loss. Each lane records ``max(t - s)`` (maxNum: NaN ignored); it is ``+inf`` exactly when a
-student ``-inf`` met a finite teacher logit (or ``t - s`` overflowed fp32: then KL is beyond
-fp32 too), and then the row loss is ``+inf``. Limit (both backends): the fp32 sums must not
-overflow, ``|t - s|·log2(e)/T·V < FLT_MAX``; beyond it a row may be inf or NaN.
+carries an infinity: it adds its difference where that is finite and 0 where it is not (a
+``-inf`` on either side, or NaN: no mass on the teacher's side, or a row that is ``+inf``
+anyway), so a zero weight times it is 0, never ``0·inf``; finite differences are never
+clamped, so huge finite logits (1e30) keep float64's loss. Each lane records ``max(t - s)``
+(maxNum: NaN ignored); it is ``+inf`` when a student ``-inf`` met a finite teacher logit, and
+then the row loss is ``+inf`` (or when ``t - s`` overflowed fp32, beyond the limit below).
+Limit (both backends): the fp32 sums must not overflow, ``|t - s|·log2(e)/T·V < FLT_MAX``;
+beyond it a row may be inf or NaN.
 So a later jump of the teacher's maximum, which rescales ``x`` by a factor that may underflow
 to 0, cannot produce ``inf·0 = NaN`` (the old kernel did). Running maxima start at ``-FLT_MAX``
 (finite), so ``v - m`` is never ``-inf - -inf``. A row whose student (or teacher) is entirely
 ``-inf`` is undefined (NaN: no finite logit, ``Z = 0``), as is any row holding a NaN (it
 reaches ``Z``). Masked rows read nothing and write loss 0 (and a zero gradient row).
 Per-element forward cost: two ``exp2`` and about 22 other instructions per student/teacher
-pair (sm_90 SASS), no barrier; backward: two ``exp2`` and about 10 (the two exponents are
-a rounded add and multiply each: see above).
+pair (sm_90 SASS, counted before the cross term's anchors, which add two compares, two
+selects and two subtractions), no barrier; backward: two ``exp2`` and about 10 (the two
+exponents are a rounded add and multiply each: see above).
 
 Vectorisation: a row starting at an arbitrary element offset (odd V, shifted views) is split
 into a head (< VEC elements up to the first 16-byte boundary of the student row), a body of
 full ``BLOCK_V`` blocks loaded without masks from 16-byte-aligned addresses (the compiler is
-told so with ``tl.multiple_of``; the launcher proves it, see ``_plan``), and a masked
+told so with ``tl.multiple_of``; the launcher proves it, see ``rows.plan_rows``), and a masked
 remainder that takes the head and the tail together. The teacher and the gradient use the
 aligned body addresses only when their row phase provably equals the student's. The body is
 unrolled twice so that two steps' loads are in flight. Block sizes: 2048 lanes at 8 warps is
-8 elements (16 bytes of bf16) per thread; the forward's per-lane state (6 fp32 per lane) keeps
-it near 95 registers on sm_90, two programs per SM, with no spills.
+8 elements (16 bytes of bf16) per thread; the forward's per-lane state (8 fp32 per lane) keeps
+it at 108 registers on sm_90 (bf16, ``ptxas -v``), two programs per SM, with no spills.
 """
 
 from __future__ import annotations
@@ -87,6 +97,12 @@ import torch
 import triton
 import triton.language as tl
 from kasmina.kernels.device import on_device
+from kasmina.kernels.rows import (
+    kernel_layout_ok,
+    plan_rows,
+    readable_rows,
+    row_vector,
+)
 from triton.runtime.interpreter import InterpretedFunction
 
 logger = logging.getLogger(__name__)
@@ -97,7 +113,6 @@ NUM_WARPS = 8
 INTERPRETER_BLOCK_V = 65536  # the interpreter runs a block as one numpy op: fewer, larger steps
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)
-VEC_BYTES = 16  # widest vector load
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: initial running maximum (finite)
 STATS = 4  # per row: -M_a, -M_b, Z_a, Z_b (negated maxima: the exponent offsets)
 
@@ -117,22 +132,27 @@ def _fold_lanes(m, z, v, k):
 
 
 @triton.jit
-def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi):
+def _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi, r_a, r_b):
     s = s.to(tl.float32)  # exact for every input dtype
     t = t.to(tl.float32)
     m_a, z_a, _, _ = _fold_lanes(m_a, z_a, s, k)
     m_b, z_b, w_old, w_new = _fold_lanes(m_b, z_b, t, k)
-    # u = t - s is +inf exactly where the student is -inf under a finite teacher logit, -inf
-    # where the teacher is -inf (weight 0), NaN where both are. Only those non-finite u are
-    # replaced, by 0 (|NaN| < inf is false): a zero weight times 0 is 0, never 0·inf, and the
-    # +inf case is recorded in ``hi`` (maxNum: NaN ignored) and makes the row +inf. A finite u
-    # is added as it is, however large (no clamp: a clamp at ±B is wrong for |u| > B). Cost:
-    # one compare (|u| is a free operand modifier) and a select, as the clamp's two min/max.
-    u = t - s
-    hi = tl.maximum(hi, u, propagate_nan=tl.PropagateNan.NONE)
+    # t - s is +inf exactly where the student is -inf under a finite teacher logit (or past
+    # fp32): recorded in ``hi`` (maxNum: NaN ignored), it makes the row +inf.
+    hi = tl.maximum(hi, t - s, propagate_nan=tl.PropagateNan.NONE)
+    # The cross term's difference, each side taken off its own anchor (the lane's first finite
+    # logit of that side, NaN until one comes): ``(t - r_b) - (s - r_a)`` is as large as the
+    # logits' spread, never their offset, and neither the offset of the two sides (a student
+    # 1000 above its teacher) nor their common one rounds into it. A non-finite u (a -inf on
+    # either side, or NaN) is replaced by 0: a zero weight times 0 is 0, never 0·inf, and the
+    # +inf case is in ``hi``. A finite u is added as it is, however large (no clamp). Cost:
+    # two anchor selects, three subtractions, a compare and a select.
+    r_a = tl.where((r_a != r_a) & (tl.abs(s) < float("inf")), s, r_a)
+    r_b = tl.where((r_b != r_b) & (tl.abs(t) < float("inf")), t, r_b)
+    u = (t - r_b) - (s - r_a)
     diff = tl.where(tl.abs(u) < float("inf"), u, 0.0)
     x = tl.fma(w_new, diff, x * w_old)
-    return m_a, z_a, m_b, z_b, x, hi
+    return m_a, z_a, m_b, z_b, x, hi, r_a, r_b
 
 
 @triton.jit
@@ -181,6 +201,8 @@ def _kd_fwd_kernel(
         z_b = tl.zeros([BLOCK_V], tl.float32)
         x = tl.zeros([BLOCK_V], tl.float32)
         hi = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        r_a = tl.full([BLOCK_V], float("nan"), tl.float32)
+        r_b = tl.full([BLOCK_V], float("nan"), tl.float32)
         # Body: full blocks, unmasked; o + head is a multiple of VEC (16 bytes) when aligned.
         if ALIGN_S:
             ps = s_ptr + tl.multiple_of(o_s + head, VEC)
@@ -194,7 +216,9 @@ def _kd_fwd_kernel(
             cols = j * BLOCK_V + lanes
             s = tl.load(ps + cols)
             t = tl.load(pt + cols)
-            m_a, z_a, m_b, z_b, x, hi = _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi)
+            m_a, z_a, m_b, z_b, x, hi, r_a, r_b = _fwd_step(
+                s, t, k, m_a, z_a, m_b, z_b, x, hi, r_a, r_b
+            )
         # Head [0, head) and tail [head + n_body·BLOCK_V, V), masked, as one index range.
         n_rest = V - n_body * BLOCK_V
         for r in range(0, n_rest, BLOCK_V):
@@ -203,7 +227,9 @@ def _kd_fwd_kernel(
             inside = e < n_rest
             s = tl.load(s_ptr + o_s + cols, mask=inside, other=float("-inf"))
             t = tl.load(t_ptr + o_t + cols, mask=inside, other=float("-inf"))
-            m_a, z_a, m_b, z_b, x, hi = _fwd_step(s, t, k, m_a, z_a, m_b, z_b, x, hi)
+            m_a, z_a, m_b, z_b, x, hi, r_a, r_b = _fwd_step(
+                s, t, k, m_a, z_a, m_b, z_b, x, hi, r_a, r_b
+            )
         # Merge the lanes once per row: two tuple reductions (7 barriers on sm_90). The
         # interpreter runs a tuple reduction element by element in Python, so it takes the
         # equivalent single reductions instead (MERGED is off only there, and in tests).
@@ -213,14 +239,21 @@ def _kd_fwd_kernel(
             big_a, big_b, top = tl.max(m_a, 0), tl.max(m_b, 0), tl.max(hi, 0)
         w_a = tl.exp2((m_a - big_a) * k)
         w_b = tl.exp2((m_b - big_b) * k)  # 0 for lanes that saw no finite logit
+        # Each lane's cross term re-anchored on the row's maxima: + z_b·((r_b - M_b) - (r_a -
+        # M_a)), both differences within one side's spread (a lane with no finite logit on a
+        # side adds nothing for it).
+        shift = (tl.where(r_b == r_b, r_b, big_b) - big_b) - (
+            tl.where(r_a == r_a, r_a, big_a) - big_a
+        )
+        x = tl.fma(z_b, shift, x)
         if MERGED:
             sum_a, sum_b, cross = tl.reduce((z_a * w_a, z_b * w_b, x * w_b), 0, _sum3)
         else:
             sum_a, sum_b, cross = tl.sum(z_a * w_a, 0), tl.sum(z_b * w_b, 0), tl.sum(x * w_b, 0)
-        # KL/ln2 = k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b): no lse = k·M + log2 Z is formed,
-        # whose rounding (ulp(k·M)) would not cancel. No finite logit on a side: undefined
-        # (NaN), as in float64.
-        row_kl = (big_a - big_b + cross / sum_b) * k + tl.log2(sum_a / sum_b)
+        # KL/ln2 = k·X/Z_b + log2(Z_a/Z_b) with X = Σ 2^((t-M_b)·k)·((t - M_b) - (s - M_a)):
+        # no lse = k·M + log2 Z is formed, whose rounding (ulp(k·M)) would not cancel. No
+        # finite logit on a side: undefined (NaN), as in float64.
+        row_kl = (cross / sum_b) * k + tl.log2(sum_a / sum_b)
         loss = tl.where((sum_a > 0.0) & (sum_b > 0.0), loss_factor * row_kl, float("nan"))
         loss = tl.where((top == float("inf")) & (loss == loss), float("inf"), loss)
         tl.store(loss_ptr + row, loss)
@@ -323,101 +356,6 @@ def default_block_v(vocab: int, block: int = FWD_BLOCK_V) -> int:
     return min(cap, triton.next_power_of_2(max(vocab, 16)))
 
 
-def row_layout(
-    lead: tuple[int, ...], strides: list[tuple[int, ...]]
-) -> tuple[int, list[tuple[int, int]]] | None:
-    """Merge the leading dims ``lead`` of several tensors (their leading strides in
-    ``strides``) into at most two, ``[rows // R1, R1]``: returns ``(R1, [(st0, st1), ...])``,
-    or None when more than two dims remain (the caller copies). Dims merge where every tensor
-    is contiguous across them; size-1 dims are dropped."""
-    merged: list[tuple[int, list[int]]] = []
-    for i, size in enumerate(lead):
-        if size == 1:
-            continue
-        sts = [st[i] for st in strides]
-        if merged and all(o == s * size for o, s in zip(merged[-1][1], sts, strict=True)):
-            merged[-1] = (merged[-1][0] * size, sts)
-        else:
-            merged.append((size, sts))
-    if len(merged) > 2:
-        return None
-    if not merged:
-        return 1, [(0, 0)] * len(strides)
-    if len(merged) == 1:
-        return merged[0][0], [(0, s) for s in merged[0][1]]
-    return merged[1][0], list(zip(merged[0][1], merged[1][1], strict=True))
-
-
-def kernel_layout_ok(x: torch.Tensor) -> bool:
-    """Whether the kernels read ``x`` in place: unit stride in the last dim and at most two
-    leading dims after merging."""
-    return x.stride(-1) == 1 or x.shape[-1] == 1
-
-
-def _aligned(x: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """``(base, offset, aligned)``: a tensor whose data pointer is 16-byte aligned and the
-    element offset of ``x``'s first element from it (``base`` shares ``x``'s storage and
-    starts up to 15 bytes before it), or ``(x, 0, False)`` when that is impossible."""
-    size = x.element_size()
-    addr = x.data_ptr()
-    if addr % VEC_BYTES == 0:
-        return x, 0, True
-    mis = (addr % VEC_BYTES) // size
-    if addr % size or x.storage_offset() < mis:
-        return x, 0, False
-    return x.as_strided((1,), (1,), x.storage_offset() - mis), mis, True
-
-
-def _plan(tensors: list[torch.Tensor]) -> tuple[list, int, int, list[bool]] | None:
-    """Kernel addressing for row-aligned tensors (student first): base pointers, row offsets
-    and strides, R1, VEC (elements per 16 bytes of the narrowest dtype) and, per tensor,
-    whether its body addresses are provably 16-byte aligned: its base is aligned and, for every
-    row, its row offset is congruent to the student's modulo VEC. The student's head makes the
-    student's body offsets multiples of VEC, so the same columns are aligned in that tensor
-    too. None when the leading dims do not merge to two."""
-    student = tensors[0]
-    lead = tuple(student.shape[:-1])
-    layout = row_layout(lead, [tuple(t.stride()[:-1]) for t in tensors])
-    if layout is None:
-        return None
-    r1, row_strides = layout
-    rows = math.prod(lead)
-    vec = VEC_BYTES // min(t.element_size() for t in tensors)
-    bases = [_aligned(t) for t in tensors]
-    s_off = bases[0][1]
-    s_st0, s_st1 = row_strides[0]
-    args, aligned = [], []
-    for (base, off, ok), (st0, st1) in zip(bases, row_strides, strict=True):
-        same_phase = (off - s_off) % vec == 0
-        same_phase &= rows <= r1 or (st0 - s_st0) % vec == 0
-        same_phase &= r1 == 1 or (st1 - s_st1) % vec == 0
-        args.append((base, off, st0, st1))
-        aligned.append(ok and bases[0][2] and same_phase)
-    return args, r1, vec, aligned
-
-
-def row_vector(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (a mask or ``grad_output``, one element per row) as the dense 1-d vector the
-    kernels index by row (``ptr + row``): ``reshape(-1)`` keeps a view where it can, and a
-    view may be strided (``mask[::2]``, ``m[..., 0]``) or expanded (``.sum()``'s backward hands
-    a stride-0 ``grad_output``), so it is copied then; rows-sized, so the copy is cheap."""
-    return x.reshape(-1).contiguous()
-
-
-def _readable(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits as the kernels read them: as given when each has a unit last stride and the
-    pair merges to two leading dims, else contiguous copies (documented)."""
-    lead = tuple(student.shape[:-1])
-    if (
-        kernel_layout_ok(student)
-        and kernel_layout_ok(teacher)
-        and row_layout(lead, [tuple(student.stride()[:-1]), tuple(teacher.stride()[:-1])])
-    ):
-        return student, teacher
-    logger.debug("kd_kl_loss: copying logits, strides %s, %s", student.stride(), teacher.stride())
-    return student.contiguous(), teacher.contiguous()
-
-
 # --------------------------------------------------------------------------- launchers
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -503,9 +441,9 @@ def kd_forward(
     if need_grad and kept is not None:
         scale = kept.reciprocal()
     if rows:
-        s, t = _readable(student, teacher)
-        plan = _plan([s, t])
-        assert plan is not None  # _readable guarantees a two-dim row layout
+        s, t = readable_rows(student, teacher)
+        plan = plan_rows([s, t])
+        assert plan is not None  # readable_rows guarantees a two-dim row layout
         ((s_b, s_off, s_st0, s_st1), (t_b, t_off, t_st0, t_st1)), r1, vec, aligned = plan
         with on_device(student.device):
             _kd_fwd_kernel[(rows,)](
@@ -574,8 +512,8 @@ def kd_backward(
     _check_buffer("out", out, tuple(student.shape), student, student.dtype)
     if not rows:
         return out
-    s, t = _readable(student, teacher)
-    plan = _plan([s, t, out])
+    s, t = readable_rows(student, teacher)
+    plan = plan_rows([s, t, out])
     if plan is None or not kernel_layout_ok(out):
         raise ValueError(f"out has strides {out.stride()} that the kernel cannot address")
     (sa, ta, ga), r1, vec, aligned = plan

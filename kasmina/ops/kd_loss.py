@@ -195,42 +195,44 @@ def _rows(
     student: Tensor, teacher: Tensor, work: torch.dtype, k: float, careful: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2, ``M``
-    the raw maximum logit of the row, ``Z = Σ 2^((x - M)·k)``, and
-    ``KL / ln2 = k·((M_a - M_b) + X/Z_b) + log2(Z_a/Z_b)`` with ``X = Σ 2^((t - M_b)·k)·(t - s)``;
-    then the exponentials ``2^((s - M_a)·k)`` and ``2^((t - M_b)·k)`` themselves
-    (logits-sized, ``work``), from which ``p = 2^(...)/Z`` costs no further ``exp2``.
+    the raw maximum logit of the row, ``Z = Σ 2^((x - M)·k)``, and ``KL / ln2 = k·X/Z_b +
+    log2(Z_a/Z_b)`` with ``X = Σ 2^((t - M_b)·k)·((t - M_b) - (s - M_a))``; then the
+    exponentials ``2^((s - M_a)·k)`` and ``2^((t - M_b)·k)`` themselves (logits-sized,
+    ``work``), from which ``p = 2^(...)/Z`` costs no further ``exp2``.
 
-    With ``careful``, teacher ``-inf`` terms of ``X`` are 0 (``t - s`` is ``-inf``, or NaN when
-    the student is ``-inf`` too), and a student ``-inf`` under a finite teacher logit gives
+    With ``careful``, teacher ``-inf`` terms of ``X`` are 0 (the difference is ``-inf``, or NaN
+    when the student is ``-inf`` too), and a student ``-inf`` under a finite teacher logit gives
     ``+inf`` even where the teacher's weight underflowed to 0 (float64 says ``+inf`` there: the
     teacher logit is finite). Without, those terms are ``0·inf``: the only way the fast form
     errs is a NaN, which the caller sees and answers with the careful form. Three fp32
-    logits-sized buffers besides the fp32 copy of bf16/fp16 student logits: a teacher copy
-    takes the difference in place and then the student's exponentials, so it is one of them.
-    Fourteen passes over the row, two of them ``exp2``.
+    logits-sized buffers besides the fp32 copies of bf16/fp16 logits (a converted teacher's
+    takes ``t - M_b`` in place). Fifteen passes over the row, two of them ``exp2``.
 
-    The exponents are the kernels', ``fl(fl(x - M)·k)``: the difference first, so that its
-    rounding is relative to ``|x - M|`` (exact near the maximum, where the weight is), never
-    ``ulp(k·x)``, which grows with the logits' offset and as ``1/T``; and no
-    ``lse = k·M + log2 Z`` is formed, whose ``ulp(k·M)`` would not cancel between the sides
-    when the KL is small.
+    Every difference is taken off its own side's maximum first, as the kernels take it off
+    their lanes' anchors: ``fl(fl(x - M)·k)`` in the exponents, exact near the maximum where
+    the weight is, never ``ulp(k·x)``, which grows with the logits' offset and as ``1/T``; and
+    ``(t - M_b) - (s - M_a)`` in ``X``, as large as the logits' spread, never ``fl(t - s)``,
+    which carries the offset between the two sides (a student 1000 above its teacher). No
+    ``lse = k·M + log2 Z`` is formed, whose ``ulp(k·M)`` would not cancel between the sides.
     """
     s = student if student.dtype == work else student.to(work)
     t_owned = teacher.dtype != work
     t = teacher.to(work) if t_owned else teacher
     neg_ma = s.amax(-1, keepdim=True).neg_()
     neg_mb = t.amax(-1, keepdim=True).neg_()
-    e_b = torch.add(t, neg_mb).mul_(k).exp2_()
+    t_off = t.add_(neg_mb) if t_owned else torch.add(t, neg_mb)  # a converted copy is spent
+    s_off = torch.add(s, neg_ma)
+    e_b = torch.mul(t_off, k).exp2_()
     z_b = e_b.sum(-1, keepdim=True)
-    diff = t.sub_(s) if t_owned else torch.sub(t, s)  # the teacher copy is spent
+    diff = t_off.sub_(s_off)
     if careful:
         diff = diff.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
     cross = diff.mul_(e_b).sum(-1, keepdim=True)  # e_b is kept for the gradient
     if careful:  # a NaN left is 0·inf: a student -inf under an underflowed teacher weight
         cross = cross.nan_to_num_(nan=math.inf, posinf=math.inf)
-    e_a = torch.add(s, neg_ma, out=diff).mul_(k).exp2_()
+    e_a = s_off.mul_(k).exp2_()
     z_a = e_a.sum(-1, keepdim=True)
-    row = torch.addcdiv(neg_mb - neg_ma, cross, z_b).mul_(k)
+    row = torch.div(cross, z_b).mul_(k)
     return row.add_(torch.div(z_a, z_b).log2_()), neg_ma, neg_mb, z_a, z_b, e_a, e_b
 
 

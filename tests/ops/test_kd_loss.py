@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import kasmina.kernels.kd_loss as kernels
+import kasmina.kernels.rows as row_addressing
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,19 +218,19 @@ def test_launcher_rejections():
 
 
 def test_row_layout_merges_leading_dims():
-    assert kernels.row_layout((2, 3), [(30, 10)]) == (6, [(0, 10)])  # contiguous: one dim
-    assert kernels.row_layout((2, 3), [(40, 10)]) == (3, [(40, 10)])  # logits[:, :-1]
-    assert kernels.row_layout((1, 3), [(0, 10), (30, 10)]) == (3, [(0, 10), (0, 10)])
-    assert kernels.row_layout((2, 3), [(0, 10), (40, 10)]) == (3, [(0, 10), (40, 10)])
-    assert kernels.row_layout((2, 3, 4), [(100, 30, 5)]) is None  # three dims: copied
-    assert kernels.row_layout((), [()]) == (1, [(0, 0)])
+    assert row_addressing.row_layout((2, 3), [(30, 10)]) == (6, [(0, 10)])  # contiguous: one dim
+    assert row_addressing.row_layout((2, 3), [(40, 10)]) == (3, [(40, 10)])  # logits[:, :-1]
+    assert row_addressing.row_layout((1, 3), [(0, 10), (30, 10)]) == (3, [(0, 10), (0, 10)])
+    assert row_addressing.row_layout((2, 3), [(0, 10), (40, 10)]) == (3, [(0, 10), (40, 10)])
+    assert row_addressing.row_layout((2, 3, 4), [(100, 30, 5)]) is None  # three dims: copied
+    assert row_addressing.row_layout((), [()]) == (1, [(0, 0)])
 
 
 def test_strided_and_expanded_logits_are_read_in_place():
     base = torch.randn(2, 6, 33)
     student = base[:, :-1]
     teacher = torch.randn(1, 5, 33).expand(2, 5, 33)  # stride 0 across the batch
-    s, t = kernels._readable(student, teacher)
+    s, t = row_addressing.readable_rows(student, teacher)
     assert s is student and t is teacher  # no copy
     assert grad_strides(student) == student.stride()  # the gradient shares the row phase
     assert grad_strides(teacher) == (165, 33, 1)  # overlapping (expanded): contiguous
@@ -238,7 +239,7 @@ def test_strided_and_expanded_logits_are_read_in_place():
     transposed = torch.randn(4, 3, 9).transpose(0, 1)
     assert grad_strides(transposed) == transposed.stride()
     columns = torch.randn(33, 10).t()  # unit stride across rows, not along V: copied
-    s, _ = kernels._readable(columns, columns)
+    s, _ = row_addressing.readable_rows(columns, columns)
     assert s is not columns and s.is_contiguous()
 
 
@@ -673,21 +674,33 @@ def test_small_temperature_gradient(backend, mode, temperature):
 
 
 @pytest.mark.parametrize(
-    "offset, temperature, spread",
-    [(0.0, 1.0, 1e-3), (1000.0, 1.0, 1e-3), (-200.0, 2.0, 1e-2), (100.0, 0.5, 1e-3)],
+    "offset, apart, temperature, spread",
+    [
+        (0.0, 0.0, 1.0, 1e-3),
+        (1000.0, 0.0, 1.0, 1e-3),
+        (-200.0, 0.0, 2.0, 1e-2),
+        (100.0, 0.0, 0.5, 1e-3),
+        (0.0, 1000.0, 1.0, 1e-3),
+        (0.0, -1e5, 4.0, 0.3),
+        (0.0, 1e30, 1.0, 0.3),
+    ],
 )
 def test_small_kl_as_precise_as_eager_whatever_the_logits_offset(
-    backend, offset, temperature, spread
+    backend, offset, apart, temperature, spread
 ):
-    """A student close to its teacher (per-row KL ~1e-7..1e-6) with logits far from 0: the
-    loss rows and the gradient are as close to float64 as eager fp32 (``log_softmax`` takes the
-    maximum off first; three times its error is allowed). The exponents are ``(x - M)·k``,
-    never ``k·x - k·M``, and no ``lse = k·M + log2 Z`` is formed: their rounding,
-    ``ulp(k·M)``, once left each row an error of ~1e-4 at an offset of 1000, hundreds of times
-    the KL itself."""
+    """A student close to its teacher (per-row KL ~1e-7..1e-2) with logits far from 0, or far
+    from the teacher's (``apart``: the KL does not see a row's offset, so nothing holds the
+    student's near the teacher's; a head bias moves it): the loss rows and the gradient are as
+    close to float64 as eager fp32 (``log_softmax`` takes each side's maximum off first; three
+    times its error is allowed). Every difference is taken off its own side's anchor first:
+    the exponents are ``(x - M)·k``, never ``k·x - k·M``, the cross term's ``(t - M_b) -
+    (s - M_a)``, never ``t - s``, and no ``lse = k·M + log2 Z`` is formed. Their roundings,
+    ``ulp`` of the offset, once left each row an error of ~1e-4 at an offset of 1000 (hundreds
+    of times a KL of 1e-7), of 1e-2 with the student 1e5 above its teacher, a negative loss
+    there at T = 4, and 1e23 at 1e30."""
     gen = _gen(58)
-    student = offset + 3.0 * torch.randn(16, 1000, generator=gen)
-    teacher = student + spread * torch.randn(16, 1000, generator=gen)
+    teacher = offset + 3.0 * torch.randn(16, 1000, generator=gen)
+    student = teacher + spread * torch.randn(16, 1000, generator=gen) + apart
     s = student.clone().requires_grad_(True)
     rows = kd_kl_loss(s, teacher, temperature, "none")
     rows.sum().backward()
