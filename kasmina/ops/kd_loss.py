@@ -205,8 +205,8 @@ def _rows(
     ``+inf`` even where the teacher's weight underflowed to 0 (float64 says ``+inf`` there: the
     teacher logit is finite). Without, those terms are ``0·inf``: the only way the fast form
     errs is a NaN, which the caller sees and answers with the careful form. Three fp32
-    logits-sized buffers besides the fp32 copies of bf16/fp16 logits (a converted teacher's
-    takes ``t - M_b`` in place). Fifteen passes over the row, two of them ``exp2``.
+    logits-sized buffers, the fp32 copies of bf16/fp16 logits among them (a converted copy
+    takes its ``x - M`` in place). Fifteen passes over the row, two of them ``exp2``.
 
     Every difference is taken off its own side's maximum first, as the kernels take it off
     their lanes' anchors: ``fl(fl(x - M)·k)`` in the exponents, exact near the maximum where
@@ -215,13 +215,13 @@ def _rows(
     which carries the offset between the two sides (a student 1000 above its teacher). No
     ``lse = k·M + log2 Z`` is formed, whose ``ulp(k·M)`` would not cancel between the sides.
     """
-    s = student if student.dtype == work else student.to(work)
-    t_owned = teacher.dtype != work
+    s_owned, t_owned = student.dtype != work, teacher.dtype != work
+    s = student.to(work) if s_owned else student
     t = teacher.to(work) if t_owned else teacher
     neg_ma = s.amax(-1, keepdim=True).neg_()
     neg_mb = t.amax(-1, keepdim=True).neg_()
     t_off = t.add_(neg_mb) if t_owned else torch.add(t, neg_mb)  # a converted copy is spent
-    s_off = torch.add(s, neg_ma)
+    s_off = s.add_(neg_ma) if s_owned else torch.add(s, neg_ma)
     e_b = torch.mul(t_off, k).exp2_()
     z_b = e_b.sum(-1, keepdim=True)
     diff = t_off.sub_(s_off)
