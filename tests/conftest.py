@@ -11,7 +11,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 # A fresh Inductor cache per run: a cache left by an earlier build of the custom ops (whose
 # schemas are not part of its key) could replay a stale compiled graph.
@@ -57,6 +59,32 @@ def sigint_raises() -> Iterator[None]:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Iterator[Path]:
+    """A FIFO no writer opens: reading it blocks. Should the code under test block on it (the
+    bug a test with it pins), a watchdog opens its write end after 20 s, so that the code goes
+    on, and the test fails when it ends, instead of hanging the suite."""
+    path = tmp_path / "blocking.fifo"
+    os.mkfifo(path)
+    done, unblocked = threading.Event(), threading.Event()
+
+    def unblock() -> None:
+        if not done.wait(20.0):
+            try:  # a reader is blocked in open(): this lets it through (it reads EOF)
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                unblocked.set()
+            except OSError:  # no reader (ENXIO): nothing was blocked
+                pass
+
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    yield path
+    done.set()
+    watchdog.join()
+    if unblocked.is_set():
+        pytest.fail(f"blocked reading the FIFO {path} until the watchdog opened its write end")
 
 
 def _interpreter_problem() -> str | None:

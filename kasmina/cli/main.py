@@ -135,6 +135,8 @@ def _output_file(text: str | None) -> Path | None:
         return None
     if not text.strip():
         raise CLIError("--out is empty: name the key file to write")
+    if text.endswith(("/", os.sep)):  # realpath drops the slash: a file "dir" was written
+        raise CLIError(f"--out {text} names a directory: name the key file to write")
     # A link's target is the file to write (replacing the link would leave the keyring the
     # trainers read, through it, without the new key).
     path = Path(os.path.realpath(text))

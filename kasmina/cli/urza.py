@@ -325,7 +325,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             module.to(dtype)  # its parameters in the dtype its input is: the kernel runs in it
         with torch.no_grad():
             module(example)
-    except (Exception, MemoryError) as exc:  # the user's forward: any error, one line
+    except (Exception, MemoryError, SystemExit) as exc:  # the user's forward: one line
         raise CLIError(
             f"{name} does not run on a {args.dtype} input of shape {list(shape)}: "
             f"{one_line(exc)[:300]}"
@@ -441,8 +441,11 @@ def _load_factory(spec: str) -> nn.Module:
         sys.path.insert(0, os.getcwd())
     try:
         target = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any error while importing it is theirs
-        raise CLIError(f"cannot import {module_name!r}: {one_line(exc)}") from None
+    except (Exception, SystemExit) as exc:  # the user's module: any error importing it (an
+        # exit() in it too: a silent exit 0 would read as a publish that succeeded)
+        raise CLIError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
     factory = target
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -450,7 +453,7 @@ def _load_factory(spec: str) -> nn.Module:
             raise CLIError(f"{module_name!r} has no attribute {attr!r}")
     try:
         module = factory() if callable(factory) else None
-    except Exception as exc:  # the user's callable failed (wrong arguments, its own bug)
+    except (Exception, SystemExit) as exc:  # the user's callable failed (or exited)
         raise CLIError(f"calling {spec} failed: {type(exc).__name__}: {one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise CLIError(f"{spec} did not return an nn.Module")

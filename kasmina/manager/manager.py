@@ -122,6 +122,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self._owns_client = self.urza_client is not urza_client  # a caller's stays open
             loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
             state = self.state = ManagerState(config, telemetry, kernel_cache, loader)
+            state.hold_resumed_run(undo)  # a restart holds its run's lock from the start
             self.guard = IsolationGuard(config, telemetry, state.counters, state.checkpoint_signer)
             self.report = ManagerReport(state, self.guard)
             self.execution = CommandExecution(state, self.guard, self.report)
@@ -140,9 +141,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             undo.pop_all()  # from here on close() closes them
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
         self._last_teacher_input: torch.Tensor | None = None
-        # Set by DistributedKasmina: commands to its coordinator; seed grads and verdict agreed.
-        self.command_relay: Callable[[bytes], bool] | None = None
-        self.grad_sync: Callable[[bool], tuple[bool, bool]] | None = None
+        self.command_relay: Callable[[bytes], bool] | None = None  # DistributedKasmina: its relay
+        self.grad_sync: Callable[[bool], tuple[bool, bool]] | None = None  # and its grad sync
 
     # ------------------------------------------------------------------ slots
     def attach(

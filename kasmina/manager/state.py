@@ -15,7 +15,9 @@ import os
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -238,6 +240,16 @@ class ManagerState:
                     )
                 self._checkpoints = open_checkpoint_store(self.config, signer)
         return self._checkpoints
+
+    def hold_resumed_run(self, undo: ExitStack) -> None:
+        """A run restarted under its id (its disk checkpoint directory is there) opens its
+        store now, holding the run's lock, not at its first ``end_epoch``: until then ``kasmina
+        runs prune`` found the run held by no trainer and deleted the checkpoints the restart
+        was to roll back to, its key with them. ``undo`` closes it if the constructor fails."""
+        config = self.config
+        if config.checkpoint_mode == "disk" and Path(config.checkpoint_dir).expanduser().is_dir():
+            _ = self.checkpoints
+            undo.callback(self.close_checkpoints)
 
     def close_checkpoints(self) -> None:
         """Close the checkpoint store, if one was opened (a disk store releases its run lock)."""

@@ -73,8 +73,10 @@ __all__ = ["UrzaLibraryClient"]
 MAX_ARTIFACT_BYTES = 1 << 30
 # An HTTP store's index page is read up to this many bytes (about 100,000 artifacts' links).
 MAX_LISTING_BYTES = 16 << 20
-# fsspec layers that copy each whole object before a byte reaches the client's bounded read.
+# fsspec layers that copy each whole object (the caches), or open and index the whole target
+# when the client is built (the archives), before the client's bounded, timed reads apply.
 _CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")
+_ARCHIVE_LAYERS = ("tar", "zip", "libarchive")
 _HREF = re.compile("href", re.IGNORECASE)
 _UNQUOTED_VALUE = re.compile(r"[^\s>]*")
 
@@ -477,7 +479,9 @@ def _check_chain(url: str) -> None:
     it copies each whole object to local disk before the client's bounded read sees a byte, so
     neither ``max_manifest_bytes`` nor a payload's declared size bounds the transfer, and over
     HTTP the client's timeout does not reach it either. Kasmina caches verified kernels itself
-    (``GPUKernelCache``); give the store's own URL."""
+    (``GPUKernelCache``); give the store's own URL. An archive layer (``tar::``, ``zip::``) is
+    refused too: it opens and indexes the whole archive when the client is built, outside any
+    timeout (a FIFO there blocked the trainer's start for ever; a tar.gz is inflated whole)."""
     layers = [part.split("://", 1)[0].strip().lower() for part in url.split("::")[:-1]]
     caching = [layer for layer in layers if layer in _CACHING_LAYERS]
     if caching:
@@ -485,6 +489,13 @@ def _check_chain(url: str) -> None:
             f"store URL {redact_urls(url)!r} goes through the caching layer {caching[0]!r}, "
             "which copies whole objects before Kasmina's bounded, timed reads apply: give the "
             "store's own URL (Kasmina caches verified kernels itself)"
+        )
+    archive = [layer for layer in layers if layer in _ARCHIVE_LAYERS]
+    if archive:
+        raise ValueError(
+            f"store URL {redact_urls(url)!r} goes through the archive layer {archive[0]!r}, "
+            "which reads the whole archive when the client is built, before Kasmina's bounded, "
+            "timed reads apply: unpack the store and give its directory or URL"
         )
 
 

@@ -658,6 +658,9 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
         (["keygen", "--publisher", "--out", "{tmp}/fifo", "--force"], "not a regular file"),
         (["keygen", "--publisher", "--out", "{tmp}", "--force"], "not a regular file"),
         (["keygen", "--out", "{tmp}/fifo", "--append"], "not a regular file"),
+        # A new directory's name with its slash: a file of that name was written instead.
+        (["keygen", "--out", "{tmp}/newdir/"], "names a directory"),
+        (["keygen", "--publisher", "--out", "{tmp}/newdir/"], "names a directory"),
         (["demo", "--device", "meta", "--out", "{tmp}/d"], "'meta' is not supported"),
     ],
 )
@@ -688,6 +691,10 @@ def test_user_mistakes_are_one_line_errors(argv, fragment, tmp_path, keys, capsy
         ("branchy_seed_mod:Branchy", "torch.export failed"),
         # Any error of the forward on its example is one line, not a traceback.
         ("branchy_seed_mod:Indexy", "Indexy does not run on a float32 input of shape [2, 3]"),
+        # An exit() in the user's code exited 0, silently, as if the publish had succeeded.
+        ("builtins:exit", "calling builtins:exit failed: SystemExit"),
+        ("exiting_seed_mod:make", "cannot import 'exiting_seed_mod': SystemExit: 3"),
+        ("branchy_seed_mod:Exity", "Exity does not run on a float32 input"),
     ],
 )
 def test_publish_errors_in_the_users_factory_are_one_line(
@@ -702,7 +709,11 @@ def test_publish_errors_in_the_users_factory_are_one_line(
         "class Indexy(torch.nn.Module):\n"
         "    def forward(self, x):\n"
         "        return [x][1]\n"
+        "class Exity(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        raise SystemExit(3)\n"
     )
+    (tmp_path / "exiting_seed_mod.py").write_text("raise SystemExit(3)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["urza", "publish", "--store", str(tmp_path / "s"), "--key", str(keys)]

@@ -6,7 +6,6 @@ import copy
 import gc
 import logging
 import math
-import os
 import weakref
 
 import pytest
@@ -232,11 +231,11 @@ def test_a_checkpoint_that_does_not_fit_the_teacher_changes_nothing(tmp_path) ->
     assert counted[1].step == 3 and teacher.teacher is counted
 
 
-def test_a_teacher_checkpoint_that_is_a_fifo_or_a_directory_is_refused_at_once(tmp_path) -> None:
+def test_a_teacher_checkpoint_that_is_a_fifo_or_a_directory_is_refused_at_once(
+    tmp_path, fifo
+) -> None:
     """``torch.load`` of a FIFO blocked the trainer for ever (it waits for a writer); every
     other file Kasmina reads is opened as a regular file first, and now this one too."""
-    fifo = tmp_path / "teacher.pt"
-    os.mkfifo(fifo)
     for path in (fifo, tmp_path):
         with pytest.raises(ValueError, match="cannot be read"):
             CheckpointedTeacher(make_mlp(seed=1), checkpoint_path=path)

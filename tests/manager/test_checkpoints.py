@@ -293,17 +293,15 @@ def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path
     first = trainer("first")
     first.train(1)
     first.manager.end_epoch(0)
-    second = trainer("second")  # its own nonce ledger: the manager starts
-    second.train(1)
+    # Its own nonce ledger; the run's checkpoints are there, so it opens its store (and
+    # takes the run's lock) as it starts, and is refused then, before anything is written.
     with pytest.raises(RuntimeError, match="held by another live trainer") as refused:
-        second.manager.end_epoch(0)
+        trainer("second")
     assert "its own run_id" in str(refused.value) and "nonce_ledger" in str(refused.value)
-    assert second.manager.epoch == -1 and first.manager.checkpoints.epochs() == [0]
+    assert first.manager.checkpoints.epochs() == [0]
     # Another node: its own run directory (its key, its ledger), the same checkpoint directory.
-    node = trainer("node-2", runs_root=str(tmp_path / "node-2"))
-    node.train(1)
     with pytest.raises(RuntimeError, match="held by another live trainer"):
-        node.manager.end_epoch(0)
+        trainer("node-2", runs_root=str(tmp_path / "node-2"))
     other_run = trainer("other-run", run_id="other")
     other_dir = trainer("other-dir", checkpoint_dir=str(tmp_path / "ckpt-2"))
     in_memory = trainer("in-memory", checkpoint_mode="memory")
@@ -312,7 +310,7 @@ def test_two_live_trainers_of_one_run_cannot_share_its_disk_checkpoints(tmp_path
         rig.manager.end_epoch(0)
     first.manager.close()  # releases the run's checkpoint lock: the run may start again
     third = trainer("third")
-    third.manager.close()  # closed before it opened its store: a refused end_epoch opens none
+    third.manager.close()  # its store closed with it: a refused end_epoch opens none again
     with pytest.raises(RuntimeError, match="closed"):
         third.manager.end_epoch(1)
     assert trainer("fourth").manager.checkpoints.epochs() == [0]

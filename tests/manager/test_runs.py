@@ -125,6 +125,32 @@ def test_a_run_with_no_lock_in_its_directory_is_pruned_only_when_asked(
     assert [r.run_id for r in prune_runs(root, older_than_s=DAY, unlocked=True)] == ["elsewhere"]
 
 
+def test_a_restarted_trainer_holds_its_run_before_its_first_epoch(tmp_path, store, keyring) -> None:
+    """A trainer restarted under its run id (to roll back to the last checkpoint, as the
+    README says) with its nonce ledger elsewhere opened its checkpoint store, and took the
+    run's lock, only at its first ``end_epoch``: until then the run was free to ``prune``, which
+    deleted the checkpoints and key it was about to resume from."""
+    root = tmp_path / "runs"
+
+    def trainer() -> Rig:
+        ledger = str(tmp_path / "ledgers" / "nonces.log")
+        config = make_config(tmp_path, store, run_id="r1", checkpoint_dir="", nonce_ledger=ledger)
+        return Rig(config, keyring)
+
+    first = trainer()
+    first.train(1)
+    first.manager.end_epoch(0, {"val_accuracy": 0.5})
+    first.manager.close()
+    _age(root / "r1", 10)
+    restarted = trainer()
+    (info,) = list_runs(root)
+    assert info.in_use
+    assert prune_runs(root, older_than_s=DAY) == [] and (root / "r1").is_dir()
+    assert restarted.manager.state.checkpoints.epochs() == [0]  # still there to roll back to
+    restarted.manager.close()
+    assert [r.run_id for r in prune_runs(root, older_than_s=0)] == ["r1"]
+
+
 def test_an_interrupted_prune_is_finished_by_the_next(tmp_path, store, keyring) -> None:
     root = tmp_path / "runs"
     _run(tmp_path, store, keyring, "r1")

@@ -330,6 +330,17 @@ def test_a_caching_layer_in_the_store_url_is_refused(url, trusted) -> None:
         UrzaLibraryClient(url, trusted)
 
 
+@pytest.mark.parametrize("layer", ["tar", "zip"])
+def test_an_archive_layer_in_the_store_url_is_refused_before_it_opens_anything(
+    layer, fifo, trusted
+) -> None:
+    """``tar://x::<path>`` (or ``zip::``) opened and indexed the whole archive inside the
+    client's constructor, outside its timeout: a FIFO there blocked the constructor (and a
+    manager's start) for ever, ``timeout_s=1`` notwithstanding. Refused before it is opened."""
+    with pytest.raises(ValueError, match="archive layer"):
+        UrzaLibraryClient(f"{layer}://x::{fifo}", trusted, timeout_s=1.0, retries=0)
+
+
 def test_invalid_names_in_a_listing_are_logged_in_one_line(store, trusted, caplog) -> None:
     for i in range(50):
         (store / f"-bad{i}.manifest.json").write_bytes(b"{}")
