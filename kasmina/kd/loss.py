@@ -257,16 +257,21 @@ def checked_teacher_logits(
 ) -> torch.Tensor | None:
     """Teacher logits as a slot keeps them: None stays None; a floating-point tensor with a
     last (vocabulary) dimension, moved to the slot's ``device`` when it is elsewhere (a teacher
-    on its own GPU, ``load_teacher(device=...)``); anything else, or logits on the meta device
-    (no values), a ``ValueError`` at hand-over, never at the next forward."""
+    on its own GPU, ``load_teacher(device=...)``); anything else, or meta-device logits (no
+    values) for a slot that is not on the meta device itself, a ``ValueError`` at hand-over,
+    never at the next forward. Without a ``device`` only the tensor itself is checked."""
     if teacher is None:
         return None
     if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point():
         what = teacher.dtype if isinstance(teacher, torch.Tensor) else type(teacher).__name__
         raise ValueError(f"teacher_logits must be floating point, got {what}")
-    if teacher.dim() == 0 or teacher.is_meta:
-        raise ValueError(f"teacher_logits need values and a last dim, got {teacher!r:.60}")
-    return teacher if device is None else teacher.to(device, non_blocking=True)
+    if teacher.dim() == 0:
+        raise ValueError(f"teacher_logits need a last (vocabulary) dim, got {teacher!r:.60}")
+    if device is None or teacher.device == device:
+        return teacher
+    if teacher.is_meta:
+        raise ValueError(f"teacher_logits on the meta device hold no values for a {device} slot")
+    return teacher.to(device, non_blocking=True)
 
 
 def kd_head_problem(

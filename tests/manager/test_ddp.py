@@ -545,19 +545,22 @@ def test_without_a_process_group_ddp_wrapping_is_the_identity(tmp_path, store, k
 
 def test_a_second_trainer_of_a_run_is_refused_when_it_joins(tmp_path, store, keyring) -> None:
     """Ranks given one run_id and their own nonce ledgers would write the same checkpoint
-    files: the second is refused as its ``DistributedKasmina`` is built, before it trains."""
+    files: the second is refused as its ``DistributedKasmina`` is built, before it trains, or
+    as its manager is built once the run's checkpoint directory is there."""
 
     def rank_rig(name: str) -> Rig:
         ledger = str(tmp_path / f"nonces-{name}.log")
         return Rig(make_config(tmp_path, store, run_id="shared", nonce_ledger=ledger), keyring)
 
     first = rank_rig("rank0").manager  # held: a collected manager's lock goes with it
+    second = rank_rig("rank1").manager  # built before any store of the run was opened
     joined = DistributedKasmina(first)
-    second = rank_rig("rank1").manager
     with pytest.raises(RuntimeError, match="held by another live trainer.*its own run_id"):
         DistributedKasmina(second)
     assert second.command_relay is None and second.grad_sync is None
     assert joined.manager is first and first.command_relay is not None
+    with pytest.raises(RuntimeError, match="held by another live trainer.*its own run_id"):
+        rank_rig("rank2")  # the run's checkpoints are there: refused as it starts
 
 
 def test_a_command_waits_for_the_sync_and_then_applies(tmp_path, store, keyring, mlp) -> None:

@@ -44,8 +44,8 @@ def test_teacher_logits_are_checked_when_handed_over(kd_rig: Rig) -> None:
     assert want is not None and got is not None
     torch.testing.assert_close(got, want)
     for bad, match in (
-        (torch.tensor(1.0), "last dim"),
-        (torch.empty(16, 4, device="meta"), "values"),
+        (torch.tensor(1.0), "last .*dim"),
+        (torch.empty(16, 4, device="meta"), "meta device hold no values"),
         (teacher.long(), "floating point"),
         ([[0.0] * 4] * 16, "floating point"),
     ):

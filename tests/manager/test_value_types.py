@@ -84,13 +84,15 @@ def test_a_tensor_host_lr_is_held_to_the_same_range(
 def test_teacher_logits_of_a_dtype_the_kd_loss_refuses_are_refused_when_set(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
-    """A float64 (or NumPy) teacher was accepted and the next forward of the user's model
-    raised from the slot's KD loss."""
+    """A NumPy (or integer) teacher was accepted and the next forward of the user's model
+    raised from the slot's KD loss: refused when it is set. A float64 one is read in fp32 by
+    the slots, so the manager takes it too (it once refused what a slot took)."""
     manager = _manager(tmp_path, store, keyring)
     manager.attach(Host(), "out", 2, 2)
-    for teacher in (torch.randn(16, 4, dtype=torch.float64), np.zeros((16, 4), np.float32)):
+    for teacher in (np.zeros((16, 4), np.float32), torch.zeros(16, 4, dtype=torch.long)):
         with pytest.raises(ValueError, match="teacher_logits must be"):
             manager.set_teacher_logits(teacher)  # type: ignore[arg-type]
+    assert manager.set_teacher_logits(torch.randn(16, 4, dtype=torch.float64)) == ["out"]
     manager.close()
 
 
