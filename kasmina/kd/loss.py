@@ -271,7 +271,9 @@ def checked_teacher_logits(
         return teacher
     if teacher.is_meta:
         raise ValueError(f"teacher_logits on the meta device hold no values for a {device} slot")
-    return teacher.to(device, non_blocking=True)
+    # Non-blocking only into an accelerator: a copy to the CPU would return before the data
+    # is there, and the CPU's KD op would read logits the GPU has not written yet.
+    return teacher.to(device, non_blocking=device.type != "cpu")
 
 
 def kd_head_problem(

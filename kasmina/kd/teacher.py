@@ -12,8 +12,9 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,14 +161,25 @@ class CheckpointedTeacher:
         target = self.output_dtype or logits.dtype
         return logits.to(target) if logits.dtype != target else logits.clone()
 
-    def _run(self, input_batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, input_batch: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+        """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face
+        batch: ``input_ids`` with its ``attention_mask``, without which a left-padded row
+        attends to its padding), each tensor on the teacher's device, floats in its dtype."""
+        if isinstance(input_batch, Mapping):
+            kwargs = {k: self._placed(v) if isinstance(v, torch.Tensor) else v
+                      for k, v in input_batch.items()}  # fmt: skip
+            return _logits_of(self.teacher(**kwargs))
         if not isinstance(input_batch, torch.Tensor):
-            raise TypeError(f"input_batch must be a tensor, got {type(input_batch).__name__}")
-        if input_batch.is_floating_point():
-            input_batch = input_batch.to(device=self.device, dtype=self.dtype)
-        else:
-            input_batch = input_batch.to(device=self.device)
-        return _logits_of(self.teacher(input_batch))
+            raise TypeError(
+                f"input_batch must be a tensor or a mapping of keyword inputs, got "
+                f"{type(input_batch).__name__}"
+            )
+        return _logits_of(self.teacher(self._placed(input_batch)))
+
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype)
+        return t.to(device=self.device)
 
     def measure_forward_peak_bytes(
         self, input_batch: torch.Tensor, dtype: torch.dtype | None = None

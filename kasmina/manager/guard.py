@@ -193,7 +193,7 @@ class IsolationGuard:
         host = [p for p in registry.host_side_params() if p.requires_grad]
         kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
         students = [r.seed_id for r in kd]  # the stages KD distils into
-        seeds = [p for r in kd for p in r.seed.trained_parameters()]
+        seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())
         stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
         for p in itertools.chain(host, seeds):
             p.grad = None

@@ -555,13 +555,19 @@ _SAT_OUT_EFFECTS = {
 
 
 def count_sat_out(
-    counts: Counter[str], compiled: torch.Tensor, slot_id: str, what: str, reason: str
+    counts: Counter[str],
+    compiled: torch.Tensor,
+    slot_id: str,
+    what: str,
+    reason: str,
+    recompute: bool = False,
 ) -> None:
     """Count (and log rarely) a call a slot's seeds (``what="seeds"``) or their KD sat out. A
-    checkpointing recompute is not counted (the region's first run was). In a compiled forward
-    the count goes to ``compiled`` (``[seeds, KD]``, on the device), unlogged: a Python count
-    there is a guard on its value, and every call recompiled."""
-    if recomputing():
+    checkpointing recompute is not counted (the region's first run was), unless ``recompute``
+    says the sit-out is the recompute's own. In a compiled forward the count goes to
+    ``compiled`` (``[seeds, KD]``, on the device), unlogged: a Python count there is a guard on
+    its value, and every call recompiled."""
+    if recomputing() and not recompute:
         return
     if torch.compiler.is_compiling():
         compiled[int(what != "seeds")].add_(1)

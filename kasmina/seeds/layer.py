@@ -365,6 +365,8 @@ class KasminaLayer(nn.Module):
                 self._recompute_teacher = None if stored is None else teacher_logits
             elif again and self._recompute_teacher is None:  # a reentrant checkpoint's first run
                 self._teacher_logits = None  # records no graph: its recompute drops what it left
+                if self.kd_config is not None and self._runs_any:  # said, not silent
+                    self._sit_out("kd", "teacher logits dropped in a reentrant checkpoint", True)
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
         # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
@@ -562,9 +564,8 @@ class KasminaLayer(nn.Module):
         if all(s is None for s in students):
             return
         # kd_kl_loss refuses vmap; or a call of another shape (a module called more than once)
-        fit = teacher_fit_problem(full, teacher_logits, self._kd_head)
-        problem = "under torch.func.vmap" if under_vmap() else fit
-        if problem is not None:
+        problem = "under torch.func.vmap" if under_vmap() else None
+        if problem := problem or teacher_fit_problem(full, teacher_logits, self._kd_head):
             self._sit_out("kd", problem)
             return
         loss = slot_kd_loss(
@@ -574,8 +575,9 @@ class KasminaLayer(nn.Module):
         if not recomputing():  # a recompute saves the same tensors; its loss was taken already
             self._kd_losses.append(loss)
 
-    def _sit_out(self, what: str, reason: str) -> None:
-        count_sat_out(self.sat_out, self._buffers["sat_out_compiled"], self.layer_id, what, reason)
+    def _sit_out(self, what: str, reason: str, recompute: bool = False) -> None:
+        compiled = self._buffers["sat_out_compiled"]  # a compiled forward's, on the device
+        count_sat_out(self.sat_out, compiled, self.layer_id, what, reason, recompute)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
         empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values

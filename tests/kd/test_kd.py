@@ -178,6 +178,28 @@ def test_integer_inputs_keep_their_dtype() -> None:
     assert teacher(ids).shape == (2, 7, 50)
 
 
+def test_a_batch_of_keyword_inputs_reaches_the_teacher_with_its_attention_mask() -> None:
+    """A Hugging Face batch (``input_ids`` and ``attention_mask``) was refused (a tensor
+    only), and ``input_ids`` alone gave a left-padded row's real positions logits computed
+    over its padding. A mapping is passed as keyword inputs, each tensor on the teacher's
+    device: the logits are the model's own with its mask."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=37, n_positions=16)
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [4, 5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    teacher = CheckpointedTeacher(lm, dtype=torch.float32)
+    got = teacher({"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        want = lm(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real])
+    assert (teacher(ids)[real] - want[real]).abs().max() > 1e-3  # the mask matters here
+    with pytest.raises(TypeError, match="a tensor or a mapping"):
+        teacher([ids])
+
+
 def test_checkpoint_path_loads_state_dict(tmp_path) -> None:
     trained = make_mlp(seed=5)
     path = tmp_path / "teacher.pt"

@@ -527,13 +527,15 @@ def test_a_checkpointed_kernel_that_saves_its_output_frees_it(stage: SeedStage) 
 
 def test_a_reentrant_checkpoint_leaves_no_teacher_pending() -> None:
     """Its first run records no graph, so no forward takes the teacher logits; its recompute
-    drops them, or the next forward outside a checkpoint would distil against them."""
+    drops them, or the next forward outside a checkpoint would distil against them. The drop
+    is counted as a KD sit-out and logged (it was silent: KD did nothing, step after step)."""
     layer = _distilling_layer(S.ISOLATED_INIT)
     model = nn.Sequential(nn.Linear(3, 3), layer)
     x = torch.randn(5, 3, requires_grad=True)
     layer.set_teacher_logits(torch.randn(5, 4))
     checkpoint(model, x, use_reentrant=True).sum().backward()
     assert layer._teacher_logits is None and layer.get_and_clear_kd_losses() is None
+    assert layer.sat_out["kd"] == 1
     model(x)  # a later forward distils against nothing stale
     assert layer.get_and_clear_kd_losses() is None
 
