@@ -361,7 +361,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
         """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose
         output is ``H`` wide along its last dim, for its seeds' KD loss; returns their ids."""
-        chosen = self.require_registry().last_dim_slots(lambda s: s.width == weight.shape[-1])
+        chosen = self.require_registry().kd_head_slots(weight)  # ValueError: none that wide
         for slot in chosen:
             slot.set_kd_head(weight, bias)
         return [slot.layer_id for slot in chosen]

@@ -388,6 +388,22 @@ class SlotRegistry:
         last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.output_contract))
         return [slot for slot in last if keep(slot)]
 
+    def kd_head_slots(self, weight: torch.Tensor) -> list[KasminaLayer]:
+        """The slots a KD head ``weight [V, H]`` maps to logits (``last_dim_slots``, ``H``
+        wide); ``ValueError`` when there is none: a ``[H, V]`` head (a ``Conv1D``'s weight) or
+        one of another width was given to no slot, silently, and KD then read no logits."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"a KD head weight is a [V, H] tensor, got {weight!r:.60}")
+        chosen = self.last_dim_slots(lambda s: s.width == weight.shape[-1])
+        if not chosen:
+            widths = sorted({s.width for s in self.last_dim_slots(lambda s: True)})
+            raise ValueError(
+                f"no slot is {weight.shape[-1]} wide on its last dim, as a [V, H] KD head of "
+                f"shape {tuple(weight.shape)} needs: the slots are {widths} wide (a Conv1D's "
+                "weight is [H, V]: pass its transpose)"
+            )
+        return chosen
+
     def end_step(self) -> int:
         """At a step's end: drop the KD losses the slots hold (with their graphs), the teacher
         logits kept for a recompute and the slots' graph marks; how many slots held a loss."""

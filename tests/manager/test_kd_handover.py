@@ -65,6 +65,11 @@ def test_a_kd_head_on_another_device_is_refused_when_handed_over(kd_rig: Rig) ->
     with pytest.raises(ValueError, match="slot's device"):
         manager.set_kd_head(head.weight, head.bias)
     assert kd_rig.train(1)["host_stepped"]
+    # A head no slot is as wide as (a Conv1D's [H, V] weight, untransposed) set nothing,
+    # silently: KD then read no logits, and the warning named the teacher's, not the head.
+    for weight in (torch.randn(4, VOCAB), torch.randn(VOCAB, 48)):
+        with pytest.raises(ValueError, match=r"no slot is \d+ wide .*the slots are \[4\] wide"):
+            manager.set_kd_head(weight)
     student = torch.empty(16, 4, device="meta")
     assert "teacher logits on cpu" in str(teacher_fit_problem(student, torch.randn(16, 4), None))
     weight = torch.randn(VOCAB, 4)
