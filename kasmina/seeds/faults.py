@@ -72,12 +72,15 @@ class GraphMark:
     on an input that needs grad (a reentrant checkpoint's forward; its recompute runs the kernel),
     cleared at a step's end (``end_step``): until then ``manager.apply_pending()`` applies
     nothing, since a CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live
-    graph still uses."""
+    graph still uses. ``reentrant``: a forward without grad met pending teacher logits (a
+    reentrant checkpoint's first run does), so a recompute that finds no teacher of its first
+    run drops them, and says so; a recompute after a first run with grad leaves them."""
 
-    __slots__ = ("open",)
+    __slots__ = ("open", "reentrant")
 
     def __init__(self) -> None:
         self.open = False
+        self.reentrant = False
 
 
 # ``record_fault(kind, reason)``: counts, logs and reports one fault (the seed's ``record_fault``).

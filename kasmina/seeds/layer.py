@@ -290,11 +290,10 @@ class KasminaLayer(nn.Module):
         return [s.seed_id for s, ok, faulted in pairs if s.settle_nonfinite(ok, faulted)]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> int:
-        """Teacher logits for the KD loss of the next forward that records a graph (a forward
-        under ``no_grad`` or ``inference_mode``, on any thread, leaves them pending), moved to
-        the slot's device if they are elsewhere (``checked_teacher_logits``). Returns how
-        many KD losses earlier forwards left uncollected, counted and logged rarely: a skipped
-        batch's, summed into the next collect unless discarded, or several views' (kept)."""
+        """Teacher logits (moved to the slot's device, ``checked_teacher_logits``) for the KD loss
+        of the next forward that records a graph (a ``no_grad`` one, on any thread, leaves them
+        pending). Returns how many KD losses earlier forwards left uncollected, counted and logged
+        rarely: a skipped batch's, summed into the next collect, or several views'."""
         teacher_logits = checked_teacher_logits(teacher_logits, self._buffers["_one"].device)
         uncollected = self._kd_losses.newly_uncollected() if teacher_logits is not None else 0
         if uncollected:
@@ -310,7 +309,7 @@ class KasminaLayer(nn.Module):
     def end_step(self) -> None:
         """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
         vars(self).update(_recompute_teacher=None, _teacher_logits=None)  # past __setattr__
-        self._graph.open = False
+        self._graph.open = self._graph.reentrant = False
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the layer's stored KD losses since the last call (graph kept), or None."""
@@ -327,9 +326,8 @@ class KasminaLayer(nn.Module):
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language
         model's ``lm_head``: ``weight [V, H]`` over the slot's ``H``-wide last dimension), or
-        None to compare the output itself with the teacher's logits. With a head the teacher's
-        logits are ``V`` wide and the loss is ``fused_linear_kd_loss``, which never forms the
-        student's logits. The head is used detached: the KD loss trains the seeds alone."""
+        None to compare the output itself with the teacher's logits; with a head, the teacher's
+        are ``V`` wide, the loss ``fused_linear_kd_loss``, the head read detached."""
         if weight is None:
             if bias is not None:
                 raise ValueError(f"{self.layer_id}: a KD head bias needs its weight")
@@ -363,9 +361,11 @@ class KasminaLayer(nn.Module):
                 teacher_logits = stored if teacher_logits is None else teacher_logits
                 # For a checkpointing recompute of this forward (below): none after one without.
                 self._recompute_teacher = None if stored is None else teacher_logits
-            elif again and self._recompute_teacher is None:  # a reentrant checkpoint's first run
-                self._teacher_logits = None  # records no graph: its recompute drops what it left
-                if self.kd_config is not None and self._runs_any:  # said, not silent
+            elif not again and not torch.is_grad_enabled():  # a no-grad forward met them: a
+                self._graph.reentrant = True  # reentrant checkpoint's first run records no graph
+            elif again and self._recompute_teacher is None and self._graph.reentrant:  # so its
+                self._teacher_logits, self._graph.reentrant = None, False  # recompute drops them
+                if any(s.stage in ISOLATED_TRAINING_STAGES for s in self.seeds):  # said, counted
                     self._sit_out("kd", "teacher logits dropped in a reentrant checkpoint", True)
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path

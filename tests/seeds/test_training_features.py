@@ -540,6 +540,27 @@ def test_a_reentrant_checkpoint_leaves_no_teacher_pending() -> None:
     assert layer.get_and_clear_kd_losses() is None
 
 
+def test_a_recompute_leaves_the_next_micro_batchs_teacher_alone() -> None:
+    """A non-reentrant checkpoint whose forward ran without a teacher, and logits set for the
+    next micro-batch before its backward: the recompute dropped them (and, once counted, called
+    it a reentrant checkpoint's drop), so the next micro-batch distilled nothing. Only a
+    reentrant checkpoint's recompute drops what its no-grad first run left; an ACTIVE slot,
+    which does not distil, counts nothing when one does."""
+    layer = _distilling_layer(S.GRAFTING)
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    x = torch.randn(5, 3, requires_grad=True)
+    first = checkpoint(model, x, use_reentrant=False)  # micro-batch 1: no teacher
+    layer.set_teacher_logits(torch.randn(5, 4))  # micro-batch 2's, before 1's backward
+    first.sum().backward()
+    assert layer.sat_out["kd"] == 0 and layer._teacher_logits is not None
+    model(x)
+    assert layer.get_and_clear_kd_losses() is not None  # micro-batch 2 distils
+    active = _distilling_layer(S.ACTIVE)
+    active.set_teacher_logits(torch.randn(5, 4))
+    checkpoint(nn.Sequential(nn.Linear(3, 3), active), x, use_reentrant=True).sum().backward()
+    assert active.sat_out["kd"] == 0 and active._teacher_logits is None
+
+
 @pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
 def test_torch_func_grad_over_a_grown_model_gives_the_eager_gradients(stage: SeedStage) -> None:
     """``torch.func.grad`` of a ``functional_call`` (per-sample gradients, meta-learning) over
