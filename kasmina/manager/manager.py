@@ -343,15 +343,15 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return self.teacher_passes.get_checkpoint_effectiveness()
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> list[str]:
-        """Hand teacher logits to the next forward of the slots that read them: split along the
-        last dim (as ``set_kd_head`` picks) with KD logits that wide (width or head vocabulary),
-        each moving them to its device if they are elsewhere (a teacher on its own GPU).
-        Returns their ids; logits no slot reads count as ``teacher_logits_unread``, warned once."""
+        """Hand teacher logits to the next forward of the slots that read KD logits that wide on
+        their last dim, on each one's device; their ids (none: ``teacher_logits_unread``)."""
         if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
             return []
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
-        uncollected = sum(slot.set_teacher_logits(teacher_logits) for slot in chosen)
+        # Checked (and moved) for every slot before any takes them: a refusal sets nothing.
+        placed = [checked_teacher_logits(teacher_logits, s.sat_out_compiled.device) for s in chosen]
+        uncollected = sum(s.set_teacher_logits(t) for s, t in zip(chosen, placed, strict=True))
         self.counters["kd_uncollected"] += uncollected  # a skipped batch's? (logged by slot)
         if not chosen and not self.counters["teacher_logits_unread"]:
             logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import teacher_fit_problem
+from kasmina.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, make_config
 
@@ -53,6 +54,21 @@ def test_teacher_logits_are_checked_when_handed_over(kd_rig: Rig) -> None:
             manager.set_teacher_logits(bad)  # type: ignore[arg-type]
         kd_rig.model(kd_rig.x)
         assert manager.collect_kd_losses() is None
+
+
+def test_teacher_logits_a_slot_refuses_reach_no_slot(tmp_path: Path, store: Path, keyring) -> None:
+    """Two slots, one of them on the meta device (deferred init): meta logits were kept by
+    that slot before the other refused them. Every slot's copy is checked before any is set."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig())
+    manager = KasminaKernelManager(config, keyring=keyring)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 4))
+    slots = manager.attach(model, ["0", "1"], 2, 2)
+    model(torch.randn(3, 6))
+    slots[0].to("meta")
+    with pytest.raises(ValueError, match="meta device hold no values for a cpu slot"):
+        manager.set_teacher_logits(torch.empty(3, 4, device="meta"))
+    assert all(slot._teacher_logits is None for slot in slots)
+    manager.close()
 
 
 def test_a_kd_head_on_another_device_is_refused_when_handed_over(kd_rig: Rig) -> None:
