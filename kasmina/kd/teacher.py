@@ -25,6 +25,8 @@ from kasmina.utils.state_io import cast_in_place
 
 logger = logging.getLogger(__name__)
 
+TeacherInput = torch.Tensor | Mapping[str, Any]  # a batch, or its keyword inputs (Hugging Face)
+
 _TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_BYTES = torch.empty((), dtype=torch.float32).element_size()
 # id(param) -> param for every live teacher parameter; entries vanish with their parameter.
@@ -146,10 +148,10 @@ class CheckpointedTeacher:
         """Bytes the teacher's parameters take now, at the teacher dtype."""
         return _param_bytes(self.teacher.parameters())
 
-    def __call__(self, input_batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_batch: TeacherInput) -> torch.Tensor:
         return self.forward(input_batch)
 
-    def forward(self, input_batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_batch: TeacherInput) -> torch.Tensor:
         """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
         with self._lock:
             if self.teacher.training:
@@ -161,7 +163,7 @@ class CheckpointedTeacher:
         target = self.output_dtype or logits.dtype
         return logits.to(target) if logits.dtype != target else logits.clone()
 
-    def _run(self, input_batch: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+    def _run(self, input_batch: TeacherInput) -> torch.Tensor:
         """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face
         batch: ``input_ids`` with its ``attention_mask``, without which a left-padded row
         attends to its padding), each tensor on the teacher's device, floats in its dtype."""
@@ -182,7 +184,7 @@ class CheckpointedTeacher:
         return t.to(device=self.device)
 
     def measure_forward_peak_bytes(
-        self, input_batch: torch.Tensor, dtype: torch.dtype | None = None
+        self, input_batch: TeacherInput, dtype: torch.dtype | None = None
     ) -> int:
         """Measured peak memory of one teacher forward at ``dtype`` (default: the teacher's).
 
@@ -200,7 +202,7 @@ class CheckpointedTeacher:
                 raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
             return self._measure(input_batch, target)
 
-    def _measure(self, input_batch: torch.Tensor, target: torch.dtype) -> int:
+    def _measure(self, input_batch: TeacherInput, target: torch.dtype) -> int:
         own_dtype = self.dtype
         cast = target != own_dtype
         saved = _floating_dtypes(self.teacher)
@@ -363,7 +365,7 @@ class TeacherForwardPassManager:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _profiling=threading.Lock())
 
-    def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
+    def get_teacher_predictions(self, input_batch: TeacherInput) -> torch.Tensor | None:
         """Teacher logits for ``input_batch``, or ``None`` (no teacher, or OOM: skip KD)."""
         teacher = self.checkpointed_teacher
         if teacher is None:
@@ -397,7 +399,7 @@ class TeacherForwardPassManager:
             self._auto_profile(input_batch)
         return logits
 
-    def _auto_profile(self, input_batch: torch.Tensor) -> None:
+    def _auto_profile(self, input_batch: TeacherInput) -> None:
         """The first forward's memory profile, a measurement that must never stop training: a
         second forward beside the logits just computed may run out of memory (or fail), and
         then the peaks are recorded as not measured (NaN), once, with a warning. One thread
@@ -449,7 +451,7 @@ class TeacherForwardPassManager:
             self._pending.popleft()
             self._record(start.elapsed_time(end))
 
-    def profile_memory(self, input_batch: torch.Tensor) -> dict[str, float]:
+    def profile_memory(self, input_batch: TeacherInput) -> dict[str, float]:
         """Measure the peak forward memory at the teacher's precision and at fp32, once.
 
         An OOM while measuring fp32 is itself the answer (fp32 does not fit); that or any other
@@ -461,7 +463,7 @@ class TeacherForwardPassManager:
         with teacher._lock:  # both at the teacher's own dtype, read once
             return self._profile(teacher, input_batch)
 
-    def _profile(self, teacher: CheckpointedTeacher, input_batch: torch.Tensor) -> dict[str, float]:
+    def _profile(self, teacher: CheckpointedTeacher, input_batch: TeacherInput) -> dict[str, float]:
         reduced = float(teacher.measure_forward_peak_bytes(input_batch))
         full = reduced
         if teacher.dtype != torch.float32:

@@ -39,7 +39,7 @@ from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
 from kasmina.kd.loss import checked_teacher_logits
-from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, TeacherInput
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
@@ -140,7 +140,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             config.hold()  # built (a constructor that raised left the config settable)
             undo.pop_all()  # from here on close() closes them
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
-        self._last_teacher_input: torch.Tensor | None = None
+        self._last_teacher_input: TeacherInput | None = None
         self.command_relay: Callable[[bytes], bool] | None = None  # DistributedKasmina: its relay
         self.grad_sync: Callable[[bool], tuple[bool, bool]] | None = None  # and its grad sync
 
@@ -322,13 +322,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
         return teacher
 
-    def get_teacher_predictions(self, input_batch: torch.Tensor) -> torch.Tensor | None:
+    def get_teacher_predictions(self, input_batch: TeacherInput) -> torch.Tensor | None:
         """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD)."""
         self._last_teacher_input = input_batch
         return self.teacher_passes.get_teacher_predictions(input_batch)
 
     async def load_kernel_with_teacher(
-        self, kernel_artifact_id: str, input_batch: torch.Tensor | None = None
+        self, kernel_artifact_id: str, input_batch: TeacherInput | None = None
     ) -> tuple[GPUKernel, torch.Tensor | None]:
         """``load_kernel`` plus, with KD enabled and a teacher, its logits for ``input_batch``
         (default: the last batch the teacher saw)."""
