@@ -133,10 +133,12 @@ class _Island:
     ``outputs[i]`` was computed from detached activations and the kernel parameters
     ``params[j]`` for ``j`` in ``groups[i]`` (parameters shared by two seeds are listed once, so
     that their gradient is not returned twice); ``recorders[i]`` counts a fault of its seed.
-    ``versions`` are the parameters' versions when the graphs were recorded.
+    ``versions`` are the parameters' versions when the graphs were recorded. ``charged``: the
+    outputs whose kernel's backward was already charged a fault, once for the forward that made
+    them (a seed-only KD backward and the main one both run through a retained island).
     """
 
-    __slots__ = ("groups", "outputs", "params", "recorders", "versions")
+    __slots__ = ("charged", "groups", "outputs", "params", "recorders", "versions")
 
     def __init__(
         self,
@@ -160,6 +162,7 @@ class _Island:
         self.groups = groups
         self.recorders = list(recorders)
         self.versions = [p._version for p in flat]
+        self.charged: set[int] = set()
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
@@ -169,8 +172,8 @@ class _Island:
             except Exception:  # one of them failed: find which, and keep the others' gradients
                 logger.debug("a seed kernel's backward raised; retrying seed by seed")
         total: list[torch.Tensor | None] = [None] * len(self.params)
-        for output, group, record, grad in zip(
-            self.outputs, self.groups, self.recorders, grads, strict=True
+        for i, (output, group, record, grad) in enumerate(
+            zip(self.outputs, self.groups, self.recorders, grads, strict=True)
         ):
             params = [self.params[j] for j in group]
             try:
@@ -186,7 +189,9 @@ class _Island:
                     n = next(_STALE_GRAPHS)
                     logger.log(rarely(n, 1000), _STALE_MESSAGE, n, type(exc).__name__, exc)
                     continue
-                record("backward", f"backward raised {type(exc).__name__}: {exc}")
+                if i not in self.charged:  # one fault per forward, however many backwards
+                    self.charged.add(i)
+                    record("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
             for j, g in zip(group, got, strict=True):
                 if g is not None:

@@ -818,6 +818,25 @@ def test_a_kernel_whose_backward_raises_is_a_fault_and_the_host_backward_complet
     assert fault_events(sink) == [{"seed_id": "s0", "kind": "backward", "stage": stage.name}]
 
 
+@pytest.mark.parametrize(
+    "stage", [SeedStage.ISOLATED_INIT, SeedStage.GRAFTING, SeedStage.STABILIZATION]
+)
+def test_a_raising_backward_is_one_fault_per_forward_however_many_backwards(
+    x: torch.Tensor, stage: SeedStage
+) -> None:
+    """With KD on, the manager's seed-only KD backward and the main one both run through the
+    retained guard of one forward: a kernel whose backward raises was charged twice per batch,
+    so two bad batches quarantined a seed whose limit is 3. One forward, one fault."""
+    net = Net(make_seed(RaisesInBackward(C), stage))
+    out = net(x)
+    out.sum().backward(retain_graph=True)
+    out.pow(2).sum().backward()
+    seed = net.seed
+    assert seed.faults == 1
+    net(x).sum().backward()  # the next forward: its own fault
+    assert seed.faults == 2
+
+
 def test_a_healthy_kernel_gets_the_same_gradient_through_the_guard(x: torch.Tensor) -> None:
     """The guard is an identity for autograd: the seed's parameters get the gradient they
     would get without it (compared with the kernel run by hand on the detached input)."""
