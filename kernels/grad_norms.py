@@ -264,6 +264,10 @@ def _check(tensors: Sequence[object], device: torch.device) -> None:
             raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
+        if t.numel() and not t.data_ptr():  # a ZeroTensor: the kernel would read address 0
+            raise ValueError(f"tensors[{i}] has no storage to read (a ZeroTensor?)")
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
@@ -351,12 +355,12 @@ def prepare(tensors: Sequence[torch.Tensor | None], device: torch.device) -> Pre
     ts: Sequence = tensors
     try:
         ptrs, numels, dtypes, dense = _key_parts(ts)
-    except TypeError:
+    except (TypeError, RuntimeError):  # None, or a tensor without storage (sparse)
         ts = [_EMPTY if t is None else t for t in tensors]
         try:
             ptrs, numels, dtypes, dense = _key_parts(ts)
-        except TypeError:
-            _check(tensors, device)  # names the entry that is not a tensor
+        except (TypeError, RuntimeError):
+            _check(tensors, device)  # names the entry that is not a (dense) tensor
             raise
     validated = False
     if not dense:

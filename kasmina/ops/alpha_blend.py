@@ -28,6 +28,7 @@ so a second backward is exact; a plain backward runs the kernels, which record n
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
@@ -66,6 +67,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, grad
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
 # The dtype the math runs in: fp32 for fp16/bf16 data, the data's own dtype otherwise.
 _WORK = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -428,6 +430,8 @@ def _check(seed_out: Tensor, host_out: Tensor, alpha: object, mode: str) -> None
         )
     if not isinstance(alpha, Tensor):
         check_real("alpha", alpha)  # a bool, a string, None: "alpha must be a float"
+        if not abs(float(alpha)) <= _FP32_MAX:  # the kernel's fp32 argument: inf, NaN, 1e39
+            raise ValueError(f"alpha must be a finite number within fp32's range, got {alpha}")
     else:
         check_float_tensor("alpha", alpha, seed_out.device)
         if alpha.dim() > 1:
@@ -468,10 +472,13 @@ def alpha_blend(
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _alpha_blend_op(*args)
     alpha_grad = alpha_t is not None and alpha_t.requires_grad
-    if not torch.is_grad_enabled() or not (
-        seed_out.requires_grad or host.requires_grad or alpha_grad
-    ):
-        return _forward_impl(*args)  # no graph to record: skip the autograd.Function
+    # No graph to record: skip the autograd.Function, unless a forward-AD level is open (a
+    # dual input's tangent would be dropped silently: the Function refuses it, naming the op).
+    if (
+        not torch.is_grad_enabled()
+        or not (seed_out.requires_grad or host.requires_grad or alpha_grad)
+    ) and _forward_ad._current_level < 0:
+        return _forward_impl(*args)
     if (
         mode == "blend"
         and (seed_out.requires_grad or alpha_grad)

@@ -133,6 +133,8 @@ def _validate(tensors: MaybeTensors, device: torch.device) -> None:
             raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
 
 
 def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:

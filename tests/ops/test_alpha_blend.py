@@ -282,6 +282,11 @@ def test_empty_tensors(backend):
         (torch.zeros(2, 4), torch.zeros(2, 4), True, "blend", "alpha"),
         (torch.zeros(2, 4), torch.zeros(2, 4), "0.5", "blend", "alpha"),
         ([0.0], torch.zeros(1), 0.5, "blend", "seed_out"),
+        # Past fp32 (the kernel's argument): the CPU path raised torch's overflow error, the
+        # kernels returned inf. inf and NaN made NaN outputs on both.
+        (torch.zeros(2, 4), torch.zeros(2, 4), 1e39, "blend", "fp32's range"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), float("inf"), "blend", "fp32's range"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), float("nan"), "blend", "fp32's range"),
     ],
 )
 def test_rejections(seed_out, host_out, alpha, mode, match):
@@ -720,6 +725,24 @@ def test_a_channels_last_blend_of_one_channel_chunks_compiles(backend: str) -> N
     torch.testing.assert_close(got.double(), _blend64(pre64, x64, alpha), rtol=1e-6, atol=1e-6)
     got.sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad)
+
+
+@pytest.mark.parametrize("alpha", [0.3, "0-d", "per-chunk"])
+def test_a_dual_seed_without_grad_is_refused_not_given_a_zero_tangent(backend, alpha) -> None:
+    """``torch.autograd.forward_ad`` with a dual seed that does not require grad skipped the
+    autograd.Function (no graph to record) and ran the kernel on the primal: the tangent was
+    None, read as zero, on the path every CUDA tensor takes. Under an open dual level the
+    Function runs and refuses, naming the op, as for ``torch.func.jvp``."""
+    import torch.autograd.forward_ad as fwad
+
+    seed, host = torch.randn(4, 6), torch.randn(4, 6)
+    a = {"0-d": torch.tensor(0.3), "per-chunk": torch.tensor([0.3, 0.6])}.get(alpha, alpha)
+    with fwad.dual_level():
+        dual = fwad.make_dual(seed, torch.ones_like(seed))
+        with pytest.raises(NotImplementedError, match="alpha_blend has no forward-mode"):
+            alpha_blend(dual, host, a)
+    got = alpha_blend(seed, host, a)  # the level closed: the kernel's path, as ever
+    torch.testing.assert_close(got, alpha_blend_reference(seed, host, a))
 
 
 def test_forward_mode_transforms_are_refused_naming_the_op() -> None:

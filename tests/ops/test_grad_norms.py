@@ -434,6 +434,23 @@ def test_bad_entry_after_a_hit_is_rejected(any_backend: str, fresh_caches: None)
         grad_norms([tensors[0], 5])
 
 
+def test_a_tensor_without_dense_storage_is_refused_naming_it(
+    any_backend: str, fresh_caches: None
+) -> None:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) raised torch's own errors, another on
+    each backend; a ZeroTensor (storage-less, ``data_ptr() == 0``) put address 0 in the
+    kernel's pointer table, and the interpreter died of a segmentation fault."""
+    dense = torch.randn(4)
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a dense \(strided\) tensor"):
+        leak_check([dense, torch.ones(3).to_sparse()])
+    zero = torch._efficientzerotensor(5)
+    if any_backend == "triton_backend":
+        with pytest.raises(ValueError, match=r"tensors\[1\] has no storage"):
+            grad_norms([dense, zero])
+    else:  # the reference reads it through torch: a norm of 0
+        assert float(grad_norms([dense, zero])[1]) == 0.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
 def test_leak_check_on_fresh_grads_never_syncs_the_host(fresh_caches: None) -> None:
     """The isolation monitor's pattern: every check sees newly allocated grads (new pointers),
