@@ -183,8 +183,9 @@ class GradientIsolationMonitor:
             # Only grads created during the phase can leak; all None needs no launch at all.
             by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = defaultdict(list)
             for name, p in watched:
-                if p.grad is not None:
-                    by_device[p.grad.device].append((name, p.grad))
+                if p.grad is not None:  # a sparse one (an Embedding's) by its values
+                    g = p.grad._values() if p.grad.is_sparse else p.grad
+                    by_device[g.device].append((name, g))
             for group in by_device.values():
                 norms, flag = leak_check([g for _, g in group], self.tol)
                 self._pending.append(_PendingCheck(phase, [n for n, _ in group], norms, flag))

@@ -217,7 +217,8 @@ class IsolationGuard:
                         clipped(str(exc), 400),
                     )  # fmt: skip
                 finally:
-                    leaked = [p.grad for p in host if p.grad is not None]
+                    leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
+                    leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values
                     if leaked:
                         self._kd_checks.append((leak_check(leaked)[1], students))
         finally:

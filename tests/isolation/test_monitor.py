@@ -47,6 +47,23 @@ def _monitor(host, seed, **kwargs) -> GradientIsolationMonitor:
     )
 
 
+def test_a_sparse_host_gradient_that_leaks_is_a_violation_not_an_error() -> None:
+    """A host ``Embedding(sparse=True)`` that received a gradient in the seed phase made the
+    leak check raise torch's own error out of ``end_seed_backward``: its values are checked."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 8, sparse=True)
+    seed = nn.Linear(8, 8)
+    monitor = GradientIsolationMonitor(
+        "s0", seed.named_parameters(), embedding.named_parameters(), max_violations=100
+    )
+    out = seed(embedding(torch.tensor([1, 2, 3])))  # not detached: a leak into the host
+    monitor.begin_seed_backward()
+    out.pow(2).mean().backward()
+    monitor.end_seed_backward()
+    assert monitor.verify_isolation_after_step() is False
+    assert embedding.weight.grad is None  # what leaked is dropped
+
+
 # ---------------------------------------------------------------- graph walk
 
 
