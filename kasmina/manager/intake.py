@@ -28,7 +28,7 @@ from typing import Any
 from kasmina.control.auth import CommandVerifier
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
-from kasmina.control.ledger import NonceLedger
+from kasmina.control.ledger import LEDGER_FILE_NAME, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.executor import CommandExecution, CommandOutcome
@@ -47,7 +47,14 @@ __all__ = ["CommandIntake", "command_verifier"]
 
 def command_verifier(config: KasminaConfig, keyring: Keyring) -> CommandVerifier:
     """The verifier of this run's commands, with its durable nonce ledger unless disabled."""
-    path = config.nonce_ledger_path
+    path, usual = config.nonce_ledger_path, config.run_dir / LEDGER_FILE_NAME
+    if path != usual and usual.is_file():  # a restart whose ledger moved: replays reopen
+        logger.warning(
+            "run %s recorded its commands' nonces in %s, but this trainer records them %s: a "
+            "command the run accepted less than %gs before this restart can be replayed now",
+            config.run_id, usual, "in memory only" if path is None else f"in {path}",
+            config.command_freshness_s,
+        )  # fmt: skip
     if path is None:
         logger.warning(
             "nonce_ledger is off: a command captured less than %gs before a restart can be "

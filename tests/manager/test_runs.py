@@ -151,6 +151,24 @@ def test_a_restarted_trainer_holds_its_run_before_its_first_epoch(tmp_path, stor
     assert [r.run_id for r in prune_runs(root, older_than_s=0)] == ["r1"]
 
 
+def test_a_restart_whose_nonce_ledger_moved_is_warned_of_replays(
+    tmp_path, store, keyring, caplog
+) -> None:
+    """A restart configured with its ledger elsewhere (or off) than the run's own, which is
+    there, accepted replays of the commands the run had accepted (a ROLLBACK included), and
+    nothing said so. It still starts (the move may be meant), with a warning naming both."""
+    first = _run(tmp_path, store, keyring, "r1")
+    assert first.manager.config.nonce_ledger_path.is_file()
+    moved = make_config(tmp_path, store, run_id="r1", nonce_ledger=str(tmp_path / "n.log"))
+    with caplog.at_level("WARNING", logger="kasmina.manager.intake"):
+        Rig(moved, keyring).manager.close()
+    assert "recorded its commands' nonces in" in caplog.text and "n.log" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kasmina.manager.intake"):
+        Rig(make_config(tmp_path, store, run_id="r1"), keyring).manager.close()
+    assert "recorded its commands' nonces" not in caplog.text  # the run's own ledger: quiet
+
+
 def test_an_interrupted_prune_is_finished_by_the_next(tmp_path, store, keyring) -> None:
     root = tmp_path / "runs"
     _run(tmp_path, store, keyring, "r1")
