@@ -58,19 +58,25 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     for g in grads:
         by_device[g.device].append(g)
     first = grads[0].device
-    # The fused norms read fp32, fp16 and bf16; a model converted to float64 mid-run (a
-    # gradient check) is clipped through torch's own per-tensor norms instead of raising.
-    norms = [
-        grad_norms(group) if all(g.dtype in SUPPORTED_DTYPES for g in group)
-        else torch.stack(torch._foreach_norm(group)).float()
-        for group in by_device.values()
-    ]  # fmt: skip
-    norms = [n.to(first) for n in norms]
+    norms = [_group_norms(group).to(first) for group in by_device.values()]
     total = torch.linalg.vector_norm(torch.cat(norms))
     coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
     for device, group in by_device.items():
         torch._foreach_mul_(group, coef.to(device))
     return total
+
+
+def _group_norms(group: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor norms of one device's gradients. The fused norms read fp32, fp16 and bf16
+    and refuse anything else with a ``ValueError`` (checked only when a list is new, so asking
+    first costs nothing per step); a model converted to float64 mid-run (a gradient check) is
+    clipped through torch's own per-tensor norms instead of raising."""
+    try:
+        return grad_norms(group)
+    except ValueError:
+        if all(g.dtype in SUPPORTED_DTYPES for g in group):
+            raise
+        return torch.stack(torch._foreach_norm(group)).float()
 
 
 def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
