@@ -44,6 +44,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["IsolationGuard"]
 
 
+def add_grads(made: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add ``seed_only_backward``'s gradients to their parameters' (as its backward would have
+    accumulated them)."""
+    for p, got in made:
+        p.grad = got if p.grad is None else p.grad.add_(got)
+
+
 class IsolationGuard:
     """Creates the seeds' monitors and runs the step's isolation checks."""
 
@@ -178,10 +185,14 @@ class IsolationGuard:
 
     def seed_only_backward(
         self, kd_loss: torch.Tensor, weight: float, registry: SlotRegistry, retain_graph: bool
-    ) -> None:
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Backpropagate a seed-only loss, times ``weight``, with the host's gradients set
         aside and checked. The weighting records a graph in any grad mode: called under
         ``torch.no_grad()``, as ``loss.backward()`` may be, it made a loss without one.
+
+        Returns the seeds' gradients it made, not yet added: ``add_grads`` adds them once the
+        host's own backward has run, so a host backward that raises (a second backward
+        through a freed graph) leaves every gradient as it was before the call.
 
         A backward that raises (teacher logits the caller rewrote in place before it, which
         the KD op saved; an allocation that failed) loses this step's KD term only: the seeds'
@@ -222,11 +233,12 @@ class IsolationGuard:
                     if leaked:
                         self._kd_checks.append((leak_check(leaked)[1], students))
         finally:
+            made = [] if failed else [(p, p.grad) for p in seeds if p.grad is not None]
             for p, grad in zip(host, stash, strict=True):
                 p.grad = grad  # whatever leaked is dropped here
             for p, grad in zip(seeds, seed_stash, strict=True):
-                got = None if failed else p.grad  # a failed backward's part-way sums: dropped
-                p.grad = grad if got is None else got if grad is None else grad.add_(got)
+                p.grad = grad  # a failed backward's part-way sums: dropped
+        return made
 
     def kd_flags(self) -> list[torch.Tensor]:
         """The device flags of this step's seed-only backwards, for a caller that reads them

@@ -44,7 +44,7 @@ from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacke
 from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
-from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.guard import IsolationGuard, add_grads
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
@@ -73,12 +73,9 @@ __all__ = ["KasminaKernelManager"]
 
 
 class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
-    """Loads, caches and grafts seed kernels on command; see the module docstring. ``with``
-    closes it on the way out (``close``), releasing its ledger, run lock and files at once.
-
-    A façade: the shared fields live in ``self.state`` (a ``ManagerState``); the components
-    (``guard``, ``report``, ``execution``, the command ``handler`` and ``intake``) each receive
-    the state or the components they use. The fields below read through to the state."""
+    """Loads, caches and grafts seed kernels on command (the module docstring); ``with`` closes
+    it (``close``). A façade: the fields below read through to ``self.state`` (a ``ManagerState``),
+    which the components (``guard``, ``report``, ``execution``, ``handler``, ``intake``) receive."""
 
     config = StateField()
     telemetry = StateField()
@@ -423,15 +420,18 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
-        host gradients must stay zero (checked at ``step``), then ``loss``. A frozen host's loss
-        has no graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
+        host gradients must stay zero (checked at ``step``), then ``loss``; its gradients are
+        added to the seeds' only once ``loss``'s backward has run. A frozen host's loss has no
+        graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
         reg = self.registry  # its host parameters are read only for a loss without a graph
         main = loss is not None and (loss.requires_grad or reg is None or not reg.host_frozen())
+        made: list[tuple[torch.Tensor, torch.Tensor]] = []
         if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
             alpha, registry = self.config.kd.alpha, self.require_registry()
-            self.guard.seed_only_backward(kd_loss, alpha, registry, main)
+            made = self.guard.seed_only_backward(kd_loss, alpha, registry, main)
         if main:
-            loss.backward()
+            loss.backward()  # if it raises, the KD gradients are dropped: the call was whole
+        add_grads(made)
 
     def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host

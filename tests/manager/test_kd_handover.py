@@ -132,3 +132,25 @@ def test_teacher_logits_rewritten_before_the_backward_lose_only_the_kd_term(kd_r
     assert all(p.grad is not None for p in host)
     report = manager.step()
     assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+
+
+def test_a_host_backward_that_raises_adds_no_kd_gradient(kd_rig: Rig) -> None:
+    """``manager.backward(loss, kd_loss)`` called twice on one graph (a retry after an error
+    elsewhere): the seed-only KD backward went through (its graph is retained for the host's)
+    and added its gradients to the seeds' again, then the host's backward raised PyTorch's
+    "backward through the graph a second time". The call is whole: a host backward that raises
+    leaves the seeds' gradients as they were before it."""
+    manager = kd_rig.manager
+    gen = torch.Generator().manual_seed(8)
+    manager.set_teacher_logits(torch.randn(16, 4, generator=gen))
+    loss = F.cross_entropy(kd_rig.model(kd_rig.x), kd_rig.y)
+    kd = manager.collect_kd_losses()
+    assert kd is not None
+    manager.backward(loss, kd_loss=kd)
+    params = manager.seed(SEED0).seed_parameters()
+    once = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="second time"):
+        manager.backward(loss, kd_loss=kd)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, once, strict=True))
+    report = manager.step()
+    assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
