@@ -42,6 +42,11 @@ def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Ten
     for p in params:
         if not isinstance(p, torch.Tensor):
             raise ValueError(f"{what} must be tensors, got {type(p).__name__}")
+        if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
+            raise ValueError(
+                f"{what} include an uninitialised lazy parameter: run one forward through the "
+                "model first (a lazy module such as LazyLinear takes its shape from it)"
+            )
         if not p.is_leaf:
             raise ValueError(f"{what} must be leaf tensors (a non-leaf cannot be optimized)")
         if p.dtype not in SUPPORTED_DTYPES:  # what grad_norms (clipping) accepts

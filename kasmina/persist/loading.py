@@ -81,7 +81,13 @@ def load(
         )
     if any(isinstance(m, KasminaLayer) for m in model.modules()):
         raise SavedModelError("model already has Kasmina slots; load into a freshly built host")
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # copies are no-ops
+    tensors = (*model.parameters(), *model.buffers())
+    if any(isinstance(t, torch.nn.parameter.UninitializedTensorMixin) for t in tensors):
+        raise SavedModelError(  # their shapes come from a forward; the checks need them
+            "model has uninitialised lazy modules (LazyLinear, LazyConv2d, ...); run one "
+            "forward through it, then load"
+        )
+    if any(t.is_meta for t in tensors):  # copies are no-ops
         raise SavedModelError(
             "model has tensors on the meta device, which a load cannot fill; build it on a "
             "real device (or to_empty(device=...) first), then load"
@@ -336,17 +342,22 @@ def _host(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
 def _check_architecture(
     model: nn.Module, hosts: Mapping[str, nn.Module], weights: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """The saved host weights under the bare model's keys, after checking keys and shapes."""
+    """The saved host weights under the bare model's keys, after checking keys and shapes.
+
+    A host inside a block the model uses at two paths (``nn.Sequential(b, b, head)``) has its
+    weights under both in ``state_dict()``, so every path of it is a slot's in the file."""
+    ids = {id(host) for host in hosts.values()}
+    paths = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in ids and n]
 
     def attached(key: str) -> str:
-        for name in hosts:
+        for name in paths:
             if key.startswith(name + "."):
                 return f"{name}.host.{key[len(name) + 1 :]}"
         return key
 
     live = model.state_dict()
     wanted = {attached(key): key for key in live}
-    saved_host = {key for key in weights if not any(key.startswith(f"{n}.seeds.") for n in hosts)}
+    saved_host = {key for key in weights if not any(key.startswith(f"{n}.seeds.") for n in paths)}
     missing, unexpected = sorted(set(wanted) - saved_host), sorted(saved_host - set(wanted))
     if missing or unexpected:
         raise SavedModelError(

@@ -177,8 +177,9 @@ def attach(
     model's device); slot ``i`` holds rows ``i * seeds_per_layer ...`` and REGION_ID ``i``. Every
     seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
     ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
-    already a slot or nested in another, a declared width does not fit, or ``output_index``
-    cannot pick a tensor of a host whose class fixes its output (``output_index_problem``).
+    already a slot, nested in another or holds one, a declared width does not fit, or
+    ``output_index`` cannot pick a tensor of a host whose class fixes its output
+    (``output_index_problem``).
     """
     seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
     chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -196,6 +197,9 @@ def attach(
         inside += [n for n in slot_names if name.startswith(n + ".")]
         if inside:
             raise ValueError(f"{name!r} is nested inside {inside[0]!r}; target one of them")
+        holds = [n for n in slot_names if n.startswith(name + ".")]
+        if holds:  # an earlier attach's slot: detach and merge would find it moved
+            raise ValueError(f"{name!r} holds the slot {holds[0]!r}; target one of them")
         _refuse_unreachable(model, name)
     total = len(names) * seeds_per_layer
     if state is None:
