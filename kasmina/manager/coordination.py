@@ -178,19 +178,34 @@ class ManagerApplier:
         # it: that command's GERMINATE then takes the fetched kernel, as a fetch of its own
         # would give it, and is counted once, a miss (looked up again, it counted a hit too).
         self._fetched: dict[str, Future[Any]] = {}
+        # The kernels this sync's prepares found or put in the cache, pinned until ``apply``
+        # is done: a later prepare's fetch would evict one (least recently used, unpinned), and
+        # its GERMINATE then fetch it again at apply, outside the sync's time bound.
+        self._pinned: list[str] = []
 
     def begin_sync(self) -> None:
         """A sync begins: its prepares get a whole ``prepare_timeout_s`` between them (and the
-        fetches of an earlier sync that never applied are no command's)."""
+        fetches and pins of an earlier sync that never applied are no command's)."""
         self._prepare_started = self._prepare_deadline = None
         self._fetched = {}
+        self._unpin(self._take_pins())
+
+    def _take_pins(self) -> list[str]:
+        pinned, self._pinned = self._pinned, []
+        return pinned
+
+    def _unpin(self, pinned: Sequence[str]) -> None:
+        cache = self.intake.queue.loader.cache
+        for artifact_id in pinned:
+            cache.unpin(artifact_id)
 
     def prepare(self, command: KasminaCommand) -> str:
         seed = command.seed
         if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
             return ""
         artifact_id, loader = seed.artifact_id, self.intake.queue.loader
-        if artifact_id in loader.cache:  # a membership test: no hit or miss counted
+        if artifact_id in loader.cache and loader.pin(artifact_id):  # no hit or miss counted
+            self._pinned.append(artifact_id)
             return ""
         now = time.monotonic()
         timeout = command.timeout_s
@@ -229,6 +244,8 @@ class ManagerApplier:
         if exc is not None:
             return f"fetching {artifact_id} failed: {type(exc).__name__}: {exc}"
         self._fetched[artifact_id] = fetch
+        if loader.pin(artifact_id, fetch.result()):  # not if served uncached: nothing evicts it
+            self._pinned.append(artifact_id)
         return ""
 
     def _fetch(
@@ -255,7 +272,15 @@ class ManagerApplier:
         return fetch
 
     def apply(self, commands: Sequence[KasminaCommand]) -> list[tuple[bool, str]]:
-        fetched = self._fetched
+        fetched, pinned = self._fetched, self._take_pins()
+        try:
+            return self._apply(commands, fetched)
+        finally:
+            self._unpin(pinned)  # the seeds that took a kernel hold pins of their own
+
+    def _apply(
+        self, commands: Sequence[KasminaCommand], fetched: dict[str, Future[Any]]
+    ) -> list[tuple[bool, str]]:
         self.begin_sync()  # every prepare of this sync is done
         queued: set[int] = set()
         for command in commands:

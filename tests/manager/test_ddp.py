@@ -731,6 +731,45 @@ def test_a_fetch_of_a_sync_that_never_applied_is_no_later_commands(
     rig.manager.close()
 
 
+def test_a_kernel_a_prepare_found_cached_stays_cached_until_the_sync_applies(
+    tmp_path, store, keyring, published
+) -> None:
+    """A GERMINATE whose kernel was cached passed its prepare unpinned; a later prepare of the
+    same sync fetched another kernel, the cache evicted the first to make room, and the first
+    GERMINATE fetched it from the store again at apply, bounded by its own timeout only (a
+    slow store there held every other rank in the collective until the group timed out). A
+    prepare pins what it found or fetched until the sync has applied."""
+    from kasmina.control.commands import to_kasmina_command
+
+    _, mlp, aff = published
+    rig = Rig(make_config(tmp_path, store, cache_size_mb=100 / 2**20), keyring)
+    loader = rig.manager.loader
+    loader.original(mlp)  # cached and unpinned, as after a GERMINATE another rank refused
+    sizes = {a: loader.cached(a).get_memory_size() for a in (mlp,)}
+    fetched: list[str] = []
+    fetch = loader._fetch
+
+    def counted(artifact_id: str, deadline: float | None = None) -> Any:
+        fetched.append(artifact_id)
+        return fetch(artifact_id, deadline)
+
+    loader._fetch = counted
+    commands = [
+        to_kasmina_command(make_seed_command("germinate", seed, art, timeout_s=60.0))
+        for seed, art in ((SEED0, mlp), (SEED1, aff))
+    ]
+    applier = ManagerApplier(rig.manager.intake, rig.manager.report, prepare_timeout_s=5.0)
+    assert [applier.prepare(command) for command in commands] == ["", ""]
+    assert fetched == [aff] and mlp in loader.cache
+    assert applier.apply(commands) == [(True, ""), (True, "")]
+    assert fetched == [aff]  # nothing fetched again at apply
+    assert rig.stage(SEED0) == rig.stage(SEED1) == S.ISOLATED_INIT
+    assert rig.manager.kernel_cache.stats()["pinned"] == 1  # SEED0's own: the sync's are gone
+    both = sizes[mlp] + rig.manager.seed(SEED1).kernel.get_memory_size()
+    assert sizes[mlp] <= 100 < both  # the cache holds one of them, not both
+    rig.manager.close()
+
+
 def test_the_prepares_of_one_sync_share_one_time_bound(tmp_path, store, keyring, mlp) -> None:
     """A fetch that outlasts the bound (its store ignores the deadline) is answered with a
     refusal at the bound; later prepares of the same sync get what is left of it (nothing),
