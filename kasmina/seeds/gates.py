@@ -39,6 +39,7 @@ from kasmina.seeds.faults import (
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.stages import SeedStage
+from kasmina.utils.ratelimit import clipped
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,18 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
 
     Runs without gradient, in the module's current mode; buffers the forward mutates (batch-norm
     statistics) are put back, so counting changes nothing. A module that raises propagates.
-    A floating ``x`` is cast to the module's own floating dtype first: activations recorded
-    under ``torch.autocast`` are in autocast's dtype, which the module, run outside autocast,
-    would refuse, and the count does not depend on the dtype.
+    A floating ``x`` is cast to the dtype the module takes first (an exported kernel's signed
+    input dtype, else its parameters' one floating dtype): activations recorded under
+    ``torch.autocast`` are in autocast's dtype, which the module, run outside autocast, would
+    refuse, and the count does not depend on the dtype.
     """
     if x.dtype.is_floating_point:
-        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        signed = getattr(module, "signed_input_dtype", None)
+        dtypes = (
+            {signed}
+            if isinstance(signed, torch.dtype)
+            else {p.dtype for p in module.parameters() if p.is_floating_point()}
+        )
         if len(dtypes) == 1 and x.dtype not in dtypes:
             x = x.to(dtypes.pop())
     with kept_buffers(module), torch.no_grad(), rng_forked(x.device):
@@ -420,16 +427,12 @@ class CompatibilityProbe:
     def cost_ratio(self, kernel: nn.Module, host_flops_per_element: float | None) -> float | None:
         """The kernel's counted FLOPs per output element over the host layer's
         (``host_flops_per_element``, counted the same way), on zeros of the probed shape; None
-        when the host's count is unknown or the counter cannot count this kernel (it ran in
-        the probe, so that is the counter's limitation: logged, cost unchecked)."""
+        when the host's count is unknown. What the counter raises on a kernel it cannot count
+        (``torch.cond`` in the program) propagates: its cost cannot be checked."""
         if host_flops_per_element is None or not host_flops_per_element > 0:
             return None
         x = torch.zeros(self.host_shape, dtype=self.host_dtype, device=self.output.device)
-        try:
-            flops = count_flops(kernel, x)
-        except Exception as exc:
-            logger.warning("FLOPs not counted (%s); cost unchecked", exc)
-            return None
+        flops = count_flops(kernel, x)
         return flops / max(1, self.output.numel()) / host_flops_per_element
 
     def gate(
@@ -530,7 +533,11 @@ def gate_g3_probed(
         return GateResult(False, f"compatibility probe faulted: {fault}", float("inf"), 3)
     if probe is None or kernel is None:
         return gate_g3_compatibility(None, (), torch.float32)
-    ratio = probe.cost_ratio(kernel, host_flops_per_element)
+    try:
+        ratio = probe.cost_ratio(kernel, host_flops_per_element)
+    except Exception as exc:  # it ran in the probe: the FLOP counter cannot count it
+        why = f"its cost could not be counted ({type(exc).__name__}: {clipped(str(exc), 200)})"
+        return GateResult(False, f"{why}, so it cannot be held to the cost budget", math.inf, 3)
     result = probe.gate(ratio, max_cost_ratio, latency_budget_ms)
     if result.passed and not probe.latency_ms <= latency_budget_ms:
         logger.warning("seed %s: G3 %s", seed_id, result.reason)
@@ -545,6 +552,8 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     if taken is not None:
         return f"is not what it takes: its signed input shape is {taken}"
     params = [p for p in kernel.parameters() if p.requires_grad] if backward else []
+    if backward and not params:
+        return "has no parameter that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
     versions = [t._version for _, t in watched]
     try:
@@ -561,7 +570,7 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
         return f"returned {tuple(out.shape)}/{out.dtype}"
     if not bool(torch.isfinite(out).all()):
         return "returned non-finite values"
-    if out.requires_grad:
+    if out.requires_grad and params:  # a view of a parameter requires grad even so
         try:
             torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
         except Exception as exc:

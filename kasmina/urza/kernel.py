@@ -92,9 +92,8 @@ def _program_module(
     # pickled). The graph's mode is fixed either way.
     for name in ("train", "eval"):
         vars(module).pop(name, None)
-    for param in module.parameters():
-        if param.is_floating_point() or param.is_complex():
-            param.requires_grad_(True)  # a seed's kernel is what the seed trains
+    # ``requires_grad`` is the published module's: a parameter frozen there (a fixed scale, a
+    # mask) stays frozen in the seed; GERMINATE refuses a kernel with nothing to train.
     return module, facts
 
 
@@ -443,6 +442,12 @@ class GPUKernel(nn.Module):
         exported graph takes that rank and those fixed sizes only. None for several inputs."""
         specs = self.manifest.input_spec
         return tuple(specs[0].shape) if len(specs) == 1 else None
+
+    @property
+    def signed_input_dtype(self) -> torch.dtype | None:
+        """The signed dtype of the program's one input; None for several inputs."""
+        specs = self.manifest.input_spec
+        return getattr(torch, specs[0].dtype, None) if len(specs) == 1 else None
 
     @property
     def seed_hazard(self) -> str | None:

@@ -95,10 +95,29 @@ def export_module(
                 "fixes a size of 1, so the kernel would take batches of 1 only; give a batch "
                 "of 2 or more (or dynamic=False for a kernel of this exact shape)"
             )
+    tied = _tied_tensors(module)
+    if tied is not None:
+        raise ValueError(
+            f"{tied[0]!r} and {tied[1]!r} are one tensor (tied weights, or a submodule used "
+            "twice): an exported program saved and loaded again holds them apart, so a seed "
+            "would train them apart; give each its own tensor, or compute one from the other "
+            "in forward"
+        )
     shapes = None
     if dynamic:
         shapes = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in inputs)
     return torch.export.export(module, inputs, dynamic_shapes=shapes)
+
+
+def _tied_tensors(module: nn.Module) -> tuple[str, str] | None:
+    """The names of two parameters (or buffers) of ``module`` that are one tensor, if any."""
+    for named in (module.named_parameters, module.named_buffers):
+        seen: dict[int, str] = {}
+        for name, tensor in named(remove_duplicate=False):
+            if id(tensor) in seen:
+                return seen[id(tensor)], name
+            seen[id(tensor)] = name
+    return None
 
 
 def _input_spec(program: torch.export.ExportedProgram) -> tuple[TensorSpec, ...]:

@@ -1,0 +1,186 @@
+"""Kernels users write and publish themselves, through GERMINATE and G3: what the published
+module says (frozen parameters, tied weights, its input dtype, its control flow) holds in the
+seed, or the kernel is refused with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.manager import KasminaKernelManager
+from kasmina.seeds.gates import GateResult
+from kasmina.stages import SeedStage
+from kasmina.urza.publish import export_module, publish_artifact
+from kasmina.utils.keyring import Keyring, generate_key
+from tests.manager.helpers import PUBLISHER, SEED0, Host, make_config, run_command
+
+S = SeedStage
+
+
+class Grown:
+    """A manager over ``Host`` in ``dtype`` whose seed ``out[0]`` may germinate ``module``."""
+
+    def __init__(self, tmp_path: Path, module: nn.Module, dtype: torch.dtype) -> None:
+        store = tmp_path / "urza"
+        example = [torch.randn(4, 2, dtype=dtype)]
+        self.artifact = publish_artifact(module, example, str(store), "bp", PUBLISHER).artifact_id
+        self.keyring = Keyring({"ctl": generate_key()})
+        config = make_config(tmp_path, store, performance_gate=0, latency_budget_ms=1e9)
+        self.manager = KasminaKernelManager(config, keyring=self.keyring)
+        self.model = Host().to(dtype)
+        self.manager.attach(self.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05, eps=1e-4)
+        self.x = torch.randn(16, 6).to(dtype)
+        self.y = torch.randint(0, 4, (16,))
+        with torch.no_grad():
+            self.model(self.x)
+
+    def send(self, op: str) -> bool:
+        command = make_seed_command(op, SEED0, self.artifact if op == "germinate" else "")
+        return run_command(
+            self.manager, sign_command(command, self.keyring, "ctl").SerializeToString()
+        )
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.manager.backward(F.cross_entropy(self.model(self.x).float(), self.y))
+            self.manager.step()
+
+    def g3(self) -> GateResult:
+        assert self.send("germinate")
+        self.train(2)
+        self.manager.end_epoch(0)
+        assert self.send("advance")
+        self.train(1)  # the probe G3 reads
+        record = self.manager.require_registry()[SEED0]
+        return self.manager.execution.evaluate_gate(record, S.GRAFTING)
+
+
+class Wide(nn.Module):
+    """About 50x the host layer's FLOPs per output element (G3's budget is 16x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2, 200), nn.Linear(200, 2)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.01 * self.fc2(torch.relu(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x)
+
+
+class WideInFloat32(Wide):
+    """``Wide`` on a bf16 input, computed in float32 with float32 parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x.float()).to(x.dtype)
+
+
+class WideUnderCond(Wide):
+    """``Wide`` behind ``torch.cond``, which the FLOP counter cannot count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > -1e30, self.branch, self.branch, (x,))
+
+
+def test_g3_counts_a_kernel_whose_parameters_are_not_in_its_input_dtype(tmp_path: Path) -> None:
+    """The probe's input was cast to the kernel's parameter dtype before counting: a kernel
+    signed for bf16 input with float32 parameters refused it, and G3 let a kernel 50x the
+    host's cost through, "cost unchecked". It is counted on the dtype its signature takes."""
+    result = Grown(tmp_path, WideInFloat32(), torch.bfloat16).g3()
+    assert not result.passed and "> budget 16x" in result.reason
+
+
+def test_g3_refuses_a_kernel_whose_cost_cannot_be_counted(tmp_path: Path) -> None:
+    """``torch.cond`` made the FLOP counter raise, and G3 passed the kernel with its cost
+    unchecked (logged only). A cost G3 cannot count cannot be held to the budget: refused."""
+    result = Grown(tmp_path, WideUnderCond(), torch.float32).g3()
+    assert not result.passed
+    assert "could not be counted" in result.reason or "> budget 16x" in result.reason
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * self.b(torch.tanh(self.a(x)))
+
+
+def test_publishing_refuses_tied_parameters() -> None:
+    """An exported program saved and loaded again holds tied weights (or a submodule used
+    twice) as separate tensors: the seed trained a different model than the one published."""
+    with pytest.raises(ValueError, match="'a.weight' and 'b.weight' are one tensor"):
+        export_module(Tied(), [torch.randn(4, 2)])
+    shared = nn.Sequential()
+    layer = nn.Linear(2, 2)
+    shared.add_module("first", layer)
+    shared.add_module("again", layer)
+    with pytest.raises(ValueError, match="'first.weight' and 'again.weight' are one tensor"):
+        export_module(shared, [torch.randn(4, 2)])
+
+
+class Scaled(nn.Module):
+    """A trained linear residual times a fixed scale (published frozen)."""
+
+    def __init__(self, train_linear: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.fc.requires_grad_(train_linear)
+        self.scale = nn.Parameter(torch.full((2,), 0.5), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x) * self.scale
+
+
+def test_a_parameter_published_frozen_stays_frozen(tmp_path: Path) -> None:
+    """Every float parameter of a loaded kernel was set to require a gradient: a fixed scale
+    or mask the user published frozen was trained. The published flag holds; a kernel with
+    nothing to train is refused at GERMINATE."""
+    grown = Grown(tmp_path / "a", Scaled(), torch.float32)
+    assert grown.send("germinate")
+    kernel = grown.manager.seed(SEED0).kernel
+    params = dict(kernel.named_parameters())
+    frozen = [name for name, p in params.items() if not p.requires_grad]
+    assert len(frozen) == 1 and params[frozen[0]].shape == (2,)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    grown.train(3)
+    assert torch.equal(params[frozen[0]], before[frozen[0]])
+    assert any(not torch.equal(p, before[n]) for n, p in params.items() if p.requires_grad)
+    grown.manager.close()
+    nothing = Grown(tmp_path / "b", Scaled(train_linear=False), torch.float32)
+    assert not nothing.send("germinate")
+    reason = nothing.manager.command_log[-1][-1]
+    assert "no parameter that requires a gradient" in reason
+    assert nothing.manager.seed(SEED0).stage == S.DORMANT
+    nothing.manager.close()
+
+
+class LearnedConstant(nn.Module):
+    """An output that is a view of a parameter (expanded over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], 2)
+
+
+def test_a_kernel_whose_output_views_a_parameter_germinates(tmp_path: Path) -> None:
+    """The dry run's second probe asks for no backward, yet a view of a parameter requires a
+    gradient even without grad mode: it called ``autograd.grad`` with no inputs and refused
+    the kernel "in its backward"."""
+    grown = Grown(tmp_path, LearnedConstant(), torch.float32)
+    assert grown.send("germinate")
+    grown.train(2)
+    assert grown.manager.seed(SEED0).stage == S.ISOLATED_INIT
+    grown.manager.close()
