@@ -44,7 +44,7 @@ container pytree does not know (a plain dataclass) is one leaf, so such a merged
 at its first forward where its slot would have chunked an element. Nor is there a sit-out: a
 call the slot passes through because it does not fit the seeds (a conv slot's unbatched image,
 a chunk of a rank an exported kernel's signed input does not take) reaches the kernels here,
-whose input guards raise. (Unpickling a
+whose input guards raise, and one of another width raises at the split. (Unpickling a
 ``GraphModule`` re-traces its code, and that trace flattens the output as a Tensor: one more
 reason to ship the exported program.)
 """
@@ -123,7 +123,10 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     index = int(vars(slot).get("output_index", 0))
     element = graph.call_function(operator.getitem, (items, index))
     dim = int(vars(slot).get("chunk_dim", -1))
-    chunks = graph.call_function(torch.split, (element, slot.chunk_size), {"dim": dim})
+    # Exact sizes: a call of another width (one the slot sat out, an activation shared by
+    # layers of two widths) raises here rather than losing the chunks past the seeds'.
+    sizes = [slot.chunk_size] * slot.num_seeds
+    chunks = graph.call_function(torch.split, (element, sizes), {"dim": dim})
     pieces = []
     for k in range(slot.num_seeds):
         piece = graph.call_function(operator.getitem, (chunks, k))
@@ -147,7 +150,15 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     cls = type(name, (fx.GraphModule,), {"__module__": fx.GraphModule.__module__})
     # A one-off merge compiles the graph and the kernels' program modules again: their old
     # sources go, and the new ones with the modules (a merge every epoch grew without bound).
-    merged = built_with_bounded_sources(lambda: cls(root, graph, class_name=name), [root])
+    try:
+        merged = built_with_bounded_sources(lambda: cls(root, graph, class_name=name), [root])
+    except (SyntaxError, NameError) as exc:  # a default fx writes as its repr: not code
+        defaults = inspect.signature(slot.host.forward).parameters.values()
+        written = ", ".join(f"{p.name}={p.default!r}" for p in defaults if p.default is not p.empty)
+        raise ValueError(
+            f"cannot merge a slot whose host ({type(slot.host).__name__}) has a forward default "
+            f"torch.fx cannot write as code ({written}); a default such as None can be"
+        ) from exc
     merged.training = slot.training  # its own flag only: the submodules keep their modes
     _expose_host(merged, cls, slot.host)
     return merged

@@ -93,6 +93,60 @@ def test_merge_of_an_attention_slot_computes_what_the_grown_model_computed() -> 
         _compare(merged(x), grown)
 
 
+class SharedActivation(nn.Module):
+    """One activation module called on an 8-wide and on a 12-wide tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.act = nn.Linear(6, 8), nn.Linear(6, 12), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.a(x)).sum(-1) + self.act(self.b(x)).sum(-1)
+
+
+def test_a_merged_slot_raises_on_a_call_of_another_width() -> None:
+    """A slot over an activation shared by layers of two widths sits the wider call out (the
+    host's output stands); the merged module split that call into ``chunk_size`` pieces, kept
+    the seeds' first two and dropped the rest: a wrong answer, silently. It raises now."""
+    model = SharedActivation().eval()
+    (slot,) = kasmina.attach(model, ["act"], 2, 4)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        model(x)
+    walk_to_active(slot.seed(1), 4, init=1)
+    with torch.no_grad():
+        assert model.act(torch.randn(5, 12)).shape == (5, 12)  # sat out by the grown slot
+    merged = kasmina.merge(model)
+    with torch.no_grad():
+        assert merged.act(torch.randn(5, 8)).shape == (5, 8)
+        with pytest.raises(RuntimeError, match="split"):
+            merged(x)
+
+
+class DefaultActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor, act: Any = torch.nn.functional.gelu) -> torch.Tensor:
+        return act(self.lin(x))
+
+
+def test_a_host_forward_default_fx_cannot_write_is_refused_by_name() -> None:
+    """A default such as a function was written into the merged module's generated code as
+    its repr, and merge raised a bare ``SyntaxError`` from that code."""
+    model = nn.Sequential(DefaultActivation(), nn.Linear(8, 3)).eval()
+    (slot,) = kasmina.attach(model, ["0"], 2, 4)
+    with torch.no_grad():
+        model(torch.randn(3, 6))
+    walk_to_active(slot.seed(0), 4, init=1)
+    with pytest.raises(ValueError, match="forward default torch.fx cannot write as code .*act="):
+        kasmina.merge(model)
+    assert model[0] is slot  # unchanged
+
+
 def test_merge_after_a_dtype_change_decides_nothing_from_the_stale_recorded_input() -> None:
     """``model.to(dtype)`` forgets the slot's output contract but not its recorded input: no
     probe with that float32 input may decide what a float64 host returns."""
