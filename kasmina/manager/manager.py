@@ -441,8 +441,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         ``grad_clip_norm`` > 0 clips every optimizer's gradients to it and skips a non-finite
         step; 0 or None: no clipping; anything else is a ``ValueError`` (``checked_clip_norm``)."""
         clip = checked_clip_norm(grad_clip_norm)  # before anything changes
-        started = time.perf_counter_ns()
-        state = self.state
+        started, state = time.perf_counter_ns(), self.state
         with self._lock:
             registry = state.require_registry(training=True)  # check_held: before any change
             registry.take_host_groups(state.optimizers)  # a user's new groups, checked first
@@ -476,6 +475,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 host_stepped = bool(host) and done[0]
                 stepped = list(compress(seeds, done[len(host) :]))
                 self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
+                stepped = registry.with_gradients(stepped)  # reported: a step that changed them
                 optimizers.zero_grad(host=state.config.host_grads_set_to_none)
                 dropped = registry.end_step()  # KD losses computed, never passed to backward()
                 if dropped and not self.counters["kd_dropped"]:
@@ -491,7 +491,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             "step": state.global_step,
             "isolation_clean": clean,
             "host_stepped": host_stepped,
-            "seeds_stepped": stepped,
+            "seeds_stepped": stepped,  # had gradients to apply, and their optimizers stepped
             "nonfinite": nonfinite,  # fell back in a forward with grad: its gradient dropped
             "frozen": frozen,  # in a training stage with no parameter that requires grad
             "commands": outcomes,  # queued commands applied at the end of this step

@@ -444,6 +444,13 @@ class SlotRegistry:
         due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
         return [r for r in due if any(p.grad is not None for p in r.seed.trained_parameters())]
 
+    def with_gradients(self, stepped: Iterable[str]) -> list[str]:
+        """The seeds among ``stepped`` that had a gradient to apply (read on the host, before
+        the gradients are zeroed): an optimizer step without one changes nothing."""
+        return [
+            s for s in stepped if any(p.grad is not None for p in self[s].seed.trained_parameters())
+        ]
+
     def charge_failed_steps(self, optimizers: IsolatedOptimizerManager) -> None:
         """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
         call, ``step()``'s or a STEP command's; taken, so each is charged once."""

@@ -1605,3 +1605,18 @@ def test_the_managers_telemetry_file_is_rotated_at_the_configured_cap(
         data = file.read_bytes()
         assert 0 < len(data) <= cap and data.endswith(b"\n")
         assert all(json.loads(line)["packet_id"] for line in data.decode().splitlines())
+
+
+def test_a_step_without_a_backward_reports_no_seed_stepped(rig: Rig, mlp) -> None:
+    """``step()`` after a forward without ``backward`` (an evaluation batch, a skipped loss)
+    reported every training seed in ``seeds_stepped``, though their optimizers had nothing to
+    apply: the controller read a step that changed nothing as one that trained them."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.model(rig.x)
+    before = [p.detach().clone() for p in manager.seed(SEED0).seed_parameters()]
+    report = manager.step()
+    assert report["seeds_stepped"] == []
+    after = manager.seed(SEED0).seed_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert rig.train(1)["seeds_stepped"] == [SEED0]
