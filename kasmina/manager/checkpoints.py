@@ -224,7 +224,7 @@ class CheckpointStore(ABC):
         kept = (
             f"nearest kept: epoch {' and '.join(str(e) for e in nearest)}"
             if nearest
-            else "none kept yet"
+            else f"none kept yet of run {self.run_id!r} in the {self.describe()} store"
         )
         return CheckpointUnavailableError(f"no checkpoint of epoch {epoch} ({policy}); {kept}")
 
@@ -342,9 +342,9 @@ class DiskCheckpointStore(CheckpointStore):
             raise RuntimeError(
                 f"the checkpoints of run {run_id} in {self.directory} are held by another live "
                 f"trainer (another process of this run, or a second manager in this one; lock "
-                f"{lock_path}): both would write {run_id}.epoch_<n>.ckpt there. Give each "
-                "trainer, each rank included, its own run_id (or its own checkpoint_dir); a "
-                "separate nonce_ledger does not separate their checkpoints"
+                f"{lock_path}): both would write {run_id}.epoch_<n>.ckpt there. A restart of "
+                "this run waits until that trainer has closed or exited; two trainers, each "
+                "rank included, each need its own run_id or checkpoint_dir (not a nonce_ledger)"
             )
         return lock_file
 

@@ -239,3 +239,32 @@ def test_saved_host_shapes_that_do_not_fit_their_slot_are_dropped(rig: Rig) -> N
     ):
         assert parse_host_shapes({slot: bad}, registry) == {}, bad
     assert parse_host_shapes(None, registry) == {} and parse_host_shapes([good], registry) == {}
+
+
+def test_a_resume_that_cannot_use_the_checkpoint_says_what_differs(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A restart attached with another ``seeds_per_layer`` was refused "not for this model's
+    seeds", naming none; one whose ``checkpoint_dir`` moved was told "none kept yet", naming
+    no directory. The refusals name the seeds that differ and the store that was looked in."""
+    rig = Rig(make_config(tmp_path, store, run_id="resumed"), keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    rig.manager.end_epoch(0)
+    rig.manager.close()
+
+    def restart(seeds_per_layer: int, **overrides: str) -> str:
+        config = make_config(tmp_path, store, run_id="resumed", **overrides)
+        with KasminaKernelManager(config, keyring=keyring) as manager:
+            model = Host()
+            manager.attach(model, "out", seeds_per_layer, 4 // seeds_per_layer)
+            record_activations(model, torch.randn(16, 6))
+            assert not rollback(manager, keyring, 0)
+            return manager.command_log[-1][-1]
+
+    reason = restart(1)
+    assert "its seeds not here: ['out[1]']; seeds here it lacks: []" in reason
+    assert "seeds_per_layer" in reason
+    moved = tmp_path / "moved"
+    reason = restart(2, checkpoint_dir=str(moved))
+    assert f"none kept yet of run 'resumed' in the signed disk ({moved}) store" in reason
