@@ -552,8 +552,8 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     if taken is not None:
         return f"is not what it takes: its signed input shape is {taken}"
     params = [p for p in kernel.parameters() if p.requires_grad] if backward else []
-    if backward and not params:
-        return "has no parameter that requires a gradient: a seed trains its kernel"
+    if backward and not params and next(kernel.parameters(), None) is not None:
+        return "has parameters, none that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
     versions = [t._version for _, t in watched]
     try:

@@ -159,7 +159,7 @@ def test_a_parameter_published_frozen_stays_frozen(tmp_path: Path) -> None:
     nothing = Grown(tmp_path / "b", Scaled(train_linear=False), torch.float32)
     assert not nothing.send("germinate")
     reason = nothing.manager.command_log[-1][-1]
-    assert "no parameter that requires a gradient" in reason
+    assert "has parameters, none that requires a gradient" in reason
     assert nothing.manager.seed(SEED0).stage == S.DORMANT
     nothing.manager.close()
 
