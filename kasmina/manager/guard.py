@@ -289,6 +289,9 @@ class IsolationGuard:
             attached, record.input_grad = record.input_grad, False
             if monitor is None:
                 continue
+            # The seed's count is the one a load_state_dict (or a rollback) restores: the
+            # breaker counts on from it, as the reports do.
+            monitor.violation_count = record.seed.isolation_violations
             if record.seed_id in suspects:
                 monitor.note_violation("host gradient during the seed-only (KD) backward")
             if attached:

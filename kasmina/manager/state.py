@@ -331,14 +331,14 @@ class ManagerState:
         """The trainer's measure of a seed's benefit (0..1), for reports only (warned): G5
         uses the benefit ``evaluate_seeds`` measured, which overwrites this score."""
         score = check_real("gate score", score)
-        if not math.isfinite(score):
-            raise ValueError(f"gate score must be finite, got {score}")
+        if not 0.0 <= score <= 1.0:  # NaN too; checked before anything is written
+            raise ValueError(f"gate score must be a number in [0, 1], got {score}")
         record = self.require_registry()[seed_id]
+        record.seed.gate_score = float(score)
         self.counters["gate_scores_recorded"] += 1  # a trainer may record one every step
         n = self.counters["gate_scores_recorded"]
         logger.log(rarely(n, 1000), "record_gate_score(%s): reported only; G5 uses "
                    "evaluate_seeds' [%d recorded so far]", seed_id, n)  # fmt: skip
-        record.seed.gate_score = float(score)
 
 
 def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:

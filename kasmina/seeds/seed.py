@@ -416,9 +416,9 @@ class GradientIsolatedSeed(nn.Module):
 
     @gate_score.setter
     def gate_score(self, score: float) -> None:
+        if math.isfinite(score):  # the table first: a value it refuses changes neither
+            self.state_table.set_gate_score(self.state_index, float(score))
         self._gate_score = float(score)
-        if math.isfinite(self._gate_score):
-            self.state_table.set_gate_score(self.state_index, self._gate_score)
 
     @property
     def performance_gate(self) -> float:

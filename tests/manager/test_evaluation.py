@@ -746,3 +746,20 @@ def test_a_gate_score_recorded_every_step_warns_rarely(rig: Rig, caplog) -> None
     said = [r for r in caplog.records if "record_gate_score" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert rig.manager.seed(SEED0).gate_score == 0.3
+
+
+def test_a_gate_score_out_of_range_is_refused_before_anything_is_written(rig: Rig) -> None:
+    """``record_gate_score(seed, 3e6)`` overflowed the table's int32 after the seed had kept the
+    score and the counter had moved (a later field report carried a score the table never
+    held); negative scores passed. Scores are in [0, 1], checked first; nothing changes."""
+    manager = rig.manager
+    manager.record_gate_score(SEED0, 0.7)
+    seed, table = manager.seed(SEED0), manager.require_registry().table
+    for bad in (3e6, 1e300, -5.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"gate score must be a number in \[0, 1\]"):
+            manager.record_gate_score(SEED0, bad)
+        assert seed.gate_score == 0.7 and table.read_row(seed.state_index)["GATE_SCORE"] == 700
+        assert manager.counters["gate_scores_recorded"] == 1
+    with pytest.raises(RuntimeError):
+        seed.gate_score = 3e6  # the table refuses it: the seed keeps its score too
+    assert seed.gate_score == 0.7

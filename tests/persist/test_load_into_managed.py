@@ -262,3 +262,40 @@ def test_a_seed_state_loads_with_its_kernels_weights_or_not_at_all(strict) -> No
         assert (
             slot.seed(0).stage == S.DORMANT and (slot.seed(0).kernel is not None) == target_kernel
         )
+
+
+def test_a_snapshots_isolation_violations_are_the_breakers_too(tmp_path: Path) -> None:
+    """A snapshot's seed state restored its violation count, but the seed's monitor kept its
+    own: the reports said 0 while the breaker stood at 2, the next clean step put 2 back, and
+    one leak after the load quarantined the seed "after 3". The breaker counts on from the
+    count the load restored, as the reports do."""
+    from torch.nn import functional as F
+
+    from kasmina.kd.config import KDConfig
+
+    store = tmp_path / "urza"
+    torch.manual_seed(10)
+    aid = publish_artifact(ResidualMLP(2, 2), [torch.randn(3, 2)], str(store), "m", PUBLISHER)
+    kd = KDConfig(temperature=2.0, alpha=1.0)
+    keyring = Keyring({"ctl": generate_key()})
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    assert rig.send("germinate", SEED0, aid.artifact_id)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    snapshot = clone_state(rig.model.state_dict())  # no violation yet
+    host_weight = rig.model.inp.weight
+
+    def leaking_step() -> None:  # the KD loss reaches a host weight
+        rig.slot.set_teacher_logits(torch.randn(16, 4))
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        manager.backward(loss, kd_loss=manager.collect_kd_losses() + 1e-2 * host_weight.sum())
+        manager.step()
+
+    leaking_step()
+    leaking_step()
+    assert seed.isolation_violations == 2
+    rig.model.load_state_dict(snapshot)
+    assert seed.isolation_violations == 0
+    rig.train(1)
+    assert seed.isolation_violations == 0
+    leaking_step()
+    assert seed.isolation_violations == 1 and rig.stage(SEED0) == S.ISOLATED_INIT
