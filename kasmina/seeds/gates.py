@@ -107,24 +107,24 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
 
     Runs without gradient, in the module's current mode; buffers the forward mutates (batch-norm
     statistics) are put back, so counting changes nothing. A module that raises propagates.
-    A floating ``x`` is cast to the dtype the module takes first (an exported kernel's signed
-    input dtype, else its parameters' one floating dtype): activations recorded under
-    ``torch.autocast`` are in autocast's dtype, which the module, run outside autocast, would
-    refuse, and the count does not depend on the dtype.
-    """
-    if x.dtype.is_floating_point:
-        signed = getattr(module, "signed_input_dtype", None)
-        dtypes = (
-            {signed}
-            if isinstance(signed, torch.dtype)
-            else {p.dtype for p in module.parameters() if p.is_floating_point()}
-        )
-        if len(dtypes) == 1 and x.dtype not in dtypes:
-            x = x.to(dtypes.pop())
-    with kept_buffers(module), torch.no_grad(), rng_forked(x.device):
-        with FlopCounterMode(display=False) as counter:
-            module(x)
-    return int(counter.get_total_flops())
+    A floating ``x`` the module refuses is tried in the dtypes it may take (counts do not
+    depend on them): its parameters' one floating dtype (activations recorded under autocast
+    are in autocast's; parameters follow a ``model.to(dtype)``), then an exported kernel's
+    signed input dtype (bf16 in, float32 inside). The first refusal propagates if none runs."""
+    params = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    tries = [x.dtype]
+    if x.is_floating_point():
+        tries += [*(params if len(params) == 1 else ()), getattr(module, "signed_input_dtype", 0)]
+    errors: list[Exception] = []
+    for dtype in [d for d in dict.fromkeys(tries) if isinstance(d, torch.dtype)]:
+        try:
+            with kept_buffers(module), torch.no_grad(), rng_forked(x.device):
+                with FlopCounterMode(display=False) as counter:
+                    module(x.to(dtype))
+            return int(counter.get_total_flops())
+        except Exception as exc:
+            errors.append(exc)
+    raise errors[0]
 
 
 @contextmanager

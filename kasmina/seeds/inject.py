@@ -191,15 +191,8 @@ def attach(
     if state is not None and not isinstance(state, GPUStateTensor):
         raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
     names = _resolve(model, targets)
-    slot_names = [n for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
+    _refuse_nesting(model, names)
     for name in names:
-        inside = [other for other in names if name.startswith(other + ".")]
-        inside += [n for n in slot_names if name.startswith(n + ".")]
-        if inside:
-            raise ValueError(f"{name!r} is nested inside {inside[0]!r}; target one of them")
-        holds = [n for n in slot_names if n.startswith(name + ".")]
-        if holds:  # an earlier attach's slot: detach and merge would find it moved
-            raise ValueError(f"{name!r} holds the slot {holds[0]!r}; target one of them")
         _refuse_unreachable(model, name)
     total = len(names) * seeds_per_layer
     if state is None:
@@ -239,6 +232,24 @@ def install(model: nn.Module, name: str, layer: KasminaLayer) -> None:
     parent, attr = _parent(model, name)
     layer.guards_fused_path = isinstance(parent, nn.TransformerEncoderLayer)
     setattr(parent, attr, layer)
+
+
+def _refuse_nesting(model: nn.Module, names: Collection[str]) -> None:
+    """``ValueError`` for a target inside another target or an existing slot, or holding an
+    existing slot (detach and merge would find it moved), by module identity: a block the
+    model also registers under a second parent hides one path from the names."""
+    targets = {name: model.get_submodule(name) for name in names}
+    slots = [(n, m) for n, m in model.named_modules() if n and isinstance(m, KasminaLayer)]
+    for name, module in targets.items():
+        below = {id(m) for m in module.modules() if m is not module}
+        for other, inner in targets.items():
+            if id(inner) in below:
+                raise ValueError(f"{other!r} is nested inside {name!r}; target one of them")
+        for slot_name, slot in slots:
+            if id(slot) in below:
+                raise ValueError(f"{name!r} holds the slot {slot_name!r}; target one of them")
+            if any(m is module for m in slot.modules()):
+                raise ValueError(f"{name!r} is nested inside {slot_name!r}; target one of them")
 
 
 def add_load_checks(model: nn.Module) -> None:

@@ -184,3 +184,24 @@ def test_a_kernel_whose_output_views_a_parameter_germinates(tmp_path: Path) -> N
     grown.train(2)
     assert grown.manager.seed(SEED0).stage == S.ISOLATED_INIT
     grown.manager.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_g3_counts_a_kernel_after_the_model_changed_dtype(tmp_path: Path, dtype) -> None:
+    """A model converted mid-run trains on; its kernels' parameters follow the conversion, not
+    their signed input dtype, and G3 counts them on the dtype they now run in (counted on the
+    signed dtype only, every seed grown before the conversion was refused as uncountable)."""
+    from kasmina.urza.blueprints import ResidualMLP
+
+    grown = Grown(tmp_path, ResidualMLP(2, 4), torch.float32)
+    assert grown.send("germinate")
+    grown.train(2)
+    grown.manager.end_epoch(0)
+    assert grown.send("advance")
+    grown.model.to(dtype)
+    grown.x = grown.x.to(dtype)
+    grown.train(1)
+    record = grown.manager.require_registry()[SEED0]
+    result = grown.manager.execution.evaluate_gate(record, S.GRAFTING)
+    assert result.passed and "cost 1x" in result.reason
+    grown.manager.close()

@@ -113,3 +113,30 @@ def test_a_slot_around_an_earlier_slot_is_refused() -> None:
     assert _slots(model) == ["2.1"]
     kasmina.detach(model)
     assert not _slots(model) and isinstance(model[2][1], nn.Linear)
+
+
+class Wrapped(nn.Module):
+    """One block at ``a`` and again inside ``wrap``: ``a.fc`` is also ``wrap.0.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = Block()
+        self.a, self.wrap, self.head = block, nn.Sequential(block), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.wrap(self.a(x)))
+
+
+def test_nesting_through_a_block_at_two_paths_is_refused() -> None:
+    """The nesting checks compared names, and a block the model also registers under a second
+    parent hides one path: ``wrap`` holding the slot ``a.fc`` (as ``wrap.0.fc``) was accepted,
+    in one call or two, and ``kasmina.save`` then wrote a file no load could read."""
+    model = Wrapped()
+    with pytest.raises(ValueError, match="'a.fc' is nested inside 'wrap'"):
+        kasmina.attach(model, ["a.fc", "wrap"], 2, 2)
+    assert not _slots(model)
+    kasmina.attach(model, ["a.fc"], 2, 2)
+    with pytest.raises(ValueError, match="'wrap' holds the slot 'a.fc'"):
+        kasmina.attach(model, ["wrap"], 2, 2)
+    assert _slots(model) == ["a.fc"]
