@@ -245,7 +245,14 @@ class SlotRegistry:
         for slot in self.slots:
             for seed in slot.seeds:
                 if seed.stage != SeedStage.DORMANT or seed.kernel is not None:
-                    raise ValueError(f"seed {seed.seed_id} must be DORMANT without a kernel")
+                    raise ValueError(
+                        f"seed {seed.seed_id} is {seed.stage.name}"
+                        f"{' with a kernel' if seed.kernel is not None else ''}: a manager "
+                        "takes over only slots whose seeds are all DORMANT without a kernel (a "
+                        "seed's optimizer, monitor and pin are its manager's). To train a grown "
+                        "model on, resume its run (attach the bare host, then a ROLLBACK to a "
+                        "checkpoint), or kasmina.merge it and attach the merged model"
+                    )
                 if seed.seed_id in self.records:
                     raise ValueError(f"duplicate seed id {seed.seed_id!r}")
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)

@@ -103,7 +103,7 @@ def test_a_refused_registration_leaves_no_owner_behind(
     slot_a, slot_b = kasmina.attach(model, ["a.out", "b.out"], 2, 2)
     slot_b.seed(1).transition_to(S.ISOLATED_INIT)  # a seed something else moved on
     manager = _manager(tmp_path, store, keyring, "m")
-    with pytest.raises(ValueError, match="must be DORMANT") as kept:
+    with pytest.raises(ValueError, match="is ISOLATED_INIT: a manager takes over only") as kept:
         manager.register(model)
     seeds = [*slot_a.seeds, *slot_b.seeds]
     assert not any(slot_a.state_table.owned(s.state_index) for s in seeds)
@@ -127,7 +127,7 @@ def test_a_dropped_manager_lets_go_of_its_model(
         model = rig.model
         del rig
         manager = _manager(tmp_path, store, keyring, "new")
-        with pytest.raises(ValueError, match="must be DORMANT without a kernel"):
+        with pytest.raises(ValueError, match="ISOLATED_INIT with a kernel: a manager takes over"):
             manager.register(model)  # its own refusal: not "managed by another manager"
         assert not any(model.out.state_table.owned(k) for k in range(2))
         model = Host()  # a fresh model's dropped manager, which never germinated

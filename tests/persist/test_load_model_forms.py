@@ -140,3 +140,16 @@ def test_nesting_through_a_block_at_two_paths_is_refused() -> None:
     with pytest.raises(ValueError, match="'wrap' holds the slot 'a.fc'"):
         kasmina.attach(model, ["wrap"], 2, 2)
     assert _slots(model) == ["a.fc"]
+
+
+def test_a_loaded_grown_model_handed_to_a_manager_is_told_how_to_go_on(tmp_path: Path) -> None:
+    """``kasmina.load`` then ``manager.register``: refused with a bare "must be DORMANT without
+    a kernel". The refusal names the seed's stage and the two ways to train such a model on."""
+    model = lazy_model()
+    model(torch.randn(3, 6))
+    (slot,) = kasmina.attach(model, ["2"], 2, 2)
+    slot.seed(0).attach_kernel(nn.Linear(2, 2))
+    keyring = Keyring({"ctl": generate_key()})
+    with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
+        with pytest.raises(ValueError, match="is DORMANT with a kernel: .* resume its run .*merge"):
+            m.register(model)
