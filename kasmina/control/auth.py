@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection
 from numbers import Real
 from typing import Any, NamedTuple
 
-from kasmina.control.ledger import NonceLedger
+from kasmina.control.ledger import MAX_LIVE_NONCES, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring, checked_keyring
 
@@ -179,6 +179,7 @@ class CommandVerifier:
     Reasons returned on rejection: ``missing_metadata``, ``missing_signature``,
     ``missing_nonce``, ``bad_nonce``, ``untrusted_key_id``, ``unknown_key_id``,
     ``bad_signature``, ``stale``, ``future``, ``replay``, ``duplicate_command``,
+    ``too_many_commands`` (``MAX_LIVE_NONCES`` accepted in the freshness window already),
     ``ledger_error``. ``"ok"`` on success.
 
     ``key_ids`` (optional) are the only key ids whose signatures count, so that a keyring file
@@ -384,6 +385,8 @@ class CommandVerifier:
                 return "duplicate_command"
             if not record_nonce:
                 return ""
+            if len(seen) >= MAX_LIVE_NONCES:  # a bounded window: memory, and the ledger's file
+                return "too_many_commands"
             seen[nonce] = timestamp
             _heappush(expiry, (timestamp, nonce))
             ledger = self._ledger

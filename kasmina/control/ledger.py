@@ -26,7 +26,13 @@ from kasmina.utils.locks import lock_exclusive, released
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DURABILITY_MODES", "LEDGER_COMPACT_SLACK", "LEDGER_FILE_NAME", "NonceLedger"]
+__all__ = [
+    "DURABILITY_MODES",
+    "LEDGER_COMPACT_SLACK",
+    "LEDGER_FILE_NAME",
+    "MAX_LIVE_NONCES",
+    "NonceLedger",
+]
 
 LEDGER_FILE_NAME = "nonces.log"
 # "fsync": each accepted nonce reaches the disk (fdatasync) before its command is accepted, so
@@ -40,6 +46,11 @@ LEDGER_COMPACT_SLACK = 4096
 # The most a ledger file may hold when it is read (a record is about 100 bytes; compaction
 # keeps a file near twice the live nonces): a larger one is not this ledger's, or is damaged.
 MAX_LEDGER_BYTES = 1 << 28
+# The longest record (a 256-character nonce of 4-byte characters: 2,048 hex digits, with its
+# timestamp and CRC), and so the most nonces a verifier keeps live at once: a file compaction
+# lets grow to twice them plus the slack, of records that long, is still readable.
+MAX_LEDGER_LINE_BYTES = 2_100
+MAX_LIVE_NONCES = (MAX_LEDGER_BYTES // MAX_LEDGER_LINE_BYTES - LEDGER_COMPACT_SLACK) // 2
 _LEDGER_HEADER = (
     b"# kasmina nonce ledger v1: 'N <timestamp> <nonce hex> <crc32>' | 'F <floor> - <crc32>'\n"
 )

@@ -564,3 +564,41 @@ def test_closing_waits_for_a_write_in_flight(keyring, clock, path) -> None:
     assert not closer.is_alive()
     assert all(f"n{i}".encode().hex() in path.read_text() for i in range(3))
     assert not verifier.verify(signed(keyring, "after", T0))[0]  # closed: refused
+
+
+def test_the_largest_ledger_a_verifier_can_write_is_one_its_restart_reads() -> None:
+    """The file was bounded by the live nonces (twice them, plus the slack) and read with a
+    fixed cap: a run holding enough live nonces (long ones, a long window) wrote a ledger its
+    own restart refused as too large, and the run could not restart. The live nonces are
+    capped so that the largest file compaction allows fits the read cap."""
+    from kasmina.control.ledger import (
+        LEDGER_COMPACT_SLACK,
+        MAX_LEDGER_BYTES,
+        MAX_LIVE_NONCES,
+        _ledger_line,
+    )
+
+    longest = max(
+        len(_ledger_line("N", stamp, chr(0x10FFFF) * 256))
+        for stamp in (-62_135_596_800.123456, 253_402_300_799.99998, T0 + 0.1234567)
+    )
+    assert (2 * MAX_LIVE_NONCES + LEDGER_COMPACT_SLACK + 2) * longest <= MAX_LEDGER_BYTES
+
+
+def test_a_full_window_refuses_commands_until_nonces_leave_it(
+    keyring, clock, path, monkeypatch
+) -> None:
+    """Past ``MAX_LIVE_NONCES`` accepted in the window, a command is refused without using its
+    nonce up (``too_many_commands``); once older nonces leave the window it is accepted."""
+    from kasmina.control import auth
+
+    monkeypatch.setattr(auth, "MAX_LIVE_NONCES", 3)
+    verifier = start(keyring, clock, path)
+    for i in range(3):
+        assert verifier.verify(signed(keyring, f"n{i}", T0 + i)) == (True, "ok")
+    late = signed(keyring, "late", T0 + 3)
+    assert verifier.verify(late) == (False, "too_many_commands")
+    assert verifier.verify(late) == (False, "too_many_commands")  # not a replay: not used up
+    clock.now = T0 + WINDOW + 1.5  # n0 and n1 have left the window
+    assert verifier.verify(late) == (True, "ok")
+    verifier.close()
