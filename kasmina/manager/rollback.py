@@ -303,10 +303,10 @@ def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _S
     seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
     if not isinstance(seeds, dict) or set(seeds) != set(registry.records):
         saved = set(map(str, seeds)) if isinstance(seeds, dict) else set()
-        extra, lacks = sorted(saved - set(registry.records)), sorted(set(registry.records) - saved)
+        absent, lacks = sorted(saved - set(registry.records)), sorted(set(registry.records) - saved)
         raise ValueError(
             f"the checkpoint of epoch {epoch} is not for this model's seeds (its seeds not "
-            f"here: {extra[:6]}; seeds here it lacks: {lacks[:6]}): attach the model with the "
+            f"here: {absent[:6]}; seeds here it lacks: {lacks[:6]}): attach the model with the "
             "targets and seeds_per_layer of the run that wrote it"
         )
     parsed = {}
