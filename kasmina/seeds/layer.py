@@ -302,9 +302,7 @@ class KasminaLayer(nn.Module):
         self._teacher_logits, self._teacher_depth = teacher_logits, transform_depth()
         return uncollected
 
-    @property
-    def graph_open(self) -> bool:  # a forward recorded a graph since the last step's end
-        return self._graph.open
+    graph_open = property(lambda self: self._graph.open, doc="a graph since the step's end")
 
     def end_step(self) -> None:
         """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
@@ -369,11 +367,13 @@ class KasminaLayer(nn.Module):
                     self._sit_out("kd", "teacher logits dropped in a reentrant checkpoint", True)
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
+        # A graph through the slot, kernels or host alone (a ROLLBACK rewrites weights it saved);
+        # no_grad with an input that needs grad: a reentrant checkpoint (its recompute: again).
+        if torch.is_grad_enabled() or inputs_need_grad(args, kwargs):
+            self._graph.open = True
         # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
         if not self._runs_any:
             return out  # fast path: every seed passes the host through
-        if torch.is_grad_enabled() or inputs_need_grad(args, kwargs):  # no_grad with one: a
-            self._graph.open = True  # reentrant checkpoint, whose recompute runs the kernel
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
         return replace_output_element(out, self.output_index, grafted)

@@ -215,16 +215,36 @@ def test_end_epoch_after_a_forward_through_a_kernel_leaves_the_commands_to_the_s
     assert manager.epoch == 0
 
 
+def test_a_forward_through_dormant_slots_marks_the_graph_too(rig: Rig) -> None:
+    """With every seed DORMANT the slot's forward marked nothing: a ROLLBACK applied at
+    ``end_epoch`` (or ``apply_pending``) between the last micro-batch's forward and its
+    backward rewrote the host weights that graph saved, and the backward raised out of the
+    host's step. The command now waits for the step's end, as with a kernel in the graph."""
+    manager = rig.manager
+    rig.train(2)
+    manager.end_epoch(0)
+    rig.train(2)
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    assert manager.require_registry().graph_open()
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    manager.end_epoch(1)
+    assert manager.apply_pending(wait=True) == [] and len(manager.pending) == 1
+    manager.backward(loss)
+    report = manager.step()
+    assert [(o.kind, o.ok) for o in report["commands"]] == [("rollback", True)]
+    assert manager.epoch == 0
+
+
 def test_a_rollback_drops_the_gradients_of_the_timeline_it_leaves(rig: Rig) -> None:
-    """Gradients accumulated before a rollback at a safe point (no seed running, so no graph
-    mark) were computed on the abandoned weights: the next step applied them to the restored
-    ones. The checkpoint holds none, and neither does the model after the rollback."""
+    """Gradients accumulated before a rollback at a safe point (a backward through no slot,
+    so no graph mark) were computed on the abandoned weights: the next step applied them to
+    the restored ones. The checkpoint holds none, and neither does the model after it."""
     manager = rig.manager
     rig.train(1)
     manager.end_epoch(0)
     saved = host_params(rig)
     rig.train(2)
-    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))  # a step's worth, not stepped
+    manager.backward(rig.model.inp(rig.x).square().mean())  # not stepped; the slot not run
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
     assert [o.ok for o in manager.apply_pending()] == [True]
     assert all(p.grad is None for p in rig.model.parameters())
