@@ -63,7 +63,7 @@ from kasmina.seeds.gates import CompatibilityProbe
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import clone_state, unsaveable
+from kasmina.utils.state_io import clone_state, in_saved_dtypes, unsaveable
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,17 @@ def restore_epoch(
         tracked_before = {
             name: copy.deepcopy(obj.state_dict()) for name, (obj, _) in tracked.items()
         }
+        paths = {id(m): name for name, m in registry.model.named_modules()}
+        saved_model = (checkpoint.get("modules") or {}).get("model") or {}
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
                 original = state.loader.original(artifact_id, deadline=_FETCH_DEADLINE.get())
-                fresh[seed_id] = (artifact_id, state.loader.copy(original))
+                fresh[seed_id] = (artifact_id, kernel := state.loader.copy(original))
+                # In the dtypes the checkpoint holds it in (a model converted after it grew).
+                at = f"{paths[id(registry[seed_id].seed)]}.kernel."
+                in_saved_dtypes(
+                    kernel, {k[len(at) :]: v for k, v in saved_model.items() if k[: len(at)] == at}
+                )
         optimizers = _rebuild_optimizers(state, registry, changes, fresh, checkpoint)
     except BaseException:
         _release(fresh)

@@ -43,7 +43,7 @@ from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import cast_in_place, resized_on_load, with_metadata_of
+from kasmina.utils.state_io import in_saved_dtypes, resized_on_load, with_metadata_of
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _prepare(
             raise SavedModelError(f"seed {entry.get('seed_id')!r}: {problem}")
         kernel = copy.deepcopy(originals[artifact_id])
         try:
-            _in_saved_dtypes(kernel, kernel_state)
+            in_saved_dtypes(kernel, kernel_state)
             kernel.load_state_dict(kernel_state, strict=True)
         except (RuntimeError, TypeError, ValueError, KeyError) as exc:
             raise SavedModelError(f"seed {entry.get('seed_id')!r}: kernel weights: {exc}") from exc
@@ -385,20 +385,6 @@ def _check_architecture(
                 f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
             )
     return state
-
-
-def _in_saved_dtypes(kernel: nn.Module, state: Mapping[str, Any]) -> None:
-    """Give each floating tensor of ``kernel`` the dtype it was saved in: the artifact rebuilds
-    the program in its own dtype, and a model moved to another dtype after it grew (as its
-    kernels were, with it) saved them in that one; ``load_state_dict`` alone would cast back."""
-    floating = {
-        v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    }
-    if len(floating) == 1:  # the usual case: the whole kernel, constants and buffers included
-        kernel.to(floating.pop())
-        return
-    saved = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
-    cast_in_place(kernel, {k: dtype for k, dtype in saved.items() if dtype.is_floating_point})
 
 
 def _verified_kernel(

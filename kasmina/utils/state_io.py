@@ -487,3 +487,18 @@ def cast_in_place(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) ->
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         if name in dtypes and t.is_floating_point() and t.dtype != dtypes[name]:
             t.data = t.data.to(dtypes[name])
+
+
+def in_saved_dtypes(module: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Give each floating tensor of ``module`` the dtype ``state`` (its saved ``state_dict``)
+    holds it in: a kernel rebuilt from its artifact is in the artifact's dtype, and a model
+    moved to another dtype after it grew (its kernels with it) saved them in that one, which
+    ``load_state_dict`` alone would cast back."""
+    floating = {
+        v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    if len(floating) == 1:  # the usual case: the whole module, constants and buffers included
+        module.to(floating.pop())
+        return
+    saved = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+    cast_in_place(module, {k: dtype for k, dtype in saved.items() if dtype.is_floating_point})

@@ -268,3 +268,36 @@ def test_a_resume_that_cannot_use_the_checkpoint_says_what_differs(
     moved = tmp_path / "moved"
     reason = restart(2, checkpoint_dir=str(moved))
     assert f"none kept yet of run 'resumed' in the signed disk ({moved}) store" in reason
+
+
+def test_a_rollback_after_a_dtype_conversion_reattaches_the_kernel_in_that_dtype(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A model converted to bf16 mid-run (its kernels follow), checkpointed, then a seed
+    culled: the ROLLBACK re-attached a fresh copy of the artifact in its own float32 and
+    refused the checkpoint's bf16 kernel weights ("build the model in the checkpoint's
+    dtype"), which no user action could fix. The copy takes the dtypes the checkpoint holds."""
+    from torch.nn import functional as F
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+
+    def step() -> None:
+        manager.backward(F.cross_entropy(rig.model(rig.x).float(), rig.y))
+        manager.step(grad_clip_norm=1.0)
+
+    assert rig.send("germinate", SEED0, mlp)
+    step()
+    rig.model.to(torch.bfloat16)
+    rig.x = rig.x.to(torch.bfloat16)
+    step()
+    manager.end_epoch(0)
+    saved = {k: v.clone() for k, v in manager.seed(SEED0).kernel.state_dict().items()}
+    assert rig.send("cull", SEED0)
+    step()
+    manager.end_epoch(1)
+    assert rollback(manager, keyring, 0), manager.command_log[-1][-1]
+    kernel = manager.seed(SEED0).kernel
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and kernel is not None
+    assert_same(dict(kernel.state_dict()), saved)
+    step()
