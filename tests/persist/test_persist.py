@@ -601,10 +601,10 @@ def test_save_pretrained_with_slots_attached(tmp_path: Path) -> None:
 def test_a_kernel_comes_back_whole_in_its_saved_dtype(tmp_path: Path) -> None:
     """A non-persistent buffer (or a tensor constant) is not in the saved state: a kernel
     rebuilt in the artifact's float32 and loaded from a bf16 state must not keep it float32."""
-    from kasmina.persist.loading import _in_saved_dtypes
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.kernel import GPUKernel
     from kasmina.urza.publish import publish_artifact
+    from kasmina.utils.state_io import in_saved_dtypes
     from tests.urza.test_kernel import Blueprint  # a non-persistent ``offset`` buffer
 
     torch.manual_seed(0)
@@ -617,7 +617,7 @@ def test_a_kernel_comes_back_whole_in_its_saved_dtype(tmp_path: Path) -> None:
     kernel = GPUKernel.from_binary(payload, verified, "cpu").eval()
     saved = copy.deepcopy(kernel).to(torch.bfloat16)  # the model moved to bf16 after growing
     fresh = copy.deepcopy(kernel)
-    _in_saved_dtypes(fresh, saved.state_dict())
+    in_saved_dtypes(fresh, saved.state_dict())
     fresh.load_state_dict(saved.state_dict(), strict=True)
     assert {n: b.dtype for n, b in fresh.named_buffers()} == {
         n: b.dtype for n, b in saved.named_buffers()
