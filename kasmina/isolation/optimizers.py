@@ -116,6 +116,7 @@ class IsolatedOptimizerManager:
         self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
         self.failed_steps: dict[str, tuple[int, str]] = {}  # a seed's: (count, last reason)
         self.failed_now: list[str] = []  # the seeds' optimizers whose step raised in the last call
+        self.norms_now: dict[str, bool] = {}  # the last call's clipped optimizers: norm finite
         self.last_refusal = ""  # why apply_optimizer_command last returned False
         self._conversions = conversions()  # the model conversions its states followed
 
@@ -405,6 +406,7 @@ class IsolatedOptimizerManager:
             self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
             finite = read_flags([torch.isfinite(total) for total in totals])
         self.failed_now = []
+        self.norms_now = dict(zip(optimizer_ids, finite, strict=True)) if clip > 0 else {}
         for i, (optimizer_id, entry) in enumerate(zip(optimizer_ids, entries, strict=True)):
             ok = finite[i]
             if ok and optimizer_id != HOST_ID:  # a seed's: one that raises skips its step

@@ -53,6 +53,12 @@ __all__ = [
 
 # A seed's timeline keeps its latest stage changes only (a run may recycle a seed for ever).
 TIMELINE_SIZE = 1000
+# Clipped steps running in which a seed's gradient norm was not finite while the host's was,
+# before each such step is a fault. A GradScaler halves its scale at every step with an
+# overflow, a seed's included: a gradient that overflowed only because the scale was too high
+# is finite a few halvings later, and one still not after 8 (the scale / 256) is the kernel's
+# own (a sqrt at 0), whose every further step halves the host's scale too, down to 0.
+BAD_GRADIENT_STEPS = 8
 
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
 # A slot's host: the shape and dtype of its first-seen input, and the shape of its output.
@@ -109,6 +115,7 @@ class SeedRecord:
     hook: Any = None  # RemovableHandle of the kernel forward hook
     last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
     input_grad: bool = False  # an isolated kernel's input carried a graph (it was not detached)
+    bad_gradients: int = 0  # clipped steps running whose norm was not finite, the host's was
     last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
     # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes
     timeline: deque[tuple[int, int, str]] = field(
@@ -163,6 +170,7 @@ class SeedRecord:
         self.last_output = None
         self.input_grad = False
         self.monitor = None
+        self.bad_gradients = 0
         return kernel
 
 
@@ -466,6 +474,19 @@ class SlotRegistry:
             record = self.records.get(seed_id)
             if record is not None:
                 record.seed.record_fault("optimizer", optimizers.failed_steps[seed_id][1])
+        norms, optimizers.norms_now = optimizers.norms_now, {}
+        if not norms.get(HOST_ID, False):  # not clipped, or the host's overflowed too
+            return
+        for seed_id, finite in norms.items():  # each step of such a run halves a GradScaler's
+            record = self.records.get(seed_id)  # scale, the host's too, down to 0
+            if record is None:
+                continue
+            record.bad_gradients = 0 if finite else record.bad_gradients + 1
+            if record.bad_gradients >= BAD_GRADIENT_STEPS:
+                record.seed.record_fault(
+                    "gradient", f"gradient not finite in {record.bad_gradients} clipped steps "
+                    "running, the host's finite",
+                )  # fmt: skip
 
     def frozen(self, counters: Counter[str]) -> list[str]:
         """The seeds in an isolated training stage whose kernel has parameters but none that

@@ -123,3 +123,50 @@ def test_the_readme_scaler_recipe_keeps_the_scaler_a_rollback_restored(rig: Rig)
     assert [o.ok for o in report["commands"]] == [True]
     assert scaler.state_dict() == saved
     assert step()["host_stepped"]  # and the loop goes on (unscale_ again)
+
+
+class InfiniteGradient(nn.Module):
+    """``x + sqrt(w - 1)`` at ``w = 1``: its output is finite (``x``), its gradient is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.sqrt(self.w - 1.0)
+
+
+def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
+    tmp_path, keyring
+) -> None:
+    """Under the README's scaler recipe a seed's infinite gradient made ``unscale_`` report an
+    overflow every step: the shared scale halved every step, to 0 after ~150, and from then on
+    the host's step was skipped for good, the seed never charged. A seed whose clipped norm is
+    not finite for ``BAD_GRADIENT_STEPS`` steps running while the host's is finite is charged
+    a fault each step: quarantined, it leaves the scale where the host trains on."""
+    from kasmina.manager.slots import BAD_GRADIENT_STEPS
+    from kasmina.urza.publish import publish_artifact
+    from tests.manager.helpers import PUBLISHER
+
+    store = tmp_path / "urza"
+    bad = publish_artifact(InfiniteGradient(), [torch.randn(3, 2)], str(store), "inf", PUBLISHER)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    scaler = torch.amp.GradScaler("cpu")
+    assert rig.send("germinate", SEED0, bad.artifact_id)
+    faults, reports = [], []
+    for _ in range(BAD_GRADIENT_STEPS + 6):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        manager.backward(scaler.scale(loss))
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        reports.append(manager.step(grad_clip_norm=1.0))
+        scaler.update()
+        faults.append(seed.faults)
+    assert faults[: BAD_GRADIENT_STEPS - 1] == [0] * (BAD_GRADIENT_STEPS - 1)
+    assert faults[BAD_GRADIENT_STEPS - 1 : BAD_GRADIENT_STEPS + 2] == [1, 2, 3]
+    assert seed.stage == S.QUARANTINE and "gradient not finite" in seed.fault_log[-1]
+    scale = scaler.get_scale()
+    assert scale >= 2.0**16 / 2 ** (BAD_GRADIENT_STEPS + 2)  # halved while it was charged
+    assert all(r["host_stepped"] for r in reports) and scaler.get_scale() == scale
