@@ -154,7 +154,7 @@ class CommandIntake:
             self.deferred += 1
             logger.log(
                 rarely(self.deferred, 1000),
-                "a safe point after a forward through a seed's kernel that recorded a graph, "
+                "a safe point after a forward through a slot that recorded a graph, "
                 "before the step's end: nothing applied, the commands wait for step() (a "
                 "forward under torch.no_grad() leaves no graph) [%d such calls]", self.deferred,
             )  # fmt: skip

@@ -381,8 +381,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         ``end_epoch`` starts with one): apply every ready queued command, in arrival order. A
         GERMINATE whose kernel is still being fetched stays queued unless ``wait`` (then this
         waits for it, at most until its command's timeout runs out). After a forward through a
-        seed's kernel that recorded a graph, until the step's end, nothing is applied (a CULL
-        would free a kernel, a ROLLBACK rewrite a weight, that graph still uses): they wait."""
+        slot that recorded a graph, until the step's end, nothing is applied (a CULL would free
+        a kernel, a ROLLBACK rewrite a weight, that graph still uses): they wait."""
         return self.intake.apply_pending(wait=wait, graph_open=self.state.graph_open())
 
     def execute(self, command: KasminaCommand) -> bool:
@@ -500,7 +500,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def end_epoch(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> TelemetryPacket:
-        """Apply the queued commands (none after a forward through a seed's kernel and before
+        """Apply the queued commands (none after a forward through a slot with a graph and before
         its step: ``apply_pending``; one that changed the model drops ``val_metrics``, measured
         before it), write the epoch checkpoint if ``epoch`` is on the cadence (none with
         ``checkpoint_mode="off"``), then tick the lifecycle and run due COOLDOWN -> RECYCLING ->

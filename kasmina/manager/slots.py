@@ -475,7 +475,12 @@ class SlotRegistry:
             if record is not None:
                 record.seed.record_fault("optimizer", optimizers.failed_steps[seed_id][1])
         norms, optimizers.norms_now = optimizers.norms_now, {}
-        if not norms.get(HOST_ID, False):  # not clipped, or the host's overflowed too
+        host = norms.get(HOST_ID)
+        if host is None and not all(norms.values()):  # the user steps the host: read its grads
+            grads = [p.grad for p in (*self.host_params, *self.added_host_params.values())]
+            values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
+            host = bool(values) and all(bool(torch.isfinite(g).all()) for g in values)
+        if not host:  # not clipped, or the host's overflowed too (a scale still too high)
             return
         for seed_id, finite in norms.items():  # each step of such a run halves a GradScaler's
             record = self.records.get(seed_id)  # scale, the host's too, down to 0

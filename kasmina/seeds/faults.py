@@ -68,13 +68,14 @@ __all__ = [
 
 
 class GraphMark:
-    """Set by a slot's forward that runs a seed's kernel with grad enabled, or under ``no_grad``
-    on an input that needs grad (a reentrant checkpoint's forward; its recompute runs the kernel),
-    cleared at a step's end (``end_step``): until then ``manager.apply_pending()`` applies
-    nothing, since a CULL would free a kernel, or a ROLLBACK rewrite a weight, that the live
-    graph still uses. ``reentrant``: a forward without grad met pending teacher logits (a
-    reentrant checkpoint's first run does), so a recompute that finds no teacher of its first
-    run drops them, and says so; a recompute after a first run with grad leaves them."""
+    """Set by a slot's forward that records a graph (its seeds running or all DORMANT: the
+    host's weights are in it too), or under ``no_grad`` on an input that needs grad (a reentrant
+    checkpoint's forward; its recompute runs the slot), cleared at a step's end (``end_step``):
+    until then ``manager.apply_pending()`` applies nothing, since a CULL would free a kernel,
+    or a ROLLBACK rewrite a weight, that the live graph still uses. ``reentrant``: a forward
+    without grad met pending teacher logits (a reentrant checkpoint's first run does), so a
+    recompute that finds no teacher of its first run drops them, and says so; a recompute
+    after a first run with grad leaves them."""
 
     __slots__ = ("open", "reentrant")
 

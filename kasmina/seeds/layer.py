@@ -366,10 +366,10 @@ class KasminaLayer(nn.Module):
                     self._sit_out("kd", "teacher logits dropped in a reentrant checkpoint", True)
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
-        # A graph through the slot, kernels or host alone (a ROLLBACK rewrites weights it saved);
-        # no_grad, an input needing grad: a reentrant checkpoint. (By name: ``torch.`` here cost
-        # a compiled DORMANT forward an aliasing guard, ~2 us a call.)
-        if is_grad_enabled() or inputs_need_grad(args, kwargs):
+        # A graph (kernels' or the host's: a ROLLBACK rewrites weights it saved), or a reentrant
+        # checkpoint's no_grad run; ``is_grad_enabled`` by name (``torch.``: a compiled guard).
+        graph = not isinstance(out, torch.Tensor) or out.requires_grad
+        if (graph and is_grad_enabled()) or inputs_need_grad(args, kwargs):
             self._graph.open = True
         # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
         if not self._runs_any:

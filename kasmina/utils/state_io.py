@@ -494,11 +494,12 @@ def in_saved_dtypes(module: torch.nn.Module, state: Mapping[str, Any]) -> None:
     holds it in: a kernel rebuilt from its artifact is in the artifact's dtype, and a model
     moved to another dtype after it grew (its kernels with it) saved them in that one, which
     ``load_state_dict`` alone would cast back."""
-    floating = {
-        v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    }
+    live = module.state_dict()
+    saved = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if all(isinstance(live.get(k), torch.Tensor) and live[k].dtype == d for k, d in saved.items()):
+        return  # as saved: a tensor outside the state (a float64 constant) keeps its own dtype
+    floating = {d for d in saved.values() if d.is_floating_point}
     if len(floating) == 1:  # the usual case: the whole module, constants and buffers included
         module.to(floating.pop())
         return
-    saved = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
     cast_in_place(module, {k: dtype for k, dtype in saved.items() if dtype.is_floating_point})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -136,8 +137,9 @@ class InfiniteGradient(nn.Module):
         return x + torch.sqrt(self.w - 1.0)
 
 
+@pytest.mark.parametrize("own_host_optimizer", [False, True], ids=["manager", "own"])
 def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
-    tmp_path, keyring
+    tmp_path, keyring, own_host_optimizer: bool
 ) -> None:
     """Under the README's scaler recipe a seed's infinite gradient made ``unscale_`` report an
     overflow every step: the shared scale halved every step, to 0 after ~150, and from then on
@@ -150,8 +152,10 @@ def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
 
     store = tmp_path / "urza"
     bad = publish_artifact(InfiniteGradient(), [torch.randn(3, 2)], str(store), "inf", PUBLISHER)
-    rig = Rig(make_config(tmp_path, store), keyring)
+    options = {"host_lr": None} if own_host_optimizer else {}
+    rig = Rig(make_config(tmp_path, store), keyring, **options)
     manager, seed = rig.manager, rig.manager.seed(SEED0)
+    own = torch.optim.Adam(manager.require_registry().host_params, lr=0.01)
     scaler = torch.amp.GradScaler("cpu")
     assert rig.send("germinate", SEED0, bad.artifact_id)
     faults, reports = [], []
@@ -159,9 +163,13 @@ def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
         with torch.autocast("cpu", dtype=torch.float16):
             loss = F.cross_entropy(rig.model(rig.x), rig.y)
         manager.backward(scaler.scale(loss))
-        for optimizer_id in manager.optimizers.optimizer_ids:
-            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        optimizers = [manager.optimizers.optimizer(o) for o in manager.optimizers.optimizer_ids]
+        for optimizer in optimizers + ([own] if own_host_optimizer else []):
+            scaler.unscale_(optimizer)
         reports.append(manager.step(grad_clip_norm=1.0))
+        if own_host_optimizer:
+            scaler.step(own)
+            own.zero_grad()
         scaler.update()
         faults.append(seed.faults)
     assert faults[: BAD_GRADIENT_STEPS - 1] == [0] * (BAD_GRADIENT_STEPS - 1)
@@ -169,4 +177,6 @@ def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
     assert seed.stage == S.QUARANTINE and "gradient not finite" in seed.fault_log[-1]
     scale = scaler.get_scale()
     assert scale >= 2.0**16 / 2 ** (BAD_GRADIENT_STEPS + 2)  # halved while it was charged
-    assert all(r["host_stepped"] for r in reports) and scaler.get_scale() == scale
+    assert scaler.get_scale() == scale
+    assert own_host_optimizer or all(r["host_stepped"] for r in reports)
+    assert all(torch.isfinite(p).all() for p in manager.require_registry().host_params)

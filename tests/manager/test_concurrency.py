@@ -235,6 +235,17 @@ def test_a_forward_through_dormant_slots_marks_the_graph_too(rig: Rig) -> None:
     assert manager.epoch == 0
 
 
+def test_a_forward_with_grad_that_records_no_graph_leaves_no_mark(rig: Rig) -> None:
+    """Grad mode on, but nothing requires a gradient (a frozen model, an attribution pass's
+    setup): no graph, none to come; the commands apply at the explicit safe point."""
+    rig.model.requires_grad_(False)
+    rig.model(rig.x)
+    assert not rig.manager.require_registry().graph_open()
+    rig.model.requires_grad_(True)
+    rig.model(rig.x)
+    assert rig.manager.require_registry().graph_open()
+
+
 def test_a_rollback_drops_the_gradients_of_the_timeline_it_leaves(rig: Rig) -> None:
     """Gradients accumulated before a rollback at a safe point (a backward through no slot,
     so no graph mark) were computed on the abandoned weights: the next step applied them to

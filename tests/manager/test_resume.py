@@ -301,3 +301,42 @@ def test_a_rollback_after_a_dtype_conversion_reattaches_the_kernel_in_that_dtype
     assert rig.stage(SEED0) == S.ISOLATED_INIT and kernel is not None
     assert_same(dict(kernel.state_dict()), saved)
     step()
+
+
+class Float64Constant(torch.nn.Module):
+    """A residual kernel scaled by a float64 non-persistent buffer (outside its state_dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.register_buffer("c", torch.tensor([1 + 1e-12], dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x) * (self.c - 1).mul(1e12).to(x.dtype)
+
+
+def test_a_rollback_leaves_a_kernels_tensors_outside_its_state_in_their_dtype(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The cast to the checkpoint's dtypes moved the whole re-attached kernel to the one dtype
+    its saved state holds, a float64 tensor outside that state included: the program then
+    raised on every call and the seed was quarantined. A kernel already in the saved dtypes
+    is left as it is."""
+    from kasmina.urza.publish import publish_artifact
+    from tests.manager.helpers import PUBLISHER
+
+    artifact = publish_artifact(
+        Float64Constant(), [torch.randn(3, 2)], str(store), "f64", PUBLISHER
+    )
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, artifact.artifact_id)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    manager.end_epoch(1)
+    assert rollback(manager, keyring, 0), manager.command_log[-1][-1]
+    rig.train(4)
+    seed = manager.seed(SEED0)
+    assert seed.stage == S.ISOLATED_INIT and seed.faults == 0, list(seed.fault_log)
