@@ -45,7 +45,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch import is_grad_enabled, nn
+from torch import Tensor, is_grad_enabled, nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import (
@@ -367,8 +367,8 @@ class KasminaLayer(nn.Module):
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
         # A graph (kernels' or the host's: a ROLLBACK rewrites weights it saved), or a reentrant
-        # checkpoint's no_grad run; ``is_grad_enabled`` by name (``torch.``: a compiled guard).
-        graph = not isinstance(out, torch.Tensor) or out.requires_grad
+        # checkpoint's no_grad run; torch names imported (``torch.`` here: a compiled guard).
+        graph = not isinstance(out, Tensor) or out.requires_grad
         if (graph and is_grad_enabled()) or inputs_need_grad(args, kwargs):
             self._graph.open = True
         # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
