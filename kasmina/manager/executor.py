@@ -503,9 +503,9 @@ class CommandExecution:
         with training_tensors():  # a recycled seed's fresh state
             return self.auto_transitions()
 
-    def after_step(self, stepped: list[str]) -> None:
-        """A training step's seed bookkeeping once the optimizers stepped (gradients not yet
-        zeroed), for the seeds it trained only: an ISOLATED_INIT seed has trained in this epoch
+    def after_step(self, stepped: list[str], trained: list[str]) -> None:
+        """A step's seed bookkeeping once the optimizers stepped, for the seeds it ``trained``
+        only (the ``stepped`` that had gradients): an ISOLATED_INIT seed has trained in this epoch
         (G2), a GRAFTING seed's alpha advances one step. A step that trained a seed nothing (no
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
         never passes a seed whose blend-in never trained. A seed whose optimizer raised: a fault."""
@@ -514,7 +514,7 @@ class CommandExecution:
         for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
             seed = registry[seed_id].seed
             seed.draw_step = (seed.draw_step or 0) + 1
-        for record in registry.trained(stepped):
+        for record in registry.trained(trained):
             seed = record.seed
             if seed.stage == S.ISOLATED_INIT:
                 seed.trained_this_epoch = True

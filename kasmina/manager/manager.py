@@ -474,8 +474,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping
                 host_stepped = bool(host) and done[0]
                 stepped = list(compress(seeds, done[len(host) :]))
-                self.execution.after_step(stepped)  # G2's trained epochs, GRAFTING alphas
-                stepped = registry.with_gradients(stepped)  # reported: a step that changed them
+                trained = registry.with_gradients(stepped)  # what the step changed (reported)
+                self.execution.after_step(stepped, trained)  # G2's epochs, GRAFTING alphas
                 optimizers.zero_grad(host=state.config.host_grads_set_to_none)
                 dropped = registry.end_step()  # KD losses computed, never passed to backward()
                 if dropped and not self.counters["kd_dropped"]:
@@ -491,7 +491,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             "step": state.global_step,
             "isolation_clean": clean,
             "host_stepped": host_stepped,
-            "seeds_stepped": stepped,  # had gradients to apply, and their optimizers stepped
+            "seeds_stepped": trained,  # had gradients to apply, and their optimizers stepped
             "nonfinite": nonfinite,  # fell back in a forward with grad: its gradient dropped
             "frozen": frozen,  # in a training stage with no parameter that requires grad
             "commands": outcomes,  # queued commands applied at the end of this step

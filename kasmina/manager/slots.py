@@ -447,21 +447,19 @@ class SlotRegistry:
         return self[seed_id].seed.seed_parameters()
 
     # ------------------------------------------------------------------ G2's evidence
-    def trained(self, stepped: Iterable[str]) -> list[SeedRecord]:
-        """After a step's optimizer steps, before its gradients are zeroed: the records among
-        ``stepped`` (the seeds whose optimizer stepped, a non-finite norm's skip left out) whose
-        step moves their bookkeeping, an ISOLATED_INIT seed not yet marked in this epoch or a
-        GRAFTING seed, and that had a gradient to apply, i.e. that this step trained. Only
-        those have their parameters walked (every step). Read on the host (``grad is None``):
-        no sync. Every rank of a data-parallel run finds the same seeds: the seed gradients are
-        averaged (one missing on some ranks is zero there) or dropped on every rank together."""
-        records = (self[seed_id] for seed_id in stepped)
-        due = (r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed))
-        return [r for r in due if any(p.grad is not None for p in r.seed.trained_parameters())]
+    def trained(self, trained: Iterable[str]) -> list[SeedRecord]:
+        """The records among ``trained`` (``with_gradients``) whose step moves their
+        bookkeeping: an ISOLATED_INIT seed not yet marked in this epoch, or a GRAFTING seed."""
+        records = (self[seed_id] for seed_id in trained)
+        return [r for r in records if r.stage == SeedStage.GRAFTING or _unmarked(r.seed)]
 
     def with_gradients(self, stepped: Iterable[str]) -> list[str]:
-        """The seeds among ``stepped`` that had a gradient to apply (read on the host, before
-        the gradients are zeroed): an optimizer step without one changes nothing."""
+        """After a step's optimizer steps, before its gradients are zeroed: the seeds among
+        ``stepped`` (whose optimizer stepped, a non-finite norm's skip left out) that had a
+        gradient to apply, i.e. that this step trained (an optimizer step without one changes
+        nothing). Read on the host (``grad is None``): no sync. Every rank of a data-parallel
+        run finds the same seeds: the seed gradients are averaged (one missing on some ranks
+        is zero there) or dropped on every rank together."""
         return [
             s for s in stepped if any(p.grad is not None for p in self[s].seed.trained_parameters())
         ]
