@@ -383,10 +383,10 @@ class CommandVerifier:
             command_id = command.command_id  # "" is refused by validation (``bad_command_id``)
             if command_id in self._ids:
                 return "duplicate_command"
+            if len(seen) >= MAX_LIVE_NONCES:  # a bounded window: memory, and the ledger's file
+                return "too_many_commands"  # also to a check that would not record the nonce
             if not record_nonce:
                 return ""
-            if len(seen) >= MAX_LIVE_NONCES:  # a bounded window: memory, and the ledger's file
-                return "too_many_commands"
             seen[nonce] = timestamp
             _heappush(expiry, (timestamp, nonce))
             ledger = self._ledger

@@ -597,6 +597,8 @@ def test_a_full_window_refuses_commands_until_nonces_leave_it(
     for i in range(3):
         assert verifier.verify(signed(keyring, f"n{i}", T0 + i)) == (True, "ok")
     late = signed(keyring, "late", T0 + 3)
+    # A check that would not use the nonce up answers as the verify after it will.
+    assert verifier.verify(late, record_nonce=False) == (False, "too_many_commands")
     assert verifier.verify(late) == (False, "too_many_commands")
     assert verifier.verify(late) == (False, "too_many_commands")  # not a replay: not used up
     clock.now = T0 + WINDOW + 1.5  # n0 and n1 have left the window
