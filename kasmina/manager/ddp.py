@@ -174,13 +174,17 @@ class SeedGradientSync:
             if p.requires_grad
         ]
 
-    def __call__(self, clean: bool = True) -> tuple[bool, bool]:
+    def __call__(self, clean: bool = True, fell_back: Sequence[str] = ()) -> tuple[bool, bool]:
         """Average now (a collective: every rank calls it at the same step): whether it did,
         and whether every rank's isolation check found the step ``clean``.
 
-        A non-finite gradient entry counts as 0: a seed whose output fell back on one rank has
-        a zero gradient there but for NaN where its kernel's backward met ``0 * inf``, and the
-        ranks must all step on the same finite average (``settle_nonfinite`` then keeps it)."""
+        ``fell_back``: seeds whose output fell back on this rank in the step. Their gradient
+        here is zero but for NaN where the kernel's backward met ``0 * inf``: this rank sends
+        none (a zero in the average, as for a gradient missing here), and the ranks step on
+        the same finite average (``settle_nonfinite`` then keeps it). Any other non-finite
+        entry is averaged as it is, so every rank sees it: a clipped step skips that seed on
+        every rank alike, and the check of seeds whose gradient alone stays non-finite
+        (``SlotRegistry.charge_failed_steps``) charges it on every rank alike."""
         if not _distributed():
             return False, clean
         world = dist.get_world_size(self.group)
@@ -188,6 +192,9 @@ class SeedGradientSync:
             return False, clean
         started = time.perf_counter_ns()
         live = self.live_parameters()
+        for seed_id, p in live:
+            if seed_id in fell_back:
+                p.grad = None
         params = [p for _, p in live]
         layout = _layout_key(live)
         missing = any(p.grad is None for p in params)
@@ -253,7 +260,7 @@ class SeedGradientSync:
     def _pack(self, params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
         """Each bucket with its gradients copied into one flat tensor."""
         return [
-            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]).nan_to_num_(0, 0, 0))
+            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]))
             for bucket in self._buckets(params)
         ]
 

@@ -127,9 +127,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self.handler = LeylineAdaptationHandler(self.verifier, self, telemetry)
             self.teacher_passes = TeacherForwardPassManager(None)
             self._lock = threading.RLock()
-            self.pending = CommandQueue(
-                loader, max_pending=config.max_pending_commands, fetch_workers=config.fetch_workers
-            )
+            workers, limit = config.fetch_workers, config.max_pending_commands
+            self.pending = CommandQueue(loader, max_pending=limit, fetch_workers=workers)
             self.intake = CommandIntake(
                 self.handler, self.verifier, self.pending, self.execution, self.report,
                 lock=self._lock, perf=state.perf,
@@ -139,7 +138,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
         self._last_teacher_input: TeacherInput | None = None
         self.command_relay: Callable[[bytes], bool] | None = None  # DistributedKasmina: its relay
-        self.grad_sync: Callable[[bool], tuple[bool, bool]] | None = None  # and its grad sync
+        self.grad_sync: Callable[[bool, list[str]], tuple[bool, bool]] | None = None  # its sync
 
     # ------------------------------------------------------------------ slots
     def attach(
@@ -199,9 +198,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         slots = slots or kasmina_layers(model)
         registry = SlotRegistry(model, slots, self.execution.on_transition, self.telemetry)
         state = self.state
-        state.optimizer_cls = optimizer_cls
+        state.optimizer_cls, state.seed_lr = optimizer_cls, float(seed_lr)
         state.optimizer_options = dict(optimizer_options)
-        state.seed_lr = float(seed_lr)
         state.registry = registry
         for record in registry:
             record.seed.fault_limit = self.config.seed_fault_limit
@@ -452,10 +450,12 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
             values = read_flags([*kd_flags, *seed_flags])
             clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
-            # A collective, every rank, every step: seed grads averaged (or not), verdict agreed.
-            shared, clean = (False, clean) if self.grad_sync is None else self.grad_sync(clean)
-            self.guard.end_step(registry, clean)
             read = values[len(kd_flags) :]
+            # A collective, every rank, every step: seed grads averaged (or not; none sent by a
+            # seed that fell back here), verdict agreed.
+            sync, fell = self.grad_sync, [r.seed_id for i, r in enumerate(polled) if not read[i]]
+            shared, clean = (False, clean) if sync is None else sync(clean, fell)
+            self.guard.end_step(registry, clean)
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
                 for r, ok, bad in zip(polled, read[:n], read[n:], strict=True)

@@ -107,9 +107,9 @@ class Trainer:
         self.host_stepped: list[bool] = []
         self.epoch = 0
 
-    def train(self, steps: int = STEPS, drop_grad_of: str | None = None) -> None:
+    def train(self, steps: int = STEPS, drop_grad_of: str | None = None, clip: float = 0.0) -> None:
         """``drop_grad_of``: this rank loses that seed's first gradient each step (the others
-        average it with a zero from here)."""
+        average it with a zero from here); ``clip``: ``step``'s ``grad_clip_norm``."""
         for _ in range(steps):
             x = torch.randn(8, 6, generator=self.gen).to(self.device)
             with torch.no_grad():
@@ -120,7 +120,7 @@ class Trainer:
             self.manager.backward(loss, kd_loss=self.manager.collect_kd_losses())
             if drop_grad_of is not None:
                 self.manager.seed(drop_grad_of).seed_parameters()[0].grad = None
-            self.host_stepped.append(self.manager.step()["host_stepped"])
+            self.host_stepped.append(self.manager.step(grad_clip_norm=clip)["host_stepped"])
 
     def boundary(self, inference: bool = False) -> Any:
         """``inference``: the boundary inside the user's ``torch.inference_mode()`` block."""
@@ -307,6 +307,26 @@ def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
         handle.remove()
     t.train(1)
     t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.manager.close()
+
+
+def _worker_bad_gradient(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0's seed gradient is NaN at every step, its output finite, under clipping."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    before = t.manager.seed(SEED0).faults
+
+    def poison(_module: Any, _args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda grad: grad * float("nan"))
+
+    if rank == 0:
+        t.manager.seed(SEED0).kernel.register_forward_hook(poison)
+    t.train(9, clip=1.0)
+    t.save(
+        spec["out"], "bad_gradient", faults=t.manager.seed(SEED0).faults - before,
+        stepped=t.host_stepped[-9:],
+    )  # fmt: skip
     t.manager.close()
 
 
@@ -1101,6 +1121,24 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
     assert [run["faults"] for run in runs] == [1, 0]
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_seed_gradient_not_finite_on_one_rank_is_charged_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """A seed whose gradient alone is NaN on rank 0 (its output finite): the average carries
+    the NaN to every rank, so every rank's clipping skips the seed alike and, from the 8th
+    such step, charges it a fault alike (the NaN was averaged as 0: the seed stepped on half
+    a gradient and was never charged, while a GradScaler halved its scale each step). The
+    host steps every time, and the replicas stay equal and finite."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_bad_gradient, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "bad_gradient", 2)
+    assert [run["faults"] for run in runs] == [2, 2]
+    assert [run["stepped"] for run in runs] == [[True] * 9] * 2
+    _assert_equal_states(runs)
+    assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
