@@ -191,6 +191,12 @@ class CommandIntake:
         ready = self.queue.take_ready(wait=wait)
         if not ready:
             return []
+        try:
+            return self._apply_ready(ready)
+        finally:  # their kernels' pins: the seeds that took one hold pins of their own
+            self.queue.release([entry for entry, _, _ in ready])
+
+    def _apply_ready(self, ready: list[Ready]) -> list[CommandOutcome]:
         outcomes: list[CommandOutcome] = []  # one per command reported, in order
         not_durable = self._make_durable(ready, outcomes)
         began = -1  # the index of the last command whose application began
@@ -295,6 +301,7 @@ class CommandIntake:
 
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""
+        self.queue.release(entries)
         for entry in entries:
             with self.lock:  # logged before its complete, as an applied command is
                 self.report.note_command(entry.command, False, reason)

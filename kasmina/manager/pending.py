@@ -15,6 +15,13 @@ until the fetch is done the command stays queued, and once the deadline passes i
 later command for the same seed, or any command that is not a seed command (a rollback, an
 optimizer change), waits behind it, so commands still take effect in the order they arrived;
 commands for other seeds go ahead.
+
+Why a fetched kernel is pinned: between its fetch and its GERMINATE, another command's fetch
+would evict it (least recently used) and release it, and the GERMINATE would be refused, or
+load it again on the training thread. So the kernel a command's fetch put in the cache, or that
+its safe point found there, is pinned for the command (``PendingCommand.pinned``) until it has
+been applied or dropped (``release``); a fetch that finds no room beside the pins serves its
+kernel uncached, where nothing evicts it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from kasmina.control.commands import KasminaCommand
 from kasmina.errors import UrzaUnavailableError
@@ -39,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MAX_PENDING", "CommandQueue", "PendingCommand", "Ready"]
 
 DEFAULT_MAX_PENDING = 256
+_PIN_TRIES = 3  # loads of a kernel evicted between its fetch's put and the pin for its command
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
@@ -50,6 +59,8 @@ class PendingCommand:
     command: KasminaCommand
     arrived: float  # time.monotonic()
     fetch: Future[GPUKernel] | None = None
+    pinned: bool = False  # its kernel, pinned in the cache for it (under the queue's lock)
+    released: bool = False  # applied or dropped: a pin that comes later is given back at once
 
     @property
     def deadline(self) -> float:
@@ -165,12 +176,36 @@ class CommandQueue:
             self._queue.extendleft(reversed(entries))
         return []
 
+    def release(self, entries: list[PendingCommand]) -> None:
+        """Give back the kernel pins of ``entries``, applied or dropped (an entry put back in
+        the queue keeps its pin for its next safe point)."""
+        for entry in entries:
+            with self._lock:
+                if any(queued is entry for queued in self._queue):
+                    continue
+                pinned, entry.pinned, entry.released = entry.pinned, False, True
+            if pinned:
+                self.loader.cache.unpin(entry.artifact_id)
+
+    def _hold(self, entry: PendingCommand) -> None:
+        """Record the pin just taken on ``entry``'s kernel; given back at once if the entry
+        was released meanwhile (a ``close`` on another thread dropped it)."""
+        with self._lock:
+            keep = not entry.released and not entry.pinned
+            entry.pinned = entry.pinned or keep
+        if not keep:
+            self.loader.cache.unpin(entry.artifact_id)
+
     def _poll(
         self, entry: PendingCommand, wait: bool
     ) -> tuple[GPUKernel | None, BaseException | None] | None:
         """``(kernel, error)`` once ``entry`` can be applied; None while its fetch runs."""
-        if entry.fetch is None and entry.artifact_id is not None:
-            self._start_fetch(entry)  # not cached (any more): fetch it now, apply it later
+        artifact_id = entry.artifact_id
+        if entry.fetch is None and artifact_id is not None and not entry.pinned:
+            if self.loader.pin(artifact_id):
+                self._hold(entry)  # cached: kept there until the command has applied
+            else:  # not cached (any more): fetch it now (pinned when loaded), apply it later
+                self._start_fetch(entry, unless_cached=False)
         fetch = entry.fetch
         if fetch is None:
             return None, None
@@ -223,6 +258,12 @@ class CommandQueue:
         """``loader.original(artifact_id, deadline=deadline)`` on the fetch workers (at most
         ``fetch_workers`` threads, for every caller: the queue's own fetch-ahead and a
         multi-rank sync's prepares); None once the queue is closed."""
+        return self._submit(self.loader.original, artifact_id, deadline=deadline)
+
+    def _submit(
+        self, fn: Callable[..., GPUKernel], *args: Any, **kwargs: Any
+    ) -> Future[GPUKernel] | None:
+        """``fn(*args, **kwargs)`` on the fetch workers; None once the queue is closed."""
         with self._lock:
             if self._closed:
                 return None
@@ -230,11 +271,29 @@ class CommandQueue:
                 self._pool = ThreadPoolExecutor(
                     max_workers=self.fetch_workers, thread_name_prefix="kasmina-fetch"
                 )
-            return self._pool.submit(self.loader.original, artifact_id, deadline=deadline)
+            return self._pool.submit(fn, *args, **kwargs)
 
-    def _start_fetch(self, entry: PendingCommand) -> None:
+    def _start_fetch(self, entry: PendingCommand, *, unless_cached: bool = True) -> None:
+        """Start ``entry``'s kernel fetch (at arrival only ``unless_cached``)."""
         artifact_id = entry.artifact_id
-        if artifact_id is None or artifact_id in self.loader.cache:
+        if artifact_id is None or (unless_cached and artifact_id in self.loader.cache):
             return
         deadline = entry.deadline if math.isfinite(entry.deadline) else None
-        entry.fetch = self.fetch(artifact_id, deadline)
+        entry.fetch = self._submit(self._fetch_pinned, entry, artifact_id, deadline)
+
+    def _fetch_pinned(
+        self, entry: PendingCommand, artifact_id: str, deadline: float | None
+    ) -> GPUKernel:
+        """A fetch worker's load of ``entry``'s kernel, pinned for it as soon as it is cached.
+        Another fetch's put may evict it before the pin: then it is loaded again, up to
+        ``_PIN_TRIES`` times (within the deadline), and else handed on to be refused as
+        evicted. A kernel served uncached (no room beside the pins) needs no pin."""
+        loader = self.loader
+        for _ in range(_PIN_TRIES):
+            kernel = loader.original(artifact_id, deadline=deadline)
+            if loader.pin(artifact_id, kernel):
+                self._hold(entry)
+                return kernel
+            if not loader.is_released(kernel):
+                return kernel
+        return kernel

@@ -1210,8 +1210,10 @@ def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
         manager.require_registry()[SEED0].pinned = False
         return original
 
+    # ``execute`` (a safe point's own call): a queued command's kernel is pinned for it by the
+    # queue until it has applied, so only this path fetches and then pins.
     monkeypatch.setattr(loader, "original", original_then_evicted)
-    assert not rig.send("germinate", SEED1, mlp)
+    assert not manager.execute(to_kasmina_command(make_seed_command("germinate", SEED1, mlp)))
     assert evicted[-1] and "was evicted" in manager.command_log[-1][3]
     assert rig.stage(SEED1) == S.DORMANT and manager.seed(SEED1).kernel is None
     assert mlp not in manager.kernel_cache and SEED1 not in manager.optimizers.seed_ids

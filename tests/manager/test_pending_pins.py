@@ -1,0 +1,122 @@
+"""A queued GERMINATE's kernel stays cached for it until it has applied (``CommandQueue``).
+
+The cache evicts least recently used unpinned kernels. Between a command's fetch and its
+GERMINATE, another command's fetch used to evict the first kernel: the GERMINATE was refused
+("evicted ... load it again"), or, when its safe point had found the kernel cached, it loaded it
+again from the store on the training thread, inside ``step()``. Each test gives the cache room
+for one kernel and two GERMINATEs of different kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kasmina.control.commands import make_seed_command
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+
+
+def _rig_with_room_for_one(tmp_path: Path, store: Path, keyring: Keyring, ids: list[str]) -> Rig:
+    """A rig whose cache holds the larger of the kernels ``ids``, never both; the cache empty."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    cache = rig.manager.kernel_cache
+    sizes = [rig.manager.loader.original(a).get_memory_size() for a in ids]
+    cache.clear()
+    cache.max_bytes = max(sizes)
+    assert cache.max_bytes < sum(sizes)
+    return rig
+
+
+def _reads(rig: Rig) -> list[tuple[str, str]]:
+    """``(artifact id, thread name)`` of every store fetch from here on."""
+    reads: list[tuple[str, str]] = []
+    client = rig.manager.urza_client
+    real = client.fetch
+
+    def fetch(artifact_id: str, **kwargs: Any) -> Any:
+        reads.append((artifact_id, threading.current_thread().name))
+        return real(artifact_id, **kwargs)
+
+    client.fetch = fetch
+    return reads
+
+
+def _germinate(rig: Rig, seed_id: str, artifact_id: str) -> None:
+    cmd = make_seed_command("germinate", seed_id, artifact_id, timeout_s=60.0)
+    assert rig.manager.handle_adaptation_command(rig.signed(cmd))
+
+
+def test_two_fetched_kernels_both_apply_with_room_for_one(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """Both fetches finish before the safe point: the second finds the first pinned for its
+    command and is served uncached, so both GERMINATEs apply (the second's put evicted the
+    first, which was refused), and neither kernel is read twice. The pins are given back."""
+    _, mlp, affine = published
+    rig = _rig_with_room_for_one(tmp_path, store, keyring, [mlp, affine])
+    reads = _reads(rig)
+    _germinate(rig, SEED0, mlp)
+    _germinate(rig, SEED1, affine)
+    deadline = time.monotonic() + 60
+    while not all(e.fetch is not None and e.fetch.done() for e in rig.manager.pending._queue):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    outcomes = rig.manager.apply_pending()
+    assert [(o.target, o.ok, o.reason) for o in outcomes] == [(SEED0, True, ""), (SEED1, True, "")]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.ISOLATED_INIT
+    assert sorted(a for a, _ in reads) == sorted([mlp, affine])
+    cache = rig.manager.kernel_cache
+    # The seed whose kernel is cached holds the one pin (the other's was served uncached).
+    assert sum(cache._pins.values()) == 1
+    rig.manager.close()
+
+
+def test_a_kernel_found_cached_at_the_safe_point_is_never_fetched_in_the_step(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """GERMINATE A finds its kernel cached; GERMINATE B's fetch finishes while A's safe point
+    makes the nonces durable. B's put used to evict A, and A's GERMINATE then read the store on
+    the training thread, inside ``step()``. A stays pinned for its command: B's kernel is
+    served uncached, and nothing is read in the step."""
+    _, mlp, affine = published
+    rig = _rig_with_room_for_one(tmp_path, store, keyring, [mlp, affine])
+    manager = rig.manager
+    manager.loader.original(mlp)  # cached: its GERMINATE starts no fetch
+    reads = _reads(rig)
+    gate = threading.Event()
+    fetch = manager.urza_client.fetch
+
+    def held_fetch(artifact_id: str, **kwargs: Any) -> Any:
+        if artifact_id == affine:
+            assert gate.wait(60)
+        return fetch(artifact_id, **kwargs)
+
+    manager.urza_client.fetch = held_fetch
+    verifier = manager.intake.verifier
+    make_durable = verifier.make_durable
+    fetched: list[bool] = []
+
+    def durable_while_b_lands() -> None:
+        make_durable()
+        if gate.is_set():
+            return
+        gate.set()
+        entry = next(e for e in manager.pending._queue if e.artifact_id == affine)
+        entry.fetch.result(timeout=60)  # B's kernel loaded (and put, or served uncached)
+        fetched.append(True)
+
+    verifier.make_durable = durable_while_b_lands
+    _germinate(rig, SEED0, mlp)
+    _germinate(rig, SEED1, affine)
+    report = rig.train(1)
+    assert fetched == [True]
+    assert [(o.target, o.ok) for o in report["commands"]] == [(SEED0, True)]
+    assert reads == [(affine, reads[0][1])] and reads[0][1] != threading.current_thread().name
+    report = rig.train(1)  # B applies with its kernel, served uncached
+    assert [(o.target, o.ok) for o in report["commands"]] == [(SEED1, True)]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.ISOLATED_INIT
+    assert len(reads) == 1
+    rig.manager.close()
