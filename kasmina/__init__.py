@@ -27,6 +27,9 @@ _PUBLIC = {
     "KasminaKernelManager": "kasmina.manager.manager",
     "KasminaConfig": "kasmina.manager.config",
     "KDConfig": "kasmina.kd.config",
+    # a training framework's loop (transformers' Trainer) driving the manager's step
+    "ManagerOptimizer": "kasmina.manager.framework",
+    "ManagerScheduler": "kasmina.manager.framework",
     # keeping what you grew
     "save": "kasmina.persist.saving",
     "load": "kasmina.persist.loading",

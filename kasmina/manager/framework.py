@@ -1,0 +1,140 @@
+"""The manager's step as the optimizer and scheduler that a training framework drives.
+
+A framework that owns the loop (transformers' ``Trainer``, and others built the same way) calls
+``optimizer.step()``, ``lr_scheduler.step()`` and ``optimizer.zero_grad()`` after each
+accumulation window, saves ``optimizer.state_dict()`` and ``lr_scheduler.state_dict()`` in its
+checkpoints, and loads them back when it resumes. The manager owns the step instead (host and
+seed optimizers, isolation checks, the safe point), so the framework is handed these two:
+
+- ``ManagerOptimizer(manager, grad_clip_norm=0.0)``: ``step()`` is ``manager.step(...)`` (its
+  report kept as ``last_report``), ``zero_grad()`` does nothing (the manager's step zeroes), and
+  ``param_groups`` / ``state`` / ``defaults`` are the host optimizer's (what a framework logs or
+  inspects). ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager
+  holds (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
+  against the live layout before anything loads: a resumed run goes on with the moments it had,
+  not fresh ones (a stand-in with a state of its own saved nothing, and the resumed run diverged).
+- ``ManagerScheduler(scheduler, optimizer)``: a learning-rate scheduler built on the host
+  optimizer and ``manager.track``-ed, stepped each time the framework steps it, except after a
+  step whose safe point applied a ROLLBACK: the rollback has put the scheduler back as its
+  checkpoint holds it, and a framework that steps its scheduler after every optimizer step would
+  leave it one step ahead for the rest of the run.
+
+Neither holds state of its own: each reads the manager's optimizers when called (a ROLLBACK or a
+GERMINATE changes what they hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from kasmina.isolation.optimizers import HOST_ID
+from kasmina.manager.manager import KasminaKernelManager
+
+__all__ = ["ManagerOptimizer", "ManagerScheduler"]
+
+
+class ManagerOptimizer(torch.optim.Optimizer):
+    """``manager.step(grad_clip_norm=...)`` behind the ``torch.optim.Optimizer`` interface.
+
+    It is an ``Optimizer`` to the frameworks that check (``isinstance``) but takes no parameters
+    of its own: the base class's constructor is not run, and its hooks are not supported.
+    """
+
+    def __init__(
+        self, manager: KasminaKernelManager, *, grad_clip_norm: float | None = 0.0
+    ) -> None:
+        self.manager = manager
+        self.grad_clip_norm = grad_clip_norm
+        self.last_report: dict[str, Any] | None = None
+
+    def _host(self) -> torch.optim.Optimizer | None:
+        optimizers = self.manager.optimizers
+        return optimizers.optimizer(HOST_ID) if optimizers.has_host else None
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The host optimizer's groups (none before it exists: ``attach(host_lr=None)``)."""
+        host = self._host()
+        return host.param_groups if host is not None else []
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        host = self._host()
+        return host.state if host is not None else {}
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        host = self._host()
+        return host.defaults if host is not None else {}
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        """The manager's step; its report is ``last_report``. A closure is refused: the loss
+        and its backward are the manager's (``manager.backward``), not the optimizer's."""
+        if closure is not None:
+            raise ValueError(
+                "ManagerOptimizer.step takes no closure: run the forward and "
+                "manager.backward(loss, kd_loss=...) before the step"
+            )
+        self.last_report = self.manager.step(grad_clip_norm=self.grad_clip_norm)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing: ``manager.step`` zeroes the gradients (to None, or in place with
+        ``KasminaConfig(host_grads_set_to_none=False)``)."""
+
+    @property
+    def rolled_back(self) -> bool:
+        """Whether the last step's safe point applied a ROLLBACK."""
+        report = self.last_report
+        return report is not None and any(
+            o.ok and o.kind == "rollback" for o in report.get("commands", ())
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every optimizer's state the manager holds, with their layout (live references, as
+        torch's own ``state_dict``: a framework saves it at once)."""
+        return self.manager.optimizers.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a ``state_dict()`` back: refused (``ValueError``, nothing loaded) unless it was
+        saved with the optimizers the manager holds now (the same seeds in the same stages)."""
+        self.manager.optimizers.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"ManagerOptimizer(grad_clip_norm={self.grad_clip_norm!r})"
+
+
+class ManagerScheduler:
+    """``scheduler`` stepped with each step of ``optimizer`` that did not apply a ROLLBACK.
+
+    Build ``scheduler`` on the host optimizer (``manager.optimizers.optimizer("host")``) and
+    ``manager.track`` it, so that a ROLLBACK puts it back with the weights; this wrapper then
+    skips the one step the framework takes right after such a rollback.
+    """
+
+    def __init__(self, scheduler: Any, optimizer: ManagerOptimizer) -> None:
+        if not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"expected a learning-rate scheduler, got {type(scheduler).__name__}")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if self.optimizer.rolled_back:
+            return
+        self.scheduler.step(*args, **kwargs)
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a framework reads: the scheduler's
+        if name in ("scheduler", "optimizer"):
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
