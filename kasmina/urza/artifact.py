@@ -21,6 +21,7 @@ import binascii
 import errno
 import hashlib
 import hmac
+import io
 import json
 import re
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from kasmina.errors import ArtifactIntegrityError, NotARegularFileError
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
@@ -150,7 +152,7 @@ def read_bounded(
     total = 0
     local = isinstance(fs, LocalFileSystem)
     try:
-        with open_regular_file(path) if local else fs.open(path, "rb", **(open_kwargs or {})) as f:
+        with open_regular_file(path) if local else _open(fs, path, limit, open_kwargs) as f:
             while True:
                 if cancelled is not None and cancelled.is_set():
                     raise TimeoutError(f"read of {path} abandoned after {total} bytes")
@@ -181,6 +183,22 @@ def read_bounded(
         # Drop the data now: the traceback (kept by an abandoned future) must not pin it.
         chunks.clear()
         raise
+
+
+def _open(fs: Any, path: str, limit: int, open_kwargs: Mapping[str, Any] | None) -> Any:
+    """``path`` opened for reading, a file object of this read's own. fsspec's ``memory://``
+    hands every reader of a path the one stored buffer, rewound: two concurrent reads (two
+    clients on one store, a fetch beside a publish) moved each other's position, and each
+    read some bytes twice and missed others, so a sound artifact was refused as corrupt. There
+    its first ``limit + 1`` bytes are copied out in one call instead."""
+    if isinstance(fs, MemoryFileSystem):
+        try:
+            return io.BytesIO(fs.cat_file(path, 0, limit + 1))
+        except FileNotFoundError:
+            if fs.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path) from None
+            raise
+    return fs.open(path, "rb", **(open_kwargs or {}))
 
 
 @dataclass(frozen=True)

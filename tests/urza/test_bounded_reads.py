@@ -149,6 +149,36 @@ def test_memory_store_streams(publisher, trusted) -> None:
     assert flaky.bytes_of(".pt2") == len(PAYLOAD)
 
 
+def test_memory_store_reads_do_not_move_each_other(publisher, trusted) -> None:
+    """fsspec's ``memory://`` hands every reader the one stored buffer: a read made while
+    another was part-way (two clients on one store, a fetch beside a publish) moved that one's
+    position, so it read bytes twice and missed others, and a sound artifact was refused as
+    corrupt. Here a second read runs, whole, between the first read's chunks."""
+    import fsspec
+
+    url = f"memory://urza-{uuid.uuid4().hex}"
+    fs, root = fsspec.core.url_to_fs(url)
+    path = f"{root}/blob"
+    data = bytes(range(256)) * 40
+    fs.pipe_file(path, data)
+    inner: list[bytes] = []
+
+    class Interleaving:
+        def update(self, chunk: bytes) -> None:
+            if not inner:
+                inner.append(read_bounded(fs, path, len(data), what="w", why="w", chunk_bytes=7))
+
+    got = read_bounded(
+        fs, path, len(data), what="blob", why="test", chunk_bytes=1000, hasher=Interleaving()
+    )
+    assert got == data and inner == [data]
+    with pytest.raises(ArtifactIntegrityError, match="larger than 100 bytes"):
+        read_bounded(fs, path, 100, what="blob", why="test")
+    publish_payload(PAYLOAD, url, "bp", publisher, "a1")
+    a, b = UrzaLibraryClient(url, trusted), UrzaLibraryClient(url, trusted)
+    assert a.fetch("a1")[0] == b.fetch("a1")[0] == PAYLOAD
+
+
 def test_http_store_refuses_an_oversize_payload(store, trusted) -> None:
     sparse(store / "a1.pt2", 600 * MiB)
     with serve_directory(store) as url:
