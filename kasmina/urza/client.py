@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError
+from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
     MAX_MANIFEST_BYTES,
@@ -332,13 +332,14 @@ class UrzaLibraryClient:
         return self.fetch(artifact_id)[1]
 
     def verify_store(self) -> dict[str, str]:
-        """Every listed artifact -> ``"ok"`` or the reason it failed verification."""
+        """Every listed artifact -> ``"ok"`` or the reason it failed verification (one that
+        could not be read, an I/O error on its file, fails too: the others are still checked)."""
         report = {}
         for artifact_id in self.list_artifacts():
             try:
                 self.verify(artifact_id)
                 report[artifact_id] = "ok"
-            except (ArtifactIntegrityError, ArtifactNotFoundError) as exc:
+            except (ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError) as exc:
                 report[artifact_id] = redact_urls(f"{type(exc).__name__}: {exc}")
         return report
 

@@ -366,6 +366,27 @@ def test_urza_verify_catches_a_flipped_payload_bit_and_a_wrong_key(
     assert rc == 1 and "unknown publisher key 'pub'" in out
 
 
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs /proc/self/mem")
+def test_urza_verify_and_list_name_an_unreadable_artifact_and_go_on(
+    tmp_path, keys, publishers, capsys
+) -> None:
+    """A payload whose read fails with an I/O error (here a link to ``/proc/self/mem``, whose
+    first page reads EIO: a bad sector, an NFS error) is FAILED under its own name, and the
+    artifacts after it are still checked (the whole run stopped there, naming only the store)."""
+    store = tmp_path / "store"
+    first = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "4")
+    good = publish(capsys, store, keys, "--builtin", "residual-mlp", "--dim", "6")
+    payload = store / f"{first}{PAYLOAD_SUFFIX}"
+    payload.unlink()
+    payload.symlink_to("/proc/self/mem")
+    verify = ["urza", "verify", "--store", str(store), "--publishers", str(publishers)]
+    rc, out, err = run(capsys, *verify, first, good)
+    assert rc == 1, err
+    assert f"FAILED {first}" in out and f"ok     {good}" in out and "1 of 2" in err
+    rc, out, _ = run(capsys, "urza", "list", "--store", str(store), "--publishers", str(publishers))
+    assert rc == 0 and good in out
+
+
 def test_hmac_keyrings_no_longer_sign_or_verify_artifacts(tmp_path, keys, capsys) -> None:
     hmac_keys = tmp_path / "keys.json"
     assert run(capsys, "keygen", "--out", str(hmac_keys), "--key-id", "pub")[0] == 0
