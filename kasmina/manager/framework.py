@@ -17,7 +17,12 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   optimizer and ``manager.track``-ed, stepped each time the framework steps it, except after a
   step whose safe point applied a ROLLBACK: the rollback has put the scheduler back as its
   checkpoint holds it, and a framework that steps its scheduler after every optimizer step would
-  leave it one step ahead for the rest of the run.
+  leave it one step ahead for the rest of the run. A scheduler that steps on a metric
+  (``ReduceLROnPlateau``) is refused: a framework recognises one by its class, and passes it
+  the metric only then (Trainer at evaluation); hand it to the framework as it is.
+
+The manager needs its host optimizer (``attach`` with a ``host_lr``): ``ManagerOptimizer``
+refuses one without, whose groups a framework's scheduler and logs could not read.
 
 Neither holds state of its own: each reads the manager's optimizers when called (a ROLLBACK or a
 GERMINATE changes what they hold).
@@ -29,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.manager.manager import KasminaKernelManager
@@ -46,6 +52,12 @@ class ManagerOptimizer(torch.optim.Optimizer):
     def __init__(
         self, manager: KasminaKernelManager, *, grad_clip_norm: float | None = 0.0
     ) -> None:
+        if not manager.optimizers.has_host:
+            raise ValueError(
+                "ManagerOptimizer steps the manager's host optimizer, and this manager has none "
+                "(attach(host_lr=None) leaves the host to the caller until INITIALIZE_HOST): "
+                "attach with a host_lr, so that a framework's scheduler and logs have its groups"
+            )
         self.manager = manager
         self.grad_clip_norm = grad_clip_norm
         self.last_report: dict[str, Any] | None = None
@@ -117,6 +129,12 @@ class ManagerScheduler:
     def __init__(self, scheduler: Any, optimizer: ManagerOptimizer) -> None:
         if not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"expected a learning-rate scheduler, got {type(scheduler).__name__}")
+        if isinstance(scheduler, ReduceLROnPlateau) or type(scheduler).__name__ == "GreedyLR":
+            raise TypeError(
+                f"{type(scheduler).__name__} steps on a metric, which a framework passes only "
+                "to a scheduler it recognises as one (Trainer at evaluation, by its class): pass "
+                "it to the framework as it is; a ROLLBACK in a step does not move it"
+            )
         self.scheduler = scheduler
         self.optimizer = optimizer
 

@@ -41,6 +41,7 @@ from kasmina.errors import UrzaUnavailableError
 from kasmina.leyline import SeedOperation
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
+from kasmina.utils.interrupts import interrupts_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +203,11 @@ class CommandQueue:
         """``(kernel, error)`` once ``entry`` can be applied; None while its fetch runs."""
         artifact_id = entry.artifact_id
         if entry.fetch is None and artifact_id is not None and not entry.pinned:
-            if self.loader.pin(artifact_id):
-                self._hold(entry)  # cached: kept there until the command has applied
-            else:  # not cached (any more): fetch it now (pinned when loaded), apply it later
+            with interrupts_deferred():  # a Ctrl-C between the pin and its record leaks it
+                pinned = self.loader.pin(artifact_id)
+                if pinned:
+                    self._hold(entry)  # cached: kept there until the command has applied
+            if not pinned:  # not cached (any more): fetch it now (pinned when loaded)
                 self._start_fetch(entry, unless_cached=False)
         fetch = entry.fetch
         if fetch is None:

@@ -151,9 +151,10 @@ def test_a_rollback_in_a_step_leaves_the_scheduler_at_the_managers_clock(tmp_pat
 
 
 def test_manager_optimizer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
-    """A closure (the backward is the manager's) and a state saved with other optimizers
-    (here: none of the host's moments yet, for a manager with a seed optimizer too) are
-    refused, nothing loaded."""
+    """A closure (the backward is the manager's), a state saved with other optimizers (here
+    with a seed optimizer the manager does not hold), a scheduler that steps on a metric (the
+    framework would step it without one) and a manager without a host optimizer are refused,
+    nothing loaded."""
     trainer, manager, _ = _trainer(tmp_path, "refusals")
     optimizer = trainer.optimizer
     with pytest.raises(ValueError, match="no closure"):
@@ -166,4 +167,12 @@ def test_manager_optimizer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="optimizer state is for"):
         optimizer.load_state_dict(foreign)
     assert optimizer.param_groups is manager.optimizers.optimizer("host").param_groups
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(manager.optimizers.optimizer("host"))
+    with pytest.raises(TypeError, match="steps on a metric"):
+        ManagerScheduler(plateau, optimizer)  # Trainer would call its step() without one
     manager.close()
+    config = make_config(tmp_path / "hostless", tmp_path / "urza", run_id="hostless")
+    with KasminaKernelManager(config, keyring=KEYS) as manager:
+        manager.attach(tiny_llama(), ["mlp.down_proj"], 2, 16, host_lr=None)
+        with pytest.raises(ValueError, match="has none"):
+            ManagerOptimizer(manager)
