@@ -244,12 +244,30 @@ def teacher_fit_problem(
 ) -> str | None:
     """``teacher_shape_problem`` for the student ``output``, or that the logits or the head
     are on another device than it (a model moved after they were handed over): the call sits
-    out, the host's forward never raises."""
+    out, the host's forward never raises. Logits handed to the slot's call itself
+    (``slot(x, teacher_logits=...)``) were not checked at a hand-over: anything but a dense
+    floating-point tensor sits out here."""
+    if reason := dense_float_problem(teacher):
+        return f"teacher logits are not a dense floating-point tensor ({reason})"
     problem = teacher_shape_problem(output.shape, teacher, head)
     for what, tensor in (("teacher logits", teacher), ("the KD head", head and head[0])):
         if problem is None and isinstance(tensor, torch.Tensor) and tensor.device != output.device:
             problem = f"{what} on {tensor.device}, the output on {output.device}"
     return problem
+
+
+def dense_float_problem(teacher: object) -> str:
+    """Why ``teacher`` is not a dense (strided) floating-point tensor, or "": a sparse or
+    nested one passed a dtype check and then failed inside the KD op, in the user's forward."""
+    if not isinstance(teacher, torch.Tensor):
+        return type(teacher).__name__
+    if teacher.is_nested:
+        return "a nested tensor"
+    if teacher.layout != torch.strided:
+        return f"layout {teacher.layout}"
+    if not teacher.is_floating_point():
+        return str(teacher.dtype)
+    return ""
 
 
 def checked_teacher_logits(
@@ -262,9 +280,9 @@ def checked_teacher_logits(
     never at the next forward. Without a ``device`` only the tensor itself is checked."""
     if teacher is None:
         return None
-    if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point():
-        what = teacher.dtype if isinstance(teacher, torch.Tensor) else type(teacher).__name__
-        raise ValueError(f"teacher_logits must be floating point, got {what}")
+    if problem := dense_float_problem(teacher):
+        raise ValueError(f"teacher_logits must be a dense floating-point tensor, got {problem}")
+    assert isinstance(teacher, torch.Tensor)
     if teacher.dim() == 0:
         raise ValueError(f"teacher_logits need a last (vocabulary) dim, got {teacher!r:.60}")
     if device is None or teacher.device == device:

@@ -725,8 +725,18 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
     assert kd is not None and kd.requires_grad and slot.sat_out == {"kd": 1}
     assert [seed.faults for seed in slot.seeds] == [0, 0]
     assert "teacher logits (3, 4) do not fit (3, 5, 4)" in caplog.text
-    with pytest.raises(ValueError, match="teacher_logits must be floating point"):
-        slot.set_teacher_logits(torch.randint(0, 4, (3, 4)))  # refused here, not in a forward
+    # Refused here, not in a forward: integers, and the layouts a dtype check let through
+    # (sparse logits failed in the KD op's reduction, inside the user's forward).
+    dense = torch.randn(3, 5, 4)
+    nested = torch.nested.nested_tensor([torch.randn(5, 4), torch.randn(2, 4)])
+    refused = [torch.randint(0, 4, (3, 4)), dense.to_sparse(), dense[0].to_sparse_csr(), nested]
+    for bad, why in zip(refused, ["int64", "sparse_coo", "sparse_csr", "nested"], strict=True):
+        with pytest.raises(ValueError, match=f"dense floating-point tensor, got .*{why}"):
+            slot.set_teacher_logits(bad)
+    # Logits handed to the call itself were never checked: anything else sits out, counted.
+    for bad in (dense.to_sparse(), dense.long(), [1.0]):
+        model.cell(torch.randn(3, 5, 4), teacher_logits=bad).sum().backward()
+    assert slot.sat_out == {"kd": 4}  # (only the first sit-out of a kind is logged)
     slot.set_teacher_logits(torch.randn(3, 5, 4, dtype=torch.float64))  # read in fp32
     model(torch.randn(3, 5, 4)).sum().backward()
     assert collect_kd_losses(model).dtype == torch.float32
