@@ -7,6 +7,9 @@ weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[r
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,6 +22,7 @@ __all__ = [
     "StaticKDLoss",
     "checked_teacher_logits",
     "kd_head_problem",
+    "reaches_beyond_kd",
     "seed_kd_loss",
     "slot_kd_loss",
     "sum_kd_losses",
@@ -341,6 +345,39 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     none."""
     if not losses:
         return None
+    for loss in losses:  # what ``reaches_beyond_kd`` does not look behind
+        if loss.grad_fn is not None:
+            loss.grad_fn.metadata[_KD_ROOT] = True
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
     losses.clear()
     return total
+
+
+_KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
+KD_GRAPH_LIMIT = 4096  # nodes walked at most (a longer walk answers False: not checked)
+
+
+def reaches_beyond_kd(loss: torch.Tensor, params: Collection[torch.Tensor]) -> bool:
+    """Whether ``loss``'s graph reaches one of ``params`` other than through the KD losses
+    the slots collected (``sum_kd_losses`` marks their nodes). A ``kd_loss`` handed to the
+    manager is those losses, scaled or summed: one that reaches the host's parameters by
+    another way (a distillation loss on the model's own output) would have its host gradient
+    found at the step and charged to the seeds as a leak, every step. The walk stops at the
+    marked nodes and after ``KD_GRAPH_LIMIT`` nodes; a compiled model's collected losses share
+    the compiled region's node with its output, so there the check cannot tell, and the leak
+    check answers."""
+    wanted = {id(p) for p in params}
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack and len(seen) < KD_GRAPH_LIMIT:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.metadata.get(_KD_ROOT):
+            continue
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if variable is not None and id(variable) in wanted:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

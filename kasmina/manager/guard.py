@@ -30,6 +30,7 @@ from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.kd.loss import reaches_beyond_kd
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
@@ -199,9 +200,16 @@ class IsolationGuard:
         gradients of earlier backwards, set aside too, come back without what it had
         accumulated part-way, the failure is counted (``kd_backward_failed``) and logged, and
         the host's own backward runs as ever."""
+        host = [p for p in registry.host_side_params() if p.requires_grad]
+        if reaches_beyond_kd(kd_loss, host):  # before anything changes: refused, not charged
+            raise ValueError(
+                "kd_loss reaches the host's parameters: it must be the seeds' KD loss "
+                "(manager.collect_kd_losses(), scaled or summed), whose backward trains only "
+                "seeds; a distillation loss on the model's own output trains the host and "
+                "belongs in loss"
+            )
         with torch.enable_grad():
             kd_loss = kd_loss * weight
-        host = [p for p in registry.host_side_params() if p.requires_grad]
         kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())

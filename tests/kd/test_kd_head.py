@@ -258,7 +258,7 @@ def test_a_slots_teacher_logits_of_a_dtype_the_kernel_does_not_read() -> None:
     want = layer.get_and_clear_kd_losses()
     layer(x, teacher_logits=teacher.double())
     torch.testing.assert_close(layer.get_and_clear_kd_losses(), want)
-    with pytest.raises(ValueError, match="floating point"):
+    with pytest.raises(ValueError, match="floating-point"):
         layer.set_teacher_logits(teacher.round().long())
     # A row finite in float64 only (1e39 overflows fp32) teaches nothing, as an inf row.
     wide = teacher.double()

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
+from kasmina.kd.loss import sum_kd_losses
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.manager import KasminaKernelManager
@@ -135,6 +136,16 @@ def record_activations(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         model(x)
     model.train(training)
+
+
+def through_a_seed(kd_loss: torch.Tensor) -> torch.Tensor:
+    """``kd_loss`` as a slot's collected KD loss that reaches the host through a seed (a
+    kernel holding a host tensor), the leak the step's check exists for: marked as collected
+    (``sum_kd_losses``), so ``manager.backward`` does not refuse it as a loss that reaches the
+    host by another way (``reaches_beyond_kd``), and the leak is found at the step."""
+    total = sum_kd_losses([kd_loss])
+    assert total is not None
+    return total
 
 
 def host_params(rig: Rig) -> list[torch.Tensor]:

@@ -47,8 +47,8 @@ def test_teacher_logits_are_checked_when_handed_over(kd_rig: Rig) -> None:
     for bad, match in (
         (torch.tensor(1.0), "last .*dim"),
         (torch.empty(16, 4, device="meta"), "meta device hold no values"),
-        (teacher.long(), "floating point"),
-        ([[0.0] * 4] * 16, "floating point"),
+        (teacher.long(), "dense floating-point"),
+        ([[0.0] * 4] * 16, "dense floating-point"),
     ):
         with pytest.raises(ValueError, match=match):
             manager.set_teacher_logits(bad)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from kasmina.control.commands import (
     to_kasmina_command,
 )
 from kasmina.kd.config import KDConfig
+from kasmina.kd.loss import StaticKDLoss
 from kasmina.leyline import MetricType, TelemetryPacket
 from kasmina.manager import rollback as rollback_module
 from kasmina.manager import slots as slots_module
@@ -53,6 +54,7 @@ from tests.manager.helpers import (
     make_config,
     record_activations,
     run_command,
+    through_a_seed,
 )
 from tests.urza.helpers import FlakyFS
 
@@ -765,7 +767,7 @@ def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
     for step in range(3):
         rig.slot.set_teacher_logits(torch.randn(16, 4))
         loss = F.cross_entropy(rig.model(rig.x), rig.y)
-        kd = manager.collect_kd_losses() + 1e-2 * host_weight.sum()  # leaks into the host
+        kd = through_a_seed(manager.collect_kd_losses() + 1e-2 * host_weight.sum())  # a leak
         manager.backward(loss, kd_loss=kd)
         clean = torch.autograd.grad(F.cross_entropy(rig.model(rig.x), rig.y), host_weight)[0]
         assert torch.equal(host_weight.grad, clean)  # the leaked gradient never reaches it
@@ -780,6 +782,33 @@ def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
     assert rig.send("cull", SEED0) and rig.stage(SEED0) == S.COOLDOWN
 
 
+def test_a_kd_loss_that_reaches_the_host_by_itself_is_refused_and_nothing_charged(
+    kd_rig: Rig, mlp
+) -> None:
+    """A distillation loss on the model's own output passed as ``kd_loss`` (``StaticKDLoss``
+    of the output): its backward gave the host a gradient, the step's leak check charged the
+    seed for it (quarantined at the third step) and skipped the host's step every step, for
+    good. ``manager.backward`` refuses it before anything changes; the collected KD loss,
+    scaled as accumulation scales it, passes."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    teacher = torch.randn(16, 4)
+    out = rig.model(rig.x)
+    with pytest.raises(ValueError, match="kd_loss reaches the host's parameters"):
+        manager.backward(F.cross_entropy(out, rig.y), kd_loss=StaticKDLoss(2.0)(out, teacher))
+    assert all(p.grad is None for p in host_params(rig))
+    assert all(p.grad is None for p in manager.seed(SEED0).seed_parameters())
+    report = manager.step()
+    assert report["isolation_clean"] and manager.seed(SEED0).isolation_violations == 0
+    for _ in range(2):
+        rig.slot.set_teacher_logits(teacher)
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        manager.backward(loss, kd_loss=manager.collect_kd_losses() / 2)
+        report = manager.step()
+        assert report["isolation_clean"] and report["host_stepped"]
+        assert report["seeds_stepped"] == [SEED0]
+
+
 def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     rig, manager = kd_rig, kd_rig.manager
     assert rig.send("germinate", SEED0, mlp)
@@ -787,7 +816,9 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     assert manager.check_gradient_isolation()
     rig.slot.set_teacher_logits(torch.randn(16, 4))
     rig.model(rig.x)
-    manager.backward(None, kd_loss=manager.collect_kd_losses() + rig.model.inp.bias.sum())
+    manager.backward(
+        None, kd_loss=through_a_seed(manager.collect_kd_losses() + rig.model.inp.bias.sum())
+    )
     assert not manager.check_gradient_isolation()
     assert manager.guard.external[0].violation_count == 1  # its hook on inp.bias saw the leak
     assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
@@ -841,7 +872,7 @@ def test_debug_monitors_keep_accumulated_host_gradients_and_go_inert_once_trippe
     assert manager.check_gradient_isolation()
     model.zero_grad(set_to_none=True)
     for _ in range(manager.config.max_isolation_violations):  # a leaking seed loss trips it
-        leak = student(xs[0]).sum() + model.inp.bias.sum()
+        leak = through_a_seed(student(xs[0]).sum() + model.inp.bias.sum())
         manager.backward(F.cross_entropy(model(xs[0]), ys[0]), kd_loss=leak)
         assert not manager.step()["host_stepped"]
     assert manager.guard.external[0].tripped
@@ -1445,7 +1476,7 @@ def test_isolation_violations_is_a_counter_a_rollback_never_lowers(kd_rig: Rig, 
     for _ in range(2):  # leaking seed-only losses (below the breaker's limit)
         rig.slot.set_teacher_logits(torch.randn(16, 4))
         loss = F.cross_entropy(rig.model(rig.x), rig.y)
-        kd = manager.collect_kd_losses() + 1e-2 * rig.model.inp.weight.sum()
+        kd = through_a_seed(manager.collect_kd_losses() + 1e-2 * rig.model.inp.weight.sum())
         manager.backward(loss, kd_loss=kd)
         assert not manager.step()["isolation_clean"]
 
@@ -1566,7 +1597,9 @@ def test_isolation_violations_counts_each_seed_and_violating_steps_each_step(
     rig.train(1)
     rig.slot.set_teacher_logits(torch.randn(16, 4))
     loss = F.cross_entropy(rig.model(rig.x), rig.y)
-    manager.backward(loss, kd_loss=manager.collect_kd_losses() + rig.model.inp.weight.sum())
+    manager.backward(
+        loss, kd_loss=through_a_seed(manager.collect_kd_losses() + rig.model.inp.weight.sum())
+    )
     assert not manager.step()["isolation_clean"]
     metrics = {m.name: m.value for m in manager.export_leyline_telemetry().metrics}
     assert metrics["isolation.violations"] == 2.0

@@ -18,7 +18,7 @@ from torch import nn
 
 import kasmina.utils.flags as flags_module
 from kasmina.kd.config import KDConfig
-from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, through_a_seed
 from tests.profiling import DispatchedOps, syncs_inside
 
 
@@ -53,7 +53,7 @@ def _step(
     loss = nn.functional.cross_entropy(rig.model(rig.x), rig.y)
     kd_loss = manager.collect_kd_losses()
     if leak is not None:
-        kd_loss = kd_loss + leak * rig.model.inp.weight.sum()
+        kd_loss = through_a_seed(kd_loss + leak * rig.model.inp.weight.sum())
     manager.backward(loss, kd_loss=kd_loss)
     with DispatchedOps() as mode:
         report = manager.step(grad_clip_norm=grad_clip_norm)
