@@ -197,12 +197,18 @@ def test_command_path_with_durable_ledger(
 
 
 class _CachedLoader:
-    """The queue's view of a kernel loader whose cache already holds the artifact: no fetch."""
+    """The queue's view of a kernel loader whose cache already holds the artifact: no fetch
+    (a safe point pins it for its command: counted, nothing more)."""
 
     cache = frozenset({ARTIFACT})
+    pins = 0
 
     def original(self, artifact_id: str, *, deadline: float | None = None) -> object:
         raise AssertionError("the benchmark's artifact is cached: nothing is fetched")
+
+    def pin(self, artifact_id: str, original: object = None) -> bool:
+        self.pins += 1
+        return artifact_id in self.cache
 
 
 def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> None:
