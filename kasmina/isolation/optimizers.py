@@ -81,6 +81,9 @@ class _Entry:
     def params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def shapes(self) -> list[list[int]]:
+        return [list(p.shape) for p in self.params()]
+
     def layout(self) -> list[list[Any]]:
         """The promotions as saved: ``[seed_id, group index, tensor count]`` each, in order."""
         return [[p.seed_id, p.group, len(p.params)] for p in self.promoted]
@@ -442,8 +445,7 @@ class IsolatedOptimizerManager:
         sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
         optimizer options on creation (``beta1``/``beta2`` are combined into ``betas``).
         INITIALIZE_HOST takes over the host's gradients: once the optimizer is built, those
-        already there (accumulated while nothing stepped the host) are dropped.
-        """
+        already there (accumulated while nothing stepped the host) are dropped."""
         order = read_optimizer_command(command)  # TypeError for a wire message
         kind, oid, options = order.kind, order.optimizer_id, order.options
         lr = 1e-3 if order.learning_rate is None else order.learning_rate
@@ -499,6 +501,7 @@ class IsolatedOptimizerManager:
                     "class": type(entry.optimizer).__name__,
                     "promoted": entry.layout(),
                     "added_groups": [list(names) for names in entry.added],
+                    "shapes": entry.shapes(),
                     "state": entry.optimizer.state_dict(),
                 }
                 for oid, entry in self._entries.items()
@@ -518,11 +521,8 @@ class IsolatedOptimizerManager:
             item = saved[oid]
             if item.get("class") != type(entry.optimizer).__name__:
                 raise ValueError(f"optimizer {oid!r}: saved class {item.get('class')!r}")
-            promoted = [list(p) for p in item.get("promoted", [])]
-            if promoted != entry.layout():
-                raise ValueError(
-                    f"optimizer {oid!r}: saved promotions {promoted} != live {entry.layout()}"
-                )
+            if (promoted := [list(p) for p in item.get("promoted", [])]) != entry.layout():
+                raise ValueError(f"optimizer {oid!r}: promotions {promoted} != {entry.layout()}")
             added = [list(names) for names in item.get("added_groups", [])]  # absent: older
             if added != entry.added:
                 raise ValueError(f"optimizer {oid!r}: saved added groups {added} != {entry.added}")
@@ -530,11 +530,13 @@ class IsolatedOptimizerManager:
             live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
             if saved_sizes != live_sizes:
                 raise ValueError(f"optimizer {oid!r}: group sizes {saved_sizes} != {live_sizes}")
+            # Another kernel of as many tensors: its moments loaded, then its step raised.
+            if (shapes := entry.shapes()) != item.get("shapes", shapes):  # absent: older
+                raise ValueError(f"optimizer {oid!r}: shapes {item['shapes']} != {shapes}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
-        state = upgrade_state_dict(state)
-        self.validate_state_dict(state)
+        self.validate_state_dict(state := upgrade_state_dict(state))
         for oid, entry in self._entries.items():
             entry.optimizer.load_state_dict(clone_state(state["optimizers"][oid]["state"]))
 

@@ -536,8 +536,31 @@ def test_state_dict_roundtrip_and_layout_check():
     opts.load_state_dict(promoted)
     # Same group sizes, other promotions: refused by the recorded layout.
     promoted["optimizers"]["host"]["promoted"] = [["s9", 0, 2]]
-    with pytest.raises(ValueError, match="saved promotions"):
+    with pytest.raises(ValueError, match="promotions"):
         opts.validate_state_dict(promoted)
+
+
+def test_a_state_saved_for_parameters_of_other_shapes_is_refused():
+    """A seed's kernel replaced by another with as many tensors of other shapes (a ROLLBACK
+    then a GERMINATE of a wider kernel): the moments saved for the first were loaded into the
+    second, whose next step raised (a fault charged to a healthy seed). Refused, nothing
+    loaded; a state saved before the shapes were recorded is checked as before."""
+    opts = IsolatedOptimizerManager()
+    narrow = nn.Linear(2, 4)
+    opts.create_seed_optimizer("s0", narrow.parameters())
+    for p in narrow.parameters():
+        p.grad = torch.ones_like(p)
+    opts.step("s0")
+    saved = clone_state(opts.state_dict())
+    opts.remove_seed("s0")
+    wide = nn.Linear(2, 8)
+    opts.create_seed_optimizer("s0", wide.parameters())
+    with pytest.raises(ValueError, match=r"shapes \[\[4, 2\], \[4\]\] != \[\[8, 2\], \[8\]\]"):
+        opts.load_state_dict(saved)
+    assert not opts.optimizer("s0").state  # nothing loaded
+    older = clone_state(saved)
+    del older["optimizers"]["s0"]["shapes"]
+    opts.validate_state_dict(older)  # no record to compare with
 
 
 def _format1(opts: IsolatedOptimizerManager, seed_ids: list[str]) -> dict:
