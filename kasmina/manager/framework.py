@@ -14,17 +14,21 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   against the live layout before anything loads: a resumed run goes on with the moments it had,
   not fresh ones (a stand-in with a state of its own saved nothing, and the resumed run diverged).
 - ``ManagerScheduler(scheduler, optimizer)``: a learning-rate scheduler built on the host
-  optimizer and ``manager.track``-ed, stepped each time the framework steps it, except after a
-  step whose safe point applied a ROLLBACK: the rollback has put the scheduler back as its
-  checkpoint holds it, and a framework that steps its scheduler after every optimizer step would
-  leave it one step ahead for the rest of the run. A scheduler that steps on a metric
+  optimizer and ``manager.track``-ed, stepped when the framework steps it after a manager step
+  (once per step: a loop that steps its scheduler on every micro-batch, as ``accelerate``'s
+  does, would run it ahead), except after a step whose safe point applied a ROLLBACK: the
+  rollback has put the scheduler back as its checkpoint holds it, and a framework that steps
+  its scheduler after every optimizer step would leave it one step ahead for the rest of the
+  run. ``accelerate`` does not prepare it (it is no ``LRScheduler``): register it for its
+  checkpoints (``accelerator.register_for_checkpointing``). A scheduler that steps on a metric
   (``ReduceLROnPlateau``) is refused: a framework recognises one by its class, and passes it
   the metric only then (Trainer at evaluation); hand it to the framework as it is.
 
 The manager needs its host optimizer (``attach`` with a ``host_lr``): ``ManagerOptimizer``
 refuses one without, whose groups a framework's scheduler and logs could not read.
 
-Neither holds state of its own: each reads the manager's optimizers when called (a ROLLBACK or a
+Neither holds training state of its own (only the count that pairs scheduler steps with
+manager steps): each reads the manager's optimizers when called (a ROLLBACK or a
 GERMINATE changes what they hold).
 """
 
@@ -61,6 +65,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         self.manager = manager
         self.grad_clip_norm = grad_clip_norm
         self.last_report: dict[str, Any] | None = None
+        self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
 
     def _host(self) -> torch.optim.Optimizer | None:
         optimizers = self.manager.optimizers
@@ -91,6 +96,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "manager.backward(loss, kd_loss=...) before the step"
             )
         self.last_report = self.manager.step(grad_clip_norm=self.grad_clip_norm)
+        self.steps += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing: ``manager.step`` zeroes the gradients (to None, or in place with
@@ -119,11 +125,15 @@ class ManagerOptimizer(torch.optim.Optimizer):
 
 
 class ManagerScheduler:
-    """``scheduler`` stepped with each step of ``optimizer`` that did not apply a ROLLBACK.
+    """``scheduler`` stepped at most once per step of ``optimizer``, and not after one that
+    applied a ROLLBACK.
 
     Build ``scheduler`` on the host optimizer (``manager.optimizers.optimizer("host")``) and
     ``manager.track`` it, so that a ROLLBACK puts it back with the weights; this wrapper then
-    skips the one step the framework takes right after such a rollback.
+    skips the one step the framework takes right after such a rollback. A call with no manager
+    step since the last is no step either: a loop that steps its scheduler on every
+    micro-batch (``accelerate``'s, whose own wrapper skips those calls for the schedulers it
+    prepares, and this is not one) would run the schedule ahead of the manager's clock.
     """
 
     def __init__(self, scheduler: Any, optimizer: ManagerOptimizer) -> None:
@@ -137,8 +147,13 @@ class ManagerScheduler:
             )
         self.scheduler = scheduler
         self.optimizer = optimizer
+        self._stepped_at = optimizer.steps
 
     def step(self, *args: Any, **kwargs: Any) -> None:
+        steps = self.optimizer.steps
+        if steps == self._stepped_at:  # no manager step since the last call: a micro-batch
+            return
+        self._stepped_at = steps
         if self.optimizer.rolled_back:
             return
         self.scheduler.step(*args, **kwargs)
