@@ -30,7 +30,7 @@ from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.kd.loss import reaches_beyond_kd
+from kasmina.kd.loss import kd_graph
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
@@ -77,7 +77,8 @@ class IsolationGuard:
         # registered again gets its name back, and so replaces its monitor.
         self._pairs: dict[str, tuple[weakref.ref[nn.Module], weakref.ref[nn.Module]]] = {}
         self.closed = False  # close() was called: no more debug monitors
-        self._kd_checks: list[tuple[torch.Tensor, list[str]]] = []
+        # A seed-only backward's leak flag and the seeds it charges (none: the caller's loss).
+        self._kd_checks: list[tuple[torch.Tensor, list[str] | None]] = []
         # False once a check called before the step's own (``check_gradient_isolation``) found a
         # violation: the evidence that check consumed still decides the step's verdict.
         self._step_clean = True
@@ -201,7 +202,8 @@ class IsolationGuard:
         accumulated part-way, the failure is counted (``kd_backward_failed``) and logged, and
         the host's own backward runs as ever."""
         host = [p for p in registry.host_side_params() if p.requires_grad]
-        if reaches_beyond_kd(kd_loss, host):  # before anything changes: refused, not charged
+        beyond, rooted = kd_graph(kd_loss, host)
+        if beyond:  # before anything changes: refused, not charged
             raise ValueError(
                 "kd_loss reaches the host's parameters: it must be the seeds' KD loss "
                 "(manager.collect_kd_losses(), scaled or summed), whose backward trains only "
@@ -239,7 +241,8 @@ class IsolationGuard:
                     leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
                     leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values
                     if leaked:
-                        self._kd_checks.append((leak_check(leaked)[1], students))
+                        suspects = students if rooted else None  # no seed's loss in it
+                        self._kd_checks.append((leak_check(leaked)[1], suspects))
         finally:
             made = [] if failed else [(p, p.grad) for p in seeds if p.grad is not None]
             for p, grad in zip(host, stash, strict=True):
@@ -290,6 +293,15 @@ class IsolationGuard:
         if kd_leaked is None:
             kd_leaked = read_flags([flag for flag, _ in checks])
         leaked = [ids for (_, ids), bad in zip(checks, kd_leaked, strict=True) if bad]
+        if None in leaked:  # the caller's kd_loss reached the host: dropped, no seed charged
+            self.counters["kd_loss_reached_host"] += 1
+            n = self.counters["kd_loss_reached_host"]
+            logger.log(
+                rarely(n, 1000, logging.ERROR), "kd_loss reached the host's parameters (%d "
+                "so far; its host gradient dropped): it holds none of the seeds' collected KD "
+                "losses; a distillation loss on the model's output belongs in loss", n,
+            )  # fmt: skip
+        leaked = [ids for ids in leaked if ids is not None]  # a seed's leak: charged, unclean
         suspects = {seed_id for ids in leaked for seed_id in ids}
         clean = not leaked
         for record in registry.in_stages(ISOLATED_STAGES):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.utils.prune
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import (
@@ -807,6 +808,31 @@ def test_a_kd_loss_that_reaches_the_host_by_itself_is_refused_and_nothing_charge
         report = manager.step()
         assert report["isolation_clean"] and report["host_stepped"]
         assert report["seeds_stepped"] == [SEED0]
+
+
+def test_a_kd_loss_that_hides_the_host_behind_a_reentrant_checkpoint_charges_no_seed(
+    kd_rig: Rig, mlp
+) -> None:
+    """A reentrant activation checkpoint records one node whose inputs are not the parameters
+    inside it, so the walk cannot see a misplaced loss reach them (a PEFT model with reentrant
+    gradient checkpointing: every trainable host parameter is inside). The loss holds none of
+    the collected KD losses: its leak is the caller's, dropped without charging the seed or
+    skipping the host's step (the seed was charged and, at the third, quarantined)."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    model, teacher = rig.model, torch.randn(16, 4)
+
+    def body(h: torch.Tensor) -> torch.Tensor:
+        return model.out(torch.relu(model.inp(h)))
+
+    for step in range(3):
+        x = rig.x.clone().requires_grad_(True)  # as enable_input_require_grads makes it
+        out = checkpoint(body, x, use_reentrant=True)
+        manager.backward(F.cross_entropy(out, rig.y), kd_loss=StaticKDLoss(2.0)(out, teacher))
+        report = manager.step()
+        assert report["isolation_clean"] and report["host_stepped"]
+        assert manager.counters["kd_loss_reached_host"] == step + 1
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).isolation_violations == 0
 
 
 def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
