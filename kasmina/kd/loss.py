@@ -156,6 +156,8 @@ def seed_kd_loss(
     defines it): its row still teaches. A float64 student (a slot of an fp64 model, in a
     gradient check) takes the float64 reference, differentiable by autograd; a float64
     teacher of a narrower student is read in fp32, as the kernel reads the others."""
+    if problem := dense_float_problem(teacher):  # a stand-alone seed's, never checked before
+        raise ValueError(f"teacher logits must be a dense floating-point tensor, got {problem}")
     teacher = teacher.detach()
     if teacher.dim() == 0 or teacher.shape[-1] == 0:
         raise ValueError(f"teacher logits need a non-empty last dim, got {tuple(teacher.shape)}")

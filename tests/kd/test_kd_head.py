@@ -339,6 +339,23 @@ def test_a_stand_alone_seed_keeps_no_kd_loss_from_a_forward_without_grad() -> No
     assert loss is not None and loss.requires_grad
 
 
+def test_a_stand_alone_seed_refuses_teacher_logits_that_are_not_dense_floats() -> None:
+    """``seed(x, teacher)`` reached the KD op with sparse, nested or complex logits and
+    raised its internal errors (``amax`` on SparseCPU, "NestedTensorImpl doesn't support
+    sizes"); it refuses them with a ``ValueError`` naming what they are, as it does integers."""
+    seed = _kd_slot().seeds[0]
+    x, teacher = torch.randn(5, HIDDEN // 2), torch.randn(5, HIDDEN // 2)
+    for bad, what in (
+        (teacher.to_sparse(), "sparse_coo"),
+        (teacher.to_sparse_csr(), "sparse_csr"),
+        (teacher.to(torch.complex64), "complex64"),
+        (torch.nested.nested_tensor([teacher[0], teacher[1]]), "nested"),
+    ):
+        with pytest.raises(ValueError, match=f"dense floating-point tensor, got .*{what}"):
+            seed(x, bad)
+    assert seed.get_and_clear_kd_losses() is None
+
+
 def test_pending_teacher_logits_reach_a_slot_whose_output_is_a_nested_tensor() -> None:
     """The fit check read a nested output's ``shape``, which a strided nested tensor has not:
     the host's forward raised whenever teacher logits were pending. A nested output is padded
