@@ -263,17 +263,21 @@ def teacher_fit_problem(
 
 
 def dense_float_problem(teacher: object) -> str:
-    """Why ``teacher`` is not a dense (strided) floating-point tensor, or "": a sparse or
-    nested one passed a dtype check and then failed inside the KD op, in the user's forward."""
+    """Why ``teacher`` is not a dense (strided) tensor of a dtype the KD op reads (fp16, bf16,
+    fp32, fp64), or "": a sparse, nested or float8 one passed a dtype check and then failed
+    inside the KD op, in the user's forward."""
     if not isinstance(teacher, torch.Tensor):
         return type(teacher).__name__
     if teacher.is_nested:
         return "a nested tensor"
     if teacher.layout != torch.strided:
         return f"layout {teacher.layout}"
-    if not teacher.is_floating_point():
+    if teacher.dtype not in _TEACHER_DTYPES:
         return str(teacher.dtype)
     return ""
+
+
+_TEACHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def checked_teacher_logits(

@@ -224,7 +224,7 @@ class IsolationGuard:
             # grads before the backward and the same leaks after it, and put back what they
             # found (nothing) before the host's own gradients come back.
             with contextlib.ExitStack() as phases:
-                for monitor in self.external:
+                for monitor in self.external if rooted else ():  # else the caller's loss
                     phases.enter_context(monitor.seed_backward())
                 try:
                     kd_loss.backward(retain_graph=retain_graph)

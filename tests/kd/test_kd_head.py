@@ -349,6 +349,7 @@ def test_a_stand_alone_seed_refuses_teacher_logits_that_are_not_dense_floats() -
         (teacher.to_sparse(), "sparse_coo"),
         (teacher.to_sparse_csr(), "sparse_csr"),
         (teacher.to(torch.complex64), "complex64"),
+        (teacher.to(torch.float8_e5m2), "float8_e5m2"),
         (torch.nested.nested_tensor([teacher[0], teacher[1]]), "nested"),
     ):
         with pytest.raises(ValueError, match=f"dense floating-point tensor, got .*{what}"):

@@ -821,6 +821,8 @@ def test_a_kd_loss_that_hides_the_host_behind_a_reentrant_checkpoint_charges_no_
     rig, manager = kd_rig, kd_rig.manager
     assert rig.send("germinate", SEED0, mlp)
     model, teacher = rig.model, torch.randn(16, 4)
+    # Debug monitors too: their seed-only phase is a seed's loss's (they charged the seed).
+    manager.register_gradient_monitors(model.inp, manager.seed(SEED0))
 
     def body(h: torch.Tensor) -> torch.Tensor:
         return model.out(torch.relu(model.inp(h)))

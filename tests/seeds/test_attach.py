@@ -730,7 +730,9 @@ def test_a_teacher_that_does_not_fit_a_call_skips_its_kd_not_the_step(caplog) ->
     dense = torch.randn(3, 5, 4)
     nested = torch.nested.nested_tensor([torch.randn(5, 4), torch.randn(2, 4)])
     refused = [torch.randint(0, 4, (3, 4)), dense.to_sparse(), dense[0].to_sparse_csr(), nested]
-    for bad, why in zip(refused, ["int64", "sparse_coo", "sparse_csr", "nested"], strict=True):
+    refused.append(dense.to(torch.float8_e4m3fn))  # floating point, but no KD op reads it
+    whys = ["int64", "sparse_coo", "sparse_csr", "nested", "float8_e4m3fn"]
+    for bad, why in zip(refused, whys, strict=True):
         with pytest.raises(ValueError, match=f"dense floating-point tensor, got .*{why}"):
             slot.set_teacher_logits(bad)
     # Logits handed to the call itself were never checked: anything else sits out, counted.
