@@ -229,13 +229,15 @@ class SeedGradientSync:
         if any_missing:
             packed = self._pack(self._fill_missing(params, device))
         assert packed is not None
+        # Divided before the sum, as DDP does: summed first, fp16 gradients of 65504 / world
+        # and more overflowed to inf on every rank, which then skipped and charged the seed.
         handles = [
-            (bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True))
+            (bucket, flat, dist.all_reduce(flat.div_(world), group=self.group, async_op=True))
             for bucket, flat in packed
         ]
         for bucket, flat, handle in handles:
             handle.wait()
-            copy_into_grads(flat.div_(world), bucket)
+            copy_into_grads(flat, bucket)
         self.stats["steps"] += 1
         self.stats["buckets"] += len(handles)
         self.latency.add_ns(time.perf_counter_ns() - started)

@@ -36,7 +36,12 @@ from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.coordination import ManagerApplier, ManagerReplica
-from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp
+from kasmina.manager.ddp import (
+    DistributedKasmina,
+    SeedGradientSync,
+    kasmina_owned_names,
+    wrap_ddp,
+)
 from kasmina.stages import SeedStage
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
@@ -328,6 +333,16 @@ def _worker_bad_gradient(rank: int, world: int, spec: dict[str, Any]) -> None:
         stepped=t.host_stepped[-9:],
     )  # fmt: skip
     t.manager.close()
+
+
+def _worker_fp16_average(rank: int, world: int, out: str) -> None:
+    """The seeds' gradient average of fp16 gradients whose sum overflows fp16."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.full((4,), 40000.0 + rank * 2048.0, dtype=torch.float16)  # exact in fp16
+    sync = SeedGradientSync(registry=None)  # type: ignore[arg-type]
+    sync.live_parameters = lambda: [("out[0]", p)]  # type: ignore[method-assign]
+    assert sync(True, ()) == (True, True)
+    torch.save(p.grad, Path(out, f"fp16{rank}.pt"))
 
 
 def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
@@ -1139,6 +1154,17 @@ def test_a_seed_gradient_not_finite_on_one_rank_is_charged_on_every_rank(
     assert [run["stepped"] for run in runs] == [[True] * 9] * 2
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_fp16_seed_gradients_are_averaged_without_overflowing(tmp_path: Path) -> None:
+    """Finite fp16 gradients of 40,000 and 42,048: their average is 41,024, but their sum
+    overflows fp16, and summing before dividing gave inf on every rank (which then skipped
+    and charged the seed). Divided first, as DDP does."""
+    spawn(_worker_fp16_average, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
+    grads = [torch.load(tmp_path / f"fp16{rank}.pt") for rank in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].tolist() == [41024.0] * 4
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
