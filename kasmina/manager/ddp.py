@@ -174,39 +174,48 @@ class SeedGradientSync:
             if p.requires_grad
         ]
 
-    def __call__(self, clean: bool = True, fell_back: Sequence[str] = ()) -> tuple[bool, bool]:
+    def __call__(
+        self, clean: bool = True, flags: dict[str, list[bool]] | None = None
+    ) -> tuple[bool, bool]:
         """Average now (a collective: every rank calls it at the same step): whether it did,
         and whether every rank's isolation check found the step ``clean``.
 
-        ``fell_back``: seeds whose output fell back on this rank in the step. Their gradient
-        here is zero but for NaN where the kernel's backward met ``0 * inf``: this rank sends
-        none (a zero in the average, as for a gradient missing here), and the ranks step on
-        the same finite average (``settle_nonfinite`` then keeps it). Any other non-finite
-        entry is averaged as it is, so every rank sees it: a clipped step skips that seed on
-        every rank alike, and the check of seeds whose gradient alone stays non-finite
-        (``SlotRegistry.charge_failed_steps``) charges it on every rank alike."""
+        ``flags``: each running seed's two non-finite flags as this rank read them, ``[finite,
+        faulted]`` (``settle_nonfinite``'s), agreed here across ranks in place: not finite if
+        any rank's was not, faulted if any rank's was, so that every rank settles them alike
+        (charged on the one rank whose data made it fall back, the fault differed across ranks
+        and the epoch sync "repaired" it away, every epoch). A seed whose output fell back on
+        this rank has a gradient here that is zero but for NaN where its kernel's backward met
+        ``0 * inf``: this rank sends none (a zero in the average, as for a gradient missing
+        here), and the ranks step on the same finite average (``settle_nonfinite`` then keeps
+        it). Any other non-finite entry is averaged as it is, so every rank sees it: a clipped
+        step skips that seed on every rank alike, and the check of seeds whose gradient alone
+        stays non-finite (``SlotRegistry.charge_failed_steps``) charges it alike."""
         if not _distributed():
             return False, clean
         world = dist.get_world_size(self.group)
         if world == 1:
             return False, clean
         started = time.perf_counter_ns()
+        flags = {} if flags is None else flags
         live = self.live_parameters()
         for seed_id, p in live:
-            if seed_id in fell_back:
+            if not flags.get(seed_id, (True,))[0]:
                 p.grad = None
         params = [p for _, p in live]
         layout = _layout_key(live)
         missing = any(p.grad is None for p in params)
         device = _device_for(params, self.group)
-        header = torch.tensor(
-            [layout, -layout, int(missing), int(not clean)], dtype=torch.int64, device=device
-        )
+        raised = any(not ok or bad for ok, bad in flags.values())
+        header = [layout, -layout, int(missing), int(not clean), int(raised)]
+        header = torch.tensor(header, dtype=torch.int64, device=device)
         check = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         # Packed while the check is in flight; thrown away if the check says otherwise.
         packed = None if missing else self._pack(params)
         check.wait()
-        top, neg_bottom, any_missing, any_leak = (int(v) for v in header.tolist())
+        top, neg_bottom, any_missing, any_leak, any_raised = (int(v) for v in header.tolist())
+        if any_raised:  # rare: a second small collective, only in a step where a seed fell back
+            self._agree(flags, device)
         if any_leak and clean:
             self.stats["peer_leaks"] += 1  # this rank's host skips the step with the others
         clean = not any_leak
@@ -242,6 +251,19 @@ class SeedGradientSync:
         self.stats["buckets"] += len(handles)
         self.latency.add_ns(time.perf_counter_ns() - started)
         return True, clean
+
+    def _agree(self, flags: dict[str, list[bool]], device: torch.device) -> None:
+        """Every rank's ``flags`` made the same (a collective): not finite where any rank's
+        was not, faulted where any rank's was. The vector covers every seed of the registry,
+        the same list on every rank whatever their stages."""
+        ids = [record.seed_id for record in self.registry]
+        raised = [[not flags.get(s, (True, False))[0], flags.get(s, (True, False))[1]] for s in ids]
+        agreed = torch.tensor(raised, dtype=torch.int32, device=device).reshape(-1)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        for seed_id, (fell, faulted) in zip(ids, agreed.view(-1, 2).tolist(), strict=True):
+            if seed_id in flags:
+                flags[seed_id] = [not fell, bool(faulted)]
+        self.stats["flags_agreed"] += 1
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""

@@ -138,7 +138,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
         self._last_teacher_input: TeacherInput | None = None
         self.command_relay: Callable[[bytes], bool] | None = None  # DistributedKasmina: its relay
-        self.grad_sync: Callable[[bool, list[str]], tuple[bool, bool]] | None = None  # its sync
+        self.grad_sync: Callable[[bool, dict[str, list[bool]]], tuple[bool, bool]] | None = None
 
     # ------------------------------------------------------------------ slots
     def attach(
@@ -450,17 +450,17 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
             values = read_flags([*kd_flags, *seed_flags])
             clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
-            read = values[len(kd_flags) :]
+            read, sync = values[len(kd_flags) :], self.grad_sync
+            flags = {r.seed_id: [read[i], read[n + i]] for i, r in enumerate(polled)}
             # A collective, every rank, every step: seed grads averaged (or not; none sent by a
-            # seed that fell back here), verdict agreed.
-            sync, fell = self.grad_sync, [r.seed_id for i, r in enumerate(polled) if not read[i]]
-            shared, clean = (False, clean) if sync is None else sync(clean, fell)
+            # seed that fell back here), the verdict and the seeds' flags agreed.
+            shared, clean = (False, clean) if sync is None else sync(clean, flags)
             self.guard.end_step(registry, clean)
             nonfinite = [  # a seed the check just quarantined is no longer polled
                 r.seed_id
-                for r, ok, bad in zip(polled, read[:n], read[n:], strict=True)
+                for r in polled
                 if r.stage in RUNS_KERNEL
-                and r.seed.settle_nonfinite(ok, bad, drop_gradient=not shared)
+                and r.seed.settle_nonfinite(*flags[r.seed_id], drop_gradient=not shared)
             ]
             frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).

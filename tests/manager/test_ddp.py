@@ -341,7 +341,7 @@ def _worker_fp16_average(rank: int, world: int, out: str) -> None:
     p.grad = torch.full((4,), 40000.0 + rank * 2048.0, dtype=torch.float16)  # exact in fp16
     sync = SeedGradientSync(registry=None)  # type: ignore[arg-type]
     sync.live_parameters = lambda: [("out[0]", p)]  # type: ignore[method-assign]
-    assert sync(True, ()) == (True, True)
+    assert sync(True, {}) == (True, True)
     torch.save(p.grad, Path(out, f"fp16{rank}.pt"))
 
 
@@ -1129,13 +1129,54 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     tmp_path: Path, published
 ) -> None:
     """The averaged seed gradients take one rank's NaN (its fallen-back seed's 0 * inf) as 0,
-    and every rank steps on that same finite average: the replicas stay equal and finite."""
+    and every rank steps on that same finite average: the replicas stay equal and finite. The
+    fault is charged on every rank alike (the step agrees the seeds' flags): charged on the
+    one rank only, it made that rank diverge, and the epoch sync repaired the fault away."""
     spec = _spec(tmp_path, published, "gloo")
     spawn(_worker_overflow, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
     runs = _load(tmp_path, "overflow", 2)
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
-    assert [run["faults"] for run in runs] == [1, 0]
+    assert [run["faults"] for run in runs] == [1, 1]
+
+
+def _worker_minority_faults(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 1's data makes the seed's output non-finite once an epoch, rank 0's never."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    for _ in range(3):
+        kernel = t.manager.seed(SEED0).kernel
+        handle = None
+        if rank == 1 and kernel is not None:
+            handle = kernel.register_forward_hook(lambda _m, _a, out: out * float("inf"))
+        t.train(1, clip=1.0)
+        if handle is not None:
+            handle.remove()
+        t.train(1, clip=1.0)
+        t.boundary()
+    seed = t.manager.seed(SEED0)
+    t.save(spec["out"], "minority", faults=seed.faults, stage=int(seed.stage))
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_seed_that_faults_on_one_ranks_data_is_charged_and_quarantined_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """A seed whose output is non-finite on rank 1's data only, once an epoch: charged on
+    rank 1 alone, the fault made rank 1 diverge, and each epoch sync repaired it away from
+    rank 0, so the seed never reached its fault limit. Every rank charges it alike now, and
+    the third fault quarantines it on both, with no divergence to repair."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(
+        _worker_minority_faults, 2, args=(spec,), backend="gloo", timeout_s=60,
+        join_timeout_s=150,
+    )  # fmt: skip
+    runs = _load(tmp_path, "minority", 2)
+    assert [run["faults"] for run in runs] == [3, 3]
+    assert [run["stage"] for run in runs] == [int(S.QUARANTINE)] * 2
+    assert [run["coordinator"].get("divergences", 0) for run in runs] == [0, 0]
+    _assert_equal_states(runs)
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
