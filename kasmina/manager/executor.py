@@ -40,7 +40,7 @@ from kasmina.leyline import SeedOperation
 from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.report import ManagerReport
-from kasmina.manager.rollback import restore_epoch
+from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.faults import rng_forked
@@ -161,10 +161,11 @@ class CommandExecution:
         if command.kind == "seed" and command.seed is not None:
             self._seed_command(command.seed, command.timeout_s, original)
         elif command.kind == "rollback" and command.rollback is not None:
-            rollback = command.rollback
-            log = logger.critical if rollback.emergency else logger.warning
-            log("rollback to epoch %d: %s", rollback.target_epoch, rollback.reason or "-")
-            return restore_epoch(self.state, self.guard, rollback.target_epoch, self.epoch_boundary)
+            back = command.rollback
+            log = logger.critical if back.emergency else logger.warning
+            log("rollback to epoch %d: %s", back.target_epoch, back.reason or "-")
+            with fetches_bounded(command.timeout_s):  # a kernel it must fetch again: bounded
+                return restore_epoch(self.state, self.guard, back.target_epoch, self.epoch_boundary)
         elif command.kind == "optimizer" and command.optimizer is not None:
             optimizers, registry = self.state.optimizers, self.state.registry
             applied = optimizers.apply_optimizer_command(command)
@@ -325,8 +326,7 @@ class CommandExecution:
         the host's dtype (seeds run in the host's dtype: nothing casts between them). The other
         sizes (the batch) are the dry run's to check, on activations of the recorded shape.
         A kernel that writes into its input or a non-persistent buffer is refused first
-        (``GPUKernel.seed_hazard``, from the facts read at load).
-        """
+        (``GPUKernel.seed_hazard``, from the facts read at load)."""
         if hazard := getattr(kernel, "seed_hazard", None):
             raise CommandRefused(f"artifact {hazard}")
         slot = record.slot

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -78,10 +79,15 @@ _FETCH_DEADLINE: ContextVar[float | None] = ContextVar("kasmina_fetch_deadline",
 @contextlib.contextmanager
 def fetches_bounded(seconds: float | None) -> Iterator[None]:
     """Inside: a kernel a rollback (or a repair's restore) fetches must arrive within
-    ``seconds`` of entering (None: unbounded); one that does not refuses the rollback on this
-    rank, nothing changed, where an unbounded fetch could hold every rank past the group's
-    timeout."""
-    token = _FETCH_DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    ``seconds`` of entering (None, 0 or inf: no bound of its own; an outer one, the earlier,
+    stands); one that does not refuses the rollback on this rank, nothing changed, where an
+    unbounded fetch could hold every rank past the group's timeout, or a single trainer's step
+    for as long as the store's own timeouts and retries allow."""
+    deadline = _FETCH_DEADLINE.get()
+    if seconds is not None and 0 < seconds < math.inf:
+        mine = time.monotonic() + seconds
+        deadline = mine if deadline is None else min(deadline, mine)
+    token = _FETCH_DEADLINE.set(deadline)
     try:
         yield
     finally:
@@ -175,7 +181,12 @@ def restore_epoch(
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
                 original = state.loader.original(artifact_id, deadline=_FETCH_DEADLINE.get())
-                fresh[seed_id] = (artifact_id, kernel := state.loader.copy(original))
+                pinned = state.loader.pin(artifact_id, original)  # no eviction mid-copy
+                try:
+                    fresh[seed_id] = (artifact_id, kernel := state.loader.copy(original))
+                finally:  # the restored seed takes a pin of its own in phase 2
+                    if pinned:
+                        state.kernel_cache.unpin(artifact_id)
                 # In the dtypes the checkpoint holds it in (a model converted after it grew).
                 at = f"{paths[id(registry[seed_id].seed)]}.kernel."
                 in_saved_dtypes(

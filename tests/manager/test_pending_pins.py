@@ -120,3 +120,39 @@ def test_a_kernel_found_cached_at_the_safe_point_is_never_fetched_in_the_step(
     assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.ISOLATED_INIT
     assert len(reads) == 1
     rig.manager.close()
+
+
+def test_a_rollback_pins_the_kernel_it_copies(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """A ROLLBACK that puts a kernel back loads it and copies it; a fetch-ahead's put landing
+    between the two evicted and released it, and the whole rollback was refused ("evicted ...
+    load it again") for traffic that had nothing to do with it. Pinned across the copy."""
+    from kasmina.control.commands import make_rollback_command
+
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    cache = manager.kernel_cache
+    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
+    cache.clear()
+    cache.max_bytes = max(sizes)
+    copy = manager.loader.copy
+
+    def copy_while_a_fetch_lands(original: Any) -> Any:
+        if original.artifact_id == mlp:
+            manager.pending.fetch(affine, None).result()  # another command's fetch: its put
+        return copy(original)
+
+    manager.loader.copy = copy_while_a_fetch_lands
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    report = rig.train(1)
+    assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
+    manager.close()

@@ -128,3 +128,42 @@ def test_close_ends_a_fetch_that_runs_under_the_managers_lock(
         assert server.payload_requests == 1  # no retry began after close
         assert rig.stage(SEED0) == S.DORMANT
     wait_for_io_threads(0)
+
+
+def test_a_rollback_that_must_fetch_a_kernel_again_is_bounded_by_its_timeout(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+):
+    """A ROLLBACK that puts back a kernel no longer cached fetches it on the training thread,
+    inside ``step()``. It had no deadline: a stalled store held the step for the client's
+    timeouts and retries (30 s a read here, two attempts). The command's ``timeout`` bounds
+    the fetch now; the rollback is refused when it runs out, nothing changed."""
+    from kasmina.control.commands import make_rollback_command
+
+    with StalledServer(store) as server:
+        config = make_config(
+            tmp_path, store, urza_url=server.url, urza_timeout_s=30.0, urza_retries=1,
+            urza_backoff_s=0.0, checkpoint_mode="memory",
+        )  # fmt: skip
+        rig = Rig(config, keyring)
+        manager = rig.manager
+        server.released.set()  # the store answers until the rollback
+        rig.train(1)
+        assert rig.send("germinate", SEED0, mlp)
+        rig.train(1)
+        manager.end_epoch(0)  # the checkpoint: SEED0 holds the kernel
+        assert rig.send("cull", SEED0)
+        rig.train(1)
+        manager.kernel_cache.evict(mlp)
+        server.released.clear()  # payloads stall from here on
+        cmd = make_rollback_command(0, timeout_s=1.0)
+        assert manager.handle_adaptation_command(rig.signed(cmd))
+        started = time.monotonic()
+        report = rig.train(1)
+        took = time.monotonic() - started
+        server.released.set()
+        assert took < STEP_BOUND_S, took
+        ((kind, ok, reason),) = [(o.kind, o.ok, o.reason) for o in report["commands"]]
+        assert kind == "rollback" and not ok and "Urza" in reason, reason
+        assert rig.stage(SEED0) != S.ISOLATED_INIT  # nothing was restored
+        manager.close()
+    wait_for_io_threads(0)
