@@ -207,14 +207,18 @@ class SeedGradientSync:
         missing = any(p.grad is None for p in params)
         device = _device_for(params, self.group)
         raised = any(not ok or bad for ok, bad in flags.values())
-        header = [layout, -layout, int(missing), int(not clean), int(raised)]
-        header = torch.tensor(header, dtype=torch.int64, device=device)
+        seeds = 0 if self.registry is None else len(self.registry.records)  # _agree's length
+        row = [layout, -layout, int(missing), int(not clean), int(raised), seeds, -seeds]
+        header = torch.tensor(row, dtype=torch.int64, device=device)
         check = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         # Packed while the check is in flight; thrown away if the check says otherwise.
         packed = None if missing else self._pack(params)
         check.wait()
-        top, neg_bottom, any_missing, any_leak, any_raised = (int(v) for v in header.tolist())
-        if any_raised:  # rare: a second small collective, only in a step where a seed fell back
+        top, neg_bottom, any_missing, any_leak, any_raised, most, neg_least = header.tolist()
+        # Rare: a second small collective, only in a step where a seed fell back somewhere,
+        # and only between ranks whose registries have as many seeds (else the layout differs
+        # too, and the epoch sync repairs).
+        if any_raised and most == seeds == -neg_least:
             self._agree(flags, device)
         if any_leak and clean:
             self.stats["peer_leaks"] += 1  # this rank's host skips the step with the others

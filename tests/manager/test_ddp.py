@@ -345,6 +345,28 @@ def _worker_fp16_average(rank: int, world: int, out: str) -> None:
     torch.save(p.grad, Path(out, f"fp16{rank}.pt"))
 
 
+def _worker_uneven_registries(rank: int, world: int, out: str) -> None:
+    """Ranks whose registries hold 2 and 3 seeds (slots attached differently), a fallback on
+    rank 0: the flags' all-reduce would take vectors of two lengths."""
+
+    class Record:
+        def __init__(self, seed_id: str) -> None:
+            self.seed_id = seed_id
+
+    class Registry:
+        def __init__(self, n: int) -> None:
+            self.records = {f"s{i}": Record(f"s{i}") for i in range(n)}
+
+        def __iter__(self) -> Any:
+            return iter(self.records.values())
+
+    sync = SeedGradientSync(Registry(2 + rank))  # type: ignore[arg-type]
+    sync.live_parameters = lambda: []  # type: ignore[method-assign]
+    flags = {"s0": [rank != 0, rank == 0]}
+    assert sync(True, flags) == (False, True)
+    torch.save(flags, Path(out, f"uneven{rank}.pt"))
+
+
 def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
     """Rank 0's isolation check finds a leak in one step; rank 1's finds none."""
     t = Trainer(rank, world, spec)
@@ -1206,6 +1228,16 @@ def test_fp16_seed_gradients_are_averaged_without_overflowing(tmp_path: Path) ->
     grads = [torch.load(tmp_path / f"fp16{rank}.pt") for rank in range(2)]
     assert torch.equal(grads[0], grads[1])
     assert grads[0].tolist() == [41024.0] * 4
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_ranks_with_registries_of_other_sizes_do_not_agree_flags(tmp_path: Path) -> None:
+    """The flags' agreement runs only between registries of as many seeds (in the header):
+    vectors of two lengths in one all-reduce fail or hang the collective. Each rank keeps its
+    own flags; the layout differs too, and the epoch sync repairs."""
+    spawn(_worker_uneven_registries, 2, args=(str(tmp_path),), backend="gloo", timeout_s=20)
+    flags = [torch.load(tmp_path / f"uneven{rank}.pt") for rank in range(2)]
+    assert flags == [{"s0": [False, True]}, {"s0": [True, False]}]
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
