@@ -11,7 +11,7 @@ parameter reached only through such a node cannot be attributed to the seed's ou
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "compiled_node",
     "graph_isolation",
     "named_params",
+    "reaches_host_beyond",
     "verify_gradient_isolation",
 ]
 
@@ -102,11 +103,31 @@ def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool
     return None
 
 
+def reaches_host_beyond(
+    loss: torch.Tensor, host_params: Iterable[torch.Tensor], stop: Callable[[Any], bool]
+) -> tuple[bool, bool]:
+    """``(beyond, stopped)``: whether ``loss``'s graph reaches one of ``host_params`` other
+    than through the nodes ``stop`` holds (not entered), and whether the walk met such a node.
+    A ``kd_loss`` handed to the manager, with the slots' collected KD losses as ``stop``
+    (``kd.loss.is_kd_root``): one that reaches the host by another way (a distillation loss on
+    the model's own output) trains the host, and ``stopped`` False says it holds none of the
+    seeds' losses. A node that hides what it read (a reentrant checkpoint's: its parameters are
+    not its inputs) is a wall to this walk, as to :func:`graph_isolation`'s."""
+    held: list[Any] = []
+    host = {id(p): "" for p in host_params}
+    found = _walk([loss.grad_fn], host, {}, held, stop)
+    return found is not None, bool(held)
+
+
 def _walk(
-    stack: list[Any], host: dict[int, str], visited: dict[int, Any], compiled: list[Any] | None
+    stack: list[Any],
+    host: dict[int, str],
+    visited: dict[int, Any],
+    held: list[Any] | None,
+    hold: Callable[[Any], bool] = compiled_node,
 ) -> tuple[str, Any] | None:
     """(name, node) of the first host parameter reached from ``stack``, or None. With a
-    ``compiled`` list, compiled nodes are collected there and not entered."""
+    ``held`` list, the nodes ``hold`` picks (compiled ones) are collected there, not entered."""
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
@@ -115,8 +136,8 @@ def _walk(
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) in host:
             return host[id(variable)], node
-        if compiled is not None and compiled_node(node):
-            compiled.append(node)
+        if held is not None and hold(node):
+            held.append(node)
             continue
         stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
     return None

@@ -7,7 +7,6 @@ weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[r
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ __all__ = [
     "PendingKDLosses",
     "StaticKDLoss",
     "checked_teacher_logits",
-    "kd_graph",
+    "is_kd_root",
     "kd_head_problem",
     "seed_kd_loss",
     "slot_kd_loss",
@@ -277,7 +276,7 @@ def dense_float_problem(teacher: object) -> str:
     return ""
 
 
-_TEACHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TEACHER_DTYPES = (*SUPPORTED_DTYPES, torch.float64)  # fp64: read in fp32
 
 
 def checked_teacher_logits(
@@ -351,7 +350,7 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     none."""
     if not losses:
         return None
-    for loss in losses:  # what ``kd_graph`` does not look behind
+    for loss in losses:  # ``is_kd_root``
         if loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
@@ -360,40 +359,11 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 _KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
-KD_GRAPH_LIMIT = 4096  # nodes walked at most (a longer walk answers False: not checked)
 
 
-def kd_graph(loss: torch.Tensor, params: Collection[torch.Tensor]) -> tuple[bool, bool]:
-    """``(beyond, rooted)`` for a ``kd_loss`` handed to the manager: whether its graph reaches
-    one of ``params`` other than through the KD losses the slots collected (``sum_kd_losses``
-    marks their nodes), and whether it holds any such loss at all.
-
-    A ``kd_loss`` is those losses, scaled or summed. One that reaches the host's parameters by
-    another way (a distillation loss on the model's own output) had its host gradient found at
-    the step and charged to the seeds as a leak, every step: ``beyond`` lets the manager refuse
-    it first. The walk stops at the marked nodes, and after ``KD_GRAPH_LIMIT`` nodes (then
-    ``(False, True)``: not checked). It cannot see through a node that hides what it read: a
-    reentrant activation checkpoint's (its parameters are not its inputs), or a compiled
-    region's, which a compiled model's collected losses share with its output. Such a loss
-    that holds no collected loss (``rooted`` False) and still leaks is the caller's, not a
-    seed's: the step drops the leak without charging the seeds (``IsolationGuard``).
-    """
-    wanted = {id(p) for p in params}
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    rooted = False
-    while stack:
-        if len(seen) >= KD_GRAPH_LIMIT:
-            return False, True
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node.metadata.get(_KD_ROOT):
-            rooted = True
-            continue
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
-        if variable is not None and id(variable) in wanted:
-            return True, rooted
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False, rooted
+def is_kd_root(node: Any) -> bool:
+    """Whether the autograd ``node`` is a KD loss a slot or seed collected (``sum_kd_losses``
+    marked it). A ``kd_loss`` handed to the manager is such losses, scaled or summed: a walk of
+    its graph that meets a host parameter other than behind one of these is a loss that trains
+    the host (``isolation.verify.reaches_host_beyond``)."""
+    return bool(node.metadata.get(_KD_ROOT))

@@ -30,7 +30,8 @@ from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.kd.loss import kd_graph
+from kasmina.isolation.verify import reaches_host_beyond
+from kasmina.kd.loss import is_kd_root
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
@@ -202,7 +203,7 @@ class IsolationGuard:
         accumulated part-way, the failure is counted (``kd_backward_failed``) and logged, and
         the host's own backward runs as ever."""
         host = [p for p in registry.host_side_params() if p.requires_grad]
-        beyond, rooted = kd_graph(kd_loss, host)
+        beyond, rooted = reaches_host_beyond(kd_loss, host, is_kd_root)
         if beyond:  # before anything changes: refused, not charged
             raise ValueError(
                 "kd_loss reaches the host's parameters: it must be the seeds' KD loss "

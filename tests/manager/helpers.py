@@ -142,7 +142,8 @@ def through_a_seed(kd_loss: torch.Tensor) -> torch.Tensor:
     """``kd_loss`` as a slot's collected KD loss that reaches the host through a seed (a
     kernel holding a host tensor), the leak the step's check exists for: marked as collected
     (``sum_kd_losses``), so ``manager.backward`` does not refuse it as a loss that reaches the
-    host by another way (``kd.loss.kd_graph``), and the leak is found at the step."""
+    host by another way (``isolation.verify.reaches_host_beyond``), and the leak is found at
+    the step."""
     total = sum_kd_losses([kd_loss])
     assert total is not None
     return total
