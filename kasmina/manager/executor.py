@@ -248,11 +248,6 @@ class CommandExecution:
         lr = float(parameters.get("learning_rate", state.seed_lr))
         if not lr > 0:
             raise CommandRefused(f"learning_rate must be > 0, got {lr}")
-        if original is None:
-            # Executed directly (not through the queue): its timeout bounds the whole fetch.
-            deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else None
-            original = state.loader.original(artifact_id, deadline=deadline)
-        self._check_fits_slot(record, original)
         seed = record.seed
         table, row = seed.state_table, seed.state_index
         # Kept for the undo, before the pin (nothing is taken without an undo): the seed's
@@ -267,8 +262,13 @@ class CommandExecution:
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
         # is refused by the copy (docs/design.md §6).
         pinned = False
+        if original is None:
+            # Executed directly (not queued): its timeout bounds the whole fetch; pinned as loaded.
+            deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else None
+            original, pinned = state.loader.pinned_original(artifact_id, deadline=deadline)
         try:
-            pinned = state.loader.pin(artifact_id, original)
+            self._check_fits_slot(record, original)
+            pinned = pinned or state.loader.pin(artifact_id, original)
             kernel = state.loader.copy(original)
         except BaseException as exc:
             if pinned:

@@ -180,8 +180,8 @@ def restore_epoch(
         saved_model = (checkpoint.get("modules") or {}).get("model") or {}
         for seed_id, artifact_id in changes.items():
             if artifact_id is not None:
-                original = state.loader.original(artifact_id, deadline=_FETCH_DEADLINE.get())
-                pinned = state.loader.pin(artifact_id, original)  # no eviction mid-copy
+                deadline = _FETCH_DEADLINE.get()  # pinned as loaded: no eviction mid-copy
+                original, pinned = state.loader.pinned_original(artifact_id, deadline=deadline)
                 try:
                     fresh[seed_id] = (artifact_id, kernel := state.loader.copy(original))
                 finally:  # the restored seed takes a pin of its own in phase 2

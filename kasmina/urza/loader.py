@@ -85,6 +85,23 @@ class KernelLoader:
         kernel = self.cached(artifact_id)
         return kernel if kernel is not None else self._load_coalesced(artifact_id, deadline)
 
+    def pinned_original(
+        self, artifact_id: str, *, deadline: float | None = None, attempts: int = 3
+    ) -> tuple[GPUKernel, bool]:
+        """``original``, pinned before anyone copies it: ``(kernel, pinned)``. Another load's
+        put may evict the kernel between its load and the pin; it is then loaded again (the
+        same ``deadline``), up to ``attempts`` loads in all. A kernel the cache does not hold
+        (served uncached) comes back unpinned, as nothing can release it; one evicted on every
+        attempt comes back unpinned too, and ``copy`` refuses it."""
+        for _ in range(attempts):
+            original = self.original(artifact_id, deadline=deadline)
+            if self.pin(artifact_id, original):
+                return original, True
+            if not self.is_released(original):
+                return original, False
+            self.counters["evicted_before_pin"] += 1
+        return original, False
+
     def load(self, artifact_id: str, *, deadline: float | None = None) -> GPUKernel:
         """``original`` for a caller that has just missed the cache (``cached``): no second
         lookup, so one request counts one miss. A load finished by another caller meanwhile

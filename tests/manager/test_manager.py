@@ -1264,16 +1264,20 @@ def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
 
     def original_then_evicted(artifact_id, deadline=None):
         original = real_original(artifact_id, deadline=deadline)
-        manager.kernel_cache.unpin(mlp)  # (SEED0's pin, so that the evict can happen)
+        if manager.kernel_cache.is_pinned(mlp):  # (SEED0's pin, so that the evict can happen)
+            manager.kernel_cache.unpin(mlp)
         evicted.append(manager.evict_kernel(artifact_id))
         manager.require_registry()[SEED0].pinned = False
         return original
 
     # ``execute`` (a safe point's own call): a queued command's kernel is pinned for it by the
-    # queue until it has applied, so only this path fetches and then pins.
+    # queue until it has applied, so only this path fetches and then pins. Evicted before its
+    # pin, the kernel is loaded again (tests/manager/test_pending_pins.py); evicted every time,
+    # the GERMINATE is refused, never attached.
     monkeypatch.setattr(loader, "original", original_then_evicted)
     assert not manager.execute(to_kasmina_command(make_seed_command("germinate", SEED1, mlp)))
-    assert evicted[-1] and "was evicted" in manager.command_log[-1][3]
+    assert evicted[-3:] == [True] * 3 and "was evicted" in manager.command_log[-1][3]
+    assert loader.counters["evicted_before_pin"] == 3
     assert rig.stage(SEED1) == S.DORMANT and manager.seed(SEED1).kernel is None
     assert mlp not in manager.kernel_cache and SEED1 not in manager.optimizers.seed_ids
     monkeypatch.undo()

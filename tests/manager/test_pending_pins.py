@@ -156,3 +156,71 @@ def test_a_rollback_pins_the_kernel_it_copies(
     assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
     assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
     manager.close()
+
+
+def _a_fetch_lands_before_the_first_pin(rig: Rig, kernel_id: str, other: str) -> list[str]:
+    """The first pin of ``kernel_id`` comes after another command's fetch of ``other`` put
+    its kernel (evicting ``kernel_id``'s, the cache having room for one); the evicted
+    ``kernel_id`` of each such pin is listed."""
+    manager = rig.manager
+    pin, evicted = manager.loader.pin, []
+
+    def pin_after_a_fetch(artifact_id: str, original: Any = None) -> bool:
+        if artifact_id == kernel_id and not evicted:
+            manager.pending.fetch(other, None).result()  # another command's fetch: its put
+            evicted.append(artifact_id)
+        return pin(artifact_id, original)
+
+    manager.loader.pin = pin_after_a_fetch
+    return evicted
+
+
+def test_a_direct_germinate_pins_the_kernel_it_loaded(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """A GERMINATE executed directly (``manager.execute``, not queued) loads its kernel, then
+    pins it: a fetch-ahead's put landing between the two evicted and released it, and the
+    GERMINATE was refused ("evicted ... load it again"). The kernel is loaded again then."""
+    from kasmina.control.commands import make_seed_command, to_kasmina_command
+
+    _, mlp, affine = published
+    rig = _rig_with_room_for_one(tmp_path, store, keyring, [mlp, affine])
+    manager = rig.manager
+    rig.train(1)
+    evicted = _a_fetch_lands_before_the_first_pin(rig, mlp, affine)
+    assert manager.execute(to_kasmina_command(make_seed_command("germinate", SEED0, mlp)))
+    assert evicted == [mlp]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    assert manager.loader.counters["evicted_before_pin"] == 1
+    assert manager.kernel_cache._pins == {mlp: 1}  # the seed's pin, none left over
+    rig.train(1)
+    manager.close()
+
+
+def test_a_rollback_pins_the_kernel_it_loaded(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """As above for a ROLLBACK putting back a kernel no longer cached."""
+    from kasmina.control.commands import make_rollback_command
+
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    cache = manager.kernel_cache
+    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
+    cache.clear()
+    cache.max_bytes = max(sizes)
+    evicted = _a_fetch_lands_before_the_first_pin(rig, mlp, affine)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    report = rig.train(1)
+    assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
+    assert evicted == [mlp]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
+    assert manager.kernel_cache._pins == {mlp: 1}
+    manager.close()
