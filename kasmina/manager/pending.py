@@ -287,16 +287,14 @@ class CommandQueue:
     def _fetch_pinned(
         self, entry: PendingCommand, artifact_id: str, deadline: float | None
     ) -> GPUKernel:
-        """A fetch worker's load of ``entry``'s kernel, pinned for it as soon as it is cached.
-        Another fetch's put may evict it before the pin: then it is loaded again, up to
-        ``_PIN_TRIES`` times (within the deadline), and else handed on to be refused as
-        evicted. A kernel served uncached (no room beside the pins) needs no pin."""
-        loader = self.loader
-        for _ in range(_PIN_TRIES):
-            kernel = loader.original(artifact_id, deadline=deadline)
-            if loader.pin(artifact_id, kernel):
-                self._hold(entry)
-                return kernel
-            if not loader.is_released(kernel):
-                return kernel
+        """A fetch worker's load of ``entry``'s kernel, pinned for it as soon as it is cached
+        (``KernelLoader.pinned_original``: loaded again, up to ``_PIN_TRIES`` times within the
+        deadline, when another fetch's put evicts it before the pin; one evicted every time is
+        handed on to be refused as evicted). A kernel served uncached (no room beside the pins)
+        needs no pin."""
+        kernel, pinned = self.loader.pinned_original(
+            artifact_id, deadline=deadline, attempts=_PIN_TRIES
+        )
+        if pinned:
+            self._hold(entry)
         return kernel
