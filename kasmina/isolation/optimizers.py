@@ -27,7 +27,6 @@ verified (``optimizer_commands`` reads it and refuses a wire message), and
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +36,14 @@ import torch
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
 from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
-from kasmina.isolation.stepping import clip_gradients, follow_parameters, step_contained
+from kasmina.isolation.stepping import (
+    checked_clip_norm,
+    clip_gradients,
+    follow_parameters,
+    state_shape_problem,
+    step_contained,
+)
 from kasmina.leyline import CommandType, MetricType
-from kasmina.ops.backend import check_real
 from kasmina.utils.conversions import conversions
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
@@ -87,18 +91,6 @@ class _Entry:
     def layout(self) -> list[list[Any]]:
         """The promotions as saved: ``[seed_id, group index, tensor count]`` each, in order."""
         return [[p.seed_id, p.group, len(p.params)] for p in self.promoted]
-
-
-def checked_clip_norm(value: object) -> float:
-    """A ``grad_clip_norm`` as a float: 0 (or None) for no clipping, else the norm to clip to,
-    which also skips a step whose gradient norm is not finite (+inf: only that). A negative or
-    NaN norm would silently turn both off: a ``ValueError``, as a bool, a string or a tensor."""
-    if value is None:
-        return 0.0
-    norm = float(check_real("grad_clip_norm", value))
-    if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
-        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
-    return norm
 
 
 class IsolatedOptimizerManager:
@@ -533,6 +525,8 @@ class IsolatedOptimizerManager:
             # Another kernel of as many tensors: its moments loaded, then its step raised.
             if (shapes := entry.shapes()) != item.get("shapes", shapes):  # absent: older
                 raise ValueError(f"optimizer {oid!r}: shapes {item['shapes']} != {shapes}")
+            if problem := state_shape_problem(entry.optimizer, item["state"]):
+                raise ValueError(f"optimizer {oid!r}: {problem}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""

@@ -28,13 +28,14 @@ applies queued commands (a controller's CULL among them).
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 from kasmina.ops import grad_norms
-from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_real
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["clip_gradients", "follow_parameters", "step_contained"]
 
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
+
+
+def checked_clip_norm(value: object) -> float:
+    """A ``grad_clip_norm`` as a float: 0 (or None) for no clipping, else the norm to clip to,
+    which also skips a step whose gradient norm is not finite (+inf: only that). A negative or
+    NaN norm would silently turn both off: a ``ValueError``, as a bool, a string or a tensor."""
+    if value is None:
+        return 0.0
+    norm = float(check_real("grad_clip_norm", value))
+    if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
+        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
+    return norm
 
 
 def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -109,6 +122,50 @@ def _followed(key: str, value: object, param: torch.Tensor, on_device: bool) -> 
     if value.dtype == dtype and value.device == param.device:
         return value
     return value.to(device=param.device, dtype=dtype)
+
+
+# torch's optimizers whose per-parameter state holds scalars and tensors of the parameter's shape.
+_ELEMENTWISE = frozenset(
+    getattr(torch.optim, name)
+    for name in (
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "Rprop",
+        "ASGD",
+        "SparseAdam",
+    )  # fmt: skip
+    if hasattr(torch.optim, name)
+)
+
+
+def state_shape_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
+    """Why ``saved`` (an ``optimizer.state_dict()``) holds a state tensor of the wrong shape
+    for ``optimizer``'s parameters (see the module docstring), or None."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    elementwise = type(optimizer) in _ELEMENTWISE
+    for index, values in (saved.get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            return f"a state for parameter {index!r}, of {len(params)}"
+        param, live = params[index], optimizer.state.get(params[index], {})
+        for key, value in dict(values).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            held = live.get(key)
+            if elementwise:  # a scalar (``step``) has no shape to check
+                want = param.shape if value.numel() > 1 else None
+            else:
+                want = held.shape if isinstance(held, torch.Tensor) else None
+            if want is not None and value.shape != want:
+                shape = tuple(value.shape)
+                return f"state {key!r} of parameter {index} is {shape}, not {tuple(want)}"
+    return None
 
 
 def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures: dict) -> bool:

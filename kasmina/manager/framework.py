@@ -7,10 +7,21 @@ checkpoints, and loads them back when it resumes. The manager owns the step inst
 seed optimizers, isolation checks, the safe point), so the framework is handed these two:
 
 - ``ManagerOptimizer(manager, grad_clip_norm=0.0)``: ``step()`` is ``manager.step(...)`` (its
-  report kept as ``last_report``), ``zero_grad()`` does nothing (the manager's step zeroes), and
-  ``param_groups`` / ``state`` / ``defaults`` are the host optimizer's (what a framework logs or
-  inspects). ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager
-  holds (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
+  report kept as ``last_report``), ``zero_grad()`` clears every gradient the manager's
+  optimizers step (the step zeroes them too; a step the loop skips, a GradScaler's overflow or
+  a batch it drops, must not leave its gradients to the next), and ``param_groups`` / ``state``
+  / ``defaults`` are the host optimizer's (what a framework logs or inspects). Under a
+  ``GradScaler`` (``scaler.step(optimizer)``, as accelerate's and Trainer's fp16 paths call it)
+  the step takes the scale itself (``_step_supports_amp_scaling``): it unscales the host's and
+  every seed's gradients and always runs the manager's step, which skips each optimizer whose
+  norm is not finite (clipping, at ``grad_clip_norm`` or, with none, at +inf): a seed's
+  overflow never skips the host's step, nor stalls the safe points. The loss must be scaled
+  (``manager.backward(scaler.scale(loss))``), and nothing unscaled before the step: a
+  framework's ``scaler.unscale_(optimizer)`` (its own gradient clipping) would reach the host's
+  groups only, and is refused. Step and state-dict hooks run as on any optimizer; a copy or a
+  pickle is refused (it is a view of a live manager: save its ``state_dict()``).
+  ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager holds
+  (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
   against the live layout before anything loads: a resumed run goes on with the moments it had,
   not fresh ones (a stand-in with a state of its own saved nothing, and the resumed run diverged).
 - ``ManagerScheduler(scheduler, optimizer)``: a learning-rate scheduler built on the host
@@ -34,8 +45,10 @@ GERMINATE changes what they hold).
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -66,6 +79,18 @@ class ManagerOptimizer(torch.optim.Optimizer):
         self.grad_clip_norm = grad_clip_norm
         self.last_report: dict[str, Any] | None = None
         self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
+        # What ``Optimizer.__init__`` sets up for hooks (the rest of it needs parameters).
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._patch_step_function()  # the step runs the step hooks
+
+    # A GradScaler hands this optimizer's step the scale (``grad_scale``) and its inf check
+    # (``found_inf``) rather than skipping it: the step unscales the seeds' gradients too.
+    _step_supports_amp_scaling = True
 
     def _host(self) -> torch.optim.Optimizer | None:
         optimizers = self.manager.optimizers
@@ -95,12 +120,34 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "ManagerOptimizer.step takes no closure: run the forward and "
                 "manager.backward(loss, kd_loss=...) before the step"
             )
-        self.last_report = self.manager.step(grad_clip_norm=self.grad_clip_norm)
+        clip = self.grad_clip_norm
+        if hasattr(self, "found_inf"):  # inside a GradScaler's step
+            self._unscale(getattr(self, "grad_scale", None))
+            clip = clip or math.inf  # a step whose gradients overflowed skips, never applies
+        self.last_report = self.manager.step(grad_clip_norm=clip)
         self.steps += 1
 
+    def _unscale(self, scale: torch.Tensor | None) -> None:
+        """Divide every gradient the manager's optimizers step by ``scale`` (as GradScaler's
+        own unscale multiplies by its fp32 reciprocal)."""
+        if scale is None:
+            raise RuntimeError(
+                "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as a "
+                "framework's gradient clipping calls it), which reaches the host's param groups "
+                "only and would leave the seeds' gradients scaled: clip with "
+                "ManagerOptimizer(grad_clip_norm=...) instead (Trainer: max_grad_norm=0)"
+            )
+        optimizers = self.manager.optimizers
+        grads = [p.grad for oid in optimizers.optimizer_ids for p in optimizers.parameters(oid)]
+        inverse = scale.double().reciprocal().float()
+        for grad in {id(g): g for g in grads if g is not None}.values():
+            grad.mul_(inverse.to(grad.device))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing: ``manager.step`` zeroes the gradients (to None, or in place with
-        ``KasminaConfig(host_grads_set_to_none=False)``)."""
+        """Clear the gradients of every optimizer the manager holds: the host's to None or
+        to zeros (``set_to_none``), the seeds' always to None (a zero gradient would move a
+        seed's Adam on its moments alone, and mark it trained this step)."""
+        self.manager.optimizers.zero_grad(set_to_none=True, host=set_to_none)
 
     @property
     def rolled_back(self) -> bool:
@@ -112,13 +159,28 @@ class ManagerOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Every optimizer's state the manager holds, with their layout (live references, as
-        torch's own ``state_dict``: a framework saves it at once)."""
-        return self.manager.optimizers.state_dict()
+        torch's own ``state_dict``: a framework saves it at once); state-dict hooks run."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self.manager.optimizers.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state = post_hook(self, state) or state
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Load a ``state_dict()`` back: refused (``ValueError``, nothing loaded) unless it was
         saved with the optimizers the manager holds now (the same seeds in the same stages)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         self.manager.optimizers.load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(
+            "a ManagerOptimizer is a view of a live manager's optimizers and cannot be copied "
+            "or pickled: save its state_dict() (and the manager's checkpoints) instead"
+        )
 
     def __repr__(self) -> str:
         return f"ManagerOptimizer(grad_clip_norm={self.grad_clip_norm!r})"

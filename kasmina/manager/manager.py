@@ -37,7 +37,8 @@ from torch import nn
 from kasmina.control.commands import MAX_EPOCH, KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
-from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, checked_clip_norm
+from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
+from kasmina.isolation.stepping import checked_clip_norm
 from kasmina.kd.loss import checked_teacher_logits
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, TeacherInput
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
@@ -432,12 +433,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         add_grads(made)
 
     def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:
-        """End of a training step: isolation checks, host and seed optimizer steps (the host
-        step is skipped in a step where a leak was found), non-finite seed outputs polled, the
-        seeds it trained marked for G2 or their GRAFTING alphas advanced, grads zeroed, then the
-        queued commands applied (the step's safe point), telemetry. Returns what it did.
-        ``grad_clip_norm`` > 0 clips every optimizer's gradients to it and skips a non-finite
-        step; 0 or None: no clipping; anything else is a ``ValueError`` (``checked_clip_norm``)."""
+        """End of a training step: isolation checks, host and seed optimizer steps (the host's
+        skipped in a step where a leak was found), non-finite seed outputs polled, the trained
+        seeds marked for G2 or their GRAFTING alphas advanced, grads zeroed, the queued commands
+        applied (the safe point), telemetry; returns what it did. ``grad_clip_norm`` > 0 clips
+        each optimizer's gradients to it and skips a non-finite step; 0 or None: no clipping."""
         clip = checked_clip_norm(grad_clip_norm)  # before anything changes
         started, state = time.perf_counter_ns(), self.state
         with self._lock:

@@ -544,7 +544,7 @@ def test_a_state_saved_for_parameters_of_other_shapes_is_refused():
     """A seed's kernel replaced by another with as many tensors of other shapes (a ROLLBACK
     then a GERMINATE of a wider kernel): the moments saved for the first were loaded into the
     second, whose next step raised (a fault charged to a healthy seed). Refused, nothing
-    loaded; a state saved before the shapes were recorded is checked as before."""
+    loaded; a state saved before the shapes were recorded is refused by its moments' shapes."""
     opts = IsolatedOptimizerManager()
     narrow = nn.Linear(2, 4)
     opts.create_seed_optimizer("s0", narrow.parameters())
@@ -560,7 +560,8 @@ def test_a_state_saved_for_parameters_of_other_shapes_is_refused():
     assert not opts.optimizer("s0").state  # nothing loaded
     older = clone_state(saved)
     del older["optimizers"]["s0"]["shapes"]
-    opts.validate_state_dict(older)  # no record to compare with
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 0 is \(4, 2\), not"):
+        opts.validate_state_dict(older)  # no record to compare with: the moments say it
 
 
 def _format1(opts: IsolatedOptimizerManager, seed_ids: list[str]) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.isolation.optimizers import checked_clip_norm
+from kasmina.isolation.stepping import checked_clip_norm
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, host_params, make_config

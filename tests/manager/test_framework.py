@@ -1,0 +1,179 @@
+"""``ManagerOptimizer`` as the loops around it use a ``torch.optim.Optimizer``: under a
+``GradScaler`` (``scaler.step(optimizer)``, accelerate's and Trainer's fp16 path), with a step
+the loop skips or a batch it drops (``zero_grad``), with hooks, copied or pickled.
+
+Each rig holds a seed in ISOLATED_INIT (a real exported kernel) beside the host, trained by
+SGD, whose step moves a weight by exactly the gradient it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kasmina.manager.framework import ManagerOptimizer
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, Rig, S, make_config
+
+
+def _rig(tmp_path: Path, store: Path, keyring: Keyring, mlp: str) -> Rig:
+    rig = Rig(make_config(tmp_path, store), keyring, optimizer_cls=torch.optim.SGD)
+    assert rig.send("germinate", SEED0, mlp)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    return rig
+
+
+def _weights(rig: Rig) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in rig.model.parameters()]
+
+
+def _scaled_step(rig: Rig, optimizer: ManagerOptimizer, scaler, factor: float = 1.0) -> None:
+    loss = F.cross_entropy(rig.model(rig.x), rig.y) * factor
+    rig.manager.backward(scaler.scale(loss), kd_loss=rig.manager.collect_kd_losses())
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def test_a_grad_scaler_step_unscales_the_seeds_too(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """``scaler.step(ManagerOptimizer)`` unscaled (and inf-checked) the host's groups only: the
+    seed stepped on its gradient times the scale (65536), its weights thrown far off. The step
+    takes the scale and unscales every optimizer's gradients: the same weights as the README's
+    hand-written loop (every optimizer unscaled, then ``manager.step``)."""
+    rigs = [_rig(tmp_path / name, store, keyring, mlp) for name in ("framework", "hand")]
+    framework, hand = rigs
+    optimizer = ManagerOptimizer(framework.manager)
+    scaler = torch.amp.GradScaler("cpu")
+    _scaled_step(framework, optimizer, scaler)
+    hand_scaler = torch.amp.GradScaler("cpu")
+    loss = F.cross_entropy(hand.model(hand.x), hand.y)
+    hand.manager.backward(hand_scaler.scale(loss))
+    for optimizer_id in hand.manager.optimizers.optimizer_ids:
+        hand_scaler.unscale_(hand.manager.optimizers.optimizer(optimizer_id))
+    hand.manager.step(grad_clip_norm=float("inf"))
+    hand_scaler.update()
+    assert framework.manager.state.global_step == hand.manager.state.global_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(_weights(framework), _weights(hand), strict=True))
+    for rig in rigs:
+        rig.manager.close()
+
+
+def test_an_overflowing_step_skips_and_the_next_one_steps(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """An overflow made GradScaler skip the optimizer's step altogether, and ``zero_grad``
+    did nothing, so its inf gradients stayed: every later step overflowed too, and the
+    manager never stepped (nor reached a safe point) again. Now the manager's step runs and
+    skips the non-finite optimizers, the scale halves, and training goes on."""
+    rig = _rig(tmp_path, store, keyring, mlp)
+    optimizer = ManagerOptimizer(rig.manager)
+    scaler = torch.amp.GradScaler("cpu")
+    for step, factor in enumerate([1.0, float("inf"), 1.0, 1.0]):
+        before = _weights(rig)
+        optimizer.zero_grad()
+        _scaled_step(rig, optimizer, scaler, factor)
+        moved = not all(torch.equal(a, b) for a, b in zip(before, _weights(rig), strict=True))
+        assert moved == (factor == 1.0)
+        assert rig.manager.state.global_step == step + 1
+    assert scaler.get_scale() == 65536.0 / 2
+    assert all(torch.isfinite(w).all() for w in _weights(rig))
+    rig.manager.close()
+
+
+def test_a_framework_unscaling_the_host_alone_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """``scaler.unscale_(ManagerOptimizer)`` (a framework's own clipping) reaches the host's
+    groups only: the step refuses rather than train the seed on scaled gradients."""
+    rig = _rig(tmp_path, store, keyring, mlp)
+    optimizer = ManagerOptimizer(rig.manager)
+    scaler = torch.amp.GradScaler("cpu")
+    rig.manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)))
+    scaler.unscale_(optimizer)
+    before = _weights(rig)
+    with pytest.raises(RuntimeError, match="unscaled ManagerOptimizer before its step"):
+        scaler.step(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(rig), strict=True))
+    rig.manager.close()
+
+
+def test_zero_grad_drops_a_batch_the_loop_discards(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A loop that drops a batch after its backward (``optimizer.zero_grad(); continue``)
+    had its gradients applied with the next batch's: ``zero_grad`` did nothing. It clears the
+    host's and the seeds' gradients (the seeds' to None whatever ``set_to_none`` says)."""
+    rigs = [_rig(tmp_path / name, store, keyring, mlp) for name in ("dropped", "clean")]
+    for rig in rigs:
+        optimizer = ManagerOptimizer(rig.manager)
+        if rig is rigs[0]:
+            rig.manager.backward(F.cross_entropy(rig.model(rig.x * 100), rig.y))
+            optimizer.zero_grad(set_to_none=False)
+            host = rig.manager.optimizers.parameters("host")
+            assert all(p.grad is not None and not p.grad.any() for p in host)
+            assert all(p.grad is None for p in rig.manager.optimizers.parameters(SEED0))
+        rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs), strict=True))
+    for rig in rigs:
+        rig.manager.close()
+
+
+def test_hooks_run_and_a_copy_is_refused_without_harm(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A copy or an unpickle went through ``Optimizer.__setstate__``, which wrapped the class's
+    ``step`` with torch's hook runner, and every ``ManagerOptimizer`` in the process then
+    raised on ``step`` (no hook dicts). A copy is refused; step and state-dict hooks run."""
+    rig = _rig(tmp_path, store, keyring, mlp)
+    optimizer = ManagerOptimizer(rig.manager)
+    calls: list[str] = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    optimizer.register_state_dict_post_hook(lambda _, state: calls.append("state") or state)
+    for copier in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            copier(optimizer)
+    for _ in range(2):
+        rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+        optimizer.step()
+    assert ManagerOptimizer(rig.manager).state_dict()["optimizers"].keys() == {"host", SEED0}
+    optimizer.state_dict()
+    assert calls == ["pre", "post", "pre", "post", "state"]
+    assert rig.manager.state.global_step == 2
+    rig.manager.close()
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.Adam, torch.optim.SGD])
+def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, optimizer_cls
+) -> None:
+    """The load checked the parameters' shapes, not the state's tensors: Adam moments of
+    another shape loaded without a word, and every later host step raised. Refused, nothing
+    loaded; an empty live state (a fresh, resumed manager) is checked all the same."""
+    options = {"momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
+    rig = Rig(make_config(tmp_path, store), keyring, optimizer_cls=optimizer_cls, **options)
+    optimizer = ManagerOptimizer(rig.manager)
+    for _ in range(2):
+        rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    host_state = saved["optimizers"]["host"]["state"]["state"]
+    key = "exp_avg" if optimizer_cls is torch.optim.Adam else "momentum_buffer"
+    host_state[0][key] = torch.zeros(3)
+    rig.manager.optimizers.optimizer("host").state.clear()
+    with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 is \\(3,\\), not"):
+        optimizer.load_state_dict(saved)
+    assert not rig.manager.optimizers.optimizer("host").state  # nothing loaded
+    host_state[0][key] = torch.zeros(rig.manager.optimizers.parameters("host")[0].shape)
+    optimizer.load_state_dict(saved)  # the right shape loads, and steps
+    rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    optimizer.step()
+    assert rig.manager.state.global_step == 3
+    rig.manager.close()
