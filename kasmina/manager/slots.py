@@ -250,17 +250,24 @@ class SlotRegistry:
         self.listener = listener
         self.records: dict[str, SeedRecord] = {}
         self.by_index: dict[int, SeedRecord] = {}
-        for slot in self.slots:
+        # The model's other slots too: their seeds' kernels would be host parameters here,
+        # stepped by the host's optimizer, unmonitored (a seed there without one is no harm).
+        others = [m for m in model.modules() if isinstance(m, KasminaLayer) and m not in slots]
+        for slot in [*self.slots, *others]:
             for seed in slot.seeds:
-                if seed.stage != SeedStage.DORMANT or seed.kernel is not None:
+                held = seed.kernel is not None
+                if held or (seed.stage != SeedStage.DORMANT and slot not in others):
                     raise ValueError(
-                        f"seed {seed.seed_id} is {seed.stage.name}"
-                        f"{' with a kernel' if seed.kernel is not None else ''}: a manager "
+                        f"seed {seed.seed_id}{' (of a slot not taken over)' * (slot in others)} "
+                        f"is {seed.stage.name}"
+                        f"{' with a kernel' if held else ''}: a manager "
                         "takes over only slots whose seeds are all DORMANT without a kernel (a "
                         "seed's optimizer, monitor and pin are its manager's). To train a grown "
                         "model on, resume its run (attach the bare host, then a ROLLBACK to a "
                         "checkpoint), or kasmina.merge it and attach the merged model"
                     )
+                if slot in others:
+                    continue
                 if seed.seed_id in self.records:
                     raise ValueError(f"duplicate seed id {seed.seed_id!r}")
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
