@@ -105,18 +105,18 @@ def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool
 
 def reaches_host_beyond(
     loss: torch.Tensor, host_params: Iterable[torch.Tensor], stop: Callable[[Any], bool]
-) -> tuple[bool, bool]:
+) -> tuple[bool, list[Any]]:
     """``(beyond, stopped)``: whether ``loss``'s graph reaches one of ``host_params`` other
-    than through the nodes ``stop`` holds (not entered), and whether the walk met such a node.
+    than through the nodes ``stop`` holds (not entered), and the such nodes the walk met.
     A ``kd_loss`` handed to the manager, with the slots' collected KD losses as ``stop``
-    (``kd.loss.is_kd_root``): one that reaches the host by another way (a distillation loss on
-    the model's own output) trains the host, and ``stopped`` False says it holds none of the
+    (``kd.graph.is_kd_root``): one that reaches the host by another way (a distillation loss on
+    the model's own output) trains the host, and ``stopped`` empty says it holds none of the
     seeds' losses. A node that hides what it read (a reentrant checkpoint's: its parameters are
     not its inputs) is a wall to this walk, as to :func:`graph_isolation`'s."""
     held: list[Any] = []
     host = {id(p): "" for p in host_params}
     found = _walk([loss.grad_fn], host, {}, held, stop)
-    return found is not None, bool(held)
+    return found is not None, held
 
 
 def _walk(

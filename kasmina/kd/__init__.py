@@ -17,7 +17,8 @@ Imports only ``kasmina.ops`` (and torch); seeds, the manager and the demo build 
 """
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import StaticKDLoss, seed_kd_loss, sum_kd_losses
+from kasmina.kd.graph import sum_kd_losses
+from kasmina.kd.loss import StaticKDLoss, seed_kd_loss
 from kasmina.kd.teacher import (
     CheckpointedTeacher,
     TeacherForwardPassManager,

@@ -1,5 +1,5 @@
 """The KD losses over the fused ``kd_kl_loss``: a module for trainers, and the one helper
-that seeds and slots use to distil a seed's output (and to sum what they collected).
+that seeds and slots use to distil a seed's output (``kd.graph`` sums what they collected).
 
 Both also take a linear head instead of logits: given the student's hidden states and the head's
 weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[rows, V]`` logits
@@ -7,12 +7,11 @@ weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[r
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
+from kasmina.kd.graph import mark_cut
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive, check_positive_int
 
@@ -20,11 +19,9 @@ __all__ = [
     "PendingKDLosses",
     "StaticKDLoss",
     "checked_teacher_logits",
-    "is_kd_root",
     "kd_head_problem",
     "seed_kd_loss",
     "slot_kd_loss",
-    "sum_kd_losses",
     "teacher_fit_problem",
     "teacher_shape_problem",
 ]
@@ -222,13 +219,15 @@ def slot_kd_loss(
         # head's dtype: the hidden-sized student is cast (autograd casts its gradient back),
         # never the [V, H] head.
         student = student.to(weight.dtype)
-    return seed_kd_loss(
+    loss = seed_kd_loss(
         config,
         student,
         teacher,
         head_weight=None if weight is None else weight.detach(),
         head_bias=None if bias is None else bias.detach(),
     )
+    mark_cut(loss, students)  # its graph meets the shared one at the students only
+    return loss
 
 
 def teacher_shape_problem(
@@ -343,27 +342,3 @@ class PendingKDLosses(list):  # type: ignore[type-arg]
     def clear(self) -> None:
         super().clear()
         self.reported = 0
-
-
-def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
-    """The sum of ``losses`` (each summed to a scalar first), and ``losses`` emptied; None for
-    none."""
-    if not losses:
-        return None
-    for loss in losses:  # ``is_kd_root``
-        if loss.grad_fn is not None:
-            loss.grad_fn.metadata[_KD_ROOT] = True
-    total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
-    losses.clear()
-    return total
-
-
-_KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
-
-
-def is_kd_root(node: Any) -> bool:
-    """Whether the autograd ``node`` is a KD loss a slot or seed collected (``sum_kd_losses``
-    marked it). A ``kd_loss`` handed to the manager is such losses, scaled or summed: a walk of
-    its graph that meets a host parameter other than behind one of these is a loss that trains
-    the host (``isolation.verify.reaches_host_beyond``)."""
-    return bool(node.metadata.get(_KD_ROOT))

@@ -31,7 +31,7 @@ from torch import nn
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.verify import reaches_host_beyond
-from kasmina.kd.loss import is_kd_root
+from kasmina.kd.graph import is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SeedRecord, SlotRegistry
 from kasmina.ops import leak_check
@@ -228,7 +228,15 @@ class IsolationGuard:
                 for monitor in self.external if rooted else ():  # else the caller's loss
                     phases.enter_context(monitor.seed_backward())
                 try:
-                    kd_loss.backward(retain_graph=retain_graph)
+                    cut = kd_cut(kd_loss) if retain_graph and rooted else None
+                    if cut is None:
+                        kd_loss.backward(retain_graph=retain_graph)
+                    else:  # ``kd.graph``: the KD op's saved logits freed at once
+                        grads = torch.autograd.grad(kd_loss, cut, allow_unused=True)
+                        pairs = [(e, g) for e, g in zip(cut, grads, strict=True) if g is not None]
+                        if pairs:
+                            edges, through = zip(*pairs, strict=True)
+                            torch.autograd.backward(edges, through, retain_graph=True)
                 except Exception as exc:  # the KD term is lost, never the host's step
                     failed = True
                     self.counters["kd_backward_failed"] += 1

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import sum_kd_losses
+from kasmina.kd.graph import sum_kd_losses
 from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
 from kasmina.seeds.extra_state import check_seed_states

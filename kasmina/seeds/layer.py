@@ -48,12 +48,12 @@ import torch
 from torch import Tensor, is_grad_enabled, nn
 
 from kasmina.kd.config import KDConfig
+from kasmina.kd.graph import sum_kd_losses
 from kasmina.kd.loss import (
     PendingKDLosses,
     checked_teacher_logits,
     kd_head_problem,
     slot_kd_loss,
-    sum_kd_losses,
     teacher_fit_problem,
 )
 from kasmina.ops.alpha_blend import seed_blend

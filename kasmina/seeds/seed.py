@@ -33,7 +33,8 @@ from torch import nn
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import seed_kd_loss, sum_kd_losses
+from kasmina.kd.graph import sum_kd_losses
+from kasmina.kd.loss import seed_kd_loss
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import (
     SavedSeedState,

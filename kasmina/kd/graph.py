@@ -1,0 +1,83 @@
+"""The graph of the KD losses the slots and seeds collect: marked, summed, and cut below.
+
+**Marked.** ``sum_kd_losses`` marks each collected loss's autograd node (``is_kd_root``). A
+``kd_loss`` handed to ``manager.backward`` is such losses, scaled or summed: a walk of its graph
+that meets a host parameter other than behind one of them is a loss that trains the host
+(``isolation.verify.reaches_host_beyond``), refused there.
+
+**Cut.** A slot's KD loss reads its seeds' outputs, which the host's loss reads too (the blend).
+Its seed-only backward runs first, so a plain ``kd_loss.backward()`` must retain the graph for
+the host's backward after it, and with it the KD op's saved tensors (the student's and the
+teacher's ``[rows, V]`` logits, or the gradient the CPU path keeps): they stayed alive for as
+long as the caller held ``kd_loss``, through the next micro-batch's forward. So a slot records
+where its loss meets the shared graph (``mark_cut``: its students' gradient edges), and
+``kd_cut`` hands those edges back when every path down from a ``kd_loss`` meets such a loss
+before any parameter: the backward is then taken in two calls, the first down to
+the edges without retaining (the KD op, its head and the sums are freed), the second from the
+edges on with their gradients, retained for the host's backward. A root without a cut (a
+compiled region's, a stand-alone seed's) keeps the one retained backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+__all__ = ["is_kd_root", "kd_cut", "mark_cut", "sum_kd_losses"]
+
+_KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
+_KD_CUT = "kasmina.kd_cut"  # its students' gradient edges, where it meets the shared graph
+
+
+def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of ``losses`` (each summed to a scalar first), and ``losses`` emptied; None for
+    none."""
+    if not losses:
+        return None
+    for loss in losses:  # ``is_kd_root``
+        if loss.grad_fn is not None:
+            loss.grad_fn.metadata[_KD_ROOT] = True
+    total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
+    losses.clear()
+    return total
+
+
+def is_kd_root(node: Any) -> bool:
+    """Whether the autograd ``node`` is a KD loss a slot or seed collected (``sum_kd_losses``
+    marked it)."""
+    return bool(node.metadata.get(_KD_ROOT))
+
+
+def mark_cut(loss: torch.Tensor, students: list[torch.Tensor | None]) -> None:
+    """Record on ``loss`` (a slot's KD loss, whose graph reaches a trainable tensor only through
+    ``students``) the edges where it meets the shared graph. Not while compiling: the loss is
+    then the compiled region's, with no node to mark."""
+    if loss.grad_fn is None or torch.compiler.is_compiling():
+        return
+    edges = [get_gradient_edge(s) for s in students if s is not None and s.requires_grad]
+    loss.grad_fn.metadata[_KD_CUT] = edges
+
+
+def kd_cut(kd_loss: torch.Tensor) -> list[GradientEdge] | None:
+    """The edges below which ``kd_loss``'s graph is shared (see the module docstring), or None
+    when it cannot be cut there: a parameter is reached on the way down to the losses that
+    recorded a cut (a loss that recorded none, or a parameter of the sum's own: its gradient
+    would be lost with the first call). The walk goes through the sums above the losses only."""
+    visited: dict[int, Any] = {}  # the nodes, held: their ids stay unique
+    edges: dict[tuple[int, int], GradientEdge] = {}
+    stack = [kd_loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited[id(node)] = node
+        if _KD_CUT in node.metadata:
+            for edge in node.metadata[_KD_CUT]:
+                edges.setdefault((id(edge.node), edge.output_nr), edge)
+        elif hasattr(node, "variable"):
+            return None
+        else:
+            stack.extend(fn for fn, _ in node.next_functions)
+    return list(edges.values()) if edges else None

@@ -1,0 +1,132 @@
+"""The collected KD loss's graph is freed by ``manager.backward`` (``kasmina.kd.graph``).
+
+Its seed-only backward ran first and retained the whole graph for the host's backward after it,
+so the KD op's saved tensors (the CPU path's ``[rows, V]`` gradient, the GPU path's student and
+teacher logits) lived on for as long as the loop held ``kd``: in the README's accumulation
+recipe, through the next micro-batch's forward. The backward now stops at the seeds' outputs
+first, without retaining, and goes on from there: the same gradients, the KD op's tensors freed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import kasmina.manager.guard as guard_module
+from kasmina.kd import KDConfig
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+
+TEACHER = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+
+
+def _forward(rig: Rig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rig.manager.set_teacher_logits(TEACHER)
+    out = rig.model(rig.x)
+    return F.cross_entropy(out, rig.y), rig.manager.collect_kd_losses()
+
+
+@pytest.fixture
+def grafting(tmp_path: Path, store: Path, keyring: Keyring, mlp: str) -> Rig:
+    """SEED0 GRAFTING (its output blended into the host's: the graphs share it), SEED1 in
+    COMPATIBILITY_CHECK, both distilling."""
+    kd = KDConfig(temperature=2.0, alpha=1.0)
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    for _ in range(2):
+        rig.manager.backward(*_forward(rig))
+        rig.manager.step()
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.send("advance", SEED1)
+    rig.manager.backward(*_forward(rig))
+    rig.manager.step()
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    return rig
+
+
+def _kd_nodes(kd: torch.Tensor) -> list[Any]:
+    found, stack, seen = [], [kd.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if type(node).__name__ == "_KDFunctionBackward":
+            found.append(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _grads(rig: Rig) -> list[torch.Tensor | None]:
+    grads = [None if p.grad is None else p.grad.clone() for p in rig.model.parameters()]
+    for p in rig.model.parameters():
+        p.grad = None
+    return grads
+
+
+def test_the_kd_ops_saved_tensors_are_freed_and_the_gradients_are_the_same(
+    grafting: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = grafting
+    loss, kd = _forward(rig)
+    (node,) = _kd_nodes(kd)
+    assert node.saved_tensors  # held until the backward
+    rig.manager.backward(loss, kd_loss=kd)
+    with pytest.raises(RuntimeError, match="freed"):
+        _ = node.saved_tensors
+    cut = _grads(rig)
+    monkeypatch.setattr(guard_module, "kd_cut", lambda kd_loss: None)  # one retained backward
+    loss, kd = _forward(rig)
+    (node,) = _kd_nodes(kd)
+    rig.manager.backward(loss, kd_loss=kd)
+    assert node.saved_tensors  # what was kept before
+    whole = _grads(rig)
+    assert any(g is not None for g in cut)
+    assert all(
+        (a is None and b is None) or torch.equal(a, b) for a, b in zip(cut, whole, strict=True)
+    )
+    monkeypatch.undo()
+    rig.manager.backward(*_forward(rig))
+    report = rig.manager.step()
+    assert report["isolation_clean"] and rig.stage(SEED0) == S.GRAFTING
+    rig.manager.close()
+
+
+def test_accumulated_micro_batches_free_each_kd_graph(grafting: Rig) -> None:
+    """The README's accumulation recipe: each micro-batch's KD graph is gone once its
+    backward ran, while the loop still holds ``kd``; the step trains the seeds as before."""
+    rig = grafting
+    before = [p.detach().clone() for p in rig.manager.optimizers.parameters(SEED0)]
+    nodes = []
+    for _ in range(2):
+        loss, kd = _forward(rig)
+        nodes += _kd_nodes(kd)
+        rig.manager.backward(loss / 2, kd_loss=kd / 2)
+    for node in nodes:
+        with pytest.raises(RuntimeError, match="freed"):
+            _ = node.saved_tensors
+    rig.manager.step()
+    after = rig.manager.optimizers.parameters(SEED0)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    rig.manager.close()
+
+
+def test_a_kd_loss_with_a_parameter_of_its_own_keeps_the_whole_backward(grafting: Rig) -> None:
+    """A ``kd_loss`` that reaches a trainable tensor above the collected losses (a seed
+    weight's penalty added by the caller) cannot be cut: its gradient would be lost. The one
+    retained backward takes it whole."""
+    rig = grafting
+    weight = rig.manager.optimizers.parameters(SEED0)[0]
+    loss, kd = _forward(rig)
+    rig.manager.backward(loss, kd_loss=kd + 0.5 * weight.square().sum())
+    with_penalty = weight.grad.clone()
+    _grads(rig)
+    loss, kd = _forward(rig)
+    rig.manager.backward(loss, kd_loss=kd)
+    assert not torch.equal(weight.grad, with_penalty)  # the penalty's gradient was in it
+    rig.manager.step()
+    rig.manager.close()
