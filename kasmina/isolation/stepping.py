@@ -145,6 +145,10 @@ _ELEMENTWISE = frozenset(
 )
 
 
+# Their scalar state: the step count, NAdam's momentum product, ASGD's eta and mu.
+_SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 def state_shape_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
     """Why ``saved`` (an ``optimizer.state_dict()``) holds a state tensor of the wrong shape
     for ``optimizer``'s parameters (see the module docstring), or None."""
@@ -158,8 +162,8 @@ def state_shape_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | 
             if not isinstance(value, torch.Tensor):
                 continue
             held = live.get(key)
-            if elementwise:  # a scalar (``step``) has no shape to check
-                want = param.shape if value.numel() > 1 else None
+            if elementwise:  # their scalars have no shape to check
+                want = None if key in _SCALAR_STATE else param.shape
             else:
                 want = held.shape if isinstance(held, torch.Tensor) else None
             if want is not None and value.shape != want:

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from kasmina.utils.autograd_nodes import compiled_node
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "NamedParams",
-    "compiled_node",
     "graph_isolation",
     "named_params",
     "reaches_host_beyond",
@@ -44,17 +45,6 @@ def named_params(params: NamedParams, prefix: str) -> list[tuple[str, torch.Tens
             seen.add(id(tensor))
             out.append((str(name), tensor))
     return out
-
-
-def compiled_node(node: Any) -> bool:
-    """Whether ``node`` is the backward of a compiled region (AOTAutograd's
-    ``CompiledFunction``): one node for a whole graph, its inputs not attributable to any one
-    of its outputs."""
-    if type(node).__name__ == "CompiledFunctionBackward":
-        return True
-    forward = getattr(node, "_forward_cls", None)  # a custom autograd.Function's backward
-    module = getattr(forward, "__module__", None) or ""
-    return module.startswith("torch._functorch._aot_autograd")
 
 
 def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool | None:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from kasmina.utils.autograd_nodes import compiled_node
+
 __all__ = ["is_kd_root", "kd_cut", "mark_cut", "sum_kd_losses"]
 
 _KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
@@ -51,13 +53,27 @@ def is_kd_root(node: Any) -> bool:
 
 
 def mark_cut(loss: torch.Tensor, students: list[torch.Tensor | None]) -> None:
-    """Record on ``loss`` (a slot's KD loss, whose graph reaches a trainable tensor only through
-    ``students``) the edges where it meets the shared graph. Not while compiling: the loss is
-    then the compiled region's, with no node to mark."""
-    if loss.grad_fn is None or torch.compiler.is_compiling():
+    """Record on ``loss`` (a slot's KD loss) the gradient edges of ``students`` (the seed
+    outputs it read), when its graph down to them is its own: the nodes in between reach no
+    trainable tensor, and none is a compiled region's (whose one node also holds the host's
+    graph: a ``torch.compile``d model's). Not while compiling: there is no node to mark."""
+    root = loss.grad_fn
+    if root is None or torch.compiler.is_compiling():
         return
     edges = [get_gradient_edge(s) for s in students if s is not None and s.requires_grad]
-    loss.grad_fn.metadata[_KD_CUT] = edges
+    visited: dict[int, Any] = {id(edge.node): edge.node for edge in edges}  # held: ids unique
+    if not edges or id(root) in visited:  # the loss's own node a student's: none of its own
+        return
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited[id(node)] = node
+        if compiled_node(node) or hasattr(node, "variable"):
+            return
+        stack.extend(fn for fn, _ in node.next_functions)
+    root.metadata[_KD_CUT] = edges
 
 
 def kd_cut(kd_loss: torch.Tensor) -> list[GradientEdge] | None:
@@ -76,7 +92,7 @@ def kd_cut(kd_loss: torch.Tensor) -> list[GradientEdge] | None:
         if _KD_CUT in node.metadata:
             for edge in node.metadata[_KD_CUT]:
                 edges.setdefault((id(edge.node), edge.output_nr), edge)
-        elif hasattr(node, "variable"):
+        elif hasattr(node, "variable") or compiled_node(node):
             return None
         else:
             stack.extend(fn for fn, _ in node.next_functions)

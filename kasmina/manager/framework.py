@@ -54,6 +54,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from kasmina.isolation.optimizers import HOST_ID
+from kasmina.isolation.stepping import checked_clip_norm
 from kasmina.manager.manager import KasminaKernelManager
 
 __all__ = ["ManagerOptimizer", "ManagerScheduler"]
@@ -75,6 +76,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "(attach(host_lr=None) leaves the host to the caller until INITIALIZE_HOST): "
                 "attach with a host_lr, so that a framework's scheduler and logs have its groups"
             )
+        checked_clip_norm(grad_clip_norm)  # a bad norm refused here, not at the first step
         self.manager = manager
         self.grad_clip_norm = grad_clip_norm
         self.last_report: dict[str, Any] | None = None
@@ -120,28 +122,41 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "ManagerOptimizer.step takes no closure: run the forward and "
                 "manager.backward(loss, kd_loss=...) before the step"
             )
-        clip = self.grad_clip_norm
+        clip = checked_clip_norm(self.grad_clip_norm)  # before anything changes
+        scale = None
         if hasattr(self, "found_inf"):  # inside a GradScaler's step
-            self._unscale(getattr(self, "grad_scale", None))
+            scale = getattr(self, "grad_scale", None)
+            if scale is None:
+                self._forget_scale()  # a retry after the fix gets the scale afresh
+                raise RuntimeError(
+                    "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as "
+                    "a framework's gradient clipping calls it), which reaches the host's param "
+                    "groups only and would leave the seeds' gradients scaled: clip with "
+                    "ManagerOptimizer(grad_clip_norm=...) instead (Trainer: max_grad_norm=0)"
+                )
+            self._scale_grads(scale.double().reciprocal().float())  # as GradScaler unscales
             clip = clip or math.inf  # a step whose gradients overflowed skips, never applies
-        self.last_report = self.manager.step(grad_clip_norm=clip)
+        try:
+            self.last_report = self.manager.step(grad_clip_norm=clip)
+        except BaseException:
+            if scale is not None:  # refused: the gradients as they came, no scale left behind
+                self._scale_grads(scale)
+                self._forget_scale()
+            raise
         self.steps += 1
 
-    def _unscale(self, scale: torch.Tensor | None) -> None:
-        """Divide every gradient the manager's optimizers step by ``scale`` (as GradScaler's
-        own unscale multiplies by its fp32 reciprocal)."""
-        if scale is None:
-            raise RuntimeError(
-                "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as a "
-                "framework's gradient clipping calls it), which reaches the host's param groups "
-                "only and would leave the seeds' gradients scaled: clip with "
-                "ManagerOptimizer(grad_clip_norm=...) instead (Trainer: max_grad_norm=0)"
-            )
+    def _scale_grads(self, factor: torch.Tensor) -> None:
+        """Multiply every gradient the manager's optimizers step by ``factor``, once each."""
         optimizers = self.manager.optimizers
         grads = [p.grad for oid in optimizers.optimizer_ids for p in optimizers.parameters(oid)]
-        inverse = scale.double().reciprocal().float()
         for grad in {id(g): g for g in grads if g is not None}.values():
-            grad.mul_(inverse.to(grad.device))
+            grad.mul_(factor.to(grad.device))
+
+    def _forget_scale(self) -> None:
+        """Drop what a GradScaler set for a step that raised (it drops it after one that
+        returned): its next step would multiply its scale by the stale one."""
+        for name in ("grad_scale", "found_inf"):
+            self.__dict__.pop(name, None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every optimizer the manager holds: the host's to None or

@@ -166,10 +166,11 @@ def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
     saved = copy.deepcopy(optimizer.state_dict())
     host_state = saved["optimizers"]["host"]["state"]["state"]
     key = "exp_avg" if optimizer_cls is torch.optim.Adam else "momentum_buffer"
-    host_state[0][key] = torch.zeros(3)
     rig.manager.optimizers.optimizer("host").state.clear()
-    with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 is \\(3,\\), not"):
-        optimizer.load_state_dict(saved)
+    for wrong in (torch.zeros(3), torch.zeros(1), torch.tensor(0.0)):  # one element broadcasts
+        host_state[0][key] = wrong
+        with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 is \\("):
+            optimizer.load_state_dict(saved)
     assert not rig.manager.optimizers.optimizer("host").state  # nothing loaded
     host_state[0][key] = torch.zeros(rig.manager.optimizers.parameters("host")[0].shape)
     optimizer.load_state_dict(saved)  # the right shape loads, and steps
@@ -177,3 +178,37 @@ def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
     optimizer.step()
     assert rig.manager.state.global_step == 3
     rig.manager.close()
+
+
+def test_a_step_that_raises_under_a_grad_scaler_leaves_the_gradients_as_they_came(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """The step unscaled the gradients, then the manager's step raised: they stayed unscaled,
+    and the scaler's ``grad_scale`` stayed on the optimizer, so the retry unscaled them again
+    by the square of the scale and trained nothing. They come back scaled, nothing is left
+    behind, and the retry steps as one first try does. A bad norm is refused when built."""
+    with pytest.raises(ValueError, match="grad_clip_norm must be >= 0"):
+        ManagerOptimizer(_rig(tmp_path / "bad", store, keyring, mlp).manager, grad_clip_norm=-1)
+    rigs = [_rig(tmp_path / name, store, keyring, mlp) for name in ("retried", "once")]
+    for rig in rigs:
+        optimizer = ManagerOptimizer(rig.manager)
+        scaler = torch.amp.GradScaler("cpu")
+        rig.manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)))
+        if rig is rigs[0]:
+            grads = [p.grad.clone() for p in rig.model.parameters() if p.grad is not None]
+
+            def refused(manager=rig.manager, step=rig.manager.step, **_):
+                manager.step = step  # once
+                raise RuntimeError("refused")
+
+            rig.manager.step = refused
+            with pytest.raises(RuntimeError, match="refused"):
+                scaler.step(optimizer)
+            now = [p.grad for p in rig.model.parameters() if p.grad is not None]
+            assert all(torch.equal(a, b) for a, b in zip(grads, now, strict=True))
+            assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs), strict=True))
+    for rig in rigs:
+        rig.manager.close()

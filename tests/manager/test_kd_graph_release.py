@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 import kasmina.manager.guard as guard_module
 from kasmina.kd import KDConfig
+from kasmina.kd.graph import kd_cut
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
@@ -129,4 +130,23 @@ def test_a_kd_loss_with_a_parameter_of_its_own_keeps_the_whole_backward(grafting
     rig.manager.backward(loss, kd_loss=kd)
     assert not torch.equal(weight.grad, with_penalty)  # the penalty's gradient was in it
     rig.manager.step()
+    rig.manager.close()
+
+
+def test_a_compiled_models_kd_loss_is_not_cut(grafting: Rig) -> None:
+    """Under ``torch.compile`` the seeds' outputs come out of the compiled region's one node,
+    which holds the host's graph too: cut there, the first call freed what the host's
+    backward needed, and every host step raised. Such a loss records no cut and keeps the one
+    retained backward; the host trains."""
+    rig = grafting
+    rig.model = torch.compile(rig.model, backend="aot_eager")
+    host = rig.manager.optimizers.parameters("host")
+    for _ in range(2):
+        before = [p.detach().clone() for p in host]
+        loss, kd = _forward(rig)
+        assert kd is not None and kd_cut(kd) is None
+        rig.manager.backward(loss, kd_loss=kd)
+        report = rig.manager.step()
+        assert report["host_stepped"]
+        assert not all(torch.equal(a, b) for a, b in zip(before, host, strict=True))
     rig.manager.close()
