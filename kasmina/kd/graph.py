@@ -57,8 +57,10 @@ def mark_cut(loss: torch.Tensor, students: list[torch.Tensor | None]) -> None:
     outputs it read), when its graph down to them is its own: the nodes in between reach no
     trainable tensor, and none is a compiled region's (whose one node also holds the host's
     graph: a ``torch.compile``d model's). Not while compiling: there is no node to mark."""
+    if torch.compiler.is_compiling():  # first: reading ``grad_fn`` breaks the graph
+        return
     root = loss.grad_fn
-    if root is None or torch.compiler.is_compiling():
+    if root is None:
         return
     edges = [get_gradient_edge(s) for s in students if s is not None and s.requires_grad]
     visited: dict[int, Any] = {id(edge.node): edge.node for edge in edges}  # held: ids unique
