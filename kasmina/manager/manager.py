@@ -129,7 +129,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self.teacher_passes = TeacherForwardPassManager(None)
             self._lock = threading.RLock()
             workers, limit = config.fetch_workers, config.max_pending_commands
-            self.pending = CommandQueue(loader, max_pending=limit, fetch_workers=workers)
+            ahead = state.checkpoint_kernels  # a ROLLBACK's kernels, fetched ahead of it
+            self.pending = CommandQueue(loader, ahead, max_pending=limit, fetch_workers=workers)
             self.intake = CommandIntake(
                 self.handler, self.verifier, self.pending, self.execution, self.report,
                 lock=self._lock, perf=state.perf,
@@ -482,8 +483,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                     logger.warning("KD losses were computed but not passed to backward(); dropped")
                 self.counters["kd_dropped"] += dropped
                 state.global_step += 1
-            # The safe point: this step's graph is gone and its gradients are applied and
-            # zeroed, so a command may now swap kernels, optimizers or weights.
+            # The safe point: the graph gone, the gradients applied and zeroed (commands may swap).
             outcomes = self.intake.apply_pending()
         state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()

@@ -16,6 +16,16 @@ later command for the same seed, or any command that is not a seed command (a ro
 optimizer change), waits behind it, so commands still take effect in the order they arrived;
 commands for other seeds go ahead.
 
+Why a ROLLBACK may wait too: the kernels its checkpoint attaches to seeds that the cache no
+longer holds (a culled seed's, evicted since) would be fetched when it is applied, on the
+training thread, for up to the command's timeout. So its first safe point asks which artifacts
+the checkpoint attaches (``rollback_kernels``, the manager's: what it recorded when it wrote the
+checkpoint, else read from it with its tensors on the meta device), pins those the cache holds
+for the command (``PendingCommand.held``) and starts a fetch for each other one, pinned for it
+as it arrives. With none to fetch it applies there; else it stays queued, holding back what
+follows it, until they are done, and is refused with an ``UrzaUnavailableError`` when one did
+not load within its timeout. Applied, it finds every kernel cached.
+
 Why a fetched kernel is pinned: between its fetch and its GERMINATE, another command's fetch
 would evict it (least recently used) and release it, and the GERMINATE would be refused, or
 load it again on the training thread. So the kernel a command's fetch put in the cache, or that
@@ -26,6 +36,7 @@ kernel uncached, where nothing evicts it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
@@ -33,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kasmina.control.commands import KasminaCommand
@@ -62,6 +73,8 @@ class PendingCommand:
     fetch: Future[GPUKernel] | None = None
     pinned: bool = False  # its kernel, pinned in the cache for it (under the queue's lock)
     released: bool = False  # applied or dropped: a pin that comes later is given back at once
+    ahead: list[Future[GPUKernel]] | None = None  # a ROLLBACK's kernel fetches (once asked)
+    held: list[str] = field(default_factory=list)  # a ROLLBACK's kernels, pinned for it
 
     @property
     def deadline(self) -> float:
@@ -93,14 +106,19 @@ class CommandQueue:
     def __init__(
         self,
         loader: KernelLoader,
+        rollback_kernels: Callable[[int], list[str]] | None = None,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         fetch_workers: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``rollback_kernels(epoch)``: the artifacts the checkpoint of ``epoch`` attaches to
+        seeds (asked on the applying thread); None: a ROLLBACK's kernels are not fetched
+        ahead."""
         if max_pending < 1 or fetch_workers < 1:
             raise ValueError("max_pending and fetch_workers must be >= 1")
         self.loader = loader
+        self.rollback_kernels = rollback_kernels
         self.max_pending = max_pending
         self.fetch_workers = fetch_workers
         self._clock = clock
@@ -185,8 +203,11 @@ class CommandQueue:
                 if any(queued is entry for queued in self._queue):
                     continue
                 pinned, entry.pinned, entry.released = entry.pinned, False, True
+                held, entry.held = entry.held, []
             if pinned:
                 self.loader.cache.unpin(entry.artifact_id)
+            for artifact_id in held:
+                self.loader.cache.unpin(artifact_id)
 
     def _hold(self, entry: PendingCommand) -> None:
         """Record the pin just taken on ``entry``'s kernel; given back at once if the entry
@@ -201,6 +222,8 @@ class CommandQueue:
         self, entry: PendingCommand, wait: bool
     ) -> tuple[GPUKernel | None, BaseException | None] | None:
         """``(kernel, error)`` once ``entry`` can be applied; None while its fetch runs."""
+        if entry.command.rollback is not None and self.rollback_kernels is not None:
+            return self._poll_rollback(entry, wait)
         artifact_id = entry.artifact_id
         if entry.fetch is None and artifact_id is not None and not entry.pinned:
             with interrupts_deferred():  # a Ctrl-C between the pin and its record leaks it
@@ -297,4 +320,63 @@ class CommandQueue:
         )
         if pinned:
             self._hold(entry)
+        return kernel
+
+    def _poll_rollback(
+        self, entry: PendingCommand, wait: bool
+    ) -> tuple[None, BaseException | None] | None:
+        """``_poll`` for a ROLLBACK (see the module docstring): its kernels asked for, pinned
+        or fetched, at the first call; None while a fetch runs and its deadline has not
+        passed."""
+        rollback, kernels_of = entry.command.rollback, self.rollback_kernels
+        if entry.ahead is None and rollback is not None and kernels_of is not None:
+            entry.ahead = []
+            deadline = entry.deadline if math.isfinite(entry.deadline) else None
+            try:
+                for artifact_id in kernels_of(rollback.target_epoch):
+                    with interrupts_deferred():  # a Ctrl-C between a pin and its record leaks it
+                        if self.loader.pin(artifact_id):
+                            self._hold_for(entry, artifact_id)
+                            continue
+                    fetch = self._submit(self._fetch_held, entry, artifact_id, deadline)
+                    if fetch is not None:
+                        entry.ahead.append(fetch)
+            except Exception as exc:  # the checkpoint unread, say: its application reports why
+                msg = "rollback %s: its kernels not fetched ahead: %s: %s"
+                logger.info(msg, entry.command.command_id, type(exc).__name__, exc)
+        ahead = entry.ahead or []
+        running = [f for f in ahead if not f.done()]
+        if running and wait and (remaining := entry.deadline - self._clock()) > 0:
+            concurrent.futures.wait(running, timeout=remaining)
+        if all(f.done() for f in ahead):
+            for fetch in ahead:
+                error = None if fetch.cancelled() else fetch.exception()
+                if error is not None:
+                    return None, error
+            return None, None
+        if self._clock() < entry.deadline:
+            return None
+        return None, UrzaUnavailableError(
+            "fetching the kernels of the rollback's checkpoint did not finish within the "
+            f"command's {entry.command.timeout_s:g} s timeout"
+        )
+
+    def _hold_for(self, entry: PendingCommand, artifact_id: str) -> None:
+        """Record a pin just taken on ``artifact_id`` for ``entry`` (a ROLLBACK); given back at
+        once if the entry was released meanwhile."""
+        with self._lock:
+            keep = not entry.released
+            if keep:
+                entry.held.append(artifact_id)
+        if not keep:
+            self.loader.cache.unpin(artifact_id)
+
+    def _fetch_held(
+        self, entry: PendingCommand, artifact_id: str, deadline: float | None
+    ) -> GPUKernel:
+        """A fetch worker's load of one of a ROLLBACK's kernels, pinned for it once cached (a
+        kernel served uncached is loaded again when the ROLLBACK applies)."""
+        kernel, pinned = self.loader.pinned_original(artifact_id, deadline=deadline)
+        if pinned:
+            self._hold_for(entry, artifact_id)
         return kernel

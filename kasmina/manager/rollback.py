@@ -122,6 +122,7 @@ def snapshot(
         }
         for record in registry
     }
+    state.note_saved_kernels(epoch, seeds)  # what a ROLLBACK to it fetches ahead
     metrics = state.val_metrics if val_metrics is None else val_metrics
     extra = {
         "epoch": epoch,

@@ -1554,6 +1554,7 @@ def test_a_rollback_failing_before_its_commit_changes_nothing_not_even_a_probe(
         "pin": (manager.loader, "pin"),
         "monitor": (manager.guard, "new_monitor"),
     }
+    manager.pending.rollback_kernels = None  # the pins are its application's (no fetch-ahead)
     _fail_once(monkeypatch, *owners[where])
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     monkeypatch.undo()

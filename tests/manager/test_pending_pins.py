@@ -151,6 +151,7 @@ def test_a_rollback_pins_the_kernel_it_copies(
         return copy(original)
 
     manager.loader.copy = copy_while_a_fetch_lands
+    manager.pending.rollback_kernels = None  # its application loads the kernel (no fetch-ahead)
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
     report = rig.train(1)
     assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
@@ -217,10 +218,50 @@ def test_a_rollback_pins_the_kernel_it_loaded(
     cache.clear()
     cache.max_bytes = max(sizes)
     evicted = _a_fetch_lands_before_the_first_pin(rig, mlp, affine)
+    manager.pending.rollback_kernels = None  # its application loads the kernel (no fetch-ahead)
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
     report = rig.train(1)
     assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
     assert evicted == [mlp]
     assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
     assert manager.kernel_cache._pins == {mlp: 1}
+    manager.close()
+
+
+def test_a_rollback_fetches_its_kernels_ahead_and_keeps_them_pinned(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """A ROLLBACK whose checkpoint attaches a kernel no longer cached fetched it when it was
+    applied, on the training thread, inside ``step()``. Its first safe point starts that fetch
+    on a worker and pins the kernel for it once cached: it applies at a later safe point,
+    reading nothing from the store there, and another command's fetch meanwhile (a cache with
+    room for one) evicts nothing it needs."""
+    from kasmina.control.commands import make_rollback_command
+
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    cache = manager.kernel_cache
+    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
+    cache.clear()
+    cache.max_bytes = max(sizes)
+    reads = _reads(rig)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    outcomes, deadline = [], time.monotonic() + 60
+    while not outcomes:
+        assert time.monotonic() < deadline
+        outcomes = rig.train(1)["commands"]
+        if reads and not any(a == affine for a, _ in reads):
+            manager.pending.fetch(affine, None).result()  # served uncached: mlp is pinned
+    assert [(o.kind, o.ok, o.reason) for o in outcomes] == [("rollback", True, "")]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
+    assert [a for a, _ in reads] == [mlp, affine]
+    assert all(thread.startswith("kasmina-fetch") for _, thread in reads), reads
+    assert cache._pins == {mlp: 1}  # the seed's own; the command's given back
     manager.close()

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from kasmina.control.commands import make_seed_command
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
@@ -130,13 +132,16 @@ def test_close_ends_a_fetch_that_runs_under_the_managers_lock(
     wait_for_io_threads(0)
 
 
-def test_a_rollback_that_must_fetch_a_kernel_again_is_bounded_by_its_timeout(
-    tmp_path: Path, store: Path, keyring: Keyring, mlp
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_rollback_that_must_fetch_a_kernel_again_never_holds_a_step(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, ahead: bool
 ):
-    """A ROLLBACK that puts back a kernel no longer cached fetches it on the training thread,
-    inside ``step()``. It had no deadline: a stalled store held the step for the client's
-    timeouts and retries (30 s a read here, two attempts). The command's ``timeout`` bounds
-    the fetch now; the rollback is refused when it runs out, nothing changed."""
+    """A ROLLBACK that puts back a kernel no longer cached fetched it on the training thread,
+    inside ``step()``, with no deadline: a stalled store held the step for the client's
+    timeouts and retries (30 s a read here, two attempts). Its first safe point now starts that
+    fetch on a worker (``CommandQueue``): the steps go on while the store stalls, and the
+    first after the command's timeout refuses it, nothing changed. Without the fetch-ahead
+    (``rollback_kernels`` None) the fetch is its application's, bounded by that timeout."""
     from kasmina.control.commands import make_rollback_command
 
     with StalledServer(store) as server:
@@ -146,6 +151,8 @@ def test_a_rollback_that_must_fetch_a_kernel_again_is_bounded_by_its_timeout(
         )  # fmt: skip
         rig = Rig(config, keyring)
         manager = rig.manager
+        if not ahead:
+            manager.pending.rollback_kernels = None
         server.released.set()  # the store answers until the rollback
         rig.train(1)
         assert rig.send("germinate", SEED0, mlp)
@@ -157,13 +164,21 @@ def test_a_rollback_that_must_fetch_a_kernel_again_is_bounded_by_its_timeout(
         server.released.clear()  # payloads stall from here on
         cmd = make_rollback_command(0, timeout_s=1.0)
         assert manager.handle_adaptation_command(rig.signed(cmd))
-        started = time.monotonic()
-        report = rig.train(1)
-        took = time.monotonic() - started
+        outcomes, steps, started = [], 0, time.monotonic()
+        while not outcomes and time.monotonic() - started < STEP_BOUND_S:
+            step_started = time.monotonic()
+            outcomes = rig.train(1)["commands"]
+            steps += 1
+            assert time.monotonic() - step_started < (0.9 if ahead else STEP_BOUND_S)
+            time.sleep(0.05)
         server.released.set()
-        assert took < STEP_BOUND_S, took
-        ((kind, ok, reason),) = [(o.kind, o.ok, o.reason) for o in report["commands"]]
+        ((kind, ok, reason),) = [(o.kind, o.ok, o.reason) for o in outcomes]
         assert kind == "rollback" and not ok and "Urza" in reason, reason
+        assert steps > 1 if ahead else steps == 1  # held while its fetch ran, steps going on
         assert rig.stage(SEED0) != S.ISOLATED_INIT  # nothing was restored
+        given_back = time.monotonic() + 30  # the abandoned fetch ends, and its pin goes too
+        while manager.kernel_cache._pins and time.monotonic() < given_back:
+            time.sleep(0.05)
+        assert not manager.kernel_cache._pins
         manager.close()
     wait_for_io_threads(0)
