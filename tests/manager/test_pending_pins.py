@@ -30,6 +30,27 @@ def _rig_with_room_for_one(tmp_path: Path, store: Path, keyring: Keyring, ids: l
     return rig
 
 
+def _culled_after_a_checkpoint(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, affine: str
+) -> Rig:
+    """SEED0 held ``mlp`` at epoch 0's checkpoint, then was culled; the cache emptied, with
+    room for the larger of ``mlp`` and ``affine``, never both: a ROLLBACK to epoch 0 must load
+    ``mlp`` again."""
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    manager = rig.manager
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    cache = manager.kernel_cache
+    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
+    cache.clear()
+    cache.max_bytes = max(sizes)
+    return rig
+
+
 def _reads(rig: Rig) -> list[tuple[str, str]]:
     """``(artifact id, thread name)`` of every store fetch from here on."""
     reads: list[tuple[str, str]] = []
@@ -131,18 +152,8 @@ def test_a_rollback_pins_the_kernel_it_copies(
     from kasmina.control.commands import make_rollback_command
 
     _, mlp, affine = published
-    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
     manager = rig.manager
-    rig.train(1)
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
-    manager.end_epoch(0)
-    assert rig.send("cull", SEED0)
-    rig.train(1)
-    cache = manager.kernel_cache
-    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
-    cache.clear()
-    cache.max_bytes = max(sizes)
     copy = manager.loader.copy
 
     def copy_while_a_fetch_lands(original: Any) -> Any:
@@ -205,18 +216,8 @@ def test_a_rollback_pins_the_kernel_it_loaded(
     from kasmina.control.commands import make_rollback_command
 
     _, mlp, affine = published
-    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
     manager = rig.manager
-    rig.train(1)
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
-    manager.end_epoch(0)
-    assert rig.send("cull", SEED0)
-    rig.train(1)
-    cache = manager.kernel_cache
-    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
-    cache.clear()
-    cache.max_bytes = max(sizes)
     evicted = _a_fetch_lands_before_the_first_pin(rig, mlp, affine)
     manager.pending.rollback_kernels = None  # its application loads the kernel (no fetch-ahead)
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
@@ -239,18 +240,8 @@ def test_a_rollback_fetches_its_kernels_ahead_and_keeps_them_pinned(
     from kasmina.control.commands import make_rollback_command
 
     _, mlp, affine = published
-    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
-    manager = rig.manager
-    rig.train(1)
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
-    manager.end_epoch(0)
-    assert rig.send("cull", SEED0)
-    rig.train(1)
-    cache = manager.kernel_cache
-    sizes = [manager.loader.original(a).get_memory_size() for a in (mlp, affine)]
-    cache.clear()
-    cache.max_bytes = max(sizes)
+    rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
+    manager, cache = rig.manager, rig.manager.kernel_cache
     reads = _reads(rig)
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
     outcomes, deadline = [], time.monotonic() + 60

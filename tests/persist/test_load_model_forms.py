@@ -144,7 +144,10 @@ def test_nesting_through_a_block_at_two_paths_is_refused() -> None:
 
 def test_a_loaded_grown_model_handed_to_a_manager_is_told_how_to_go_on(tmp_path: Path) -> None:
     """``kasmina.load`` then ``manager.register``: refused with a bare "must be DORMANT without
-    a kernel". The refusal names the seed's stage and the two ways to train such a model on."""
+    a kernel". The refusal names the seed's stage and the two ways to train such a model on.
+    ``manager.attach`` of another layer registered the new slots only: the grown slot's kernel
+    became host parameters, stepped by the host's optimizer, with no monitor, no fault limit
+    and no command reaching its seed. Refused the same way, the model left as it was."""
     model = lazy_model()
     model(torch.randn(3, 6))
     (slot,) = kasmina.attach(model, ["2"], 2, 2)
@@ -153,20 +156,7 @@ def test_a_loaded_grown_model_handed_to_a_manager_is_told_how_to_go_on(tmp_path:
     with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
         with pytest.raises(ValueError, match="is DORMANT with a kernel: .* resume its run .*merge"):
             m.register(model)
-
-
-def test_a_manager_attached_beside_a_grown_slot_is_refused(tmp_path: Path) -> None:
-    """``manager.attach`` of another layer registered the new slots only: the grown slot's
-    kernel (a seed in GRAFTING, on probation) became host parameters, stepped by the host's
-    optimizer, with no monitor, no fault limit and no command reaching it. Refused as
-    ``register`` refuses the grown slot itself, and the model is left as it was."""
-    model = lazy_model()
-    model(torch.randn(3, 6))
-    (slot,) = kasmina.attach(model, ["2"], 2, 2)
-    slot.seed(1).attach_kernel(nn.Linear(2, 2))
-    keyring = Keyring({"ctl": generate_key()})
-    with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
-        with pytest.raises(ValueError, match=r"2\[1\] \(of a slot not taken over\) is DORMANT wi"):
+        with pytest.raises(ValueError, match=r"2\[0\] \(of a slot not taken over\) is DORMANT wi"):
             m.attach(model, ["0"], 2, 4)
         assert _slots(model) == ["2"]
     with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
