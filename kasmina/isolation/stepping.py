@@ -4,7 +4,8 @@ a seed optimizer's step that cannot stop the host's.
 **Clipping.** ``clip_gradients`` is ``torch.nn.utils.clip_grad_norm_``'s math (coef = max /
 (norm + 1e-6), clamped to 1) with the norms from the fused ``grad_norms``, per optimizer; a norm
 that is not finite leaves the gradients as they were (torch's scales them by 0 or NaN), so the
-caller can skip the step on it.
+caller can skip the step on it. Sparse gradients are read at ``max_norm=inf`` only (the norm of
+their coalesced values: a finiteness check, nothing scaled), as a GradScaler's step asks.
 
 **Following.** torch's optimizers create their state (Adam's moments) at the first step, in the
 dtype and on the device the parameters had then. After a model conversion (``model.to(
@@ -65,8 +66,10 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device)
-    if any(g.is_sparse for g in grads):
-        raise ValueError("gradient clipping does not support sparse gradients")
+    if any(g.is_sparse for g in grads):  # at +inf only their finiteness is asked: no scaling
+        if max_norm != math.inf:
+            raise ValueError("gradient clipping to a finite norm does not support sparse gradients")
+        grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[g.device].append(g)

@@ -16,9 +16,16 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   every seed's gradients and always runs the manager's step, which skips each optimizer whose
   norm is not finite (clipping, at ``grad_clip_norm`` or, with none, at +inf): a seed's
   overflow never skips the host's step, nor stalls the safe points. The loss must be scaled
-  (``manager.backward(scaler.scale(loss))``), and nothing unscaled before the step: a
-  framework's ``scaler.unscale_(optimizer)`` (its own gradient clipping) would reach the host's
-  groups only, and is refused. Step and state-dict hooks run as on any optimizer; a copy or a
+  (``manager.backward(scaler.scale(loss))``). Give it the scaler (``scaler=``, or set
+  ``optimizer.scaler`` once the framework has made it): it then unscales through the scaler's
+  ``unscale_`` of each optimizer, so that a seed's overflow lowers the scale as the host's does
+  (without it, a seed that overflows only at too high a scale keeps overflowing, and is charged
+  a fault after 8 steps), and a framework's own ``scaler.unscale_(optimizer)`` (its gradient
+  clipping) is followed by the seeds'. Without the scaler such an ``unscale_``, which reaches
+  the host's groups only, is refused. A ROLLBACK applied inside the step restores a tracked
+  scaler, and the framework's ``scaler.update()`` after the step then applies the abandoned
+  step's overflow (or growth count) to it: the scale is one update off the checkpoint's. Step
+  and state-dict hooks run as on any optimizer; a copy or a
   pickle is refused (it is a view of a live manager: save its ``state_dict()``).
   ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager holds
   (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
@@ -45,6 +52,7 @@ GERMINATE changes what they hold).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -56,6 +64,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.isolation.stepping import checked_clip_norm
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.manager.slots import BAD_GRADIENT_STEPS
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ManagerOptimizer", "ManagerScheduler"]
 
@@ -68,7 +79,11 @@ class ManagerOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, manager: KasminaKernelManager, *, grad_clip_norm: float | None = 0.0
+        self,
+        manager: KasminaKernelManager,
+        *,
+        grad_clip_norm: float | None = 0.0,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not manager.optimizers.has_host:
             raise ValueError(
@@ -79,6 +94,9 @@ class ManagerOptimizer(torch.optim.Optimizer):
         checked_clip_norm(grad_clip_norm)  # a bad norm refused here, not at the first step
         self.manager = manager
         self.grad_clip_norm = grad_clip_norm
+        # The GradScaler whose ``step`` steps this one, when the loop has one (``step``).
+        self.scaler = scaler
+        self._warned_scaler = False
         self.last_report: dict[str, Any] | None = None
         self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
         # What ``Optimizer.__init__`` sets up for hooks (the rest of it needs parameters).
@@ -125,25 +143,47 @@ class ManagerOptimizer(torch.optim.Optimizer):
         clip = checked_clip_norm(self.grad_clip_norm)  # before anything changes
         scale = None
         if hasattr(self, "found_inf"):  # inside a GradScaler's step
-            scale = getattr(self, "grad_scale", None)
-            if scale is None:
-                self._forget_scale()  # a retry after the fix gets the scale afresh
-                raise RuntimeError(
-                    "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as "
-                    "a framework's gradient clipping calls it), which reaches the host's param "
-                    "groups only and would leave the seeds' gradients scaled: clip with "
-                    "ManagerOptimizer(grad_clip_norm=...) instead (Trainer: max_grad_norm=0)"
-                )
-            self._scale_grads(scale.double().reciprocal().float())  # as GradScaler unscales
+            scale = self._unscale(getattr(self, "grad_scale", None))
             clip = clip or math.inf  # a step whose gradients overflowed skips, never applies
         try:
             self.last_report = self.manager.step(grad_clip_norm=clip)
         except BaseException:
             if scale is not None:  # refused: the gradients as they came, no scale left behind
                 self._scale_grads(scale)
-                self._forget_scale()
+            self._forget_scale()
             raise
         self.steps += 1
+
+    def _unscale(self, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """Unscale every gradient the manager's optimizers step, inside a GradScaler's step
+        that handed ``scale`` (None: the framework unscaled this optimizer's groups, the
+        host's, already). Through ``self.scaler`` when given, each optimizer's ``unscale_``,
+        so that it records a seed's overflow and lowers the scale; else here, by ``scale``,
+        which is returned to undo it with if the step raises."""
+        optimizers, scaler = self.manager.optimizers, self.scaler
+        if scaler is not None:
+            for optimizer_id in optimizers.optimizer_ids:
+                if optimizer_id != HOST_ID or scale is not None:
+                    scaler.unscale_(optimizers.optimizer(optimizer_id))
+            return None
+        if scale is None:
+            self._forget_scale()  # a retry after the fix gets the scale afresh
+            raise RuntimeError(
+                "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as a "
+                "framework's gradient clipping calls it), which reaches the host's param groups "
+                "only and would leave the seeds' gradients scaled: give the optimizer its scaler "
+                "(ManagerOptimizer(..., scaler=...)), or clip with grad_clip_norm instead"
+            )
+        if optimizers.seed_ids and not self._warned_scaler:
+            self._warned_scaler = True
+            logger.warning(
+                "a GradScaler steps ManagerOptimizer without being given to it "
+                "(ManagerOptimizer(..., scaler=...)): a seed's overflow does not lower its "
+                "scale, and a seed that overflows at that scale is charged a fault after %d "
+                "steps running", BAD_GRADIENT_STEPS,
+            )  # fmt: skip
+        self._scale_grads(scale.double().reciprocal().float())  # as GradScaler unscales
+        return scale
 
     def _scale_grads(self, factor: torch.Tensor) -> None:
         """Multiply every gradient the manager's optimizers step by ``factor``, once each."""

@@ -212,3 +212,73 @@ def test_a_step_that_raises_under_a_grad_scaler_leaves_the_gradients_as_they_cam
     assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs), strict=True))
     for rig in rigs:
         rig.manager.close()
+
+
+def _overflowing_at_a_high_scale(rig: Rig, scaler) -> None:
+    """The seed's gradients overflow while the scale is above 2**10 (an fp16 backward through
+    the seed at too high a scale); the host's never do."""
+    for p in rig.manager.optimizers.parameters(SEED0):
+        p.register_hook(lambda g: g * float("inf") if scaler.get_scale() > 2**10 else g)
+
+
+def test_given_its_scaler_a_seeds_overflow_lowers_the_scale(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scaler checked the host's groups only (the optimizer's ``param_groups``): a seed
+    that overflowed at too high a scale never lowered it, was skipped every step, and was
+    charged a fault after 8 and quarantined. Given the scaler, the step unscales each
+    optimizer through it, which records the seed's overflow: the scale backs off as in the
+    README's hand-written loop and the seed trains. Without it, a warning says so; and a
+    framework's own ``unscale_`` of the optimizer is followed by the seeds'."""
+    rigs = {name: _rig(tmp_path / name, store, keyring, mlp) for name in ("given", "hand")}
+    scalers = {name: torch.amp.GradScaler("cpu") for name in rigs}
+    for name, rig in rigs.items():
+        _overflowing_at_a_high_scale(rig, scalers[name])
+    optimizer = ManagerOptimizer(rigs["given"].manager, scaler=scalers["given"])
+    for step in range(12):
+        for name, rig in rigs.items():
+            scaler = scalers[name]
+            loss = F.cross_entropy(rig.model(rig.x), rig.y)
+            rig.manager.backward(scaler.scale(loss))
+            if name == "given":
+                if step % 2:  # a framework that clips unscales first
+                    scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+            else:
+                for optimizer_id in rig.manager.optimizers.optimizer_ids:
+                    scaler.unscale_(rig.manager.optimizers.optimizer(optimizer_id))
+                rig.manager.step(grad_clip_norm=float("inf"))
+            scaler.update()
+    assert scalers["given"].get_scale() == scalers["hand"].get_scale() <= 2**10
+    assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs.values()), strict=True))
+    record = rigs["given"].manager.require_registry()[SEED0]
+    assert rigs["given"].stage(SEED0) == S.ISOLATED_INIT and record.seed.faults == 0
+    unnamed = _rig(tmp_path / "unnamed", store, keyring, mlp)
+    scaler = torch.amp.GradScaler("cpu")
+    with caplog.at_level("WARNING", logger="kasmina.manager.framework"):
+        _scaled_step(unnamed, ManagerOptimizer(unnamed.manager), scaler)
+    assert "without being given to it" in caplog.text
+    for rig in [*rigs.values(), unnamed]:
+        rig.manager.close()
+
+
+def test_a_sparse_host_steps_under_a_grad_scaler(tmp_path: Path, store: Path, keyring) -> None:
+    """The step checks every optimizer's gradients for overflow by clipping at +inf, and
+    clipping refused sparse gradients: a host with a sparse embedding never stepped again.
+    At +inf their coalesced values are read (nothing is scaled)."""
+    from kasmina.manager.manager import KasminaKernelManager
+
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8, sparse=True), torch.nn.Linear(8, 4))
+    manager.attach(model, ["1"], 2, 2, host_lr=0.1, optimizer_cls=torch.optim.SGD)
+    optimizer, scaler = ManagerOptimizer(manager), torch.amp.GradScaler("cpu")
+    tokens, labels = torch.tensor([1, 2, 3, 2]), torch.tensor([0, 1, 2, 3])
+    before = model[0].weight.detach().clone()
+    for _ in range(2):
+        manager.backward(scaler.scale(F.cross_entropy(model(tokens), labels)))
+        scaler.step(optimizer)
+        scaler.update()
+    assert manager.state.global_step == 2
+    moved = (model[0].weight != before).any(dim=1)
+    assert moved.tolist() == [i in (1, 2, 3) for i in range(10)]
+    manager.close()
