@@ -148,7 +148,10 @@ class ManagerOptimizer(torch.optim.Optimizer):
         try:
             self.last_report = self.manager.step(grad_clip_norm=clip)
         except BaseException:
-            if scale is not None:  # refused: the gradients as they came, no scale left behind
+            # Refused: the gradients as they came (exactly for a power-of-two scale, as
+            # GradScaler's are), no scale left behind. Through a given scaler, its records stay
+            # until its ``update()``.
+            if scale is not None:
                 self._scale_grads(scale)
             self._forget_scale()
             raise
