@@ -49,7 +49,7 @@ from kasmina.manager.guard import IsolationGuard, add_grads
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
-from kasmina.manager.rollback import snapshot
+from kasmina.manager.rollback import kernels_to_fetch, snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
@@ -129,7 +129,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self.teacher_passes = TeacherForwardPassManager(None)
             self._lock = threading.RLock()
             workers, limit = config.fetch_workers, config.max_pending_commands
-            ahead = state.checkpoint_kernels  # a ROLLBACK's kernels, fetched ahead of it
+            ahead = lambda epoch: kernels_to_fetch(state, epoch)  # noqa: E731 (a ROLLBACK's)
             self.pending = CommandQueue(loader, ahead, max_pending=limit, fetch_workers=workers)
             self.intake = CommandIntake(
                 self.handler, self.verifier, self.pending, self.execution, self.report,

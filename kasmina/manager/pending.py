@@ -19,12 +19,13 @@ commands for other seeds go ahead.
 Why a ROLLBACK may wait too: the kernels its checkpoint attaches to seeds that the cache no
 longer holds (a culled seed's, evicted since) would be fetched when it is applied, on the
 training thread, for up to the command's timeout. So its first safe point asks which artifacts
-the checkpoint attaches (``rollback_kernels``, the manager's: what it recorded when it wrote the
-checkpoint, else read from it with its tensors on the meta device), pins those the cache holds
-for the command (``PendingCommand.held``) and starts a fetch for each other one, pinned for it
-as it arrives. With none to fetch it applies there; else it stays queued, holding back what
-follows it, until they are done, and is refused with an ``UrzaUnavailableError`` when one did
-not load within its timeout. Applied, it finds every kernel cached.
+it would load (``rollback_kernels``, the manager's: each seed's in the checkpoint that the seed
+does not hold now), pins those the cache holds for the command (``PendingCommand.held``) and
+starts a fetch for each other one, pinned for it as it arrives. With none to fetch it applies
+there; else it stays queued, holding back what follows it, until they are done, and is refused
+with an ``UrzaUnavailableError`` when one did not load within its timeout, counted from that
+first safe point (it may have waited behind earlier commands). Applied, it finds every kernel
+cached.
 
 Why a fetched kernel is pinned: between its fetch and its GERMINATE, another command's fetch
 would evict it (least recently used) and release it, and the GERMINATE would be refused, or
@@ -75,6 +76,7 @@ class PendingCommand:
     released: bool = False  # applied or dropped: a pin that comes later is given back at once
     ahead: list[Future[GPUKernel]] | None = None  # a ROLLBACK's kernel fetches (once asked)
     held: list[str] = field(default_factory=list)  # a ROLLBACK's kernels, pinned for it
+    until: float = math.inf  # a ROLLBACK's fetches' deadline, from its first safe point
 
     @property
     def deadline(self) -> float:
@@ -326,27 +328,29 @@ class CommandQueue:
         self, entry: PendingCommand, wait: bool
     ) -> tuple[None, BaseException | None] | None:
         """``_poll`` for a ROLLBACK (see the module docstring): its kernels asked for, pinned
-        or fetched, at the first call; None while a fetch runs and its deadline has not
-        passed."""
+        or fetched, at the first call (its timeout counts from there: it may have waited behind
+        earlier commands); None while a fetch runs and that timeout has not passed."""
         rollback, kernels_of = entry.command.rollback, self.rollback_kernels
         if entry.ahead is None and rollback is not None and kernels_of is not None:
-            entry.ahead = []
-            deadline = entry.deadline if math.isfinite(entry.deadline) else None
+            timeout = entry.command.timeout_s
+            entry.until = self._clock() + timeout if timeout > 0 else math.inf
+            fetches: list[Future[GPUKernel]] = []
+            deadline = entry.until if math.isfinite(entry.until) else None
             try:
                 for artifact_id in kernels_of(rollback.target_epoch):
                     with interrupts_deferred():  # a Ctrl-C between a pin and its record leaks it
                         if self.loader.pin(artifact_id):
                             self._hold_for(entry, artifact_id)
                             continue
-                    fetch = self._submit(self._fetch_held, entry, artifact_id, deadline)
-                    if fetch is not None:
-                        entry.ahead.append(fetch)
+                    if fetch := self._submit(self._fetch_held, entry, artifact_id, deadline):
+                        fetches.append(fetch)
             except Exception as exc:  # the checkpoint unread, say: its application reports why
                 msg = "rollback %s: its kernels not fetched ahead: %s: %s"
                 logger.info(msg, entry.command.command_id, type(exc).__name__, exc)
+            entry.ahead = fetches  # set once asked (a Ctrl-C in the asking asks again)
         ahead = entry.ahead or []
         running = [f for f in ahead if not f.done()]
-        if running and wait and (remaining := entry.deadline - self._clock()) > 0:
+        if running and wait and (remaining := entry.until - self._clock()) > 0:
             concurrent.futures.wait(running, timeout=remaining)
         if all(f.done() for f in ahead):
             for fetch in ahead:
@@ -354,11 +358,11 @@ class CommandQueue:
                 if error is not None:
                     return None, error
             return None, None
-        if self._clock() < entry.deadline:
+        if self._clock() < entry.until:
             return None
         return None, UrzaUnavailableError(
-            "fetching the kernels of the rollback's checkpoint did not finish within the "
-            f"command's {entry.command.timeout_s:g} s timeout"
+            "fetching the kernels its checkpoint attaches did not finish within the rollback's "
+            f"{entry.command.timeout_s:g} s timeout"
         )
 
     def _hold_for(self, entry: PendingCommand, artifact_id: str) -> None:

@@ -68,7 +68,7 @@ from kasmina.utils.state_io import clone_state, in_saved_dtypes, unsaveable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fetches_bounded", "restore_epoch", "snapshot"]
+__all__ = ["fetches_bounded", "kernels_to_fetch", "restore_epoch", "snapshot"]
 
 # When set, the instant (``time.monotonic``) by which a kernel a rollback puts back must be
 # fetched: inside a multi-rank sync, where the other ranks wait in a collective that fails
@@ -92,6 +92,48 @@ def fetches_bounded(seconds: float | None) -> Iterator[None]:
         yield
     finally:
         _FETCH_DEADLINE.reset(token)
+
+
+def kernels_to_fetch(state: ManagerState, epoch: int) -> list[str]:
+    """The artifacts a ROLLBACK to ``epoch`` would load: each seed's in the checkpoint that
+    the seed does not hold now (``CommandQueue`` fetches them ahead of it). What ``snapshot``
+    recorded when that checkpoint was taken, else read from it with its tensors on the meta
+    device (a restarted run's). None inside a bounded multi-rank sync (``fetches_bounded``:
+    the application fetches there, within the sync's bound, as every rank must apply or refuse
+    alike), nor while no store is open or it keeps no such epoch (the application says why).
+    Raises as a load does (a file that does not verify). On the applying thread."""
+    if _FETCH_DEADLINE.get() is not None or state.closed or state.registry is None:
+        return []
+    saved = state.saved_kernels.get(epoch)
+    if saved is None:
+        store = state.open_checkpoints()
+        if store is None or epoch not in store.epochs():
+            return []
+        extra = store.load(epoch, map_location="meta").get("extra") or {}
+        seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
+        saved = _attached(seeds if isinstance(seeds, Mapping) else {})
+    have = {r.seed_id: r.artifact_id for r in state.registry if r.kernel is not None}
+    return sorted({a for seed_id, a in saved.items() if have.get(seed_id) != a})
+
+
+def _attached(seeds: Mapping[str, Any]) -> dict[str, str]:
+    """``{seed_id: artifact_id}`` of the seeds a checkpoint's records attach."""
+    attached = {}
+    for seed_id, record in seeds.items():
+        artifact_id = record.get("artifact_id") if isinstance(record, Mapping) else None
+        if isinstance(artifact_id, str) and artifact_id and record.get("attached") is True:
+            attached[str(seed_id)] = artifact_id
+    return attached
+
+
+_SAVED_KERNELS_SIZE = 64  # epochs whose checkpoints' kernels are remembered (more than kept)
+
+
+def _note_saved_kernels(state: ManagerState, epoch: int, seeds: Mapping[str, Any]) -> None:
+    state.saved_kernels.pop(epoch, None)  # the newest last
+    state.saved_kernels[epoch] = _attached(seeds)
+    while len(state.saved_kernels) > _SAVED_KERNELS_SIZE:
+        del state.saved_kernels[next(iter(state.saved_kernels))]
 
 
 # extra["boundary_pending"]: the checkpoint was taken before end_epoch's tick and automatic
@@ -122,7 +164,8 @@ def snapshot(
         }
         for record in registry
     }
-    state.note_saved_kernels(epoch, seeds)  # what a ROLLBACK to it fetches ahead
+    if boundary_pending:  # an epoch's checkpoint (end_epoch's): what a ROLLBACK fetches ahead
+        _note_saved_kernels(state, epoch, seeds)
     metrics = state.val_metrics if val_metrics is None else val_metrics
     extra = {
         "epoch": epoch,

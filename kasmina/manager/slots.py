@@ -250,12 +250,14 @@ class SlotRegistry:
         self.listener = listener
         self.records: dict[str, SeedRecord] = {}
         self.by_index: dict[int, SeedRecord] = {}
-        # The model's other slots too: their seeds' kernels would be host parameters here,
-        # stepped by the host's optimizer, unmonitored (a seed there without one is no harm).
+        # The model's other slots too: their seeds' trainable kernels would be host parameters
+        # here, stepped by the host's optimizer, unmonitored (a frozen one is no harm).
         others = [m for m in model.modules() if isinstance(m, KasminaLayer) and m not in slots]
         for slot in [*self.slots, *others]:
             for seed in slot.seeds:
                 held = seed.kernel is not None
+                if held and slot in others:  # frozen, it is served as it is
+                    held = any(p.requires_grad for p in seed.kernel.parameters())
                 if held or (seed.stage != SeedStage.DORMANT and slot not in others):
                     raise ValueError(
                         f"seed {seed.seed_id}{' (of a slot not taken over)' * (slot in others)} "

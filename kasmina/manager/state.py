@@ -51,7 +51,6 @@ __all__ = [
 # The executed-command log keeps the newest entries only: (command_id, kind, ok, reason).
 COMMAND_LOG_SIZE = 1000
 FIELD_REPORTS_SIZE = 1000  # the latest harvested seeds' reports; the count is kept apart
-SAVED_KERNELS_SIZE = 64  # epochs whose snapshots' kernels are kept (more than a store keeps)
 CommandLogEntry = tuple[str, str, bool, str]
 # The manager's own timers (see ManagerReport.get_performance_metrics).
 PERF_TIMERS = ("command", "overhead", "step", "execute")
@@ -197,9 +196,9 @@ class ManagerState:
     perf: dict[str, LatencyStats] = field(default_factory=_timers)
     dormant_overhead_us: float = math.nan
     closed: bool = False  # manager.close() was called
-    # Per epoch, the artifacts its snapshot attaches to seeds (``checkpoint_kernels``): the last
-    # SAVED_KERNELS_SIZE epochs snapshotted, in order.
-    saved_kernels: dict[int, list[str]] = field(default_factory=dict, repr=False)
+    # Per epoch, the artifact each seed held in its checkpoint (``rollback.kernels_to_fetch``):
+    # the latest epochs written, in order (a bounded few).
+    saved_kernels: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)
     _checkpoints: CheckpointStore | None = field(default=None, init=False, repr=False)
     _checkpoint_signer: CheckpointSigner | None = field(default=None, init=False, repr=False)
     # Held while the store (and its signer) is opened on first use: a health thread listing
@@ -255,26 +254,10 @@ class ManagerState:
             _ = self.checkpoints
             undo.callback(self.close_checkpoints)
 
-    def note_saved_kernels(self, epoch: int, seeds: dict[str, dict[str, Any]]) -> None:
-        """Record what the snapshot of ``epoch`` attaches (its ``seeds`` records)."""
-        self.saved_kernels.pop(epoch, None)
-        self.saved_kernels[epoch] = _attached(seeds)
-        while len(self.saved_kernels) > SAVED_KERNELS_SIZE:
-            del self.saved_kernels[next(iter(self.saved_kernels))]
-
-    def checkpoint_kernels(self, epoch: int) -> list[str]:
-        """The artifacts the checkpoint of ``epoch`` attaches to seeds: what a ROLLBACK to it
-        may have to fetch (``CommandQueue`` asks, ahead of it). What this manager recorded when
-        it snapshotted that epoch, else read from the checkpoint with its tensors on the meta
-        device, none materialised (a restarted run's); [] while no store is open. Raises as a
-        load does (an epoch not kept, a file that does not verify)."""
-        if epoch in self.saved_kernels:
-            return list(self.saved_kernels[epoch])
+    def open_checkpoints(self) -> CheckpointStore | None:
+        """The checkpoint store if it is open (never opening it), else None."""
         with self._opening:
-            store = None if self.closed else self._checkpoints
-        if store is None:
-            return []
-        return _attached((store.load(epoch, map_location="meta").get("extra") or {}).get("seeds"))
+            return None if self.closed else self._checkpoints
 
     def close_checkpoints(self) -> None:
         """Close the checkpoint store, if one was opened (a disk store releases its run lock)."""
@@ -368,10 +351,3 @@ class ManagerState:
 
 def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:
     return lambda: registry.seed_parameters(seed_id)
-
-
-def _attached(seeds: object) -> list[str]:
-    """The artifacts a checkpoint's ``seeds`` records attach, sorted, once each."""
-    records = seeds.values() if isinstance(seeds, dict) else ()
-    found = {r.get("artifact_id") for r in records if isinstance(r, dict) and r.get("attached")}
-    return sorted(a for a in found if isinstance(a, str) and a)

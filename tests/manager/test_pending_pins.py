@@ -256,3 +256,67 @@ def test_a_rollback_fetches_its_kernels_ahead_and_keeps_them_pinned(
     assert all(thread.startswith("kasmina-fetch") for _, thread in reads), reads
     assert cache._pins == {mlp: 1}  # the seed's own; the command's given back
     manager.close()
+
+
+def test_a_rollback_fetches_ahead_only_what_it_would_load(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """The fetch-ahead asked for every kernel the checkpoint attaches: with the store down, a
+    ROLLBACK that needed none (its seed still holds the checkpoint's kernel, served uncached)
+    was refused for one it would never load. It asks for each seed's kernel the seed does not
+    hold now; and a snapshot that is no epoch's checkpoint (a multi-rank repair's export)
+    leaves the record of what each checkpoint attaches as it was."""
+    from kasmina.control.commands import make_rollback_command
+    from kasmina.manager.rollback import kernels_to_fetch, snapshot
+
+    _, mlp, affine = published
+    rig = Rig(make_config(tmp_path, store, checkpoint_mode="memory"), keyring)
+    manager = rig.manager
+    manager.kernel_cache.max_bytes = 1  # every kernel served uncached: nothing pinned
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert kernels_to_fetch(manager.state, 0) == []  # SEED0 holds it
+    assert rig.send("germinate", SEED1, affine)
+    snapshot(manager.state, 0)  # not a checkpoint: records nothing
+    assert manager.state.saved_kernels == {0: {SEED0: mlp}}
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("store down")
+
+    manager.urza_client.fetch = down
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    report = rig.train(1)
+    assert [(o.kind, o.ok, o.reason) for o in report["commands"]] == [("rollback", True, "")]
+    assert rig.stage(SEED1) == S.DORMANT and manager.seed(SEED0).kernel is not None
+    manager.close()
+
+
+def test_a_rollback_in_a_bounded_sync_is_not_fetched_ahead(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """Inside a multi-rank sync (``fetches_bounded``: every rank applies or refuses alike,
+    within the sync's bound) a ROLLBACK waited out its own timeout for its fetch-ahead, past
+    the bound. There it asks for nothing, and its application's fetch is bounded."""
+    from kasmina.control.commands import make_rollback_command
+    from kasmina.manager.rollback import fetches_bounded
+
+    _, mlp, affine = published
+    rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
+    manager, stalled = rig.manager, threading.Event()
+
+    def stall(*args: Any, deadline: float | None = None, **kwargs: Any) -> Any:
+        stalled.wait(30 if deadline is None else max(0.0, deadline - time.monotonic()))
+        raise ConnectionError("stalled")  # as a client does at the fetch's deadline
+
+    manager.urza_client.fetch = stall
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=20)))
+    started = time.monotonic()
+    with fetches_bounded(1.0):
+        outcomes = manager.apply_pending(wait=True)
+    took = time.monotonic() - started
+    stalled.set()
+    assert [(o.kind, o.ok) for o in outcomes] == [("rollback", False)]
+    assert took < 10, took
+    manager.close()

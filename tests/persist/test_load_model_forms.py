@@ -16,6 +16,7 @@ from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.persist.format import SavedModelError
+from kasmina.seeds.inject import kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.publish import publish_artifact
@@ -162,3 +163,6 @@ def test_a_loaded_grown_model_handed_to_a_manager_is_told_how_to_go_on(tmp_path:
     with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
         with pytest.raises(ValueError, match="of a slot not taken over"):
             m.register(model, [kasmina.attach(model, ["0"], 2, 4)[0]])
+    slot.requires_grad_(False)  # a frozen grown backbone is served as it is: no refusal
+    with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
+        m.register(model, [s for s in kasmina_layers(model) if s is not slot])
