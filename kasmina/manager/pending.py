@@ -114,9 +114,8 @@ class CommandQueue:
         fetch_workers: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``rollback_kernels(epoch)``: the artifacts the checkpoint of ``epoch`` attaches to
-        seeds (asked on the applying thread); None: a ROLLBACK's kernels are not fetched
-        ahead."""
+        """``rollback_kernels(epoch)``: the artifacts a ROLLBACK to ``epoch`` would load (asked
+        on the applying thread); None: a ROLLBACK's kernels are not fetched ahead."""
         if max_pending < 1 or fetch_workers < 1:
             raise ValueError("max_pending and fetch_workers must be >= 1")
         self.loader = loader

@@ -98,17 +98,18 @@ def kernels_to_fetch(state: ManagerState, epoch: int) -> list[str]:
     """The artifacts a ROLLBACK to ``epoch`` would load: each seed's in the checkpoint that
     the seed does not hold now (``CommandQueue`` fetches them ahead of it). What ``snapshot``
     recorded when that checkpoint was taken, else read from it with its tensors on the meta
-    device (a restarted run's). None inside a bounded multi-rank sync (``fetches_bounded``:
-    the application fetches there, within the sync's bound, as every rank must apply or refuse
-    alike), nor while no store is open or it keeps no such epoch (the application says why).
-    Raises as a load does (a file that does not verify). On the applying thread."""
+    device (a restarted run's). None at all inside a bounded multi-rank sync
+    (``fetches_bounded``: the application fetches there, within the sync's bound, as every rank
+    must apply or refuse alike), nor while no store is open or it keeps no such epoch (the
+    application says why). Raises as a load does (a file that does not verify). On the
+    applying thread."""
     if _FETCH_DEADLINE.get() is not None or state.closed or state.registry is None:
+        return []
+    store = state.open_checkpoints()
+    if store is None or epoch not in store.epochs():
         return []
     saved = state.saved_kernels.get(epoch)
     if saved is None:
-        store = state.open_checkpoints()
-        if store is None or epoch not in store.epochs():
-            return []
         extra = store.load(epoch, map_location="meta").get("extra") or {}
         seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
         saved = _attached(seeds if isinstance(seeds, Mapping) else {})
