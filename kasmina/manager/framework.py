@@ -75,7 +75,8 @@ class ManagerOptimizer(torch.optim.Optimizer):
     """``manager.step(grad_clip_norm=...)`` behind the ``torch.optim.Optimizer`` interface.
 
     It is an ``Optimizer`` to the frameworks that check (``isinstance``) but takes no parameters
-    of its own: the base class's constructor is not run, and its hooks are not supported.
+    of its own: the base class's constructor is not run; its step and state-dict hooks are set
+    up here, and run as on any optimizer.
     """
 
     def __init__(
