@@ -17,6 +17,11 @@ the parameter's dtype and device, and ``step`` stays as it is unless its group i
 ``capturable`` (then float32, on the parameter's device). A state whose shape no longer
 matches (a ``.data`` swap that resized the parameter) is not this module's to guess at: the
 step raises, as it would in plain PyTorch, and ``manager.optimizers.reset_state`` starts it over.
+A state about to be loaded is checked instead (``state_shape_problem``): moments of another
+shape loaded, and every later step raised. For torch's elementwise optimizers (Adam, SGD and
+the like) each entry of a parameter's state must be a tensor of the parameter's shape, but
+their scalars (``step`` and the like: a number or a one-element tensor); for another optimizer,
+a tensor must have the shape of the live one under its key, if there is one.
 
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's
@@ -162,14 +167,19 @@ def state_shape_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | 
             return f"a state for parameter {index!r}, of {len(params)}"
         param, live = params[index], optimizer.state.get(params[index], {})
         for key, value in dict(values).items():
-            if not isinstance(value, torch.Tensor):
-                continue
             held = live.get(key)
-            if elementwise:  # their scalars have no shape to check
-                want = None if key in _SCALAR_STATE else param.shape
-            else:
-                want = held.shape if isinstance(held, torch.Tensor) else None
-            if want is not None and value.shape != want:
+            if elementwise and key in _SCALAR_STATE:  # a number, or a one-element tensor
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    continue
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    continue
+                return f"state {key!r} of parameter {index} is not a number"
+            if not isinstance(value, torch.Tensor):  # None: made at the next step (SGD's)
+                if elementwise and value is not None:
+                    return f"state {key!r} of parameter {index} is a {type(value).__name__}"
+                continue
+            want = param.shape if elementwise else getattr(held, "shape", value.shape)
+            if value.shape != want:
                 shape = tuple(value.shape)
                 return f"state {key!r} of parameter {index} is {shape}, not {tuple(want)}"
     return None

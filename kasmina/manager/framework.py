@@ -98,6 +98,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         # The GradScaler whose ``step`` steps this one, when the loop has one (``step``).
         self.scaler = scaler
         self._warned_scaler = False
+        self._checked_scaler: torch.amp.GradScaler | None = None
         self.last_report: dict[str, Any] | None = None
         self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
         # What ``Optimizer.__init__`` sets up for hooks (the rest of it needs parameters).
@@ -144,14 +145,20 @@ class ManagerOptimizer(torch.optim.Optimizer):
         clip = checked_clip_norm(self.grad_clip_norm)  # before anything changes
         scale = None
         if hasattr(self, "found_inf"):  # inside a GradScaler's step
-            scale = self._unscale(getattr(self, "grad_scale", None))
+            try:
+                scale = self._unscale(getattr(self, "grad_scale", None))
+            except BaseException:
+                self._forget_scale()  # a retry after the fix gets the scale afresh
+                raise
             clip = clip or math.inf  # a step whose gradients overflowed skips, never applies
         try:
             self.last_report = self.manager.step(grad_clip_norm=clip)
         except BaseException:
             # Refused: the gradients as they came (exactly for a power-of-two scale, as
-            # GradScaler's are), no scale left behind. Through a given scaler, its records stay
-            # until its ``update()``.
+            # GradScaler's are), no scale left behind. A given scaler keeps its records of
+            # this step's unscaling until its ``update()``, which a retry needs first.
+            if scale is None and hasattr(self, "found_inf") and self.scaler is not None:
+                scale = torch.tensor(self.scaler.get_scale())  # what it unscaled by
             if scale is not None:
                 self._scale_grads(scale)
             self._forget_scale()
@@ -162,16 +169,23 @@ class ManagerOptimizer(torch.optim.Optimizer):
         """Unscale every gradient the manager's optimizers step, inside a GradScaler's step
         that handed ``scale`` (None: the framework unscaled this optimizer's groups, the
         host's, already). Through ``self.scaler`` when given, each optimizer's ``unscale_``,
-        so that it records a seed's overflow and lowers the scale; else here, by ``scale``,
-        which is returned to undo it with if the step raises."""
+        so that it records a seed's overflow and lowers the scale (None returned); else here,
+        by ``scale`` (returned, to undo it with if the step raises)."""
         optimizers, scaler = self.manager.optimizers, self.scaler
         if scaler is not None:
+            # Checked once per scaler (a host read): another one unscales by its own scale.
+            if scale is not None and self._checked_scaler is not scaler:
+                if float(scale) != scaler.get_scale():
+                    raise ValueError(
+                        f"ManagerOptimizer's scaler= (scale {scaler.get_scale():g}) is not the "
+                        f"GradScaler that steps it (scale {float(scale):g}): give it that one"
+                    )
+                self._checked_scaler = scaler
             for optimizer_id in optimizers.optimizer_ids:
                 if optimizer_id != HOST_ID or scale is not None:
                     scaler.unscale_(optimizers.optimizer(optimizer_id))
             return None
         if scale is None:
-            self._forget_scale()  # a retry after the fix gets the scale afresh
             raise RuntimeError(
                 "a GradScaler unscaled ManagerOptimizer before its step (scaler.unscale_, as a "
                 "framework's gradient clipping calls it), which reaches the host's param groups "

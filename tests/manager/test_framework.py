@@ -171,6 +171,14 @@ def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
         host_state[0][key] = wrong
         with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 is \\("):
             optimizer.load_state_dict(saved)
+    host_state[0][key] = 0.5  # not a tensor: refused too
+    with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 is a float"):
+        optimizer.load_state_dict(saved)
+    if "step" in host_state[0]:  # a scalar of three elements: every step raised
+        step, host_state[0]["step"] = host_state[0]["step"], torch.zeros(3)
+        with pytest.raises(ValueError, match="state 'step' of parameter 0 is not a number"):
+            optimizer.load_state_dict(saved)
+        host_state[0]["step"] = step
     assert not rig.manager.optimizers.optimizer("host").state  # nothing loaded
     host_state[0][key] = torch.zeros(rig.manager.optimizers.parameters("host")[0].shape)
     optimizer.load_state_dict(saved)  # the right shape loads, and steps
@@ -282,3 +290,43 @@ def test_a_sparse_host_steps_under_a_grad_scaler(tmp_path: Path, store: Path, ke
     moved = (model[0].weight != before).any(dim=1)
     assert moved.tolist() == [i in (1, 2, 3) for i in range(10)]
     manager.close()
+
+
+def test_the_scaler_given_must_be_the_one_stepping(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """``scaler=`` another GradScaler than the one stepping unscaled the gradients by its own
+    scale (a weight moved by 36 in one SGD step): refused by name, nothing left behind. A step
+    that raised with the right scaler gives the gradients back scaled, and after the scaler's
+    ``update()`` a retry steps as one first try does."""
+    rigs = [_rig(tmp_path / name, store, keyring, mlp) for name in ("retried", "once")]
+    for rig in rigs:
+        scaler = torch.amp.GradScaler("cpu")
+        other = torch.amp.GradScaler("cpu", init_scale=16.0)
+        other.scale(torch.ones(()))  # used: it holds a scale of its own
+        optimizer = ManagerOptimizer(rig.manager, scaler=other)
+        rig.manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)))
+        before = _weights(rig)
+        with pytest.raises(ValueError, match="scaler= .* is not the GradScaler that steps it"):
+            scaler.step(optimizer)
+        assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+        assert all(torch.equal(a, b) for a, b in zip(before, _weights(rig), strict=True))
+        optimizer.scaler = scaler
+        if rig is rigs[0]:
+            grads = [p.grad.clone() for p in rig.model.parameters() if p.grad is not None]
+
+            def refused(manager=rig.manager, step=rig.manager.step, **_):
+                manager.step = step  # once
+                raise RuntimeError("refused")
+
+            rig.manager.step = refused
+            with pytest.raises(RuntimeError, match="refused"):
+                scaler.step(optimizer)
+            now = [p.grad for p in rig.model.parameters() if p.grad is not None]
+            assert all(torch.equal(a, b) for a, b in zip(grads, now, strict=True))
+            scaler.update()  # the scaler's records of the refused step
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs), strict=True))
+    for rig in rigs:
+        rig.manager.close()
