@@ -525,7 +525,6 @@ class GradientIsolatedSeed(nn.Module):
             cut_nonfinite_gradient(xin, ok)
         return ok
 
-    # -- knowledge distillation ----------------------------------------------------------
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
         kd = self.kd_config is not None and teacher is not None and torch.is_grad_enabled()
         if kd and stage in ISOLATED_TRAINING_STAGES:  # without grad: nothing it could train

@@ -32,6 +32,22 @@ def _weights(rig: Rig) -> list[torch.Tensor]:
     return [p.detach().clone() for p in rig.model.parameters()]
 
 
+def _a_refused_step_gives_the_gradients_back(rig: Rig, optimizer: ManagerOptimizer, scaler) -> None:
+    """The manager's step raises once inside ``scaler.step``: the gradients come back as they
+    were before it."""
+    grads = [p.grad.clone() for p in rig.model.parameters() if p.grad is not None]
+
+    def refused(manager=rig.manager, step=rig.manager.step, **_):
+        manager.step = step  # once
+        raise RuntimeError("refused")
+
+    rig.manager.step = refused
+    with pytest.raises(RuntimeError, match="refused"):
+        scaler.step(optimizer)
+    now = [p.grad for p in rig.model.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(grads, now, strict=True))
+
+
 def _scaled_step(rig: Rig, optimizer: ManagerOptimizer, scaler, factor: float = 1.0) -> None:
     loss = F.cross_entropy(rig.model(rig.x), rig.y) * factor
     rig.manager.backward(scaler.scale(loss), kd_loss=rig.manager.collect_kd_losses())
@@ -203,17 +219,7 @@ def test_a_step_that_raises_under_a_grad_scaler_leaves_the_gradients_as_they_cam
         scaler = torch.amp.GradScaler("cpu")
         rig.manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)))
         if rig is rigs[0]:
-            grads = [p.grad.clone() for p in rig.model.parameters() if p.grad is not None]
-
-            def refused(manager=rig.manager, step=rig.manager.step, **_):
-                manager.step = step  # once
-                raise RuntimeError("refused")
-
-            rig.manager.step = refused
-            with pytest.raises(RuntimeError, match="refused"):
-                scaler.step(optimizer)
-            now = [p.grad for p in rig.model.parameters() if p.grad is not None]
-            assert all(torch.equal(a, b) for a, b in zip(grads, now, strict=True))
+            _a_refused_step_gives_the_gradients_back(rig, optimizer, scaler)
             assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
         scaler.step(optimizer)
         scaler.update()
@@ -313,17 +319,7 @@ def test_the_scaler_given_must_be_the_one_stepping(
         assert all(torch.equal(a, b) for a, b in zip(before, _weights(rig), strict=True))
         optimizer.scaler = scaler
         if rig is rigs[0]:
-            grads = [p.grad.clone() for p in rig.model.parameters() if p.grad is not None]
-
-            def refused(manager=rig.manager, step=rig.manager.step, **_):
-                manager.step = step  # once
-                raise RuntimeError("refused")
-
-            rig.manager.step = refused
-            with pytest.raises(RuntimeError, match="refused"):
-                scaler.step(optimizer)
-            now = [p.grad for p in rig.model.parameters() if p.grad is not None]
-            assert all(torch.equal(a, b) for a, b in zip(grads, now, strict=True))
+            _a_refused_step_gives_the_gradients_back(rig, optimizer, scaler)
             scaler.update()  # the scaler's records of the refused step
         scaler.step(optimizer)
         scaler.update()
