@@ -20,6 +20,7 @@ compiled region's, a stand-alone seed's) keeps the one retained backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,22 +61,12 @@ def mark_cut(loss: torch.Tensor, students: list[torch.Tensor | None]) -> None:
     if torch.compiler.is_compiling():  # first: reading ``grad_fn`` breaks the graph
         return
     root = loss.grad_fn
-    if root is None:
-        return
     edges = [get_gradient_edge(s) for s in students if s is not None and s.requires_grad]
-    visited: dict[int, Any] = {id(edge.node): edge.node for edge in edges}  # held: ids unique
-    if not edges or id(root) in visited:  # the loss's own node a student's: none of its own
+    ends = {id(edge.node) for edge in edges}
+    if root is None or not edges or id(root) in ends:  # the loss's node a student's: no own
         return
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in visited:
-            continue
-        visited[id(node)] = node
-        if compiled_node(node) or hasattr(node, "variable"):
-            return
-        stack.extend(fn for fn, _ in node.next_functions)
-    root.metadata[_KD_CUT] = edges
+    if _ends_below(root, lambda node: id(node) in ends) is not None:
+        root.metadata[_KD_CUT] = edges
 
 
 def kd_cut(kd_loss: torch.Tensor) -> list[GradientEdge] | None:
@@ -83,19 +74,28 @@ def kd_cut(kd_loss: torch.Tensor) -> list[GradientEdge] | None:
     when it cannot be cut there: a parameter is reached on the way down to the losses that
     recorded a cut (a loss that recorded none, or a parameter of the sum's own: its gradient
     would be lost with the first call). The walk goes through the sums above the losses only."""
-    visited: dict[int, Any] = {}  # the nodes, held: their ids stay unique
+    marked = _ends_below(kd_loss.grad_fn, lambda node: _KD_CUT in node.metadata)
     edges: dict[tuple[int, int], GradientEdge] = {}
-    stack = [kd_loss.grad_fn]
+    for node in marked or ():
+        for edge in node.metadata[_KD_CUT]:
+            edges.setdefault((id(edge.node), edge.output_nr), edge)
+    return list(edges.values()) or None
+
+
+def _ends_below(root: Any, end: Callable[[Any], bool]) -> list[Any] | None:
+    """The nodes ``end`` picks that a walk down from ``root`` meets (not entered), or None
+    when a path meets a trainable tensor or a compiled region before one of them."""
+    visited: dict[int, Any] = {}  # the nodes, held: their ids stay unique
+    found, stack = [], [root]
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
             continue
         visited[id(node)] = node
-        if _KD_CUT in node.metadata:
-            for edge in node.metadata[_KD_CUT]:
-                edges.setdefault((id(edge.node), edge.output_nr), edge)
+        if end(node):
+            found.append(node)
         elif hasattr(node, "variable") or compiled_node(node):
             return None
         else:
             stack.extend(fn for fn, _ in node.next_functions)
-    return list(edges.values()) if edges else None
+    return found

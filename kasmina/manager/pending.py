@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MAX_PENDING", "CommandQueue", "PendingCommand", "Ready"]
 
 DEFAULT_MAX_PENDING = 256
-_PIN_TRIES = 3  # loads of a kernel evicted between its fetch's put and the pin for its command
 _GERMINATE = SeedOperation.SEED_OPERATION_GERMINATE
 
 
@@ -312,13 +311,11 @@ class CommandQueue:
         self, entry: PendingCommand, artifact_id: str, deadline: float | None
     ) -> GPUKernel:
         """A fetch worker's load of ``entry``'s kernel, pinned for it as soon as it is cached
-        (``KernelLoader.pinned_original``: loaded again, up to ``_PIN_TRIES`` times within the
+        (``KernelLoader.pinned_original``: loaded again, a few times within the
         deadline, when another fetch's put evicts it before the pin; one evicted every time is
         handed on to be refused as evicted). A kernel served uncached (no room beside the pins)
         needs no pin."""
-        kernel, pinned = self.loader.pinned_original(
-            artifact_id, deadline=deadline, attempts=_PIN_TRIES
-        )
+        kernel, pinned = self.loader.pinned_original(artifact_id, deadline=deadline)
         if pinned:
             self._hold(entry)
         return kernel
