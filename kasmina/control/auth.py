@@ -36,7 +36,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -454,6 +454,14 @@ class CommandVerifier:
         except OSError as exc:
             ledger.mark_broken(exc)
             return -1
+
+    def release_ids(self, command_ids: Iterable[str]) -> None:
+        """Free ``command_ids`` for a retry: their commands were refused before they could act,
+        because ``make_durable`` raised, as ``ledger_error`` on arrival leaves an id free. Their
+        nonces stay used (still owed to the ledger), so the same message is still a replay."""
+        with self._lock:
+            for command_id in command_ids:
+                self._ids.pop(command_id, None)
 
     def make_durable(self) -> None:
         """Return once every nonce accepted so far is durable (``defer_sync``): the staged

@@ -235,6 +235,8 @@ class CommandIntake:
             self.verifier.make_durable()
         except OSError as exc:
             logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
+            # Refused before they could act: the controller's retries keep their ids.
+            self.verifier.release_ids(entry.command.command_id for entry, _, _ in ready)
             return f"its nonce could not be made durable: {exc}"
         except BaseException:
             # None of them began, and the verifier syncs their nonces again at its next call:
@@ -338,6 +340,7 @@ class CommandIntake:
         try:
             self.verifier.make_durable()
         except OSError as exc:
+            self.verifier.release_ids([command.command_id])  # it never acted: a retry may
             self.refuse(command, f"its nonce could not be made durable: {exc}")
             return False
         with self.lock:

@@ -390,11 +390,22 @@ def test_commands_apply_only_once_their_nonces_are_durable(rig: Rig, mlp, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(verifier, "make_durable", failing)
-    assert manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    cull = make_seed_command("cull", SEED0)
+    first = rig.signed(cull)
+    assert manager.handle_adaptation_command(first)
     (outcome,) = manager.apply_pending()
     assert not outcome.ok and "could not be made durable" in outcome.reason
     assert outcome.target == SEED0  # named, as an executor's refusal names it
     assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+    # The disk back: the controller's retry (its id, signed anew) applies, as the refusal
+    # never acted; the refused message itself is still a replay.
+    monkeypatch.setattr(verifier, "make_durable", real)
+    assert not manager.handle_adaptation_command(first)
+    assert manager.handle_adaptation_command(rig.signed(cull))
+    (outcome,) = manager.apply_pending()
+    assert outcome.ok and outcome.command_id == cull.command_id
+    assert rig.stage(SEED0) == S.COOLDOWN
 
 
 def test_close_during_a_waiting_safe_point_reports_each_command_once(

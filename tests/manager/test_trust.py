@@ -465,10 +465,13 @@ def test_a_command_executed_at_once_refuses_when_its_nonce_cannot_be_made_durabl
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rig.manager.verifier, "make_durable", full)
-    raw = rig.signed(make_seed_command("germinate", SEED0, mlp))
-    assert rig.manager.handler.handle_adaptation_command(raw) is False
+    germinate = make_seed_command("germinate", SEED0, mlp)
+    assert rig.manager.handler.handle_adaptation_command(rig.signed(germinate)) is False
     assert rig.stage(SEED0) == SeedStage.DORMANT
     assert "could not be made durable" in rig.manager.command_log[-1][3]
+    monkeypatch.undo()  # the disk back: the retry under the command's id applies
+    assert rig.manager.handler.handle_adaptation_command(rig.signed(germinate)) is True
+    assert rig.stage(SEED0) == SeedStage.ISOLATED_INIT
 
 
 @pytest.mark.parametrize("embargo", [2.0**40, -1.0])
