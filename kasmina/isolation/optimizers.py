@@ -182,8 +182,11 @@ class IsolatedOptimizerManager:
             raise ValueError("the host optimizer is already initialized")
         plist = collect_tensors(params, "host parameters")
         if not plist:
-            raise ValueError("the host has no trainable parameters: a frozen host takes no host "
-                             "optimizer (attach it with host_lr=None)")  # fmt: skip
+            raise ValueError(
+                "the host has no trainable parameters (the host's are those trainable when the "
+                "manager registered the model): a frozen host takes no host optimizer (attach it "
+                "with host_lr=None; a layer unfrozen later is stepped by the trainer's own)"
+            )
         self._ownership.check_optimizable(plist, HOST_ID)
         optimizer = self._new_optimizer(plist, lr, optimizer_cls, options)
         self._register(HOST_ID, plist, optimizer, "optimizer_created", {"optimizer_id": HOST_ID})
@@ -485,7 +488,7 @@ class IsolatedOptimizerManager:
         """Every optimizer's ``state_dict`` plus the layout needed to check it on load.
 
         Like torch's, it holds references to the live state tensors; clone it (or use
-        ``kasmina.manager.checkpoints.capture_training_state``) to keep a snapshot in memory."""
+        ``kasmina.manager.training_state.capture_training_state``) to keep a snapshot in memory."""
         return {
             "format": STATE_FORMAT,
             "optimizers": {

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from kasmina.control.commands import KasminaCommand
+from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import nested_checksum, nested_finite
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.leyline import SeedOperation
-from kasmina.manager.checkpoints import MemoryCheckpointStore
+from kasmina.manager.checkpoints import CHECKPOINT_FORMAT, MemoryCheckpointStore
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.intake import CommandIntake
 from kasmina.manager.report import ManagerReport
@@ -79,6 +80,7 @@ class ManagerReplica:
         self.lock = lock
         self.include_host = include_host
         self.fetch_timeout_s = fetch_timeout_s  # a repair's kernel fetches (None: unbounded)
+        self.diverged_since: int | None = None  # ``note_sync``
 
     def checksum(self) -> int:
         return nested_checksum(self._view())
@@ -106,11 +108,23 @@ class ManagerReplica:
             view["host"] = list(registry.host_params)
         return view
 
+    def note_sync(self, result: EpochSyncResult) -> None:
+        """After each sync: a rank found apart and not repaired writes checkpoints of its own
+        timeline from that epoch on (``diverged_since``), which its next repair deletes."""
+        if result.diverged and result.rank not in result.repaired_ranks:
+            self.diverged_since = min(self.diverged_since or result.epoch, result.epoch)
+        else:
+            self.diverged_since = None
+
     def export_state(self) -> bytes:
         state = self.state
         with self.lock:
             shipped = snapshot(state, state.epoch)
-            shipped["extra"]["abandoned_after"] = state.checkpoints.abandoned_after  # its timeline
+            store = state.checkpoints  # its timeline: the epochs kept, the sync epoch's state
+            extra, epochs = shipped["extra"], store.epochs()
+            extra["abandoned_after"], extra["checkpoints"] = store.abandoned_after, epochs
+            if state.epoch in epochs:
+                shipped["latest_checkpoint"] = store.load(state.epoch)
         buf = io.BytesIO()
         torch.save(shipped, buf)
         return buf.getvalue()
@@ -120,10 +134,19 @@ class ManagerReplica:
         if not isinstance(checkpoint, dict):
             raise ValueError("a replica payload must hold a snapshot mapping")
         state = self.state
-        extra = checkpoint.get("extra") or {}
+        extra, latest = checkpoint.get("extra") or {}, checkpoint.pop("latest_checkpoint", None)
         key, after = max(int(extra.get("epoch", 0)), 0), extra.get("abandoned_after")
         if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
             raise ValueError(f"a replica payload's abandoned_after is {after!r}, no int")
+        kept = extra.get("checkpoints")
+        if kept is not None and not (
+            isinstance(kept, list) and all(type(e) is int and e >= 0 for e in kept)
+        ):
+            raise ValueError(f"a replica payload's checkpoints are {kept!r}, no epoch list")
+        if latest is not None and not (
+            isinstance(latest, dict) and latest.get("format") == CHECKPOINT_FORMAT
+        ):
+            raise ValueError("a replica payload's latest checkpoint is no checkpoint")
         store = MemoryCheckpointStore(run_id=state.config.run_id, max_rollback_epochs=0)
         store.save(key, checkpoint)  # restored from a store holding just the source's snapshot
         with self.lock:  # a close() on another thread waits, or came first and is refused
@@ -137,7 +160,10 @@ class ManagerReplica:
                     restore_epoch(state, self.guard, key)
             finally:
                 state._checkpoints = live
-            live.follow_timeline(after)  # the source's: a rollback it made (or not) is ours now
+            # The source's timeline: a rollback it made (or not) is ours now, and its checkpoints
+            # stand for ours where ours may differ.
+            ckpt = None if latest is None else (key, latest)
+            live.follow_timeline(after, kept, ckpt, self.diverged_since)
 
 
 class ManagerApplier:

@@ -409,7 +409,9 @@ class DistributedKasmina:
         # (up to rounding) at no per-step cost. Before the commands apply, the seeds that ran
         # this epoch are the ones in a running stage.
         self.seed_buffers(running_kernel_buffers(self.manager.require_registry()))
-        return self.coordinator.sync_epoch(epoch)
+        result = self.coordinator.sync_epoch(epoch)
+        self.replica.note_sync(result)
+        return result
 
     def close(self) -> None:
         """Detach from the manager (its door and step work single-process again); commands

@@ -294,7 +294,7 @@ class IsolationGuard:
         starts clean, and one not clean drops the host's gradients."""
         self._step_clean = True
         if not clean:
-            for param in (*registry.host_params, *registry.added_host_params.values()):
+            for param in registry.all_host_params():
                 param.grad = None
 
     def _check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None) -> bool:

@@ -15,7 +15,11 @@ step starts with a check, and it must cost next to nothing when nothing changed:
   model (moved, wrapped) and takes the new paths, or names the slots that are gone;
 - *anything registered*: PyTorch's global registration hooks count every module and parameter
   registered in the process; when the count moved since the last check, the module walk and a
-  check of the model's trainable parameters against the optimizers' run once.
+  check of the model's trainable parameters against the optimizers' run once (new parameters
+  over a registered one's memory, ``weight_norm``'s, are named as such: no group can add them);
+- *unfrozen*: a parameter frozen when registered that requires a gradient now (gradual
+  unfreezing by ``requires_grad_``) is a host parameter, and under the manager's host optimizer
+  one that no group holds is named (one loop over the frozen ones; none, mostly).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def watch_registrations() -> int:
     return _REGISTRATIONS[0]
 
 
+def _has_memory(p: torch.Tensor) -> bool:
+    return p.numel() > 0 and p.device.type != "meta"
+
+
 def _edges(model: nn.Module, slots: Iterable[nn.Module]) -> tuple[Edge, ...]:
     """The edges of the paths from ``model`` to each of ``slots`` (all held by it), each once."""
     names = {id(m): name for name, m in model.named_modules()}  # each module's first path
@@ -78,6 +86,9 @@ class ModelHold:
             owner, _, leaf = held[0].rpartition(".")
             self.anchor = (model.get_submodule(owner), leaf, held[1])
         self.params = {id(p): p for p in model.parameters() if id(p) not in seed_ids}
+        # Frozen when registered: one unfrozen since (gradual unfreezing) is a host parameter
+        # from then on (``unfrozen``), which the host's optimizer must hold (``check``).
+        self.frozen = [p for p in self.params.values() if not p.requires_grad]
         self.edges = _edges(model, self.slots.values())
         self.checked_at = watch_registrations()
 
@@ -101,6 +112,40 @@ class ModelHold:
         self._check_anchor()
         if moved:
             self._check_registered(known)
+        if known is not None and self.frozen:
+            self._check_unfrozen(known)
+
+    def _check_unfrozen(self, known: Callable[[], set[int]]) -> None:
+        """``RuntimeError`` naming the parameters frozen when registered, trainable now, that no
+        optimizer steps (one loop over the frozen ones per step: none, mostly)."""
+        unfrozen = self.unfrozen()
+        stepped = known() if unfrozen else set()
+        missed = [p for p in unfrozen if id(p) not in stepped]
+        if missed:
+            raise RuntimeError(
+                f"the model's parameters {self._names(missed)} were frozen when the manager "
+                "registered it and now require a gradient, but no optimizer steps them: their "
+                "gradients would pile up, never applied. Add them to the host optimizer "
+                "(manager.optimizers.optimizer('host').add_param_group) or freeze them again"
+            )
+
+    def _over_registered(self, new: list[tuple[str, nn.Parameter]]) -> list[str]:
+        """The names among ``new`` whose memory is a registered parameter's that the model no
+        longer holds (``weight_norm``'s ``original1`` is the old weight's storage)."""
+        held = {id(p) for p in self.model.parameters()}
+        dropped = [p for i, p in self.params.items() if i not in held and _has_memory(p)]
+        storages = {p.untyped_storage().data_ptr() for p in dropped}
+        return [
+            name for name, p in new if _has_memory(p) and p.untyped_storage().data_ptr() in storages
+        ]
+
+    def unfrozen(self) -> list[nn.Parameter]:
+        """The parameters frozen when registered that require a gradient now (mostly none)."""
+        return [p for p in self.frozen if p.requires_grad]
+
+    def _names(self, params: Sequence[torch.Tensor]) -> list[str]:
+        wanted = {id(p) for p in params}
+        return [name for name, p in self.model.named_parameters() if id(p) in wanted][:8]
 
     def _check_anchor(self) -> None:
         """``RuntimeError`` if the model's first host parameter is not where it was: a move to a
@@ -133,12 +178,17 @@ class ModelHold:
         of the process-wide registration count (GERMINATE moves it too)."""
         count = _REGISTRATIONS[0]
         if known is not None:
-            stepped = set(self.params) | known()
-            unknown = [
-                name
-                for name, p in self.model.named_parameters()
-                if p.requires_grad and id(p) not in stepped
-            ]
+            registered = self.params
+            new = [(n, p) for n, p in self.model.named_parameters() if id(p) not in registered]
+            stepped = known()
+            unknown = [name for name, p in new if p.requires_grad and id(p) not in stepped]
+            if over := self._over_registered(new):
+                raise RuntimeError(
+                    f"the model's parameters {over[:8]} share the memory of parameters it held "
+                    "when the manager registered it, which the optimizers still step (weight_norm "
+                    "or another reparametrization of a layer after attach): adding them would "
+                    "step that memory twice. Reparametrize the model before attach"
+                )
             if unknown:
                 raise RuntimeError(
                     f"the model holds trainable parameters {unknown[:8]} that it did not hold "

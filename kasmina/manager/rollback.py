@@ -50,15 +50,12 @@ import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
-from kasmina.manager.checkpoints import (
-    CHECKPOINT_FORMAT,
-    capture_training_state,
-    restore_training_state,
-)
+from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
 from kasmina.manager.evaluation import host_shapes, parse_host_shapes
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
+from kasmina.manager.training_state import capture_training_state, restore_training_state
 from kasmina.seeds.extra_state import owner_restore
 from kasmina.seeds.gates import CompatibilityProbe
 from kasmina.stages import ISOLATED_STAGES, SeedStage

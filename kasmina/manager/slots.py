@@ -226,7 +226,8 @@ class SlotRegistry:
     """Seeds of the slots attached to ``model``, all in one shared state table.
 
     ``host_params`` are the model's trainable parameters outside any seed, taken when the slots
-    are registered (every seed must then be DORMANT without a kernel). ``listener`` is called as
+    are registered (every seed must then be DORMANT without a kernel); ``all_host_params`` adds
+    those taken up since and those unfrozen since. ``listener`` is called as
     ``listener(record, old, new)`` after every applied transition of any seed."""
 
     def __init__(
@@ -442,12 +443,18 @@ class SlotRegistry:
 
     def host_frozen(self) -> bool:
         """Whether no host parameter needs a gradient now (the user froze the host)."""
-        params = (*self.host_params, *self.added_host_params.values())
-        return not any(p.requires_grad for p in params)
+        return not any(p.requires_grad for p in self.all_host_params())
+
+    def all_host_params(self) -> list[nn.Parameter]:
+        """The host's parameters: registered trainable, taken up from an added param group, or
+        frozen when registered and unfrozen since (``ModelHold.unfrozen``)."""
+        added = self.added_host_params
+        unfrozen = [p for p in self.hold.unfrozen() if id(p) not in added]
+        return [*self.host_params, *added.values(), *unfrozen]
 
     def host_side_params(self) -> list[nn.Parameter]:
         """Parameters on the host side of the isolation line: the host's and ACTIVE seeds'."""
-        params = [*self.host_params, *self.added_host_params.values()]
+        params = self.all_host_params()
         for record in self.in_stages([SeedStage.ACTIVE]):
             params += record.seed.seed_parameters()
         return params
@@ -484,7 +491,7 @@ class SlotRegistry:
         norms, optimizers.norms_now = optimizers.norms_now, {}
         host = norms.get(HOST_ID)
         if host is None and not all(norms.values()):  # the user steps the host: read its grads
-            grads = [p.grad for p in (*self.host_params, *self.added_host_params.values())]
+            grads = [p.grad for p in self.all_host_params()]
             values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
             host = bool(values) and all(bool(torch.isfinite(g).all()) for g in values)
         if not host:  # not clipped, or the host's overflowed too (a scale still too high)

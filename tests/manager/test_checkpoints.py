@@ -22,11 +22,10 @@ from kasmina.manager.checkpoints import (
     DiskCheckpointStore,
     MemoryCheckpointStore,
     NoCheckpointStore,
-    capture_training_state,
     open_checkpoint_store,
-    restore_training_state,
 )
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.training_state import capture_training_state, restore_training_state
 from kasmina.utils.atomic import STALE_TEMPORARY_S
 from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_rollback_command, make_seed_command
 from kasmina.control.processes import UnsupportedParallelismError, spawn
+from kasmina.control.relay import EpochSyncResult
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.coordination import ManagerApplier, ManagerReplica
@@ -728,6 +729,66 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
         rig.train(1)
         rig.manager.end_epoch(next_epoch)  # allowed on both, as on the source
     assert repaired.checkpoints.epochs() == source.checkpoints.epochs()
+
+
+def _weights(rig: Rig, epoch: int) -> dict[str, torch.Tensor]:
+    return rig.manager.checkpoints.load(epoch)["modules"]["model"]
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_repaired_rank_takes_the_sources_checkpoints_where_its_own_may_differ(
+    tmp_path, store, keyring, mode: str
+) -> None:
+    """A rank repaired at the sync of epoch 3 had written its checkpoint 3 from its own state
+    before the sync found it apart, and kept those of epochs the source's rollback abandoned
+    (2), and those it wrote while apart and not repaired (a failed repair): a later ROLLBACK to
+    one of them restored there a state no other rank had (with two ranks the tie went to rank
+    0, whichever rank held the right one). It now holds the source's checkpoint 3, and none of
+    the others."""
+    names = ("source", "repaired")
+    config = {name: make_config(tmp_path / name, store, checkpoint_mode=mode) for name in names}
+    rigs = {name: Rig(config[name], keyring) for name in names}
+    for rig in rigs.values():
+        for epoch in range(3):
+            rig.train(1)
+            rig.manager.end_epoch(epoch)
+    assert _rollback(rigs["source"], 1)  # applied on the source alone
+    repaired = rigs["repaired"]
+    with torch.no_grad():
+        repaired.model.inp.weight.add_(1.0)  # and apart in its own way
+    for rig in rigs.values():
+        rig.train(1)
+        rig.manager.end_epoch(3)
+    source_store = rigs["source"].manager.checkpoints
+    assert source_store.epochs() == [0, 1, 3] and 2 in repaired.manager.checkpoints.epochs()
+    m = repaired.manager
+    replica = ManagerReplica(m.state, m.guard, lock=m.intake.lock)
+    source = rigs["source"].manager
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    replica.import_state(sent)
+    assert m.checkpoints.epochs() == source_store.epochs()
+    mine, theirs = _weights(repaired, 3), _weights(rigs["source"], 3)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+    # Apart at the sync of epoch 4 and not repaired there: its checkpoint 4 is its own, and
+    # the repair at epoch 5 takes the source's 5 and drops its 4 (the source has one).
+    with torch.no_grad():
+        repaired.model.inp.weight.add_(1.0)
+    for rig in rigs.values():
+        rig.train(1)
+        rig.manager.end_epoch(4)
+    replica.note_sync(EpochSyncResult(4, 1, 2, (), (1, 2), (1,)))  # apart, not repaired
+    for rig in rigs.values():
+        rig.train(1)
+        rig.manager.end_epoch(5)
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    replica.import_state(sent)
+    assert 4 in source_store.epochs() and 4 not in m.checkpoints.epochs()
+    assert 5 in m.checkpoints.epochs()
+    mine, theirs = _weights(repaired, 5), _weights(rigs["source"], 5)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    replica.note_sync(EpochSyncResult(5, 1, 2, (), (1, 1), (1,), 0, (1,)))  # repaired
+    assert replica.diverged_since is None
 
 
 def _rollback(rig: Rig, epoch: int) -> bool:

@@ -140,7 +140,7 @@ def test_an_unfrozen_layers_group_survives_rollbacks(
     def host_side() -> set[int]:  # what the KD leak check and new monitors guard
         return set(_ids(registry.host_side_params()))
 
-    assert not set(_ids(layer)) & host_side()
+    assert set(_ids(layer)) <= host_side()  # unfrozen: on the host side at once
     manager.end_epoch(0)  # no step since: its checkpoint takes the group up
     assert manager.optimizers.owner_of(layer[0]) == "host"
     assert set(_ids(layer)) <= host_side()
@@ -169,6 +169,87 @@ def test_an_unfrozen_layers_group_survives_rollbacks(
     assert monitor is not None and set(_ids(layer)) <= {id(p) for _, p in monitor._host}
     train(2)  # the scheduler still drives both groups
     assert host_opt.param_groups[1]["lr"] == sched.get_last_lr()[1]
+
+
+def test_a_layer_unfrozen_without_a_group_stops_the_step_until_one_holds_it(
+    monkeypatch, tmp_path, store, keyring: Keyring
+) -> None:
+    """``requires_grad_(True)`` on a layer frozen at attach, no ``add_param_group``: nothing
+    would step it, and its gradients would pile up step after step. The step refuses, naming
+    it, before anything changes; once a group holds it, it trains."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, layer = rig.manager, list(rig.model.out.host.parameters())
+    rig.train(1)
+    for p in layer:
+        p.requires_grad_(True)
+    before = [p.detach().clone() for p in rig.model.parameters()]
+    step = manager.global_step
+    with pytest.raises(RuntimeError, match=r"out\.host\.weight.*frozen when the manager"):
+        rig.train(1)
+    assert manager.global_step == step
+    assert all(torch.equal(a, b) for a, b in zip(before, rig.model.parameters(), strict=True))
+    manager.optimizers.optimizer("host").add_param_group({"params": layer})
+    assert rig.train(1)["host_stepped"]
+    assert not torch.equal(layer[0], before[2])
+
+
+class FrozenInp(Host):
+    """The first layer frozen at attach, unfrozen later by the trainer that steps the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp.requires_grad_(False)
+
+
+def test_a_layer_unfrozen_under_a_trainers_own_optimizer_is_on_the_host_side(
+    monkeypatch, tmp_path, store, keyring: Keyring, mlp
+) -> None:
+    """attach(host_lr=None) with a layer frozen, unfrozen before a GERMINATE: the seed's
+    isolation check guards it as any host parameter (it went unwatched: a seed's path into it
+    trained it through the trainer's optimizer, every step clean)."""
+    monkeypatch.setattr(helpers, "Host", FrozenInp)
+    rig = Rig(make_config(tmp_path, store, guard_seed_backward=False), keyring, host_lr=None)
+    manager, weight = rig.manager, rig.model.inp.weight
+    weight.requires_grad_(True)
+    assert id(weight) in set(_ids(manager.require_registry().host_side_params()))
+    assert rig.send("germinate", SEED0, mlp)
+    kernel = manager.seed(SEED0).kernel
+    forward = kernel.forward
+    kernel.forward = lambda x: forward(x) + 0.1 * weight.sum()  # a path into the layer
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    report = manager.step()
+    assert not report["isolation_clean"] and weight.grad is None  # dropped, as the host's
+
+
+def test_weight_norm_on_a_layer_after_attach_is_refused_for_what_it_is(
+    tmp_path, store, keyring: Keyring
+) -> None:
+    """``weight_norm`` after attach makes parameters over the old weight's memory, which the
+    host optimizer still holds: adding them (the fix for a replaced module) would step that
+    memory twice and is refused as an overlap. The step names the cause and the way out."""
+
+    class Deep(Host):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mid = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
+
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Deep()
+    manager.attach(model, "out", 2, 2, host_lr=0.05)
+    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
+    torch.nn.utils.parametrizations.weight_norm(model.mid)
+    manager.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(RuntimeError, match="mid.parametrizations.weight.original1.*before attach"):
+        manager.step()
+    held = {id(p) for g in manager.optimizers.optimizer("host").param_groups for p in g["params"]}
+    new = [p for p in model.parameters() if id(p) not in held and p.requires_grad]
+    manager.optimizers.optimizer("host").add_param_group({"params": new})
+    with pytest.raises(RuntimeError, match="Reparametrize the model before attach"):
+        manager.step()
 
 
 def test_a_seeds_parameters_added_to_the_host_optimizer_are_refused(rig: Rig, mlp):

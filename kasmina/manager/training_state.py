@@ -1,0 +1,151 @@
+"""What a checkpoint holds, captured and restored (the pair behind a rollback and a repair).
+
+A ``RollbackCommand`` must put seeds' weights, the lifecycle state table and every optimizer's
+state back bit for bit. ``capture_training_state`` snapshots them (cloned, so later training
+cannot mutate the snapshot) and ``restore_training_state`` validates everything before it
+changes anything, so a bad checkpoint is rejected with the live state intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
+from kasmina.seeds.extra_state import check_seed_states
+from kasmina.utils.state_io import clone_state, resized_on_load
+
+if TYPE_CHECKING:
+    from kasmina.isolation.optimizers import IsolatedOptimizerManager
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["capture_training_state", "restore_training_state"]
+
+# The state_dict key suffix of a module's get_extra_state() value (PyTorch's name for it).
+EXTRA_STATE_KEY = "_extra_state"
+
+
+def capture_training_state(
+    modules: Mapping[str, nn.Module],
+    optimizers: IsolatedOptimizerManager | None = None,
+    state_table: torch.Tensor | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Snapshot module weights, optimizer states and the state table (all cloned).
+
+    The result holds only tensors and plain containers, so it can be saved with
+    a ``CheckpointStore`` and loaded back with ``weights_only=True``.
+    """
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "modules": {name: clone_state(module.state_dict()) for name, module in modules.items()},
+        "optimizers": clone_state(optimizers.state_dict()) if optimizers is not None else None,
+        "state_table": state_table.detach().clone() if state_table is not None else None,
+    }
+    if extra is not None:
+        state["extra"] = clone_state(dict(extra))
+    return state
+
+
+def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any]) -> None:
+    live = module.state_dict()
+    missing = sorted(set(live) - set(saved))
+    unexpected = sorted(set(saved) - set(live))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint for module {name!r} does not match: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for key, tensor in live.items():
+        value = saved[key]
+        if key.rpartition(".")[2] == EXTRA_STATE_KEY:
+            continue  # a module's extra state is a value (its length varies), not a weight
+        if isinstance(tensor, torch.Tensor) and (
+            not isinstance(value, torch.Tensor)
+            or (value.shape != tensor.shape and not resized_on_load(module, key, saved))
+        ):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"checkpoint for {name}.{key} has shape {got}, expected {tuple(tensor.shape)}"
+            )
+        if isinstance(tensor, torch.Tensor) and value.dtype != tensor.dtype:
+            # A load would cast it silently, and the seeds' kernels (the artifacts' dtype)
+            # would then fault at every call: build the model as the run was, as kasmina.load
+            # asks too.
+            raise ValueError(
+                f"checkpoint for {name}.{key} is {value.dtype}, the live model's "
+                f"{tensor.dtype}: build the model in the checkpoint's dtype, then roll back"
+            )
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    modules: Mapping[str, nn.Module],
+    optimizers: IsolatedOptimizerManager | None = None,
+    state_table: torch.Tensor | None = None,
+) -> None:
+    """Put back what ``capture_training_state`` took, bit for bit.
+
+    Everything is validated first (module keys and shapes, the seeds' states as their load
+    would check them, optimizer layout, state-table shape and dtype); only then is anything
+    written, so a mismatched checkpoint raises ``ValueError``
+    and leaves the live state untouched. A write that fails anyway is undone from a backup
+    taken just before the writes, so the live state is never left half restored. The state
+    table is copied in place so references held elsewhere (e.g. by the lifecycle's state
+    tensor) stay valid; whoever keeps a host mirror of the stages must refresh it afterwards.
+    """
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+    saved_modules = state.get("modules") or {}
+    absent = sorted(set(modules) - set(saved_modules))
+    if absent:
+        raise ValueError(f"checkpoint holds no state for modules {absent}")
+    for name, module in modules.items():
+        _validate_module_state(name, module, saved_modules[name])
+        check_seed_states(module, saved_modules[name], "")  # what its load would refuse
+    saved_table = state.get("state_table")
+    if state_table is not None:
+        if not isinstance(saved_table, torch.Tensor):
+            raise ValueError("checkpoint holds no state table")
+        if saved_table.shape != state_table.shape or saved_table.dtype != state_table.dtype:
+            raise ValueError(
+                f"checkpoint state table is {tuple(saved_table.shape)} {saved_table.dtype}, "
+                f"expected {tuple(state_table.shape)} {state_table.dtype}"
+            )
+    if optimizers is not None:
+        if state.get("optimizers") is None:
+            raise ValueError("checkpoint holds no optimizer state")
+        optimizers.validate_state_dict(state["optimizers"])
+
+    # The writes, undone if one of them fails (a device error, a dtype the load cannot cast):
+    # the live state is backed up first and put back bit for bit.
+    backup = capture_training_state(modules, optimizers, state_table)
+    try:
+        if optimizers is not None:
+            optimizers.load_state_dict(state["optimizers"])
+        for name, module in modules.items():
+            module.load_state_dict(saved_modules[name], strict=True)
+        if state_table is not None:
+            with torch.no_grad():
+                state_table.copy_(saved_table.to(state_table.device))
+    except BaseException as exc:
+        try:
+            for name, module in modules.items():
+                module.load_state_dict(backup["modules"][name], strict=True)
+            if state_table is not None:
+                with torch.no_grad():
+                    state_table.copy_(backup["state_table"])
+            if optimizers is not None:
+                optimizers.load_state_dict(backup["optimizers"])
+        except Exception as undo:  # the caller learns what failed first, and that this did
+            note = f"undoing the partial restore failed too: {type(undo).__name__}: {undo}"
+            exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note: 3.11 and up
+            # Logged as well: Python 3.10's traceback does not print notes.
+            logger.error("%s (the restore had failed with %s: %s)", note, type(exc).__name__, exc)
+        raise
+    logger.info("restored training state for modules %s", sorted(modules))
