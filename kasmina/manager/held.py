@@ -184,10 +184,11 @@ class ModelHold:
             unknown = [name for name, p in new if p.requires_grad and id(p) not in stepped]
             if over := self._over_registered(new):
                 raise RuntimeError(
-                    f"the model's parameters {over[:8]} share the memory of parameters it held "
-                    "when the manager registered it, which the optimizers still step (weight_norm "
-                    "or another reparametrization of a layer after attach): adding them would "
-                    "step that memory twice. Reparametrize the model before attach"
+                    f"the model holds parameters {unknown[:8]} that it did not hold when the "
+                    f"manager registered it, and {over[:8]} share the memory of parameters it "
+                    "held then, which the optimizers still step (weight_norm or another "
+                    "reparametrization of a layer after attach): adding them would step that "
+                    "memory twice. Reparametrize the model before attach"
                 )
             if unknown:
                 raise RuntimeError(

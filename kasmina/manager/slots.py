@@ -30,6 +30,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.manager.held import ModelHold
+from kasmina.ops.transforms import functorch_active
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import ActivationSpec, activation_spec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -144,12 +145,11 @@ class SeedRecord:
         An isolated kernel sees ``x.detach()``, so an input that needs a gradient is a path
         around the detach into the host. Under ``torch.compile`` that is the traced input's
         metadata, so it holds where the output's graph cannot be walked (docs/design.md §4)."""
-        if self.seed.stage in ISOLATED_STAGES:
-            # A forward without a graph (a ``no_grad`` evaluation or ``generate`` between the
-            # backward and the step, or a whole serving phase) is not kept: it has no graph to
-            # check, and holding it would keep an activation alive until the next step.
-            # (``requires_grad``, not ``grad_fn``: TorchDynamo traces this hook, and refuses
-            # to read a ``grad_fn``.)
+        if self.seed.stage in ISOLATED_STAGES and not functorch_active():
+            # Not kept: a forward without a graph (``no_grad``, ``generate``; nothing to check,
+            # and it would keep an activation alive until the next step), or one under a
+            # torch.func transform (a compiled one would return its wrapper). ``requires_grad``,
+            # not ``grad_fn``: TorchDynamo traces this hook, and refuses to read a ``grad_fn``.
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 self.last_output = output
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:

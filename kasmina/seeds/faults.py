@@ -198,7 +198,12 @@ def record_fallbacks(
     forwards stay, and only its fault is charged at the next settle. (A checkpointed region's
     forward without grad is recomputed with grad in the backward, which sets ``finite`` then.)"""
     bad = ok.logical_not().logical_and_(_finite(host_sums))
-    if not torch.compiler.is_compiling() and functorch_active():
+    if functorch_active():
+        if torch.compiler.is_compiling():
+            # A compiled torch.func transform (a per-sample ``grad``, traced whole): nothing in
+            # it may write a tensor it did not create, nor leave it; the fallback stands, and
+            # this forward's record of it is dropped.
+            return
         if transform_wrapped(faulted) and (finite is None or transform_wrapped(finite)):
             # The transform's own flags (an ensemble's stacked buffers that ``functional_call``
             # put in place of the layer's): each member's test goes to its own, inside it

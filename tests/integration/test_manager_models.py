@@ -244,3 +244,33 @@ def test_a_kernel_reaching_the_host_is_caught_under_compile_by_the_kd_check(
     monitor = rig.manager.require_registry()[SEED0].monitor
     assert monitor is not None and monitor.tripped and monitor.unattributed_graphs >= 1
     assert all("seed-only (KD) backward" in " ".join(found) for found in monitor.violations)
+
+
+def test_a_compiled_per_sample_gradient_of_a_grown_model_gives_the_eager_one(
+    tmp_path, host_store
+) -> None:
+    """``torch.compile(fullgraph=True)`` of ``vmap(grad(...))`` over a ``functional_call`` of
+    the managed model (per-sample gradients), once a seed ran its kernel: the slot wrote its
+    fault flags, and the manager's kernel hook kept the kernel's output, from inside the
+    transform; traced whole,
+    the first is refused ("would mutate a captured Tensor") and the second made the wrapper an
+    output of the graph ("Cannot access storage of TensorWrapper"). The eager one always
+    worked; now both give the same gradients, and training goes on."""
+    store, artifact = host_store
+    torch._dynamo.reset()
+    rig = Rig(make_config(tmp_path, store), Keyring({"ctl": generate_key()}))
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(1)
+    model, buffers = rig.model, dict(rig.model.named_buffers())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, (p, buffers), (x[None],)), y[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    want = per_sample(params, rig.x, rig.y)
+    got = torch.compile(per_sample, backend="aot_eager", fullgraph=True)(params, rig.x, rig.y)
+    assert any(".seeds." in name for name in want)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
+    assert rig.train(1)["isolation_clean"]

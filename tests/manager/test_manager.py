@@ -1432,7 +1432,11 @@ def test_new_trainable_parameters_no_optimizer_steps_are_refused_by_step(
         manager.step()
     assert manager.global_step == step
     if change == "weight_norm on a later layer":
-        return  # (its ``original1`` is the old weight's memory, which the host group holds)
+        # Its ``original1`` is the old weight's memory, which the host group holds: no group
+        # may add it, and the step says so.
+        with pytest.raises(RuntimeError, match="original1'] share the memory"):
+            manager.step()
+        return
     added = [p for n, p in model.named_parameters() if n in new]
     manager.optimizers.optimizer("host").add_param_group({"params": added})
     before = [p.detach().clone() for p in added]
