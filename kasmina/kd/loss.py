@@ -13,7 +13,8 @@ from torch import nn
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_cut
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
-from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive, check_positive_int
+from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive_int
+from kasmina.ops.fused_linear_kd import head_factor
 
 __all__ = [
     "PendingKDLosses",
@@ -64,12 +65,13 @@ class StaticKDLoss(nn.Module):
             "teacher_logit_scale": teacher_logit_scale,
             "student_softcap": student_softcap,
             "teacher_softcap": teacher_softcap,
-        }  # each checked now, as fused_linear_kd_loss would at the first forward
+        }  # each checked now, as fused_linear_kd_loss would at the first forward (there
+        # against the head's own dtype too)
         self.head_options: dict[str, float | int | None] = {
             "chunk_rows": None
             if chunk_rows is None
             else check_positive_int("chunk_rows", chunk_rows),
-            **{k: None if v is None else float(check_positive(k, v)) for k, v in shaping.items()},
+            **{k: head_factor(k, v) for k, v in shaping.items()},  # in float32's range
         }
 
     @classmethod

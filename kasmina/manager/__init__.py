@@ -8,9 +8,10 @@ checkpoints and rollback, and telemetry. It is a façade over components that do
   slot registry, optimizers, the training clock, counters). Components receive the state and the
   other components they call, never the manager.
 - ``config`` -- ``KasminaConfig``: every setting, validated once.
-- ``slots`` -- ``SlotRegistry``/``SeedRecord``: the managed model's seeds by id, with what the
-  manager keeps per seed (kernel, pin, monitor, timeline); ``held`` -- ``ModelHold``: at
-  each step, whether the model still holds the slots and parameters registered with it.
+- ``slots`` / ``records`` -- ``SlotRegistry``/``SeedRecord``: the managed model's seeds by id,
+  with what the manager keeps per seed (kernel, pin, monitor, timeline); ``held`` --
+  ``ModelHold``: at each step, whether the model still holds the slots and parameters
+  registered with it.
 - ``guard`` -- ``IsolationGuard``: the per-step isolation checks and the seeds' monitors.
 - ``executor`` -- ``CommandExecution``: what each verified command does; every operation
   completes or leaves the seed as it was (validate and load first, then mutate).

@@ -15,6 +15,7 @@ not the manager. ``kasmina.manager.ddp.DistributedKasmina`` builds both for a ma
 from __future__ import annotations
 
 import io
+import logging
 import math
 import threading
 import time
@@ -37,6 +38,8 @@ from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch, snapshot
 from kasmina.manager.state import ManagerState
 from kasmina.utils.grad_modes import training_tensors
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PREPARE_SHARE", "ManagerApplier", "ManagerReplica"]
 
@@ -104,15 +107,16 @@ class ManagerReplica:
             "optimizers": optimizers,
             "clock": (state.epoch, state.global_step),
         }
-        if self.include_host:
-            view["host"] = list(registry.host_params)
+        if self.include_host:  # registered, added by a param group, unfrozen since
+            view["host"] = registry.all_host_params()
         return view
 
     def note_sync(self, result: EpochSyncResult) -> None:
         """After each sync: a rank found apart and not repaired writes checkpoints of its own
         timeline from that epoch on (``diverged_since``), which its next repair deletes."""
         if result.diverged and result.rank not in result.repaired_ranks:
-            self.diverged_since = min(self.diverged_since or result.epoch, result.epoch)
+            since = self.diverged_since
+            self.diverged_since = result.epoch if since is None else min(since, result.epoch)
         else:
             self.diverged_since = None
 
@@ -122,9 +126,13 @@ class ManagerReplica:
             shipped = snapshot(state, state.epoch)
             store = state.checkpoints  # its timeline: the epochs kept, the sync epoch's state
             extra, epochs = shipped["extra"], store.epochs()
-            extra["abandoned_after"], extra["checkpoints"] = store.abandoned_after, epochs
             if state.epoch in epochs:
-                shipped["latest_checkpoint"] = store.load(state.epoch)
+                try:
+                    shipped["latest_checkpoint"] = store.load(state.epoch)
+                except Exception:  # unreadable here: the repaired rank drops its own too
+                    logger.exception("epoch %d: its checkpoint goes with no repair", state.epoch)
+                    epochs.remove(state.epoch)
+            extra["abandoned_after"], extra["checkpoints"] = store.abandoned_after, epochs
         buf = io.BytesIO()
         torch.save(shipped, buf)
         return buf.getvalue()

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.manager.slots import HostShapes, SeedRecord, SlotRegistry
+from kasmina.manager.records import SeedRecord
+from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
 from kasmina.seeds.outputs import output_element, replace_output_element

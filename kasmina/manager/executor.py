@@ -39,9 +39,9 @@ from kasmina.errors import (
 from kasmina.leyline import SeedOperation
 from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
-from kasmina.manager.slots import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.faults import rng_forked
 from kasmina.seeds.gates import GateResult, dry_run_problem, kept_buffers

@@ -33,7 +33,8 @@ from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.verify import reaches_host_beyond
 from kasmina.kd.graph import is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
-from kasmina.manager.slots import SeedRecord, SlotRegistry
+from kasmina.manager.records import SeedRecord
+from kasmina.manager.slots import SlotRegistry
 from kasmina.ops import leak_check
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags

@@ -19,7 +19,8 @@ step starts with a check, and it must cost next to nothing when nothing changed:
   over a registered one's memory, ``weight_norm``'s, are named as such: no group can add them);
 - *unfrozen*: a parameter frozen when registered that requires a gradient now (gradual
   unfreezing by ``requires_grad_``) is a host parameter, and under the manager's host optimizer
-  one that no group holds is named (one loop over the frozen ones; none, mostly).
+  a step names one that no group holds (``check_unfrozen``: one ``requires_grad`` read per
+  parameter frozen when registered, each step; about 50 ns each).
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ModelHold:
         # Frozen when registered: one unfrozen since (gradual unfreezing) is a host parameter
         # from then on (``unfrozen``), which the host's optimizer must hold (``check``).
         self.frozen = [p for p in self.params.values() if not p.requires_grad]
+        self._held: set[int] = set()  # unfrozen ones found held (``check_unfrozen``), and
+        self._held_layout: object = None  # the host optimizer's layout they were found in
         self.edges = _edges(model, self.slots.values())
         self.checked_at = watch_registrations()
 
@@ -112,18 +115,26 @@ class ModelHold:
         self._check_anchor()
         if moved:
             self._check_registered(known)
-        if known is not None and self.frozen:
-            self._check_unfrozen(known)
 
-    def _check_unfrozen(self, known: Callable[[], set[int]]) -> None:
-        """``RuntimeError`` naming the parameters frozen when registered, trainable now, that no
-        optimizer steps (one loop over the frozen ones per step: none, mostly)."""
+    def check_unfrozen(self, held: Callable[[], set[int]], layout: object) -> None:
+        """``RuntimeError`` naming the parameters frozen when registered and trainable now that
+        the host optimizer does not step (``held()``: the ids it steps beyond its first group,
+        whose ``layout`` names it; a step's check, under the manager's host optimizer). Cost:
+        one ``requires_grad`` read per parameter frozen when registered; ``held()`` only when
+        one is unfrozen that was not found held under this layout before."""
         unfrozen = self.unfrozen()
-        stepped = known() if unfrozen else set()
+        if not unfrozen:
+            return
+        if layout != self._held_layout:
+            self._held_layout, self._held = layout, set()
+        if all(id(p) in self._held for p in unfrozen):
+            return
+        stepped = held()
         missed = [p for p in unfrozen if id(p) not in stepped]
+        self._held = {id(p) for p in unfrozen if id(p) in stepped}
         if missed:
             raise RuntimeError(
-                f"the model's parameters {self._names(missed)} were frozen when the manager "
+                f"the model's parameters {self.names(missed)} were frozen when the manager "
                 "registered it and now require a gradient, but no optimizer steps them: their "
                 "gradients would pile up, never applied. Add them to the host optimizer "
                 "(manager.optimizers.optimizer('host').add_param_group) or freeze them again"
@@ -143,7 +154,18 @@ class ModelHold:
         """The parameters frozen when registered that require a gradient now (mostly none)."""
         return [p for p in self.frozen if p.requires_grad]
 
-    def _names(self, params: Sequence[torch.Tensor]) -> list[str]:
+    def freeze_unheld(self, held: set[int]) -> list[nn.Parameter]:
+        """After a rollback that restored the host optimizer's groups: freeze again each
+        unfrozen parameter none of them holds (``held``, ids), as it was in the checkpoint (its
+        group came later); returns them. ``requires_grad_`` on a leaf: cannot fail."""
+        frozen = [p for p in self.unfrozen() if id(p) not in held]
+        for p in frozen:
+            p.requires_grad_(False)
+        self._held_layout = None
+        return frozen
+
+    def names(self, params: Sequence[torch.Tensor]) -> list[str]:
+        """The model's names of ``params`` (the first 8), for messages."""
         wanted = {id(p) for p in params}
         return [name for name, p in self.model.named_parameters() if id(p) in wanted][:8]
 
@@ -184,8 +206,8 @@ class ModelHold:
             unknown = [name for name, p in new if p.requires_grad and id(p) not in stepped]
             if over := self._over_registered(new):
                 raise RuntimeError(
-                    f"the model holds parameters {unknown[:8]} that it did not hold when the "
-                    f"manager registered it, and {over[:8]} share the memory of parameters it "
+                    f"the model holds parameters {(unknown or over)[:8]} that it did not hold "
+                    f"when the manager registered it, and {over[:8]} share the memory of ones it "
                     "held then, which the optimizers still step (weight_norm or another "
                     "reparametrization of a layer after attach): adding them would step that "
                     "memory twice. Reparametrize the model before attach"

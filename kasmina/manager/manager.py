@@ -443,7 +443,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         started, state = time.perf_counter_ns(), self.state
         with self._lock:
             registry = state.require_registry(training=True)  # check_held: before any change
-            registry.take_host_groups(state.optimizers)  # a user's new groups, checked first
+            registry.take_host_groups(state.optimizers, step=True)  # a user's new groups
             optimizers = state.optimizers
             # Every device flag of the step in one transfer: KD leak, seeds' non-finite, fault.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]

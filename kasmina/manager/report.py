@@ -36,7 +36,7 @@ from kasmina.leyline import (
     TelemetryPacket,
 )
 from kasmina.manager.guard import IsolationGuard
-from kasmina.manager.slots import SeedRecord
+from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.faults import rng_forked

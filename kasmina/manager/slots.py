@@ -18,25 +18,22 @@ import gc
 import logging
 import threading
 import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kasmina.errors import ParameterOverlapError
-from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.manager.held import ModelHold
-from kasmina.ops.transforms import functorch_active
+from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import ActivationSpec, activation_spec, splits_last_dim
+from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
-from kasmina.urza.kernel import GPUKernel
+from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.ratelimit import rarely
 
 if TYPE_CHECKING:
@@ -44,16 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "KernelHook",
-    "check_unmanaged",
-    "SeedRecord",
-    "SlotRegistry",
-    "TIMELINE_SIZE",
-]
+__all__ = ["SlotRegistry", "check_unmanaged"]
 
-# A seed's timeline keeps its latest stage changes only (a run may recycle a seed for ever).
-TIMELINE_SIZE = 1000
 # Clipped steps running in which a seed's gradient norm was not finite while the host's was,
 # before each such step is a fault. A GradScaler halves its scale at every step with an
 # overflow, a seed's included: a gradient that overflowed only because the scale was too high
@@ -77,101 +66,6 @@ def _random(spec: ActivationSpec) -> torch.Tensor:
     shape, dtype, device = spec
     generator = torch.Generator(device=device).manual_seed(0)
     return torch.randn(shape, device=device, generator=generator).to(dtype)
-
-
-class KernelHook:
-    """The forward hook the manager puts on a seed's kernel: calls its record's ``capture``.
-
-    The hook lives in the kernel's hook table, inside the model's module tree, while the record
-    belongs to the manager (its monitor holds the checkpoint key, locks and telemetry). A deep
-    copy or a pickle of the model therefore gets an inert hook instead of a copy of the
-    manager: the copy is nobody's managed seed."""
-
-    def __init__(self, record: SeedRecord | None) -> None:
-        self.record = record
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self.record is not None:
-            self.record.capture(module, args, output)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> KernelHook:
-        return KernelHook(None)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (KernelHook, (None,))
-
-
-@dataclass(eq=False)
-class SeedRecord:
-    """What the manager knows about one seed slot."""
-
-    seed_id: str
-    index: int
-    seed: GradientIsolatedSeed
-    slot: KasminaLayer
-    artifact_id: str | None = None
-    kernel: GPUKernel | None = None  # the seed's own trainable copy
-    pinned: bool = False  # the cached original is pinned on this seed's behalf
-    monitor: GradientIsolationMonitor | None = None
-    hook: Any = None  # RemovableHandle of the kernel forward hook
-    last_output: torch.Tensor | None = None  # for the per-step autograd-graph check
-    input_grad: bool = False  # an isolated kernel's input carried a graph (it was not detached)
-    bad_gradients: int = 0  # clipped steps running whose norm was not finite, the host's was
-    last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
-    # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes
-    timeline: deque[tuple[int, int, str]] = field(
-        default_factory=lambda: deque(maxlen=TIMELINE_SIZE)
-    )
-
-    @property
-    def stage(self) -> SeedStage:
-        return self.seed.stage
-
-    @property
-    def graft_steps(self) -> int:
-        """The alpha schedule's step (GRAFTING), kept by the seed (``graft_step``) and saved in
-        its extra state: a ``state_dict`` load mid-GRAFTING brings the schedule back with the
-        seed's alpha, and the next ``step()`` goes on from there."""
-        return self.seed.graft_step
-
-    @graft_steps.setter
-    def graft_steps(self, steps: int) -> None:
-        self.seed.graft_step = int(steps)
-
-    def capture(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook on the seed's kernel: keep its output (for the step's graph check while
-        the seed is isolated), whether its input needs a gradient, and its input shape (for G3).
-
-        An isolated kernel sees ``x.detach()``, so an input that needs a gradient is a path
-        around the detach into the host. Under ``torch.compile`` that is the traced input's
-        metadata, so it holds where the output's graph cannot be walked (docs/design.md §4)."""
-        if self.seed.stage in ISOLATED_STAGES and not functorch_active():
-            # Not kept: a forward without a graph (``no_grad``, ``generate``; nothing to check,
-            # and it would keep an activation alive until the next step), or one under a
-            # torch.func transform (a compiled one would return its wrapper). ``requires_grad``,
-            # not ``grad_fn``: TorchDynamo traces this hook, and refuses to read a ``grad_fn``.
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                self.last_output = output
-            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-                self.input_grad = True
-        if args:
-            self.last_input = activation_spec(args[0]) or self.last_input
-
-    def hook_kernel(self, kernel: nn.Module) -> None:
-        """Put :meth:`capture` on ``kernel`` as a forward hook (``self.hook`` is its handle)."""
-        self.hook = kernel.register_forward_hook(KernelHook(self))
-
-    def clear_kernel(self) -> GPUKernel | None:
-        """Forget the kernel (hook removed, references dropped); returns it."""
-        kernel, self.kernel = self.kernel, None
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
-        self.last_output = None
-        self.input_grad = False
-        self.monitor = None
-        self.bad_gradients = 0
-        return kernel
 
 
 _LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()  # live managers' (close() drops one)
@@ -225,10 +119,9 @@ def check_unmanaged(model: nn.Module) -> None:
 class SlotRegistry:
     """Seeds of the slots attached to ``model``, all in one shared state table.
 
-    ``host_params`` are the model's trainable parameters outside any seed, taken when the slots
-    are registered (every seed must then be DORMANT without a kernel); ``all_host_params`` adds
-    those taken up since and those unfrozen since. ``listener`` is called as
-    ``listener(record, old, new)`` after every applied transition of any seed."""
+    ``host_params``: the model's trainable parameters outside any seed when registered (every
+    seed DORMANT without a kernel; ``all_host_params``: and since). ``listener(record, old,
+    new)`` is called after every applied transition of any seed."""
 
     def __init__(
         self,
@@ -271,8 +164,10 @@ class SlotRegistry:
                     )
                 if slot in others:
                     continue
-                if seed.seed_id in self.records:
-                    raise ValueError(f"duplicate seed id {seed.seed_id!r}")
+                if seed.seed_id in self.records or seed.state_index in self.by_index:
+                    raise ValueError(  # a row twice: slots built by hand onto one table
+                        f"duplicate seed id {seed.seed_id!r} or state row {seed.state_index}"
+                    )
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
                 self.records[seed.seed_id] = record
                 self.by_index[seed.state_index] = record
@@ -316,19 +211,28 @@ class SlotRegistry:
         self.hold.check(detached, known)
 
     def take_host_groups(
-        self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False
+        self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False, step: bool = False
     ) -> None:
         """Take up the param groups a user added to the host optimizer since the last call
         (``IsolatedOptimizerManager.take_host_groups``); their parameters are on the host side
         of the isolation line from then on (``host_side_params``: the KD leak check and the
         monitors of seeds germinated later or restored by a rollback). ``rebuilt``: after a
         rollback, read them all again from the groups past the host's first (the seeds promoted
-        into them left out)."""
+        into them left out), and freeze again an unfrozen parameter none holds (a group added
+        after the checkpoint). ``step``: a step's call, which also refuses one that no group
+        holds (``ModelHold.check_unfrozen``)."""
         if not rebuilt:
             for p in optimizers.take_host_groups(self.parameter_names):
                 self.added_host_params.setdefault(id(p), p)
+            if step and optimizers.has_host and self.hold.frozen:
+                groups = optimizers.optimizer(HOST_ID).param_groups
+                layout = (id(groups), len(groups))
+                self.hold.check_unfrozen(lambda: set(self.host_groups_of(optimizers)), layout)
         elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
             self.added_host_params = self.host_groups_of(optimizers)
+            if self.hold.frozen and (again := self.hold.freeze_unheld(self.added_host_params)):
+                names = self.hold.names(again)
+                logger.info("rollback: %s frozen again, as in the checkpoint", names)
 
     def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
         """A seed fossilizes at a safe point: take up the groups added since the last step

@@ -355,10 +355,20 @@ _fused_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public entry
 
 
-def _positive(name: str, value: object, optional: bool = True) -> float | None:
-    if value is None and optional:
+def head_factor(name: str, value: object, dtype: torch.dtype = torch.float32) -> float | None:
+    """A head's logit scale or soft-cap: None, or a float > 0 that ``dtype`` (its logits')
+    holds as a finite normal number, else ``ValueError``: one that is inf there (a cap above
+    3.4e38 in float32) makes the capped logits ``inf·tanh(0)``, NaN, and one that is 0 there
+    makes the cap's gradient factor ``y/cap`` 0/0."""
+    if value is None:
         return None
-    return float(check_positive(name, value))
+    value = float(check_positive(name, value))
+    info = torch.finfo(dtype)
+    if not info.tiny <= value <= info.max:
+        raise ValueError(
+            f"{name} must be in [{info.tiny:g}, {info.max:g}] for {dtype} logits, got {value!r}"
+        )
+    return value
 
 
 def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -459,9 +469,10 @@ def fused_linear_kd_loss(
     ``teacher_logits`` ``[..., V]`` or ``teacher_hidden`` ``[..., H_t]`` with
     ``teacher_weight`` ``[V, H_t]`` (and ``teacher_bias``). ``*_logit_scale`` multiplies the
     head's logits; ``*_softcap`` caps them as ``cap·tanh(z/cap)`` (after the scale). Both are
-    floats > 0. ``chunk_rows`` (int >= 1) overrides ``default_chunk_rows``. Returns a float32
-    tensor: 0-d, or the rows' shape for ``reduction="none"``. Differentiable once: a second
-    backward through its gradients (``create_graph=True``, then a gradient penalty) raises.
+    floats > 0 that the head's dtype holds (``head_factor``). ``chunk_rows`` (int >= 1)
+    overrides ``default_chunk_rows``. Returns a float32 tensor: 0-d, or the rows' shape for
+    ``reduction="none"``. Differentiable once: a second backward through its gradients
+    (``create_graph=True``, then a gradient penalty) raises.
     """
     if not torch.compiler.is_compiling() and functorch_active():  # needs plain tensors
         raise RuntimeError(
@@ -473,10 +484,12 @@ def fused_linear_kd_loss(
         teacher_weight, teacher_bias, reduction, mask,
     )  # fmt: skip
     temperature = check_temperature("temperature", temperature)
-    s_scale = _positive("student_logit_scale", student_logit_scale)
-    t_scale = _positive("teacher_logit_scale", teacher_logit_scale)
-    s_cap = _positive("student_softcap", student_softcap)
-    t_cap = _positive("teacher_softcap", teacher_softcap)
+    s_type = student_weight.dtype
+    t_type = s_type if teacher_weight is None else teacher_weight.dtype
+    s_scale = head_factor("student_logit_scale", student_logit_scale, s_type)
+    t_scale = head_factor("teacher_logit_scale", teacher_logit_scale, t_type)
+    s_cap = head_factor("student_softcap", student_softcap, s_type)
+    t_cap = head_factor("teacher_softcap", teacher_softcap, t_type)
     _teacher_head_options(teacher_logits, t_scale, t_cap)
     rows, vocab = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
     if chunk_rows is None:

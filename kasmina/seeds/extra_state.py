@@ -347,7 +347,7 @@ def _advice(seed: RestorableSeed) -> str:
     """What to do instead of a load that would leave the seed's kernel behind, or swap it."""
     if seed.state_table.owned(seed.state_index):
         return (
-            "its kernel, optimizer, isolation monitor and cache pin belong to its manager, "
+            "its stage, kernel, optimizer, isolation monitor and cache pin are its manager's, "
             "which a state_dict load cannot change. Go back to an earlier epoch with a signed "
             "ROLLBACK, or restore the grown model with kasmina.save / kasmina.load into a "
             "freshly built host"

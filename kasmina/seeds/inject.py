@@ -174,7 +174,9 @@ def attach(
     output, or of element ``output_index`` of a tuple, list or dataclass output; their product
     must equal that width. Seed ``k`` of the slot at ``name`` is called ``"<name>[k]"``. The
     slots share ``state`` (default: a new table of ``len(slots) * seeds_per_layer`` seeds on the
-    model's device); slot ``i`` holds rows ``i * seeds_per_layer ...`` and REGION_ID ``i``. Every
+    model's device); slot ``i`` holds rows ``b + i * seeds_per_layer ...`` and REGION_ID
+    ``r + i``, where ``b`` and ``r`` are 0, or on a given ``state`` follow the rows and regions
+    of the model's slots already on it (another ``attach`` with other widths). Every
     seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
     ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
     already a slot, nested in another or holds one, a declared width does not fit, or
@@ -195,11 +197,21 @@ def attach(
     for name in names:
         _refuse_unreachable(model, name)
     total = len(names) * seeds_per_layer
+    base = region = 0  # the first row and region of these slots
     if state is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         state = GPUStateTensor(total, device, embargo_epochs=embargo_epochs, telemetry=telemetry)
-    elif state.num_seeds < total:
-        raise ValueError(f"state table has {state.num_seeds} seeds, attach needs {total}")
+    else:  # after the rows of the model's slots already on it (an earlier attach's)
+        taken = [
+            m for m in model.modules() if isinstance(m, KasminaLayer) and m.state_table is state
+        ]
+        base = max((seed.state_index + 1 for m in taken for seed in m.seeds), default=0)
+        region = len(taken)
+        if state.num_seeds < base + total:
+            raise ValueError(
+                f"state table has {state.num_seeds} seeds; the model's slots on it hold rows "
+                f"up to {base}, and attach needs {total} more"
+            )
     # Build every slot before touching the model, so a bad shape leaves it unchanged.
     layers = []
     for i, name in enumerate(names):
@@ -212,9 +224,9 @@ def attach(
             output_index=output_index,
             kd_config=kd_config,
             state=state,
-            state_offset=i * seeds_per_layer,
+            state_offset=base + i * seeds_per_layer,
             layer_id=name,
-            region_id=i,
+            region_id=region + i,
             fault_limit=fault_limit,
         )
         layers.append(layer)

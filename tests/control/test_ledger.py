@@ -388,6 +388,33 @@ def test_deferred_sync_writes_and_syncs_once_before_acting(
     assert restarted.verify(signed(keyring, "lost", T0)) == (False, "replay")  # written first
 
 
+def test_only_an_id_whose_nonce_is_still_owed_is_released(
+    keyring, clock, path, monkeypatch
+) -> None:
+    """``release_ids`` frees the ids of commands the safe point refused because their nonces
+    could not be made durable: a command whose nonce is durable keeps its id (its refusal had
+    another cause), and a failed ``make_durable`` keeps the owed ones owed."""
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+
+    def command(nonce: str, command_id: str):
+        cmd = make_seed_command("germinate", "layer0:1", "artifact-1")
+        cmd.command_id = command_id
+        return sign_command(cmd, keyring, "ctl", nonce=nonce, timestamp=T0)
+
+    assert verifier.verify(command("a", "durable"))[0]
+    verifier.make_durable()
+    assert verifier.verify(command("b", "owed"))[0]
+    monkeypatch.setattr(ledger, "write_staged", lambda: (_ for _ in ()).throw(OSError(28, "x")))
+    with pytest.raises(OSError):
+        verifier.make_durable()
+    verifier.release_ids(["durable", "owed"])
+    assert verifier.verify(command("a2", "durable")) == (False, "duplicate_command")
+    assert verifier.verify(command("b2", "owed")) == (True, "ok")  # the retry
+    assert verifier.verify(command("b", "owed")) == (False, "replay")
+    verifier.close()
+
+
 @pytest.mark.parametrize("durability", ["fsync", "flush"])
 def test_deferred_records_survive_a_rewrite_and_a_failed_write(
     keyring, clock, path, durability, monkeypatch

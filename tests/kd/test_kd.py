@@ -583,6 +583,8 @@ def test_bad_arguments_are_rejected() -> None:
         StaticKDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="reduction"):
         StaticKDLoss(reduction="max")
+    with pytest.raises(ValueError, match=r"student_logit_scale must be in \["):
+        StaticKDLoss(student_logit_scale=1e39)  # accepted, then its first forward raised
     with pytest.raises(ValueError, match="shape"):
         StaticKDLoss()(torch.randn(2, 3), torch.randn(2, 4))
     teacher = CheckpointedTeacher(make_mlp())

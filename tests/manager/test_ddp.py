@@ -791,6 +791,56 @@ def test_a_repaired_rank_takes_the_sources_checkpoints_where_its_own_may_differ(
     assert replica.diverged_since is None
 
 
+def test_a_source_that_cannot_read_its_checkpoint_still_repairs(tmp_path, store, keyring) -> None:
+    """The source's checkpoint of the sync's epoch does not verify: it ships the snapshot
+    without it (before, the export raised and no rank was repaired), and the repaired rank,
+    whose own may differ, drops its own."""
+    names = ("source", "repaired")
+    config = {name: make_config(tmp_path / name, store) for name in names}
+    rigs = {name: Rig(config[name], keyring) for name in names}
+    for rig in rigs.values():
+        for epoch in range(2):
+            rig.train(1)
+            rig.manager.end_epoch(epoch)
+    source, m = rigs["source"].manager, rigs["repaired"].manager
+    path = source.checkpoints.path_for(1)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    ManagerReplica(m.state, m.guard, lock=m.intake.lock).import_state(sent)
+    assert m.checkpoints.epochs() == [0]
+
+
+def test_a_rank_apart_from_epoch_0_on_remembers_epoch_0() -> None:
+    replica = ManagerReplica.__new__(ManagerReplica)
+    replica.diverged_since = None
+    for epoch in (0, 1):
+        replica.note_sync(EpochSyncResult(epoch, 1, 2, (), (1, 2), (1,)))
+    assert replica.diverged_since == 0
+
+
+def test_the_replica_checksum_covers_an_unfrozen_layer(
+    monkeypatch, tmp_path, store, keyring
+) -> None:
+    """A layer frozen at attach, unfrozen and given a group: its weights are the host's too,
+    and a rank whose copy of them drifted is found apart."""
+    import tests.manager.helpers as helpers
+    from tests.manager.test_host_param_groups import FrozenOut
+
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    m, weight = rig.manager, rig.model.out.host.weight
+    weight.requires_grad_(True)
+    m.optimizers.optimizer("host").add_param_group({"params": [weight]})
+    rig.train(1)
+    replica = ManagerReplica(m.state, m.guard, lock=m.intake.lock)
+    before = replica.checksum()
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert replica.checksum() != before
+
+
 def _rollback(rig: Rig, epoch: int) -> bool:
     raw = rig.signed(make_rollback_command(epoch))
     assert rig.manager.handle_adaptation_command(raw)

@@ -194,6 +194,46 @@ def test_a_layer_unfrozen_without_a_group_stops_the_step_until_one_holds_it(
     assert not torch.equal(layer[0], before[2])
 
 
+def test_a_rollback_to_before_an_unfreeze_freezes_the_layer_again(
+    monkeypatch, tmp_path, store, keyring: Keyring
+) -> None:
+    """The checkpoint predates the layer's group: the rollback drops the group, and the layer,
+    still trainable, made every later step raise (no group held it) until the trainer, whose
+    loop had added the group once, was stopped. It is frozen again, as it was then."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, layer = rig.manager, list(rig.model.out.host.parameters())
+    rig.train(1)
+    manager.end_epoch(0)
+    for p in layer:
+        p.requires_grad_(True)
+    manager.optimizers.optimizer("host").add_param_group({"params": layer})
+    rig.train(1)
+    manager.end_epoch(1)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert not any(p.requires_grad for p in layer)
+    assert rig.train(1)["host_stepped"]
+    manager.end_epoch(1)
+
+
+def test_commands_go_on_while_an_unfrozen_layer_waits_for_its_group(
+    monkeypatch, tmp_path, store, keyring: Keyring, mlp
+) -> None:
+    """Only the step refuses: a command that arrives between ``requires_grad_(True)`` and
+    ``add_param_group`` applies (it was refused, and used up, with the step's reason)."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    layer = list(rig.model.out.host.parameters())
+    for p in layer:
+        p.requires_grad_(True)
+    assert rig.send("germinate", SEED0, mlp)
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    with pytest.raises(RuntimeError, match="frozen when the manager"):
+        rig.train(1)
+    rig.manager.optimizers.optimizer("host").add_param_group({"params": layer})
+    assert rig.train(1)["host_stepped"]
+
+
 class FrozenInp(Host):
     """The first layer frozen at attach, unfrozen later by the trainer that steps the host."""
 

@@ -29,8 +29,8 @@ from kasmina.control.commands import (
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import StaticKDLoss
 from kasmina.leyline import MetricType, TelemetryPacket
+from kasmina.manager import records as records_module
 from kasmina.manager import rollback as rollback_module
-from kasmina.manager import slots as slots_module
 from kasmina.manager import state as state_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.report import TargetCheck
@@ -247,7 +247,7 @@ def test_field_reports_and_timelines_keep_the_newest(
     seed's timeline keep their newest entries only (as ``command_log`` does); the reports'
     count in the packet is the run's total."""
     monkeypatch.setattr(state_module, "FIELD_REPORTS_SIZE", 3)
-    monkeypatch.setattr(slots_module, "TIMELINE_SIZE", 4)
+    monkeypatch.setattr(records_module, "TIMELINE_SIZE", 4)
     rig = Rig(make_config(tmp_path, store, checkpoint_mode="off"), keyring)
     manager = rig.manager
     record = manager.require_registry()[SEED0]

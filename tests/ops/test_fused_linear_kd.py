@@ -867,6 +867,15 @@ def test_round_in_place_equals_rounding_into_a_fresh_tensor(dtype):
         ({"temperature": 1e-40}, "temperature must be within"),
         ({"student_softcap": -1.0}, "student_softcap"),
         ({"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
+        # Finite and > 0, but inf or 0 in the head's dtype: NaN logits or gradients, or an
+        # overflow raised from inside addmm.
+        ({"student_softcap": 3.5e38}, r"student_softcap must be in \["),
+        ({"student_softcap": 1e-50}, r"student_softcap must be in \["),
+        ({"student_logit_scale": 1e300}, r"student_logit_scale must be in \["),
+        (
+            {"student_softcap": 1e5, "student_weight": "half", "student_hidden": "half_h"},
+            r"student_softcap must be in \[.*torch.float16",
+        ),  # fmt: skip
         ({"chunk_rows": 0}, "chunk_rows"),
         ({"chunk_rows": 2.5}, "chunk_rows"),
         ({"chunk_rows": True}, "chunk_rows"),
@@ -888,6 +897,7 @@ def test_rejections(change, match):
         "bad_vocab": torch.randn(2, 3, 9, generator=g),
         "bad_hidden": torch.randn(10, 6, generator=g),
         "half": torch.randn(10, 5, generator=g).half(),
+        "half_h": torch.randn(2, 3, 5, generator=g).half(),
         "bad_bias": torch.randn(9, generator=g),
         "float_mask": torch.ones(2, 3),
         "bad_mask": torch.ones(6, dtype=torch.bool),

@@ -476,6 +476,44 @@ def test_attach_names_an_argument_of_the_wrong_type() -> None:
     assert not kasmina_layers(model)
 
 
+def test_a_second_attach_onto_a_shared_table_takes_the_rows_after_the_first() -> None:
+    """Slots of two widths under one table (one manager): ``attach(..., state=table)`` twice.
+    The second numbered its rows from 0 again, so its seeds shared rows with the first's: a
+    GERMINATE of one moved the other, kernel-less, to ISOLATED_INIT. It now follows them, and
+    a table too small for both says so."""
+    from kasmina.seeds.table import GPUStateTensor
+
+    model, table = MLP(), GPUStateTensor(6, torch.device("cpu"))
+    first = attach(model, ["head"], 2, 4, state=table)
+    second = attach(model, ["encoder.2"], 4, 2, state=table)
+    rows = [s.state_index for layer in (*first, *second) for s in layer.seeds]
+    assert rows == list(range(6))
+    regions = table.state_tensor[:, StateColumn.REGION_ID].tolist()
+    assert regions == [0, 0, 1, 1, 1, 1]
+    second[0].seed(0).transition_to(SeedStage.ISOLATED_INIT)
+    assert [s.stage for s in first[0].seeds] == [SeedStage.DORMANT] * 2
+    with pytest.raises(ValueError, match="hold rows up to 6, and attach needs 2 more"):
+        attach(model, ["encoder.0"], 2, 4, state=table)
+
+
+def test_a_manager_refuses_two_seeds_on_one_state_row(tmp_path) -> None:
+    """Slots built by hand onto one row range of a shared table: refused at registration."""
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.seeds.table import GPUStateTensor
+    from kasmina.utils.keyring import Keyring, generate_key
+    from tests.manager.helpers import make_config
+
+    model, table = MLP(), GPUStateTensor(2, torch.device("cpu"))
+    model.head = KasminaLayer(model.head, 2, 4, state=table, layer_id="head")
+    model.encoder[2] = KasminaLayer(model.encoder[2], 2, 4, state=table, layer_id="encoder.2")
+    manager = KasminaKernelManager(
+        make_config(tmp_path, tmp_path / "urza"), keyring=Keyring({"ctl": generate_key()})
+    )
+    with pytest.raises(ValueError, match=r"or state row 0"):
+        manager.register(model, host_lr=0.01)
+    manager.close()
+
+
 def test_out_proj_of_multihead_attention_is_refused_with_the_reason() -> None:
     model = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     with pytest.raises(ValueError, match="never calls out_proj"):
