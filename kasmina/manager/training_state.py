@@ -17,7 +17,7 @@ from torch import nn
 
 from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
 from kasmina.seeds.extra_state import check_seed_states
-from kasmina.utils.state_io import clone_state, resized_on_load
+from kasmina.utils.state_io import clone_state, load_mismatch
 
 if TYPE_CHECKING:
     from kasmina.isolation.optimizers import IsolatedOptimizerManager
@@ -62,23 +62,20 @@ def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any
             f"unexpected {unexpected}"
         )
     for key, tensor in live.items():
-        value = saved[key]
         if key.rpartition(".")[2] == EXTRA_STATE_KEY:
             continue  # a module's extra state is a value (its length varies), not a weight
-        if isinstance(tensor, torch.Tensor) and (
-            not isinstance(value, torch.Tensor)
-            or (value.shape != tensor.shape and not resized_on_load(module, key, saved))
-        ):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        problem = load_mismatch(module, key, tensor, saved)
+        if problem is not None and problem[0] == "shape":
             raise ValueError(
-                f"checkpoint for {name}.{key} has shape {got}, expected {tuple(tensor.shape)}"
+                f"checkpoint for {name}.{key} has shape {problem[1]}, expected "
+                f"{tuple(tensor.shape)}"
             )
-        if isinstance(tensor, torch.Tensor) and value.dtype != tensor.dtype:
+        if problem is not None:
             # A load would cast it silently, and the seeds' kernels (the artifacts' dtype)
             # would then fault at every call: build the model as the run was, as kasmina.load
             # asks too.
             raise ValueError(
-                f"checkpoint for {name}.{key} is {value.dtype}, the live model's "
+                f"checkpoint for {name}.{key} is {problem[1]}, the live model's "
                 f"{tensor.dtype}: build the model in the checkpoint's dtype, then roll back"
             )
 

@@ -43,7 +43,7 @@ from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import in_saved_dtypes, resized_on_load, with_metadata_of
+from kasmina.utils.state_io import in_saved_dtypes, load_mismatch, with_metadata_of
 
 logger = logging.getLogger(__name__)
 
@@ -367,22 +367,19 @@ def _check_architecture(
     # Under the bare model's keys, with its modules' format versions (the file carries none, and
     # ``load_state_dict`` would read a state without them as the oldest format).
     state = with_metadata_of(live, {bare: weights[key] for key, bare in wanted.items()})
-    for bare, value in state.items():
+    for bare in state:
         target = live[bare]
-        if isinstance(target, torch.Tensor) and (
-            not isinstance(value, torch.Tensor)
-            or (value.shape != target.shape and not resized_on_load(model, bare, state))
-        ):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        problem = load_mismatch(model, bare, target, state)
+        if problem is not None and problem[0] == "shape":
             raise SavedModelError(
-                f"architecture mismatch: {bare} is {tuple(target.shape)} here, saved {got}"
+                f"architecture mismatch: {bare} is {tuple(target.shape)} here, saved {problem[1]}"
             )
-        if isinstance(target, torch.Tensor) and value.dtype != target.dtype:
+        if problem is not None:
             # The seeds' kernels come back in their saved dtype, which is the saved host's, and
             # nothing casts them (as at GERMINATE): a host of another dtype would run none.
             raise SavedModelError(
-                f"dtype mismatch: {bare} is {target.dtype} here, saved {value.dtype}; build "
-                f"the host in the saved dtype (e.g. model.to({value.dtype})) before loading"
+                f"dtype mismatch: {bare} is {target.dtype} here, saved {problem[1]}; build "
+                f"the host in the saved dtype (e.g. model.to({problem[1]})) before loading"
             )
     return state
 

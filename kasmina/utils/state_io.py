@@ -449,6 +449,25 @@ def with_metadata_of(source: Mapping[str, Any], state: dict[str, Any]) -> dict[s
     return state
 
 
+def load_mismatch(
+    root: torch.nn.Module, key: str, live: object, state: Mapping[str, Any]
+) -> tuple[str, object] | None:
+    """What loading ``state[key]`` over ``root``'s tensor ``live`` would get wrong, or None:
+    ``("shape", got)`` (the saved value's shape, or its type when it is no tensor) unless the
+    owner resizes it as it loads (``resized_on_load``), or ``("dtype", saved dtype)``, which a
+    load would cast silently. A ``live`` value that is no tensor is never wrong."""
+    if not isinstance(live, torch.Tensor):
+        return None
+    value = state[key]
+    if not isinstance(value, torch.Tensor):
+        return "shape", type(value).__name__
+    if value.shape != live.shape and not resized_on_load(root, key, state):
+        return "shape", tuple(value.shape)
+    if value.dtype != live.dtype:
+        return "dtype", value.dtype
+    return None
+
+
 def resized_on_load(root: torch.nn.Module, key: str, state: Mapping[str, Any]) -> bool:
     """Whether loading ``state`` (``root``'s keys) gives ``key`` the shape ``state`` holds for
     it although ``root``'s tensor has another: a tensor its module resizes as it loads (a QAT
