@@ -245,7 +245,6 @@ class CommandVerifier:
         self._ledger = ledger
         self.defer_sync = bool(defer_sync)
         self._unsynced = 0  # sequence number of the newest record written but not yet synced
-        self._owed: dict[str, float] = {}  # ids of commands whose nonces are not yet durable
         if ledger is not None:
             self._restore(ledger)
 
@@ -402,8 +401,6 @@ class CommandVerifier:
             if self.defer_sync:
                 if seq > self._unsynced:
                     self._unsynced = seq
-                if command_id:  # its nonce owed to the ledger until ``make_durable``
-                    self._owed[command_id] = timestamp
                 return ""
         if ledger.durability != "fsync":  # "flush": written is all it takes
             return ""
@@ -458,16 +455,15 @@ class CommandVerifier:
             ledger.mark_broken(exc)
             return -1
 
-    def release_ids(self, command_ids: Iterable[str]) -> None:
-        """Free ``command_ids`` for a retry: their commands were refused before they could act,
-        because ``make_durable`` raised, as ``ledger_error`` on arrival leaves an id free. Only
-        an id whose command's nonce is still owed (accepted since the last ``make_durable``
-        that succeeded) is freed: an id a later command took after this one's left the window
-        stays that command's. The nonces stay used, so the same message is still a replay."""
+    def release_ids(self, accepted: Iterable[tuple[str, float]]) -> None:
+        """Free the ids of ``accepted`` commands, ``(command_id, issued_at)``, for a retry: they
+        were refused before they could act, because ``make_durable`` raised, as ``ledger_error``
+        on arrival leaves an id free. An id a later command took once this one's left the
+        window (another timestamp) stays that command's. The nonces stay used, so the same
+        message is still a replay."""
         with self._lock:
-            for command_id in command_ids:
-                owed = self._owed.get(command_id)
-                if owed is not None and self._ids.get(command_id) == owed:
+            for command_id, issued_at in accepted:
+                if self._ids.get(command_id) == issued_at:
                     del self._ids[command_id]
 
     def make_durable(self) -> None:
@@ -480,11 +476,10 @@ class CommandVerifier:
         ledger = self._ledger
         if ledger is None:
             return
-        seq, owed = 0, {}
+        seq = 0
         try:
             with self._lock:
                 seq, self._unsynced = self._unsynced, 0
-                owed, self._owed = self._owed, {}
                 if seq == 0:
                     return
                 # Broken (what it held may be lost), or grown past twice the live nonces:
@@ -497,7 +492,6 @@ class CommandVerifier:
         except BaseException as exc:
             with self._lock:  # still owed: the next call writes and syncs them again
                 self._unsynced = max(self._unsynced, seq)
-                self._owed = {**owed, **self._owed}
             if isinstance(exc, OSError):
                 ledger.mark_broken(exc)
             raise
@@ -515,8 +509,6 @@ class CommandVerifier:
             timestamp, command_id = heapq.heappop(id_expiry)
             if ids.get(command_id) == timestamp:
                 del ids[command_id]
-            if self._owed.get(command_id) == timestamp:
-                del self._owed[command_id]
         ledger = self._ledger
         if ledger is not None and ledger.staged > 2 * len(self._seen) + ledger.compact_slack:
             ledger.forget_staged(self._seen)  # a stalled trainer's: bounded as the rest

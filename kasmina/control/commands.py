@@ -28,10 +28,9 @@ which the handler counts as ``rejected:<reason>`` (docs/design.md §5):
   (0, ``MAX_LEARNING_RATE``], and only on a creation or a STEP -> ``bad_learning_rate``;
 - optimizer ``grad_clip_norm``: [0, ``MAX_GRAD_CLIP_NORM``] = [0, 1e6], 0 = no clipping, and
   only on a STEP -> ``bad_grad_clip_norm``;
-- optimizer ``parameters`` (creation options, INITIALIZE_HOST and CREATE_SEED only):
-  ``weight_decay`` and ``dampening`` in [0, 1], ``momentum``, ``beta1`` and ``beta2`` in [0, 1),
-  ``eps`` in (0, 1] -> ``bad_<key>``; any other key, or any key on a command that creates
-  nothing, is ``unknown_parameter``.
+- optimizer ``parameters`` (creation options, INITIALIZE_HOST and CREATE_SEED only): ``eps``
+  in (0, 1], ``weight_decay``, ``dampening`` in [0, 1], ``momentum``, ``beta1``, ``beta2`` in [0,
+  1) -> ``bad_<key>``; another key, or one on a command creating nothing: ``unknown_parameter``.
 
 A NaN or infinite parameter value is ``non_finite_parameter`` whatever its key. A field this
 version's schema does not know, at any depth (a newer controller's), is ``unknown_field``: the
@@ -174,6 +173,7 @@ class KasminaCommand:
     seed: SeedAction | None = None
     rollback: RollbackAction | None = None
     optimizer: OptimizerCommand | None = None
+    issued_at: float = 0.0  # its signed timestamp (s): which acceptance of its id it was
 
 
 @runtime_checkable
@@ -201,10 +201,10 @@ def _field_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, An
 
 _new = object.__new__
 _COMMAND_FIELDS = ("command_id", "kind", "priority", "timeout_s", "seed", "rollback", "optimizer")
+_COMMAND_FIELDS += ("issued_at",)
 _SEED_FIELDS = ("operation", "seed_id", "artifact_id", "parameters")
-_cmd_id, _cmd_kind, _cmd_priority, _cmd_timeout, _cmd_seed, _cmd_rollback, _cmd_optimizer = (
-    _field_setters(KasminaCommand, _COMMAND_FIELDS)
-)
+(_cmd_id, _cmd_kind, _cmd_priority, _cmd_timeout, _cmd_seed, _cmd_rollback, _cmd_optimizer,
+ _cmd_issued) = _field_setters(KasminaCommand, _COMMAND_FIELDS)  # fmt: skip
 _seed_op, _seed_id, _seed_artifact, _seed_parameters = _field_setters(SeedAction, _SEED_FIELDS)
 
 
@@ -216,6 +216,7 @@ def _command(
     seed: SeedAction | None,
     rollback: RollbackAction | None,
     optimizer: OptimizerCommand | None,
+    issued_at: float,
 ) -> KasminaCommand:
     """``KasminaCommand(...)`` without the per-field name lookups (see ``_field_setters``)."""
     command = _new(KasminaCommand)
@@ -226,6 +227,7 @@ def _command(
     _cmd_seed(command, seed)
     _cmd_rollback(command, rollback)
     _cmd_optimizer(command, optimizer)
+    _cmd_issued(command, issued_at)
     return command
 
 
@@ -291,6 +293,8 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         ):
             return "bad_timeout"
     timeout_s = seconds + nanos * 1e-9
+    ts = cmd.metadata.timestamp  # as ``CommandVerifier.check`` reads it
+    issued = ts.seconds + ts.nanos * 1e-9
 
     # One HasField per kind, most common first (cheaper than WhichOneof on this binding).
     if cmd.HasField("seed_command"):
@@ -314,7 +318,7 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
             if reason is not None:
                 return reason
         action = _seed(op, seed_id, artifact_id, params)
-        return _command(command_id, "seed", priority, timeout_s, action, None, None)
+        return _command(command_id, "seed", priority, timeout_s, action, None, None, issued)
     if cmd.HasField("rollback_command"):
         r = cmd.rollback_command
         target_epoch = r.target_epoch  # proto3: an unset epoch is epoch 0 (see the docstring)
@@ -324,13 +328,13 @@ def to_kasmina_command(cmd: AdaptationCommand) -> KasminaCommand | str:
         if len(reason) > MAX_REASON_CHARS or not reason.isprintable():
             return "bad_reason"
         rollback = RollbackAction(target_epoch, r.emergency, reason)
-        return _command(command_id, "rollback", priority, timeout_s, None, rollback, None)
+        return _command(command_id, "rollback", priority, timeout_s, None, rollback, None, issued)
     if cmd.HasField("optimizer_command"):
         opt = cmd.optimizer_command
         reason = _optimizer_problem(opt)
         if reason is not None:
             return reason
-        return _command(command_id, "optimizer", priority, timeout_s, None, None, opt)
+        return _command(command_id, "optimizer", priority, timeout_s, None, None, opt, issued)
     return "no_command"
 
 

@@ -65,13 +65,12 @@ class StaticKDLoss(nn.Module):
             "teacher_logit_scale": teacher_logit_scale,
             "student_softcap": student_softcap,
             "teacher_softcap": teacher_softcap,
-        }  # each checked now, as fused_linear_kd_loss would at the first forward (there
-        # against the head's own dtype too)
+        }  # each checked now, as fused_linear_kd_loss would at the first forward
         self.head_options: dict[str, float | int | None] = {
             "chunk_rows": None
             if chunk_rows is None
             else check_positive_int("chunk_rows", chunk_rows),
-            **{k: head_factor(k, v) for k, v in shaping.items()},  # in float32's range
+            **{k: head_factor(k, v) for k, v in shaping.items()},
         }
 
     @classmethod

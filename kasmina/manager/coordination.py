@@ -161,6 +161,11 @@ class ManagerReplica:
             state.require_registry(training=True)
             live = state.checkpoints
             state._checkpoints = store
+            # Which layers the user's loop unfroze is this rank's, as on every rank: a layer
+            # unfrozen and not yet in a group (the source's too, then) stays so (the restore
+            # freezes one no restored group holds, as a ROLLBACK to before it should).
+            frozen = state.require_registry().hold.frozen
+            unfrozen = [p.requires_grad for p in frozen]
             try:
                 # A repair in a sync under inference_mode: trainable; its kernels' fetches
                 # bounded as a prepare's (the other ranks wait in a collective meanwhile).
@@ -168,6 +173,8 @@ class ManagerReplica:
                     restore_epoch(state, self.guard, key)
             finally:
                 state._checkpoints = live
+                for p, flag in zip(frozen, unfrozen, strict=True):
+                    p.requires_grad_(flag)
             # The source's timeline: a rollback it made (or not) is ours now, and its checkpoints
             # stand for ours where ours may differ.
             ckpt = None if latest is None else (key, latest)

@@ -55,6 +55,11 @@ def watch_registrations() -> int:
     return _REGISTRATIONS[0]
 
 
+def _same_layout(a: object, b: object) -> bool:
+    """Two ``(param_groups, count)`` layouts: the same list object, as many groups."""
+    return isinstance(a, tuple) and isinstance(b, tuple) and a[0] is b[0] and a[1] == b[1]
+
+
 def _has_memory(p: torch.Tensor) -> bool:
     return p.numel() > 0 and p.device.type != "meta"
 
@@ -119,13 +124,14 @@ class ModelHold:
     def check_unfrozen(self, held: Callable[[], set[int]], layout: object) -> None:
         """``RuntimeError`` naming the parameters frozen when registered and trainable now that
         the host optimizer does not step (``held()``: the ids it steps beyond its first group,
-        whose ``layout`` names it; a step's check, under the manager's host optimizer). Cost:
-        one ``requires_grad`` read per parameter frozen when registered; ``held()`` only when
-        one is unfrozen that was not found held under this layout before."""
+        whose ``layout``, ``(param_groups, len)``, names it; a step's check under the manager's
+        host optimizer; an edit inside a group of the same size goes unseen, as it does by
+        ``take_host_groups``). Cost: one ``requires_grad`` read per parameter frozen when
+        registered; ``held()`` only for one unfrozen not found held under this layout before."""
         unfrozen = self.unfrozen()
         if not unfrozen:
             return
-        if layout != self._held_layout:
+        if not _same_layout(layout, self._held_layout):
             self._held_layout, self._held = layout, set()
         if all(id(p) in self._held for p in unfrozen):
             return

@@ -236,7 +236,8 @@ class CommandIntake:
         except OSError as exc:
             logger.error("nonce ledger: %s; refusing %d command(s)", exc, len(ready))
             # Refused before they could act: the controller's retries keep their ids.
-            self.verifier.release_ids(entry.command.command_id for entry, _, _ in ready)
+            taken = [entry.command for entry, _, _ in ready]
+            self.verifier.release_ids((c.command_id, c.issued_at) for c in taken)
             return f"its nonce could not be made durable: {exc}"
         except BaseException:
             # None of them began, and the verifier syncs their nonces again at its next call:
@@ -340,7 +341,7 @@ class CommandIntake:
         try:
             self.verifier.make_durable()
         except OSError as exc:
-            self.verifier.release_ids([command.command_id])  # it never acted: a retry may
+            self.verifier.release_ids([(command.command_id, command.issued_at)])  # never acted
             self.refuse(command, f"its nonce could not be made durable: {exc}")
             return False
         with self.lock:

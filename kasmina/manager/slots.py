@@ -226,7 +226,7 @@ class SlotRegistry:
                 self.added_host_params.setdefault(id(p), p)
             if step and optimizers.has_host and self.hold.frozen:
                 groups = optimizers.optimizer(HOST_ID).param_groups
-                layout = (id(groups), len(groups))
+                layout = (groups, len(groups))
                 self.hold.check_unfrozen(lambda: set(self.host_groups_of(optimizers)), layout)
         elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
             self.added_host_params = self.host_groups_of(optimizers)

@@ -355,19 +355,19 @@ _fused_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public entry
 
 
-def head_factor(name: str, value: object, dtype: torch.dtype = torch.float32) -> float | None:
-    """A head's logit scale or soft-cap: None, or a float > 0 that ``dtype`` (its logits')
-    holds as a finite normal number, else ``ValueError``: one that is inf there (a cap above
-    3.4e38 in float32) makes the capped logits ``inf·tanh(0)``, NaN, and one that is 0 there
-    makes the cap's gradient factor ``y/cap`` 0/0."""
+def head_factor(name: str, value: object) -> float | None:
+    """A head's logit scale or soft-cap: None, or a float > 0 that float32 holds as a finite
+    number (the kernels take it as a float32 scalar, whatever the logits' dtype), and for a cap
+    a normal one, else ``ValueError``: a cap that is inf there makes the capped logits
+    ``inf·tanh(0)``, NaN, one that is 0 there the cap's gradient factor ``y/cap`` 0/0, and a
+    scale that is inf there overflows inside ``addmm``."""
     if value is None:
         return None
     value = float(check_positive(name, value))
-    info = torch.finfo(dtype)
-    if not info.tiny <= value <= info.max:
-        raise ValueError(
-            f"{name} must be in [{info.tiny:g}, {info.max:g}] for {dtype} logits, got {value!r}"
-        )
+    info = torch.finfo(torch.float32)
+    low = info.tiny if name.endswith("softcap") else 0.0
+    if not low <= value <= info.max:
+        raise ValueError(f"{name} must be in [{low:g}, {info.max:g}] (float32), got {value!r}")
     return value
 
 
@@ -469,7 +469,7 @@ def fused_linear_kd_loss(
     ``teacher_logits`` ``[..., V]`` or ``teacher_hidden`` ``[..., H_t]`` with
     ``teacher_weight`` ``[V, H_t]`` (and ``teacher_bias``). ``*_logit_scale`` multiplies the
     head's logits; ``*_softcap`` caps them as ``cap·tanh(z/cap)`` (after the scale). Both are
-    floats > 0 that the head's dtype holds (``head_factor``). ``chunk_rows`` (int >= 1)
+    floats > 0 in float32's range (``head_factor``). ``chunk_rows`` (int >= 1)
     overrides ``default_chunk_rows``. Returns a float32 tensor: 0-d, or the rows' shape for
     ``reduction="none"``. Differentiable once: a second backward through its gradients
     (``create_graph=True``, then a gradient penalty) raises.
@@ -484,12 +484,10 @@ def fused_linear_kd_loss(
         teacher_weight, teacher_bias, reduction, mask,
     )  # fmt: skip
     temperature = check_temperature("temperature", temperature)
-    s_type = student_weight.dtype
-    t_type = s_type if teacher_weight is None else teacher_weight.dtype
-    s_scale = head_factor("student_logit_scale", student_logit_scale, s_type)
-    t_scale = head_factor("teacher_logit_scale", teacher_logit_scale, t_type)
-    s_cap = head_factor("student_softcap", student_softcap, s_type)
-    t_cap = head_factor("teacher_softcap", teacher_softcap, t_type)
+    s_scale = head_factor("student_logit_scale", student_logit_scale)
+    t_scale = head_factor("teacher_logit_scale", teacher_logit_scale)
+    s_cap = head_factor("student_softcap", student_softcap)
+    t_cap = head_factor("teacher_softcap", teacher_softcap)
     _teacher_head_options(teacher_logits, t_scale, t_cap)
     rows, vocab = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
     if chunk_rows is None:

@@ -43,6 +43,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import default_chunk_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import StateColumn
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -176,7 +177,8 @@ def attach(
     slots share ``state`` (default: a new table of ``len(slots) * seeds_per_layer`` seeds on the
     model's device); slot ``i`` holds rows ``b + i * seeds_per_layer ...`` and REGION_ID
     ``r + i``, where ``b`` and ``r`` are 0, or on a given ``state`` follow the rows and regions
-    of the model's slots already on it (another ``attach`` with other widths). Every
+    of ``model``'s slots already on it (another ``attach`` with other widths: give each call the
+    model that holds them all, not a submodule; a manager refuses two seeds on one row). Every
     seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
     ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
     already a slot, nested in another or holds one, a declared width does not fit, or
@@ -201,12 +203,14 @@ def attach(
     if state is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         state = GPUStateTensor(total, device, embargo_epochs=embargo_epochs, telemetry=telemetry)
-    else:  # after the rows of the model's slots already on it (an earlier attach's)
+    else:  # after the rows and regions of the model's slots already on it (an earlier attach)
         taken = [
             m for m in model.modules() if isinstance(m, KasminaLayer) and m.state_table is state
         ]
-        base = max((seed.state_index + 1 for m in taken for seed in m.seeds), default=0)
-        region = len(taken)
+        rows = [seed.state_index for m in taken for seed in m.seeds]
+        base = max(rows, default=-1) + 1
+        if rows:
+            region = int(state.state_tensor[rows, StateColumn.REGION_ID].max()) + 1
         if state.num_seeds < base + total:
             raise ValueError(
                 f"state table has {state.num_seeds} seeds; the model's slots on it hold rows "

@@ -388,30 +388,25 @@ def test_deferred_sync_writes_and_syncs_once_before_acting(
     assert restarted.verify(signed(keyring, "lost", T0)) == (False, "replay")  # written first
 
 
-def test_only_an_id_whose_nonce_is_still_owed_is_released(
-    keyring, clock, path, monkeypatch
-) -> None:
-    """``release_ids`` frees the ids of commands the safe point refused because their nonces
-    could not be made durable: a command whose nonce is durable keeps its id (its refusal had
-    another cause), and a failed ``make_durable`` keeps the owed ones owed."""
+def test_release_ids_frees_only_the_acceptance_it_names(keyring, clock, path) -> None:
+    """``release_ids`` frees an id only for the acceptance it names (id and signed
+    timestamp): one a later command took once the first left the window stays taken."""
     ledger = NonceLedger(path, durability="fsync")
     verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
 
-    def command(nonce: str, command_id: str):
+    def command(nonce: str, timestamp: float):
         cmd = make_seed_command("germinate", "layer0:1", "artifact-1")
-        cmd.command_id = command_id
-        return sign_command(cmd, keyring, "ctl", nonce=nonce, timestamp=T0)
+        cmd.command_id = "x"
+        return sign_command(cmd, keyring, "ctl", nonce=nonce, timestamp=timestamp)
 
-    assert verifier.verify(command("a", "durable"))[0]
-    verifier.make_durable()
-    assert verifier.verify(command("b", "owed"))[0]
-    monkeypatch.setattr(ledger, "write_staged", lambda: (_ for _ in ()).throw(OSError(28, "x")))
-    with pytest.raises(OSError):
-        verifier.make_durable()
-    verifier.release_ids(["durable", "owed"])
-    assert verifier.verify(command("a2", "durable")) == (False, "duplicate_command")
-    assert verifier.verify(command("b2", "owed")) == (True, "ok")  # the retry
-    assert verifier.verify(command("b", "owed")) == (False, "replay")
+    assert verifier.verify(command("a", T0))[0]
+    clock.now += WINDOW + 1  # "a" and its id leave the window
+    later = clock.now
+    assert verifier.verify(command("b", later))[0]  # the id, taken anew
+    verifier.release_ids([("x", T0)])  # the first acceptance's: not this one's
+    assert verifier.verify(command("c", later)) == (False, "duplicate_command")
+    verifier.release_ids([("x", later)])
+    assert verifier.verify(command("d", later)) == (True, "ok")
     verifier.close()
 
 

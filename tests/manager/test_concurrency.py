@@ -408,6 +408,39 @@ def test_commands_apply_only_once_their_nonces_are_durable(rig: Rig, mlp, monkey
     assert rig.stage(SEED0) == S.COOLDOWN
 
 
+def test_a_queued_command_refused_for_the_ledger_keeps_its_retry(rig: Rig, mlp) -> None:
+    """A GERMINATE waits for its kernel while another command's safe point makes its nonce
+    durable; at its own safe point the ledger fails (another nonce), and it is refused without
+    having acted. Its id is freed for the controller's retry (the id's acceptance is its
+    own), though its nonce was already on disk."""
+    manager, gate = rig.manager, threading.Event()
+    fetch = manager.urza_client.fetch
+
+    def held_fetch(artifact_id: str, **kwargs: object) -> object:
+        assert gate.wait(60)
+        return fetch(artifact_id, **kwargs)
+
+    manager.urza_client.fetch = held_fetch
+    germinate = make_seed_command("germinate", SEED1, mlp)
+    assert manager.handle_adaptation_command(rig.signed(germinate))
+    assert manager.handle_adaptation_command(rig.signed(make_seed_command("terminate", SEED0)))
+    assert [o.target for o in manager.apply_pending()] == [SEED0]  # its nonce durable too
+    verifier = manager.verifier
+    real = verifier.make_durable
+
+    def failing() -> None:
+        raise OSError(28, "No space left on device")
+
+    verifier.make_durable = failing  # type: ignore[method-assign]
+    gate.set()
+    (outcome,) = manager.apply_pending(wait=True)
+    assert not outcome.ok and "could not be made durable" in outcome.reason
+    verifier.make_durable = real  # type: ignore[method-assign]
+    assert manager.handle_adaptation_command(rig.signed(germinate))  # the retry
+    assert [o.ok for o in manager.apply_pending(wait=True)] == [True]
+    assert rig.stage(SEED1) == S.ISOLATED_INIT
+
+
 def test_close_during_a_waiting_safe_point_reports_each_command_once(
     tmp_path: Path, store: Path, keyring: Keyring, published, monkeypatch
 ) -> None:

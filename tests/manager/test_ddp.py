@@ -791,6 +791,28 @@ def test_a_repaired_rank_takes_the_sources_checkpoints_where_its_own_may_differ(
     assert replica.diverged_since is None
 
 
+def test_a_repair_leaves_the_ranks_unfrozen_layers_as_the_loop_set_them(
+    monkeypatch, tmp_path, store, keyring
+) -> None:
+    """Every rank's loop unfroze a layer and has not given it a group yet when the sync
+    repairs one of them: the restore's commit froze it again on that rank alone (no group of
+    the source's holds it), and the ranks trained apart from then on."""
+    import tests.manager.helpers as helpers
+    from tests.manager.test_host_param_groups import FrozenOut
+
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    names = ("source", "repaired")
+    rigs = {name: Rig(make_config(tmp_path / name, store), keyring) for name in names}
+    for rig in rigs.values():
+        rig.train(1)
+        rig.manager.end_epoch(0)
+        rig.model.out.host.weight.requires_grad_(True)
+    source, m = rigs["source"].manager, rigs["repaired"].manager
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    ManagerReplica(m.state, m.guard, lock=m.intake.lock).import_state(sent)
+    assert rigs["repaired"].model.out.host.weight.requires_grad
+
+
 def test_a_source_that_cannot_read_its_checkpoint_still_repairs(tmp_path, store, keyring) -> None:
     """The source's checkpoint of the sync's epoch does not verify: it ships the snapshot
     without it (before, the export raised and no rank was repaired), and the repaired rank,
