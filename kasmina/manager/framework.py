@@ -235,6 +235,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         torch's own ``state_dict``: a framework saves it at once); state-dict hooks run."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._take_groups()
         state = self.manager.optimizers.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state = post_hook(self, state) or state
@@ -245,9 +246,15 @@ class ManagerOptimizer(torch.optim.Optimizer):
         saved with the optimizers the manager holds now (the same seeds in the same stages)."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        self._take_groups()
         self.manager.optimizers.load_state_dict(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _take_groups(self) -> None:
+        """The groups added since the last step (``add_param_group``: gradual unfreezing),
+        taken up as a step would, so that a state saved or loaded now records them."""
+        self.manager.require_registry().take_host_groups(self.manager.optimizers)
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         raise TypeError(

@@ -25,7 +25,7 @@ step starts with a check, and it must cost next to nothing when nothing changed:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -160,20 +160,28 @@ class ModelHold:
         """The parameters frozen when registered that require a gradient now (mostly none)."""
         return [p for p in self.frozen if p.requires_grad]
 
-    def freeze_unheld(self, held: set[int]) -> list[nn.Parameter]:
-        """After a rollback that restored the host optimizer's groups: freeze again each
-        unfrozen parameter none of them holds (``held``, ids), as it was in the checkpoint (its
-        group came later); returns them. ``requires_grad_`` on a leaf: cannot fail."""
-        frozen = [p for p in self.unfrozen() if id(p) not in held]
-        for p in frozen:
-            p.requires_grad_(False)
+    def restore_unfrozen(
+        self, saved: Sequence[torch.Tensor] | None, held: Container[int]
+    ) -> list[str]:
+        """After a rollback: each parameter frozen when registered trains again exactly when
+        the checkpoint says so (``saved``: those it recorded unfrozen); a checkpoint that
+        recorded none (an older one) freezes again those the restored host groups do not hold
+        (``held``, ids). Returns the names of those whose flag changed. ``requires_grad_`` on a
+        leaf: cannot fail."""
+        if saved is not None:
+            wanted = {id(p) for p in saved}
+            changed = [p for p in self.frozen if (id(p) in wanted) != p.requires_grad]
+        else:
+            changed = [p for p in self.frozen if p.requires_grad and id(p) not in held]
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
         self._held_layout = None
-        return frozen
+        return self.names(changed)
 
-    def names(self, params: Sequence[torch.Tensor]) -> list[str]:
-        """The model's names of ``params`` (the first 8), for messages."""
+    def names(self, params: Sequence[torch.Tensor], limit: int | None = 8) -> list[str]:
+        """The model's names of ``params`` (the first ``limit``: for messages)."""
         wanted = {id(p) for p in params}
-        return [name for name, p in self.model.named_parameters() if id(p) in wanted][:8]
+        return [name for name, p in self.model.named_parameters() if id(p) in wanted][:limit]
 
     def _check_anchor(self) -> None:
         """``RuntimeError`` if the model's first host parameter is not where it was: a move to a

@@ -165,6 +165,7 @@ def snapshot(
     if boundary_pending:  # an epoch's checkpoint (end_epoch's): what a ROLLBACK fetches ahead
         _note_saved_kernels(state, epoch, seeds)
     metrics = state.val_metrics if val_metrics is None else val_metrics
+    unfrozen = registry.hold.unfrozen()  # frozen when registered, trainable now
     extra = {
         "epoch": epoch,
         "global_step": state.global_step,
@@ -173,6 +174,7 @@ def snapshot(
         BOUNDARY_PENDING: bool(boundary_pending),
         "host_shapes": host_shapes(registry),  # G3's host cost before a resumed first forward
         "tracked": _tracked_states(state.tracked),
+        "unfrozen": registry.hold.names(unfrozen, limit=None) if unfrozen else [],
     }
     return capture_training_state(
         {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
@@ -203,6 +205,11 @@ def restore_epoch(
     pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
     tracked = _saved_tracked(extra, state.tracked, epoch)  # name -> (object, its saved state)
+    unfrozen = extra.get("unfrozen")  # absent: an older checkpoint (the groups decide)
+    if unfrozen is not None:
+        if not isinstance(unfrozen, list) or not all(isinstance(n, str) for n in unfrozen):
+            raise ValueError(f"the checkpoint of epoch {epoch}: unfrozen is {unfrozen!r}")
+        unfrozen = registry.parameters_named(unfrozen)  # ValueError: names the model lacks
     if pending and boundary is None:
         raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
     changes = {}
@@ -281,7 +288,7 @@ def restore_epoch(
     with interrupts_deferred():
         state.counters["rollbacks_committed"] += 1
         state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
-        registry.take_host_groups(state.optimizers, rebuilt=True)  # the restored groups' params
+        registry.take_host_groups(state.optimizers, rebuilt=True, unfrozen=unfrozen)
         state.epoch, state.global_step, state.val_metrics = clock
         registry.saved_host_shapes = saved_shapes
         store.abandon_after(epoch)  # the next save may drop the later epochs

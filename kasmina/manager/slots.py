@@ -211,16 +211,21 @@ class SlotRegistry:
         self.hold.check(detached, known)
 
     def take_host_groups(
-        self, optimizers: IsolatedOptimizerManager, *, rebuilt: bool = False, step: bool = False
+        self,
+        optimizers: IsolatedOptimizerManager,
+        *,
+        rebuilt: bool = False,
+        step: bool = False,
+        unfrozen: Sequence[nn.Parameter] | None = None,
     ) -> None:
         """Take up the param groups a user added to the host optimizer since the last call
         (``IsolatedOptimizerManager.take_host_groups``); their parameters are on the host side
         of the isolation line from then on (``host_side_params``: the KD leak check and the
         monitors of seeds germinated later or restored by a rollback). ``rebuilt``: after a
         rollback, read them all again from the groups past the host's first (the seeds promoted
-        into them left out), and freeze again an unfrozen parameter none holds (a group added
-        after the checkpoint). ``step``: a step's call, which also refuses one that no group
-        holds (``ModelHold.check_unfrozen``)."""
+        into them left out), and set which parameters frozen at registration train as the
+        checkpoint recorded (``unfrozen``; ``ModelHold.restore_unfrozen``). ``step``: a step's
+        call, which also refuses one unfrozen that no group holds (``check_unfrozen``)."""
         if not rebuilt:
             for p in optimizers.take_host_groups(self.parameter_names):
                 self.added_host_params.setdefault(id(p), p)
@@ -228,11 +233,12 @@ class SlotRegistry:
                 groups = optimizers.optimizer(HOST_ID).param_groups
                 layout = (groups, len(groups))
                 self.hold.check_unfrozen(lambda: set(self.host_groups_of(optimizers)), layout)
-        elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
-            self.added_host_params = self.host_groups_of(optimizers)
-            if self.hold.frozen and (again := self.hold.freeze_unheld(self.added_host_params)):
-                names = self.hold.names(again)
-                logger.info("rollback: %s frozen again, as in the checkpoint", names)
+        else:  # dict and list reads only: a rollback's commit calls it
+            if optimizers.has_host:
+                self.added_host_params = self.host_groups_of(optimizers)
+            if self.hold.frozen and (unfrozen is not None or optimizers.has_host):
+                if changed := self.hold.restore_unfrozen(unfrozen, self.added_host_params):
+                    logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
 
     def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
         """A seed fossilizes at a safe point: take up the groups added since the last step

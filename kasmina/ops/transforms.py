@@ -39,14 +39,18 @@ __all__ = [
 
 
 # functorch's interpreter stack (private; a torch without it runs no transform we can see).
-_PEEK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_PEEK = getattr(_FUNCTORCH, "peek_interpreter_stack", None)
+_INTERPRETER = getattr(_FUNCTORCH, "CInterpreter", None)
 
 
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``vmap``, ...) is running. The
     ops' eager shortcuts call kernels that need real storage, so under a transform every call
-    goes through the op's ``torch.autograd.Function``, which ``torch.func`` unwraps."""
-    return _PEEK is not None and _PEEK() is not None
+    goes through the op's ``torch.autograd.Function``, which ``torch.func`` unwraps. Traced by
+    TorchDynamo too, where the stack is read as a constant at trace time: tested by type, as an
+    ``is not None`` there is true of the constant None as well."""
+    return _PEEK is not None and _INTERPRETER is not None and isinstance(_PEEK(), _INTERPRETER)
 
 
 def transform_depth() -> int:

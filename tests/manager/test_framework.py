@@ -326,3 +326,35 @@ def test_the_scaler_given_must_be_the_one_stepping(
     assert all(torch.equal(a, b) for a, b in zip(*map(_weights, rigs), strict=True))
     for rig in rigs:
         rig.manager.close()
+
+
+def test_a_group_added_since_the_last_step_is_saved_and_loaded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Gradual unfreezing through the framework's optimizer: a ``state_dict()`` taken before
+    the next step recorded no added group, and a load into a resumed manager that had added
+    the same group was refused ("saved added groups [...] != []") until a step ran."""
+    import tests.manager.helpers as helpers
+    from tests.manager.test_host_param_groups import FrozenOut
+
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    names = ["out.host.weight", "out.host.bias"]
+
+    def unfrozen(rig: Rig) -> ManagerOptimizer:
+        optimizer = ManagerOptimizer(rig.manager)
+        layer = list(rig.model.out.host.parameters())
+        for p in layer:
+            p.requires_grad_(True)
+        optimizer.add_param_group({"params": layer, "lr": 0.01})
+        return optimizer
+
+    first = Rig(make_config(tmp_path / "a", store), keyring)
+    optimizer = unfrozen(first)
+    saved = copy.deepcopy(optimizer.state_dict())  # before any step takes the group up
+    assert saved["optimizers"]["host"]["added_groups"] == [names]
+    resumed = Rig(make_config(tmp_path / "b", store), keyring)
+    again = unfrozen(resumed)
+    again.load_state_dict(saved)
+    resumed.manager.backward(F.cross_entropy(resumed.model(resumed.x), resumed.y))
+    again.step()
+    assert resumed.manager.optimizers.optimizer("host").param_groups[1]["lr"] == 0.01

@@ -216,6 +216,41 @@ def test_a_rollback_to_before_an_unfreeze_freezes_the_layer_again(
     manager.end_epoch(1)
 
 
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_rollback_unfreezes_what_its_checkpoint_trained(
+    monkeypatch, tmp_path, store, keyring: Keyring, mode: str
+) -> None:
+    """Back to 0 (the layer frozen, as then), then forward to 1, whose groups hold it: the
+    group came back and the layer stayed frozen, never training again, every step reported
+    stepped. The checkpoint records which parameters frozen at attach trained; a resumed
+    process, whose model is built frozen, gets them back the same way."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    config = make_config(tmp_path, store, checkpoint_mode=mode, run_id="unfreeze")
+    rig = Rig(config, keyring)
+    manager, layer = rig.manager, list(rig.model.out.host.parameters())
+    rig.train(1)
+    manager.end_epoch(0)
+    for p in layer:
+        p.requires_grad_(True)
+    manager.optimizers.optimizer("host").add_param_group({"params": layer})
+    rig.train(1)
+    manager.end_epoch(1)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert not any(p.requires_grad for p in layer)
+    assert run_command(manager, rig.signed(make_rollback_command(1, reason="test")))
+    assert all(p.requires_grad for p in layer)
+    before = layer[0].detach().clone()
+    assert rig.train(1)["host_stepped"] and not torch.equal(layer[0], before)
+    if mode == "memory":
+        return
+    manager.close()
+    resumed = Rig(config, keyring, record=False)  # the model built frozen again
+    again = list(resumed.model.out.host.parameters())
+    assert run_command(resumed.manager, resumed.signed(make_rollback_command(1, reason="r")))
+    assert all(p.requires_grad for p in again)
+    assert resumed.train(1)["host_stepped"]
+
+
 def test_commands_go_on_while_an_unfrozen_layer_waits_for_its_group(
     monkeypatch, tmp_path, store, keyring: Keyring, mlp
 ) -> None:
