@@ -1,9 +1,8 @@
 """One host optimizer and one optimizer per seed, over disjoint parameter sets (docs/design.md §4).
 
-Disjoint sets checked at registration: a parameter two optimizers reach is the simplest way
-for a seed to move the host (or the reverse). Every registration is checked by identity *and* by
-memory, so ``nn.Parameter(host.weight.data)`` (sharing the host's storage) is rejected like the
-host tensor itself. Teacher parameters are frozen and never enter any optimizer.
+Disjoint sets checked at registration (a parameter two optimizers reach is the simplest way
+for a seed to move the host) by identity *and* by memory: ``nn.Parameter(host.weight.data)`` is
+rejected like the host tensor itself. Teacher parameters are frozen and enter no optimizer.
 
 When a seed becomes ACTIVE (fossilized) its parameters join one of the host optimizer's
 existing param groups (``promote_seed``) and the seed optimizer is dropped. Never a group of
@@ -19,9 +18,9 @@ Stepping takes one clip norm for all the optimizers it steps, checked (``checked
 first: 0 or None is no clipping, a norm > 0 clips to it and skips (gradients and lr untouched)
 a step whose gradient norm is not finite, +inf skips without clipping.
 
-This is an in-process component, not a door: a controller's optimizer command reaches it only
-verified (``optimizer_commands`` reads it and refuses a wire message), and
-``apply_optimizer_command`` maps each command type onto one of the calls here (docs/design.md §5).
+An in-process component, not a door: a controller's optimizer command reaches it verified
+(``optimizer_commands`` refuses a wire message), and ``apply_optimizer_command`` maps each
+command type onto one of the calls here (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ TEACHER_SOURCE = "teacher"
 STATE_FORMAT = 2
 
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
+NamesOf = Callable[[list[torch.Tensor]], list[str]]  # the model's names of some parameters
 
 
 @dataclass
@@ -304,17 +304,14 @@ class IsolatedOptimizerManager:
             return {}
         return {p.seed_id: (p.group, list(p.params)) for p in host.promoted}
 
-    def take_host_groups(
-        self, names_of: Callable[[list[torch.Tensor]], list[str]]
-    ) -> list[torch.Tensor]:
+    def take_host_groups(self, names_of: NamesOf) -> list[torch.Tensor]:
         """Take up the param groups added to the host optimizer (``add_param_group``: gradual
-        unfreezing) since the last call; the manager calls it before each step and checkpoint.
-        Their parameters are checked as any registration is (a teacher's or one another optimizer
-        owns: ``ParameterOverlapError``) and claimed for the host, each group recorded as
-        ``names_of`` names its parameters in the model, so that a checkpoint can rebuild it. Any
-        other edit of the groups (a parameter put into or taken out of one, a group removed) is
-        a ``ValueError``; both raise before anything changes. Unchanged: one ``len`` per group.
-        Returns the parameters taken up (none, mostly)."""
+        unfreezing) since the last call (before each step and checkpoint): checked as any
+        registration (a teacher's or another optimizer's: ``ParameterOverlapError``), claimed
+        for the host, each recorded as ``names_of`` names its parameters in the model, for a
+        checkpoint to rebuild. Any other edit (a parameter put into or taken out of a group, a
+        group removed) is a ``ValueError``; both raise before anything changes. Unchanged: one
+        ``len`` per group. Returns the parameters taken up (none, mostly)."""
         host = self._entries.get(HOST_ID)
         if host is None:
             return []
@@ -503,8 +500,10 @@ class IsolatedOptimizerManager:
             },
         }
 
-    def validate_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` unless ``state`` matches the live optimizers' layout."""
+    def validate_state_dict(self, state: Mapping[str, Any], names: NamesOf | None = None) -> None:
+        """Raise ``ValueError`` unless ``state`` matches the live optimizers' layout; with
+        ``names``, the host groups added and not yet taken up count, as ``names`` names
+        them (``take_host_groups`` would record them so)."""
         state = upgrade_state_dict(state)
         saved = state.get("optimizers", {})
         if set(saved) != set(self._entries):
@@ -519,8 +518,10 @@ class IsolatedOptimizerManager:
             if (promoted := [list(p) for p in item.get("promoted", [])]) != entry.layout():
                 raise ValueError(f"optimizer {oid!r}: promotions {promoted} != {entry.layout()}")
             added = [list(names) for names in item.get("added_groups", [])]  # absent: older
-            if added != entry.added:
-                raise ValueError(f"optimizer {oid!r}: saved added groups {added} != {entry.added}")
+            groups = entry.optimizer.param_groups[len(entry.sizes) :] if names else []
+            live = entry.added + [list(names(list(g["params"]))) for g in groups]
+            if added != live:
+                raise ValueError(f"optimizer {oid!r}: saved added groups {added} != {live}")
             saved_sizes = [len(g["params"]) for g in item["state"]["param_groups"]]
             live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
             if saved_sizes != live_sizes:

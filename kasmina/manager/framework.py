@@ -246,15 +246,19 @@ class ManagerOptimizer(torch.optim.Optimizer):
         saved with the optimizers the manager holds now (the same seeds in the same stages)."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        self._take_groups()
-        self.manager.optimizers.load_state_dict(state_dict)
+        with self.manager.intake.lock:  # a step takes the groups up under it too
+            registry, optimizers = self.manager.require_registry(), self.manager.optimizers
+            optimizers.validate_state_dict(state_dict, registry.parameter_names)  # before:
+            registry.take_host_groups(optimizers)  # refused, it leaves the groups to fix
+            optimizers.load_state_dict(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def _take_groups(self) -> None:
         """The groups added since the last step (``add_param_group``: gradual unfreezing),
-        taken up as a step would, so that a state saved or loaded now records them."""
-        self.manager.require_registry().take_host_groups(self.manager.optimizers)
+        taken up as a step would (under its lock), so that a state saved now records them."""
+        with self.manager.intake.lock:
+            self.manager.require_registry().take_host_groups(self.manager.optimizers)
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         raise TypeError(

@@ -163,16 +163,14 @@ class ModelHold:
     def restore_unfrozen(
         self, saved: Sequence[torch.Tensor] | None, held: Container[int]
     ) -> list[str]:
-        """After a rollback: each parameter frozen when registered trains again exactly when
-        the checkpoint says so (``saved``: those it recorded unfrozen); a checkpoint that
-        recorded none (an older one) freezes again those the restored host groups do not hold
-        (``held``, ids). Returns the names of those whose flag changed. ``requires_grad_`` on a
-        leaf: cannot fail."""
-        if saved is not None:
-            wanted = {id(p) for p in saved}
-            changed = [p for p in self.frozen if (id(p) in wanted) != p.requires_grad]
-        else:
-            changed = [p for p in self.frozen if p.requires_grad and id(p) not in held]
+        """After a rollback under the manager's host optimizer: each parameter frozen when
+        registered trains exactly when the restored host groups hold it (``held``, ids) and
+        the checkpoint recorded it training (``saved``; an older checkpoint recorded none: as
+        it trains now). One unfrozen that no group held (its group was to come) is frozen
+        again, as a step would refuse it. Returns the names of those whose flag changed.
+        ``requires_grad_`` on a leaf: cannot fail."""
+        wanted = {id(p) for p in (self.unfrozen() if saved is None else saved)}
+        changed = [p for p in self.frozen if (id(p) in held and id(p) in wanted) != p.requires_grad]
         for p in changed:
             p.requires_grad_(not p.requires_grad)
         self._held_layout = None

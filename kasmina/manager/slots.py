@@ -236,7 +236,7 @@ class SlotRegistry:
         else:  # dict and list reads only: a rollback's commit calls it
             if optimizers.has_host:
                 self.added_host_params = self.host_groups_of(optimizers)
-            if self.hold.frozen and (unfrozen is not None or optimizers.has_host):
+            if self.hold.frozen and optimizers.has_host:  # else the trainer's optimizer's
                 if changed := self.hold.restore_unfrozen(unfrozen, self.added_host_params):
                     logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
 

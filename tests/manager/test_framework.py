@@ -358,3 +358,47 @@ def test_a_group_added_since_the_last_step_is_saved_and_loaded(
     resumed.manager.backward(F.cross_entropy(resumed.model(resumed.x), resumed.y))
     again.step()
     assert resumed.manager.optimizers.optimizer("host").param_groups[1]["lr"] == 0.01
+
+
+def test_a_refused_load_leaves_the_added_groups_to_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A load refused for a group unlike the saved one had taken that group up already: the
+    user's fix (the group replaced) was then an illegal edit, refused at every step."""
+    import tests.manager.helpers as helpers
+    from tests.manager.test_host_param_groups import FrozenOut
+
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    first = Rig(make_config(tmp_path / "a", store), keyring)
+    layer = list(first.model.out.host.parameters())
+    for p in layer:
+        p.requires_grad_(True)
+    ManagerOptimizer(first.manager).add_param_group({"params": layer})
+    saved = copy.deepcopy(ManagerOptimizer(first.manager).state_dict())
+    resumed = Rig(make_config(tmp_path / "b", store), keyring)
+    optimizer, host = ManagerOptimizer(resumed.manager), resumed.model.out.host
+    for p in host.parameters():
+        p.requires_grad_(True)
+    optimizer.add_param_group({"params": [host.weight]})  # the bias forgotten
+    with pytest.raises(ValueError, match="saved added groups"):
+        optimizer.load_state_dict(saved)
+    optimizer.param_groups.pop()
+    optimizer.add_param_group({"params": [host.weight, host.bias]})
+    optimizer.load_state_dict(saved)
+    resumed.manager.backward(F.cross_entropy(resumed.model(resumed.x), resumed.y))
+    optimizer.step()
+
+
+def test_a_state_dict_waits_for_a_step_in_progress(tmp_path: Path, store: Path, keyring) -> None:
+    """``state_dict()`` takes up added groups, as a step does: under the step's lock, or a
+    checkpoint thread and a step took one group up twice and every later step raised."""
+    import threading
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    optimizer, done = ManagerOptimizer(rig.manager), threading.Event()
+    with rig.manager.intake.lock:  # a step in progress on another thread
+        thread = threading.Thread(target=lambda: (optimizer.state_dict(), done.set()))
+        thread.start()
+        assert not done.wait(0.2)
+    thread.join(10)
+    assert done.is_set()

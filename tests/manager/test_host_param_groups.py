@@ -251,6 +251,43 @@ def test_a_rollback_unfreezes_what_its_checkpoint_trained(
     assert resumed.train(1)["host_stepped"]
 
 
+def test_a_rollback_to_a_layer_waiting_for_its_group_freezes_it(
+    monkeypatch, tmp_path, store, keyring: Keyring
+) -> None:
+    """The checkpoint was written between the unfreeze and the group (its layer trainable, no
+    group holding it): restored trainable, every step after the rollback raised, the loop
+    having added its group once already. Frozen again, as a step would have it."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, layer = rig.manager, list(rig.model.out.host.parameters())
+    rig.train(1)
+    for p in layer:
+        p.requires_grad_(True)
+    manager.end_epoch(0)  # no step since the unfreeze: no group yet
+    manager.optimizers.optimizer("host").add_param_group({"params": layer})
+    rig.train(1)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert not any(p.requires_grad for p in layer)
+    assert rig.train(1)["host_stepped"]
+
+
+def test_a_rollback_leaves_a_trainer_stepped_layer_as_it_is(
+    monkeypatch, tmp_path, store, keyring: Keyring
+) -> None:
+    """attach(host_lr=None): the trainer's own optimizer, which no rollback restores, steps the
+    layer; the rollback leaves its flag to the trainer's loop."""
+    monkeypatch.setattr(helpers, "Host", FrozenInp)
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=None)
+    manager, weight = rig.manager, rig.model.inp.weight
+    rig.train(1)
+    manager.end_epoch(0)
+    weight.requires_grad_(True)
+    rig.train(1)
+    manager.end_epoch(1)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert weight.requires_grad
+
+
 def test_commands_go_on_while_an_unfrozen_layer_waits_for_its_group(
     monkeypatch, tmp_path, store, keyring: Keyring, mlp
 ) -> None:
