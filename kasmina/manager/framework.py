@@ -248,8 +248,10 @@ class ManagerOptimizer(torch.optim.Optimizer):
             state_dict = pre_hook(self, state_dict) or state_dict
         with self.manager.intake.lock:  # a step takes the groups up under it too
             registry, optimizers = self.manager.require_registry(), self.manager.optimizers
-            optimizers.validate_state_dict(state_dict, registry.parameter_names)  # before:
-            registry.take_host_groups(optimizers)  # refused, it leaves the groups to fix
+            # Checked with the groups added since the last step before any is taken up: a
+            # refused load leaves them for the user to fix.
+            optimizers.validate_state_dict(state_dict, registry.parameter_names)
+            registry.take_host_groups(optimizers)
             optimizers.load_state_dict(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

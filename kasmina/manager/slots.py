@@ -233,12 +233,13 @@ class SlotRegistry:
                 groups = optimizers.optimizer(HOST_ID).param_groups
                 layout = (groups, len(groups))
                 self.hold.check_unfrozen(lambda: set(self.host_groups_of(optimizers)), layout)
-        else:  # dict and list reads only: a rollback's commit calls it
-            if optimizers.has_host:
-                self.added_host_params = self.host_groups_of(optimizers)
-            if self.hold.frozen and optimizers.has_host:  # else the trainer's optimizer's
-                if changed := self.hold.restore_unfrozen(unfrozen, self.added_host_params):
-                    logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
+        elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
+            self.added_host_params = self.host_groups_of(optimizers)
+            # (Without the manager's host optimizer the flags are the trainer's loop's.)
+            if self.hold.frozen and (
+                changed := self.hold.restore_unfrozen(unfrozen, self.added_host_params)
+            ):
+                logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
 
     def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
         """A seed fossilizes at a safe point: take up the groups added since the last step

@@ -116,6 +116,7 @@ def test_valid_seed_command_is_executed_once_and_reported(rig: Rig) -> None:
         priority=MessagePriority.MESSAGE_PRIORITY_NORMAL,
         timeout_s=2.5,
         seed=SeedAction(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5}),
+        issued_at=T0,  # its signed timestamp
     )
     assert rig.handler.stats["accepted"] == 1 and rig.handler.stats["executed"] == 1
     assert rig.handler.stats["rejected:replay"] == 1 and rig.handler.stats["rejected"] == 1
@@ -661,9 +662,9 @@ def test_the_fast_constructors_build_the_same_frozen_dataclasses() -> None:
     result must be the dataclass ``__init__`` would build, every field set, and frozen."""
     action = _seed(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5})
     assert action == SeedAction(GERMINATE, "layer2:5", "artifact-9", {"learning_rate": 0.5})
-    command = _command("c", "seed", 2, 2.5, action, None, None)
-    assert command == KasminaCommand("c", "seed", 2, 2.5, seed=action)
-    assert repr(command) == repr(KasminaCommand("c", "seed", 2, 2.5, seed=action))
+    command = _command("c", "seed", 2, 2.5, action, None, None, 7.5)
+    assert command == KasminaCommand("c", "seed", 2, 2.5, seed=action, issued_at=7.5)
+    assert repr(command) == repr(KasminaCommand("c", "seed", 2, 2.5, seed=action, issued_at=7.5))
     assert all(hasattr(command, f.name) for f in dataclasses.fields(KasminaCommand))
     with pytest.raises(dataclasses.FrozenInstanceError):
         command.kind = "rollback"  # type: ignore[misc]
