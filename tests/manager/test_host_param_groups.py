@@ -171,18 +171,28 @@ def test_an_unfrozen_layers_group_survives_rollbacks(
     assert host_opt.param_groups[1]["lr"] == sched.get_last_lr()[1]
 
 
+def _frozen_out_rig(monkeypatch, tmp_path, store, keyring: Keyring, **overrides):
+    """A rig over ``FrozenOut`` after one step, and the slot's layer (frozen at attach)."""
+    monkeypatch.setattr(helpers, "Host", FrozenOut)
+    rig = Rig(make_config(tmp_path, store, **overrides), keyring)
+    rig.train(1)
+    return rig, list(rig.model.out.host.parameters())
+
+
+def _unfreeze(layer: list[torch.nn.Parameter]) -> None:
+    for p in layer:
+        p.requires_grad_(True)
+
+
 def test_a_layer_unfrozen_without_a_group_stops_the_step_until_one_holds_it(
     monkeypatch, tmp_path, store, keyring: Keyring
 ) -> None:
     """``requires_grad_(True)`` on a layer frozen at attach, no ``add_param_group``: nothing
     would step it, and its gradients would pile up step after step. The step refuses, naming
     it, before anything changes; once a group holds it, it trains."""
-    monkeypatch.setattr(helpers, "Host", FrozenOut)
-    rig = Rig(make_config(tmp_path, store), keyring)
-    manager, layer = rig.manager, list(rig.model.out.host.parameters())
-    rig.train(1)
-    for p in layer:
-        p.requires_grad_(True)
+    rig, layer = _frozen_out_rig(monkeypatch, tmp_path, store, keyring)
+    manager = rig.manager
+    _unfreeze(layer)
     before = [p.detach().clone() for p in rig.model.parameters()]
     step = manager.global_step
     with pytest.raises(RuntimeError, match=r"out\.host\.weight.*frozen when the manager"):
@@ -194,49 +204,27 @@ def test_a_layer_unfrozen_without_a_group_stops_the_step_until_one_holds_it(
     assert not torch.equal(layer[0], before[2])
 
 
-def test_a_rollback_to_before_an_unfreeze_freezes_the_layer_again(
-    monkeypatch, tmp_path, store, keyring: Keyring
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_rollback_unfreezes_what_its_checkpoint_trained(
+    monkeypatch, tmp_path, store, keyring: Keyring, mode: str
 ) -> None:
-    """The checkpoint predates the layer's group: the rollback drops the group, and the layer,
-    still trainable, made every later step raise (no group held it) until the trainer, whose
-    loop had added the group once, was stopped. It is frozen again, as it was then."""
-    monkeypatch.setattr(helpers, "Host", FrozenOut)
-    rig = Rig(make_config(tmp_path, store), keyring)
-    manager, layer = rig.manager, list(rig.model.out.host.parameters())
-    rig.train(1)
+    """Back to 0, before the unfreeze: the group goes, and the layer, left trainable, made
+    every later step raise (no group held it) though the loop had added its group once; it
+    is frozen again, as it was then. Forward to 1, whose groups hold it: the group came back
+    and the layer stayed frozen, never training again, every step reported stepped. The
+    checkpoint records which parameters frozen at attach trained; a resumed process, whose
+    model is built frozen, gets them back the same way."""
+    overrides = {"checkpoint_mode": mode, "run_id": "unfreeze"}
+    rig, layer = _frozen_out_rig(monkeypatch, tmp_path, store, keyring, **overrides)
+    manager = rig.manager
     manager.end_epoch(0)
-    for p in layer:
-        p.requires_grad_(True)
+    _unfreeze(layer)
     manager.optimizers.optimizer("host").add_param_group({"params": layer})
     rig.train(1)
     manager.end_epoch(1)
     assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
     assert not any(p.requires_grad for p in layer)
     assert rig.train(1)["host_stepped"]
-    manager.end_epoch(1)
-
-
-@pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_a_rollback_unfreezes_what_its_checkpoint_trained(
-    monkeypatch, tmp_path, store, keyring: Keyring, mode: str
-) -> None:
-    """Back to 0 (the layer frozen, as then), then forward to 1, whose groups hold it: the
-    group came back and the layer stayed frozen, never training again, every step reported
-    stepped. The checkpoint records which parameters frozen at attach trained; a resumed
-    process, whose model is built frozen, gets them back the same way."""
-    monkeypatch.setattr(helpers, "Host", FrozenOut)
-    config = make_config(tmp_path, store, checkpoint_mode=mode, run_id="unfreeze")
-    rig = Rig(config, keyring)
-    manager, layer = rig.manager, list(rig.model.out.host.parameters())
-    rig.train(1)
-    manager.end_epoch(0)
-    for p in layer:
-        p.requires_grad_(True)
-    manager.optimizers.optimizer("host").add_param_group({"params": layer})
-    rig.train(1)
-    manager.end_epoch(1)
-    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
-    assert not any(p.requires_grad for p in layer)
     assert run_command(manager, rig.signed(make_rollback_command(1, reason="test")))
     assert all(p.requires_grad for p in layer)
     before = layer[0].detach().clone()
@@ -244,6 +232,7 @@ def test_a_rollback_unfreezes_what_its_checkpoint_trained(
     if mode == "memory":
         return
     manager.close()
+    config = make_config(tmp_path, store, **overrides)
     resumed = Rig(config, keyring, record=False)  # the model built frozen again
     again = list(resumed.model.out.host.parameters())
     assert run_command(resumed.manager, resumed.signed(make_rollback_command(1, reason="r")))
@@ -257,12 +246,9 @@ def test_a_rollback_to_a_layer_waiting_for_its_group_freezes_it(
     """The checkpoint was written between the unfreeze and the group (its layer trainable, no
     group holding it): restored trainable, every step after the rollback raised, the loop
     having added its group once already. Frozen again, as a step would have it."""
-    monkeypatch.setattr(helpers, "Host", FrozenOut)
-    rig = Rig(make_config(tmp_path, store), keyring)
-    manager, layer = rig.manager, list(rig.model.out.host.parameters())
-    rig.train(1)
-    for p in layer:
-        p.requires_grad_(True)
+    rig, layer = _frozen_out_rig(monkeypatch, tmp_path, store, keyring)
+    manager = rig.manager
+    _unfreeze(layer)
     manager.end_epoch(0)  # no step since the unfreeze: no group yet
     manager.optimizers.optimizer("host").add_param_group({"params": layer})
     rig.train(1)
