@@ -309,8 +309,8 @@ def kd_head_problem(
     """Why ``weight`` (``[V, H]``) and ``bias`` (``[V]`` or None) cannot map an output whose
     last dimension is ``width`` wide to logits, or None when they can: a float32, float16 or
     bfloat16 weight on the slot's ``device``, and a bias of the weight's dtype and device."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return "a KD head weight is a [V, H] tensor"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.shape[0]:
+        return "a KD head weight is a [V, H] tensor, V >= 1"
     if weight.shape[1] != width:
         return f"a KD head over a {width}-wide output needs H = {width}, got {tuple(weight.shape)}"
     if weight.dtype not in SUPPORTED_DTYPES:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import rarely
@@ -39,29 +40,33 @@ def is_teacher_parameter(param: torch.Tensor) -> bool:
 
 
 def is_oom_error(exc: BaseException) -> bool:
-    """An allocator out-of-memory error, whatever the backend raised it as."""
+    """An allocator out-of-memory error, whatever the backend raised it as (CUDA's own class,
+    or a ``RuntimeError``: "out of memory", the CPU allocator's "can't allocate memory")."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    message = str(exc).lower() if isinstance(exc, RuntimeError) else ""
+    return "out of memory" in message or "can't allocate memory" in message
 
 
 def _param_bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _tensor_bytes(obj: object, seen: set[int]) -> int:
-    """Bytes of the distinct storages of every tensor inside ``obj`` (tuples, lists, dicts)."""
+def _tensor_bytes(obj: object, sizes: dict[int, int]) -> None:
+    """Note in ``sizes`` (storage -> bytes) the bytes every tensor inside ``obj`` (tuples,
+    lists, dicts) spans: the largest view of each storage, never more than the storage (a batch
+    sliced from a dataset in memory is the batch, not the dataset)."""
     if isinstance(obj, torch.Tensor):
-        ptr = obj.untyped_storage().data_ptr()
-        if ptr in seen:
-            return 0
-        seen.add(ptr)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_bytes(item, seen) for item in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(item, seen) for item in obj.values())
-    return 0
+        storage = obj.untyped_storage()
+        spanned = min(obj.numel() * obj.element_size(), storage.nbytes())
+        ptr = storage.data_ptr()
+        sizes[ptr] = max(sizes.get(ptr, 0), spanned)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensor_bytes(item, sizes)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensor_bytes(item, sizes)
 
 
 def _logits_of(output: object) -> torch.Tensor:
@@ -251,12 +256,30 @@ def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
             with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": meant
                 warnings.simplefilter("ignore", UserWarning)
                 trial.load_state_dict(state)
+        elif own and (problem := _in_place_problem(teacher, state)):
+            raise ValueError(problem)  # what the load would refuse after copying the rest
         teacher.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(
             f"teacher checkpoint {path} does not fit the teacher model, nothing loaded: "
             f"{' '.join(str(exc).split())[:400]}"
         ) from None
+
+
+def _in_place_problem(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """What a strict load of ``state`` into ``model`` would refuse, found before it copies
+    anything: keys, and the shapes of the tensors already materialized (a lazy one takes its
+    shape from the load)."""
+    live = model.state_dict()
+    missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
+    if missing or unexpected:
+        return f"missing key(s) {missing[:5]}, unexpected key(s) {unexpected[:5]}"
+    for key, value in live.items():
+        saved = state[key]
+        if isinstance(value, torch.Tensor) and not isinstance(value, UninitializedTensorMixin):
+            if not isinstance(saved, torch.Tensor) or saved.shape != value.shape:
+                return f"{key} is {tuple(value.shape)}, the file's {getattr(saved, 'shape', saved)}"
+    return None
 
 
 def _meta_clone(model: nn.Module) -> nn.Module | None:
@@ -292,8 +315,10 @@ def _hooked_activation_peak(model: nn.Module, run: Callable[[], torch.Tensor]) -
 
     def hook(module: nn.Module, inputs: tuple, output: object) -> None:
         nonlocal largest
-        seen: set[int] = set()
-        largest = max(largest, _tensor_bytes(inputs, seen) + _tensor_bytes(output, seen))
+        sizes: dict[int, int] = {}
+        _tensor_bytes(inputs, sizes)
+        _tensor_bytes(output, sizes)
+        largest = max(largest, sum(sizes.values()))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:

@@ -1,10 +1,9 @@
 """KasminaKernelManager: the ``KernelExecutionContract`` executor.
 
-One object wires the parts together (docs/design.md §3-§7): the Urza client and the
-byte-bounded kernel cache, the signed-command handler (the manager is its executor), the shared
-lifecycle table of the host's slots, one optimizer per seed beside the host's, an isolation
-monitor per seed, the teacher for KD, epoch checkpoints for rollback, and telemetry. A façade:
-components that receive a ``ManagerState`` do the work (``kasmina.manager``). A loop is::
+One object wires the parts together (docs/design.md §3-§7): the Urza client and kernel cache,
+the signed-command handler (the manager is its executor), the slots' shared lifecycle table, an
+optimizer and an isolation monitor per seed beside the host's optimizer, the KD teacher, epoch
+checkpoints, telemetry. A façade: components given a ``ManagerState`` do the work. A loop::
 
     manager = KasminaKernelManager(config, keyring=keyring)
     manager.attach(model, "fc2", seeds_per_layer=2, chunk_size=16)  # host optimizer too
@@ -85,13 +84,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     loader = StateField()
     registry = StateField()
     optimizers = StateField()
-    optimizer_cls = StateField()
-    optimizer_options = StateField()
-    seed_lr = StateField()
+    optimizer_cls, optimizer_options, seed_lr = StateField(), StateField(), StateField()
     teacher = StateField()
-    epoch = StateField()
-    global_step = StateField()
-    val_metrics = StateField()
+    epoch, global_step, val_metrics = StateField(), StateField(), StateField()  # the clock
     counters = StateField()
     gate_counts = StateField()
     field_reports = StateField()
@@ -341,11 +336,15 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> list[str]:
         """Hand teacher logits to the next forward of the slots that read KD logits that wide on
-        their last dim, on each one's device; their ids (none: ``teacher_logits_unread``)."""
+        their last dim, on each one's device; their ids (none: ``teacher_logits_unread``). None:
+        no teacher for this batch, and none left pending from an earlier one (a batch skipped)."""
+        registry = self.require_registry()
         if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
+            for slot in registry.slots:
+                slot.set_teacher_logits(None)
             return []
         width = teacher_logits.shape[-1]
-        chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
+        chosen = registry.last_dim_slots(lambda s: s.kd_width == width)
         # Checked (and moved) for every slot before any takes them: a refusal sets nothing.
         placed = [checked_teacher_logits(teacher_logits, s.sat_out_compiled.device) for s in chosen]
         uncollected = sum(s.set_teacher_logits(t) for s, t in zip(chosen, placed, strict=True))

@@ -429,6 +429,53 @@ def test_other_teacher_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None
     assert not is_oom_error(ValueError("out of memory"))
 
 
+def test_a_cpu_teacher_out_of_memory_skips_kd() -> None:
+    """PyTorch's CPU allocator says "can't allocate memory", not "out of memory": a teacher
+    kept on the CPU that ran out crashed the training step instead of skipping KD."""
+
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(IN, CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.repeat(1, 2**42)[:, :IN])  # an allocation no machine grants
+
+    manager = TeacherForwardPassManager(CheckpointedTeacher(Hungry(), dtype=torch.float32))
+    assert manager.get_teacher_predictions(torch.randn(4, IN)) is None
+    assert manager.oom_count == 1
+
+
+def test_the_cpu_memory_profile_counts_a_batch_not_the_dataset_it_views() -> None:
+    """A batch sliced from a dataset in memory was counted as the whole dataset's storage."""
+    dataset = torch.randn(10_000, IN)
+    manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16))
+    manager.get_teacher_predictions(dataset[:16])
+    full = manager.get_checkpoint_effectiveness()["peak_forward_bytes_full"]
+    manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16))
+    manager.get_teacher_predictions(dataset[:16].clone())
+    assert full == manager.get_checkpoint_effectiveness()["peak_forward_bytes_full"]
+    assert full < dataset.numel() * 4 / 10  # the dataset: 640 kB
+
+
+def test_a_refused_checkpoint_leaves_a_lazy_model_loaded_in_place_untouched(tmp_path) -> None:
+    """``copy_model=False`` with lazy parameters (no meta clone to try the load on): the load
+    copied every matching key before it refused the file, which said "nothing loaded"."""
+    model = nn.Sequential(nn.Linear(IN, 8), nn.ReLU(), nn.LazyLinear(CLASSES))
+    before = model[0].weight.detach().clone()
+    state = {"0.weight": torch.zeros(8, IN), "0.bias": torch.zeros(8),
+             "2.weight": torch.zeros(CLASSES, 8), "2.bias": torch.zeros(CLASSES),
+             "extra": torch.zeros(1)}  # fmt: skip
+    torch.save(state, path := tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match="nothing loaded.*unexpected key"):
+        CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+    assert torch.equal(model[0].weight, before)
+    del state["extra"]
+    torch.save(state, path)
+    CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)  # a fitting one loads
+    assert not model[0].weight.any()
+
+
 def test_effectiveness_is_measured_and_scales_with_model_and_batch() -> None:
     figures = {}
     for hidden in (32, 256):

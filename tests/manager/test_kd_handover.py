@@ -56,6 +56,24 @@ def test_teacher_logits_are_checked_when_handed_over(kd_rig: Rig) -> None:
         assert manager.collect_kd_losses() is None
 
 
+def test_no_teacher_for_a_batch_drops_the_logits_left_pending(kd_rig: Rig) -> None:
+    """``set_teacher_logits(None)`` (the loop's ``get_teacher_predictions`` after a teacher
+    out of memory) returned at once: logits of an earlier batch whose forward was skipped stayed
+    pending, and the seeds distilled this batch against them."""
+    manager = kd_rig.manager
+    manager.set_teacher_logits(torch.randn(16, 4))  # batch k, skipped before its forward
+    assert manager.set_teacher_logits(None) == []
+    kd_rig.model(kd_rig.x)
+    assert manager.collect_kd_losses() is None
+
+
+def test_a_kd_head_of_no_vocabulary_is_refused(kd_rig: Rig) -> None:
+    """A ``[0, H]`` head was taken, and the next forward raised inside the user's model."""
+    with pytest.raises(ValueError, match=r"\[V, H\] tensor, V >= 1"):
+        kd_rig.manager.set_kd_head(torch.randn(0, 4))
+    assert kd_rig.train(1)["host_stepped"]
+
+
 def test_teacher_logits_a_slot_refuses_reach_no_slot(tmp_path: Path, store: Path, keyring) -> None:
     """Two slots, one of them on the meta device (deferred init): meta logits were kept by
     that slot before the other refused them. Every slot's copy is checked before any is set."""
