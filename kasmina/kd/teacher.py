@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedTensorMixin
 
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import rarely
@@ -52,21 +51,35 @@ def _param_bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _tensor_bytes(obj: object, sizes: dict[int, int]) -> None:
-    """Note in ``sizes`` (storage -> bytes) the bytes every tensor inside ``obj`` (tuples,
-    lists, dicts) spans: the largest view of each storage, never more than the storage (a batch
-    sliced from a dataset in memory is the batch, not the dataset)."""
+def _tensor_bytes(obj: object, spans: dict[int, list[tuple[int, int]]]) -> None:
+    """Note in ``spans`` (storage -> byte ranges) the bytes every tensor inside ``obj`` (tuples,
+    lists, dicts) spans in its storage: a batch sliced from a dataset in memory is the batch,
+    not the dataset, and the views a module splits its output into (``qkv.chunk(3)``) are all
+    of it (``_span_bytes`` takes the union)."""
     if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        spanned = min(obj.numel() * obj.element_size(), storage.nbytes())
-        ptr = storage.data_ptr()
-        sizes[ptr] = max(sizes.get(ptr, 0), spanned)
+        if obj.numel():
+            size = obj.element_size()
+            start = obj.storage_offset() * size
+            reach = sum((n - 1) * abs(s) for n, s in zip(obj.shape, obj.stride(), strict=True))
+            ptr = obj.untyped_storage().data_ptr()
+            spans.setdefault(ptr, []).append((start, start + (reach + 1) * size))
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            _tensor_bytes(item, sizes)
+            _tensor_bytes(item, spans)
     elif isinstance(obj, dict):
         for item in obj.values():
-            _tensor_bytes(item, sizes)
+            _tensor_bytes(item, spans)
+
+
+def _span_bytes(spans: dict[int, list[tuple[int, int]]]) -> int:
+    """The bytes the ranges of each storage cover, overlaps once."""
+    total = 0
+    for ranges in spans.values():
+        end = 0
+        for lo, hi in sorted(ranges):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
+    return total
 
 
 def _logits_of(output: object) -> torch.Tensor:
@@ -239,8 +252,8 @@ def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
     """Load the ``state_dict`` file at ``path`` into ``teacher`` (strict), ``ValueError`` naming
     the file when it cannot be read or does not fit. ``load_state_dict`` copies what matches
     before it raises for what does not, so into the caller's ``own`` model (``copy_model=False``)
-    it loads a clone on the meta device first (torch's own checks and hooks, no bytes copied);
-    a model that cannot be cloned so (lazy parameters) is loaded directly."""
+    it loads a clone on the meta device first (torch's own checks and hooks, no bytes copied),
+    or for a model that cannot be cloned so (lazy parameters) a plain deep copy."""
     try:  # a FIFO or a device is refused at once, never blocked on
         with open_regular_file(path, what="teacher checkpoint") as handle:
             state = torch.load(handle, map_location="cpu", weights_only=True)
@@ -251,13 +264,11 @@ def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict")
     try:
-        trial = _meta_clone(teacher) if own else None
+        trial = (_meta_clone(teacher) or _full_clone(teacher)) if own else None
         if trial is not None:
             with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": meant
                 warnings.simplefilter("ignore", UserWarning)
                 trial.load_state_dict(state)
-        elif own and (problem := _in_place_problem(teacher, state)):
-            raise ValueError(problem)  # what the load would refuse after copying the rest
         teacher.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(
@@ -266,20 +277,13 @@ def _load_checked(teacher: nn.Module, path: Path, own: bool) -> None:
         ) from None
 
 
-def _in_place_problem(model: nn.Module, state: dict[str, Any]) -> str | None:
-    """What a strict load of ``state`` into ``model`` would refuse, found before it copies
-    anything: keys, and the shapes of the tensors already materialized (a lazy one takes its
-    shape from the load)."""
-    live = model.state_dict()
-    missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
-    if missing or unexpected:
-        return f"missing key(s) {missing[:5]}, unexpected key(s) {unexpected[:5]}"
-    for key, value in live.items():
-        saved = state[key]
-        if isinstance(value, torch.Tensor) and not isinstance(value, UninitializedTensorMixin):
-            if not isinstance(saved, torch.Tensor) or saved.shape != value.shape:
-                return f"{key} is {tuple(value.shape)}, the file's {getattr(saved, 'shape', saved)}"
-    return None
+def _full_clone(model: nn.Module) -> nn.Module | None:
+    """``model`` deep-copied as it is (its memory twice, for the load's trial only), or None: a
+    model with lazy parameters, which no meta clone can hold."""
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # a module that does not deep-copy: loaded directly, as before
+        return None
 
 
 def _meta_clone(model: nn.Module) -> nn.Module | None:
@@ -315,10 +319,10 @@ def _hooked_activation_peak(model: nn.Module, run: Callable[[], torch.Tensor]) -
 
     def hook(module: nn.Module, inputs: tuple, output: object) -> None:
         nonlocal largest
-        sizes: dict[int, int] = {}
-        _tensor_bytes(inputs, sizes)
-        _tensor_bytes(output, sizes)
-        largest = max(largest, sum(sizes.values()))
+        spans: dict[int, list[tuple[int, int]]] = {}
+        _tensor_bytes(inputs, spans)
+        _tensor_bytes(output, spans)
+        largest = max(largest, _span_bytes(spans))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:

@@ -337,14 +337,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> list[str]:
         """Hand teacher logits to the next forward of the slots that read KD logits that wide on
         their last dim, on each one's device; their ids (none: ``teacher_logits_unread``). None:
-        no teacher for this batch, and none left pending from an earlier one (a batch skipped)."""
-        registry = self.require_registry()
+        no teacher for this batch: none pending from an earlier one (a batch skipped), any width."""
         if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
-            for slot in registry.slots:
+            for slot in self.registry.slots if self.registry is not None else ():
                 slot.set_teacher_logits(None)
             return []
         width = teacher_logits.shape[-1]
-        chosen = registry.last_dim_slots(lambda s: s.kd_width == width)
+        chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
         # Checked (and moved) for every slot before any takes them: a refusal sets nothing.
         placed = [checked_teacher_logits(teacher_logits, s.sat_out_compiled.device) for s in chosen]
         uncollected = sum(s.set_teacher_logits(t) for s, t in zip(chosen, placed, strict=True))

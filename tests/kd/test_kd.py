@@ -458,6 +458,33 @@ def test_the_cpu_memory_profile_counts_a_batch_not_the_dataset_it_views() -> Non
     assert full < dataset.numel() * 4 / 10  # the dataset: 640 kB
 
 
+def test_the_cpu_memory_profile_counts_every_view_of_a_split_output() -> None:
+    """Counting the largest view of each storage missed the rest of an output split into
+    views (q, k, v of one projection): the whole projection is live."""
+
+    class QKV(nn.Module):  # one projection, no submodule that returns it whole
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3 * 64, IN) / 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.nn.functional.linear(x, self.weight).chunk(3, -1)
+
+    class Teacher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.head = QKV(), nn.Linear(64, CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x)
+            return self.head(q + k + v)
+
+    manager = TeacherForwardPassManager(CheckpointedTeacher(Teacher(), dtype=torch.float32))
+    manager.get_teacher_predictions(torch.randn(32, IN))
+    peak = manager.get_checkpoint_effectiveness()["peak_forward_bytes_full"]
+    assert peak >= 32 * (IN + 3 * 64) * 4  # the input and the whole projection
+
+
 def test_a_refused_checkpoint_leaves_a_lazy_model_loaded_in_place_untouched(tmp_path) -> None:
     """``copy_model=False`` with lazy parameters (no meta clone to try the load on): the load
     copied every matching key before it refused the file, which said "nothing loaded"."""
@@ -467,13 +494,26 @@ def test_a_refused_checkpoint_leaves_a_lazy_model_loaded_in_place_untouched(tmp_
              "2.weight": torch.zeros(CLASSES, 8), "2.bias": torch.zeros(CLASSES),
              "extra": torch.zeros(1)}  # fmt: skip
     torch.save(state, path := tmp_path / "teacher.pt")
-    with pytest.raises(ValueError, match="nothing loaded.*unexpected key"):
+    with pytest.raises(ValueError, match="nothing loaded.*Unexpected key"):
         CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
     assert torch.equal(model[0].weight, before)
+    state["2.weight"] = [0.0]  # no tensor where the lazy layer takes one
     del state["extra"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="nothing loaded"):
+        CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)
+    assert torch.equal(model[0].weight, before)
+    state["2.weight"] = torch.zeros(CLASSES, 8)
     torch.save(state, path)
     CheckpointedTeacher(model, copy_model=False, checkpoint_path=path)  # a fitting one loads
     assert not model[0].weight.any()
+    # A file a strict load takes after its own hooks rewrite it (an older BatchNorm without
+    # ``num_batches_tracked``) loads into a lazy model in place too.
+    lazy_bn = nn.Sequential(nn.Linear(IN, 8), nn.BatchNorm1d(8), nn.LazyLinear(CLASSES))
+    old = {k: v for k, v in nn.Sequential(nn.Linear(IN, 8), nn.BatchNorm1d(8),
+           nn.Linear(8, CLASSES)).state_dict().items() if "num_batches" not in k}  # fmt: skip
+    torch.save(old, path)
+    CheckpointedTeacher(lazy_bn, copy_model=False, checkpoint_path=path)
 
 
 def test_effectiveness_is_measured_and_scales_with_model_and_batch() -> None:

@@ -67,6 +67,12 @@ def test_no_teacher_for_a_batch_drops_the_logits_left_pending(kd_rig: Rig) -> No
     assert manager.collect_kd_losses() is None
 
 
+def test_no_teacher_before_attach_is_no_error(tmp_path: Path, store: Path, keyring) -> None:
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    assert manager.set_teacher_logits(None) == []
+    manager.close()
+
+
 def test_a_kd_head_of_no_vocabulary_is_refused(kd_rig: Rig) -> None:
     """A ``[0, H]`` head was taken, and the next forward raised inside the user's model."""
     with pytest.raises(ValueError, match=r"\[V, H\] tensor, V >= 1"):
