@@ -39,6 +39,7 @@ from kasmina.isolation.stepping import (
     checked_clip_norm,
     clip_gradients,
     follow_parameters,
+    group_keys_problem,
     state_shape_problem,
     step_contained,
 )
@@ -529,8 +530,9 @@ class IsolatedOptimizerManager:
             # Another kernel of as many tensors: its moments loaded, then its step raised.
             if (shapes := entry.shapes()) != item.get("shapes", shapes):  # absent: older
                 raise ValueError(f"optimizer {oid!r}: shapes {item['shapes']} != {shapes}")
-            if problem := state_shape_problem(entry.optimizer, item["state"]):
-                raise ValueError(f"optimizer {oid!r}: {problem}")
+            for check in (group_keys_problem, state_shape_problem):
+                if problem := check(entry.optimizer, item["state"]):
+                    raise ValueError(f"optimizer {oid!r}: {problem}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""

@@ -21,7 +21,8 @@ A state about to be loaded is checked instead (``state_shape_problem``): moments
 shape loaded, and every later step raised. For torch's elementwise optimizers (Adam, SGD and
 the like) each entry of a parameter's state must be a tensor of the parameter's shape, but
 their scalars (``step`` and the like: a number or a one-element tensor); for another optimizer,
-a tensor must have the shape of the live one under its key, if there is one.
+a tensor must have the shape of the live one under its key, if there is one. Each saved param
+group must hold every hyperparameter the optimizer steps with (``group_keys_problem``).
 
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's
@@ -182,6 +183,29 @@ def state_shape_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | 
             if value.shape != want:
                 shape = tuple(value.shape)
                 return f"state {key!r} of parameter {index} is {shape}, not {tuple(want)}"
+    return None
+
+
+def group_keys_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
+    """Why a param group of ``saved`` (an ``optimizer.state_dict()``) lacks a hyperparameter
+    ``optimizer`` steps with, or None. torch's load replaces each live group by the saved one:
+    a group without ``betas`` loaded, and every later step raised ``KeyError``. A key the
+    optimizer's own ``__setstate__`` fills in when it loads (Adam's ``amsgrad``, ``foreach``:
+    keys newer than the state) is not missing; which those are, a probe of the class tells (an
+    optimizer whose ``__setstate__`` cannot run on the probe is not checked)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in saved["param_groups"]]
+    for g in groups:
+        g["params"] = []
+    probe = type(optimizer).__new__(type(optimizer))
+    try:
+        probe.__setstate__(
+            {"defaults": dict(optimizer.defaults), "state": {}, "param_groups": groups}
+        )
+    except Exception:  # a custom optimizer's __setstate__ needs more than a probe has
+        return None
+    for index, group in enumerate(groups):
+        if missing := sorted(k for k in optimizer.defaults if k not in group):
+            return f"param group {index} has no {', '.join(map(repr, missing))}"
     return None
 
 

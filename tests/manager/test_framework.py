@@ -171,8 +171,9 @@ def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
     tmp_path: Path, store: Path, keyring: Keyring, mlp: str, optimizer_cls
 ) -> None:
     """The load checked the parameters' shapes, not the state's tensors: Adam moments of
-    another shape loaded without a word, and every later host step raised. Refused, nothing
-    loaded; an empty live state (a fresh, resumed manager) is checked all the same."""
+    another shape loaded without a word, and every later host step raised (as after a group
+    without ``betas``). Refused, nothing loaded; an empty live state (a fresh, resumed manager)
+    is checked all the same."""
     options = {"momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
     rig = Rig(make_config(tmp_path, store), keyring, optimizer_cls=optimizer_cls, **options)
     optimizer = ManagerOptimizer(rig.manager)
@@ -197,6 +198,16 @@ def test_a_state_with_moments_of_another_shape_is_refused_before_it_loads(
         host_state[0]["step"] = step
     assert not rig.manager.optimizers.optimizer("host").state  # nothing loaded
     host_state[0][key] = torch.zeros(rig.manager.optimizers.parameters("host")[0].shape)
+    # A group without a hyperparameter the step reads loaded, and every later step raised
+    # KeyError; one the class fills in on load (a key newer than the state) is no problem.
+    group = saved["optimizers"]["host"]["state"]["param_groups"][0]
+    needed = "betas" if optimizer_cls is torch.optim.Adam else "momentum"
+    value = group.pop(needed)
+    with pytest.raises(ValueError, match=f"param group 0 has no '{needed}'"):
+        optimizer.load_state_dict(saved)
+    assert not rig.manager.optimizers.optimizer("host").state
+    group[needed] = value
+    group.pop("maximize"), group.pop("foreach")
     optimizer.load_state_dict(saved)  # the right shape loads, and steps
     rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
     optimizer.step()
