@@ -405,7 +405,10 @@ class SlotRegistry:
             grads = [p.grad for p in self.all_host_params()]
             values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
             host = bool(values) and all(bool(torch.isfinite(g).all()) for g in values)
-        if not host:  # not clipped, or the host's overflowed too (a scale still too high)
+        if not host:  # not clipped, or the host's overflowed too (a scale still too high):
+            for seed_id, finite in norms.items():  # a seed finite in it ended its streak
+                if finite and (record := self.records.get(seed_id)) is not None:
+                    record.bad_gradients = 0
             return
         for seed_id, finite in norms.items():  # each step of such a run halves a GradScaler's
             record = self.records.get(seed_id)  # scale, the host's too, down to 0

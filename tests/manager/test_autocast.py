@@ -180,3 +180,29 @@ def test_a_seed_whose_gradient_is_never_finite_cannot_collapse_the_hosts_scale(
     assert scaler.get_scale() == scale
     assert own_host_optimizer or all(r["host_stepped"] for r in reports)
     assert all(torch.isfinite(p).all() for p in manager.require_registry().host_params)
+
+
+def test_a_seed_finite_in_a_step_the_host_overflowed_ends_its_streak(tmp_path, keyring) -> None:
+    """The streak of clipped steps with a seed's norm not finite counted on across a step in
+    which the host's overflowed too, whatever the seed's norm was there: a seed finite in that
+    step, then not finite once, was charged as if it had never been finite. It starts over."""
+    from kasmina.manager.slots import BAD_GRADIENT_STEPS
+
+    rig = Rig(make_config(tmp_path, tmp_path / "urza"), keyring)
+    manager = rig.manager
+    registry, optimizers = manager.require_registry(), manager.optimizers
+    record, seed = registry[SEED0], manager.seed(SEED0)
+
+    def charge(host: bool, finite: bool) -> None:
+        optimizers.norms_now = {"host": host, SEED0: finite}
+        registry.charge_failed_steps(optimizers)
+
+    for _ in range(BAD_GRADIENT_STEPS - 1):
+        charge(host=True, finite=False)
+    assert record.bad_gradients == BAD_GRADIENT_STEPS - 1
+    charge(host=False, finite=False)  # both overflowed: the streak neither grows nor ends
+    assert record.bad_gradients == BAD_GRADIENT_STEPS - 1
+    charge(host=False, finite=True)  # the seed was finite: its streak is over
+    charge(host=True, finite=False)
+    assert record.bad_gradients == 1 and seed.faults == 0
+    manager.close()
