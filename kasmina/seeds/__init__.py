@@ -13,6 +13,8 @@
 - ``faults`` -- what a seed's fault is and the guards that contain it: the host half around a
   kernel call, the device-side finite test, the guarded backward node, and the one-node
   guarded blend of a layer's GRAFTING/STABILIZATION seeds.
+- ``masks`` -- ``ChunkMasks``: a slot's per-chunk masks of one call (the seeds that passed the
+  host through, those that do not blend beside a GRAFTING one), made once per pattern.
 - ``inject`` -- ``attach``/``detach``: wrap the named modules of any ``nn.Module`` in slots (PEFT's
   injection by module name) and put the originals back.
 - ``table`` -- ``GPUStateTensor``: the ``[num_seeds, 10]`` int32 state table on the device, updated

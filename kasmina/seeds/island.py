@@ -252,7 +252,8 @@ class _Graft:
     """What one ``GuardedBlend`` call works on, besides its differentiable inputs.
 
     ``chunks[k]`` is seed ``k``'s output, or the host's own chunk for a seed that passed it
-    through (``passed[k]``; ``passed`` is None when every seed ran); ``island`` holds the
+    through (``passed[k]``; ``passed`` is None when every seed ran); ``still[k]``: seed ``k``
+    ran and does not blend while another does (None if none is so); ``island`` holds the
     outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags
     (the first None under ``no_grad``: ``faults.gradient_flags``).
     """
@@ -267,6 +268,7 @@ class _Graft:
         "island_chunks",
         "n",
         "passed",
+        "still",
     )
 
     def __init__(
@@ -274,6 +276,7 @@ class _Graft:
         chunks: Sequence[torch.Tensor],
         dim: int,
         passed: torch.Tensor | None,
+        still: torch.Tensor | None,
         flags: tuple[torch.Tensor | None, torch.Tensor],
         island: _Island | None,
         island_chunks: Sequence[int],
@@ -284,6 +287,7 @@ class _Graft:
         self.chunk = chunks[0].shape[dim]
         self.dim = dim
         self.passed = passed
+        self.still = still
         self.flags = flags
         self.island = island
         self.island_chunks = list(island_chunks)
@@ -312,12 +316,18 @@ def _graft_values(
         torch.cat(graft.chunks, dim=dim, out=full.movedim(-1, dim))
     full_c = full.unflatten(-1, (n, -1))
     ok = finite_test(chunk_sums(full_c), read_on_host=True)
+    against = host
+    if graft.blend and graft.still is not None:
+        # A chunk that does not blend (alpha 1) blends against itself: exactly its output,
+        # where against the host ``s - (s - h)·0`` is NaN beside a host's infinity.
+        still = graft.still.unsqueeze(-1)
+        against = torch.where(still, full_c, host.unflatten(-1, (n, -1))).flatten(-2)
     if ok is None:
         # Every chunk finite, read for free on the CPU (every step of healthy seeds): the flag
         # update, the alpha mask and the zeroing would all be identities, and are skipped.
         if not graft.blend:
             return full, alpha, None
-        return blend_chunks(full, host, alpha), alpha, None
+        return blend_chunks(full, against, alpha), alpha, None
     host_c = host.unflatten(-1, (n, -1))
     ok, keep = fallback_masks(ok, graft.passed)
     record_fallbacks(ok, chunk_sums(host_c), *graft.flags)
@@ -329,7 +339,7 @@ def _graft_values(
     # then every chunk that does not blend takes the host's values as they are (``keep``).
     used = alpha.mul(ok)
     torch.nan_to_num(full, 0.0, 0.0, 0.0, out=full)
-    out = blend_chunks(full, host, used)
+    out = blend_chunks(full, against, used)
     out_c = out.unflatten(-1, (n, -1))
     torch.where(keep.unsqueeze(-1), host_c, out_c, out=out_c)
     return out, used, ok
@@ -396,6 +406,7 @@ def guarded_blend(
     *,
     dim: int,
     passed: torch.Tensor | None,
+    still: torch.Tensor | None,
     flags: tuple[torch.Tensor, torch.Tensor],
     guarded: Sequence[int],
     params: Sequence[Sequence[torch.Tensor]],
@@ -418,7 +429,7 @@ def guarded_blend(
             [recorders[i] for i in chosen],
         )
     flags = gradient_flags(*flags)  # the mode of the forward running: the node's is no_grad
-    graft = _Graft(chunks, dim, passed, flags, island, [guarded[i] for i in chosen], blend)
+    graft = _Graft(chunks, dim, passed, still, flags, island, [guarded[i] for i in chosen], blend)
     last = dim == host.dim() - 1
     moved = host if last else host.movedim(dim, -1)
     if passed is None:

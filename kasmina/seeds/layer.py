@@ -57,7 +57,7 @@ from kasmina.kd.loss import (
     teacher_fit_problem,
 )
 from kasmina.ops.alpha_blend import seed_blend
-from kasmina.ops.transforms import functorch_active, transform_depth, under_vmap
+from kasmina.ops.transforms import transform_depth, under_vmap
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -73,6 +73,7 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
+from kasmina.seeds.masks import ChunkMasks
 from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
     ActivationSpec,
@@ -166,7 +167,7 @@ class KasminaLayer(nn.Module):
         self.register_buffer("_finite_flags", flags, persistent=False)
         self.register_buffer("_fault_flags", torch.zeros_like(flags), persistent=False)
         self._link_flags()
-        self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._masks = ChunkMasks()
         # The host's output as the seeds see it: None before a forward, its spec, or why none.
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
@@ -451,7 +452,7 @@ class KasminaLayer(nn.Module):
         keep = None  # the chunks that do not blend where ``ok`` is known: fallbacks, the host's
         if ok is not None:  # a seed's chunk fails, or could: its own fault, the host's, or none
             host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
-            passed = self._passed_through(inputs, ok.device) if len(inputs) < n else None
+            passed = self._masks.passed(n, inputs, ok.device) if len(inputs) < n else None
             ok, keep = fallback_masks(ok, passed)  # only a seed's output can fault
             record_fallbacks(ok, chunk_sums(host_m), *gradient_flags(*self._flags()))
         if stages <= BLENDING_STAGES:
@@ -479,6 +480,9 @@ class KasminaLayer(nn.Module):
             alpha_vec = alpha_vec.mul(ok)
         full_m = full if last else full.movedim(dim, -1)  # the blend runs over the last dim
         moved = seed_blend(full_m, x if last else x.movedim(dim, -1), alpha_vec, "blend")
+        still = self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None
+        if still is not None:  # ``full``'s as they are too (``ChunkMasks.still``)
+            keep = still if keep is None else keep.logical_or(still)
         if keep is not None:  # those chunks are ``full``'s, the host's (``fallback_masks``)
             pair = (full_m.unflatten(-1, (n, -1)), moved.unflatten(-1, (n, -1)))
             moved = torch.where(keep.unsqueeze(-1), *pair).flatten(-2)
@@ -507,13 +511,15 @@ class KasminaLayer(nn.Module):
             if alpha.requires_grad:
                 return None
         guarded = [k for k in inputs if outs[k].requires_grad]
-        passed = self._passed_through(inputs, x.device) if len(inputs) < self.num_seeds else None
+        n = self.num_seeds
+        passed = self._masks.passed(n, inputs, x.device) if len(inputs) < n else None
         return guarded_blend(
             outs,
             x,
             alpha,
             dim=dim,
             passed=passed,
+            still=self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None,
             flags=self._flags(),
             guarded=guarded,
             params=[seeds[k].trained_parameters() for k in guarded],
@@ -545,17 +551,6 @@ class KasminaLayer(nn.Module):
         one = self._buffers["_one"]  # each chunk's alpha: a GRAFTING seed's that ran, else 1
         pairs = enumerate(zip(self._seed_list, plan, strict=True))
         return [s.alpha if p == SeedStage.GRAFTING and k in ran else one for k, (s, p) in pairs]
-
-    def _passed_through(self, ran: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """``[num_seeds]`` bool: the seeds that did not run this call (cached per pattern)."""
-        values = [k not in ran for k in range(self.num_seeds)]
-        if torch.compiler.is_compiling() or functorch_active():  # a graph's constant; or made
-            return torch.tensor(values, device=device)  # by a transform: a wrapper, never kept
-        key = (tuple(ran), device)
-        if key not in self._masks:  # made under inference mode, no backward could save it
-            with torch.inference_mode(False):
-                self._masks[key] = torch.tensor(values, device=device)
-        return self._masks[key]
 
     def _maybe_kd(
         self, full: torch.Tensor, students: list[torch.Tensor | None], teacher_logits: torch.Tensor,

@@ -45,6 +45,7 @@ TO_ACTIVE = [*TO_STABILIZATION, S.ACTIVE]
 def _walk(seed: GradientIsolatedSeed, stage: SeedStage) -> None:
     path = {
         S.DORMANT: [],
+        S.ISOLATED_INIT: TO_GRAFTING[:1],
         S.GRAFTING: TO_GRAFTING,
         S.STABILIZATION: TO_STABILIZATION,
         S.ACTIVE: TO_ACTIVE,
@@ -235,8 +236,9 @@ def test_the_per_op_path_reads_the_sums_and_gives_the_device_path_values(
     poisoned: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ISOLATED_INIT, GRAFTING, STABILIZATION and ACTIVE seeds take the per-op path. On the CPU
-    with every chunk finite it builds no mask (no ``where``, no gradient hook), and gives what
-    the device-side test gives bit for bit; a non-finite chunk takes the masked path."""
+    with every chunk finite it builds no fallback mask (one ``where``, which keeps the chunks
+    that do not blend beside the GRAFTING one, and no gradient hook), and gives what the
+    device-side test gives bit for bit; a non-finite chunk takes the masked path."""
     kernels = [nn.Sequential(nn.Linear(2, 2), nn.Tanh()) for _ in range(4)]
     if poisoned is not None:
         kernels[poisoned] = _Poison(2, float("nan"))
@@ -246,7 +248,7 @@ def test_the_per_op_path_reads_the_sums_and_gives_the_device_path_values(
     with DispatchedOps() as ops:
         got = _run(layer, x, w)
     assert "GuardedBlendBackward" not in _nodes(got[-1])
-    assert ("where" in ops.names) == (poisoned is not None)
+    assert (ops.names.count("where") > 3) == (poisoned is not None)  # one, and its backward
     monkeypatch.setattr(faults, "_read_all_finite", lambda sums: False)
     want = _run(device_only, x, w)
     for a, b in zip(got[:2], want[:2], strict=True):
@@ -694,6 +696,36 @@ def test_a_chunk_that_does_not_blend_keeps_the_hosts_infinities(guard: bool, fir
         assert torch.equal(out[:, 2:4], host[:, 2:4])  # seed 1 falls back: the host's chunk
         assert torch.isfinite(out[:, 4:]).all() and not torch.equal(out[:, 4:], host[:, 4:])
     assert layer.seeds[1].faults == 0  # the input was not finite: not the seed's fault
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["one_node", "per_op"])
+@pytest.mark.parametrize("first", [S.ISOLATED_INIT, S.STABILIZATION, S.ACTIVE])
+def test_a_seed_that_does_not_blend_keeps_its_value_beside_a_grafting_one(
+    guard: bool, first: S
+) -> None:
+    """A seed that ran and does not blend (alpha 1) beside a GRAFTING one went through the
+    blend too, and ``lerp(h, s, 1)`` is ``s - (s - h)·0``: NaN where its host chunk held an
+    infinity, though its output was finite (its value is the host's in ISOLATED_INIT). Its
+    chunk is now what it is with no GRAFTING seed beside it, on every path."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    for seed, stage in zip(layer.seeds, (first, S.GRAFTING), strict=True):
+        seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))  # finite for any input
+        _walk(seed, stage)
+        seed.guard_backward = guard
+    layer.update_alpha_blending(3, 10)
+    with torch.no_grad():
+        layer.host.weight[0, 0] = float("inf")  # chunk 0: +inf in column 0
+    x = torch.rand(5, 6) + 0.1
+    host = layer.host(x).detach()
+    want = host[:, :2] if first == S.ISOLATED_INIT else layer.seeds[0].kernel(host[:, :2])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+        assert torch.equal(out[:, :2], want.detach())
+        assert torch.isfinite(out[:, 2:]).all()
+    out[:, 2:].sum().backward()
+    assert layer.poll_nonfinite() == [] and [s.faults for s in layer.seeds] == [0, 0]
 
 
 class _OnMeta(nn.Module):

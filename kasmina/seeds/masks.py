@@ -1,0 +1,53 @@
+"""A slot's per-chunk masks for one call: which seeds passed the host through, which ran and
+do not blend beside a GRAFTING one. Each is a ``[num_seeds]`` bool tensor on the call's device,
+made once per pattern (a slot's calls repeat a handful of patterns) so that a forward builds
+none; one made under ``torch.compile`` (a graph constant) or by a ``torch.func`` transform (a
+wrapper tied to that transform) is made fresh and never kept. ``KasminaLayer`` clears them when
+it moves (``_apply``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+
+import torch
+
+from kasmina.ops.transforms import functorch_active
+from kasmina.stages import SeedStage
+
+__all__ = ["ChunkMasks"]
+
+
+class ChunkMasks:
+    """The masks of one layer's calls, cached per pattern and device."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[tuple[bool, ...], torch.device], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def passed(self, n: int, ran: Container[int], device: torch.device) -> torch.Tensor:
+        """The seeds of ``n`` that did not run this call (``ran``: those that did)."""
+        return self._mask(tuple(k not in ran for k in range(n)), device)
+
+    def still(
+        self, plan: Sequence[SeedStage], ran: Container[int], device: torch.device
+    ) -> torch.Tensor | None:
+        """The seeds that ran and do not blend (alpha 1) in a call where another does, or
+        None if none: their chunk is their output as it is. A blend at alpha 1 gives ``s``
+        only where ``s - h`` is finite (a host's infinity beside it made it NaN)."""
+        values = tuple(k in ran and p != SeedStage.GRAFTING for k, p in enumerate(plan))
+        return self._mask(values, device) if any(values) else None
+
+    def _mask(self, values: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling() or functorch_active():
+            return torch.tensor(values, device=device)
+        key = (values, device)
+        if key not in self._cache:  # made under inference mode, no backward could save it
+            with torch.inference_mode(False):
+                self._cache[key] = torch.tensor(values, device=device)
+        return self._cache[key]
