@@ -159,6 +159,7 @@ def snapshot(
             "artifact_id": record.artifact_id or "",
             "attached": record.kernel is not None,
             "graft_steps": record.graft_steps,
+            "row": record.seed.state_index,  # the table is restored by row
         }
         for record in registry
     }
@@ -381,14 +382,18 @@ def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _S
         if isinstance(saved, Mapping):
             artifact_id = saved.get("artifact_id") or None
             attached, graft_steps = saved.get("attached", False), saved.get("graft_steps", 0)
-            if (
-                (artifact_id is None or isinstance(artifact_id, str))
-                and type(attached) is bool
-                and type(graft_steps) is int
-                and graft_steps >= 0
-            ):
+            row = saved.get("row")  # absent: an older checkpoint
+            typed = isinstance(artifact_id, str | None) and type(attached) is bool
+            typed = typed and type(graft_steps) is int and type(row) in (int, type(None))
+            if typed and graft_steps >= 0:
                 parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps)
-                continue
+                if row in (None, live := registry[seed_id].seed.state_index):  # rows back by row
+                    continue
+                raise ValueError(  # and kernels by id: each seed would get another's stage
+                    f"the checkpoint of epoch {epoch} has seed {seed_id} on state-table row {row}, "
+                    f"this model on row {live}: attach the model's slots in the order of the run "
+                    "that wrote it (each attach call takes the next rows)"
+                )
         raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed record of {seed_id}")
     return parsed
 

@@ -340,3 +340,43 @@ def test_a_rollback_leaves_a_kernels_tensors_outside_its_state_in_their_dtype(
     rig.train(4)
     seed = manager.seed(SEED0)
     assert seed.stage == S.ISOLATED_INIT and seed.faults == 0, list(seed.fault_log)
+
+
+def test_a_resume_that_attaches_the_slots_in_another_order_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """Two ``attach`` calls on one table (slots of two widths) take rows in call order. A
+    restarted process that made them in the other order got the checkpoint's table back row by
+    row, and the kernels and weights by seed id: the rollback was accepted, the grown seed came
+    back DORMANT beside its kernel, and another seed ACTIVE with none. Refused, naming the rows,
+    with every bit as it was; the same order resumes."""
+    from kasmina.seeds.inject import attach
+    from kasmina.seeds.table import GPUStateTensor
+
+    config = make_config(tmp_path, store, run_id="resume")
+
+    def start(order: tuple[str, str]) -> tuple[KasminaKernelManager, Host]:
+        manager, model = KasminaKernelManager(config, keyring=keyring), Host()
+        table = GPUStateTensor(4, torch.device("cpu"))
+        for name in order:
+            attach(model, name, 2, {"inp": 4, "out": 2}[name], state=table)
+        manager.register(model, host_lr=0.05, seed_lr=0.05)
+        record_activations(model, torch.zeros(16, 6))
+        return manager, model
+
+    first, _ = start(("inp", "out"))
+    assert signed(first, keyring, make_seed_command("germinate", SEED0, mlp, {}))
+    first.end_epoch(0)
+    first.close()
+    manager, model = start(("out", "inp"))
+    before = everything(manager, model)
+    assert not rollback(manager, keyring, 0)
+    reason = manager.command_log[-1][3]
+    assert "has seed inp[0] on state-table row 0, this model on row 2" in reason, reason
+    assert_same(before, everything(manager, model))
+    assert manager.seed(SEED0).kernel is None
+    manager.close()
+    manager, _ = start(("inp", "out"))
+    assert rollback(manager, keyring, 0) and manager.seed(SEED0).kernel is not None
+    assert manager.stages()[SEED0] == S.ISOLATED_INIT
+    manager.close()
