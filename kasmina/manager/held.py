@@ -121,6 +121,12 @@ class ModelHold:
         if moved:
             self._check_registered(known)
 
+    def recheck(self) -> None:
+        """Make the next ``check`` look for unheld parameters whatever the registration count:
+        the host's groups were rebuilt (a rollback), and a parameter registered since (a layer
+        replaced, then added with ``add_param_group``) may be in none of them now."""
+        self.checked_at = -1
+
     def check_unfrozen(self, held: Callable[[], set[int]], layout: object) -> None:
         """``RuntimeError`` naming the parameters frozen when registered and trainable now that
         the host optimizer does not step (``held()``: the ids it steps beyond its first group,

@@ -235,6 +235,7 @@ class SlotRegistry:
                 self.hold.check_unfrozen(lambda: set(self.host_groups_of(optimizers)), layout)
         elif optimizers.has_host:  # dict and list reads only: a rollback's commit calls it
             self.added_host_params = self.host_groups_of(optimizers)
+            self.hold.recheck()  # a replaced layer's group may be gone: the step then says so
             # (Without the manager's host optimizer the flags are the trainer's loop's.)
             if self.hold.frozen and (
                 changed := self.hold.restore_unfrozen(unfrozen, self.added_host_params)

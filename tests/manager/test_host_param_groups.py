@@ -396,3 +396,48 @@ def test_a_seed_promoted_before_the_next_step_joins_the_group_just_added(
     assert manager.optimizers.promoted()[SEED0][0] == 1
     assert _ids(host_opt.param_groups[1]["params"]) == _ids(layer + seed_params)
     assert rig.train(1)["host_stepped"]
+
+
+def test_a_rollback_to_before_a_replaced_layers_group_makes_the_step_say_so(
+    tmp_path, store, keyring: Keyring
+) -> None:
+    """A layer replaced after attach is refused by the step until ``add_param_group`` holds it.
+    A ROLLBACK to an epoch before that group rebuilt the host's groups without it, and since
+    nothing had registered a module since the last check, no step looked again: the layer got
+    gradients and was never stepped, every step reporting ``host_stepped``. The step after the
+    rollback refuses again, naming it, until a group holds it."""
+
+    class Deep(Host):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mid = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
+
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = Deep()
+    manager.attach(model, "out", 2, 2, host_lr=0.05)
+    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
+
+    def step() -> dict:
+        manager.backward(F.cross_entropy(model(x), y))
+        return manager.step()
+
+    step()
+    manager.end_epoch(0)
+    model.mid = torch.nn.Linear(8, 8)
+    with pytest.raises(RuntimeError, match=r"\['mid.weight', 'mid.bias'\].*add_param_group"):
+        step()
+    host = manager.optimizers.optimizer("host")
+    host.add_param_group({"params": list(model.mid.parameters())})
+    step()
+    manager.end_epoch(1)
+    raw = sign_command(make_rollback_command(0), keyring, "ctl").SerializeToString()
+    assert run_command(manager, raw)
+    with pytest.raises(RuntimeError, match=r"\['mid.weight', 'mid.bias'\].*add_param_group"):
+        step()
+    host.add_param_group({"params": list(model.mid.parameters())})
+    weight = model.mid.weight.detach().clone()
+    assert step()["host_stepped"] and not torch.equal(weight, model.mid.weight)
+    manager.close()
