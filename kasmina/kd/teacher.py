@@ -107,8 +107,9 @@ class CheckpointedTeacher:
     :meth:`teacher_parameters`) that the optimizer manager checks, so no optimizer takes them.
     ``checkpoint_path`` optionally loads a plain ``state_dict`` file first.
 
-    ``forward`` runs under ``torch.inference_mode``. Floating inputs are moved to the teacher's
-    device and cast to its dtype (integer inputs such as token ids keep their dtype). Logits come
+    ``forward`` runs under ``torch.inference_mode``, with a caller's autocast off (the teacher
+    computes in its own dtype). Floating inputs are moved to the teacher's device and cast to
+    its dtype (integer inputs such as token ids keep their dtype). Logits come
     back as ``output_dtype`` (fp32 by default; ``None`` keeps the teacher dtype) and as ordinary
     tensors, not inference tensors, so any loss may save them for its backward. This is not an
     ``nn.Module`` on purpose: assigning it to a student never registers the teacher's weights.
@@ -184,7 +185,13 @@ class CheckpointedTeacher:
     def _run(self, input_batch: TeacherInput) -> torch.Tensor:
         """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face
         batch: ``input_ids`` with its ``attention_mask``, without which a left-padded row
-        attends to its padding), each tensor on the teacher's device, floats in its dtype."""
+        attends to its padding), each tensor on the teacher's device, floats in its dtype,
+        computed in that dtype: a caller's ``torch.autocast`` (the natural place to ask for
+        teacher logits) is off inside, or an fp16 autocast overflowed a bf16 teacher."""
+        kind = self.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return self._run(input_batch)
         if isinstance(input_batch, Mapping):
             kwargs = {k: self._placed(v) if isinstance(v, torch.Tensor) else v
                       for k, v in input_batch.items()}  # fmt: skip

@@ -745,3 +745,22 @@ def test_padded_positions_written_as_all_minus_inf_teacher_rows_are_left_out() -
     expected.backward()
     torch.testing.assert_close(s_all.grad[keep], s_kept.grad)
     assert torch.equal(s_all.grad[~keep], torch.zeros_like(s_all.grad[~keep]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_teacher_computes_in_its_own_dtype_under_a_callers_autocast(dtype) -> None:
+    """Teacher logits asked for inside the training loop's ``torch.autocast`` were computed in
+    the autocast dtype: a bf16 teacher (chosen for its range) overflowed under fp16, an fp32
+    one came back rounded to bf16. The teacher turns the caller's autocast off."""
+    model = nn.Sequential(nn.Linear(IN, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e5)  # logits far beyond fp16's range
+    teacher = CheckpointedTeacher(model, dtype=dtype)
+    x = inputs(16)
+    plain = teacher(x)
+    assert torch.isfinite(plain).all()
+    for under in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=under):
+            got = teacher(x)
+            assert torch.is_autocast_enabled("cpu")  # the caller's autocast is left as it was
+        assert got.dtype == torch.float32 and torch.equal(got, plain), under
