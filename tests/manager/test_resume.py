@@ -380,3 +380,27 @@ def test_a_resume_that_attaches_the_slots_in_another_order_is_refused(
     assert rollback(manager, keyring, 0) and manager.seed(SEED0).kernel is not None
     assert manager.stages()[SEED0] == S.ISOLATED_INIT
     manager.close()
+
+
+def test_a_rollback_while_the_model_is_in_float64_is_refused_until_it_is_converted_back(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A model converted to float64 mid-run trains on, but a ROLLBACK rebuilds the optimizers,
+    which take fp32/fp16/bf16 parameters only: refused with nothing changed (README), and once
+    the model is back in the checkpoint's dtype the same rollback applies."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    rig.manager.end_epoch(0)
+    rig.model.double()
+    rig.x = rig.x.double()
+    rig.train(1)
+    before = everything(rig.manager, rig.model)
+    assert not rollback(rig.manager, keyring, 0)
+    assert "float32, float16 or bfloat16, got torch.float64" in rig.manager.command_log[-1][3]
+    assert_same(before, everything(rig.manager, rig.model))
+    rig.model.float()
+    rig.x = rig.x.float()
+    assert rollback(rig.manager, keyring, 0) and rig.manager.state.epoch == 0
+    rig.train(1)
+    rig.manager.close()
