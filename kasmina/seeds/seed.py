@@ -450,8 +450,8 @@ class GradientIsolatedSeed(nn.Module):
             return x
         s, ok = result  # ok None: known finite on the host, no mask needed
         self._maybe_kd(s, teacher_logits, stage)
-        if stage == SeedStage.ISOLATED_INIT:
-            return seed_blend(s, x, self.alpha, mode="incubate")
+        if stage == SeedStage.ISOLATED_INIT:  # a fallen-back kernel's gradient is 0, as in a slot
+            return seed_blend(s if ok is None else s.where(ok, 0.0), x, self.alpha, "incubate")
         if stage == SeedStage.GRAFTING:
             s = seed_blend(s, x, self.alpha, mode="blend")
         if ok is None:

@@ -281,7 +281,7 @@ def test_a_stand_alone_seed_reads_its_sum_and_gives_the_device_path_values(
         return out.detach(), h.grad, grads, bool(s.finite_flag), ops.names
 
     got = run(seed)
-    assert ("where" in got[4]) == (poison is not None and stage != S.ISOLATED_INIT)
+    assert ("where" in got[4]) == (poison is not None)
     monkeypatch.setattr(faults, "_read_all_finite", lambda sums: False)
     want = run(device_only)
     for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]], strict=True):
@@ -290,6 +290,21 @@ def test_a_stand_alone_seed_reads_its_sum_and_gives_the_device_path_values(
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got[3] == want[3] == (poison is None)
+
+
+@pytest.mark.parametrize("stage", RUNNING, ids=[s.name for s in RUNNING])
+def test_a_stand_alone_seed_that_falls_back_sends_its_kernel_nothing(stage: SeedStage) -> None:
+    """In a slot a seed whose output is not finite gets a zero gradient in every stage; a
+    stand-alone seed in ISOLATED_INIT still sent its kernel the whole gradient, so a loop that
+    stepped it without polling trained it on the batch it fell back on."""
+    torch.manual_seed(3)
+    seed = make_seed(_Poison(C, float("nan")), stage)
+    x = torch.randn(BATCH, C, requires_grad=True)
+    out = seed(x)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in seed.seed_parameters())
+    assert not seed.finite_flag
 
 
 class _Subclass(torch.Tensor):
