@@ -203,8 +203,10 @@ def group_keys_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | N
         )
     except Exception:  # a custom optimizer's __setstate__ needs more than a probe has
         return None
-    for index, group in enumerate(groups):
-        if missing := sorted(k for k in optimizer.defaults if k not in group):
+    # A key counts where the live group holds it: torch's load adds ``differentiable`` to the
+    # defaults of an optimizer built without it, and a class may add one no group ever gets.
+    for index, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=False)):
+        if missing := sorted(k for k in optimizer.defaults if k in live and k not in group):
             return f"param group {index} has no {', '.join(map(repr, missing))}"
     return None
 

@@ -319,7 +319,8 @@ class KasminaLayer(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # an older pickle: no mark, a list
         old = {"_graph": GraphMark(), "_kernel_shapes": (), "_teacher_depth": 0, **state}
-        super().__setstate__({**old, "_kd_losses": PendingKDLosses(state.get("_kd_losses", ()))})
+        old["_kd_losses"] = PendingKDLosses(state.get("_kd_losses", ()))
+        super().__setstate__({**old, "_masks": ChunkMasks()})  # a cache (a dict in older ones)
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language

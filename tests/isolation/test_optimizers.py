@@ -646,3 +646,36 @@ def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     assert repr(got) == repr(expected)  # otherwise exactly what was built and loaded
     sched.step()
     assert group["lr"] == sched.get_last_lr()[0]
+
+
+class _Lion(torch.optim.Optimizer):
+    """A hand-written optimizer, built without torch's ``differentiable`` default."""
+
+    def __init__(self, params, lr: float = 1e-4) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adafactor, _Lion], ids=["Adafactor", "custom"])
+def test_a_state_loads_twice_and_a_group_without_a_hyperparameter_is_refused(cls) -> None:
+    """A saved group without a key the step reads (its ``lr``) is refused before it loads.
+    torch's load adds ``differentiable`` to the defaults of an optimizer built without it, and
+    no group gets it: that is no missing key, so the same state loads a second time."""
+    opts = IsolatedOptimizerManager(default_optimizer_cls=cls)
+    w = nn.Parameter(torch.randn(4, 4))
+    opts.create_seed_optimizer("s0", [w], lr=1e-3)
+    w.grad = torch.randn(4, 4)
+    opts.step("s0")
+    saved = clone_state(opts.state_dict())
+    for _ in range(2):
+        opts.load_state_dict(saved)
+    saved["optimizers"]["s0"]["state"]["param_groups"][0].pop("lr")
+    with pytest.raises(ValueError, match="param group 0 has no 'lr'"):
+        opts.load_state_dict(saved)
+    assert opts.optimizer("s0").param_groups[0]["lr"] == 1e-3

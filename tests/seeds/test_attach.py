@@ -1271,12 +1271,20 @@ def test_forward_mode_ad_through_a_blending_seed_is_refused_naming_it(stage: See
 
 def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:
     """An older pickle holds the slot's pending KD losses as a plain list; the slot takes the
-    list that counts uncollected losses once, or every teacher logits call raised."""
+    list that counts uncollected losses once, or every teacher logits call raised. Its mask
+    cache was a dict, on which a forward with a seed beside a passed-through chunk raised."""
     model = MLP()
     (slot,) = attach(model, ["head"], 2, 4, kd_config=KDConfig())
-    state = {**slot.__getstate__(), "_kd_losses": []}
+    state = {**slot.__getstate__(), "_kd_losses": [], "_masks": {}}  # its mask cache: a dict
     state.pop("_graph")
     old = KasminaLayer.__new__(KasminaLayer)
     old.__setstate__(state)
     assert old.set_teacher_logits(torch.randn(3, 8)) == 0
     assert type(old._kd_losses).__name__ == "PendingKDLosses"
+    seed = old.seed(0)  # a seed beside one that passes the host through takes the masks
+    seed.attach_kernel(nn.Linear(4, 4))
+    for stage in (SeedStage.ISOLATED_INIT, SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+        seed.transition_to(stage)
+    old._refresh_plan()  # (the table notifies the live slot this state was copied from)
+    for _ in range(2):  # the first records the slot's activations
+        assert old(torch.randn(3, 8)).requires_grad
