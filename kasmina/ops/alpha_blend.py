@@ -19,6 +19,10 @@ torch reference below (see ``kasmina.ops.backend``). Under ``torch.compile`` the
 ``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
 use an equivalent ``torch.autograd.Function``, which costs far less per call. On the CPU, eager
 calls that record no graph skip it, and most that do use lerp's own autograd (``_native_blend``).
+Range: the CPU path is ``torch.lerp``, which forms ``seed - host``; where that difference
+overflows the dtype (values near its maximum on opposite sides: ``3e38`` against ``-3e38``) the
+blend is infinite or NaN where the kernels' ``alpha*seed + (1-alpha)*host`` is finite, and so is
+an alpha's gradient ``sum(g*(seed-host))`` on both. A healthy activation is far from this.
 
 Higher order: a backward under ``create_graph=True`` (a gradient penalty) computes the gradients
 with differentiable torch ops (``_blend_backward_graph``), in both wrappers and on both backends,
