@@ -154,10 +154,9 @@ class CommandExecution:
     ) -> str:
         """``apply``'s operation: what it reports of a command applied anyway ("": nothing;
         a rollback whose boundary replay failed says so), or an exception that refuses it."""
-        if fetch_error is not None:
-            raise CommandRefused(
-                f"loading its kernel failed: {_public_name(fetch_error)}: {fetch_error}"
-            )
+        if fetch_error is not None:  # named by its first public class (private ones refine)
+            name = next(c.__name__ for c in type(fetch_error).__mro__ if c.__name__[0] != "_")
+            raise CommandRefused(f"loading its kernel failed: {name}: {fetch_error}")
         if command.kind == "seed" and command.seed is not None:
             self._seed_command(command.seed, command.timeout_s, original)
         elif command.kind == "rollback" and command.rollback is not None:
@@ -171,6 +170,7 @@ class CommandExecution:
             applied = optimizers.apply_optimizer_command(command)
             if registry is not None:  # a STEP whose seed optimizer raised: a fault, as in step()
                 registry.charge_failed_steps(optimizers)
+                registry.promote_active(optimizers)  # ACTIVE before an INITIALIZE_HOST
             if not applied:
                 why = optimizers.last_refusal
                 raise CommandRefused(f"rejected by the optimizer manager: {why}")
@@ -566,9 +566,11 @@ class CommandExecution:
             self.release(record)
         elif new == S.TERMINATED:
             if old == S.ACTIVE:
-                # A fossilized seed's parameters stay in the host optimizer's param group (they
-                # get no gradient any more); the cached original is no longer needed.
+                # A fossilized seed's parameters stay in the host optimizer's param group (no
+                # gradient any more), or its own (no host optimizer) goes; the original unpinned.
                 self._unpin(record)
+                if record.seed_id in state.optimizers.seed_ids:
+                    state.optimizers.remove_seed(record.seed_id)
             else:
                 self.release(record)
         elif new == S.DORMANT:
@@ -593,8 +595,3 @@ class CommandExecution:
         if record.pinned and record.artifact_id is not None:
             self.state.kernel_cache.unpin(record.artifact_id)
         record.pinned = False
-
-
-def _public_name(error: BaseException) -> str:
-    """The name of the error's first public class (private subclasses refine, never rename)."""
-    return next(c.__name__ for c in type(error).__mro__ if not c.__name__.startswith("_"))

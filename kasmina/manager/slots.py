@@ -242,6 +242,17 @@ class SlotRegistry:
             ):
                 logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
 
+    def promote_active(self, optimizers: IsolatedOptimizerManager) -> None:
+        """Promote the ACTIVE seeds that still step on their own optimizer into the host's
+        (each into its slot's group): a seed fossilized while there was none (``attach`` with
+        ``host_lr=None``) joins the one an INITIALIZE_HOST made, as it would have at ACTIVE."""
+        if not optimizers.has_host:
+            return
+        for record in self.in_stages({SeedStage.ACTIVE}):
+            if record.seed_id in optimizers.seed_ids:
+                self.take_host_groups_before_promotion(optimizers)
+                optimizers.promote_seed(record.seed_id, near=record.slot.host.parameters())
+
     def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
         """A seed fossilizes at a safe point: take up the groups added since the last step
         first, since one may hold the slot's layer, whose group the seed joins. An edit

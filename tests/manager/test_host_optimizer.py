@@ -347,3 +347,33 @@ def test_a_refused_optimizer_command_says_why_in_the_command_log(rig: Rig) -> No
     assert not run_command(rig.manager, rig.signed(command))
     reason = rig.manager.command_log[-1][3]
     assert "rejected by the optimizer manager: KeyError" in reason and "no-such-seed" in reason
+
+
+def test_a_seed_fossilized_before_initialize_host_joins_the_host_optimizer(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """With no host optimizer (``host_lr=None``) an ACTIVE seed keeps stepping on its own.
+    INITIALIZE_HOST then made the host's without it: the fossilized seed trained on at its own
+    lr, outside the host's groups and schedules, and its optimizer outlived its TERMINATE. It
+    joins the new host optimizer in its slot's group, and a TERMINATE drops an own one."""
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=None)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, rig.train, 0)
+    assert manager.optimizers.optimizer_ids == [SEED0]  # stepped alone, as documented
+    command = make_optimizer_command("initialize_host", learning_rate=0.01)
+    assert run_command(manager, rig.signed(command))
+    assert manager.optimizers.optimizer_ids == ["host"]
+    kernel = manager.seed(SEED0).seed_parameters()
+    group = manager.optimizers.optimizer("host").param_groups[0]["params"]
+    assert all(any(p is q for q in group) for p in kernel)
+    assert manager.optimizers.promoted()[SEED0][0] == 0
+    rig.train(1)
+    second = Rig(make_config(tmp_path / "b", store), keyring, host_lr=None)
+    assert second.send("germinate", SEED0, mlp)
+    walk_to_active(second, second.train, 0)
+    assert second.send("terminate", SEED0) and second.stage(SEED0) == S.TERMINATED
+    assert second.manager.optimizers.optimizer_ids == []
+    second.train(1)
+    manager.close()
+    second.manager.close()
