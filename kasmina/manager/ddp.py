@@ -165,14 +165,19 @@ class SeedGradientSync:
         self.latency = LatencyStats()
 
     def live_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(seed id, parameter)`` of every seed an optimizer steps, in registry order."""
+        """``(seed id, parameter)`` of every seed an optimizer steps, in registry order; then
+        ``("", parameter)`` of each host parameter frozen when registered and trainable now
+        (gradual unfreezing): DDP registered only those that required a gradient when it
+        wrapped the model, so without this each rank stepped such a layer on its own shard's
+        gradient and every epoch's sync found the ranks apart. (Wrapped again after the
+        unfreeze, DDP averages it too: the same average, averaged twice.)"""
         return [
             (record.seed_id, p)
             for record in self.registry.in_stages(TRAINING_STAGES)
             if record.kernel is not None
             for p in record.seed.seed_parameters()
             if p.requires_grad
-        ]
+        ] + [("", p) for p in self.registry.hold.unfrozen()]
 
     def __call__(
         self, clean: bool = True, flags: dict[str, list[bool]] | None = None

@@ -1295,6 +1295,37 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     assert [run["faults"] for run in runs] == [1, 1]
 
 
+def _worker_unfrozen(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Every rank unfreezes the slot's layer after ``wrap_ddp`` and gives it a group."""
+    import tests.manager.helpers as helpers
+    from tests.manager.test_host_param_groups import FrozenOut
+
+    helpers.Host = FrozenOut  # the slot's layer frozen at attach, so at the wrap too
+    t = Trainer(rank, world, spec)
+    weight = t.rig.model.out.host.weight
+    weight.requires_grad_(True)
+    t.manager.optimizers.optimizer("host").add_param_group({"params": [weight]})
+    before = weight.detach().clone()
+    t.train(2)
+    result = t.boundary()
+    moved = not torch.equal(before, weight)
+    t.save(spec["out"], "unfrozen", verdict=result.divergent_ranks, weight=weight, moved=moved)
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_layer_unfrozen_after_the_wrap_is_averaged_across_ranks(tmp_path: Path, published):
+    """DDP averages the parameters that required a gradient when it wrapped the model: a layer
+    unfrozen after it was stepped by each rank on its own shard's gradient, and every epoch's
+    sync found the ranks apart and overwrote one. The seeds' average takes it in."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_unfrozen, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "unfrozen", 2)
+    assert [run["moved"] for run in runs] == [True, True]
+    assert torch.equal(runs[0]["weight"], runs[1]["weight"])
+    assert [run["verdict"] for run in runs] == [(), ()]
+
+
 def _worker_minority_faults(rank: int, world: int, spec: dict[str, Any]) -> None:
     """Rank 1's data makes the seed's output non-finite once an epoch, rank 0's never."""
     t = Trainer(rank, world, spec)
