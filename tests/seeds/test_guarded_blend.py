@@ -743,6 +743,26 @@ def test_a_seed_that_does_not_blend_keeps_its_value_beside_a_grafting_one(
     assert layer.poll_nonfinite() == [] and [s.faults for s in layer.seeds] == [0, 0]
 
 
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.STABILIZATION, S.ACTIVE])
+def test_a_call_with_no_rows_gives_the_seeds_no_gradient(stage: S) -> None:
+    """A slot called with no rows (a mixture-of-experts expert given no tokens) ran its seeds'
+    kernels on the empty batch: their gradients were zeros, not None, so a step counted them
+    trained (a GRAFTING alpha moved through its schedule on data it never saw, Adam's moments
+    moved the weights). The seeds sit such a call out; the host's output is the slot's."""
+    layer = _layer([stage, S.DORMANT], nn.Linear(3, 4), 2)
+    x = torch.randn(0, 3, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert all(p.grad is None for p in layer.seeds[0].seed_parameters())
+    assert layer.host.weight.grad is not None and x.grad is not None  # the DORMANT chunk's
+    blending = _layer([S.GRAFTING, S.STABILIZATION], nn.Linear(3, 4), 2)
+    out = blending(torch.randn(0, 3))  # a blending slot gives its host no gradient: not zeros
+    assert out.shape == (0, 4) and not out.requires_grad
+    layer(torch.randn(5, 3)).sum().backward()  # a batch with rows trains it as before
+    assert all(p.grad is not None for p in layer.seeds[0].seed_parameters())
+
+
 class _OnMeta(nn.Module):
     """A kernel whose output has the right shape and dtype on the wrong device."""
 
