@@ -413,9 +413,8 @@ class KasminaLayer(nn.Module):
         if problem is not None or not fits(x, dim, self.width, contract, self._rank):
             self._sit_out("seeds", problem or f"output {tuple(x.shape)} does not fit")
             return x
-        if x.numel() == 0:  # no rows (an expert given no tokens): no zeros as seed gradients
-            # that a step counts as training; the host's as through the slot (blending: none)
-            return x.detach() if all(p in BLENDING_STAGES for p in plan) else x
+        if x.numel() == 0:  # no rows (an expert given no tokens): the host's own call, and no
+            return x  # zeros as seed gradients that a step counts as training
         dim = self.chunk_dim % x.dim()
         refused, why = kernels_refuse(x, dim, self.chunk_size, self._kernel_shapes)
         if refused:  # seeds whose exported kernel cannot take this call sit it out

@@ -748,17 +748,20 @@ def test_a_call_with_no_rows_gives_the_seeds_no_gradient(stage: S) -> None:
     """A slot called with no rows (a mixture-of-experts expert given no tokens) ran its seeds'
     kernels on the empty batch: their gradients were zeros, not None, so a step counted them
     trained (a GRAFTING alpha moved through its schedule on data it never saw, Adam's moments
-    moved the weights). The seeds sit such a call out; the host's output is the slot's."""
+    moved the weights). The seeds sit such a call out: it is the host's own call."""
     layer = _layer([stage, S.DORMANT], nn.Linear(3, 4), 2)
     x = torch.randn(0, 3, requires_grad=True)
     out = layer(x)
     assert out.shape == (0, 4)
     out.sum().backward()
     assert all(p.grad is None for p in layer.seeds[0].seed_parameters())
-    assert layer.host.weight.grad is not None and x.grad is not None  # the DORMANT chunk's
-    blending = _layer([S.GRAFTING, S.STABILIZATION], nn.Linear(3, 4), 2)
-    out = blending(torch.randn(0, 3))  # a blending slot gives its host no gradient: not zeros
-    assert out.shape == (0, 4) and not out.requires_grad
+    assert layer.host.weight.grad is not None and x.grad is not None
+    # A slot whose seeds all blend stays in the graph too: a reentrant checkpoint around it
+    # (an expert given no tokens), or a loss on it, needs an output that requires grad.
+    upstream, blending = nn.Linear(3, 3), _layer([S.GRAFTING, S.STABILIZATION], nn.Linear(3, 4), 2)
+    h = upstream(torch.randn(0, 3))
+    torch.utils.checkpoint.checkpoint(blending, h, use_reentrant=True).sum().backward()
+    assert upstream.weight.grad is not None
     layer(torch.randn(5, 3)).sum().backward()  # a batch with rows trains it as before
     assert all(p.grad is not None for p in layer.seeds[0].seed_parameters())
 
