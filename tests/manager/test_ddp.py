@@ -656,7 +656,8 @@ def test_a_command_queued_before_the_manager_joins_a_multi_rank_run_is_refused(
     assert "joined a multi-rank run" in rig.manager.command_log[-1][3]
     dk.close()  # single-process again: its own queue takes commands
     assert rig.manager.handle_adaptation_command(_signed(rig, "germinate", SEED1, mlp))
-    rig.train(1)
+    # Applied at a safe point once its kernel is fetched (on a worker: maybe not by the next).
+    assert [o.ok for o in rig.manager.apply_pending(wait=True)] == [True]
     assert rig.stage(SEED1) == S.ISOLATED_INIT
 
 
