@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from paired import paired  # perf/ is on sys.path under pytest
@@ -95,6 +96,20 @@ def signed_pool(keyring: Keyring) -> list[bytes]:
 FSYNC_POOL = 2_000  # one disk flush each: ~0.2-5 ms apiece on a cloud SSD
 
 
+def _every_command(
+    benchmark, fn: Callable[[bytes], bool], setup: Callable[[], Any], pool: int
+) -> list[bool]:
+    """``fn`` on each of the ``pool`` commands ``setup`` hands out, timed (the first 10 warm up);
+    under ``--benchmark-disable`` (one run of a benchmark) the whole pool, untimed."""
+    results: list[bool] = []
+    if benchmark.disabled:
+        results.extend(fn(*setup()[0]) for _ in range(pool))
+    else:
+        record = lambda raw: results.append(fn(raw))  # noqa: E731
+        benchmark.pedantic(record, setup=setup, rounds=pool - 10, warmup_rounds=10)
+    return results
+
+
 def _run_pool(benchmark, handler: LeylineAdaptationHandler, clock: Clock, pool: list[bytes]):
     feed = iter(range(len(pool)))
 
@@ -103,14 +118,7 @@ def _run_pool(benchmark, handler: LeylineAdaptationHandler, clock: Clock, pool: 
         clock.now = T0 + i * DT
         return (pool[i],), {}
 
-    results = []
-    rounds = len(pool) - 10
-    benchmark.pedantic(
-        lambda raw: results.append(handler.handle_adaptation_command(raw)),
-        setup=setup,
-        rounds=rounds,
-        warmup_rounds=10,
-    )
+    results = _every_command(benchmark, handler.handle_adaptation_command, setup, len(pool))
     assert all(results) and len(results) == len(pool)  # every command really dispatched
     benchmark.extra_info["target"] = COMMAND_TARGET
     benchmark.extra_info["message_bytes"] = len(pool[0])
@@ -238,13 +246,7 @@ def test_command_path_enqueued(benchmark, keyring, signed_pool, tmp_path) -> Non
             command = handler.accept(raw)
             return command is not None and queue.submit(command)
 
-    results = []
-    benchmark.pedantic(
-        lambda raw: results.append(arrive(raw)),
-        setup=setup,
-        rounds=len(signed_pool) - 10,
-        warmup_rounds=10,
-    )
+    results = _every_command(benchmark, arrive, setup, len(signed_pool))
     assert all(results) and len(results) == len(signed_pool)
     verifier.make_durable()  # what the next safe point would do: one write, one fdatasync
     assert ledger.write_staged() == len(signed_pool)  # every nonce written, none left staged

@@ -21,6 +21,7 @@ starting after a barrier, as median and p90 over the reps:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from arguments import positive_int  # perf/ is sys.path[0] when run as a script
 from torch import nn
 from torch.nn import functional as F
 
@@ -81,8 +83,10 @@ def _timed(fn: Any, reps: int) -> list[float]:
 
 
 def _summary(samples: list[float]) -> tuple[float, float]:
+    """Median and p90 (nearest rank: the smallest sample at or above 90 % of them), in ms."""
     ordered = sorted(samples)
-    return statistics.median(ordered) * 1e3, ordered[int(0.9 * (len(ordered) - 1))] * 1e3
+    p90 = ordered[math.ceil(0.9 * len(ordered)) - 1]
+    return statistics.median(ordered) * 1e3, p90 * 1e3
 
 
 def _worker(rank: int, world: int, opts: dict[str, Any]) -> None:
@@ -197,12 +201,14 @@ def report(result: dict[str, Any], opts: dict[str, Any], load: tuple[float, ...]
 
 def _options(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=1024, help="host hidden width (1024)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds in the slot (8)")
-    parser.add_argument("--chunk", type=int, default=128, help="seed chunk width (128)")
-    parser.add_argument("--batch", type=int, default=64, help="batch per rank (64)")
-    parser.add_argument("--reps", type=int, default=50, help="reps per step figure (50)")
-    parser.add_argument("--sync-reps", type=int, default=10, help="reps per sync figure (10)")
+    parser.add_argument("--width", type=positive_int, default=1024, help="host hidden width (1024)")
+    parser.add_argument("--seeds", type=positive_int, default=8, help="seeds in the slot (8)")
+    parser.add_argument("--chunk", type=positive_int, default=128, help="seed chunk width (128)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="batch per rank (64)")
+    parser.add_argument("--reps", type=positive_int, default=50, help="reps per step figure (50)")
+    parser.add_argument(
+        "--sync-reps", type=positive_int, default=10, help="reps per sync figure (10)"
+    )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     return vars(args)

@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from arguments import positive_int  # perf/ is sys.path[0] when run as a script
 
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss
 from kasmina.ops.fused_linear_kd_chunks import default_chunk_rows
@@ -107,10 +108,10 @@ def _child(impl: str, dt: str, rows: int, hidden: int, vocab: int, reps: int, ch
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rows", type=positive_int, default=1024)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--vocab", type=positive_int, default=32000)
+    p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--chunk-rows", type=int, default=None, help="default: default_chunk_rows")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ""
             if impl != "eager":
                 e = results["eager"]
-                ratio = f"  {r['ms'] / e['ms']:.2f}x, {r['peak_mib'] / e['peak_mib']:.3f}x"
+                memory = r["peak_mib"] / e["peak_mib"] if e["peak_mib"] > 0 else float("nan")
+                ratio = f"  {r['ms'] / e['ms']:.2f}x, {memory:.3f}x"  # nan: no peak measured
             label = str(chunk) if impl != "eager" else "-"
             print(
                 f"{dt:<6} {impl:<8} {label:>6} {r['ms']:>12.1f} {r['peak_mib']:>15.1f}"

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from arguments import positive_int  # perf/ is sys.path[0] when run as a script
 
 from kasmina.manager.report import _batch_update_us
 from kasmina.ops import lifecycle_update_reference
@@ -35,13 +36,12 @@ K = 1024
 
 
 def _baseline_module(rev: str) -> ModuleType:
-    source = subprocess.run(
-        ["git", "show", f"{rev}:kasmina/seeds/table.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:kasmina/seeds/table.py"], cwd=ROOT, capture_output=True, text=True
+    )
+    if shown.returncode != 0:  # not a git checkout (an sdist), or no such revision
+        raise SystemExit(f"--baseline {rev}: git could not show its table.py: {shown.stderr}")
+    source = shown.stdout
     spec = importlib.util.spec_from_loader("kasmina_table_baseline", loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
@@ -102,7 +102,7 @@ def _interleaved(variants: dict[str, tuple[Callable, Callable]], rounds: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD")
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=positive_int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("kasmina").setLevel(logging.WARNING)

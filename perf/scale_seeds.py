@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import positive_int  # perf/ is sys.path[0] when run as a script
 from torch import nn
 
 from kasmina.manager.config import KasminaConfig
@@ -77,10 +78,14 @@ def measure(layers: int, seeds: int, repeats: int, root: Path) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="8x4,64x4,256x4,64x16")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+    try:
+        sizes = [(positive_int(a), positive_int(b)) for a, _, b in
+                 (size.partition("x") for size in args.sizes.split(","))]  # fmt: skip
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--sizes takes SLOTSxSEEDS[,...] with both >= 1: {exc}")
     print(f"torch {torch.__version__}, one thread; medians of {args.repeats} steps")
     print(f"{'slots':>6} {'seeds/slot':>10} {'seeds':>6} | {'step, all DORMANT':>18} | "
           f"{'restore (load_state_dict)':>26}")  # fmt: skip

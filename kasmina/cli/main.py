@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run a complete morphogenetic training run on the digits dataset (CPU, < 2 min)",
+        help="a complete morphogenetic training run on the digits dataset (CPU, under a minute)",
         description=(
             "Train a small MLP on scikit-learn's bundled handwritten digits; a controller sends "
             "signed commands to germinate seeds on plateaus, carries them through the lifecycle "

@@ -71,7 +71,7 @@ def _days(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value * 86400) or value < 0:  # in seconds too
         raise argparse.ArgumentTypeError(f"expected a finite number of days >= 0, got {text}")
     return value
 

@@ -204,5 +204,6 @@ def test_the_cli_lists_and_prunes(tmp_path, store, keyring, capsys) -> None:
     )
     assert rc == 0 and "would remove 1 run(s)" in err and os.listdir(root) == ["r2"]
     assert_one_line_error(*run(capsys, "runs", "prune", "--runs-root", str(root))[::2], "--keep")
-    rc, _, err = run(capsys, "runs", "prune", "--older-than", "-1")
-    assert rc == 2 and "finite number of days" in err
+    for days in ("-1", "1e308"):  # 1e308 days overflow as seconds: named by the flag, as -1
+        rc, _, err = run(capsys, "runs", "prune", "--older-than", days)
+        assert rc == 2 and "--older-than: expected a finite number of days" in err
