@@ -146,21 +146,39 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def _watched_call(
-    model: nn.Module, inputs: Any, seeds: list[Any], observed: list[list[str]]
+    model: nn.Module, inputs: Any, records: list[SeedRecord], observed: list[list[str]]
 ) -> tuple[Any, list[str | None]]:
-    """``model(inputs)`` watching the ``seeds``, whose faults go to ``observed`` (one list per
-    seed, ``seed.observed_faults``): the output, and per seed the fault it had in this call,
-    None if none. A non-finite output is one too: each seed's flag is set before the forward
-    and read after it (one transfer)."""
+    """``model(inputs)`` watching the seeds of ``records``, whose faults go to ``observed``
+    (one list per seed, ``seed.observed_faults``): the output, and per seed the fault it had in
+    this call, None if none. A non-finite output is one too: each seed's flag is set before
+    the forward and read after it (one transfer). So is a seed that sat the call out (its slot
+    counted a sit-out, and its kernel never ran: a signed input shape this batch does not
+    have, an output that does not fit): the host stood in for it, which reads as no effect."""
+    seeds = [r.seed for r in records]
     marks = [len(sink) for sink in observed]
+    slots = {id(r.slot): r.slot.sat_out["seeds"] for r in records}
+    ran = [False] * len(seeds)
+
+    def calls(i: int) -> Any:
+        return lambda *_: ran.__setitem__(i, True)
+
+    hooks = [seed.kernel.register_forward_pre_hook(calls(i)) for i, seed in enumerate(seeds)]
     for seed in seeds:
         seed.finite_flag.fill_(True)
-    output = _call(model, inputs)
+    try:
+        output = _call(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     finite = read_flags([seed.finite_flag for seed in seeds])
+    counted = [r.slot.sat_out["seeds"] > slots[id(r.slot)] for r in records]
+    sat = [moved and not called for moved, called in zip(counted, ran, strict=True)]
     return output, [
-        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
-        for sink, mark, ok in zip(observed, marks, finite, strict=True)
-    ]
+        sink[-1] if len(sink) > mark
+        else "sat out: the host stood in for it (see its slot's log)" if out
+        else (None if ok else "nonfinite: non-finite output")
+        for sink, mark, ok, out in zip(observed, marks, finite, sat, strict=True)
+    ]  # fmt: skip
 
 
 @contextmanager
@@ -269,7 +287,7 @@ def evaluate_seeds(
                     continue
                 n_total += n
                 n_batches += 1
-                output, seen = _watched_call(model, inputs, seeds, observed)
+                output, seen = _watched_call(model, inputs, live, observed)
                 for i, fault in enumerate(seen):
                     if fault is not None:
                         faults[i] += 1

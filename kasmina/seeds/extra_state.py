@@ -30,6 +30,7 @@ __all__ = [
     "check_seed_states",
     "decode_extra_state",
     "encode_extra_state",
+    "forget_evaluation",
     "owner_restore",
     "parse_seed_state",
     "seed_bookkeeping",
@@ -381,6 +382,13 @@ def check_seed_kernel_keys(
 
 def _kernel(seed: object) -> torch.nn.Module | None:
     return getattr(seed, "_modules", {}).get("kernel")
+
+
+def forget_evaluation(seed: torch.nn.Module, *_: Any) -> None:
+    """A seed's ``load_state_dict`` pre-hook (and its restore's first act): any load through the
+    seed, its weights alone included, leaves G5 no measurement to fossilize it on; it is measured
+    again first. (A load into its ``kernel`` module alone does not pass through it.)"""
+    seed.evaluation = None  # type: ignore[attr-defined]
 
 
 def check_seed_states(

@@ -1,6 +1,5 @@
-"""A seed: a small trainable module grafted into a host in gradient isolation.
-
-See docs/design.md §3 (stages), §4 (isolation) and §6a (faults).
+"""A seed: a small trainable module grafted into a host in gradient isolation (docs/design.md
+§3 stages, §4 isolation, §6a faults).
 
 The seed's stage lives in a :class:`~kasmina.seeds.table.GPUStateTensor` (its own one-row table,
 or a slot of a table shared by many seeds); the forward reads the table's host mirror, so it
@@ -40,6 +39,7 @@ from kasmina.seeds.extra_state import (
     SavedSeedState,
     check_seed_state,
     encode_extra_state,
+    forget_evaluation,
     seed_bookkeeping,
     stream_position,
 )
@@ -141,9 +141,9 @@ class GradientIsolatedSeed(nn.Module):
         self.trained_epochs, self.trained_this_epoch = 0, False
         self._kd_losses: list[torch.Tensor] = []
         self.probe_result: CompatibilityProbe | None = None
-        # Kasmina's latest measurement of this seed's benefit (G5's only evidence); not saved
-        # in the extra state: a restored seed is measured again before it can fossilize.
-        self.evaluation: SeedEvaluation | None = None
+        # Kasmina's latest measurement of its benefit (G5's only evidence): not saved, dropped
+        self.evaluation: SeedEvaluation | None = None  # by any load through the seed
+        self.register_load_state_dict_pre_hook(forget_evaluation)
         self.field_report: dict[str, Any] | None = None
         self.state_table.observe(self.state_index, self._on_transition)
 
@@ -550,7 +550,7 @@ class GradientIsolatedSeed(nn.Module):
         first (:meth:`check_state`: a refused state changes nothing); ``draw_step``, a position
         only a manager moves, only into a seed one owns (else its versions key its stream)."""
         saved = self.check_state(state)
-        self.evaluation = None  # measured on weights this load may have replaced
+        forget_evaluation(self)  # measured on weights this load may have replaced
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
         if saved.graft_step is not None:  # absent from states saved before it was recorded

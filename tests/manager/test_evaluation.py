@@ -763,3 +763,60 @@ def test_a_gate_score_out_of_range_is_refused_before_anything_is_written(rig: Ri
     with pytest.raises(RuntimeError):
         seed.gate_score = 3e6  # the table refuses it: the seed keeps its score too
     assert seed.gate_score == 0.7
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.tensor(factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _static_batch_slot(factor: float) -> tuple[nn.Sequential, SlotRegistry, KasminaLayer]:
+    torch.manual_seed(0)
+    slot = KasminaLayer(nn.Linear(3, 6), 3, 2, layer_id="fc")
+    model = nn.Sequential(slot)
+    registry = SlotRegistry(model, [slot])  # takes over DORMANT seeds only
+    kernel = _Scale(factor)
+    kernel.signed_input_shape = (4, 2)  # an exported kernel's static batch of 4
+    slot.seeds[0].attach_kernel(kernel)
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        slot.seeds[0].transition_to(stage)
+    model(torch.randn(4, 3))
+    return model, registry, slot
+
+
+def test_a_seed_that_sits_out_the_measuring_forward_is_not_measured_as_harmless() -> None:
+    """A kernel whose signed input shape the validation batches do not have sits every one of
+    them out: the host stood in, ``loss_with == loss_without``, no fault, and the default G5
+    fossilized a seed that wrecks its output at the shapes it trains on. The sit-out counts as
+    the host standing in, as a fault does, and G5 refuses; a seed the batch did run is measured."""
+    model, registry, slot = _static_batch_slot(-50.0)
+    seed = slot.seeds[0]
+    ran = evaluate_seeds(registry, [(torch.randn(4, 3), torch.zeros(4, 6))], F.mse_loss)["fc[0]"]
+    assert ran.faults == 0 and ran.loss_with > ran.loss_without
+    sat = evaluate_seeds(registry, [(torch.randn(5, 3), torch.zeros(5, 6))], F.mse_loss)["fc[0]"]
+    assert sat.faults == 1 and sat.last_fault.startswith("sat out")
+    result = seed.evaluate_gate(S.ACTIVE, performance_gate=0.0)
+    assert not result.passed and seed.stage == S.STABILIZATION
+
+
+def test_a_load_through_the_seed_drops_its_evaluation() -> None:
+    """Only a load with the seed's extra state dropped its evaluation: a weights-only load (or
+    one into the seed module) kept it, and G5 passed on a measurement of weights now gone."""
+    model, registry, slot = _static_batch_slot(1.0)
+    seed = slot.seeds[0]
+    batch = [(torch.randn(4, 3), torch.zeros(4, 6))]
+    weights = {k: v for k, v in model.state_dict().items() if "extra_state" not in k}
+    weights["0.seeds.0.kernel.factor"] = torch.tensor(-50.0)
+    for load in (
+        lambda: model.load_state_dict(weights, strict=False),
+        lambda: seed.load_state_dict({"kernel.factor": torch.tensor(-50.0)}, strict=False),
+    ):
+        evaluate_seeds(registry, batch, F.mse_loss)
+        assert seed.evaluation is not None
+        load()
+        assert seed.evaluation is None
+        assert not seed.evaluate_gate(S.ACTIVE, performance_gate=0.0).passed
