@@ -162,10 +162,15 @@ def _watched_call(
     def calls(i: int) -> Any:
         return lambda *_: ran.__setitem__(i, True)
 
-    hooks = [seed.kernel.register_forward_pre_hook(calls(i)) for i, seed in enumerate(seeds)]
-    for seed in seeds:
-        seed.finite_flag.fill_(True)
+    hooks = []
     try:
+        for i, seed in enumerate(seeds):
+            try:
+                hooks.append(seed.kernel.register_forward_pre_hook(calls(i)))
+            except RuntimeError:  # a scripted kernel takes no hook: its sit-outs go unseen
+                ran[i] = True
+        for seed in seeds:
+            seed.finite_flag.fill_(True)
         output = _call(model, inputs)
     finally:
         for hook in hooks:

@@ -34,6 +34,7 @@ __all__ = [
     "owner_restore",
     "parse_seed_state",
     "seed_bookkeeping",
+    "seed_load_pre_hook",
     "stream_position",
 ]
 
@@ -385,10 +386,20 @@ def _kernel(seed: object) -> torch.nn.Module | None:
 
 
 def forget_evaluation(seed: torch.nn.Module, *_: Any) -> None:
-    """A seed's ``load_state_dict`` pre-hook (and its restore's first act): any load through the
-    seed, its weights alone included, leaves G5 no measurement to fossilize it on; it is measured
-    again first. (A load into its ``kernel`` module alone does not pass through it.)"""
+    """Any load through a seed, its weights alone included, leaves G5 no measurement to
+    fossilize it on: it is measured again first. (A load into its ``kernel`` module alone does
+    not pass through it.)"""
     seed.evaluation = None  # type: ignore[attr-defined]
+
+
+def seed_load_pre_hook(
+    seed: torch.nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any
+) -> None:
+    """A seed's own ``load_state_dict`` pre-hook: its state checked before any of it loads (a
+    load straight into the seed, which no slot's check sees, wrote its ``alpha`` before its
+    extra state was refused), then its evaluation dropped (:func:`forget_evaluation`)."""
+    check_seed_states(seed, state_dict, prefix)
+    forget_evaluation(seed)
 
 
 def check_seed_states(

@@ -1,9 +1,8 @@
 """A seed: a small trainable module grafted into a host in gradient isolation (docs/design.md
-§3 stages, §4 isolation, §6a faults).
-
-The seed's stage lives in a :class:`~kasmina.seeds.table.GPUStateTensor` (its own one-row table,
-or a slot of a table shared by many seeds); the forward reads the table's host mirror, so it
-never waits for the device. Until a seed is ACTIVE it only ever sees ``x.detach()``.
+§3 stages, §4 isolation, §6a faults). Its stage lives in a
+:class:`~kasmina.seeds.table.GPUStateTensor` (its own one-row table, or a slot of a table shared
+by many seeds); the forward reads the table's host mirror, so it never waits for the device.
+Until a seed is ACTIVE it only ever sees ``x.detach()``.
 
 Fault containment: the host's training step never depends on a seed behaving. Every call into
 the kernel on the host's path (``forward``, a ``KasminaLayer``'s forward, ``probe``) is guarded
@@ -41,6 +40,7 @@ from kasmina.seeds.extra_state import (
     encode_extra_state,
     forget_evaluation,
     seed_bookkeeping,
+    seed_load_pre_hook,
     stream_position,
 )
 from kasmina.seeds.faults import (
@@ -143,7 +143,7 @@ class GradientIsolatedSeed(nn.Module):
         self.probe_result: CompatibilityProbe | None = None
         # Kasmina's latest measurement of its benefit (G5's only evidence): not saved, dropped
         self.evaluation: SeedEvaluation | None = None  # by any load through the seed
-        self.register_load_state_dict_pre_hook(forget_evaluation)
+        self.register_load_state_dict_pre_hook(seed_load_pre_hook)
         self.field_report: dict[str, Any] | None = None
         self.state_table.observe(self.state_index, self._on_transition)
 

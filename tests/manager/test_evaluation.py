@@ -820,3 +820,37 @@ def test_a_load_through_the_seed_drops_its_evaluation() -> None:
         load()
         assert seed.evaluation is None
         assert not seed.evaluate_gate(S.ACTIVE, performance_gate=0.0).passed
+
+
+def test_a_scripted_kernel_is_evaluated_and_no_hook_is_left_behind() -> None:
+    """The sit-out watch hooks each seed's kernel: a scripted one refuses forward hooks, and
+    the hooks already put on the others were never removed (one more each evaluation, and
+    the model no longer pickled). A scripted kernel is measured as before."""
+    import io
+
+    model, registry, slot = _static_batch_slot(2.0)
+    other = slot.seeds[1]
+    other.attach_kernel(torch.jit.script(_Scale(0.5)))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        other.transition_to(stage)
+    batch = [(torch.randn(4, 3), torch.zeros(4, 6))]
+    for _ in range(3):
+        assert set(evaluate_seeds(registry, batch, F.mse_loss)) == {"fc[0]", "fc[1]"}
+    assert not slot.seeds[0].kernel._forward_pre_hooks
+    other.detach_kernel()
+    torch.save(model, io.BytesIO())
+
+
+def test_a_refused_load_straight_into_a_seed_changes_nothing() -> None:
+    """A load into the seed module itself, which no slot's check sees, wrote its ``alpha``
+    before its extra state was refused, and dropped its evaluation. Checked first now."""
+    model, registry, slot = _static_batch_slot(1.0)
+    seed = slot.seeds[0]
+    evaluate_seeds(registry, [(torch.randn(4, 3), torch.zeros(4, 6))], F.mse_loss)
+    evaluation, alpha = seed.evaluation, seed.alpha.clone()
+    bad = dict(seed.state_dict())
+    bad["alpha"] = torch.tensor(0.123)
+    bad["_extra_state"] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="extra state"):
+        seed.load_state_dict(bad)
+    assert seed.evaluation is evaluation and torch.equal(seed.alpha, alpha)
