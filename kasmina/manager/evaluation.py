@@ -147,13 +147,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 def _watched_call(
     model: nn.Module, inputs: Any, records: list[SeedRecord], observed: list[list[str]]
-) -> tuple[Any, list[str | None]]:
+) -> tuple[Any, list[str | None], list[bool]]:
     """``model(inputs)`` watching the seeds of ``records``, whose faults go to ``observed``
-    (one list per seed, ``seed.observed_faults``): the output, and per seed the fault it had in
-    this call, None if none. A non-finite output is one too: each seed's flag is set before
-    the forward and read after it (one transfer). So is a seed that sat the call out (its slot
-    counted a sit-out, and its kernel never ran: a signed input shape this batch does not
-    have, an output that does not fit): the host stood in for it, which reads as no effect."""
+    (one list per seed, ``seed.observed_faults``): the output, per seed the fault it had in
+    this call (None if none: a non-finite output is one, each seed's flag set before the
+    forward and read after it, one transfer), and per seed whether it sat the call out (its
+    slot counted a sit-out and its kernel never ran: a signed input shape this batch does not
+    have, an output that does not fit), where the host stood in for it: no measurement."""
     seeds = [r.seed for r in records]
     marks = [len(sink) for sink in observed]
     slots = {id(r.slot): r.slot.sat_out["seeds"] for r in records}
@@ -177,13 +177,14 @@ def _watched_call(
             hook.remove()
     finite = read_flags([seed.finite_flag for seed in seeds])
     counted = [r.slot.sat_out["seeds"] > slots[id(r.slot)] for r in records]
-    sat = [moved and not called for moved, called in zip(counted, ran, strict=True)]
-    return output, [
-        sink[-1] if len(sink) > mark
-        else "sat out: the host stood in for it (see its slot's log)" if out
-        else (None if ok else "nonfinite: non-finite output")
-        for sink, mark, ok, out in zip(observed, marks, finite, sat, strict=True)
-    ]  # fmt: skip
+    return (
+        output,
+        [
+            sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
+            for sink, mark, ok in zip(observed, marks, finite, strict=True)
+        ],
+        [moved and not called for moved, called in zip(counted, ran, strict=True)],
+    )
 
 
 @contextmanager
@@ -240,12 +241,15 @@ def evaluate_seeds(
     recorded on it (``seed.record_evaluation``) and returned by seed id. No live seed: ``{}``,
     no forward. A seed that faulted or was not finite in the forward measuring it (the host
     stood in for it) gets an evaluation with ``faults`` > 0, which G5 refuses; evaluation
-    never counts a fault toward the seed's ``fault_limit``.
+    never counts a fault toward the seed's ``fault_limit``. A batch a seed sat out (a kernel's
+    signed size it lacks: a partial last batch) is left out of that seed's measurement
+    (``samples`` counts the rest); one that sat out every batch is refused as never measured.
     """
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
         return {}
     contributing = [r for r in live if _contributes(r)]
+    position = {id(r): i for i, r in enumerate(live)}
     model = registry.model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -261,8 +265,10 @@ def evaluate_seeds(
     last_fault = [""] * len(live)
     n_total = n_batches = n_empty = 0
     bad_metric: set[int] = set()  # the batches on which metric_fn was not finite
-    loss_with = 0.0
-    metric_with = 0.0
+    # Per seed, over the batches it did not sit out: samples, loss and metric with it in place.
+    n_seed, loss_with, metric_with = [0] * len(live), [0.0] * len(live), [0.0] * len(live)
+    sat_out = [0] * len(live)  # per seed: the batches it sat out (not measured there)
+    loss_with_all = metric_with_all = 0.0  # over every batch (for a seed measured on none)
     loss_without = {r.seed_id: 0.0 for r in contributing}
     metric_without = {r.seed_id: 0.0 for r in contributing}
     model.eval()
@@ -292,18 +298,25 @@ def evaluate_seeds(
                     continue
                 n_total += n
                 n_batches += 1
-                output, seen = _watched_call(model, inputs, live, observed)
+                output, seen, sat = _watched_call(model, inputs, live, observed)
                 for i, fault in enumerate(seen):
                     if fault is not None:
                         faults[i] += 1
                         last_fault[i] = fault
-                loss_with += n * _value(loss_fn(output, targets))
-                if metric_fn is not None:
-                    value = _value(metric_fn(output, targets))
-                    metric_with += n * value
-                    if not math.isfinite(value):
-                        bad_metric.add(n_batches)
+                loss = n * _value(loss_fn(output, targets))
+                value = math.nan if metric_fn is None else _value(metric_fn(output, targets))
+                if not math.isfinite(value) and metric_fn is not None:
+                    bad_metric.add(n_batches)
+                loss_with_all, metric_with_all = loss_with_all + loss, metric_with_all + n * value
+                for i in range(len(live)):
+                    if sat[i]:
+                        sat_out[i] += 1
+                    else:
+                        n_seed[i], loss_with[i] = n_seed[i] + n, loss_with[i] + loss
+                        metric_with[i] += n * value
                 for record in contributing:
+                    if sat[position[id(record)]]:
+                        continue  # no ablation to compare with: the host stood in already
                     hooks = _ablate(record)
                     try:
                         output = _call(model, inputs)
@@ -337,11 +350,21 @@ def evaluate_seeds(
             len(bad_metric),
             n_batches,
         )
-    mean_loss = loss_with / n_total
-    mean_metric = metric_with / n_total if metric_fn is not None else math.nan
     results: dict[str, SeedEvaluation] = {}
     for i, record in enumerate(live):
         sid = record.seed_id
+        if sat_out[i]:
+            logger.warning(
+                "seed %s sat out %d of %d validation batches (its slot logged why): measured "
+                "on the others%s", sid, sat_out[i], n_batches,
+                "" if n_seed[i] else "; on none, so G5 refuses it",
+            )  # fmt: skip
+        if not n_seed[i]:  # never measured: the host stood in on every batch
+            faults[i], last_fault[i] = sat_out[i], "sat out every validation batch"
+        samples = n_seed[i] or n_total  # (never measured: the host's loss on every batch)
+        mean_loss = loss_with[i] / samples if n_seed[i] else loss_with_all / n_total
+        mean_metric = metric_with[i] / samples if n_seed[i] else metric_with_all / n_total
+        mean_metric = math.nan if metric_fn is None else mean_metric  # the one NaN, as before
         if faults[i]:
             logger.warning(
                 "seed %s faulted on %d of %d validation batches while measured (last: %s): "
@@ -351,11 +374,13 @@ def evaluate_seeds(
                 n_batches,
                 last_fault[i],
             )
-        without = loss_without[sid] / n_total if sid in loss_without else mean_loss
+        without = loss_without[sid] / samples if sid in loss_without and n_seed[i] else mean_loss
         if metric_fn is None:
             metric_off = math.nan
+        elif sid in metric_without and n_seed[i]:
+            metric_off = metric_without[sid] / samples
         else:
-            metric_off = metric_without[sid] / n_total if sid in metric_without else mean_metric
+            metric_off = mean_metric
         evaluation = SeedEvaluation(
             seed_id=sid,
             stage=record.stage,
@@ -364,7 +389,7 @@ def evaluate_seeds(
             loss_without=without,
             metric_with=mean_metric,
             metric_without=metric_off,
-            samples=n_total,
+            samples=samples,
             epoch=epoch,
             step=step,
             metric_given=metric_fn is not None,

@@ -798,9 +798,14 @@ def test_a_seed_that_sits_out_the_measuring_forward_is_not_measured_as_harmless(
     ran = evaluate_seeds(registry, [(torch.randn(4, 3), torch.zeros(4, 6))], F.mse_loss)["fc[0]"]
     assert ran.faults == 0 and ran.loss_with > ran.loss_without
     sat = evaluate_seeds(registry, [(torch.randn(5, 3), torch.zeros(5, 6))], F.mse_loss)["fc[0]"]
-    assert sat.faults == 1 and sat.last_fault.startswith("sat out")
+    assert sat.faults == 1 and sat.last_fault == "sat out every validation batch"
     result = seed.evaluate_gate(S.ACTIVE, performance_gate=0.0)
     assert not result.passed and seed.stage == S.STABILIZATION
+    # A partial last batch (no drop_last) is left out of the measurement, not failed: the seed
+    # is measured on the batches it ran, and its harm shows.
+    batches = [(torch.randn(4, 3), torch.zeros(4, 6)), (torch.randn(3, 3), torch.zeros(3, 6))]
+    some = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
+    assert some.faults == 0 and some.samples == 4 and some.loss_with > some.loss_without
 
 
 def test_a_load_through_the_seed_drops_its_evaluation() -> None:
