@@ -765,21 +765,12 @@ def test_a_gate_score_out_of_range_is_refused_before_anything_is_written(rig: Ri
     assert seed.gate_score == 0.7
 
 
-class _Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = nn.Parameter(torch.tensor(factor))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
 def _static_batch_slot(factor: float) -> tuple[nn.Sequential, SlotRegistry, KasminaLayer]:
     torch.manual_seed(0)
     slot = KasminaLayer(nn.Linear(3, 6), 3, 2, layer_id="fc")
     model = nn.Sequential(slot)
     registry = SlotRegistry(model, [slot])  # takes over DORMANT seeds only
-    kernel = _Scale(factor)
+    kernel = Scale(factor)
     kernel.signed_input_shape = (4, 2)  # an exported kernel's static batch of 4
     slot.seeds[0].attach_kernel(kernel)
     for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
@@ -835,7 +826,7 @@ def test_a_scripted_kernel_is_evaluated_and_no_hook_is_left_behind() -> None:
 
     model, registry, slot = _static_batch_slot(2.0)
     other = slot.seeds[1]
-    other.attach_kernel(torch.jit.script(_Scale(0.5)))
+    other.attach_kernel(torch.jit.script(Scale(0.5)))
     for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
         other.transition_to(stage)
     batch = [(torch.randn(4, 3), torch.zeros(4, 6))]

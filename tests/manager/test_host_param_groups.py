@@ -320,20 +320,23 @@ def test_a_layer_unfrozen_under_a_trainers_own_optimizer_is_on_the_host_side(
     assert not report["isolation_clean"] and weight.grad is None  # dropped, as the host's
 
 
+class Deep(Host):
+    """The test host with a layer between its two that no slot wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
+
+
 def test_weight_norm_on_a_layer_after_attach_is_refused_for_what_it_is(
     tmp_path, store, keyring: Keyring
 ) -> None:
     """``weight_norm`` after attach makes parameters over the old weight's memory, which the
     host optimizer still holds: adding them (the fix for a replaced module) would step that
     memory twice and is refused as an overlap. The step names the cause and the way out."""
-
-    class Deep(Host):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mid = torch.nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
 
     manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
     model = Deep()
@@ -406,14 +409,6 @@ def test_a_rollback_to_before_a_replaced_layers_group_makes_the_step_say_so(
     nothing had registered a module since the last check, no step looked again: the layer got
     gradients and was never stepped, every step reporting ``host_stepped``. The step after the
     rollback refuses again, naming it, until a group holds it."""
-
-    class Deep(Host):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mid = torch.nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
 
     manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
     model = Deep()
