@@ -555,10 +555,7 @@ class CommandExecution:
             # on the host optimizer keeps working.
             record.monitor = None
             record.last_output, record.input_grad = None, False
-            if state.optimizers.has_host and record.seed_id in state.optimizers.seed_ids:
-                state.require_registry().take_host_groups_before_promotion(state.optimizers)
-                near = record.slot.host.parameters()
-                state.optimizers.promote_seed(record.seed_id, near=near)
+            state.require_registry().promote_active(state.optimizers, [record])
         elif new == S.HARVESTING:
             report = dict(record.seed.field_report or {})
             report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)

@@ -242,13 +242,18 @@ class SlotRegistry:
             ):
                 logger.info("rollback: %s (un)frozen as in the checkpoint", changed)
 
-    def promote_active(self, optimizers: IsolatedOptimizerManager) -> None:
-        """Promote the ACTIVE seeds that still step on their own optimizer into the host's
-        (each into its slot's group): a seed fossilized while there was none (``attach`` with
-        ``host_lr=None``) joins the one an INITIALIZE_HOST made, as it would have at ACTIVE."""
+    def promote_active(
+        self, optimizers: IsolatedOptimizerManager, records: Iterable[SeedRecord] | None = None
+    ) -> None:
+        """Promote the ACTIVE seeds (``records``, default every one) that still step on their
+        own optimizer into the host's, each into its slot's host layer's group (no new group: a
+        user's LR scheduler on it keeps working), after the groups added since the last step
+        are taken up. At the transition to ACTIVE, and after an optimizer command: a seed
+        fossilized while there was no host optimizer (``host_lr=None``) joins the one an
+        INITIALIZE_HOST made."""
         if not optimizers.has_host:
             return
-        for record in self.in_stages({SeedStage.ACTIVE}):
+        for record in self.in_stages({SeedStage.ACTIVE}) if records is None else records:
             if record.seed_id in optimizers.seed_ids:
                 self.take_host_groups_before_promotion(optimizers)
                 optimizers.promote_seed(record.seed_id, near=record.slot.host.parameters())
