@@ -23,9 +23,12 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   a fault after 8 steps), and a framework's own ``scaler.unscale_(optimizer)`` (its gradient
   clipping) is followed by the seeds'. Without the scaler such an ``unscale_``, which reaches
   the host's groups only, is refused. A ROLLBACK applied inside the step restores a tracked
-  scaler, and the framework's ``scaler.update()`` after the step then applies the abandoned
-  step's overflow (or growth count) to it: the scale is one update off the checkpoint's. Step
-  and state-dict hooks run as on any optimizer; a copy or a
+  scaler (``manager.track``), and the framework's ``scaler.update()`` after the step would
+  apply the abandoned step's overflow (or growth count) to it: that one ``update()`` of each
+  tracked ``GradScaler`` keeps the restored scale instead (``update(new_scale=)`` with it: the
+  growth count as the checkpoint holds it, the step's records cleared), as the README's plain
+  loop does by hand; a hold the framework never used ends at the next step. Step and
+  state-dict hooks run as on any optimizer; a copy or a
   pickle is refused (it is a view of a live manager: save its ``state_dict()``).
   ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager holds
   (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
@@ -99,6 +102,8 @@ class ManagerOptimizer(torch.optim.Optimizer):
         self.scaler = scaler
         self._warned_scaler = False
         self._checked_scaler: torch.amp.GradScaler | None = None
+        # Tracked scalers whose next ``update()`` keeps the scale a ROLLBACK restored.
+        self._held_scalers: list[torch.amp.GradScaler] = []
         self.last_report: dict[str, Any] | None = None
         self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
         # What ``Optimizer.__init__`` sets up for hooks (the rest of it needs parameters).
@@ -143,6 +148,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "manager.backward(loss, kd_loss=...) before the step"
             )
         clip = checked_clip_norm(self.grad_clip_norm)  # before anything changes
+        self._release_held_scalers()
         scale = None
         if hasattr(self, "found_inf"):  # inside a GradScaler's step
             try:
@@ -164,6 +170,25 @@ class ManagerOptimizer(torch.optim.Optimizer):
             self._forget_scale()
             raise
         self.steps += 1
+        if hasattr(self, "found_inf") and self.rolled_back:
+            self._hold_tracked_scalers()
+
+    def _hold_tracked_scalers(self) -> None:
+        """After a step whose safe point applied a ROLLBACK inside a GradScaler's step: the
+        rollback put each tracked GradScaler back as its checkpoint holds it, and the update
+        the framework runs next (``scaler.update()``) belongs to the abandoned step. That one
+        call keeps the scale as it is (``update(new_scale=)``, which clears the step's records
+        and leaves the growth count alone); the class's ``update`` serves every later one."""
+        tracked = [o for o, _ in self.manager.state.tracked.values()]
+        for scaler in {id(o): o for o in tracked if isinstance(o, torch.amp.GradScaler)}.values():
+            self._held_scalers.append(scaler)
+            scaler.update = _keeping_scale_once(scaler)
+
+    def _release_held_scalers(self) -> None:
+        """End the holds of a rolled-back step whose ``update()`` the framework never called:
+        the next step's update is its own."""
+        while self._held_scalers:
+            vars(self._held_scalers.pop()).pop("update", None)
 
     def _unscale(self, scale: torch.Tensor | None) -> torch.Tensor | None:
         """Unscale every gradient the manager's optimizers step, inside a GradScaler's step
@@ -270,6 +295,17 @@ class ManagerOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"ManagerOptimizer(grad_clip_norm={self.grad_clip_norm!r})"
+
+
+def _keeping_scale_once(scaler: torch.amp.GradScaler) -> Callable[..., None]:
+    """An ``update`` for ``scaler``'s instance that, called once, takes itself off and runs
+    the class's ``update`` with the scale as it is now (or the ``new_scale`` it is given)."""
+
+    def update(new_scale: float | torch.Tensor | None = None) -> None:
+        vars(scaler).pop("update", None)
+        scaler.update(scaler.get_scale() if new_scale is None else new_scale)
+
+    return update
 
 
 class ManagerScheduler:

@@ -339,6 +339,48 @@ def test_the_scaler_given_must_be_the_one_stepping(
         rig.manager.close()
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["given", "not-given"])
+def test_a_rollback_in_a_scaled_step_leaves_the_tracked_scaler_as_its_checkpoint(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, given: bool
+) -> None:
+    """A ROLLBACK applied at the safe point of a step inside ``scaler.step`` restores the
+    tracked GradScaler, and the framework's ``scaler.update()`` then applied that abandoned
+    step's overflow to it (scale halved, growth count reset): one update off its checkpoint
+    for the rest of the run. That update keeps the restored scale now, and the next one is the
+    class's own. A hold the loop never used (a step without the scaler next) ends at that
+    step."""
+    from kasmina.control.commands import make_rollback_command
+
+    rig = _rig(tmp_path, store, keyring, mlp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    optimizer = ManagerOptimizer(rig.manager, scaler=scaler if given else None)
+    rig.manager.track("scaler", scaler)
+    _scaled_step(rig, optimizer, scaler)
+    rig.manager.end_epoch(0)
+    saved = scaler.state_dict()
+    assert saved["_growth_tracker"] == 1
+    for _ in range(2):
+        _scaled_step(rig, optimizer, scaler)
+    assert scaler.state_dict() != saved
+    assert rig.manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    _scaled_step(rig, optimizer, scaler, float("inf"))  # applied at this step's safe point
+    assert optimizer.rolled_back
+    assert scaler.state_dict() == saved
+    assert "update" not in vars(scaler)
+    _scaled_step(rig, optimizer, scaler, float("inf"))  # the class's update: halved
+    assert scaler.get_scale() == 512.0
+    assert rig.manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    rig.manager.backward(scaler.scale(loss))
+    scaler.step(optimizer)  # rolled back; the loop goes on without the scaler
+    assert "update" in vars(scaler)
+    optimizer.zero_grad()
+    rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
+    optimizer.step()
+    assert "update" not in vars(scaler)
+    rig.manager.close()
+
+
 def test_a_group_added_since_the_last_step_is_saved_and_loaded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
