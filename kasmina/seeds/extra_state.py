@@ -397,9 +397,19 @@ def seed_load_pre_hook(
 ) -> None:
     """A seed's own ``load_state_dict`` pre-hook: its state checked before any of it loads (a
     load straight into the seed, which no slot's check sees, wrote its ``alpha`` before its
-    extra state was refused), then its evaluation dropped (:func:`forget_evaluation`)."""
+    extra state was refused), then its evaluation dropped (:func:`forget_evaluation`).
+
+    The ``alpha`` buffer the blend reads loads as the lifecycle's alpha: the one the state's
+    extra state restores, or the seed's own when it has none. An averaged model (an EMA that
+    lerps every float tensor, a weights-only load of one) carried another alpha in the buffer
+    than its extra state, and the seed then blended at one alpha while G4, the state table and
+    the report showed the other. ``state_dict`` is the load's own copy (torch copies it)."""
     check_seed_states(seed, state_dict, prefix)
     forget_evaluation(seed)
+    buffer, extra = state_dict.get(prefix + "alpha"), state_dict.get(prefix + _EXTRA_STATE)
+    if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+        alpha = seed.alpha_value if extra is None else seed.check_state(extra).alpha
+        state_dict[prefix + "alpha"] = torch.full_like(buffer, alpha)  # type: ignore[index]
 
 
 def check_seed_states(

@@ -106,24 +106,27 @@ def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
     try:
         # The first call usually comes from inside a backward, where grad mode is off: the
         # probe builds its graph with grad mode on, or it would have none and fail for good.
+        # On the CPU by name: under a caller's ``torch.device("meta")`` (or a default device)
+        # the probe would compute nothing, and its failure is no seed's fault.
+        cpu = torch.device("cpu")
         with torch.enable_grad():
-            w = torch.tensor([1.0, 2.0], requires_grad=True)
-            unused = torch.zeros(1, requires_grad=True)
+            w = torch.tensor([1.0, 2.0], requires_grad=True, device=cpu)
+            unused = torch.zeros(1, requires_grad=True, device=cpu)
             y = w * w
-            grad = torch.tensor([1.0, 3.0])
+            grad = torch.tensor([1.0, 3.0], device=cpu)
             got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
             want = torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
+        same = (
+            len(got) == 2
+            and got[1] is None
+            and want[1] is None
+            and isinstance(got[0], torch.Tensor)
+            and torch.equal(got[0], want[0])
+            and w.grad is None
+        )
     except Exception:
         logger.debug("the autograd engine's entry point is not the expected one", exc_info=True)
         return None
-    same = (
-        len(got) == 2
-        and got[1] is None
-        and want[1] is None
-        and isinstance(got[0], torch.Tensor)
-        and torch.equal(got[0], want[0])
-        and w.grad is None
-    )
     return run if same else None
 
 

@@ -114,8 +114,7 @@ class GradientIsolatedSeed(nn.Module):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if not isinstance(seed_id, str) or not seed_id:
             raise ValueError("seed_id must be a non-empty string")
-        self.chunk_size = chunk_size
-        self.seed_id = seed_id
+        self.chunk_size, self.seed_id = chunk_size, seed_id
         self.kd_config = kd_config if kd_config is None or kd_config.enabled else None
         self.state_table = state if state is not None else GPUStateTensor(1, "cpu")
         self.state_index = self.state_table.check_index(index)
@@ -127,9 +126,8 @@ class GradientIsolatedSeed(nn.Module):
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool, device=cpu), False)
         self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool, device=cpu), False)
         self.isolation_violations = self.nonfinite_events = self.faults = 0
-        self.fault_limit = fault_limit
-        # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
-        self.guard_backward = True
+        # guard_backward: the kernel's backward in a guarded node before ACTIVE (cost:
+        self.fault_limit, self.guard_backward = fault_limit, True  # perf/bench_faults.py)
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = self._performance_gate = self._alpha_value = 0.0
         # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.
@@ -591,6 +589,8 @@ class GradientIsolatedSeed(nn.Module):
         state.pop("_kernel_tree", None)  # a cache of the kernel's modules, rebuilt on use
         state["_kd_losses"] = []  # this step's, with their graphs: not the copy's
         state["probe_result"] = None  # this kernel's measurement (a GPU's events do not copy)
+        if state.get("_loaded_draws") is None:  # a copy has no owner to move its stream on
+            state["draw_step"], state["_loaded_draws"] = None, [self.draw_step, None]
         return state
 
     def extra_repr(self) -> str:

@@ -131,6 +131,56 @@ def test_a_seed_no_manager_owns_keys_its_stream_on_its_versions(
     assert seed.draw_step == 3
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_managed_model_draws_anew_at_each_of_its_own_steps(
+    tmp_path: Path, store: Path, keyring: Keyring, how: str
+) -> None:
+    """A deep copy or a whole-model pickle of a managed model kept the manager's position
+    (``draw_step``), which nothing moves in the copy: trained on its own beside a host that
+    draws nothing, its kernel drew one dropout mask at every step. The copy starts where the
+    original stands (its first forward draws the original's mask) and its own updates move
+    it on; the original's position is its manager's still."""
+    import copy
+    import io
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, publish(Dropping().train(), torch.randn(3, 2), store))
+    rig.train(3)
+    if how == "deepcopy":
+        model = copy.deepcopy(rig.model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(rig.model, buffer)
+        buffer.seek(0)
+        model = torch.load(buffer, weights_only=False)
+    (clone,) = [m for m in model.modules() if getattr(m, "seed_id", None) == SEED0]
+    assert clone.draw_step is None and rig.manager.seed(SEED0).draw_step == 3
+    assert torch.equal(_masks_of(clone.kernel, model, rig.x), _masks(rig))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    masks = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        masks.append(_masks_of(clone.kernel, model, rig.x, train=True))
+        optimizer.step()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    rig.manager.close()
+
+
+def _masks_of(kernel: nn.Module, model: nn.Module, x: torch.Tensor, train: bool = False):
+    """Where ``kernel`` dropped its input in one training forward of ``model`` (with its
+    backward when ``train``)."""
+    seen: list[torch.Tensor] = []
+    handle = kernel.register_forward_hook(lambda m, args, out: seen.append(out.detach() == 0))
+    try:
+        out = model(x)
+        if train:
+            out.sum().backward()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def test_a_loaded_copy_draws_what_the_saved_seed_drew_until_it_is_trained(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:

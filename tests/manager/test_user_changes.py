@@ -240,3 +240,38 @@ def test_a_step_command_whose_seed_optimizer_raises_charges_the_seed_a_fault(rig
     assert seed.faults == 1 and seed.fault_log[-1].startswith("RuntimeError")
     manager.step()
     assert seed.faults == 1
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["whole", "floats-only"])
+def test_loading_averaged_weights_keeps_the_blend_at_the_lifecycles_alpha(
+    rig: Rig, mlp, strict: bool
+) -> None:
+    """An EMA of a grafting model (timm's recipe: ``lerp_`` of every float tensor of the
+    ``state_dict``) averages the seed's ``alpha`` buffer too, which its extra state does not
+    follow. Loading that back (whole, or its float tensors alone with ``strict=False``) left
+    the blend reading the averaged alpha while the seed, the state table and G4 held the
+    lifecycle's: the model blended at one alpha and reported another. The buffer loads as the
+    lifecycle's alpha now, and the model computes what it did before the load."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0)
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    rig.train(2)
+    seed = manager.seed(SEED0)
+    alpha = seed.alpha_value
+    assert 0.0 < alpha < 0.9
+    averaged = rig.model.state_dict()
+    averaged["out.seeds.0.alpha"] = torch.tensor(0.9)  # an EMA's lerp of the buffer
+    if not strict:
+        averaged = {k: v for k, v in averaged.items() if v.is_floating_point()}
+    rig.model.eval()
+    with torch.no_grad():
+        before = rig.model(rig.x)
+        rig.model.load_state_dict(averaged, strict=strict)
+        after = rig.model(rig.x)
+    assert float(seed.alpha) == pytest.approx(alpha) and seed.alpha_value == alpha
+    assert torch.equal(before, after)
+    manager.close()

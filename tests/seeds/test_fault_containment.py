@@ -981,4 +981,27 @@ def test_the_guard_takes_the_direct_engine_entry_even_when_first_asked_inside_a_
     assert all(p.grad is not None for p in seed.kernel.parameters())
 
 
+@pytest.mark.parametrize("how", ["context", "default"])
+def test_the_engine_probe_under_a_meta_default_device_finds_the_entry(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The probe made its tensors on the default device: first asked outside the engine (a
+    manager's seed-only KD backward) under a caller's ``torch.device("meta")`` or
+    ``set_default_device("meta")``, its comparison raised outside its ``try``, into the guard,
+    which charged every isolated seed of that backward a fault and dropped its gradient. It
+    computes on the CPU by name, and finds the entry."""
+    monkeypatch.setattr(island, "_ENGINE", [])
+    if how == "context":
+        with torch.device("meta"):
+            entry = island._direct_engine()
+    else:
+        previous = torch.get_default_device()
+        torch.set_default_device("meta")
+        try:
+            entry = island._direct_engine()
+        finally:
+            torch.set_default_device(previous)
+    assert entry is not None and island._ENGINE == [entry]
+
+
 _public_grad = torch.autograd.grad
