@@ -36,6 +36,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
 from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
 from kasmina.isolation.stepping import (
+    carried_state,
     checked_clip_norm,
     clip_gradients,
     follow_parameters,
@@ -265,12 +266,12 @@ class IsolatedOptimizerManager:
         group count (an LR scheduler on it holds one entry per group): group ``group`` if
         given, else the one group that holds any of ``near`` (the slot's host parameters),
         else the first. From then on they train with that group's hyperparameters and
-        schedule. With the same optimizer class the seed's state (e.g. Adam moments and step)
-        carries over; otherwise they start with none. Returns the group's index."""
+        schedule. With the same optimizer class the seed's state (Adam's moments, step) carries
+        over where it fits the group (``carried_state``, run before anything moves), else it
+        starts with none. Returns the group's index."""
         if seed_id == HOST_ID:
             raise ValueError("the host cannot be promoted")
-        host = self._entry(HOST_ID)
-        seed = self._entry(seed_id)
+        host, seed = self._entry(HOST_ID), self._entry(seed_id)
         groups = host.optimizer.param_groups[: len(host.sizes)]  # taken up: take_host_groups
         if group is None:
             wanted = {id(p) for p in near}
@@ -280,15 +281,12 @@ class IsolatedOptimizerManager:
             index = group
         else:
             raise ValueError(f"the host optimizer has no param group {group}")
-        params = seed.params()
-        target = groups[index]
+        params, target = seed.params(), groups[index]
+        carried = carried_state(seed.optimizer, params, host.optimizer, target)
         target["params"].extend(params)
         if "param_names" in target:  # a group built from named parameters names each one
             target["param_names"].extend(f"{seed_id}.{i}" for i in range(len(params)))
-        if type(seed.optimizer) is type(host.optimizer):
-            for p in params:
-                if p in seed.optimizer.state:
-                    host.optimizer.state[p] = seed.optimizer.state[p]
+        host.optimizer.state.update(carried)
         host.promoted.append(_Promotion(seed_id, index, params))
         host.sizes[index] += len(params)
         self._ownership.transfer(seed_id, HOST_ID)

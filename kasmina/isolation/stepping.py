@@ -24,6 +24,16 @@ their scalars (``step`` and the like: a number or a one-element tensor); for ano
 a tensor must have the shape of the live one under its key, if there is one. Each saved param
 group must hold every hyperparameter the optimizer steps with (``group_keys_problem``).
 
+**Carrying over.** A seed promoted into the host optimizer brings its state along only from an
+optimizer of the host's class, and only where it fits the group it joins (``carried_state``):
+the state the host would make for it there, found by stepping a probe of that class and that
+group's settings once on zeros of each parameter's shape, dtype and device, must have the same
+keys, each a tensor of the same dtype, device and shape (or each not a tensor). Carried as it
+was into a group whose settings need state the seed's optimizer never made (Adam's ``amsgrad``:
+``max_exp_avg_sq``; RMSprop's ``momentum`` or ``centered``), every later host step raised
+``KeyError``. A state that does not fit is left behind and the parameter starts with none, as a
+parameter new to the group does; so does every one when the probe cannot run (a custom class).
+
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's
 optimizers go parameter by parameter), so its state is reset, the failure counted, logged at a
@@ -37,7 +47,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +58,7 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["clip_gradients", "follow_parameters", "step_contained"]
+__all__ = ["carried_state", "clip_gradients", "follow_parameters", "step_contained"]
 
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
@@ -209,6 +220,58 @@ def group_keys_problem(optimizer: torch.optim.Optimizer, saved: dict) -> str | N
         if missing := sorted(k for k in optimizer.defaults if k in live and k not in group):
             return f"param group {index} has no {', '.join(map(repr, missing))}"
     return None
+
+
+def carried_state(
+    source: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    group: Mapping[str, Any],
+) -> dict[torch.Tensor, dict]:
+    """The states ``source`` holds for ``params`` that ``optimizer`` can step with once they
+    join its ``group`` (see the module docstring): none from another class; those that do not
+    fit, and all when the probe raises, are left behind (logged). Changes nothing."""
+    states = {p: source.state[p] for p in params if source.state.get(p)}
+    if not states or type(source) is not type(optimizer):
+        return {}
+    probes: dict[tuple, torch.Tensor] = {}
+    for param in states:
+        key = (param.shape, param.dtype, param.device)
+        if key not in probes:
+            probes[key] = probe = torch.zeros_like(param.detach())
+            probe.grad = torch.zeros_like(probe)
+    settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    made: dict[tuple, dict[str, tuple | None]] = {}
+    try:  # built as torch's own load builds one: no __init__ (a subclass's may need more)
+        probe_opt = type(optimizer).__new__(type(optimizer))
+        probe_opt.__setstate__(
+            {
+                "defaults": dict(optimizer.defaults),
+                "state": defaultdict(dict),
+                "param_groups": [{**settings, "params": list(probes.values())}],
+            }
+        )
+        probe_opt.step()
+        made = {key: _layout(probe_opt.state.get(p, {})) for key, p in probes.items()}
+    except Exception as exc:
+        logger.info("optimizer state not carried over: the probe step raised %r", exc)
+    carried = {
+        param: state
+        for param, state in states.items()
+        if made.get((param.shape, param.dtype, param.device)) == _layout(state)
+    }
+    if len(carried) < len(states):
+        msg = "%d of %d tensors' optimizer states do not fit the host group they join: left behind"
+        logger.info(msg, len(states) - len(carried), len(states))
+    return carried
+
+
+def _layout(state: Mapping[str, Any]) -> dict[str, tuple | None]:
+    """Per key of a parameter's state: a tensor's dtype, device and shape (None: not one)."""
+    return {
+        key: (v.dtype, v.device, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+        for key, v in state.items()
+    }
 
 
 def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures: dict) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -73,11 +74,11 @@ def check_optimizer(
     does not take (a typo), built once here on a throwaway parameter, and a class that cannot
     ``step()`` as the manager steps it, without a closure, on a dense gradient (``LBFGS``,
     ``SparseAdam``: every step raised), stepped once there, on ``device`` when it is a GPU
-    (``capturable=True`` steps only there). ``host_lr`` (None: no
-    host optimizer) is held to the same rule, a one-element tensor (torch.optim takes one) by
-    its value; returned as the host optimizer takes it: a NumPy or ``Fraction`` rate as a
-    Python float (checkpoints are read with ``weights_only=True``, which refuses a NumPy
-    scalar), a tensor as it is."""
+    (``capturable=True`` steps only there), and one that wraps another optimizer (ZeRO:
+    ``_wrapper_refusal``). ``host_lr`` (None: no host optimizer) is held to the same rule, a
+    one-element tensor (torch.optim takes one) by its value; returned as the host optimizer
+    takes it: a NumPy or ``Fraction`` rate as a Python float (checkpoints are read with
+    ``weights_only=True``, which refuses a NumPy scalar), a tensor as it is."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(
             f"optimizer_cls must be a torch.optim.Optimizer subclass (torch.optim.Adam), "
@@ -88,12 +89,18 @@ def check_optimizer(
     lr = _checked_lr("seed_lr", seed_lr)
     if isinstance(lr, torch.Tensor):
         lr = lr.item()
+    zero = getattr(sys.modules.get("torch.distributed.optim"), "ZeroRedundancyOptimizer", None)
+    if isinstance(zero, type) and issubclass(cls, zero):  # refused before it needs a group
+        raise ValueError(_wrapper_refusal(cls))
     on = device if device is not None and device.type == "cuda" else torch.device("cpu")
     param = torch.zeros(1, requires_grad=True, device=on)
     try:
         optimizer = cls([param], lr=lr, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the seeds' optimizer {cls.__name__} refuses {options}: {exc}") from exc
+    held = getattr(optimizer, "__dict__", {}).values()  # ZeRO's .optim, another wrapper's
+    if any(isinstance(value, torch.optim.Optimizer) for value in held):
+        raise ValueError(_wrapper_refusal(cls))
     param.grad = torch.zeros(1, device=on)
     try:
         optimizer.step()
@@ -103,6 +110,20 @@ def check_optimizer(
             f"(no closure, dense gradients): {type(exc).__name__}: {exc}"
         ) from exc
     return host_lr  # type: ignore[return-value]
+
+
+def _wrapper_refusal(cls: type) -> str:
+    """Why ``cls``, an optimizer that owns another it steps (``ZeroRedundancyOptimizer``), is
+    refused: a seed promoted at ACTIVE joins the host optimizer's ``param_groups``, which the
+    wrapped one never sees (ZeRO partitions its parameters when built): the seed never trained,
+    and ZeRO's ``state_dict`` raised at the first checkpoint (its state not consolidated)."""
+    return (
+        f"optimizer_cls {cls.__name__} wraps another optimizer, which never sees the parameters "
+        "the manager adds to its param groups (a seed promoted at ACTIVE would never train; "
+        "ZeroRedundancyOptimizer's state_dict needs consolidating at every checkpoint): pass "
+        "the wrapped class itself (optimizer_cls=torch.optim.Adam); under DDP every rank "
+        "then keeps the whole optimizer state"
+    )
 
 
 def _checked_lr(name: str, lr: object) -> float | torch.Tensor:

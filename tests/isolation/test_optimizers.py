@@ -400,6 +400,44 @@ def test_promote_into_a_different_optimizer_class_takes_the_host_group_without_s
     assert "betas" not in host_opt.param_groups[0] and seed.weight not in host_opt.state
 
 
+@pytest.mark.parametrize(
+    ("cls", "settings"),
+    [
+        (torch.optim.Adam, {"amsgrad": True}),  # needs max_exp_avg_sq
+        (torch.optim.RMSprop, {"momentum": 0.9}),  # needs momentum_buffer
+        (torch.optim.RMSprop, {"centered": True}),  # needs grad_avg
+    ],
+)
+def test_a_seed_state_its_host_group_cannot_step_with_is_left_behind(cls, settings):
+    """Promotion carried a seed's state over as it was (same class) into a group whose settings
+    need state the seed's optimizer never made: every host step from then on raised KeyError
+    (the first group already stepped). Now a state carries over only where it fits the group
+    it joins; one that does not is left behind, the promotion whole, and the host steps."""
+    host, seed = models()
+    other, third = models(1)
+    opts = IsolatedOptimizerManager()
+    host_opt = opts.initialize_host(host.parameters(), lr=0.01, optimizer_cls=cls)
+    host_opt.add_param_group({"params": list(other.parameters()), "lr": 0.02, **settings})
+    opts.take_host_groups(_namer(host=host, other=other))  # the manager's step does this
+    opts.create_seed_optimizer("s0", seed.parameters(), optimizer_cls=cls)
+    opts.create_seed_optimizer("s1", third.parameters(), optimizer_cls=cls)
+    fill_grads(seed, third)
+    opts.step_many(["s0", "s1"])
+    fits = {k: v.clone() for k, v in opts.optimizer("s1").state[third.weight].items()}
+    assert opts.promote_seed("s0", near=other.parameters()) == 1  # the unfrozen layer's group
+    assert opts.promote_seed("s1", group=0) == 0  # settings as the seeds': carried over
+    state = host_opt.state
+    assert all(torch.equal(state[third.weight][k], v) for k, v in fits.items())
+    assert opts.optimizer_ids == ["host"] and len(host_opt.param_groups[1]["params"]) == 4
+    for _ in range(2):
+        fill_grads(host, other, seed, third)
+        before = host.weight.detach().clone(), seed.weight.detach().clone()
+        assert opts.step("host")  # raised KeyError at every step
+        assert not torch.equal(before[0], host.weight) and not torch.equal(before[1], seed.weight)
+    assert set(state[seed.weight]) == set(state[other.weight])  # made as the group makes it
+    assert int(state[seed.weight]["step"]) == 2 and int(state[third.weight]["step"]) == 3
+
+
 def test_promote_joins_the_group_of_the_given_parameters():
     """The manager passes the slot's host layer: the seed joins the group that holds it (the
     first group when none or several do); an explicit group index wins."""

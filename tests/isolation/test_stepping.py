@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kasmina.isolation.stepping import follow_parameters, step_contained
+from kasmina.isolation.stepping import carried_state, follow_parameters, step_contained
 
 
 @pytest.mark.parametrize(
@@ -63,3 +63,37 @@ def test_a_step_that_raises_resets_the_state_it_left_part_way() -> None:
     assert not step_contained(optimizer, "s", failures)
     assert failures["s"][0] == 1 and not optimizer.state
     assert step_contained(optimizer, "s", failures)  # afresh
+
+
+class _Picky(torch.optim.SGD):
+    """A custom class whose step needs what a probe built without ``__init__`` lacks."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, lr=lr, momentum=0.9)
+        self.scale = 1.0
+
+    def step(self, closure=None):  # type: ignore[override]
+        return super().step(closure) if self.scale else None
+
+
+def test_carried_state_is_what_the_group_would_make_and_changes_nothing() -> None:
+    """A seed's state is carried into a host group only where the group would make the same
+    keys (dtype, device, shape); from another class, or where the probe raises, none."""
+    torch.manual_seed(0)
+    seed, host = torch.nn.Linear(3, 2), torch.nn.Linear(3, 3)
+    source = torch.optim.Adam(seed.parameters(), lr=0.1)
+    seed(torch.randn(4, 3)).sum().backward()
+    source.step()
+    params, state = list(seed.parameters()), dict(source.state)
+    target = torch.optim.Adam(host.parameters(), lr=0.01)
+    carried = carried_state(source, params, target, target.param_groups[0])
+    assert all(carried[p] is source.state[p] for p in params) and not target.state
+    settings = target.param_groups[0]
+    for group, fits in (({**settings, "amsgrad": True}, False), ({**settings, "lr": 0.5}, True)):
+        assert bool(carried_state(source, params, target, group)) is fits
+    sgd = torch.optim.SGD(host.parameters(), lr=0.1)
+    assert carried_state(source, params, sgd, sgd.param_groups[0]) == {}
+    picky_source, picky = _Picky(seed.parameters()), _Picky(host.parameters())
+    picky_source.step()
+    assert carried_state(picky_source, params, picky, picky.param_groups[0]) == {}
+    assert dict(source.state) == state and not target.state and not picky.state

@@ -254,6 +254,54 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
     manager.close()
 
 
+class _Lookahead(torch.optim.Optimizer):
+    """An optimizer that owns the one it steps, as ZeroRedundancyOptimizer does."""
+
+    def __init__(self, params, lr: float = 1e-3) -> None:
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        self.inner = torch.optim.SGD(params, lr=lr)
+
+    def step(self, closure=None):  # type: ignore[override]
+        return self.inner.step(closure)
+
+
+def test_an_optimizer_that_wraps_another_is_refused_at_attach(tmp_path) -> None:
+    """ZeroRedundancyOptimizer was accepted as optimizer_cls: a seed promoted at ACTIVE joined
+    its param_groups, which ZeRO (partitioned when built) never sees, so the seed never
+    trained, and with checkpoints on the first end_epoch raised "Optimizer state has not been
+    consolidated". It, and any optimizer that owns another it steps, is refused with a reason
+    and what to pass instead, with a process group or without, and the model left as it was."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    config = KasminaConfig(
+        device="cpu", urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs")
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(4, 4))
+    host = model[0]
+    zero = {"optimizer_cls": ZeroRedundancyOptimizer, "optimizer_class": torch.optim.Adam}
+    refused = "wraps another optimizer.*optimizer_cls=torch.optim.Adam"
+    with pytest.raises(ValueError, match=refused):  # no process group yet
+        manager.attach(model, "0", 2, 2, **zero)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        for options in (zero, {"optimizer_cls": _Lookahead}):
+            with pytest.raises(ValueError, match=refused):
+                manager.attach(model, "0", 2, 2, **options)
+            assert model[0] is host and manager.registry is None
+    finally:
+        dist.destroy_process_group()
+    assert manager.attach(model, "0", 2, 2, optimizer_cls=torch.optim.Adam)
+    manager.close()
+
+
 def test_a_model_off_the_kernels_device_is_refused_at_attach(tmp_path) -> None:
     """Kernels load on config.device; a model elsewhere ("auto" on a GPU machine, a CPU model)
     trained on with every GERMINATE refused by its dry run, the reason naming no setting."""

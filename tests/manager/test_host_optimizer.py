@@ -377,3 +377,35 @@ def test_a_seed_fossilized_before_initialize_host_joins_the_host_optimizer(
     second.train(1)
     manager.close()
     second.manager.close()
+
+
+def test_a_seed_promoted_into_a_host_group_with_momentum_keeps_the_host_training(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Signed commands alone: INITIALIZE_HOST built an RMSprop host optimizer with momentum,
+    the seeds' own had none. At ACTIVE the seed's state was carried into the host's group as
+    it was, without the ``momentum_buffer`` that group steps with: every ``step()`` after
+    raised ``KeyError`` (the host step not contained, global_step stuck). Now the state that
+    does not fit the group is left behind and the seed and the host train on."""
+    rig = Rig(
+        make_config(tmp_path, store), keyring, host_lr=None, optimizer_cls=torch.optim.RMSprop
+    )
+    manager = rig.manager
+    command = make_optimizer_command(
+        "initialize_host", learning_rate=0.01, parameters={"momentum": 0.9}
+    )
+    assert run_command(manager, rig.signed(command))
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    walk_to_active(rig, rig.train, 1)
+    assert SEED0 in manager.optimizers.promoted()
+    seed_params = manager.seed(SEED0).seed_parameters()
+    before, step = [p.detach().clone() for p in seed_params], manager.global_step
+    for _ in range(2):
+        assert rig.train(1)["host_stepped"]  # raised KeyError: 'momentum_buffer'
+    assert manager.global_step == step + 2
+    assert any(not torch.equal(a, p) for a, p in zip(before, seed_params, strict=True))
+    state = manager.optimizers.optimizer("host").state
+    assert all("momentum_buffer" in state[p] for p in seed_params)
+    manager.close()
