@@ -52,7 +52,7 @@ from kasmina.manager.rollback import kernels_to_fetch, snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
-from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
+from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import RUNS_KERNEL, TRAINING_STAGES, SeedStage
@@ -192,6 +192,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         check_device(model, device)
         host_lr = check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr, device)
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
+        fill_constants(model)  # a deferred init's meta constants: no data to undo, after the checks
         slots = slots or kasmina_layers(model)
         registry = SlotRegistry(model, slots, self.execution.on_transition, self.telemetry)
         state = self.state

@@ -29,6 +29,8 @@ from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
+from kasmina.seeds.constants import constants_on_meta, host_device
+from kasmina.seeds.layer import KasminaLayer
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
@@ -140,7 +142,17 @@ def _checked_lr(name: str, lr: object) -> float | torch.Tensor:
 def check_device(model: torch.nn.Module, device: torch.device) -> None:
     """Refuse a model whose parameters are not on ``device`` (``config.device``, where the
     kernels load): every GERMINATE was refused, its dry run finding the kernel on one device
-    and the slot's activations on another ("auto" on a GPU machine with a CPU model)."""
+    and the slot's activations on another ("auto" on a GPU machine with a CPU model). Refuse,
+    naming them, tensors a deferred init left on ``meta`` (:func:`unfilled_meta`): registered,
+    the model trained while every GERMINATE failed reading them and ``kasmina.save`` raised."""
+    unfilled = unfilled_meta(model)
+    if unfilled:
+        more = f" and {len(unfilled) - 8} more" if len(unfilled) > 8 else ""
+        raise ValueError(
+            f"the model holds tensors on the meta device, which have no values: "
+            f"{', '.join(unfilled[:8])}{more}; finish its deferred init before register "
+            "(load every weight, load_state_dict(..., assign=True), or to_empty and then load)"
+        )
     held = next((p.device for p in model.parameters()), None)
     if held is None:
         return
@@ -151,6 +163,18 @@ def check_device(model: torch.nn.Module, device: torch.device) -> None:
             f"the model is on {held} but config.device puts the seeds' kernels on {device}: "
             "move the model there, or set KasminaConfig(device=...) to the model's device"
         )
+
+
+def unfilled_meta(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s parameters and buffers on ``meta`` that no one can fill: all but
+    a slot's constants where its host's parameters are real, which ``register`` rebuilds
+    (``seeds.constants.rebuild_constants``). One walk of the model, at register only."""
+    fillable: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, KasminaLayer) and host_device(module) is not None:
+            fillable.update(f"{prefix}.{n}" if prefix else n for n in constants_on_meta(module))
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in named if t.is_meta and name not in fillable]
 
 
 class StateField:

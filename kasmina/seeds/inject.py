@@ -37,6 +37,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import sum_kd_losses
 from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
+from kasmina.seeds.constants import rebuild_constants
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
@@ -282,6 +283,13 @@ def add_load_checks(model: nn.Module) -> None:
 def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
     """Every KasminaLayer in ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, KasminaLayer)]
+
+
+def fill_constants(model: nn.Module) -> list[str]:
+    """Rebuild every slot's constants that a deferred init left on ``meta`` where its host's
+    parameters are real (``seeds.constants.rebuild_constants``); their names in ``model``."""
+    named = ((name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer))
+    return [f"{name}.{n}" if name else n for name, m in named for n in rebuild_constants(m)]
 
 
 def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) -> list[KasminaLayer]:

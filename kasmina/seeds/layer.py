@@ -58,6 +58,7 @@ from kasmina.kd.loss import (
 )
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.ops.transforms import transform_depth, under_vmap
+from kasmina.seeds.constants import CONSTANTS, rebuild_after_load
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -103,8 +104,6 @@ from kasmina.utils.flags import read_flags
 logger = logging.getLogger(__name__)
 
 __all__ = ["KasminaLayer"]
-# A ``to_empty`` from meta leaves buffers without values: these are put back (``_apply``).
-_CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "sat_out_compiled": 0}
 
 
 class KasminaLayer(nn.Module):
@@ -189,6 +188,7 @@ class KasminaLayer(nn.Module):
         self._refresh_plan()
         state.listen(self._refresh_plan, rows=[seed.state_index for seed in self.seeds])
         self.register_load_state_dict_pre_hook(check_seed_states)  # every seed's, checked first
+        self.register_load_state_dict_post_hook(rebuild_after_load)  # constants left on meta
         # The host's mode, not train()'s (which would reset the host's own mixed modes).
         self.training = host.training
         self.seeds.train(host.training)
@@ -582,7 +582,7 @@ class KasminaLayer(nn.Module):
         super()._apply(fn, recurse)
         self._buffers["_one"] = self._buffers["_one"].float()  # a cast: alphas stay float32
         if empty and not self._buffers["_one"].is_meta:  # the constants, put back
-            for name, value in _CONSTANTS.items():
+            for name, value in CONSTANTS.items():
                 self._buffers[name].fill_(value)
         self._link_flags()
         self._masks.clear()

@@ -260,3 +260,39 @@ def test_a_model_built_on_meta_attaches_and_materialises_with_to_empty() -> None
     assert slot.state_table.state_tensor.device.type == "cpu"
     model.to_empty(device="cpu")
     assert torch.equal(slot.state_table.state_tensor, table)
+
+
+def test_a_model_built_on_meta_and_loaded_with_assign_gets_its_slot_constants_back() -> None:
+    """Deferred init with ``load_state_dict(..., assign=True)`` in place of ``to_empty``: the
+    load put the checkpoint's tensors in the host but left the slot's constants (``_one``, its
+    flags, ``sat_out_compiled``, each seed's alpha and flags) on ``meta``, where no move could
+    fill them. Now the slot's load post-hook rebuilds them on the host's device, alpha with the
+    seed's value, and a GRAFTING seed runs."""
+    import kasmina
+
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    (slot,) = kasmina.attach(model, ["2"], 2, 2)
+    slot.seed(1)._set_alpha(0.25)  # a value the seed holds while its buffer has none
+    model.load_state_dict(
+        {k.replace("2.", "2.host.", 1) if k.startswith("2.") else k: v
+         for k, v in bare.state_dict().items()},
+        strict=False,
+        assign=True,
+    )  # fmt: skip
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert slot._one.item() == 1.0 and not slot._fault_flags.any() and slot._finite_flags.all()
+    assert slot.sat_out_compiled.tolist() == [0, 0]
+    assert [seed.alpha.item() for seed in slot.seeds] == [0.0, 0.25]
+    assert slot.seed(0).fault_flag.data_ptr() == slot._fault_flags.data_ptr()
+    x = torch.randn(3, 6)
+    assert torch.equal(model(x), bare(x))
+    slot.seed(0).attach_kernel(nn.Linear(2, 2))
+    for stage in PATH[:3]:
+        slot.seed(0).transition_to(stage)
+    slot.seed(0).update_alpha_blending(1, 2)
+    model(x).sum().backward()  # a GRAFTING seed runs, its fault flag clean
+    assert not slot.seed(0).fault_flag.item() and slot.seed(0).faults == 0
+    assert slot.seed(0).kernel.weight.grad is not None

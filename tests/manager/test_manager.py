@@ -963,6 +963,85 @@ def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring
         manager.register(model)
 
 
+def _built_on_meta(empty: str) -> tuple[nn.Module, nn.Module]:
+    """A bare ``Host`` with weights, and one built with none (``torch.device("meta")``, or
+    accelerate's ``init_empty_weights``, parameters only) with its ``out`` attached."""
+    import kasmina
+
+    bare = Host()
+    if empty == "accelerate":
+        accelerate = pytest.importorskip("accelerate")
+        context = accelerate.init_empty_weights()
+    else:
+        context = torch.device("meta")
+    with context:
+        model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    return bare, model
+
+
+def _weights_of(bare: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``bare``'s weights under ``prefix``, named as in the attached model (``out.host.``)."""
+    state = {k.replace("out.", "out.host.", 1): v for k, v in bare.state_dict().items()}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("empty", ["meta", "accelerate"])
+def test_a_model_built_on_meta_and_loaded_with_assign_grows_and_saves(
+    tmp_path, store, keyring, mlp, empty: str
+) -> None:
+    """Deferred init, PyTorch's recipe (build on ``meta``, attach, ``load_state_dict(...,
+    assign=True)``) or accelerate's ``init_empty_weights``: the load replaced the host's
+    parameters but left the slot's constants (``_one``, flags, alphas) on ``meta``; register
+    accepted the model, then every GERMINATE was refused ("Tensor.item() cannot be called on
+    meta tensors") and ``kasmina.save`` raised. Now the load rebuilds them on the host's device
+    with their values, and the model registers, grows, trains and saves."""
+    import kasmina
+
+    bare, model = _built_on_meta(empty)
+    model.load_state_dict(_weights_of(bare), strict=False, assign=True)
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    slot = model.out
+    assert slot._one.item() == 1.0 and slot._finite_flags.all() and not slot._fault_flags.any()
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    manager.register(model, host_lr=0.05, seed_lr=0.05)
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x), bare(x))
+    record_activations(model, x)
+    germinate = make_seed_command("germinate", SEED0, mlp)
+    assert run_command(manager, sign_command(germinate, keyring, "ctl").SerializeToString())
+    assert manager.seed(SEED0).stage == S.ISOLATED_INIT, manager.command_log[-1]
+    manager.backward(F.cross_entropy(model(x), torch.zeros(16, dtype=torch.long)))
+    assert manager.step()["seeds_stepped"] == [SEED0]
+    assert kasmina.save(model, tmp_path / "grown.pt").exists()
+
+
+def test_register_rebuilds_a_slots_meta_constants_and_names_what_it_cannot_fill(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Weights put in place without a load through the slot (its host's own
+    ``load_state_dict``, accelerate's ``set_module_tensor_to_device``) run no slot hook:
+    register looked at the first parameter only and took a model whose slot constants, or
+    other layers, were still on ``meta``. Now it refuses, naming the tensors no one can fill
+    and changing nothing; once every host weight is real it rebuilds the slot's constants."""
+    bare, model = _built_on_meta("meta")
+    slot = model.out
+    slot.host.load_state_dict(_weights_of(bare, "out.host."), assign=True)
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    with pytest.raises(ValueError, match=r"meta device.*inp\.weight, inp\.bias; finish"):
+        manager.register(model)
+    assert manager.registry is None and slot._one.is_meta and slot.seed(0).alpha.is_meta
+    model.inp.load_state_dict(_weights_of(bare, "inp."), assign=True)
+    assert slot._one.is_meta  # no load through the slot: register fills it
+    manager.register(model, host_lr=0.05, seed_lr=0.05)
+    assert not any(t.is_meta for t in model.buffers()) and slot.seed(1).alpha.item() == 0.0
+    assert slot.seed(0).finite_flag.data_ptr() == slot._finite_flags.data_ptr()
+    record_activations(model, torch.zeros(16, 6))
+    germinate = make_seed_command("germinate", SEED0, mlp)
+    assert run_command(manager, sign_command(germinate, keyring, "ctl").SerializeToString())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lifecycle_and_rollback_on_cuda(tmp_path, store, keyring, mlp) -> None:
     rig = Rig(make_config(tmp_path, store, device="cuda"), keyring, device="cuda")

@@ -1,0 +1,104 @@
+"""A slot's constants, and how they come back after a deferred init (docs/design.md §3).
+
+A :class:`~kasmina.seeds.layer.KasminaLayer` and its seeds hold buffers that carry no learned
+data: the layer's ``_one``, its fault flags (``_finite_flags``, ``_fault_flags``; each seed's
+``finite_flag`` and ``fault_flag`` are views of them) and ``sat_out_compiled``, and each seed's
+``alpha``, whose value the seed keeps in ``_alpha_value``. They are made on the host
+parameters' device, so a model built under ``torch.device("meta")`` (or accelerate's
+``init_empty_weights``) gets them on ``meta``, where they have no values.
+
+``to_empty`` puts them back (``KasminaLayer._apply``, with :data:`CONSTANTS`). A
+``load_state_dict(..., assign=True)`` does not: it replaces the host's parameters with the
+checkpoint's tensors and leaves these buffers (non-persistent, or absent from a checkpoint of
+the bare model) on ``meta``, and every GERMINATE, ``kasmina.save`` and seed forward that reads
+them fails, with no move left to the user (``to("cpu")`` cannot copy out of ``meta``,
+``to_empty`` wipes the loaded weights). :func:`rebuild_constants` makes them again, with their
+values, on the host's device once every host parameter is real: after each load through the
+slot (:func:`rebuild_after_load`, its post-hook) and when a manager registers the model (for
+weights put in place without ``load_state_dict``, accelerate's ``set_module_tensor_to_device``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONSTANTS",
+    "constants_on_meta",
+    "host_device",
+    "rebuild_after_load",
+    "rebuild_constants",
+]
+
+# The layer's constants and their values (``to_empty`` and :func:`rebuild_constants` fill them).
+CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "sat_out_compiled": 0}
+SEED_CONSTANTS = ("alpha", "finite_flag", "fault_flag")  # a seed's: alpha, its flags' views
+
+
+def _is_meta(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and tensor.is_meta
+
+
+def constants_on_meta(layer: Any) -> list[str]:
+    """A KasminaLayer's constants (its own and its seeds') on the meta device, named as in its
+    ``named_buffers``."""
+    names = [name for name in CONSTANTS if _is_meta(layer._buffers.get(name))]
+    for k, seed in enumerate(layer.seeds):
+        names += [f"seeds.{k}.{n}" for n in SEED_CONSTANTS if _is_meta(seed._buffers.get(n))]
+    return names
+
+
+def host_device(layer: Any) -> torch.device | None:
+    """The device of the host's first parameter (where ``__init__`` puts the constants) when
+    every host parameter holds values; None while one is on ``meta``, or with none at all."""
+    params = list(layer.host.parameters())
+    if not params or any(p.is_meta for p in params):
+        return None
+    return params[0].device
+
+
+def rebuild_constants(layer: Any) -> list[str]:
+    """Make the layer's constants that are on ``meta`` again on the host's device, with their
+    values, when the host's parameters are real (:func:`host_device`); the names rebuilt.
+
+    Nothing learned is lost: each is a fixed value or, for ``alpha``, the seed's ``_alpha_value``
+    (a checkpoint's extra state sets it). The seeds' flags are linked to the layer's again, and
+    the table, made on a guessed device for a meta model, follows the host as ``to_empty``
+    makes it; a record of the host's output taken on ``meta`` is taken again at the next
+    forward, keeping its shapes (as after a move)."""
+    names = constants_on_meta(layer)
+    device = host_device(layer) if names else None
+    if device is None:
+        return []
+    for name, value in CONSTANTS.items():
+        held = layer._buffers.get(name)
+        if held is not None and held.is_meta:
+            layer._buffers[name] = torch.full(held.shape, value, dtype=held.dtype, device=device)
+    for seed in layer.seeds:
+        alpha = seed._buffers["alpha"]
+        if alpha is not None and alpha.is_meta:
+            value = seed.alpha_value
+            seed._buffers["alpha"] = torch.full((), value, dtype=alpha.dtype, device=device)
+    layer._link_flags()  # the seeds' flags: views of the layer's (rebuilt) ones
+    layer._masks.clear()
+    layer.state_table.to(device)
+    spec = layer.output_contract
+    if isinstance(spec, tuple) and spec[2].type == "meta":  # recorded before the load
+        if layer._moved is None:
+            layer._moved = (spec, layer.input_spec)
+        layer.output_contract = None
+    layer._refresh_plan()
+    logger.info("%s: %s rebuilt on %s (deferred init)", layer.layer_id, ", ".join(names), device)
+    return names
+
+
+def rebuild_after_load(layer: Any, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook of every slot: after a load (``assign=True``) that put real
+    parameters in a host built on ``meta``, its constants follow (:func:`rebuild_constants`);
+    otherwise a few ``is_meta`` reads."""
+    rebuild_constants(layer)
