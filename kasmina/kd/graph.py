@@ -16,22 +16,41 @@ before any parameter: the backward is then taken in two calls, the first down to
 the edges without retaining (the KD op, its head and the sums are freed), the second from the
 edges on with their gradients, retained for the host's backward. A root without a cut (a
 compiled region's, a stand-alone seed's) keeps the one retained backward.
+
+**Retained through a compiled region.** Under ``torch.compile`` with an AOT backend the KD
+losses are outputs of the region's one backward node, which the host's loss goes through too:
+the seed-only backward must retain that node. AOTAutograd compiles a backward that reuses its
+saved activations in place (donated buffers) whenever it compiles it with the forward, which it
+does for every graph with dynamic shapes (the first new batch size, ``dynamic=True``, a short
+micro-batch); such a backward refuses ``retain_graph``, and the KD term and its leak check were
+dropped on every step. ``hold_retained_backwards`` turns the donation off for as long as a KD
+manager is open. PyTorch reads the flag as a graph compiles (off: its backward donates nothing)
+and as a retained backward starts (on: refused, since one compiled with it on may have reused
+its saved buffers). No graph holding a KD loss was compiled before the hold: the manager takes
+it as it is built, before its slots are attached.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from kasmina.utils.autograd_nodes import compiled_node
 
-__all__ = ["is_kd_root", "kd_cut", "mark_cut", "sum_kd_losses"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["hold_retained_backwards", "is_kd_root", "kd_cut", "mark_cut", "sum_kd_losses"]
 
 _KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
 _KD_CUT = "kasmina.kd_cut"  # its students' gradient edges, where it meets the shared graph
+_holds_lock = threading.Lock()
+_holds: list[bool] = []  # one entry per open hold: the flag's value the first one found
 
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
@@ -99,3 +118,32 @@ def _ends_below(root: Any, end: Callable[[Any], bool]) -> list[Any] | None:
         else:
             stack.extend(fn for fn, _ in node.next_functions)
     return found
+
+
+def hold_retained_backwards() -> Callable[[], None]:
+    """Turn AOTAutograd's donated buffers off (``torch._functorch.config.donated_buffer``, see
+    the module docstring) until the returned release is called (once; later calls do nothing).
+    Holds nest, one per KD manager: the last release puts back the value the first hold found,
+    unless something else set the flag meanwhile. A flag set on again while held fails each
+    retained backward through a compiled region (counted, and logged once, by the guard)."""
+    with _holds_lock:
+        before = _holds[0] if _holds else bool(functorch_config.donated_buffer)
+        if not _holds and before:
+            logger.info(
+                "torch._functorch.config.donated_buffer turned off while a KD manager is open: "
+                "the seed-only KD backward retains a compiled region's backward"
+            )
+        _holds.append(before)
+        functorch_config.donated_buffer = False
+    released = threading.Event()
+
+    def release() -> None:
+        with _holds_lock:
+            if released.is_set():
+                return
+            released.set()
+            _holds.pop()
+            if not _holds and not functorch_config.donated_buffer:  # still the hold's value
+                functorch_config.donated_buffer = before
+
+    return release

@@ -31,7 +31,7 @@ from torch import nn
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.verify import reaches_host_beyond
-from kasmina.kd.graph import is_kd_root, kd_cut
+from kasmina.kd.graph import hold_retained_backwards, is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
@@ -84,6 +84,12 @@ class IsolationGuard:
         # False once a check called before the step's own (``check_gradient_isolation``) found a
         # violation: the evidence that check consumed still decides the step's verdict.
         self._step_clean = True
+        # A KD manager's seed-only backward retains a compiled region's (``kd.graph``): donated
+        # buffers stay off until close(), or until the guard is collected (a manager dropped
+        # unclosed, or one whose constructor raised).
+        hold = hold_retained_backwards() if config.kd_enabled else None
+        self._release_hold = None if hold is None else weakref.finalize(self, hold)
+        self._donated_seen = False  # a graph that still donates: logged once (seed_only_backward)
 
     @property
     def violating_steps(self) -> int:
@@ -179,6 +185,8 @@ class IsolationGuard:
         monitors go, then the registry lets go of the model (``SlotRegistry.close``); later
         ``add_external`` calls are refused. Idempotent."""
         self.closed = True
+        if self._release_hold is not None:
+            self._release_hold()  # once: a finalizer's later calls do nothing
         try:
             for monitor in self.external:
                 monitor.clear_hooks()
@@ -247,6 +255,16 @@ class IsolationGuard:
                         "term dropped for this step: %s: %s", n, type(exc).__name__,
                         clipped(str(exc), 400),
                     )  # fmt: skip
+                    if "donated buffer" in str(exc) and not self._donated_seen:
+                        self._donated_seen = True
+                        logger.error(
+                            "torch._functorch.config.donated_buffer is on again: a compiled "
+                            "region's backward cannot be retained, so the seed-only KD backward "
+                            "and its leak check fail on every step through it. A KD manager "
+                            "turns the flag off from its construction to close(): set it False "
+                            "and call torch.compiler.reset() (a graph compiled with it on "
+                            "reuses its saved buffers in place)"
+                        )  # fmt: skip
                 finally:
                     leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
                     leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values

@@ -220,12 +220,18 @@ def test_an_undetached_seed_input_is_caught_under_compile(
     assert train()["host_stepped"]  # the host keeps training
 
 
+@pytest.mark.parametrize("sizes", [(16, 16, 16), (5, 16, 5)], ids=["static", "dynamic"])
 def test_a_kernel_reaching_the_host_is_caught_under_compile_by_the_kd_check(
-    tmp_path: Path, host_store: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    host_store: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    sizes: tuple[int, ...],
 ) -> None:
     """A kernel that reads a host parameter itself (its input is detached): compiled, the graph
     walk cannot attribute the seed's output, and the seed-only (KD) backward's leak check is
-    what catches it; the leaked gradient never reaches the host's optimizer."""
+    what catches it; the leaked gradient never reaches the host's optimizer. Also once a new
+    batch size has recompiled the model with dynamic shapes: its backward donated its buffers
+    and refused the retained KD backward, so the check never ran (the kernel was never caught)."""
     store, artifact = host_store
     kd = {"kd_enabled": True, "kd": KDConfig(temperature=2.0, alpha=1.0)}
     rig, train = _compiled_rig(tmp_path, store, "aot_eager", True, **kd)
@@ -234,8 +240,10 @@ def test_a_kernel_reaching_the_host_is_caught_under_compile_by_the_kd_check(
     monkeypatch.setattr(GPUKernel, "forward", lambda self, x: real(self, x) + host_bias.sum())
     train()
     assert rig.send("germinate", SEED0, artifact)
-    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
-    for step in range(3):
+    generator = torch.Generator().manual_seed(4)
+    for step, n in enumerate(sizes):
+        rig.x, rig.y = torch.randn(n, 6, generator=generator), torch.arange(n) % 4
+        teacher = torch.randn(n, 4, generator=generator)
         before = host_bias.detach().clone()
         report = train(teacher)
         assert not report["isolation_clean"] and not report["host_stepped"]
@@ -244,6 +252,7 @@ def test_a_kernel_reaching_the_host_is_caught_under_compile_by_the_kd_check(
     monitor = rig.manager.require_registry()[SEED0].monitor
     assert monitor is not None and monitor.tripped and monitor.unattributed_graphs >= 1
     assert all("seed-only (KD) backward" in " ".join(found) for found in monitor.violations)
+    assert rig.manager.counters["kd_backward_failed"] == 0
 
 
 def test_a_compiled_per_sample_gradient_of_a_grown_model_gives_the_eager_one(

@@ -9,16 +9,18 @@ first, without retaining, and goes on from there: the same gradients, the KD op'
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch._functorch.config as functorch_config
 from torch.nn import functional as F
 
 import kasmina.manager.guard as guard_module
 from kasmina.kd import KDConfig
-from kasmina.kd.graph import kd_cut
+from kasmina.kd.graph import hold_retained_backwards, kd_cut
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
@@ -150,3 +152,77 @@ def test_a_compiled_models_kd_loss_is_not_cut(grafting: Rig) -> None:
         assert report["host_stepped"]
         assert not all(torch.equal(a, b) for a, b in zip(before, host, strict=True))
     rig.manager.close()
+
+
+def test_a_compiled_models_kd_term_survives_a_batch_size_change(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A new batch size recompiles the model with dynamic shapes, and AOTAutograd then compiled
+    its backward with donated buffers, which refuse the seed-only KD backward's
+    ``retain_graph``: from that step on the KD term was dropped (``kd_backward_failed`` went
+    0, 0, 1, 2, 3), and with it the KD leak check; the seeds' gradients left the eager run's.
+    A KD manager now keeps donated buffers off while it is open: nothing fails, the compiled
+    run's seed gradients are the eager run's at every step, and close() puts the flag back."""
+    torch._dynamo.reset()
+    before = functorch_config.donated_buffer
+    kd = KDConfig(temperature=2.0, alpha=0.5)
+    rigs = [Rig(make_config(tmp_path / n, store, kd_enabled=True, kd=kd), keyring) for n in "ec"]
+    eager, compiled = rigs
+    forwards = [eager.model, torch.compile(compiled.model, backend="aot_eager")]
+    for rig in rigs:
+        assert rig.send("germinate", SEED0, mlp)
+    seed = [r.manager.optimizers.parameters(SEED0) for r in rigs]
+    generator = torch.Generator().manual_seed(7)
+    for n in (16, 16, 5, 16, 16):
+        x, y = torch.randn(n, 6, generator=generator), torch.arange(n) % 4
+        teacher = torch.randn(n, 4, generator=generator)
+        for rig, forward in zip(rigs, forwards, strict=True):
+            rig.manager.set_teacher_logits(teacher)
+            loss = F.cross_entropy(forward(x), y)
+            rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+        assert compiled.manager.counters["kd_backward_failed"] == 0
+        for a, b in zip(*seed, strict=True):
+            assert a.grad is not None and b.grad is not None
+            torch.testing.assert_close(b.grad, a.grad)
+        for rig in rigs:
+            assert rig.manager.step()["isolation_clean"]
+    for rig in rigs:
+        rig.manager.close()
+    assert functorch_config.donated_buffer == before
+    torch._dynamo.reset()
+
+
+def test_a_graph_that_still_donates_is_reported_once(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph compiled with donated buffers all the same (the flag set again while the manager
+    is open) cannot be retained: each step's KD term is dropped and counted, as any failed KD
+    backward's, and one ERROR says why and how to get the term back."""
+    torch._dynamo.reset()
+    kd = KDConfig(temperature=2.0, alpha=0.5)
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    compiled = torch.compile(rig.model, backend="aot_eager", dynamic=True)
+    assert rig.send("germinate", SEED0, mlp)
+    with functorch_config.patch(donated_buffer=True), caplog.at_level(logging.ERROR):
+        for _ in range(2):
+            rig.manager.set_teacher_logits(TEACHER)
+            loss = F.cross_entropy(compiled(rig.x), rig.y)
+            rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+            rig.manager.step()
+    assert rig.manager.counters["kd_backward_failed"] == 2
+    errors = [r for r in caplog.records if "donated_buffer is on again" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    rig.manager.close()
+    torch._dynamo.reset()
+
+
+def test_donated_buffers_are_held_off_until_the_last_release() -> None:
+    """Holds nest (one per KD manager); each release counts once; the last one puts back the
+    value the first hold found."""
+    with functorch_config.patch(donated_buffer=True):
+        first, second = hold_retained_backwards(), hold_retained_backwards()
+        first()
+        first()  # a second call of the same release does nothing
+        assert functorch_config.donated_buffer is False
+        second()
+        assert functorch_config.donated_buffer is True
