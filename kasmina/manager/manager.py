@@ -571,7 +571,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def close(self) -> None:
         """Drop queued commands, report pending rejections, close its own Urza client (not a
         caller's), the nonce ledger, checkpoint store (run lock) and JSONL file, unhook the model;
-        later calls raise. On another thread it waits out the step or command in flight."""
+        later steps raise, commands are refused, ``apply_pending`` and ``close`` do nothing.
+        On another thread it waits out the step or command in flight."""
         try:  # first, lock-free: a fetch may run under the lock (execute's)
             if self._owns_client:
                 self.urza_client.close()
