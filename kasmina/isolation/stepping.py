@@ -44,6 +44,7 @@ applies queued commands (a controller's CULL among them).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import defaultdict
@@ -230,7 +231,8 @@ def carried_state(
 ) -> dict[torch.Tensor, dict]:
     """The states ``source`` holds for ``params`` that ``optimizer`` can step with once they
     join its ``group`` (see the module docstring): none from another class; those that do not
-    fit, and all when the probe raises, are left behind (logged). Changes nothing."""
+    fit, and all when the probe raises, are left behind (logged). Changes nothing the manager
+    holds (global optimizer step hooks run for the probe's step)."""
     states = {p: source.state[p] for p in params if source.state.get(p)}
     if not states or type(source) is not type(optimizer):
         return {}
@@ -240,7 +242,10 @@ def carried_state(
         if key not in probes:
             probes[key] = probe = torch.zeros_like(param.detach())
             probe.grad = torch.zeros_like(probe)
-    settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    # Copied: a tensor a group holds and its step updates in place (a schedule's count) is
+    # the live group's. A global optimizer step hook sees the probe's step, as it sees the
+    # attach check's.
+    settings = copy.deepcopy({k: v for k, v in group.items() if k not in ("params", "param_names")})
     made: dict[tuple, dict[str, tuple | None]] = {}
     try:  # built as torch's own load builds one: no __init__ (a subclass's may need more)
         probe_opt = type(optimizer).__new__(type(optimizer))

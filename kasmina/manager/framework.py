@@ -25,9 +25,10 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   the host's groups only, is refused. A ROLLBACK applied inside the step restores a tracked
   scaler (``manager.track``), and the framework's ``scaler.update()`` after the step would
   apply the abandoned step's overflow (or growth count) to it: that one ``update()`` of each
-  tracked ``GradScaler`` keeps the restored scale instead (``update(new_scale=)`` with it: the
-  growth count as the checkpoint holds it, the step's records cleared), as the README's plain
-  loop does by hand; a hold the framework never used ends at the next step. Step and
+  tracked ``GradScaler`` (the ``scaler=`` given, when it is tracked) keeps the restored scale
+  instead (``update(new_scale=)`` with it: the growth count as the checkpoint holds it, the
+  step's records cleared), as the README's plain loop does by hand; a hold the framework never
+  used ends at the next step, and an ``update`` wrapper of the user's is kept. Step and
   state-dict hooks run as on any optimizer; a copy or a
   pickle is refused (it is a view of a live manager: save its ``state_dict()``).
   ``state_dict()`` and ``load_state_dict()`` are those of every optimizer the manager holds
@@ -180,15 +181,21 @@ class ManagerOptimizer(torch.optim.Optimizer):
         call keeps the scale as it is (``update(new_scale=)``, which clears the step's records
         and leaves the growth count alone); the class's ``update`` serves every later one."""
         tracked = [o for o, _ in self.manager.state.tracked.values()]
-        for scaler in {id(o): o for o in tracked if isinstance(o, torch.amp.GradScaler)}.values():
+        scalers = {id(o): o for o in tracked if isinstance(o, torch.amp.GradScaler)}
+        if self.scaler is not None:  # the one that stepped this optimizer, when given
+            scalers = {k: o for k, o in scalers.items() if o is self.scaler}
+        for scaler in scalers.values():
             self._held_scalers.append(scaler)
-            scaler.update = _keeping_scale_once(scaler)
+            scaler.update = _keeping_scale_once(scaler, vars(scaler).get("update"))
 
     def _release_held_scalers(self) -> None:
         """End the holds of a rolled-back step whose ``update()`` the framework never called:
         the next step's update is its own."""
         while self._held_scalers:
-            vars(self._held_scalers.pop()).pop("update", None)
+            scaler = self._held_scalers.pop()
+            held = vars(scaler).get("update")
+            if held is not None and hasattr(held, "kept"):  # ours: put back what it replaced
+                _put_back_update(scaler, held.kept)
 
     def _unscale(self, scale: torch.Tensor | None) -> torch.Tensor | None:
         """Unscale every gradient the manager's optimizers step, inside a GradScaler's step
@@ -297,15 +304,26 @@ class ManagerOptimizer(torch.optim.Optimizer):
         return f"ManagerOptimizer(grad_clip_norm={self.grad_clip_norm!r})"
 
 
-def _keeping_scale_once(scaler: torch.amp.GradScaler) -> Callable[..., None]:
-    """An ``update`` for ``scaler``'s instance that, called once, takes itself off and runs
-    the class's ``update`` with the scale as it is now (or the ``new_scale`` it is given)."""
+def _keeping_scale_once(
+    scaler: torch.amp.GradScaler, kept: Callable[..., None] | None
+) -> Callable[..., None]:
+    """An ``update`` for ``scaler``'s instance that, called once, puts back the instance's own
+    ``update`` it replaced (``kept``: a user's wrapper; None: the class's) and runs that with the
+    scale as it is now (or the ``new_scale`` it is given)."""
 
     def update(new_scale: float | torch.Tensor | None = None) -> None:
-        vars(scaler).pop("update", None)
+        _put_back_update(scaler, kept)
         scaler.update(scaler.get_scale() if new_scale is None else new_scale)
 
+    update.kept = kept  # type: ignore[attr-defined]
     return update
+
+
+def _put_back_update(scaler: torch.amp.GradScaler, kept: Callable[..., None] | None) -> None:
+    if kept is None:
+        vars(scaler).pop("update", None)
+    else:
+        scaler.update = kept  # type: ignore[method-assign]
 
 
 class ManagerScheduler:

@@ -16,6 +16,16 @@ them fails, with no move left to the user (``to("cpu")`` cannot copy out of ``me
 values, on the host's device once every host parameter is real: after each load through the
 slot (:func:`rebuild_after_load`, its post-hook) and when a manager registers the model (for
 weights put in place without ``load_state_dict``, accelerate's ``set_module_tensor_to_device``).
+
+A loader may also replace them by tensors of its own: transformers' ``from_pretrained`` builds
+the model on ``meta`` and then gives every non-persistent buffer an ``empty_like`` (uninitialised
+memory, as nothing it knows re-initialises them), so a class that attaches slots in its
+``__init__`` came back with ``_one`` and ``sat_out_compiled`` holding garbage and each seed's
+flags a buffer of its own, no longer a view of the layer's: a forward recorded faults in the
+layer's flags while the poll read the seeds', so a seed gone non-finite was never charged and
+healthy ones were. :func:`constants_replaced` sees that (a flag not a view of the layer's, or
+``_one`` not 1), and :func:`rebuild_constants` then refills them in place and links the flags
+again. Either way every seed's ``alpha`` buffer is set to its ``_alpha_value`` there.
 """
 
 from __future__ import annotations
@@ -62,6 +72,39 @@ def host_device(layer: Any) -> torch.device | None:
     return params[0].device
 
 
+def constants_replaced(layer: Any) -> bool:
+    """Whether the layer's real (not ``meta``) constants were replaced since it made them (see
+    the module docstring): a seed's flag that is not a view of the layer's, or ``_one`` not 1
+    (one host read)."""
+    finite, faulted = layer._flags()
+    if finite.is_meta or faulted.is_meta or layer._buffers["_one"].is_meta:
+        return False
+    for k, seed in enumerate(layer.seeds):
+        mine = seed._buffers["finite_flag"], seed._buffers["fault_flag"]
+        if (
+            mine[0].data_ptr() != finite[k].data_ptr()
+            or mine[1].data_ptr() != faulted[k].data_ptr()
+        ):
+            return True
+    return bool(layer._buffers["_one"] != 1)
+
+
+def _refill(layer: Any) -> list[str]:
+    """Refill replaced constants in place (their values, the flags linked again)."""
+    for name, value in CONSTANTS.items():
+        layer._buffers[name].fill_(value)
+    layer._link_flags()
+    for seed in layer.seeds:
+        seed._buffers["alpha"].fill_(seed.alpha_value)
+    layer._masks.clear()
+    logger.warning(
+        "%s: its constants were replaced by a loader (transformers' from_pretrained of a class "
+        "that attaches slots in __init__ leaves them uninitialised): refilled, flags relinked",
+        layer.layer_id,
+    )
+    return list(CONSTANTS)
+
+
 def rebuild_constants(layer: Any) -> list[str]:
     """Make the layer's constants that are on ``meta`` again on the host's device, with their
     values, when the host's parameters are real (:func:`host_device`); the names rebuilt.
@@ -72,6 +115,8 @@ def rebuild_constants(layer: Any) -> list[str]:
     makes it; a record of the host's output taken on ``meta`` is taken again at the next
     forward, keeping its shapes (as after a move)."""
     names = constants_on_meta(layer)
+    if not names and constants_replaced(layer):
+        return _refill(layer)
     device = host_device(layer) if names else None
     if device is None:
         return []

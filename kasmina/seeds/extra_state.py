@@ -28,6 +28,7 @@ __all__ = [
     "check_seed_kernel_keys",
     "check_seed_state",
     "check_seed_states",
+    "copied_seed_state",
     "decode_extra_state",
     "encode_extra_state",
     "forget_evaluation",
@@ -97,6 +98,20 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
         raise ValueError(f"a seed's extra state is a JSON object, got {type(state).__name__}")
     if state.get("version") != EXTRA_STATE_VERSION:
         raise ValueError(f"unsupported seed extra state (version {state.get('version')!r})")
+    return state
+
+
+def copied_seed_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A seed's ``__dict__`` as a deep copy or a pickle of it takes it (``__getstate__``): no
+    cache of its kernel's modules (rebuilt on use), none of this step's KD losses (with their
+    graphs) nor its kernel's measurement (a GPU's events do not copy). A copy has no owner, so
+    a position a manager moved (``draw_step``) would stand still there: one dropout mask at
+    every step of a copy trained on its own. It starts at that position and moves on with its
+    own updates, as an unowned load does (:func:`stream_position`)."""
+    state.pop("_kernel_tree", None)
+    state["_kd_losses"], state["probe_result"] = [], None
+    if state.get("_loaded_draws") is None and state.get("draw_step") is not None:
+        state["_loaded_draws"], state["draw_step"] = [state["draw_step"], None], None
     return state
 
 
@@ -399,17 +414,21 @@ def seed_load_pre_hook(
     load straight into the seed, which no slot's check sees, wrote its ``alpha`` before its
     extra state was refused), then its evaluation dropped (:func:`forget_evaluation`).
 
-    The ``alpha`` buffer the blend reads loads as the lifecycle's alpha: the one the state's
-    extra state restores, or the seed's own when it has none. An averaged model (an EMA that
-    lerps every float tensor, a weights-only load of one) carried another alpha in the buffer
-    than its extra state, and the seed then blended at one alpha while G4, the state table and
-    the report showed the other. ``state_dict`` is the load's own copy (torch copies it)."""
+    The ``alpha`` buffer the blend reads holds the lifecycle's alpha: a state without the
+    seed's extra state loads it as the seed's own (float32, whatever the state's dtype), and
+    ``set_extra_state`` sets it from the one it restores. An averaged model (an EMA that lerps
+    every float tensor, a weights-only load of one) carried another alpha in the buffer than
+    its extra state, and the seed then blended at one alpha while G4, the state table and the
+    report showed the other. ``state_dict`` is the load's own copy (torch copies it)."""
     check_seed_states(seed, state_dict, prefix)
     forget_evaluation(seed)
     buffer, extra = state_dict.get(prefix + "alpha"), state_dict.get(prefix + _EXTRA_STATE)
     if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
-        alpha = seed.alpha_value if extra is None else seed.check_state(extra).alpha
-        state_dict[prefix + "alpha"] = torch.full_like(buffer, alpha)  # type: ignore[index]
+        if extra is None:
+            alpha = torch.full(buffer.shape, seed.alpha_value, device=buffer.device)  # float32
+            state_dict[prefix + "alpha"] = alpha  # type: ignore[index]
+        elif buffer.dtype != torch.float32:  # its value set by set_extra_state; an assign keeps
+            state_dict[prefix + "alpha"] = buffer.float()  # type: ignore[index]  # the dtype
 
 
 def check_seed_states(

@@ -37,6 +37,7 @@ from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     check_seed_state,
+    copied_seed_state,
     encode_extra_state,
     forget_evaluation,
     seed_bookkeeping,
@@ -126,8 +127,9 @@ class GradientIsolatedSeed(nn.Module):
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool, device=cpu), False)
         self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool, device=cpu), False)
         self.isolation_violations = self.nonfinite_events = self.faults = 0
-        # guard_backward: the kernel's backward in a guarded node before ACTIVE (cost:
-        self.fault_limit, self.guard_backward = fault_limit, True  # perf/bench_faults.py)
+        self.fault_limit = fault_limit
+        # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
+        self.guard_backward = True
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = self._performance_gate = self._alpha_value = 0.0
         # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.
@@ -499,9 +501,11 @@ class GradientIsolatedSeed(nn.Module):
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
         if torch.compiler.is_compiling():
             position = None
-        else:  # a position kept from a load only where one restored the seed unmanaged
+        else:  # a manager's position (GERMINATE sets it), else one an unowned load or copy kept
             loaded = self.__dict__.get("_loaded_draws")  # absent from older pickles
-            position = self.draw_step if loaded is None else stream_position(loaded, kernel)
+            position = self.draw_step
+            if position is None and loaded is not None:
+                position = stream_position(loaded, kernel)
         stream = (self.seed_id, position)
         return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self.record_fault, stream)
 
@@ -551,6 +555,8 @@ class GradientIsolatedSeed(nn.Module):
         forget_evaluation(self)  # measured on weights this load may have replaced
         self.state_table.restore_row(self.state_index, list(saved.row))
         self._alpha_value = saved.alpha
+        if not self.alpha.is_meta:  # the blend's, after the buffers: the lifecycle's alpha
+            self.alpha.fill_(saved.alpha)
         if saved.graft_step is not None:  # absent from states saved before it was recorded
             self.graft_step = saved.graft_step
         owned = self.state_table.owned(self.state_index)  # unowned: its versions move it on
@@ -585,13 +591,7 @@ class GradientIsolatedSeed(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_kernel_tree", None)  # a cache of the kernel's modules, rebuilt on use
-        state["_kd_losses"] = []  # this step's, with their graphs: not the copy's
-        state["probe_result"] = None  # this kernel's measurement (a GPU's events do not copy)
-        if state.get("_loaded_draws") is None:  # a copy has no owner to move its stream on
-            state["draw_step"], state["_loaded_draws"] = None, [self.draw_step, None]
-        return state
+        return copied_seed_state(dict(self.__dict__))
 
     def extra_repr(self) -> str:
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"

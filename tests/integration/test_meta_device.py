@@ -296,3 +296,54 @@ def test_a_model_built_on_meta_and_loaded_with_assign_gets_its_slot_constants_ba
     model(x).sum().backward()  # a GRAFTING seed runs, its fault flag clean
     assert not slot.seed(0).fault_flag.item() and slot.seed(0).faults == 0
     assert slot.seed(0).kernel.weight.grad is not None
+
+
+def test_from_pretrained_into_a_class_that_attaches_slots_gets_its_constants_back(
+    tmp_path,
+) -> None:
+    """transformers' ``from_pretrained`` builds the model on ``meta`` and then gives every
+    non-persistent buffer an ``empty_like``: a class that attaches slots in its ``__init__``
+    came back with ``_one`` and ``sat_out_compiled`` holding uninitialised memory and each
+    seed's flags buffers of their own, no longer views of the slot's. Faults were recorded in
+    the slot's flags while the poll read the seeds': a seed gone non-finite was never charged,
+    and nothing refused the model. A manager's ``register`` (``fill_constants``) refills them
+    and links the flags again; a NaN kernel is then seen."""
+    transformers = pytest.importorskip("transformers")
+    import kasmina
+    from kasmina.seeds.inject import fill_constants
+    from kasmina.stages import SeedStage
+
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, n_positions=16, vocab_size=64, attn_implementation="eager"
+    )
+
+    class Slotted(transformers.GPT2LMHeadModel):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            kasmina.attach(self, ["mlp.c_proj"], 2, 16)
+
+    torch.manual_seed(0)
+    Slotted(config).save_pretrained(tmp_path)
+    model = Slotted.from_pretrained(tmp_path)
+    slot = model.transformer.h[0].mlp.c_proj
+    with torch.no_grad():  # what uninitialised memory may hold
+        slot._one.fill_(7.0)
+        slot.sat_out_compiled.fill_(123)
+    assert fill_constants(model)
+    assert slot._one.item() == 1.0 and slot.sat_out_compiled.tolist() == [0, 0]
+    assert not slot._fault_flags.any() and slot._finite_flags.all()
+    for k, seed in enumerate(slot.seeds):
+        assert seed.fault_flag.data_ptr() == slot._fault_flags[k].data_ptr()
+        assert seed.alpha.item() == seed.alpha_value
+    assert fill_constants(model) == []  # a healthy slot: nothing to do
+    ids = torch.randint(0, 64, (2, 6))
+    model.eval()
+    model(ids)  # records the slot's activations
+    seed = slot.seed(0)
+    seed.attach_kernel(nn.Linear(16, 16))
+    seed.transition_to(SeedStage.ISOLATED_INIT)
+    nn.init.constant_(seed.kernel.weight, float("nan"))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert slot.poll_nonfinite() == [seed.seed_id]
+    assert slot.seed(1).faults == 0

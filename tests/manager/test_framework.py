@@ -347,14 +347,24 @@ def test_a_rollback_in_a_scaled_step_leaves_the_tracked_scaler_as_its_checkpoint
     tracked GradScaler, and the framework's ``scaler.update()`` then applied that abandoned
     step's overflow to it (scale halved, growth count reset): one update off its checkpoint
     for the rest of the run. That update keeps the restored scale now, and the next one is the
-    class's own. A hold the loop never used (a step without the scaler next) ends at that
-    step."""
+    class's own (or the user's wrapper, kept). With ``scaler=`` given, only that one is held.
+    A hold the loop never used (a step without the scaler next) ends at that step."""
     from kasmina.control.commands import make_rollback_command
 
     rig = _rig(tmp_path, store, keyring, mlp)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    other = torch.amp.GradScaler("cpu", init_scale=8.0)  # tracked, another optimizer's
     optimizer = ManagerOptimizer(rig.manager, scaler=scaler if given else None)
     rig.manager.track("scaler", scaler)
+    rig.manager.track("other", other)
+    updates: list[float | None] = []
+    update = scaler.update
+
+    def wrapper(new_scale=None):  # a user's own wrapper (a logging callback)
+        updates.append(new_scale)
+        update(new_scale)
+
+    scaler.update = wrapper
     _scaled_step(rig, optimizer, scaler)
     rig.manager.end_epoch(0)
     saved = scaler.state_dict()
@@ -366,18 +376,19 @@ def test_a_rollback_in_a_scaled_step_leaves_the_tracked_scaler_as_its_checkpoint
     _scaled_step(rig, optimizer, scaler, float("inf"))  # applied at this step's safe point
     assert optimizer.rolled_back
     assert scaler.state_dict() == saved
-    assert "update" not in vars(scaler)
+    assert vars(scaler)["update"] is wrapper and updates[-1] == 1024.0  # through the user's
+    assert ("update" in vars(other)) == (not given)  # the one given is the one held
     _scaled_step(rig, optimizer, scaler, float("inf"))  # the class's update: halved
-    assert scaler.get_scale() == 512.0
+    assert scaler.get_scale() == 512.0 and updates[-1] is None
     assert rig.manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
     loss = F.cross_entropy(rig.model(rig.x), rig.y)
     rig.manager.backward(scaler.scale(loss))
     scaler.step(optimizer)  # rolled back; the loop goes on without the scaler
-    assert "update" in vars(scaler)
+    assert vars(scaler)["update"] is not wrapper
     optimizer.zero_grad()
     rig.manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
     optimizer.step()
-    assert "update" not in vars(scaler)
+    assert vars(scaler)["update"] is wrapper
     rig.manager.close()
 
 

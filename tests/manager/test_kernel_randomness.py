@@ -167,6 +167,38 @@ def test_a_copy_of_a_managed_model_draws_anew_at_each_of_its_own_steps(
     rig.manager.close()
 
 
+def test_a_copy_registered_with_a_manager_draws_at_its_managers_position(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A copy of a model no seed of which was ever grown (a run started from another's
+    copy), registered with a manager of its own: its seeds' stream follows that manager's
+    position from GERMINATE on (a first version of the copy rule kept it on the version
+    counters, so a ROLLBACK there would not draw again what the run drew)."""
+    import copy
+
+    from kasmina.control.commands import make_seed_command
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.seeds.inject import kasmina_layers
+    from tests.manager.helpers import run_command, sign_command
+
+    rig = Rig(make_config(tmp_path / "a", store), keyring)
+    rig.train(1)
+    model = copy.deepcopy(rig.model)
+    manager = KasminaKernelManager(make_config(tmp_path / "b", store), keyring=keyring)
+    manager.register(model, kasmina_layers(model), host_lr=0.05, seed_lr=0.05)
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    raw = sign_command(make_seed_command("germinate", SEED0, artifact), keyring, "ctl")
+    assert run_command(manager, raw.SerializeToString())
+    seed = manager.seed(SEED0)
+    assert seed.draw_step == 0
+    first = _masks_of(seed.kernel, model, rig.x)
+    assert torch.equal(_masks_of(seed.kernel, model, rig.x), first)  # no step: no move
+    seed.draw_step = 100
+    assert not torch.equal(_masks_of(seed.kernel, model, rig.x), first)
+    manager.close()
+    rig.manager.close()
+
+
 def _masks_of(kernel: nn.Module, model: nn.Module, x: torch.Tensor, train: bool = False):
     """Where ``kernel`` dropped its input in one training forward of ``model`` (with its
     backward when ``train``)."""

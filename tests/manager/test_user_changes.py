@@ -275,3 +275,33 @@ def test_loading_averaged_weights_keeps_the_blend_at_the_lifecycles_alpha(
     assert float(seed.alpha) == pytest.approx(alpha) and seed.alpha_value == alpha
     assert torch.equal(before, after)
     manager.close()
+
+
+def test_a_load_without_the_alpha_buffer_or_in_half_precision_keeps_the_lifecycles_alpha(
+    rig: Rig, mlp
+) -> None:
+    """A lenient load with the seed's extra state and without its ``alpha`` buffer set the
+    seed's alpha and left the buffer the blend reads as it was; a bf16 state (an EMA kept in
+    bf16) rounded the lifecycle's alpha into the buffer, and with ``assign=True`` made the
+    buffer bf16 for good. The buffer is the extra state's alpha, in float32, each way."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0)
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    rig.train(1)
+    seed = manager.seed(SEED0)
+    saved = rig.model.state_dict()
+    alpha = seed.alpha_value
+    rig.train(1)
+    assert seed.alpha_value != alpha
+    rig.model.load_state_dict({k: v for k, v in saved.items() if k != "out.seeds.0.alpha"}, False)
+    assert seed.alpha_value == alpha and float(seed.alpha) == pytest.approx(alpha, abs=1e-7)
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in saved.items()}
+    for assign in (False, True):
+        rig.model.load_state_dict(half, assign=assign)
+        assert seed.alpha.dtype == torch.float32
+        assert float(seed.alpha) == torch.tensor(alpha, dtype=torch.float32).item()
+    manager.close()
