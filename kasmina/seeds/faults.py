@@ -544,16 +544,12 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
     """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at
     WARNING, the rest at DEBUG, so a seed that faults on every step stays visible without
     flooding the log."""
+    effect = "its step's gradient is dropped" if kind == "backward" else "the host output stands in"
     logger.log(
         rarely(count, FAULT_WARN_EVERY),
-        "seed %s: fault %d/%d in %s (%s): %s; the host output stands in",
-        seed_id,
-        count,
-        limit,
-        stage,
-        kind,
-        reason,
-    )
+        "seed %s: fault %d/%d in %s (%s): %s; %s",
+        *(seed_id, count, limit, stage, kind, reason, effect),
+    )  # fmt: skip
 
 
 _SAT_OUT_EFFECTS = {

@@ -288,6 +288,8 @@ class GradientIsolatedSeed(nn.Module):
         if self.observed_faults is not None:
             self.observed_faults.append(f"{kind}: {reason}")
             return
+        if kind == "backward":  # its step's gradient is lost with it: every gradient since the
+            self.finite_flag.fill_(False)  # poll dropped and the step skipped (settle_nonfinite)
         with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
             self.faults += 1
             self.fault_log.append(reason)
@@ -360,8 +362,7 @@ class GradientIsolatedSeed(nn.Module):
 
     def detach_kernel(self) -> nn.Module | None:
         """Remove and return the kernel; the seed passes the host through until a new one."""
-        kernel = self.kernel
-        self.kernel = None
+        kernel, self.kernel = self.kernel, None
         self.__dict__.pop("_kernel_tree", None)  # hold nothing of a kernel that left
         self.probe_result = None
         self.state_table.touch(self.state_index)
@@ -502,9 +503,8 @@ class GradientIsolatedSeed(nn.Module):
         if torch.compiler.is_compiling():
             position = None
         else:  # a manager's position (GERMINATE sets it), else one an unowned load or copy kept
-            loaded = self.__dict__.get("_loaded_draws")  # absent from older pickles
-            position = self.draw_step
-            if position is None and loaded is not None:
+            position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)
+            if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
                 position = stream_position(loaded, kernel)
         stream = (self.seed_id, position)
         return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self.record_fault, stream)

@@ -305,3 +305,43 @@ def test_a_load_without_the_alpha_buffer_or_in_half_precision_keeps_the_lifecycl
         assert seed.alpha.dtype == torch.float32
         assert float(seed.alpha) == torch.tensor(alpha, dtype=torch.float32).item()
     manager.close()
+
+
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, fault: str):
+    """Gradient accumulation over two micro-batches, the GRAFTING seed's kernel faulting on the
+    second: a non-finite output dropped the step's gradient and left alpha where it was, but a
+    backward that raised kept the first micro-batch's gradient, stepped the seed on it and
+    advanced alpha (G4 came sooner than the schedule). Either fault now costs the seed the
+    whole step, charged once; the host steps."""
+    from tests.seeds.test_fault_containment import _ExplodingBackward
+
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0)
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    seed = manager.seed(SEED0)
+    forward, calls = seed.kernel.forward, [0]
+
+    def faulting(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        out = forward(x)
+        if calls[0] != 2:
+            return out
+        return _ExplodingBackward.apply(out) if fault == "raise" else out * float("nan")
+
+    seed.kernel.forward = faulting
+    before = [p.detach().clone() for p in seed.seed_parameters()]
+    graft_step, host = seed.graft_step, [p.detach().clone() for p in host_params(rig)]
+    for half in (slice(0, 8), slice(8, 16)):
+        loss = torch.nn.functional.cross_entropy(rig.model(rig.x[half]), rig.y[half]) / 2
+        manager.backward(loss)
+    report = manager.step()
+    assert seed.faults == 1 and report["seeds_stepped"] == [] and report["host_stepped"]
+    assert seed.graft_step == graft_step
+    assert all(torch.equal(a, b) for a, b in zip(before, seed.seed_parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(host, host_params(rig), strict=True))
+    manager.close()
