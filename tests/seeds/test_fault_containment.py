@@ -995,12 +995,11 @@ def test_the_engine_probe_under_a_meta_default_device_finds_the_entry(
         with torch.device("meta"):
             entry = island._direct_engine()
     else:
-        previous = torch.get_default_device()
         torch.set_default_device("meta")
         try:
             entry = island._direct_engine()
         finally:
-            torch.set_default_device(previous)
+            torch.set_default_device(None)  # none set, as before (a "cpu" one is a mode left on)
     assert entry is not None and island._ENGINE == [entry]
 
 
