@@ -74,7 +74,7 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
-from kasmina.seeds.masks import ChunkMasks
+from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
     ActivationSpec,
@@ -450,11 +450,11 @@ class KasminaLayer(nn.Module):
         n = self.num_seeds
         last = dim == x.dim() - 1
         seed_full = torch.cat(outs, dim=dim)
-        seed_m = (seed_full if last else seed_full.movedim(dim, -1)).unflatten(-1, (n, -1))
+        seed_m = split_chunks(seed_full if last else seed_full.movedim(dim, -1), n)
         ok = finite_test(chunk_sums(seed_m), read_on_host=eager)
         keep = None  # the chunks that do not blend where ``ok`` is known: fallbacks, the host's
         if ok is not None:  # a seed's chunk fails, or could: its own fault, the host's, or none
-            host_m = (x.detach() if last else x.detach().movedim(dim, -1)).unflatten(-1, (n, -1))
+            host_m = split_chunks(x.detach() if last else x.detach().movedim(dim, -1), n)
             passed = self._masks.passed(n, inputs, ok.device) if len(inputs) < n else None
             ok, keep = fallback_masks(ok, passed)  # only a seed's output can fault
             record_fallbacks(ok, chunk_sums(host_m), *gradient_flags(*self._flags()))
@@ -487,7 +487,7 @@ class KasminaLayer(nn.Module):
         if still is not None:  # ``full``'s as they are too (``ChunkMasks.still``)
             keep = still if keep is None else keep.logical_or(still)
         if keep is not None:  # those chunks are ``full``'s, the host's (``fallback_masks``)
-            pair = (full_m.unflatten(-1, (n, -1)), moved.unflatten(-1, (n, -1)))
+            pair = (split_chunks(full_m, n), split_chunks(moved, n))
             moved = torch.where(keep.unsqueeze(-1), *pair).flatten(-2)
         return moved if last else in_layout_of(moved.movedim(-1, dim), x)
 

@@ -15,7 +15,15 @@ import torch
 from kasmina.ops.transforms import functorch_active
 from kasmina.stages import SeedStage
 
-__all__ = ["ChunkMasks"]
+__all__ = ["ChunkMasks", "split_chunks"]
+
+
+def split_chunks(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with its last dim split into ``n`` chunks, ``[..., n, W]``: ``t.unflatten(-1, (n,
+    -1))``, which TorchDynamo cannot trace while a device mode is on (a user's
+    ``torch.set_default_device``: a compile with ``fullgraph`` failed on it). Splitting one dim
+    is a view whatever the strides."""
+    return t.view(*t.shape[:-1], n, -1)
 
 
 class ChunkMasks:

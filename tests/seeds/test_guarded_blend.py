@@ -831,3 +831,27 @@ def test_the_host_above_a_blending_slot_gets_no_gradient_not_zeros(
         assert model.host.weight.grad is None
         assert all(p.grad is not None for p in model.seeds.parameters())
     assert fired == []
+
+
+@pytest.mark.parametrize("shape", ["linear", "conv"])
+def test_a_slot_compiles_whole_under_a_default_device(shape: str) -> None:
+    """A user's ``torch.set_default_device`` (common in model code) puts a device mode on,
+    under which TorchDynamo cannot trace ``Tensor.unflatten``: ``torch.compile(fullgraph=True)``
+    of a slot with running seeds failed. The chunks are split by a view instead."""
+    torch.set_default_device("cpu")
+    try:
+        torch._dynamo.reset()
+        if shape == "linear":
+            host, dim, x = nn.Linear(5, 6), -1, torch.randn(2, 7, 5)
+        else:
+            host, dim, x = nn.Conv2d(2, 6, 3, padding=1), 1, torch.randn(2, 2, 5, 4)
+        for stages in ([S.GRAFTING, S.GRAFTING], [S.GRAFTING, S.ISOLATED_INIT]):
+            slot = _layer(stages, host, 3, dim)
+            twin = _Block(copy.deepcopy(slot), inplace=False)
+            block = _Block(slot, inplace=False)
+            compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+            identity = torch.randn(host(x).shape)
+            for _ in range(2):
+                torch.testing.assert_close(compiled(x, identity), twin(x, identity))
+    finally:
+        torch.set_default_device(None)
