@@ -242,12 +242,13 @@ def carried_state(
         if key not in probes:
             probes[key] = probe = torch.zeros_like(param.detach())
             probe.grad = torch.zeros_like(probe)
-    # Copied: a tensor a group holds and its step updates in place (a schedule's count) is
-    # the live group's. A global optimizer step hook sees the probe's step, as it sees the
-    # attach check's.
-    settings = copy.deepcopy({k: v for k, v in group.items() if k not in ("params", "param_names")})
     made: dict[tuple, dict[str, tuple | None]] = {}
     try:  # built as torch's own load builds one: no __init__ (a subclass's may need more)
+        # Copied: a tensor a group holds and its step updates in place (a schedule's count) is
+        # the live group's. A global optimizer step hook sees the probe's step, as it sees the
+        # attach check's.
+        own = ("params", "param_names")
+        settings = copy.deepcopy({k: v for k, v in group.items() if k not in own})
         probe_opt = type(optimizer).__new__(type(optimizer))
         probe_opt.__setstate__(
             {
@@ -259,7 +260,7 @@ def carried_state(
         probe_opt.step()
         made = {key: _layout(probe_opt.state.get(p, {})) for key, p in probes.items()}
     except Exception as exc:
-        logger.info("optimizer state not carried over: the probe step raised %r", exc)
+        logger.info("optimizer state not carried over: the probe raised %r", exc)
     carried = {
         param: state
         for param, state in states.items()

@@ -104,7 +104,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         self._warned_scaler = False
         self._checked_scaler: torch.amp.GradScaler | None = None
         # Tracked scalers whose next ``update()`` keeps the scale a ROLLBACK restored.
-        self._held_scalers: list[torch.amp.GradScaler] = []
+        self._held_scalers: list[tuple[torch.amp.GradScaler, Callable[..., None]]] = []
         self.last_report: dict[str, Any] | None = None
         self.steps = 0  # ``step`` calls: the manager's steps this optimizer took
         # What ``Optimizer.__init__`` sets up for hooks (the rest of it needs parameters).
@@ -185,17 +185,17 @@ class ManagerOptimizer(torch.optim.Optimizer):
         if self.scaler is not None:  # the one that stepped this optimizer, when given
             scalers = {k: o for k, o in scalers.items() if o is self.scaler}
         for scaler in scalers.values():
-            self._held_scalers.append(scaler)
-            scaler.update = _keeping_scale_once(scaler, vars(scaler).get("update"))
+            hold = _keeping_scale_once(scaler, vars(scaler).get("update"))
+            self._held_scalers.append((scaler, hold))
+            scaler.update = hold  # type: ignore[method-assign]
 
     def _release_held_scalers(self) -> None:
         """End the holds of a rolled-back step whose ``update()`` the framework never called:
         the next step's update is its own."""
         while self._held_scalers:
-            scaler = self._held_scalers.pop()
-            held = vars(scaler).get("update")
-            if held is not None and hasattr(held, "kept"):  # ours: put back what it replaced
-                _put_back_update(scaler, held.kept)
+            scaler, hold = self._held_scalers.pop()
+            if vars(scaler).get("update") is hold:  # still ours on top: what it replaced back
+                _put_back_update(scaler, hold.kept)  # (another's on top unwinds it with its own)
 
     def _unscale(self, scale: torch.Tensor | None) -> torch.Tensor | None:
         """Unscale every gradient the manager's optimizers step, inside a GradScaler's step

@@ -23,9 +23,11 @@ memory, as nothing it knows re-initialises them), so a class that attaches slots
 ``__init__`` came back with ``_one`` and ``sat_out_compiled`` holding garbage and each seed's
 flags a buffer of its own, no longer a view of the layer's: a forward recorded faults in the
 layer's flags while the poll read the seeds', so a seed gone non-finite was never charged and
-healthy ones were. :func:`constants_replaced` sees that (a flag not a view of the layer's, or
-``_one`` not 1), and :func:`rebuild_constants` then refills them in place and links the flags
-again. Either way every seed's ``alpha`` buffer is set to its ``_alpha_value`` there.
+healthy ones were. :func:`constants_replaced` sees that: the layer marks an assignment to one
+of its constants (``KasminaLayer.__setattr__``; a move, which links the flags again, keeps the
+mark), else a flag not a view of the layer's or ``_one`` not 1; :func:`rebuild_constants` then
+refills them in place and links the flags again, every seed's ``alpha`` set to its
+``_alpha_value``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def constants_replaced(layer: Any) -> bool:
     finite, faulted = layer._flags()
     if finite.is_meta or faulted.is_meta or layer._buffers["_one"].is_meta:
         return False
+    if layer.__dict__.get("_constants_stale"):  # assigned over (``KasminaLayer.__setattr__``)
+        return True
     for k, seed in enumerate(layer.seeds):
         mine = seed._buffers["finite_flag"], seed._buffers["fault_flag"]
         if (
@@ -91,6 +95,7 @@ def constants_replaced(layer: Any) -> bool:
 
 def _refill(layer: Any) -> list[str]:
     """Refill replaced constants in place (their values, the flags linked again)."""
+    layer.__dict__.pop("_constants_stale", None)
     for name, value in CONSTANTS.items():
         layer._buffers[name].fill_(value)
     layer._link_flags()

@@ -424,11 +424,11 @@ def seed_load_pre_hook(
     forget_evaluation(seed)
     buffer, extra = state_dict.get(prefix + "alpha"), state_dict.get(prefix + _EXTRA_STATE)
     if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
-        if extra is None:
-            alpha = torch.full(buffer.shape, seed.alpha_value, device=buffer.device)  # float32
-            state_dict[prefix + "alpha"] = alpha  # type: ignore[index]
-        elif buffer.dtype != torch.float32:  # its value set by set_extra_state; an assign keeps
-            state_dict[prefix + "alpha"] = buffer.float()  # type: ignore[index]  # the dtype
+        # A fresh float32 tensor either way: an ``assign=True`` load keeps it as the buffer, which
+        # ``set_extra_state`` then fills (the caller's tensor, another model's, is not written).
+        value = seed.alpha_value if extra is None else float(buffer)
+        alpha = torch.full(buffer.shape, value, dtype=torch.float32, device=buffer.device)
+        state_dict[prefix + "alpha"] = alpha  # type: ignore[index]
 
 
 def check_seed_states(

@@ -540,11 +540,15 @@ def recomputing() -> bool:
     return current is not None and current() != -1
 
 
+# What a fault of each kind costs the seed, where its output is not what falls back.
+_FAULT_EFFECTS = dict(backward="its step's gradient is dropped", gradient="its step is skipped")
+_FAULT_EFFECTS["optimizer"] = "its optimizer state is reset"
+
+
 def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
-    """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at
-    WARNING, the rest at DEBUG, so a seed that faults on every step stays visible without
-    flooding the log."""
-    effect = "its step's gradient is dropped" if kind == "backward" else "the host output stands in"
+    """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at WARNING,
+    the rest at DEBUG (a seed that faults on every step stays visible without flooding)."""
+    effect = _FAULT_EFFECTS.get(kind, "the host output stands in")
     logger.log(
         rarely(count, FAULT_WARN_EVERY),
         "seed %s: fault %d/%d in %s (%s): %s; %s",

@@ -231,6 +231,8 @@ class KasminaLayer(nn.Module):
             if not (name in self._parameters or name in self._buffers or name in self.__dict__):
                 setattr(host, name, value)
                 return
+        if name in CONSTANTS and name in self.__dict__.get("_buffers", ()):  # a loader's tensor
+            self.__dict__["_constants_stale"] = True  # (``constants.constants_replaced``)
         super().__setattr__(name, value)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:

@@ -326,8 +326,10 @@ def test_from_pretrained_into_a_class_that_attaches_slots_gets_its_constants_bac
     Slotted(config).save_pretrained(tmp_path)
     model = Slotted.from_pretrained(tmp_path)
     slot = model.transformer.h[0].mlp.c_proj
+    model.to("cpu")  # a move (to the manager's device) links the flags again: still seen
     with torch.no_grad():  # what uninitialised memory may hold
-        slot._one.fill_(7.0)
+        slot._one.fill_(1.0)
+        slot._fault_flags.fill_(True)
         slot.sat_out_compiled.fill_(123)
     assert fill_constants(model)
     assert slot._one.item() == 1.0 and slot.sat_out_compiled.tolist() == [0, 0]

@@ -97,3 +97,9 @@ def test_carried_state_is_what_the_group_would_make_and_changes_nothing() -> Non
     picky_source.step()
     assert carried_state(picky_source, params, picky, picky.param_groups[0]) == {}
     assert dict(source.state) == state and not target.state and not picky.state
+    # A group's tensor the step updates in place is the live group's: the probe steps a copy;
+    # a value that cannot be copied (a non-leaf tensor) leaves the states behind, no raise.
+    counted = {**settings, "count": torch.zeros(())}
+    assert carried_state(source, params, target, counted) and counted["count"].item() == 0
+    rate = torch.tensor(0.01, requires_grad=True) * 1.0
+    assert carried_state(source, params, target, {**settings, "lr": rate}) == {}

@@ -300,10 +300,20 @@ def test_a_load_without_the_alpha_buffer_or_in_half_precision_keeps_the_lifecycl
     rig.model.load_state_dict({k: v for k, v in saved.items() if k != "out.seeds.0.alpha"}, False)
     assert seed.alpha_value == alpha and float(seed.alpha) == pytest.approx(alpha, abs=1e-7)
     half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in saved.items()}
+    given = half["out.seeds.0.alpha"].clone()
     for assign in (False, True):
         rig.model.load_state_dict(half, assign=assign)
         assert seed.alpha.dtype == torch.float32
         assert float(seed.alpha) == torch.tensor(alpha, dtype=torch.float32).item()
+        assert torch.equal(half["out.seeds.0.alpha"], given)  # the caller's tensor: not written
+    bare = {k: v for k, v in half.items() if not k.endswith("_extra_state")}
+    torch.set_default_dtype(torch.bfloat16)  # model code that sets it: alpha stays float32
+    try:
+        rig.model.load_state_dict(bare, strict=False, assign=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    own = torch.tensor(seed.alpha_value, dtype=torch.float32).item()  # the seed's own alpha
+    assert seed.alpha.dtype == torch.float32 and float(seed.alpha) == own
     manager.close()
 
 
