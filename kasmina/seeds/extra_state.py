@@ -426,8 +426,12 @@ def seed_load_pre_hook(
     if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
         # A fresh float32 tensor either way: an ``assign=True`` load keeps it as the buffer, which
         # ``set_extra_state`` then fills (the caller's tensor, another model's, is not written).
-        value = seed.alpha_value if extra is None else float(buffer)
-        alpha = torch.full(buffer.shape, value, dtype=torch.float32, device=buffer.device)
+        if extra is None:
+            alpha = torch.full(
+                buffer.shape, seed.alpha_value, dtype=torch.float32, device=buffer.device
+            )
+        else:
+            alpha = buffer.to(torch.float32, copy=True)  # no read: set_extra_state fills it
         state_dict[prefix + "alpha"] = alpha  # type: ignore[index]
 
 
