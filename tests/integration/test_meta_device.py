@@ -246,14 +246,7 @@ def test_a_model_built_on_meta_attaches_and_materialises_with_to_empty() -> None
     )  # fmt: skip
     assert slot._one.item() == 1.0 and not slot._fault_flags.any() and slot._finite_flags.all()
     assert all(seed.alpha.item() == 0.0 for seed in slot.seeds)
-    x = torch.randn(3, 6)
-    assert torch.equal(model(x), bare(x))
-    slot.seed(0).attach_kernel(nn.Linear(2, 2))
-    for stage in PATH[:3]:
-        slot.seed(0).transition_to(stage)
-    slot.seed(0).update_alpha_blending(1, 2)
-    model(x).sum().backward()  # a GRAFTING seed runs, its fault flag clean
-    assert not slot.seed(0).fault_flag.item() and slot.seed(0).faults == 0
+    _grafts_cleanly(model, bare, slot)
     # A move to meta leaves the lifecycle where it is (it would hold no data there).
     table = slot.state_table.state_tensor.clone()
     model.to("meta")
@@ -287,15 +280,21 @@ def test_a_model_built_on_meta_and_loaded_with_assign_gets_its_slot_constants_ba
     assert slot.sat_out_compiled.tolist() == [0, 0]
     assert [seed.alpha.item() for seed in slot.seeds] == [0.0, 0.25]
     assert slot.seed(0).fault_flag.data_ptr() == slot._fault_flags.data_ptr()
+    _grafts_cleanly(model, bare, slot)
+    assert slot.seed(0).kernel.weight.grad is not None
+
+
+def _grafts_cleanly(model: nn.Module, bare: nn.Module, slot) -> None:
+    """``model`` computes what ``bare`` does, and a GRAFTING seed of ``slot`` then runs with
+    its fault flag clean."""
     x = torch.randn(3, 6)
     assert torch.equal(model(x), bare(x))
     slot.seed(0).attach_kernel(nn.Linear(2, 2))
     for stage in PATH[:3]:
         slot.seed(0).transition_to(stage)
     slot.seed(0).update_alpha_blending(1, 2)
-    model(x).sum().backward()  # a GRAFTING seed runs, its fault flag clean
+    model(x).sum().backward()
     assert not slot.seed(0).fault_flag.item() and slot.seed(0).faults == 0
-    assert slot.seed(0).kernel.weight.grad is not None
 
 
 def test_from_pretrained_into_a_class_that_attaches_slots_gets_its_constants_back(

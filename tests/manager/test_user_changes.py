@@ -253,12 +253,7 @@ def test_loading_averaged_weights_keeps_the_blend_at_the_lifecycles_alpha(
     lifecycle's: the model blended at one alpha and reported another. The buffer loads as the
     lifecycle's alpha now, and the model computes what it did before the load."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("advance", SEED0)
-    rig.train(1)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    _to_grafting(rig, mlp)
     rig.train(2)
     seed = manager.seed(SEED0)
     alpha = seed.alpha_value
@@ -285,12 +280,7 @@ def test_a_load_without_the_alpha_buffer_or_in_half_precision_keeps_the_lifecycl
     bf16) rounded the lifecycle's alpha into the buffer, and with ``assign=True`` made the
     buffer bf16 for good. The buffer is the extra state's alpha, in float32, each way."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("advance", SEED0)
-    rig.train(1)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    _to_grafting(rig, mlp)
     rig.train(1)
     seed = manager.seed(SEED0)
     saved = rig.model.state_dict()
@@ -327,12 +317,7 @@ def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, f
     from tests.seeds.test_fault_containment import _ExplodingBackward
 
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    assert rig.send("advance", SEED0)
-    rig.train(1)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+    _to_grafting(rig, mlp)
     seed = manager.seed(SEED0)
     forward, calls = seed.kernel.forward, [0]
 
@@ -355,3 +340,13 @@ def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, f
     assert all(torch.equal(a, b) for a, b in zip(before, seed.seed_parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(host, host_params(rig), strict=True))
     manager.close()
+
+
+def _to_grafting(rig: Rig, mlp: str) -> None:
+    """SEED0 germinated, trained an epoch and advanced to GRAFTING by signed commands."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    assert rig.send("advance", SEED0)
+    rig.train(1)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
