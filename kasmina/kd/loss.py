@@ -255,6 +255,10 @@ def teacher_fit_problem(
     if reason := dense_float_problem(teacher):
         return f"teacher logits are not a dense floating-point tensor ({reason})"
     problem = teacher_shape_problem(output.shape, teacher, head)
+    if problem is None and head is not None and torch.float64 in (output.dtype, head[0].dtype):
+        # A model converted after ``set_kd_head`` (``double()`` for a gradient check): the
+        # fused head takes fp32 and 16-bit students only.
+        problem = "a float64 student or KD head: the fused KD head takes fp32, fp16 or bf16"
     for what, tensor in (("teacher logits", teacher), ("the KD head", head and head[0])):
         if problem is None and isinstance(tensor, torch.Tensor) and tensor.device != output.device:
             problem = f"{what} on {tensor.device}, the output on {output.device}"

@@ -54,9 +54,14 @@ def functorch_active() -> bool:
 
 
 def transform_depth() -> int:
-    """How many ``torch.func`` transforms run the eager forward running now (0 compiled)."""
-    if torch.compiler.is_compiling() or not functorch_active():
+    """How many ``torch.func`` transforms run the forward running now. Compiled, 1 for any:
+    the interpreters cannot be listed in a trace, and 0 there made a compiled transform's
+    forward take teacher logits set outside it for the next training forward (its KD loss, a
+    batched tensor, escaped the transform and failed that step's collect)."""
+    if not functorch_active():
         return 0
+    if torch.compiler.is_compiling():
+        return 1
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return len(retrieve_all_functorch_interpreters())

@@ -870,3 +870,50 @@ def test_the_slots_alpha_stays_float32_whatever_the_default_dtype() -> None:
     assert layer._one.dtype == torch.float32
     layer(x.double()).sum().backward()
     assert [s.faults for s in layer.seeds] == [0, 0]
+
+
+def test_a_compiled_ensemble_leaves_teacher_logits_set_outside_it() -> None:
+    """Teacher logits set for the next training forward, then a compiled ``vmap`` ensemble of
+    the model (``stack_module_state``, ``functional_call``): compiled, the transform's depth
+    read 0, so the ensemble's forward took the logits and left a batched KD loss behind,
+    which failed the next training step's collect (an internal assert of PyTorch's). The
+    logits stay for the training forward, which distils as without the ensemble."""
+    layer = _distilling_layer(SeedStage.ISOLATED_INIT)
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    x, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    members = [copy.deepcopy(model) for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(members)
+    ensemble = torch.compile(
+        torch.func.vmap(lambda p, b: torch.func.functional_call(model, (p, b), (x,))),
+        backend="eager",
+    )
+    layer.set_teacher_logits(teacher)
+    want = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(ensemble(params, buffers), want)
+    assert layer._teacher_logits is teacher and layer.get_and_clear_kd_losses() is None
+    model(x)
+    kd = layer.get_and_clear_kd_losses()
+    assert kd is not None and kd.requires_grad and not torch._C._functorch.is_batchedtensor(kd)
+
+
+def test_a_float64_copy_with_a_kd_head_sits_kd_out() -> None:
+    """A slot given a KD head in fp32, then converted with ``double()`` (a gradient check of a
+    grown model): the fused head takes fp32 and 16-bit students only, and every forward with
+    teacher logits raised from the slot. The KD sits out (counted); the forward runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 11))
+    layer = KasminaLayer(model[0], 2, 4, kd_config=KDConfig(temperature=2.0))
+    model[0] = layer
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+        seed.transition_to(SeedStage.ISOLATED_INIT)
+    layer.set_kd_head(model[1].weight, model[1].bias)
+    x, teacher = torch.randn(5, 4), torch.randn(5, 11)
+    layer.set_teacher_logits(teacher)
+    model(x)
+    assert layer.get_and_clear_kd_losses() is not None
+    model.double()
+    layer.set_teacher_logits(teacher.double())
+    out = model(x.double())
+    assert out.dtype == torch.float64 and layer.get_and_clear_kd_losses() is None
+    assert layer.sat_out["kd"] == 1
