@@ -43,6 +43,7 @@ __all__ = [
     "FAULT_LOG_SIZE",
     "FAULT_REASON_CHARS",
     "FAULT_WARN_EVERY",
+    "FELL_BACK",
     "FaultRecorder",
     "GraphMark",
     "all_finite",
@@ -89,6 +90,7 @@ FaultRecorder = Callable[[str, str], None]
 
 # Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
 DEFAULT_FAULT_LIMIT = 3
+FELL_BACK = "fell back"  # a non-finite output found on the host: settled at the poll, once a step
 # Held while a fault is counted and may quarantine its seed: forwards of one model on several
 # threads (serving) can fault at once, and two that both reach the limit would both send the
 # seed to QUARANTINE, the second raising into its forward. Reentrant: a transition's listeners
@@ -96,8 +98,7 @@ DEFAULT_FAULT_LIMIT = 3
 FAULT_LOCK = threading.RLock()
 # The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log
 # is for a person reading a report, and an exception message can be arbitrarily long.
-FAULT_LOG_SIZE = 16
-FAULT_REASON_CHARS = 200
+FAULT_LOG_SIZE, FAULT_REASON_CHARS = 16, 200
 # After the first fault (WARNING), every this-many-th fault is logged at WARNING again, so that a
 # seed that cannot be quarantined (ACTIVE) and faults on every step stays visible without
 # flooding the log; the others go to DEBUG.
@@ -337,7 +338,7 @@ def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | No
         return None
     if not bool(host.detach().isfinite().all()):  # the host's NaN: anomaly mode blames its op
         return None
-    return "nonfinite", "non-finite output"
+    return FELL_BACK, "non-finite output"
 
 
 def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
@@ -455,15 +456,14 @@ def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
     past any saved-tensor hooks of the caller's (activation checkpointing's, non-reentrant).
 
     That graph is an island (the kernel sees ``x.detach()``) whose backward the seed's guard
-    runs in an engine call of its own. Checkpointing would drop what it saves and recompute
-    the region when the outer backward first needs one of its tensors; an unpack from the
-    island's own engine call is another graph task, so each slot's island re-ran the whole
-    region once more (host side effects included: a BatchNorm's running statistics), and a
-    kernel that saved a tensor and then raised left the recompute, which no longer calls a
-    seed that the fault quarantined, one tensor short of the forward (``CheckpointError``).
-    Kept, the island's tensors live until its backward as they do without checkpointing (a
-    seed's kernel is small beside the host). An ACTIVE seed's graph is the host's: the
-    caller's hooks apply. Nothing is pushed without a caller's hooks or under compile."""
+    runs in an engine call of its own. Checkpointing would drop what it saves and recompute the
+    region when the outer backward first needs one of its tensors; an unpack from the island's
+    own engine call is another graph task, so each slot's island re-ran the whole region once
+    more (host side effects included: a BatchNorm's statistics), and a kernel that saved a
+    tensor and then raised left the recompute (which no longer calls a seed the fault
+    quarantined) one tensor short (``CheckpointError``). Kept, the island's tensors live until
+    its backward (a seed's kernel is small beside the host). An ACTIVE seed's graph is the
+    host's: the caller's hooks apply. Nothing is pushed without a caller's hooks or compiled."""
     if (
         active
         or torch.compiler.is_compiling()

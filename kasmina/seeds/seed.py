@@ -48,6 +48,7 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     FAULT_LOCK,
     FAULT_LOG_SIZE,
+    FELL_BACK,
     call_kernel,
     cut_nonfinite_gradient,
     finite_test,
@@ -127,9 +128,8 @@ class GradientIsolatedSeed(nn.Module):
         self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool, device=cpu), False)
         self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool, device=cpu), False)
         self.isolation_violations = self.nonfinite_events = self.faults = 0
-        self.fault_limit = fault_limit
-        # The kernel's backward in a guarded node before ACTIVE (cost: perf/bench_faults.py).
-        self.guard_backward = True
+        # guard_backward: the kernel's backward in a guarded node before ACTIVE (its cost:
+        self.fault_limit, self.guard_backward = fault_limit, True  # perf/bench_faults.py)
         self.fault_log: deque[str] = deque(maxlen=FAULT_LOG_SIZE)
         self._gate_score = self._performance_gate = self._alpha_value = 0.0
         # GRAFTING's schedule step (0 on entry), saved in the extra state: a load goes on there.
@@ -204,8 +204,7 @@ class GradientIsolatedSeed(nn.Module):
 
     def _probe_fault(self, sample: torch.Tensor) -> str | None:
         """Probe ``sample`` for G3: the fault the probe recorded, or None."""
-        faults = self.faults
-        self.probe(sample)
+        faults, _ = self.faults, self.probe(sample)
         return self.fault_log[-1] if self.probe_result is None and self.faults > faults else None
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
@@ -288,8 +287,11 @@ class GradientIsolatedSeed(nn.Module):
         if self.observed_faults is not None:
             self.observed_faults.append(f"{kind}: {reason}")
             return
-        if kind == "backward":  # its step's gradient is lost with it: every gradient since the
-            self.finite_flag.fill_(False)  # poll dropped and the step skipped (settle_nonfinite)
+        if kind in ("backward", FELL_BACK):  # its step's gradient is lost with it: every
+            self.finite_flag.fill_(False)  # one since the poll dropped, the step skipped (settle)
+        if kind == FELL_BACK:  # a non-finite output found on the host (anomaly mode): charged at
+            self.fault_flag.fill_(True)  # the poll, once a step, as the device half's are
+            return
         with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
             self.faults += 1
             self.fault_log.append(reason)
@@ -372,10 +374,9 @@ class GradientIsolatedSeed(nn.Module):
         return [] if self.kernel is None else list(self.kernel.parameters())
 
     def trained_parameters(self) -> list[torch.Tensor]:
-        """The kernel's parameters that require a gradient (the backward guard's inputs), on
-        every guarded forward. ``requires_grad`` and the parameter slots are read fresh; the
-        module tree is walked once per kernel object (an artifact's module tree is fixed when
-        it is attached): ``parameters()`` would cost several microseconds per module."""
+        """The kernel's parameters that require a gradient (the backward guard's inputs), read
+        fresh on every guarded forward; the module tree is walked once per kernel object (an
+        artifact's is fixed): ``parameters()`` would cost several microseconds per module."""
         kernel = self._modules["kernel"]
         if kernel is None:
             return []
@@ -461,8 +462,7 @@ class GradientIsolatedSeed(nn.Module):
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
         """COMPATIBILITY_CHECK's probe, not compiled (it times on the host clock; G3 probes)."""
-        if not torch.compiler.is_compiling():
-            self.probe(x)
+        _ = torch.compiler.is_compiling() or self.probe(x)
 
     def probe(self, x: torch.Tensor) -> CompatibilityProbe | None:
         """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
@@ -483,8 +483,8 @@ class GradientIsolatedSeed(nn.Module):
         self, x: torch.Tensor, stage: SeedStage
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``(seed_out, finite)`` (``finite`` on the device; None if known finite on the host),
-        or None after a fault found on the host. The stand-alone seed's guard; a KasminaLayer
-        runs the same host half (:meth:`_call_kernel`), the device half once for all seeds."""
+        or None after a fault found on the host. A KasminaLayer runs the same host half
+        (:meth:`_call_kernel`), the device half once for all its seeds."""
         called = self._call_kernel(x, stage)
         if called is None:
             return None

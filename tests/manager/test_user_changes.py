@@ -350,3 +350,27 @@ def _to_grafting(rig: Rig, mlp: str) -> None:
     assert rig.send("advance", SEED0)
     rig.train(1)
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.GRAFTING
+
+
+def test_under_anomaly_mode_a_non_finite_output_costs_one_fault_a_step(rig: Rig, mlp) -> None:
+    """Anomaly mode finds a seed's non-finite output on the host (its NaN check would raise
+    in the backward): that fault was charged at every forward, so three accumulated
+    micro-batches quarantined a seed in one step, where without anomaly mode it is charged
+    once a step, and the step report did not name it. It is settled at the step as without
+    anomaly mode: one fault, its gradient dropped, the step skipped, reported."""
+    manager = rig.manager
+    _to_grafting(rig, mlp)
+    seed = manager.seed(SEED0)
+    with torch.no_grad():
+        for p in seed.kernel.parameters():
+            if p.dim() > 1:
+                p.fill_(3e38)  # its output overflows
+    with torch.autograd.detect_anomaly():
+        for half in (slice(0, 6), slice(6, 11), slice(11, 16)):
+            loss = torch.nn.functional.cross_entropy(rig.model(rig.x[half]), rig.y[half])
+            manager.backward(loss / 3)
+    report = manager.step()
+    assert seed.faults == 1 and rig.stage(SEED0) == S.GRAFTING
+    assert report["nonfinite"] == [SEED0] and report["seeds_stepped"] == []
+    assert report["host_stepped"]
+    manager.close()
