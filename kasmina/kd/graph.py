@@ -141,13 +141,13 @@ def hold_retained_backwards() -> Callable[[], None]:
             )
         _holds.append(before)
         functorch_config.donated_buffer = False
-    released = threading.Event()
+    released = []  # once released: [True]
 
     def release() -> None:
         with _holds_lock:
-            if released.is_set():
+            if released:
                 return
-            released.set()
+            released.append(True)
             _holds.pop()
             if not _holds and not functorch_config.donated_buffer:  # still the hold's value
                 functorch_config.donated_buffer = before

@@ -25,7 +25,7 @@ flags a buffer of its own, no longer a view of the layer's: a forward recorded f
 layer's flags while the poll read the seeds', so a seed gone non-finite was never charged and
 healthy ones were. :func:`constants_replaced` sees that: the layer marks an assignment to one
 of its constants (``KasminaLayer.__setattr__``; a move, which links the flags again, keeps the
-mark), else a flag not a view of the layer's or ``_one`` not 1; :func:`rebuild_constants` then
+mark), else a flag not a view of the layer's; :func:`rebuild_constants` then
 refills them in place and links the flags again, every seed's ``alpha`` set to its
 ``_alpha_value``.
 """
@@ -76,8 +76,8 @@ def host_device(layer: Any) -> torch.device | None:
 
 def constants_replaced(layer: Any) -> bool:
     """Whether the layer's real (not ``meta``) constants were replaced since it made them (see
-    the module docstring): a seed's flag that is not a view of the layer's, or ``_one`` not 1
-    (one host read)."""
+    the module docstring): an assignment the layer marked, or a seed's flag that is not a
+    view of the layer's. No device read (a load through every slot asks)."""
     finite, faulted = layer._flags()
     if finite.is_meta or faulted.is_meta or layer._buffers["_one"].is_meta:
         return False
@@ -90,7 +90,7 @@ def constants_replaced(layer: Any) -> bool:
             or mine[1].data_ptr() != faulted[k].data_ptr()
         ):
             return True
-    return bool(layer._buffers["_one"] != 1)
+    return False
 
 
 def _refill(layer: Any) -> list[str]:

@@ -541,8 +541,8 @@ def recomputing() -> bool:
 
 
 # What a fault of each kind costs the seed, where its output is not what falls back.
-_FAULT_EFFECTS = dict(backward="its step's gradient is dropped", gradient="its step is skipped")
-_FAULT_EFFECTS["optimizer"] = "its optimizer state is reset"
+_FAULT_EFFECTS = {"backward": "its step's gradient is dropped", "gradient": "its step is skipped",
+                  "optimizer": "its optimizer state is reset"}  # fmt: skip
 
 
 def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
