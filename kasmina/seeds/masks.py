@@ -1,13 +1,16 @@
 """A slot's per-chunk masks for one call: which seeds passed the host through, which ran and
 do not blend beside a GRAFTING one. Each is a ``[num_seeds]`` bool tensor on the call's device,
 made once per pattern (a slot's calls repeat a handful of patterns) so that a forward builds
-none; one made under ``torch.compile`` (a graph constant) or by a ``torch.func`` transform (a
-wrapper tied to that transform) is made fresh and never kept. ``KasminaLayer`` clears them when
-it moves (``_apply``).
+none. The cache keeps the ``MAX_PATTERNS`` most recently used: a wide layer's seeds grafting
+and culled in ever new sets (2**num_seeds patterns) would grow it for the whole run. One made
+under ``torch.compile`` (a graph constant) or by a ``torch.func`` transform (a wrapper tied to
+that transform) is made fresh and never kept. ``KasminaLayer`` clears them when it moves
+(``_apply``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Container, Sequence
 
 import torch
@@ -15,7 +18,9 @@ import torch
 from kasmina.ops.transforms import functorch_active
 from kasmina.stages import SeedStage
 
-__all__ = ["ChunkMasks", "split_chunks"]
+__all__ = ["MAX_PATTERNS", "ChunkMasks", "split_chunks"]
+
+MAX_PATTERNS = 64  # per layer: each a [num_seeds] bool tensor
 
 
 def split_chunks(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -27,10 +32,12 @@ def split_chunks(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class ChunkMasks:
-    """The masks of one layer's calls, cached per pattern and device."""
+    """The masks of one layer's calls, cached per pattern and device, least recently used
+    dropped first (a backward that saved one keeps its own reference)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[tuple[bool, ...], torch.device], torch.Tensor] = {}
+        self._cache: OrderedDict[tuple[tuple[bool, ...], torch.device], torch.Tensor]
+        self._cache = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -55,7 +62,12 @@ class ChunkMasks:
         if torch.compiler.is_compiling() or functorch_active():
             return torch.tensor(values, device=device)
         key = (values, device)
-        if key not in self._cache:  # made under inference mode, no backward could save it
-            with torch.inference_mode(False):
-                self._cache[key] = torch.tensor(values, device=device)
-        return self._cache[key]
+        mask = self._cache.get(key)
+        if mask is not None:
+            self._cache.move_to_end(key)
+            return mask
+        with torch.inference_mode(False):  # made under inference mode, no backward could save it
+            mask = self._cache[key] = torch.tensor(values, device=device)
+        if len(self._cache) > MAX_PATTERNS:
+            self._cache.popitem(last=False)
+        return mask

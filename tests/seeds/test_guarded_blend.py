@@ -24,6 +24,7 @@ from torch import nn
 from kasmina.seeds import faults
 from kasmina.seeds.faults import all_finite, finite_chunks
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.masks import MAX_PATTERNS, ChunkMasks
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from tests.profiling import DispatchedOps, syncs_inside
@@ -374,6 +375,24 @@ def test_an_inference_mode_forward_leaves_no_mask_a_backward_cannot_save(
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_the_mask_cache_keeps_the_patterns_in_use_and_no_more() -> None:
+    """A wide slot whose seeds graft and are culled in ever new sets makes a new pattern each
+    time; the cache kept every one (one tensor each) for the whole run. It keeps the
+    ``MAX_PATTERNS`` most recently used, and a dropped pattern is made again, equal."""
+    masks = ChunkMasks()
+    cpu = torch.device("cpu")
+    n = 12
+    kept = masks.passed(n, {0}, cpu)
+    for k in range(3 * MAX_PATTERNS):
+        ran = {i for i in range(n) if (k >> i) & 1}
+        got = masks.passed(n, ran, cpu)
+        assert got.tolist() == [i not in ran for i in range(n)]
+        assert masks.passed(n, {0}, cpu) is kept  # in use: never dropped
+        assert len(masks) <= MAX_PATTERNS
+    assert len(masks) == MAX_PATTERNS
+    assert masks.passed(n, {1}, cpu).tolist() == [i != 1 for i in range(n)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
