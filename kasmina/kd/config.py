@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from kasmina.ops import KD_REDUCTIONS as REDUCTIONS
 from kasmina.ops.backend import check_positive, check_real
 
-__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "KDConfig"]
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "KDConfig", "check_seed_kd"]
 
 # The temperatures a KD loss stays finite at: logits are divided by T and the loss scaled by T²
 # in fp32 (T = 1e20 gave -inf or NaN, T = 1e-300 overflowed the scalar); far beyond any in use.
@@ -47,3 +47,15 @@ class KDConfig:
             raise ValueError(f"KD enabled must be a bool, got {self.enabled!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown KD reduction {self.reduction!r}")
+
+
+def check_seed_kd(config: KDConfig | None, name: str) -> None:
+    """Refuse ``reduction="none"`` for the seeds' KD (``ValueError`` naming ``name``): it gives
+    per-row losses for a caller to weight (``kd_kl_loss``, ``StaticKDLoss``), while a seed's KD
+    term is one scalar that a manager collects and backpropagates; taken anyway, it was summed,
+    which is ``"sum"`` under another name."""
+    if config is not None and config.reduction == "none":
+        raise ValueError(
+            f"{name}: reduction 'none' gives per-row losses, and the seeds' KD term is one "
+            "scalar: use 'batchmean', 'mean' or 'sum'"
+        )

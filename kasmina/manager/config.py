@@ -11,6 +11,7 @@ Urza publisher *public* keys are (they verify artifacts and cannot sign one).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import secrets
@@ -25,7 +26,7 @@ import torch
 from kasmina.control.auth import MAX_FRESHNESS_S
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS
 from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
-from kasmina.kd.config import KDConfig
+from kasmina.kd.config import KDConfig, check_seed_kd
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings, redact_urls
@@ -357,6 +358,7 @@ class KasminaConfig:
         _positive("grafting_temperature", self.grafting_temperature)
         if not isinstance(self.kd, KDConfig):
             raise TypeError(f"kd must be a KDConfig, got {type(self.kd).__name__}")
+        check_seed_kd(self.kd, "kd")
         if self.teacher_dtype not in _TEACHER_DTYPES:
             raise ValueError(
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
@@ -364,6 +366,14 @@ class KasminaConfig:
         _positive_int("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            name not in _FIELD_NAMES
+            and not name.startswith("_")  # the config's own bookkeeping
+            and name not in {f.name for f in dataclasses.fields(self)}  # a subclass's
+        ):  # a misspelt setting (``performance_gait``): a new attribute nothing would read
+            close = difflib.get_close_matches(name, sorted(_FIELD_NAMES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise AttributeError(f"KasminaConfig has no setting {name!r}{hint}")
         if self.__dict__.get("_held") and name in _FIELD_NAMES:
             if name not in LIVE_FIELDS:
                 raise AttributeError(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from kasmina.kd.config import KDConfig
+from kasmina.kd.config import KDConfig, check_seed_kd
 from kasmina.kd.graph import sum_kd_losses
 from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
@@ -193,6 +193,7 @@ def attach(
             f"kd_config must be a KDConfig or None, got {type(kd_config).__name__} "
             "(KDConfig(**settings) builds one)"
         )
+    check_seed_kd(kd_config, "kd_config")
     if state is not None and not isinstance(state, GPUStateTensor):
         raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
     names = _resolve(model, targets)

@@ -347,6 +347,45 @@ def test_a_managers_config_takes_live_changes_validated_and_refuses_the_rest(tmp
     manager.close()
 
 
+def test_a_misspelt_setting_is_refused_held_or_not(tmp_path) -> None:
+    """``config.performance_gait = 0`` made a new attribute that nothing reads: the gate
+    stayed at 500 and nothing said so, on a manager's config and on a free one."""
+    from kasmina.utils.keyring import Keyring
+
+    free = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    with pytest.raises(AttributeError, match="no setting 'performance_gait'.*'performance_gate'"):
+        free.performance_gait = 0
+    held = dataclasses.replace(free)
+    manager = KasminaKernelManager(held, keyring=Keyring({"ctl": b"k" * 32}))
+    with pytest.raises(AttributeError, match="no setting 'xyzzy'"):
+        held.xyzzy = 1
+    for config in (free, held):
+        assert config.performance_gate == 500 and "performance_gait" not in vars(config)
+    held.performance_gate = 0  # a real live setting still takes
+    assert manager.config.performance_gate == 0
+    manager.close()
+
+
+def test_the_seeds_kd_takes_a_scalar_reduction_only(tmp_path) -> None:
+    """``KDConfig(reduction="none")`` gives per-row losses; a manager's or a slot's KD term is
+    one scalar, and it was silently summed ("sum" under another name). Refused where a
+    seed's KD is configured; ``StaticKDLoss`` and the op keep it."""
+    from torch import nn
+
+    from kasmina.kd.loss import StaticKDLoss
+    from kasmina.seeds.inject import attach
+
+    none = KDConfig(reduction="none")
+    with pytest.raises(ValueError, match="kd: reduction 'none'"):
+        KasminaConfig(urza_url=str(tmp_path / "urza"), kd_enabled=True, kd=none)
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="kd_config: reduction 'none'"):
+        attach(model, "0", seeds_per_layer=2, chunk_size=2, kd_config=none)
+    assert isinstance(model[0], nn.Linear)  # refused before anything changed
+    rows = StaticKDLoss(reduction="none")(torch.randn(3, 5), torch.randn(3, 5))
+    assert rows.shape == (3,)
+
+
 def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
     tmp_path, monkeypatch
 ) -> None:
