@@ -460,6 +460,12 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     assert rc == 0 and out.count("ok") == 2
     # Running it again leaves the re-signed artifacts as they are.
     assert run(capsys, *resign, "--hmac-keys", str(hmac_keys), "one", "two")[0] == 0
+    # So does a run without the old keys (an idempotent CI step): it needs none where every
+    # artifact is signed by --key already, and it failed, telling the user to publish again.
+    rc, out, err = run(capsys, "urza", "resign", "--store", str(store), "--key", str(keys), "one")
+    assert rc == 0 and out == "ok     one (already signed by 'pub')\n", err
+    rc, _, err = run(capsys, *resign)  # "bad" still needs them
+    assert_one_line_error(rc, err, "--hmac-keys")
 
 
 def test_urza_resign_rotates_a_retiring_publishers_artifacts(
