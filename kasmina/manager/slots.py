@@ -34,6 +34,7 @@ from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
+from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ __all__ = ["SlotRegistry", "check_unmanaged"]
 # before each such step is a fault. A GradScaler halves its scale at every step with an
 # overflow, a seed's included: a gradient that overflowed only because the scale was too high
 # is finite a few halvings later, and one still not after 8 (the scale / 256) is the kernel's
-# own (a sqrt at 0), whose every further step halves the host's scale too, down to 0.
+# own (a sqrt at 0), whose every further step halves the host's scale too, down to 0. An ACTIVE
+# seed's parameters step in the host's optimizer, so its gradient is read apart from the rest
+# of the host's (``_split_active``), and at its fault limit it is terminated, its only way out.
 BAD_GRADIENT_STEPS = 8
 
 TransitionListener = Callable[["SeedRecord", SeedStage, SeedStage], None]
@@ -418,7 +421,9 @@ class SlotRegistry:
                 record.seed.record_fault("optimizer", optimizers.failed_steps[seed_id][1])
         norms, optimizers.norms_now = optimizers.norms_now, {}
         host = norms.get(HOST_ID)
-        if host is None and not all(norms.values()):  # the user steps the host: read its grads
+        if host is not None:  # its norm holds its ACTIVE seeds': each read apart, into norms
+            host = self._split_active(optimizers, norms, host)
+        elif not all(norms.values()):  # the user steps the host: read its grads
             grads = [p.grad for p in self.all_host_params()]
             values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
             host = bool(values) and all(bool(torch.isfinite(g).all()) for g in values)
@@ -433,10 +438,41 @@ class SlotRegistry:
                 continue
             record.bad_gradients = 0 if finite else record.bad_gradients + 1
             if record.bad_gradients >= BAD_GRADIENT_STEPS:
-                record.seed.record_fault(
+                seed, faults = record.seed, record.seed.faults
+                seed.record_fault(
                     "gradient", f"gradient not finite in {record.bad_gradients} clipped steps "
                     "running, the host's finite",
                 )  # fmt: skip
+                limit = seed.faults > faults and seed.faults >= seed.fault_limit  # counted
+                if limit and record.stage == SeedStage.ACTIVE:
+                    # No QUARANTINE from ACTIVE, and no output to fall back from: its gradient
+                    # would keep skipping the host's step (or halving a shared GradScaler's
+                    # scale) for good. TERMINATED runs no kernel: the host's step resumes.
+                    msg = "seed %s: gradient fault limit in ACTIVE: terminated, the host trains on"
+                    logger.error(msg, record.seed_id)
+                    seed.transition_to(SeedStage.TERMINATED)
+
+    def _split_active(
+        self, optimizers: IsolatedOptimizerManager, norms: dict[str, bool], host: bool
+    ) -> bool:
+        """Whether the host's clipped norm, less its ACTIVE seeds' (promoted into the host's
+        optimizer: ``promote_active``), is finite; each such seed's own finiteness goes into
+        ``norms``. With the host's finite so are theirs, and nothing is read; else one transfer
+        reads the rest's flag and each seed's, at such a step only (a GradScaler's overflow,
+        or such a seed). The rest's not finite too, it is the host's overflow: no seed's fault."""
+        promoted = optimizers.promoted()
+        if not promoted:  # no seed fossilized into it (the common case): nothing to look up
+            return host
+        active = [r.seed_id for r in self.in_stages([SeedStage.ACTIVE]) if r.seed_id in promoted]
+        if host or not active:
+            norms.update(dict.fromkeys(active, True))
+            return host
+        theirs = {id(p) for seed_id in active for p in promoted[seed_id][1]}
+        rest = [p for p in optimizers.parameters(HOST_ID) if id(p) not in theirs]
+        groups = [rest, *(promoted[seed_id][1] for seed_id in active)]
+        flags = read_flags([_grads_finite(params) for params in groups])
+        norms.update(zip(active, flags[1:], strict=True))
+        return flags[0]
 
     def frozen(self, counters: Counter[str]) -> list[str]:
         """The seeds in an isolated training stage whose kernel has parameters but none that
@@ -524,6 +560,17 @@ class SlotRegistry:
             self.listener(record, old, new)
         except Exception:  # a bookkeeping failure must not undo a transition already applied
             logger.exception("transition listener failed for seed %s", record.seed_id)
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A one-element bool tensor: whether every gradient ``params`` hold is finite (a sparse
+    one's values), on the first one's device (no host sync); True for none."""
+    grads = [p.grad for p in params if p.grad is not None]
+    values = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    if not values:
+        return torch.ones((), dtype=torch.bool)
+    device = values[0].device
+    return torch.stack([torch.isfinite(v).all().to(device) for v in values]).all()
 
 
 def _unmarked(seed: GradientIsolatedSeed) -> bool:

@@ -305,8 +305,8 @@ class GradientIsolatedSeed(nn.Module):
                 self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
             elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
                 logger.error(
-                    "seed %s: fault limit %d reached in %s, which cannot be quarantined; it keeps "
-                    "falling back to the host output", self.seed_id, self.fault_limit, stage.name,
+                    "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
+                    self.seed_id, self.fault_limit, stage.name,
                 )  # fmt: skip
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:

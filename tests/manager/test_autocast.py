@@ -206,3 +206,61 @@ def test_a_seed_finite_in_a_step_the_host_overflowed_ends_its_streak(tmp_path, k
     charge(host=True, finite=False)
     assert record.bad_gradients == 1 and seed.faults == 0
     manager.close()
+
+
+@pytest.mark.parametrize("own_host_optimizer", [False, True], ids=["manager", "own"])
+def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_host_trains_on(
+    tmp_path, store, keyring, mlp, own_host_optimizer: bool
+) -> None:
+    """An ACTIVE seed's parameters step in the host's optimizer, so its gradient alone not
+    finite made the host's clipped norm not finite: every host step was skipped for good, the
+    seed never charged (with its own optimizer under ``host_lr=None`` it was charged, but ACTIVE
+    has no QUARANTINE: it stayed, halving the shared scale every step). Now its gradient is read
+    apart from the rest of the host's: a step that overflowed the host's too charges nothing;
+    ``BAD_GRADIENT_STEPS`` steps running charge it, and at its fault limit it is TERMINATED
+    (ACTIVE's only way out): its kernel no longer runs, the scale holds, the host trains on."""
+    from kasmina.manager.slots import BAD_GRADIENT_STEPS
+    from tests.manager.test_manager import walk_to_active
+
+    options = {"host_lr": None} if own_host_optimizer else {}
+    rig = Rig(make_config(tmp_path, store), keyring, **options)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    registry = manager.require_registry()
+    own = torch.optim.SGD(registry.host_params, lr=0.05)
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def step(overflow: bool = False) -> dict:
+        loss = F.cross_entropy(rig.model(rig.x), rig.y) * (math.inf if overflow else 1.0)
+        manager.backward(scaler.scale(loss), kd_loss=None)
+        optimizers = [manager.optimizers.optimizer(o) for o in manager.optimizers.optimizer_ids]
+        for optimizer in optimizers + ([own] if own_host_optimizer else []):
+            scaler.unscale_(optimizer)
+        report = manager.step(grad_clip_norm=1.0)
+        if own_host_optimizer:
+            scaler.step(own)
+            own.zero_grad()
+        scaler.update()
+        return report
+
+    assert not step(overflow=True)["host_stepped"]  # the host's overflow: not the seed's fault
+    assert registry[SEED0].bad_gradients == 0 and seed.faults == 0
+    for p in seed.seed_parameters():
+        p.register_hook(lambda grad: grad * math.inf)
+    faults, stepped, scales = [], [], []
+    for _ in range(BAD_GRADIENT_STEPS + 5):
+        before = torch.cat([p.detach().flatten() for p in registry.host_params])
+        stepped.append(step()["host_stepped"])
+        changed = not torch.equal(before, torch.cat([p.flatten() for p in registry.host_params]))
+        faults.append(seed.faults)
+        scales.append((scaler.get_scale(), changed))
+    assert faults[: BAD_GRADIENT_STEPS - 1] == [0] * (BAD_GRADIENT_STEPS - 1)
+    assert faults[BAD_GRADIENT_STEPS - 1 :] == [1, 2, 3, 3, 3, 3]
+    assert seed.stage == S.TERMINATED and "gradient not finite" in seed.fault_log[-1]
+    assert SEED0 not in manager.optimizers.seed_ids
+    assert scales[-1][0] == scales[-3][0] >= 2.0**10 / 2 ** (BAD_GRADIENT_STEPS + 3)
+    assert [changed for _, changed in scales[-2:]] == [True, True]  # the host trains on
+    assert stepped[-2:] == [not own_host_optimizer] * 2
+    assert all(torch.isfinite(p).all() for p in registry.host_params)
+    manager.close()
