@@ -501,7 +501,13 @@ def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyr
             f"config must be a KasminaConfig, got {type(config).__name__} "
             "(KasminaConfig.from_dict builds one from a mapping)"
         )
-    return config, config.load_keyring() if keyring is None else checked_keyring(keyring)
+    keyring = config.load_keyring() if keyring is None else checked_keyring(keyring)
+    if shared := config.load_trusted_publishers().ids_holding(map(keyring.get, keyring.key_ids)):
+        raise ValueError(
+            f"publisher key(s) {shared} are command keys: the trusted publishers (a file of "
+            "what 'kasmina keygen --publisher' prints) are never the command keyring"
+        )
+    return config, keyring
 
 
 def _publisher_keys(value: object) -> dict[str, str]:

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -379,6 +379,14 @@ class TrustedPublishers:
 
     def get(self, key_id: str) -> Ed25519PublicKey | None:
         return self._keys.get(key_id)
+
+    def ids_holding(self, secrets: Iterable[bytes]) -> list[str]:
+        """The key ids whose 32 raw public-key bytes are one of ``secrets``: a command keyring
+        given as the publishers file parses (both are JSON of key id -> 32 bytes in hex), and
+        every artifact was then refused as signed by an "unknown publisher"."""
+        wanted = set(secrets)
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        return [k for k, key in self._keys.items() if key.public_bytes(*raw) in wanted]
 
     def manifest_signature_valid(self, key_id: str, canonical: bytes, signature: bytes) -> bool:
         """Whether ``signature`` is ``key_id``'s Ed25519 signature of ``MANIFEST_SIGNATURE_TAG

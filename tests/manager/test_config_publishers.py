@@ -103,6 +103,30 @@ def test_round_trip_and_publishers_file(tmp_path: Path) -> None:
             KasminaConfig(urza_publishers_file=bad)  # type: ignore[arg-type]
 
 
+def test_the_command_keyring_given_as_the_publishers_is_refused_by_name(tmp_path: Path) -> None:
+    """Both files are JSON of key id -> 32 bytes in hex, so a command keyring passed as the
+    publishers file parsed as public keys: the manager was built, and every artifact was then
+    refused as signed by an "unknown publisher", nothing saying which file was wrong."""
+    from kasmina.manager.manager import KasminaKernelManager
+
+    commands = tmp_path / "commands.json"
+    commands.write_text(json.dumps({"ctl": generate_key().hex()}))
+    commands.chmod(0o600)
+    config = KasminaConfig(
+        urza_url=str(tmp_path / "urza"),
+        runs_root=str(tmp_path / "runs"),
+        hmac_keys_file=str(commands),
+        urza_publishers_file=str(commands),
+    )
+    with pytest.raises(ValueError, match=r"publisher key\(s\) \['ctl'\] are command keys"):
+        KasminaKernelManager(config)
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    mixed = {"pub": RAW.hex()}  # the right publishers beside the same keyring: built
+    good = KasminaConfig(urza_url=config.urza_url, runs_root=config.runs_root,
+                         hmac_keys_file=str(commands), urza_trusted_publishers=mixed)  # fmt: skip
+    KasminaKernelManager(good).close()
+
+
 def test_a_group_writable_publishers_file_is_warned_about(tmp_path: Path, caplog) -> None:
     path = tmp_path / "publishers.json"
     path.write_text(json.dumps({"pub": PUBLISHER.public_key_text}))
