@@ -163,10 +163,11 @@ def parse_gate(value: int | str | None) -> int | None:
 
 def checked_row(row: object) -> list[int]:
     """``row`` as a state-table row a restore may write: ``NUM_STATE_COLUMNS`` integers (no
-    bool, float or string), each an int32, a known stage and ``EPOCHS_IN_STATE >= 0``;
-    ``ValueError`` naming the problem otherwise. A saved seed state is checked with it before
-    a load writes anything (``kasmina.seeds.extra_state.parse_seed_state``), and a restore
-    writes only what it passes."""
+    bool, float or string), each an int32, a known stage, counts (``EPOCHS_IN_STATE``,
+    ``EMBARGO_COUNTER``) >= 0; ``ValueError`` naming the problem otherwise. A saved seed
+    state is checked with it before a load writes anything
+    (``kasmina.seeds.extra_state.parse_seed_state``), and a restore writes only what it
+    passes."""
     if not isinstance(row, list | tuple) or len(row) != NUM_STATE_COLUMNS:
         raise ValueError(f"a state row has {NUM_STATE_COLUMNS} columns, got {row!r:.80}")
     if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in row):
@@ -175,6 +176,7 @@ def checked_row(row: object) -> list[int]:
     if not all(-(2**31) <= v < 2**31 for v in values):  # an int32 row
         raise ValueError(f"a state row holds int32 values, got {values!r:.120}")
     parse_stage(values[StateColumn.LIFECYCLE_STAGE])  # ValueError naming an unknown one
-    if values[StateColumn.EPOCHS_IN_STATE] < 0:
-        raise ValueError(f"EPOCHS_IN_STATE must be >= 0, got {values[StateColumn.EPOCHS_IN_STATE]}")
+    for column in (StateColumn.EPOCHS_IN_STATE, StateColumn.EMBARGO_COUNTER):
+        if values[column] < 0:  # counts: a negative one is no table's
+            raise ValueError(f"{column.name} must be >= 0, got {values[column]}")
     return values

@@ -138,7 +138,9 @@ def _tick_kernel(
     # The count stops at int32's maximum instead of wrapping to a negative age.
     epochs = tl.load(base + COL_EPOCHS, mask=live, other=0)
     tl.store(base + COL_EPOCHS, epochs + (epochs < 2147483647).to(tl.int32), mask=live)
-    embargo = tl.maximum(tl.load(base + COL_EMBARGO, mask=live, other=0) - 1, 0)
+    # max(e, 1) - 1 rather than max(e - 1, 0): the subtraction can then never wrap (an
+    # embargo of INT32_MIN - 1 would be INT32_MAX), and both are e - 1 for e >= 1, else 0.
+    embargo = tl.maximum(tl.load(base + COL_EMBARGO, mask=live, other=0), 1) - 1
     tl.store(base + COL_EMBARGO, embargo, mask=live)
     stage = tl.load(base + COL_STAGE, mask=live, other=-1)
     known = live & (stage >= 0) & (stage < NUM_STAGES)

@@ -315,7 +315,8 @@ def lifecycle_tick_reference(state: torch.Tensor) -> None:
     _, ready = _device_tables(state.device)
     epochs = state[:, StateColumn.EPOCHS_IN_STATE]
     epochs += epochs < INT32_MAX  # saturates instead of wrapping to a negative age
-    embargo = state[:, StateColumn.EMBARGO_COUNTER].sub_(1).clamp_min_(0)
+    # Clamped first: INT32_MIN - 1 would wrap to INT32_MAX, an embargo of 2**31 epochs.
+    embargo = state[:, StateColumn.EMBARGO_COUNTER].clamp_min_(1).sub_(1)
     stage = state[:, StateColumn.LIFECYCLE_STAGE].long()
     known = (stage >= 0) & (stage < NUM_STAGES)
     when = ready.index_select(0, stage.clamp(0, NUM_STAGES - 1)).where(known, READY_NEVER)

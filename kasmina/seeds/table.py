@@ -503,8 +503,9 @@ class GPUStateTensor:
             raise ValueError(f"state table must be int32, got {table.dtype}")
         stages = [parse_stage(int(s)) for s in table[:, StateColumn.LIFECYCLE_STAGE].tolist()]
         epochs = [int(e) for e in table[:, StateColumn.EPOCHS_IN_STATE].tolist()]
-        if min(epochs) < 0:
-            raise ValueError(f"EPOCHS_IN_STATE must be >= 0, got {min(epochs)}")
+        for column in (StateColumn.EPOCHS_IN_STATE, StateColumn.EMBARGO_COUNTER):  # counts
+            if (low := min(table[:, column].tolist())) < 0:
+                raise ValueError(f"{column.name} must be >= 0, got {low}")
         embargo = state.get("embargo_epochs", self.embargo_epochs)
         if type(embargo) is not int or not 0 <= embargo <= INT32_MAX:  # a bool is no count
             raise ValueError(f"embargo_epochs must be an int in [0, {INT32_MAX}], got {embargo!r}")

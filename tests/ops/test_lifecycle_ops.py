@@ -239,6 +239,10 @@ def test_tick_matches_oracle_on_random_table(backend: str) -> None:
     state[:5, C.LIFECYCLE_STAGE] = torch.tensor([-1, 11, 99, 6, 8], dtype=torch.int32)
     # Ages at int32's limit saturate there instead of wrapping negative.
     state[5:8, C.EPOCHS_IN_STATE] = torch.tensor([2**31 - 3, 2**31 - 2, 2**31 - 1])
+    # An embargo below 0 (a hand-built or damaged table) counts to 0 like one above it; at
+    # int32's minimum the old ``max(e - 1, 0)`` wrapped to 2**31 - 1, a seed stuck in COOLDOWN.
+    state[8:12, C.LIFECYCLE_STAGE] = SeedStage.COOLDOWN
+    state[8:12, C.EMBARGO_COUNTER] = torch.tensor([-(2**31), -(2**31) + 1, -5, 2**31 - 1])
     for _ in range(3):
         expected = oracle_tick(state.tolist())
         lifecycle_tick(state)

@@ -256,6 +256,9 @@ def _invalid_state_dicts(state: dict[str, Any], row: int) -> list[dict[str, Any]
     negative = table.clone()
     negative[row, C.EPOCHS_IN_STATE] = -1  # no seed is -1 epochs old
     spoiled.append({**state, "state_tensor": negative})
+    embargoed = table.clone()  # nor embargoed for -1 epochs (at int32's minimum the tick wrapped)
+    embargoed[row, C.EMBARGO_COUNTER] = -(2**31)
+    spoiled.append({**state, "state_tensor": embargoed})
     return spoiled
 
 
@@ -593,17 +596,21 @@ class TableMachine(RuleBasedStateMachine):
         stage=st.sampled_from([*range(len(S)), 11, -1]),
         length=st.sampled_from([NUM_STATE_COLUMNS, NUM_STATE_COLUMNS - 1]),
         age=st.sampled_from([None] * 6 + [INT32_MAX, -1, INT32_MAX + 1]),
+        embargo=st.sampled_from([None] * 6 + [INT32_MAX, -1, -(2**31)]),
     )
     def restore_row(
-        self, idx: Any, row: list[int], stage: int, length: int, age: int | None
+        self, idx: Any, row: list[int], stage: int, length: int, age: int | None, embargo: Any
     ) -> None:
         idx = self._index(idx)
         values = list(row)
         values[C.LIFECYCLE_STAGE] = stage
         if age is not None:
             values[C.EPOCHS_IN_STATE] = age
+        if embargo is not None:
+            values[C.EMBARGO_COUNTER] = embargo
         values = values[:length]
         bad_age = not 0 <= values[C.EPOCHS_IN_STATE] <= INT32_MAX
+        bad_age |= values[C.EMBARGO_COUNTER] < 0  # a count too
         if (
             not 0 <= idx < self.model.n
             or length != NUM_STATE_COLUMNS
