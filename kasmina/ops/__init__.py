@@ -1,6 +1,7 @@
 """The fused ops: the hot paths, each a Triton kernel behind autograd (docs/design.md §2).
 
-Five op families, one module each (``fused_linear_kd`` has its chunk engine beside it), read
+Five op families, one module each (``fused_linear_kd`` has its chunk engine beside it,
+``kd_loss`` its gradient layout and forward-mode rule: ``kd_layout``, ``kd_tangent``), read
 top to bottom: the plain torch reference (the CPU path and the test oracle), the Triton launch
 (device code lives in ``kasmina.kernels``, and only this package imports it), one
 ``torch.autograd.Function`` for eager use and one ``torch.library.custom_op`` with

@@ -36,7 +36,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
-from kasmina.ops.transforms import functorch_active, no_jvp, no_vmap
+from kasmina.ops.transforms import functorch_active, no_vmap
 
 __all__ = [
     "alpha_blend",
@@ -69,6 +69,58 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return grad, grad
+
+    @staticmethod
+    def jvp(ctx, t_seed: Tensor | None, t_host: Tensor | None) -> Tensor | None:
+        """The backward's transpose: ``t_seed + t_host``."""
+        return _tangent_sum(t_seed, t_host)
+
+
+def _tangent_sum(t_seed: Tensor | None, t_host: Tensor | None) -> Tensor | None:
+    """``t_seed + t_host`` (a missing tangent is zero): ``incubate``'s tangent, the transpose
+    of its backward ``(g, g)``. A copy where only one is given, never the input's tangent."""
+    if t_seed is None:
+        return None if t_host is None else t_host.clone()
+    if t_host is None:
+        return t_seed.clone()
+    return t_seed + t_host  # fp16/bf16: computed in fp32 and rounded once, as torch's add does
+
+
+def _blend_tangent(
+    seed: Tensor | None,
+    host: Tensor | None,
+    alpha: Tensor | None,
+    alpha_value: float,
+    t_seed: Tensor | None,
+    t_alpha: Tensor | None,
+) -> Tensor | None:
+    """``blend``'s tangent, the transpose of its backward: ``alpha*t_seed`` plus, for a tensor
+    alpha with a tangent, ``t_alpha*(seed - host)`` (per chunk for a 1-d alpha). The host is
+    detached, so its tangent adds nothing. Plain torch ops, on any device and on ``torch.func``'s
+    wrappers (the kernels need storage); fp32 math for fp16/bf16 data, rounded once."""
+    if t_seed is None and t_alpha is None:
+        return None
+    dtype = (t_seed if t_seed is not None else seed).dtype  # type: ignore[union-attr]
+    work = _WORK.get(dtype, dtype)
+    c = alpha.numel() if alpha is not None and alpha.dim() == 1 else 0
+
+    def chunked(t: Tensor) -> Tensor:  # ``[..., C, W]``, against a ``[C, 1]`` weight
+        return t.unflatten(-1, (c, -1)) if c else t
+
+    def weight(a: Tensor) -> Tensor:
+        a = a.to(work)
+        return a.unsqueeze(-1) if c else a
+
+    out = None
+    if t_seed is not None:  # a float alpha multiplies as an fp32 (opmath) scalar
+        a = alpha_value if alpha is None else weight(alpha)
+        out = chunked(t_seed.to(work)) * a
+    if t_alpha is not None:
+        assert seed is not None and host is not None
+        term = chunked(seed.to(work) - host.to(work)) * weight(t_alpha)
+        out = term if out is None else out + term  # not in place: one may be vmap-batched
+    assert out is not None
+    return (out.flatten(-2) if c else out).to(dtype)
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -299,6 +351,22 @@ def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: fl
         ctx.save_for_backward(alpha)
 
 
+def _save_for_jvp(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, _v, mode: str) -> None:
+    """Keep what ``blend``'s forward-mode rule needs, only while forward-mode AD runs (a dual
+    level is open: ``torch.autograd.forward_ad``, and ``torch.func.jvp``/``jacfwd``, which open
+    one): otherwise seed and host would outlive the forward where alpha needs no gradient."""
+    if mode == "blend" and _forward_ad._current_level >= 0:
+        ctx.save_for_forward(seed, host, alpha)
+
+
+def _jvp(ctx, t_seed, t_host, t_alpha, *_unused) -> Tensor | None:
+    """The Function's forward-mode rule: the transpose of its backward (``_grads``)."""
+    if ctx.mode == "incubate":  # straight-through: g to both, so t_seed + t_host
+        return _tangent_sum(t_seed, t_host)
+    seed, host, alpha = ctx.saved_tensors
+    return _blend_tangent(seed, host, alpha, ctx.alpha_value, t_seed, t_alpha)
+
+
 def _blend_backward_graph(
     grad: Tensor, seed: Tensor | None, host: Tensor | None, alpha: Tensor | None, alpha_value: float
 ) -> tuple[Tensor, Tensor]:
@@ -354,7 +422,9 @@ class _AlphaBlendFunction(torch.autograd.Function):
     """Eager path, in the ``setup_context`` form (``forward`` takes no ``ctx``), which
     ``torch.func.grad`` needs: it runs the forward on the plain tensors. Its backward is then
     in grad mode (the transform's ``create_graph``), so it takes ``_blend_backward_graph``'s
-    torch ops, on either backend. ``vmap`` is refused with a clear error on every backend."""
+    torch ops, on either backend. ``vmap`` is refused with a clear error on every backend.
+    Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) takes ``_jvp``,
+    in torch ops, on either backend."""
 
     @staticmethod
     def forward(seed, host, alpha, alpha_value, mode):  # type: ignore[override]
@@ -363,13 +433,14 @@ class _AlphaBlendFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _save(ctx, *inputs)
+        _save_for_jvp(ctx, *inputs)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         return _grads(ctx, grad, _backward_impl)
 
+    jvp = staticmethod(_jvp)
     vmap = no_vmap("alpha_blend")
-    jvp = no_jvp("alpha_blend")
 
 
 @torch.library.custom_op("kasmina::alpha_blend", mutates_args=())
@@ -476,13 +547,15 @@ def alpha_blend(
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _alpha_blend_op(*args)
     alpha_grad = alpha_t is not None and alpha_t.requires_grad
-    # No graph to record: skip the autograd.Function, unless a forward-AD level is open (a
-    # dual input's tangent would be dropped silently: the Function refuses it, naming the op).
-    if (
-        not torch.is_grad_enabled()
-        or not (seed_out.requires_grad or host.requires_grad or alpha_grad)
-    ) and _forward_ad._current_level < 0:
-        return _forward_impl(*args)
+    # While a forward-AD level is open every call takes the Function, whose ``jvp`` carries the
+    # tangents: the kernel on the primal would drop them, and so would ``_native_blend``, which
+    # reads a 0-d alpha as a float.
+    if _forward_ad._current_level >= 0:
+        return _AlphaBlendFunction.apply(*args)
+    if not torch.is_grad_enabled() or not (
+        seed_out.requires_grad or host.requires_grad or alpha_grad
+    ):
+        return _forward_impl(*args)  # no graph to record
     if (
         mode == "blend"
         and (seed_out.requires_grad or alpha_grad)

@@ -17,8 +17,8 @@ in all, and the gradient is the only logits-sized buffer the op ever allocates, 
 ``torch.compile``. Strided logits such as ``logits[:, :-1]`` are read in place through their row
 strides (at most two leading dims after merging, unit stride in the last dim; anything else is
 copied), and the gradient takes the student's strides when they are compact (see
-``grad_strides``). When the student does not require grad (or grad mode is off) no statistics
-are kept. The teacher never gets a gradient.
+``kd_layout.grad_strides``). When the student does not require grad (or grad mode is off) no
+statistics are kept. The teacher never gets a gradient.
 
 -inf logits follow float64 math: a teacher ``-inf`` contributes nothing (``0·log 0 = 0``); a
 student ``-inf`` where the teacher logit is finite makes that row's loss ``+inf`` (never NaN);
@@ -41,6 +41,9 @@ The backward is once-differentiable (``first_order_backward``): under ``create_g
 first-order gradients are exact, and a second backward through them (a gradient penalty)
 raises PyTorch's "trying to differentiate twice" error rather than miss the softmax's
 second-order term; the compiled path's backward op has no autograd formula and raises too.
+Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) runs the eager
+Function's rule, the backward's transpose in torch ops (``kd_tangent``), on both backends; the
+compiled path's custom op has none.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from kasmina.ops.backend import (
@@ -57,17 +61,17 @@ from kasmina.ops.backend import (
     through_dispatcher,
     use_triton,
 )
+from kasmina.ops.kd_layout import grad_strides, new_grad
+from kasmina.ops.kd_tangent import kd_loss_tangent, probability_difference
 from kasmina.ops.transforms import (
     first_order_backward,
     functorch_active,
     functorch_context,
     graph_anchor,
-    no_jvp,
     no_vmap,
 )
 
 __all__ = [
-    "grad_strides",
     "kd_backward_reference",
     "kd_forward_grad_reference",
     "kd_forward_reference",
@@ -132,52 +136,6 @@ def kd_kl_loss_reference(
         rows = torch.zeros(keep.shape, dtype=work, device=s.device).index_put((keep,), rows)
     kept = int(keep.sum()) if keep is not None else rows.numel()
     return _reduce(rows.reshape(lead), reduction, kept, vocab)
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-def _merged_leading_dims(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
-    """How many leading dims remain after merging those that are contiguous across each
-    other (size-1 dims dropped): the kernels address at most two."""
-    count, outer = 0, None
-    for size, stride in zip(shape, strides, strict=True):
-        if size == 1:
-            continue
-        if outer is None or outer != stride * size:
-            count += 1
-        outer = stride
-    return count
-
-
-def grad_strides(student: Tensor) -> tuple[int, ...]:
-    """Strides of the student gradient the op returns: the student's own when they are compact
-    (unit last stride, no overlap, at most two leading dims after merging, and a span at most
-    1/8 above ``numel``, as for ``logits[:, :-1]``), else contiguous. The gradient rows then
-    share the student rows' 16-byte phase, so the kernel's stores stay vectorised for odd V.
-    A pure function of shape and strides: the compile-time fake and both backends agree."""
-    shape, strides = tuple(student.shape), tuple(student.stride())
-    dense = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        dense[i] = dense[i + 1] * max(shape[i + 1], 1)
-    numel = math.prod(shape)
-    if numel == 0 or strides == tuple(dense) or strides[-1] != 1:
-        return tuple(dense)
-    if _merged_leading_dims(shape[:-1], strides[:-1]) > 2:
-        return tuple(dense)
-    reach = 1
-    for stride, size in sorted((st, n) for st, n in zip(strides, shape, strict=True) if n > 1):
-        if stride < reach:  # overlapping, e.g. an expanded dim (stride 0)
-            return tuple(dense)
-        reach = stride * size
-    span = 1 + sum((n - 1) * st for st, n in zip(strides, shape, strict=True))
-    return strides if span <= numel + numel // 8 else tuple(dense)
-
-
-def _new_grad(student: Tensor) -> Tensor:
-    return torch.empty_strided(
-        student.shape, grad_strides(student), dtype=student.dtype, device=student.device
-    )
 
 
 # --------------------------------------------------------------------------- CPU path
@@ -324,7 +282,7 @@ def kd_scale_grad_reference(
 ) -> Tensor:
     """The student gradient from ``kd_forward_grad_reference``'s ``unscaled``: times
     ``c = T·scale·grad_output`` in fp32, rounded once into ``out`` (the student's dtype and
-    ``grad_strides``, see ``_new_grad``) in one pass; ``unscaled`` is left as it is, for a
+    ``grad_strides``, see ``new_grad``) in one pass; ``unscaled`` is left as it is, for a
     retained graph."""
     rows, vocab = math.prod(out.shape[:-1]), out.shape[-1]
     c: Tensor | float = temperature * _host_scale(reduction, rows, vocab, masked)
@@ -376,11 +334,11 @@ def kd_backward_reference(
         student.is_contiguous() or p_a.stride() == grad_strides(student)
     )
     if mask is None and not in_place:  # the one rounding, written in place
-        return torch.sub(p_a, p_b, out=_new_grad(student))
+        return torch.sub(p_a, p_b, out=new_grad(student))
     grad = p_a.sub_(p_b)
     if mask is not None:
         grad = grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
-    return grad if in_place else _new_grad(student).copy_(grad)
+    return grad if in_place else new_grad(student).copy_(grad)
 
 
 # --------------------------------------------------------------------------- autograd wiring
@@ -414,7 +372,7 @@ def _backward_impl(
     if use_triton(student.device):
         return _kernels().kd_backward(
             student, teacher, mask, stats, scale, grad_output, temperature, reduction,
-            out=_new_grad(student),
+            out=new_grad(student),
         )  # fmt: skip
     return kd_backward_reference(
         student, teacher, mask, stats, scale, grad_output, temperature, reduction
@@ -452,6 +410,10 @@ class _KDFunction(torch.autograd.Function):
             ctx.save_for_backward(kept, scale, anchor)
         else:
             ctx.save_for_backward(student, teacher, mask, kept, scale)
+        if _forward_ad._current_level >= 0:  # forward mode runs (only then: memory): ``jvp``
+            ctx.save_for_forward(
+                *((kept, scale, mask) if ctx.cpu else (student, teacher, mask, kept, scale))
+            )
 
     @staticmethod
     @first_order_backward
@@ -472,8 +434,23 @@ class _KDFunction(torch.autograd.Function):
         )
         return grad, None, None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, t_student, *_unused):  # type: ignore[override]
+        """The backward's transpose (``kd_tangent``): ``p_s - p_t`` is the CPU forward's own
+        (saved), or formed from the kernels' statistics; the teacher's tangent adds nothing."""
+        if t_student is None:
+            return None, None, None
+        if ctx.cpu:
+            diff, scale, mask = ctx.saved_tensors
+        else:
+            student, teacher, mask, stats, scale = ctx.saved_tensors
+            diff = probability_difference(student, teacher, stats, ctx.temperature)
+        shape = t_student.shape
+        host = _host_scale(ctx.reduction, math.prod(shape[:-1]), shape[-1], mask is not None)
+        factor = ctx.temperature * host
+        return kd_loss_tangent(diff, t_student, mask, scale, factor, ctx.reduction), None, None
+
     vmap = no_vmap("kd_kl_loss")
-    jvp = no_jvp("kd_kl_loss")
 
 
 @torch.library.custom_op("kasmina::kd_kl_loss", mutates_args=())
@@ -514,7 +491,7 @@ def _kd_backward_op(
 
 @_kd_backward_op.register_fake
 def _kd_backward_fake(student, teacher, mask, stats, scale, grad_output, temperature, reduction):
-    return _new_grad(student)
+    return new_grad(student)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -582,16 +559,20 @@ def kd_kl_loss(
     """
     _check(student_logits, teacher_logits, temperature, reduction, mask)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    # A dual level open (forward-mode AD): the Function, whose rule carries a tangent the
+    # kernels would drop, and whose forward runs on the primals (torch's out= ops refuse duals).
+    function = need_grad or _forward_ad._current_level >= 0
     teacher = teacher_logits.detach()
-    if need_grad:  # the backward saves them
+    if function:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
     if functorch_active() and not torch.compiler.is_compiling():  # torch.func: plain tensors
         return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]
-    if need_grad:
-        anchor = None if use_triton(student_logits.device) else graph_anchor(student_logits)
+    if function:
+        cpu_grad = need_grad and not use_triton(student_logits.device)
+        anchor = graph_anchor(student_logits) if cpu_grad else None
         args = (student_logits, teacher, mask, temperature, reduction, anchor)
         return _KDFunction.apply(*args)[0]
     return _forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]

@@ -27,7 +27,6 @@ __all__ = [
     "functorch_active",
     "functorch_context",
     "graph_anchor",
-    "no_jvp",
     "no_vmap",
     "outside_transforms",
     "plain_flag",
@@ -156,22 +155,6 @@ def no_vmap(op: str):
         )
 
     return staticmethod(vmap)
-
-
-def no_jvp(op: str):
-    """A ``jvp`` staticmethod for a Function: forward-mode AD reaching it (``torch.func.jvp``,
-    ``jacfwd``; ``torch.autograd.forward_ad`` where the forward takes a dual tensor) is
-    refused naming the op, where torch said only "You must implement the jvp function for
-    custom autograd.Function". ``NotImplementedError``, torch's own type there, so a caller
-    falling back from ``jacfwd`` to ``jacrev`` still does. Reverse mode works."""
-
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
-            "torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad or vjp)"
-        )
-
-    return staticmethod(jvp)
 
 
 def functorch_context(ctx, op: str) -> None:

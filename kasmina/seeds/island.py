@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
-from kasmina.ops.transforms import no_jvp
 from kasmina.seeds.faults import (
     FaultRecorder,
     chunk_sums,
@@ -141,7 +141,7 @@ class _Island:
     them (a seed-only KD backward and the main one both run through a retained island).
     """
 
-    __slots__ = ("charged", "groups", "outputs", "params", "recorders", "versions")
+    __slots__ = ("charged", "groups", "outputs", "params", "recorders", "tangents", "versions")
 
     def __init__(
         self,
@@ -166,6 +166,11 @@ class _Island:
         self.recorders = list(recorders)
         self.versions = [p._version for p in flat]
         self.charged: set[int] = set()
+        # The outputs' forward-mode tangents (the node sees detached copies), while a dual
+        # level is open: what forward-mode AD carried through the kernels; else empty.
+        self.tangents: list[torch.Tensor | None] = []
+        if _forward_ad._current_level >= 0:
+            self.tangents = [_forward_ad.unpack_dual(o).tangent for o in self.outputs]
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
@@ -220,11 +225,27 @@ class ContainedBackward(torch.autograd.Function):
     def forward(ctx: Any, island: _Island, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         ctx.island = island
         ctx.num_outputs = len(island.outputs)
+        if ctx.island.tangents:  # forward mode: outputs of their own, whose tangents ``jvp`` sets
+            return tuple(v.clone() for v in inputs[: ctx.num_outputs])
         return tuple(v.view_as(v) for v in inputs[: ctx.num_outputs])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         return (None, *([None] * ctx.num_outputs), *ctx.island.backward(grads))
+
+    @staticmethod
+    def jvp(ctx: Any, *_tangents: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """The backward's transpose: the node stands for the island's outputs, whose gradient
+        the backward sends into the kernels' parameters, so each output's tangent is the one
+        forward-mode AD carried through its kernel from theirs (``_Island.tangents``); the
+        detached copies the node is handed have none. A copy, never the tangent itself."""
+        island: _Island = ctx.island
+        if not any(t is not None for t in island.tangents):
+            return (None,) * ctx.num_outputs
+        return tuple(  # a zero where an output has none: torch takes no None beside a tangent
+            t.clone() if t is not None else torch.zeros(o.shape, dtype=o.dtype, device=o.device)
+            for o, t in zip(island.outputs, island.tangents, strict=True)
+        )
 
 
 def contain_backward(
@@ -258,7 +279,8 @@ class _Graft:
     through (``passed[k]``; ``passed`` is None when every seed ran); ``still[k]``: seed ``k``
     ran and does not blend while another does (None if none is so); ``island`` holds the
     outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags
-    (the first None under ``no_grad``: ``faults.gradient_flags``).
+    (the first None under ``no_grad``: ``faults.gradient_flags``); ``tangents`` the island's
+    outputs' forward-mode tangents (None each without one; empty outside forward-mode AD).
     """
 
     __slots__ = (
@@ -272,6 +294,7 @@ class _Graft:
         "n",
         "passed",
         "still",
+        "tangents",
     )
 
     def __init__(
@@ -295,6 +318,7 @@ class _Graft:
         self.island = island
         self.island_chunks = list(island_chunks)
         self.blend = blend
+        self.tangents: list[torch.Tensor | None] = []
 
 
 def _graft_values(
@@ -348,6 +372,37 @@ def _graft_values(
     return out, used, ok
 
 
+def _graft_tangent(
+    graft: _Graft,
+    used: torch.Tensor,
+    ok: torch.Tensor | None,
+    t_host: torch.Tensor | None,
+    pieces: Sequence[torch.Tensor | None],
+) -> torch.Tensor | None:
+    """``GuardedBlend``'s tangent in the moved layout: chunk k takes the host's tangent where
+    the host passed it through, else ``pieces[k]`` (a seed's output's, in the host's layout;
+    None is zero); 0 where the seed's output fell back (``ok``), whatever it held; times the
+    alpha used when blending, in fp32 and rounded once (``blend_chunks_seed_grad``)."""
+    n, dim = graft.n, graft.dim
+    seed_c = None
+    like = next((p for p in pieces if p is not None), None)
+    if like is not None:
+        full = torch.cat([like.new_zeros(like.shape) if p is None else p for p in pieces], dim)
+        seed_c = (full if dim == full.dim() - 1 else full.movedim(dim, -1)).unflatten(-1, (n, -1))
+    tangent = seed_c
+    if t_host is not None and graft.passed is not None:
+        host_c = t_host.unflatten(-1, (n, -1))
+        tangent = torch.where(graft.passed.unsqueeze(-1), host_c, 0.0 if seed_c is None else seed_c)
+    if tangent is None:
+        return None
+    if ok is not None:
+        tangent = torch.where(ok.unsqueeze(-1), tangent, 0.0)
+    if graft.blend:
+        work = torch.float32 if tangent.dtype in (torch.float16, torch.bfloat16) else tangent.dtype
+        tangent = (tangent.to(work) * used.to(work).unsqueeze(-1)).to(tangent.dtype)
+    return tangent.flatten(-2)
+
+
 class GuardedBlend(torch.autograd.Function):
     """A layer's seeds, guarded and blended, as one autograd node.
 
@@ -362,6 +417,8 @@ class GuardedBlend(torch.autograd.Function):
     host is detached). Values and gradients are those of the unfused path, bit for bit. On the
     CPU the chunk sums are read on the host (a load, not a sync), and when all are finite the
     masks, which would be identities, are skipped.
+    Forward mode (``torch.autograd.forward_ad``; the node is eager only) takes ``jvp``, the
+    backward's transpose (``_graft_tangent``).
     """
 
     @staticmethod
@@ -372,9 +429,24 @@ class GuardedBlend(torch.autograd.Function):
         graft.chunks = []  # the backward needs the island's outputs, not the host's chunks
         ctx.graft = graft
         ctx.save_for_backward(used, ok)
+        if _forward_ad._current_level >= 0:
+            ctx.save_for_forward(used, ok)
         return out
 
-    jvp = no_jvp("a blending seed's guarded blend (GRAFTING, STABILIZATION)")
+    @staticmethod
+    def jvp(ctx: Any, _graft, t_host: torch.Tensor | None, _alpha, *_params) -> torch.Tensor:
+        """The backward's transpose. Per chunk, the backward's gradient is ``g`` (times alpha
+        when blending), 0 where the seed's output fell back, and goes to the host for a chunk it
+        passed through, else to the seed's island. So the tangent is the host's (passed chunks)
+        or the island output's (its kernel's parameters' tangents, as forward-mode AD carried
+        them through the kernel: ``guarded_blend`` took them), times the same factors: 0 for
+        a fallback, whatever the seed's tangent holds there. Plain torch ops."""
+        graft: _Graft = ctx.graft
+        used, ok = ctx.saved_tensors
+        pieces: list[torch.Tensor | None] = [None] * graft.n
+        for k, t in zip(graft.island_chunks, graft.tangents, strict=False):
+            pieces[k] = t
+        return _graft_tangent(graft, used, ok, t_host, pieces)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -441,7 +513,10 @@ def guarded_blend(
         # op, a full backward hook, a reentrant checkpoint) turns "no gradient" into zeros,
         # and an optimizer with momentum steps weights the blend never reached.
         moved = moved.detach()
-    if torch.is_grad_enabled():
+    forward_mode = _forward_ad._current_level >= 0
+    if forward_mode and island is not None:  # the node sees plain tensors: take them now
+        graft.tangents = [_forward_ad.unpack_dual(o).tangent for o in island.outputs]
+    if torch.is_grad_enabled() or forward_mode:  # a dual input's tangent goes through ``jvp``
         out = GuardedBlend.apply(graft, moved, alpha, *(island.params if island else ()))
     else:
         out = _graft_values(graft, moved, alpha)[0]

@@ -727,33 +727,65 @@ def test_a_channels_last_blend_of_one_channel_chunks_compiles(backend: str) -> N
     assert w.grad is not None and torch.isfinite(w.grad)
 
 
-@pytest.mark.parametrize("alpha", [0.3, "0-d", "per-chunk"])
-def test_a_dual_seed_without_grad_is_refused_not_given_a_zero_tangent(backend, alpha) -> None:
-    """``torch.autograd.forward_ad`` with a dual seed that does not require grad skipped the
-    autograd.Function (no graph to record) and ran the kernel on the primal: the tangent was
-    None, read as zero, on the path every CUDA tensor takes. Under an open dual level the
-    Function runs and refuses, naming the op, as for ``torch.func.jvp``."""
+def _tangent64(seed, host, alpha, mode, t_seed, t_host, t_alpha):
+    """``torch.func.jvp`` of the float64 reference: the independent forward-mode oracle."""
+    if isinstance(alpha, torch.Tensor):
+        fn = lambda s, h, a: alpha_blend_reference(s, h, a, mode)  # noqa: E731
+        args, tans = (seed, host, alpha), (t_seed, t_host, t_alpha)
+    else:
+        fn = lambda s, h: alpha_blend_reference(s, h, alpha, mode)  # noqa: E731
+        args, tans = (seed, host), (t_seed, t_host)
+    return torch.func.jvp(fn, tuple(a.double() for a in args), tuple(t.double() for t in tans))
+
+
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+@pytest.mark.parametrize("alpha_kind", ALPHA_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_mode_matches_the_float64_reference(backend, dtype, alpha_kind, mode) -> None:
+    """Forward-mode AD was refused (``NotImplementedError``, a deliberate stub). Now
+    ``torch.func.jvp`` and ``forward_ad`` (a dual seed with and without grad, which once
+    skipped the Function and dropped the tangent) give the reference's float64 tangent:
+    ``alpha*t_seed + t_alpha*(seed - host)`` per chunk for ``blend`` (the host's tangent adds
+    nothing: it is detached), ``t_seed + t_host`` for ``incubate``."""
     import torch.autograd.forward_ad as fwad
 
-    seed, host = torch.randn(4, 6), torch.randn(4, 6)
-    a = {"0-d": torch.tensor(0.3), "per-chunk": torch.tensor([0.3, 0.6])}.get(alpha, alpha)
-    with fwad.dual_level():
-        dual = fwad.make_dual(seed, torch.ones_like(seed))
-        with pytest.raises(NotImplementedError, match="alpha_blend has no forward-mode"):
-            alpha_blend(dual, host, a)
-    got = alpha_blend(seed, host, a)  # the level closed: the kernel's path, as ever
-    torch.testing.assert_close(got, alpha_blend_reference(seed, host, a))
+    shape = (3, 7, 18)  # odd, and 18 divides into the 6 chunks of a per-chunk alpha
+    seed, host, _ = _inputs(shape, dtype, seed=zlib.crc32(f"{dtype}{alpha_kind}{mode}".encode()))
+    t_seed, t_host, _ = _inputs(shape, dtype, seed=7)
+    alpha = _alpha(alpha_kind, shape[-1], seed=3)
+    t_alpha = torch.randn_like(alpha) if isinstance(alpha, torch.Tensor) else None
+    want_out, want = _tangent64(seed, host, alpha, mode, t_seed, t_host, t_alpha)
+    if t_alpha is None:
+        got_out, got = torch.func.jvp(
+            lambda s, h: alpha_blend(s, h, alpha, mode), (seed, host), (t_seed, t_host)
+        )
+    else:
+        got_out, got = torch.func.jvp(
+            lambda s, h, a: alpha_blend(s, h, a, mode),
+            (seed, host, alpha),
+            (t_seed, t_host, t_alpha),
+        )
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **tol(dtype))
+    torch.testing.assert_close(got_out.double(), want_out, **tol(dtype))
+    for requires_grad in (False, True):
+        with fwad.dual_level():
+            dual_seed = fwad.make_dual(seed.clone().requires_grad_(requires_grad), t_seed)
+            dual_host = fwad.make_dual(host, t_host)
+            a = alpha if t_alpha is None else fwad.make_dual(alpha, t_alpha)
+            tangent = fwad.unpack_dual(alpha_blend(dual_seed, dual_host, a, mode)).tangent
+        assert tangent is not None, requires_grad
+        torch.testing.assert_close(tangent.double(), want, **tol(dtype))
 
 
-def test_forward_mode_transforms_are_refused_naming_the_op() -> None:
-    """``torch.func.jvp`` (and ``jacfwd``, ``hessian``) raised torch's "You must implement the
-    jvp function for custom autograd.Function", naming nothing of Kasmina."""
-    from kasmina.ops import kd_kl_loss
-
-    seed, host = torch.randn(3, 4), torch.randn(3, 4)
-    calls = {"alpha_blend": lambda s: alpha_blend(s, host, 0.5), "kd_kl_loss": kd_kl_loss}
-    for name, call in calls.items():
-        args = (seed,) if name == "alpha_blend" else (seed, host)
-        # NotImplementedError, torch's type: a caller falling back to jacrev on it still does
-        with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
-            torch.func.jvp(call, args, tuple(torch.ones_like(a) for a in args))
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_jacfwd_equals_jacrev_on_small_inputs(backend, mode) -> None:
+    """``jacfwd`` (``vmap`` over ``jvp``: the primals are not batched, so the op's ``vmap``
+    refusal is not reached) equals autograd's reverse-mode Jacobian, for every input."""
+    seed, host = torch.randn(2, 6), torch.randn(2, 6)
+    alpha = torch.tensor([0.2, 0.7, 0.4])
+    fn = lambda s, h, a: alpha_blend(s, h, a, mode)  # noqa: E731
+    fwd = torch.func.jacfwd(fn, argnums=(0, 1, 2))(seed, host, alpha)
+    rev = torch.autograd.functional.jacobian(fn, (seed, host, alpha))
+    for f, r in zip(fwd, rev, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from kasmina.ops import kd_kl_loss, kd_kl_loss_reference
+from kasmina.ops.kd_layout import grad_strides
 from kasmina.ops.kd_loss import (
-    grad_strides,
     kd_backward_reference,
     kd_forward_reference,
 )
@@ -910,3 +910,58 @@ def test_torch_func_vmap_and_nested_grad_raise_clearly(backend):
         torch.func.grad(lambda y: inner(y).square().sum())(student[0])
     with pytest.raises(RuntimeError, match="kd_kl_loss"):
         torch.func.jacrev(lambda x: kd_kl_loss(x, teacher[0], 2.0, "none"))(student[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_mode_matches_the_float64_reference(backend, dtype, reduction, masked):
+    """Forward-mode AD was refused (``NotImplementedError``, a deliberate stub), and a dual
+    student without grad skipped the Function: the kernels ran on the primal and the tangent
+    was dropped (None, read as zero). Now ``torch.func.jvp`` and ``forward_ad`` (with and
+    without grad) give the float64 reference's tangent, ``T·scale·Σ(p_s - p_t)·t`` per row;
+    a teacher's tangent adds nothing (it is detached) and a masked row nothing, even an
+    infinite tangent there."""
+    import torch.autograd.forward_ad as fwad
+
+    shape, temperature = (3, 5, 37), 1.7
+    student, teacher = _logits(shape, dtype, seed=len(reduction) + 10 * masked)
+    t_student, t_teacher = _logits(shape, dtype, seed=99, scale=1.0)
+    mask = torch.rand(shape[:-1], generator=_gen(5)) > 0.4 if masked else None
+    if masked:
+        t_student[~mask] = float("inf")
+
+    def reference(s):
+        return kd_kl_loss_reference(s, teacher.double(), temperature, reduction, mask)
+
+    want_loss, want = torch.func.jvp(reference, (student.double(),), (t_student.double(),))
+
+    def op(s, t):
+        return kd_kl_loss(s, t, temperature, reduction, mask)
+
+    loss, got = torch.func.jvp(op, (student, teacher), (t_student, t_teacher))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for requires_grad in (False, True):
+        with fwad.dual_level():
+            dual = fwad.make_dual(student.clone().requires_grad_(requires_grad), t_student)
+            out = kd_kl_loss(dual, fwad.make_dual(teacher, t_teacher), temperature, reduction, mask)
+            tangent = fwad.unpack_dual(out).tangent
+        assert tangent is not None, requires_grad
+        torch.testing.assert_close(tangent.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_jacfwd_equals_autograd_jacobian(backend, reduction):
+    """``jacfwd`` through the op equals autograd's reverse-mode Jacobian (the Function's
+    ``vmap`` refusal is not reached: the primals are not batched)."""
+    student, teacher = _logits((2, 9), seed=4)
+    mask = torch.tensor([True, False])
+
+    def fn(s):
+        return kd_kl_loss(s, teacher, 2.0, reduction, mask)
+
+    torch.testing.assert_close(
+        torch.func.jacfwd(fn)(student), torch.autograd.functional.jacobian(fn, student)
+    )

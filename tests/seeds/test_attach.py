@@ -1250,9 +1250,10 @@ def test_attach_under_a_meta_default_device_builds_real_seeds() -> None:
 
 
 @pytest.mark.parametrize("stage", [SeedStage.GRAFTING, SeedStage.STABILIZATION])
-def test_forward_mode_ad_through_a_blending_seed_is_refused_naming_it(stage: SeedStage) -> None:
-    """Reverse mode works in every stage; forward mode through a blending seed's guard raised
-    torch's "You must implement the jvp function", naming nothing of Kasmina."""
+def test_forward_mode_ad_through_a_blending_seed_gives_the_jacobian(stage: SeedStage) -> None:
+    """Forward mode through a blending seed raised ``NotImplementedError`` (the guard node's
+    and the blend op's deliberate refusal). Now ``forward_ad`` (the eager guard node),
+    ``torch.func.jvp`` and ``jacfwd`` (the per-op path) give the Jacobian autograd gives."""
     import torch.autograd.forward_ad as fwAD
 
     model = MLP()
@@ -1260,13 +1261,15 @@ def test_forward_mode_ad_through_a_blending_seed_is_refused_naming_it(stage: See
     model(torch.randn(3, 5))
     slot.seed(0).attach_kernel(kernel(4, 0))
     walk(slot.seed(0), stage)
-    x, v = torch.randn(3, 5), torch.ones(3, 5)
-    with pytest.raises(NotImplementedError, match="has no forward-mode derivative"):
-        with fwAD.dual_level():
-            model(fwAD.make_dual(x, v))
-    if stage == SeedStage.GRAFTING:  # under torch.func a STABILIZATION slot has no blend
-        with pytest.raises(RuntimeError, match="alpha_blend has no forward-mode derivative"):
-            torch.func.jvp(model, (x,), (v,))
+    slot.update_alpha_blending(3, 10)
+    x, v = torch.randn(3, 5), torch.randn(3, 5)
+    jac = torch.autograd.functional.jacobian(model, x)  # [3, 8, 3, 5]
+    want = torch.einsum("ijkl,kl->ij", jac, v)
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(model(fwAD.make_dual(x, v)))
+    torch.testing.assert_close(dual.tangent, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.func.jvp(model, (x,), (v,))[1], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.func.jacfwd(model)(x), jac, rtol=1e-5, atol=1e-6)
 
 
 def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:

@@ -874,3 +874,90 @@ def test_a_slot_compiles_whole_under_a_default_device(shape: str) -> None:
                 torch.testing.assert_close(compiled(x, identity), twin(x, identity))
     finally:
         torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_mode_ad_through_the_node_is_the_transpose_of_its_backward(case: str) -> None:
+    """``torch.autograd.forward_ad`` through the one-node graft raised ``NotImplementedError``
+    (a deliberate refusal where a rule belongs). Now its tangent, in the input's and every
+    parameter's direction at once (host and seed kernels), satisfies ``<jvp(t), g> ==
+    <t, vjp(g)>`` against the node's own backward, fallbacks included (a chunk that fell back
+    contributes nothing, whatever its seed's tangent holds), and the node did run."""
+    import torch.autograd.forward_ad as fwad
+
+    stages, poison = CASES[case]
+    chunk = 2
+    kernels = {k: _Poison(chunk, v) for k, v in poison.items()}
+    layer = _layer(stages, nn.Linear(3, chunk * len(stages)), chunk, kernels=kernels)
+    gen = torch.Generator().manual_seed(len(case))
+    x, v = torch.randn(BATCH, 3, generator=gen), torch.randn(BATCH, 3, generator=gen)
+    params = dict(layer.named_parameters())
+    tangents = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    layer(x)  # records the slot's shapes
+    with fwad.dual_level():
+        duals = {n: fwad.make_dual(p, tangents[n]) for n, p in params.items()}
+        out = torch.func.functional_call(layer, duals, (fwad.make_dual(x, v),))
+        assert "GuardedBlendBackward" in _nodes(out)
+        primal, tangent = fwad.unpack_dual(out)
+    assert tangent is not None and torch.isfinite(tangent).all()
+    g = torch.randn(primal.shape, generator=gen)
+    xr = x.clone().requires_grad_()
+    reverse = layer(xr)
+    torch.testing.assert_close(reverse.detach(), primal, rtol=0, atol=0)
+    grads = torch.autograd.grad((reverse * g).sum(), [xr, *params.values()], allow_unused=True)
+    directions = [v, *tangents.values()]
+    adjoint = sum((d * gr).sum() for d, gr in zip(directions, grads, strict=True) if gr is not None)
+    torch.testing.assert_close((tangent * g).sum(), adjoint, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [[S.ISOLATED_INIT, S.GRAFTING], [S.ISOLATED_INIT, S.ISOLATED_INIT], [S.GRAFTING, S.DORMANT]],
+    ids=["isolated-grafting", "isolated-isolated", "grafting-dormant"],
+)
+def test_forward_mode_ad_reaches_the_kd_loss_through_isolated_seeds(stages: list[S]) -> None:
+    """An isolated seed's output reaches the KD loss through the contained-backward node:
+    forward mode through it raised torch's "You must implement the jvp function", and a
+    tangent missing beside another (only one seed's parameters dual) failed an internal
+    assert. Now the KD loss's and the output's tangents in every parameter's direction at
+    once equal the reverse-mode adjoint, ``<jvp(t), g> == <t, vjp(g)>``."""
+    import torch.autograd.forward_ad as fwad
+
+    from kasmina.kd.config import KDConfig
+
+    layer = _layer(stages, nn.Linear(3, 4), 2)
+    layer.kd_config = KDConfig(temperature=2.0)
+    for seed in layer.seeds:
+        seed.kd_config = layer.kd_config
+    gen = torch.Generator().manual_seed(3)
+    x, teacher = torch.randn(BATCH, 3, generator=gen), torch.randn(BATCH, 4, generator=gen)
+    layer(x)  # records the slot's shapes
+    params = dict(layer.named_parameters())
+    for only in (None, "seeds.0.", "seeds.1."):  # every parameter, then each seed's alone
+        tangents = {
+            n: torch.randn(p.shape, generator=gen)
+            for n, p in params.items()
+            if only is None or n.startswith(only)
+        }
+        if not tangents:  # a DORMANT seed has no kernel
+            continue
+        g = torch.randn(BATCH, 4, generator=gen)
+        with fwad.dual_level():
+            duals = {n: fwad.make_dual(p, tangents[n]) if n in tangents else p
+                     for n, p in params.items()}  # fmt: skip
+            out = torch.func.functional_call(layer, duals, (x,), {"teacher_logits": teacher})
+            t_out = fwad.unpack_dual(out).tangent
+            t_kd = fwad.unpack_dual(layer.get_and_clear_kd_losses()).tangent
+        out = layer(x, teacher_logits=teacher)
+        kd = layer.get_and_clear_kd_losses()
+        assert kd is not None and t_kd is not None
+        for got, value in ((t_kd, kd), (t_out, (out * g).sum())):
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            adjoint = sum(
+                (tangents[n] * gr).sum()
+                for n, gr in zip(params, grads, strict=True)
+                if gr is not None and n in tangents
+            )
+            want = torch.as_tensor(adjoint, dtype=torch.float32)
+            have = got if value is kd else (torch.zeros(()) if got is None else (got * g).sum())
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
