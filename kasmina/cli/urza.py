@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
+from kasmina.cli.resign import legacy_keyring
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
     import torch
@@ -528,16 +529,20 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
             raise CLIError("pass --hmac-keys (a migration) or --previous-publishers, not both")
         old = TrustedPublishers.from_file(args.previous_publishers)
     elif args.hmac_keys:
-        old = _legacy_keyring(args)
+        old = legacy_keyring(args)
     with _client(args, publisher.trusted_publishers(), checked=True) as client:
         ids = args.artifact_ids or client.list_artifacts()
         if not ids:
             raise CLIError(f"no artifacts to re-sign in {args.store}")
-        if old is None and all(_verify_problem(client, i) is None for i in ids):
-            for artifact_id in ids:  # a second run, an idempotent CI step: nothing to do
-                print(f"ok     {artifact_id} (already signed by {publisher.key_id!r})")
-            return 0
-    old = _legacy_keyring(args) if old is None else old  # raises: the old keys are needed
+        if old is None:  # a second run, an idempotent CI step: nothing to do, or say what
+            problems = {i: p for i in ids if (p := _verify_problem(client, i)) is not None}
+            for artifact_id in ids:
+                why = problems.get(artifact_id)
+                ok = f"ok     {artifact_id} (already signed by {publisher.key_id!r})"
+                print(ok if why is None else f"FAILED {artifact_id}: {why}")
+            if not problems:
+                return 0
+    old = legacy_keyring(args) if old is None else old  # raises: the old keys are needed
     failed = 0
     for artifact_id in ids:
         try:
@@ -551,46 +556,6 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
         else:
             print(f"ok     {artifact_id} (signed by {manifest.key_id!r})")
     return _summary(failed, len(ids), "could not be re-signed")
-
-
-def _legacy_keyring(args: argparse.Namespace) -> Keyring:
-    """The HMAC keyring the old manifests were signed with: ``--hmac-keys FILE``, and never
-    the command keyring. Every trainer holds the command keys, so a version 1 manifest signed
-    with one proves nothing about who made its payload, and re-signing it would turn a command
-    key into a publisher's signature: no fallback to ``$KASMINA_HMAC_KEYS`` (the command keys'
-    variable), and a file holding any key of the command keyring (``--command-keys FILE``, that
-    variable, or both; one is required, since both keyrings are the same kind of file) is
-    refused."""
-    from kasmina.utils.keyring import DEFAULT_ENV_VAR, Keyring, hmac_equivalent
-
-    if not args.hmac_keys:
-        raise CLIError(
-            "resign checks each old HMAC signature first: pass --hmac-keys FILE, the keys the "
-            "old manifests were signed with (without them, publish the artifacts again instead)"
-        )
-    legacy = Keyring.from_file(args.hmac_keys)
-    commands = []  # the command keys, each source the operator has: every one is refused
-    if args.command_keys:
-        commands.append(
-            (f"--command-keys {args.command_keys}", Keyring.from_file(args.command_keys))
-        )
-    if os.environ.get(DEFAULT_ENV_VAR, "").strip():
-        commands.append((f"${DEFAULT_ENV_VAR}", Keyring.from_env(DEFAULT_ENV_VAR)))
-    if not commands:  # the same file format: without the command keys no check is possible
-        raise CLIError(
-            "resign refuses the command keys as old keys and must know them to: pass "
-            f"--command-keys FILE (the trainers' command keyring) or set ${DEFAULT_ENV_VAR}"
-        )
-    for where, keyring in commands:
-        secrets = {hmac_equivalent(keyring.get(key_id)) for key_id in keyring.key_ids}
-        shared = [k for k in legacy.key_ids if hmac_equivalent(legacy.get(k)) in secrets]
-        if shared:
-            raise CLIError(
-                f"--hmac-keys {args.hmac_keys}: key(s) {shared} also sign commands "
-                f"({where}); every trainer holds them, so an old manifest they "
-                "verify may be anyone's. Publish those artifacts again from their sources"
-            )
-    return legacy
 
 
 def _summary(failed: int, total: int, what: str) -> int:

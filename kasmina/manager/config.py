@@ -74,12 +74,9 @@ CHECKPOINT_LOCK_SUFFIX = ".checkpoints.lock"
 # Checkpoint directories and their defaults under the run directory.
 _RUN_DIRS = (("checkpoint_dir", "checkpoints"), ("emergency_checkpoint_dir", "emergency"))
 # Optional file settings: None (unset) or a non-empty path, kept as a string.
-_OPTIONAL_PATHS = (
-    "urza_publishers_file",
-    "hmac_keys_file",
-    "checkpoint_key_file",
-    "teacher_checkpoint_path",
-    "telemetry_jsonl_path",
+_OPTIONAL_PATHS = tuple(
+    "urza_publishers_file hmac_keys_file checkpoint_key_file teacher_checkpoint_path "
+    "telemetry_jsonl_path".split()
 )
 
 
@@ -88,15 +85,8 @@ _OPTIONAL_PATHS = (
 # manager read every other setting when it was built (devices, stores, keys, paths, KD, limits),
 # so a change to one would apply half-way, or not at all: refused (``KasminaConfig.hold``).
 LIVE_FIELDS = frozenset(
-    {
-        "performance_gate",
-        "g5_max_metric_drop",
-        "max_seed_cost_ratio",
-        "latency_budget_ms",
-        "min_isolated_epochs",
-        "grafting_steps",
-        "grafting_temperature",
-    }
+    "performance_gate g5_max_metric_drop max_seed_cost_ratio latency_budget_ms "
+    "min_isolated_epochs grafting_steps grafting_temperature".split()
 )
 
 
@@ -366,14 +356,8 @@ class KasminaConfig:
         _positive_int("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            name not in _FIELD_NAMES
-            and not name.startswith("_")  # the config's own bookkeeping
-            and name not in {f.name for f in dataclasses.fields(self)}  # a subclass's
-        ):  # a misspelt setting (``performance_gait``): a new attribute nothing would read
-            close = difflib.get_close_matches(name, sorted(_FIELD_NAMES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise AttributeError(f"KasminaConfig has no setting {name!r}{hint}")
+        if problem := _no_setting(type(self), name):
+            raise AttributeError(problem)
         if self.__dict__.get("_held") and name in _FIELD_NAMES:
             if name not in LIVE_FIELDS:
                 raise AttributeError(
@@ -397,6 +381,7 @@ class KasminaConfig:
         manager reads later (``$KASMINA_BACKEND``, read at the first op: a bad value failed
         the first GERMINATE and end_epoch after an epoch of training); returns it."""
         backend()
+        dataclasses.replace(self)  # validated whole: a setting changed before it was held too
         object.__setattr__(self, "_held", True)
         return self
 
@@ -489,6 +474,21 @@ class KasminaConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KasminaConfig))
+
+
+def _no_setting(cls: type, name: str) -> str | None:
+    """Why ``name`` is no setting of ``cls``, or None: a field, a ``_`` name (the config's own
+    bookkeeping), a subclass's field or property. A misspelt one (``performance_gait``) would
+    be an attribute nothing reads; a removed one says what replaced it."""
+    if name in _FIELD_NAMES or name.startswith("_") or hasattr(getattr(cls, name, None), "__set__"):
+        return None
+    if name in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    if name in _REMOVED_SETTINGS:
+        return f"{name} was removed: {_REMOVED_SETTINGS[name]}"
+    close = difflib.get_close_matches(name, sorted(_FIELD_NAMES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{cls.__name__} has no setting {name!r}{hint}"
 
 
 def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyring]:

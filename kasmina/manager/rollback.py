@@ -592,6 +592,7 @@ def _commit(
         if not record.timeline or record.timeline[-1][2] != record.stage.name:
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
         record.last_output, record.input_grad = None, False
+        record.bad_gradients = 0  # a run of the undone timeline's steps (not checkpointed)
         record.seed.probe_result = None
         record.monitor = monitors.get(record.seed_id)
     for artifact_id in released:  # each was pinned on a record's behalf: the count is > 0

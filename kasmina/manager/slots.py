@@ -451,6 +451,9 @@ class SlotRegistry:
                     msg = "seed %s: gradient fault limit in ACTIVE: terminated, the host trains on"
                     logger.error(msg, record.seed_id)
                     seed.transition_to(SeedStage.TERMINATED)
+                    record.bad_gradients = 0
+                    for p in seed.seed_parameters():  # its own optimizer, gone, zeroed none
+                        p.grad = None
 
     def _split_active(
         self, optimizers: IsolatedOptimizerManager, norms: dict[str, bool], host: bool

@@ -464,8 +464,12 @@ def test_urza_resign_migrates_hmac_manifests(tmp_path, keys, publishers, capsys)
     # artifact is signed by --key already, and it failed, telling the user to publish again.
     rc, out, err = run(capsys, "urza", "resign", "--store", str(store), "--key", str(keys), "one")
     assert rc == 0 and out == "ok     one (already signed by 'pub')\n", err
-    rc, _, err = run(capsys, *resign)  # "bad" still needs them
+    rc, out, err = run(capsys, *resign)  # "bad" still needs them, and says why
     assert_one_line_error(rc, err, "--hmac-keys")
+    assert "ok     one (already signed by 'pub')" in out
+    assert "FAILED bad: artifact 'bad': manifest was signed with the retired HMAC" in out, out
+    rc, out, err = run(capsys, "urza", "resign", "--store", str(store), "--key", str(keys), "no")
+    assert rc == 1 and "FAILED no: " in out and "no artifact" in out.lower(), out
 
 
 def test_urza_resign_rotates_a_retiring_publishers_artifacts(

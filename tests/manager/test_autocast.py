@@ -229,6 +229,7 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     own = torch.optim.SGD(registry.host_params, lr=0.05)
     assert rig.send("germinate", SEED0, mlp)
     walk_to_active(rig, [SEED0])
+    manager.end_epoch(1)  # a checkpoint with the seed ACTIVE, for the rollback below
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
 
     def step(overflow: bool = False) -> dict:
@@ -259,8 +260,18 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     assert faults[BAD_GRADIENT_STEPS - 1 :] == [1, 2, 3, 3, 3, 3]
     assert seed.stage == S.TERMINATED and "gradient not finite" in seed.fault_log[-1]
     assert SEED0 not in manager.optimizers.seed_ids
+    # Its non-finite gradients went with it (under host_lr=None its own optimizer, which
+    # zeroed them, was gone before the step's zeroing: they stayed for good).
+    assert all(p.grad is None for p in seed.seed_parameters())
     assert scales[-1][0] == scales[-3][0] >= 2.0**10 / 2 ** (BAD_GRADIENT_STEPS + 3)
     assert [changed for _, changed in scales[-2:]] == [True, True]  # the host trains on
     assert stepped[-2:] == [not own_host_optimizer] * 2
     assert all(torch.isfinite(p).all() for p in registry.host_params)
+    # A rollback to the ACTIVE seed's epoch starts its run afresh: the count (not saved) of
+    # the undone steps made its first bad step a fault, and its next termination came early.
+    registry[SEED0].bad_gradients = BAD_GRADIENT_STEPS  # as a run cut short by the rollback
+    assert run_command(manager, rig.signed(make_rollback_command(1))), manager.command_log[-1]
+    assert seed.stage == S.ACTIVE and registry[SEED0].bad_gradients == 0
+    step()
+    assert seed.faults == 0 and registry[SEED0].bad_gradients == 1
     manager.close()

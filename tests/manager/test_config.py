@@ -364,6 +364,43 @@ def test_a_misspelt_setting_is_refused_held_or_not(tmp_path) -> None:
     held.performance_gate = 0  # a real live setting still takes
     assert manager.config.performance_gate == 0
     manager.close()
+    with pytest.raises(AttributeError, match="checkpoints_kept was removed: set max_rollback"):
+        free.checkpoints_kept = 3  # a removed setting says what replaced it
+
+    @dataclasses.dataclass
+    class Mine(KasminaConfig):
+        note: str = ""
+
+        @property
+        def lr_note(self) -> str:
+            return self.note
+
+        @lr_note.setter
+        def lr_note(self, value: str) -> None:
+            self.note = value
+
+    mine = Mine(urza_url=free.urza_url, runs_root=free.runs_root)
+    mine.lr_note = "a subclass's own field and property take"
+    assert mine.note == mine.lr_note
+    with pytest.raises(AttributeError, match="Mine has no setting 'nite'"):
+        mine.nite = ""
+
+
+def test_a_setting_changed_before_a_manager_holds_the_config_is_validated_then(tmp_path) -> None:
+    """Changes to a config no manager holds are not validated (it may pass through invalid
+    states while being built); a manager built on it took them as they were (a negative gate,
+    a KD reduction its seeds refuse, reported at ``attach`` as a ``kd_config`` never passed)."""
+    from kasmina.utils.keyring import Keyring
+
+    for name, value, fragment in (
+        ("performance_gate", -5, "performance_gate"),
+        ("kd", KDConfig(reduction="none"), "kd: reduction 'none'"),
+    ):
+        config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+        setattr(config, name, value)
+        with pytest.raises(ValueError, match=fragment):
+            KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+        setattr(config, name, getattr(KasminaConfig(), name))  # still settable: not held
 
 
 def test_the_seeds_kd_takes_a_scalar_reduction_only(tmp_path) -> None:
