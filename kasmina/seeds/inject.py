@@ -44,7 +44,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import default_chunk_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import StateColumn
+from kasmina.stages import SeedStage, StateColumn
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -178,12 +178,13 @@ def attach(
     slots share ``state`` (default: a new table of ``len(slots) * seeds_per_layer`` seeds on the
     model's device); slot ``i`` holds rows ``b + i * seeds_per_layer ...`` and REGION_ID
     ``r + i``, where ``b`` and ``r`` are 0, or on a given ``state`` follow the rows and regions
-    of ``model``'s slots already on it (another ``attach`` with other widths: give each call the
-    model that holds them all, not a submodule; a manager refuses two seeds on one row). Every
-    seed gets ``fault_limit`` (the faults it may commit before QUARANTINE). Raises
-    ``ValueError``, leaving the model untouched, when a target matches nothing, a match is
-    already a slot, nested in another or holds one, a declared width does not fit, or
-    ``output_index`` cannot pick a tensor of a host whose class fixes its output
+    taken on it (``_taken_rows``): those of ``model``'s slots (another ``attach`` with other
+    widths) and every row not DORMANT or still followed by a seed, such as a detached slot's or
+    another model's (a manager refuses two seeds on one row). Every seed gets ``fault_limit``
+    (the faults it may commit before QUARANTINE). Raises ``ValueError``, leaving the model and
+    ``state`` untouched, when a target matches nothing, a match is already a slot, nested in
+    another or holds one, a declared width does not fit, ``state`` has too few rows after the
+    taken ones, or ``output_index`` cannot pick a tensor of a host whose class fixes its output
     (``output_index_problem``).
     """
     seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
@@ -205,18 +206,16 @@ def attach(
     if state is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         state = GPUStateTensor(total, device, embargo_epochs=embargo_epochs, telemetry=telemetry)
-    else:  # after the rows and regions of the model's slots already on it (an earlier attach)
-        taken = [
-            m for m in model.modules() if isinstance(m, KasminaLayer) and m.state_table is state
-        ]
-        rows = [seed.state_index for m in taken for seed in m.seeds]
+    else:  # after every taken row: the model's slots' (an earlier attach) and any other
+        rows = _taken_rows(model, state)
         base = max(rows, default=-1) + 1
         if rows:
             region = int(state.state_tensor[rows, StateColumn.REGION_ID].max()) + 1
         if state.num_seeds < base + total:
             raise ValueError(
-                f"state table has {state.num_seeds} seeds; the model's slots on it hold rows "
-                f"up to {base}, and attach needs {total} more"
+                f"state table has {state.num_seeds} seeds; the model's slots and the seeds not "
+                f"DORMANT or still following theirs (a detached slot's, another model's) hold "
+                f"rows up to {base}, and attach needs {total} more; give it a larger table or none"
             )
     # Build every slot before touching the model, so a bad shape leaves it unchanged.
     layers = []
@@ -240,6 +239,23 @@ def attach(
         install(model, name, layer)
     add_load_checks(model)
     return layers
+
+
+def _taken_rows(model: nn.Module, state: GPUStateTensor) -> list[int]:
+    """The rows of ``state`` a new seed must not get: those of ``model``'s slots on it, and
+    every row that is not DORMANT or that a live seed or owner follows. A slot taken out by
+    ``detach`` or ``merge`` keeps its rows, stages and observers (its seeds still mirror them),
+    and another model's slots are not in ``model``: a new seed on such a row started in that
+    row's stage (ACTIVE: an untrained kernel live, with no lifecycle) and shared it."""
+    mine = {
+        seed.state_index
+        for m in model.modules()
+        if isinstance(m, KasminaLayer) and m.state_table is state
+        for seed in m.seeds
+    }
+    stages = state.stages()
+    busy = (i for i, s in enumerate(stages) if s != SeedStage.DORMANT or state.followed(i))
+    return sorted(mine.union(busy))
 
 
 def install(model: nn.Module, name: str, layer: KasminaLayer) -> None:

@@ -182,6 +182,10 @@ class GPUStateTensor:
         refs = self._observers.get(self.check_index(idx), ())
         return any(not ref.follows_copies and ref() is not None for ref in refs)
 
+    def followed(self, idx: int) -> bool:
+        """Whether a live observer (a seed, an owner) follows seed ``idx``: its row is taken."""
+        return any(ref() is not None for ref in self._observers.get(self.check_index(idx), ()))
+
     def listen(self, listener: Callable[[], None], rows: Iterable[int] | None = None) -> None:
         """Call ``listener()`` after every change of ``version`` that concerns ``rows`` (None:
         every change): an applied transition, a restored row or a :meth:`touch` (a kernel

@@ -496,6 +496,35 @@ def test_a_second_attach_onto_a_shared_table_takes_the_rows_after_the_first() ->
         attach(model, ["encoder.0"], 2, 4, state=table)
 
 
+def test_attach_on_a_shared_table_skips_the_rows_of_seeds_outside_the_model() -> None:
+    """The rows of a shared table went by the model's slots alone, so ``attach(..., state=T)``
+    after a ``detach`` (or onto another model) put its "DORMANT" seeds on rows still ACTIVE:
+    an untrained kernel went live with no lifecycle, GERMINATE (-> ISOLATED_INIT) was illegal,
+    and the detached seeds mirrored the new ones. A new seed now gets a row no seed follows
+    and in DORMANT; a table with none left refuses, changing nothing."""
+    from kasmina.seeds.table import GPUStateTensor
+
+    model, table = MLP(), GPUStateTensor(6, torch.device("cpu"))
+    (old,) = attach(model, ["head"], 2, 4, state=table)
+    old.seed(0).attach_kernel(kernel(4, 1))
+    walk(old.seed(0), S.ACTIVE)
+    detach(model)
+    (new,) = attach(model, ["head"], 2, 4, state=table)
+    assert [s.state_index for s in new.seeds] == [2, 3]
+    assert new.stages() == [S.DORMANT] * 2 and old.stages() == [S.ACTIVE, S.DORMANT]
+    new.seed(0).attach_kernel(kernel(4, 2))
+    new.seed(0).transition_to(S.ISOLATED_INIT)  # raised ACTIVE -> ISOLATED_INIT
+    assert old.stages() == [S.ACTIVE, S.DORMANT]
+    other = MLP()  # another model on the same table follows the first one's rows too
+    (third,) = attach(other, ["encoder.2"], 2, 4, state=table)
+    assert [s.state_index for s in third.seeds] == [4, 5] and third.stages() == [S.DORMANT] * 2
+    assert table.state_tensor[:, StateColumn.REGION_ID].tolist() == [0, 0, 1, 1, 2, 2]
+    before, modules = table.state_tensor.clone(), dict(model.named_modules())
+    with pytest.raises(ValueError, match="hold rows up to 6, and attach needs 2 more"):
+        attach(model, ["encoder.0"], 2, 4, state=table)
+    assert torch.equal(table.state_tensor, before) and dict(model.named_modules()) == modules
+
+
 def test_a_manager_refuses_two_seeds_on_one_state_row(tmp_path) -> None:
     """Slots built by hand onto one row range of a shared table: refused at registration."""
     from kasmina.manager.manager import KasminaKernelManager
