@@ -3,12 +3,17 @@
 Why bytes in a tensor: ``state_dict`` consumers treat every value as a tensor (Hugging Face
 reads ``.device``, safetensors stores only tensors), and ``torch.load(weights_only=True)`` reads
 it back without unpickling anything but tensors.
+
+The rules a load checks a saved state by are also the seed's setters' (``checked_setting``), so
+a seed never holds a value its own checkpoint would refuse.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kasmina.seeds.table import GPUStateTensor
+from kasmina.seeds.table import GPUStateTensor, fixed_point
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row, parse_stage
 from kasmina.utils.signed_json import finite_number, strict_json_loads
 
@@ -28,12 +33,16 @@ __all__ = [
     "check_seed_kernel_keys",
     "check_seed_state",
     "check_seed_states",
+    "checked_schedule",
+    "checked_setting",
     "copied_seed_state",
     "decode_extra_state",
     "encode_extra_state",
+    "field_report",
     "forget_evaluation",
     "owner_restore",
     "parse_seed_state",
+    "restore_seed_state",
     "seed_bookkeeping",
     "seed_load_pre_hook",
     "stream_position",
@@ -251,6 +260,8 @@ def _number(value: object, field: str) -> float:
     number = float(value)  # type: ignore[arg-type]
     if field == "alpha" and not 0.0 <= number <= 1.0:
         raise ValueError(f"must be in [0, 1], got {number}")
+    if field != "alpha":  # the other two have int32 fixed-point columns in the table
+        fixed_point(number)
     return number
 
 
@@ -260,6 +271,75 @@ def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError(f"must be an int in [0, 2**63), got {value!r:.80}")
     return value
+
+
+def checked_setting(seed_id: str, field: str, value: object) -> Any:
+    """``value`` as the seed's ``field`` stores it (``gate_score``, ``performance_gate``: a
+    float; ``graft_step``: an int), checked by the rule a load applies
+    (:func:`parse_seed_state`): a setter keeps nothing its own checkpoint would refuse.
+    ``ValueError`` names the field; the caller changes nothing before this passes."""
+    try:
+        if field == "graft_step":
+            index = hasattr(value, "__index__") and not isinstance(value, bool)
+            return _count(operator.index(value) if index else value)  # type: ignore[arg-type]
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)  # a NumPy float; an int past a float's range: OverflowError
+        return _number(value, field)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"seed {seed_id}: {field} {exc}") from None
+
+
+def checked_schedule(seed_id: str, step: object, total_steps: object, temperature: object) -> int:
+    """``update_alpha_blending``'s arguments, all checked before the seed changes: the step as
+    ``graft_step`` (:func:`checked_setting`), a finite ``total_steps`` and ``temperature`` > 0
+    (an infinite one pinned alpha at 0 or 0.5; a NaN failed after ``graft_step`` moved)."""
+    for name, value in (("total_steps", total_steps), ("temperature", temperature)):
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        try:
+            good = real and math.isfinite(value) and value > 0  # type: ignore[arg-type]
+        except OverflowError:  # an int past a float's range
+            good = False
+        if not good:
+            raise ValueError(f"seed {seed_id}: {name} must be a finite number > 0, got {value!r}")
+    return checked_setting(seed_id, "graft_step", step)
+
+
+def restore_seed_state(seed: Any, saved: SavedSeedState) -> None:
+    """Restore ``saved`` (checked: ``check_seed_state``) into ``seed``: its table row, alpha
+    (host copy and buffer) and bookkeeping (the seed's ``set_extra_state``)."""
+    forget_evaluation(seed)  # measured on weights this load may have replaced
+    seed.state_table.restore_row(seed.state_index, list(saved.row))
+    seed._alpha_value = saved.alpha
+    if not seed.alpha.is_meta:  # the blend's, after the buffers: the lifecycle's alpha
+        seed.alpha.fill_(saved.alpha)
+    if saved.graft_step is not None:  # absent from states saved before it was recorded
+        seed.graft_step = saved.graft_step
+    owned = seed.state_table.owned(seed.state_index)  # unowned: its versions move it on
+    seed.draw_step = saved.draw_step if owned else None
+    seed._loaded_draws = None if owned else [saved.draw_step, None]
+    seed.trained_epochs = saved.trained_epochs
+    seed.trained_this_epoch = saved.trained_this_epoch
+    seed._gate_score = saved.gate_score
+    seed._performance_gate = saved.performance_gate
+    seed.isolation_violations = saved.isolation_violations
+    seed.nonfinite_events = saved.nonfinite_events
+    seed.faults = saved.faults
+    seed.fault_log.clear()
+    seed.fault_log.extend(saved.fault_log)
+
+
+def field_report(seed: BookkeptSeed, old: SeedStage) -> dict[str, Any]:
+    """What a seed entering HARVESTING from ``old`` leaves behind (its ``field_report``)."""
+    return {
+        "seed_id": seed.seed_id,
+        "from_stage": old.name,
+        "alpha": seed.alpha_value,
+        "gate_score": seed.gate_score,
+        "isolation_violations": seed.isolation_violations,
+        "nonfinite_events": seed.nonfinite_events,
+        "faults": seed.faults,
+        "last_fault": seed.fault_log[-1] if seed.fault_log else "",
+    }
 
 
 # Set while a seed's owner restores its own state (a manager's rollback, which swaps kernels,

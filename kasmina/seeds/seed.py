@@ -37,9 +37,12 @@ from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     check_seed_state,
+    checked_schedule,
+    checked_setting,
     copied_seed_state,
     encode_extra_state,
-    forget_evaluation,
+    field_report,
+    restore_seed_state,
     seed_bookkeeping,
     seed_load_pre_hook,
     stream_position,
@@ -100,6 +103,9 @@ class GradientIsolatedSeed(nn.Module):
     chunk_dim: int = -1
     # Where faults go while ``evaluate_seeds`` measures the seed: seen there, never counted.
     observed_faults: list[str] | None = None
+    # The stage as an int, kept by the table's listener: what a compiled forward reads (Dynamo
+    # guards an int by value, no SeedStage: see KasminaLayer._refresh_plan). None: an old pickle.
+    _stage_code: int | None = None
 
     def __init__(
         self,
@@ -146,11 +152,17 @@ class GradientIsolatedSeed(nn.Module):
         self.register_load_state_dict_pre_hook(seed_load_pre_hook)
         self.field_report: dict[str, Any] | None = None
         self.state_table.observe(self.state_index, self._on_transition)
+        self.state_table.listen(self._refresh_stage_code, rows=[self.state_index])
+        self._refresh_stage_code()
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
     def stage(self) -> SeedStage:
         return self.state_table.stage(self.state_index)
+
+    def _refresh_stage_code(self) -> None:
+        """Keep ``_stage_code`` (the table calls this after each change of the seed's row)."""
+        self._stage_code = int(self.stage)
 
     @property
     def epochs_in_stage(self) -> int:
@@ -320,16 +332,7 @@ class GradientIsolatedSeed(nn.Module):
         elif new in (SeedStage.STABILIZATION, SeedStage.ACTIVE):
             self._set_alpha(1.0, force=True)
         elif new == SeedStage.HARVESTING:
-            self.field_report = {
-                "seed_id": self.seed_id,
-                "from_stage": old.name,
-                "alpha": self._alpha_value,
-                "gate_score": self._gate_score,
-                "isolation_violations": self.isolation_violations,
-                "nonfinite_events": self.nonfinite_events,
-                "faults": self.faults,
-                "last_fault": self.fault_log[-1] if self.fault_log else "",
-            }
+            self.field_report = field_report(self, old)
             self.detach_kernel()
         elif new == SeedStage.RECYCLING:
             self.state_table.set_blueprint(self.state_index, "")  # the culled artifact's, gone
@@ -397,11 +400,11 @@ class GradientIsolatedSeed(nn.Module):
         return self._alpha_value
 
     def update_alpha_blending(self, step: int, total_steps: int, temperature: float = 1.0) -> float:
-        """Advance GRAFTING's schedule to ``step`` (``graft_step``), in place; else a no-op."""
-        if total_steps <= 0 or not temperature > 0:
-            raise ValueError("total_steps must be > 0 and temperature > 0")
+        """Advance GRAFTING's schedule to ``step`` (``graft_step``), in place; else a no-op.
+        Arguments are checked first (:func:`checked_schedule`): a refused call changes nothing."""
+        step = checked_schedule(self.seed_id, step, total_steps, temperature)
         if self.stage == SeedStage.GRAFTING:
-            self.graft_step = int(step)
+            self.graft_step = step
             self._set_alpha(sigmoid_alpha(step, total_steps, temperature))
         return self._alpha_value
 
@@ -419,9 +422,11 @@ class GradientIsolatedSeed(nn.Module):
 
     @gate_score.setter
     def gate_score(self, score: float) -> None:
-        if math.isfinite(score):  # the table first: a value it refuses changes neither
-            self.state_table.set_gate_score(self.state_index, float(score))
-        self._gate_score = float(score)
+        # Checked as a load checks it (NaN taken, only reported; the column keeps its value).
+        score = checked_setting(self.seed_id, "gate_score", score)
+        if math.isfinite(score):
+            self.state_table.set_gate_score(self.state_index, score)
+        self._gate_score = score
 
     @property
     def performance_gate(self) -> float:
@@ -429,8 +434,9 @@ class GradientIsolatedSeed(nn.Module):
 
     @performance_gate.setter
     def performance_gate(self, threshold: float) -> None:
+        threshold = checked_setting(self.seed_id, "performance_gate", threshold)
         self.state_table.set_performance_gate(self.state_index, threshold)
-        self._performance_gate = float(threshold)
+        self._performance_gate = threshold
 
     # -- forward -------------------------------------------------------------------------
     def forward(
@@ -438,7 +444,8 @@ class GradientIsolatedSeed(nn.Module):
     ) -> torch.Tensor:
         """docs/design.md §3's table; ``teacher_logits`` adds a KD loss (to get_and_clear)."""
         x = host_activations
-        stage = self.stage
+        code = self._stage_code if torch.compiler.is_compiling() else None  # (``_stage_code``)
+        stage = self.stage if code is None else SeedStage(code)
         if self.kernel is None or stage not in RUNS_KERNEL:
             return x
         if x.shape[self.chunk_dim] != self.chunk_size:
@@ -551,26 +558,7 @@ class GradientIsolatedSeed(nn.Module):
         """Restore what :meth:`get_extra_state` saved (or an older checkpoint's dict), checked
         first (:meth:`check_state`: a refused state changes nothing); ``draw_step``, a position
         only a manager moves, only into a seed one owns (else its versions key its stream)."""
-        saved = self.check_state(state)
-        forget_evaluation(self)  # measured on weights this load may have replaced
-        self.state_table.restore_row(self.state_index, list(saved.row))
-        self._alpha_value = saved.alpha
-        if not self.alpha.is_meta:  # the blend's, after the buffers: the lifecycle's alpha
-            self.alpha.fill_(saved.alpha)
-        if saved.graft_step is not None:  # absent from states saved before it was recorded
-            self.graft_step = saved.graft_step
-        owned = self.state_table.owned(self.state_index)  # unowned: its versions move it on
-        self.draw_step = saved.draw_step if owned else None
-        self._loaded_draws = None if owned else [saved.draw_step, None]
-        self.trained_epochs = saved.trained_epochs
-        self.trained_this_epoch = saved.trained_this_epoch
-        self._gate_score = saved.gate_score
-        self._performance_gate = saved.performance_gate
-        self.isolation_violations = saved.isolation_violations
-        self.nonfinite_events = saved.nonfinite_events
-        self.faults = saved.faults
-        self.fault_log.clear()
-        self.fault_log.extend(saved.fault_log)
+        restore_seed_state(self, self.check_state(state))
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
         # The (shared) table follows the seed's moves, and alpha, in float32 (``half()`` rounds).

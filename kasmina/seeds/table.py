@@ -1,12 +1,11 @@
 """The seed state table on the device (docs/design.md §3).
 
 ``GPUStateTensor`` keeps the ``[num_seeds, 10]`` int32 table where the fused ``lifecycle_update``
-and ``lifecycle_tick`` ops can validate and apply a thousand transitions in one launch. The
-forward pass must never wait for the device, so the table also keeps a *host mirror* of each
-seed's stage and epochs-in-stage: it is updated from the per-update result codes that
-``lifecycle_update`` returns (reading those K codes back is one sync, paid on commands, never in
-the forward) and from ``tick``, which ages every seed by exactly one epoch. Change the table only
-through these methods (or call :meth:`GPUStateTensor.resync` afterwards).
+and ``lifecycle_tick`` ops validate and apply a thousand transitions in one launch. The forward
+never waits for the device, so the table keeps a *host mirror* of each seed's stage and epochs
+in stage, updated from ``lifecycle_update``'s result codes (reading those K codes back is one
+sync, paid on commands, never in the forward) and by ``tick``, which ages every seed one epoch.
+Change the table only through these methods (or call :meth:`GPUStateTensor.resync` after).
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Fractions (alpha, gate score, performance threshold) are stored in the int32 table * 1000.
-SCALE = 1000
+SCALE = 1000  # fractions (alpha, gate score, performance threshold): int32 column * 1000
 
 # The batch update's host side: result codes and stages by value, counter keys by code, and
 # what its bulk checks accept without parsing item by item.
@@ -57,7 +55,7 @@ _GATE_TYPES = frozenset({int, type(None)})
 _GATE_VALUES = frozenset({_NO_GATE, 1, 2, 3, 4, 5})
 _COOLDOWN = SeedStage.COOLDOWN
 
-__all__ = ["SCALE", "GPUStateTensor", "blueprint_hash"]
+__all__ = ["SCALE", "GPUStateTensor", "blueprint_hash", "fixed_point"]
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
@@ -84,10 +82,13 @@ def blueprint_hash(artifact_id: str) -> int:
     return zlib.crc32(artifact_id.encode("utf-8")) & 0x7FFFFFFF
 
 
-def _scaled(fraction: float) -> int:
+def fixed_point(fraction: float) -> int:
+    """``fraction`` as its int32 column holds it (* ``SCALE``); ``ValueError`` if it cannot."""
     if not math.isfinite(fraction):
         raise ValueError(f"expected a finite value, got {fraction}")
-    return int(round(fraction * SCALE))
+    if not -(2**31) <= (value := round(fraction * SCALE)) <= INT32_MAX:
+        raise ValueError(f"must be within +-{INT32_MAX / SCALE} (int32 * {SCALE}), got {fraction}")
+    return value
 
 
 class GPUStateTensor:
@@ -419,16 +420,18 @@ class GPUStateTensor:
         column = StateColumn(column)
         if column in (StateColumn.LIFECYCLE_STAGE, StateColumn.EPOCHS_IN_STATE):
             raise ValueError(f"{column.name} changes only through transitions and tick()")
-        self.state_tensor[self.check_index(idx), column] = int(value)
+        if not -(2**31) <= (value := int(value)) <= INT32_MAX:  # checked, not a torch overflow
+            raise ValueError(f"{column.name} must fit in int32, got {value}")
+        self.state_tensor[self.check_index(idx), column] = value
 
     def set_alpha(self, idx: int, alpha: float) -> None:
-        self.set_column(idx, StateColumn.ALPHA_BLEND, _scaled(min(max(alpha, 0.0), 1.0)))
+        self.set_column(idx, StateColumn.ALPHA_BLEND, fixed_point(min(max(alpha, 0.0), 1.0)))
 
     def set_gate_score(self, idx: int, score: float) -> None:
-        self.set_column(idx, StateColumn.GATE_SCORE, _scaled(score))
+        self.set_column(idx, StateColumn.GATE_SCORE, fixed_point(score))
 
     def set_performance_gate(self, idx: int, threshold: float) -> None:
-        self.set_column(idx, StateColumn.PERFORMANCE_GATE, _scaled(threshold))
+        self.set_column(idx, StateColumn.PERFORMANCE_GATE, fixed_point(threshold))
 
     def set_blueprint(self, idx: int, artifact_id: str) -> None:
         self.set_column(

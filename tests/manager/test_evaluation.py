@@ -760,8 +760,8 @@ def test_a_gate_score_out_of_range_is_refused_before_anything_is_written(rig: Ri
             manager.record_gate_score(SEED0, bad)
         assert seed.gate_score == 0.7 and table.read_row(seed.state_index)["GATE_SCORE"] == 700
         assert manager.counters["gate_scores_recorded"] == 1
-    with pytest.raises(RuntimeError):
-        seed.gate_score = 3e6  # the table refuses it: the seed keeps its score too
+    with pytest.raises(ValueError, match="gate_score must be within"):
+        seed.gate_score = 3e6  # past the table's int32: refused first, the seed keeps its score
     assert seed.gate_score == 0.7
 
 

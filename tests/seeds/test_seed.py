@@ -437,6 +437,100 @@ def test_an_out_of_range_extra_state_field_is_refused(field: str, value: object)
     assert target.stage is S.GRAFTING and math.isnan(target.gate_score)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("graft_step", -2),
+        ("graft_step", 2**63),
+        ("gate_score", float("inf")),
+        ("gate_score", float("-inf")),
+        ("gate_score", 1e7),  # past the table's int32 * 1000
+        ("performance_gate", 3e6),
+        ("performance_gate", float("nan")),
+    ],
+)
+def test_a_setter_refuses_what_a_load_would_refuse(field: str, value: float) -> None:
+    """``update_alpha_blending(-2, 10)`` stored ``graft_step = -2`` and ``gate_score = inf``
+    was kept (only the table write was skipped): the model saved, and loading it refused
+    "saved 'graft_step' / 'gate_score'"; a score or threshold past the table's range raised a
+    bare RuntimeError. Each setter now checks by the load's own rule: a refusal is a
+    ValueError naming the field and changes nothing, and what a setter takes loads back."""
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(3, 10)
+    seed.gate_score, seed.performance_gate = 0.25, 0.5
+    before = (seed.graft_step, seed.alpha_value, seed.gate_score, seed.performance_gate)
+    table = seed.state_table.state_tensor.clone()
+    with pytest.raises(ValueError, match=f"seed s0: {field} must"):
+        if field == "graft_step":
+            seed.update_alpha_blending(value, 10)
+        else:
+            setattr(seed, field, value)
+    assert (seed.graft_step, seed.alpha_value, seed.gate_score, seed.performance_gate) == before
+    assert torch.equal(seed.state_table.state_tensor, table)
+    seed.update_alpha_blending(2**63 - 1, 10)  # the extremes a setter takes
+    seed.gate_score, seed.performance_gate = float("nan"), -(2**31) / 1000
+    make_seed(S.GRAFTING).load_state_dict(seed.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ((7, float("nan")), "total_steps"),  # graft_step moved, then int(NaN) raised
+        ((7, float("inf")), "total_steps"),  # alpha pinned at 0
+        ((7, 10**400), "total_steps"),  # OverflowError in the schedule
+        ((7, 10, float("inf")), "temperature"),  # alpha pinned at 0.5
+        ((7, 10, float("nan")), "temperature"),
+        ((float("inf"), 10), "graft_step"),  # OverflowError
+        ((2.5, 10), "graft_step"),  # stored 2, alpha from 2.5
+    ],
+)
+def test_alpha_schedule_arguments_are_all_checked_before_anything_changes(
+    args: tuple[float, ...], name: str
+) -> None:
+    """``update_alpha_blending(7, nan)`` passed the ``total_steps <= 0`` check, moved
+    ``graft_step`` and then raised "cannot convert float NaN to integer"; an infinite
+    ``total_steps`` or temperature was taken (alpha pinned), an infinite step raised an
+    OverflowError. Every argument is checked first now: a ValueError naming it, nothing
+    changed."""
+    seed = make_seed(S.GRAFTING)
+    seed.update_alpha_blending(3, 10)
+    before = (seed.graft_step, seed.alpha_value, seed.alpha.item())
+    table = seed.state_table.state_tensor.clone()
+    with pytest.raises(ValueError, match=f"seed s0: {name} must"):
+        seed.update_alpha_blending(*args)
+    assert (seed.graft_step, seed.alpha_value, seed.alpha.item()) == before
+    assert torch.equal(seed.state_table.state_tensor, table)
+
+
+def test_a_compiled_stand_alone_seed_follows_every_stage_change(x) -> None:
+    """Compiled, a stand-alone seed's forward read its stage as a SeedStage from the table,
+    which TorchDynamo does not guard: the graph compiled in the first stage ran in every later
+    one, so a compiled seed trained in isolation forever and never grafted (ACTIVE gave the
+    host's output). The seed keeps its stage as an int for the compiled forward, guarded by
+    value: each stage change recompiles, and each stage matches eager, value and gradients."""
+    torch._dynamo.reset()
+    seed = make_seed(S.DORMANT)
+    net = Net(seed)
+    compiled = torch.compile(net, backend="aot_eager")
+    for stage in [S.DORMANT, *PATH]:
+        if stage is not S.DORMANT:
+            seed.transition_to(stage)
+        if stage is S.GRAFTING:
+            seed.update_alpha_blending(3, 10)
+        results = []
+        for model in (net, compiled):
+            net.zero_grad(set_to_none=True)
+            out = run(model, x)  # type: ignore[arg-type]
+            grads = {n: p.grad for n, p in net.named_parameters()}
+            results.append((out.detach(), grads))
+        (eager, eager_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, eager, msg=stage.name)
+        for name, grad in eager_grads.items():
+            assert (grad is None) == (got_grads[name] is None), (stage.name, name)
+            if grad is not None:
+                torch.testing.assert_close(got_grads[name], grad, msg=f"{stage.name} {name}")
+
+
 def test_a_duplicated_or_deeply_nested_extra_state_is_a_value_error() -> None:
     text = '{"version": 1, "version": 1}'
     for raw in (text, "[" * 5000 + "]" * 5000):

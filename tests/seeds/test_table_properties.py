@@ -789,3 +789,23 @@ def test_tick_keeps_mirror_and_device_epochs_equal_at_the_int32_limit(
         table.tick()
     device = int(table.state_tensor[0, C.EPOCHS_IN_STATE])
     assert table.epochs_in_state(0) == device == INT32_MAX  # saturated, not wrapped
+
+
+def test_a_column_value_the_int32_table_cannot_hold_is_a_value_error_naming_it() -> None:
+    """``set_region(0, 2**40)``, a gate score of 1e7 or a threshold of -3e6 (stored * 1000)
+    raised torch's bare ``RuntimeError: value cannot be converted to type int without
+    overflow``, naming nothing. Each is a ``ValueError`` naming the column or the range now,
+    checked before the write (the table is unchanged); the edges of int32 are still taken."""
+    table = GPUStateTensor(2, "cpu")
+    before = table.state_tensor.clone()
+    with pytest.raises(ValueError, match="REGION_ID must fit in int32"):
+        table.set_region(0, 2**40)
+    with pytest.raises(ValueError, match=r"int32 \* 1000"):
+        table.set_gate_score(1, 1e7)
+    with pytest.raises(ValueError, match=r"int32 \* 1000"):
+        table.set_performance_gate(1, -3e6)
+    assert torch.equal(table.state_tensor, before) and table.version == 0
+    table.set_region(0, -(2**31))
+    table.set_gate_score(1, INT32_MAX / 1000)
+    assert table.read_row(0)["REGION_ID"] == -(2**31)
+    assert table.read_row(1)["GATE_SCORE"] == INT32_MAX
