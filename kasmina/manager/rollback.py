@@ -18,11 +18,11 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    seeds need are pinned and the isolated seeds' monitors built. Any failure unpins what was
    pinned and puts the old kernels (with their probe results), the weights, the table and the
    tracked objects' states back, so the command is refused with nothing changed;
-3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the live
-   optimizer objects (``IsolatedOptimizerManager.adopt``: the host's optimizer, and a seed's that
-   exists before and after, stays the same object, so a user's LR scheduler or ``GradScaler`` on it
-   keeps driving the optimizer that trains), and the counters, records, pins and monitors take over.
-   A Ctrl-C during it is delivered once it is done. Afterwards a seed's original is pinned exactly
+3. the commit, which cannot fail: the rebuilt optimizers' param groups and state move into the
+   live optimizer objects (``IsolatedOptimizerManager.adopt``: the host's, and a seed's that
+   exists before and after, stays the same object, so a user's LR scheduler or ``GradScaler``
+   keeps driving the optimizer that trains), and the counters, records, pins and monitors take
+   over (a Ctrl-C is delivered once it is done). Afterwards a seed's original is pinned exactly
    while it holds a kernel and is not TERMINATED (docs/design.md §3), whatever it held before.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
@@ -159,6 +159,7 @@ def snapshot(
             "artifact_id": record.artifact_id or "",
             "attached": record.kernel is not None,
             "graft_steps": record.graft_steps,
+            "bad_gradients": record.bad_gradients,  # a run of clipped steps the epoch is in
             "row": record.seed.state_index,  # the table is restored by row
         }
         for record in registry
@@ -363,11 +364,12 @@ class _SavedSeed(NamedTuple):
     artifact_id: str | None
     attached: bool
     graft_steps: int
+    bad_gradients: int = 0  # the run its epoch was in (0: a checkpoint from before it was kept)
 
 
 def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _SavedSeed]:
-    """Every seed's record, checked in phase 1 so that the commit only assigns (a checkpoint
-    is signed by the run's key, but may come from another version or a bug)."""
+    """Every seed's record, checked in phase 1 so that the commit only assigns (signed by the
+    run's key, a checkpoint may still come from another version)."""
     seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
     if not isinstance(seeds, dict) or set(seeds) != set(registry.records):
         saved = set(map(str, seeds)) if isinstance(seeds, dict) else set()
@@ -382,11 +384,11 @@ def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _S
         if isinstance(saved, Mapping):
             artifact_id = saved.get("artifact_id") or None
             attached, graft_steps = saved.get("attached", False), saved.get("graft_steps", 0)
-            row = saved.get("row")  # absent: an older checkpoint
+            row, bad = saved.get("row"), saved.get("bad_gradients", 0)  # absent: older ones
             typed = isinstance(artifact_id, str | None) and type(attached) is bool
-            typed = typed and type(graft_steps) is int and type(row) in (int, type(None))
-            if typed and graft_steps >= 0:
-                parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps)
+            typed = typed and type(row) in (int, type(None))
+            if typed and all(type(n) is int and n >= 0 for n in (graft_steps, bad)):
+                parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps, bad)
                 if row in (None, live := registry[seed_id].seed.state_index):  # rows back by row
                     continue
                 raise ValueError(  # and kernels by id: each seed would get another's stage
@@ -588,11 +590,10 @@ def _commit(
         if release is not None:
             released.append(release)
         record.artifact_id = saved.artifact_id
-        record.graft_steps = saved.graft_steps
+        record.graft_steps, record.bad_gradients = saved.graft_steps, saved.bad_gradients
         if not record.timeline or record.timeline[-1][2] != record.stage.name:
             record.timeline.append((state.epoch, state.global_step, record.stage.name))
         record.last_output, record.input_grad = None, False
-        record.bad_gradients = 0  # a run of the undone timeline's steps (not checkpointed)
         record.seed.probe_result = None
         record.monitor = monitors.get(record.seed_id)
     for artifact_id in released:  # each was pinned on a record's behalf: the count is > 0

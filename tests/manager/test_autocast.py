@@ -250,7 +250,9 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     for p in seed.seed_parameters():
         p.register_hook(lambda grad: grad * math.inf)
     faults, stepped, scales = [], [], []
-    for _ in range(BAD_GRADIENT_STEPS + 5):
+    for i in range(BAD_GRADIENT_STEPS + 5):
+        if i == 5:  # a checkpoint in the middle of the run, for the rollback below
+            manager.end_epoch(2)
         before = torch.cat([p.detach().flatten() for p in registry.host_params])
         stepped.append(step()["host_stepped"])
         changed = not torch.equal(before, torch.cat([p.flatten() for p in registry.host_params]))
@@ -267,11 +269,9 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     assert [changed for _, changed in scales[-2:]] == [True, True]  # the host trains on
     assert stepped[-2:] == [not own_host_optimizer] * 2
     assert all(torch.isfinite(p).all() for p in registry.host_params)
-    # A rollback to the ACTIVE seed's epoch starts its run afresh: the count (not saved) of
-    # the undone steps made its first bad step a fault, and its next termination came early.
-    registry[SEED0].bad_gradients = BAD_GRADIENT_STEPS  # as a run cut short by the rollback
-    assert run_command(manager, rig.signed(make_rollback_command(1))), manager.command_log[-1]
-    assert seed.stage == S.ACTIVE and registry[SEED0].bad_gradients == 0
-    step()
-    assert seed.faults == 0 and registry[SEED0].bad_gradients == 1
+    # A rollback gives back the run its checkpoint was in: kept in memory only, the count was
+    # the undone steps' (a first bad step charged at once) or, zeroed, 8 more steps' grace.
+    assert run_command(manager, rig.signed(make_rollback_command(2))), manager.command_log[-1]
+    assert (seed.stage, seed.faults, registry[SEED0].bad_gradients) == (S.ACTIVE, 0, 5)
+    assert [step() and seed.faults for _ in range(3)] == [0, 0, 1]  # the run's 8th step
     manager.close()
