@@ -36,7 +36,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
-from kasmina.ops.transforms import functorch_active, no_vmap
+from kasmina.ops.transforms import functorch_active, no_nested_forward_mode, no_vmap
 
 __all__ = [
     "alpha_blend",
@@ -169,7 +169,8 @@ def alpha_blend_reference(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "incubate":
+    if mode == "incubate":  # its ``jvp`` is not differentiated under an outer forward level
+        no_nested_forward_mode("alpha_blend_reference")
         return _StraightThrough.apply(seed_out, host_out)
     host = host_out.detach()
     if not isinstance(alpha, Tensor):
@@ -422,9 +423,8 @@ class _AlphaBlendFunction(torch.autograd.Function):
     """Eager path, in the ``setup_context`` form (``forward`` takes no ``ctx``), which
     ``torch.func.grad`` needs: it runs the forward on the plain tensors. Its backward is then
     in grad mode (the transform's ``create_graph``), so it takes ``_blend_backward_graph``'s
-    torch ops, on either backend. ``vmap`` is refused with a clear error on every backend.
-    Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) takes ``_jvp``,
-    in torch ops, on either backend."""
+    torch ops, on either backend; ``vmap`` is refused. Forward mode (``torch.func.jvp``,
+    ``jacfwd``, ``forward_ad``) takes ``_jvp``, in torch ops; one level only (``alpha_blend``)."""
 
     @staticmethod
     def forward(seed, host, alpha, alpha_value, mode):  # type: ignore[override]
@@ -543,6 +543,7 @@ def alpha_blend(
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
     if functorch_active() and not torch.compiler.is_compiling():
+        no_nested_forward_mode("alpha_blend")  # ``grad`` over one ``jvp`` is exact: linear rule
         return _AlphaBlendFunction.apply(*args)  # torch.func: its forward gets plain tensors
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _alpha_blend_op(*args)

@@ -43,7 +43,8 @@ raises PyTorch's "trying to differentiate twice" error rather than miss the soft
 second-order term; the compiled path's backward op has no autograd formula and raises too.
 Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) runs the eager
 Function's rule, the backward's transpose in torch ops (``kd_tangent``), on both backends; the
-compiled path's custom op has none.
+compiled path's custom op has none. One level deep: its ``p_s - p_t`` records no graph, so nested
+forward mode, ``grad`` beside ``jvp`` and a backward through a tangent raise naming the op.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ from kasmina.ops.transforms import (
     functorch_active,
     functorch_context,
     graph_anchor,
+    no_nested_forward_mode,
     no_vmap,
+    tie_once,
 )
 
 __all__ = [
@@ -412,7 +415,7 @@ class _KDFunction(torch.autograd.Function):
             ctx.save_for_backward(student, teacher, mask, kept, scale)
         if _forward_ad._current_level >= 0:  # forward mode runs (only then: memory): ``jvp``
             ctx.save_for_forward(
-                *((kept, scale, mask) if ctx.cpu else (student, teacher, mask, kept, scale))
+                *((kept, scale, mask, anchor) if ctx.cpu else (student, teacher, mask, kept, scale))
             )
 
     @staticmethod
@@ -441,10 +444,15 @@ class _KDFunction(torch.autograd.Function):
         if t_student is None:
             return None, None, None
         if ctx.cpu:
-            diff, scale, mask = ctx.saved_tensors
+            diff, scale, mask, anchor = ctx.saved_tensors
         else:
             student, teacher, mask, stats, scale = ctx.saved_tensors
-            diff = probability_difference(student, teacher, stats, ctx.temperature)
+            diff = probability_difference(student.detach(), teacher, stats, ctx.temperature)
+            anchor = student
+        # No graph of ``p_s - p_t``: a backward through the tangent (reverse over forward, an
+        # HVP) would miss its term, so it raises naming the op (``tie_once``) instead.
+        if not ctx.functorch:
+            diff = tie_once("kd_kl_loss", diff, (anchor,))
         shape = t_student.shape
         host = _host_scale(ctx.reduction, math.prod(shape[:-1]), shape[-1], mask is not None)
         factor = ctx.temperature * host
@@ -567,6 +575,7 @@ def kd_kl_loss(
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
     if functorch_active() and not torch.compiler.is_compiling():  # torch.func: plain tensors
+        no_nested_forward_mode("kd_kl_loss", reverse=True)  # its rule's p_s - p_t is constant
         return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _kd_op(student_logits, teacher, mask, temperature, reduction, need_grad)[0]

@@ -7,8 +7,10 @@ fused-linear op's Function is not in this form and is not supported there): the 
 ``setup_context`` form (a ``forward`` without ``ctx``), so ``torch.func.grad``/``vjp`` run their
 forward on the plain tensors; such a backward is run one level down, on the plain tensors too (the
 kernels need storage); nested transforms, and any ``vmap``, raise a clear error naming the op
-(``no_vmap``, ``functorch_backward``). ``functorch_active`` routes the ops' eager shortcuts (no
-graph to record) through their Functions while a transform runs. ``plain_flag`` and
+(``no_vmap``, ``functorch_backward``), and so does forward mode nested in forward mode, whose
+``jvp`` rule torch does not differentiate (``no_nested_forward_mode``). ``functorch_active``
+routes the ops' eager shortcuts (no graph to record) through their Functions while a transform
+runs. ``plain_flag`` and
 ``outside_transforms`` let a forward run under a transform (a grown model under
 ``torch.func.grad``) update its device flags, which live outside it.
 """
@@ -27,10 +29,12 @@ __all__ = [
     "functorch_active",
     "functorch_context",
     "graph_anchor",
+    "no_nested_forward_mode",
     "no_vmap",
     "outside_transforms",
     "plain_flag",
     "reduced_to_level_of",
+    "tie_once",
     "transform_depth",
     "transform_wrapped",
     "under_vmap",
@@ -75,6 +79,28 @@ def under_vmap() -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def no_nested_forward_mode(op: str, *, reverse: bool = False) -> None:
+    """Raise (``RuntimeError`` naming ``op``) where ``torch.func`` nests forward mode around the
+    op: more than one ``jvp`` level (``jvp`` of ``jvp``, ``jacfwd(jacfwd)``, ``hessian``'s
+    kind), or, with ``reverse``, a ``grad``/``vjp`` level beside a ``jvp`` one. PyTorch runs a
+    Function's ``jvp`` rule below the outer levels and does not differentiate it there, so
+    their second-order terms would be silently missing. ``jacfwd`` alone (a ``vmap`` around
+    one ``jvp``) passes; eager forward mode has a single dual level."""
+    if torch.compiler.is_compiling() or not functorch_active():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+    jvps = keys.count(TransformType.Jvp)
+    if jvps > 1 or (reverse and jvps and TransformType.Grad in keys):
+        raise RuntimeError(
+            f"{op} supports a single forward-mode transform (torch.func.jvp or jacfwd), not "
+            f"nested ones{' nor one beside grad or vjp' if reverse else ''}: its jvp rule is "
+            f"not differentiated again (active: {[k.name for k in keys]})"
+        )
 
 
 def plain_flag(t: Tensor, reduce) -> Tensor:
@@ -268,8 +294,20 @@ class _DifferentiableOnce(torch.autograd.Function):
     def backward(ctx, *_grads: Tensor):  # type: ignore[override]
         raise RuntimeError(
             f"{ctx.op} is differentiable once: trying to differentiate twice through its "
-            "gradients (create_graph=True, then a gradient penalty or a Hessian)"
+            "gradients (create_graph=True, then a gradient penalty or a Hessian) or its "
+            "forward-mode tangent (a backward through a jvp)"
         )
+
+
+def tie_once(op: str, value: Tensor, ties: tuple) -> Tensor:
+    """``value`` detached, tied (``_DifferentiableOnce``) to those of ``ties`` that require
+    grad, in grad mode: a forward-mode rule's term that holds the op's inputs (``kd_kl_loss``'s
+    ``p_s - p_t``) but records none of their graph. A backward through the tangent then raises
+    naming the op, where it would be silently wrong or fail with a generic error."""
+    ties = tuple(t for t in ties if isinstance(t, Tensor) and t.requires_grad)
+    if not ties or not torch.is_grad_enabled() or functorch_active():
+        return value.detach()
+    return _DifferentiableOnce.apply(op, value.detach(), *ties)
 
 
 def graph_anchor(t: Tensor) -> Tensor:

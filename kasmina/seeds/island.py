@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ _STALE_MESSAGE = (
 __all__ = [
     "ContainedBackward",
     "GuardedBlend",
+    "carries_tangent",
     "contain_backward",
     "guarded_blend",
     "in_layout_of",
@@ -225,7 +226,7 @@ class ContainedBackward(torch.autograd.Function):
     def forward(ctx: Any, island: _Island, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         ctx.island = island
         ctx.num_outputs = len(island.outputs)
-        if ctx.island.tangents:  # forward mode: outputs of their own, whose tangents ``jvp`` sets
+        if any(t is not None for t in island.tangents):  # forward mode: outputs ``jvp`` sets
             return tuple(v.clone() for v in inputs[: ctx.num_outputs])
         return tuple(v.view_as(v) for v in inputs[: ctx.num_outputs])
 
@@ -279,8 +280,7 @@ class _Graft:
     through (``passed[k]``; ``passed`` is None when every seed ran); ``still[k]``: seed ``k``
     ran and does not blend while another does (None if none is so); ``island`` holds the
     outputs that need a gradient (chunks ``island_chunks``), ``flags`` the seeds' two flags
-    (the first None under ``no_grad``: ``faults.gradient_flags``); ``tangents`` the island's
-    outputs' forward-mode tangents (None each without one; empty outside forward-mode AD).
+    (the first None under ``no_grad``: ``faults.gradient_flags``).
     """
 
     __slots__ = (
@@ -294,7 +294,6 @@ class _Graft:
         "n",
         "passed",
         "still",
-        "tangents",
     )
 
     def __init__(
@@ -318,7 +317,6 @@ class _Graft:
         self.island = island
         self.island_chunks = list(island_chunks)
         self.blend = blend
-        self.tangents: list[torch.Tensor | None] = []
 
 
 def _graft_values(
@@ -373,34 +371,32 @@ def _graft_values(
 
 
 def _graft_tangent(
-    graft: _Graft,
-    used: torch.Tensor,
-    ok: torch.Tensor | None,
-    t_host: torch.Tensor | None,
-    pieces: Sequence[torch.Tensor | None],
+    graft: _Graft, used: torch.Tensor, ok: torch.Tensor | None, t_host: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """``GuardedBlend``'s tangent in the moved layout: chunk k takes the host's tangent where
-    the host passed it through, else ``pieces[k]`` (a seed's output's, in the host's layout;
-    None is zero); 0 where the seed's output fell back (``ok``), whatever it held; times the
-    alpha used when blending, in fp32 and rounded once (``blend_chunks_seed_grad``)."""
-    n, dim = graft.n, graft.dim
-    seed_c = None
-    like = next((p for p in pieces if p is not None), None)
-    if like is not None:
-        full = torch.cat([like.new_zeros(like.shape) if p is None else p for p in pieces], dim)
-        seed_c = (full if dim == full.dim() - 1 else full.movedim(dim, -1)).unflatten(-1, (n, -1))
-    tangent = seed_c
-    if t_host is not None and graft.passed is not None:
-        host_c = t_host.unflatten(-1, (n, -1))
-        tangent = torch.where(graft.passed.unsqueeze(-1), host_c, 0.0 if seed_c is None else seed_c)
-    if tangent is None:
+    """``GuardedBlend``'s tangent in the moved layout: the host's on a chunk it passed through,
+    0 on the seeds' (``carries_tangent``: none has one here) and where a seed's output fell
+    back (``ok``); times the alpha used when blending, in fp32 and rounded once
+    (``blend_chunks_seed_grad``)."""
+    if t_host is None or graft.passed is None:
         return None
+    tangent = torch.where(graft.passed.unsqueeze(-1), t_host.unflatten(-1, (graft.n, -1)), 0.0)
     if ok is not None:
         tangent = torch.where(ok.unsqueeze(-1), tangent, 0.0)
     if graft.blend:
         work = torch.float32 if tangent.dtype in (torch.float16, torch.bfloat16) else tangent.dtype
         tangent = (tangent.to(work) * used.to(work).unsqueeze(-1)).to(tangent.dtype)
     return tangent.flatten(-2)
+
+
+def carries_tangent(outs: Sequence[torch.Tensor], ran: Iterable[int]) -> bool:
+    """Whether a dual level is open and the output ``outs[k]`` of a seed ``k`` in ``ran`` has a
+    forward-mode tangent: the layer then takes the per-op path, whose rules carry it.
+    ``GuardedBlend`` could not: it is handed the host, alpha and the island's parameters, so
+    with no dual among them (``no_grad``, or duals of detached parameters: no island) its
+    ``jvp`` never runs, and it would drop a seed's tangent outside the island anyway."""
+    if _forward_ad._current_level < 0:
+        return False
+    return any(_forward_ad.unpack_dual(outs[k]).tangent is not None for k in ran)
 
 
 class GuardedBlend(torch.autograd.Function):
@@ -417,7 +413,8 @@ class GuardedBlend(torch.autograd.Function):
     host is detached). Values and gradients are those of the unfused path, bit for bit. On the
     CPU the chunk sums are read on the host (a load, not a sync), and when all are finite the
     masks, which would be identities, are skipped.
-    Forward mode (``torch.autograd.forward_ad``; the node is eager only) takes ``jvp``, the
+    Forward mode (``torch.autograd.forward_ad``; the node is eager only, and the layer takes it
+    only where no seed's output has a tangent: ``carries_tangent``) takes ``jvp``, the
     backward's transpose (``_graft_tangent``).
     """
 
@@ -437,16 +434,10 @@ class GuardedBlend(torch.autograd.Function):
     def jvp(ctx: Any, _graft, t_host: torch.Tensor | None, _alpha, *_params) -> torch.Tensor:
         """The backward's transpose. Per chunk, the backward's gradient is ``g`` (times alpha
         when blending), 0 where the seed's output fell back, and goes to the host for a chunk it
-        passed through, else to the seed's island. So the tangent is the host's (passed chunks)
-        or the island output's (its kernel's parameters' tangents, as forward-mode AD carried
-        them through the kernel: ``guarded_blend`` took them), times the same factors: 0 for
-        a fallback, whatever the seed's tangent holds there. Plain torch ops."""
-        graft: _Graft = ctx.graft
+        passed through, else to the seed's island, whose outputs have no tangent here. So the
+        tangent is the host's on passed chunks, times the same factors, else 0. Plain torch."""
         used, ok = ctx.saved_tensors
-        pieces: list[torch.Tensor | None] = [None] * graft.n
-        for k, t in zip(graft.island_chunks, graft.tangents, strict=False):
-            pieces[k] = t
-        return _graft_tangent(graft, used, ok, t_host, pieces)
+        return _graft_tangent(ctx.graft, used, ok, t_host)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -513,10 +504,8 @@ def guarded_blend(
         # op, a full backward hook, a reentrant checkpoint) turns "no gradient" into zeros,
         # and an optimizer with momentum steps weights the blend never reached.
         moved = moved.detach()
-    forward_mode = _forward_ad._current_level >= 0
-    if forward_mode and island is not None:  # the node sees plain tensors: take them now
-        graft.tangents = [_forward_ad.unpack_dual(o).tangent for o in island.outputs]
-    if torch.is_grad_enabled() or forward_mode:  # a dual input's tangent goes through ``jvp``
+    # A dual host's tangent goes through ``jvp`` (the seeds' outputs have none: the layer checks).
+    if torch.is_grad_enabled() or _forward_ad._current_level >= 0:
         out = GuardedBlend.apply(graft, moved, alpha, *(island.params if island else ()))
     else:
         out = _graft_values(graft, moved, alpha)[0]

@@ -73,7 +73,7 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
 )
-from kasmina.seeds.island import contain_backward, guarded_blend, in_layout_of
+from kasmina.seeds.island import carries_tangent, contain_backward, guarded_blend, in_layout_of
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
@@ -503,11 +503,11 @@ class KasminaLayer(nn.Module):
         stages: set[SeedStage],
     ) -> torch.Tensor | None:
         """The eager path of a layer whose running seeds all blend against the detached host:
-        device half, blend and backward guard in one node (``island.guarded_blend``), the
-        same values and gradients as the path below. None where that path must run (a seed
-        without the backward guard, an alpha that needs a gradient)."""
+        device half, blend and backward guard in one node (``island.guarded_blend``), the same
+        values and gradients as the path below. None where that path must run (a seed without
+        the backward guard or with a forward-mode tangent, an alpha that needs a gradient)."""
         seeds = self._seed_list
-        if not all(seeds[k].guard_backward for k in inputs):
+        if not all(seeds[k].guard_backward for k in inputs) or carries_tangent(outs, inputs):
             return None
         grafting = SeedStage.GRAFTING in stages
         alpha = self._buffers["_one"]

@@ -789,3 +789,45 @@ def test_jacfwd_equals_jacrev_on_small_inputs(backend, mode) -> None:
     rev = torch.autograd.functional.jacobian(fn, (seed, host, alpha))
     for f, r in zip(fwd, rev, strict=True):
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_nested_forward_mode_raises_naming_the_op(backend, mode) -> None:
+    """PyTorch runs a Function's ``jvp`` rule below outer transforms without differentiating
+    it, so ``jvp`` of ``jvp`` and ``jacfwd(jacfwd)`` returned silently wrong second-order terms
+    (0 where ``alpha*tanh''`` belongs; refused with ``NotImplementedError`` before the op had
+    a rule). Now they raise naming the op (and the reference's ``incubate``, for its own
+    Function's rule), while reverse over one forward level (``grad`` of
+    ``jvp`` and eager ``forward_ad`` then ``autograd.grad``: the rule is linear in the saved
+    tensors, so its torch ops are differentiated exactly) matches the float64 reference."""
+    import torch.autograd.forward_ad as fwad
+
+    seed, host, v = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 6)
+    alpha, t_alpha = torch.tensor([0.2, 0.7, 0.4]), torch.randn(3)
+
+    def op(s, a):
+        return alpha_blend(torch.tanh(s), host, a, mode).square().sum()
+
+    def ref(s, a):
+        return alpha_blend_reference(torch.tanh(s), host.double(), a, mode).square().sum()
+
+    def jvp_of(fn):
+        return lambda s, a: torch.func.jvp(fn, (s, a), (v.to(s.dtype), t_alpha.to(a.dtype)))[1]
+
+    with pytest.raises(RuntimeError, match="alpha_blend supports a single forward-mode"):
+        torch.func.jvp(jvp_of(op), (seed, alpha), (v, t_alpha))
+    with pytest.raises(RuntimeError, match="alpha_blend supports a single forward-mode"):
+        torch.func.jacfwd(torch.func.jacfwd(op))(seed, alpha)
+    if mode == "incubate":  # the reference's straight-through Function has a rule of its own
+        with pytest.raises(RuntimeError, match="alpha_blend_reference supports a single"):
+            torch.func.jacfwd(torch.func.jacfwd(ref))(seed.double(), alpha.double())
+    got = torch.func.grad(jvp_of(op), argnums=(0, 1))(seed, alpha)
+    want = torch.func.grad(jvp_of(ref), argnums=(0, 1))(seed.double(), alpha.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    s, a = seed.clone().requires_grad_(), alpha.clone().requires_grad_()
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(op(fwad.make_dual(s, v), fwad.make_dual(a, t_alpha))).tangent
+    got = torch.autograd.grad(tangent, (s, a), allow_unused=True, materialize_grads=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)

@@ -965,3 +965,39 @@ def test_jacfwd_equals_autograd_jacobian(backend, reduction):
     torch.testing.assert_close(
         torch.func.jacfwd(fn)(student), torch.autograd.functional.jacobian(fn, student)
     )
+
+
+def test_nested_forward_mode_and_reverse_over_forward_raise_naming_the_op(backend):
+    """PyTorch runs a Function's ``jvp`` rule below outer transforms without differentiating
+    it, and the rule's ``p_s - p_t`` records no graph of the student: ``jvp`` of ``jvp`` and
+    ``jacfwd(jacfwd)`` gave 0 for the softmax's second-order term, ``grad`` of ``jvp`` and an
+    eager backward through a ``forward_ad`` tangent (a Hessian-vector product) a wrong value
+    or a generic error. Now each raises naming the op; ``jacfwd`` alone still works."""
+    import torch.autograd.forward_ad as fwad
+
+    student, teacher = _logits((2, 9), seed=6)
+    v = torch.randn(2, 9, generator=_gen(7))
+
+    def fn(s):
+        return kd_kl_loss(s, teacher, 2.0, "sum")
+
+    def jvp_of(s):
+        return torch.func.jvp(fn, (s,), (v,))[1]
+
+    with pytest.raises(RuntimeError, match="kd_kl_loss supports a single forward-mode"):
+        torch.func.jvp(jvp_of, (student,), (v,))
+    with pytest.raises(RuntimeError, match="kd_kl_loss supports a single forward-mode"):
+        torch.func.jacfwd(torch.func.jacfwd(fn))(student)
+    with pytest.raises(RuntimeError, match="kd_kl_loss supports a single forward-mode"):
+        torch.func.grad(jvp_of)(student)
+    x = student.clone().requires_grad_()
+    with fwad.dual_level():
+        out = fn(fwad.make_dual(x, v))
+        loss, tangent = fwad.unpack_dual(out)
+    want = torch.func.jvp(lambda s: kd_kl_loss_reference(s, teacher, 2.0, "sum"), (student,), (v,))
+    torch.testing.assert_close(tangent, want[1])  # the first order is exact
+    with pytest.raises(RuntimeError, match="kd_kl_loss is differentiable once"):
+        torch.autograd.grad(tangent, x)
+    (grad,) = torch.autograd.grad(loss, x)  # the loss's own backward is unaffected
+    torch.testing.assert_close(grad, torch.func.grad(fn)(student))
+    assert torch.func.jacfwd(fn)(student).shape == student.shape

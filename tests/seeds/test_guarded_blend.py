@@ -876,38 +876,109 @@ def test_a_slot_compiles_whole_under_a_default_device(shape: str) -> None:
         torch.set_default_device(None)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_mode_ad_through_the_node_is_the_transpose_of_its_backward(case: str) -> None:
-    """``torch.autograd.forward_ad`` through the one-node graft raised ``NotImplementedError``
-    (a deliberate refusal where a rule belongs). Now its tangent, in the input's and every
-    parameter's direction at once (host and seed kernels), satisfies ``<jvp(t), g> ==
-    <t, vjp(g)>`` against the node's own backward, fallbacks included (a chunk that fell back
-    contributes nothing, whatever its seed's tangent holds), and the node did run."""
+def _forward_tangent(layer, x, v, tangents, dual_of, grad_mode: bool, node: bool):
+    """The slot's output and tangent under ``forward_ad`` (parameters in ``tangents`` made dual
+    by ``dual_of``, the input by ``v`` unless None), with the one-node graft run or not."""
     import torch.autograd.forward_ad as fwad
 
+    params = dict(layer.named_parameters())
+    with torch.set_grad_enabled(grad_mode), fwad.dual_level():
+        duals = {n: fwad.make_dual(dual_of(p), tangents[n]) if n in tangents else p
+                 for n, p in params.items()}  # fmt: skip
+        xd = x if v is None else fwad.make_dual(x, v)
+        out = torch.func.functional_call(layer, duals, (xd,))
+        if grad_mode:  # which path ran: the node, or the per-op path's rules
+            assert ("GuardedBlendBackward" in _nodes(out)) == node
+        return fwad.unpack_dual(out)
+
+
+def _adjoint(layer, x, v, tangents, g) -> torch.Tensor:
+    """``<t, vjp(g)>`` of the slot's reverse mode in the directions ``v`` (input) and
+    ``tangents`` (parameters); also checks that reverse mode gives the forward's primal."""
+    params = dict(layer.named_parameters())
+    xr = x.clone().requires_grad_()
+    reverse = layer(xr)
+    grads = torch.autograd.grad((reverse * g).sum(), [xr, *params.values()], allow_unused=True)
+    directions = [v, *(tangents.get(n) for n in params)]
+    pairs = zip(directions, grads, strict=True)
+    terms = [(d * gr).sum() for d, gr in pairs if gr is not None and d is not None]
+    return sum(terms, torch.zeros(()))  # none: the host detached from every chunk
+
+
+@pytest.mark.parametrize("directions", ["host and seeds", "host"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_mode_ad_through_the_node_is_the_transpose_of_its_backward(
+    case: str, directions: str
+) -> None:
+    """``torch.autograd.forward_ad`` through the one-node graft raised ``NotImplementedError``
+    (a deliberate refusal where a rule belongs). Now its tangent, in the input's and the
+    host's parameters' direction (the node runs) or theirs and every seed kernel's at once
+    (the seeds' outputs carry tangents: the per-op path's rules take them), satisfies
+    ``<jvp(t), g> == <t, vjp(g)>`` against the backward, fallbacks included (a chunk that
+    fell back contributes nothing, whatever its seed's tangent holds). The blend detaches the
+    host: with no chunk passed through, the host's directions give the slot no tangent."""
     stages, poison = CASES[case]
     chunk = 2
     kernels = {k: _Poison(chunk, v) for k, v in poison.items()}
     layer = _layer(stages, nn.Linear(3, chunk * len(stages)), chunk, kernels=kernels)
     gen = torch.Generator().manual_seed(len(case))
     x, v = torch.randn(BATCH, 3, generator=gen), torch.randn(BATCH, 3, generator=gen)
-    params = dict(layer.named_parameters())
-    tangents = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    tangents = {
+        n: torch.randn(p.shape, generator=gen)
+        for n, p in layer.named_parameters()
+        if directions == "host and seeds" or n.startswith("host.")
+    }
     layer(x)  # records the slot's shapes
-    with fwad.dual_level():
-        duals = {n: fwad.make_dual(p, tangents[n]) for n, p in params.items()}
-        out = torch.func.functional_call(layer, duals, (fwad.make_dual(x, v),))
-        assert "GuardedBlendBackward" in _nodes(out)
-        primal, tangent = fwad.unpack_dual(out)
+    node = directions == "host"
+    primal, tangent = _forward_tangent(layer, x, v, tangents, lambda p: p, True, node)
+    if node and S.DORMANT not in stages:  # no chunk is the host's: no tangent reaches the slot
+        assert tangent is None
+        tangent = torch.zeros_like(primal)
     assert tangent is not None and torch.isfinite(tangent).all()
     g = torch.randn(primal.shape, generator=gen)
-    xr = x.clone().requires_grad_()
-    reverse = layer(xr)
-    torch.testing.assert_close(reverse.detach(), primal, rtol=0, atol=0)
-    grads = torch.autograd.grad((reverse * g).sum(), [xr, *params.values()], allow_unused=True)
-    directions = [v, *tangents.values()]
-    adjoint = sum((d * gr).sum() for d, gr in zip(directions, grads, strict=True) if gr is not None)
+    torch.testing.assert_close(layer(x), primal, rtol=0, atol=0)
+    adjoint = _adjoint(layer, x, v, tangents, g)
     torch.testing.assert_close((tangent * g).sum(), adjoint, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("duals", ["no_grad", "detached parameters"])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [S.GRAFTING],
+        [S.GRAFTING, S.GRAFTING],
+        [S.GRAFTING, S.STABILIZATION],
+        [S.GRAFTING, S.DORMANT],
+    ],
+    ids=["grafting", "grafting-grafting", "grafting-stabilization", "grafting-dormant"],
+)
+def test_forward_mode_ad_keeps_a_seed_tangent_the_node_cannot_see(
+    stages: list[S], duals: str
+) -> None:
+    """Forward mode with the seeds' outputs not requiring grad (``forward_ad`` under
+    ``torch.no_grad()``, which keeps tangents, or ``functional_call`` with duals of detached
+    parameters) took the one-node graft, which takes tangents only from its island (outputs
+    that need a gradient): the seeds' tangents were silently dropped ([GRAFTING, GRAFTING]
+    gave 0 where the adjoint is not). Now a seed output with a tangent sends the slot down
+    the per-op path, and the tangent in every parameter's direction equals the reverse-mode
+    adjoint ``<t, vjp(g)>``."""
+    layer = _layer(stages, nn.Linear(3, 2 * len(stages)), 2)
+    gen = torch.Generator().manual_seed(len(stages))
+    x = torch.randn(BATCH, 3, generator=gen)
+    layer(x)  # records the slot's shapes
+    for only in ("seeds.", ""):  # the seeds' parameters alone, then every one
+        params = dict(layer.named_parameters())
+        tangents = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+        tangents = {n: t for n, t in tangents.items() if n.startswith(only)}
+        grad_mode = duals != "no_grad"
+        primal, tangent = _forward_tangent(
+            layer, x, None, tangents, lambda p: p.detach(), grad_mode, False
+        )
+        assert tangent is not None, only
+        g = torch.randn(primal.shape, generator=gen)
+        adjoint = _adjoint(layer, x, None, tangents, g)
+        assert adjoint.abs() > 1e-3  # a dropped seed tangent cannot pass unnoticed
+        torch.testing.assert_close((tangent * g).sum(), adjoint, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
