@@ -368,8 +368,8 @@ class _SavedSeed(NamedTuple):
 
 
 def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _SavedSeed]:
-    """Every seed's record, checked in phase 1 so that the commit only assigns (signed by the
-    run's key, a checkpoint may still come from another version)."""
+    """Every seed's record, checked in phase 1 so the commit only assigns (a signed checkpoint
+    may come from another version); counts < 2**62: a later step counts on (10**5000 raised)."""
     seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
     if not isinstance(seeds, dict) or set(seeds) != set(registry.records):
         saved = set(map(str, seeds)) if isinstance(seeds, dict) else set()
@@ -387,7 +387,7 @@ def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _S
             row, bad = saved.get("row"), saved.get("bad_gradients", 0)  # absent: older ones
             typed = isinstance(artifact_id, str | None) and type(attached) is bool
             typed = typed and type(row) in (int, type(None))
-            if typed and all(type(n) is int and n >= 0 for n in (graft_steps, bad)):
+            if typed and all(type(n) is int and 0 <= n < 2**62 for n in (graft_steps, bad)):
                 parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps, bad)
                 if row in (None, live := registry[seed_id].seed.state_index):  # rows back by row
                     continue

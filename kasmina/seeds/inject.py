@@ -24,6 +24,7 @@ In a Hugging Face model the tied-weight names and output-recording hooks follow 
 from __future__ import annotations
 
 import difflib
+import gc
 import re
 import weakref
 from collections.abc import Collection, Iterable
@@ -247,6 +248,7 @@ def _taken_rows(model: nn.Module, state: GPUStateTensor) -> list[int]:
     ``detach`` or ``merge`` keeps its rows, stages and observers (its seeds still mirror them),
     and another model's slots are not in ``model``: a new seed on such a row started in that
     row's stage (ACTIVE: an untrained kernel live, with no lifecycle) and shared it."""
+    gc.collect()  # a closed manager's cycles hold seeds until a pass: rows by timing else
     mine = {
         seed.state_index
         for m in model.modules()

@@ -581,6 +581,12 @@ class GradientIsolatedSeed(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return copied_seed_state(dict(self.__dict__))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_stage_code" not in state:  # pickled before the stage code: listen now (compile)
+            self.state_table.listen(self._refresh_stage_code, rows=[self.state_index])
+            self._refresh_stage_code()
+
     def extra_repr(self) -> str:
         return f"seed_id={self.seed_id!r}, chunk_size={self.chunk_size}, stage={self.stage.name}"
 

@@ -11,7 +11,7 @@ Change the table only through these methods (or call :meth:`GPUStateTensor.resyn
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 import zlib
 from array import array
 from collections import Counter
@@ -84,11 +84,9 @@ def blueprint_hash(artifact_id: str) -> int:
 
 def fixed_point(fraction: float) -> int:
     """``fraction`` as its int32 column holds it (* ``SCALE``); ``ValueError`` if it cannot."""
-    if not math.isfinite(fraction):
-        raise ValueError(f"expected a finite value, got {fraction}")
-    if not -(2**31) <= (value := round(fraction * SCALE)) <= INT32_MAX:
+    if not -(2**31) / SCALE <= fraction <= INT32_MAX / SCALE:  # NaN, inf; before the product
         raise ValueError(f"must be within +-{INT32_MAX / SCALE} (int32 * {SCALE}), got {fraction}")
-    return value
+    return round(fraction * SCALE)
 
 
 class GPUStateTensor:
@@ -420,9 +418,10 @@ class GPUStateTensor:
         column = StateColumn(column)
         if column in (StateColumn.LIFECYCLE_STAGE, StateColumn.EPOCHS_IN_STATE):
             raise ValueError(f"{column.name} changes only through transitions and tick()")
-        if not -(2**31) <= (value := int(value)) <= INT32_MAX:  # checked, not a torch overflow
-            raise ValueError(f"{column.name} must fit in int32, got {value}")
-        self.state_tensor[self.check_index(idx), column] = value
+        # Checked first: inf and NaN were an OverflowError, 2.7 truncated, 2**40 a RuntimeError.
+        if not isinstance(value, numbers.Real) or not -(2**31) <= value <= INT32_MAX or value % 1:
+            raise ValueError(f"{column.name} must be an int32 integer, got {value!r:.80}")
+        self.state_tensor[self.check_index(idx), column] = int(value)
 
     def set_alpha(self, idx: int, alpha: float) -> None:
         self.set_column(idx, StateColumn.ALPHA_BLEND, fixed_point(min(max(alpha, 0.0), 1.0)))

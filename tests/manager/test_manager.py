@@ -1281,6 +1281,10 @@ def test_end_epoch_refuses_metrics_it_could_not_report_before_anything_changes(r
         ("val_metrics", {"loss": "low"}, "malformed clock or metrics"),
         ("val_metrics", {("a", "b"): 1.0}, "malformed clock or metrics"),
         ("graft_steps", 1.5, "malformed record of"),
+        # Counts past what a later step can count on: taken, the next step raised in it.
+        ("graft_steps", 2**63 - 1, "malformed record of"),
+        ("bad_gradients", 2**62, "malformed record of"),
+        ("bad_gradients", True, "malformed record of"),
     ],
 )
 def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
@@ -1298,8 +1302,8 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
         if field == "format":
             checkpoint["format"] = value
             checkpoint["optimizers"] = None  # a newer layout: read only after its format
-        elif field == "graft_steps":
-            checkpoint["extra"]["seeds"][SEED1]["graft_steps"] = value
+        elif field in ("graft_steps", "bad_gradients"):
+            checkpoint["extra"]["seeds"][SEED1][field] = value
         else:
             checkpoint["extra"][field] = value
 

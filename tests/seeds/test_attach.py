@@ -525,6 +525,28 @@ def test_attach_on_a_shared_table_skips_the_rows_of_seeds_outside_the_model() ->
     assert torch.equal(table.state_tensor, before) and dict(model.named_modules()) == modules
 
 
+def test_attach_on_a_shared_table_does_not_depend_on_when_cycles_are_collected() -> None:
+    """A detached slot held only by a reference cycle (a closed manager's registry is one)
+    kept following its DORMANT rows until the next collection: the same attach got other rows,
+    or was refused for a full table, by the collector's timing. It collects first."""
+    import gc
+
+    from kasmina.seeds.table import GPUStateTensor
+
+    model, table = MLP(), GPUStateTensor(2, torch.device("cpu"))
+    attach(model, ["head"], 2, 4, state=table)
+    old = detach(model)  # the slots it took out
+    cycle: list = [old]
+    cycle.append(cycle)
+    del old, cycle
+    gc.disable()  # no automatic pass between here and the scan
+    try:
+        (new,) = attach(model, ["head"], 2, 4, state=table)
+    finally:
+        gc.enable()
+    assert [s.state_index for s in new.seeds] == [0, 1] and new.stages() == [S.DORMANT] * 2
+
+
 def test_a_manager_refuses_two_seeds_on_one_state_row(tmp_path) -> None:
     """Slots built by hand onto one row range of a shared table: refused at registration."""
     from kasmina.manager.manager import KasminaKernelManager

@@ -502,6 +502,20 @@ def test_alpha_schedule_arguments_are_all_checked_before_anything_changes(
     assert torch.equal(seed.state_table.state_tensor, table)
 
 
+def test_a_seed_pickled_before_the_stage_code_keeps_one_once_loaded() -> None:
+    """A seed pickled before it kept its stage as an int came back with neither the int nor
+    its table listener: compiled, its forward read the unguarded stage again (the graph of
+    the first stage ran in every later one). Unpickled, it listens and keeps the int."""
+    import pickle
+
+    old = make_seed(S.ISOLATED_INIT)
+    del old.__dict__["_stage_code"]  # as a pickle of that version holds it
+    seed = pickle.loads(pickle.dumps(old))
+    assert seed._stage_code == int(S.ISOLATED_INIT)
+    seed.transition_to(S.COMPATIBILITY_CHECK)
+    assert seed._stage_code == int(S.COMPATIBILITY_CHECK)
+
+
 def test_a_compiled_stand_alone_seed_follows_every_stage_change(x) -> None:
     """Compiled, a stand-alone seed's forward read its stage as a SeedStage from the table,
     which TorchDynamo does not guard: the graph compiled in the first stage ran in every later

@@ -798,12 +798,12 @@ def test_a_column_value_the_int32_table_cannot_hold_is_a_value_error_naming_it()
     checked before the write (the table is unchanged); the edges of int32 are still taken."""
     table = GPUStateTensor(2, "cpu")
     before = table.state_tensor.clone()
-    with pytest.raises(ValueError, match="REGION_ID must fit in int32"):
-        table.set_region(0, 2**40)
-    with pytest.raises(ValueError, match=r"int32 \* 1000"):
-        table.set_gate_score(1, 1e7)
-    with pytest.raises(ValueError, match=r"int32 \* 1000"):
-        table.set_performance_gate(1, -3e6)
+    for value in (2**40, float("inf"), float("nan"), 2.7, "3"):  # 2.7 was truncated to 2
+        with pytest.raises(ValueError, match="REGION_ID must be an int32 integer"):
+            table.set_column(0, StateColumn.REGION_ID, value)  # type: ignore[arg-type]
+    for score in (1e7, -3e6, 1e306, float("inf"), float("nan")):  # 1e306 * 1000: inf, inf
+        with pytest.raises(ValueError, match=r"int32 \* 1000"):  # OverflowError, a bare one
+            table.set_gate_score(1, score)
     assert torch.equal(table.state_tensor, before) and table.version == 0
     table.set_region(0, -(2**31))
     table.set_gate_score(1, INT32_MAX / 1000)
