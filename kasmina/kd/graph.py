@@ -32,13 +32,13 @@ it as it is built, before its slots are attached.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from kasmina.utils.autograd_nodes import compiled_node
@@ -126,10 +126,6 @@ def hold_retained_backwards() -> Callable[[], None]:
     Holds nest, one per KD manager: the last release puts back the value the first hold found,
     unless something else set the flag meanwhile. A flag set on again while held fails each
     retained backward through a compiled region (counted, and logged once, by the guard)."""
-    try:
-        functorch_config = importlib.import_module("torch._functorch.config")
-    except ImportError:
-        functorch_config = None
     if not hasattr(functorch_config, "donated_buffer"):  # a torch without donated buffers
         return lambda: None
     with _holds_lock:

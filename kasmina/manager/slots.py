@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import weakref
 from collections import Counter
@@ -27,6 +28,7 @@ from torch import nn
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
+from kasmina.isolation.stepping import clip_gradients
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
@@ -473,7 +475,7 @@ class SlotRegistry:
         theirs = {id(p) for seed_id in active for p in promoted[seed_id][1]}
         rest = [p for p in optimizers.parameters(HOST_ID) if id(p) not in theirs]
         groups = [rest, *(promoted[seed_id][1] for seed_id in active)]
-        flags = read_flags([_grads_finite(params) for params in groups])
+        flags = read_flags([_grads_finite(params) for params in groups])  # one transfer
         norms.update(zip(active, flags[1:], strict=True))
         return flags[0]
 
@@ -566,14 +568,12 @@ class SlotRegistry:
 
 
 def _grads_finite(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A one-element bool tensor: whether every gradient ``params`` hold is finite (a sparse
-    one's values), on the first one's device (no host sync); True for none."""
-    grads = [p.grad for p in params if p.grad is not None]
-    values = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    if not values:
+    """A 0-d bool tensor, on the device (no host sync): whether the gradients ``params`` hold
+    are all finite (a sparse one's values), by their total norm (``clip_gradients`` at an
+    infinite norm scales nothing); True for none."""
+    if not params:
         return torch.ones((), dtype=torch.bool)
-    device = values[0].device
-    return torch.stack([torch.isfinite(v).all().to(device) for v in values]).all()
+    return clip_gradients(params, math.inf).isfinite()
 
 
 def _unmarked(seed: GradientIsolatedSeed) -> bool:

@@ -352,14 +352,6 @@ def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: fl
         ctx.save_for_backward(alpha)
 
 
-def _save_for_jvp(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, _v, mode: str) -> None:
-    """Keep what ``blend``'s forward-mode rule needs, only while forward-mode AD runs (a dual
-    level is open: ``torch.autograd.forward_ad``, and ``torch.func.jvp``/``jacfwd``, which open
-    one): otherwise seed and host would outlive the forward where alpha needs no gradient."""
-    if mode == "blend" and _forward_ad._current_level >= 0:
-        ctx.save_for_forward(seed, host, alpha)
-
-
 def _jvp(ctx, t_seed, t_host, t_alpha, *_unused) -> Tensor | None:
     """The Function's forward-mode rule: the transpose of its backward (``_grads``)."""
     if ctx.mode == "incubate":  # straight-through: g to both, so t_seed + t_host
@@ -433,7 +425,10 @@ class _AlphaBlendFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _save(ctx, *inputs)
-        _save_for_jvp(ctx, *inputs)
+        # What ``blend``'s ``_jvp`` needs, only while a dual level is open (``forward_ad``;
+        # ``torch.func.jvp``/``jacfwd`` open one): else seed and host would outlive the forward.
+        if _forward_ad._current_level >= 0 and inputs[4] == "blend":
+            ctx.save_for_forward(*inputs[:3])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

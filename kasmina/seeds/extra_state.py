@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from kasmina.ops.backend import check_positive
 from kasmina.seeds.table import GPUStateTensor, fixed_point
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row, parse_stage
 from kasmina.utils.signed_json import finite_number, strict_json_loads
@@ -294,13 +295,12 @@ def checked_schedule(seed_id: str, step: object, total_steps: object, temperatur
     ``graft_step`` (:func:`checked_setting`), a finite ``total_steps`` and ``temperature`` > 0
     (an infinite one pinned alpha at 0 or 0.5; a NaN failed after ``graft_step`` moved)."""
     for name, value in (("total_steps", total_steps), ("temperature", temperature)):
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        try:
-            good = real and math.isfinite(value) and value > 0  # type: ignore[arg-type]
-        except OverflowError:  # an int past a float's range
-            good = False
-        if not good:
-            raise ValueError(f"seed {seed_id}: {name} must be a finite number > 0, got {value!r}")
+        try:  # the ops' own check; an int past a float's range is no finite number either
+            math.isfinite(check_positive(name, value))
+        except (ValueError, OverflowError):
+            raise ValueError(
+                f"seed {seed_id}: {name} must be a finite number > 0, got {value!r:.80}"
+            ) from None
     return checked_setting(seed_id, "graft_step", step)
 
 

@@ -216,7 +216,8 @@ class GradientIsolatedSeed(nn.Module):
 
     def _probe_fault(self, sample: torch.Tensor) -> str | None:
         """Probe ``sample`` for G3: the fault the probe recorded, or None."""
-        faults, _ = self.faults, self.probe(sample)
+        faults = self.faults
+        self.probe(sample)
         return self.fault_log[-1] if self.probe_result is None and self.faults > faults else None
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
@@ -469,7 +470,8 @@ class GradientIsolatedSeed(nn.Module):
 
     def _probe_unless_compiling(self, x: torch.Tensor) -> None:
         """COMPATIBILITY_CHECK's probe, not compiled (it times on the host clock; G3 probes)."""
-        _ = torch.compiler.is_compiling() or self.probe(x)
+        if not torch.compiler.is_compiling():
+            self.probe(x)
 
     def probe(self, x: torch.Tensor) -> CompatibilityProbe | None:
         """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
