@@ -37,6 +37,7 @@ from kasmina.manager.intake import CommandIntake
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch, snapshot
 from kasmina.manager.state import ManagerState
+from kasmina.manager.tracked import writers_of
 from kasmina.utils.grad_modes import training_tensors
 
 logger = logging.getLogger(__name__)
@@ -166,11 +167,18 @@ class ManagerReplica:
             # freezes one no restored group holds, as a ROLLBACK to before it should).
             frozen = state.require_registry().hold.frozen
             unfrozen = [p.requires_grad for p in frozen]
+            # The source tracks as this rank does: its tracked states load as this rank's own
+            # would, now and from its checkpoint kept below (``kasmina.manager.tracked``).
+            peers = state.peer_writers
+            state.peer_writers = peers | writers_of(checkpoint) | writers_of(latest)
             try:
                 # A repair in a sync under inference_mode: trainable; its kernels' fetches
                 # bounded as a prepare's (the other ranks wait in a collective meanwhile).
                 with training_tensors(), fetches_bounded(self.fetch_timeout_s):
                     restore_epoch(state, self.guard, key)
+            except BaseException:
+                state.peer_writers = peers
+                raise
             finally:
                 state._checkpoints = live
                 for p, flag in zip(frozen, unfrozen, strict=True):

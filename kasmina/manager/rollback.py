@@ -55,13 +55,14 @@ from kasmina.manager.evaluation import host_shapes, parse_host_shapes
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
+from kasmina.manager.tracked import put_back_tracked, saved_tracked, tracked_states
 from kasmina.manager.training_state import capture_training_state, restore_training_state
 from kasmina.seeds.extra_state import owner_restore
 from kasmina.seeds.gates import CompatibilityProbe
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import clone_state, in_saved_dtypes, unsaveable
+from kasmina.utils.state_io import clone_state, in_saved_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def snapshot(
         "val_metrics": {k: float(v) for k, v in metrics.items()},
         BOUNDARY_PENDING: bool(boundary_pending),
         "host_shapes": host_shapes(registry),  # G3's host cost before a resumed first forward
-        "tracked": _tracked_states(state.tracked),
+        "tracked": tracked_states(state.tracked, state.writer),
         "unfrozen": registry.hold.names(unfrozen, limit=None) if unfrozen else [],
     }
     return capture_training_state(
@@ -206,7 +207,8 @@ def restore_epoch(
     saved_seeds = _saved_seeds(extra, registry, epoch)
     pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
-    tracked = _saved_tracked(extra, state.tracked, epoch)  # name -> (object, its saved state)
+    own = {state.writer, *state.peer_writers}
+    tracked = saved_tracked(extra, state.tracked, epoch, own)  # name -> (object, saved state)
     unfrozen = extra.get("unfrozen")  # absent: an older checkpoint (the groups decide)
     if unfrozen is not None:
         if not isinstance(unfrozen, list) or not all(isinstance(n, str) for n in unfrozen):
@@ -284,7 +286,7 @@ def restore_epoch(
         for seed, evaluation in evaluations:
             seed.evaluation = evaluation
         _release(fresh)
-        _put_back(tracked, tracked_before)
+        put_back_tracked(tracked, tracked_before)
         raise
     # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
     with interrupts_deferred():
@@ -312,50 +314,6 @@ def restore_epoch(
         logger.error("%s", problem, exc_info=True)
         return problem
     return ""
-
-
-def _tracked_states(tracked: Mapping[str, tuple[Any, int]]) -> dict[str, Any]:
-    """Each tracked object's state and generation for a snapshot; one whose state no longer
-    loads from a checkpoint (``unsaveable``) is left out and logged, never the checkpoint."""
-    states = {}
-    for name, (obj, generation) in tracked.items():
-        state = obj.state_dict()
-        problem = unsaveable(state)
-        if problem is None:
-            states[name] = {"generation": generation, "state": state}
-        else:
-            logger.error("tracked %r left out of the checkpoint: its state holds %s", name, problem)
-    return states
-
-
-def _put_back(tracked: Mapping[str, tuple[Any, Any]], states: Mapping[str, Any]) -> None:
-    """The tracked objects' states from before a rollback that failed; one whose own load fails
-    again is logged and the others are still put back (the failure being undone propagates)."""
-    for name, before in states.items():
-        try:
-            tracked[name][0].load_state_dict(before)
-        except Exception:
-            logger.exception("rollback undo: tracked %r could not be put back", name)
-
-
-def _saved_tracked(
-    extra: Any, live: Mapping[str, tuple[Any, int]], epoch: int
-) -> dict[str, tuple[Any, Any]]:
-    """The live tracked objects with their states in a checkpoint (``snapshot``'s
-    ``extra["tracked"]``). One tracked since (a name with none there, or of an older
-    generation: an EMA copy made again after a CULL) is left as it is (logged)."""
-    saved = extra.get("tracked", {}) if isinstance(extra, Mapping) else {}
-    if not isinstance(saved, Mapping):
-        raise ValueError(f"checkpoint of epoch {epoch}: tracked states are malformed")
-    found = {}
-    for name, (obj, generation) in live.items():
-        entry = saved.get(name)
-        if isinstance(entry, Mapping) and entry.get("generation") == generation:
-            found[name] = (obj, entry.get("state"))
-    left = sorted(set(live) - set(found))
-    if left:
-        logger.warning("checkpoint of epoch %d holds no state of %s: left alone", epoch, left)
-    return found
 
 
 class _SavedSeed(NamedTuple):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import sys
 import threading
 from collections import Counter, deque
@@ -224,6 +225,11 @@ class ManagerState:
     # ROLLBACK with the optimizers. Replaced whole, never changed in place: ``snapshot`` may be
     # iterating the old dict on another thread.
     tracked: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # Marks this manager's checkpoints' tracked states (``tracked.py``): a rollback tells them
+    # from another process's (a resumed run's); ``peer_writers``: the marks of the ranks this
+    # one was repaired from, which track alike (their generations read as this one's).
+    writer: str = field(default_factory=lambda: secrets.token_hex(8))
+    peer_writers: frozenset[str] = frozenset()
     # The training clock: the last epoch ended (-1: none yet) and the steps taken.
     epoch: int = -1
     global_step: int = 0
@@ -366,7 +372,9 @@ class ManagerState:
         timeline (a cosine schedule at 6x its base lr, a OneCycleLR past its last step).
         Its state must be what a checkpoint read with ``weights_only=True`` holds (tensors,
         plain containers, numbers, strings), checked now. Tracking a name again replaces the
-        object, a new generation: a checkpoint of the old one's state leaves it alone."""
+        object, a new generation of the name: a checkpoint this manager took of the old one's
+        state leaves it alone. Another process's checkpoint (a resumed run's: the same names,
+        tracked in any order) loads into the first object tracked under each name."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"a tracked object's name must be a non-empty str, got {name!r}")
         if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):
@@ -377,7 +385,7 @@ class ManagerState:
         problem = unsaveable(obj.state_dict())
         if problem is not None:
             raise TypeError(f"tracked {name!r}: its state_dict holds {problem}")
-        generation = 1 + max((g for _, g in self.tracked.values()), default=0)
+        generation = self.tracked[name][1] + 1 if name in self.tracked else 1
         self.tracked = {**self.tracked, name: (obj, generation)}
 
     def record_gate_score(self, seed_id: str, score: float) -> None:

@@ -1,0 +1,110 @@
+"""The user's tracked objects (``manager.track``) in checkpoints, across processes and ranks:
+a resumed run tracks afresh, in its own order, and a repaired rank tracks as its source does
+(``kasmina.manager.tracked``; docs/design.md §6a)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kasmina.manager.coordination import ManagerReplica
+from kasmina.utils.keyring import Keyring
+from tests.manager.helpers import Rig, make_config
+from tests.manager.test_resume import rollback
+
+
+class Count:
+    """A tracked object of the smallest kind: one number as its state."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.n = state["n"]
+
+
+@pytest.mark.parametrize(
+    "names", [("scheduler", "scaler"), ("scaler", "scheduler"), ("scaler",)], ids=str
+)
+def test_a_resumed_run_gets_its_tracked_objects_back_whatever_order_it_tracks_them_in(
+    tmp_path: Path, store: Path, keyring: Keyring, names: tuple[str, ...]
+) -> None:
+    """Generations were one counter over every name, in the process: a resumed run that
+    tracked its scheduler and scaler in another order, or tracked only one, matched none of
+    the saved generations, and the ROLLBACK left them at their fresh states (reported applied,
+    with a warning that the checkpoint held no state of them)."""
+    config = make_config(tmp_path, store, run_id="resume")
+    first = Rig(config, keyring)
+    scheduler, scaler = Count(), Count()
+    first.manager.track("scheduler", scheduler)
+    first.manager.track("scaler", scaler)
+    first.train(1)
+    scheduler.n, scaler.n = 7, 1024
+    first.manager.end_epoch(0)
+    first.manager.close()
+
+    rig = Rig(config, keyring, record=False)
+    fresh = {name: Count() for name in names}
+    for name in names:
+        rig.manager.track(name, fresh[name])
+    assert rollback(rig.manager, keyring, 0), rig.manager.command_log[-1]
+    want = {"scheduler": 7, "scaler": 1024}
+    assert {name: fresh[name].n for name in names} == {name: want[name] for name in names}
+
+
+def test_a_resumed_run_gets_the_state_of_an_object_its_first_process_tracked_again(
+    tmp_path: Path, store: Path, keyring: Keyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first process made its EMA again (a second generation of the name); the resumed
+    one tracks its EMA once: it gets the checkpoint's state. Tracked again in the resumed
+    process, the copy made since is left alone by the old checkpoints, as in one process."""
+    config = make_config(tmp_path, store, run_id="resume")
+    first = Rig(config, keyring)
+    first.manager.track("ema", Count())
+    ema = Count()
+    first.manager.track("ema", ema)
+    first.train(1)
+    ema.n = 42
+    first.manager.end_epoch(0)
+    first.manager.close()
+
+    rig = Rig(config, keyring, record=False)
+    resumed = Count()
+    rig.manager.track("ema", resumed)
+    assert rollback(rig.manager, keyring, 0) and resumed.n == 42
+    again = Count()
+    rig.manager.track("ema", again)
+    assert rollback(rig.manager, keyring, 0) and again.n == 0
+    assert "holds the state of objects tracked under ['ema'] before the live ones" in caplog.text
+
+
+def test_a_repaired_rank_loads_its_sources_tracked_states_as_the_source_would(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Every rank made its EMA again (a second generation). A repair loads the source's
+    state into the repaired rank's EMA, and so does a later ROLLBACK to the checkpoint it
+    took from the source, as on the source: a state of another writer alone would go only
+    into a first generation, and the ranks' EMAs would part."""
+    rigs = [Rig(make_config(tmp_path / name, store), keyring) for name in ("source", "repaired")]
+    emas = []
+    for value, rig in zip((5, 9), rigs, strict=True):
+        rig.manager.track("ema", Count())
+        ema = Count()
+        rig.manager.track("ema", ema)
+        ema.n = value
+        rig.train(1)
+        rig.manager.end_epoch(0)
+        emas.append(ema)
+    (source, repaired), (source_ema, repaired_ema) = [r.manager for r in rigs], emas
+    sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
+    replica = ManagerReplica(repaired.state, repaired.guard, lock=repaired.intake.lock)
+    replica.import_state(sent)
+    assert repaired_ema.n == 5
+    source_ema.n = repaired_ema.n = 0
+    for rig in rigs:
+        assert rollback(rig.manager, keyring, 0)
+    assert (source_ema.n, repaired_ema.n) == (5, 5)
