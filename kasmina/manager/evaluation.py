@@ -46,8 +46,9 @@ from torch import nn
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
-from kasmina.seeds.gates import SeedEvaluation, count_flops, kept_buffers
+from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.outputs import output_element, replace_output_element
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
 

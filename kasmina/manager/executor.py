@@ -43,8 +43,8 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.state import ManagerState
-from kasmina.seeds.faults import rng_forked
-from kasmina.seeds.gates import GateResult, dry_run_problem, kept_buffers
+from kasmina.seeds.gates import GateResult, dry_run_problem
+from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,

@@ -39,8 +39,8 @@ from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.ops.backend import check_positive_int, check_real
-from kasmina.seeds.faults import rng_forked
-from kasmina.seeds.gates import GateResult, SeedEvaluation, kept_buffers
+from kasmina.seeds.gates import GateResult, SeedEvaluation
+from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache

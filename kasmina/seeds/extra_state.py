@@ -126,7 +126,7 @@ def copied_seed_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def stream_position(loaded: list[int | None], kernel: torch.nn.Module) -> int | None:
-    """The random stream position (``faults.own_stream``) of a seed ``kasmina.load`` restored
+    """The random stream position (``side_effects.own_stream``) of a seed ``kasmina.load`` restored
     without a manager (``loaded``: its saved position, and its kernel's version count at its
     first forward since): the saved position moved on by every parameter update since, so the
     loaded model draws what the saved one drew until it is trained, and anew at each step

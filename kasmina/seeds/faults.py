@@ -17,7 +17,6 @@ import contextvars
 import logging
 import math
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from kasmina.ops.transforms import (
     reduced_to_level_of,
     transform_wrapped,
 )
+from kasmina.seeds.side_effects import buffers_held, keep_finite, own_stream, rng_forked
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -63,7 +63,6 @@ __all__ = [
     "plain_eager",
     "record_fallbacks",
     "recomputing",
-    "rng_forked",
     "short_reason",
 ]
 
@@ -418,6 +417,7 @@ def call_kernel(
     """
     xin = x.view_as(x) if active else x.detach()
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
+    held = buffers_held(kernel)  # its floating buffers stay finite (``side_effects``)
     try:
         with island_saves(active):
             if forked:
@@ -432,6 +432,9 @@ def call_kernel(
         if not recomputing():
             record("exception", f"raised {type(exc).__name__}: {exc}")
         return None
+    finally:
+        if held:
+            keep_finite(held)
     fault = output_fault(out, x)
     if fault is not None and fault[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
@@ -472,45 +475,6 @@ def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
     ):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
-
-
-def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """A block whose random draws leave the global RNG stream as it was (the CPU's, and the
-    device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
-    stream a seeded training run (the host's dropout) depends on."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def own_stream(
-    kernel: torch.nn.Module, device: torch.device, seed_id: str, position: int | None
-) -> None:
-    """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
-    GPU's) from its own state, the seed's id and the stream's ``position``: the seed's
-    ``draw_step``, which its manager moves at every optimizer step and a checkpoint saves, or
-    (None: a seed no manager steps) the version counters of the kernel's parameters. The id
-    (its CRC-32: the same in every process) gives each seed a stream of its own: without it,
-    seeds that run with no host draw between them, in one slot or in two, drew the same
-    dropout masks.
-
-    The fork alone would hand the kernel the global stream's next numbers without consuming
-    them, so a seed beside a host that draws nothing would get the same dropout mask at every
-    step. The position moves with every optimizer step, so each step draws anew; within a step
-    it stands still, and an activation-checkpointing recompute (which restores the global state
-    first) draws what the forward drew. A saved position is restored with the weights, so a
-    rollback goes on drawing exactly what the run drew, and a seed ``kasmina.load`` restored
-    without a manager starts there and moves on with its own updates (version counters are
-    not saved, and a load moves them: ``extra_state.stream_position``).
-    Host reads only: the GPU generator's seed and offset live on the host."""
-    version = sum(p._version for p in kernel.parameters()) if position is None else position
-    stream = zlib.crc32(seed_id.encode())
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        generator = torch.cuda.default_generators[index]
-        key = hash((generator.initial_seed(), generator.get_offset(), stream, version))
-    else:
-        generator = torch.random.default_generator
-        key = hash((zlib.crc32(generator.get_state().numpy()), stream, version))
-    generator.manual_seed(key & (2**63 - 1))
 
 
 def autocast_to_host(out: Any, host: torch.Tensor) -> Any:

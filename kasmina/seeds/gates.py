@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,9 +34,9 @@ from kasmina.seeds.faults import (
     output_sum,
     recomputing,
     record_fallbacks,
-    rng_forked,
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
+from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import clipped
 
@@ -125,26 +124,6 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
         except Exception as exc:
             errors.append(exc)
     raise errors[0]
-
-
-@contextmanager
-def kept_buffers(*modules: nn.Module) -> Iterator[None]:
-    """Put the buffers of ``modules`` back as they were on entry, however the block exits: a
-    forward that is only a measurement (a FLOP count, ``evaluate_seeds``) leaves no trace in
-    them. It matters for batch-norm statistics that ``eval()`` cannot freeze: a kernel
-    exported in train mode updates them on every call. Values are copied back in place (the
-    buffer objects stay) where the block wrote them (its version moved, or its values did:
-    a write through ``.data``), through ``.data``: a version a pending backward that saved the
-    buffer checks does not move; a buffer whose shape changed is left alone."""
-    buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, version, saved in buffers:
-                same = buffer._version == version and torch.equal(buffer, saved)
-                if buffer.shape == saved.shape and not same:
-                    buffer.data.copy_(saved)
 
 
 class ProbedOutput(NamedTuple):

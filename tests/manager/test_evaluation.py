@@ -17,8 +17,9 @@ from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
 from kasmina.manager import rollback as rollback_module
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
-from kasmina.seeds.gates import gate_g5_performance, kept_buffers
+from kasmina.seeds.gates import gate_g5_performance
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, make_config, run_command

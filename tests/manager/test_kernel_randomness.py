@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
 from kasmina.control.commands import make_rollback_command
-from kasmina.seeds.faults import own_stream, rng_forked
+from kasmina.seeds.side_effects import own_stream, rng_forked
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 from tests.manager.test_dry_run import publish

@@ -404,4 +404,3 @@ def test_a_rollback_while_the_model_is_in_float64_is_refused_until_it_is_convert
     assert rollback(rig.manager, keyring, 0) and rig.manager.state.epoch == 0
     rig.train(1)
     rig.manager.close()
-

@@ -545,6 +545,70 @@ def test_a_host_chunk_that_is_not_finite_is_no_fault_of_its_seed(stage: SeedStag
     assert seed.poll_nonfinite() and seed.faults == 0
 
 
+@pytest.mark.parametrize("stage", RUNNING)
+def test_a_host_batch_that_is_not_finite_leaves_a_kernels_statistics_as_they_were(
+    stage: SeedStage,
+) -> None:
+    """A kernel with batch norm, fed one host batch with a NaN in training: its running
+    statistics went NaN for good, and every later call in eval mode returned NaN, a fault
+    charged to the seed each time until it was quarantined, for what the host fed it once.
+    The statistics stay as they were; the next finite batch updates them; no fault."""
+    torch.manual_seed(19)
+    layer = KasminaLayer(nn.Linear(6, 8), 4, 2)
+    for k in range(4):
+        layer.seed(k).attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        walk(layer.seed(k), stage)
+    norms = [seed.kernel[1] for seed in layer.seeds]
+    x = torch.randn(BATCH, 6)
+    layer(x).sum().backward()  # a backward through batch norm: no version moved under it
+    before = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # every chunk's output goes NaN through the host's Linear
+    layer(bad).sum().backward()
+    assert layer.poll_nonfinite() and [s.faults for s in layer.seeds] == [0, 0, 0, 0]
+    for n, (mean, var) in zip(norms, before, strict=True):
+        assert torch.equal(n.running_mean, mean) and torch.equal(n.running_var, var)
+    layer(x).sum().backward()
+    moved = [
+        not torch.equal(n.running_mean, mean) for n, (mean, _) in zip(norms, before, strict=True)
+    ]
+    assert all(moved)
+    assert all(torch.isfinite(n.running_mean).all() for n in norms)
+    layer.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            layer(x)
+            layer.poll_nonfinite()
+    assert [s.faults for s in layer.seeds] == [0, 0, 0, 0]
+    assert all(seed.stage == stage for seed in layer.seeds)
+
+
+class RunningMin(nn.Module):
+    """A kernel keeping a running minimum that starts at infinity (a calibration observer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(C, C)
+        self.register_buffer("low", torch.full((C,), float("inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        self.low.copy_(torch.minimum(self.low, y.detach().amin(0)))
+        return y
+
+
+def test_a_buffer_that_was_not_finite_before_a_call_is_the_calls_to_write() -> None:
+    """The guard puts back only elements a call made non-finite: a minimum that starts at
+    infinity takes its first values."""
+    seed = make_seed(RunningMin(), S.GRAFTING)
+    x = torch.randn(BATCH, C)
+    seed(x)
+    assert torch.isfinite(seed.kernel.low).all() and seed.faults == 0
+    low = seed.kernel.low.clone()
+    seed(torch.full((BATCH, C), float("-inf")))  # the host's: -inf, then NaN through the Linear
+    assert torch.equal(seed.kernel.low, low) and seed.faults == 0
+
+
 # --------------------------------------------------------------- COMPATIBILITY_CHECK probe
 
 

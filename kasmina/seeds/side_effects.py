@@ -1,0 +1,122 @@
+"""What a seed kernel's call changes besides its output, and the guards that hold it.
+
+A kernel may draw random numbers and may write its own buffers (batch-norm statistics, which
+``eval()`` cannot freeze in a program exported in train mode). Before ACTIVE a kernel draws on
+a forked generator and a stream of its own (``rng_forked``, ``own_stream``), so the host's own
+draws are what they would be without it; a measurement (a FLOP count, ``evaluate_seeds``, a
+dry run) leaves its buffers as they were (``kept_buffers``); and every guarded call keeps its
+floating buffers finite (``buffers_held``, ``keep_finite``): an element a call made NaN or
+infinite gets its value from before the call back. A host batch that went non-finite (a
+diverged step) reaches the kernel and, in training, its batch-norm statistics: without the
+guard they stayed NaN for good, and every later call in eval mode faulted the seed for it,
+though a seed is never charged for what the host feeds it (docs/design.md §6a).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["buffers_held", "keep_finite", "kept_buffers", "own_stream", "rng_forked"]
+
+# The kernel's floating buffers, as (module, name) pairs, found at its first guarded call.
+_FLOATING = "_kasmina_floating_buffers"
+
+
+def buffers_held(kernel: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Before a guarded call: each floating buffer of ``kernel`` with a copy of its values;
+    empty (no copy, a dict read) for the usual kernel, which has none. The buffers are found
+    once and kept on the kernel (a buffer registered after its first call is not held)."""
+    found = kernel.__dict__.get(_FLOATING)
+    if found is None:
+        found = tuple(
+            (module, name)
+            for module in kernel.modules()
+            for name, b in module._buffers.items()
+            if b is not None and b.is_floating_point()
+        )
+        kernel.__dict__[_FLOATING] = found
+    held = []
+    for module, name in found:
+        buffer = module._buffers.get(name)
+        if buffer is not None:
+            held.append((module, name, buffer.detach().clone()))
+    return held
+
+
+def keep_finite(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """After the call: every element of a held buffer that was finite before it and is not
+    now takes its value from before it (no host read: one ``where`` per buffer). An element
+    that was not finite already (a running minimum started at infinity) is the call's. Written
+    through ``.data``, as ``kept_buffers`` does, so that a version a pending backward checks
+    (batch norm saves its statistics) does not move."""
+    with torch.no_grad():
+        for module, name, before in held:
+            buffer = module._buffers.get(name)
+            if buffer is None or buffer.shape != before.shape or buffer.dtype != before.dtype:
+                continue
+            kept = buffer.isfinite() | ~before.isfinite()
+            buffer.data.copy_(torch.where(kept, buffer, before))
+
+
+@contextlib.contextmanager
+def kept_buffers(*modules: nn.Module) -> Iterator[None]:
+    """Put the buffers of ``modules`` back as they were on entry, however the block exits: a
+    forward that is only a measurement (a FLOP count, ``evaluate_seeds``) leaves no trace in
+    them. It matters for batch-norm statistics that ``eval()`` cannot freeze: a kernel
+    exported in train mode updates them on every call. Values are copied back in place (the
+    buffer objects stay) where the block wrote them (its version moved, or its values did:
+    a write through ``.data``), through ``.data``: a version a pending backward that saved the
+    buffer checks does not move; a buffer whose shape changed is left alone."""
+    buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, saved in buffers:
+                same = buffer._version == version and torch.equal(buffer, saved)
+                if buffer.shape == saved.shape and not same:
+                    buffer.data.copy_(saved)
+
+
+def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block whose random draws leave the global RNG stream as it was (the CPU's, and the
+    device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
+    stream a seeded training run (the host's dropout) depends on."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def own_stream(
+    kernel: torch.nn.Module, device: torch.device, seed_id: str, position: int | None
+) -> None:
+    """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
+    GPU's) from its own state, the seed's id and the stream's ``position``: the seed's
+    ``draw_step``, which its manager moves at every optimizer step and a checkpoint saves, or
+    (None: a seed no manager steps) the version counters of the kernel's parameters. The id
+    (its CRC-32: the same in every process) gives each seed a stream of its own: without it,
+    seeds that run with no host draw between them, in one slot or in two, drew the same
+    dropout masks.
+
+    The fork alone would hand the kernel the global stream's next numbers without consuming
+    them, so a seed beside a host that draws nothing would get the same dropout mask at every
+    step. The position moves with every optimizer step, so each step draws anew; within a step
+    it stands still, and an activation-checkpointing recompute (which restores the global state
+    first) draws what the forward drew. A saved position is restored with the weights, so a
+    rollback goes on drawing exactly what the run drew, and a seed ``kasmina.load`` restored
+    without a manager starts there and moves on with its own updates (version counters are
+    not saved, and a load moves them: ``extra_state.stream_position``).
+    Host reads only: the GPU generator's seed and offset live on the host."""
+    version = sum(p._version for p in kernel.parameters()) if position is None else position
+    stream = zlib.crc32(seed_id.encode())
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+        key = hash((generator.initial_seed(), generator.get_offset(), stream, version))
+    else:
+        generator = torch.random.default_generator
+        key = hash((zlib.crc32(generator.get_state().numpy()), stream, version))
+    generator.manual_seed(key & (2**63 - 1))
