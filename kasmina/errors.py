@@ -11,6 +11,18 @@ class ArtifactIntegrityError(KasminaError):
     """An Urza artifact's hash, size, manifest or signature did not verify; nothing was loaded."""
 
 
+class KernelInputRefused(KasminaError):
+    """A seed kernel's exported program refused a call's input in its own input checks (the
+    conditions ``torch.export`` recorded on the input's sizes: a range, an even sequence length
+    for a kernel that pools pairs of tokens, the branch it took): a call it cannot take, not a
+    fault, which a seed sits out as one its signed input shape rules out. ``count``: how many
+    calls that check has refused (rate-limited logs)."""
+
+    def __init__(self, message: str, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
+
+
 class UrzaUnavailableError(KasminaError):
     """Urza could not be reached (after retries), or its circuit breaker is open."""
 

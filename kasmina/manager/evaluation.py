@@ -154,22 +154,25 @@ def _watched_call(
     this call (None if none: a non-finite output is one, each seed's flag set before the
     forward and read after it, one transfer), and per seed whether it sat the call out (its
     slot counted a sit-out and its kernel never ran: a signed input shape this batch does not
-    have, an output that does not fit), where the host stood in for it: no measurement."""
+    have, an output that does not fit; or its kernel was called and returned nothing, with no
+    fault: its program refused the input, ``KernelInputRefused``), where the host stood in for
+    it: no measurement."""
     seeds = [r.seed for r in records]
     marks = [len(sink) for sink in observed]
     slots = {id(r.slot): r.slot.sat_out["seeds"] for r in records}
-    ran = [False] * len(seeds)
+    ran, returned = [False] * len(seeds), [False] * len(seeds)
 
-    def calls(i: int) -> Any:
-        return lambda *_: ran.__setitem__(i, True)
+    def calls(i: int, flags: list[bool]) -> Any:
+        return lambda *_: flags.__setitem__(i, True)
 
     hooks = []
     try:
         for i, seed in enumerate(seeds):
             try:
-                hooks.append(seed.kernel.register_forward_pre_hook(calls(i)))
+                hooks.append(seed.kernel.register_forward_pre_hook(calls(i, ran)))
+                hooks.append(seed.kernel.register_forward_hook(calls(i, returned)))
             except RuntimeError:  # a scripted kernel takes no hook: its sit-outs go unseen
-                ran[i] = True
+                ran[i] = returned[i] = True
         for seed in seeds:
             seed.finite_flag.fill_(True)
         output = _call(model, inputs)
@@ -178,14 +181,13 @@ def _watched_call(
             hook.remove()
     finite = read_flags([seed.finite_flag for seed in seeds])
     counted = [r.slot.sat_out["seeds"] > slots[id(r.slot)] for r in records]
-    return (
-        output,
-        [
-            sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
-            for sink, mark, ok in zip(observed, marks, finite, strict=True)
-        ],
-        [moved and not called for moved, called in zip(counted, ran, strict=True)],
-    )
+    seen = [
+        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
+        for sink, mark, ok in zip(observed, marks, finite, strict=True)
+    ]
+    refused = [ran[i] and not returned[i] and seen[i] is None for i in range(len(seeds))]
+    sat = [moved and not called for moved, called in zip(counted, ran, strict=True)]
+    return output, seen, [a or b for a, b in zip(sat, refused, strict=True)]
 
 
 @contextmanager
@@ -243,8 +245,9 @@ def evaluate_seeds(
     no forward. A seed that faulted or was not finite in the forward measuring it (the host
     stood in for it) gets an evaluation with ``faults`` > 0, which G5 refuses; evaluation
     never counts a fault toward the seed's ``fault_limit``. A batch a seed sat out (a kernel's
-    signed size it lacks: a partial last batch) is left out of that seed's measurement
-    (``samples`` counts the rest); one that sat out every batch is refused as never measured.
+    signed size it lacks: a partial last batch; a size its program's input checks refuse) is
+    left out of that seed's measurement (``samples`` counts the rest); one that sat out every
+    batch is refused as never measured.
     """
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
@@ -356,7 +359,7 @@ def evaluate_seeds(
         sid = record.seed_id
         if sat_out[i]:
             logger.warning(
-                "seed %s sat out %d of %d validation batches (its slot logged why): measured "
+                "seed %s sat out %d of %d validation batches (logged as it sat out): measured "
                 "on the others%s", sid, sat_out[i], n_batches,
                 "" if n_seed[i] else "; on none, so G5 refuses it",
             )  # fmt: skip

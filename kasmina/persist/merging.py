@@ -64,8 +64,10 @@ from torch import fx, nn
 from kasmina.seeds import hf
 from kasmina.seeds.inject import remove_load_checks
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.side_effects import forget_buffers
 from kasmina.stages import SeedStage
 from kasmina.urza.kernel import GPUKernel, built_with_bounded_sources
+from kasmina.urza.refusals import without_refusals
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ def merge(model: nn.Module) -> nn.Module:
             parent.activation_relu_or_gelu = 0  # torch reads it only to take its fused path
     _no_nested_tensors(model, [module for _, slot, module in merged if module is not slot.host])
     remove_load_checks(model)
+    without_refusals(model)  # the kernels' input checks raise what torch raises: no sit-out
+    forget_buffers(model)  # the kernels' buffers the guard found
     logger.info("merged %d slot(s)", len(merged))
     return model
 

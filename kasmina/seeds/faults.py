@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
+from kasmina.errors import KernelInputRefused
 from kasmina.ops.transforms import (
     functorch_active,
     outside_transforms,
@@ -428,6 +429,11 @@ def call_kernel(
                 out = kernel(xin)
     except CONTROL_FLOW:
         raise
+    except KernelInputRefused as exc:  # a call its program cannot take: sat out, no fault
+        logger.log(
+            rarely(exc.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0], exc
+        )
+        return None
     except Exception as exc:  # the kernel's own failure: contained, never the host's
         if not recomputing():
             record("exception", f"raised {type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kasmina.errors import KernelInputRefused
 from kasmina.seeds.faults import (
     CONTROL_FLOW,
     FaultRecorder,
@@ -474,10 +475,11 @@ def guarded_probe(
     non-Tensor is a fault (given to ``record``) and leaves no probe; a wrong shape, dtype or
     device is a fault that keeps the probe, so G3 names the mismatch; a non-finite output
     clears ``finite_flag`` (``record_fallbacks``). A recompute under activation checkpointing
-    records nothing again."""
+    records nothing again. A call the kernel's program refuses (``KernelInputRefused``) is no
+    fault: it is raised, for the caller to sit out (the last probe stands)."""
     try:
         out, result = _probe(kernel, x)
-    except CONTROL_FLOW:
+    except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
         if not recomputing():

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.errors import IllegalTransitionError
+from kasmina.errors import IllegalTransitionError, KernelInputRefused
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import sum_kd_losses
 from kasmina.kd.loss import seed_kd_loss
@@ -485,7 +485,10 @@ class GradientIsolatedSeed(nn.Module):
         if x.numel() == 0:
             return self.probe_result
         flags = (self.finite_flag, self.fault_flag)
-        self.probe_result = guarded_probe(self.kernel, x, self.record_fault, *flags)
+        try:
+            self.probe_result = guarded_probe(self.kernel, x, self.record_fault, *flags)
+        except KernelInputRefused as exc:  # a call its program cannot take: sat out, no fault
+            logger.debug("seed %s sat out a probe (%s)", self.seed_id, exc)
         return self.probe_result
 
     def _run_kernel(

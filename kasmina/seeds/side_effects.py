@@ -21,7 +21,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["buffers_held", "keep_finite", "kept_buffers", "own_stream", "rng_forked"]
+__all__ = [
+    "buffers_held",
+    "forget_buffers",
+    "keep_finite",
+    "kept_buffers",
+    "own_stream",
+    "rng_forked",
+]
 
 # The kernel's floating buffers, as (module, name) pairs, found at its first guarded call.
 _FLOATING = "_kasmina_floating_buffers"
@@ -46,6 +53,13 @@ def buffers_held(kernel: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]
         if buffer is not None:
             held.append((module, name, buffer.detach().clone()))
     return held
+
+
+def forget_buffers(model: nn.Module) -> None:
+    """Drop what ``buffers_held`` found from every kernel in ``model`` (``kasmina.merge``: a
+    merged model holds nothing of Kasmina's, in its modules or their pickles)."""
+    for module in model.modules():
+        module.__dict__.pop(_FLOATING, None)
 
 
 def keep_finite(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:

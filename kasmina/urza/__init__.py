@@ -19,6 +19,8 @@ nothing. Publishers sign with a private key; readers hold only public keys.
 - ``resilience`` -- ``ReadGuard`` and ``CircuitBreaker``: how the client's reads are run, with
   timeouts on bounded I/O threads, retries with backoff, deadlines and a circuit breaker.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
+- ``refusals`` -- a program's own input checks, raising ``KernelInputRefused`` where they
+  refuse a call (a seed sits it out), and torch's put back for ``kasmina.merge``.
 - ``cache`` -- ``GPUKernelCache``: an LRU bounded in bytes, O(1) get/put, thread-safe, with
   pinning: a kernel attached to a live seed is never evicted.
 - ``loader`` -- ``KernelLoader``: the path from an artifact id to a cached original and the

@@ -35,6 +35,7 @@ from torch.export.passes import move_to_device_pass
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.artifact import Manifest, verify_payload
+from kasmina.urza.refusals import refuse_through
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def _program_module(
             program = move_to_device_pass(_deserialise(payload), device)
             module = program.module()
             _share_guard_patch(module)
+            refuse_through(module)  # a call its input checks refuse: KernelInputRefused
             facts = _Facts(
                 _mutates_input(program),
                 _writes_unsaved_buffer(program),

@@ -277,3 +277,53 @@ def test_a_call_of_a_rank_the_exported_kernels_do_not_take_sits_out_without_a_fa
     assert slot.sat_out == {"seeds": 6}
     assert [rig.manager.seed(s).faults for s in (SEED0, SEED1)] == [0, 0]
     assert rig.stage(SEED0) is S.ISOLATED_INIT
+
+
+class PairRows(nn.Module):
+    """Mixes each row with its neighbour: its exported program's input checks take an even
+    number of rows only, which its signed input shape (``[*, 2]``) cannot say."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f = x.shape
+        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
+        return x + torch.tanh(self.lin(pairs.reshape(b, f)))
+
+
+def test_a_call_the_kernels_program_refuses_sits_out_without_a_fault(rig: Rig, store) -> None:
+    """The dry run passes on the recorded batches (16 and 8 rows); a later call of an odd
+    number of rows (a decode step's one token) failed the program's input checks, a fault a
+    call, and a healthy seed was quarantined by its third. It sits out instead, and an
+    evaluation leaves the batch out of the seed's measurement as for a signed size it lacks."""
+    artifact = publish(PairRows(), torch.randn(4, 2), store)
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(1)
+    model, slot, seed = rig.model.eval(), rig.slot, rig.manager.seed(SEED0)
+    with torch.no_grad():
+        for x in (rig.x[:5], rig.x[:1], rig.x[:3], rig.x[:7]):
+            assert torch.equal(model(x), slot.host(torch.relu(model.inp(x))))
+    assert seed.faults == 0 and rig.stage(SEED0) is S.ISOLATED_INIT
+    evaluations = rig.manager.evaluate_seeds(
+        [(rig.x[:5], rig.y[:5]), (rig.x, rig.y)], loss_fn=F.cross_entropy
+    )
+    assert evaluations[SEED0].samples == 16 and evaluations[SEED0].faults == 0
+    model.train()
+    assert rig.train(2)["host_stepped"] and seed.faults == 0
+    assert rig.stage(SEED0) is S.ISOLATED_INIT
+
+
+def test_a_kernel_whose_program_refuses_the_recorded_batch_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The dry run calls the kernel directly: a recorded shape its program refuses (an odd
+    batch) refuses GERMINATE, saying so; it is no sit-out there."""
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    record_activations(rig.model, rig.x[:5])
+    artifact = publish(PairRows(), torch.randn(4, 2), store)
+    assert_refused_and_host_trains(
+        rig, artifact, "on an input (5, 2)/torch.float32 it raised KernelInputRefused: its "
+        "exported program's input checks refuse [5, 2]: Guard failed"
+    )  # fmt: skip

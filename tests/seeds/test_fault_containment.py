@@ -1068,3 +1068,87 @@ def test_the_engine_probe_under_a_meta_default_device_finds_the_entry(
 
 
 _public_grad = torch.autograd.grad
+
+
+# ------------------------------------------- a call the kernel's exported program refuses
+
+
+class PairRows(nn.Module):
+    """Mixes each row with its neighbour: exported, it takes an even number of rows only (a
+    condition of its program's input checks, not of its signed input shape ``[*, C]``)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f = x.shape
+        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
+        return x + torch.tanh(self.lin(pairs.reshape(b, f)))
+
+
+@pytest.fixture(scope="module")
+def pair_rows(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], nn.Module]:
+    """Loads of a real exported ``PairRows(C)`` (each a seed's own copy, as GERMINATE's)."""
+    from kasmina.urza.client import UrzaLibraryClient
+    from kasmina.urza.kernel import GPUKernel
+    from kasmina.urza.publish import publish_artifact
+    from tests.manager.helpers import PUBLISHER
+
+    store = str(tmp_path_factory.mktemp("pairs"))
+    torch.manual_seed(0)
+    manifest = publish_artifact(PairRows(C), [torch.randn(4, C)], store, "pairs", PUBLISHER)
+    client = UrzaLibraryClient(store, PUBLISHER.trusted_publishers())
+    payload, verified = client.fetch(manifest.artifact_id)
+    return lambda: copy.deepcopy(GPUKernel.from_binary(payload, verified))
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.ACTIVE])
+def test_a_call_its_program_refuses_sits_out_without_a_fault(
+    pair_rows: Callable[[], nn.Module], stage: SeedStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel exported with an even number of rows (its program's input checks say so;
+    its signed input shape does not) is called with an odd one (a Hugging Face generate's
+    decode step has a sequence length of 1): every such call raised in those checks, a
+    fault each, and a healthy seed was quarantined at its third. It sits the call out like
+    one its signed shape rules out: the host's chunk stands, no fault, the stage unchanged;
+    even calls still run it."""
+    model = nn.Sequential(nn.Linear(4, 2 * C))
+    (slot,) = attach(model, ["0"], 2, C)
+    model(torch.randn(4, 4))
+    seed = slot.seed(0)
+    seed.attach_kernel(pair_rows())
+    walk(seed, stage)
+    slot.update_alpha_blending(5, 10)
+    for rows in (5, 1, 3, 7):
+        x = torch.randn(rows, 4)
+        out = model(x)
+        out.sum().backward()
+        assert torch.equal(out.detach(), slot.host(x).detach()), rows
+    assert seed.faults == 0 and seed.stage is stage and list(seed.fault_log) == []
+    assert "sat out a call" in caplog.text and "refuse [5, 3]" in caplog.text
+    x = torch.randn(6, 4)
+    out = model(x)
+    if stage is not S.ISOLATED_INIT:  # the seed's chunk is its own again
+        assert not torch.equal(out[:, :C], slot.host(x)[:, :C])
+    out.sum().backward()
+    assert all(p.grad is not None for p in seed.kernel.parameters())
+    assert seed.faults == 0 and seed.stage is stage
+
+
+def test_a_stand_alone_seed_and_its_probe_sit_out_a_call_its_program_refuses(
+    pair_rows: Callable[[], nn.Module],
+) -> None:
+    """Outside a slot as well: the seed passes the host through, and a COMPATIBILITY_CHECK
+    probe of such a call keeps the last probe for G3 instead of faulting and leaving none."""
+    seed = make_seed(pair_rows(), S.GRAFTING)
+    x = torch.randn(BATCH, C)  # an odd number of rows
+    assert torch.equal(seed(x), x) and seed.faults == 0
+    probing = make_seed(pair_rows(), S.COMPATIBILITY_CHECK)
+    probing(torch.randn(4, C))
+    probe = probing.probe_result
+    assert probe is not None
+    for _ in range(probing.fault_limit):
+        assert torch.equal(probing(x), x)
+    assert probing.probe_result is probe and probing.faults == 0
+    assert probing.stage is S.COMPATIBILITY_CHECK

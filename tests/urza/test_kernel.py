@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.errors import ArtifactIntegrityError
+from kasmina.errors import ArtifactIntegrityError, KernelInputRefused
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.urza import kernel as kernel_module
 from kasmina.urza.artifact import Manifest, payload_sha256
@@ -373,8 +373,8 @@ def test_a_programs_shape_guards_still_run(
     tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
 ) -> None:
     """The guards share one config patch; they are not dropped: a kernel exported with an even
-    batch raises on an odd one (a fault, the host's output used) instead of answering with the
-    branch it never took."""
+    batch raises on an odd one (``KernelInputRefused``: a seed sits the call out, the host's
+    output used) instead of answering with the branch it never took."""
     torch.manual_seed(0)
     manifest = publish_artifact(_Parity(), (torch.randn(4, 2),), str(tmp_path), "par", publisher)
     payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
@@ -382,6 +382,46 @@ def test_a_programs_shape_guards_still_run(
     kernel(torch.randn(6, 2))
     with pytest.raises(Exception, match="Guard failed"):
         kernel(torch.randn(5, 2))
+
+
+class _PairRows(nn.Module):
+    """Mixes each row with its neighbour: its program takes an even number of rows only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f = x.shape
+        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
+        return x + self.fc(pairs.reshape(b, f))
+
+
+def test_an_input_the_programs_checks_refuse_raises_kernel_input_refused_in_every_copy(
+    tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
+) -> None:
+    """A call the exported program's own input checks refuse (an odd number of rows here, a
+    condition its signed input shape cannot say) raises ``KernelInputRefused``, which a seed
+    sits out, not the checks' ``AssertionError``, which it was charged as a fault. A seed's
+    deep copy and a pickled kernel keep it; ``without_refusals`` (a merge) puts torch's back."""
+    from kasmina.urza.refusals import without_refusals
+
+    torch.manual_seed(0)
+    manifest = publish_artifact(_PairRows(), (torch.randn(4, 2),), str(tmp_path), "pr", publisher)
+    payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
+    kernel = GPUKernel.from_binary(payload, verified, "cpu")
+    buffer = io.BytesIO()
+    torch.save(kernel, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    even, odd = torch.randn(6, 2), torch.randn(5, 2)
+    for copied in (kernel, copy.deepcopy(kernel), loaded, copy.deepcopy(loaded)):
+        torch.testing.assert_close(copied(even), kernel(even), rtol=0, atol=0)
+        for count in (1, 2):
+            with pytest.raises(KernelInputRefused, match=r"refuse \[5, 2\]: Guard failed") as info:
+                copied(odd)
+            assert info.value.count == count and isinstance(info.value.__cause__, AssertionError)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        without_refusals(copy.deepcopy(kernel).inner)(odd)
 
 
 def test_loads_on_two_threads_keep_each_others_sources(artifact, monkeypatch) -> None:
