@@ -7,20 +7,23 @@ bare ``OptimizerCommand``. This module is that call's type gate and its reading 
 ``read_optimizer_command`` refuses a wire message (bytes, any protobuf message) with
 ``TypeError`` and turns the verified payload into an ``OptimizerOrder`` of plain values (float32
 fields back to the decimals they were set from, ``beta1``/``beta2`` combined into ``betas``).
-Which optimizer call each command type makes is the manager's: nothing here knows an optimizer.
+Which optimizer call each command type makes is the manager's: nothing here knows an optimizer
+(``step_lrs`` reads param groups, plain dicts).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from google.protobuf.message import Message
 
 from kasmina.leyline import OptimizerCommand
 
-__all__ = ["OptimizerOrder", "VerifiedOptimizerCommand", "read_optimizer_command"]
+__all__ = ["OptimizerOrder", "VerifiedOptimizerCommand", "read_optimizer_command", "step_lrs"]
 
 
 @runtime_checkable
@@ -88,3 +91,19 @@ def _verified_payload(command: object) -> OptimizerCommand:
             f"expected a verified optimizer command (kind 'optimizer'), got {command!r}"
         )
     return payload
+
+
+def step_lrs(groups: Sequence[Mapping[str, Any]], lr: float) -> list[Any]:
+    """The lr of each param group after a STEP command's ``learning_rate``: the first group's
+    is ``lr`` and every other keeps its ratio to it (a layer unfrozen at a tenth of the base lr
+    stays at a tenth: one lr for all flattened the user's groups for good); all are ``lr``
+    when the first group's is 0. A tensor lr stays a tensor (a new one, of its dtype, device)."""
+    if not (lr > 0):
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    base = float(groups[0]["lr"])
+    lrs = []
+    for group in groups:
+        old = group["lr"]
+        new = lr * float(old) / base if base > 0 else lr
+        lrs.append(torch.full_like(old, new) if isinstance(old, torch.Tensor) else new)
+    return lrs

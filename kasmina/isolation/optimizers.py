@@ -19,8 +19,7 @@ first: 0 or None is no clipping, a norm > 0 clips to it and skips (gradients and
 a step whose gradient norm is not finite, +inf skips without clipping.
 
 An in-process component, not a door: a controller's optimizer command reaches it verified
-(``optimizer_commands`` refuses a wire message), and ``apply_optimizer_command`` maps each
-command type onto one of the calls here (docs/design.md §5).
+(``optimizer_commands``), and ``apply_optimizer_command`` maps each type onto a call here (§5).
 """
 
 from __future__ import annotations
@@ -33,7 +32,11 @@ from typing import Any
 import torch
 
 from kasmina.errors import ParameterOverlapError
-from kasmina.isolation.optimizer_commands import VerifiedOptimizerCommand, read_optimizer_command
+from kasmina.isolation.optimizer_commands import (
+    VerifiedOptimizerCommand,
+    read_optimizer_command,
+    step_lrs,
+)
 from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
 from kasmina.isolation.stepping import (
     carried_state,
@@ -356,10 +359,10 @@ class IsolatedOptimizerManager:
 
     # ------------------------------------------------------------------ stepping
     def set_lr(self, optimizer_id: str, lr: float) -> None:
-        if not (lr > 0):
-            raise ValueError(f"learning rate must be > 0, got {lr}")
-        for group in self._entry(optimizer_id).optimizer.param_groups:
-            group["lr"] = lr
+        """Set the lr as a STEP command's ``learning_rate`` does (``step_lrs``; ``lr`` > 0)."""
+        groups = self._entry(optimizer_id).optimizer.param_groups
+        for group, new in zip(groups, step_lrs(groups, lr), strict=True):
+            group["lr"] = new
 
     def zero_grad(
         self, optimizer_id: str | None = None, set_to_none: bool = True, host: bool | None = None
@@ -449,8 +452,7 @@ class IsolatedOptimizerManager:
             elif kind == CommandType.COMMAND_TYPE_STEP:  # refused (skipped): the lr as it was
                 clip = checked_clip_norm(order.grad_clip_norm)
                 groups = self._entry(oid).optimizer.param_groups
-                before = [group["lr"] for group in groups]
-                stepped = False
+                before, stepped = [group["lr"] for group in groups], False
                 try:
                     if order.learning_rate is not None:
                         self.set_lr(oid, lr)

@@ -175,9 +175,33 @@ def test_a_step_command_skipped_for_a_non_finite_norm_changes_nothing(bad: float
     for p, before in zip(host.parameters(), grads, strict=True):
         assert torch.equal(p.grad.isnan(), before.isnan())
         assert torch.equal(p.grad.nan_to_num(), before.nan_to_num())
-    fill_grads(host)  # a finite step takes the command's lr
+    fill_grads(host)  # a finite step takes the command's lr (the added group: its ratio)
     assert opts.apply_optimizer_command(step) is True
-    assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.2, 0.2]
+    assert [g["lr"] for g in opts.optimizer("host").param_groups] == pytest.approx([0.2, 1.2])
+
+
+@pytest.mark.parametrize("tensor", [False, True], ids=["float", "tensor"])
+def test_a_step_commands_lr_keeps_each_groups_ratio_to_the_first(tensor: bool) -> None:
+    """A layer unfrozen at a tenth of the base lr (a group of its own): a controller's STEP set
+    every group to its lr, and the tenth was gone for good. Each group keeps its ratio to the
+    first; a tensor lr stays a tensor; a first group at 0 gives every group the command's."""
+    host, _ = models()
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.set_parameter_source("host", host.parameters)
+    assert opts.apply_optimizer_command(
+        _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, learning_rate=0.05)
+    )
+    groups = opts.optimizer("host").param_groups
+    groups[0]["lr"] = torch.tensor(0.05) if tensor else 0.05
+    opts.optimizer("host").add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.005})
+    step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", learning_rate=0.2)
+    assert opts.apply_optimizer_command(step) is True
+    assert [float(g["lr"]) for g in groups] == pytest.approx([0.2, 0.02])
+    assert isinstance(groups[0]["lr"], torch.Tensor) is tensor
+    assert not isinstance(groups[1]["lr"], torch.Tensor)
+    groups[0]["lr"] = 0.0
+    assert opts.apply_optimizer_command(step) is True
+    assert [float(g["lr"]) for g in groups] == [0.2, 0.2]
 
 
 def test_a_step_command_that_raises_leaves_the_lr_as_it_was() -> None:
