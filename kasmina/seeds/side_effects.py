@@ -15,11 +15,17 @@ though a seed is never charged for what the host feeds it (docs/design.md §6a).
 from __future__ import annotations
 
 import contextlib
+import logging
 import zlib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from kasmina.ops.transforms import functorch_active
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "buffers_held",
@@ -30,28 +36,52 @@ __all__ = [
     "rng_forked",
 ]
 
-# The kernel's floating buffers, as (module, name) pairs, found at its first guarded call.
+# A kernel's floating buffers, found at its first guarded call: each as a ``_Buffer``.
 _FLOATING = "_kasmina_floating_buffers"
 
 
-def buffers_held(kernel: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """Before a guarded call: each floating buffer of ``kernel`` with a copy of its values;
-    empty (no copy, a dict read) for the usual kernel, which has none. The buffers are found
-    once and kept on the kernel (a buffer registered after its first call is not held)."""
+class _Buffer:
+    """One floating buffer of a kernel, and whether a call has been seen to write it (or it is
+    a batch norm's running statistic, written from the first training call): such a buffer's
+    values are copied before each call, to put back what the call makes non-finite."""
+
+    __slots__ = ("module", "name", "written")
+
+    def __init__(self, module: nn.Module, name: str, written: bool) -> None:
+        self.module, self.name, self.written = module, name, written
+
+
+def _floating(kernel: nn.Module) -> tuple[_Buffer, ...]:
     found = kernel.__dict__.get(_FLOATING)
     if found is None:
         found = tuple(
-            (module, name)
+            _Buffer(module, name, isinstance(module, _NormBase) and name.startswith("running_"))
             for module in kernel.modules()
             for name, b in module._buffers.items()
             if b is not None and b.is_floating_point()
         )
         kernel.__dict__[_FLOATING] = found
-    held = []
-    for module, name in found:
-        buffer = module._buffers.get(name)
-        if buffer is not None:
-            held.append((module, name, buffer.detach().clone()))
+    return found
+
+
+Held = list[tuple[_Buffer, torch.Tensor, int, torch.Tensor | None]]
+
+
+def buffers_held(kernel: nn.Module) -> Held:
+    """Before a guarded call: each floating buffer of ``kernel`` with its version and, if it
+    is one a call writes, a copy of its values; empty (a dict read) for the usual kernel,
+    which has none. A buffer first seen written in a call is copied from the next call on.
+    Nothing under a ``torch.func`` transform (its wrapped buffers take no ``.data`` write)."""
+    entries = _floating(kernel)
+    if not entries or functorch_active():
+        return []
+    held: Held = []
+    compiling = torch.compiler.is_compiling()  # compiled: no version read (nor learning)
+    for entry in entries:
+        buffer = entry.module._buffers.get(entry.name)
+        if buffer is not None and (entry.written or not compiling):
+            copy = buffer.detach().clone() if entry.written else None
+            held.append((entry, buffer, -1 if compiling else buffer._version, copy))
     return held
 
 
@@ -62,19 +92,24 @@ def forget_buffers(model: nn.Module) -> None:
         module.__dict__.pop(_FLOATING, None)
 
 
-def keep_finite(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    """After the call: every element of a held buffer that was finite before it and is not
-    now takes its value from before it (no host read: one ``where`` per buffer). An element
-    that was not finite already (a running minimum started at infinity) is the call's. Written
+def keep_finite(held: Held) -> None:
+    """After the call: every element of a copied buffer that was finite before it and is not
+    now takes its value from before it (no host read: one ``where``); one that was not finite
+    already (a running minimum started at infinity) is the call's. A buffer not copied is
+    marked written if its version moved (``buffers_held`` copies it from then on). Written
     through ``.data``, as ``kept_buffers`` does, so that a version a pending backward checks
-    (batch norm saves its statistics) does not move."""
-    with torch.no_grad():
-        for module, name, before in held:
-            buffer = module._buffers.get(name)
-            if buffer is None or buffer.shape != before.shape or buffer.dtype != before.dtype:
-                continue
-            kept = buffer.isfinite() | ~before.isfinite()
-            buffer.data.copy_(torch.where(kept, buffer, before))
+    (batch norm saves its statistics) does not move. A failure here is logged, never raised:
+    the call's output stands either way."""
+    try:
+        with torch.no_grad():
+            for entry, buffer, version, before in held:
+                if before is None:  # not copied: whether the call wrote it, for the next
+                    entry.written = buffer._version != version
+                elif buffer.shape == before.shape:  # batch norm moves no version: all copied
+                    kept = buffer.isfinite() | ~before.isfinite()
+                    buffer.data.copy_(torch.where(kept, buffer, before))
+    except Exception:
+        logger.debug("a kernel's buffers could not be kept finite", exc_info=True)
 
 
 @contextlib.contextmanager
