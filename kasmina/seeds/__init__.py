@@ -13,6 +13,9 @@
 - ``faults`` -- what a seed's fault is and the guards that contain it: the host half around a
   kernel call, the device-side finite test, the guarded backward node, and the one-node
   guarded blend of a layer's GRAFTING/STABILIZATION seeds.
+- ``recompute`` -- what a slot can tell of the activation checkpointing around it: the
+  non-reentrant region (and recompute) a call runs in, each region's teacher logits for its
+  recomputes, and a reentrant checkpoint's first run that will record a graph.
 - ``masks`` -- ``ChunkMasks``: a slot's per-chunk masks of one call (the seeds that passed the
   host through, those that do not blend beside a GRAFTING one), made once per pattern.
 - ``inject`` -- ``attach``/``detach``: wrap the named modules of any ``nn.Module`` in slots (PEFT's

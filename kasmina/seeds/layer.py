@@ -86,7 +86,6 @@ from kasmina.seeds.outputs import (
     fits,
     force_regular_path,
     host_holds,
-    inputs_need_grad,
     kernels_refuse,
     on_dense,
     output_element,
@@ -96,6 +95,7 @@ from kasmina.seeds.outputs import (
     splits_last_dim,
     teacher_goes_to,
 )
+from kasmina.seeds.recompute import RegionTeachers, checkpoint_region, graph_to_come
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import BLENDING_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
@@ -119,6 +119,7 @@ class KasminaLayer(nn.Module):
     detached = False  # set once ``detach``/``merge`` took the slot out (SlotRegistry.check_held)
     _rank: int | None = None  # a conv's batched output rank (``outputs.batched_rank``)
     _moved: tuple[Any, Any] | None = None  # the record before ``_apply``: its shapes stay
+    _kd_regions: RegionTeachers | None = None  # the teachers of checkpoint regions (``forward``)
 
     def __init__(
         self,
@@ -307,8 +308,9 @@ class KasminaLayer(nn.Module):
     graph_open = property(lambda self: self._graph.open, doc="a graph since the step's end")
 
     def end_step(self) -> None:
-        """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
-        vars(self).update(_recompute_teacher=None, _teacher_logits=None)  # past __setattr__
+        """At a step's end: drop the teacher logits kept or never taken (past ``__setattr__``);
+        clear the graph mark."""
+        vars(self).update(_recompute_teacher=None, _kd_regions=None, _teacher_logits=None)
         self._graph.open = self._graph.reentrant = False
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
@@ -316,8 +318,8 @@ class KasminaLayer(nn.Module):
         return sum_kd_losses(self._kd_losses)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy starts without this step's state
-        fresh = {"_kd_losses": PendingKDLosses(), "_recompute_teacher": None, "_graph": GraphMark()}
-        return {**self.__dict__, **fresh}
+        fresh = {"_kd_losses": PendingKDLosses(), "_graph": GraphMark(), "_kd_regions": None}
+        return {**self.__dict__, **fresh, "_recompute_teacher": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # an older pickle: no mark, a list
         old = {"_graph": GraphMark(), "_kernel_shapes": (), "_teacher_depth": 0, **state}
@@ -353,9 +355,12 @@ class KasminaLayer(nn.Module):
         # The first forward's shapes, then one compare (compiled: a guard, swapped once).
         if self.output_contract is None and not torch.jit.is_tracing():  # a trace check reruns
             self._record(args if not kwargs else (), out)
-        if self._teacher_logits is not None or self._recompute_teacher is not None:
-            again = recomputing()
-            if torch.is_grad_enabled() and not again and self._teacher_depth == transform_depth():
+        regions = self._kd_regions  # None, or the teachers of non-reentrant checkpoint regions
+        if self._teacher_logits is not None or self._recompute_teacher is not None or regions:
+            again, (frame, rerun) = recomputing(), checkpoint_region()
+            if rerun is not None:  # a non-reentrant checkpoint's recompute: its first run's teacher
+                teacher_logits = RegionTeachers.replayed(regions, frame, rerun, teacher_logits)
+            elif torch.is_grad_enabled() and not again and self._teacher_depth == transform_depth():
                 stored = self._teacher_logits  # taken, unless left to a call they fit
                 if teacher_logits is not None or teacher_goes_to(self, stored, out):
                     self._teacher_logits = None
@@ -370,10 +375,12 @@ class KasminaLayer(nn.Module):
                     self._sit_out("kd", "teacher logits dropped in a reentrant checkpoint", True)
             elif again and teacher_logits is None:
                 teacher_logits = self._recompute_teacher  # the first run's, for the same path
+            if frame is not None and rerun is None:  # a region's first run: for its recomputes
+                self._kd_regions = RegionTeachers.kept(regions, frame, teacher_logits)
         # A graph (kernels' or the host's: a ROLLBACK rewrites weights it saved), or a reentrant
         # checkpoint's no_grad run; torch names imported (``torch.`` here: a compiled guard).
         graph = not isinstance(out, Tensor) or out.requires_grad
-        if (graph and is_grad_enabled()) or inputs_need_grad(args, kwargs):
+        if (graph and is_grad_enabled()) or graph_to_come(args, kwargs):
             self._graph.open = True
         # Only slot-local attributes here (compiled: guarded on this bool, else the stage ints).
         if not self._runs_any:
@@ -518,30 +525,21 @@ class KasminaLayer(nn.Module):
         guarded = [k for k in inputs if outs[k].requires_grad]
         n = self.num_seeds
         passed = self._masks.passed(n, inputs, x.device) if len(inputs) < n else None
+        still = self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None
+        params = [seeds[k].trained_parameters() for k in guarded]
+        recorders = [seeds[k].record_fault for k in guarded]
         return guarded_blend(
-            outs,
-            x,
-            alpha,
-            dim=dim,
-            passed=passed,
-            still=self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None,
-            flags=self._flags(),
-            guarded=guarded,
-            params=[seeds[k].trained_parameters() for k in guarded],
-            recorders=[seeds[k].record_fault for k in guarded],
-            blend=grafting,
-        )
+            outs, x, alpha, dim=dim, passed=passed, still=still, flags=self._flags(),
+            guarded=guarded, params=params, recorders=recorders, blend=grafting,
+        )  # fmt: skip
 
     def _contain_backward(
         self, outs: list[torch.Tensor], inputs: dict[int, torch.Tensor], plan: tuple[SeedStage, ...]
     ) -> None:
         """Put the isolated seeds' backward (every one of this call) in one guarded node."""
         seeds = self._seed_list
-        guarded = [
-            k
-            for k in inputs
-            if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward and outs[k].requires_grad
-        ]
+        isolated = (k for k in inputs if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward)
+        guarded = [k for k in isolated if outs[k].requires_grad]
         if not guarded:
             return
         values = contain_backward(

@@ -160,7 +160,22 @@ class KeywordReentrantHost(helpers.Host):
         return torch.utils.checkpoint.checkpoint(lambda h: self.out(input=h), h, use_reentrant=True)
 
 
-@pytest.mark.parametrize("host", [ReentrantHost, KeywordReentrantHost], ids=["args", "kwargs"])
+class DeepReentrantHost(helpers.Host):
+    """The whole host under a reentrant checkpoint (a PEFT recipe's, inputs made to need grad):
+    the slot is not at the region's entry, so its input is a host activation made under
+    ``no_grad`` that needs no grad, and the mark read from the inputs saw nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = lambda h: self.out(torch.relu(self.inp(h)))  # noqa: E731
+        return torch.utils.checkpoint.checkpoint(
+            region, x.detach().requires_grad_(), use_reentrant=True
+        )
+
+
+HOSTS = [ReentrantHost, KeywordReentrantHost, DeepReentrantHost]
+
+
+@pytest.mark.parametrize("host", HOSTS, ids=["args", "kwargs", "deep"])
 def test_a_reentrant_checkpoints_forward_marks_the_graph_too(
     tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch, host
 ) -> None:
@@ -175,6 +190,36 @@ def test_a_reentrant_checkpoints_forward_marks_the_graph_too(
     manager.backward(loss)  # the recompute runs the kernel the CULL would have released
     assert [o.ok for o in manager.step()["commands"]] == [True]
     assert rig.stage(SEED0) == S.COOLDOWN
+
+
+def test_a_rollback_waits_for_the_step_of_a_forward_deep_in_a_reentrant_checkpoint(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch
+) -> None:
+    """Applied between the forward and its backward, the ROLLBACK restored the weights and the
+    step then applied the old forward's gradients to them. It waits for the step's end now; a
+    validation forward under ``no_grad`` through the same checkpoint leaves no mark."""
+    monkeypatch.setattr(helpers, "Host", DeepReentrantHost)
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    saved = host_params(rig)
+    rig.train(2)
+    with torch.no_grad():
+        rig.model(rig.x)
+    assert not manager.require_registry().graph_open()
+    trained = host_params(rig)
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    assert manager.require_registry().graph_open()
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    assert manager.apply_pending() == []
+    for now, old, then in zip(host_params(rig), saved, trained, strict=True):
+        assert torch.equal(now, then) and not torch.equal(now, old)  # not restored yet
+    manager.backward(loss)
+    report = manager.step()
+    assert [(o.kind, o.ok) for o in report["commands"]] == [("rollback", True)]
+    assert all(torch.equal(now, old) for now, old in zip(host_params(rig), saved, strict=True))
 
 
 def test_a_validation_forward_in_train_mode_under_no_grad_leaves_no_mark(rig: Rig, mlp) -> None:

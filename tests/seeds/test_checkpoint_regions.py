@@ -1,0 +1,146 @@
+"""A slot under activation checkpointing called more than once before one backward, and a slot
+deep inside a reentrant checkpoint (docs/design.md §6a, "Training features around the guard";
+§KD, "Teacher logits set for a forward ..."): each recompute takes its own first run's path,
+and a reentrant first run marks the graph that its backward will record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kasmina.kd import KDConfig
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.recompute import checkpoint_region, graph_to_come, reentrant_first_run
+from kasmina.stages import SeedStage
+from tests.seeds.test_fault_containment import walk
+
+S = SeedStage
+ISOLATED = [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION]
+
+
+def _square_layer(stage: SeedStage) -> KasminaLayer:
+    """A distilling slot on a 4-to-4 Linear, so that it can be applied to its own output."""
+    torch.manual_seed(8)
+    layer = KasminaLayer(nn.Linear(4, 4), 2, 2, kd_config=KDConfig(), layer_id="fc")
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Linear(2, 2))
+        walk(seed, stage)
+    layer.update_alpha_blending(5, 10)
+    return layer
+
+
+def test_the_checkpoint_region_is_found_on_this_torch() -> None:
+    """The region and the reentrant first run are read off torch's internals: a torch that
+    changed them fails here, not silently in a user's backward."""
+    seen: list[tuple[object, object]] = []
+    reentrant: list[bool] = []
+
+    def region(h: torch.Tensor) -> torch.Tensor:
+        seen.append(checkpoint_region())
+        reentrant.append(reentrant_first_run())
+        return torch.tanh(h) * 2
+
+    x = torch.randn(3, requires_grad=True)
+    assert checkpoint_region() == (None, None) and not reentrant_first_run()
+    checkpoint(region, x, use_reentrant=False).sum().backward()
+    (frame, first), (again, rerun) = seen
+    assert isinstance(frame, torch.utils.checkpoint._CheckpointFrame)
+    assert first is None and again is frame and rerun is not None
+    assert reentrant == [False, False]
+    seen.clear(), reentrant.clear()
+    checkpoint(region, x, use_reentrant=True).sum().backward()
+    assert seen == [(None, None)] * 2 and reentrant == [True, False]  # first run, recompute
+    with torch.no_grad():  # a checkpoint that records no graph: none to come
+        checkpoint(region, x, use_reentrant=True)
+    assert reentrant[-1] is False
+    with torch.no_grad():
+        assert graph_to_come((x,), {}) and not graph_to_come((x.detach(),), {})
+
+
+def _twice(style: str, layer: KasminaLayer, use_checkpoint: bool, x: torch.Tensor) -> torch.Tensor:
+    def body(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(layer(h))
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return checkpoint(body, h, use_reentrant=False) if use_checkpoint else body(h)
+
+    if style == "shared":  # one block applied twice, checkpointed at each call
+        return run(run(x)).pow(2).sum()
+    if style == "in-one-region":  # the slot called twice inside one checkpointed region
+        both = lambda h: body(body(h))  # noqa: E731
+        return (checkpoint(both, x, use_reentrant=False) if use_checkpoint else both(x)).sum()
+    layer.set_teacher_logits(torch.randn(5, 4))  # "views": each forward its own teacher
+    first = run(x).pow(2).sum()
+    layer.set_teacher_logits(torch.randn(5, 4) * 3)
+    return first + run(x.flip(0)).pow(2).sum()
+
+
+@pytest.mark.parametrize("style", ["shared", "in-one-region", "views"])
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_slot_called_twice_before_one_backward_recomputes_each_call_as_it_ran(
+    stage: SeedStage, style: str
+) -> None:
+    """KD and non-reentrant checkpointing, the slot called twice before the backward: the first
+    call took the teacher, the second found none and cleared the slot's one memory of it, so
+    the first region's recompute took the no-KD path (the one-node graft in GRAFTING and
+    STABILIZATION) and the backward raised ``CheckpointError`` (6 tensors saved vs 3); with a
+    teacher per forward, the first region's recompute read the second's. Each region now
+    replays its own first run's teachers: the gradients are the plain run's."""
+    grads = []
+    for use_checkpoint in (False, True):
+        layer = _square_layer(stage)
+        torch.manual_seed(0)
+        x = torch.randn(5, 4, requires_grad=True)
+        layer.set_teacher_logits(torch.randn(5, 4))
+        loss = _twice(style, layer, use_checkpoint, x)
+        kd = layer.get_and_clear_kd_losses()
+        assert kd is not None and kd.requires_grad
+        (loss + kd).backward()
+        assert layer.get_and_clear_kd_losses() is None  # no recompute took a loss
+        grads.append({"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+    assert grads[0].keys() == grads[1].keys()
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=0, atol=0, msg=name)
+
+
+def test_a_retained_graph_recomputes_each_region_again_from_its_first_call() -> None:
+    """A second backward through a retained graph recomputes every region once more: the
+    replay starts again at the region's first call."""
+    grads = []
+    for use_checkpoint in (False, True):
+        layer = _square_layer(S.GRAFTING)
+        torch.manual_seed(0)
+        x = torch.randn(5, 4, requires_grad=True)
+        layer.set_teacher_logits(torch.randn(5, 4))
+        loss = _twice("shared", layer, use_checkpoint, x)
+        loss = loss + layer.get_and_clear_kd_losses()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_slot_deep_inside_a_reentrant_checkpoint_marks_the_graph() -> None:
+    """Inside a reentrant checkpoint's first run the slot's input is a host activation made
+    under ``no_grad``: no input needed grad, so nothing marked the graph the backward records
+    (a ROLLBACK or CULL applied before it mixed restored weights with that backward's
+    gradients). The stack tells now; a validation forward under ``no_grad`` still marks none."""
+    layer = _square_layer(S.GRAFTING)
+    inp = nn.Linear(4, 4)
+
+    def region(h: torch.Tensor) -> torch.Tensor:
+        return layer(torch.relu(inp(h)))
+
+    x = torch.randn(5, 4, requires_grad=True)
+    with torch.no_grad():
+        checkpoint(region, x, use_reentrant=True)
+    assert not layer.graph_open
+    out = checkpoint(region, x, use_reentrant=True)
+    assert layer.graph_open
+    layer.end_step()
+    out.sum().backward()  # the recompute, with grad, marks it again
+    assert layer.graph_open
