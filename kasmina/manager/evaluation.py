@@ -51,6 +51,7 @@ from kasmina.seeds.outputs import output_element, replace_output_element
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
+from kasmina.utils.modules import in_eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,16 @@ def _leading(value: Any) -> int | None:
     return None
 
 
+def _rng_states(cuda: list[int]) -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda)]
+
+
+def _set_rng_states(states: list[torch.Tensor], cuda: list[int]) -> None:
+    torch.set_rng_state(states[0])
+    for d, state in zip(cuda, states[1:], strict=True):
+        torch.cuda.set_rng_state(state, d)
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -153,13 +164,13 @@ def _watched_call(
     (one list per seed, ``seed.observed_faults``): the output, per seed the fault it had in
     this call (None if none: a non-finite output is one, each seed's flag set before the
     forward and read after it, one transfer), and per seed whether it sat the call out (its
-    slot counted a sit-out and its kernel never ran: a signed input shape this batch does not
-    have, an output that does not fit; or its kernel was called and returned nothing, with no
-    fault: its program refused the input, ``KernelInputRefused``), where the host stood in for
-    it: no measurement."""
+    kernel never ran: its slot sat it out, for a signed input shape this batch does not have or
+    an output that does not fit, or the forward never reached the slot; or its kernel was
+    called and returned nothing, with no fault: its program refused the input,
+    ``KernelInputRefused``), where the host stood in for it: no measurement. A seed measured
+    on no batch is refused by G5 (a slot only training reaches passed as "no effect")."""
     seeds = [r.seed for r in records]
     marks = [len(sink) for sink in observed]
-    slots = {id(r.slot): r.slot.sat_out["seeds"] for r in records}
     ran, returned = [False] * len(seeds), [False] * len(seeds)
 
     def calls(i: int, flags: list[bool]) -> Any:
@@ -180,14 +191,14 @@ def _watched_call(
         for hook in hooks:
             hook.remove()
     finite = read_flags([seed.finite_flag for seed in seeds])
-    counted = [r.slot.sat_out["seeds"] > slots[id(r.slot)] for r in records]
     seen = [
         sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
         for sink, mark, ok in zip(observed, marks, finite, strict=True)
     ]
     refused = [ran[i] and not returned[i] and seen[i] is None for i in range(len(seeds))]
-    sat = [moved and not called for moved, called in zip(counted, ran, strict=True)]
-    return output, seen, [a or b for a, b in zip(sat, refused, strict=True)]
+    # Whatever kept its kernel from running (a sit-out its slot counted, a slot the forward
+    # never reached: a branch not taken, an expert given no tokens), the host stood in.
+    return output, seen, [not called or r for called, r in zip(ran, refused, strict=True)]
 
 
 @contextmanager
@@ -257,7 +268,6 @@ def evaluate_seeds(
     model = registry.model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    modes = [(module, module.training) for module in model.modules()]
     saved_records = [(r, r.last_output, r.last_input) for r in registry]
     saved_probes = [(r.seed, r.seed.probe_result) for r in registry]
     saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
@@ -275,11 +285,11 @@ def evaluate_seeds(
     loss_with_all = metric_with_all = 0.0  # over every batch (for a seed measured on none)
     loss_without = {r.seed_id: 0.0 for r in contributing}
     metric_without = {r.seed_id: 0.0 for r in contributing}
-    model.eval()
     for seed, sink in zip(seeds, observed, strict=True):
         seed.observed_faults = sink
     try:
         with (
+            in_eval_mode(model),
             # The model's buffers, not only the kernels': a host's may move in eval mode too
             # (a QAT observer's statistics). The kernels' are among them (a kernel the model
             # does not hold, in a slot taken out of it, is never run by its forward), so one
@@ -302,6 +312,10 @@ def evaluate_seeds(
                     continue
                 n_total += n
                 n_batches += 1
+                # Every forward of the batch (and its loss) draws the same random numbers: a
+                # host or loss that samples (dropout left on, a VAE, a diffusion loss's noise)
+                # would otherwise measure each ablation on other draws than the seed's.
+                draws = _rng_states(cuda)
                 output, seen, sat = _watched_call(model, inputs, live, observed)
                 for i, fault in enumerate(seen):
                     if fault is not None:
@@ -321,6 +335,7 @@ def evaluate_seeds(
                 for record in contributing:
                     if sat[position[id(record)]]:
                         continue  # no ablation to compare with: the host stood in already
+                    _set_rng_states(draws, cuda)
                     hooks = _ablate(record)
                     try:
                         output = _call(model, inputs)
@@ -336,8 +351,6 @@ def evaluate_seeds(
     finally:
         for seed in seeds:  # (their finite flags are buffers: kept_buffers put them back)
             seed.observed_faults = None
-        for module, mode in modes:
-            module.training = mode
         for record, output, spec in saved_records:
             record.last_output, record.last_input = output, spec
         for seed, probe in saved_probes:
@@ -359,7 +372,7 @@ def evaluate_seeds(
         sid = record.seed_id
         if sat_out[i]:
             logger.warning(
-                "seed %s sat out %d of %d validation batches (logged as it sat out): measured "
+                "seed %s sat out %d of %d validation batches (its kernel did not run): measured "
                 "on the others%s", sid, sat_out[i], n_batches,
                 "" if n_seed[i] else "; on none, so G5 refuses it",
             )  # fmt: skip
@@ -480,16 +493,12 @@ def host_flops_per_element(record: SeedRecord, saved: HostShapes | None = None) 
     spec = getattr(slot, "input_spec", None)
     held = (t.device for t in itertools.chain(host.parameters(), host.buffers()))
     device = spec[2] if spec is not None else next(held, torch.device("cpu"))
-    modes = [(module, module.training) for module in host.modules()]
-    host.eval()
     try:
-        flops = count_flops(host, torch.zeros(shape, dtype=dtype, device=device))
+        with in_eval_mode(host):
+            flops = count_flops(host, torch.zeros(shape, dtype=dtype, device=device))
     except Exception as exc:  # a host the counter cannot run: cost not comparable
         logger.warning("host of %s: FLOPs not counted (%s)", slot.layer_id, exc)
         return None
-    finally:
-        for module, mode in modes:
-            module.training = mode
     elements = math.prod(out_shape)
     if flops <= 0 or elements <= 0:
         return None

@@ -45,6 +45,7 @@ from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.keyring import Keyring, generate_key
+from kasmina.utils.modules import in_eval_mode
 from kasmina.utils.ratelimit import clipped
 
 __all__ = [
@@ -447,12 +448,10 @@ class ManagerReport:
         slot, x = sample
         host_ns: list[int] = []
         slot_ns: list[int] = []
-        modes = [(module, module.training) for module in slot.modules()]
-        slot.eval()
         try:
             # The slot's buffers cover its host's and its seeds': kept once, outside the loop,
             # so the copies cost nothing inside the timed pairs.
-            with kept_buffers(slot), rng_forked(x.device), torch.no_grad():
+            with in_eval_mode(slot), kept_buffers(slot), rng_forked(x.device), torch.no_grad():
                 slot(x), slot.host(x)  # warm up
                 for _ in range(repeats):
                     t0 = time.perf_counter_ns()
@@ -465,9 +464,6 @@ class ManagerReport:
         except Exception as exc:  # a measurement, never a reason for end_epoch to fail
             logger.warning("dormant overhead of %s not measured: %r", slot.layer_id, exc)
             return math.nan
-        finally:
-            for module, mode in modes:
-                module.training = mode
         # The median of paired differences: each pair ran back to back, so a burst of load
         # on a shared machine shifts both halves of a pair rather than one median. It is
         # reported as it came out: a negative median (a slot cannot be faster than its host)

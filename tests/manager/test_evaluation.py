@@ -851,3 +851,104 @@ def test_a_refused_load_straight_into_a_seed_changes_nothing() -> None:
     with pytest.raises(ValueError, match="extra state"):
         seed.load_state_dict(bad)
     assert seed.evaluation is evaluation and torch.equal(seed.alpha, alpha)
+
+
+_TO_STABILIZATION = (
+    SeedStage.ISOLATED_INIT,
+    SeedStage.COMPATIBILITY_CHECK,
+    SeedStage.GRAFTING,
+    SeedStage.STABILIZATION,
+)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def _scaled_seed(slot: KasminaLayer, factor: float) -> None:
+    seed = slot.seeds[0]
+    seed.attach_kernel(_Scale(factor))
+    for stage in _TO_STABILIZATION:
+        seed.transition_to(stage)
+
+
+def test_a_seed_whose_slot_no_validation_forward_reaches_is_never_measured() -> None:
+    """A training-only branch (an auxiliary head): no sit-out was counted, the host stood in,
+    "with" equalled "without", and G5 passed a kernel that wrecks its chunk as "no effect"."""
+
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(3, 6)
+            self.aux = KasminaLayer(nn.Linear(6, 6), 3, 2, layer_id="aux")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.trunk(x)
+            return h + self.aux(h) if self.training else h
+
+    torch.manual_seed(0)
+    model = WithAux()
+    registry = SlotRegistry(model, [model.aux])
+    _scaled_seed(model.aux, -50.0)
+    model(torch.randn(4, 3))  # training: the slot records its shapes
+    batches = [(torch.randn(4, 3), torch.randn(4, 6)) for _ in range(3)]
+    evaluate_seeds(registry, batches, F.mse_loss)
+    gate = model.aux.seeds[0].evaluate_gate(SeedStage.ACTIVE, performance_gate=0.5)
+    assert not gate.passed and "sat out every validation batch" in gate.reason
+    assert model.training  # put back
+
+
+def test_each_ablation_draws_what_the_measured_forward_drew() -> None:
+    """A host that samples in eval mode (a VAE's noise): the forwards with and without the
+    seed drew other numbers, and an identity seed got a benefit from the noise alone."""
+
+    class Sampling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = KasminaLayer(nn.Linear(3, 6), 3, 2, layer_id="enc")
+            self.dec = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.enc(x)
+            return self.dec(h + 0.5 * torch.randn_like(h))
+
+    torch.manual_seed(0)
+    model = Sampling()
+    registry = SlotRegistry(model, [model.enc])
+    _scaled_seed(model.enc, 1.0)  # exactly the host's values
+    model(torch.randn(4, 3))
+    batches = [(torch.randn(4, 3), torch.randn(4, 3)) for _ in range(3)]
+    rng = torch.get_rng_state()
+    evaluation = evaluate_seeds(registry, batches, F.mse_loss)["enc[0]"]
+    assert evaluation.loss_with == evaluation.loss_without and evaluation.benefit == 0.0
+    assert torch.equal(torch.get_rng_state(), rng)  # the global stream as it was
+
+
+def test_evaluation_puts_modes_back_through_train() -> None:
+    """A layer whose ``train`` does work (LoRA merging its update for eval): the modes were put
+    back by writing the flags, so it stayed merged in training, its factors without gradient."""
+
+    class Merging(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(3, 6)
+            self.merged = False
+
+        def train(self, mode: bool = True) -> Merging:
+            super().train(mode)
+            self.merged = not mode
+            return self
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Merging(), KasminaLayer(nn.Linear(6, 6), 3, 2, layer_id="slot"))
+    registry = SlotRegistry(model, [model[1]])
+    _scaled_seed(model[1], 1.0)
+    model(torch.randn(4, 3))
+    model[1].eval()  # a module the user left in eval mode stays so
+    evaluate_seeds(registry, [(torch.randn(4, 3), torch.randn(4, 6))], F.mse_loss)
+    assert model.training and model[0].training and not model[0].merged
+    assert not model[1].training
