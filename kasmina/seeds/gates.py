@@ -302,6 +302,9 @@ class SeedEvaluation:
         return self.metric_with - self.metric_without
 
 
+_TIE = 1e-9  # far above a double's rounding of a score or a batch-mean metric, far below a step
+
+
 def gate_g5_performance(
     evaluation: SeedEvaluation | None,
     performance_gate: float,
@@ -351,7 +354,9 @@ def gate_g5_performance(
     if not math.isfinite(evaluation.loss_with) or not math.isfinite(evaluation.loss_without):
         return GateResult(False, "measured validation loss is not finite", score, 5)
     measured = f"measured benefit {benefit:+.4f} (score {score:.4f})"
-    if score < performance_gate:
+    # Ties are decided as the numbers say, not their rounding: a loss cut by exactly the ``b`` a
+    # gate of ``500 + 500·b`` asks for scored 0.5999999999 against 0.6 (``_TIE``: relative).
+    if score < performance_gate - _TIE:
         return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
     passed = f"{measured} >= {performance_gate:.4f}"
     with_, without = float(evaluation.metric_with), float(evaluation.metric_without)
@@ -364,7 +369,7 @@ def gate_g5_performance(
         )
         return GateResult(False, reason, score, 5)
     metric = f"metric {with_:.4f} with it, {without:.4f} without"
-    if with_ < without - max_metric_drop:
+    if with_ < without - max_metric_drop - _TIE * max(1.0, abs(without)):
         reason = (
             f"{passed}, but {metric}: a drop of {without - with_:.4f} > the tolerated "
             f"{max_metric_drop:.4f} (g5_max_metric_drop)"

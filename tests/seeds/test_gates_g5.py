@@ -135,3 +135,22 @@ def test_g5_refuses_an_evaluation_that_saw_the_seed_fault() -> None:
     assert not result.passed and result.gate == 5 and result.score == 0.0
     assert result.reason.startswith("faulted while measured, on 2 validation batch(es)")
     assert "nonfinite: non-finite output" in result.reason
+
+
+def test_a_tie_at_a_threshold_is_decided_by_the_numbers_not_their_rounding() -> None:
+    """A drop of exactly one point of accuracy against a tolerance of one point, and a loss cut
+    by exactly the 20 % a gate of 600 asks for, were refused for some values: the doubles
+    came out a rounding below the threshold. A tie passes; anything measurably below fails."""
+    for k in range(100):
+        with_, without = 100 * (k / 100) / 100, 100 * ((k + 1) / 100) / 100
+        tie = SeedEvaluation("s", S.STABILIZATION, 1.0, 1.0, 1.0, with_, without, 100, True)
+        assert gate_g5_performance(tie, 0.5, max_metric_drop=0.01).passed, k
+        below = SeedEvaluation(
+            "s", S.STABILIZATION, 1.0, 1.0, 1.0, with_ - 1e-6, without, 100, True
+        )
+        assert not gate_g5_performance(below, 0.5, max_metric_drop=0.01).passed, k
+    for without in (1.0, 2.0, 5.0, 10.0, 0.5, 0.25, 4.0):
+        tie = SeedEvaluation("s", S.STABILIZATION, 1.0, 0.8 * without, without, samples=100)
+        assert gate_g5_performance(tie, 0.6).passed, without
+        short = SeedEvaluation("s", S.STABILIZATION, 1.0, 0.8001 * without, without, samples=100)
+        assert not gate_g5_performance(short, 0.6).passed, without
