@@ -337,11 +337,22 @@ def evaluate_seeds(
                         continue  # no ablation to compare with: the host stood in already
                     _set_rng_states(draws, cuda)
                     hooks = _ablate(record)
-                    try:
-                        output = _call(model, inputs)
+                    try:  # watched too: "the other seeds as they are" must hold
+                        output, seen_without, _ = _watched_call(model, inputs, live, observed)
                     finally:
                         for hook in hooks:
                             hook.remove()
+                    i = position[id(record)]
+                    # Another seed that faults only with this one taken out: the counterfactual
+                    # is not "the others as they are", and fails closed, as a fault would.
+                    caused = (j for j, f in enumerate(seen_without) if f and not seen[j])
+                    other = next((j for j in caused if j != i), None)
+                    if other is not None and seen[i] is None:
+                        faults[i] += 1
+                        last_fault[i] = (
+                            f"seed {live[other].seed_id} faulted with this seed taken out "
+                            f"({seen_without[other]}): its counterfactual could not be measured"
+                        )
                     loss_without[record.seed_id] += n * _value(loss_fn(output, targets))
                     if metric_fn is not None:
                         value = _value(metric_fn(output, targets))

@@ -20,6 +20,7 @@ from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.gates import gate_g5_performance
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.side_effects import kept_buffers
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, make_config, run_command
@@ -952,3 +953,36 @@ def test_evaluation_puts_modes_back_through_train() -> None:
     evaluate_seeds(registry, [(torch.randn(4, 3), torch.randn(4, 6))], F.mse_loss)
     assert model.training and model[0].training and not model[0].merged
     assert not model[1].training
+
+
+def test_a_counterfactual_that_makes_another_seed_fault_fails_closed() -> None:
+    """Seed A feeds seed B (a log): with A taken out B's output was NaN, the host stood in for
+    B unseen, and A's "without" was "A and B off", read as a benefit. A is refused, naming B."""
+
+    class Const(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(x)
+
+    class Log(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x)
+
+    torch.manual_seed(0)
+    table = GPUStateTensor(4, torch.device("cpu"))
+    first, second = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="a", state=table), nn.Linear(4, 4)
+    with torch.no_grad():
+        second.weight.copy_(torch.eye(4))
+        second.bias.zero_()
+    second = KasminaLayer(second, 2, 2, layer_id="b", state=table, state_offset=2)
+    model = nn.Sequential(first, second)
+    registry = SlotRegistry(model, [first, second])
+    for slot, kernel in ((first, Const()), (second, Log())):
+        slot.seeds[0].attach_kernel(kernel)
+        for stage in _TO_STABILIZATION:
+            slot.seeds[0].transition_to(stage)
+    x = torch.randn(8, 3) * 3
+    results = evaluate_seeds(registry, [(x, torch.zeros(8, 4))], F.mse_loss)
+    assert results["b[0]"].faults == 0  # with A in place, B's input is all ones: log is 0
+    assert results["a[0]"].faults == 1
+    assert "seed b[0] faulted with this seed taken out" in results["a[0]"].last_fault
+    assert not gate_g5_performance(results["a[0]"], 0.5).passed
