@@ -77,11 +77,15 @@ def buffers_held(kernel: nn.Module) -> Held:
         return []
     held: Held = []
     compiling = torch.compiler.is_compiling()  # compiled: no version read (nor learning)
-    for entry in entries:
-        buffer = entry.module._buffers.get(entry.name)
-        if buffer is not None and (entry.written or not compiling):
-            copy = buffer.detach().clone() if entry.written else None
-            held.append((entry, buffer, -1 if compiling else buffer._version, copy))
+    try:
+        for entry in entries:
+            buffer = entry.module._buffers.get(entry.name)
+            if buffer is not None and (entry.written or not compiling):
+                copy = buffer.detach().clone() if entry.written else None
+                held.append((entry, buffer, -1 if compiling else buffer._version, copy))
+    except Exception:  # (out of memory for a copy): the call runs unguarded, never fails here
+        logger.debug("a kernel's buffers could not be held", exc_info=True)
+        return []
     return held
 
 
