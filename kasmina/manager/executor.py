@@ -306,12 +306,15 @@ class CommandExecution:
                 record.timeline.extend(timeline)
             if record.stage != S.DORMANT:
                 # Interrupted after the table applied DORMANT -> ISOLATED_INIT: the row is put
-                # back as it was (as a rollback restores stages), announcing no transition.
+                # back as it was (as a rollback restores stages), and the sinks that heard the
+                # transition hear it undone (``cause=undo``; observers are not called).
                 logger.warning(
                     "seed %s: GERMINATE interrupted after its transition; it is DORMANT again",
                     record.seed_id,
                 )
+            stages = table.stages()
             table.restore_row(row, saved_row.tolist())  # on failure only: one sync
+            table.report_restored(stages, "undo")  # sinks' errors are caught
             raise
 
     @staticmethod

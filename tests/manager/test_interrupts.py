@@ -105,6 +105,11 @@ def test_an_interrupted_germinate_leaves_the_seed_exactly_as_it_was(rig: Rig, ml
         manager.apply_pending()
     assert ctrl_c.fired
     assert SEED0 not in manager.optimizers.seed_ids
+    # The sinks heard the transition, and hear it undone: a consumer that follows stages
+    # by transition events is left at DORMANT, not ISOLATED_INIT.
+    heard = [(e.labels["from"], e.labels["to"]) for e in rig.sink.events("lifecycle.transition")]
+    assert heard[-2:] == [("DORMANT", "ISOLATED_INIT"), ("ISOLATED_INIT", "DORMANT")]
+    assert rig.sink.events("lifecycle.transition")[-1].labels["cause"] == "undo"
     assert_germinate_undone(rig, record, mlp, row, timeline, command_id)
     rig.train(1)
     assert torch.isfinite(rig.model(rig.x)).all()
