@@ -104,6 +104,6 @@ def step_lrs(groups: Sequence[Mapping[str, Any]], lr: float) -> list[Any]:
     lrs = []
     for group in groups:
         old = group["lr"]
-        new = lr * float(old) / base if base > 0 else lr
+        new = lr * (float(old) / base) if base > 0 else lr  # the first: exactly ``lr``
         lrs.append(torch.full_like(old, new) if isinstance(old, torch.Tensor) else new)
     return lrs

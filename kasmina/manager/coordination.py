@@ -170,7 +170,7 @@ class ManagerReplica:
             # The source tracks as this rank does: its tracked states load as this rank's own
             # would, now and from its checkpoint kept below (``kasmina.manager.tracked``).
             peers = state.peer_writers
-            state.peer_writers = peers | writers_of(checkpoint) | writers_of(latest)
+            state.peer_writers = peers | writers_of(checkpoint)  # the source's own mark
             try:
                 # A repair in a sync under inference_mode: trainable; its kernels' fetches
                 # bounded as a prepare's (the other ranks wait in a collective meanwhile).

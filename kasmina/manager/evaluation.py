@@ -271,6 +271,7 @@ def evaluate_seeds(
     saved_records = [(r, r.last_output, r.last_input) for r in registry]
     saved_probes = [(r.seed, r.seed.probe_result) for r in registry]
     saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
+    saved_sat_out = [(slot.sat_out, dict(slot.sat_out)) for slot in registry.slots]
     for slot in registry.slots:
         slot._teacher_logits = None
     seeds = [r.seed for r in live]
@@ -368,6 +369,9 @@ def evaluate_seeds(
             seed.probe_result = probe
         for slot, logits in saved_teacher:
             slot._teacher_logits = logits
+        for counts, before in saved_sat_out:  # the training's count: not the measurement's
+            counts.clear()
+            counts.update(before)
     if n_total == 0:
         given = f" (given {n_empty}, every one empty)" if n_empty else ""
         raise ValueError(f"evaluate_seeds needs at least one non-empty validation batch{given}")

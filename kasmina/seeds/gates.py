@@ -355,7 +355,8 @@ def gate_g5_performance(
         return GateResult(False, "measured validation loss is not finite", score, 5)
     measured = f"measured benefit {benefit:+.4f} (score {score:.4f})"
     # Ties are decided as the numbers say, not their rounding: a loss cut by exactly the ``b`` a
-    # gate of ``500 + 500·b`` asks for scored 0.5999999999 against 0.6 (``_TIE``: relative).
+    # gate of ``500 + 500·b`` asks for scored 0.5999999999 against 0.6 (``_TIE``: absolute for
+    # the score, in [0, 1]; relative for the metric below).
     if score < performance_gate - _TIE:
         return GateResult(False, f"{measured} < {performance_gate:.4f}", score, 5)
     passed = f"{measured} >= {performance_gate:.4f}"

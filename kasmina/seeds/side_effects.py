@@ -41,21 +41,25 @@ _FLOATING = "_kasmina_floating_buffers"
 
 
 class _Buffer:
-    """One floating buffer of a kernel, and whether a call has been seen to write it (or it is
-    a batch norm's running statistic, written from the first training call): such a buffer's
-    values are copied before each call, to put back what the call makes non-finite."""
+    """One floating buffer of a kernel, and whether a call has been seen to write it, or it is
+    a running statistic (``running_*``: a batch norm's, also in an exported program, whose
+    update moves no version): such a buffer's values are copied before each call, to put back
+    what the call makes non-finite. ``norm``: its batch-norm module (eager), which writes it
+    only in training."""
 
-    __slots__ = ("module", "name", "written")
+    __slots__ = ("module", "name", "norm", "written")
 
-    def __init__(self, module: nn.Module, name: str, written: bool) -> None:
-        self.module, self.name, self.written = module, name, written
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+        self.written = name.startswith("running_")
+        self.norm = module if isinstance(module, _NormBase) else None
 
 
 def _floating(kernel: nn.Module) -> tuple[_Buffer, ...]:
     found = kernel.__dict__.get(_FLOATING)
     if found is None:
         found = tuple(
-            _Buffer(module, name, isinstance(module, _NormBase) and name.startswith("running_"))
+            _Buffer(module, name)
             for module in kernel.modules()
             for name, b in module._buffers.items()
             if b is not None and b.is_floating_point()
@@ -80,6 +84,8 @@ def buffers_held(kernel: nn.Module) -> Held:
     try:
         for entry in entries:
             buffer = entry.module._buffers.get(entry.name)
+            if entry.norm is not None and not entry.norm.training:
+                continue  # an eager batch norm in eval mode writes nothing
             if buffer is not None and (entry.written or not compiling):
                 copy = buffer.detach().clone() if entry.written else None
                 held.append((entry, buffer, -1 if compiling else buffer._version, copy))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kasmina.control.commands import KasminaCommand
-from kasmina.isolation.optimizer_commands import OptimizerOrder, read_optimizer_command
+from kasmina.isolation.optimizer_commands import OptimizerOrder, read_optimizer_command, step_lrs
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import AdaptationCommand, CommandType, OptimizerCommand
 from tests.isolation.helpers import fill_grads, models
@@ -202,6 +202,8 @@ def test_a_step_commands_lr_keeps_each_groups_ratio_to_the_first(tensor: bool) -
     groups[0]["lr"] = 0.0
     assert opts.apply_optimizer_command(step) is True
     assert [float(g["lr"]) for g in groups] == [0.2, 0.2]
+    # The first group's lr is the command's exactly (``lr * old / base`` rounded it twice).
+    assert step_lrs([{"lr": 1e-4}, {"lr": 1e-5}], 1e-4)[0] == 1e-4
 
 
 def test_a_step_command_that_raises_leaves_the_lr_as_it_was() -> None:

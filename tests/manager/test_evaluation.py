@@ -799,6 +799,7 @@ def test_a_seed_that_sits_out_the_measuring_forward_is_not_measured_as_harmless(
     batches = [(torch.randn(4, 3), torch.zeros(4, 6)), (torch.randn(3, 3), torch.zeros(3, 6))]
     some = evaluate_seeds(registry, batches, F.mse_loss)["fc[0]"]
     assert some.faults == 0 and some.samples == 4 and some.loss_with > some.loss_without
+    assert slot.sat_out == {}  # the measurement's sit-outs are not the training's to count
 
 
 def test_a_load_through_the_seed_drops_its_evaluation() -> None:

@@ -24,6 +24,7 @@ from kasmina.seeds.extra_state import decode_extra_state
 from kasmina.seeds.faults import (
     FAULT_LOG_SIZE,
     FAULT_REASON_CHARS,
+    call_kernel,
     fallback_per_chunk,
     short_reason,
 )
@@ -1152,3 +1153,26 @@ def test_a_stand_alone_seed_and_its_probe_sit_out_a_call_its_program_refuses(
         assert torch.equal(probing(x), x)
     assert probing.probe_result is probe and probing.faults == 0
     assert probing.stage is S.COMPATIBILITY_CHECK
+
+
+def test_an_exported_batch_norms_statistics_are_kept_finite_too() -> None:
+    """An exported program's batch norm sits on plain submodules and its update moves no
+    version: the guard never copied its statistics, and one NaN host batch kept them NaN."""
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    kernel = torch.export.export(module, (torch.randn(4, 2),)).module()
+    stats = [b for name, b in kernel.named_buffers() if "running_" in name]
+    assert len(stats) == 2
+    faults: list[tuple[str, str]] = []
+    assert call_kernel(kernel, torch.randn(4, 2), False, lambda *f: faults.append(f)) is not None
+    before = [b.clone() for b in stats]
+    bad = torch.randn(4, 2)
+    bad[0, 0] = float("nan")
+    call_kernel(kernel, bad, False, lambda *f: faults.append(f))
+    assert all(torch.equal(b, saved) for b, saved in zip(stats, before, strict=True))
+    call_kernel(kernel, torch.randn(4, 2), False, lambda *f: faults.append(f))
+    assert all(
+        torch.isfinite(b).all() and not torch.equal(b, saved)
+        for b, saved in zip(stats, before, strict=True)
+    )
+    assert faults == []
