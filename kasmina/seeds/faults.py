@@ -32,7 +32,13 @@ from kasmina.ops.transforms import (
     reduced_to_level_of,
     transform_wrapped,
 )
-from kasmina.seeds.side_effects import buffers_held, keep_finite, own_stream, rng_forked
+from kasmina.seeds.side_effects import (
+    FLOATING_BUFFERS,
+    buffers_held,
+    keep_finite,
+    own_stream,
+    rng_forked,
+)
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -418,7 +424,9 @@ def call_kernel(
     """
     xin = x.view_as(x) if active else x.detach()
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
-    held = buffers_held(kernel)  # its floating buffers stay finite (``side_effects``)
+    # Its floating buffers stay finite (``side_effects``); a kernel known to have none (the
+    # usual: ``()``) costs one dict read here, on every seed's call of every step.
+    held = buffers_held(kernel) if kernel.__dict__.get(FLOATING_BUFFERS, True) else ()
     try:
         with island_saves(active):
             if forked:

@@ -28,6 +28,7 @@ from kasmina.ops.transforms import functorch_active
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FLOATING_BUFFERS",
     "buffers_held",
     "forget_buffers",
     "keep_finite",
@@ -36,8 +37,9 @@ __all__ = [
     "rng_forked",
 ]
 
-# A kernel's floating buffers, found at its first guarded call: each as a ``_Buffer``.
-_FLOATING = "_kasmina_floating_buffers"
+# Where a kernel keeps its floating buffers, found at its first guarded call: each as a
+# ``_Buffer``; ``()`` for a kernel without.
+FLOATING_BUFFERS = "_kasmina_floating_buffers"
 
 
 class _Buffer:
@@ -56,7 +58,7 @@ class _Buffer:
 
 
 def _floating(kernel: nn.Module) -> tuple[_Buffer, ...]:
-    found = kernel.__dict__.get(_FLOATING)
+    found = kernel.__dict__.get(FLOATING_BUFFERS)
     if found is None:
         found = tuple(
             _Buffer(module, name)
@@ -64,7 +66,7 @@ def _floating(kernel: nn.Module) -> tuple[_Buffer, ...]:
             for name, b in module._buffers.items()
             if b is not None and b.is_floating_point()
         )
-        kernel.__dict__[_FLOATING] = found
+        kernel.__dict__[FLOATING_BUFFERS] = found
     return found
 
 
@@ -99,7 +101,7 @@ def forget_buffers(model: nn.Module) -> None:
     """Drop what ``buffers_held`` found from every kernel in ``model`` (``kasmina.merge``: a
     merged model holds nothing of Kasmina's, in its modules or their pickles)."""
     for module in model.modules():
-        module.__dict__.pop(_FLOATING, None)
+        module.__dict__.pop(FLOATING_BUFFERS, None)
 
 
 def keep_finite(held: Held) -> None:
