@@ -343,7 +343,7 @@ class SlotRegistry:
     def last_dim_slots(self, keep: Callable[[KasminaLayer], bool]) -> list[KasminaLayer]:
         """The slots split along their output's last dimension (the one a KD loss reads) that
         ``keep`` accepts, in order."""
-        last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.output_contract))
+        last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.seen_output))
         return [slot for slot in last if keep(slot)]
 
     def kd_head_slots(self, weight: torch.Tensor) -> list[KasminaLayer]:

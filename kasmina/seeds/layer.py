@@ -306,6 +306,8 @@ class KasminaLayer(nn.Module):
         return uncollected
 
     graph_open = property(lambda self: self._graph.open, doc="a graph since the step's end")
+    seen_output = property(lambda self: self.output_contract or (self._moved or (None,))[0],
+                           doc="output_contract, or the one before a move")  # fmt: skip
 
     def end_step(self) -> None:
         """At a step's end: drop the teacher logits kept or never taken (past ``__setattr__``);
@@ -337,7 +339,7 @@ class KasminaLayer(nn.Module):
             self._kd_head = None
             return
         problem = kd_head_problem(weight, bias, self.width, self._buffers["_one"].device)
-        if not splits_last_dim(self.chunk_dim, self.output_contract):
+        if not splits_last_dim(self.chunk_dim, self.seen_output):
             problem = f"a KD head reads the last dimension; this slot chunks dim {self.chunk_dim}"
         if problem is not None:
             raise ValueError(f"{self.layer_id}: {problem}")

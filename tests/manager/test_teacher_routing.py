@@ -112,6 +112,11 @@ def test_a_slot_split_along_its_last_dimension_by_a_positive_index_distils(
     kd = manager.collect_kd_losses()
     assert kd is not None and kd.requires_grad
     assert manager.counters["teacher_logits_unread"] == 0
+    # A move clears the recorded output until the next forward: the slot still reads its
+    # last dimension (the logits set before that forward went to no slot, a head was refused).
+    model.to("cpu")
+    assert manager.set_teacher_logits(torch.randn(5, CLASSES)) == [slot.layer_id]
+    assert manager.set_kd_head(torch.randn(9, CLASSES)) == [slot.layer_id]
     slot.set_kd_head(torch.randn(9, CLASSES))  # reads the last dimension: accepted
 
 
