@@ -64,8 +64,8 @@ def checkpoint_region() -> tuple[Any, Any]:
         if inner.__qualname__ == _RECOMPUTE and "target_frame_ref" in cells:
             frame = cells["target_frame_ref"].cell_contents()
             return _OUTSIDE if frame is None else (frame, pack)
-    except (AttributeError, TypeError, ValueError):  # another torch's closures
-        pass
+    except (AttributeError, TypeError, ValueError):  # another torch's closures: none found
+        return _OUTSIDE
     return _OUTSIDE
 
 

@@ -27,6 +27,7 @@ from tests.manager.helpers import (
     record_activations,
     run_command,
 )
+from tests.urza.helpers import PairRows
 
 
 class Infinite(nn.Module):
@@ -277,20 +278,6 @@ def test_a_call_of_a_rank_the_exported_kernels_do_not_take_sits_out_without_a_fa
     assert slot.sat_out == {"seeds": 6}
     assert [rig.manager.seed(s).faults for s in (SEED0, SEED1)] == [0, 0]
     assert rig.stage(SEED0) is S.ISOLATED_INIT
-
-
-class PairRows(nn.Module):
-    """Mixes each row with its neighbour: its exported program's input checks take an even
-    number of rows only, which its signed input shape (``[*, 2]``) cannot say."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, f = x.shape
-        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
-        return x + torch.tanh(self.lin(pairs.reshape(b, f)))
 
 
 def test_a_call_the_kernels_program_refuses_sits_out_without_a_fault(rig: Rig, store) -> None:

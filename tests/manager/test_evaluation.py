@@ -863,18 +863,9 @@ _TO_STABILIZATION = (
 )
 
 
-class _Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(factor))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.w
-
-
 def _scaled_seed(slot: KasminaLayer, factor: float) -> None:
     seed = slot.seeds[0]
-    seed.attach_kernel(_Scale(factor))
+    seed.attach_kernel(Scale(factor))
     for stage in _TO_STABILIZATION:
         seed.transition_to(stage)
 

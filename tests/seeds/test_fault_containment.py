@@ -36,6 +36,7 @@ from kasmina.stages import SeedStage
 from kasmina.utils import flags as flags_module
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 from tests.profiling import DispatchedOps
+from tests.urza.helpers import PairRows
 
 S = SeedStage
 PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
@@ -1072,20 +1073,6 @@ _public_grad = torch.autograd.grad
 
 
 # ------------------------------------------- a call the kernel's exported program refuses
-
-
-class PairRows(nn.Module):
-    """Mixes each row with its neighbour: exported, it takes an even number of rows only (a
-    condition of its program's input checks, not of its signed input shape ``[*, C]``)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, f = x.shape
-        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
-        return x + torch.tanh(self.lin(pairs.reshape(b, f)))
 
 
 @pytest.fixture(scope="module")

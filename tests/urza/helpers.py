@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class Trap:
@@ -240,3 +241,17 @@ def legacy_manifest(
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
     data["signature"] = hmac.new(key, canonical, hashlib.sha256).hexdigest()
     return json.dumps(data, sort_keys=True, indent=2).encode()
+
+
+class PairRows(nn.Module):
+    """Mixes each row with its neighbour: exported, it takes an even number of rows only (a
+    condition of its program's input checks, not of its signed input shape ``[*, width]``)."""
+
+    def __init__(self, width: int = 2) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f = x.shape
+        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
+        return x + torch.tanh(self.lin(pairs.reshape(b, f)))

@@ -24,7 +24,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_artifact, publish_payload
-from tests.urza.helpers import arm_pt2
+from tests.urza.helpers import PairRows, arm_pt2
 
 
 class Blueprint(nn.Module):
@@ -384,19 +384,6 @@ def test_a_programs_shape_guards_still_run(
         kernel(torch.randn(5, 2))
 
 
-class _PairRows(nn.Module):
-    """Mixes each row with its neighbour: its program takes an even number of rows only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, f = x.shape
-        pairs = x.reshape(b // 2, 2, f).mean(1, keepdim=True).expand(b // 2, 2, f)
-        return x + self.fc(pairs.reshape(b, f))
-
-
 def test_an_input_the_programs_checks_refuse_raises_kernel_input_refused_in_every_copy(
     tmp_path, publisher: PublisherKey, trusted: TrustedPublishers
 ) -> None:
@@ -407,7 +394,7 @@ def test_an_input_the_programs_checks_refuse_raises_kernel_input_refused_in_ever
     from kasmina.urza.refusals import without_refusals
 
     torch.manual_seed(0)
-    manifest = publish_artifact(_PairRows(), (torch.randn(4, 2),), str(tmp_path), "pr", publisher)
+    manifest = publish_artifact(PairRows(), (torch.randn(4, 2),), str(tmp_path), "pr", publisher)
     payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
     kernel = GPUKernel.from_binary(payload, verified, "cpu")
     buffer = io.BytesIO()
