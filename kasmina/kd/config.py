@@ -18,7 +18,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 class KDConfig:
     """How a seed distils from a teacher.
 
-    ``alpha`` weighs the KD term when the trainer adds it to its objective; ``temperature``
+    ``alpha`` weighs the KD term when the trainer adds it to its objective (0: the manager
+    does not backpropagate it, so no seed counts as trained by it); ``temperature``
     softens both distributions (the loss is scaled by T², docs/design.md §2). ``enabled``
     (the specification's switch): a seed or layer given a config with ``enabled=False``
     distils nothing, as with no config.

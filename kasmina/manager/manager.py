@@ -425,9 +425,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         reg = self.registry  # its host parameters are read only for a loss without a graph
         main = loss is not None and (loss.requires_grad or reg is None or not reg.host_frozen())
         made: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if kd_loss is not None and kd_loss.requires_grad:  # no grad: every student frozen
-            alpha, registry = self.config.kd.alpha, self.require_registry()
-            made = self.guard.seed_only_backward(kd_loss, alpha, registry, main)
+        alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"
+        if kd_loss is not None and kd_loss.requires_grad and alpha > 0:  # no grad: all frozen
+            made = self.guard.seed_only_backward(kd_loss, alpha, self.require_registry(), main)
         if main:
             loss.backward()  # if it raises, the KD gradients are dropped: the call was whole
         add_grads(made)

@@ -178,3 +178,19 @@ def test_a_host_backward_that_raises_adds_no_kd_gradient(kd_rig: Rig) -> None:
     assert all(torch.equal(p.grad, g) for p, g in zip(params, once, strict=True))
     report = manager.step()
     assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+
+
+def test_a_kd_alpha_of_zero_trains_no_seed(tmp_path: Path, store: Path, keyring, mlp) -> None:
+    """``KDConfig(alpha=0)`` weighs the KD term out, but its backward still wrote zero
+    gradients into the distilling seeds: each counted as trained in a step that taught it
+    nothing (G2's epochs, a GRAFTING alpha's advance) and its Adam moved on its moments. A
+    zero-weighted KD loss is not backpropagated."""
+    kd = KDConfig(temperature=2.0, alpha=0.0)
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    kd_loss = _kd_loss(rig, torch.randn(16, 4, generator=torch.Generator().manual_seed(9)))
+    assert kd_loss is not None and kd_loss.requires_grad
+    rig.manager.backward(None, kd_loss=kd_loss)
+    assert all(p.grad is None for p in rig.manager.seed(SEED0).seed_parameters())
+    assert rig.manager.step()["seeds_stepped"] == []
+    assert not rig.manager.seed(SEED0).trained_this_epoch
