@@ -35,7 +35,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_real, through_dispatcher, use_triton
+from kasmina.ops.backend import (
+    check_float_tensor,
+    check_real,
+    saveable,
+    through_dispatcher,
+    use_triton,
+)
 from kasmina.ops.transforms import functorch_active, no_nested_forward_mode, no_vmap
 
 __all__ = [
@@ -342,14 +348,15 @@ def blend_chunks_seed_grad(grad: Tensor, alpha: Tensor) -> Tensor:
 
 
 def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: float, mode: str):
-    """Keep seed and host only when alpha needs a gradient; blend needs nothing else."""
+    """Keep seed and host only when alpha needs a gradient; blend needs nothing else (copied
+    out of inference mode, ``saveable``: an alpha made under it would be refused)."""
     ctx.mode = mode
     ctx.alpha_value = alpha_value
     ctx.alpha_needs_grad = mode == "blend" and alpha is not None and ctx.needs_input_grad[2]
     if ctx.alpha_needs_grad:
-        ctx.save_for_backward(seed, host, alpha)
+        ctx.save_for_backward(saveable(seed), saveable(host), saveable(alpha))
     else:
-        ctx.save_for_backward(alpha)
+        ctx.save_for_backward(saveable(alpha))
 
 
 def _jvp(ctx, t_seed, t_host, t_alpha, *_unused) -> Tensor | None:
@@ -533,8 +540,7 @@ def alpha_blend(
         alpha_t, alpha_value = alpha.contiguous(), 0.0
     else:
         alpha_t, alpha_value = None, float(alpha)
-    # blend detaches the host (it gets no gradient), so a host that requires grad makes no
-    # graph node: only the seed's or alpha's gradient does, in both wrappers.
+    # blend detaches the host (no gradient): only the seed's or alpha's grad makes a node.
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
     if functorch_active() and not torch.compiler.is_compiling():
@@ -543,9 +549,8 @@ def alpha_blend(
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
         return _alpha_blend_op(*args)
     alpha_grad = alpha_t is not None and alpha_t.requires_grad
-    # While a forward-AD level is open every call takes the Function, whose ``jvp`` carries the
-    # tangents: the kernel on the primal would drop them, and so would ``_native_blend``, which
-    # reads a 0-d alpha as a float.
+    # A forward-AD level open: the Function, whose ``jvp`` carries the tangents (the kernel
+    # drops them, as ``_native_blend`` does: it reads a 0-d alpha as a float).
     if _forward_ad._current_level >= 0:
         return _AlphaBlendFunction.apply(*args)
     if not torch.is_grad_enabled() or not (
@@ -578,8 +583,8 @@ def _native_blend(
     """
     if alpha is None or (alpha.dim() == 0 and alpha.is_cpu and not alpha.requires_grad):
         return torch.lerp(host.detach(), seed, alpha_value if alpha is None else float(alpha))
-    if alpha.requires_grad and seed.dtype not in _WORK:
-        return alpha_blend_reference(seed, host, alpha)
+    if alpha.requires_grad and seed.dtype not in _WORK:  # lerp saves the host: ``saveable``
+        return alpha_blend_reference(seed, saveable(host), alpha)
     return None
 
 

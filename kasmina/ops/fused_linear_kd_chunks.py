@@ -361,10 +361,12 @@ def _backward_rows(
     empty = stats.new_empty(0)
     for r0, r1 in chunks.ranges():
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
-        g = _backward_impl(s, t, m, stats[r0:r1], empty, go[r0:r1], cfg.temperature, "none")
+        # A masked row's grad_output reaches nothing (an inf there must not size the bound)
+        g_out = go[r0:r1] if m is None else go[r0:r1].masked_fill(~m, 0.0)
+        g = _backward_impl(s, t, m, stats[r0:r1], empty, g_out, cfg.temperature, "none")
         bound = cfg.temperature  # fp16 weights: scaled by the chunk's largest grad_output
         if cfg.need_weight and r.weight.dtype == torch.float16:
-            bound = go[r0:r1].abs().amax().float() * cfg.temperature
+            bound = g_out.abs().amax().float() * cfg.temperature
         grads.fold(g, s, r0, r1, bound)
         del g  # before the next chunk allocates its own
     grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden

@@ -60,6 +60,7 @@ def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
 # n <= 2^40. Below the threshold (exact zeros included), at +inf, or NaN, the norm is recomputed
 # in float64, whose squares of fp32/fp16/bf16 values neither underflow nor overflow.
 _TRUSTED = 2.0**-31
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 def _repair(norms: torch.Tensor, ts: list[torch.Tensor], empty: torch.Tensor | None) -> None:
@@ -164,11 +165,16 @@ def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
 
 def _check_tol(tol: object) -> float:
     """``tol`` as a float: a real number (``check_real``: not a bool, a string or a tensor),
-    finite and >= 0 (``0 <= tol < inf`` also refuses NaN)."""
+    finite and >= 0 (``0 <= tol < inf`` also refuses NaN), rounded down to the nearest fp32:
+    the norms are fp32 and compared with an fp32 tol, and one rounded up onto a norm
+    (0.99999999 to 1.0) would hide that norm exceeding it."""
     tol = float(check_real("tol", tol))
     if not 0 <= tol < math.inf:
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    return tol
+    low = np.float32(min(tol, _FP32_MAX))
+    if float(low) > tol:
+        low = np.nextafter(low, np.float32(0.0))
+    return float(low)
 
 
 def _compute(

@@ -281,22 +281,29 @@ def kd_scale_grad_reference(
     grad_output: Tensor,
     temperature: float,
     reduction: str,
-    masked: bool,
+    mask: Tensor | None,
 ) -> Tensor:
     """The student gradient from ``kd_forward_grad_reference``'s ``unscaled``: times
     ``c = T·scale·grad_output`` in fp32, rounded once into ``out`` (the student's dtype and
     ``grad_strides``, see ``new_grad``) in one pass; ``unscaled`` is left as it is, for a
-    retained graph."""
+    retained graph. A masked row's gradient is 0 whatever its ``grad_output`` (its ``unscaled``
+    is 0, and ``0·inf`` would be NaN): a per-row ``grad_output`` is zeroed there first (a row's
+    worth of work), a non-finite scalar one fills the masked rows after."""
     rows, vocab = math.prod(out.shape[:-1]), out.shape[-1]
-    c: Tensor | float = temperature * _host_scale(reduction, rows, vocab, masked)
+    c: Tensor | float = temperature * _host_scale(reduction, rows, vocab, mask is not None)
     if scale is not None and scale.numel() > 0:
         c = scale * c
     if grad_output.dim() == 0 and grad_output.device.type == "cpu" and isinstance(c, float):
         c = float(grad_output) * c
+        fill = mask is not None and not math.isfinite(c)
     else:
         go = grad_output.to(unscaled.dtype)
+        if go.dim() and mask is not None:
+            go = go.masked_fill(~mask, 0.0)
         c = (go.unsqueeze(-1) if go.dim() else go) * c
-    return torch.mul(unscaled, c, out=out)
+        fill = mask is not None and not go.dim()  # a device scalar: not read on the host
+    out = torch.mul(unscaled, c, out=out)
+    return out.masked_fill_(~mask.unsqueeze(-1), 0.0) if fill and mask is not None else out
 
 
 def kd_backward_reference(
@@ -406,11 +413,10 @@ class _KDFunction(torch.autograd.Function):
         ctx.temperature, ctx.reduction = temperature, reduction
         ctx.cpu = not use_triton(student.device)
         if ctx.cpu:
-            ctx.masked = mask is not None
             ctx.layout = (student.shape, grad_strides(student), student.dtype)
             # No student saved (its memory may go): the anchor ties a create_graph backward's
             # gradient to the student's graph (``first_order_backward``).
-            ctx.save_for_backward(kept, scale, anchor)
+            ctx.save_for_backward(kept, scale, anchor, mask)
         else:
             ctx.save_for_backward(student, teacher, mask, kept, scale)
         if _forward_ad._current_level >= 0:  # forward mode runs (only then: memory): ``jvp``
@@ -424,11 +430,11 @@ class _KDFunction(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None, None, None, None
         if ctx.cpu:
-            unscaled, scale, _ = ctx.saved_tensors
+            unscaled, scale, _, mask = ctx.saved_tensors
             shape, strides, dtype = ctx.layout
             out = torch.empty_strided(shape, strides, dtype=dtype, device=unscaled.device)
             grad = kd_scale_grad_reference(
-                unscaled, out, scale, grad_loss, ctx.temperature, ctx.reduction, ctx.masked
+                unscaled, out, scale, grad_loss, ctx.temperature, ctx.reduction, mask
             )
             return grad, None, None, None, None, None
         student, teacher, mask, stats, scale = ctx.saved_tensors

@@ -831,3 +831,25 @@ def test_nested_forward_mode_raises_naming_the_op(backend, mode) -> None:
     got = torch.autograd.grad(tangent, (s, a), allow_unused=True, materialize_grads=True)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(), (2,)])
+def test_an_alpha_or_host_made_under_inference_mode_is_accepted(backend, shape):
+    """An alpha made under ``torch.inference_mode()`` (a schedule computed there) and a seed
+    that trains: the kernel path saved the inference tensor and raised "Inference tensors
+    cannot be saved for backward" (the CPU path read a 0-d alpha as a float and passed). The
+    saved alpha (and seed and host, when alpha trains) is copied out of inference mode."""
+    seed, host, grad = _inputs((3, 6), torch.float32, seed=17)
+    with torch.inference_mode():
+        alpha = torch.full(shape, 0.3)
+        frozen_host = host.clone()
+    s = seed.clone().requires_grad_(True)
+    alpha_blend(s, frozen_host, alpha).backward(grad)
+    torch.testing.assert_close(s.grad, grad * 0.3)
+    a = alpha.clone().requires_grad_(True)
+    s.grad = None
+    alpha_blend(s, frozen_host, a).backward(grad)
+    a64 = a.detach().double().requires_grad_(True)
+    alpha_blend_reference(seed.double(), host.double(), a64).backward(grad.double())
+    torch.testing.assert_close(s.grad, grad * 0.3)
+    torch.testing.assert_close(a.grad, a64.grad.float())

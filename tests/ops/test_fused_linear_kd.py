@@ -21,7 +21,12 @@ from torch.utils._pytree import tree_leaves
 
 import kasmina.ops.fused_linear_kd as flkd
 import kasmina.ops.fused_linear_kd_chunks as chunks
-from kasmina.ops import fused_linear_kd_loss, fused_linear_kd_loss_reference, kd_kl_loss
+from kasmina.ops import (
+    fused_linear_kd_loss,
+    fused_linear_kd_loss_reference,
+    kd_kl_loss,
+    kd_kl_loss_reference,
+)
 from tests.ops.bench_smoke import gpu_bench_smoke_rows
 from tests.ops.tolerances import tol
 
@@ -371,6 +376,31 @@ def test_fp16_weight_gradient_of_a_long_chunk_does_not_overflow(monkeypatch, bac
     for got, want, what in zip(grads, expected, ("hidden", "weight"), strict=False):
         assert torch.isfinite(got).all(), what
         _close(got, want, torch.float16, f"fp16 {what} gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_masked_rows_non_finite_grad_output_reaches_no_gradient(monkeypatch, backend, dtype):
+    """``reduction="none"`` with a padding row whose ``grad_output`` is inf or NaN: that row
+    gets and gives nothing. An fp16 head sized its overflow guard's power-of-two scaling by the
+    chunk's largest ``grad_output``, the masked row's inf included, and the whole weight
+    gradient came out NaN."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    gen = _gen(41)
+    h0, w0 = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    teacher = torch.randn(3, 5, generator=gen).to(dtype)
+    mask = torch.tensor([True, True, False])
+    for bad in (float("inf"), float("nan")):
+        h, w = h0.to(dtype).clone().requires_grad_(), w0.to(dtype).clone().requires_grad_()
+        fused_linear_kd_loss(h, w, teacher, reduction="none", mask=mask).backward(
+            torch.tensor([1.0, 0.5, bad])
+        )
+        h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = kd_kl_loss_reference(h64 @ w64.t(), teacher.double(), 1.0, "none", mask)
+        ref.backward(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+        assert torch.equal(h.grad[2], torch.zeros(4, dtype=dtype))
+        _close(w.grad, w64.grad, dtype, f"weight gradient, {bad}")
+        _close(h.grad, h64.grad, dtype, f"hidden gradient, {bad}")
 
 
 @pytest.mark.parametrize("option", ["teacher_logit_scale", "teacher_softcap"])

@@ -200,6 +200,15 @@ def test_an_infinite_norm_is_flagged_at_any_finite_tol(any_backend: str, tol: fl
     assert not bool(leak_check([torch.full((8,), 1e20)], tol=tol)[1])
 
 
+@pytest.mark.parametrize("tol", [0.99999999, 0.9999999701976776, 1.0 - 2.0**-25])
+def test_a_tol_just_below_a_norm_flags_it(any_backend: str, tol: float) -> None:
+    """The fp32 norms were compared with ``tol`` rounded to the nearest fp32: a tol below 1.0
+    that rounds up to it let a norm of exactly 1.0 pass. ``tol`` is rounded down."""
+    norms, flag = leak_check([torch.tensor([1.0])], tol=tol)
+    assert norms.item() == 1.0 > tol and bool(flag)
+    assert not bool(leak_check([torch.tensor([1.0])], tol=1.0)[1])
+
+
 def test_nan_and_inf_among_extreme_values(any_backend: str, poisoned_empty: None) -> None:
     nan, inf = float("nan"), float("inf")
     spread = torch.full((2049,), 1e-30)

@@ -467,6 +467,30 @@ def test_masked_rows_do_not_leak_nan(backend):
     assert torch.equal(student.grad[1], torch.zeros(11))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_masked_row_gets_zero_whatever_its_grad_output(backend, reduction):
+    """A masked (padding) row gets a 0 gradient. Per-row losses divided by a token count that
+    is 0 on padding give it an inf or NaN ``grad_output``; the CPU path multiplied its zeroed
+    row by it (0·inf = NaN) where the kernels give 0. A non-finite scalar ``grad_output``
+    (a loss scale that overflowed) likewise leaves the masked rows 0."""
+    student, teacher = _logits((3, 7), seed=31)
+    mask = torch.tensor([True, False, True])
+    for bad in (float("inf"), float("nan")):
+        go = torch.tensor([1.0, bad, 0.5]) if reduction == "none" else torch.tensor(bad)
+        for compiled in (False, True):
+            s = student.clone().requires_grad_(True)
+            op = lambda a: kd_kl_loss(a, teacher, 2.0, reduction, mask)  # noqa: E731
+            (torch.compile(op, backend="aot_eager", fullgraph=True) if compiled else op)(
+                s
+            ).backward(go)
+            assert torch.equal(s.grad[1], torch.zeros(7)), (bad, compiled)
+            if reduction == "none":
+                s64 = student.double().requires_grad_(True)
+                ref = kd_kl_loss_reference(s64, teacher.double(), 2.0, reduction, mask)
+                (want,) = torch.autograd.grad(ref, s64, go.double().nan_to_num(0.0))
+                _close(s.grad, want, torch.float32)
+
+
 def test_inf_and_nan_logits(backend):
     student, teacher = _logits((5, 12), seed=11)
     teacher[0, :3] = NINF  # teacher mass 0 there: those terms vanish
