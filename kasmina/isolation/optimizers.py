@@ -44,6 +44,7 @@ from kasmina.isolation.stepping import (
     clip_gradients,
     follow_parameters,
     group_keys_problem,
+    move_into,
     state_shape_problem,
     step_contained,
 )
@@ -285,6 +286,7 @@ class IsolatedOptimizerManager:
         else:
             raise ValueError(f"the host optimizer has no param group {group}")
         params, target = seed.params(), groups[index]
+        self._follow_conversions()  # a cast since the last step: else no state would fit
         carried = carried_state(seed.optimizer, params, host.optimizer, target)
         target["params"].extend(params)
         if "param_names" in target:  # a group built from named parameters names each one
@@ -348,7 +350,7 @@ class IsolatedOptimizerManager:
         for oid, entry in other._entries.items():
             live = self._entries.get(oid)
             if live is not None and type(live.optimizer) is type(entry.optimizer):
-                _move_into(live.optimizer, entry.optimizer)
+                move_into(live.optimizer, entry.optimizer)
                 entry = _Entry(live.optimizer, entry.promoted, entry.added)
             elif live is not None:
                 logger.warning("optimizer %s replaced: the restored class differs", oid)
@@ -393,10 +395,7 @@ class IsolatedOptimizerManager:
         norm and the ids are checked before any gradient is clipped or any optimizer stepped."""
         clip = checked_clip_norm(grad_clip_norm)
         entries = [self._entry(optimizer_id) for optimizer_id in optimizer_ids]
-        if self._conversions != conversions():  # a model converted since: states follow it
-            for entry in self._entries.values():
-                follow_parameters(entry.optimizer)
-            self._conversions = conversions()
+        self._follow_conversions()
         finite = [True] * len(entries)
         if clip > 0:
             totals = [self.clip_grad_norm(oid, clip) for oid in optimizer_ids]
@@ -417,6 +416,13 @@ class IsolatedOptimizerManager:
                 logger.log(rarely(n, every=1000), msg, optimizer_id, n)  # the first, every 1000th
                 self._emit("optimizer_step_skipped", 1.0, {"optimizer_id": optimizer_id})
         return finite
+
+    def _follow_conversions(self) -> None:
+        """A model converted since the last look: every optimizer's state follows it."""
+        if self._conversions != conversions():
+            for entry in self._entries.values():
+                follow_parameters(entry.optimizer)
+            self._conversions = conversions()
 
     def reset_state(self, optimizer_id: str) -> None:
         """Forget the optimizer's running state (moments, step counts); keep its params."""
@@ -577,24 +583,3 @@ def upgrade_state_dict(state: Mapping[str, Any]) -> Mapping[str, Any]:
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed optimizer state of format 1: {exc!r}") from None
     return {"format": STATE_FORMAT, "optimizers": optimizers}
-
-
-def _move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> None:
-    """Give ``live`` the param groups and state of ``built`` (same class), in place: the group
-    dicts, their params lists and the state mapping stay the objects that were there (LBFGS
-    holds its group's list). A key only a live group has (``initial_lr``) stays in it."""
-    groups = live.param_groups
-    for index, new in enumerate(built.param_groups):
-        if index < len(groups):
-            group = groups[index]
-            params = group["params"]
-            params[:] = new["params"]
-            kept = {k: v for k, v in group.items() if k not in new and k != "param_names"}
-            group.clear()
-            group.update(new, params=params)
-            group.update(kept)
-        else:
-            groups.append(new)
-    del groups[len(built.param_groups) :]
-    live.state.clear()
-    live.state.update(built.state)

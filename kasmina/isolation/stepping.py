@@ -59,7 +59,13 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["carried_state", "clip_gradients", "follow_parameters", "step_contained"]
+__all__ = [
+    "carried_state",
+    "clip_gradients",
+    "follow_parameters",
+    "move_into",
+    "step_contained",
+]
 
 _CLIP_EPS = 1e-6  # same epsilon as torch.nn.utils.clip_grad_norm_
 
@@ -298,3 +304,24 @@ def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures
         )  # fmt: skip
         return False
     return True
+
+
+def move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> None:
+    """Give ``live`` the param groups and state of ``built`` (same class), in place: the group
+    dicts, their params lists and the state mapping stay the objects that were there (LBFGS
+    holds its group's list). A key only a live group has (``initial_lr``) stays in it."""
+    groups = live.param_groups
+    for index, new in enumerate(built.param_groups):
+        if index < len(groups):
+            group = groups[index]
+            params = group["params"]
+            params[:] = new["params"]
+            kept = {k: v for k, v in group.items() if k not in new and k != "param_names"}
+            group.clear()
+            group.update(new, params=params)
+            group.update(kept)
+        else:
+            groups.append(new)
+    del groups[len(built.param_groups) :]
+    live.state.clear()
+    live.state.update(built.state)

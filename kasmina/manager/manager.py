@@ -48,7 +48,7 @@ from kasmina.manager.guard import IsolationGuard, add_grads
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
-from kasmina.manager.rollback import kernels_to_fetch, snapshot
+from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
@@ -520,7 +520,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         with self._lock:
             state.require_registry(training=True)  # a close() on another thread came first
             checkpoints.check_next_epoch(epoch, state.epoch)
-            if checkpoints.is_due(epoch):
+            if checkpoints.is_due(epoch) and restorable(state, epoch):
                 checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
             with interrupts_deferred():  # the boundary is whole: an epoch ticks once
                 state.epoch = epoch  # the automatic steps below happen at this boundary

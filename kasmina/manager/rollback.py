@@ -140,6 +140,21 @@ def _note_saved_kernels(state: ManagerState, epoch: int, seeds: Mapping[str, Any
 BOUNDARY_PENDING = "boundary_pending"
 
 
+def restorable(state: ManagerState, epoch: int) -> bool:
+    """Whether a checkpoint of the model as it is now could be rolled back to; if not (a
+    parameter an optimizer holds is float64: a gradient check of a converted model, whose
+    rebuilt optimizers would refuse it, and a model converted back cannot load it), warned:
+    ``end_epoch`` writes none for ``epoch`` rather than one that fills the window in vain."""
+    opt = state.optimizers
+    if not any(p.dtype == torch.float64 for o in opt.optimizer_ids for p in opt.parameters(o)):
+        return True
+    logger.warning(
+        "epoch %d: no checkpoint written, the model is in float64 (no rollback could restore "
+        "it); convert it back before the next epoch boundary", epoch,
+    )  # fmt: skip
+    return False
+
+
 def snapshot(
     state: ManagerState,
     epoch: int,

@@ -43,6 +43,7 @@ __all__ = [
     "CONSTANTS",
     "constants_on_meta",
     "host_device",
+    "keep_constants",
     "rebuild_after_load",
     "rebuild_constants",
 ]
@@ -50,6 +51,25 @@ __all__ = [
 # The layer's constants and their values (``to_empty`` and :func:`rebuild_constants` fill them).
 CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "sat_out_compiled": 0}
 SEED_CONSTANTS = ("alpha", "finite_flag", "fault_flag")  # a seed's: alpha, its flags' views
+
+
+def keep_constants(
+    buffers: dict[str, torch.Tensor | None],
+    before: dict[str, torch.Tensor | None],
+    values: dict[str, Any],
+) -> None:
+    """After a module's ``_apply`` (a move or a cast), its constants ``before`` it: each keeps
+    its dtype (``Module.type()`` casts bool and integer buffers too, and alpha stays float32)
+    and its values (``to_empty`` leaves none, onto the same device too; from ``meta``, where
+    there were none, they are ``values``'). A move has copied them already: one small copy."""
+    for name, old in before.items():
+        new = buffers[name]
+        if new is None or old is None or new is old:
+            continue
+        new = new if new.dtype == old.dtype else new.to(old.dtype)
+        if not new.is_meta:
+            new.fill_(values[name]) if old.is_meta else new.copy_(old)
+        buffers[name] = new
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:

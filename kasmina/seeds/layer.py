@@ -58,7 +58,7 @@ from kasmina.kd.loss import (
 )
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.ops.transforms import transform_depth, under_vmap
-from kasmina.seeds.constants import CONSTANTS, rebuild_after_load
+from kasmina.seeds.constants import CONSTANTS, keep_constants, rebuild_after_load
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -580,12 +580,9 @@ class KasminaLayer(nn.Module):
         count_sat_out(self.sat_out, compiled, self.layer_id, what, reason, recompute)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
-        empty = self._buffers["_one"].is_meta  # a ``to_empty`` from meta leaves no values
+        before = {name: self._buffers[name] for name in CONSTANTS}
         super()._apply(fn, recurse)
-        self._buffers["_one"] = self._buffers["_one"].float()  # a cast: alphas stay float32
-        if empty and not self._buffers["_one"].is_meta:  # the constants, put back
-            for name, value in CONSTANTS.items():
-                self._buffers[name].fill_(value)
+        keep_constants(self._buffers, before, CONSTANTS)  # their dtypes and values
         self._link_flags()
         self._masks.clear()
         self._refresh_plan()

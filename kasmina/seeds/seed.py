@@ -34,6 +34,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import sum_kd_losses
 from kasmina.kd.loss import seed_kd_loss
 from kasmina.ops.alpha_blend import seed_blend
+from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     check_seed_state,
@@ -567,16 +568,11 @@ class GradientIsolatedSeed(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
         # The (shared) table follows the seed's moves, and alpha, in float32 (``half()`` rounds).
-        alpha = self._buffers["alpha"]
+        before = {name: self._buffers[name] for name in SEED_CONSTANTS}
         super()._apply(fn, recurse)
         count_conversion()  # optimizers' states follow their parameters at the next step
-        moved = self._buffers["alpha"]
-        if moved is not None and alpha.is_meta and not moved.is_meta:  # ``to_empty``: no values
-            self._buffers["alpha"] = moved.to(alpha.dtype).fill_(self._alpha_value)
-            self.finite_flag.fill_(True)  # a layer's seeds' flags: views of its own, refilled there
-            self.fault_flag.fill_(False)
-        elif moved is not None and moved.dtype != alpha.dtype:
-            self._buffers["alpha"] = alpha.to(moved.device)
+        values = {"alpha": self._alpha_value, "finite_flag": True, "fault_flag": False}
+        keep_constants(self._buffers, before, values)  # a layer's flags: linked again there
         table = self.state_table.state_tensor
         moved = fn(table)
         if moved.device != table.device:
