@@ -420,9 +420,15 @@ class IsolatedOptimizerManager:
     def _follow_conversions(self) -> None:
         """A model converted since the last look: every optimizer's state follows it."""
         if self._conversions != conversions():
-            for entry in self._entries.values():
-                follow_parameters(entry.optimizer)
-            self._conversions = conversions()
+            self.follow_parameters()
+
+    def follow_parameters(self) -> None:
+        """Cast every optimizer's state to its parameters' dtype and device now. A step does
+        so after a conversion through a slot (any of the whole model); call this after one of
+        a part with no slot in it (``model.encoder.to(torch.bfloat16)``), which it cannot see."""
+        for entry in self._entries.values():
+            follow_parameters(entry.optimizer)
+        self._conversions = conversions()
 
     def reset_state(self, optimizer_id: str) -> None:
         """Forget the optimizer's running state (moments, step counts); keep its params."""

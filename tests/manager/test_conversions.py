@@ -11,8 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.manager import KasminaKernelManager
 from kasmina.seeds.constants import CONSTANTS
-from tests.manager.helpers import SEED0, Rig, S, run_command
+from tests.manager.helpers import SEED0, Rig, S, make_config, record_activations, run_command
 
 
 def _flags(rig: Rig) -> dict[str, torch.dtype]:
@@ -128,3 +129,35 @@ def test_an_epoch_boundary_in_float64_writes_no_checkpoint(
     for epoch in (2, 0):
         assert run_command(manager, rig.signed(make_rollback_command(epoch)))
     assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+
+def test_a_part_converted_without_a_slot_is_followed_on_request(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """A part of the model with no slot in it converted (a bf16 trunk): no slot sees it, so
+    the step does not make the host optimizer's fp32 moments follow, and torch's Adam raises.
+    ``manager.optimizers.follow_parameters()`` (the README's recipe) makes them follow."""
+
+    class CastingHost(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.inp(x.to(self.inp.weight.dtype)))
+            return self.out(h.to(self.out.weight.dtype))
+
+    rig = Rig(make_config(tmp_path / "first", store), keyring, record=False)
+    rig.manager.close()
+    rig.manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    rig.model = CastingHost()
+    rig.manager.attach(rig.model, "out", 2, 2, host_lr=0.05, seed_lr=0.05)
+    record_activations(rig.model, rig.x)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    rig.model.inp.to(torch.bfloat16)
+    rig.manager.optimizers.follow_parameters()
+    report = rig.train(1)
+    assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+    state = rig.manager.optimizers.optimizer("host").state[rig.model.inp.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16
