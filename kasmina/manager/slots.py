@@ -534,15 +534,25 @@ class SlotRegistry:
     def dry_run_samples(self, record: SeedRecord) -> list[torch.Tensor]:
         """Random activations shaped like the seed's recorded input at two batch sizes (the
         recorded one, and half of it, or one more when it is below 4): a kernel exported with a
-        static batch, or on the wrong rank, fails on one of them. Empty before the slot's
-        first forward (GERMINATE refuses then)."""
-        spec = self.chunk_spec(record)
+        static batch, or on the wrong rank, fails on one of them. Each is the seed's chunk of a
+        random slot output, a view with the strides the seed's calls get (a channel chunk of
+        an NCHW output is not contiguous: a kernel that ``view``s its input fails here, not
+        at every call). Empty before the slot's first forward (GERMINATE refuses then)."""
+        spec, slot = self.chunk_spec(record), record.slot
         if spec is None or not spec[0]:
             return []
-        shape, dtype, device = spec
-        batch = shape[0]
+        contract = slot.output_contract
+        assert isinstance(contract, tuple)  # ``chunk_spec`` checked it
+        full, dtype, device = contract
+        batch = full[0]
         other = batch // 2 if batch >= 4 else batch + 1
-        return [_random((torch.Size((size, *shape[1:])), dtype, device)) for size in (batch, other)]
+        k = next(i for i, seed in enumerate(slot.seeds) if seed is record.seed)
+        dim = slot.chunk_dim % len(full)
+        samples = []
+        for size in (batch, other) if dim else (batch,):  # dim 0 (the batch) chunked: one size
+            out = _random((torch.Size((size, *full[1:])), dtype, device))
+            samples.append(out.split(slot.chunk_size, dim=dim)[k])
+        return samples
 
     def dormant_sample(self) -> tuple[KasminaLayer, torch.Tensor] | None:
         """A slot none of whose seeds runs, with a random input of its first-seen shape."""

@@ -138,6 +138,13 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
             piece = graph.call_module(f"seed_{k}", (piece,))
         pieces.append(piece)
     result = graph.call_function(torch.cat, (pieces,), {"dim": dim})
+    contract = slot.output_contract
+    if isinstance(contract, tuple) and len(contract[0]) in (4, 5):  # a rank channels-last has
+        # The host's memory format, as the slot's output keeps it: a cat of size-1 channel
+        # chunks, or of a kernel's contiguous output, is contiguous (torch ops only: the merged
+        # module pickles without Kasmina, and unpickling traces it again).
+        like = graph.call_function(torch.empty_like, (element,))
+        result = graph.call_method("copy_", (like, result))
     # items[:i] + [result] + items[i + 1:], with i = index % len(items) (index may be negative).
     i = graph.call_function(operator.mod, (index, graph.call_function(len, (items,))))
     head = graph.call_function(operator.getitem, (items, slice(None, i)))

@@ -35,6 +35,7 @@ from kasmina.seeds.faults import (
     gradient_flags,
     record_fallbacks,
 )
+from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ __all__ = [
     "GuardedBlend",
     "carries_tangent",
     "contain_backward",
+    "contain_isolated",
     "guarded_blend",
     "in_layout_of",
 ]
@@ -271,6 +273,27 @@ def contain_backward(
     for i, value in zip(chosen, guarded, strict=True):
         result[i] = value
     return result
+
+
+def contain_isolated(
+    seeds: Sequence[Any],
+    outs: list[torch.Tensor],
+    inputs: Iterable[int],
+    plan: Sequence[SeedStage],
+) -> None:
+    """One slot call's isolated seeds' outputs (every seed ``k`` in ``inputs``, not ACTIVE, that
+    guards its backward and has a graph) put, in ``outs``, behind one ``ContainedBackward``."""
+    isolated = (k for k in inputs if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward)
+    guarded = [k for k in isolated if outs[k].requires_grad]
+    if not guarded:
+        return
+    values = contain_backward(
+        [outs[k] for k in guarded],
+        [seeds[k].trained_parameters() for k in guarded],
+        [seeds[k].record_fault for k in guarded],
+    )
+    for k, value in zip(guarded, values, strict=True):
+        outs[k] = value
 
 
 class _Graft:

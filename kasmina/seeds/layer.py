@@ -73,7 +73,7 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
 )
-from kasmina.seeds.island import carries_tangent, contain_backward, guarded_blend, in_layout_of
+from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     FUSED_PATH_TENSORS,
@@ -118,6 +118,7 @@ class KasminaLayer(nn.Module):
 
     detached = False  # set once ``detach``/``merge`` took the slot out (SlotRegistry.check_held)
     _rank: int | None = None  # a conv's batched output rank (``outputs.batched_rank``)
+    _provisional = False  # a record an unbatched call may have made (``outputs.rerecorded``)
     _moved: tuple[Any, Any] | None = None  # the record before ``_apply``: its shapes stay
     _kd_regions: RegionTeachers | None = None  # the teachers of checkpoint regions (``forward``)
 
@@ -171,7 +172,7 @@ class KasminaLayer(nn.Module):
         # The host's output as the seeds see it: None before a forward, its spec, or why none.
         self.output_contract: ActivationSpec | str | None = None
         self.input_spec: ActivationSpec | None = None
-        self._rank = batched_rank(host, chunk_dim)
+        self._rank = batched_rank(host)
         self._teacher_logits: torch.Tensor | None = None
         self._teacher_depth = 0  # the torch.func depth they were set at (set_teacher_logits)
         self._recompute_teacher: torch.Tensor | None = None
@@ -355,8 +356,8 @@ class KasminaLayer(nn.Module):
         # The hot path reads ``_modules`` directly (``self.host``: a ``__getattr__`` frame a call).
         out = self._modules["host"](*args, **kwargs)
         # The first forward's shapes, then one compare (compiled: a guard, swapped once).
-        if self.output_contract is None and not torch.jit.is_tracing():  # a trace check reruns
-            self._record(args if not kwargs else (), out)
+        if (self.output_contract is None or self._provisional) and not torch.jit.is_tracing():
+            self._record(args if not kwargs else (), out)  # (a trace check reruns the forward)
         regions = self._kd_regions  # None, or the teachers of non-reentrant checkpoint regions
         if self._teacher_logits is not None or self._recompute_teacher is not None or regions:
             again, (frame, rerun) = recomputing(), checkpoint_region()
@@ -392,10 +393,16 @@ class KasminaLayer(nn.Module):
         return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:
-        """Keep ``output_contract``, and ``input_spec`` if ``slot(x)`` replays the call."""
-        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved)
+        """Keep ``output_contract``, and ``input_spec`` if ``slot(x)`` replays the call; over a
+        provisional record, only from a call that is its batched form (``outputs.rerecorded``)."""
+        old = self.output_contract  # not None: provisional, never replaced while compiling
+        if old is not None and torch.compiler.is_compiling():
+            return
+        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, old)
         if record is not None:
             self.output_contract, self.input_spec, self._moved = *record, None
+            provisional = self._rank is None and self.chunk_dim >= 0 and old is None
+            self._provisional = provisional and not self._runs_any
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""
@@ -406,6 +413,7 @@ class KasminaLayer(nn.Module):
         self._plan = tuple(seed.stage for seed in seeds)
         self._stage_codes = tuple(int(stage) for stage in self._plan)
         self._runs_any = any(s.stage in RUNS_KERNEL and s.kernel is not None for s in seeds)
+        self._provisional &= not self._runs_any  # GERMINATE read the record
         # Each seed's kernel's signed input shape (``outputs.kernels_refuse``); () when none has.
         shapes = tuple(signed_shape(s.kernel) if s.stage in RUNS_KERNEL else None for s in seeds)
         self._kernel_shapes = shapes if any(shapes) else ()
@@ -455,7 +463,7 @@ class KasminaLayer(nn.Module):
                 fused = self._guarded_graft(x, outs, inputs, plan, dim, stages)
                 if fused is not None:
                     return fused
-            self._contain_backward(outs, inputs, plan)
+            contain_isolated(self._seed_list, outs, inputs, plan)
         # The device half, once for the layer: one finiteness reduction over the concatenated
         # outputs, one flag update, one ``where`` (only the reduction when all are finite).
         n = self.num_seeds
@@ -487,8 +495,8 @@ class KasminaLayer(nn.Module):
             kd = ISOLATED_TRAINING_STAGES
             students = [outs[k] if k in inputs and plan[k] in kd else None for k in range(n)]
             self._maybe_kd(full, students, teacher_logits, dim, ok, x)
-        if alphas is None:
-            return full  # a blend with alpha 1 everywhere is the identity
+        if alphas is None:  # a blend with alpha 1 everywhere is the identity; the host's layout
+            return in_layout_of(full, x)  # (a cat of size-1 channel chunks, a contiguous kernel)
         alpha_vec = torch.stack(alphas)
         if stages <= BLENDING_STAGES and ok is not None:
             alpha_vec = alpha_vec.mul(ok)
@@ -534,23 +542,6 @@ class KasminaLayer(nn.Module):
             outs, x, alpha, dim=dim, passed=passed, still=still, flags=self._flags(),
             guarded=guarded, params=params, recorders=recorders, blend=grafting,
         )  # fmt: skip
-
-    def _contain_backward(
-        self, outs: list[torch.Tensor], inputs: dict[int, torch.Tensor], plan: tuple[SeedStage, ...]
-    ) -> None:
-        """Put the isolated seeds' backward (every one of this call) in one guarded node."""
-        seeds = self._seed_list
-        isolated = (k for k in inputs if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward)
-        guarded = [k for k in isolated if outs[k].requires_grad]
-        if not guarded:
-            return
-        values = contain_backward(
-            [outs[k] for k in guarded],
-            [seeds[k].trained_parameters() for k in guarded],
-            [seeds[k].record_fault for k in guarded],
-        )
-        for k, value in zip(guarded, values, strict=True):
-            outs[k] = value
 
     def _alphas(self, plan: tuple[SeedStage, ...], ran: dict[int, torch.Tensor]) -> list[Any]:
         one = self._buffers["_one"]  # each chunk's alpha: a GRAFTING seed's that ran, else 1

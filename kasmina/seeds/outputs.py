@@ -76,20 +76,43 @@ def fits(
     then ``[B, T, F]``)."""
     if dim >= 0 and isinstance(contract, tuple) and x.dim() != len(contract[0]):
         return False
-    if dim >= 0 and rank is not None and x.dim() != rank:
+    if rank is not None and x.dim() != rank:  # an unbatched call: its seeds sit it out
         return False
     return -x.dim() <= dim < x.dim() and x.shape[dim] == width
 
 
-def batched_rank(host: nn.Module, chunk_dim: int) -> int | None:
-    """The rank of a batched output of ``host`` where the module declares it and ``chunk_dim``
-    counts from the front (a ``ConvNd``: ``N + 2``), else None. A slot records its contract
-    from a batched call only: one unbatched call first (a single image served after a load or
-    a ``model.to``) had recorded a rank that every later batched call failed, and the seeds sat
-    out from then on."""
-    if chunk_dim >= 0 and isinstance(host, nn.modules.conv._ConvNd):
+def batched_rank(host: nn.Module) -> int | None:
+    """The rank of a batched output of ``host`` where the module declares it (a ``ConvNd``:
+    ``N + 2``), else None. A slot records its contract from a batched call only: one unbatched
+    call first (a single image served after a load or a ``model.to``) had recorded a rank that
+    every later batched call failed, and the seeds sat out from then on (with a ``chunk_dim``
+    counted from the back too: GERMINATE then refused every kernel of the batched rank). A
+    module that declares none (a block) records provisionally (``rerecorded``)."""
+    if isinstance(host, nn.modules.conv._ConvNd):
         return len(host.kernel_size) + 2
     return None
+
+
+def rerecorded(
+    args: tuple[Any, ...], out: Any, index: int, host: nn.Module, contract: Any
+) -> tuple[ActivationSpec | str, ActivationSpec | None] | None:
+    """A slot's new record (as :func:`slot_record`) when ``out`` is a batched call of the
+    unbatched one ``contract`` was recorded from (its shape with a leading dim), else None.
+
+    For a host that declares no batched rank (a block chunked along a dim counted from the
+    front: ``chunk_dim=1`` on NCHW) no call tells whether it was batched; a first call on one
+    image recorded ``(C, H, W)``, and GERMINATE refused every kernel that fits the training
+    calls (or, where ``H == C``, took a rank-3 one that sat every batched call out). While no
+    seed of the slot holds a kernel, the record follows the first call that is the recorded
+    one with a batch dimension in front."""
+    element = output_element(out, index)
+    if (
+        not isinstance(contract, tuple)
+        or not isinstance(element, torch.Tensor)
+        or tuple(element.shape[1:]) != tuple(contract[0])
+    ):
+        return None
+    return slot_record(args, out, index, host, None, None)
 
 
 def slot_record(
@@ -99,6 +122,7 @@ def slot_record(
     host: nn.Module,
     rank: int | None,
     before: tuple[Any, Any] | None,
+    over: Any = None,
 ) -> tuple[ActivationSpec | str, ActivationSpec | None] | None:
     """A slot's ``(output_contract, input_spec)`` from a call of ``host`` (``args`` when it
     is ``slot(x)``, else ()), or None to leave the record to a later call: under autocast or
@@ -107,7 +131,10 @@ def slot_record(
     ``before`` is the record kept when the module was moved or cast (``_apply``): a move
     changes dtype and device, never the shapes, so the new record keeps ``before``'s shapes;
     the first call after a move need not be shaped as the calls the record was made from
-    (one unbatched call had switched the seeds off for every batched call after it)."""
+    (one unbatched call had switched the seeds off for every batched call after it).
+    ``over``: a provisional record, which only its batched form replaces (``rerecorded``)."""
+    if over is not None:
+        return rerecorded(args, out, index, host, over)
     element = dense(output_element(out, index))
     if recording_deferred(element, host):  # autocast's dtype only: a later forward records
         return None
