@@ -146,7 +146,8 @@ class ManagerReport:
         cache = state.kernel_cache.stats()
         for key in ("hits", "misses", "evictions", "uncached"):
             metrics.append((f"cache.{key}", float(cache[key]), _COUNTER, None))
-        for key in ("hit_rate", "entries", "pinned", "bytes_used"):
+        metrics.append(("cache.hit_rate", hit_rate(cache), _GAUGE, None))
+        for key in ("entries", "pinned", "bytes_used"):
             metrics.append((f"cache.{key}", float(cache[key]), _GAUGE, None))
         load = state.loader.load_latency
         for key in ("loads", "load_failures", "loads_coalesced"):
@@ -293,7 +294,7 @@ class ManagerReport:
         failed = sum(n for (_, ok), n in state.gate_counts.items() if not ok)
         metrics: list[Metric] = [
             ("kasmina.step", float(state.global_step), _COUNTER, None),
-            ("cache.hit_rate", float(state.kernel_cache.stats()["hit_rate"]), _GAUGE, None),
+            ("cache.hit_rate", hit_rate(state.kernel_cache.stats()), _GAUGE, None),
             ("kernel.load_ms_last", state.loader.load_latency.last_ms, _GAUGE, None),
             ("lifecycle.gates_passed", float(passed), _COUNTER, None),
             ("lifecycle.gates_failed", float(failed), _COUNTER, None),
@@ -376,7 +377,7 @@ class ManagerReport:
             "command_latency_p50_us": perf["command"].p50_us,
             "commands_measured": float(perf["command"].count),
             "cache_hit_p50_us": loader.hit_latency.p50_us,
-            "cache_hit_rate": float(state.kernel_cache.stats()["hit_rate"]),
+            "cache_hit_rate": hit_rate(state.kernel_cache.stats()),
             "kernel_load_ms_mean": loader.load_latency.mean_ms,
             "kernel_load_ms_p50": loader.load_latency.p50_ms,
             "step_p50_us": perf["step"].p50_us,
@@ -568,3 +569,9 @@ def _command_kind(command: KasminaCommand) -> str:
     """The counter kind of a command: its kind, or ``seed.<operation>`` for a seed command."""
     seed = command.seed
     return command.kind if seed is None else f"seed.{operation_name(seed.operation)}"
+
+
+def hit_rate(stats: Mapping[str, Any]) -> float:
+    """The kernel cache's hit rate as reported: NaN before any lookup (not measured yet, as
+    every figure here; the cache's own ``stats()`` says 0.0, which reads as all missed)."""
+    return float(stats["hit_rate"]) if stats["hits"] + stats["misses"] else math.nan

@@ -503,7 +503,7 @@ def _rebuild_optimizers(
         return registry.seed_parameters(seed_id)
 
     cls, options = state.optimizer_cls, dict(state.optimizer_options)
-    optimizers = state.new_optimizer_manager()
+    optimizers = state.new_optimizer_manager(scratch=True)  # adopted by the live one
     host = entries.get(HOST_ID)
     if host is not None:
         optimizers.initialize_host(registry.host_params, optimizer_cls=cls, **options)

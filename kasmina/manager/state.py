@@ -350,10 +350,13 @@ class ManagerState:
         step's end (``SlotRegistry.graph_open``): until then no explicit safe point applies."""
         return self.registry is not None and self.registry.graph_open()
 
-    def new_optimizer_manager(self) -> IsolatedOptimizerManager:
-        """An empty optimizer manager whose commands find host, seed and teacher parameters."""
+    def new_optimizer_manager(self, scratch: bool = False) -> IsolatedOptimizerManager:
+        """An empty optimizer manager whose commands find host, seed and teacher parameters;
+        ``scratch``: one a rollback builds and the live one adopts, silent (it creates and
+        promotes nothing a sink should hear of, and a refused rollback drops it)."""
+        telemetry = None if scratch else self.telemetry
         optimizers = IsolatedOptimizerManager(
-            default_optimizer_cls=self.optimizer_cls, telemetry=self.telemetry
+            default_optimizer_cls=self.optimizer_cls, telemetry=telemetry
         )
         registry = self.registry
         if registry is not None:

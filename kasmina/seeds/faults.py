@@ -41,6 +41,7 @@ from kasmina.seeds.side_effects import (
 )
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
+from kasmina.utils.telemetry import utf8
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
 
 
 def short_reason(text: str) -> str:
-    """``text`` on one line and at most ``FAULT_REASON_CHARS`` long, for the fault log."""
-    line = " ".join(text.split())
+    """``text`` on one line and at most ``FAULT_REASON_CHARS`` long, for the fault log, in UTF-8
+    (a lone surrogate, a file name's undecodable byte, escaped: telemetry labels carry it)."""
+    line = " ".join(utf8(text).split())
     if len(line) <= FAULT_REASON_CHARS:
         return line
     return line[: FAULT_REASON_CHARS - 3] + "..."

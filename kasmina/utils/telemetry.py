@@ -47,6 +47,7 @@ __all__ = [
     "PendingPacket",
     "TelemetryReporter",
     "TelemetrySink",
+    "utf8",
 ]
 
 
@@ -577,4 +578,13 @@ def _add_metric(
     metric.type = metric_type
     metric.value = value
     if labels:
-        metric.labels.update(labels)
+        try:
+            metric.labels.update(labels)
+        except ValueError:  # a lone surrogate (a file name in an error's text): not UTF-8
+            metric.labels.update({utf8(k): utf8(v) for k, v in labels.items()})
+
+
+def utf8(text: object) -> str:
+    """``text`` as a string protobuf takes: a lone surrogate (``surrogateescape``'s, a file
+    name's byte that is not UTF-8) written as its escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
