@@ -214,9 +214,10 @@ def _options(argv: list[str] | None = None) -> dict[str, Any]:
     return vars(args)
 
 
-def test_distributed_costs(benchmark) -> None:
+def test_distributed_costs(benchmark, smoke: bool) -> None:
     """One round of the whole measurement (small sizes); medians shown with the targets."""
-    opts = _options(["--width", "512", "--reps", "20", "--sync-reps", "5"])
+    reps = ["--reps", "2", "--sync-reps", "1"] if smoke else ["--reps", "20", "--sync-reps", "5"]
+    opts = _options(["--width", "512", *reps])
     result = benchmark.pedantic(measure, args=(opts,), rounds=1, iterations=1)
     rows = {name: median for _, name, median, _ in result["rows"]}
     benchmark.extra_info["target"] = (

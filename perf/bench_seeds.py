@@ -43,11 +43,12 @@ def _host() -> nn.Linear:
     return nn.Linear(FEATURES, FEATURES)
 
 
-def _record_overhead(benchmark, ours, bare, target: str) -> None:
+def _record_overhead(benchmark, ours, bare, target: str, smoke: bool = False) -> None:
     """The slot's overhead over the bare layer from one paired run (``perf/paired.py``: batches
     of each back to back, the order alternating), not from two timings taken apart: the
     difference of two unpaired medians on a shared machine swung by more than the overhead."""
-    seed_s, bare_s, ratio = paired(ours, bare, rounds=21, number=200)
+    rounds, number = (3, 5) if smoke else (21, 200)  # smoke: ``perf/conftest.smoke``
+    seed_s, bare_s, ratio = paired(ours, bare, rounds=rounds, number=number)
     benchmark.extra_info.update(
         {
             "target": target,
@@ -65,13 +66,13 @@ def test_bare_host_layer(benchmark) -> None:
     benchmark.extra_info["target"] = "reference for the seed overheads below"
 
 
-def test_dormant_seed_layer(benchmark) -> None:
+def test_dormant_seed_layer(benchmark, smoke: bool) -> None:
     host, x = _host(), torch.randn(BATCH, FEATURES)
     layer = KasminaLayer(host, SEEDS, CHUNK)
     for k in range(SEEDS):
         layer.seed(k).attach_kernel(nn.Linear(CHUNK, CHUNK))
     benchmark(layer, x)
-    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), DORMANT_TARGET)
+    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), DORMANT_TARGET, smoke)
     # The same wrapper around an identity host: the overhead without the Linear's noise.
     identity = _Identity()
     wrapped = KasminaLayer(identity, SEEDS, CHUNK)
@@ -80,7 +81,7 @@ def test_dormant_seed_layer(benchmark) -> None:
     benchmark.extra_info["identity_host_overhead_us"] = round((slot_s - bare_s) * 1e6, 3)
 
 
-def test_grafting_seed_layer(benchmark) -> None:
+def test_grafting_seed_layer(benchmark, smoke: bool) -> None:
     host, x = _host(), torch.randn(BATCH, FEATURES)
     layer = KasminaLayer(host, SEEDS, CHUNK)
     seed = layer.seed(0)
@@ -90,10 +91,10 @@ def test_grafting_seed_layer(benchmark) -> None:
     seed.update_alpha_blending(5, 10)
     benchmark(layer, x)
     what = "GRAFTING: one seed's kernel + one blend (no §8 number)"
-    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), what)
+    _record_overhead(benchmark, lambda: layer(x), lambda: host(x), what, smoke)
 
 
-def test_grafting_seed_forward_backward(benchmark) -> None:
+def test_grafting_seed_forward_backward(benchmark, smoke: bool) -> None:
     host, x = _host(), torch.randn(BATCH, FEATURES)
     layer = KasminaLayer(host, SEEDS, CHUNK)
     seed = layer.seed(0)
@@ -107,7 +108,7 @@ def test_grafting_seed_forward_backward(benchmark) -> None:
 
     benchmark(step, layer)
     what = "GRAFTING forward+backward (no §8 number)"
-    _record_overhead(benchmark, lambda: step(layer), lambda: step(host), what)
+    _record_overhead(benchmark, lambda: step(layer), lambda: step(host), what, smoke)
 
 
 def test_lifecycle_tick_1024(benchmark) -> None:

@@ -9,6 +9,15 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture
+def smoke(request: pytest.FixtureRequest) -> bool:
+    """Whether the run only checks that each benchmark runs (``--benchmark-max-time`` under
+    10 ms, as ``tests/test_perf_suite.py`` asks): the paired measurements then take a few
+    rounds, not the many their numbers need (the suite's slowest test, else)."""
+    max_time = request.config.getoption("benchmark_max_time", default=None)
+    return max_time is not None and float(max_time) < 0.01
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's session, if active
     rows = []
