@@ -139,7 +139,7 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
         pieces.append(piece)
     result = graph.call_function(torch.cat, (pieces,), {"dim": dim})
     contract = slot.output_contract
-    if isinstance(contract, tuple) and len(contract[0]) in (4, 5):  # a rank channels-last has
+    if isinstance(contract, tuple) and len(contract[0]) in (4, 5):  # the channels-last ranks
         # The host's memory format, as the slot's output keeps it: a cat of size-1 channel
         # chunks, or of a kernel's contiguous output, is contiguous (torch ops only: the merged
         # module pickles without Kasmina, and unpickling traces it again).
