@@ -42,7 +42,7 @@ from kasmina.seeds.constants import rebuild_constants
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import default_chunk_dim
+from kasmina.seeds.outputs import default_chunk_dim, forward_owner
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage, StateColumn
@@ -145,8 +145,20 @@ def _refuse_unreachable(model: nn.Module, name: str) -> None:
     """Refuse a module its parent never calls: a seed there would never run.
 
     ``nn.MultiheadAttention`` hands ``out_proj``'s weight and bias to
-    ``F.multi_head_attention_forward`` (or a fused kernel) instead of calling it.
+    ``F.multi_head_attention_forward`` (or a fused kernel) instead of calling it. A container
+    with no ``forward`` (``ModuleList``, ``ModuleDict``, ``ParameterList``) is iterated or
+    indexed by its parent, which a slot refuses: the model's own forward raised, in Python's
+    words, at its first call.
     """
+    host = model.get_submodule(name)
+    if forward_owner(host) is nn.Module and "forward" not in vars(host):
+        children = ", ".join(f"{name}.{child}" for child in list(host._modules)[:2])
+        pattern = re.escape(name) + r"\.\w+"
+        hint = f"its children ({children}, ...: the pattern {pattern})" if children else "its user"
+        raise ValueError(
+            f"{name!r}: a {type(host).__name__} has no forward (its parent iterates or indexes "
+            f"it, never calls it), so a seed there would never run; target {hint}"
+        )
     parent, attr = _parent(model, name)
     if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
         raise ValueError(

@@ -571,6 +571,36 @@ def test_out_proj_of_multihead_attention_is_refused_with_the_reason() -> None:
         attach(model, ["self_attn.out_proj"], 2, 4)
 
 
+class _Stack(nn.Module):
+    """A decoder's shape: ``layers`` iterated in ``forward``, ``heads`` indexed, ``scales`` read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 8)})
+        self.scales = nn.ParameterList([nn.Parameter(torch.ones(8))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.heads["a"](x) * self.scales[0]
+
+
+@pytest.mark.parametrize("target", ["layers", "heads", "scales"])
+def test_a_container_without_a_forward_is_refused_with_the_reason(target: str) -> None:
+    """A ModuleList, ModuleDict or ParameterList matched as a target was wrapped, and the
+    model's own forward then raised at its first call ("'KasminaLayer' object is not
+    iterable"): its parent iterates or indexes it, and a seed there could never run."""
+    model = _Stack()
+    with pytest.raises(ValueError, match="has no forward") as refused:
+        attach(model, [target], 2, 4)
+    assert not isinstance(getattr(model, target), KasminaLayer)
+    if target == "layers":
+        assert r"layers\.\w+" in str(refused.value)
+        assert len(attach(model, r"layers\.\w+", 2, 4)) == 2  # what the refusal suggests
+    assert model(torch.randn(3, 8)).shape == (3, 8)
+
+
 @pytest.mark.parametrize("target", ["linear2", "self_attn"])
 def test_transformer_encoder_fused_path_never_skips_a_live_seed(target: str) -> None:
     torch.manual_seed(0)
