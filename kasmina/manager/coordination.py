@@ -169,8 +169,10 @@ class ManagerReplica:
             unfrozen = [p.requires_grad for p in frozen]
             # The source tracks as this rank does: its tracked states load as this rank's own
             # would, now and from its checkpoint kept below (``kasmina.manager.tracked``).
-            peers = state.peer_writers
-            state.peer_writers = peers | writers_of(checkpoint)  # the source's own mark
+            # The source's own mark, and the marks its checkpoint kept below carries (one it
+            # took from a third rank's repair carries that rank's).
+            peers, kept_marks = state.peer_writers, writers_of(latest) if latest else frozenset()
+            state.peer_writers = peers | writers_of(checkpoint) | kept_marks
             try:
                 # A repair in a sync under inference_mode: trainable; its kernels' fetches
                 # bounded as a prepare's (the other ranks wait in a collective meanwhile).

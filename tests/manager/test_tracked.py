@@ -108,3 +108,34 @@ def test_a_repaired_rank_loads_its_sources_tracked_states_as_the_source_would(
     for rig in rigs:
         assert rollback(rig.manager, keyring, 0)
     assert (source_ema.n, repaired_ema.n) == (5, 5)
+
+
+def test_a_rank_repaired_from_a_repaired_rank_keeps_loading_as_its_source(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Three ranks. C was repaired from A, then B from C while C was back at that epoch: B's
+    store took C's checkpoint, written by A. B counted C's mark as a peer's but not A's, so a
+    later ROLLBACK to that epoch left B's second-generation EMA alone, silently (tracked
+    states are not checksummed). The marks the kept checkpoint carries count too."""
+    rigs, emas = {}, {}
+    for name, value in (("A", 1), ("B", 2), ("C", 3)):
+        rig = Rig(make_config(tmp_path / name, store), keyring)
+        rig.manager.track("ema", Count())
+        ema = Count()
+        rig.manager.track("ema", ema)
+        ema.n = value
+        rig.train(1)
+        rig.manager.end_epoch(0)
+        rigs[name], emas[name] = rig.manager, ema
+
+    def replica(manager) -> ManagerReplica:
+        return ManagerReplica(manager.state, manager.guard, lock=manager.intake.lock)
+
+    replica(rigs["C"]).import_state(replica(rigs["A"]).export_state())
+    replica(rigs["B"]).import_state(replica(rigs["C"]).export_state())
+    assert {k: e.n for k, e in emas.items()} == {"A": 1, "B": 1, "C": 1}
+    for ema in emas.values():
+        ema.n = 0
+    for manager in rigs.values():
+        assert rollback(manager, keyring, 0)
+    assert {k: e.n for k, e in emas.items()} == {"A": 1, "B": 1, "C": 1}
