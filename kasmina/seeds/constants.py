@@ -67,8 +67,10 @@ def keep_constants(
         if new is None or old is None or new is old:
             continue
         new = new if new.dtype == old.dtype else new.to(old.dtype)
-        if not new.is_meta:
-            new.fill_(values[name]) if old.is_meta else new.copy_(old)
+        if old.is_meta and not new.is_meta:
+            new.fill_(values[name])
+        elif not new.is_meta:  # (onto meta: no values to keep)
+            new.copy_(old)
         buffers[name] = new
 
 
