@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kasmina.manager import KasminaKernelManager
 from kasmina.manager.coordination import ManagerReplica
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import Rig, make_config
@@ -25,6 +26,24 @@ class Count:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.n = state["n"]
+
+
+def _ranks_with_a_second_ema(
+    tmp_path: Path, store: Path, keyring: Keyring, values: dict[str, int]
+) -> dict[str, tuple[KasminaKernelManager, Count]]:
+    """A manager per name, each having made its EMA again (a second generation) holding its
+    value, one step trained and epoch 0's checkpoint written."""
+    ranks = {}
+    for name, value in values.items():
+        rig = Rig(make_config(tmp_path / name, store), keyring)
+        rig.manager.track("ema", Count())
+        ema = Count()
+        rig.manager.track("ema", ema)
+        ema.n = value
+        rig.train(1)
+        rig.manager.end_epoch(0)
+        ranks[name] = (rig.manager, ema)
+    return ranks
 
 
 @pytest.mark.parametrize(
@@ -89,24 +108,15 @@ def test_a_repaired_rank_loads_its_sources_tracked_states_as_the_source_would(
     state into the repaired rank's EMA, and so does a later ROLLBACK to the checkpoint it
     took from the source, as on the source: a state of another writer alone would go only
     into a first generation, and the ranks' EMAs would part."""
-    rigs = [Rig(make_config(tmp_path / name, store), keyring) for name in ("source", "repaired")]
-    emas = []
-    for value, rig in zip((5, 9), rigs, strict=True):
-        rig.manager.track("ema", Count())
-        ema = Count()
-        rig.manager.track("ema", ema)
-        ema.n = value
-        rig.train(1)
-        rig.manager.end_epoch(0)
-        emas.append(ema)
-    (source, repaired), (source_ema, repaired_ema) = [r.manager for r in rigs], emas
+    ranks = _ranks_with_a_second_ema(tmp_path, store, keyring, {"source": 5, "repaired": 9})
+    (source, source_ema), (repaired, repaired_ema) = ranks.values()
     sent = ManagerReplica(source.state, source.guard, lock=source.intake.lock).export_state()
     replica = ManagerReplica(repaired.state, repaired.guard, lock=repaired.intake.lock)
     replica.import_state(sent)
     assert repaired_ema.n == 5
     source_ema.n = repaired_ema.n = 0
-    for rig in rigs:
-        assert rollback(rig.manager, keyring, 0)
+    for manager in (source, repaired):
+        assert rollback(manager, keyring, 0)
     assert (source_ema.n, repaired_ema.n) == (5, 5)
 
 
@@ -117,16 +127,9 @@ def test_a_rank_repaired_from_a_repaired_rank_keeps_loading_as_its_source(
     store took C's checkpoint, written by A. B counted C's mark as a peer's but not A's, so a
     later ROLLBACK to that epoch left B's second-generation EMA alone, silently (tracked
     states are not checksummed). The marks the kept checkpoint carries count too."""
-    rigs, emas = {}, {}
-    for name, value in (("A", 1), ("B", 2), ("C", 3)):
-        rig = Rig(make_config(tmp_path / name, store), keyring)
-        rig.manager.track("ema", Count())
-        ema = Count()
-        rig.manager.track("ema", ema)
-        ema.n = value
-        rig.train(1)
-        rig.manager.end_epoch(0)
-        rigs[name], emas[name] = rig.manager, ema
+    ranks = _ranks_with_a_second_ema(tmp_path, store, keyring, {"A": 1, "B": 2, "C": 3})
+    rigs = {name: manager for name, (manager, _) in ranks.items()}
+    emas = {name: ema for name, (_, ema) in ranks.items()}
 
     def replica(manager) -> ManagerReplica:
         return ManagerReplica(manager.state, manager.guard, lock=manager.intake.lock)
