@@ -102,6 +102,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "adopt",
         "clip_grad_norm",
         "create_seed_optimizer",
+        "follow_parameters",
         "initialize_host",
         "load_state_dict",
         "optimizer",
