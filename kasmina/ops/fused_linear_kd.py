@@ -194,7 +194,7 @@ class _FusedFunction(torch.autograd.Function):
             if unscaled is None:  # spent by an earlier backward of a retained graph
                 inputs = (hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, mask)
                 unscaled = _recomputed(inputs, cfg)
-            grads = _spend_grads(grad_loss, *unscaled, weight, bias, cfg)
+            grads = _spend_grads(grad_loss, *unscaled, weight, bias, mask, cfg)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -301,7 +301,7 @@ def _spend_op(*args: Any) -> None:
         for buffer, value in zip((grad_h, acc_w, acc_b, scale), _recomputed(inputs, cfg),
                                  strict=True):  # fmt: skip
             buffer.copy_(value)
-    _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, inputs[1], inputs[2], cfg)
+    _spend_grads(grad_loss, grad_h, acc_w, acc_b, scale, inputs[1], inputs[2], inputs[7], cfg)
     spent.fill_(True)
 
 

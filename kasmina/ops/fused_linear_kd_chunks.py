@@ -444,15 +444,23 @@ def _spent_views(
 
 def _spend_grads(
     grad_loss: Tensor, grad_h: Tensor, acc_w: Tensor, acc_b: Tensor, scale: Tensor,
-    weight: Tensor, bias: Tensor | None, cfg: _Config,
+    weight: Tensor, bias: Tensor | None, mask: Tensor | None, cfg: _Config,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """The forward's unscaled gradients times ``grad_output·scale`` in fp32, rounded once (the
     hidden one was rounded once already, by its GEMM), in the forward's own buffers: the
     hidden gradient scaled in place, the accumulators scaled and rounded in place
     (``_round_in_place``), so the backward allocates nothing gradient-sized (the eager
-    backward, and the compiled one through ``kasmina::fused_linear_kd_spend_``)."""
+    backward, and the compiled one through ``kasmina::fused_linear_kd_spend_``).
+
+    A masked row's hidden gradient is 0 whatever ``grad_output`` is, as ``kd_kl_loss``'s:
+    its factor is 0 rather than ``c`` (its unscaled gradient is 0, and 0·inf would be NaN),
+    in the same single pass over the hidden gradient."""
     c = grad_loss.to(torch.float32) * scale
-    gh = grad_h.mul_(c) if cfg.need_hidden else None
+    gh = None
+    if cfg.need_hidden:
+        # (rounded to grad_h's dtype, as the 0-d ``c`` is when it multiplies alone)
+        rows_c = c if mask is None else torch.where(mask, c, 0.0).unsqueeze(-1).to(grad_h.dtype)
+        gh = grad_h.mul_(rows_c)
     gw = _round_in_place(acc_w, weight.dtype, c) if cfg.need_weight else None
     gb = None
     if cfg.need_bias and bias is not None:

@@ -403,6 +403,36 @@ def test_a_masked_rows_non_finite_grad_output_reaches_no_gradient(monkeypatch, b
         _close(h.grad, h64.grad, dtype, f"hidden gradient, {bad}")
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_a_non_finite_scalar_grad_output_leaves_masked_rows_at_zero(monkeypatch, reduction, mode):
+    """A scalar reduction's ``grad_output`` that is inf or NaN (an overflowed loss scale): the
+    kept rows' gradients are non-finite, as they must be, and a masked row's is 0, as
+    ``kd_kl_loss``'s is (its unscaled gradient 0 times inf made it NaN). The compiled path
+    spends the gradients through its own op, so it is checked too."""
+    monkeypatch.setenv("KASMINA_BACKEND", "reference")
+    gen = _gen(43)
+    h0, w0 = torch.randn(2, 3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    teacher = torch.randn(2, 3, 5, generator=gen)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+
+    def step(h, w):
+        return fused_linear_kd_loss(h, w, teacher, reduction=reduction, mask=mask)
+
+    fn = step if mode == "eager" else torch.compile(step, fullgraph=True, backend="aot_eager")
+    for bad in (float("inf"), float("nan")):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        fn(h, w).backward(torch.tensor(bad))
+        h_ref = h0.clone().requires_grad_()
+        kd_kl_loss(h_ref @ w0.t(), teacher, reduction=reduction, mask=mask).backward(
+            torch.tensor(bad)
+        )
+        assert torch.equal(h.grad[~mask], torch.zeros(2, 4)), (bad, mode)
+        assert torch.equal(h_ref.grad[~mask], torch.zeros(2, 4)), bad
+        assert not torch.isfinite(h.grad[mask]).any(), bad
+        assert not torch.isfinite(w.grad).any(), bad
+
+
 @pytest.mark.parametrize("option", ["teacher_logit_scale", "teacher_softcap"])
 def test_teacher_head_options_with_teacher_logits_are_refused(option):
     """A teacher's scale and cap shape its head's logits: with ``teacher_logits`` they were
