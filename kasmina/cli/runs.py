@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from kasmina.cli.common import CLIError, non_negative_int
+from kasmina.cli.common import PROG, CLIError, non_negative_int
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
     from kasmina.manager.runs import RunInfo
@@ -115,19 +115,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from kasmina.manager.runs import prune_runs
+    """Exit 0 when every run chosen was removed (or, with --dry-run, would be), 1 when one or
+    more could not be removed whole, each named on stderr."""
+    from kasmina.manager.runs import PruneError, prune_runs
 
     if args.older_than is None and args.keep is None:
         raise CLIError("give --older-than DAYS, --keep N or both; prune removes nothing by default")
     root = _root(args)
     older = None if args.older_than is None else args.older_than * 86400
-    removed = prune_runs(
-        root, older_than_s=older, keep=args.keep, dry_run=args.dry_run, unlocked=args.unlocked
-    )
+    failed: list = []
+    try:
+        removed = prune_runs(
+            root, older_than_s=older, keep=args.keep, dry_run=args.dry_run, unlocked=args.unlocked
+        )
+    except PruneError as exc:
+        removed, failed = exc.removed, exc.failed
     now = time.time()
     for info in removed:
         print(_row(info, now))
     verb = "would remove" if args.dry_run else "removed"
     total = _size(sum(r.size_bytes for r in removed))
     print(f"{verb} {len(removed)} run(s), {total}, under {root}", file=sys.stderr)
-    return 0
+    for info, reason in failed:
+        reason = " ".join(reason.split())
+        print(f"{PROG}: error: run {info.run_id} not removed: {reason}", file=sys.stderr)
+    return 1 if failed else 0

@@ -115,7 +115,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self._owns_client = self.urza_client is not urza_client  # a caller's stays open
             loader = KernelLoader(self.urza_client, kernel_cache, config.torch_device, telemetry)
             state = self.state = ManagerState(config, telemetry, kernel_cache, loader)
-            state.hold_resumed_run(undo)  # a restart holds its run's lock from the start
+            state.open_run(undo)  # marked as a run; a restart holds its lock from the start
             self.guard = IsolationGuard(config, telemetry, state.counters, state.checkpoint_signer)
             self.report = ManagerReport(state, self.guard)
             self.execution = CommandExecution(state, self.guard, self.report)

@@ -8,19 +8,25 @@ each. ``list_runs`` says what is there and ``prune_runs`` (``kasmina runs list|p
 the runs a user no longer needs, by age (``older_than_s``) and count (``keep`` the newest).
 
 What counts as a run: a directory directly under the root whose name is a run id and that holds
-a file only Kasmina writes there (the ledger ``nonces.log``, the key ``checkpoint.key``, or the
-checkpoint store's lock ``checkpoints/.<run_id>.checkpoints.lock``): a root given by mistake
-(a home directory) loses nothing else. Symlinks are never followed.
+the run marker ``.kasmina-run`` with that id in it (``mark_run_dir``: the manager writes it
+before any of the run's files), or, from a run of a version before the marker, the checkpoint
+store's lock named after the run (``checkpoints/.<run_id>.checkpoints.lock``). A ledger or a
+key alone does not make a run: a user's ``checkpoint_key_file`` or ``nonce_ledger`` may sit in
+a directory of their own (the demo keeps its key beside its checkpoints), which a root given
+one level too high then listed as a run, and pruned with every checkpoint in it. A root given
+by mistake (a home directory) loses nothing but runs. Symlinks are never followed.
 
 A run is in use while a trainer holds one of its locks (the ledger's, the checkpoint store's:
 ``flock`` locks, dropped when their process dies, so a crashed run is not in use). Pruning takes
 every lock a run has, without waiting, and leaves the run alone if any is held; holding them, it
 renames the directory out of the way (atomic: a trainer that opens the run from then on starts
-afresh) and deletes it. A run directory with no lock in it tells nothing of its trainer (one
-whose ledger and checkpoints live elsewhere still keeps its checkpoint key here), so it is left
-unless ``unlocked`` asks for such runs too, judged by age alone. A run's age is that of its
-newest file. Listing takes each lock for an instant too: a trainer of that run starting in that
-instant is refused as if a second trainer held it.
+afresh) and deletes it. A run that cannot be removed whole (a permission, an immutable file)
+is not counted as removed: ``prune_runs`` goes on with the others and then raises
+``PruneError``, naming each such run and what stopped it. A run directory with no lock in it
+tells nothing of its trainer (one whose ledger and checkpoints live elsewhere still keeps its
+checkpoint key here), so it is left unless ``unlocked`` asks for such runs too, judged by age
+alone. A run's age is that of its newest file. Listing takes each lock for an instant too: a
+trainer of that run starting in that instant is refused as if a second trainer held it.
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasmina.control.ledger import LEDGER_FILE_NAME
-from kasmina.manager.config import CHECKPOINT_KEY_NAME, CHECKPOINT_LOCK_SUFFIX, RUN_ID_PATTERN
+from kasmina.errors import KasminaError
+from kasmina.manager.config import (
+    CHECKPOINT_LOCK_SUFFIX,
+    RUN_ID_PATTERN,
+    RUN_MARKER_NAME,
+    KasminaConfig,
+)
+from kasmina.utils.atomic import install_new_file
 from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunInfo", "list_runs", "prune_runs"]
+__all__ = ["PruneError", "RunInfo", "list_runs", "mark_run_dir", "prune_runs"]
 
 # Renamed here (under the root) while being deleted; never listed as a run.
 _TRASH_PREFIX = ".pruning-"
@@ -62,13 +74,51 @@ class RunInfo:
     locked: bool = True  # it has a lock file (a run with none tells nothing of its trainer)
 
 
+class PruneError(KasminaError):
+    """Some runs ``prune_runs`` chose could not be removed whole. ``removed``: the runs it did
+    remove; ``failed``: ``(run, reason)`` for each of the others (one renamed out of the way
+    but not fully deleted is there, ``.pruning-*``, until a later prune finishes it)."""
+
+    def __init__(self, removed: list[RunInfo], failed: list[tuple[RunInfo, str]]) -> None:
+        self.removed, self.failed = removed, failed
+        what = "; ".join(f"run {info.run_id}: {reason}" for info, reason in failed)
+        super().__init__(f"{len(failed)} run(s) could not be removed: {what}")
+
+
+def mark_run_dir(config: KasminaConfig) -> None:
+    """Write ``config.run_dir``'s run marker (the run id) if any of the run's files (its
+    ledger, checkpoint key or checkpoint directories) is to live there and it has none yet,
+    before any of them is written. A marker that cannot be written is logged and training
+    goes on: the run is then just not one ``kasmina runs`` lists."""
+    run_dir, ledger = config.run_dir, config.nonce_ledger_path
+    own = [Path(d).expanduser() for d in (config.checkpoint_dir, config.emergency_checkpoint_dir)]
+    own += [config.checkpoint_key_path] + ([] if ledger is None else [ledger])
+    marker = run_dir / RUN_MARKER_NAME
+    if not any(p.is_relative_to(run_dir) for p in own) or _is_marked(run_dir):
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        install_new_file(marker, f"{config.run_id}\n".encode())
+    except OSError as exc:
+        logger.warning("run %s: its marker %s cannot be written: %s", config.run_id, marker, exc)
+
+
+def _is_marked(path: Path) -> bool:
+    """``path`` holds a run marker naming it (a regular file, read without following links)."""
+    marker = path / RUN_MARKER_NAME
+    if not stat.S_ISREG(_lstat_mode(marker)):
+        return False
+    try:
+        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(128).strip() == path.name.encode()
+
+
 def _is_run(path: Path) -> bool:
-    markers = (
-        path / LEDGER_FILE_NAME,
-        path / CHECKPOINT_KEY_NAME,
-        path / "checkpoints" / f".{path.name}{CHECKPOINT_LOCK_SUFFIX}",
-    )
-    return any(stat.S_ISREG(_lstat_mode(p)) for p in markers)
+    legacy = path / "checkpoints" / f".{path.name}{CHECKPOINT_LOCK_SUFFIX}"
+    return _is_marked(path) or stat.S_ISREG(_lstat_mode(legacy))
 
 
 def _lstat_mode(path: Path) -> int:
@@ -176,7 +226,17 @@ def prune_runs(
     if dry_run:
         return [info for info, _ in chosen]
     _clear_trash(root)
-    return [info for info, locks in chosen if _remove(root, info, locks)]
+    removed: list[RunInfo] = []
+    failed: list[tuple[RunInfo, str]] = []
+    for info, locks in chosen:
+        outcome = _remove(root, info, locks)
+        if outcome is True:
+            removed.append(info)
+        elif outcome:  # why it could not be removed whole
+            failed.append((info, outcome))
+    if failed:
+        raise PruneError(removed, failed)
+    return removed
 
 
 def _clear_trash(root: Path) -> None:
@@ -187,7 +247,9 @@ def _clear_trash(root: Path) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _remove(root: Path, info: RunInfo, locks: list[Path]) -> bool:
+def _remove(root: Path, info: RunInfo, locks: list[Path]) -> bool | str:
+    """True: removed; False: left (in use, or written since it was listed); a string: it
+    could not be removed whole, and why."""
     held = _take_locks(locks)
     if held is None:
         logger.info("run %s is in use now; left", info.run_id)
@@ -198,13 +260,15 @@ def _remove(root: Path, info: RunInfo, locks: list[Path]) -> bool:
             return False
         trash = root / f"{_TRASH_PREFIX}{info.run_id}-{secrets.token_hex(4)}"
         os.rename(info.path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        if trash.exists():
-            logger.warning("run %s was renamed to %s but not fully deleted", info.run_id, trash)
+        shutil.rmtree(trash, ignore_errors=True)  # as much as it can
+        if os.path.lexists(trash):
+            try:  # again, for what stopped it
+                shutil.rmtree(trash)
+            except OSError as exc:
+                return f"renamed to {trash} but not fully deleted: {exc}"
         return True
     except OSError as exc:
-        logger.warning("run %s could not be removed: %s", info.run_id, exc)
-        return False
+        return f"not removed: {exc}"
     finally:
         for lock_file in held:
             lock_file.close()

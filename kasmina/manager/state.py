@@ -28,6 +28,7 @@ from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimi
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.runs import mark_run_dir
 from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.constants import constants_on_meta, host_device
@@ -295,12 +296,14 @@ class ManagerState:
                 self._checkpoints = open_checkpoint_store(self.config, signer)
         return self._checkpoints
 
-    def hold_resumed_run(self, undo: ExitStack) -> None:
-        """A run restarted under its id (its disk checkpoint directory is there) opens its
+    def open_run(self, undo: ExitStack) -> None:
+        """Mark the run directory as a run's (``mark_run_dir``), before any of its files is
+        written. A run restarted under its id (its disk checkpoint directory is there) opens its
         store now, holding the run's lock, not at its first ``end_epoch``: until then ``kasmina
         runs prune`` found the run held by no trainer and deleted the checkpoints the restart
         was to roll back to, its key with them. ``undo`` closes it if the constructor fails."""
         config = self.config
+        mark_run_dir(config)
         if config.checkpoint_mode == "disk" and Path(config.checkpoint_dir).expanduser().is_dir():
             _ = self.checkpoints
             undo.callback(self.close_checkpoints)

@@ -7,6 +7,7 @@ checkpoint each); one stays open while the others are pruned around it.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_a_run_with_no_lock_in_its_directory_is_pruned_only_when_asked(
     live = Rig(config, keyring)
     live.train(1)
     live.manager.end_epoch(0, {"val_accuracy": 0.5})
-    assert os.listdir(root / "elsewhere") == ["checkpoint.key"]
+    assert sorted(os.listdir(root / "elsewhere")) == [".kasmina-run", "checkpoint.key"]
     _age(root / "elsewhere", 10)
     (info,) = list_runs(root)
     assert not info.in_use and not info.locked
@@ -175,6 +176,90 @@ def test_an_interrupted_prune_is_finished_by_the_next(tmp_path, store, keyring) 
     os.rename(root / "r1", root / ".pruning-r1-0000")  # renamed, then interrupted
     assert list_runs(root) == []
     assert prune_runs(root, keep=5) == [] and os.listdir(root) == []
+
+
+def test_a_directory_that_holds_a_key_or_a_ledger_is_not_a_run(tmp_path, store, keyring) -> None:
+    """A run whose key, ledger and checkpoints the user put in a directory of their own (the
+    demo keeps its key beside its checkpoints, ``<out>/checkpoints/checkpoint.key``): a root
+    given one level too high listed that directory as a run, and ``prune`` deleted it with
+    every checkpoint and the key. Only a directory the manager marked as its run is one."""
+    state = tmp_path / "out" / "state"
+    config = make_config(
+        tmp_path, store, run_id="r1", runs_root=str(tmp_path / "out" / "runs"),
+        checkpoint_dir=str(state / "rank0"), checkpoint_key_file=str(state / "checkpoint.key"),
+        nonce_ledger=str(state / "nonces.log"),
+    )  # fmt: skip
+    rig = Rig(config, keyring)
+    rig.train(1)
+    rig.manager.end_epoch(0, {"val_accuracy": 0.5})
+    rig.manager.close()
+    assert {"checkpoint.key", "nonces.log", "rank0"} <= set(os.listdir(state))
+    _age(tmp_path / "out", 10)
+    assert list_runs(tmp_path / "out") == []
+    assert prune_runs(tmp_path / "out", keep=0, unlocked=True) == []
+    assert (state / "checkpoint.key").is_file() and os.listdir(state / "rank0")
+    assert not (tmp_path / "out" / "runs").exists()  # none of its files is there
+
+    _run(tmp_path, store, keyring, "r2")  # a real run, copied under another name
+    shutil.copytree(tmp_path / "runs" / "r2", tmp_path / "out" / "copied")
+    assert [r.run_id for r in list_runs(tmp_path / "runs")] == ["r2"]
+    assert list_runs(tmp_path / "out") == []
+
+
+def test_a_run_of_a_version_before_the_marker_is_still_a_run(tmp_path, store, keyring) -> None:
+    root = tmp_path / "runs"
+    _run(tmp_path, store, keyring, "r1")
+    (root / "r1" / ".kasmina-run").unlink()  # as an earlier version left it: its lock names it
+    assert [r.run_id for r in list_runs(root)] == ["r1"]
+    (root / "r1" / "checkpoints" / ".r1.checkpoints.lock").unlink()
+    assert list_runs(root) == []  # a ledger and a key alone: not a run
+
+
+@pytest.mark.parametrize("fails", ["rename", "delete"])
+def test_a_run_that_cannot_be_removed_is_an_error_not_a_removal(
+    tmp_path, store, keyring, monkeypatch, capsys, fails
+) -> None:
+    """A run the filesystem will not let go (a read-only root, an immutable file) was logged
+    and counted as removed, half deleted or not at all, and ``kasmina runs prune`` exited 0."""
+    import kasmina.manager.runs as runs
+    from kasmina.manager.runs import PruneError
+
+    root = tmp_path / "runs"
+    for run_id in ("r1", "r2"):
+        _run(tmp_path, store, keyring, run_id)
+        _age(root / run_id, 3)
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+
+    def rename(src, dst):
+        if fails == "rename" and Path(src).name == "r1":
+            raise PermissionError(1, "Operation not permitted", str(src))
+        real_rename(src, dst)
+
+    def rmtree(path, ignore_errors=False):
+        if fails == "delete" and ".pruning-r1" in str(path):  # it deletes some of it, not all
+            (Path(path) / "nonces.log").unlink(missing_ok=True)
+            if not ignore_errors:
+                raise PermissionError(1, "Operation not permitted", str(Path(path) / "checkpoints"))
+            return
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(runs.os, "rename", rename)
+    monkeypatch.setattr(runs.shutil, "rmtree", rmtree)
+    with pytest.raises(PruneError, match="run r1") as info:
+        prune_runs(root, older_than_s=DAY)
+    assert [r.run_id for r in info.value.removed] == ["r2"]
+    assert [r.run_id for r, _ in info.value.failed] == ["r1"]
+    (left,) = [n for n in os.listdir(root) if "r1" in n]  # not removed, or not all of it
+    assert left == "r1" if fails == "rename" else left.startswith(".pruning-r1-")
+    assert (root / left / "checkpoint.key").is_file()
+
+    _run(tmp_path, store, keyring, "r3")
+    _age(root / "r3", 3)
+    rc, out, err = run(capsys, "runs", "prune", "--runs-root", str(root), "--older-than", "1")
+    assert rc == (1 if fails == "rename" else 0), err
+    assert out.startswith("r3") and "removed 1 run(s)" in err
+    if fails == "rename":
+        assert "kasmina: error: run r1 not removed: " in err and "not permitted" in err
 
 
 def test_prune_arguments_are_checked() -> None:
