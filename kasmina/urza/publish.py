@@ -188,8 +188,10 @@ def publish_payload(
     of them gets the id and the other finds it taken (the same bytes: done; other bytes:
     ``FileExistsError``), and no store is left with one publisher's manifest beside the
     other's payload. Until the payload lands a reader finds the artifact missing. A publish
-    that stopped between the two writes is finished by publishing the same bytes again. Other
-    filesystems are checked, then written: complete, but not exclusive.
+    that stopped between the two writes is finished by publishing the same bytes again; one
+    whose payload write fails (a full disk, a directory where the payload goes) removes the
+    manifest it wrote, if it is still its own, before it raises. Other filesystems are
+    checked, then written: complete, but not exclusive.
     """
     _require_publisher(publisher)
     if not isinstance(blueprint, str) or not blueprint:
@@ -214,7 +216,8 @@ def publish_payload(
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
     payload_path = f"{root}/{artifact_id}{PAYLOAD_SUFFIX}"
     fs.makedirs(root, exist_ok=True)
-    if not _claim(fs, manifest_path, manifest.to_json()):
+    claimed = _claim(fs, manifest_path, manifest.to_json())
+    if not claimed:
         existing = _existing_manifest(fs, manifest_path, own, artifact_id, publisher.key_id)
         if existing.sha256 != sha256:
             raise FileExistsError(
@@ -224,7 +227,12 @@ def publish_payload(
             logger.info("artifact %s already published with identical payload", artifact_id)
             return existing
         manifest = existing  # ours, its payload never written or damaged: write it again
-    _atomic_write(fs, payload_path, bytes(payload))
+    try:
+        _atomic_write(fs, payload_path, bytes(payload))
+    except BaseException:
+        if claimed:  # the id is free again, not held by a manifest with no payload
+            _unclaim(fs, manifest_path, manifest.to_json())
+        raise
     where = redact_urls(store_url)  # a store URL's credentials reach no log
     logger.info("published artifact %s (%d bytes) to %s", artifact_id, len(payload), where)
     return verify_manifest(manifest.to_json(), own, expected_id=artifact_id)
@@ -251,6 +259,14 @@ def _claim(fs: Any, path: str, data: bytes) -> bool:
         return True
 
     return _through_temporary(fs, path, data, link)
+
+
+def _unclaim(fs: Any, path: str, data: bytes) -> None:
+    """Remove the manifest ``_claim`` wrote at ``path`` if it still holds ``data`` (best
+    effort: what stopped the payload may stop this too, and a publish again finishes it)."""
+    with contextlib.suppress(Exception):
+        if read_bounded(fs, path, len(data), what="own manifest", why="its bytes") == data:
+            fs.rm(path)
 
 
 def _existing_manifest(
@@ -431,7 +447,14 @@ def _require_publisher(publisher: object) -> None:
 
 
 def _atomic_write(fs: Any, path: str, data: bytes) -> None:
-    _through_temporary(fs, path, data, lambda tmp: fs.mv(tmp, path))
+    """``data`` at ``path``, whole, through a temporary name. Locally by ``os.replace``, which
+    replaces a link at ``path`` itself and refuses a directory there (fsspec's local ``mv`` is
+    ``shutil.move``: it moved the file *into* a directory at ``path``, or through a link out of
+    the store, and the publish said it had written the payload)."""
+    if isinstance(fs, LocalFileSystem):
+        _through_temporary(fs, path, data, lambda tmp: os.replace(tmp, path))
+    else:
+        _through_temporary(fs, path, data, lambda tmp: fs.mv(tmp, path))
 
 
 def _through_temporary(fs: Any, path: str, data: bytes, commit: Callable[[str], _T]) -> _T:

@@ -447,6 +447,35 @@ def test_publishing_over_an_id_this_key_cannot_verify_is_refused(
         publish_payload(PAYLOAD, str(store), "bp", PublisherKey.generate("other"), "a1")
 
 
+def test_a_directory_where_the_payload_goes_fails_the_publish_and_frees_the_id(
+    tmp_path: Path, publisher: PublisherKey
+) -> None:
+    """fsspec's local ``mv`` is ``shutil.move``: the payload went *into* a directory at its
+    name, the publish reported success, and the artifact could never be fetched; the manifest
+    the publish had written held the id with no payload behind it."""
+    store = tmp_path / "store"
+    (store / "a1.pt2").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError) as info:
+        publish_payload(PAYLOAD, str(store), "bp", publisher, "a1")
+    assert info.value.filename == str(store / "a1.pt2")
+    assert os.listdir(store / "a1.pt2") == [] and sorted(os.listdir(store)) == ["a1.pt2"]
+    (store / "a1.pt2").rmdir()
+    assert publish_payload(PAYLOAD, str(store), "bp", publisher, "a1").artifact_id == "a1"
+    assert (store / "a1.pt2").read_bytes() == PAYLOAD
+
+
+def test_a_link_where_the_payload_goes_is_replaced_never_written_through(
+    tmp_path: Path, publisher: PublisherKey
+) -> None:
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    (store / "a1.pt2").symlink_to(elsewhere)
+    publish_payload(PAYLOAD, str(store), "bp", publisher, "a1")
+    assert not (store / "a1.pt2").is_symlink() and (store / "a1.pt2").read_bytes() == PAYLOAD
+    assert os.listdir(elsewhere) == []
+
+
 # --- publisher key files ------------------------------------------------------------------------
 
 
