@@ -101,7 +101,10 @@ def _keygen_file(args: argparse.Namespace, out: Path, key_id: str, key: bytes) -
     keys: dict[str, bytes] = {}
     if out.exists():
         if not args.append:
-            raise CLIError(f"{args.out} exists; pass --append to add a key or choose another file")
+            raise CLIError(
+                f"{args.out} exists; pass --append to add a key (--append --force replaces one "
+                "of the same id) or choose another file"
+            )
         existing = Keyring.from_file(out)
         if key_id in existing and not args.force:
             raise CLIError(f"{args.out} already holds key {key_id!r}; pass --force to replace it")
@@ -352,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", help="keyring JSON file, or publisher key file, to write")
     keygen.add_argument("--append", action="store_true", help="add to an existing --out file")
     keygen.add_argument(
-        "--force", action="store_true", help="replace a key with the same id, or a key file"
+        "--force",
+        action="store_true",
+        help="with --append, replace the keyring's key of the same id (its other keys stay); "
+        "with --publisher, replace the key file",
     )
     keygen.add_argument(
         "--bytes",
