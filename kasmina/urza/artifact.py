@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.local import LocalFileSystem, make_path_posix
 from fsspec.implementations.memory import MemoryFileSystem
 
 from kasmina.errors import ArtifactIntegrityError, NotARegularFileError
@@ -96,7 +96,15 @@ _FIELDS = (
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem of a store URL and its root path (no trailing slash)."""
+    """The fsspec filesystem of a store URL and its root path (no trailing slash).
+
+    ``::`` chains filesystems in fsspec (``simplecache::s3://bucket/store``); in a local path
+    whose part before it is no protocol (``runs/a::b``) it is part of a name, and the path is
+    taken whole (fsspec read ``/x/a::b`` as ``/x/a``, and ``a::b`` as ``a:``: the store was
+    written somewhere other than the directory named)."""
+    head = url.split("::", 1)[0]
+    if "::" in url and "://" not in head and head not in fsspec.available_protocols():
+        return LocalFileSystem(**(storage_options or {})), make_path_posix(url).rstrip("/")
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, root.rstrip("/")
 

@@ -133,18 +133,40 @@ def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.parametrize("name", ["a::b", "x/a::b"])
+def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(
+    tmp_path, publisher, trusted, monkeypatch, name
+) -> None:
+    """``::`` chains filesystems in fsspec: ``a::b`` was written to a sibling ``a:`` and
+    ``x/a::b`` to ``x/a``, while the publish said it wrote to the directory named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir(parents=True)
+    publish_payload(b"payload-one", name, "blue", publisher, "art-1")
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+        "art-1.manifest.json",
+        "art-1.pt2",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name.split("/")[0]]
+    assert client(name, trusted).fetch("art-1")[0] == b"payload-one"
+
+
 def test_a_store_write_that_fails_leaves_no_temporary(tmp_path, publisher, monkeypatch) -> None:
-    """An fsspec backend raises errors of its own types; the temporary manifest used to stay
-    beside its target when the move into place raised anything but an OSError."""
+    """An fsspec backend raises errors of its own types; the temporary used to stay beside
+    its target when the write raised anything but an OSError. The manifest the publish wrote
+    goes too: the id is free again, not held by a manifest with no payload."""
     from fsspec.implementations.local import LocalFileSystem
 
-    def mv(self, *args, **kwargs):
-        raise RuntimeError("backend error")
+    real = LocalFileSystem.pipe_file
 
-    monkeypatch.setattr(LocalFileSystem, "mv", mv)
+    def pipe_file(self, path, data, **kwargs):
+        real(self, path, data, **kwargs)
+        if ".pt2" in path:  # written, then the backend fails
+            raise RuntimeError("backend error")
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe_file)
     with pytest.raises(RuntimeError, match="backend error"):
         publish_payload(b"payload", str(tmp_path), "blue", publisher, "art-1")
-    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    assert list(tmp_path.iterdir()) == []
 
 
 class _PausingFS:
