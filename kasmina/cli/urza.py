@@ -110,7 +110,10 @@ def add_urza_parser(sub: argparse._SubParsersAction) -> None:
         "it (float32)",
     )
     publish.add_argument("--blueprint", help="blueprint name recorded in the manifest")
-    publish.add_argument("--artifact-id", help="artifact id (default: <blueprint>-<sha256>)")
+    publish.add_argument(
+        "--artifact-id",
+        help="artifact id (default: <blueprint>-<first 16 hex digits of the payload's SHA-256>)",
+    )
     publish.add_argument(
         "--seed",
         type=bounded_int(0, MAX_SEED),

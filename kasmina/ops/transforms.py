@@ -6,9 +6,12 @@ through its gradients raises instead of being silently wrong (``kd_kl_loss`` and
 fused-linear op's Function is not in this form and is not supported there): the Functions take the
 ``setup_context`` form (a ``forward`` without ``ctx``), so ``torch.func.grad``/``vjp`` run their
 forward on the plain tensors; such a backward is run one level down, on the plain tensors too (the
-kernels need storage); nested transforms, and any ``vmap``, raise a clear error naming the op
-(``no_vmap``, ``functorch_backward``), and so does forward mode nested in forward mode, whose
-``jvp`` rule torch does not differentiate (``no_nested_forward_mode``). ``functorch_active``
+kernels need storage); for ``kd_kl_loss``, whose backward records no graph, nested transforms
+and any ``vmap`` raise a clear error naming the op (``functorch_backward``); ``alpha_blend``'s
+backward is linear in the incoming gradient, in plain torch ops there, so ``jacrev`` and nested
+``grad`` compose and only ``vmap`` over its inputs raises (``no_vmap``); forward mode nested in
+forward mode raises for both (``no_nested_forward_mode``), since its
+``jvp`` rule torch does not differentiate. ``functorch_active``
 routes the ops' eager shortcuts (no graph to record) through their Functions while a transform
 runs. ``plain_flag`` and
 ``outside_transforms`` let a forward run under a transform (a grown model under

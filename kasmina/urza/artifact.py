@@ -111,8 +111,12 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 def shown(value: object) -> str:
     """``repr(value)`` for a message, cut short: a field read from a store before its signature
-    is checked may be megabytes long (logged, and kept in command logs)."""
-    return clipped(repr(value), 80)
+    is checked may be megabytes long (logged, and kept in command logs). The length said is
+    the value's own (a string's characters, not its quoted repr's)."""
+    text = repr(value)
+    if len(text) <= 80 or not isinstance(value, str):
+        return clipped(text, 80)
+    return f"{text[:80]}... ({len(value)} characters)"
 
 
 def validate_artifact_id(artifact_id: object) -> str:

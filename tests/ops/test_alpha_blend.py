@@ -685,6 +685,37 @@ def test_torch_func_grad_matches_eager_autograd(backend, alpha_kind, mode):
 
 
 @pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_jacrev_and_nested_grad_equal_the_float64_reference(backend, mode) -> None:
+    """The blend's backward is linear in the incoming gradient, in plain torch ops under a
+    transform, so reverse mode composes: ``jacrev`` (``vmap`` over the backward: the op's own
+    ``vmap`` refusal is for batched primals) and ``grad`` of ``grad``, over the seed, the host
+    and a per-chunk alpha, equal the float64 reference's (the docs said they raised)."""
+    gen = torch.Generator().manual_seed(31)
+    seed, host = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    alpha = torch.rand(3, generator=gen)
+
+    def op(s, h, a):
+        return alpha_blend(s, h, a, mode)
+
+    def ref(s, h, a):
+        return alpha_blend_reference(s, h, a, mode)
+
+    got = torch.func.jacrev(op, argnums=(0, 1, 2))(seed, host, alpha)
+    want = torch.func.jacrev(ref, argnums=(0, 1, 2))(seed.double(), host.double(), alpha.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6)
+
+    def second(fn, s, h, a):  # d/d(alpha, seed) of the seed gradient of sum(out^2)
+        inner = lambda s_, a_: torch.func.grad(lambda x: (fn(x, h, a_) ** 2).sum())(s_)  # noqa: E731
+        return torch.func.grad(lambda s_, a_: inner(s_, a_).sum(), argnums=(0, 1))(s, a)
+
+    got = second(op, seed, host, alpha)
+    want = second(ref, seed.double(), host.double(), alpha.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
 def test_the_custom_ops_take_inputs_of_any_strides(backend: str, mode: str) -> None:
     """Compiled, the op's inputs can have other strides than the ones traced (below): its own
     implementation makes them contiguous, forward and backward, against float64."""

@@ -403,6 +403,8 @@ def test_missing_artifacts_and_bad_ids(store, trusted) -> None:
     for bad in ("../etc/passwd", "", "a/b", ".hidden", "x" * 200):
         with pytest.raises(ValueError, match="invalid artifact id"):
             urza.fetch(bad)
+    with pytest.raises(ValueError, match=r"\.\.\. \(200 characters\)"):  # the id's, not its repr's
+        urza.fetch("x" * 200)
     assert urza.breaker.state == "closed"
     assert client(str(root / "does-not-exist"), trusted).list_artifacts() == []
 
