@@ -290,7 +290,12 @@ def checked_teacher_logits(
     last (vocabulary) dimension, moved to the slot's ``device`` when it is elsewhere (a teacher
     on its own GPU, ``load_teacher(device=...)``); anything else, or meta-device logits (no
     values) for a slot that is not on the meta device itself, a ``ValueError`` at hand-over,
-    never at the next forward. Without a ``device`` only the tensor itself is checked."""
+    never at the next forward. Without a ``device`` only the tensor itself is checked.
+
+    Logits a teacher made under ``torch.inference_mode()`` are copied out of it here, once, on
+    the slot's device: autograd refuses to save an inference tensor, and a compiled forward
+    cannot copy one itself (TorchDynamo cannot trace the test), so such logits made the user's
+    compiled model raise where the eager one trained (``saveable`` copies them in eager)."""
     if teacher is None:
         return None
     if problem := dense_float_problem(teacher):
@@ -298,8 +303,13 @@ def checked_teacher_logits(
     assert isinstance(teacher, torch.Tensor)
     if teacher.dim() == 0:
         raise ValueError(f"teacher_logits need a last (vocabulary) dim, got {teacher!r:.60}")
-    if device is None or teacher.device == device:
+    if device is None:
         return teacher
+    if teacher.device == device:
+        if not teacher.is_inference():
+            return teacher
+        with torch.inference_mode(False):
+            return teacher.clone()
     if teacher.is_meta:
         raise ValueError(f"teacher_logits on the meta device hold no values for a {device} slot")
     # Non-blocking only into an accelerator: a copy to the CPU would return before the data

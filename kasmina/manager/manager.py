@@ -126,10 +126,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             workers, limit = config.fetch_workers, config.max_pending_commands
             ahead = lambda epoch: kernels_to_fetch(state, epoch)  # noqa: E731 (a ROLLBACK's)
             self.pending = CommandQueue(loader, ahead, max_pending=limit, fetch_workers=workers)
-            self.intake = CommandIntake(
-                self.handler, self.verifier, self.pending, self.execution, self.report,
-                lock=self._lock, perf=state.perf,
-            )  # fmt: skip
+            parts = (self.handler, self.verifier, self.pending, self.execution, self.report)
+            self.intake = CommandIntake(*parts, lock=self._lock, perf=state.perf)
             config.hold()  # built (a constructor that raised left the config settable)
             undo.pop_all()  # from here on close() closes them
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
@@ -345,9 +343,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             return []
         width = teacher_logits.shape[-1]
         chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
-        # Checked (and moved) for every slot before any takes them: a refusal sets nothing.
-        placed = [checked_teacher_logits(teacher_logits, s.sat_out_compiled.device) for s in chosen]
-        uncollected = sum(s.set_teacher_logits(t) for s, t in zip(chosen, placed, strict=True))
+        # Checked, moved or copied once a device, before any slot takes them: a refusal sets none.
+        devices = {s.sat_out_compiled.device for s in chosen}
+        on = {d: checked_teacher_logits(teacher_logits, d) for d in devices}
+        uncollected = sum(s.set_teacher_logits(on[s.sat_out_compiled.device]) for s in chosen)
         self.counters["kd_uncollected"] += uncollected  # a skipped batch's? (logged by slot)
         if not chosen and not self.counters["teacher_logits_unread"]:
             logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)

@@ -1094,6 +1094,32 @@ def test_a_compiled_forward_whose_kd_sits_out_at_every_call_compiles_once() -> N
     assert slot.sat_out_compiled.tolist() == [0, 11] and slot.sat_out == {}
 
 
+def test_teacher_logits_made_under_inference_mode_train_a_compiled_forward() -> None:
+    """A teacher run under ``torch.inference_mode()`` hands over inference tensors, which
+    autograd refuses to save: the eager op copies them, but the compiled forward (which cannot)
+    raised from inside the user's model. The hand-over copies them out of inference mode, and
+    the compiled KD loss equals the eager one."""
+    torch._dynamo.reset()
+    model = MLP()
+    (slot,) = attach(model, ["head"], 1, 8, kd_config=KDConfig(temperature=2.0))
+    x = torch.randn(3, 5)
+    model(x)
+    slot.seed(0).attach_kernel(kernel(8, 0))
+    walk(slot.seed(0), S.GRAFTING)
+    with torch.inference_mode():
+        teacher = torch.randn(3, 8)
+    losses = []
+    for forward in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        slot.set_teacher_logits(teacher)
+        out = forward(x)
+        kd = collect_kd_losses(model)
+        assert kd is not None
+        (out.sum() + kd).backward()
+        losses.append(kd.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    assert teacher.is_inference()  # the caller's tensor is left as it was
+
+
 def _guards(model: nn.Module) -> str:
     """The guards of the newest compiled entry of ``model``'s forward."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
