@@ -146,8 +146,8 @@ def test_one_flipped_signature_bit_is_refused(store: Path, trusted, bit: int) ->
         ({"key_id": "stranger"}, "unknown publisher key 'stranger'"),
         ({"manifest_version": 3}, "unsupported manifest version 3"),
         # Unverified values are quoted cut short: a store's megabytes never reach a log line.
-        ({"key_id": "K" * 1_000_000}, r"unknown publisher key 'KKK+\.\.\. \(1000002 characters\)"),
-        ({"manifest_version": "9" * 10**5}, r"unsupported manifest version '9+\.\.\. \(100002"),
+        ({"key_id": "K" * 1_000_000}, r"unknown publisher key 'KKK+\.\.\. \(1000000 characters\)"),
+        ({"manifest_version": "9" * 10**5}, r"unsupported manifest version '9+\.\.\. \(100000 "),
     ],
 )
 def test_tampered_manifest_fields_are_refused(store: Path, trusted, fields, match) -> None:
