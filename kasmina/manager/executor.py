@@ -154,6 +154,9 @@ class CommandExecution:
     ) -> str:
         """``apply``'s operation: what it reports of a command applied anyway ("": nothing;
         a rollback whose boundary replay failed says so), or an exception that refuses it."""
+        registry, seed = self.state.registry, command.seed if command.kind == "seed" else None
+        if fetch_error is not None and seed is not None and registry is not None:
+            _ = registry[seed.seed_id]  # KeyError: an unknown seed is the refusal, not its fetch
         if fetch_error is not None:  # named by its first public class (private ones refine)
             name = next(c.__name__ for c in type(fetch_error).__mro__ if c.__name__[0] != "_")
             raise CommandRefused(f"loading its kernel failed: {name}: {fetch_error}")

@@ -306,6 +306,9 @@ def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) 
     assert "ArtifactIntegrityError" in rig.manager.command_log[0][3]
     assert "ArtifactNotFoundError" in rig.manager.command_log[1][3]
     assert not rig.send("germinate", "nowhere[0]", mlp)  # unknown seed
+    # An unknown seed whose artifact is missing too: the seed is the refusal (it said the fetch)
+    assert not rig.send("germinate", "nowhere[0]", "no-such-artifact")
+    assert "unknown seed 'nowhere[0]'" in rig.manager.command_log[-1][3]
 
 
 def test_an_artifact_that_does_not_fit_the_slot_is_refused(
