@@ -69,10 +69,6 @@ def new_run_id() -> str:
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The run's checkpoint key file when ``checkpoint_key_file`` is unset, in its run directory.
 CHECKPOINT_KEY_NAME = "checkpoint.key"
-# The file that marks a directory as a run's (its run id inside), written by the manager into
-# its run directory before any of its files (runs.py): ``kasmina runs`` lists and prunes only
-# directories so marked, never one that merely holds a key or a ledger of a run elsewhere.
-RUN_MARKER_NAME = ".kasmina-run"
 # A run's checkpoint lock is ``.<run_id>`` this, in its checkpoint directory (checkpoints.py).
 CHECKPOINT_LOCK_SUFFIX = ".checkpoints.lock"
 # Checkpoint directories and their defaults under the run directory.

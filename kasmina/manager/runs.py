@@ -43,13 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasmina.errors import KasminaError
-from kasmina.manager.config import (
-    CHECKPOINT_LOCK_SUFFIX,
-    RUN_ID_PATTERN,
-    RUN_MARKER_NAME,
-    KasminaConfig,
-)
+from kasmina.manager.config import CHECKPOINT_LOCK_SUFFIX, RUN_ID_PATTERN, KasminaConfig
 from kasmina.utils.atomic import install_new_file
+from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import lock_exclusive
 
 logger = logging.getLogger(__name__)
@@ -58,6 +54,8 @@ __all__ = ["PruneError", "RunInfo", "list_runs", "mark_run_dir", "prune_runs"]
 
 # Renamed here (under the root) while being deleted; never listed as a run.
 _TRASH_PREFIX = ".pruning-"
+# The file that marks a directory as a run's, holding its run id (``mark_run_dir``).
+RUN_MARKER_NAME = ".kasmina-run"
 
 
 @dataclass(frozen=True)
@@ -109,11 +107,10 @@ def _is_marked(path: Path) -> bool:
     if not stat.S_ISREG(_lstat_mode(marker)):
         return False
     try:
-        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
-    except OSError:
+        data, _ = read_regular_file(marker, 128, what="run marker")
+    except (OSError, ValueError):  # gone, unreadable, or not a marker Kasmina wrote
         return False
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(128).strip() == path.name.encode()
+    return data.strip() == path.name.encode()
 
 
 def _is_run(path: Path) -> bool:

@@ -113,10 +113,7 @@ def shown(value: object) -> str:
     """``repr(value)`` for a message, cut short: a field read from a store before its signature
     is checked may be megabytes long (logged, and kept in command logs). The length said is
     the value's own (a string's characters, not its quoted repr's)."""
-    text = repr(value)
-    if len(text) <= 80 or not isinstance(value, str):
-        return clipped(text, 80)
-    return f"{text[:80]}... ({len(value)} characters)"
+    return clipped(repr(value), 80, len(value) if isinstance(value, str) else None)
 
 
 def validate_artifact_id(artifact_id: object) -> str:

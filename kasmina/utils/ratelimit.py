@@ -12,6 +12,9 @@ def rarely(count: int, every: int, level: int = logging.WARNING) -> int:
     return level if count == 1 or count % every == 0 else logging.DEBUG
 
 
-def clipped(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, saying how long it was."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def clipped(text: str, limit: int, length: int | None = None) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was (``length``: how long what
+    it shows is, when that is not ``text`` itself, e.g. a string shown by its repr)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) if length is None else length} characters)"
