@@ -254,6 +254,8 @@ class ManagerApplier:
         seed = command.seed
         if seed is None or seed.operation != _GERMINATE or not seed.artifact_id:
             return ""
+        if not self.intake.queue.knows(seed.seed_id):  # refused as that on every rank
+            return ""
         artifact_id, loader = seed.artifact_id, self.intake.queue.loader
         if artifact_id in loader.cache and loader.pin(artifact_id):  # no hit or miss counted
             self._pinned.append(artifact_id)

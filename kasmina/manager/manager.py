@@ -88,8 +88,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     teacher = StateField()
     epoch, global_step, val_metrics = StateField(), StateField(), StateField()  # the clock
     counters = StateField()
-    gate_counts = StateField()
-    field_reports = StateField()
+    gate_counts, field_reports = StateField(), StateField()
     command_log = StateField()
     perf = StateField()
     checkpoints = StateField()
@@ -125,7 +124,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             self._lock = threading.RLock()
             workers, limit = config.fetch_workers, config.max_pending_commands
             ahead = lambda epoch: kernels_to_fetch(state, epoch)  # noqa: E731 (a ROLLBACK's)
-            self.pending = CommandQueue(loader, ahead, max_pending=limit, fetch_workers=workers)
+            self.pending = CommandQueue(
+                loader, ahead, state.has_seed, max_pending=limit, fetch_workers=workers
+            )
             parts = (self.handler, self.verifier, self.pending, self.execution, self.report)
             self.intake = CommandIntake(*parts, lock=self._lock, perf=state.perf)
             config.hold()  # built (a constructor that raised left the config settable)

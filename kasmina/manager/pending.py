@@ -108,17 +108,22 @@ class CommandQueue:
         self,
         loader: KernelLoader,
         rollback_kernels: Callable[[int], list[str]] | None = None,
+        known_seed: Callable[[str], bool] | None = None,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         fetch_workers: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``rollback_kernels(epoch)``: the artifacts a ROLLBACK to ``epoch`` would load (asked
-        on the applying thread); None: a ROLLBACK's kernels are not fetched ahead."""
+        on the applying thread); None: a ROLLBACK's kernels are not fetched ahead.
+        ``known_seed(seed_id)``: whether the model has that seed (any thread); a GERMINATE of
+        one it has not is refused when applied, so its kernel is never fetched or pinned for it
+        (None: every seed is known)."""
         if max_pending < 1 or fetch_workers < 1:
             raise ValueError("max_pending and fetch_workers must be >= 1")
         self.loader = loader
         self.rollback_kernels = rollback_kernels
+        self.known_seed = known_seed
         self.max_pending = max_pending
         self.fetch_workers = fetch_workers
         self._clock = clock
@@ -225,6 +230,8 @@ class CommandQueue:
         if entry.command.rollback is not None and self.rollback_kernels is not None:
             return self._poll_rollback(entry, wait)
         artifact_id = entry.artifact_id
+        if artifact_id is not None and entry.fetch is None and not self.knows(entry.seed_id):
+            return None, None  # refused as the unknown seed it names: nothing to fetch
         if entry.fetch is None and artifact_id is not None and not entry.pinned:
             with interrupts_deferred():  # a Ctrl-C between the pin and its record leaks it
                 pinned = self.loader.pin(artifact_id)
@@ -304,8 +311,15 @@ class CommandQueue:
         artifact_id = entry.artifact_id
         if artifact_id is None or (unless_cached and artifact_id in self.loader.cache):
             return
+        if not self.knows(entry.seed_id):  # asked again at its safe point (a slot attached by then)
+            return
         deadline = entry.deadline if math.isfinite(entry.deadline) else None
         entry.fetch = self._submit(self._fetch_pinned, entry, artifact_id, deadline)
+
+    def knows(self, seed_id: str | None) -> bool:
+        """Whether a command for ``seed_id`` (None: no seed's) may need its kernel fetched: not
+        one for a seed the model does not have (``known_seed``)."""
+        return self.known_seed is None or seed_id is None or self.known_seed(seed_id)
 
     def _fetch_pinned(
         self, entry: PendingCommand, artifact_id: str, deadline: float | None

@@ -348,6 +348,11 @@ class ManagerState:
             self.registry.check_held(self.optimizers)
         return self.registry
 
+    def has_seed(self, seed_id: str) -> bool:
+        """Whether the managed model has a seed ``seed_id`` (any thread: one dict lookup)."""
+        registry = self.registry
+        return registry is not None and seed_id in registry.records
+
     def graph_open(self) -> bool:
         """Whether a forward through the managed model's slots recorded a graph since the last
         step's end (``SlotRegistry.graph_open``): until then no explicit safe point applies."""

@@ -902,6 +902,19 @@ def test_a_kernel_fetched_by_the_prepare_counts_one_miss_and_no_hit(
     rig.manager.close()
 
 
+def test_a_sync_fetches_no_kernel_for_a_seed_the_model_does_not_have(
+    tmp_path, store, keyring, mlp
+) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", "nowhere[0]", mlp))
+    result = dk.sync_epoch(0)
+    assert result.outcomes == (False,) and "unknown seed" in result.commands[0].reason
+    assert len(rig.manager.kernel_cache) == 0 and rig.manager.loader.counters["loads"] == 0
+    dk.close()
+    rig.manager.close()
+
+
 def test_a_fetch_of_a_sync_that_never_applied_is_no_later_commands(
     tmp_path, store, keyring, mlp
 ) -> None:

@@ -311,6 +311,29 @@ def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) 
     assert "unknown seed 'nowhere[0]'" in rig.manager.command_log[-1][3]
 
 
+def test_a_germinate_of_an_unknown_seed_fetches_and_caches_nothing(
+    tmp_path, store, keyring, mlp
+) -> None:
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config)
+    counted = urza._fs = FlakyFS(urza._fs)
+    rig = Rig(config, keyring, urza_client=urza)
+    manager = rig.manager
+    assert not rig.send("germinate", "nowhere[0]", mlp)
+    assert "unknown seed 'nowhere[0]'" in manager.command_log[-1][3]
+    assert sum(counted.reads.values()) == 0 and len(manager.kernel_cache) == 0
+    assert manager.loader.counters["loads"] == 0
+    # At arrival as at the safe point: queued while the trainer runs, refused when applied.
+    raw = rig.signed(make_seed_command("germinate", "nowhere[1]", mlp, {}, validate=False))
+    assert manager.handle_adaptation_command(raw)
+    rig.train(1)
+    assert "unknown seed 'nowhere[1]'" in manager.command_log[-1][3]
+    assert sum(counted.reads.values()) == 0 and len(manager.kernel_cache) == 0
+    # A seed it has still fetches its kernel as before.
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert sum(counted.reads.values()) > 0 and len(manager.kernel_cache) == 1
+
+
 def test_an_artifact_that_does_not_fit_the_slot_is_refused(
     rig: Rig, store: Path, publisher
 ) -> None:
