@@ -47,7 +47,7 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
-from kasmina.seeds.outputs import output_element, replace_output_element
+from kasmina.seeds.outputs import dense, on_dense, output_element, replace_output_element
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
@@ -99,11 +99,19 @@ def _ablate(record: SeedRecord) -> list[Any]:
         host, mine = element(captured.pop()), element(output)
         if not isinstance(mine, torch.Tensor) or not isinstance(host, torch.Tensor):
             return output
-        if mine.shape != host.shape:
+        if mine.is_nested != host.is_nested:
             return output
-        out = mine.clone()
-        out.narrow(dim, k * width, width).copy_(host.narrow(dim, k * width, width))
-        return replace(output, out)
+        host = dense(host)  # a packed encoder batch: replaced on the padded form, as grafted
+
+        def put_back(padded: torch.Tensor) -> torch.Tensor:
+            if padded.shape != host.shape:
+                return padded
+            out = padded.clone()
+            out.narrow(dim, k * width, width).copy_(host.narrow(dim, k * width, width))
+            return out
+
+        out = on_dense(mine, put_back)
+        return output if out is mine else replace(output, out)
 
     return [
         slot.host.register_forward_hook(keep_host),

@@ -18,6 +18,7 @@ from kasmina.manager import rollback as rollback_module
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.gates import gate_g5_performance
+from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.seeds.table import GPUStateTensor
@@ -129,6 +130,37 @@ class KeywordInputs(nn.Module):
 
     def forward(self, scale: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.inner(features) * scale
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_seed_in_an_encoder_layer_is_measured_on_a_packed_batch() -> None:
+    """``nn.TransformerEncoder`` in inference packs a batch with a padding mask into a nested
+    tensor (its default): the ablation put the host's chunk back with dense tensor ops and
+    raised, so such a seed could never be measured. On the padded form, as the slot grafts,
+    the packed encoder measures the real positions as the dense one does."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, 8, generator=gen)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:], pad[2, 2:] = True, True
+    measured = []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=packed)
+        (slot,) = attach(model, ["layers.1"], 2, 4)
+        registry = SlotRegistry(model, [slot])
+        slot.seed(0).attach_kernel(Scale(2.0))
+        for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+            slot.seed(0).transition_to(stage)
+        results = evaluate_seeds(
+            registry, [((x, None, pad), None)], lambda out, _: out[~pad].pow(2).mean()
+        )
+        measured.append(results[slot.seed(0).seed_id])
+    dense, packed_ = measured
+    assert dense.faults == packed_.faults == 0
+    assert packed_.loss_with != packed_.loss_without  # the seed's chunk was put back
+    assert packed_.loss_with == pytest.approx(dense.loss_with, rel=1e-5)
+    assert packed_.loss_without == pytest.approx(dense.loss_without, rel=1e-5)
 
 
 def test_mapping_inputs_are_passed_as_keyword_arguments() -> None:
