@@ -412,8 +412,11 @@ class DistributedKasmina:
         # forward reads batch statistics, and running statistics are linear in what each step
         # adds, so one average at the boundary gives what averaging them at every step would
         # (up to rounding) at no per-step cost. Before the commands apply, the seeds that ran
-        # this epoch are the ones in a running stage.
-        self.seed_buffers(running_kernel_buffers(self.manager.require_registry()))
+        # this epoch are the ones in a running stage. A closed manager raises before the first
+        # collective, as its step() and end_epoch() do: it would refuse every command the ranks
+        # received, as one it could not verify, and report the ranks consistent.
+        registry = self.manager.state.require_registry(training=True)
+        self.seed_buffers(running_kernel_buffers(registry))
         result = self.coordinator.sync_epoch(epoch)
         self.replica.note_sync(result)
         return result

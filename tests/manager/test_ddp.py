@@ -902,6 +902,21 @@ def test_a_kernel_fetched_by_the_prepare_counts_one_miss_and_no_hit(
     rig.manager.close()
 
 
+def test_a_closed_manager_raises_at_the_sync_before_any_collective(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """It took part, refused every command the ranks received as one it "could not verify",
+    and reported the ranks consistent; its next step() raised."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    rig.manager.close()
+    with pytest.raises(RuntimeError, match="this manager is closed"):
+        dk.sync_epoch(0)
+    assert dk.coordinator.stats["syncs"] == 0 and not dk.coordinator.history
+    dk.close()
+
+
 def test_a_sync_fetches_no_kernel_for_a_seed_the_model_does_not_have(
     tmp_path, store, keyring, mlp
 ) -> None:
