@@ -28,11 +28,12 @@ FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.processes import (
     check_supported_parallelism,
+    collective_device,
     collective_timeout_s,
     copy_into_grads,
 )
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DistributedKasmina",
     "SeedGradientSync",
+    "check_same_layout",
     "kasmina_owned_names",
     "running_kernel_buffers",
     "wrap_ddp",
@@ -122,10 +125,35 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, kasmina_owned_names(model)
-    )
+    owned = kasmina_owned_names(model)
+    check_same_layout(model, owned, ddp_options.get("process_group"))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     return DistributedDataParallel(model, **ddp_options)
+
+
+def check_same_layout(model: nn.Module, ignored: Collection[str] = (), group: Any = None) -> None:
+    """``ValueError`` on every rank when the ranks' models differ in the names, shapes or dtypes
+    of the parameters and buffers DDP takes (all but ``ignored``; ``group``: DDP's process group,
+    None the default one). DDP's constructor compares shapes, but a dtype that differs (a rank
+    cast to bfloat16) makes its first broadcast read sizes that do not match, and gloo aborts
+    the process. One all-gather of a 16-byte digest."""
+    layout = [
+        (name, tuple(tensor.shape), str(tensor.dtype))
+        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+        if name not in ignored
+    ]
+    digest = hashlib.blake2b(repr(layout).encode(), digest_size=16).digest()
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=collective_device(group))
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    differ = [rank for rank, other in enumerate(every) if not torch.equal(other, every[0])]
+    if differ:
+        dtypes = dict(Counter(dtype for _, _, dtype in layout))
+        raise ValueError(
+            f"wrap_ddp: the ranks' models differ in their parameters' or buffers' names, shapes "
+            f"or dtypes: rank(s) {differ} differ from rank 0 (this rank, {dist.get_rank(group)}, "
+            f"has {len(layout)}: {dtypes}); build and cast the model alike on every rank"
+        )
 
 
 class SeedGradientSync:

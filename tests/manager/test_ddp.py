@@ -368,6 +368,24 @@ def _worker_uneven_registries(rank: int, world: int, out: str) -> None:
     torch.save(flags, Path(out, f"uneven{rank}.pt"))
 
 
+def _worker_cast_rank(rank: int, world: int, out: str) -> None:
+    """Rank 1's host cast to bfloat16, its slot attached alike: gloo aborted the process in
+    DDP's first broadcast (sizes that do not match). Both ranks get one clear refusal."""
+    from kasmina.seeds.inject import attach
+    from tests.manager.helpers import Host
+
+    model = Host()
+    attach(model, ["out"], 2, 2)
+    if rank == 1:
+        model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] differ from rank 0") as refused:
+        wrap_ddp(model)
+    Path(out, f"refused{rank}.txt").write_text(str(refused.value))
+    same = Host()
+    attach(same, ["out"], 2, 2)
+    assert wrap_ddp(same) is not same  # alike on both ranks: wrapped
+
+
 def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
     """Rank 0's isolation check finds a leak in one step; rank 1's finds none."""
     t = Trainer(rank, world, spec)
@@ -1421,6 +1439,13 @@ def test_fp16_seed_gradients_are_averaged_without_overflowing(tmp_path: Path) ->
     grads = [torch.load(tmp_path / f"fp16{rank}.pt") for rank in range(2)]
     assert torch.equal(grads[0], grads[1])
     assert grads[0].tolist() == [41024.0] * 4
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_rank_whose_host_has_another_dtype_is_refused_on_every_rank(tmp_path: Path) -> None:
+    spawn(_worker_cast_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=20)
+    refusals = [Path(tmp_path, f"refused{rank}.txt").read_text() for rank in (0, 1)]
+    assert "torch.float32" in refusals[0] and "torch.bfloat16" in refusals[1]
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
