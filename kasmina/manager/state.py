@@ -33,6 +33,7 @@ from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import RUNS_KERNEL
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.perfstats import LatencyStats
@@ -414,4 +415,14 @@ class ManagerState:
 
 
 def _seed_source(registry: SlotRegistry, seed_id: str) -> Callable[[], list[torch.Tensor]]:
-    return lambda: registry.seed_parameters(seed_id)
+    """The parameters a CREATE_SEED command builds ``seed_id``'s optimizer over: ``ValueError``
+    (the command refused) for a seed whose stage runs no kernel: a seed TERMINATED after it was
+    ACTIVE keeps its kernel's weights, which nothing may train again."""
+
+    def params() -> list[torch.Tensor]:
+        stage = registry[seed_id].stage
+        if stage not in RUNS_KERNEL:
+            raise ValueError(f"seed {seed_id} is {stage.name}: it runs no kernel to train")
+        return list(registry.seed_parameters(seed_id))
+
+    return params

@@ -374,6 +374,11 @@ def test_a_seed_fossilized_before_initialize_host_joins_the_host_optimizer(
     walk_to_active(second, second.train, 0)
     assert second.send("terminate", SEED0) and second.stage(SEED0) == S.TERMINATED
     assert second.manager.optimizers.optimizer_ids == []
+    # Nor does a CREATE_SEED give the TERMINATED seed one back (over weights that run no more).
+    create = make_optimizer_command("create_seed", SEED0)
+    assert not run_command(second.manager, second.signed(create))
+    assert "TERMINATED: it runs no kernel" in second.manager.command_log[-1][3]
+    assert second.manager.optimizers.optimizer_ids == []
     second.train(1)
     manager.close()
     second.manager.close()
