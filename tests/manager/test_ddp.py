@@ -946,6 +946,17 @@ def test_a_sync_fetches_no_kernel_for_a_seed_the_model_does_not_have(
     assert len(rig.manager.kernel_cache) == 0 and rig.manager.loader.counters["loads"] == 0
     dk.close()
     rig.manager.close()
+    # Ahead of a seed's GERMINATE of the same artifact it took that one's fetch, which then
+    # loaded its kernel again (uncached in a cache with no room for it): one load now.
+    config = make_config(tmp_path / "small", store, cache_size_mb=1 / 2**20)
+    rig = Rig(config, keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", "nowhere[0]", mlp))
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    assert dk.sync_epoch(0).outcomes == (False, True)
+    assert rig.manager.loader.counters["loads"] == 1 and rig.stage(SEED0) == S.ISOLATED_INIT
+    dk.close()
+    rig.manager.close()
 
 
 def test_a_fetch_of_a_sync_that_never_applied_is_no_later_commands(
