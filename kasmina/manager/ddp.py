@@ -126,32 +126,38 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     owned = kasmina_owned_names(model)
-    check_same_layout(model, owned, ddp_options.get("process_group"))
+    group, mesh = ddp_options.get("process_group"), ddp_options.get("device_mesh")
+    if group is None and mesh is not None:
+        group = mesh.get_group(0)  # DDP's own group for a mesh
+    check_same_layout(model, owned, group, buffers=ddp_options.get("broadcast_buffers", True))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     return DistributedDataParallel(model, **ddp_options)
 
 
-def check_same_layout(model: nn.Module, ignored: Collection[str] = (), group: Any = None) -> None:
-    """``ValueError`` on every rank when the ranks' models differ in the names, shapes or dtypes
-    of the parameters and buffers DDP takes (all but ``ignored``; ``group``: DDP's process group,
-    None the default one). DDP's constructor compares shapes, but a dtype that differs (a rank
-    cast to bfloat16) makes its first broadcast read sizes that do not match, and gloo aborts
-    the process. One all-gather of a 16-byte digest."""
-    layout = [
-        (name, tuple(tensor.shape), str(tensor.dtype))
-        for name, tensor in (*model.named_parameters(), *model.named_buffers())
-        if name not in ignored
-    ]
+def check_same_layout(
+    model: nn.Module, ignored: Collection[str] = (), group: Any = None, *, buffers: bool = True
+) -> None:
+    """``ValueError`` on every rank when the ranks' models differ in the shapes or dtypes of the
+    tensors DDP takes, in order: the parameters (and the buffers it broadcasts, ``buffers``) but
+    ``ignored``, over ``group`` (DDP's process group; None: the default one). DDP's constructor
+    compares shapes, but a dtype that differs (a rank cast to bfloat16) makes its first
+    broadcast read sizes that do not match, and gloo aborts the process. One all-gather of a
+    16-byte digest, on the model's CUDA device under NCCL (else the group's)."""
+    tensors = [*model.named_parameters(), *(model.named_buffers() if buffers else ())]
+    layout = [(tuple(t.shape), str(t.dtype)) for name, t in tensors if name not in ignored]
     digest = hashlib.blake2b(repr(layout).encode(), digest_size=16).digest()
-    mine = torch.tensor(list(digest), dtype=torch.int64, device=collective_device(group))
+    device = collective_device(group)
+    if device.type == "cuda":  # where the rank's model is, set as current device or not
+        device = next((t.device for _, t in tensors if t.is_cuda), device)
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     differ = [rank for rank, other in enumerate(every) if not torch.equal(other, every[0])]
     if differ:
-        dtypes = dict(Counter(dtype for _, _, dtype in layout))
+        dtypes = dict(Counter(dtype for _, dtype in layout))
         raise ValueError(
-            f"wrap_ddp: the ranks' models differ in their parameters' or buffers' names, shapes "
-            f"or dtypes: rank(s) {differ} differ from rank 0 (this rank, {dist.get_rank(group)}, "
+            f"wrap_ddp: the ranks' models differ in the shapes or dtypes of their parameters or "
+            f"buffers: rank(s) {differ} differ from rank 0 (this rank, {dist.get_rank(group)}, "
             f"has {len(layout)}: {dtypes}); build and cast the model alike on every rank"
         )
 

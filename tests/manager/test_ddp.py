@@ -384,6 +384,12 @@ def _worker_cast_rank(rank: int, world: int, out: str) -> None:
     same = Host()
     attach(same, ["out"], 2, 2)
     assert wrap_ddp(same) is not same  # alike on both ranks: wrapped
+    # Over a device mesh DDP's group is the mesh's: here each rank's alone, so the ranks' models
+    # may differ (pipeline stages, say); the check was made over the whole world.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    alone = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pp", "dp"))["dp"]
+    assert wrap_ddp(model, device_mesh=alone) is not model
 
 
 def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
