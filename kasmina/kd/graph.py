@@ -58,8 +58,8 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     none."""
     if not losses:
         return None
-    for loss in losses:  # ``is_kd_root``
-        if loss.grad_fn is not None:
+    for loss in losses:  # ``is_kd_root`` (compiled, there is no node to mark: as ``mark_cut``)
+        if not torch.compiler.is_compiling() and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
     losses.clear()

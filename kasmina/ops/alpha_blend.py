@@ -27,6 +27,7 @@ an alpha's gradient ``sum(g*(seed-host))`` on both. A healthy activation is far 
 Higher order: a backward under ``create_graph=True`` (a gradient penalty) computes the gradients
 with differentiable torch ops (``_blend_backward_graph``), in both wrappers and on both backends,
 so a second backward is exact; a plain backward runs the kernels, which record no graph.
+Inside a compiled ``torch.func`` transform the blend is plain torch ops (``_blend_in_torch_ops``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kasmina.ops.backend import (
     through_dispatcher,
     use_triton,
 )
+from kasmina.ops.blend_tangent import blend_tangent, tangent_sum
 from kasmina.ops.transforms import functorch_active, no_nested_forward_mode, no_vmap
 
 __all__ = [
@@ -79,54 +81,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_seed: Tensor | None, t_host: Tensor | None) -> Tensor | None:
         """The backward's transpose: ``t_seed + t_host``."""
-        return _tangent_sum(t_seed, t_host)
-
-
-def _tangent_sum(t_seed: Tensor | None, t_host: Tensor | None) -> Tensor | None:
-    """``t_seed + t_host`` (a missing tangent is zero): ``incubate``'s tangent, the transpose
-    of its backward ``(g, g)``. A copy where only one is given, never the input's tangent."""
-    if t_seed is None:
-        return None if t_host is None else t_host.clone()
-    if t_host is None:
-        return t_seed.clone()
-    return t_seed + t_host  # fp16/bf16: computed in fp32 and rounded once, as torch's add does
-
-
-def _blend_tangent(
-    seed: Tensor | None,
-    host: Tensor | None,
-    alpha: Tensor | None,
-    alpha_value: float,
-    t_seed: Tensor | None,
-    t_alpha: Tensor | None,
-) -> Tensor | None:
-    """``blend``'s tangent, the transpose of its backward: ``alpha*t_seed`` plus, for a tensor
-    alpha with a tangent, ``t_alpha*(seed - host)`` (per chunk for a 1-d alpha). The host is
-    detached, so its tangent adds nothing. Plain torch ops, on any device and on ``torch.func``'s
-    wrappers (the kernels need storage); fp32 math for fp16/bf16 data, rounded once."""
-    if t_seed is None and t_alpha is None:
-        return None
-    dtype = (t_seed if t_seed is not None else seed).dtype  # type: ignore[union-attr]
-    work = _WORK.get(dtype, dtype)
-    c = alpha.numel() if alpha is not None and alpha.dim() == 1 else 0
-
-    def chunked(t: Tensor) -> Tensor:  # ``[..., C, W]``, against a ``[C, 1]`` weight
-        return t.unflatten(-1, (c, -1)) if c else t
-
-    def weight(a: Tensor) -> Tensor:
-        a = a.to(work)
-        return a.unsqueeze(-1) if c else a
-
-    out = None
-    if t_seed is not None:  # a float alpha multiplies as an fp32 (opmath) scalar
-        a = alpha_value if alpha is None else weight(alpha)
-        out = chunked(t_seed.to(work)) * a
-    if t_alpha is not None:
-        assert seed is not None and host is not None
-        term = chunked(seed.to(work) - host.to(work)) * weight(t_alpha)
-        out = term if out is None else out + term  # not in place: one may be vmap-batched
-    assert out is not None
-    return (out.flatten(-2) if c else out).to(dtype)
+        return tangent_sum(t_seed, t_host)
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -362,9 +317,9 @@ def _save(ctx, seed: Tensor, host: Tensor, alpha: Tensor | None, alpha_value: fl
 def _jvp(ctx, t_seed, t_host, t_alpha, *_unused) -> Tensor | None:
     """The Function's forward-mode rule: the transpose of its backward (``_grads``)."""
     if ctx.mode == "incubate":  # straight-through: g to both, so t_seed + t_host
-        return _tangent_sum(t_seed, t_host)
+        return tangent_sum(t_seed, t_host)
     seed, host, alpha = ctx.saved_tensors
-    return _blend_tangent(seed, host, alpha, ctx.alpha_value, t_seed, t_alpha)
+    return blend_tangent(seed, host, alpha, ctx.alpha_value, t_seed, t_alpha)
 
 
 def _blend_backward_graph(
@@ -543,7 +498,9 @@ def alpha_blend(
     # blend detaches the host (no gradient): only the seed's or alpha's grad makes a node.
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
-    if functorch_active() and not torch.compiler.is_compiling():
+    if functorch_active():
+        if torch.compiler.is_compiling():  # a compiled transform: plain torch ops
+            return _blend_in_torch_ops(seed_out, host_out, alpha, mode)
         no_nested_forward_mode("alpha_blend")  # ``grad`` over one ``jvp`` is exact: linear rule
         return _AlphaBlendFunction.apply(*args)  # torch.func: its forward gets plain tensors
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
@@ -566,6 +523,20 @@ def alpha_blend(
         if out is not None:
             return out
     return _AlphaBlendFunction.apply(*args)
+
+
+def _blend_in_torch_ops(
+    seed_out: Tensor, host_out: Tensor, alpha: Tensor | float, mode: str
+) -> Tensor:
+    """``alpha_blend`` inside a compiled ``torch.func`` transform, where neither the custom op
+    (its autograd formula has no functorch rule) nor an ``autograd.Function`` serves: the
+    transform traced over ``_StraightThrough`` gave the seed a zero gradient. ``blend`` is the
+    reference's ``lerp``; ``incubate`` is ``host - (seed.detach() - seed)``: exactly ``host``
+    for a finite seed (a slot hands no other: it replaces a non-finite chunk first), with the
+    gradient ``g`` to both."""
+    if mode == "incubate":
+        return host_out - (seed_out.detach() - seed_out)
+    return alpha_blend_reference(seed_out, host_out, alpha, mode)
 
 
 def _native_blend(

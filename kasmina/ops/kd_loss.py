@@ -45,6 +45,7 @@ Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) run
 Function's rule, the backward's transpose in torch ops (``kd_tangent``), on both backends; the
 compiled path's custom op has none. One level deep: its ``p_s - p_t`` records no graph, so nested
 forward mode, ``grad`` beside ``jvp`` and a backward through a tangent raise naming the op.
+Inside a compiled ``torch.func`` transform the loss is ``kd_kl_loss_reference``'s torch ops.
 """
 
 from __future__ import annotations
@@ -127,17 +128,15 @@ def kd_kl_loss_reference(
     vocab = student_logits.shape[-1]
     s = student_logits.to(work).reshape(-1, vocab)
     t = teacher_logits.detach().to(work).reshape(-1, vocab)
-    keep = None if mask is None else mask.reshape(-1)
-    if keep is not None:
-        s, t = s[keep], t[keep]
+    keep = None if mask is None else mask.reshape(-1, 1)
+    if keep is not None:  # a dropped row's logits never reach its loss or gradient (no shape
+        s, t = s.where(keep, 0.0), t.where(keep, 0.0)  # read from the data: it compiles)
     log_ps = torch.log_softmax(s / t_, dim=-1)
     log_pt = torch.log_softmax(t / t_, dim=-1)
     p_t = log_pt.exp()
     kl = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
-    rows = kl * (t_ * t_)
-    if keep is not None:
-        rows = torch.zeros(keep.shape, dtype=work, device=s.device).index_put((keep,), rows)
-    kept = int(keep.sum()) if keep is not None else rows.numel()
+    rows = kl * (t_ * t_) if keep is None else (kl * (t_ * t_)).where(keep[:, 0], 0.0)
+    kept = keep.sum() if keep is not None else rows.numel()
     return _reduce(rows.reshape(lead), reduction, kept, vocab)
 
 
@@ -580,7 +579,9 @@ def kd_kl_loss(
     if function:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
-    if functorch_active() and not torch.compiler.is_compiling():  # torch.func: plain tensors
+    if functorch_active():  # compiled, plain ops (neither the custom op nor a Function serve)
+        if torch.compiler.is_compiling():
+            return kd_kl_loss_reference(student_logits, teacher, temperature, reduction, mask)
         no_nested_forward_mode("kd_kl_loss", reverse=True)  # its rule's p_s - p_t is constant
         return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)

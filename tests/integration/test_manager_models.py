@@ -283,3 +283,42 @@ def test_a_compiled_per_sample_gradient_of_a_grown_model_gives_the_eager_one(
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
     assert rig.train(1)["isolation_clean"]
+
+
+def test_a_compiled_grad_with_a_grafting_seed_distilling_gives_the_eager_one(
+    tmp_path, host_store
+) -> None:
+    """``torch.compile(grad(f), fullgraph=True)`` over a ``functional_call`` of the managed
+    model, a seed in GRAFTING, teacher logits set and the KD loss collected inside ``f``: the
+    blend's and the KD loss's custom ops have no ``torch.func`` rule and the compiled transform
+    raised inside TorchDynamo (and traced over an ``autograd.Function`` it gave the seed no
+    gradient). Under a compiled transform the ops run as plain torch ops: the eager gradients."""
+    store, artifact = host_store
+    torch._dynamo.reset()
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
+    rig = Rig(config, Keyring({"ctl": generate_key()}))
+    manager, teacher = rig.manager, torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(1, teacher)
+    manager.end_epoch(0)
+    for stage in (SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+        assert rig.send("advance", SEED0) and rig.stage(SEED0) == stage
+        rig.train(1, teacher)
+    model, buffers = rig.model, dict(rig.model.named_buffers())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        manager.set_teacher_logits(teacher)
+        out = torch.func.functional_call(model, (p, buffers), (x,))
+        kd = manager.collect_kd_losses()
+        assert kd is not None  # the seed distilled inside the transform
+        return F.cross_entropy(out, y) + kd
+
+    want = torch.func.grad(loss)(params, rig.x, rig.y)
+    got = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(
+        params, rig.x, rig.y
+    )
+    assert any(".seeds.0" in name and bool(grad.any()) for name, grad in want.items())
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
+    assert rig.train(1, teacher)["isolation_clean"]

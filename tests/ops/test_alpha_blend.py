@@ -684,6 +684,33 @@ def test_torch_func_grad_matches_eager_autograd(backend, alpha_kind, mode):
         torch.vmap(lambda s, h: alpha_blend(s, h, 0.3, mode))(seed_out, host_out)
 
 
+@pytest.mark.parametrize("alpha_kind", ["float", "chunks"])
+@pytest.mark.parametrize("mode", ["blend", "incubate"])
+def test_a_compiled_torch_func_grad_matches_eager(alpha_kind, mode):
+    """Inside ``torch.compile`` of a ``torch.func`` transform neither the custom op (it has no
+    ``torch.func`` rule: TorchDynamo raised) nor an ``autograd.Function`` serves (traced over
+    ``incubate``'s straight-through Function, the transform gave the seed a zero gradient):
+    plain torch ops there, the eager gradients and, for ``incubate``, exactly the host's value."""
+    seed_out, host_out, grad = _inputs((2, 3, 8), torch.float32, seed=9)
+    alpha = _alpha(alpha_kind, 8)
+
+    def f(s, h):
+        out = alpha_blend(s, h, alpha, mode)
+        return (out * grad).sum(), out
+
+    want, want_out = torch.func.grad(f, argnums=(0, 1), has_aux=True)(seed_out, host_out)
+    torch._dynamo.reset()
+    transform = torch.func.grad(f, argnums=(0, 1), has_aux=True)
+    got, out = torch.compile(transform, fullgraph=True, backend="aot_eager")(seed_out, host_out)
+    torch._dynamo.reset()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert bool(got[0].any())  # the seed's gradient is there
+    torch.testing.assert_close(out, want_out)
+    if mode == "incubate":
+        assert torch.equal(out, host_out)
+
+
 @pytest.mark.parametrize("mode", ["blend", "incubate"])
 def test_jacrev_and_nested_grad_equal_the_float64_reference(backend, mode) -> None:
     """The blend's backward is linear in the incoming gradient, in plain torch ops under a

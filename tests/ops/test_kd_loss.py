@@ -922,6 +922,33 @@ def test_torch_func_grad_and_vjp_match_eager_autograd(backend, reduction, masked
     _close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "reduction, masked", [("batchmean", True), ("none", False), ("mean", True)]
+)
+def test_a_compiled_torch_func_grad_matches_the_oracle(reduction, masked):
+    """Inside ``torch.compile`` of a ``torch.func`` transform neither the custom op (it has no
+    ``torch.func`` rule: TorchDynamo raised) nor the Function serves: the loss runs as plain
+    torch ops there, the float64 oracle's value and gradient, a dropped row's NaN in neither."""
+    student, teacher = _logits((4, 37), seed=44)
+    mask = torch.tensor([True, False, True, True]) if masked else None
+    go = torch.rand(4, generator=_gen(45)) if reduction == "none" else torch.tensor(1.0)
+    want_loss, want = _oracle(student, teacher, 2.0, reduction, mask, grad_output=go)
+    if masked:
+        student[1] = float("nan")  # a dropped row
+
+    def f(x):
+        return (kd_kl_loss(x, teacher, 2.0, reduction, mask) * go).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.grad_and_value(f), fullgraph=True, backend="aot_eager")
+    got, value = compiled(student)
+    torch._dynamo.reset()
+    _close(got, want, torch.float32)
+    _close(value, (want_loss * go.double()).sum(), torch.float32)
+    if masked:
+        assert bool((got[1] == 0).all())
+
+
 def test_torch_func_vmap_and_nested_grad_raise_clearly(backend):
     """vmap (and transforms over the backward) are refused naming the op, on both backends;
     so is a second order through ``torch.func`` (the backward records no graph, so it would
