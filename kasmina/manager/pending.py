@@ -11,8 +11,9 @@ manager's is alive (docs/design.md §5).
 Why fetches run ahead: a GERMINATE whose kernel is not cached starts its store fetch on a small
 worker pool at arrival, bounded by the command's ``timeout`` (manifest, payload, retries and
 backoff together: ``KernelLoader.original(..., deadline=...)``); one naming a seed the model
-does not have fetches nothing (``known_seed``), then or later: it is refused as that. A safe point never waits for it:
-until the fetch is done the command stays queued, and once the deadline passes it is refused. A
+does not have fetches nothing (``known_seed``), then or later: it is refused as that. A safe
+point never waits for a fetch: until it is done the command stays queued, and once the deadline
+passes it is refused. A
 later command for the same seed, or any command that is not a seed command (a rollback, an
 optimizer change), waits behind it, so commands still take effect in the order they arrived;
 commands for other seeds go ahead.
