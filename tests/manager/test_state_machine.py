@@ -5,8 +5,9 @@ evaluations and epoch ends; the manager's invariants are checked after every act
 in every place it is kept, the table's columns, kernels, optimizers and pins following the
 stages, the command log and counters, a refused command changing nothing bit for bit, a
 rollback restoring what its epoch's ``end_epoch`` left). Derandomized by default (the same
-examples in every run); ``KASMINA_STATEFUL_SEED`` (any value) draws fresh ones, and
-``KASMINA_STATEFUL_EXAMPLES`` / ``KASMINA_STATEFUL_STEPS`` run longer searches.
+examples in every run, which take a seed to ACTIVE: the run checks they did);
+``KASMINA_STATEFUL_RANDOM=1`` draws fresh ones, and ``KASMINA_STATEFUL_EXAMPLES`` /
+``KASMINA_STATEFUL_STEPS`` run longer searches.
 """
 
 from __future__ import annotations
@@ -125,8 +126,15 @@ class Outstanding:
 
 
 def manager_machine(
-    published_, keyring_, root: Path, checkpoint_mode: str, rig_options=None, **overrides
+    published_,
+    keyring_,
+    root: Path,
+    checkpoint_mode: str,
+    reached: set[SeedStage],
+    rig_options=None,
+    **overrides,
 ) -> type:
+    """The machine's class; ``reached`` collects every stage a seed was seen in."""
     store_src, mlp, aff = published_
 
     class ManagerMachine(RuleBasedStateMachine):
@@ -152,7 +160,11 @@ def manager_machine(
             return self.rig.signed(cmd)
 
         def seed_cmd(self, op: str, seed_id: str, artifact: str = "", **params: float) -> bytes:
-            return self.signed(make_seed_command(op, seed_id, artifact, params, validate=False))
+            # A GERMINATE's fetch gets a minute: one that outlived a refusal would pin and unpin
+            # on a worker thread while an invariant reads the pins.
+            timeout = 60.0 if op == "germinate" else 5.0
+            cmd = make_seed_command(op, seed_id, artifact, params, timeout, validate=False)
+            return self.signed(cmd)
 
         def new_log(self) -> list[tuple]:
             log = list(self.m.command_log)
@@ -341,6 +353,18 @@ def manager_machine(
                     self.train(1)
                 if self.seed_stage(seed_id) == stage:
                     self.advance(seed_id, queued=False)
+
+        @rule(seed_id=st.sampled_from(SEEDS), which=st.sampled_from(["mlp", "aff"]))
+        def grow(self, seed_id: str, which: str) -> None:
+            """``push`` until the seed is ACTIVE or a push moves it no further (a gate, a
+            command still queued): the later stages' rules and invariants get seeds to act on."""
+            for _ in range(6):
+                stage = self.seed_stage(seed_id)
+                if stage != S.DORMANT and stage not in NEXT_STAGE:
+                    return
+                self.push(seed_id, which)
+                if self.seed_stage(seed_id) == stage:
+                    return
 
         @rule(seed_id=st.sampled_from(SEEDS))
         def corrupt_kernel(self, seed_id: str) -> None:
@@ -562,6 +586,7 @@ def manager_machine(
         @invariant()
         def stages_agree(self) -> None:
             reg = self.m.require_registry()
+            reached.update(r.stage for r in reg)
             table = reg.table
             for r in reg:
                 seed = r.seed
@@ -707,16 +732,22 @@ VARIANTS = [
 
 @pytest.mark.parametrize(("checkpoint_mode", "overrides"), VARIANTS)
 def test_manager_state_machine(published, keyring, tmp_path, checkpoint_mode, overrides) -> None:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    machine = manager_machine(published, keyring, tmp_path, checkpoint_mode, **overrides)
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            derandomize=os.environ.get("KASMINA_STATEFUL_SEED") is None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    reached: set[SeedStage] = set()
+    machine = manager_machine(published, keyring, tmp_path, checkpoint_mode, reached, **overrides)
+    try:
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=EXAMPLES,
+                stateful_step_count=STEPS,
+                deadline=None,
+                database=None,
+                derandomize=os.environ.get("KASMINA_STATEFUL_RANDOM") != "1",
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert S.ACTIVE in reached, sorted(stage.name for stage in reached)  # the search went there
