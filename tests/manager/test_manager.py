@@ -270,14 +270,19 @@ def test_field_reports_and_timelines_keep_the_newest(
     assert reported["seed.field_reports"] == 5.0
 
 
+def _rig_over_watched_store(tmp_path, store, keyring) -> tuple[Rig, FlakyFS]:
+    """A rig whose store reads go through a ``FlakyFS`` (counted; failing while ``down``)."""
+    config = make_config(tmp_path, store)
+    urza = UrzaLibraryClient.from_config(config)
+    watched = urza._fs = FlakyFS(urza._fs)
+    return Rig(config, keyring, urza_client=urza), watched
+
+
 def test_urza_unreachable_leaves_the_seed_dormant_and_the_host_training(
     tmp_path, store, keyring, mlp
 ) -> None:
-    config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config)
-    flaky = urza._fs = FlakyFS(urza._fs)
+    rig, flaky = _rig_over_watched_store(tmp_path, store, keyring)
     flaky.down = True
-    rig = Rig(config, keyring, urza_client=urza)
     manager = rig.manager
     assert not rig.send("germinate", SEED0, mlp)
     assert rig.stage(SEED0) == S.DORMANT and rig.manager.seed(SEED0).kernel is None
@@ -314,10 +319,7 @@ def test_tampered_or_missing_artifacts_load_nothing(rig: Rig, store: Path, mlp) 
 def test_a_germinate_of_an_unknown_seed_fetches_and_caches_nothing(
     tmp_path, store, keyring, mlp
 ) -> None:
-    config = make_config(tmp_path, store)
-    urza = UrzaLibraryClient.from_config(config)
-    counted = urza._fs = FlakyFS(urza._fs)
-    rig = Rig(config, keyring, urza_client=urza)
+    rig, counted = _rig_over_watched_store(tmp_path, store, keyring)
     manager = rig.manager
     assert not rig.send("germinate", "nowhere[0]", mlp)
     assert "unknown seed 'nowhere[0]'" in manager.command_log[-1][3]

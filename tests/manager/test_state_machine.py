@@ -238,6 +238,13 @@ def manager_machine(
                 ), grown
             return outcome.ok, before, after
 
+        def sent_or_applied(self, raw: bytes, op: str, seed_id: str, queued: bool) -> bool | None:
+            """``queued``: sent, applied at a later safe point (None); else ``at_once``'s ok."""
+            if queued:
+                self.send(raw, op, seed_id)
+                return None
+            return self.at_once(raw, op, seed_id)[0]
+
         def seed_stage(self, seed_id: str) -> S:
             return self.m.seed(seed_id).stage
 
@@ -251,10 +258,7 @@ def manager_machine(
             artifact = mlp if which == "mlp" else aff
             stage = self.seed_stage(seed_id)
             raw = self.seed_cmd("germinate", seed_id, artifact)
-            if queued:
-                self.send(raw, "germinate", seed_id)
-                return
-            ok, before, after = self.at_once(raw, "germinate", seed_id)
+            ok = self.sent_or_applied(raw, "germinate", seed_id, queued)
             if ok is None:
                 return
             if stage != S.DORMANT:
@@ -280,10 +284,7 @@ def manager_machine(
         def advance(self, seed_id: str, queued: bool) -> None:
             stage = self.seed_stage(seed_id)
             raw = self.seed_cmd("advance", seed_id)
-            if queued:
-                self.send(raw, "advance", seed_id)
-                return
-            ok, before, after = self.at_once(raw, "advance", seed_id)
+            ok = self.sent_or_applied(raw, "advance", seed_id, queued)
             if ok is None:
                 return
             if ok:
@@ -301,10 +302,7 @@ def manager_machine(
             stage = self.seed_stage(seed_id)
             params = {} if embargo is None else {"embargo_epochs": embargo}
             raw = self.seed_cmd("cull", seed_id, **params)
-            if queued:
-                self.send(raw, "cull", seed_id)
-                return
-            ok, before, after = self.at_once(raw, "cull", seed_id)
+            ok = self.sent_or_applied(raw, "cull", seed_id, queued)
             if ok is None:
                 return
             legal = S.HARVESTING in LEGAL_TRANSITIONS[stage]
@@ -322,10 +320,7 @@ def manager_machine(
         def terminate(self, seed_id: str, queued: bool) -> None:
             stage = self.seed_stage(seed_id)
             raw = self.seed_cmd("terminate", seed_id)
-            if queued:
-                self.send(raw, "terminate", seed_id)
-                return
-            ok, before, after = self.at_once(raw, "terminate", seed_id)
+            ok = self.sent_or_applied(raw, "terminate", seed_id, queued)
             if ok is None:
                 return
             assert ok == (S.TERMINATED in LEGAL_TRANSITIONS[stage]), (stage, ok)
@@ -375,13 +370,16 @@ def manager_machine(
                 return
             with torch.no_grad():
                 next(record.kernel.parameters()).fill_(float("nan"))
+            # A command still queued applies at the first step's end (a ROLLBACK puts the
+            # kernel's weights back): then the seed need not have faulted.
+            queued = bool(self.outstanding)
             for _ in range(4):
                 if record.stage not in ISOLATED_STAGES:
                     break
                 self.train(1)
             reg = self.m.require_registry()
             assert all(torch.isfinite(p).all() for p in reg.host_params)
-            if not self.outstanding:
+            if not queued:
                 assert record.stage not in ISOLATED_TRAINING_STAGES, (
                     seed_id,
                     record.stage,
