@@ -41,6 +41,7 @@ import torch
 import torch._functorch.config as functorch_config
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from kasmina.ops.transforms import functorch_active
 from kasmina.utils.autograd_nodes import compiled_node
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,11 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     none."""
     if not losses:
         return None
-    for loss in losses:  # ``is_kd_root`` (compiled, there is no node to mark: as ``mark_cut``)
-        if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+    # ``is_kd_root``; not inside a compiled torch.func transform, whose loss never reaches
+    # ``manager.backward`` (elsewhere, reading ``grad_fn`` breaks the graph: marked eagerly).
+    traced_transform = torch.compiler.is_compiling() and functorch_active()
+    for loss in losses:
+        if not traced_transform and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
     losses.clear()

@@ -15,6 +15,7 @@ from kasmina.kd.graph import mark_cut
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive_int
 from kasmina.ops.fused_linear_kd import head_factor
+from kasmina.ops.transforms import functorch_active
 
 __all__ = [
     "PendingKDLosses",
@@ -306,7 +307,9 @@ def checked_teacher_logits(
     if device is None:
         return teacher
     if teacher.device == device:
-        if torch.compiler.is_compiling() or not teacher.is_inference():  # traced: no test
+        # Inside a compiled torch.func transform the test cannot be traced (nor a copy made);
+        # elsewhere while compiling, it breaks the graph and the copy is made eagerly.
+        if (torch.compiler.is_compiling() and functorch_active()) or not teacher.is_inference():
             return teacher
         with torch.inference_mode(False):
             return teacher.clone()

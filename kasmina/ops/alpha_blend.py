@@ -531,11 +531,12 @@ def _blend_in_torch_ops(
     """``alpha_blend`` inside a compiled ``torch.func`` transform, where neither the custom op
     (its autograd formula has no functorch rule) nor an ``autograd.Function`` serves: the
     transform traced over ``_StraightThrough`` gave the seed a zero gradient. ``blend`` is the
-    reference's ``lerp``; ``incubate`` is ``host - (seed.detach() - seed)``: exactly ``host``
-    for a finite seed (a slot hands no other: it replaces a non-finite chunk first), with the
-    gradient ``g`` to both."""
+    reference's ``lerp``; ``incubate`` is ``host - d`` for ``d = seed.detach() - seed``, 0 and
+    so exactly ``host``, with the gradient ``g`` to both; where the seed is not finite ``d`` is
+    replaced by 0 (the value is the host's; that element's seed gradient 0, not ``g``)."""
     if mode == "incubate":
-        return host_out - (seed_out.detach() - seed_out)
+        d = seed_out.detach() - seed_out
+        return host_out - d.where(d == d, 0.0)
     return alpha_blend_reference(seed_out, host_out, alpha, mode)
 
 

@@ -285,6 +285,50 @@ def test_a_compiled_per_sample_gradient_of_a_grown_model_gives_the_eager_one(
     assert rig.train(1)["isolation_clean"]
 
 
+def _distilling_grafting_rig(
+    tmp_path: Path, store: Path, artifact: str
+) -> tuple[Rig, torch.Tensor]:
+    """A rig whose seed distils and is in GRAFTING, and its teacher logits."""
+    torch._dynamo.reset()
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
+    rig = Rig(config, Keyring({"ctl": generate_key()}))
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    assert rig.send("germinate", SEED0, artifact)
+    rig.train(1, teacher)
+    rig.manager.end_epoch(0)
+    for stage in (SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
+        assert rig.send("advance", SEED0) and rig.stage(SEED0) == stage
+        rig.train(1, teacher)
+    return rig, teacher
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["teacher", "inference-teacher"])
+def test_a_kd_loss_collected_inside_a_compiled_region_trains_the_seed(
+    tmp_path, host_store, inference: bool
+) -> None:
+    """Teacher logits set and the KD loss collected inside a compiled function (no transform):
+    the loss is marked as the seeds' KD root and an inference-mode teacher copied out of it,
+    each in eager code at a graph break, so ``manager.backward`` takes it and the step trains."""
+    rig, teacher = _distilling_grafting_rig(tmp_path, *host_store)
+    manager = rig.manager
+    if inference:
+        with torch.inference_mode():
+            teacher = teacher.clone()
+
+    def forward(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple:
+        manager.set_teacher_logits(t)
+        loss = F.cross_entropy(rig.model(x), y)
+        return loss, manager.collect_kd_losses()
+
+    seed = manager.seed(SEED0)
+    before = [p.detach().clone() for p in seed.seed_parameters()]
+    loss, kd = torch.compile(forward, backend="aot_eager")(rig.x, rig.y, teacher)
+    assert kd is not None
+    manager.backward(loss, kd_loss=kd)
+    assert manager.step()["isolation_clean"]
+    assert any(not torch.equal(a, p) for a, p in zip(before, seed.seed_parameters(), strict=True))
+
+
 def test_a_compiled_grad_with_a_grafting_seed_distilling_gives_the_eager_one(
     tmp_path, host_store
 ) -> None:
@@ -293,17 +337,8 @@ def test_a_compiled_grad_with_a_grafting_seed_distilling_gives_the_eager_one(
     blend's and the KD loss's custom ops have no ``torch.func`` rule and the compiled transform
     raised inside TorchDynamo (and traced over an ``autograd.Function`` it gave the seed no
     gradient). Under a compiled transform the ops run as plain torch ops: the eager gradients."""
-    store, artifact = host_store
-    torch._dynamo.reset()
-    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
-    rig = Rig(config, Keyring({"ctl": generate_key()}))
-    manager, teacher = rig.manager, torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
-    assert rig.send("germinate", SEED0, artifact)
-    rig.train(1, teacher)
-    manager.end_epoch(0)
-    for stage in (SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING):
-        assert rig.send("advance", SEED0) and rig.stage(SEED0) == stage
-        rig.train(1, teacher)
+    rig, teacher = _distilling_grafting_rig(tmp_path, *host_store)
+    manager = rig.manager
     model, buffers = rig.model, dict(rig.model.named_buffers())
     params = {k: v.detach() for k, v in model.named_parameters()}
 

@@ -701,14 +701,17 @@ def test_a_compiled_torch_func_grad_matches_eager(alpha_kind, mode):
     want, want_out = torch.func.grad(f, argnums=(0, 1), has_aux=True)(seed_out, host_out)
     torch._dynamo.reset()
     transform = torch.func.grad(f, argnums=(0, 1), has_aux=True)
-    got, out = torch.compile(transform, fullgraph=True, backend="aot_eager")(seed_out, host_out)
-    torch._dynamo.reset()
+    compiled = torch.compile(transform, fullgraph=True, backend="aot_eager")
+    got, out = compiled(seed_out, host_out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert bool(got[0].any())  # the seed's gradient is there
     torch.testing.assert_close(out, want_out)
-    if mode == "incubate":
+    if mode == "incubate":  # exactly the host's value, a non-finite seed element's too
         assert torch.equal(out, host_out)
+        seed_out[0, 0, :2] = torch.tensor([float("inf"), float("nan")])
+        assert torch.equal(compiled(seed_out, host_out)[1], host_out)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mode", ["blend", "incubate"])
