@@ -41,7 +41,7 @@ import torch
 import torch._functorch.config as functorch_config
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from kasmina.ops.transforms import functorch_active
+from kasmina.ops.transforms import in_compiled_transform
 from kasmina.utils.autograd_nodes import compiled_node
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     # ``is_kd_root``; not inside a compiled torch.func transform, whose loss never reaches
     # ``manager.backward`` (elsewhere, reading ``grad_fn`` breaks the graph: marked eagerly).
-    traced_transform = torch.compiler.is_compiling() and functorch_active()
+    traced_transform = in_compiled_transform()
     for loss in losses:
         if not traced_transform and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True

@@ -15,7 +15,7 @@ from kasmina.kd.graph import mark_cut
 from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive_int
 from kasmina.ops.fused_linear_kd import head_factor
-from kasmina.ops.transforms import functorch_active
+from kasmina.ops.transforms import in_compiled_transform
 
 __all__ = [
     "PendingKDLosses",
@@ -309,7 +309,7 @@ def checked_teacher_logits(
     if teacher.device == device:
         # Inside a compiled torch.func transform the test cannot be traced (nor a copy made);
         # elsewhere while compiling, it breaks the graph and the copy is made eagerly.
-        if (torch.compiler.is_compiling() and functorch_active()) or not teacher.is_inference():
+        if in_compiled_transform() or not teacher.is_inference():
             return teacher
         with torch.inference_mode(False):
             return teacher.clone()

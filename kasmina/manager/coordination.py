@@ -338,13 +338,13 @@ class ManagerApplier:
         queued: set[int] = set()
         for command in commands:
             seed = command.seed
-            # A GERMINATE takes its prepare's fetch; one of an unknown seed none (another's).
-            own = (
+            fetch = None  # a GERMINATE takes its prepare's; one of an unknown seed none (another's)
+            if (
                 seed is not None
                 and seed.operation == _GERMINATE
                 and self.intake.queue.knows(seed.seed_id)
-            )
-            fetch = fetched.pop(seed.artifact_id, None) if own and seed is not None else None
+            ):
+                fetch = fetched.pop(seed.artifact_id, None)
             if self.intake.queue.submit(command, fetch):
                 queued.add(id(command))
             else:

@@ -146,9 +146,10 @@ class CommandQueue:
             if self._closed or len(self._queue) >= self.max_pending:
                 return False
             self._queue.append(entry)
-        seed = command.seed  # only a GERMINATE of an uncached artifact starts a fetch
+        seed = command.seed  # only a GERMINATE of an uncached artifact for a known seed fetches
         if fetch is None and seed is not None and seed.operation == _GERMINATE:
-            self._start_fetch(entry)
+            if self.knows(seed.seed_id):  # else asked again at its safe point (``_poll``)
+                self._start_fetch(entry)
         return True
 
     def take_ready(self, *, wait: bool = False) -> list[Ready]:
@@ -312,8 +313,6 @@ class CommandQueue:
         """Start ``entry``'s kernel fetch (at arrival only ``unless_cached``)."""
         artifact_id = entry.artifact_id
         if artifact_id is None or (unless_cached and artifact_id in self.loader.cache):
-            return
-        if not self.knows(entry.seed_id):  # asked again at its safe point (a slot attached by then)
             return
         deadline = entry.deadline if math.isfinite(entry.deadline) else None
         entry.fetch = self._submit(self._fetch_pinned, entry, artifact_id, deadline)

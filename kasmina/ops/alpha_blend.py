@@ -44,7 +44,12 @@ from kasmina.ops.backend import (
     use_triton,
 )
 from kasmina.ops.blend_tangent import blend_tangent, tangent_sum
-from kasmina.ops.transforms import functorch_active, no_nested_forward_mode, no_vmap
+from kasmina.ops.transforms import (
+    functorch_active,
+    in_compiled_transform,
+    no_nested_forward_mode,
+    no_vmap,
+)
 
 __all__ = [
     "alpha_blend",
@@ -498,9 +503,9 @@ def alpha_blend(
     # blend detaches the host (no gradient): only the seed's or alpha's grad makes a node.
     host = host_out.contiguous() if mode == "incubate" else host_out.detach().contiguous()
     args = (seed_out.contiguous(), host, alpha_t, alpha_value, mode)
+    if in_compiled_transform():
+        return _blend_in_torch_ops(seed_out, host_out, alpha, mode)
     if functorch_active():
-        if torch.compiler.is_compiling():  # a compiled transform: plain torch ops
-            return _blend_in_torch_ops(seed_out, host_out, alpha, mode)
         no_nested_forward_mode("alpha_blend")  # ``grad`` over one ``jvp`` is exact: linear rule
         return _AlphaBlendFunction.apply(*args)  # torch.func: its forward gets plain tensors
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)

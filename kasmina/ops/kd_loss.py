@@ -70,6 +70,7 @@ from kasmina.ops.transforms import (
     functorch_active,
     functorch_context,
     graph_anchor,
+    in_compiled_transform,
     no_nested_forward_mode,
     no_vmap,
     tie_once,
@@ -129,13 +130,13 @@ def kd_kl_loss_reference(
     s = student_logits.to(work).reshape(-1, vocab)
     t = teacher_logits.detach().to(work).reshape(-1, vocab)
     keep = None if mask is None else mask.reshape(-1, 1)
-    if keep is not None:  # a dropped row's logits never reach its loss or gradient (no shape
-        s, t = s.where(keep, 0.0), t.where(keep, 0.0)  # read from the data: it compiles)
+    if keep is not None:  # a dropped row is two equal rows of zeros: its KL is exactly 0 and no
+        s, t = s.where(keep, 0.0), t.where(keep, 0.0)  # gradient of it (no shape read: compiles)
     log_ps = torch.log_softmax(s / t_, dim=-1)
     log_pt = torch.log_softmax(t / t_, dim=-1)
     p_t = log_pt.exp()
     kl = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
-    rows = kl * (t_ * t_) if keep is None else (kl * (t_ * t_)).where(keep[:, 0], 0.0)
+    rows = kl * (t_ * t_)
     kept = keep.sum() if keep is not None else rows.numel()
     return _reduce(rows.reshape(lead), reduction, kept, vocab)
 
@@ -579,9 +580,9 @@ def kd_kl_loss(
     if function:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     temperature = float(temperature)
-    if functorch_active():  # compiled, plain ops (neither the custom op nor a Function serve)
-        if torch.compiler.is_compiling():
-            return kd_kl_loss_reference(student_logits, teacher, temperature, reduction, mask)
+    if in_compiled_transform():  # plain torch ops: neither the custom op nor a Function serves
+        return kd_kl_loss_reference(student_logits, teacher, temperature, reduction, mask)
+    if functorch_active():
         no_nested_forward_mode("kd_kl_loss", reverse=True)  # its rule's p_s - p_t is constant
         return _KDFunction.apply(student_logits, teacher, mask, temperature, reduction, None)[0]
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)

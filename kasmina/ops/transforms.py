@@ -32,6 +32,7 @@ __all__ = [
     "functorch_active",
     "functorch_context",
     "graph_anchor",
+    "in_compiled_transform",
     "no_nested_forward_mode",
     "no_vmap",
     "outside_transforms",
@@ -57,6 +58,14 @@ def functorch_active() -> bool:
     TorchDynamo too, where the stack is read as a constant at trace time: tested by type, as an
     ``is not None`` there is true of the constant None as well."""
     return _PEEK is not None and _INTERPRETER is not None and isinstance(_PEEK(), _INTERPRETER)
+
+
+def in_compiled_transform() -> bool:
+    """Whether TorchDynamo is tracing a ``torch.func`` transform (``torch.compile`` of a
+    ``grad``): there neither the ops' custom ops (no ``torch.func`` rule) nor their Functions
+    serve, so the ops run as plain torch ops; and a test of a tensor's mode, or a graph node's
+    metadata, cannot be read."""
+    return torch.compiler.is_compiling() and functorch_active()
 
 
 def transform_depth() -> int:
