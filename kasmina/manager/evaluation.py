@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
@@ -120,10 +121,13 @@ def _ablate(record: SeedRecord) -> list[Any]:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor | PackedSequence):
         return value.to(device)
     if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
+        moved = [_to(v, device) for v in value]
+        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(value)(*moved)
+        return type(value)(moved)
     if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
         return {k: _to(v, device) for k, v in value.items()}
     return value
@@ -138,15 +142,29 @@ def _batch_size(inputs: Any, targets: Any) -> int:
 
 
 def _leading(value: Any) -> int | None:
-    """The batch size ``value`` shows: a tensor's first dimension, a sequence's first element's,
-    a mapping's first value that has one (a 0-d flag or a scalar has none)."""
+    """The batch size ``value`` shows: a tensor's first dimension; a mapping's first value that
+    has one (a 0-d flag or a scalar has none); for a sequence, its tensors' common first
+    dimension (batched targets side by side), else the number of its items when they are
+    per-sample ones: dicts (a detection batch's targets), tensors of different lengths, plain
+    numbers or strings; else its first item's."""
     if isinstance(value, torch.Tensor):
         return int(value.shape[0]) if value.dim() > 0 else None
+    if isinstance(value, PackedSequence):  # its first time step holds every sequence
+        return int(value.batch_sizes[0]) if len(value.batch_sizes) else 0
     if isinstance(value, tuple | list):
-        return _leading(value[0]) if value else None
+        sizes = {int(v.shape[0]) for v in value if isinstance(v, torch.Tensor) and v.dim() > 0}
+        if len(sizes) == 1:
+            return sizes.pop()
+        if len(sizes) > 1 or (value and all(isinstance(v, _PER_SAMPLE) for v in value)):
+            return len(value)
+        return next((n for n in map(_leading, value) if n is not None), None)
     if isinstance(value, Mapping):
         return next((n for n in map(_leading, value.values()) if n is not None), None)
     return None
+
+
+# What a sequence of per-sample items holds (a batch size is its length), besides tensors.
+_PER_SAMPLE = (Mapping, str, bytes, int, float, complex, torch.Tensor)
 
 
 def _rng_states(cuda: list[int]) -> list[torch.Tensor]:
@@ -162,7 +180,8 @@ def _set_rng_states(states: list[torch.Tensor], cuda: list[int]) -> None:
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    unpacked = isinstance(inputs, tuple) and not isinstance(inputs, PackedSequence)
+    return model(*inputs) if unpacked else model(inputs)
 
 
 def _watched_call(
@@ -186,12 +205,12 @@ def _watched_call(
 
     hooks = []
     try:
-        for i, seed in enumerate(seeds):
+        for i, (seed, record) in enumerate(zip(seeds, records, strict=True)):
             try:
                 hooks.append(seed.kernel.register_forward_pre_hook(calls(i, ran)))
                 hooks.append(seed.kernel.register_forward_hook(calls(i, returned)))
-            except RuntimeError:  # a scripted kernel takes no hook: its sit-outs go unseen
-                ran[i] = returned[i] = True
+            except RuntimeError:  # a scripted kernel takes no hook: its slot's are watched
+                hooks.extend(_slot_ran(record.slot, i, ran, returned))
         for seed in seeds:
             seed.finite_flag.fill_(True)
         output = _call(model, inputs)
@@ -207,6 +226,21 @@ def _watched_call(
     # Whatever kept its kernel from running (a sit-out its slot counted, a slot the forward
     # never reached: a branch not taken, an expert given no tokens), the host stood in.
     return output, seen, [not called or r for called, r in zip(ran, refused, strict=True)]
+
+
+def _slot_ran(slot: nn.Module, i: int, ran: list[bool], returned: list[bool]) -> list[Any]:
+    """Hooks that mark seed ``i`` as run when ``slot``'s forward ran without sitting its seeds
+    out (for a kernel that takes no hook of its own): a slot never reached leaves it unmarked."""
+    counts: list[int] = []
+
+    def before(*_: Any) -> None:
+        counts.append(slot.sat_out["seeds"])
+
+    def after(*_: Any) -> None:
+        if slot.sat_out["seeds"] == counts.pop():
+            ran[i] = returned[i] = True
+
+    return [slot.register_forward_pre_hook(before), slot.register_forward_hook(after)]
 
 
 @contextmanager
@@ -250,10 +284,12 @@ def evaluate_seeds(
     """Measure every live seed (a kernel attached, a stage that runs it) on ``batches``.
 
     ``batches`` yields ``(inputs, targets)``; ``inputs`` is passed to the model (a tuple is
-    unpacked, a mapping such as a tokenizer's output is passed as keyword arguments), tensors
-    are moved to the model's device. ``loss_fn(output, targets)`` and
-    ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
-    averaged weighted by batch size (an empty batch weighs nothing and is skipped, not run).
+    unpacked, a ``PackedSequence`` is not, a mapping such as a tokenizer's output is passed as
+    keyword arguments), tensors are moved to the model's device. ``loss_fn(output, targets)``
+    and ``metric_fn(output, targets)`` return a batch mean (tensor or float); the results are
+    averaged weighted by batch size (an empty batch weighs nothing and is skipped, not run):
+    the targets' (else the inputs') first dimension, or for a list of per-sample targets (a
+    detection batch's dicts, tensors of different lengths) the number of samples.
     G5 reads the metric as higher is better and refuses a seed that lowers it by more than
     ``KasminaConfig.g5_max_metric_drop``: pass the metric the fossilization should not cost
     (accuracy), negated if lower is better. A metric that is

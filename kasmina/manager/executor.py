@@ -48,6 +48,7 @@ from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
+    ISOLATED_STAGES,
     LEGAL_TRANSITIONS,
     NEXT_STAGE,
     SeedStage,
@@ -287,12 +288,9 @@ class CommandExecution:
             if not result.passed:
                 raise CommandRefused(f"G1 refused {artifact_id}: {result.reason}")
             state.optimizers.create_seed_optimizer(
-                record.seed_id,
-                seed.seed_parameters(),
-                lr=lr,
-                optimizer_cls=state.optimizer_cls,
+                record.seed_id, seed.seed_parameters(), lr=lr, optimizer_cls=state.optimizer_cls,
                 **state.optimizer_options,
-            )
+            )  # fmt: skip
             record.artifact_id, record.kernel, record.pinned = artifact_id, kernel, pinned
             record.hook_kernel(kernel)
             record.monitor = self.guard.new_monitor(record, state.require_registry())
@@ -311,10 +309,8 @@ class CommandExecution:
                 # Interrupted after the table applied DORMANT -> ISOLATED_INIT: the row is put
                 # back as it was (as a rollback restores stages), and the sinks that heard the
                 # transition hear it undone (``cause=undo``; observers are not called).
-                logger.warning(
-                    "seed %s: GERMINATE interrupted after its transition; it is DORMANT again",
-                    record.seed_id,
-                )
+                msg = "seed %s: GERMINATE interrupted after its transition; it is DORMANT again"
+                logger.warning(msg, record.seed_id)
             stages = table.stages()
             table.restore_row(row, saved_row.tolist())  # on failure only: one sync
             table.report_restored(stages, "undo")  # sinks' errors are caught
@@ -422,10 +418,8 @@ class CommandExecution:
             self.state.counters["gate_score_ignored"] += 1
             logger.warning(
                 "seed %s: ADVANCE's gate_score %s ignored; G5 uses the benefit Kasmina measured "
-                "(manager.evaluate_seeds)",
-                record.seed_id,
-                parameters["gate_score"],
-            )
+                "(manager.evaluate_seeds)", record.seed_id, parameters["gate_score"],
+            )  # fmt: skip
         result = self.evaluate_gate(record, target)
         self.report.note_gate(record, result)
         if not result.passed:
@@ -447,6 +441,8 @@ class CommandExecution:
                 sample = registry.probe_sample(record)
             saved = registry.saved_host_shapes.get(record.slot.layer_id)
             host_cost = host_flops_per_element(record, saved)
+        elif gate == 5:  # the live setting G5 applies, in the seed's PERFORMANCE_GATE column too
+            self.state.stamp_performance_gate([record])
         return record.seed.evaluate_gate(
             target,
             min_isolated_epochs=config.min_isolated_epochs,
@@ -504,6 +500,7 @@ class CommandExecution:
         the seeds recycled. ``end_epoch`` runs it after its checkpoint is written, and a
         rollback to that checkpoint runs it again (docs/design.md §6a)."""
         registry = self.state.require_registry()
+        self.state.stamp_performance_gate(registry.in_stages(ISOLATED_STAGES))  # a live change
         registry.count_trained_epochs()  # G2's evidence, before the tick (epochs_in_stage)
         registry.table.tick()
         with training_tensors():  # a recycled seed's fresh state

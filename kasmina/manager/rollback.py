@@ -58,7 +58,7 @@ from kasmina.manager.state import ManagerState
 from kasmina.manager.tracked import put_back_tracked, saved_tracked, tracked_states
 from kasmina.manager.training_state import capture_training_state, restore_training_state
 from kasmina.seeds.extra_state import owner_restore
-from kasmina.seeds.gates import CompatibilityProbe
+from kasmina.seeds.gates import CompatibilityProbe, ProbeFault
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
@@ -399,7 +399,7 @@ _METRIC_KEYS = frozenset({str, int, float})
 
 # A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach
 # cleared (COMPATIBILITY_CHECK's evidence for G3), for the undo.
-_Detached = tuple[torch.nn.Module | None, CompatibilityProbe | None]
+_Detached = tuple[torch.nn.Module | None, CompatibilityProbe | ProbeFault | None]
 
 
 def _swap_kernels(

@@ -16,7 +16,7 @@ import secrets
 import sys
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,13 @@ from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimi
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
 from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.table import SCALE
 from kasmina.stages import RUNS_KERNEL
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
@@ -353,6 +355,15 @@ class ManagerState:
         """Whether the managed model has a seed ``seed_id`` (any thread: one dict lookup)."""
         registry = self.registry
         return registry is not None and seed_id in registry.records
+
+    def stamp_performance_gate(self, records: Iterable[SeedRecord]) -> None:
+        """The configuration's ``performance_gate`` (a live setting, per mille) as ``records``'
+        threshold (their table's PERFORMANCE_GATE column), where a change since their GERMINATE
+        left another: at each epoch's end for every seed yet to pass G5, and at its G5."""
+        threshold = self.config.performance_gate / SCALE
+        for record in records:
+            if record.seed.performance_gate != threshold:
+                record.seed.performance_gate = threshold
 
     def graph_open(self) -> bool:
         """Whether a forward through the managed model's slots recorded a graph since the last

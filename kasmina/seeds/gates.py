@@ -35,6 +35,7 @@ from kasmina.seeds.faults import (
     output_sum,
     recomputing,
     record_fallbacks,
+    short_reason,
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.seeds.side_effects import kept_buffers, rng_forked
@@ -90,6 +91,8 @@ def gate_g2_isolated_training(
     """G2: the seed trained in ISOLATED_INIT for ``min_isolated_epochs`` epochs (``trained_epochs``:
     the epochs of the stage in which its optimizer stepped it, not the epochs it sat there) with
     no isolation violation. Score: the trained epochs."""
+    if not min_isolated_epochs >= 0:  # NaN fails too: a threshold that cannot be compared
+        raise ValueError(f"min_isolated_epochs must be >= 0, got {min_isolated_epochs!r}")
     if isolation_violations > 0:
         reason = f"{isolation_violations} gradient isolation violation(s)"
         return GateResult(False, reason, float(trained_epochs), 2)
@@ -337,6 +340,8 @@ def gate_g5_performance(
     """
     if not max_metric_drop >= 0:  # NaN fails too
         raise ValueError(f"max_metric_drop must be >= 0, got {max_metric_drop!r}")
+    if not math.isfinite(performance_gate):  # a NaN gate would pass every score
+        raise ValueError(f"performance_gate must be finite, got {performance_gate!r}")
     if evaluation is None:
         return GateResult(False, "never evaluated: run manager.evaluate_seeds first", 0.0, 5)
     if evaluation.stage != stage:
@@ -385,6 +390,14 @@ class ProbeOutputError(ValueError):
     Its own type, so that a caller can tell a kernel that returned the wrong thing from one that
     raised (both are faults of the seed, reported differently).
     """
+
+
+@dataclass(frozen=True)
+class ProbeFault:
+    """A compatibility probe whose kernel raised or returned no tensor: the seed's last probe,
+    on which G3 refuses (naming ``reason``) until a later probe runs cleanly."""
+
+    reason: str
 
 
 @dataclass
@@ -476,9 +489,9 @@ def guarded_probe(
     record: FaultRecorder,
     finite_flag: torch.Tensor,
     fault_flag: torch.Tensor,
-) -> CompatibilityProbe | None:
+) -> CompatibilityProbe | ProbeFault:
     """:func:`run_probe` guarded like the forward (it runs inside the host's): a raise or a
-    non-Tensor is a fault (given to ``record``) and leaves no probe; a wrong shape, dtype or
+    non-Tensor is a fault (given to ``record``) and a :class:`ProbeFault`; a wrong shape, dtype or
     device is a fault that keeps the probe, so G3 names the mismatch; a non-finite output
     clears ``finite_flag`` (``record_fallbacks``). A recompute under activation checkpointing
     records nothing again. A call the kernel's program refuses (``KernelInputRefused``) is no
@@ -488,12 +501,11 @@ def guarded_probe(
     except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
+        kind = "type" if isinstance(exc, ProbeOutputError) else "exception"
+        reason = str(exc) if kind == "type" else f"raised {type(exc).__name__}: {exc}"
         if not recomputing():
-            if isinstance(exc, ProbeOutputError):
-                record("type", str(exc))
-            else:
-                record("exception", f"raised {type(exc).__name__}: {exc}")
-        return None
+            record(kind, reason)
+        return ProbeFault(short_reason(reason))
     fault = output_fault(out, x)
     if fault is None:
         ok = all_finite(out)
@@ -504,20 +516,18 @@ def guarded_probe(
 
 
 def gate_g3_probed(
-    probe: CompatibilityProbe | None,
+    probe: CompatibilityProbe | ProbeFault | None,
     kernel: nn.Module | None,
     host_flops_per_element: float | None,
     max_cost_ratio: float,
     latency_budget_ms: float,
     *,
     seed_id: str,
-    fault: str | None = None,
 ) -> GateResult:
-    """G3 on a seed's last probe: refused when the probe just run faulted (``fault``), or
-    without a probe or a kernel; the counted cost ratio decides, and a latency over budget
-    only warns (timings depend on load)."""
-    if fault is not None:
-        return GateResult(False, f"compatibility probe faulted: {fault}", float("inf"), 3)
+    """G3 on a seed's last probe: refused when it faulted, or without a probe or a kernel; the
+    counted cost ratio decides, and a latency over budget only warns (timings depend on load)."""
+    if isinstance(probe, ProbeFault):
+        return GateResult(False, f"compatibility probe faulted: {probe.reason}", math.inf, 3)
     if probe is None or kernel is None:
         return gate_g3_compatibility(None, (), torch.float32)
     try:

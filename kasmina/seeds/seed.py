@@ -67,6 +67,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.gates import (
     CompatibilityProbe,
     GateResult,
+    ProbeFault,
     SeedEvaluation,
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
@@ -147,7 +148,7 @@ class GradientIsolatedSeed(nn.Module):
         # whether it did in this one; kept by whoever steps it (``after_step``), saved.
         self.trained_epochs, self.trained_this_epoch = 0, False
         self._kd_losses: list[torch.Tensor] = []
-        self.probe_result: CompatibilityProbe | None = None
+        self.probe_result: CompatibilityProbe | ProbeFault | None = None
         # Kasmina's latest measurement of its benefit (G5's only evidence): not saved, dropped
         self.evaluation: SeedEvaluation | None = None  # by any load through the seed
         self.register_load_state_dict_pre_hook(seed_load_pre_hook)
@@ -204,22 +205,17 @@ class GradientIsolatedSeed(nn.Module):
             epochs, violations = self.trained_epochs, self.isolation_violations
             return gate_g2_isolated_training(epochs, min_isolated_epochs, violations)
         if gate == 3:
-            fault = None if sample is None else self._probe_fault(sample)
+            if sample is not None:
+                self.probe(sample)
             return gate_g3_probed(
                 self.probe_result, self.kernel, host_flops_per_element, max_cost_ratio,
-                latency_budget_ms, seed_id=self.seed_id, fault=fault,
+                latency_budget_ms, seed_id=self.seed_id,
             )  # fmt: skip
         if gate == 4:
             return gate_g4_alpha(self._alpha_value)
         threshold = self._performance_gate if performance_gate is None else performance_gate
         evaluation, drop = self.evaluation, max_metric_drop
         return gate_g5_performance(evaluation, threshold, stage, max_metric_drop=drop)
-
-    def _probe_fault(self, sample: torch.Tensor) -> str | None:
-        """Probe ``sample`` for G3: the fault the probe recorded, or None."""
-        faults = self.faults
-        self.probe(sample)
-        return self.fault_log[-1] if self.probe_result is None and self.faults > faults else None
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
         """Keep Kasmina's measurement of this seed (G5's evidence, and its GATE_SCORE)."""
@@ -474,12 +470,14 @@ class GradientIsolatedSeed(nn.Module):
         if not torch.compiler.is_compiling():
             self.probe(x)
 
-    def probe(self, x: torch.Tensor) -> CompatibilityProbe | None:
+    def probe(self, x: torch.Tensor) -> CompatibilityProbe | ProbeFault | None:
         """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
 
         Guarded like the forward (it runs inside the host's): a raise or a non-Tensor is a
-        fault and leaves no probe; a wrong shape, dtype or device is a fault that keeps the
-        probe, so G3 names the mismatch; a non-finite output sets the flag. An empty batch
+        fault, kept as the last probe (a :class:`ProbeFault`: G3 refuses on it, and does not
+        probe random activations instead, until a later probe runs cleanly); a wrong shape,
+        dtype or device is a fault that keeps the probe, so G3 names the mismatch; a
+        non-finite output sets the flag. An empty batch
         keeps the probe there is: it measures nothing (its cost per element read as 0)."""
         if self.kernel is None:
             return None

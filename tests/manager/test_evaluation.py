@@ -286,6 +286,26 @@ def test_g5_refuses_without_evidence_and_on_a_low_measured_benefit(
     assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
 
 
+def test_a_live_performance_gate_reaches_the_column_a_controller_reads(rig: Rig, mlp) -> None:
+    """``performance_gate`` is live: G5 applied a new one while the seeds' PERFORMANCE_GATE
+    column, and their own ``evaluate_gate``, kept the one of their GERMINATE."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    to_stabilization(rig, [SEED0, SEED1])
+    manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    table = manager.require_registry().table
+
+    def column(sid: str) -> int:
+        return table.read_row(manager.seed(sid).state_index)["PERFORMANCE_GATE"]
+
+    assert column(SEED0) == column(SEED1) == 500
+    manager.config.performance_gate = 1000  # only a seed that removes all the loss
+    assert not rig.send("advance", SEED0) and "< 1.0000" in manager.command_log[-1][3]
+    assert column(SEED0) == 1000 and column(SEED1) == 500  # the threshold G5 applied
+    manager.end_epoch(1)
+    assert column(SEED1) == 1000 and manager.seed(SEED1).performance_gate == 1.0
+
+
 def test_a_rollback_drops_the_evaluation_of_the_abandoned_timeline(rig: Rig, mlp) -> None:
     """Evaluations are not checkpointed: one taken after the checkpoint measured weights the
     rollback threw away, so the restored seed must be evaluated again before G5."""
@@ -866,8 +886,10 @@ def test_a_scripted_kernel_is_evaluated_and_no_hook_is_left_behind() -> None:
         other.transition_to(stage)
     batch = [(torch.randn(4, 3), torch.zeros(4, 6))]
     for _ in range(3):
-        assert set(evaluate_seeds(registry, batch, F.mse_loss)) == {"fc[0]", "fc[1]"}
-    assert not slot.seeds[0].kernel._forward_pre_hooks
+        got = evaluate_seeds(registry, batch, F.mse_loss)
+        assert set(got) == {"fc[0]", "fc[1]"}
+        assert got["fc[1]"].faults == 0 and got["fc[1]"].samples == 4  # its slot ran: measured
+    assert not slot.seeds[0].kernel._forward_pre_hooks and not slot._forward_pre_hooks
     other.detach_kernel()
     torch.save(model, io.BytesIO())
 
@@ -895,16 +917,18 @@ _TO_STABILIZATION = (
 )
 
 
-def _scaled_seed(slot: KasminaLayer, factor: float) -> None:
+def _scaled_seed(slot: KasminaLayer, factor: float, scripted: bool = False) -> None:
     seed = slot.seeds[0]
-    seed.attach_kernel(Scale(factor))
+    seed.attach_kernel(torch.jit.script(Scale(factor)) if scripted else Scale(factor))
     for stage in _TO_STABILIZATION:
         seed.transition_to(stage)
 
 
-def test_a_seed_whose_slot_no_validation_forward_reaches_is_never_measured() -> None:
+@pytest.mark.parametrize("scripted", [False, True], ids=["module", "scripted"])
+def test_a_seed_whose_slot_no_validation_forward_reaches_is_never_measured(scripted: bool) -> None:
     """A training-only branch (an auxiliary head): no sit-out was counted, the host stood in,
-    "with" equalled "without", and G5 passed a kernel that wrecks its chunk as "no effect"."""
+    "with" equalled "without", and G5 passed a kernel that wrecks its chunk as "no effect".
+    A scripted kernel takes no hook, and was taken as run: its slot's forward is watched."""
 
     class WithAux(nn.Module):
         def __init__(self) -> None:
@@ -919,7 +943,7 @@ def test_a_seed_whose_slot_no_validation_forward_reaches_is_never_measured() -> 
     torch.manual_seed(0)
     model = WithAux()
     registry = SlotRegistry(model, [model.aux])
-    _scaled_seed(model.aux, -50.0)
+    _scaled_seed(model.aux, -50.0, scripted)
     model(torch.randn(4, 3))  # training: the slot records its shapes
     batches = [(torch.randn(4, 3), torch.randn(4, 6)) for _ in range(3)]
     evaluate_seeds(registry, batches, F.mse_loss)

@@ -205,3 +205,40 @@ def test_g3_counts_a_kernel_after_the_model_changed_dtype(tmp_path: Path, dtype)
     result = grown.manager.execution.evaluate_gate(record, S.GRAFTING)
     assert result.passed and "cost 1x" in result.reason
     grown.manager.close()
+
+
+class Bucketed(nn.Module):
+    """A per-row lookup indexed by how many features exceed 4: fine on typical activations,
+    an index out of range on an outlier batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[(x > 4.0).long().sum(-1)]
+
+
+def test_g3_refuses_a_kernel_whose_last_probe_raised(tmp_path: Path) -> None:
+    """A probe that raised left no probe behind, and the manager's G3 read "no forward since"
+    and probed random activations instead, which passed: a kernel that fails on the host's
+    own activations went on to GRAFTING. The fault is the last probe now, until a clean one."""
+    grown = Grown(tmp_path, Bucketed(), torch.float32)
+    assert grown.send("germinate")
+    grown.train(2)
+    grown.manager.end_epoch(0)
+    assert grown.send("advance")
+    seed = grown.manager.seed(SEED0)
+    with torch.no_grad():
+        grown.model(grown.x)  # a clean probe
+        grown.model(grown.x * 1e3)  # an outlier batch: the probe raises, a fault
+    assert seed.faults == 1
+    assert not grown.send("advance") and seed.stage == S.COMPATIBILITY_CHECK
+    assert (
+        "G3 refused: compatibility probe faulted: raised IndexError"
+        in (grown.manager.command_log[-1][3])
+    )
+    with torch.no_grad():
+        grown.model(grown.x)  # clean again: G3 reads this probe
+    assert grown.send("advance") and seed.stage == S.GRAFTING
+    grown.manager.close()

@@ -28,6 +28,7 @@ from kasmina.seeds.faults import (
     fallback_per_chunk,
     short_reason,
 )
+from kasmina.seeds.gates import ProbeFault
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -619,7 +620,8 @@ def test_probe_faults_are_contained_and_g3_says_why() -> None:
     sample = torch.randn(2, C)
 
     raising = make_seed(Raises(C), S.COMPATIBILITY_CHECK)
-    assert raising(h) is h and raising.faults == 1 and raising.probe_result is None
+    assert raising(h) is h and raising.faults == 1
+    assert raising.probe_result == ProbeFault("raised RuntimeError: kernel exploded")
     gate = raising.evaluate_gate(sample=sample, latency_budget_ms=1e3)
     assert not gate.passed and gate.reason == (
         "compatibility probe faulted: raised RuntimeError: kernel exploded"

@@ -9,7 +9,7 @@ import math
 import pytest
 from torch import nn
 
-from kasmina.seeds.gates import SeedEvaluation, gate_g5_performance
+from kasmina.seeds.gates import SeedEvaluation, gate_g2_isolated_training, gate_g5_performance
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 
@@ -80,6 +80,22 @@ def test_a_half_measured_or_non_finite_metric_is_refused() -> None:
 def test_a_bad_tolerance_raises(bad: float) -> None:
     with pytest.raises(ValueError, match="max_metric_drop"):
         gate_g5_performance(_evaluation(0.8, 1.0), 0.5, max_metric_drop=bad)
+
+
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
+def test_a_threshold_that_cannot_be_compared_raises(bad: float) -> None:
+    """A NaN gate passed every score (``score < NaN`` is False), a NaN G2 minimum every seed:
+    a seed that triples the loss fossilized. The configuration refuses them; a direct call
+    raises too, as a NaN tolerance does."""
+    with pytest.raises(ValueError, match="performance_gate must be finite"):
+        gate_g5_performance(_evaluation(3.0, 1.0), bad)
+    with pytest.raises(ValueError, match="min_isolated_epochs"):
+        gate_g2_isolated_training(0, NAN, 0)
+    seed = GradientIsolatedSeed(4, "s")
+    seed.attach_kernel(nn.Identity())
+    seed.transition_to(S.ISOLATED_INIT)
+    with pytest.raises(ValueError, match="min_isolated_epochs"):
+        seed.evaluate_gate(S.COMPATIBILITY_CHECK, min_isolated_epochs=NAN)
 
 
 def test_the_seed_forwards_the_tolerance_to_g5() -> None:

@@ -1,0 +1,122 @@
+"""How ``evaluate_seeds`` reads a validation batch: what it passes to the model and what a
+batch weighs. Each batch's mean loss is weighted by its size, so the oracle here is each batch
+measured alone (where its weight cannot matter) averaged with the weights the batch's form
+implies."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+from kasmina.manager.evaluation import evaluate_seeds
+from kasmina.manager.slots import SlotRegistry
+from kasmina.seeds.layer import KasminaLayer
+from tests.manager.test_evaluation import _TO_STABILIZATION, Scale, _tiny
+
+
+def _weighted(registry: SlotRegistry, batches: list, weights: list[int], loss_fn) -> dict:
+    """Per seed, (loss with, loss without) of ``batches`` each measured alone, averaged with
+    ``weights``."""
+    alone = [evaluate_seeds(registry, [batch], loss_fn) for batch in batches]
+    total = sum(weights)
+    return {
+        sid: (
+            sum(w * ev[sid].loss_with for w, ev in zip(weights, alone, strict=True)) / total,
+            sum(w * ev[sid].loss_without for w, ev in zip(weights, alone, strict=True)) / total,
+        )
+        for sid in alone[0]
+    }
+
+
+def _per_sample_loss(out: torch.Tensor, targets: list) -> torch.Tensor:
+    """A detection-style loss: the mean over the samples that have target rows."""
+    per = [
+        F.mse_loss(out[i].expand_as(t["boxes"]), t["boxes"])
+        for i, t in enumerate(targets)
+        if len(t["boxes"])
+    ]
+    return torch.stack(per).mean()
+
+
+def test_a_list_of_per_sample_targets_weighs_its_samples() -> None:
+    """A detection batch's targets are a list of dicts, one per image, with as many rows as the
+    image has objects. The batch was weighed by the first image's row count: a batch whose
+    first image had no objects weighed 0 and was dropped, and G5 judged on the others."""
+    _, _, registry = _tiny()
+    gen = torch.Generator().manual_seed(3)
+    xa, xb = torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    ta = [{"boxes": torch.randn(2, 6, generator=gen)} for _ in range(4)]
+    tb = [{"boxes": torch.randn(0 if i == 0 else 1, 6, generator=gen)} for i in range(5)]
+    batches = [(xa, ta), (xb, tb)]
+    want = _weighted(registry, batches, [4, 5], _per_sample_loss)
+    got = evaluate_seeds(registry, batches, _per_sample_loss)
+    for sid, (with_, without) in want.items():
+        assert got[sid].samples == 9
+        assert got[sid].loss_with == pytest.approx(with_, rel=1e-12)
+        assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("targets", "size"),
+    [
+        ((torch.zeros(4), torch.zeros(4, 2)), 4),  # batched targets side by side (collated)
+        ([torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(2, 2), torch.zeros(0, 2)], 4),
+        ([1, 0, 2, 2], 4),  # plain labels
+        ([{"labels": torch.zeros(7)}], 1),  # one image
+        ([None, torch.zeros(4, 6)], 4),
+    ],
+    ids=["collated", "ragged", "labels", "one-image", "none-beside"],
+)
+def test_a_batch_weighs_what_its_targets_show(targets: object, size: int) -> None:
+    _, _, registry = _tiny()
+    x = torch.randn(4, 3)
+    got = evaluate_seeds(registry, [(x, targets)], lambda out, _: out.square().mean())
+    assert {ev.samples for ev in got.values()} == {size}
+
+
+class _Packed(nn.Module):
+    """An LSTM over packed sequences, its last hidden state through a slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4)
+        self.slot = KasminaLayer(nn.Linear(4, 6), 3, 2, layer_id="fc")
+
+    def forward(self, packed: PackedSequence) -> torch.Tensor:
+        _, (h, _) = self.lstm(packed)
+        return self.slot(h[-1])
+
+
+def test_a_packed_sequence_is_passed_whole_and_weighs_its_sequences() -> None:
+    """A ``PackedSequence`` is a tuple: it was unpacked into four arguments (TypeError)."""
+    torch.manual_seed(0)
+    model = _Packed()
+    registry = SlotRegistry(model, [model.slot])
+    seed = model.slot.seeds[0]
+    seed.attach_kernel(Scale(2.0))
+    for stage in _TO_STABILIZATION:
+        seed.transition_to(stage)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 3, 2]
+    packed = pack_sequence([torch.randn(n, 3, generator=gen) for n in lengths])
+    target = torch.randn(3, 6, generator=gen)
+    (ev,) = evaluate_seeds(registry, [(packed, None)], lambda o, _: F.mse_loss(o, target)).values()
+    with torch.no_grad():
+        model.eval()
+        want = F.mse_loss(model(packed), target).item()
+    assert ev.samples == 3 and ev.loss_with == pytest.approx(want, rel=1e-6)
+
+
+def test_a_namedtuple_of_inputs_is_unpacked_field_by_field() -> None:
+    """Moved to the device, a namedtuple was rebuilt from one generator (TypeError)."""
+    model, _, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    want = evaluate_seeds(registry, [((x,), t)], F.mse_loss)
+    Inputs = collections.namedtuple("Inputs", "features")
+    got = evaluate_seeds(registry, [(Inputs(x), t)], F.mse_loss)
+    assert {k: v.loss_with for k, v in got.items()} == {k: v.loss_with for k, v in want.items()}
