@@ -272,7 +272,8 @@ class CommandExecution:
             original, pinned = state.loader.pinned_original(artifact_id, deadline=deadline)
         try:
             self._check_fits_slot(record, original)
-            pinned = pinned or state.loader.pin(artifact_id, original)
+            with interrupts_deferred():  # a Ctrl-C between the pin and ``pinned`` leaks it
+                pinned = pinned or state.loader.pin(artifact_id, original)
             kernel = state.loader.copy(original)
         except BaseException as exc:
             if pinned:

@@ -176,9 +176,10 @@ class CommandIntake:
         An interrupt (a ``BaseException`` that is not an ``Exception``: each command's own
         errors are its refusal) propagates, and no command taken is lost to it:
 
-        - while the nonces are made durable: none of the commands began, and the verifier
-          syncs their nonces again at its next call, so they all go back to the front of the
-          queue, in order;
+        - while they are taken and their nonces made durable (a SIGINT is held until both are
+          done, and lands where this puts them back): none of the commands began, and the
+          verifier syncs their nonces again at its next call, so they all go back to the front
+          of the queue, in order;
         - while a command applies: its operation undoes or completes itself and it is reported
           with that outcome (``CommandExecution.apply``). It is not queued again: its nonce is
           durable, it may have taken effect, and a command interrupted because it hung would
@@ -188,19 +189,18 @@ class CommandIntake:
           front of the queue, in order, and the next safe point applies them (refused if the
           manager closed meanwhile, or if their nonces could not be made durable).
         """
-        ready = self.queue.take_ready(wait=wait)
-        if not ready:
+        polled = self.queue.poll_ready(wait=wait)  # waits for fetches: a Ctrl-C takes none
+        if not polled:
             return []
-        try:
-            return self._apply_ready(ready)
-        finally:  # their kernels' pins: the seeds that took one hold pins of their own
-            self.queue.release([entry for entry, _, _ in ready])
-
-    def _apply_ready(self, ready: list[Ready]) -> list[CommandOutcome]:
+        ready: list[Ready] = []
         outcomes: list[CommandOutcome] = []  # one per command reported, in order
-        not_durable = self._make_durable(ready, outcomes)
-        began = -1  # the index of the last command whose application began
+        began, not_durable = -1, ""  # the index of the last command whose application began
         try:
+            # Taken and made durable with a SIGINT held: delivered at the block's end, it lands
+            # in the ``except`` below, which puts them back, never between the two.
+            with interrupts_deferred():
+                ready = self.queue.take(polled)
+                not_durable = self._make_durable(ready)
             with self.lock:
                 for index, (entry, original, error) in enumerate(ready):
                     began = index
@@ -225,11 +225,17 @@ class CommandIntake:
                         self.handler.complete(cut.command, noted)
                 self._drop(self.queue.put_back(rest), "manager closed before it applied")
             raise
+        finally:  # their kernels' pins: the seeds that took one hold pins of their own
+            with interrupts_deferred():  # every one given back (a pin leaked is never evicted)
+                self.queue.release([entry for entry, _, _ in ready])
         return outcomes
 
-    def _make_durable(self, ready: list[Ready], outcomes: list[CommandOutcome]) -> str:
+    def _make_durable(self, ready: list[Ready]) -> str:
         """Make the nonces of the ``ready`` commands durable: "" once they are, else why not
-        (each is then refused). An interrupt puts them back in the queue (``_take_and_apply``)."""
+        (each is then refused). An interrupt puts them back in the queue (``_take_and_apply``):
+        none of them began, and the verifier syncs their nonces again at its next call."""
+        if not ready:
+            return ""
         try:
             # Their nonces reach the disk before any of them takes effect (docs/design.md §5).
             self.verifier.make_durable()
@@ -239,11 +245,6 @@ class CommandIntake:
             taken = [entry.command for entry, _, _ in ready]
             self.verifier.release_ids((c.command_id, c.issued_at) for c in taken)
             return f"its nonce could not be made durable: {exc}"
-        except BaseException:
-            # None of them began, and the verifier syncs their nonces again at its next call:
-            # they go back to the front of the queue (refused if the manager closed meanwhile).
-            self._drop(self.queue.put_back([entry for entry, _, _ in ready]), "manager closed")
-            raise
         return ""
 
     def _apply_one(
@@ -275,11 +276,13 @@ class CommandIntake:
         self, command: KasminaCommand, outcome: CommandOutcome, outcomes: list[CommandOutcome]
     ) -> None:
         """Report ``outcome`` to the handler and add it to ``outcomes``; added even when the
-        report is interrupted (its telemetry), since the handler counted it first."""
-        try:
-            self.handler.complete(command, outcome.ok)
-        finally:
-            outcomes.append(outcome)
+        report is interrupted (a sink that raises), since the handler counted it first; a
+        Ctrl-C waits until both are done (between them it would leave the command uncounted)."""
+        with interrupts_deferred():
+            try:
+                self.handler.complete(command, outcome.ok)
+            finally:
+                outcomes.append(outcome)
 
     def drop_pending(self) -> None:
         """Close the intake (the manager is closing): the handler refuses every later command

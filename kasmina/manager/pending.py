@@ -154,7 +154,12 @@ class CommandQueue:
 
     def take_ready(self, *, wait: bool = False) -> list[Ready]:
         """Remove and return, in arrival order, every command that can be applied now, each
-        with its fetched kernel or fetch error.
+        with its fetched kernel or fetch error (:meth:`poll_ready`, then :meth:`take`)."""
+        return self.take(self.poll_ready(wait=wait))
+
+    def poll_ready(self, *, wait: bool = False) -> list[Ready]:
+        """Every queued command that can be applied now, in arrival order, each with its
+        fetched kernel or fetch error; none is removed (:meth:`take` does, without waiting).
 
         A GERMINATE whose fetch is still running stays queued (``wait=True`` waits for it, up
         to its deadline) and holds back later commands for its seed and every later non-seed
@@ -179,6 +184,11 @@ class CommandQueue:
                     held_seeds.add(seed_id)
                 continue
             ready.append((entry, *result))
+        return ready
+
+    def take(self, ready: list[Ready]) -> list[Ready]:
+        """Remove ``ready`` (from :meth:`poll_ready`) from the queue and return it; none if the
+        queue closed meanwhile."""
         with self._lock:
             # Only ``close`` (another thread) removes entries besides this one: it reported
             # every command it dropped refused, so none of them may be taken and reported again.

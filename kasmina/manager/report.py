@@ -44,6 +44,7 @@ from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring, generate_key
 from kasmina.utils.modules import in_eval_mode
 from kasmina.utils.ratelimit import clipped
@@ -306,10 +307,11 @@ class ManagerReport:
     def note_command(self, command: KasminaCommand, ok: bool, reason: str) -> None:
         """Count an executed command by kind and result; keep it (with why) in the log."""
         kind = _command_kind(command)
-        self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
         reason = clipped(reason, MAX_REASON_CHARS)
-        self.state.command_log.append((command.command_id, kind, ok, reason))
-        self._last_noted = (command, ok)
+        with interrupts_deferred():  # counted, logged and known as noted, or none of them
+            self.state.counters[f"{kind}:{'ok' if ok else 'refused'}"] += 1
+            self.state.command_log.append((command.command_id, kind, ok, reason))
+            self._last_noted = (command, ok)
 
     def noted(self, command: KasminaCommand) -> bool | None:
         """How ``command`` (this object) was noted, when it is the last command noted; else

@@ -30,6 +30,7 @@ from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.resilience import _Closed, _DeadlineExpired
+from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import TelemetryReporter
@@ -95,7 +96,15 @@ class KernelLoader:
         attempt comes back unpinned too, and ``copy`` refuses it."""
         for _ in range(attempts):
             original = self.original(artifact_id, deadline=deadline)
-            if self.pin(artifact_id, original):
+            pinned = False
+            try:
+                with interrupts_deferred():  # a Ctrl-C lands once ``pinned`` says what it took
+                    pinned = self.pin(artifact_id, original)
+            except BaseException:  # nobody holds it yet: given back
+                if pinned:
+                    self.cache.unpin(artifact_id)
+                raise
+            if pinned:
                 return original, True
             if not self.is_released(original):
                 return original, False

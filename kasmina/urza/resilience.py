@@ -255,7 +255,9 @@ class ReadGuard:
         self._sleep = sleep
         self._closing = threading.Event()
         self._lock = lock
-        # Guards the I/O thread counts below (same lock as the counters).
+        # Guards the I/O thread counts below (same lock as the counters). Entered as ``with
+        # self._lock`` (a C-level exit): a Condition's own ``__exit__`` is Python code, where a
+        # Ctrl-C can land after its body and before the release, leaving the lock held for good.
         self._io_changed = threading.Condition(lock)
         self._io_alive = 0  # urza-io threads not yet finished
         self._io_stalled = 0  # of which abandoned by their caller
@@ -286,7 +288,7 @@ class ReadGuard:
         a read or for an I/O slot stops waiting (the read is abandoned; its thread ends alone
         when its syscall returns, within the read's timeout when the transport enforces one).
         Each raises ``RuntimeError``, with no breaker outcome."""
-        with self._io_changed:  # wakes the callers waiting on a read or for a slot
+        with self._lock:  # wakes the callers waiting on a read or for a slot (``_io_changed``)
             self._closing.set()
             self._io_changed.notify_all()
 
@@ -437,7 +439,7 @@ class ReadGuard:
         """
         started = time.monotonic()  # real time: this bounds real waits, whatever the clock
         read = _Read()
-        with self._io_changed:
+        with self._lock:
             while self.closed or self._io_alive >= self.max_stalled_reads:
                 if self.closed:
                     raise self._closed_error()
@@ -468,7 +470,7 @@ class ReadGuard:
             except BaseException as exc:
                 future.set_exception(exc)
             finally:
-                with self._io_changed:
+                with self._lock:
                     self._io_alive -= 1
                     if read.abandoned:
                         self._io_stalled -= 1
@@ -477,13 +479,13 @@ class ReadGuard:
         try:
             threading.Thread(target=run, name="urza-io", daemon=True).start()
         except BaseException:
-            with self._io_changed:
+            with self._lock:
                 self._io_alive -= 1
                 self._io_changed.notify_all()
             raise
         try:
             # Woken when any read ends (its thread notifies) or the guard is closed.
-            with self._io_changed:
+            with self._lock:
                 while not future.done():
                     if self.closed:
                         raise self._closed_error()
@@ -494,7 +496,7 @@ class ReadGuard:
             return future.result()
         finally:
             cancelled.set()  # a no-op once the read is done; otherwise it is abandoned
-            with self._io_changed:
+            with self._lock:
                 if not future.done():  # still running: its thread keeps its slot
                     read.abandoned = True
                     self._io_stalled += 1
