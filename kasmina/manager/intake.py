@@ -35,7 +35,7 @@ from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.pending import CommandQueue, PendingCommand, Ready
 from kasmina.manager.report import ManagerReport
 from kasmina.urza.kernel import GPUKernel
-from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.interrupts import interrupts_deferred, take_lock
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
@@ -161,14 +161,26 @@ class CommandIntake:
             return []
         if self._applier == threading.get_ident():
             return []
-        if not self._applying.acquire(blocking=wait):
-            return []
+        taken = False
         try:
+            # Taken with a SIGINT held, delivered inside this ``try``: a Ctrl-C just after a
+            # plain ``acquire`` left it taken for good, and every later safe point applied
+            # nothing (a waiting call still takes a Ctrl-C while it waits: ``take_lock``).
+            hold = interrupts_deferred()
+            with hold:
+                if wait:
+                    take_lock(self._applying, hold)
+                    taken = True
+                else:
+                    taken = self._applying.acquire(blocking=False)
+            if not taken:
+                return []
             self._applier = threading.get_ident()
             return self._take_and_apply(wait)
         finally:
-            self._applier = None
-            self._applying.release()
+            if taken:
+                self._applier = None
+                self._applying.release()
 
     def _take_and_apply(self, wait: bool) -> list[CommandOutcome]:
         """Take the ready commands, make their nonces durable, apply and report each.

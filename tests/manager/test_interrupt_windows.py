@@ -153,3 +153,41 @@ def test_a_second_close_after_a_ctrl_c_in_the_first_returns(rig: Rig) -> None:
     second.join(timeout=30)
     assert not second.is_alive(), "the second close() is blocked"
     assert manager.state.closed
+
+
+class _CtrlCAfterAcquire:
+    """A lock whose first successful ``acquire`` is followed by a SIGINT."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock, self.fired = lock, False
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        taken = self.lock.acquire(*args, **kwargs)
+        if taken and not self.fired:
+            self.fired = True
+            _thread.interrupt_main()
+        return taken
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["step", "wait"])
+def test_a_ctrl_c_as_a_safe_point_begins_leaves_the_next_one_working(
+    rig: Rig, mlp, wait: bool
+) -> None:
+    """A SIGINT just after a safe point took its lock (one safe point at a time): the lock
+    stayed taken, and every later ``step()`` and ``apply_pending()`` applied nothing, for
+    good, without a word."""
+    manager = rig.manager
+    ids = two_germinates(rig, mlp)
+    manager.intake._applying = _CtrlCAfterAcquire(manager.intake._applying)
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending(wait=wait)
+    assert len(manager.pending) == 2
+    outcomes: list = []
+    again = threading.Thread(target=lambda: outcomes.extend(manager.apply_pending(wait=wait)))
+    again.start()
+    again.join(timeout=30)
+    assert not again.is_alive(), "the next safe point waits for good"
+    assert [(o.command_id, o.ok) for o in outcomes] == [(ids[0], True), (ids[1], True)]
