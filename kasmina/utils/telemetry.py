@@ -477,15 +477,20 @@ class Event:
         """``emit`` without building the packet now: sinks that keep posted events build it when
         read (identical to what ``emit`` would have built at this moment), any other sink gets
         it built at once. ``value`` and ``labels`` are checked here, so a bad one raises here
-        like ``emit``; ``labels`` is copied, so the caller may reuse the mapping."""
+        like ``emit`` (a label that is not UTF-8 is written as its escape, as ``emit`` writes
+        it); ``labels`` is copied, so the caller may reuse the mapping."""
         if type(value) is not float:
             Metric(value=value)  # raises the protobuf's own TypeError for a non-number
         if labels:
             labels = dict(labels)
+            ascii_only = True
             for key, label in labels.items():
                 if type(key) is not str or type(label) is not str:
                     Metric(labels=labels)  # raises the protobuf's own TypeError
                     break
+                ascii_only = ascii_only and key.isascii() and label.isascii()
+            if not ascii_only:  # a lone surrogate would fail every sink's build: as ``emit``
+                labels = {utf8(k): utf8(v) for k, v in labels.items()}
         else:
             labels = None
         reporter = self.reporter
@@ -503,7 +508,10 @@ class Event:
         if labels:
             metric_labels = metric.labels
             for key, label in labels.items():
-                metric_labels[key] = label
+                try:
+                    metric_labels[key] = label
+                except ValueError:  # a lone surrogate (a file name's byte): its escape
+                    metric_labels[utf8(key)] = utf8(label)
         return pkt
 
 

@@ -528,3 +528,24 @@ def test_posting_from_threads_loses_nothing_and_reads_agree() -> None:
         t.join()
     assert all(x is y for b in built[1:] for x, y in zip(built[0], b, strict=True))
     assert len({p.packet_id for p in sink.packets}) == 8_000
+
+
+@pytest.mark.parametrize("how", ["emit", "post"])
+def test_an_event_label_that_is_not_utf8_is_escaped_not_fatal_to_sinks(tmp_path, how) -> None:
+    """A file name's byte that is not UTF-8 (``os.fsdecode``: a lone surrogate) in an event's
+    label: ``Event.emit`` raised, and ``Event.post`` took it, then failed in every sink's
+    build until the JSONL sink was disabled, and a memory sink raised on every read after."""
+    path = tmp_path / "t.jsonl"
+    memory = MemorySink()
+    with JsonlFileSink(path) as jsonl:
+        reporter = TelemetryReporter("t", [jsonl, memory], max_sink_failures=2)
+        event = reporter.event("ev")
+        bad = os.fsdecode(b"ckpt-\xff.pt")
+        for _ in range(3):
+            getattr(event, how)(labels={"file": bad})
+        reporter.emit("after")
+    assert reporter.sink_errors == 0 and not reporter.disabled_sinks
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["metrics"][0]["name"] for line in lines] == ["ev"] * 3 + ["after"]
+    assert lines[0]["metrics"][0]["labels"] == {"file": "ckpt-\\udcff.pt"}
+    assert [dict(e.labels) for e in memory.events("ev")] == [{"file": "ckpt-\\udcff.pt"}] * 3
