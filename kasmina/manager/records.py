@@ -99,7 +99,12 @@ class SeedRecord:
             # not ``grad_fn``: TorchDynamo traces this hook, and refuses to read a ``grad_fn``.
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 self.last_output = output
-            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            if (  # under ``no_grad`` no graph is built: an input's flag leads nowhere
+                args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].requires_grad
+                and torch.is_grad_enabled()
+            ):
                 self.input_grad = True
         if args:
             self.last_input = activation_spec(args[0]) or self.last_input

@@ -249,3 +249,22 @@ def test_a_rollback_brings_back_the_isolation_count_it_saved(
     assert helpers.run_command(manager, rig.signed(make_rollback_command(0)))
     record = manager.require_registry()[SEED0]
     assert record.monitor.violation_count == 1 == manager.seed(SEED0).isolation_violations
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "graph"])
+def test_a_kernel_run_outside_the_slot_is_a_leak_only_with_a_graph(
+    rig: Rig, mlp, grad: bool
+) -> None:
+    """A look at what an isolated seed makes of a live activation, under ``no_grad``, builds no
+    graph and reaches nothing: it was charged as an isolation violation all the same (the
+    input's ``requires_grad`` was read whatever the grad mode), cost the host its step, and
+    three looks quarantined a healthy seed. With a graph it is the leak it was."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    seed = rig.manager.seed(SEED0)
+    chunk = torch.relu(rig.model.inp(rig.x))[:, :2]  # carries the host's graph
+    with torch.set_grad_enabled(grad):
+        seed.kernel(chunk)
+    report = rig.train(1)
+    assert report["host_stepped"] is not grad
+    assert seed.isolation_violations == int(grad) and rig.stage(SEED0) == S.ISOLATED_INIT
