@@ -282,11 +282,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return out
 
     def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
-        """Put a verified kernel in the cache under its own artifact id."""
-        if not isinstance(kernel, GPUKernel) or kernel.artifact_id != kernel_artifact_id:
-            raise ValueError(f"kernel is not the verified kernel of {kernel_artifact_id!r}")
-        if not self.kernel_cache.put(kernel_artifact_id, kernel):
-            logger.warning("kernel %s could not be cached", kernel_artifact_id)
+        """Put a verified kernel in the cache under its own artifact id (``ValueError`` for a
+        trainable copy, or a kernel whose tensors are not its artifact's: ``KernelLoader.put``)."""
+        self.loader.put(kernel_artifact_id, kernel)
 
     def evict_kernel(self, kernel_artifact_id: str) -> bool:
         """Evict and release a cached kernel; False if absent or pinned by a live seed."""

@@ -375,6 +375,7 @@ class GPUKernel(nn.Module):
         # immutable ``bytes`` object (``copy.deepcopy`` does not copy bytes).
         self.payload = payload
         self._released = False
+        self.trainable_copy = False  # set by ``KernelLoader.copy``: a seed's, never an original
         # Read from the program at load (``_program_module``): see the module doc.
         self.mutates_input = mutates_input
         self.draws_random = draws_random
@@ -466,6 +467,21 @@ class GPUKernel(nn.Module):
     @property
     def released(self) -> bool:
         return self._released
+
+    def differs_from_artifact(self) -> str | None:
+        """Why this kernel is not its artifact's verified original (None: it is): a seed's
+        trainable copy, or weights or buffers other than its verified payload's (rebuilt from
+        it and compared tensor by tensor)."""
+        if self.trainable_copy:
+            return "it is a trainable copy (load_kernel's), whose weights a seed may train"
+        if self.payload is None or self.inner is None or self._released:
+            return "it holds no verified payload to compare with (released, or built by hand)"
+        mine = self.state_dict()
+        theirs = GPUKernel.from_binary(self.payload, self.manifest, self.device).state_dict()
+        changed = [k for k in theirs if k not in mine or not torch.equal(mine[k], theirs[k])]
+        if changed or mine.keys() != theirs.keys():
+            return f"its tensors differ from its artifact's ({', '.join(changed[:3]) or 'names'})"
+        return None
 
     @property
     def device(self) -> torch.device:

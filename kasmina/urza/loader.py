@@ -138,6 +138,7 @@ class KernelLoader:
         # Not under ``warnings.catch_warnings``: it swaps the process-wide filter list, which
         # concurrent copies (and the application's threads) would see restored out of order.
         duplicate = copy.deepcopy(original)
+        duplicate.trainable_copy = True  # never put back in the cache as its original
         if self.is_released(original) or duplicate.released:
             duplicate.release_gpu_memory()
             raise ValueError(
@@ -145,6 +146,19 @@ class KernelLoader:
                 "copied; load it again"
             )
         return duplicate
+
+    def put(self, artifact_id: str, kernel: GPUKernel) -> None:
+        """Cache ``kernel`` as ``artifact_id``'s original, which every later seed copies: its
+        artifact's as verified, or ``ValueError`` (a trainable copy, trained or not; tensors
+        other than its payload's). Logged when the cache has no room for it."""
+        if not isinstance(kernel, GPUKernel) or kernel.artifact_id != artifact_id:
+            why: str | None = "another artifact's, or not a kernel"
+        else:
+            why = kernel.differs_from_artifact()
+        if why:
+            raise ValueError(f"kernel is not the verified kernel of {artifact_id!r}: {why}")
+        if not self.cache.put(artifact_id, kernel):
+            logger.warning("kernel %s could not be cached", artifact_id)
 
     def pin(self, artifact_id: str, original: GPUKernel | None = None) -> bool:
         """Pin the cached original for a live seed; False if it is not (or no longer) cached.

@@ -4,6 +4,7 @@ rolled back; a real Urza store, the real handler, a tiny host on CPU."""
 from __future__ import annotations
 
 import asyncio
+import copy as copy_module
 import gc
 import inspect
 import json
@@ -129,6 +130,35 @@ def test_async_contract_methods_are_coroutines(rig: Rig, mlp) -> None:
     x = torch.randn(4, 2)
     assert torch.equal(asyncio.run(manager.execute_kernel(kernel, x)), kernel(x))
     assert manager.evict_kernel(mlp) is False  # pinned by the live seed
+
+
+def test_cache_kernel_takes_an_original_and_refuses_a_copy_or_changed_weights(
+    rig: Rig, mlp
+) -> None:
+    """``load_kernel`` hands out a trainable copy; given back to ``cache_kernel``, it replaced
+    the verified original (released), and every later GERMINATE copied the caller's edited
+    weights instead of the signed artifact's."""
+    manager = rig.manager
+    copy = asyncio.run(manager.load_kernel(mlp))
+    original = manager.loader.cached(mlp)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(100.0)
+    for kernel, why in ((copy, "trainable copy"), (copy.inner, "not a kernel")):
+        with pytest.raises(ValueError, match=why):
+            manager.cache_kernel(mlp, kernel)
+        assert manager.loader.cached(mlp) is original and not original.released
+    pristine, edited = copy_module.deepcopy(original), copy_module.deepcopy(original)
+    with torch.no_grad():
+        next(edited.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="tensors differ from its artifact's"):
+        manager.cache_kernel(mlp, edited)
+    assert manager.evict_kernel(mlp) and original.released
+    manager.cache_kernel(mlp, pristine)  # the artifact's own tensors: taken
+    assert manager.loader.cached(mlp) is pristine
+    assert rig.send("germinate", SEED0, mlp)
+    seed_weights = list(manager.seed(SEED0).kernel.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(seed_weights, pristine.parameters(), strict=True))
 
 
 def test_advance_with_a_failing_gate_stays(rig: Rig, mlp) -> None:
