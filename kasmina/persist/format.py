@@ -66,6 +66,10 @@ class SavedModelError(KasminaError, ValueError):
     model was left unchanged."""
 
 
+# Why a body is refused when unpickling it (as plain data only) fails.
+_NOT_LOADED = "body does not load as a torch file of plain data"
+
+
 def write_saved(path: str | os.PathLike[str], body: dict[str, Any]) -> Path:
     """Serialise ``body`` and write header and body atomically to ``path``. The temp files of
     earlier writes to ``path`` that were killed (a SIGKILL skips their cleanup) go first, once
@@ -127,13 +131,13 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactIntegrityError(f"{where}: body SHA-256 does not match its header")
     problem = _pickle_problem(payload)
     if problem is not None:
-        raise SavedModelError(f"{where}: body does not load ({problem})")
+        raise SavedModelError(f"{where}: {_NOT_LOADED} ({problem})")
     try:
         body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle plain data is a malformed body
         # Cut and quoted (escaped): the text may carry the crafted file's own strings.
         problem = f"{type(exc).__name__}: {clipped(str(exc), 300)!r}"
-        raise SavedModelError(f"{where}: body does not load ({problem})") from exc
+        raise SavedModelError(f"{where}: {_NOT_LOADED} ({problem})") from exc
     if not isinstance(body, dict):
         raise SavedModelError(f"{where}: body is not a mapping")
     return body
