@@ -157,8 +157,8 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for group_params in by_dtype.values():
         flat = torch.cat([p.grad.detach().reshape(-1).to(device) for p in group_params])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        copy_into_grads(flat.div_(world), group_params)
+        dist.all_reduce(flat.div_(world), op=dist.ReduceOp.SUM, group=group)  # divided first:
+        copy_into_grads(flat, group_params)  # a sum of fp16 gradients could overflow to inf
 
 
 def copy_into_grads(flat: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:

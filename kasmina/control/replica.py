@@ -280,14 +280,16 @@ class BufferAverage:
         floats = [t for _, t in floats]
         handles = []
         for bucket in buckets(floats, lambda t: t, self.bucket_cap_bytes):
-            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            # Divided before the sum: summed first, fp16 statistics whose mean fp16 holds
+            # (two ranks' 40,000) overflowed to inf on every rank, past the finite check above.
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket]).div_(world)
             handles.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
         with torch.no_grad():
             for bucket, flat, handle in handles:
                 handle.wait()
                 offset = 0
                 for t in bucket:
-                    t.copy_(flat[offset : offset + t.numel()].div_(world).view_as(t))
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
         if floats:
             self.stats["averaged"] += 1

@@ -838,11 +838,17 @@ def _buffer_worker(rank: int, world: int, out_dir: str) -> None:
     mean = torch.tensor([1.0, 2.0]) + rank  # statistics of each rank's own shard
     var = torch.tensor([1.0, float("nan") if rank == 1 else 1.0])  # drift on rank 1
     count = torch.tensor(5)
-    averaged = average([("s.mean", mean), ("s.var", var), ("s.count", count)])
+    # fp16 statistics whose mean fp16 holds, though their sum does not (65504 at most).
+    half = torch.tensor([40000.0, 40000.0], dtype=torch.float16) + 2048 * rank
+    averaged = average([("s.mean", mean), ("s.var", var), ("s.count", count), ("s.half", half)])
+    p = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    p.grad = half.clone()
+    average_gradients([p])
     torch.save(
-        {"n": averaged, "mean": mean, "var": var, "stats": dict(average.stats)},
+        {"n": averaged, "mean": mean, "var": var, "stats": dict(average.stats), "half": half,
+         "grad": p.grad},
         Path(out_dir) / f"rank{rank}.pt",
-    )
+    )  # fmt: skip
 
 
 @pytest.mark.slow  # spawns processes
@@ -852,8 +858,10 @@ def test_seed_buffers_are_averaged_and_a_non_finite_one_left_to_the_repair(
     spawn(_buffer_worker, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank, out in enumerate(ranks):
-        assert out["n"] == 1 and out["stats"]["nonfinite"] == 1
+        assert out["n"] == 2 and out["stats"]["nonfinite"] == 1
         assert out["mean"].tolist() == [1.5, 2.5]  # averaged, the same bits on both ranks
+        # Divided before the sum: summed first, both were inf on every rank.
+        assert out["half"].tolist() == out["grad"].tolist() == [41024.0, 41024.0]
         # Averaged, rank 1's NaN would have reached rank 0 and no repair would have found it.
         assert out["var"][1].isnan().item() == (rank == 1)
 
