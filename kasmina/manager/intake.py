@@ -350,6 +350,11 @@ class CommandIntake:
         model a slot was taken out of refuses it (``blocked``)."""
         self.execution.state.require_open()
         blocked = self.blocked()
+        if self.relayed:  # carried out here alone, it would apply on this rank only
+            blocked = (
+                "executed directly on one rank of a multi-rank run, where a command applies on "
+                "every rank or none: send it to the manager's handle_adaptation_command"
+            )
         if blocked:
             self.refuse(command, blocked)
             return False

@@ -685,6 +685,21 @@ def test_a_command_queued_before_the_manager_joins_a_multi_rank_run_is_refused(
     assert rig.stage(SEED1) == S.ISOLATED_INIT
 
 
+def test_a_command_carried_out_directly_on_one_rank_is_refused(tmp_path, store, keyring, mlp):
+    """The handler's own door calls the manager's ``execute``, which carried the command out at
+    once, on this rank alone: the ranks' layouts then differed, every seed gradient was dropped
+    on every rank, and the sync repaired the rank back, undoing what its door reported done."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert not rig.manager.handler.handle_adaptation_command(_signed(rig, "germinate", SEED0, mlp))
+    assert rig.stage(SEED0) == S.DORMANT and "every rank or none" in rig.manager.command_log[-1][3]
+    stats = rig.manager.handler.stats
+    assert (stats["accepted"], stats["executed"], stats["failed"]) == (1, 0, 1)
+    dk.close()  # single-process again: carried out at once, as before
+    assert rig.manager.handler.handle_adaptation_command(_signed(rig, "germinate", SEED0, mlp))
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+
 @pytest.mark.usefixtures("sigint_raises")
 def test_a_ctrl_c_in_a_sync_before_it_applies_keeps_every_command_for_the_next(
     tmp_path, store, keyring, mlp, monkeypatch
