@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -71,6 +72,9 @@ __all__ = [
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.
 DEFAULT_BUCKET_CAP_MB = 25.0
+
+# Per wrapped model, the host parameters DDP does not reduce: those frozen when it wrapped it.
+_NOT_REDUCED: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
 
 
 def _distributed() -> bool:
@@ -131,7 +135,11 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
         group = mesh.get_group(0)  # DDP's own group for a mesh
     check_same_layout(model, owned, group, buffers=ddp_options.get("broadcast_buffers", True))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
-    return DistributedDataParallel(model, **ddp_options)
+    wrapped = DistributedDataParallel(model, **ddp_options)
+    _NOT_REDUCED[model] = [
+        p for name, p in model.named_parameters() if name not in owned and not p.requires_grad
+    ]  # DDP registers only those that require a gradient now: unfrozen later, ours to average
+    return wrapped
 
 
 def check_same_layout(
@@ -200,18 +208,25 @@ class SeedGradientSync:
 
     def live_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(seed id, parameter)`` of every seed an optimizer steps, in registry order; then
-        ``("", parameter)`` of each host parameter frozen when registered and trainable now
-        (gradual unfreezing): DDP registered only those that required a gradient when it
-        wrapped the model, so without this each rank stepped such a layer on its own shard's
-        gradient and every epoch's sync found the ranks apart. (Wrapped again after the
-        unfreeze, DDP averages it too: the same average, averaged twice.)"""
+        ``("", parameter)`` of each host parameter frozen when registered, or when
+        ``wrap_ddp`` wrapped the model, and trainable now (gradual unfreezing): DDP registered
+        only those that required a gradient when it wrapped the model, so without this each
+        rank stepped such a layer on its own shard's gradient and every epoch's sync found the
+        ranks apart. (Wrapped again after the unfreeze, DDP averages it too: the same average,
+        averaged twice.)"""
+        host = self.registry.hold.unfrozen()
+        seen = {id(p) for p in host}
+        for p in _NOT_REDUCED.get(self.registry.model, ()):
+            if p.requires_grad and id(p) not in seen:
+                host.append(p)
+                seen.add(id(p))
         return [
             (record.seed_id, p)
             for record in self.registry.in_stages(TRAINING_STAGES)
             if record.kernel is not None
             for p in record.seed.seed_parameters()
             if p.requires_grad
-        ] + [("", p) for p in self.registry.hold.unfrozen()]
+        ] + [("", p) for p in host]
 
     def __call__(
         self, clean: bool = True, flags: dict[str, list[bool]] | None = None

@@ -1375,15 +1375,27 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
 
 
 def _worker_unfrozen(rank: int, world: int, spec: dict[str, Any]) -> None:
-    """Every rank unfreezes the slot's layer after ``wrap_ddp`` and gives it a group."""
+    """Every rank unfreezes the slot's layer after ``wrap_ddp``: frozen at attach (so at the
+    wrap too; then given a group), or trainable at attach and frozen only for the wrap."""
     import tests.manager.helpers as helpers
+    import tests.manager.test_ddp as this
     from tests.manager.test_host_param_groups import FrozenOut
 
-    helpers.Host = FrozenOut  # the slot's layer frozen at attach, so at the wrap too
+    if spec["frozen_at"] == "attach":
+        helpers.Host = FrozenOut
+    else:
+        wrap = this.wrap_ddp
+
+        def frozen_for_the_wrap(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
+            model.out.host.weight.requires_grad_(False)
+            return wrap(model, **options)
+
+        this.wrap_ddp = frozen_for_the_wrap
     t = Trainer(rank, world, spec)
     weight = t.rig.model.out.host.weight
     weight.requires_grad_(True)
-    t.manager.optimizers.optimizer("host").add_param_group({"params": [weight]})
+    if spec["frozen_at"] == "attach":  # else the host's optimizer holds it since attach
+        t.manager.optimizers.optimizer("host").add_param_group({"params": [weight]})
     before = weight.detach().clone()
     t.train(2)
     result = t.boundary()
@@ -1393,11 +1405,16 @@ def _worker_unfrozen(rank: int, world: int, spec: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
-def test_a_layer_unfrozen_after_the_wrap_is_averaged_across_ranks(tmp_path: Path, published):
+@pytest.mark.parametrize("frozen_at", ["attach", "wrap"])
+def test_a_layer_unfrozen_after_the_wrap_is_averaged_across_ranks(
+    tmp_path: Path, published, frozen_at: str
+):
     """DDP averages the parameters that required a gradient when it wrapped the model: a layer
     unfrozen after it was stepped by each rank on its own shard's gradient, and every epoch's
-    sync found the ranks apart and overwrote one. The seeds' average takes it in."""
-    spec = _spec(tmp_path, published, "gloo")
+    sync found the ranks apart and overwrote one. The seeds' average takes it in, also one
+    trainable at attach and frozen only when ``wrap_ddp`` wrapped the model (it took only
+    those frozen at attach)."""
+    spec = {**_spec(tmp_path, published, "gloo"), "frozen_at": frozen_at}
     spawn(_worker_unfrozen, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
     runs = _load(tmp_path, "unfrozen", 2)
     assert [run["moved"] for run in runs] == [True, True]
