@@ -534,15 +534,14 @@ class DistributedCoordinator:
             return
         self.stats["divergences"] += 1
         if self.rank == 0:
+            repair = "not repaired (repair off, or no finite majority)"
+            if result.source_rank >= 0:
+                repair = f"repaired from rank {result.source_rank}: {list(result.repaired_ranks)}"
             logger.error(
-                "epoch %d: ranks %s diverged from the majority (checksums %s); repaired from "
-                "rank %d: %s",
-                result.epoch,
-                list(result.divergent_ranks),
-                [f"{c:08x}" for c in result.checksums],
-                result.source_rank,
-                list(result.repaired_ranks),
-            )
+                "epoch %d: ranks %s diverged from the majority (checksums %s); %s",
+                result.epoch, list(result.divergent_ranks),
+                [f"{c:08x}" for c in result.checksums], repair,
+            )  # fmt: skip
         if not result.diverged:
             return
         repaired = self.rank in result.repaired_ranks

@@ -388,7 +388,8 @@ class DistributedKasmina:
 
     ``check_host`` includes the host's parameters in the replica checksum (see
     ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
-    repaired (default: quarantine its growing seeds). Building it opens the manager's checkpoint
+    repaired (default: every rank quarantines its growing seeds, so that the ranks keep one
+    seed layout). Building it opens the manager's checkpoint
     store, so a rank whose run's disk checkpoints another live trainer holds (ranks given one
     ``run_id``) is refused here, with ``RuntimeError``, before any rank trains.
     """
@@ -429,7 +430,7 @@ class DistributedKasmina:
             manager.handler,
             self.replica,
             applier=self.applier,
-            on_divergence=on_divergence or self._quarantine,
+            on_divergence=on_divergence or self._quarantine_diverged,
             repair=repair,
             telemetry=manager.telemetry,
             group=group,
@@ -468,6 +469,12 @@ class DistributedKasmina:
         self.seed_buffers(running_kernel_buffers(registry))
         result = self.coordinator.sync_epoch(epoch)
         self.replica.note_sync(result)
+        unrepaired = sorted(set(result.divergent_ranks) - set(result.repaired_ranks))
+        if unrepaired and self.coordinator.on_divergence == self._quarantine_diverged:
+            # Every rank alike, not only the diverged ones: quarantined on some ranks alone,
+            # the ranks' seed layouts would differ at every later step, and every seed
+            # gradient would be dropped on every rank for the rest of the run.
+            self._quarantine(f"ranks {unrepaired} diverged at epoch {epoch}, not repaired")
         return result
 
     def close(self) -> None:
@@ -483,6 +490,10 @@ class DistributedKasmina:
             dropping.remove(self.coordinator.drop_pending)
         self.coordinator.drop_pending("the multi-rank coordinator closed before its next sync")
 
-    def _quarantine(self, result: EpochSyncResult) -> None:
+    def _quarantine_diverged(self, result: EpochSyncResult) -> None:
+        """The default ``on_divergence``: nothing on the rank itself, whose seeds ``sync_epoch``
+        quarantines with every other rank's."""
+
+    def _quarantine(self, reason: str) -> None:
         for record in self.manager.require_registry().in_stages(ISOLATED_STAGES):
-            record.seed.quarantine(f"rank {result.rank} diverged at epoch {result.epoch}")
+            record.seed.quarantine(reason)

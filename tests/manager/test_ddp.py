@@ -1555,3 +1555,38 @@ def test_a_batch_norm_seed_has_its_statistics_averaged_not_repaired(
             expected = mine
         assert torch.equal(after0[name], expected) and torch.equal(after1[name], expected), name
     _assert_equal_states(runs)  # seed and host parameters, the table: bit for bit
+
+
+def _worker_detect_only(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """``repair=False``: rank 1's seed drifts once (a weight nudged), then both train on."""
+    import functools
+
+    import tests.manager.test_ddp as this
+
+    this.DistributedKasmina = functools.partial(DistributedKasmina, repair=False)
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    if rank == 1:
+        with torch.no_grad():
+            t.manager.seed(SEED0).seed_parameters()[0].add_(1e-3)
+    t.boundary()
+    t.train(3)
+    t.boundary()
+    t.save(spec["out"], "detect")
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_detect_only_quarantines_on_every_rank_so_the_ranks_keep_one_layout(
+    tmp_path: Path, published
+) -> None:
+    """The default ``on_divergence`` quarantined the growing seeds of the diverged rank alone:
+    with the repair off nothing realigned the ranks, every later step's seed layouts differed,
+    and every seed gradient was dropped on every rank for the rest of the run."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_detect_only, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "detect", 2)
+    for run in runs:
+        assert [r[2] for r in run["results"]] == [(), (1,), (1,)]  # detected, never repaired
+        assert run["stages"][SEED0] == int(S.QUARANTINE)
+        assert run["grads"].get("layout_mismatch", 0) == 0
