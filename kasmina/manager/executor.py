@@ -144,8 +144,16 @@ class CommandExecution:
             if on_interrupt is not None:
                 on_interrupt(outcome)
             raise
-        self.report.note_command(command, True, problem)
-        return CommandOutcome(command.command_id, command.kind, target, True, problem)
+        outcome = CommandOutcome(command.command_id, command.kind, target, True, problem)
+        try:
+            self.report.note_command(command, True, problem)
+        except BaseException:  # a Ctrl-C as it is noted (whole, or not begun): noted, reported
+            if self.report.noted(command) is None:
+                self.report.note_command(command, True, problem)
+            if on_interrupt is not None:
+                on_interrupt(outcome)
+            raise
+        return outcome
 
     def _operation(
         self,
@@ -194,12 +202,9 @@ class CommandExecution:
         return None if record is None else record.stage
 
     def _interrupted(
-        self,
-        command: KasminaCommand,
-        target: str,
-        before: SeedStage | int | None,
+        self, command: KasminaCommand, target: str, before: SeedStage | int | None,
         exc: BaseException,
-    ) -> CommandOutcome:
+    ) -> CommandOutcome:  # fmt: skip
         """Note the outcome of a command an interrupt cut short, once its operation has undone
         or completed itself: a seed command took effect exactly when its seed's stage changed
         (a CULL past its commit, completed), a rollback when it committed (the boundary replay
@@ -237,13 +242,9 @@ class CommandExecution:
 
     # ------------------------------------------------------------------ operations
     def germinate(
-        self,
-        record: SeedRecord,
-        artifact_id: str,
-        parameters: Mapping[str, float],
-        timeout_s: float = math.inf,
-        original: GPUKernel | None = None,
-    ) -> None:
+        self, record: SeedRecord, artifact_id: str, parameters: Mapping[str, float],
+        timeout_s: float = math.inf, original: GPUKernel | None = None,
+    ) -> None:  # fmt: skip
         """Fetch (or hit the cache, or take ``original``, fetched already), verify, pin, copy,
         dry run, attach, G1, optimizer, monitor, ISOLATED_INIT."""
         state = self.state

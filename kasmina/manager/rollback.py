@@ -277,6 +277,7 @@ def restore_epoch(
     # loads the old state back, so it puts the evaluations back too.
     evaluations = [(record.seed, record.seed.evaluation) for record in registry]
     added_before = registry.added_host_params
+    hold = interrupts_deferred()  # phase 3's, taken where a Ctrl-C still undoes phase 2
     try:
         _swap_kernels(registry, changes, fresh, old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
@@ -290,6 +291,7 @@ def restore_epoch(
         if optimizers.has_host:  # the monitors guard the restored host groups too
             registry.added_host_params = registry.host_groups_of(optimizers)
         monitors = _new_monitors(guard, registry)
+        hold.__enter__()  # from here a SIGINT waits for the commit's end
     except BaseException:
         registry.added_host_params = added_before
         for artifact_id in taken:
@@ -302,9 +304,10 @@ def restore_epoch(
             seed.evaluation = evaluation
         _release(fresh)
         put_back_tracked(tracked, tracked_before)
+        hold.__exit__(None, None, None)  # (never entered: nothing follows its entry above)
         raise
     # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
-    with interrupts_deferred():
+    try:
         state.counters["rollbacks_committed"] += 1
         state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
         registry.take_host_groups(state.optimizers, rebuilt=True, unfrozen=unfrozen)
@@ -315,11 +318,14 @@ def restore_epoch(
         # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
         registry.model.zero_grad(set_to_none=True)
         registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
+    finally:
+        hold.__exit__(None, None, None)  # entered at phase 2's end
     logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
     if not pending or boundary is None:
         return ""
     try:
-        boundary()
+        with interrupts_deferred():  # whole, as ``end_epoch`` runs it
+            boundary()
     except Exception as exc:
         problem = (
             f"rolled back to epoch {epoch}, but replaying its epoch boundary failed "

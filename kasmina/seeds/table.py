@@ -34,6 +34,7 @@ from kasmina.stages import (
     parse_gate,
     parse_stage,
 )
+from kasmina.utils.interrupts import interrupts_deferred
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
@@ -71,10 +72,8 @@ def _index_buffer(indices: Sequence[Any]) -> array[int]:
 
 def _ascending(requested: torch.Tensor, k: int, applied: int) -> bool:
     """Whether ``requested`` (int64 ``[K]``, host) counts up by one; asked if all ``k`` applied."""
-    if applied != k:
-        return False
     steps = requested.numpy()
-    return bool((steps[1:] - steps[:-1] == 1).all())
+    return applied == k and bool((steps[1:] - steps[:-1] == 1).all())
 
 
 def blueprint_hash(artifact_id: str) -> int:
@@ -274,7 +273,8 @@ class GPUStateTensor:
             else:
                 buf += array("q", [_NO_GATE if g is None else g for g in map(parse_gate, gates)])
         requests = torch.frombuffer(buf, dtype=torch.int64).view(-1, k)
-        raw = self._apply(requests, None, stages)[1]
+        with interrupts_deferred():  # applied and heard of whole (``_apply``)
+            raw = self._apply(requests, None, stages)[1]
         if raw.count(0) == k:
             return [TransitionCode.APPLIED] * k
         return list(map(_CODES.__getitem__, raw))
@@ -317,7 +317,8 @@ class GPUStateTensor:
             if bad.numel():
                 parse_gate(int(bad[0]))  # raises, naming the value
         on_device = stacked if stacked.device == self.device else None
-        return self._apply(requests, on_device)[0]
+        with interrupts_deferred():  # applied and heard of whole (``_apply``)
+            return self._apply(requests, on_device)[0]
 
     def _apply(
         self,
@@ -327,6 +328,7 @@ class GPUStateTensor:
     ) -> tuple[torch.Tensor, list[int]]:
         """Launch validated ``[2 or 3, K]`` int64 host requests (index, stage[, gate]; stages
         0..10, gates -1 or 1..5), then update the mirror, counters, listeners and observers.
+        Called with a SIGINT held (a Ctrl-C left device, mirror, listeners or owners apart).
 
         ``on_device``: the same requests on the table's device, if the caller has them;
         ``stages``: the requested stages as ``SeedStage`` members, if the caller has them.
@@ -350,10 +352,8 @@ class GPUStateTensor:
         if applied:
             self.counters["applied"] += applied
         if applied != k:
-            for code in range(1, len(_CODES)):
-                count = raw.count(code)
-                if count:
-                    self.counters[_CODE_KEYS[code]] += count
+            for code in sorted(set(raw) - {0}):
+                self.counters[_CODE_KEYS[code]] += raw.count(code)
             for idx, new, code in zip(indices, news, raw, strict=True):
                 if code:
                     self._report_rejection(idx, new, _CODES[code])
@@ -405,8 +405,9 @@ class GPUStateTensor:
     def tick(self) -> None:
         """One epoch: age every seed, count embargoes down, refresh READY_FLAG (one launch).
         An epoch count stops at 2**31 - 1, on the device (int32) and in the mirror alike."""
-        lifecycle_tick(self.state_tensor)
-        self._epochs = [e + 1 if e < INT32_MAX else e for e in self._epochs]
+        with interrupts_deferred():  # the device's ages and the mirror's alike
+            lifecycle_tick(self.state_tensor)
+            self._epochs = [e + 1 if e < INT32_MAX else e for e in self._epochs]
 
     def get_ready_seeds(self) -> torch.Tensor:
         """Device indices of seeds whose READY_FLAG is set (syncs: call it on commands)."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import _thread
 import inspect
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from kasmina.control.commands import make_seed_command
 from kasmina.manager.pending import CommandQueue
-from tests.manager.helpers import SEED0, SEED1, Rig
+from tests.manager.helpers import SEED0, SEED1, Rig, S
 from tests.manager.test_interrupts import assert_counts_add_up, queue, two_germinates
 
 S_DEFAULT = signal.default_int_handler
@@ -191,3 +194,141 @@ def test_a_ctrl_c_as_a_safe_point_begins_leaves_the_next_one_working(
     again.join(timeout=30)
     assert not again.is_alive(), "the next safe point waits for good"
     assert [(o.command_id, o.ok) for o in outcomes] == [(ids[0], True), (ids[1], True)]
+
+
+class _CtrlCAsHoldBegins:
+    """Stands for ``interrupts_deferred`` in a module: the hold made in a function named
+    ``caller`` takes a Ctrl-C at its ``__enter__``'s entry (where CPython handles a pending
+    SIGINT, before the handler is swapped), once; every other hold is the real one."""
+
+    def __init__(self, real: type, caller: str) -> None:
+        self.real, self.caller, self.fired = real, caller, False
+
+    def __call__(self) -> Any:
+        hold = self.real()
+        if self.fired or inspect.currentframe().f_back.f_code.co_name != self.caller:
+            return hold
+        self.fired = True
+
+        class Interrupted:
+            def __enter__(self) -> None:
+                raise KeyboardInterrupt
+
+            def __exit__(self, *exc: object) -> None:
+                return hold.__exit__(*exc)
+
+        return Interrupted()
+
+
+def test_a_ctrl_c_as_the_pins_hold_begins_still_gives_them_back(rig: Rig, mlp, monkeypatch):
+    """The queue's pins are given back under a hold, whose own start is a point where a Ctrl-C
+    lands: there it skipped the release, and the kernel stayed pinned by no one."""
+    import kasmina.manager.intake as intake_module
+
+    manager = rig.manager
+    two_germinates(rig, mlp)
+    fake = _CtrlCAsHoldBegins(intake_module.interrupts_deferred, "_release")
+    monkeypatch.setattr(intake_module, "interrupts_deferred", fake)
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    monkeypatch.undo()
+    assert fake.fired and pins(rig) == {mlp: 2}  # the seeds' own
+    queue(rig, make_seed_command("cull", SEED0), make_seed_command("cull", SEED1))
+    manager.apply_pending()
+    assert pins(rig) == {}
+
+
+def test_a_ctrl_c_as_the_rollbacks_commit_hold_begins_undoes_it(rig: Rig, mlp, monkeypatch):
+    """Phase 2 of a rollback had written the table, the model and the kernels; a Ctrl-C as the
+    commit's hold began, after phase 2's undo stopped listening, left them neither undone nor
+    committed (the stages the checkpoint's, the clock and optimizers not), reported refused."""
+    import kasmina.manager.rollback as rollback_module
+    from kasmina.control.commands import make_rollback_command
+
+    manager = rig.manager
+    for epoch in range(2):
+        rig.train(1)
+        manager.end_epoch(epoch)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    table = manager.require_registry().table
+    before = (table.state_tensor.clone(), table.stages(), manager.epoch)
+    weights = {k: v.clone() for k, v in rig.model.state_dict().items()}
+    fake = _CtrlCAsHoldBegins(rollback_module.interrupts_deferred, "restore_epoch")
+    monkeypatch.setattr(rollback_module, "interrupts_deferred", fake)
+    queue(rig, make_rollback_command(0))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    monkeypatch.undo()
+    assert fake.fired
+    assert torch.equal(table.state_tensor, before[0]) and table.stages() == before[1]
+    assert manager.epoch == before[2] and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert all(torch.equal(v, weights[k]) for k, v in rig.model.state_dict().items())
+    assert manager.command_log[-1][2] is False
+    assert "nothing changed" in manager.command_log[-1][3]
+    rig.train(1)
+    queue(rig, make_rollback_command(0))
+    assert [o.ok for o in manager.apply_pending()] == [True]
+
+
+def test_a_ctrl_c_as_an_applied_command_is_noted_reports_it_applied(rig: Rig, mlp, monkeypatch):
+    """A Ctrl-C at the start of noting a command that took effect: the intake found it not
+    noted and reported it refused, the seed culled all the same."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    real = manager.report.note_command
+
+    def note_command(command: Any, ok: bool, reason: str) -> None:
+        if ok and command.seed is not None and command.seed.seed_id == SEED0:
+            monkeypatch.setattr(manager.report, "note_command", real)
+            raise KeyboardInterrupt  # at its entry
+        real(command, ok, reason)
+
+    monkeypatch.setattr(manager.report, "note_command", note_command)
+    queue(rig, make_seed_command("cull", SEED0))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    assert rig.stage(SEED0) == S.COOLDOWN
+    assert manager.command_log[-1][1:3] == ("seed.cull", True)
+    assert_counts_add_up(rig, executed=2, failed=0)
+
+
+def _sigint_at_entry_of(name: str) -> Callable[..., Any]:
+    """A trace function that sends this process a SIGINT as a function called ``name`` is
+    entered, once: where CPython handles a pending signal (its handler runs inside the trace)."""
+    fired: list[int] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == name and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trace.fired = fired  # type: ignore[attr-defined]
+    return trace
+
+
+@pytest.mark.parametrize("entry", ["_bump", "_refresh_plan"])
+def test_a_ctrl_c_as_a_transition_is_announced_reaches_every_owner(rig: Rig, mlp, entry) -> None:
+    """A SIGINT at the entry of the listeners' notice of an ADVANCE, or of the slot's plan
+    refresh: what follows that point never heard of it (the slot's forward still ran the seed
+    in its old stage, for good; the seed's stage code stayed behind), and the command was
+    reported done. The table applies and announces a transition whole, with a SIGINT held."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    table = manager.require_registry().table
+    queue(rig, make_seed_command("advance", SEED0))
+    trace = _sigint_at_entry_of(entry)
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.apply_pending()
+    finally:
+        sys.settrace(None)
+    record, new = manager.require_registry()[SEED0], S.COMPATIBILITY_CHECK
+    assert trace.fired and rig.stage(SEED0) == new
+    assert int(table.state_tensor[record.index, 0]) == int(new)
+    assert rig.slot._plan[0] == new  # the slot's forward runs the seed as it now is
+    assert record.seed._stage_code == int(new)
+    assert manager.command_log[-1][1:3] == ("seed.advance", True)
