@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, S, make_config
+from tests.manager.test_evaluation import to_stabilization
 
 REFUSAL = "holds a parameter the model does not: register it first"
 
@@ -59,14 +60,7 @@ def test_a_promotion_while_such_a_group_waits_still_applies(
     rig = Rig(make_config(tmp_path, store, performance_gate=0), keyring)
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
-    rig.train(2)
-    manager.end_epoch(0)
-    for _ in range(2):  # COMPATIBILITY_CHECK, then GRAFTING
-        assert rig.send("advance", SEED0), manager.command_log[-1]
-        rig.train(1)
-    rig.train(4)
-    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.STABILIZATION
-    rig.train(1)
+    to_stabilization(rig, [SEED0])
     manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
     host_opt = manager.optimizers.optimizer("host")
     foreign = nn.Parameter(torch.zeros(3))

@@ -5,27 +5,12 @@ then, once, and the command applies as if nothing had happened."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
 
 import torch
 
 from kasmina.control.commands import make_seed_command
 from tests.manager.helpers import SEED0, Rig, S
-
-
-def _reads(rig: Rig) -> list[tuple[str, str]]:
-    """``(artifact id, thread name)`` of every store fetch from here on."""
-    reads: list[tuple[str, str]] = []
-    client = rig.manager.urza_client
-    real = client.fetch
-
-    def fetch(artifact_id: str, **kwargs: Any) -> Any:
-        reads.append((artifact_id, threading.current_thread().name))
-        return real(artifact_id, **kwargs)
-
-    client.fetch = fetch
-    return reads
+from tests.manager.test_pending_pins import _reads
 
 
 def _queue_germinate(rig: Rig, mlp: str) -> None:

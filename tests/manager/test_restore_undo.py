@@ -4,33 +4,12 @@ bit for bit, so a failed rollback never leaves training half restored."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
 from kasmina.manager.training_state import capture_training_state, restore_training_state
 from tests.manager.helpers import SEED0, Rig
-
-
-def _state_equal(a: Any, b: Any) -> bool:
-    """Recursive bitwise equality of nested containers of tensors and scalars."""
-    if isinstance(a, torch.Tensor):
-        return (
-            isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(a, b)
-        )
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_state_equal(a[k], b[k]) for k in a)
-        )
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
+from tests.manager.test_checkpoints import _state_equal
 
 
 def _trained_on(rig: Rig, mlp: str):

@@ -12,17 +12,8 @@ from torch import nn
 
 import kasmina
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.stages import SeedStage
-
-S = SeedStage
-PATH = [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE]
-
-
-def walk_to_active(seed: Any, width: int, init: int) -> None:
-    torch.manual_seed(init)
-    seed.attach_kernel(nn.Sequential(nn.Linear(width, width), nn.Tanh()))
-    for stage in PATH:
-        seed.transition_to(stage)
+from kasmina.stages import SeedStage as S
+from tests.persist.test_merge import walk_to_active
 
 
 class KeywordOnly(nn.Module):

@@ -21,6 +21,7 @@ from kasmina.persist import format as fmt
 from kasmina.persist.format import SavedModelError
 from kasmina.seeds.layer import KasminaLayer
 from tests.manager.helpers import PUBLISHER, Host
+from tests.persist.test_load_malformed import _header
 
 
 def _unchanged_after(load: Callable[[nn.Module], Any]) -> None:
@@ -55,16 +56,6 @@ def saved(tmp_path: Path) -> Path:
 def _file(header: dict[str, Any], payload: bytes) -> bytes:
     encoded = json.dumps(header).encode("ascii")
     return fmt.MAGIC + struct.pack(">I", len(encoded)) + encoded + payload
-
-
-def _header(payload: bytes, **changes: Any) -> dict[str, Any]:
-    header = {
-        "format": fmt.FORMAT,
-        "format_version": fmt.FORMAT_VERSION,
-        "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    return {**header, **changes}
 
 
 def _torch_bytes(obj: Any) -> bytes:
