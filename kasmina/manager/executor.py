@@ -144,16 +144,16 @@ class CommandExecution:
             if on_interrupt is not None:
                 on_interrupt(outcome)
             raise
-        outcome = CommandOutcome(command.command_id, command.kind, target, True, problem)
         try:
             self.report.note_command(command, True, problem)
         except BaseException:  # a Ctrl-C as it is noted (whole, or not begun): noted, reported
             if self.report.noted(command) is None:
                 self.report.note_command(command, True, problem)
             if on_interrupt is not None:
-                on_interrupt(outcome)
+                ok = CommandOutcome(command.command_id, command.kind, target, True, problem)
+                on_interrupt(ok)
             raise
-        return outcome
+        return CommandOutcome(command.command_id, command.kind, target, True, problem)
 
     def _operation(
         self,

@@ -238,18 +238,15 @@ class CommandIntake:
                 self._drop(self.queue.put_back(rest), "manager closed before it applied")
             raise
         finally:  # their kernels' pins: the seeds that took one hold pins of their own
-            self._release(ready)
-        return outcomes
-
-    def _release(self, ready: list[Ready]) -> None:
-        """Give back the queue's pins of ``ready`` whole (a pin leaked is never evicted): with a
-        SIGINT held, and again if one lands as the hold begins (each is given back once)."""
-        try:
-            with interrupts_deferred():
+            # Given back whole (a pin leaked is never evicted): with a SIGINT held, and again
+            # if one lands as the hold begins (each entry is given back once).
+            try:
+                with interrupts_deferred():
+                    self.queue.release([entry for entry, _, _ in ready])
+            except BaseException:
                 self.queue.release([entry for entry, _, _ in ready])
-        except BaseException:
-            self.queue.release([entry for entry, _, _ in ready])
-            raise
+                raise
+        return outcomes
 
     def _make_durable(self, ready: list[Ready]) -> str:
         """Make the nonces of the ``ready`` commands durable: "" once they are, else why not

@@ -127,16 +127,14 @@ def restore_training_state(
             optimizers.load_state_dict(state["optimizers"])
         for name, module in modules.items():
             module.load_state_dict(saved_modules[name], strict=True)
-        if state_table is not None:
-            with torch.no_grad():
-                state_table.copy_(saved_table.to(state_table.device))
+        if state_table is not None:  # int32: no graph (and no grad-mode block, see below)
+            state_table.copy_(saved_table.to(state_table.device))
     except BaseException as exc:
         try:
             for name, module in modules.items():
                 module.load_state_dict(backup["modules"][name], strict=True)
-            if state_table is not None:
-                with torch.no_grad():
-                    state_table.copy_(backup["state_table"])
+            if state_table is not None:  # a grad-mode block's exit could take a Ctrl-C
+                state_table.copy_(backup["state_table"])
             if optimizers is not None:
                 optimizers.load_state_dict(backup["optimizers"])
         except Exception as undo:  # the caller learns what failed first, and that this did

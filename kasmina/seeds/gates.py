@@ -553,11 +553,14 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
         return "has parameters, none that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
     versions = [t._version for _, t in watched]
-    try:
-        with torch.set_grad_enabled(bool(params)):
-            out = kernel(x)
+    grad = torch.is_grad_enabled()
+    try:  # set and put back by C calls: a grad-mode block's Python edges could take a Ctrl-C
+        torch._C._set_grad_enabled(bool(params))  # and leave grad mode off for the thread
+        out = kernel(x)
     except Exception as exc:  # any failure of foreign code is a refusal, not a crash
         return f"raised {type(exc).__name__}: {exc}"
+    finally:
+        torch._C._set_grad_enabled(grad)
     for (what, t), version in zip(watched, versions, strict=True):
         if t._version != version:
             return f"wrote in place into {what}"

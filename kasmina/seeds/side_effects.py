@@ -136,12 +136,11 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
     try:
         yield
-    finally:
-        with torch.no_grad():
-            for buffer, version, saved in buffers:
-                same = buffer._version == version and torch.equal(buffer, saved)
-                if buffer.shape == saved.shape and not same:
-                    buffer.data.copy_(saved)
+    finally:  # (no grad-mode block: a Ctrl-C at its exit's entry left grad mode off)
+        for buffer, version, saved in buffers:
+            same = buffer._version == version and torch.equal(buffer, saved)
+            if buffer.shape == saved.shape and not same:
+                buffer.data.copy_(saved)  # ``.data``: recorded by no graph
 
 
 def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:

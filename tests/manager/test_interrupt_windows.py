@@ -198,15 +198,18 @@ def test_a_ctrl_c_as_a_safe_point_begins_leaves_the_next_one_working(
 
 class _CtrlCAsHoldBegins:
     """Stands for ``interrupts_deferred`` in a module: the hold made in a function named
-    ``caller`` takes a Ctrl-C at its ``__enter__``'s entry (where CPython handles a pending
-    SIGINT, before the handler is swapped), once; every other hold is the real one."""
+    ``caller`` (its ``nth``) takes a Ctrl-C at its ``__enter__``'s entry (where CPython
+    handles a pending SIGINT, before the handler is swapped), once; every other is the real one."""
 
-    def __init__(self, real: type, caller: str) -> None:
-        self.real, self.caller, self.fired = real, caller, False
+    def __init__(self, real: type, caller: str, nth: int = 1) -> None:
+        self.real, self.caller, self.fired, self.left = real, caller, False, nth
 
     def __call__(self) -> Any:
         hold = self.real()
         if self.fired or inspect.currentframe().f_back.f_code.co_name != self.caller:
+            return hold
+        self.left -= 1
+        if self.left:
             return hold
         self.fired = True
 
@@ -227,7 +230,7 @@ def test_a_ctrl_c_as_the_pins_hold_begins_still_gives_them_back(rig: Rig, mlp, m
 
     manager = rig.manager
     two_germinates(rig, mlp)
-    fake = _CtrlCAsHoldBegins(intake_module.interrupts_deferred, "_release")
+    fake = _CtrlCAsHoldBegins(intake_module.interrupts_deferred, "_take_and_apply", nth=2)
     monkeypatch.setattr(intake_module, "interrupts_deferred", fake)
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()
@@ -332,3 +335,79 @@ def test_a_ctrl_c_as_a_transition_is_announced_reaches_every_owner(rig: Rig, mlp
     assert rig.slot._plan[0] == new  # the slot's forward runs the seed as it now is
     assert record.seed._stage_code == int(new)
     assert manager.command_log[-1][1:3] == ("seed.advance", True)
+
+
+def _sigint_at_grad_mode_edges() -> Callable[..., Any]:
+    """A trace function that sends a SIGINT, once, as kasmina code enters or leaves one of
+    torch's grad-mode blocks that has grad mode off (their ``__enter__``/``__exit__`` are
+    Python code; ``set_grad_enabled`` switches in its ``__init__``)."""
+    fired: list[str] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        code, caller = frame.f_code, frame.f_back
+        if (
+            event == "call"
+            and not fired
+            and code.co_filename.endswith("grad_mode.py")
+            and code.co_name in ("__enter__", "__exit__")
+            and caller is not None
+            and "kasmina" in caller.f_code.co_filename
+            and not torch.is_grad_enabled()  # switched off already (or not yet back on)
+        ):
+            fired.append(caller.f_code.co_name)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trace.fired = fired  # type: ignore[attr-defined]
+    return trace
+
+
+def test_a_ctrl_c_at_a_grad_mode_edge_in_germinate_leaves_grad_mode_on(rig: Rig, mlp) -> None:
+    """GERMINATE's dry run switched grad mode in a ``with`` block: a Ctrl-C at the entry of its
+    ``__enter__`` (grad already off) or ``__exit__`` left grad mode off for the thread, and the
+    next training step built no graph ("element 0 of tensors does not require grad")."""
+    manager = rig.manager
+    manager.loader.original(mlp)
+    queue(rig, make_seed_command("germinate", SEED0, mlp))
+    trace = _sigint_at_grad_mode_edges()
+    sys.settrace(trace)
+    try:
+        manager.apply_pending()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    assert torch.is_grad_enabled(), trace.fired
+    rig.train(1)  # trains
+
+
+def test_a_ctrl_c_as_an_applied_commands_outcome_is_built_reports_it_applied(rig: Rig, mlp):
+    """A SIGINT at the entry of the outcome's constructor (dataclass code, Python), after the
+    operation took effect and before it was noted: reported refused ("interrupted while it
+    applied"), the seed culled all the same. It is noted first now."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    queue(rig, make_seed_command("cull", SEED0))
+    fired: list[int] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        caller = frame.f_back
+        if (
+            event == "call"
+            and not fired
+            and frame.f_code.co_name == "__init__"
+            and caller is not None
+            and caller.f_code.co_name == "apply"
+            and caller.f_code.co_filename.endswith("executor.py")
+        ):
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.apply_pending()
+    finally:
+        sys.settrace(None)
+    assert fired and rig.stage(SEED0) == S.COOLDOWN
+    assert manager.command_log[-1][1:3] == ("seed.cull", True)
+    assert_counts_add_up(rig, executed=2, failed=0)
