@@ -296,6 +296,16 @@ def test_a_ctrl_c_as_an_applied_command_is_noted_reports_it_applied(rig: Rig, ml
     assert_counts_add_up(rig, executed=2, failed=0)
 
 
+def _interrupted_under(trace: Callable[..., Any], manager: Any) -> None:
+    """``manager.apply_pending()`` traced by ``trace``, which makes it raise KeyboardInterrupt."""
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.apply_pending()
+    finally:
+        sys.settrace(None)
+
+
 def _sigint_at_entry_of(name: str) -> Callable[..., Any]:
     """A trace function that sends this process a SIGINT as a function called ``name`` is
     entered, once: where CPython handles a pending signal (its handler runs inside the trace)."""
@@ -323,12 +333,7 @@ def test_a_ctrl_c_as_a_transition_is_announced_reaches_every_owner(rig: Rig, mlp
     table = manager.require_registry().table
     queue(rig, make_seed_command("advance", SEED0))
     trace = _sigint_at_entry_of(entry)
-    sys.settrace(trace)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            manager.apply_pending()
-    finally:
-        sys.settrace(None)
+    _interrupted_under(trace, manager)
     record, new = manager.require_registry()[SEED0], S.COMPATIBILITY_CHECK
     assert trace.fired and rig.stage(SEED0) == new
     assert int(table.state_tensor[record.index, 0]) == int(new)
@@ -402,12 +407,7 @@ def test_a_ctrl_c_as_an_applied_commands_outcome_is_built_reports_it_applied(rig
             fired.append(1)
             os.kill(os.getpid(), signal.SIGINT)
 
-    sys.settrace(trace)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            manager.apply_pending()
-    finally:
-        sys.settrace(None)
+    _interrupted_under(trace, manager)
     assert fired and rig.stage(SEED0) == S.COOLDOWN
     assert manager.command_log[-1][1:3] == ("seed.cull", True)
     assert_counts_add_up(rig, executed=2, failed=0)
