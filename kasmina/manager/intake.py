@@ -159,8 +159,8 @@ class CommandIntake:
                 "forward under torch.no_grad() leaves no graph) [%d such calls]", self.deferred,
             )  # fmt: skip
             return []
-        if self._applier == threading.get_ident():
-            return []
+        if self._applier == threading.get_ident() or not (wait or len(self.queue)):
+            return []  # (nothing queued: every step's case, no hold and no lock taken)
         taken = False
         try:
             # Taken with a SIGINT held, delivered inside this ``try``: a Ctrl-C just after a
