@@ -287,7 +287,8 @@ class Manifest:
             raise ValueError("manifest created must be a number (Unix time)")
         if not finite_number(created):  # 10**400 too: float() raises OverflowError
             raise ValueError("manifest created must be a finite Unix time")
-        created = float(created)
+        # Kept as signed: an int made a float would write back (``to_json``, what a saved model
+        # keeps) as other canonical JSON, which the signature no longer covers.
         if data["format"] != ARTIFACT_FORMAT:
             raise ValueError(f"unsupported artifact format {shown(data['format'])}")
         if data["manifest_version"] != MANIFEST_VERSION or isinstance(

@@ -694,3 +694,21 @@ def test_store_url_credentials_reach_no_publisher_log_error_or_client_attribute(
     for text in (caplog.text, str(missing.value), client.url):
         assert "S3CRET" not in text and "SIGNED-URL-TOKEN" not in text, text
     client.close()
+
+
+@pytest.mark.parametrize("created", [1_700_000_000, 1_700_000_000.25, 1e20])
+def test_a_verified_manifest_writes_back_the_json_its_signature_covers(
+    publisher: PublisherKey, trusted, created
+) -> None:
+    """A whole-second ``created`` (an integer clock, another publisher's tools) was made a float
+    on parsing: the manifest written back (``to_json``, what ``kasmina.save`` keeps) read
+    ``1700000000.0``, other canonical JSON, and a saved model's own manifest no longer
+    verified, so the model saved but never loaded."""
+    unsigned = Manifest(
+        artifact_id="a1", blueprint="mlp", sha256="0" * 64, size=1,
+        input_spec=(TensorSpec((None, 2), "float32"),), key_id="", created=created,
+        torch_version="2", signature="",
+    )  # fmt: skip
+    verified = verify_manifest(sign_manifest(unsigned, publisher).to_json(), trusted)
+    again = verify_manifest(verified.to_json(), trusted)
+    assert again == verified and type(again.created) is type(created)
