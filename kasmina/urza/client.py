@@ -62,7 +62,9 @@ from kasmina.urza.resilience import (
     ReadGuard,
     _DeadlineExpired,
     check_store_settings,
+    describe_error,
     redact_urls,
+    store_secrets,
 )
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,7 @@ class UrzaLibraryClient:
             max_stalled_reads=max_stalled_reads,
             clock=clock,
             sleep=sleep,
+            secrets=store_secrets(url, storage_options),
         )
         options = dict(storage_options or {})
         if url.startswith(("http://", "https://")) and "client_kwargs" not in options:
@@ -340,7 +343,7 @@ class UrzaLibraryClient:
                 self.verify(artifact_id)
                 report[artifact_id] = "ok"
             except (ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError) as exc:
-                report[artifact_id] = redact_urls(f"{type(exc).__name__}: {exc}")
+                report[artifact_id] = describe_error(exc, self._guard.secrets)
         return report
 
     def stats(self) -> dict[str, Any]:

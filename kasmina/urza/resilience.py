@@ -32,14 +32,16 @@ refused as corrupt) from a transport failure.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 
@@ -53,7 +55,10 @@ __all__ = [
     "CircuitBreaker",
     "ReadGuard",
     "check_store_settings",
+    "describe_error",
+    "redact",
     "redact_urls",
+    "store_secrets",
 ]
 
 # The longest a store read may wait (``threading.TIMEOUT_MAX`` is ~292 years): a week.
@@ -94,15 +99,71 @@ def check_store_settings(prefix: str = "", **settings: object) -> None:
 
 
 # A URL's user information (``user:password@``) and its query (a signed URL's token): secrets
-# that a store's URL may carry and that no message, log line or ``repr`` may show.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+# that a store's URL may carry and that no message, log line or ``repr`` may show. The user
+# information runs to the authority's last ``@`` (as HTTP clients split it) and may hold a
+# quote (a sub-delimiter, legal unencoded); no ``/``, ``?``, ``#`` or space is in it.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 _QUERY = re.compile(r"(://[^\s'\"?#]*)\?[^\s'\"#]*")
+# An authorization value an error quotes (a request's headers): its credentials.
+_AUTH_VALUE = re.compile(r"(?i)\b(bearer|basic|digest|token)(\s+)[^\s'\",;)]+")
+# Names of the store settings (``storage_options``, headers among them) that hold secrets.
+_SECRET_NAME = re.compile(r"(?i)key|secret|token|pass|auth|credential|signature|session|cookie")
+# Shorter values are not looked for: replacing them everywhere would garble a message.
+_MIN_SECRET_CHARS = 4
 
 
 def redact_urls(text: str) -> str:
     """``text`` with the user information and the query of every URL in it replaced by
     ``***``: a store's URL, or an I/O error's text that quotes one, fit for a log."""
     return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+
+
+def store_secrets(url: str, storage_options: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The secrets a store's settings hold, as an error's text may quote them: the URL's user
+    information (raw, decoded, and as the Basic authorization an HTTP client makes of it) and
+    every string under a secret's name in ``storage_options`` (a header's value, and the
+    credential after its scheme word), at any depth. Longest first, for :func:`redact`."""
+    found: set[str] = set()
+    userinfo = urlsplit(url).netloc.rpartition("@")[0] if "://" in url else ""
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        plain = f"{unquote(user)}:{unquote(password)}"
+        found.update({userinfo, unquote(password), plain})
+        for encoding in ("latin-1", "utf-8"):
+            try:
+                found.add(base64.b64encode(plain.encode(encoding)).decode("ascii"))
+            except UnicodeEncodeError:
+                continue
+    stack: list[tuple[object, bool, int]] = [(storage_options or {}, False, 0)]
+    while stack:
+        value, secret, depth = stack.pop()
+        if isinstance(value, str):
+            if secret:
+                found.update({value, value.partition(" ")[2].strip()})
+        elif depth < 8 and isinstance(value, Mapping):
+            for key, item in value.items():
+                named = secret or bool(_SECRET_NAME.search(str(key)))
+                stack.append((item, named, depth + 1))
+        elif depth < 8 and isinstance(value, (list, tuple)):
+            stack.extend((item, secret, depth + 1) for item in value)
+    found = {text for text in found if len(text) >= _MIN_SECRET_CHARS}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` fit for a log: URLs' credentials and queries (:func:`redact_urls`), the value
+    of any authorization it quotes, and each of ``secrets`` (:func:`store_secrets`) replaced by
+    ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _AUTH_VALUE.sub(r"\1\2***", redact_urls(text))
+
+
+def describe_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """An I/O error as a log line may show it: its type and text, redacted. Its text, not its
+    ``repr``: an HTTP error's ``repr`` holds the request's headers, credentials among them."""
+    text = str(exc)
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, secrets)
 
 
 T = TypeVar("T")
@@ -241,8 +302,10 @@ class ReadGuard:
         max_stalled_reads: int,
         clock: Callable[[], float],
         sleep: Callable[[float], None] | None,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         self.url = redact_urls(url)  # as messages show it: no credentials
+        self.secrets = secrets  # the store's credentials, which no error text it shows quotes
         self.breaker = breaker
         self.timeout_s = timeout_s
         self.retries = retries
@@ -379,7 +442,7 @@ class ReadGuard:
                 if left <= 0:
                     detail = "no time left for the next read"
                     if last:
-                        detail = f"last error: {redact_urls(repr(last))}"
+                        detail = f"last error: {describe_error(last, self.secrets)}"
                     raise self.expired(budget.what, detail) from last
                 timeout = min(timeout, left)
             try:
@@ -395,11 +458,10 @@ class ReadGuard:
                     self._stats["read_failures"] += 1
                 last = exc
                 logger.warning(
-                    "Urza read failed (attempt %d/%d): %s: %s",
+                    "Urza read failed (attempt %d/%d): %s",
                     attempt + 1,
                     budget.attempts,
-                    type(exc).__name__,
-                    exc,
+                    describe_error(exc, self.secrets),
                 )
                 if attempt + 1 < budget.attempts:
                     delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
@@ -407,14 +469,14 @@ class ReadGuard:
                         raise self.expired(
                             budget.what,
                             f"no time left to retry after {delay:.3g} s of backoff; "
-                            f"last error: {redact_urls(repr(exc))}",
+                            f"last error: {describe_error(exc, self.secrets)}",
                         ) from exc
                     if self._sleep is None:
                         self._closing.wait(delay)  # ``close`` ends it; checked just above
                     else:
                         self._sleep(delay)
                 elif deadline is not None and self._clock() >= deadline:
-                    detail = f"last error: {redact_urls(repr(exc))}"
+                    detail = f"last error: {describe_error(exc, self.secrets)}"
                     raise self.expired(budget.what, detail) from exc
             else:
                 budget.answered += 1
@@ -422,7 +484,7 @@ class ReadGuard:
         plural = "s" if budget.attempts != 1 else ""
         raise UrzaUnavailableError(
             f"Urza at {self.url} unavailable after {budget.attempts} attempt{plural}: "
-            f"{redact_urls(repr(last))}"
+            f"{describe_error(last, self.secrets) if last else 'no read ran'}"
         ) from last
 
     def _run_read(self, op: Callable[[threading.Event], T], timeout_s: float) -> T:

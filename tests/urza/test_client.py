@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
 import json
 import logging
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -500,6 +502,62 @@ def test_a_store_urls_credentials_never_reach_a_message_or_a_repr(
     assert "S3CRET" not in repr(config) and "urza_url=" in repr(config)
     assert redact_urls("s3://k:s@b/p?X-Amz-Signature=ab cd") == "s3://***@b/p?*** cd"
     assert redact_urls("/data/urza") == "/data/urza"
+
+
+@pytest.fixture
+def failing_http_store() -> Iterator[str]:
+    """A loopback HTTP store having a bad moment: every GET answers 503."""
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("password", ["S3CRET", "S3CRET'sPW", "S3C@RET"])
+def test_an_http_errors_request_headers_never_show_the_stores_credentials(
+    failing_http_store: str, trusted, caplog: pytest.LogCaptureFixture, password: str
+) -> None:
+    """An HTTP error's ``repr`` holds its request's headers: the Basic authorization the HTTP
+    client made of the URL's ``user:password@``, and a bearer token given in
+    ``storage_options``. The client's error and its logs quoted that ``repr``; they show the
+    error's text now, with every credential the store's settings hold replaced by ``***``. A
+    password with a quote or an ``@`` (legal in a URL's user information) is redacted whole."""
+    from kasmina.urza.resilience import redact_urls
+
+    url = f"http://alice:{password}@{failing_http_store}/urza"
+    headers = {"headers": {"Authorization": "Bearer T0KEN-0123456789"}}
+    basic = base64.b64encode(f"alice:{password}".encode()).decode()
+    secrets = (password, basic, "T0KEN-0123456789", password.split("@")[-1])
+    for where, options in ((url, None), (f"http://{failing_http_store}/urza", headers)):
+        store = client(where, trusted, retries=1, timeout_s=5.0, storage_options=options)
+        errors = []
+        try:
+            for read, args in ((store.fetch, ("mlp",)), (store.list_artifacts, ())):
+                with caplog.at_level(logging.DEBUG), pytest.raises(UrzaUnavailableError) as raised:
+                    read(*args)
+                errors.append(str(raised.value))
+        finally:
+            store.close()
+        assert "503" in errors[0]  # what went wrong is still said
+        shown = [*errors, caplog.text, store.url, repr(store)]
+        assert not [s for s in secrets for text in shown if s in text]
+    redacted = f"see http://***@{failing_http_store}/urza/a.pt2 now"
+    assert redact_urls(f"see {url}/a.pt2 now") == redacted
 
 
 def test_retries_backoff_breaker_and_recovery(store, trusted) -> None:
