@@ -139,6 +139,19 @@ def stream_position(loaded: list[int | None], kernel: torch.nn.Module) -> int | 
     return loaded[0] + versions - loaded[1]
 
 
+def saved_position(seed: BookkeptSeed) -> int | None:
+    """The stream position a save keeps: the manager's, else the one an unowned load or copy
+    went on from (:func:`stream_position`, not started by this read: no forward since, it is
+    the loaded one). A loaded model saved again, or its own ``state_dict`` loaded back, draws
+    on as it did."""
+    loaded = seed.__dict__.get("_loaded_draws")
+    if seed.draw_step is not None or loaded is None or loaded[0] is None:
+        return seed.draw_step
+    if loaded[1] is None or seed.kernel is None:
+        return loaded[0]
+    return loaded[0] + sum(p._version for p in seed.kernel.parameters()) - loaded[1]
+
+
 def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:
     """What a seed's ``get_extra_state`` saves (JSON-able): its state-table row and the
     bookkeeping the seed keeps beside it."""
@@ -148,7 +161,7 @@ def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:
         "row": list(seed.state_table.read_row(seed.state_index).values()),
         "alpha": seed.alpha_value,
         "graft_step": seed.graft_step,
-        "draw_step": seed.draw_step,
+        "draw_step": saved_position(seed),
         "trained_epochs": seed.trained_epochs,
         "trained_this_epoch": seed.trained_this_epoch,
         "gate_score": seed.gate_score,

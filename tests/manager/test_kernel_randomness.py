@@ -253,6 +253,18 @@ def test_a_loaded_copy_draws_what_the_saved_seed_drew_until_it_is_trained(
         masks.append(mask(clone.kernel, lambda: model(rig.x).sum().backward()))
         optimizer.step()
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    # Saved again (the loaded model's ``kasmina.save``, its own ``state_dict`` loaded back), it
+    # draws on as it did: the save kept no position for a seed without a manager (None), and
+    # the next load keyed the stream on version counters again.
+    with torch.no_grad():
+        want = mask(clone.kernel, lambda: model(rig.x))
+        again = copy.deepcopy(rig.model)
+        (copied,) = [m for m in again.modules() if getattr(m, "seed_id", None) == SEED0]
+        for target in (clone, copied):
+            target.set_extra_state(clone.get_extra_state())
+            target.kernel.load_state_dict(clone.kernel.state_dict())
+        assert torch.equal(mask(copied.kernel, lambda: again(rig.x)), want)
+        assert torch.equal(mask(clone.kernel, lambda: model(rig.x)), want)
 
 
 def run_rollback(rig: Rig, epoch: int) -> bool:
