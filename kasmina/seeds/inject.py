@@ -132,8 +132,11 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
     return list(dict.fromkeys(aliases[id(model.get_submodule(n))][0] for n in matched))
 
 
-# The load_state_dict pre-hook attach put on each model (weakly: the model owns its hooks).
-_LOAD_CHECKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+# The load_state_dict pre-hook attach put on each model and each module between it and its
+# slots, with the hook (weakly: the model owns its hooks).
+_LOAD_CHECKS: weakref.WeakKeyDictionary[nn.Module, tuple[object, RemovableHandle]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -304,11 +307,39 @@ def add_load_checks(model: nn.Module) -> None:
     """Put the ``load_state_dict`` pre-hook on ``model`` that asks every seed in it to check
     its incoming state before any module loads (``check_seed_states``), once: a load refused
     by any seed then changes no module of the model (PyTorch loads module by module, and each
-    slot's own hook runs only when the load reaches it). Whoever installs slots in a model
-    calls it (``attach``, ``kasmina.load``); ``remove_load_checks`` takes it off."""
-    if model not in _LOAD_CHECKS:
-        _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(check_seed_states)
+    slot's own hook runs only when the load reaches it). Each module between the model and a
+    slot gets one too (:func:`check_states_loaded_here`), for a load of that module alone
+    (``model.encoder.load_state_dict``), and one no slot is below any more loses it. Whoever
+    installs or removes slots calls it (``attach``, ``kasmina.load``, ``detach``);
+    ``remove_load_checks`` takes them all off."""
+    modules = dict(model.named_modules())
+    between = {
+        ".".join(parts[:i])
+        for name, module in modules.items()
+        if isinstance(module, KasminaLayer)
+        for parts in [name.split(".")]
+        for i in range(1, len(parts))
+    }
+    for name, module in modules.items():
+        if isinstance(module, KasminaLayer):  # its own, from its construction
+            continue
+        hook = check_seed_states if not name else None
+        hook = check_states_loaded_here if name in between else hook
+        held = _LOAD_CHECKS.get(module)
+        if held is not None and held[0] is not hook:
+            held[1].remove()
+            del _LOAD_CHECKS[module]
+        if hook is not None and module not in _LOAD_CHECKS:
+            _LOAD_CHECKS[module] = (hook, module.register_load_state_dict_pre_hook(hook))
     hf.sync(model)
+
+
+def check_states_loaded_here(module: nn.Module, state_dict: dict, prefix: str, *rest) -> None:
+    """The pre-hook of a module between a model and its slots: ``check_seed_states`` when a
+    load starts at it (``prefix`` empty). A load that reached it from a module above was
+    checked there, before anything loaded."""
+    if not prefix:
+        check_seed_states(module, state_dict, prefix, *rest)
 
 
 def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
@@ -339,7 +370,9 @@ def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) ->
         setattr(parent, attr, layer.host)
         hf.unslot(layer)
     hf.sync(model)
-    if not any(isinstance(m, KasminaLayer) for m in model.modules()):
+    if any(isinstance(m, KasminaLayer) for m in model.modules()):
+        add_load_checks(model)  # the modules above the removed slots only: theirs go
+    else:
         remove_load_checks(model)
     return [layer for _, layer in slots]
 
@@ -351,12 +384,12 @@ def remove_load_checks(model: nn.Module) -> None:
     here, so it is found by its function."""
     hf.sync(model)  # ``kasmina.merge`` comes here once the slots are replaced
     for module in model.modules():
-        handle = _LOAD_CHECKS.pop(module, None)
-        if handle is not None:
-            handle.remove()
+        held = _LOAD_CHECKS.pop(module, None)
+        if held is not None:
+            held[1].remove()
         hooks = module._load_state_dict_pre_hooks
         for key, hook in list(hooks.items()):
-            if getattr(hook, "hook", hook) is check_seed_states:
+            if getattr(hook, "hook", hook) in (check_seed_states, check_states_loaded_here):
                 del hooks[key]
 
 

@@ -450,6 +450,38 @@ def test_a_seed_alpha_out_of_range_refuses_the_whole_load(alpha: float) -> None:
     assert float(model.out.seeds[1].alpha) == float(state["out.seeds.1.alpha"])
 
 
+def test_a_refused_load_of_a_module_holding_a_slot_changes_none_of_its_modules() -> None:
+    """Only the model and the slot carried the check that runs before anything loads: a load
+    of a block between them (``model.block.load_state_dict``) reached the slot's own check
+    after the block's first modules were written, so a refused seed state left the block half
+    loaded. Each module between gets it; a detach takes it off those above no slot."""
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)),
+        nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))),
+    )
+    first, second = kasmina.attach(model, ["0.2", "1.1.0"], 2, 2)
+    for block in (model[0], model[1], model[1][1], model):
+        incoming = {k: torch.full_like(v, 0.5) for k, v in block.state_dict().items()}
+        incoming.update({k: v for k, v in block.state_dict().items() if "seeds" in k})
+        bad = [k for k in incoming if k.endswith("seeds.1.alpha")][-1]
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=r"seeds\.1\.alpha: .*\[0, 1\]"):
+            block.load_state_dict({**incoming, bad: torch.tensor(2.0)})
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        block.load_state_dict(incoming)  # a good one loads
+        assert all(torch.equal(v, incoming[k]) for k, v in block.state_dict().items())
+
+    def hooked() -> list[nn.Module]:  # a seed's own hooks are its own
+        seeds = [m for m in model.modules() if isinstance(m, GradientIsolatedSeed)]
+        return [m for m in model.modules() if m._load_state_dict_pre_hooks and m not in seeds]
+
+    assert hooked() == [model, model[0], first, model[1], model[1][1], second]
+    kasmina.detach(model, only=[second])
+    assert hooked() == [model, model[0], first]
+    kasmina.detach(model)
+    assert hooked() == []
+
+
 def test_an_oversized_extra_state_is_refused_before_it_is_decoded() -> None:
     """A seed's state is 2 KiB; a crafted one of 100 MB (valid JSON padded with spaces) was
     decoded whole, at nine times its size, three times over (check, set). Above 1 MiB it is
