@@ -390,6 +390,8 @@ class KasminaLayer(nn.Module):
             return out  # fast path: every seed passes the host through
         element = output_element(out, self.output_index)
         grafted = on_dense(element, self._graft, self._stage_codes, teacher_logits)
+        if grafted is element:  # sat out (a call whose output has no element there: as it is)
+            return out
         return replace_output_element(out, self.output_index, grafted)
 
     def _record(self, args: tuple[Any, ...], out: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import pickle
 import re
@@ -21,6 +22,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.outputs import output_element
 from kasmina.stages import SeedStage, StateColumn
 
 S = SeedStage
@@ -365,6 +367,46 @@ def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
     slot = attach(model, ["0"], 2, 2, output_index=5)[0]
     model(x)
     assert "element 5 of the host's tuple output" in slot.contract_problem()
+
+
+def test_a_call_whose_output_has_no_element_at_output_index_gives_the_hosts_output() -> None:
+    """A host whose output is shorter in some calls (attention weights only when asked for, a
+    ``ModelOutput`` with its loss in training only) sits those calls out: the seeds' element is
+    not there. The slot wrote its None back at ``output_index % len``, replacing the hidden
+    state, and raised ``IndexError`` on a dataclass; the host's output is returned as it is."""
+
+    @dataclasses.dataclass
+    class Out:
+        hidden: torch.Tensor
+        weights: torch.Tensor | None = None
+
+    class Block(nn.Module):
+        def __init__(self, wrap: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj, self.wrap = nn.Linear(4, 4), wrap
+
+        def forward(self, x: torch.Tensor, weights: bool = True) -> tuple | Out:
+            h = self.proj(x)
+            parts = (h, h.softmax(-1)) if weights else (h,)
+            return Out(*parts) if self.wrap else parts
+
+    x = torch.randn(3, 4)
+    for wrap in (False, True):
+        model = Block(wrap)
+        bare = model(x, weights=False)
+        slot = KasminaLayer(model, 2, 2, output_index=1)
+        slot(x)  # the contract, from a call with both
+        slot.seed(0).attach_kernel(kernel(2, 1))
+        walk(slot.seed(0), S.STABILIZATION)
+        assert not torch.equal(output_element(slot(x), 1), output_element(model(x), 1))
+        out = slot(x, weights=False)
+        assert type(out) is type(bare) and torch.equal(output_element(out, 0), bare_hidden(bare))
+        assert output_element(out, 1) is None
+
+
+def bare_hidden(out: tuple | object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.hidden  # type: ignore[attr-defined]
 
 
 def test_a_structseq_output_keeps_its_type_once_a_seed_runs() -> None:
