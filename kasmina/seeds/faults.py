@@ -72,6 +72,7 @@ __all__ = [
     "record_fallbacks",
     "recomputing",
     "short_reason",
+    "uncharged",
 ]
 
 
@@ -94,6 +95,13 @@ class GraphMark:
 
 # ``record_fault(kind, reason)``: counts, logs and reports one fault (the seed's ``record_fault``).
 FaultRecorder = Callable[[str, str], None]
+
+
+def uncharged(kind: str, reason: str) -> None:
+    """A ``FaultRecorder`` for a measurement whose result carries the fault (G3's probe inside a
+    command): logged for debugging, never counted."""
+    logger.debug("fault not charged (a measurement's): %s: %s", kind, reason)
+
 
 # Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
 DEFAULT_FAULT_LIMIT = 3

@@ -63,6 +63,7 @@ from kasmina.seeds.faults import (
     plain_eager,
     record_fallbacks,
     short_reason,
+    uncharged,
 )
 from kasmina.seeds.gates import (
     CompatibilityProbe,
@@ -205,8 +206,8 @@ class GradientIsolatedSeed(nn.Module):
             epochs, violations = self.trained_epochs, self.isolation_violations
             return gate_g2_isolated_training(epochs, min_isolated_epochs, violations)
         if gate == 3:
-            if sample is not None:
-                self.probe(sample)
+            if sample is not None:  # inside a command: a fault is G3's reason, never charged
+                self.probe(sample, charged=False)
             return gate_g3_probed(
                 self.probe_result, self.kernel, host_flops_per_element, max_cost_ratio,
                 latency_budget_ms, seed_id=self.seed_id,
@@ -470,22 +471,27 @@ class GradientIsolatedSeed(nn.Module):
         if not torch.compiler.is_compiling():
             self.probe(x)
 
-    def probe(self, x: torch.Tensor) -> CompatibilityProbe | ProbeFault | None:
+    def probe(
+        self, x: torch.Tensor, *, charged: bool = True
+    ) -> CompatibilityProbe | ProbeFault | None:
         """COMPATIBILITY_CHECK: run the kernel without gradient and record it for gate G3.
 
         Guarded like the forward (it runs inside the host's): a raise or a non-Tensor is a
         fault, kept as the last probe (a :class:`ProbeFault`: G3 refuses on it, and does not
         probe random activations instead, until a later probe runs cleanly); a wrong shape,
         dtype or device is a fault that keeps the probe, so G3 names the mismatch; a
-        non-finite output sets the flag. An empty batch
-        keeps the probe there is: it measures nothing (its cost per element read as 0)."""
+        non-finite output sets the flag. Not ``charged`` (G3's probe inside an ADVANCE): the
+        fault is the probe's only record, neither counted nor flagged, since a refused command
+        changes no seed. An empty batch keeps the probe there is (it measures nothing)."""
         if self.kernel is None:
             return None
         if x.numel() == 0:
             return self.probe_result
-        flags = (self.finite_flag, self.fault_flag)
+        flags, record = (self.finite_flag, self.fault_flag), self.record_fault
+        if not charged:  # the flags' copies take what the probe finds: the seed's stay
+            flags, record = (flags[0].clone(), flags[1].clone()), uncharged
         try:
-            self.probe_result = guarded_probe(self.kernel, x, self.record_fault, *flags)
+            self.probe_result = guarded_probe(self.kernel, x, record, *flags)
         except KernelInputRefused as exc:  # a call its program cannot take: sat out, no fault
             logger.debug("seed %s sat out a probe (%s)", self.seed_id, exc)
         return self.probe_result

@@ -242,3 +242,37 @@ def test_g3_refuses_a_kernel_whose_last_probe_raised(tmp_path: Path) -> None:
         grown.model(grown.x)  # clean again: G3 reads this probe
     assert grown.send("advance") and seed.stage == S.GRAFTING
     grown.manager.close()
+
+
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_g3s_own_probe_in_a_refused_advance_charges_the_seed_nothing(
+    tmp_path: Path, failure: str
+) -> None:
+    """With no forward since COMPATIBILITY_CHECK began, ADVANCE probes random activations in
+    the command. That probe charged what it found as a training forward's fault: a count (at
+    the limit, the refused command quarantined the seed) or the non-finite flag, which the
+    next clean step then charged. It is G3's reason now, and the refusal changes no seed."""
+    grown = Grown(tmp_path, Bucketed(), torch.float32)
+    assert grown.send("germinate")
+    grown.train(2)
+    grown.manager.end_epoch(0)
+    assert grown.send("advance")
+    seed = grown.manager.seed(SEED0)
+    seed.faults = seed.fault_limit - 1  # one more would quarantine it
+    assert seed.kernel is not None
+
+    def fail(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if failure == "raises":
+            raise RuntimeError("the kernel fails")
+        return out * float("nan")
+
+    handle = seed.kernel.register_forward_hook(fail)
+    before = seed.get_extra_state()
+    assert not grown.send("advance")
+    assert "G3 refused" in grown.manager.command_log[-1][3]
+    assert seed.stage == S.COMPATIBILITY_CHECK and torch.equal(seed.get_extra_state(), before)
+    handle.remove()
+    grown.train(1)  # a clean step: nothing left over to charge
+    assert seed.faults == seed.fault_limit - 1 and seed.stage == S.COMPATIBILITY_CHECK
+    assert grown.send("advance") and seed.stage == S.GRAFTING
+    grown.manager.close()
