@@ -11,8 +11,10 @@ The island's backward computes the kernels' parameter gradients (one engine call
 accumulation) and the node returns them to the host's autograd, which treats them as it would
 the kernels' own: ``backward()`` accumulates them, ``autograd.grad`` and ``inputs=`` select them,
 and ``create_graph`` follows the outer call (grad mode is on inside a backward only under
-``create_graph=True``). One cost of this: a tensor hook on a kernel parameter runs twice, once
-when the island captures the gradient and once when the host's autograd delivers it.
+``create_graph=True``). A tensor hook on a kernel parameter (``p.register_hook``: a gradient
+scaled, clipped or noised) runs once, when the host's autograd delivers the gradient: the
+island captures it with the parameters' hooks set aside (run at the capture too, it gave the
+seed ``hook(hook(g))``).
 """
 
 from __future__ import annotations
@@ -176,7 +178,22 @@ class _Island:
             self.tangents = [_forward_ad.unpack_dual(o).tangent for o in self.outputs]
 
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The parameters' gradients; a kernel whose backward raises is a fault and gets none."""
+        """The parameters' gradients; a kernel whose backward raises is a fault and gets none.
+        Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
+        engine reads them at each call), which run once, at the delivery."""
+        hooked = [p._backward_hooks for p in self.params if p._backward_hooks]
+        if not hooked:
+            return self._backward(grads)
+        held = [(hooks, dict(hooks)) for hooks in hooked]
+        try:
+            for hooks, _ in held:
+                hooks.clear()
+            return self._backward(grads)
+        finally:
+            for hooks, saved in held:
+                hooks.update(saved)
+
+    def _backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         if len(self.outputs) > 1:
             try:  # every seed at once: one call into the engine
                 return list(_grad(self.outputs, self.params, grads))

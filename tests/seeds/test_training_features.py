@@ -262,6 +262,48 @@ def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
     assert accumulated == [1] and all(p.grad is not None for p in params)
 
 
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_a_tensor_hook_on_a_kernel_parameter_runs_once_under_the_guard(stage: SeedStage) -> None:
+    """The guard captured the kernels' gradients with their tensor hooks, and the host's
+    autograd ran them again as it delivered them: a hook that scales (clips, noises) the
+    gradient gave the seed ``hook(hook(g))``. It runs once, as on the unguarded kernel, in a
+    ``backward()`` and an ``autograd.grad`` alike, and stays registered."""
+    torch.manual_seed(6)
+    layer = KasminaLayer(nn.Linear(6, 8), 2, 4)
+    for seed in layer.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+        walk(seed, stage)
+    layer.update_alpha_blending(3, 10)
+    plain = copy.deepcopy(layer)
+    for seed in plain.seeds:
+        seed.guard_backward = False
+    calls = {"guarded": 0, "plain": 0}
+
+    def halve(which: str):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            calls[which] += 1
+            return grad * 0.5
+
+        return hook
+
+    for module, which in ((layer, "guarded"), (plain, "plain")):
+        for seed in module.seeds:
+            for p in seed.seed_parameters():
+                p.register_hook(halve(which))
+    x = torch.randn(5, 6)
+    layer(x).pow(2).sum().backward()
+    plain(x).pow(2).sum().backward()
+    assert calls["guarded"] == calls["plain"] == 4
+    for a, b in zip(layer.seeds, plain.seeds, strict=True):
+        for p, q in zip(a.seed_parameters(), b.seed_parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    params = [p for s in layer.seeds for p in s.seed_parameters()]
+    got = torch.autograd.grad(layer(x).pow(2).sum(), params)
+    assert calls["guarded"] == 8
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+
+
 def _distilling_layer(stage: SeedStage, kernels: dict[int, nn.Module] | None = None):
     torch.manual_seed(8)
     layer = KasminaLayer(nn.Linear(3, 4), 2, 2, kd_config=KDConfig(), layer_id="fc")
