@@ -351,12 +351,15 @@ class GradientIsolationMonitor:
         """Debug mode: a hook on every parameter flags a nonzero grad on the wrong side.
 
         Each hook reads its gradient on the host (a device sync per parameter), so this is for
-        finding *which* layer leaks, not for production steps.
+        finding *which* layer leaks, not for production steps. Only the parameters the monitor
+        was built with on each side are hooked (a host side given without its seeds' kernels
+        hooks none of them).
         """
         self.clear_hooks()
         for side, model in (("host", host_model), ("seed", seed_model)):
+            watched = {id(p) for _, p in (self._host if side == "host" else self._seed)}
             for name, p in model.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad and id(p) in watched:
                     hook = partial(self._on_grad, side, f"{side}.{name}")
                     self._hooks.append(p.register_hook(hook))
 

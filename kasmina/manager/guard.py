@@ -36,6 +36,7 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
 from kasmina.ops import leak_check
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import clipped, rarely
@@ -140,10 +141,19 @@ class IsolationGuard:
         for old in [m for m in self.external if m.seed_id == seed_id]:
             old.clear_hooks()
             self.external.remove(old)
+        # The host side is the host's own parameters: a grown model holds seeds, whose kernels
+        # take gradients in the seed-only phase (their KD), the registered one's among them.
+        kernels = {
+            id(p)
+            for m in host_model.modules()
+            if isinstance(m, GradientIsolatedSeed)
+            for p in m.parameters()
+        }
+        host = [(n, p) for n, p in host_model.named_parameters() if id(p) not in kernels]
         monitor = GradientIsolationMonitor(
             seed_id,
             list(seed_model.named_parameters()),
-            list(host_model.named_parameters()),
+            host,
             max_violations=self.config.max_isolation_violations,
             checkpoint_dir=self.config.emergency_checkpoint_dir,
             checkpoint_signer=self.checkpoint_signer,

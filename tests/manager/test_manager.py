@@ -970,6 +970,35 @@ def test_debug_monitors_keep_accumulated_host_gradients_and_go_inert_once_trippe
         assert not torch.equal(before, model.inp.weight)
 
 
+def test_a_debug_monitor_over_the_whole_grown_model_leaves_the_seeds_kd_gradient(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """``register_gradient_monitors(model, seed)``, the natural call, put the seeds' kernels on
+    the host side (a grown model holds them): the seed-only KD phase set their gradients aside
+    as a host leak and put back None, every step was unclean, and a healthy seed went to
+    QUARANTINE. The host side is the host's own parameters; a real host leak still trips it."""
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True), keyring)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    manager.register_gradient_monitors(rig.model, seed)
+    (monitor,) = manager.guard.external
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    for _ in range(manager.config.max_isolation_violations + 1):
+        rig.model.zero_grad(set_to_none=True)
+        manager.set_teacher_logits(teacher)
+        rig.model(rig.x)
+        manager.backward(None, kd_loss=manager.collect_kd_losses())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seed.kernel.parameters())
+        report = manager.step()
+        assert report["isolation_clean"] and not monitor.violations
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and seed.isolation_violations == 0
+    rig.model.zero_grad(set_to_none=True)
+    manager.backward(None, kd_loss=through_a_seed(rig.model.inp.bias.sum()))
+    assert not manager.step()["isolation_clean"] and monitor.violations
+    manager.close()
+
+
 def test_a_rollback_that_cannot_complete_changes_nothing(rig: Rig, store: Path, mlp) -> None:
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
