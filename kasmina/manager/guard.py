@@ -320,10 +320,11 @@ class IsolationGuard:
 
     def end_step(self, registry: SlotRegistry, clean: bool) -> None:
         """The step's verdict, as carried (``check``) and, across ranks, agreed: the next step
-        starts clean, and one not clean drops the host's gradients."""
+        starts clean, and one not clean drops the host's gradients (its ACTIVE seeds' too: part
+        of the host, they skip the step with it, whichever optimizer steps them)."""
         self._step_clean = True
         if not clean:
-            for param in registry.all_host_params():
+            for param in registry.host_side_params():
                 param.grad = None
 
     def _check(self, registry: SlotRegistry, kd_leaked: Sequence[bool] | None) -> bool:

@@ -55,7 +55,7 @@ from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.stages import RUNS_KERNEL, TRAINING_STAGES, SeedStage
+from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, TRAINING_STAGES, SeedStage
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -464,9 +464,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
             with interrupts_deferred():
                 host = [HOST_ID] if optimizers.has_host and clean else []
+                training = TRAINING_STAGES if clean else ISOLATED_TRAINING_STAGES  # ACTIVE: host
                 seeds = [  # a seed that fell back lost its gradient (settle_nonfinite)
                     r.seed_id
-                    for r in registry.in_stages(TRAINING_STAGES)
+                    for r in registry.in_stages(training)
                     if r.seed_id in optimizers.seed_ids and (shared or r.seed_id not in nonfinite)
                 ]
                 done = optimizers.step_many([*host, *seeds], clip)  # one sync if clipping

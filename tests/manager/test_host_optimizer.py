@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from kasmina.control.commands import make_optimizer_command, make_rollback_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring, generate_key
-from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+from tests.manager.helpers import SEED0, Rig, S, make_config, run_command, through_a_seed
 
 Schedule = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 SCHEDULES: dict[str, Schedule] = {
@@ -413,4 +413,29 @@ def test_a_seed_promoted_into_a_host_group_with_momentum_keeps_the_host_training
     assert any(not torch.equal(a, p) for a, p in zip(before, seed_params, strict=True))
     state = manager.optimizers.optimizer("host").state
     assert all("momentum_buffer" in state[p] for p in seed_params)
+    manager.close()
+
+
+@pytest.mark.parametrize("host_lr", [0.05, None])
+def test_an_active_seed_skips_an_unclean_step_with_the_host(
+    tmp_path, store, keyring, mlp, host_lr
+) -> None:
+    """An ACTIVE seed is part of the host: a step whose isolation check failed skips it with
+    the host's parameters, and drops its gradient. Under ``host_lr=None`` it keeps an optimizer
+    of its own, which was still stepped, while every other host gradient was dropped."""
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=host_lr)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, rig.train, 0)
+    kernel = manager.seed(SEED0).seed_parameters()
+    before = [p.detach().clone() for p in kernel]
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    manager.backward(loss, kd_loss=through_a_seed(rig.model.inp.bias.sum()))  # a seed's leak
+    report = manager.step()
+    assert not report["isolation_clean"] and not report["host_stepped"]
+    assert SEED0 not in report["seeds_stepped"]
+    assert all(torch.equal(a, p) for a, p in zip(before, kernel, strict=True))
+    assert all(p.grad is None or not p.grad.any() for p in kernel)
+    rig.train(1)  # a clean step trains it again
+    assert not all(torch.equal(a, p) for a, p in zip(before, kernel, strict=True))
     manager.close()
