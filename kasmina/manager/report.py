@@ -116,7 +116,11 @@ def _metric(key: str, value: object) -> float:
         if value.size != 1 if isinstance(value, np.ndarray) else value.numel() != 1:
             raise ValueError(f"{name} must be one number, got an array of shape {value.shape}")
         value = value.item()
-    return float(check_real(name, value))
+    try:
+        return float(check_real(name, value))
+    except OverflowError:  # an int past a float's range: refused as any other non-number
+        bits = value.bit_length()  # type: ignore[union-attr]
+        raise ValueError(f"{name} must be a float, got an int of {bits} bits") from None
 
 
 def operation_name(operation: int) -> str:

@@ -101,6 +101,7 @@ def test_epoch_metrics_take_numbers_and_one_element_tensors_only() -> None:
     got = epoch_metrics(given | {"d": torch.tensor([0.75]).numpy()})
     assert got == {"a": 0.5, "b": 0.25, "c": 0.25, "d": 0.75}
     assert all(type(v) is float for v in got.values())
-    for value, message in (("0.9", "float"), (True, "float"), (torch.ones(2), "one number")):
+    cases = (("0.9", "float"), (True, "float"), (torch.ones(2), "one number"), (10**400, "bits"))
+    for value, message in cases:  # an int past a float's range raised OverflowError
         with pytest.raises(ValueError, match=rf"val_metrics\['a'\] must be.*{message}"):
             epoch_metrics({"a": value})
