@@ -190,6 +190,14 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(key_ids={list(self._keys)!r})"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Secrets do not leave the process by accident (pickled into a worker, a checkpoint):
+        # refused with a way out, where the HMAC objects' own refusal said nothing useful.
+        raise TypeError(
+            "Keyring cannot be pickled (it holds secrets); build it where it is used, e.g. "
+            "Keyring.from_env() in the worker"
+        )
+
 
 def _unhex(hex_key: str, key_id: str, position: int, origin: str) -> bytes:
     try:

@@ -5,9 +5,11 @@ See docs/design.md §5.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
+import pickle
 import random
 
 import pytest
@@ -106,6 +108,13 @@ def test_keyring_rejects_bad_keys() -> None:
 def test_keyring_repr_hides_key_material(keyring: Keyring) -> None:
     text = repr(keyring)
     assert "k1" in text and KEY.hex() not in text and str(KEY) not in text
+
+
+def test_a_keyring_refuses_to_be_pickled_naming_the_way_out(keyring: Keyring) -> None:
+    """Its HMAC objects refused with ``cannot pickle '_hashlib.HMAC' object``."""
+    for dump in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"Keyring cannot be pickled .*from_env"):
+            dump(keyring)
 
 
 def test_keyring_from_env_pairs_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
