@@ -1,10 +1,13 @@
 """What the manager reports is what happened: no events for optimizers a rollback only built in
-scratch, no telemetry failure from an error text that is not UTF-8, NaN for a rate not measured."""
+scratch, no telemetry failure from an error text that is not UTF-8, NaN for a rate not measured,
+a command-path latency timed on accepted commands only."""
 
 from __future__ import annotations
 
 import math
 
+import kasmina.control.auth as auth
+import kasmina.manager.report as report
 from kasmina.control.commands import make_rollback_command
 from tests.manager.helpers import SEED0, Rig, S, run_command
 from tests.manager.test_manager import walk_to_active
@@ -82,3 +85,23 @@ def test_the_cache_hit_rate_is_nan_before_any_lookup(rig: Rig, mlp) -> None:
     assert math.isnan(rate)
     assert rig.send("germinate", SEED0, mlp)
     assert rig.manager.get_performance_metrics()["cache_hit_rate"] == 0.0  # one miss
+
+
+def test_command_path_times_accepted_commands_only(monkeypatch) -> None:
+    """More repeats than one verifier takes live nonces: each batch has its own verifier and
+    timestamp, so no timed command is a ``too_many_commands`` refusal (one verifier for all
+    refused every command past ``MAX_LIVE_NONCES`` and the median timed the refusals)."""
+    handlers: list = []
+
+    class Spy(report.LeylineAdaptationHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            handlers.append(self)
+
+    monkeypatch.setattr(report, "LeylineAdaptationHandler", Spy)
+    monkeypatch.setattr(auth, "MAX_LIVE_NONCES", 5)
+    monkeypatch.setattr(report, "_COMMANDS_PER_VERIFIER", 4, raising=False)
+    assert math.isfinite(report._command_path_us(10))
+    assert sum(h.stats["accepted"] for h in handlers) >= 10  # the timed ones, and warm-ups
+    assert all(h.stats["rejected"] == 0 for h in handlers)
+    assert all(h.stats["accepted"] <= 5 for h in handlers)  # a bounded pool for each
