@@ -330,11 +330,20 @@ def _run_cli(cfg: DemoConfig) -> int:
         result = DemoResult.from_json(json.loads((cfg.out_dir / "result.json").read_text()))
     result.wall_s = time.perf_counter() - start
     report = _write(result, cfg.out_dir)
-    print(report)
+    _say(report)
     names = ("report.txt", "result.json", "demo.png", "telemetry.jsonl")
-    print(f"\nwrote {', '.join(str(cfg.out_dir / name) for name in names)}")
-    sys.stdout.flush()
+    _say(f"\nwrote {', '.join(str(cfg.out_dir / name) for name in names)}")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print ``text`` on stdout, each character its encoding cannot take written as its
+    backslash escape, as stderr writes it: a path's byte that is not UTF-8 (a lone surrogate
+    in ``str``) raised ``UnicodeEncodeError`` on a strict UTF-8 stdout, and a run that had
+    written every file exited 1."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
+    sys.stdout.flush()
 
 
 def _run_repeats(cfg: DemoConfig) -> int:
@@ -352,8 +361,7 @@ def _run_repeats(cfg: DemoConfig) -> int:
         result.wall_s = time.perf_counter() - t0
         _write(result, one.out_dir)
         results.append(result)
-        print(f"seed {seed}: {_headline(result)}  ({result.wall_s:.0f} s)")
-        sys.stdout.flush()
+        _say(f"seed {seed}: {_headline(result)}  ({result.wall_s:.0f} s)")
     summary = summarize(results)
     report = format_repeats(cfg.scenario, summary, time.perf_counter() - start)
     payload = {
@@ -363,10 +371,8 @@ def _run_repeats(cfg: DemoConfig) -> int:
     }
     (out / "result.json").write_text(json.dumps(payload, indent=1))
     (out / "report.txt").write_text(report + "\n")
-    print()
-    print(report)
-    print(f"\nwrote {out / 'report.txt'}, {out / 'result.json'}; each run in {out}/seed-<k>/")
-    sys.stdout.flush()
+    _say("\n" + report)
+    _say(f"\nwrote {out / 'report.txt'}, {out / 'result.json'}; each run in {out}/seed-<k>/")
     return 0
 
 

@@ -10,6 +10,7 @@ adversary's refusals.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from kasmina.cli import main as cli
 from kasmina.demo import loop as demo_loop
 from kasmina.demo import models as demo_models
+from kasmina.demo import run as demo_run
 from kasmina.demo.config import COMMAND_KEY, DemoConfig
 from kasmina.demo.controller import (
     ADVANCE,
@@ -476,6 +478,20 @@ def test_the_demo_refuses_a_foreign_output_directory(tmp_path, capsys) -> None:
         cli.main(["demo", "--out", str(tmp_path / "x"), "--seeds", "9"])
     assert usage.value.code == 2
     assert "argument --seeds: expected 1 to 6, got 9" in capsys.readouterr().err
+
+
+def test_a_finished_run_prints_an_out_path_that_is_not_utf8(tmp_path, monkeypatch) -> None:
+    """A --out byte that is not UTF-8 is printed as its escape on a strict UTF-8 stdout (the
+    final "wrote ..." line raised UnicodeEncodeError, and a run that had written every file
+    exited 1)."""
+    monkeypatch.setattr(demo_run, "run_one", lambda cfg: SimpleNamespace())
+    monkeypatch.setattr(demo_run, "_write", lambda result, out: "the report")
+    buf = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="utf-8", errors="strict"))
+    out = tmp_path / os.fsdecode(b"demo\xff")
+    assert demo_run._run_cli(DemoConfig(out_dir=out, **TINY)) == 0
+    printed = buf.getvalue().decode()
+    assert printed.startswith("the report\n") and f"{tmp_path}/demo\\udcff/report.txt" in printed
 
 
 def test_cli_defaults_match_the_demo_config() -> None:
