@@ -29,6 +29,7 @@ count trained on the same batches for the same epochs. ``--repeats N`` runs rng 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -281,17 +282,45 @@ def run_one(cfg: DemoConfig) -> Result:
         return run_demo(cfg, prepared)
 
 
+# The modules of the `demo` extra (pyproject.toml) the run imports, and their packages.
+_DEPENDENCIES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+
+
+def check_dependencies() -> None:
+    """``ImportError`` naming each package of the ``demo`` extra that does not import, and how
+    to install it. Called before anything is written or trained: matplotlib is imported only
+    by the plot, at the very end, and a whole run was trained before its absence stopped it."""
+    missing = []
+    for module, package in _DEPENDENCIES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ImportError(
+            f"kasmina demo needs {', '.join(missing)}, which cannot be imported here: "
+            f"pip install 'kasmina[demo]' (or pip install {' '.join(missing)})"
+        )
+
+
 def _write(result: Result, out: Path) -> str:
-    """``result.json``, ``report.txt`` and the plot in ``out``; returns the report."""
+    """``result.json`` and ``report.txt`` in ``out``; returns the report. The plot is
+    ``_plot``'s, afterwards, so that a plotting failure loses neither."""
     (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
     if isinstance(result, ContinualResult):
         report = format_continual(result)
-        plot_continual(result, out / "demo.png")
     else:
         report = format_report(result)
-        plot(result, out / "demo.png")
     (out / "report.txt").write_text(report + "\n")
     return report
+
+
+def _plot(result: Result, out: Path) -> None:
+    """``demo.png`` in ``out``."""
+    if isinstance(result, ContinualResult):
+        plot_continual(result, out / "demo.png")
+    else:
+        plot(result, out / "demo.png")
 
 
 def run_demo_cli(cfg: DemoConfig) -> int:
@@ -299,6 +328,7 @@ def run_demo_cli(cfg: DemoConfig) -> int:
     ``torchrun`` launch, or ``cfg.repeats`` seeds one after another), then print and save the
     report (rank 0)."""
     cfg.validate()
+    check_dependencies()
     _quiet_logging()
     if _under_torchrun():  # its world is the launch's: --repeats, continual refused as for --nproc
         replace(cfg, nproc=int(os.environ["WORLD_SIZE"])).validate()
@@ -331,6 +361,7 @@ def _run_cli(cfg: DemoConfig) -> int:
     result.wall_s = time.perf_counter() - start
     report = _write(result, cfg.out_dir)
     _say(report)
+    _plot(result, cfg.out_dir)
     names = ("report.txt", "result.json", "demo.png", "telemetry.jsonl")
     _say(f"\nwrote {', '.join(str(cfg.out_dir / name) for name in names)}")
     return 0
@@ -360,6 +391,7 @@ def _run_repeats(cfg: DemoConfig) -> int:
         result = run_one(one)
         result.wall_s = time.perf_counter() - t0
         _write(result, one.out_dir)
+        _plot(result, one.out_dir)
         results.append(result)
         _say(f"seed {seed}: {_headline(result)}  ({result.wall_s:.0f} s)")
     summary = summarize(results)

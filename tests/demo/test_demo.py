@@ -486,12 +486,32 @@ def test_a_finished_run_prints_an_out_path_that_is_not_utf8(tmp_path, monkeypatc
     exited 1)."""
     monkeypatch.setattr(demo_run, "run_one", lambda cfg: SimpleNamespace())
     monkeypatch.setattr(demo_run, "_write", lambda result, out: "the report")
+    monkeypatch.setattr(demo_run, "_plot", lambda result, out: None)
     buf = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="utf-8", errors="strict"))
     out = tmp_path / os.fsdecode(b"demo\xff")
     assert demo_run._run_cli(DemoConfig(out_dir=out, **TINY)) == 0
     printed = buf.getvalue().decode()
     assert printed.startswith("the report\n") and f"{tmp_path}/demo\\udcff/report.txt" in printed
+
+
+def test_the_report_is_written_and_printed_before_the_plot(tmp_path, monkeypatch, capsys) -> None:
+    """A plot that fails loses neither report.txt nor the printed report (the plot came first,
+    and a run without matplotlib, trained to the end, lost both)."""
+
+    def no_plot(result: Any, path: Path) -> None:
+        raise RuntimeError("no plot")
+
+    result = SimpleNamespace(to_json=lambda: {"fake": 1})
+    monkeypatch.setattr(demo_run, "run_one", lambda cfg: result)
+    monkeypatch.setattr(demo_run, "format_report", lambda result: "the report")
+    monkeypatch.setattr(demo_run, "plot", no_plot)
+    out = tmp_path / "out"
+    out.mkdir()  # run_one's prepare() makes it
+    with pytest.raises(RuntimeError, match="no plot"):
+        demo_run._run_cli(DemoConfig(out_dir=out, **TINY))
+    assert (out / "report.txt").read_text() == "the report\n"
+    assert capsys.readouterr().out == "the report\n"
 
 
 def test_cli_defaults_match_the_demo_config() -> None:
