@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries
 from kasmina.utils.files import read_regular_file
-from kasmina.utils.locks import lock_exclusive, released
+from kasmina.utils.locks import lock_exclusive, lock_name, released
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class NonceLedger:
         remove_stale_temporaries(self.path.parent, re.escape(self.path.name), older_than_s=None)
 
     def _acquire(self) -> io.FileIO:
-        lock_file = lock_exclusive(self.path.with_name(self.path.name + ".lock"))
+        lock_file = lock_exclusive(self.path.with_name(lock_name(self.path)))
         if lock_file is None:
             raise RuntimeError(
                 f"nonce ledger {self.path} is held by another live trainer (another process of "

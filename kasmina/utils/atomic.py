@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TypeVar
 
+from kasmina.utils.files import fitting_name
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.locks import lock_exclusive
 
@@ -43,6 +44,8 @@ _T = TypeVar("_T")
 # A temp file untouched this long (seconds) belongs to no live writer: every write here makes
 # its file in one go, so a live one is seconds old at most, even for a large checkpoint.
 STALE_TEMPORARY_S = 600.0
+# What a temp file's name adds to its target's: ``.<name>.<8 random>.tmp``.
+_TEMPORARY_EXTRA = len(".") + len(".") + 8 + len(".tmp")
 # ``os.link`` errors that mean "no hard links on this filesystem", not "the link failed".
 _NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
@@ -75,16 +78,16 @@ def _through_temporary(
     target: Path, write: Callable[[IO[bytes]], None], commit: Callable[[str], _T]
 ) -> _T:
     """Write a temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
-    ``remove_stale_temporaries`` knows) with ``write``, fsync it, and return ``commit(path)``
+    ``remove_stale_temporaries`` knows; a name too long for that is cut, ``fitting_name``)
+    with ``write``, fsync it, and return ``commit(path)``
     (which moves or links it into place). The temp file never outlives the call, whatever
     fails, a Ctrl-C included: its creation and its removal hold SIGINT, so neither a signal
     just after the file exists nor a second Ctrl-C during the clean-up leaves it behind."""
     tmp_name: str | None = None
     try:
         with interrupts_deferred():
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-            )
+            stem = fitting_name(target.parent, target.name, _TEMPORARY_EXTRA)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent)
             handle = os.fdopen(fd, "wb")
         with handle:
             write(handle)
@@ -108,7 +111,12 @@ def remove_stale_temporaries(
     ``final_name``; the removed paths. They never replaced their target, so they are garbage
     once no live writer owns them: with ``older_than_s=None`` the caller knows there is none
     (it holds the lock under which these names are written), otherwise only those unmodified
-    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk."""
+    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk. A name too
+    long for its temp file's name gets a cut one (``fitting_name``): recognised where
+    ``final_name`` is one name escaped (``re.escape``), not where it is a pattern."""
+    literal = re.sub(r"\\(.)", r"\1", final_name, flags=re.DOTALL)
+    if re.escape(literal) == final_name:  # one name: its temp files' own, cut or not
+        final_name = re.escape(fitting_name(directory, literal, _TEMPORARY_EXTRA))
     temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
     removed: list[Path] = []
     try:
@@ -143,7 +151,7 @@ def _replace_if_absent(tmp_name: str, target: Path) -> bool:
     window: a writer that bypasses this function, or a platform without advisory locks (not
     POSIX; NFS across hosts where ``flock`` is not forwarded), may still race the check and the
     rename, and then the later rename replaces the earlier file."""
-    lock_path = target.with_name(f".{target.name}.lock")
+    lock_path = target.with_name(f".{fitting_name(target.parent, target.name, 6)}.lock")
     deadline = time.monotonic() + 30.0
     while (lock := lock_exclusive(lock_path)) is None:
         if time.monotonic() > deadline:  # held for a check and a rename: this is no writer

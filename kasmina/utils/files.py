@@ -23,6 +23,7 @@ the file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import BinaryIO
@@ -31,6 +32,7 @@ from kasmina.errors import NotARegularFileError
 
 __all__ = [
     "MAX_CONFIG_FILE_BYTES",
+    "fitting_name",
     "open_regular_fd",
     "open_regular_file",
     "read_regular_file",
@@ -40,6 +42,8 @@ __all__ = [
 
 # A keyring or trusted-publishers file is a few kilobytes; anything larger is not one.
 MAX_CONFIG_FILE_BYTES = 1 << 20
+# The longest file name (bytes) where a directory does not say (NAME_MAX: ext4, xfs, tmpfs).
+DEFAULT_NAME_MAX = 255
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -47,6 +51,28 @@ _KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
+
+
+def fitting_name(directory: str | os.PathLike[str], name: str, extra: int) -> str:
+    """``name``, or where ``extra`` more bytes (what a temp or lock file's name adds to it)
+    would take it past ``directory``'s longest file name, its head, ``~`` and 8 hex digits of
+    its hash, cut to fit: a legal name of 242-255 bytes got a temp or lock file name of its own
+    the filesystem refused ("File name too long"). The same name for every writer and cleanup,
+    and two long names with one head get two names."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory yet; not POSIX
+        limit = DEFAULT_NAME_MAX
+    if limit <= 0:
+        limit = DEFAULT_NAME_MAX
+    raw = os.fsencode(name)
+    if len(raw) + extra <= limit:
+        return name
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    head = name
+    while head and len(os.fsencode(head)) + len(tag) + extra > limit:
+        head = head[:-1]
+    return head + tag
 
 
 def open_regular_fd(

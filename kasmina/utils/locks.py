@@ -25,14 +25,14 @@ import os
 import weakref
 from pathlib import Path
 
-from kasmina.utils.files import open_regular_fd
+from kasmina.utils.files import fitting_name, open_regular_fd
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["lock_exclusive", "released", "require_held"]
+__all__ = ["lock_exclusive", "lock_name", "released", "require_held"]
 
 # The open lock files of this process: a forked child closes its copies of them.
 _HELD: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
@@ -79,6 +79,13 @@ def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
         return None
     _HELD.add(lock_file)
     return lock_file
+
+
+def lock_name(path: Path) -> str:
+    """The name of the lock file beside ``path``: ``<name>.lock``, its name cut where that would
+    be too long for the directory (``fitting_name``: a legal name of 251-255 bytes got a lock
+    file name the filesystem refused)."""
+    return fitting_name(path.parent, path.name, len(".lock")) + ".lock"
 
 
 def require_held(lock_file: io.FileIO | None, what: str) -> None:

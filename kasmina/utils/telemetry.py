@@ -33,7 +33,7 @@ from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
 from kasmina.utils.files import open_regular_fd
-from kasmina.utils.locks import lock_exclusive, released
+from kasmina.utils.locks import lock_exclusive, lock_name, released
 from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class JsonlFileSink:
         # Not a regular file (a FIFO, a device, a directory): refused before a lock file is
         # made beside it. Opened without writing: the live sink, if any, writes the file.
         os.close(open_regular_fd(self.path, _APPEND_FLAGS, what="telemetry file"))
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path = self.path.with_name(lock_name(self.path))
         self._held = lock_exclusive(lock_path)
         if self._held is None:  # perhaps a collected manager's sink, not yet closed
             gc.collect()

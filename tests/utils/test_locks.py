@@ -139,3 +139,16 @@ def test_a_forked_child_does_not_write_its_parents_run(tmp_path):
     store.close()
     ledger.close()
     sink.close()
+
+
+def test_a_long_legal_name_gets_a_lock_file_it_can_make(tmp_path) -> None:
+    """A JSONL telemetry file or a nonce ledger named with 251-255 bytes: its lock file
+    (``<name>.lock``) had a name the filesystem refused; it is cut to fit, one per file."""
+    sink = JsonlFileSink(tmp_path / ("t" * 252))
+    other = JsonlFileSink(tmp_path / ("t" * 251 + "u"))  # the same head: its own lock
+    ledger = NonceLedger(tmp_path / ("n" * 255), durability="flush")
+    locks = [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")]
+    assert len(locks) == 3 and all(len(name) <= 255 for name in locks)
+    sink.close()
+    other.close()
+    ledger.close()

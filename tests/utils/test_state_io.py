@@ -1,18 +1,26 @@
 """New files that must never replace an existing one (the checkpoint key): whole or absent
 after a kill, never clobbering a concurrent writer's, even without hard links; and the temp
-files of killed writes, removed once no live writer can own them."""
+files of killed writes, removed once no live writer can own them; a long legal name too."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
+import tempfile
 import threading
 import time
 
 import pytest
 
-from kasmina.utils.atomic import STALE_TEMPORARY_S, atomic_write_bytes, install_new_file
+from kasmina.utils import atomic
+from kasmina.utils.atomic import (
+    STALE_TEMPORARY_S,
+    atomic_write_bytes,
+    install_new_file,
+    remove_stale_temporaries,
+)
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import CHECKPOINT_KEY_BYTES, load_or_create_checkpoint_key
 from tests.crash import KILLED, TornWriter, run_in_child
@@ -91,3 +99,33 @@ def test_a_second_ctrl_c_during_the_clean_up_leaves_no_temporary(tmp_path, monke
         atomic_write_bytes(tmp_path / "model.kasmina", chunks())
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_legal_name_is_written_and_its_killed_temporary_removed(
+    tmp_path, monkeypatch
+) -> None:
+    """Names of 250-255 bytes: the temp file (``.<name>.<random>.tmp``, 14 bytes more) and the
+    install lock (``.<name>.lock``) had names the filesystem refused, "File name too long"; they
+    are cut to fit, and the stale-temp cleanup still finds a killed write's temp file."""
+    made: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(**kwargs):
+        fd, name = real_mkstemp(**kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    names = ["k" * 255, "é" * 127]  # 255 and 254 bytes
+    for name in names:
+        assert atomic_write_bytes(tmp_path / name, [b"new"]).read_bytes() == b"new"
+        assert install_new_file(tmp_path / f"{name[:-1]}j", b"key")
+    monkeypatch.setattr(os, "link", _no_hard_links)  # the install lock's name too
+    assert install_new_file(tmp_path / ("i" * 255), b"key")
+    assert all(len(os.fsencode(os.path.basename(n))) <= 255 for n in made)
+    for name, temporary in zip(names, made[0:4:2], strict=True):  # as a killed write leaves it
+        open(temporary, "wb").close()
+        assert remove_stale_temporaries(tmp_path, re.escape(name), older_than_s=None) == [
+            tmp_path / os.path.basename(temporary)
+        ]
+    assert not os.path.exists(made[1]) and not os.path.exists(made[3])
