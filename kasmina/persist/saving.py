@@ -5,7 +5,8 @@ What the body holds, and why each part is there:
 - ``slots``: each slot's module name and layout (``num_seeds``, ``chunk_size``, ``chunk_dim``,
   ``output_index``, its rows in the shared table, ``fault_limit``): the loader re-attaches the
   same slots to a fresh host and refuses a host they do not fit;
-- ``table``: the shared state table (stages, alphas, gates, embargoes), restored as it was;
+- ``table``: the shared state table (stages, alphas, gates, embargoes), restored as it was:
+  the slots' rows alone, re-based from row 0 (a slot detached keeps its rows, §6a);
 - ``weights``: the attached model's ``state_dict`` without the seeds' kernel weights: host
   weights under ``<slot>.host.``, each seed's alpha and extra state;
 - ``seeds``: per seed, the artifact its kernel came from and the kernel's trained weights;
@@ -99,12 +100,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         raise SavedModelError("all slots must share one state table (kasmina.attach does this)")
     if len(kasmina_layers(model)) != len(slots):
         raise SavedModelError("nested slots cannot be saved")
-    used = sum(int(slot.num_seeds) for _, slot in slots)
-    if table.num_seeds != used:  # kasmina.load rebuilds a table of exactly the slots' rows
-        raise SavedModelError(
-            f"the shared state table has {table.num_seeds} rows but the slots use {used}; "
-            "attach the slots to a table of exactly their seeds"
-        )
+    rows, offsets = _rows(slots)
     before = _lifecycle(table, slots)
     artifacts: dict[str, dict[str, Any]] = {}
     seeds: list[dict[str, Any]] = []
@@ -127,9 +123,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
     body = {
         "format_version": FORMAT_VERSION,
-        "slots": [slot_layout(name, slot) for name, slot in slots],
+        "slots": [
+            slot_layout(name, slot) | {"state_offset": offsets[name]} for name, slot in slots
+        ],
         "table": {
-            "state_tensor": table.state_tensor.detach().cpu().clone(),
+            "state_tensor": table.state_tensor.detach().cpu()[rows],
             "embargo_epochs": int(table.embargo_epochs),
         },
         "weights": weights,
@@ -150,6 +148,23 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         written,
     )
     return written
+
+
+def _rows(slots: list[tuple[str, KasminaLayer]]) -> tuple[torch.Tensor, dict[str, int]]:
+    """The table rows the slots use, in order, and each slot's first row among them. A table
+    may hold rows no slot in the model uses (a slot ``kasmina.detach(model, only=...)`` removed
+    keeps its rows, §6a; the model was refused for good): only the slots' rows are saved,
+    re-based from row 0, as ``kasmina.load`` rebuilds a table of exactly the slots' rows."""
+    spans = sorted((int(slot.seeds[0].state_index), name, slot) for name, slot in slots)
+    rows: list[int] = []
+    offsets: dict[str, int] = {}
+    for first, name, slot in spans:
+        indices = [int(seed.state_index) for seed in slot.seeds]
+        if indices != list(range(first, first + len(indices))) or (rows and first <= rows[-1]):
+            raise SavedModelError(f"slot {name!r}: its state rows {indices} overlap or have gaps")
+        offsets[name] = len(rows)
+        rows += indices
+    return torch.tensor(rows, dtype=torch.long), offsets
 
 
 def _lifecycle(table: Any, slots: list[tuple[str, KasminaLayer]]) -> tuple[Any, ...]:

@@ -25,6 +25,7 @@ from kasmina.persist import format as fmt
 from kasmina.persist.format import SavedModelError, read_saved, write_saved
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import NUM_STATE_COLUMNS
 from tests.manager.helpers import PUBLISHER, Host
 
 PEAK_LIMIT = 4 << 20  # bytes Python may allocate while refusing a crafted file
@@ -184,12 +185,13 @@ def test_a_header_nested_too_deeply_or_with_a_duplicate_key_is_refused(
     _refused(path, "header is not valid JSON")
 
 
-def test_save_refuses_a_table_with_rows_no_slot_uses(tmp_path: Path) -> None:
+def test_save_keeps_only_the_rows_the_slots_use(tmp_path: Path) -> None:
+    """A table with rows no slot uses (a slot detached keeps its own) was refused; its slots'
+    rows alone are saved, the table ``kasmina.load`` rebuilds."""
     model = Host()
     kasmina.attach(model, "out", 2, 2, state=GPUStateTensor(3))
-    with pytest.raises(SavedModelError, match="has 3 rows but the slots use 2"):
-        kasmina.save(model, tmp_path / "wide")
-    assert not (tmp_path / "wide").exists()
+    body = read_saved(kasmina.save(model, tmp_path / "wide"))
+    assert tuple(body["table"]["state_tensor"].shape) == (2, NUM_STATE_COLUMNS)
 
 
 def test_the_unmutated_file_loads(saved: Path) -> None:

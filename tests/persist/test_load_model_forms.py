@@ -1,6 +1,6 @@
 """kasmina.save / load on hosts of unusual forms: a slot inside a block the model uses at two
-paths, a model whose lazy modules are not yet initialised, and slots attached one around the
-other by two ``attach`` calls."""
+paths, a model whose lazy modules are not yet initialised, slots attached one around the
+other by two ``attach`` calls, and a model one of whose slots was detached."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kasmina.manager import KasminaKernelManager
 from kasmina.persist.format import SavedModelError
 from kasmina.seeds.inject import kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import StateColumn
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
@@ -166,3 +167,32 @@ def test_a_loaded_grown_model_handed_to_a_manager_is_told_how_to_go_on(tmp_path:
     slot.requires_grad_(False)  # a frozen grown backbone is served as it is: no refusal
     with KasminaKernelManager(make_config(tmp_path, tmp_path / "urza"), keyring=keyring) as m:
         m.register(model, [s for s in kasmina_layers(model) if s is not slot])
+
+
+def test_a_model_one_of_whose_slots_was_detached_saves_and_loads(tmp_path: Path) -> None:
+    """``kasmina.detach(model, only=[slot])`` leaves that slot's rows in the shared table (§6a),
+    and ``kasmina.save`` refused the model for good ("the shared state table has 4 rows but the
+    slots use 2"). The rows the remaining slots use are saved, re-based from row 0, and load
+    back bitwise."""
+
+    def net() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+        )
+
+    model = net()
+    first, kept = kasmina.attach(model, ["0", "2"], 2, 4)
+    table = kept.state_table.state_tensor
+    table[:, StateColumn.EPOCHS_IN_STATE] = torch.arange(4, dtype=torch.int32) + 7  # row marks
+    table[:, StateColumn.GATE_SCORE] = torch.arange(4, dtype=torch.int32) * 100 + 5
+    rows = table[2:].clone()
+    kasmina.detach(model, only=[first])
+    path = kasmina.save(model, tmp_path / "kept.kasmina")
+    loaded = net()
+    (slot,) = kasmina.load(path, loaded, publishers=PUBLISHER.trusted_publishers())
+    assert slot.layer_id == "2" and [seed.state_index for seed in slot.seeds] == [0, 1]
+    assert torch.equal(slot.state_table.state_tensor, rows)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
