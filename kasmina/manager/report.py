@@ -66,8 +66,7 @@ SYSTEM_STATE_VERSION = 1
 _ACCURACY_KEYS = ("val_accuracy", "accuracy", "val_acc")
 _LOSS_KEYS = ("val_loss", "loss")
 
-# Commands per verifier (and pre-signed pool) in the command-path measurement: far below
-_COMMANDS_PER_VERIFIER = 1000  # MAX_LIVE_NONCES, so each is accepted; the pool's memory bounded
+_COMMANDS_PER_VERIFIER = 1000  # command-path timing: far below MAX_LIVE_NONCES, each accepted
 
 _COUNTER = MetricType.METRIC_TYPE_COUNTER
 _GAUGE = MetricType.METRIC_TYPE_GAUGE
