@@ -209,9 +209,13 @@ class KernelLoader:
     def _lead(
         self, artifact_id: str, future: Future[GPUKernel], deadline: float | None
     ) -> GPUKernel:
-        """Load ``artifact_id`` for every caller waiting on ``future``."""
+        """Load ``artifact_id`` for every caller waiting on ``future``. Its telemetry goes out
+        once they have their answer: a sink may wait for what a waiter holds (a manager's lock,
+        under which a safe point's command loads), and emitted first it held every waiter up
+        for its whole deadline."""
+        events: list[tuple[str, float, dict[str, str]]] = []
         try:
-            kernel = self._fetch(artifact_id, deadline)
+            kernel = self._fetch(artifact_id, deadline, events)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -221,8 +225,14 @@ class KernelLoader:
         finally:
             with self._lock:
                 del self._loading[artifact_id]
+            for name, value, labels in events:
+                self.telemetry.emit(name, value, labels=labels)
 
-    def _fetch(self, artifact_id: str, deadline: float | None) -> GPUKernel:
+    def _fetch(
+        self, artifact_id: str, deadline: float | None, events: list[tuple[str, float, dict]]
+    ) -> GPUKernel:
+        """Fetch, verify and build the kernel, and cache it; the telemetry it makes goes to
+        ``events``, for ``_lead`` to emit once the waiters have the kernel."""
         started = time.perf_counter_ns()
         try:
             if deadline is None:
@@ -236,7 +246,7 @@ class KernelLoader:
         except Exception as exc:
             self.counters["load_failures"] += 1
             labels = {"artifact_id": artifact_id, "error": type(exc).__name__}
-            self.telemetry.emit("kernel.load_failed", 1.0, labels=labels)
+            events.append(("kernel.load_failed", 1.0, labels))
             level = rarely(self.counters["load_failures"], 100, logging.ERROR)  # all in telemetry
             msg = "could not load kernel %s: %s: %s"
             logger.log(level, msg, artifact_id, type(exc).__name__, exc)
@@ -246,6 +256,6 @@ class KernelLoader:
         self.load_latency.add_ns(elapsed)
         self.counters["loads"] += 1
         labels = {"artifact_id": artifact_id, "cached": str(cached).lower()}
-        self.telemetry.emit("kernel.load_ms", elapsed / 1e6, labels=labels)
+        events.append(("kernel.load_ms", elapsed / 1e6, labels))
         logger.info("loaded kernel %s in %.1f ms", artifact_id, elapsed / 1e6)
         return kernel

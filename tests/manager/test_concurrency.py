@@ -691,3 +691,33 @@ def test_a_commands_log_entry_is_there_when_its_complete_event_arrives(
         "full": "command queue full (1 pending) or closed",
         "queued": "manager closed before it applied",
     }
+
+
+def test_a_sink_that_reads_the_manager_on_a_kernel_load_holds_no_command_up(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """A safe point's GERMINATE loads its kernel under the manager's lock, joining the load a
+    queued GERMINATE's fetch-ahead started. That load told the sinks (``kernel.load_ms``)
+    before its waiters had the kernel, and a sink that reads the manager (``system_state``,
+    an any-thread read) waited for the lock: the command waited out its whole timeout and was
+    refused. The sinks hear of a load once its waiters have it."""
+    from kasmina.control.commands import to_kasmina_command
+
+    rig = slow_store_rig(tmp_path, store, keyring)
+    manager = rig.manager
+    seen: list[dict] = []
+
+    class StateOnLoad:
+        def send(self, packet) -> None:
+            if any(metric.name == "kernel.load_ms" for metric in packet.metrics):
+                seen.append(manager.system_state())
+
+    manager.telemetry.add_sink(StateOnLoad())
+    queued = make_seed_command("germinate", SEED1, mlp, timeout_s=5.0)
+    assert manager.handle_adaptation_command(rig.signed(queued))  # its fetch starts at once
+    time.sleep(0.05)
+    command = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=5.0))
+    assert manager.execute(command), manager.command_log[-1]
+    assert [(o.target, o.ok) for o in manager.apply_pending(wait=True)] == [(SEED1, True)]
+    assert seen and rig.stage(SEED0) == rig.stage(SEED1) == S.ISOLATED_INIT
+    manager.close()
