@@ -371,6 +371,9 @@ class CommandIntake:
             self.refuse(command, f"its nonce could not be made durable: {exc}")
             return False
         with self.lock:
+            # Again under the lock: a close() on another thread may have taken it since (while
+            # the nonce was made durable), and a command run then grafted into a released model.
+            self.execution.state.require_open()
             return self.execution.execute(command)
 
     def verify_auth(self, message: Any) -> bool:

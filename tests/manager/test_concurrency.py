@@ -721,3 +721,27 @@ def test_a_sink_that_reads_the_manager_on_a_kernel_load_holds_no_command_up(
     assert [(o.target, o.ok) for o in manager.apply_pending(wait=True)] == [(SEED1, True)]
     assert seen and rig.stage(SEED0) == rig.stage(SEED1) == S.ISOLATED_INIT
     manager.close()
+
+
+def test_execute_raises_when_a_close_on_another_thread_overtakes_it(rig: Rig, mlp) -> None:
+    """``execute`` checked that the manager was open before it took the lock, and a close() on
+    another thread (a watchdog) that took it meanwhile (while the nonce was made durable) left
+    the command to run on the closed manager: a GERMINATE hooked a kernel into the model the
+    close had let go of. It raises, as on any closed manager, having changed nothing."""
+    from kasmina.control.commands import to_kasmina_command
+
+    manager = rig.manager
+    manager.loader.original(mlp)  # cached: nothing to fetch
+    durable = manager.verifier.make_durable
+    closer = threading.Thread(target=manager.close)
+
+    def overtaken() -> None:  # a slow fdatasync, during which the watchdog closes
+        durable()
+        closer.start()
+        closer.join(10.0)
+
+    manager.verifier.make_durable = overtaken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.execute(to_kasmina_command(make_seed_command("germinate", SEED0, mlp)))
+    record = manager.registry[SEED0]
+    assert record.seed.kernel is None and record.hook is None and rig.stage(SEED0) == S.DORMANT
