@@ -364,8 +364,9 @@ class ManagerApplier:
         return results
 
     def refuse(self, command: KasminaCommand, reason: str) -> None:
+        with self.intake.lock:  # logged first: a sink reading command_log at the complete finds it
+            self.report.note_command(command, False, reason)
         self.intake.handler.complete(command, False)
-        self.report.note_command(command, False, reason)
 
     def revise(self, command: KasminaCommand, ok: bool, reason: str) -> None:
         """The verdict the ranks agreed on for ``command``, where the repair overturned this

@@ -664,14 +664,20 @@ def test_an_epoch_end_a_close_overtakes_writes_nothing(rig: Rig, monkeypatch) ->
     assert len(written) == 1 and "epoch_00000000" in written[0]
 
 
+@pytest.mark.parametrize("ranks", ["one", "coordinated"])
 def test_a_commands_log_entry_is_there_when_its_complete_event_arrives(
-    tmp_path: Path, store: Path, keyring: Keyring
+    tmp_path: Path, store: Path, keyring: Keyring, ranks: str
 ) -> None:
     """A controller's sink that reads ``command_log`` when ``command.complete`` arrives found no
     entry for a command refused at the queue (full) or dropped by ``close()``: those posted the
-    event first. Every refusal is logged before its event now, as an applied command is."""
+    event first. Every refusal is logged before its event now, as an applied command is, the
+    multi-rank coordinator's too (``ManagerApplier.refuse``)."""
+    from kasmina.manager.ddp import DistributedKasmina
+
     rig = Rig(make_config(tmp_path, store, max_pending_commands=1), keyring)
     manager, seen = rig.manager, []
+    if ranks == "coordinated":
+        DistributedKasmina(manager, max_pending=1)
 
     class Controller:
         def send(self, packet) -> None:
@@ -688,7 +694,10 @@ def test_a_commands_log_entry_is_there_when_its_complete_event_arrives(
     assert not manager.handle_adaptation_command(rig.signed(full))
     manager.close()
     assert dict(seen) == {
-        "full": "command queue full (1 pending) or closed",
+        "full": {
+            "one": "command queue full (1 pending) or closed",
+            "coordinated": "the coordinator's queue is full",
+        }[ranks],
         "queued": "manager closed before it applied",
     }
 
