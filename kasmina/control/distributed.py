@@ -149,8 +149,7 @@ class DistributedCoordinator:
         self._applying = False  # a sync's commands began to apply (none go back to be held)
         self._taken: list[KasminaCommand] = []  # this sync's commands, verified on this rank
         self.stats: Counter[str] = Counter()
-        # The latest syncs' results (bounded: a run may sync every epoch for years); the count
-        # of all of them is ``stats["syncs"]``.
+        # The latest syncs' results (bounded; a run may sync for years): all, ``stats["syncs"]``.
         self.history: deque[EpochSyncResult] = deque(maxlen=HISTORY_SIZE)
 
     @property
@@ -160,9 +159,7 @@ class DistributedCoordinator:
 
     @max_pending.setter
     def max_pending(self, value: int) -> None:
-        if value < 1:
-            raise ValueError("max_pending must be >= 1")
-        self._held.max_pending = value
+        self._held.max_pending = value  # ``ValueError`` there below 1
 
     @property
     def pending(self) -> int:
@@ -186,6 +183,10 @@ class DistributedCoordinator:
                 return False
             entry = Received(bytes(raw), received_at, command, identity, command_id, content)
             full = not self._held.add(entry)
+        if full and self._held.closed:  # closed since its check began: reported, not held
+            self.stats["refused"] += 1
+            self.applier.refuse(command, "the multi-rank coordinator closed before its next sync")
+            return False
         if full:
             self.stats["dropped:queue_full"] += 1
             logger.log(
@@ -199,9 +200,9 @@ class DistributedCoordinator:
         return True
 
     def drop_pending(self, reason: str) -> None:
-        """Refuse every command held for the next sync, each reported through the applier (its
-        manager closed: no sync will apply them)."""
-        for entry in self._held.take_all():
+        """Refuse every command held for the next sync, and any accepted later, each reported
+        through the applier (its manager closed: no sync will apply them)."""
+        for entry in self._held.close():
             self.applier.refuse(entry.command, reason)
             self.stats["refused"] += 1
 

@@ -208,13 +208,22 @@ class HeldCommands:
     nonce is used already and the relayed one would be a replay here."""
 
     def __init__(self, max_pending: int) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
         self.max_pending = max_pending
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._held: list[Received] = []
         self._arriving: Counter[bytes] = Counter()
+        self.closed = False  # ``close``: no sync comes, and nothing is held any more
+
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
+    @max_pending.setter
+    def max_pending(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_pending must be >= 1")
+        self._max_pending = value
 
     def __len__(self) -> int:
         with self._lock:
@@ -236,15 +245,24 @@ class HeldCommands:
                 self._arrived.notify_all()
 
     def add(self, entry: Received) -> bool:
-        """Hold ``entry``; False (not held) when ``max_pending`` are held already."""
+        """Hold ``entry``; False (not held) when ``max_pending`` are held already, or closed."""
         with self._lock:
-            if len(self._held) >= self.max_pending:
+            if self.closed or len(self._held) >= self.max_pending:
                 return False
             self._held.append(entry)
             return True
 
     def take_all(self) -> list[Received]:
         with self._lock:
+            held, self._held = self._held, []
+        return held
+
+    def close(self) -> list[Received]:
+        """Every command held, taken off; from now on none is (``add`` refuses): one accepted
+        as its manager closed was held after the close took the others, for a sync that never
+        came, counted accepted and never reported."""
+        with self._lock:
+            self.closed = True
             held, self._held = self._held, []
         return held
 

@@ -625,6 +625,35 @@ def test_without_a_process_group_ddp_wrapping_is_the_identity(tmp_path, store, k
     assert rig.manager.command_relay is None and rig.manager.grad_sync is None
 
 
+@pytest.mark.parametrize("closing", ["manager", "coordinator"])
+def test_a_command_accepted_as_the_coordinator_closes_is_reported_refused(
+    tmp_path, store, keyring, closing: str
+) -> None:
+    """The coordinator verifies a command, then holds it for the next sync. A close (the
+    manager's, or the coordinator's own) that took the held commands between the two left this
+    one held for a sync that never came: counted accepted, never reported. It is refused."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    dk = DistributedKasmina(manager)
+    closed: list[bool] = []
+
+    class CloseOnAck:  # the close runs while the command is in its check
+        def send(self, packet) -> None:
+            if not closed and any(m.name == "command.ack" for m in packet.metrics):
+                closed.append(True)
+                (manager.close if closing == "manager" else dk.close)()
+
+    manager.telemetry.add_sink(CloseOnAck())
+    assert not manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    stats = manager.handler.stats
+    assert closed and stats["accepted"] == stats["failed"] == 1 and dk.coordinator.pending == 0
+    assert manager.command_log[-1][2:] == (
+        False,
+        "the multi-rank coordinator closed before its next sync",
+    )
+    manager.close()
+
+
 def test_a_second_trainer_of_a_run_is_refused_when_it_joins(tmp_path, store, keyring) -> None:
     """Ranks given one run_id and their own nonce ledgers would write the same checkpoint
     files: the second is refused as its ``DistributedKasmina`` is built, before it trains, or
@@ -1018,9 +1047,9 @@ def test_a_kernel_a_prepare_found_cached_stays_cached_until_the_sync_applies(
     fetched: list[str] = []
     fetch = loader._fetch
 
-    def counted(artifact_id: str, deadline: float | None = None) -> Any:
+    def counted(artifact_id: str, *args: Any) -> Any:
         fetched.append(artifact_id)
-        return fetch(artifact_id, deadline)
+        return fetch(artifact_id, *args)
 
     loader._fetch = counted
     commands = [
