@@ -26,12 +26,12 @@ passing the host through returns the host's output object.
 
 **Behaving like the wrapped module.** Code around a slot keeps reading (and writing) the module
 it expects (``fc.weight``, ``attn.batch_first``, ``proj.out_features``): an attribute the slot
-does not define is read from the host and written there, as PEFT's layers do. PyTorch's fused
-``TransformerEncoderLayer`` path would bypass a slot in it (it calls native kernels with the
-layer's tensors): while a seed runs, the slot's seeds hold a no-op forward pre-hook and its
-tensors read as a marked view (``outputs.force_regular_path``, ``SeedsLive``), either of which
-makes the regular path run and call the slot; with every seed passing through, the fused path
-runs as for the bare model.
+does not define is read from the host, and written and deleted there (``forwarding``), as PEFT's
+layers do. PyTorch's fused ``TransformerEncoderLayer`` path would bypass a slot in it (it calls
+native kernels with the layer's tensors): while a seed runs, the slot's seeds hold a no-op
+forward pre-hook and its tensors read as a marked view (``outputs.force_regular_path``,
+``SeedsLive``), either of which makes the regular path run and call the slot; with every seed
+passing through, the fused path runs as for the bare model.
 
 A seed that faults contributes its host chunk, as a DORMANT seed would; the others are
 unaffected. The layer guards its seeds together: one finiteness reduction over the concatenated
@@ -73,19 +73,17 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
 )
+from kasmina.seeds.forwarding import HostForwarding
 from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
-    FUSED_PATH_TENSORS,
     ActivationSpec,
-    SeedsLive,
     batched_rank,
     checked_chunk_dim,
     chunk_spec,
     contract_problem,
     fits,
     force_regular_path,
-    host_holds,
     kernels_refuse,
     on_dense,
     output_element,
@@ -106,7 +104,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["KasminaLayer"]
 
 
-class KasminaLayer(nn.Module):
+class KasminaLayer(HostForwarding):
     """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (the contract: the
     module docstring), in the host's train/eval mode.
 
@@ -196,25 +194,7 @@ class KasminaLayer(nn.Module):
         self.seeds.train(host.training)
         self.__dict__["_built"] = True  # from now on the host's plain attributes are written there
 
-    # -- the wrapped module's attributes ---------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        # nn.Module's lookup first; then the host's, so code for the bare module keeps working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if name.startswith("__") or modules is None or "host" not in modules:
-                raise
-            value = getattr(modules["host"], name)
-        if (
-            name in FUSED_PATH_TENSORS
-            and isinstance(value, torch.Tensor)
-            and self.__dict__.get("_guards_fused_path", False)
-            and self.__dict__.get("_runs_any", False)
-        ):
-            return value.as_subclass(SeedsLive)
-        return value
-
+    # -- the wrapped module's attributes (reads, writes, deletes: ``forwarding``) ----------
     @property
     def guards_fused_path(self) -> bool:
         """Whether the slot is in a ``TransformerEncoderLayer`` (``inject.install`` sets it)."""
@@ -224,30 +204,6 @@ class KasminaLayer(nn.Module):
     def guards_fused_path(self, value: bool) -> None:
         self.__dict__["_guards_fused_path"] = bool(value)
         force_regular_path(self.seeds, bool(value) and self._runs_any)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # What the host holds and the slot does not is assigned on the host, as it is read there:
-        # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
-        host, built = self.__dict__.get("_modules", {}).get("host"), "_built" in self.__dict__
-        if host_holds(host, name, built) and not hasattr(type(self), name):
-            if not (name in self._parameters or name in self._buffers or name in self.__dict__):
-                setattr(host, name, value)
-                return
-        if name in CONSTANTS and name in self.__dict__.get("_buffers", ()):  # a loader's tensor
-            self.__dict__["_constants_stale"] = True  # (``constants.constants_replaced``)
-        super().__setattr__(name, value)
-
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        # Pruning aimed at the slot reads the host's tensor through it, then registers it here
-        # under a second name (a state_dict key no fresh slot has): refused, nothing changed.
-        host = self.__dict__.get("_modules", {}).get("host")
-        held = () if host is None else host._parameters.values()
-        if param is not None and any(param is p for p in held):
-            raise ValueError(
-                f"{self.layer_id}: {name!r} would register the host's own parameter on the slot "
-                "(pruning or a parametrization applied to the slot): apply it to slot.host"
-            )
-        super().register_parameter(name, param)
 
     def _link_flags(self) -> None:
         """Point each seed's flags at the layer's (again after a move: each buffer copied)."""

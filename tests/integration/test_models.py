@@ -216,6 +216,29 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
 
 
+def test_accelerate_hooks_put_on_before_attach_come_off_the_host() -> None:
+    """``remove_hook_from_module(model, recurse=True)`` reads a host's ``_hf_hook`` through its
+    slot and deletes it there: that delete raised half-way through the walk. The host's own
+    ``forward`` it puts back through the slot goes to the host (on the slot, it skipped the
+    slot and its seeds at every call)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    for module in (model[0], model[2]):
+        hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu"))
+    (slot,) = attach(model, ["0"], 2, 4)
+    torch.manual_seed(1)
+    slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    for stage in PATH:
+        slot.seed(0).transition_to(stage)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    grown = model(x)
+    hooks.remove_hook_from_module(model, recurse=True)
+    assert not [name for name, m in model.named_modules() if "_hf_hook" in vars(m)]
+    assert "forward" not in vars(slot) and "_old_forward" not in vars(slot.host)
+    assert torch.equal(model(x), grown)  # the slot still runs its seed
+
+
 def test_a_resize_through_a_slot_reaches_the_hosts_plain_attributes() -> None:
     """``resize_token_embeddings`` also sets the head's ``out_features``: written through the
     slot, it stayed on the slot, hiding the host's stale 96 from then on; detached, the head

@@ -482,6 +482,23 @@ def test_the_width_check_of_an_attention_module_follows_output_index() -> None:
         assert attach(Net(), ["mha"], 2, 4, output_index=index)
 
 
+def test_a_slot_deletes_the_hosts_attributes_where_it_writes_them() -> None:
+    """A slot read and wrote its host's plain attributes but did not delete them: ``hasattr``
+    said True and ``del slot.note`` raised AttributeError. A delete goes where a write goes."""
+    model = MLP()
+    model.head.note = "host's"
+    (slot,) = attach(model, ["head"], 2, 4)
+    assert slot.note == "host's"
+    del slot.note
+    assert not hasattr(slot, "note") and not hasattr(slot.host, "note")
+    slot.mine = 1  # not the host's: the slot's own, written and deleted there
+    assert "mine" in vars(slot) and not hasattr(slot.host, "mine")
+    del slot.mine
+    assert not hasattr(slot, "mine")
+    with pytest.raises(AttributeError):
+        del slot.note
+
+
 def test_a_slot_built_directly_checks_output_index_and_takes_its_hosts_mode() -> None:
     """The constructor owns both checks ``attach`` and ``kasmina.load`` rely on, so a slot a
     user builds around a host (as the tests and PEFT-style code do) behaves the same."""

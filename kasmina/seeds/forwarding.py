@@ -1,0 +1,90 @@
+"""A slot reads, writes and deletes as the module it wraps (docs/design.md §6a).
+
+:class:`HostForwarding` is ``KasminaLayer``'s base: an attribute the slot does not define is read
+from its host, and what the host holds and the slot does not is assigned and deleted there, so
+code for the bare module (``fc.weight``, weight tying, a resize's ``out_features``,
+accelerate's ``remove_hook_from_module``) keeps working on the slot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from kasmina.seeds.constants import CONSTANTS
+from kasmina.seeds.outputs import FUSED_PATH_TENSORS, SeedsLive, host_holds
+
+__all__ = ["HostForwarding"]
+
+
+def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
+    """The host when ``name`` is the host's to assign (to ``value``) or delete through ``slot``,
+    else None: what the host holds (``outputs.host_holds``) and the slot neither holds nor
+    defines on its type. One name both define goes to the host: ``forward`` given a method of
+    the host, which a wrapper that patched the host's (accelerate's hooks) puts back through
+    the slot; on the slot it would skip the slot at every call."""
+    state = slot.__dict__
+    host = state.get("_modules", {}).get("host")
+    if not host_holds(host, name, "_built" in state):
+        return None
+    if name in state["_parameters"] or name in state["_buffers"] or name in state:
+        return None
+    if hasattr(type(slot), name) and getattr(value, "__self__", None) is not host:
+        return None
+    return host
+
+
+class HostForwarding(nn.Module):
+    """``__getattr__``, ``__setattr__``, ``__delattr__`` and ``register_parameter`` of a module
+    whose ``_modules["host"]`` it wraps; from ``self.__dict__["_built"]`` on, the host's plain
+    attributes are written and deleted there too."""
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module's lookup first; then the host's, so code for the bare module keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name.startswith("__") or modules is None or "host" not in modules:
+                raise
+            value = getattr(modules["host"], name)
+        if (
+            name in FUSED_PATH_TENSORS
+            and isinstance(value, Tensor)
+            and self.__dict__.get("_guards_fused_path", False)
+            and self.__dict__.get("_runs_any", False)
+        ):
+            return value.as_subclass(SeedsLive)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # What the host holds and the slot does not is assigned on the host, as it is read there:
+        # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
+        host = _owner(self, name, value)
+        if host is not None:
+            setattr(host, name, value)
+            return
+        if name in CONSTANTS and name in self.__dict__.get("_buffers", ()):  # a loader's tensor
+            self.__dict__["_constants_stale"] = True  # (``constants.constants_replaced``)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # Deleted where ``__setattr__`` would assign it: ``hasattr(slot, name)`` was true while
+        # ``del slot.name`` raised (accelerate's ``remove_hook_from_module`` stopped half-way).
+        host = _owner(self, name)
+        if host is not None:
+            delattr(host, name)
+            return
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Pruning aimed at the slot reads the host's tensor through it, then registers it here
+        # under a second name (a state_dict key no fresh slot has): refused, nothing changed.
+        host = self.__dict__.get("_modules", {}).get("host")
+        held = () if host is None else host._parameters.values()
+        if param is not None and any(param is p for p in held):
+            raise ValueError(
+                f"{self.layer_id}: {name!r} would register the host's own parameter on the slot "
+                "(pruning or a parametrization applied to the slot): apply it to slot.host"
+            )
+        super().register_parameter(name, param)
