@@ -3,7 +3,10 @@
 :class:`HostForwarding` is ``KasminaLayer``'s base: an attribute the slot does not define is read
 from its host, and what the host holds and the slot does not is assigned and deleted there, so
 code for the bare module (``fc.weight``, weight tying, a resize's ``out_features``,
-accelerate's ``remove_hook_from_module``) keeps working on the slot."""
+accelerate's ``remove_hook_from_module``) keeps working on the slot. A container host's (an
+``nn.Sequential``'s) children are replaced and deleted through the slot
+(``model.classifier[-1] = nn.Linear(...)``), ``len`` and ``in`` are the host's, and a slot is
+as true as its host; reading or iterating the children takes ``slot.host``."""
 
 from __future__ import annotations
 
@@ -88,3 +91,28 @@ class HostForwarding(nn.Module):
                 "(pruning or a parametrization applied to the slot): apply it to slot.host"
             )
         super().register_parameter(name, param)
+
+    # -- the host's container protocols (an nn.Sequential's), those that run no child: Python
+    # looks them up on the type, never through ``__getattr__``. Each is the host's, its
+    # TypeError included. ``slot[i]`` and ``iter(slot)`` are not: a parent that indexed or
+    # iterated the container would call its children and skip the slot, its seeds never run.
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._modules["host"][key] = value
+        self._host_changed()
+
+    def __delitem__(self, key: Any) -> None:
+        del self._modules["host"][key]
+        self._host_changed()
+
+    def __len__(self) -> int:
+        return len(self._modules["host"])
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._modules["host"]
+
+    def __bool__(self) -> bool:  # the host's: a Linear's slot is true (``__len__`` would raise)
+        host = self.__dict__.get("_modules", {}).get("host")
+        return True if host is None else bool(host)
+
+    def _host_changed(self) -> None:
+        """A part of the host was replaced or removed through the slot (``KasminaLayer``'s)."""

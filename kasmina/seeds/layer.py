@@ -205,6 +205,12 @@ class KasminaLayer(HostForwarding):
         self.__dict__["_guards_fused_path"] = bool(value)
         force_regular_path(self.seeds, bool(value) and self._runs_any)
 
+    def _host_changed(self) -> None:
+        """A part of the host replaced or removed through the slot (``slot[-1] = nn.Linear(...)``):
+        the next forward records the host's output again, as the first after attach does (of
+        another width, the contract check names it: the seeds sit out, GERMINATE refuses)."""
+        vars(self).update(output_contract=None, input_spec=None, _moved=None, _provisional=False)
+
     def _link_flags(self) -> None:
         """Point each seed's flags at the layer's (again after a move: each buffer copied)."""
         finite, faulted = self._flags()

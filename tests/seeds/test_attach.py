@@ -257,10 +257,11 @@ def test_a_slot_on_a_container_is_not_one_so_a_parent_cannot_skip_its_seeds() ->
     attach(model, ["stage"], 2, 4)
     with pytest.raises(TypeError, match="not iterable"):  # not a silent run without the seeds
         model(torch.randn(2, 4))
-    for reach in (lambda: model.stage[-1], lambda: len(model.stage)):
+    for reach in (lambda: model.stage[-1], lambda: list(model.stage)):
         with pytest.raises(TypeError):
             reach()
     assert model.stage.host[-1] is last  # the children, through the host
+    assert len(model.stage) == 3  # which runs none of them
 
 
 def test_pruning_aimed_at_a_slot_is_refused_before_it_changes_anything() -> None:
@@ -643,6 +644,46 @@ class _Stack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.heads["a"](x) * self.scales[0]
+
+
+def test_a_slot_on_a_sequential_takes_child_writes_len_and_in_as_its_host() -> None:
+    """Python looks ``slot[i] = m``, ``del slot[i]``, ``len`` and ``in`` up on the type, never
+    through ``__getattr__``: on a slot around an nn.Sequential each raised TypeError
+    (torchvision's ``model.classifier[-1] = nn.Linear(...)``). They are the host's, its
+    TypeError included, and a slot is as true as its host (reading or iterating the children
+    still raises: the test above). A child replaced through the slot is recorded again at the
+    next call: of another width, its seeds sit out, the contract check naming it, and the
+    host's output stands whole."""
+    model = MLP()
+    slot, head = attach(model, ["encoder", "head"], 2, 4)
+    host = slot.host
+    assert len(slot) == 3 and host[1] in slot and model.head not in slot
+    assert bool(slot) and bool(head)
+
+    def assign(m: nn.Module) -> None:
+        m[0] = nn.ReLU()
+
+    def delete(m: nn.Module) -> None:
+        del m[0]
+
+    for op in (len, lambda m: 0 in m, assign, delete):
+        with pytest.raises(TypeError) as bare:
+            op(head.host)
+        with pytest.raises(TypeError, match=re.escape(str(bare.value))):
+            op(head)
+    x = torch.randn(3, 5)
+    model(x)
+    slot.seed(0).attach_kernel(kernel(4, 1))
+    walk(slot.seed(0), S.ACTIVE)
+    assert not torch.equal(slot(x), host(x))
+    slot[-1] = nn.Linear(8, 6)
+    assert host[-1].out_features == 6
+    assert torch.equal(slot(x), host(x)) and slot.sat_out["seeds"] == 1
+    assert "6 features" in slot.contract_problem()
+    slot[-1] = nn.Linear(8, 8)
+    assert not torch.equal(slot(x), host(x)) and slot.contract_problem() is None
+    del slot[1]  # the ReLU
+    assert len(slot) == 2 and isinstance(host[1], nn.Linear)
 
 
 @pytest.mark.parametrize("target", ["layers", "heads", "scales"])
