@@ -10,12 +10,14 @@ as true as its host; reading or iterating the children takes ``slot.host``."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kasmina.seeds.constants import CONSTANTS
-from kasmina.seeds.outputs import FUSED_PATH_TENSORS, SeedsLive, host_holds
+from kasmina.seeds.outputs import FUSED_PATH_TENSORS, PACKING_TEST, SeedsLive, host_holds
 
 __all__ = ["HostForwarding"]
 
@@ -51,11 +53,12 @@ class HostForwarding(nn.Module):
             if name.startswith("__") or modules is None or "host" not in modules:
                 raise
             value = getattr(modules["host"], name)
-        if (
+        if (  # only nn.TransformerEncoder's packing test sees the view (``outputs.SeedsLive``)
             name in FUSED_PATH_TENSORS
-            and isinstance(value, Tensor)
-            and self.__dict__.get("_guards_fused_path", False)
             and self.__dict__.get("_runs_any", False)
+            and self.__dict__.get("_guards_fused_path", False)
+            and isinstance(value, Tensor)
+            and (torch.compiler.is_compiling() or sys._getframe(1).f_code is PACKING_TEST)
         ):
             return value.as_subclass(SeedsLive)
         return value

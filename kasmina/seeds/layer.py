@@ -29,9 +29,10 @@ it expects (``fc.weight``, ``attn.batch_first``, ``proj.out_features``): an attr
 does not define is read from the host, and written and deleted there (``forwarding``), as PEFT's
 layers do. PyTorch's fused ``TransformerEncoderLayer`` path would bypass a slot in it (it calls
 native kernels with the layer's tensors): while a seed runs, the slot's seeds hold a no-op
-forward pre-hook and its tensors read as a marked view (``outputs.force_regular_path``,
-``SeedsLive``), either of which makes the regular path run and call the slot; with every seed
-passing through, the fused path runs as for the bare model.
+forward pre-hook (``outputs.force_regular_path``), which makes the regular path run and call
+the slot, and ``nn.TransformerEncoder``'s packing test alone reads its tensors as a marked view
+(``outputs.SeedsLive``); with every seed passing through, the fused path runs as for the bare
+model.
 
 A seed that faults contributes its host chunk, as a DORMANT seed would; the others are
 unaffected. The layer guards its seeds together: one finiteness reduction over the concatenated

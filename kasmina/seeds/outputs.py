@@ -461,17 +461,24 @@ def on_dense(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
 # -- PyTorch's fused encoder-layer path ----------------------------------------------------
 # ``nn.TransformerEncoderLayer`` in inference calls ``torch._transformer_encoder_layer_fwd``
 # with its submodules' tensors instead of calling them, which skips a slot in it. It takes the
-# regular path, which calls every submodule, when a tensor it reads ``has_torch_function`` or
-# when any module in it has a forward (pre-)hook: a slot uses both while a seed runs.
+# regular path, which calls every submodule, when any module in it has a forward (pre-)hook:
+# a slot's seeds hold one while a seed runs (``force_regular_path``). ``nn.TransformerEncoder``
+# packs a padded batch into a nested tensor (inference) from its first layer's tensors alone,
+# looking at no hook: it declines when one ``has_torch_function``.
 
-# Tensors the fused path (and ``nn.TransformerEncoder``'s packing test) reads from the modules
-# it would otherwise call; a slot inside such a layer marks them while a seed runs.
+# Tensors that packing test reads from the first layer's modules; a slot there hands that test
+# (and no other reader) a marked view of them while a seed runs (``forwarding.HostForwarding``).
 FUSED_PATH_TENSORS = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias"})
+PACKING_TEST = nn.TransformerEncoder.forward.__code__  # the frame that reads them
 
 
 class SeedsLive(torch.Tensor):
-    """Marks a host tensor handed to a fused path while seeds run: a plain subclass, for which
-    ``has_torch_function`` (what the fused path tests) is true."""
+    """Marks a host tensor handed to the packing test while seeds run: a plain subclass, for
+    which ``has_torch_function`` (what the test checks) is true. Packed past a first-layer seed
+    that trains (inference with grad on, a frozen host), the batch would reach the next layer's
+    attention as a nested tensor needing grad, which it refuses outside its fast path. Code
+    for the bare module (``fc.weight``: its ``.grad``, an optimizer, ``.data =``) gets the
+    host's own tensor; compiled, where no frame is looked at, every read in the graph."""
 
 
 def _regular_path(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -701,6 +701,41 @@ def test_a_container_without_a_forward_is_refused_with_the_reason(target: str) -
     assert model(torch.randn(3, 8)).shape == (3, 8)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize(
+    ("target", "name", "chunk"), [("linear1", "weight", 8), ("self_attn", "in_proj_weight", 4)]
+)
+def test_a_live_seed_in_an_encoder_layer_leaves_its_hosts_tensors_as_they_are(
+    target: str, name: str, chunk: int
+) -> None:
+    """While a seed ran, a slot inside nn.TransformerEncoderLayer read its host's tensors as a
+    marked non-leaf view (to keep torch's fused path from skipping it): code for the bare
+    module got no ``.grad``, no Parameter (``SGD([w])`` raised), and ``w.data = t`` missed
+    the host. The seeds' hook keeps the layer's fused path off; only nn.TransformerEncoder's
+    packing test, which looks at no hook, is still shown the view: a padded batch packed past
+    a first-layer seed that trains reached the next layer's attention as a nested tensor
+    needing grad, which it refuses outside its fast path."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2)  # packs a padded batch in inference
+    (slot,) = attach(model, [f"layers.0.{target}"], 2, chunk)
+    slot.seed(1).attach_kernel(kernel(chunk, 2))
+    walk(slot.seed(1), S.GRAFTING)
+    slot.seed(1).update_alpha_blending(3, 10)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    tensor = getattr(getattr(model.layers[0], target), name)  # as code for the bare model reads it
+    assert tensor is getattr(slot.host, name) and tensor.grad is not None
+    torch.optim.SGD([tensor], lr=0.1)
+    model.eval().requires_grad_(False)  # a frozen host, the seed training, a padded batch
+    slot.seeds.requires_grad_(True)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    model(x, src_key_padding_mask=pad)[~pad].sum().backward()
+    assert slot.seed(1).kernel[0].weight.grad is not None
+    tensor.data = torch.zeros_like(tensor)
+    assert not getattr(slot.host, name).any()
+
+
 @pytest.mark.parametrize("target", ["linear2", "self_attn"])
 def test_transformer_encoder_fused_path_never_skips_a_live_seed(target: str) -> None:
     torch.manual_seed(0)
@@ -723,7 +758,7 @@ def test_transformer_encoder_fused_path_never_skips_a_live_seed(target: str) -> 
         model.train()
         reference = model(x)  # the regular path, which calls every module
         model.eval()
-    assert type(getattr(slot, name)) not in (torch.Tensor, nn.Parameter)  # marked while live
+    assert getattr(slot, name) is getattr(slot.host, name)  # the hook alone keeps it off
     assert not torch.allclose(out, bare)
     torch.testing.assert_close(out, reference)
 
