@@ -578,7 +578,8 @@ class CommandExecution:
         elif new == S.DORMANT:
             record.artifact_id = None
             record.graft_steps = 0
-        elif new == S.QUARANTINE:
+        elif new == S.QUARANTINE:  # no step's check reads its kept output (graph) any more
+            record.last_output, record.input_grad = None, False
             state.telemetry.emit("seed.quarantined", 1.0, labels={"seed_id": record.seed_id})
 
     def release(self, record: SeedRecord) -> None:

@@ -1862,3 +1862,22 @@ def test_a_step_without_a_backward_reports_no_seed_stepped(rig: Rig, mlp) -> Non
     after = manager.seed(SEED0).seed_parameters()
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
     assert rig.train(1)["seeds_stepped"] == [SEED0]
+
+
+def test_a_seed_quarantined_in_a_forward_keeps_no_graph_of_it(rig: Rig, mlp) -> None:
+    """The kernel's output a forward records for the step's isolation check (its graph and
+    the island's saved activations with it) was cleared by that check, which skips a seed no
+    longer isolated: one quarantined by a fault in the forward held a micro-batch's
+    activations for as long as it stayed in QUARANTINE. The quarantine lets go of them."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    record = manager.require_registry()[SEED0]
+    inner = record.kernel.inner
+    forward = inner.forward
+    inner.forward = lambda x: forward(x)[..., :1]  # the wrong shape: a fault at each forward
+    for _ in range(record.seed.fault_limit):
+        rig.train(1)
+    assert rig.stage(SEED0) == S.QUARANTINE
+    rig.train(2)
+    assert record.last_output is None and not record.input_grad
