@@ -187,13 +187,15 @@ class CommandQueue:
         return ready
 
     def take(self, ready: list[Ready]) -> list[Ready]:
-        """Remove ``ready`` (from :meth:`poll_ready`) from the queue and return it; none if the
-        queue closed meanwhile."""
+        """Remove ``ready`` (from :meth:`poll_ready`) from the queue and return those still in
+        it; none if the queue closed meanwhile. ``close`` and ``take_all`` (a relay, on another
+        thread) remove entries too, and report each refused: none of them may be taken and
+        reported again, let alone applied on this rank alone."""
         with self._lock:
-            # Only ``close`` (another thread) removes entries besides this one: it reported
-            # every command it dropped refused, so none of them may be taken and reported again.
             if self._closed:
                 return []
+            queued = {id(entry) for entry in self._queue}
+            ready = [r for r in ready if id(r[0]) in queued]
             taken = {id(entry) for entry, _, _ in ready}
             self._queue = deque(e for e in self._queue if id(e) not in taken)
         return ready

@@ -714,6 +714,36 @@ def test_a_command_queued_before_the_manager_joins_a_multi_rank_run_is_refused(
     assert rig.stage(SEED1) == S.ISOLATED_INIT
 
 
+def test_a_command_the_relay_refused_after_a_safe_point_polled_it_is_not_applied(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """A safe point polls the queue, then takes what was ready. The manager joining a
+    multi-rank run between the two (on another thread) took those commands off and reported
+    them refused; the safe point took and applied them all the same, on this rank alone, each
+    reported twice. It takes only what is still queued."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    manager.loader.original(mlp)  # cached: ready at once
+    assert manager.handle_adaptation_command(_signed(rig, "germinate", SEED0, mlp))
+    queue = manager.intake.queue
+    poll = queue.poll_ready
+    joined: list[DistributedKasmina] = []
+
+    def poll_then_join(**kwargs: Any) -> Any:
+        ready = poll(**kwargs)
+        if ready and not joined:
+            joined.append(DistributedKasmina(manager))
+        return ready
+
+    queue.poll_ready = poll_then_join  # type: ignore[method-assign]
+    assert manager.apply_pending() == []
+    stats = manager.handler.stats
+    assert (stats["accepted"], stats["executed"], stats["failed"]) == (1, 0, 1)
+    assert rig.stage(SEED0) == S.DORMANT and "joined a multi-rank run" in manager.command_log[-1][3]
+    joined[0].close()
+    manager.close()
+
+
 def test_a_command_carried_out_directly_on_one_rank_is_refused(tmp_path, store, keyring, mlp):
     """The handler's own door calls the manager's ``execute``, which carried the command out at
     once, on this rank alone: the ranks' layouts then differed, every seed gradient was dropped
