@@ -94,8 +94,7 @@ logger = logging.getLogger(__name__)
 HISTORY_SIZE = 256  # sync results kept in ``DistributedCoordinator.history``
 ARRIVAL_WAIT_S = 10.0  # how long a sync waits for a copy of a relayed command still arriving
 
-# The row every rank all-gathers after applying: epoch, checksum, command count, then one
-# outcome (0/1) per relayed command (the count is the same on every rank: one exchange).
+# The row every rank all-gathers after applying: epoch, checksum, count, a 0/1 per command.
 _OUTCOMES = 3
 
 __all__ = ["DistributedCoordinator"]
@@ -149,8 +148,7 @@ class DistributedCoordinator:
         self._applying = False  # a sync's commands began to apply (none go back to be held)
         self._taken: list[KasminaCommand] = []  # this sync's commands, verified on this rank
         self.stats: Counter[str] = Counter()
-        # The latest syncs' results (bounded; a run may sync for years): all, ``stats["syncs"]``.
-        self.history: deque[EpochSyncResult] = deque(maxlen=HISTORY_SIZE)
+        self.history: deque[EpochSyncResult] = deque(maxlen=HISTORY_SIZE)  # the latest (bounded)
 
     @property
     def max_pending(self) -> int:
@@ -184,8 +182,7 @@ class DistributedCoordinator:
             entry = Received(bytes(raw), received_at, command, identity, command_id, content)
             full = not self._held.add(entry)
         if full and self._held.closed:  # closed since its check began: reported, not held
-            self.stats["refused"] += 1
-            self.applier.refuse(command, "the multi-rank coordinator closed before its next sync")
+            self._refuse(command, "the multi-rank coordinator closed before its next sync")
             return False
         if full:
             self.stats["dropped:queue_full"] += 1
@@ -203,8 +200,7 @@ class DistributedCoordinator:
         """Refuse every command held for the next sync, and any accepted later, each reported
         through the applier (its manager closed: no sync will apply them)."""
         for entry in self._held.close():
-            self.applier.refuse(entry.command, reason)
-            self.stats["refused"] += 1
+            self._refuse(entry.command, reason)
 
     # ------------------------------------------------------------------ the boundary
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
@@ -370,16 +366,20 @@ class DistributedCoordinator:
         return tuple(results[i] for i in range(len(relayed))), applied
 
     def _unapplied(self, local: list[Received], exchanged: bool) -> None:
-        """A sync stopped before it applied anything: its commands wait for the next, in
-        order; or, once exchanged with other ranks (which may have used their nonces, so a
-        copy relayed again would be a replay there), each is reported refused, never lost."""
+        """A sync stopped before it applied anything: its commands wait for the next, in order
+        (refused if it closed); once exchanged with other ranks (which may have used their
+        nonces: relayed again, a replay there), each is reported refused, never lost."""
         if not exchanged:
-            self._held.put_back(local)
+            for entry in self._held.put_back(local):  # closed meanwhile: none held again
+                self._refuse(entry.command, "the multi-rank coordinator closed")
             return
         commands = {id(c): c for c in [*self._taken, *(e.command for e in local)]}
         for command in commands.values():
-            self.applier.refuse(command, "the sync was interrupted before it applied it")
-            self.stats["refused"] += 1
+            self._refuse(command, "the sync was interrupted before it applied it")
+
+    def _refuse(self, command: KasminaCommand, reason: str) -> None:
+        self.applier.refuse(command, reason)
+        self.stats["refused"] += 1
 
     def _take_pending(self, identity: bytes, id_: str, content: bytes) -> KasminaCommand | None:
         """This rank's copy of the command (or its retry, saying the same) if it arrived after

@@ -266,10 +266,14 @@ class HeldCommands:
             held, self._held = self._held, []
         return held
 
-    def put_back(self, entries: list[Received]) -> None:
-        """``entries`` (taken by a sync that applied none of them) before the others, in order."""
+    def put_back(self, entries: list[Received]) -> list[Received]:
+        """``entries`` (taken by a sync that applied none of them) before the others, in order;
+        returns them instead once closed (no sync comes: the caller reports them)."""
         with self._lock:
+            if self.closed:
+                return entries
             self._held[:0] = entries
+        return []
 
     def take(
         self, identity: bytes, command_id: str, content: bytes, wait_s: float

@@ -1649,3 +1649,26 @@ def test_detect_only_quarantines_on_every_rank_so_the_ranks_keep_one_layout(
         assert [r[2] for r in run["results"]] == [(), (1,), (1,)]  # detected, never repaired
         assert run["stages"][SEED0] == int(S.QUARANTINE)
         assert run["grads"].get("layout_mismatch", 0) == 0
+
+
+def test_a_sync_that_fails_after_the_coordinator_closed_reports_its_commands(
+    tmp_path, store, keyring
+) -> None:
+    """A sync that stops before its exchange puts its commands back for the next sync; closed
+    meanwhile (a watchdog), the coordinator held them for a sync that never came, accepted
+    and never reported. They are refused."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    dk = DistributedKasmina(manager)
+    assert manager.handle_adaptation_command(_signed(rig, "cull", SEED0))
+
+    def closed_then_failed(epoch: int, local: Any) -> Any:
+        dk.close()
+        raise RuntimeError("the collective failed")
+
+    dk.coordinator._exchange = closed_then_failed  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="collective failed"):
+        dk.coordinator.sync_epoch(0)
+    assert dk.coordinator.pending == 0
+    assert manager.command_log[-1][2:] == (False, "the multi-rank coordinator closed")
+    manager.close()
