@@ -373,6 +373,9 @@ class CommandIntake:
         with self.lock:
             # Again under the lock: a close() on another thread may have taken it since (while
             # the nonce was made durable), and a command run then grafted into a released model.
+            # It raises as on any closed manager, its id freed for a retry (it never acted).
+            if self.execution.state.closed:
+                self.verifier.release_ids([(command.command_id, command.issued_at)])
             self.execution.state.require_open()
             return self.execution.execute(command)
 

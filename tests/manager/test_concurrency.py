@@ -750,7 +750,9 @@ def test_execute_raises_when_a_close_on_another_thread_overtakes_it(rig: Rig, ml
         closer.join(10.0)
 
     manager.verifier.make_durable = overtaken  # type: ignore[method-assign]
+    command = to_kasmina_command(make_seed_command("germinate", SEED0, mlp))
     with pytest.raises(RuntimeError, match="closed"):
-        manager.execute(to_kasmina_command(make_seed_command("germinate", SEED0, mlp)))
+        manager.execute(command)
+    assert command.command_id not in manager.verifier._ids  # free for a retry: it never acted
     record = manager.registry[SEED0]
     assert record.seed.kernel is None and record.hook is None and rig.stage(SEED0) == S.DORMANT
