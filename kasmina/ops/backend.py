@@ -10,10 +10,10 @@ bf16 output there can differ from the reference by one bf16 ulp (the tests allow
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import operator
 import os
+import sys
 
 import numpy as np
 import torch
@@ -177,6 +177,6 @@ def check_positive(name: str, value: object) -> float:
     dynamic shapes a float argument may be a ``SymFloat``, which ``math.isfinite`` cannot take
     (TorchDynamo stops at it: "Unsupported torch.* op returned non-Tensor")."""
     value = check_real(name, value)
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not 0 < value <= sys.float_info.max:  # an int past a float's range fails float math
+        raise ValueError(f"{name} must be finite and > 0, got {value!r:.40}")
     return value

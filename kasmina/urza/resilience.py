@@ -61,6 +61,8 @@ __all__ = [
     "store_secrets",
 ]
 
+# A number past it (an int of 10**400) is no setting: the client's float() of it raised.
+_FLOAT_MAX = 1.7976931348623157e308
 # The longest a store read may wait (``threading.TIMEOUT_MAX`` is ~292 years): a week.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _COUNTS = {"retries": 0, "breaker_threshold": 1}  # ints, and their least value
@@ -94,8 +96,8 @@ def check_store_settings(prefix: str = "", **settings: object) -> None:
                 raise ValueError(
                     f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
                 )
-        elif not number or not 0 <= value < float("inf"):  # type: ignore[operator]  # NaN fails
-            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+        elif not number or not 0 <= value <= _FLOAT_MAX:  # type: ignore[operator]  # NaN fails
+            raise ValueError(f"{label} must be a finite number >= 0, got {value!r:.40}")
 
 
 # A URL's user information (``user:password@``) and its query (a signed URL's token): secrets

@@ -227,8 +227,9 @@ def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> 
     manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
     model = nn.Sequential(nn.Linear(4, 4))
     host = model[0]
-    with pytest.raises(ValueError, match="host_lr must be finite and > 0"):
-        manager.attach(model, "0", 2, 2, host_lr=-1.0)
+    for rate in (-1.0, 10**400):  # an int past a float's range: every step raised after it
+        with pytest.raises(ValueError, match="host_lr must be finite and > 0"):
+            manager.attach(model, "0", 2, 2, host_lr=rate)
     assert model[0] is host and manager.registry is None
     assert not model._load_state_dict_pre_hooks
     # What only the seeds' optimizer reads (with host_lr=None, first at a GERMINATE, each one
@@ -535,3 +536,16 @@ def test_the_optimizer_trial_step_runs_on_the_kernels_gpu(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 4)).cuda()
     assert manager.attach(model, "0", 2, 2, capturable=True)
     manager.close()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["grafting_steps", "grafting_temperature", "urza_backoff_s", "urza_backoff_max_s",
+     "max_pending_commands", "min_isolated_epochs"],
+)  # fmt: skip
+def test_a_setting_past_a_floats_range_is_refused_naming_it(tmp_path, setting: str) -> None:
+    """An int of 10**400 passed every range check (``< inf`` holds for it): the manager's
+    constructor then raised ``OverflowError`` naming nothing (the store's backoffs), or every
+    ``step()`` raised after the optimizers had stepped (the GRAFTING schedule)."""
+    with pytest.raises(ValueError, match=setting):
+        KasminaConfig(urza_url=str(tmp_path), **{setting: 10**400})
