@@ -115,8 +115,9 @@ def remove_stale_temporaries(
     long for its temp file's name gets a cut one (``fitting_name``): recognised where
     ``final_name`` is one name escaped (``re.escape``), not where it is a pattern."""
     literal = re.sub(r"\\(.)", r"\1", final_name, flags=re.DOTALL)
-    if re.escape(literal) == final_name:  # one name: its temp files' own, cut or not
-        final_name = re.escape(fitting_name(directory, literal, _TEMPORARY_EXTRA))
+    if re.escape(literal) == final_name:  # one name: its temp files', the cut name's too
+        cut = re.escape(fitting_name(directory, literal, _TEMPORARY_EXTRA))
+        final_name = final_name if cut == final_name else f"{final_name}|{cut}"
     temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
     removed: list[Path] = []
     try:

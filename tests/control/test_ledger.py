@@ -626,3 +626,26 @@ def test_a_full_window_refuses_commands_until_nonces_leave_it(
     clock.now = T0 + WINDOW + 1.5  # n0 and n1 have left the window
     assert verifier.verify(late) == (True, "ok")
     verifier.close()
+
+
+@pytest.mark.parametrize("length", [243, 250, 255])
+def test_a_ledger_of_a_long_legal_name_compacts_and_clears_a_crashs_leftover(
+    keyring, tmp_path: Path, length: int
+) -> None:
+    """A ledger named with 242-255 bytes: its rewrite's temp file (``.<name>.<pid>.tmp``) had
+    a name the filesystem refused, so the verifier failed at start; it is cut to fit, and a
+    crash's leftover, of the cut name or the full one, is removed at the next start."""
+    path = tmp_path / ("n" * length)
+    pid = os.getpid()
+    full = tmp_path / f".{path.name}.{pid}.tmp"
+    left = [full] if len(os.fsencode(full.name)) <= 255 else []
+    ledger = NonceLedger(path)
+    CommandVerifier(keyring, ledger=ledger)  # rewrites the file at start
+    ledger.compact([("abc", 1.0)], float("-inf"))
+    ledger.close()
+    cut = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not cut and path.exists()
+    for leftover in left:
+        leftover.write_bytes(b"partial")
+    NonceLedger(path).close()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
