@@ -549,3 +549,17 @@ def test_an_event_label_that_is_not_utf8_is_escaped_not_fatal_to_sinks(tmp_path,
     assert [line["metrics"][0]["name"] for line in lines] == ["ev"] * 3 + ["after"]
     assert lines[0]["metrics"][0]["labels"] == {"file": "ckpt-\\udcff.pt"}
     assert [dict(e.labels) for e in memory.events("ev")] == [{"file": "ckpt-\\udcff.pt"}] * 3
+
+
+def test_a_jsonl_file_whose_rotated_name_cannot_fit_is_refused_up_front(tmp_path) -> None:
+    """A name of 254-255 bytes opened, and then every send that had to rotate the file (to
+    ``<name>.1``, a name the filesystem refuses) raised. It is refused when the sink is made,
+    leaving no file; 253 bytes rotates."""
+    with pytest.raises(ValueError, match=r"too long for its rotated <name>\.1"):
+        JsonlFileSink(tmp_path / ("t" * 254))
+    assert not list(tmp_path.iterdir())
+    sink = JsonlFileSink(tmp_path / ("t" * 253), max_bytes=64)
+    for _ in range(4):
+        sink.send(TelemetryReporter("t").packet([("x", 1.0, MetricType.METRIC_TYPE_EVENT, None)]))
+    assert sink.rotated_path.exists()
+    sink.close()
