@@ -356,7 +356,16 @@ def fill_constants(model: nn.Module) -> list[str]:
 
 def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) -> list[KasminaLayer]:
     """Put every wrapped module (or those of the slots in ``only``) back in place of its
-    KasminaLayer; returns the removed slots."""
+    KasminaLayer; returns the removed slots. ``only`` holds slots (what ``attach`` returns):
+    anything else (a module's name) is a ``TypeError``, not a silent no-op."""
+    if only is not None:
+        only = list(only) if not isinstance(only, str | nn.Module) else [only]
+        if not all(isinstance(slot, KasminaLayer) for slot in only):
+            wrong = next(slot for slot in only if not isinstance(slot, KasminaLayer))
+            raise TypeError(
+                "only must hold the model's slots (KasminaLayer, as attach returns them; "
+                f"model.get_submodule(name) for a name), got {type(wrong).__name__} {wrong!r:.60}"
+            )
     chosen = None if only is None else {id(slot) for slot in only}
     slots = [
         (name, m)

@@ -1533,3 +1533,17 @@ def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:
     old._refresh_plan()  # (the table notifies the live slot this state was copied from)
     for _ in range(2):  # the first records the slot's activations
         assert old(torch.randn(3, 8)).requires_grad
+
+
+def test_detach_only_takes_slots_and_refuses_names() -> None:
+    """``only`` is matched against the slots themselves: a name (what ``attach`` takes), or
+    anything else, matched nothing, and the slot stayed with no word. It is refused now; one
+    slot given alone is taken as one."""
+    model = MLP()
+    encoder, head = attach(model, ["encoder.0", "head"], 2, 4)
+    for only in (["head"], "head", [None], [model.head.host]):
+        with pytest.raises(TypeError, match="only must hold the model's slots"):
+            detach(model, only=only)  # type: ignore[arg-type]
+        assert kasmina_layers(model) == [encoder, head]
+    assert detach(model, only=head) == [head] and kasmina_layers(model) == [encoder]
+    assert detach(model, only=(s for s in [encoder])) == [encoder] and not kasmina_layers(model)
