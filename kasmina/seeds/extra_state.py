@@ -142,11 +142,14 @@ def stream_position(loaded: list[int | None], kernel: torch.nn.Module) -> int | 
 def saved_position(seed: BookkeptSeed) -> int | None:
     """The stream position a save keeps: the manager's, else the one an unowned load or copy
     went on from (:func:`stream_position`, not started by this read: no forward since, it is
-    the loaded one). A loaded model saved again, or its own ``state_dict`` loaded back, draws
-    on as it did."""
+    the loaded one), else the kernel's version count that keys a seed no one ever managed. A
+    loaded model saved again, or its own ``state_dict`` loaded back, draws on as it did."""
     loaded = seed.__dict__.get("_loaded_draws")
-    if seed.draw_step is not None or loaded is None or loaded[0] is None:
+    if seed.draw_step is not None:
         return seed.draw_step
+    if loaded is None or loaded[0] is None:  # keyed on the versions (``own_stream``)
+        kernel = seed.kernel
+        return None if kernel is None else sum(p._version for p in kernel.parameters())
     if loaded[1] is None or seed.kernel is None:
         return loaded[0]
     return loaded[0] + sum(p._version for p in seed.kernel.parameters()) - loaded[1]

@@ -335,3 +335,38 @@ def test_own_stream_draws_anew_when_the_parameters_move_and_forks_nothing_out(
     assert torch.equal(cpu, torch.random.get_rng_state())
     if dev.type == "cuda":
         assert torch.equal(gpu, torch.cuda.get_rng_state(dev))
+
+
+def test_a_seed_no_one_managed_draws_on_after_its_own_state_is_loaded_back(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A seed no manager ever stepped keys its kernel's stream on the kernel's version
+    counters, which a load moves: its saved state kept no position, so its own ``state_dict``
+    loaded back drew other dropout masks. It saves the position its versions make."""
+    from kasmina.seeds.layer import KasminaLayer
+    from tests.seeds.test_fault_containment import walk
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    artifact = publish(Dropping().train(), torch.randn(3, 2), store)
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    seed = layer.seed(0)
+    seed.attach_kernel(rig.manager.loader.copy(rig.manager.loader.original(artifact)))
+    walk(seed, S.ISOLATED_INIT)
+    x = torch.randn(5, 6)
+
+    def mask() -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        handle = seed.kernel.register_forward_hook(lambda m, a, out: seen.append(out == 0))
+        try:
+            with torch.no_grad():
+                torch.manual_seed(9)
+                layer(x)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    want = mask()
+    layer.load_state_dict(layer.state_dict())  # the weights copied in: their versions move
+    assert torch.equal(mask(), want)
+    rig.manager.close()
