@@ -328,7 +328,7 @@ class GradientIsolationMonitor:
                 payload["state"] = self.state_provider()
             except Exception:
                 logger.exception("state_provider failed; emergency checkpoint without state")
-        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.seed_id)
+        safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.seed_id)  # no dot: ``_OURS``
         signer = self.checkpoint_signer
         prefix, suffix = (f"{signer.run_id}.", ".ckpt") if signer else ("", ".pt")
         stamp = _next_stamp(Path(directory), f"{prefix}emergency_isolation_", suffix)
@@ -391,8 +391,17 @@ def _stamp_ns(path: Path, suffix: str) -> int:
     return int(stamp) if stamp.isdigit() else -1
 
 
+# What follows a monitor's prefix in its checkpoints' names: a seed id without dots and a time.
+# A run id may hold dots and underscores, so another run's files in a shared directory can
+# start with the prefix ("exp." + "emergency_isolation_" is how run "exp.emergency_isolation_b"
+# starts); each of those has a dot past it, and rotation deleted them as the oldest.
+_OURS = r"[A-Za-z0-9_-]+_[0-9]+"
+
+
 def _emergency_files(directory: Path, prefix: str, suffix: str) -> list[Path]:
-    return [p for p in directory.glob(f"{glob_escape(prefix)}*{suffix}") if p.is_file()]
+    ours = re.compile(re.escape(prefix) + _OURS + re.escape(suffix))
+    found = directory.glob(f"{glob_escape(prefix)}*{suffix}")
+    return [p for p in found if ours.fullmatch(p.name) and p.is_file()]
 
 
 def _next_stamp(directory: Path, prefix: str, suffix: str) -> int:
@@ -425,4 +434,4 @@ def _prune_emergency(written: Path, prefix: str, suffix: str) -> None:
 def emergency_names(prefix: str, suffix: str) -> str:
     """The regular expression of the emergency checkpoints' names a monitor writes with
     ``prefix`` (``"<run_id>."`` when signed) and ``suffix`` (``.ckpt`` signed, else ``.pt``)."""
-    return re.escape(f"{prefix}emergency_isolation_") + ".+" + re.escape(suffix)
+    return re.escape(f"{prefix}emergency_isolation_") + _OURS + re.escape(suffix)

@@ -390,3 +390,28 @@ def test_breaker_still_checkpoints_and_raises_when_callbacks_fail(tmp_path):
         _seed_step(monitor, host, seed, "no_detach")
     payload = torch.load(monitor.last_checkpoint, weights_only=True)
     assert "state" not in payload and payload["violation_count"] == 1
+
+
+def test_emergency_rotation_keeps_to_its_own_runs_files(tmp_path, monkeypatch) -> None:
+    """Runs share a directory by their ids: run "exp" found its emergency checkpoints by the
+    glob ``exp.emergency_isolation_*.ckpt``, which a run named "exp.emergency_isolation_b" (a
+    legal id) matches with every file, and its rotation deleted that run's epoch checkpoints
+    first (their epoch read as the oldest time). It keeps to names it writes."""
+    from kasmina.manager.checkpoints import DiskCheckpointStore
+    from kasmina.utils.state_io import CheckpointSigner
+
+    key = os.urandom(32)
+    other = CheckpointSigner(tmp_path / "b.key", "exp.emergency_isolation_b", key=key)
+    store = DiskCheckpointStore(tmp_path, other, lock_path=tmp_path / ".b.lock")
+    for epoch in range(3):
+        store.save(epoch, {"w": torch.full((2,), float(epoch))})
+    monkeypatch.setattr(monitor_module, "EMERGENCY_KEEP", 2)
+    signer = CheckpointSigner(tmp_path / "a.key", "exp", key=key)
+    w, h = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    monitor = GradientIsolationMonitor(
+        "s.0", [("w", w)], [("h", h)], checkpoint_dir=tmp_path, checkpoint_signer=signer
+    )
+    written = [monitor._write_emergency_checkpoint() for _ in range(4)]
+    assert store.epochs() == [0, 1, 2]
+    ours = sorted(p for p in tmp_path.iterdir() if p.name.startswith("exp.emergency_isolation_s"))
+    assert ours == sorted(written[-2:])
