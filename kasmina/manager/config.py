@@ -592,9 +592,9 @@ def _non_negative(name: str, value: object) -> None:
 
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _FLOAT_MAX:
-        raise ValueError(f"{name} must be an int in [1, {_FLOAT_MAX:.4g}], got {value!r:.40}")
+        raise ValueError(f"{name} must be an int >= 1, got {value!r:.40}")  # 10**400: no float
 
 
 def _non_negative_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _FLOAT_MAX:
-        raise ValueError(f"{name} must be an int in [0, {_FLOAT_MAX:.4g}], got {value!r:.40}")
+        raise ValueError(f"{name} must be an int >= 0, got {value!r:.40}")
