@@ -42,7 +42,7 @@ from kasmina.seeds.constants import rebuild_constants
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import default_chunk_dim, forward_owner
+from kasmina.seeds.outputs import checked_chunk_dim, default_chunk_dim, forward_owner
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage, StateColumn
@@ -215,8 +215,10 @@ def attach(
         raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
     names = _resolve(model, targets)
     _refuse_nesting(model, names)
-    for name in names:
+    for name in names:  # and each layout the host declares, before a table is allocated
         _refuse_unreachable(model, name)
+        host = model.get_submodule(name)
+        checked_chunk_dim(host, seeds_per_layer, chunk_size, chunk_dim, output_index, name)
     total = len(names) * seeds_per_layer
     base = region = 0  # the first row and region of these slots
     if state is None:

@@ -1547,3 +1547,21 @@ def test_detach_only_takes_slots_and_refuses_names() -> None:
         assert kasmina_layers(model) == [encoder, head]
     assert detach(model, only=head) == [head] and kasmina_layers(model) == [encoder]
     assert detach(model, only=(s for s in [encoder])) == [encoder] and not kasmina_layers(model)
+
+
+def test_a_layout_the_host_declares_is_checked_before_the_table_is_allocated(
+    monkeypatch,
+) -> None:
+    """``seeds_per_layer=2**25`` on an 8-wide Linear allocated a table of 2**25 rows (1.8 GiB)
+    before the width check refused it, and 2**62 escaped as torch's own RuntimeError."""
+    import kasmina.seeds.inject as inject
+
+    def no_table(*args, **kwargs):
+        raise AssertionError("a state table was allocated for a layout the host refuses")
+
+    monkeypatch.setattr(inject, "GPUStateTensor", no_table)
+    model = MLP()
+    for seeds in (2**25, 2**62):
+        with pytest.raises(ValueError, match="seeds x chunk 1 .* != 8 features of Linear"):
+            attach(model, ["head"], seeds, 1)
+    assert not kasmina_layers(model)
