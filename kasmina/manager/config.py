@@ -493,8 +493,8 @@ def _no_setting(cls: type, name: str) -> str | None:
 
 
 def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyring]:
-    """A manager's ``config`` (the defaults for None) and ``keyring`` (the config's for None),
-    each refused with the remedy when it is of another type (a dict of settings, of keys)."""
+    """A manager's ``config`` and ``keyring`` (None: the defaults', the config's), checked."""
+    backend()  # $KASMINA_BACKEND: refused before the manager makes a file (a run marker, a lock)
     if config is None:
         config = KasminaConfig()
     elif not isinstance(config, KasminaConfig):

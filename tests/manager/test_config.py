@@ -448,7 +448,8 @@ def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
 
 def test_the_backend_variable_is_checked_when_the_manager_is_built(tmp_path, monkeypatch) -> None:
     """Read at the first op, a bad $KASMINA_BACKEND failed the first GERMINATE and end_epoch
-    after a whole epoch of training."""
+    after a whole epoch of training. Refused first, it leaves no file behind (checked as the
+    config was held, it left the run's marker, lock and ledger)."""
     from kasmina.manager.manager import KasminaKernelManager
     from kasmina.utils.keyring import Keyring
 
@@ -457,6 +458,7 @@ def test_the_backend_variable_is_checked_when_the_manager_is_built(tmp_path, mon
     with pytest.raises(ValueError, match="KASMINA_BACKEND"):
         KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
     config.checkpoint_mode = "memory"  # a constructor that raised leaves the config settable
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
 def test_a_copy_of_a_held_config_is_settable(tmp_path) -> None:
