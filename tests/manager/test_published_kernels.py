@@ -15,6 +15,7 @@ from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.seeds.gates import GateResult
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from kasmina.urza.publish import export_module, publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
@@ -51,11 +52,16 @@ class Grown:
             self.manager.backward(F.cross_entropy(self.model(self.x).float(), self.y))
             self.manager.step()
 
-    def g3(self) -> GateResult:
+    def to_compatibility_check(self) -> GradientIsolatedSeed:
+        """``out[0]`` germinated, trained through G2 and advanced to COMPATIBILITY_CHECK."""
         assert self.send("germinate")
         self.train(2)
         self.manager.end_epoch(0)
         assert self.send("advance")
+        return self.manager.seed(SEED0)
+
+    def g3(self) -> GateResult:
+        self.to_compatibility_check()
         self.train(1)  # the probe G3 reads
         record = self.manager.require_registry()[SEED0]
         return self.manager.execution.evaluate_gate(record, S.GRAFTING)
@@ -224,11 +230,7 @@ def test_g3_refuses_a_kernel_whose_last_probe_raised(tmp_path: Path) -> None:
     and probed random activations instead, which passed: a kernel that fails on the host's
     own activations went on to GRAFTING. The fault is the last probe now, until a clean one."""
     grown = Grown(tmp_path, Bucketed(), torch.float32)
-    assert grown.send("germinate")
-    grown.train(2)
-    grown.manager.end_epoch(0)
-    assert grown.send("advance")
-    seed = grown.manager.seed(SEED0)
+    seed = grown.to_compatibility_check()
     with torch.no_grad():
         grown.model(grown.x)  # a clean probe
         grown.model(grown.x * 1e3)  # an outlier batch: the probe raises, a fault
@@ -253,11 +255,7 @@ def test_g3s_own_probe_in_a_refused_advance_charges_the_seed_nothing(
     the limit, the refused command quarantined the seed) or the non-finite flag, which the
     next clean step then charged. It is G3's reason now, and the refusal changes no seed."""
     grown = Grown(tmp_path, Bucketed(), torch.float32)
-    assert grown.send("germinate")
-    grown.train(2)
-    grown.manager.end_epoch(0)
-    assert grown.send("advance")
-    seed = grown.manager.seed(SEED0)
+    seed = grown.to_compatibility_check()
     seed.faults = seed.fault_limit - 1  # one more would quarantine it
     assert seed.kernel is not None
 

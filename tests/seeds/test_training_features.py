@@ -230,12 +230,8 @@ def test_one_bad_batch_does_not_poison_the_seed(stage: SeedStage) -> None:
     assert layer.seed(0).faults == 1 and layer.seed(0).stage == stage
 
 
-@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
-def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
-    """The backward guard hands the kernels' gradients to the host's autograd, so the outer
-    call decides what happens to them: ``autograd.grad`` returns them and writes no ``.grad``;
-    ``backward(inputs=...)`` without the seeds leaves them alone; post-accumulate hooks run
-    once."""
+def _guarded_and_plain(stage: SeedStage) -> tuple[KasminaLayer, KasminaLayer]:
+    """A two-seed layer in ``stage`` whose backward is guarded, and its copy unguarded."""
     torch.manual_seed(6)
     layer = KasminaLayer(nn.Linear(6, 8), 2, 4)
     for seed in layer.seeds:
@@ -245,6 +241,16 @@ def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
     plain = copy.deepcopy(layer)
     for seed in plain.seeds:
         seed.guard_backward = False
+    return layer, plain
+
+
+@pytest.mark.parametrize("stage", ISOLATED, ids=lambda s: s.name)
+def test_the_guarded_gradients_obey_the_outer_call(stage: SeedStage) -> None:
+    """The backward guard hands the kernels' gradients to the host's autograd, so the outer
+    call decides what happens to them: ``autograd.grad`` returns them and writes no ``.grad``;
+    ``backward(inputs=...)`` without the seeds leaves them alone; post-accumulate hooks run
+    once."""
+    layer, plain = _guarded_and_plain(stage)
     params = [p for s in layer.seeds for p in s.seed_parameters()]
     x = torch.randn(5, 6)
     got = torch.autograd.grad(layer(x).pow(2).sum(), params)
@@ -268,15 +274,7 @@ def test_a_tensor_hook_on_a_kernel_parameter_runs_once_under_the_guard(stage: Se
     autograd ran them again as it delivered them: a hook that scales (clips, noises) the
     gradient gave the seed ``hook(hook(g))``. It runs once, as on the unguarded kernel, in a
     ``backward()`` and an ``autograd.grad`` alike, and stays registered."""
-    torch.manual_seed(6)
-    layer = KasminaLayer(nn.Linear(6, 8), 2, 4)
-    for seed in layer.seeds:
-        seed.attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
-        walk(seed, stage)
-    layer.update_alpha_blending(3, 10)
-    plain = copy.deepcopy(layer)
-    for seed in plain.seeds:
-        seed.guard_backward = False
+    layer, plain = _guarded_and_plain(stage)
     calls = {"guarded": 0, "plain": 0}
 
     def halve(which: str):

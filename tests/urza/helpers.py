@@ -142,7 +142,13 @@ def serve_directory(directory: pathlib.Path) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             return None
 
-    handler = functools.partial(Quiet, directory=str(directory))
+    with serve(functools.partial(Quiet, directory=str(directory))) as url:
+        yield url
+
+
+@contextmanager
+def serve(handler: Any) -> Iterator[str]:
+    """A real HTTP server on loopback (port 0) answering with ``handler``; yields its URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -25,7 +25,7 @@ from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.publish import publish_artifact, publish_payload
 from kasmina.urza.resilience import CircuitBreaker
-from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve_directory
+from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve, serve_directory
 
 
 @pytest.fixture(scope="module")
@@ -517,15 +517,8 @@ def failing_http_store() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             return None
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve(Unavailable) as url:
+        yield url.removeprefix("http://")
 
 
 @pytest.mark.parametrize("password", ["S3CRET", "S3CRET'sPW", "S3C@RET"])
