@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 _VALID = ("auto", "triton", "reference")
+_FLOAT_MAX = sys.float_info.max
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -177,6 +178,6 @@ def check_positive(name: str, value: object) -> float:
     dynamic shapes a float argument may be a ``SymFloat``, which ``math.isfinite`` cannot take
     (TorchDynamo stops at it: "Unsupported torch.* op returned non-Tensor")."""
     value = check_real(name, value)
-    if not 0 < value <= sys.float_info.max:  # an int past a float's range fails float math
+    if not 0 < value <= _FLOAT_MAX:  # an int past a float's range fails float math
         raise ValueError(f"{name} must be finite and > 0, got {value!r:.40}")
     return value
