@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
-from kasmina.utils.atomic import remove_stale_temporaries
-from kasmina.utils.files import fitting_name, read_regular_file
+from kasmina.utils.atomic import remove_stale_temporaries, temporary_stem
+from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import lock_exclusive, lock_name, released
 
 logger = logging.getLogger(__name__)
@@ -344,10 +344,8 @@ class NonceLedger:
         if math.isfinite(floor):
             chunks.append(_ledger_line("F", floor, ""))
         chunks.extend(_ledger_line("N", timestamp, nonce) for nonce, timestamp in live)
-        pid = str(os.getpid())  # a long legal name's temp name cut to fit (as atomic's are)
-        tmp = self.path.with_name(
-            f".{fitting_name(self.path.parent, self.path.name, len(pid) + 6)}.{pid}.tmp"
-        )
+        stem = temporary_stem(self.path.parent, self.path.name)  # cut as the clean-up cuts it
+        tmp = self.path.with_name(f".{stem}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:

@@ -44,7 +44,8 @@ _T = TypeVar("_T")
 # A temp file untouched this long (seconds) belongs to no live writer: every write here makes
 # its file in one go, so a live one is seconds old at most, even for a large checkpoint.
 STALE_TEMPORARY_S = 600.0
-# What a temp file's name adds to its target's: ``.<name>.<8 random>.tmp``.
+# What a temp file's name adds to its target's: ``.<name>.<8 random>.tmp`` (or a pid: at most
+# 7 digits on Linux), so every writer and the clean-up cut a long name alike (``temporary_stem``).
 _TEMPORARY_EXTRA = len(".") + len(".") + 8 + len(".tmp")
 # ``os.link`` errors that mean "no hard links on this filesystem", not "the link failed".
 _NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
@@ -86,7 +87,7 @@ def _through_temporary(
     tmp_name: str | None = None
     try:
         with interrupts_deferred():
-            stem = fitting_name(target.parent, target.name, _TEMPORARY_EXTRA)
+            stem = temporary_stem(target.parent, target.name)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent)
             handle = os.fdopen(fd, "wb")
         with handle:
@@ -98,6 +99,12 @@ def _through_temporary(
         if tmp_name is not None:  # gone already when ``commit`` moved it
             with interrupts_deferred(), contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+
+
+def temporary_stem(directory: str | os.PathLike[str], name: str) -> str:
+    """The name a temp file beside ``name`` is named after (``.<stem>.<8 random or a pid>.tmp``):
+    ``name``, cut where that would be too long for ``directory`` (``fitting_name``)."""
+    return fitting_name(directory, name, _TEMPORARY_EXTRA)
 
 
 def remove_stale_temporaries(
@@ -116,7 +123,7 @@ def remove_stale_temporaries(
     ``final_name`` is one name escaped (``re.escape``), not where it is a pattern."""
     literal = re.sub(r"\\(.)", r"\1", final_name, flags=re.DOTALL)
     if re.escape(literal) == final_name:  # one name: its temp files', the cut name's too
-        cut = re.escape(fitting_name(directory, literal, _TEMPORARY_EXTRA))
+        cut = re.escape(temporary_stem(directory, literal))
         final_name = final_name if cut == final_name else f"{final_name}|{cut}"
     temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
     removed: list[Path] = []
