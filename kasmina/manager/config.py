@@ -72,7 +72,6 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHECKPOINT_KEY_NAME = "checkpoint.key"
 # A run's checkpoint lock is ``.<run_id>`` this, in its checkpoint directory (checkpoints.py).
 CHECKPOINT_LOCK_SUFFIX = ".checkpoints.lock"
-# Checkpoint directories and their defaults under the run directory.
 _RUN_DIRS = (("checkpoint_dir", "checkpoints"), ("emergency_checkpoint_dir", "emergency"))
 # Optional file settings: None (unset) or a non-empty path, kept as a string.
 _OPTIONAL_PATHS = tuple(
@@ -493,8 +492,8 @@ def _no_setting(cls: type, name: str) -> str | None:
 
 
 def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyring]:
-    """A manager's ``config`` and ``keyring`` (None: the defaults', the config's), checked."""
-    backend()  # $KASMINA_BACKEND: refused before the manager makes a file (a run marker, a lock)
+    """A manager's ``config`` and ``keyring`` (None: the defaults', the config's), checked before
+    it makes a file: $KASMINA_BACKEND and every setting (one set since the config was built)."""
     if config is None:
         config = KasminaConfig()
     elif not isinstance(config, KasminaConfig):
@@ -502,6 +501,8 @@ def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyr
             f"config must be a KasminaConfig, got {type(config).__name__} "
             "(KasminaConfig.from_dict builds one from a mapping)"
         )
+    backend()
+    dataclasses.replace(config)  # ``hold`` refused one set since only after the run's files
     keyring = config.load_keyring() if keyring is None else checked_keyring(keyring)
     if shared := config.load_trusted_publishers().ids_holding(map(keyring.get, keyring.key_ids)):
         raise ValueError(
@@ -557,8 +558,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _in_range(name: str, value: object, lo: float, hi: float) -> None:
-    """``value`` in the half-open interval (lo, hi]."""
+def _in_range(name: str, value: object, lo: float, hi: float) -> None:  # in (lo, hi]
     if not _is_number(value) or not lo < value <= hi:  # NaN fails the comparison too
         raise ValueError(f"{name} must be a number in ({lo:g}, {hi:g}], got {value!r}")
 

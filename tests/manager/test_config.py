@@ -459,6 +459,12 @@ def test_the_backend_variable_is_checked_when_the_manager_is_built(tmp_path, mon
         KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
     config.checkpoint_mode = "memory"  # a constructor that raised leaves the config settable
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+    # So is a setting set before the manager held the config (validated by the constructor).
+    monkeypatch.delenv("KASMINA_BACKEND")
+    config.command_freshness_s = -5.0
+    with pytest.raises(ValueError, match="command_freshness_s"):
+        KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
 def test_a_copy_of_a_held_config_is_settable(tmp_path) -> None:
