@@ -361,7 +361,11 @@ def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) ->
     KasminaLayer; returns the removed slots. ``only`` holds slots (what ``attach`` returns):
     anything else (a module's name) is a ``TypeError``, not a silent no-op."""
     if only is not None:
-        only = list(only) if not isinstance(only, str | nn.Module) else [only]
+        only = (
+            [only]
+            if isinstance(only, str | KasminaLayer) or not hasattr(only, "__iter__")
+            else list(only)
+        )
         if not all(isinstance(slot, KasminaLayer) for slot in only):
             wrong = next(slot for slot in only if not isinstance(slot, KasminaLayer))
             raise TypeError(

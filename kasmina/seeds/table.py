@@ -108,8 +108,8 @@ class GPUStateTensor:
         embargo_epochs: int = 0,
         telemetry: TelemetryReporter | None = None,
     ) -> None:
-        if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
-            raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
+        if type(num_seeds) is not int or not 0 < num_seeds <= INT32_MAX:  # no bool, no 2**62
+            raise ValueError(f"num_seeds must be a positive int32, got {num_seeds!r:.40}")
         if not hasattr(embargo_epochs, "__index__") or not 0 <= embargo_epochs <= INT32_MAX:
             raise ValueError(f"embargo_epochs {embargo_epochs!r} is not an int in [0, {INT32_MAX}]")
         if device is None or torch.device(device).type == "meta":  # meta: a table without data

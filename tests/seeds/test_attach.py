@@ -1547,6 +1547,9 @@ def test_detach_only_takes_slots_and_refuses_names() -> None:
         assert kasmina_layers(model) == [encoder, head]
     assert detach(model, only=head) == [head] and kasmina_layers(model) == [encoder]
     assert detach(model, only=(s for s in [encoder])) == [encoder] and not kasmina_layers(model)
+    model = MLP()
+    slots = attach(model, ["encoder.0", "head"], 2, 4)
+    assert detach(model, only=nn.ModuleList(slots)) == slots  # a module holding slots too
 
 
 def test_a_layout_the_host_declares_is_checked_before_the_table_is_allocated(
@@ -1564,4 +1567,13 @@ def test_a_layout_the_host_declares_is_checked_before_the_table_is_allocated(
     for seeds in (2**25, 2**62):
         with pytest.raises(ValueError, match="seeds x chunk 1 .* != 8 features of Linear"):
             attach(model, ["head"], seeds, 1)
+    assert not kasmina_layers(model)
+
+
+def test_a_table_past_int32_rows_is_a_value_error_on_a_host_declaring_no_width() -> None:
+    """A block declares no width, so no layout check refuses 2**62 seeds before the table:
+    its allocation escaped as torch's RuntimeError. The table refuses past int32 rows."""
+    model = MLP()
+    with pytest.raises(ValueError, match="num_seeds must be a positive int32"):
+        attach(model, ["encoder"], 2**62, 1)
     assert not kasmina_layers(model)
