@@ -134,8 +134,9 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     pieces = []
     for k in range(slot.num_seeds):
         piece = graph.call_function(operator.getitem, (chunks, k))
-        if k in active:
-            piece = graph.call_module(f"seed_{k}", (piece,))
+        if k in active:  # in the host chunk's dtype, as the slot casts it under autocast
+            dtype = graph.call_function(getattr, (piece, "dtype"))  # (``autocast_to_host``)
+            piece = graph.call_method("to", (graph.call_module(f"seed_{k}", (piece,)), dtype))
         pieces.append(piece)
     result = graph.call_function(torch.cat, (pieces,), {"dim": dim})
     contract = slot.output_contract

@@ -405,3 +405,21 @@ def test_merges_leave_no_generated_source_behind(grown: Grown) -> None:
     kept = kasmina.merge(copy.deepcopy(grown.model))
     key = type(kept.out).forward.__code__.co_filename
     assert key in loader.eval_cache and key in linecache.cache
+
+
+def test_a_merged_slot_casts_its_kernels_output_as_the_grown_slot_does_under_autocast() -> None:
+    """Under ``torch.autocast`` a kernel's matmuls answer in the autocast dtype where a norm
+    host stays float32, and the slot casts the seed's output to the host chunk's dtype. The
+    merged graph concatenated the pieces as they came: a bf16 output where the grown model's
+    was float32."""
+    model = nn.Sequential(nn.LayerNorm(8))
+    x = torch.randn(3, 8)
+    (slot,) = kasmina.attach(model, ["0"], 2, 4)
+    with torch.no_grad():
+        model(x)
+    for k in range(2):
+        walk_to_active(slot.seed(k), 4, k)
+    merged = kasmina.merge(copy.deepcopy(model))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        grown, out = model(x), merged(x)
+    assert grown.dtype == out.dtype == torch.float32 and torch.equal(out, grown)
