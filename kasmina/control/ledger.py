@@ -14,13 +14,12 @@ import io
 import logging
 import math
 import os
-import re
 import threading
 import zlib
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
-from kasmina.utils.atomic import remove_stale_temporaries, temporary_stem
+from kasmina.utils.atomic import remove_stale_temporaries_of, temporary_stem
 from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import lock_exclusive, lock_name, released
 
@@ -173,7 +172,7 @@ class NonceLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire()
         # A rewrite interrupted by a crash leaves its temporary file; ours to remove (locked).
-        remove_stale_temporaries(self.path.parent, re.escape(self.path.name), older_than_s=None)
+        remove_stale_temporaries_of(self.path, older_than_s=None)
 
     def _acquire(self) -> io.FileIO:
         lock_file = lock_exclusive(self.path.with_name(lock_name(self.path)))

@@ -31,13 +31,13 @@ from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings, redact_urls
 from kasmina.utils.keyring import Keyring, checked_keyring
+from kasmina.utils.signed_json import finite_number
 from kasmina.utils.state_io import check_checkpoint_key
 from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
 
 __all__ = ["KasminaConfig", "default_cache_root"]
 
 _TEACHER_DTYPES = ("float32", "bfloat16", "float16")
-_FLOAT_MAX = 1.7976931348623157e308  # a number past it (an int of 10**400) fails float math
 # Strings a path setting refuses: a flag's spelling, from a file or a command line.
 _NOT_PATHS = frozenset({"true", "false", "yes", "no", "on", "off", "0", "1", "none", "null"})
 # Where epoch checkpoints are kept (see KasminaConfig.checkpoint_mode).
@@ -581,20 +581,20 @@ def _id_tuple(name: str, value: object) -> tuple[str, ...]:
 
 
 def _positive(name: str, value: object) -> None:
-    if not _is_number(value) or not 0 < value <= _FLOAT_MAX:  # NaN and inf fail too
+    if not finite_number(value) or not value > 0:  # an int of 10**400 is no finite float
         raise ValueError(f"{name} must be a finite number > 0, got {value!r:.40}")
 
 
 def _non_negative(name: str, value: object) -> None:
-    if not _is_number(value) or not 0 <= value <= _FLOAT_MAX:
+    if not finite_number(value) or not value >= 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r:.40}")
 
 
 def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _FLOAT_MAX:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r:.40}")  # 10**400: no float
+    if not isinstance(value, int) or not finite_number(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r:.40}")
 
 
 def _non_negative_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _FLOAT_MAX:
+    if not isinstance(value, int) or not finite_number(value) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r:.40}")

@@ -517,13 +517,17 @@ class _TinyKernel:
 
 
 def _median_us(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_times_ns(fn, repeats)) / 1e3
+
+
+def _times_ns(fn: Callable[[], object], repeats: int) -> list[int]:
     fn()  # warm up
     times = []
     for _ in range(repeats):
         start = time.perf_counter_ns()
         fn()
         times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1e3
+    return times
 
 
 def _reference_state_packet() -> SystemStatePacket:
@@ -557,11 +561,7 @@ def _command_path_us(repeats: int) -> float:
             ).SerializeToString()
             for i in range(count + 1)
         ]
-        handler.handle_adaptation_command(pool[0])  # warm up
-        for raw in pool[1:]:
-            start = time.perf_counter_ns()
-            handler.handle_adaptation_command(raw)
-            times.append(time.perf_counter_ns() - start)
+        times += _times_ns(map(handler.handle_adaptation_command, pool).__next__, count)
         if handler.stats["rejected"]:
             logger.warning("command path not measured, commands refused: %s", handler.stats)
             return math.nan

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pickletools
-import re
 import struct
 import time
 import zipfile
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from kasmina.errors import ArtifactIntegrityError, KasminaError, NotARegularFileError
-from kasmina.utils.atomic import atomic_write_bytes, remove_stale_temporaries
+from kasmina.utils.atomic import atomic_write_bytes, remove_stale_temporaries_of
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import clipped
 from kasmina.utils.signed_json import strict_json_loads
@@ -75,7 +74,7 @@ def write_saved(path: str | os.PathLike[str], body: dict[str, Any]) -> Path:
     earlier writes to ``path`` that were killed (a SIGKILL skips their cleanup) go first, once
     old enough not to be a live writer's (``remove_stale_temporaries``)."""
     target = Path(path)
-    remove_stale_temporaries(target.parent, re.escape(target.name))
+    remove_stale_temporaries_of(target)
     buffer = io.BytesIO()
     torch.save(body, buffer)
     payload = buffer.getvalue()

@@ -325,8 +325,8 @@ def add_load_checks(model: nn.Module) -> None:
     for name, module in modules.items():
         if isinstance(module, KasminaLayer):  # its own, from its construction
             continue
-        hook = check_seed_states if not name else None
-        hook = check_states_loaded_here if name in between else hook
+        hook = check_states_loaded_here if name in between else None
+        hook = hook if name else check_seed_states  # the model's own: every load it is in
         held = _LOAD_CHECKS.get(module)
         if held is not None and held[0] is not hook:
             held[1].remove()

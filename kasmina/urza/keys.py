@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kasmina.utils.atomic import atomic_write_bytes, install_new_file, remove_stale_temporaries
+from kasmina.utils.atomic import atomic_write_bytes, install_new_file, remove_stale_temporaries_of
 from kasmina.utils.files import read_regular_file, read_text_file
 from kasmina.utils.signed_json import strict_json_loads
 
@@ -250,7 +250,7 @@ class PublisherKey:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_pem()
-        remove_stale_temporaries(path.parent, re.escape(path.name))
+        remove_stale_temporaries_of(path)
         if not overwrite:
             try:
                 installed = install_new_file(path, data)

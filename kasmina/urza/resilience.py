@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
+from kasmina.utils.signed_json import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ __all__ = [
     "store_secrets",
 ]
 
-# A number past it (an int of 10**400) is no setting: the client's float() of it raised.
-_FLOAT_MAX = 1.7976931348623157e308
 # The longest a store read may wait (``threading.TIMEOUT_MAX`` is ~292 years): a week.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _COUNTS = {"retries": 0, "breaker_threshold": 1}  # ints, and their least value
@@ -90,13 +89,13 @@ def check_store_settings(prefix: str = "", **settings: object) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < _COUNTS[name]:
                 raise ValueError(f"{label} must be an int >= {_COUNTS[name]}, got {value!r}")
             continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        number = finite_number(value)  # an int of 10**400 is none: the client's float() raised
         if name == "timeout_s":
             if not number or not 0 < value <= MAX_TIMEOUT_S:  # type: ignore[operator]
                 raise ValueError(
                     f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
                 )
-        elif not number or not 0 <= value <= _FLOAT_MAX:  # type: ignore[operator]  # NaN fails
+        elif not number or not value >= 0:  # type: ignore[operator]
             raise ValueError(f"{label} must be a finite number >= 0, got {value!r:.40}")
 
 

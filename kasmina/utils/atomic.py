@@ -36,6 +36,7 @@ __all__ = [
     "fsync_directory",
     "install_new_file",
     "remove_stale_temporaries",
+    "remove_stale_temporaries_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,13 +119,8 @@ def remove_stale_temporaries(
     ``final_name``; the removed paths. They never replaced their target, so they are garbage
     once no live writer owns them: with ``older_than_s=None`` the caller knows there is none
     (it holds the lock under which these names are written), otherwise only those unmodified
-    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk. A name too
-    long for its temp file's name gets a cut one (``fitting_name``): recognised where
-    ``final_name`` is one name escaped (``re.escape``), not where it is a pattern."""
-    literal = re.sub(r"\\(.)", r"\1", final_name, flags=re.DOTALL)
-    if re.escape(literal) == final_name:  # one name: its temp files', the cut name's too
-        cut = re.escape(temporary_stem(directory, literal))
-        final_name = final_name if cut == final_name else f"{final_name}|{cut}"
+    for ``older_than_s`` seconds go. Failures are logged: a leftover is only disk. One file's
+    (its long name perhaps cut for them): ``remove_stale_temporaries_of``."""
     temporary = re.compile(rf"\.(?:{final_name})\.[^.]+\.tmp")
     removed: list[Path] = []
     try:
@@ -150,6 +146,17 @@ def remove_stale_temporaries(
         logger.warning("removed the temp file of an interrupted write: %s", entry.path)
         removed.append(Path(entry.path))
     return removed
+
+
+def remove_stale_temporaries_of(
+    target: Path, *, older_than_s: float | None = STALE_TEMPORARY_S
+) -> list[Path]:
+    """``remove_stale_temporaries`` of the file ``target``: its temp files named after its name
+    or, where that was too long for them, after the cut one (``temporary_stem``)."""
+    names = {re.escape(target.name), re.escape(temporary_stem(target.parent, target.name))}
+    return remove_stale_temporaries(
+        target.parent, "|".join(sorted(names)), older_than_s=older_than_s
+    )
 
 
 def _replace_if_absent(tmp_name: str, target: Path) -> bool:

@@ -33,6 +33,7 @@ from kasmina.errors import NotARegularFileError
 __all__ = [
     "MAX_CONFIG_FILE_BYTES",
     "fitting_name",
+    "name_max",
     "open_regular_fd",
     "open_regular_file",
     "read_regular_file",
@@ -59,12 +60,7 @@ def fitting_name(directory: str | os.PathLike[str], name: str, extra: int) -> st
     its hash, cut to fit: a legal name of 242-255 bytes got a temp or lock file name of its own
     the filesystem refused ("File name too long"). The same name for every writer and cleanup,
     and two long names with one head get two names."""
-    try:
-        limit = os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no such directory yet; not POSIX
-        limit = DEFAULT_NAME_MAX
-    if limit <= 0:
-        limit = DEFAULT_NAME_MAX
+    limit = name_max(directory)
     raw = os.fsencode(name)
     if len(raw) + extra <= limit:
         return name
@@ -73,6 +69,15 @@ def fitting_name(directory: str | os.PathLike[str], name: str, extra: int) -> st
     while head and len(os.fsencode(head)) + len(tag) + extra > limit:
         head = head[:-1]
     return head + tag
+
+
+def name_max(directory: str | os.PathLike[str]) -> int:
+    """The longest file name (bytes) ``directory`` takes (``DEFAULT_NAME_MAX`` if it says not)."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory yet; not POSIX
+        return DEFAULT_NAME_MAX
+    return limit if limit > 0 else DEFAULT_NAME_MAX
 
 
 def open_regular_fd(

@@ -38,7 +38,6 @@ import io
 import logging
 import numbers
 import os
-import re
 import secrets
 import threading
 import time
@@ -51,7 +50,7 @@ from typing import IO, Any
 import torch
 
 from kasmina.errors import CheckpointIntegrityError, NotARegularFileError
-from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries
+from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries_of
 from kasmina.utils.files import open_regular_file, read_regular_file
 from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 
@@ -127,7 +126,7 @@ def load_or_create_checkpoint_key(path: str | os.PathLike[str]) -> bytes:
     target = Path(path).expanduser()
     # Killed creations' temp files, also once the key exists: a creation killed between
     # linking the key into place and unlinking its temp name left a second link to the key.
-    remove_stale_temporaries(target.parent, re.escape(target.name))
+    remove_stale_temporaries_of(target)
     with contextlib.suppress(FileNotFoundError):
         return _read_key(target)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -32,7 +32,7 @@ from typing import IO, Protocol, runtime_checkable
 from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
-from kasmina.utils.files import fitting_name, open_regular_fd
+from kasmina.utils.files import name_max, open_regular_fd
 from kasmina.utils.locks import lock_exclusive, lock_name, released
 from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
@@ -186,7 +186,7 @@ class JsonlFileSink:
         self.max_bytes = max_bytes
         self.rotated_path = self.path.with_name(self.path.name + ".1")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fitting_name(self.path.parent, self.path.name, 2) != self.path.name:  # not at a send
+        if len(os.fsencode(self.rotated_path.name)) > name_max(self.path.parent):  # not at a send
             raise ValueError(f"telemetry file name too long for its rotated <name>.1: {path}")
         # Not a regular file (a FIFO, a device, a directory): refused before a lock file is
         # made beside it. Opened without writing: the live sink, if any, writes the file.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -19,7 +18,7 @@ from kasmina.utils.atomic import (
     STALE_TEMPORARY_S,
     atomic_write_bytes,
     install_new_file,
-    remove_stale_temporaries,
+    remove_stale_temporaries_of,
 )
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import CHECKPOINT_KEY_BYTES, load_or_create_checkpoint_key
@@ -125,7 +124,7 @@ def test_a_long_legal_name_is_written_and_its_killed_temporary_removed(
     assert all(len(os.fsencode(os.path.basename(n))) <= 255 for n in made)
     for name, temporary in zip(names, made[0:4:2], strict=True):  # as a killed write leaves it
         open(temporary, "wb").close()
-        assert remove_stale_temporaries(tmp_path, re.escape(name), older_than_s=None) == [
+        assert remove_stale_temporaries_of(tmp_path / name, older_than_s=None) == [
             tmp_path / os.path.basename(temporary)
         ]
     assert not os.path.exists(made[1]) and not os.path.exists(made[3])
