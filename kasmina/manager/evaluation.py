@@ -134,11 +134,20 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
-    for value in (targets, inputs):
-        size = _leading(value)
-        if size is not None:
-            return size
-    return 1
+    """The targets' batch size, else the inputs'. A list of tensors whose rows agree is batched
+    targets side by side, unless it has one tensor per input sample and their rows are not the
+    inputs' batch: per-image boxes that happen to have equal counts (an image a batch)."""
+    size, shown = _leading(targets), _leading(inputs)
+    if (
+        isinstance(targets, tuple | list)
+        and targets
+        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in targets)
+        and shown == len(targets) != size
+    ):
+        return shown  # one tensor per sample, equal row counts (one image, or none with boxes)
+    if size is not None:
+        return size
+    return 1 if shown is None else shown
 
 
 def _leading(value: Any) -> int | None:

@@ -61,6 +61,28 @@ def test_a_list_of_per_sample_targets_weighs_its_samples() -> None:
         assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
 
 
+def test_one_image_batches_weigh_one_image_each() -> None:
+    """Per-image box tensors of equal row counts (one image a batch, the usual detection
+    evaluation) were taken for batched targets side by side: a batch weighed its box count, and
+    an image with no objects weighed 0 and was dropped."""
+    _, _, registry = _tiny()
+    gen = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(1, 3, generator=gen), [torch.randn(4, 6, generator=gen)]),
+        (torch.randn(1, 3, generator=gen), [torch.zeros(0, 6)]),
+    ]
+
+    def loss_fn(out: torch.Tensor, targets: list) -> torch.Tensor:
+        return out.square().mean() + len(targets[0])
+
+    want = _weighted(registry, batches, [1, 1], loss_fn)
+    got = evaluate_seeds(registry, batches, loss_fn)
+    for sid, (with_, without) in want.items():
+        assert got[sid].samples == 2
+        assert got[sid].loss_with == pytest.approx(with_, rel=1e-12)
+        assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("targets", "size"),
     [
@@ -69,8 +91,10 @@ def test_a_list_of_per_sample_targets_weighs_its_samples() -> None:
         ([1, 0, 2, 2], 4),  # plain labels
         ([{"labels": torch.zeros(7)}], 1),  # one image
         ([None, torch.zeros(4, 6)], 4),
+        ([torch.zeros(0, 2)] * 4, 4),  # four images, none with an object
+        ([torch.zeros(3, 2)] * 4, 4),  # four images, three objects each
     ],
-    ids=["collated", "ragged", "labels", "one-image", "none-beside"],
+    ids=["collated", "ragged", "labels", "one-image", "none-beside", "empty", "equal-rows"],
 )
 def test_a_batch_weighs_what_its_targets_show(targets: object, size: int) -> None:
     _, _, registry = _tiny()
