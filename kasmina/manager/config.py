@@ -214,10 +214,10 @@ class KasminaConfig:
     g5_max_metric_drop: float = 0.0
     # Epochs of COOLDOWN after a CULL when the command gives no "embargo_epochs".
     default_embargo_epochs: int = 5
-    # GRAFTING alpha = sigmoid((step - steps/2) / temperature); step counts the training steps
-    # that trained the seed (one with no gradient for it, or a skipped one, does not advance).
+    # GRAFTING alpha = sigmoid((step - steps/2) / temperature), step: the steps that trained the
+    # seed; G4 passes at the last step when steps/2/temperature >= ln(1999) ~ 7.6 (100/2/5 = 10).
     grafting_steps: int = 100
-    grafting_temperature: float = 10.0
+    grafting_temperature: float = 5.0
 
     # --- Knowledge distillation (docs/design.md §7) -----------------------------------------------
     kd_enabled: bool = False

@@ -13,6 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kasmina.errors import IllegalTransitionError
+from kasmina.manager.config import KasminaConfig
 from kasmina.seeds.gates import (
     ALPHA_COMPLETE,
     SeedEvaluation,
@@ -502,3 +503,12 @@ def test_the_grafting_schedule_is_exact_at_both_ends_of_a_long_schedule() -> Non
     assert sigmoid_alpha(0, 2000, 1.0) == 0.0 and sigmoid_alpha(2000, 2000, 1.0) == 1.0
     assert sigmoid_alpha(1000, 2000, 1.0) == 0.5
     assert sigmoid_alpha(990, 2000, 1.0) == pytest.approx(1 / (1 + math.exp(10)))
+
+
+def test_the_default_grafting_schedule_blends_within_its_configured_steps() -> None:
+    """At the defaults (100 steps, T = 10) alpha was 0.9933 at step 100: G4 refused a seed
+    whose blend had run its configured length, and first passed at step 127."""
+    config = KasminaConfig()
+    steps, temperature = config.grafting_steps, config.grafting_temperature
+    assert sigmoid_alpha(0, steps, temperature) < 0.5 / 1000  # enters at 0 in the table
+    assert gate_g4_alpha(sigmoid_alpha(steps, steps, temperature)).passed
