@@ -40,7 +40,7 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.gates import GateResult, SeedEvaluation
-from kasmina.seeds.side_effects import kept_buffers, rng_forked
+from kasmina.seeds.side_effects import hooks_held, kept_buffers, rng_forked
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
@@ -437,14 +437,12 @@ class ManagerReport:
 
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
         """Median forward time of a slot whose seeds are all dormant minus its bare host's, on
-        an input of the slot's first-seen shape (µs; NaN when no such slot has run yet). Runs
-        in eval mode, on a forked RNG and with the slot's buffers put back afterwards, so the
-        host sees no trace of it: no global random numbers are drawn (a host may draw in eval
-        mode, ``F.dropout``'s default ``training=True``) and no buffer moves (a QAT observer
-        updates its statistics in eval mode too). Only on the training thread (the one that
-        registered the model and steps it), since it runs the live model: ``RuntimeError``
-        elsewhere, where a training forward raced it. ``ValueError`` unless ``repeats`` is an int
-        >= 1 (a median of no pairs is no measurement)."""
+        an input of the slot's first-seen shape (µs; NaN when no such slot has run yet). In eval
+        mode, on a forked RNG, its buffers put back and its hooks held: the host sees no trace,
+        no global random draw (a host's eval-mode ``F.dropout``), no buffer move (a QAT
+        observer's statistics), no hook call (an activation collector). Only on the training
+        thread (the one that registered the model and steps it), as it runs the live model:
+        ``RuntimeError`` elsewhere. ``ValueError`` unless ``repeats`` is an int >= 1."""
         repeats = check_positive_int("repeats", repeats)
         if not self._on_training_thread():
             raise RuntimeError(
@@ -461,16 +459,17 @@ class ManagerReport:
         try:
             # The slot's buffers cover its host's and its seeds': kept once, outside the loop,
             # so the copies cost nothing inside the timed pairs.
-            with in_eval_mode(slot), kept_buffers(slot), rng_forked(x.device), torch.no_grad():
-                slot(x), slot.host(x)  # warm up
-                for _ in range(repeats):
-                    t0 = time.perf_counter_ns()
-                    slot.host(x)
-                    t1 = time.perf_counter_ns()
-                    slot(x)
-                    t2 = time.perf_counter_ns()
-                    host_ns.append(t1 - t0)
-                    slot_ns.append(t2 - t1)
+            with in_eval_mode(slot), kept_buffers(slot), hooks_held(slot):
+                with rng_forked(x.device), torch.no_grad():
+                    slot(x), slot.host(x)  # warm up
+                    for _ in range(repeats):
+                        t0 = time.perf_counter_ns()
+                        slot.host(x)
+                        t1 = time.perf_counter_ns()
+                        slot(x)
+                        t2 = time.perf_counter_ns()
+                        host_ns.append(t1 - t0)
+                        slot_ns.append(t2 - t1)
         except Exception as exc:  # a measurement, never a reason for end_epoch to fail
             logger.warning("dormant overhead of %s not measured: %r", slot.layer_id, exc)
             return math.nan

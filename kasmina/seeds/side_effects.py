@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from kasmina.ops.transforms import functorch_active
+from kasmina.utils.interrupts import interrupts_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ __all__ = [
     "FLOATING_BUFFERS",
     "buffers_held",
     "forget_buffers",
+    "hooks_held",
     "keep_finite",
     "kept_buffers",
     "own_stream",
@@ -141,6 +143,39 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
             same = buffer._version == version and torch.equal(buffer, saved)
             if buffer.shape == saved.shape and not same:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph
+
+
+# A module's forward hooks, which ``nn.Module.__call__`` runs around ``forward``.
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+@contextlib.contextmanager
+def hooks_held(root: nn.Module) -> Iterator[None]:
+    """A block whose calls of ``root`` and its submodules run none of their hooks: a
+    measurement's forwards on random inputs (a timing) reach no user hook (an activation
+    collector, a logger) and no hook of a framework (a capture of the outputs). Each module's
+    hook dicts are set aside, empty ones in their place, and put back however the block exits,
+    with a Ctrl-C held while they are. Hooks registered on the module class or globally
+    (``register_module_forward_hook``) still run."""
+    modules = list(root.modules())
+    saved = [{name: vars(m)[name] for name in _FORWARD_HOOKS if name in vars(m)} for m in modules]
+    with interrupts_deferred():
+        for module, hooks in zip(modules, saved, strict=True):
+            vars(module).update({name: type(d)() for name, d in hooks.items()})
+    try:
+        yield
+    finally:
+        with interrupts_deferred():
+            for module, hooks in zip(modules, saved, strict=True):
+                vars(module).update(hooks)
 
 
 def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:

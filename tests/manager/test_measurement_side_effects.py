@@ -111,6 +111,26 @@ def test_a_plain_end_epoch_leaves_the_rng_and_host_buffers_as_they_were(
     manager.close()
 
 
+def test_a_plain_end_epoch_runs_no_forward_hook_of_the_host(tmp_path, store, keyring) -> None:
+    """The overhead timing ran the slot and its host 201 times each: an activation collector
+    hooked on the host (or the slot) got 402 calls on random inputs at a plain epoch's end."""
+    manager, model, x, y = _managed(tmp_path, store, keyring, NoisyOut())
+    slot = model.out
+    seen: list[str] = []
+    slot.host.fc.register_forward_pre_hook(lambda m, args: seen.append("fc pre"))
+    slot.host.register_forward_hook(lambda m, args, out: seen.append("host"))
+    slot.register_forward_hook(lambda m, args, kwargs, out: seen.append("slot"), with_kwargs=True)
+    manager.backward(F.cross_entropy(model(x), y))
+    manager.step()
+    assert seen == ["fc pre", "host", "slot"]
+    manager.end_epoch(0)
+    assert math.isfinite(manager.get_performance_metrics()["dormant_overhead_us"])  # measured
+    assert seen == ["fc pre", "host", "slot"]
+    model(x)  # the hooks are back
+    assert seen == ["fc pre", "host", "slot"] * 2
+    manager.close()
+
+
 def test_evaluate_seeds_leaves_a_qat_hosts_observer_as_it_was(
     tmp_path, store, keyring, mlp
 ) -> None:
