@@ -40,9 +40,10 @@ def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
 
 
 class HostForwarding(nn.Module):
-    """``__getattr__``, ``__setattr__``, ``__delattr__`` and ``register_parameter`` of a module
-    whose ``_modules["host"]`` it wraps; from ``self.__dict__["_built"]`` on, the host's plain
-    attributes are written and deleted there too."""
+    """``__getattr__``, ``__setattr__``, ``__delattr__``, ``register_parameter`` and
+    ``register_buffer`` of a module whose ``_modules["host"]`` it wraps; from
+    ``self.__dict__["_built"]`` on, the host's plain attributes are written and deleted there
+    too, and buffers registered there."""
 
     def __getattr__(self, name: str) -> Any:
         # nn.Module's lookup first; then the host's, so code for the bare module keeps working.
@@ -94,6 +95,19 @@ class HostForwarding(nn.Module):
                 "(pruning or a parametrization applied to the slot): apply it to slot.host"
             )
         super().register_parameter(name, param)
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        # Registered on the host, as on the bare module (a batch norm's statistics replaced,
+        # a mask added): on the slot, a name the host holds raised KeyError through the read
+        # forwarding, and a new one was a buffer the host's forward never saw and detach dropped.
+        # The slot's own (its flags, registered before ``_built``) stay the slot's.
+        state = self.__dict__
+        host = state.get("_modules", {}).get("host")
+        own = name in state["_buffers"] or name in state or hasattr(type(self), name)
+        if host is not None and "_built" in state and not own:
+            host.register_buffer(name, tensor, persistent)
+            return
+        super().register_buffer(name, tensor, persistent)
 
     # -- the host's container protocols (an nn.Sequential's), those that run no child: Python
     # looks them up on the type, never through ``__getattr__``. Each is the host's, its

@@ -500,6 +500,24 @@ def test_a_slot_deletes_the_hosts_attributes_where_it_writes_them() -> None:
         del slot.note
 
 
+def test_a_slot_registers_buffers_on_its_host_as_the_bare_module_does() -> None:
+    """``register_buffer`` was the slot's own: a name the host holds raised KeyError (the read
+    forwarding made it an existing attribute), and a new buffer was one the host's forward
+    never saw and ``detach`` dropped."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    (slot,) = attach(model, ["1"], 2, 2)
+    slot.register_buffer("running_mean", torch.full((4,), 7.0))
+    slot.register_buffer("mask", torch.ones(4), persistent=False)
+    assert torch.equal(slot.host.running_mean, torch.full((4,), 7.0))
+    assert slot.mask is slot.host.mask and "mask" not in slot._buffers
+    assert "1.host.running_mean" in model.state_dict() and "1.host.mask" not in model.state_dict()
+    own = slot._finite_flags
+    slot.register_buffer("_finite_flags", own.clone())  # the slot's own stays the slot's
+    assert "_finite_flags" in slot._buffers and not hasattr(slot.host, "_finite_flags")
+    detach(model)
+    assert torch.equal(model[1].running_mean, torch.full((4,), 7.0)) and hasattr(model[1], "mask")
+
+
 def test_a_slot_built_directly_checks_output_index_and_takes_its_hosts_mode() -> None:
     """The constructor owns both checks ``attach`` and ``kasmina.load`` rely on, so a slot a
     user builds around a host (as the tests and PEFT-style code do) behaves the same."""
