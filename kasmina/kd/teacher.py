@@ -157,7 +157,11 @@ class CheckpointedTeacher:
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
 
     def __setstate__(self, state: dict) -> None:
+        # A copy (``copy.deepcopy``, an unpickled teacher) has parameters of its own: teacher-only
+        # as the original's are, or an optimizer would take them.
         self.__dict__.update(state, _lock=threading.RLock())
+        for param in self.teacher.parameters():
+            _TEACHER_PARAMS[id(param)] = param
 
     def teacher_parameters(self) -> list[nn.Parameter]:
         """The frozen teacher-only parameters (to register with the optimizer manager)."""

@@ -271,6 +271,9 @@ def test_a_teacher_and_its_forward_manager_copy_and_pickle() -> None:
     want = manager.get_teacher_predictions(x)
     for twin in (copy.deepcopy(manager), pickle.loads(pickle.dumps(manager))):
         assert torch.equal(twin.get_teacher_predictions(x), want)
+        # The copy's parameters are teacher-only as the original's are: no optimizer takes them.
+        params = twin.checkpointed_teacher.teacher_parameters()
+        assert params and all(is_teacher_parameter(p) for p in params)
 
 
 def test_a_forward_waits_for_a_measurement_that_casts_the_teacher(monkeypatch) -> None:
