@@ -74,12 +74,14 @@ def use_triton(device: torch.device) -> bool:
 
 
 def through_dispatcher() -> bool:
-    """Whether an op's call must go through its custom op: while ``torch.compile`` traces, or
-    under a mode that traces or fakes tensors (``FakeTensorMode``, ``make_fx``'s proxy mode,
+    """Whether an op's call must go through its custom op: while ``torch.compile`` or
+    ``torch.jit.trace`` traces (which records the op as one node; through the eager path it
+    would record neither a kernel launch nor the value a host read branched on), or under a
+    mode that traces or fakes tensors (``FakeTensorMode``, ``make_fx``'s proxy mode,
     functionalization), whose tensors the eager paths (kernel launches on storage, host reads
     of a value) cannot take. Any other dispatch mode (``FlopCounterMode``, a user's logging
     mode) sees the eager path's own aten ops, as without the mode."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
         return True
     if torch._C._len_torch_dispatch_stack() == 0:
         return False
@@ -160,7 +162,13 @@ def check_temperature(name: str, value: object) -> float:
 def check_positive_int(name: str, value: object) -> int:
     """``value`` as an int >= 1, else ``ValueError`` naming ``name``: an int or an integer of
     another library (NumPy: anything with ``__index__``), never a bool or a float. A count of
-    things to make or to run (``attach``'s seeds and chunk size, a measurement's repeats)."""
+    things to make or to run (``attach``'s seeds and chunk size, a measurement's repeats). An
+    int is compared as it is: so is a symbolic size under ``torch.compile``, which TorchDynamo
+    sees as an int and could not take through the ``getattr`` probe below."""
+    if type(value) is int or isinstance(value, torch.SymInt):
+        if value >= 1:
+            return value  # type: ignore[return-value]
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     flag = isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, np.bool_)
     if not flag and hasattr(value, "__index__"):
         try:

@@ -26,7 +26,7 @@ from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, through_dispatcher
 MaybeTensors = Sequence[torch.Tensor | None]
 
 
-def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
+def _norms_of(tensors: MaybeTensors, device: torch.device, exact: bool = False) -> torch.Tensor:
     """fp32 ``[len]`` norms by ``torch._foreach_norm``; ``None`` gives 0 (no validation here).
 
     One C++ loop over the tensors (what ``clip_grad_norm_`` uses); ``dtype=float32`` upcasts
@@ -34,8 +34,9 @@ def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     entry becomes an empty tensor (norm 0) in place, so the result is one ``stack`` with no
     index tensor built from Python ints: the Python work per tensor is a pointer compare.
     Squares in fp32 underflow and overflow, so norms that may have lost range are recomputed
-    in float64 (``_repair``); off the CPU, where that choice would need a host read, every norm
-    is computed in float64.
+    in float64 (``_repair``); off the CPU, where that choice would need a host read, and when
+    ``exact`` (a trace, which would keep only the branch a trace-time read chose), every norm is
+    computed in float64.
     """
     ts = tensors if isinstance(tensors, list) else list(tensors)
     empty = None
@@ -45,7 +46,7 @@ def _norms_of(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
     if not ts:
         return torch.zeros(0, device=device, dtype=torch.float32)
     with torch.no_grad():
-        if device.type != "cpu":
+        if device.type != "cpu" or exact:
             return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).float()
         norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
         if norms.device.type == "cpu":  # else the caller rejects the list
@@ -230,6 +231,14 @@ def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
     return list(tensors)
 
 
+def _traced(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """The norms under ``torch.jit.trace``, in torch ops it records: its tracer cannot record
+    the ops' ``Tensor?[]`` argument, and would record neither a kernel launch (its output
+    uninitialised at replay) nor the host read that picks the CPU path's float64 repair."""
+    _validate(tensors, device)
+    return _norms_of(_detached(tensors), device, exact=True)
+
+
 def _detached(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """The norms are not differentiable: keep autograd (and AOTAutograd) out of the op."""
     return [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
@@ -246,6 +255,8 @@ def grad_norms(
     """
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
+    if torch.jit.is_tracing():
+        return _traced(ts, dev)
     if through_dispatcher():
         return _grad_norms_op(_detached(ts), dev)
     return _compute(ts, dev, None)[0]
@@ -265,6 +276,9 @@ def leak_check(
     """
     ts = _inputs(tensors, use_grad)
     dev = _infer_device(ts, device)
+    if torch.jit.is_tracing():
+        norms = _traced(ts, dev)
+        return norms, _flag(norms, _check_tol(tol))
     if through_dispatcher():
         return _leak_check_op(_detached(ts), _check_tol(tol), dev)
     norms, flag = _compute(ts, dev, _check_tol(tol))

@@ -8,6 +8,8 @@ Results and gradients must equal the eager ones.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -47,8 +49,8 @@ def training_step(
     return loss, norms, flag, clip, codes
 
 
-def make_inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     state = torch.zeros(4, NUM_STATE_COLUMNS, dtype=torch.int32)
     state[2, StateColumn.LIFECYCLE_STAGE] = SeedStage.HARVESTING
     return {
@@ -120,6 +122,55 @@ def test_fullgraph_compile_matches_eager(
         assert "kasmina.alpha_blend_backward" in backward
         assert "kasmina.kd_kl_loss_backward" in backward
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+def test_jit_trace_records_each_op_and_replays_on_new_values(
+    request: pytest.FixtureRequest, kernels: str
+) -> None:
+    """Under ``torch.jit.trace`` the ops took their eager paths, which the tracer records op by
+    op: a Triton launch not at all (the interpreter raised; a GPU would replay an
+    uninitialised output), and on the CPU path a 0-d alpha read as a float (its value baked in:
+    a schedule's later alpha ignored), the KD loss's careful form and the norms' float64
+    repair chosen by a trace-time read (never taken at replay: NaN for a teacher's -inf logit,
+    no leak for a 1e-30 gradient). Each op is one node now, and a replay on new values equals
+    the eager ops on them."""
+    request.getfixturevalue(kernels)
+    traced = torch.jit.trace(training_step, tuple(make_inputs().values()), check_trace=False)
+    graph = str(traced.graph)
+    for op in ("alpha_blend", "kd_kl_loss", "lifecycle_update", "lifecycle_tick"):
+        assert f"kasmina::{op}" in graph, op
+    fresh, again = make_inputs(seed=1), make_inputs(seed=1)
+    for inputs in (fresh, again):
+        with torch.no_grad():
+            inputs["alpha"].fill_(0.8)
+            inputs["teacher"][0, :3] = -math.inf  # the careful form's case
+            inputs["host"][0] = 1e-30  # leak_check's float64 repair's case (tol 1e3 aside)
+    got, got_grads = run(lambda **kw: traced(*kw.values()), fresh)
+    want, want_grads = run(training_step, again)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w)
+    assert torch.isfinite(got[0])
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+def test_jit_traced_leak_check_finds_a_tiny_leak(
+    request: pytest.FixtureRequest, kernels: str
+) -> None:
+    """A traced ``leak_check`` measured in fp32, whose square of 1e-30 underflows to 0: no leak
+    reported, where the eager op's float64 repair reports one (``tol=0``: any nonzero)."""
+    request.getfixturevalue(kernels)
+    traced = torch.jit.trace(
+        lambda a, b: leak_check([a, None, b]), (torch.ones(3), torch.ones(2)), check_trace=False
+    )
+    norms, flag = traced(torch.full((3,), 1e-30), torch.zeros(2))
+    assert bool(flag) and norms[0].item() == pytest.approx(3**0.5 * 1e-30, rel=1e-6)
+    assert norms[1:].tolist() == [0.0, 0.0]
+    assert not bool(traced(torch.zeros(3), torch.zeros(2))[1])
 
 
 def test_use_grad_under_compile(reference_backend: None) -> None:
