@@ -570,6 +570,34 @@ def test_compiles_with_dynamic_shapes(monkeypatch, backend):
     torch._dynamo.reset()
 
 
+def test_a_symbolic_chunk_rows_compiles_fullgraph(monkeypatch):
+    """``chunk_rows`` derived from a dynamic batch, or an int argument that changes between
+    calls (TorchDynamo makes it symbolic), failed a fullgraph compile: the check's ``getattr``
+    probe cannot be traced on a ``SymInt``. Loss and gradients equal the oracle's."""
+    _use_backend(monkeypatch, "reference")
+    torch._dynamo.reset()
+
+    def halves(h, w, b, t):
+        return fused_linear_kd_loss(h, w, t, student_bias=b, chunk_rows=h.shape[0] // 2)
+
+    def given(h, w, b, t, c):
+        return fused_linear_kd_loss(h, w, t, student_bias=b, chunk_rows=c)
+
+    by_shape = torch.compile(halves, fullgraph=True, backend="aot_eager")
+    by_argument = torch.compile(given, fullgraph=True, backend="aot_eager")
+    for rows, seed in ((6, 70), (8, 71)):
+        h, w, b, _, _, _, tl, _ = _inputs((rows,), 8, 11, torch.float32, seed=seed)
+        torch._dynamo.mark_dynamic(h, 0)
+        torch._dynamo.mark_dynamic(tl, 0)
+        want_loss, want = _oracle(h, w, b, tl, 1.0, "batchmean")
+        for loss in (by_shape(h, w, b, tl), by_argument(h, w, b, tl, rows // 2 + 1)):
+            _close(loss, want_loss, torch.float32, "loss")
+            got = torch.autograd.grad(loss, (h, w, b))
+            for x, y, what in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+                _close(x, y, torch.float32, what)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_default_chunk_keeps_a_dynamic_row_count_dynamic(monkeypatch, backend):
     """Without ``chunk_rows``, the default chunk is the budget's whatever the symbolic row count:
