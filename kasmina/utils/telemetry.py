@@ -203,7 +203,8 @@ class JsonlFileSink:
                 "or another manager in this one): give each its own telemetry_jsonl_path"
             )
         self._lock = threading.Lock()
-        self._file: IO[str] | None
+        self._closed = False
+        self._file: IO[str] | None  # None between a rotation's close and its re-open
         try:
             self._file, self._size = _open_append(self.path)
         except BaseException:
@@ -214,8 +215,10 @@ class JsonlFileSink:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
         line += "\n"  # ASCII (json.dumps escapes the rest): its length is its size in bytes
         with self._lock:
-            if self._file is None or released(self._held):  # a forked child's: the parent's
+            if self._closed or released(self._held):  # a forked child's: the parent's
                 raise ValueError(f"telemetry file {self.path} is closed (or a forked child's)")
+            if self._file is None:  # a rotation's re-open failed (a full disk): again now
+                self._file, self._size = _open_append(self.path)
             if self._size and self._size + len(line) > self.max_bytes:
                 self._rotate()
             self._size += len(line)
@@ -229,11 +232,12 @@ class JsonlFileSink:
             _close_quietly(file, self.path)
         try:
             os.replace(self.path, self.rotated_path)
-        finally:  # a failed rename keeps the full file: the next send tries again
-            self._file, self._size = _open_append(self.path)
+        finally:  # a failed rename keeps the full file, a failed re-open no file: the next
+            self._file, self._size = _open_append(self.path)  # send tries again
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             file, self._file = self._file, None
             if file is not None:
                 _close_quietly(file, self.path)

@@ -265,6 +265,38 @@ def test_the_file_is_rotated_at_its_size_cap_between_whole_lines(tmp_path) -> No
         JsonlFileSink(path, max_bytes=0)
 
 
+def test_a_rotation_whose_new_file_cannot_be_made_is_retried_at_the_next_send(
+    tmp_path, monkeypatch
+) -> None:
+    """A full disk when the rotation re-created the file left the sink with no file: every
+    later send raised "is closed", and after ten the reporter dropped the sink for the run,
+    though the disk had room again. The next send opens the file anew; ``close`` still ends
+    the sink for good."""
+    path = tmp_path / "t.jsonl"
+    sink = JsonlFileSink(path, max_bytes=300)
+    reporter = TelemetryReporter("t", [sink])
+    reporter.emit("before", 1.0)
+    reporter.emit("before", 2.0)  # the next line does not fit: its send rotates
+    real_open, failed = os.open, []
+
+    def full_disk(name, *args, **kwargs):
+        if os.fspath(name) == str(path) and not failed:
+            failed.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    reporter.emit("lost", 3.0)  # logged and counted, the step goes on
+    assert failed and not path.exists() and reporter.sink_errors == 1
+    reporter.emit("after", 4.0)
+    assert sink not in reporter.disabled_sinks
+    names = [json.loads(line)["metrics"][0]["name"] for line in path.read_text().splitlines()]
+    assert names == ["after"]
+    sink.close()
+    with pytest.raises(ValueError, match="is closed"):
+        sink.send(reporter.packet([("late", 1.0, MetricType.METRIC_TYPE_EVENT, None)]))
+
+
 def test_one_live_sink_writes_a_file(tmp_path) -> None:
     """Two sinks of one path (two ranks given one config, an overlapping restart) would each
     count only their own bytes and rotate over each other's lines: the second is refused
