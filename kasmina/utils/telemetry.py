@@ -73,16 +73,14 @@ class MemorySink:
         self._buffer: deque[TelemetryPacket | PendingPacket] = deque(maxlen=capacity)
         self.dropped = 0  # packets pushed out of the ring by newer ones
 
-    def send(self, packet: TelemetryPacket) -> None:
+    def send(self, packet: TelemetryPacket | PendingPacket) -> None:
         if len(self._buffer) == self.capacity:
             self.dropped += 1
         self._buffer.append(packet)
 
     def send_pending(self, pending: PendingPacket) -> None:
         """Keep a posted event unbuilt; it becomes a packet when first read."""
-        if len(self._buffer) == self.capacity:
-            self.dropped += 1
-        self._buffer.append(pending)
+        self.send(pending)
 
     @property
     def packets(self) -> list[TelemetryPacket]:
@@ -203,8 +201,7 @@ class JsonlFileSink:
                 "or another manager in this one): give each its own telemetry_jsonl_path"
             )
         self._lock = threading.Lock()
-        self._closed = False
-        self._file: IO[str] | None  # None between a rotation's close and its re-open
+        self._file: IO[str] | None  # None after a rotation's failed re-open, or close()
         try:
             self._file, self._size = _open_append(self.path)
         except BaseException:
@@ -215,7 +212,7 @@ class JsonlFileSink:
         line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
         line += "\n"  # ASCII (json.dumps escapes the rest): its length is its size in bytes
         with self._lock:
-            if self._closed or released(self._held):  # a forked child's: the parent's
+            if released(self._held):  # closed, or a forked child's (the parent's file)
                 raise ValueError(f"telemetry file {self.path} is closed (or a forked child's)")
             if self._file is None:  # a rotation's re-open failed (a full disk): again now
                 self._file, self._size = _open_append(self.path)
@@ -232,12 +229,11 @@ class JsonlFileSink:
             _close_quietly(file, self.path)
         try:
             os.replace(self.path, self.rotated_path)
-        finally:  # a failed rename keeps the full file, a failed re-open no file: the next
-            self._file, self._size = _open_append(self.path)  # send tries again
+        finally:  # a failed rename keeps the full file, a failed re-open none: both retried
+            self._file, self._size = _open_append(self.path)
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
             file, self._file = self._file, None
             if file is not None:
                 _close_quietly(file, self.path)
