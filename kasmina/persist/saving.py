@@ -28,6 +28,7 @@ from torch import nn
 from kasmina.persist.format import FORMAT_VERSION, SavedModelError, write_saved
 from kasmina.seeds.inject import kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.outputs import checked_chunk_dim
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.state_io import clone_state
@@ -100,6 +101,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         raise SavedModelError("all slots must share one state table (kasmina.attach does this)")
     if len(kasmina_layers(model)) != len(slots):
         raise SavedModelError("nested slots cannot be saved")
+    layouts = {name: _fitting_layout(name, slot) for name, slot in slots}
     rows, offsets = _rows(slots)
     before = _lifecycle(table, slots)
     artifacts: dict[str, dict[str, Any]] = {}
@@ -123,9 +125,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
     body = {
         "format_version": FORMAT_VERSION,
-        "slots": [
-            slot_layout(name, slot) | {"state_offset": offsets[name]} for name, slot in slots
-        ],
+        "slots": [layouts[name] | {"state_offset": offsets[name]} for name, _ in slots],
         "table": {
             "state_tensor": table.state_tensor.detach().cpu()[rows],
             "embargo_epochs": int(table.embargo_epochs),
@@ -148,6 +148,29 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         written,
     )
     return written
+
+
+def _fitting_layout(name: str, slot: KasminaLayer) -> dict[str, Any]:
+    """``slot_layout``, once checked against what its host declares now, as ``kasmina.load``
+    checks it: a host resized since ``attach`` (``resize_token_embeddings`` under a tied head's
+    slot, whose seeds then sit out) made a file that no model of its architecture would load."""
+    layout = slot_layout(name, slot)
+    try:
+        checked_chunk_dim(
+            slot.host,
+            layout["num_seeds"],
+            layout["chunk_size"],
+            layout["chunk_dim"],
+            layout["output_index"],
+            name,
+        )
+    except ValueError as exc:
+        raise SavedModelError(
+            f"slot {name!r} no longer fits its host ({exc}), so kasmina.load would refuse the "
+            "file: detach the slot (kasmina.detach(model, only=[...])) or attach one at the "
+            "host's width, then save"
+        ) from exc
+    return layout
 
 
 def _rows(slots: list[tuple[str, KasminaLayer]]) -> tuple[torch.Tensor, dict[str, int]]:

@@ -90,6 +90,29 @@ def test_save_refuses_a_bare_slot_and_writes_nothing(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["model.kasmina"]
 
 
+def test_save_refuses_a_slot_its_host_was_resized_under_and_writes_nothing(tmp_path) -> None:
+    """A host resized after ``attach`` (``resize_token_embeddings`` under a tied head's slot:
+    the seeds sit out and the model runs) was saved as it was, into a file that ``load``
+    refused for every model of its architecture. The save refuses, naming the way out."""
+    model = Host()
+    (slot,) = kasmina.attach(model, ["out"], 2, 2)
+    slot.weight = nn.Parameter(torch.zeros(6, 8))  # written through the slot, as a resize does
+    slot.bias = nn.Parameter(torch.zeros(6))
+    slot.out_features = 6
+    assert model(torch.randn(3, 6)).shape == (3, 6)  # the seeds sit out
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SavedModelError, match=r"slot 'out' no longer fits its host .* 4 != 6"):
+        kasmina.save(model, out / "model.kasmina")
+    assert list(out.iterdir()) == []
+    kasmina.detach(model)
+    kasmina.attach(model, ["out"], 2, 3)  # at the host's width: saved, and loaded back
+    kasmina.save(model, out / "model.kasmina")
+    fresh = Host()
+    fresh.out = nn.Linear(8, 6)
+    kasmina.load(out / "model.kasmina", fresh, publishers=PUBLISHER.trusted_publishers())
+
+
 def test_load_refuses_a_directory(tmp_path: Path) -> None:
     _refused(tmp_path, r"is not a regular file \(a directory\)")
 
