@@ -319,8 +319,8 @@ def declared_width(host: nn.Module, chunk_dim: int, output_index: int) -> int | 
         return host.embed_dim if chunk_dim == -1 and output_index in (0, -2) else None
     if output_index != 0:
         return None
-    if isinstance(host, nn.modules.conv._ConvNd):
-        return host.out_channels if chunk_dim == 1 else None
+    if isinstance(host, nn.modules.conv._ConvNd):  # channels: 1, or 1 - rank from the back
+        return host.out_channels if chunk_dim in (1, 1 - len(host.kernel_size) - 2) else None
     if chunk_dim != -1:
         return None
     if isinstance(host, nn.Embedding):
@@ -370,6 +370,12 @@ def checked_chunk_dim(
     problem = output_index_problem(output_index, host)
     if problem is not None:
         raise ValueError(f"{layer_id!r}: {problem}")
+    rank = batched_rank(host)
+    if rank is not None and output_index == 0 and not -rank <= chunk_dim < rank:
+        raise ValueError(
+            f"{layer_id}: chunk_dim {chunk_dim} is outside the {rank}-D output of "
+            f"{type(host).__name__}"
+        )
     width = declared_width(host, chunk_dim, output_index)
     if width is not None and width != num_seeds * chunk_size:
         raise ValueError(

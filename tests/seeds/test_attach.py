@@ -296,6 +296,12 @@ def test_conv_seeds_own_channel_chunks_and_chunk_dim_is_configurable() -> None:
     x = torch.randn(2, 3, 5, 7)
     with pytest.raises(ValueError, match="= 6 != 4 features of Conv2d along dim 1"):
         attach(model, "conv", 2, 3)
+    # The channels written from the back (-3 of NCHW): the width was left to the first forward.
+    with pytest.raises(ValueError, match="= 6 != 4 features of Conv2d along dim -3"):
+        attach(model, "conv", 2, 3, chunk_dim=-3)
+    for outside in (4, -5):  # past NCHW: refused at attach, as past a recorded output
+        with pytest.raises(ValueError, match=f"chunk_dim {outside} is outside the 4-D output"):
+            attach(model, "conv", 2, 2, chunk_dim=outside)
     slot = attach(model, "conv", 2, 2)[0]
     assert slot.chunk_dim == 1 and slot.seed(0).chunk_dim == 1
     host = model.conv.host(x)
