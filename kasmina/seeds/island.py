@@ -549,7 +549,9 @@ def guarded_blend(
         out = GuardedBlend.apply(graft, moved, alpha, *(island.params if island else ()))
     else:
         out = _graft_values(graft, moved, alpha)[0]
-    return out if last else out.movedim(-1, dim)
+    # Chunks along a moved dim come back in the host's layout by the move itself; along the
+    # last dim the blend made a contiguous output (a channels-last host's is made so again).
+    return in_layout_of(out, host) if last else out.movedim(-1, dim)
 
 
 def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

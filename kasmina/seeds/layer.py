@@ -473,7 +473,7 @@ class KasminaLayer(HostForwarding):
         if keep is not None:  # those chunks are ``full``'s, the host's (``fallback_masks``)
             pair = (split_chunks(full_m, n), split_chunks(moved, n))
             moved = torch.where(keep.unsqueeze(-1), *pair).flatten(-2)
-        return moved if last else in_layout_of(moved.movedim(-1, dim), x)
+        return in_layout_of(moved if last else moved.movedim(-1, dim), x)
 
     def _guarded_graft(
         self,

@@ -619,23 +619,30 @@ _TO |= {S.STABILIZATION: TO_STABILIZATION, S.ACTIVE: TO_ACTIVE}
     ],
     ids=lambda st: "+".join(s.name for s in st),
 )
+@pytest.mark.parametrize("chunked", ["channels", "width"])
 def test_a_conv_slot_keeps_its_hosts_layout_while_its_seeds_blend(
-    stages, layout: torch.memory_format, backend: str, monkeypatch: pytest.MonkeyPatch
+    stages, layout: torch.memory_format, backend: str, chunked: str, monkeypatch
 ) -> None:
     """The blend runs along a moved chunk dim (channels last); the slot's output must still
     have the host's own strides, so that a CNN's ``y.view(len(y), -1)`` after it works. The
     op returns the moved layout (on the Triton path for every blending mix, on the reference
-    path for the per-op one); the slot puts the host's back."""
+    path for the per-op one); the slot puts the host's back. Chunked along the last dim (a
+    conv block's default, its width), the blend's contiguous output lost a channels-last
+    host's layout, in GRAFTING and in STABILIZATION."""
     monkeypatch.setenv("KASMINA_BACKEND", backend)
     torch.manual_seed(0)
-    layer = KasminaLayer(nn.Conv2d(3, 4, 3, padding=1).to(memory_format=layout), 2, 2, chunk_dim=1)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=layout)
+    if chunked == "channels":
+        layer, kernel = KasminaLayer(conv, 2, 2, chunk_dim=1), lambda: nn.Conv2d(2, 2, 1)
+    else:
+        layer, kernel = KasminaLayer(nn.Sequential(conv), 2, 3), lambda: nn.Linear(3, 3)
     for seed, stage in zip(layer.seeds, stages, strict=True):
         if stage != S.DORMANT:
-            seed.attach_kernel(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+            seed.attach_kernel(nn.Sequential(kernel(), nn.Tanh()))
         for step in _TO[stage]:
             seed.transition_to(step)
     layer.update_alpha_blending(3, 10)
-    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=layout)
+    x = torch.randn(2, 3, 5, 6).contiguous(memory_format=layout)
     want = layer.host(x).stride()
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
