@@ -537,7 +537,8 @@ class SlotRegistry:
         static batch, or on the wrong rank, fails on one of them. Each is the seed's chunk of a
         random slot output, a view with the strides the seed's calls get (a channel chunk of
         an NCHW output is not contiguous: a kernel that ``view``s its input fails here, not
-        at every call). Empty before the slot's first forward (GERMINATE refuses then)."""
+        at every call), in the layout the slot's output was recorded in (channels last).
+        Empty before the slot's first forward (GERMINATE refuses then)."""
         spec, slot = self.chunk_spec(record), record.slot
         if spec is None or not spec[0]:
             return []
@@ -549,8 +550,10 @@ class SlotRegistry:
         k = next(i for i, seed in enumerate(slot.seeds) if seed is record.seed)
         dim = slot.chunk_dim % len(full)
         samples = []
+        layout = getattr(slot, "output_layout", None) or torch.contiguous_format
         for size in (batch, other) if dim else (batch,):  # dim 0 (the batch) chunked: one size
             out = _random((torch.Size((size, *full[1:])), dtype, device))
+            out = out.contiguous(memory_format=layout)  # a channels-last host's strides
             samples.append(out.split(slot.chunk_size, dim=dim)[k])
         return samples
 

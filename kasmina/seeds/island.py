@@ -58,6 +58,7 @@ __all__ = [
     "contain_isolated",
     "guarded_blend",
     "in_layout_of",
+    "memory_format_of",
 ]
 
 
@@ -559,9 +560,15 @@ def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     a channels-last one: a slot's output keeps its host's layout, so that code after the slot
     (``y.view(len(y), -1)`` after a conv) works as it did on the host's own output. A blend
     along a moved chunk dim returns the moved layout; one copy, only then."""
-    if like.is_contiguous():
-        return out.contiguous()
+    layout = memory_format_of(like)
+    return out if layout is None else out.contiguous(memory_format=layout)
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
+    """``t``'s memory format when it is the contiguous or a channels-last one, else None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
     for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if like.dim() == rank and like.is_contiguous(memory_format=layout):
-            return out.contiguous(memory_format=layout)
-    return out
+        if t.dim() == rank and t.is_contiguous(memory_format=layout):
+            return layout
+    return None

@@ -75,7 +75,13 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.forwarding import HostForwarding
-from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
+from kasmina.seeds.island import (
+    carries_tangent,
+    contain_isolated,
+    guarded_blend,
+    in_layout_of,
+    memory_format_of,
+)
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     ActivationSpec,
@@ -170,6 +176,7 @@ class KasminaLayer(HostForwarding):
         self._masks = ChunkMasks()
         # The host's output as the seeds see it: None before a forward, its spec, or why none.
         self.output_contract: ActivationSpec | str | None = None
+        self.output_layout: torch.memory_format | None = None  # its memory format (channels last)
         self.input_spec: ActivationSpec | None = None
         self._rank = batched_rank(host)
         self._teacher_logits: torch.Tensor | None = None
@@ -366,6 +373,10 @@ class KasminaLayer(HostForwarding):
         record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, old)
         if record is not None:
             self.output_contract, self.input_spec, self._moved = *record, None
+            element = output_element(out, self.output_index)  # its layout: the dry run's
+            strided = isinstance(element, Tensor) and element.layout == torch.strided
+            strided = strided and not element.is_nested
+            self.output_layout = memory_format_of(element) if strided else None
             provisional = self._rank is None and self.chunk_dim >= 0 and old is None
             self._provisional = provisional and not self._runs_any
 

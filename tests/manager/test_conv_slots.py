@@ -153,6 +153,38 @@ def test_the_dry_run_probes_the_strided_chunk_a_seed_is_handed(
     assert rig.train(2)["host_stepped"] and rig.manager.seed("block[0]").faults == 0
 
 
+class FlatScale(nn.Module):
+    """Scales its chunk through a flat view per sample: fine on an NCHW channel slice (each
+    sample's block dense), not on a channel slice of a channels-last tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.view(x.shape[0], -1) * self.w).view(x.shape)
+
+
+def test_the_dry_run_probes_a_channels_last_hosts_chunk_in_its_layout(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The dry run probed an NCHW tensor's chunk whatever the host's layout: on a channels-last
+    model a kernel that works only on the NCHW strides was accepted, then faulted at every
+    call. The probe takes the layout the slot's output was recorded in."""
+    model = Net(nn.Conv2d(3, 8, 3, padding=1)).to(memory_format=torch.channels_last)
+    rig = ConvRig(tmp_path, store, keyring, model, 2)
+    rig.x = rig.x.contiguous(memory_format=torch.channels_last)
+    rig.train(1)
+    kernel = _publish(store, FlatScale(), torch.randn(2, 4, 6, 6))
+    assert not rig.send("germinate", "block[0]", kernel)
+    assert "view size is not compatible" in str(rig.manager.command_log[-1])
+    assert rig.train(2)["host_stepped"] and rig.manager.seed("block[0]").faults == 0
+    plain = ConvRig(tmp_path / "plain", store, keyring, Net(nn.Conv2d(3, 8, 3, padding=1)), 2)
+    plain.train(1)  # an NCHW model's chunks are what the kernel takes: accepted there
+    assert plain.send("germinate", "block[0]", kernel), plain.manager.command_log[-1]
+    assert plain.train(2)["host_stepped"] and plain.manager.seed("block[0]").faults == 0
+
+
 def test_a_channels_last_slot_keeps_its_layout_with_a_seed_active(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
