@@ -20,8 +20,10 @@ from operator import is_not
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, through_dispatcher, use_triton
+from kasmina.ops.transforms import functorch_active
 
 MaybeTensors = Sequence[torch.Tensor | None]
 
@@ -219,16 +221,27 @@ def _leak_check_fake(
     return norms, torch.empty((), dtype=torch.bool, device=device)
 
 
-def _inputs(tensors: MaybeTensors, use_grad: bool) -> list[torch.Tensor | None]:
+def _inputs(tensors: MaybeTensors, use_grad: bool, op: str) -> list[torch.Tensor | None]:
+    """The tensors to measure. Not under a ``torch.func`` transform, whose wrapped tensors the
+    CPU path cannot read (an internal error there, another per backend): ``RuntimeError``
+    naming ``op``. Under forward-mode AD, detached: the norms have no tangent (the reference
+    path's ``_foreach_norm`` raised on a dual input where the kernel's ignored it)."""
     if isinstance(tensors, torch.Tensor):  # iterating it would silently measure its rows
         raise ValueError("tensors must be a sequence of tensors, not a single Tensor")
+    if functorch_active():
+        raise RuntimeError(
+            f"{op} does not run under a torch.func transform (grad, vmap, ...): its norms are "
+            "not differentiable; measure the tensors outside the transformed function"
+        )
     if use_grad:
         try:
-            return [None if t is None else t.grad for t in tensors]
+            found = [None if t is None else t.grad for t in tensors]
         except AttributeError:
             _infer_device([None if isinstance(t, torch.Tensor) else t for t in tensors], None)
             raise
-    return list(tensors)
+    else:
+        found = list(tensors)
+    return _detached(found) if _forward_ad._current_level >= 0 else found
 
 
 def _traced(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
@@ -253,7 +266,7 @@ def grad_norms(
     ``device`` is only needed when every entry is ``None``; it defaults to the first tensor's.
     Tensors must be float32/float16/bfloat16 on one device, else ``ValueError``.
     """
-    ts = _inputs(tensors, use_grad)
+    ts = _inputs(tensors, use_grad, "grad_norms")
     dev = _infer_device(ts, device)
     if torch.jit.is_tracing():
         return _traced(ts, dev)
@@ -274,7 +287,7 @@ def leak_check(
     ``flag`` is True when any norm exceeds ``tol`` (finite, >= 0) or is NaN/Inf. Reading it
     (``bool(flag)``) is the caller's one synchronisation point.
     """
-    ts = _inputs(tensors, use_grad)
+    ts = _inputs(tensors, use_grad, "leak_check")
     dev = _infer_device(ts, device)
     if torch.jit.is_tracing():
         norms = _traced(ts, dev)

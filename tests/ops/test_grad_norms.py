@@ -564,3 +564,27 @@ def test_real_tolerances_are_accepted(any_backend: str, good_tol: object) -> Non
     """Any real number: an int, a float, a NumPy float (norm 2 is not above tol 2, 3 is)."""
     assert not bool(leak_check([torch.tensor([2.0])], tol=good_tol)[1])
     assert bool(leak_check([torch.tensor([3.0])], tol=good_tol)[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_transforms_are_refused_by_name_and_forward_mode_measures_the_primal(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torch.func`` the CPU path failed inside (a wrapped tensor's ``.numpy()``), with
+    another error per backend; under forward-mode AD the reference path raised on a dual input
+    where the kernel measured it. Transforms are refused naming the op; a dual is measured as
+    its primal (the norms have no tangent), on both backends."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    w = torch.randn(3, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="leak_check does not run under a torch.func"):
+        torch.func.grad(lambda v: ((v * v).sum(), leak_check([v], 0.5)), has_aux=True)(w)
+    with pytest.raises(RuntimeError, match="grad_norms does not run under a torch.func"):
+        torch.func.vmap(lambda r: grad_norms([r]))(torch.randn(4, 3))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(w.clone(), torch.ones(3))
+        norms = grad_norms([dual, None])
+        leaked, flag = leak_check([dual], 0.5)
+    want = torch.tensor([w.double().norm().item(), 0.0], dtype=torch.float32)
+    torch.testing.assert_close(norms, want)
+    torch.testing.assert_close(leaked, want[:1])
+    assert bool(flag)
