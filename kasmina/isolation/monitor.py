@@ -241,12 +241,14 @@ class GradientIsolationMonitor:
             self._noted.append(reason)
 
     # ------------------------------------------------------------------ verdict
-    def verify_isolation_after_step(self) -> bool:
+    def verify_isolation_after_step(self, *, count: bool = True) -> bool:
         """Read this step's leak flags (the one host sync) and count a violation if any leaked.
 
         Returns True for a clean step, False for a violating one (and for every call after the
         breaker tripped: the monitor is inert). Raises ``GradientIsolationViolationError`` on
-        the violation that trips the breaker.
+        the violation that trips the breaker. ``count=False``: a step already counted (checked
+        before, after an earlier micro-batch): the evidence read and the verdict given, nothing
+        counted again.
         """
         if self.tripped:
             return False
@@ -262,6 +264,8 @@ class GradientIsolationMonitor:
                 leaked += self._describe(pending)
         if not leaked:
             return True
+        if not count:
+            return False
         self.violation_count += 1
         self.violations.append(leaked)
         logger.error(

@@ -46,9 +46,18 @@ from kasmina.utils.autograd_nodes import compiled_node
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hold_retained_backwards", "is_kd_root", "kd_cut", "mark_cut", "sum_kd_losses"]
+__all__ = [
+    "distilled_seeds",
+    "hold_retained_backwards",
+    "is_kd_root",
+    "kd_cut",
+    "mark_cut",
+    "mark_students",
+    "sum_kd_losses",
+]
 
 _KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
+_KD_SEEDS = "kasmina.kd_seeds"  # the ids of the seeds a KD loss distils into
 _KD_CUT = "kasmina.kd_cut"  # its students' gradient edges, where it meets the shared graph
 _holds_lock = threading.Lock()
 _holds: list[bool] = []  # one entry per open hold: the flag's value the first one found
@@ -66,6 +75,10 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
         if not traced_transform and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
     total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
+    if not traced_transform and total.grad_fn is not None:  # a slot's sum, summed again
+        named = distilled_seeds([loss.grad_fn for loss in losses if loss.grad_fn is not None])
+        if named is not None:
+            total.grad_fn.metadata[_KD_SEEDS] = tuple(sorted(named))
     losses.clear()
     return total
 
@@ -74,6 +87,28 @@ def is_kd_root(node: Any) -> bool:
     """Whether the autograd ``node`` is a KD loss a slot or seed collected (``sum_kd_losses``
     marked it)."""
     return bool(node.metadata.get(_KD_ROOT))
+
+
+def mark_students(loss: torch.Tensor, seed_ids: list[str]) -> torch.Tensor:
+    """Record on ``loss`` (a slot's or seed's KD loss) the seeds it distils into: a host
+    gradient its seed-only backward makes is charged to them (``distilled_seeds``), not to
+    every seed that could distil (a slot that never ran this step had its seeds quarantined
+    for another's leak). Not while compiling: there is no node to mark. Returns ``loss``."""
+    if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+        loss.grad_fn.metadata[_KD_SEEDS] = tuple(seed_ids)
+    return loss
+
+
+def distilled_seeds(roots: list[Any]) -> set[str] | None:
+    """The seeds the KD losses at ``roots`` (``is_kd_root`` nodes) distil into, or None when a
+    root does not say (a loss computed inside a compiled region)."""
+    found: set[str] = set()
+    for root in roots:
+        ids = root.metadata.get(_KD_SEEDS)
+        if ids is None:
+            return None
+        found.update(ids)
+    return found
 
 
 def mark_cut(loss: torch.Tensor, students: list[torch.Tensor | None]) -> None:

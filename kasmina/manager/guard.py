@@ -31,7 +31,7 @@ from torch import nn
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.verify import reaches_host_beyond
-from kasmina.kd.graph import hold_retained_backwards, is_kd_root, kd_cut
+from kasmina.kd.graph import distilled_seeds, hold_retained_backwards, is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
@@ -83,8 +83,10 @@ class IsolationGuard:
         # A seed-only backward's leak flag and the seeds it charges (none: the caller's loss).
         self._kd_checks: list[tuple[torch.Tensor, list[str] | None]] = []
         # False once a check called before the step's own (``check_gradient_isolation``) found a
-        # violation: the evidence that check consumed still decides the step's verdict.
+        # violation: the evidence that check consumed still decides the step's verdict. The
+        # monitors it charged (by id): a step counts once per seed however often it is checked.
         self._step_clean = True
+        self._charged: set[int] = set()
         # A KD manager's seed-only backward retains a compiled region's (``kd.graph``): donated
         # buffers stay off until close(), or until the guard is collected (a manager dropped
         # unclosed, or one whose constructor raised).
@@ -278,8 +280,10 @@ class IsolationGuard:
                 finally:
                     leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
                     leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values
-                    if leaked:
-                        suspects = students if rooted else None  # no seed's loss in it
+                    if leaked:  # charged to the seeds its losses distil (all when untold)
+                        named = distilled_seeds(rooted)
+                        suspects = [s for s in students if named is None or s in named]
+                        suspects = suspects if rooted else None  # no seed's loss in it
                         self._kd_checks.append((leak_check(leaked)[1], suspects))
         finally:
             made = [] if failed else [(p, p.grad) for p in seeds if p.grad is not None]
@@ -322,7 +326,7 @@ class IsolationGuard:
         """The step's verdict, as carried (``check``) and, across ranks, agreed: the next step
         starts clean, and one not clean drops the host's gradients (its ACTIVE seeds' too: part
         of the host, they skip the step with it, whichever optimizer steps them)."""
-        self._step_clean = True
+        self._step_clean, self._charged = True, set()
         if not clean:
             for param in registry.host_side_params():
                 param.grad = None
@@ -364,15 +368,19 @@ class IsolationGuard:
         for monitor in self.external:
             if not monitor.tripped:  # a tripped monitor is inert: it had its say when it tripped
                 clean &= self._verify(monitor)
-        if not clean:
+        if not clean and self._step_clean:  # the step's first violating check
             self.counters["isolation_violations"] += 1
         return clean
 
     def _verify(self, monitor: GradientIsolationMonitor) -> bool:
-        """The monitor's verdict on this step; a violation it found is counted, once."""
+        """The monitor's verdict on this step; a violation it found is counted, once a step:
+        a user's checks after each micro-batch of one leaking step (``check_gradient_isolation``)
+        charged it at each, and tripped the breaker on one step."""
         before = monitor.violation_count
         try:
-            clean = monitor.verify_isolation_after_step()
+            clean = monitor.verify_isolation_after_step(count=id(monitor) not in self._charged)
+            if not clean:
+                self._charged.add(id(monitor))
         except GradientIsolationViolationError as exc:
             self.counters["circuit_breaker_trips"] += 1
             logger.critical("%s (the host keeps training)", exc)

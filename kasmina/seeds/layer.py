@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, is_grad_enabled, nn
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.graph import sum_kd_losses
+from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.kd.loss import (
     PendingKDLosses,
     checked_teacher_logits,
@@ -540,6 +540,8 @@ class KasminaLayer(HostForwarding):
             self._kd_head,
         )  # fmt: skip
         if not recomputing():  # a recompute saves the same tensors; its loss was taken already
+            seeds = self._seed_list
+            mark_students(loss, [seeds[k].seed_id for k, s in enumerate(students) if s is not None])
             self._kd_losses.append(loss)
 
     def _sit_out(self, what: str, reason: str, recompute: bool = False) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from kasmina.errors import IllegalTransitionError, KernelInputRefused
 from kasmina.kd.config import KDConfig
-from kasmina.kd.graph import sum_kd_losses
+from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.kd.loss import seed_kd_loss
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
@@ -547,7 +547,8 @@ class GradientIsolatedSeed(nn.Module):
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
         kd = self.kd_config is not None and teacher is not None and torch.is_grad_enabled()
         if kd and stage in ISOLATED_TRAINING_STAGES:  # without grad: nothing it could train
-            self._kd_losses.append(seed_kd_loss(self.kd_config, s, teacher))
+            loss = seed_kd_loss(self.kd_config, s, teacher)
+            self._kd_losses.append(mark_students(loss, [self.seed_id]))
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the KD losses stored since the last call (graph kept: it trains the seed)."""

@@ -168,3 +168,27 @@ def test_an_isolation_check_before_step_does_not_clear_the_steps_verdict(
     manager.backward(F.cross_entropy(rig.model(rig.x), rig.y))
     assert manager.check_gradient_isolation()  # the next step starts clean
     assert manager.step()["host_stepped"]
+
+
+def test_checks_after_each_micro_batch_count_a_leaking_step_once(rig: Rig, mlp: str) -> None:
+    """A check after each micro-batch of one leaking step charged the seed at each: three
+    micro-batches tripped the breaker (``max_isolation_violations=3``) on one step, and counted
+    three violating steps. A step counts once per seed however often it is checked."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+    forward = kernel.forward
+    kernel.forward = lambda x: forward(x) + 0.0 * weight.sum()  # reaches a host parameter
+    for step in range(2):
+        for rows in (slice(0, 3), slice(3, 6), slice(6, None)):
+            manager.backward(F.cross_entropy(rig.model(rig.x[rows]), rig.y[rows]) / 3)
+            assert not manager.check_gradient_isolation()
+        assert not manager.step()["host_stepped"]
+        assert manager.seed(SEED0).isolation_violations == step + 1
+        assert manager.guard.violating_steps == step + 1 and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert manager.counters["isolation_seed_violations"] == 2
+    for rows in (slice(0, 3), slice(3, None)):  # the third leaking step trips it
+        manager.backward(F.cross_entropy(rig.model(rig.x[rows]), rig.y[rows]) / 2)
+        manager.check_gradient_isolation()
+    manager.step()
+    assert rig.stage(SEED0) == S.QUARANTINE and manager.guard.breaker_trips == 1

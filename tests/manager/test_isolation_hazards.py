@@ -15,6 +15,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
+from kasmina.control.auth import sign_command
+from kasmina.control.commands import make_seed_command
+from kasmina.kd.config import KDConfig
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, S, host_params, make_config
 from tests.manager.test_dry_run import assert_refused_and_host_trains, publish
@@ -268,3 +272,47 @@ def test_a_kernel_run_outside_the_slot_is_a_leak_only_with_a_graph(
     report = rig.train(1)
     assert report["host_stepped"] is not grad
     assert seed.isolation_violations == int(grad) and rig.stage(SEED0) == S.ISOLATED_INIT
+
+
+class TwoTasks(nn.Module):
+    """A main task through ``out`` and an auxiliary head ``aux`` that only some batches run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out, self.aux = nn.Linear(6, 4), nn.Linear(4, 4), nn.Linear(6, 4)
+        self.both = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        main = self.out(torch.relu(self.inp(x)))
+        return main + self.aux(x) if self.both else main
+
+
+def test_a_kd_leak_is_charged_to_the_seeds_that_distilled(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A host gradient from the seed-only KD backward was charged to every seed that could
+    distil, not to those whose KD losses were in it: a seed whose slot never ran that step was
+    quarantined with the one that leaked."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
+    manager = KasminaKernelManager(config, keyring=keyring)
+    model = TwoTasks()
+    manager.attach(model, ["aux", "out"], 2, 2, host_lr=0.05, seed_lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    x, y, teacher = torch.randn(8, 6, generator=gen), torch.randint(0, 4, (8,)), torch.randn(8, 4)
+    helpers.record_activations(model, x)
+    for seed_id in ("aux[0]", "out[0]"):
+        command = make_seed_command("germinate", seed_id, mlp, {})
+        assert helpers.run_command(manager, sign_command(command, keyring, "ctl"))
+    # out[0]'s kernel holds a host parameter: its KD gradient reaches the host.
+    manager.seed("out[0]").kernel.inner.fc1.bias = model.out.host.bias
+    model.both = False  # the auxiliary task sits this phase out: aux[0] distils nothing
+    for _ in range(3):
+        manager.set_teacher_logits(teacher)
+        out = model(x)
+        manager.backward(F.cross_entropy(out, y), kd_loss=manager.collect_kd_losses())
+        manager.step()
+    assert manager.seed("out[0]").stage == S.QUARANTINE
+    assert manager.seed("aux[0]").stage == S.ISOLATED_INIT
+    assert manager.seed("aux[0]").isolation_violations == 0
+    manager.close()
