@@ -34,7 +34,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -233,6 +233,13 @@ class GradientIsolationMonitor:
                     self.seed_id,
                 )
         return verdict
+
+    def extend_host(self, params: Iterable[torch.Tensor], prefix: str) -> None:
+        """Put ``params`` on the host side too (a seed promoted to ACTIVE after this monitor's
+        seed germinated), named ``prefix[i]``: the graph walk and leak checks watch them now."""
+        known = {id(p) for _, p in self._host}
+        named = named_params([p for p in params if id(p) not in known], prefix)
+        self._host += _gradient_params(named, "host")
 
     def note_violation(self, reason: str) -> None:
         """Count a leak found outside this monitor (e.g. in a seed-only backward shared by

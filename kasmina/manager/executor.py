@@ -558,9 +558,9 @@ class CommandExecution:
             # optimizer (when there is one; otherwise its own optimizer keeps stepping it), in
             # the param group of its slot's host layer: no new group, so a user's LR scheduler
             # on the host optimizer keeps working.
-            record.monitor = None
-            record.last_output, record.input_grad = None, False
-            state.require_registry().promote_active(state.optimizers, [record])
+            registry = state.require_registry()
+            registry.fossilize(record)  # no monitor; its parameters on others' host side
+            registry.promote_active(state.optimizers, [record])
         elif new == S.HARVESTING:
             report = dict(record.seed.field_report or {})
             report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)

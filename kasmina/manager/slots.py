@@ -263,6 +263,13 @@ class SlotRegistry:
                 self.take_host_groups_before_promotion(optimizers)
                 optimizers.promote_seed(record.seed_id, near=record.slot.host.parameters())
 
+    def fossilize(self, record: SeedRecord) -> None:
+        """A seed gone ACTIVE is the host's: its monitor dropped, its parameters on the host
+        side of every other seed's graph walk (a monitor took its host side at GERMINATE)."""
+        record.monitor, record.last_output, record.input_grad = None, None, False
+        for monitor in (other.monitor for other in self if other.monitor is not None):
+            monitor.extend_host(record.seed.seed_parameters(), f"active {record.seed_id}")
+
     def take_host_groups_before_promotion(self, optimizers: IsolatedOptimizerManager) -> None:
         """A seed fossilizes at a safe point: take up the groups added since the last step
         first, since one may hold the slot's layer, whose group the seed joins. An edit
@@ -526,9 +533,8 @@ class SlotRegistry:
         return None if spec is None else _random(spec)
 
     def chunk_spec(self, record: SeedRecord) -> ActivationSpec | None:
-        """Shape, dtype and device of the seed's chunk (along the slot's ``chunk_dim``) of its
-        slot's recorded host output, which is the seed's input, or None before the slot's first
-        forward."""
+        """Shape, dtype and device of the seed's chunk (along ``chunk_dim``) of its slot's
+        recorded host output, the seed's input; None before the slot's first forward."""
         return record.slot.chunk_spec()
 
     def dry_run_samples(self, record: SeedRecord) -> list[torch.Tensor]:

@@ -20,8 +20,9 @@ from kasmina.control.commands import make_seed_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, Rig, S, host_params, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config
 from tests.manager.test_dry_run import assert_refused_and_host_trains, publish
+from tests.manager.test_host_optimizer import walk_to_active
 
 
 class AddsInPlace(nn.Module):
@@ -316,3 +317,16 @@ def test_a_kd_leak_is_charged_to_the_seeds_that_distilled(
     assert manager.seed("aux[0]").stage == S.ISOLATED_INIT
     assert manager.seed("aux[0]").isolation_violations == 0
     manager.close()
+
+
+def test_a_seed_promoted_later_is_host_side_for_seeds_germinated_before(rig: Rig, mlp: str):
+    """A monitor took its host side at GERMINATE: a seed promoted to ACTIVE afterwards was not
+    in it, so an isolated seed sending gradient into that (now host) seed's parameters passed
+    every graph walk, and the host optimizer stepped them on it."""
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    walk_to_active(rig, rig.train, 0)
+    active = rig.manager.seed(SEED0).kernel.inner.fc1.bias  # the host's now
+    rig.manager.seed(SEED1).kernel.inner.fc1.bias = active  # out[1] reads it
+    rig.train(3)
+    assert rig.stage(SEED1) == S.QUARANTINE and rig.stage(SEED0) == S.ACTIVE
+    assert rig.manager.seed(SEED1).isolation_violations == 3
