@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["PROG", "CLIError", "bounded_int", "non_negative_int", "one_line", "positive_int"]
+__all__ = [
+    "PROG",
+    "CLIError",
+    "bounded_int",
+    "non_negative_int",
+    "one_line",
+    "positive_int",
+    "redacted",
+    "shown_store",
+]
 
 
 PROG = "kasmina"
@@ -59,3 +68,21 @@ def one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     text = " ".join(text.split()) or type(exc).__name__
     return text
+
+
+def shown_store(url: str) -> str:
+    """A store's URL as a message shows it: its user information (``user:password@``) and its
+    query (a signed URL's token) replaced by ``***``, as the Urza client shows it."""
+    from kasmina.urza.resilience import redact_urls
+
+    return redact_urls(url)
+
+
+def redacted(text: str, store: str) -> str:
+    """``text`` (an error's, which may quote the store's URL or its credentials) fit for a
+    message about the store ``store``: URLs' credentials and queries, and the secrets ``store``
+    holds (its user information, raw, decoded and as a Basic authorization), replaced by
+    ``***``, as the Urza client's own messages are."""
+    from kasmina.urza.resilience import redact, store_secrets
+
+    return redact(text, store_secrets(store, None))

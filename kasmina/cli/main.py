@@ -31,6 +31,7 @@ from kasmina.cli.common import (
     non_negative_int,
     one_line,
     positive_int,
+    redacted,
 )
 from kasmina.errors import KasminaError
 
@@ -395,7 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CLIError, KasminaError, OSError, ValueError, KeyError, ImportError) as exc:
         # ImportError: a store URL whose fsspec backend is not installed (s3://, gs://).
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        message = one_line(exc)
+        store = getattr(args, "store", None)
+        if isinstance(store, str):  # a store's error may quote its URL: never its credentials
+            message = redacted(message, store)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -21,7 +21,15 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kasmina.cli.common import PROG, CLIError, bounded_int, one_line, positive_int
+from kasmina.cli.common import (
+    PROG,
+    CLIError,
+    bounded_int,
+    one_line,
+    positive_int,
+    redacted,
+    shown_store,
+)
 from kasmina.cli.resign import legacy_keyring
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
@@ -230,21 +238,22 @@ def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = F
     URL naming no location, a local one that is not a directory (missing too, unless
     ``may_create``), and for commands that write, a ``memory://`` store, which ends with
     this process, or an ``http(s)://`` one, which Urza only reads. Remote stores answer
-    later."""
+    later. Each message shows the URL without its credentials and query (``shown_store``)."""
     url = args.store
+    shown = shown_store(url)
     _, sep, rest = url.partition("://")
     if not url.strip() or (sep and not rest.strip()):
-        raise CLIError(f"--store {url!r} is empty: give a local directory or a store URL")
+        raise CLIError(f"--store {shown!r} is empty: give a local directory or a store URL")
     if writes and any(part.strip().startswith("memory:") for part in url.split("::")):
         raise CLIError(
-            f"--store {url!r} is a memory:// store, which lives only as long as this process: "
+            f"--store {shown!r} is a memory:// store, which lives only as long as this process: "
             f"what 'urza {args.urza_command}' wrote there would be gone when it exits; use a "
             "directory or a persistent store URL"
         )
     schemes = ("http://", "https://")
     if writes and any(part.strip().lower().startswith(schemes) for part in url.split("::")):
         raise CLIError(
-            f"--store {url!r} is an HTTP store, which Urza only reads: "
+            f"--store {shown!r} is an HTTP store, which Urza only reads: "
             f"'urza {args.urza_command}' writes to the directory or object store it serves "
             "(give that instead)"
         )
@@ -255,10 +264,10 @@ def _check_store(args: argparse.Namespace, *, writes: bool, may_create: bool = F
     try:
         fs, root = open_store(url)
     except Exception as exc:  # a missing fsspec backend, a malformed URL
-        raise CLIError(f"cannot open the store {url!r}: {one_line(exc)}") from None
+        raise CLIError(f"cannot open the store {shown!r}: {redacted(one_line(exc), url)}") from None
     local = isinstance(fs, LocalFileSystem)
     if local and not fs.isdir(root) and (fs.exists(root) or not may_create):
-        raise CLIError(f"no Urza store at {url!r} (not a directory)")
+        raise CLIError(f"no Urza store at {shown!r} (not a directory)")
 
 
 def _client(
@@ -350,7 +359,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         raise CLIError(f"torch.export of {name} failed: {one_line(exc)[:300]}") from None
     print(
         f"published {manifest.artifact_id} ({manifest.blueprint}, {manifest.size} bytes, "
-        f"signed by {manifest.key_id!r}) to {args.store}",
+        f"signed by {manifest.key_id!r}) to {shown_store(args.store)}",
         file=sys.stderr,
     )
     print(manifest.artifact_id)
@@ -471,7 +480,7 @@ def _cmd_urza_list(args: argparse.Namespace) -> int:
     with _client(args, publishers) as client:
         ids = client.list_artifacts()
         if not ids:
-            print(f"no artifacts in {args.store}", file=sys.stderr)
+            print(f"no artifacts in {shown_store(args.store)}", file=sys.stderr)
             return 0
         if publishers is None:
             print("(no public keys given: manifests not verified)", file=sys.stderr)
@@ -482,7 +491,8 @@ def _cmd_urza_list(args: argparse.Namespace) -> int:
             try:
                 m = client.get_manifest(artifact_id)
             except (ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError) as exc:
-                print(f"{artifact_id}  INVALID: {one_line(exc)}")  # unreadable too: go on
+                why = redacted(one_line(exc), args.store)
+                print(f"{artifact_id}  INVALID: {why}")  # unreadable too: go on
                 continue
             print(f"{artifact_id}  {m.blueprint}  {m.size} bytes  key={m.key_id}")
     return 0
@@ -498,24 +508,25 @@ def _cmd_urza_verify(args: argparse.Namespace) -> int:
     with _client(args, publishers) as client:
         ids = args.artifact_ids or client.list_artifacts()
         if not ids:
-            raise CLIError(f"no artifacts to verify in {args.store}")
+            raise CLIError(f"no artifacts to verify in {shown_store(args.store)}")
         failed = 0
         for artifact_id in ids:
-            problem = _verify_problem(client, artifact_id)
+            problem = _verify_problem(client, artifact_id, args.store)
             failed += problem is not None  # an I/O error on its file too: the others go on
             ok = problem is None
             print(f"ok     {artifact_id}" if ok else f"FAILED {artifact_id}: {problem}")
     return _summary(failed, len(ids), "failed verification")
 
 
-def _verify_problem(client: UrzaLibraryClient, artifact_id: str) -> str | None:
-    """Why the artifact does not verify under the client's publishers, or None."""
+def _verify_problem(client: UrzaLibraryClient, artifact_id: str, store: str) -> str | None:
+    """Why the artifact does not verify under the client's publishers (redacted for the store
+    URL ``store``), or None."""
     from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 
     try:
         client.verify(artifact_id)
     except (ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError, ValueError) as e:
-        return one_line(e)
+        return redacted(one_line(e), store)
     return None
 
 
@@ -536,9 +547,9 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
     with _client(args, publisher.trusted_publishers(), checked=True) as client:
         ids = args.artifact_ids or client.list_artifacts()
         if not ids:
-            raise CLIError(f"no artifacts to re-sign in {args.store}")
+            raise CLIError(f"no artifacts to re-sign in {shown_store(args.store)}")
         if old is None:  # a second run, an idempotent CI step: nothing to do, or say what
-            problems = {i: p for i in ids if (p := _verify_problem(client, i)) is not None}
+            problems = {i: p for i in ids if (p := _verify_problem(client, i, args.store))}
             for artifact_id in ids:
                 why = problems.get(artifact_id)
                 ok = f"ok     {artifact_id} (already signed by {publisher.key_id!r})"
@@ -552,10 +563,11 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
             manifest = resign_artifact(args.store, artifact_id, publisher, old)
         except (ArtifactIntegrityError, OSError, ValueError) as exc:
             failed += 1
-            print(f"FAILED {artifact_id}: {one_line(exc)}")
+            print(f"FAILED {artifact_id}: {redacted(one_line(exc), args.store)}")
         except Exception as exc:  # a store's own write error (fsspec backends raise their own)
             failed += 1
-            print(f"FAILED {artifact_id}: {type(exc).__name__}: {one_line(exc)}")
+            why = redacted(f"{type(exc).__name__}: {one_line(exc)}", args.store)
+            print(f"FAILED {artifact_id}: {why}")
         else:
             print(f"ok     {artifact_id} (signed by {manifest.key_id!r})")
     return _summary(failed, len(ids), "could not be re-signed")
