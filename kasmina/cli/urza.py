@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -30,13 +29,15 @@ from kasmina.cli.common import (
     redacted,
     shown_store,
 )
+from kasmina.cli.publish_checks import (
+    check_builtin_size,
+    check_example_size,
+    load_factory,
+    parse_shape,
+)
 from kasmina.cli.resign import legacy_keyring
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
-    import torch
-    from torch import nn
-
-    from kasmina.urza.blueprints import Blueprint
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.keys import PublisherKey, TrustedPublishers
     from kasmina.utils.keyring import Keyring
@@ -45,9 +46,6 @@ if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
 PUBLISHER_KEY_ENV = "KASMINA_PUBLISHER_KEY_FILE"
 # --seed of publish: what torch.manual_seed takes, non-negative.
 MAX_SEED = 2**63 - 1
-# The most bytes publish builds for a --builtin module's parameters or an example input: what
-# an Urza client fetches at most by default (UrzaLibraryClient max_artifact_bytes, 1 GiB).
-MAX_BUILD_BYTES = 1 << 30
 # The names of kasmina.urza.blueprints.BLUEPRINTS, sorted, repeated here for --help: importing
 # that module imports torch, and the parser is built for every command, --help included.
 # tests/cli/test_cli_inputs.py checks that the two agree.
@@ -311,22 +309,22 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             raise CLIError("--builtin needs --dim (the chunk width)")
         if args.hidden is not None and not blueprint.has_hidden:
             raise CLIError(f"--hidden: {blueprint.name} has no hidden width")
-        _check_builtin_size(blueprint, args, dtype)
-        shape = _parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
+        check_builtin_size(blueprint, args, dtype)
+        shape = parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
         name = args.blueprint or blueprint.name
-        _check_example_size(shape, dtype)
+        check_example_size(shape, dtype)
         torch.manual_seed(args.seed)  # as if the meta-device probe had not run
         try:
             module = blueprint.build(args.dim, args.hidden)
         except (RuntimeError, MemoryError) as exc:  # too large for this machine after all
             raise CLIError(f"cannot build {name}: {one_line(exc)}") from None
     else:
-        module = _load_factory(args.factory)  # the user's errors: one line there
+        module = load_factory(args.factory)  # the user's errors: one line there
         if not args.input_shape:
             raise CLIError("--factory needs --input-shape (e.g. 8,16)")
-        shape = _parse_shape(args.input_shape)
+        shape = parse_shape(args.input_shape)
         name = args.blueprint or args.factory.rpartition(":")[2]
-        _check_example_size(shape, dtype)
+        check_example_size(shape, dtype)
     try:
         generator = torch.Generator().manual_seed(args.seed)
         example = torch.randn(shape, generator=generator).to(dtype)
@@ -366,36 +364,6 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_builtin_size(blueprint: Blueprint, args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Refuse a ``--builtin`` module whose parameters, in ``dtype`` (what it is published in),
-    exceed ``MAX_BUILD_BYTES``, measured on the meta device, where nothing is allocated."""
-    import torch
-
-    widths = f"--dim {args.dim}" + (f" --hidden {args.hidden}" if args.hidden else "")
-    try:
-        with torch.device("meta"):
-            probe = blueprint.build(args.dim, args.hidden)
-    except (RuntimeError, OverflowError, TypeError) as exc:  # sizes torch cannot index
-        raise CLIError(f"{blueprint.name} with {widths} is too large: {one_line(exc)}") from None
-    size = sum(p.numel() * dtype.itemsize for p in probe.parameters())
-    if size > MAX_BUILD_BYTES:
-        raise CLIError(
-            f"{blueprint.name} with {widths} would have {size} bytes of parameters, above "
-            f"the {MAX_BUILD_BYTES} bytes an Urza client fetches; choose smaller widths"
-        )
-
-
-def _check_example_size(shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Refuse an example input above ``MAX_BUILD_BYTES``: one small batch is all export needs."""
-    size = math.prod(shape) * dtype.itemsize
-    if size > MAX_BUILD_BYTES:
-        dims = ",".join(map(str, shape))
-        raise CLIError(
-            f"example input shape {dims} would take {size} bytes, above {MAX_BUILD_BYTES}; "
-            "an example needs only a small batch (e.g. --input-shape 8,16)"
-        )
-
-
 class _Discard:
     """A text stream that keeps nothing (``os.devnull`` without a file descriptor)."""
 
@@ -425,52 +393,6 @@ def _quiet_torch_logs() -> Iterator[None]:
     finally:
         for logger, level in zip(torch_loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise CLIError(f"bad --input-shape {text!r}: expected comma-separated ints") from None
-    if not shape or any(d < 1 for d in shape):
-        raise CLIError(f"bad --input-shape {text!r}: dimensions must be positive")
-    if len(shape) > 1 and shape[0] == 1:  # other sizes of 1 may be the slot's own (a channel)
-        raise CLIError(
-            f"bad --input-shape {text!r}: torch.export fixes a size of 1, so the kernel would "
-            "take batches of 1 only; give a batch of 2 or more"
-        )
-    return shape
-
-
-def _load_factory(spec: str) -> nn.Module:
-    import importlib
-
-    from torch import nn
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise CLIError(f"bad --factory {spec!r}: expected MODULE:CALLABLE")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        target = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:  # the user's module: any error importing it (an
-        # exit() in it too: a silent exit 0 would read as a publish that succeeded)
-        raise CLIError(
-            f"cannot import {module_name!r}: {type(exc).__name__}: {one_line(exc)}"
-        ) from None
-    factory = target
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise CLIError(f"{module_name!r} has no attribute {attr!r}")
-    try:
-        module = factory() if callable(factory) else None
-    except (Exception, SystemExit) as exc:  # the user's callable failed (or exited)
-        raise CLIError(f"calling {spec} failed: {type(exc).__name__}: {one_line(exc)}") from None
-    if not isinstance(module, nn.Module):
-        raise CLIError(f"{spec} did not return an nn.Module")
-    return module
 
 
 def _cmd_urza_list(args: argparse.Namespace) -> int:

@@ -151,12 +151,12 @@ def test_keygen_creates_the_key_files_directory(tmp_path, capsys) -> None:
 
 def test_an_input_shape_refuses_a_batch_of_one_only() -> None:
     from kasmina.cli.common import CLIError
-    from kasmina.cli.urza import _parse_shape
+    from kasmina.cli.publish_checks import parse_shape
 
-    assert _parse_shape("8,1,7,7") == (8, 1, 7, 7)  # one channel per seed: the slot's own
-    assert _parse_shape("8,4,1,1") == (8, 4, 1, 1)  # a pooled [B, C, 1, 1] output
+    assert parse_shape("8,1,7,7") == (8, 1, 7, 7)  # one channel per seed: the slot's own
+    assert parse_shape("8,4,1,1") == (8, 4, 1, 1)  # a pooled [B, C, 1, 1] output
     with pytest.raises(CLIError, match="batches of 1 only"):
-        _parse_shape("1,16")
+        parse_shape("1,16")
 
 
 def test_concurrent_appends_each_add_their_key(tmp_path, capsys, monkeypatch) -> None:
