@@ -330,11 +330,15 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         example = torch.randn(shape, generator=generator).to(dtype)
     except (RuntimeError, MemoryError) as exc:
         raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
-    module.eval()
-    try:  # an artifact signed as taking this input must run on it (the export did not check)
+    from kasmina.seeds.side_effects import kept_buffers
+
+    # An artifact signed as taking this input must run on it (the export did not check). It
+    # runs in the module's own mode, the one it is exported in (a train-mode factory's batch
+    # norm and dropout stay live in the seed), its buffers (batch-norm statistics) put back.
+    try:
         if args.builtin:
             module.to(dtype)  # its parameters in the dtype its input is: the kernel runs in it
-        with torch.no_grad():
+        with torch.no_grad(), kept_buffers(module):
             module(example)
     except (Exception, MemoryError, SystemExit) as exc:  # the user's forward: one line
         raise CLIError(
