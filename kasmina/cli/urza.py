@@ -286,7 +286,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
     import torch
 
     from kasmina.urza.artifact import validate_artifact_id
-    from kasmina.urza.publish import publish_artifact
+    from kasmina.urza.publish import export_payload, publish_payload
 
     if args.blueprint == "":  # given empty: never replaced by the default name
         raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
@@ -352,13 +352,19 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
 
     try:
         with _quiet_torch_logs():
-            manifest = publish_artifact(
-                module, [example], args.store, name, publisher, args.artifact_id
-            )
+            payload, input_spec = export_payload(module, [example])
     except (Unsupported, UserError, RuntimeError, MemoryError) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
-    except TypeError as exc:  # the module's forward does not take one example input
-        raise CLIError(f"torch.export of {name} failed: {one_line(exc)[:300]}") from None
+    except (Exception, SystemExit) as exc:  # the user's forward, traced: any error is one line
+        # (a TypeError where it takes no one example input, an attribute the eager run did
+        # not reach, an exit(): a silent exit 0 would read as a publish that succeeded)
+        raise CLIError(
+            f"torch.export of {name} failed: {type(exc).__name__}: {one_line(exc)[:300]}"
+        ) from None
+    # The store's errors (a file in the way, an id taken) are its own: main reports them.
+    manifest = publish_payload(
+        payload, args.store, name, publisher, args.artifact_id, input_spec=input_spec
+    )
     print(
         f"published {manifest.artifact_id} ({manifest.blueprint}, {manifest.size} bytes, "
         f"signed by {manifest.key_id!r}) to {shown_store(args.store)}",

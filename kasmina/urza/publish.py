@@ -61,6 +61,7 @@ _T = TypeVar("_T")
 __all__ = [
     "default_artifact_id",
     "export_module",
+    "export_payload",
     "publish_artifact",
     "publish_payload",
     "resign_artifact",
@@ -149,21 +150,32 @@ def publish_artifact(
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Export ``module`` (in its current train/eval mode: dropout and batch norm keep the
-    behaviour they had at export), save it as ``.pt2`` and publish it signed by ``publisher``.
+    behaviour they had at export), save it as ``.pt2`` and publish it signed by ``publisher``:
+    ``export_payload``, then ``publish_payload``.
     """
     _require_publisher(publisher)
-    program = export_module(module, example_inputs, dynamic=dynamic)
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    payload, input_spec = export_payload(module, example_inputs, dynamic=dynamic)
     return publish_payload(
-        buffer.getvalue(),
+        payload,
         store_url,
         blueprint,
         publisher,
         artifact_id,
-        input_spec=_input_spec(program),
+        input_spec=input_spec,
         storage_options=storage_options,
     )
+
+
+def export_payload(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic: bool = True
+) -> tuple[bytes, tuple[TensorSpec, ...]]:
+    """``module`` exported (``export_module``) and saved as ``.pt2`` bytes, with the input spec
+    its manifest records: what ``publish_payload`` takes. Nothing is written or signed, so a
+    caller can tell the export's failures (the module's own code, traced) from the store's."""
+    program = export_module(module, example_inputs, dynamic=dynamic)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue(), _input_spec(program)
 
 
 def publish_payload(

@@ -296,7 +296,7 @@ def test_ctrl_c_in_the_exports_first_dynamo_import_exits_130(
         monkeypatch.delattr(torch._dynamo, "exc")  # as a half-finished import leaves it
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kasmina.urza.publish, "publish_artifact", interrupted)
+    monkeypatch.setattr(kasmina.urza.publish, "export_payload", interrupted)
     argv = ["--store", str(tmp_path / "store"), "--key", str(keys), "--builtin", "residual-mlp"]
     rc, _, err = run(capsys, "urza", "publish", *argv, "--dim", "4")
     assert (rc, err) == (130, "kasmina: interrupted\n")

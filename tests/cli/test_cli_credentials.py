@@ -109,7 +109,7 @@ def test_a_store_error_quoting_the_url_is_shown_without_its_credentials(
         raise OSError(f"write to {store} refused (password {SECRET})")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(kasmina.urza.publish, "publish_artifact", failing)
+    monkeypatch.setattr(kasmina.urza.publish, "publish_payload", failing)
     rc, out, err = run(capsys, "urza", "publish", "--store", store, "--key", str(keys), *AFFINE)
     assert_one_line_error(rc, err, "write to file://***@store?*** refused (password ***)")
     assert_hidden(out, err)

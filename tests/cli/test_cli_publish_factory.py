@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from kasmina.urza.artifact import PAYLOAD_SUFFIX
-from tests.cli.helpers import publish
+from tests.cli.helpers import assert_one_line_error, publish, run
 
 
 @pytest.fixture
 def factories(tmp_path, monkeypatch):
     """A module of factories importable by the commands (and by the test, to inspect)."""
     (tmp_path / "cli_factories.py").write_text(
+        "import sys\n"
+        "import torch\n"
         "from torch import nn\n"
         "MADE = []\n"
         "def batch_norm(train):\n"
@@ -27,6 +29,22 @@ def factories(tmp_path, monkeypatch):
         "    return batch_norm(True)\n"
         "def evaluating():\n"
         "    return batch_norm(False)\n"
+        "def from_program():  # an exported kernel published again: its eval() raises\n"
+        "    return torch.export.export(nn.Linear(4, 4), (torch.randn(8, 4),)).module()\n"
+        "class Lazy(nn.Module):  # its first call (the trial run) passes, the export does not\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(4, 4)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        return (self.lin if self.calls == 1 else self.lin_fused)(x)\n"
+        "class Exits(Lazy):\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.calls > 1:\n"
+        "            sys.exit(0)\n"
+        "        return self.lin(x)\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -58,3 +76,32 @@ def test_a_factory_module_is_exported_in_its_own_mode(
     other = copy.deepcopy(made).train(not train)(x)
     torch.testing.assert_close(program(x), expected)
     assert not torch.allclose(program(x), other)
+
+
+@pytest.mark.parametrize(
+    ("factory", "fragment"),
+    [
+        ("Lazy", "torch.export of Lazy failed: AttributeError: 'Lazy' object has no attribute"),
+        # An exit() in the traced forward exited 0, silently, as if the publish had succeeded.
+        ("Exits", "torch.export of Exits failed: SystemExit: 0"),
+    ],
+)
+def test_an_export_failing_in_the_users_forward_is_one_line(
+    factory, fragment, factories, tmp_path, keys, capsys
+) -> None:
+    store = tmp_path / "store"
+    argv = ["urza", "publish", "--store", str(store), "--key", str(keys)]
+    rc, out, err = run(
+        capsys, *argv, "--factory", f"cli_factories:{factory}", "--input-shape", "8,4"
+    )
+    assert_one_line_error(rc, err, fragment)
+    assert out == "" and not store.exists()  # nothing signed, nothing written
+
+
+def test_an_exported_programs_module_is_published(factories, tmp_path, keys, capsys) -> None:
+    """Its ``eval()`` raises NotImplementedError: the trial run called it, a traceback."""
+    store = tmp_path / "store"
+    argv = ["--factory", "cli_factories:from_program", "--input-shape", "8,4"]
+    artifact = publish(capsys, store, keys, *argv)
+    program = torch.export.load(store / f"{artifact}{PAYLOAD_SUFFIX}").module()
+    assert program(torch.randn(8, 4)).shape == (8, 4)
