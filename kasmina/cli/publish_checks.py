@@ -1,6 +1,7 @@
 """What ``kasmina urza publish`` checks before it builds, exports or signs anything: the
-example input's shape and size, a ``--builtin`` module's size, and the user's ``--factory``
-(imported, called, checked to return an ``nn.Module``, each failure one line)."""
+example input's shape and size, a ``--builtin`` module's size, the user's ``--factory``
+(imported, called, checked to return an ``nn.Module``, each failure one line), and the size of
+what it would sign: no more than an Urza client fetches."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ __all__ = [
     "MAX_BUILD_BYTES",
     "check_builtin_size",
     "check_example_size",
+    "check_module_size",
+    "check_payload_size",
     "load_factory",
     "parse_shape",
 ]
 
-# The most bytes publish builds for a --builtin module's parameters or an example input: what
-# an Urza client fetches at most by default (UrzaLibraryClient max_artifact_bytes, 1 GiB).
+# The most bytes publish builds for a --builtin module's parameters or an example input, and
+# signs as a payload: what an Urza client fetches at most by default (UrzaLibraryClient
+# max_artifact_bytes, 1 GiB), above which every verify and GERMINATE refuses the artifact.
 MAX_BUILD_BYTES = 1 << 30
 
 
@@ -47,6 +51,28 @@ def check_builtin_size(blueprint: Blueprint, args: argparse.Namespace, dtype: to
         raise CLIError(
             f"{blueprint.name} with {widths} would have {size} bytes of parameters, above "
             f"the {MAX_BUILD_BYTES} bytes an Urza client fetches; choose smaller widths"
+        )
+
+
+def check_module_size(module: nn.Module, name: str) -> None:
+    """Refuse a module whose parameters alone exceed ``MAX_BUILD_BYTES`` before it is
+    exported (an export of a module that large takes minutes and several times its memory):
+    each is in the payload. Run after the trial run, which gives a lazy module its sizes."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    if size > MAX_BUILD_BYTES:
+        raise CLIError(
+            f"{name} has {size} bytes of parameters, above the {MAX_BUILD_BYTES} bytes an Urza "
+            "client fetches; nothing published"
+        )
+
+
+def check_payload_size(size: int, name: str) -> None:
+    """Refuse an exported payload above ``MAX_BUILD_BYTES`` before it is signed or written:
+    an artifact no client fetches (``kasmina urza verify`` and every GERMINATE refuse it)."""
+    if size > MAX_BUILD_BYTES:
+        raise CLIError(
+            f"{name} exported to {size} bytes, above the {MAX_BUILD_BYTES} bytes an Urza "
+            "client fetches; nothing published"
         )
 
 

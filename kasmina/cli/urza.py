@@ -32,6 +32,8 @@ from kasmina.cli.common import (
 from kasmina.cli.publish_checks import (
     check_builtin_size,
     check_example_size,
+    check_module_size,
+    check_payload_size,
     load_factory,
     parse_shape,
 )
@@ -345,6 +347,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             f"{name} does not run on a {args.dtype} input of shape {list(shape)}: "
             f"{one_line(exc)[:300]}"
         ) from None
+    check_module_size(module, name)
     # Imported before the export, not looked up in its except clause: a Ctrl-C inside the
     # export's first import of torch._dynamo left it half initialised, and the lookup then
     # raised AttributeError over the KeyboardInterrupt (a traceback instead of exit 130).
@@ -361,6 +364,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         raise CLIError(
             f"torch.export of {name} failed: {type(exc).__name__}: {one_line(exc)[:300]}"
         ) from None
+    check_payload_size(len(payload), name)
     # The store's errors (a file in the way, an id taken) are its own: main reports them.
     manifest = publish_payload(
         payload, args.store, name, publisher, args.artifact_id, input_spec=input_spec

@@ -105,3 +105,28 @@ def test_an_exported_programs_module_is_published(factories, tmp_path, keys, cap
     artifact = publish(capsys, store, keys, *argv)
     program = torch.export.load(store / f"{artifact}{PAYLOAD_SUFFIX}").module()
     assert program(torch.randn(8, 4)).shape == (8, 4)
+
+
+@pytest.mark.parametrize(
+    ("limit", "argv", "fragment"),
+    [
+        # Parameters of 112 bytes under the limit, an exported payload of kilobytes over it.
+        (1000, ["--factory", "cli_factories:evaluating"], "evaluating exported to "),
+        (1000, ["--builtin", "affine-shift", "--dim", "4"], "affine-shift exported to "),
+        # Parameters over it: refused before the export (of a large module, minutes long).
+        (100, ["--factory", "cli_factories:evaluating"], "has 112 bytes of parameters, above"),
+    ],
+)
+def test_a_kernel_no_client_would_fetch_is_not_published(
+    limit, argv, fragment, factories, tmp_path, keys, capsys, monkeypatch
+) -> None:
+    """The ``--builtin`` path refused parameters above what a client fetches, the
+    ``--factory`` path published any size: an artifact every verify and GERMINATE refuses."""
+    import kasmina.cli.publish_checks
+
+    monkeypatch.setattr(kasmina.cli.publish_checks, "MAX_BUILD_BYTES", limit)
+    store = tmp_path / "store"
+    argv = ["--store", str(store), "--key", str(keys), *argv, "--input-shape", "2,4"]
+    rc, out, err = run(capsys, "urza", "publish", *argv)
+    assert_one_line_error(rc, err, fragment, f"above the {limit} bytes an Urza client fetches")
+    assert out == "" and not store.exists()  # nothing signed, nothing written
