@@ -334,8 +334,9 @@ def resign_artifact(
     Nothing is signed on trust: the old signature must verify, and the payload's size and
     SHA-256 must match the manifest, before the same fields are signed by ``publisher`` and
     written over the old manifest (through a temporary name and a rename). A manifest that
-    already verifies under ``publisher`` is returned unchanged (so a whole store can be
-    re-signed twice); one neither key verifies is not touched. Any failed check raises
+    already verifies under ``publisher`` is returned unchanged once its payload is checked the
+    same way (so a whole store can be re-signed twice, and a corrupt payload fails either way);
+    one neither key verifies is not touched. Any failed check raises
     ``ArtifactIntegrityError`` (``FileNotFoundError`` for a missing artifact) and leaves the
     store as it was. Returns the verified new manifest.
     """
@@ -373,6 +374,7 @@ def resign_artifact(
                 raise  # another publisher's, and no retiring key was given
             legacy = verify_manifest(raw, old_keys, expected_id=artifact_id)  # raises if not
         else:
+            _check_payload(fs, root, current, max_payload_bytes, where)
             logger.info("artifact %s is already signed by %s", artifact_id, publisher.key_id)
             return current
     elif isinstance(old_keys, Keyring):
@@ -382,24 +384,7 @@ def resign_artifact(
             f"{what}: its manifest is not a version 2 manifest a retiring publisher signed "
             "(a version 1 HMAC manifest is re-signed with the keyring it was signed with)"
         )
-    if legacy.size > max_payload_bytes:
-        raise ArtifactIntegrityError(
-            f"{what}: manifest declares {legacy.size} bytes, above {max_payload_bytes}"
-        )
-    hasher = hashlib.sha256()
-    try:
-        payload = read_bounded(
-            fs,
-            f"{root}/{artifact_id}{PAYLOAD_SUFFIX}",
-            legacy.size,
-            what=f"{what}: payload",
-            why="the size its manifest declares",
-            chunk_bytes=READ_CHUNK_BYTES,
-            hasher=hasher,
-        )
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} has a manifest but no payload in {where}") from None
-    verify_payload_digest(len(payload), hasher.hexdigest(), legacy)
+    _check_payload(fs, root, legacy, max_payload_bytes, where)
     signed = sign_manifest(legacy, publisher)
     _atomic_write(fs, manifest_path, signed.to_json())
     logger.info(
@@ -410,6 +395,33 @@ def resign_artifact(
         publisher.key_id,
     )
     return verify_manifest(signed.to_json(), own, expected_id=artifact_id)
+
+
+def _check_payload(
+    fs: Any, root: str, manifest: Manifest, max_payload_bytes: int, where: str
+) -> None:
+    """The payload beside ``manifest`` must be the one it describes (its size, then its
+    SHA-256, read bounded and hashed as it streams), or ``ArtifactIntegrityError``
+    (``FileNotFoundError`` where there is none in the store ``where`` names)."""
+    what = f"artifact {manifest.artifact_id!r}"
+    if manifest.size > max_payload_bytes:
+        raise ArtifactIntegrityError(
+            f"{what}: manifest declares {manifest.size} bytes, above {max_payload_bytes}"
+        )
+    hasher = hashlib.sha256()
+    try:
+        payload = read_bounded(
+            fs,
+            f"{root}/{manifest.artifact_id}{PAYLOAD_SUFFIX}",
+            manifest.size,
+            what=f"{what}: payload",
+            why="the size its manifest declares",
+            chunk_bytes=READ_CHUNK_BYTES,
+            hasher=hasher,
+        )
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} has a manifest but no payload in {where}") from None
+    verify_payload_digest(len(payload), hasher.hexdigest(), manifest)
 
 
 def _verify_legacy_manifest(raw: bytes, keyring: Keyring, artifact_id: str) -> Manifest:

@@ -437,6 +437,9 @@ def test_a_retiring_publishers_artifacts_are_re_signed_under_their_ids(
     for name in ("swapped.manifest.json", "swapped.pt2", "theirs.manifest.json"):
         assert (root / name).read_bytes() == before[name]
     assert resign_artifact(str(root), "ok", publisher, old) == new  # already the new key's
+    (root / "ok.pt2").write_bytes(PAYLOAD[::-1])  # damaged since: its payload is checked too
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256"):
+        resign_artifact(str(root), "ok", publisher, old)
 
 
 def test_publishing_over_an_id_this_key_cannot_verify_is_refused(
