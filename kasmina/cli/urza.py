@@ -37,7 +37,7 @@ from kasmina.cli.publish_checks import (
     load_factory,
     parse_shape,
 )
-from kasmina.cli.resign import legacy_keyring
+from kasmina.cli.resign import legacy_keyring, old_keys_advice
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
     from kasmina.urza.client import UrzaLibraryClient
@@ -492,7 +492,10 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
                 print(ok if why is None else f"FAILED {artifact_id}: {why}")
             if not problems:
                 return 0
-    old = legacy_keyring(args) if old is None else old  # raises: the old keys are needed
+            advice = old_keys_advice(problems.values())  # which old keys would help, if any
+            if advice is not None:
+                raise CLIError(advice)
+            return _summary(len(problems), len(ids), "could not be re-signed")
     failed = 0
     for artifact_id in ids:
         try:

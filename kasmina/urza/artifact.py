@@ -45,6 +45,7 @@ __all__ = [
     "MANIFEST_SUFFIX",
     "MANIFEST_VERSION",
     "PAYLOAD_SUFFIX",
+    "UNKNOWN_PUBLISHER_KEY",
     "open_store",
     "Manifest",
     "TensorSpec",
@@ -71,6 +72,9 @@ LEGACY_HMAC_MESSAGE = (
     "'kasmina urza publish --key FILE', and give trainers the public key "
     "(urza_trusted_publishers)"
 )
+# How the refusal of a manifest signed by a publisher key the verifier does not trust begins
+# (after the artifact's name): resign tells a key rotation's manifests by it.
+UNKNOWN_PUBLISHER_KEY = "unknown publisher key"
 # Store layout: two flat files per artifact, side by side.
 PAYLOAD_SUFFIX = ".pt2"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -386,7 +390,7 @@ def verify_manifest(
     if not isinstance(key_id, str) or key_id not in publishers:
         trusted = ", ".join(publishers.key_ids) or "none configured"
         raise ArtifactIntegrityError(
-            f"{where}: unknown publisher key {shown(key_id)} (trusted publishers: {trusted})"
+            f"{where}: {UNKNOWN_PUBLISHER_KEY} {shown(key_id)} (trusted publishers: {trusted})"
         )
     unsigned = {k: v for k, v in data.items() if k != "signature"}
     try:
