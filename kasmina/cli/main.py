@@ -1,8 +1,9 @@
 """The ``kasmina`` command line: demo, Urza store tools, key generation, benchmarks.
 
 User mistakes (a missing file, a bad store, a malformed key) end with one ``kasmina: error:``
-line on stderr and exit status 1; argparse usage errors exit 2. Subcommands import their
-dependencies lazily so that ``--help`` is instant.
+line on stderr and exit status 1; argparse usage errors exit 2. A stdout whose reader went away
+(``kasmina urza list | head -1``) ends a command quietly with exit status 141, as SIGPIPE ends a
+Unix tool. Subcommands import their dependencies lazily so that ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import stat
 import subprocess
@@ -40,6 +42,9 @@ from kasmina.errors import KasminaError
 # kasmina.utils do).
 DEMO_MAX_SEED = 2**32 - 1
 MIN_KEY_BYTES = 16
+# The exit status of a command whose stdout's reader went away: 128 + SIGPIPE (13), what a Unix
+# tool the signal ends reports.
+EXIT_CLOSED_STDOUT = 141
 
 # ------------------------------------------------------------------------------------ keygen
 
@@ -385,6 +390,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names; its exit status. A closed stdout (its reader went away:
+    ``| head -1``) ends it quietly with ``EXIT_CLOSED_STDOUT``: no error line, and no
+    "Exception ignored" from the flush at exit, whose output goes to ``os.devnull``."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where its failure is only printed
+    except BrokenPipeError:  # stdout's (_run passes on no other)
+        _discard_stdout()
+        return EXIT_CLOSED_STDOUT
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone away: its pipe or socket reports an error or a hang-up
+    (assumed where that cannot be asked: no ``poll``, or no file descriptor)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):
+        return True
+    poller.register(fd, 0)  # errors and hang-ups are reported whatever is asked for
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at ``os.devnull``: what is left in its buffer is flushed
+    there at exit, not into the closed pipe (the Python documentation's way, "Note on
+    SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a replaced stdout)
+        pass
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "extra", None) and args.extra[0] == "--":
@@ -395,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (CLIError, KasminaError, OSError, ValueError, KeyError, ImportError) as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            raise  # main answers it: not the command's error
         # ImportError: a store URL whose fsspec backend is not installed (s3://, gs://).
         message = one_line(exc)
         store = getattr(args, "store", None)
