@@ -33,6 +33,13 @@ def _weighted(registry: SlotRegistry, batches: list, weights: list[int], loss_fn
     }
 
 
+def _assert_weighted(got: dict, want: dict, samples: int) -> None:
+    for sid, (with_, without) in want.items():
+        assert got[sid].samples == samples
+        assert got[sid].loss_with == pytest.approx(with_, rel=1e-12)
+        assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
+
+
 def _per_sample_loss(out: torch.Tensor, targets: list) -> torch.Tensor:
     """A detection-style loss: the mean over the samples that have target rows."""
     per = [
@@ -55,10 +62,7 @@ def test_a_list_of_per_sample_targets_weighs_its_samples() -> None:
     batches = [(xa, ta), (xb, tb)]
     want = _weighted(registry, batches, [4, 5], _per_sample_loss)
     got = evaluate_seeds(registry, batches, _per_sample_loss)
-    for sid, (with_, without) in want.items():
-        assert got[sid].samples == 9
-        assert got[sid].loss_with == pytest.approx(with_, rel=1e-12)
-        assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
+    _assert_weighted(got, want, samples=9)
 
 
 def test_one_image_batches_weigh_one_image_each() -> None:
@@ -77,10 +81,7 @@ def test_one_image_batches_weigh_one_image_each() -> None:
 
     want = _weighted(registry, batches, [1, 1], loss_fn)
     got = evaluate_seeds(registry, batches, loss_fn)
-    for sid, (with_, without) in want.items():
-        assert got[sid].samples == 2
-        assert got[sid].loss_with == pytest.approx(with_, rel=1e-12)
-        assert got[sid].loss_without == pytest.approx(without, rel=1e-12)
+    _assert_weighted(got, want, samples=2)
 
 
 @pytest.mark.parametrize(

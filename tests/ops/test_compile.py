@@ -73,6 +73,16 @@ def run(fn, inputs: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], 
     return (loss.detach(), *rest, inputs["state"]), grads
 
 
+def assert_same_run(got: tuple, want: tuple) -> None:
+    """``run``'s outputs and gradients equal (a gradient None in both or in neither)."""
+    for g, w in zip(got[0], want[0], strict=True):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(got[1], want[1], strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w)
+
+
 def recording_backend(graphs: list[GraphModule]):
     def compiler(gm: GraphModule, example_inputs: list) -> object:
         graphs.append(gm)
@@ -105,12 +115,7 @@ def test_fullgraph_compile_matches_eager(
     eager_out, eager_grads = run(training_step, make_inputs())
     out, grads = run(compiled, make_inputs())
 
-    for got, want in zip(out, eager_out, strict=True):
-        torch.testing.assert_close(got, want)
-    for got, want in zip(grads, eager_grads, strict=True):
-        assert (got is None) == (want is None)
-        if want is not None:
-            torch.testing.assert_close(got, want)
+    assert_same_run((out, grads), (eager_out, eager_grads))
     assert out[-1][2, StateColumn.LIFECYCLE_STAGE] == SeedStage.HARVESTING  # duplicate: untouched
     assert out[-1][0, StateColumn.EPOCHS_IN_STATE] == 1
 
@@ -148,12 +153,7 @@ def test_jit_trace_records_each_op_and_replays_on_new_values(
             inputs["host"][0] = 1e-30  # leak_check's float64 repair's case (tol 1e3 aside)
     got, got_grads = run(lambda **kw: traced(*kw.values()), fresh)
     want, want_grads = run(training_step, again)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert (g is None) == (w is None)
-        if w is not None:
-            torch.testing.assert_close(g, w)
+    assert_same_run((got, got_grads), (want, want_grads))
     assert torch.isfinite(got[0])
 
 
