@@ -134,19 +134,26 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
-    """The targets' batch size, else the inputs'. A list of tensors whose rows agree is batched
-    targets side by side, unless it has one tensor per input sample and their rows are not the
-    inputs' batch: per-image boxes that happen to have equal counts (an image a batch)."""
-    size, shown = _leading(targets), _leading(inputs)
+    """The targets' batch size, else the inputs'. A sequence of tensors whose rows agree is
+    batched targets side by side, unless it is one 2-D or higher tensor per input sample (per
+    image boxes or masks) with a row count that is not the batch: per-image boxes that happen
+    to be equal in number (an image a batch, or none with objects) weigh their images. The
+    samples are the inputs' batch, or their number when the inputs are a sequence of samples
+    (torchvision's list of images); flat side-by-side targets (per-token labels and weights)
+    keep their rows."""
+    size = _leading(targets)
     if (
         isinstance(targets, tuple | list)
         and targets
-        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in targets)
-        and shown == len(targets) != size
+        and all(isinstance(t, torch.Tensor) and t.dim() > 1 for t in targets)
+        and size != len(targets)
     ):
-        return shown  # one tensor per sample, equal row counts (one image, or none with boxes)
+        listed = isinstance(inputs, list) and len(inputs) == len(targets)
+        if listed or _leading(inputs) == len(targets):
+            return len(targets)
     if size is not None:
         return size
+    shown = _leading(inputs)
     return 1 if shown is None else shown
 
 

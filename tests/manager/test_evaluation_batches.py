@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
-from kasmina.manager.evaluation import evaluate_seeds
+from kasmina.manager.evaluation import _batch_size, evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from tests.manager.test_evaluation import _TO_STABILIZATION, Scale, _tiny
@@ -82,6 +82,23 @@ def test_one_image_batches_weigh_one_image_each() -> None:
     want = _weighted(registry, batches, [1, 1], loss_fn)
     got = evaluate_seeds(registry, batches, loss_fn)
     _assert_weighted(got, want, samples=2)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "size"),
+    [
+        ([torch.zeros(3, 8, 8)], [torch.zeros(0, 4)], 1),  # torchvision: a list of images
+        ([torch.zeros(3, 8, 8)] * 2, [torch.zeros(5, 4)] * 2, 2),
+        (torch.zeros(2, 16), (torch.zeros(32), torch.ones(32)), 32),  # per-token, flat
+        (torch.zeros(2, 16), [torch.zeros(32, 3)] * 3, 32),  # three side by side, not two
+    ],
+    ids=["list-one-empty", "list-equal-rows", "flat-per-token", "not-one-per-sample"],
+)
+def test_what_counts_as_one_target_per_sample(inputs: object, targets: object, size: int):
+    """Per-sample targets are one 2-D or higher tensor per input sample, the samples being the
+    inputs' batch or a list of images; flat targets side by side keep their rows (a batch of
+    two sequences with per-token labels and weights weighed 2, not its 32 tokens)."""
+    assert _batch_size(inputs, targets) == size
 
 
 @pytest.mark.parametrize(
