@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import is_lazy
 
 from kasmina.ops.transforms import functorch_active
 from kasmina.utils.interrupts import interrupts_deferred
@@ -134,8 +135,11 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     exported in train mode updates them on every call. Values are copied back in place (the
     buffer objects stay) where the block wrote them (its version moved, or its values did:
     a write through ``.data``), through ``.data``: a version a pending backward that saved the
-    buffer checks does not move; a buffer whose shape changed is left alone."""
-    buffers = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers()]
+    buffer checks does not move; a buffer whose shape changed is left alone, and so is a lazy
+    module's uninitialised one (the block is what sizes it: a publish's trial run)."""
+    buffers = [
+        (b, b._version, b.detach().clone()) for m in modules for b in m.buffers() if not is_lazy(b)
+    ]
     try:
         yield
     finally:  # (no grad-mode block: a Ctrl-C at its exit's entry left grad mode off)

@@ -29,6 +29,8 @@ def factories(tmp_path, monkeypatch):
         "    return batch_norm(True)\n"
         "def evaluating():\n"
         "    return batch_norm(False)\n"
+        "def lazy_norm():  # sized by the trial run: its buffers uninitialised before it\n"
+        "    return nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())\n"
         "def from_program():  # an exported kernel published again: its eval() raises\n"
         "    return torch.export.export(nn.Linear(4, 4), (torch.randn(8, 4),)).module()\n"
         "class Lazy(nn.Module):  # its first call (the trial run) passes, the export does not\n"
@@ -130,3 +132,15 @@ def test_a_kernel_no_client_would_fetch_is_not_published(
     rc, out, err = run(capsys, "urza", "publish", *argv)
     assert_one_line_error(rc, err, fragment, f"above the {limit} bytes an Urza client fetches")
     assert out == "" and not store.exists()  # nothing signed, nothing written
+
+
+def test_a_lazy_factory_module_is_sized_by_the_trial_run(factories, tmp_path, keys, capsys):
+    """The trial run's buffer keeping copied every buffer first, and a lazy module's are not
+    there to copy until that run sizes them: a lazy batch norm was refused as a module that
+    "does not run", where it published before."""
+    store = tmp_path / "store"
+    artifact = publish(
+        capsys, store, keys, "--factory", "cli_factories:lazy_norm", "--input-shape", "8,6"
+    )
+    program = torch.export.load(store / f"{artifact}{PAYLOAD_SUFFIX}").module()
+    assert program(torch.randn(5, 6)).shape == (5, 4)
