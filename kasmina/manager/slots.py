@@ -32,7 +32,7 @@ from kasmina.isolation.stepping import clip_gradients
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import ActivationSpec, splits_last_dim
+from kasmina.seeds.outputs import CHANNELS_LAST, ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
@@ -556,7 +556,7 @@ class SlotRegistry:
         k = next(i for i, seed in enumerate(slot.seeds) if seed is record.seed)
         dim = slot.chunk_dim % len(full)
         samples = []
-        layout = getattr(slot, "output_layout", None) or torch.contiguous_format
+        layout = CHANNELS_LAST.get(getattr(slot, "output_layout", None), torch.contiguous_format)
         for size in (batch, other) if dim else (batch,):  # dim 0 (the batch) chunked: one size
             out = _random((torch.Size((size, *full[1:])), dtype, device))
             out = out.contiguous(memory_format=layout)  # a channels-last host's strides

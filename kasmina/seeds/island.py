@@ -37,6 +37,7 @@ from kasmina.seeds.faults import (
     gradient_flags,
     record_fallbacks,
 )
+from kasmina.seeds.outputs import memory_format_of
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -58,7 +59,6 @@ __all__ = [
     "contain_isolated",
     "guarded_blend",
     "in_layout_of",
-    "memory_format_of",
 ]
 
 
@@ -562,13 +562,3 @@ def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     along a moved chunk dim returns the moved layout; one copy, only then."""
     layout = memory_format_of(like)
     return out if layout is None else out.contiguous(memory_format=layout)
-
-
-def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
-    """``t``'s memory format when it is the contiguous or a channels-last one, else None."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if t.dim() == rank and t.is_contiguous(memory_format=layout):
-            return layout
-    return None

@@ -75,17 +75,12 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.forwarding import HostForwarding
-from kasmina.seeds.island import (
-    carries_tangent,
-    contain_isolated,
-    guarded_blend,
-    in_layout_of,
-    memory_format_of,
-)
+from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     ActivationSpec,
     batched_rank,
+    channels_last_name,
     checked_chunk_dim,
     chunk_spec,
     contract_problem,
@@ -176,7 +171,7 @@ class KasminaLayer(HostForwarding):
         self._masks = ChunkMasks()
         # The host's output as the seeds see it: None before a forward, its spec, or why none.
         self.output_contract: ActivationSpec | str | None = None
-        self.output_layout: torch.memory_format | None = None  # its memory format (channels last)
+        self.output_layout: str | None = None  # its channels-last layout's name, if it is one
         self.input_spec: ActivationSpec | None = None
         self._rank = batched_rank(host)
         self._teacher_logits: torch.Tensor | None = None
@@ -376,7 +371,7 @@ class KasminaLayer(HostForwarding):
             element = output_element(out, self.output_index)  # its layout: the dry run's
             strided = isinstance(element, Tensor) and element.layout == torch.strided
             strided = strided and not element.is_nested
-            self.output_layout = memory_format_of(element) if strided else None
+            self.output_layout = channels_last_name(element) if strided else None
             provisional = self._rank is None and self.chunk_dim >= 0 and old is None
             self._provisional = provisional and not self._runs_any
 

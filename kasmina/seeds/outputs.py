@@ -27,10 +27,12 @@ from torch.nn.utils import parametrize
 from kasmina.kd.loss import teacher_shape_problem
 
 __all__ = [
+    "CHANNELS_LAST",
     "FUSED_PATH_TENSORS",
     "ActivationSpec",
     "SeedsLive",
     "activation_spec",
+    "channels_last_name",
     "checked_chunk_dim",
     "chunk_spec",
     "contract_problem",
@@ -44,6 +46,7 @@ __all__ = [
     "force_regular_path",
     "forward_owner",
     "inputs_need_grad",
+    "memory_format_of",
     "no_tensor_reason",
     "on_dense",
     "output_index_problem",
@@ -515,3 +518,24 @@ def host_holds(host: nn.Module | None, name: str, built: bool) -> bool:
         or parametrize.is_parametrized(host, name)
         or (built and name in vars(host))
     )
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
+    """``t``'s memory format when it is the contiguous or a channels-last one, else None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == rank and t.is_contiguous(memory_format=layout):
+            return layout
+    return None
+
+
+# A channels-last layout by name: what a slot keeps of its output's (``output_layout``), since
+# ``torch.save`` cannot pickle a ``torch.memory_format`` (a whole-model save would fail).
+CHANNELS_LAST = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}
+
+
+def channels_last_name(t: torch.Tensor) -> str | None:
+    """The ``CHANNELS_LAST`` name of ``t``'s layout, or None (contiguous, or neither)."""
+    layout = memory_format_of(t)
+    return next((name for name, value in CHANNELS_LAST.items() if value == layout), None)

@@ -4,6 +4,7 @@ host's memory format kept by every path of the slot and by a merge."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,8 @@ def test_the_dry_run_probes_a_channels_last_hosts_chunk_in_its_layout(
     rig = ConvRig(tmp_path, store, keyring, model, 2)
     rig.x = rig.x.contiguous(memory_format=torch.channels_last)
     rig.train(1)
+    assert rig.slot.output_layout == "channels_last"
+    torch.save(model, io.BytesIO())  # kept by name: a whole-model save cannot pickle a format
     kernel = _publish(store, FlatScale(), torch.randn(2, 4, 6, 6))
     assert not rig.send("germinate", "block[0]", kernel)
     assert "view size is not compatible" in str(rig.manager.command_log[-1])
