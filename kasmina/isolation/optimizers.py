@@ -107,8 +107,11 @@ class IsolatedOptimizerManager:
         *,
         default_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         telemetry: Any | None = None,
+        default_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.default_optimizer_cls = default_optimizer_cls
+        # What a command's creation starts from (attach's options), its own parameters over them.
+        self.default_options = dict(default_options or {})
         self.telemetry = telemetry
         self._entries: dict[str, _Entry] = {}
         self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
@@ -449,13 +452,15 @@ class IsolatedOptimizerManager:
         ``OptimizerCommand``, an ``AdaptationCommand``, bytes) raises ``TypeError``.
         ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``); ``learning_rate``
         sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
-        optimizer options on creation (``beta1``/``beta2`` are combined into ``betas``).
+        optimizer options on creation, over ``default_options`` (attach's: a GERMINATE's seed
+        optimizer takes them too), ``beta1``/``beta2`` combined into ``betas``.
         INITIALIZE_HOST takes over the host's gradients: once the optimizer is built, those
         already there (accumulated while nothing stepped the host) are dropped."""
         order = read_optimizer_command(command)  # TypeError for a wire message
         kind, oid, options = order.kind, order.optimizer_id, order.options
         lr = 1e-3 if order.learning_rate is None else order.learning_rate
         try:
+            options = {**self.default_options, **options}  # attach's weight decay, fused...
             if kind == CommandType.COMMAND_TYPE_INITIALIZE_HOST:
                 self.initialize_host(self._params_from(oid or HOST_ID), lr=lr, **options)
                 self.zero_grad(HOST_ID)  # else its first step would apply them all at once

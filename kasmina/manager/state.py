@@ -376,7 +376,9 @@ class ManagerState:
         promotes nothing a sink should hear of, and a refused rollback drops it)."""
         telemetry = None if scratch else self.telemetry
         optimizers = IsolatedOptimizerManager(
-            default_optimizer_cls=self.optimizer_cls, telemetry=telemetry
+            default_optimizer_cls=self.optimizer_cls,
+            telemetry=telemetry,
+            default_options=self.optimizer_options,
         )
         registry = self.registry
         if registry is not None:

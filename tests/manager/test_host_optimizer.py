@@ -384,6 +384,27 @@ def test_a_seed_fossilized_before_initialize_host_joins_the_host_optimizer(
     second.manager.close()
 
 
+def test_initialize_host_builds_with_attachs_optimizer_options(tmp_path, store, keyring):
+    """``attach(host_lr=None, optimizer_cls=AdamW, weight_decay=0.0)`` and then INITIALIZE_HOST
+    gave a host optimizer with AdamW's default decay (0.01): the command's options alone. Its
+    own parameters still go over attach's."""
+    options = {"host_lr": None, "optimizer_cls": torch.optim.AdamW, "weight_decay": 0.0}
+    rig = Rig(make_config(tmp_path, store), keyring, eps=1e-6, **options)
+    command = make_optimizer_command("initialize_host", learning_rate=0.01)
+    assert run_command(rig.manager, rig.signed(command))
+    group = rig.manager.optimizers.optimizer("host").param_groups[0]
+    assert (group["weight_decay"], group["eps"], group["lr"]) == (0.0, 1e-6, 0.01)
+    other = Rig(make_config(tmp_path / "b", store), keyring, eps=1e-6, **options)
+    command = make_optimizer_command(
+        "initialize_host", learning_rate=0.01, parameters={"weight_decay": 0.5}
+    )
+    assert run_command(other.manager, other.signed(command))
+    group = other.manager.optimizers.optimizer("host").param_groups[0]
+    assert (group["weight_decay"], group["eps"]) == (0.5, 1e-6)
+    rig.manager.close()
+    other.manager.close()
+
+
 def test_a_seed_promoted_into_a_host_group_with_momentum_keeps_the_host_training(
     tmp_path, store, keyring, mlp
 ) -> None:
