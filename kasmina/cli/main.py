@@ -419,14 +419,13 @@ def _discard_stdout() -> None:
     """Point stdout's file descriptor at ``os.devnull``: what is left in its buffer is flushed
     there at exit, not into the closed pipe (the Python documentation's way, "Note on
     SIGPIPE")."""
-    try:
+    # No file descriptor (a replaced stdout): nothing of it reaches the closed pipe anyway.
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, sys.stdout.fileno())
         finally:
             os.close(devnull)
-    except (AttributeError, OSError, ValueError):  # no file descriptor (a replaced stdout)
-        pass
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -268,10 +268,9 @@ def grad_norms(
     """
     ts = _inputs(tensors, use_grad, "grad_norms")
     dev = _infer_device(ts, device)
-    if torch.jit.is_tracing():
-        return _traced(ts, dev)
-    if through_dispatcher():
-        return _grad_norms_op(_detached(ts), dev)
+    if through_dispatcher():  # tracing too: the tracer cannot record the op (``_traced``)
+        traced = torch.jit.is_tracing()
+        return _traced(ts, dev) if traced else _grad_norms_op(_detached(ts), dev)
     return _compute(ts, dev, None)[0]
 
 
@@ -289,10 +288,10 @@ def leak_check(
     """
     ts = _inputs(tensors, use_grad, "leak_check")
     dev = _infer_device(ts, device)
-    if torch.jit.is_tracing():
-        norms = _traced(ts, dev)
-        return norms, _flag(norms, _check_tol(tol))
-    if through_dispatcher():
+    if through_dispatcher():  # tracing too: the tracer cannot record the op (``_traced``)
+        if torch.jit.is_tracing():
+            norms = _traced(ts, dev)
+            return norms, _flag(norms, _check_tol(tol))
         return _leak_check_op(_detached(ts), _check_tol(tol), dev)
     norms, flag = _compute(ts, dev, _check_tol(tol))
     assert flag is not None
