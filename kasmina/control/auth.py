@@ -263,10 +263,19 @@ class CommandVerifier:
         return self._ledger
 
     def close(self) -> None:
-        """Close the durable ledger (if any): from now on every command is refused. Under the
-        lock its records are written under, so a write in flight (a safe point's
-        ``make_durable`` on the training thread) completes first, never on a closed file."""
-        if self._ledger is not None:
+        """Close the durable ledger (if any): from now on every command is refused. The nonces
+        still staged (``defer_sync``) are written first: a command accepted but dropped at
+        close (a manager closing before its next safe point) stays a replay to the run's next
+        process. Under the lock its records are written under, so a write in flight (a safe
+        point's ``make_durable`` on the training thread) completes first, never on a closed
+        file. A ledger that cannot take them is logged, and closed all the same."""
+        if self._ledger is None:
+            return
+        try:
+            self.make_durable()
+        except OSError as exc:
+            logger.error("nonce ledger: the nonces staged at close were not written: %s", exc)
+        finally:
             with self._lock:
                 self._ledger.close()
 

@@ -652,3 +652,38 @@ def test_a_ledger_of_a_long_legal_name_compacts_and_clears_a_crashs_leftover(
         leftover.write_bytes(b"partial")
     NonceLedger(path).close()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_close_writes_the_nonces_still_staged(keyring, clock, path) -> None:
+    """A manager that closes before its next safe point drops the commands it queued, but
+    their nonces were spent on arrival: close writes them, so the run's next process refuses
+    the captured bytes as replays (they were only staged in memory, and a restarted trainer
+    accepted them inside the window)."""
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    sent = [signed(keyring, f"q{i}", T0) for i in range(3)]
+    assert all(verifier.verify(cmd)[0] for cmd in sent)
+    assert ledger.staged == 3
+    verifier.close()
+    restarted = start(keyring, clock, path)
+    assert [restarted.verify(cmd) for cmd in sent] == [(False, "replay")] * 3
+    restarted.close()
+
+
+def test_close_closes_a_ledger_that_cannot_take_the_staged_nonces(
+    keyring, clock, path, monkeypatch, caplog
+) -> None:
+    ledger = NonceLedger(path, durability="fsync")
+    verifier = CommandVerifier(keyring, WINDOW, clock=clock, ledger=ledger, defer_sync=True)
+    assert verifier.verify(signed(keyring, "lost", T0))[0]
+
+    def failing(data: bytes) -> int:
+        raise OSError(28, "ENOSPC")
+
+    monkeypatch.setattr(ledger._file, "write", failing, raising=False)
+    with caplog.at_level(logging.ERROR, logger="kasmina.control.auth"):
+        verifier.close()  # never raises: logged
+    assert "staged at close were not written" in caplog.text
+    assert verifier.verify(signed(keyring, "later", T0)) == (False, "ledger_error")  # closed
+    monkeypatch.undo()
+    start(keyring, clock, path).close()  # the lock was let go
