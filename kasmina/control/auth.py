@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterable
 from numbers import Real
 from typing import Any, NamedTuple
 
+from kasmina.control.commands import MAX_ID_CHARS
 from kasmina.control.ledger import MAX_LIVE_NONCES, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring, checked_keyring
@@ -402,7 +403,9 @@ class CommandVerifier:
             seq = 0 if ledger is None else self._write(ledger, nonce, timestamp)
             if seq < 0:  # refused, its nonce used up: the same id sent again is no duplicate
                 return "ledger_error"
-            if command_id:
+            # An id validation refuses (too long) is not kept: no later command can take it,
+            # and a signer's 64 KiB ids would hold gigabytes over a full window of nonces.
+            if command_id and len(command_id) <= MAX_ID_CHARS:
                 self._ids[command_id] = timestamp
                 _heappush(self._id_expiry, (timestamp, command_id))
             if ledger is None:

@@ -22,6 +22,7 @@ from kasmina.control.auth import (
     sign_command,
 )
 from kasmina.control.commands import (
+    MAX_ID_CHARS,
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
@@ -237,6 +238,20 @@ def test_a_retry_under_the_same_command_id_is_refused_inside_the_window(
     clock.now = T0 + 62
     assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0 + 62)) == (True, "ok")
     assert sorted(verifier._ids) == ["adv-1"]  # "adv-2"'s timestamp left the window too
+
+
+def test_an_id_validation_refuses_is_not_kept(keyring, verifier) -> None:
+    """An id longer than commands allow is refused by validation after the signature; kept,
+    a signer's 64 KiB ids would hold gigabytes over a window of nonces. Nothing can retry it."""
+    long_id = "x" * (MAX_ID_CHARS + 1)
+    for i in range(3):
+        cmd = make_seed_command("advance", "layer0:1")  # the builder refuses such an id
+        cmd.command_id = f"{long_id}{i}"
+        assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0)) == (True, "ok")
+    assert verifier.ledger_size == 3 and not verifier._ids  # the nonces spent, no id held
+    cmd = make_seed_command("advance", "layer0:1", command_id="x" * MAX_ID_CHARS)
+    assert verifier.verify(sign_command(cmd, keyring, "k1", timestamp=T0)) == (True, "ok")
+    assert list(verifier._ids) == ["x" * MAX_ID_CHARS]  # the longest valid id is kept
 
 
 def test_a_checked_command_does_not_use_up_its_id(keyring, verifier) -> None:
