@@ -172,8 +172,8 @@ class DistributedCoordinator:
         the nonce used up), then held for the next ``sync_epoch``. True if it was accepted;
         whether it was applied is in that sync's result."""
         received_at = self._clock()  # before the check: fresh now is fresh at this time
-        small = len(raw) <= getattr(self.handler, "max_message_bytes", len(raw))  # else refused
-        identity, command_id, content = command_keys(raw) if small else (b"", "", b"")
+        limit = getattr(self.handler, "max_message_bytes", None)  # larger: refused unparsed
+        identity, command_id, content = command_keys(raw, limit)
         with self._held.arriving(identity, command_id):  # a sync relaying it waits for it
             command = self.handler.accept(raw)
             if command is None:

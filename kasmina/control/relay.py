@@ -338,10 +338,16 @@ def command_identity(raw: bytes) -> bytes:
         return raw
 
 
-def command_keys(raw: bytes) -> tuple[bytes, str, bytes]:
+def command_keys(raw: object, max_bytes: int | None = None) -> tuple[bytes, str, bytes]:
     """``(command_identity(raw), its command id, its content)`` from one parse. The content is
     what the command says without how it was signed (metadata cleared): a retry signed anew
-    under the same id says the same; another command that reuses the id does not."""
+    under the same id says the same; another command that reuses the id does not. What the
+    door refuses unparsed (not bytes, or over ``max_bytes``) has no keys: ``(b"", "", b"")``."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return b"", "", b""
+    if max_bytes is not None and memoryview(raw).nbytes > max_bytes:
+        return b"", "", b""
+    raw = bytes(raw)  # hashable, for the held commands' counts
     try:
         command = AdaptationCommand.FromString(raw)
     except Exception:

@@ -728,14 +728,21 @@ def test_submit_verifies_on_arrival_bounds_the_queue_and_never_raises() -> None:
     coord, _, keyring, _ = _local()
     assert not coord.submit(b"x")  # malformed: refused by the handler, now
     assert not coord.submit("not bytes")  # type: ignore[arg-type]
-    assert coord.handler.stats["rejected:malformed"] == 2
-    assert coord.stats["refused_on_arrival"] == 2
+    # What the single-process door refuses, refused here too: these raised (no len, unhashable)
+    for junk in (None, 123, bytearray(b"\x00\x01garbage"), memoryview(b"\xff\xfe")):
+        assert not coord.submit(junk)  # type: ignore[arg-type]
+    assert coord.handler.stats["rejected:malformed"] == 6
+    assert not coord.submit(bytearray(coord.handler.max_message_bytes + 1))
+    assert coord.handler.stats["rejected:oversize"] == 1
+    assert coord.stats["refused_on_arrival"] == 7
+    assert coord.submit(bytearray(_signed(keyring, GERMINATE, 2, "bytearray")))
+    assert coord.sync_epoch(0).outcomes == (True,)
     coord.max_pending = 1
     assert coord.submit(_signed(keyring, GERMINATE, 0, "a"))
     assert not coord.submit(_signed(keyring, GERMINATE, 1, "b"))
     assert coord.stats["dropped:queue_full"] == 1
     assert coord.handler.stats["failed"] == 1  # the dropped one is reported, not lost
-    assert coord.sync_epoch(0).outcomes == (True,)
+    assert coord.sync_epoch(1).outcomes == (True,)
     with pytest.raises(TypeError, match="applier"):
         DistributedCoordinator(object(), lambda: {})  # type: ignore[arg-type]
 
