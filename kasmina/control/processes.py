@@ -38,6 +38,7 @@ __all__ = [
     "copy_into_grads",
     "default_backend",
     "find_free_port",
+    "flat_grad",
     "global_rank",
     "init_from_env",
     "shutdown_process_group",
@@ -156,18 +157,33 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for group_params in by_dtype.values():
-        flat = torch.cat([p.grad.detach().reshape(-1).to(device) for p in group_params])
+        flat = torch.cat([flat_grad(p).to(device) for p in group_params])
         dist.all_reduce(flat.div_(world), op=dist.ReduceOp.SUM, group=group)  # divided first:
         copy_into_grads(flat, group_params)  # a sum of fp16 gradients could overflow to inf
 
 
+def flat_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p.grad`` flattened for a flat all-reduce. A sparse one (``nn.Embedding(sparse=True)``)
+    is densified: each rank's rows differ, so the average is dense, and a rank whose gradient
+    is sparse packs exactly what one whose gradient is dense (zero-filled where missing) does."""
+    grad = p.grad
+    return grad.to_dense().reshape(-1) if grad.is_sparse else grad.detach().reshape(-1)
+
+
 def copy_into_grads(flat: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
     """Copy consecutive slices of ``flat`` into the ``.grad`` of each of ``params`` in order
-    (the inverse of concatenating their flattened gradients)."""
+    (the inverse of concatenating their flattened gradients, ``flat_grad``). A sparse
+    gradient stays sparse, over the rows the average touches (the optimizer a sparse layer
+    was built for, ``SparseAdam``, takes no dense one)."""
     offset = 0
     for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        grad = p.grad
+        n = grad.numel()
+        piece = flat[offset : offset + n].view(grad.shape)
+        if grad.is_sparse:
+            p.grad = piece.to_sparse(grad.sparse_dim()).coalesce()
+        else:
+            grad.copy_(piece)
         offset += n
 
 

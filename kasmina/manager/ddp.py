@@ -47,6 +47,7 @@ from kasmina.control.processes import (
     collective_device,
     collective_timeout_s,
     copy_into_grads,
+    flat_grad,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, buckets
@@ -342,8 +343,7 @@ class SeedGradientSync:
     def _pack(self, params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
         """Each bucket with its gradients copied into one flat tensor."""
         return [
-            (bucket, torch.cat([p.grad.detach().reshape(-1) for p in bucket]))
-            for bucket in self._buckets(params)
+            (bucket, torch.cat([flat_grad(p) for p in bucket])) for bucket in self._buckets(params)
         ]
 
     def _buckets(self, params: list[nn.Parameter]) -> Any:

@@ -850,10 +850,17 @@ def _buffer_worker(rank: int, world: int, out_dir: str) -> None:
     averaged = average([("s.mean", mean), ("s.var", var), ("s.count", count), ("s.half", half)])
     p = nn.Parameter(torch.zeros(2, dtype=torch.float16))
     p.grad = half.clone()
-    average_gradients([p])
+    # A sparse embedding gradient (rows 0 and 2 on rank 0, 2 and 3 on rank 1), and one that
+    # only rank 0 has (zero-filled on rank 1): reshaping a sparse gradient raised.
+    emb = nn.Embedding(5, 2, sparse=True)
+    emb(torch.tensor([0, 2] if rank == 0 else [2, 3])).sum().backward()
+    lone = nn.Embedding(3, 2, sparse=True)
+    if rank == 0:
+        lone(torch.tensor([1])).sum().backward()
+    average_gradients([p, emb.weight, lone.weight])
     torch.save(
         {"n": averaged, "mean": mean, "var": var, "stats": dict(average.stats), "half": half,
-         "grad": p.grad},
+         "grad": p.grad, "emb": emb.weight.grad, "lone": lone.weight.grad},
         Path(out_dir) / f"rank{rank}.pt",
     )  # fmt: skip
 
@@ -871,6 +878,12 @@ def test_seed_buffers_are_averaged_and_a_non_finite_one_left_to_the_repair(
         assert out["half"].tolist() == out["grad"].tolist() == [41024.0, 41024.0]
         # Averaged, rank 1's NaN would have reached rank 0 and no repair would have found it.
         assert out["var"][1].isnan().item() == (rank == 1)
+        # The sparse gradient averaged and still sparse (what SparseAdam takes), over the rows
+        # either rank touched; the lone one averaged with rank 1's zeros.
+        assert out["emb"].is_sparse
+        assert out["emb"].to_dense()[:, 1].tolist() == [0.5, 0.0, 1.0, 0.5, 0.0]
+        assert out["lone"].is_sparse == (rank == 0)
+        assert out["lone"].to_dense().tolist() == [[0.0] * 2, [0.5] * 2, [0.0] * 2]
 
 
 def _nan_repair_worker(rank: int, world: int, out_dir: str) -> None:
