@@ -99,7 +99,10 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
         by_device[g.device].append(g)
     first = grads[0].device
     norms = [_group_norms(group).to(first) for group in by_device.values()]
-    total = torch.linalg.vector_norm(torch.cat(norms))
+    # The per-tensor norms are scaled (fp32 whenever the true norm fits); their squares are
+    # not: summed in fp32 they overflowed for a total above ~1.8e19. In float64 (a few values),
+    # then back to fp32: inf only when the true norm exceeds fp32's range.
+    total = torch.linalg.vector_norm(torch.cat(norms), dtype=torch.float64).float()
     coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
     for device, group in by_device.items():
         torch._foreach_mul_(group, coef.to(device))

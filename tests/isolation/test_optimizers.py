@@ -190,9 +190,11 @@ def test_seed_step_never_moves_host_and_vice_versa():
 
 
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
-@pytest.mark.parametrize("scale", [10.0, 1e-3])
+@pytest.mark.parametrize("scale", [10.0, 1e-3, 1e19, 1e-25])
 def test_clipping_equals_true_global_norm_clip(request, backend, scale):
-    """Mixed fp32/bf16 grads (two dtypes, one launch each) against a float64 oracle."""
+    """Mixed fp32/bf16 grads (two dtypes, one launch each) against a float64 oracle. At 1e19
+    the squares of the per-tensor norms overflow fp32 (the total read inf, the step skipped as
+    non-finite, nothing clipped); at 1e-25 they underflow (the total read 0)."""
     request.getfixturevalue(backend)
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
