@@ -348,6 +348,30 @@ def test_fp16_gradient_survives_loss_scaling():
         _close(got, want, torch.float16, "fp16 gradient")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp16_hidden_gradient_takes_a_grad_scalers_default_scale(monkeypatch, backend, masked):
+    """``reduction="sum"`` under a GradScaler's default scale, 65536, past fp16's 65504: the
+    factor ``grad_output·scale`` multiplies the unscaled hidden gradient in fp32. A mask cast
+    it to fp16 first, and every kept row's hidden gradient came out inf or NaN (the step
+    skipped, the scale halved) where the true one is a few hundred."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    gen = _gen(13)
+    h, w, b = (
+        (torch.randn(*shape, generator=gen) * 0.1).half().requires_grad_()
+        for shape in ((6, 8), (40, 8), (40,))
+    )
+    tl = (torch.randn(6, 40, generator=gen) * 0.1).half()
+    mask = torch.tensor([True, True, False, True, True, True]) if masked else None
+    loss = fused_linear_kd_loss(h, w, tl, student_bias=b, reduction="sum", mask=mask)
+    go = torch.tensor(65536.0)
+    grads = torch.autograd.grad(loss, (h, w, b), go)
+    _, expected = _oracle(h, w, b, tl, 1.0, "sum", mask=mask, grad_output=go)
+    for got, want, what in zip(grads, expected, ("hidden", "weight", "bias"), strict=True):
+        assert want.abs().max() < 65504  # representable: only the factor overflowed fp16
+        _close(got, want, torch.float16, f"fp16 {what} gradient")
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fp16_weight_gradient_of_a_long_chunk_does_not_overflow(monkeypatch, backend, reduction):
