@@ -466,9 +466,11 @@ def _check(seed_out: Tensor, host_out: Tensor, alpha: object, mode: str) -> None
             "the same shape"
         )
     if not isinstance(alpha, Tensor):
-        check_real("alpha", alpha)  # a bool, a string, None: "alpha must be a float"
-        if not abs(float(alpha)) <= _FP32_MAX:  # the kernel's fp32 argument: inf, NaN, 1e39
-            raise ValueError(f"alpha must be a finite number within fp32's range, got {alpha}")
+        value = check_real("alpha", alpha)  # a bool, a string, None: "alpha must be a float"
+        # The kernel's fp32 argument: inf, NaN, 1e39 refused; an int compared exactly (float()
+        # of 10**400 raised OverflowError)
+        if not abs(value) <= _FP32_MAX:
+            raise ValueError(f"alpha must be a finite number in fp32's range, got {alpha!r:.40}")
     else:
         check_float_tensor("alpha", alpha, seed_out.device)
         if alpha.dim() > 1:

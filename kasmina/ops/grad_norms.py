@@ -171,9 +171,13 @@ def _check_tol(tol: object) -> float:
     finite and >= 0 (``0 <= tol < inf`` also refuses NaN), rounded down to the nearest fp32:
     the norms are fp32 and compared with an fp32 tol, and one rounded up onto a norm
     (0.99999999 to 1.0) would hide that norm exceeding it."""
-    tol = float(check_real("tol", tol))
+    given = tol
+    try:
+        tol = float(check_real("tol", tol))
+    except OverflowError:  # an int past float's range (10**400)
+        tol = math.inf
     if not 0 <= tol < math.inf:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+        raise ValueError(f"tol must be a finite number >= 0, got {given!r:.40}")
     low = np.float32(min(tol, _FP32_MAX))
     if float(low) > tol:
         low = np.nextafter(low, np.float32(0.0))

@@ -287,6 +287,8 @@ def test_empty_tensors(backend):
         (torch.zeros(2, 4), torch.zeros(2, 4), 1e39, "blend", "fp32's range"),
         (torch.zeros(2, 4), torch.zeros(2, 4), float("inf"), "blend", "fp32's range"),
         (torch.zeros(2, 4), torch.zeros(2, 4), float("nan"), "blend", "fp32's range"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), 10**400, "blend", "fp32's range"),  # OverflowError
+        (torch.zeros(2, 4), torch.zeros(2, 4), -(10**39), "blend", "fp32's range"),
     ],
 )
 def test_rejections(seed_out, host_out, alpha, mode, match):

@@ -539,7 +539,8 @@ def test_single_tensor_is_not_a_list(any_backend: str) -> None:
 
 @pytest.mark.parametrize(
     "bad_tol",
-    [-1.0, float("nan"), float("inf"), True, False, np.True_, "0.5", None, torch.tensor(0.5)],
+    [-1.0, float("nan"), float("inf"), True, False, np.True_, "0.5", None, torch.tensor(0.5)]
+    + [10**400],  # an int past float's range: float() raised OverflowError
 )
 def test_bad_tolerance_raises(any_backend: str, bad_tol: object) -> None:
     """``tol`` is a real number: not a bool (``float(True)`` would be 1.0), not a string (nor
