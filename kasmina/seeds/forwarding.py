@@ -67,6 +67,8 @@ class HostForwarding(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         # What the host holds and the slot does not is assigned on the host, as it is read there:
         # weight tying (``lm_head.weight = wte.weight``), a resize's ``out_features``.
+        if name == "_hf_hook" and name not in self.__dict__:
+            self._hooked_by_accelerate()
         host = _owner(self, name, value)
         if host is not None:
             setattr(host, name, value)
@@ -74,6 +76,19 @@ class HostForwarding(nn.Module):
         if name in CONSTANTS and name in self.__dict__.get("_buffers", ()):  # a loader's tensor
             self.__dict__["_constants_stale"] = True  # (``constants.constants_replaced``)
         super().__setattr__(name, value)
+
+    def _hooked_by_accelerate(self) -> None:
+        """accelerate's ``add_hook_to_module`` is hooking the slot itself (only it sets
+        ``_hf_hook``; ``remove_hook_from_module`` deletes it): the hook and the forward it
+        wraps are the slot's. Over a host hooked before ``attach`` it read the host's hook and
+        unhooked ``_old_forward`` through the slot and kept them, so the slot's new forward
+        called the host's bare one: the slot, its seeds and the host's own hook skipped at
+        every call, silently. Now the slot's forward is the one wrapped (it calls the host,
+        whose hook stays), and the hook is set on the slot (``_owner`` finds it there)."""
+        state = self.__dict__
+        if "_old_forward" not in state:
+            state["_old_forward"] = object.__getattribute__(self, "forward")
+        state["_hf_hook"] = None  # the slot's from now on; assigned by the caller next
 
     def __delattr__(self, name: str) -> None:
         # Deleted where ``__setattr__`` would assign it: ``hasattr(slot, name)`` was true while

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -237,6 +238,44 @@ def test_accelerate_hooks_put_on_before_attach_come_off_the_host() -> None:
     assert not [name for name, m in model.named_modules() if "_hf_hook" in vars(m)]
     assert "forward" not in vars(slot) and "_old_forward" not in vars(slot.host)
     assert torch.equal(model(x), grown)  # the slot still runs its seed
+
+
+@pytest.mark.parametrize("host_hooked", [True, False])
+def test_accelerate_hooks_a_slot_over_a_host_hooked_before_attach(host_hooked: bool) -> None:
+    """``add_hook_to_module`` on a slot (a second ``dispatch_model``) read a hooked host's
+    ``_hf_hook`` and ``_old_forward`` through the slot as the slot's own, so the slot's new
+    forward called the host's bare forward: the slot, its seeds and the host's hook were
+    skipped at every call, silently. The slot's hook now wraps the slot's forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Counting(hooks.ModelHook):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return args, kwargs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    on_host, on_slot = Counting(), Counting()
+    if host_hooked:
+        hooks.add_hook_to_module(model[0], on_host)
+    (slot,) = attach(model, ["0"], 2, 4)
+    torch.manual_seed(1)
+    slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    for stage in PATH:
+        slot.seed(0).transition_to(stage)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    grown = model(x)
+    hooks.add_hook_to_module(slot, on_slot)
+    assert torch.equal(model(x), grown)  # the slot runs its seed
+    assert on_slot.calls == 1 and on_host.calls == (2 if host_hooked else 0)
+    assert vars(slot)["_hf_hook"] is on_slot
+    assert (vars(slot.host).get("_hf_hook") is on_host) == host_hooked
+    hooks.remove_hook_from_module(model, recurse=True)
+    assert not [name for name, m in model.named_modules() if "_hf_hook" in vars(m)]
+    assert torch.equal(model(x), grown) and on_slot.calls == 1
 
 
 def test_a_resize_through_a_slot_reaches_the_hosts_plain_attributes() -> None:
