@@ -206,10 +206,11 @@ class GradientIsolatedSeed(nn.Module):
             epochs, violations = self.trained_epochs, self.isolation_violations
             return gate_g2_isolated_training(epochs, min_isolated_epochs, violations)
         if gate == 3:
-            if sample is not None:  # inside a command: a fault is G3's reason, never charged
-                self.probe(sample, charged=False)
+            probed = self.probe_result  # inside a command, G3's own probe is neither charged
+            if sample is not None:  # nor kept: a refused command changes no seed (nor G3 later)
+                probed, self.probe_result = self.probe(sample, charged=False), probed
             return gate_g3_probed(
-                self.probe_result, self.kernel, host_flops_per_element, max_cost_ratio,
+                probed, self.kernel, host_flops_per_element, max_cost_ratio,
                 latency_budget_ms, seed_id=self.seed_id,
             )  # fmt: skip
         if gate == 4:
@@ -481,8 +482,8 @@ class GradientIsolatedSeed(nn.Module):
         probe random activations instead, until a later probe runs cleanly); a wrong shape,
         dtype or device is a fault that keeps the probe, so G3 names the mismatch; a
         non-finite output sets the flag. Not ``charged`` (G3's probe inside an ADVANCE): the
-        fault is the probe's only record, neither counted nor flagged, since a refused command
-        changes no seed. An empty batch keeps the probe there is (it measures nothing)."""
+        fault is the probe's only record, neither counted nor flagged (nor kept by
+        ``evaluate_gate``), since a refused command changes no seed. An empty batch keeps the probe there is (it measures nothing)."""
         if self.kernel is None:
             return None
         if x.numel() == 0:

@@ -269,8 +269,9 @@ def test_g3s_own_probe_in_a_refused_advance_charges_the_seed_nothing(
     assert not grown.send("advance")
     assert "G3 refused" in grown.manager.command_log[-1][3]
     assert seed.stage == S.COMPATIBILITY_CHECK and torch.equal(seed.get_extra_state(), before)
+    assert seed.probe_result is None  # kept, the next ADVANCE was refused on it, unprobed
     handle.remove()
+    assert grown.send("advance") and seed.stage == S.GRAFTING  # the kernel healthy again
     grown.train(1)  # a clean step: nothing left over to charge
-    assert seed.faults == seed.fault_limit - 1 and seed.stage == S.COMPATIBILITY_CHECK
-    assert grown.send("advance") and seed.stage == S.GRAFTING
+    assert seed.faults == seed.fault_limit - 1 and seed.stage == S.GRAFTING
     grown.manager.close()
