@@ -36,6 +36,7 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
     short_reason,
+    weights_absent,
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.seeds.side_effects import kept_buffers, rng_forked
@@ -501,6 +502,8 @@ def guarded_probe(
     except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
+        if (absent := weights_absent(kernel)) is not None:
+            raise absent from exc  # not its fault: sat out
         kind = "type" if isinstance(exc, ProbeOutputError) else "exception"
         reason = str(exc) if kind == "type" else f"raised {type(exc).__name__}: {exc}"
         if not recomputing():

@@ -483,7 +483,8 @@ class GradientIsolatedSeed(nn.Module):
         dtype or device is a fault that keeps the probe, so G3 names the mismatch; a
         non-finite output sets the flag. Not ``charged`` (G3's probe inside an ADVANCE): the
         fault is the probe's only record, neither counted nor flagged (nor kept by
-        ``evaluate_gate``), since a refused command changes no seed. An empty batch keeps the probe there is (it measures nothing)."""
+        ``evaluate_gate``), since a refused command changes no seed. An empty batch keeps the
+        probe there is (it measures nothing)."""
         if self.kernel is None:
             return None
         if x.numel() == 0:

@@ -560,3 +560,35 @@ def test_a_kernel_writing_a_non_persistent_buffer_is_flagged_and_refused_by_a_se
     with pytest.raises(ValueError, match="writes in place into a non-persistent buffer"):
         seed.attach_kernel(kernel)
     assert seed.kernel is None
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_an_offloaded_kernel_sits_out_and_preloaded_it_runs(artifact, preload, caplog) -> None:
+    """accelerate's ``cpu_offload`` leaves a module's weights on the meta device until its own
+    forward runs, and a kernel's program reads its submodules' weights without calling them:
+    every call raised, was charged as the seed's fault, and a few inference forwards
+    quarantined a healthy seed. It sits out now (the host's output, no fault), and the log
+    names ``preload_module_classes``, with which the kernel loads its weights and runs."""
+    accelerate = pytest.importorskip("accelerate")
+    from kasmina.seeds.inject import attach
+    from kasmina.stages import SeedStage as S
+
+    _, payload, manifest, _ = artifact
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    (slot,) = attach(model, ["0"], 1, 8)
+    seed = slot.seed(0)
+    seed.attach_kernel(GPUKernel.from_binary(payload, manifest, torch.device("cpu")))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION):
+        seed.transition_to(stage)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        grown, bare = model(x), model[2](model[1](slot.host(x)))
+    options = {"preload_module_classes": ["GPUKernel"]} if preload else {}
+    accelerate.cpu_offload(model, execution_device="cpu", **options)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="kasmina.seeds.faults"):
+        outs = [model(x) for _ in range(seed.fault_limit)]
+    assert seed.faults == 0 and seed.stage == S.STABILIZATION
+    for out in outs:
+        assert torch.equal(out, grown if preload else bare)
+    assert ("preload_module_classes" in caplog.text) != preload
