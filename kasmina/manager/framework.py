@@ -347,6 +347,13 @@ class ManagerScheduler:
                 "to a scheduler it recognises as one (Trainer at evaluation, by its class): pass "
                 "it to the framework as it is; a ROLLBACK in a step does not move it"
             )
+        inner = getattr(optimizer, "optimizer", None)  # accelerate's wrapper of one: its own
+        if not isinstance(optimizer, ManagerOptimizer) and isinstance(inner, ManagerOptimizer):
+            optimizer = inner
+        if not isinstance(optimizer, ManagerOptimizer):
+            raise TypeError(
+                f"ManagerScheduler steps with a ManagerOptimizer, got {type(optimizer).__name__}"
+            )
         self.scheduler = scheduler
         self.optimizer = optimizer
         self._stepped_at = optimizer.steps

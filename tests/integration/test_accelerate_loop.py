@@ -65,3 +65,20 @@ def test_an_accelerate_loop_keeps_the_schedule_on_the_managers_clock_and_resumes
     clock, last, resumed = _run(tmp_path, "resumed", resume=tmp_path / "state")
     assert last == 4  # the registered scheduler came back at 2 and stepped twice more
     assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
+
+
+def test_a_manager_scheduler_takes_the_prepared_optimizer_and_refuses_another(tmp_path) -> None:
+    """Built over what ``accelerator.prepare`` returned (the ``ManagerOptimizer`` wrapped), it
+    raised AttributeError ('AcceleratedOptimizer' object has no attribute 'steps')."""
+    config = make_config(tmp_path / "m", tmp_path / "urza", checkpoint_mode="memory")
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    manager.attach(model, ["2"], 2, 2, host_lr=0.05)
+    optimizer = ManagerOptimizer(manager)
+    host = manager.optimizers.optimizer("host")
+    schedule = torch.optim.lr_scheduler.LambdaLR(host, lambda s: 0.9**s)
+    prepared = accelerate.Accelerator(cpu=True).prepare(optimizer)
+    assert ManagerScheduler(schedule, prepared).optimizer is optimizer
+    with pytest.raises(TypeError, match="with a ManagerOptimizer, got"):
+        ManagerScheduler(schedule, host)
+    manager.close()
