@@ -366,13 +366,19 @@ class KasminaLayer(HostForwarding):
         if old is not None and torch.compiler.is_compiling():
             return
         record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, old)
+        if record is None and old is not None and self.chunk_dim < 0:
+            # A dim counted from the back chunks every rank alike: a call of the record's rank
+            # settles it (no check per call after that, on the dormant path).
+            element = output_element(out, self.output_index)
+            if isinstance(element, Tensor) and element.dim() == len(old[0]):
+                self._provisional = False
         if record is not None:
             self.output_contract, self.input_spec, self._moved = *record, None
             element = output_element(out, self.output_index)  # its layout: the dry run's
             strided = isinstance(element, Tensor) and element.layout == torch.strided
             strided = strided and not element.is_nested
             self.output_layout = channels_last_name(element) if strided else None
-            provisional = self._rank is None and self.chunk_dim >= 0 and old is None
+            provisional = self._rank is None and old is None  # (``outputs.rerecorded``)
             self._provisional = provisional and not self._runs_any
 
     def _refresh_plan(self) -> None:

@@ -100,20 +100,20 @@ def rerecorded(
     args: tuple[Any, ...], out: Any, index: int, host: nn.Module, contract: Any
 ) -> tuple[ActivationSpec | str, ActivationSpec | None] | None:
     """A slot's new record (as :func:`slot_record`) when ``out`` is a batched call of the
-    unbatched one ``contract`` was recorded from (its shape with a leading dim), else None.
+    unbatched one ``contract`` may have been recorded from (one more dim), else None.
 
-    For a host that declares no batched rank (a block chunked along a dim counted from the
-    front: ``chunk_dim=1`` on NCHW) no call tells whether it was batched; a first call on one
-    image recorded ``(C, H, W)``, and GERMINATE refused every kernel that fits the training
-    calls (or, where ``H == C``, took a rank-3 one that sat every batched call out). While no
-    seed of the slot holds a kernel, the record follows the first call that is the recorded
-    one with a batch dimension in front."""
+    For a host that declares no batched rank (a ``Linear``, a block) no call tells whether it
+    was batched; a first call on one image recorded ``(C, H, W)`` (or a sanity call on one
+    sequence ``(T, F)``), and GERMINATE refused every kernel that fits the training calls (or
+    took one of the record's rank that sat every batched call out). While no seed of the slot
+    holds a kernel, the record follows the first call with one more dim, whatever its other
+    sizes (the training images' resolution, the sequences' length, may differ)."""
     element = output_element(out, index)
     if (
         not isinstance(contract, tuple)
         or not isinstance(element, torch.Tensor)
         or element.is_nested  # no shape to compare (a packed encoder batch): a later call
-        or tuple(element.shape[1:]) != tuple(contract[0])
+        or element.dim() != len(contract[0]) + 1
     ):
         return None
     return slot_record(args, out, index, host, None, None)

@@ -16,7 +16,7 @@ import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager import KasminaKernelManager
-from kasmina.urza.blueprints import AffineShift
+from kasmina.urza.blueprints import AffineShift, ResidualMLP
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import PUBLISHER, S, make_config, run_command
@@ -117,6 +117,61 @@ def test_an_unbatched_first_call_does_not_fix_the_slots_record(
         rig.model.eval()(rig.x[0])
     assert tuple(rig.slot.output_contract[0]) == (4, 8, 7, 5)
     assert rig.slot.sat_out == {"seeds": 1}
+
+
+class SeqNet(nn.Module):
+    """A token-wise ``Linear`` (the slot, chunked on its last dim) over ``[B, T, F]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.fc = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(x).mean(-2))
+
+
+@pytest.mark.parametrize("host", ["sequence", "block"])
+def test_a_first_unbatched_call_of_another_size_gives_way_to_the_batched_calls(
+    tmp_path: Path, store: Path, keyring: Keyring, host: str
+) -> None:
+    """One sanity call on one sample before training: a sequence model's ``(T, F)`` fixed a
+    ``Linear`` slot's record at rank 2 for good (its dim counted from the back made it no
+    provisional record), and a block's image of another resolution than the training batches
+    was no "batched form" of its record. GERMINATE refused every kernel of the training rank,
+    and the rank-2 kernel its refusal asked for sat out every training call."""
+    if host == "sequence":
+        rig = ConvRig(tmp_path, store, keyring, SeqNet(), 2)  # type: ignore[arg-type]
+        rig.x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(4))
+        first, example = rig.x[0, :3], torch.randn(3, 5, 4)
+        kernel = publish_artifact(ResidualMLP(4), [example], str(store), "tok", PUBLISHER)
+        artifact, trained = kernel.artifact_id, (4, 5, 8)
+    else:
+        block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        rig = ConvRig(tmp_path, store, keyring, Net(block), 2, chunk_dim=1)
+        first = torch.randn(3, 9, 9, generator=torch.Generator().manual_seed(5))
+        artifact, trained = _publish(store, ChannelKernel(4), torch.randn(2, 4, 6, 6)), (4, 8, 7, 5)
+    with torch.no_grad():
+        rig.model.eval()(first)
+    rig.model.train()
+    rig.train(1)
+    assert tuple(rig.slot.output_contract[0]) == trained
+    assert rig.send("germinate", "block[0]", artifact), rig.manager.command_log[-1]
+    assert rig.train(2)["seeds_stepped"] == ["block[0]"] and not rig.slot.sat_out
+    rig.manager.close()
+
+
+def test_a_settled_record_costs_a_dormant_slot_no_check_per_call(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A slot chunked from the back keeps its record open only until a call of the record's
+    rank confirms it: re-checking every dormant call cost a few microseconds each."""
+    rig = ConvRig(tmp_path, store, keyring, SeqNet(), 2)  # type: ignore[arg-type]
+    rig.x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(4))
+    rig.train(1)
+    assert rig.slot._provisional
+    rig.train(1)
+    assert not rig.slot._provisional and tuple(rig.slot.output_contract[0]) == (4, 5, 8)
+    rig.manager.close()
 
 
 def test_a_record_is_replaced_only_by_its_batched_form_and_before_any_kernel(
