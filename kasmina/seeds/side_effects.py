@@ -136,14 +136,22 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     buffer objects stay) where the block wrote them (its version moved, or its values did:
     a write through ``.data``), through ``.data``: a version a pending backward that saved the
     buffer checks does not move; a buffer whose shape changed is left alone, and so is a lazy
-    module's uninitialised one (the block is what sizes it: a publish's trial run)."""
+    module's uninitialised one (the block is what sizes it: a publish's trial run). A buffer
+    the block replaced (``self.h = h.detach()``: a streaming RNN's state) gets its own object
+    back, under its name (copying into the old object left the measurement's state in place)."""
     buffers = [
-        (b, b._version, b.detach().clone()) for m in modules for b in m.buffers() if not is_lazy(b)
+        (owner, name, b, b._version, b.detach().clone())
+        for m in modules
+        for owner in m.modules()
+        for name, b in owner._buffers.items()
+        if b is not None and not is_lazy(b)
     ]
     try:
         yield
     finally:  # (no grad-mode block: a Ctrl-C at its exit's entry left grad mode off)
-        for buffer, version, saved in buffers:
+        for owner, name, buffer, version, saved in buffers:
+            if owner._buffers.get(name) is not buffer:
+                owner._buffers[name] = buffer
             same = buffer._version == version and torch.equal(buffer, saved)
             if buffer.shape == saved.shape and not same:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph

@@ -111,6 +111,35 @@ def test_a_plain_end_epoch_leaves_the_rng_and_host_buffers_as_they_were(
     manager.close()
 
 
+class StreamingOut(nn.Module):
+    """Carries a state across calls by replacing its buffer (``self.h = ...``), not writing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("h", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x) + self.h
+        self.h = out.detach().mean(0)
+        return out
+
+
+def test_a_plain_end_epoch_puts_back_a_host_buffer_the_forward_replaced(
+    tmp_path, store, keyring
+) -> None:
+    """The overhead timing's random forwards replaced the buffer object, and only the old
+    object got its values back: the host's state came out of ~200 random batches."""
+    manager, model, x, y = _managed(tmp_path, store, keyring, StreamingOut())
+    manager.backward(F.cross_entropy(model(x), y))
+    manager.step()
+    state, before = model.out.h, _buffers(model)
+    manager.end_epoch(0)
+    assert math.isfinite(manager.get_performance_metrics()["dormant_overhead_us"])  # measured
+    assert model.out.h is state and _same_buffers(model, before)
+    manager.close()
+
+
 def test_a_plain_end_epoch_runs_no_forward_hook_of_the_host(tmp_path, store, keyring) -> None:
     """The overhead timing ran the slot and its host 201 times each: an activation collector
     hooked on the host (or the slot) got 402 calls on random inputs at a plain epoch's end."""
