@@ -49,7 +49,7 @@ from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.outputs import dense, on_dense, output_element, replace_output_element
-from kasmina.seeds.side_effects import kept_buffers
+from kasmina.seeds.side_effects import hooks_held, kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
 from kasmina.utils.modules import in_eval_mode
@@ -569,7 +569,7 @@ def host_flops_per_element(record: SeedRecord, saved: HostShapes | None = None) 
     held = (t.device for t in itertools.chain(host.parameters(), host.buffers()))
     device = spec[2] if spec is not None else next(held, torch.device("cpu"))
     try:
-        with in_eval_mode(host):
+        with in_eval_mode(host), hooks_held(host):  # zeros reach no user hook
             flops = count_flops(host, torch.zeros(shape, dtype=dtype, device=device))
     except Exception as exc:  # a host the counter cannot run: cost not comparable
         logger.warning("host of %s: FLOPs not counted (%s)", slot.layer_id, exc)

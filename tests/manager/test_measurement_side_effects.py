@@ -174,3 +174,31 @@ def test_evaluate_seeds_leaves_a_qat_hosts_observer_as_it_was(
     assert _same_buffers(model, before)
     assert torch.equal(torch.get_rng_state(), rng)
     manager.close()
+
+
+def test_g3s_host_flop_count_runs_no_forward_hook_of_the_host(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """G3 counts the host layer's FLOPs on a zeros batch: an activation collector hooked on the
+    host got that fabricated batch at every ADVANCE to GRAFTING."""
+    manager, model, x, y = _managed(tmp_path, store, keyring, QuantOut())
+    seen: list[float] = []
+    model.out.host.register_forward_hook(lambda m, args, out: seen.append(float(args[0].sum())))
+
+    def send(op: str, artifact: str = "") -> bool:
+        command = sign_command(make_seed_command(op, SEED0, artifact), keyring, "ctl")
+        return run_command(manager, command.SerializeToString())
+
+    def train() -> None:
+        manager.backward(F.cross_entropy(model(x), y))
+        manager.step()
+
+    assert send("germinate", mlp)
+    train()
+    manager.end_epoch(0)
+    assert send("advance")  # -> COMPATIBILITY_CHECK
+    train()
+    seen.clear()
+    assert send("advance")  # -> GRAFTING: G3, which counts the host's FLOPs
+    assert manager.seed(SEED0).stage.name == "GRAFTING" and seen == []
+    manager.close()
