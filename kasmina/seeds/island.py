@@ -37,7 +37,7 @@ from kasmina.seeds.faults import (
     gradient_flags,
     record_fallbacks,
 )
-from kasmina.seeds.outputs import memory_format_of
+from kasmina.seeds.outputs import dense_order, memory_format_of
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -556,9 +556,18 @@ def guarded_blend(
 
 
 def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``out`` (of ``like``'s shape) in ``like``'s memory format, when that is the contiguous or
-    a channels-last one: a slot's output keeps its host's layout, so that code after the slot
-    (``y.view(len(y), -1)`` after a conv) works as it did on the host's own output. A blend
-    along a moved chunk dim returns the moved layout; one copy, only then."""
+    """``out`` (of ``like``'s shape) in ``like``'s layout, when that is the contiguous or a
+    channels-last one, or a permutation of a dense block (an RNN's or attention's
+    ``batch_first`` output, a transposed view): a slot's output keeps its host's layout, so
+    that code after the slot (``y.view(len(y), -1)`` after a conv) works as it did on the
+    host's own output, and reduces in the same order (a contiguous copy of a transposed
+    output changed the next layer's gradient in its last bits, which ISOLATED_INIT promises
+    bit for bit). A blend along a moved chunk dim returns the moved layout; one copy, only
+    then."""
     layout = memory_format_of(like)
-    return out if layout is None else out.contiguous(memory_format=layout)
+    if layout is not None:
+        return out.contiguous(memory_format=layout)
+    order = dense_order(like)
+    if order is None or out.stride() == like.stride():
+        return out
+    return out.permute(order).contiguous().permute([order.index(d) for d in range(like.dim())])

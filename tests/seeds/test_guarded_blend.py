@@ -653,6 +653,52 @@ def test_a_conv_slot_keeps_its_hosts_layout_while_its_seeds_blend(
             flat.square().sum().backward()
 
 
+class BatchFirstLSTM(nn.Module):
+    """``pre -> LSTM(batch_first) -> mean over time -> head``: the LSTM's output is a transposed
+    view (its ``[T, B, H]`` buffer), which the next reduction reads in that order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.rnn, self.head = (
+            nn.Linear(3, 4),
+            nn.LSTM(4, 4, batch_first=True),
+            nn.Linear(4, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.pre(x))[0].mean(1))
+
+
+@pytest.mark.parametrize("stages", [(S.ISOLATED_INIT, S.DORMANT), (S.GRAFTING, S.ISOLATED_INIT)])
+def test_a_slot_keeps_a_transposed_host_outputs_layout(stages) -> None:
+    """A ``batch_first`` RNN's output is a permuted dense block. The slot's output came back
+    contiguous, so the reductions after it ran in another order: in ISOLATED_INIT the host's
+    gradients (``head.weight``'s) differed from the seedless run in their last bits."""
+    from kasmina.seeds.inject import attach
+    from kasmina.seeds.outputs import dense_order
+
+    model, bare = BatchFirstLSTM(), BatchFirstLSTM()
+    (slot,) = attach(model, ["rnn"], 2, 2)
+    for seed, stage in zip(slot.seeds, stages, strict=True):
+        if stage != S.DORMANT:
+            seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+        for step in _TO[stage]:
+            seed.transition_to(step)
+    slot.update_alpha_blending(3, 10)
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(1))
+    hidden = model.pre(x)
+    assert slot(hidden)[0].stride() == slot.host(hidden)[0].stride() == (4, 24, 1)
+    if stages[0] == S.ISOLATED_INIT:  # the host's values and gradients, bit for bit
+        model(x).square().sum().backward()
+        bare(x).square().sum().backward()
+        grads = {n.replace(".host.", "."): p.grad for n, p in model.named_parameters()}
+        for name, q in bare.named_parameters():
+            assert torch.equal(grads[name], q.grad), name
+    assert dense_order(torch.empty(2, 3, 4).transpose(0, 1)) == [1, 0, 2]  # outermost first
+    assert dense_order(torch.empty(3, 1).expand(3, 4)) is None  # broadcast: kept as it is
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_a_grown_model_runs_in_float64_with_the_float32_math(
     backend: str, monkeypatch: pytest.MonkeyPatch
