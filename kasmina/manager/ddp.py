@@ -54,6 +54,7 @@ from kasmina.control.replica import BufferAverage, buckets
 from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerReplica
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
+from kasmina.seeds.charging import DeferredFaults, Held, charge_gathered, defer_faults, encode
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL, TRAINING_STAGES
 from kasmina.utils.perfstats import LatencyStats
@@ -206,6 +207,10 @@ class SeedGradientSync:
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.stats: Counter[str] = Counter()
         self.latency = LatencyStats()
+        # The seeds' faults found on this rank's host since the last step, while a
+        # ``DistributedKasmina`` defers them (``charging.defer_faults``): charged at the step
+        # (or the epoch sync: ``charge_held_faults``) on every rank alike.
+        self.faults = DeferredFaults()
 
     def live_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(seed id, parameter)`` of every seed an optimizer steps, in registry order; then
@@ -245,12 +250,17 @@ class SeedGradientSync:
         here), and the ranks step on the same finite average (``settle_nonfinite`` then keeps
         it). Any other non-finite entry is averaged as it is, so every rank sees it: a clipped
         step skips that seed on every rank alike, and the check of seeds whose gradient alone
-        stays non-finite (``SlotRegistry.charge_failed_steps``) charges it alike."""
-        if not _distributed():
+        stays non-finite (``SlotRegistry.charge_failed_steps``) charges it alike.
+
+        The faults seeds found on this rank's host since the last step (a kernel that raised,
+        an output of the wrong shape, a backward that raised: ``self.faults``) are gathered from
+        every rank in the same rare second collective, and every rank charges them all
+        (``charging.charge_gathered``), as one process seeing every rank's data would."""
+        held = self.faults.take()
+        if not _distributed() or dist.get_world_size(self.group) == 1:
+            self.faults.charge_here(held)
             return False, clean
         world = dist.get_world_size(self.group)
-        if world == 1:
-            return False, clean
         started = time.perf_counter_ns()
         flags = {} if flags is None else flags
         live = self.live_parameters()
@@ -261,7 +271,7 @@ class SeedGradientSync:
         layout = _layout_key(live)
         missing = any(p.grad is None for p in params)
         device = _device_for(params, self.group)
-        raised = any(not ok or bad for ok, bad in flags.values())
+        raised = bool(held) or any(not ok or bad for ok, bad in flags.values())
         seeds = 0 if self.registry is None else len(self.registry.records)  # _agree's length
         row = [layout, -layout, int(missing), int(not clean), int(raised), seeds, -seeds]
         header = torch.tensor(row, dtype=torch.int64, device=device)
@@ -270,11 +280,10 @@ class SeedGradientSync:
         packed = None if missing else self._pack(params)
         check.wait()
         top, neg_bottom, any_missing, any_leak, any_raised, most, neg_least = header.tolist()
-        # Rare: a second small collective, only in a step where a seed fell back somewhere,
-        # and only between ranks whose registries have as many seeds (else the layout differs
-        # too, and the epoch sync repairs).
-        if any_raised and most == seeds == -neg_least:
-            self._agree(flags, device)
+        # Rare: a second small collective, only in a step where a seed fell back or faulted
+        # somewhere, and only between ranks whose registries have as many seeds (else the
+        # layout differs too, and the epoch sync repairs: each rank charges its own faults).
+        self._settle(flags, device, held, bool(any_raised) and most == seeds == -neg_least)
         if any_leak and clean:
             self.stats["peer_leaks"] += 1  # this rank's host skips the step with the others
         clean = not any_leak
@@ -311,18 +320,71 @@ class SeedGradientSync:
         self.latency.add_ns(time.perf_counter_ns() - started)
         return True, clean
 
-    def _agree(self, flags: dict[str, list[bool]], device: torch.device) -> None:
+    def charge_held_faults(self) -> None:
+        """Charge the seeds' faults held since the last step on every rank alike (a collective:
+        the epoch sync calls it on every rank, before any command applies, so that a fault a
+        validation pass or a G3 probe found at the epoch's end is charged to the seed that
+        committed it, not to what a CULL or a ROLLBACK made of it). One 3-integer all-reduce;
+        where some rank held a fault, ``_agree``'s two more."""
+        held = self.faults.take()
+        if not _distributed() or dist.get_world_size(self.group) == 1:
+            self.faults.charge_here(held)
+            return
+        device = _device_for([p for _, p in self.live_parameters()], self.group)
+        seeds = 0 if self.registry is None else len(self.registry.records)
+        header = torch.tensor([int(bool(held)), seeds, -seeds], dtype=torch.int64, device=device)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+        any_held, most, neg_least = header.tolist()
+        self._settle({}, device, held, bool(any_held) and most == seeds == -neg_least)
+
+    def _settle(
+        self, flags: dict[str, list[bool]], device: torch.device, held: dict[str, Held], agree: bool
+    ) -> None:
+        """With ``agree`` (decided alike on every rank: some rank has flags or faults to agree,
+        and the registries are as long), ``flags`` agreed and every rank's ``held`` faults
+        charged on every rank; else each rank charges its own ``held`` (registries of other
+        sizes: the sync repairs). A seed not in the registry (a slot that is not the manager's,
+        on its table) is charged here in any case."""
+        if not agree:
+            self.faults.charge_here(held)
+            return
+        seeds = {record.seed_id: record.seed for record in self.registry}
+        charge_gathered(seeds, self._agree(flags, device, encode(held)))
+        self.faults.charge_here({s: h for s, h in held.items() if s not in seeds})
+
+    def _agree(
+        self, flags: dict[str, list[bool]], device: torch.device, mine: bytes
+    ) -> list[bytes]:
         """Every rank's ``flags`` made the same (a collective): not finite where any rank's
-        was not, faulted where any rank's was. The vector covers every seed of the registry,
-        the same list on every rank whatever their stages."""
+        was not, faulted where any rank's was; and every rank's held faults (``mine``, as
+        ``charging.encode`` wrote them), in rank order, gathered by a third collective where
+        any rank held some. The summed vector covers every seed of the registry, the same list
+        on every rank whatever their stages, then each rank's ``len(mine)`` in its own entry."""
         ids = [record.seed_id for record in self.registry]
         raised = [[not flags.get(s, (True, False))[0], flags.get(s, (True, False))[1]] for s in ids]
-        agreed = torch.tensor(raised, dtype=torch.int32, device=device).reshape(-1)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
-        for seed_id, (fell, faulted) in zip(ids, agreed.view(-1, 2).tolist(), strict=True):
+        sizes = [0] * dist.get_world_size(self.group)
+        sizes[dist.get_rank(self.group)] = len(mine)
+        row = [int(flag) for pair in raised for flag in pair] + sizes
+        agreed = torch.tensor(row, dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, group=self.group)  # a sum: a flag any rank set is positive
+        values = agreed.tolist()
+        for i, seed_id in enumerate(ids):
             if seed_id in flags:
-                flags[seed_id] = [not fell, bool(faulted)]
+                flags[seed_id] = [not values[2 * i], bool(values[2 * i + 1])]
         self.stats["flags_agreed"] += 1
+        sizes = values[2 * len(ids) :]
+        return self._gather(mine, sizes, device) if any(sizes) else []
+
+    def _gather(self, mine: bytes, sizes: list[int], device: torch.device) -> list[bytes]:
+        """Every rank's ``mine`` (``sizes[rank]`` bytes), in rank order: one all-gather of
+        frames padded to the longest."""
+        frame = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+        if mine:
+            frame[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+        every = [torch.empty_like(frame) for _ in sizes]
+        dist.all_gather(every, frame, group=self.group)
+        self.stats["faults_gathered"] += 1
+        return [t[:n].cpu().numpy().tobytes() for t, n in zip(every, sizes, strict=True)]
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""
@@ -441,6 +503,14 @@ class DistributedKasmina:
         manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
         # Accepted before the relay: applied here alone they would apply on this rank only.
         manager.intake.relay("reached the manager's own queue as it joined a multi-rank run")
+        # A fault a seed finds on this rank's host waits for the step, which charges every
+        # rank's on every rank (``charging``; the seeds of the table, germinated later too):
+        # charged on this rank alone it made the replicas differ, and each epoch sync repaired
+        # it away. Held faults are charged here when the rank leaves, or its manager closes.
+        self._table = registry.table
+        if self.world_size > 1:
+            defer_faults(self._table, self.seed_grads.faults)
+            manager.intake.also_dropping.append(self._stop_deferring)
 
     @property
     def rank(self) -> int:
@@ -466,6 +536,7 @@ class DistributedKasmina:
         # collective, as its step() and end_epoch() do: it would refuse every command the ranks
         # received, as one it could not verify, and report the ranks consistent.
         registry = self.manager.state.require_registry(training=True)
+        self.seed_grads.charge_held_faults()  # found since the last step: before any command
         self.seed_buffers(running_kernel_buffers(registry))
         result = self.coordinator.sync_epoch(epoch)
         self.replica.note_sync(result)
@@ -479,16 +550,25 @@ class DistributedKasmina:
 
     def close(self) -> None:
         """Detach from the manager (its door and step work single-process again); commands
-        held for the next sync are refused, each reported."""
+        held for the next sync are refused, each reported; seed faults held for the next step
+        are charged on this rank, and later ones at once."""
         if self.manager.command_relay == self.coordinator.submit:
             self.manager.command_relay = None
             self.manager.intake.relay(None)
         if self.manager.grad_sync is self.seed_grads:
             self.manager.grad_sync = None
         dropping = self.manager.intake.also_dropping
-        if self.coordinator.drop_pending in dropping:
-            dropping.remove(self.coordinator.drop_pending)
+        for drop in (self.coordinator.drop_pending, self._stop_deferring):
+            if drop in dropping:
+                dropping.remove(drop)
         self.coordinator.drop_pending("the multi-rank coordinator closed before its next sync")
+        self._stop_deferring()
+
+    def _stop_deferring(self, _reason: str = "") -> None:
+        """Seeds' faults charged at once again, and those held for the next step charged on
+        this rank (it leaves the run, or its manager closes: no step of the run follows)."""
+        defer_faults(self._table, None)
+        self.seed_grads.faults.charge_here()
 
     def _quarantine_diverged(self, result: EpochSyncResult) -> None:
         """The default ``on_divergence``: nothing on the rank itself, whose seeds ``sync_epoch``

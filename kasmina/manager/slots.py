@@ -427,7 +427,7 @@ class SlotRegistry:
         for seed_id in failed:
             record = self.records.get(seed_id)
             if record is not None:
-                record.seed.record_fault("optimizer", optimizers.failed_steps[seed_id][1])
+                record.seed.charge_fault("optimizer", optimizers.failed_steps[seed_id][1])
         norms, optimizers.norms_now = optimizers.norms_now, {}
         host = norms.get(HOST_ID)
         if host is not None:  # its norm holds its ACTIVE seeds': each read apart, into norms
@@ -448,7 +448,7 @@ class SlotRegistry:
             record.bad_gradients = 0 if finite else record.bad_gradients + 1
             if record.bad_gradients >= BAD_GRADIENT_STEPS:
                 seed, faults = record.seed, record.seed.faults
-                seed.record_fault(
+                seed.charge_fault(
                     "gradient", f"gradient not finite in {record.bad_gradients} clipped steps "
                     "running, the host's finite",
                 )  # fmt: skip

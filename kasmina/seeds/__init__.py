@@ -12,7 +12,9 @@
   output (tuple, dataclass, ...) that the seeds apply to and puts it back.
 - ``faults`` -- what a seed's fault is and the guards that contain it: the host half around a
   kernel call, the device-side finite test, the guarded backward node, and the one-node
-  guarded blend of a layer's GRAFTING/STABILIZATION seeds.
+  guarded blend of a layer's GRAFTING/STABILIZATION seeds; ``charging`` -- a fault counted and
+  quarantined at once, or, in a multi-rank run, held for the collective that charges every
+  rank's faults on every rank alike.
 - ``recompute`` -- what a slot can tell of the activation checkpointing around it: the
   non-reentrant region (and recompute) a call runs in, each region's teacher logits for its
   recomputes, and a reentrant checkpoint's first run that will record a graph.

@@ -34,6 +34,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.kd.loss import seed_kd_loss
 from kasmina.ops.alpha_blend import seed_blend
+from kasmina.seeds.charging import charge, charge_or_defer
 from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
 from kasmina.seeds.extra_state import (
     SavedSeedState,
@@ -50,7 +51,6 @@ from kasmina.seeds.extra_state import (
 )
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
-    FAULT_LOCK,
     FAULT_LOG_SIZE,
     FELL_BACK,
     call_kernel,
@@ -58,7 +58,6 @@ from kasmina.seeds.faults import (
     finite_test,
     gradient_flags,
     kernel_modules,
-    log_fault,
     output_sum,
     plain_eager,
     record_fallbacks,
@@ -275,7 +274,7 @@ class GradientIsolatedSeed(nn.Module):
         self.nonfinite_events += 1
         self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
         if faulted:
-            self.record_fault("nonfinite", "non-finite output")
+            self.charge_fault("nonfinite", "non-finite output")  # its flags agreed by the ranks
         return not finite
 
     # -- faults --------------------------------------------------------------------------
@@ -294,7 +293,8 @@ class GradientIsolatedSeed(nn.Module):
     # transition) is host work with side effects that must run once per fault, never traced.
     @torch.compiler.disable
     def record_fault(self, kind: str, reason: str) -> None:
-        """Count, log and report one contained fault; quarantine at ``fault_limit``."""
+        """One contained fault found on this process's data: charged now (``charge_fault``), or in
+        a multi-rank run at its next step, on every rank alike (:mod:`kasmina.seeds.charging`)."""
         reason = short_reason(reason)
         if self.observed_faults is not None:
             self.observed_faults.append(f"{kind}: {reason}")
@@ -304,22 +304,12 @@ class GradientIsolatedSeed(nn.Module):
         if kind == FELL_BACK:  # a non-finite output found on the host (anomaly mode): charged at
             self.fault_flag.fill_(True)  # the poll, once a step, as the device half's are
             return
-        with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
-            self.faults += 1
-            self.fault_log.append(reason)
-            stage = self.stage
-            labels = {"seed_id": self.seed_id, "kind": kind, "stage": stage.name}
-            self.state_table.report("seed.fault", labels)
-            log_fault(self.seed_id, self.faults, self.fault_limit, stage.name, kind, reason)
-            if self.faults < self.fault_limit:
-                return
-            if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
-                self.quarantine(f"{self.faults} faults (limit {self.fault_limit}), last: {reason}")
-            elif self.faults == self.fault_limit:  # said once; the seed keeps falling back
-                logger.error(
-                    "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
-                    self.seed_id, self.fault_limit, stage.name,
-                )  # fmt: skip
+        charge_or_defer(self, kind, reason)
+
+    def charge_fault(self, kind: str, reason: str) -> None:
+        """Count, log and report one fault now (one every rank found alike or agreed: a settled
+        flag, an averaged gradient); quarantine at ``fault_limit`` (:func:`charge`)."""
+        charge(self, kind, reason)
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
         # G3's evidence (the kernel's output on a batch) is read in COMPATIBILITY_CHECK only.

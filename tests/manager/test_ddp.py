@@ -1520,6 +1520,59 @@ def test_a_seed_that_faults_on_one_ranks_data_is_charged_and_quarantined_on_ever
     _assert_equal_states(runs)
 
 
+def _refuse(_module: Any, _args: Any) -> None:
+    raise RuntimeError("input out of range")  # a kernel that raises on some data only
+
+
+def _worker_minority_raises(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """The seed's kernel raises on rank 1's data only: in a training step, in a validation
+    forward without grad at the epoch's end (outside any step), and in the next step."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    seed = t.manager.seed(SEED0)
+    seen = []  # (faults, stage) after each part
+    handle = seed.kernel.register_forward_pre_hook(_refuse) if rank == 1 else None
+    t.train(1)
+    seen.append((seed.faults, int(seed.stage)))
+    with torch.no_grad():
+        t.rig.model(torch.randn(8, 6, generator=t.gen))
+    seen.append((seed.faults, int(seed.stage)))  # held for the next collective
+    t.boundary()  # charged there, on every rank, before the checksum
+    seen.append((seed.faults, int(seed.stage)))
+    t.train(1)
+    seen.append((seed.faults, int(seed.stage)))
+    if handle is not None:
+        handle.remove()
+    t.train(1)
+    t.boundary()
+    t.save(spec["out"], "raises", seen=seen, log=list(seed.fault_log))
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_kernel_that_raises_on_one_ranks_data_is_charged_and_quarantined_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """A fault found on the host (a kernel that raised) on rank 1's data only: charged there
+    alone, it made rank 1 diverge, and the epoch sync repaired it away from rank 0 (or rank 1
+    alone quarantined the seed, and the layouts differed). Every rank charges it at the step,
+    or one found outside a step (a validation forward) at the epoch sync: the third fault
+    quarantines the seed on both ranks at the same step, and no rank diverges."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(
+        _worker_minority_raises, 2, args=(spec,), backend="gloo", timeout_s=60,
+        join_timeout_s=150,
+    )  # fmt: skip
+    runs = _load(tmp_path, "raises", 2)
+    isolated, quarantined = int(S.ISOLATED_INIT), int(S.QUARANTINE)
+    seen = [(1, isolated), (1, isolated), (2, isolated), (3, quarantined)]
+    assert [run["seen"] for run in runs] == [seen, seen]
+    reason = "rank 1: raised RuntimeError: input out of range"
+    assert [run["log"] for run in runs] == [[reason] * 3] * 2
+    assert [run["coordinator"].get("divergences", 0) for run in runs] == [0, 0]
+    _assert_equal_states(runs)
+
+
 @pytest.mark.slow  # spawns processes: most of the time is their imports
 def test_a_seed_gradient_not_finite_on_one_rank_is_charged_on_every_rank(
     tmp_path: Path, published

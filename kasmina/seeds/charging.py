@@ -1,0 +1,181 @@
+"""Charging a seed's contained faults: at once, or, in a multi-rank run, at the step that charges
+them on every rank (docs/design.md §6a, "In a multi-rank run").
+
+``charge`` counts, logs and reports one fault and quarantines the seed at its fault limit. In one
+process every fault is charged when it is found. In a multi-rank run a seed's fault count is
+replicated state: the epoch sync checksums it (with the fault log), and a seed quarantined on
+some ranks only gives the ranks different seed layouts, whose gradients every rank then drops
+until the sync repairs. A fault the device flags carry (a non-finite output) is agreed in the
+step's collective before it is charged. One found on the host (a kernel that raised, an output
+of the wrong type, shape, dtype or device, a backward that raised, a probe's) is found on the
+one rank whose data caused it: charged there at once, that rank's replica differed, the sync
+"repaired" the fault away from the majority every epoch, and the seed never reached its fault
+limit.
+
+So while a run defers a state table's faults (``defer_faults``: ``DistributedKasmina`` does), a
+seed's ``record_fault`` hands each such fault to the run's ``DeferredFaults`` instead of
+charging it (``charge_or_defer``), and the next step's collective (``SeedGradientSync``) gathers
+every rank's (``encode``) and charges them all on every rank (``charge_gathered``): seed by seed
+in registry order, each rank's in rank order, with the reason it had where it was found. Every
+rank counts, logs and quarantines alike, at the same step, as one process seeing every rank's
+data would. A fault found outside a step (a validation forward under ``no_grad``, a G3 probe at
+the epoch boundary) is charged by the next collective: the epoch sync's, before its commands
+apply, or the next step's; one still held when the rank leaves the run is charged there
+(``DeferredFaults.charge_here``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from kasmina.seeds.faults import FAULT_LOCK, FAULT_LOG_SIZE, log_fault, short_reason
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import LEGAL_TRANSITIONS, SeedStage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChargedSeed",
+    "DeferredFaults",
+    "Held",
+    "charge",
+    "charge_gathered",
+    "charge_or_defer",
+    "defer_faults",
+    "encode",
+]
+
+
+class ChargedSeed(Protocol):
+    """A seed as its faults are charged (the seed module, without importing it)."""
+
+    seed_id: str
+    faults: int
+    fault_log: deque[str]
+    fault_limit: int
+    state_table: GPUStateTensor
+
+    @property
+    def stage(self) -> SeedStage: ...
+
+    def quarantine(self, reason: str = ...) -> bool: ...
+
+
+def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
+    """Count, log and report one fault of ``seed`` now; quarantine it at its ``fault_limit``
+    (an ACTIVE seed cannot be: it keeps falling back and counting)."""
+    reason = short_reason(reason)
+    with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
+        seed.faults += 1
+        seed.fault_log.append(reason)
+        stage, limit = seed.stage, seed.fault_limit
+        labels = {"seed_id": seed.seed_id, "kind": kind, "stage": stage.name}
+        seed.state_table.report("seed.fault", labels)
+        log_fault(seed.seed_id, seed.faults, limit, stage.name, kind, reason)
+        if seed.faults < limit:
+            return
+        if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
+            seed.quarantine(f"{seed.faults} faults (limit {limit}), last: {reason}")
+        elif seed.faults == limit:  # said once; the seed keeps falling back
+            logger.error(
+                "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
+                seed.seed_id, limit, stage.name,
+            )  # fmt: skip
+
+
+# A seed's faults held since the last step: how many, and the (kind, reason) of the newest
+# FAULT_LOG_SIZE (its fault log keeps no more), so that what a rank sends stays small however
+# many batches of a validation pass faulted.
+Held = tuple[int, list[tuple[str, str]]]
+
+
+class DeferredFaults:
+    """One run's faults held for its next step, per seed (any thread: ``FAULT_LOCK``)."""
+
+    def __init__(self) -> None:
+        self._seeds: dict[str, ChargedSeed] = {}
+        self._counts: dict[str, int] = {}
+        self._kept: dict[str, deque[tuple[str, str]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def add(self, seed: ChargedSeed, kind: str, reason: str) -> None:
+        with FAULT_LOCK:
+            sid = seed.seed_id
+            self._seeds[sid] = seed
+            self._counts[sid] = self._counts.get(sid, 0) + 1
+            self._kept.setdefault(sid, deque(maxlen=FAULT_LOG_SIZE)).append((kind, reason))
+
+    def take(self) -> dict[str, Held]:
+        """Every seed's held faults, no longer held (one found while the step's collective
+        runs waits for the next step's)."""
+        with FAULT_LOCK:
+            held = {sid: (n, list(self._kept[sid])) for sid, n in self._counts.items()}
+            self._counts, self._kept = {}, {}
+        return held
+
+    def charge_here(self, held: Mapping[str, Held] | None = None) -> None:
+        """Charge ``held`` (default: everything held, taken) on this rank alone, as one process
+        does: a rank that leaves the run, or a step whose ranks could not agree (their
+        registries differ: the epoch sync repairs)."""
+        held = self.take() if held is None else held
+        for sid, (count, kept) in held.items():
+            seed = self._seeds.get(sid)
+            if seed is not None:
+                _charge(seed, count, kept, "")
+
+
+def encode(held: Mapping[str, Held]) -> bytes:
+    """What one rank sends of ``held``: empty when nothing (the usual step), else JSON."""
+    return json.dumps(held, separators=(",", ":")).encode() if held else b""
+
+
+def charge_gathered(seeds: Mapping[str, ChargedSeed], sent: Sequence[bytes]) -> None:
+    """Charge every rank's held faults, ``sent[rank]`` (``encode``), to ``seeds`` (the
+    registry's, in its order, the same on every rank), each rank's in rank order, the rank
+    named in each reason: every rank ends with the same counts, logs and stages."""
+    found: list[dict[str, Held]] = [json.loads(raw) if raw else {} for raw in sent]
+    for sid, seed in seeds.items():
+        for rank, held in enumerate(found):
+            if sid in held:
+                count, kept = held[sid]
+                _charge(seed, count, [(kind, why) for kind, why in kept], f"rank {rank}: ")
+
+
+def _charge(seed: ChargedSeed, count: int, kept: list[tuple[str, str]], where: str) -> None:
+    """Charge ``count`` faults, the last ``len(kept)`` with their kinds and reasons, the earlier
+    ones (their reasons not kept) with the kind of the oldest kept."""
+    for i in range(count - len(kept)):
+        charge(seed, kept[0][0], f"{where}{i + 1} of {count} since a step (reason not kept)")
+    for kind, reason in kept:
+        charge(seed, kind, where + reason)
+
+
+# The run each state table's seeds defer their faults to (``defer_faults``): a seed finds it
+# through its table, so a seed germinated after the run began defers as well.
+_DEFERRING: weakref.WeakKeyDictionary[GPUStateTensor, DeferredFaults] = weakref.WeakKeyDictionary()
+
+
+def defer_faults(table: GPUStateTensor, faults: DeferredFaults | None) -> None:
+    """From now on the faults found on the host of ``table``'s seeds go to ``faults``; None:
+    charged at once again (whoever held ``faults`` charges what it still holds)."""
+    with FAULT_LOCK:
+        if faults is None:
+            _DEFERRING.pop(table, None)
+        else:
+            _DEFERRING[table] = faults
+
+
+def charge_or_defer(seed: ChargedSeed, kind: str, reason: str) -> None:
+    """Charge ``seed``'s fault now, or hold it for its run's next step (``defer_faults``)."""
+    faults = _DEFERRING.get(seed.state_table) if _DEFERRING else None
+    if faults is None:
+        charge(seed, kind, reason)
+    else:
+        faults.add(seed, kind, reason)

@@ -1,0 +1,121 @@
+"""Charging a seed's faults at once, or holding them for a multi-rank run's step.
+
+In one process (no ``defer_faults``) every fault is charged when it is found: the fault
+containment tests cover that. Here a table's faults are deferred as ``DistributedKasmina`` does
+it, without processes: a fault found on the host is held, not counted; what every rank held is
+charged on every rank in registry, then rank order, with the rank in each reason
+(``charge_gathered``); a rank that leaves charges its own (``charge_here``). The two-rank run is
+``tests/manager/test_ddp.py``'s ``test_a_kernel_that_raises_on_one_ranks_data_...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kasmina.seeds.charging import DeferredFaults, charge_gathered, defer_faults, encode
+from kasmina.seeds.faults import FAULT_LOG_SIZE
+from kasmina.seeds.seed import GradientIsolatedSeed
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import SeedStage as S
+from kasmina.utils.telemetry import MemorySink
+from tests.seeds.test_fault_containment import (
+    BATCH,
+    C,
+    Raises,
+    fault_events,
+    make_seed,
+    reporting_table,
+)
+
+
+@pytest.fixture
+def reported() -> Iterator[tuple[GPUStateTensor, MemorySink]]:
+    table, sink = reporting_table(2)
+    yield table, sink
+    defer_faults(table, None)
+
+
+@pytest.fixture
+def table(reported: tuple[GPUStateTensor, MemorySink]) -> GPUStateTensor:
+    return reported[0]
+
+
+def _seed(table: GPUStateTensor, limit: int = 3) -> GradientIsolatedSeed:
+    return make_seed(Raises(C), S.ISOLATED_INIT, table, fault_limit=limit)
+
+
+def test_a_deferred_fault_is_held_uncounted_until_charged_here(table: GPUStateTensor) -> None:
+    seed = _seed(table)
+    held = DeferredFaults()
+    defer_faults(table, held)
+    h = torch.randn(BATCH, C)
+    assert seed(h) is h  # contained as ever: the host stands in
+    assert seed.faults == 0 and not seed.fault_log and held
+    assert seed(h) is h
+    assert held.take() == {"s0": (2, [("exception", "raised RuntimeError: kernel exploded")] * 2)}
+    assert not held and seed.faults == 0
+    seed(h)
+    held.charge_here()  # the rank leaves the run: charged here, as one process does
+    assert seed.faults == 1 and list(seed.fault_log) == ["raised RuntimeError: kernel exploded"]
+    defer_faults(table, None)  # charged at once again
+    seed(h)
+    assert seed.faults == 2 and not held
+
+
+def test_a_measurement_observes_a_fault_and_a_backward_fault_still_drops_the_step(
+    table: GPUStateTensor,
+) -> None:
+    seed = _seed(table)
+    held = DeferredFaults()
+    defer_faults(table, held)
+    seed.observed_faults = observed = []
+    seed.record_fault("exception", "raised")
+    seed.observed_faults = None
+    assert observed == ["exception: raised"] and not held  # seen, never counted
+    seed.record_fault("backward", "backward raised")
+    assert not bool(seed.finite_flag)  # its step's gradient is dropped now, on this rank
+    assert seed.faults == 0 and held.take()["s0"][0] == 1
+
+
+def test_every_ranks_faults_are_charged_alike_in_rank_order(table: GPUStateTensor) -> None:
+    """What two ranks held, charged on one: a count each, the rank in each reason; the third
+    quarantines the seed, whichever rank's it is."""
+    seed = _seed(table)
+    rank0 = encode({"s0": (1, [("shape", "output (2, 3) does not match")])})
+    rank1 = encode({"s0": (2, [("exception", "raised A"), ("backward", "raised B")])})
+    charge_gathered({"s0": seed}, [rank0, rank1])
+    assert seed.faults == 3 and seed.stage == S.QUARANTINE
+    assert list(seed.fault_log) == [
+        "rank 0: output (2, 3) does not match", "rank 1: raised A", "rank 1: raised B",
+    ]  # fmt: skip
+    charge_gathered({"s0": seed}, [b"", b""])  # nothing held anywhere: nothing charged
+    assert seed.faults == 3
+
+
+def test_faults_beyond_the_kept_reasons_are_still_counted(
+    reported: tuple[GPUStateTensor, MemorySink],
+) -> None:
+    table, sink = reported
+    seed = _seed(table, limit=1000)
+    held = DeferredFaults()
+    for n in range(FAULT_LOG_SIZE + 4):
+        held.add(seed, "exception", f"raised {n}")
+    sent = held.take()
+    assert sent["s0"][0] == FAULT_LOG_SIZE + 4 and len(sent["s0"][1]) == FAULT_LOG_SIZE
+    charge_gathered({"s0": seed}, [encode(sent)])
+    assert seed.faults == FAULT_LOG_SIZE + 4
+    assert list(seed.fault_log)[-1] == f"rank 0: raised {FAULT_LOG_SIZE + 3}"
+    assert list(seed.fault_log)[0] == "rank 0: raised 4"  # the newest FAULT_LOG_SIZE kept
+    events = fault_events(sink)  # each one reported, with the kind it was found as
+    assert len(events) == FAULT_LOG_SIZE + 4 and {e["kind"] for e in events} == {"exception"}
+
+
+def test_a_seed_made_on_the_table_later_defers_too(table: GPUStateTensor) -> None:
+    held = DeferredFaults()
+    defer_faults(table, held)
+    later = GradientIsolatedSeed(C, "s1", state=table, index=1)
+    later.record_fault("exception", "raised")
+    assert later.faults == 0 and held.take() == {"s1": (1, [("exception", "raised")])}
