@@ -365,12 +365,15 @@ class KasminaLayer(HostForwarding):
         old = self.output_contract  # not None: provisional, never replaced while compiling
         if old is not None and torch.compiler.is_compiling():
             return
-        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, old)
-        if record is None and old is not None and self.chunk_dim < 0:
+        # A reason (a first call with no tensor there: an RNN's PackedSequence, attention
+        # weights not asked for) is no record: a later call's replaces it, as a first call's.
+        over = old if isinstance(old, tuple) else None
+        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, over)
+        if record is None and over is not None and self.chunk_dim < 0:
             # A dim counted from the back chunks every rank alike: a call of the record's rank
             # settles it (no check per call after that, on the dormant path).
             element = output_element(out, self.output_index)
-            if isinstance(element, Tensor) and element.dim() == len(old[0]):
+            if isinstance(element, Tensor) and element.dim() == len(over[0]):
                 self._provisional = False
         if record is not None:
             self.output_contract, self.input_spec, self._moved = *record, None
@@ -378,8 +381,9 @@ class KasminaLayer(HostForwarding):
             strided = isinstance(element, Tensor) and element.layout == torch.strided
             strided = strided and not element.is_nested
             self.output_layout = channels_last_name(element) if strided else None
-            provisional = self._rank is None and old is None  # (``outputs.rerecorded``)
-            self._provisional = provisional and not self._runs_any
+            provisional = self._rank is None and over is None  # (``outputs.rerecorded``)
+            unrecorded = isinstance(record[0], str)  # tried again at the next call
+            self._provisional = unrecorded or (provisional and not self._runs_any)
 
     def _refresh_plan(self) -> None:
         """Rebuild the plan from the seeds (the table calls this after every change)."""

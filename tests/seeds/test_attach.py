@@ -1601,3 +1601,32 @@ def test_a_table_past_int32_rows_is_a_value_error_on_a_host_declaring_no_width()
     with pytest.raises(ValueError, match="num_seeds must be a positive int32"):
         attach(model, ["encoder"], 2**62, 1)
     assert not kasmina_layers(model)
+
+
+def test_a_first_call_with_no_tensor_at_the_index_gives_way_to_a_later_calls_record() -> None:
+    """The slot's first call had no tensor at ``output_index`` (an LSTM fed a PackedSequence,
+    attention asked for no weights): its reason was the record, no later call replaced it, and
+    GERMINATE refused every kernel for good, naming the call of another kind. A later call
+    with the tensor records it."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    rnn, attn = nn.LSTM(3, 4, batch_first=True), nn.MultiheadAttention(4, 2, batch_first=True)
+    model = nn.ModuleDict({"rnn": rnn, "attn": attn})
+    rnn_slot, attn_slot = (
+        attach(model, ["rnn"], 2, 2)[0],
+        attach(model, ["attn"], 2, 2, output_index=1)[0],
+    )
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model["rnn"](pack_padded_sequence(x, torch.tensor([5, 5, 4, 3, 3, 2]), batch_first=True))
+        model["attn"](q, q, q, need_weights=False)
+    assert (
+        isinstance(rnn_slot.output_contract, str) and "PackedSequence" in rnn_slot.output_contract
+    )
+    assert isinstance(attn_slot.output_contract, str)
+    model["rnn"](x)
+    model["attn"](q, q, q)
+    assert rnn_slot.output_contract[0] == (6, 5, 4) and rnn_slot.contract_problem() is None
+    assert attn_slot.output_contract[0] == (6, 4, 4) and attn_slot.contract_problem() is None
