@@ -15,6 +15,7 @@ from torch import nn
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
+from kasmina.isolation.stepping import clip_gradients
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.utils.state_io import clone_state
 from tests.isolation.helpers import fill_grads, models
@@ -719,3 +720,22 @@ def test_a_state_loads_twice_and_a_group_without_a_hyperparameter_is_refused(cls
     with pytest.raises(ValueError, match="param group 0 has no 'lr'"):
         opts.load_state_dict(saved)
     assert opts.optimizer("s0").param_groups[0]["lr"] == 1e-3
+
+
+def test_clipping_takes_a_sparse_gradient_by_its_rows() -> None:
+    """A sparse embedding's gradient (uncoalesced: a row per lookup) is measured by its rows
+    summed and scaled with the rest: clipping to a finite norm raised in the middle of the
+    manager's step for a model with a sparse embedding."""
+    torch.manual_seed(5)
+    emb, fc = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 2)
+    fc(emb(torch.tensor([1, 2, 2, 4]))).square().sum().backward()
+    assert emb.weight.grad.is_sparse and not emb.weight.grad.is_coalesced()
+    original = [emb.weight.grad.to_dense().double(), fc.weight.grad.double(), fc.bias.grad.double()]
+    true_norm = torch.cat([g.reshape(-1) for g in original]).norm()
+    total = clip_gradients([emb.weight, fc.weight, fc.bias], 0.5)
+    torch.testing.assert_close(total.double(), true_norm, rtol=1e-6, atol=0)
+    coef = 0.5 / (float(true_norm) + 1e-6)
+    got = [emb.weight.grad.to_dense(), fc.weight.grad, fc.bias.grad]
+    for g, want in zip(got, original, strict=True):
+        torch.testing.assert_close(g.double(), want * coef, rtol=1e-6, atol=1e-7)
+    assert emb.weight.grad.is_sparse
