@@ -37,7 +37,7 @@ from kasmina.seeds.faults import (
     gradient_flags,
     record_fallbacks,
 )
-from kasmina.seeds.outputs import dense_order, memory_format_of
+from kasmina.seeds.outputs import memory_format_of
 from kasmina.stages import SeedStage
 from kasmina.utils.ratelimit import rarely
 
@@ -567,7 +567,9 @@ def in_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     layout = memory_format_of(like)
     if layout is not None:
         return out.contiguous(memory_format=layout)
-    order = dense_order(like)
-    if order is None or out.stride() == like.stride():
+    if out.stride() == like.stride():
         return out
-    return out.permute(order).contiguous().permute([order.index(d) for d in range(like.dim())])
+    # ``empty_like`` keeps the strides of a non-overlapping dense tensor (any permutation; no
+    # sort of the dims, which a compiled graph cannot trace over symbolic strides) and makes a
+    # broadcast or gapped one contiguous; ``copy_`` carries the gradient back to ``out``.
+    return torch.empty_like(like, dtype=out.dtype).copy_(out)

@@ -36,7 +36,6 @@ __all__ = [
     "checked_chunk_dim",
     "chunk_spec",
     "contract_problem",
-    "dense_order",
     "declared_width",
     "default_chunk_dim",
     "dense",
@@ -529,18 +528,6 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
         if t.dim() == rank and t.is_contiguous(memory_format=layout):
             return layout
     return None
-
-
-def dense_order(t: torch.Tensor) -> list[int] | None:
-    """``t``'s dims outermost first when its elements are a dense block in some order (a
-    transposed view), else None (gaps, overlaps or a broadcast)."""
-    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d)), reverse=True)
-    step = 1
-    for d in reversed(order):
-        if t.size(d) != 1 and t.stride(d) != step:
-            return None
-        step *= t.size(d)
-    return order
 
 
 # A channels-last layout by name: what a slot keeps of its output's (``output_layout``), since
