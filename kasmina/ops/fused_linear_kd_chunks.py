@@ -461,7 +461,10 @@ def _spend_grads(
         # The factor stays fp32, a tensor with dims (a 0-d one would take grad_h's dtype): the
         # product is formed in fp32 and rounded once. Cast to fp16 first, a GradScaler's
         # ``grad_output`` of 65536 (past fp16's 65504) made every row's gradient inf or NaN.
-        rows_c = c.view(1, 1) if mask is None else torch.where(mask, c, 0.0).unsqueeze(-1)
+        if mask is None:  # of grad_h's rank (a 1-D hidden: one row)
+            rows_c = c.reshape([1] * grad_h.dim())
+        else:
+            rows_c = torch.where(mask, c, 0.0).unsqueeze(-1)
         gh = grad_h.mul_(rows_c)
     gw = _round_in_place(acc_w, weight.dtype, c) if cfg.need_weight else None
     gb = None

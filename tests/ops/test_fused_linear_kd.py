@@ -372,6 +372,26 @@ def test_fp16_hidden_gradient_takes_a_grad_scalers_default_scale(monkeypatch, ba
         _close(got, want, torch.float16, f"fp16 {what} gradient")
 
 
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_1d_hidden_is_one_row(monkeypatch, backend, reduction):
+    """A 1-D ``hidden`` (one row, as the forward takes it) gets the gradient of that row: its
+    scalar factor shaped for a 2-D gradient raised in the backward."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    h, w, b, _, _, _, tl, _ = _inputs((), 8, 24, torch.float32, seed=17)
+    grads = torch.autograd.grad(
+        fused_linear_kd_loss(h, w, tl, student_bias=b, reduction=reduction), (h, w, b)
+    )
+    rows = [x.detach()[None].requires_grad_() for x in (h,)] + [w, b]
+    want = torch.autograd.grad(
+        fused_linear_kd_loss(rows[0], w, tl[None], student_bias=b, reduction=reduction),
+        (rows[0], w, b),
+    )
+    assert grads[0].shape == h.shape
+    for got, expected in zip(grads, (want[0][0], want[1], want[2]), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fp16_weight_gradient_of_a_long_chunk_does_not_overflow(monkeypatch, backend, reduction):
