@@ -25,6 +25,7 @@ import torch
 from kasmina.ops.backend import check_positive
 from kasmina.seeds.table import GPUStateTensor, fixed_point
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row, parse_stage
+from kasmina.utils.grad_modes import version_count
 from kasmina.utils.signed_json import finite_number, strict_json_loads
 
 __all__ = [
@@ -133,7 +134,7 @@ def stream_position(loaded: list[int | None], kernel: torch.nn.Module) -> int | 
     after. None when nothing was saved: the versions alone key the stream."""
     if loaded[0] is None:
         return None
-    versions = sum(p._version for p in kernel.parameters())
+    versions = sum(version_count(p) for p in kernel.parameters())
     if loaded[1] is None:  # the load moved them itself: counted from the first forward on
         loaded[1] = versions
     return loaded[0] + versions - loaded[1]
@@ -149,10 +150,10 @@ def saved_position(seed: BookkeptSeed) -> int | None:
         return seed.draw_step
     if loaded is None or loaded[0] is None:  # keyed on the versions (``own_stream``)
         kernel = seed.kernel
-        return None if kernel is None else sum(p._version for p in kernel.parameters())
+        return None if kernel is None else sum(version_count(p) for p in kernel.parameters())
     if loaded[1] is None or seed.kernel is None:
         return loaded[0]
-    return loaded[0] + sum(p._version for p in seed.kernel.parameters()) - loaded[1]
+    return loaded[0] + sum(version_count(p) for p in seed.kernel.parameters()) - loaded[1]
 
 
 def seed_bookkeeping(seed: BookkeptSeed) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.stages import SeedStage
+from kasmina.utils.grad_modes import version_count
 from kasmina.utils.ratelimit import clipped
 
 logger = logging.getLogger(__name__)
@@ -555,7 +556,7 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     if backward and not params and next(kernel.parameters(), None) is not None:
         return "has parameters, none that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
-    versions = [t._version for _, t in watched]
+    versions = [version_count(t) for _, t in watched]
     grad = torch.is_grad_enabled()
     try:  # set and put back by C calls: a grad-mode block's Python edges could take a Ctrl-C
         torch._C._set_grad_enabled(bool(params))  # and leave grad mode off for the thread
@@ -565,7 +566,7 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     finally:
         torch._C._set_grad_enabled(grad)
     for (what, t), version in zip(watched, versions, strict=True):
-        if t._version != version:
+        if version_count(t) != version:
             return f"wrote in place into {what}"
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, not a tensor"

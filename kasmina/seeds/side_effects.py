@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import is_lazy
 
 from kasmina.ops.transforms import functorch_active
+from kasmina.utils.grad_modes import version_count
 from kasmina.utils.interrupts import interrupts_deferred
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def buffers_held(kernel: nn.Module) -> Held:
                 continue  # an eager batch norm in eval mode writes nothing
             if buffer is not None and (entry.written or not compiling):
                 copy = buffer.detach().clone() if entry.written else None
-                held.append((entry, buffer, -1 if compiling else buffer._version, copy))
+                held.append((entry, buffer, -1 if compiling else version_count(buffer), copy))
     except Exception:  # (out of memory for a copy): the call runs unguarded, never fails here
         logger.debug("a kernel's buffers could not be held", exc_info=True)
         return []
@@ -119,7 +120,7 @@ def keep_finite(held: Held) -> None:
         with torch.no_grad():
             for entry, buffer, version, before in held:
                 if before is None:  # not copied: whether the call wrote it, for the next
-                    entry.written = buffer._version != version
+                    entry.written = version_count(buffer) != version
                 elif buffer.shape == before.shape:  # batch norm moves no version: all copied
                     kept = buffer.isfinite() | ~before.isfinite()
                     buffer.data.copy_(torch.where(kept, buffer, before))
@@ -140,7 +141,7 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
     the block replaced (``self.h = h.detach()``: a streaming RNN's state) gets its own object
     back, under its name (copying into the old object left the measurement's state in place)."""
     buffers = [
-        (owner, name, b, b._version, b.detach().clone())
+        (owner, name, b, version_count(b), b.detach().clone())
         for m in modules
         for owner in m.modules()
         for name, b in owner._buffers.items()
@@ -152,7 +153,7 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
         for owner, name, buffer, version, saved in buffers:
             if owner._buffers.get(name) is not buffer:
                 owner._buffers[name] = buffer
-            same = buffer._version == version and torch.equal(buffer, saved)
+            same = version_count(buffer) == version and torch.equal(buffer, saved)
             if buffer.shape == saved.shape and not same:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph
 
@@ -217,7 +218,7 @@ def own_stream(
     without a manager starts there and moves on with its own updates (version counters are
     not saved, and a load moves them: ``extra_state.stream_position``).
     Host reads only: the GPU generator's seed and offset live on the host."""
-    version = sum(p._version for p in kernel.parameters()) if position is None else position
+    version = sum(version_count(p) for p in kernel.parameters()) if position is None else position
     stream = zlib.crc32(seed_id.encode())
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

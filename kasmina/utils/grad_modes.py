@@ -1,4 +1,5 @@
-"""``training_tensors``: tensors a safe point makes stay trainable whatever mode it is called in."""
+"""``training_tensors``: tensors a safe point makes stay trainable whatever mode it is called in;
+``version_count``: a tensor's in-place write count, 0 for an inference tensor (which has none)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["training_tensors"]
+__all__ = ["training_tensors", "version_count"]
 
 
 @contextmanager
@@ -23,3 +24,11 @@ def training_tensors() -> Iterator[None]:
     grad = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad):  # the first turns grad on
         yield
+
+
+def version_count(t: torch.Tensor) -> int:
+    """``t._version``, or 0 for an inference tensor, which keeps no counter (reading it raises:
+    a model ``kasmina.load``-ed or deep-copied under ``torch.inference_mode`` holds them, and
+    every forward of its seeds raised). An inference tensor is never updated outside inference
+    mode, so 0 stays true for a write count compared across a block."""
+    return 0 if t.is_inference() else t._version

@@ -1630,3 +1630,26 @@ def test_a_first_call_with_no_tensor_at_the_index_gives_way_to_a_later_calls_rec
     model["attn"](q, q, q)
     assert rnn_slot.output_contract[0] == (6, 5, 4) and rnn_slot.contract_problem() is None
     assert attn_slot.output_contract[0] == (6, 4, 4) and attn_slot.contract_problem() is None
+
+
+def test_a_grown_model_copied_under_inference_mode_runs() -> None:
+    """A deep copy (or a ``kasmina.load``) made under ``torch.inference_mode`` holds inference
+    tensors, which keep no version counter: the seed's random-stream position summed its
+    kernel's ``_version``s, and every forward of the copy raised, inside inference mode too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    (slot,) = attach(model, ["0"], 2, 2)
+    for seed in slot.seeds:
+        seed.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+        walk(seed, S.GRAFTING)
+        seed.draw_step = 3  # a managed seed's stream position: a copy goes on from it
+    slot.update_alpha_blending(5, 10)
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        served = copy.deepcopy(model)
+        assert next(served.parameters()).is_inference()
+        inside = served(x)
+    with torch.no_grad():
+        outside = served(x)
+    assert inside.shape == outside.shape == (3, 4)
+    assert torch.isfinite(inside).all() and torch.isfinite(outside).all()
