@@ -133,7 +133,9 @@ def format_report(result: DemoResult) -> str:
         f"net train {len(r.epochs)} epoch{'s' * (len(r.epochs) != 1)} on the same batches "
         "with Adam",
         _row(
-            "teacher: 128x128 MLP, distilled into the head's seeds (not a competitor)",
+            "teacher: 128x128 MLP, "
+            + ("distilled into the head's seeds" if r.kd_steps else "no head seed grew to learn")
+            + " (not a competitor)",
             r.teacher_test_acc,
         ),
         _row(f"never-grown host ({r.host_parameters:,} parameters)", r.baseline_test_acc),
@@ -185,8 +187,13 @@ def format_report(result: DemoResult) -> str:
         f"autograd-graph walk), {iso.get('violations', 0)} violations, "
         f"{iso.get('breaker_trips', 0)} breaker trips",
         f"Knowledge distillation: {result.kd_steps} steps with a KD loss",
-        f"Ranks: {result.distributed.get('syncs', 0)} epoch syncs (commands broadcast, state "
-        f"checksums compared), {result.distributed.get('divergences', 0)} divergences",
+        f"Ranks: {result.distributed.get('syncs', 0)} epoch syncs ("
+        + (
+            "commands broadcast, state checksums compared"
+            if result.world_size > 1
+            else "one rank: nothing to broadcast or compare"
+        )
+        + f"), {result.distributed.get('divergences', 0)} divergences",
     ]
     lines += format_targets(result.targets)
     return "\n".join(lines)
@@ -196,10 +203,11 @@ def format_targets(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The manager's performance targets as ``validate_performance_targets`` timed them."""
     if not targets:
         return []
+    threads = next(iter(targets.values())).get("threads", 1)
     lines = [
         "",
-        "Manager performance targets (validate_performance_targets, timed here on one CPU",
-        "thread; the GPU kernel rows are make bench-gpu's)",
+        "Manager performance targets (validate_performance_targets, timed here on "
+        f"{threads} CPU thread{'s' * (threads != 1)}; the GPU kernel rows are make bench-gpu's)",
     ]
     for name, t in targets.items():
         verdict = "met" if t["met"] else "MISSED"

@@ -195,6 +195,12 @@ def test_the_report_has_the_three_baselines_on_the_test_split(short_run) -> None
     # Timings are reported but kept out of the reproducible fingerprint.
     assert "validate_performance_targets" in report and result.targets
     assert "targets" not in result.fingerprint() and "wall_s" not in result.fingerprint()
+    # What the report says of the run is what this run did: no head seed distilled here, one
+    # rank compared nothing, and the targets were timed on the threads this process had.
+    assert result.kd_steps == 0 and "distilled into" not in report
+    assert "one rank: nothing to broadcast or compare" in report
+    threads = next(iter(result.targets.values()))["threads"]
+    assert f"timed here on {threads} CPU thread" in report
 
 
 def test_the_controller_reads_the_managers_state_packet() -> None:
