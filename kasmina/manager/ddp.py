@@ -567,7 +567,7 @@ class DistributedKasmina:
     def _stop_deferring(self, _reason: str = "") -> None:
         """Seeds' faults charged at once again, and those held for the next step charged on
         this rank (it leaves the run, or its manager closes: no step of the run follows)."""
-        defer_faults(self._table, None)
+        defer_faults(self._table, None, only=self.seed_grads.faults)  # not a later run's
         self.seed_grads.faults.charge_here()
 
     def _quarantine_diverged(self, result: EpochSyncResult) -> None:

@@ -162,10 +162,16 @@ def _charge(seed: ChargedSeed, count: int, kept: list[tuple[str, str]], where: s
 _DEFERRING: weakref.WeakKeyDictionary[GPUStateTensor, DeferredFaults] = weakref.WeakKeyDictionary()
 
 
-def defer_faults(table: GPUStateTensor, faults: DeferredFaults | None) -> None:
+def defer_faults(
+    table: GPUStateTensor, faults: DeferredFaults | None, *, only: DeferredFaults | None = None
+) -> None:
     """From now on the faults found on the host of ``table``'s seeds go to ``faults``; None:
-    charged at once again (whoever held ``faults`` charges what it still holds)."""
+    charged at once again (whoever held ``faults`` charges what it still holds). ``only``: do
+    it only while the table defers to ``only`` (a run that left does not end the deferral of
+    a run that joined the manager after it)."""
     with FAULT_LOCK:
+        if only is not None and _DEFERRING.get(table) is not only:
+            return
         if faults is None:
             _DEFERRING.pop(table, None)
         else:

@@ -119,3 +119,19 @@ def test_a_seed_made_on_the_table_later_defers_too(table: GPUStateTensor) -> Non
     later = GradientIsolatedSeed(C, "s1", state=table, index=1)
     later.record_fault("exception", "raised")
     assert later.faults == 0 and held.take() == {"s1": (1, [("exception", "raised")])}
+
+
+def test_a_run_that_left_does_not_end_a_later_runs_deferral(table: GPUStateTensor) -> None:
+    """``DistributedKasmina.close`` may run again after another run joined the manager: a
+    stale close ended the later run's deferral, and that rank charged its faults alone again
+    (the divergence deferral exists to prevent)."""
+    seed = _seed(table)
+    old, new = DeferredFaults(), DeferredFaults()
+    defer_faults(table, old)
+    defer_faults(table, new)  # a second run joined
+    defer_faults(table, None, only=old)  # the first one's close, again
+    seed.record_fault("exception", "raised")
+    assert seed.faults == 0 and new.take()["s0"][0] == 1
+    defer_faults(table, None, only=new)
+    seed.record_fault("exception", "raised")
+    assert seed.faults == 1
