@@ -40,9 +40,11 @@ __all__ = [
     "find_free_port",
     "flat_grad",
     "global_rank",
+    "grad_layout",
     "init_from_env",
     "shutdown_process_group",
     "spawn",
+    "zero_grad",
 ]
 
 
@@ -147,19 +149,40 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
         return
     world = dist.get_world_size(group)
     device = collective_device(group)
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    present = torch.tensor([grad_layout(p) for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p, flag in zip(params, present.tolist(), strict=True):
         if not flag:
             continue
         if p.grad is None:
-            p.grad = torch.zeros_like(p)
+            p.grad = zero_grad(p, flag)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for group_params in by_dtype.values():
         flat = torch.cat([flat_grad(p).to(device) for p in group_params])
         dist.all_reduce(flat.div_(world), op=dist.ReduceOp.SUM, group=group)  # divided first:
         copy_into_grads(flat, group_params)  # a sum of fp16 gradients could overflow to inf
+
+
+def grad_layout(p: torch.nn.Parameter) -> int:
+    """What ranks agree on (a MAX) of ``p``'s gradient: 0 none, 1 dense, ``2 + sparse_dim``
+    sparse (an ``nn.Embedding(sparse=True)``'s: a rank that looked up no row of it has none)."""
+    grad = p.grad
+    if grad is None:
+        return 0
+    return 2 + grad.sparse_dim() if grad.is_sparse else 1
+
+
+def zero_grad(p: torch.nn.Parameter, layout: int) -> torch.Tensor:
+    """A zero gradient for ``p`` where this rank has none and another rank has one of
+    ``layout`` (``grad_layout``): sparse with no row where theirs is sparse (a dense zero kept
+    this rank's dense after the average, which ``SparseAdam`` refuses)."""
+    if layout < 2:
+        return torch.zeros_like(p)
+    dims = layout - 2
+    indices = torch.empty((dims, 0), dtype=torch.long, device=p.device)
+    values = torch.empty((0, *p.shape[dims:]), dtype=p.dtype, device=p.device)
+    return torch.sparse_coo_tensor(indices, values, p.shape)
 
 
 def flat_grad(p: torch.nn.Parameter) -> torch.Tensor:
@@ -180,8 +203,8 @@ def copy_into_grads(flat: torch.Tensor, params: Sequence[torch.nn.Parameter]) ->
         grad = p.grad
         n = grad.numel()
         piece = flat[offset : offset + n].view(grad.shape)
-        if grad.is_sparse:
-            p.grad = piece.to_sparse(grad.sparse_dim()).coalesce()
+        if grad.is_sparse:  # (``flat`` may sit on the collective's device, the CPU for gloo)
+            p.grad = piece.to(grad.device).to_sparse(grad.sparse_dim()).coalesce()
         else:
             grad.copy_(piece)
         offset += n

@@ -48,6 +48,8 @@ from kasmina.control.processes import (
     collective_timeout_s,
     copy_into_grads,
     flat_grad,
+    grad_layout,
+    zero_grad,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, buckets
@@ -388,16 +390,14 @@ class SeedGradientSync:
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""
-        present = torch.tensor(
-            [p.grad is not None for p in params], dtype=torch.int32, device=device
-        )
+        present = torch.tensor([grad_layout(p) for p in params], dtype=torch.int32, device=device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
         kept = []
         for p, flag in zip(params, present.tolist(), strict=True):
             if not flag:
                 continue
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                p.grad = zero_grad(p, flag)  # sparse where another rank's is
                 self.stats["zero_filled"] += 1
             kept.append(p)
         return kept
