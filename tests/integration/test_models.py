@@ -217,23 +217,33 @@ def test_a_slot_on_a_tied_head_keeps_hugging_face_tying() -> None:
     assert plain[0].host.weight is weight and "weight" not in plain[0]._parameters
 
 
-def test_accelerate_hooks_put_on_before_attach_come_off_the_host() -> None:
-    """``remove_hook_from_module(model, recurse=True)`` reads a host's ``_hf_hook`` through its
-    slot and deletes it there: that delete raised half-way through the walk. The host's own
-    ``forward`` it puts back through the slot goes to the host (on the slot, it skipped the
-    slot and its seeds at every call)."""
-    hooks = pytest.importorskip("accelerate.hooks")
+def _grown_over_hooks(hook: Any) -> tuple[nn.Sequential, Any, torch.Tensor, torch.Tensor]:
+    """An MLP whose first layer ``hook(model)`` may hook before it is slotted, its seed grown to
+    ACTIVE; with one batch and the grown output on it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    for module in (model[0], model[2]):
-        hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu"))
+    hook(model)
     (slot,) = attach(model, ["0"], 2, 4)
     torch.manual_seed(1)
     slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
     for stage in PATH:
         slot.seed(0).transition_to(stage)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
-    grown = model(x)
+    return model, slot, x, model(x)
+
+
+def test_accelerate_hooks_put_on_before_attach_come_off_the_host() -> None:
+    """``remove_hook_from_module(model, recurse=True)`` reads a host's ``_hf_hook`` through its
+    slot and deletes it there: that delete raised half-way through the walk. The host's own
+    ``forward`` it puts back through the slot goes to the host (on the slot, it skipped the
+    slot and its seeds at every call)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model, slot, x, grown = _grown_over_hooks(
+        lambda model: [
+            hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu"))
+            for module in (model[0], model[2])
+        ]
+    )
     hooks.remove_hook_from_module(model, recurse=True)
     assert not [name for name, m in model.named_modules() if "_hf_hook" in vars(m)]
     assert "forward" not in vars(slot) and "_old_forward" not in vars(slot.host)
@@ -256,18 +266,10 @@ def test_accelerate_hooks_a_slot_over_a_host_hooked_before_attach(host_hooked: b
             self.calls += 1
             return args, kwargs
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     on_host, on_slot = Counting(), Counting()
-    if host_hooked:
-        hooks.add_hook_to_module(model[0], on_host)
-    (slot,) = attach(model, ["0"], 2, 4)
-    torch.manual_seed(1)
-    slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
-    for stage in PATH:
-        slot.seed(0).transition_to(stage)
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
-    grown = model(x)
+    model, slot, x, grown = _grown_over_hooks(
+        lambda model: hooks.add_hook_to_module(model[0], on_host) if host_hooked else None
+    )
     hooks.add_hook_to_module(slot, on_slot)
     assert torch.equal(model(x), grown)  # the slot runs its seed
     assert on_slot.calls == 1 and on_host.calls == (2 if host_hooked else 0)
