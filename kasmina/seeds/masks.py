@@ -10,6 +10,7 @@ that transform) is made fresh and never kept. ``KasminaLayer`` clears them when 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Container, Sequence
 
@@ -61,13 +62,18 @@ class ChunkMasks:
     def _mask(self, values: tuple[bool, ...], device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling() or functorch_active():
             return torch.tensor(values, device=device)
+        # Serving threads share a slot (concurrent eval forwards): each cache operation is one
+        # C call, atomic under the GIL, and none assumes what another thread left (a key read
+        # here can be dropped before it is moved: that raised KeyError out of a forward).
         key = (values, device)
         mask = self._cache.get(key)
         if mask is not None:
-            self._cache.move_to_end(key)
+            with contextlib.suppress(KeyError):  # another thread's call dropped it meanwhile
+                self._cache.move_to_end(key)
             return mask
         with torch.inference_mode(False):  # made under inference mode, no backward could save it
             mask = self._cache[key] = torch.tensor(values, device=device)
-        if len(self._cache) > MAX_PATTERNS:
-            self._cache.popitem(last=False)
+        while len(self._cache) > MAX_PATTERNS:  # several threads may each have added one
+            with contextlib.suppress(KeyError):  # (emptied by them meanwhile)
+                self._cache.popitem(last=False)
         return mask

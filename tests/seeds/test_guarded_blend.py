@@ -395,6 +395,47 @@ def test_the_mask_cache_keeps_the_patterns_in_use_and_no_more() -> None:
     assert masks.passed(n, {1}, cpu).tolist() == [i != 1 for i in range(n)]
 
 
+def test_the_mask_cache_takes_a_pattern_another_thread_dropped_meanwhile() -> None:
+    """Serving threads share a slot's cache: a thread switched out between its cache hit and
+    marking the pattern recent, while another thread's call added a pattern and dropped that
+    one, raised KeyError out of its forward. The switch is forced at that point."""
+    import threading
+    from collections import OrderedDict
+
+    masks, cpu, n = ChunkMasks(), torch.device("cpu"), 8
+    oldest = masks.passed(n, {0}, cpu)
+    for k in range(1, MAX_PATTERNS):
+        masks.passed(n, {i for i in range(n) if ((k + 1) >> i) & 1}, cpu)  # not {0}'s
+    assert len(masks) == MAX_PATTERNS
+    hit, go = threading.Event(), threading.Event()
+
+    class SwitchesAfterAHit(OrderedDict):
+        def get(self, key, default=None):
+            value = OrderedDict.get(self, key, default)
+            if threading.current_thread().name == "serving":
+                hit.set()
+                go.wait(10)
+            return value
+
+    masks._cache = SwitchesAfterAHit(masks._cache)
+    got: list[object] = []
+
+    def serve() -> None:
+        try:
+            got.append(masks.passed(n, {0}, cpu))
+        except Exception as exc:  # the assertion below names it
+            got.append(exc)
+
+    thread = threading.Thread(target=serve, name="serving")
+    thread.start()
+    assert hit.wait(10)
+    masks.passed(n, set(range(1, n)), cpu)  # a new pattern: the oldest is dropped
+    go.set()
+    thread.join(10)
+    assert len(got) == 1 and got[0] is oldest, got
+    assert len(masks) <= MAX_PATTERNS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_the_finite_test_is_one_sum_that_only_an_absurd_output_overflows(
     dtype: torch.dtype,
