@@ -381,7 +381,9 @@ class KasminaLayer(HostForwarding):
             strided = isinstance(element, Tensor) and element.layout == torch.strided
             strided = strided and not element.is_nested
             self.output_layout = channels_last_name(element) if strided else None
-            provisional = self._rank is None and over is None  # (``outputs.rerecorded``)
+            # (``outputs.rerecorded``; never compiled, where a record is not replaced: open,
+            # it kept the recording branch and its guards in every graph)
+            provisional = self._rank is None and over is None and not torch.compiler.is_compiling()
             unrecorded = isinstance(record[0], str)  # tried again at the next call
             self._provisional = unrecorded or (provisional and not self._runs_any)
 

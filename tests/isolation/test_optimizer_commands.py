@@ -207,15 +207,16 @@ def test_a_step_commands_lr_keeps_each_groups_ratio_to_the_first(tensor: bool) -
 
 
 def test_a_step_command_that_raises_leaves_the_lr_as_it_was() -> None:
-    """Clipping refuses sparse gradients: the command is refused, and the lr it carried had
-    been set before the step raised."""
+    """Adam refuses a sparse gradient: the step raises, and the lr the command carried, set
+    before the step, is put back (the manager refuses the command, naming the error)."""
     host = nn.Embedding(10, 4, sparse=True)
-    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.Adam)
     opts.set_parameter_source("host", host.parameters)
     assert opts.apply_optimizer_command(
         _cmd(CommandType.COMMAND_TYPE_INITIALIZE_HOST, learning_rate=0.05)
     )
     host(torch.tensor([1, 2])).sum().backward()
     step = _cmd(CommandType.COMMAND_TYPE_STEP, "host", grad_clip_norm=1.0, learning_rate=0.2)
-    assert opts.apply_optimizer_command(step) is False
+    with pytest.raises(RuntimeError, match="sparse"):
+        opts.apply_optimizer_command(step)
     assert [g["lr"] for g in opts.optimizer("host").param_groups] == [0.05]
