@@ -92,10 +92,11 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
         return torch.zeros((), device=params[0].device)
     # A sparse gradient (``nn.Embedding(sparse=True)``) is measured by its rows summed (an
     # uncoalesced one repeats a row per lookup) and scaled as it is (it raised mid-step).
-    measured = [g.coalesce()._values() if g.is_sparse else g for g in grads]
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    for g in measured:
-        by_device[g.device].append(g)
+    scaled: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g.coalesce()._values() if g.is_sparse else g)
+        scaled[g.device].append(g)
     first = grads[0].device
     norms = [_group_norms(group).to(first) for group in by_device.values()]
     # The per-tensor norms are scaled (fp32 whenever the true norm fits); their squares are
@@ -103,9 +104,6 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     # then back to fp32: inf only when the true norm exceeds fp32's range.
     total = torch.linalg.vector_norm(torch.cat(norms), dtype=torch.float64).float()
     coef = torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0).where(total.isfinite(), 1.0)
-    scaled: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        scaled[g.device].append(g)
     for device, group in scaled.items():
         torch._foreach_mul_(group, coef.to(device))
     return total

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import logging
 import math
 import threading
@@ -73,7 +72,6 @@ __all__ = [
     "record_fallbacks",
     "recomputing",
     "short_reason",
-    "weights_absent",
     "uncharged",
 ]
 
@@ -415,20 +413,6 @@ def fallback_per_chunk(
     return full, [one if a is None else a for a in alphas]
 
 
-_ABSENT_CALLS = itertools.count(1)
-
-
-def weights_absent(kernel: torch.nn.Module) -> KernelInputRefused | None:
-    """After a raise: a sit-out when the kernel's weights are on the meta device (an offload
-    that loads a module's weights only while its own forward runs, accelerate's, never loads
-    a kernel's, whose program reads them without calling its submodules; charged, a healthy
-    seed was quarantined by a few inference forwards), else None (the kernel's own fault)."""
-    if not any(t.is_meta for t in itertools.chain(kernel.parameters(), kernel.buffers())):
-        return None
-    message = "its weights are on the meta device (offloaded; accelerate: preload_module_classes"
-    return KernelInputRefused(f"{message}=['GPUKernel'])", next(_ABSENT_CALLS))
-
-
 def call_kernel(
     kernel: torch.nn.Module,
     x: torch.Tensor,
@@ -463,14 +447,12 @@ def call_kernel(
                 out = kernel(xin)
     except CONTROL_FLOW:
         raise
+    except KernelInputRefused as exc:  # a call its program cannot take: sat out, no fault
+        logger.log(
+            rarely(exc.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0], exc
+        )
+        return None
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        refused = exc if isinstance(exc, KernelInputRefused) else weights_absent(kernel)
-        if refused is not None:  # a call its program cannot take: sat out, no fault
-            logger.log(
-                rarely(refused.count, FAULT_WARN_EVERY),
-                "seed %s sat out a call (%s)", stream[0], refused,
-            )  # fmt: skip
-            return None
         if not recomputing():
             record("exception", f"raised {type(exc).__name__}: {exc}")
         return None

@@ -36,12 +36,10 @@ from kasmina.seeds.faults import (
     recomputing,
     record_fallbacks,
     short_reason,
-    weights_absent,
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.stages import SeedStage
-from kasmina.utils.grad_modes import version_count
 from kasmina.utils.ratelimit import clipped
 
 logger = logging.getLogger(__name__)
@@ -503,8 +501,6 @@ def guarded_probe(
     except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        if (absent := weights_absent(kernel)) is not None:
-            raise absent from exc  # not its fault: sat out
         kind = "type" if isinstance(exc, ProbeOutputError) else "exception"
         reason = str(exc) if kind == "type" else f"raised {type(exc).__name__}: {exc}"
         if not recomputing():
@@ -556,7 +552,7 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     if backward and not params and next(kernel.parameters(), None) is not None:
         return "has parameters, none that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
-    versions = [version_count(t) for _, t in watched]
+    versions = [t._version for _, t in watched]
     grad = torch.is_grad_enabled()
     try:  # set and put back by C calls: a grad-mode block's Python edges could take a Ctrl-C
         torch._C._set_grad_enabled(bool(params))  # and leave grad mode off for the thread
@@ -566,7 +562,7 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
     finally:
         torch._C._set_grad_enabled(grad)
     for (what, t), version in zip(watched, versions, strict=True):
-        if version_count(t) != version:
+        if t._version != version:
             return f"wrote in place into {what}"
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, not a tensor"

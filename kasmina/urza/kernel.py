@@ -35,7 +35,7 @@ from torch.export.passes import move_to_device_pass
 
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.artifact import Manifest, verify_payload
-from kasmina.urza.refusals import refuse_through
+from kasmina.urza.refusals import refuse_through, weights_absent
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +495,13 @@ class GPUKernel(nn.Module):
                 f"kernel {self.artifact_id!r} was released (evicted from the cache); "
                 "load it again before calling it"
             )
-        return self.inner(*args, **kwargs)
+        try:
+            return self.inner(*args, **kwargs)
+        except Exception as exc:
+            absent = weights_absent(self.inner)  # offloaded: a call it sits out, not a fault
+            if absent is None:
+                raise
+            raise absent from exc
 
     def train(self, mode: bool = True) -> GPUKernel:
         """Set the flag only: the exported graph's dropout/batch-norm mode is fixed."""

@@ -6,13 +6,15 @@ kernel that pools pairs of tokens, or the branch it took on a size). A call that
 one the program cannot take, as one of a rank or fixed size its signed input shape rules out:
 a seed sits it out (the host's output stands) instead of being charged a fault, so that a
 healthy kernel is not quarantined by a call it was never exported for (the decode steps of a
-Hugging Face ``generate``: a sequence length of 1). ``refuse_through`` (at load) wraps the
+Hugging Face ``generate``: a sequence length of 1). So is a call that finds the program's
+weights absent (``weights_absent``). ``refuse_through`` (at load) wraps the
 program module's checks so that their failure raises ``KernelInputRefused``; ``without_refusals``
 puts torch's own back, for a module that leaves Kasmina (``kasmina.merge``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import nn
 
 from kasmina.errors import KernelInputRefused
 
-__all__ = ["refuse_through", "without_refusals"]
+__all__ = ["refuse_through", "weights_absent", "without_refusals"]
 
 # torch's forward pre-hook that checks a program module's inputs against the sizes and ranges
 # its export recorded (every check, in torch releases whose programs have no guards function).
@@ -82,3 +84,19 @@ def without_refusals(module: nn.Module) -> nn.Module:
             if isinstance(hook, _InputCheck):
                 hooks[key] = hook.check
     return module
+
+
+_ABSENT_CALLS = itertools.count(1)
+
+
+def weights_absent(program: nn.Module) -> KernelInputRefused | None:
+    """After a call of ``program`` raised: a refusal when its weights are on the meta device,
+    else None (the failure is the kernel's own fault). An offload that loads a module's weights
+    only while that module's own forward runs (accelerate's ``cpu_offload``, a disk offload in
+    ``dispatch_model``) never loads a program's, which reads its submodules' weights without
+    calling them: charged, a healthy seed was quarantined by a few inference forwards."""
+    tensors = itertools.chain(program.parameters(), program.buffers())
+    if not any(t.is_meta for t in tensors):
+        return None
+    message = "its weights are on the meta device (offloaded; accelerate: preload_module_classes"
+    return KernelInputRefused(f"{message}=['GPUKernel'])", next(_ABSENT_CALLS))
