@@ -293,6 +293,7 @@ class KasminaLayer(HostForwarding):
         old = {"_graph": GraphMark(), "_kernel_shapes": (), "_teacher_depth": 0, **state}
         old["_kd_losses"] = PendingKDLosses(state.get("_kd_losses", ()))
         super().__setstate__({**old, "_masks": ChunkMasks()})  # a cache (a dict in older ones)
+        self._link_flags()  # a pickle keeps no storage shared: the seeds' flags are views again
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language
