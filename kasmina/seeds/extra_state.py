@@ -475,13 +475,14 @@ def check_seed_kernel_keys(
     seed: RestorableSeed, state_dict: Mapping[str, Any], at: str, have: set[str] | None = None
 ) -> None:
     """The kernel weights ``state_dict`` holds under ``at`` (the seed's prefix) are exactly its
-    live kernel's (none without one): ``ValueError`` naming the difference. Asked wherever the
-    seed's own state is loaded, whatever ``strict`` says: a seed's state loads with its kernel's
-    weights or not at all (PyTorch would report the keys only after every module loaded).
-    ``have``: those keys, when the caller has them (:func:`_kernel_keys`)."""
+    live kernel's, of its shapes (none without one): ``ValueError`` naming the difference. Asked
+    wherever the seed's state is loaded, whatever ``strict`` says: it loads with its kernel's
+    weights or not at all (PyTorch would report keys after every module loaded, and a shape
+    after the modules before it). ``have``: those keys, if the caller has them."""
     kernel = _kernel(seed)
     inner = at + _KERNEL
-    want = set() if kernel is None else set(kernel.state_dict(prefix=inner, keep_vars=True))
+    live = {} if kernel is None else kernel.state_dict(prefix=inner, keep_vars=True)
+    want = set(live)
     if have is None:
         have = _kernel_keys(state_dict, {inner}).get(inner, set())
     missing, unexpected = sorted(want - have), sorted(have - want)
@@ -491,6 +492,15 @@ def check_seed_kernel_keys(
             f"{missing[:4]}, unexpected {unexpected[:4]}): it was saved with another kernel, or "
             f"none; {_advice(seed)}"
         )
+    shapes = [
+        f"{key}: saved {list(state_dict[key].shape)}, live {list(tensor.shape)}"
+        for key, tensor in live.items()  # a lazy parameter takes any shape, as in torch
+        if isinstance(tensor, torch.Tensor) and not torch.nn.parameter.is_lazy(tensor)
+        and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != tensor.shape
+    ]  # fmt: skip
+    if shapes:
+        raise ValueError(f"seed {seed.seed_id}: other kernel shapes ({'; '.join(shapes[:4])}): it "
+                         f"was saved with another kernel; {_advice(seed)}")  # fmt: skip
 
 
 def _kernel(seed: object) -> torch.nn.Module | None:

@@ -273,6 +273,31 @@ def test_a_seed_state_loads_with_its_kernels_weights_or_not_at_all(strict) -> No
         )
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_a_seed_state_whose_kernel_has_other_shapes_is_refused_before_any_module_loads(
+    strict,
+) -> None:
+    """The kernel's key names alone were checked: a state saved with a kernel of the same
+    structure and other widths passed, and PyTorch raised at the kernel's size mismatch after
+    writing the host's weights and the seed's state (a DORMANT seed left GRAFTING on weights
+    that never loaded)."""
+    source = Host()
+    slot = kasmina.attach(source, "out", 2, 2)[0]
+    slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING):
+        slot.seed(0).transition_to(stage)
+    state = clone_state(source.state_dict())
+    target = Host()
+    torch.manual_seed(3)
+    twin = kasmina.attach(target, "out", 2, 2)[0]
+    twin.seed(0).attach_kernel(nn.Sequential(nn.Linear(2, 5), nn.Linear(5, 2)))
+    before = clone_state(target.state_dict())
+    with pytest.raises(ValueError, match=r"out\[0\]: other kernel shapes \(out.seeds.0.kernel.0"):
+        target.load_state_dict(state, strict=strict)
+    assert _same(clone_state(target.state_dict()), before)
+    assert twin.seed(0).stage == S.DORMANT
+
+
 def test_a_snapshots_isolation_violations_are_the_breakers_too(tmp_path: Path) -> None:
     """A snapshot's seed state restored its violation count, but the seed's monitor kept its
     own: the reports said 0 while the breaker stood at 2, the next clean step put 2 back, and
