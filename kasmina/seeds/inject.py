@@ -359,7 +359,8 @@ def fill_constants(model: nn.Module) -> list[str]:
 def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) -> list[KasminaLayer]:
     """Put every wrapped module (or those of the slots in ``only``) back in place of its
     KasminaLayer; returns the removed slots. ``only`` holds slots (what ``attach`` returns):
-    anything else (a module's name) is a ``TypeError``, not a silent no-op."""
+    anything else (a module's name) is a ``TypeError``, and a slot not in ``model`` (the original
+    of a deep copy's) a ``ValueError`` before any is detached, not a silent no-op."""
     if only is not None:
         only = (
             [only]
@@ -380,6 +381,13 @@ def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) ->
     ]
     if any(name == "" for name, _ in slots):
         raise ValueError("the model itself is a KasminaLayer; use its .host")
+    if only is not None and len(slots) < len(chosen):  # another model's (a copy's are its own)
+        here = {id(m) for _, m in slots}
+        absent = sorted({slot.layer_id for slot in only if id(slot) not in here})
+        raise ValueError(
+            f"only holds slots that are not in the model: {absent[:4]} (a deep copy has slots of "
+            "its own: take them from it, model.get_submodule(name)); nothing was detached"
+        )
     for name, layer in slots:
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.host)

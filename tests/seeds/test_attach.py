@@ -1583,14 +1583,21 @@ def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:
 def test_detach_only_takes_slots_and_refuses_names() -> None:
     """``only`` is matched against the slots themselves: a name (what ``attach`` takes), or
     anything else, matched nothing, and the slot stayed with no word. It is refused now; one
-    slot given alone is taken as one."""
+    slot given alone is taken as one. A slot that is not in the model (a deep copy's originals,
+    one detached already) is refused too, before any is detached."""
     model = MLP()
     encoder, head = attach(model, ["encoder.0", "head"], 2, 4)
     for only in (["head"], "head", [None], [model.head.host]):
         with pytest.raises(TypeError, match="only must hold the model's slots"):
             detach(model, only=only)  # type: ignore[arg-type]
         assert kasmina_layers(model) == [encoder, head]
+    twin = copy.deepcopy(model)  # the slots attach returned are the original's, not the copy's
+    with pytest.raises(ValueError, match=r"not in the model: \['head'\].*nothing was detached"):
+        detach(twin, only=[twin.encoder[0], head])
+    assert len(kasmina_layers(twin)) == 2
     assert detach(model, only=head) == [head] and kasmina_layers(model) == [encoder]
+    with pytest.raises(ValueError, match="not in the model"):  # detached already
+        detach(model, only=[head])
     assert detach(model, only=(s for s in [encoder])) == [encoder] and not kasmina_layers(model)
     model = MLP()
     slots = attach(model, ["encoder.0", "head"], 2, 4)
