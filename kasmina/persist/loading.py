@@ -34,7 +34,7 @@ from kasmina.errors import ArtifactIntegrityError
 from kasmina.ops.lifecycle import INT32_MAX
 from kasmina.persist.format import SavedModelError, read_saved
 from kasmina.persist.saving import KERNEL_PREFIX, uncompiled
-from kasmina.seeds.inject import add_load_checks, install
+from kasmina.seeds.inject import add_load_checks, install, uncallable_slot_problem
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import declared_width, forward_owner
 from kasmina.seeds.table import GPUStateTensor
@@ -104,8 +104,7 @@ def load(
     # Commit: everything that can be refused has been checked. A Ctrl-C waits until it is done.
     with interrupts_deferred():
         model.load_state_dict(host_state, strict=True)
-        for name, layer in layers.items():
-            install(model, name, layer)  # as attach does, with the fused-path guard
+        install(model, layers)  # as attach does, with the fused-path guard
         add_load_checks(model)  # as attach does: a refused load_state_dict changes no module
     logger.info("loaded %d slot(s) and %d kernel(s) from %s", len(layers), kernels, path)
     return list(layers.values())
@@ -331,12 +330,16 @@ def _host(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
     """The host module a layout (checked by ``_layouts``) names."""
     name = layout["name"]
     try:
-        return model.get_submodule(name)
+        host = model.get_submodule(name)
     except AttributeError as exc:
         raise SavedModelError(
             f"architecture mismatch: {type(model).__name__} has no module {name!r} (the saved "
             f"slot wraps a {layout['host_class']})"
         ) from exc
+    problem = uncallable_slot_problem(model, name)
+    if problem is not None:
+        raise SavedModelError(problem)
+    return host
 
 
 def _check_architecture(

@@ -27,7 +27,7 @@ import difflib
 import gc
 import re
 import weakref
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -162,6 +162,9 @@ def _refuse_unreachable(model: nn.Module, name: str) -> None:
             f"{name!r}: a {type(host).__name__} has no forward (its parent iterates or indexes "
             f"it, never calls it), so a seed there would never run; target {hint}"
         )
+    problem = uncallable_slot_problem(model, name)
+    if problem is not None:
+        raise ValueError(problem)
     parent, attr = _parent(model, name)
     if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
         raise ValueError(
@@ -253,8 +256,7 @@ def attach(
             fault_limit=fault_limit,
         )
         layers.append(layer)
-    for name, layer in zip(names, layers, strict=True):
-        install(model, name, layer)
+    install(model, dict(zip(names, layers, strict=True)))
     add_load_checks(model)
     return layers
 
@@ -277,14 +279,38 @@ def _taken_rows(model: nn.Module, state: GPUStateTensor) -> list[int]:
     return sorted(mine.union(busy))
 
 
-def install(model: nn.Module, name: str, layer: KasminaLayer) -> None:
-    """Put ``layer`` in place of the module at ``name`` in ``model``, as every installer of
-    slots does (``attach``, ``kasmina.load``), deciding what depends on where it sits: inside
-    an ``nn.TransformerEncoderLayer`` it guards that layer's fused path (``guards_fused_path``:
-    while a seed runs the layer takes its regular path, which calls the slot)."""
+def install(model: nn.Module, layers: Mapping[str, KasminaLayer]) -> None:
+    """Put each slot of ``layers`` in place of the module at its name in ``model``, all or none
+    (a parent's ``__setattr__`` that raises: those put in place are taken out again), as every
+    installer of slots does (``attach``, ``kasmina.load``), deciding what depends on where it
+    sits: inside an ``nn.TransformerEncoderLayer`` it guards that layer's fused path
+    (``guards_fused_path``: while a seed runs the layer takes its regular path, which calls the
+    slot)."""
+    done: list[tuple[nn.Module, str, KasminaLayer]] = []
+    try:
+        for name, layer in layers.items():
+            parent, attr = _parent(model, name)
+            layer.guards_fused_path = isinstance(parent, nn.TransformerEncoderLayer)
+            setattr(parent, attr, layer)
+            done.append((parent, attr, layer))
+    except BaseException:
+        for parent, attr, layer in reversed(done):
+            setattr(parent, attr, layer.host)
+        raise
+
+
+def uncallable_slot_problem(model: nn.Module, name: str) -> str | None:
+    """Why a slot at ``name`` could not take its module's place (None: it can). A scripted
+    parent (``torch.jit.script``) calls the module its compiled forward was built with and
+    refuses another in its place."""
     parent, attr = _parent(model, name)
-    layer.guards_fused_path = isinstance(parent, nn.TransformerEncoderLayer)
-    setattr(parent, attr, layer)
+    if isinstance(parent, torch.jit.ScriptModule):
+        where = f"{name.rpartition('.')[0]!r}" if "." in name else "the model"
+        return (
+            f"{name!r} is inside a scripted module ({where}, torch.jit.script), whose compiled "
+            f"forward cannot call a slot; attach before scripting, or target a module outside it"
+        )
+    return None
 
 
 def _refuse_nesting(model: nn.Module, names: Collection[str]) -> None:

@@ -279,3 +279,33 @@ def test_a_host_on_meta_is_refused_before_anything_changes(saved: Path) -> None:
     assert dict(model.named_modules()) == before
     model.to_empty(device="cpu")
     assert len(kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())) == 1
+
+
+class _Scripted(nn.Module):
+    """``Host`` with its ``out`` layer inside a block shipped scripted (``torch.jit.script``)."""
+
+    def __init__(self, scripted: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        block = nn.Sequential(nn.Linear(4, 4))
+        self.block = torch.jit.script(block) if scripted else block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.inp(x))
+
+
+def test_a_slot_the_model_could_not_call_is_refused_before_any_write(tmp_path: Path) -> None:
+    """A saved slot whose host sits in a scripted block of the same architecture passed every
+    check; the load wrote the host's weights, installed the first slot and raised torch's
+    ``RuntimeError`` at the scripted one."""
+    source = _Scripted(scripted=False)
+    kasmina.attach(source, ["inp", "block.0"], 2, 2)
+    source(torch.randn(3, 4))
+    path = tmp_path / "scripted.kasm"
+    kasmina.save(source, path)
+    model = _Scripted(scripted=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SavedModelError, match=r"'block.0' is inside a scripted module"):
+        kasmina.load(path, model, publishers=PUBLISHER.trusted_publishers())
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

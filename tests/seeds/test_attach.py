@@ -1604,6 +1604,44 @@ def test_detach_only_takes_slots_and_refuses_names() -> None:
     assert detach(model, only=nn.ModuleList(slots)) == slots  # a module holding slots too
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class _Refusing(_Block):
+    """A parent whose ``__setattr__`` refuses a slot (as a scripted module's does)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, KasminaLayer):
+            raise RuntimeError("this parent takes no other module")
+        super().__setattr__(name, value)
+
+
+def test_a_failed_install_leaves_the_model_as_it_was() -> None:
+    """Slots were put in place one by one: a target inside a scripted module (whose compiled
+    forward cannot call a slot, and whose ``__setattr__`` refuses one) raised torch's
+    ``RuntimeError`` after the targets before it were replaced, with no load checks on the
+    model. A scripted parent is refused up front now, and any other parent that refuses a slot
+    takes the slots put in place before it out again."""
+    for block, error, match in (
+        (torch.jit.script(_Block()), ValueError, "inside a scripted module .'sub'"),
+        (_Refusing(), RuntimeError, "takes no other module"),
+    ):
+        model = MLP()
+        model.sub = block
+        before = [(name, type(m)) for name, m in model.named_modules()]
+        keys = list(model.state_dict())
+        with pytest.raises(error, match=match):
+            attach(model, ["head", "sub.fc"], 2, 4)
+        assert [(name, type(m)) for name, m in model.named_modules()] == before
+        assert list(model.state_dict()) == keys and not model._load_state_dict_pre_hooks
+
+
 def test_a_layout_the_host_declares_is_checked_before_the_table_is_allocated(
     monkeypatch,
 ) -> None:
