@@ -369,7 +369,13 @@ class KasminaLayer(HostForwarding):
         # A reason (a first call with no tensor there: an RNN's PackedSequence, attention
         # weights not asked for) is no record: a later call's replaces it, as a first call's.
         over = old if isinstance(old, tuple) else None
-        record = slot_record(args, out, self.output_index, self.host, self._rank, self._moved, over)
+        moved = self._moved  # a record kept over a move (``_apply``): a provisional one's
+        if old is None and moved is not None and self._provisional and isinstance(moved[0], tuple):
+            over = moved[0]  # batched form replaces it, as before the move; another call keeps it
+        record = slot_record(args, out, self.output_index, self.host, self._rank, moved, over)
+        if record is None and old is None and over is not None:
+            record = slot_record(args, out, self.output_index, self.host, self._rank, moved)
+            over = None
         if record is None and over is not None and self.chunk_dim < 0:
             # A dim counted from the back chunks every rank alike: a call of the record's rank
             # settles it (no check per call after that, on the dormant path).

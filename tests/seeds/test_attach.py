@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import itertools
 import pickle
 import re
 import warnings
@@ -1602,6 +1603,26 @@ def test_detach_only_takes_slots_and_refuses_names() -> None:
     model = MLP()
     slots = attach(model, ["encoder.0", "head"], 2, 4)
     assert detach(model, only=nn.ModuleList(slots)) == slots  # a module holding slots too
+
+
+def test_a_move_keeps_a_provisional_record_open_to_its_batched_form() -> None:
+    """A sanity call on one sample, then ``model.to(device)`` (any move or cast, a no-op one
+    too): the first batched call recorded the unbatched shape kept over the move, and a
+    GERMINATE applied at that step was refused on the rank. The move keeps the record open."""
+    moves = (lambda m: m.to("cpu"), lambda m: m.double())
+    for move, again in itertools.product(moves, (False, True)):
+        model = MLP()
+        slot = attach(model, "head", 2, 4)[0]
+        with torch.no_grad():
+            model(torch.randn(5))
+        move(model)
+        dtype = next(model.parameters()).dtype
+        if again:  # one more unbatched call: the record stays open, in the new dtype
+            with torch.no_grad():
+                model(torch.randn(5, dtype=dtype))
+            assert slot.output_contract[0] == (8,) and slot.output_contract[1] == dtype
+        model(torch.randn(3, 5, dtype=dtype))
+        assert slot.output_contract[0] == (3, 8) and slot.output_contract[1] == dtype
 
 
 class _Block(nn.Module):
