@@ -100,10 +100,13 @@ class ModelHold:
         self.edges = _edges(model, self.slots.values())
         self.checked_at = watch_registrations()
 
-    def check(self, detached: Sequence[str], known: Callable[[], set[int]] | None) -> None:
+    def check(
+        self, detached: Sequence[str], known: Callable[[], set[int]] | None, host: bool = True
+    ) -> None:
         """``RuntimeError`` if the model no longer holds what was registered. ``detached``:
-        the slots a ``detach``/``merge`` flagged; ``known()``: the ids of every parameter an
-        optimizer steps (None: the trainer steps the host itself, so none is left out)."""
+        the slots a ``detach``/``merge`` flagged; ``known()``: the ids of every parameter
+        stepped, by an optimizer or, without the manager's host optimizer (``host`` False), by
+        the trainer (None: no parameter is checked)."""
         moved = _REGISTRATIONS[0] != self.checked_at
         gone = list(detached)
         if not gone and (moved or any(p._modules.get(n) is not c for p, n, c in self.edges)):
@@ -119,7 +122,7 @@ class ModelHold:
             )
         self._check_anchor()
         if moved:
-            self._check_registered(known)
+            self._check_registered(known, host)
 
     def recheck(self) -> None:
         """Make the next ``check`` look for unheld parameters whatever the registration count:
@@ -210,7 +213,7 @@ class ModelHold:
                 "optimizers hold the old ones. Move, load or reparametrize the model before attach"
             )
 
-    def _check_registered(self, known: Callable[[], set[int]] | None) -> None:
+    def _check_registered(self, known: Callable[[], set[int]] | None, host: bool) -> None:
         """``RuntimeError`` naming the model's trainable parameters that neither the model held
         when registered nor an optimizer steps: a module replaced (``model.fc = ...``),
         ``weight_norm``/``parametrize`` or ``load_state_dict(assign=True)`` on one layer after
@@ -222,7 +225,7 @@ class ModelHold:
             new = [(n, p) for n, p in self.model.named_parameters() if id(p) not in registered]
             stepped = known()
             unknown = [name for name, p in new if p.requires_grad and id(p) not in stepped]
-            if over := self._over_registered(new):
+            if host and (over := self._over_registered(new)):  # (else the trainer's memory)
                 raise RuntimeError(
                     f"the model holds parameters {(unknown or over)[:8]} that it did not hold "
                     f"when the manager registered it, and {over[:8]} share the memory of ones it "
@@ -236,6 +239,7 @@ class ModelHold:
                     "when the manager registered it and no optimizer steps (a module replaced, "
                     "or weight_norm, parametrize or load_state_dict(assign=True) on a layer "
                     "after attach): they would never train. Make such changes before attach, "
-                    "or add them to the host optimizer (add_param_group)"
+                    "or add them to the host optimizer (add_param_group); a seed's kernel is its "
+                    "own optimizer's: load into it without assign=True"
                 )
         self.checked_at = count

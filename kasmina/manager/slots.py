@@ -200,20 +200,20 @@ class SlotRegistry:
         _LIVE.add(self)
 
     def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
-        """``RuntimeError`` if the model no longer holds the parameters registered with it, or
-        a registered slot was taken out (``detach``, ``merge``: a flag per slot; by hand:
-        replaced or deleted), or it holds a trainable parameter no optimizer steps
-        (``ModelHold.check``): the optimizers would step tensors the model no longer uses, or
-        seeds that never run."""
-        known = None
-        if optimizers is not None and optimizers.has_host:  # else the trainer steps the host
-            known = lambda: {  # noqa: E731
-                *self.added_host_params,
-                *self.host_groups_of(optimizers),
-                *(id(p) for slot in self.slots for p in slot.seeds.parameters()),
-            }
+        """``RuntimeError`` if a registered slot was taken out (``detach``, ``merge``, by hand) or
+        the model holds parameters not registered that nothing steps (``ModelHold.check``)."""
+        known = None if optimizers is None else lambda: self._stepped(optimizers)  # noqa: E731
         detached = [slot.layer_id for slot in self.slots if slot.detached]
-        self.hold.check(detached, known)
+        self.hold.check(detached, known, optimizers is not None and optimizers.has_host)
+
+    def _stepped(self, optimizers: IsolatedOptimizerManager) -> set[int]:
+        """Ids of the parameters an optimizer steps, a seed's with none yet and without a host
+        optimizer a host's (the trainer's); not one a seed's lost (``load(assign=True)``)."""
+        seeds = [(s.seed_id, p) for slot in self.slots for s in slot.seeds for p in s.parameters()]
+        own, model = optimizers.seed_ids, {id(p) for p in self.model.parameters()}
+        host = ({*self.added_host_params, *self.host_groups_of(optimizers)} if optimizers.has_host
+                else model - {id(p) for _, p in seeds})  # fmt: skip
+        return host | {id(p) for i, p in seeds if i not in own or optimizers.owner_of(p)}
 
     def take_host_groups(
         self,

@@ -149,6 +149,32 @@ def test_a_snapshot_of_the_same_stage_loads_bit_for_bit(rig, strict) -> None:
     assert rig.send("cull", SEED0)
 
 
+@pytest.mark.parametrize("host_lr", [1e-3, None], ids=["host-optimizer", "trainers-host"])
+def test_a_seeds_kernel_loaded_with_assign_is_refused_at_the_step(tmp_path: Path, host_lr) -> None:
+    """``load_state_dict(assign=True)`` of a snapshot the seed accepts puts new parameters in
+    its kernel, while its optimizer holds the old ones: the step counted every parameter of a
+    seed as stepped (and, without the manager's host optimizer, checked none), reported the
+    seed stepped and never changed the kernel the model runs again. The step names them."""
+    store = tmp_path / "urza"
+    torch.manual_seed(10)
+    artifact = publish_artifact(ResidualMLP(2, 2), [torch.randn(3, 2)], str(store), "m", PUBLISHER)
+    rig = Rig(make_config(tmp_path, store), Keyring({"ctl": generate_key()}), host_lr=host_lr)
+    assert rig.send("germinate", SEED0, artifact.artifact_id)
+    rig.train(1)
+    snapshot = {k: v.clone() for k, v in rig.model.state_dict().items() if ".seeds.0." in k}
+    rig.train(1)
+    rig.model.load_state_dict(snapshot, strict=False)  # a plain load: trains on
+    assert SEED0 in rig.train(1)["seeds_stepped"]
+    rig.model.load_state_dict(snapshot, strict=False, assign=True)
+    step = rig.manager.global_step
+    with pytest.raises(
+        RuntimeError, match=r"\['out.seeds.0.kernel.inner.fc1.weight'.*without assign"
+    ):
+        rig.train(1)
+    assert rig.manager.global_step == step
+    rig.manager.close()
+
+
 def test_a_snapshot_mid_grafting_resumes_its_alpha_schedule_bit_for_bit(rig) -> None:
     """The schedule's position comes back with the seed's alpha: training on from a loaded
     snapshot (model and optimizers) repeats the uninterrupted run, alphas and weights."""
