@@ -41,7 +41,7 @@ from kasmina.seeds import hf
 from kasmina.seeds.constants import rebuild_constants
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
-from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.layer import KasminaLayer, check_states_loaded_here
 from kasmina.seeds.outputs import checked_chunk_dim, default_chunk_dim, forward_owner
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
@@ -360,14 +360,6 @@ def add_load_checks(model: nn.Module) -> None:
         if hook is not None and module not in _LOAD_CHECKS:
             _LOAD_CHECKS[module] = (hook, module.register_load_state_dict_pre_hook(hook))
     hf.sync(model)
-
-
-def check_states_loaded_here(module: nn.Module, state_dict: dict, prefix: str, *rest) -> None:
-    """The pre-hook of a module between a model and its slots: ``check_seed_states`` when a
-    load starts at it (``prefix`` empty). A load that reached it from a module above was
-    checked there, before anything loaded."""
-    if not prefix:
-        check_seed_states(module, state_dict, prefix, *rest)
 
 
 def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:

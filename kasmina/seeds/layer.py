@@ -106,6 +106,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["KasminaLayer"]
 
 
+def check_states_loaded_here(module: nn.Module, state_dict: dict, prefix: str, *rest: Any) -> None:
+    """The pre-hook of a module between a model and its slots (``inject.add_load_checks``) and
+    of each slot's ``seeds`` list: ``check_seed_states`` when a load starts at it (``prefix``
+    empty), so that one seed's refusal leaves the seeds before it as they were. A load that
+    reached it from a module above was checked there, before anything loaded."""
+    if not prefix:
+        check_seed_states(module, state_dict, prefix, *rest)
+
+
 class KasminaLayer(HostForwarding):
     """Wraps ``host``; ``num_seeds`` seeds of ``chunk_size`` features each (the contract: the
     module docstring), in the host's train/eval mode.
@@ -191,6 +200,7 @@ class KasminaLayer(HostForwarding):
         self._refresh_plan()
         state.listen(self._refresh_plan, rows=[seed.state_index for seed in self.seeds])
         self.register_load_state_dict_pre_hook(check_seed_states)  # every seed's, checked first
+        self.seeds.register_load_state_dict_pre_hook(check_states_loaded_here)  # a load into it
         self.register_load_state_dict_post_hook(rebuild_after_load)  # constants left on meta
         # The host's mode, not train()'s (which would reset the host's own mixed modes).
         self.training = host.training

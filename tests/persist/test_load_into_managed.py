@@ -324,6 +324,25 @@ def test_a_seed_state_whose_kernel_has_other_shapes_is_refused_before_any_module
     assert twin.seed(0).stage == S.DORMANT
 
 
+def test_a_load_into_a_slots_seeds_alone_is_checked_before_any_seed_loads() -> None:
+    """``slot.seeds.load_state_dict`` had no check of its own: seed 0 took its state (DORMANT
+    to TERMINATED) before seed 1 refused a state saved with a kernel it does not have."""
+    source, slot = _attached(kernel=False)
+    slot.seed(0).transition_to(S.TERMINATED)
+    slot.seed(1).attach_kernel(nn.Linear(2, 2))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING):
+        slot.seed(1).transition_to(stage)
+    state = clone_state(slot.seeds.state_dict())
+    target, twin = _attached(kernel=False)
+    before = clone_state(target.state_dict())
+    with pytest.raises(ValueError, match=r"seed out\[1\]: the state was saved in GRAFTING with"):
+        twin.seeds.load_state_dict(state)
+    assert _same(clone_state(target.state_dict()), before) and twin.stages() == [S.DORMANT] * 2
+    twin.seed(1).attach_kernel(nn.Linear(2, 2))  # a seed that can take it: all of it loads
+    twin.seeds.load_state_dict(state)
+    assert twin.stages() == [S.TERMINATED, S.GRAFTING]
+
+
 def test_a_snapshots_isolation_violations_are_the_breakers_too(tmp_path: Path) -> None:
     """A snapshot's seed state restored its violation count, but the seed's monitor kept its
     own: the reports said 0 while the breaker stood at 2, the next clean step put 2 back, and
