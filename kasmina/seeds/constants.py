@@ -174,3 +174,12 @@ def rebuild_after_load(layer: Any, incompatible_keys: Any) -> None:
     parameters in a host built on ``meta``, its constants follow (:func:`rebuild_constants`);
     otherwise a few ``is_meta`` reads."""
     rebuild_constants(layer)
+
+
+def rebuild_if_left(layer: Any) -> None:
+    """:func:`rebuild_constants` if the layer's constants are on ``meta`` (one read): a deferred
+    init loaded past the slot (``slot.host.load_state_dict(..., assign=True)``, accelerate's
+    per-module loads) never ran its post-hook, and a seed that ran there faulted at every call
+    ("Tensor on device meta"). Asked off the hot path: at a record, a plan change, a poll."""
+    if layer._buffers["_one"].is_meta:
+        rebuild_constants(layer)

@@ -59,7 +59,12 @@ from kasmina.kd.loss import (
 )
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.ops.transforms import transform_depth, under_vmap
-from kasmina.seeds.constants import CONSTANTS, keep_constants, rebuild_after_load
+from kasmina.seeds.constants import (
+    CONSTANTS,
+    keep_constants,
+    rebuild_after_load,
+    rebuild_if_left,
+)
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
@@ -263,6 +268,7 @@ class KasminaLayer(HostForwarding):
     def poll_nonfinite(self) -> list[str]:
         """Read all seeds' flags (one transfer), charge their faults; the ids of those that fell
         back with grad, whose kernels' gradients are dropped (call before the step)."""
+        rebuild_if_left(self)  # a deferred init loaded past the slot: its constants left on meta
         seeds = tuple(self.seeds)
         got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
         pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
@@ -376,6 +382,8 @@ class KasminaLayer(HostForwarding):
         old = self.output_contract  # not None: provisional, never replaced while compiling
         if old is not None and torch.compiler.is_compiling():
             return
+        if not torch.compiler.is_compiling():
+            rebuild_if_left(self)  # the first call after a deferred init's load past the slot
         # A reason (a first call with no tensor there: an RNN's PackedSequence, attention
         # weights not asked for) is no record: a later call's replaces it, as a first call's.
         over = old if isinstance(old, tuple) else None
@@ -418,6 +426,7 @@ class KasminaLayer(HostForwarding):
         shapes = tuple(signed_shape(s.kernel) if s.stage in RUNS_KERNEL else None for s in seeds)
         self._kernel_shapes = shapes if any(shapes) else ()
         force_regular_path(self.seeds, self._runs_any and self.guards_fused_path)
+        rebuild_if_left(self)  # (``constants.rebuild_if_left``)
 
     def _graft(
         self, x: Any, codes: tuple[int, ...], teacher_logits: torch.Tensor | None

@@ -284,6 +284,33 @@ def test_a_model_built_on_meta_and_loaded_with_assign_gets_its_slot_constants_ba
     assert slot.seed(0).kernel.weight.grad is not None
 
 
+@pytest.mark.parametrize("first", ["forward", "poll", "transition"])
+def test_a_deferred_init_loaded_past_the_slot_gets_its_constants_back(first: str) -> None:
+    """Each module's weights loaded into it alone (``slot.host.load_state_dict(...,
+    assign=True)``, accelerate's per-module loads): the load never passed the slot, whose
+    post-hook rebuilds its constants, so they stayed on ``meta``; a healthy GRAFTING seed
+    faulted at every call ("Tensor on device meta") until quarantined, and ``poll_nonfinite``
+    raised. The slot's next record, poll or plan change rebuilds them."""
+    import kasmina
+
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    (slot,) = kasmina.attach(model, ["2"], 2, 2)
+    model[0].load_state_dict(bare[0].state_dict(), assign=True)
+    slot.host.load_state_dict(bare[2].state_dict(), assign=True)
+    assert slot._one.is_meta
+    if first == "poll":
+        assert slot.poll_nonfinite() == []
+    elif first == "transition":
+        slot.seed(1).transition_to(SeedStage.TERMINATED)
+    else:
+        model(torch.randn(3, 6))
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    _grafts_cleanly(model, bare, slot)
+
+
 def _grafts_cleanly(model: nn.Module, bare: nn.Module, slot) -> None:
     """``model`` computes what ``bare`` does, and a GRAFTING seed of ``slot`` then runs with
     its fault flag clean."""
