@@ -63,6 +63,7 @@ from kasmina.urza.resilience import (
     _DeadlineExpired,
     check_store_settings,
     describe_error,
+    redact,
     redact_urls,
     store_secrets,
 )
@@ -154,6 +155,7 @@ class UrzaLibraryClient:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         _check_chain(url)
+        _check_authority(url)
         self.url = redact_urls(url)  # as messages and repr show it: no credentials
         self.publishers = _trusted(publishers)
         self.max_manifest_bytes = max_manifest_bytes
@@ -501,6 +503,30 @@ def _check_chain(url: str) -> None:
             "which reads the whole archive when the client is built, before Kasmina's bounded, "
             "timed reads apply: unpack the store and give its directory or URL"
         )
+
+
+def _check_authority(url: str) -> None:
+    """``ValueError`` for a store URL whose authority (``user:password@host:port``) does not
+    parse: an unbalanced ``[`` (a typo'd IPv6 host, or a password with a ``[`` in it). The
+    client was built, and each read of the store then failed as a transport error ("Invalid
+    IPv6 URL"), retried and counted against the store, when the URL itself was wrong. The
+    message shows neither the URL's credentials nor any the parser's error quotes."""
+    for part in url.split("::"):
+        if "://" not in part:
+            continue
+        try:
+            urllib.parse.urlsplit(part)
+        except ValueError as exc:
+            reason = redact(str(exc), store_secrets(part, None))
+            hint = ""
+            if "[" in part or "]" in part:
+                hint = (
+                    ": '[' and ']' enclose an IPv6 host only (http://[::1]:8080/store); "
+                    "percent-encode one anywhere else, in a user name or password too (%5B, %5D)"
+                )
+            raise ValueError(
+                f"store URL {redact_urls(url)!r} is malformed ({reason}){hint}"
+            ) from None
 
 
 def _linked_children(page: str, base: str) -> Iterator[str]:

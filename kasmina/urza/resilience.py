@@ -125,7 +125,7 @@ def store_secrets(url: str, storage_options: Mapping[str, Any] | None) -> tuple[
     every string under a secret's name in ``storage_options`` (a header's value, and the
     credential after its scheme word), at any depth. Longest first, for :func:`redact`."""
     found: set[str] = set()
-    userinfo = urlsplit(url).netloc.rpartition("@")[0] if "://" in url else ""
+    userinfo = _userinfo(url)
     if userinfo:
         user, _, password = userinfo.partition(":")
         plain = f"{unquote(user)}:{unquote(password)}"
@@ -149,6 +149,19 @@ def store_secrets(url: str, storage_options: Mapping[str, Any] | None) -> tuple[
             stack.extend((item, secret, depth + 1) for item in value)
     found = {text for text in found if len(text) >= _MIN_SECRET_CHARS}
     return tuple(sorted(found, key=len, reverse=True))
+
+
+def _userinfo(url: str) -> str:
+    """A URL's user information: its authority up to the last ``@``. Taken as written where
+    ``urlsplit`` refuses the URL (an unbalanced ``[``: a typo'd IPv6 host, or a password with
+    a ``[`` in it): the error that reports such a URL must still find its password to redact."""
+    if "://" not in url:
+        return ""
+    try:
+        authority = urlsplit(url).netloc
+    except ValueError:
+        authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    return authority.rpartition("@")[0]
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:

@@ -113,3 +113,41 @@ def test_a_store_error_quoting_the_url_is_shown_without_its_credentials(
     rc, out, err = run(capsys, "urza", "publish", "--store", store, "--key", str(keys), *AFFINE)
     assert_one_line_error(rc, err, "write to file://***@store?*** refused (password ***)")
     assert_hidden(out, err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (
+            ["urza", "list", "--store", "http://[::1/store"],
+            ["store URL 'http://[::1/store' is malformed", "enclose an IPv6 host only"],
+        ),
+        (
+            ["urza", "list", "--store", f"http://al:{SECRET}[@127.0.0.1:9/u?sig={TOKEN}"],
+            ["store URL 'http://***@127.0.0.1:9/u?***' is malformed", "(%5B, %5D)"],
+        ),
+        (
+            ["urza", "verify", "--store", f"ftp://al:{SECRET}[@127.0.0.1:9/u", "--key", "{keys}"],
+            ["cannot open the store 'ftp://***@127.0.0.1:9/u'"],
+        ),
+        (
+            ["urza", "publish", "--store", f"https://al:{SECRET}[@127.0.0.1:9/u", "--key", "{keys}"]
+            + AFFINE,
+            ["--store 'https://***@127.0.0.1:9/u' is an HTTP store"],
+        ),
+        (
+            ["urza", "resign", "--store", f"https://al:{SECRET}[@127.0.0.1:9/u", "--key", "{keys}"],
+            ["--store 'https://***@127.0.0.1:9/u' is an HTTP store"],
+        ),
+    ],
+)
+def test_a_store_url_with_an_unbalanced_bracket_is_one_error_line_without_its_credentials(
+    argv, fragments, tmp_path, keys, capsys, monkeypatch
+) -> None:
+    """An unbalanced '[' in the URL's authority (a typo'd IPv6 host, or a password with one in
+    it) makes ``urlsplit`` raise: finding the password to redact must not, or the error line
+    became a traceback; and the client names the malformed URL instead of failing its reads."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, *[a.format(keys=keys) for a in argv])
+    assert_one_line_error(rc, err, *fragments)
+    assert_hidden(out, err)
