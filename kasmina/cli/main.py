@@ -171,7 +171,7 @@ def _cannot_write(text: str, exc: OSError) -> CLIError:
 def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
     """An Ed25519 publisher key: the private key goes only to ``--out`` (0600); stdout gets the
     public key as the JSON object trainers are configured with."""
-    from kasmina.urza.keys import PublisherKey, validate_key_id
+    from kasmina.urza.keys import PublisherKey, check_private_key_file, validate_key_id
 
     if out is None:
         raise CLIError("--publisher needs --out FILE: a private key is never printed")
@@ -183,12 +183,22 @@ def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     key = PublisherKey.generate(args.key_id)
-    if out.exists() and not args.force:
-        raise CLIError(f"{args.out} exists; pass --force to replace the key in it")
-    try:
-        key.save(out, overwrite=args.force)
-    except OSError as exc:
-        raise _cannot_write(args.out, exc) from None
+    with _directory_locked(out):  # what is checked below is what is replaced
+        if out.exists():
+            if not args.force:
+                raise CLIError(f"{args.out} exists; pass --force to replace the key in it")
+            try:
+                check_private_key_file(out)
+            except (OSError, ValueError) as exc:
+                raise CLIError(
+                    f"{args.out} holds no publisher key ({one_line(exc)}); --force replaces only "
+                    "a publisher key file, never a command keyring or other file: choose another "
+                    "--out"
+                ) from None
+        try:
+            key.save(out, overwrite=args.force)
+        except OSError as exc:
+            raise _cannot_write(args.out, exc) from None
     print(
         f"wrote publisher key {key.key_id!r} to {args.out} (mode 0600); trainers need only the "
         f"public key: {key.public_key_text}",
@@ -364,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="with --append, replace the keyring's key of the same id (its other keys stay); "
-        "with --publisher, replace the key file",
+        "with --publisher, replace the publisher key file (never a keyring or other file)",
     )
     keygen.add_argument(
         "--bytes",

@@ -41,6 +41,7 @@ __all__ = [
     "MANIFEST_SIGNATURE_TAG",
     "PublisherKey",
     "TrustedPublishers",
+    "check_private_key_file",
     "parse_public_key",
     "public_key_text",
     "validate_key_id",
@@ -281,6 +282,17 @@ class PublisherKey:
         # A private key must not leave the process by accident (pickled into a worker, a
         # torch.distributed broadcast, a checkpoint): only its file or to_pem() carry it.
         raise TypeError("PublisherKey cannot be pickled; pass trusted_publishers() instead")
+
+
+def check_private_key_file(path: str | Path) -> None:
+    """``ValueError`` unless ``path`` holds a publisher private key as ``PublisherKey.from_file``
+    reads one (PEM, or the 32 raw bytes), whatever its mode and key id: the only file that
+    ``kasmina keygen --publisher --force`` replaces. A command keyring there would lose all its
+    keys to a publisher key, with nothing to say so."""
+    path = Path(path)
+    data, _ = read_regular_file(path, MAX_KEY_FILE_BYTES, what="file")
+    if len(data) != RAW_KEY_BYTES or b"-----" in data:
+        _load_pem_private(data, path)
 
 
 def _file_key_id(data: bytes, key_id: str | None, path: Path) -> str:

@@ -42,6 +42,27 @@ def test_keygen_refuses_a_fifo_or_a_directory_and_leaves_it_alone(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]  # no temporary left
 
 
+def test_keygen_publisher_force_replaces_only_a_publisher_key(tmp_path, capsys) -> None:
+    """``--publisher --force`` onto a command keyring wrote a private key over it: every
+    controller and trainer key in it was lost, and the command said only that it wrote the
+    publisher key. Only a publisher key file is replaced, whatever its mode."""
+    keyring, other, key = tmp_path / "commands.json", tmp_path / "notes.txt", tmp_path / "pub.key"
+    assert run(capsys, "keygen", "--out", str(keyring), "--key-id", "tamiyo")[0] == 0
+    other.write_text("not a key\n")
+    for target in (keyring, other):
+        before = target.read_bytes()
+        rc, out, err = run(capsys, "keygen", "--publisher", "--force", "--out", str(target))
+        assert_one_line_error(rc, err, f"{target} holds no publisher key", "--force replaces")
+        assert out == "" and target.read_bytes() == before
+    assert Keyring.from_file(keyring).key_ids == ("tamiyo",)
+    assert run(capsys, "keygen", "--publisher", "--out", str(key))[0] == 0
+    key.chmod(0o644)  # a key file too open to be used is still one to replace
+    before = key.read_bytes()
+    assert run(capsys, "keygen", "--publisher", "--force", "--out", str(key))[0] == 0
+    assert key.read_bytes() != before and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "notes.txt", "pub.key"]
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 @pytest.mark.parametrize(
     "argv",
