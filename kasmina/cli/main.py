@@ -137,14 +137,17 @@ def _export_value(keys: dict[str, bytes]) -> str:
 
 
 def _output_file(text: str | None) -> Path | None:
-    """``--out`` as the key file to write, or None without one. Refused: an empty name, and
-    anything that exists and is not a regular file (a directory, a FIFO, a device), which a
-    key file must never replace or be read from. Both keygen paths check here."""
+    """``--out`` as the key file to write, or None without one. Refused: an empty name, a path
+    whose last part names a directory (``dir/``, ``dir/.``, ``a/b/..``), and anything that
+    exists and is not a regular file (a directory, a FIFO, a device), which a key file must
+    never replace or be read from. Both keygen paths check here."""
     if text is None:
         return None
     if not text.strip():
         raise CLIError("--out is empty: name the key file to write")
-    if text.endswith(("/", os.sep)):  # realpath drops the slash: a file "dir" was written
+    # A last component that is no file's name: realpath resolves "dir/", "dir/." and "a/b/.."
+    # to a directory's own path, and a key file named after the directory was written.
+    if os.path.basename(text) in ("", os.curdir, os.pardir):
         raise CLIError(f"--out {text} names a directory: name the key file to write")
     # A link's target is the file to write (replacing the link would leave the keyring the
     # trainers read, through it, without the new key).

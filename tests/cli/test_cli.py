@@ -689,9 +689,14 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
         (["keygen", "--publisher", "--out", "{tmp}/fifo", "--force"], "not a regular file"),
         (["keygen", "--publisher", "--out", "{tmp}", "--force"], "not a regular file"),
         (["keygen", "--out", "{tmp}/fifo", "--append"], "not a regular file"),
-        # A new directory's name with its slash: a file of that name was written instead.
+        # A new directory's name with its slash, "." or "..": a file of that name was written.
         (["keygen", "--out", "{tmp}/newdir/"], "names a directory"),
         (["keygen", "--publisher", "--out", "{tmp}/newdir/"], "names a directory"),
+        (["keygen", "--out", "{tmp}/newdir/."], "newdir/. names a directory"),
+        (["keygen", "--publisher", "--out", "{tmp}/newdir/."], "names a directory"),
+        (["keygen", "--out", "{tmp}/a/b/..", "--key-id", "x"], "names a directory"),
+        (["keygen", "--publisher", "--out", "{tmp}/a/b/..", "--force"], "names a directory"),
+        (["keygen", "--out", "."], "--out . names a directory"),
         (["demo", "--device", "meta", "--out", "{tmp}/d"], "'meta' is not supported"),
     ],
 )
