@@ -292,6 +292,11 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
 
     if args.blueprint == "":  # given empty: never replaced by the default name
         raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
+    if args.input_shape == "":  # given empty ("$SHAPE" unset): never replaced by (8, DIM)
+        raise CLIError(
+            "--input-shape is empty: give the example input's shape (e.g. 8,16), or omit it for "
+            "--builtin's 8,DIM"
+        )
     if args.artifact_id is not None:  # given, even empty: never replaced by a generated one
         try:
             validate_artifact_id(args.artifact_id)
@@ -312,7 +317,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         if args.hidden is not None and not blueprint.has_hidden:
             raise CLIError(f"--hidden: {blueprint.name} has no hidden width")
         check_builtin_size(blueprint, args, dtype)
-        shape = parse_shape(args.input_shape) if args.input_shape else (8, args.dim)
+        shape = (8, args.dim) if args.input_shape is None else parse_shape(args.input_shape)
         name = args.blueprint or blueprint.name
         check_example_size(shape, dtype)
         torch.manual_seed(args.seed)  # as if the meta-device probe had not run
@@ -322,7 +327,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot build {name}: {one_line(exc)}") from None
     else:
         module = load_factory(args.factory)  # the user's errors: one line there
-        if not args.input_shape:
+        if args.input_shape is None:
             raise CLIError("--factory needs --input-shape (e.g. 8,16)")
         shape = parse_shape(args.input_shape)
         name = args.blueprint or args.factory.rpartition(":")[2]

@@ -659,6 +659,16 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
             + ["--input-shape", "1,4"],
             "torch.export fixes a size of 1",
         ),
+        # Given empty ("$SHAPE" unset): a --builtin was published on the default 8,DIM.
+        (
+            ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
+            + ["--input-shape", ""],
+            "--input-shape is empty",
+        ),
+        (
+            ["urza", "publish", *PUB, "--factory", "torch.nn:Identity", "--input-shape", ""],
+            "--input-shape is empty",
+        ),
         (
             ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
             + ["--hidden", "99999999999999"],
