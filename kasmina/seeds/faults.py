@@ -58,6 +58,7 @@ __all__ = [
     "autocast_to_host",
     "call_kernel",
     "chunk_sums",
+    "compile_callback",
     "cut_nonfinite_gradient",
     "fallback_per_chunk",
     "finite_chunks",
@@ -279,6 +280,15 @@ def plain_eager() -> bool:
     tensors have no storage) or put a backward in a guard node (a ``ctx``-form
     ``autograd.Function``, which ``torch.func`` refuses)."""
     return not torch.compiler.is_compiling() and not functorch_active()
+
+
+# Set while a ``torch.compile``'d call runs; a frame of it that runs in Python though not being
+# traced is one TorchDynamo skipped (a kernel's graph break inside a slot's loop over its seeds),
+# and it compiles each function the frame calls as a frame of its own, whose guards (torch 2.13)
+# miss a stage change and whose ``is_compiling()`` reads True: a stale graph blended a seed
+# another stage's way. ``KasminaLayer._graft`` runs such a call eager instead. A C function:
+# it has no frame of its own to compile.
+compile_callback = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", type(None))
 
 
 def _read_all_finite(sums: torch.Tensor) -> bool:

@@ -70,6 +70,7 @@ from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     GraphMark,
     chunk_sums,
+    compile_callback,
     count_sat_out,
     fallback_masks,
     fallback_per_chunk,
@@ -384,8 +385,7 @@ class KasminaLayer(HostForwarding):
             return
         if not torch.compiler.is_compiling():
             rebuild_if_left(self)  # the first call after a deferred init's load past the slot
-        # A reason (a first call with no tensor there: an RNN's PackedSequence, attention
-        # weights not asked for) is no record: a later call's replaces it, as a first call's.
+        # A reason (no tensor there: a PackedSequence, no attention weights) is no record.
         over = old if isinstance(old, tuple) else None
         moved = self._moved  # a record kept over a move (``_apply``): a provisional one's
         if old is None and moved is not None and self._provisional and isinstance(moved[0], tuple):
@@ -431,9 +431,10 @@ class KasminaLayer(HostForwarding):
     def _graft(
         self, x: Any, codes: tuple[int, ...], teacher_logits: torch.Tensor | None
     ) -> torch.Tensor:
-        # Compiled, the stages come from their ints (``_refresh_plan``); eager, the cached plan.
         compiling = torch.compiler.is_compiling()
-        plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan
+        if not compiling and compile_callback() not in (None, False):  # (``compile_callback``)
+            return torch._dynamo.disable(self._graft)(x, codes, teacher_logits)
+        plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan  # (ints)
         problem = self.contract_problem()
         if not isinstance(x, torch.Tensor):  # a call of another kind (an RNN's PackedSequence)
             problem = f"output_index {self.output_index} holds a {type(x).__name__}, no Tensor"

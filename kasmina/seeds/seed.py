@@ -445,6 +445,8 @@ class GradientIsolatedSeed(nn.Module):
             self._probe_unless_compiling(x)
             return x
         result = self._run_kernel(x, stage)
+        if code is not None:  # compiled: the stage again from its int, for a resume after a graph
+            stage = SeedStage(code)  # break in the kernel (a member there goes unguarded)
         if result is None:
             return x
         s, ok = result  # ok None: known finite on the host, no mask needed

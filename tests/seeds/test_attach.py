@@ -1625,6 +1625,50 @@ def test_a_move_keeps_a_provisional_record_open_to_its_batched_form() -> None:
         assert slot.output_contract[0] == (3, 8) and slot.output_contract[1] == dtype
 
 
+class _Breaking(nn.Module):
+    """A kernel TorchDynamo cannot trace whole (a print, an ``.item()``): a graph break."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return torch.tanh(self.lin(x))
+
+
+def test_a_compiled_slot_whose_kernel_breaks_the_graph_follows_every_stage_change() -> None:
+    """A graph break in a kernel, inside the slot's loop over its seeds, made TorchDynamo skip
+    the slot's graft and compile each function it calls as a frame of its own, on guards that
+    missed a stage change: with seed 0 ACTIVE, seed 1 kept its ISOLATED_INIT graph in GRAFTING
+    (never blended in, and the host's gradient through it). Such a call runs eager now."""
+    torch._dynamo.reset()
+    model = MLP()
+    slot = attach(model, "head", 2, 4)[0]
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    model(x)
+    for k in range(2):
+        slot.seed(k).attach_kernel(_Breaking(k))
+    walk(slot.seed(0), SeedStage.ACTIVE)
+    compiled = torch.compile(model, backend="aot_eager")
+    for stage in PATH:
+        slot.seed(1).transition_to(stage)
+        slot.update_alpha_blending(5, 10)
+        results = []
+        for run in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            out = run(x)
+            out.square().sum().backward()
+            results.append((out.detach(), [p.grad for p in model.parameters()]))
+        (eager, grads), (got, got_grads) = results
+        torch.testing.assert_close(got, eager, msg=stage.name)
+        for grad, got_grad in zip(grads, got_grads, strict=True):
+            assert (grad is None) == (got_grad is None), stage.name
+            if grad is not None:
+                torch.testing.assert_close(got_grad, grad, msg=stage.name)
+
+
 class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -545,6 +545,52 @@ def test_a_compiled_stand_alone_seed_follows_every_stage_change(x) -> None:
                 torch.testing.assert_close(got_grads[name], grad, msg=f"{stage.name} {name}")
 
 
+class Breaking(nn.Module):
+    """A kernel TorchDynamo cannot trace whole (a print, an ``.item()``): a graph break."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return torch.tanh(self.lin(x))
+
+
+def test_a_compiled_seed_whose_kernel_breaks_the_graph_follows_every_stage_change(x) -> None:
+    """A graph break in the kernel resumes the seed's compiled forward in a frame of its own,
+    which received the stage as a SeedStage and, read through a set (the KD check), did not
+    guard it: after ISOLATED_INIT a KD seed kept its ISOLATED_INIT graph (the host's output,
+    the host's gradient through the seed). The resume reads the stage from its int again."""
+    torch._dynamo.reset()
+    seed = GradientIsolatedSeed(C, "s0", KDConfig(temperature=2.0))
+    seed.attach_kernel(Breaking(C))
+    net = Net(seed)
+    compiled = torch.compile(net, backend="aot_eager")
+    teacher = torch.randn(5, C, generator=torch.Generator().manual_seed(4))
+    for stage in PATH:
+        seed.transition_to(stage)
+        if stage is S.GRAFTING:
+            seed.update_alpha_blending(3, 10)
+        results = []
+        for model in (net, compiled):
+            net.zero_grad(set_to_none=True)
+            out = model(x, teacher)
+            kd = seed.get_and_clear_kd_losses()
+            (out.pow(2).sum() + (0.0 if kd is None else kd)).backward()
+            results.append(
+                (out.detach(), kd is None, {n: p.grad for n, p in net.named_parameters()})
+            )
+        (eager, no_kd, grads), (got, got_no_kd, got_grads) = results
+        torch.testing.assert_close(got, eager, msg=stage.name)
+        assert got_no_kd == no_kd, stage.name
+        for name, grad in grads.items():
+            assert (grad is None) == (got_grads[name] is None), (stage.name, name)
+            if grad is not None:
+                torch.testing.assert_close(got_grads[name], grad, msg=f"{stage.name} {name}")
+
+
 def test_a_duplicated_or_deeply_nested_extra_state_is_a_value_error() -> None:
     text = '{"version": 1, "version": 1}'
     for raw in (text, "[" * 5000 + "]" * 5000):
