@@ -60,21 +60,22 @@ logger = logging.getLogger(__name__)
 EMERGENCY_KEEP = 64
 
 
-def _gradient_params(
-    params: list[tuple[str, torch.Tensor]], prefix: str
-) -> list[tuple[str, torch.Tensor]]:
-    """The parameters that can carry a gradient, in dtypes ``leak_check`` accepts."""
-    out = []
-    for name, p in params:
-        if not (p.is_floating_point() or p.is_complex()):
-            continue  # integer tensors never receive gradients
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{prefix} parameter {name} is {p.dtype}; the isolation monitor supports "
-                "float32, float16 and bfloat16"
-            )
-        out.append((name, p))
-    return out
+def _gradient_params(params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The parameters that can carry a gradient (floating or complex, whatever their dtype)."""
+    return [(name, p) for name, p in params if p.is_floating_point() or p.is_complex()]
+
+
+def leak_check_any(
+    grads: list[torch.Tensor], tol: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.leak_check`` over gradients of any dtype: one launch when all are of those the op
+    takes (fp32, fp16, bf16), else torch's own norms in float64 (a model cast with
+    ``.double()`` after its seeds' monitors were made: the op's refusal escaped the backward),
+    fp32 norms and a flag either way."""
+    if all(g.dtype in SUPPORTED_DTYPES for g in grads):
+        return leak_check(grads, tol)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    return norms.float(), (norms <= tol).logical_not_().any()
 
 
 def _user_tag() -> str:
@@ -132,8 +133,8 @@ class GradientIsolationMonitor:
         self.state_provider = state_provider
         self.telemetry = telemetry
         self.tol = float(tol)
-        self._seed = _gradient_params(named_params(seed_params, "seed"), "seed")
-        self._host = _gradient_params(named_params(host_params, "host"), "host")
+        self._seed = _gradient_params(named_params(seed_params, "seed"))
+        self._host = _gradient_params(named_params(host_params, "host"))
         shared = {id(p) for _, p in self._seed} & {id(p) for _, p in self._host}
         if shared:
             names = [name for name, p in self._host if id(p) in shared]
@@ -187,7 +188,7 @@ class GradientIsolationMonitor:
                     g = p.grad._values() if p.grad.is_sparse else p.grad
                     by_device[g.device].append((name, g))
             for group in by_device.values():
-                norms, flag = leak_check([g for _, g in group], self.tol)
+                norms, flag = leak_check_any([g for _, g in group], self.tol)
                 self._pending.append(_PendingCheck(phase, [n for n, _ in group], norms, flag))
         finally:  # the set-aside grads come back whatever happens; leaked ones are dropped
             for (_, p), grad in zip(watched, self._stash, strict=True):
@@ -239,7 +240,7 @@ class GradientIsolationMonitor:
         seed germinated), named ``prefix[i]``: the graph walk and leak checks watch them now."""
         known = {id(p) for _, p in self._host}
         named = named_params([p for p in params if id(p) not in known], prefix)
-        self._host += _gradient_params(named, "host")
+        self._host += _gradient_params(named)
 
     def note_violation(self, reason: str) -> None:
         """Count a leak found outside this monitor (e.g. in a seed-only backward shared by

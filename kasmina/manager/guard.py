@@ -29,13 +29,12 @@ import torch
 from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
-from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.isolation.monitor import GradientIsolationMonitor, leak_check_any
 from kasmina.isolation.verify import reaches_host_beyond
 from kasmina.kd.graph import distilled_seeds, hold_retained_backwards, is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
-from kasmina.ops import leak_check
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags
@@ -284,7 +283,7 @@ class IsolationGuard:
                         named = distilled_seeds(rooted)
                         suspects = [s for s in students if named is None or s in named]
                         suspects = suspects if rooted else None  # no seed's loss in it
-                        self._kd_checks.append((leak_check(leaked)[1], suspects))
+                        self._kd_checks.append((leak_check_any(leaked)[1], suspects))
         finally:
             made = [] if failed else [(p, p.grad) for p in seeds if p.grad is not None]
             for p, grad in zip(host, stash, strict=True):

@@ -64,6 +64,26 @@ def test_a_sparse_host_gradient_that_leaks_is_a_violation_not_an_error() -> None
     assert embedding.weight.grad is None  # what leaked is dropped
 
 
+@pytest.mark.parametrize("when", ["made", "cast after"])
+def test_a_float64_model_is_monitored_and_its_leak_is_a_violation(when: str) -> None:
+    """A monitor refused float64 parameters when made, and a model cast with ``.double()``
+    after its monitor was made raised the leak check's dtype refusal out of
+    ``end_seed_backward`` (out of the host's backward, in the manager's KD pass)."""
+    host = _host()
+    seed = _seed(host, "no_detach")
+    if when == "made":
+        host.double(), seed.double()
+    monitor = _monitor(host, seed, tol=1e-3)
+    host.double(), seed.double()
+    for scale, clean in ((0.0, True), (1e-12, True), (1.0, False), (float("nan"), False)):
+        out = _seed_output(host, seed, "no_detach", torch.randn(5, 4, dtype=torch.float64))
+        monitor.begin_seed_backward()
+        (out.pow(2).mean() * scale).backward()
+        monitor.end_seed_backward()
+        assert monitor.verify_isolation_after_step() is clean, scale
+    assert all(p.grad is None for p in host.parameters())  # what leaked is dropped
+
+
 # ---------------------------------------------------------------- graph walk
 
 

@@ -817,18 +817,23 @@ def test_each_uncollected_kd_loss_is_counted_once(kd_rig: Rig, mlp) -> None:
     manager.set_teacher_logits(None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_leaking_seed_only_loss_is_caught_dropped_and_trips_the_breaker(
-    kd_rig: Rig, mlp, tmp_path
+    kd_rig: Rig, mlp, tmp_path, dtype
 ) -> None:
+    """In a model cast to float64 after GERMINATE too: the leak check refused its gradients'
+    dtype, and the refusal escaped ``manager.backward``."""
     rig, manager = kd_rig, kd_rig.manager
     assert rig.send("germinate", SEED0, mlp)
+    rig.model.to(dtype)
+    x = rig.x = rig.x.to(dtype)
     host_weight = rig.model.inp.weight
     for step in range(3):
-        rig.slot.set_teacher_logits(torch.randn(16, 4))
-        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        rig.slot.set_teacher_logits(torch.randn(16, 4, dtype=dtype))
+        loss = F.cross_entropy(rig.model(x), rig.y)
         kd = through_a_seed(manager.collect_kd_losses() + 1e-2 * host_weight.sum())  # a leak
         manager.backward(loss, kd_loss=kd)
-        clean = torch.autograd.grad(F.cross_entropy(rig.model(rig.x), rig.y), host_weight)[0]
+        clean = torch.autograd.grad(F.cross_entropy(rig.model(x), rig.y), host_weight)[0]
         assert torch.equal(host_weight.grad, clean)  # the leaked gradient never reaches it
         report = manager.step()
         assert not report["isolation_clean"] and not report["host_stepped"]
