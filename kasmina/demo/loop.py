@@ -40,8 +40,9 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.ddp import DistributedKasmina, wrap_ddp
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import BLENDING_STAGES, ISOLATED_STAGES, SeedStage
+from kasmina.utils.jsonl_sink import JsonlFileSink
 from kasmina.utils.keyring import Keyring
-from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
+from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
 

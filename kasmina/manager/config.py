@@ -30,10 +30,10 @@ from kasmina.kd.config import KDConfig, check_seed_kd
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings, redact_urls
+from kasmina.utils.jsonl_sink import DEFAULT_JSONL_MAX_BYTES
 from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.signed_json import finite_number
 from kasmina.utils.state_io import check_checkpoint_key
-from kasmina.utils.telemetry import DEFAULT_JSONL_MAX_BYTES
 
 __all__ = ["KasminaConfig", "default_cache_root"]
 

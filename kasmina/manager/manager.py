@@ -63,9 +63,10 @@ from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.flags import read_flags
 from kasmina.utils.interrupts import interrupts_deferred, take_lock
+from kasmina.utils.jsonl_sink import JsonlFileSink
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.orphans import add_owned_sink
-from kasmina.utils.telemetry import JsonlFileSink, TelemetryReporter
+from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
 

@@ -16,33 +16,23 @@ are taken when the event is posted, and it is built from the same fields by the 
 
 from __future__ import annotations
 
-import gc
 import itertools
-import json
 import logging
-import os
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import IO, Protocol, runtime_checkable
-
-from google.protobuf.json_format import MessageToDict
+from typing import Protocol, runtime_checkable
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
-from kasmina.utils.files import name_max, open_regular_fd
-from kasmina.utils.locks import lock_exclusive, lock_name, released
 from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_JSONL_MAX_BYTES",
     "DEFAULT_MAX_SINK_FAILURES",
     "Event",
-    "JsonlFileSink",
     "MemorySink",
     "PendingPacket",
     "TelemetryReporter",
@@ -103,147 +93,6 @@ class MemorySink:
 
     def __len__(self) -> int:
         return len(self._buffer)
-
-
-# A JSONL telemetry file is rotated when the next line would take it past this many bytes; one
-# rotated file is kept, so the pair stays bounded.
-DEFAULT_JSONL_MAX_BYTES = 64 << 20
-
-
-_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: the last byte, to find a torn line
-
-
-def _open_append(path: Path) -> tuple[IO[str], int]:
-    """Open ``path`` to append telemetry lines: the handle and the file's size.
-
-    Only a regular file is opened (``open_regular_fd``: a FIFO or a device is refused at once,
-    never blocked on). A last line torn by a crash is ended with a newline, so no packet is
-    glued onto it.
-    """
-    fd = open_regular_fd(path, _APPEND_FLAGS, what="telemetry file")
-    try:
-        size = os.fstat(fd).st_size
-        torn = False
-        if size:
-            os.lseek(fd, -1, os.SEEK_END)  # reads only: O_APPEND writes go to the end anyway
-            torn = os.read(fd, 1) != b"\n"
-        handle = os.fdopen(fd, "a", encoding="utf-8")
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        if torn:
-            handle.write("\n")  # close the torn line, never glue a packet onto it
-            handle.flush()
-    except BaseException:
-        _close_quietly(handle, path)
-        raise
-    return handle, size + torn
-
-
-def _close_quietly(handle: IO[str], path: Path) -> None:
-    """Close ``handle``; a flush that fails (a full disk) is logged, never raised, and the file
-    is closed all the same (``close`` closes the descriptor even when its flush fails; what it
-    could not write is lost)."""
-    try:
-        handle.close()
-    except OSError as exc:
-        logger.warning(
-            "telemetry file %s: closing it failed to write its last lines (%s: %s); they are lost",
-            path,
-            type(exc).__name__,
-            exc,
-        )
-
-
-class JsonlFileSink:
-    """Appends one JSON object per packet per line (protobuf JSON mapping), flushed each time.
-
-    The file is opened in append mode so that restarts add to the same log; lines written by one
-    sink are never interleaved because writes are serialized by a lock. A process killed while
-    writing leaves a torn last line: the next sink of the file ends it with a newline before
-    its first packet, so the torn line stays one bad line and the new packets stay readable.
-    Only a regular file is written: a FIFO, a device or a directory is refused at once.
-
-    The file is bounded: when the next line would take it past ``max_bytes`` it is renamed to
-    ``<path>.1`` (replacing the previous one) and a new file is started, always between two
-    lines, so the two files hold at most about ``2 * max_bytes`` (a single line larger than
-    ``max_bytes`` gets a file to itself). ``close`` never raises: lines a full disk kept in the
-    buffer are logged as lost once and the file is closed.
-
-    One live sink writes a file: it holds an exclusive advisory lock (``<path>.lock``, as the
-    nonce ledger does) until ``close``, and a second sink of the path, in another process or
-    this one, is refused. Two would each count only their own bytes and rotate over each
-    other's lines.
-    """
-
-    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_JSONL_MAX_BYTES) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
-        self.path = Path(path)
-        self.max_bytes = max_bytes
-        self.rotated_path = self.path.with_name(self.path.name + ".1")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if len(os.fsencode(self.rotated_path.name)) > name_max(self.path.parent):  # not at a send
-            raise ValueError(f"telemetry file name too long for its rotated <name>.1: {path}")
-        # Not a regular file (a FIFO, a device, a directory): refused before a lock file is
-        # made beside it. Opened without writing: the live sink, if any, writes the file.
-        os.close(open_regular_fd(self.path, _APPEND_FLAGS, what="telemetry file"))
-        lock_path = self.path.with_name(lock_name(self.path))
-        self._held = lock_exclusive(lock_path)
-        if self._held is None:  # perhaps a collected manager's sink, not yet closed
-            gc.collect()
-            release_orphaned_sinks()
-            self._held = lock_exclusive(lock_path)
-        if self._held is None:
-            raise RuntimeError(
-                f"telemetry file {self.path} is held by another live sink (another process, "
-                "or another manager in this one): give each its own telemetry_jsonl_path"
-            )
-        self._lock = threading.Lock()
-        self._file: IO[str] | None  # None after a rotation's failed re-open, or close()
-        try:
-            self._file, self._size = _open_append(self.path)
-        except BaseException:
-            self._held.close()
-            raise
-
-    def send(self, packet: TelemetryPacket) -> None:
-        line = json.dumps(MessageToDict(packet, preserving_proto_field_name=True), sort_keys=True)
-        line += "\n"  # ASCII (json.dumps escapes the rest): its length is its size in bytes
-        with self._lock:
-            if released(self._held):  # closed, or a forked child's (the parent's file)
-                raise ValueError(f"telemetry file {self.path} is closed (or a forked child's)")
-            if self._file is None:  # a rotation's re-open failed (a full disk): again now
-                self._file, self._size = _open_append(self.path)
-            if self._size and self._size + len(line) > self.max_bytes:
-                self._rotate()
-            self._size += len(line)
-            self._file.write(line)
-            self._file.flush()
-
-    def _rotate(self) -> None:
-        """Move the full file to ``<path>.1`` and start a new one (under the lock)."""
-        file, self._file = self._file, None
-        if file is not None:
-            _close_quietly(file, self.path)
-        try:
-            os.replace(self.path, self.rotated_path)
-        finally:  # a failed rename keeps the full file, a failed re-open none: both retried
-            self._file, self._size = _open_append(self.path)
-
-    def close(self) -> None:
-        with self._lock:
-            file, self._file = self._file, None
-            if file is not None:
-                _close_quietly(file, self.path)
-            self._held.close()  # the lock, last: no other sink writes before this one is done
-
-    def __enter__(self) -> JsonlFileSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 MetricSpec = tuple[str, float, int, Mapping[str, str] | None]

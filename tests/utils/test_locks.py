@@ -13,9 +13,9 @@ from kasmina.control.ledger import NonceLedger
 from kasmina.errors import NotARegularFileError
 from kasmina.leyline import TelemetryPacket
 from kasmina.manager.checkpoints import DiskCheckpointStore
+from kasmina.utils.jsonl_sink import JsonlFileSink
 from kasmina.utils.locks import lock_exclusive
 from kasmina.utils.state_io import CheckpointSigner
-from kasmina.utils.telemetry import JsonlFileSink
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 

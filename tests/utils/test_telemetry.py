@@ -15,8 +15,8 @@ from google.protobuf.json_format import ParseDict
 
 from kasmina.errors import KasminaError, NotARegularFileError
 from kasmina.leyline import MetricType, TelemetryPacket
+from kasmina.utils.jsonl_sink import JsonlFileSink
 from kasmina.utils.telemetry import (
-    JsonlFileSink,
     MemorySink,
     PendingPacket,
     TelemetryReporter,
@@ -133,6 +133,54 @@ def test_jsonl_lines_parse_back_to_the_same_packets(tmp_path) -> None:
     assert len(path.read_text(encoding="utf-8").splitlines()) == 4
 
 
+def _names(path) -> list[str]:
+    return [json.loads(line)["metrics"][0]["name"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("how", ["file deleted", "folder deleted", "file moved"])
+def test_a_file_taken_from_under_the_sink_is_followed_by_a_new_one(tmp_path, how, caplog) -> None:
+    """A cleanup deleted the file (or its folder) mid-run, or a log rotator moved it: the sink
+    went on writing into the file it held, every packet lost without an error counted or a word
+    logged. It starts a new file at the path, with one warning."""
+    import shutil
+
+    path = tmp_path / "run" / "telemetry.jsonl"
+    sink = JsonlFileSink(path, max_bytes=10_000)
+    reporter = TelemetryReporter(sinks=[sink])
+    reporter.emit("before")
+    if how == "file deleted":
+        path.unlink()
+    elif how == "folder deleted":
+        shutil.rmtree(path.parent)
+    else:
+        path.rename(tmp_path / "moved.jsonl")
+    with caplog.at_level(logging.WARNING, logger="kasmina.utils.jsonl_sink"):
+        for name in ("after", "later"):
+            reporter.emit(name)
+    assert _names(path) == ["after", "later"] and reporter.sink_errors == 0
+    assert len([r for r in caplog.records if "was deleted, moved or replaced" in r.message]) == 1
+    if how == "file moved":
+        assert _names(tmp_path / "moved.jsonl") == ["before"]
+    sink.close()
+
+
+def test_a_rotation_never_renames_what_the_sink_did_not_write(tmp_path) -> None:
+    """A directory made at the path after the sink opened it was renamed ``<path>.1`` with its
+    contents at the next rotation. What is at the path is refused (a sink error) and left."""
+    path = tmp_path / "telemetry.jsonl"
+    sink = JsonlFileSink(path, max_bytes=200)
+    reporter = TelemetryReporter(sinks=[sink])
+    reporter.emit("first", labels={"pad": "x" * 150})
+    path.unlink()
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    reporter.emit("second", labels={"pad": "x" * 150})  # past the cap: a rotation was due
+    assert reporter.sink_errors == 1
+    assert (path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "telemetry.jsonl.1").exists()
+    sink.close()
+
+
 def test_a_line_torn_by_a_crash_is_never_glued_to_the_next_packet(tmp_path) -> None:
     """A trainer killed mid-line leaves a torn last line; the restarted trainer's sink ends it
     before its first packet, so that packet (and every later one) stays readable."""
@@ -145,6 +193,8 @@ def test_a_line_torn_by_a_crash_is_never_glued_to_the_next_packet(tmp_path) -> N
         real = sink._file
 
         class Torn:
+            fileno = real.fileno
+
             def write(self, text: str) -> None:
                 real.write(text[: len(text) // 2])
                 real.flush()
@@ -306,7 +356,7 @@ def test_one_live_sink_writes_a_file(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="held by another live sink"):
         JsonlFileSink(path)
     script = (
-        "import sys\nfrom kasmina.utils.telemetry import JsonlFileSink\n"
+        "import sys\nfrom kasmina.utils.jsonl_sink import JsonlFileSink\n"
         "try:\n    JsonlFileSink(sys.argv[1])\nexcept RuntimeError as e:\n    print(e)\n"
     )
     other = subprocess.run(
