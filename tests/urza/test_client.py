@@ -152,6 +152,17 @@ def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(
     assert client(name, trusted).fetch("art-1")[0] == b"payload-one"
 
 
+@pytest.mark.parametrize(
+    "url", ["http://[::1]:8080/store", "http://[fe80::1]/store", "https://[2001:db8::ff00:42]/s"]
+)
+def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
+    """A store URL's layers are split at ``::`` (fsspec chaining), which also cut an IPv6
+    host's brackets apart: every IPv6 store was refused as malformed. Split outside them."""
+    UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0).close()
+    with pytest.raises(ValueError, match="caching layer"):  # a layer in front is still found
+        UrzaLibraryClient(f"simplecache::{url}", trusted)
+
+
 def test_a_store_write_that_fails_leaves_no_temporary(tmp_path, publisher, monkeypatch) -> None:
     """An fsspec backend raises errors of its own types; the temporary used to stay beside
     its target when the write raised anything but an OSError. The manifest the publish wrote
