@@ -180,6 +180,34 @@ def rebuild_if_left(layer: Any) -> None:
     """:func:`rebuild_constants` if the layer's constants are on ``meta`` (one read): a deferred
     init loaded past the slot (``slot.host.load_state_dict(..., assign=True)``, accelerate's
     per-module loads) never ran its post-hook, and a seed that ran there faulted at every call
-    ("Tensor on device meta"). Asked off the hot path: at a record, a plan change, a poll."""
+    ("Tensor on device meta"); and the seeds' flags linked, if an unpickle left that for later
+    (:func:`link_after_unpickle`). Asked off the hot path: at a record, a plan change, a poll."""
+    if "_unlinked" in vars(layer):
+        relink_flags(layer)
     if layer._buffers["_one"].is_meta:
         rebuild_constants(layer)
+
+
+def link_after_unpickle(layer: Any) -> None:
+    """An unpickled slot's seeds' flags are views of its own again (a pickle keeps no storage
+    shared: the guard wrote the slot's flags and a poll read the seeds', so a non-finite output
+    was never charged): now if every seed is built, else at the slot's next use of its flags
+    (:func:`relink_flags`); a seed pickled alone reaches its slot, through the state table's
+    listener, before the seed itself is built."""
+    seeds = vars(layer).get("_modules", {}).get("seeds")
+    built = seeds is not None and "_modules" in vars(seeds)
+    if built and all("_buffers" in vars(seed) for seed in seeds._modules.values()):
+        layer._link_flags()
+    else:
+        vars(layer)["_unlinked"] = True
+
+
+def relink_flags(layer: Any) -> None:
+    """The link :func:`link_after_unpickle` left for later, the seeds' own flags merged in (a
+    fault a seed recorded meanwhile is kept)."""
+    del vars(layer)["_unlinked"]
+    finite, faulted = layer._buffers["_finite_flags"], layer._buffers["_fault_flags"]
+    for k, seed in enumerate(layer.seeds):
+        finite[k].logical_and_(seed._buffers["finite_flag"])
+        faulted[k].logical_or_(seed._buffers["fault_flag"])
+    layer._link_flags()

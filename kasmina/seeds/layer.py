@@ -62,8 +62,10 @@ from kasmina.ops.transforms import transform_depth, under_vmap
 from kasmina.seeds.constants import (
     CONSTANTS,
     keep_constants,
+    link_after_unpickle,
     rebuild_after_load,
     rebuild_if_left,
+    relink_flags,
 )
 from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
@@ -115,8 +117,7 @@ __all__ = ["KasminaLayer"]
 def check_states_loaded_here(module: nn.Module, state_dict: dict, prefix: str, *rest: Any) -> None:
     """The pre-hook of a module between a model and its slots (``inject.add_load_checks``) and
     of each slot's ``seeds`` list: ``check_seed_states`` when a load starts at it (``prefix``
-    empty), so that one seed's refusal leaves the seeds before it as they were. A load that
-    reached it from a module above was checked there, before anything loaded."""
+    empty); a load that reached it from a module above was checked there, before any loaded."""
     if not prefix:
         check_seed_states(module, state_dict, prefix, *rest)
 
@@ -226,8 +227,7 @@ class KasminaLayer(HostForwarding):
 
     def _host_changed(self) -> None:
         """A part of the host replaced or removed through the slot (``slot[-1] = nn.Linear(...)``):
-        the next forward records the host's output again, as the first after attach does (of
-        another width, the contract check names it: the seeds sit out, GERMINATE refuses)."""
+        the next forward records the host's output again, as the first after attach does."""
         vars(self).update(output_contract=None, input_spec=None, _moved=None, _provisional=False)
 
     def _link_flags(self) -> None:
@@ -237,9 +237,10 @@ class KasminaLayer(HostForwarding):
             seed._buffers["finite_flag"], seed._buffers["fault_flag"] = finite[k], faulted[k]
 
     def _flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "_unlinked" in self.__dict__:  # (``constants.link_after_unpickle``)
+            relink_flags(self)
         return self._buffers["_finite_flags"], self._buffers["_fault_flags"]
 
-    # -- convenience ---------------------------------------------------------------------
     def seed(self, k: int) -> GradientIsolatedSeed:
         return self.seeds[k]  # type: ignore[return-value]
 
@@ -269,7 +270,7 @@ class KasminaLayer(HostForwarding):
     def poll_nonfinite(self) -> list[str]:
         """Read all seeds' flags (one transfer), charge their faults; the ids of those that fell
         back with grad, whose kernels' gradients are dropped (call before the step)."""
-        rebuild_if_left(self)  # a deferred init loaded past the slot: its constants left on meta
+        rebuild_if_left(self)  # constants a deferred init left on meta, a link put off
         seeds = tuple(self.seeds)
         got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
         pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
@@ -293,8 +294,7 @@ class KasminaLayer(HostForwarding):
                            doc="output_contract, or the one before a move")  # fmt: skip
 
     def end_step(self) -> None:
-        """At a step's end: drop the teacher logits kept or never taken (past ``__setattr__``);
-        clear the graph mark."""
+        """At a step's end: drop the teacher logits kept or never taken; clear the graph mark."""
         vars(self).update(_recompute_teacher=None, _kd_regions=None, _teacher_logits=None)
         self._graph.open = self._graph.reentrant = False
 
@@ -310,7 +310,7 @@ class KasminaLayer(HostForwarding):
         old = {"_graph": GraphMark(), "_kernel_shapes": (), "_teacher_depth": 0, **state}
         old["_kd_losses"] = PendingKDLosses(state.get("_kd_losses", ()))
         super().__setstate__({**old, "_masks": ChunkMasks()})  # a cache (a dict in older ones)
-        self._link_flags()  # a pickle keeps no storage shared: the seeds' flags are views again
+        link_after_unpickle(self)  # a pickle keeps no storage shared: flags views again
 
     def set_kd_head(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """The head that maps this slot's output to logits for the seeds' KD loss (a language

@@ -1164,22 +1164,27 @@ def test_attached_model_state_dict_deepcopy_and_pickle_round_trip() -> None:
 def test_a_pickled_slot_charges_a_non_finite_seed_output_as_the_original_does() -> None:
     """Each seed's flags are views of its slot's; a pickle keeps no storage shared, so after
     ``pickle.loads`` the guard wrote the slot's flags and ``poll_nonfinite`` read the seeds':
-    a NaN output was never charged and its gradient kept."""
+    a NaN output was never charged and its gradient kept. A pickle that builds the slot before
+    its seeds (one that reaches a seed first) links them at the slot's next use of its flags."""
     model = MLP()
     slot = attach(model, "head", 2, 4)[0]
     slot.seed(0).attach_kernel(kernel(4, 0))
     walk(slot.seed(0), S.GRAFTING)
     slot.update_alpha_blending(4, 10)
     x = torch.randn(3, 5)
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+    for seed_alone in (copy.deepcopy(slot.seed(0)), pickle.loads(pickle.dumps(slot.seeds))):
+        assert seed_alone is not None  # its slot, reached through the table, was built first
+    with_a_seed_first = pickle.loads(pickle.dumps([slot.seed(1), model]))[1]  # linked later
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), with_a_seed_first):
         copied = kasmina_layers(clone)[0]
         seed = copied.seed(0)
-        assert seed.fault_flag.data_ptr() == copied._fault_flags.data_ptr()
         with torch.no_grad():
             seed.kernel[0].weight.fill_(float("nan"))
         clone(x).sum().backward()
         assert copied.poll_nonfinite() == ["head[0]"]
         assert seed.faults == 1
+        assert seed.fault_flag.data_ptr() == copied._fault_flags[0].data_ptr()
+        assert copied.seed(1).fault_flag.data_ptr() == copied._fault_flags[1].data_ptr()
 
 
 def test_an_ema_that_copies_every_non_float_entry_runs_beside_a_growing_model() -> None:
