@@ -27,6 +27,7 @@ from kasmina.seeds.table import GPUStateTensor, fixed_point
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row, parse_stage
 from kasmina.utils.grad_modes import version_count
 from kasmina.utils.signed_json import finite_number, strict_json_loads
+from kasmina.utils.state_io import other_shapes
 
 __all__ = [
     "EXTRA_STATE_VERSION",
@@ -492,15 +493,12 @@ def check_seed_kernel_keys(
             f"{missing[:4]}, unexpected {unexpected[:4]}): it was saved with another kernel, or "
             f"none; {_advice(seed)}"
         )
-    shapes = [
-        f"{key}: saved {list(state_dict[key].shape)}, live {list(tensor.shape)}"
-        for key, tensor in live.items()  # a lazy parameter takes any shape, as in torch
-        if isinstance(tensor, torch.Tensor) and not torch.nn.parameter.is_lazy(tensor)
-        and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != tensor.shape
-    ]  # fmt: skip
+    shapes = [] if kernel is None else other_shapes(kernel, state_dict, inner)
     if shapes:
-        raise ValueError(f"seed {seed.seed_id}: other kernel shapes ({'; '.join(shapes[:4])}): it "
-                         f"was saved with another kernel; {_advice(seed)}")  # fmt: skip
+        raise ValueError(
+            f"seed {seed.seed_id}: the state_dict's kernel weights have other shapes than its "
+            f"kernel's ({'; '.join(shapes[:4])}): attach a kernel of the saved shapes first"
+        )
 
 
 def _kernel(seed: object) -> torch.nn.Module | None:

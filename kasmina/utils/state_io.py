@@ -467,6 +467,29 @@ def load_mismatch(
     return None
 
 
+def other_shapes(root: torch.nn.Module, state: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key: saved [...], live [...]"`` for each of ``root``'s tensors that ``state`` holds
+    (under ``prefix``) with another shape, which torch would refuse only after loading the
+    modules before it: not a lazy parameter (it takes any shape), nor one its module resizes as
+    it loads (``resized_on_load``: a per-channel QAT observer's)."""
+    live = root.state_dict(keep_vars=True)
+    lazy = torch.nn.parameter.is_lazy
+    differ = [
+        key for key, tensor in live.items()
+        if isinstance(tensor, torch.Tensor) and not lazy(tensor)
+        and isinstance(saved := state.get(prefix + key), torch.Tensor)
+        and saved.shape != tensor.shape
+    ]  # fmt: skip
+    if not differ:
+        return []
+    local = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    return [
+        f"{prefix}{key}: saved {list(local[key].shape)}, live {list(live[key].shape)}"
+        for key in differ
+        if not resized_on_load(root, key, local)
+    ]
+
+
 def resized_on_load(root: torch.nn.Module, key: str, state: Mapping[str, Any]) -> bool:
     """Whether loading ``state`` (``root``'s keys) gives ``key`` the shape ``state`` holds for
     it although ``root``'s tensor has another: a tensor its module resizes as it loads (a QAT
