@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
+from kasmina.isolation.stepping import torch_norms
 from kasmina.isolation.verify import NamedParams, graph_isolation, named_params
 from kasmina.leyline import MetricType
 from kasmina.ops import leak_check
@@ -69,12 +70,12 @@ def leak_check_any(
     grads: list[torch.Tensor], tol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.leak_check`` over gradients of any dtype: one launch when all are of those the op
-    takes (fp32, fp16, bf16), else torch's own norms in float64 (a model cast with
+    takes (fp32, fp16, bf16), else torch's own norms in float64 (``torch_norms``: a model cast with
     ``.double()`` after its seeds' monitors were made: the op's refusal escaped the backward),
     fp32 norms and a flag either way."""
     if all(g.dtype in SUPPORTED_DTYPES for g in grads):
         return leak_check(grads, tol)
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    norms = torch_norms(grads)
     return norms.float(), (norms <= tol).logical_not_().any()
 
 

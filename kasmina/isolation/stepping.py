@@ -119,7 +119,13 @@ def _group_norms(group: list[torch.Tensor]) -> torch.Tensor:
     except ValueError:
         if all(g.dtype in SUPPORTED_DTYPES for g in group):
             raise
-        return torch.stack(torch._foreach_norm(group)).float()
+        return torch_norms(group).float()
+
+
+def torch_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms by torch itself, in float64, of tensors of any floating or complex
+    dtype (the fused ops take fp32, fp16 and bf16 only): a float64 one's exactly."""
+    return torch.stack([norm.double() for norm in torch._foreach_norm(tensors)])
 
 
 def follow_parameters(optimizer: torch.optim.Optimizer) -> int:
