@@ -14,8 +14,11 @@ the bare model) on ``meta``, and every GERMINATE, ``kasmina.save`` and seed forw
 them fails, with no move left to the user (``to("cpu")`` cannot copy out of ``meta``,
 ``to_empty`` wipes the loaded weights). :func:`rebuild_constants` makes them again, with their
 values, on the host's device once every host parameter is real: after each load through the
-slot (:func:`rebuild_after_load`, its post-hook) and when a manager registers the model (for
-weights put in place without ``load_state_dict``, accelerate's ``set_module_tensor_to_device``).
+slot (:func:`rebuild_after_load`, its post-hook), when a manager registers the model (for
+weights put in place without ``load_state_dict``, accelerate's ``set_module_tensor_to_device``),
+and for a load past the slot (into ``slot.host`` alone) at the slot's next record, plan change
+or poll (:func:`rebuild_if_left`). A pickle keeps no storage shared either: an unpickled slot
+links its seeds' flags again (:func:`link_after_unpickle`).
 
 A loader may also replace them by tensors of its own: transformers' ``from_pretrained`` builds
 the model on ``meta`` and then gives every non-persistent buffer an ``empty_like`` (uninitialised
