@@ -179,11 +179,17 @@ class UrzaLibraryClient:
             secrets=store_secrets(url, storage_options),
         )
         options = dict(storage_options or {})
-        if url.startswith(("http://", "https://")) and "client_kwargs" not in options:
+        client = dict(options.get("client_kwargs") or {})  # the user's own (headers, trust_env)
+        if url.lower().startswith(("http://", "https://")) and "timeout" not in client:
             import aiohttp  # fsspec's HTTP backend depends on it
 
-            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout_s)}
+            client["timeout"] = aiohttp.ClientTimeout(total=self.timeout_s)  # else 300 s
+            options["client_kwargs"] = client
         self._fs, self._root = open_store(url, options)
+        self._query = ""  # a signed URL's query (``?sig=...``): after each object's name
+        if _is_http(self._fs) and "?" in self._root:
+            root, _, query = self._root.partition("?")
+            self._root, self._query = root.rstrip("/"), f"?{query}"
         # Elsewhere, the file's own read-ahead is one chunk at most. HTTP: one streaming GET
         # (block_size=0), which also works against servers that ignore Range. Passing a size
         # skips fsspec's HEAD probe (the streaming file ignores it), which would report any
@@ -248,7 +254,7 @@ class UrzaLibraryClient:
                 entries = self._fs.ls(self._root, detail=False)
                 return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
             page = self._read_bounded(
-                self._root + "/", MAX_LISTING_BYTES, "the store's index page",
+                self._root + "/" + self._query, MAX_LISTING_BYTES, "the store's index page",
                 "MAX_LISTING_BYTES", cancelled,
             )  # fmt: skip
             return list(_linked_children(page.decode("utf-8", "replace"), self._root + "/"))
@@ -376,7 +382,7 @@ class UrzaLibraryClient:
     # --- internals ----------------------------------------------------------------------
 
     def _path(self, artifact_id: str, suffix: str) -> str:
-        return f"{self._root}/{artifact_id}{suffix}"
+        return f"{self._root}/{artifact_id}{suffix}{self._query}"
 
     def _lead(
         self, artifact_id: str, future: Future[tuple[bytes, Manifest]], deadline: float | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.server
 import io
 import json
@@ -490,6 +491,47 @@ def test_http_store_on_loopback(store, trusted) -> None:
     gone = client(url, trusted, retries=1, sleep=lambda s: None)
     with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
         gone.fetch(manifest.artifact_id)
+
+
+def test_a_signed_http_store_url_keeps_its_query_after_each_objects_name(store, trusted) -> None:
+    """A store URL with a signed URL's query (``?sig=...``) made every object URL
+    ``<url>?<query>/<id>.manifest.json``: the server saw the store's path with the name inside
+    the signature, every read failed and counted against the store."""
+    root, manifest = store
+    asked: list[str] = []
+
+    class Signed(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            return None
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            path, _, query = self.path.partition("?")
+            if query != "sig=abc&sv=1":
+                self.send_error(403)
+                return
+            self.path = path
+            super().do_GET()
+
+    with serve(functools.partial(Signed, directory=str(root))) as url:
+        urza = client(f"{url}/?sig=abc&sv=1", trusted, timeout_s=5.0)
+        assert urza.list_artifacts() == [manifest.artifact_id]
+        assert urza.fetch(manifest.artifact_id)[1] == manifest
+    assert all(path.endswith("?sig=abc&sv=1") for path in asked)
+    assert f"/{manifest.artifact_id}.manifest.json?sig=abc&sv=1" in asked
+
+
+def test_client_options_of_its_own_keep_the_reads_deadline(trusted) -> None:
+    """Any ``client_kwargs`` (a header, ``trust_env``) dropped the client's read timeout for
+    aiohttp's 300 s: an abandoned read held its thread and stall slot for minutes."""
+    options = {"client_kwargs": {"headers": {"X-Api-Key": "k"}, "trust_env": True}}
+    urza = UrzaLibraryClient(
+        "http://127.0.0.1:9/u", trusted, timeout_s=1.5, storage_options=options
+    )
+    given = urza._fs.client_kwargs
+    assert given["timeout"].total == 1.5 and given["headers"] == {"X-Api-Key": "k"}
+    assert "timeout" not in options["client_kwargs"]  # the caller's dict is left alone
+    urza.close()
 
 
 def test_a_store_urls_credentials_never_reach_a_message_or_a_repr(
