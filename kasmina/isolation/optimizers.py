@@ -83,6 +83,7 @@ class _Entry:
     optimizer: torch.optim.Optimizer
     promoted: list[_Promotion] = field(default_factory=list)  # the host's, in promotion order
     added: list[list[str]] = field(default_factory=list)  # groups a user added: model names
+    restored: bool = False  # its ``defaults`` loaded from a state (an older state has none)
     sizes: list[int] = field(init=False)  # the group sizes this layout accounts for
 
     def __post_init__(self) -> None:
@@ -110,8 +111,7 @@ class IsolatedOptimizerManager:
         default_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.default_optimizer_cls = default_optimizer_cls
-        # What a command's creation starts from (attach's options), its own parameters over them.
-        self.default_options = dict(default_options or {})
+        self.default_options = dict(default_options or {})  # a command's creation's, under its own
         self.telemetry = telemetry
         self._entries: dict[str, _Entry] = {}
         self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
@@ -353,7 +353,7 @@ class IsolatedOptimizerManager:
         for oid, entry in other._entries.items():
             live = self._entries.get(oid)
             if live is not None and type(live.optimizer) is type(entry.optimizer):
-                move_into(live.optimizer, entry.optimizer)
+                move_into(live.optimizer, entry.optimizer, defaults=entry.restored)
                 entry = _Entry(live.optimizer, entry.promoted, entry.added)
             elif live is not None:
                 logger.warning("optimizer %s replaced: the restored class differs", oid)
@@ -512,6 +512,7 @@ class IsolatedOptimizerManager:
                     "promoted": entry.layout(),
                     "added_groups": [list(names) for names in entry.added],
                     "shapes": entry.shapes(),
+                    "defaults": dict(entry.optimizer.defaults),  # a group added later takes them
                     "state": entry.optimizer.state_dict(),
                 }
                 for oid, entry in self._entries.items()
@@ -555,7 +556,10 @@ class IsolatedOptimizerManager:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
         self.validate_state_dict(state := upgrade_state_dict(state))
         for oid, entry in self._entries.items():
-            entry.optimizer.load_state_dict(clone_state(state["optimizers"][oid]["state"]))
+            item, defaults = state["optimizers"][oid], entry.optimizer.defaults
+            entry.optimizer.load_state_dict(clone_state(item["state"]))
+            entry.restored = isinstance(saved := item.get("defaults"), Mapping)
+            defaults.update({k: v for k, v in (saved or {}).items() if k in defaults})
 
     # ------------------------------------------------------------------ telemetry
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:

@@ -315,10 +315,15 @@ def step_contained(optimizer: torch.optim.Optimizer, optimizer_id: str, failures
     return True
 
 
-def move_into(live: torch.optim.Optimizer, built: torch.optim.Optimizer) -> None:
+def move_into(
+    live: torch.optim.Optimizer, built: torch.optim.Optimizer, *, defaults: bool = False
+) -> None:
     """Give ``live`` the param groups and state of ``built`` (same class), in place: the group
     dicts, their params lists and the state mapping stay the objects that were there (LBFGS
-    holds its group's list). A key only a live group has (``initial_lr``) stays in it."""
+    holds its group's list). A key only a live group has (``initial_lr``) stays in it. With
+    ``defaults`` (``built``'s restored from a saved state), ``live`` takes those too."""
+    if defaults:
+        live.defaults.update(built.defaults)
     groups = live.param_groups
     for index, new in enumerate(built.param_groups):
         if index < len(groups):

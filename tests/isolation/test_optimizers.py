@@ -653,6 +653,29 @@ def test_a_format_1_state_still_loads():
         opts.load_state_dict(broken)
 
 
+def test_a_loaded_state_brings_its_optimizers_defaults_and_an_older_one_keeps_them() -> None:
+    """A rebuilt optimizer took its constructor's ``defaults`` (lr 1e-3 for a host INITIALIZE_HOST
+    had made at 0.25), which a group added later takes: a state now carries them. A state saved
+    before it did leaves a live optimizer's own, and a rebuilt one's as built."""
+    host, _ = models()
+    saved = IsolatedOptimizerManager()
+    saved.initialize_host(host.parameters(), lr=0.25, weight_decay=0.1)
+    state = clone_state(saved.state_dict())
+    rebuilt = IsolatedOptimizerManager()
+    rebuilt.initialize_host(host.parameters())
+    rebuilt.load_state_dict(state)
+    defaults = rebuilt.optimizer("host").defaults
+    assert (defaults["lr"], defaults["weight_decay"]) == (0.25, 0.1)
+    live = IsolatedOptimizerManager()
+    live.initialize_host(host.parameters(), lr=0.5)
+    older = IsolatedOptimizerManager()
+    older.initialize_host(host.parameters())
+    del state["optimizers"]["host"]["defaults"]
+    older.load_state_dict(state)
+    live.adopt(older)
+    assert live.optimizer("host").defaults["lr"] == 0.5
+
+
 def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     """A rollback's commit: the built layout and state move into the live objects."""
     host, seed = models()
@@ -670,7 +693,9 @@ def test_adopt_keeps_the_live_optimizer_objects_and_a_schedulers_keys():
     fill_grads(host, seed)
     built.step_many(["host", "s0"])
     expected = clone_state(built.state_dict())
+    built.load_state_dict(expected)  # as a rollback loads its checkpoint: defaults too
     live.adopt(built)
+    assert host_opt.defaults["lr"] == 0.02  # the checkpoint's, not the live optimizer's
     assert live.optimizer("host") is host_opt and host_opt.param_groups[0] is group
     assert group["params"] is params  # the lists, too, stay the live ones
     assert live.optimizer("s0") is built.optimizer("s0")

@@ -405,6 +405,35 @@ def test_initialize_host_builds_with_attachs_optimizer_options(tmp_path, store, 
     other.manager.close()
 
 
+def test_a_host_optimizer_a_rollback_rebuilds_keeps_initialize_hosts_options(
+    tmp_path, store, keyring
+) -> None:
+    """A ROLLBACK back past INITIALIZE_HOST and forward again (or one in a resumed process)
+    rebuilt the host optimizer with attach's options and lr 1e-3: its groups came back, its
+    ``defaults`` did not, and a group added afterwards (``add_param_group`` of a layer
+    unfrozen) trained at lr 1e-3 without weight decay or momentum."""
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=None, optimizer_cls=torch.optim.SGD)
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)  # saved without a host optimizer
+    command = make_optimizer_command(
+        "initialize_host", learning_rate=0.25, parameters={"weight_decay": 0.1, "momentum": 0.5}
+    )
+    assert run_command(manager, rig.signed(command))
+    keys = ("lr", "weight_decay", "momentum")
+    made = {k: manager.optimizers.optimizer("host").defaults[k] for k in keys}
+    assert made == {"lr": 0.25, "weight_decay": 0.1, "momentum": 0.5}
+    rig.train(1)
+    manager.end_epoch(1)
+    for epoch in (0, 1):
+        assert run_command(manager, rig.signed(make_rollback_command(epoch)))
+    host = manager.optimizers.optimizer("host")
+    assert {k: host.defaults[k] for k in keys} == made
+    host.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert {k: host.param_groups[-1][k] for k in keys} == made
+    manager.close()
+
+
 def test_a_seed_promoted_into_a_host_group_with_momentum_keeps_the_host_training(
     tmp_path, store, keyring, mlp
 ) -> None:
