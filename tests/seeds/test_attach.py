@@ -934,15 +934,7 @@ def test_a_module_shared_under_two_names_is_refused_naming_them() -> None:
 
 
 def test_a_module_inside_a_shared_block_is_one_slot_on_every_path() -> None:
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x)
-
-    block = Block()
+    block = _Block(4)
     model = nn.Sequential(block, block)  # the block's one ``fc`` attribute, called twice
     (slot,) = attach(model, ["1.fc"], 2, 2)
     assert slot.layer_id == "0.fc" and model[0].fc is slot and model[1].fc is slot
@@ -1675,9 +1667,9 @@ def test_a_compiled_slot_whose_kernel_breaks_the_graph_follows_every_stage_chang
 
 
 class _Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.fc = nn.Linear(8, 8)
+        self.fc = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)

@@ -6,6 +6,7 @@ import copy
 import gc
 import math
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -531,18 +532,25 @@ def test_a_compiled_stand_alone_seed_follows_every_stage_change(x) -> None:
             seed.transition_to(stage)
         if stage is S.GRAFTING:
             seed.update_alpha_blending(3, 10)
-        results = []
-        for model in (net, compiled):
-            net.zero_grad(set_to_none=True)
-            out = run(model, x)  # type: ignore[arg-type]
-            grads = {n: p.grad for n, p in net.named_parameters()}
-            results.append((out.detach(), grads))
-        (eager, eager_grads), (got, got_grads) = results
-        torch.testing.assert_close(got, eager, msg=stage.name)
-        for name, grad in eager_grads.items():
-            assert (grad is None) == (got_grads[name] is None), (stage.name, name)
-            if grad is not None:
-                torch.testing.assert_close(got_grads[name], grad, msg=f"{stage.name} {name}")
+        _same_eager_and_compiled(net, compiled, lambda model: run(model, x), stage.name)
+
+
+def _same_eager_and_compiled(
+    net: Net, compiled: nn.Module, step: Callable[[nn.Module], torch.Tensor], what: str
+) -> None:
+    """``step`` (a forward and backward, returning the output) of ``net`` and of ``compiled``
+    give the same output and the same gradient for each parameter of ``net``."""
+    results = []
+    for model in (net, compiled):
+        net.zero_grad(set_to_none=True)
+        out = step(model)
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    (eager, eager_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, eager, msg=what)
+    for name, grad in eager_grads.items():
+        assert (grad is None) == (got_grads[name] is None), (what, name)
+        if grad is not None:
+            torch.testing.assert_close(got_grads[name], grad, msg=f"{what} {name}")
 
 
 class Breaking(nn.Module):
@@ -569,26 +577,21 @@ def test_a_compiled_seed_whose_kernel_breaks_the_graph_follows_every_stage_chang
     net = Net(seed)
     compiled = torch.compile(net, backend="aot_eager")
     teacher = torch.randn(5, C, generator=torch.Generator().manual_seed(4))
+    kd_seen: list[bool] = []  # per run: whether it made a KD loss
+
+    def step(model: nn.Module) -> torch.Tensor:
+        out = model(x, teacher)
+        kd = seed.get_and_clear_kd_losses()
+        kd_seen.append(kd is not None)
+        (out.pow(2).sum() + (0.0 if kd is None else kd)).backward()
+        return out
+
     for stage in PATH:
         seed.transition_to(stage)
         if stage is S.GRAFTING:
             seed.update_alpha_blending(3, 10)
-        results = []
-        for model in (net, compiled):
-            net.zero_grad(set_to_none=True)
-            out = model(x, teacher)
-            kd = seed.get_and_clear_kd_losses()
-            (out.pow(2).sum() + (0.0 if kd is None else kd)).backward()
-            results.append(
-                (out.detach(), kd is None, {n: p.grad for n, p in net.named_parameters()})
-            )
-        (eager, no_kd, grads), (got, got_no_kd, got_grads) = results
-        torch.testing.assert_close(got, eager, msg=stage.name)
-        assert got_no_kd == no_kd, stage.name
-        for name, grad in grads.items():
-            assert (grad is None) == (got_grads[name] is None), (stage.name, name)
-            if grad is not None:
-                torch.testing.assert_close(got_grads[name], grad, msg=f"{stage.name} {name}")
+        _same_eager_and_compiled(net, compiled, step, stage.name)
+        assert kd_seen[-2] == kd_seen[-1], stage.name
 
 
 def test_a_duplicated_or_deeply_nested_extra_state_is_a_value_error() -> None:
