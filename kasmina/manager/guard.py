@@ -231,8 +231,12 @@ class IsolationGuard:
                 "seeds; a distillation loss on the model's own output trains the host and "
                 "belongs in loss"
             )
-        with torch.enable_grad():
+        grad = torch.is_grad_enabled()  # set and put back by C calls (a block's Python edges
+        torch._C._set_grad_enabled(True)  # could take a Ctrl-C and leave grad mode changed)
+        try:
             kd_loss = kd_loss * weight
+        finally:
+            torch._C._set_grad_enabled(grad)
         kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())

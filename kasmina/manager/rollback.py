@@ -418,8 +418,9 @@ def _swap_kernels(
     point) and attach the fresh ones."""
     for seed_id in changes:
         seed = registry[seed_id].seed
-        probe = seed.probe_result
-        old[seed_id] = (seed.detach_kernel() if seed.kernel is not None else None, probe)
+        old[seed_id] = (seed.kernel, seed.probe_result)  # first: a detach cut short is undone too
+        if seed.kernel is not None:
+            seed.detach_kernel()
     for seed_id, (artifact_id, kernel) in fresh.items():
         registry[seed_id].seed.attach_kernel(kernel, artifact_id)
 

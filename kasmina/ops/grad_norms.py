@@ -47,12 +47,16 @@ def _norms_of(tensors: MaybeTensors, device: torch.device, exact: bool = False) 
         ts = [empty if t is None else t for t in ts]
     if not ts:
         return torch.zeros(0, device=device, dtype=torch.float32)
-    with torch.no_grad():
+    grad = torch.is_grad_enabled()  # off and back by C calls: a grad-mode block's Python edges
+    torch._C._set_grad_enabled(False)  # could take a Ctrl-C and leave it off for the thread
+    try:
         if device.type != "cpu" or exact:
             return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).float()
         norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
         if norms.device.type == "cpu":  # else the caller rejects the list
             _repair(norms, ts, empty)
+    finally:
+        torch._C._set_grad_enabled(grad)
     return norms
 
 

@@ -39,9 +39,10 @@ def read_flags(flags: Sequence[torch.Tensor]) -> list[bool]:
 
 
 def _read(flags: Sequence[torch.Tensor]) -> list[bool]:
-    with torch.no_grad():
-        if len(flags) == 1:
-            stacked = flags[0].reshape(1)
-        else:
-            stacked = torch.stack([flag.reshape(()) for flag in flags])
+    # No grad-mode block: a bool tensor records no graph, and the block's Python ``__exit__``
+    # (every step runs this) could take a Ctrl-C with grad mode off and leave it off.
+    if len(flags) == 1:
+        stacked = flags[0].reshape(1)
+    else:
+        stacked = torch.stack([flag.reshape(()) for flag in flags])
     return stacked.tolist()  # the one device-to-host copy

@@ -385,6 +385,49 @@ def test_a_ctrl_c_at_a_grad_mode_edge_in_germinate_leaves_grad_mode_on(rig: Rig,
     rig.train(1)  # trains
 
 
+def test_a_ctrl_c_at_a_grad_mode_edge_in_a_step_leaves_grad_mode_on(rig: Rig, mlp) -> None:
+    """The step read its device flags in a ``with torch.no_grad()`` block (every step): a
+    Ctrl-C at its ``__exit__`` left grad mode off, and a trainer that caught it and trained on
+    got "element 0 of tensors does not require grad". No step path switches it in a block."""
+    assert rig.send("germinate", SEED0, mlp)
+    for _ in range(3):  # each step's edges, the seed's leak check and clipping's norms too
+        trace = _sigint_at_grad_mode_edges()
+        sys.settrace(trace)
+        try:
+            rig.train(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert torch.is_grad_enabled(), trace.fired
+        assert not trace.fired
+    rig.train(1)
+
+
+def test_a_ctrl_c_as_a_rollback_detaches_a_kernel_puts_it_back(rig: Rig, mlp, monkeypatch):
+    """A Ctrl-C inside a rollback's kernel swap, once a seed's kernel was taken off and before
+    its slot heard of it: the swap had not yet noted the kernel, so the undo could not put it
+    back, its reload of the model raised ``ValueError`` over the Ctrl-C, and the seed stayed
+    without its kernel while the manager's record, optimizer and pins kept it."""
+    from kasmina.control.commands import make_rollback_command
+
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)  # the seed DORMANT, without a kernel
+    assert rig.send("germinate", SEED1, mlp)
+    rig.train(1)
+    kernel = manager.seed(SEED1).kernel
+    table = manager.require_registry().table
+    calls = ctrl_c(monkeypatch, table, "touch", after=False, caller="detach_kernel")
+    queue(rig, make_rollback_command(0))
+    with pytest.raises(KeyboardInterrupt):
+        manager.apply_pending()
+    monkeypatch.undo()
+    assert calls and manager.seed(SEED1).kernel is kernel and rig.stage(SEED1) == S.ISOLATED_INIT
+    assert manager.command_log[-1][2] is False and "nothing changed" in manager.command_log[-1][3]
+    assert SEED1 in rig.train(1)["seeds_stepped"]
+
+
 def test_a_ctrl_c_as_an_applied_commands_outcome_is_built_reports_it_applied(rig: Rig, mlp):
     """A SIGINT at the entry of the outcome's constructor (dataclass code, Python), after the
     operation took effect and before it was noted: reported refused ("interrupted while it
