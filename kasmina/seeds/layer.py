@@ -434,7 +434,7 @@ class KasminaLayer(HostForwarding):
         compiling = torch.compiler.is_compiling()
         if not compiling and compile_callback() not in (None, False):  # (``compile_callback``)
             return torch._dynamo.disable(self._graft)(x, codes, teacher_logits)
-        plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan  # (ints)
+        plan = tuple(SeedStage(code) for code in codes) if compiling else self._plan  # (by int)
         problem = self.contract_problem()
         if not isinstance(x, torch.Tensor):  # a call of another kind (an RNN's PackedSequence)
             problem = f"output_index {self.output_index} holds a {type(x).__name__}, no Tensor"
