@@ -123,9 +123,14 @@ def _group_norms(group: list[torch.Tensor]) -> torch.Tensor:
 
 
 def torch_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms by torch itself, in float64, of tensors of any floating or complex
-    dtype (the fused ops take fp32, fp16 and bf16 only): a float64 one's exactly."""
-    return torch.stack([norm.double() for norm in torch._foreach_norm(tensors)])
+    """Per-tensor L2 norms by torch itself, of tensors of any floating or complex dtype (the
+    fused ops take fp32, fp16 and bf16 only), each squared and summed in float64 (complex128:
+    a complex one's), so that a tiny fp32 entry beside a float64 tensor keeps its norm."""
+    return torch.stack([_norm64(t) for t in tensors])
+
+
+def _norm64(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dtype=torch.complex128 if t.is_complex() else torch.float64)
 
 
 def follow_parameters(optimizer: torch.optim.Optimizer) -> int:

@@ -38,6 +38,7 @@ from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.flags import read_flags
+from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import clipped, rarely
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 from kasmina.utils.telemetry import TelemetryReporter
@@ -231,12 +232,7 @@ class IsolationGuard:
                 "seeds; a distillation loss on the model's own output trains the host and "
                 "belongs in loss"
             )
-        grad = torch.is_grad_enabled()  # set and put back by C calls (a block's Python edges
-        torch._C._set_grad_enabled(True)  # could take a Ctrl-C and leave grad mode changed)
-        try:
-            kd_loss = kd_loss * weight
-        finally:
-            torch._C._set_grad_enabled(grad)
+        kd_loss = in_grad_mode(True, lambda: kd_loss * weight)  # (not an ``enable_grad`` block)
         kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())

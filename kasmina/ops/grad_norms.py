@@ -24,6 +24,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, through_dispatcher, use_triton
 from kasmina.ops.transforms import functorch_active
+from kasmina.utils.grad_modes import in_grad_mode
 
 MaybeTensors = Sequence[torch.Tensor | None]
 
@@ -32,8 +33,8 @@ def _norms_of(tensors: MaybeTensors, device: torch.device, exact: bool = False) 
     """fp32 ``[len]`` norms by ``torch._foreach_norm``; ``None`` gives 0 (no validation here).
 
     One C++ loop over the tensors (what ``clip_grad_norm_`` uses); ``dtype=float32`` upcasts
-    fp16/bf16 before squaring. ``no_grad`` instead of a ``detach()`` per tensor. A ``None``
-    entry becomes an empty tensor (norm 0) in place, so the result is one ``stack`` with no
+    fp16/bf16 before squaring. Grad mode off (``in_grad_mode``): no ``detach()`` per tensor. A
+    ``None`` entry becomes an empty tensor (norm 0) in place, so the result is one ``stack`` with no
     index tensor built from Python ints: the Python work per tensor is a pointer compare.
     Squares in fp32 underflow and overflow, so norms that may have lost range are recomputed
     in float64 (``_repair``); off the CPU, where that choice would need a host read, and when
@@ -47,17 +48,16 @@ def _norms_of(tensors: MaybeTensors, device: torch.device, exact: bool = False) 
         ts = [empty if t is None else t for t in ts]
     if not ts:
         return torch.zeros(0, device=device, dtype=torch.float32)
-    grad = torch.is_grad_enabled()  # off and back by C calls: a grad-mode block's Python edges
-    torch._C._set_grad_enabled(False)  # could take a Ctrl-C and leave it off for the thread
-    try:
+
+    def norms() -> torch.Tensor:
         if device.type != "cpu" or exact:
             return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).float()
-        norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
-        if norms.device.type == "cpu":  # else the caller rejects the list
-            _repair(norms, ts, empty)
-    finally:
-        torch._C._set_grad_enabled(grad)
-    return norms
+        found = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+        if found.device.type == "cpu":  # else the caller rejects the list
+            _repair(found, ts, empty)
+        return found
+
+    return in_grad_mode(False, norms)  # (not a ``no_grad`` block: ``in_grad_mode``)
 
 
 # An fp32 norm >= 2^-31 that is finite lost nothing to range. Overflow: squares are >= 0, so an

@@ -39,6 +39,7 @@ from kasmina.seeds.faults import (
 )
 from kasmina.seeds.outputs import memory_format_of
 from kasmina.stages import SeedStage
+from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -114,17 +115,17 @@ def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
         # probe builds its graph with grad mode on, or it would have none and fail for good.
         # On the CPU by name: under a caller's ``torch.device("meta")`` (or a default device)
         # the probe would compute nothing, and its failure is no seed's fault.
-        cpu, mode = torch.device("cpu"), torch.is_grad_enabled()
-        torch._C._set_grad_enabled(True)  # by C calls: a block's Python edges (inside the
-        try:  # host's backward) could take a Ctrl-C and leave grad mode changed for the thread
+        cpu = torch.device("cpu")
+
+        def probe() -> tuple[Any, ...]:  # (grad mode by ``in_grad_mode``, not a block)
             w = torch.tensor([1.0, 2.0], requires_grad=True, device=cpu)
             unused = torch.zeros(1, requires_grad=True, device=cpu)
             y = w * w
             grad = torch.tensor([1.0, 3.0], device=cpu)
             got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
-            want = torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
-        finally:
-            torch._C._set_grad_enabled(mode)
+            return w, got, torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
+
+        w, got, want = in_grad_mode(True, probe)
         same = (
             len(got) == 2
             and got[1] is None

@@ -1,14 +1,31 @@
 """``training_tensors``: tensors a safe point makes stay trainable whatever mode it is called in;
-``version_count``: a tensor's in-place write count, 0 for an inference tensor (which has none)."""
+``in_grad_mode``: a call in a grad mode that a Ctrl-C cannot leave changed; ``version_count``:
+a tensor's in-place write count, 0 for an inference tensor (which has none)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
-__all__ = ["training_tensors", "version_count"]
+__all__ = ["in_grad_mode", "training_tensors", "version_count"]
+
+T = TypeVar("T")
+
+
+def in_grad_mode(enabled: bool, fn: Callable[[], T]) -> T:
+    """``fn()`` with grad mode ``enabled``, the thread's mode put back whatever happens. Both
+    switches are C calls inside the ``try``: a ``with torch.no_grad()`` block's Python
+    ``__enter__``/``__exit__``, or a switch made before the ``try`` (CPython handles a pending
+    signal as a call returns), could take a Ctrl-C and leave grad mode changed for the thread."""
+    mode = torch.is_grad_enabled()
+    try:
+        torch._C._set_grad_enabled(enabled)
+        return fn()
+    finally:
+        torch._C._set_grad_enabled(mode)
 
 
 @contextmanager

@@ -84,6 +84,23 @@ def test_a_float64_model_is_monitored_and_its_leak_is_a_violation(when: str) -> 
     assert all(p.grad is None for p in host.parameters())  # what leaked is dropped
 
 
+@pytest.mark.parametrize("beside", [torch.float64, torch.complex64])
+def test_a_tiny_leak_beside_a_parameter_of_another_dtype_is_a_violation(beside) -> None:
+    """A float64 or complex host parameter sends the check to torch's norms: they squared an
+    fp32 gradient in fp32, so a leak of 1e-30 beside it read as a norm of 0."""
+    tiny = nn.Parameter(torch.ones(3))
+    other = nn.Parameter(torch.ones(3, dtype=beside))
+    seed_weight = nn.Parameter(torch.ones(3))
+    monitor = GradientIsolationMonitor(
+        "s", [("w", seed_weight)], [("tiny", tiny), ("other", other)], max_violations=100
+    )
+    monitor.begin_seed_backward()
+    zero = (other * seed_weight).sum().real * 0  # the other parameter's gradient: zeros
+    ((tiny * seed_weight * 1e-30).sum() + zero).backward()
+    monitor.end_seed_backward()
+    assert monitor.verify_isolation_after_step() is False
+
+
 def test_a_complex_host_parameter_is_monitored_and_its_leak_is_a_violation() -> None:
     """A complex host parameter (a spectral layer's): its leak is a violation, not torch's
     refusal of a float64 norm of a complex gradient escaping ``end_seed_backward``."""

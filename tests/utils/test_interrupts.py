@@ -75,3 +75,33 @@ def test_a_handler_installed_outside_python_is_left_alone(monkeypatch) -> None:
     with interrupts_deferred():
         pass
     assert installed == []
+
+
+def test_a_call_in_a_grad_mode_puts_the_mode_back_whatever_it_raises() -> None:
+    """``in_grad_mode`` switches grad mode by C calls inside its ``try``: a Ctrl-C raised as its
+    function begins (where CPython handles a pending signal) leaves the mode as it was."""
+    import sys
+
+    import torch
+
+    from kasmina.utils.grad_modes import in_grad_mode
+
+    assert in_grad_mode(False, torch.is_grad_enabled) is False and torch.is_grad_enabled()
+
+    def interrupted() -> None:
+        raise AssertionError("never reached")
+
+    def trace(frame, event, arg):  # a Ctrl-C at the entry of the function called
+        if event == "call" and frame.f_code is interrupted.__code__:
+            raise KeyboardInterrupt
+
+    for outer in (True, False):
+        torch.set_grad_enabled(outer)
+        sys.settrace(trace)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                in_grad_mode(not outer, interrupted)
+        finally:
+            sys.settrace(None)
+            assert torch.is_grad_enabled() is outer
+    torch.set_grad_enabled(True)
