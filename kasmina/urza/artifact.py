@@ -109,8 +109,29 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     head = url.split("::", 1)[0]
     if "::" in url and "://" not in head and head not in fsspec.available_protocols():
         return LocalFileSystem(**(storage_options or {})), make_path_posix(url).rstrip("/")
+    if "::" in url and len(chain_layers(url)) == 1:  # an IPv6 host's (fsspec splits there too)
+        fs = fsspec.filesystem(fsspec.core.split_protocol(url)[0], **(storage_options or {}))
+        return fs, fs._strip_protocol(url).rstrip("/")
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, root.rstrip("/")
+
+
+def chain_layers(url: str) -> list[str]:
+    """The layers of an fsspec chained URL (``simplecache::http://...``, ``tar://x::<path>``),
+    split at each ``::`` outside brackets: an IPv6 host's (``http://[fe80::1]:8080``) is not a
+    layer's; after an unbalanced ``[`` the rest is one layer (whose URL then does not parse)."""
+    layers, depth, start, i = [], 0, 0, 0
+    while i < len(url):
+        if url[i] == "[":
+            depth += 1
+        elif url[i] == "]" and depth:
+            depth -= 1
+        elif not depth and url.startswith("::", i):
+            layers.append(url[start:i])
+            start = i = i + 2
+            continue
+        i += 1
+    return [*layers, url[start:]]
 
 
 def shown(value: object) -> str:

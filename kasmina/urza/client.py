@@ -48,6 +48,7 @@ from kasmina.urza.artifact import (
     PAYLOAD_SUFFIX,
     READ_CHUNK_BYTES,
     Manifest,
+    chain_layers,
     open_store,
     read_bounded,
     validate_artifact_id,
@@ -486,16 +487,6 @@ def _trusted(publishers: object) -> TrustedPublishers:
     )
 
 
-def _chain(url: str) -> list[str]:
-    """The layers of an fsspec chained URL (``simplecache::http://...``, ``tar://x::<path>``),
-    split at each ``::`` outside brackets (an IPv6 host's, ``http://[fe80::1]:8080``, is not a
-    layer's)."""
-    return _LAYER_SEPARATOR.split(url)
-
-
-_LAYER_SEPARATOR = re.compile(r"::(?![^\[]*\])")  # not inside an IPv6 host's brackets
-
-
 def _check_chain(url: str) -> None:
     """``ValueError`` for a chained URL through a caching layer (``simplecache::http://...``):
     it copies each whole object to local disk before the client's bounded read sees a byte, so
@@ -504,7 +495,7 @@ def _check_chain(url: str) -> None:
     (``GPUKernelCache``); give the store's own URL. An archive layer (``tar::``, ``zip::``) is
     refused too: it opens and indexes the whole archive when the client is built, outside any
     timeout (a FIFO there blocked the trainer's start for ever; a tar.gz is inflated whole)."""
-    layers = [part.split("://", 1)[0].strip().lower() for part in _chain(url)[:-1]]
+    layers = [part.split("://", 1)[0].strip().lower() for part in chain_layers(url)[:-1]]
     caching = [layer for layer in layers if layer in _CACHING_LAYERS]
     if caching:
         raise ValueError(
@@ -527,7 +518,7 @@ def _check_authority(url: str) -> None:
     client was built, and each read of the store then failed as a transport error ("Invalid
     IPv6 URL"), retried and counted against the store, when the URL itself was wrong. The
     message shows neither the URL's credentials nor any the parser's error quotes."""
-    for part in _chain(url):
+    for part in chain_layers(url):
         if "://" not in part:
             continue
         try:

@@ -158,10 +158,42 @@ def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(
 )
 def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
     """A store URL's layers are split at ``::`` (fsspec chaining), which also cut an IPv6
-    host's brackets apart: every IPv6 store was refused as malformed. Split outside them."""
+    host's brackets apart: every IPv6 store was refused as malformed. Split outside them; a
+    layer in front is still found, a ``]`` after it too."""
     UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0).close()
-    with pytest.raises(ValueError, match="caching layer"):  # a layer in front is still found
-        UrzaLibraryClient(f"simplecache::{url}", trusted)
+    for chained in (f"simplecache::{url}", "simplecache::/tmp/store]"):
+        with pytest.raises(ValueError, match="caching layer"):
+            UrzaLibraryClient(chained, trusted)
+
+
+def test_an_ipv6_http_store_is_read(store, trusted) -> None:
+    """fsspec's own URL parsing splits at every ``::``: an IPv6 store's root became ``http://[``
+    and every read failed ("Invalid IPv6 URL"), retried and counted against the store."""
+    import socket
+
+    root, manifest = store
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            return None
+
+    try:
+        server = Server(("::1", 0), functools.partial(Quiet, directory=str(root)))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        urza = client(f"http://[::1]:{server.server_address[1]}/", trusted, timeout_s=5.0)
+        assert urza.list_artifacts() == [manifest.artifact_id]
+        assert urza.fetch(manifest.artifact_id)[1] == manifest
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def test_a_store_write_that_fails_leaves_no_temporary(tmp_path, publisher, monkeypatch) -> None:
