@@ -559,7 +559,7 @@ class IsolatedOptimizerManager:
             item, defaults = state["optimizers"][oid], entry.optimizer.defaults
             entry.optimizer.load_state_dict(clone_state(item["state"]))
             entry.restored = isinstance(saved := item.get("defaults"), Mapping)
-            defaults.update({k: v for k, v in (saved or {}).items() if k in defaults})
+            defaults.update({k: v for k, v in clone_state(saved or {}).items() if k in defaults})
 
     # ------------------------------------------------------------------ telemetry
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:

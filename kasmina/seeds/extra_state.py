@@ -495,9 +495,11 @@ def check_seed_kernel_keys(
         )
     shapes = [] if kernel is None else other_shapes(kernel, state_dict, inner)
     if shapes:
+        owned = seed.state_table.owned(seed.state_index)
         raise ValueError(
             f"seed {seed.seed_id}: the state_dict's kernel weights have other shapes than its "
-            f"kernel's ({'; '.join(shapes[:4])}): attach a kernel of the saved shapes first"
+            f"kernel's ({'; '.join(shapes[:4])}): it was saved with another kernel; "
+            + (_advice(seed) if owned else "detach this one and attach one of the saved shapes")
         )
 
 

@@ -4,8 +4,9 @@ A run's durable record of its telemetry (``KasminaConfig.telemetry_jsonl_path``,
 ``telemetry.jsonl``). The file is the user's too: a cleanup may delete it or its folder, a log
 rotator move it, a user put something else at its path. Before each line the sink checks that the
 path still names the file it holds open (device and inode); if not, it starts a new file there
-(a folder that was removed is made again), logging it once per change, and never renames what it
-did not write. The check is two ``stat`` calls a line.
+(a folder that was removed is made again, and the sink's lock file with it), logging it once per
+change; a rotation renames only the file the sink holds open. The check is two ``stat`` calls a
+line.
 """
 
 from __future__ import annotations
@@ -181,7 +182,25 @@ class JsonlFileSink:
             self.path,
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._relock()
         self._file, self._size = _open_append(self.path)
+
+    def _relock(self) -> None:
+        """Hold the lock file at the path again if it is not the one held (deleted with its
+        folder): another sink of the path would take a new one and write beside this one."""
+        lock_path = self.path.with_name(lock_name(self.path))
+        try:
+            here = os.stat(lock_path)
+        except FileNotFoundError:
+            here = None
+        held = os.fstat(self._held.fileno())
+        if here is not None and (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
+            return
+        taken = lock_exclusive(lock_path)
+        if taken is None:
+            raise RuntimeError(f"telemetry file {self.path} is held by another live sink now")
+        self._held.close()
+        self._held = taken
 
     def close(self) -> None:
         with self._lock:

@@ -482,7 +482,7 @@ def other_shapes(root: torch.nn.Module, state: Mapping[str, Any], prefix: str = 
     ]  # fmt: skip
     if not differ:
         return []
-    local = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    local = _under(state, prefix)
     return [
         f"{prefix}{key}: saved {list(local[key].shape)}, live {list(live[key].shape)}"
         for key in differ
@@ -503,15 +503,7 @@ def resized_on_load(root: torch.nn.Module, key: str, state: Mapping[str, Any]) -
         return False
     if type(owner)._load_from_state_dict is torch.nn.Module._load_from_state_dict:
         return False
-    prefix = f"{owner_name}." if owner_name else ""
-    local = OrderedDict((k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:  # keyed by module path, as the state: made relative to the owner
-        local._metadata = {  # type: ignore[attr-defined]
-            m[len(prefix) :] if m != owner_name else "": v
-            for m, v in metadata.items()
-            if m == owner_name or m.startswith(prefix)
-        }
+    local = _under(state, f"{owner_name}." if owner_name else "")
     trial = copy.deepcopy(owner)
     try:
         trial.load_state_dict(local, strict=True)
@@ -520,6 +512,21 @@ def resized_on_load(root: torch.nn.Module, key: str, state: Mapping[str, Any]) -
         return False
     wanted = state[key]
     return isinstance(wanted, torch.Tensor) and loaded.shape == wanted.shape
+
+
+def _under(state: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
+    """The entries of ``state`` under ``prefix`` (a module's path and a dot, or ""), keyed from
+    there, with the modules' versions (``_metadata``, keyed by module path) made relative too:
+    what that module's own ``load_state_dict`` takes."""
+    local = OrderedDict((k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
+    metadata, at = getattr(state, "_metadata", None), prefix[:-1]
+    if metadata is not None:
+        local._metadata = {  # type: ignore[attr-defined]
+            m[len(prefix) :] if m != at else "": v
+            for m, v in metadata.items()
+            if m == at or m.startswith(prefix)
+        }
+    return local
 
 
 def cast_in_place(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:

@@ -666,6 +666,12 @@ def test_a_loaded_state_brings_its_optimizers_defaults_and_an_older_one_keeps_th
     rebuilt.load_state_dict(state)
     defaults = rebuilt.optimizer("host").defaults
     assert (defaults["lr"], defaults["weight_decay"]) == (0.25, 0.1)
+    tensor_lr = IsolatedOptimizerManager()  # a tensor lr: copied, never the saved state's own
+    tensor_lr.initialize_host(host.parameters(), lr=torch.tensor(0.5))
+    kept = clone_state(tensor_lr.state_dict())
+    tensor_lr.load_state_dict(kept)
+    tensor_lr.optimizer("host").defaults["lr"].mul_(0.1)
+    assert float(kept["optimizers"]["host"]["defaults"]["lr"]) == 0.5
     live = IsolatedOptimizerManager()
     live.initialize_host(host.parameters(), lr=0.5)
     older = IsolatedOptimizerManager()

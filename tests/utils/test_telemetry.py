@@ -161,6 +161,8 @@ def test_a_file_taken_from_under_the_sink_is_followed_by_a_new_one(tmp_path, how
     assert len([r for r in caplog.records if "was deleted, moved or replaced" in r.message]) == 1
     if how == "file moved":
         assert _names(tmp_path / "moved.jsonl") == ["before"]
+    with pytest.raises(RuntimeError, match="held by another live sink"):
+        JsonlFileSink(path)  # its lock went with the folder: held again, a second sink refused
     sink.close()
 
 
