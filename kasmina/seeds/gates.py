@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -40,6 +41,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.outputs import signed_misfit, signed_shape
 from kasmina.seeds.side_effects import kept_buffers, rng_forked
 from kasmina.stages import SeedStage
+from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import clipped
 
 logger = logging.getLogger(__name__)
@@ -121,9 +123,9 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     errors: list[Exception] = []
     for dtype in [d for d in dict.fromkeys(tries) if isinstance(d, torch.dtype)]:
         try:
-            with kept_buffers(module), torch.no_grad(), rng_forked(x.device):
+            with kept_buffers(module), rng_forked(x.device):  # grad off: ``in_grad_mode``
                 with FlopCounterMode(display=False) as counter:
-                    module(x.to(dtype))
+                    in_grad_mode(False, partial(module, x.to(dtype)))
             return int(counter.get_total_flops())
         except Exception as exc:
             errors.append(exc)
@@ -464,17 +466,17 @@ def _probe(kernel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Compatibil
     xd = x.detach()
     events = None
     latency = None
-    with torch.no_grad(), rng_forked(xd.device), kept_buffers(kernel):
+    with rng_forked(xd.device), kept_buffers(kernel):  # grad off: ``in_grad_mode``
         if xd.device.type == "cuda":
             # On the activations' device's stream, which need not be the current device's.
             stream = torch.cuda.current_stream(xd.device)
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record(stream)
-            out = kernel(xd)
+            out = in_grad_mode(False, partial(kernel, xd))
             events[1].record(stream)
         else:
             start = time.perf_counter()
-            out = kernel(xd)
+            out = in_grad_mode(False, partial(kernel, xd))
             latency = (time.perf_counter() - start) * 1000.0
     if not isinstance(out, torch.Tensor):
         raise ProbeOutputError(f"output {type(out).__name__} is not a Tensor")
@@ -553,14 +555,10 @@ def dry_run_problem(kernel: nn.Module, x: torch.Tensor, backward: bool) -> str |
         return "has parameters, none that requires a gradient: a seed trains its kernel"
     watched = _written_by_forward(kernel, x)
     versions = [t._version for _, t in watched]
-    grad = torch.is_grad_enabled()
-    try:  # set and put back by C calls: a grad-mode block's Python edges could take a Ctrl-C
-        torch._C._set_grad_enabled(bool(params))  # and leave grad mode off for the thread
-        out = kernel(x)
+    try:  # grad mode by ``in_grad_mode``: a block's Python edges could take a Ctrl-C
+        out = in_grad_mode(bool(params), partial(kernel, x))
     except Exception as exc:  # any failure of foreign code is a refusal, not a crash
         return f"raised {type(exc).__name__}: {exc}"
-    finally:
-        torch._C._set_grad_enabled(grad)
     for (what, t), version in zip(watched, versions, strict=True):
         if t._version != version:
             return f"wrote in place into {what}"

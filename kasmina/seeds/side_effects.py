@@ -116,14 +116,13 @@ def keep_finite(held: Held) -> None:
     through ``.data``, as ``kept_buffers`` does, so that a version a pending backward checks
     (batch norm saves its statistics) does not move. A failure here is logged, never raised:
     the call's output stands either way."""
-    try:
-        with torch.no_grad():
-            for entry, buffer, version, before in held:
-                if before is None:  # not copied: whether the call wrote it, for the next
-                    entry.written = version_count(buffer) != version
-                elif buffer.shape == before.shape:  # batch norm moves no version: all copied
-                    kept = buffer.isfinite() | ~before.isfinite()
-                    buffer.data.copy_(torch.where(kept, buffer, before))
+    try:  # (no grad-mode block, whose Python exit could take a Ctrl-C: ``.data`` records none)
+        for entry, buffer, version, before in held:
+            if before is None:  # not copied: whether the call wrote it, for the next
+                entry.written = version_count(buffer) != version
+            elif buffer.shape == before.shape:  # batch norm moves no version: all copied
+                kept = buffer.data.isfinite() | ~before.isfinite()
+                buffer.data.copy_(torch.where(kept, buffer.data, before))
     except Exception:
         logger.debug("a kernel's buffers could not be kept finite", exc_info=True)
 

@@ -404,6 +404,29 @@ def test_a_ctrl_c_at_a_grad_mode_edge_in_a_step_leaves_grad_mode_on(rig: Rig, ml
     rig.train(1)
 
 
+def test_a_ctrl_c_at_a_grad_mode_edge_in_g3_leaves_grad_mode_on(rig: Rig, mlp) -> None:
+    """G3's probe (every forward in COMPATIBILITY_CHECK) and its FLOP count (the ADVANCE to
+    GRAFTING) ran the kernel in ``with torch.no_grad()`` blocks: a Ctrl-C at their exit left
+    grad mode off for the thread. They switch it by C calls now (``in_grad_mode``)."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.COMPATIBILITY_CHECK
+    for action in (lambda: rig.train(1), lambda: rig.send("advance", SEED0)):
+        trace = _sigint_at_grad_mode_edges()
+        sys.settrace(trace)
+        try:
+            action()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert torch.is_grad_enabled() and not trace.fired, trace.fired
+    assert rig.stage(SEED0) == S.GRAFTING
+    rig.train(1)
+
+
 def test_a_ctrl_c_as_a_rollback_detaches_a_kernel_puts_it_back(rig: Rig, mlp, monkeypatch):
     """A Ctrl-C inside a rollback's kernel swap, once a seed's kernel was taken off and before
     its slot heard of it: the swap had not yet noted the kernel, so the undo could not put it
