@@ -1158,14 +1158,11 @@ def test_a_pickled_slot_charges_a_non_finite_seed_output_as_the_original_does() 
     ``pickle.loads`` the guard wrote the slot's flags and ``poll_nonfinite`` read the seeds':
     a NaN output was never charged and its gradient kept. A pickle that builds the slot before
     its seeds (one that reaches a seed first) links them at the slot's next use of its flags."""
-    model = MLP()
-    slot = attach(model, "head", 2, 4)[0]
-    slot.seed(0).attach_kernel(kernel(4, 0))
-    walk(slot.seed(0), S.GRAFTING)
-    slot.update_alpha_blending(4, 10)
+    model, slot = _grafting(kernel_seed=0, step=4)
     x = torch.randn(3, 5)
-    for seed_alone in (copy.deepcopy(slot.seed(0)), pickle.loads(pickle.dumps(slot.seeds))):
-        assert seed_alone is not None  # its slot, reached through the table, was built first
+    # A seed or a seeds list alone: its slot, reached through the table, is built before it.
+    assert copy.deepcopy(slot.seed(0)).stage == S.GRAFTING
+    assert [s.stage for s in pickle.loads(pickle.dumps(slot.seeds))] == [S.GRAFTING, S.DORMANT]
     with_a_seed_first = pickle.loads(pickle.dumps([slot.seed(1), model]))[1]  # linked later
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), with_a_seed_first):
         copied = kasmina_layers(clone)[0]
@@ -1223,13 +1220,19 @@ def test_a_seeds_extra_state_keeps_one_size_as_its_numbers_grow_whatever_its_id(
         assert len(sizes) == 1
 
 
-def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
-    torch._dynamo.reset()
+def _grafting(kernel_seed: int, step: int) -> tuple[MLP, KasminaLayer]:
+    """An ``MLP`` whose head's seed 0 is GRAFTING at ``step`` of 10 (seed 1 DORMANT)."""
     model = MLP()
     slot = attach(model, "head", 2, 4)[0]
-    slot.seed(0).attach_kernel(kernel(4, 1))
+    slot.seed(0).attach_kernel(kernel(4, kernel_seed))
     walk(slot.seed(0), S.GRAFTING)
-    slot.update_alpha_blending(2, 10)
+    slot.update_alpha_blending(step, 10)
+    return model, slot
+
+
+def test_compiled_host_with_a_grafting_seed_runs_without_recompiling() -> None:
+    torch._dynamo.reset()
+    model, slot = _grafting(kernel_seed=1, step=2)
     x = torch.randn(4, 5)
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
