@@ -37,6 +37,7 @@ __all__ = [
     "collective_timeout_s",
     "copy_into_grads",
     "default_backend",
+    "fill_missing_grads",
     "find_free_port",
     "flat_grad",
     "global_rank",
@@ -149,19 +150,31 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
         return
     world = dist.get_world_size(group)
     device = collective_device(group)
-    present = torch.tensor([grad_layout(p) for p in params], dtype=torch.int32, device=device)
-    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p, flag in zip(params, present.tolist(), strict=True):
-        if not flag:
-            continue
-        if p.grad is None:
-            p.grad = zero_grad(p, flag)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for p, _ in fill_missing_grads(params, device, group):
+        by_dtype.setdefault(p.grad.dtype, []).append(p)  # type: ignore[union-attr]
     for group_params in by_dtype.values():
         flat = torch.cat([flat_grad(p).to(device) for p in group_params])
         dist.all_reduce(flat.div_(world), op=dist.ReduceOp.SUM, group=group)  # divided first:
         copy_into_grads(flat, group_params)  # a sum of fp16 gradients could overflow to inf
+
+
+def fill_missing_grads(
+    params: Sequence[torch.nn.Parameter], device: torch.device, group: Any = None
+) -> list[tuple[torch.nn.Parameter, bool]]:
+    """Agree which of ``params`` have a gradient on any rank (a collective); each such one,
+    with whether this rank had none and got zeros (``zero_grad``: sparse where another rank's
+    is). The others are left out: no rank has a gradient for them."""
+    present = torch.tensor([grad_layout(p) for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+    kept = []
+    for p, layout in zip(params, present.tolist(), strict=True):
+        if layout:
+            filled = p.grad is None
+            if filled:
+                p.grad = zero_grad(p, layout)
+            kept.append((p, filled))
+    return kept
 
 
 def grad_layout(p: torch.nn.Parameter) -> int:

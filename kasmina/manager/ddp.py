@@ -47,9 +47,8 @@ from kasmina.control.processes import (
     collective_device,
     collective_timeout_s,
     copy_into_grads,
+    fill_missing_grads,
     flat_grad,
-    grad_layout,
-    zero_grad,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, buckets
@@ -390,17 +389,10 @@ class SeedGradientSync:
 
     def _fill_missing(self, params: list[nn.Parameter], device: torch.device) -> list[nn.Parameter]:
         """Agree which gradients exist anywhere; zeros where only this rank lacks one."""
-        present = torch.tensor([grad_layout(p) for p in params], dtype=torch.int32, device=device)
-        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
-        kept = []
-        for p, flag in zip(params, present.tolist(), strict=True):
-            if not flag:
-                continue
-            if p.grad is None:
-                p.grad = zero_grad(p, flag)  # sparse where another rank's is
-                self.stats["zero_filled"] += 1
-            kept.append(p)
-        return kept
+        kept = fill_missing_grads(params, device, self.group)
+        if zeros := sum(filled for _, filled in kept):
+            self.stats["zero_filled"] += zeros
+        return [p for p, _ in kept]
 
     def _pack(self, params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
         """Each bucket with its gradients copied into one flat tensor."""

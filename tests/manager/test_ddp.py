@@ -22,6 +22,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1500,6 +1501,15 @@ def _worker_minority_faults(rank: int, world: int, spec: dict[str, Any]) -> None
     t.manager.close()
 
 
+def _two_gloo_ranks(
+    worker: Callable[..., None], tmp_path: Path, published: Any, name: str
+) -> list[dict[str, Any]]:
+    """Run ``worker`` on two gloo ranks; what each saved under ``name``."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(worker, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=150)
+    return _load(tmp_path, name, 2)
+
+
 @pytest.mark.slow  # spawns processes: most of the time is their imports
 def test_a_seed_that_faults_on_one_ranks_data_is_charged_and_quarantined_on_every_rank(
     tmp_path: Path, published
@@ -1508,12 +1518,7 @@ def test_a_seed_that_faults_on_one_ranks_data_is_charged_and_quarantined_on_ever
     rank 1 alone, the fault made rank 1 diverge, and each epoch sync repaired it away from
     rank 0, so the seed never reached its fault limit. Every rank charges it alike now, and
     the third fault quarantines it on both, with no divergence to repair."""
-    spec = _spec(tmp_path, published, "gloo")
-    spawn(
-        _worker_minority_faults, 2, args=(spec,), backend="gloo", timeout_s=60,
-        join_timeout_s=150,
-    )  # fmt: skip
-    runs = _load(tmp_path, "minority", 2)
+    runs = _two_gloo_ranks(_worker_minority_faults, tmp_path, published, "minority")
     assert [run["faults"] for run in runs] == [3, 3]
     assert [run["stage"] for run in runs] == [int(S.QUARANTINE)] * 2
     assert [run["coordinator"].get("divergences", 0) for run in runs] == [0, 0]
@@ -1558,12 +1563,7 @@ def test_a_kernel_that_raises_on_one_ranks_data_is_charged_and_quarantined_on_ev
     alone quarantined the seed, and the layouts differed). Every rank charges it at the step,
     or one found outside a step (a validation forward) at the epoch sync: the third fault
     quarantines the seed on both ranks at the same step, and no rank diverges."""
-    spec = _spec(tmp_path, published, "gloo")
-    spawn(
-        _worker_minority_raises, 2, args=(spec,), backend="gloo", timeout_s=60,
-        join_timeout_s=150,
-    )  # fmt: skip
-    runs = _load(tmp_path, "raises", 2)
+    runs = _two_gloo_ranks(_worker_minority_raises, tmp_path, published, "raises")
     isolated, quarantined = int(S.ISOLATED_INIT), int(S.QUARANTINE)
     seen = [(1, isolated), (1, isolated), (2, isolated), (3, quarantined)]
     assert [run["seen"] for run in runs] == [seen, seen]
