@@ -112,6 +112,11 @@ class UrzaLibraryClient:
     ``RuntimeError`` (the read's thread is abandoned). ``clock`` and ``sleep`` (the backoff
     wait) are injected by tests; the default backoff wait is one that ``close`` cuts short.
 
+    **HTTP.** ``storage_options`` go to fsspec; an HTTP store's ``client_kwargs`` (aiohttp's
+    session) get the read's ``timeout_s`` unless they name a ``timeout``, and a redirect to
+    another origin is refused (``UrzaUnavailableError``) while the request carries a header
+    aiohttp would send on there, such as an ``X-Api-Key`` (``kasmina.urza.redirects``).
+
     Timeouts, retries, deadlines, the breaker and the I/O threads are the ``ReadGuard``'s; this
     class says what is read and verifies it.
     """
@@ -181,10 +186,15 @@ class UrzaLibraryClient:
         )
         options = dict(storage_options or {})
         client = dict(options.get("client_kwargs") or {})  # the user's own (headers, trust_env)
-        if url.lower().startswith(("http://", "https://")) and "timeout" not in client:
+        if url.lower().startswith(("http://", "https://")):
             import aiohttp  # fsspec's HTTP backend depends on it
 
-            client["timeout"] = aiohttp.ClientTimeout(total=self.timeout_s)  # else 300 s
+            from kasmina.urza.redirects import REDIRECT_GUARD
+
+            if "timeout" not in client:
+                client["timeout"] = aiohttp.ClientTimeout(total=self.timeout_s)  # else 300 s
+            # A redirect to another origin carrying the user's headers is refused.
+            client["trace_configs"] = [*(client.get("trace_configs") or ()), REDIRECT_GUARD]
             options["client_kwargs"] = client
         self._fs, self._root = open_store(url, options)
         self._query = ""  # a signed URL's query (``?sig=...``): after each object's name
