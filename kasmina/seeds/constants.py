@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from kasmina.utils.grad_modes import training_tensors
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -143,7 +145,17 @@ def rebuild_constants(layer: Any) -> list[str]:
     (a checkpoint's extra state sets it). The seeds' flags are linked to the layer's again, and
     the table, made on a guessed device for a meta model, follows the host as ``to_empty``
     makes it; a record of the host's output taken on ``meta`` is taken again at the next
-    forward, keeping its shapes (as after a move)."""
+    forward, keeping its shapes (as after a move).
+
+    Made outside ``torch.inference_mode`` whatever the caller's mode: the first forward (a
+    validation pass, a serving warm-up) or the load that rebuilds them may run inside it, and
+    an inference tensor (or a view made there) cannot be written outside it: entering GRAFTING
+    wrote alpha before torch raised, and the next ``step()`` raised after the optimizers'."""
+    with training_tensors():
+        return _rebuild(layer)
+
+
+def _rebuild(layer: Any) -> list[str]:
     names = constants_on_meta(layer)
     if not names and constants_replaced(layer):
         return _refill(layer)
@@ -207,7 +219,13 @@ def link_after_unpickle(layer: Any) -> None:
 
 def relink_flags(layer: Any) -> None:
     """The link :func:`link_after_unpickle` left for later, the seeds' own flags merged in (a
-    fault a seed recorded meanwhile is kept)."""
+    fault a seed recorded meanwhile is kept); the views made outside ``torch.inference_mode``,
+    as in :func:`rebuild_constants`."""
+    with training_tensors():
+        _relink(layer)
+
+
+def _relink(layer: Any) -> None:
     del vars(layer)["_unlinked"]
     finite, faulted = layer._buffers["_finite_flags"], layer._buffers["_fault_flags"]
     for k, seed in enumerate(layer.seeds):

@@ -311,6 +311,35 @@ def test_a_deferred_init_loaded_past_the_slot_gets_its_constants_back(first: str
     _grafts_cleanly(model, bare, slot)
 
 
+@pytest.mark.parametrize("where", ["load", "forward"])
+def test_constants_rebuilt_under_inference_mode_are_trainable_tensors(where: str) -> None:
+    """The rebuild ran where it was asked: a load (``assign=True``) or a first forward (a
+    validation pass, a serving warm-up, after a load past the slot) under
+    ``torch.inference_mode`` made every constant an inference tensor while the host's
+    parameters were not; entering GRAFTING wrote alpha and then raised, and every later step
+    raised. They are made outside inference mode now."""
+    import kasmina
+
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    (slot,) = kasmina.attach(model, ["2"], 2, 2)
+    state = {k.replace("2.", "2.host.", 1) if k.startswith("2.") else k: v
+             for k, v in bare.state_dict().items()}  # fmt: skip
+    with torch.inference_mode():
+        if where == "load":
+            model.load_state_dict(state, strict=False, assign=True)
+        else:
+            model[0].load_state_dict(bare[0].state_dict(), assign=True)
+            slot.host.load_state_dict(bare[2].state_dict(), assign=True)
+        model(torch.randn(3, 6))
+    assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    _grafts_cleanly(model, bare, slot)
+    slot.seed(0)._set_alpha(0.5)  # an in-place write, as every GRAFTING step makes
+    assert slot.seed(0).alpha.item() == 0.5
+
+
 def _grafts_cleanly(model: nn.Module, bare: nn.Module, slot) -> None:
     """``model`` computes what ``bare`` does, and a GRAFTING seed of ``slot`` then runs with
     its fault flag clean."""
