@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -391,15 +392,27 @@ def _as_index(name: str, value: IndexLike | None, device: torch.device) -> torch
     if value is None or isinstance(value, torch.Tensor):
         return value
     try:
-        items = list(value)  # type: ignore[arg-type]
-        if any(isinstance(v, (bool, np.bool_)) for v in items):
-            raise TypeError("bool")
-        ints = [operator.index(v) for v in items]
+        ints = as_ints(value)  # type: ignore[arg-type]
         return torch.tensor(ints, dtype=torch.int64, device=device)
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
         raise ValueError(
             f"{name} must be an int32/int64 tensor or a sequence of ints, got {value!r}"
         ) from exc
+
+
+def as_ints(values: Iterable[Any]) -> list[int]:
+    """``values`` as ints through ``operator.index`` (numpy and 0-d tensor integers too), where
+    ``int()`` would truncate a float (1.9 to row 1); a bool, though an ``int``, is refused
+    too. ``TypeError`` names the first that is none."""
+    ints = []
+    for v in values:
+        try:
+            if isinstance(v, (bool, np.bool_)):
+                raise TypeError
+            ints.append(operator.index(v))
+        except TypeError:  # (a float tensor's ``__index__`` raises it too)
+            raise TypeError(f"{v!r} is not an int") from None
+    return ints
 
 
 def lifecycle_update(

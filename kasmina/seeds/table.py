@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kasmina.errors import IllegalTransitionError
-from kasmina.ops.lifecycle import INT32_MAX, lifecycle_tick, lifecycle_update
+from kasmina.ops.lifecycle import INT32_MAX, as_ints, lifecycle_tick, lifecycle_update
 from kasmina.seeds.observers import Listeners, TransitionObserver, WeakObserver, call_safely
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
@@ -60,14 +60,11 @@ __all__ = ["SCALE", "GPUStateTensor", "blueprint_hash", "fixed_point"]
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:
-    """Seed indices as an int64 buffer (numpy or 0-d tensor indices through ``int()``)."""
+    """Seed indices as an int64 buffer; a float or a bool (``int()`` made another row) refused."""
     try:
-        try:
-            return array("q", indices)
-        except TypeError:
-            return array("q", [int(i) for i in indices])
-    except OverflowError:
-        raise ValueError("seed indices must fit in int64") from None
+        return array("q", indices if set(map(type, indices)) <= {int} else as_ints(indices))
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"seed indices must be ints that fit in int64: {exc}") from None
 
 
 def _ascending(requested: torch.Tensor, k: int, applied: int) -> bool:
@@ -530,10 +527,12 @@ class GPUStateTensor:
 
     # -- internals -----------------------------------------------------------------------
     def check_index(self, idx: int) -> int:
-        """``idx`` as an int, or ``IndexError`` when it is not a row of this table."""
-        if isinstance(idx, bool) or not 0 <= int(idx) < len(self._stages):
-            raise IndexError(f"seed index {idx} out of range for {len(self._stages)} seeds")
-        return int(idx)
+        """``idx`` as an int, or ``IndexError`` when it is not a row of this table; a float or a
+        bool (which ``int()`` made another row) is a ``TypeError``, as a list's index."""
+        row = idx if type(idx) is int else as_ints([idx])[0]
+        if not 0 <= row < len(self._stages):
+            raise IndexError(f"seed index {idx!r} out of range for {len(self._stages)} seeds")
+        return row
 
     def _report_rejection(self, idx: int, target: SeedStage, code: TransitionCode) -> None:
         source = self._stages[idx].name if 0 <= idx < len(self._stages) else "?"

@@ -13,6 +13,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,15 +303,25 @@ def test_tensor_form_takes_views_and_int32() -> None:
     assert table.batch_state_update_tensors(idx[:0], new[:0]).shape == (0,)
 
 
-def test_indices_accept_what_int_accepts() -> None:
-    """As before vectorising: an index is anything ``int()`` takes (a 0-d tensor, a float)."""
+def test_indices_are_integers_as_the_op_takes_them() -> None:
+    """An index is an integer of any kind (a numpy or 0-d tensor integer too). A float or a
+    bool is refused, as ``lifecycle_update`` refuses it: through ``int()`` 1.9 and ``True``
+    named row 1, and ``update_seed_state(2.7)`` moved row 2."""
     table = GPUStateTensor(4, "cpu")
     codes = table.batch_state_update(
-        [(torch.tensor(0), S.ISOLATED_INIT), (1.0, 1), ("2", "isolated_init"), (True, S.DORMANT)]
+        [(torch.tensor(0), S.ISOLATED_INIT), (np.int64(1), 1), (2, "isolated_init")]
     )
-    applied, dup = TransitionCode.APPLIED, TransitionCode.DUPLICATE
-    assert codes == [applied, dup, applied, dup]  # 1.0 and True both name seed 1
-    assert table.stages() == [S.ISOLATED_INIT, S.DORMANT, S.ISOLATED_INIT, S.DORMANT]
+    assert codes == [TransitionCode.APPLIED] * 3
+    before = (table.state_tensor.clone(), table.stages(), table.version)
+    for index in (1.9, 1.0, True, np.bool_(True), "1", torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="seed indices must be ints"):
+            table.batch_state_update([(0, S.DORMANT), (index, S.DORMANT)])
+        with pytest.raises(TypeError, match="is not an int"):
+            table.update_seed_state(index, S.DORMANT)
+        with pytest.raises(TypeError, match="is not an int"):
+            table.stage(index)
+    assert torch.equal(table.state_tensor, before[0])
+    assert (table.stages(), table.version) == before[1:]
 
 
 def test_updates_may_be_any_iterable_of_pairs() -> None:
