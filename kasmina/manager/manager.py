@@ -283,8 +283,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return out
 
     def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
-        """Put a verified kernel in the cache under its own artifact id (``ValueError`` for a
-        trainable copy, or a kernel whose tensors are not its artifact's: ``KernelLoader.put``)."""
+        """Put a verified kernel in the cache under its own artifact id (``ValueError``: a
+        trainable copy, tensors not its artifact's, another cache's: ``KernelLoader.put``)."""
         self.loader.put(kernel_artifact_id, kernel)
 
     def evict_kernel(self, kernel_artifact_id: str) -> bool:

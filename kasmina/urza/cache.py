@@ -11,6 +11,12 @@ Why ``was_evicted``: a kernel's memory is released after the lock is dropped, so
 evicted kernel is half emptied but not yet marked ``released``. The cache remembers (weakly)
 every kernel it removed, under the lock and before releasing it, so whoever copies a kernel it
 got from the cache can tell afterwards whether the copy may have read released memory.
+
+Why a kernel belongs to one cache entry: a cache releases what it removes, so a kernel put in a
+second cache (another manager's), or under a second id, would be released by the first one's
+eviction while the second still held, even pinned, it, and every seed that copied it afterwards
+was refused. Which cache entry holds each kernel is recorded process-wide (weakly), and a put of
+a kernel another entry holds, or another cache removed, raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 __all__ = ["CachedKernel", "GPUKernelCache"]
+
+# Each kernel a cache holds or removed: (that cache, its id there, or None once removed). Weak
+# both ways, so a kernel or a cache that is collected drops out. Its lock is taken inside a
+# cache's own lock, never the other way round.
+_HOLDERS: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[GPUKernelCache], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_HOLDERS_LOCK = threading.Lock()
 
 
 class CachedKernel(Protocol):
@@ -52,6 +66,7 @@ class GPUKernelCache:
         self._pinned_bytes = 0
         self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()  # removed, released or releasing
         self._lock = threading.Lock()
+        self._self_ref = weakref.ref(self)
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -75,13 +90,15 @@ class GPUKernelCache:
         Returns False when it is not cached: larger than the whole cache, or the room is held by
         pinned kernels. The caller then serves it uncached (nothing is evicted in that case).
         Replacing a different kernel under an id releases the old one; a pinned id cannot be
-        replaced (``ValueError``).
+        replaced (``ValueError``), and a kernel belongs to one entry: one that another cache
+        holds or removed, or that this one holds under another id, is refused (``ValueError``).
         """
         size = int(kernel.get_memory_size())
         if size < 0:
             raise ValueError(f"kernel {kernel_id!r} reports a negative size")
         victims: list[CachedKernel] = []
-        with self._lock:
+        with self._lock, _HOLDERS_LOCK:
+            self._check_holder(kernel_id, kernel)
             old = self._entries.get(kernel_id)
             pinned = bool(self._pins.get(kernel_id))
             if old is not None and old[0] is not kernel and pinned:
@@ -110,16 +127,17 @@ class GPUKernelCache:
                     self._pinned_bytes -= old_size
                 if old[0] is not kernel:
                     victims.append(old[0])
-                    self._evicted.add(old[0])
+                    self._mark_removed(old[0])
             while self._bytes + size > self.max_bytes:
                 victim_id, _ = self._lru.popitem(last=False)
                 victim, victim_size = self._entries.pop(victim_id)
                 self._bytes -= victim_size
                 self.evictions += 1
                 victims.append(victim)
-                self._evicted.add(victim)
+                self._mark_removed(victim)
                 logger.debug("evicted kernel %s (%d bytes)", victim_id, victim_size)
             self._entries[kernel_id] = (kernel, size)
+            _HOLDERS[kernel] = (self._self_ref, kernel_id)
             self._bytes += size
             if pinned:
                 self._pinned_bytes += size
@@ -142,9 +160,35 @@ class GPUKernelCache:
             del self._lru[kernel_id]
             self._bytes -= entry[1]
             self.evictions += 1
-            self._evicted.add(entry[0])
+            with _HOLDERS_LOCK:
+                self._mark_removed(entry[0])
         entry[0].release_gpu_memory()
         return True
+
+    def _check_holder(self, kernel_id: str, kernel: CachedKernel) -> None:
+        """Refuse ``kernel`` when another entry holds it (or another cache removed it: it is
+        released, or being released). Under both locks."""
+        claim = _HOLDERS.get(kernel)
+        if claim is None:
+            return
+        holder, held_as = claim[0](), claim[1]
+        if holder is None or (holder is self and held_as in (None, kernel_id)):
+            return
+        if holder is self:
+            where = f"already cached here as {held_as!r}"
+        elif held_as is None:
+            where = "evicted from another kernel cache (released)"
+        else:
+            where = "held by another kernel cache (another manager's)"
+        raise ValueError(
+            f"kernel for {kernel_id!r} is {where}: a kernel belongs to one cache, whose eviction "
+            "releases it; put a copy of it (copy.deepcopy) or load the artifact again"
+        )
+
+    def _mark_removed(self, kernel: CachedKernel) -> None:
+        """Under both locks, before the kernel's release starts."""
+        self._evicted.add(kernel)
+        _HOLDERS[kernel] = (self._self_ref, None)
 
     def was_evicted(self, kernel: object) -> bool:
         """True once ``kernel`` was removed from this cache (evicted or replaced): its memory

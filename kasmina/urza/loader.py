@@ -150,7 +150,8 @@ class KernelLoader:
     def put(self, artifact_id: str, kernel: GPUKernel) -> None:
         """Cache ``kernel`` as ``artifact_id``'s original, which every later seed copies: its
         artifact's as verified, or ``ValueError`` (a trainable copy, trained or not; tensors
-        other than its payload's). Logged when the cache has no room for it."""
+        other than its payload's; one another cache holds or evicted). Logged when the cache
+        has no room for it."""
         if not isinstance(kernel, GPUKernel) or kernel.artifact_id != artifact_id:
             why: str | None = "another artifact's, or not a kernel"
         else:

@@ -161,6 +161,31 @@ def test_cache_kernel_takes_an_original_and_refuses_a_copy_or_changed_weights(
     assert all(torch.equal(a, b) for a, b in zip(seed_weights, pristine.parameters(), strict=True))
 
 
+def test_cache_kernel_refuses_a_kernel_another_managers_cache_holds(
+    rig: Rig, tmp_path: Path, store: Path, keyring: Keyring, mlp
+) -> None:
+    """Tenant A's original, put in tenant B's cache, was released by A's eviction while B's
+    cache still held it and B's live seed pinned it: every later GERMINATE of the artifact on B
+    was refused ("evicted ... load it again"), for good. A kernel belongs to one cache."""
+    other = Rig(make_config(tmp_path / "b", store), keyring)
+    try:
+        assert rig.send("germinate", SEED0, mlp)
+        original = rig.manager.loader.cached(mlp)
+        with pytest.raises(ValueError, match="held by another kernel cache"):
+            other.manager.cache_kernel(mlp, original)
+        assert mlp not in other.manager.kernel_cache and not original.released
+        other.manager.cache_kernel(mlp, copy_module.deepcopy(original))  # its own: taken
+        assert other.send("germinate", SEED0, mlp)
+        assert other.manager.kernel_cache.is_pinned(mlp)
+        assert rig.send("cull", SEED0) and rig.manager.evict_kernel(mlp) and original.released
+        with pytest.raises(ValueError, match="released"):
+            other.manager.cache_kernel(mlp, original)
+        assert other.send("germinate", SEED1, mlp), other.manager.command_log[-1][3]
+        assert not other.manager.loader.cached(mlp).released
+    finally:
+        other.manager.close()
+
+
 def test_advance_with_a_failing_gate_stays(rig: Rig, mlp) -> None:
     assert rig.send("germinate", SEED0, mlp)
     assert not rig.send("advance", SEED0)  # G2: 0 of 1 isolated epochs

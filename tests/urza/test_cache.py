@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -221,6 +222,29 @@ def test_put_and_evict_never_walk_the_cache_and_pins_keep_the_books() -> None:
     assert cache.put("c", FakeKernel(free // 2))  # 1024 bytes short: p0, older than b, goes
     assert "p0" not in cache and pinned[0].releases == 1
     assert cache.bytes_used <= cache.max_bytes and cache.stats()["pinned"] == 199
+
+
+def test_a_kernel_belongs_to_one_cache_entry() -> None:
+    """A kernel in two caches (or under two ids) was released by one's eviction while the
+    other still held it, pinned even; a put of a kernel another entry holds is refused now,
+    with nothing changed, and so is one another cache removed (released)."""
+    first, second = GPUKernelCache(cache_size_mb=1), GPUKernelCache(cache_size_mb=1)
+    shared, mine = FakeKernel(100), FakeKernel(100)
+    assert first.put("k", shared) and second.put("k", mine)
+    second.pin("k")
+    for cache, kid in ((second, "k"), (second, "j"), (first, "j")):
+        with pytest.raises(ValueError, match="belongs to one cache"):
+            cache.put(kid, shared)
+    assert second.get("k") is mine and "j" not in first and "j" not in second
+    assert first.bytes_used == second.bytes_used == 100 and first.put("k", shared)  # again: ok
+    assert first.evict("k") and shared.releases == 1 and mine.releases == 0
+    with pytest.raises(ValueError, match="evicted from another kernel cache"):
+        second.put("j", shared)
+    assert first.put("k", shared)  # its own cache may take it back (``was_evicted`` stays)
+    del first, cache
+    gc.collect()
+    second.unpin("k")
+    assert second.put("k", shared) and mine.releases == 1  # its cache gone: free to take
 
 
 def test_eviction_is_marked_before_the_release_and_pin_returns_the_kernel() -> None:
