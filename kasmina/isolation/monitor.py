@@ -47,7 +47,7 @@ from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.stepping import torch_norms
-from kasmina.isolation.verify import NamedParams, graph_isolation, named_params
+from kasmina.isolation.verify import HostIndex, NamedParams, graph_isolation, named_params
 from kasmina.leyline import MetricType
 from kasmina.ops import leak_check
 from kasmina.ops.backend import SUPPORTED_DTYPES
@@ -64,6 +64,13 @@ EMERGENCY_KEEP = 64
 def _gradient_params(params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """The parameters that can carry a gradient (floating or complex, whatever their dtype)."""
     return [(name, p) for name, p in params if p.is_floating_point() or p.is_complex()]
+
+
+def host_index(host_params: NamedParams) -> HostIndex:
+    """The host side a monitor watches (its gradient-carrying parameters), built once: one
+    shared by many monitors (a manager's, ``IsolationGuard.new_monitor``) is read by each
+    step's graph checks as it is."""
+    return HostIndex(_gradient_params(named_params(host_params, "host")))
 
 
 def leak_check_any(
@@ -114,7 +121,7 @@ class GradientIsolationMonitor:
         self,
         seed_id: str,
         seed_params: NamedParams,
-        host_params: NamedParams,
+        host_params: NamedParams | HostIndex,
         *,
         max_violations: int = 3,
         checkpoint_dir: str | Path | None = None,
@@ -135,11 +142,14 @@ class GradientIsolationMonitor:
         self.telemetry = telemetry
         self.tol = float(tol)
         self._seed = _gradient_params(named_params(seed_params, "seed"))
-        self._host = _gradient_params(named_params(host_params, "host"))
-        shared = {id(p) for _, p in self._seed} & {id(p) for _, p in self._host}
+        # Shared, never changed in place (``extend_host`` replaces it): ``host_index``.
+        if not isinstance(host_params, HostIndex):
+            host_params = host_index(host_params)
+        self._host_index = host_params
+        host = host_params.names  # looked up per seed parameter, not built per monitor
+        shared = [host[id(p)] for _, p in self._seed if id(p) in host]
         if shared:
-            names = [name for name, p in self._host if id(p) in shared]
-            logger.error("seed %s shares host parameters %s", seed_id, names)
+            logger.error("seed %s shares host parameters %s", seed_id, shared)
         self.violation_count = 0
         self.violations: list[list[str]] = []
         self.tripped = False
@@ -150,6 +160,11 @@ class GradientIsolationMonitor:
         self._noted: list[str] = []  # leaks found by hooks or graph checks this step
         self.unattributed_graphs = 0  # graph checks that could not tell (compiled outputs)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def _host(self) -> list[tuple[str, torch.Tensor]]:
+        """The host's parameters this monitor watches, named."""
+        return self._host_index.params
 
     # ------------------------------------------------------------------ phases
     def begin_seed_backward(self) -> None:
@@ -222,7 +237,7 @@ class GradientIsolationMonitor:
         backward node (``verify.graph_isolation``): under ``torch.compile`` with an AOT backend
         the seed's output is an output of that node, which reaches every parameter the region
         read, so the walk cannot tell a leak from a clean seed. Logged once per monitor."""
-        verdict = graph_isolation(seed_output, self._host)
+        verdict = graph_isolation(seed_output, self._host_index)
         if verdict is False and not self.tripped:
             self._noted.append("graph: seed output reaches a host parameter")
         elif verdict is None:
@@ -238,10 +253,9 @@ class GradientIsolationMonitor:
 
     def extend_host(self, params: Iterable[torch.Tensor], prefix: str) -> None:
         """Put ``params`` on the host side too (a seed promoted to ACTIVE after this monitor's
-        seed germinated), named ``prefix[i]``: the graph walk and leak checks watch them now."""
-        known = {id(p) for _, p in self._host}
-        named = named_params([p for p in params if id(p) not in known], prefix)
-        self._host += _gradient_params(named)
+        seed germinated), named ``prefix[i]``: the graph walk and leak checks watch them now.
+        Monitors that shared their host side share the extended one (``HostIndex.extended``)."""
+        self._host_index = self._host_index.extended(list(params), prefix, _gradient_params)
 
     def note_violation(self, reason: str) -> None:
         """Count a leak found outside this monitor (e.g. in a seed-only backward shared by

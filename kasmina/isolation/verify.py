@@ -21,6 +21,7 @@ from kasmina.utils.autograd_nodes import compiled_node
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "HostIndex",
     "NamedParams",
     "graph_isolation",
     "named_params",
@@ -47,7 +48,39 @@ def named_params(params: NamedParams, prefix: str) -> list[tuple[str, torch.Tens
     return out
 
 
-def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool | None:
+class HostIndex:
+    """Named host parameters (distinct) and their id->name lookup, built once. Handed to
+    :func:`graph_isolation` in place of the parameters, it spares the call rebuilding the
+    lookup: a manager's monitors share one, so a step's graph checks cost the seeds' graphs,
+    not seeds x host parameters. It holds its tensors, so their ids stay theirs."""
+
+    __slots__ = ("_next", "names", "params")
+
+    def __init__(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        self.params = params
+        self.names = {id(p): name for name, p in params}
+        # The last ``extended`` call's (key, its tensors, result): the monitors sharing this
+        # index, extended alike when a seed fossilizes, share the result too.
+        self._next: tuple[tuple[Any, ...], list[torch.Tensor], HostIndex] | None = None
+
+    def extended(
+        self,
+        params: list[torch.Tensor],
+        prefix: str,
+        keep: Callable[[list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]],
+    ) -> HostIndex:
+        """This index plus those of ``params`` it lacks, named ``prefix[i]`` and filtered by
+        ``keep``; the same object for the same call made again."""
+        key = (prefix, keep, *map(id, params))
+        if self._next is not None and self._next[0] == key:
+            return self._next[2]
+        new = named_params([p for p in params if id(p) not in self.names], prefix)
+        index = HostIndex(self.params + keep(new))
+        self._next = (key, params, index)
+        return index
+
+
+def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams | HostIndex) -> bool | None:
     """True when no host parameter is reachable from ``seed_output``'s autograd graph; False
     when one is (a leak, logged); None when host parameters are reachable only through a
     compiled region's node (:func:`compiled_node`), so the graph cannot tell.
@@ -55,11 +88,15 @@ def graph_isolation(seed_output: torch.Tensor, host_params: NamedParams) -> bool
     Iterative walk over ``grad_fn.next_functions`` with a visited set; a host parameter shows up
     as the ``variable`` of an ``AccumulateGrad`` node (matched by identity). The first pass does
     not enter compiled nodes, so a path around them is still a leak; a second pass from the
-    compiled nodes it met decides between True and None.
+    compiled nodes it met decides between True and None. ``host_params`` may be a
+    :class:`HostIndex`, whose lookup is used as it is.
     """
     if not isinstance(seed_output, torch.Tensor):
         raise ValueError(f"seed_output must be a tensor, got {type(seed_output).__name__}")
-    host = {id(p): name for name, p in named_params(host_params, "host")}
+    if isinstance(host_params, HostIndex):
+        host = host_params.names
+    else:
+        host = {id(p): name for name, p in named_params(host_params, "host")}
     if id(seed_output) in host:
         logger.error(
             "gradient isolation: the seed output is host parameter %s", host[id(seed_output)]

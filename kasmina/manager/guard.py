@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from kasmina.errors import GradientIsolationViolationError
-from kasmina.isolation.monitor import GradientIsolationMonitor, leak_check_any
-from kasmina.isolation.verify import reaches_host_beyond
+from kasmina.isolation.monitor import GradientIsolationMonitor, host_index, leak_check_any
+from kasmina.isolation.verify import HostIndex, reaches_host_beyond
 from kasmina.kd.graph import distilled_seeds, hold_retained_backwards, is_kd_root, kd_cut
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
@@ -93,6 +93,9 @@ class IsolationGuard:
         hold = hold_retained_backwards() if config.kd_enabled else None
         self._release_hold = None if hold is None else weakref.finalize(self, hold)
         self._donated_seen = False  # a graph that still donates: logged once (seed_only_backward)
+        # The host side the last monitor was built with, by its parameters' ids (the index
+        # holds them: the ids stay theirs), shared by the monitors built while it holds.
+        self._host_side: tuple[tuple[int, ...], HostIndex] | None = None
 
     @property
     def violating_steps(self) -> int:
@@ -107,12 +110,18 @@ class IsolationGuard:
         """The monitor of one seed against the host side; its breaker quarantines the seed and
         writes the seed's state row and kernel weights to the emergency checkpoint. It holds
         the table, not the registry: the model holds the monitor (through the kernel's forward
-        hook), and a manager dropped without ``close()`` must still be collected."""
+        hook), and a manager dropped without ``close()`` must still be collected. Monitors made
+        while the host side stays the same parameters share one lookup of it (``HostIndex``):
+        a step's graph checks then cost the seeds' graphs, not seeds x host parameters."""
         table = registry.table
+        host = registry.host_side_params()
+        key = tuple(map(id, host))
+        if self._host_side is None or self._host_side[0] != key:
+            self._host_side = (key, host_index(host))
         return GradientIsolationMonitor(
             record.seed_id,
             record.seed.seed_parameters(),
-            registry.host_side_params(),
+            self._host_side[1],
             max_violations=self.config.max_isolation_violations,
             checkpoint_dir=self.config.emergency_checkpoint_dir,
             checkpoint_signer=self.checkpoint_signer,
@@ -204,6 +213,7 @@ class IsolationGuard:
                 monitor.clear_hooks()
         finally:
             self.external, self._pairs, self._kd_checks = [], {}, []
+            self._host_side = None
             if registry is not None:
                 registry.close()
 
