@@ -275,7 +275,8 @@ class CommandExecution:
             self._check_fits_slot(record, original)
             with interrupts_deferred():  # a Ctrl-C between the pin and ``pinned`` leaks it
                 pinned = pinned or state.loader.pin(artifact_id, original)
-            kernel = state.loader.copy(original)
+            with state.require_registry().hold.own():  # no model walk for its registrations
+                kernel = state.loader.copy(original)
         except BaseException as exc:
             if pinned:
                 state.kernel_cache.unpin(artifact_id)
@@ -284,7 +285,8 @@ class CommandExecution:
             raise
         try:
             self._dry_run(record, kernel, artifact_id)
-            seed.attach_kernel(kernel, artifact_id)
+            with state.require_registry().hold.own():
+                seed.attach_kernel(kernel, artifact_id)
             result = seed.evaluate_gate(S.ISOLATED_INIT)
             self.report.note_gate(record, result)
             if not result.passed:
@@ -432,8 +434,7 @@ class CommandExecution:
     def evaluate_gate(self, record: SeedRecord, target: SeedStage) -> GateResult:
         """The gate to ``target`` measured with the manager's settings (no transition)."""
         config = self.state.config
-        sample = None
-        host_cost = None
+        sample = host_cost = None
         gate = GATE_FOR_TRANSITION.get((record.stage, target))
         if gate == 3:
             registry = self.state.require_registry()
@@ -492,8 +493,7 @@ class CommandExecution:
                 table.set_column(record.index, StateColumn.EMBARGO_COUNTER, embargo)
 
     def terminate(self, record: SeedRecord) -> None:
-        stage = record.stage
-        if S.TERMINATED not in LEGAL_TRANSITIONS[stage]:
+        if S.TERMINATED not in LEGAL_TRANSITIONS[stage := record.stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be terminated from {stage.name}")
         record.seed.transition_to(S.TERMINATED)
 

@@ -16,7 +16,10 @@ step starts with a check, and it must cost next to nothing when nothing changed:
 - *anything registered*: PyTorch's global registration hooks count every module and parameter
   registered in the process; when the count moved since the last check, the module walk and a
   check of the model's trainable parameters against the optimizers' run once (new parameters
-  over a registered one's memory, ``weight_norm``'s, are named as such: no group can add them);
+  over a registered one's memory, ``weight_norm``'s, are named as such: no group can add them).
+  The manager's own registrations (a GERMINATE's kernel copy and graft, ``ModelHold.own``) do
+  not move the count it was last checked against, when nothing else registered meanwhile: K
+  GERMINATEs queued for one safe point walk the model as often as one does, not K times;
 - *unfrozen*: a parameter frozen when registered that requires a gradient now (gradual
   unfreezing by ``requires_grad_``) is a host parameter, and under the manager's host optimizer
   a step names one that no group holds (``check_unfrozen``: one ``requires_grad`` read per
@@ -25,7 +28,9 @@ step starts with a check, and it must cost next to nothing when nothing changed:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Sequence
+import threading
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +42,8 @@ __all__ = ["ModelHold", "watch_registrations"]
 # Parameters and modules registered anywhere in this process since the first registry (a
 # global hook counts them): a registry whose model may have changed looks only when it moved.
 _REGISTRATIONS = [0]
+# This thread's count of the registrations made inside a ``ModelHold.own`` block (none: None).
+_OWN = threading.local()
 
 Edge = tuple[nn.Module, str, nn.Module]  # (parent, name, child): parent._modules[name] is child
 
@@ -44,6 +51,9 @@ Edge = tuple[nn.Module, str, nn.Module]  # (parent, name, child): parent._module
 def _count_registration(*_: Any) -> None:
     if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile
         _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing new)
+        own = getattr(_OWN, "count", None)
+        if own is not None:
+            own[0] += 1
 
 
 def watch_registrations() -> int:
@@ -123,6 +133,25 @@ class ModelHold:
         self._check_anchor()
         if moved:
             self._check_registered(known, host)
+
+    @contextmanager
+    def own(self) -> Iterator[None]:
+        """A block in which the manager registers modules itself (a GERMINATE copies its kernel
+        and grafts it: the kernel's parameters are its seed optimizer's). If the count was
+        checked when it began and every registration since came from the block, on this
+        thread, the count at its end counts as checked: the next ``check`` walks nothing for
+        them. One registered by another thread meanwhile, or before the block and not checked
+        yet (a user's change), leaves the count moved, and the next ``check`` walks."""
+        before, mine, outer = _REGISTRATIONS[0], [0], getattr(_OWN, "count", None)
+        _OWN.count = mine
+        try:
+            yield
+        finally:
+            _OWN.count = outer
+            if outer is not None:
+                outer[0] += mine[0]
+            if self.checked_at == before and _REGISTRATIONS[0] == before + mine[0]:
+                self.checked_at = _REGISTRATIONS[0]
 
     def recheck(self) -> None:
         """Make the next ``check`` look for unheld parameters whatever the registration count:
@@ -218,7 +247,7 @@ class ModelHold:
         when registered nor an optimizer steps: a module replaced (``model.fc = ...``),
         ``weight_norm``/``parametrize`` or ``load_state_dict(assign=True)`` on one layer after
         attach. Nothing would step them (the anchor's check misses these). Runs once per change
-        of the process-wide registration count (GERMINATE moves it too)."""
+        of the process-wide registration count not the manager's own (``own``)."""
         count = _REGISTRATIONS[0]
         if known is not None:
             registered = self.params

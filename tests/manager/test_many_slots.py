@@ -4,6 +4,7 @@ per command of the model's, is quadratic in the slots."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import make_config, record_activations
+from tests.manager.helpers import S, make_config, record_activations
 
 WIDTH = 2  # the published AffineShift's
 
@@ -50,6 +51,80 @@ def _grown(tmp_path: Path, store: Path, keyring: Keyring, affine: str, n: int):
         raw = sign_command(command, keyring, "ctl").SerializeToString()
         assert manager.handle_adaptation_command(raw)
     return manager, model
+
+
+def _model_walks(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts each walk of the whole ``model`` (``named_modules`` called on it: ``modules``,
+    ``parameters`` and ``named_parameters`` all start there)."""
+    walks: Counter[str] = Counter()
+    original = nn.Module.named_modules
+
+    def counting(self: nn.Module, *args, **kwargs):
+        if self is model:
+            walks["model"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    return walks
+
+
+def test_a_safe_point_of_k_germinates_walks_the_model_a_bounded_number_of_times(
+    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each GERMINATE registers its kernel in the model, which moves the process-wide count
+    the hold check watches; the check before the next command then walked the whole model
+    again (and every seed's parameters): K GERMINATEs at one safe point cost K model walks,
+    quadratic in the slots (1,024 of them held the training thread for minutes). The
+    manager's own registrations no longer count as a change to look for."""
+    store, affine = published[0], published[2]
+    walks = {}
+    for n in (4, 16):
+        manager, model = _grown(tmp_path, store, keyring, affine, n)
+        counted = _model_walks(model, monkeypatch)
+        outcomes = manager.apply_pending(wait=True)
+        monkeypatch.undo()
+        assert len(outcomes) == n and all(o.ok for o in outcomes), outcomes
+        walks[n] = counted["model"]
+        manager.close()
+    assert walks[16] == walks[4], walks  # not one (or more) per command
+
+
+def test_a_change_after_the_germinates_is_still_found(
+    tmp_path: Path, published, keyring: Keyring
+) -> None:
+    """The GERMINATEs' own registrations are passed over; a user's change after them (a layer
+    replaced) moves the count again, and the next step walks the model and refuses it."""
+    manager, model = _grown(tmp_path, published[0], keyring, published[2], 3)
+    assert all(o.ok for o in manager.apply_pending(wait=True))
+    assert manager.seed("layers.2[0]").stage == S.ISOLATED_INIT
+    model.head = nn.Linear(WIDTH, WIDTH)  # trainable, in no optimizer
+    loss = F.mse_loss(model(torch.randn(5, WIDTH)), torch.zeros(5, WIDTH))
+    with pytest.raises(RuntimeError, match="did not hold when the manager registered it"):
+        manager.backward(loss)
+        manager.step()
+    manager.close()
+
+
+def test_a_registration_by_another_thread_during_the_managers_own_is_not_passed_over(
+    tmp_path: Path, published, keyring: Keyring
+) -> None:
+    """``ModelHold.own`` takes the count as checked only if every registration since the last
+    check was its block's, on its thread: one made meanwhile elsewhere (a layer replaced by
+    another thread) is still looked for."""
+    manager, model = _grown(tmp_path, published[0], keyring, published[2], 2)
+    registry = manager.require_registry()
+    registry.check_held(manager.optimizers)
+
+    def replace() -> None:
+        model.head = nn.Linear(WIDTH, WIDTH)
+
+    with registry.hold.own():
+        thread = threading.Thread(target=replace)
+        thread.start()
+        thread.join()
+    with pytest.raises(RuntimeError, match="did not hold when the manager registered it"):
+        registry.check_held(manager.optimizers)
+    manager.close()
 
 
 def _host_entries_per_step(
