@@ -8,13 +8,14 @@ flat buffer do not.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 
 from kasmina.errors import ParameterOverlapError
-from kasmina.kd.teacher import is_teacher_parameter
+from kasmina.kd.holds import is_teacher_parameter
 from kasmina.ops.backend import SUPPORTED_DTYPES
 
 _StorageKey = tuple[str, int]
@@ -98,13 +99,17 @@ class ParameterOwnership:
                     )
 
     def check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
-        """``check_free``, after refusing a teacher's parameter (a live ``CheckpointedTeacher``'s,
-        registered here or not): no optimizer ever takes one."""
-        for index, p in enumerate(params):
-            if is_teacher_parameter(p):
-                raise ParameterOverlapError(
-                    f"parameter {index} for {new_owner!r} belongs to a teacher (never optimized)"
-                )
+        """``check_free``, after refusing a teacher's parameter (a live, open
+        ``CheckpointedTeacher``'s, registered here or not): no optimizer ever takes one. Asked
+        again after one garbage collection: a teacher dropped unclosed lets go when collected."""
+        held = [i for i, p in enumerate(params) if is_teacher_parameter(p)]
+        if held:
+            gc.collect()
+            held = [i for i, p in enumerate(params) if is_teacher_parameter(p)]
+        if held:
+            raise ParameterOverlapError(
+                f"parameter {held[0]} for {new_owner!r} belongs to a teacher (never optimized)"
+            )
         self.check_free(params, new_owner)
 
     def claim(self, params: Iterable[torch.Tensor], owner: str) -> None:

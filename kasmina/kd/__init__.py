@@ -1,9 +1,10 @@
 """Knowledge distillation: a frozen teacher, and the KD losses that train seeds from it.
 
 A teacher (``CheckpointedTeacher``) is a copy of a model held in eval mode, optionally in
-bf16/fp16, with frozen parameters registered as teacher-only (``is_teacher_parameter``: the
-optimizer manager refuses them). Its forward runs under ``torch.inference_mode``: no autograd
-graph is kept, which is what halves its memory together with the reduced dtype (activation
+bf16/fp16, with frozen parameters held as teacher-only while it is open
+(``is_teacher_parameter``, ``kd/holds.py``: the optimizer manager refuses them, and a second
+teacher of the model in place is refused). Its forward runs under ``torch.inference_mode``: no
+autograd graph is kept, which is what halves its memory together with the reduced dtype (activation
 checkpointing would save nothing without a backward). ``TeacherForwardPassManager`` times each
 teacher forward and survives an out-of-memory error: KD is skipped for that step, the allocator
 cache is freed and training goes on.
@@ -18,12 +19,12 @@ Imports only ``kasmina.ops`` (and torch); seeds, the manager and the demo build 
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import sum_kd_losses
+from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.loss import StaticKDLoss, seed_kd_loss
 from kasmina.kd.teacher import (
     CheckpointedTeacher,
     TeacherForwardPassManager,
     is_oom_error,
-    is_teacher_parameter,
 )
 
 __all__ = [

@@ -10,7 +10,6 @@ import math
 import threading
 import time
 import warnings
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kasmina.kd.holds import hold
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import cast_in_place
@@ -29,13 +29,6 @@ TeacherInput = torch.Tensor | Mapping[str, Any]  # a batch, or its keyword input
 
 _TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_BYTES = torch.empty((), dtype=torch.float32).element_size()
-# id(param) -> param for every live teacher parameter; entries vanish with their parameter.
-_TEACHER_PARAMS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-
-
-def is_teacher_parameter(param: torch.Tensor) -> bool:
-    """Whether ``param`` belongs to a live :class:`CheckpointedTeacher` (optimizers refuse it)."""
-    return _TEACHER_PARAMS.get(id(param)) is param
 
 
 def is_oom_error(exc: BaseException) -> bool:
@@ -102,9 +95,11 @@ class CheckpointedTeacher:
     without autograd no activation is kept for a backward pass — so none is used.
 
     The model is deep-copied (``copy_model=True``: the caller's model is untouched) or taken over
-    in place (``copy_model=False``: no transient second copy, for large teachers). Its parameters
-    get ``requires_grad=False`` and enter a teacher-only registry (:func:`is_teacher_parameter`,
-    :meth:`teacher_parameters`) that the optimizer manager checks, so no optimizer takes them.
+    in place (``copy_model=False``: no transient second copy, for large teachers; ``ValueError``
+    for a model another live teacher holds so, whose forwards its casts would break). Its
+    parameters get ``requires_grad=False`` and are held as teacher-only until :meth:`close` or
+    collection (:func:`is_teacher_parameter`, :meth:`teacher_parameters`): no optimizer takes
+    them.
     ``checkpoint_path`` optionally loads a plain ``state_dict`` file first.
 
     ``forward`` runs under ``torch.inference_mode``, with a caller's autocast off (the teacher
@@ -131,18 +126,23 @@ class CheckpointedTeacher:
             if value is not None and value not in _TEACHER_DTYPES:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
         teacher = copy.deepcopy(model) if copy_model else model
-        if checkpoint_path is not None:
-            _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
-        # The fp32 figure is counted on the model as given, before any cast.
-        self.full_precision_parameter_bytes = _FP32_BYTES * sum(
-            p.numel() for p in teacher.parameters()
-        )
-        if dtype is not None or device is not None:
-            teacher.to(device=device, dtype=dtype)
+        # Held first: a model another teacher holds in place is refused before anything changes.
+        self._release = hold(list(teacher.parameters()), self)
+        try:
+            if checkpoint_path is not None:
+                _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
+            # The fp32 figure is counted on the model as given, before any cast.
+            self.full_precision_parameter_bytes = _FP32_BYTES * sum(
+                p.numel() for p in teacher.parameters()
+            )
+            if dtype is not None or device is not None:
+                teacher.to(device=device, dtype=dtype)
+        except BaseException:
+            self._release()
+            raise
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
-            _TEACHER_PARAMS[id(param)] = param
         self.teacher = teacher
         self.output_dtype = output_dtype
         first = next(iter(teacher.parameters()), None)
@@ -154,14 +154,20 @@ class CheckpointedTeacher:
         self._lock = threading.RLock()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_release")}
 
     def __setstate__(self, state: dict) -> None:
         # A copy (``copy.deepcopy``, an unpickled teacher) has parameters of its own: teacher-only
-        # as the original's are, or an optimizer would take them.
+        # as the original's are, or an optimizer would take them (a shallow copy is refused).
         self.__dict__.update(state, _lock=threading.RLock())
-        for param in self.teacher.parameters():
-            _TEACHER_PARAMS[id(param)] = param
+        self._release = hold(self.teacher_parameters(), self)
+
+    def close(self) -> None:
+        """Let the model go (idempotent): its parameters are no longer teacher-only, so an
+        optimizer, or another teacher in place, may take them. The manager closes its teacher
+        when it closes or loads another; a collected teacher lets go too. Forwards still run,
+        but the model is no longer guarded."""
+        self._release()
 
     def teacher_parameters(self) -> list[nn.Parameter]:
         """The frozen teacher-only parameters (to register with the optimizer manager)."""

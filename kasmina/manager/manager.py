@@ -36,7 +36,7 @@ from torch import nn
 from kasmina.control.commands import MAX_EPOCH, KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
-from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE
+from kasmina.isolation.optimizers import HOST_ID
 from kasmina.isolation.stepping import checked_clip_norm
 from kasmina.kd.loss import checked_teacher_logits
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, TeacherInput
@@ -295,8 +295,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def load_teacher(
         self, model: nn.Module, *, device: torch.device | str | None = None, copy_model=True
     ) -> CheckpointedTeacher:
-        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``);
-        ``copy_model=False``: ``model`` itself, which must not be managed."""
+        """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``), the
+        last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's."""
         if not copy_model:
             check_unmanaged(model)
         if device is None:
@@ -307,8 +307,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             checkpoint_path=self.config.teacher_checkpoint_path,
         )  # fmt: skip
         with self._lock:  # a safe point's command on the training thread reads the teacher
-            self.state.teacher, self.teacher_passes = teacher, TeacherForwardPassManager(teacher)
-            self.state.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
+            self.state.hold_teacher(teacher)
+            self.teacher_passes = TeacherForwardPassManager(teacher)
         if not self.config.kd_enabled:
             logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
         return teacher
@@ -570,8 +570,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def close(self) -> None:
         """Drop queued commands, report pending rejections, close its own Urza client (not a
-        caller's), the nonce ledger, checkpoint store (run lock) and JSONL file, unhook the model;
-        later steps raise, commands are refused, ``apply_pending`` and ``close`` do nothing.
+        caller's), the nonce ledger, checkpoint store (run lock), JSONL file and teacher, unhook
+        the model; later steps raise, commands are refused, ``apply_pending``, ``close`` do nothing.
         On another thread it waits out the step or command in flight."""
         try:  # first, lock-free: a fetch may run under the lock (execute's)
             if self._owns_client:
@@ -594,7 +594,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                     self.verifier.close()
                 finally:
                     self.guard.close(self.state.registry)  # the model is the user's
-                    self.state.close_checkpoints()
+                    self.state.close_held()  # the teacher (a model held in place), the store
                     self._release_jsonl()  # or when collected: the model's table keeps the reporter
             finally:
                 self._lock.release()

@@ -322,6 +322,13 @@ class ManagerState:
             if self._checkpoints is not None:
                 self._checkpoints.close()
 
+    def close_held(self) -> None:
+        """The manager's close: its teacher closed (a model held in place is the caller's again),
+        then its checkpoint store (``close_checkpoints``)."""
+        if self.teacher is not None:
+            self.teacher.close()
+        self.close_checkpoints()
+
     def require_open(self) -> None:
         """``RuntimeError`` once ``manager.close()`` was called: a closed manager takes no step,
         ends no epoch, carries out no command and opens no checkpoint store (nor its run lock).
@@ -388,6 +395,14 @@ class ManagerState:
         if self.teacher is not None:
             optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
         return optimizers
+
+    def hold_teacher(self, teacher: CheckpointedTeacher) -> None:
+        """``teacher`` as the one commands find, closing the one it replaces: its parameters let
+        go (``CheckpointedTeacher.close``), a model it held in place is the caller's again."""
+        old, self.teacher = self.teacher, teacher
+        self.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
+        if old is not None and old is not teacher:
+            old.close()
 
     def track(self, name: str, obj: Any) -> None:
         """Keep ``obj`` (anything with ``state_dict``/``load_state_dict``) in step with the

@@ -12,15 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+import kasmina.kd.holds as holds_module
 import kasmina.kd.teacher as kd_module
 from kasmina.kd.config import KDConfig
+from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.loss import StaticKDLoss
-from kasmina.kd.teacher import (
-    CheckpointedTeacher,
-    TeacherForwardPassManager,
-    is_oom_error,
-    is_teacher_parameter,
-)
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, is_oom_error
 
 IN, CLASSES = 16, 10
 # Stated tolerance of bf16/fp16 teacher logits against the fp32 teacher's, relative to the largest
@@ -124,12 +121,41 @@ def test_teacher_is_frozen_eval_and_registered_teacher_only() -> None:
 
     # The registry holds no reference: a dropped teacher's parameters leave it.
     gc.collect()  # teachers dropped by earlier tests leave first, so only ours is counted
-    registered = len(kd_module._TEACHER_PARAMS)
+    registered = len(holds_module._TEACHER_PARAMS)
     ids = [id(p) for p in params]
     del teacher, params
     gc.collect()
-    assert len(kd_module._TEACHER_PARAMS) == registered - len(ids)
-    assert not any(i in kd_module._TEACHER_PARAMS for i in ids)
+    assert len(holds_module._TEACHER_PARAMS) == registered - len(ids)
+    assert not any(i in holds_module._TEACHER_PARAMS for i in ids)
+
+
+def test_a_model_one_teacher_holds_in_place_is_refused_to_another_until_let_go() -> None:
+    """Two teachers of one model in place each cast it under its own lock: the second's dtype
+    recast the first's live teacher (its next forward raised a dtype mismatch), and either's fp32
+    measurement met the other's forwards. And a parameter stayed teacher-only as long as it
+    lived, after its teacher closed or was collected: no optimizer could ever take it again."""
+    model = make_mlp()
+    first = CheckpointedTeacher(model, dtype=torch.bfloat16, copy_model=False)
+    want = first(inputs(4))
+    for taken in (model, model[2]):  # the model, or any module of it
+        with pytest.raises(ValueError, match="held in place by another live teacher"):
+            CheckpointedTeacher(taken, dtype=torch.float16, copy_model=False)
+    with pytest.raises(ValueError, match="held in place"):
+        copy.copy(first)  # a shallow copy would be a second teacher of the model
+    assert all(p.dtype == torch.bfloat16 and is_teacher_parameter(p) for p in model.parameters())
+    twin = CheckpointedTeacher(model, dtype=torch.float16)  # a copy of its own is fine
+    assert torch.equal(first(inputs(4)), want) and twin.teacher is not model
+
+    first.close()
+    first.close()  # idempotent
+    assert not any(is_teacher_parameter(p) for p in model.parameters())
+    assert all(is_teacher_parameter(p) for p in twin.teacher_parameters())
+    second = CheckpointedTeacher(model, dtype=torch.float32, copy_model=False)
+    assert all(is_teacher_parameter(p) for p in model.parameters())
+    del second
+    gc.collect()  # a teacher dropped without close() lets go when collected
+    assert not any(is_teacher_parameter(p) for p in model.parameters())
+    CheckpointedTeacher(model, dtype=None, copy_model=False)  # so it is taken again
 
 
 def test_teacher_logits_are_ordinary_tensors_in_the_requested_dtype() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
+from kasmina.errors import ParameterOverlapError
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
@@ -203,3 +204,55 @@ def test_a_managed_model_cannot_be_frozen_in_place_as_a_teacher(
     grown = Host()
     kasmina.attach(grown, "out", 2, 2)  # slots no live manager owns
     student.manager.load_teacher(grown, copy_model=False)
+
+
+def test_a_model_another_manager_holds_in_place_as_its_teacher_is_refused_in_place(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Two managers' teachers of one model in place each cast it under its own lock: tenant B's
+    ``teacher_dtype`` recast tenant A's live teacher (A's next KD forward raised a dtype
+    mismatch), and A's first-forward fp32 profile met B's forwards on another thread. B's
+    in-place load is refused, B as it was; a copy is B's own."""
+    a = Rig(make_config(tmp_path / "a", store, kd_enabled=True), keyring)
+    b = Rig(make_config(tmp_path / "b", store, kd_enabled=True, teacher_dtype="float16"), keyring)
+    model = Host()
+    a.manager.load_teacher(model, copy_model=False)
+    want = a.manager.get_teacher_predictions(a.x)
+    own = b.manager.load_teacher(Host())
+    passes = b.manager.teacher_passes
+    for taken in (model, model.out):  # the model, or any module of it
+        with pytest.raises(ValueError, match="held in place by another live teacher"):
+            b.manager.load_teacher(taken, copy_model=False)
+    assert b.manager.teacher is own and b.manager.teacher_passes is passes
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.equal(a.manager.get_teacher_predictions(a.x), want)
+    copied = b.manager.load_teacher(model)  # a copy is B's own, in its own dtype
+    assert copied.teacher is not model and copied.dtype == torch.float16
+    assert torch.equal(a.manager.get_teacher_predictions(a.x), want)
+    a.manager.close()  # A's teacher closed: the model may be taken in place again
+    b.manager.load_teacher(model, copy_model=False)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("let_go", ["close", "another teacher", "collected"])
+def test_a_model_taught_in_place_is_trainable_once_its_teacher_is_let_go(
+    tmp_path: Path, store: Path, keyring: Keyring, let_go: str
+) -> None:
+    """An in-place teacher's parameters stayed teacher-only as long as they lived: once its
+    manager closed, loaded another teacher or was dropped, no manager could train the model
+    ("belongs to a teacher (never optimized)"). They are let go with the teacher."""
+    model = Host()
+    kd = Rig(make_config(tmp_path / "kd", store, kd_enabled=True), keyring)
+    held = kd.manager.load_teacher(model, copy_model=False)
+    model.float().requires_grad_(True)  # the model as a trainer would take it
+    trainer = _manager(tmp_path, store, keyring, "trainer")
+    with pytest.raises(ParameterOverlapError, match="belongs to a teacher"):
+        trainer.attach(model, "out", 2, 2)
+    if let_go == "close":
+        kd.manager.close()
+    elif let_go == "another teacher":
+        kd.manager.load_teacher(Host())
+    else:
+        del kd, held  # dropped without close(): let go when collected
+    trainer.attach(model, "out", 2, 2)
+    trainer.close()

@@ -1,0 +1,76 @@
+"""Which parameters a live KD teacher holds (docs/design.md §7): no optimizer takes one, and no
+second teacher takes its model in place (each casts the model in place under its own lock).
+
+One registry for both refusals. A parameter is held while the ``CheckpointedTeacher`` that took
+it is alive and open: its ``close()`` (a manager's close, or its next ``load_teacher``) or its
+collection lets the parameter go, and the model is the caller's again.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+# id(param) -> (param, the teacher holding it), both weakly. An entry whose parameter or teacher
+# is gone holds nothing (a reused id is told apart by the parameter's identity).
+_TEACHER_PARAMS: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[object]]] = {}
+# Reentrant: a collection inside a locked block may run a dropped teacher's release.
+_LOCK = threading.RLock()
+
+
+def _holder(param: torch.Tensor) -> object | None:
+    entry = _TEACHER_PARAMS.get(id(param))
+    if entry is None:
+        return None
+    held, holder = entry[0](), entry[1]()
+    return holder if held is param else None
+
+
+def _held_by_another(param: torch.Tensor, holder: object) -> bool:
+    found = _holder(param)
+    return found is not None and found is not holder
+
+
+def is_teacher_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a live, open :class:`CheckpointedTeacher` (optimizers refuse
+    it; a second in-place teacher of its model is refused)."""
+    return _holder(param) is not None
+
+
+def hold(params: Sequence[torch.Tensor], holder: object) -> weakref.finalize:
+    """Mark ``params`` as ``holder``'s, all or none: ``ValueError`` if another live, open teacher
+    holds any of them (asked again after one garbage collection: a teacher dropped without
+    ``close()`` lets go only when collected). Returns the release: called once, by ``close()``
+    or when ``holder`` is collected, it unmarks what ``holder`` still holds."""
+    ref = weakref.ref(holder)
+    for retry in (False, True):
+        if retry:
+            gc.collect()
+        with _LOCK:
+            taken = [i for i, p in enumerate(params) if _held_by_another(p, holder)]
+            if not taken:
+                for p in params:
+                    _TEACHER_PARAMS[id(p)] = (weakref.ref(p), ref)
+                break
+    else:
+        raise ValueError(
+            f"parameter {taken[0]} of this model ({len(taken)} of {len(params)}) is held in place "
+            "by another live teacher (load_teacher or CheckpointedTeacher with copy_model=False), "
+            "whose forwards a second teacher's casts would break. Pass copy_model=True (the "
+            "default: a copy of its own), or close that teacher or its manager first"
+        )
+    release = weakref.finalize(holder, _release, [id(p) for p in params], ref)
+    release.atexit = False
+    return release
+
+
+def _release(ids: list[int], ref: weakref.ref[object]) -> None:
+    with _LOCK:
+        for key in ids:
+            entry = _TEACHER_PARAMS.get(key)
+            if entry is not None and entry[1] is ref:
+                del _TEACHER_PARAMS[key]
