@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,9 +30,9 @@ def _holder(param: torch.Tensor) -> object | None:
     return holder if held is param else None
 
 
-def _held_by_another(param: torch.Tensor, holder: object) -> bool:
+def _held_by_another(param: torch.Tensor, holder: object, replaces: object | None) -> bool:
     found = _holder(param)
-    return found is not None and found is not holder
+    return found is not None and found is not holder and found is not replaces
 
 
 def is_teacher_parameter(param: torch.Tensor) -> bool:
@@ -41,18 +41,24 @@ def is_teacher_parameter(param: torch.Tensor) -> bool:
     return _holder(param) is not None
 
 
-def hold(params: Sequence[torch.Tensor], holder: object) -> weakref.finalize:
+def hold(
+    params: Sequence[torch.Tensor], holder: object, replaces: object | None = None
+) -> tuple[weakref.finalize, Callable[[], None]]:
     """Mark ``params`` as ``holder``'s, all or none: ``ValueError`` if another live, open teacher
     holds any of them (asked again after one garbage collection: a teacher dropped without
-    ``close()`` lets go only when collected). Returns the release: called once, by ``close()``
-    or when ``holder`` is collected, it unmarks what ``holder`` still holds."""
+    ``close()`` lets go only when collected), but ``replaces`` (the teacher ``holder`` takes
+    over from: a manager's next ``load_teacher`` of the same model). Returns the release
+    (called once, by ``close()`` or when ``holder`` is collected, it unmarks what ``holder``
+    still holds) and the undo of a hold whose teacher then failed to build: every parameter
+    marked as it was before, ``replaces``'s again."""
     ref = weakref.ref(holder)
     for retry in (False, True):
         if retry:
             gc.collect()
         with _LOCK:
-            taken = [i for i, p in enumerate(params) if _held_by_another(p, holder)]
+            taken = [i for i, p in enumerate(params) if _held_by_another(p, holder, replaces)]
             if not taken:
+                before = {id(p): _TEACHER_PARAMS.get(id(p)) for p in params}
                 for p in params:
                     _TEACHER_PARAMS[id(p)] = (weakref.ref(p), ref)
                 break
@@ -63,9 +69,20 @@ def hold(params: Sequence[torch.Tensor], holder: object) -> weakref.finalize:
             "whose forwards a second teacher's casts would break. Pass copy_model=True (the "
             "default: a copy of its own), or close that teacher or its manager first"
         )
-    release = weakref.finalize(holder, _release, [id(p) for p in params], ref)
+    release = weakref.finalize(holder, _release, list(before), ref)
     release.atexit = False
-    return release
+
+    def undo() -> None:
+        release.detach()
+        with _LOCK:
+            for key, entry in before.items():
+                if _TEACHER_PARAMS.get(key, (None, None))[1] is ref:
+                    if entry is None:
+                        del _TEACHER_PARAMS[key]
+                    else:
+                        _TEACHER_PARAMS[key] = entry
+
+    return release, undo
 
 
 def _release(ids: list[int], ref: weakref.ref[object]) -> None:

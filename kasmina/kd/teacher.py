@@ -100,7 +100,9 @@ class CheckpointedTeacher:
     parameters get ``requires_grad=False`` and are held as teacher-only until :meth:`close` or
     collection (:func:`is_teacher_parameter`, :meth:`teacher_parameters`): no optimizer takes
     them.
-    ``checkpoint_path`` optionally loads a plain ``state_dict`` file first.
+    ``checkpoint_path`` optionally loads a plain ``state_dict`` file first. ``replaces``: the
+    teacher this one takes over from (a manager's next ``load_teacher``), whose model it may take
+    in place; the caller closes that one once this one is built.
 
     ``forward`` runs under ``torch.inference_mode``, with a caller's autocast off (the teacher
     computes in its own dtype). Floating inputs are moved to the teacher's device and cast to
@@ -119,6 +121,7 @@ class CheckpointedTeacher:
         copy_model: bool = True,
         output_dtype: torch.dtype | None = torch.float32,
         checkpoint_path: str | Path | None = None,
+        replaces: CheckpointedTeacher | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(model).__name__}")
@@ -127,7 +130,7 @@ class CheckpointedTeacher:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
         teacher = copy.deepcopy(model) if copy_model else model
         # Held first: a model another teacher holds in place is refused before anything changes.
-        self._release = hold(list(teacher.parameters()), self)
+        self._release, undo = hold(list(teacher.parameters()), self, replaces)
         try:
             if checkpoint_path is not None:
                 _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
@@ -138,7 +141,7 @@ class CheckpointedTeacher:
             if dtype is not None or device is not None:
                 teacher.to(device=device, dtype=dtype)
         except BaseException:
-            self._release()
+            undo()
             raise
         teacher.eval()
         for param in teacher.parameters():
@@ -160,7 +163,7 @@ class CheckpointedTeacher:
         # A copy (``copy.deepcopy``, an unpickled teacher) has parameters of its own: teacher-only
         # as the original's are, or an optimizer would take them (a shallow copy is refused).
         self.__dict__.update(state, _lock=threading.RLock())
-        self._release = hold(self.teacher_parameters(), self)
+        self._release = hold(self.teacher_parameters(), self)[0]
 
     def close(self) -> None:
         """Let the model go (idempotent): its parameters are no longer teacher-only, so an

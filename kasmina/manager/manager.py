@@ -304,7 +304,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             device = host.device if host is not None else self.device
         teacher = CheckpointedTeacher(
             model, dtype=self.config.teacher_torch_dtype, device=device, copy_model=copy_model,
-            checkpoint_path=self.config.teacher_checkpoint_path,
+            checkpoint_path=self.config.teacher_checkpoint_path, replaces=self.state.teacher,
         )  # fmt: skip
         with self._lock:  # a safe point's command on the training thread reads the teacher
             self.state.hold_teacher(teacher)

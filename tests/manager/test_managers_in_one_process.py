@@ -256,3 +256,29 @@ def test_a_model_taught_in_place_is_trainable_once_its_teacher_is_let_go(
         del kd, held  # dropped without close(): let go when collected
     trainer.attach(model, "out", 2, 2)
     trainer.close()
+
+
+def test_a_manager_loads_the_model_it_holds_in_place_again(
+    tmp_path: Path, store: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager's next ``load_teacher`` of the model its own teacher holds in place (a new
+    checkpoint, another dtype) takes it over; a load that fails leaves the model held by the
+    teacher it had, which still serves."""
+    import kasmina.kd.teacher as teacher_module
+    from kasmina.kd.holds import is_teacher_parameter
+
+    rig = Rig(make_config(tmp_path / "a", store, kd_enabled=True), keyring)
+    model = Host()
+    first = rig.manager.load_teacher(model, copy_model=False)
+    want = rig.manager.get_teacher_predictions(rig.x)
+    monkeypatch.setattr(teacher_module, "_FP32_BYTES", None)  # the build fails after the hold
+    with pytest.raises(TypeError):
+        rig.manager.load_teacher(model, copy_model=False)
+    monkeypatch.undo()
+    assert rig.manager.teacher is first and all(map(is_teacher_parameter, model.parameters()))
+    assert torch.equal(rig.manager.get_teacher_predictions(rig.x), want)
+    second = rig.manager.load_teacher(model, copy_model=False)
+    assert rig.manager.teacher is second and second.teacher is model
+    assert all(map(is_teacher_parameter, model.parameters()))  # the old one closed, not these
+    rig.manager.close()
+    assert not any(map(is_teacher_parameter, model.parameters()))
