@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kasmina.control.processes import check_supported_parallelism
+
 __all__ = ["ModelHold", "watch_registrations"]
 
 # Parameters and modules registered anywhere in this process since the first registry (a
@@ -235,6 +237,7 @@ class ModelHold:
         if held is not param and any(p is param for p in module._parameters.values()):
             held = param  # renamed where it is (``torch.nn.utils.prune``: ``weight_orig``)
         if held is not param:
+            check_supported_parallelism(self.model)  # sharded since (``fully_shard``): said so
             raise RuntimeError(
                 "the model's parameters were replaced after the manager registered them (a "
                 "move to another kind of device, load_state_dict(assign=True), or a "

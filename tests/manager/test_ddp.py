@@ -1725,3 +1725,23 @@ def test_a_sync_that_fails_after_the_coordinator_closed_reports_its_commands(
     assert dk.coordinator.pending == 0
     assert manager.command_log[-1][2:] == (False, "the multi-rank coordinator closed")
     manager.close()
+
+
+def test_a_host_sharded_after_register_is_named_as_such_at_the_step(
+    tmp_path, store, keyring
+) -> None:
+    """``fully_shard`` applied after ``attach`` (no ``wrap_ddp``, no ``DistributedKasmina``):
+    the step refused, blaming a reparametrization (``weight_norm``) and never naming FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        fully_shard(rig.model.inp)
+        rig.model(rig.x).sum().backward()
+        with pytest.raises(UnsupportedParallelismError, match="inp is FSDP-sharded"):
+            rig.manager.step()
+    finally:
+        dist.destroy_process_group()
