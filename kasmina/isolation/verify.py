@@ -63,6 +63,13 @@ class HostIndex:
         # index, extended alike when a seed fossilizes, share the result too.
         self._next: tuple[tuple[Any, ...], list[torch.Tensor], HostIndex] | None = None
 
+    def __getstate__(self) -> list[tuple[str, torch.Tensor]]:
+        return self.params
+
+    def __setstate__(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        # A copy (``copy.deepcopy``, a pickle) holds tensors of its own: its lookup by their ids.
+        self.__init__(params)  # type: ignore[misc]
+
     def extended(
         self,
         params: list[torch.Tensor],

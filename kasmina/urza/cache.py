@@ -16,7 +16,8 @@ Why a kernel belongs to one cache entry: a cache releases what it removes, so a 
 second cache (another manager's), or under a second id, would be released by the first one's
 eviction while the second still held, even pinned, it, and every seed that copied it afterwards
 was refused. Which cache entry holds each kernel is recorded process-wide (weakly), and a put of
-a kernel another entry holds, or another cache removed, raises ``ValueError``.
+a kernel another entry holds, or another live cache removed, raises ``ValueError`` (one a
+collected cache removed is released: ``KernelLoader.put`` refuses that as it is).
 """
 
 from __future__ import annotations

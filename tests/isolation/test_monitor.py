@@ -462,3 +462,18 @@ def test_emergency_rotation_keeps_to_its_own_runs_files(tmp_path, monkeypatch) -
     assert store.epochs() == [0, 1, 2]
     ours = sorted(p for p in tmp_path.iterdir() if p.name.startswith("exp.emergency_isolation_s"))
     assert ours == sorted(written[-2:])
+
+
+def test_a_copied_host_index_finds_a_leak_to_its_own_tensors() -> None:
+    """A ``HostIndex`` looks its tensors up by id: a deep copy or a pickle kept the original's
+    ids, so a leak to the copy's own host tensors was reported clean."""
+    import copy
+    import pickle
+
+    from kasmina.isolation.verify import HostIndex
+
+    index = HostIndex([("host.w", nn.Parameter(torch.ones(2)))])
+    for copied in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        ((name, w),) = copied.params
+        assert copied.names == {id(w): name}
+        assert graph_isolation((w * 2).sum(), copied) is False

@@ -793,3 +793,19 @@ def test_the_teacher_computes_in_its_own_dtype_under_a_callers_autocast(dtype) -
             got = teacher(x)
             assert torch.is_autocast_enabled("cpu")  # the caller's autocast is left as it was
         assert got.dtype == torch.float32 and torch.equal(got, plain), under
+
+
+def test_a_teacher_holds_the_parameters_its_cast_made() -> None:
+    """Held before the cast, a teacher whose cast made new parameter objects (torch's
+    ``set_overwrite_module_params_on_conversion``) left its live parameters free: an
+    optimizer could take them, and a second teacher in place recast the first."""
+    model = make_mlp()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        first = CheckpointedTeacher(model, dtype=torch.bfloat16, copy_model=False)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert all(map(is_teacher_parameter, first.teacher_parameters()))
+    with pytest.raises(ValueError, match="held in place by another live teacher"):
+        CheckpointedTeacher(model, dtype=torch.float16, copy_model=False)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
