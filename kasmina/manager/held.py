@@ -44,6 +44,7 @@ __all__ = ["ModelHold", "watch_registrations"]
 # Parameters and modules registered anywhere in this process since the first registry (a
 # global hook counts them): a registry whose model may have changed looks only when it moved.
 _REGISTRATIONS = [0]
+_COUNTING = threading.Lock()
 # This thread's count of the registrations made inside a ``ModelHold.own`` block (none: None).
 _OWN = threading.local()
 
@@ -52,7 +53,8 @@ Edge = tuple[nn.Module, str, nn.Module]  # (parent, name, child): parent._module
 
 def _count_registration(*_: Any) -> None:
     if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile
-        _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing new)
+        with _COUNTING:  # (``+=`` is no atomic step: a lost count could pass for ``own``'s)
+            _REGISTRATIONS[0] += 1  # each time it moved (a compiled forward registers nothing)
         own = getattr(_OWN, "count", None)
         if own is not None:
             own[0] += 1
