@@ -8,8 +8,9 @@ they ended with to files the test compares: seed parameters bit for bit, the syn
 command outcomes. The scenarios also cover an epoch longer than the freshness window, a command
 delivered to two ranks, a forged command, a corrupted rank being repaired (with three ranks,
 by the majority, from a rank other than 0, also after steps trained with mismatched seed
-layouts), a kernel fetch on one rank slower than the sync's process-group timeout, and a
-batch-norm seed whose running statistics, different on each rank's shard, are averaged.
+layouts), a kernel fetch on one rank slower than the sync's process-group timeout, a
+batch-norm seed whose running statistics, different on each rank's shard, are averaged, and a
+host frozen whole (the seeds alone train), which ``wrap_ddp`` leaves unwrapped.
 
 Every collective is bounded by the process group's timeout and the whole run by
 ``join_timeout_s``, so a hung rank fails the test instead of hanging the suite.
@@ -38,16 +39,12 @@ from kasmina.control.relay import EpochSyncResult
 from kasmina.kd.config import KDConfig
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.coordination import ManagerApplier, ManagerReplica
-from kasmina.manager.ddp import (
-    DistributedKasmina,
-    SeedGradientSync,
-    kasmina_owned_names,
-    wrap_ddp,
-)
+from kasmina.manager.ddp import DistributedKasmina, kasmina_owned_names, wrap_ddp
+from kasmina.manager.grad_sync import SeedGradientSync
 from kasmina.stages import SeedStage
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
-from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Rig, make_config
+from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Host, Rig, make_config
 
 S = SeedStage
 FRESHNESS_S = 1.5  # the epoch with the long pause outlasts it
@@ -86,7 +83,7 @@ def _rank_rig(rank: int, spec: dict[str, Any]) -> Rig:
         kd=KDConfig(temperature=2.0, alpha=1.0),
         device=device,
     )
-    return Rig(config, keyring, device=device)
+    return Rig(config, keyring, device=device, **spec.get("attach", {}))
 
 
 def _signed(rig: Rig, op: str, seed_id: str, artifact: str = "", **params: float) -> bytes:
@@ -112,6 +109,7 @@ class Trainer:
         self.teacher.to(self.device)
         self.results: list[Any] = []
         self.host_stepped: list[bool] = []
+        self.host_optimizer: torch.optim.Optimizer | None = None  # the trainer's (host_lr=None)
         self.epoch = 0
 
     def train(self, steps: int = STEPS, drop_grad_of: str | None = None, clip: float = 0.0) -> None:
@@ -128,6 +126,9 @@ class Trainer:
             if drop_grad_of is not None:
                 self.manager.seed(drop_grad_of).seed_parameters()[0].grad = None
             self.host_stepped.append(self.manager.step(grad_clip_norm=clip)["host_stepped"])
+            if self.host_optimizer is not None:  # after the manager's step, as §4 asks
+                self.host_optimizer.step()
+                self.host_optimizer.zero_grad()
 
     def boundary(self, inference: bool = False) -> Any:
         """``inference``: the boundary inside the user's ``torch.inference_mode()`` block."""
@@ -1667,6 +1668,92 @@ def test_a_batch_norm_seed_has_its_statistics_averaged_not_repaired(
             expected = mine
         assert torch.equal(after0[name], expected) and torch.equal(after1[name], expected), name
     _assert_equal_states(runs)  # seed and host parameters, the table: bit for bit
+
+
+class NormedHost(Host):
+    """The test host with a batch norm before the slot: in train mode its forwards update the
+    running statistics from each rank's own shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.inp(x))))
+
+
+def _host_norm(t: Trainer) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in t.rig.model.norm.named_buffers()}
+
+
+def _worker_frozen_host(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Seeds alone train (``host_lr=None``) on a host frozen whole before the wrap, as the
+    demo's continual scenario freezes it; its first layer is unfrozen later, the trainer's own
+    optimizer stepping it."""
+    import tests.manager.helpers as helpers
+    import tests.manager.test_ddp as this
+
+    helpers.Host = NormedHost
+    wrap = this.wrap_ddp
+
+    def frozen_for_the_wrap(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
+        for module in (model.inp, model.norm, model.out.host):
+            module.requires_grad_(False)
+        return wrap(model, **options)
+
+    this.wrap_ddp = frozen_for_the_wrap
+    t = Trainer(rank, world, {**spec, "attach": {"host_lr": None}})
+    unwrapped = t.net is t.rig.model
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    seed = [p.detach().clone() for p in t.manager.seed(SEED0).seed_parameters()]
+    t.train()
+    norm_before = _host_norm(t)
+    t.boundary()
+    norm_after = _host_norm(t)
+    now = t.manager.seed(SEED0).seed_parameters()
+    trained = [not torch.equal(a, p) for a, p in zip(seed, now, strict=True)]
+    weight = t.rig.model.inp.weight
+    t.rig.model.inp.requires_grad_(True)
+    t.host_optimizer = torch.optim.SGD(t.rig.model.inp.parameters(), lr=0.5)
+    before = weight.detach().clone()
+    t.train()
+    t.boundary()
+    t.save(
+        spec["out"],
+        "frozen",
+        unwrapped=unwrapped,
+        trained=trained,
+        norm_before=norm_before,
+        norm_after=norm_after,
+        weight=weight.detach().clone(),
+        moved=not torch.equal(before, weight),
+    )
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_host_frozen_whole_is_left_unwrapped_and_its_batch_norm_averaged(
+    tmp_path: Path, published
+) -> None:
+    """Seeds training on a frozen host (``attach(host_lr=None)``, a host layer frozen): DDP had
+    no parameter to average, and its constructor raised ("DistributedDataParallel is not
+    needed ...") on every rank. ``wrap_ddp`` returns the model; the seeds train alike on both
+    ranks; the host's batch norm, which DDP would have broadcast from rank 0, is averaged at
+    the sync; a host layer unfrozen later is averaged with the seeds' gradients."""
+    runs = _two_gloo_ranks(_worker_frozen_host, tmp_path, published, "frozen")
+    assert [run["unwrapped"] for run in runs] == [True, True]
+    assert all(any(run["trained"]) for run in runs)
+    for run in runs:
+        assert all(divergent == () for _, _, divergent, _, _ in run["results"])
+    (before0, after0), (before1, after1) = ((r["norm_before"], r["norm_after"]) for r in runs)
+    for name in ("running_mean", "running_var"):
+        assert not torch.equal(before0[name], before1[name]), name  # each rank's own shard
+        expected = (before0[name] + before1[name]) / 2
+        assert torch.equal(after0[name], expected) and torch.equal(after1[name], expected), name
+    assert torch.equal(after0["num_batches_tracked"], after1["num_batches_tracked"])
+    assert [run["moved"] for run in runs] == [True, True]
+    assert torch.equal(runs[0]["weight"], runs[1]["weight"])
+    _assert_equal_states(runs)  # the seeds' and the host's parameters, the table
 
 
 def _worker_detect_only(rank: int, world: int, spec: dict[str, Any]) -> None:
