@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,50 +41,49 @@ def is_teacher_parameter(param: torch.Tensor) -> bool:
     return _holder(param) is not None
 
 
-def _marked(
-    params: Sequence[torch.Tensor], holder: object | None, replaces: object | None
-) -> weakref.ref[object] | None:
-    """Mark ``params`` as ``holder``'s (None: only ask) unless another live, open teacher than
-    ``holder`` and ``replaces`` holds one; asked again after one garbage collection (outside
-    the lock: a collection runs finalizers), since a teacher dropped without ``close()`` lets
-    go only when collected. ``ValueError`` if one is still held; else the mark's reference to
-    ``holder``."""
-    ref = None if holder is None else weakref.ref(holder)
+def hold(
+    params: Sequence[torch.Tensor], holder: object, replaces: object | None = None
+) -> tuple[weakref.finalize, Callable[[], None]]:
+    """Mark ``params`` as ``holder``'s, all or none: ``ValueError`` if another live, open teacher
+    than ``replaces`` (the one a manager's next ``load_teacher`` takes over from) holds any of
+    them, asked again after one garbage collection (outside the lock: a collection runs
+    finalizers), since a teacher dropped without ``close()`` lets go only when collected.
+    Returns the release (called once, by ``close()`` or when ``holder`` is collected, it
+    unmarks what ``holder`` still holds) and the undo of a hold whose teacher failed to build,
+    or held parameters its load or cast replaced: each marked as it was before."""
+    ref = weakref.ref(holder)
     for retry in (False, True):
         if retry:
             gc.collect()
         with _LOCK:
             taken = [i for i, p in enumerate(params) if _held_by_another(p, holder, replaces)]
             if not taken:
-                if ref is not None:
-                    for p in params:
-                        _TEACHER_PARAMS[id(p)] = (weakref.ref(p), ref)
-                return ref
-    raise ValueError(
-        f"parameter {taken[0]} of this model ({len(taken)} of {len(params)}) is held in place "
-        "by another live teacher (load_teacher or CheckpointedTeacher with copy_model=False), "
-        "whose forwards a second teacher's casts would break. Pass copy_model=True (the "
-        "default: a copy of its own), or close that teacher or its manager first"
-    )
-
-
-def check_free(params: Sequence[torch.Tensor], replaces: object | None = None) -> None:
-    """``ValueError`` if another live, open teacher than ``replaces`` (the one a manager's next
-    ``load_teacher`` takes over from) holds any of ``params``: asked before a teacher changes
-    its model (a load, a cast), which :func:`hold` marks afterwards."""
-    _marked(params, None, replaces)
-
-
-def hold(
-    params: Sequence[torch.Tensor], holder: object, replaces: object | None = None
-) -> weakref.finalize:
-    """Mark ``params`` as ``holder``'s, all or none (``ValueError`` as :func:`check_free`).
-    Returns the release: called once, by ``close()`` or when ``holder`` is collected, it
-    unmarks what ``holder`` still holds."""
-    ref = _marked(params, holder, replaces)
-    release = weakref.finalize(holder, _release, [id(p) for p in params], ref)
+                before = {id(p): _TEACHER_PARAMS.get(id(p)) for p in params}
+                for p in params:
+                    _TEACHER_PARAMS[id(p)] = (weakref.ref(p), ref)
+                break
+    else:
+        raise ValueError(
+            f"parameter {taken[0]} of this model ({len(taken)} of {len(params)}) is held in "
+            "place by another live teacher (load_teacher or CheckpointedTeacher with "
+            "copy_model=False), whose forwards a second teacher's casts would break. Pass "
+            "copy_model=True (the default: a copy of its own), or close that teacher or its "
+            "manager first"
+        )
+    release = weakref.finalize(holder, _release, list(before), ref)
     release.atexit = False
-    return release
+
+    def undo() -> None:
+        release.detach()
+        with _LOCK:
+            for key, entry in before.items():
+                if _TEACHER_PARAMS.get(key, (None, None))[1] is ref:
+                    if entry is None:
+                        del _TEACHER_PARAMS[key]
+                    else:
+                        _TEACHER_PARAMS[key] = entry
+
+    return release, undo
 
 
 def _release(ids: list[int], ref: weakref.ref[object]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.kd.holds import check_free, hold
+from kasmina.kd.holds import hold
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import cast_in_place
@@ -129,18 +129,25 @@ class CheckpointedTeacher:
             if value is not None and value not in _TEACHER_DTYPES:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
         teacher = copy.deepcopy(model) if copy_model else model
-        # A model another teacher holds in place is refused before anything changes; what is
-        # held is the parameters after the load and the cast (either may make new ones).
-        check_free(list(teacher.parameters()), replaces)
-        if checkpoint_path is not None:
-            _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
-        # The fp32 figure is counted on the model as given, before any cast.
-        self.full_precision_parameter_bytes = _FP32_BYTES * sum(
-            p.numel() for p in teacher.parameters()
-        )
-        if dtype is not None or device is not None:
-            teacher.to(device=device, dtype=dtype)
-        self._release = hold(list(teacher.parameters()), self, replaces)
+        # Held first (a model another teacher holds in place is refused before anything
+        # changes), and what the load and the cast leave held (either may make new parameters).
+        params = list(teacher.parameters())
+        self._release, undo = hold(params, self, replaces)
+        try:
+            if checkpoint_path is not None:
+                _load_checked(teacher, Path(checkpoint_path), own=not copy_model)
+            # The fp32 figure is counted on the model as given, before any cast.
+            self.full_precision_parameter_bytes = _FP32_BYTES * sum(
+                p.numel() for p in teacher.parameters()
+            )
+            if dtype is not None or device is not None:
+                teacher.to(device=device, dtype=dtype)
+            if [id(p) for p in teacher.parameters()] != [id(p) for p in params]:
+                undo()
+                self._release, undo = hold(list(teacher.parameters()), self, replaces)
+        except BaseException:
+            undo()
+            raise
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
@@ -161,7 +168,7 @@ class CheckpointedTeacher:
         # A copy (``copy.deepcopy``, an unpickled teacher) has parameters of its own: teacher-only
         # as the original's are, or an optimizer would take them (a shallow copy is refused).
         self.__dict__.update(state, _lock=threading.RLock())
-        self._release = hold(self.teacher_parameters(), self)
+        self._release = hold(self.teacher_parameters(), self)[0]
 
     def close(self) -> None:
         """Let the model go (idempotent): its parameters are no longer teacher-only, so an

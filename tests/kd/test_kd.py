@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import math
+import types
 import weakref
 
 import pytest
@@ -809,3 +810,24 @@ def test_a_teacher_holds_the_parameters_its_cast_made() -> None:
     with pytest.raises(ValueError, match="held in place by another live teacher"):
         CheckpointedTeacher(model, dtype=torch.float16, copy_model=False)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_a_model_is_held_while_its_teacher_loads_and_casts_it() -> None:
+    """Checked, then loaded and cast, then marked: a second in-place teacher built meanwhile
+    (another thread) passed the check too, and the two cast the model under each other."""
+    model = make_mlp()
+    seen: list[BaseException] = []
+    cast = type(model).to
+
+    def to(self, *args, **kwargs):  # a second teacher built while the first casts
+        try:
+            CheckpointedTeacher(model, dtype=torch.float16, copy_model=False)
+        except ValueError as exc:
+            seen.append(exc)
+        return cast(self, *args, **kwargs)
+
+    model.to = types.MethodType(to, model)
+    first = CheckpointedTeacher(model, dtype=torch.bfloat16, copy_model=False)
+    assert len(seen) == 1 and "held in place" in str(seen[0])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(map(is_teacher_parameter, first.teacher_parameters()))
