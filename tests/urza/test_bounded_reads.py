@@ -23,17 +23,6 @@ MiB = 1 << 20
 PAYLOAD = bytes(range(256)) * 4  # 1024 bytes
 
 
-@pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
-def trusted(publisher: PublisherKey) -> TrustedPublishers:
-    """What a trainer holds: the publisher's public key only."""
-    return publisher.trusted_publishers()
-
-
 @pytest.fixture
 def store(tmp_path: Path, publisher: PublisherKey) -> Path:
     root = tmp_path / "store"

@@ -30,11 +30,6 @@ from tests.urza.helpers import FakeClock, FlakyFS, arm_pt2, serve, serve_directo
 
 
 @pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
 def other() -> PublisherKey:
     return PublisherKey.generate("other")
 

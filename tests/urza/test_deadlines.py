@@ -50,17 +50,6 @@ DEADLINE = "did not finish within its deadline"
 
 
 @pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
-def trusted(publisher: PublisherKey) -> TrustedPublishers:
-    """What a trainer holds: the publisher's public key only."""
-    return publisher.trusted_publishers()
-
-
-@pytest.fixture(scope="module")
 def published(
     tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey
 ) -> tuple[Path, Manifest]:

@@ -42,17 +42,6 @@ class Blueprint(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
-def trusted(publisher: PublisherKey) -> TrustedPublishers:
-    """What a trainer holds: the publisher's public key only."""
-    return publisher.trusted_publishers()
-
-
-@pytest.fixture(scope="module")
 def artifact(
     tmp_path_factory: pytest.TempPathFactory, publisher: PublisherKey, trusted: TrustedPublishers
 ):

@@ -22,16 +22,6 @@ API_KEY = "S3CRET-API-KEY"
 PAYLOAD = b"not a real kernel: fetch verifies, it does not deserialise"
 
 
-@pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
-def trusted(publisher: PublisherKey) -> TrustedPublishers:
-    return publisher.trusted_publishers()
-
-
 @pytest.fixture
 def root(tmp_path: Path, publisher: PublisherKey) -> Path:
     """A local store holding artifact ``a1``."""

@@ -51,16 +51,6 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture(scope="module")
-def publisher() -> PublisherKey:
-    return PublisherKey.generate("pub")
-
-
-@pytest.fixture(scope="module")
-def trusted(publisher: PublisherKey) -> TrustedPublishers:
-    return publisher.trusted_publishers()
-
-
-@pytest.fixture(scope="module")
 def commands() -> Keyring:
     """A controller's command keyring; "pub" deliberately shares the publisher's key id."""
     return Keyring({"ctl": generate_key(), "pub": generate_key()})
