@@ -8,14 +8,16 @@ runs"):
 
 - ``wrap_ddp(model)`` wraps the host in DDP with everything
   Kasmina owns (every parameter and buffer of a slot other than its host layer's) on DDP's
-  ignore list; a host with nothing left to reduce (frozen whole) it returns unwrapped;
+  ignore list; a host with nothing left to reduce (frozen whole) it returns unwrapped, its
+  parameters and buffers broadcast from rank 0 as DDP's constructor would have;
 - ``SeedGradientSync`` (``kasmina.manager.grad_sync``) averages the gradients of every live
   seed across ranks, once per step, from ``manager.step()`` before any optimizer steps, and the
   host parameters DDP does not reduce; ``perf/bench_distributed.py`` measures the cost;
 - ``DistributedKasmina.sync_epoch`` averages the running seeds' kernel buffers (a BatchNorm's
-  running statistics, which each rank updates from its own shard), and an unwrapped host's
-  (``host_buffers``), before the replica checksum (``BufferAverage``), so healthy ranks agree
-  and only drift is repaired;
+  running statistics, which each rank updates from its own shard) before the replica checksum
+  (``BufferAverage``), so healthy ranks agree and only drift is repaired, and, separately,
+  gives an unwrapped host's buffers (``host_buffers``) rank 0's values, as DDP would have at
+  each forward (``sync_host_buffers``);
 - ``ManagerReplica`` and ``ManagerApplier`` (``kasmina.manager.coordination``) are what ranks
   compare and repair, and how agreed commands apply;
 - ``DistributedKasmina`` puts them together over a ``DistributedCoordinator``, and routes the
@@ -30,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import weakref
+import zlib
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +46,7 @@ from kasmina.control.processes import (
     check_supported_parallelism,
     collective_device,
     collective_timeout_s,
+    global_rank,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage
@@ -62,11 +66,12 @@ __all__ = [
     "host_buffers",
     "kasmina_owned_names",
     "running_kernel_buffers",
+    "sync_host_buffers",
     "wrap_ddp",
 ]
 
 # The models ``wrap_ddp`` returned unwrapped, under a process group, with ``broadcast_buffers``
-# on: their host's buffers are averaged at each epoch sync (``host_buffers``).
+# on: their host's buffers take rank 0's values at each epoch sync (``sync_host_buffers``).
 _UNWRAPPED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -101,11 +106,13 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     A host none of whose parameters requires a gradient (Kasmina's aside: a frozen host whose
     seeds alone train, ``attach(host_lr=None)``) leaves DDP nothing to average, and its
     constructor raises; ``model`` itself is returned then, after the same checks, and logged
-    at INFO. Every host parameter is then the seeds' gradient sync's to average once unfrozen,
-    as one frozen at a wrap is, and unless ``broadcast_buffers=False`` the host's floating
-    buffers (``host_buffers``: a BatchNorm's running statistics in train mode), which DDP would
-    have broadcast from rank 0 at each forward, are averaged by ``DistributedKasmina.sync_epoch``
-    with the seeds' own.
+    at INFO. What DDP's constructor would have done first is done here: the host's parameters
+    (and, unless ``broadcast_buffers=False``, its buffers) are broadcast from rank 0 (not with
+    ``init_sync=False``), so hosts built differently on each rank start alike. Every host
+    parameter is then the seeds' gradient sync's to average once unfrozen, as one frozen at a
+    wrap is, and unless ``broadcast_buffers=False`` the host's buffers (``host_buffers``: a
+    BatchNorm's running statistics in train mode), which DDP would have broadcast from rank 0
+    at each forward, take rank 0's values at each ``DistributedKasmina.sync_epoch``.
 
     ``find_unused_parameters`` defaults to True, and ``find_unused_parameters=False`` or
     ``static_graph=True`` is refused (``ValueError``): while every seed of a slot is in an
@@ -144,8 +151,11 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
             "wrap_ddp: no host parameter requires a gradient (a frozen host, seeds only): the "
             "model is returned unwrapped; the seeds' gradient sync averages a host layer "
             "unfrozen later%s",
-            ", and each epoch sync the host's buffers" if broadcast else "",
+            ", and each epoch sync gives the host's buffers rank 0's" if broadcast else "",
         )
+        if ddp_options.get("init_sync", True):  # as DDP's constructor: every rank rank 0's host
+            buffers = [b for name, b in model.named_buffers() if name not in ours]
+            _broadcast_from_first([*host, *(buffers if broadcast else ())], group)
         leave_unreduced(model, host)
         _UNWRAPPED[model] = bool(broadcast)
         return model
@@ -162,14 +172,20 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
 def check_same_layout(
     model: nn.Module, ignored: Collection[str] = (), group: Any = None, *, buffers: bool = True
 ) -> None:
-    """``ValueError`` on every rank when the ranks' models differ in the shapes or dtypes of the
-    tensors DDP takes, in order: the parameters (and the buffers it broadcasts, ``buffers``) but
-    ``ignored``, over ``group`` (DDP's process group; None: the default one). DDP's constructor
-    compares shapes, but a dtype that differs (a rank cast to bfloat16) makes its first
-    broadcast read sizes that do not match, and gloo aborts the process. One all-gather of a
-    16-byte digest, on the model's CUDA device under NCCL (else the group's)."""
+    """``ValueError`` on every rank when the ranks' models differ in the shapes, dtypes or
+    ``requires_grad`` of the tensors DDP takes, in order: the parameters (and the buffers it
+    broadcasts, ``buffers``) but ``ignored``, over ``group`` (DDP's process group; None: the
+    default one). DDP's constructor compares shapes, but a dtype that differs (a rank cast to
+    bfloat16) makes its first broadcast read sizes that do not match, and gloo aborts the
+    process; a host frozen on some ranks only is returned unwrapped there while the others wait
+    in DDP's constructor, until the group's timeout. One all-gather of a 16-byte digest, on the
+    model's CUDA device under NCCL (else the group's)."""
     tensors = [*model.named_parameters(), *(model.named_buffers() if buffers else ())]
-    layout = [(tuple(t.shape), str(t.dtype)) for name, t in tensors if name not in ignored]
+    layout = [
+        (tuple(t.shape), str(t.dtype), t.requires_grad)
+        for name, t in tensors
+        if name not in ignored
+    ]
     digest = hashlib.blake2b(repr(layout).encode(), digest_size=16).digest()
     device = collective_device(group)
     if device.type == "cuda":  # where the rank's model is, set as current device or not
@@ -179,24 +195,70 @@ def check_same_layout(
     dist.all_gather(every, mine, group=group)
     differ = [rank for rank, other in enumerate(every) if not torch.equal(other, every[0])]
     if differ:
-        dtypes = dict(Counter(dtype for _, dtype in layout))
+        dtypes = dict(Counter(dtype for _, dtype, _ in layout))
+        trainable = sum(grad for _, _, grad in layout)
         raise ValueError(
-            f"wrap_ddp: the ranks' models differ in the shapes or dtypes of their parameters or "
-            f"buffers: rank(s) {differ} differ from rank 0 (this rank, {dist.get_rank(group)}, "
-            f"has {len(layout)}: {dtypes}); build and cast the model alike on every rank"
+            f"wrap_ddp: the ranks' models differ in the shapes, dtypes or requires_grad of their "
+            f"parameters or buffers: rank(s) {differ} differ from rank 0 (this rank, "
+            f"{dist.get_rank(group)}, has {len(layout)}: {dtypes}, {trainable} requiring a "
+            f"gradient); build, cast and freeze the model alike on every rank"
         )
 
 
 def host_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(name, buffer)`` of the host's floating buffers (none of Kasmina's) where ``wrap_ddp``
-    returned ``model`` unwrapped with ``broadcast_buffers`` on, in the model's order; else none.
-    What DDP would have broadcast from rank 0 at each forward: a frozen host in train mode
-    (a BatchNorm's running statistics) updates them from each rank's own shard."""
+    """``(name, buffer)`` of the host's buffers (none of Kasmina's; floating and integer alike)
+    where ``wrap_ddp`` returned ``model`` unwrapped with ``broadcast_buffers`` on, in the
+    model's order; else none. What DDP would have broadcast from rank 0 at each forward: a
+    frozen host in train mode (a BatchNorm's running statistics) updates them from each rank's
+    own shard."""
     if not _UNWRAPPED.get(model, False):
         return []
     ours = set(kasmina_owned_names(model))
-    named = model.named_buffers()
-    return [(f"host.{n}", b) for n, b in named if n not in ours and b.is_floating_point()]
+    return [(f"host.{n}", b) for n, b in model.named_buffers() if n not in ours]
+
+
+def _broadcast_from_first(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
+    """Every rank's ``tensors`` take the values of ``group``'s rank 0 (None: the default
+    group), in place, as DDP's constructor and forward broadcast a host's (a collective: the
+    same tensors, in the same order, on every rank). One broadcast each, all launched before
+    the first is waited on, on the collective device (through a copy where a tensor is
+    elsewhere)."""
+    device, src = collective_device(group), global_rank(group, 0)
+    launched = []
+    with torch.no_grad():
+        for tensor in tensors:
+            data = tensor.data
+            here = data.is_cuda if device.type == "cuda" else data.device == device
+            buf = data if here and data.is_contiguous() else data.to(device).contiguous()
+            launched.append((data, buf, dist.broadcast(buf, src=src, group=group, async_op=True)))
+        for data, buf, handle in launched:
+            handle.wait()
+            if buf is not data:
+                data.copy_(buf)
+
+
+def sync_host_buffers(model: nn.Module, group: Any = None) -> int:
+    """Rank 0's values (over ``group``) for the buffers of a host ``wrap_ddp`` left unwrapped
+    (``host_buffers``), which DDP would have broadcast at each forward; how many (0 without a
+    group). A collective: every rank calls it at the same point. A 2-integer all-reduce first
+    checks that every rank holds the same buffers (names, dtypes, shapes): a broadcast of
+    sizes that differ fails or hangs; where they differ nothing is broadcast, and it is logged.
+    Rank 0's values, non-finite or not, are every rank's, as under DDP."""
+    if not _distributed() or dist.get_world_size(group) == 1:
+        return 0
+    named = host_buffers(model)
+    layout = zlib.crc32(";".join(f"{n}|{t.dtype}|{tuple(t.shape)}" for n, t in named).encode())
+    both = torch.tensor([layout, -layout], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # the maximum and the minimum
+    highest, lowest = both.tolist()
+    if highest != -lowest:
+        logger.error(
+            "the unwrapped host's buffer layouts differ across ranks: none is broadcast from "
+            "rank 0 (the host's buffers are not in the replica checksum, nor repaired)"
+        )
+        return 0
+    _broadcast_from_first([t for _, t in named], group)
+    return len(named)
 
 
 def running_kernel_buffers(registry: SlotRegistry) -> list[tuple[str, torch.Tensor]]:
@@ -218,7 +280,8 @@ class DistributedKasmina:
     command given to any rank's door (``manager.handle_adaptation_command``, or ``submit``) is
     verified there and applied on every rank at the next ``sync_epoch(epoch)``, which every rank
     calls at the same boundary (after ``manager.end_epoch``); that sync first averages the running
-    seeds' buffers (``seed_buffers``), then checks the replicas and repairs a rank that
+    seeds' buffers (``seed_buffers``) and gives those of a host ``wrap_ddp`` left unwrapped rank
+    0's values (``sync_host_buffers``), then checks the replicas and repairs a rank that
     diverged. ``close`` detaches it from the manager.
 
     ``check_host`` includes the host's parameters in the replica checksum (see
@@ -248,6 +311,7 @@ class DistributedKasmina:
         # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
         _ = manager.state.checkpoints
         self.manager = manager
+        self.group = group
         self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
         self.seed_buffers = BufferAverage(
             group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
@@ -298,8 +362,9 @@ class DistributedKasmina:
         return self.coordinator.submit(raw)
 
     def sync_epoch(self, epoch: int) -> EpochSyncResult:
-        """The collective boundary: average the running seeds' buffers (and those of a host
-        ``wrap_ddp`` left unwrapped), apply what the ranks received, check, repair."""
+        """The collective boundary: average the running seeds' buffers, give those of a host
+        ``wrap_ddp`` left unwrapped rank 0's values, apply what the ranks received, check,
+        repair."""
         # Seed buffers are averaged here, once per epoch and before the checksum, on every rank
         # (this call is itself the collective boundary), rather than at each step: the training
         # forward reads batch statistics, and running statistics are linear in what each step
@@ -310,9 +375,11 @@ class DistributedKasmina:
         # received, as one it could not verify, and report the ranks consistent.
         registry = self.manager.state.require_registry(training=True)
         self.seed_grads.charge_held_faults()  # found since the last step: before any command
+        self.seed_buffers(running_kernel_buffers(registry))
         # A host wrap_ddp left unwrapped (frozen whole) has no DDP to broadcast its buffers
-        # from rank 0 at each forward: its running statistics are averaged alike.
-        self.seed_buffers(running_kernel_buffers(registry) + host_buffers(registry.model))
+        # from rank 0 at each forward: they are broadcast here, as DDP would have (no repair
+        # covers them), in a call of their own, so that neither's layout check stops the other.
+        sync_host_buffers(registry.model, self.group)
         result = self.coordinator.sync_epoch(epoch)
         self.replica.note_sync(result)
         unrepaired = sorted(set(result.divergent_ranks) - set(result.repaired_ranks))

@@ -10,7 +10,8 @@ delivered to two ranks, a forged command, a corrupted rank being repaired (with 
 by the majority, from a rank other than 0, also after steps trained with mismatched seed
 layouts), a kernel fetch on one rank slower than the sync's process-group timeout, a
 batch-norm seed whose running statistics, different on each rank's shard, are averaged, and a
-host frozen whole (the seeds alone train), which ``wrap_ddp`` leaves unwrapped.
+host frozen whole (the seeds alone train), which ``wrap_ddp`` leaves unwrapped, with rank 0's
+parameters and buffers.
 
 Every collective is bounded by the process group's timeout and the whole run by
 ``join_timeout_s``, so a hung rank fails the test instead of hanging the suite.
@@ -392,6 +393,25 @@ def _worker_cast_rank(rank: int, world: int, out: str) -> None:
 
     alone = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pp", "dp"))["dp"]
     assert wrap_ddp(model, device_mesh=alone) is not model
+
+
+def _worker_frozen_rank(rank: int, world: int, out: str) -> None:
+    """Rank 0's host frozen whole, rank 1's trainable, alike otherwise: rank 0 returned it
+    unwrapped while rank 1 waited in DDP's constructor until the group's timeout. Both get one
+    clear refusal, at once."""
+    from kasmina.seeds.inject import attach
+    from tests.manager.helpers import Host
+
+    model = Host()
+    attach(model, ["out"], 2, 2)
+    if rank == 0:
+        ours = set(kasmina_owned_names(model))
+        for name, p in model.named_parameters():
+            if name not in ours:
+                p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] differ from rank 0") as refused:
+        wrap_ddp(model)
+    Path(out, f"refused{rank}.txt").write_text(str(refused.value))
 
 
 def _worker_leak(rank: int, world: int, spec: dict[str, Any]) -> None:
@@ -1611,6 +1631,21 @@ def test_a_rank_whose_host_has_another_dtype_is_refused_on_every_rank(tmp_path: 
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_ranks_whose_hosts_differ_in_what_is_frozen_are_refused_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """A host frozen whole on one rank only: that rank returned it unwrapped, the other entered
+    DDP's constructor, and both hung in their next collectives until the group's timeout (30
+    minutes by default). ``requires_grad`` is part of the layout the ranks compare first."""
+    start = time.monotonic()
+    spawn(_worker_frozen_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=10,
+          join_timeout_s=60)  # fmt: skip
+    refusals = [Path(tmp_path, f"refused{rank}.txt").read_text() for rank in (0, 1)]
+    assert "0 requiring a gradient" in refusals[0] and "4 requiring a gradient" in refusals[1]
+    assert time.monotonic() - start < 50  # the imports; no collective timed out
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
 def test_ranks_with_registries_of_other_sizes_do_not_agree_flags(tmp_path: Path) -> None:
     """The flags' agreement runs only between registries of as many seeds (in the header):
     vectors of two lengths in one all-reduce fail or hang the collective. Each rank keeps its
@@ -1686,20 +1721,35 @@ def _host_norm(t: Trainer) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in t.rig.model.norm.named_buffers()}
 
 
+def _host_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The host's own parameters and buffers (none of Kasmina's)."""
+    ours = set(kasmina_owned_names(model))
+    named = (*model.named_parameters(), *model.named_buffers())
+    return {n: t.detach().clone() for n, t in named if n not in ours}
+
+
 def _worker_frozen_host(rank: int, world: int, spec: dict[str, Any]) -> None:
     """Seeds alone train (``host_lr=None``) on a host frozen whole before the wrap, as the
-    demo's continual scenario freezes it; its first layer is unfrozen later, the trainer's own
-    optimizer stepping it."""
+    demo's continual scenario freezes it, and initialised differently on each rank; its first
+    layer is unfrozen later, the trainer's own optimizer stepping it. Rank 1's host batch norm
+    holds a NaN at the second sync."""
     import tests.manager.helpers as helpers
     import tests.manager.test_ddp as this
 
     helpers.Host = NormedHost
     wrap = this.wrap_ddp
+    wrapped: dict[str, dict[str, torch.Tensor]] = {}
 
     def frozen_for_the_wrap(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
         for module in (model.inp, model.norm, model.out.host):
             module.requires_grad_(False)
-        return wrap(model, **options)
+        with torch.no_grad():  # each rank's own initialisation, which DDP would have replaced
+            for tensor in (model.inp.weight, model.out.host.bias, model.norm.running_mean):
+                tensor.add_(rank)
+        wrapped["before"] = _host_state(model)
+        net = wrap(model, **options)
+        wrapped["after"] = _host_state(model)
+        return net
 
     this.wrap_ddp = frozen_for_the_wrap
     t = Trainer(rank, world, {**spec, "attach": {"host_lr": None}})
@@ -1707,6 +1757,9 @@ def _worker_frozen_host(rank: int, world: int, spec: dict[str, Any]) -> None:
     t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
     seed = [p.detach().clone() for p in t.manager.seed(SEED0).seed_parameters()]
     t.train()
+    if rank == 1:  # left to a repair that no host buffer has, it stayed for the rest of the run
+        with torch.no_grad():
+            t.rig.model.norm.running_var[0] = float("nan")
     norm_before = _host_norm(t)
     t.boundary()
     norm_after = _host_norm(t)
@@ -1722,6 +1775,7 @@ def _worker_frozen_host(rank: int, world: int, spec: dict[str, Any]) -> None:
         spec["out"],
         "frozen",
         unwrapped=unwrapped,
+        wrapped=wrapped,
         trained=trained,
         norm_before=norm_before,
         norm_after=norm_after,
@@ -1732,25 +1786,39 @@ def _worker_frozen_host(rank: int, world: int, spec: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
-def test_a_host_frozen_whole_is_left_unwrapped_and_its_batch_norm_averaged(
+def test_a_host_frozen_whole_is_left_unwrapped_with_rank_0s_parameters_and_batch_norm(
     tmp_path: Path, published
 ) -> None:
     """Seeds training on a frozen host (``attach(host_lr=None)``, a host layer frozen): DDP had
     no parameter to average, and its constructor raised ("DistributedDataParallel is not
-    needed ...") on every rank. ``wrap_ddp`` returns the model; the seeds train alike on both
-    ranks; the host's batch norm, which DDP would have broadcast from rank 0, is averaged at
-    the sync; a host layer unfrozen later is averaged with the seeds' gradients."""
+    needed ...") on every rank. ``wrap_ddp`` returns the model, with rank 0's parameters and
+    buffers on every rank, as DDP's constructor would have broadcast them (skipped, hosts
+    initialised differently stayed apart); the seeds train alike on both ranks; the host's
+    batch norm, which DDP would have broadcast from rank 0 at each forward, takes rank 0's
+    values at the sync (averaged, a NaN on rank 1 was left to a repair no host buffer has, and
+    stayed); a host layer unfrozen later is averaged with the seeds' gradients."""
     runs = _two_gloo_ranks(_worker_frozen_host, tmp_path, published, "frozen")
     assert [run["unwrapped"] for run in runs] == [True, True]
+    (before0, after0), (before1, after1) = (
+        (r["wrapped"]["before"], r["wrapped"]["after"]) for r in runs
+    )
+    assert before0.keys() == after0.keys() == after1.keys()
+    assert {n for n in before0 if not torch.equal(before0[n], before1[n])} == {
+        "inp.weight",
+        "out.host.bias",
+        "norm.running_mean",
+    }  # each rank's own initialisation
+    for name, mine in before0.items():
+        assert torch.equal(after0[name], mine) and torch.equal(after1[name], mine), name
     assert all(any(run["trained"]) for run in runs)
     for run in runs:
         assert all(divergent == () for _, _, divergent, _, _ in run["results"])
     (before0, after0), (before1, after1) = ((r["norm_before"], r["norm_after"]) for r in runs)
-    for name in ("running_mean", "running_var"):
-        assert not torch.equal(before0[name], before1[name]), name  # each rank's own shard
-        expected = (before0[name] + before1[name]) / 2
-        assert torch.equal(after0[name], expected) and torch.equal(after1[name], expected), name
-    assert torch.equal(after0["num_batches_tracked"], after1["num_batches_tracked"])
+    assert torch.isnan(before1["running_var"][0])
+    for name, mine in before0.items():
+        if name != "num_batches_tracked":
+            assert not torch.equal(mine, before1[name]), name  # each rank's own shard
+        assert torch.equal(after0[name], mine) and torch.equal(after1[name], mine), name
     assert [run["moved"] for run in runs] == [True, True]
     assert torch.equal(runs[0]["weight"], runs[1]["weight"])
     _assert_equal_states(runs)  # the seeds' and the host's parameters, the table
