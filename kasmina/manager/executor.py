@@ -459,8 +459,7 @@ class CommandExecution:
 
     def cull(self, record: SeedRecord, parameters: Mapping[str, float]) -> None:
         """-> HARVESTING (kernel released, field report) -> COOLDOWN with the embargo."""
-        stage = record.stage
-        if S.HARVESTING not in LEGAL_TRANSITIONS[stage]:
+        if S.HARVESTING not in LEGAL_TRANSITIONS[stage := record.stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be culled from {stage.name}")
         embargo = int(parameters.get("embargo_epochs", self.state.config.default_embargo_epochs))
         if not 0 <= embargo <= MAX_EMBARGO_EPOCHS:  # checked before the seed is touched
@@ -474,7 +473,8 @@ class CommandExecution:
         # observer, before the release) is completed before the interrupt propagates: the seed
         # leaves in COOLDOWN, as an uninterrupted cull leaves it. One refused or interrupted
         # before the commit changed nothing. A real Ctrl-C (a signal) waits for the whole cull.
-        with interrupts_deferred():
+        # The kernel leaving the model is the manager's own change: no model walk for it.
+        with interrupts_deferred(), self.state.require_registry().hold.own():
             try:
                 record.seed.transition_to(S.HARVESTING)
             finally:

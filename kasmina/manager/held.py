@@ -17,9 +17,10 @@ step starts with a check, and it must cost next to nothing when nothing changed:
   registered in the process; when the count moved since the last check, the module walk and a
   check of the model's trainable parameters against the optimizers' run once (new parameters
   over a registered one's memory, ``weight_norm``'s, are named as such: no group can add them).
-  The manager's own registrations (a GERMINATE's kernel copy and graft, ``ModelHold.own``) do
-  not move the count it was last checked against, when nothing else registered meanwhile: K
-  GERMINATEs queued for one safe point walk the model as often as one does, not K times;
+  The manager's own registrations (a GERMINATE's kernel copy and graft, a CULL's kernel
+  leaving, ``ModelHold.own``) do not move the count it was last checked against, when nothing
+  else registered meanwhile: K of them queued for one safe point walk the model as often as one
+  does, not K times;
 - *unfrozen*: a parameter frozen when registered that requires a gradient now (gradual
   unfreezing by ``requires_grad_``) is a host parameter, and under the manager's host optimizer
   a step names one that no group holds (``check_unfrozen``: one ``requires_grad`` read per

@@ -89,6 +89,29 @@ def test_a_safe_point_of_k_germinates_walks_the_model_a_bounded_number_of_times(
     assert walks[16] == walks[4], walks  # not one (or more) per command
 
 
+def test_a_safe_point_of_k_culls_walks_the_model_a_bounded_number_of_times(
+    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CULL takes its kernel out of the model, which moved the count as a GERMINATE's graft
+    did: K CULLs at one safe point walked the whole model K times."""
+    store, affine = published[0], published[2]
+    walks = {}
+    for n in (4, 16):
+        manager, model = _grown(tmp_path, store, keyring, affine, n)
+        assert all(o.ok for o in manager.apply_pending(wait=True))
+        for i in range(n):
+            command = make_seed_command("CULL", f"layers.{i}[0]", "", {}, validate=False)
+            raw = sign_command(command, keyring, "ctl").SerializeToString()
+            assert manager.handle_adaptation_command(raw)
+        counted = _model_walks(model, monkeypatch)
+        outcomes = manager.apply_pending(wait=True)
+        monkeypatch.undo()
+        assert len(outcomes) == n and all(o.ok for o in outcomes), outcomes
+        walks[n] = counted["model"]
+        manager.close()
+    assert walks[16] == walks[4], walks  # not one (or more) per command
+
+
 def test_a_change_after_the_germinates_is_still_found(
     tmp_path: Path, published, keyring: Keyring
 ) -> None:
