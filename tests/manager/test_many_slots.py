@@ -68,47 +68,40 @@ def _model_walks(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Counter[s
     return walks
 
 
-def test_a_safe_point_of_k_germinates_walks_the_model_a_bounded_number_of_times(
-    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each GERMINATE registers its kernel in the model, which moves the process-wide count
-    the hold check watches; the check before the next command then walked the whole model
-    again (and every seed's parameters): K GERMINATEs at one safe point cost K model walks,
-    quadratic in the slots (1,024 of them held the training thread for minutes). The
-    manager's own registrations no longer count as a change to look for."""
+def _walks_of_a_safe_point(
+    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch, action: str
+) -> dict[int, int]:
+    """Whole-model walks of one safe point applying a queued ``action`` (GERMINATE, or CULL
+    after the GERMINATEs) for every one of 4 and of 16 slots' seeds."""
     store, affine = published[0], published[2]
     walks = {}
     for n in (4, 16):
-        manager, model = _grown(tmp_path, store, keyring, affine, n)
+        manager, model = _grown(tmp_path / action, store, keyring, affine, n)
+        if action == "CULL":
+            assert all(o.ok for o in manager.apply_pending(wait=True))
+            for i in range(n):
+                command = make_seed_command("CULL", f"layers.{i}[0]", "", {}, validate=False)
+                raw = sign_command(command, keyring, "ctl").SerializeToString()
+                assert manager.handle_adaptation_command(raw)
         counted = _model_walks(model, monkeypatch)
         outcomes = manager.apply_pending(wait=True)
         monkeypatch.undo()
         assert len(outcomes) == n and all(o.ok for o in outcomes), outcomes
         walks[n] = counted["model"]
         manager.close()
-    assert walks[16] == walks[4], walks  # not one (or more) per command
+    return walks
 
 
-def test_a_safe_point_of_k_culls_walks_the_model_a_bounded_number_of_times(
-    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("action", ["GERMINATE", "CULL"])
+def test_a_safe_point_of_k_commands_walks_the_model_a_bounded_number_of_times(
+    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
-    """A CULL takes its kernel out of the model, which moved the count as a GERMINATE's graft
-    did: K CULLs at one safe point walked the whole model K times."""
-    store, affine = published[0], published[2]
-    walks = {}
-    for n in (4, 16):
-        manager, model = _grown(tmp_path, store, keyring, affine, n)
-        assert all(o.ok for o in manager.apply_pending(wait=True))
-        for i in range(n):
-            command = make_seed_command("CULL", f"layers.{i}[0]", "", {}, validate=False)
-            raw = sign_command(command, keyring, "ctl").SerializeToString()
-            assert manager.handle_adaptation_command(raw)
-        counted = _model_walks(model, monkeypatch)
-        outcomes = manager.apply_pending(wait=True)
-        monkeypatch.undo()
-        assert len(outcomes) == n and all(o.ok for o in outcomes), outcomes
-        walks[n] = counted["model"]
-        manager.close()
+    """Each GERMINATE registers its kernel in the model (a CULL takes it out), which moves the
+    process-wide count the hold check watches; the check before the next command then walked
+    the whole model again (and every seed's parameters): K such commands at one safe point cost
+    K model walks, quadratic in the slots (1,024 GERMINATEs held the training thread for
+    minutes). The manager's own registrations no longer count as a change to look for."""
+    walks = _walks_of_a_safe_point(tmp_path, published, keyring, monkeypatch, action)
     assert walks[16] == walks[4], walks  # not one (or more) per command
 
 
