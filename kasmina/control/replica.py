@@ -41,6 +41,7 @@ __all__ = [
     "BufferAverage",
     "ReplicaState",
     "TensorReplica",
+    "agree",
     "buckets",
     "minority_ranks",
     "nested_checksum",
@@ -249,7 +250,7 @@ class BufferAverage:
             return 0
         device = collective_device(self.group)
         text = ";".join(f"{name}|{t.dtype}|{tuple(t.shape)}" for name, t in named)
-        if not _agree([zlib.crc32(text.encode())], device, self.group)[0]:
+        if not agree([zlib.crc32(text.encode())], device, self.group)[0]:
             self.stats["layout_mismatch"] += 1
             logger.log(
                 rarely(self.stats["layout_mismatch"], 100, logging.ERROR),
@@ -260,7 +261,7 @@ class BufferAverage:
             return 0
         if not named:
             return 0
-        same = _agree([_crc_tensor("", t, 0) for _, t in named], device, self.group)
+        same = agree([_crc_tensor("", t, 0) for _, t in named], device, self.group)
         differ = [(name, t) for (name, t), ok in zip(named, same, strict=True) if not ok]
         drift = [name for name, t in differ if not t.is_floating_point()]
         if drift:
@@ -297,7 +298,7 @@ class BufferAverage:
         return len(floats)
 
 
-def _agree(values: list[int], device: torch.device, group: Any) -> list[bool]:
+def agree(values: list[int], device: torch.device, group: Any) -> list[bool]:
     """Whether each of ``values`` (>= 0) is the same on every rank: one MAX all-reduce of the
     values and their negatives (their maximum and minimum)."""
     both = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)

@@ -34,7 +34,7 @@ import logging
 import weakref
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -43,13 +43,13 @@ from torch import nn
 
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.processes import (
+    broadcast_tensors,
     check_supported_parallelism,
     collective_device,
     collective_timeout_s,
-    global_rank,
 )
 from kasmina.control.relay import EpochSyncResult
-from kasmina.control.replica import BufferAverage
+from kasmina.control.replica import BufferAverage, agree
 from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerReplica
 from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync, leave_unreduced
 from kasmina.manager.manager import KasminaKernelManager
@@ -155,7 +155,7 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
         )
         if ddp_options.get("init_sync", True):  # as DDP's constructor: every rank rank 0's host
             buffers = [b for name, b in model.named_buffers() if name not in ours]
-            _broadcast_from_first([*host, *(buffers if broadcast else ())], group)
+            broadcast_tensors([*host, *(buffers if broadcast else ())], 0, group)
         leave_unreduced(model, host)
         _UNWRAPPED[model] = bool(broadcast)
         return model
@@ -217,26 +217,6 @@ def host_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(f"host.{n}", b) for n, b in model.named_buffers() if n not in ours]
 
 
-def _broadcast_from_first(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
-    """Every rank's ``tensors`` take the values of ``group``'s rank 0 (None: the default
-    group), in place, as DDP's constructor and forward broadcast a host's (a collective: the
-    same tensors, in the same order, on every rank). One broadcast each, all launched before
-    the first is waited on, on the collective device (through a copy where a tensor is
-    elsewhere)."""
-    device, src = collective_device(group), global_rank(group, 0)
-    launched = []
-    with torch.no_grad():
-        for tensor in tensors:
-            data = tensor.data
-            here = data.is_cuda if device.type == "cuda" else data.device == device
-            buf = data if here and data.is_contiguous() else data.to(device).contiguous()
-            launched.append((data, buf, dist.broadcast(buf, src=src, group=group, async_op=True)))
-        for data, buf, handle in launched:
-            handle.wait()
-            if buf is not data:
-                data.copy_(buf)
-
-
 def sync_host_buffers(model: nn.Module, group: Any = None) -> int:
     """Rank 0's values (over ``group``) for the buffers of a host ``wrap_ddp`` left unwrapped
     (``host_buffers``), which DDP would have broadcast at each forward; how many (0 without a
@@ -248,16 +228,13 @@ def sync_host_buffers(model: nn.Module, group: Any = None) -> int:
         return 0
     named = host_buffers(model)
     layout = zlib.crc32(";".join(f"{n}|{t.dtype}|{tuple(t.shape)}" for n, t in named).encode())
-    both = torch.tensor([layout, -layout], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # the maximum and the minimum
-    highest, lowest = both.tolist()
-    if highest != -lowest:
+    if not agree([layout], collective_device(group), group)[0]:
         logger.error(
             "the unwrapped host's buffer layouts differ across ranks: none is broadcast from "
             "rank 0 (the host's buffers are not in the replica checksum, nor repaired)"
         )
         return 0
-    _broadcast_from_first([t for _, t in named], group)
+    broadcast_tensors([t for _, t in named], 0, group)
     return len(named)
 
 
