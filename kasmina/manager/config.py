@@ -276,10 +276,10 @@ class KasminaConfig:
                 f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
                 f"got {self.nonce_ledger_durability!r}"
             )
-        _positive_int("max_pending_commands", self.max_pending_commands)
-        _positive_int("fetch_workers", self.fetch_workers)
-        _positive_int("max_isolation_violations", self.max_isolation_violations)
-        _positive_int("seed_fault_limit", self.seed_fault_limit)
+        _int_at_least("max_pending_commands", self.max_pending_commands, 1)
+        _int_at_least("fetch_workers", self.fetch_workers, 1)
+        _int_at_least("max_isolation_violations", self.max_isolation_violations, 1)
+        _int_at_least("seed_fault_limit", self.seed_fault_limit, 1)
         for flag in ("guard_seed_backward", "host_grads_set_to_none", "kd_enabled"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -326,9 +326,9 @@ class KasminaConfig:
             raise ValueError(
                 f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {self.checkpoint_mode!r}"
             )
-        _positive_int("checkpoint_every_epochs", self.checkpoint_every_epochs)
-        _non_negative_int("max_rollback_epochs", self.max_rollback_epochs)
-        _non_negative_int("min_isolated_epochs", self.min_isolated_epochs)
+        _int_at_least("checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
+        _int_at_least("max_rollback_epochs", self.max_rollback_epochs, 0)
+        _int_at_least("min_isolated_epochs", self.min_isolated_epochs, 0)
         _positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
         _positive("latency_budget_ms", self.latency_budget_ms)
         gate = self.performance_gate
@@ -341,10 +341,10 @@ class KasminaConfig:
                 "g5_max_metric_drop must be a number >= 0 (inf: never refuses), got "
                 f"{self.g5_max_metric_drop!r}"
             )
-        _non_negative_int("default_embargo_epochs", self.default_embargo_epochs)
+        _int_at_least("default_embargo_epochs", self.default_embargo_epochs, 0)
         if self.default_embargo_epochs > MAX_EMBARGO_EPOCHS:  # the table's int32 counter
             raise ValueError(f"default_embargo_epochs must be <= {MAX_EMBARGO_EPOCHS}")
-        _positive_int("grafting_steps", self.grafting_steps)
+        _int_at_least("grafting_steps", self.grafting_steps, 1)
         _positive("grafting_temperature", self.grafting_temperature)
         if not isinstance(self.kd, KDConfig):
             raise TypeError(f"kd must be a KDConfig, got {type(self.kd).__name__}")
@@ -353,7 +353,7 @@ class KasminaConfig:
             raise ValueError(
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
             )
-        _positive_int("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes)
+        _int_at_least("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes, 1)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if problem := _no_setting(type(self), name):
@@ -367,6 +367,11 @@ class KasminaConfig:
                 )
             dataclasses.replace(self, **{name: value})  # validated as the constructor does
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:  # a deleted field showed the class default
+        if name in _FIELD_NAMES:
+            raise AttributeError(f"KasminaConfig.{name} is a setting: set it, never delete it")
+        super().__delattr__(name)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy or a pickle is nobody's config yet
         return {k: v for k, v in self.__dict__.items() if k != "_held"}
@@ -522,9 +527,7 @@ def _publisher_keys(value: object) -> dict[str, str]:
         )
     try:
         return TrustedPublishers(value).to_json()
-    except TypeError as exc:
-        raise ValueError(f"urza_trusted_publishers: {exc}") from None
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"urza_trusted_publishers: {exc}") from None
 
 
@@ -590,11 +593,6 @@ def _non_negative(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r:.40}")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or not finite_number(value) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r:.40}")
-
-
-def _non_negative_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or not finite_number(value) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r:.40}")
+def _int_at_least(name: str, value: object, lo: int) -> None:  # True is no count
+    if type(value) is not int or not finite_number(value) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r:.40}")

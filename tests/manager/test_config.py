@@ -557,3 +557,27 @@ def test_a_setting_past_a_floats_range_is_refused_naming_it(tmp_path, setting: s
     ``step()`` raised after the optimizers had stepped (the GRAFTING schedule)."""
     with pytest.raises(ValueError, match=setting):
         KasminaConfig(urza_url=str(tmp_path), **{setting: 10**400})
+
+
+def test_a_setting_is_never_deleted_nor_a_count_given_as_a_bool(tmp_path) -> None:
+    """``del manager.config.run_id`` passed the held config's guard: the class default showed
+    through and the run directory moved to the runs root; ``del config.kd`` broke the next
+    attach. ``KasminaConfig(seed_fault_limit=True)`` was taken as a limit of 1."""
+    from kasmina.manager.manager import KasminaKernelManager
+    from kasmina.utils.keyring import Keyring
+
+    config = KasminaConfig(
+        urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"), run_id="myrun"
+    )
+    with pytest.raises(AttributeError, match="never delete"):
+        del config.kd  # a free config too: a dataclass without a field is no config
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": b"k" * 32}))
+    for name in ("run_id", "kd", "grafting_steps"):
+        with pytest.raises(AttributeError, match=f"KasminaConfig.{name} is a setting"):
+            delattr(config, name)
+    assert config.run_id == "myrun" and isinstance(config.kd, KDConfig)
+    assert config.run_dir == (tmp_path / "runs" / "myrun")
+    manager.close()
+    for name in ("seed_fault_limit", "max_rollback_epochs", "telemetry_jsonl_max_bytes"):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            KasminaConfig(**{name: True})
