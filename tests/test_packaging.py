@@ -162,7 +162,8 @@ def test_sdist_holds_kernels_and_every_package(dists: Dists) -> None:
     missing = sorted(expected - inside)
     assert not missing, f"missing from the sdist: {missing}"
     assert any(n.startswith(f"{KERNELS}/") for n in inside)
-    for needed in ("pyproject.toml", "README.md"):
+    # proto/: an unpacked sdist's make proto and tests/test_leyline.py regenerate from it.
+    for needed in ("pyproject.toml", "README.md", "proto/leyline.proto", "docs/design.md"):
         assert needed in inside, f"{needed} missing from the sdist"
     for pyi in sorted((ROOT / PACKAGE / "leyline").glob("*.pyi")):
         assert pyi.relative_to(ROOT).as_posix() in inside, f"{pyi.name} missing from the sdist"
