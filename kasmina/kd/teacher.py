@@ -20,6 +20,7 @@ from torch import nn
 
 from kasmina.kd.holds import hold
 from kasmina.utils.files import open_regular_file
+from kasmina.utils.modules import hooks_held, rng_forked
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import cast_in_place
 
@@ -238,6 +239,7 @@ class CheckpointedTeacher:
         true peak. For another dtype the teacher is cast in place for the measurement and cast
         back, so only a cast that holds every value exactly is allowed (to fp32 from bf16/fp16):
         one that would round a weight (fp32 to bf16, bf16 to fp16...) raises ``ValueError``.
+        The forward draws on a forked RNG and runs none of the teacher's hooks.
         """
         with self._lock:  # no forward meets the teacher half-cast, nor reads its dtype so
             target = self.dtype if dtype is None else dtype
@@ -261,7 +263,9 @@ class CheckpointedTeacher:
                 self.teacher.to(dtype=target)
                 self.dtype = target
             run = lambda: self._run(input_batch)  # noqa: E731
-            with torch.inference_mode():
+            # As every measurement: the caller's RNG stream unmoved (a teacher drawing in eval
+            # mode shifted the run's data order and dropout) and no hook of the teacher's run.
+            with torch.inference_mode(), rng_forked(self.device), hooks_held(self.teacher):
                 if self.device.type == "cuda":
                     activations = _cuda_activation_peak(self.device, run)
                 else:

@@ -49,10 +49,10 @@ from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.outputs import dense, on_dense, output_element, replace_output_element
-from kasmina.seeds.side_effects import hooks_held, kept_buffers
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.flags import read_flags
-from kasmina.utils.modules import in_eval_mode
+from kasmina.utils.modules import hooks_held, in_eval_mode
 
 logger = logging.getLogger(__name__)
 

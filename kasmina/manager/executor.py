@@ -44,7 +44,7 @@ from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.gates import GateResult, dry_run_problem
-from kasmina.seeds.side_effects import kept_buffers, rng_forked
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
@@ -57,6 +57,7 @@ from kasmina.stages import (
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.grad_modes import training_tensors
 from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.modules import rng_forked
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -376,9 +377,8 @@ class CommandExecution:
         """Run the seed's new kernel on random activations shaped like the slot's (its recorded
         host output chunk, its dtype and device) at two batch sizes, and its backward once;
         refuse an artifact that raises, answers with another shape or dtype, or is not finite.
-        A kernel that cannot run on this slot is refused here rather than failing in every
-        host forward. Buffers the program mutates (batch-norm statistics) and the global RNG
-        stream are put back."""
+        A kernel that cannot run on this slot is refused here rather than failing in every host
+        forward. Buffers it mutates (batch-norm statistics) and the global RNG are put back."""
         # The slot's recorded chunk (``_check_fits_slot`` refused a slot that recorded none).
         samples = self.state.require_registry().dry_run_samples(record)
         if not samples:

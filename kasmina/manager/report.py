@@ -40,13 +40,13 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.gates import GateResult, SeedEvaluation
-from kasmina.seeds.side_effects import hooks_held, kept_buffers, rng_forked
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.keyring import Keyring, generate_key
-from kasmina.utils.modules import in_eval_mode
+from kasmina.utils.modules import hooks_held, in_eval_mode, rng_forked
 from kasmina.utils.ratelimit import clipped
 
 __all__ = [

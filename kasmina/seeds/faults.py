@@ -37,9 +37,9 @@ from kasmina.seeds.side_effects import (
     buffers_held,
     keep_finite,
     own_stream,
-    rng_forked,
 )
 from kasmina.stages import SeedStage
+from kasmina.utils.modules import rng_forked
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import utf8
 

@@ -39,9 +39,10 @@ from kasmina.seeds.faults import (
     short_reason,
 )
 from kasmina.seeds.outputs import signed_misfit, signed_shape
-from kasmina.seeds.side_effects import kept_buffers, rng_forked
+from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import SeedStage
 from kasmina.utils.grad_modes import in_grad_mode
+from kasmina.utils.modules import rng_forked
 from kasmina.utils.ratelimit import clipped
 
 logger = logging.getLogger(__name__)

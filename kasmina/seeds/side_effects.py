@@ -2,7 +2,7 @@
 
 A kernel may draw random numbers and may write its own buffers (batch-norm statistics, which
 ``eval()`` cannot freeze in a program exported in train mode). Before ACTIVE a kernel draws on
-a forked generator and a stream of its own (``rng_forked``, ``own_stream``), so the host's own
+a forked generator (``rng_forked``) and a stream of its own (``own_stream``), so the host's own
 draws are what they would be without it; a measurement (a FLOP count, ``evaluate_seeds``, a
 dry run) leaves its buffers as they were (``kept_buffers``); and every guarded call keeps its
 floating buffers finite (``buffers_held``, ``keep_finite``): an element a call made NaN or
@@ -26,7 +26,6 @@ from torch.nn.parameter import is_lazy
 
 from kasmina.ops.transforms import functorch_active
 from kasmina.utils.grad_modes import version_count
-from kasmina.utils.interrupts import interrupts_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +33,9 @@ __all__ = [
     "FLOATING_BUFFERS",
     "buffers_held",
     "forget_buffers",
-    "hooks_held",
     "keep_finite",
     "kept_buffers",
     "own_stream",
-    "rng_forked",
 ]
 
 # Where a kernel keeps its floating buffers, found at its first guarded call: each as a
@@ -157,50 +154,10 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph
 
 
-# A module's forward hooks, which ``nn.Module.__call__`` runs around ``forward``.
-_FORWARD_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-
-
-@contextlib.contextmanager
-def hooks_held(root: nn.Module) -> Iterator[None]:
-    """A block whose calls of ``root`` and its submodules run none of their hooks: a
-    measurement's forwards on random inputs (a timing) reach no user hook (an activation
-    collector, a logger) and no hook of a framework (a capture of the outputs). Each module's
-    hook dicts are set aside, empty ones in their place, and put back however the block exits,
-    with a Ctrl-C held while they are. Hooks registered on the module class or globally
-    (``register_module_forward_hook``) still run."""
-    modules = list(root.modules())
-    saved = [{name: vars(m)[name] for name in _FORWARD_HOOKS if name in vars(m)} for m in modules]
-    with interrupts_deferred():
-        for module, hooks in zip(modules, saved, strict=True):
-            vars(module).update({name: type(d)() for name, d in hooks.items()})
-    try:
-        yield
-    finally:
-        with interrupts_deferred():
-            for module, hooks in zip(modules, saved, strict=True):
-                vars(module).update(hooks)
-
-
-def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """A block whose random draws leave the global RNG stream as it was (the CPU's, and the
-    device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
-    stream a seeded training run (the host's dropout) depends on."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def own_stream(
     kernel: torch.nn.Module, device: torch.device, seed_id: str, position: int | None
 ) -> None:
-    """Inside :func:`rng_forked`: reseed the forked generator of ``device`` (the CPU's or a
+    """Inside ``rng_forked``: reseed the forked generator of ``device`` (the CPU's or a
     GPU's) from its own state, the seed's id and the stream's ``position``: the seed's
     ``draw_step``, which its manager moves at every optimizer step and a checkpoint saves, or
     (None: a seed no manager steps) the version counters of the kernel's parameters. The id

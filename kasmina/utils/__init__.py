@@ -24,6 +24,9 @@
   owns a run's nonce ledger or disk checkpoints; the kernel drops it when its owner dies.
 - ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an
   all-or-nothing change is delivered when the commit is done, not half-way through it.
+- ``modules`` -- a measurement's forwards that leave the user's model and process as they were:
+  ``in_eval_mode`` (each module's mode put back), ``hooks_held`` (no hook of the model's runs),
+  ``rng_forked`` (the global RNG stream not moved).
 - ``grad_modes`` -- ``training_tensors``: what a safe point makes (a kernel copy, a restored
   optimizer state) is made outside ``torch.inference_mode``, even when the caller is inside it.
 

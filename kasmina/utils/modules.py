@@ -1,13 +1,19 @@
-"""``in_eval_mode``: a measurement's forwards in eval mode, every module's mode put back after."""
+"""A measurement's forwards, which leave the user's model and process as they were: in eval
+mode, every module's mode put back after (``in_eval_mode``); none of the modules' hooks run
+(``hooks_held``); the global RNG stream not moved (``rng_forked``)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-__all__ = ["in_eval_mode"]
+from kasmina.utils.interrupts import interrupts_deferred
+
+__all__ = ["hooks_held", "in_eval_mode", "rng_forked"]
 
 
 @contextmanager
@@ -27,3 +33,43 @@ def in_eval_mode(root: nn.Module) -> Iterator[None]:
         for module, mode in modes:
             if module.training != mode:
                 module.train(mode)
+
+
+# A module's forward hooks, which ``nn.Module.__call__`` runs around ``forward``.
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+@contextmanager
+def hooks_held(root: nn.Module) -> Iterator[None]:
+    """A block whose calls of ``root`` and its submodules run none of their hooks: a
+    measurement's forwards on random inputs (a timing) reach no user hook (an activation
+    collector, a logger) and no hook of a framework (a capture of the outputs). Each module's
+    hook dicts are set aside, empty ones in their place, and put back however the block exits,
+    with a Ctrl-C held while they are. Hooks registered on the module class or globally
+    (``register_module_forward_hook``) still run."""
+    modules = list(root.modules())
+    saved = [{name: vars(m)[name] for name in _FORWARD_HOOKS if name in vars(m)} for m in modules]
+    with interrupts_deferred():
+        for module, hooks in zip(modules, saved, strict=True):
+            vars(module).update({name: type(d)() for name, d in hooks.items()})
+    try:
+        yield
+    finally:
+        with interrupts_deferred():
+            for module, hooks in zip(modules, saved, strict=True):
+                vars(module).update(hooks)
+
+
+def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block whose random draws leave the global RNG stream as it was (the CPU's, and the
+    device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
+    stream a seeded training run (the host's dropout) depends on."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -338,6 +338,38 @@ def test_a_forward_waits_for_a_measurement_that_casts_the_teacher(monkeypatch) -
     assert {p.dtype for p in teacher.teacher.parameters()} == {torch.bfloat16}
 
 
+class _NoisyTeacher(nn.Module):
+    """A teacher that draws in eval mode (noise injection), its forward calls counted by a hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + torch.randn_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_memory_profile_moves_no_rng_and_runs_no_hook_of_the_teacher(dtype) -> None:
+    """The first forward's profile ran two more teacher forwards on the caller's RNG: a teacher
+    drawing in eval mode moved the run's later draws (data order, dropout) from those of the
+    same run without it, and a feature-collecting hook on the teacher saw three forwards."""
+    calls: list[int] = []
+    teachers = [CheckpointedTeacher(_NoisyTeacher(), dtype=dtype) for _ in range(2)]
+    teachers[0].teacher.fc.register_forward_hook(lambda *_: calls.append(1))
+    profiled = TeacherForwardPassManager(teachers[0])
+    plain = TeacherForwardPassManager(teachers[1], profile_memory=False)
+    x = torch.randn(3, 8)
+    draws = []
+    for manager in (profiled, plain):
+        torch.manual_seed(7)
+        manager.get_teacher_predictions(x)
+        draws.append(torch.rand(4))
+    assert profiled.get_checkpoint_effectiveness()["peak_forward_bytes_reduced"] > 0
+    assert torch.equal(draws[0], draws[1])
+    assert len(calls) == 1
+
+
 def test_one_thread_profiles_the_teachers_memory() -> None:
     manager = TeacherForwardPassManager(CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16))
     assert manager._profiling.acquire(blocking=False)  # another thread's profile under way

@@ -17,8 +17,9 @@ from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
 from kasmina.control.commands import make_rollback_command
-from kasmina.seeds.side_effects import own_stream, rng_forked
+from kasmina.seeds.side_effects import own_stream
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.modules import rng_forked
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 from tests.manager.test_dry_run import publish
 from tests.manager.test_isolation_hazards import Dropping
