@@ -326,7 +326,7 @@ class GradientIsolatedSeed(nn.Module):
             self.detach_kernel()
         elif new == SeedStage.RECYCLING:
             self.state_table.set_blueprint(self.state_index, "")  # the culled artifact's, gone
-            self.graft_step = 0
+            self.graft_step, self.field_report = 0, None  # the culled one's: the manager logs it
             self.isolation_violations = self.nonfinite_events = self.faults = 0
             self.fault_log.clear()
             self.finite_flag.fill_(True)

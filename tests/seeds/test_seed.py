@@ -364,6 +364,7 @@ def test_harvest_releases_the_kernel_and_recycling_resets() -> None:
     seed.transition_to(S.COOLDOWN)
     seed.transition_to(S.RECYCLING)
     assert seed.alpha_value == 0.0 and seed.isolation_violations == 0
+    assert seed.field_report is None  # the next seed of the slot reported the culled one's
     seed.transition_to(S.DORMANT)
     seed.attach_kernel(kernel)
     assert seed.kernel is kernel
