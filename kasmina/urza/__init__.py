@@ -18,6 +18,8 @@ nothing. Publishers sign with a private key; readers hold only public keys.
   verifies what it reads, and coalesces concurrent fetches of one artifact.
 - ``resilience`` -- ``ReadGuard`` and ``CircuitBreaker``: how the client's reads are run, with
   timeouts on bounded I/O threads, retries with backoff, deadlines and a circuit breaker.
+- ``aliasing`` -- parameters and buffers of one module that share memory, which a seed's copy
+  of a kernel cannot keep shared: refused at publish, and at GERMINATE for an older artifact.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
 - ``refusals`` -- a program's own input checks, raising ``KernelInputRefused`` where they
   refuse a call (a seed sits it out), and torch's put back for ``kasmina.merge``.

@@ -13,7 +13,11 @@ Three facts about the graph are read at load, for the seed's guards (docs/design
 seed's input is the host's activation), ``writes_unsaved_buffer`` (it writes in place into a
 non-persistent buffer, state that ``state_dict`` does not save, so neither ``kasmina.save`` nor
 a rollback could restore it: refused as well) and ``draws_random`` (it has seeded random ops,
-which draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state).
+which draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state). One is
+read from its state before it is moved to its device (a move copies each tensor on its own):
+``shares_memory``, two of its tensors in one storage that a seed would hold apart or could not
+copy (``urza.aliasing``: an artifact published before ``publish_artifact`` refused them),
+refused at GERMINATE too. A copy holds them apart already: it has none (a seed restored).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from kasmina.errors import ArtifactIntegrityError
+from kasmina.urza.aliasing import Overlap, copy_splits
 from kasmina.urza.artifact import Manifest, verify_payload
 from kasmina.urza.refusals import refuse_through, weights_absent
 
@@ -61,6 +66,7 @@ class _Facts(NamedTuple):
     mutates_input: bool
     writes_unsaved_buffer: bool
     draws_random: bool
+    shares_memory: Overlap | None
 
 
 def _program_module(
@@ -71,7 +77,9 @@ def _program_module(
     with _LOAD_LOCK:
         first, module = _next_source_id(), None
         try:
-            program = move_to_device_pass(_deserialise(payload), device)
+            program = _deserialise(payload)
+            shared = copy_splits([*program.state_dict.items(), *program.constants.items()])
+            program = move_to_device_pass(program, device)
             module = program.module()
             _share_guard_patch(module)
             refuse_through(module)  # a call its input checks refuse: KernelInputRefused
@@ -79,6 +87,7 @@ def _program_module(
                 _mutates_input(program),
                 _writes_unsaved_buffer(program),
                 _draws_random(program.graph_module),
+                shared,
             )
         except Exception as exc:
             raise RuntimeError(
@@ -366,6 +375,7 @@ class GPUKernel(nn.Module):
         mutates_input: bool = False,
         draws_random: bool = False,
         writes_unsaved_buffer: bool = False,
+        shares_memory: Overlap | None = None,
     ) -> None:
         super().__init__()
         self.inner: nn.Module | None = module
@@ -380,6 +390,7 @@ class GPUKernel(nn.Module):
         self.mutates_input = mutates_input
         self.draws_random = draws_random
         self.writes_unsaved_buffer = writes_unsaved_buffer
+        self.shares_memory = shares_memory
 
     @classmethod
     def from_binary(
@@ -419,6 +430,7 @@ class GPUKernel(nn.Module):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__dict__.update(deepcopy(self.__dict__, memo))
+        clone.shares_memory = None  # the copy's parameters are its own: it holds them apart
         # A program module's deep copy registers its non-persistent buffers and tensor
         # constants as persistent ones; the copy must save what the original saves, or a copy
         # pickled (``_rebuild``'s strict load) would not load back.
@@ -455,6 +467,12 @@ class GPUKernel(nn.Module):
     @property
     def seed_hazard(self) -> str | None:
         """Why a seed must not run this kernel, from the facts read at load; None if none."""
+        if shared := self.shares_memory:
+            return (
+                f"holds {shared.first!r} and {shared.second!r} in shared memory (tied weights, "
+                "or a buffer that is a view of a parameter), which a seed cannot keep shared: "
+                "publish the module again with each its own tensor"
+            )
         if self.mutates_input:
             return "mutates its input in place; a seed's input is the host's activation"
         if self.writes_unsaved_buffer:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from kasmina.errors import ArtifactIntegrityError
+from kasmina.urza.aliasing import module_tensors, overlaps
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
     MANIFEST_VERSION,
@@ -78,7 +79,8 @@ def export_module(
     the module does not pin (batch, sequence) stay dynamic; sizes 0 and 1 specialise, so give
     example inputs with at least 2 along each dimension meant to vary. A batch of 1 (the first
     dimension of an input of two or more) is refused under ``dynamic``: the kernel would take
-    batches of 1 only."""
+    batches of 1 only. So is a module two of whose parameters and buffers share memory
+    (``kasmina.urza.aliasing``)."""
     if isinstance(example_inputs, torch.Tensor):  # iterable too: it would be split into rows
         raise TypeError(
             "example_inputs must be a sequence of tensors, one per input of the module: "
@@ -96,29 +98,21 @@ def export_module(
                 "fixes a size of 1, so the kernel would take batches of 1 only; give a batch "
                 "of 2 or more (or dynamic=False for a kernel of this exact shape)"
             )
-    tied = _tied_tensors(module)
-    if tied is not None:
+    found = next(overlaps(module_tensors(module)), None)
+    if found is not None:
+        shared = found[0]
+        what = "are one tensor" if shared.same else "share memory"
         raise ValueError(
-            f"{tied[0]!r} and {tied[1]!r} are one tensor (tied weights, or a submodule used "
-            "twice): an exported program saved and loaded again holds them apart, so a seed "
-            "would train them apart; give each its own tensor, or compute one from the other "
-            "in forward"
+            f"{shared.first!r} and {shared.second!r} {what} (tied weights, a submodule used "
+            "twice, a buffer that is a view of a parameter): a seed trains a copy of the "
+            "loaded program, where tied parameters come apart and a buffer viewing a parameter "
+            "cannot be copied, so it would not train the model published; give each its own "
+            "tensor, or compute one from the other in forward"
         )
     shapes = None
     if dynamic:
         shapes = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in inputs)
     return torch.export.export(module, inputs, dynamic_shapes=shapes)
-
-
-def _tied_tensors(module: nn.Module) -> tuple[str, str] | None:
-    """The names of two parameters (or buffers) of ``module`` that are one tensor, if any."""
-    for named in (module.named_parameters, module.named_buffers):
-        seen: dict[int, str] = {}
-        for name, tensor in named(remove_duplicate=False):
-            if id(tensor) in seen:
-                return seen[id(tensor)], name
-            seen[id(tensor)] = name
-    return None
 
 
 def _input_spec(program: torch.export.ExportedProgram) -> tuple[TensorSpec, ...]:

@@ -4,6 +4,7 @@ seed, or the kernel is refused with the reason."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from kasmina.manager import KasminaKernelManager
 from kasmina.seeds.gates import GateResult
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
-from kasmina.urza.publish import export_module, publish_artifact
+from kasmina.urza.publish import export_module, publish_artifact, publish_payload
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import PUBLISHER, SEED0, Host, make_config, run_command
 
@@ -122,8 +123,8 @@ class Tied(nn.Module):
 
 
 def test_publishing_refuses_tied_parameters() -> None:
-    """An exported program saved and loaded again holds tied weights (or a submodule used
-    twice) as separate tensors: the seed trained a different model than the one published."""
+    """A seed trains a copy of the loaded program, which holds tied weights (or a submodule
+    used twice) as separate tensors: the seed trained a different model than the one published."""
     with pytest.raises(ValueError, match="'a.weight' and 'b.weight' are one tensor"):
         export_module(Tied(), [torch.randn(4, 2)])
     shared = nn.Sequential()
@@ -132,6 +133,48 @@ def test_publishing_refuses_tied_parameters() -> None:
     shared.add_module("again", layer)
     with pytest.raises(ValueError, match="'first.weight' and 'again.weight' are one tensor"):
         export_module(shared, [torch.randn(4, 2)])
+
+
+class SharedMemory(nn.Module):
+    """``b.weight`` tied to ``a.weight`` by ``.data`` (two Parameters over one storage), or a
+    buffer ``ref`` over ``a.weight``'s memory."""
+
+    def __init__(self, buffer: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.with_buffer = buffer
+        if buffer:
+            self.register_buffer("ref", self.a.weight.detach())
+        else:
+            self.b.weight.data = self.a.weight.data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + 0.5 * self.b(torch.tanh(self.a(x)))
+        return out + 0.1 * x @ self.ref if self.with_buffer else out
+
+
+@pytest.mark.parametrize(
+    ("buffer", "names"), [(False, "'a.weight' and 'b.weight'"), (True, "'a.weight' and 'ref'")]
+)
+def test_germinate_refuses_a_kernel_published_with_shared_memory(
+    tmp_path: Path, buffer: bool, names: str
+) -> None:
+    """An artifact an older Kasmina published (its check saw one tensor under two names only)
+    holds two of its tensors in one storage: GERMINATE copied it, and the seed trained tied
+    weights apart, or the copy raised and the command failed as an "internal error: Runtime
+    Error: Only Tensors created explicitly by the user...". Refused now with the reason."""
+    grown = Grown(tmp_path, Wide(), torch.float32)
+    saved = io.BytesIO()
+    program = torch.export.export(SharedMemory(buffer), (torch.randn(4, 2),))
+    torch.export.save(program, saved)
+    store = str(tmp_path / "urza")
+    grown.artifact = publish_payload(saved.getvalue(), store, "old", PUBLISHER).artifact_id
+    assert not grown.send("germinate")
+    reason = grown.manager.command_log[-1][-1]
+    assert "internal error" not in reason
+    assert f"artifact holds {names} in shared memory" in reason
+    assert grown.manager.seed(SEED0).stage == S.DORMANT
+    grown.manager.close()
 
 
 class Scaled(nn.Module):
