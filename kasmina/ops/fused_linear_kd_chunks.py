@@ -216,21 +216,32 @@ class _Grads:
             assert r.bias is not None
             self.bias = torch.zeros(r.bias.shape, dtype=acc, device=w.device)
 
-    def fold(self, grad: Tensor, logits: Tensor, r0: int, r1: int, bound: float | Tensor) -> None:
+    def fold(
+        self, grad: Tensor, logits: Tensor, r0: int, r1: int, bound: float | Tensor,
+        mask: Tensor | None,
+    ) -> None:  # fmt: skip
         """Add the chunk's logits gradient ``grad`` (``d loss / d y``, ``y`` the capped logits
         in ``logits``, whose buffer this spends) to the three gradients. ``bound`` bounds
         ``|grad|``: ``T·|p_s - p_t| <= T`` per unit of the row's ``grad_output``, and the cap's
-        derivative is at most 1 (:func:`_add_mm` sizes an fp16 product by it)."""
+        derivative is at most 1 (:func:`_add_mm` sizes an fp16 product by it). A row ``mask``
+        drops reaches nothing, as in ``kd_kl_loss``: its gradient is 0 and stays 0 through the
+        cap's derivative and the weight's product, where its logits or hidden state may be
+        non-finite (a padded position's): ``0 · NaN`` is NaN."""
         r, cfg = self.r, self.cfg
+        hidden = r.hidden[r0:r1]
         if cfg.student_cap is not None:  # dy/dz = 1 - tanh² = 1 - (y/cap)²
             t2 = logits.div_(cfg.student_cap).square_()
             grad.addcmul_(grad, t2, value=-1.0)
+        if mask is not None:
+            grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
+            if cfg.need_weight:
+                hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
         alpha = 1.0 if cfg.student_scale is None else cfg.student_scale
         if cfg.need_hidden:
             out = self.hidden[r0:r1]
             torch.addmm(out, grad, r.weight, beta=0.0, alpha=alpha, out=out)
         if cfg.need_weight:
-            _add_mm(self.weight, grad.t(), r.hidden[r0:r1], alpha, logits, bound)
+            _add_mm(self.weight, grad.t(), hidden, alpha, logits, bound)
         if cfg.need_bias:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=alpha)
 
@@ -329,7 +340,7 @@ def _forward(
         if grads is not None:
             empty = st.new_empty(0)
             g = _backward_impl(s, t, m, st, empty, one, temperature, "sum")
-            grads.fold(g, s, r0, r1, temperature)
+            grads.fold(g, s, r0, r1, temperature, m)
             del g  # before the next chunk allocates its own
     scale = _reduction_scale(r, cfg.reduction)
     if loss_rows is not None:
@@ -367,7 +378,7 @@ def _backward_rows(
         bound = cfg.temperature  # fp16 weights: scaled by the chunk's largest grad_output
         if cfg.need_weight and r.weight.dtype == torch.float16:
             bound = g_out.abs().amax().float() * cfg.temperature
-        grads.fold(g, s, r0, r1, bound)
+        grads.fold(g, s, r0, r1, bound, m)
         del g  # before the next chunk allocates its own
     grad_h = grads.hidden.view(hidden.shape) if cfg.need_hidden else grads.hidden
     grad_b = grads.bias.new_empty(0)

@@ -447,6 +447,39 @@ def test_a_masked_rows_non_finite_grad_output_reaches_no_gradient(monkeypatch, b
         _close(h.grad, h64.grad, dtype, f"hidden gradient, {bad}")
 
 
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_masked_rows_non_finite_hidden_reaches_no_gradient(monkeypatch, backend, cap, reduction):
+    """A padded position's hidden state that is NaN or inf (an fp16 overflow at a pad token),
+    dropped by the mask: the head's weight gradient came out NaN everywhere (the row's zero
+    logits gradient times its hidden state), and through a softcap its hidden gradient too
+    (times the cap's derivative at its NaN logits). The oracle is the loss on the kept rows."""
+    monkeypatch.setenv("KASMINA_BACKEND", backend)
+    gen = _gen(47)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    h0, w0 = torch.randn(2, 4, 6, generator=gen), torch.randn(7, 6, generator=gen) * 0.3
+    teacher, b0 = torch.randn(2, 4, 7, generator=gen), torch.randn(7, generator=gen)
+    for bad in (float("nan"), float("inf")):
+        h0[~mask] = bad
+        h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))
+        loss = fused_linear_kd_loss(
+            h, w, teacher, student_bias=b, reduction=reduction, mask=mask, chunk_rows=3,
+            temperature=2.0, student_softcap=cap,
+        )  # fmt: skip
+        loss.sum().backward()
+        h64, w64, b64 = (t.double().requires_grad_() for t in (h0, w0, b0))
+        kept = fused_linear_kd_loss_reference(
+            h64[mask], w64, teacher.double()[mask], student_bias=b64, temperature=2.0,
+            reduction=reduction, student_softcap=cap,
+        )  # fmt: skip
+        kept.sum().backward()
+        assert torch.equal(h.grad[~mask], torch.zeros_like(h.grad[~mask])), bad
+        _close(h.grad[mask], h64.grad[mask], torch.float32, f"hidden gradient, {bad}")
+        _close(w.grad, w64.grad, torch.float32, f"weight gradient, {bad}")
+        _close(b.grad, b64.grad, torch.float32, f"bias gradient, {bad}")
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
 def test_a_non_finite_scalar_grad_output_leaves_masked_rows_at_zero(monkeypatch, reduction, mode):
