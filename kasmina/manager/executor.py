@@ -343,12 +343,12 @@ class CommandExecution:
         chunk = slot.chunk_spec()
         if chunk is None:
             raise CommandRefused(
-                f"seed {record.seed_id}'s slot has recorded no forward since attach (or since "
-                "the model was moved or cast): the shape of its activations is unknown, so the "
-                "kernel cannot be checked against it; send GERMINATE after the first training "
-                "step or forward (a module without parameters records none under torch.autocast"
-                ": run one forward outside it; one unknown after that wraps a module its model "
-                "never calls, only reads the weight of: attach to the module that calls it)"
+                f"seed {record.seed_id}'s slot has recorded no forward since attach (or a move "
+                "or cast): its activations' shape is unknown, so the kernel cannot be checked; "
+                "send GERMINATE after the first training step (a forward under autocast skips a "
+                "module without parameters, one in eval under no_grad a fast path that bypasses "
+                "it, nn.TransformerEncoderLayer's; unknown after that, the model never calls it, "
+                "only reads its weight: attach to the module that calls it)"
             )
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())
