@@ -345,9 +345,9 @@ class CommandExecution:
             raise CommandRefused(
                 f"seed {record.seed_id}'s slot has recorded no forward since attach (or a move "
                 "or cast): its activations' shape is unknown, so the kernel cannot be checked; "
-                "send GERMINATE after the first training step (a forward under autocast skips a "
-                "module without parameters, one in eval under no_grad a fast path that bypasses "
-                "it, nn.TransformerEncoderLayer's; unknown after that, the model never calls it, "
+                "send GERMINATE after the first training step or forward (autocast skips one "
+                "without parameters, an eval fast path under no_grad may bypass it: "
+                "nn.TransformerEncoderLayer's; unknown after that, the model never calls it, "
                 "only reads its weight: attach to the module that calls it)"
             )
         manifest = getattr(kernel, "manifest", None)
