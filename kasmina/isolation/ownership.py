@@ -33,6 +33,27 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t.data_ptr() + span * t.element_size())
 
 
+class ByteRanges:
+    """The byte ranges of labelled tensors, by storage: which of them a tensor's memory
+    intersects. The one test of shared memory, here (one owner per parameter) and across
+    managers (one manager per model, design.md §5); read from the tensors when built."""
+
+    def __init__(self, labelled: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._ranges: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
+        for label, t in labelled:
+            start, end = _extent(t)
+            if end > start:
+                self._ranges[_storage_key(t)].append((start, end, label))
+
+    def overlap(self, t: torch.Tensor) -> str | None:
+        """The label of the first tensor whose bytes intersect ``t``'s, or None."""
+        start, end = _extent(t)
+        for other_start, other_end, label in self._ranges.get(_storage_key(t), ()):
+            if start < other_end and other_start < end:
+                return label
+        return None
+
+
 def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
     """Distinct leaf float tensors, in order, to register; a clear ``ValueError`` for anything
     else (a non-leaf cannot be optimized, and clipping reads these dtypes only)."""
@@ -84,19 +105,14 @@ class ParameterOwnership:
                 raise ParameterOverlapError(
                     f"parameter {index} for {new_owner!r} is already owned by {owner!r}"
                 )
-        extents: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
-        for name, t in self._owner.values():
-            start, end = _extent(t)
-            if end > start:
-                extents[_storage_key(t)].append((start, end, name))
+        ranges = ByteRanges(self._owner.values())
         for index, p in enumerate(params):
-            start, end = _extent(p)
-            for other_start, other_end, other in extents.get(_storage_key(p), ()):
-                if start < other_end and other_start < end:
-                    raise ParameterOverlapError(
-                        f"parameter {index} for {new_owner!r} shares memory with a parameter "
-                        f"of {other!r}"
-                    )
+            other = ranges.overlap(p)
+            if other is not None:
+                raise ParameterOverlapError(
+                    f"parameter {index} for {new_owner!r} shares memory with a parameter "
+                    f"of {other!r}"
+                )
 
     def check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
         """``check_free``, after refusing a teacher's parameter (a live, open

@@ -14,11 +14,9 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from torch import nn
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
+from kasmina.manager.exclusive import LIVE, after_collection, check_unshared, managed
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
@@ -73,48 +72,10 @@ def _random(spec: ActivationSpec) -> torch.Tensor:
     return torch.randn(shape, device=device, generator=generator).to(dtype)
 
 
-_LIVE: weakref.WeakSet[SlotRegistry] = weakref.WeakSet()  # live managers' (close() drops one)
-
-
-def _managed(model: nn.Module) -> str | None:
-    """How a live manager holds ``model`` (a slot of it, or a parameter its host steps), or None."""
-    for layer in (m for m in model.modules() if isinstance(m, KasminaLayer)):
-        if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
-            return f"slot {layer.layer_id!r} of this model is managed by another manager"
-    params = {id(p) for p in model.parameters()}  # inside its model, around it, or sharing a layer
-    if any(id(p) in params for other in list(_LIVE) for p in other.host_params):
-        return "parameters of this model are a host another manager steps"
-    return None
-
-
-def _after_collection(problem: Callable[[], str | None]) -> str | None:
-    """``problem()``, asked again after one garbage collection when it finds one: a manager
-    dropped without ``close()`` lets go only when collected."""
-    found = problem()
-    if found is not None:
-        gc.collect()
-        found = problem()
-    return found
-
-
-def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
-    """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a slot
-    not in ``model``; ``model`` held by another (``_managed``); a slot inside another manager's
-    model (its GERMINATEs would grow parameters there the other never steps)."""
-    modules = {id(m) for m in model.modules()}
-    outside = [slot.layer_id for slot in slots if id(slot) not in modules]
-    if outside:
-        return f"slot(s) {outside} are not modules of the model registered with them"
-    new_slots = {id(slot) for slot in slots}
-    inside = any(id(m) in new_slots for other in list(_LIVE) for m in other.model.modules())
-    inside_why = "slots of this model lie inside a model another manager steps"
-    return _managed(model) or (inside_why if inside else None)
-
-
 def check_unmanaged(model: nn.Module) -> None:
-    """``ValueError`` if a live manager holds ``model`` (``_managed``): a teacher loaded in place
+    """``ValueError`` if a live manager holds ``model`` (``managed``): a teacher loaded in place
     (``load_teacher(copy_model=False)``) is frozen and cast, and that manager's training stops."""
-    if _after_collection(lambda: _managed(model)) is not None:
+    if after_collection(lambda: managed(model)) is not None:
         raise ValueError(
             "a live manager manages this model: a teacher loaded with copy_model=False is "
             "frozen in place. Pass copy_model=True (the default), or close that manager first"
@@ -140,9 +101,7 @@ class SlotRegistry:
         table = slots[0].state_table
         if any(slot.state_table is not table for slot in slots):
             raise ValueError("all slots must share one GPUStateTensor (kasmina.attach does this)")
-        problem = _after_collection(lambda: _shared_with_another_manager(model, slots))
-        if problem is not None:
-            raise ValueError(f"{problem}: one manager per model (close the other first)")
+        check_unshared(model, slots)
         self.model = model
         self.slots = list(slots)
         self.table: GPUStateTensor = table
@@ -197,7 +156,7 @@ class SlotRegistry:
         self._reporter, self._replaced = telemetry, table.telemetry
         if telemetry is not None:
             table.telemetry = telemetry
-        _LIVE.add(self)
+        LIVE.add(self)
 
     def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
         """``RuntimeError`` if a registered slot was taken out (``detach``, ``merge``, by hand) or
@@ -318,7 +277,7 @@ class SlotRegistry:
         model reaches nothing of it. The kernels stay in the model, which is the user's; the
         records stay readable. ``undone`` (a ``register`` that failed): the table reports where
         it did before. Idempotent."""
-        _LIVE.discard(self)
+        LIVE.discard(self)
         if self._reporter is not None and self.table.telemetry is self._reporter:
             self.table.telemetry = self._replaced if undone else None
         self.listener = None

@@ -81,6 +81,60 @@ def test_slots_inside_another_managers_frozen_part_are_refused(
     first.close()
 
 
+def test_a_model_over_another_managers_host_memory_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """``nn.Parameter(host.weight.data)`` is a new parameter over the host's bytes: a model
+    holding one passed the check of parameter objects, and manager 2's ``step()`` moved manager
+    1's host weights in place. Refused by memory as §4 refuses it inside one manager: a whole
+    weight, a part of one, one frozen here (its manager would still restore it from its own
+    checkpoints); nothing attached, and fine once manager 1 closed."""
+    host = Host()
+    first = _manager(tmp_path, store, keyring, "one")
+    first.attach(host, "out", 2, 2, host_lr=0.1)
+    second = _manager(tmp_path, store, keyring, "two")
+    for name, alias, trains in (
+        ("weight", host.inp.weight.data, True),
+        ("bias", host.out.weight.data[1], True),  # a row of the slot's host weight
+        ("weight", host.inp.weight.data, False),
+    ):
+        model = Host()
+        setattr(model.inp, name, nn.Parameter(alias, requires_grad=trains))
+        names = [n for n, _ in model.named_parameters()]
+        with pytest.raises(ValueError, match="share memory with a host another manager steps"):
+            second.attach(model, "out", 2, 2, host_lr=0.1)
+        assert [n for n, _ in model.named_parameters()] == names  # nothing attached
+    first.close()  # released: the memory may now be stepped by another manager
+    second.attach(model, "out", 2, 2, host_lr=0.1)
+    second.close()
+
+
+def test_models_beside_another_manager_may_tie_or_share_what_it_does_not_step(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """Only another live manager's host memory is refused: a model tied within itself (a
+    ``.data`` tie) registers beside it and steps, and so does one over a part another manager's
+    model holds frozen (its host steps none of it), as one sharing that frozen layer does."""
+    host = Host()
+    host.inp.requires_grad_(False)
+    first = _manager(tmp_path, store, keyring, "one")
+    first.attach(host, "out", 2, 2, host_lr=0.1)
+    tied = Host()
+    tied.inp.bias = nn.Parameter(tied.out.weight.data[0])  # a .data tie within the model
+    shared = Host()
+    shared.inp = host.inp  # the other's frozen layer, as an object
+    over = Host()
+    over.inp.weight = nn.Parameter(host.inp.weight.data, requires_grad=False)  # and by memory
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    for index, model in enumerate((tied, shared, over)):
+        second = _manager(tmp_path, store, keyring, f"two{index}")
+        second.attach(model, "out", 2, 2, host_lr=0.1)
+        second.backward(nn.functional.cross_entropy(model(x), y))
+        second.step()
+        second.close()
+    first.close()
+
+
 def test_slots_not_in_the_model_registered_are_refused(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:

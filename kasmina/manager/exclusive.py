@@ -1,0 +1,97 @@
+"""One manager per model (docs/design.md §5 'Close'): the live managers' registries, and what a
+new registration may not share with them (``check_unshared``) or a teacher loaded in place may
+not be (``managed``, for ``slots.check_unmanaged``).
+
+Why by memory as well as by identity: ``nn.Parameter(host.weight.data)`` is a new parameter
+object over the host's storage. A model holding one passed a check of parameter objects, and
+both managers' host optimizers then stepped the same bytes: one manager's ``step()`` moved the
+other's weights. The byte-range test is ``ByteRanges``, the one §4 refuses the same overlap
+with inside one manager; it runs at registration only (one pass over the new model's parameters
+and the live hosts'), never per step.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from kasmina.isolation.ownership import ByteRanges
+from kasmina.seeds.layer import KasminaLayer
+
+__all__ = ["LIVE", "after_collection", "check_unshared", "managed"]
+
+
+class Registered(Protocol):
+    """What is read of a live manager's registry (a ``SlotRegistry``)."""
+
+    model: nn.Module
+    host_params: list[nn.Parameter]
+
+
+LIVE: weakref.WeakSet[Registered] = weakref.WeakSet()  # live managers' (close() drops one)
+
+
+def managed(model: nn.Module) -> str | None:
+    """How a live manager holds ``model`` (a slot of it, or a parameter its host steps), or None."""
+    for layer in (m for m in model.modules() if isinstance(m, KasminaLayer)):
+        if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
+            return f"slot {layer.layer_id!r} of this model is managed by another manager"
+    params = {id(p) for p in model.parameters()}  # inside its model, around it, or sharing a layer
+    if any(id(p) in params for other in list(LIVE) for p in other.host_params):
+        return "parameters of this model are a host another manager steps"
+    return None
+
+
+def _has_bytes(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds memory another tensor could share (a lazy parameter holds none yet)."""
+    uninitialized = isinstance(p, nn.parameter.UninitializedTensorMixin)
+    return not uninitialized and p.layout == torch.strided and p.device.type != "meta"
+
+
+def _over_another_host(model: nn.Module) -> bool:
+    """Whether a parameter of ``model`` (frozen too, as ``managed`` counts them) lies over bytes
+    of a parameter a live manager's host steps."""
+    hosts = ByteRanges(("host", p) for other in list(LIVE) for p in other.host_params)
+    return any(hosts.overlap(p) is not None for p in model.parameters() if _has_bytes(p))
+
+
+def after_collection(problem: Callable[[], str | None]) -> str | None:
+    """``problem()``, asked again after one garbage collection when it finds one: a manager
+    dropped without ``close()`` lets go only when collected."""
+    found = problem()
+    if found is not None:
+        gc.collect()
+        found = problem()
+    return found
+
+
+def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
+    """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a slot
+    not in ``model``; ``model`` held by another (``managed``), or over its host's memory; a slot
+    inside another manager's model (its GERMINATEs would grow parameters there the other never
+    steps)."""
+    modules = {id(m) for m in model.modules()}
+    outside = [slot.layer_id for slot in slots if id(slot) not in modules]
+    if outside:
+        return f"slot(s) {outside} are not modules of the model registered with them"
+    held = managed(model)
+    if held is not None:
+        return held
+    if _over_another_host(model):
+        return "parameters of this model share memory with a host another manager steps"
+    new_slots = {id(slot) for slot in slots}
+    inside = any(id(m) in new_slots for other in list(LIVE) for m in other.model.modules())
+    return "slots of this model lie inside a model another manager steps" if inside else None
+
+
+def check_unshared(model: nn.Module, slots: Sequence[KasminaLayer]) -> None:
+    """``ValueError``, before anything changes, if ``model`` and ``slots`` cannot be registered
+    beside the live managers (``_shared_with_another_manager``)."""
+    problem = after_collection(lambda: _shared_with_another_manager(model, slots))
+    if problem is not None:
+        raise ValueError(f"{problem}: one manager per model (close the other first)")
