@@ -2,14 +2,13 @@
 
 Why by memory as well as by identity: ``nn.Parameter(host.weight.data)`` is a new tensor object
 that shares the host's storage, so a seed optimizer stepping it would move the host. Two
-parameters conflict when their byte ranges in the same storage intersect; disjoint slices of one
+parameters conflict when their bytes intersect (``kasmina.utils.memory``); disjoint slices of one
 flat buffer do not.
 """
 
 from __future__ import annotations
 
 import gc
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -17,41 +16,7 @@ import torch
 from kasmina.errors import ParameterOverlapError
 from kasmina.kd.holds import is_teacher_parameter
 from kasmina.ops.backend import SUPPORTED_DTYPES
-
-_StorageKey = tuple[str, int]
-
-
-def _storage_key(t: torch.Tensor) -> _StorageKey:
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def _extent(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range ``[start, end)`` a tensor occupies in its storage."""
-    if t.numel() == 0:
-        return (t.data_ptr(), t.data_ptr())
-    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
-    return (t.data_ptr(), t.data_ptr() + span * t.element_size())
-
-
-class ByteRanges:
-    """The byte ranges of labelled tensors, by storage: which of them a tensor's memory
-    intersects. The one test of shared memory, here (one owner per parameter) and across
-    managers (one manager per model, design.md §5); read from the tensors when built."""
-
-    def __init__(self, labelled: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self._ranges: dict[_StorageKey, list[tuple[int, int, str]]] = defaultdict(list)
-        for label, t in labelled:
-            start, end = _extent(t)
-            if end > start:
-                self._ranges[_storage_key(t)].append((start, end, label))
-
-    def overlap(self, t: torch.Tensor) -> str | None:
-        """The label of the first tensor whose bytes intersect ``t``'s, or None."""
-        start, end = _extent(t)
-        for other_start, other_end, label in self._ranges.get(_storage_key(t), ()):
-            if start < other_end and other_start < end:
-                return label
-        return None
+from kasmina.utils.memory import ByteRanges
 
 
 def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:

@@ -20,8 +20,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kasmina.isolation.ownership import ByteRanges
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.utils.memory import ByteRanges
 
 __all__ = ["LIVE", "after_collection", "check_unshared", "managed"]
 

@@ -8,19 +8,19 @@ storage too), but a seed never trains that: moved to another device each tensor 
 its own, and a seed trains a deep copy of the loaded kernel, where a Parameter's copy clones its
 data. Tied parameters come apart, so the seed trains a different model than the one published,
 and a buffer the loaded program holds as a view of a parameter (not a graph leaf) cannot be
-copied at all. Two tensors overlap when their byte ranges in one storage intersect; disjoint
-slices of one flat buffer do not (the rule ``kasmina.isolation`` applies to parameter
-ownership, a package of the same rank, which this one does not import).
+copied at all. Two tensors overlap when their bytes intersect (``kasmina.utils.memory``, as
+for parameter ownership); disjoint slices of one flat buffer do not.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from kasmina.utils.memory import ByteRanges
 
 __all__ = ["Overlap", "copy_splits", "module_tensors", "overlaps"]
 
@@ -46,27 +46,21 @@ def overlaps(
     named: Iterable[tuple[str, object]],
 ) -> Iterator[tuple[Overlap, torch.Tensor, torch.Tensor]]:
     """Every pair of the tensors in ``named`` that is one tensor under two names or whose
-    memory overlaps, with the two tensors. What is not a tensor is passed over; tensors
-    without storage of their own to compare (meta, sparse) are compared by identity only."""
-    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
+    memory overlaps, with the two tensors, the earlier first. What is not a tensor is passed
+    over; tensors without storage of their own to compare (meta, sparse) are compared by
+    identity only."""
     first_name: dict[int, str] = {}
-    spans: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
-    for order, (name, tensor) in enumerate(tensors):
+    ranges: ByteRanges[tuple[str, torch.Tensor]] = ByteRanges()
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            continue
         if id(tensor) in first_name:
             yield Overlap(first_name[id(tensor)], name, True), tensor, tensor
             continue
         first_name[id(tensor)] = name
-        span = _span(tensor)
-        if span is not None and span[2] > span[1]:
-            spans[span[0]].append((span[1], span[2], order))
-    for extents in spans.values():
-        active: list[tuple[int, int]] = []  # (end, order) of the extents the sweep is inside
-        for start, end, order in sorted(extents):
-            active = [(e, o) for e, o in active if e > start]
-            for _, other in active:
-                a, b = sorted((other, order))
-                yield Overlap(tensors[a][0], tensors[b][0], False), tensors[a][1], tensors[b][1]
-            active.append((end, order))
+        for other_name, other in ranges.overlapping(tensor):
+            yield Overlap(other_name, name, False), other, tensor
+        ranges.add((name, tensor), tensor)
 
 
 def copy_splits(named: Iterable[tuple[str, object]]) -> Overlap | None:
@@ -78,20 +72,3 @@ def copy_splits(named: Iterable[tuple[str, object]]) -> Overlap | None:
         if a is not b and (isinstance(a, nn.Parameter) or isinstance(b, nn.Parameter)):
             return overlap
     return None
-
-
-def _span(tensor: torch.Tensor) -> tuple[tuple[str, int], int, int] | None:
-    """``(storage key, start, end)``: the byte range ``tensor`` occupies in its storage; None
-    for a tensor whose memory cannot be compared (meta: every one at address 0; sparse)."""
-    if tensor.is_meta:
-        return None
-    try:
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        start = tensor.data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # no storage of its own
-        return None
-    if tensor.numel() == 0:
-        return key, start, start
-    sizes = zip(tensor.shape, tensor.stride(), strict=True)
-    span = sum((size - 1) * stride for size, stride in sizes) + 1
-    return key, start, start + span * tensor.element_size()
