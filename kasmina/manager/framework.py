@@ -17,7 +17,8 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   norm is not finite (clipping, at ``grad_clip_norm`` or, with none, at +inf): a seed's
   overflow never skips the host's step, nor stalls the safe points. The loss must be scaled
   (``manager.backward(scaler.scale(loss))``). Give it the scaler (``scaler=``, or set
-  ``optimizer.scaler`` once the framework has made it): it then unscales through the scaler's
+  ``optimizer.scaler`` once the framework has made it; anything but a ``torch.amp.GradScaler``
+  or None is refused there, not at the first step): it then unscales through the scaler's
   ``unscale_`` of each optimizer, so that a seed's overflow lowers the scale as the host's does
   (without it, a seed that overflows only at too high a scale keeps overflowing, and is charged
   a fault after 8 steps), and a framework's own ``scaler.unscale_(optimizer)`` (its gradient
@@ -35,6 +36,8 @@ seed optimizers, isolation checks, the safe point), so the framework is handed t
   (``IsolatedOptimizerManager``: the host's and each seed's, with their layout), checked
   against the live layout before anything loads: a resumed run goes on with the moments it had,
   not fresh ones (a stand-in with a state of its own saved nothing, and the resumed run diverged).
+  A state that is no mapping, or a manager that is no ``KasminaKernelManager``, is a
+  ``TypeError``.
 - ``ManagerScheduler(scheduler, optimizer)``: a learning-rate scheduler built on the host
   optimizer and ``manager.track``-ed, stepped when the framework steps it after a manager step
   (once per step: a loop that steps its scheduler on every micro-batch, as ``accelerate``'s
@@ -90,6 +93,10 @@ class ManagerOptimizer(torch.optim.Optimizer):
         grad_clip_norm: float | None = 0.0,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        if not isinstance(manager, KasminaKernelManager):
+            raise TypeError(
+                f"ManagerOptimizer steps a KasminaKernelManager, got {type(manager).__name__}"
+            )
         if not manager.optimizers.has_host:
             raise ValueError(
                 "ManagerOptimizer steps the manager's host optimizer, and this manager has none "
@@ -97,10 +104,9 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "attach with a host_lr, so that a framework's scheduler and logs have its groups"
             )
         checked_clip_norm(grad_clip_norm)  # a bad norm refused here, not at the first step
+        self.scaler = scaler  # and one that is no GradScaler (the setter checks it)
         self.manager = manager
         self.grad_clip_norm = grad_clip_norm
-        # The GradScaler whose ``step`` steps this one, when the loop has one (``step``).
-        self.scaler = scaler
         self._warned_scaler = False
         self._checked_scaler: torch.amp.GradScaler | None = None
         # Tracked scalers whose next ``update()`` keeps the scale a ROLLBACK restored.
@@ -119,6 +125,15 @@ class ManagerOptimizer(torch.optim.Optimizer):
     # A GradScaler hands this optimizer's step the scale (``grad_scale``) and its inf check
     # (``found_inf``) rather than skipping it: the step unscales the seeds' gradients too.
     _step_supports_amp_scaling = True
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler whose ``step`` steps this one, when the loop has one (``step``)."""
+        return self._scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        self._scaler = _gradscaler_or_none(scaler)
 
     def _host(self) -> torch.optim.Optimizer | None:
         optimizers = self.manager.optimizers
@@ -278,6 +293,11 @@ class ManagerOptimizer(torch.optim.Optimizer):
         saved with the optimizers the manager holds now (the same seeds in the same stages)."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "ManagerOptimizer.load_state_dict takes a ManagerOptimizer.state_dict(), got "
+                f"{type(state_dict).__name__}"
+            )
         with self.manager.intake.lock:  # a step takes the groups up under it too
             registry, optimizers = self.manager.require_registry(), self.manager.optimizers
             # Checked with the groups added since the last step before any is taken up: a
@@ -302,6 +322,16 @@ class ManagerOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"ManagerOptimizer(grad_clip_norm={self.grad_clip_norm!r})"
+
+
+def _gradscaler_or_none(scaler: Any) -> torch.amp.GradScaler | None:
+    """``scaler`` when it is a ``torch.amp.GradScaler`` or None; else ``TypeError``."""
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            "ManagerOptimizer's scaler must be the torch.amp.GradScaler that steps it "
+            f"(scaler.step(optimizer)), or None; got {type(scaler).__name__}"
+        )
+    return scaler
 
 
 def _keeping_scale_once(

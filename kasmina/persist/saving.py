@@ -63,7 +63,15 @@ def uncompiled(model: nn.Module, *, data_parallel: bool = True) -> nn.Module:
     wrapper names every submodule under its own prefix (``_orig_mod.``, ``module.``): a file
     saved from it named slots that a plain model of the same architecture does not have.
     Saving and loading go through the module itself, so a file moves between compiled,
-    data-parallel and plain models either way (``data_parallel=False``: DDP is left on)."""
+    data-parallel and plain models either way (``data_parallel=False``: DDP is left on). A
+    TorchScript module (``torch.jit.script``/``trace``) is a ``SavedModelError``: slots can
+    neither be read from one nor put in place in one."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SavedModelError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace), whose "
+            "slots can neither be saved nor put in place: save or load the nn.Module it was "
+            "made from"
+        )
     while True:
         inner = model._modules.get("_orig_mod")
         if inner is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):

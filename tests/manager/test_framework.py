@@ -466,3 +466,28 @@ def test_a_state_dict_waits_for_a_step_in_progress(tmp_path: Path, store: Path, 
         assert not done.wait(0.2)
     thread.join(10)
     assert done.is_set()
+
+
+def test_a_wrong_manager_scaler_or_state_is_refused_when_given(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A scaler that is no GradScaler was taken, and the first ``scaler.step`` died inside the
+    step (AttributeError 'get_scale'); ``ManagerOptimizer(<not a manager>)`` and
+    ``load_state_dict(None)`` raised internal AttributeErrors. Each is a TypeError when given,
+    and leaves the optimizer as it was."""
+    rig = _rig(tmp_path, store, keyring, mlp)
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
+        ManagerOptimizer(rig.manager, scaler="not a GradScaler")
+    with pytest.raises(TypeError, match="KasminaKernelManager, got object"):
+        ManagerOptimizer(object())  # type: ignore[arg-type]
+    optimizer, scaler = ManagerOptimizer(rig.manager), torch.amp.GradScaler("cpu")
+    optimizer.scaler = scaler  # as a framework sets it once it has made it
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
+        optimizer.scaler = object()
+    saved = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(TypeError, match="takes a ManagerOptimizer.state_dict"):
+        optimizer.load_state_dict(None)  # type: ignore[arg-type]
+    assert optimizer.scaler is scaler and optimizer.state_dict().keys() == saved.keys()
+    _scaled_step(rig, optimizer, scaler)
+    assert optimizer.steps == 1
+    rig.manager.close()

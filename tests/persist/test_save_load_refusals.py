@@ -90,6 +90,28 @@ def test_save_refuses_a_bare_slot_and_writes_nothing(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["model.kasmina"]
 
 
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_save_and_load_refuse_a_torchscript_module(tmp_path: Path, saved: Path, make: str) -> None:
+    """A TorchScript module (``torch.jit.script``/``trace`` of a host) raised an internal
+    AttributeError ('OrderedModuleDict' object has no attribute 'get') from both: now a
+    ``SavedModelError`` that names it, with no file written and the module left as it was."""
+    host = Host()
+    if make == "script":
+        scripted = torch.jit.script(host)
+    else:
+        scripted = torch.jit.trace(host, torch.ones(2, 6))
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SavedModelError, match="is a TorchScript module"):
+        kasmina.save(scripted, out / "model.kasmina")
+    assert list(out.iterdir()) == []
+    with pytest.raises(SavedModelError, match="is a TorchScript module"):
+        kasmina.load(saved, scripted, publishers=PUBLISHER.trusted_publishers())
+    after = scripted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_save_refuses_a_slot_its_host_was_resized_under_and_writes_nothing(tmp_path) -> None:
     """A host resized after ``attach`` (``resize_token_embeddings`` under a tied head's slot:
     the seeds sit out and the model runs) was saved as it was, into a file that ``load``
