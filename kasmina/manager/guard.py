@@ -55,6 +55,24 @@ def add_grads(made: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         p.grad = got if p.grad is None else p.grad.add_(got)
 
 
+def runs_main_backward(
+    loss: torch.Tensor | None, kd_loss: torch.Tensor | None, registry: SlotRegistry | None
+) -> bool:
+    """Whether ``manager.backward`` runs ``loss``'s backward: given, with a graph or with a host
+    that trains (a frozen host's loss has no graph once a seed leaves ISOLATED_INIT: skipped).
+    A ``loss`` or ``kd_loss`` that is no tensor (a Python number: ``loss.item()``, a logged
+    value) is a ``TypeError`` here, before any backward runs."""
+    for name, value in (("loss", loss), ("kd_loss", kd_loss)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"manager.backward takes {name} as the loss tensor its graph hangs from (or "
+                f"None), got {type(value).__name__}: pass the tensor, not loss.item()"
+            )
+    if loss is None:
+        return False
+    return loss.requires_grad or registry is None or not registry.host_frozen()
+
+
 class IsolationGuard:
     """Creates the seeds' monitors and runs the step's isolation checks."""
 

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack, closing
 from itertools import compress
 from typing import Any
@@ -44,7 +44,7 @@ from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacke
 from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
-from kasmina.manager.guard import IsolationGuard, add_grads
+from kasmina.manager.guard import IsolationGuard, add_grads, runs_main_backward
 from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
@@ -52,7 +52,7 @@ from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
 from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
-from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, kasmina_layers
+from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, given_slots
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, TRAINING_STAGES, SeedStage
@@ -174,14 +174,14 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def register(
         self,
         model: nn.Module,
-        slots: Sequence[KasminaLayer] | None = None,
+        slots: Iterable[KasminaLayer] | KasminaLayer | None = None,
         *,
         host_lr: float | None = 1e-3,
         seed_lr: float = 1e-3,
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         **optimizer_options: Any,
     ) -> SlotRegistry:
-        """Manage already-attached slots (default: every KasminaLayer in ``model``). The host
+        """Manage already-attached slots (one, or any iterable; none: all in ``model``). The host
         optimizer (``optimizer_cls`` at ``host_lr`` over the model's parameters outside the seeds)
         is created unless ``host_lr`` is None; then ``step()`` leaves the host's gradients alone
         until INITIALIZE_HOST creates it, dropping them. Seeds get the same class at ``seed_lr``
@@ -192,8 +192,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         check_device(model, device)
         host_lr = check_optimizer(optimizer_cls, seed_lr, optimizer_options, host_lr, device)
         check_supported_parallelism(model)  # FSDP / tensor-parallel hosts: a clear refusal
+        slots = given_slots(model, slots)  # any iterable of slots, or one; names refused
         fill_constants(model)  # a deferred init's meta constants: no data to undo, after the checks
-        slots = slots or kasmina_layers(model)
         registry = SlotRegistry(model, slots, self.execution.on_transition, self.telemetry)
         state = self.state
         state.optimizer_cls, state.seed_lr = optimizer_cls, float(seed_lr)
@@ -421,8 +421,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         host gradients must stay zero (checked at ``step``), then ``loss``; its gradients are
         added to the seeds' only once ``loss``'s backward has run. A frozen host's loss has no
         graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
-        reg = self.registry  # its host parameters are read only for a loss without a graph
-        main = loss is not None and (loss.requires_grad or reg is None or not reg.host_frozen())
+        main = runs_main_backward(loss, kd_loss, self.registry)  # a number refused, before all
         made: list[tuple[torch.Tensor, torch.Tensor]] = []
         alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"
         if kd_loss is not None and kd_loss.requires_grad and alpha > 0:  # no grad: all frozen

@@ -28,7 +28,7 @@ import gc
 import re
 import weakref
 from collections.abc import Collection, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -367,6 +367,26 @@ def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
     return [m for m in model.modules() if isinstance(m, KasminaLayer)]
 
 
+def slot_list(given: Any, what: str) -> list[KasminaLayer]:
+    """``given`` (one slot, or any iterable of slots: what ``attach`` returns) as a list; anything
+    else (a module's name) is a ``TypeError`` naming ``what`` and the first wrong item."""
+    one = isinstance(given, str | KasminaLayer) or not hasattr(given, "__iter__")
+    slots = [given] if one else list(given)
+    for slot in slots:
+        if not isinstance(slot, KasminaLayer):
+            raise TypeError(
+                f"{what} must hold the model's slots (KasminaLayer, as attach returns them; "
+                f"model.get_submodule(name) for a name), got {type(slot).__name__} {slot!r:.60}"
+            )
+    return slots
+
+
+def given_slots(model: nn.Module, slots: Any) -> list[KasminaLayer]:
+    """The slots a manager registers: ``slots`` (checked by ``slot_list``), or when none are
+    given (None, or empty) every slot in ``model``."""
+    return (slot_list(slots, "slots") if slots is not None else []) or kasmina_layers(model)
+
+
 def fill_constants(model: nn.Module) -> list[str]:
     """Rebuild every slot's constants that a deferred init left on ``meta`` where its host's
     parameters are real (``seeds.constants.rebuild_constants``); their names in ``model``."""
@@ -380,17 +400,7 @@ def detach(model: nn.Module, *, only: Collection[KasminaLayer] | None = None) ->
     anything else (a module's name) is a ``TypeError``, and a slot not in ``model`` (the original
     of a deep copy's) a ``ValueError`` before any is detached, not a silent no-op."""
     if only is not None:
-        only = (
-            [only]
-            if isinstance(only, str | KasminaLayer) or not hasattr(only, "__iter__")
-            else list(only)
-        )
-        if not all(isinstance(slot, KasminaLayer) for slot in only):
-            wrong = next(slot for slot in only if not isinstance(slot, KasminaLayer))
-            raise TypeError(
-                "only must hold the model's slots (KasminaLayer, as attach returns them; "
-                f"model.get_submodule(name) for a name), got {type(wrong).__name__} {wrong!r:.60}"
-            )
+        only = slot_list(only, "only")
     chosen = None if only is None else {id(slot) for slot in only}
     slots = [
         (name, m)

@@ -1080,6 +1080,30 @@ def test_register_existing_slots_and_optimizer_commands(tmp_path, store, keyring
         manager.register(model)
 
 
+@pytest.mark.parametrize("given", ["names", "one slot", "generator"])
+def test_register_takes_one_slot_or_any_iterable_of_slots_and_refuses_names(
+    tmp_path, store, keyring, given: str
+) -> None:
+    """``register(model, slots)`` with the slots' names crashed inside the registry ('str'
+    object has no attribute 'state_table'), and one slot or a generator of slots with 'not
+    subscriptable'. Names are a ``TypeError`` naming them before anything changes, as for
+    ``kasmina.detach(only=...)``; one slot, or any iterable of slots, is registered."""
+    import kasmina
+
+    model = Host()
+    slots = kasmina.attach(model, "out", 2, 2)
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    if given == "names":
+        with pytest.raises(TypeError, match=r"slots must hold the model's slots .* got str 'out'"):
+            manager.register(model, ["out"])
+        assert manager.registry is None
+        manager.register(model, slots)
+    else:
+        manager.register(model, slots[0] if given == "one slot" else (s for s in slots))
+    assert manager.registry.slots == slots and sorted(manager.stages()) == [SEED0, SEED1]
+    manager.close()
+
+
 def _built_on_meta(empty: str) -> tuple[nn.Module, nn.Module]:
     """A bare ``Host`` with weights, and one built with none (``torch.device("meta")``, or
     accelerate's ``init_empty_weights``, parameters only) with its ``out`` attached."""

@@ -121,3 +121,17 @@ def test_a_loss_without_a_graph_still_raises_while_the_host_trains(rig: Rig, mlp
         loss = F.cross_entropy(rig.model(rig.x), rig.y)
     with pytest.raises(RuntimeError, match="does not require grad"):
         rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+
+
+@pytest.mark.parametrize("number", ["loss", "kd_loss"])
+def test_a_loss_given_as_a_number_is_refused_before_any_backward(rig: Rig, number: str) -> None:
+    """``manager.backward(loss.item())`` (or ``kd_loss=0.0``) raised an internal AttributeError
+    ('float' object has no attribute 'requires_grad'); now a ``TypeError`` naming the argument,
+    before any backward runs: no gradient is left behind, and the tensor then goes through."""
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    args = {"loss": loss, "kd_loss": None, number: 0.5}
+    with pytest.raises(TypeError, match=f"takes {number} as the loss tensor .* got float"):
+        rig.manager.backward(**args)  # type: ignore[arg-type]
+    assert all(p.grad is None for p in rig.model.parameters())
+    rig.manager.backward(loss)
+    assert rig.manager.step()["host_stepped"]
