@@ -80,7 +80,9 @@ def merge(model: nn.Module) -> nn.Module:
     torch's fused encoder paths off where they would skip a merged module. Every
     replacement is built before the model is touched, so a slot that cannot be merged (its
     host's forward takes ``*args``/``**kwargs``) raises ``ValueError`` and leaves the model as
-    it was."""
+    it was; a ``model`` that is no ``nn.Module`` is a ``TypeError``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge takes the grown model (an nn.Module), got {type(model).__name__}")
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
     if any(name == "" for name, _ in slots):
         raise ValueError("the model itself is a KasminaLayer; merge the model around it")

@@ -206,6 +206,8 @@ def attach(
     taken ones, or ``output_index`` cannot pick a tensor of a host whose class fixes its output
     (``output_index_problem``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach wraps submodules of an nn.Module, got {type(model).__name__}")
     seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     if kd_config is not None and not isinstance(kd_config, KDConfig):

@@ -430,10 +430,10 @@ class GPUStateTensor:
     def set_performance_gate(self, idx: int, threshold: float) -> None:
         self.set_column(idx, StateColumn.PERFORMANCE_GATE, fixed_point(threshold))
 
-    def set_blueprint(self, idx: int, artifact_id: str) -> None:
-        self.set_column(
-            idx, StateColumn.BLUEPRINT_ID, blueprint_hash(artifact_id) if artifact_id else 0
-        )
+    def set_blueprint(self, idx: int, artifact_id: str | None) -> None:
+        if not isinstance(artifact_id, str | None):  # "" or None clears it ("" hashes to 0)
+            raise TypeError(f"artifact_id must be a str, got {type(artifact_id).__name__}")
+        self.set_column(idx, StateColumn.BLUEPRINT_ID, blueprint_hash(artifact_id or ""))
 
     def set_region(self, idx: int, region: int) -> None:
         self.set_column(idx, StateColumn.REGION_ID, region)
@@ -498,11 +498,9 @@ class GPUStateTensor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a table saved by :meth:`state_dict`; invalid input changes nothing (every
         value is read and checked before the first write)."""
-        table = state["state_tensor"]
-        if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(
-            self.state_tensor.shape
-        ):
-            raise ValueError(f"state table must have shape {tuple(self.state_tensor.shape)}")
+        table, shape = state.get("state_tensor"), tuple(self.state_tensor.shape)  # absent: None
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != shape:
+            raise ValueError(f"state table (state_tensor) must be a tensor of shape {shape}")
         if table.dtype != torch.int32:
             raise ValueError(f"state table must be int32, got {table.dtype}")
         stages = [parse_stage(int(s)) for s in table[:, StateColumn.LIFECYCLE_STAGE].tolist()]

@@ -68,6 +68,7 @@ from kasmina.urza.resilience import (
     redact_urls,
     store_secrets,
 )
+from kasmina.utils.signed_json import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ class UrzaLibraryClient:
 
         ``deadline`` bounds the read and its retries as for ``fetch``."""
         validate_artifact_id(artifact_id)
+        _check_deadline(deadline)
         return self._guard.operation(
             f"manifest read of artifact {artifact_id!r}",
             deadline,
@@ -308,9 +310,11 @@ class UrzaLibraryClient:
         With ``deadline`` (an instant of the client's clock, ``time.monotonic`` by default) the
         call returns or raises by then, however long the shared read takes: a follower stops
         waiting at its own deadline and the leader's fetch goes on for the others. A follower
-        whose leader ran out of the leader's own time fetches anew if it has time left.
+        whose leader ran out of the leader's own time fetches anew if it has time left. A
+        deadline that is no finite number (a NaN read as none) is a ``ValueError``.
         """
         validate_artifact_id(artifact_id)
+        _check_deadline(deadline)
         while True:
             with self._lock:
                 future = self._inflight.get(artifact_id)
@@ -495,6 +499,14 @@ def _trusted(publishers: object) -> TrustedPublishers:
         f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
         "or a private key would let the reader sign artifacts too"
     )
+
+
+def _check_deadline(deadline: object) -> None:
+    if deadline is not None and not finite_number(deadline):
+        raise ValueError(
+            "deadline must be an instant of the client's clock (a finite number: "
+            f"time.monotonic() + seconds) or None, got {deadline!r:.40}"
+        )
 
 
 def _check_chain(url: str) -> None:

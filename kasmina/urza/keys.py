@@ -380,8 +380,13 @@ class TrustedPublishers:
         except (TypeError, ValueError) as exc:  # a bad key value: the file's fault
             raise ValueError(f"{path}: {exc}") from None
 
-    def merged(self, other: TrustedPublishers) -> TrustedPublishers:
-        """Both sets; one key id bound to two different keys is an error, not a choice."""
+    def merged(
+        self, other: TrustedPublishers | Mapping[str, Ed25519PublicKey | bytes | str]
+    ) -> TrustedPublishers:
+        """Both sets; one key id bound to two different keys is an error, not a choice.
+        ``other`` may be a mapping, as the constructor takes (anything else: ``TypeError``)."""
+        if not isinstance(other, TrustedPublishers):
+            other = TrustedPublishers(other)  # a mapping checked as the constructor checks it
         keys = dict(self._keys)
         for key_id, key in other._keys.items():
             if key_id in keys and public_key_text(keys[key_id]) != public_key_text(key):

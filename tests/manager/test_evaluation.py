@@ -203,6 +203,21 @@ def test_an_empty_batch_weighs_nothing() -> None:
         evaluate_seeds(registry, [(x[:0], t[:0])] * 2, F.mse_loss)
 
 
+@pytest.mark.parametrize("which", ["loss_fn", "metric_fn"])
+@pytest.mark.parametrize("result", ["1.0", None])
+def test_a_loss_or_metric_that_is_no_number_is_refused(which: str, result: object) -> None:
+    """A ``loss_fn`` returning the str ``"1.0"`` was read as 1.0 (``float()`` of it), a G5
+    verdict on a value no one computed; ``None`` raised float()'s own TypeError. Each is a
+    ``TypeError`` naming what the functions return, and no seed records an evaluation."""
+    model, slot, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    fns = {"loss_fn": F.mse_loss, "metric_fn": F.mse_loss, which: lambda o, t: result}
+    with pytest.raises(TypeError, match="must return a batch mean .* got"):
+        evaluate_seeds(registry, [(x, t)], fns["loss_fn"], metric_fn=fns["metric_fn"])
+    assert all(seed.evaluation is None for seed in slot.seeds)
+    assert set(evaluate_seeds(registry, [(x, t)], F.mse_loss)) == {s.seed_id for s in slot.seeds}
+
+
 def test_no_live_seed_means_no_forward() -> None:
     slot = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
     registry = SlotRegistry(nn.Sequential(slot), [slot])

@@ -80,6 +80,12 @@ def _compare(merged: Any, grown: Any) -> None:
         assert (mine is None and theirs is None) or torch.equal(mine, theirs)
 
 
+def test_merge_of_what_is_no_module_is_a_type_error() -> None:
+    """``kasmina.merge(None)`` raised AttributeError 'named_modules'; now it names the type."""
+    with pytest.raises(TypeError, match="merge takes the grown model .* got NoneType"):
+        kasmina.merge(None)  # type: ignore[arg-type]
+
+
 def test_merge_of_an_attention_slot_computes_what_the_grown_model_computed() -> None:
     model = Attention().eval()
     x = torch.randn(2, 5, 8)

@@ -549,8 +549,11 @@ def test_attach_refuses_an_embargo_the_state_table_cannot_hold(embargo: int) -> 
 
 def test_attach_names_an_argument_of_the_wrong_type() -> None:
     """Each reached deep before: 'int' object is not iterable, 'dict' object has no attribute
-    'enabled', 'Tensor' object has no attribute 'num_seeds'."""
+    'enabled', 'Tensor' object has no attribute 'num_seeds', and for a model of None (as
+    ``manager.attach`` passes it on) 'NoneType' object has no attribute 'named_modules'."""
     model = MLP()
+    with pytest.raises(TypeError, match="attach wraps submodules of an nn.Module, got NoneType"):
+        attach(None, ["head"], 2, 4)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="targets must be a pattern .* got int"):
         attach(model, 0, 2, 4)  # type: ignore[arg-type]
     assert len(attach(copy.deepcopy(model), (n for n in ["head"]), 2, 4)) == 1  # any iterable

@@ -809,3 +809,33 @@ def test_a_column_value_the_int32_table_cannot_hold_is_a_value_error_naming_it()
     table.set_gate_score(1, INT32_MAX / 1000)
     assert table.read_row(0)["REGION_ID"] == -(2**31)
     assert table.read_row(1)["GATE_SCORE"] == INT32_MAX
+
+
+WRONG_KINDS = {  # a call, what it raises, and the message
+    "set_blueprint(0, 5)": (
+        lambda table: table.set_blueprint(0, 5),
+        TypeError,
+        "artifact_id must be a str, got int",
+    ),
+    "load_state_dict({})": (
+        lambda table: table.load_state_dict({}),
+        ValueError,
+        r"state table \(state_tensor\) must be a tensor of shape \(2, ",
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(WRONG_KINDS))
+def test_a_blueprint_or_state_of_the_wrong_kind_is_refused_naming_it(call: str) -> None:
+    """``set_blueprint(0, 5)`` (an id that is no str) raised AttributeError 'encode', and a
+    state dict without its ``state_tensor`` a bare KeyError; each is refused by name, with
+    nothing changed, and an id of "" still clears the column."""
+    table = GPUStateTensor(2, "cpu")
+    table.set_blueprint(1, "artifact-a")
+    before, version = table.state_tensor.clone(), table.version
+    run, error, match = WRONG_KINDS[call]
+    with pytest.raises(error, match=match):
+        run(table)
+    assert torch.equal(table.state_tensor, before) and table.version == version
+    table.set_blueprint(1, "")
+    assert table.read_row(1)["BLUEPRINT_ID"] == 0

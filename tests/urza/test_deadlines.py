@@ -134,6 +134,27 @@ def make_loader(client: Any) -> KernelLoader:
 # --- the client ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("deadline", ["soon", float("nan"), float("inf"), [1.0]], ids=repr)
+@pytest.mark.parametrize("call", ["get_manifest", "fetch"])
+def test_a_deadline_that_is_no_instant_is_refused_before_any_read(
+    store: tuple[Path, Manifest], trusted: TrustedPublishers, call: str, deadline: object
+) -> None:
+    """``get_manifest(id, deadline="soon")`` raised a comparison's TypeError ('>=' not
+    supported) from inside the read, and ``deadline=nan`` was read as no deadline at all.
+    Either is a ``ValueError`` naming the deadline, before the store is read."""
+    root, manifest = store
+    urza = UrzaLibraryClient(str(root), trusted, retries=0)
+    try:
+        before = urza.stats()
+        with pytest.raises(ValueError, match="deadline must be an instant of the client's clock"):
+            getattr(urza, call)(manifest.artifact_id, deadline=deadline)
+        assert urza.stats() == before
+        in_time = time.monotonic() + 60
+        assert urza.get_manifest(manifest.artifact_id, deadline=in_time) == manifest
+    finally:
+        urza.close()
+
+
 def test_stalled_payload_fetch_ends_by_its_deadline(stalled, store, trusted) -> None:
     _, manifest = store
     urza = http_client(stalled.url, trusted, breaker_threshold=1)

@@ -226,6 +226,22 @@ def test_a_trainer_with_public_keys_only_verifies_but_has_no_way_to_sign(
     assert pickle.loads(pickle.dumps(publisher.public_key_text)) == publisher.public_key_text
 
 
+def test_merged_takes_a_mapping_as_the_constructor_does(publisher: PublisherKey) -> None:
+    """``TrustedPublishers.merged({id: key})`` raised AttributeError '_keys' where the
+    constructor takes that mapping: it merges it, checked as the constructor checks it, and
+    refuses what is neither with the constructor's ``TypeError``."""
+    other = PublisherKey.generate("other")
+    mine = publisher.trusted_publishers()
+    both = mine.merged({"other": other.public_key_text})
+    assert sorted(both.key_ids) == ["other", "pub"]
+    assert both.merged(mine).key_ids == both.key_ids  # a TrustedPublishers as before
+    with pytest.raises(ValueError, match="ids 'pub' and 'again' hold the same public key"):
+        mine.merged({"again": publisher.public_key_text})
+    with pytest.raises(TypeError, match="must be a mapping of key id -> public key, got list"):
+        mine.merged([other.public_key_text])  # type: ignore[arg-type]
+    assert mine.key_ids == ("pub",)
+
+
 def test_public_key_forms(publisher: PublisherKey) -> None:
     raw = base64.b64decode(publisher.public_key_text)
     pem = publisher.public_key.public_bytes(
