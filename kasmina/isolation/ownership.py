@@ -20,8 +20,10 @@ from kasmina.utils.memory import ByteRanges
 
 
 def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
-    """Distinct leaf float tensors, in order, to register; a clear ``ValueError`` for anything
-    else (a non-leaf cannot be optimized, and clipping reads these dtypes only)."""
+    """Distinct leaf tensors, in order, to register; a clear ``ValueError`` for anything else
+    (a non-leaf cannot be optimized, and clipping reads fp32, fp16 and bf16 only). A frozen one
+    (``requires_grad=False``: a published mask or index) may be of any dtype: it has no
+    gradient, so nothing steps or clips it, yet it is claimed like the rest."""
     if isinstance(params, torch.Tensor):
         params = [params]
     out: list[torch.Tensor] = []
@@ -36,7 +38,7 @@ def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Ten
             )
         if not p.is_leaf:
             raise ValueError(f"{what} must be leaf tensors (a non-leaf cannot be optimized)")
-        if p.dtype not in SUPPORTED_DTYPES:  # what grad_norms (clipping) accepts
+        if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # what grad_norms accepts
             raise ValueError(f"{what} must be float32, float16 or bfloat16, got {p.dtype}")
         if id(p) not in seen:
             seen.add(id(p))

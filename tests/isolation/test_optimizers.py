@@ -82,7 +82,7 @@ def test_bad_registrations_give_clear_errors():
     with pytest.raises(ValueError, match="host has no trainable parameters"):
         opts.initialize_host([])
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        opts.initialize_host([torch.zeros(3, dtype=torch.int64)])
+        opts.initialize_host([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
     with pytest.raises(ValueError, match="learning rate"):
         opts.initialize_host(host.parameters(), lr=0.0)
     opts.initialize_host(host.parameters())
@@ -96,6 +96,24 @@ def test_bad_registrations_give_clear_errors():
         opts.create_seed_optimizer("s", [nn.Parameter(torch.zeros(2))])
     with pytest.raises(KeyError, match="no optimizer 'nope'"):
         opts.step("nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float64])
+def test_a_frozen_parameter_of_any_dtype_is_claimed_and_never_stepped(dtype: torch.dtype):
+    """A seed's frozen mask in a dtype clipping does not read was refused at registration; it
+    has no gradient, so it is claimed with the rest and left alone by the clipped step."""
+    _, seed = models()
+    mask = nn.Parameter(torch.tensor([1, 0, 1, 1]).to(dtype), requires_grad=False)
+    opts = IsolatedOptimizerManager()
+    opts.create_seed_optimizer("s", [*seed.parameters(), mask], lr=0.1)
+    assert opts.owner_of(mask) == "s"
+    with pytest.raises(ParameterOverlapError):
+        opts.create_seed_optimizer("t", [nn.Parameter(mask.data, requires_grad=False)])
+    weight = seed.weight.detach().clone()
+    fill_grads(seed)
+    assert opts.step("s", grad_clip_norm=1.0)
+    assert not torch.equal(seed.weight, weight)
+    assert torch.equal(mask, torch.tensor([1, 0, 1, 1]).to(dtype)) and mask.grad is None
 
 
 def test_teacher_params_are_frozen_and_never_optimizable():

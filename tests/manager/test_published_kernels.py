@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager import KasminaKernelManager
@@ -211,6 +212,66 @@ def test_a_parameter_published_frozen_stays_frozen(tmp_path: Path) -> None:
     assert "has parameters, none that requires a gradient" in reason
     assert nothing.manager.seed(SEED0).stage == S.DORMANT
     nothing.manager.close()
+
+
+class Masked(nn.Module):
+    """A linear residual under a fixed mask published frozen, in a dtype that carries no
+    gradient (a bool mask, an int64 one)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.mask = nn.Parameter(torch.tensor([1, 0]).to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * self.fc(x) * self.mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_a_frozen_mask_of_a_non_float_dtype_germinates_and_stays_as_published(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """The seed optimizer's registration refused every parameter not in fp32, fp16 or bf16, the
+    frozen ones too: GERMINATE was refused ("parameters of seed 'out[0]' must be float32, ...")
+    although a frozen mask is never stepped nor clipped. It is registered (claimed) and never
+    touched: the seed trains under clipping to ACTIVE, and the mask survives save, load and
+    merge as published."""
+    grown = Grown(tmp_path, Masked(dtype), torch.float32)
+    assert grown.send("germinate"), grown.manager.command_log[-1]
+    seed = grown.manager.seed(SEED0)
+    params = dict(seed.kernel.named_parameters())
+    (mask,) = [p for p in params.values() if p.dtype == dtype]
+    trained = {name: p.detach().clone() for name, p in params.items() if p.requires_grad}
+    assert grown.manager.optimizers.owner_of(mask) == SEED0
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            loss = F.cross_entropy(grown.model(grown.x).float(), grown.y)
+            grown.manager.backward(loss)
+            grown.manager.step(grad_clip_norm=1.0)
+
+    train(2)
+    grown.manager.end_epoch(0)
+    for steps in (1, 5, 1):  # G2, G3 (then grafting), G4
+        assert grown.send("advance"), grown.manager.command_log[-1]
+        train(steps)
+    grown.manager.evaluate_seeds([(grown.x, grown.y)], loss_fn=F.cross_entropy)
+    assert grown.send("advance") and seed.stage == S.ACTIVE, grown.manager.command_log[-1]
+    train(2)
+    assert seed.faults == 0 and mask.dtype == dtype and not mask.requires_grad
+    assert torch.equal(mask, torch.tensor([1, 0]).to(dtype))
+    assert all(not torch.equal(params[name], before) for name, before in trained.items())
+    grown.model.eval()
+    expected = grown.model(grown.x)
+    path = kasmina.save(grown.model, tmp_path / "grown.kasmina")
+    fresh = Host().eval()
+    kasmina.load(path, fresh, publishers=PUBLISHER.trusted_publishers())
+    assert torch.equal(fresh(grown.x), expected)
+    merged = kasmina.merge(fresh)
+    assert torch.allclose(merged(grown.x), expected)
+    (merged_mask,) = [p for p in merged.parameters() if p.dtype == dtype]
+    assert torch.equal(merged_mask, torch.tensor([1, 0]).to(dtype))
+    grown.manager.close()
 
 
 class LearnedConstant(nn.Module):
