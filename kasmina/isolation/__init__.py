@@ -17,6 +17,8 @@ It is enforced structurally and checked here:
 - ``optimizer_commands`` -- ``read_optimizer_command``: the type gate of that dispatch (only a
   ``VerifiedOptimizerCommand`` gets in; a wire message is a ``TypeError``) and the command read
   into plain values (``OptimizerOrder``). It knows no optimizer.
+- ``sparse_trial`` -- ``sparse_gradient_problem``: whether the seeds' optimizer class can step
+  a kernel's sparse gradients (one step on throwaway copies), asked by GERMINATE's dry run.
 - ``verify`` -- ``verify_gradient_isolation``: walks the autograd graph of a seed's output and
   fails if it reaches a host parameter.
 - ``monitor`` -- ``GradientIsolationMonitor``: the two-phase protocol (``begin_seed_backward`` /

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS, KasminaCommand, SeedAction
 from kasmina.errors import (
@@ -36,6 +37,7 @@ from kasmina.errors import (
     ParameterOverlapError,
     UrzaUnavailableError,
 )
+from kasmina.isolation.sparse_trial import sparse_gradient_problem
 from kasmina.leyline import SeedOperation
 from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
@@ -43,7 +45,8 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.state import ManagerState
-from kasmina.seeds.gates import GateResult, dry_run_problem
+from kasmina.seeds.dry_run import dry_run_problem
+from kasmina.seeds.gates import GateResult
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.seeds.table import SCALE
 from kasmina.stages import (
@@ -68,17 +71,10 @@ S = SeedStage
 # Failures that refuse one command and leave everything as it was (anything else is a bug and
 # propagates to the handler, which logs it with its traceback and counts the command failed).
 _REFUSALS = (
-    ArtifactIntegrityError,
-    ArtifactNotFoundError,
-    CheckpointIntegrityError,
-    CheckpointUnavailableError,
-    FileNotFoundError,
-    IllegalTransitionError,
-    KeyError,
-    ParameterOverlapError,
-    UrzaUnavailableError,
-    ValueError,
-)
+    ArtifactIntegrityError, ArtifactNotFoundError, CheckpointIntegrityError,
+    CheckpointUnavailableError, FileNotFoundError, IllegalTransitionError, KeyError,
+    ParameterOverlapError, UrzaUnavailableError, ValueError,
+)  # fmt: skip
 
 
 class CommandRefused(Exception):
@@ -285,7 +281,7 @@ class CommandExecution:
                 raise CommandRefused(f"cannot germinate {artifact_id}: {exc}") from exc
             raise
         try:
-            self._dry_run(record, kernel, artifact_id)
+            self._dry_run(record, kernel, artifact_id, lr)
             with state.require_registry().hold.own():
                 seed.attach_kernel(kernel, artifact_id)
             result = seed.evaluate_gate(S.ISOLATED_INIT)
@@ -373,19 +369,22 @@ class CommandExecution:
                 "(seeds run in the host's dtype; publish the kernel in it)"
             )
 
-    def _dry_run(self, record: SeedRecord, kernel: GPUKernel, artifact_id: str) -> None:
+    def _dry_run(self, record: SeedRecord, kernel: GPUKernel, artifact_id: str, lr: float) -> None:
         """Run the seed's new kernel on random activations shaped like the slot's (its recorded
         host output chunk, its dtype and device) at two batch sizes, and its backward once;
-        refuse an artifact that raises, answers with another shape or dtype, or is not finite.
-        A kernel that cannot run on this slot is refused here rather than failing in every host
-        forward. Buffers it mutates (batch-norm statistics) and the global RNG are put back."""
+        refuse an artifact that raises, answers with another shape or dtype, or is not finite,
+        or whose sparse gradients the seed's optimizer (at ``lr``) cannot step. A kernel that
+        cannot run on this slot is refused here rather than failing in every host forward or
+        step. Buffers it mutates (batch-norm statistics) and the global RNG are put back."""
         # The slot's recorded chunk (``_check_fits_slot`` refused a slot that recorded none).
-        samples = self.state.require_registry().dry_run_samples(record)
+        state = self.state
+        samples = state.require_registry().dry_run_samples(record)
         if not samples:
             raise CommandRefused(f"seed {record.seed_id}: no recorded activations to probe on")
+        takes = partial(sparse_gradient_problem, state.optimizer_cls, lr, state.optimizer_options)
         with kept_buffers(kernel), rng_forked(samples[0].device):  # global RNG: as it was
             for i, x in enumerate(samples):  # the backward once, at the recorded batch
-                problem = dry_run_problem(kernel, x, backward=i == 0)
+                problem = dry_run_problem(kernel, x, backward=i == 0, takes=takes)
                 if problem is not None:
                     raise CommandRefused(
                         f"{artifact_id} cannot run on seed {record.seed_id}: on an input "

@@ -26,7 +26,7 @@
   by one fused ``lifecycle_update`` launch per batch of transitions, with a host mirror of the
   stages so the forward never waits for the device.
 - ``gates`` -- G1..G5 as plain functions over plain measurements, so they can be evaluated and
-  tested anywhere.
+  tested anywhere; ``dry_run`` -- what GERMINATE's dry run finds wrong with one call of a kernel.
 - ``extra_state`` -- a seed's bookkeeping as a tensor in any ``state_dict``, read and checked
   in full before a restore changes anything.
 

@@ -3,6 +3,7 @@ slot are refused at the command, and the host keeps training as if nothing was s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,31 @@ class BrokenBackward(nn.Module):
         return x + torch.ops.kasmina_tests.backward_breaks(self.lin(x))
 
 
+class SparseLookup(nn.Module):
+    """A residual plus a bias looked up by the features' signs in an embedding with sparse
+    gradients, which most optimizers (Adam) cannot step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.emb = nn.Embedding(2, 2, sparse=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * self.lin(x) + 0.1 * self.emb((x > 0).long()).sum(1)
+
+
+class SpareInfinity(nn.Module):
+    """Runs, finite (its spare parameter unused), but holds a non-finite parameter: G1's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.spare = nn.Parameter(torch.full((2,), math.inf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x)
+
+
 def publish(module: nn.Module, example: torch.Tensor, store: Path, **kw) -> str:
     name = type(module).__name__.lower()
     return publish_artifact(module, [example], str(store), name, PUBLISHER, **kw).artifact_id
@@ -134,11 +160,48 @@ def test_a_kernel_whose_backward_raises_is_refused(rig: Rig, store) -> None:
 
 
 def test_a_refusal_after_the_kernel_is_attached_leaves_the_table_as_it_was(rig: Rig, store) -> None:
-    """A kernel that passes the dry run and G1 but cannot have an optimizer is refused after
-    ``attach_kernel`` wrote the row's BLUEPRINT_ID: the undo puts it back."""
+    """A kernel that passes the dry run but not G1 is refused after ``attach_kernel`` wrote the
+    row's BLUEPRINT_ID: the undo puts it back."""
+    rig.train(1)
+    artifact = publish(SpareInfinity(), torch.randn(3, 2), store)
+    assert_refused_and_host_trains(rig, artifact, "G1 refused")
+
+
+def test_a_kernel_without_parameters_is_refused_with_the_reason(rig: Rig, store) -> None:
+    """It passed the dry run and was refused by the optimizer's registration with "ValueError:
+    an optimizer needs at least one parameter", which named no kernel nor seed."""
     rig.train(1)
     artifact = publish(Doubling(), torch.randn(3, 2), store)
-    assert_refused_and_host_trains(rig, artifact, "optimizer")
+    assert_refused_and_host_trains(rig, artifact, "it has no parameter: a seed trains its kernel")
+
+
+def test_a_kernel_with_sparse_gradients_the_optimizer_cannot_step_is_refused(
+    rig: Rig, store
+) -> None:
+    """The dry run ran its backward, never asked the seed's optimizer about the gradients: a
+    sparse embedding's passed GERMINATE under Adam, then every step faulted ("Adam does not
+    support sparse gradients") until the seed was quarantined, never trained."""
+    rig.train(1)
+    artifact = publish(SparseLookup(), torch.randn(3, 2), store)
+    assert_refused_and_host_trains(
+        rig, artifact, "emb.weight' a sparse gradient (nn.Embedding(sparse=True)), which the "
+        "seed optimizer Adam cannot step (RuntimeError: Adam does not support sparse gradients"
+    )  # fmt: skip
+
+
+def test_a_kernel_with_sparse_gradients_trains_under_an_optimizer_that_takes_them(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    rig = Rig(make_config(tmp_path, store), keyring, optimizer_cls=torch.optim.SGD)
+    rig.train(1)
+    assert rig.send("germinate", SEED0, publish(SparseLookup(), torch.randn(3, 2), store))
+    seed = rig.manager.seed(SEED0)
+    before = {name: p.detach().clone() for name, p in seed.kernel.named_parameters()}
+    for _ in range(3):
+        assert SEED0 in rig.train(1)["seeds_stepped"]
+    assert seed.faults == 0 and seed.stage == S.ISOLATED_INIT
+    after = dict(seed.kernel.named_parameters())
+    assert all(not torch.equal(after[name], value) for name, value in before.items())
 
 
 def test_a_germinate_before_the_slots_first_forward_is_refused(
