@@ -5,6 +5,9 @@ and the parent then inspects what the disk holds, as a restarted process would."
 from __future__ import annotations
 
 import os
+import signal
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -12,6 +15,8 @@ from typing import Any, NoReturn
 KILLED = 137
 # A child whose code under test raised instead of dying or finishing.
 RAISED = 3
+# A child still blocked when its time ran out (``run_bounded_in_child``): killed by SIGALRM.
+HUNG = -signal.SIGALRM
 
 
 def die() -> NoReturn:
@@ -32,6 +37,33 @@ def run_in_child(action: Callable[[], object]) -> int:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def run_bounded_in_child(action: Callable[[], object], timeout_s: int = 60) -> int:
+    """Run ``action`` in a forked child that may block for good (a lock held at the fork): its
+    exit code (0: finished, ``RAISED``: raised, its traceback on stderr, ``HUNG``: still running
+    after ``timeout_s``, ended by an alarm of its own). Never left behind: past that and a grace
+    period, the parent kills it."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(timeout_s)
+            action()
+        except BaseException:
+            traceback.print_exc()
+            code = RAISED
+        os._exit(code)
+    deadline = time.monotonic() + timeout_s + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
 
 
 class TornWriter:

@@ -44,6 +44,7 @@ from kasmina.control.commands import MAX_ID_CHARS
 from kasmina.control.ledger import MAX_LIVE_NONCES, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring, checked_keyring
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,10 @@ class CommandVerifier:
             if key is not None and (self.key_ids is None or key_id in self.key_ids):
                 self._macs[key_id] = _CommandMac.prepare(key, COMMAND_SIGNATURE_TAG)
         self._clock = clock
-        self._lock = threading.Lock()
+        # Free in a forked child (``fork_safe``): a nonce a controller thread was recording at
+        # the fork may be half recorded there (seen, its expiry or command id not yet kept):
+        # still a replay to the child, only kept until the child ends.
+        self._lock = fork_safe(threading.Lock())
         self._seen: dict[str, float] = {}  # nonce -> command timestamp
         self._expiry: list[tuple[float, str]] = []  # min-heap of (timestamp, nonce)
         # Accepted commands' ids -> their timestamps, and their min-heap: forgotten with their

@@ -35,6 +35,7 @@ from kasmina.control.commands import (
     to_kasmina_command,
 )
 from kasmina.leyline import AdaptationCommand
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import Event, TelemetryReporter
 
@@ -98,7 +99,7 @@ class LeylineAdaptationHandler:
         self.stats: dict[str, int] = {"accepted": 0, "executed": 0, "failed": 0, "rejected": 0}
         self._telemetry = telemetry
         self._events = None if telemetry is None else _HandlerEvents(telemetry)
-        self._stats_lock = threading.Lock()
+        self._stats_lock = fork_safe(threading.Lock())
         self._clock = clock
         # Rejection reporting, under _stats_lock: when each reason was last reported, how many
         # of it arrived since, and the earliest time one of those counts falls due.

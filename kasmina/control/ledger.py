@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries_of, temporary_stem
 from kasmina.utils.files import read_regular_file
-from kasmina.utils.locks import lock_exclusive, lock_name, released
+from kasmina.utils.locks import fork_safe, lock_exclusive, lock_name, released
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class NonceLedger:
         self._synced = 0  # every record up to this one is on disk
         self._staged: list[tuple[float, str]] = []  # taken by ``stage``, not written yet
         self._rewrite_due = False  # ``forget_staged`` dropped records: the floor must cover them
-        self._sync_lock = threading.Lock()
+        self._sync_lock = fork_safe(threading.Lock())
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire()

@@ -35,6 +35,7 @@ from typing import Protocol
 
 from kasmina.control.commands import CommandExecutor, KasminaCommand
 from kasmina.leyline import AdaptationCommand
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +210,8 @@ class HeldCommands:
 
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
-        self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
+        self._lock = fork_safe(threading.Lock())
+        self._arrived = fork_safe(threading.Condition(self._lock))
         self._held: list[Received] = []
         self._arriving: Counter[bytes] = Counter()
         self.closed = False  # ``close``: no sync comes, and nothing is held any more

@@ -43,6 +43,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from kasmina.ops.transforms import in_compiled_transform
 from kasmina.utils.autograd_nodes import compiled_node
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ __all__ = [
 _KD_ROOT = "kasmina.kd_loss"  # a node's metadata key: the graph of a collected KD loss
 _KD_SEEDS = "kasmina.kd_seeds"  # the ids of the seeds a KD loss distils into
 _KD_CUT = "kasmina.kd_cut"  # its students' gradient edges, where it meets the shared graph
-_holds_lock = threading.Lock()
+_holds_lock = fork_safe(threading.Lock())
 _holds: list[bool] = []  # one entry per open hold: the flag's value the first one found
 
 

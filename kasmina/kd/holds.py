@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kasmina.utils.locks import fork_safe
+
 # id(param) -> (param, the teacher holding it), both weakly. An entry whose parameter or teacher
 # is gone holds nothing (a reused id is told apart by the parameter's identity).
 _TEACHER_PARAMS: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[object]]] = {}
 # Reentrant: a collection inside a locked block may run a dropped teacher's release.
-_LOCK = threading.RLock()
+_LOCK = fork_safe(threading.RLock())
 
 
 def _holder(param: torch.Tensor) -> object | None:

@@ -39,6 +39,7 @@ from kasmina.manager.rollback import fetches_bounded, restore_epoch, snapshot
 from kasmina.manager.state import ManagerState
 from kasmina.manager.tracked import writers_of
 from kasmina.utils.grad_modes import training_tensors
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class ManagerApplier:
         # (monotonic); ``begin_sync`` (and ``apply``) clears them.
         self._prepare_started: float | None = None
         self._prepare_deadline: float | None = None
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._fetches: dict[str, Future[Any]] = {}  # artifact id -> its running fetch
         # This sync's prepares that fetched a kernel, handed to the first agreed command for
         # it: that command's GERMINATE then takes the fetched kernel, as a fetch of its own

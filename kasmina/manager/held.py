@@ -39,13 +39,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kasmina.control.processes import check_supported_parallelism
+from kasmina.utils.locks import fork_safe
 
 __all__ = ["ModelHold", "watch_registrations"]
 
 # Parameters and modules registered anywhere in this process since the first registry (a
 # global hook counts them): a registry whose model may have changed looks only when it moved.
 _REGISTRATIONS = [0]
-_COUNTING = threading.Lock()
+_COUNTING = fork_safe(threading.Lock())
 # This thread's count of the registrations made inside a ``ModelHold.own`` block (none: None).
 _OWN = threading.local()
 

@@ -37,6 +37,7 @@ from kasmina.manager.report import ManagerReport
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred, take_lock
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 
@@ -112,7 +113,7 @@ class CommandIntake:
         # coordinator): each is told to refuse them when the manager closes.
         self.also_dropping: list[Callable[[str], None]] = []
         self.relayed: str | None = None  # why this queue takes no arrival (``relay``)
-        self._door = threading.Lock()
+        self._door = fork_safe(threading.Lock())
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises.

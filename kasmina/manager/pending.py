@@ -56,6 +56,7 @@ from kasmina.leyline import SeedOperation
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,10 @@ class CommandQueue:
         self.max_pending = max_pending
         self.fetch_workers = fetch_workers
         self._clock = clock
-        self._lock = threading.Lock()
+        # Free in a forked child (``fork_safe``): a command another thread was queueing, or a
+        # fetch worker finishing, at the fork may be half done in the child's copy, whose
+        # close() then drops the commands queued there, each reported, rather than hang.
+        self._lock = fork_safe(threading.Lock())
         self._queue: deque[PendingCommand] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False

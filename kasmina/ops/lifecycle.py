@@ -45,6 +45,7 @@ from kasmina.stages import (
     TransitionCode,
     transition_matrix,
 )
+from kasmina.utils.locks import fork_safe
 
 IndexLike = torch.Tensor | Sequence[int]
 NEEDS_ZERO_EMBARGO = 1 << 8  # flag bit of a rule: legal only while EMBARGO_COUNTER == 0
@@ -80,7 +81,7 @@ def ready_rules() -> list[int]:
 
 
 _tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_tables_lock = threading.Lock()
+_tables_lock = fork_safe(threading.Lock())
 
 
 def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

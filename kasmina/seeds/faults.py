@@ -39,6 +39,7 @@ from kasmina.seeds.side_effects import (
     own_stream,
 )
 from kasmina.stages import SeedStage
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.modules import rng_forked
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import utf8
@@ -111,7 +112,8 @@ FELL_BACK = "fell back"  # a non-finite output found on the host: settled at the
 # threads (serving) can fault at once, and two that both reach the limit would both send the
 # seed to QUARANTINE, the second raising into its forward. Reentrant: a transition's listeners
 # may record another seed's fault. Faults are rare, so one lock for every seed costs nothing.
-FAULT_LOCK = threading.RLock()
+# Free in a forked child (fork_safe): a fault being counted at the fork is there, or is not.
+FAULT_LOCK = fork_safe(threading.RLock())
 # The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log
 # is for a person reading a report, and an exception message can be arbitrarily long.
 FAULT_LOG_SIZE, FAULT_REASON_CHARS = 16, 200

@@ -29,6 +29,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from kasmina.utils.locks import fork_safe
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CachedKernel", "GPUKernelCache"]
@@ -39,7 +41,10 @@ __all__ = ["CachedKernel", "GPUKernelCache"]
 _HOLDERS: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[GPUKernelCache], str | None]] = (
     weakref.WeakKeyDictionary()
 )
-_HOLDERS_LOCK = threading.Lock()
+# Free in a forked child (``fork_safe``), as each cache's own lock is: a fetch worker's put or
+# eviction at the fork may be half made in the child's copy (its byte count off by a kernel),
+# which serves only the child's own loads; a lock held for good hung every one of them.
+_HOLDERS_LOCK = fork_safe(threading.Lock())
 
 
 class CachedKernel(Protocol):
@@ -66,7 +71,7 @@ class GPUKernelCache:
         self._bytes = 0
         self._pinned_bytes = 0
         self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()  # removed, released or releasing
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._self_ref = weakref.ref(self)
         self.hits = 0
         self.misses = 0

@@ -68,6 +68,7 @@ from kasmina.urza.resilience import (
     redact_urls,
     store_secrets,
 )
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.signed_json import finite_number
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class UrzaLibraryClient:
         self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock)
         self._clock = clock
         # Guards the counters and the in-flight map here and the guard's I/O thread counts.
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._guard = ReadGuard(
             url,
             self.breaker,

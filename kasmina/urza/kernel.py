@@ -26,7 +26,9 @@ import io
 import linecache
 import logging
 import operator
+import os
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +43,7 @@ from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.aliasing import Overlap, copy_splits
 from kasmina.urza.artifact import Manifest, verify_payload
 from kasmina.urza.refusals import refuse_through, weights_absent
+from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,21 @@ __all__ = ["GPUKernel", "built_with_bounded_sources"]
 # ``torch.export.load`` keeps its deserializer in one process-wide slot and refuses to start
 # while another load runs: loads of different artifacts (the fetch workers) take turns, each
 # whole load (``_program_module``), so that the sources one load drops are its own alone.
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = fork_safe(threading.Lock())
+
+
+def _forget_absent_load() -> None:
+    """After ``fork()``, in the child: a load another thread had under way at the fork (its
+    ``_LOAD_LOCK`` made free there, ``fork_safe``) left torch.export's deserializer slot set,
+    and every load of the child was refused; its thread is gone, so the slot is emptied. The
+    sources that load numbered stay, a few, for the life of the child."""
+    serde = sys.modules.get("torch._export.serde.serialize")
+    if getattr(serde, "_CURRENT_DESERIALIZER", None) is not None:
+        serde._CURRENT_DESERIALIZER = None  # type: ignore[union-attr]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_absent_load)
 
 T = TypeVar("T")
 

@@ -31,6 +31,7 @@ from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.resilience import _Closed, _DeadlineExpired
 from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import TelemetryReporter
@@ -64,6 +65,14 @@ class KernelLoader:
         self.hit_latency = LatencyStats()
         self._lock = threading.Lock()
         self._loading: dict[str, Future[GPUKernel]] = {}
+        fork_safe(self)  # ``_at_fork_reinit``
+
+    def _at_fork_reinit(self) -> None:
+        """After ``fork()``, in the child: the loads in flight were other threads', gone there,
+        and never end (a load of the same kernel waited on one for good, without a deadline):
+        they are forgotten, and the lock they were taken under is made free."""
+        self._lock._at_fork_reinit()
+        self._loading.clear()
 
     def cached(self, artifact_id: str) -> GPUKernel | None:
         """The cached original, or None (a miss); hits are timed."""

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.signed_json import finite_number
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class CircuitBreaker:
         self.threshold = threshold
         self.reset_s = reset_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._state = self.CLOSED
         self._failures = 0
         self._opened_at = 0.0
@@ -335,7 +336,7 @@ class ReadGuard:
         # Guards the I/O thread counts below (same lock as the counters). Entered as ``with
         # self._lock`` (a C-level exit): a Condition's own ``__exit__`` is Python code, where a
         # Ctrl-C can land after its body and before the release, leaving the lock held for good.
-        self._io_changed = threading.Condition(lock)
+        self._io_changed = fork_safe(threading.Condition(lock))
         self._io_alive = 0  # urza-io threads not yet finished
         self._io_stalled = 0  # of which abandoned by their caller
         self._stats = {

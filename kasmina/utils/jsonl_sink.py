@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import TelemetryPacket
 from kasmina.utils.files import name_max, open_regular_fd
-from kasmina.utils.locks import lock_exclusive, lock_name, released
+from kasmina.utils.locks import fork_safe, lock_exclusive, lock_name, released
 from kasmina.utils.orphans import release_orphaned_sinks
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ def _close_quietly(handle: IO[str], path: Path) -> None:
         )
 
 
+def _drop_unwritten(handle: IO[str]) -> None:
+    """Close ``handle`` writing nothing of what its buffers hold: its descriptor first, so that
+    the buffered layers, finding it closed, close without a flush."""
+    try:
+        handle.buffer.raw.close()  # type: ignore[attr-defined]
+    finally:
+        handle.close()
+
+
 class JsonlFileSink:
     """Appends one JSON object per packet per line (protobuf JSON mapping), flushed each time.
 
@@ -126,7 +135,7 @@ class JsonlFileSink:
                 f"telemetry file {self.path} is held by another live sink (another process, "
                 "or another manager in this one): give each its own telemetry_jsonl_path"
             )
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
         self._file: IO[str] | None  # None after a rotation's failed re-open, or close()
         try:
             self._file, self._size = _open_append(self.path)
@@ -203,9 +212,15 @@ class JsonlFileSink:
         self._held = taken
 
     def close(self) -> None:
+        # Its lock is made free in a forked child (``fork_safe``): a parent thread writing a line
+        # at the fork held it there for good, and the child's close() hung. The child writes
+        # none of it: its copy of the file is the parent's, and what its buffer held at the fork
+        # (that thread's line, not yet flushed) is dropped, never written into the parent's file.
         with self._lock:
             file, self._file = self._file, None
-            if file is not None:
+            if file is not None and released(self._held):  # a forked child's copy
+                _drop_unwritten(file)
+            elif file is not None:
                 _close_quietly(file, self.path)
             self._held.close()  # the lock, last: no other sink writes before this one is done
 

@@ -15,6 +15,25 @@ would keep the lock and refuse the restart. Every lock taken here is recorded (w
 forked child closes its copies at once (``os.register_at_fork``): the parent's lock is
 untouched (closing one descriptor of a shared open file does not unlock it), and the child
 holds none. A child started by ``exec`` inherits none anyway (the files are non-inheritable).
+
+Why some thread locks are made again in a child (``fork_safe``): ``fork()`` copies only the
+thread that called it, so a lock another thread held at that instant stays held in the child for
+good, its holder gone, and the child's first take of it blocks forever (a worker unpickling a
+model with a seed while a fetch worker of its parent loaded a kernel; a worker's ``close()`` of
+its copy of the manager while a controller thread of its parent wrote a command's line). A lock
+passed to ``fork_safe`` is made new and free in a forked child, as ``logging`` does with its
+handlers' locks. It is for the locks the process's other threads take (the fetch workers, the
+store's reads, controller threads, any thread's telemetry or faults, a collection running a
+teacher's release) around state that is whole between their turns, or that the child refuses to
+use: the kernel loads' (``urza.kernel``), the kernel cache's and its holders', the loader's, the
+Urza client's and its circuit breaker's, the command verifier's, the nonce ledger's, the
+handler's counts, the command queue's and its door, the relay's and the coordinator's, the
+faults', the teacher-parameter registry's (``kd.holds``), telemetry's, the JSONL sink's, the
+checkpoint signer's, and the module-wide counters' and tables' (the state that a thread gone at
+the fork left half made in one of them is said where it is made fork-safe). Not the locks around
+the model's changes (the manager's, its safe point's, a teacher's cast), which the training
+thread takes, and a fork is made from it, between its steps: a fork while another thread held
+one would leave the child a model half changed, which a free lock would hide.
 """
 
 from __future__ import annotations
@@ -24,6 +43,7 @@ import io
 import os
 import weakref
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from kasmina.utils.files import fitting_name, open_regular_fd
 
@@ -32,23 +52,45 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["lock_exclusive", "lock_name", "released", "require_held"]
+__all__ = ["fork_safe", "lock_exclusive", "lock_name", "released", "require_held"]
+
+
+class _Remakeable(Protocol):
+    def _at_fork_reinit(self) -> None: ...
+
+
+_Lock = TypeVar("_Lock", bound=_Remakeable)
 
 # The open lock files of this process: a forked child closes its copies of them.
 _HELD: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
+# The thread locks (and conditions) a forked child makes new and free (``fork_safe``).
+_FORK_SAFE: weakref.WeakSet[_Remakeable] = weakref.WeakSet()
 
 
 def _close_in_child() -> None:
     """After ``fork()``, in the child: close the inherited lock files (never unlock them, which
-    would release the parent's lock; closing a copy does not)."""
+    would release the parent's lock; closing a copy does not), and make the ``fork_safe``
+    locks new and free."""
     for lock_file in list(_HELD):
         with contextlib.suppress(OSError):
             lock_file.close()
     _HELD.clear()
+    for lock in list(_FORK_SAFE):  # their holders, other threads, are gone in the child
+        lock._at_fork_reinit()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
+
+
+def fork_safe(lock: _Lock) -> _Lock:
+    """``lock`` (a ``threading.Lock``, ``RLock`` or ``Condition``, or an object with an
+    ``_at_fork_reinit`` of its own: the kernel loader's forgets its loads in flight), made new
+    and free in every child this process ``fork()``s from now on (held weakly, while it lives).
+    For a lock that threads other than the training thread take (see the module doc); the state
+    it guards must be whole between their turns, or unused in a child."""
+    _FORK_SAFE.add(lock)
+    return lock
 
 
 def released(lock_file: io.FileIO | None) -> bool:

@@ -52,6 +52,7 @@ import torch
 from kasmina.errors import CheckpointIntegrityError, NotARegularFileError
 from kasmina.utils.atomic import atomic_write, install_new_file, remove_stale_temporaries_of
 from kasmina.utils.files import open_regular_file, read_regular_file
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.signed_json import canonical_json, finite_number, strict_json_loads
 
 __all__ = [
@@ -192,7 +193,7 @@ class CheckpointSigner:
         self.key_path = Path(key_path).expanduser()
         self.run_id = run_id
         self._key = key
-        self._lock = threading.Lock()
+        self._lock = fork_safe(threading.Lock())
 
     def __repr__(self) -> str:
         return f"CheckpointSigner(run_id={self.run_id!r}, key_path={str(self.key_path)!r})"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
+from kasmina.utils.locks import fork_safe
 from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class TelemetryReporter:
         self.max_sink_failures = max_sink_failures
         self.sink_errors = 0
         self._disabled: list[TelemetrySink] = []
-        self._failure_lock = threading.Lock()
+        self._failure_lock = fork_safe(threading.Lock())
 
     @property
     def sinks(self) -> tuple[TelemetrySink, ...]:
@@ -368,7 +369,7 @@ class Event:
 
 # Builds of pending packets are rare (a sink read) and short: one lock makes every reader of a
 # pending packet get the same packet object, whichever thread builds it first.
-_build_lock = threading.Lock()
+_build_lock = fork_safe(threading.Lock())
 
 
 class PendingPacket:

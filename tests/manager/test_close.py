@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
+import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.orphans import add_owned_sink
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
+from tests.crash import run_bounded_in_child
 from tests.manager.helpers import SEED0, Host, Rig, make_config, record_activations, run_command
 
 
@@ -284,3 +288,47 @@ def test_a_forked_child_opens_no_checkpoint_store_of_its_parents_run(rig: Rig) -
     rig.train(1)
     rig.manager.end_epoch(0)  # the parent's run is its own
     assert rig.manager.checkpoints.epochs() == [0]
+
+
+class _StoppedFile:
+    """The telemetry file, whose next line stops half written (a thread of the parent, a
+    controller's ack line, in the middle of a write at the fork) until ``go`` is set."""
+
+    def __init__(self, sink: Any, there: threading.Event, go: threading.Event) -> None:
+        self.sink, self.real, self.there, self.go = sink, sink._file, there, go
+
+    def write(self, text: str) -> int:
+        self.real.write(text[: len(text) // 2])  # in the file's buffer, not yet written
+        self.there.set()
+        self.go.wait(60)
+        self.sink._file = self.real  # (under the sink's lock) the next lines go straight on
+        return self.real.write(text[len(text) // 2 :]) + len(text) // 2
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
+def test_a_forked_childs_close_returns_while_its_parent_was_writing_a_telemetry_line(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The JSONL sink writes a line under its lock: a worker forked while another thread of the
+    parent was writing one inherited the lock taken by a thread it does not have, and its copy
+    of the manager's ``close()`` hung for good. The lock is free in the child, whose close
+    writes nothing into the parent's file, not even the half line its buffer held."""
+    jsonl = tmp_path / "telemetry.jsonl"
+    rig = Rig(make_config(tmp_path, store, telemetry_jsonl_path=str(jsonl)), keyring)
+    sink = rig.manager._jsonl
+    there, go = threading.Event(), threading.Event()
+    sink._file = _StoppedFile(sink, there, go)
+    writer = threading.Thread(target=lambda: rig.manager.telemetry.emit("user.forked", 1.0))
+    writer.start()
+    try:
+        assert there.wait(30) and sink._lock.locked()
+        assert run_bounded_in_child(rig.manager.close) == 0  # was HUNG
+    finally:
+        go.set()
+        writer.join(30)
+    rig.manager.close()
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]  # none torn
+    assert sum("user.forked" in json.dumps(line) for line in lines) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -14,8 +15,9 @@ from kasmina.errors import NotARegularFileError
 from kasmina.leyline import TelemetryPacket
 from kasmina.manager.checkpoints import DiskCheckpointStore
 from kasmina.utils.jsonl_sink import JsonlFileSink
-from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.locks import fork_safe, lock_exclusive
 from kasmina.utils.state_io import CheckpointSigner
+from tests.crash import run_bounded_in_child
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
@@ -152,3 +154,37 @@ def test_a_long_legal_name_gets_a_lock_file_it_can_make(tmp_path) -> None:
     sink.close()
     other.close()
     ledger.close()
+
+
+def test_fork_safe_locks_a_thread_held_at_the_fork_are_free_in_the_child() -> None:
+    """``fork()`` copies only the thread that calls it: a lock another thread held then stayed
+    held in the child for good. A ``fork_safe`` lock, reentrant lock or condition is free
+    there (a plain lock, for contrast, is not), and its holder in the parent keeps it."""
+    plain = threading.Lock()
+    locks = [fork_safe(threading.Lock()), fork_safe(threading.RLock())]
+    condition = fork_safe(threading.Condition(threading.Lock()))
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with plain, locks[0], locks[1], condition:
+            held.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(30)
+
+    def child() -> None:
+        assert not plain.acquire(timeout=0.1)
+        for lock in [*locks, condition]:
+            with lock:
+                pass
+        with condition:
+            condition.notify_all()  # no waiter of the parent's left to wake
+
+    try:
+        assert run_bounded_in_child(child) == 0
+        assert all(not lock.acquire(blocking=False) for lock in [plain, locks[0]])
+    finally:
+        done.set()
+        thread.join(30)
