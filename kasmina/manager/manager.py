@@ -338,11 +338,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         their last dim, on each one's device; their ids (none: ``teacher_logits_unread``). None:
         no teacher for this batch: none pending from an earlier one (a batch skipped), any width."""
         if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
-            for slot in self.registry.slots if self.registry is not None else ():
+            for slot in self.state.kd_slots(None):  # closed: RuntimeError, no slot cleared
                 slot.set_teacher_logits(None)
             return []
         width = teacher_logits.shape[-1]
-        chosen = self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
+        chosen = self.state.kd_slots(width)  # closed: RuntimeError, before any slot is armed
         # Checked, moved or copied once a device, before any slot takes them: a refusal sets none.
         devices = {s.sat_out_compiled.device for s in chosen}
         on = {d: checked_teacher_logits(teacher_logits, d) for d in devices}

@@ -358,6 +358,15 @@ class ManagerState:
             self.registry.check_held(self.optimizers)
         return self.registry
 
+    def kd_slots(self, width: int | None) -> list[KasminaLayer]:
+        """The slots teacher logits ``width`` wide on their last dim go to (``set_teacher_logits``;
+        None: every slot, each to drop any it holds; none without a model). A closed manager's
+        model is the user's: ``RuntimeError`` (``require_open``), before any slot is touched."""
+        self.require_open()
+        if width is None:
+            return list(self.registry.slots) if self.registry is not None else []
+        return self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
+
     def has_seed(self, seed_id: str) -> bool:
         """Whether the managed model has a seed ``seed_id`` (any thread: one dict lookup)."""
         registry = self.registry
@@ -434,6 +443,7 @@ class ManagerState:
         score = check_real("gate score", score)
         if not 0.0 <= score <= 1.0:  # NaN too; checked before anything is written
             raise ValueError(f"gate score must be a number in [0, 1], got {score}")
+        self.require_open()  # a closed manager's model is the user's: its seeds' state too
         record = self.require_registry()[seed_id]
         record.seed.gate_score = float(score)
         self.counters["gate_scores_recorded"] += 1  # a trainer may record one every step

@@ -332,3 +332,27 @@ def test_a_forked_childs_close_returns_while_its_parent_was_writing_a_telemetry_
     rig.manager.close()
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]  # none torn
     assert sum("user.forked" in json.dumps(line) for line in lines) == 1
+
+
+def test_a_closed_manager_writes_no_gate_score_or_teacher_logits_into_the_model(
+    rig: Rig, mlp: str
+) -> None:
+    """``close()`` lets go of the model: a gate score recorded after it was still written into
+    the seed (its state-table row and saved extra state, which ``state_dict`` and
+    ``kasmina.save`` carry), and teacher logits still armed the slots. Both refuse now, as
+    every later call that would change the model does, and leave it as it was."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    rig.manager.close()
+    before = {k: v.clone() for k, v in rig.model.state_dict().items()}
+    score = rig.manager.seed(SEED0).gate_score
+    for call in (
+        lambda: rig.manager.record_gate_score(SEED0, 0.9),
+        lambda: rig.manager.set_teacher_logits(torch.randn(16, 4)),
+        lambda: rig.manager.set_teacher_logits(None),
+    ):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    after = rig.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in after)
+    assert rig.manager.seed(SEED0).gate_score == score and rig.slot._teacher_logits is None
