@@ -14,10 +14,10 @@ seed's input is the host's activation), ``writes_unsaved_buffer`` (it writes in 
 non-persistent buffer, state that ``state_dict`` does not save, so neither ``kasmina.save`` nor
 a rollback could restore it: refused as well) and ``draws_random`` (it has seeded random ops,
 which draw from the global RNG: before ACTIVE the guard runs it on a forked RNG state). One is
-read from its state before it is moved to its device (a move copies each tensor on its own):
+read from its state before its move to the device (which copies each tensor on its own):
 ``shares_memory``, two of its tensors in one storage that a seed would hold apart or could not
-copy (``urza.aliasing``: an artifact published before ``publish_artifact`` refused them),
-refused at GERMINATE too. A copy holds them apart already: it has none (a seed restored).
+copy (``urza.aliasing``; published before ``publish_artifact`` refused them), refused at
+GERMINATE too. A copy holds them apart already: it has none (a seed restored).
 """
 
 from __future__ import annotations
@@ -57,10 +57,8 @@ _LOAD_LOCK = fork_safe(threading.Lock())
 
 
 def _forget_absent_load() -> None:
-    """After ``fork()``, in the child: a load another thread had under way at the fork (its
-    ``_LOAD_LOCK`` made free there, ``fork_safe``) left torch.export's deserializer slot set,
-    and every load of the child was refused; its thread is gone, so the slot is emptied. The
-    sources that load numbered stay, a few, for the life of the child."""
+    """In a forked child: a load under way at the fork (its thread gone there) left
+    torch.export's deserializer slot set, and every load of the child was refused."""
     serde = sys.modules.get("torch._export.serde.serialize")
     if getattr(serde, "_CURRENT_DESERIALIZER", None) is not None:
         serde._CURRENT_DESERIALIZER = None  # type: ignore[union-attr]
@@ -68,7 +66,6 @@ def _forget_absent_load() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_absent_load)
-
 T = TypeVar("T")
 
 
@@ -115,9 +112,8 @@ def _program_module(
             _forget_load_sources(first, module)
             _forget_shape_env_memos()
     module.to(device)
-    # ``ExportedProgram.module()`` overrides train()/eval() on the instance with local
-    # functions that raise; they would make a merged model's ``eval()`` raise (and cannot be
-    # pickled). The graph's mode is fixed either way.
+    # ``ExportedProgram.module()`` sets train()/eval() on the instance to functions that raise
+    # (a merged model's ``eval()`` too) and cannot be pickled; the graph's mode is fixed anyway.
     for name in ("train", "eval"):
         vars(module).pop(name, None)
     # ``requires_grad`` is the published module's: a parameter frozen there (a fixed scale, a
@@ -169,11 +165,8 @@ def _writes_unsaved_buffer(program: torch.export.ExportedProgram) -> bool:
     if unsaved & set(signature.buffers_to_mutate.values()):
         return True
     graph = program.graph_module.graph
-    roots = {
-        n
-        for n in graph.nodes
-        if n.op == "placeholder" and signature.inputs_to_buffers.get(n.name) in unsaved
-    }
+    buffer = signature.inputs_to_buffers.get
+    roots = {n for n in graph.nodes if n.op == "placeholder" and buffer(n.name) in unsaved}
     return bool(roots) and _writes_into(graph, roots, program.graph_module)
 
 
@@ -222,11 +215,7 @@ def _flat(args: Any, kwargs: dict[str, Any]) -> list[torch.fx.Node]:
 
 
 def _rebuild(
-    manifest: Manifest,
-    payload: bytes,
-    state: dict[str, torch.Tensor],
-    device: str,
-    training: bool,
+    manifest: Manifest, payload: bytes, state: dict[str, torch.Tensor], device: str, training: bool
 ) -> GPUKernel:
     """Unpickle a kernel (see ``GPUKernel.__reduce_ex__``)."""
     verify_payload(payload, manifest)
