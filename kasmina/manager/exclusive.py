@@ -17,7 +17,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
 from torch import nn
 
 from kasmina.seeds.layer import KasminaLayer
@@ -30,7 +29,8 @@ class Registered(Protocol):
     """What is read of a live manager's registry (a ``SlotRegistry``)."""
 
     model: nn.Module
-    host_params: list[nn.Parameter]
+
+    def all_host_params(self) -> list[nn.Parameter]: ...
 
 
 LIVE: weakref.WeakSet[Registered] = weakref.WeakSet()  # live managers' (close() drops one)
@@ -42,22 +42,24 @@ def managed(model: nn.Module) -> str | None:
         if any(layer.state_table.owned(seed.state_index) for seed in layer.seeds):
             return f"slot {layer.layer_id!r} of this model is managed by another manager"
     params = {id(p) for p in model.parameters()}  # inside its model, around it, or sharing a layer
-    if any(id(p) in params for other in list(LIVE) for p in other.host_params):
+    if any(id(p) in params for other in list(LIVE) for p in other.all_host_params()):
         return "parameters of this model are a host another manager steps"
     return None
 
 
-def _has_bytes(p: torch.Tensor) -> bool:
-    """Whether ``p`` holds memory another tensor could share (a lazy parameter holds none yet)."""
-    uninitialized = isinstance(p, nn.parameter.UninitializedTensorMixin)
-    return not uninitialized and p.layout == torch.strided and p.device.type != "meta"
-
-
 def _over_another_host(model: nn.Module) -> bool:
-    """Whether a parameter of ``model`` (frozen too, as ``managed`` counts them) lies over bytes
-    of a parameter a live manager's host steps."""
-    hosts = ByteRanges(("host", p) for other in list(LIVE) for p in other.host_params)
-    return any(hosts.overlap(p) is not None for p in model.parameters() if _has_bytes(p))
+    """Whether ``model`` and a live manager's model share bytes that either side trains: a
+    parameter of ``model`` (frozen too) over one that manager's host steps (unfrozen or added
+    since its registration too), or a trainable one of ``model`` over any of that model's
+    (frozen too: its manager restores them from its own checkpoints). Either model may come
+    first: the rule is the same both ways."""
+    others = list(LIVE)
+    trained = ByteRanges(("trained", p) for other in others for p in other.all_host_params())
+    held = ByteRanges(("held", p) for other in others for p in other.model.parameters())
+    return any(
+        trained.overlap(p) is not None or (p.requires_grad and held.overlap(p) is not None)
+        for p in model.parameters()
+    )
 
 
 def after_collection(problem: Callable[[], str | None]) -> str | None:

@@ -27,8 +27,8 @@ StorageKey = tuple[str, int]
 def byte_span(t: torch.Tensor) -> tuple[StorageKey, int, int] | None:
     """``(storage key, start, end)``: the bytes ``[start, end)`` that ``t`` spans in its storage;
     None for a tensor whose memory cannot be compared (meta: every one at address 0; sparse or
-    another layout without a storage of its own)."""
-    if t.is_meta:
+    another layout without a storage of its own; a lazy parameter, which holds none yet)."""
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
         return None
     try:
         key = (str(t.device), t.untyped_storage().data_ptr())

@@ -109,6 +109,35 @@ def test_a_model_over_another_managers_host_memory_is_refused(
     second.close()
 
 
+@pytest.mark.parametrize("case", ["unfrozen since", "frozen alias first"])
+def test_memory_another_manager_trains_is_refused_whenever_and_whichever_came_first(
+    tmp_path: Path, store: Path, keyring: Keyring, case: str
+) -> None:
+    """The check read the other manager's host as registered: a layer it unfroze since (gradual
+    unfreezing) was free for a second model over its bytes, whose manager then moved it; and a
+    model holding a frozen alias, registered first, let the trainable original register after
+    it, the pair refused the other way round."""
+    original = Host()
+    alias = Host()
+    alias.inp.weight = nn.Parameter(original.inp.weight.data, requires_grad=False)
+    first, second = (original, alias) if case == "unfrozen since" else (alias, original)
+    if case == "unfrozen since":
+        original.inp.requires_grad_(False)
+    one, two = _manager(tmp_path, store, keyring, "one"), _manager(tmp_path, store, keyring, "two")
+    one.attach(first, "out", 2, 2, host_lr=0.1)
+    if case == "unfrozen since":
+        original.inp.requires_grad_(True)  # taken up by the host optimizer (gradual unfreezing)
+        one.optimizers.optimizer("host").add_param_group({"params": [*original.inp.parameters()]})
+        one.backward(
+            nn.functional.cross_entropy(original(torch.randn(8, 6)), torch.zeros(8).long())
+        )
+        one.step()
+    with pytest.raises(ValueError, match="share memory with a host another manager steps"):
+        two.attach(second, "out", 2, 2, host_lr=0.1)
+    one.close()
+    two.close()
+
+
 def test_models_beside_another_manager_may_tie_or_share_what_it_does_not_step(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
