@@ -22,7 +22,7 @@ from torch import nn
 
 from kasmina.utils.memory import ByteRanges
 
-__all__ = ["Overlap", "copy_splits", "module_tensors", "overlaps"]
+__all__ = ["Overlap", "copy_splits", "module_tensors", "overlaps", "with_parameter"]
 
 
 class Overlap(NamedTuple):
@@ -69,6 +69,12 @@ def copy_splits(named: Iterable[tuple[str, object]]) -> Overlap | None:
     clones), if any. Buffers over one storage stay shared in a copy, and one object under
     two names stays one."""
     for overlap, a, b in overlaps(named):
-        if a is not b and (isinstance(a, nn.Parameter) or isinstance(b, nn.Parameter)):
+        if a is not b and with_parameter(a, b):
             return overlap
     return None
+
+
+def with_parameter(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a pair of overlapping tensors holds a Parameter, which a move or a copy clones on
+    its own (buffers over one storage stay shared in a copy)."""
+    return isinstance(a, nn.Parameter) or isinstance(b, nn.Parameter)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from kasmina.errors import ArtifactIntegrityError
-from kasmina.urza.aliasing import module_tensors, overlaps
+from kasmina.urza.aliasing import module_tensors, overlaps, with_parameter
 from kasmina.urza.artifact import (
     MANIFEST_SUFFIX,
     MANIFEST_VERSION,
@@ -80,7 +80,7 @@ def export_module(
     example inputs with at least 2 along each dimension meant to vary. A batch of 1 (the first
     dimension of an input of two or more) is refused under ``dynamic``: the kernel would take
     batches of 1 only. So is a module two of whose parameters and buffers share memory
-    (``kasmina.urza.aliasing``)."""
+    (``kasmina.urza.aliasing``), a parameter among them."""
     if isinstance(example_inputs, torch.Tensor):  # iterable too: it would be split into rows
         raise TypeError(
             "example_inputs must be a sequence of tensors, one per input of the module: "
@@ -98,9 +98,11 @@ def export_module(
                 "fixes a size of 1, so the kernel would take batches of 1 only; give a batch "
                 "of 2 or more (or dynamic=False for a kernel of this exact shape)"
             )
-    found = next(overlaps(module_tensors(module)), None)
+    # Buffers over one storage (a lookup table and a view of it) stay shared in a seed's copy.
+    pairs = overlaps(module_tensors(module))
+    found = next((o for o, a, b in pairs if o.same or with_parameter(a, b)), None)
     if found is not None:
-        shared = found[0]
+        shared = found
         what = "are one tensor" if shared.same else "share memory"
         raise ValueError(
             f"{shared.first!r} and {shared.second!r} {what} (tied weights, a submodule used "
