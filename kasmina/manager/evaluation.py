@@ -36,7 +36,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -286,7 +285,8 @@ def kernels_on_copies(seeds: Sequence[Any]) -> Iterator[None]:
 def _value(result: torch.Tensor | float) -> float:
     if isinstance(result, torch.Tensor):
         return float(result.detach().float().item())
-    if not isinstance(result, numbers.Real):  # float() read the str "1.0" as 1.0
+    # float() read the str "1.0" as 1.0; a NumPy scalar or 0-d array is a number
+    if isinstance(result, (str, bytes, complex)) or not hasattr(result, "__float__"):
         raise TypeError(
             "loss_fn and metric_fn must return a batch mean (a tensor or a real number), got "
             f"{type(result).__name__} {result!r:.40}"

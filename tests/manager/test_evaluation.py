@@ -218,6 +218,17 @@ def test_a_loss_or_metric_that_is_no_number_is_refused(which: str, result: objec
     assert set(evaluate_seeds(registry, [(x, t)], F.mse_loss)) == {s.seed_id for s in slot.seeds}
 
 
+def test_a_loss_or_metric_of_numpy_is_a_number() -> None:
+    """A NumPy scalar or 0-d array (a metric computed with NumPy or scikit-learn) is a number."""
+    import numpy as np
+
+    model, slot, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    for value in (np.float32(0.5), np.array(0.5), 0.5):
+        got = evaluate_seeds(registry, [(x, t)], F.mse_loss, metric_fn=lambda o, t, v=value: v)
+        assert all(ev.metric_with == 0.5 for ev in got.values())
+
+
 def test_no_live_seed_means_no_forward() -> None:
     slot = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
     registry = SlotRegistry(nn.Sequential(slot), [slot])
