@@ -229,13 +229,14 @@ class _Grads:
         non-finite (a padded position's): ``0 · NaN`` is NaN."""
         r, cfg = self.r, self.cfg
         hidden = r.hidden[r0:r1]
+        dropped = None if mask is None else ~mask.unsqueeze(-1)
         if cfg.student_cap is not None:  # dy/dz = 1 - tanh² = 1 - (y/cap)²
             t2 = logits.div_(cfg.student_cap).square_()
             grad.addcmul_(grad, t2, value=-1.0)
-        if mask is not None:
-            grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
-            if cfg.need_weight:
-                hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
+            if dropped is not None:  # their 0 times the derivative at their logits
+                grad.masked_fill_(dropped, 0.0)
+        if dropped is not None and cfg.need_weight:  # a [rows, H] copy, V times smaller
+            hidden = hidden.masked_fill(dropped, 0.0)
         alpha = 1.0 if cfg.student_scale is None else cfg.student_scale
         if cfg.need_hidden:
             out = self.hidden[r0:r1]
