@@ -341,10 +341,10 @@ class CommandExecution:
             raise CommandRefused(
                 f"seed {record.seed_id}'s slot has recorded no forward since attach (or a move "
                 "or cast): its activations' shape is unknown, so the kernel cannot be checked; "
-                "send GERMINATE after the first training step or forward (autocast skips one "
-                "without parameters, an eval fast path under no_grad may bypass it: "
-                "nn.TransformerEncoderLayer's; unknown after that, the model never calls it, "
-                "only reads its weight: attach to the module that calls it)"
+                "send GERMINATE after the first training step or forward (none under torch."
+                "autocast records a module without parameters, nor an eval fast path under "
+                "no_grad that bypasses it, nn.TransformerEncoderLayer's; unknown after that, the "
+                "model never calls it, only reads its weight: attach to the module that calls it)"
             )
         manifest = getattr(kernel, "manifest", None)
         specs = getattr(manifest, "input_spec", ())
