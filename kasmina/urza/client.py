@@ -62,6 +62,7 @@ from kasmina.urza.resilience import (
     CircuitBreaker,
     ReadGuard,
     _DeadlineExpired,
+    check_deadline,
     check_store_settings,
     describe_error,
     redact,
@@ -69,7 +70,6 @@ from kasmina.urza.resilience import (
     store_secrets,
 )
 from kasmina.utils.locks import fork_safe
-from kasmina.utils.signed_json import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class UrzaLibraryClient:
 
         ``deadline`` bounds the read and its retries as for ``fetch``."""
         validate_artifact_id(artifact_id)
-        _check_deadline(deadline)
+        check_deadline(deadline)
         return self._guard.operation(
             f"manifest read of artifact {artifact_id!r}",
             deadline,
@@ -315,7 +315,7 @@ class UrzaLibraryClient:
         deadline that is no finite number (a NaN read as none) is a ``ValueError``.
         """
         validate_artifact_id(artifact_id)
-        _check_deadline(deadline)
+        check_deadline(deadline)
         while True:
             with self._lock:
                 future = self._inflight.get(artifact_id)
@@ -500,14 +500,6 @@ def _trusted(publishers: object) -> TrustedPublishers:
         f"a mapping of key id -> public key), not {type(publishers).__name__}: an HMAC keyring "
         "or a private key would let the reader sign artifacts too"
     )
-
-
-def _check_deadline(deadline: object) -> None:
-    if deadline is not None and not finite_number(deadline):
-        raise ValueError(
-            "deadline must be an instant of the client's clock (a finite number: "
-            f"time.monotonic() + seconds) or None, got {deadline!r:.40}"
-        )
 
 
 def _check_chain(url: str) -> None:

@@ -29,7 +29,7 @@ from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
-from kasmina.urza.resilience import _Closed, _DeadlineExpired
+from kasmina.urza.resilience import _Closed, _DeadlineExpired, check_deadline
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.locks import fork_safe
 from kasmina.utils.perfstats import LatencyStats
@@ -187,6 +187,7 @@ class KernelLoader:
         return True
 
     def _load_coalesced(self, artifact_id: str, deadline: float | None) -> GPUKernel:
+        check_deadline(deadline)  # a follower's never reaches the client
         while True:
             with self._lock:
                 if artifact_id in self.cache:  # loaded meanwhile by another caller

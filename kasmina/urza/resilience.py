@@ -56,6 +56,7 @@ __all__ = [
     "Budget",
     "CircuitBreaker",
     "ReadGuard",
+    "check_deadline",
     "check_store_settings",
     "describe_error",
     "redact",
@@ -191,6 +192,18 @@ class _Closed(RuntimeError):
 
     A ``RuntimeError`` like any use of a closed client; private so that the guard neither
     retries it as a transport failure nor counts it for the breaker."""
+
+
+def check_deadline(deadline: object) -> None:
+    """``ValueError`` for a deadline that is no instant of the clock (a finite number:
+    ``time.monotonic() + seconds``) nor None: a string failed a comparison deep in a read, and
+    NaN was read as no deadline, or as none left. Where a deadline enters: the client's reads,
+    the kernel loader's loads (a follower of a load in progress never reaches the client)."""
+    if deadline is not None and not finite_number(deadline):
+        raise ValueError(
+            "deadline must be an instant of the client's clock (a finite number: "
+            f"time.monotonic() + seconds) or None, got {deadline!r:.40}"
+        )
 
 
 class _DeadlineExpired(UrzaUnavailableError):

@@ -440,6 +440,24 @@ def test_loader_waiter_stops_at_its_deadline_while_the_load_goes_on(
     assert loader.original(manifest.artifact_id, deadline=time.monotonic()) is kernel
 
 
+def test_a_follower_of_a_load_refuses_a_deadline_that_is_no_instant(
+    stalled, store, trusted
+) -> None:
+    """The client refused a NaN deadline, but a call that joined a load in progress never
+    reaches the client: its wait of ``max(0, nan - now)`` timed out at once, a deadline
+    "expired" that the caller never gave. A ``ValueError``, as the client's."""
+    _, manifest = store
+    loader = make_loader(http_client(stalled.url, trusted))
+    leader, led = run_in_thread(lambda: loader.original(manifest.artifact_id))
+    stalled.wait_for_payload_requests(1)
+    with pytest.raises(ValueError, match="deadline must be an instant"):
+        loader.original(manifest.artifact_id, deadline=float("nan"))
+    assert loader.counters["load_deadlines_expired"] == 0
+    stalled.release()
+    leader.join(timeout=10)
+    assert isinstance(led["result"], GPUKernel)
+
+
 def test_loader_passes_a_deadline_only_when_there_is_one(store, trusted) -> None:
     """A client whose ``fetch`` takes no deadline still serves loads without one."""
     root, manifest = store
