@@ -356,7 +356,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
         """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose
         output is ``H`` wide along its last dim, for its seeds' KD loss; returns their ids."""
-        chosen = self.require_registry().kd_head_slots(weight)  # ValueError: none that wide
+        chosen = self.state.kd_head_slots(weight, bias)  # closed: RuntimeError; all checked
         for slot in chosen:
             slot.set_kd_head(weight, bias)
         return [slot.layer_id for slot in chosen]

@@ -27,6 +27,7 @@ from torch import nn
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
+from kasmina.kd.loss import kd_head_problem
 from kasmina.manager.exclusive import LIVE, after_collection, check_unshared, managed
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
@@ -312,10 +313,12 @@ class SlotRegistry:
         last = (s for s in self.slots if splits_last_dim(s.chunk_dim, s.seen_output))
         return [slot for slot in last if keep(slot)]
 
-    def kd_head_slots(self, weight: torch.Tensor) -> list[KasminaLayer]:
-        """The slots a KD head ``weight [V, H]`` maps to logits (``last_dim_slots``, ``H``
-        wide); ``ValueError`` when there is none: a ``[H, V]`` head (a ``Conv1D``'s weight) or
-        one of another width was given to no slot, silently, and KD then read no logits."""
+    def kd_head_slots(self, weight: torch.Tensor, bias: Any = None) -> list[KasminaLayer]:
+        """The slots a KD head ``weight [V, H]`` (and ``bias``) maps to logits
+        (``last_dim_slots``, ``H`` wide), each checked to take it (``kd_head_problem``: its
+        device) before any does; ``ValueError`` when one cannot, or there is none: a ``[H, V]``
+        head (a ``Conv1D``'s weight) or one of another width was given to no slot, silently,
+        and KD then read no logits."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"a KD head weight is a [V, H] tensor, got {weight!r:.60}")
         chosen = self.last_dim_slots(lambda s: s.width == weight.shape[-1])
@@ -326,6 +329,10 @@ class SlotRegistry:
                 f"shape {tuple(weight.shape)} needs: the slots are {widths} wide (a Conv1D's "
                 "weight is [H, V]: pass its transpose)"
             )
+        for slot in chosen:  # a slot on another device refused after the first took it
+            problem = kd_head_problem(weight, bias, slot.width, slot.sat_out_compiled.device)
+            if problem is not None:
+                raise ValueError(f"{slot.layer_id}: {problem}")
         return chosen
 
     def end_step(self) -> int:

@@ -367,6 +367,13 @@ class ManagerState:
             return list(self.registry.slots) if self.registry is not None else []
         return self.require_registry().last_dim_slots(lambda s: s.kd_width == width)
 
+    def kd_head_slots(self, weight: Any, bias: Any) -> list[KasminaLayer]:
+        """The slots ``set_kd_head`` gives a head to, every one checked first, all or nothing
+        (``SlotRegistry.kd_head_slots``); a closed manager's model is the user's:
+        ``RuntimeError`` (``require_open``), before any slot is touched."""
+        self.require_open()
+        return self.require_registry().kd_head_slots(weight, bias)
+
     def has_seed(self, seed_id: str) -> bool:
         """Whether the managed model has a seed ``seed_id`` (any thread: one dict lookup)."""
         registry = self.registry

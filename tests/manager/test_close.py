@@ -356,3 +356,14 @@ def test_a_closed_manager_writes_no_gate_score_or_teacher_logits_into_the_model(
     after = rig.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in after)
     assert rig.manager.seed(SEED0).gate_score == score and rig.slot._teacher_logits is None
+
+
+def test_a_closed_manager_gives_no_kd_head_to_the_slots(rig: Rig) -> None:
+    """``set_kd_head`` after ``close()`` still gave the head to the slots of the model the
+    manager had let go of (its seeds' KD then read the head's vocabulary): it refuses, as
+    ``set_teacher_logits`` does, before any slot is touched."""
+    rig.manager.close()
+    head = nn.Linear(4, 9)
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.manager.set_kd_head(head.weight, head.bias)
+    assert rig.slot._kd_head is None and rig.slot.kd_width == 4

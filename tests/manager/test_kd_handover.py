@@ -95,6 +95,23 @@ def test_teacher_logits_a_slot_refuses_reach_no_slot(tmp_path: Path, store: Path
     manager.close()
 
 
+def test_a_kd_head_a_slot_refuses_reaches_no_slot(tmp_path: Path, store: Path, keyring) -> None:
+    """Two slots as wide as the head, the second on the meta device: the first took the head
+    before the second refused it, and the next forward distilled through a head the call was
+    refused for. Every slot is checked before any takes it."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig())
+    manager = KasminaKernelManager(config, keyring=keyring)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 4))
+    slots = manager.attach(model, ["0", "1"], 2, 2)
+    model(torch.randn(3, 6))
+    slots[1].to("meta")
+    head = torch.nn.Linear(4, VOCAB)
+    with pytest.raises(ValueError, match=r"^1: .*slot's device meta"):
+        manager.set_kd_head(head.weight, head.bias)
+    assert all(slot._kd_head is None and slot.kd_width == 4 for slot in slots)
+    manager.close()
+
+
 def test_a_kd_head_on_another_device_is_refused_when_handed_over(kd_rig: Rig) -> None:
     """A head on another device than the slot (an ``lm_head`` placed elsewhere by a device
     map) was taken, and the next forward raised from inside the model. It is refused at
