@@ -162,7 +162,14 @@ class IsolationGuard:
         an earlier one for the same seed, so a seed id germinated anew and registered again
         runs one, not one per registration. ``seed_id`` None: a pair of no registered seed,
         named ``external[n]``; the same pair (the same two modules) registered again keeps its
-        name and so replaces its monitor too. ``RuntimeError`` once the guard is closed."""
+        name and so replaces its monitor too. ``RuntimeError`` once the guard is closed;
+        ``TypeError`` naming a side that is not an ``nn.Module``, before anything is hooked."""
+        for name, module in (("host_model", host_model), ("seed_model", seed_model)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"register_gradient_monitors: {name} must be an nn.Module, "
+                    f"got {type(module).__name__}"
+                )
         if self.closed:
             raise RuntimeError("this manager is closed: it adds no gradient monitors")
         if seed_id is None:

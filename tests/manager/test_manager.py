@@ -940,6 +940,24 @@ def test_debug_gradient_monitors_report_a_leak(kd_rig: Rig, mlp) -> None:
     assert manager.require_registry().table.read_row(0)[StateColumn.LIFECYCLE_STAGE.name] == 1
 
 
+def test_a_debug_pair_that_is_not_two_modules_is_refused_naming_the_argument(rig: Rig) -> None:
+    """``register_gradient_monitors(None, None)`` took None for the kernel of a seed without
+    one, dropped that seed's monitor and its hooks, then raised AttributeError from inside;
+    a non-module for a pair of no seed used up a name (``external[n]``) and raised about a
+    weak reference. Each side is checked first: a TypeError naming it, nothing changed."""
+    manager, inp = rig.manager, rig.model.inp
+    manager.register_gradient_monitors(inp, manager.seed(SEED1))  # DORMANT: no kernel
+    hooks = len(inp.weight._backward_hooks)
+    for host, seed, name in [(None, None, "host"), (inp, None, "seed"), (3, inp, "host")]:
+        with pytest.raises(TypeError, match=f"{name}_model must be an nn.Module, got"):
+            manager.register_gradient_monitors(host, seed)
+    assert [m.seed_id for m in manager.guard.external] == [SEED1]
+    assert len(inp.weight._backward_hooks) == hooks
+    other = nn.Linear(2, 2)
+    manager.register_gradient_monitors(inp, other)
+    assert [m.seed_id for m in manager.guard.external] == [SEED1, "external[0]"]
+
+
 def test_a_seed_registered_again_runs_one_debug_monitor(rig: Rig, mlp) -> None:
     """Registered once per germination of a seed id (cull, then germinate anew): the new
     monitor replaces the old one and its hooks, which would otherwise pile up on every step
