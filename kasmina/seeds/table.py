@@ -498,6 +498,8 @@ class GPUStateTensor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a table saved by :meth:`state_dict`; invalid input changes nothing (every
         value is read and checked before the first write)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"a state table's state is a mapping, got {type(state).__name__}")
         table, shape = state.get("state_tensor"), tuple(self.state_tensor.shape)  # absent: None
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != shape:
             raise ValueError(f"state table (state_tensor) must be a tensor of shape {shape}")

@@ -817,6 +817,11 @@ WRONG_KINDS = {  # a call, what it raises, and the message
         TypeError,
         "artifact_id must be a str, got int",
     ),
+    "load_state_dict(None)": (
+        lambda table: table.load_state_dict(None),
+        TypeError,
+        "a state table's state is a mapping, got NoneType",
+    ),
     "load_state_dict({})": (
         lambda table: table.load_state_dict({}),
         ValueError,
