@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from kasmina.errors import ParameterOverlapError
-from kasmina.kd.holds import is_teacher_parameter
+from kasmina.kd.holds import held_parameters, is_teacher_parameter
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.utils.memory import ByteRanges
 
@@ -44,6 +44,16 @@ def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Ten
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def _teacher_held(params: list[torch.Tensor]) -> tuple[int, str] | None:
+    """The first of ``params`` a live teacher holds, by identity or else by memory, and how."""
+    held = next((i for i, p in enumerate(params) if is_teacher_parameter(p)), None)
+    if held is not None:
+        return held, "belongs to a teacher"
+    ranges = ByteRanges(("teacher", p) for p in held_parameters())
+    over = next((i for i, p in enumerate(params) if ranges.overlap(p) is not None), None)
+    return None if over is None else (over, "shares memory with a teacher's parameter")
 
 
 class ParameterOwnership:
@@ -83,15 +93,16 @@ class ParameterOwnership:
 
     def check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
         """``check_free``, after refusing a teacher's parameter (a live, open
-        ``CheckpointedTeacher``'s, registered here or not): no optimizer ever takes one. Asked
+        ``CheckpointedTeacher``'s, registered here or not) or one over its bytes (a teacher taken
+        in place over them would move with every step): no optimizer ever takes one. Asked
         again after one garbage collection: a teacher dropped unclosed lets go when collected."""
-        held = [i for i, p in enumerate(params) if is_teacher_parameter(p)]
-        if held:
+        held = _teacher_held(params)
+        if held is not None:
             gc.collect()
-            held = [i for i, p in enumerate(params) if is_teacher_parameter(p)]
-        if held:
+            held = _teacher_held(params)
+        if held is not None:
             raise ParameterOverlapError(
-                f"parameter {held[0]} for {new_owner!r} belongs to a teacher (never optimized)"
+                f"parameter {held[0]} for {new_owner!r} {held[1]} (never optimized)"
             )
         self.check_free(params, new_owner)
 

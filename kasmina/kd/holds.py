@@ -43,6 +43,15 @@ def is_teacher_parameter(param: torch.Tensor) -> bool:
     return _holder(param) is not None
 
 
+def held_parameters() -> list[torch.Tensor]:
+    """The parameters live, open teachers hold now: an optimizer refuses one over their bytes
+    (``nn.Parameter(teacher_param.data)``) as it refuses one of them."""
+    with _LOCK:
+        entries = list(_TEACHER_PARAMS.values())
+    held = ((param(), holder()) for param, holder in entries)
+    return [param for param, holder in held if param is not None and holder is not None]
+
+
 def hold(
     params: Sequence[torch.Tensor], holder: object, replaces: object | None = None
 ) -> tuple[weakref.finalize, Callable[[], None]]:

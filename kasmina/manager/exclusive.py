@@ -1,13 +1,13 @@
 """One manager per model (docs/design.md §5 'Close'): the live managers' registries, and what a
 new registration may not share with them (``check_unshared``) or a teacher loaded in place may
-not be (``managed``, for ``slots.check_unmanaged``).
+not be or share (``unfit_for_teacher``, for ``slots.check_unmanaged``).
 
 Why by memory as well as by identity: ``nn.Parameter(host.weight.data)`` is a new parameter
 object over the host's storage. A model holding one passed a check of parameter objects, and
 both managers' host optimizers then stepped the same bytes: one manager's ``step()`` moved the
 other's weights. The byte-range test is ``ByteRanges``, the one §4 refuses the same overlap
-with inside one manager; it runs at registration only (one pass over the new model's parameters
-and the live hosts'), never per step.
+with inside one manager; it runs at registration and at an in-place teacher's load only (one pass
+over the new model's parameters and the live hosts'), never per step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.utils.memory import ByteRanges
 
-__all__ = ["LIVE", "after_collection", "check_unshared", "managed"]
+__all__ = ["LIVE", "after_collection", "check_unshared", "managed", "unfit_for_teacher"]
 
 
 class Registered(Protocol):
@@ -47,19 +47,33 @@ def managed(model: nn.Module) -> str | None:
     return None
 
 
-def _over_another_host(model: nn.Module) -> bool:
+def _over_another_host(model: nn.Module, *, written: bool = False) -> bool:
     """Whether ``model`` and a live manager's model share bytes that either side trains: a
     parameter of ``model`` (frozen too) over one that manager's host steps (unfrozen or added
     since its registration too), or a trainable one of ``model`` over any of that model's
     (frozen too: its manager restores them from its own checkpoints). Either model may come
-    first: the rule is the same both ways."""
+    first: the rule is the same both ways. ``written``: every parameter of ``model`` counts as
+    trainable (an in-place teacher's: its checkpoint load writes them, its cast swaps them)."""
     others = list(LIVE)
     trained = ByteRanges(("trained", p) for other in others for p in other.all_host_params())
     held = ByteRanges(("held", p) for other in others for p in other.model.parameters())
     return any(
-        trained.overlap(p) is not None or (p.requires_grad and held.overlap(p) is not None)
+        trained.overlap(p) is not None
+        or ((written or p.requires_grad) and held.overlap(p) is not None)
         for p in model.parameters()
     )
+
+
+def unfit_for_teacher(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be a teacher in place beside the live managers (this one's too), or
+    None: a live manager manages it (``managed``), or it shares bytes with any parameter of a
+    live manager's model (``nn.Parameter(host.weight.data)``: the host's steps moved the
+    teacher, and the teacher's checkpoint load wrote the host's weights)."""
+    if managed(model) is not None:
+        return "a live manager manages this model"
+    if _over_another_host(model, written=True):
+        return "parameters of this model share memory with a model a live manager holds"
+    return None
 
 
 def after_collection(problem: Callable[[], str | None]) -> str | None:

@@ -28,7 +28,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
 from kasmina.kd.loss import kd_head_problem
-from kasmina.manager.exclusive import LIVE, after_collection, check_unshared, managed
+from kasmina.manager.exclusive import LIVE, after_collection, check_unshared, unfit_for_teacher
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
@@ -74,12 +74,14 @@ def _random(spec: ActivationSpec) -> torch.Tensor:
 
 
 def check_unmanaged(model: nn.Module) -> None:
-    """``ValueError`` if a live manager holds ``model`` (``managed``): a teacher loaded in place
-    (``load_teacher(copy_model=False)``) is frozen and cast, and that manager's training stops."""
-    if after_collection(lambda: managed(model)) is not None:
+    """``ValueError`` if a live manager holds ``model`` or its memory (``unfit_for_teacher``): a
+    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
+    manager's training stops, or moves the teacher."""
+    problem = after_collection(lambda: unfit_for_teacher(model))
+    if problem is not None:
         raise ValueError(
-            "a live manager manages this model: a teacher loaded with copy_model=False is "
-            "frozen in place. Pass copy_model=True (the default), or close that manager first"
+            f"{problem}: a teacher loaded with copy_model=False is frozen in place. Pass "
+            "copy_model=True (the default), or close that manager first"
         )
 
 

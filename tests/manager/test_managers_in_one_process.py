@@ -289,6 +289,65 @@ def test_a_managed_model_cannot_be_frozen_in_place_as_a_teacher(
     student.manager.load_teacher(grown, copy_model=False)
 
 
+@pytest.mark.parametrize("case", ["own host", "another host, checkpoint", "frozen layer"])
+def test_a_teacher_in_place_over_a_managed_models_memory_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, case: str
+) -> None:
+    """The check of a teacher loaded in place compared parameter objects only: a teacher over a
+    live host's bytes (``nn.Parameter(host.weight.data)``) was taken, and its logits moved with
+    every step of that host (its own manager's too), or its checkpoint load wrote over the
+    host's weights; a frozen layer of a managed model, taken as it is, was cast to bf16 under
+    that model's forward. Refused by memory before anything changes, fine once that manager
+    closed."""
+    checkpoint = tmp_path / "teacher.pt"
+    own = case == "own host"  # fp32: its teacher would share the host's bytes from then on
+    options = {"teacher_dtype": "float32"} if own else {"teacher_checkpoint_path": str(checkpoint)}
+    student = Rig(make_config(tmp_path / "s", store, kd_enabled=True, **options), keyring)
+    if own:
+        host, manager = student.model, student.manager
+    else:
+        host = Host()
+        host.inp.requires_grad_(case != "frozen layer")
+        manager = _manager(tmp_path, store, keyring, "other")
+        manager.attach(host, "out", 2, 2, host_lr=0.1)
+    teacher = host.inp if case == "frozen layer" else Host()
+    if case != "frozen layer":
+        teacher.inp.weight = nn.Parameter(host.inp.weight.data)
+    torch.save({k: torch.zeros_like(v) for k, v in teacher.state_dict().items()}, checkpoint)
+    before = {name: p.detach().clone() for name, p in host.named_parameters()}
+    with pytest.raises(ValueError, match="share memory with a model a live manager holds"):
+        student.manager.load_teacher(teacher, copy_model=False)
+    assert student.manager.teacher is None
+    assert all(torch.equal(p, before[name]) for name, p in host.named_parameters())
+    assert all(p.dtype == torch.float32 for p in host.parameters())
+    student.manager.load_teacher(teacher)  # a copy is fine
+    manager.close()  # released: the memory may now be a teacher in place
+    Rig(make_config(tmp_path / "t", store), keyring).manager.load_teacher(teacher, copy_model=False)
+
+
+def test_a_model_over_an_in_place_teachers_memory_is_not_trained(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """The other order: a teacher in place first, then a model over its bytes. The optimizers
+    refused the teacher's parameter objects only, so the new host's steps moved the teacher's
+    logits. Refused by memory as by identity, nothing attached; fine once the teacher let go."""
+    kd = Rig(make_config(tmp_path / "kd", store, kd_enabled=True, teacher_dtype="float32"), keyring)
+    taught = Host()
+    kd.manager.load_teacher(taught, copy_model=False)
+    want = kd.manager.get_teacher_predictions(kd.x)
+    model = Host()
+    model.inp.weight = nn.Parameter(taught.inp.weight.data)
+    names = [n for n, _ in model.named_parameters()]
+    trainer = _manager(tmp_path, store, keyring, "trainer")
+    with pytest.raises(ParameterOverlapError, match="shares memory with a teacher's parameter"):
+        trainer.attach(model, "out", 2, 2, host_lr=0.1)
+    assert [n for n, _ in model.named_parameters()] == names  # nothing attached
+    assert torch.equal(kd.manager.get_teacher_predictions(kd.x), want)
+    kd.manager.close()
+    trainer.attach(model, "out", 2, 2, host_lr=0.1)
+    trainer.close()
+
+
 def test_a_model_another_manager_holds_in_place_as_its_teacher_is_refused_in_place(
     tmp_path: Path, store: Path, keyring: Keyring
 ) -> None:
