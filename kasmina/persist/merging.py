@@ -23,8 +23,9 @@ model with ACTIVE seeds does not go through ``torch.save(model)``.
 The merged module reads like its host, as the slot did: the code around it reads
 ``self.wo.weight.dtype`` (T5), ``self_attn.batch_first``, ``norm1.eps``. Its class (its own,
 made at merge) has a read-only property for each of the host's parameters, buffers,
-submodules and class attributes, returning ``host.<name>`` (compiled from source, as fx
-compiles the forward: no Kasmina code), and a copy of each other attribute, so the
+submodules, class attributes and tensor attributes (a pruned host's ``weight``, recomputed at
+every call), returning ``host.<name>`` (compiled from source, as fx compiles the forward: no
+Kasmina code), and a copy of each other attribute, so the
 ``state_dict`` and ``named_parameters`` are unchanged. A deep copy keeps the class; a pickle
 does not (``GraphModule`` rebuilds a plain one from its code): the copies survive it, the
 properties do not. In an ``nn.TransformerEncoderLayer``, torch's fused path would run the
@@ -184,11 +185,15 @@ def _expose_host(merged: fx.GraphModule, cls: type, host: nn.Module) -> None:
     the host's parameters, buffers, submodules and class attributes (methods, properties)
     become read-only properties of ``cls`` returning ``merged.host.<name>`` (so a parameter is
     still registered once, as ``host.<name>``: ``state_dict`` and ``named_parameters`` do not
-    change), and its other attributes are copied onto ``cls`` (a deep copy keeps them) and the
+    change), and so do its plain tensor attributes: a pruned (or hook-based ``weight_norm``,
+    ``spectral_norm``) host's ``weight`` is one its forward pre-hook recomputes at every call,
+    and a copy was the last forward's tensor (and its graph), not what the layer computes
+    with. Its other attributes are copied onto ``cls`` (a deep copy keeps them) and the
     instance (a pickle keeps them). A name ``merged`` has already (``forward``, ``training``,
     ``host``, ``nn.Module``'s and ``GraphModule``'s own) stays ``merged``'s."""
-    values = {k: v for k, v in vars(host).items() if not isinstance(v, nn.Module)}
+    values = {k: v for k, v in vars(host).items() if not isinstance(v, (nn.Module, torch.Tensor))}
     linked = [*host._parameters, *host._buffers, *host._modules]
+    linked += [k for k, v in vars(host).items() if isinstance(v, torch.Tensor)]
     linked += [k for k in dir(type(host)) if not k.startswith("__")]
     for key in [k for k in dict.fromkeys([*values, *linked]) if not hasattr(merged, k)]:
         if key in values:

@@ -307,6 +307,34 @@ def test_merge_of_a_t5_feed_forward_output_reads_its_weight_dtype() -> None:
             assert torch.equal(merged(input_ids=ids, labels=ids).logits, grown[mode])
 
 
+def test_a_merged_pruned_host_reads_the_weight_its_forward_computes() -> None:
+    """A pruned host's ``weight`` is a plain attribute its forward pre-hook recomputes at
+    every call (``weight_orig * weight_mask``). ``merge`` copied it: ``merged.weight`` was the
+    last forward's tensor (and its graph), no longer the layer's after a training step."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+    prune.l1_unstructured(model[2], "weight", 0.5)
+    (slot,) = kasmina.attach(model, ["2"], 2, 4)
+    walk_to_active(slot.seed(0), 4, init=1)
+    x = torch.randn(3, 5)
+    model(x).sum().backward()
+    merged = kasmina.merge(model)[2]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        model(x)
+    assert merged.weight is merged.host.weight
+    assert torch.equal(merged.weight, merged.host.weight_orig * merged.host.weight_mask)
+    assert "weight" not in vars(merged)  # nor a copy holding a graph
+    twin = copy.deepcopy(model)[2]
+    assert twin.weight is twin.host.weight
+
+
 def _origins(obj: Any) -> list[str]:
     """The modules that define ``obj`` (a hook, a wrapped hook, a partial, a bound method)."""
     found = [type(obj).__module__]
