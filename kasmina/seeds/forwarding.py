@@ -6,7 +6,10 @@ code for the bare module (``fc.weight``, weight tying, a resize's ``out_features
 accelerate's ``remove_hook_from_module``) keeps working on the slot. A container host's (an
 ``nn.Sequential``'s) children are replaced and deleted through the slot
 (``model.classifier[-1] = nn.Linear(...)``), ``len`` and ``in`` are the host's, and a slot is
-as true as its host; reading or iterating the children takes ``slot.host``."""
+as true as its host; reading or iterating the children takes ``slot.host``. A reparametrization
+aimed at the slot (pruning, ``weight_norm``, ``spectral_norm``, a parametrization) is refused
+before it changes anything: it would take the host's tensor for the slot's; apply it to
+``slot.host``."""
 
 from __future__ import annotations
 
@@ -15,11 +18,76 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from kasmina.seeds.constants import CONSTANTS
 from kasmina.seeds.outputs import FUSED_PATH_TENSORS, PACKING_TEST, SeedsLive, host_holds
 
-__all__ = ["HostForwarding"]
+__all__ = ["HostForwarding", "HostTensorError"]
+
+# torch's parametrizations look the tensor up by name here, then refuse a module without it.
+_REGISTER_PARAMETRIZATION = parametrize.register_parametrization.__code__
+
+
+class HostTensorError(ValueError, KeyError):
+    """A reparametrization aimed at the slot took a name the host holds for the slot's own: a
+    ``ValueError`` that is also the ``KeyError`` torch's lookup raised before (printed as its
+    message: a ``KeyError`` prints its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SlotParameters(dict):  # type: ignore[type-arg]
+    """A slot's ``_parameters``. torch's hook-based ``weight_norm`` and ``spectral_norm`` take
+    the tensor they reparametrize out of the module's ``_parameters`` (``del``, ``[name]``),
+    where a slot, which reads the host's ``weight`` through ``__getattr__``, holds none: a
+    bare ``KeyError: 'weight'``. A name the host holds is refused (``HostTensorError``),
+    nothing changed. Otherwise a dict: ``in`` and a held name's ``[name]`` run no Python code
+    (``__missing__`` runs on a miss only, ``__delitem__`` on a ``del``)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.modules = modules  # the slot's ``_modules``, for its host (no cycle to the slot)
+
+    def __missing__(self, name: str) -> Any:
+        self._refuse_host_tensor(name)
+        raise KeyError(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            self._refuse_host_tensor(name)
+        super().__delitem__(name)
+
+    def _refuse_host_tensor(self, name: str) -> None:
+        host = self.modules.get("host")
+        if host is not None and (name in host._parameters or name in host._buffers):
+            raise HostTensorError(
+                f"{name!r} is the host's ({type(host).__name__}) tensor, not the slot's "
+                "(weight_norm or spectral_norm applied to the slot): apply it to slot.host"
+            )
+
+
+def _refuse_parametrization(slot: nn.Module, host: nn.Module) -> None:
+    """Raise if ``register_parametrization`` (through ``is_parametrized``, which reads
+    ``slot.parametrizations``) is registering a tensor of ``host`` on ``slot``: torch would
+    refuse it as a name the module "does not have", although ``slot.weight`` reads the
+    host's. Only a miss of that name on a slot whose host has none gets here."""
+    frame = sys._getframe(1)
+    for _ in range(4):  # ``__getattr__``, ``is_parametrized``, then its caller
+        frame = frame.f_back if frame is not None else None
+        if frame is not None and frame.f_code is _REGISTER_PARAMETRIZATION:
+            break
+    else:
+        return
+    name = frame.f_locals.get("tensor_name")
+    held = name in host._parameters or name in host._buffers
+    own = name in slot.__dict__["_parameters"] or name in slot.__dict__["_buffers"]
+    if held and not own:
+        raise ValueError(
+            f"{slot.layer_id}: {name!r} is the host's tensor, not the slot's (a "
+            "parametrization applied to the slot): apply it to slot.host"
+        )
 
 
 def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
@@ -43,7 +111,11 @@ class HostForwarding(nn.Module):
     """``__getattr__``, ``__setattr__``, ``__delattr__``, ``register_parameter`` and
     ``register_buffer`` of a module whose ``_modules["host"]`` it wraps; from
     ``self.__dict__["_built"]`` on, the host's plain attributes are written and deleted there
-    too, and buffers registered there."""
+    too, and buffers registered there. Its ``_parameters`` is a ``SlotParameters``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["_parameters"] = SlotParameters(self.__dict__["_modules"])
 
     def __getattr__(self, name: str) -> Any:
         # nn.Module's lookup first; then the host's, so code for the bare module keeps working.
@@ -53,6 +125,8 @@ class HostForwarding(nn.Module):
             modules = self.__dict__.get("_modules")
             if name.startswith("__") or modules is None or "host" not in modules:
                 raise
+            if name == "parametrizations" and not hasattr(modules["host"], name):
+                _refuse_parametrization(self, modules["host"])  # (``is_parametrized`` reads it)
             value = getattr(modules["host"], name)
         if (  # only nn.TransformerEncoder's packing test sees the view (``outputs.SeedsLive``)
             name in FUSED_PATH_TENSORS

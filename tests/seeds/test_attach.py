@@ -282,6 +282,32 @@ def test_pruning_aimed_at_a_slot_is_refused_before_it_changes_anything() -> None
     assert "head.host.weight_mask" in model.state_dict()
 
 
+REPARAMETRIZATIONS = {
+    "weight_norm": lambda m: nn.utils.weight_norm(m),
+    "spectral_norm": lambda m: nn.utils.spectral_norm(m),
+    "parametrizations.weight_norm": lambda m: nn.utils.parametrizations.weight_norm(m),
+    "orthogonal": lambda m: nn.utils.parametrizations.orthogonal(m),
+}
+
+
+@pytest.mark.parametrize("how", list(REPARAMETRIZATIONS))
+def test_a_reparametrization_aimed_at_a_slot_is_refused_as_pruning_is(how: str) -> None:
+    """torch's hook-based ``weight_norm`` and ``spectral_norm`` on the slot took the weight out
+    of the slot's ``_parameters`` and failed with a bare ``KeyError: 'weight'``; a
+    parametrization claimed the slot "does not have" the ``weight`` that ``slot.weight``
+    reads. Each is now the refusal pruning gets, the model unchanged."""
+    reparametrize = REPARAMETRIZATIONS[how]
+    model = MLP()
+    (slot,) = attach(model, "head", 2, 4)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="apply it to slot.host"):
+        reparametrize(slot)
+    assert list(model.state_dict()) == keys and not slot._forward_pre_hooks
+    assert slot.weight is slot.host.weight and type(slot) is KasminaLayer
+    reparametrize(slot.host)  # as the message says
+    assert list(model.state_dict()) != keys
+
+
 class Conv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
