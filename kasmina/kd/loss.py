@@ -76,6 +76,8 @@ class StaticKDLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: KDConfig) -> StaticKDLoss:
+        if not isinstance(config, KDConfig):
+            raise TypeError(f"from_config takes a KDConfig, got {type(config).__name__}")
         return cls(temperature=config.temperature, reduction=config.reduction)
 
     def forward(
@@ -93,10 +95,10 @@ class StaticKDLoss(nn.Module):
         """``student_logits`` are logits, or hidden states when ``student_weight`` is given."""
         if student_weight is None:
             heads = (teacher_hidden, teacher_weight, teacher_bias, student_bias)
-            if teacher_logits is None or any(t is not None for t in heads):
+            if not isinstance(teacher_logits, torch.Tensor) or any(t is not None for t in heads):
                 raise ValueError(
                     "without student_weight, pass logits: teacher_logits (no hidden, weight or "
-                    "bias)"
+                    f"bias), got teacher_logits of {type(teacher_logits).__name__}"
                 )
             opts = self.head_options
             shaped = [k for k, v in opts.items() if v is not None and k != "chunk_rows"]

@@ -324,8 +324,14 @@ def evaluate_seeds(
     never counts a fault toward the seed's ``fault_limit``. A batch a seed sat out (a kernel's
     signed size it lacks: a partial last batch; a size its program's input checks refuse) is
     left out of that seed's measurement (``samples`` counts the rest); one that sat out every
-    batch is refused as never measured.
+    batch is refused as never measured. Arguments of the wrong kind are a ``TypeError``, before
+    anything changes (they raised from inside the measurement, a live seed's only).
     """
+    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes):
+        raise TypeError(f"batches must yield (inputs, targets), got {type(batches).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
+        if not callable(fn) and (fn is not None or name == "loss_fn"):
+            raise TypeError(f"{name} must be callable(output, targets), got {type(fn).__name__}")
     live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
     if not live:
         return {}

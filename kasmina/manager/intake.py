@@ -354,7 +354,10 @@ class CommandIntake:
     def execute(self, command: KasminaCommand) -> bool:
         """Carry out a verified command at once, its nonce made durable first (safe point only).
         A closed manager raises ``RuntimeError`` before anything changes (``require_open``); a
-        model a slot was taken out of refuses it (``blocked``)."""
+        model a slot was taken out of refuses it (``blocked``); anything but a ``KasminaCommand``
+        is a ``TypeError``, before anything changes."""
+        if not isinstance(command, KasminaCommand):
+            raise TypeError(f"execute takes a KasminaCommand, got {type(command).__name__}")
         self.execution.state.require_open()
         blocked = self.blocked()
         if self.relayed:  # carried out here alone, it would apply on this rank only

@@ -49,7 +49,7 @@ from kasmina.manager.intake import CommandIntake, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
 from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
-from kasmina.manager.slots import SlotRegistry, check_unmanaged
+from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, given_slots
@@ -274,8 +274,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     async def execute_kernel(self, kernel: GPUKernel, input_tensor: torch.Tensor) -> torch.Tensor:
         """Run ``kernel`` on ``input_tensor`` (moved to its device); CPU work runs on a worker
         thread so the event loop stays responsive, CUDA launches are asynchronous anyway."""
-        if not isinstance(kernel, GPUKernel):
-            raise TypeError(f"expected a GPUKernel, got {type(kernel).__name__}")
+        if not isinstance(kernel, GPUKernel) or not isinstance(input_tensor, torch.Tensor):
+            got = f"{type(kernel).__name__} and {type(input_tensor).__name__}"
+            raise TypeError(f"expected a GPUKernel and an input tensor, got {got}")
         x = input_tensor.to(kernel.device)
         started = time.perf_counter_ns()
         out = kernel(x) if x.device.type == "cuda" else await asyncio.to_thread(kernel, x)
@@ -296,9 +297,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         self, model: nn.Module, *, device: torch.device | str | None = None, copy_model=True
     ) -> CheckpointedTeacher:
         """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``), the
-        last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's."""
-        if not copy_model:
-            check_unmanaged(model)
+        last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's;
+        a closed manager takes none (``RuntimeError``, before ``model`` is frozen or cast)."""
+        self.state.check_new_teacher(model, copy_model)  # closed: RuntimeError, nothing held
         if device is None:
             host = next(iter(self.registry.host_params), None) if self.registry else None
             device = host.device if host is not None else self.device

@@ -78,9 +78,10 @@ def epoch_metrics(val_metrics: Mapping[str, float] | None) -> dict[str, float]:
     each key a string (they name telemetry metrics and the state packet's fields, and are sorted
     with one another), each value a real number or a one-element tensor holding one (a string
     or a bool is refused, as ``check_real`` refuses them: ``float("0.9")`` would take it)."""
+    if not isinstance(val_metrics, Mapping | None):  # dict() took pairs, raised on an int
+        raise TypeError(f"val_metrics must be a mapping or None, got {type(val_metrics).__name__}")
     metrics = dict(val_metrics or {})
-    bad = [key for key in metrics if not isinstance(key, str)]
-    if bad:
+    if bad := [key for key in metrics if not isinstance(key, str)]:
         raise ValueError(f"val_metrics keys must be strings, got {bad[0]!r}")
     return {key: _metric(key, value) for key, value in metrics.items()}
 

@@ -30,7 +30,7 @@ from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
-from kasmina.manager.slots import SlotRegistry
+from kasmina.manager.slots import SlotRegistry, check_unmanaged
 from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
@@ -411,6 +411,15 @@ class ManagerState:
         if self.teacher is not None:
             optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
         return optimizers
+
+    def check_new_teacher(self, model: Any, copy_model: bool) -> None:
+        """Before ``load_teacher`` builds a teacher: ``RuntimeError`` once closed
+        (``require_open``; ``close()`` closed its last teacher, and one taken after it stayed
+        held, a model held in place frozen and cast); a model held in place must be no
+        manager's (``check_unmanaged``)."""
+        self.require_open()
+        if not copy_model:
+            check_unmanaged(model)
 
     def hold_teacher(self, teacher: CheckpointedTeacher) -> None:
         """``teacher`` as the one commands find, closing the one it replaces: its parameters let

@@ -220,6 +220,8 @@ class GradientIsolatedSeed(nn.Module):
 
     def record_evaluation(self, evaluation: SeedEvaluation) -> None:
         """Keep Kasmina's measurement of this seed (G5's evidence, and its GATE_SCORE)."""
+        if not isinstance(evaluation, SeedEvaluation):
+            raise TypeError(f"expected a SeedEvaluation, got {type(evaluation).__name__}")
         if evaluation.seed_id != self.seed_id:
             raise ValueError(f"evaluation of {evaluation.seed_id!r} given to {self.seed_id!r}")
         self.evaluation = evaluation

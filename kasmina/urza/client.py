@@ -220,6 +220,8 @@ class UrzaLibraryClient:
         """From a ``KasminaConfig``; the trusted publishers default to
         ``config.load_trusted_publishers()`` (``urza_trusted_publishers`` and
         ``urza_publishers_file``)."""
+        if not callable(getattr(config, "store_settings", None)):
+            raise TypeError(f"from_config takes a KasminaConfig, got {type(config).__name__}")
         return cls(
             config.urza_url,
             publishers if publishers is not None else config.load_trusted_publishers(),

@@ -863,3 +863,14 @@ def test_a_model_is_held_while_its_teacher_loads_and_casts_it() -> None:
     assert len(seen) == 1 and "held in place" in str(seen[0])
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(map(is_teacher_parameter, first.teacher_parameters()))
+
+
+def test_static_kd_loss_refuses_a_config_or_teacher_of_the_wrong_kind() -> None:
+    """``StaticKDLoss.from_config(None)`` raised AttributeError ('temperature'), and teacher
+    logits that are no tensor AttributeError ('detach'): each is refused saying what it got."""
+    with pytest.raises(TypeError, match="from_config takes a KDConfig, got NoneType"):
+        StaticKDLoss.from_config(None)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="pass logits: teacher_logits .*got teacher_logits of list"
+    ):
+        StaticKDLoss()(torch.randn(2, 3), [[0.0, 1.0, 2.0]] * 2)  # type: ignore[arg-type]

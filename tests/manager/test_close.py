@@ -367,3 +367,16 @@ def test_a_closed_manager_gives_no_kd_head_to_the_slots(rig: Rig) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         rig.manager.set_kd_head(head.weight, head.bias)
     assert rig.slot._kd_head is None and rig.slot.kd_width == 4
+
+
+def test_a_closed_manager_takes_no_teacher_and_leaves_the_model_as_it_was(rig: Rig) -> None:
+    """``load_teacher`` after ``close()`` froze and cast a model held in place, and the manager
+    held it as its teacher for good (``close()``, which lets a teacher's model go, had run):
+    the model stayed frozen. It refuses, before the model is touched."""
+    rig.manager.close()
+    teacher = Host()
+    for copy_model in (False, True):
+        with pytest.raises(RuntimeError, match="closed"):
+            rig.manager.load_teacher(teacher, copy_model=copy_model)
+    assert rig.manager.teacher is None
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())

@@ -1060,3 +1060,18 @@ def test_a_counterfactual_that_makes_another_seed_fault_fails_closed() -> None:
     assert results["a[0]"].faults == 1
     assert "seed b[0] faulted with this seed taken out" in results["a[0]"].last_fault
     assert not gate_g5_performance(results["a[0]"], 0.5).passed
+
+
+@pytest.mark.parametrize("which", ["batches", "loss_fn", "metric_fn"])
+def test_arguments_of_the_wrong_kind_are_refused_by_name(which: str) -> None:
+    """``batches=None`` raised "'NoneType' object is not iterable" and ``loss_fn=None`` "is not
+    callable", from inside the measurement (only with a live seed). Each is a TypeError naming
+    the argument, before any forward, and no seed records an evaluation."""
+    model, slot, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    args = {"batches": [(x, t)], "loss_fn": F.mse_loss, "metric_fn": None, which: None}
+    if which == "metric_fn":
+        args["metric_fn"] = "accuracy"
+    with pytest.raises(TypeError, match=f"^{which} must"):
+        evaluate_seeds(registry, args["batches"], args["loss_fn"], metric_fn=args["metric_fn"])
+    assert all(seed.evaluation is None for seed in slot.seeds)

@@ -1953,3 +1953,17 @@ def test_a_seed_quarantined_in_a_forward_keeps_no_graph_of_it(rig: Rig, mlp) -> 
     assert rig.stage(SEED0) == S.QUARANTINE
     rig.train(2)
     assert record.last_output is None and not record.input_grad
+
+
+def test_execute_and_execute_kernel_refuse_arguments_of_the_wrong_kind(rig: Rig, mlp) -> None:
+    """``execute(None)`` raised AttributeError ('seed') from inside the executor and
+    ``execute_kernel(kernel, None)`` AttributeError ('to'): each is a TypeError saying what it
+    takes, and the manager carries on."""
+    manager = rig.manager
+    with pytest.raises(TypeError, match="execute takes a KasminaCommand, got NoneType"):
+        manager.execute(None)  # type: ignore[arg-type]
+    kernel = asyncio.run(manager.load_kernel(mlp))
+    with pytest.raises(TypeError, match="a GPUKernel and an input tensor, got GPUKernel and list"):
+        asyncio.run(manager.execute_kernel(kernel, [1.0, 2.0]))  # type: ignore[arg-type]
+    assert manager.handler.stats["executed"] == 0
+    assert rig.send("germinate", SEED0, mlp) and rig.train(1)["host_stepped"]

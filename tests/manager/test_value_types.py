@@ -105,3 +105,11 @@ def test_epoch_metrics_take_numbers_and_one_element_tensors_only() -> None:
     for value, message in cases:  # an int past a float's range raised OverflowError
         with pytest.raises(ValueError, match=rf"val_metrics\['a'\] must be.*{message}"):
             epoch_metrics({"a": value})
+
+
+@pytest.mark.parametrize("given", [3, "ab", [("a", 0.5)]])
+def test_val_metrics_that_are_no_mapping_are_refused_by_name(given: object) -> None:
+    """``end_epoch(epoch, 3)`` raised "'int' object is not iterable", ``"ab"`` a ValueError about
+    a dictionary update sequence, and a list of pairs was taken: each is a TypeError."""
+    with pytest.raises(TypeError, match="val_metrics must be a mapping or None, got"):
+        epoch_metrics(given)  # type: ignore[arg-type]

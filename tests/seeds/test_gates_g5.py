@@ -170,3 +170,14 @@ def test_a_tie_at_a_threshold_is_decided_by_the_numbers_not_their_rounding() -> 
         assert gate_g5_performance(tie, 0.6).passed, without
         short = SeedEvaluation("s", S.STABILIZATION, 1.0, 0.8001 * without, without, samples=100)
         assert not gate_g5_performance(short, 0.6).passed, without
+
+
+def test_an_evaluation_of_the_wrong_kind_is_refused() -> None:
+    """``record_evaluation(None)`` raised AttributeError ('seed_id'): a TypeError now, and the
+    seed keeps what it had."""
+    seed = GradientIsolatedSeed(4, "s")
+    seed.record_evaluation(_evaluation(0.8, 1.0))
+    kept = seed.evaluation
+    with pytest.raises(TypeError, match="expected a SeedEvaluation, got NoneType"):
+        seed.record_evaluation(None)  # type: ignore[arg-type]
+    assert seed.evaluation is kept

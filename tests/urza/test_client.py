@@ -894,3 +894,9 @@ def test_verify_manifest_takes_a_manifest_of_exactly_max_bytes(publisher, truste
     assert verify_manifest(raw, trusted, max_bytes=len(raw)).artifact_id == "a1"
     with pytest.raises(ArtifactIntegrityError, match=f"manifest larger than {len(raw) - 1} bytes"):
         verify_manifest(raw, trusted, max_bytes=len(raw) - 1)
+
+
+def test_from_config_refuses_what_is_no_config() -> None:
+    """``UrzaLibraryClient.from_config(None)`` raised AttributeError ('urza_url')."""
+    with pytest.raises(TypeError, match="from_config takes a KasminaConfig, got NoneType"):
+        UrzaLibraryClient.from_config(None)
