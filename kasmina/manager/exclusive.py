@@ -8,6 +8,11 @@ both managers' host optimizers then stepped the same bytes: one manager's ``step
 other's weights. The byte-range test is ``ByteRanges``, the one §4 refuses the same overlap
 with inside one manager; it runs at registration and at an in-place teacher's load only (one pass
 over the new model's parameters and the live hosts'), never per step.
+
+Why a ``Claim`` apart from the registry: ``register`` returns the registry, and a notebook keeps
+it (``Out``/``_``, a variable) after its manager is dropped. The claim (its place in ``LIVE``, the
+table's owner of its rows) is kept by the manager's part (``keep``), so it goes when the manager
+is collected, whoever still holds the registry.
 """
 
 from __future__ import annotations
@@ -20,9 +25,20 @@ from typing import Protocol
 from torch import nn
 
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.observers import TransitionObserver
+from kasmina.stages import SeedStage
 from kasmina.utils.memory import ByteRanges
 
-__all__ = ["LIVE", "after_collection", "check_unshared", "managed", "unfit_for_teacher"]
+__all__ = [
+    "LIVE",
+    "Claim",
+    "after_collection",
+    "check_unshared",
+    "keep",
+    "managed",
+    "release",
+    "unfit_for_teacher",
+]
 
 
 class Registered(Protocol):
@@ -34,6 +50,42 @@ class Registered(Protocol):
 
 
 LIVE: weakref.WeakSet[Registered] = weakref.WeakSet()  # live managers' (close() drops one)
+
+
+class Claim:
+    """A registry's hold on its model while its manager lives: its entry in ``LIVE`` and the
+    owner of its seeds' table rows (``on_transition``, which the table holds weakly: ``owned``).
+    Held by its keeper only (``keep``), it holds its registry, never the other way round."""
+
+    def __init__(self, registry: Registered, observer: TransitionObserver) -> None:
+        self.registry, self.model, self._observer = registry, registry.model, observer
+
+    def all_host_params(self) -> list[nn.Parameter]:
+        return self.registry.all_host_params()
+
+    def on_transition(self, idx: int, old: SeedStage, new: SeedStage) -> None:
+        self._observer(idx, old, new)
+
+
+# keeper -> the claims it keeps, the keeper held weakly: a claim goes when its keeper is collected.
+_KEPT: weakref.WeakKeyDictionary[object, list[Claim]] = weakref.WeakKeyDictionary()
+
+
+def keep(claim: Claim, keeper: object | None) -> weakref.ref[Claim]:
+    """Let ``keeper`` (a manager's part; None: the registry keeps it itself) keep ``claim``, and
+    enter it in ``LIVE``; a weak reference to it, for its registry."""
+    if keeper is not None:  # (never the registry here: its claim holds it, so it would live on)
+        _KEPT.setdefault(keeper, []).append(claim)
+    LIVE.add(claim)
+    return weakref.ref(claim)
+
+
+def release(claim: Claim) -> None:
+    """Take ``claim`` out of ``LIVE`` and from its keeper (its registry's close)."""
+    LIVE.discard(claim)
+    for claims in list(_KEPT.values()):
+        if claim in claims:
+            claims.remove(claim)
 
 
 def managed(model: nn.Module) -> str | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -364,7 +363,7 @@ class ManagerReport:
         """Whether this is the thread that registered the model and steps it (the forwards a
         measurement runs would race that thread's anywhere else)."""
         registry = self.state.registry
-        return registry is None or registry.training_thread == threading.get_ident()
+        return registry is None or registry.on_training_thread()
 
     def get_performance_metrics(self) -> dict[str, float]:
         """Measured figures (NaN: not measured yet). Command overhead is the time

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,10 +29,18 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
 from kasmina.kd.loss import kd_head_problem
-from kasmina.manager.exclusive import LIVE, after_collection, check_unshared, unfit_for_teacher
+from kasmina.manager.exclusive import (
+    Claim,
+    after_collection,
+    check_unshared,
+    keep,
+    unfit_for_teacher,
+)
+from kasmina.manager.exclusive import release as release_claim
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.observers import WeakObserver
 from kasmina.seeds.outputs import CHANNELS_LAST, ActivationSpec, splits_last_dim
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
@@ -90,7 +99,11 @@ class SlotRegistry:
 
     ``host_params``: the model's trainable parameters outside any seed when registered (every
     seed DORMANT without a kernel; ``all_host_params``: and since). ``listener(record, old,
-    new)`` is called after every applied transition of any seed."""
+    new)`` is called after every applied transition of any seed.
+
+    A bound-method ``listener`` (a manager's) is held weakly, its object keeping the registry's
+    claim on the model (``exclusive.Claim``): kept after its manager was collected unclosed (a
+    notebook's ``Out``), a registry claims nothing, keeps no run lock and refuses changes."""
 
     def __init__(
         self,
@@ -108,7 +121,7 @@ class SlotRegistry:
         self.model = model
         self.slots = list(slots)
         self.table: GPUStateTensor = table
-        self.listener = listener
+        self._listener = WeakObserver(listener)
         self.records: dict[str, SeedRecord] = {}
         self.by_index: dict[int, SeedRecord] = {}
         # The model's other slots too: their seeds' trainable kernels would be host parameters
@@ -138,8 +151,6 @@ class SlotRegistry:
                 record = SeedRecord(seed.seed_id, seed.state_index, seed, slot)
                 self.records[seed.seed_id] = record
                 self.by_index[seed.state_index] = record
-        for index in self.by_index:  # after every check: a refusal leaves no owner behind
-            table.observe(index, self._on_transition, follows_copies=False)  # not in a copy
         seed_ids = {id(p) for slot in self.slots for p in slot.seeds.parameters()}
         self.host_params: list[nn.Parameter] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in seed_ids
@@ -151,15 +162,34 @@ class SlotRegistry:
         # cost in a process resumed by a ROLLBACK before the slot's first forward.
         self.saved_host_shapes: dict[str, HostShapes] = {}
         # The thread that trains (registers, then ends the steps: ``end_step``): measurements
-        # run forwards on it only.
-        self.training_thread = threading.get_ident()
+        # run forwards on it only. The Thread, weakly, not its id: a dead thread's id is the
+        # next new thread's (an exporter started after an epoch's trainer thread ended).
+        self.training_thread = weakref.ref(threading.current_thread())
         # What the model held when registered, for ``check_held``.
         self.hold = ModelHold(model, {s.layer_id: s for s in self.slots}, seed_ids)
         # The seeds' events go to this manager's reporter (not a closed manager's, or none).
         self._reporter, self._replaced = telemetry, table.telemetry
         if telemetry is not None:
             table.telemetry = telemetry
-        LIVE.add(self)
+        # Last, after every check: a refusal leaves no owner behind.
+        owner = getattr(listener, "__self__", None)
+        self._owner = None if owner is None else weakref.ref(owner)
+        claim = Claim(self, self._on_transition)
+        for index in self.by_index:
+            table.observe(index, claim.on_transition, follows_copies=False)  # not in a copy
+        self._kept = claim if owner is None else None  # else its owner's to keep
+        self._claim = keep(claim, owner)
+
+    def require_manager(self) -> None:
+        """``RuntimeError`` once the manager that registered this was collected without
+        ``close()``: its claim on the model went with it (``exclusive.Claim``), and a change
+        here would reach no optimizer, checkpoint or report of it."""
+        if self._owner is not None and self._owner() is None:
+            raise RuntimeError(
+                "the manager of this slot registry was garbage-collected without close(): the "
+                "registry manages the model no more. Register the model with a live manager "
+                "(registry.close() takes the collected one's kernel hooks off the model)"
+            )
 
     def check_held(self, optimizers: IsolatedOptimizerManager | None = None) -> None:
         """``RuntimeError`` if a registered slot was taken out (``detach``, ``merge``, by hand) or
@@ -193,6 +223,7 @@ class SlotRegistry:
         into them left out), and set which parameters frozen at registration train as the
         checkpoint recorded (``unfrozen``; ``ModelHold.restore_unfrozen``). ``step``: a step's
         call, which also refuses one unfrozen that no group holds (``check_unfrozen``)."""
+        self.require_manager()
         if not rebuilt:
             for p in optimizers.take_host_groups(self.parameter_names):
                 self.added_host_params.setdefault(id(p), p)
@@ -218,6 +249,7 @@ class SlotRegistry:
         are taken up. At the transition to ACTIVE, and after an optimizer command: a seed
         fossilized while there was no host optimizer (``host_lr=None``) joins the one an
         INITIALIZE_HOST made."""
+        self.require_manager()
         if not optimizers.has_host:
             return
         for record in self.in_stages({SeedStage.ACTIVE}) if records is None else records:
@@ -228,6 +260,7 @@ class SlotRegistry:
     def fossilize(self, record: SeedRecord) -> None:
         """A seed gone ACTIVE is the host's: its monitor dropped, its parameters on the host
         side of every other seed's graph walk (a monitor took its host side at GERMINATE)."""
+        self.require_manager()
         record.monitor, record.last_output, record.input_grad = None, None, False
         for monitor in (other.monitor for other in self if other.monitor is not None):
             monitor.extend_host(record.seed.seed_parameters(), f"active {record.seed_id}")
@@ -279,13 +312,16 @@ class SlotRegistry:
         graphs) go, so the closed manager hears of no later transition and a forward of the
         model reaches nothing of it. The kernels stay in the model, which is the user's; the
         records stay readable. ``undone`` (a ``register`` that failed): the table reports where
-        it did before. Idempotent."""
-        LIVE.discard(self)
+        it did before. Idempotent; a registry whose manager was collected may be closed too."""
+        claim, self._kept = self._claim(), None
+        if claim is not None:
+            release_claim(claim)
         if self._reporter is not None and self.table.telemetry is self._reporter:
             self.table.telemetry = self._replaced if undone else None
-        self.listener = None
+        self._listener = WeakObserver(None)
         for record in self.records.values():
-            self.table.unobserve(record.index, self._on_transition)
+            if claim is not None:
+                self.table.unobserve(record.index, claim.on_transition)
             if record.hook is not None:
                 record.hook.remove()
                 record.hook = None
@@ -340,10 +376,17 @@ class SlotRegistry:
     def end_step(self) -> int:
         """At a step's end: drop the KD losses the slots hold (with their graphs), the teacher
         logits kept for a recompute and the slots' graph marks; how many slots held a loss."""
-        self.training_thread = threading.get_ident()  # the model's forwards are this thread's
+        self.require_manager()
+        # The model's forwards are this thread's (its Thread: see ``__init__``).
+        self.training_thread = weakref.ref(threading.current_thread())
         for slot in self.slots:
             slot.end_step()
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)
+
+    def on_training_thread(self) -> bool:
+        """Whether the calling thread is the training thread (the same ``Thread``: one that
+        ended is nobody's, though a new thread has its id)."""
+        return self.training_thread() is threading.current_thread()
 
     def graph_open(self) -> bool:
         """Whether a slot's forward recorded a graph since the last step's end."""
@@ -391,6 +434,7 @@ class SlotRegistry:
     def charge_failed_steps(self, optimizers: IsolatedOptimizerManager) -> None:
         """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
         call, ``step()``'s or a STEP command's; taken, so each is charged once."""
+        self.require_manager()
         failed, optimizers.failed_now = optimizers.failed_now, []
         for seed_id in failed:
             record = self.records.get(seed_id)
@@ -475,6 +519,7 @@ class SlotRegistry:
     def count_trained_epochs(self) -> None:
         """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch
         counts it (G2 compares the count with ``min_isolated_epochs``); the marks are cleared."""
+        self.require_manager()
         for record in self.records.values():
             seed = record.seed
             if seed.trained_this_epoch and seed.stage == SeedStage.ISOLATED_INIT:
@@ -545,11 +590,11 @@ class SlotRegistry:
 
     # ------------------------------------------------------------------ transitions
     def _on_transition(self, idx: int, old: SeedStage, new: SeedStage) -> None:
-        record = self.by_index.get(idx)
-        if record is None or self.listener is None:
+        record, listener = self.by_index.get(idx), self._listener()
+        if record is None or listener is None:
             return
         try:
-            self.listener(record, old, new)
+            listener(record, old, new)
         except Exception:  # a bookkeeping failure must not undo a transition already applied
             logger.exception("transition listener failed for seed %s", record.seed_id)
 

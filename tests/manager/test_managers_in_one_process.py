@@ -4,11 +4,13 @@ client, where each manager's events go, and models another manager holds."""
 from __future__ import annotations
 
 import gc
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import kasmina
 from kasmina.control.auth import sign_command
@@ -220,6 +222,39 @@ def test_a_dropped_manager_lets_go_of_its_model(
         manager.close()
     finally:
         gc.enable()
+
+
+def test_a_registry_kept_after_its_manager_was_collected_claims_nothing(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """A notebook cell ending in ``manager.register(model)`` keeps the registry in ``Out``/``_``
+    (as does a ``registry = ...`` variable, or kept ``manager.optimizers``, whose closures hold
+    it). Run again, the old manager was collected, yet its kept registry still claimed the model
+    ("close the other first", with nothing left to close) and, through its listener, held the
+    manager's state, its run's checkpoint lock with it. The claim is the manager's now: the
+    kept registry claims nothing, holds no lock, and refuses changes."""
+    config = make_config(tmp_path, store, run_id="nb", checkpoint_mode="disk")
+    manager = KasminaKernelManager(config, keyring=keyring)
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    out = {1: manager.register(model)}  # a notebook's output history
+    optimizers = manager.optimizers
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    manager.backward(F.cross_entropy(model(x), y))
+    manager.step()
+    manager.end_epoch(0)  # the run's store is open: its lock held
+    dead = weakref.ref(manager)
+    del manager  # the cell run again: nothing closed it
+    gc.collect()
+    assert dead() is None
+    assert not any(model.out.state_table.owned(k) for k in range(2))
+    again = KasminaKernelManager(config, keyring=keyring)  # the same run resumed in-process
+    again.register(model)  # the kept registry's model
+    again.close()
+    with pytest.raises(RuntimeError, match="garbage-collected without close"):
+        out[1].end_step()
+    out[1].close()  # its kernel hooks off the model: allowed
+    assert optimizers is not None
 
 
 def test_closing_one_manager_leaves_a_shared_urza_client_open(

@@ -146,3 +146,38 @@ def test_a_restarted_trainers_rollback_does_not_name_the_training_thread(
     assert math.isnan(second.manager.get_performance_metrics()["dormant_overhead_us"])
     assert calls == []
     second.manager.close()
+
+
+def test_a_new_thread_given_a_dead_trainers_id_is_not_the_training_thread(rig: Rig) -> None:
+    """The training thread was kept as its id, which the C library gives the next new thread
+    once that thread ends (one trainer thread per epoch, an executor's worker): an exporter
+    started after it measured the live model (get_performance_metrics ran its forwards, and
+    measure_dormant_overhead was allowed) while the next epoch's trainer was in its step. The
+    ``Thread`` itself is compared now."""
+    trainer = threading.Thread(target=rig.train)  # an epoch's trainer thread, which ends
+    trainer.start()
+    trainer.join(60)
+    calls: list[int] = []
+    forward = rig.slot.host.forward
+    rig.slot.host.forward = lambda *args: calls.append(1) or forward(*args)
+    box: list = []
+
+    def exporter() -> None:
+        if threading.get_ident() == trainer.ident:  # the dead trainer's id
+            box.append(rig.manager.get_performance_metrics())
+            try:
+                box.append(rig.manager.measure_dormant_overhead(3))
+            except RuntimeError as exc:
+                box.append(exc)
+
+    for _ in range(200):
+        thread = threading.Thread(target=exporter)
+        thread.start()
+        thread.join(60)
+        if box:
+            break
+    else:
+        pytest.skip("no thread here was given a dead thread's id")
+    metrics, refused = box
+    assert math.isnan(metrics["dormant_overhead_us"]) and calls == []
+    assert isinstance(refused, RuntimeError) and "training thread" in str(refused)
