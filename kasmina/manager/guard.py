@@ -272,10 +272,10 @@ class IsolationGuard:
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())
         stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
-        for p in itertools.chain(host, seeds):
-            p.grad = None
         failed = False
-        try:
+        try:  # set aside inside it: a Ctrl-C part-way still finds every gradient put back
+            for p in itertools.chain(host, seeds):
+                p.grad = None
             # The debug monitors' phases sit inside the set-aside: they see the same empty host
             # grads before the backward and the same leaks after it, and put back what they
             # found (nothing) before the host's own gradients come back.

@@ -4,7 +4,9 @@ elsewhere, and a seed-only KD backward that fails loses this step's KD term only
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import teacher_fit_problem
 from kasmina.manager import KasminaKernelManager
+from kasmina.manager import guard as guard_module
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, make_config
 
@@ -195,6 +198,38 @@ def test_a_host_backward_that_raises_adds_no_kd_gradient(kd_rig: Rig) -> None:
     assert all(torch.equal(p.grad, g) for p, g in zip(params, once, strict=True))
     report = manager.step()
     assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+
+
+def test_a_ctrl_c_as_the_gradients_are_set_aside_loses_none_of_them(
+    kd_rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradient accumulation: the seed-only KD backward sets the host's and the seeds'
+    gradients aside (to None) before it runs, and put them back in a ``finally`` it entered
+    only after that: a Ctrl-C landing part-way through the set-aside lost the gradients of the
+    earlier micro-batches for good. The set-aside is inside it now: they all come back."""
+    manager = kd_rig.manager
+    gen = torch.Generator().manual_seed(9)
+    manager.set_teacher_logits(torch.randn(16, 4, generator=gen))
+    loss = F.cross_entropy(kd_rig.model(kd_rig.x), kd_rig.y)
+    manager.backward(loss, kd_loss=manager.collect_kd_losses())  # a first micro-batch
+    params = [*manager.require_registry().host_params, *manager.seed(SEED0).seed_parameters()]
+    earlier = [p.grad.clone() for p in params]
+    manager.set_teacher_logits(torch.randn(16, 4, generator=gen))
+    loss = F.cross_entropy(kd_rig.model(kd_rig.x), kd_rig.y)
+    kd = manager.collect_kd_losses()
+
+    def interrupted(*parts):  # a Ctrl-C once the first gradient was set aside
+        for i, p in enumerate(itertools.chain(*parts)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield p
+
+    monkeypatch.setattr(guard_module, "itertools", SimpleNamespace(chain=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        manager.backward(loss, kd_loss=kd)
+    monkeypatch.undo()
+    assert all(p.grad is not None for p in params)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, earlier, strict=True))
 
 
 def test_a_kd_alpha_of_zero_trains_no_seed(tmp_path: Path, store: Path, keyring, mlp) -> None:
