@@ -1,6 +1,6 @@
 """One manager per model (docs/design.md §5 'Close'): the live managers' registries, and what a
 new registration may not share with them (``check_unshared``) or a teacher loaded in place may
-not be or share (``unfit_for_teacher``, for ``slots.check_unmanaged``).
+not be or share (``unfit_for_teacher``, for ``check_unmanaged``).
 
 Why by memory as well as by identity: ``nn.Parameter(host.weight.data)`` is a new parameter
 object over the host's storage. A model holding one passed a check of parameter objects, and
@@ -33,6 +33,7 @@ __all__ = [
     "LIVE",
     "Claim",
     "after_collection",
+    "check_unmanaged",
     "check_unshared",
     "keep",
     "managed",
@@ -163,3 +164,15 @@ def check_unshared(model: nn.Module, slots: Sequence[KasminaLayer]) -> None:
     problem = after_collection(lambda: _shared_with_another_manager(model, slots))
     if problem is not None:
         raise ValueError(f"{problem}: one manager per model (close the other first)")
+
+
+def check_unmanaged(model: nn.Module) -> None:
+    """``ValueError`` if a live manager holds ``model`` or its memory (``unfit_for_teacher``): a
+    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
+    manager's training stops, or moves the teacher."""
+    problem = after_collection(lambda: unfit_for_teacher(model))
+    if problem is not None:
+        raise ValueError(
+            f"{problem}: a teacher loaded with copy_model=False is frozen in place. Pass "
+            "copy_model=True (the default), or close that manager first"
+        )

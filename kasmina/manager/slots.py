@@ -29,13 +29,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
 from kasmina.kd.loss import kd_head_problem
-from kasmina.manager.exclusive import (
-    Claim,
-    after_collection,
-    check_unshared,
-    keep,
-    unfit_for_teacher,
-)
+from kasmina.manager.exclusive import Claim, check_unshared, keep
 from kasmina.manager.exclusive import release as release_claim
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
@@ -53,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlotRegistry", "check_unmanaged"]
+__all__ = ["SlotRegistry"]
 
 # Clipped steps running in which a seed's gradient norm was not finite while the host's was,
 # before each such step is a fault. A GradScaler halves its scale at every step with an
@@ -80,18 +74,6 @@ def _random(spec: ActivationSpec) -> torch.Tensor:
     shape, dtype, device = spec
     generator = torch.Generator(device=device).manual_seed(0)
     return torch.randn(shape, device=device, generator=generator).to(dtype)
-
-
-def check_unmanaged(model: nn.Module) -> None:
-    """``ValueError`` if a live manager holds ``model`` or its memory (``unfit_for_teacher``): a
-    teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
-    manager's training stops, or moves the teacher."""
-    problem = after_collection(lambda: unfit_for_teacher(model))
-    if problem is not None:
-        raise ValueError(
-            f"{problem}: a teacher loaded with copy_model=False is frozen in place. Pass "
-            "copy_model=True (the default), or close that manager first"
-        )
 
 
 class SlotRegistry:

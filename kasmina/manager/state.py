@@ -28,9 +28,10 @@ from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimi
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
+from kasmina.manager.exclusive import check_unmanaged
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
-from kasmina.manager.slots import SlotRegistry, check_unmanaged
+from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
