@@ -16,7 +16,7 @@ import torch
 from kasmina.errors import ParameterOverlapError
 from kasmina.kd.holds import held_parameters, is_teacher_parameter
 from kasmina.ops.backend import SUPPORTED_DTYPES
-from kasmina.utils.memory import ByteRanges
+from kasmina.utils.memory import ByteRanges, Span, byte_span, span_signature
 
 
 def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -59,12 +59,21 @@ def _teacher_held(params: list[torch.Tensor]) -> tuple[int, str] | None:
 class ParameterOwnership:
     """Maps parameters to one owner name each; refuses any second claim on the same memory.
 
-    Byte ranges are read from the owned tensors when a claim is checked, never cached: a
-    module converted in place after its parameters were claimed (``host.half()`` swaps each
-    parameter's ``.data`` for new storage) is checked where its memory is now."""
+    A check costs O(new params) plus one cheap pass over the owned ones. The byte ranges of the
+    owned tensors are kept (``_read``: each tensor's ``span_signature`` and ``byte_span``, read
+    together, and ``_ranges``, their index by storage, labelled by the tensor's id, so that an
+    owner is looked up at the check and ``transfer`` changes no range). They are never trusted
+    stale: a module converted in place after its parameters were claimed (``host.half()`` swaps
+    each parameter's ``.data`` for new storage) is checked where its memory is now, because each
+    check first reads every owned tensor's signature, which determines its span, and reads the
+    span again only for those whose signature moved. A claim adds its tensors to the index; a
+    release drops the index, rebuilt at the next check from the spans kept (no tensor read)."""
 
     def __init__(self) -> None:
         self._owner: dict[int, tuple[str, torch.Tensor]] = {}  # keeps claimed tensors alive
+        # Per owned id, in the order of ``_owner`` (kept so: the signatures compare as one list).
+        self._read: dict[int, tuple[object, Span | None]] = {}
+        self._ranges: ByteRanges[int] | None = None  # None: rebuild from ``_read``
 
     def owner_of(self, param: torch.Tensor) -> str | None:
         entry = self._owner.get(id(param))
@@ -72,6 +81,22 @@ class ParameterOwnership:
 
     def owned_by(self, owner: str) -> list[torch.Tensor]:
         return [t for name, t in self._owner.values() if name == owner]
+
+    def _current_ranges(self) -> ByteRanges[int]:
+        """The owned tensors' byte ranges where their memory is now (see the class docstring)."""
+        now = list(map(span_signature, (t for _, t in self._owner.values())))
+        if now != [sig for sig, _ in self._read.values()]:  # something moved: re-read it only
+            read = self._read
+            self._read = {
+                pid: (sig, byte_span(t)) if read[pid][0] != sig else read[pid]
+                for (pid, (_, t)), sig in zip(self._owner.items(), now, strict=True)
+            }
+            self._ranges = None
+        if self._ranges is None:
+            self._ranges = ByteRanges()
+            for pid, (_, span) in self._read.items():
+                self._ranges.add_span(pid, span)
+        return self._ranges
 
     def check_free(self, params: Iterable[torch.Tensor], new_owner: str) -> None:
         """Raise ``ParameterOverlapError`` if any of ``params`` is already (partly) owned."""
@@ -82,13 +107,13 @@ class ParameterOwnership:
                 raise ParameterOverlapError(
                     f"parameter {index} for {new_owner!r} is already owned by {owner!r}"
                 )
-        ranges = ByteRanges(self._owner.values())
+        ranges = self._current_ranges()
         for index, p in enumerate(params):
             other = ranges.overlap(p)
             if other is not None:
                 raise ParameterOverlapError(
                     f"parameter {index} for {new_owner!r} shares memory with a parameter "
-                    f"of {other!r}"
+                    f"of {self._owner[other][0]!r}"
                 )
 
     def check_optimizable(self, params: list[torch.Tensor], new_owner: str) -> None:
@@ -109,11 +134,19 @@ class ParameterOwnership:
     def claim(self, params: Iterable[torch.Tensor], owner: str) -> None:
         """Record ``owner`` for ``params`` (call ``check_free`` first)."""
         for p in params:
+            read = (span_signature(p), byte_span(p))
+            if id(p) in self._owner:  # claimed again: its old range leaves the index
+                self._ranges = None
             self._owner[id(p)] = (owner, p)
+            self._read[id(p)] = read
+            if self._ranges is not None:
+                self._ranges.add_span(id(p), read[1])
 
     def release(self, owner: str) -> None:
         """Forget everything ``owner`` claimed."""
         self._owner = {pid: e for pid, e in self._owner.items() if e[0] != owner}
+        self._read = {pid: r for pid, r in self._read.items() if pid in self._owner}
+        self._ranges = None
 
     def transfer(self, old: str, new: str) -> None:
         """Everything ``old`` owned now belongs to ``new`` (a seed promoted into the host)."""

@@ -28,7 +28,8 @@
   ``in_eval_mode`` (each module's mode put back), ``hooks_held`` (no hook of the model's runs),
   ``rng_forked`` (the global RNG stream not moved).
 - ``memory`` -- ``byte_span``, ``ByteRanges``: which tensors' bytes intersect, the one test of
-  shared memory (one owner per parameter, one manager per model, an artifact's tied tensors).
+  shared memory (one owner per parameter, one manager per model, an artifact's tied tensors);
+  ``span_signature``: whether a range kept is still its tensor's.
 - ``grad_modes`` -- ``training_tensors``: what a safe point makes (a kernel copy, a restored
   optimizer state) is made outside ``torch.inference_mode``, even when the caller is inside it.
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+import kasmina.isolation.ownership as ownership_module
+import kasmina.utils.memory as memory_module
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.isolation.stepping import clip_gradients
@@ -57,6 +59,46 @@ def test_overlap_is_checked_where_the_memory_is_now():
     with pytest.raises(ParameterOverlapError, match="shares memory"):
         opts.create_seed_optimizer("s", [nn.Parameter(host.weight.data)], lr=0.1)
     assert opts.seed_ids == []
+
+
+def test_repeated_registrations_read_the_new_parameters_and_find_memory_moved_since(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Every registration read the byte range of every owned parameter again (O(owned) each,
+    quadratic over a run of many seeds). The ranges are kept and read again only for a tensor
+    whose signature moved: a ``.data`` swapped after they were kept, or grown in place from
+    the same address, is still checked where its memory is now."""
+    host = nn.Sequential(*(nn.Linear(2, 2) for _ in range(50)))
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(list(host.parameters()), lr=0.1)
+    reads: list[torch.Tensor] = []
+    span = memory_module.byte_span
+
+    def counting(t: torch.Tensor):
+        reads.append(t)
+        return span(t)
+
+    monkeypatch.setattr(memory_module, "byte_span", counting)
+    monkeypatch.setattr(ownership_module, "byte_span", counting, raising=False)
+    seeds = [nn.Linear(2, 2) for _ in range(10)]
+    for i, seed in enumerate(seeds):
+        opts.create_seed_optimizer(f"s{i}", seed.parameters(), lr=0.1)
+    count = len(reads)
+    assert count <= 2 * 2 * len(seeds)  # a check's and a claim's read of each new one
+    host_ids = {id(p) for p in host.parameters()}
+    assert not [t for t in reads if id(t) in host_ids]
+    host[0].weight.data = torch.zeros(2, 2)  # new storage, after the ranges were kept
+    with pytest.raises(ParameterOverlapError, match="shares memory with a parameter of 'host'"):
+        opts.create_seed_optimizer("alias", [nn.Parameter(host[0].weight.data)], lr=0.1)
+    base = torch.zeros(8)
+    grown = nn.Parameter(base[:4])
+    opts.create_seed_optimizer("grown", [grown], lr=0.1)
+    opts.create_seed_optimizer("tail", [nn.Parameter(base[6:])], lr=0.1)  # disjoint
+    opts.remove_seed("tail")
+    grown.data = base  # the same address, twice the bytes
+    with pytest.raises(ParameterOverlapError, match="of 'grown'"):
+        opts.create_seed_optimizer("tail", [nn.Parameter(base[6:])], lr=0.1)
+    assert "alias" not in opts.seed_ids and "tail" not in opts.seed_ids
 
 
 def test_shared_memory_is_overlap_but_disjoint_slices_are_not():

@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import kasmina.isolation.monitor as monitor_module
+import kasmina.isolation.ownership as ownership_module
 import kasmina.isolation.verify as verify_module
+import kasmina.utils.memory as memory_module
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
@@ -193,3 +195,42 @@ def test_a_steps_graph_checks_cost_the_seeds_graphs_not_seeds_times_host(
         assert walked == n  # every seed's output is still checked
         manager.close()
     assert built[16] <= 4 * built[4], built  # linear in the seeds at most (it is 0 now)
+
+
+def _spans_read(
+    manager: KasminaKernelManager, model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> Counter[str]:
+    """Byte ranges read (``byte_span``) while the queued GERMINATEs are applied: of the host's
+    parameters, and of any other tensor."""
+    host = {id(p) for p in model.parameters()}
+    counted: Counter[str] = Counter()
+    span = memory_module.byte_span
+
+    def counting(t: torch.Tensor):
+        counted["host" if id(t) in host else "other"] += 1
+        return span(t)
+
+    monkeypatch.setattr(memory_module, "byte_span", counting)
+    monkeypatch.setattr(ownership_module, "byte_span", counting, raising=False)
+    outcomes = manager.apply_pending(wait=True)
+    monkeypatch.undo()
+    assert outcomes and all(o.ok for o in outcomes), outcomes
+    return counted
+
+
+def test_a_germinate_reads_the_memory_of_its_seeds_parameters_not_of_every_owned_one(
+    tmp_path: Path, published, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each GERMINATE's overlap check read the byte range of every parameter owned so far (the
+    host's and every seed's before it): K GERMINATEs beside a host cost K x owned reads,
+    quadratic in the slots (28 ms a GERMINATE beside ~2,000 host parameters). The owned ranges
+    are kept and only their cheap signatures read again: a safe point of GERMINATEs reads no
+    host parameter's range, and the others' grow with the seeds, not their square."""
+    store, affine = published[0], published[2]
+    reads: dict[int, Counter[str]] = {}
+    for n in (4, 16):
+        manager, model = _grown(tmp_path, store, keyring, affine, n)
+        reads[n] = _spans_read(manager, model, monkeypatch)
+        manager.close()
+    assert reads[4]["host"] == reads[16]["host"] == 0, reads
+    assert reads[16]["other"] <= 4 * reads[4]["other"], reads
