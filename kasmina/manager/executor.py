@@ -7,10 +7,11 @@ copy, G1, optimizer, monitor) before the DORMANT -> ISOLATED_INIT transition, an
 if any step fails. A refused command returns False with its reason logged and kept in
 ``manager.command_log``; the host never notices.
 
-Side effects of transitions live in ``on_transition`` (called for every applied transition,
-whoever made it): a seed that reaches HARVESTING has its kernel copy released, the cached
-original unpinned, its optimizer and monitor dropped and a field report recorded, whether a CULL
-command or the seed itself sent it there.
+Side effects of transitions live in ``post_commit.TransitionEffects.on_transition`` (called for
+every applied transition, whoever made it): a seed that reaches HARVESTING has its kernel copy
+released, the cached original unpinned, its optimizer and monitor dropped and a field report
+recorded, whether a CULL command or the seed itself sent it there. What fails after a command's
+commit point is completed at the next safe point, and the command is reported applied.
 
 An interrupt (``KeyboardInterrupt``, ``SystemExit``: a ``BaseException`` that is not an
 ``Exception``) is never swallowed, but it is all-or-nothing too: an operation it lands in undoes
@@ -41,6 +42,7 @@ from kasmina.isolation.sparse_trial import sparse_gradient_problem
 from kasmina.leyline import SeedOperation
 from kasmina.manager.evaluation import host_flops_per_element
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.post_commit import TransitionEffects
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
@@ -55,7 +57,6 @@ from kasmina.stages import (
     LEGAL_TRANSITIONS,
     NEXT_STAGE,
     SeedStage,
-    StateColumn,
 )
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.grad_modes import training_tensors
@@ -102,6 +103,8 @@ class CommandExecution:
         self.state = state
         self.guard = guard
         self.report = report
+        self.effects = TransitionEffects(state, report)  # transitions' side effects, completed
+        self.on_transition = self.effects.on_transition  # the registry's listener
 
     # ------------------------------------------------------------------ dispatch
     def execute(self, command: KasminaCommand) -> bool:
@@ -121,9 +124,13 @@ class CommandExecution:
 
         An interrupt propagates once the operation has undone or completed itself; the
         command's outcome is noted and handed to ``on_interrupt`` first, so that the caller can
-        report it (see ``_interrupted``)."""
+        report it (see ``_interrupted``). Past its commit point a command is applied: what
+        fails after it is completed later (``TransitionEffects``), said in its reason."""
         target = command.seed.seed_id if command.seed is not None else command.kind
         before = self._seed_stage(command)
+        if self.effects.pending:  # what failed after an earlier commit: done before this one
+            self.effects.complete()
+        self.effects.noting = noting = []
         try:
             with training_tensors():
                 problem = self._operation(command, original, fetch_error)
@@ -134,13 +141,21 @@ class CommandExecution:
             logger.log(rarely(n, 100), msg, command.command_id, target, reason, n)
             self.report.note_command(command, False, reason)
             return CommandOutcome(command.command_id, command.kind, target, False, reason)
-        except Exception:
-            raise  # a bug: the caller logs it with its traceback and reports the command failed
+        except Exception as exc:
+            after = self._seed_stage(command)
+            if before is None or after is None or after == before:
+                raise  # a bug: the caller logs it with its traceback, the command failed
+            # Past its commit point (its seed's stage changed): applied, whatever failed after.
+            problem = f"applied, then {type(exc).__name__}: {exc} (see the log)"
+            logger.error("command %s (%s): %s", command.command_id, target, problem, exc_info=True)
         except BaseException as exc:
             outcome = self._interrupted(command, target, before, exc)
             if on_interrupt is not None:
                 on_interrupt(outcome)
             raise
+        finally:
+            self.effects.noting = None
+        problem = "; ".join(p for p in (problem, *noting) if p)
         try:
             self.report.note_command(command, True, problem)
         except BaseException:  # a Ctrl-C as it is noted (whole, or not begun): noted, reported
@@ -179,7 +194,9 @@ class CommandExecution:
             applied = optimizers.apply_optimizer_command(command)
             if registry is not None:  # a STEP whose seed optimizer raised: a fault, as in step()
                 registry.charge_failed_steps(optimizers)
-                registry.promote_active(optimizers)  # ACTIVE before an INITIALIZE_HOST
+                # ACTIVE before an INITIALIZE_HOST: past the command's commit, completed later
+                promote = partial(registry.promote_active, optimizers)
+                self.effects.run(None, "promotion of the ACTIVE seeds", promote)
             if not applied:
                 why = optimizers.last_refusal
                 raise CommandRefused(f"rejected by the optimizer manager: {why}")
@@ -467,10 +484,11 @@ class CommandExecution:
             )
         # All or nothing (docs/design.md §3): the table applying HARVESTING is the commit. From
         # there the kernel is released (device memory freed, optimizer and state dropped), which
-        # no undo could give back, while the rest (release, COOLDOWN, embargo) cannot fail. So a
-        # cull interrupted after the commit (a KeyboardInterrupt from a telemetry sink or an
-        # observer, before the release) is completed before the interrupt propagates: the seed
-        # leaves in COOLDOWN, as an uninterrupted cull leaves it. One refused or interrupted
+        # no undo could give back. So a cull interrupted after the commit (a KeyboardInterrupt
+        # from a telemetry sink or an observer, before the release) is completed before the
+        # interrupt propagates: the seed leaves in COOLDOWN, as an uninterrupted cull leaves it;
+        # one whose release, COOLDOWN or embargo fails (a device error) is applied, and that
+        # part completed at the next safe point (``finish_cull``). One refused or interrupted
         # before the commit changed nothing. A real Ctrl-C (a signal) waits for the whole cull.
         # The kernel leaving the model is the manager's own change: no model walk for it.
         with interrupts_deferred(), self.state.require_registry().hold.own():
@@ -478,34 +496,35 @@ class CommandExecution:
                 record.seed.transition_to(S.HARVESTING)
             finally:
                 if record.stage == S.HARVESTING:
-                    self._finish_cull(record, embargo)
-
-    def _finish_cull(self, record: SeedRecord, embargo: int) -> None:
-        """HARVESTING -> COOLDOWN with the embargo, the kernel released first (``on_transition``
-        has, unless HARVESTING's announcement was interrupted: releasing again is a no-op)."""
-        self.release(record)
-        try:
-            record.seed.transition_to(S.COOLDOWN)
-        finally:  # the embargo holds even if COOLDOWN's announcement is interrupted
-            if record.stage == S.COOLDOWN:
-                table = self.state.require_registry().table
-                table.set_column(record.index, StateColumn.EMBARGO_COUNTER, embargo)
+                    self.effects.finish_cull(record, embargo)
 
     def terminate(self, record: SeedRecord) -> None:
+        """-> TERMINATED (final): its release failing is completed later (``on_transition``)."""
         if S.TERMINATED not in LEGAL_TRANSITIONS[stage := record.stage]:
             raise CommandRefused(f"seed {record.seed_id} cannot be terminated from {stage.name}")
         record.seed.transition_to(S.TERMINATED)
 
-    def epoch_boundary(self) -> list[str]:
-        """The end of an epoch: tick the table, then the automatic transitions (below). Returns
-        the seeds recycled. ``end_epoch`` runs it after its checkpoint is written, and a
-        rollback to that checkpoint runs it again (docs/design.md §6a)."""
-        registry = self.state.require_registry()
-        self.state.stamp_performance_gate(registry.in_stages(ISOLATED_STAGES))  # a live change
-        registry.count_trained_epochs()  # G2's evidence, before the tick (epochs_in_stage)
+    def epoch_boundary(
+        self, epoch: int | None = None, metrics: dict[str, float] | None = None
+    ) -> list[str]:
+        """The end of an epoch: tick the table, then (``epoch`` given: the clock set to it and
+        its ``metrics``) G2's count and the automatic transitions (below). Returns the seeds
+        recycled. The tick is its commit point: one that raises leaves all as it was (a retry
+        does it all); automatic transitions that fail after it are completed at the next safe
+        point. ``end_epoch`` runs it after its checkpoint is written, and a rollback to that
+        checkpoint runs it again (docs/design.md §6a)."""
+        state, registry = self.state, self.state.require_registry()
+        state.stamp_performance_gate(registry.in_stages(ISOLATED_STAGES))  # a live change
         registry.table.tick()
+        if epoch is not None:  # the automatic steps below happen at this boundary
+            state.epoch, state.val_metrics = epoch, metrics if metrics is not None else {}
+        registry.count_trained_epochs()  # G2's evidence (stages: the tick changes none)
+        recycled: list[str] = []
         with training_tensors():  # a recycled seed's fresh state
-            return self.auto_transitions()
+            self.effects.run(
+                None, "automatic transitions", lambda: recycled.extend(self.auto_transitions())
+            )
+        return recycled
 
     def after_step(self, stepped: list[str], trained: list[str]) -> None:
         """A step's seed bookkeeping once the optimizers stepped, for the seeds it ``trained``
@@ -528,6 +547,12 @@ class CommandExecution:
                     record.graft_steps, config.grafting_steps, config.grafting_temperature
                 )
 
+    def complete_pending(self, graph_open: bool = False) -> None:
+        """A safe point's completion of what failed after a commit (``TransitionEffects``); none
+        while a forward's graph may be alive (a release drops its slot's KD losses)."""
+        if self.effects.pending and not graph_open:
+            self.effects.complete()
+
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""
         registry = self.state.require_registry()
@@ -544,56 +569,3 @@ class CommandExecution:
             for (idx, _), code in zip(updates, codes, strict=True)
             if code == 0 and idx in registry.by_index
         ]
-
-    # ------------------------------------------------------------------ side effects
-    def on_transition(self, record: SeedRecord, old: SeedStage, new: SeedStage) -> None:
-        state = self.state
-        record.timeline.append((state.epoch, state.global_step, new.name))
-        if new == S.GRAFTING:  # step 0 of the schedule, so the first GRAFTING step blends
-            config = state.config
-            record.seed.update_alpha_blending(0, config.grafting_steps, config.grafting_temperature)
-        elif new == S.ACTIVE:
-            # Fossilized: the seed is part of the host now; its parameters join the host
-            # optimizer (when there is one; otherwise its own optimizer keeps stepping it), in
-            # the param group of its slot's host layer: no new group, so a user's LR scheduler
-            # on the host optimizer keeps working.
-            registry = state.require_registry()
-            registry.fossilize(record)  # no monitor; its parameters on others' host side
-            registry.promote_active(state.optimizers, [record])
-        elif new == S.HARVESTING:
-            report = dict(record.seed.field_report or {})
-            report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)
-            self.report.note_field_report(report)
-            self.release(record)
-        elif new == S.TERMINATED:
-            if old == S.ACTIVE:
-                # A fossilized seed's parameters stay in the host optimizer's param group (no
-                # gradient any more), or its own (no host optimizer) goes; the original unpinned.
-                self._unpin(record)
-                if record.seed_id in state.optimizers.seed_ids:
-                    state.optimizers.remove_seed(record.seed_id)
-            else:
-                self.release(record)
-        elif new == S.DORMANT:
-            record.artifact_id = None
-            record.graft_steps = 0
-        elif new == S.QUARANTINE:  # no step's check reads its kept output (graph) any more
-            record.last_output, record.input_grad = None, False
-            state.telemetry.emit("seed.quarantined", 1.0, labels={"seed_id": record.seed_id})
-
-    def release(self, record: SeedRecord) -> None:
-        """Drop the seed's kernel copy (device memory freed), optimizer and monitor; unpin."""
-        record.slot.get_and_clear_kd_losses()  # stored KD graphs may run through this kernel
-        kernel = record.clear_kernel()
-        if record.seed.kernel is not None:
-            record.seed.detach_kernel()
-        if record.seed_id in self.state.optimizers.seed_ids:
-            self.state.optimizers.remove_seed(record.seed_id)
-        if kernel is not None:
-            kernel.release_gpu_memory()
-        self._unpin(record)
-
-    def _unpin(self, record: SeedRecord) -> None:
-        if record.pinned and record.artifact_id is not None:
-            self.state.kernel_cache.unpin(record.artifact_id)
-        record.pinned = False

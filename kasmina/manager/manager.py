@@ -483,6 +483,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 self.counters["kd_dropped"] += dropped
                 state.global_step += 1
             # The safe point: the graph gone, the gradients applied and zeroed (commands may swap).
+            if self.execution.effects.pending:  # what failed after a commit: completed (rare)
+                self.execution.effects.complete()
             outcomes = self.intake.apply_pending()
         state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()
@@ -507,7 +509,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         the last epoch ended and after the run's live checkpoints (``ValueError``, nothing
         changed; a restarted trainer rolls back first), checked again once the commands applied
         (a ROLLBACK moves the clock). The checkpoint (the state before this boundary) is written
-        before the tick: a failed write raises with tick, epoch and metrics as they were."""
+        before the tick: a failed write, or tick, raises with epoch and metrics as they were."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError(f"epoch must be an int in [0, {MAX_EPOCH}], got {epoch!r}")
         metrics, state = epoch_metrics(val_metrics), self.state  # checked before any change
@@ -520,12 +522,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         with self._lock:
             state.require_registry(training=True)  # a close() on another thread came first
             checkpoints.check_next_epoch(epoch, state.epoch)
+            self.execution.complete_pending(state.graph_open())  # before the checkpoint
             if checkpoints.is_due(epoch) and restorable(state, epoch):
                 checkpoints.save(epoch, snapshot(state, epoch, metrics, boundary_pending=True))
             with interrupts_deferred():  # the boundary is whole: an epoch ticks once
-                state.epoch = epoch  # the automatic steps below happen at this boundary
-                state.val_metrics = metrics
-                recycled = self.execution.epoch_boundary()
+                recycled = self.execution.epoch_boundary(epoch, metrics)  # tick, then the clock
         if recycled:
             logger.info("epoch %d: recycled %s", epoch, recycled)
         packet = self.export_leyline_telemetry()

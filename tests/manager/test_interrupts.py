@@ -488,7 +488,7 @@ def test_a_ctrl_c_while_a_cull_completes_waits_until_the_seed_is_in_cooldown(
     assert rig.send("germinate", SEED0, mlp)
     rig.train(1)
     # The second release: the one that completes the cull, after HARVESTING's announcement.
-    calls = _ctrl_c_before(monkeypatch, manager.execution, "release", call=2)
+    calls = _ctrl_c_before(monkeypatch, manager.execution.effects, "release", call=2)
     queue(rig, make_seed_command("cull", SEED0))
     with pytest.raises(KeyboardInterrupt):
         manager.apply_pending()

@@ -1,0 +1,183 @@
+"""What fails after a commit point (docs/design.md §3, "Commit points"): the command is applied
+and reported applied, and what failed is completed at the next safe point. Each failure is a
+device error (an out-of-memory) injected once into a call the transition's effects make."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kasmina.control.commands import make_optimizer_command
+from kasmina.isolation.optimizers import IsolatedOptimizerManager
+from kasmina.seeds import table as table_module
+from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import StateColumn
+from kasmina.urza.kernel import GPUKernel
+from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int = 1) -> dict:
+    """``owner.name`` raises a CUDA out-of-memory error at its ``nth`` call (then works)."""
+    real: Callable[..., Any] = getattr(owner, name)
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return calls
+
+
+def to_stage(rig: Rig, mlp: str, target: S) -> None:
+    """GERMINATE SEED0 and ADVANCE it to ``target``, training in between."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(2)
+    manager.end_epoch(0)
+    for stage in (S.COMPATIBILITY_CHECK, S.GRAFTING, S.STABILIZATION, S.ACTIVE):
+        if stage == S.ACTIVE:
+            manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+        assert rig.send("advance", SEED0) and rig.stage(SEED0) == stage, manager.command_log[-1]
+        if stage == target:
+            return
+        rig.train(5 if stage == S.GRAFTING else 1)
+
+
+def promoted(rig: Rig) -> bool:
+    optimizers = rig.manager.optimizers
+    return SEED0 not in optimizers.seed_ids and SEED0 in optimizers.promoted()
+
+
+# ------------------------------------------------------------------ side effects of a transition
+
+
+def test_an_active_seed_whose_promotion_failed_is_promoted_at_the_next_step(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transition's observer logged and dropped the failure: the ACTIVE seed kept its own
+    optimizer for good, outside the host's groups and schedule."""
+    to_stage(rig, mlp, S.STABILIZATION)
+    rig.train(1)
+    rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    calls = fail_once(monkeypatch, IsolatedOptimizerManager, "promote_seed")
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+    assert calls["n"] == 1 and not promoted(rig)
+    rig.train(1)
+    assert promoted(rig) and not rig.manager.execution.effects.pending
+    host = {
+        id(p) for g in rig.manager.optimizers.optimizer("host").param_groups for p in g["params"]
+    }
+    assert all(id(p) in host for p in rig.manager.seed(SEED0).seed_parameters())
+
+
+def test_terminate_whose_release_fails_unpins_and_frees_the_kernel_later(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed release stopped before the unpin, and TERMINATED is final: the cached original
+    stayed pinned for good (never evictable)."""
+    manager, cache = rig.manager, rig.manager.kernel_cache
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    kernel = manager.seed(SEED0).kernel
+    assert manager.seed(SEED0).quarantine() and cache.is_pinned(mlp)
+    calls = fail_once(monkeypatch, GPUKernel, "release_gpu_memory")
+    assert rig.send("terminate", SEED0) and rig.stage(SEED0) == S.TERMINATED
+    assert calls["n"] == 1 and not cache.is_pinned(mlp)
+    assert SEED0 not in manager.optimizers.seed_ids
+    rig.train(1)
+    assert kernel.inner is None and not manager.execution.effects.pending  # its memory freed
+    assert cache.evict(mlp)
+
+
+# ------------------------------------------------------------------ commands past their commit
+
+
+def test_a_cull_whose_cooldown_fails_is_applied_and_completed_at_the_next_step(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HARVESTING -> COOLDOWN (a second table launch) failing escaped the CULL: it was logged
+    refused ("internal error") with its kernel released, and the seed sat in HARVESTING, which
+    no command, epoch or step leaves."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    calls = fail_once(monkeypatch, table_module, "lifecycle_update", nth=2)
+    assert rig.send("cull", SEED0, embargo_epochs=3)
+    assert calls["n"] == 2 and rig.stage(SEED0) == S.HARVESTING
+    reason = manager.command_log[-1][3]
+    assert "COOLDOWN after its CULL" in reason and "retried at the next safe point" in reason
+    assert SEED0 not in manager.optimizers.seed_ids and not manager.kernel_cache.is_pinned(mlp)
+    rig.train(1)
+    assert rig.stage(SEED0) == S.COOLDOWN and not manager.execution.effects.pending
+    table = manager.require_registry().table
+    assert table.read_row(manager.seed(SEED0).state_index)["EMBARGO_COUNTER"] == 3
+
+
+def test_a_cull_whose_embargo_write_fails_is_reported_applied(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed was in COOLDOWN, its kernel released: the CULL was logged refused."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    real = GPUStateTensor.set_column
+    failed: list[int] = []
+
+    def set_column(self: GPUStateTensor, idx: int, column: StateColumn, value: int) -> None:
+        if column == StateColumn.EMBARGO_COUNTER and not failed:
+            failed.append(value)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        real(self, idx, column, value)
+
+    monkeypatch.setattr(GPUStateTensor, "set_column", set_column)
+    assert rig.send("cull", SEED0, embargo_epochs=4) and rig.stage(SEED0) == S.COOLDOWN
+    assert failed == [4] and manager.command_log[-1][2] is True
+    rig.train(1)
+    table = manager.require_registry().table
+    assert table.read_row(manager.seed(SEED0).state_index)["EMBARGO_COUNTER"] == 4
+
+
+def test_initialize_host_whose_promotion_fails_is_reported_applied(
+    tmp_path, store, keyring, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host optimizer was built, the ACTIVE seed's promotion into it raised: the command
+    was logged refused, and the controller's retry refused as "already initialized"."""
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=None)
+    manager = rig.manager
+    to_stage(rig, mlp, S.ACTIVE)
+    assert manager.optimizers.optimizer_ids == [SEED0]
+    calls = fail_once(monkeypatch, IsolatedOptimizerManager, "promote_seed")
+    command = make_optimizer_command("initialize_host", learning_rate=0.01)
+    assert run_command(manager, rig.signed(command)) and calls["n"] == 1
+    assert "promotion of the ACTIVE seeds failed" in manager.command_log[-1][3]
+    assert "host" in manager.optimizers.optimizer_ids and not promoted(rig)
+    rig.train(1)
+    assert promoted(rig) and manager.optimizers.optimizer_ids == ["host"]
+    manager.close()
+
+
+def test_an_epoch_boundary_whose_tick_fails_changes_nothing_and_its_retry_works(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch and G2's count moved before the tick raised: the boundary was half done, and
+    its retry was refused ("epoch 0 is not after the last epoch ended")."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    seed, table = manager.seed(SEED0), manager.require_registry().table
+    before = (manager.epoch, seed.trained_epochs, seed.trained_this_epoch, table.epochs_in_state(0))
+    fail_once(monkeypatch, table_module, "lifecycle_tick")
+    with pytest.raises(torch.OutOfMemoryError):
+        manager.end_epoch(0, {"val_accuracy": 0.5})
+    assert (manager.epoch, seed.trained_epochs, seed.trained_this_epoch) == before[:3]
+    assert table.epochs_in_state(0) == before[3] and manager.val_metrics == {}
+    manager.end_epoch(0, {"val_accuracy": 0.5})
+    assert (manager.epoch, seed.trained_epochs, table.epochs_in_state(0)) == (0, 1, 1)
+    assert manager.val_metrics == {"val_accuracy": 0.5}
