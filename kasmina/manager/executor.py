@@ -542,16 +542,29 @@ class CommandExecution:
             if seed.stage == S.ISOLATED_INIT:
                 seed.trained_this_epoch = True
             elif seed.stage == S.GRAFTING:
+                # Past the host's step (its commit): a write that fails is the seed's fault, its
+                # alpha written again at the safe point; the host's step completes.
                 record.graft_steps += 1
-                seed.update_alpha_blending(
-                    record.graft_steps, config.grafting_steps, config.grafting_temperature
-                )
+                steps, temperature = config.grafting_steps, config.grafting_temperature
+                blend = partial(seed.update_alpha_blending, record.graft_steps, steps, temperature)
+                resync = partial(self.effects.sync_alpha, record)
+                exc = self.effects.run(record, "alpha", blend, {S.GRAFTING}, resync)
+                if exc is not None:
+                    self._charge(record, exc)
 
     def complete_pending(self, graph_open: bool = False) -> None:
         """A safe point's completion of what failed after a commit (``TransitionEffects``); none
         while a forward's graph may be alive (a release drops its slot's KD losses)."""
         if self.effects.pending and not graph_open:
             self.effects.complete()
+
+    def _charge(self, record: SeedRecord, exc: Exception) -> None:
+        """A fault of ``record``'s for its step's bookkeeping that raised (``exc``); at its
+        limit it is quarantined, where its alpha no longer moves."""
+        try:
+            record.seed.charge_fault("bookkeeping", f"{type(exc).__name__}: {exc}")
+        except Exception:  # a quarantine the device refuses too: the next fault tries again
+            logger.exception("seed %s: charging a bookkeeping fault raised", record.seed_id)
 
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""

@@ -163,6 +163,27 @@ def test_initialize_host_whose_promotion_fails_is_reported_applied(
     manager.close()
 
 
+def test_a_failed_alpha_write_lets_the_hosts_step_complete(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GRAFTING seed's alpha write raised out of step() after the host's optimizer stepped:
+    its gradients were left to apply again, the step went uncounted, the safe point skipped,
+    and the seed's alpha and the table's ALPHA_BLEND stayed apart."""
+    manager = rig.manager
+    to_stage(rig, mlp, S.GRAFTING)
+    seed, step = manager.seed(SEED0), manager.global_step
+    weight = rig.model.inp.weight.detach().clone()
+    calls = fail_once(monkeypatch, GPUStateTensor, "set_alpha")
+    report = rig.train(1)
+    assert calls["n"] == 2  # the write that failed, and its retry's at the step's safe point
+    assert report["host_stepped"] and manager.global_step == step + 1
+    assert not torch.equal(weight, rig.model.inp.weight) and rig.model.inp.weight.grad is None
+    row = manager.require_registry().table.read_row(seed.state_index)
+    assert 0 < seed.alpha_value < 1 and row["ALPHA_BLEND"] == round(seed.alpha_value * 1000)
+    assert seed.faults == 1 and rig.stage(SEED0) == S.GRAFTING  # one fault: not its limit
+    assert not manager.execution.effects.pending
+
+
 def test_an_epoch_boundary_whose_tick_fails_changes_nothing_and_its_retry_works(
     rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
