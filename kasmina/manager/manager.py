@@ -483,8 +483,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 self.counters["kd_dropped"] += dropped
                 state.global_step += 1
             # The safe point: the graph gone, the gradients applied and zeroed (commands may swap).
-            if self.execution.effects.pending:  # what failed after a commit: completed (rare)
-                self.execution.effects.complete()
+            self.execution.complete_pending()  # what failed after a commit (rare): completed
             outcomes = self.intake.apply_pending()
         state.perf["step"].add_ns(time.perf_counter_ns() - started)
         self.report.emit_step_telemetry()
