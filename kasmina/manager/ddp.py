@@ -8,8 +8,9 @@ runs"):
 
 - ``wrap_ddp(model)`` wraps the host in DDP with everything
   Kasmina owns (every parameter and buffer of a slot other than its host layer's) on DDP's
-  ignore list; a host with nothing left to reduce (frozen whole) it returns unwrapped, its
-  parameters and buffers broadcast from rank 0 as DDP's constructor would have;
+  ignore list, a kernel grafted after the wrap added as it comes; a host with nothing left to
+  reduce (frozen whole) it returns unwrapped, its parameters and buffers broadcast from rank 0
+  as DDP's constructor would have;
 - ``SeedGradientSync`` (``kasmina.manager.grad_sync``) averages the gradients of every live
   seed across ranks, once per step, from ``manager.step()`` before any optimizer steps, and the
   host parameters DDP does not reduce; ``perf/bench_distributed.py`` measures the cost;
@@ -55,7 +56,9 @@ from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync, l
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.charging import defer_faults
+from kasmina.seeds.kernel_watch import watch_kernels
 from kasmina.seeds.layer import KasminaLayer
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL
 
 logger = logging.getLogger(__name__)
@@ -162,11 +165,32 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     _UNWRAPPED.pop(model, None)  # wrapped again once a layer trains: DDP broadcasts them
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     wrapped = DistributedDataParallel(model, **ddp_options)
+    _keep_ignoring_owned(model, wrapped)
     leave_unreduced(
         model,
         [p for name, p in model.named_parameters() if name not in owned and not p.requires_grad],
     )  # DDP registers only those that require a gradient now: unfrozen later, ours to average
     return wrapped
+
+
+def _keep_ignoring_owned(model: nn.Module, wrapped: nn.Module) -> None:
+    """Keep what ``model``'s slots own on ``wrapped``'s ignore list as their kernels come and go.
+    DDP holds that list as a set of names (``parameters_to_ignore``) and, before every forward,
+    lists the module's buffers it does not hold and broadcasts them from rank 0: a kernel a
+    GERMINATE grafted after the wrap (a rollback or repair putting one back) was not on it,
+    and its buffers (a batch norm's running statistics) took rank 0's values at each forward.
+    Its names are added when it comes (``kernel_watch``), once, not at each step; names of a
+    kernel that left stay, naming nothing."""
+    model_ref, wrapped_ref = weakref.ref(model), weakref.ref(wrapped)
+
+    def ignore_owned() -> bool:
+        model, wrapped = model_ref(), wrapped_ref()
+        if model is None or wrapped is None or getattr(wrapped, "module", None) is not model:
+            return False  # the wrapper or the model is gone: nothing left to keep
+        wrapped.parameters_to_ignore.update(kasmina_owned_names(model))
+        return True
+
+    watch_kernels((m for m in model.modules() if isinstance(m, GradientIsolatedSeed)), ignore_owned)
 
 
 def check_same_layout(

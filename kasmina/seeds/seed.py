@@ -78,6 +78,7 @@ from kasmina.seeds.gates import (
     sigmoid_alpha,
 )
 from kasmina.seeds.island import contain_backward
+from kasmina.seeds.kernel_watch import kernel_changed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     CONTRIBUTING_STAGES,
@@ -356,6 +357,7 @@ class GradientIsolatedSeed(nn.Module):
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))
         self.state_table.touch(self.state_index)
+        kernel_changed(self)  # its slot's tensors' names changed (wrap_ddp's ignore list)
 
     def detach_kernel(self) -> nn.Module | None:
         """Remove and return the kernel; the seed passes the host through until a new one."""
@@ -363,6 +365,7 @@ class GradientIsolatedSeed(nn.Module):
         self.__dict__.pop("_kernel_tree", None)  # hold nothing of a kernel that left
         self.probe_result = None
         self.state_table.touch(self.state_index)
+        kernel_changed(self)
         return kernel
 
     def seed_parameters(self) -> list[nn.Parameter]:
