@@ -30,6 +30,7 @@ FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import weakref
@@ -53,6 +54,7 @@ from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, agree
 from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerReplica
 from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync, leave_unreduced
+from kasmina.manager.host_alignment import align_with
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.charging import defer_faults
@@ -161,16 +163,36 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
             broadcast_tensors([*host, *(buffers if broadcast else ())], 0, group)
         leave_unreduced(model, host)
         _UNWRAPPED[model] = bool(broadcast)
+        # A measurement's host buffers: rank 0's, as the epoch sync gives them.
+        unwrapped = functools.partial(_sync_unwrapped, weakref.ref(model), group)
+        align_with(model, unwrapped if broadcast else None)
         return model
     _UNWRAPPED.pop(model, None)  # wrapped again once a layer trains: DDP broadcasts them
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     wrapped = DistributedDataParallel(model, **ddp_options)
     _keep_ignoring_owned(model, wrapped)
+    align_with(model, functools.partial(_sync_like_ddp, weakref.ref(wrapped)))
     leave_unreduced(
         model,
         [p for name, p in model.named_parameters() if name not in owned and not p.requires_grad],
     )  # DDP registers only those that require a gradient now: unfrozen later, ours to average
     return wrapped
+
+
+def _sync_unwrapped(model_ref: weakref.ref[nn.Module], group: Any) -> None:
+    """What the next epoch sync does to the buffers of a host ``wrap_ddp`` left unwrapped, now
+    (``sync_host_buffers``)."""
+    model = model_ref()
+    if model is not None:
+        sync_host_buffers(model, group)
+
+
+def _sync_like_ddp(wrapped_ref: weakref.ref[nn.Module]) -> None:
+    """What DDP does first in its next forward, now: its buffers (the host's, not Kasmina's)
+    broadcast from rank 0, unless it does not broadcast them (``broadcast_buffers=False``)."""
+    wrapped = wrapped_ref()
+    if wrapped is not None and wrapped.will_sync_module_buffers():
+        wrapped._sync_buffers()
 
 
 def _keep_ignoring_owned(model: nn.Module, wrapped: nn.Module) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from kasmina.manager.host_alignment import host_buffers_aligned
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.seeds.faults import measuring
@@ -368,6 +369,7 @@ def evaluate_seeds(
             # does not hold, in a slot taken out of it, is never run by its forward), so one
             # copy of each buffer is kept.
             kept_buffers(model),
+            host_buffers_aligned(model),  # under wrap_ddp rank 0's, as DDP's next forward's
             kernels_on_copies(seeds),  # a train-mode kernel's statistics: its pending backward
             torch.random.fork_rng(devices=cuda),
             torch.no_grad(),

@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from kasmina.control.processes import spawn
+from kasmina.stages import SeedStage as S
 from kasmina.urza.publish import publish_artifact
 from tests.manager.helpers import PUBLISHER, SEED0
 from tests.manager.test_ddp import (
     Normalised,
     NormedHost,
     Trainer,
+    _host_norm,
     _load,
     _signed,
     _spec,
@@ -64,3 +67,47 @@ def test_ddp_leaves_the_buffers_of_a_kernel_germinated_after_the_wrap_to_each_ra
     # One forward in train mode: 0.9 of the rank's own start, plus 0.1 of its batch's mean.
     for rank, mean in enumerate(means):
         assert (mean - 9.0 * (rank + 1)).abs().max() < 1.0, (rank, mean)
+
+
+def _worker_g5(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """A seed taken to GRAFTING, then measured on every rank on the same held-out batch, with
+    the same weights; the sync that follows carries no command."""
+    t = _normed_trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    t.epoch_with({0: [_signed(t.rig, "advance", SEED0)]})
+    t.epoch_with({0: [_signed(t.rig, "advance", SEED0)]})
+    assert t.manager.stages()[SEED0] == S.GRAFTING
+    with torch.no_grad():
+        held_out = [(t.rig.x, t.teacher(t.rig.x).argmax(-1))]
+    before = _host_norm(t)
+    score = t.manager.evaluate_seeds(held_out, loss_fn=F.cross_entropy)[SEED0].score
+    after = _host_norm(t)
+    synced = t.boundary()
+    t.save(
+        spec["out"],
+        "g5",
+        score=score,
+        before=before,
+        after=after,
+        divergent=synced.divergent_ranks,
+    )
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_g5_measures_alike_on_every_rank_under_a_host_batch_norm(tmp_path: Path, published) -> None:
+    """DDP gives the host's buffers rank 0's values only as its next forward starts: after the
+    last training forward each rank's host batch norm held its own shard's statistics, the same
+    batch scored differently on each rank (eval mode reads them), and the next sync found rank
+    1's state table (its GATE_SCORE) divergent and repaired a healthy rank. The measurement
+    now reads rank 0's, and each rank's own come back after it."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_g5, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=150)
+    runs = _load(tmp_path, "g5", 2)
+    first, second = runs
+    assert any(not torch.equal(first["before"][n], second["before"][n]) for n in first["before"])
+    for run in runs:
+        for name, mine in run["before"].items():
+            assert torch.equal(run["after"][name], mine), name  # each rank's own, put back
+    assert first["score"] == second["score"]
+    assert [run["divergent"] for run in runs] == [(), ()]
