@@ -9,14 +9,21 @@ flat buffer do not.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
+import weakref
+from collections.abc import Hashable, Iterable
+from typing import TypeVar
 
 import torch
 
 from kasmina.errors import ParameterOverlapError
-from kasmina.kd.holds import held_parameters, is_teacher_parameter
+from kasmina.kd import holds
+from kasmina.kd.holds import is_teacher_parameter
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.utils.memory import ByteRanges, Span, byte_span, span_signature
+
+K = TypeVar("K", bound=Hashable)
+# Per tensor kept: its ``span_signature`` and ``byte_span``, read together.
+Read = dict[K, tuple[object, Span | None]]
 
 
 def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -46,14 +53,62 @@ def collect_tensors(params: Iterable[torch.Tensor], what: str) -> list[torch.Ten
     return out
 
 
-def _teacher_held(params: list[torch.Tensor]) -> tuple[int, str] | None:
-    """The first of ``params`` a live teacher holds, by identity or else by memory, and how."""
-    held = next((i for i, p in enumerate(params) if is_teacher_parameter(p)), None)
-    if held is not None:
-        return held, "belongs to a teacher"
-    ranges = ByteRanges(("teacher", p) for p in held_parameters())
-    over = next((i for i, p in enumerate(params) if ranges.overlap(p) is not None), None)
-    return None if over is None else (over, "shares memory with a teacher's parameter")
+def _reread(read: Read[K], tensors: list[tuple[K, torch.Tensor | None]]) -> Read[K] | None:
+    """The spans kept in ``read`` (in the order of ``tensors``; None: a tensor gone) where the
+    memory is now: None if no signature moved (one cheap pass), else ``read`` with the span read
+    again for each tensor whose signature moved or that is new."""
+    now = [None if t is None else span_signature(t) for _, t in tensors]
+    if now == [sig for sig, _ in read.values()]:
+        return None
+    return {
+        key: old if (old := read.get(key)) is not None and old[0] == sig
+        else (sig, None if t is None else byte_span(t))
+        for (key, t), sig in zip(tensors, now, strict=True)
+    }  # fmt: skip
+
+
+def _index(read: Read[K]) -> ByteRanges[K]:
+    ranges: ByteRanges[K] = ByteRanges()
+    for key, (_, span) in read.items():
+        ranges.add_span(key, span)
+    return ranges
+
+
+class _TeacherRanges:
+    """The byte ranges of the parameters live, open teachers hold (``kd.holds``), kept between
+    checks as the owned ones are: the entries read again when the holds changed
+    (``holds.generation``), else each held parameter's signature only, its span again if it moved
+    (a teacher cast in place: ``to(dtype)``, a measurement's cast)."""
+
+    def __init__(self) -> None:
+        self._generation = -1
+        self._entries: list[tuple[weakref.ref[torch.Tensor], weakref.ref[object]]] = []
+        self._read: Read[int] = {}
+        self._ranges: ByteRanges[int] | None = None
+
+    def current(self) -> ByteRanges[int]:
+        if holds.generation() != self._generation:
+            self._generation, self._entries = holds.held_entries()
+            self._read, self._ranges = {}, None
+        # An entry whose teacher or parameter is gone holds nothing: its span leaves the index.
+        tensors = [(i, None if h() is None else p()) for i, (p, h) in enumerate(self._entries)]
+        read = _reread(self._read, tensors)
+        if read is not None:
+            self._read, self._ranges = read, None
+        if self._ranges is None:
+            self._ranges = _index(self._read)
+        return self._ranges
+
+    def held(self, params: list[torch.Tensor]) -> tuple[int, str] | None:
+        """The first of ``params`` a live teacher holds, by identity or else by memory, and how."""
+        held = next((i for i, p in enumerate(params) if is_teacher_parameter(p)), None)
+        if held is not None:
+            return held, "belongs to a teacher"
+        ranges = self.current()
+        if not self._entries:  # no teacher holds anything: no new parameter's span is read
+            return None
+        over = next((i for i, p in enumerate(params) if ranges.overlap(p) is not None), None)
+        return None if over is None else (over, "shares memory with a teacher's parameter")
 
 
 class ParameterOwnership:
@@ -72,8 +127,9 @@ class ParameterOwnership:
     def __init__(self) -> None:
         self._owner: dict[int, tuple[str, torch.Tensor]] = {}  # keeps claimed tensors alive
         # Per owned id, in the order of ``_owner`` (kept so: the signatures compare as one list).
-        self._read: dict[int, tuple[object, Span | None]] = {}
+        self._read: Read[int] = {}
         self._ranges: ByteRanges[int] | None = None  # None: rebuild from ``_read``
+        self._teachers = _TeacherRanges()  # what a live teacher holds, kept alike
 
     def owner_of(self, param: torch.Tensor) -> str | None:
         entry = self._owner.get(id(param))
@@ -84,18 +140,11 @@ class ParameterOwnership:
 
     def _current_ranges(self) -> ByteRanges[int]:
         """The owned tensors' byte ranges where their memory is now (see the class docstring)."""
-        now = list(map(span_signature, (t for _, t in self._owner.values())))
-        if now != [sig for sig, _ in self._read.values()]:  # something moved: re-read it only
-            read = self._read
-            self._read = {
-                pid: (sig, byte_span(t)) if read[pid][0] != sig else read[pid]
-                for (pid, (_, t)), sig in zip(self._owner.items(), now, strict=True)
-            }
-            self._ranges = None
+        read = _reread(self._read, [(pid, t) for pid, (_, t) in self._owner.items()])
+        if read is not None:  # something moved: re-read it only
+            self._read, self._ranges = read, None
         if self._ranges is None:
-            self._ranges = ByteRanges()
-            for pid, (_, span) in self._read.items():
-                self._ranges.add_span(pid, span)
+            self._ranges = _index(self._read)
         return self._ranges
 
     def check_free(self, params: Iterable[torch.Tensor], new_owner: str) -> None:
@@ -121,10 +170,10 @@ class ParameterOwnership:
         ``CheckpointedTeacher``'s, registered here or not) or one over its bytes (a teacher taken
         in place over them would move with every step): no optimizer ever takes one. Asked
         again after one garbage collection: a teacher dropped unclosed lets go when collected."""
-        held = _teacher_held(params)
+        held = self._teachers.held(params)
         if held is not None:
             gc.collect()
-            held = _teacher_held(params)
+            held = self._teachers.held(params)
         if held is not None:
             raise ParameterOverlapError(
                 f"parameter {held[0]} for {new_owner!r} {held[1]} (never optimized)"

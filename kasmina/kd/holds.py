@@ -22,6 +22,9 @@ from kasmina.utils.locks import fork_safe
 _TEACHER_PARAMS: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[object]]] = {}
 # Reentrant: a collection inside a locked block may run a dropped teacher's release.
 _LOCK = fork_safe(threading.RLock())
+# Bumped, under the lock, by every change of ``_TEACHER_PARAMS`` (a hold, its undo, a release):
+# a reader's copy of the entries is current while it is unchanged (``ownership``'s kept ranges).
+_GENERATION = 0
 
 
 def _holder(param: torch.Tensor) -> object | None:
@@ -43,13 +46,24 @@ def is_teacher_parameter(param: torch.Tensor) -> bool:
     return _holder(param) is not None
 
 
-def held_parameters() -> list[torch.Tensor]:
-    """The parameters live, open teachers hold now: an optimizer refuses one over their bytes
-    (``nn.Parameter(teacher_param.data)``) as it refuses one of them."""
+def generation() -> int:
+    """How many times the holds changed: ``held_entries`` read at the same count is current."""
+    return _GENERATION
+
+
+def held_entries() -> tuple[int, list[tuple[weakref.ref[torch.Tensor], weakref.ref[object]]]]:
+    """The ``generation`` and every entry at it, each (parameter, teacher holding it), weakly:
+    one holds nothing once either is gone (a teacher collected unclosed lets go, and so bumps
+    the count, when its release runs). An optimizer refuses a held parameter's bytes
+    (``nn.Parameter(teacher_param.data)``) as it refuses the parameter."""
     with _LOCK:
-        entries = list(_TEACHER_PARAMS.values())
-    held = ((param(), holder()) for param, holder in entries)
-    return [param for param, holder in held if param is not None and holder is not None]
+        return _GENERATION, list(_TEACHER_PARAMS.values())
+
+
+def _changed() -> None:
+    """Count a change of ``_TEACHER_PARAMS`` (the caller holds ``_LOCK``)."""
+    global _GENERATION
+    _GENERATION += 1
 
 
 def hold(
@@ -72,6 +86,7 @@ def hold(
                 before = {id(p): _TEACHER_PARAMS.get(id(p)) for p in params}
                 for p in params:
                     _TEACHER_PARAMS[id(p)] = (weakref.ref(p), ref)
+                _changed()
                 break
     else:
         raise ValueError(
@@ -93,6 +108,7 @@ def hold(
                         del _TEACHER_PARAMS[key]
                     else:
                         _TEACHER_PARAMS[key] = entry
+            _changed()
 
     return release, undo
 
@@ -103,3 +119,4 @@ def _release(ids: list[int], ref: weakref.ref[object]) -> None:
             entry = _TEACHER_PARAMS.get(key)
             if entry is not None and entry[1] is ref:
                 del _TEACHER_PARAMS[key]
+        _changed()

@@ -228,6 +228,37 @@ def test_checkpointed_teacher_params_are_refused_even_unregistered():
     assert opts.register_teacher_params(teacher.teacher_parameters()) == 20
 
 
+def test_registrations_beside_a_held_teacher_read_its_ranges_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every registration (every GERMINATE) read the byte range of every parameter a live
+    teacher holds again. They are kept until the holds change, each read again only when its
+    signature moved: a teacher converted in place is still found where its memory is now, and
+    one closed lets its memory go."""
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(20)))
+    teacher = CheckpointedTeacher(model, dtype=torch.float32, copy_model=False)
+    held = {id(p) for p in model.parameters()}
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    reads: list[int] = []
+    span = memory_module.byte_span
+
+    def counting(t: torch.Tensor):
+        reads.append(id(t))
+        return span(t)
+
+    monkeypatch.setattr(memory_module, "byte_span", counting)
+    monkeypatch.setattr(ownership_module, "byte_span", counting, raising=False)
+    for i in range(10):
+        opts.create_seed_optimizer(f"s{i}", nn.Linear(2, 2).parameters(), lr=0.1)
+    assert sorted(r for r in reads if r in held) == sorted(held)  # each once, at the first
+    model[0].weight.data = torch.zeros(2, 2)  # new storage, after the ranges were kept
+    with pytest.raises(ParameterOverlapError, match="shares memory with a teacher's parameter"):
+        opts.create_seed_optimizer("alias", [nn.Parameter(model[0].weight.data)], lr=0.1)
+    assert "alias" not in opts.seed_ids
+    teacher.close()  # the holds changed: its memory is free
+    opts.create_seed_optimizer("alias", [nn.Parameter(model[0].weight.data)], lr=0.1)
+
+
 # ---------------------------------------------------------------- stepping
 
 
