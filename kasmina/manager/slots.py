@@ -155,7 +155,8 @@ class SlotRegistry:
             table.telemetry = telemetry
         # Last, after every check: a refusal leaves no owner behind.
         owner = getattr(listener, "__self__", None)
-        self._owner = None if owner is None else weakref.ref(owner)
+        self._lost: list[object] = []  # the owner's collection appends (``require_manager``)
+        self._owner = None if owner is None else weakref.ref(owner, self._lost.append)
         claim = Claim(self, self._on_transition)
         for index in self.by_index:
             table.observe(index, claim.on_transition, follows_copies=False)  # not in a copy
@@ -166,7 +167,7 @@ class SlotRegistry:
         """``RuntimeError`` once the manager that registered this was collected without
         ``close()``: its claim on the model went with it (``exclusive.Claim``), and a change
         here would reach no optimizer, checkpoint or report of it."""
-        if self._owner is not None and self._owner() is None:
+        if self._lost:
             raise RuntimeError(
                 "the manager of this slot registry was garbage-collected without close(): the "
                 "registry manages the model no more. Register the model with a live manager "
@@ -359,8 +360,10 @@ class SlotRegistry:
         """At a step's end: drop the KD losses the slots hold (with their graphs), the teacher
         logits kept for a recompute and the slots' graph marks; how many slots held a loss."""
         self.require_manager()
-        # The model's forwards are this thread's (its Thread: see ``__init__``).
-        self.training_thread = weakref.ref(threading.current_thread())
+        # The model's forwards are this thread's (its Thread: see ``__init__``), kept anew only
+        # when another thread ends the step.
+        if self.training_thread() is not (thread := threading.current_thread()):
+            self.training_thread = weakref.ref(thread)
         for slot in self.slots:
             slot.end_step()
         return sum(slot.get_and_clear_kd_losses() is not None for slot in self.slots)

@@ -8,11 +8,14 @@ import logging
 import math
 import threading
 import time
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch.nn.functional as F
 
 from kasmina.manager import checkpoints as checkpoints_module
+from kasmina.manager import slots as slots_module
 from kasmina.manager import state as state_module
 from tests.manager.helpers import Rig, make_config, run_command
 
@@ -146,6 +149,31 @@ def test_a_restarted_trainers_rollback_does_not_name_the_training_thread(
     assert math.isnan(second.manager.get_performance_metrics()["dormant_overhead_us"])
     assert calls == []
     second.manager.close()
+
+
+def test_steps_on_one_thread_keep_the_training_thread_and_never_ask_for_the_manager(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step made a new weak reference to its thread (``end_step``) and dereferenced the
+    registry's weak reference to its manager three times (``require_manager``). The reference
+    is made anew only when another thread ends a step, and the manager's collection is noted as
+    it happens (a weakref callback): a step reads one attribute for it."""
+    rig.train()
+    registry = rig.manager.require_registry()
+    owner, calls, refs = registry._owner, [], []
+
+    def ref(obj):
+        refs.append(obj)
+        return weakref.ref(obj)
+
+    monkeypatch.setattr(slots_module, "weakref", SimpleNamespace(ref=ref))
+    monkeypatch.setattr(registry, "_owner", lambda: calls.append(1) or owner())  # owner kept
+    rig.train(3)
+    assert refs == [] and calls == []
+    trainer = threading.Thread(target=rig.train)  # the next epoch's trainer thread
+    trainer.start()
+    trainer.join(60)
+    assert refs == [trainer] and registry.training_thread() is trainer
 
 
 def test_a_new_thread_given_a_dead_trainers_id_is_not_the_training_thread(rig: Rig) -> None:
