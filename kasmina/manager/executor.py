@@ -108,7 +108,10 @@ class CommandExecution:
 
     # ------------------------------------------------------------------ dispatch
     def execute(self, command: KasminaCommand) -> bool:
-        """Carry out ``command`` now; whether it succeeded (see ``apply``)."""
+        """Carry out ``command`` now (``manager.execute``: a safe point, where what failed after
+        an earlier commit is completed first, unless a forward's graph is open); whether it
+        succeeded (see ``apply``)."""
+        self.complete_pending(self.state.graph_open())
         return self.apply(command).ok
 
     def apply(
@@ -120,7 +123,8 @@ class CommandExecution:
         on_interrupt: Callable[[CommandOutcome], None] | None = None,
     ) -> CommandOutcome:
         """Carry out ``command`` now. A GERMINATE may come with its kernel already fetched
-        (``original``) or with the error its fetch ended in (``fetch_error``: refused).
+        (``original``) or with the error its fetch ended in (``fetch_error``: refused). What
+        failed after an earlier commit is not completed here: its safe point did, once.
 
         An interrupt propagates once the operation has undone or completed itself; the
         command's outcome is noted and handed to ``on_interrupt`` first, so that the caller can
@@ -128,8 +132,6 @@ class CommandExecution:
         fails after it is completed later (``TransitionEffects``), said in its reason."""
         target = command.seed.seed_id if command.seed is not None else command.kind
         before = self._seed_stage(command)
-        if self.effects.pending:  # what failed after an earlier commit: done before this one
-            self.effects.complete()
         self.effects.noting = noting = []
         try:
             with training_tensors():
@@ -543,14 +545,19 @@ class CommandExecution:
                 seed.trained_this_epoch = True
             elif seed.stage == S.GRAFTING:
                 # Past the host's step (its commit): a write that fails is the seed's fault, its
-                # alpha written again at the safe point; the host's step completes.
+                # alpha written again at the safe point (a completion made only then); the
+                # host's step completes.
                 record.graft_steps += 1
                 steps, temperature = config.grafting_steps, config.grafting_temperature
-                blend = partial(seed.update_alpha_blending, record.graft_steps, steps, temperature)
-                resync = partial(self.effects.sync_alpha, record)
-                exc = self.effects.run(record, "alpha", blend, {S.GRAFTING}, resync)
-                if exc is not None:
+                try:
+                    seed.update_alpha_blending(record.graft_steps, steps, temperature)
+                except Exception as exc:
+                    resync = partial(self.effects.sync_alpha, record)
+                    self.effects.keep(record, "alpha", exc, {S.GRAFTING}, resync)
                     self._charge(record, exc)
+                else:
+                    if self.effects.pending:
+                        self.effects.settled(record, "alpha")
 
     def complete_pending(self, graph_open: bool = False) -> None:
         """A safe point's completion of what failed after a commit (``TransitionEffects``); none

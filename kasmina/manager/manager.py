@@ -81,8 +81,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     config = StateField()
     telemetry = StateField()
     device = StateField()
-    kernel_cache = StateField()
-    loader = StateField()
+    kernel_cache, loader = StateField(), StateField()
     registry = StateField()
     optimizers = StateField()
     optimizer_cls, optimizer_options, seed_lr = StateField(), StateField(), StateField()
@@ -90,8 +89,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     epoch, global_step, val_metrics = StateField(), StateField(), StateField()  # the clock
     counters = StateField()
     gate_counts, field_reports = StateField(), StateField()
-    command_log = StateField()
-    perf = StateField()
+    command_log, perf = StateField(), StateField()
     checkpoints = StateField()
     keyring = StateField("verifier")  # the command keys its verifier prepared (docs §5)
 
@@ -570,8 +568,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def close(self) -> None:
         """Drop queued commands, report pending rejections, close its own Urza client (not a
-        caller's), the nonce ledger, checkpoint store (run lock), JSONL file and teacher, unhook
-        the model; later steps raise, commands are refused, ``apply_pending``, ``close`` do nothing.
+        caller's), what failed after a commit (tried a last time, then dropped), the nonce ledger,
+        checkpoint store (run lock), JSONL file and teacher, unhook the model; later steps raise,
+        commands are refused, ``apply_pending``, ``close`` do nothing.
         On another thread it waits out the step or command in flight."""
         try:  # first, lock-free: a fetch may run under the lock (execute's)
             if self._owns_client:
@@ -592,6 +591,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                     self.intake.drop_pending()
                     self.handler.flush_rejections(force=True)
                     self.verifier.close()
+                    self.execution.effects.close(self.state.graph_open())  # a last try, dropped
                 finally:
                     self.guard.close(self.state.registry)  # the model is the user's
                     self.state.close_held()  # the teacher (a model held in place), the store

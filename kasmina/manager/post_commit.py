@@ -10,12 +10,19 @@ alpha written, the automatic transitions after an epoch's tick. Such a failure i
 dropped (the seed would keep a pin, a kernel or its own optimizer for good, or sit in HARVESTING,
 which no command leaves) nor made the command's refusal (it was applied, and is reported
 applied, the failure in its reason). The effect is kept as a pending completion, one per seed
-and kind, and tried again at every safe point (a step's end, an epoch's before its checkpoint,
-before each command) until it succeeds. Each is idempotent (it redoes only what is left) and is
-dropped once its seed left the stages it applies to, or by a committed ROLLBACK, which sets every
-seed's kernel, optimizer and pin itself. The failures are counted (``post_commit_deferred``,
-``post_commit_retries_failed``) and logged at a bounded rate. Nothing is pending in a healthy
-run: a step pays one truthiness check (``pending``).
+and kind (a kernel's memory release: one per kernel), and tried again at the safe points: a
+step's end, an epoch's before its checkpoint, a direct ``execute`` outside a forward's graph;
+never while one applies its commands, so at most once a step. The first retry is at the next
+safe point; each that fails puts the next one off (1, 2, 4, ... steps), and after
+``MAX_RETRIES`` the completion is given up: counted (``post_commit_abandoned``), logged once at
+ERROR, and a seed that runs a kernel is charged a fault (``bookkeeping``; QUARANTINE at its
+limit, docs/design.md §6a). Each is idempotent (it redoes only what is left) and is dropped once
+its seed left the stages it applies to, by a committed ROLLBACK, which sets every seed's kernel,
+optimizer and pin itself, or when the manager closes (after a last try: ``close``). The
+failures are counted (``post_commit_deferred``, ``post_commit_retries_failed``) and logged at a
+bounded rate. Nothing is pending in a healthy run: a step pays one truthiness check
+(``pending``); a GRAFTING seed's alpha is written directly, a completion made only if it fails
+(``keep``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from functools import partial
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.state import ManagerState
-from kasmina.stages import SeedStage, StateColumn
+from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,9 @@ __all__ = ["TransitionEffects"]
 
 S = SeedStage
 Effect = Callable[[], object]
+Key = tuple[str, str, int]  # (seed id or "", kind, the id of the object it completes, or 0)
+# Failed retries after which a completion is given up (the retries are 1, 2, 4, ... steps apart).
+MAX_RETRIES = 8
 # The stages in which a released seed's leftovers (pin, optimizer, kernel copy) are still its
 # own to give back; a GERMINATE (from DORMANT) takes new ones.
 _RELEASED = frozenset({S.HARVESTING, S.COOLDOWN, S.RECYCLING, S.DORMANT, S.TERMINATED})
@@ -51,6 +61,8 @@ class _Pending:
     stages: Collection[SeedStage] | None  # the seed's stages it still applies in (None: any)
     generation: int  # the rollbacks committed when it failed: a later one makes it moot
     what: str
+    retries: int = 0  # the retries of it that failed
+    due: int = -1  # the global step from which it is tried again (-1: the next safe point)
 
 
 class TransitionEffects:
@@ -60,7 +72,7 @@ class TransitionEffects:
     def __init__(self, state: ManagerState, report: ManagerReport) -> None:
         self.state = state
         self.report = report
-        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.pending: dict[Key, _Pending] = {}
         # While a command applies: what of it was left pending (said in its outcome's reason).
         self.noting: list[str] | None = None
 
@@ -72,34 +84,65 @@ class TransitionEffects:
         effect: Effect,
         stages: Collection[SeedStage] | None = None,
         retry: Effect | None = None,
+        of: object = None,
     ) -> Exception | None:
         """Run ``effect`` now; if it raises an ``Exception``, keep ``retry`` (default: the
         effect itself) pending for the next safe point while the seed is in ``stages``, and
-        return the exception (an interrupt propagates)."""
-        key = (record.seed_id if record is not None else "", kind)
+        return the exception (an interrupt propagates). ``of``: the object it completes (a
+        kernel), each of which has its own completion (None: one per seed and kind)."""
         try:
             effect()
         except Exception as exc:
-            what = f"{kind} of seed {key[0]}" if key[0] else kind
-            generation = self.state.counters["rollbacks_committed"]
-            self.pending[key] = _Pending(retry or effect, record, stages, generation, what)
-            counters = self.state.counters
-            counters["post_commit_deferred"] += 1
-            n, name = counters["post_commit_deferred"], type(exc).__name__
-            logger.log(
-                rarely(n, 100), "%s failed after its commit (%s: %s); retried at the next safe "
-                "point [%d]", what, name, exc, n, exc_info=n == 1,
-            )  # fmt: skip
-            if self.noting is not None:
-                self.noting.append(f"{what} failed ({name}: {exc}), retried at the next safe point")
+            self.keep(record, kind, exc, stages, retry or effect, of)
             return exc
-        self.pending.pop(key, None)  # done now: an older failure of it is moot
+        if self.pending:  # done now: an older failure of it is moot
+            self.pending.pop(self._key(record, kind, of), None)
         return None
 
-    def complete(self) -> None:
-        """A safe point: try each pending completion again (in the order they failed); one
-        whose seed left its stages, or from before a committed rollback, is dropped."""
+    def keep(
+        self,
+        record: SeedRecord | None,
+        kind: str,
+        exc: Exception,
+        stages: Collection[SeedStage] | None,
+        retry: Effect,
+        of: object = None,
+    ) -> None:
+        """``run``'s failure ``exc``, for a caller that ran the effect itself: ``retry`` is kept
+        pending. One that failed before and is still pending keeps its retries' count and
+        schedule (a failure of it made again does not start them over)."""
+        key = self._key(record, kind, of)
+        what = f"{kind} of seed {key[0]}" if key[0] else kind
+        generation = self.state.counters["rollbacks_committed"]
+        entry = _Pending(retry, record, stages, generation, what)
+        if (older := self.pending.get(key)) is not None and older.generation == generation:
+            entry.retries, entry.due = older.retries, older.due
+        self.pending[key] = entry
         counters = self.state.counters
+        counters["post_commit_deferred"] += 1
+        n, name = counters["post_commit_deferred"], type(exc).__name__
+        logger.log(
+            rarely(n, 100), "%s failed after its commit (%s: %s); retried at a later safe "
+            "point [%d]", what, name, exc, n, exc_info=n == 1,
+        )  # fmt: skip
+        if self.noting is not None:
+            self.noting.append(f"{what} failed ({name}: {exc}), retried at the next safe point")
+
+    def settled(self, record: SeedRecord, kind: str) -> None:
+        """``record``'s ``kind`` just succeeded without ``run``: a pending failure of it is moot."""
+        self.pending.pop(self._key(record, kind, None), None)
+
+    @staticmethod
+    def _key(record: SeedRecord | None, kind: str, of: object) -> Key:
+        # ``of`` is alive while its entry is (its effect holds it): its id names it.
+        return (record.seed_id if record is not None else "", kind, 0 if of is None else id(of))
+
+    def complete(self, last: bool = False) -> None:
+        """A safe point: try each pending completion that is due again (in the order they
+        failed); one whose seed left its stages, or from before a committed rollback, is
+        dropped; one that failed ``MAX_RETRIES`` retries is given up (``_abandon``). ``last``:
+        the manager's close, where each is tried once more, due or not, and none given up."""
+        counters, step = self.state.counters, self.state.global_step
         generation = counters["rollbacks_committed"]
         for key, entry in list(self.pending.items()):
             record, stages = entry.record, entry.stages
@@ -111,19 +154,54 @@ class TransitionEffects:
                 del self.pending[key]
                 logger.info("%s: no longer due (the seed moved on, or a rollback)", entry.what)
                 continue
+            if entry.due > step and not last:
+                continue  # put off after its last failed retry
             try:
                 entry.effect()
             except Exception as exc:
                 counters["post_commit_retries_failed"] += 1
+                entry.retries += 1
+                if entry.retries >= MAX_RETRIES and not last:
+                    if self.pending.get(key) is entry:
+                        del self.pending[key]
+                    self._abandon(entry, exc)
+                    continue
+                entry.due = step + 2 ** (entry.retries - 1)
                 n = counters["post_commit_retries_failed"]
-                msg = (
-                    "%s failed again after its commit (%s: %s); retried at the next safe point [%d]"
-                )
-                logger.log(rarely(n, 100), msg, entry.what, type(exc).__name__, exc, n)
+                msg = "%s failed again after its commit (%s: %s); retried from step %d [%d]"
+                logger.log(rarely(n, 100), msg, entry.what, type(exc).__name__, exc, entry.due, n)
                 continue
             if self.pending.get(key) is entry:
                 del self.pending[key]
             logger.warning("%s completed at a later safe point", entry.what)
+
+    def _abandon(self, entry: _Pending, exc: Exception) -> None:
+        """Give ``entry`` up after ``MAX_RETRIES`` failed retries: counted, logged at ERROR, and a
+        fault of its seed's where it is due in a stage that runs the seed's kernel (an alpha, a
+        promotion: QUARANTINE at its limit, design §6a; in a multi-rank run charged at the next
+        step, on every rank, ``record_fault``). A kernel's memory release is due in any stage,
+        the seed maybe running another kernel since: that one is not charged."""
+        self.state.counters["post_commit_abandoned"] += 1
+        reason = f"{entry.what} failed {entry.retries + 1} times after its commit, last: "
+        reason += f"{type(exc).__name__}: {exc}"
+        logger.error("%s; given up, never completed", reason)
+        record = entry.record
+        if record is not None and entry.stages is not None and record.stage in RUNS_KERNEL:
+            try:
+                record.seed.record_fault("bookkeeping", reason)
+            except Exception:  # a quarantine the device refuses too: its next fault tries again
+                logger.exception("seed %s: charging a bookkeeping fault raised", record.seed_id)
+
+    def close(self, graph_open: bool) -> None:
+        """The manager closes: each pending completion is tried a last time (not while a
+        forward's graph may be alive), and what is still pending is dropped, logged."""
+        if self.pending and not graph_open:
+            self.complete(last=True)
+        if self.pending:
+            for entry in self.pending.values():
+                logger.warning("%s: still pending as the manager closed; dropped", entry.what)
+            self.state.counters["post_commit_dropped"] += len(self.pending)
+            self.pending.clear()
 
     # ------------------------------------------------------------------ transitions
     def on_transition(self, record: SeedRecord, old: SeedStage, new: SeedStage) -> None:
@@ -218,8 +296,8 @@ class TransitionEffects:
             self.state.optimizers.remove_seed(record.seed_id)
         self.unpin(record)
         kernel = record.clear_kernel()
-        if kernel is not None:
-            self.run(record, "kernel memory release", kernel.release_gpu_memory)
+        if kernel is not None:  # this kernel's own completion (the seed may take another)
+            self.run(record, "kernel memory release", kernel.release_gpu_memory, of=kernel)
 
     def unpin(self, record: SeedRecord) -> None:
         if record.pinned and record.artifact_id is not None:

@@ -502,8 +502,9 @@ class SlotRegistry:
         return frozen
 
     def count_trained_epochs(self) -> None:
-        """At an epoch boundary, before the tick: an ISOLATED_INIT seed that trained in the epoch
-        counts it (G2 compares the count with ``min_isolated_epochs``); the marks are cleared."""
+        """At an epoch boundary, after the tick (which changes no stage): an ISOLATED_INIT seed
+        that trained in the epoch counts it (G2 compares the count with ``min_isolated_epochs``);
+        the marks are cleared."""
         self.require_manager()
         for record in self.records.values():
             seed = record.seed

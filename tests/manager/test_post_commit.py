@@ -17,7 +17,7 @@ from kasmina.seeds import table as table_module
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
-from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int = 1) -> dict:
@@ -202,3 +202,177 @@ def test_an_epoch_boundary_whose_tick_fails_changes_nothing_and_its_retry_works(
     manager.end_epoch(0, {"val_accuracy": 0.5})
     assert (manager.epoch, seed.trained_epochs, table.epochs_in_state(0)) == (0, 1, 1)
     assert manager.val_metrics == {"val_accuracy": 0.5}
+
+
+# ------------------------------------------------------------------ each completion on its own
+
+
+def failing_release(monkeypatch: pytest.MonkeyPatch, broken: set[int]) -> list[int]:
+    """``GPUKernel.release_gpu_memory`` raises (an out-of-memory) for each kernel whose id is in
+    ``broken``; returns the ids of the kernels each call was made for."""
+    real, calls = GPUKernel.release_gpu_memory, []
+
+    def release(self: GPUKernel) -> None:
+        calls.append(id(self))
+        if id(self) in broken:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        real(self)
+
+    monkeypatch.setattr(GPUKernel, "release_gpu_memory", release)
+    return calls
+
+
+def recycle(rig: Rig, epoch: int) -> int:
+    """End epochs (training in between) until SEED0, culled, is DORMANT; the next epoch."""
+    while rig.stage(SEED0) != S.DORMANT:
+        rig.train(1)
+        rig.manager.end_epoch(epoch)
+        epoch += 1
+    return epoch
+
+
+@pytest.mark.parametrize("second_fails", [False, True])
+def test_a_kernels_failed_release_is_completed_though_its_seed_took_another(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch, second_fails: bool
+) -> None:
+    """One completion per seed and kind: the first kernel's memory release, pending, was dropped
+    as moot when the seed's second kernel was released, or replaced when that one failed too;
+    the first kernel's memory was never freed."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    first = manager.seed(SEED0).kernel
+    broken = {id(first)}
+    failing_release(monkeypatch, broken)
+    assert rig.send("cull", SEED0, embargo_epochs=0)
+    assert first.inner is not None and manager.execution.effects.pending
+    recycle(rig, 0)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    second = manager.seed(SEED0).kernel
+    assert second is not first
+    if second_fails:
+        broken.add(id(second))
+    assert rig.send("cull", SEED0, embargo_epochs=0)
+    assert (second.inner is not None) == second_fails
+    broken.clear()  # the device recovers
+    rig.train(8)
+    assert first.inner is None and second.inner is None  # both freed
+    assert not manager.execution.effects.pending
+
+
+# ------------------------------------------------------------------ bounded retries
+
+
+def test_a_pending_completion_is_tried_once_a_step_put_off_and_given_up(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was tried at every step's safe point and again before each command that step applied
+    (N commands: N+1 tries a step), forever."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    kernel = manager.seed(SEED0).kernel
+    calls = failing_release(monkeypatch, {id(kernel)})
+    assert manager.seed(SEED0).quarantine() and rig.send("terminate", SEED0)
+    assert len(calls) == 1 and manager.execution.effects.pending
+    for i in range(3):  # three commands applied at the next step's safe point (refused: DORMANT)
+        command = make_optimizer_command("step", learning_rate=0.01, command_id=f"s{i}")
+        assert manager.handle_adaptation_command(rig.signed(command))
+    assert len(rig.train(1)["commands"]) == 3
+    assert len(calls) == 2  # one retry at the step's safe point, none before each command
+    rig.train(14)  # retried 1, 2, 4, 8 steps apart: at the 1st, 2nd, 4th, 8th and 16th step
+    assert len(calls) == 5
+    counters = manager.counters
+    caplog.set_level("ERROR", logger="kasmina.manager.post_commit")
+    rig.train(128 - 15)  # the 8th retry fails at the 128th step: given up
+    assert len(calls) == 9 and not manager.execution.effects.pending
+    assert counters["post_commit_abandoned"] == 1 and counters["post_commit_retries_failed"] == 8
+    given_up = [r for r in caplog.records if "given up" in r.getMessage()]
+    assert len(given_up) == 1 and given_up[0].levelname == "ERROR"
+    assert manager.seed(SEED0).faults == 0  # a TERMINATED seed runs no kernel: not charged
+    rig.train(10)
+    assert len(calls) == 9
+
+
+def test_a_completion_given_up_is_a_fault_of_a_seed_that_runs_a_kernel(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ACTIVE seed whose promotion kept failing was tried forever, never charged."""
+    to_stage(rig, mlp, S.STABILIZATION)
+    rig.train(1)
+    rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+
+    def promote_seed(*_args: Any, **_kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(IsolatedOptimizerManager, "promote_seed", promote_seed)
+    seed = rig.manager.seed(SEED0)
+    faults = seed.faults
+    assert rig.send("advance", SEED0) and rig.stage(SEED0) == S.ACTIVE
+    rig.train(127)
+    assert rig.manager.execution.effects.pending and seed.faults == faults
+    rig.train(1)  # the 8th failed retry
+    assert not rig.manager.execution.effects.pending and seed.faults == faults + 1
+    assert "promotion of seed out[0] failed 9 times" in seed.fault_log[-1]
+    assert rig.manager.counters["post_commit_abandoned"] == 1
+
+
+def test_close_tries_a_pending_completion_a_last_time_and_drops_it(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed manager kept its pending completions, their seeds' records and kernels."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    kernel = manager.seed(SEED0).kernel
+    calls = failing_release(monkeypatch, {id(kernel)})
+    assert manager.seed(SEED0).quarantine() and rig.send("terminate", SEED0)
+    rig.train(1)
+    assert len(calls) == 2
+    manager.close()  # not due before the next step: tried all the same
+    assert len(calls) == 3 and not manager.execution.effects.pending
+    assert manager.counters["post_commit_dropped"] == 1
+
+
+def test_a_direct_execute_completes_only_outside_a_forwards_graph(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``execute`` completed what was pending while a forward's graph was alive (a release drops
+    its slot's KD losses), which ``complete_pending`` refuses at every other safe point."""
+    from kasmina.control.commands import make_seed_command, to_kasmina_command
+
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    rig.train(1)
+    k0, k1 = manager.seed(SEED0).kernel, manager.seed(SEED1).kernel
+    calls = failing_release(monkeypatch, {id(k0), id(k1)})
+    assert manager.seed(SEED0).quarantine() and rig.send("terminate", SEED0)
+    assert calls == [id(k0)]
+    assert manager.seed(SEED1).quarantine()
+    command = to_kasmina_command(make_seed_command("terminate", SEED1, command_id="t1"))
+    assert manager.execute(command)  # a safe point: SEED0's release tried first, once
+    assert calls == [id(k0), id(k0), id(k1)]
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)  # a graph through the slot, alive
+    command = to_kasmina_command(make_seed_command("cull", SEED0, command_id="c1"))
+    assert not manager.execute(command) and len(calls) == 3  # (refused: TERMINATED)
+    manager.backward(loss)
+    manager.step()
+    assert calls[3:] == [id(k0), id(k1)]  # at the step's safe point, once each
+
+
+def test_a_healthy_grafting_step_makes_no_completion(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every GRAFTING seed's alpha went through ``run`` at every step (two partials built, a
+    try, a key, a dict pop): a healthy step was to pay one truthiness check."""
+    from kasmina.manager.post_commit import TransitionEffects
+
+    to_stage(rig, mlp, S.GRAFTING)
+    seed, calls = rig.manager.seed(SEED0), []
+    real = TransitionEffects.run
+    monkeypatch.setattr(TransitionEffects, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    alpha = seed.alpha_value
+    rig.train(2)
+    assert seed.alpha_value > alpha and rig.stage(SEED0) == S.GRAFTING
+    assert calls == []
