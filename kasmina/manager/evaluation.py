@@ -328,7 +328,10 @@ def evaluate_seeds(
     batch is refused as never measured. Arguments of the wrong kind are a ``TypeError``, before
     anything changes (they raised from inside the measurement, a live seed's only).
     """
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes):
+    # What ``for`` takes, as iter() finds it (``__iter__``, else ``__getitem__``: a map-style
+    # Dataset of batches), not called: a DataLoader's iter() starts its workers and draws a seed.
+    iterate = getattr(type(batches), "__iter__", getattr(type(batches), "__getitem__", None))
+    if iterate is None or isinstance(batches, str | bytes):
         raise TypeError(f"batches must yield (inputs, targets), got {type(batches).__name__}")
     for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
         if not callable(fn) and (fn is not None or name == "loss_fn"):

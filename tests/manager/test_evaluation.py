@@ -1075,3 +1075,41 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name(which: str) -> None:
     with pytest.raises(TypeError, match=f"^{which} must"):
         evaluate_seeds(registry, args["batches"], args["loss_fn"], metric_fn=args["metric_fn"])
     assert all(seed.evaluation is None for seed in slot.seeds)
+
+
+def test_batches_iterated_through_getitem_are_measured_and_a_loader_is_not_started_early() -> None:
+    """The wrong-kind check took ``isinstance(batches, Iterable)``: a map-style ``Dataset`` of
+    batches (``__getitem__`` and ``__len__``, which a for loop iterates) was refused as not
+    yielding pairs. What ``iter()`` takes is measured as a list of the same batches is; a str,
+    an ``__iter__ = None`` opt-out and a number are still refused. The check calls no
+    ``__iter__`` (a shuffled loader's draws a seed from the global generator, outside the
+    measurement's forked one, and starts its workers with no seed to measure)."""
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+
+    class Batches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if i >= 1:
+                raise IndexError(i)
+            return x, t
+
+    _, _, registry = _tiny()
+    expected = evaluate_seeds(registry, [(x, t)], F.mse_loss)
+    _, _, registry = _tiny()
+    got = evaluate_seeds(registry, Batches(), F.mse_loss)
+    assert got.keys() == expected.keys() and all(v.samples == 4 for v in got.values())
+    assert all(got[k].loss_with == expected[k].loss_with for k in got)
+    loader = torch.utils.data.DataLoader([(x[i], t[i]) for i in range(4)], 2, shuffle=True)
+    _, _, registry = _tiny()
+    rng = torch.get_rng_state()
+    assert evaluate_seeds(registry, loader, F.mse_loss)["fc[0]"].samples == 4
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    class OptedOut(Batches):
+        __iter__ = None  # type: ignore[assignment]
+
+    for wrong in ("ab", OptedOut(), 3):
+        with pytest.raises(TypeError, match="^batches must yield"):
+            evaluate_seeds(registry, wrong, F.mse_loss)  # type: ignore[arg-type]
