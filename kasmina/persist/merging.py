@@ -27,9 +27,10 @@ submodules, class attributes and tensor attributes (a pruned host's ``weight``, 
 every call), returning ``host.<name>`` (compiled from source, as fx compiles the forward: no
 Kasmina code), and a copy of each other attribute, so the
 ``state_dict`` and ``named_parameters`` are unchanged. A deep copy keeps the class; a pickle
-does not (``GraphModule`` rebuilds a plain one from its code): the copies survive it, the
-properties do not. In an ``nn.TransformerEncoderLayer``, torch's fused path would run the
-layer from those weights and never call the merged module: ``merge`` sets that layer's
+does not (``GraphModule`` rebuilds a plain one from its code): the copies survive it, and the
+host's plain tensor attributes as they are when pickled (but one a forward pre-hook of the host
+recomputes), the properties do not. In an ``nn.TransformerEncoderLayer``, torch's fused path
+would run the layer from those weights and never call the merged module: ``merge`` sets that layer's
 ``activation_relu_or_gelu`` (which torch reads only to choose that path) to 0, and the
 ``use_nested_tensor`` of an ``nn.TransformerEncoder`` around it to False (that path checks the
 first layer alone and hands every layer nested tensors, which a merged module cannot split;
@@ -189,18 +190,31 @@ def _expose_host(merged: fx.GraphModule, cls: type, host: nn.Module) -> None:
     ``spectral_norm``) host's ``weight`` is one its forward pre-hook recomputes at every call,
     and a copy was the last forward's tensor (and its graph), not what the layer computes
     with. Its other attributes are copied onto ``cls`` (a deep copy keeps them) and the
-    instance (a pickle keeps them). A name ``merged`` has already (``forward``, ``training``,
-    ``host``, ``nn.Module``'s and ``GraphModule``'s own) stays ``merged``'s."""
+    instance (a pickle keeps them). A pickle rebuilds a plain ``GraphModule`` (no properties):
+    ``cls.__reduce__`` (``_host_reduce``) writes the host's plain tensor attributes as they
+    are then into the pickled instance, except one a forward pre-hook of the host recomputes
+    (it would go stale at the first forward; read it from ``host``, as a parameter). A name
+    ``merged`` has already (``forward``, ``training``, ``host``, ``nn.Module``'s and
+    ``GraphModule``'s own) stays ``merged``'s."""
     values = {k: v for k, v in vars(host).items() if not isinstance(v, (nn.Module, torch.Tensor))}
-    linked = [*host._parameters, *host._buffers, *host._modules]
-    linked += [k for k, v in vars(host).items() if isinstance(v, torch.Tensor)]
+    tensors = [k for k, v in vars(host).items() if isinstance(v, torch.Tensor)]
+    linked = [*host._parameters, *host._buffers, *host._modules, *tensors]
     linked += [k for k in dir(type(host)) if not k.startswith("__")]
-    for key in [k for k in dict.fromkeys([*values, *linked]) if not hasattr(merged, k)]:
+    exposed = [k for k in dict.fromkeys([*values, *linked]) if not hasattr(merged, k)]
+    recomputed = {  # torch's pruning (``_tensor_name``), weight_norm and spectral_norm hooks
+        getattr(hook, attr, None)
+        for hook in host._forward_pre_hooks.values()
+        for attr in ("_tensor_name", "name")
+    }
+    pickled = [k for k in exposed if k in tensors and k not in recomputed]
+    for key in exposed:
         if key in values:
             setattr(cls, key, values[key])
             vars(merged)[key] = values[key]
         else:
             setattr(cls, key, _host_property(key))
+    if pickled:
+        cls.__reduce__ = _host_reduce(pickled)  # type: ignore[method-assign]
 
 
 def _host_property(name: str) -> property:
@@ -211,6 +225,23 @@ def _host_property(name: str) -> property:
     namespace: dict[str, Any] = {}
     exec(f"def host_attribute(self):\n    return getattr(self.host, {name!r})\n", namespace)
     return property(namespace["host_attribute"], doc=f"The host's {name!r} (read-only).")
+
+
+def _host_reduce(names: list[str]) -> Any:
+    """``GraphModule.__reduce__`` with the host's ``names`` (its plain tensor attributes), as
+    the host holds them when pickled, added to the instance's attributes the pickle carries
+    (``torch.fx`` sets each on the plain ``GraphModule`` it rebuilds). Compiled from source
+    over ``GraphModule`` alone, as ``_host_property``: the pickle names only torch."""
+    namespace: dict[str, Any] = {"GraphModule": fx.GraphModule}
+    exec(
+        "def __reduce__(self):\n"
+        "    rebuild, (body, imports) = GraphModule.__reduce__(self)\n"
+        "    held = vars(self.host)\n"
+        f"    body.update((k, held[k]) for k in {tuple(names)!r} if k in held)\n"
+        "    return rebuild, (body, imports)\n",
+        namespace,
+    )
+    return namespace["__reduce__"]
 
 
 def _no_nested_tensors(model: nn.Module, merged: list[nn.Module]) -> None:

@@ -335,6 +335,53 @@ def test_a_merged_pruned_host_reads_the_weight_its_forward_computes() -> None:
     assert twin.weight is twin.host.weight
 
 
+class _Scaled(nn.Linear):
+    """A host with a plain tensor attribute (neither a parameter nor a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_a_merged_hosts_plain_tensor_attribute_survives_pickle_and_deepcopy_as_the_hosts() -> None:
+    """Read through to the host by a property of the merged module's own class, a host's plain
+    tensor attribute (``self.scale = torch.tensor(2.)``) was lost by a pickle, which rebuilds a
+    plain ``GraphModule``: ``merged.scale`` raised AttributeError after ``torch.load``, where it
+    had been copied before. The pickle carries the host's value as it is then; a pruned host's
+    recomputed ``weight`` is still not carried (it would go stale at the first forward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), _Scaled())
+    (slot,) = kasmina.attach(model, ["2"], 2, 4)
+    walk_to_active(slot.seed(0), 4, init=1)
+    model(torch.randn(3, 5))
+    merged = kasmina.merge(model)[2]
+    merged.host.scale = torch.tensor(3.0)  # after the merge: the pickle takes this one
+    assert merged.scale is merged.host.scale and "scale" not in vars(merged)
+    data = pickle.dumps(merged)
+    assert b"kasmina" not in data
+    loaded = pickle.loads(data)
+    assert type(loaded) is not type(merged) and isinstance(loaded, torch.fx.GraphModule)
+    assert loaded.scale is loaded.host.scale and loaded.scale.item() == 3.0
+    twin = copy.deepcopy(merged)
+    assert twin.scale is twin.host.scale and twin.scale.item() == 3.0
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), merged(x))
+
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+    prune.l1_unstructured(model[2], "weight", 0.5)
+    (slot,) = kasmina.attach(model, ["2"], 2, 4)
+    walk_to_active(slot.seed(0), 4, init=1)
+    loaded = pickle.loads(pickle.dumps(kasmina.merge(model)[2]))
+    assert "weight" not in vars(loaded) and not hasattr(loaded, "weight")
+    assert torch.equal(loaded.host.weight, loaded.host.weight_orig * loaded.host.weight_mask)
+
+
 def _origins(obj: Any) -> list[str]:
     """The modules that define ``obj`` (a hook, a wrapped hook, a partial, a bound method)."""
     found = [type(obj).__module__]
