@@ -13,6 +13,7 @@ before it changes anything: it would take the host's tensor for the slot's; appl
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -25,8 +26,12 @@ from kasmina.seeds.outputs import FUSED_PATH_TENSORS, PACKING_TEST, SeedsLive, h
 
 __all__ = ["HostForwarding", "HostTensorError"]
 
-# torch's parametrizations look the tensor up by name here, then refuse a module without it.
-_REGISTER_PARAMETRIZATION = parametrize.register_parametrization.__code__
+# The one caller of a slot's ``parametrizations`` refused for a tensor the slot does not own
+# (``_refuse_parametrization``), known by its code: torch passes the read nothing else. None
+# if torch ever makes it no Python function: then nothing is refused (torch's own error).
+_REGISTER_PARAMETRIZATION = getattr(
+    inspect.unwrap(parametrize.register_parametrization), "__code__", None
+)
 
 
 class HostTensorError(ValueError, KeyError):
@@ -36,6 +41,20 @@ class HostTensorError(ValueError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def _host_tensors(host: nn.Module | None) -> dict[str, Tensor | None]:
+    """The tensors ``host`` holds by name, which its slot reads through and does not own: its
+    parameters and buffers, and its parametrized tensors (as their ``original``, None for a
+    parametrization of several). The one test of "is this the host's tensor" for the
+    refusals below (by name, or for pruning's ``register_parameter`` by identity)."""
+    if host is None:
+        return {}
+    held: dict[str, Tensor | None] = {**host._parameters, **host._buffers}
+    lists = host._modules.get("parametrizations")
+    if isinstance(lists, nn.ModuleDict):
+        held.update((name, getattr(each, "original", None)) for name, each in lists.items())
+    return held
 
 
 class SlotParameters(dict):  # type: ignore[type-arg]
@@ -61,7 +80,7 @@ class SlotParameters(dict):  # type: ignore[type-arg]
 
     def _refuse_host_tensor(self, name: str) -> None:
         host = self.modules.get("host")
-        if host is not None and (name in host._parameters or name in host._buffers):
+        if name in _host_tensors(host):
             raise HostTensorError(
                 f"{name!r} is the host's ({type(host).__name__}) tensor, not the slot's "
                 "(weight_norm or spectral_norm applied to the slot): apply it to slot.host"
@@ -69,21 +88,30 @@ class SlotParameters(dict):  # type: ignore[type-arg]
 
 
 def _refuse_parametrization(slot: nn.Module, host: nn.Module) -> None:
-    """Raise if ``register_parametrization`` (through ``is_parametrized``, which reads
-    ``slot.parametrizations``) is registering a tensor of ``host`` on ``slot``: torch would
-    refuse it as a name the module "does not have", although ``slot.weight`` reads the
-    host's. Only a miss of that name on a slot whose host has none gets here."""
-    frame = sys._getframe(1)
-    for _ in range(4):  # ``__getattr__``, ``is_parametrized``, then its caller
-        frame = frame.f_back if frame is not None else None
-        if frame is not None and frame.f_code is _REGISTER_PARAMETRIZATION:
-            break
-    else:
+    """Raise if torch's ``register_parametrization`` is registering on ``slot`` a tensor of
+    ``host`` (``_host_tensors``) that the slot does not own. Each of its reads of
+    ``slot.parametrizations`` comes here (``is_parametrized``'s first, before anything
+    changed), whether the host has parametrizations or not: torch would otherwise claim the
+    module "does not have" the ``weight`` that ``slot.weight`` reads, or append to the host's
+    list through the slot. The call is recognised by its frame, the only place its
+    ``module`` and ``tensor_name`` are (its first two arguments, whatever torch names them).
+    Fail safe: where frames cannot be read, torch's function is no longer found there, or its
+    arguments are not a module and a name, nothing is refused and torch's own error stands;
+    every other read of ``slot.parametrizations`` is the host's, as before."""
+    try:
+        frame = sys._getframe(2)  # the caller of the slot's ``__getattr__``
+    except (AttributeError, ValueError):  # a Python without frames; a stack not so deep
         return
-    name = frame.f_locals.get("tensor_name")
-    held = name in host._parameters or name in host._buffers
-    own = name in slot.__dict__["_parameters"] or name in slot.__dict__["_buffers"]
-    if held and not own:
+    for _ in range(2):  # ``is_parametrized`` (through ``getattr``), or torch's function itself
+        if frame is None or frame.f_code is _REGISTER_PARAMETRIZATION:
+            break
+        frame = frame.f_back
+    if frame is None or frame.f_code is not _REGISTER_PARAMETRIZATION:
+        return
+    module, name = (frame.f_locals.get(arg) for arg in frame.f_code.co_varnames[:2])
+    if module is not slot or not isinstance(name, str) or name not in _host_tensors(host):
+        return
+    if name not in slot.__dict__["_parameters"] and name not in slot.__dict__["_buffers"]:
         raise ValueError(
             f"{slot.layer_id}: {name!r} is the host's tensor, not the slot's (a "
             "parametrization applied to the slot): apply it to slot.host"
@@ -125,8 +153,8 @@ class HostForwarding(nn.Module):
             modules = self.__dict__.get("_modules")
             if name.startswith("__") or modules is None or "host" not in modules:
                 raise
-            if name == "parametrizations" and not hasattr(modules["host"], name):
-                _refuse_parametrization(self, modules["host"])  # (``is_parametrized`` reads it)
+            if name == "parametrizations":  # (torch's ``register_parametrization`` reads it)
+                _refuse_parametrization(self, modules["host"])
             value = getattr(modules["host"], name)
         if (  # only nn.TransformerEncoder's packing test sees the view (``outputs.SeedsLive``)
             name in FUSED_PATH_TENSORS
@@ -176,9 +204,8 @@ class HostForwarding(nn.Module):
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         # Pruning aimed at the slot reads the host's tensor through it, then registers it here
         # under a second name (a state_dict key no fresh slot has): refused, nothing changed.
-        host = self.__dict__.get("_modules", {}).get("host")
-        held = () if host is None else host._parameters.values()
-        if param is not None and any(param is p for p in held):
+        held = _host_tensors(self.__dict__.get("_modules", {}).get("host")).values()
+        if param is not None and any(param is tensor for tensor in held):
             raise ValueError(
                 f"{self.layer_id}: {name!r} would register the host's own parameter on the slot "
                 "(pruning or a parametrization applied to the slot): apply it to slot.host"

@@ -18,6 +18,7 @@ from torch import nn
 
 import kasmina.ops.kd_loss
 import kasmina.seeds.extra_state
+import kasmina.seeds.forwarding
 import kasmina.seeds.layer
 from kasmina.kd.config import KDConfig
 from kasmina.ops.alpha_blend import seed_blend
@@ -306,6 +307,51 @@ def test_a_reparametrization_aimed_at_a_slot_is_refused_as_pruning_is(how: str) 
     assert slot.weight is slot.host.weight and type(slot) is KasminaLayer
     reparametrize(slot.host)  # as the message says
     assert list(model.state_dict()) != keys
+
+
+@pytest.mark.parametrize("how", ["parametrizations.weight_norm", "orthogonal"])
+@pytest.mark.parametrize("held", ["bias", "weight"])
+def test_a_parametrization_aimed_at_a_slot_is_refused_when_the_host_has_some_already(
+    held: str, how: str
+) -> None:
+    """The refusal ran only while the host had no ``parametrizations``: with the host's bias
+    parametrized, ``weight_norm(slot)`` got torch's "does not have a parameter, a buffer, or a
+    parametrized element" for the ``weight`` that ``slot.weight`` reads, and with its weight
+    parametrized the new parametrization was appended to the host's list through the slot. Each
+    is refused as on a bare host, nothing changed; ordinary reads of ``slot.parametrizations``
+    (``is_parametrized``, ``hasattr``) are the host's, as before."""
+    from torch.nn.utils import parametrize
+
+    reparametrize = REPARAMETRIZATIONS[how]
+    model = MLP()
+    (slot,) = attach(model, "head", 2, 4)
+    assert not hasattr(slot, "parametrizations") and not parametrize.is_parametrized(slot)
+    parametrize.register_parametrization(slot.host, held, nn.Identity())
+    assert parametrize.is_parametrized(slot) and parametrize.is_parametrized(slot, held)
+    assert slot.parametrizations is slot.host.parametrizations
+    keys, lists = list(model.state_dict()), [len(p) for p in slot.host.parametrizations.values()]
+    with pytest.raises(ValueError, match="apply it to slot.host"):
+        reparametrize(slot)
+    assert list(model.state_dict()) == keys and type(slot) is KasminaLayer
+    assert [len(p) for p in slot.host.parametrizations.values()] == lists
+    assert "parametrizations" not in slot._modules and not slot._forward_pre_hooks
+    reparametrize(slot.host)  # as the message says
+    assert parametrize.is_parametrized(slot.host, "weight")
+
+
+def test_a_parametrization_not_recognised_on_the_slot_falls_to_torchs_own_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal knows torch's ``register_parametrization`` by its code: where it cannot
+    (torch changed), nothing is refused by Kasmina, and torch's own error leaves the slot as
+    it was."""
+    monkeypatch.setattr(kasmina.seeds.forwarding, "_REGISTER_PARAMETRIZATION", None)
+    model = MLP()
+    (slot,) = attach(model, "head", 2, 4)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="does not have a parameter"):
+        nn.utils.parametrizations.weight_norm(slot)
+    assert list(model.state_dict()) == keys and type(slot) is KasminaLayer
 
 
 class Conv(nn.Module):
