@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kasmina.utils.autograd_nodes import compiled_node
+from kasmina.utils.autograd_nodes import compiled_node, nodes_below
 
 logger = logging.getLogger(__name__)
 
@@ -162,18 +162,17 @@ def _walk(
 ) -> tuple[str, Any] | None:
     """(name, node) of the first host parameter reached from ``stack``, or None. With a
     ``held`` list, the nodes ``hold`` picks (compiled ones) are collected there, not entered."""
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in visited:
-            continue
-        visited[id(node)] = node
+
+    def enter(node: Any) -> bool:
+        if held is not None and hold(node):
+            held.append(node)
+            return False
+        return True
+
+    for node in nodes_below(stack, visited, enter):
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) in host:
             return host[id(variable)], node
-        if held is not None and hold(node):
-            held.append(node)
-            continue
-        stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
     return None
 
 

@@ -3,13 +3,19 @@ backward that fills the leaves' gradients without running their accumulators."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["backward_into_leaves", "compiled_node", "leaves_below", "reentrant_node"]
+__all__ = [
+    "backward_into_leaves",
+    "compiled_node",
+    "leaves_below",
+    "nodes_below",
+    "reentrant_node",
+]
 
 
 def compiled_node(node: Any) -> bool:
@@ -31,26 +37,34 @@ def reentrant_node(node: Any) -> bool:
     return forward is not None and forward.__name__ == "CheckpointFunction"
 
 
-def leaves_below(roots: Sequence[Any]) -> list[torch.Tensor] | None:
-    """The leaf tensors requiring a gradient (``AccumulateGrad`` nodes' variables) that a
-    backward from the autograd nodes ``roots`` reaches, once each, in the order found; None
-    when it passes a reentrant checkpoint's node, which hides the leaves behind it."""
-    visited: dict[int, Any] = {}  # the nodes, held: their ids stay unique
-    leaves: dict[int, torch.Tensor] = {}
-    stack = list(roots)
+def nodes_below(
+    stack: list[Any], visited: dict[int, Any], enter: Callable[[Any], bool] | None = None
+) -> Iterator[Any]:
+    """Each autograd node reachable from ``stack`` once (``visited``, shared by the walks of
+    one check, holds them: their ids stay unique), depth first; a node ``enter`` refuses is
+    yielded but not entered. A caller that stops early leaves the rest on ``stack``."""
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
             continue
         visited[id(node)] = node
+        yield node
+        if enter is None or enter(node):
+            stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
+
+
+def leaves_below(roots: Sequence[Any]) -> list[torch.Tensor] | None:
+    """The leaf tensors requiring a gradient (``AccumulateGrad`` nodes' variables) that a
+    backward from the autograd nodes ``roots`` reaches, once each, in the order found; None
+    when it passes a reentrant checkpoint's node, which hides the leaves behind it."""
+    leaves: dict[int, torch.Tensor] = {}
+    for node in nodes_below(list(roots), {}):
         variable = getattr(node, "variable", None)
         if variable is not None:
             if variable.requires_grad:
                 leaves.setdefault(id(variable), variable)
-            continue
-        if reentrant_node(node):
+        elif reentrant_node(node):
             return None
-        stack.extend(fn for fn, _ in node.next_functions)
     return list(leaves.values())
 
 
