@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -83,15 +84,24 @@ def test_a_kd_head_of_no_vocabulary_is_refused(kd_rig: Rig) -> None:
     assert kd_rig.train(1)["host_stepped"]
 
 
-def test_teacher_logits_a_slot_refuses_reach_no_slot(tmp_path: Path, store: Path, keyring) -> None:
-    """Two slots, one of them on the meta device (deferred init): meta logits were kept by
-    that slot before the other refused them. Every slot's copy is checked before any is set."""
+def two_slots_one_on_meta(
+    tmp_path: Path, store: Path, keyring: Any, on_meta: int
+) -> tuple[KasminaKernelManager, list[Any]]:
+    """A KD manager with two 4-wide slots, seen by one forward; slot ``on_meta`` then moved to
+    the meta device (deferred init)."""
     config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig())
     manager = KasminaKernelManager(config, keyring=keyring)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 4))
     slots = manager.attach(model, ["0", "1"], 2, 2)
     model(torch.randn(3, 6))
-    slots[0].to("meta")
+    slots[on_meta].to("meta")
+    return manager, slots
+
+
+def test_teacher_logits_a_slot_refuses_reach_no_slot(tmp_path: Path, store: Path, keyring) -> None:
+    """Two slots, one of them on the meta device (deferred init): meta logits were kept by
+    that slot before the other refused them. Every slot's copy is checked before any is set."""
+    manager, slots = two_slots_one_on_meta(tmp_path, store, keyring, 0)
     with pytest.raises(ValueError, match="meta device hold no values for a cpu slot"):
         manager.set_teacher_logits(torch.empty(3, 4, device="meta"))
     assert all(slot._teacher_logits is None for slot in slots)
@@ -102,12 +112,7 @@ def test_a_kd_head_a_slot_refuses_reaches_no_slot(tmp_path: Path, store: Path, k
     """Two slots as wide as the head, the second on the meta device: the first took the head
     before the second refused it, and the next forward distilled through a head the call was
     refused for. Every slot is checked before any takes it."""
-    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig())
-    manager = KasminaKernelManager(config, keyring=keyring)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 4))
-    slots = manager.attach(model, ["0", "1"], 2, 2)
-    model(torch.randn(3, 6))
-    slots[1].to("meta")
+    manager, slots = two_slots_one_on_meta(tmp_path, store, keyring, 1)
     head = torch.nn.Linear(4, VOCAB)
     with pytest.raises(ValueError, match=r"^1: .*slot's device meta"):
         manager.set_kd_head(head.weight, head.bias)

@@ -35,6 +35,12 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int =
     return calls
 
 
+def germinated(rig: Rig, mlp: str) -> None:
+    """``SEED0`` germinated with ``mlp`` and trained one step."""
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+
+
 def to_stage(rig: Rig, mlp: str, target: S) -> None:
     """GERMINATE SEED0 and ADVANCE it to ``target``, training in between."""
     manager = rig.manager
@@ -83,8 +89,7 @@ def test_terminate_whose_release_fails_unpins_and_frees_the_kernel_later(
     """A failed release stopped before the unpin, and TERMINATED is final: the cached original
     stayed pinned for good (never evictable)."""
     manager, cache = rig.manager, rig.manager.kernel_cache
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     kernel = manager.seed(SEED0).kernel
     assert manager.seed(SEED0).quarantine() and cache.is_pinned(mlp)
     calls = fail_once(monkeypatch, GPUKernel, "release_gpu_memory")
@@ -106,8 +111,7 @@ def test_a_cull_whose_cooldown_fails_is_applied_and_completed_at_the_next_step(
     refused ("internal error") with its kernel released, and the seed sat in HARVESTING, which
     no command, epoch or step leaves."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     calls = fail_once(monkeypatch, table_module, "lifecycle_update", nth=2)
     assert rig.send("cull", SEED0, embargo_epochs=3)
     assert calls["n"] == 2 and rig.stage(SEED0) == S.HARVESTING
@@ -125,8 +129,7 @@ def test_a_cull_whose_embargo_write_fails_is_reported_applied(
 ) -> None:
     """The seed was in COOLDOWN, its kernel released: the CULL was logged refused."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     real = GPUStateTensor.set_column
     failed: list[int] = []
 
@@ -190,8 +193,7 @@ def test_an_epoch_boundary_whose_tick_fails_changes_nothing_and_its_retry_works(
     """The epoch and G2's count moved before the tick raised: the boundary was half done, and
     its retry was refused ("epoch 0 is not after the last epoch ended")."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     seed, table = manager.seed(SEED0), manager.require_registry().table
     before = (manager.epoch, seed.trained_epochs, seed.trained_this_epoch, table.epochs_in_state(0))
     fail_once(monkeypatch, table_module, "lifecycle_tick")
@@ -239,16 +241,14 @@ def test_a_kernels_failed_release_is_completed_though_its_seed_took_another(
     as moot when the seed's second kernel was released, or replaced when that one failed too;
     the first kernel's memory was never freed."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     first = manager.seed(SEED0).kernel
     broken = {id(first)}
     failing_release(monkeypatch, broken)
     assert rig.send("cull", SEED0, embargo_epochs=0)
     assert first.inner is not None and manager.execution.effects.pending
     recycle(rig, 0)
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     second = manager.seed(SEED0).kernel
     assert second is not first
     if second_fails:
@@ -270,8 +270,7 @@ def test_a_pending_completion_is_tried_once_a_step_put_off_and_given_up(
     """It was tried at every step's safe point and again before each command that step applied
     (N commands: N+1 tries a step), forever."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     kernel = manager.seed(SEED0).kernel
     calls = failing_release(monkeypatch, {id(kernel)})
     assert manager.seed(SEED0).quarantine() and rig.send("terminate", SEED0)
@@ -323,8 +322,7 @@ def test_close_tries_a_pending_completion_a_last_time_and_drops_it(
 ) -> None:
     """A closed manager kept its pending completions, their seeds' records and kernels."""
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    rig.train(1)
+    germinated(rig, mlp)
     kernel = manager.seed(SEED0).kernel
     calls = failing_release(monkeypatch, {id(kernel)})
     assert manager.seed(SEED0).quarantine() and rig.send("terminate", SEED0)
