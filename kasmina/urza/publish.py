@@ -6,7 +6,9 @@ one); ``publish_payload`` does the same for bytes that are already a saved progr
 manifest claims the id first (it appears whole, and on a local filesystem only if the name is
 free), then the payload is written through a temporary name and a rename: two publishers of one
 id never leave one's manifest beside the other's payload, and until the payload lands a reader
-finds the artifact missing.
+finds the artifact missing. On a local filesystem both writes are ``kasmina.utils.atomic``'s
+(fsync'd, create-only by a hard link or under a lock, the temporaries of a killed publish
+removed by the next one); other stores get fsspec's writes and a rename.
 
 ``resign_artifact`` signs an artifact's manifest again with another publisher key: one signed
 with the retired HMAC scheme (manifest version 1), checked with the old keyring, or one signed
@@ -21,11 +23,11 @@ import hashlib
 import hmac
 import io
 import logging
-import os
 import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -53,6 +55,7 @@ from kasmina.urza.artifact import (
 )
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
 from kasmina.urza.resilience import redact_urls
+from kasmina.utils.atomic import atomic_write_bytes, install_new_file, remove_stale_temporaries_of
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.signed_json import canonical_json, strict_json_loads
 
@@ -199,7 +202,8 @@ def publish_payload(
     that stopped between the two writes is finished by publishing the same bytes again; one
     whose payload write fails (a full disk, a directory where the payload goes) removes the
     manifest it wrote, if it is still its own, before it raises. Other filesystems are
-    checked, then written: complete, but not exclusive.
+    checked, then written: complete, but not exclusive. On a local filesystem the temporaries
+    a killed publish of this id left are removed first, once old enough to be no live one's.
     """
     _require_publisher(publisher)
     if not isinstance(blueprint, str) or not blueprint:
@@ -224,6 +228,7 @@ def publish_payload(
     manifest_path = f"{root}/{artifact_id}{MANIFEST_SUFFIX}"
     payload_path = f"{root}/{artifact_id}{PAYLOAD_SUFFIX}"
     fs.makedirs(root, exist_ok=True)
+    _remove_stale_temporaries(fs, manifest_path, payload_path)
     claimed = _claim(fs, manifest_path, manifest.to_json())
     if not claimed:
         existing = _existing_manifest(fs, manifest_path, own, artifact_id, publisher.key_id)
@@ -247,26 +252,21 @@ def publish_payload(
 
 
 def _claim(fs: Any, path: str, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` unless it exists (False then), appearing whole: written
-    under a temporary name, then given its name by ``os.link`` on a local filesystem (atomic,
-    and refused if the name exists). Elsewhere, or where hard links fail, a check, then a
-    rename: complete, but not exclusive."""
+    """Create ``path`` holding ``data`` unless it exists (False then), appearing whole. On a
+    local filesystem ``install_new_file``: fsync'd, given its name by a hard link (refused if
+    the name exists) or, without hard links, by a rename under the lock every installer takes;
+    exclusive either way. Elsewhere written under a temporary name, checked, then renamed:
+    complete, but not exclusive."""
+    if isinstance(fs, LocalFileSystem):
+        return _naming(path, lambda: install_new_file(path, data, private=False))
 
-    def link(tmp: str) -> bool:
-        if isinstance(fs, LocalFileSystem):
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here
-                logger.debug("%s: no hard links; checking, then renaming", path)
+    def move(tmp: str) -> bool:
         if fs.exists(path):
             return False
         fs.mv(tmp, path)
         return True
 
-    return _through_temporary(fs, path, data, link)
+    return _through_temporary(fs, path, data, move)
 
 
 def _unclaim(fs: Any, path: str, data: bytes) -> None:
@@ -382,6 +382,7 @@ def resign_artifact(
         )
     _check_payload(fs, root, legacy, max_payload_bytes, where)
     signed = sign_manifest(legacy, publisher)
+    _remove_stale_temporaries(fs, manifest_path)
     _atomic_write(fs, manifest_path, signed.to_json())
     logger.info(
         "re-signed artifact %s (%s key %s -> publisher %s)",
@@ -467,29 +468,49 @@ def _require_publisher(publisher: object) -> None:
 
 
 def _atomic_write(fs: Any, path: str, data: bytes) -> None:
-    """``data`` at ``path``, whole, through a temporary name. Locally by ``os.replace``, which
-    replaces a link at ``path`` itself and refuses a directory there (fsspec's local ``mv`` is
-    ``shutil.move``: it moved the file *into* a directory at ``path``, or through a link out of
-    the store, and the publish said it had written the payload)."""
+    """``data`` at ``path``, whole, through a temporary name. Locally ``atomic_write_bytes``
+    (fsync'd, then ``os.replace``, which replaces a link at ``path`` itself and refuses a
+    directory there: fsspec's local ``mv`` is ``shutil.move``, which moved the file *into* a
+    directory at ``path``, or through a link out of the store, and the publish said it had
+    written the payload); elsewhere fsspec's write and ``mv``."""
     if isinstance(fs, LocalFileSystem):
-        _through_temporary(fs, path, data, lambda tmp: os.replace(tmp, path))
+        _naming(path, lambda: atomic_write_bytes(path, [data], private=False))
     else:
         _through_temporary(fs, path, data, lambda tmp: fs.mv(tmp, path))
 
 
-def _through_temporary(fs: Any, path: str, data: bytes, commit: Callable[[str], _T]) -> _T:
-    """Write ``data`` to a temporary name beside ``path`` and return ``commit(temporary)``
-    (which moves or links it into place). The temporary never outlives the call, whatever
-    fails (fsspec backends raise errors of their own types; a Ctrl-C lands anywhere), and an
-    ``OSError`` names ``path``, the file the caller meant to write, never the temporary."""
-    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+def _remove_stale_temporaries(fs: Any, *paths: str) -> None:
+    """On a local filesystem, remove the temporaries a killed write of ``paths`` left beside
+    them (``remove_stale_temporaries_of``: those old enough to be no live writer's)."""
+    if isinstance(fs, LocalFileSystem):
+        for path in paths:
+            remove_stale_temporaries_of(Path(path))
+
+
+def _naming(path: str, write: Callable[[], _T]) -> _T:
+    """``write()``, its ``OSError`` naming ``path``, the file the caller meant to write, never
+    the temporary it went through."""
     try:
-        fs.pipe_file(tmp, data)
-        return commit(tmp)
+        return write()
     except OSError as exc:
         if exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror, path) from None
+
+
+def _through_temporary(fs: Any, path: str, data: bytes, commit: Callable[[str], _T]) -> _T:
+    """On a store that is no local filesystem: write ``data`` to a temporary name beside
+    ``path`` and return ``commit(temporary)`` (which moves it into place). The temporary
+    never outlives the call, whatever fails (fsspec backends raise errors of their own types;
+    a Ctrl-C lands anywhere), and an ``OSError`` names ``path`` (``_naming``)."""
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+
+    def write() -> _T:
+        fs.pipe_file(tmp, data)
+        return commit(tmp)
+
+    try:
+        return _naming(path, write)
     finally:
         with contextlib.suppress(Exception):  # best effort: a leftover is only storage
             if fs.exists(tmp):

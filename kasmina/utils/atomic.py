@@ -9,6 +9,10 @@ directory is fsync'd so the rename itself survives a crash (``atomic_write_bytes
 written the same way and then put in place without overwriting (``install_new_file``). The temp
 file of a killed write is garbage; ``remove_stale_temporaries`` removes those of given names
 once no live writer can own them.
+
+**Private unless asked.** Files are created 0600 (keys, checkpoints); with ``private=False``
+0666 less the umask, as a plain ``open`` makes them (an artifact store's files, which readers
+under other accounts may serve or load).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import stat
 import tempfile
 import time
@@ -65,23 +70,31 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
     os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, private: bool = True
+) -> Path:
     """Call ``write`` on a temp file beside ``path``, fsync it, then ``os.replace`` it over
     ``path``. On any failure the temp file is removed, ``path`` is untouched, the error
-    propagates."""
+    propagates. The file is 0600, or with ``private=False`` 0666 less the umask."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _through_temporary(target, write, lambda tmp_name: os.replace(tmp_name, target))
+    replace = lambda tmp_name: os.replace(tmp_name, target)  # noqa: E731
+    _through_temporary(target, write, replace, private=private)
     fsync_directory(target.parent)
     return target
 
 
 def _through_temporary(
-    target: Path, write: Callable[[IO[bytes]], None], commit: Callable[[str], _T]
+    target: Path,
+    write: Callable[[IO[bytes]], None],
+    commit: Callable[[str], _T],
+    *,
+    private: bool = True,
 ) -> _T:
-    """Write a temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600, the name
-    ``remove_stale_temporaries`` knows; a name too long for that is cut, ``fitting_name``)
-    with ``write``, fsync it, and return ``commit(path)``
+    """Write a temp file beside ``target`` (``.<name>.<random>.tmp``, mode 0600 or, not
+    ``private``, 0666 less the umask; the name ``remove_stale_temporaries`` knows; a name too
+    long for that is cut, ``fitting_name``) with ``write``, fsync it, and return
+    ``commit(path)``
     (which moves or links it into place). The temp file never outlives the call, whatever
     fails, a Ctrl-C included: its creation and its removal hold SIGINT, so neither a signal
     just after the file exists nor a second Ctrl-C during the clean-up leaves it behind."""
@@ -89,7 +102,12 @@ def _through_temporary(
     try:
         with interrupts_deferred():
             stem = temporary_stem(target.parent, target.name)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent)
+            if private:
+                fd, tmp_name = tempfile.mkstemp(
+                    prefix=f".{stem}.", suffix=".tmp", dir=target.parent
+                )
+            else:
+                fd, tmp_name = _shared_temporary(target.parent, stem)
             handle = os.fdopen(fd, "wb")
         with handle:
             write(handle)
@@ -100,6 +118,20 @@ def _through_temporary(
         if tmp_name is not None:  # gone already when ``commit`` moved it
             with interrupts_deferred(), contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+
+
+def _shared_temporary(directory: Path, stem: str) -> tuple[int, str]:
+    """``tempfile.mkstemp``'s loop for a file made 0666 less the umask (mkstemp's are 0600):
+    a new ``.<stem>.<8 random>.tmp`` in ``directory``, opened for writing; its fd and path."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = os.path.abspath(os.path.join(directory, f".{stem}.{secrets.token_hex(4)}.tmp"))
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.fspath(directory))
 
 
 def temporary_stem(directory: str | os.PathLike[str], name: str) -> str:
@@ -181,9 +213,10 @@ def _replace_if_absent(tmp_name: str, target: Path) -> bool:
         return False
 
 
-def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
-    """Put ``data`` at ``path`` (mode 0600) unless something is already there (False then,
-    nothing written), so that a kill at any point leaves no file at ``path`` or the whole one.
+def install_new_file(path: str | os.PathLike[str], data: bytes, *, private: bool = True) -> bool:
+    """Put ``data`` at ``path`` (mode 0600; with ``private=False`` 0666 less the umask) unless
+    something is already there (False then, nothing written), so that a kill at any point
+    leaves no file at ``path`` or the whole one.
 
     Why not create ``path`` and write it: a kill between the two leaves a torn file under the
     final name, which then blocks every retry. So the bytes go to a temp file beside ``path``,
@@ -205,19 +238,22 @@ def install_new_file(path: str | os.PathLike[str], data: bytes) -> bool:
             return _replace_if_absent(tmp_name, target)
         return True
 
-    if not _through_temporary(target, lambda handle: handle.write(data), link):
+    if not _through_temporary(target, lambda handle: handle.write(data), link, private=private):
         return False
     fsync_directory(target.parent)
     return True
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], chunks: Iterable[bytes], *, private: bool = True
+) -> Path:
     """Write ``chunks`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``,
     directory fsync): a crash leaves the old file or the new one, never half of one. Creates
-    the parent directory if needed; the file is created with mode 0600."""
+    the parent directory if needed; the file is created with mode 0600 (with ``private=False``
+    0666 less the umask)."""
 
     def write(handle: IO[bytes]) -> None:
         for chunk in chunks:
             handle.write(chunk)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, private=private)

@@ -128,7 +128,7 @@ def test_publish_is_idempotent_and_never_overwrites(tmp_path, publisher, trusted
     with pytest.raises(FileExistsError):
         publish_payload(b"payload-two", str(tmp_path), "blue", publisher, "art-1")
     assert client(str(tmp_path), trusted).fetch("art-1")[0] == b"payload-one"
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.parametrize("name", ["a::b", "x/a::b"])
@@ -191,23 +191,41 @@ def test_an_ipv6_http_store_is_read(store, trusted) -> None:
         thread.join(timeout=5)
 
 
-def test_a_store_write_that_fails_leaves_no_temporary(tmp_path, publisher, monkeypatch) -> None:
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_store_write_that_fails_leaves_no_temporary(
+    tmp_path, publisher, monkeypatch, where
+) -> None:
     """An fsspec backend raises errors of its own types; the temporary used to stay beside
     its target when the write raised anything but an OSError. The manifest the publish wrote
-    goes too: the id is free again, not held by a manifest with no payload."""
-    from fsspec.implementations.local import LocalFileSystem
+    goes too: the id is free again, not held by a manifest with no payload. A local store's
+    payload write failing (its rename, here) likewise."""
+    import os
 
-    real = LocalFileSystem.pipe_file
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
 
-    def pipe_file(self, path, data, **kwargs):
-        real(self, path, data, **kwargs)
-        if ".pt2" in path:  # written, then the backend fails
-            raise RuntimeError("backend error")
+    if where == "local":
+        url, real_replace = str(tmp_path), os.replace
 
-    monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe_file)
+        def replace(src, dst, *args, **kwargs):
+            if str(dst).endswith(".pt2"):  # written, then the rename fails
+                raise RuntimeError("backend error")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+    else:
+        url, real_pipe = f"memory://urza-{uuid.uuid4().hex}", MemoryFileSystem.pipe_file
+
+        def pipe_file(self, path, data, **kwargs):
+            real_pipe(self, path, data, **kwargs)
+            if ".pt2" in path:  # written, then the backend fails
+                raise RuntimeError("backend error")
+
+        monkeypatch.setattr(MemoryFileSystem, "pipe_file", pipe_file)
     with pytest.raises(RuntimeError, match="backend error"):
-        publish_payload(b"payload", str(tmp_path), "blue", publisher, "art-1")
-    assert list(tmp_path.iterdir()) == []
+        publish_payload(b"payload", url, "blue", publisher, "art-1")
+    fs, root = fsspec.core.url_to_fs(url)
+    assert fs.ls(root, detail=False) == []
 
 
 class _PausingFS:
