@@ -68,7 +68,8 @@ from kasmina.seeds.inject import remove_load_checks
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.side_effects import forget_buffers
 from kasmina.stages import SeedStage
-from kasmina.urza.kernel import GPUKernel, built_with_bounded_sources
+from kasmina.urza.fx_sources import built_with_bounded_sources
+from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.refusals import without_refusals
 
 logger = logging.getLogger(__name__)

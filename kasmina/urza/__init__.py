@@ -21,6 +21,8 @@ nothing. Publishers sign with a private key; readers hold only public keys.
 - ``aliasing`` -- parameters and buffers of one module that share memory, which a seed's copy
   of a kernel cannot keep shared: refused at publish, and at GERMINATE for an older artifact.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
+- ``fx_sources`` -- what torch keeps of each graph module it builds (torch.fx's generated
+  sources, ``ShapeEnv``'s memos) dropped again, so a run that reloads kernels does not grow.
 - ``refusals`` -- a program's own input checks, raising ``KernelInputRefused`` where they
   refuse a call (a seed sits it out), and torch's put back for ``kasmina.merge``.
 - ``cache`` -- ``GPUKernelCache``: an LRU bounded in bytes, O(1) get/put, thread-safe, with

@@ -18,22 +18,21 @@ read from its state before its move to the device (which copies each tensor on i
 ``shares_memory``, two of its tensors in one storage that a seed would hold apart or could not
 copy (``urza.aliasing``; published before ``publish_artifact`` refused them), refused at
 GERMINATE too. A copy holds them apart already: it has none (a seed restored).
+
+What torch keeps of each load and copy for the life of the process (torch.fx's generated
+sources, ``ShapeEnv``'s memos) is dropped again by ``urza.fx_sources``.
 """
 
 from __future__ import annotations
 
 import io
-import linecache
 import logging
 import operator
 import os
-import re
 import sys
-import threading
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from copy import deepcopy
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,18 +41,18 @@ from torch.export.passes import move_to_device_pass
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.urza.aliasing import Overlap, copy_splits
 from kasmina.urza.artifact import Manifest, verify_payload
+from kasmina.urza.fx_sources import (
+    BUILD_LOCK,
+    forget_load_sources,
+    forget_shape_env_memos,
+    forget_source_with,
+    next_source_id,
+)
 from kasmina.urza.refusals import refuse_through, weights_absent
-from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPUKernel", "built_with_bounded_sources"]
-
-
-# ``torch.export.load`` keeps its deserializer in one process-wide slot and refuses to start
-# while another load runs: loads of different artifacts (the fetch workers) take turns, each
-# whole load (``_program_module``), so that the sources one load drops are its own alone.
-_LOAD_LOCK = fork_safe(threading.Lock())
+__all__ = ["GPUKernel"]
 
 
 def _forget_absent_load() -> None:
@@ -66,7 +65,6 @@ def _forget_absent_load() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_absent_load)
-T = TypeVar("T")
 
 
 def _deserialise(payload: bytes) -> torch.export.ExportedProgram:
@@ -88,8 +86,8 @@ def _program_module(
 ) -> tuple[nn.Module, _Facts]:
     """The trainable module of a payload already checked against ``manifest``, with the facts
     its guards need (see the module doc)."""
-    with _LOAD_LOCK:
-        first, module = _next_source_id(), None
+    with BUILD_LOCK:  # one load at a time: torch.export's deserializer slot, and its sources
+        first, module = next_source_id(), None
         try:
             program = _deserialise(payload)
             shared = copy_splits([*program.state_dict.items(), *program.constants.items()])
@@ -109,8 +107,8 @@ def _program_module(
                 f"torch {torch.__version__} (published with {manifest.torch_version}): {exc}"
             ) from exc
         finally:
-            _forget_load_sources(first, module)
-            _forget_shape_env_memos()
+            forget_load_sources(first, module)
+            forget_shape_env_memos()
     module.to(device)
     # ``ExportedProgram.module()`` sets train()/eval() on the instance to functions that raise
     # (a merged model's ``eval()`` too) and cannot be pickled; the graph's mode is fixed anyway.
@@ -244,20 +242,6 @@ def _without_constants(kernel: nn.Module, state: dict[str, torch.Tensor]) -> dic
     return {key: value for key, value in state.items() if key in own or not constant(key)}
 
 
-def _forget_source_with(module: torch.fx.GraphModule) -> None:
-    """Drop the source torch.fx generated for ``module``'s copy when the copy is collected.
-
-    Each copy of a program module recompiles it, and torch.fx keeps the generated source (for
-    tracebacks) in its loader's cache and in ``linecache`` for the life of the process: tens
-    of KB per copy, one copy per GERMINATE, refused dry run or rollback. Without the private
-    loader this does nothing."""
-    loader = getattr(torch.fx.graph_module, "_loader", None)
-    if loader is not None and isinstance(getattr(loader, "eval_cache", None), dict):
-        # The class is the copy's own (torch.fx makes one per module), and its source key is
-        # read when the copy goes: a recompile (pickling one) gives it a new key.
-        weakref.finalize(module, _forget_source, loader.eval_cache, type(module))
-
-
 _GUARD_PATCH: list[Any] = []  # made once: torch's "trace into this" config patch
 
 
@@ -279,94 +263,6 @@ def _share_guard_patch(module: nn.Module) -> None:
     if not _GUARD_PATCH:
         _GUARD_PATCH.append(torch._dynamo.dont_skip_tracing())
     guards.forward = _GUARD_PATCH[0](func)
-
-
-def built_with_bounded_sources(build: Callable[[], T], old: Iterable[nn.Module]) -> T:
-    """``build()``, which makes graph modules (``kasmina.merge``: torch.fx compiles each and
-    keeps its generated source for the life of the process), with what it leaves bounded: the
-    sources generated during it stay only while a graph module of its result uses them
-    (``_forget_load_sources``), and a graph module under ``old`` that it compiled again (a
-    kernel's program module, moved into the result) lets its previous source go."""
-    before = [
-        (module, _source_key(type(module)))
-        for root in old
-        for module in root.modules()
-        if isinstance(module, torch.fx.GraphModule)
-    ]
-    with _LOAD_LOCK:  # the sources numbered from ``first`` on are this build's
-        first = _next_source_id()
-        built = build()
-        _forget_load_sources(first, built if isinstance(built, nn.Module) else None)
-    cache = getattr(getattr(torch.fx.graph_module, "_loader", None), "eval_cache", None)
-    for module, key in before:
-        if isinstance(cache, dict) and key != _source_key(type(module)):
-            _forget_key(cache, key)
-    return built
-
-
-def _forget_source(cache: dict[str, str], cls: type) -> None:
-    _forget_key(cache, _source_key(cls))
-
-
-def _forget_key(cache: dict[str, str], key: str) -> None:
-    if key.startswith("<eval_with_key>"):
-        cache.pop(key, None)
-        linecache.cache.pop(key, None)
-
-
-def _source_key(cls: type) -> str:
-    return getattr(getattr(cls.forward, "__code__", None), "co_filename", "")
-
-
-_KEY_ID = re.compile(r"<eval_with_key>\.(\d+)")
-
-
-def _next_source_id() -> int | None:
-    """The id torch.fx's loader will give the next generated source; None without it."""
-    loader = getattr(torch.fx.graph_module, "_loader", None)
-    next_id = getattr(loader, "next_id", None)
-    return next_id if isinstance(next_id, int) else None
-
-
-def _forget_load_sources(first: int | None, module: nn.Module | None) -> None:
-    """Drop the sources torch.fx generated during one load, except those of the graph
-    modules ``module`` keeps (dropped in turn when each is collected).
-
-    A load builds six graph modules or so (the deserialised program, the unlifted module and
-    intermediates between them) and torch.fx keeps every one's source for the life of the
-    process, about 20 KB per load: a run that reloads evicted artifacts would grow without
-    bound. The sources are numbered in creation order, so those of this load are the ids
-    from ``first`` on (Kasmina's loads take turns: ``_LOAD_LOCK``); a graph module another
-    thread builds during the load (a ``torch.compile`` on the training thread) loses its
-    traceback source, nothing else (its code is compiled already)."""
-    loader = getattr(torch.fx.graph_module, "_loader", None)
-    cache = getattr(loader, "eval_cache", None)
-    if first is None or not isinstance(cache, dict):
-        return
-    kept = set()
-    for sub in module.modules() if module is not None else ():
-        if isinstance(sub, torch.fx.GraphModule):
-            kept.add(_source_key(type(sub)))
-            _forget_source_with(sub)
-    for key in list(cache):
-        match = _KEY_ID.match(key)
-        if match is not None and int(match.group(1)) >= first and key not in kept:
-            cache.pop(key, None)
-            linecache.cache.pop(key, None)
-
-
-def _forget_shape_env_memos() -> None:
-    """Clear the memo caches of torch's ``ShapeEnv`` methods (``functools.lru_cache`` on the
-    class, keyed by the instance), which kept alive the ShapeEnv every ``torch.export.load``
-    builds, with its symbols and fake tensors: about 12 KB a load, for the life of the
-    process, in a run that reloads evicted artifacts. They are memos only (recomputed on
-    demand), shared with any ``torch.compile`` of the process, which recomputes what it next
-    asks them."""
-    shape_env = getattr(torch.fx.experimental.symbolic_shapes, "ShapeEnv", None)
-    for value in vars(shape_env).values() if shape_env is not None else ():
-        clear = getattr(value, "cache_clear", None)
-        if callable(clear):
-            clear()
 
 
 class GPUKernel(nn.Module):
@@ -446,7 +342,7 @@ class GPUKernel(nn.Module):
             if twin is not None and twin is not module:
                 twin._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
                 if isinstance(twin, torch.fx.GraphModule):
-                    _forget_source_with(twin)
+                    forget_source_with(twin)
         return clone
 
     @property

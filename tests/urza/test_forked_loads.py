@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from kasmina.urza import fx_sources
 from kasmina.urza import kernel as kernel_module
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
@@ -100,9 +101,9 @@ def test_a_forked_child_unpickles_a_kernel_while_a_fetch_worker_was_loading_one(
 
     load = lambda: loaded.append(pickle.loads(pickled))  # noqa: E731
     with stopped_inside(kernel_module, "_deserialise", load, holding=deserialising):
-        assert kernel_module._LOAD_LOCK.locked() and serde._CURRENT_DESERIALIZER is not None
+        assert fx_sources.BUILD_LOCK.locked() and serde._CURRENT_DESERIALIZER is not None
         assert run_bounded_in_child(_in_child(child)) == 0  # was HUNG
-    assert len(loaded) == 1 and not kernel_module._LOAD_LOCK.locked()
+    assert len(loaded) == 1 and not fx_sources.BUILD_LOCK.locked()
 
 
 def test_a_forked_child_loads_a_kernel_a_fetch_worker_of_its_parent_was_loading(
