@@ -73,7 +73,7 @@ def one_line(exc: BaseException) -> str:
 def shown_store(url: str) -> str:
     """A store's URL as a message shows it: its user information (``user:password@``) and its
     query (a signed URL's token) replaced by ``***``, as the Urza client shows it."""
-    from kasmina.urza.resilience import redact_urls
+    from kasmina.urza.redaction import redact_urls
 
     return redact_urls(url)
 
@@ -83,6 +83,6 @@ def redacted(text: str, store: str) -> str:
     message about the store ``store``: URLs' credentials and queries, and the secrets ``store``
     holds (its user information, raw, decoded and as a Basic authorization), replaced by
     ``***``, as the Urza client's own messages are."""
-    from kasmina.urza.resilience import redact, store_secrets
+    from kasmina.urza.redaction import redact, store_secrets
 
     return redact(text, store_secrets(store, None))

@@ -29,7 +29,8 @@ from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig, check_seed_kd
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
-from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings, redact_urls
+from kasmina.urza.redaction import redact_urls
+from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings
 from kasmina.utils.jsonl_sink import DEFAULT_JSONL_MAX_BYTES
 from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.signed_json import finite_number

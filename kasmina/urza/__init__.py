@@ -11,13 +11,17 @@ nothing. Publishers sign with a private key; readers hold only public keys.
   ``TrustedPublishers`` (the public keys a trainer verifies with), and the manifest purpose tag.
 - ``artifact`` -- the manifest, its signing and verification, id validation, store opening.
 - ``publish`` -- the write side: export a module, sign, claim the id with the manifest and then
-  write the payload (a reader finds the artifact missing until the payload lands), and re-sign
-  a retired HMAC manifest.
-  ``kasmina urza publish`` and ``kasmina urza resign`` use it.
+  write the payload (a reader finds the artifact missing until the payload lands; a local
+  store through ``kasmina.utils.atomic``), and re-sign a retired HMAC manifest or one a
+  retiring publisher key signed. ``kasmina urza publish`` and ``kasmina urza resign`` use it.
 - ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default),
   verifies what it reads, and coalesces concurrent fetches of one artifact.
 - ``resilience`` -- ``ReadGuard`` and ``CircuitBreaker``: how the client's reads are run, with
   timeouts on bounded I/O threads, retries with backoff, deadlines and a circuit breaker.
+- ``redaction`` -- a store's URL credentials and secrets replaced by ``***`` in every message,
+  log line and ``repr`` (``redact_urls``, ``store_secrets``, ``describe_error``).
+- ``redirects`` -- an HTTP store's redirect to another origin refused while the request
+  carries headers of the user's that aiohttp would forward there.
 - ``aliasing`` -- parameters and buffers of one module that share memory, which a seed's copy
   of a kernel cannot keep shared: refused at publish, and at GERMINATE for an older artifact.
 - ``kernel`` -- ``GPUKernel``: a verified, deserialised program on a device, with its manifest.
@@ -31,8 +35,8 @@ nothing. Publishers sign with a private key; readers hold only public keys.
   trainable copy a seed gets (the cached original stays pristine).
 - ``blueprints`` -- the seed architectures the demo and the CLI publish.
 
-Imports ``kasmina.utils`` (the HMAC keyring, only to check old manifests before re-signing
-them) and the root vocabulary; never seeds, isolation, control or the manager. Each name is
-imported from its module: this package re-exports nothing, so ``keys`` (a publisher's key
-pair, ``kasmina keygen --publisher``) loads without torch.
+Imports ``kasmina.utils`` (atomic writes, locks, signed JSON; the HMAC keyring only to check
+old manifests before re-signing them) and the root vocabulary; never seeds, isolation, control
+or the manager. Each name is imported from its module: this package re-exports nothing, so
+``keys`` (a publisher's key pair, ``kasmina keygen --publisher``) loads without torch.
 """

@@ -56,6 +56,7 @@ from kasmina.urza.artifact import (
     verify_payload_digest,
 )
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.urza.redaction import describe_error, redact, redact_urls, store_secrets
 from kasmina.urza.resilience import (
     MAX_STALLED_READS,
     Budget,
@@ -64,10 +65,6 @@ from kasmina.urza.resilience import (
     _DeadlineExpired,
     check_deadline,
     check_store_settings,
-    describe_error,
-    redact,
-    redact_urls,
-    store_secrets,
 )
 from kasmina.utils.locks import fork_safe
 

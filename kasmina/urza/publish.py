@@ -54,7 +54,7 @@ from kasmina.urza.artifact import (
     verify_payload_digest,
 )
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
-from kasmina.urza.resilience import redact_urls
+from kasmina.urza.redaction import redact_urls
 from kasmina.utils.atomic import atomic_write_bytes, install_new_file, remove_stale_temporaries_of
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.signed_json import canonical_json, strict_json_loads

@@ -586,7 +586,7 @@ def test_a_store_urls_credentials_never_reach_a_message_or_a_repr(
     client's errors (which the loader logs and the command log keeps) and a config's repr
     show the URL with both replaced by ``***``."""
     from kasmina.manager.config import KasminaConfig
-    from kasmina.urza.resilience import redact_urls
+    from kasmina.urza.redaction import redact_urls
 
     with serve_directory(Path(".")) as url:  # a port that is free again once the server ends
         pass
@@ -628,7 +628,7 @@ def test_an_http_errors_request_headers_never_show_the_stores_credentials(
     ``storage_options``. The client's error and its logs quoted that ``repr``; they show the
     error's text now, with every credential the store's settings hold replaced by ``***``. A
     password with a quote or an ``@`` (legal in a URL's user information) is redacted whole."""
-    from kasmina.urza.resilience import redact_urls
+    from kasmina.urza.redaction import redact_urls
 
     url = f"http://alice:{password}@{failing_http_store}/urza"
     headers = {"headers": {"Authorization": "Bearer T0KEN-0123456789"}}
