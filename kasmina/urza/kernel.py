@@ -25,6 +25,7 @@ sources, ``ShapeEnv``'s memos) is dropped again by ``urza.fx_sources``.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import operator
@@ -242,7 +243,11 @@ def _without_constants(kernel: nn.Module, state: dict[str, torch.Tensor]) -> dic
     return {key: value for key, value in state.items() if key in own or not constant(key)}
 
 
-_GUARD_PATCH: list[Any] = []  # made once: torch's "trace into this" config patch
+@functools.cache
+def _guard_patch() -> Any:
+    """torch's "trace into this" config patch, made once (its only caller, a load, holds
+    ``BUILD_LOCK``, so no two threads make it) and shared by every loaded program."""
+    return torch._dynamo.dont_skip_tracing()
 
 
 def _share_guard_patch(module: nn.Module) -> None:
@@ -260,9 +265,7 @@ def _share_guard_patch(module: nn.Module) -> None:
     func = cells["func"].cell_contents if "func" in cells else None
     if not callable(func):
         return
-    if not _GUARD_PATCH:
-        _GUARD_PATCH.append(torch._dynamo.dont_skip_tracing())
-    guards.forward = _GUARD_PATCH[0](func)
+    guards.forward = _guard_patch()(func)
 
 
 class GPUKernel(nn.Module):
