@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasmina.kd.holds import hold
+from kasmina.kd.holds import check_in_place, hold
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.modules import hooks_held, rng_forked
 from kasmina.utils.ratelimit import rarely
@@ -97,7 +97,9 @@ class CheckpointedTeacher:
 
     The model is deep-copied (``copy_model=True``: the caller's model is untouched) or taken over
     in place (``copy_model=False``: no transient second copy, for large teachers; ``ValueError``
-    for a model another live teacher holds so, whose forwards its casts would break). Its
+    for a model another live teacher holds, or any memory under it, whose forwards its load and
+    casts would break, and for what the packages above refuse, a live manager's model:
+    ``kd.holds.check_in_place``, run here whoever builds it). Its
     parameters get ``requires_grad=False`` and are held as teacher-only until :meth:`close` or
     collection (:func:`is_teacher_parameter`, :meth:`teacher_parameters`): no optimizer takes
     them.
@@ -129,7 +131,10 @@ class CheckpointedTeacher:
         for name, value in (("dtype", dtype), ("output_dtype", output_dtype)):
             if value is not None and value not in _TEACHER_DTYPES:
                 raise ValueError(f"teacher {name} must be fp32, fp16, bf16 or None, got {value}")
+        if not copy_model:  # what a package above guards (a live manager's model): refused
+            check_in_place(model)  # here, so a teacher built without a manager is checked too
         teacher = copy.deepcopy(model) if copy_model else model
+        self.teacher = teacher  # named by a refusal of another teacher while this one builds
         # Held first (a model another teacher holds in place is refused before anything
         # changes), and what the load and the cast leave held (either may make new parameters).
         params = list(teacher.parameters())
@@ -152,7 +157,6 @@ class CheckpointedTeacher:
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
-        self.teacher = teacher
         self.output_dtype = output_dtype
         first = next(iter(teacher.parameters()), None)
         self.dtype = dtype or (first.dtype if first is not None else torch.float32)
@@ -161,6 +165,10 @@ class CheckpointedTeacher:
         # teacher in place and back: a forward on another thread (``load_kernel_with_teacher``
         # runs one on a worker) would otherwise meet, or leave, a half-cast teacher.
         self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        model = self.teacher
+        return f"CheckpointedTeacher of {type(model).__name__} (model id {id(model):#x})"
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_release")}

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from torch import nn
 
+from kasmina.kd.holds import add_in_place_check
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.observers import TransitionObserver
 from kasmina.stages import SeedStage
@@ -169,10 +170,15 @@ def check_unshared(model: nn.Module, slots: Sequence[KasminaLayer]) -> None:
 def check_unmanaged(model: nn.Module) -> None:
     """``ValueError`` if a live manager holds ``model`` or its memory (``unfit_for_teacher``): a
     teacher loaded in place (``load_teacher(copy_model=False)``) is frozen and cast, and that
-    manager's training stops, or moves the teacher."""
+    manager's training stops, or moves the teacher. Every teacher built in place runs it, a
+    manager's or one built directly (``CheckpointedTeacher``, which cannot import this package:
+    ``kd.holds.add_in_place_check``, below); a live manager means this module was imported."""
     problem = after_collection(lambda: unfit_for_teacher(model))
     if problem is not None:
         raise ValueError(
             f"{problem}: a teacher loaded with copy_model=False is frozen in place. Pass "
             "copy_model=True (the default), or close that manager first"
         )
+
+
+add_in_place_check(check_unmanaged)

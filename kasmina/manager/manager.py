@@ -297,7 +297,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``), the
         last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's;
         a closed manager takes none (``RuntimeError``, before ``model`` is frozen or cast)."""
-        self.state.check_new_teacher(model, copy_model)  # closed: RuntimeError, nothing held
+        self.state.require_open()  # close() closed its last one: one taken after stayed held
         if device is None:
             host = next(iter(self.registry.host_params), None) if self.registry else None
             device = host.device if host is not None else self.device

@@ -28,7 +28,6 @@ from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimi
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
-from kasmina.manager.exclusive import check_unmanaged
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
 from kasmina.manager.slots import SlotRegistry
@@ -412,15 +411,6 @@ class ManagerState:
         if self.teacher is not None:
             optimizers.set_parameter_source(TEACHER_SOURCE, self.teacher.teacher_parameters)
         return optimizers
-
-    def check_new_teacher(self, model: Any, copy_model: bool) -> None:
-        """Before ``load_teacher`` builds a teacher: ``RuntimeError`` once closed
-        (``require_open``; ``close()`` closed its last teacher, and one taken after it stayed
-        held, a model held in place frozen and cast); a model held in place must be no
-        manager's (``check_unmanaged``)."""
-        self.require_open()
-        if not copy_model:
-            check_unmanaged(model)
 
     def hold_teacher(self, teacher: CheckpointedTeacher) -> None:
         """``teacher`` as the one commands find, closing the one it replaces: its parameters let

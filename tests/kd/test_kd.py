@@ -159,6 +159,66 @@ def test_a_model_one_teacher_holds_in_place_is_refused_to_another_until_let_go()
     CheckpointedTeacher(model, dtype=None, copy_model=False)  # so it is taken again
 
 
+def _over(model: nn.Module, how: str) -> nn.Module:
+    """Another model over ``model``'s first weight: the same parameter, a new parameter object
+    over its bytes, or over a part of them."""
+    other = make_mlp(seed=1)
+    weight = model[0].weight
+    if how == "same parameter":
+        other[0].weight = weight
+    elif how == "same bytes":
+        other[0].weight = nn.Parameter(weight.data)
+    else:  # a strided view of a part of them
+        other[2].weight = nn.Parameter(weight.data.t()[:CLASSES])
+    return other
+
+
+@pytest.mark.parametrize("how", ["same parameter", "same bytes", "a view of its bytes"])
+@pytest.mark.parametrize("let_go", ["close", "collected"])
+def test_a_model_over_an_in_place_teachers_memory_is_refused_in_place(
+    how: str, let_go: str
+) -> None:
+    """Held by parameter object only, a second in-place teacher over the first's bytes (another
+    model holding ``nn.Parameter(w.data)`` or a view of it) was taken: its cast and its
+    checkpoint load wrote the memory the first one reads, so one teacher silently changed the
+    other's weights. Refused by memory, naming the first, nothing changed; taken once the first
+    is closed or collected (the refusal, kept, does not keep it alive)."""
+    model = make_mlp()
+    first = CheckpointedTeacher(model, dtype=torch.float32, copy_model=False)
+    want = first(inputs(4))
+    other = _over(model, how)
+    with pytest.raises(ValueError, match="held in place by another live teacher") as refused:
+        CheckpointedTeacher(other, dtype=torch.bfloat16, copy_model=False)
+    assert repr(first) in str(refused.value) and "CheckpointedTeacher of Sequential" in repr(first)
+    assert all(p.dtype == torch.float32 for p in other.parameters())
+    assert not any(is_teacher_parameter(p) for p in other.parameters() if p is not model[0].weight)
+    assert torch.equal(first(inputs(4)), want)
+    if let_go == "close":
+        first.close()
+    else:
+        del first
+        gc.collect()
+    second = CheckpointedTeacher(other, dtype=torch.bfloat16, copy_model=False)
+    assert all(map(is_teacher_parameter, second.teacher_parameters()))
+
+
+def test_memory_held_by_a_teachers_copy_is_refused_in_place_and_disjoint_bytes_are_not() -> None:
+    """A copy teacher's memory is its own: another model over it taken in place would be cast
+    under it. Disjoint slices of one buffer share no byte, and two in-place teachers of them are
+    both taken."""
+    copied = CheckpointedTeacher(make_mlp(), dtype=torch.float32)
+    over = make_mlp(seed=1)
+    over[2].bias = nn.Parameter(copied.teacher[2].bias.data)
+    with pytest.raises(ValueError, match="held in place by another live teacher"):
+        CheckpointedTeacher(over, dtype=torch.bfloat16, copy_model=False)
+    flat = torch.zeros(2 * CLASSES)
+    halves = [nn.Linear(IN, CLASSES) for _ in range(2)]
+    for i, half in enumerate(halves):
+        half.bias = nn.Parameter(flat[i * CLASSES : (i + 1) * CLASSES])
+    teachers = [CheckpointedTeacher(half, dtype=None, copy_model=False) for half in halves]
+    assert all(t.teacher is half for t, half in zip(teachers, halves, strict=True))
+
+
 def test_teacher_logits_are_ordinary_tensors_in_the_requested_dtype() -> None:
     teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
     logits = teacher(inputs(8))

@@ -16,6 +16,8 @@ import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
 from kasmina.errors import ParameterOverlapError
+from kasmina.kd.holds import is_teacher_parameter
+from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
@@ -358,6 +360,30 @@ def test_a_teacher_in_place_over_a_managed_models_memory_is_refused(
     student.manager.load_teacher(teacher)  # a copy is fine
     manager.close()  # released: the memory may now be a teacher in place
     Rig(make_config(tmp_path / "t", store), keyring).manager.load_teacher(teacher, copy_model=False)
+
+
+@pytest.mark.parametrize("over", ["the model", "a layer", "its bytes"])
+def test_a_teacher_built_directly_in_place_over_a_managed_model_is_refused(
+    tmp_path: Path, store: Path, keyring: Keyring, over: str
+) -> None:
+    """``CheckpointedTeacher(model, copy_model=False)`` built without a manager skipped the check
+    ``load_teacher`` ran: a live manager's model, a layer of it or a model over its host's bytes
+    was frozen and cast to bf16 under that manager, whose steps then moved nothing. The teacher
+    makes the one check itself, whoever builds it; taken once that manager closed."""
+    rig = Rig(make_config(tmp_path / "r", store), keyring)
+    host = rig.model
+    taken = {"the model": host, "a layer": host.inp}.get(over)
+    if taken is None:
+        taken = Host()
+        taken.inp.weight = nn.Parameter(host.inp.weight.data)
+    with pytest.raises(ValueError, match="a teacher loaded with copy_model=False is frozen"):
+        CheckpointedTeacher(taken, copy_model=False)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in host.parameters())
+    assert not any(map(is_teacher_parameter, taken.parameters()))
+    CheckpointedTeacher(taken).close()  # a copy is fine
+    rig.manager.close()  # released: the memory may now be a teacher in place
+    teacher = CheckpointedTeacher(taken, copy_model=False)
+    assert teacher.teacher is taken and all(map(is_teacher_parameter, taken.parameters()))
 
 
 def test_a_model_over_an_in_place_teachers_memory_is_not_trained(
