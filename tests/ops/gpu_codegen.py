@@ -16,9 +16,10 @@ How the kernels and their arguments are found, generically:
    hold garbage, which no launcher reads.
 3. Each recorded launch is bound for the GPU target with Triton's own binder, so the signature,
    constexprs and specialisations (16-byte aligned pointers, ints divisible by 16, ints equal
-   to 1) are the ones a real launch of those tensors would compile. Per kernel, the first
-   launch and the one whose constexprs differ most from it are compiled: one or two
-   representative configurations.
+   to 1) are the ones a real launch of those tensors would compile. For sm_90, the design's
+   target, every distinct configuration is compiled (a spill in the fp16 variant of a kernel,
+   or in one constexpr branch, is a spill in training); for other targets, per kernel, the
+   first launch and the one whose constexprs differ most from it: one or two representatives.
 4. The PTX goes through the ``ptxas`` Triton itself uses for that target with ``-v``, and the
    registers, spill stores/loads and stack frame are parsed from its report.
 """
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # The PTX load instructions of a kernel, to check vectorisation ("ld.global.v4.b32").
 LOADS = re.compile(r"ld\.global[.\w]*")
+# Targets that compile every distinct configuration the ops launch, not only representatives.
+EVERY_CONFIGURATION = frozenset({90})
 
 
 class NoToolchain(RuntimeError):
@@ -64,6 +67,7 @@ class Report:
     kernel: str
     arch: int
     constexprs: dict[str, str]
+    signature: dict[str, str]  # the runtime arguments' types ("*bf16" for a bf16 pointer)
     registers: int
     spill_stores: int
     spill_loads: int
@@ -121,7 +125,8 @@ def _recording() -> Iterator[list[Launch]]:
 
 
 def _drive_ops() -> None:
-    """Call every public fused op the way training does, on small CPU tensors."""
+    """Call every public fused op the way training does, on small CPU tensors: every dtype
+    each op takes, and every branch its launchers specialise a kernel for."""
     import torch
 
     from kasmina.ops import (
@@ -135,37 +140,53 @@ def _drive_ops() -> None:
     from kasmina.stages import NUM_STATE_COLUMNS
 
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         seed = torch.randn(4, 96, generator=gen).to(dtype).requires_grad_(True)
         host = torch.randn(4, 96, generator=gen).to(dtype)
         for alpha in (0.3, torch.tensor(0.3, requires_grad=True), torch.rand(4).requires_grad_()):
             alpha_blend(seed, host, alpha).sum().backward()
-        alpha_blend(seed, host, torch.tensor(0.3)).sum().backward()  # alpha without a gradient
+        for alpha in (torch.tensor(0.3), torch.rand(4)):  # alpha without a gradient
+            alpha_blend(seed, host, alpha).sum().backward()
+    # An alpha of another dtype than the data's (its pointer is typed apart).
+    seed = torch.randn(4, 96, generator=gen).requires_grad_(True)
+    alpha_blend(seed, torch.randn(4, 96, generator=gen), torch.rand(4).bfloat16()).sum().backward()
 
     base = torch.randn(5000, generator=gen)
     tensors = [base, torch.randn(300, generator=gen).half(), torch.randn(77).bfloat16()]
     grad_norms(tensors)
-    leak_check([*tensors, base.half()[1:]], 0.0)  # misaligned: the scalar-load path
+    misaligned = [base[1:], base.half()[1:], base.bfloat16()[1:]]  # the scalar-load path
+    leak_check([*tensors, *misaligned], 0.0)
 
     state = torch.zeros(16, NUM_STATE_COLUMNS, dtype=torch.int32)
     lifecycle_update(state, torch.tensor([1, 2]), torch.tensor([1, 1]))
     lifecycle_update(state, torch.tensor([3], dtype=torch.int32), [1], [2])
+    i32 = torch.tensor([4, 5], dtype=torch.int32)  # int32 indices, stages and gates
+    lifecycle_update(state, i32, torch.ones_like(i32), i32)
     lifecycle_tick(state)
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         student = torch.randn(6, 1000, generator=gen).to(dtype).requires_grad_(True)
         teacher = torch.randn(6, 1000, generator=gen).to(dtype)
         kd_kl_loss(student, teacher, 2.0, "batchmean").backward()
         mask = torch.tensor([True, False, True, True, False, True])
         kd_kl_loss(student, teacher, 1.0, "none", mask=mask).sum().backward()
+        kd_kl_loss(student, teacher, 1.0, "batchmean", mask=mask).backward()  # device scale
+        with torch.no_grad():  # an evaluation: no statistics for a backward
+            kd_kl_loss(student, teacher, 1.0, "sum")
     # The production block (BLOCK_V = 2048, from V >= 2048) on an odd, shifted fp16 student
     # (rows not 16-byte aligned: the unaligned loads), per row with a grad_output (the scale).
     leaf = torch.randn(3, 2050, generator=gen).half().requires_grad_(True)
     teacher = torch.randn(3, 2049, generator=gen)
     go = torch.rand(3, generator=gen)
     kd_kl_loss(leaf[:, :-1], teacher, 2.0, "none").backward(go)
-    student = torch.randn(2, 4096, generator=gen).bfloat16().requires_grad_(True)
-    kd_kl_loss(student, torch.randn(2, 4096, generator=gen), 1.0, "batchmean").backward()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        student = torch.randn(2, 4096, generator=gen).to(dtype).requires_grad_(True)
+        kd_kl_loss(student, torch.randn(2, 4096, generator=gen), 1.0, "batchmean").backward()
+    # An expanded student gets a dense gradient whose rows are out of its phase: the scalar
+    # stores (ALIGN_G off), at the production block, for each dtype.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        row = torch.randn(2049, generator=gen).to(dtype).requires_grad_(True)
+        kd_kl_loss(row.expand(3, 2049), torch.randn(3, 2049, generator=gen), 1.0).backward()
 
 
 def record_launches(drive: Callable[[], None] = _drive_ops) -> list[Launch]:
@@ -211,8 +232,8 @@ def _constexpr_values(kernel: Any, constexprs: dict) -> dict[str, str]:
     return {names[path[0]]: str(value) for path, value in constexprs.items() if len(path) == 1}
 
 
-def representatives(launches: list[Launch], target: Any) -> list[tuple[Launch, tuple]]:
-    """Per kernel: its first configuration and the one differing most from it."""
+def _distinct(launches: list[Launch], target: Any) -> dict[Any, list[tuple[Launch, tuple]]]:
+    """Per kernel, in launch order: each distinct bound configuration and its first launch."""
     by_kernel: dict[Any, list[tuple[Launch, tuple]]] = {}
     for launch in launches:
         bound = _bind(launch, target)
@@ -220,8 +241,18 @@ def representatives(launches: list[Launch], target: Any) -> list[tuple[Launch, t
         key = (repr(bound[0]), repr(bound[1]), repr(bound[2]))
         if all(key != (repr(b[0]), repr(b[1]), repr(b[2])) for _, b in configs):
             configs.append((launch, bound))
+    return by_kernel
+
+
+def configurations(launches: list[Launch], target: Any) -> list[tuple[Launch, tuple]]:
+    """Every distinct configuration of every kernel."""
+    return [config for configs in _distinct(launches, target).values() for config in configs]
+
+
+def representatives(launches: list[Launch], target: Any) -> list[tuple[Launch, tuple]]:
+    """Per kernel: its first configuration and the one differing most from it."""
     chosen = []
-    for kernel, configs in by_kernel.items():
+    for kernel, configs in _distinct(launches, target).items():
         first = _constexpr_values(kernel, configs[0][1][1])
 
         def distance(
@@ -299,7 +330,8 @@ def compile_all(archs: list[int]) -> dict[str, Any]:
     reports = []
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for launch, (signature, constexprs, attrs, options) in representatives(launches, target):
+        pick = configurations if arch in EVERY_CONFIGURATION else representatives
+        for launch, (signature, constexprs, attrs, options) in pick(launches, target):
             src = ASTSource(
                 fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs
             )
@@ -311,6 +343,7 @@ def compile_all(archs: list[int]) -> dict[str, Any]:
                 kernel=launch.kernel.fn.__name__,
                 arch=arch,
                 constexprs=_constexpr_values(launch.kernel, constexprs),
+                signature={k: v for k, v in signature.items() if v != "constexpr"},
                 loads=sorted(set(LOADS.findall(ptx))),
                 ptxas=log.strip(),
                 **numbers,

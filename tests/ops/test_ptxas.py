@@ -2,12 +2,12 @@
 
 docs/design.md §8: "Every kernel compiles for sm_90 with no register spills". Without a GPU,
 ``tests/ops/gpu_codegen.py`` records the launches the public ops make, compiles each kernel at
-one or two of those real configurations for each target (TRITON_INTERPRET off, in a
-subprocess), and runs the ``ptxas -v`` Triton ships. This catches what the interpreter accepts
-but the compiler rejects (non-constexpr globals, unsupported ops), register spills, and
-aligned loads that stop vectorising. Registers per kernel are logged (``-o log_cli=true``
-shows them) and attached to the test report. Skipped, with the reason, where Triton has no
-NVIDIA backend or no ptxas.
+every one of those real configurations for sm_90 (every dtype, every constexpr branch) and at
+one or two for sm_80 (TRITON_INTERPRET off, in a subprocess), and runs the ``ptxas -v`` Triton
+ships. This catches what the interpreter accepts but the compiler rejects (non-constexpr
+globals, unsupported ops), register spills, and aligned loads that stop vectorising. Registers
+per kernel are logged (``-o log_cli=true`` shows them) and attached to the test report.
+Skipped, with the reason, where Triton has no NVIDIA backend or no ptxas.
 """
 
 from __future__ import annotations
@@ -25,6 +25,38 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ARCHS = (90, 80)
 logger = logging.getLogger(__name__)
+
+BOTH = {"True", "False"}
+# The argument whose type is each float kernel's data dtype: all three must be compiled.
+DATA_POINTER = {
+    "_blend_fwd_kernel": "seed_ptr",
+    "_blend_bwd_kernel": "grad_ptr",
+    "_blend_bwd_chunked_kernel": "grad_ptr",
+    "_kd_fwd_kernel": "s_ptr",
+    "_kd_bwd_kernel": "s_ptr",
+}
+# Each constexpr a launcher specialises a kernel on in training, and the values it passes.
+SPECIALISED = {
+    "_blend_fwd_kernel": {"ALPHA_MODE": {"0", "1", "2"}},
+    "_blend_bwd_kernel": {"ALPHA_MODE": {"0", "1", "2"}, "ALPHA_GRAD": BOTH},
+    "_sumsq_kernel": {"DTYPE": {"fp32", "fp16", "uint16"}, "ALIGNED": BOTH},
+    "_finish_kernel": {"HAS_FLAG": BOTH},
+    "_update_kernel": {"HAS_GATE": BOTH},
+    "_kd_fwd_kernel": {
+        "HAS_MASK": BOTH,
+        "WRITE_STATS": BOTH,
+        "ALIGN_T": BOTH,
+        "BLOCK_V": {"1024", "2048"},
+    },
+    "_kd_bwd_kernel": {
+        "HAS_MASK": BOTH,
+        "PER_ROW": BOTH,
+        "HAS_SCALE": BOTH,
+        "ALIGN_S": BOTH,
+        "ALIGN_T": BOTH,
+        "ALIGN_G": BOTH,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +100,28 @@ def test_every_kernel_is_compiled(codegen: dict[str, Any]) -> None:
         assert not missing, f"sm_{arch}: kernels no recorded launch reached: {missing}"
 
 
+def test_sm_90_compiles_every_dtype_and_specialisation(codegen: dict[str, Any]) -> None:
+    """A spill in a kernel's fp16 variant, or in one constexpr branch, is a spill in training:
+    sm_90 compiles every configuration the recorded ops launch, and they reach every dtype and
+    every value each launcher specialises on."""
+    reports = _reports(codegen, 90)
+    for kernel, arg in DATA_POINTER.items():
+        seen = {r["signature"][arg] for r in reports if r["kernel"] == kernel}
+        assert seen == {"*fp32", "*fp16", "*bf16"}, f"{kernel}: {arg} compiled as {seen}"
+    for kernel, constexprs in SPECIALISED.items():
+        for name, values in constexprs.items():
+            seen = {r["constexprs"].get(name) for r in reports if r["kernel"] == kernel}
+            assert values <= seen, f"{kernel}: {name} compiled for {seen}, launched with {values}"
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_no_register_spills(codegen: dict[str, Any], arch: int, record_property) -> None:
     reports = _reports(codegen, arch)
     assert reports
-    table = {f"{r['kernel']} {r['constexprs']}": r["registers"] for r in reports}
+    table = {
+        f"{r['kernel']} {r['constexprs']} {sorted(set(r['signature'].values()))}": r["registers"]
+        for r in reports
+    }
     record_property(f"registers_sm_{arch}", json.dumps(table))
     spilled = [
         f"{r['module']}.{r['kernel']} {r['constexprs']}: {r['registers']} registers, "
