@@ -347,7 +347,12 @@ def _alpha_view(kind: str, chunks: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_inputs_and_alpha_views(
-    backend: str, poisoned_buffers: None, dtype: torch.dtype, layout: str, alpha_kind: str
+    backend: str,
+    poisoned_buffers: None,
+    launched: list[str],
+    dtype: torch.dtype,
+    layout: str,
+    alpha_kind: str,
 ) -> None:
     """Odd shapes, non-contiguous seed/host, per-chunk alpha views: values and every gradient
     against autograd of the float64 reference."""
@@ -378,6 +383,8 @@ def test_strided_inputs_and_alpha_views(
     if isinstance(alpha, torch.Tensor):
         assert alpha.grad.shape == alpha.shape
         torch.testing.assert_close(alpha.grad.double(), a64.grad, rtol=1e-5, atol=1e-4)
+    # The kernels ran (a forward and a backward) on the Triton backend, none on the reference.
+    assert {"_blend_fwd_kernel"} < set(launched) if backend == "triton" else not launched
 
 
 @pytest.mark.parametrize(
@@ -387,6 +394,7 @@ def test_strided_inputs_and_alpha_views(
 def test_fresh_random_odd_shapes(
     backend: str,
     poisoned_buffers: None,
+    launched: list[str],
     dtype: torch.dtype,
     shape: tuple[int, ...],
     chunks: int,
@@ -397,6 +405,7 @@ def test_fresh_random_odd_shapes(
     alpha = torch.rand(chunks, generator=torch.Generator().manual_seed(seed))
     out = alpha_blend(seed_out, host_out, alpha)
     torch.testing.assert_close(out.double(), _blend64(seed_out, host_out, alpha), **tol(dtype))
+    assert launched == (["_blend_fwd_kernel"] if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("kind", ["0-d", "chunks"])
@@ -429,7 +438,11 @@ def test_gradcheck_reference_chunked_odd_shape() -> None:
 @pytest.mark.parametrize("kind", ALPHA_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_backward_matches_reference_autograd(
-    triton_backend: None, poisoned_buffers: None, dtype: torch.dtype, kind: str
+    triton_backend: None,
+    poisoned_buffers: None,
+    launched: list[str],
+    dtype: torch.dtype,
+    kind: str,
 ) -> None:
     """The Triton backward (through the interpreter) against autograd of the reference, run
     in the same dtype (the CPU path's own gradients), and in float64."""
@@ -438,10 +451,13 @@ def test_triton_backward_matches_reference_autograd(
     a_t = alpha.clone().requires_grad_(True) if isinstance(alpha, torch.Tensor) else alpha
     s = seed_out.clone().requires_grad_(True)
     alpha_blend(s, host_out, a_t).backward(grad)
+    backward = "_blend_bwd_chunked_kernel" if kind == "chunks" else "_blend_bwd_kernel"
+    assert launched == ["_blend_fwd_kernel", backward]  # the reference below launches none
 
     s_ref = seed_out.clone().requires_grad_(True)
     a_ref = alpha.clone().requires_grad_(True) if isinstance(alpha, torch.Tensor) else alpha
     alpha_blend_reference(s_ref, host_out, a_ref).backward(grad)
+    assert len(launched) == 2
     torch.testing.assert_close(s.grad.double(), s_ref.grad.double(), **tol(dtype))
     if isinstance(alpha, torch.Tensor):
         torch.testing.assert_close(a_t.grad.double(), a_ref.grad.double(), rtol=1e-5, atol=1e-4)
@@ -459,6 +475,38 @@ def test_launchers_read_alpha_views_correctly(view: str) -> None:
     prod = (grad.double() * (seed_out.double() - host_out.double())).reshape(5, 6, 7)
     torch.testing.assert_close(grad_alpha.double(), prod.sum(dim=(0, 2)), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad_seed.double(), _alpha64(alpha, 42) * grad.double())
+
+
+@pytest.mark.parametrize("kind", ["0-d", "chunks"])
+@pytest.mark.parametrize("alpha_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_alpha_of_any_float_dtype_blends_data_of_any(
+    backend: str,
+    poisoned_buffers: None,
+    launched: list[str],
+    dtype: torch.dtype,
+    alpha_dtype: torch.dtype,
+    kind: str,
+) -> None:
+    """alpha's dtype is its own (any of the three): the kernels load it as typed and work in
+    fp32, and its gradient comes back in its dtype. Against float64 of the alpha as given."""
+    seed = zlib.crc32(repr((dtype, alpha_dtype, kind)).encode())
+    seed_out, host_out, grad = _inputs((3, 2, 42), dtype, seed=seed)
+    alpha = _alpha(kind, 42, seed=seed).to(alpha_dtype).requires_grad_(True)  # 6 chunks of 7
+    s = seed_out.clone().requires_grad_(True)
+    out = alpha_blend(s, host_out, alpha)
+    out.backward(grad)
+
+    want = _blend64(seed_out, host_out, alpha.detach())
+    prod = grad.double() * (seed_out.double() - host_out.double())
+    want_alpha = prod.sum() if kind == "0-d" else prod.reshape(3, 2, 6, 7).sum(dim=(0, 1, 3))
+    assert out.dtype == dtype and alpha.grad.dtype == alpha_dtype
+    torch.testing.assert_close(out.detach().double(), want, **tol(dtype))
+    a64 = _alpha64(alpha.detach(), 42)
+    torch.testing.assert_close(s.grad.double(), a64 * grad.double(), **tol(dtype))
+    torch.testing.assert_close(alpha.grad.double(), want_alpha, **tol(alpha_dtype))
+    backward = "_blend_bwd_chunked_kernel" if kind == "chunks" else "_blend_bwd_kernel"
+    assert launched == (["_blend_fwd_kernel", backward] if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("kind", ["float", "0-d", "chunks"])

@@ -199,9 +199,12 @@ def test_matches_float64_oracle(dtype, reduction, temperature, masked, teacher, 
         (torch.float16, "sum", "logits", 4.0),
     ],
 )
-def test_triton_kernels_match_float64_oracle(triton_backend, dtype, reduction, teacher, cap):
+def test_triton_kernels_match_float64_oracle(
+    triton_backend, launched, dtype, reduction, teacher, cap
+):
     """The same through the KD kernels (the interpreter on a CPU)."""
     _check_case(dtype, reduction, 2.0, True, teacher, 0.5, cap, (2, 5), 37, 3, seed=5)
+    assert {"_kd_fwd_kernel", "_kd_bwd_kernel"} <= set(launched)  # not the chunked CPU path
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])

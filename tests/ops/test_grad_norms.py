@@ -14,6 +14,7 @@ from kasmina.ops import grad_norms, grad_norms_reference, leak_check, leak_check
 from tests.ops.tolerances import DTYPES, tol
 
 FP32 = tol(torch.float32)  # accumulation is fp32 whatever the input dtype
+KERNELS = {"_sumsq_kernel", "_finish_kernel"}
 
 
 @pytest.fixture
@@ -320,7 +321,11 @@ COPIED = ("row-slice", "step-2", "expanded")
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_layout_matches_float64(
-    any_backend: str, poisoned_empty: None, fresh_caches: None, dtype: torch.dtype
+    any_backend: str,
+    poisoned_empty: None,
+    fresh_caches: None,
+    launched: list[str],
+    dtype: torch.dtype,
 ) -> None:
     layouts = _layouts(dtype, seed=41 + DTYPES.index(dtype))
     tensors = [*layouts.values(), None]
@@ -330,6 +335,8 @@ def test_every_layout_matches_float64(
     flagged_norms, flag = leak_check(tensors, tol=1e9)
     torch.testing.assert_close(flagged_norms, norms, rtol=0, atol=0)
     assert not bool(flag)
+    triton = any_backend == "triton_backend"  # both calls ran the kernels; the reference none
+    assert set(launched) == (KERNELS if triton else set())
 
 
 def test_dense_views_are_read_in_place(triton_backend: None, fresh_caches: None) -> None:

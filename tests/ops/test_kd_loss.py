@@ -164,6 +164,38 @@ def test_kernels_match_float64_on_strided_rows(dtype, reduction, masked, vocab):
         assert torch.equal(loss_rows.view(2, 3)[~mask], torch.zeros(int((~mask).sum())))
 
 
+@pytest.mark.parametrize(
+    ("shape", "reduction"),
+    [((1, 1), "batchmean"), ((3, 1), "none"), ((1, 17), "sum"), ((2, 3, 33), "none")],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_on_odd_shapes_down_to_one_element(
+    launched: list[str], dtype: torch.dtype, shape: tuple[int, ...], reduction: str
+) -> None:
+    """One logit (a KL of 0 and a zero gradient, written), one row, and vocabularies below,
+    at and past the block (16: head, body and tail), fresh random per case, outputs poisoned,
+    every dtype, against the float64 oracle."""
+    student, teacher = _logits(shape, dtype, seed=sum(shape) + DTYPES.index(dtype))
+    rows = student[..., 0].numel()
+    loss_rows = torch.full((rows,), float("nan"))
+    stats = torch.full((*shape[:-1], 4), float("nan"))
+    loss, _, scale = kernels.kd_forward(
+        student, teacher, None, 1.5, reduction, True,
+        loss_rows_out=loss_rows, stats_out=stats, block_v=16,
+    )  # fmt: skip
+    go = torch.rand(loss.shape, generator=_gen(rows)) + 0.5
+    out = torch.full_like(student, float("nan"))
+    grad = kernels.kd_backward(
+        student, teacher, None, stats, scale, go, 1.5, reduction, out=out, block_v=16
+    )
+    exp_loss, exp_grad = _oracle(student, teacher, 1.5, reduction, None, go)
+    _close(loss, exp_loss, dtype)
+    _close(grad, exp_grad, dtype)
+    if shape[-1] == 1:  # a single logit: both distributions are 1, nothing to learn
+        assert not loss_rows.any() and not grad.any()
+    assert launched == ["_kd_fwd_kernel", "_kd_bwd_kernel"]
+
+
 def test_merged_reductions_match_single_ones():
     """The compiled kernels merge the per-row lane reductions into tuple reductions; the
     interpreter runs them element by element, so this checks them on 16 lanes only."""
@@ -244,7 +276,7 @@ def test_strided_and_expanded_logits_are_read_in_place():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_op_on_shifted_and_expanded_views_every_dtype(backend, dtype):
+def test_op_on_shifted_and_expanded_views_every_dtype(backend, launched, dtype):
     """``kd_kl_loss(logits[:, :-1], teacher[:, :-1])`` with odd V and a bf16 teacher, then an
     expanded teacher; the gradient reaches the base logits, laid out like the view."""
     vocab = 257
@@ -266,6 +298,8 @@ def test_op_on_shifted_and_expanded_views_every_dtype(backend, dtype):
     exp_loss, exp_grad = _oracle(s, shared, 1.5, "none", grad_output=go)
     _close(loss, exp_loss, dtype)
     _close(s.grad, exp_grad, dtype)
+    kd = {"_kd_fwd_kernel", "_kd_bwd_kernel"}
+    assert set(launched) == (kd if backend == "triton" else set())  # the oracle launches none
 
 
 def test_per_row_losses_can_be_weighted_in_place(backend):
@@ -299,7 +333,7 @@ def test_expanded_student_gets_a_dense_gradient(backend):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_op_matches_oracle_with_masks_and_grad_output(backend, reduction, temperature):
+def test_op_matches_oracle_with_masks_and_grad_output(backend, launched, reduction, temperature):
     """Against the float64 oracle, and the gradient against autograd of the plain-torch
     reference in float64, with a non-unit (per-row for ``none``) ``grad_output``."""
     student, teacher = _logits((2, 3, 37), seed=20 + len(reduction))
@@ -316,6 +350,8 @@ def test_op_matches_oracle_with_masks_and_grad_output(backend, reduction, temper
         (exp_grad,) = torch.autograd.grad(ref, s64, go.double())
         _close(loss, exp_loss, torch.float32)
         _close(student.grad, exp_grad, torch.float32)
+    kernels_run = ["_kd_fwd_kernel", "_kd_bwd_kernel"] * 2  # one pass per mask
+    assert launched == (kernels_run if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -208,7 +208,9 @@ def test_duplicates_and_out_of_range(backend: str, poisoned_empty: None) -> None
     assert state[1, C.LIFECYCLE_STAGE] == 0
 
 
-def test_random_batches_across_programs(backend: str, poisoned_empty: None) -> None:
+def test_random_batches_across_programs(
+    backend: str, poisoned_empty: None, launched: list[str]
+) -> None:
     # K > one program's block, indices and stages partly out of range, random gates.
     g = torch.Generator().manual_seed(6)
     n, k = 200, 300
@@ -217,6 +219,8 @@ def test_random_batches_across_programs(backend: str, poisoned_empty: None) -> N
     new = torch.randint(-2, NUM_STAGES + 2, (k,), generator=g).tolist()
     gates = torch.randint(-1, 6, (k,), generator=g).tolist()
     check_update(state, list(zip(idx, new, gates, strict=True)))
+    # The kernel ran on the Triton backend; the reference and the host path launch nothing.
+    assert launched == (["_update_kernel"] if backend == "triton_backend" else [])
 
 
 def test_cooldown_embargo_then_tick(backend: str) -> None:
@@ -234,7 +238,7 @@ def test_cooldown_embargo_then_tick(backend: str) -> None:
     assert state[:2, C.READY_FLAG].tolist() == [0, 0] and state[:2, C.EPOCHS_IN_STATE].eq(0).all()
 
 
-def test_tick_matches_oracle_on_random_table(backend: str) -> None:
+def test_tick_matches_oracle_on_random_table(backend: str, launched: list[str]) -> None:
     state = random_state(600, seed=8)  # several programs, a partial last block
     state[:5, C.LIFECYCLE_STAGE] = torch.tensor([-1, 11, 99, 6, 8], dtype=torch.int32)
     # Ages at int32's limit saturate there instead of wrapping negative.
@@ -247,6 +251,7 @@ def test_tick_matches_oracle_on_random_table(backend: str) -> None:
         expected = oracle_tick(state.tolist())
         lifecycle_tick(state)
         assert state.tolist() == expected
+    assert launched == (["_tick_kernel"] * 3 if backend == "triton_backend" else [])
 
 
 def test_corrupt_stage_in_table_is_illegal(backend: str) -> None:
