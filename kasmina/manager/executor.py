@@ -47,6 +47,7 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.state import ManagerState
+from kasmina.seeds.charging import contained
 from kasmina.seeds.dry_run import dry_run_problem
 from kasmina.seeds.gates import GateResult
 from kasmina.seeds.side_effects import kept_buffers
@@ -195,7 +196,7 @@ class CommandExecution:
             optimizers, registry = self.state.optimizers, self.state.registry
             applied = optimizers.apply_optimizer_command(command)
             if registry is not None:  # a STEP whose seed optimizer raised: a fault, as in step()
-                registry.charge_failed_steps(optimizers)
+                self.charge_failed_steps()  # past the command's commit: contained
                 # ACTIVE before an INITIALIZE_HOST: past the command's commit, completed later
                 promote = partial(registry.promote_active, optimizers)
                 self.effects.run(None, "promotion of the ACTIVE seeds", promote)
@@ -535,7 +536,7 @@ class CommandExecution:
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
         never passes a seed whose blend-in never trained. A seed whose optimizer raised: a fault."""
         config, registry = self.state.config, self.state.require_registry()
-        registry.charge_failed_steps(self.state.optimizers)
+        self.charge_failed_steps()
         for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
             seed = registry[seed_id].seed
             seed.draw_step = (seed.draw_step or 0) + 1
@@ -544,9 +545,10 @@ class CommandExecution:
             if seed.stage == S.ISOLATED_INIT:
                 seed.trained_this_epoch = True
             elif seed.stage == S.GRAFTING:
-                # Past the host's step (its commit): a write that fails is the seed's fault, its
-                # alpha written again at the safe point (a completion made only then); the
-                # host's step completes.
+                # Past the host's step (its commit): a write that fails is the seed's fault (found
+                # on this rank's device: held for the next step's collective in a multi-rank run,
+                # docs/design.md §6a), its alpha written again at the safe point (a completion
+                # made only then); the host's step completes.
                 record.graft_steps += 1
                 steps, temperature = config.grafting_steps, config.grafting_temperature
                 try:
@@ -554,7 +556,7 @@ class CommandExecution:
                 except Exception as exc:
                     resync = partial(self.effects.sync_alpha, record)
                     self.effects.keep(record, "alpha", exc, {S.GRAFTING}, resync)
-                    self._charge(record, exc)
+                    contained(seed, "bookkeeping", f"{type(exc).__name__}: {exc}", found_here=True)
                 else:
                     if self.effects.pending:
                         self.effects.settled(record, "alpha")
@@ -565,13 +567,19 @@ class CommandExecution:
         if self.effects.pending and not graph_open:
             self.effects.complete()
 
-    def _charge(self, record: SeedRecord, exc: Exception) -> None:
-        """A fault of ``record``'s for its step's bookkeeping that raised (``exc``); at its
-        limit it is quarantined, where its alpha no longer moves."""
+    def charge_failed_steps(self) -> None:
+        """The faults the optimizers' last stepping found (``SlotRegistry.charge_failed_steps``),
+        past its commit (a host's step, a STEP command): one that raises anyway (a flag's read,
+        an ACTIVE seed's TERMINATED the device refused) is counted (``step_charges_failed``) and
+        logged at a bounded rate, and what follows completes (the step's zeroing and count)."""
+        counters, registry = self.state.counters, self.state.require_registry()
         try:
-            record.seed.charge_fault("bookkeeping", f"{type(exc).__name__}: {exc}")
-        except Exception:  # a quarantine the device refuses too: the next fault tries again
-            logger.exception("seed %s: charging a bookkeeping fault raised", record.seed_id)
+            registry.charge_failed_steps(self.state.optimizers)
+        except Exception as exc:
+            counters["step_charges_failed"] += 1
+            n, name = counters["step_charges_failed"], type(exc).__name__
+            msg = "charging a step's seed faults raised (%s: %s); the step completes [%d]"
+            logger.log(rarely(n, 100, logging.ERROR), msg, name, exc, n, exc_info=n == 1)
 
     def auto_transitions(self) -> list[str]:
         """After a tick: COOLDOWN (embargo over) -> RECYCLING and RECYCLING -> DORMANT."""

@@ -6,7 +6,8 @@ it has happened. Before it, a failure undoes everything (GERMINATE, ROLLBACK); a
 can be undone, yet what follows may still fail (a device allocation, a launch): the seed's kernel
 copy released, its optimizer dropped and the cached original unpinned (HARVESTING, TERMINATED),
 an ACTIVE seed promoted into the host optimizer, a CULL's COOLDOWN and embargo, a GRAFTING
-alpha written, the automatic transitions after an epoch's tick. Such a failure is neither
+alpha written, the automatic transitions after an epoch's tick, the seed's own writes for its new
+stage (its alpha, scores and flags: ``seeds.stage_entry``). Such a failure is neither
 dropped (the seed would keep a pin, a kernel or its own optimizer for good, or sit in HARVESTING,
 which no command leaves) nor made the command's refusal (it was applied, and is reported
 applied, the failure in its reason). The effect is kept as a pending completion, one per seed
@@ -35,6 +36,7 @@ from functools import partial
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.state import ManagerState
+from kasmina.seeds.charging import contained
 from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn
 from kasmina.utils.ratelimit import rarely
 
@@ -187,10 +189,7 @@ class TransitionEffects:
         logger.error("%s; given up, never completed", reason)
         record = entry.record
         if record is not None and entry.stages is not None and record.stage in RUNS_KERNEL:
-            try:
-                record.seed.record_fault("bookkeeping", reason)
-            except Exception:  # a quarantine the device refuses too: its next fault tries again
-                logger.exception("seed %s: charging a bookkeeping fault raised", record.seed_id)
+            contained(record.seed, "bookkeeping", reason, found_here=True)
 
     def close(self, graph_open: bool) -> None:
         """The manager closes: each pending completion is tried a last time (not while a
@@ -209,6 +208,11 @@ class TransitionEffects:
         that fails is kept pending (``run``), never raised: the transition stands."""
         state = self.state
         record.timeline.append((state.epoch, state.global_step, new.name))
+        if record.seed.unsettled == new:  # its own writes for ``new`` failed (``stage_entry``;
+            # the seed hears of its row first: it observed it from its construction, before any
+            # manager registered it): tried again now, else at the next safe point
+            settle = record.seed.settle_stage
+            self.run(record, f"entry into {new.name}", settle, {new})
         if new == S.GRAFTING:  # step 0 of the schedule, so the first GRAFTING step blends
             config = state.config
             steps, temperature = config.grafting_steps, config.grafting_temperature

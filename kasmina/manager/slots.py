@@ -33,6 +33,7 @@ from kasmina.manager.exclusive import Claim, check_unshared, keep
 from kasmina.manager.exclusive import release as release_claim
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
+from kasmina.seeds.charging import contained
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.observers import WeakObserver
 from kasmina.seeds.outputs import CHANNELS_LAST, ActivationSpec, splits_last_dim
@@ -418,13 +419,13 @@ class SlotRegistry:
 
     def charge_failed_steps(self, optimizers: IsolatedOptimizerManager) -> None:
         """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
-        call, ``step()``'s or a STEP command's; taken, so each is charged once."""
+        call, ``step()``'s or a STEP command's; taken, so each is charged once (``contained``)."""
         self.require_manager()
         failed, optimizers.failed_now = optimizers.failed_now, []
         for seed_id in failed:
             record = self.records.get(seed_id)
             if record is not None:
-                record.seed.charge_fault("optimizer", optimizers.failed_steps[seed_id][1])
+                contained(record.seed, "optimizer", optimizers.failed_steps[seed_id][1])
         norms, optimizers.norms_now = optimizers.norms_now, {}
         host = norms.get(HOST_ID)
         if host is not None:  # its norm holds its ACTIVE seeds': each read apart, into norms
@@ -445,9 +446,9 @@ class SlotRegistry:
             record.bad_gradients = 0 if finite else record.bad_gradients + 1
             if record.bad_gradients >= BAD_GRADIENT_STEPS:
                 seed, faults = record.seed, record.seed.faults
-                seed.charge_fault(
-                    "gradient", f"gradient not finite in {record.bad_gradients} clipped steps "
-                    "running, the host's finite",
+                contained(
+                    seed, "gradient", f"gradient not finite in {record.bad_gradients} clipped "
+                    "steps running, the host's finite",
                 )  # fmt: skip
                 limit = seed.faults > faults and seed.faults >= seed.fault_limit  # counted
                 if limit and record.stage == SeedStage.ACTIVE:

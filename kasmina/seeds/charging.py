@@ -26,6 +26,7 @@ apply, or the next step's; one still held when the rank leaves the run is charge
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import weakref
@@ -36,6 +37,7 @@ from typing import Protocol
 from kasmina.seeds.faults import FAULT_LOCK, FAULT_LOG_SIZE, log_fault, short_reason
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import LEGAL_TRANSITIONS, SeedStage
+from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ __all__ = [
     "charge",
     "charge_gathered",
     "charge_or_defer",
+    "contained",
     "defer_faults",
     "encode",
 ]
@@ -64,6 +67,8 @@ class ChargedSeed(Protocol):
     def stage(self) -> SeedStage: ...
 
     def quarantine(self, reason: str = ...) -> bool: ...
+
+    def record_fault(self, kind: str, reason: str) -> None: ...
 
 
 def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
@@ -86,6 +91,28 @@ def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
                 "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
                 seed.seed_id, limit, stage.name,
             )  # fmt: skip
+
+
+_uncontained = itertools.count(1)  # charges that raised in ``contained`` (the log's count)
+
+
+def contained(seed: ChargedSeed, kind: str, reason: str, *, found_here: bool = False) -> None:
+    """Charge one fault of ``seed`` past a commit that must complete (a host's step): at once,
+    or (``found_here``: found on this process's data) through ``seed.record_fault``, held for
+    the next step in a multi-rank run. One that raises (a QUARANTINE the device refused) has
+    counted the fault: logged at a bounded rate, never raised; its next fault tries again."""
+    try:
+        if found_here:
+            seed.record_fault(kind, reason)
+        else:
+            charge(seed, kind, reason)
+    except Exception as exc:
+        n = next(_uncontained)
+        logger.log(
+            rarely(n, 100, logging.ERROR),
+            "seed %s: charging its %s fault raised (%s: %s); its next fault tries again [%d]",
+            seed.seed_id, kind, type(exc).__name__, exc, n, exc_info=n == 1,
+        )  # fmt: skip
 
 
 # A seed's faults held since the last step: how many, and the (kind, reason) of the newest

@@ -4,7 +4,9 @@ The table (``kasmina.seeds.table``) tells two kinds of party about its changes: 
 one seed's transitions (a manager's registry, a seed) and *listeners* of every change (each
 slot's plan). Both are held as :class:`WeakObserver` so that a table shared by many slots never
 keeps a dropped seed or layer alive, and both are called through :func:`call_safely`, so that
-one that raises never keeps the others from hearing of a change the table already made.
+one that raises never keeps the others from hearing of a change the table already made. The
+library's own observers keep and complete what of their reaction failed (a seed's writes:
+``stage_entry``; a manager's effects: ``post_commit``), so one that raises here is a user's.
 """
 
 from __future__ import annotations

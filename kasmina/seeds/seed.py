@@ -43,7 +43,6 @@ from kasmina.seeds.extra_state import (
     checked_setting,
     copied_seed_state,
     encode_extra_state,
-    field_report,
     restore_seed_state,
     seed_bookkeeping,
     seed_load_pre_hook,
@@ -79,9 +78,9 @@ from kasmina.seeds.gates import (
 )
 from kasmina.seeds.island import contain_backward
 from kasmina.seeds.kernel_watch import kernel_changed
+from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
-    CONTRIBUTING_STAGES,
     GATE_FOR_TRANSITION,
     ISOLATED_TRAINING_STAGES,
     LEGAL_TRANSITIONS,
@@ -106,6 +105,8 @@ class GradientIsolatedSeed(nn.Module):
     chunk_dim: int = -1
     # Where faults go while ``evaluate_seeds`` measures the seed: seen there, never counted.
     observed_faults: list[str] | None = None
+    # The stage whose entry's writes failed, to complete (``stage_entry``); None: all written.
+    unsettled: SeedStage | None = None
     # The stage as an int, kept by the table's listener: what a compiled forward reads (Dynamo
     # guards an int by value, no SeedStage: see KasminaLayer._refresh_plan). None: an old pickle.
     _stage_code: int | None = None
@@ -315,30 +316,12 @@ class GradientIsolatedSeed(nn.Module):
         charge(self, kind, reason)
 
     def _on_transition(self, _idx: int, old: SeedStage, new: SeedStage) -> None:
-        # G3's evidence (the kernel's output on a batch) is read in COMPATIBILITY_CHECK only.
-        self.probe_result = None
-        if new in (SeedStage.ISOLATED_INIT, SeedStage.RECYCLING):  # G2 counts from the entry
-            self.trained_epochs, self.trained_this_epoch = 0, False
-        if new == SeedStage.GRAFTING:
-            self._set_alpha(0.0, force=True)
-            self.graft_step = 0
-        elif new in (SeedStage.STABILIZATION, SeedStage.ACTIVE):
-            self._set_alpha(1.0, force=True)
-        elif new == SeedStage.HARVESTING:
-            self.field_report = field_report(self, old)
-            self.detach_kernel()
-        elif new == SeedStage.RECYCLING:
-            self.state_table.set_blueprint(self.state_index, "")  # the culled artifact's, gone
-            self.graft_step, self.field_report = 0, None  # the culled one's: the manager logs it
-            self.isolation_violations = self.nonfinite_events = self.faults = 0
-            self.fault_log.clear()
-            self.finite_flag.fill_(True)
-            self.fault_flag.fill_(False)
-            self._kd_losses.clear()
-        if new not in CONTRIBUTING_STAGES:  # its forward is the host's (QUARANTINE's too):
-            self.gate_score, self.evaluation = 0.0, None  # nothing measured or scored
-            if new not in RUNS_KERNEL:
-                self._set_alpha(0.0, force=True)
+        enter(self, old, new)  # a write that fails is kept (``unsettled``), never raised
+
+    def settle_stage(self) -> None:
+        """Write again what entering its stage failed to write (``stage_entry.settle``): its
+        owner's completion (a manager's, at a safe point); a no-op when nothing is pending."""
+        settle(self)
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:

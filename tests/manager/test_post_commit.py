@@ -4,6 +4,7 @@ device error (an out-of-memory) injected once into a call the transition's effec
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,23 +12,28 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_optimizer_command
+from kasmina.control.commands import make_optimizer_command, to_kasmina_command
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
+from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds import table as table_module
+from kasmina.seeds.charging import DeferredFaults, defer_faults
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command
 
 
-def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int = 1) -> dict:
-    """``owner.name`` raises a CUDA out-of-memory error at its ``nth`` call (then works)."""
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int = 1, times: int = 1
+) -> dict:
+    """``owner.name`` raises a CUDA out-of-memory error at its ``nth`` call and the ``times - 1``
+    after it (then works)."""
     real: Callable[..., Any] = getattr(owner, name)
     calls = {"n": 0}
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == nth:
+        if nth <= calls["n"] < nth + times:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)
 
@@ -185,6 +191,103 @@ def test_a_failed_alpha_write_lets_the_hosts_step_complete(
     assert 0 < seed.alpha_value < 1 and row["ALPHA_BLEND"] == round(seed.alpha_value * 1000)
     assert seed.faults == 1 and rig.stage(SEED0) == S.GRAFTING  # one fault: not its limit
     assert not manager.execution.effects.pending
+
+
+def test_a_failed_alpha_write_is_held_for_the_next_steps_collective_where_faults_are(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write failed on this process's device, yet was charged at once (``charge_fault``):
+    in a multi-rank run that rank's fault count differed from the others', and the epoch sync
+    "repaired" it away. Found here, it is held as every fault found on one rank is (§6a)."""
+    manager = rig.manager
+    to_stage(rig, mlp, S.GRAFTING)
+    seed, table = manager.seed(SEED0), manager.require_registry().table
+    held = DeferredFaults()
+    defer_faults(table, held)  # as a DistributedKasmina of two ranks does
+    try:
+        fail_once(monkeypatch, GPUStateTensor, "set_alpha")
+        assert rig.train(1)["host_stepped"] and seed.faults == 0
+        reason = "OutOfMemoryError: CUDA out of memory (injected)"
+        assert held.take() == {SEED0: (1, [("bookkeeping", reason)])}
+    finally:
+        defer_faults(table, None)
+
+
+def test_a_seeds_own_failed_write_on_entering_a_stage_is_completed_at_the_next_step(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's own reaction to QUARANTINE raised into the table's call of its observer,
+    which logged and dropped it: the table's ALPHA_BLEND kept the GRAFTING alpha for good."""
+    manager = rig.manager
+    to_stage(rig, mlp, S.GRAFTING)
+    rig.train(1)
+    seed, table = manager.seed(SEED0), manager.require_registry().table
+    blend = table.read_row(seed.state_index)["ALPHA_BLEND"]
+    assert 0 < blend < 1000
+    calls = fail_once(monkeypatch, GPUStateTensor, "set_alpha", times=2)
+    assert seed.quarantine() and rig.stage(SEED0) == S.QUARANTINE
+    assert calls["n"] == 2  # the seed's write, and its manager's try at once
+    assert seed.unsettled == S.QUARANTINE and seed.alpha_value == 0.0
+    assert table.read_row(seed.state_index)["ALPHA_BLEND"] == blend
+    assert manager.counters["post_commit_deferred"] == 1
+    rig.train(1)
+    assert calls["n"] == 3 and seed.unsettled is None
+    assert table.read_row(seed.state_index)["ALPHA_BLEND"] == 0
+    assert not manager.execution.effects.pending
+
+
+def test_a_fault_whose_quarantine_fails_past_the_hosts_step_lets_the_step_complete(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed optimizer that raised was charged inside ``step()``, after the host's optimizer
+    stepped; at the fault limit the charge's QUARANTINE raised out of ``step()``: gradients not
+    zeroed (applied again by the next step), the step uncounted, no safe point."""
+    manager = rig.manager
+    germinated(rig, mlp)
+    seed = manager.seed(SEED0)
+    seed.fault_limit = 1
+
+    def break_its_optimizer() -> None:
+        for s in manager.optimizers.optimizer(SEED0).state.values():
+            s["exp_avg"] = torch.zeros(3)  # not its parameter's shape: its step raises
+
+    break_its_optimizer()
+    calls = fail_once(monkeypatch, table_module, "lifecycle_update")  # the QUARANTINE
+    weight, step = rig.model.inp.weight.detach().clone(), manager.global_step
+    report = rig.train(1)
+    assert calls["n"] == 1 and report["host_stepped"] and manager.global_step == step + 1
+    assert not torch.equal(weight, rig.model.inp.weight) and rig.model.inp.weight.grad is None
+    assert seed.faults == 1 and rig.stage(SEED0) == S.ISOLATED_INIT  # counted, not quarantined
+    rig.train(1)  # a fresh state (the failed step's was reset)
+    break_its_optimizer()
+    rig.train(1)  # its next fault tries the quarantine again
+    assert seed.faults == 2 and rig.stage(SEED0) == S.QUARANTINE
+
+
+def test_charging_a_steps_faults_that_raises_is_contained_and_counted(
+    rig: Rig, mlp: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The charge (a flag's read, an ACTIVE seed's TERMINATED) raised out of ``step()`` after
+    the host's optimizer stepped, and out of a STEP command that had stepped (logged refused)."""
+    manager = rig.manager
+    germinated(rig, mlp)
+
+    def charge_failed_steps(*_args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(SlotRegistry, "charge_failed_steps", charge_failed_steps)
+    weight, step = rig.model.inp.weight.detach().clone(), manager.global_step
+    with caplog.at_level(logging.DEBUG, logger="kasmina.manager.executor"):
+        report = rig.train(2)
+    assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]
+    assert manager.global_step == step + 2 and manager.counters["step_charges_failed"] == 2
+    assert not torch.equal(weight, rig.model.inp.weight) and rig.model.inp.weight.grad is None
+    logged = [r for r in caplog.records if "charging a step's seed faults raised" in r.message]
+    assert [r.levelname for r in logged] == ["ERROR", "DEBUG"]  # bounded
+    F.cross_entropy(rig.model(rig.x), rig.y).backward()
+    command = to_kasmina_command(make_optimizer_command("step", SEED0, learning_rate=0.01))
+    assert manager.execute(command) and manager.counters["step_charges_failed"] == 3
+    assert manager.command_log[-1][2] is True  # applied, reported applied
 
 
 def test_an_epoch_boundary_whose_tick_fails_changes_nothing_and_its_retry_works(
