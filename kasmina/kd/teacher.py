@@ -180,11 +180,25 @@ class CheckpointedTeacher:
         self._release = hold(self.teacher_parameters(), self)[0]
 
     def close(self) -> None:
-        """Let the model go (idempotent): its parameters are no longer teacher-only, so an
-        optimizer, or another teacher in place, may take them. The manager closes its teacher
-        when it closes or loads another; a collected teacher lets go too. Forwards still run,
-        but the model is no longer guarded."""
-        self._release()
+        """Let the model go (idempotent), once a forward in flight has ended: its parameters are
+        no longer teacher-only, so an optimizer, or another teacher in place, may take them. The
+        manager closes its teacher when it closes or loads another; a collected teacher lets go
+        too. A closed teacher runs no forward or measurement (``RuntimeError``): its model, the
+        caller's again, was set back to eval mode, and another teacher in place recast it."""
+        with self._lock:
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the teacher let its model go (``close``)."""
+        return not self._release.alive
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "this teacher is closed (close(), or its manager's close() or next "
+                "load_teacher): its model is no longer held; load a new teacher"
+            )
 
     def teacher_parameters(self) -> list[nn.Parameter]:
         """The frozen teacher-only parameters (to register with the optimizer manager)."""
@@ -200,6 +214,7 @@ class CheckpointedTeacher:
     def forward(self, input_batch: TeacherInput) -> torch.Tensor:
         """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
         with self._lock:
+            self._require_open()  # the model is the caller's again: left as it is
             if self.teacher.training:
                 logger.warning("teacher was switched to train mode; returning it to eval mode")
                 self.teacher.eval()
@@ -250,6 +265,7 @@ class CheckpointedTeacher:
         The forward draws on a forked RNG and runs none of the teacher's hooks.
         """
         with self._lock:  # no forward meets the teacher half-cast, nor reads its dtype so
+            self._require_open()  # its casts would be of a model no longer held
             target = self.dtype if dtype is None else dtype
             if target not in _TEACHER_DTYPES:
                 raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")

@@ -43,7 +43,24 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommandIntake", "command_verifier"]
+__all__ = ["CommandIntake", "command_bytes", "command_verifier"]
+
+
+def command_bytes(command: object, *, signed_bytes: bool = False) -> bytes:
+    """The bytes a manager's async doors queue: an ``AdaptationCommand``'s, or (``signed_bytes``,
+    ``handle_optimizer_command``'s door) the signed bytes given. Anything else, a bare
+    ``OptimizerCommand`` (unsigned) included, is a ``TypeError``: applying one would open a door
+    around the verifier (design §5)."""
+    if signed_bytes and isinstance(command, (bytes, bytearray, memoryview)):
+        return bytes(command)
+    if isinstance(command, AdaptationCommand):
+        return command.SerializeToString()
+    if signed_bytes:
+        raise TypeError(
+            f"expected a signed AdaptationCommand (or its bytes), got {type(command).__name__}"
+            "; sign an optimizer command with make_optimizer_command + sign_command"
+        )
+    raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
 
 
 def command_verifier(config: KasminaConfig, keyring: Keyring) -> CommandVerifier:

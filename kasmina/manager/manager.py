@@ -45,7 +45,7 @@ from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.guard import IsolationGuard, add_grads, runs_main_backward
-from kasmina.manager.intake import CommandIntake, command_verifier
+from kasmina.manager.intake import CommandIntake, command_bytes, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
 from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
@@ -262,8 +262,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     # ------------------------------------------------------------------ kernels
     async def load_kernel(self, kernel_artifact_id: str) -> GPUKernel:
         """A trainable copy of the artifact's kernel: from the cache, else fetched and verified
-        on a worker thread (concurrent loads of one artifact share one fetch)."""
+        on a worker thread (concurrent loads of one artifact share one fetch); none once closed."""
         validate_artifact_id(kernel_artifact_id)
+        self.state.require_open()
         original = self.loader.cached(kernel_artifact_id)
         if original is None:
             original = await asyncio.to_thread(self.loader.load, kernel_artifact_id)
@@ -282,12 +283,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return out
 
     def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
-        """Put a verified kernel in the cache under its own artifact id (``ValueError``: a
-        trainable copy, tensors not its artifact's, another cache's: ``KernelLoader.put``)."""
+        """Put a verified kernel in the cache under its own artifact id, none once closed
+        (``ValueError``: a trainable copy, tensors not its artifact's, another cache's)."""
+        self.state.require_open()
         self.loader.put(kernel_artifact_id, kernel)
 
     def evict_kernel(self, kernel_artifact_id: str) -> bool:
-        """Evict and release a cached kernel; False if absent or pinned by a live seed."""
+        """Evict and release a cached kernel (closed or not); False if absent or pinned."""
         return self.kernel_cache.evict(kernel_artifact_id)
 
     # ------------------------------------------------------------------ teacher (KD)
@@ -313,7 +315,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         return teacher
 
     def get_teacher_predictions(self, input_batch: TeacherInput) -> torch.Tensor | None:
-        """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD)."""
+        """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD).
+        Closed: ``RuntimeError`` (its teacher closed, a model held in place the caller's)."""
+        self.state.require_open()
         self._last_teacher_input = input_batch
         return self.teacher_passes.get_teacher_predictions(input_batch)
 
@@ -389,22 +393,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:
         """``handle_adaptation_command`` for a message object (fetches run on a worker)."""
-        if not isinstance(command, AdaptationCommand):
-            raise TypeError(f"expected an AdaptationCommand, got {type(command).__name__}")
-        return self.handle_adaptation_command(command.SerializeToString())
+        return self.handle_adaptation_command(command_bytes(command))
 
     async def handle_optimizer_command(self, command: AdaptationCommand | bytes) -> bool:
         """A signed ``AdaptationCommand`` (object or bytes), normally carrying an optimizer
         command, queued like any other. A bare ``OptimizerCommand`` (unsigned) is refused with
         ``TypeError``: applying one would open a door around the verifier (design §5)."""
-        if isinstance(command, (bytes, bytearray, memoryview)):
-            return self.handle_adaptation_command(bytes(command))
-        if not isinstance(command, AdaptationCommand):
-            raise TypeError(
-                f"expected a signed AdaptationCommand (or its bytes), got {type(command).__name__}"
-                "; sign an optimizer command with make_optimizer_command + sign_command"
-            )
-        return await self.handle_leyline_command(command)
+        return self.handle_adaptation_command(command_bytes(command, signed_bytes=True))
 
     def verify_message_auth(self, message: Any) -> bool:
         """Signature, freshness and nonce of a command (object or bytes); the nonce unused."""
@@ -419,7 +414,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
         host gradients must stay zero (checked at ``step``), then ``loss``; its gradients are
         added to the seeds' only once ``loss``'s backward has run. A frozen host's loss has no
-        graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is."""
+        graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is. A
+        closed manager raises ``RuntimeError`` first: no step of its comes to check or apply it
+        (each KD phase's leak flag was kept for that step, without bound)."""
+        self.state.require_open()
         main = runs_main_backward(loss, kd_loss, self.registry)  # a number refused, before all
         made: list[tuple[torch.Tensor, torch.Tensor]] = []
         alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"
@@ -560,7 +558,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def check_gradient_isolation(self) -> bool:
         """Verify this step (seed-only KD leaks, isolated seeds' graphs, debug monitors): True
-        when clean so far; else the host takes no step at the next ``step()`` (which calls it)."""
+        when clean so far; else the host takes no step at the next ``step()`` (which calls it).
+        A closed manager has no step to verify (``RuntimeError``)."""
+        self.state.require_open()
         return self.guard.check(self.require_registry())
 
     def __exit__(self, *exc_info: object) -> None:

@@ -430,7 +430,10 @@ class ManagerState:
         plain containers, numbers, strings), checked now. Tracking a name again replaces the
         object, a new generation of the name: a checkpoint this manager took of the old one's
         state leaves it alone. Another process's checkpoint (a resumed run's: the same names,
-        tracked in any order) loads into the first object tracked under each name."""
+        tracked in any order) loads into the first object tracked under each name. A closed
+        manager writes no checkpoint to save it in: ``RuntimeError`` (``require_open``), the
+        object not kept."""
+        self.require_open()
         if not isinstance(name, str) or not name:
             raise ValueError(f"a tracked object's name must be a non-empty str, got {name!r}")
         if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):

@@ -219,6 +219,35 @@ def test_memory_held_by_a_teachers_copy_is_refused_in_place_and_disjoint_bytes_a
     assert all(t.teacher is half for t, half in zip(teachers, halves, strict=True))
 
 
+def test_a_closed_teacher_runs_no_forward_on_the_model_it_let_go() -> None:
+    """A closed teacher still ran forwards on the model it had let go: one held in place, the
+    caller's again and set to train mode, was put back into eval mode, and once another
+    teacher took it in place at another dtype the old one's forward raised a bare dtype
+    mismatch (its inputs cast to the dtype it was built with). Its forwards and measurements
+    refuse, naming the closed teacher, and leave the model as it is."""
+    model = make_mlp()
+    first = CheckpointedTeacher(model, dtype=torch.bfloat16, copy_model=False)
+    first(inputs(4))
+    first.close()
+    assert first.closed
+    model.train()  # the caller's again
+    calls = {
+        "forward": lambda: first(inputs(4)),
+        "measure": lambda: first.measure_forward_peak_bytes(inputs(4)),
+        "timed forward": lambda: TeacherForwardPassManager(first).get_teacher_predictions(
+            inputs(4)
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this teacher is closed"):
+            call()
+        assert model.training, name
+    second = CheckpointedTeacher(model, dtype=torch.float16, copy_model=False)
+    with pytest.raises(RuntimeError, match="this teacher is closed"):
+        first(inputs(4))
+    assert second(inputs(4)).shape == (4, CLASSES) and not second.closed
+
+
 def test_teacher_logits_are_ordinary_tensors_in_the_requested_dtype() -> None:
     teacher = CheckpointedTeacher(make_mlp(), dtype=torch.bfloat16)
     logits = teacher(inputs(8))

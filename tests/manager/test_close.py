@@ -4,6 +4,7 @@ no hook on a kernel or parameter), which goes on training with the user's own op
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
 from kasmina.control.commands import make_seed_command
+from kasmina.kd.config import KDConfig
 from kasmina.manager import manager as manager_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.inject import attach
@@ -380,3 +382,82 @@ def test_a_closed_manager_takes_no_teacher_and_leaves_the_model_as_it_was(rig: R
             rig.manager.load_teacher(teacher, copy_model=copy_model)
     assert rig.manager.teacher is None
     assert all(p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())
+
+
+def test_a_closed_manager_takes_no_backward_isolation_check_or_tracked_object(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """After ``close()``, ``backward`` still ran the KD phase and kept its leak flag for a step
+    that never came (one more per call, without bound) beside the loss's gradients,
+    ``check_gradient_isolation`` read and charged them, and ``track`` kept an object for
+    checkpoints a closed manager never writes. Each refuses, as ``step()`` does, before
+    anything changes: no gradient, no flag kept, nothing tracked."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(alpha=1.0))
+    rig = Rig(config, keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager = rig.manager
+    manager.set_teacher_logits(torch.randn(16, 4))
+    loss = F.cross_entropy(rig.model(rig.x), rig.y)
+    kd_loss = manager.collect_kd_losses()
+    assert kd_loss is not None and kd_loss.requires_grad
+    manager.close()
+    grads = [p.grad for p in rig.model.parameters()]
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([nn.Parameter(torch.ones(1))]), 1)
+    calls = {
+        "backward": lambda: manager.backward(loss, kd_loss=kd_loss),
+        "kd backward": lambda: manager.backward(None, kd_loss=kd_loss),
+        "check_gradient_isolation": manager.check_gradient_isolation,
+        "track": lambda: manager.track("scheduler", scheduler),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this manager is closed"):
+            call()
+        assert not manager.guard._kd_checks and manager.state.tracked == {}, name
+        now = [p.grad for p in rig.model.parameters()]
+        assert all(a is b for a, b in zip(grads, now, strict=True)), name
+    loss.backward()  # the model is the user's: its own backward runs
+
+
+def test_a_closed_manager_loads_and_caches_no_kernel_and_still_evicts_one(
+    rig: Rig, mlp: str, published
+) -> None:
+    """After ``close()``, ``load_kernel`` still fetched (over a caller's client) or copied
+    kernels into the closed manager's cache, and ``cache_kernel`` filled it, though no seed
+    of it would draw from it again. Both refuse (``load_kernel_with_teacher`` with them);
+    ``evict_kernel`` only lets memory go, and still does."""
+    affine = published[2]
+    manager = rig.manager
+    original = manager.loader.original(affine)  # cached, pinned by no seed
+    manager.close()
+    calls = {
+        "load_kernel": lambda: asyncio.run(manager.load_kernel(affine)),
+        "a kernel not cached": lambda: asyncio.run(manager.load_kernel(mlp)),
+        "load_kernel_with_teacher": lambda: asyncio.run(
+            manager.load_kernel_with_teacher(affine, rig.x)
+        ),
+        "cache_kernel": lambda: manager.cache_kernel(affine, original),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this manager is closed"):
+            call()
+        assert manager.loader.cached(mlp) is None, name
+    assert manager.evict_kernel(affine) and manager.loader.cached(affine) is None
+
+
+def test_a_closed_manager_runs_no_teacher_forward_on_the_model_it_let_go(rig: Rig) -> None:
+    """``close()`` closes the teacher, and a model held in place (``copy_model=False``) is the
+    caller's again; ``get_teacher_predictions`` still ran it, setting the caller's train-mode
+    model back to eval mode, kept the batch, and profiled the model by casting it. It refuses,
+    before the batch is kept, and so does the closed teacher's own forward."""
+    manager, model = rig.manager, Host()
+    teacher = manager.load_teacher(model, copy_model=False)
+    manager.get_teacher_predictions(rig.x)
+    manager.close()
+    model.train()
+    manager._last_teacher_input = None
+    with pytest.raises(RuntimeError, match="this manager is closed"):
+        manager.get_teacher_predictions(rig.x)
+    with pytest.raises(RuntimeError, match="this teacher is closed"):
+        teacher(rig.x)
+    assert model.training and manager._last_teacher_input is None
