@@ -66,7 +66,13 @@ _holds: list[bool] = []  # one entry per open hold: the flag's value the first o
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     """The sum of ``losses`` (each summed to a scalar first), and ``losses`` emptied; None for
-    none."""
+    none. ``TypeError`` for anything but a list of tensors, before any loss is marked (a str
+    or a number raised on a missing ``grad_fn``, a tuple once its losses were marked)."""
+    if not isinstance(losses, list):
+        raise TypeError(f"losses must be a list of KD loss tensors, got {type(losses).__name__}")
+    if not all(isinstance(loss, torch.Tensor) for loss in losses):
+        kinds = sorted({type(loss).__name__ for loss in losses} - {"Tensor"})
+        raise TypeError(f"losses must be a list of KD loss tensors, got one holding {kinds}")
     if not losses:
         return None
     # ``is_kd_root``; not inside a compiled torch.func transform, whose loss never reaches

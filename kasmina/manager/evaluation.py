@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from kasmina.manager.batches import batch_size, checked_pair, moved
 from kasmina.manager.host_alignment import host_buffers_aligned
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
@@ -119,69 +120,6 @@ def _ablate(record: SeedRecord) -> list[Any]:
         slot.host.register_forward_hook(keep_host),
         slot.register_forward_hook(restore_chunk),
     ]
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor | PackedSequence):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        moved = [_to(v, device) for v in value]
-        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
-            return type(value)(*moved)
-        return type(value)(moved)
-    if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _batch_size(inputs: Any, targets: Any) -> int:
-    """The targets' batch size, else the inputs'. A sequence of tensors whose rows agree is
-    batched targets side by side, unless it is one 2-D or higher tensor per input sample (per
-    image boxes or masks) with a row count that is not the batch: per-image boxes that happen
-    to be equal in number (an image a batch, or none with objects) weigh their images. The
-    samples are the inputs' batch, or their number when the inputs are a sequence of samples
-    (torchvision's list of images); flat side-by-side targets (per-token labels and weights)
-    keep their rows."""
-    size = _leading(targets)
-    if (
-        isinstance(targets, tuple | list)
-        and targets
-        and all(isinstance(t, torch.Tensor) and t.dim() > 1 for t in targets)
-        and size != len(targets)
-    ):
-        listed = isinstance(inputs, list) and len(inputs) == len(targets)
-        if listed or _leading(inputs) == len(targets):
-            return len(targets)
-    if size is not None:
-        return size
-    shown = _leading(inputs)
-    return 1 if shown is None else shown
-
-
-def _leading(value: Any) -> int | None:
-    """The batch size ``value`` shows: a tensor's first dimension; a mapping's first value that
-    has one (a 0-d flag or a scalar has none); for a sequence, its tensors' common first
-    dimension (batched targets side by side), else the number of its items when they are
-    per-sample ones: dicts (a detection batch's targets), tensors of different lengths, plain
-    numbers or strings; else its first item's."""
-    if isinstance(value, torch.Tensor):
-        return int(value.shape[0]) if value.dim() > 0 else None
-    if isinstance(value, PackedSequence):  # its first time step holds every sequence
-        return int(value.batch_sizes[0]) if len(value.batch_sizes) else 0
-    if isinstance(value, tuple | list):
-        sizes = {int(v.shape[0]) for v in value if isinstance(v, torch.Tensor) and v.dim() > 0}
-        if len(sizes) == 1:
-            return sizes.pop()
-        if len(sizes) > 1 or (value and all(isinstance(v, _PER_SAMPLE) for v in value)):
-            return len(value)
-        return next((n for n in map(_leading, value) if n is not None), None)
-    if isinstance(value, Mapping):
-        return next((n for n in map(_leading, value.values()) if n is not None), None)
-    return None
-
-
-# What a sequence of per-sample items holds (a batch size is its length), besides tensors.
-_PER_SAMPLE = (Mapping, str, bytes, int, float, complex, torch.Tensor)
 
 
 def _rng_states(cuda: list[int]) -> list[torch.Tensor]:
@@ -326,7 +264,8 @@ def evaluate_seeds(
     signed size it lacks: a partial last batch; a size its program's input checks refuse) is
     left out of that seed's measurement (``samples`` counts the rest); one that sat out every
     batch is refused as never measured. Arguments of the wrong kind are a ``TypeError``, before
-    anything changes (they raised from inside the measurement, a live seed's only).
+    anything changes (they raised from inside the measurement, a live seed's only), as is a
+    batch that is no pair, before its forward (``batches.checked_pair``).
     """
     # What ``for`` takes, as iter() finds it (``__iter__``, else ``__getitem__``: a map-style
     # Dataset of batches), not called: a DataLoader's iter() starts its workers and draws a seed.
@@ -382,9 +321,10 @@ def evaluate_seeds(
             # guard on hooks added later), and measure the seed against itself.
             torch.compiler.set_stance("force_eager"),
         ):
-            for inputs, targets in batches:
-                inputs, targets = _to(inputs, device), _to(targets, device)
-                n = _batch_size(inputs, targets)
+            for i_batch, batch in enumerate(batches, 1):
+                inputs, targets = checked_pair(batch, i_batch)  # before any forward of it
+                inputs, targets = moved(inputs, device), moved(targets, device)
+                n = batch_size(inputs, targets)
                 if n == 0:  # weight 0: its mean loss (0/0, NaN) would still poison the sums
                     n_empty += 1
                     continue

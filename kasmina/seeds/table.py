@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import zlib
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -24,6 +23,7 @@ import torch
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.ops.lifecycle import INT32_MAX, as_ints, lifecycle_tick, lifecycle_update
+from kasmina.seeds.columns import SCALE, blueprint_hash, fixed_point, real
 from kasmina.seeds.observers import Listeners, TransitionObserver, WeakObserver, call_safely
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
 
 logger = logging.getLogger(__name__)
-
-SCALE = 1000  # fractions (alpha, gate score, performance threshold): int32 column * 1000
 
 # The batch update's host side: result codes and stages by value, counter keys by code, and
 # what its bulk checks accept without parsing item by item.
@@ -71,18 +69,6 @@ def _ascending(requested: torch.Tensor, k: int, applied: int) -> bool:
     """Whether ``requested`` (int64 ``[K]``, host) counts up by one; asked if all ``k`` applied."""
     steps = requested.numpy()
     return applied == k and bool((steps[1:] - steps[:-1] == 1).all())
-
-
-def blueprint_hash(artifact_id: str) -> int:
-    """A stable non-negative int32 for the table's BLUEPRINT_ID column."""
-    return zlib.crc32(artifact_id.encode("utf-8")) & 0x7FFFFFFF
-
-
-def fixed_point(fraction: float) -> int:
-    """``fraction`` as its int32 column holds it (* ``SCALE``); ``ValueError`` if it cannot."""
-    if not -(2**31) / SCALE <= fraction <= INT32_MAX / SCALE:  # NaN, inf; before the product
-        raise ValueError(f"must be within +-{INT32_MAX / SCALE} (int32 * {SCALE}), got {fraction}")
-    return round(fraction * SCALE)
 
 
 class GPUStateTensor:
@@ -242,6 +228,10 @@ class GPUStateTensor:
         the per-item parsers, to name the bad item. Tensors: :meth:`batch_state_update_tensors`.
         """
         if not isinstance(updates, Sized):
+            if not isinstance(updates, Iterable):  # None: list()'s "not iterable", unnamed
+                raise TypeError(
+                    f"updates must be (index, stage) pairs, got {type(updates).__name__}"
+                )
             updates = list(updates)
         if not updates:
             return []
@@ -421,14 +411,18 @@ class GPUStateTensor:
             raise ValueError(f"{column.name} must be an int32 integer, got {value!r:.80}")
         self.state_tensor[self.check_index(idx), column] = int(value)
 
+    # The fractions' setters: one that is no real number (None, a str, a tensor) is a TypeError
+    # naming it (``columns.real``), checked before the clamp or the range compares it.
     def set_alpha(self, idx: int, alpha: float) -> None:
-        self.set_column(idx, StateColumn.ALPHA_BLEND, fixed_point(min(max(alpha, 0.0), 1.0)))
+        alpha = min(max(real("alpha", alpha), 0.0), 1.0)
+        self.set_column(idx, StateColumn.ALPHA_BLEND, fixed_point(alpha, "alpha"))
 
     def set_gate_score(self, idx: int, score: float) -> None:
-        self.set_column(idx, StateColumn.GATE_SCORE, fixed_point(score))
+        self.set_column(idx, StateColumn.GATE_SCORE, fixed_point(score, "gate score"))
 
     def set_performance_gate(self, idx: int, threshold: float) -> None:
-        self.set_column(idx, StateColumn.PERFORMANCE_GATE, fixed_point(threshold))
+        value = fixed_point(threshold, "performance gate")
+        self.set_column(idx, StateColumn.PERFORMANCE_GATE, value)
 
     def set_blueprint(self, idx: int, artifact_id: str | None) -> None:
         if not isinstance(artifact_id, str | None):  # "" or None clears it ("" hashes to 0)

@@ -16,6 +16,7 @@ from torch import nn
 import kasmina.kd.holds as holds_module
 import kasmina.kd.teacher as kd_module
 from kasmina.kd.config import KDConfig
+from kasmina.kd.graph import is_kd_root, sum_kd_losses
 from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.loss import StaticKDLoss
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, is_oom_error
@@ -246,6 +247,19 @@ def test_a_closed_teacher_runs_no_forward_on_the_model_it_let_go() -> None:
     with pytest.raises(RuntimeError, match="this teacher is closed"):
         first(inputs(4))
     assert second(inputs(4)).shape == (4, CLASSES) and not second.closed
+
+
+@pytest.mark.parametrize("wrong", ["x", 3.0, None, [1.0], "tuple"])
+def test_sum_kd_losses_refuses_anything_but_a_list_of_tensors_by_name(wrong: object) -> None:
+    """``sum_kd_losses('x')`` raised "'str' object has no attribute 'grad_fn'", a list of
+    numbers the same, and a tuple of losses raised on its missing ``clear`` once each loss had
+    been marked as collected. Each is a ``TypeError`` naming ``losses``, nothing marked."""
+    loss = (torch.randn(3, requires_grad=True) * 2).sum()
+    given = (loss,) if wrong == "tuple" else wrong
+    with pytest.raises(TypeError, match="^losses must be a list of KD loss tensors, got"):
+        sum_kd_losses(given)  # type: ignore[arg-type]
+    assert not is_kd_root(loss.grad_fn)
+    assert sum_kd_losses([loss]) is not None and is_kd_root(loss.grad_fn)
 
 
 def test_teacher_logits_are_ordinary_tensors_in_the_requested_dtype() -> None:

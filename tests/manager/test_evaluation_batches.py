@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
-from kasmina.manager.evaluation import _batch_size, evaluate_seeds
+from kasmina.manager.batches import batch_size
+from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
 from tests.manager.test_evaluation import _TO_STABILIZATION, Scale, _tiny
@@ -98,7 +99,7 @@ def test_what_counts_as_one_target_per_sample(inputs: object, targets: object, s
     """Per-sample targets are one 2-D or higher tensor per input sample, the samples being the
     inputs' batch or a list of images; flat targets side by side keep their rows (a batch of
     two sequences with per-token labels and weights weighed 2, not its 32 tokens)."""
-    assert _batch_size(inputs, targets) == size
+    assert batch_size(inputs, targets) == size
 
 
 @pytest.mark.parametrize(
@@ -162,3 +163,27 @@ def test_a_namedtuple_of_inputs_is_unpacked_field_by_field() -> None:
     Inputs = collections.namedtuple("Inputs", "features")
     got = evaluate_seeds(registry, [(Inputs(x), t)], F.mse_loss)
     assert {k: v.loss_with for k, v in got.items()} == {k: v.loss_with for k, v in want.items()}
+
+
+def test_a_batch_that_is_no_inputs_targets_pair_is_refused_naming_it() -> None:
+    """Each batch was unpacked as ``for inputs, targets in batches``: a batch of inputs alone
+    raised "too many values to unpack" from inside the measurement, and a batch of two rows (a
+    tensor, a mapping of two keys) was taken apart, its first row measured against its second
+    (or the model called with a key). Each is a ``TypeError`` naming the batch, before its
+    forward, and no seed records an evaluation."""
+    _, slot, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    norm = lambda out, _: out.pow(2).mean()  # noqa: E731 (reads no targets)
+    wrong = {
+        "a Tensor as batch 1": [torch.randn(2, 3)],
+        "a tuple of 1 as batch 2": [(x, t), (x,)],
+        "a list of 3 as batch 1": [[x, t, t]],
+        "a dict as batch 1": [{"x": x, "t": t}],
+    }
+    for said, batches in wrong.items():
+        with pytest.raises(
+            TypeError, match=rf"^batches must yield \(inputs, targets\) pairs, got {said}"
+        ):
+            evaluate_seeds(registry, batches, norm)
+        assert all(seed.evaluation is None for seed in slot.seeds)
+    assert evaluate_seeds(registry, [[x, t]], norm)["fc[0]"].samples == 4  # a list pair: taken

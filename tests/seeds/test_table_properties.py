@@ -817,6 +817,38 @@ WRONG_KINDS = {  # a call, what it raises, and the message
         TypeError,
         "artifact_id must be a str, got int",
     ),
+    # Each raised from a comparison or round(), naming nothing ("'>' not supported between
+    # instances of 'float' and 'NoneType'", "type Tensor doesn't define __round__ method").
+    "set_alpha(0, None)": (
+        lambda table: table.set_alpha(0, None),
+        TypeError,
+        r"alpha must be a real number \(a float\), got NoneType",
+    ),
+    "set_alpha(0, tensor)": (
+        lambda table: table.set_alpha(0, torch.tensor(0.5)),
+        TypeError,
+        "alpha must be a real number .*, got Tensor",
+    ),
+    "set_gate_score(1, '0.5')": (
+        lambda table: table.set_gate_score(1, "0.5"),
+        TypeError,
+        "gate score must be a real number .*, got str",
+    ),
+    "set_performance_gate(1, None)": (
+        lambda table: table.set_performance_gate(1, None),
+        TypeError,
+        "performance gate must be a real number .*, got NoneType",
+    ),
+    "set_alpha(0, nan)": (
+        lambda table: table.set_alpha(0, float("nan")),
+        ValueError,
+        r"alpha must be within .* \(int32 \* 1000\), got nan",
+    ),
+    "batch_state_update(None)": (  # "'NoneType' object is not iterable"
+        lambda table: table.batch_state_update(None),
+        TypeError,
+        r"updates must be \(index, stage\) pairs, got NoneType",
+    ),
     "load_state_dict(None)": (
         lambda table: table.load_state_dict(None),
         TypeError,
