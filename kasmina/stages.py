@@ -76,6 +76,8 @@ ISOLATED_STAGES = ISOLATED_TRAINING_STAGES | {SeedStage.COMPATIBILITY_CHECK}
 BLENDING_STAGES = frozenset({SeedStage.GRAFTING, SeedStage.STABILIZATION})
 # Stages whose seed's output reaches the slot's (what G5 measures).
 CONTRIBUTING_STAGES = BLENDING_STAGES | {SeedStage.ACTIVE}
+# Stages after a seed's release: its kernel runs no more, and QUARANTINE does not hold it.
+RELEASED_STAGES = frozenset(SeedStage) - RUNS_KERNEL - {SeedStage.QUARANTINE}
 
 
 def is_legal(src: int, dst: int) -> bool:

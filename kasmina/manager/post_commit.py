@@ -37,7 +37,7 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.report import ManagerReport
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.charging import contained
-from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn
+from kasmina.stages import RELEASED_STAGES, RUNS_KERNEL, SeedStage, StateColumn
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,6 @@ Effect = Callable[[], object]
 Key = tuple[str, str, int]  # (seed id or "", kind, the id of the object it completes, or 0)
 # Failed retries after which a completion is given up (the retries are 1, 2, 4, ... steps apart).
 MAX_RETRIES = 8
-# The stages in which a released seed's leftovers (pin, optimizer, kernel copy) are still its
-# own to give back; a GERMINATE (from DORMANT) takes new ones.
-_RELEASED = frozenset({S.HARVESTING, S.COOLDOWN, S.RECYCLING, S.DORMANT, S.TERMINATED})
 
 
 @dataclass(slots=True)
@@ -231,7 +228,9 @@ class TransitionEffects:
             report = dict(record.seed.field_report or {})
             report.update(artifact_id=record.artifact_id, epoch=state.epoch, step=state.global_step)
             self.report.note_field_report(report)
-            self.run(record, "release", partial(self.release, record), _RELEASED)
+            # A released seed's leftovers (pin, optimizer, kernel copy) are still its own to
+            # give back in these stages; a GERMINATE (from DORMANT) takes new ones.
+            self.run(record, "release", partial(self.release, record), RELEASED_STAGES)
         elif new == S.TERMINATED:
             if old == S.ACTIVE:
                 # A fossilized seed's parameters stay in the host optimizer's param group (no
