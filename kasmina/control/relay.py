@@ -140,7 +140,7 @@ class EpochSyncResult:
 
     @property
     def unrepaired_ranks(self) -> tuple[int, ...]:
-        """Divergent ranks that still disagree after the repair (handed to ``on_divergence``)."""
+        """Divergent ranks that still disagree after the repair."""
         return tuple(r for r in self.divergent_ranks if r not in self.repaired_ranks)
 
 

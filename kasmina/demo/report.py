@@ -295,15 +295,6 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def stage_counts(records: Sequence[EpochRecord]) -> Mapping[str, int]:
-    """How many epochs any seed spent in each stage (for summaries and tests)."""
-    counts: dict[str, int] = {}
-    for record in records:
-        for stage in record.stages.values():
-            counts[stage] = counts.get(stage, 0) + 1
-    return counts
-
-
 # ------------------------------------------------------------------------ continual scenario
 
 # Kasmina, fine-tuning, the static net, and the reference every forgetting is measured from.

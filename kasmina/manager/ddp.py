@@ -405,7 +405,7 @@ class DistributedKasmina:
         sync_host_buffers(registry.model, self.group)
         result = self.coordinator.sync_epoch(epoch)
         self.replica.note_sync(result)
-        unrepaired = sorted(set(result.divergent_ranks) - set(result.repaired_ranks))
+        unrepaired = sorted(result.unrepaired_ranks)
         if unrepaired and self.coordinator.on_divergence == self._quarantine_diverged:
             # Every rank alike, not only the diverged ones: quarantined on some ranks alone,
             # the ranks' seed layouts would differ at every later step, and every seed
