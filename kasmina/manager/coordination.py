@@ -161,31 +161,30 @@ class ManagerReplica:
         store.save(key, checkpoint)  # restored from a store holding just the source's snapshot
         with self.lock:  # a close() on another thread waits, or came first and is refused
             state.require_registry(training=True)
-            live = state.checkpoints
-            state._checkpoints = store
-            # Which layers the user's loop unfroze is this rank's, as on every rank: a layer
-            # unfrozen and not yet in a group (the source's too, then) stays so (the restore
-            # freezes one no restored group holds, as a ROLLBACK to before it should).
-            frozen = state.require_registry().hold.frozen
-            unfrozen = [p.requires_grad for p in frozen]
-            # The source tracks as this rank does: its tracked states load as this rank's own
-            # would, now and from its checkpoint kept below (``kasmina.manager.tracked``).
-            # The source's own mark, and the marks its checkpoint kept below carries (one it
-            # took from a third rank's repair carries that rank's).
-            peers, kept_marks = state.peer_writers, writers_of(latest) if latest else frozenset()
-            state.peer_writers = peers | writers_of(checkpoint) | kept_marks
-            try:
-                # A repair in a sync under inference_mode: trainable; its kernels' fetches
-                # bounded as a prepare's (the other ranks wait in a collective meanwhile).
-                with training_tensors(), fetches_bounded(self.fetch_timeout_s):
-                    restore_epoch(state, self.guard, key)
-            except BaseException:
-                state.peer_writers = peers
-                raise
-            finally:
-                state._checkpoints = live
-                for p, flag in zip(frozen, unfrozen, strict=True):
-                    p.requires_grad_(flag)
+            with state.checkpoints_replaced(store) as live:
+                # Which layers the user's loop unfroze is this rank's, as on every rank: a layer
+                # unfrozen and not yet in a group (the source's too, then) stays so (the restore
+                # freezes one no restored group holds, as a ROLLBACK to before it should).
+                frozen = state.require_registry().hold.frozen
+                unfrozen = [p.requires_grad for p in frozen]
+                # The source tracks as this rank does: its tracked states load as this rank's
+                # own would, now and from its checkpoint kept below (``kasmina.manager.tracked``).
+                # The source's own mark, and the marks its checkpoint kept below carries (one
+                # it took from a third rank's repair carries that rank's).
+                peers = state.peer_writers
+                kept_marks = writers_of(latest) if latest else frozenset()
+                state.peer_writers = peers | writers_of(checkpoint) | kept_marks
+                try:
+                    # A repair in a sync under inference_mode: trainable; its kernels' fetches
+                    # bounded as a prepare's (the other ranks wait in a collective meanwhile).
+                    with training_tensors(), fetches_bounded(self.fetch_timeout_s):
+                        restore_epoch(state, self.guard, key)
+                except BaseException:
+                    state.peer_writers = peers
+                    raise
+                finally:
+                    for p, flag in zip(frozen, unfrozen, strict=True):
+                        p.requires_grad_(flag)
             # The source's timeline: a rollback it made (or not) is ours now, and its checkpoints
             # stand for ours where ours may differ.
             ckpt = None if latest is None else (key, latest)

@@ -16,8 +16,8 @@ import secrets
 import sys
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +310,18 @@ class ManagerState:
         if config.checkpoint_mode == "disk" and Path(config.checkpoint_dir).expanduser().is_dir():
             _ = self.checkpoints
             undo.callback(self.close_checkpoints)
+
+    @contextmanager
+    def checkpoints_replaced(self, store: CheckpointStore) -> Iterator[CheckpointStore]:
+        """``store`` stands for the run's checkpoint store inside the block (a repair restores
+        the source rank's snapshot through it); the live one (``checkpoints``, opened if it
+        was not) is yielded, and put back on the way out, whatever happened."""
+        live = self.checkpoints
+        self._checkpoints = store
+        try:
+            yield live
+        finally:
+            self._checkpoints = live
 
     def open_checkpoints(self) -> CheckpointStore | None:
         """The checkpoint store if it is open (never opening it), else None."""
