@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from kasmina.control.commands import KasminaCommand
-from kasmina.control.processes import collective_device, global_rank
+from kasmina.control.processes import collective_device, global_rank, process_group_active
 from kasmina.control.relay import (
     DUPLICATE,
     READY,
@@ -141,7 +141,7 @@ class DistributedCoordinator:
         self.group = group
         verifier = getattr(handler, "verifier", None)
         self._clock = clock or getattr(verifier, "now", None) or time.time
-        self.distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = process_group_active()
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self._device = collective_device(group) if self.distributed else torch.device("cpu")

@@ -2,7 +2,8 @@
 
 The coordinator (``kasmina.control.distributed``) decides what crosses between ranks; this module
 holds what it stands on and what a launcher needs: the refusal of hosts whose weights are
-sharded or re-replicated (FSDP, tensor parallelism, ``nn.DataParallel``), the rank and device
+sharded or re-replicated (FSDP, tensor parallelism, ``nn.DataParallel``), whether there is a
+process group at all (``process_group_active``, the one test of it), the rank and device
 helpers a collective needs, an initial broadcast, a plain gradient average for models without
 DDP, and ``spawn`` / ``init_from_env`` / ``shutdown_process_group`` for one process per rank
 (``torch.multiprocessing`` or ``torchrun``).
@@ -43,6 +44,7 @@ __all__ = [
     "global_rank",
     "grad_layout",
     "init_from_env",
+    "process_group_active",
     "shutdown_process_group",
     "spawn",
     "zero_grad",
@@ -51,6 +53,12 @@ __all__ = [
 
 class UnsupportedParallelismError(KasminaError):
     """The host is wrapped or sharded in a way Kasmina cannot replicate seeds over."""
+
+
+def process_group_active() -> bool:
+    """Whether this process is one rank of a process group (``torch.distributed`` built in and
+    its default group initialised): without one, every collective helper is a no-op."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def global_rank(group: Any, group_rank: int) -> int:
@@ -129,7 +137,7 @@ def check_supported_parallelism(model: nn.Module) -> None:
 
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0, group: Any = None) -> None:
     """Overwrite ``tensors`` in place on every rank with rank ``src``'s values (initial sync)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_active():
         return
     device = collective_device(group)
     with torch.no_grad():
@@ -146,7 +154,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Any = None) -
     A parameter whose grad is ``None`` on some ranks but not on others gets a zero grad where it
     was missing, so that every rank steps the same parameters. One flat buffer per dtype.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_active():
         return
     world = dist.get_world_size(group)
     device = collective_device(group)
@@ -268,7 +276,7 @@ def shutdown_process_group() -> None:
     exists holds it for good: ``kasmina.manager`` imports it, so import that first). A no-op
     without a process group.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_active():
         return
     gc.collect()
     group = dist.group.WORLD

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from kasmina.control.processes import collective_device
+from kasmina.control.processes import collective_device, process_group_active
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class BufferAverage:
 
     def __call__(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
         """Average now (collective); how many buffers were averaged (0 without a group)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not process_group_active():
             return 0
         world = dist.get_world_size(self.group)
         if world == 1:

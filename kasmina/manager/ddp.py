@@ -49,6 +49,7 @@ from kasmina.control.processes import (
     check_supported_parallelism,
     collective_device,
     collective_timeout_s,
+    process_group_active,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, agree
@@ -78,10 +79,6 @@ __all__ = [
 # The models ``wrap_ddp`` returned unwrapped, under a process group, with ``broadcast_buffers``
 # on: their host's buffers take rank 0's values at each epoch sync (``sync_host_buffers``).
 _UNWRAPPED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def kasmina_owned_names(model: nn.Module) -> list[str]:
@@ -139,7 +136,7 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
             "use the same parameters; a slot whose seeds are isolated passes no gradient to "
             "the host layers before it, so DDP would skip their reduction and the ranks split"
         )
-    if not _distributed():
+    if not process_group_active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -270,7 +267,7 @@ def sync_host_buffers(model: nn.Module, group: Any = None) -> int:
     checks that every rank holds the same buffers (names, dtypes, shapes): a broadcast of
     sizes that differ fails or hangs; where they differ nothing is broadcast, and it is logged.
     Rank 0's values, non-finite or not, are every rank's, as under DDP."""
-    if not _distributed() or dist.get_world_size(group) == 1:
+    if not process_group_active() or dist.get_world_size(group) == 1:
         return 0
     named = host_buffers(model)
     layout = zlib.crc32(";".join(f"{n}|{t.dtype}|{tuple(t.shape)}" for n, t in named).encode())
@@ -342,7 +339,7 @@ class DistributedKasmina:
         # The other ranks wait in a collective while this one prepares (or fetches a kernel
         # for a ROLLBACK or a repair): half the process group's timeout leaves the rest of the
         # sync room to answer in time.
-        prepare_s = collective_timeout_s(group) * PREPARE_SHARE if _distributed() else None
+        prepare_s = collective_timeout_s(group) * PREPARE_SHARE if process_group_active() else None
         self.replica = ManagerReplica(
             manager.state, manager.guard, lock=manager.intake.lock, include_host=check_host,
             fetch_timeout_s=prepare_s,

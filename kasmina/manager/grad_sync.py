@@ -24,7 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kasmina.control.processes import copy_into_grads, fill_missing_grads, flat_grad
+from kasmina.control.processes import (
+    copy_into_grads,
+    fill_missing_grads,
+    flat_grad,
+    process_group_active,
+)
 from kasmina.control.replica import buckets
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.charging import DeferredFaults, Held, charge_gathered, encode
@@ -54,10 +59,6 @@ def not_reduced(model: nn.Module) -> list[nn.Parameter]:
     """The host parameters of ``model`` that DDP does not reduce: those frozen when ``wrap_ddp``
     wrapped it, or every one where it returned ``model`` unwrapped (none before a wrap)."""
     return list(_NOT_REDUCED.get(model, ()))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class SeedGradientSync:
@@ -145,7 +146,7 @@ class SeedGradientSync:
         every rank in the same rare second collective, and every rank charges them all
         (``charging.charge_gathered``), as one process seeing every rank's data would."""
         held = self.faults.take()
-        if not _distributed() or dist.get_world_size(self.group) == 1:
+        if not process_group_active() or dist.get_world_size(self.group) == 1:
             self.faults.charge_here(held)
             return False, clean
         world = dist.get_world_size(self.group)
@@ -215,7 +216,7 @@ class SeedGradientSync:
         committed it, not to what a CULL or a ROLLBACK made of it). One 3-integer all-reduce;
         where some rank held a fault, ``_agree``'s two more."""
         held = self.faults.take()
-        if not _distributed() or dist.get_world_size(self.group) == 1:
+        if not process_group_active() or dist.get_world_size(self.group) == 1:
             self.faults.charge_here(held)
             return
         device = _device_for([p for _, p in self.live_parameters()], self.group)
