@@ -54,10 +54,10 @@ from kasmina.control.processes import (
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, agree
 from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerReplica
-from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync, leave_unreduced
-from kasmina.manager.host_alignment import align_with
+from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
+from kasmina.manager.wrap_records import WrapRecord, record_wrap, wrap_record
 from kasmina.seeds.charging import defer_faults
 from kasmina.seeds.kernel_watch import watch_kernels
 from kasmina.seeds.layer import KasminaLayer
@@ -75,10 +75,6 @@ __all__ = [
     "sync_host_buffers",
     "wrap_ddp",
 ]
-
-# The models ``wrap_ddp`` returned unwrapped, under a process group, with ``broadcast_buffers``
-# on: their host's buffers take rank 0's values at each epoch sync (``sync_host_buffers``).
-_UNWRAPPED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def kasmina_owned_names(model: nn.Module) -> list[str]:
@@ -158,21 +154,26 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
         if ddp_options.get("init_sync", True):  # as DDP's constructor: every rank rank 0's host
             buffers = [b for name, b in model.named_buffers() if name not in ours]
             broadcast_tensors([*host, *(buffers if broadcast else ())], 0, group)
-        leave_unreduced(model, host)
-        _UNWRAPPED[model] = bool(broadcast)
-        # A measurement's host buffers: rank 0's, as the epoch sync gives them.
+        # Every host parameter the seeds' gradient sync's to average once unfrozen; the host's
+        # buffers rank 0's at each epoch sync, and for a measurement as the epoch sync gives
+        # them (``sync_host_buffers``), unless ``broadcast_buffers=False``.
         unwrapped = functools.partial(_sync_unwrapped, weakref.ref(model), group)
-        align_with(model, unwrapped if broadcast else None)
+        decided = WrapRecord(
+            not_reduced=tuple(host),
+            unwrapped_buffers=bool(broadcast),
+            aligner=unwrapped if broadcast else None,
+        )
+        record_wrap(model, decided)
         return model
-    _UNWRAPPED.pop(model, None)  # wrapped again once a layer trains: DDP broadcasts them
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     wrapped = DistributedDataParallel(model, **ddp_options)
     _keep_ignoring_owned(model, wrapped)
-    align_with(model, functools.partial(_sync_like_ddp, weakref.ref(wrapped)))
-    leave_unreduced(
-        model,
-        [p for name, p in model.named_parameters() if name not in owned and not p.requires_grad],
-    )  # DDP registers only those that require a gradient now: unfrozen later, ours to average
+    # Wrapped again once a layer trains: DDP broadcasts the host's buffers (and, for a
+    # measurement, as at its next forward). It registers only the parameters that require a
+    # gradient now: those frozen, unfrozen later, are the seeds' gradient sync's to average.
+    frozen = [p for name, p in model.named_parameters() if name not in ours and not p.requires_grad]
+    aligner = functools.partial(_sync_like_ddp, weakref.ref(wrapped))
+    record_wrap(model, WrapRecord(not_reduced=tuple(frozen), aligner=aligner))
     return wrapped
 
 
@@ -254,7 +255,7 @@ def host_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     model's order; else none. What DDP would have broadcast from rank 0 at each forward: a
     frozen host in train mode (a BatchNorm's running statistics) updates them from each rank's
     own shard."""
-    if not _UNWRAPPED.get(model, False):
+    if not wrap_record(model).unwrapped_buffers:
         return []
     ours = set(kasmina_owned_names(model))
     return [(f"host.{n}", b) for n, b in model.named_buffers() if n not in ours]

@@ -45,9 +45,9 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from kasmina.manager.batches import batch_size, checked_pair, moved
-from kasmina.manager.host_alignment import host_buffers_aligned
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
+from kasmina.manager.wrap_records import host_buffers_aligned
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.outputs import dense, on_dense, output_element, replace_output_element

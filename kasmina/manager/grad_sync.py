@@ -5,8 +5,8 @@ one flat all-reduce per bucket, from ``manager.step()`` before any optimizer ste
 the backward rather than overlapped with it: the manager's KD phase backpropagates twice into the
 seeds, and gradient accumulation may add more backwards before a step, so a seed's gradient is
 known to be final only when ``step()`` begins. DDP (``kasmina.manager.ddp.wrap_ddp``) registers
-only the host parameters that require a gradient when it wraps the model: the others, recorded
-here per model (``leave_unreduced``, ``not_reduced``), are averaged with the seeds' once
+only the host parameters that require a gradient when it wraps the model: the others, in the
+model's ``WrapRecord`` (``kasmina.manager.wrap_records``), are averaged with the seeds' once
 unfrozen.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from kasmina.control.processes import (
 )
 from kasmina.control.replica import buckets
 from kasmina.manager.slots import SlotRegistry
+from kasmina.manager.wrap_records import wrap_record
 from kasmina.seeds.charging import DeferredFaults, Held, charge_gathered, encode
 from kasmina.stages import TRAINING_STAGES
 from kasmina.utils.perfstats import LatencyStats
@@ -39,26 +39,11 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BUCKET_CAP_MB", "SeedGradientSync", "leave_unreduced", "not_reduced"]
+__all__ = ["DEFAULT_BUCKET_CAP_MB", "SeedGradientSync"]
 
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.
 DEFAULT_BUCKET_CAP_MB = 25.0
-
-# Per wrapped model, the host parameters DDP does not reduce: those frozen when it wrapped it
-# (every host parameter of a model ``wrap_ddp`` returned unwrapped).
-_NOT_REDUCED: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
-
-
-def leave_unreduced(model: nn.Module, params: list[nn.Parameter]) -> None:
-    """Record ``params`` as the host parameters of ``model`` DDP does not reduce."""
-    _NOT_REDUCED[model] = params
-
-
-def not_reduced(model: nn.Module) -> list[nn.Parameter]:
-    """The host parameters of ``model`` that DDP does not reduce: those frozen when ``wrap_ddp``
-    wrapped it, or every one where it returned ``model`` unwrapped (none before a wrap)."""
-    return list(_NOT_REDUCED.get(model, ()))
 
 
 class SeedGradientSync:
@@ -111,7 +96,7 @@ class SeedGradientSync:
         averaged twice.)"""
         host = self.registry.hold.unfrozen()
         seen = {id(p) for p in host}
-        for p in not_reduced(self.registry.model):
+        for p in wrap_record(self.registry.model).not_reduced:
             if p.requires_grad and id(p) not in seen:
                 host.append(p)
                 seen.add(id(p))
