@@ -38,7 +38,6 @@ from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import check_supported_parallelism
 from kasmina.isolation.optimizers import HOST_ID
 from kasmina.isolation.stepping import checked_clip_norm
-from kasmina.kd.loss import checked_teacher_logits
 from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, TeacherInput
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig, manager_inputs
@@ -51,6 +50,7 @@ from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, me
 from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
+from kasmina.manager.teaching import hand_kd_head, hand_teacher_logits, new_teacher
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, given_slots
 from kasmina.seeds.layer import KasminaLayer
@@ -299,14 +299,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``), the
         last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's;
         a closed manager takes none (``RuntimeError``, before ``model`` is frozen or cast)."""
-        self.state.require_open()  # close() closed its last one: one taken after stayed held
-        if device is None:
-            host = next(iter(self.registry.host_params), None) if self.registry else None
-            device = host.device if host is not None else self.device
-        teacher = CheckpointedTeacher(
-            model, dtype=self.config.teacher_torch_dtype, device=device, copy_model=copy_model,
-            checkpoint_path=self.config.teacher_checkpoint_path, replaces=self.state.teacher,
-        )  # fmt: skip
+        teacher = new_teacher(self.state, model, device, copy_model)  # closed: RuntimeError
         with self._lock:  # a safe point's command on the training thread reads the teacher
             self.state.hold_teacher(teacher)
             self.teacher_passes = TeacherForwardPassManager(teacher)
@@ -340,29 +333,12 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Hand teacher logits to the next forward of the slots that read KD logits that wide on
         their last dim, on each one's device; their ids (none: ``teacher_logits_unread``). None:
         no teacher for this batch: none pending from an earlier one (a batch skipped), any width."""
-        if (teacher_logits := checked_teacher_logits(teacher_logits)) is None:  # ValueError
-            for slot in self.state.kd_slots(None):  # closed: RuntimeError, no slot cleared
-                slot.set_teacher_logits(None)
-            return []
-        width = teacher_logits.shape[-1]
-        chosen = self.state.kd_slots(width)  # closed: RuntimeError, before any slot is armed
-        # Checked, moved or copied once a device, before any slot takes them: a refusal sets none.
-        devices = {s.sat_out_compiled.device for s in chosen}
-        on = {d: checked_teacher_logits(teacher_logits, d) for d in devices}
-        uncollected = sum(s.set_teacher_logits(on[s.sat_out_compiled.device]) for s in chosen)
-        self.counters["kd_uncollected"] += uncollected  # a skipped batch's? (logged by slot)
-        if not chosen and not self.counters["teacher_logits_unread"]:
-            logger.warning("no slot reads %d-wide teacher logits on its last dim: no KD", width)
-        self.counters["teacher_logits_unread"] += not chosen
-        return [s.layer_id for s in chosen]
+        return hand_teacher_logits(self.state, teacher_logits)  # ValueError, RuntimeError
 
     def set_kd_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
         """Give the head ``weight [V, H]`` (a language model's ``lm_head``) to every slot whose
         output is ``H`` wide along its last dim, for its seeds' KD loss; returns their ids."""
-        chosen = self.state.kd_head_slots(weight, bias)  # closed: RuntimeError; all checked
-        for slot in chosen:
-            slot.set_kd_head(weight, bias)
-        return [slot.layer_id for slot in chosen]
+        return hand_kd_head(self.state, weight, bias)  # closed: RuntimeError; all checked
 
     # ------------------------------------------------------------------ commands
     def handle_adaptation_command(self, raw: bytes) -> bool:

@@ -71,10 +71,10 @@ def test_logits_no_slot_reads_are_dropped_with_one_warning(
 ) -> None:
     manager, model = _manager(tmp_path, keyring)
     assert manager.set_teacher_logits(None) == []  # no teacher this step: nothing to say
-    with caplog.at_level(logging.WARNING, logger="kasmina.manager.manager"):
+    with caplog.at_level(logging.WARNING, logger="kasmina.manager.teaching"):
         for _ in range(3):
             assert manager.set_teacher_logits(torch.randn(8, 10)) == []  # 10 classes: no slot
-    warnings = [r.getMessage() for r in caplog.records if r.name == "kasmina.manager.manager"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kasmina.manager.teaching"]
     assert len(warnings) == 1 and "10-wide teacher logits" in warnings[0]
     assert manager.counters["teacher_logits_unread"] == 3
     assert all(slot._teacher_logits is None for slot in manager.require_registry().slots)
