@@ -105,7 +105,13 @@ class ManagerOptimizer(torch.optim.Optimizer):
             )
         checked_clip_norm(grad_clip_norm)  # a bad norm refused here, not at the first step
         self.scaler = scaler  # and one that is no GradScaler (the setter checks it)
+        # The manager for its step alone (``manager.step``, looked up at each step: a wrapper
+        # a loop put on it is the one that runs); the rest is read from its state (optimizers,
+        # registry, tracked objects: when called), and new host groups are taken up under the
+        # lock its step holds.
         self.manager = manager
+        self._manager_state = manager.state
+        self._manager_lock = manager.intake.lock
         self.grad_clip_norm = grad_clip_norm
         self._warned_scaler = False
         self._checked_scaler: torch.amp.GradScaler | None = None
@@ -136,7 +142,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         self._scaler = _gradscaler_or_none(scaler)
 
     def _host(self) -> torch.optim.Optimizer | None:
-        optimizers = self.manager.optimizers
+        optimizers = self._manager_state.optimizers
         return optimizers.optimizer(HOST_ID) if optimizers.has_host else None
 
     @property
@@ -195,7 +201,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         the framework runs next (``scaler.update()``) belongs to the abandoned step. That one
         call keeps the scale as it is (``update(new_scale=)``, which clears the step's records
         and leaves the growth count alone); the class's ``update`` serves every later one."""
-        tracked = [o for o, _ in self.manager.state.tracked.values()]
+        tracked = [o for o, _ in self._manager_state.tracked.values()]
         scalers = {id(o): o for o in tracked if isinstance(o, torch.amp.GradScaler)}
         if self.scaler is not None:  # the one that stepped this optimizer, when given
             scalers = {k: o for k, o in scalers.items() if o is self.scaler}
@@ -218,7 +224,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         host's, already). Through ``self.scaler`` when given, each optimizer's ``unscale_``,
         so that it records a seed's overflow and lowers the scale (None returned); else here,
         by ``scale`` (returned, to undo it with if the step raises)."""
-        optimizers, scaler = self.manager.optimizers, self.scaler
+        optimizers, scaler = self._manager_state.optimizers, self.scaler
         if scaler is not None:
             # Checked once per scaler (a host read): another one unscales by its own scale.
             if scale is not None and self._checked_scaler is not scaler:
@@ -252,7 +258,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
 
     def _scale_grads(self, factor: torch.Tensor) -> None:
         """Multiply every gradient the manager's optimizers step by ``factor``, once each."""
-        optimizers = self.manager.optimizers
+        optimizers = self._manager_state.optimizers
         grads = [p.grad for oid in optimizers.optimizer_ids for p in optimizers.parameters(oid)]
         for grad in {id(g): g for g in grads if g is not None}.values():
             grad.mul_(factor.to(grad.device))
@@ -267,7 +273,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         """Clear the gradients of every optimizer the manager holds: the host's to None or
         to zeros (``set_to_none``), the seeds' always to None (a zero gradient would move a
         seed's Adam on its moments alone, and mark it trained this step)."""
-        self.manager.optimizers.zero_grad(set_to_none=True, host=set_to_none)
+        self._manager_state.optimizers.zero_grad(set_to_none=True, host=set_to_none)
 
     @property
     def rolled_back(self) -> bool:
@@ -283,7 +289,7 @@ class ManagerOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._take_groups()
-        state = self.manager.optimizers.state_dict()
+        state = self._manager_state.optimizers.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state = post_hook(self, state) or state
         return state
@@ -298,8 +304,9 @@ class ManagerOptimizer(torch.optim.Optimizer):
                 "ManagerOptimizer.load_state_dict takes a ManagerOptimizer.state_dict(), got "
                 f"{type(state_dict).__name__}"
             )
-        with self.manager.intake.lock:  # a step takes the groups up under it too
-            registry, optimizers = self.manager.require_registry(), self.manager.optimizers
+        with self._manager_lock:  # a step takes the groups up under it too
+            registry = self._manager_state.require_registry()
+            optimizers = self._manager_state.optimizers
             # Checked with the groups added since the last step before any is taken up: a
             # refused load leaves them for the user to fix.
             optimizers.validate_state_dict(state_dict, registry.parameter_names)
@@ -311,8 +318,9 @@ class ManagerOptimizer(torch.optim.Optimizer):
     def _take_groups(self) -> None:
         """The groups added since the last step (``add_param_group``: gradual unfreezing),
         taken up as a step would (under its lock), so that a state saved now records them."""
-        with self.manager.intake.lock:
-            self.manager.require_registry().take_host_groups(self.manager.optimizers)
+        with self._manager_lock:
+            state = self._manager_state
+            state.require_registry().take_host_groups(state.optimizers)
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         raise TypeError(
