@@ -305,6 +305,10 @@ class DistributedKasmina:
     0's values (``sync_host_buffers``), then checks the replicas and repairs a rank that
     diverged. ``close`` detaches it from the manager.
 
+    It holds the manager's components it uses (its state, and through the replica and the
+    applier its guard, intake and report), never the manager: building it hands the
+    manager its relay and gradient sync (``manager.join_run``), and ``close`` gives them back.
+
     ``check_host`` includes the host's parameters in the replica checksum (see
     ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
     repaired (default: every rank quarantines its growing seeds, so that the ranks keep one
@@ -324,14 +328,12 @@ class DistributedKasmina:
         on_divergence: Callable[[EpochSyncResult], None] | None = None,
         max_pending: int = 1024,
     ) -> None:
-        registry = manager.require_registry()
+        state = self.state = manager.state
+        registry = state.require_registry()
         check_supported_parallelism(registry.model)
-        if manager.command_relay is not None or manager.grad_sync is not None:
-            raise ValueError("this manager is already part of a distributed run")
         # Opened now rather than at the first checkpoint: a rank whose run's disk checkpoints
         # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
-        _ = manager.state.checkpoints
-        self.manager = manager
+        _ = state.checkpoints
         self.group = group
         self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
         self.seed_buffers = BufferAverage(
@@ -341,11 +343,12 @@ class DistributedKasmina:
         # for a ROLLBACK or a repair): half the process group's timeout leaves the rest of the
         # sync room to answer in time.
         prepare_s = collective_timeout_s(group) * PREPARE_SHARE if process_group_active() else None
+        intake = manager.intake
         self.replica = ManagerReplica(
-            manager.state, manager.guard, lock=manager.intake.lock, include_host=check_host,
+            state, manager.guard, lock=intake.lock, include_host=check_host,
             fetch_timeout_s=prepare_s,
         )  # fmt: skip
-        self.applier = ManagerApplier(manager.intake, manager.report, prepare_timeout_s=prepare_s)
+        self.applier = ManagerApplier(intake, manager.report, prepare_timeout_s=prepare_s)
         self.coordinator = DistributedCoordinator(
             manager.handler,
             self.replica,
@@ -356,19 +359,19 @@ class DistributedKasmina:
             group=group,
             max_pending=max_pending,
         )
-        manager.grad_sync = self.seed_grads
-        manager.command_relay = self.coordinator.submit
-        manager.intake.also_dropping.append(self.coordinator.drop_pending)  # refused at close
-        # Accepted before the relay: applied here alone they would apply on this rank only.
-        manager.intake.relay("reached the manager's own queue as it joined a multi-rank run")
         # A fault a seed finds on this rank's host waits for the step, which charges every
         # rank's on every rank (``charging``; the seeds of the table, germinated later too):
         # charged on this rank alone it made the replicas differ, and each epoch sync repaired
         # it away. Held faults are charged here when the rank leaves, or its manager closes.
         self._table = registry.table
-        if self.world_size > 1:
+        deferring = self.world_size > 1
+        holders = [self.coordinator.drop_pending]  # refused when the manager closes, as its own
+        if deferring:
+            holders.append(self._stop_deferring)
+        # ``ValueError`` where the manager is in a run already: nothing joined, nothing deferred.
+        self._leave = manager.join_run(self.coordinator.submit, self.seed_grads, holders)
+        if deferring:
             defer_faults(self._table, self.seed_grads.faults)
-            manager.intake.also_dropping.append(self._stop_deferring)
 
     @property
     def rank(self) -> int:
@@ -394,7 +397,7 @@ class DistributedKasmina:
         # this epoch are the ones in a running stage. A closed manager raises before the first
         # collective, as its step() and end_epoch() do: it would refuse every command the ranks
         # received, as one it could not verify, and report the ranks consistent.
-        registry = self.manager.state.require_registry(training=True)
+        registry = self.state.require_registry(training=True)
         self.seed_grads.charge_held_faults()  # found since the last step: before any command
         self.seed_buffers(running_kernel_buffers(registry))
         # A host wrap_ddp left unwrapped (frozen whole) has no DDP to broadcast its buffers
@@ -415,15 +418,7 @@ class DistributedKasmina:
         """Detach from the manager (its door and step work single-process again); commands
         held for the next sync are refused, each reported; seed faults held for the next step
         are charged on this rank, and later ones at once."""
-        if self.manager.command_relay == self.coordinator.submit:
-            self.manager.command_relay = None
-            self.manager.intake.relay(None)
-        if self.manager.grad_sync is self.seed_grads:
-            self.manager.grad_sync = None
-        dropping = self.manager.intake.also_dropping
-        for drop in (self.coordinator.drop_pending, self._stop_deferring):
-            if drop in dropping:
-                dropping.remove(drop)
+        self._leave()  # the manager's door and step its own again (not a later run's)
         self.coordinator.drop_pending("the multi-rank coordinator closed before its next sync")
         self._stop_deferring()
 
@@ -438,5 +433,5 @@ class DistributedKasmina:
         quarantines with every other rank's."""
 
     def _quarantine(self, reason: str) -> None:
-        for record in self.manager.require_registry().in_stages(ISOLATED_STAGES):
+        for record in self.state.require_registry().in_stages(ISOLATED_STAGES):
             record.seed.quarantine(reason)

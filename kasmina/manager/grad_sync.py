@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,12 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BUCKET_CAP_MB", "SeedGradientSync"]
+__all__ = ["DEFAULT_BUCKET_CAP_MB", "GradSync", "SeedGradientSync"]
+
+# What ``manager.step()`` calls once per step in a multi-rank run, a ``SeedGradientSync``: this
+# rank's isolation verdict and seed flags in; whether the seeds' gradients were averaged, and
+# every rank's verdict, out.
+GradSync = Callable[[bool, dict[str, list[bool]]], tuple[bool, bool]]
 
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kasmina.control.auth import CommandVerifier
@@ -43,7 +43,11 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommandIntake", "command_bytes", "command_verifier"]
+__all__ = ["CommandIntake", "CommandRelay", "command_bytes", "command_verifier"]
+
+# What takes the door's commands while the manager is one rank of a multi-rank run (a
+# ``DistributedCoordinator``'s ``submit``: verified there, held for the ranks' next sync).
+CommandRelay = Callable[[bytes], bool]
 
 
 def command_bytes(command: object, *, signed_bytes: bool = False) -> bytes:
@@ -331,15 +335,23 @@ class CommandIntake:
         for drop in list(self.also_dropping):
             drop(reason)
 
-    def relay(self, reason: str | None) -> None:
+    def relay(self, reason: str | None, holders: Sequence[Callable[[str], None]] = ()) -> None:
         """The manager joined a multi-rank run (``reason``; None: it left it), whose coordinator
         takes its commands from now on: every command queued here is refused for ``reason``,
         none applied, and so is one that reaches this queue later (verified by a door read
-        before the switch): applied here alone, it would apply on this rank only."""
+        before the switch): applied here alone, it would apply on this rank only. ``holders``
+        hold its accepted commands meanwhile: each is told to refuse them when the manager
+        closes (``also_dropping``), from the join until the leave."""
+        if reason:
+            self.also_dropping.extend(holders)
         with self._door:
             self.relayed = reason
             entries = self.queue.take_all() if reason else []
         self._drop(entries, reason or "")
+        if not reason:
+            for drop in holders:
+                if drop in self.also_dropping:
+                    self.also_dropping.remove(drop)
 
     def _drop(self, entries: list[PendingCommand], reason: str) -> None:
         """Report each of ``entries`` refused for ``reason``, none applied."""

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, closing
 from itertools import compress
 from typing import Any
@@ -43,8 +43,9 @@ from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacke
 from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
+from kasmina.manager.grad_sync import GradSync
 from kasmina.manager.guard import IsolationGuard, add_grads, runs_main_backward
-from kasmina.manager.intake import CommandIntake, command_bytes, command_verifier
+from kasmina.manager.intake import CommandIntake, CommandRelay, command_bytes, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
 from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
@@ -132,8 +133,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             undo.pop_all()  # from here on close() closes them
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
         self._last_teacher_input: TeacherInput | None = None
-        self.command_relay: Callable[[bytes], bool] | None = None  # DistributedKasmina: its relay
-        self.grad_sync: Callable[[bool, dict[str, list[bool]]], tuple[bool, bool]] | None = None
+        self.command_relay: CommandRelay | None = None  # DistributedKasmina's (``join_run``)
+        self.grad_sync: GradSync | None = None
 
     # ------------------------------------------------------------------ slots
     def attach(
@@ -352,6 +353,29 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         if relay is not None:  # one rank of several: applied on all of them, or on none
             return relay(raw)
         return self.intake.arrive(raw)
+
+    def join_run(
+        self, relay: CommandRelay, grad_sync: GradSync, holders: Sequence[Callable[[str], None]]
+    ) -> Callable[[], None]:
+        """One rank of a multi-rank run from now on (``DistributedKasmina``): the door relays each
+        command to ``relay``, ``step()`` averages through ``grad_sync``, ``holders`` refuse what
+        they hold when this closes, and what its own queue holds is refused (``intake.relay``).
+        What it returns leaves the run; ``ValueError``, nothing changed, where in one already."""
+        if self.command_relay is not None or self.grad_sync is not None:
+            raise ValueError("this manager is already part of a distributed run")
+        self.grad_sync = grad_sync
+        self.command_relay = relay
+        # Accepted before the relay: applied here alone they would apply on this rank only.
+        self.intake.relay("reached the manager's own queue as it joined a multi-rank run", holders)
+
+        def leave() -> None:
+            if self.command_relay == relay:  # (not a later run's)
+                self.command_relay = None
+                self.intake.relay(None, holders)
+            if self.grad_sync is grad_sync:
+                self.grad_sync = None
+
+        return leave
 
     def apply_pending(self, *, wait: bool = False) -> list[CommandOutcome]:
         """A safe point, on the training thread between steps (``step()`` ends with one,

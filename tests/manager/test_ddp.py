@@ -691,7 +691,7 @@ def test_a_second_trainer_of_a_run_is_refused_when_it_joins(tmp_path, store, key
     with pytest.raises(RuntimeError, match="held by another live trainer.*its own run_id"):
         DistributedKasmina(second)
     assert second.command_relay is None and second.grad_sync is None
-    assert joined.manager is first and first.command_relay is not None
+    assert joined.state is first.state and first.command_relay is not None
     with pytest.raises(RuntimeError, match="held by another live trainer.*its own run_id"):
         rank_rig("rank2")  # the run's checkpoints are there: refused as it starts
 

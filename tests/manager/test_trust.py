@@ -79,6 +79,7 @@ IN_PROCESS: dict[type, set[str]] = {
         "get_checkpoint_effectiveness",
         "get_performance_metrics",
         "get_teacher_predictions",
+        "join_run",
         "load_kernel",
         "load_kernel_with_teacher",
         "load_teacher",
