@@ -17,7 +17,6 @@ import contextvars
 import logging
 import math
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -542,7 +541,8 @@ def recomputing() -> bool:
 
 # What a fault of each kind costs the seed, where its output is not what falls back.
 _FAULT_EFFECTS = {"backward": "its step's gradient is dropped", "gradient": "its step is skipped",
-                  "optimizer": "its optimizer state is reset"}  # fmt: skip
+                  "optimizer": "its optimizer state is reset",
+                  "kd": "its KD loss of the call is skipped"}  # fmt: skip
 
 
 def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
@@ -554,47 +554,3 @@ def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reaso
         "seed %s: fault %d/%d in %s (%s): %s; %s",
         *(seed_id, count, limit, stage, kind, reason, effect),
     )  # fmt: skip
-
-
-_SAT_OUT_EFFECTS = {
-    "seeds": "the host output stands",
-    "kd_uncollected": "the next collect_kd_losses() sums it in; a skipped batch's: collect it "
-    "and discard it",
-}
-
-
-def count_sat_out(
-    counts: Counter[str],
-    compiled: torch.Tensor,
-    slot_id: str,
-    what: str,
-    reason: str,
-    recompute: bool = False,
-) -> None:
-    """Count (and log rarely) a call a slot's seeds (``what="seeds"``) or their KD sat out. A
-    checkpointing recompute is not counted (the region's first run was), unless ``recompute``
-    says the sit-out is the recompute's own. In a compiled forward the count goes to
-    ``compiled`` (``[seeds, KD]``, on the device), unlogged: a Python count there is a guard on
-    its value, and every call recompiled."""
-    if recomputing() and not recompute:
-        return
-    if torch.compiler.is_compiling():
-        compiled[int(what != "seeds")].add_(1)
-        return
-    counts[what] += 1
-    log_sat_out(slot_id, what, counts[what], reason)
-
-
-def log_sat_out(slot_id: str, what: str, count: int, reason: str) -> None:
-    """Log the ``count``-th call of a slot that its seeds (or their KD) sat out, as
-    :func:`log_fault` does: the first and every ``FAULT_WARN_EVERY``-th at WARNING."""
-    effect = _SAT_OUT_EFFECTS.get(what, "no KD loss from it")
-    logger.log(
-        rarely(count, FAULT_WARN_EVERY),
-        "slot %s: %s sat out call %d (%s); %s",
-        slot_id,
-        what,
-        count,
-        reason,
-        effect,
-    )

@@ -54,7 +54,6 @@ from kasmina.kd.loss import (
     PendingKDLosses,
     checked_teacher_logits,
     kd_head_problem,
-    slot_kd_loss,
     teacher_fit_problem,
 )
 from kasmina.ops.alpha_blend import seed_blend
@@ -73,7 +72,6 @@ from kasmina.seeds.faults import (
     GraphMark,
     chunk_sums,
     compile_callback,
-    count_sat_out,
     fallback_masks,
     fallback_per_chunk,
     finite_test,
@@ -84,6 +82,7 @@ from kasmina.seeds.faults import (
 )
 from kasmina.seeds.forwarding import HostForwarding
 from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
+from kasmina.seeds.kd_faults import slot_kd_or_fault
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     ActivationSpec,
@@ -104,6 +103,7 @@ from kasmina.seeds.outputs import (
     teacher_goes_to,
 )
 from kasmina.seeds.recompute import RegionTeachers, checkpoint_region, graph_to_come
+from kasmina.seeds.sat_out import count_sat_out
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import BLENDING_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNEL, SeedStage
@@ -569,12 +569,12 @@ class KasminaLayer(HostForwarding):
         if problem := problem or teacher_fit_problem(full, teacher_logits, self._kd_head):
             self._sit_out("kd", problem)
             return
-        loss = slot_kd_loss(
-            self.kd_config, full, students, teacher_logits, self.chunk_size, dim, ok, host,
+        seeds = self._seed_list  # those distilling are charged if it raises
+        loss = slot_kd_or_fault(
+            seeds, self.kd_config, full, students, teacher_logits, self.chunk_size, dim, ok, host,
             self._kd_head,
         )  # fmt: skip
-        if not recomputing():  # a recompute saves the same tensors; its loss was taken already
-            seeds = self._seed_list
+        if loss is not None:  # None: it raised (contained), or a recompute's, taken already
             mark_students(loss, [seeds[k].seed_id for k, s in enumerate(students) if s is not None])
             self._kd_losses.append(loss)
 

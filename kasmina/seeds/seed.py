@@ -32,7 +32,6 @@ from torch import nn
 from kasmina.errors import IllegalTransitionError, KernelInputRefused
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_students, sum_kd_losses
-from kasmina.kd.loss import seed_kd_loss
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.charging import charge, charge_or_defer
 from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
@@ -77,6 +76,7 @@ from kasmina.seeds.gates import (
     sigmoid_alpha,
 )
 from kasmina.seeds.island import contain_backward
+from kasmina.seeds.kd_faults import seed_kd_or_fault
 from kasmina.seeds.kernel_watch import kernel_changed
 from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
@@ -529,8 +529,9 @@ class GradientIsolatedSeed(nn.Module):
     def _maybe_kd(self, s: torch.Tensor, teacher: torch.Tensor | None, stage: SeedStage) -> None:
         kd = self.kd_config is not None and teacher is not None and torch.is_grad_enabled()
         if kd and stage in ISOLATED_TRAINING_STAGES:  # without grad: nothing it could train
-            loss = seed_kd_loss(self.kd_config, s, teacher)
-            self._kd_losses.append(mark_students(loss, [self.seed_id]))
+            loss = seed_kd_or_fault(self.kd_config, s, teacher, self.record_fault)
+            if loss is not None:  # None: it raised, a fault recorded, no loss kept for the step
+                self._kd_losses.append(mark_students(loss, [self.seed_id]))
 
     def get_and_clear_kd_losses(self) -> torch.Tensor | None:
         """Sum of the KD losses stored since the last call (graph kept: it trains the seed)."""

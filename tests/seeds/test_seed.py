@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import IllegalTransitionError
+from kasmina.kd import loss as kd_loss_module
 from kasmina.kd.config import KDConfig
 from kasmina.ops import kd_kl_loss
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
@@ -157,6 +158,36 @@ def test_kd_losses_accumulate_and_need_matching_teacher_shape(x) -> None:
     active = make_seed(S.ACTIVE, KDConfig())
     active(h, teacher)  # a fossilized seed trains with the host: no seed-only KD loss
     assert active.get_and_clear_kd_losses() is None
+
+
+@pytest.mark.parametrize(
+    "failure", [torch.OutOfMemoryError("out of memory"), RuntimeError("illegal memory access")]
+)
+def test_a_kd_loss_that_raises_is_the_seeds_fault(x, monkeypatch, caplog, failure) -> None:
+    """``seed(x, teacher)`` raised the KD op's failure (an allocation) out of the host's
+    forward. It returns what it would without the teacher, keeps no loss, and the seed is
+    charged; logits that cannot teach are still the caller's ``ValueError``."""
+    seed = make_seed(S.GRAFTING, KDConfig())
+    seed.update_alpha_blending(3, 10)
+    net, teacher = Net(seed), torch.randn(5, C)
+    want = net(x)
+
+    def kd_kl_loss(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(kd_loss_module, "kd_kl_loss", kd_kl_loss)
+    out = net(x, teacher)
+    assert torch.equal(out, want) and seed.get_and_clear_kd_losses() is None
+    out.pow(2).sum().backward()
+    assert net.down.weight.grad is not None  # the host's backward runs
+    assert seed.faults == 1 and type(failure).__name__ in seed.fault_log[-1]
+    assert (
+        "(kd): its KD loss raised" in caplog.text
+        and "KD loss of the call is skipped" in caplog.text
+    )
+    with pytest.raises(ValueError):
+        net(x, torch.randn(5, C + 1))
+    assert seed.faults == 1
 
 
 @pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION])
