@@ -37,7 +37,7 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
-from kasmina.utils.autograd_nodes import backward_into_leaves
+from kasmina.utils.autograd_nodes import backward_beside_ddp
 from kasmina.utils.flags import read_flags
 from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import clipped, rarely
@@ -285,16 +285,16 @@ class IsolationGuard:
                     phases.enter_context(monitor.seed_backward())
                 try:
                     cut = kd_cut(kd_loss) if retain_graph and rooted else None
-                    # No leaf's accumulator runs (nor DDP's hook on it: a leaked host
-                    # parameter was marked ready twice, with the host's backward).
+                    # Under DDP no leaf's accumulator runs (nor DDP's hook on it: a leaked
+                    # host parameter was marked ready twice, with the host's backward).
                     if cut is None:
-                        backward_into_leaves([kd_loss], retain_graph=retain_graph)
+                        backward_beside_ddp([kd_loss], retain_graph=retain_graph)
                     else:  # ``kd.graph``: the KD op's saved logits freed at once
                         grads = torch.autograd.grad(kd_loss, cut, allow_unused=True)
                         pairs = [(e, g) for e, g in zip(cut, grads, strict=True) if g is not None]
                         if pairs:
                             edges, through = zip(*pairs, strict=True)
-                            backward_into_leaves(edges, through, retain_graph=True)
+                            backward_beside_ddp(edges, through, retain_graph=True)
                 except Exception as exc:  # the KD term is lost, never the host's step
                     failed = True
                     self.counters["kd_backward_failed"] += 1

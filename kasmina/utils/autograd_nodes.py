@@ -1,5 +1,6 @@
 """Facts about autograd nodes that the graph walks (isolation checks, the KD cut) share, and a
-backward that fills the leaves' gradients without running their accumulators."""
+backward that fills the leaves' gradients without running their accumulators, for where
+``DistributedDataParallel`` may hook them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.autograd.graph import GradientEdge
 
 __all__ = [
+    "backward_beside_ddp",
     "backward_into_leaves",
     "compiled_node",
     "leaves_below",
@@ -103,3 +106,20 @@ def backward_into_leaves(
                 leaf.grad = leaf.grad + grad
             else:
                 leaf.grad.add_(grad)
+
+
+def backward_beside_ddp(
+    outputs: Sequence[torch.Tensor | GradientEdge],
+    grad_outputs: Sequence[torch.Tensor] | None = None,
+    *,
+    retain_graph: bool,
+) -> None:
+    """A backward that ``DistributedDataParallel``'s reducer does not see: ``backward_into_leaves``
+    where a default process group is up (DDP cannot run without one), else torch's own
+    ``torch.autograd.backward``, the same gradients added to the same ``.grad``. Without a
+    group no reducer hooks an accumulator, and the engine finds the leaves itself: the walk of
+    every node in Python (``leaves_below``) is not paid on every step."""
+    if dist.is_available() and dist.is_initialized():
+        backward_into_leaves(outputs, grad_outputs, retain_graph=retain_graph)
+    else:
+        torch.autograd.backward(list(outputs), grad_outputs, retain_graph=retain_graph)
