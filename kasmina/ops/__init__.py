@@ -34,7 +34,6 @@ from kasmina.ops.grad_norms import (
     leak_check,
     leak_check_reference,
 )
-from kasmina.ops.kd_loss import REDUCTIONS as KD_REDUCTIONS
 from kasmina.ops.kd_loss import kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.lifecycle import (
     lifecycle_tick,
@@ -44,7 +43,6 @@ from kasmina.ops.lifecycle import (
 )
 
 __all__ = [
-    "KD_REDUCTIONS",
     "alpha_blend",
     "alpha_blend_reference",
     "fused_linear_kd_loss",
