@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kasmina.ops.kd_loss import _backward_impl, _forward_impl
+from kasmina.ops.kd_loss import kd_backward_impl, kd_forward_impl
 
 # Scratch budget of one chunk on CUDA (default_chunk_rows). At 8×4096 rows × H 4096 × V 128,256
 # in bf16 it gives 640 rows and a peak of 2.7 GiB, 1/9 of eager's; 1 GiB (1,344 rows) would
@@ -331,7 +331,7 @@ def _forward(
     for r0, r1 in chunks.ranges():
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
         need_stats = grads_now or stats.numel() > 0
-        loss, st, _ = _forward_impl(s, t, m, temperature, kd_reduction, need_stats)
+        loss, st, _ = kd_forward_impl(s, t, m, temperature, kd_reduction, need_stats)
         if loss_rows is not None:
             loss_rows.view(-1)[r0:r1].copy_(loss)
         else:
@@ -340,7 +340,7 @@ def _forward(
             stats[r0:r1].copy_(st)
         if grads is not None:
             empty = st.new_empty(0)
-            g = _backward_impl(s, t, m, st, empty, one, temperature, "sum")
+            g = kd_backward_impl(s, t, m, st, empty, one, temperature, "sum")
             grads.fold(g, s, r0, r1, temperature, m)
             del g  # before the next chunk allocates its own
     scale = _reduction_scale(r, cfg.reduction)
@@ -375,7 +375,7 @@ def _backward_rows(
         s, t, m = chunks.student(r0, r1), chunks.teacher(r0, r1), chunks.mask(r0, r1)
         # A masked row's grad_output reaches nothing (an inf there must not size the bound)
         g_out = go[r0:r1] if m is None else go[r0:r1].masked_fill(~m, 0.0)
-        g = _backward_impl(s, t, m, stats[r0:r1], empty, g_out, cfg.temperature, "none")
+        g = kd_backward_impl(s, t, m, stats[r0:r1], empty, g_out, cfg.temperature, "none")
         bound = cfg.temperature  # fp16 weights: scaled by the chunk's largest grad_output
         if cfg.need_weight and r.weight.dtype == torch.float16:
             bound = g_out.abs().amax().float() * cfg.temperature

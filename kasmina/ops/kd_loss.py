@@ -363,7 +363,7 @@ def _kernels():
     return kernels
 
 
-def _forward_impl(
+def kd_forward_impl(
     student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -374,7 +374,7 @@ def _forward_impl(
     return kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
 
 
-def _backward_impl(
+def kd_backward_impl(
     student: Tensor, teacher: Tensor, mask: Tensor | None, stats: Tensor, scale: Tensor,
     grad_output: Tensor, temperature: float, reduction: str,
 ) -> Tensor:  # fmt: skip
@@ -400,7 +400,7 @@ class _KDFunction(torch.autograd.Function):
     @staticmethod
     def forward(student, teacher, mask, temperature, reduction, anchor):  # type: ignore[override]
         if use_triton(student.device):
-            return _forward_impl(student, teacher, mask, temperature, reduction, True)
+            return kd_forward_impl(student, teacher, mask, temperature, reduction, True)
         return kd_forward_grad_reference(student, teacher, mask, temperature, reduction)
 
     @staticmethod
@@ -438,7 +438,7 @@ class _KDFunction(torch.autograd.Function):
             )
             return grad, None, None, None, None, None
         student, teacher, mask, stats, scale = ctx.saved_tensors
-        grad = _backward_impl(
+        grad = kd_backward_impl(
             student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
         )
         return grad, None, None, None, None, None
@@ -476,7 +476,7 @@ def _kd_op(
     reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(student, teacher, mask, temperature, reduction, need_grad)
+    return kd_forward_impl(student, teacher, mask, temperature, reduction, need_grad)
 
 
 @_kd_op.register_fake
@@ -500,7 +500,9 @@ def _kd_backward_op(
     temperature: float,
     reduction: str,
 ) -> Tensor:
-    return _backward_impl(student, teacher, mask, stats, scale, grad_output, temperature, reduction)
+    return kd_backward_impl(
+        student, teacher, mask, stats, scale, grad_output, temperature, reduction
+    )
 
 
 @_kd_backward_op.register_fake
@@ -592,4 +594,4 @@ def kd_kl_loss(
         anchor = graph_anchor(student_logits) if cpu_grad else None
         args = (student_logits, teacher, mask, temperature, reduction, anchor)
         return _KDFunction.apply(*args)[0]
-    return _forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]
+    return kd_forward_impl(student_logits, teacher, mask, temperature, reduction, False)[0]

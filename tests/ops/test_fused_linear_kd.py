@@ -539,13 +539,13 @@ def test_default_chunk_rows_follows_the_budget(monkeypatch: pytest.MonkeyPatch):
     budget = "DEFAULT_CHUNK_BYTES" if DEVICE.type == "cuda" else "DEFAULT_CPU_CHUNK_BYTES"
     monkeypatch.setattr(chunks, budget, 5 * per_row)
     calls: list[int] = []
-    forward = chunks._forward_impl
+    forward = chunks.kd_forward_impl
 
     def spy(student, *args):
         calls.append(student.shape[0])
         return forward(student, *args)
 
-    monkeypatch.setattr(chunks, "_forward_impl", spy)
+    monkeypatch.setattr(chunks, "kd_forward_impl", spy)
     h, w, _, th, tw, _, _, _ = _inputs((12,), 8, 200, torch.float32, seed=12)
     fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw)
     assert calls == [5, 5, 2]
@@ -921,7 +921,7 @@ def _opaque_kd_op(monkeypatch: pytest.MonkeyPatch) -> None:
         return run
 
     for module in (chunks, kd):
-        for name in ("_forward_impl", "_backward_impl"):
+        for name in ("kd_forward_impl", "kd_backward_impl"):
             monkeypatch.setattr(module, name, opaque(getattr(module, name)))
 
 
