@@ -49,8 +49,8 @@ from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation.stepping import torch_norms
 from kasmina.isolation.verify import HostIndex, NamedParams, graph_isolation, named_params
 from kasmina.leyline import MetricType
-from kasmina.ops import leak_check
 from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.ops.grad_norms import leak_check
 from kasmina.utils.atomic import remove_stale_temporaries
 from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_cut
-from kasmina.ops import fused_linear_kd_loss, kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.backend import SUPPORTED_DTYPES, check_positive_int
-from kasmina.ops.fused_linear_kd import head_factor
+from kasmina.ops.fused_linear_kd import fused_linear_kd_loss, head_factor
+from kasmina.ops.kd_loss import kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.transforms import in_compiled_transform
 
 __all__ = [
