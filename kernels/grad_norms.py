@@ -33,14 +33,17 @@ entries); the chunk tables underneath are shared by every pointer set of the sam
 (element counts, dtypes, alignment) in a second small LRU (``_PLANS``), so fresh gradients each
 step rebuild only the pointer table. An exact hit skips validation: its key can only match a
 list that was validated when the entry was made (device address spaces are disjoint under
-unified addressing, and the dtypes are part of the key).
+unified addressing, and the dtypes are part of the key). Validation is the op's contract for each
+entry, which ``kasmina.ops.grad_norms`` passes in as ``check_entry`` on every call (one
+definition of the supported dtypes and the error messages), then the data pointers, which only
+this kernel needs.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -49,8 +52,8 @@ import triton
 import triton.language as tl
 from kasmina.kernels.device import on_device
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The element type each group is loaded as: bf16 as its raw bits (see ``_fold``).
+# The element type each group is loaded as: bf16 as its raw bits (see ``_fold``). The dtypes a
+# caller may pass are the op's contract, checked by the caller's ``check_entry`` (see ``prepare``).
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16}
 # Elements per program: enough work per program and enough programs per tensor. A multiple of 16
 # (the kernel tells the compiler so) that keeps chunk starts at the tensor's 16-byte alignment.
@@ -254,18 +257,18 @@ _plans: OrderedDict[tuple, _Plan] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _check(tensors: Sequence[object], device: torch.device) -> None:
+# The caller's check of one entry ``(index, entry, device)``: raises ``ValueError`` naming it.
+EntryCheck = Callable[[int, object, torch.device], None]
+
+
+def _check(tensors: Sequence[object], device: torch.device, check_entry: EntryCheck | None) -> None:
+    """Each entry: the caller's contract first (``check_entry``: type, dtype, device, layout),
+    then what only this kernel needs, an address to read."""
     for i, t in enumerate(tensors):
         if t is None or t is _EMPTY:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
-        if t.layout != torch.strided:
-            raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
+        if check_entry is not None:
+            check_entry(i, t, device)
         if t.numel() and not t.data_ptr():  # a ZeroTensor: the kernel would read address 0
             raise ValueError(f"tensors[{i}] has no storage to read (a ZeroTensor?)")
 
@@ -345,12 +348,17 @@ def _key_parts(
     )
 
 
-def prepare(tensors: Sequence[torch.Tensor | None], device: torch.device) -> Prepared:
+def prepare(
+    tensors: Sequence[torch.Tensor | None],
+    device: torch.device,
+    check_entry: EntryCheck | None = None,
+) -> Prepared:
     """The host side of one call: the (cached) plan and device pointer table for ``tensors``.
 
     A list seen before costs four attribute reads per tensor, a tuple hash and a dict lookup
-    (plus one list pass when it holds ``None``); a new list is validated, and a new structure
-    builds its chunk tables.
+    (plus one list pass when it holds ``None``); a new list is validated (``check_entry`` on
+    each entry, then the data pointers; without ``check_entry``, as in the tests' direct calls,
+    the pointers only), and a new structure builds its chunk tables.
     """
     ts: Sequence = tensors
     try:
@@ -360,11 +368,11 @@ def prepare(tensors: Sequence[torch.Tensor | None], device: torch.device) -> Pre
         try:
             ptrs, numels, dtypes, dense = _key_parts(ts)
         except (TypeError, RuntimeError):
-            _check(tensors, device)  # names the entry that is not a (dense) tensor
+            _check(tensors, device, check_entry)  # names the entry that is not a (dense) tensor
             raise
     validated = False
     if not dense:
-        _check(ts, device)
+        _check(ts, device, check_entry)
         validated = True
         flags = list(map(_is_contiguous, ts))
         ts = [
@@ -378,7 +386,7 @@ def prepare(tensors: Sequence[torch.Tensor | None], device: torch.device) -> Pre
             _launches.move_to_end(key)
     if hit is None:
         if not validated:
-            _check(ts, device)
+            _check(ts, device, check_entry)
         aligned = tuple(p % ALIGNMENT == 0 for p in ptrs)
         structure = (device, numels, dtypes, aligned)
         with _lock:
@@ -396,19 +404,21 @@ def tensor_norms(
     tensors: Sequence[torch.Tensor | None],
     device: torch.device,
     tol: float | None = None,
+    check_entry: EntryCheck | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 L2 norm of each tensor (``None`` -> 0) and, when ``tol`` is given, the leak flag.
 
     The flag is a 0-d bool device tensor: any norm > ``tol`` or not finite. Dense tensors are
     read in place whatever their strides; other views are copied to a dense buffer first
-    (gradients and parameters never are).
+    (gradients and parameters never are). ``check_entry`` is the op's check of one entry
+    (``kasmina.ops.grad_norms``), run on every list not prepared before (``prepare``).
     """
     n = len(tensors)
     norms = torch.empty(n, dtype=torch.float32, device=device)
     flag = torch.zeros((), dtype=torch.bool, device=device) if tol is not None else None
     if n == 0:
         return norms, flag
-    prep = prepare(tensors, device)
+    prep = prepare(tensors, device, check_entry)
     plan = prep.plan
     partials = torch.empty(2 * max(plan.total_chunks, 1), dtype=torch.float32, device=device)
     with on_device(device):

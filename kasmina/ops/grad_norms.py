@@ -128,21 +128,27 @@ def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> t
     return torch.device("cpu")
 
 
+def _check_entry(i: int, t: object, device: torch.device) -> None:
+    """``ValueError`` unless ``tensors[i]`` (not ``None``) is a supported tensor on ``device``:
+    the contract of both backends, which the Triton launcher also runs on every list it has
+    not prepared before (``kasmina.kernels.grad_norms.prepare``), before its own pointer check."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+    if t.layout != torch.strided:
+        raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
+
+
 def _validate(tensors: MaybeTensors, device: torch.device) -> None:
     """``ValueError`` naming the first entry that is not a supported tensor on ``device``."""
     if not isinstance(tensors, (list, tuple)):
         raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"tensors[{i}] must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
-        if t.layout != torch.strided:
-            raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
+        if t is not None:
+            _check_entry(i, t, device)
 
 
 def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
@@ -194,7 +200,8 @@ def _compute(
     if use_triton(device):
         from kasmina.kernels.grad_norms import tensor_norms
 
-        return tensor_norms(tensors, device, tol)  # validates whenever it prepares a new launch
+        # Validates (``_check_entry``, then the data pointers) whenever it prepares a new launch.
+        return tensor_norms(tensors, device, tol, _check_entry)
     norms = _checked_norms(tensors, device)
     return norms, (None if tol is None else _flag(norms, tol))
 
