@@ -361,6 +361,10 @@ def default_block_v(vocab: int, block: int = FWD_BLOCK_V) -> int:
 
 # --------------------------------------------------------------------------- launchers
 
+# The op's reduction names and host scale (kasmina.ops.kd_loss: REDUCTIONS, _host_scale), kept
+# here too: this package imports nothing of kasmina, the op's CPU path must not load Triton, and
+# a launcher called directly validates and scales on its own. tests/ops/test_kd_loss.py pins
+# the two equal.
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from kasmina.ops import kd_kl_loss, kd_kl_loss_reference
 from kasmina.ops.kd_layout import grad_strides
+from kasmina.ops.kd_loss import REDUCTIONS as OP_REDUCTIONS
 from kasmina.ops.kd_loss import (
+    _host_scale,
     kd_backward_reference,
     kd_forward_reference,
 )
@@ -244,6 +246,17 @@ def test_launcher_rejections():
         kernels.kd_backward(student, teacher, None, stats[:2], scale, torch.ones(()), 1.0, "sum")
     with pytest.raises(ValueError, match="reduction"):
         kernels.kd_forward(student, teacher, None, 1.0, "avg", True)
+
+
+def test_launcher_and_op_agree_on_reductions_and_host_scale() -> None:
+    """The launcher imports nothing of kasmina and the op's CPU path loads no Triton
+    (docs/design.md §1), so each keeps the reduction names and the host part of the scale:
+    the two copies must not drift apart."""
+    assert kernels.REDUCTIONS == OP_REDUCTIONS
+    for reduction in OP_REDUCTIONS:
+        for rows, vocab, masked in [(0, 1, False), (1, 7, True), (6, 1001, False), (6, 3, True)]:
+            expected = _host_scale(reduction, rows, vocab, masked)
+            assert kernels.host_scale(reduction, rows, vocab, masked) == expected
 
 
 # --------------------------------------------------------------------------- layouts
