@@ -225,13 +225,15 @@ def test_grad_norms_launcher_host_time(benchmark, with_none: bool) -> None:
     """
     from kasmina.kernels.grad_norms import prepare
 
+    from kasmina.ops.grad_norms import check_entry  # the op's contract, as the op passes it
+
     tensors = _param_list(with_none)
     present = _present(tensors)
     device = torch.device("cpu")
-    prepare(tensors, device)  # builds the plan and the pointer table once
-    benchmark(prepare, tensors, device)
+    prepare(tensors, device, check_entry)  # builds the plan and the pointer table once
+    benchmark(prepare, tensors, device, check_entry)
     ours_s, floor_s, ratio = _paired(
-        lambda: prepare(tensors, device), lambda: [t.data_ptr() for t in present]
+        lambda: prepare(tensors, device, check_entry), lambda: [t.data_ptr() for t in present]
     )
     benchmark.extra_info.update(
         {"ours_us": round(ours_s * 1e6, 3), "floor_us": round(floor_s * 1e6, 3)}
@@ -246,15 +248,17 @@ def test_grad_norms_launcher_host_time_new_pointers(benchmark) -> None:
     """Host side when every call sees fresh tensors of the same structure (new pointers)."""
     from kasmina.kernels.grad_norms import prepare
 
+    from kasmina.ops.grad_norms import check_entry  # a new list is checked as the op checks it
+
     pool = [_param_list(False) for _ in range(12)]  # more lists than the launch cache holds
     device = torch.device("cpu")
     for tensors in pool:
-        prepare(tensors, device)
+        prepare(tensors, device, check_entry)
     state = {"i": 0}
 
     def step() -> None:
         state["i"] = (state["i"] + 1) % len(pool)
-        prepare(pool[state["i"]], device)
+        prepare(pool[state["i"]], device, check_entry)
 
     benchmark(step)
     benchmark.extra_info["target"] = f"no §8 number (pointer-table rebuild); {HOST_TARGET}"

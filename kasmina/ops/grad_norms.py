@@ -128,7 +128,7 @@ def _infer_device(tensors: MaybeTensors, device: torch.device | str | None) -> t
     return torch.device("cpu")
 
 
-def _check_entry(i: int, t: object, device: torch.device) -> None:
+def check_entry(i: int, t: object, device: torch.device) -> None:
     """``ValueError`` unless ``tensors[i]`` (not ``None``) is a supported tensor on ``device``:
     the contract of both backends, which the Triton launcher also runs on every list it has
     not prepared before (``kasmina.kernels.grad_norms.prepare``), before its own pointer check."""
@@ -148,7 +148,7 @@ def _validate(tensors: MaybeTensors, device: torch.device) -> None:
         raise ValueError(f"tensors must be a list or tuple, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
         if t is not None:
-            _check_entry(i, t, device)
+            check_entry(i, t, device)
 
 
 def _checked_norms(tensors: MaybeTensors, device: torch.device) -> torch.Tensor:
@@ -200,8 +200,8 @@ def _compute(
     if use_triton(device):
         from kasmina.kernels.grad_norms import tensor_norms
 
-        # Validates (``_check_entry``, then the data pointers) whenever it prepares a new launch.
-        return tensor_norms(tensors, device, tol, _check_entry)
+        # Validates (``check_entry``, then the data pointers) whenever it prepares a new launch.
+        return tensor_norms(tensors, device, tol, check_entry)
     norms = _checked_norms(tensors, device)
     return norms, (None if tol is None else _flag(norms, tol))
 
