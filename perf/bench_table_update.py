@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from arguments import positive_int  # perf/ is sys.path[0] when run as a script
 
-from kasmina.manager.report import _batch_update_us
+from kasmina.manager.perf_targets import _batch_update_us
 from kasmina.ops import lifecycle_update_reference
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage

@@ -21,7 +21,9 @@ checkpoints and rollback, and telemetry. It is a façade over components that do
 - ``checkpoints`` / ``rollback`` -- signed epoch checkpoints on a cadence, written atomically,
   and the rollback that verifies one, then rebuilds its seed and optimizer layout before it loads
   any weight.
-- ``report`` -- ``ManagerReport``: events, Leyline telemetry packets and measured performance.
+- ``report`` / ``perf_targets`` -- ``ManagerReport``: events, Leyline telemetry packets and
+  measured performance, each docs/design.md §8 target checked (``TargetCheck``); the targets
+  it measures on itself and how each is timed.
 
 The manager is the executor the command handler is given (the ``CommandExecutor`` protocol); it
 serialises command execution and the training step with one lock. Imports the four middle

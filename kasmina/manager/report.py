@@ -4,7 +4,8 @@
 and the ``IsolationGuard`` whose counters it reports. Every number is measured by the manager
 itself (its own timers, the cache's counters, the handler's counters, passed in by the façade);
 nothing is assumed. ``validate_performance_targets`` measures the docs/design.md §8 targets
-that the running device can measure, at call time, and returns each value beside its target.
+that the running device can measure, at call time, and returns each value beside its target:
+``perf_targets`` holds the targets and how each is timed.
 
 The controller's view is ``system_state``: the Leyline ``SystemStatePacket`` with the seeds'
 stages, alphas, epochs in stage and the benefit Kasmina measured (``evaluate_seeds``).
@@ -14,19 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import KasminaCommand, make_seed_command
-from kasmina.control.handler import LeylineAdaptationHandler
+from kasmina.control.commands import KasminaCommand
 from kasmina.leyline import (
     MetricType,
     SeedLifecycleStage,
@@ -35,17 +32,12 @@ from kasmina.leyline import (
     TelemetryPacket,
 )
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.perf_targets import dormant_overhead_us, measure_targets
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
 from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.gates import GateResult, SeedEvaluation
-from kasmina.seeds.side_effects import kept_buffers
-from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import SeedStage
-from kasmina.urza.cache import GPUKernelCache
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.keyring import Keyring, generate_key
-from kasmina.utils.modules import hooks_held, in_eval_mode, rng_forked
 from kasmina.utils.ratelimit import clipped
 
 __all__ = [
@@ -64,8 +56,6 @@ SYSTEM_STATE_VERSION = 1
 # Validation-metric keys (as given to end_epoch) that fill the packet's own fields.
 _ACCURACY_KEYS = ("val_accuracy", "accuracy", "val_acc")
 _LOSS_KEYS = ("val_loss", "loss")
-
-_COMMANDS_PER_VERIFIER = 1000  # command-path timing: far below MAX_LIVE_NONCES, each accepted
 
 _COUNTER = MetricType.METRIC_TYPE_COUNTER
 _GAUGE = MetricType.METRIC_TYPE_GAUGE
@@ -395,54 +385,36 @@ class ManagerReport:
 
     def validate_performance_targets(self, repeats: int = 200) -> dict[str, TargetCheck]:
         """Measure, now, each docs/design.md §8 target this device can measure, and return
-        ``{name: TargetCheck(measured, target, unit, met)}``.
-
-        Every value is a median of ``repeats`` timed runs on private objects (a throwaway
-        command key, handler, cache and state table), so measuring changes nothing the run
-        depends on: no nonce is spent, no counter moves. Measured on every device:
-
-        - ``command_path_p50_us``: parse + verify + validate + dispatch of a signed command
-          (distinct nonces, a memory-only ledger, a no-op executor, a fresh verifier every
-          1,000 commands, so each is accepted) <= 20 µs;
-        - ``state_packet_serialize_p50_us`` <= 2 µs and ``state_packet_bytes`` <= 100 for the
-          reference packet (version, epoch, accuracy, 3 metrics);
-        - ``cache_hit_p50_us``: a kernel-cache hit <= 2 µs;
-        - ``batch_update_1024_us``: 1,024 transitions in one ``batch_state_update`` <= 1 ms, on
-          the manager's device (on a GPU that is the one-launch lifecycle update);
-        - ``dormant_overhead_us`` <= 10 µs, when a slot with no running seed has run once.
-
-        The GPU kernel rows (bandwidth, KD loss, grad norms, spills) need peers and rooflines:
-        ``make bench-gpu`` measures them.
-        """
+        ``{name: TargetCheck(measured, target, unit, met)}`` (``perf_targets.measure_targets``
+        lists the targets; each is a median of ``repeats`` runs on private objects, so measuring
+        changes nothing the run depends on). ``dormant_overhead_us`` is measured anew on the
+        training thread, once a slot with no running seed has run; elsewhere it is the last
+        measurement (a read)."""
         repeats = check_positive_int("repeats", repeats)
-        checks: dict[str, TargetCheck] = {}
 
-        def add(name: str, measured: float, target: float, unit: str) -> None:
-            if math.isnan(measured):
-                logger.debug("target %s not measurable now", name)
-                return
-            checks[name] = TargetCheck(measured, target, unit, measured <= target)
+        def dormant_overhead() -> float:
+            if self._on_training_thread():
+                return self.measure_dormant_overhead(repeats)
+            return self.state.dormant_overhead_us  # elsewhere the last measurement (a read)
 
-        add("command_path_p50_us", _command_path_us(repeats), 20.0, "us")
-        packet = _reference_state_packet()
-        serialize_us = _median_us(packet.SerializeToString, repeats)
-        add("state_packet_serialize_p50_us", serialize_us, 2.0, "us")
-        add("state_packet_bytes", float(len(packet.SerializeToString())), 100.0, "bytes")
-        add("cache_hit_p50_us", _cache_hit_us(repeats), 2.0, "us")
-        add("batch_update_1024_us", _batch_update_us(self.state.device, repeats), 1000.0, "us")
-        live = self._on_training_thread()  # elsewhere the last measurement (a read)
-        dormant = self.measure_dormant_overhead(repeats) if live else self.state.dormant_overhead_us
-        add("dormant_overhead_us", dormant, 10.0, "us")
-        return checks
+        measurements = measure_targets(
+            repeats,
+            device=self.state.device,
+            dormant_overhead=dormant_overhead,
+            state_version=SYSTEM_STATE_VERSION,
+        )
+        return {
+            name: TargetCheck(measured, target, unit, measured <= target)
+            for name, (measured, target, unit) in measurements.items()
+        }
 
     def measure_dormant_overhead(self, repeats: int = 200) -> float:
         """Median forward time of a slot whose seeds are all dormant minus its bare host's, on
-        an input of the slot's first-seen shape (µs; NaN when no such slot has run yet). In eval
-        mode, on a forked RNG, its buffers put back and its hooks held: the host sees no trace,
-        no global random draw (a host's eval-mode ``F.dropout``), no buffer move (a QAT
-        observer's statistics), no hook call (an activation collector). Only on the training
-        thread (the one that registered the model and steps it), as it runs the live model:
-        ``RuntimeError`` elsewhere. ``ValueError`` unless ``repeats`` is an int >= 1."""
+        an input of the slot's first-seen shape (µs; NaN when no such slot has run yet), kept as
+        the reported figure. Timed by ``perf_targets.dormant_overhead_us``, which leaves the
+        host no trace. Only on the training thread (the one that registered the model and steps
+        it), as it runs the live model: ``RuntimeError`` elsewhere. ``ValueError`` unless
+        ``repeats`` is an int >= 1."""
         repeats = check_positive_int("repeats", repeats)
         if not self._on_training_thread():
             raise RuntimeError(
@@ -454,31 +426,9 @@ class ManagerReport:
         if sample is None:
             return math.nan
         slot, x = sample
-        host_ns: list[int] = []
-        slot_ns: list[int] = []
-        try:
-            # The slot's buffers cover its host's and its seeds': kept once, outside the loop,
-            # so the copies cost nothing inside the timed pairs.
-            with in_eval_mode(slot), kept_buffers(slot), hooks_held(slot):
-                with rng_forked(x.device), torch.no_grad():
-                    slot(x), slot.host(x)  # warm up
-                    for _ in range(repeats):
-                        t0 = time.perf_counter_ns()
-                        slot.host(x)
-                        t1 = time.perf_counter_ns()
-                        slot(x)
-                        t2 = time.perf_counter_ns()
-                        host_ns.append(t1 - t0)
-                        slot_ns.append(t2 - t1)
-        except Exception as exc:  # a measurement, never a reason for end_epoch to fail
-            logger.warning("dormant overhead of %s not measured: %r", slot.layer_id, exc)
-            return math.nan
-        # The median of paired differences: each pair ran back to back, so a burst of load
-        # on a shared machine shifts both halves of a pair rather than one median. It is
-        # reported as it came out: a negative median (a slot cannot be faster than its host)
-        # says the overhead is below what this machine's noise can resolve.
-        overhead = statistics.median(s - h for s, h in zip(slot_ns, host_ns, strict=True)) / 1e3
-        self.state.dormant_overhead_us = overhead
+        overhead = dormant_overhead_us(slot, x, repeats)
+        if not math.isnan(overhead):  # NaN: a forward raised, and the last figure stands
+            self.state.dormant_overhead_us = overhead
         return overhead
 
 
@@ -496,95 +446,6 @@ class TargetCheck:
         """Whether the target was met: the specification's ``Dict[str, bool]`` reading
         (``all(manager.validate_performance_targets().values())``) holds."""
         return self.met
-
-
-class _NullExecutor:
-    """Accepts every command: the command-path measurement times the handler, not the work."""
-
-    def execute(self, command: KasminaCommand) -> bool:
-        return True
-
-
-class _TinyKernel:
-    """A stand-in cached kernel (the cache only asks its size and to release it)."""
-
-    def get_memory_size(self) -> int:
-        return 64
-
-    def release_gpu_memory(self) -> None:
-        return None
-
-
-def _median_us(fn: Callable[[], object], repeats: int) -> float:
-    return statistics.median(_times_ns(fn, repeats)) / 1e3
-
-
-def _times_ns(fn: Callable[[], object], repeats: int) -> list[int]:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - start)
-    return times
-
-
-def _reference_state_packet() -> SystemStatePacket:
-    """docs/design.md §8's reference packet: version, epoch, accuracy, 3 metrics."""
-    return SystemStatePacket(
-        version=SYSTEM_STATE_VERSION,
-        current_epoch=42,
-        validation_accuracy=0.9137,
-        training_metrics={"loss": 0.2871, "grad_norm": 1.734, "lr": 3e-4},
-    )
-
-
-def _command_path_us(repeats: int) -> float:
-    """Median µs of ``repeats`` accepted commands, in batches of ``_COMMANDS_PER_VERIFIER``,
-    each signed at a fresh timestamp for a fresh verifier (one verifier refuses every command
-    past ``MAX_LIVE_NONCES`` live nonces, ``too_many_commands``: not the path measured). NaN if
-    any timed command was refused."""
-    keyring = Keyring({"probe": generate_key()})
-    times: list[int] = []
-    while len(times) < repeats:
-        count = min(repeats - len(times), _COMMANDS_PER_VERIFIER)
-        handler = LeylineAdaptationHandler(CommandVerifier(keyring), _NullExecutor())
-        now = time.time()
-        pool = [
-            sign_command(
-                make_seed_command("germinate", "probe[0]", "artifact-probe", command_id=f"p{i}"),
-                keyring,
-                "probe",
-                nonce=f"{i:016x}",
-                timestamp=now,
-            ).SerializeToString()
-            for i in range(count + 1)
-        ]
-        times += _times_ns(map(handler.handle_adaptation_command, pool).__next__, count)
-        if handler.stats["rejected"]:
-            logger.warning("command path not measured, commands refused: %s", handler.stats)
-            return math.nan
-    return statistics.median(times) / 1e3
-
-
-def _cache_hit_us(repeats: int) -> float:
-    cache = GPUKernelCache(1.0)
-    cache.put("probe", _TinyKernel())
-    return _median_us(lambda: cache.get("probe"), repeats)
-
-
-def _batch_update_us(device: torch.device, repeats: int) -> float:
-    """1,024 DORMANT -> ISOLATED_INIT transitions applied in one call (result codes read back,
-    the one sync), on a fresh table each round; the first round is a warm-up."""
-    updates = [(i, SeedStage.ISOLATED_INIT) for i in range(1024)]
-    times = []
-    for _ in range(max(1, min(repeats, 20)) + 1):
-        table = GPUStateTensor(1024, device)
-        table.log_transitions = False  # 1,024 INFO lines a round in the run's log, timed too
-        start = time.perf_counter_ns()
-        table.batch_state_update(updates)
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times[1:]) / 1e3
 
 
 def _command_kind(command: KasminaCommand) -> str:
