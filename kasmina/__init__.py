@@ -43,9 +43,9 @@ _PUBLIC = {
     "Keyring": "kasmina.utils.keyring",
     "generate_key": "kasmina.utils.keyring",
     "sign_command": "kasmina.control.auth",
-    "make_seed_command": "kasmina.control.commands",
-    "make_rollback_command": "kasmina.control.commands",
-    "make_optimizer_command": "kasmina.control.commands",
+    "make_seed_command": "kasmina.control.builders",
+    "make_rollback_command": "kasmina.control.builders",
+    "make_optimizer_command": "kasmina.control.builders",
     # errors
     "KasminaError": "kasmina.errors",
 }

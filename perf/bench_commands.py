@@ -37,7 +37,8 @@ from kasmina.control.auth import (
     compute_signature,
     sign_command,
 )
-from kasmina.control.commands import KasminaCommand, make_seed_command
+from kasmina.control.builders import make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.ledger import NonceLedger
 from kasmina.leyline import AdaptationCommand, SystemStatePacket

@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import KasminaCommand, make_seed_command
+from kasmina.control.builders import make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import spawn

@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command, to_kasmina_command
+from kasmina.control.builders import make_seed_command
+from kasmina.control.commands import to_kasmina_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager import guard as guard_module
 from kasmina.manager.config import KasminaConfig

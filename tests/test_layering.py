@@ -876,7 +876,7 @@ HEAVY = ("torch", "triton", "numpy")
     "code",
     [
         "from kasmina.control.auth import CommandVerifier, sign_command\n"
-        "from kasmina.control.commands import make_seed_command\n"
+        "from kasmina.control.builders import make_seed_command\n"
         "from kasmina.utils.keyring import Keyring, generate_key\n"
         "k = Keyring({'ctl': generate_key()})\n"
         "sign_command(make_seed_command('cull', 'fc[0]'), k, 'ctl').SerializeToString()\n",

@@ -8,9 +8,10 @@
 - ``ledger`` -- ``NonceLedger``: the accepted nonces on disk in the run's directory, so a
   restarted trainer refuses what an earlier process of the run accepted.
 - ``commands`` -- semantic validation: a verified ``AdaptationCommand`` becomes a typed
-  ``KasminaCommand`` or a rejection reason; ``make_*_command`` build commands for controllers;
-  ``CommandExecutor`` is the ``Protocol`` the executor implements, so nothing here imports the
-  manager.
+  ``KasminaCommand`` or a rejection reason; ``CommandExecutor`` is the ``Protocol`` the executor
+  implements, so nothing here imports the manager.
+- ``builders`` -- ``make_*_command`` build commands for controllers, each checked by that
+  validation where it is built.
 - ``handler`` -- ``LeylineAdaptationHandler``: parse -> signature -> freshness -> nonce ->
   validation -> execute. Any failure is ``False`` with a reason counter and a telemetry event;
   no exception escapes, whatever the bytes; rejections are logged at a bounded rate.
@@ -28,6 +29,6 @@
 
 Imports ``kasmina.utils`` and the root vocabulary; never seeds, isolation, urza or the manager.
 Each name is imported from its module: this package re-exports nothing, so a controller that
-signs commands (``auth``, ``commands``, ``kasmina.utils.keyring``) never loads torch, which only
-``distributed``, ``replica`` and ``processes`` need.
+signs commands (``auth``, ``commands``, ``builders``, ``kasmina.utils.keyring``) never loads
+torch, which only ``distributed``, ``replica`` and ``processes`` need.
 """

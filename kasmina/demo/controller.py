@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.leyline import SeedLifecycleStage, SeedOperation, SystemStatePacket
 from kasmina.stages import NEXT_STAGE, SeedStage
 from kasmina.utils.keyring import Keyring

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import KasminaCommand, make_seed_command
+from kasmina.control.builders import make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.leyline import SystemStatePacket
 from kasmina.seeds.layer import KasminaLayer

@@ -21,12 +21,12 @@ from kasmina.control.auth import (
     compute_signature,
     sign_command,
 )
-from kasmina.control.commands import (
-    MAX_ID_CHARS,
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
 )
+from kasmina.control.commands import MAX_ID_CHARS
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring, generate_key
 

@@ -9,13 +9,12 @@ import math
 import pytest
 
 from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import (
-    MAX_EPOCH,
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
-    to_kasmina_command,
 )
+from kasmina.control.commands import MAX_EPOCH, to_kasmina_command
 from kasmina.leyline import MessagePriority
 from kasmina.utils.keyring import Keyring, generate_key
 

@@ -18,6 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kasmina.control.auth import CommandVerifier, sign_command
+from kasmina.control.builders import make_optimizer_command as make_optimizer_command_checked
+from kasmina.control.builders import make_rollback_command as make_rollback_command_checked
+from kasmina.control.builders import make_seed_command as make_seed_command_checked
 from kasmina.control.commands import (
     MAX_EMBARGO_EPOCHS,
     MAX_EPOCH,
@@ -30,15 +33,6 @@ from kasmina.control.commands import (
     _command,
     _field_setters,
     _seed,
-)
-from kasmina.control.commands import (
-    make_optimizer_command as make_optimizer_command_checked,
-)
-from kasmina.control.commands import (
-    make_rollback_command as make_rollback_command_checked,
-)
-from kasmina.control.commands import (
-    make_seed_command as make_seed_command_checked,
 )
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.leyline import AdaptationCommand, CommandType, MessagePriority, SeedOperation

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from kasmina.control.auth import CommandVerifier, sign_command
-from kasmina.control.commands import KasminaCommand, make_seed_command
+from kasmina.control.builders import make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import HISTORY_SIZE, DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import (

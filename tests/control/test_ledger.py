@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kasmina.control.auth import MAX_FRESHNESS_S, CommandVerifier, sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.control.ledger import LEDGER_FILE_NAME, NonceLedger
 from kasmina.leyline import AdaptationCommand
 from kasmina.utils.keyring import Keyring

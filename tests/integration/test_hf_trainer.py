@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.manager.framework import ManagerOptimizer, ManagerScheduler
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring, generate_key

@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds import seed as seed_module

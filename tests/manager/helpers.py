@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.kd.graph import sum_kd_losses
 from kasmina.leyline import AdaptationCommand
 from kasmina.manager.config import KasminaConfig

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 import kasmina
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.errors import CheckpointIntegrityError, GradientIsolationViolationError
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.manager.config import KasminaConfig

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.errors import CheckpointIntegrityError, CheckpointUnavailableError
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.manager.checkpoints import (

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager import manager as manager_module
 from kasmina.manager.manager import KasminaKernelManager

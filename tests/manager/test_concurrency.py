@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.errors import UrzaUnavailableError
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.seeds.constants import CONSTANTS
 from tests.manager.helpers import SEED0, Rig, S, make_config, record_activations, run_command

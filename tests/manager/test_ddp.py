@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.control.relay import EpochSyncResult
 from kasmina.kd.config import KDConfig

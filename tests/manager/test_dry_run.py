@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.publish import publish_artifact

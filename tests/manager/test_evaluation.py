@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.leyline import SeedLifecycleStage, SystemStatePacket
 from kasmina.manager import rollback as rollback_module
 from kasmina.manager.evaluation import evaluate_seeds

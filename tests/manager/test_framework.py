@@ -349,7 +349,7 @@ def test_a_rollback_in_a_scaled_step_leaves_the_tracked_scaler_as_its_checkpoint
     for the rest of the run. That update keeps the restored scale now, and the next one is the
     class's own (or the user's wrapper, kept). With ``scaler=`` given, only that one is held.
     A hold the loop never used (a step without the scaler next) ends at that step."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     rig = _rig(tmp_path, store, keyring, mlp)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)

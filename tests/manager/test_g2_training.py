@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state

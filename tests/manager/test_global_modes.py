@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, S, host_params, make_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_optimizer_command, make_rollback_command
+from kasmina.control.builders import make_optimizer_command, make_rollback_command
 from kasmina.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import SEED0, Rig, S, make_config, run_command, through_a_seed

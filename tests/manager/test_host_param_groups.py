@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_optimizer_command, make_rollback_command
+from kasmina.control.builders import make_optimizer_command, make_rollback_command
 from kasmina.errors import ParameterOverlapError
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.manager.pending import CommandQueue
 from tests.manager.helpers import SEED0, SEED1, Rig, S
 from tests.manager.test_interrupts import assert_counts_add_up, queue, two_germinates
@@ -246,7 +246,7 @@ def test_a_ctrl_c_as_the_rollbacks_commit_hold_begins_undoes_it(rig: Rig, mlp, m
     commit's hold began, after phase 2's undo stopped listening, left them neither undone nor
     committed (the stages the checkpoint's, the clock and optimizers not), reported refused."""
     import kasmina.manager.rollback as rollback_module
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     manager = rig.manager
     for epoch in range(2):
@@ -432,7 +432,7 @@ def test_a_ctrl_c_as_a_rollback_detaches_a_kernel_puts_it_back(rig: Rig, mlp, mo
     its slot heard of it: the swap had not yet noted the kernel, so the undo could not put it
     back, its reload of the model raised ``ValueError`` over the Ctrl-C, and the seed stayed
     without its kernel while the manager's record, optimizer and pins kept it."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     manager = rig.manager
     rig.train(1)

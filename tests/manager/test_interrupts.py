@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.isolation.optimizers import HOST_ID as HOST
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.leyline import TelemetryPacket

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
@@ -234,7 +234,7 @@ def test_a_rollback_brings_back_the_isolation_count_it_saved(
     """The breaker counts a seed's violations towards QUARANTINE; a rollback to an epoch
     restores the count the seed had then (not the count reached since, nor zero), so the
     breaker trips after the same number of further violations as it would have then."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     rig = Rig(make_config(tmp_path, store, max_isolation_violations=10), keyring)
     manager = rig.manager

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import tests.manager.helpers as helpers
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.seeds.side_effects import own_stream
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.modules import rng_forked
@@ -177,7 +177,7 @@ def test_a_copy_registered_with_a_manager_draws_at_its_managers_position(
     counters, so a ROLLBACK there would not draw again what the run drew)."""
     import copy
 
-    from kasmina.control.commands import make_seed_command
+    from kasmina.control.builders import make_seed_command
     from kasmina.manager.manager import KasminaKernelManager
     from kasmina.seeds.inject import kasmina_layers
     from tests.manager.helpers import run_command, sign_command

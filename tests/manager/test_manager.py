@@ -21,12 +21,12 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import (
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
-    to_kasmina_command,
 )
+from kasmina.control.commands import to_kasmina_command
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import StaticKDLoss
 from kasmina.leyline import MetricType, TelemetryPacket

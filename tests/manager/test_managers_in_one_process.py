@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import kasmina
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.errors import ParameterOverlapError
 from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.teacher import CheckpointedTeacher

@@ -18,7 +18,7 @@ import kasmina.isolation.ownership as ownership_module
 import kasmina.isolation.verify as verify_module
 import kasmina.utils.memory as memory_module
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import S, make_config, record_activations

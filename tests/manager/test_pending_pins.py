@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
@@ -149,7 +149,7 @@ def test_a_rollback_pins_the_kernel_it_copies(
     """A ROLLBACK that puts a kernel back loads it and copies it; a fetch-ahead's put landing
     between the two evicted and released it, and the whole rollback was refused ("evicted ...
     load it again") for traffic that had nothing to do with it. Pinned across the copy."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     _, mlp, affine = published
     rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
@@ -193,7 +193,8 @@ def test_a_direct_germinate_pins_the_kernel_it_loaded(
     """A GERMINATE executed directly (``manager.execute``, not queued) loads its kernel, then
     pins it: a fetch-ahead's put landing between the two evicted and released it, and the
     GERMINATE was refused ("evicted ... load it again"). The kernel is loaded again then."""
-    from kasmina.control.commands import make_seed_command, to_kasmina_command
+    from kasmina.control.builders import make_seed_command
+    from kasmina.control.commands import to_kasmina_command
 
     _, mlp, affine = published
     rig = _rig_with_room_for_one(tmp_path, store, keyring, [mlp, affine])
@@ -213,7 +214,7 @@ def test_a_rollback_pins_the_kernel_it_loaded(
     tmp_path: Path, store: Path, keyring: Keyring, published
 ) -> None:
     """As above for a ROLLBACK putting back a kernel no longer cached."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     _, mlp, affine = published
     rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
@@ -237,7 +238,7 @@ def test_a_rollback_fetches_its_kernels_ahead_and_keeps_them_pinned(
     on a worker and pins the kernel for it once cached: it applies at a later safe point,
     reading nothing from the store there, and another command's fetch meanwhile (a cache with
     room for one) evicts nothing it needs."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     _, mlp, affine = published
     rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
@@ -266,7 +267,7 @@ def test_a_rollback_fetches_ahead_only_what_it_would_load(
     was refused for one it would never load. It asks for each seed's kernel the seed does not
     hold now; and a snapshot that is no epoch's checkpoint (a multi-rank repair's export)
     leaves the record of what each checkpoint attaches as it was."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
     from kasmina.manager.rollback import kernels_to_fetch, snapshot
 
     _, mlp, affine = published
@@ -299,7 +300,7 @@ def test_a_rollback_in_a_bounded_sync_is_not_fetched_ahead(
     """Inside a multi-rank sync (``fetches_bounded``: every rank applies or refuses alike,
     within the sync's bound) a ROLLBACK waited out its own timeout for its fetch-ahead, past
     the bound. There it asks for nothing, and its application's fetch is bounded."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
     from kasmina.manager.rollback import fetches_bounded
 
     _, mlp, affine = published

@@ -8,7 +8,7 @@ import asyncio
 
 import torch
 
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from tests.manager.helpers import SEED0, Rig, S
 from tests.manager.test_pending_pins import _reads
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kasmina.control.commands import make_optimizer_command, to_kasmina_command
+from kasmina.control.builders import make_optimizer_command
+from kasmina.control.commands import to_kasmina_command
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds import table as table_module
@@ -441,7 +442,8 @@ def test_a_direct_execute_completes_only_outside_a_forwards_graph(
 ) -> None:
     """``execute`` completed what was pending while a forward's graph was alive (a release drops
     its slot's KD losses), which ``complete_pending`` refuses at every other safe point."""
-    from kasmina.control.commands import make_seed_command, to_kasmina_command
+    from kasmina.control.builders import make_seed_command
+    from kasmina.control.commands import to_kasmina_command
 
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)

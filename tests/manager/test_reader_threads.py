@@ -134,7 +134,7 @@ def test_a_restarted_trainers_rollback_does_not_name_the_training_thread(
 ) -> None:
     """The clock a ROLLBACK restores made ``global_step`` > 0 before this process stepped, so
     an exporter on the registering thread measured the live model under a trainer thread."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     config = make_config(tmp_path, store)
     first = Rig(config, keyring)

@@ -8,7 +8,7 @@ import math
 
 import kasmina.control.auth as auth
 import kasmina.manager.perf_targets as report
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from tests.manager.helpers import SEED0, Rig, S, run_command
 from tests.manager.test_manager import walk_to_active
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import KasminaCommand, make_rollback_command, make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
+from kasmina.control.commands import KasminaCommand
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.evaluation import parse_host_shapes
 from kasmina.manager.manager import KasminaKernelManager

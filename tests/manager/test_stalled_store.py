@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import PUBLISHER, SEED0, SEED1, Rig, S, host_params, make_config
@@ -142,7 +142,7 @@ def test_a_rollback_that_must_fetch_a_kernel_again_never_holds_a_step(
     fetch on a worker (``CommandQueue``): the steps go on while the store stalls, and the
     first after the command's timeout refuses it, nothing changed. Without the fetch-ahead
     (``rollback_kernels`` None) the fetch is its application's, bounded by that timeout."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     with StalledServer(store) as server:
         config = make_config(

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 from torch.nn import functional as F
 
-from kasmina.control.commands import (
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import (
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,

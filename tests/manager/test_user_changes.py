@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import kasmina
-from kasmina.control.commands import (
+from kasmina.control.builders import (
     make_optimizer_command,
     make_rollback_command,
     make_seed_command,
-    to_kasmina_command,
 )
+from kasmina.control.commands import to_kasmina_command
 from kasmina.manager.ddp import DistributedKasmina
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, host_params, make_config

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.auth import sign_command
-from kasmina.control.commands import make_rollback_command
+from kasmina.control.builders import make_rollback_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.report import epoch_metrics
 from kasmina.utils.keyring import Keyring

@@ -205,7 +205,7 @@ def test_a_snapshot_of_another_stage_is_refused_and_a_rollback_still_restores_it
     """The same kernel in an earlier stage (``load_best_model_at_end`` of a GRAFTING snapshot
     into a STABILIZATION seed): the stage would change behind the manager, whose optimizer
     layout and gates follow it. Only its own signed ROLLBACK takes a seed back a stage."""
-    from kasmina.control.commands import make_rollback_command
+    from kasmina.control.builders import make_rollback_command
 
     rig, artifact_id, _ = rig
     _grow_to_grafting(rig, artifact_id)
@@ -226,7 +226,7 @@ def test_a_snapshot_of_another_stage_is_refused_and_a_rollback_still_restores_it
 def test_a_kernelless_seeds_stage_is_the_managers_too(rig, strict) -> None:
     """A culled seed (COOLDOWN, no kernel) must not skip its embargo to DORMANT through a
     snapshot, nor a TERMINATED one come back to life."""
-    from kasmina.control.commands import make_seed_command
+    from kasmina.control.builders import make_seed_command
 
     rig, artifact_id, _ = rig
     dormant = clone_state(rig.model.state_dict())

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from kasmina.control.auth import COMMAND_SIGNATURE_TAG, CommandVerifier, sign_command
-from kasmina.control.commands import make_seed_command
+from kasmina.control.builders import make_seed_command
 from kasmina.errors import ArtifactIntegrityError
 from kasmina.leyline import AdaptationCommand
 from kasmina.urza.artifact import (
