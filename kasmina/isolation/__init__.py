@@ -12,8 +12,10 @@ It is enforced structurally and checked here:
 - ``optimizers`` -- ``IsolatedOptimizerManager``: one optimizer per owner over disjoint sets,
   fused gradient clipping through ``kasmina.ops.grad_norms`` (its norm checked by
   ``checked_clip_norm`` before anything changes), promotion of a fossilized seed into the host
-  optimizer, its saved layout, and the dispatch of a controller's optimizer commands onto these
-  calls.
+  optimizer, and the dispatch of a controller's optimizer commands onto these calls.
+- ``optimizer_state`` -- each optimizer's recorded layout (``OptimizerEntry``: the seeds
+  promoted into it, the groups a user added) and its state saved with it: checked against the
+  live optimizers before a load changes anything, a format-1 state upgraded.
 - ``optimizer_commands`` -- ``read_optimizer_command``: the type gate of that dispatch (only a
   ``VerifiedOptimizerCommand`` gets in; a wire message is a ``TypeError``) and the command read
   into plain values (``OptimizerOrder``). It knows no optimizer.

@@ -10,7 +10,8 @@ their own: a user's LR scheduler on the host optimizer (``LambdaLR``, ``OneCycle
 entry per group and breaks when the count changes under it. Which parameters each promoted seed
 added is recorded, and so is each group a user adds to the host optimizer (``add_param_group``,
 gradual unfreezing: checked and taken up by ``take_host_groups``, by the parameters' names in
-the model), so a saved state's layout can be checked and a rollback can rebuild it. A
+the model), so a saved state's layout can be checked and a rollback can rebuild it
+(``optimizer_state``: each optimizer's entry, the saved format, its check and upgrade). A
 rollback's commit (``adopt``) moves the rebuilt state into the live optimizer objects instead of
 replacing them, so whatever holds one (a scheduler, a ``GradScaler``) goes on working on it.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,67 +37,34 @@ from kasmina.isolation.optimizer_commands import (
     read_optimizer_command,
     step_lrs,
 )
+from kasmina.isolation.optimizer_state import (
+    NamesOf,
+    OptimizerEntry,
+    Promotion,
+    check_saved_state,
+    load_saved_state,
+    saved_state,
+    upgrade_state_dict,
+)
 from kasmina.isolation.ownership import ParameterOwnership, collect_tensors
 from kasmina.isolation.stepping import (
     carried_state,
     checked_clip_norm,
     clip_gradients,
     follow_parameters,
-    group_keys_problem,
     move_into,
-    state_shape_problem,
     step_contained,
 )
 from kasmina.leyline import CommandType, MetricType
 from kasmina.utils.conversions import conversions
 from kasmina.utils.flags import read_flags
 from kasmina.utils.ratelimit import rarely
-from kasmina.utils.state_io import clone_state
 
 logger = logging.getLogger(__name__)
 
 HOST_ID = "host"
 TEACHER_SOURCE = "teacher"
-# The layout ``state_dict`` records. Format 1 (older checkpoints, still loaded) gave each
-# promoted seed a param group of its own and named each group's owner ("groups"); format 2 adds
-# a promoted seed to an existing group and records [seed_id, group index, tensor count] per
-# promotion, in order ("promoted"), and the model's names of the parameters of each group a user
-# added, in order ("added_groups"; absent in older states: none).
-STATE_FORMAT = 2
-
 ParameterProvider = Callable[[], Iterable[torch.Tensor]]
-NamesOf = Callable[[list[torch.Tensor]], list[str]]  # the model's names of some parameters
-
-
-@dataclass
-class _Promotion:
-    """A seed whose parameters joined the host optimizer: the group and the tensors it added."""
-
-    seed_id: str
-    group: int
-    params: list[torch.Tensor]
-
-
-@dataclass
-class _Entry:
-    optimizer: torch.optim.Optimizer
-    promoted: list[_Promotion] = field(default_factory=list)  # the host's, in promotion order
-    added: list[list[str]] = field(default_factory=list)  # groups a user added: model names
-    restored: bool = False  # its ``defaults`` loaded from a state (an older state has none)
-    sizes: list[int] = field(init=False)  # the group sizes this layout accounts for
-
-    def __post_init__(self) -> None:
-        self.sizes = [len(group["params"]) for group in self.optimizer.param_groups]
-
-    def params(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def shapes(self) -> list[list[int]]:
-        return [list(p.shape) for p in self.params()]
-
-    def layout(self) -> list[list[Any]]:
-        """The promotions as saved: ``[seed_id, group index, tensor count]`` each, in order."""
-        return [[p.seed_id, p.group, len(p.params)] for p in self.promoted]
 
 
 class IsolatedOptimizerManager:
@@ -113,7 +80,7 @@ class IsolatedOptimizerManager:
         self.default_optimizer_cls = default_optimizer_cls
         self.default_options = dict(default_options or {})  # a command's creation's, under its own
         self.telemetry = telemetry
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, OptimizerEntry] = {}
         self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
         self._sources: dict[str, ParameterProvider] = {}
         self.last_grad_norm: dict[str, torch.Tensor] = {}
@@ -162,7 +129,7 @@ class IsolatedOptimizerManager:
             self._ownership.release(TEACHER_SOURCE)  # a new teacher: the old one's are let go
         self._sources[name] = provider
 
-    def _entry(self, optimizer_id: str) -> _Entry:
+    def _entry(self, optimizer_id: str) -> OptimizerEntry:
         entry = self._entries.get(optimizer_id)
         if entry is None:
             raise KeyError(f"no optimizer {optimizer_id!r} (have {sorted(self._entries)})")
@@ -227,7 +194,7 @@ class IsolatedOptimizerManager:
         """All or nothing: a sink that raises on the event (a Ctrl-C) leaves no claim behind."""
         try:
             self._ownership.claim(plist, owner)
-            self._entries[owner] = _Entry(optimizer)
+            self._entries[owner] = OptimizerEntry(optimizer)
             self._emit(event, float(sum(p.numel() for p in plist)), labels)  # elements
         except BaseException:
             self._ownership.release(owner)
@@ -295,7 +262,7 @@ class IsolatedOptimizerManager:
         if "param_names" in target:  # a group built from named parameters names each one
             target["param_names"].extend(f"{seed_id}.{i}" for i in range(len(params)))
         host.optimizer.state.update(carried)
-        host.promoted.append(_Promotion(seed_id, index, params))
+        host.promoted.append(Promotion(seed_id, index, params))
         host.sizes[index] += len(params)
         self._ownership.transfer(seed_id, HOST_ID)
         del self._entries[seed_id]
@@ -349,12 +316,12 @@ class IsolatedOptimizerManager:
         ``other``'s param groups and state move into it, so a scheduler or a ``GradScaler`` goes
         on driving the optimizer that trains; a group key only the live group has (a scheduler's
         ``initial_lr``) stays. Others are taken as built. Dict and list operations: cannot fail."""
-        entries: dict[str, _Entry] = {}
+        entries: dict[str, OptimizerEntry] = {}
         for oid, entry in other._entries.items():
             live = self._entries.get(oid)
             if live is not None and type(live.optimizer) is type(entry.optimizer):
                 move_into(live.optimizer, entry.optimizer, defaults=entry.restored)
-                entry = _Entry(live.optimizer, entry.promoted, entry.added)
+                entry = OptimizerEntry(live.optimizer, entry.promoted, entry.added)
             elif live is not None:
                 logger.warning("optimizer %s replaced: the restored class differs", oid)
             entries[oid] = entry
@@ -500,101 +467,26 @@ class IsolatedOptimizerManager:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Every optimizer's ``state_dict`` plus the layout needed to check it on load.
+        """Every optimizer's ``state_dict`` plus the layout needed to check it on load
+        (``optimizer_state.saved_state``).
 
         Like torch's, it holds references to the live state tensors; clone it (or use
         ``kasmina.manager.training_state.capture_training_state``) to keep a snapshot in memory."""
-        return {
-            "format": STATE_FORMAT,
-            "optimizers": {
-                oid: {
-                    "class": type(entry.optimizer).__name__,
-                    "promoted": entry.layout(),
-                    "added_groups": [list(names) for names in entry.added],
-                    "shapes": entry.shapes(),
-                    "defaults": dict(entry.optimizer.defaults),  # a group added later takes them
-                    "state": entry.optimizer.state_dict(),
-                }
-                for oid, entry in self._entries.items()
-            },
-        }
+        return saved_state(self._entries)
 
     def validate_state_dict(self, state: Mapping[str, Any], names: NamesOf | None = None) -> None:
         """Raise ``ValueError`` unless ``state`` matches the live optimizers' layout; with
         ``names``, the host groups added and not yet taken up count, as ``names`` names
         them (``take_host_groups`` would record them so)."""
-        state = upgrade_state_dict(state)
-        saved = state.get("optimizers", {})
-        if set(saved) != set(self._entries):
-            raise ValueError(
-                f"optimizer state is for {sorted(saved)}, live optimizers are "
-                f"{sorted(self._entries)}"
-            )
-        for oid, entry in self._entries.items():
-            item = saved[oid]
-            if item.get("class") != type(entry.optimizer).__name__:
-                raise ValueError(f"optimizer {oid!r}: saved class {item.get('class')!r}")
-            if (promoted := [list(p) for p in item.get("promoted", [])]) != entry.layout():
-                raise ValueError(f"optimizer {oid!r}: promotions {promoted} != {entry.layout()}")
-            added = [list(names) for names in item.get("added_groups", [])]  # absent: older
-            groups = entry.optimizer.param_groups[len(entry.sizes) :] if names else []
-            live = entry.added + [list(names(list(g["params"]))) for g in groups]
-            if added != live:
-                raise ValueError(f"optimizer {oid!r}: saved added groups {added} != {live}")
-            saved_sizes = [len(g["params"]) for g in item["state"]["param_groups"]]
-            live_sizes = [len(g["params"]) for g in entry.optimizer.param_groups]
-            if saved_sizes != live_sizes:
-                raise ValueError(f"optimizer {oid!r}: group sizes {saved_sizes} != {live_sizes}")
-            # Another kernel of as many tensors: its moments loaded, then its step raised.
-            if (shapes := entry.shapes()) != item.get("shapes", shapes):  # absent: older
-                raise ValueError(f"optimizer {oid!r}: shapes {item['shapes']} != {shapes}")
-            for check in (group_keys_problem, state_shape_problem):
-                if problem := check(entry.optimizer, item["state"]):
-                    raise ValueError(f"optimizer {oid!r}: {problem}")
+        check_saved_state(self._entries, state, names)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
-        self.validate_state_dict(state := upgrade_state_dict(state))
-        for oid, entry in self._entries.items():
-            item, defaults = state["optimizers"][oid], entry.optimizer.defaults
-            entry.optimizer.load_state_dict(clone_state(item["state"]))
-            entry.restored = isinstance(saved := item.get("defaults"), Mapping)
-            defaults.update({k: v for k, v in clone_state(saved or {}).items() if k in defaults})
+        state = upgrade_state_dict(state)
+        self.validate_state_dict(state)
+        load_saved_state(self._entries, state)
 
     # ------------------------------------------------------------------ telemetry
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:
         if self.telemetry is not None:
             self.telemetry.emit(name, value, MetricType.METRIC_TYPE_EVENT, labels=dict(labels))
-
-
-def upgrade_state_dict(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``state`` in the current format (``ValueError`` for one this version cannot read).
-
-    Format 1 kept each promoted seed in a param group of its own. Its groups are merged into
-    the first in order: the saved state's parameter numbering (across groups, in order) stays
-    valid, and the promoted seeds take the first group's hyperparameters, as they do now."""
-    version = state.get("format")
-    if version == STATE_FORMAT:
-        return state
-    if version != 1:
-        raise ValueError(f"unsupported optimizer state format {version!r}")
-    optimizers: dict[str, Any] = {}
-    try:
-        for oid, item in (state.get("optimizers") or {}).items():
-            tags = list(item.get("groups", []))
-            saved = item["state"]
-            groups = list(saved["param_groups"])
-            if len(tags) != len(groups) or not groups:
-                raise ValueError(f"optimizer {oid!r}: {len(tags)} group tags, {len(groups)} groups")
-            first = dict(groups[0])
-            first["params"] = [index for g in groups for index in g["params"]]
-            if all("param_names" in g for g in groups):
-                first["param_names"] = [name for g in groups for name in g["param_names"]]
-            else:
-                first.pop("param_names", None)
-            promoted = [[tags[i], 0, len(groups[i]["params"])] for i in range(1, len(tags))]
-            merged = {"state": saved["state"], "param_groups": [first]}
-            optimizers[oid] = {"class": item.get("class"), "promoted": promoted, "state": merged}
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"malformed optimizer state of format 1: {exc!r}") from None
-    return {"format": STATE_FORMAT, "optimizers": optimizers}

@@ -49,7 +49,8 @@ from typing import Any, NamedTuple
 import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager, upgrade_state_dict
+from kasmina.isolation.optimizer_state import upgrade_state_dict
+from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
 from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
 from kasmina.manager.evaluation import host_shapes, parse_host_shapes
 from kasmina.manager.guard import IsolationGuard
