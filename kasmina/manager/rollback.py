@@ -58,8 +58,8 @@ from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
 from kasmina.manager.tracked import put_back_tracked, saved_tracked, tracked_states
 from kasmina.manager.training_state import capture_training_state, restore_training_state
-from kasmina.seeds.extra_state import owner_restore
 from kasmina.seeds.gates import CompatibilityProbe, ProbeFault
+from kasmina.seeds.load_hooks import owner_restore
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred

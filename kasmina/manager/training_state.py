@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
-from kasmina.seeds.extra_state import check_seed_states
+from kasmina.seeds.load_hooks import check_seed_states
 from kasmina.utils.state_io import clone_state, load_mismatch
 
 if TYPE_CHECKING:

@@ -28,7 +28,9 @@
 - ``gates`` -- G1..G5 as plain functions over plain measurements, so they can be evaluated and
   tested anywhere; ``dry_run`` -- what GERMINATE's dry run finds wrong with one call of a kernel.
 - ``extra_state`` -- a seed's bookkeeping as a tensor in any ``state_dict``, read and checked
-  in full before a restore changes anything.
+  in full before a restore changes anything; ``load_hooks`` -- whether a saved state (and its
+  kernel's weights and alpha) fits the live seed, asked by the ``load_state_dict`` pre-hooks of
+  the seeds and their slots before any module loads.
 
 Imports ``kasmina.kd``, ``kasmina.ops``, ``kasmina.utils`` and the root vocabulary; never the other
 middle packages (isolation, urza, control) nor the manager, which composes them.

@@ -39,9 +39,9 @@ from kasmina.kd.graph import sum_kd_losses
 from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
 from kasmina.seeds.constants import rebuild_constants
-from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
 from kasmina.seeds.layer import KasminaLayer, check_states_loaded_here
+from kasmina.seeds.load_hooks import check_seed_states
 from kasmina.seeds.outputs import checked_chunk_dim, default_chunk_dim, forward_owner
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor

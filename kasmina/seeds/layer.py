@@ -66,7 +66,6 @@ from kasmina.seeds.constants import (
     rebuild_if_left,
     relink_flags,
 )
-from kasmina.seeds.extra_state import check_seed_states
 from kasmina.seeds.faults import (
     DEFAULT_FAULT_LIMIT,
     GraphMark,
@@ -83,6 +82,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.forwarding import HostForwarding
 from kasmina.seeds.island import carries_tangent, contain_isolated, guarded_blend, in_layout_of
 from kasmina.seeds.kd_faults import slot_kd_or_fault
+from kasmina.seeds.load_hooks import check_seed_states
 from kasmina.seeds.masks import ChunkMasks, split_chunks
 from kasmina.seeds.outputs import (
     ActivationSpec,

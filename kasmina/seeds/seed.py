@@ -37,14 +37,12 @@ from kasmina.seeds.charging import charge, charge_or_defer
 from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
 from kasmina.seeds.extra_state import (
     SavedSeedState,
-    check_seed_state,
     checked_schedule,
     checked_setting,
     copied_seed_state,
     encode_extra_state,
     restore_seed_state,
     seed_bookkeeping,
-    seed_load_pre_hook,
     stream_position,
 )
 from kasmina.seeds.faults import (
@@ -78,6 +76,7 @@ from kasmina.seeds.gates import (
 from kasmina.seeds.island import contain_backward
 from kasmina.seeds.kd_faults import seed_kd_or_fault
 from kasmina.seeds.kernel_watch import kernel_changed
+from kasmina.seeds.load_hooks import check_seed_state, seed_load_pre_hook
 from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
