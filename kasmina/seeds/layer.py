@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -139,20 +141,11 @@ class KasminaLayer(HostForwarding):
     _kd_regions: RegionTeachers | None = None  # the teachers of checkpoint regions (``forward``)
 
     def __init__(
-        self,
-        host: nn.Module,
-        num_seeds: int,
-        chunk_size: int,
-        *,
-        chunk_dim: int | None = None,
-        output_index: int = 0,
-        kd_config: KDConfig | None = None,
-        state: GPUStateTensor | None = None,
-        state_offset: int = 0,
-        layer_id: str = "layer",
-        region_id: int = 0,
-        fault_limit: int = DEFAULT_FAULT_LIMIT,
-    ) -> None:
+        self, host: nn.Module, num_seeds: int, chunk_size: int, *, chunk_dim: int | None = None,
+        output_index: int = 0, kd_config: KDConfig | None = None,
+        state: GPUStateTensor | None = None, state_offset: int = 0, layer_id: str = "layer",
+        region_id: int = 0, fault_limit: int = DEFAULT_FAULT_LIMIT,
+    ) -> None:  # fmt: skip
         super().__init__()
         args = (host, num_seeds, chunk_size, chunk_dim, output_index, layer_id)
         chunk_dim = checked_chunk_dim(*args)
@@ -288,6 +281,16 @@ class KasminaLayer(HostForwarding):
         # Taken by a forward as deep in torch.func transforms (not a probe's ``grad``: later).
         self._teacher_logits, self._teacher_depth = teacher_logits, transform_depth()
         return uncollected
+
+    @contextmanager
+    def teacher_logits_set_aside(self) -> Iterator[None]:
+        """No teacher logits pending inside (a no-grad forward that meets them reads as a reentrant
+        checkpoint's first run); after, those before as they were (no check, count or new depth)."""
+        kept, self._teacher_logits = self._teacher_logits, None
+        try:
+            yield
+        finally:
+            self._teacher_logits = kept
 
     graph_open = property(lambda self: self._graph.open, doc="a graph since the step's end")
     seen_output = property(lambda self: self.output_contract or (self._moved or (None,))[0],
@@ -521,14 +524,9 @@ class KasminaLayer(HostForwarding):
         return in_layout_of(moved if last else moved.movedim(-1, dim), x)
 
     def _guarded_graft(
-        self,
-        x: torch.Tensor,
-        outs: list[torch.Tensor],
-        inputs: dict[int, torch.Tensor],
-        plan: tuple[SeedStage, ...],
-        dim: int,
-        stages: set[SeedStage],
-    ) -> torch.Tensor | None:
+        self, x: torch.Tensor, outs: list[torch.Tensor], inputs: dict[int, torch.Tensor],
+        plan: tuple[SeedStage, ...], dim: int, stages: set[SeedStage],
+    ) -> torch.Tensor | None:  # fmt: skip
         """The eager path of a layer whose running seeds all blend against the detached host:
         device half, blend and backward guard in one node (``island.guarded_blend``), the same
         values and gradients as the path below. None where that path must run (a seed without
