@@ -36,24 +36,29 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
+from kasmina.manager.ablation import (
+    ablate,
+    kernels_on_copies,
+    rng_states,
+    set_rng_states,
+    watched_call,
+)
 from kasmina.manager.batches import batch_size, checked_pair, moved
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.manager.wrap_records import host_buffers_aligned
 from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
-from kasmina.seeds.outputs import dense, on_dense, output_element, replace_output_element
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
-from kasmina.utils.flags import read_flags
 from kasmina.utils.modules import hooks_held, in_eval_mode
 
 logger = logging.getLogger(__name__)
@@ -69,156 +74,6 @@ def _contributes(record: SeedRecord) -> bool:
     if record.stage not in CONTRIBUTING_STAGES:
         return False
     return record.stage != SeedStage.GRAFTING or record.seed.alpha_value > 0.0
-
-
-def _chunk_index(record: SeedRecord) -> int:
-    return next(k for k, seed in enumerate(record.slot.seeds) if seed is record.seed)
-
-
-def _ablate(record: SeedRecord) -> list[Any]:
-    """Hooks that put the host's own output back into ``record``'s chunk of its slot: the
-    counterfactual with this seed at alpha 0 and the slot's other seeds as they are.
-
-    The slot's own view of its output (the chosen element of a tuple output, the chunked
-    dimension) is used, so the chunk replaced is exactly the one the seed owns.
-    """
-    slot = record.slot
-    k, width = _chunk_index(record), slot.chunk_size
-    dim = getattr(slot, "chunk_dim", -1)
-    index = getattr(slot, "output_index", None)  # a KasminaLayer's element of a tuple output
-
-    def element(out: Any) -> Any:
-        return out if index is None else output_element(out, index)
-
-    def replace(out: Any, new: torch.Tensor) -> Any:
-        return new if index is None else replace_output_element(out, index, new)
-
-    captured: list[Any] = []
-
-    def keep_host(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        captured.append(output)
-
-    def restore_chunk(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        host, mine = element(captured.pop()), element(output)
-        if not isinstance(mine, torch.Tensor) or not isinstance(host, torch.Tensor):
-            return output
-        if mine.is_nested != host.is_nested:
-            return output
-        host = dense(host)  # a packed encoder batch: replaced on the padded form, as grafted
-
-        def put_back(padded: torch.Tensor) -> torch.Tensor:
-            if padded.shape != host.shape:
-                return padded
-            out = padded.clone()
-            out.narrow(dim, k * width, width).copy_(host.narrow(dim, k * width, width))
-            return out
-
-        out = on_dense(mine, put_back)
-        return output if out is mine else replace(output, out)
-
-    return [
-        slot.host.register_forward_hook(keep_host),
-        slot.register_forward_hook(restore_chunk),
-    ]
-
-
-def _rng_states(cuda: list[int]) -> list[torch.Tensor]:
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda)]
-
-
-def _set_rng_states(states: list[torch.Tensor], cuda: list[int]) -> None:
-    torch.set_rng_state(states[0])
-    for d, state in zip(cuda, states[1:], strict=True):
-        torch.cuda.set_rng_state(state, d)
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    unpacked = isinstance(inputs, tuple) and not isinstance(inputs, PackedSequence)
-    return model(*inputs) if unpacked else model(inputs)
-
-
-def _watched_call(
-    model: nn.Module, inputs: Any, records: list[SeedRecord], observed: list[list[str]]
-) -> tuple[Any, list[str | None], list[bool]]:
-    """``model(inputs)`` watching the seeds of ``records``, whose faults go to ``observed``
-    (one list per seed, ``seed.observed_faults``): the output, per seed the fault it had in
-    this call (None if none: a non-finite output is one, each seed's flag set before the
-    forward and read after it, one transfer), and per seed whether it sat the call out (its
-    kernel never ran: its slot sat it out, for a signed input shape this batch does not have or
-    an output that does not fit, or the forward never reached the slot; or its kernel was
-    called and returned nothing, with no fault: its program refused the input,
-    ``KernelInputRefused``), where the host stood in for it: no measurement. A seed measured
-    on no batch is refused by G5 (a slot only training reaches passed as "no effect")."""
-    seeds = [r.seed for r in records]
-    marks = [len(sink) for sink in observed]
-    ran, returned = [False] * len(seeds), [False] * len(seeds)
-
-    def calls(i: int, flags: list[bool]) -> Any:
-        return lambda *_: flags.__setitem__(i, True)
-
-    hooks = []
-    try:
-        for i, (seed, record) in enumerate(zip(seeds, records, strict=True)):
-            try:
-                hooks.append(seed.kernel.register_forward_pre_hook(calls(i, ran)))
-                hooks.append(seed.kernel.register_forward_hook(calls(i, returned)))
-            except RuntimeError:  # a scripted kernel takes no hook: its slot's are watched
-                hooks.extend(_slot_ran(record.slot, i, ran, returned))
-        for seed in seeds:
-            seed.finite_flag.fill_(True)
-        output = _call(model, inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    finite = read_flags([seed.finite_flag for seed in seeds])
-    seen = [
-        sink[-1] if len(sink) > mark else (None if ok else "nonfinite: non-finite output")
-        for sink, mark, ok in zip(observed, marks, finite, strict=True)
-    ]
-    refused = [ran[i] and not returned[i] and seen[i] is None for i in range(len(seeds))]
-    # Whatever kept its kernel from running (a sit-out its slot counted, a slot the forward
-    # never reached: a branch not taken, an expert given no tokens), the host stood in.
-    return output, seen, [not called or r for called, r in zip(ran, refused, strict=True)]
-
-
-def _slot_ran(slot: nn.Module, i: int, ran: list[bool], returned: list[bool]) -> list[Any]:
-    """Hooks that mark seed ``i`` as run when ``slot``'s forward ran without sitting its seeds
-    out (for a kernel that takes no hook of its own): a slot never reached leaves it unmarked."""
-    counts: list[int] = []
-
-    def before(*_: Any) -> None:
-        counts.append(slot.sat_out["seeds"])
-
-    def after(*_: Any) -> None:
-        if slot.sat_out["seeds"] == counts.pop():
-            ran[i] = returned[i] = True
-
-    return [slot.register_forward_pre_hook(before), slot.register_forward_hook(after)]
-
-
-@contextmanager
-def kernels_on_copies(seeds: Sequence[Any]) -> Iterator[None]:
-    """The seeds' kernels run on copies of their buffers inside the block. A kernel exported in
-    train mode writes its batch-norm statistics on every call, which ``eval()`` cannot stop:
-    evaluated between a training forward and its backward, that write (and putting the values
-    back) moved the versions that forward's graph saved, and the seed's backward raised, a
-    fault charged to it by the manager's own measurement."""
-    swapped = [
-        (module, name, buffer)
-        for seed in seeds
-        for module in seed.kernel.modules()
-        for name, buffer in module._buffers.items()
-        if buffer is not None
-    ]
-    for module, name, buffer in swapped:
-        module._buffers[name] = buffer.detach().clone()
-    try:
-        yield
-    finally:
-        for module, name, buffer in swapped:
-            module._buffers[name] = buffer
 
 
 def _value(result: torch.Tensor | float) -> float:
@@ -267,6 +122,40 @@ def evaluate_seeds(
     anything changes (they raised from inside the measurement, a live seed's only), as is a
     batch that is no pair, before its forward (``batches.checked_pair``).
     """
+    _check_arguments(batches, loss_fn, metric_fn)
+    live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
+    if not live:
+        return {}
+    model = registry.model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    run = _Run(model, loss_fn, metric_fn, cuda, [_SeedTally(r, _contributes(r)) for r in live])
+    with _slots_kept(registry, run.tallies), _measuring(model, [r.seed for r in live], cuda):
+        for i_batch, batch in enumerate(batches, 1):
+            inputs, targets = checked_pair(batch, i_batch)  # before any forward of it
+            inputs, targets = moved(inputs, device), moved(targets, device)
+            n = batch_size(inputs, targets)
+            if n == 0:  # weight 0: its mean loss (0/0, NaN) would still poison the sums
+                run.empty += 1
+                continue
+            run.samples += n
+            run.batches += 1
+            _measure_batch(run, inputs, targets, n)
+    if run.samples == 0:
+        given = f" (given {run.empty}, every one empty)" if run.empty else ""
+        raise ValueError(f"evaluate_seeds needs at least one non-empty validation batch{given}")
+    if run.bad_metric:
+        logger.warning(
+            "metric_fn was not finite on %d of %d validation batches: the measured metric is "
+            "not finite, and G5 refuses the seeds measured with it",
+            len(run.bad_metric),
+            run.batches,
+        )
+    return {t.record.seed_id: _concluded(t, run, epoch, step) for t in run.tallies}
+
+
+def _check_arguments(batches: object, loss_fn: object, metric_fn: object) -> None:
+    """A ``TypeError`` naming the argument of the wrong kind, before anything changes."""
     # What ``for`` takes, as iter() finds it (``__iter__``, else ``__getitem__``: a map-style
     # Dataset of batches), not called: a DataLoader's iter() starts its workers and draws a seed.
     iterate = getattr(type(batches), "__iter__", getattr(type(batches), "__getitem__", None))
@@ -275,163 +164,59 @@ def evaluate_seeds(
     for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
         if not callable(fn) and (fn is not None or name == "loss_fn"):
             raise TypeError(f"{name} must be callable(output, targets), got {type(fn).__name__}")
-    live = [r for r in registry if r.stage in RUNS_KERNEL and r.seed.kernel is not None]
-    if not live:
-        return {}
-    contributing = [r for r in live if _contributes(r)]
-    position = {id(r): i for i, r in enumerate(live)}
-    model = registry.model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    saved_records = [(r, r.last_output, r.last_input) for r in registry]
-    saved_probes = [(r.seed, r.seed.probe_result) for r in registry]
-    saved_teacher = [(slot, slot._teacher_logits) for slot in registry.slots]
-    saved_sat_out = [(slot.sat_out, dict(slot.sat_out)) for slot in registry.slots]
-    for slot in registry.slots:
-        slot._teacher_logits = None
-    seeds = [r.seed for r in live]
-    observed: list[list[str]] = [[] for _ in live]  # each seed's faults, seen and not counted
-    faults = [0] * len(live)  # per seed: the batches it faulted on in the measuring forward
-    last_fault = [""] * len(live)
-    n_total = n_batches = n_empty = 0
-    bad_metric: set[int] = set()  # the batches on which metric_fn was not finite
-    # Per seed, over the batches it did not sit out: samples, loss and metric with it in place.
-    n_seed, loss_with, metric_with = [0] * len(live), [0.0] * len(live), [0.0] * len(live)
-    sat_out = [0] * len(live)  # per seed: the batches it sat out (not measured there)
-    loss_with_all = metric_with_all = 0.0  # over every batch (for a seed measured on none)
-    loss_without = {r.seed_id: 0.0 for r in contributing}
-    metric_without = {r.seed_id: 0.0 for r in contributing}
-    for seed, sink in zip(seeds, observed, strict=True):
-        seed.observed_faults = sink
-    try:
-        with (
-            in_eval_mode(model),
-            # The model's buffers, not only the kernels': a host's may move in eval mode too
-            # (a QAT observer's statistics). The kernels' are among them (a kernel the model
-            # does not hold, in a slot taken out of it, is never run by its forward), so one
-            # copy of each buffer is kept.
-            kept_buffers(model),
-            host_buffers_aligned(model),  # under wrap_ddp rank 0's, as DDP's next forward's
-            kernels_on_copies(seeds),  # a train-mode kernel's statistics: its pending backward
-            torch.random.fork_rng(devices=cuda),
-            torch.no_grad(),
-            measuring(),  # every fallback sets the finite flag, the host's NaN's included
-            # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would
-            # keep running its cached graph without the ablation's hooks (TorchDynamo does not
-            # guard on hooks added later), and measure the seed against itself.
-            torch.compiler.set_stance("force_eager"),
-        ):
-            for i_batch, batch in enumerate(batches, 1):
-                inputs, targets = checked_pair(batch, i_batch)  # before any forward of it
-                inputs, targets = moved(inputs, device), moved(targets, device)
-                n = batch_size(inputs, targets)
-                if n == 0:  # weight 0: its mean loss (0/0, NaN) would still poison the sums
-                    n_empty += 1
-                    continue
-                n_total += n
-                n_batches += 1
-                # Every forward of the batch (and its loss) draws the same random numbers: a
-                # host or loss that samples (dropout left on, a VAE, a diffusion loss's noise)
-                # would otherwise measure each ablation on other draws than the seed's.
-                draws = _rng_states(cuda)
-                output, seen, sat = _watched_call(model, inputs, live, observed)
-                for i, fault in enumerate(seen):
-                    if fault is not None:
-                        faults[i] += 1
-                        last_fault[i] = fault
-                loss = n * _value(loss_fn(output, targets))
-                value = math.nan if metric_fn is None else _value(metric_fn(output, targets))
-                if not math.isfinite(value) and metric_fn is not None:
-                    bad_metric.add(n_batches)
-                loss_with_all, metric_with_all = loss_with_all + loss, metric_with_all + n * value
-                for i in range(len(live)):
-                    if sat[i]:
-                        sat_out[i] += 1
-                    else:
-                        n_seed[i], loss_with[i] = n_seed[i] + n, loss_with[i] + loss
-                        metric_with[i] += n * value
-                for record in contributing:
-                    if sat[position[id(record)]]:
-                        continue  # no ablation to compare with: the host stood in already
-                    _set_rng_states(draws, cuda)
-                    hooks = _ablate(record)
-                    try:  # watched too: "the other seeds as they are" must hold
-                        output, seen_without, _ = _watched_call(model, inputs, live, observed)
-                    finally:
-                        for hook in hooks:
-                            hook.remove()
-                    i = position[id(record)]
-                    # Another seed that faults only with this one taken out: the counterfactual
-                    # is not "the others as they are", and fails closed, as a fault would.
-                    caused = (j for j, f in enumerate(seen_without) if f and not seen[j])
-                    other = next((j for j in caused if j != i), None)
-                    if other is not None and seen[i] is None:
-                        faults[i] += 1
-                        last_fault[i] = (
-                            f"seed {live[other].seed_id} faulted with this seed taken out "
-                            f"({seen_without[other]}): its counterfactual could not be measured"
-                        )
-                    loss_without[record.seed_id] += n * _value(loss_fn(output, targets))
-                    if metric_fn is not None:
-                        value = _value(metric_fn(output, targets))
-                        metric_without[record.seed_id] += n * value
-                        if not math.isfinite(value):
-                            bad_metric.add(n_batches)
-    finally:
-        for seed in seeds:  # (their finite flags are buffers: kept_buffers put them back)
-            seed.observed_faults = None
-        for record, output, spec in saved_records:
-            record.last_output, record.last_input = output, spec
-        for seed, probe in saved_probes:
-            seed.probe_result = probe
-        for slot, logits in saved_teacher:
-            slot._teacher_logits = logits
-        for counts, before in saved_sat_out:  # the training's count: not the measurement's
-            counts.clear()
-            counts.update(before)
-    if n_total == 0:
-        given = f" (given {n_empty}, every one empty)" if n_empty else ""
-        raise ValueError(f"evaluate_seeds needs at least one non-empty validation batch{given}")
-    if bad_metric:
-        logger.warning(
-            "metric_fn was not finite on %d of %d validation batches: the measured metric is "
-            "not finite, and G5 refuses the seeds measured with it",
-            len(bad_metric),
-            n_batches,
-        )
-    results: dict[str, SeedEvaluation] = {}
-    for i, record in enumerate(live):
-        sid = record.seed_id
-        if sat_out[i]:
-            logger.warning(
-                "seed %s sat out %d of %d validation batches (its kernel did not run): measured "
-                "on the others%s", sid, sat_out[i], n_batches,
-                "" if n_seed[i] else "; on none, so G5 refuses it",
-            )  # fmt: skip
-        if not n_seed[i]:  # never measured: the host stood in on every batch
-            faults[i], last_fault[i] = sat_out[i], "sat out every validation batch"
-        samples = n_seed[i] or n_total  # (never measured: the host's loss on every batch)
-        mean_loss = loss_with[i] / samples if n_seed[i] else loss_with_all / n_total
-        mean_metric = metric_with[i] / samples if n_seed[i] else metric_with_all / n_total
-        mean_metric = math.nan if metric_fn is None else mean_metric  # the one NaN, as before
-        if faults[i]:
-            logger.warning(
-                "seed %s faulted on %d of %d validation batches while measured (last: %s): "
-                "the host's output stood in for it, so G5 refuses it (not counted as a fault)",
-                sid,
-                faults[i],
-                n_batches,
-                last_fault[i],
-            )
-        without = loss_without[sid] / samples if sid in loss_without and n_seed[i] else mean_loss
-        if metric_fn is None:
+
+
+@dataclass
+class _SeedTally:
+    """What one live seed's measurement adds up over the batches."""
+
+    record: SeedRecord
+    contributes: bool  # its output reaches the model's now: measured without it too
+    observed: list[str] = field(default_factory=list)  # its faults, seen and not counted
+    # Over the batches it did not sit out: samples, and loss and metric with it in place and
+    # with its chunk the host's (the sums of batch means times batch sizes).
+    samples: int = 0
+    loss_with: float = 0.0
+    metric_with: float = 0.0
+    loss_without: float = 0.0
+    metric_without: float = 0.0
+    sat_out: int = 0  # the batches it sat out (not measured there)
+    faults: int = 0  # the batches it faulted on in the measuring forward
+    last_fault: str = ""
+
+    def add(self, n: int, loss: float, metric: float, sat: bool) -> None:
+        """One batch of ``n`` samples measured with the seed in place (``loss`` already times
+        ``n``, ``metric`` a mean), unless the seed sat it out (``sat``: the host stood in)."""
+        if sat:
+            self.sat_out += 1
+        else:
+            self.samples, self.loss_with = self.samples + n, self.loss_with + loss
+            self.metric_with += n * metric
+
+    def fault(self, why: str) -> None:
+        self.faults += 1
+        self.last_fault = why
+
+    def evaluation(self, run: _Run, epoch: int, step: int) -> SeedEvaluation:
+        """The seed's measurement: its sums over the batches it was measured on, as means."""
+        record, n = self.record, self.samples
+        faults, last_fault = self.faults, self.last_fault
+        if not n:  # never measured: the host stood in on every batch
+            faults, last_fault = self.sat_out, "sat out every validation batch"
+        samples = n or run.samples  # (never measured: the host's loss on every batch)
+        mean_loss = self.loss_with / samples if n else run.loss / run.samples
+        mean_metric = self.metric_with / samples if n else run.metric / run.samples
+        given = run.metric_fn is not None
+        mean_metric = mean_metric if given else math.nan  # the one NaN, as before
+        without = self.loss_without / samples if self.contributes and n else mean_loss
+        if not given:
             metric_off = math.nan
-        elif sid in metric_without and n_seed[i]:
-            metric_off = metric_without[sid] / samples
+        elif self.contributes and n:
+            metric_off = self.metric_without / samples
         else:
             metric_off = mean_metric
-        evaluation = SeedEvaluation(
-            seed_id=sid,
+        return SeedEvaluation(
+            seed_id=record.seed_id,
             stage=record.stage,
             alpha=record.seed.alpha_value,
             loss_with=mean_loss,
@@ -441,24 +226,166 @@ def evaluate_seeds(
             samples=samples,
             epoch=epoch,
             step=step,
-            metric_given=metric_fn is not None,
-            faults=faults[i],
-            last_fault=last_fault[i],
+            metric_given=given,
+            faults=faults,
+            last_fault=last_fault,
         )
-        record.seed.record_evaluation(evaluation)
-        results[sid] = evaluation
-        logger.info(
-            "seed %s (%s): val loss %.5f with, %.5f without, benefit %+.4f; "
-            "metric %.5f with, %.5f without",
+
+
+@dataclass
+class _Run:
+    """One evaluation: the model, the caller's functions, each live seed's tally, and what
+    every non-empty batch adds whichever seeds sat it out (the loss and metric of the model as
+    it is over all of them: what a seed measured on none is given)."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    metric_fn: MetricFn | None
+    cuda: list[int]  # the devices whose generators every forward of a batch starts from alike
+    tallies: list[_SeedTally]
+    samples: int = 0
+    batches: int = 0
+    empty: int = 0
+    loss: float = 0.0
+    metric: float = 0.0
+    bad_metric: set[int] = field(default_factory=set)  # the batches metric_fn was not finite on
+
+    def scored(self, output: Any, targets: Any, n: int) -> tuple[float, float]:
+        """``n`` times the loss of ``output``, and its metric (NaN without ``metric_fn``; one
+        that is not finite marks this batch in ``bad_metric``)."""
+        loss = n * _value(self.loss_fn(output, targets))
+        value = math.nan if self.metric_fn is None else _value(self.metric_fn(output, targets))
+        if not math.isfinite(value) and self.metric_fn is not None:
+            self.bad_metric.add(self.batches)
+        return loss, value
+
+
+@contextmanager
+def _slots_kept(registry: SlotRegistry, tallies: list[_SeedTally]) -> Iterator[None]:
+    """Inside, the live seeds report their faults to their tallies, and the slots hold no
+    pending teacher logits; after, what a forward leaves on the slots is as before: the records'
+    last outputs and inputs, the probes, the teacher logits, the ``sat_out`` counts."""
+    saved_records = [(r, r.last_output, r.last_input) for r in registry]
+    saved_probes = [(r.seed, r.seed.probe_result) for r in registry]
+    saved_sat_out = [(slot.sat_out, dict(slot.sat_out)) for slot in registry.slots]
+    teachers = ExitStack()
+    for slot in registry.slots:
+        teachers.enter_context(slot.teacher_logits_set_aside())
+    for tally in tallies:
+        tally.record.seed.observed_faults = tally.observed
+    try:
+        yield
+    finally:
+        for tally in tallies:  # (their finite flags are buffers: kept_buffers put them back)
+            tally.record.seed.observed_faults = None
+        for record, output, spec in saved_records:
+            record.last_output, record.last_input = output, spec
+        for seed, probe in saved_probes:
+            seed.probe_result = probe
+        teachers.close()
+        for counts, before in saved_sat_out:  # the training's count: not the measurement's
+            counts.clear()
+            counts.update(before)
+
+
+@contextmanager
+def _measuring(model: nn.Module, seeds: list[Any], cuda: list[int]) -> Iterator[None]:
+    """Eval mode, no gradient, forked generators, eager, the buffers kept: what the
+    measurement's forwards run under (the module docstring's "Side effects")."""
+    with (
+        in_eval_mode(model),
+        # The model's buffers, not only the kernels': a host's may move in eval mode too
+        # (a QAT observer's statistics). The kernels' are among them (a kernel the model
+        # does not hold, in a slot taken out of it, is never run by its forward), so one
+        # copy of each buffer is kept.
+        kept_buffers(model),
+        host_buffers_aligned(model),  # under wrap_ddp rank 0's, as DDP's next forward's
+        kernels_on_copies(seeds),  # a train-mode kernel's statistics: its pending backward
+        torch.random.fork_rng(devices=cuda),
+        torch.no_grad(),
+        measuring(),  # every fallback sets the finite flag, the host's NaN's included
+        # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would
+        # keep running its cached graph without the ablation's hooks (TorchDynamo does not
+        # guard on hooks added later), and measure the seed against itself.
+        torch.compiler.set_stance("force_eager"),
+    ):
+        yield
+
+
+def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
+    """One batch of ``n`` samples: the model as it is, then once per contributing seed that
+    did not sit it out with that seed's chunk the host's (``ablate``), added to the tallies."""
+    tallies = run.tallies
+    records, sinks = [t.record for t in tallies], [t.observed for t in tallies]
+    # Every forward of the batch (and its loss) draws the same random numbers: a host or loss
+    # that samples (dropout left on, a VAE, a diffusion loss's noise) would otherwise measure
+    # each ablation on other draws than the seed's.
+    draws = rng_states(run.cuda)
+    output, seen, sat = watched_call(run.model, inputs, records, sinks)
+    for tally, fault in zip(tallies, seen, strict=True):
+        if fault is not None:
+            tally.fault(fault)
+    loss, value = run.scored(output, targets, n)
+    run.loss, run.metric = run.loss + loss, run.metric + n * value
+    for tally, sat_it in zip(tallies, sat, strict=True):
+        tally.add(n, loss, value, sat_it)
+    for i, tally in enumerate(tallies):
+        if not tally.contributes or sat[i]:
+            continue  # sat out: no ablation to compare with, the host stood in already
+        set_rng_states(draws, run.cuda)
+        hooks = ablate(tally.record)
+        try:  # watched too: "the other seeds as they are" must hold
+            output, seen_without, _ = watched_call(run.model, inputs, records, sinks)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # Another seed that faults only with this one taken out: the counterfactual is not
+        # "the others as they are", and fails closed, as a fault would.
+        caused = (j for j, f in enumerate(seen_without) if f and not seen[j])
+        other = next((j for j in caused if j != i), None)
+        if other is not None and seen[i] is None:
+            tally.fault(
+                f"seed {records[other].seed_id} faulted with this seed taken out "
+                f"({seen_without[other]}): its counterfactual could not be measured"
+            )
+        loss, value = run.scored(output, targets, n)
+        tally.loss_without += loss
+        tally.metric_without += n * value  # (NaN without a metric_fn: never read then)
+
+
+def _concluded(tally: _SeedTally, run: _Run, epoch: int, step: int) -> SeedEvaluation:
+    """The seed's evaluation, said (warnings for batches it sat out or faulted on) and
+    recorded on it (``seed.record_evaluation``)."""
+    evaluation = tally.evaluation(run, epoch, step)
+    sid = evaluation.seed_id
+    if tally.sat_out:
+        logger.warning(
+            "seed %s sat out %d of %d validation batches (its kernel did not run): measured "
+            "on the others%s", sid, tally.sat_out, run.batches,
+            "" if tally.samples else "; on none, so G5 refuses it",
+        )  # fmt: skip
+    if evaluation.faults:
+        logger.warning(
+            "seed %s faulted on %d of %d validation batches while measured (last: %s): "
+            "the host's output stood in for it, so G5 refuses it (not counted as a fault)",
             sid,
-            record.stage.name,
-            evaluation.loss_with,
-            evaluation.loss_without,
-            evaluation.benefit,
-            evaluation.metric_with,
-            evaluation.metric_without,
+            evaluation.faults,
+            run.batches,
+            evaluation.last_fault,
         )
-    return results
+    tally.record.seed.record_evaluation(evaluation)
+    logger.info(
+        "seed %s (%s): val loss %.5f with, %.5f without, benefit %+.4f; "
+        "metric %.5f with, %.5f without",
+        sid,
+        tally.record.stage.name,
+        evaluation.loss_with,
+        evaluation.loss_without,
+        evaluation.benefit,
+        evaluation.metric_with,
+        evaluation.metric_without,
+    )
+    return evaluation
 
 
 def host_shapes(registry: SlotRegistry) -> dict[str, dict[str, Any]]:

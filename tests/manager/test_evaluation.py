@@ -880,6 +880,25 @@ def test_a_seed_that_sits_out_the_measuring_forward_is_not_measured_as_harmless(
     assert slot.sat_out == {}  # the measurement's sit-outs are not the training's to count
 
 
+def test_pending_teacher_logits_wait_out_an_evaluation_as_they_were_set() -> None:
+    """Teacher logits set for the next training forward are set aside while measured (a no-grad
+    forward that meets them reads as a reentrant checkpoint's first run, and marks the slot so)
+    and are pending again after, the same tensor, also when the measurement raises."""
+    model, registry, slot = _static_batch_slot(2.0)
+    teacher = torch.randn(4, 6)
+    slot.set_teacher_logits(teacher)
+    batch = [(torch.randn(4, 3), torch.zeros(4, 6))]
+    evaluate_seeds(registry, batch, F.mse_loss)
+    assert slot._teacher_logits is teacher and not slot._graph.reentrant
+
+    def failing(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        evaluate_seeds(registry, batch, failing)
+    assert slot._teacher_logits is teacher and not slot._graph.reentrant
+
+
 def test_a_load_through_the_seed_drops_its_evaluation() -> None:
     """Only a load with the seed's extra state dropped its evaluation: a weights-only load (or
     one into the seed module) kept it, and G5 passed on a measurement of weights now gone."""
