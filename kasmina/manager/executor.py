@@ -48,10 +48,10 @@ from kasmina.manager.report import ManagerReport
 from kasmina.manager.rollback import fetches_bounded, restore_epoch
 from kasmina.manager.state import ManagerState
 from kasmina.seeds.charging import contained
+from kasmina.seeds.columns import SCALE
 from kasmina.seeds.dry_run import dry_run_problem
 from kasmina.seeds.gates import GateResult
 from kasmina.seeds.side_effects import kept_buffers
-from kasmina.seeds.table import SCALE
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     ISOLATED_STAGES,

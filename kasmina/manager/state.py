@@ -32,9 +32,9 @@ from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
 from kasmina.manager.slots import SlotRegistry
 from kasmina.ops.backend import check_positive, check_real
+from kasmina.seeds.columns import SCALE
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.table import SCALE
 from kasmina.stages import RUNS_KERNEL
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader

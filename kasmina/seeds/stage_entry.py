@@ -21,18 +21,37 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from kasmina.seeds.extra_state import field_report
+import torch
+from torch import nn
+
+from kasmina.seeds.extra_state import BookkeptSeed, field_report
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.ratelimit import rarely
 
-if TYPE_CHECKING:
-    from kasmina.seeds.seed import GradientIsolatedSeed
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["enter", "settle"]
+__all__ = ["EnteringSeed", "enter", "settle"]
+
+
+class EnteringSeed(BookkeptSeed, Protocol):
+    """A seed as its stage entry resets and writes it (the seed module, without importing it:
+    the seed calls ``enter`` and ``settle``)."""
+
+    probe_result: Any
+    field_report: dict[str, Any] | None
+    evaluation: Any
+    unsettled: SeedStage | None  # the stage whose entry's writes are still to complete
+    finite_flag: torch.Tensor
+    fault_flag: torch.Tensor
+    alpha: torch.Tensor
+    _kd_losses: list[torch.Tensor]
+    _gate_score: float
+    _alpha_value: float
+
+    def detach_kernel(self) -> nn.Module | None: ...
+
 
 S = SeedStage
 _failures = itertools.count(1)  # entries whose writes failed, in this process (the log's count)
@@ -49,7 +68,7 @@ def _alpha_of(stage: SeedStage) -> float | None:
     return None
 
 
-def enter(seed: GradientIsolatedSeed, old: SeedStage, new: SeedStage) -> None:
+def enter(seed: EnteringSeed, old: SeedStage, new: SeedStage) -> None:
     """``seed`` entered ``new`` from ``old``: its host state, then its writes (``settle``); a
     write that fails is kept (``seed.unsettled``), logged, never raised."""
     seed.probe_result = None  # G3's evidence is read in COMPATIBILITY_CHECK only
@@ -81,7 +100,7 @@ def enter(seed: GradientIsolatedSeed, old: SeedStage, new: SeedStage) -> None:
         )  # fmt: skip
 
 
-def settle(seed: GradientIsolatedSeed) -> None:
+def settle(seed: EnteringSeed) -> None:
     """Write what ``seed``'s host state holds for the stage it entered (``unsettled``) to its
     device and the table's row; nothing once it left that stage (the next one's entry wrote
     its own). Idempotent; ``unsettled`` is cleared once every write went through."""

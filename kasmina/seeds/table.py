@@ -23,7 +23,7 @@ import torch
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.ops.lifecycle import INT32_MAX, as_ints, lifecycle_tick, lifecycle_update
-from kasmina.seeds.columns import SCALE, blueprint_hash, fixed_point, real
+from kasmina.seeds.columns import blueprint_hash, fixed_point, real
 from kasmina.seeds.observers import Listeners, TransitionObserver, WeakObserver, call_safely
 from kasmina.stages import (
     NUM_STATE_COLUMNS,
@@ -54,7 +54,7 @@ _GATE_TYPES = frozenset({int, type(None)})
 _GATE_VALUES = frozenset({_NO_GATE, 1, 2, 3, 4, 5})
 _COOLDOWN = SeedStage.COOLDOWN
 
-__all__ = ["SCALE", "GPUStateTensor", "blueprint_hash", "fixed_point"]
+__all__ = ["GPUStateTensor"]
 
 
 def _index_buffer(indices: Sequence[Any]) -> array[int]:

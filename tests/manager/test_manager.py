@@ -35,9 +35,10 @@ from kasmina.manager import rollback as rollback_module
 from kasmina.manager import state as state_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.report import TargetCheck
+from kasmina.seeds.columns import SCALE
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.seeds.table import SCALE, GPUStateTensor
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import StateColumn
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.client import UrzaLibraryClient

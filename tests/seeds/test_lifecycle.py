@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from kasmina.errors import IllegalTransitionError
 from kasmina.manager.config import KasminaConfig
+from kasmina.seeds.columns import blueprint_hash
 from kasmina.seeds.gates import (
     ALPHA_COMPLETE,
     SeedEvaluation,
@@ -28,7 +29,7 @@ from kasmina.seeds.gates import (
 )
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.seeds.table import GPUStateTensor, blueprint_hash
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
     GATE_FOR_TRANSITION,
     LEGAL_TRANSITIONS,

@@ -16,10 +16,11 @@ from kasmina.errors import IllegalTransitionError
 from kasmina.kd import loss as kd_loss_module
 from kasmina.kd.config import KDConfig
 from kasmina.ops import kd_kl_loss
+from kasmina.seeds.columns import blueprint_hash
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.seeds.table import GPUStateTensor, blueprint_hash
+from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage, StateColumn
 
 S = SeedStage
