@@ -2,8 +2,14 @@
 
 The package namespace is import-light: ``import kasmina`` loads nothing but this file, and each
 name below loads its module (and torch) on first use, so the CLI and protocol code start fast.
-Each name lives in exactly one module of a subpackage, whose ``__init__`` may re-export it
-(docs/design.md §1); this table is the path the documentation uses.
+
+One name, one path (docs/design.md §1). Each name is defined in exactly one module: that
+defining module is the implementation's path, the one Kasmina's own modules and their tests
+import it from. A name in ``_PUBLIC`` below has one user path, ``kasmina.X``: the
+README, the docs and the tests of the public API use it, and no subpackage ``__init__``
+re-exports it. A subpackage ``__init__`` re-exports only its own documented user-facing names
+that are not in this table (``from kasmina.ops import alpha_blend``; ``kasmina.leyline``'s
+messages, whose defining module is generated); every other one re-exports nothing.
 
 The subpackages, in their one-way import order (docs/design.md §1)::
 

@@ -43,7 +43,8 @@ from kasmina.control.commands import KasminaCommand
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.processes import spawn
-from kasmina.manager.ddp import SeedGradientSync, wrap_ddp
+from kasmina.manager.ddp import wrap_ddp
+from kasmina.manager.grad_sync import SeedGradientSync
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.inject import attach
 from kasmina.stages import SeedStage

@@ -19,6 +19,9 @@ It is enforced structurally and checked here:
 - ``optimizer_commands`` -- ``read_optimizer_command``: the type gate of that dispatch (only a
   ``VerifiedOptimizerCommand`` gets in; a wire message is a ``TypeError``) and the command read
   into plain values (``OptimizerOrder``). It knows no optimizer.
+- ``stepping`` -- how those optimizers step: gradients clipped per optimizer (a norm that is not
+  finite leaves them as they were), state that follows its parameters through a model
+  conversion, and a seed optimizer's step that cannot stop the host's.
 - ``sparse_trial`` -- ``sparse_gradient_problem``: whether the seeds' optimizer class can step
   a kernel's sparse gradients (one step on throwaway copies), asked by GERMINATE's dry run.
 - ``verify`` -- ``verify_gradient_isolation``: walks the autograd graph of a seed's output and
@@ -30,20 +33,6 @@ It is enforced structurally and checked here:
   and ``GradientIsolationViolationError`` is raised. The host keeps training.
 
 Imports ``kasmina.kd`` (teacher parameters), ``kasmina.ops``, ``kasmina.utils`` and the root
-vocabulary; never seeds, urza, control or the manager.
+vocabulary; never seeds, urza, control or the manager. Each name is imported from its module:
+this package re-exports nothing.
 """
-
-from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
-from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
-from kasmina.isolation.ownership import ParameterOwnership
-from kasmina.isolation.verify import verify_gradient_isolation
-
-__all__ = [
-    "HOST_ID",
-    "TEACHER_SOURCE",
-    "GradientIsolationMonitor",
-    "IsolatedOptimizerManager",
-    "ParameterOwnership",
-    "default_emergency_dir",
-    "verify_gradient_isolation",
-]

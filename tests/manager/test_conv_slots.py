@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_seed_command
-from kasmina.manager import KasminaKernelManager
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.urza.blueprints import AffineShift, ResidualMLP
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring

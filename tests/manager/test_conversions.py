@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.builders import make_rollback_command, make_seed_command
-from kasmina.manager import KasminaKernelManager
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.constants import CONSTANTS
 from tests.manager.helpers import SEED0, Rig, S, make_config, record_activations, run_command
 

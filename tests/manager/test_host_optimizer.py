@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from kasmina.control.builders import make_optimizer_command, make_rollback_command
-from kasmina.manager import KasminaKernelManager
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.manager.helpers import SEED0, Rig, S, make_config, run_command, through_a_seed
 

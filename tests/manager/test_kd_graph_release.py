@@ -19,7 +19,7 @@ import torch._functorch.config as functorch_config
 from torch.nn import functional as F
 
 import kasmina.manager.guard as guard_module
-from kasmina.kd import KDConfig
+from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import hold_retained_backwards, kd_cut
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config

@@ -15,8 +15,8 @@ from torch.nn import functional as F
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import teacher_fit_problem
-from kasmina.manager import KasminaKernelManager
 from kasmina.manager import guard as guard_module
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, make_config
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_seed_command
-from kasmina.manager import KasminaKernelManager
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.gates import GateResult
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage

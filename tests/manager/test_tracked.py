@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kasmina.manager import KasminaKernelManager
 from kasmina.manager.coordination import ManagerReplica
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import Rig, make_config
 from tests.manager.test_resume import rollback

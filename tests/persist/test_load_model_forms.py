@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import kasmina
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_seed_command
-from kasmina.manager import KasminaKernelManager
+from kasmina.manager.manager import KasminaKernelManager
 from kasmina.persist.format import SavedModelError
 from kasmina.seeds.inject import kasmina_layers
 from kasmina.seeds.layer import KasminaLayer

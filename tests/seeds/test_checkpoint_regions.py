@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kasmina.kd import KDConfig
+from kasmina.kd.config import KDConfig
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.recompute import checkpoint_region, graph_to_come, reentrant_first_run
 from kasmina.stages import SeedStage

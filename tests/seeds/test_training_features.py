@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kasmina.kd import KDConfig
+from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage

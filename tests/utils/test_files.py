@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kasmina.errors import NotARegularFileError
 from kasmina.utils.files import (
     MAX_CONFIG_FILE_BYTES,
-    NotARegularFileError,
     open_regular_fd,
     open_regular_file,
     read_regular_file,
