@@ -11,8 +11,11 @@ nothing of kasmina (leyline only its own generated modules); ``kasmina.kernels``
 by ``kasmina.ops``, lazily, and imports nothing of kasmina. ``kasmina/__init__.py`` and
 ``kasmina/__main__.py`` are the top: exempt from the order, but ``kasmina/__init__.py`` imports
 only the standard library eagerly. No ``_private`` name or module crosses a package boundary, there
-are no import cycles, and every name has one import path (re-exports only in a package's
-``__init__.py``).
+are no import cycles, and every name has one import path: its defining module (re-exports only
+in a package's ``__init__.py``), and for a name of the lazy table ``_PUBLIC`` of
+``kasmina/__init__.py`` one user path, ``kasmina.X``, which no subpackage ``__init__`` re-exports.
+Tests and benchmarks (``tests/``, ``perf/``) take names by the same rule: from the defining
+module, or from a package that binds it (``kasmina``, ``kasmina.ops``, ``kasmina.leyline``).
 
 Every ``import`` counts wherever it is written: at module level, inside a function, under
 ``if TYPE_CHECKING:``; so do ``importlib.import_module("kasmina...")`` calls with a literal name
@@ -77,6 +80,7 @@ CYCLE = "cycle"
 OWN_INIT = "own-init"
 REEXPORT = "re-export"
 TWO_PATHS = "two-paths"
+PUBLIC_PATH = "public-path"
 UNKNOWN_MODULE = "unknown-module"
 UNKNOWN_NAME = "unknown-name"
 RELATIVE = "relative"
@@ -226,6 +230,25 @@ def _target_names(target: ast.expr) -> Iterator[str]:
         yield from _target_names(target.value)
 
 
+def _table_entries(tree: ast.Module) -> Iterator[tuple[str, str, int]]:
+    """(name, module, line) of each entry of the lazy table ``_PUBLIC`` of ``kasmina``."""
+    for stmt in tree.body:
+        if not isinstance(stmt, ast.Assign | ast.AnnAssign):
+            continue
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        if not any(isinstance(t, ast.Name) and t.id == "_PUBLIC" for t in targets):
+            continue
+        if not isinstance(stmt.value, ast.Dict):
+            continue
+        for key, value in zip(stmt.value.keys, stmt.value.values, strict=True):
+            if (
+                isinstance(key, ast.Constant)
+                and isinstance(value, ast.Constant)
+                and isinstance(value.value, str)
+            ):
+                yield str(key.value), value.value, stmt.lineno
+
+
 def _literal_strings(node: ast.expr | None) -> list[str] | None:
     if isinstance(node, ast.List | ast.Tuple) and all(
         isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts
@@ -235,7 +258,11 @@ def _literal_strings(node: ast.expr | None) -> list[str] | None:
 
 
 class Checker:
-    """The import rules over ``{module name: source}`` (plus modules known without source)."""
+    """The import rules over ``{module name: source}`` (plus modules known without source).
+
+    Modules outside kasmina (``tests.*``, ``perf.*``) are its clients: held to the rules on how
+    a name is taken (two-paths, unknown module or name), not to the order or the privacy rules.
+    """
 
     def __init__(
         self,
@@ -244,7 +271,8 @@ class Checker:
         packages: Iterable[str] | None = None,
         extra_modules: Iterable[str] = (),
     ) -> None:
-        self.sources = dict(sources)
+        self.sources = {m: s for m, s in sources.items() if _is_internal(m)}
+        self.clients = {m: s for m, s in sources.items() if not _is_internal(m)}
         self.modules = set(self.sources) | set(extra_modules)
         if packages is None:  # a module is a package when another module lives under it
             packages = {m for m in self.modules if any(o.startswith(m + ".") for o in self.modules)}
@@ -261,6 +289,15 @@ class Checker:
         self.imports: list[Import] = []
         for module, tree in self.trees.items():
             self.imports.extend(self._imports(module, tree))
+        self.public = dict(self._public_table())  # kasmina's lazy table: {name: module}
+        self.client_imports: list[Import] = []
+        for module, source in sorted(self.clients.items()):
+            try:
+                tree = ast.parse(source, filename=module)
+            except SyntaxError as exc:
+                self.violations.append(Violation(module, module, SYNTAX, str(exc)))
+                continue
+            self.client_imports.extend(self._imports(module, tree))
 
     # -- reading modules -----------------------------------------------------------------
 
@@ -348,24 +385,14 @@ class Checker:
             else:  # import_module("kasmina...") with a literal
                 yield Import(module, node.args[0].value, None, None, line, eager)  # type: ignore[attr-defined]
         if module == PACKAGE:  # the lazy table: {public name: "kasmina.module"}
-            yield from self._lazy_table(module, tree)
+            for name, target, line in _table_entries(tree):
+                yield Import(module, target, name, None, line, False)
 
-    def _lazy_table(self, module: str, tree: ast.Module) -> Iterator[Import]:
-        for stmt in tree.body:
-            if not isinstance(stmt, ast.Assign | ast.AnnAssign):
-                continue
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            if not any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in targets):
-                continue
-            if not isinstance(stmt.value, ast.Dict):
-                continue
-            for key, value in zip(stmt.value.keys, stmt.value.values, strict=True):
-                if (
-                    isinstance(key, ast.Constant)
-                    and isinstance(value, ast.Constant)
-                    and isinstance(value.value, str)
-                ):
-                    yield Import(module, value.value, str(key.value), None, stmt.lineno, False)
+    def _public_table(self) -> Iterator[tuple[str, str]]:
+        tree = self.trees.get(PACKAGE)
+        if tree is not None:
+            for name, target, _ in _table_entries(tree):
+                yield name, target
 
     # -- the rules -----------------------------------------------------------------------
 
@@ -373,9 +400,47 @@ class Checker:
         found = list(self.violations)
         for imp in self.imports:
             found.extend(self._check_import(imp))
+        for imp in self.client_imports:
+            found.extend(self._check_client_import(imp))
         found.extend(self._check_reexports())
+        found.extend(self._check_public_paths())
         found.extend(self._check_cycles())
         return sorted(set(found))
+
+    def _check_taken_name(self, imp: Import) -> Iterator[Violation]:
+        """The module exists, binds the name, and defines it (a package may re-export)."""
+        shown = imp.shown
+        if imp.target not in self.modules:
+            yield Violation(imp.module, shown, UNKNOWN_MODULE, "no such module")
+            return
+        bindings = self.bindings.get(imp.target)
+        if imp.name in (None, "*") or bindings is None:
+            return
+        if not bindings.binds(imp.name):
+            yield Violation(imp.module, shown, UNKNOWN_NAME, f"not defined in {imp.target}")
+        elif (
+            imp.name in bindings.imported
+            and imp.name not in bindings.defined
+            and imp.target not in self.packages
+        ):
+            origin = bindings.imported[imp.name]
+            yield Violation(
+                imp.module, shown, TWO_PATHS, f"{imp.target} imported it: import {origin}"
+            )
+
+    def _check_client_import(self, imp: Import) -> Iterator[Violation]:
+        if imp.internal:
+            yield from self._check_taken_name(imp)
+
+    def _check_public_paths(self) -> Iterator[Violation]:
+        """A name of kasmina's lazy table has one user path, ``kasmina.X``: no subpackage
+        ``__init__`` binds it too."""
+        for package in sorted(self.packages & self.bindings.keys() - {PACKAGE}):
+            imported = self.bindings[package].imported
+            for name in sorted(imported.keys() & self.public.keys()):
+                yield Violation(
+                    package, imported[name], PUBLIC_PATH, f"kasmina.{name} is its one public path"
+                )
 
     def _check_import(self, imp: Import) -> Iterator[Violation]:
         module, shown = imp.module, imp.shown
@@ -390,22 +455,7 @@ class Checker:
             return
         if module == PACKAGE and imp.eager:
             yield Violation(module, shown, IMPORT_LIGHT, "only the stdlib at module level")
-        if imp.target not in self.modules:
-            yield Violation(module, shown, UNKNOWN_MODULE, "no such module")
-        elif imp.name not in (None, "*"):
-            bindings = self.bindings.get(imp.target)
-            if bindings is not None:
-                if not bindings.binds(imp.name):
-                    yield Violation(module, shown, UNKNOWN_NAME, f"not defined in {imp.target}")
-                elif (
-                    imp.name in bindings.imported
-                    and imp.name not in bindings.defined
-                    and imp.target not in self.packages
-                ):
-                    origin = bindings.imported[imp.name]
-                    yield Violation(
-                        module, shown, TWO_PATHS, f"{imp.target} imported it: import {origin}"
-                    )
+        yield from self._check_taken_name(imp)
         if imp.target != module and imp.target in self.packages:
             if module.startswith(imp.target + "."):
                 yield Violation(module, shown, OWN_INIT, "import from the defining module")
@@ -615,7 +665,7 @@ CLEAN = _case(
         from typing import TYPE_CHECKING
         if TYPE_CHECKING:
             from kasmina.seeds.seed import Seed
-        _LAZY = {"Seed": "kasmina.seeds.seed", "KasminaConfig": "kasmina.manager.config"}
+        _PUBLIC = {"Seed": "kasmina.seeds.seed", "KasminaConfig": "kasmina.manager.config"}
     """,
     kasmina__ops="from kasmina.ops.alpha_blend import alpha_blend\n__all__ = ['alpha_blend']\n",
     kasmina__ops__alpha_blend="""
@@ -651,6 +701,23 @@ CLEAN = _case(
             return importlib.import_module("kasmina.seeds.layer")
     """,
     kasmina__cli__urza="from kasmina.cli.main import main\nfrom kasmina.manager import manager\n",
+    # Tests and benchmarks: the public path, a package's own re-export, a defining module (a
+    # private name too), a helper of their own, a module by name.
+    tests__seeds__test_layer="""
+        import importlib
+        import kasmina
+        from kasmina import Seed
+        from kasmina.ops import alpha_blend
+        from kasmina.seeds.seed import _stage_of
+        from tests.seeds.helpers import make_layer
+        from . import helpers
+        def load():
+            return importlib.import_module("kasmina.seeds.layer")
+    """,
+    perf__bench_ops="""
+        from arguments import positive_int
+        from kasmina.ops.backend import use_triton
+    """,
 )
 
 BAD_CASES = {
@@ -746,8 +813,22 @@ BAD_CASES = {
         ("kasmina", "kasmina.seeds.seed.Seed", IMPORT_LIGHT),
     ),
     "lazy table names a missing module": (
-        _case(kasmina='_LAZY = {"Seed": "kasmina.seed"}\n'),
+        _case(kasmina='_PUBLIC = {"Seed": "kasmina.seed"}\n'),
         ("kasmina", "kasmina.seed.Seed", UNKNOWN_MODULE),
+    ),
+    "lazy table names a module that imported the name": (
+        _case(
+            kasmina='_PUBLIC = {"Seed": "kasmina.seeds.x"}\n',
+            kasmina__seeds__x="from kasmina.seeds.seed import Seed\n",
+        ),
+        ("kasmina", "kasmina.seeds.x.Seed", TWO_PATHS),
+    ),
+    "package re-exports a name of the lazy table": (
+        _case(
+            kasmina='_PUBLIC = {"Seed": "kasmina.seeds.seed"}\n',
+            kasmina__seeds="from kasmina.seeds.seed import Seed\n__all__ = ['Seed']\n",
+        ),
+        ("kasmina.seeds", "kasmina.seeds.seed.Seed", PUBLIC_PATH),
     ),
     "private name across packages": (
         _case(kasmina__seeds__x="from kasmina.ops.backend import _private_helper\n"),
@@ -800,6 +881,20 @@ BAD_CASES = {
         ),
         ("kasmina.seeds.y", "kasmina.seeds.x.Seed", TWO_PATHS),
     ),
+    "test takes a name from a module that imported it": (
+        _case(
+            kasmina__seeds__x="from kasmina.seeds.seed import Seed\n",
+            tests__seeds__test_x="from kasmina.seeds.x import Seed\n",
+        ),
+        ("tests.seeds.test_x", "kasmina.seeds.x.Seed", TWO_PATHS),
+    ),
+    "benchmark takes a name its package does not re-export": (
+        _case(
+            kasmina__seeds='"""Seeds: re-exports nothing."""\n',
+            perf__bench_x="def f():\n    from kasmina.seeds import Seed\n",
+        ),
+        ("perf.bench_x", "kasmina.seeds.Seed", UNKNOWN_NAME),
+    ),
     "missing module": (
         _case(kasmina__manager__x="from kasmina.manager.gone import Thing\n"),
         ("kasmina.manager.x", "kasmina.manager.gone.Thing", UNKNOWN_MODULE),
@@ -834,9 +929,15 @@ def test_base_of_the_bad_cases_is_clean() -> None:
 # -- the real tree ----------------------------------------------------------------------------
 
 
+CLIENTS = ("tests", "perf")  # held to how a name is taken: two-paths, unknown module or name
+
+
 def _source_files() -> Iterator[tuple[str, Path]]:
-    """(module name, path) of every module: kasmina/**.py and kernels/**.py as kasmina.kernels."""
-    for base, prefix in ((ROOT / PACKAGE, (PACKAGE,)), (ROOT / KERNELS, (PACKAGE, KERNELS))):
+    """(module name, path) of every module: kasmina/**.py and kernels/**.py as kasmina.kernels,
+    and the clients, tests/**.py and perf/**.py, as tests.* and perf.*."""
+    bases = [(ROOT / PACKAGE, (PACKAGE,)), (ROOT / KERNELS, (PACKAGE, KERNELS))]
+    bases += [(ROOT / client, (client,)) for client in CLIENTS]
+    for base, prefix in bases:
         for path in sorted(base.rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue
@@ -863,6 +964,7 @@ def _real_tree() -> tuple[dict[str, str], set[str], set[str]]:
 def test_real_tree_follows_the_import_rules() -> None:
     sources, packages, generated = _real_tree()
     assert f"{PACKAGE}.seeds" in packages and f"{PACKAGE}.{KERNELS}" in packages
+    assert "tests.test_layering" in sources and "perf.bench_distributed" in sources
     found = check_imports(sources, packages=packages, extra_modules=generated)
     assert not found, f"{len(found)} import-rule violations ({ORDER}):\n" + "\n".join(
         map(str, found)
@@ -943,6 +1045,79 @@ def test_every_package_has_an_init_with_a_real_docstring() -> None:
                     f"{where}: module docstring has {len(docstring)} characters "
                     f"(at least {MIN_PACKAGE_DOCSTRING}: what the package is for, what it holds)"
                 )
+    assert not problems, "\n".join(problems)
+
+
+def _package_modules() -> dict[Path, set[str]]:
+    """Each package directory of kasmina/ and kernels/ (kasmina/ itself included): its modules."""
+    packages: dict[Path, set[str]] = {}
+    for base in (ROOT / PACKAGE, ROOT / KERNELS):
+        for init in base.rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                packages[init.parent] = {
+                    p.stem for p in init.parent.glob("*.py") if p.name != "__init__.py"
+                }
+    return packages
+
+
+# A module's line in a package docstring: "- ``name`` -- what it is" (or "``a`` / ``b`` --").
+DOCSTRING_MODULE = re.compile(r"``(\w+)`` --")
+
+
+def test_every_package_docstring_lists_its_modules() -> None:
+    """A package's ``__init__`` docstring is its design in brief: every module, one line each
+    (docs/design.md §1). Modules were added and the docstrings not told (a third of the
+    manager's, half of the seeds')."""
+    problems = []
+    for directory, modules in sorted(_package_modules().items()):
+        if directory == ROOT / PACKAGE:
+            continue  # kasmina/__init__.py: the public API; its modules are in design.md §1
+        init = directory / "__init__.py"
+        docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        where = init.relative_to(ROOT)
+        for module in sorted(modules):
+            if f"``{module}``" not in docstring:
+                problems.append(f"{where}: module {module} is not listed (``{module}`` -- ...)")
+        for named in sorted(set(DOCSTRING_MODULE.findall(docstring)) - modules):
+            problems.append(f"{where}: lists ``{named}``, which is no module of the package")
+    assert not problems, "\n".join(problems)
+
+
+def _design_layout() -> dict[str, str]:
+    """docs/design.md §1's package list: {first word of an entry (``seeds/``, ``errors.py``):
+    the entry's text}."""
+    section = DESIGN_DOC.read_text(encoding="utf-8").split("### Packages", 1)[1]
+    block = section.split("```", 2)[1]
+    entries: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        if line.strip() and len(line) - len(line.lstrip()) <= 2:  # an entry's first line
+            current = line.split()[0]
+            entries[current] = line
+        elif current is not None:
+            entries[current] += "\n" + line
+    return entries
+
+
+def test_design_package_list_matches_the_tree() -> None:
+    """docs/design.md §1 names every module of every package, and no module that is gone."""
+    entries = _design_layout()
+    problems = []
+    for directory, modules in sorted(_package_modules().items()):
+        if directory == ROOT / PACKAGE:
+            files = {f"{m}.py" for m in modules} | {"__init__.py"}
+            problems += [f"kasmina/{f}: no entry" for f in sorted(files - entries.keys())]
+            continue
+        key = f"{directory.name}/"
+        text = entries.get(key)
+        if text is None:
+            problems.append(f"{key}: no entry")
+            continue
+        for module in sorted(modules):
+            if not re.search(rf"\b{module}\b", text):
+                problems.append(f"{key}: module {module} is not named")
+        for named in sorted(set(re.findall(r"(\w+)\.py\b", text)) - modules):
+            problems.append(f"{key}: names {named}.py, which is no module of the package")
     assert not problems, "\n".join(problems)
 
 
