@@ -9,7 +9,8 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    before any byte is unpickled) and loaded, the kernels it names are loaded and copied
    (fresh copies of the cached originals), and the optimizer layout it describes (host groups,
    promoted seeds, seed optimizers) is built beside the live one, of the manager's optimizer
-   class (a checkpoint saved with another is refused), and loaded with the saved states;
+   class (a checkpoint saved with another is refused), and loaded with the saved states (the
+   reading and the optimizers in ``rollback_plan``);
 2. reversible writes: the kernels are swapped in, then ``restore_training_state`` validates the
    weights against the swapped model (keys and shapes) and writes them and the state table,
    undoing its own writes if one fails, and the host mirror is resynced; the user's tracked
@@ -49,14 +50,20 @@ from typing import Any, NamedTuple
 import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
-from kasmina.isolation.optimizer_state import upgrade_state_dict
-from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
-from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
-from kasmina.manager.evaluation import host_shapes, parse_host_shapes
+from kasmina.isolation.optimizers import IsolatedOptimizerManager
+from kasmina.manager.checkpoints import CheckpointStore
+from kasmina.manager.evaluation import host_shapes
 from kasmina.manager.guard import IsolationGuard
+from kasmina.manager.rollback_plan import (
+    BOUNDARY_PENDING,
+    RollbackPlan,
+    SavedSeed,
+    read_checkpoint,
+    rebuild_optimizers,
+)
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState
-from kasmina.manager.tracked import put_back_tracked, saved_tracked, tracked_states
+from kasmina.manager.tracked import put_back_tracked, tracked_states
 from kasmina.manager.training_state import capture_training_state, restore_training_state
 from kasmina.seeds.gates import CompatibilityProbe, ProbeFault
 from kasmina.seeds.load_hooks import owner_restore
@@ -136,11 +143,6 @@ def _note_saved_kernels(state: ManagerState, epoch: int, seeds: Mapping[str, Any
         del state.saved_kernels[next(iter(state.saved_kernels))]
 
 
-# extra["boundary_pending"]: the checkpoint was taken before end_epoch's tick and automatic
-# transitions (absent in older checkpoints, which were taken after them).
-BOUNDARY_PENDING = "boundary_pending"
-
-
 def restorable(state: ManagerState, epoch: int) -> bool:
     """Whether a checkpoint of the model as it is now could be rolled back to; if not (a
     parameter an optimizer holds is float64: a gradient check of a converted model, whose
@@ -214,40 +216,47 @@ def restore_epoch(
     longer loads, bad layout. Returns "" once rolled back, or the problem of a boundary replay
     that failed after the commit (see the module docstring)."""
     registry = state.require_registry()
-    # Phase 1 begins: the checkpoint is verified before it is unpickled; nothing live changes.
     store = state.checkpoints  # opened now: the commit below reads no property that can raise
-    checkpoint = store.load(epoch)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:  # before any other field is read
-        raise ValueError(f"unsupported checkpoint format {checkpoint.get('format')!r}")
-    extra = checkpoint.get("extra") or {}
-    saved_seeds = _saved_seeds(extra, registry, epoch)
-    pending, clock = _saved_clock(extra, epoch, state.global_step)
-    saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
-    own = {state.writer, *state.peer_writers}
-    tracked = saved_tracked(extra, state.tracked, epoch, own)  # name -> (object, saved state)
-    unfrozen = extra.get("unfrozen")  # absent: an older checkpoint (the groups decide)
-    if unfrozen is not None:
-        if not isinstance(unfrozen, list) or not all(isinstance(n, str) for n in unfrozen):
-            raise ValueError(f"the checkpoint of epoch {epoch}: unfrozen is {unfrozen!r}")
-        unfrozen = registry.parameters_named(unfrozen)  # ValueError: names the model lacks
-    if pending and boundary is None:
-        raise ValueError(f"the checkpoint of epoch {epoch} needs its epoch boundary replayed")
-    changes = {}
-    for record in registry:
-        saved = saved_seeds[record.seed_id]
-        want = saved.artifact_id if saved.attached else None
-        have = record.artifact_id if record.kernel is not None else None
-        if want != have:
-            changes[record.seed_id] = want
-    # Phase 1: load and validate everything; nothing live changes.
+    # Phase 1: verify, load and validate everything; nothing live changes.
+    plan = read_checkpoint(state, registry, store, epoch, boundary)
+    loaded = _load_beside(state, registry, plan)
+    # Phase 2: reversible writes, each undone (the backup put back) if a later one fails.
+    backup = _Backup.take(registry)
+    hold = interrupts_deferred()  # phase 3's, taken where a Ctrl-C still undoes phase 2
+    handover = _write_reversibly(state, guard, registry, plan, loaded, backup, hold)
+    # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
+    try:
+        _commit_rollback(state, registry, store, epoch, plan, loaded, handover, backup.stages)
+    finally:
+        hold.__exit__(None, None, None)  # entered at phase 2's end
+    logger.warning(
+        "rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(loaded.fresh)
+    )
+    if not plan.pending or boundary is None:
+        return ""
+    return _replay_boundary(epoch, boundary)
+
+
+class _Loaded(NamedTuple):
+    """What phase 1 built beside the live objects."""
+
+    tracked_before: dict[str, Any]  # the tracked objects' live states, for phase 2's undo
+    fresh: dict[str, tuple[str, GPUKernel]]  # seed_id -> (artifact_id, its fresh kernel)
+    optimizers: IsolatedOptimizerManager  # the checkpoint's layout, loaded
+
+
+def _load_beside(state: ManagerState, registry: SlotRegistry, plan: RollbackPlan) -> _Loaded:
+    """Phase 1's end: the kernels the changed seeds will hold (fresh copies of the cached
+    originals) and the rebuilt optimizers; nothing live changes, and on a failure the copies
+    made are released."""
     fresh: dict[str, tuple[str, GPUKernel]] = {}
     try:
         tracked_before = {
-            name: copy.deepcopy(obj.state_dict()) for name, (obj, _) in tracked.items()
+            name: copy.deepcopy(obj.state_dict()) for name, (obj, _) in plan.tracked.items()
         }
         paths = {id(m): name for name, m in registry.model.named_modules()}
-        saved_model = (checkpoint.get("modules") or {}).get("model") or {}
-        for seed_id, artifact_id in changes.items():
+        saved_model = (plan.checkpoint.get("modules") or {}).get("model") or {}
+        for seed_id, artifact_id in plan.changes.items():
             if artifact_id is not None:
                 deadline = _FETCH_DEADLINE.get()  # pinned as loaded: no eviction mid-copy
                 original, pinned = state.loader.pinned_original(artifact_id, deadline=deadline)
@@ -261,69 +270,119 @@ def restore_epoch(
                 in_saved_dtypes(
                     kernel, {k[len(at) :]: v for k, v in saved_model.items() if k[: len(at)] == at}
                 )
-        optimizers = _rebuild_optimizers(state, registry, changes, fresh, checkpoint)
+        optimizers = rebuild_optimizers(state, registry, plan.changes, fresh, plan.checkpoint)
     except BaseException:
         _release(fresh)
         raise
-    # Phase 2: reversible writes. The model's state is backed up before the kernels are
-    # swapped: restore_training_state's own undo runs with the checkpoint's kernels in place,
-    # and a seed's state cannot go back into a seed whose kernel is swapped out, so the undo
-    # that counts is this one, after the old kernels are back.
-    table_before = registry.table.state_dict()
-    stages_before = registry.table.stages()
-    model_before = clone_state(registry.model.state_dict())
-    old: dict[str, _Detached] = {}
-    taken: list[str] = []  # pins taken for the restored seeds, dropped again by the undo
-    # A seed's state restore drops its evaluation (measured on other weights): the undo below
+    return _Loaded(tracked_before, fresh, optimizers)
+
+
+class _Backup(NamedTuple):
+    """What phase 2's undo puts back. The model's state is backed up before the kernels are
+    swapped: restore_training_state's own undo runs with the checkpoint's kernels in place,
+    and a seed's state cannot go back into a seed whose kernel is swapped out, so the undo
+    that counts is this one, after the old kernels are back."""
+
+    table: dict[str, Any]
+    stages: list[SeedStage]  # for the commit's report too
+    model: dict[str, Any]
+    old: dict[str, _Detached]  # filled by _swap_kernels
+    taken: list[str]  # pins taken for the restored seeds, dropped again by the undo
+    # A seed's state restore drops its evaluation (measured on other weights): the undo
     # loads the old state back, so it puts the evaluations back too.
-    evaluations = [(record.seed, record.seed.evaluation) for record in registry]
-    added_before = registry.added_host_params
-    hold = interrupts_deferred()  # phase 3's, taken where a Ctrl-C still undoes phase 2
+    evaluations: list[tuple[Any, Any]]  # (seed, its evaluation)
+    added_host_params: dict[int, torch.nn.Parameter]
+
+    @classmethod
+    def take(cls, registry: SlotRegistry) -> _Backup:
+        return cls(
+            registry.table.state_dict(),
+            registry.table.stages(),
+            clone_state(registry.model.state_dict()),
+            {},
+            [],
+            [(record.seed, record.seed.evaluation) for record in registry],
+            registry.added_host_params,
+        )
+
+
+class _Handover(NamedTuple):
+    """What phase 2 prepared beside the records, for the commit to hand over."""
+
+    pins: dict[str, tuple[bool, str | None]]
+    monitors: dict[str, GradientIsolationMonitor]
+
+
+def _write_reversibly(
+    state: ManagerState,
+    guard: IsolationGuard,
+    registry: SlotRegistry,
+    plan: RollbackPlan,
+    loaded: _Loaded,
+    backup: _Backup,
+    hold: interrupts_deferred,
+) -> _Handover:
+    """Phase 2: swap the kernels, restore the weights, the table and the tracked objects'
+    states, take the pins and build the monitors; ends by entering ``hold`` (phase 3's). Any
+    failure (a Ctrl-C included) puts ``backup`` back, releases the fresh kernels and raises."""
     try:
-        _swap_kernels(registry, changes, fresh, old)
+        _swap_kernels(registry, plan.changes, loaded.fresh, backup.old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
             restore_training_state(
-                checkpoint, {"model": registry.model}, None, registry.table.state_tensor
+                plan.checkpoint, {"model": registry.model}, None, registry.table.state_tensor
             )
         registry.table.resync()  # the host mirror follows the restored table (stages below)
-        for obj, saved in tracked.values():  # the user's scheduler, scaler...: the epoch's
+        for obj, saved in plan.tracked.values():  # the user's scheduler, scaler...: the epoch's
             obj.load_state_dict(copy.deepcopy(saved))
-        pins = _take_pins(state, registry, saved_seeds, taken)
-        if optimizers.has_host:  # the monitors guard the restored host groups too
-            registry.added_host_params = registry.host_groups_of(optimizers)
+        pins = _take_pins(state, registry, plan.saved_seeds, backup.taken)
+        if loaded.optimizers.has_host:  # the monitors guard the restored host groups too
+            registry.added_host_params = registry.host_groups_of(loaded.optimizers)
         monitors = _new_monitors(guard, registry)
         hold.__enter__()  # from here a SIGINT waits for the commit's end
     except BaseException:
-        registry.added_host_params = added_before
-        for artifact_id in taken:
+        registry.added_host_params = backup.added_host_params
+        for artifact_id in backup.taken:
             state.kernel_cache.unpin(artifact_id)
-        _unswap_kernels(registry, old)
-        registry.table.load_state_dict(table_before)  # blueprint columns, mirror included
+        _unswap_kernels(registry, backup.old)
+        registry.table.load_state_dict(backup.table)  # blueprint columns, mirror included
         with owner_restore():
-            registry.model.load_state_dict(model_before)
-        for seed, evaluation in evaluations:
+            registry.model.load_state_dict(backup.model)
+        for seed, evaluation in backup.evaluations:
             seed.evaluation = evaluation
-        _release(fresh)
-        put_back_tracked(tracked, tracked_before)
+        _release(loaded.fresh)
+        put_back_tracked(plan.tracked, loaded.tracked_before)
         hold.__exit__(None, None, None)  # (never entered: nothing follows its entry above)
         raise
-    # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
-    try:
-        state.counters["rollbacks_committed"] += 1
-        state.optimizers.adopt(optimizers)  # the live optimizer objects stay (dict moves only)
-        registry.take_host_groups(state.optimizers, rebuilt=True, unfrozen=unfrozen)
-        state.epoch, state.global_step, state.val_metrics = clock
-        registry.saved_host_shapes = saved_shapes
-        store.abandon_after(epoch)  # the next save may drop the later epochs
-        _commit(state, registry, changes, fresh, saved_seeds, pins, monitors)
-        # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
-        registry.model.zero_grad(set_to_none=True)
-        registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
-    finally:
-        hold.__exit__(None, None, None)  # entered at phase 2's end
-    logger.warning("rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(fresh))
-    if not pending or boundary is None:
-        return ""
+    return _Handover(pins, monitors)
+
+
+def _commit_rollback(
+    state: ManagerState,
+    registry: SlotRegistry,
+    store: CheckpointStore,
+    epoch: int,
+    plan: RollbackPlan,
+    loaded: _Loaded,
+    handover: _Handover,
+    stages_before: list[SeedStage],
+) -> None:
+    """Phase 3, the commit: nothing here can fail (run under the hold phase 2 entered)."""
+    state.counters["rollbacks_committed"] += 1
+    state.optimizers.adopt(loaded.optimizers)  # the live optimizer objects stay (dict moves only)
+    registry.take_host_groups(state.optimizers, rebuilt=True, unfrozen=plan.unfrozen)
+    state.epoch, state.global_step, state.val_metrics = plan.clock
+    registry.saved_host_shapes = plan.saved_shapes
+    store.abandon_after(epoch)  # the next save may drop the later epochs
+    pins, monitors = handover
+    _commit_records(state, registry, plan.changes, loaded.fresh, plan.saved_seeds, pins, monitors)
+    # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
+    registry.model.zero_grad(set_to_none=True)
+    registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
+
+
+def _replay_boundary(epoch: int, boundary: Callable[[], object]) -> str:
+    """After the commit: the epoch boundary a ``boundary_pending`` checkpoint was taken before,
+    applied again; "" or, if it raised, the problem of the applied rollback (logged at ERROR)."""
     try:
         with interrupts_deferred():  # whole, as ``end_epoch`` runs it
             boundary()
@@ -336,72 +395,6 @@ def restore_epoch(
         logger.error("%s", problem, exc_info=True)
         return problem
     return ""
-
-
-class _SavedSeed(NamedTuple):
-    """A seed's record in a checkpoint (``snapshot``'s ``extra["seeds"]``), read and checked."""
-
-    artifact_id: str | None
-    attached: bool
-    graft_steps: int
-    bad_gradients: int = 0  # the run its epoch was in (0: a checkpoint from before it was kept)
-
-
-def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, _SavedSeed]:
-    """Every seed's record, checked in phase 1 so the commit only assigns (a signed checkpoint
-    may come from another version); counts < 2**62: a later step counts on (10**5000 raised)."""
-    seeds = extra.get("seeds") if isinstance(extra, Mapping) else None
-    if not isinstance(seeds, dict) or set(seeds) != set(registry.records):
-        saved = set(map(str, seeds)) if isinstance(seeds, dict) else set()
-        absent, lacks = sorted(saved - set(registry.records)), sorted(set(registry.records) - saved)
-        raise ValueError(
-            f"the checkpoint of epoch {epoch} is not for this model's seeds (its seeds not "
-            f"here: {absent[:6]}; seeds here it lacks: {lacks[:6]}): attach the model with the "
-            "targets and seeds_per_layer of the run that wrote it"
-        )
-    parsed = {}
-    for seed_id, saved in seeds.items():
-        if isinstance(saved, Mapping):
-            artifact_id = saved.get("artifact_id") or None
-            attached, graft_steps = saved.get("attached", False), saved.get("graft_steps", 0)
-            row, bad = saved.get("row"), saved.get("bad_gradients", 0)  # absent: older ones
-            typed = isinstance(artifact_id, str | None) and type(attached) is bool
-            typed = typed and type(row) in (int, type(None))
-            if typed and all(type(n) is int and 0 <= n < 2**62 for n in (graft_steps, bad)):
-                parsed[seed_id] = _SavedSeed(artifact_id, attached, graft_steps, bad)
-                if row in (None, live := registry[seed_id].seed.state_index):  # rows back by row
-                    continue
-                raise ValueError(  # and kernels by id: each seed would get another's stage
-                    f"the checkpoint of epoch {epoch} has seed {seed_id} on state-table row {row}, "
-                    f"this model on row {live}: attach the model's slots in the order of the run "
-                    "that wrote it (each attach call takes the next rows)"
-                )
-        raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed record of {seed_id}")
-    return parsed
-
-
-def _saved_clock(
-    extra: Mapping[str, Any], epoch: int, global_step: int
-) -> tuple[bool, tuple[int, int, dict[str, float]]]:
-    """``(boundary_pending, (epoch, global_step, val_metrics))`` of the checkpoint, checked."""
-    pending = extra.get(BOUNDARY_PENDING, False)
-    saved_epoch, step = extra.get("epoch", epoch), extra.get("global_step", global_step)
-    metrics = extra.get("val_metrics", {})
-    if (
-        type(pending) is not bool
-        or isinstance(saved_epoch, bool)
-        or not isinstance(saved_epoch, int)
-        or type(step) is not int
-        or step < 0
-        or not isinstance(metrics, Mapping)
-        or not all(type(k) in _METRIC_KEYS and type(v) in (float, int) for k, v in metrics.items())
-    ):
-        raise ValueError(f"the checkpoint of epoch {epoch} holds a malformed clock or metrics")
-    return pending, (int(saved_epoch), step, {k: float(v) for k, v in metrics.items()})
-
-
-# end_epoch saves string keys (report.epoch_metrics); an earlier version saved number keys too.
-_METRIC_KEYS = frozenset({str, int, float})
 
 
 # A changed seed's kernel as ``_swap_kernels`` detached it, with the probe result the detach
@@ -441,7 +434,7 @@ def _unswap_kernels(registry: SlotRegistry, old: dict[str, _Detached]) -> None:
 def _take_pins(
     state: ManagerState,
     registry: SlotRegistry,
-    saved_seeds: dict[str, _SavedSeed],
+    saved_seeds: dict[str, SavedSeed],
     taken: list[str],
 ) -> dict[str, tuple[bool, str | None]]:
     """Each restored seed's pin (run with the checkpoint's kernels and stages in place): its
@@ -482,76 +475,12 @@ def _release(fresh: dict[str, tuple[str, GPUKernel]]) -> None:
         kernel.release_gpu_memory()
 
 
-def _rebuild_optimizers(
+def _commit_records(
     state: ManagerState,
     registry: SlotRegistry,
     changes: dict[str, str | None],
     fresh: dict[str, tuple[str, GPUKernel]],
-    checkpoint: Mapping[str, Any],
-) -> IsolatedOptimizerManager:
-    """Fresh optimizers with the checkpoint's layout, over the parameters the seeds will hold
-    (a changed seed's are its fresh kernel's), loaded with the saved states; the host's groups
-    a user added (their parameters found by name in the model) come before the promotions that
-    may join them. Built beside the live optimizers: nothing live changes. Each is built with
-    the manager's class and constructor options (``fused``, ``foreach``...), as attach and
-    GERMINATE build them: the commit moves the state into the live objects, which a user's
-    scheduler or ``GradScaler`` holds, so a checkpoint saved from another class is refused
-    (``_check_class``)."""
-    saved = checkpoint.get("optimizers")
-    if not isinstance(saved, dict) or not isinstance(saved.get("optimizers"), dict):
-        raise ValueError("the checkpoint holds no optimizer state")
-    saved = upgrade_state_dict(saved)
-    entries: dict[str, Any] = saved["optimizers"]
-    for oid, entry in entries.items():
-        _check_class(state, oid, entry.get("class"))
-
-    def params(seed_id: str) -> list[torch.nn.Parameter]:
-        if seed_id in changes:
-            return list(fresh[seed_id][1].parameters()) if seed_id in fresh else []
-        return registry.seed_parameters(seed_id)
-
-    cls, options = state.optimizer_cls, dict(state.optimizer_options)
-    optimizers = state.new_optimizer_manager(scratch=True)  # adopted by the live one
-    host = entries.get(HOST_ID)
-    if host is not None:
-        optimizers.initialize_host(registry.host_params, optimizer_cls=cls, **options)
-        host_optimizer = optimizers.optimizer(HOST_ID)
-        for names in host.get("added_groups", []):  # a user's add_param_group, replayed
-            host_optimizer.add_param_group({"params": registry.parameters_named(names)})
-        optimizers.take_host_groups(registry.parameter_names)  # their lr etc.: loaded below
-        for seed_id, group, _ in host.get("promoted", []):  # seeds promoted, in order
-            optimizers.create_seed_optimizer(seed_id, params(seed_id), optimizer_cls=cls, **options)
-            optimizers.promote_seed(seed_id, group=int(group))
-    for oid in entries:
-        if oid != HOST_ID:
-            optimizers.create_seed_optimizer(oid, params(oid), optimizer_cls=cls, **options)
-    if state.teacher is not None and state.optimizers.teacher_param_count:
-        optimizers.register_teacher_params(state.teacher.teacher_parameters())
-    optimizers.load_state_dict(saved)
-    return optimizers
-
-
-def _check_class(state: ManagerState, oid: str, name: object) -> None:
-    """Refuse a saved optimizer of another class than the manager's ``optimizer_cls`` (a run
-    resumed with another ``attach(optimizer_cls=...)``). The host's live object must stay
-    (docs/design.md §6a) and cannot take another class's state; a seed's optimizer comes from
-    the same setting (GERMINATE builds it), so it is refused alike rather than mixing classes."""
-    want = state.optimizer_cls.__name__
-    if name != want:
-        owner = "host" if oid == HOST_ID else f"seed {oid}'s"
-        raise ValueError(
-            f"the checkpoint's {owner} optimizer is {name}, this manager's optimizer_cls is "
-            f"{want}: a rollback restores into the live optimizers of the manager's class "
-            f"(attach with optimizer_cls={name} to resume from it)"
-        )
-
-
-def _commit(
-    state: ManagerState,
-    registry: SlotRegistry,
-    changes: dict[str, str | None],
-    fresh: dict[str, tuple[str, GPUKernel]],
-    saved_seeds: dict[str, _SavedSeed],
+    saved_seeds: dict[str, SavedSeed],
     pins: dict[str, tuple[bool, str | None]],
     monitors: dict[str, GradientIsolationMonitor],
 ) -> None:
