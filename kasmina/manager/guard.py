@@ -284,44 +284,12 @@ class IsolationGuard:
                 for monitor in self.external if rooted else ():  # else the caller's loss
                     phases.enter_context(monitor.seed_backward())
                 try:
-                    cut = kd_cut(kd_loss) if retain_graph and rooted else None
-                    # Under DDP no leaf's accumulator runs (nor DDP's hook on it: a leaked
-                    # host parameter was marked ready twice, with the host's backward).
-                    if cut is None:
-                        backward_beside_ddp([kd_loss], retain_graph=retain_graph)
-                    else:  # ``kd.graph``: the KD op's saved logits freed at once
-                        grads = torch.autograd.grad(kd_loss, cut, allow_unused=True)
-                        pairs = [(e, g) for e, g in zip(cut, grads, strict=True) if g is not None]
-                        if pairs:
-                            edges, through = zip(*pairs, strict=True)
-                            backward_beside_ddp(edges, through, retain_graph=True)
+                    _kd_backward(kd_loss, rooted, retain_graph)
                 except Exception as exc:  # the KD term is lost, never the host's step
                     failed = True
-                    self.counters["kd_backward_failed"] += 1
-                    n = self.counters["kd_backward_failed"]
-                    logger.log(
-                        rarely(n, every=1000), "seed-only KD backward failed (%d so far), its "
-                        "term dropped for this step: %s: %s", n, type(exc).__name__,
-                        clipped(str(exc), 400),
-                    )  # fmt: skip
-                    if "donated buffer" in str(exc) and not self._donated_seen:
-                        self._donated_seen = True
-                        logger.error(
-                            "torch._functorch.config.donated_buffer is on again: a compiled "
-                            "region's backward cannot be retained, so the seed-only KD backward "
-                            "and its leak check fail on every step through it. A KD manager "
-                            "turns the flag off from its construction to close(): set it False "
-                            "and call torch.compiler.reset() (a graph compiled with it on "
-                            "reuses its saved buffers in place)"
-                        )  # fmt: skip
+                    self._note_kd_backward_failed(exc)
                 finally:
-                    leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
-                    leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values
-                    if leaked:  # charged to the seeds its losses distil (all when untold)
-                        named = distilled_seeds(rooted)
-                        suspects = [s for s in students if named is None or s in named]
-                        suspects = suspects if rooted else None  # no seed's loss in it
-                        self._kd_checks.append((leak_check_any(leaked)[1], suspects))
+                    self._note_leaks(host, students, rooted)
         finally:
             made = [] if failed else [(p, p.grad) for p in seeds if p.grad is not None]
             for p, grad in zip(host, stash, strict=True):
@@ -329,6 +297,38 @@ class IsolationGuard:
             for p, grad in zip(seeds, seed_stash, strict=True):
                 p.grad = grad  # a failed backward's part-way sums: dropped
         return made
+
+    def _note_kd_backward_failed(self, exc: Exception) -> None:
+        """Count and log a seed-only backward that raised (its KD term is dropped)."""
+        self.counters["kd_backward_failed"] += 1
+        n = self.counters["kd_backward_failed"]
+        logger.log(
+            rarely(n, every=1000), "seed-only KD backward failed (%d so far), its term dropped "
+            "for this step: %s: %s", n, type(exc).__name__, clipped(str(exc), 400),
+        )  # fmt: skip
+        if "donated buffer" in str(exc) and not self._donated_seen:
+            self._donated_seen = True
+            logger.error(
+                "torch._functorch.config.donated_buffer is on again: a compiled region's "
+                "backward cannot be retained, so the seed-only KD backward and its leak check "
+                "fail on every step through it. A KD manager turns the flag off from its "
+                "construction to close(): set it False and call torch.compiler.reset() (a graph "
+                "compiled with it on reuses its saved buffers in place)"
+            )  # fmt: skip
+
+    def _note_leaks(
+        self, host: list[nn.Parameter], students: list[str], rooted: list[object]
+    ) -> None:
+        """After the seed-only backward (run or raised), with the host's gradients set aside:
+        whatever the host got is a leak, tested on the device in one launch whose flag the
+        step's check reads (``_kd_checks``)."""
+        leaked = [p.grad for p in host if p.grad is not None]  # a sparse one
+        leaked = [g._values() if g.is_sparse else g for g in leaked]  # by values
+        if leaked:  # charged to the seeds its losses distil (all when untold)
+            named = distilled_seeds(rooted)
+            suspects = [s for s in students if named is None or s in named]
+            suspects = suspects if rooted else None  # no seed's loss in it
+            self._kd_checks.append((leak_check_any(leaked)[1], suspects))
 
     def kd_flags(self) -> list[torch.Tensor]:
         """The device flags of this step's seed-only backwards, for a caller that reads them
@@ -424,3 +424,18 @@ class IsolationGuard:
             clean = False
         self.counters["isolation_seed_violations"] += monitor.violation_count - before
         return clean
+
+
+def _kd_backward(kd_loss: torch.Tensor, rooted: list[object], retain_graph: bool) -> None:
+    """``seed_only_backward``'s backward proper, run with the host's gradients set aside."""
+    cut = kd_cut(kd_loss) if retain_graph and rooted else None
+    # Under DDP no leaf's accumulator runs (nor DDP's hook on it: a leaked host parameter was
+    # marked ready twice, with the host's backward).
+    if cut is None:
+        backward_beside_ddp([kd_loss], retain_graph=retain_graph)
+    else:  # ``kd.graph``: the KD op's saved logits freed at once
+        grads = torch.autograd.grad(kd_loss, cut, allow_unused=True)
+        pairs = [(e, g) for e, g in zip(cut, grads, strict=True) if g is not None]
+        if pairs:
+            edges, through = zip(*pairs, strict=True)
+            backward_beside_ddp(edges, through, retain_graph=True)
