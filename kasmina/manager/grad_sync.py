@@ -167,24 +167,35 @@ class SeedGradientSync:
             self.stats["peer_leaks"] += 1  # this rank's host skips the step with the others
         clean = not any_leak
         if top != layout or neg_bottom != -layout:
-            # Every rank sees the mismatch in the same reduced header: all drop their seeds'
-            # gradients alike, so no rank steps a seed on a gradient the others did not see.
-            for p in params:
-                p.grad = None
-            self.stats["layout_mismatch"] += 1
-            logger.log(
-                rarely(self.stats["layout_mismatch"], 1000, logging.ERROR),
-                "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
-                "dropped on every rank (no seed steps) until the next epoch sync repairs "
-                "the divergent rank",
-                self.stats["layout_mismatch"],
-            )
+            self._drop_mismatched(params)
             return False, clean
         if not params:
             return False, clean
         if any_missing:
             packed = self._pack(self._fill_missing(params, device))
         assert packed is not None
+        self._average(packed, world)
+        self.latency.add_ns(time.perf_counter_ns() - started)
+        return True, clean
+
+    def _drop_mismatched(self, params: list[nn.Parameter]) -> None:
+        """A step whose seed layouts differ across ranks. Every rank sees the mismatch in the
+        same reduced header: all drop their seeds' gradients alike, so no rank steps a seed on
+        a gradient the others did not see."""
+        for p in params:
+            p.grad = None
+        self.stats["layout_mismatch"] += 1
+        logger.log(
+            rarely(self.stats["layout_mismatch"], 1000, logging.ERROR),
+            "seed layouts differ across ranks (%d step(s) so far): seed gradients are "
+            "dropped on every rank (no seed steps) until the next epoch sync repairs "
+            "the divergent rank",
+            self.stats["layout_mismatch"],
+        )
+
+    def _average(self, packed: list[tuple[list[nn.Parameter], torch.Tensor]], world: int) -> None:
+        """The buckets all-reduced (every one launched before the first is waited on) and
+        copied back into their parameters' gradients."""
         # Divided before the sum, as DDP does: summed first, fp16 gradients of 65504 / world
         # and more overflowed to inf on every rank, which then skipped and charged the seed.
         handles = [
@@ -196,8 +207,6 @@ class SeedGradientSync:
             copy_into_grads(flat, bucket)
         self.stats["steps"] += 1
         self.stats["buckets"] += len(handles)
-        self.latency.add_ns(time.perf_counter_ns() - started)
-        return True, clean
 
     def charge_held_faults(self) -> None:
         """Charge the seeds' faults held since the last step on every rank alike (a collective:
