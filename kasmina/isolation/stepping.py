@@ -53,8 +53,9 @@ from typing import Any
 
 import torch
 
-from kasmina.ops.backend import SUPPORTED_DTYPES, check_real
+from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.ops.grad_norms import grad_norms
+from kasmina.utils.checks import check_real
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)

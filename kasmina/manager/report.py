@@ -35,8 +35,8 @@ from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.perf_targets import dormant_overhead_us, measure_targets
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.state import ManagerState
-from kasmina.ops.backend import check_positive_int, check_real
 from kasmina.seeds.gates import GateResult, SeedEvaluation
+from kasmina.utils.checks import check_positive_int, check_real
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.ratelimit import clipped
 

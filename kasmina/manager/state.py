@@ -31,13 +31,13 @@ from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.runs import mark_run_dir
 from kasmina.manager.slots import SlotRegistry
-from kasmina.ops.backend import check_positive, check_real
 from kasmina.seeds.columns import SCALE
 from kasmina.seeds.constants import constants_on_meta, host_device
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import RUNS_KERNEL
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.loader import KernelLoader
+from kasmina.utils.checks import check_positive, check_real
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.state_io import CheckpointSigner, unsaveable

@@ -36,13 +36,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from kasmina.ops.backend import (
-    check_float_tensor,
-    check_real,
-    saveable,
-    through_dispatcher,
-    use_triton,
-)
+from kasmina.ops.backend import check_float_tensor, saveable, through_dispatcher, use_triton
 from kasmina.ops.blend_tangent import blend_tangent, tangent_sum
 from kasmina.ops.transforms import (
     functorch_active,
@@ -50,6 +44,7 @@ from kasmina.ops.transforms import (
     no_nested_forward_mode,
     no_vmap,
 )
+from kasmina.utils.checks import check_real
 
 __all__ = [
     "alpha_blend",

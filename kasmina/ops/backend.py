@@ -10,16 +10,13 @@ bf16 output there can differ from the reference by one bf16 ulp (the tests allow
 from __future__ import annotations
 
 import functools
-import numbers
-import operator
 import os
-import sys
 
-import numpy as np
 import torch
 
+from kasmina.utils.checks import check_positive
+
 _VALID = ("auto", "triton", "reference")
-_FLOAT_MAX = sys.float_info.max
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -120,23 +117,6 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone() if t.is_inference() else t
 
 
-def check_real(name: str, value: object) -> float:
-    """``value`` if it is a real number: a plain ``int`` or ``float`` (a ``SymFloat`` under
-    ``torch.compile``) as it is, any other ``numbers.Real`` (a NumPy number, a ``Fraction``, an
-    ``IntEnum``) as a Python ``float``: a Triton launch cannot take a NumPy float32,
-    ``Tensor * Fraction`` raises, and ``torch.load(weights_only=True)`` refuses a NumPy scalar
-    saved in a checkpoint. A bool (an ``int`` subclass, NumPy's too), a string, a tensor or
-    anything else is a ``ValueError``: ``float()`` would silently take ``True`` and ``"0.5"``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, numbers.Real)):
-        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
-    if type(value) in (int, float) or isinstance(value, (torch.SymInt, torch.SymFloat)):
-        return value  # type: ignore[return-value]
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except OverflowError:  # Fraction(10**400)
-        raise ValueError(f"{name} must be a float, got {value!r:.40}") from None
-
-
 # The temperatures the KD ops take. Below: the loss is the row sums scaled by T²·ln 2 in fp32,
 # which is subnormal below T of about 1.3e-19 (the loss 7e-6 off at T = 1e-20, exactly 0 below
 # about 1e-22 while the gradient stayed right; T = 1e-18 is exact to fp32), and the logits' scale
@@ -156,36 +136,4 @@ def check_temperature(name: str, value: object) -> float:
         raise ValueError(
             f"{name} must be within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value!r}"
         )
-    return value
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1, else ``ValueError`` naming ``name``: an int or an integer of
-    another library (NumPy: anything with ``__index__``), never a bool or a float. A count of
-    things to make or to run (``attach``'s seeds and chunk size, a measurement's repeats). An
-    int is compared as it is: so is a symbolic size under ``torch.compile``, which TorchDynamo
-    sees as an int and could not take through the ``getattr`` probe below."""
-    if type(value) is int or isinstance(value, torch.SymInt):
-        if value >= 1:
-            return value  # type: ignore[return-value]
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    flag = isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, np.bool_)
-    if not flag and hasattr(value, "__index__"):
-        try:
-            count = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:  # a float tensor's __index__
-            count = 0
-        if count >= 1:
-            return count
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def check_positive(name: str, value: object) -> float:
-    """``value`` (see ``check_real``) if finite and > 0, else ``ValueError``. The test is
-    ``0 < value < inf`` (NaN fails both), not ``math.isfinite``: under ``torch.compile`` with
-    dynamic shapes a float argument may be a ``SymFloat``, which ``math.isfinite`` cannot take
-    (TorchDynamo stops at it: "Unsupported torch.* op returned non-Tensor")."""
-    value = check_real(name, value)
-    if not 0 < value <= _FLOAT_MAX:  # an int past a float's range fails float math
-        raise ValueError(f"{name} must be finite and > 0, got {value!r:.40}")
     return value

@@ -69,14 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import (
-    check_float_tensor,
-    check_positive,
-    check_positive_int,
-    check_temperature,
-    saveable,
-    through_dispatcher,
-)
+from kasmina.ops.backend import check_float_tensor, check_temperature, saveable, through_dispatcher
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -87,6 +80,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
 )
 from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
 from kasmina.ops.transforms import first_order_backward, functorch_active
+from kasmina.utils.checks import check_positive, check_positive_int
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 

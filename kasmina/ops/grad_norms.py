@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from kasmina.ops.backend import SUPPORTED_DTYPES, check_real, through_dispatcher, use_triton
+from kasmina.ops.backend import SUPPORTED_DTYPES, through_dispatcher, use_triton
 from kasmina.ops.transforms import functorch_active
+from kasmina.utils.checks import check_real
 from kasmina.utils.grad_modes import in_grad_mode
 
 MaybeTensors = Sequence[torch.Tensor | None]

@@ -24,10 +24,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kasmina.ops.backend import check_positive
 from kasmina.seeds.columns import fixed_point
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage, StateColumn, checked_row, parse_stage
+from kasmina.utils.checks import check_positive
 from kasmina.utils.grad_modes import version_count
 from kasmina.utils.signed_json import finite_number, strict_json_loads
 

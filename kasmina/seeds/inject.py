@@ -36,7 +36,6 @@ from torch.utils.hooks import RemovableHandle
 
 from kasmina.kd.config import KDConfig, check_seed_kd
 from kasmina.kd.graph import sum_kd_losses
-from kasmina.ops.backend import check_positive_int
 from kasmina.seeds import hf
 from kasmina.seeds.constants import rebuild_constants
 from kasmina.seeds.faults import DEFAULT_FAULT_LIMIT
@@ -46,6 +45,7 @@ from kasmina.seeds.outputs import checked_chunk_dim, default_chunk_dim, forward_
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage, StateColumn
+from kasmina.utils.checks import check_positive_int
 
 if TYPE_CHECKING:
     from kasmina.utils.telemetry import TelemetryReporter
