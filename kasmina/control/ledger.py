@@ -20,6 +20,7 @@ from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
 from kasmina.utils.atomic import remove_stale_temporaries_of, temporary_stem
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import fork_safe, lock_exclusive, lock_name, released
 
@@ -152,10 +153,7 @@ class NonceLedger:
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
-        if isinstance(compact_slack, bool) or not isinstance(compact_slack, int):
-            raise TypeError(f"compact_slack must be an int, got {compact_slack!r}")
-        if compact_slack < 1:
-            raise ValueError(f"compact_slack must be an int >= 1, got {compact_slack}")
+        compact_slack = check_positive_int("compact_slack", compact_slack)
         self.path = Path(path).expanduser()
         self.durability = durability
         self.compact_slack = compact_slack

@@ -42,6 +42,7 @@ from kasmina.errors import CheckpointUnavailableError
 from kasmina.isolation.monitor import emergency_names
 from kasmina.manager.config import CHECKPOINT_LOCK_SUFFIX, KasminaConfig
 from kasmina.utils.atomic import fsync_directory, remove_stale_temporaries
+from kasmina.utils.checks import check_int
 from kasmina.utils.locks import lock_exclusive, require_held
 from kasmina.utils.state_io import CheckpointSigner, clone_state
 
@@ -90,13 +91,8 @@ class CheckpointStore(ABC):
         run_id: str = "",
         run_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if isinstance(every_epochs, bool) or not isinstance(every_epochs, int) or every_epochs < 1:
-            raise ValueError(f"every_epochs must be an int >= 1, got {every_epochs!r}")
-        reach = max_rollback_epochs
-        if isinstance(reach, bool) or not isinstance(reach, int) or reach < 0:
-            raise ValueError(f"max_rollback_epochs must be an int >= 0, got {reach!r}")
-        self.every_epochs = every_epochs
-        self.max_rollback_epochs = reach
+        self.every_epochs = check_int("every_epochs", every_epochs, 1)
+        self.max_rollback_epochs = check_int("max_rollback_epochs", max_rollback_epochs, 0)
         self.run_id = run_id
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._announced = False

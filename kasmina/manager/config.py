@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,9 @@ from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.redaction import redact_urls
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings
+from kasmina.utils.checks import check_int, check_positive, check_real
 from kasmina.utils.jsonl_sink import DEFAULT_JSONL_MAX_BYTES
 from kasmina.utils.keyring import Keyring, checked_keyring
-from kasmina.utils.signed_json import finite_number
 from kasmina.utils.state_io import check_checkpoint_key
 
 __all__ = ["KasminaConfig", "default_cache_root"]
@@ -243,12 +244,13 @@ class KasminaConfig:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a valid torch device") from None
-        _positive("cache_size_mb", self.cache_size_mb)
+        self.cache_size_mb = check_positive("cache_size_mb", self.cache_size_mb)
         if isinstance(self.urza_url, os.PathLike):  # a store directory given as a Path
             self.urza_url = os.fspath(self.urza_url)
         if not isinstance(self.urza_url, str) or not self.urza_url:
             raise ValueError("urza_url must be a non-empty string")
-        check_store_settings("urza_", **self.store_settings())
+        for name, value in check_store_settings("urza_", **self.store_settings()).items():
+            setattr(self, f"urza_{name}", value)
         self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
         for name in _OPTIONAL_PATHS:
             setattr(self, name, _optional_path(name, getattr(self, name)))
@@ -259,7 +261,12 @@ class KasminaConfig:
                 raise ValueError(f"checkpoint_key_file cannot be read: {exc}") from None
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
-        _in_range("command_freshness_s", self.command_freshness_s, 0.0, MAX_FRESHNESS_S)
+        self.command_freshness_s = _number(
+            "command_freshness_s",
+            self.command_freshness_s,
+            f"a number in (0, {MAX_FRESHNESS_S:g}]",
+            lambda s: 0 < s <= MAX_FRESHNESS_S,
+        )
         self.command_key_ids = _id_tuple("command_key_ids", self.command_key_ids)
         ledger = self.nonce_ledger
         if isinstance(ledger, os.PathLike):  # a file given as a Path, as the other paths
@@ -277,10 +284,9 @@ class KasminaConfig:
                 f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
                 f"got {self.nonce_ledger_durability!r}"
             )
-        _int_at_least("max_pending_commands", self.max_pending_commands, 1)
-        _int_at_least("fetch_workers", self.fetch_workers, 1)
-        _int_at_least("max_isolation_violations", self.max_isolation_violations, 1)
-        _int_at_least("seed_fault_limit", self.seed_fault_limit, 1)
+        for name in ("max_pending_commands", "fetch_workers", "max_isolation_violations"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        self.seed_fault_limit = check_int("seed_fault_limit", self.seed_fault_limit, 1)
         for flag in ("guard_seed_backward", "host_grads_set_to_none", "kd_enabled"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -327,26 +333,26 @@ class KasminaConfig:
             raise ValueError(
                 f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {self.checkpoint_mode!r}"
             )
-        _int_at_least("checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
-        _int_at_least("max_rollback_epochs", self.max_rollback_epochs, 0)
-        _int_at_least("min_isolated_epochs", self.min_isolated_epochs, 0)
-        _positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
-        _positive("latency_budget_ms", self.latency_budget_ms)
-        gate = self.performance_gate
-        if not isinstance(gate, int) or isinstance(gate, bool) or not 0 <= gate <= 1000:
-            raise ValueError(
-                f"performance_gate must be an int in [0, 1000], got {self.performance_gate!r}"
-            )
-        if not _is_number(self.g5_max_metric_drop) or not self.g5_max_metric_drop >= 0:
-            raise ValueError(
-                "g5_max_metric_drop must be a number >= 0 (inf: never refuses), got "
-                f"{self.g5_max_metric_drop!r}"
-            )
-        _int_at_least("default_embargo_epochs", self.default_embargo_epochs, 0)
-        if self.default_embargo_epochs > MAX_EMBARGO_EPOCHS:  # the table's int32 counter
-            raise ValueError(f"default_embargo_epochs must be <= {MAX_EMBARGO_EPOCHS}")
-        _int_at_least("grafting_steps", self.grafting_steps, 1)
-        _positive("grafting_temperature", self.grafting_temperature)
+        self.checkpoint_every_epochs = check_int(
+            "checkpoint_every_epochs", self.checkpoint_every_epochs, 1
+        )
+        self.max_rollback_epochs = check_int("max_rollback_epochs", self.max_rollback_epochs, 0)
+        self.min_isolated_epochs = check_int("min_isolated_epochs", self.min_isolated_epochs, 0)
+        self.max_seed_cost_ratio = check_positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
+        self.latency_budget_ms = check_positive("latency_budget_ms", self.latency_budget_ms)
+        self.performance_gate = check_int("performance_gate", self.performance_gate, 0, 1000)
+        self.g5_max_metric_drop = _number(
+            "g5_max_metric_drop",
+            self.g5_max_metric_drop,
+            "a number >= 0 (inf: never refuses)",
+            lambda drop: drop >= 0,
+        )
+        self.default_embargo_epochs = check_int(  # at most the table's int32 counter holds
+            "default_embargo_epochs", self.default_embargo_epochs, 0, MAX_EMBARGO_EPOCHS
+        )
+        self.grafting_steps = check_int("grafting_steps", self.grafting_steps, 1)
+        temperature = check_positive("grafting_temperature", self.grafting_temperature)
+        self.grafting_temperature = temperature
         if not isinstance(self.kd, KDConfig):
             raise TypeError(f"kd must be a KDConfig, got {type(self.kd).__name__}")
         check_seed_kd(self.kd, "kd")
@@ -354,7 +360,9 @@ class KasminaConfig:
             raise ValueError(
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
             )
-        _int_at_least("telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes, 1)
+        self.telemetry_jsonl_max_bytes = check_int(
+            "telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes, 1
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if problem := _no_setting(type(self), name):
@@ -366,7 +374,8 @@ class KasminaConfig:
                     "would apply half-way or not at all; build a new config and manager "
                     f"(settable while a manager runs: {', '.join(sorted(LIVE_FIELDS))})"
                 )
-            dataclasses.replace(self, **{name: value})  # validated as the constructor does
+            # validated as the constructor does, kept as it keeps it (a NumPy number as a float)
+            value = getattr(dataclasses.replace(self, **{name: value}), name)
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:  # a deleted field showed the class default
@@ -387,7 +396,9 @@ class KasminaConfig:
         manager reads later (``$KASMINA_BACKEND``, read at the first op: a bad value failed
         the first GERMINATE and end_epoch after an epoch of training); returns it."""
         backend()
-        dataclasses.replace(self)  # validated whole: a setting changed before it was held too
+        checked = dataclasses.replace(self)  # validated whole: a setting changed before too
+        for name in _NUMBERS:  # one set since as a NumPy number: kept as its Python value
+            object.__setattr__(self, name, getattr(checked, name))
         object.__setattr__(self, "_held", True)
         return self
 
@@ -480,6 +491,7 @@ class KasminaConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KasminaConfig))
+_NUMBERS = [f.name for f in dataclasses.fields(KasminaConfig) if type(f.default) in (int, float)]
 
 
 def _no_setting(cls: type, name: str) -> str | None:
@@ -558,13 +570,16 @@ def _absolute(name: str, path: str) -> str:
         raise ValueError(f"{name} {path!r:.80} cannot be used: {exc}") from None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _in_range(name: str, value: object, lo: float, hi: float) -> None:  # in (lo, hi]
-    if not _is_number(value) or not lo < value <= hi:  # NaN fails the comparison too
-        raise ValueError(f"{name} must be a number in ({lo:g}, {hi:g}], got {value!r}")
+def _number(name: str, value: object, rule: str, fits: Callable[[float], bool]) -> float:
+    """``value`` (``check_real``) if it ``fits``, else a ``ValueError`` saying that ``name``
+    must be ``rule``, whatever ``value`` is (NaN fits no comparison)."""
+    try:
+        number = check_real(name, value)
+    except ValueError:
+        number = math.nan
+    if not fits(number):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return number
 
 
 def _id_tuple(name: str, value: object) -> tuple[str, ...]:
@@ -582,18 +597,3 @@ def _id_tuple(name: str, value: object) -> tuple[str, ...]:
     if not all(isinstance(k, str) and k for k in ids):
         raise ValueError(f"{name} must hold non-empty strings, got {ids!r}")
     return ids
-
-
-def _positive(name: str, value: object) -> None:
-    if not finite_number(value) or not value > 0:  # an int of 10**400 is no finite float
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r:.40}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if not finite_number(value) or not value >= 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r:.40}")
-
-
-def _int_at_least(name: str, value: object, lo: int) -> None:  # True is no count
-    if type(value) is not int or not finite_number(value) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r:.40}")

@@ -45,6 +45,7 @@ from pathlib import Path
 from kasmina.errors import KasminaError
 from kasmina.manager.config import CHECKPOINT_LOCK_SUFFIX, RUN_ID_PATTERN, KasminaConfig
 from kasmina.utils.atomic import install_new_file
+from kasmina.utils.checks import check_int, check_non_negative
 from kasmina.utils.files import read_regular_file
 from kasmina.utils.locks import lock_exclusive
 
@@ -205,10 +206,10 @@ def prune_runs(
     all be taken now is left, and so is one that changed since it was listed."""
     if older_than_s is None and keep is None:
         raise ValueError("give older_than_s, keep or both: prune_runs removes nothing by default")
-    if older_than_s is not None and not (older_than_s >= 0 and older_than_s != float("inf")):
-        raise ValueError(f"older_than_s must be finite and >= 0, got {older_than_s!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
-        raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
+    if older_than_s is not None:  # True was 1 s: every run but the last second's was old
+        older_than_s = check_non_negative("older_than_s", older_than_s)
+    if keep is not None:
+        keep = check_int("keep", keep, 0)
     root = Path(runs_root).expanduser()
     now = time.time() if now is None else now
     runs = sorted(_runs(root), key=lambda r: r[0].modified, reverse=True)

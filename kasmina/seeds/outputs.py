@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kasmina.kd.loss import teacher_shape_problem
+from kasmina.utils.checks import check_positive_int
 
 __all__ = [
     "CHANNELS_LAST",
@@ -362,8 +363,10 @@ def checked_chunk_dim(
     against what the host declares; ``ValueError`` naming ``layer_id`` otherwise."""
     if not isinstance(host, nn.Module):
         raise ValueError(f"host must be an nn.Module, got {type(host).__name__}")
-    if not isinstance(num_seeds, int) or num_seeds < 1:
-        raise ValueError(f"num_seeds must be a positive int, got {num_seeds!r}")
+    for name, count in (("num_seeds", num_seeds), ("chunk_size", chunk_size)):
+        check_positive_int(name, count)  # True was one seed
+        if type(count) is not int:  # a slot keeps it as given: a NumPy int would reach its saves
+            raise ValueError(f"{name} must be a Python int, got {type(count).__name__}")
     if chunk_dim is None:
         chunk_dim = default_chunk_dim(host)
     if not isinstance(chunk_dim, int) or isinstance(chunk_dim, bool):

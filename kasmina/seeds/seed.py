@@ -88,6 +88,7 @@ from kasmina.stages import (
     SeedStage,
     parse_stage,
 )
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.conversions import count_conversion
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ class GradientIsolatedSeed(nn.Module):
         fault_limit: int = DEFAULT_FAULT_LIMIT,
     ) -> None:
         super().__init__()
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk_size = check_positive_int("chunk_size", chunk_size)  # True was a chunk of 1
         if not isinstance(seed_id, str) or not seed_id:
             raise ValueError("seed_id must be a non-empty string")
         self.chunk_size, self.seed_id = chunk_size, seed_id
@@ -288,9 +288,7 @@ class GradientIsolatedSeed(nn.Module):
 
     @fault_limit.setter
     def fault_limit(self, limit: int) -> None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"fault_limit must be an int >= 1, got {limit!r}")
-        self._fault_limit = limit
+        self._fault_limit = check_positive_int("fault_limit", limit)
 
     # Eager even under torch.compile: the bookkeeping (logging, telemetry, a lifecycle
     # transition) is host work with side effects that must run once per fault, never traced.

@@ -34,6 +34,7 @@ from kasmina.stages import (
     parse_gate,
     parse_stage,
 )
+from kasmina.utils.checks import check_int
 from kasmina.utils.interrupts import interrupts_deferred
 
 if TYPE_CHECKING:
@@ -93,13 +94,17 @@ class GPUStateTensor:
     ) -> None:
         if type(num_seeds) is not int or not 0 < num_seeds <= INT32_MAX:  # no bool, no 2**62
             raise ValueError(f"num_seeds must be a positive int32, got {num_seeds!r:.40}")
-        if not hasattr(embargo_epochs, "__index__") or not 0 <= embargo_epochs <= INT32_MAX:
-            raise ValueError(f"embargo_epochs {embargo_epochs!r} is not an int in [0, {INT32_MAX}]")
+        try:  # an int32 count (True was an embargo of 1)
+            embargo = check_int("embargo_epochs", embargo_epochs, 0, INT32_MAX)
+        except ValueError:
+            raise ValueError(
+                f"embargo_epochs {embargo_epochs!r:.40} is not an int in [0, {INT32_MAX}]"
+            ) from None
         if device is None or torch.device(device).type == "meta":  # meta: a table without data
             device = "cuda" if torch.cuda.is_available() else "cpu"
         shape = (num_seeds, NUM_STATE_COLUMNS)
         self.state_tensor = torch.zeros(shape, dtype=torch.int32, device=torch.device(device))
-        self.embargo_epochs = int(embargo_epochs)
+        self.embargo_epochs = embargo
         self.telemetry = telemetry
         self.log_transitions = True  # False: a private table (a benchmark's) logs none
         self.counters: Counter[str] = Counter()
@@ -195,14 +200,8 @@ class GPUStateTensor:
         idx, stage = self.check_index(seed_idx), lifecycle_stage
         gate = parse_gate(last_gate)
         # Checked before the launch: a bad value changes nothing (EPOCHS_IN_STATE is int32).
-        if epochs_in_state is not None and (
-            isinstance(epochs_in_state, bool)
-            or not isinstance(epochs_in_state, int)
-            or not 0 <= epochs_in_state <= INT32_MAX
-        ):
-            raise ValueError(
-                f"epochs_in_state must be an int in [0, {INT32_MAX}], got {epochs_in_state!r}"
-            )
+        if epochs_in_state is not None:
+            epochs_in_state = check_int("epochs_in_state", epochs_in_state, 0, INT32_MAX)
         code = self.batch_state_update([(idx, stage)], gates=None if gate is None else [gate])[0]
         if code != TransitionCode.APPLIED:
             raise IllegalTransitionError(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kasmina.utils.checks import check_positive_int
+
 
 class ResidualMLP(nn.Module):
     """``x + W2 · gelu(W1 · x)``: extra capacity on one chunk of a layer's output.
@@ -57,12 +59,11 @@ class Blueprint:
     has_hidden: bool = True  # whether ``build`` has a hidden width to set
 
     def build(self, dim: int, hidden: int | None = None) -> nn.Module:
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"blueprint dim must be a positive int, got {dim!r}")
+        dim = check_positive_int("blueprint dim", dim)  # True reached torch as a width
         if hidden is not None and not self.has_hidden:
             raise ValueError(f"blueprint {self.name} has no hidden width to set")
-        if hidden is not None and hidden < 1:
-            raise ValueError(f"blueprint hidden width must be positive, got {hidden}")
+        if hidden is not None:
+            hidden = check_positive_int("blueprint hidden width", hidden)
         return self.factory(dim, hidden)
 
 

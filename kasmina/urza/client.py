@@ -66,6 +66,7 @@ from kasmina.urza.resilience import (
     check_deadline,
     check_store_settings,
 )
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class UrzaLibraryClient:
             url = os.fspath(url)
         if not isinstance(url, str):
             raise TypeError(f"url must be a store's path or URL (a str), got {type(url).__name__}")
-        check_store_settings(
+        store = check_store_settings(
             timeout_s=timeout_s,
             retries=retries,
             backoff_s=backoff_s,
@@ -151,14 +152,15 @@ class UrzaLibraryClient:
             breaker_threshold=breaker_threshold,
             breaker_reset_s=breaker_reset_s,
         )
-        for name, value in (
-            ("max_manifest_bytes", max_manifest_bytes),
-            ("max_artifact_bytes", max_artifact_bytes),
-            ("chunk_bytes", chunk_bytes),
-            ("max_stalled_reads", max_stalled_reads),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        max_manifest_bytes, max_artifact_bytes, chunk_bytes, max_stalled_reads = (
+            check_positive_int(name, value)
+            for name, value in (
+                ("max_manifest_bytes", max_manifest_bytes),
+                ("max_artifact_bytes", max_artifact_bytes),
+                ("chunk_bytes", chunk_bytes),
+                ("max_stalled_reads", max_stalled_reads),
+            )
+        )
         _check_chain(url)
         _check_authority(url)
         self.url = redact_urls(url)  # as messages and repr show it: no credentials
@@ -174,10 +176,10 @@ class UrzaLibraryClient:
             url,
             self.breaker,
             self._lock,
-            timeout_s=float(timeout_s),
-            retries=int(retries),
-            backoff_s=float(backoff_s),
-            backoff_max_s=float(backoff_max_s),
+            timeout_s=float(store["timeout_s"]),
+            retries=store["retries"],
+            backoff_s=float(store["backoff_s"]),
+            backoff_max_s=float(store["backoff_max_s"]),
             max_stalled_reads=max_stalled_reads,
             clock=clock,
             sleep=sleep,

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
 from kasmina.urza.redaction import describe_error, redact_urls
+from kasmina.utils.checks import check_int, check_non_negative, check_real
 from kasmina.utils.locks import fork_safe
 from kasmina.utils.signed_json import finite_number
 
@@ -72,27 +73,26 @@ STORE_SETTINGS = (
 )
 
 
-def check_store_settings(prefix: str = "", **settings: object) -> None:
-    """``ValueError`` naming ``prefix`` + the setting for a value outside its range: a
+def check_store_settings(prefix: str = "", **settings: object) -> dict[str, Any]:
+    """``settings`` as plain numbers (``kasmina.utils.checks``: a NumPy one as its Python value),
+    or ``ValueError`` naming ``prefix`` + the setting for a value outside its range: a
     ``timeout_s`` in (0, a week], ``retries`` >= 0 and ``breaker_threshold`` >= 1 as ints (never
     a bool or a float: ``retries=2.7`` was 2), ``backoff_s``, ``backoff_max_s`` and
     ``breaker_reset_s`` finite and >= 0 (an inf timeout failed every read, a NaN reset never
     half-opened the breaker, a NaN threshold never opened it). The client's, the breaker's and
     ``KasminaConfig``'s ``urza_*`` settings are held to this one rule."""
+    checked: dict[str, Any] = {}
     for name, value in settings.items():
         label = prefix + name
         if name in _COUNTS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < _COUNTS[name]:
-                raise ValueError(f"{label} must be an int >= {_COUNTS[name]}, got {value!r}")
-            continue
-        number = finite_number(value)  # an int of 10**400 is none: the client's float() raised
-        if name == "timeout_s":
-            if not number or not 0 < value <= MAX_TIMEOUT_S:  # type: ignore[operator]
-                raise ValueError(
-                    f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
-                )
-        elif not number or not value >= 0:  # type: ignore[operator]
-            raise ValueError(f"{label} must be a finite number >= 0, got {value!r:.40}")
+            checked[name] = check_int(label, value, _COUNTS[name])
+        elif name != "timeout_s":
+            checked[name] = check_non_negative(label, value)
+        elif not 0 < (timeout := check_real(label, value)) <= MAX_TIMEOUT_S:  # NaN fails it too
+            raise ValueError(f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
+        else:
+            checked[name] = timeout
+    return checked
 
 
 T = TypeVar("T")
@@ -162,9 +162,8 @@ class CircuitBreaker:
     def __init__(
         self, threshold: int, reset_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        check_store_settings(breaker_threshold=threshold, breaker_reset_s=reset_s)
-        self.threshold = threshold
-        self.reset_s = reset_s
+        checked = check_store_settings(breaker_threshold=threshold, breaker_reset_s=reset_s)
+        self.threshold, self.reset_s = checked["breaker_threshold"], checked["breaker_reset_s"]
         self._clock = clock
         self._lock = fork_safe(threading.Lock())
         self._state = self.CLOSED

@@ -22,6 +22,7 @@ from typing import IO
 from google.protobuf.json_format import MessageToDict
 
 from kasmina.leyline import TelemetryPacket
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.files import name_max, open_regular_fd
 from kasmina.utils.locks import fork_safe, lock_exclusive, lock_name, released
 from kasmina.utils.orphans import release_orphaned_sinks
@@ -113,10 +114,8 @@ class JsonlFileSink:
     """
 
     def __init__(self, path: str | Path, max_bytes: int = DEFAULT_JSONL_MAX_BYTES) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         self.path = Path(path)
-        self.max_bytes = max_bytes
+        self.max_bytes = check_positive_int("max_bytes", max_bytes)
         self.rotated_path = self.path.with_name(self.path.name + ".1")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if len(os.fsencode(self.rotated_path.name)) > name_max(self.path.parent):  # not at a send

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from kasmina.leyline import Metric, MetricType, TelemetryPacket
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.locks import fork_safe
 from kasmina.utils.orphans import ORPHANED_SINKS, release_orphaned_sinks
 
@@ -58,10 +59,8 @@ class MemorySink:
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self._buffer: deque[TelemetryPacket | PendingPacket] = deque(maxlen=capacity)
+        self.capacity = check_positive_int("capacity", capacity)  # True was a ring of one
+        self._buffer: deque[TelemetryPacket | PendingPacket] = deque(maxlen=self.capacity)
         self.dropped = 0  # packets pushed out of the ring by newer ones
 
     def send(self, packet: TelemetryPacket | PendingPacket) -> None:
@@ -135,10 +134,7 @@ class TelemetryReporter:
         *,
         max_sink_failures: int = DEFAULT_MAX_SINK_FAILURES,
     ) -> None:
-        if isinstance(max_sink_failures, bool) or not isinstance(max_sink_failures, int):
-            raise TypeError(f"max_sink_failures must be an int, got {max_sink_failures!r}")
-        if max_sink_failures < 1:
-            raise ValueError(f"max_sink_failures must be an int >= 1, got {max_sink_failures}")
+        max_sink_failures = check_positive_int("max_sink_failures", max_sink_failures)
         self.source_subsystem = source_subsystem
         # Replaced, never mutated in place, so a send iterating the old list on another thread
         # is unaffected when a sink is added or disabled.

@@ -647,3 +647,10 @@ def test_a_jsonl_file_whose_rotated_name_cannot_fit_is_refused_up_front(tmp_path
         sink.send(TelemetryReporter("t").packet([("x", 1.0, MetricType.METRIC_TYPE_EVENT, None)]))
     assert sink.rotated_path.exists()
     sink.close()
+
+
+@pytest.mark.parametrize("capacity", [True, 0, 2.5, "8"])
+def test_a_memory_sinks_capacity_is_a_count(capacity) -> None:
+    """``MemorySink(True)`` made a ring of one packet (``True`` is an ``int``)."""
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+        MemorySink(capacity)
