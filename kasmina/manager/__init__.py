@@ -49,7 +49,8 @@ Checkpoints and rollback:
 - ``training_state`` -- what a checkpoint holds, captured and restored (validated before any
   change).
 - ``rollback`` -- the rollback that verifies a checkpoint, then rebuilds its seed and optimizer
-  layout before it loads any weight.
+  layout before it loads any weight; ``rollback_plan`` -- its first phase, which only reads and
+  builds beside the live objects (the checkpoint's fields checked, its optimizers rebuilt).
 - ``tracked`` -- the user's tracked objects (an LR scheduler, a ``GradScaler``, an EMA model) in
   the epoch checkpoints and back out of them.
 - ``runs`` -- earlier runs' directories under ``runs_root``: ``list_runs``, ``prune_runs``.
