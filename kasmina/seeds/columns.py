@@ -35,9 +35,9 @@ def real(name: str, value: float) -> float:
 def fixed_point(fraction: float, name: str = "") -> int:
     """``fraction`` as its int32 column holds it (* ``SCALE``): a ``TypeError`` if it is no real
     number (``real``), a ``ValueError`` if the column cannot hold it; each names ``name``."""
-    said = f"{name} " if name else ""
     real(name or "the value", fraction)
     if not -(2**31) / SCALE <= fraction <= INT32_MAX / SCALE:  # NaN, inf; before the product
+        said = f"{name} " if name else ""  # built here: a seed's alpha passes every GRAFTING step
         raise ValueError(
             f"{said}must be within +-{INT32_MAX / SCALE} (int32 * {SCALE}), got {fraction}"
         )
