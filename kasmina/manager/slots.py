@@ -33,7 +33,7 @@ from kasmina.manager.exclusive import Claim, check_unshared, keep
 from kasmina.manager.exclusive import release as release_claim
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
-from kasmina.seeds.charging import contained
+from kasmina.seeds.charging import contained, terminated
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.observers import WeakObserver
 from kasmina.seeds.outputs import CHANNELS_LAST, ActivationSpec, splits_last_dim
@@ -457,8 +457,8 @@ class SlotRegistry:
                     # scale) for good. TERMINATED runs no kernel: the host's step resumes.
                     msg = "seed %s: gradient fault limit in ACTIVE: terminated, the host trains on"
                     logger.error(msg, record.seed_id)
-                    seed.transition_to(SeedStage.TERMINATED)
-                    record.bad_gradients = 0
+                    if terminated(seed):  # raised: logged, the other seeds charged on
+                        record.bad_gradients = 0
                     for p in seed.seed_parameters():  # its own optimizer, gone, zeroed none
                         p.grad = None
 

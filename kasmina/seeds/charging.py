@@ -70,6 +70,8 @@ class ChargedSeed(Protocol):
 
     def record_fault(self, kind: str, reason: str) -> None: ...
 
+    def transition_to(self, stage: SeedStage, gate: int | str | None = None) -> None: ...
+
 
 def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
     """Count, log and report one fault of ``seed`` now; quarantine it at its ``fault_limit``
@@ -113,6 +115,24 @@ def contained(seed: ChargedSeed, kind: str, reason: str, *, found_here: bool = F
             "seed %s: charging its %s fault raised (%s: %s); its next fault tries again [%d]",
             seed.seed_id, kind, type(exc).__name__, exc, n, exc_info=n == 1,
         )  # fmt: skip
+
+
+def terminated(seed: ChargedSeed) -> bool:
+    """Whether ``seed`` (ACTIVE, at its fault limit: no QUARANTINE from there) went to
+    TERMINATED, past a commit that must complete (a host's step). One that raises is logged at a
+    bounded rate, never raised: the step's other seeds are still charged, and its next
+    non-finite step tries again."""
+    try:
+        seed.transition_to(SeedStage.TERMINATED)
+    except Exception as exc:
+        n = next(_uncontained)
+        logger.log(
+            rarely(n, 100, logging.ERROR),
+            "seed %s: terminating it at its fault limit raised (%s: %s); its next fault tries "
+            "again [%d]", seed.seed_id, type(exc).__name__, exc, n, exc_info=n == 1,
+        )  # fmt: skip
+        return False
+    return True
 
 
 # A seed's faults held since the last step: how many, and the (kind, reason) of the newest

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
-from tests.manager.helpers import SEED0, Rig, S, make_config, run_command
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command
 
 
 def _train_under_autocast(rig: Rig, steps: int) -> None:
@@ -274,4 +274,43 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     assert run_command(manager, rig.signed(make_rollback_command(2))), manager.command_log[-1]
     assert (seed.stage, seed.faults, registry[SEED0].bad_gradients) == (S.ACTIVE, 0, 5)
     assert [step() and seed.faults for _ in range(3)] == [0, 0, 1]  # the run's 8th step
+    manager.close()
+
+
+def test_a_termination_that_raises_leaves_the_other_seeds_charged(
+    tmp_path, store, keyring, mlp, monkeypatch
+) -> None:
+    """An ACTIVE seed at its gradient fault limit is TERMINATED inside the host's step; a
+    transition that raised there (the table's write refused) left the loop: every later seed
+    of the step kept its streak (a finite one was not reset, and was charged for steps it had
+    been finite in). Logged, the loop goes on; the seed keeps its streak and tries again."""
+    from kasmina.manager.slots import BAD_GRADIENT_STEPS
+    from tests.manager.test_manager import walk_to_active
+
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    registry, optimizers = manager.require_registry(), manager.optimizers
+    seed = manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    seed.faults = seed.fault_limit - 1
+    registry[SEED0].bad_gradients = BAD_GRADIENT_STEPS - 1
+    registry[SEED1].bad_gradients = 2
+
+    def refused(stage, gate=None) -> None:
+        raise RuntimeError("the table's write failed")
+
+    monkeypatch.setattr(seed, "transition_to", refused)
+    for p in registry.all_host_params():  # a user's step of a finite host (no norm of its own)
+        p.grad = torch.zeros_like(p)
+    optimizers.norms_now = {SEED0: False, SEED1: True}
+    registry.charge_failed_steps(optimizers)  # raised before
+    assert registry[SEED1].bad_gradients == 0  # the later seed's streak ended
+    assert seed.stage == S.ACTIVE and seed.faults == seed.fault_limit
+    assert registry[SEED0].bad_gradients == BAD_GRADIENT_STEPS  # tried again next time
+    assert all(p.grad is None for p in seed.seed_parameters())
+    monkeypatch.undo()
+    optimizers.norms_now = {SEED0: False, SEED1: True}
+    registry.charge_failed_steps(optimizers)
+    assert seed.stage == S.TERMINATED and registry[SEED0].bad_gradients == 0
     manager.close()
