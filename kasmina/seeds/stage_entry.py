@@ -109,10 +109,12 @@ def settle(seed: EnteringSeed) -> None:
         seed.unsettled = None
         return
     table, row = seed.state_table, seed.state_index
-    if stage == S.RECYCLING:  # the culled artifact's, and its faults' flags, gone
-        table.set_blueprint(row, "")
+    if stage in (S.RECYCLING, S.DORMANT):  # the culled artifact's, and its faults' flags, gone
+        # DORMANT, entered from RECYCLING only, is its clean slate: a RECYCLING entry left
+        # unsettled is completed there, not dropped as moot (its next kernel charged for them).
         seed.finite_flag.fill_(True)
         seed.fault_flag.fill_(False)
+        table.set_blueprint(row, "")
     elif stage == S.HARVESTING and seed.kernel is not None:
         seed.detach_kernel()
     if stage not in CONTRIBUTING_STAGES:

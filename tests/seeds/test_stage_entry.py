@@ -86,6 +86,29 @@ def test_recycling_whose_blueprint_write_fails_still_forgets_the_faults(
     assert seed.state_table.read_row(seed.state_index)["BLUEPRINT_ID"] == 0
 
 
+def test_recycling_writes_that_failed_are_completed_by_the_dormant_entry_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Left unsettled in RECYCLING, a seed that moved on to DORMANT (its only way out) dropped
+    RECYCLING's writes as moot: the culled artifact's BLUEPRINT_ID and the fault flags stayed,
+    and the next kernel was charged a non-finite output it never made. DORMANT is RECYCLING's
+    clean slate, so its entry writes them too."""
+    seed = grafting_seed()
+    seed.finite_flag.fill_(False)
+    seed.fault_flag.fill_(True)
+    seed.state_table.set_blueprint(seed.state_index, "culled")
+    for stage in (S.HARVESTING, S.COOLDOWN):
+        seed.transition_to(stage)
+    failing(monkeypatch, "set_blueprint")
+    seed.transition_to(S.RECYCLING)
+    assert seed.unsettled == S.RECYCLING
+    monkeypatch.undo()
+    seed.transition_to(S.DORMANT)
+    assert seed.unsettled is None and bool(seed.finite_flag) and not bool(seed.fault_flag)
+    assert seed.state_table.read_row(seed.state_index)["BLUEPRINT_ID"] == 0
+    assert seed.poll_nonfinite() is False and seed.faults == 0
+
+
 def test_what_failed_on_entering_a_stage_is_moot_once_the_seed_left_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
