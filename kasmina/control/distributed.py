@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from kasmina.control.commands import KasminaCommand
-from kasmina.control.processes import collective_device, global_rank, process_group_active
+from kasmina.control.processes import collective_device, global_rank
 from kasmina.control.relay import (
     DUPLICATE,
     READY,
@@ -84,6 +84,7 @@ from kasmina.control.relay import (
 )
 from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica, minority_ranks
 from kasmina.leyline import MetricType
+from kasmina.utils.process_group import process_group_active
 from kasmina.utils.ratelimit import rarely
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 The coordinator (``kasmina.control.distributed``) decides what crosses between ranks; this module
 holds what it stands on and what a launcher needs: the refusal of hosts whose weights are
 sharded or re-replicated (FSDP, tensor parallelism, ``nn.DataParallel``), whether there is a
-process group at all (``process_group_active``, the one test of it), the rank and device
+process group at all (``kasmina.utils.process_group``), the rank and device
 helpers a collective needs, an initial broadcast, a plain gradient average for models without
 DDP, and ``spawn`` / ``init_from_env`` / ``shutdown_process_group`` for one process per rank
 (``torch.multiprocessing`` or ``torchrun``).
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kasmina.errors import KasminaError
+from kasmina.utils.process_group import process_group_active
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ __all__ = [
     "global_rank",
     "grad_layout",
     "init_from_env",
-    "process_group_active",
     "shutdown_process_group",
     "spawn",
     "zero_grad",
@@ -53,12 +53,6 @@ __all__ = [
 
 class UnsupportedParallelismError(KasminaError):
     """The host is wrapped or sharded in a way Kasmina cannot replicate seeds over."""
-
-
-def process_group_active() -> bool:
-    """Whether this process is one rank of a process group (``torch.distributed`` built in and
-    its default group initialised): without one, every collective helper is a no-op."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def global_rank(group: Any, group_rank: int) -> int:

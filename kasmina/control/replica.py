@@ -32,7 +32,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from kasmina.control.processes import collective_device, process_group_active
+from kasmina.control.processes import collective_device
+from kasmina.utils.process_group import process_group_active
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,6 @@ from kasmina.control.processes import (
     check_supported_parallelism,
     collective_device,
     collective_timeout_s,
-    process_group_active,
 )
 from kasmina.control.relay import EpochSyncResult
 from kasmina.control.replica import BufferAverage, agree
@@ -63,6 +62,7 @@ from kasmina.seeds.kernel_watch import watch_kernels
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, RUNS_KERNEL
+from kasmina.utils.process_group import process_group_active
 
 logger = logging.getLogger(__name__)
 

@@ -23,18 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kasmina.control.processes import (
-    copy_into_grads,
-    fill_missing_grads,
-    flat_grad,
-    process_group_active,
-)
+from kasmina.control.processes import copy_into_grads, fill_missing_grads, flat_grad
 from kasmina.control.replica import buckets
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.wrap_records import wrap_record
 from kasmina.seeds.charging import DeferredFaults, Held, charge_gathered, encode
 from kasmina.stages import TRAINING_STAGES
 from kasmina.utils.perfstats import LatencyStats
+from kasmina.utils.process_group import process_group_active
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)

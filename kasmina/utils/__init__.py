@@ -53,6 +53,8 @@ Tensors, autograd and the process:
   so that optimizers look for state to move only when it moved.
 - ``interrupts`` -- ``interrupts_deferred``: a Ctrl-C that arrives during the commit of an
   all-or-nothing change is delivered when the commit is done, not half-way through it.
+- ``process_group`` -- ``process_group_active``: whether this process is one rank of a
+  ``torch.distributed`` process group, the one test of it.
 - ``checks`` -- the one check of a scalar argument or setting (``check_real``,
   ``check_positive``, ``check_non_negative``, ``check_int``, ``check_positive_int``): no bool,
   NaN or string taken for a number, NumPy numbers stored as Python ones; without torch.

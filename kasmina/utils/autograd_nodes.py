@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.autograd.graph import GradientEdge
+
+from kasmina.utils.process_group import process_group_active
 
 __all__ = [
     "backward_beside_ddp",
@@ -119,7 +120,7 @@ def backward_beside_ddp(
     ``torch.autograd.backward``, the same gradients added to the same ``.grad``. Without a
     group no reducer hooks an accumulator, and the engine finds the leaves itself: the walk of
     every node in Python (``leaves_below``) is not paid on every step."""
-    if dist.is_available() and dist.is_initialized():
+    if process_group_active():
         backward_into_leaves(outputs, grad_outputs, retain_graph=retain_graph)
     else:
         torch.autograd.backward(list(outputs), grad_outputs, retain_graph=retain_graph)
