@@ -305,9 +305,11 @@ class DistributedKasmina:
     0's values (``sync_host_buffers``), then checks the replicas and repairs a rank that
     diverged. ``close`` detaches it from the manager.
 
-    It holds the manager's components it uses (its state, and through the replica and the
-    applier its guard, intake and report), never the manager: building it hands the
-    manager its relay and gradient sync (``manager.join_run``), and ``close`` gives them back.
+    It holds the manager's components it uses (its state; through the replica and the applier
+    its guard, intake and report; the command handler, whose executor the manager is behind the
+    ``CommandExecutor`` protocol), and reads or writes none of the manager's attributes:
+    building it hands the manager its relay and gradient sync (``manager.join_run``), and
+    ``close`` gives them back through what that returned (a closure over the manager).
 
     ``check_host`` includes the host's parameters in the replica checksum (see
     ``ManagerReplica``); ``on_divergence`` runs on a rank that diverged and could not be
