@@ -113,11 +113,13 @@ def decode_extra_state(value: torch.Tensor | Mapping[str, Any]) -> dict[str, Any
 def copied_seed_state(state: dict[str, Any]) -> dict[str, Any]:
     """A seed's ``__dict__`` as a deep copy or a pickle of it takes it (``__getstate__``): no
     cache of its kernel's modules (rebuilt on use), none of this step's KD losses (with their
-    graphs) nor its kernel's measurement (a GPU's events do not copy). A copy has no owner, so
-    a position a manager moved (``draw_step``) would stand still there: one dropout mask at
-    every step of a copy trained on its own. It starts at that position and moves on with its
-    own updates, as an unowned load does (:func:`stream_position`)."""
+    graphs), its kernel's calls in checkpoint regions (weak maps) nor its kernel's measurement
+    (a GPU's events do not copy). A copy has no owner, so a position a manager moved
+    (``draw_step``) would stand still there: one dropout mask at every step of a copy trained on
+    its own. It starts at that position and moves on with its own updates, as an unowned load
+    does (:func:`stream_position`)."""
     state.pop("_kernel_tree", None)
+    state.pop("_kernel_runs", None)
     state["_kd_losses"], state["probe_result"] = [], None
     if state.get("_loaded_draws") is None and state.get("draw_step") is not None:
         state["_loaded_draws"], state["draw_step"] = [state["draw_step"], None], None

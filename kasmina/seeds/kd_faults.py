@@ -7,6 +7,13 @@ the seed's own kernel raising there is contained. So it is contained the same wa
 KD loss is skipped (none is kept for the KD backward), the failure is recorded against the
 seeds it distils into, as a kernel's exception is (counted, logged, reported; at the seed's
 fault limit, QUARANTINE), and the host's forward goes on with its output untouched.
+
+Under activation checkpointing the loss is the region's first run's alone: its graph keeps the
+tensors it saves past a non-reentrant checkpoint's saved-tensor hooks (``faults.island_saves``),
+and a recompute computes none. Saved in the region, a first run whose loss raised once (a transient
+error: an allocation) left its recompute, whose loss did not, saving more tensors than the first
+run (a ``CheckpointError`` out of the host's backward), and the KD backward, an engine call of
+its own, recomputed the whole region once more (the host's side effects with it) to unpack them.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import torch
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, slot_kd_loss
-from kasmina.seeds.faults import CONTROL_FLOW, FaultRecorder, recomputing
+from kasmina.seeds.faults import CONTROL_FLOW, FaultRecorder, island_saves, recomputing
+from kasmina.seeds.recompute import checkpoint_region
 
 __all__ = ["contained_kd_loss", "seed_kd_or_fault", "slot_kd_or_fault"]
 
@@ -28,19 +36,24 @@ def contained_kd_loss(
     recorders: Sequence[FaultRecorder],
     passes: tuple[type[BaseException], ...] = (),
 ) -> torch.Tensor | None:
-    """``compute()``, or None when it raised: each of ``recorders`` (the distilling seeds')
-    then records one fault of kind ``kd`` (charged as a kernel's exception is), but in an
-    activation checkpoint's recompute (its first run recorded it). ``passes`` (and torch's
-    control flow, ``CONTROL_FLOW``) raise as they are: a refusal of the arguments the caller
-    handed this call."""
+    """``compute()``, its saved tensors kept past a non-reentrant checkpoint's hooks (as a
+    kernel's before ACTIVE are: ``island_saves``), or None when it raised: each of
+    ``recorders`` (the distilling seeds') then records one fault of kind ``kd`` (charged as a
+    kernel's exception is). None, not computed, in a forward inside a backward (an activation
+    checkpoint's recompute: its first run took the loss). ``passes`` (and torch's control
+    flow, ``CONTROL_FLOW``) raise as they are: a refusal of the arguments the caller handed
+    this call."""
+    if recomputing():
+        return None
+    region = checkpoint_region()[0] is not None  # (other hooks, save_on_cpu's, apply as they are)
     try:
-        return compute()
+        with island_saves(active=not region):
+            return compute()
     except (*CONTROL_FLOW, *passes):
         raise
     except Exception as exc:  # the seed's KD term for this call is lost, never the host's step
-        if not recomputing():
-            for record in recorders:
-                record("kd", f"its KD loss raised {type(exc).__name__}: {exc}")
+        for record in recorders:
+            record("kd", f"its KD loss raised {type(exc).__name__}: {exc}")
         return None
 
 
@@ -61,9 +74,6 @@ def slot_kd_or_fault(
 ) -> torch.Tensor | None:  # fmt: skip
     """A slot's ``slot_kd_loss(config, full, students, *args)``, or None after a fault recorded
     against each seed of ``seeds`` that distils (``students[k]`` not None). The slot checked
-    the teacher's fit first (``teacher_fit_problem``), so any exception here is a failure.
-    None too in an activation checkpoint's recompute: it computes the loss again only to save
-    the same tensors as the region's first run, whose loss was taken already."""
+    the teacher's fit first (``teacher_fit_problem``), so any exception here is a failure."""
     recorders = [seeds[k].record_fault for k, s in enumerate(students) if s is not None]
-    loss = contained_kd_loss(lambda: slot_kd_loss(config, full, students, *args), recorders)
-    return None if recomputing() else loss
+    return contained_kd_loss(lambda: slot_kd_loss(config, full, students, *args), recorders)

@@ -10,7 +10,10 @@ with the slot called more than once before one backward (a shared block, two for
 loss), a slot-wide memory handed one region's recompute another call's teacher, and the
 recompute saved a different number of tensors (``CheckpointError``). ``checkpoint_region`` names
 the region (and the recompute) from the hooks on top of the stack, and ``RegionTeachers`` keeps
-each region's teachers, call by call, for its recomputes.
+each region's teachers, call by call, for its recomputes. A seed's kernel that did not run in a
+region's first run (it raised once: a transient error) is not called in its recomputes either,
+unless it saved tensors in the region before it failed (``RegionRuns``): run there, it made
+the recompute save other tensors than the first run.
 
 A **reentrant** checkpoint (``use_reentrant=True``) runs its region's first run under
 ``no_grad`` and records the graph in its backward: ``graph_to_come`` says so for a call made
@@ -25,14 +28,23 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.utils.checkpoint
 
 from kasmina.seeds.outputs import inputs_need_grad
 
-__all__ = ["RegionTeachers", "checkpoint_region", "graph_to_come", "reentrant_first_run"]
+__all__ = [
+    "RegionRuns",
+    "RegionTeachers",
+    "checkpoint_region",
+    "graph_to_come",
+    "reentrant_first_run",
+]
+
+_T = TypeVar("_T")
 
 _OUTSIDE: tuple[None, None] = (None, None)
 _FIRST_RUN = "_checkpoint_hook.__init__.<locals>.pack_hook"  # closes over ``frame``
@@ -99,6 +111,49 @@ class RegionTeachers:
         index = regions._replayed.get(rerun, 0)
         regions._replayed[rerun] = index + 1
         return calls[index] if index < len(calls) else given
+
+
+class RegionRuns:
+    """For each call of a seed's kernel in each non-reentrant checkpoint region's first run, in
+    call order, whether its recompute calls the kernel again: a call that gave no output (a
+    fault, a refused input) and saved nothing in the region is not made again. Made, a kernel
+    that had raised once (a transient error: an allocation) ran in the recompute where its first
+    run took the host's path (other saved tensors: a ``CheckpointError`` out of the host's
+    backward, or the wrong tensors unpacked where the shapes agree). One that saved tensors in
+    the region before it failed (an ACTIVE kernel's graph is the host's) is called again: a
+    deterministic fault saves them again (a transient one there is not covered). A kernel
+    before ACTIVE saves none in the region (``faults.island_saves``). Weak maps, as
+    ``RegionTeachers``'s; the region's saves are counted on torch's frame (``weak_holders``),
+    and without it every call is made again, as before."""
+
+    __slots__ = ("_calls", "_replayed")
+
+    def __init__(self) -> None:
+        self._calls: weakref.WeakKeyDictionary[Any, list[bool]] = weakref.WeakKeyDictionary()
+        self._replayed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def run(
+        cls, runs: RegionRuns | None, call: Callable[[], _T | None]
+    ) -> tuple[_T | None, RegionRuns | None]:
+        """``call()`` and ``runs`` (a new one for None, made only inside a region): in a
+        region's first run, whether a recompute makes the call again is kept as the region's
+        next call; in a recompute, a call not to be made again gives None."""
+        frame, rerun = checkpoint_region()
+        if frame is None:
+            return call(), runs
+        runs = cls() if runs is None else runs
+        if rerun is None:
+            saves = getattr(frame, "weak_holders", None)  # the region's saved tensors so far
+            before = len(saves) if isinstance(saves, list) else None
+            result = call()
+            again = result is not None or before is None or len(saves) != before
+            runs._calls.setdefault(frame, []).append(again)
+            return result, runs
+        calls = runs._calls.get(frame, ())
+        index = runs._replayed.get(rerun, 0)
+        runs._replayed[rerun] = index + 1
+        return (call() if index >= len(calls) or calls[index] else None), runs
 
 
 def reentrant_first_run() -> bool:

@@ -77,6 +77,7 @@ from kasmina.seeds.island import contain_backward
 from kasmina.seeds.kd_faults import seed_kd_or_fault
 from kasmina.seeds.kernel_watch import kernel_changed
 from kasmina.seeds.load_hooks import check_seed_state, seed_load_pre_hook
+from kasmina.seeds.recompute import RegionRuns
 from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
@@ -110,6 +111,8 @@ class GradientIsolatedSeed(nn.Module):
     # The stage as an int, kept by the table's listener: what a compiled forward reads (Dynamo
     # guards an int by value, no SeedStage: see KasminaLayer._refresh_plan). None: an old pickle.
     _stage_code: int | None = None
+    # Whether a recompute calls its kernel again, per call of a checkpoint region's first run.
+    _kernel_runs: RegionRuns | None = None
 
     def __init__(
         self,
@@ -495,15 +498,21 @@ class GradientIsolatedSeed(nn.Module):
         """The host half of the guard (:func:`~kasmina.seeds.faults.call_kernel`)."""
         kernel = self._modules["kernel"]
         assert kernel is not None
+        active, record = stage == SeedStage.ACTIVE, self.record_fault
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
         if torch.compiler.is_compiling():
-            position = None
-        else:  # a manager's position (GERMINATE sets it), else one an unowned load or copy kept
-            position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)
-            if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
-                position = stream_position(loaded, kernel)
+            return call_kernel(kernel, x, active, record, (self.seed_id, None))
+        # A manager's position (GERMINATE sets it), else one an unowned load or copy kept.
+        position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)
+        if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
+            position = stream_position(loaded, kernel)
         stream = (self.seed_id, position)
-        return call_kernel(kernel, x, stage == SeedStage.ACTIVE, self.record_fault, stream)
+        # In a checkpoint's recompute, not called where its first run's call gave no output.
+        runs = self._kernel_runs
+        called, kept = RegionRuns.run(runs, lambda: call_kernel(kernel, x, active, record, stream))
+        if kept is not runs:
+            self._kernel_runs = kept
+        return called
 
     def _guards_backward(self, s: torch.Tensor, stage: SeedStage) -> bool:
         """Whether ``s`` goes through the guarded backward node (``ContainedBackward``)."""

@@ -5,15 +5,20 @@ and a reentrant first run marks the graph that its backward will record."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kasmina.kd import loss as kd_loss_module
 from kasmina.kd.config import KDConfig
+from kasmina.ops import kd_kl_loss
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.recompute import checkpoint_region, graph_to_come, reentrant_first_run
+from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from tests.seeds.test_fault_containment import walk
 
@@ -33,8 +38,9 @@ def _square_layer(stage: SeedStage) -> KasminaLayer:
 
 
 def test_the_checkpoint_region_is_found_on_this_torch() -> None:
-    """The region and the reentrant first run are read off torch's internals: a torch that
-    changed them fails here, not silently in a user's backward."""
+    """The region, its saves so far (``RegionRuns``) and the reentrant first run are read off
+    torch's internals: a torch that changed them fails here, not silently in a user's
+    backward."""
     seen: list[tuple[object, object]] = []
     reentrant: list[bool] = []
 
@@ -48,6 +54,7 @@ def test_the_checkpoint_region_is_found_on_this_torch() -> None:
     checkpoint(region, x, use_reentrant=False).sum().backward()
     (frame, first), (again, rerun) = seen
     assert isinstance(frame, torch.utils.checkpoint._CheckpointFrame)
+    assert isinstance(frame.weak_holders, list) and len(frame.weak_holders) == 1  # (tanh's)
     assert first is None and again is frame and rerun is not None
     assert reentrant == [False, False]
     seen.clear(), reentrant.clear()
@@ -144,3 +151,129 @@ def test_a_slot_deep_inside_a_reentrant_checkpoint_marks_the_graph() -> None:
     layer.end_step()
     out.sum().backward()  # the recompute, with grad, marks it again
     assert layer.graph_open
+
+
+class _RaisesOnce(nn.Linear):
+    """A seed's kernel that raises at its first call (a transient error), as a Linear after."""
+
+    raised = False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.raised:
+            self.raised = True
+            raise torch.OutOfMemoryError("out of memory (once)")
+        return super().forward(h)
+
+
+def _raising_once(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    calls = []
+
+    def once(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("out of memory (once)")
+        return real(*args, **kwargs)
+
+    return once
+
+
+class _Block(nn.Module):
+    """up -> seeds (a slot of two, or a stand-alone seed) -> tanh -> down: its parameters not
+    under ``seeds`` are the host's."""
+
+    def __init__(self, owner: str, stage: SeedStage, kernel: type[nn.Linear]) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.up, self.down = nn.Linear(4, 4), nn.Linear(4, 4)
+        kd = KDConfig()
+        if owner == "slot":
+            self.seeds = KasminaLayer(nn.Linear(4, 4), 2, 2, kd_config=kd, layer_id="fc")
+            seeds = list(self.seeds.seeds)
+        else:
+            self.seeds = GradientIsolatedSeed(4, "s0", kd_config=kd)
+            seeds = [self.seeds]
+        for seed in seeds:
+            seed.attach_kernel(kernel(seed.chunk_size, seed.chunk_size))
+            walk(seed, stage)
+            seed.update_alpha_blending(5, 10)
+        self.all_seeds = seeds
+
+    def forward(self, x: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        h = self.up(x)
+        h = self.seeds(h, teacher_logits=teacher) if teacher is not None else self.seeds(h)
+        return self.down(torch.tanh(h)).tanh()
+
+
+def _host_step(
+    owner: str, stage: SeedStage, failing: str, use_checkpoint: bool, monkeypatch
+) -> tuple[dict[str, torch.Tensor], _Block]:
+    """One training step through ``_Block`` (checkpointed, non-reentrant, or not) whose KD op
+    (``failing="kd"``) or every seed's kernel (``"kernel"``) raises in the first forward only;
+    the host's parameters after an SGD step, and every gradient."""
+    block = _Block(owner, stage, _RaisesOnce if failing == "kernel" else nn.Linear)
+    if failing == "kd":
+        monkeypatch.setattr(kd_loss_module, "kd_kl_loss", _raising_once(kd_kl_loss))
+    torch.manual_seed(0)
+    x, teacher = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4)
+    if owner == "slot":
+        block.seeds.set_teacher_logits(teacher)
+    seeds_teacher = teacher if owner == "seed" else None
+    if use_checkpoint:
+        out = checkpoint(block, x, seeds_teacher, use_reentrant=False)
+    else:
+        out = block(x, seeds_teacher)
+    assert block.seeds.get_and_clear_kd_losses() is None  # the failed call's: none kept
+    host = [p for n, p in block.named_parameters() if not n.startswith("seeds.")]
+    before = block.down.weight.detach().clone()
+    out.pow(2).sum().backward()  # the host's backward: a CheckpointError here before
+    torch.optim.SGD(host, lr=0.1).step()
+    assert not torch.equal(block.down.weight, before)  # the host stepped
+    assert block.seeds.get_and_clear_kd_losses() is None  # none taken in the recompute
+    for seed in block.all_seeds:  # charged once, in the first run, not again in the recompute
+        assert seed.faults == 1
+    grads = {f"{n}.grad": p.grad for n, p in block.named_parameters() if p.grad is not None}
+    return {"x.grad": x.grad, **grads, **dict(block.named_parameters())}, block
+
+
+@pytest.mark.parametrize("owner", ["slot", "seed"])
+@pytest.mark.parametrize(
+    ("failing", "stage"),
+    [("kd", s) for s in ISOLATED] + [("kernel", s) for s in [*ISOLATED, S.ACTIVE]],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_a_first_run_that_failed_once_is_the_path_its_recompute_takes(
+    owner: str, failing: str, stage: SeedStage, monkeypatch
+) -> None:
+    """A seed's KD loss or kernel that raised in a checkpointed region's first forward (once:
+    an allocation) was contained there, then ran in the recompute: the recompute saved other
+    tensors than the first run, and the host's backward raised ``CheckpointError`` (or, where
+    their shapes agreed, unpacked the wrong ones: other gradients). The recompute now takes the
+    first run's path: the host steps, with the gradients of the same step run without the
+    checkpoint."""
+    runs = [_host_step(owner, stage, failing, ck, monkeypatch)[0] for ck in (False, True)]
+    assert runs[0].keys() == runs[1].keys()
+    for name, want in runs[0].items():
+        torch.testing.assert_close(runs[1][name], want, rtol=0, atol=0, msg=name)
+
+
+def test_a_kd_loss_saves_nothing_its_region_recomputes() -> None:
+    """The KD loss's graph saved its tensors through the checkpoint's hooks: the seed-only KD
+    backward, an engine call of its own, recomputed the whole region to unpack them (the
+    host's forward ran three times a step, its side effects with it), and a stand-alone seed
+    in the recompute kept a second KD loss, left to the next step's collect. The KD backward
+    recomputes nothing now, and a recompute keeps no loss."""
+    for owner in ("slot", "seed"):
+        block = _Block(owner, S.GRAFTING, nn.Linear)
+        calls: list[int] = []
+        block.up.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        x, teacher = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4)
+        if owner == "slot":
+            block.seeds.set_teacher_logits(teacher)
+        out = checkpoint(block, x, teacher if owner == "seed" else None, use_reentrant=False)
+        kd = block.seeds.get_and_clear_kd_losses()
+        assert kd is not None and len(calls) == 1
+        kd.backward()
+        assert len(calls) == 1  # no region recomputed for the KD backward
+        assert all(p.grad is not None for s in block.all_seeds for p in s.kernel.parameters())
+        out.sum().backward()
+        assert len(calls) == 2 and block.seeds.get_and_clear_kd_losses() is None
