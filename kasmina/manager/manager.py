@@ -132,7 +132,6 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             config.hold()  # built (a constructor that raised left the config settable)
             undo.pop_all()  # from here on close() closes them
         self._release_jsonl = add_owned_sink(telemetry, self._jsonl, self)  # last; see close
-        self._last_teacher_input: TeacherInput | None = None
         self.command_relay: CommandRelay | None = None  # DistributedKasmina's (``join_run``)
         self.grad_sync: GradSync | None = None
 
@@ -299,10 +298,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     ) -> CheckpointedTeacher:
         """Hold ``model`` as the frozen reduced-precision teacher (``config.teacher_dtype``), the
         last one closed; ``copy_model=False``: ``model`` itself, no manager's nor teacher's;
-        a closed manager takes none (``RuntimeError``, before ``model`` is frozen or cast)."""
+        a closed manager takes none (``RuntimeError``, before ``model`` is frozen or cast, or,
+        closed while the teacher was built, with that teacher closed: its model let go)."""
         teacher = new_teacher(self.state, model, device, copy_model)  # closed: RuntimeError
-        with self._lock:  # a safe point's command on the training thread reads the teacher
-            self.state.hold_teacher(teacher)
+        with self._lock:  # a safe point's command reads the teacher; close() holds it too
+            self.state.hold_teacher(teacher)  # closed since: teacher closed, RuntimeError
             self.teacher_passes = TeacherForwardPassManager(teacher)
         if not self.config.kd_enabled:
             logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
@@ -311,8 +311,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def get_teacher_predictions(self, input_batch: TeacherInput) -> torch.Tensor | None:
         """Teacher logits (no gradient), or None without a teacher or after an OOM (skip KD).
         Closed: ``RuntimeError`` (its teacher closed, a model held in place the caller's)."""
-        self.state.require_open()
-        self._last_teacher_input = input_batch
+        self.state.keep_teacher_input(input_batch)  # closed: RuntimeError, none kept
         return self.teacher_passes.get_teacher_predictions(input_batch)
 
     async def load_kernel_with_teacher(
@@ -321,7 +320,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """``load_kernel`` plus, with KD enabled and a teacher, its logits for ``input_batch``
         (default: the last batch the teacher saw)."""
         kernel = await self.load_kernel(kernel_artifact_id)
-        batch = input_batch if input_batch is not None else self._last_teacher_input
+        batch = input_batch if input_batch is not None else self.state.last_teacher_input
         if not self.config.kd_enabled or self.teacher is None or batch is None:
             return kernel, None
         return kernel, await asyncio.to_thread(self.get_teacher_predictions, batch)
@@ -569,9 +568,10 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
     def close(self) -> None:
         """Drop queued commands, report pending rejections, close its own Urza client (not a
         caller's), what failed after a commit (tried a last time, then dropped), the nonce ledger,
-        checkpoint store (run lock), JSONL file and teacher, unhook the model; later steps raise,
-        commands are refused, ``apply_pending``, ``close`` do nothing.
-        On another thread it waits out the step or command in flight."""
+        checkpoint store (run lock), JSONL file and teacher, unhook the model, let go of the
+        user's objects it kept (``ManagerState.close_held``); later steps raise, commands are
+        refused, ``apply_pending``, ``close`` do nothing. On another thread it waits out the step
+        or command in flight."""
         try:  # first, lock-free: a fetch may run under the lock (execute's)
             if self._owns_client:
                 self.urza_client.close()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kasmina.isolation.optimizers import HOST_ID, TEACHER_SOURCE, IsolatedOptimizerManager
-from kasmina.kd.teacher import CheckpointedTeacher
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherInput
 from kasmina.manager.checkpoints import CheckpointStore, open_checkpoint_store
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
@@ -223,6 +223,8 @@ class ManagerState:
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     seed_lr: float = 1e-3
     teacher: CheckpointedTeacher | None = None
+    # The last batch the teacher saw (``load_kernel_with_teacher``'s default): a user's batch.
+    last_teacher_input: TeacherInput | None = field(default=None, repr=False)
     optimizers: IsolatedOptimizerManager = field(init=False)
     # The user's stateful training objects (an LR scheduler, a GradScaler, an EMA model), by
     # name, each with its generation (``track``): saved in every checkpoint and put back by a
@@ -335,11 +337,27 @@ class ManagerState:
                 self._checkpoints.close()
 
     def close_held(self) -> None:
-        """The manager's close: its teacher closed (a model held in place is the caller's again),
-        then its checkpoint store (``close_checkpoints``)."""
+        """The manager's close: its teacher closed (a model held in place is the caller's again);
+        the user's objects it kept for the run let go: the last batch the teacher saw, the
+        tracked objects (no checkpoint saves them again, no ROLLBACK loads them) and the teacher
+        logits handed to the slots that no forward took (none is left in the user's model for
+        a KD loss no manager collects); then its checkpoint store (``close_checkpoints``)."""
         if self.teacher is not None:
             self.teacher.close()
+        self.last_teacher_input, self.tracked = None, {}
+        for slot in self.registry.slots if self.registry is not None else ():
+            slot.set_teacher_logits(None)
         self.close_checkpoints()
+
+    def keep_teacher_input(self, batch: TeacherInput) -> None:
+        """``batch`` as the last the teacher saw; a closed manager keeps none (``RuntimeError``).
+        Kept, then asked again: a ``close()`` on another thread in between, which drops the
+        batch it finds, may have come before this keep."""
+        self.require_open()
+        self.last_teacher_input = batch
+        if self.closed:
+            self.last_teacher_input = None
+            self.require_open()
 
     def require_open(self) -> None:
         """``RuntimeError`` once ``manager.close()`` was called: a closed manager takes no step,
@@ -426,7 +444,13 @@ class ManagerState:
 
     def hold_teacher(self, teacher: CheckpointedTeacher) -> None:
         """``teacher`` as the one commands find, closing the one it replaces: its parameters let
-        go (``CheckpointedTeacher.close``), a model it held in place is the caller's again."""
+        go (``CheckpointedTeacher.close``), a model it held in place is the caller's again.
+        Under the manager's lock, which ``close()`` takes: once closed (a ``close()`` that ran
+        while ``teacher`` was built, and closed the last one), ``teacher`` is closed too and
+        ``RuntimeError`` raised; held, it stayed the closed manager's for good."""
+        if self.closed:
+            teacher.close()
+            self.require_open()
         old, self.teacher = self.teacher, teacher
         self.optimizers.set_parameter_source(TEACHER_SOURCE, teacher.teacher_parameters)
         if old is not None and old is not teacher:

@@ -22,7 +22,10 @@ from torch.nn import functional as F
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_seed_command
 from kasmina.kd.config import KDConfig
+from kasmina.kd.holds import is_teacher_parameter
+from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager import manager as manager_module
+from kasmina.manager import teaching as teaching_module
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.inject import attach
 from kasmina.urza.client import UrzaLibraryClient
@@ -455,9 +458,58 @@ def test_a_closed_manager_runs_no_teacher_forward_on_the_model_it_let_go(rig: Ri
     manager.get_teacher_predictions(rig.x)
     manager.close()
     model.train()
-    manager._last_teacher_input = None
     with pytest.raises(RuntimeError, match="this manager is closed"):
         manager.get_teacher_predictions(rig.x)
     with pytest.raises(RuntimeError, match="this teacher is closed"):
         teacher(rig.x)
-    assert model.training and manager._last_teacher_input is None
+    assert model.training and manager.state.last_teacher_input is None
+
+
+def test_a_closed_manager_keeps_no_batch_tracked_object_or_pending_teacher_logits(
+    rig: Rig,
+) -> None:
+    """``close()`` kept the last batch the teacher saw (a user's batch, perhaps large and on
+    the device), the tracked objects (an EMA model's copy) and the teacher logits handed to the
+    slots that no forward took, alive as long as the closed manager, which never uses them
+    again. It lets them go; the model keeps its own (a KD head is its head)."""
+    manager = rig.manager
+    manager.load_teacher(Host())
+    batch, tracked, logits = rig.x.clone(), nn.Linear(3, 3), torch.randn(16, 4)
+    manager.get_teacher_predictions(batch)
+    manager.track("ema", tracked)
+    assert manager.set_teacher_logits(logits) == [rig.slot.layer_id]
+    refs = [weakref.ref(t) for t in (batch, tracked, rig.slot._teacher_logits)]
+    del batch, tracked, logits
+    gc.collect()
+    assert all(ref() is not None for ref in refs)  # held by the open manager
+    manager.close()
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 3
+    assert manager.state.tracked == {} and rig.slot._teacher_logits is None
+
+
+def test_a_teacher_built_while_the_manager_closed_is_closed_not_held(rig: Rig, monkeypatch) -> None:
+    """``load_teacher`` checked the manager open, built the teacher, then held it: a
+    ``close()`` on another thread in between closed the teacher it had, and the closed manager
+    then held the new one for good, a model held in place frozen and marked teacher-only. The
+    hold is refused under the lock ``close()`` takes: the new teacher is closed, its model let
+    go, and ``RuntimeError`` raised."""
+    manager, model = rig.manager, Host()
+    built = []
+
+    class ClosedWhileBuilt(CheckpointedTeacher):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            closer = threading.Thread(target=manager.close)
+            closer.start()
+            closer.join(30)
+            assert not closer.is_alive() and manager.state.closed
+
+    monkeypatch.setattr(teaching_module, "CheckpointedTeacher", ClosedWhileBuilt)
+    with pytest.raises(RuntimeError, match="this manager is closed"):
+        manager.load_teacher(model, copy_model=False)
+    (teacher,) = built
+    assert teacher.closed and manager.teacher is None
+    assert not any(map(is_teacher_parameter, model.parameters()))
+    assert manager.teacher_passes.checkpointed_teacher is None
