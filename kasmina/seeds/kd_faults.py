@@ -18,7 +18,7 @@ its own, recomputed the whole region once more (the host's side effects with it)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,16 +33,16 @@ __all__ = ["contained_kd_loss", "seed_kd_or_fault", "slot_kd_or_fault"]
 
 def contained_kd_loss(
     compute: Callable[[], torch.Tensor],
-    recorders: Sequence[FaultRecorder],
+    recorders: Callable[[], Iterable[FaultRecorder]],
     passes: tuple[type[BaseException], ...] = (),
 ) -> torch.Tensor | None:
     """``compute()``, its saved tensors kept past a non-reentrant checkpoint's hooks (as a
     kernel's before ACTIVE are: ``island_saves``), or None when it raised: each of
-    ``recorders`` (the distilling seeds') then records one fault of kind ``kd`` (charged as a
-    kernel's exception is). None, not computed, in a forward inside a backward (an activation
-    checkpoint's recompute: its first run took the loss). ``passes`` (and torch's control
-    flow, ``CONTROL_FLOW``) raise as they are: a refusal of the arguments the caller handed
-    this call."""
+    ``recorders()`` (the distilling seeds', listed only then: not on every forward) records
+    one fault of kind ``kd`` (charged as a kernel's exception is). None, not computed, in a
+    forward inside a backward (an activation checkpoint's recompute: its first run took the
+    loss). ``passes`` (and torch's control flow, ``CONTROL_FLOW``) raise as they are: a refusal
+    of the arguments the caller handed this call."""
     if recomputing():
         return None
     region = checkpoint_region()[0] is not None  # (other hooks, save_on_cpu's, apply as they are)
@@ -52,7 +52,7 @@ def contained_kd_loss(
     except (*CONTROL_FLOW, *passes):
         raise
     except Exception as exc:  # the seed's KD term for this call is lost, never the host's step
-        for record in recorders:
+        for record in recorders():
             record("kd", f"its KD loss raised {type(exc).__name__}: {exc}")
         return None
 
@@ -64,7 +64,7 @@ def seed_kd_or_fault(
     that cannot teach (another shape, not dense floats) are a ``ValueError`` as before: the
     caller handed them to ``seed(x, teacher)`` itself, and no check ran before."""
     return contained_kd_loss(
-        lambda: seed_kd_loss(config, student, teacher), [record], (ValueError,)
+        lambda: seed_kd_loss(config, student, teacher), lambda: (record,), (ValueError,)
     )
 
 
@@ -75,5 +75,7 @@ def slot_kd_or_fault(
     """A slot's ``slot_kd_loss(config, full, students, *args)``, or None after a fault recorded
     against each seed of ``seeds`` that distils (``students[k]`` not None). The slot checked
     the teacher's fit first (``teacher_fit_problem``), so any exception here is a failure."""
-    recorders = [seeds[k].record_fault for k, s in enumerate(students) if s is not None]
-    return contained_kd_loss(lambda: slot_kd_loss(config, full, students, *args), recorders)
+    return contained_kd_loss(
+        lambda: slot_kd_loss(config, full, students, *args),
+        lambda: [seeds[k].record_fault for k, s in enumerate(students) if s is not None],
+    )
