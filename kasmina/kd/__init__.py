@@ -6,6 +6,8 @@
   what halves its memory together with the reduced dtype); ``TeacherForwardPassManager`` times
   each teacher forward and survives an out-of-memory error: KD is skipped for that step, the
   allocator cache is freed and training goes on.
+- ``activation_peak`` -- the bytes a teacher's forward adds beside its weights: the CUDA
+  allocator's peak, or elsewhere the largest input-and-output footprint of one module.
 - ``holds`` -- the parameters a live teacher holds (``is_teacher_parameter``): the optimizer
   manager refuses them, and a second teacher in place of the model or of its memory is refused.
 - ``loss`` -- the KD losses over the fused ``kasmina.ops.kd_kl_loss`` (``T² · KL(teacher ‖

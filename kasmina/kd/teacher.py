@@ -11,13 +11,14 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kasmina.kd.activation_peak import cuda_activation_peak, hooked_activation_peak
 from kasmina.kd.holds import check_in_place, hold
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.modules import hooks_held, rng_forked
@@ -43,37 +44,6 @@ def is_oom_error(exc: BaseException) -> bool:
 
 def _param_bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
-
-
-def _tensor_bytes(obj: object, spans: dict[int, list[tuple[int, int]]]) -> None:
-    """Note in ``spans`` (storage -> byte ranges) the bytes every tensor inside ``obj`` (tuples,
-    lists, dicts) spans in its storage: a batch sliced from a dataset in memory is the batch,
-    not the dataset, and the views a module splits its output into (``qkv.chunk(3)``) are all
-    of it (``_span_bytes`` takes the union)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.numel():
-            size = obj.element_size()
-            start = obj.storage_offset() * size
-            reach = sum((n - 1) * abs(s) for n, s in zip(obj.shape, obj.stride(), strict=True))
-            ptr = obj.untyped_storage().data_ptr()
-            spans.setdefault(ptr, []).append((start, start + (reach + 1) * size))
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            _tensor_bytes(item, spans)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _tensor_bytes(item, spans)
-
-
-def _span_bytes(spans: dict[int, list[tuple[int, int]]]) -> int:
-    """The bytes the ranges of each storage cover, overlaps once."""
-    total = 0
-    for ranges in spans.values():
-        end = 0
-        for lo, hi in sorted(ranges):
-            total += max(0, hi - max(lo, end))
-            end = max(end, hi)
-    return total
 
 
 def _logits_of(output: object) -> torch.Tensor:
@@ -291,9 +261,9 @@ class CheckpointedTeacher:
             # mode shifted the run's data order and dropout) and no hook of the teacher's run.
             with torch.inference_mode(), rng_forked(self.device), hooks_held(self.teacher):
                 if self.device.type == "cuda":
-                    activations = _cuda_activation_peak(self.device, run)
+                    activations = cuda_activation_peak(self.device, run)
                 else:
-                    activations = _hooked_activation_peak(self.teacher, run)
+                    activations = hooked_activation_peak(self.teacher, run)
             return self.parameter_bytes() + activations
         finally:
             if cast:
@@ -355,35 +325,6 @@ def _meta_clone(model: nn.Module) -> nn.Module | None:
 def _floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
     tensors = [*module.named_parameters(), *module.named_buffers()]
     return {name: t.dtype for name, t in tensors if t.is_floating_point()}
-
-
-def _cuda_activation_peak(device: torch.device, run: Callable[[], torch.Tensor]) -> int:
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    out = run()
-    torch.cuda.synchronize(device)
-    del out
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def _hooked_activation_peak(model: nn.Module, run: Callable[[], torch.Tensor]) -> int:
-    largest = 0
-
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        nonlocal largest
-        spans: dict[int, list[tuple[int, int]]] = {}
-        _tensor_bytes(inputs, spans)
-        _tensor_bytes(output, spans)
-        largest = max(largest, _span_bytes(spans))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return largest
 
 
 def _without_tracebacks(exc: BaseException) -> BaseException:

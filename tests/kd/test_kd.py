@@ -416,14 +416,14 @@ def test_a_forward_waits_for_a_measurement_that_casts_the_teacher(monkeypatch) -
     x = inputs(4)
     want = teacher(x)
     inside, go_on = threading.Event(), threading.Event()
-    hooked = kd_module._hooked_activation_peak
+    hooked = kd_module.hooked_activation_peak
 
     def paused(model: nn.Module, run) -> int:  # the fp32 measurement, teacher cast
         inside.set()
         go_on.wait(10)
         return hooked(model, run)
 
-    monkeypatch.setattr(kd_module, "_hooked_activation_peak", paused)
+    monkeypatch.setattr(kd_module, "hooked_activation_peak", paused)
     measuring = threading.Thread(
         target=lambda: teacher.measure_forward_peak_bytes(x, torch.float32)
     )
