@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,7 @@ from kasmina.control.relay import (
     refusal,
     relayed_command_id,
     revise_completion,
+    split_refusal,
     unframe,
 )
 from kasmina.control.replica import ReplicaState, StateProvider, TensorReplica, minority_ranks
@@ -437,7 +438,7 @@ class DistributedCoordinator:
             if all(c == ok for c in column):
                 settled.append(result)
                 continue
-            reason = "" if ok else _split_reason(column, source, repaired)
+            reason = "" if ok else split_refusal(column, source, repaired)
             if self.rank == 0:
                 logger.warning(
                     "command %s applied on rank(s) %s, failed on rank(s) %s: %s everywhere",
@@ -580,21 +581,6 @@ class DistributedCoordinator:
 def _is_replica(state: object) -> bool:
     names = ("checksum", "export_state", "import_state")
     return all(callable(getattr(state, name, None)) for name in names)
-
-
-def _split_reason(column: Sequence[bool], source: int, repaired: tuple[int, ...]) -> str:
-    """Why a command that failed on the majority but ran on some ranks counts as not applied
-    (built from gathered values only: the same text on every rank)."""
-    ran = [r for r, c in enumerate(column) if c]
-    failed = [r for r, c in enumerate(column) if not c]
-    undone = [r for r in ran if r in repaired]
-    kept = [r for r in ran if r not in repaired]
-    parts = [f"not applied: it failed on rank(s) {failed}"]
-    if undone:
-        parts.append(f"rank(s) {undone} that ran it were repaired from rank {source}")
-    if kept:
-        parts.append(f"rank(s) {kept} that ran it were not repaired")
-    return "; ".join(parts)
 
 
 def _bytes(buf: torch.Tensor) -> bytes:

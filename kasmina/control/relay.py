@@ -328,6 +328,21 @@ def refusal(column: Sequence[int]) -> str:
     return "not applied on any rank: " + "; ".join(parts)
 
 
+def split_refusal(column: Sequence[bool], source: int, repaired: tuple[int, ...]) -> str:
+    """The reason, the same on every rank (built from gathered values only), a command that
+    failed on the majority but ran on some ranks counts as not applied."""
+    ran = [r for r, c in enumerate(column) if c]
+    failed = [r for r, c in enumerate(column) if not c]
+    undone = [r for r in ran if r in repaired]
+    kept = [r for r in ran if r not in repaired]
+    parts = [f"not applied: it failed on rank(s) {failed}"]
+    if undone:
+        parts.append(f"rank(s) {undone} that ran it were repaired from rank {source}")
+    if kept:
+        parts.append(f"rank(s) {kept} that ran it were not repaired")
+    return "; ".join(parts)
+
+
 def command_identity(raw: bytes) -> bytes:
     """What makes two received copies one command: the message they parse to, serialised
     deterministically (what its signature covers). Protobuf gives one message many encodings
