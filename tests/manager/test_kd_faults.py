@@ -44,6 +44,18 @@ def failing_kd_op(monkeypatch: pytest.MonkeyPatch, failure: Callable[[], BaseExc
     return failing
 
 
+def distilling_rig(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> tuple[Rig, torch.Tensor]:
+    """A rig whose SEED0 runs ``mlp`` with a teacher loaded, and that teacher's logits."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
+    rig = Rig(config, keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    torch.manual_seed(3)
+    rig.manager.load_teacher(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)))
+    return rig, rig.manager.get_teacher_predictions(rig.x)
+
+
 @pytest.mark.parametrize("failure", FAILURES, ids=IDS)
 def test_a_kd_loss_that_raises_in_the_forward_is_a_fault_not_a_failed_step(
     tmp_path: Path,
@@ -57,13 +69,8 @@ def test_a_kd_loss_that_raises_in_the_forward_is_a_fault_not_a_failed_step(
     user's step failed. Now the forward returns the host's output, the call keeps no KD loss,
     the host steps, and the distilling seed (only it) is charged: at its fault limit, it is
     quarantined, as a kernel raising on every call is. A call whose loss computes trains it."""
-    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
-    rig = Rig(config, keyring)
+    rig, teacher = distilling_rig(tmp_path, store, keyring, mlp)
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    torch.manual_seed(3)
-    manager.load_teacher(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)))
-    teacher = manager.get_teacher_predictions(rig.x)
     seed = manager.seed(SEED0)
     failing_kd_op(monkeypatch, failure)
     for step in range(1, seed.fault_limit + 1):
@@ -89,13 +96,8 @@ def test_a_kd_loss_that_raised_once_trains_the_seed_at_the_next_call(
 ) -> None:
     """One failed call (a transient allocation failure) costs one fault and that call's KD
     term; the next call's loss is kept and trains the seed."""
-    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0))
-    rig = Rig(config, keyring)
+    rig, teacher = distilling_rig(tmp_path, store, keyring, mlp)
     manager = rig.manager
-    assert rig.send("germinate", SEED0, mlp)
-    torch.manual_seed(3)
-    manager.load_teacher(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)))
-    teacher = manager.get_teacher_predictions(rig.x)
     failing = failing_kd_op(monkeypatch, FAILURES[0])
     report = rig.train(1, teacher=teacher)
     assert report["host_stepped"] and report["seeds_stepped"] == [SEED0]  # the host loss's
