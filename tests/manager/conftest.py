@@ -1,4 +1,4 @@
-"""Fixtures of the manager tests: keys, two real exported blueprints in a local store."""
+"""Fixtures of the manager tests: keys, two real exported blueprints in a local store, rigs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kasmina.kd.config import KDConfig
 from kasmina.urza.blueprints import AffineShift, ResidualMLP
 from kasmina.urza.keys import PublisherKey
 from kasmina.urza.publish import publish_artifact
@@ -51,3 +52,9 @@ def mlp(published) -> str:
 @pytest.fixture
 def rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
     return Rig(make_config(tmp_path, store), keyring)
+
+
+@pytest.fixture
+def kd_rig(tmp_path, store, keyring) -> Rig:
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
+    return Rig(config, keyring)

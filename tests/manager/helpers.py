@@ -22,6 +22,7 @@ from kasmina.manager.manager import KasminaKernelManager
 from kasmina.stages import SeedStage
 from kasmina.urza.keys import PublisherKey
 from kasmina.utils.keyring import Keyring
+from kasmina.utils.state_io import clone_state
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 
 S = SeedStage
@@ -169,3 +170,81 @@ def loads_changed(
         return checkpoint
 
     monkeypatch.setattr(store, "load", load)
+
+
+def walk_to_active(rig: Rig, seed_ids: list[str], epoch: int = 0) -> None:
+    """ADVANCE through G2..G5, training in between; asserts each gate refuses first."""
+    rig.train(2)
+    rig.manager.end_epoch(epoch)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.COMPATIBILITY_CHECK
+    rig.train(1)  # the forward probes the kernel on real activations (G3)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.GRAFTING
+    rig.train(1)
+    assert not rig.send("advance", seed_ids[0])  # G4: alpha not yet 1
+    rig.train(4)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.STABILIZATION
+    rig.train(1)
+    # G5: a score claimed in the command is no evidence, and nothing was measured yet.
+    assert not rig.send("advance", seed_ids[0], gate_score=1.0)
+    measured = rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    for sid in seed_ids:
+        assert measured[sid].stage == S.STABILIZATION and measured[sid].score >= 0.5, measured
+        assert rig.send("advance", sid) and rig.stage(sid) == S.ACTIVE
+
+
+def snapshot_state(rig: Rig) -> tuple[dict, dict, torch.Tensor]:
+    model = clone_state(rig.model.state_dict())
+    return (
+        model,
+        clone_state(rig.manager.optimizers.state_dict()),
+        rig.slot.state_table.state_tensor.clone(),
+    )
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def _live(rig: Rig) -> dict:
+    """Everything an all-or-nothing operation must leave bitwise as it was."""
+    manager, table = rig.manager, rig.slot.state_table
+    return {
+        "model": clone_state(rig.model.state_dict()),
+        "optimizers": clone_state(manager.optimizers.state_dict()),
+        "table": table.state_tensor.clone(),
+        "stages": table.stages(),
+        "epochs": [table.epochs_in_state(i) for i in range(table.num_seeds)],
+        "epoch": manager.epoch,
+        "global_step": manager.global_step,
+        "val_metrics": dict(manager.val_metrics),
+        "kernels": [id(manager.seed(s).kernel) for s in (SEED0, SEED1)],
+        "pinned": {a: manager.kernel_cache.is_pinned(a) for a in ("mlp", "aff")},
+        "seed_optimizers": manager.optimizers.seed_ids,
+    }
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """``owner.name`` raises on its first call, then behaves."""
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
-from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command, walk_to_active
 
 
 def _train_under_autocast(rig: Rig, steps: int) -> None:
@@ -220,7 +220,6 @@ def test_an_active_seed_whose_gradient_is_never_finite_is_terminated_and_the_hos
     ``BAD_GRADIENT_STEPS`` steps running charge it, and at its fault limit it is TERMINATED
     (ACTIVE's only way out): its kernel no longer runs, the scale holds, the host trains on."""
     from kasmina.manager.slots import BAD_GRADIENT_STEPS
-    from tests.manager.test_manager import walk_to_active
 
     options = {"host_lr": None} if own_host_optimizer else {}
     rig = Rig(make_config(tmp_path, store), keyring, **options)
@@ -285,7 +284,6 @@ def test_a_termination_that_raises_leaves_the_other_seeds_charged(
     of the step kept its streak (a finite one was not reset, and was charged for steps it had
     been finite in). Logged, the loop goes on; the seed keeps its streak and tries again."""
     from kasmina.manager.slots import BAD_GRADIENT_STEPS
-    from tests.manager.test_manager import walk_to_active
 
     rig = Rig(make_config(tmp_path, store), keyring)
     manager = rig.manager

@@ -9,8 +9,7 @@ import math
 import kasmina.control.auth as auth
 import kasmina.manager.perf_targets as report
 from kasmina.control.builders import make_rollback_command
-from tests.manager.helpers import SEED0, Rig, S, run_command
-from tests.manager.test_manager import walk_to_active
+from tests.manager.helpers import SEED0, Rig, S, run_command, walk_to_active
 
 OPTIMIZER_EVENTS = ("optimizer_created", "seed_optimizer_created", "seed_promoted")
 
