@@ -111,8 +111,8 @@ echo "gpu_check: tests exit $tests_status after $((SECONDS - started)) s"
 # The distributed scenarios again over NCCL, one GPU per rank (2 and 3 ranks): they skip
 # themselves, and say so in the log, on a machine with fewer GPUs.
 {
-    timeout --signal=INT 120 "$PY" -m pytest -q -p no:cacheprovider tests/manager/test_ddp.py \
-        -k nccl -o addopts="-ra"
+    timeout --signal=INT 120 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/manager/test_ddp_lifecycle.py -k nccl -o addopts="-ra"
 } 2>&1 | tee -a "$TESTS_LOG"
 nccl_status=${PIPESTATUS[0]}
 if [ "$nccl_status" -ne 0 ] && [ "$nccl_status" -ne 5 ]; then tests_status=$nccl_status; fi

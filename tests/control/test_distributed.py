@@ -2,7 +2,7 @@
 
 The two-rank test spawns real gloo processes joined on loopback; each rank runs its own
 ``LeylineAdaptationHandler`` over its own state table and seed weights (a stand-in executor: the
-distributed layer is what is under test; ``tests/manager/test_ddp.py`` runs the kernel manager),
+distributed layer is what is under test; ``tests/manager/test_ddp_*.py`` run the kernel manager),
 trains on its own shard with averaged gradients, and writes what it ended with to a file the
 test compares. The single-process tests drive the coordinator with an injected clock.
 """
@@ -836,7 +836,7 @@ def test_helpers_are_no_ops_without_a_process_group() -> None:
     broadcast_tensors([p])
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.data, torch.ones(3))
     # No group's timeout to read: torch's default collective timeout (a group's own is read in
-    # tests/manager/test_ddp.py, under a real one).
+    # tests/manager/test_ddp_lifecycle.py, under a real one).
     default = torch.distributed.distributed_c10d.default_pg_timeout.total_seconds()
     assert collective_timeout_s() == default
 

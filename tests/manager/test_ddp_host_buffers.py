@@ -1,6 +1,6 @@
 """A host with buffers under ``wrap_ddp``: what DDP broadcasts from rank 0, and what it must not.
 
-Two gloo ranks (``test_ddp``'s ``Trainer``) over the test host with a batch norm before the slot
+Two gloo ranks (``ddp_helpers``'s ``Trainer``) over the test host with a batch norm before the slot
 (``NormedHost``): DDP broadcasts the host's buffers from rank 0 before every forward.
 """
 
@@ -16,8 +16,7 @@ from torch.nn import functional as F
 from kasmina.control.processes import spawn
 from kasmina.stages import SeedStage as S
 from kasmina.urza.publish import publish_artifact
-from tests.manager.helpers import PUBLISHER, SEED0
-from tests.manager.test_ddp import (
+from tests.manager.ddp_helpers import (
     Normalised,
     NormedHost,
     Trainer,
@@ -26,6 +25,7 @@ from tests.manager.test_ddp import (
     _signed,
     _spec,
 )
+from tests.manager.helpers import PUBLISHER, SEED0
 
 
 def _normed_trainer(rank: int, world: int, spec: dict[str, Any]) -> Trainer:

@@ -2,7 +2,7 @@
 
 The KD backward reached the leaked host parameter and ran its gradient accumulator, whose DDP
 hook marked it ready; the host's own backward then marked it again, and torch's reducer raised
-"Expected to mark a variable ready only once" on every rank. Two gloo ranks (``test_ddp``'s
+"Expected to mark a variable ready only once" on every rank. Two gloo ranks (``ddp_helpers``'s
 ``Trainer``), and one in this process. The KD phase walks its graph for the leaves only where a
 process group is up (DDP needs one); without one it takes torch's own backward.
 """
@@ -24,8 +24,8 @@ from kasmina.kd.config import KDConfig
 from kasmina.manager.ddp import wrap_ddp
 from kasmina.utils import autograd_nodes
 from kasmina.utils.keyring import Keyring
+from tests.manager.ddp_helpers import Trainer, _assert_equal_states, _load, _signed, _spec
 from tests.manager.helpers import SEED0, Rig, make_config, through_a_seed
-from tests.manager.test_ddp import Trainer, _assert_equal_states, _load, _signed, _spec
 
 
 def _worker_kd_leak(rank: int, world: int, spec: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ containment tests cover that. Here a table's faults are deferred as ``Distribute
 it, without processes: a fault found on the host is held, not counted; what every rank held is
 charged on every rank in registry, then rank order, with the rank in each reason
 (``charge_gathered``); a rank that leaves charges its own (``charge_here``). The two-rank run is
-``tests/manager/test_ddp.py``'s ``test_a_kernel_that_raises_on_one_ranks_data_...``.
+``tests/manager/test_ddp_step_agreement.py``'s ``test_a_kernel_that_raises_on_one_ranks_data_...``.
 """
 
 from __future__ import annotations
