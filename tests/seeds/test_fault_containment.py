@@ -37,6 +37,7 @@ from kasmina.stages import SeedStage
 from kasmina.utils import flags as flags_module
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 from tests.profiling import DispatchedOps
+from tests.seeds.helpers import MLP
 from tests.urza.helpers import PairRows
 
 S = SeedStage
@@ -761,17 +762,6 @@ def test_the_guarded_forward_and_backward_never_read_the_device(
 
 
 # ------------------------------------------------------------------------------- compile
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
-        self.head = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.encoder(x)))
 
 
 def grafted_mlp(kernel: nn.Module) -> tuple[MLP, KasminaLayer]:
