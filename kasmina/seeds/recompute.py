@@ -134,14 +134,13 @@ class RegionRuns:
 
     @classmethod
     def run(
-        cls, runs: RegionRuns | None, call: Callable[[], _T | None]
-    ) -> tuple[_T | None, RegionRuns | None]:
-        """``call()`` and ``runs`` (a new one for None, made only inside a region): in a
-        region's first run, whether a recompute makes the call again is kept as the region's
-        next call; in a recompute, a call not to be made again gives None."""
-        frame, rerun = checkpoint_region()
-        if frame is None:
-            return call(), runs
+        cls, runs: RegionRuns | None, region: tuple[Any, Any], call: Callable[[], _T | None]
+    ) -> tuple[_T | None, RegionRuns]:
+        """``call()`` and ``runs`` (a new one for None) inside ``region``, a checkpoint region
+        (``checkpoint_region()``, the caller's: outside one it calls the kernel without this
+        bookkeeping): in its first run, whether a recompute makes the call again is kept as the
+        region's next call; in a recompute, a call not to be made again gives None."""
+        frame, rerun = region
         runs = cls() if runs is None else runs
         if rerun is None:
             saves = getattr(frame, "weak_holders", None)  # the region's saved tensors so far

@@ -77,7 +77,7 @@ from kasmina.seeds.island import contain_backward
 from kasmina.seeds.kd_faults import seed_kd_or_fault
 from kasmina.seeds.kernel_watch import kernel_changed
 from kasmina.seeds.load_hooks import check_seed_state, seed_load_pre_hook
-from kasmina.seeds.recompute import RegionRuns
+from kasmina.seeds.recompute import RegionRuns, checkpoint_region
 from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
@@ -507,9 +507,14 @@ class GradientIsolatedSeed(nn.Module):
         if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
             position = stream_position(loaded, kernel)
         stream = (self.seed_id, position)
+        region = checkpoint_region()
+        if region[0] is None:  # outside an activation checkpoint (the common case)
+            return call_kernel(kernel, x, active, record, stream)
         # In a checkpoint's recompute, not called where its first run's call gave no output.
         runs = self._kernel_runs
-        called, kept = RegionRuns.run(runs, lambda: call_kernel(kernel, x, active, record, stream))
+        called, kept = RegionRuns.run(
+            runs, region, lambda: call_kernel(kernel, x, active, record, stream)
+        )
         if kept is not runs:
             self._kernel_runs = kept
         return called
