@@ -8,7 +8,8 @@ The façade and what it shares:
 
 - ``manager`` -- ``KasminaKernelManager``: the doors a training loop calls (attach, step,
   backward, end_epoch, commands, close), wiring the components below under one lock.
-- ``config`` -- ``KasminaConfig``: every setting, validated once.
+- ``config`` -- ``KasminaConfig``: every setting, validated once; ``config_values`` -- the
+  checks of one setting's value it uses (paths, bounded numbers, ids, publisher keys).
 - ``state`` -- ``ManagerState``: the fields the components share (settings and services, the
   slot registry, optimizers, the training clock, counters). Components receive the state and the
   other components they call, never the manager.

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,18 @@ from kasmina.control.auth import MAX_FRESHNESS_S
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS
 from kasmina.control.ledger import DURABILITY_MODES, LEDGER_FILE_NAME
 from kasmina.kd.config import KDConfig, check_seed_kd
+from kasmina.manager.config_values import (
+    absolute_path,
+    bounded_number,
+    id_tuple,
+    optional_path,
+    publisher_keys,
+)
 from kasmina.ops.backend import backend
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.redaction import redact_urls
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings
-from kasmina.utils.checks import check_int, check_positive, check_real
+from kasmina.utils.checks import check_int, check_positive
 from kasmina.utils.jsonl_sink import DEFAULT_JSONL_MAX_BYTES
 from kasmina.utils.keyring import Keyring, checked_keyring
 from kasmina.utils.state_io import check_checkpoint_key
@@ -237,6 +243,18 @@ class KasminaConfig:
     telemetry_jsonl_max_bytes: int = DEFAULT_JSONL_MAX_BYTES
 
     def __post_init__(self) -> None:
+        # In this order: the first bad setting is the one reported, and a later check reads what
+        # an earlier one normalised (the run's directories default under run_id and runs_root).
+        self._check_device_and_store()
+        self._check_files()
+        self._check_commands()
+        self._check_limits_and_flags()
+        self._check_run_state()
+        self._check_checkpoints_and_gates()
+        self._check_kd_and_telemetry()
+
+    def _check_device_and_store(self) -> None:
+        """``device``, ``cache_size_mb`` and the Urza store's settings and publishers."""
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a non-empty string, got {self.device!r}")
         if self.device != "auto":
@@ -251,23 +269,29 @@ class KasminaConfig:
             raise ValueError("urza_url must be a non-empty string")
         for name, value in check_store_settings("urza_", **self.store_settings()).items():
             setattr(self, f"urza_{name}", value)
-        self.urza_trusted_publishers = _publisher_keys(self.urza_trusted_publishers)
+        self.urza_trusted_publishers = publisher_keys(self.urza_trusted_publishers)
+
+    def _check_files(self) -> None:
+        """The optional file settings (``_OPTIONAL_PATHS``), and the checkpoint key's file."""
         for name in _OPTIONAL_PATHS:
-            setattr(self, name, _optional_path(name, getattr(self, name)))
+            setattr(self, name, optional_path(name, getattr(self, name)))
         if self.checkpoint_key_file:  # read at the first end_epoch: a wrong file fails now
             try:
                 check_checkpoint_key(self.checkpoint_key_file)
             except OSError as exc:  # unreadable, a directory, a name too long
                 raise ValueError(f"checkpoint_key_file cannot be read: {exc}") from None
+
+    def _check_commands(self) -> None:
+        """The command keys' settings, the freshness window and the nonce ledger."""
         if not isinstance(self.hmac_keys_env, str) or not self.hmac_keys_env:
             raise ValueError("hmac_keys_env must name an environment variable")
-        self.command_freshness_s = _number(
+        self.command_freshness_s = bounded_number(
             "command_freshness_s",
             self.command_freshness_s,
             f"a number in (0, {MAX_FRESHNESS_S:g}]",
             lambda s: 0 < s <= MAX_FRESHNESS_S,
         )
-        self.command_key_ids = _id_tuple("command_key_ids", self.command_key_ids)
+        self.command_key_ids = id_tuple("command_key_ids", self.command_key_ids)
         ledger = self.nonce_ledger
         if isinstance(ledger, os.PathLike):  # a file given as a Path, as the other paths
             ledger = os.fspath(ledger)
@@ -278,18 +302,24 @@ class KasminaConfig:
                 f"nonce_ledger {ledger!r} reads as a flag, not a file: pass True or False"
             )
         if isinstance(ledger, str):  # absolute, as runs_root
-            self.nonce_ledger = _absolute("nonce_ledger", ledger)
+            self.nonce_ledger = absolute_path("nonce_ledger", ledger)
         if self.nonce_ledger_durability not in DURABILITY_MODES:
             raise ValueError(
                 f"nonce_ledger_durability must be one of {DURABILITY_MODES}, "
                 f"got {self.nonce_ledger_durability!r}"
             )
+
+    def _check_limits_and_flags(self) -> None:
+        """The counts that must be at least 1 and the settings that must be ``bool``."""
         for name in ("max_pending_commands", "fetch_workers", "max_isolation_violations"):
             setattr(self, name, check_int(name, getattr(self, name), 1))
         self.seed_fault_limit = check_int("seed_fault_limit", self.seed_fault_limit, 1)
         for flag in ("guard_seed_backward", "host_grads_set_to_none", "kd_enabled"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    def _check_run_state(self) -> None:
+        """``run_id`` (a fresh one when ""), ``runs_root`` and the run's directories, absolute."""
         if not isinstance(self.run_id, str):
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
         if not self.run_id:
@@ -305,30 +335,38 @@ class KasminaConfig:
             raise ValueError(f"runs_root must be a non-empty path, got {self.runs_root!r}")
         # Absolute now: resolved at each use, a chdir between two (a notebook, Hydra) split one
         # run's ledger, key and checkpoints across two directories.
-        self.runs_root = _absolute("runs_root", self.runs_root)
+        self.runs_root = absolute_path("runs_root", self.runs_root)
         # Directories left to their default: to_dict gives them as "" again, so a template
         # saved from this run never pins the next run's state into this run's directory.
         self._defaulted_dirs: dict[str, str] = {}
         for name, default in _RUN_DIRS:
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            if not isinstance(value, str):
-                raise ValueError(f"{name} must be a path, got {value!r}")
-            if not value:
-                value = str(self.run_dir / default)
-                self._defaulted_dirs[name] = value
-            value = _absolute(name, value)  # as runs_root
-            setattr(self, name, value)
-            try:
-                here = Path(value).resolve() == Path.cwd().resolve()
-                file = Path(value).exists() and not Path(value).is_dir()
-            except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop
-                raise ValueError(f"{name} {value!r:.80} cannot be used: {exc}") from None
-            if here:
-                raise ValueError(f"{name} must not be the working directory")
-            if file:  # else the first end_epoch
-                raise ValueError(f"{name} {value} exists and is not a directory")
+            self._check_run_dir(name, default)
+
+    def _check_run_dir(self, name: str, default: str) -> None:
+        """One of ``_RUN_DIRS``: absolute, ``<run_dir>/<default>`` when "", never the working
+        directory or an existing file."""
+        value = getattr(self, name)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a path, got {value!r}")
+        if not value:
+            value = str(self.run_dir / default)
+            self._defaulted_dirs[name] = value
+        value = absolute_path(name, value)  # as runs_root
+        setattr(self, name, value)
+        try:
+            here = Path(value).resolve() == Path.cwd().resolve()
+            file = Path(value).exists() and not Path(value).is_dir()
+        except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop
+            raise ValueError(f"{name} {value!r:.80} cannot be used: {exc}") from None
+        if here:
+            raise ValueError(f"{name} must not be the working directory")
+        if file:  # else the first end_epoch
+            raise ValueError(f"{name} {value} exists and is not a directory")
+
+    def _check_checkpoints_and_gates(self) -> None:
+        """The checkpoints' mode and cadence, the lifecycle gates and GRAFTING's schedule."""
         if self.checkpoint_mode not in CHECKPOINT_MODES:
             raise ValueError(
                 f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {self.checkpoint_mode!r}"
@@ -341,7 +379,7 @@ class KasminaConfig:
         self.max_seed_cost_ratio = check_positive("max_seed_cost_ratio", self.max_seed_cost_ratio)
         self.latency_budget_ms = check_positive("latency_budget_ms", self.latency_budget_ms)
         self.performance_gate = check_int("performance_gate", self.performance_gate, 0, 1000)
-        self.g5_max_metric_drop = _number(
+        self.g5_max_metric_drop = bounded_number(
             "g5_max_metric_drop",
             self.g5_max_metric_drop,
             "a number >= 0 (inf: never refuses)",
@@ -353,6 +391,9 @@ class KasminaConfig:
         self.grafting_steps = check_int("grafting_steps", self.grafting_steps, 1)
         temperature = check_positive("grafting_temperature", self.grafting_temperature)
         self.grafting_temperature = temperature
+
+    def _check_kd_and_telemetry(self) -> None:
+        """The KD settings, the teacher's dtype and the telemetry file's size cap."""
         if not isinstance(self.kd, KDConfig):
             raise TypeError(f"kd must be a KDConfig, got {type(self.kd).__name__}")
         check_seed_kd(self.kd, "kd")
@@ -528,72 +569,3 @@ def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyr
             "what 'kasmina keygen --publisher' prints) are never the command keyring"
         )
     return config, keyring
-
-
-def _publisher_keys(value: object) -> dict[str, str]:
-    """``urza_trusted_publishers`` validated (key ids, 32-byte Ed25519 public keys) and in its
-    canonical form (base64). A bare string is refused, never read as a list of key ids."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Mapping):
-        raise ValueError(
-            "urza_trusted_publishers must be a mapping of key id -> public key, got "
-            f"{type(value).__name__} {value!r:.40}"
-        )
-    try:
-        return TrustedPublishers(value).to_json()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"urza_trusted_publishers: {exc}") from None
-
-
-def _optional_path(name: str, value: object) -> str | None:
-    """None, or a non-empty path (a ``str`` or ``os.PathLike``) as an absolute string, as
-    ``runs_root`` (a relative checkpoint key file read at the first checkpoint, after a chdir,
-    was created anew in the other directory, and the run refused its own checkpoints); "" is
-    refused rather than read as unset, and a number is never a path."""
-    if value is None:
-        return None
-    path = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if not isinstance(path, str) or not path:
-        raise ValueError(
-            f"{name} must be None or a path (a non-empty str or os.PathLike), got {value!r}"
-        )
-    return _absolute(name, path)
-
-
-def _absolute(name: str, path: str) -> str:
-    """``path`` with ``~`` expanded, made absolute; a ``ValueError`` naming the setting when the
-    OS cannot take it (``~nobody``: no such home, a RuntimeError from pathlib)."""
-    if "\0" in path:
-        raise ValueError(f"{name} {path!r:.80} cannot be used: it holds a NUL character")
-    try:
-        return str(Path(path).expanduser().absolute())
-    except (RuntimeError, OSError) as exc:
-        raise ValueError(f"{name} {path!r:.80} cannot be used: {exc}") from None
-
-
-def _number(name: str, value: object, rule: str, fits: Callable[[float], bool]) -> float:
-    """``value`` (``check_real``) if it ``fits``, else a ``ValueError`` saying that ``name``
-    must be ``rule``, whatever ``value`` is (NaN fits no comparison)."""
-    try:
-        number = check_real(name, value)
-    except ValueError:
-        number = math.nan
-    if not fits(number):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return number
-
-
-def _id_tuple(name: str, value: object) -> tuple[str, ...]:
-    """A sequence of non-empty ids as a tuple; a bare string is refused, since ``tuple("ctl")``
-    would silently mean the ids "c", "t" and "l"."""
-    if isinstance(value, (str, bytes)):
-        raise TypeError(
-            f"{name} must be a sequence of key ids, not the single string {value!r} "
-            f"(write [{value!r}] for one id)"
-        )
-    try:
-        ids = tuple(value)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of key ids, got {value!r}") from None
-    if not all(isinstance(k, str) and k for k in ids):
-        raise ValueError(f"{name} must hold non-empty strings, got {ids!r}")
-    return ids
