@@ -206,40 +206,12 @@ def attach(
     taken ones, or ``output_index`` cannot pick a tensor of a host whose class fixes its output
     (``output_index_problem``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach wraps submodules of an nn.Module, got {type(model).__name__}")
-    seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
-    chunk_size = check_positive_int("chunk_size", chunk_size)
-    if kd_config is not None and not isinstance(kd_config, KDConfig):
-        raise TypeError(
-            f"kd_config must be a KDConfig or None, got {type(kd_config).__name__} "
-            "(KDConfig(**settings) builds one)"
-        )
-    check_seed_kd(kd_config, "kd_config")
-    if state is not None and not isinstance(state, GPUStateTensor):
-        raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
-    names = _resolve(model, targets)
-    _refuse_nesting(model, names)
-    for name in names:  # and each layout the host declares, before a table is allocated
-        _refuse_unreachable(model, name)
-        host = model.get_submodule(name)
-        checked_chunk_dim(host, seeds_per_layer, chunk_size, chunk_dim, output_index, name)
+    seeds_per_layer, chunk_size = _checked_arguments(
+        model, seeds_per_layer, chunk_size, kd_config, state
+    )
+    names = _checked_targets(model, targets, seeds_per_layer, chunk_size, chunk_dim, output_index)
     total = len(names) * seeds_per_layer
-    base = region = 0  # the first row and region of these slots
-    if state is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        state = GPUStateTensor(total, device, embargo_epochs=embargo_epochs, telemetry=telemetry)
-    else:  # after every taken row: the model's slots' (an earlier attach) and any other
-        rows = _taken_rows(model, state)
-        base = max(rows, default=-1) + 1
-        if rows:
-            region = int(state.state_tensor[rows, StateColumn.REGION_ID].max()) + 1
-        if state.num_seeds < base + total:
-            raise ValueError(
-                f"state table has {state.num_seeds} seeds; the model's slots and the seeds not "
-                f"DORMANT or still following theirs (a detached slot's, another model's) hold "
-                f"rows up to {base}, and attach needs {total} more; give it a larger table or none"
-            )
+    state, base, region = _table_rows(model, state, total, embargo_epochs, telemetry)
     # Build every slot before touching the model, so a bad shape leaves it unchanged.
     layers = []
     for i, name in enumerate(names):
@@ -261,6 +233,77 @@ def attach(
     install(model, dict(zip(names, layers, strict=True)))
     add_load_checks(model)
     return layers
+
+
+def _checked_arguments(
+    model: nn.Module,
+    seeds_per_layer: int,
+    chunk_size: int,
+    kd_config: KDConfig | None,
+    state: GPUStateTensor | None,
+) -> tuple[int, int]:
+    """``attach``'s arguments checked by type and range, whatever the caller passed; returns
+    the two counts as ``check_positive_int`` gives them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach wraps submodules of an nn.Module, got {type(model).__name__}")
+    seeds_per_layer = check_positive_int("seeds_per_layer", seeds_per_layer)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    if kd_config is not None and not isinstance(kd_config, KDConfig):
+        raise TypeError(
+            f"kd_config must be a KDConfig or None, got {type(kd_config).__name__} "
+            "(KDConfig(**settings) builds one)"
+        )
+    check_seed_kd(kd_config, "kd_config")
+    if state is not None and not isinstance(state, GPUStateTensor):
+        raise TypeError(f"state must be a GPUStateTensor or None, got {type(state).__name__}")
+    return seeds_per_layer, chunk_size
+
+
+def _checked_targets(
+    model: nn.Module,
+    targets: str | Collection[str],
+    seeds_per_layer: int,
+    chunk_size: int,
+    chunk_dim: int | None,
+    output_index: int,
+) -> list[str]:
+    """The modules ``targets`` selects (``_resolve``), each refused unless a slot can wrap it:
+    not nested in another, called by its parent, its declared layout fitting the seeds."""
+    names = _resolve(model, targets)
+    _refuse_nesting(model, names)
+    for name in names:  # and each layout the host declares, before a table is allocated
+        _refuse_unreachable(model, name)
+        host = model.get_submodule(name)
+        checked_chunk_dim(host, seeds_per_layer, chunk_size, chunk_dim, output_index, name)
+    return names
+
+
+def _table_rows(
+    model: nn.Module,
+    state: GPUStateTensor | None,
+    total: int,
+    embargo_epochs: int,
+    telemetry: TelemetryReporter | None,
+) -> tuple[GPUStateTensor, int, int]:
+    """The table the new slots' ``total`` seeds go on, and their first row and region: a new
+    table on the model's device when ``state`` is None, else after every row taken on ``state``
+    (``_taken_rows``), refused when too few rows are left."""
+    base = region = 0
+    if state is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        state = GPUStateTensor(total, device, embargo_epochs=embargo_epochs, telemetry=telemetry)
+    else:  # after every taken row: the model's slots' (an earlier attach) and any other
+        rows = _taken_rows(model, state)
+        base = max(rows, default=-1) + 1
+        if rows:
+            region = int(state.state_tensor[rows, StateColumn.REGION_ID].max()) + 1
+        if state.num_seeds < base + total:
+            raise ValueError(
+                f"state table has {state.num_seeds} seeds; the model's slots and the seeds not "
+                f"DORMANT or still following theirs (a detached slot's, another model's) hold "
+                f"rows up to {base}, and attach needs {total} more; give it a larger table or none"
+            )
+    return state, base, region
 
 
 def _taken_rows(model: nn.Module, state: GPUStateTensor) -> list[int]:
