@@ -125,17 +125,9 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     process-wide ``TORCH_CPP_LOG_LEVEL`` does, which would hide every other torch warning too.
     """
     check_supported_parallelism(model)
-    ddp_options.setdefault("find_unused_parameters", True)
-    if ddp_options.get("static_graph") or not ddp_options["find_unused_parameters"]:
-        raise ValueError(
-            "wrap_ddp: static_graph=True and find_unused_parameters=False need every step to "
-            "use the same parameters; a slot whose seeds are isolated passes no gradient to "
-            "the host layers before it, so DDP would skip their reduction and the ranks split"
-        )
+    _check_ddp_options(ddp_options)
     if not process_group_active():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     owned = kasmina_owned_names(model)
     group, mesh = ddp_options.get("process_group"), ddp_options.get("device_mesh")
     if group is None and mesh is not None:
@@ -145,26 +137,61 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     ours = set(owned)
     host = [p for name, p in model.named_parameters() if name not in ours]
     if not any(p.requires_grad for p in host):  # torch's constructor raises: nothing to reduce
-        logger.info(
-            "wrap_ddp: no host parameter requires a gradient (a frozen host, seeds only): the "
-            "model is returned unwrapped; the seeds' gradient sync averages a host layer "
-            "unfrozen later%s",
-            ", and each epoch sync gives the host's buffers rank 0's" if broadcast else "",
+        init_sync = ddp_options.get("init_sync", True)
+        return _leave_unwrapped(model, host, ours, group, broadcast, init_sync)
+    return _wrap_host(model, owned, ours, ddp_options)
+
+
+def _check_ddp_options(ddp_options: dict[str, Any]) -> None:
+    """``find_unused_parameters`` True unless given; refused False, as ``static_graph=True``."""
+    ddp_options.setdefault("find_unused_parameters", True)
+    if ddp_options.get("static_graph") or not ddp_options["find_unused_parameters"]:
+        raise ValueError(
+            "wrap_ddp: static_graph=True and find_unused_parameters=False need every step to "
+            "use the same parameters; a slot whose seeds are isolated passes no gradient to "
+            "the host layers before it, so DDP would skip their reduction and the ranks split"
         )
-        if ddp_options.get("init_sync", True):  # as DDP's constructor: every rank rank 0's host
-            buffers = [b for name, b in model.named_buffers() if name not in ours]
-            broadcast_tensors([*host, *(buffers if broadcast else ())], 0, group)
-        # Every host parameter the seeds' gradient sync's to average once unfrozen; the host's
-        # buffers rank 0's at each epoch sync, and for a measurement as the epoch sync gives
-        # them (``sync_host_buffers``), unless ``broadcast_buffers=False``.
-        unwrapped = functools.partial(_sync_unwrapped, weakref.ref(model), group)
-        decided = WrapRecord(
-            not_reduced=tuple(host),
-            unwrapped_buffers=bool(broadcast),
-            aligner=unwrapped if broadcast else None,
-        )
-        record_wrap(model, decided)
-        return model
+
+
+def _leave_unwrapped(
+    model: nn.Module,
+    host: list[nn.Parameter],
+    ours: set[str],
+    group: Any,
+    broadcast: bool,
+    init_sync: bool,
+) -> nn.Module:
+    """``model`` itself, for a host none of whose parameters requires a gradient: what DDP's
+    constructor would have broadcast first, broadcast, and the wrap recorded (``wrap_ddp``)."""
+    logger.info(
+        "wrap_ddp: no host parameter requires a gradient (a frozen host, seeds only): the "
+        "model is returned unwrapped; the seeds' gradient sync averages a host layer "
+        "unfrozen later%s",
+        ", and each epoch sync gives the host's buffers rank 0's" if broadcast else "",
+    )
+    if init_sync:  # as DDP's constructor: every rank rank 0's host
+        buffers = [b for name, b in model.named_buffers() if name not in ours]
+        broadcast_tensors([*host, *(buffers if broadcast else ())], 0, group)
+    # Every host parameter the seeds' gradient sync's to average once unfrozen; the host's
+    # buffers rank 0's at each epoch sync, and for a measurement as the epoch sync gives
+    # them (``sync_host_buffers``), unless ``broadcast_buffers=False``.
+    unwrapped = functools.partial(_sync_unwrapped, weakref.ref(model), group)
+    decided = WrapRecord(
+        not_reduced=tuple(host),
+        unwrapped_buffers=bool(broadcast),
+        aligner=unwrapped if broadcast else None,
+    )
+    record_wrap(model, decided)
+    return model
+
+
+def _wrap_host(
+    model: nn.Module, owned: list[str], ours: set[str], ddp_options: dict[str, Any]
+) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` with the ``owned`` names (Kasmina's) ignored,
+    kept ignored as kernels come and go, and the wrap recorded (``wrap_ddp``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, owned)
     wrapped = DistributedDataParallel(model, **ddp_options)
     _keep_ignoring_owned(model, wrapped)
