@@ -117,7 +117,17 @@ def _row(label: str, acc: float, width: int = 72) -> str:
 
 def format_report(result: DemoResult) -> str:
     """The end-of-run table (plain text, fits 100 columns)."""
-    r = result
+    lines = _accuracy_lines(result)
+    lines += _timeline_lines(result)
+    lines += _decision_lines(result)
+    lines += _command_lines(result)
+    lines += _counter_lines(result)
+    lines += format_targets(result.targets)
+    return "\n".join(lines)
+
+
+def _accuracy_lines(r: DemoResult) -> list[str]:
+    """The run's header and every model's test accuracy, with the grown host's margins."""
     germinated = r.first_germination_epoch
     before = (
         f"grown host at the first germination (epoch {germinated} boundary)"
@@ -125,7 +135,7 @@ def format_report(result: DemoResult) -> str:
         else "grown host (it never germinated a seed)"
     )
     widths = "x".join(str(w) for w in r.static_widths)
-    lines = [
+    return [
         "Kasmina demo: morphogenetic training on the digits dataset",
         f"  ranks: {r.world_size}   rng seed: {r.seed}   wall time: {r.wall_s:.1f} s",
         "",
@@ -153,22 +163,35 @@ def format_report(result: DemoResult) -> str:
         f"  seed parameters: fossilized {r.grown_parameters:,}, still blending "
         f"{r.blending_parameters:,}. The never-grown host and the static net",
         "  train without the teacher. The controller sees the validation split only.",
-        "",
-        "Seed timelines (epoch boundary: stage entered)",
     ]
+
+
+def _timeline_lines(result: DemoResult) -> list[str]:
+    """Each seed's artifacts and the stages it entered, by epoch."""
+    lines = ["", "Seed timelines (epoch boundary: stage entered)"]
     for seed_id, timeline in result.timelines.items():
         artifacts = ", ".join(result.artifacts.get(seed_id, [])) or "-"
         lines.append(f"  {seed_id:<8} {artifacts}")
         steps = "  ".join(f"{epoch}:{stage}" for epoch, stage in timeline) or "(never germinated)"
         lines.extend(_wrap(steps, indent="      "))
-    lines += ["", "Controller decisions"]
+    return lines
+
+
+def _decision_lines(result: DemoResult) -> list[str]:
+    """What the controller decided, and when."""
+    lines = ["", "Controller decisions"]
     lines += [f"  {epoch:>3}  {seed:<8} {why}" for epoch, seed, why in result.decisions] or [
         "  (none: no plateau)"
     ]
+    return lines
+
+
+def _command_lines(result: DemoResult) -> list[str]:
+    """The signed commands' outcomes, and the adversarial ones' refusals."""
     cmd = result.commands
     rejected = {k.split(":", 1)[1]: v for k, v in cmd.items() if k.startswith("rejected:")}
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"
-    lines += [
+    lines = [
         "",
         "Commands (signed AdaptationCommand bytes through the LeylineAdaptationHandler)",
         f"  accepted {cmd.get('accepted', 0)} (executed {cmd.get('executed', 0)}, "
@@ -178,8 +201,13 @@ def format_report(result: DemoResult) -> str:
     for kind, outcomes in result.adversarial.items():
         refused = sum(1 for ok in outcomes if not ok)
         lines.append(f"  {kind:<9} sent {len(outcomes)}, refused {refused}")
+    return lines
+
+
+def _counter_lines(result: DemoResult) -> list[str]:
+    """The kernel cache's, isolation's, KD's and the ranks' counters."""
     cache, iso = result.cache, result.isolation
-    lines += [
+    return [
         "",
         f"Kernel cache: hits {cache.get('hits', 0)}, misses {cache.get('misses', 0)}, "
         f"evictions {cache.get('evictions', 0)}",
@@ -195,8 +223,6 @@ def format_report(result: DemoResult) -> str:
         )
         + f"), {result.distributed.get('divergences', 0)} divergences",
     ]
-    lines += format_targets(result.targets)
-    return "\n".join(lines)
 
 
 def format_targets(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
