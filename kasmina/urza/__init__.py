@@ -15,7 +15,9 @@ nothing. Publishers sign with a private key; readers hold only public keys.
   store through ``kasmina.utils.atomic``), and re-sign a retired HMAC manifest or one a
   retiring publisher key signed. ``kasmina urza publish`` and ``kasmina urza resign`` use it.
 - ``client`` -- ``UrzaLibraryClient``: reads any fsspec URL (a local directory by default),
-  verifies what it reads, and coalesces concurrent fetches of one artifact.
+  verifies what it reads, and coalesces concurrent fetches of one artifact; ``store_url`` -- its
+  store's URL checked (no caching or archive layer, an authority that parses) and the store
+  opened (an HTTP session's timeout and redirect guard, a signed URL's query).
 - ``resilience`` -- ``ReadGuard`` and ``CircuitBreaker``: how the client's reads are run, with
   timeouts on bounded I/O threads, retries with backoff, deadlines and a circuit breaker.
 - ``redaction`` -- a store's URL credentials and secrets replaced by ``***`` in every message,

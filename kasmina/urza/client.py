@@ -48,15 +48,13 @@ from kasmina.urza.artifact import (
     PAYLOAD_SUFFIX,
     READ_CHUNK_BYTES,
     Manifest,
-    chain_layers,
-    open_store,
     read_bounded,
     validate_artifact_id,
     verify_manifest,
     verify_payload_digest,
 )
 from kasmina.urza.keys import TrustedPublishers
-from kasmina.urza.redaction import describe_error, redact, redact_urls, store_secrets
+from kasmina.urza.redaction import describe_error, redact_urls, store_secrets
 from kasmina.urza.resilience import (
     MAX_STALLED_READS,
     Budget,
@@ -66,6 +64,7 @@ from kasmina.urza.resilience import (
     check_deadline,
     check_store_settings,
 )
+from kasmina.urza.store_url import check_store_url, is_http, open_client_store
 from kasmina.utils.checks import check_positive_int
 from kasmina.utils.locks import fork_safe
 
@@ -77,10 +76,6 @@ __all__ = ["UrzaLibraryClient"]
 MAX_ARTIFACT_BYTES = 1 << 30
 # An HTTP store's index page is read up to this many bytes (about 100,000 artifacts' links).
 MAX_LISTING_BYTES = 16 << 20
-# fsspec layers that copy each whole object (the caches), or open and index the whole target
-# when the client is built (the archives), before the client's bounded, timed reads apply.
-_CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")
-_ARCHIVE_LAYERS = ("tar", "zip", "libarchive")
 _HREF = re.compile("href", re.IGNORECASE)
 _UNQUOTED_VALUE = re.compile(r"[^\s>]*")
 
@@ -161,8 +156,7 @@ class UrzaLibraryClient:
                 ("max_stalled_reads", max_stalled_reads),
             )
         )
-        _check_chain(url)
-        _check_authority(url)
+        check_store_url(url)
         self.url = redact_urls(url)  # as messages and repr show it: no credentials
         self.publishers = _trusted(publishers)
         self.max_manifest_bytes = max_manifest_bytes
@@ -185,30 +179,9 @@ class UrzaLibraryClient:
             sleep=sleep,
             secrets=store_secrets(url, storage_options),
         )
-        options = dict(storage_options or {})
-        client = dict(options.get("client_kwargs") or {})  # the user's own (headers, trust_env)
-        if url.lower().startswith(("http://", "https://")):
-            import aiohttp  # fsspec's HTTP backend depends on it
-
-            from kasmina.urza.redirects import REDIRECT_GUARD
-
-            if "timeout" not in client:
-                client["timeout"] = aiohttp.ClientTimeout(total=self.timeout_s)  # else 300 s
-            # A redirect to another origin carrying the user's headers is refused.
-            client["trace_configs"] = [*(client.get("trace_configs") or ()), REDIRECT_GUARD]
-            options["client_kwargs"] = client
-        self._fs, self._root = open_store(url, options)
-        self._query = ""  # a signed URL's query (``?sig=...``): after each object's name
-        if _is_http(self._fs) and "?" in self._root:
-            root, _, query = self._root.partition("?")
-            self._root, self._query = root.rstrip("/"), f"?{query}"
-        # Elsewhere, the file's own read-ahead is one chunk at most. HTTP: one streaming GET
-        # (block_size=0), which also works against servers that ignore Range. Passing a size
-        # skips fsspec's HEAD probe (the streaming file ignores it), which would report any
-        # failure, even a refused connection, as FileNotFoundError: the GET maps only a 404.
-        self._open_kwargs: dict[str, Any] = {"block_size": chunk_bytes}
-        if _is_http(self._fs):
-            self._open_kwargs = {"block_size": 0, "size": 1}
+        self._fs, self._root, self._query, self._open_kwargs = open_client_store(
+            url, storage_options, self.timeout_s, chunk_bytes
+        )
         self._inflight: dict[str, Future[tuple[bytes, Manifest]]] = {}
         self._stats = {"fetches": 0, "coalesced": 0}
 
@@ -261,7 +234,7 @@ class UrzaLibraryClient:
         most ``MAX_LISTING_BYTES``, within ``timeout_s``) and scanned for links in linear time:
         fsspec's own HTTP listing reads the page whole and scans it with a regular expression
         that a page of a few kilobytes can hold for minutes, holding the GIL."""
-        http = _is_http(self._fs)
+        http = is_http(self._fs)
 
         def listing(cancelled: threading.Event) -> list[str]:
             if not http:
@@ -503,55 +476,6 @@ def _trusted(publishers: object) -> TrustedPublishers:
     )
 
 
-def _check_chain(url: str) -> None:
-    """``ValueError`` for a chained URL through a caching layer (``simplecache::http://...``):
-    it copies each whole object to local disk before the client's bounded read sees a byte, so
-    neither ``max_manifest_bytes`` nor a payload's declared size bounds the transfer, and over
-    HTTP the client's timeout does not reach it either. Kasmina caches verified kernels itself
-    (``GPUKernelCache``); give the store's own URL. An archive layer (``tar::``, ``zip::``) is
-    refused too: it opens and indexes the whole archive when the client is built, outside any
-    timeout (a FIFO there blocked the trainer's start for ever; a tar.gz is inflated whole)."""
-    layers = [part.split("://", 1)[0].strip().lower() for part in chain_layers(url)[:-1]]
-    caching = [layer for layer in layers if layer in _CACHING_LAYERS]
-    if caching:
-        raise ValueError(
-            f"store URL {redact_urls(url)!r} goes through the caching layer {caching[0]!r}, "
-            "which copies whole objects before Kasmina's bounded, timed reads apply: give the "
-            "store's own URL (Kasmina caches verified kernels itself)"
-        )
-    archive = [layer for layer in layers if layer in _ARCHIVE_LAYERS]
-    if archive:
-        raise ValueError(
-            f"store URL {redact_urls(url)!r} goes through the archive layer {archive[0]!r}, "
-            "which reads the whole archive when the client is built, before Kasmina's bounded, "
-            "timed reads apply: unpack the store and give its directory or URL"
-        )
-
-
-def _check_authority(url: str) -> None:
-    """``ValueError`` for a store URL whose authority (``user:password@host:port``) does not
-    parse: an unbalanced ``[`` (a typo'd IPv6 host, or a password with a ``[`` in it). The
-    client was built, and each read of the store then failed as a transport error ("Invalid
-    IPv6 URL"), retried and counted against the store, when the URL itself was wrong. The
-    message shows neither the URL's credentials nor any the parser's error quotes."""
-    for part in chain_layers(url):
-        if "://" not in part:
-            continue
-        try:
-            urllib.parse.urlsplit(part)
-        except ValueError as exc:
-            reason = redact(str(exc), store_secrets(part, None))
-            hint = ""
-            if "[" in part or "]" in part:
-                hint = (
-                    ": '[' and ']' enclose an IPv6 host only (http://[::1]:8080/store); "
-                    "percent-encode one anywhere else, in a user name or password too (%5B, %5D)"
-                )
-            raise ValueError(
-                f"store URL {redact_urls(url)!r} is malformed ({reason}){hint}"
-            ) from None
-
-
 def _linked_children(page: str, base: str) -> Iterator[str]:
     """The names of the direct children of ``base`` that ``page`` (an HTML index) links to, in
     one pass: every ``href`` value, resolved against ``base``, without query or fragment,
@@ -580,9 +504,3 @@ def _linked_children(page: str, base: str) -> Iterator[str]:
         rest = link[len(base) :] if link.startswith(base) else ""
         if rest and "/" not in rest:
             yield urllib.parse.unquote(rest)
-
-
-def _is_http(fs: Any) -> bool:
-    protocol = getattr(fs, "protocol", ())
-    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-    return bool({"http", "https"} & set(protocols))
