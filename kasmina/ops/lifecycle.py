@@ -250,20 +250,48 @@ def _lifecycle_update_host(
         if lanes.size == 0:
             return torch.from_numpy(codes)
         rows = idx[lanes]
-    order = np.argsort(rows, kind="stable")
-    ranked = rows[order]
-    same = ranked[1:] == ranked[:-1]
-    dup: np.ndarray | None = None
-    if same.any():
-        flagged = np.zeros(ranked.shape[0], dtype=bool)
-        flagged[1:] |= same
-        flagged[:-1] |= same
-        dup = np.empty_like(flagged)
-        dup[order] = flagged
-
+    # The in-range requests' stages and gates, lane for lane with ``rows``.
     new = new_stage.numpy().astype(np.int64, copy=False)
     if lanes is not None:
         new = new[lanes]
+    given = None
+    if gate is not None:
+        given = gate.numpy().astype(np.int64, copy=False)
+        if lanes is not None:
+            given = given[lanes]
+    decided, rule = _host_decisions(table, rows, new, given)
+    if lanes is None:
+        codes = decided
+    else:
+        codes[lanes] = decided
+    ok = np.flatnonzero(decided == int(TransitionCode.APPLIED))
+    if ok.size:
+        _host_apply(table, rows, new, rule, given, ok)
+    return torch.from_numpy(codes)
+
+
+def _host_duplicates(rows: np.ndarray) -> np.ndarray | None:
+    """Which of ``rows`` (in-range indices) occur more than once, by sorting (K log K); None
+    when none does."""
+    order = np.argsort(rows, kind="stable")
+    ranked = rows[order]
+    same = ranked[1:] == ranked[:-1]
+    if not same.any():
+        return None
+    flagged = np.zeros(ranked.shape[0], dtype=bool)
+    flagged[1:] |= same
+    flagged[:-1] |= same
+    dup = np.empty_like(flagged)
+    dup[order] = flagged
+    return dup
+
+
+def _host_decisions(
+    table: np.ndarray, rows: np.ndarray, new: np.ndarray, given: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each in-range request's code (int32: applied, illegal, duplicate, or out of range for a
+    gate past int32), and its transition rule (-1: illegal)."""
+    dup = _host_duplicates(rows)
     stage_col = table[:, int(StateColumn.LIFECYCLE_STAGE)]
     cur = stage_col[rows].astype(np.int64)
     # Unsigned views: a negative stage reads as a huge one, so one compare checks 0 <= s < S.
@@ -279,24 +307,24 @@ def _lifecycle_update_host(
     decided = decided.astype(np.int32)
     if dup is not None:
         decided[dup] = int(TransitionCode.DUPLICATE)
-    given = None
-    if gate is not None:
-        given = gate.numpy().astype(np.int64, copy=False)
-        if lanes is not None:
-            given = given[lanes]
+    if given is not None:
         # LAST_GATE is int32: a gate above its range would wrap; that lane is out of range.
         decided[given > INT32_MAX] = int(TransitionCode.OUT_OF_RANGE)
-    if lanes is None:
-        codes = decided
-    else:
-        codes[lanes] = decided
+    return decided, rule
 
-    ok = np.flatnonzero(decided == int(TransitionCode.APPLIED))
-    if ok.size == 0:
-        return torch.from_numpy(codes)
+
+def _host_apply(
+    table: np.ndarray,
+    rows: np.ndarray,
+    new: np.ndarray,
+    rule: np.ndarray,
+    given: np.ndarray | None,
+    ok: np.ndarray,
+) -> None:
+    """Write the requests ``ok`` picks (positions in ``rows``, applied) into ``table``."""
     every = ok.size == rows.shape[0]
     applied = rows if every else rows[ok]
-    stage_col[applied] = new if every else new[ok]
+    table[:, int(StateColumn.LIFECYCLE_STAGE)][applied] = new if every else new[ok]
     table[:, int(StateColumn.EPOCHS_IN_STATE)][applied] = 0
     table[:, int(StateColumn.READY_FLAG)][applied] = 0
     # LAST_GATE: the given gate when >= 0, else the rule's gate when > 0, else unchanged.
@@ -308,7 +336,6 @@ def _lifecycle_update_host(
             given = given[ok]
         last_gate = np.where(given >= 0, given, last_gate)
     gate_col[applied] = last_gate
-    return torch.from_numpy(codes)
 
 
 def lifecycle_tick_reference(state: torch.Tensor) -> None:
