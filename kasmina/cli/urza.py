@@ -40,6 +40,10 @@ from kasmina.cli.publish_checks import (
 from kasmina.cli.resign import legacy_keyring, old_keys_advice
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays instant
+    import torch
+    from torch import nn
+
+    from kasmina.urza.artifact import TensorSpec
     from kasmina.urza.client import UrzaLibraryClient
     from kasmina.urza.keys import PublisherKey, TrustedPublishers
     from kasmina.utils.keyring import Keyring
@@ -287,8 +291,35 @@ def _client(
 def _cmd_urza_publish(args: argparse.Namespace) -> int:
     import torch
 
+    from kasmina.urza.publish import publish_payload
+
+    _check_publish_arguments(args)
+    _check_store(args, writes=True, may_create=True)
+    publisher = _signing_key(args)
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CLIError(f"--dtype must be a floating-point torch dtype, got {args.dtype!r}")
+    module, shape, name = _publish_module(args, dtype)
+    example = _run_example(args, module, shape, dtype, name)
+    check_module_size(module, name)
+    payload, input_spec = _export(module, example, name)
+    check_payload_size(len(payload), name)
+    # The store's errors (a file in the way, an id taken) are its own: main reports them.
+    manifest = publish_payload(
+        payload, args.store, name, publisher, args.artifact_id, input_spec=input_spec
+    )
+    print(
+        f"published {manifest.artifact_id} ({manifest.blueprint}, {manifest.size} bytes, "
+        f"signed by {manifest.key_id!r}) to {shown_store(args.store)}",
+        file=sys.stderr,
+    )
+    print(manifest.artifact_id)
+    return 0
+
+
+def _check_publish_arguments(args: argparse.Namespace) -> None:
+    """Refuse an option of ``publish`` given empty, and an ``--artifact-id`` that is no id."""
     from kasmina.urza.artifact import validate_artifact_id
-    from kasmina.urza.publish import export_payload, publish_payload
 
     if args.blueprint == "":  # given empty: never replaced by the default name
         raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
@@ -302,11 +333,15 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             validate_artifact_id(args.artifact_id)
         except ValueError as exc:
             raise CLIError(f"--artifact-id: {one_line(exc)}") from None
-    _check_store(args, writes=True, may_create=True)
-    publisher = _signing_key(args)
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CLIError(f"--dtype must be a floating-point torch dtype, got {args.dtype!r}")
+
+
+def _publish_module(
+    args: argparse.Namespace, dtype: torch.dtype
+) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The module to publish (a ``--builtin`` blueprint's, built from ``--seed``, or the
+    ``--factory``'s), its example input's shape and the blueprint name to record."""
+    import torch
+
     torch.manual_seed(args.seed)
     if args.builtin:
         from kasmina.urza.blueprints import get_blueprint
@@ -332,6 +367,20 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         shape = parse_shape(args.input_shape)
         name = args.blueprint or args.factory.rpartition(":")[2]
         check_example_size(shape, dtype)
+    return module, shape, name
+
+
+def _run_example(
+    args: argparse.Namespace,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    name: str,
+) -> torch.Tensor:
+    """The example input (from ``--seed``), once ``module`` ran on it: an artifact signed as
+    taking this input must run on it (the export did not check)."""
+    import torch
+
     try:
         generator = torch.Generator().manual_seed(args.seed)
         example = torch.randn(shape, generator=generator).to(dtype)
@@ -339,8 +388,7 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot make the example input: {one_line(exc)}") from None
     from kasmina.seeds.side_effects import kept_buffers
 
-    # An artifact signed as taking this input must run on it (the export did not check). It
-    # runs in the module's own mode, the one it is exported in (a train-mode factory's batch
+    # It runs in the module's own mode, the one it is exported in (a train-mode factory's batch
     # norm and dropout stay live in the seed), its buffers (batch-norm statistics) put back.
     try:
         if args.builtin:
@@ -352,15 +400,23 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
             f"{name} does not run on a {args.dtype} input of shape {list(shape)}: "
             f"{one_line(exc)[:300]}"
         ) from None
-    check_module_size(module, name)
+    return example
+
+
+def _export(
+    module: nn.Module, example: torch.Tensor, name: str
+) -> tuple[bytes, tuple[TensorSpec, ...]]:
+    """``module`` exported on ``example``: its payload and input spec; a failure is one line."""
     # Imported before the export, not looked up in its except clause: a Ctrl-C inside the
     # export's first import of torch._dynamo left it half initialised, and the lookup then
     # raised AttributeError over the KeyboardInterrupt (a traceback instead of exit 130).
     from torch._dynamo.exc import Unsupported, UserError
 
+    from kasmina.urza.publish import export_payload
+
     try:
         with _quiet_torch_logs():
-            payload, input_spec = export_payload(module, [example])
+            return export_payload(module, [example])
     except (Unsupported, UserError, RuntimeError, MemoryError) as exc:
         raise CLIError(f"torch.export failed: {one_line(exc)[:300]}") from None
     except (Exception, SystemExit) as exc:  # the user's forward, traced: any error is one line
@@ -369,18 +425,6 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
         raise CLIError(
             f"torch.export of {name} failed: {type(exc).__name__}: {one_line(exc)[:300]}"
         ) from None
-    check_payload_size(len(payload), name)
-    # The store's errors (a file in the way, an id taken) are its own: main reports them.
-    manifest = publish_payload(
-        payload, args.store, name, publisher, args.artifact_id, input_spec=input_spec
-    )
-    print(
-        f"published {manifest.artifact_id} ({manifest.blueprint}, {manifest.size} bytes, "
-        f"signed by {manifest.key_id!r}) to {shown_store(args.store)}",
-        file=sys.stderr,
-    )
-    print(manifest.artifact_id)
-    return 0
 
 
 class _Discard:
