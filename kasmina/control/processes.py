@@ -97,16 +97,27 @@ def check_supported_parallelism(model: nn.Module) -> None:
     parallelism (``DTensor`` parameters) give each rank a different slice of the weights the
     slots wrap, so the replica checksums, the rollback snapshots and the host optimizer Kasmina
     builds would all see shards, and ``nn.DataParallel`` re-replicates modules on every forward,
-    so seeds grafted into the replicas are lost.
+    so seeds grafted into the replicas are lost. A model that is, or holds, a
+    ``DistributedDataParallel`` is refused too: DDP takes the parameters and buffers a module
+    has when it is built, so one built before the slots broadcasts their buffers from rank 0
+    at each forward and never hears of a seed's kernel; ``wrap_ddp``, after attach, is the wrap.
     """
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:  # torch without the distributed package
         return
     from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
 
     for name, module in model.named_modules():
         where = name or "the model"
+        if isinstance(module, DistributedDataParallel):
+            raise UnsupportedParallelismError(
+                f"{where} is a DistributedDataParallel built before Kasmina saw it: attach to "
+                "the unwrapped model, then wrap it with kasmina.manager.ddp.wrap_ddp(model, "
+                "**ddp_options), which keeps every tensor Kasmina owns out of DDP's reduction "
+                "and buffer broadcast"
+            )
         if isinstance(module, FSDPModule | FullyShardedDataParallel):
             raise UnsupportedParallelismError(
                 f"{where} is FSDP-sharded ({type(module).__name__}): Kasmina replicates seeds "

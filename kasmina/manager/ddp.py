@@ -25,7 +25,10 @@ runs"):
   manager's command door through it, so a command sent to any rank is verified there and applied
   on every rank or none.
 
-FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_parallelism``).
+FSDP (``fully_shard``) and tensor-parallel hosts are refused (``check_supported_parallelism``),
+and so is a ``DistributedDataParallel`` built over the model by hand rather than by ``wrap_ddp``
+(``check_not_wrapped_by_hand``), by ``wrap_ddp`` and ``DistributedKasmina`` and at each epoch
+sync.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from torch import nn
 
 from kasmina.control.distributed import DistributedCoordinator
 from kasmina.control.processes import (
+    UnsupportedParallelismError,
     broadcast_tensors,
     check_supported_parallelism,
     collective_device,
@@ -58,6 +62,7 @@ from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.wrap_records import WrapRecord, record_wrap, wrap_record
 from kasmina.seeds.charging import defer_faults
+from kasmina.seeds.constants import one_written_elsewhere
 from kasmina.seeds.kernel_watch import watch_kernels
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
@@ -68,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedKasmina",
+    "check_not_wrapped_by_hand",
     "check_same_layout",
     "host_buffers",
     "kasmina_owned_names",
@@ -91,6 +97,28 @@ def kasmina_owned_names(model: nn.Module) -> list[str]:
             if id(tensor) not in host:
                 names.append(base + name)
     return names
+
+
+def check_not_wrapped_by_hand(model: nn.Module) -> None:
+    """``UnsupportedParallelismError`` where a ``DistributedDataParallel`` not built by
+    ``wrap_ddp`` was built over ``model`` after its slots: its constructor broadcast rank 0's
+    buffers, Kasmina's among them, and so does each of its forwards, over every seed's kernel
+    buffers (a batch norm's running statistics: the epoch sync's average finds rank 0's on
+    every rank). Nor does it align the host's buffers before a measurement (``WrapRecord``):
+    G5 scored the same seed differently on each rank under a host batch norm, and the next sync
+    "repaired" a healthy rank. Seen by the one in-place write Kasmina never makes (a slot's
+    constant ``_one``, ``seeds.constants.one_written_elsewhere``): a read per slot, off the
+    step. A DDP built with ``init_sync=False`` or ``broadcast_buffers=False``, or one built
+    before the slots (``attach`` on its ``.module``), writes nothing here and is not seen."""
+    for name, module in model.named_modules():
+        if isinstance(module, KasminaLayer) and one_written_elsewhere(module):
+            raise UnsupportedParallelismError(
+                f"the buffers of slot {name or 'the model'} were overwritten in place since "
+                "attach, as the constructor of a DistributedDataParallel built over the model "
+                "by hand does (it broadcasts every buffer from rank 0, Kasmina's per-seed ones "
+                "too, and again at each forward): wrap the model with "
+                "kasmina.manager.ddp.wrap_ddp(model, **ddp_options) instead, after attach"
+            )
 
 
 def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
@@ -125,6 +153,7 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     process-wide ``TORCH_CPP_LOG_LEVEL`` does, which would hide every other torch warning too.
     """
     check_supported_parallelism(model)
+    check_not_wrapped_by_hand(model)
     _check_ddp_options(ddp_options)
     if not process_group_active():
         return model
@@ -360,6 +389,7 @@ class DistributedKasmina:
         state = self.state = manager.state
         registry = state.require_registry()
         check_supported_parallelism(registry.model)
+        check_not_wrapped_by_hand(registry.model)  # before anything joins the manager
         # Opened now rather than at the first checkpoint: a rank whose run's disk checkpoints
         # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
         _ = state.checkpoints
@@ -427,6 +457,9 @@ class DistributedKasmina:
         # collective, as its step() and end_epoch() do: it would refuse every command the ranks
         # received, as one it could not verify, and report the ranks consistent.
         registry = self.state.require_registry(training=True)
+        # A DDP built by hand since: refused on every rank alike (its constructor wrote every
+        # rank's buffers), before the first collective.
+        check_not_wrapped_by_hand(registry.model)
         self.seed_grads.charge_held_faults()  # found since the last step: before any command
         self.seed_buffers(running_kernel_buffers(registry))
         # A host wrap_ddp left unwrapped (frozen whole) has no DDP to broadcast its buffers

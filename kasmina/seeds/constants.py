@@ -20,6 +20,11 @@ and for a load past the slot (into ``slot.host`` alone) at the slot's next recor
 or poll (:func:`rebuild_if_left`). A pickle keeps no storage shared either: an unpickled slot
 links its seeds' flags again (:func:`link_after_unpickle`).
 
+Kasmina writes a layer's ``_one`` in place only here (a move's copy, a refill), and notes the
+tensor's version counter after each such write; :func:`one_written_elsewhere` sees any other
+in-place write, as a ``DistributedDataParallel`` built over the model by hand makes when its
+constructor broadcasts rank 0's buffers, Kasmina's among them (``kasmina.manager.ddp``).
+
 A loader may also replace them by tensors of its own: transformers' ``from_pretrained`` builds
 the model on ``meta`` and then gives every non-persistent buffer an ``empty_like`` (uninitialised
 memory, as nothing it knows re-initialises them), so a class that attaches slots in its
@@ -39,6 +44,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kasmina.utils.grad_modes import training_tensors
 
@@ -49,6 +55,7 @@ __all__ = [
     "constants_on_meta",
     "host_device",
     "keep_constants",
+    "one_written_elsewhere",
     "rebuild_after_load",
     "rebuild_constants",
 ]
@@ -76,7 +83,27 @@ def keep_constants(
             new.fill_(values[name])
         elif not new.is_meta:  # (onto meta: no values to keep)
             new.copy_(old)
+        _note_own_write(new)
         buffers[name] = new
+
+
+# Each constant's version counter after Kasmina's own last in-place write of it, keyed by
+# identity (a tensor's ``==`` compares values) and held weakly: a tensor missing here was never
+# written in place by Kasmina, and its version is 0.
+_OWN_WRITES = WeakIdKeyDictionary()
+
+
+def _note_own_write(tensor: torch.Tensor) -> None:
+    if not tensor.is_meta:
+        _OWN_WRITES[tensor] = tensor._version
+
+
+def one_written_elsewhere(layer: Any) -> bool:
+    """Whether something other than Kasmina wrote the layer's ``_one`` in place since the layer
+    made it: its version counter is past the one Kasmina's own last write left. One read, no
+    device sync."""
+    one = layer._buffers.get("_one")
+    return one is not None and not one.is_meta and one._version != _OWN_WRITES.get(one, 0)
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:
@@ -125,6 +152,7 @@ def _refill(layer: Any) -> list[str]:
     layer.__dict__.pop("_constants_stale", None)
     for name, value in CONSTANTS.items():
         layer._buffers[name].fill_(value)
+        _note_own_write(layer._buffers[name])
     layer._link_flags()
     for seed in layer.seeds:
         seed._buffers["alpha"].fill_(seed.alpha_value)

@@ -1,0 +1,101 @@
+"""A ``DistributedDataParallel`` the user builds over the model by hand, not with ``wrap_ddp``.
+
+DDP takes the parameters and buffers a module has when it is built, and broadcasts every buffer
+it does not ignore from rank 0, at its construction and at each forward. Built over the model
+after attach, it gave every rank rank 0's running statistics of a seed's batch-norm kernel,
+and, with no ``WrapRecord`` to align the host's buffers before a measurement, G5 scored a seed
+differently on each rank under a host batch norm, and the next epoch sync "repaired" a healthy
+rank. Built before attach and handed to it, the slots went inside a wrapper whose lists were
+already made. Both are refused, naming ``wrap_ddp``: the one-rank tests run a gloo group of one
+in this process; one test runs two gloo ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import kasmina
+from kasmina.control.builders import make_seed_command
+from kasmina.control.processes import UnsupportedParallelismError, spawn
+from kasmina.manager.ddp import DistributedKasmina, check_not_wrapped_by_hand, wrap_ddp
+from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds.layer import KasminaLayer
+from tests.manager.ddp_helpers import _load, _rank_rig, _spec
+from tests.manager.helpers import SEED0, Host, Rig, make_config, run_command
+from tests.manager.test_ddp_leaks import one_rank_group
+
+
+def test_a_model_wrapped_in_ddp_before_attach_is_refused(tmp_path, store, keyring) -> None:
+    """The wrapper itself, or a model holding one: refused at attach (and by ``register``,
+    which attach calls), the model left without slots."""
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    with one_rank_group(tmp_path / "rendezvous"):
+        wrapped = DistributedDataParallel(Host())
+        with pytest.raises(
+            UnsupportedParallelismError, match="the model is a Distributed.*wrap_ddp"
+        ):
+            manager.attach(wrapped, "module.out", 2, 2)
+        outer = nn.Sequential(DistributedDataParallel(Host()))
+        with pytest.raises(UnsupportedParallelismError, match="0 is a DistributedDataParallel"):
+            manager.attach(outer, "0.module.out", 2, 2)
+    for model in (wrapped, outer):
+        assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+    manager.close()
+
+
+def test_a_ddp_built_by_hand_after_attach_is_refused(tmp_path, store, keyring, mlp) -> None:
+    """By ``DistributedKasmina`` (nothing joined: the manager runs alone as before), by
+    ``wrap_ddp``, and, built after ``DistributedKasmina``, at the next epoch sync, before its
+    first collective. ``wrap_ddp``'s own DDP, and a move of the model, are not."""
+    ours = Rig(make_config(tmp_path / "ours", store), keyring)
+    rig = Rig(make_config(tmp_path / "hand", store), keyring)
+    later = Rig(make_config(tmp_path / "later", store), keyring)
+    moved = Host()
+    kasmina.attach(moved, "out", 2, 2)
+    moved.to(torch.float64)  # a move copies the slots' constants: Kasmina's own write
+    with one_rank_group(tmp_path / "rendezvous"):
+        check_not_wrapped_by_hand(moved)
+        assert isinstance(wrap_ddp(ours.model), DistributedDataParallel)
+        DistributedKasmina(ours.manager).sync_epoch(0)
+        DistributedDataParallel(rig.model)
+        with pytest.raises(UnsupportedParallelismError, match="slot out .*wrap_ddp"):
+            DistributedKasmina(rig.manager)
+        with pytest.raises(UnsupportedParallelismError, match="wrap_ddp"):
+            wrap_ddp(rig.model)
+        germinate = make_seed_command("germinate", SEED0, mlp, timeout_s=60.0)
+        assert run_command(rig.manager, rig.signed(germinate))  # applied here: not in a run
+        dk = DistributedKasmina(later.manager)
+        DistributedDataParallel(later.model)
+        with pytest.raises(UnsupportedParallelismError, match="wrap_ddp"):
+            dk.sync_epoch(0)
+        assert dk.coordinator.stats["syncs"] == 0
+    for r in (ours, rig, later):
+        r.manager.close()
+
+
+def _worker_by_hand(rank: int, world: int, spec: dict[str, Any]) -> None:
+    rig = _rank_rig(rank, spec)
+    DistributedDataParallel(rig.model, find_unused_parameters=True)
+    try:
+        DistributedKasmina(rig.manager)
+        refused = ""
+    except UnsupportedParallelismError as e:
+        refused = str(e)
+    torch.save({"refused": refused}, Path(spec["out"], f"byhand{rank}.pt"))
+    rig.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_every_rank_refuses_a_ddp_built_by_hand(tmp_path: Path, published) -> None:
+    """Two gloo ranks, each wrapping its attached model in a DDP of its own: both refuse it
+    at ``DistributedKasmina``, alike (no rank left waiting in a collective)."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_by_hand, 2, args=(spec,), backend="gloo", timeout_s=30, join_timeout_s=120)
+    runs = _load(tmp_path, "byhand", 2)
+    assert all("wrap_ddp" in run["refused"] for run in runs), runs
