@@ -94,16 +94,20 @@ _OWN_WRITES = WeakIdKeyDictionary()
 
 
 def _note_own_write(tensor: torch.Tensor) -> None:
-    if not tensor.is_meta:
+    # An inference tensor (a move made under ``inference_mode``) keeps no version counter.
+    if not tensor.is_meta and not tensor.is_inference():
         _OWN_WRITES[tensor] = tensor._version
 
 
 def one_written_elsewhere(layer: Any) -> bool:
     """Whether something other than Kasmina wrote the layer's ``_one`` in place since the layer
     made it: its version counter is past the one Kasmina's own last write left. One read, no
-    device sync."""
+    device sync. An inference tensor keeps no counter (and no DDP broadcasts into one outside
+    ``inference_mode``): never seen as written."""
     one = layer._buffers.get("_one")
-    return one is not None and not one.is_meta and one._version != _OWN_WRITES.get(one, 0)
+    if one is None or one.is_meta or one.is_inference():
+        return False
+    return one._version != _OWN_WRITES.get(one, 0)
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:

@@ -79,6 +79,17 @@ def test_a_ddp_built_by_hand_after_attach_is_refused(tmp_path, store, keyring, m
         r.manager.close()
 
 
+def test_a_move_under_inference_mode_is_not_a_ddp_built_by_hand() -> None:
+    """A move made under ``inference_mode`` gives the slots inference constants, which keep no
+    version counter: the move, its forward and the check all run (the check raised there)."""
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    with torch.inference_mode():
+        model.to(torch.float64)
+        assert model(torch.randn(3, 6, dtype=torch.float64)).dtype == torch.float64
+    check_not_wrapped_by_hand(model)
+
+
 def _worker_by_hand(rank: int, world: int, spec: dict[str, Any]) -> None:
     rig = _rank_rig(rank, spec)
     DistributedDataParallel(rig.model, find_unused_parameters=True)
