@@ -68,6 +68,16 @@ def test_the_bounds_of_the_float_checks() -> None:
         check_real("x", Fraction(10**400))  # float() overflows
 
 
+def test_the_largest_finite_float_is_in_range_and_one_past_it_is_not() -> None:
+    """The upper bound is a float's range itself: its largest finite value is a number like any
+    other (``0 < value <= max``), as is the int equal to it; only past it is a value refused."""
+    big = sys.float_info.max
+    assert check_positive("x", big) == big and check_non_negative("x", big) == big
+    assert check_positive_int("n", int(big)) == int(big)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        check_positive_int("n", int(big) + 1)
+
+
 @pytest.mark.parametrize(
     "value",
     [
