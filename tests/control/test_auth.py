@@ -319,6 +319,8 @@ def test_check_answers_the_reason_or_nothing(keyring, verifier) -> None:
     assert verifier.check(cmd) == ""
     assert verifier.check(cmd) == "replay"
     assert verifier.check(signed(keyring), T0 + 120) == "future"  # relayed: received_at
+    # A peer's clock exactly the window ahead is still inside it; only more is "future".
+    assert verifier.check(signed(keyring, timestamp=T0 + 60), T0 + 60) == ""
     assert verifier.check(signed(keyring), float("nan")) == "stale"
     forged = signed(Keyring({"k1": OTHER_KEY}))
     assert verifier.check(forged, owned=True) == "bad_signature"
