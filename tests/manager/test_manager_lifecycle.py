@@ -45,6 +45,34 @@ def test_advance_with_a_failing_gate_stays(rig: Rig, mlp) -> None:
     assert rig.stage(SEED1) == S.DORMANT
 
 
+def test_a_command_for_another_stage_is_refused_before_it_touches_the_seed(rig: Rig, mlp) -> None:
+    """GERMINATE of a seed that has a kernel, ADVANCE or CULL of a DORMANT seed, TERMINATE of a
+    TERMINATED one: each is refused by its stage, saying so, before anything runs. The live
+    kernel stays the seed's and its record's (past the stage check, a second GERMINATE's undo
+    cleared the record's kernel under the live seed), no gate is evaluated, and the table is
+    never asked for a transition it would reject."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    kernel, table, gates = seed.kernel, seed.state_table, dict(manager.gate_counts)
+    rejected = {k: n for k, n in table.counters.items() if k != "applied"}
+    refusals = [
+        (("germinate", SEED0, mlp), "is ISOLATED_INIT; needs DORMANT"),
+        (("advance", SEED1), "is DORMANT: GERMINATE it first"),
+        (("cull", SEED1), "cannot be culled from DORMANT"),
+    ]
+    for command, reason in refusals:
+        assert not rig.send(*command)
+        assert reason in manager.command_log[-1][3], command
+    assert seed.kernel is kernel and manager.registry[SEED0].kernel is kernel
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and rig.stage(SEED1) == S.DORMANT
+    assert rig.send("terminate", SEED1)
+    assert not rig.send("terminate", SEED1)
+    assert "cannot be terminated from TERMINATED" in manager.command_log[-1][3]
+    assert dict(manager.gate_counts) == gates
+    assert {k: n for k, n in table.counters.items() if k != "applied"} == rejected
+
+
 def test_a_retried_advance_moves_its_seed_once(rig: Rig, mlp) -> None:
     """The controller saw no outcome and sends its ADVANCE again, signed anew under the same
     command id: the retry is refused at the door and the seed moves one stage, not two."""
