@@ -156,6 +156,10 @@ def test_sign_command_names_a_wrong_keyring_nonce_or_timestamp() -> None:
     for beyond in (1e20, -1e12, 2.6e11):  # past what a protobuf Timestamp holds
         with pytest.raises(ValueError, match="timestamp must be within the years 1 to 9999"):
             sign_command(cmd, keyring, "k", timestamp=beyond)
+    # Its first and last seconds are in range (0001-01-01T00:00:00Z, 9999-12-31T23:59:59Z).
+    for edge in (-62_135_596_800, 253_402_300_799):
+        signed = sign_command(make_rollback_command(1), keyring, "k", timestamp=edge)
+        assert abs(signed.metadata.timestamp.ToNanoseconds() / 1e9 - edge) < 1e-3
     with pytest.raises(KeyError, match=r"which holds \['k'\]"):
         sign_command(cmd, keyring, "nope")
     assert not cmd.HasField("metadata")  # refused before the command was touched
