@@ -371,9 +371,33 @@ def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | No
 def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
     """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
     gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
-    stays finite."""
-    if xin.requires_grad:
+    stays finite. Eager only: compiled, ``xin`` came through ``_FiniteGradient`` instead."""
+    if xin.requires_grad and not torch.compiler.is_compiling():
         xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
+
+
+class _FiniteGradient(torch.autograd.Function):
+    """An ACTIVE kernel's input under ``torch.compile``: the identity, whose backward passes
+    the finite entries of the gradient and zeroes the others. A tensor hook there made
+    TorchDynamo (torch 2.13) drop attribute writes traced after it (CLIP's
+    ``outputs.pooler_output = self.visual_projection(...)`` kept the unprojected tensor). The
+    same cut where the output is not finite (its gradient is ``0`` or ``0 * inf``); where it is
+    finite but the kernel's backward is not, the host keeps the finite part too (the kernel's
+    own parameters still get the non-finite gradient a step's checks read)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.where(grad.isfinite(), grad, torch.zeros_like(grad))
 
 
 def fallback_per_chunk(
@@ -437,13 +461,18 @@ def call_kernel(
 
     Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
-    non-finite output would send upstream. Before ACTIVE a kernel that draws random numbers
-    (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
-    what they would without the seed, and on a stream of its own there (``own_stream``:
-    ``stream`` is the seed's id and position); not under ``torch.compile``, which cannot trace
-    the fork.
+    non-finite output would send upstream (compiled: ``_FiniteGradient``'s alias). Before
+    ACTIVE a kernel that draws random numbers (``GPUKernel.draws_random``) runs on a forked RNG
+    state, so the host's own random ops draw what they would without the seed, and on a stream
+    of its own there (``own_stream``: ``stream`` is the seed's id and position); not under
+    ``torch.compile``, which cannot trace the fork.
     """
-    xin = x.view_as(x) if active else x.detach()
+    if not active:
+        xin = x.detach()
+    elif x.requires_grad and torch.compiler.is_compiling():
+        xin = _FiniteGradient.apply(x)
+    else:
+        xin = x.view_as(x)
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
     # Its floating buffers stay finite (``side_effects``); a kernel known to have none (the
     # usual: ``()``) costs one dict read here, on every seed's call of every step.

@@ -832,6 +832,75 @@ def test_inductor_keeps_the_non_finite_fallback(stage: SeedStage) -> None:
     assert slot.poll_nonfinite() == ["head[0]"]
 
 
+class _Outputs:
+    """A model output object whose field the model overwrites (``ModelOutput``'s habit)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+class Projected(nn.Module):
+    """CLIP's tail: the tower's output object made first, then its field set to the projection
+    of itself (``outputs.pooler_output = self.visual_projection(outputs.pooler_output)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tower = nn.Linear(5, 8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Outputs(torch.relu(self.tower(x)))
+        out.value = self.proj(out.value)
+        return out.value
+
+
+def test_a_compiled_active_seed_keeps_the_models_attribute_writes() -> None:
+    """Compiled, an ACTIVE seed cut its kernel's upstream gradient with a tensor hook, and
+    TorchDynamo then dropped the attribute write the model made after the slot: the compiled
+    model returned the unprojected tensor (a CLIP's similarity matmul failed on its shape; one
+    of the same width would have been silently wrong). Now compiled is eager, gradients too."""
+    torch._dynamo.reset()
+    model = Projected()
+    (slot,) = attach(model, "proj", 2, 2)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x)
+    torch.manual_seed(2)
+    slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    walk(slot.seed(0), S.ACTIVE)
+    want = model(x)
+    want.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert got.shape == want.shape == (4, 4)
+    torch.testing.assert_close(got, want)
+    got.pow(2).sum().backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, msg=name)
+
+
+def test_a_compiled_active_seed_whose_output_overflows_sends_the_host_no_nan() -> None:
+    """Compiled, an ACTIVE kernel whose output is not finite falls back to the host's chunk,
+    and the ``0 * inf`` its backward makes of the zero gradient stops at its input: the
+    host's gradients stay finite, as eager."""
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(4, 2 * C), nn.Linear(2 * C, 2))
+    (slot,) = attach(net, ["0"], 2, C, fault_limit=100)
+    big = torch.randn(BATCH, 4, generator=torch.Generator().manual_seed(3)) * 1000
+    with torch.no_grad():
+        net(big)
+    slot.seed(0).attach_kernel(Overflows(C))
+    walk(slot.seed(0), S.ACTIVE)
+    out = torch.compile(net, backend="aot_eager", fullgraph=True)(big)
+    out.pow(2).sum().backward()
+    host = [p for n, p in net.named_parameters() if ".seeds." not in n]
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in host)
+    assert slot.poll_nonfinite() == ["0[0]"]
+
+
 # ------------------------------------------------------------------- a backward that raises
 
 
