@@ -183,8 +183,12 @@ def reentrant_first_run() -> bool:
 def graph_to_come(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call that records no graph now will record one in a backward: under
     ``no_grad``, a reentrant checkpoint's first run, whose recompute runs the seeds' kernels
-    with a graph. At the region's entry an input needs grad (``inputs_need_grad``); deeper in
-    it the input is a host activation made under ``no_grad``, and the stack tells."""
+    with a graph. At the region's entry an input needs grad (``inputs_need_grad``) and the call
+    runs in an autograd Function's forward, where forward-mode AD is off (an input the model
+    marked itself under ``no_grad``, as Wav2Vec2's feature encoder does in training, is no
+    region's); deeper in it the input is a host activation made under ``no_grad``, and the
+    stack tells."""
+    grad = torch.is_grad_enabled()
     if inputs_need_grad(args, kwargs):
-        return True
-    return not torch.is_grad_enabled() and reentrant_first_run()
+        return grad or torch.compiler.is_compiling() or not torch._C._is_fwd_grad_enabled()
+    return not grad and reentrant_first_run()

@@ -244,6 +244,40 @@ def test_a_validation_forward_in_train_mode_under_no_grad_leaves_no_mark(rig: Ri
     assert len(manager.pending) == 0 and rig.stage(SEED0) != S.ISOLATED_INIT
 
 
+class InputMarkingHost(helpers.Host):
+    """Wav2Vec2's feature encoder: in training it sets ``requires_grad`` on its first
+    convolution's input (for its gradient checkpointing), under ``no_grad`` too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        if self.training and not h.requires_grad:  # no graph: a leaf it may mark
+            h.requires_grad = True
+        return self.out(h)
+
+
+def test_a_no_grad_forward_of_a_host_that_marks_the_slots_input_leaves_no_mark(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp, monkeypatch
+) -> None:
+    """The slot met under ``no_grad`` an input needing grad that no reentrant checkpoint made
+    (the model marked it) and took the call for a checkpoint's first run: the commands sent
+    after a recording forward, or a validation forward in train mode, waited for the next
+    step's end (``end_epoch`` applied none). Only a call inside an autograd Function's forward
+    (forward-mode AD is off there) is one now; the reentrant hosts above still mark the graph."""
+    monkeypatch.setattr(helpers, "Host", InputMarkingHost)
+    rig = Rig(make_config(tmp_path, store), keyring, record=False)
+    assert rig.model.training
+    with torch.no_grad():
+        rig.model(rig.x)
+    assert not rig.manager.require_registry().graph_open()
+    assert rig.send("germinate", SEED0, mlp) and rig.stage(SEED0) == S.ISOLATED_INIT
+    rig.train(1)
+    with torch.no_grad():
+        rig.model(rig.x)
+    assert rig.manager.handle_adaptation_command(rig.signed(make_seed_command("cull", SEED0)))
+    rig.manager.end_epoch(0)
+    assert len(rig.manager.pending) == 0 and rig.stage(SEED0) == S.RECYCLING  # embargo over
+
+
 def test_end_epoch_after_a_forward_through_a_kernel_leaves_the_commands_to_the_step(
     rig: Rig, mlp
 ) -> None:

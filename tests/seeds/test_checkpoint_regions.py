@@ -43,10 +43,12 @@ def test_the_checkpoint_region_is_found_on_this_torch() -> None:
     backward."""
     seen: list[tuple[object, object]] = []
     reentrant: list[bool] = []
+    coming: list[bool] = []
 
     def region(h: torch.Tensor) -> torch.Tensor:
         seen.append(checkpoint_region())
         reentrant.append(reentrant_first_run())
+        coming.append(graph_to_come((h,), {}))
         return torch.tanh(h) * 2
 
     x = torch.randn(3, requires_grad=True)
@@ -57,14 +59,15 @@ def test_the_checkpoint_region_is_found_on_this_torch() -> None:
     assert isinstance(frame.weak_holders, list) and len(frame.weak_holders) == 1  # (tanh's)
     assert first is None and again is frame and rerun is not None
     assert reentrant == [False, False]
-    seen.clear(), reentrant.clear()
+    seen.clear(), reentrant.clear(), coming.clear()
     checkpoint(region, x, use_reentrant=True).sum().backward()
     assert seen == [(None, None)] * 2 and reentrant == [True, False]  # first run, recompute
+    assert coming == [True, True]  # the first run under no_grad: its input needs grad
     with torch.no_grad():  # a checkpoint that records no graph: none to come
         checkpoint(region, x, use_reentrant=True)
     assert reentrant[-1] is False
-    with torch.no_grad():
-        assert graph_to_come((x,), {}) and not graph_to_come((x.detach(),), {})
+    with torch.no_grad():  # outside a region, an input needing grad is no first run's
+        assert not graph_to_come((x,), {}) and not graph_to_come((x.detach(),), {})
 
 
 def _twice(style: str, layer: KasminaLayer, use_checkpoint: bool, x: torch.Tensor) -> torch.Tensor:
