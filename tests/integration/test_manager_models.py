@@ -1,4 +1,5 @@
-"""A tiny Llama managed end to end: signed commands, published artifacts, compiled forward.
+"""A tiny Llama managed end to end: signed commands, published artifacts, compiled forward;
+a Wav2Vec2's convolution front end germinated after a recording forward in training mode.
 
 ``torch.compile(fullgraph=True)`` is the first forward after ``manager.attach`` (the slots
 record their host output while compiled), GERMINATE refuses artifacts that do not fit the
@@ -121,6 +122,49 @@ def test_a_bf16_host_refuses_an_fp32_kernel_with_the_reason(
     reason = manager.command_log[-1][3]
     assert "float32 is not the host's torch.bfloat16" in reason, reason
     assert manager.seed(SEED).stage == S.DORMANT
+
+
+class ChannelKernel(torch.nn.Module):
+    """``x + conv1x1(x)`` over a chunk of a (batch, channels, frames) output's channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_wav2vec2_germinates_after_a_recording_forward_in_training_mode(tmp_path: Path) -> None:
+    """Wav2Vec2's feature encoder marks its input as needing grad in training, under
+    ``no_grad`` too: its first convolution's slot took the recording forward for a reentrant
+    checkpoint's first run, and GERMINATE (every command) waited for a step's end. It applies
+    at once now, and the seed trains through the lifecycle's first steps."""
+    from tests.integration.models import audio, tiny_wav2vec2
+
+    torch.manual_seed(1)
+    example = torch.randn(2, 4, 49)
+    store = tmp_path / "urza"
+    artifact = publish_artifact(ChannelKernel(4), [example], str(store), "c4", PUBLISHER)
+    keyring = Keyring({"ctl": generate_key()})
+    manager = KasminaKernelManager(make_config(tmp_path, store), keyring=keyring)
+    model = tiny_wav2vec2()
+    target = r"wav2vec2\.feature_extractor\.conv_layers\.0\.conv"
+    (slot,) = manager.attach(model, target, 2, 4, host_lr=1e-3, seed_lr=1e-2)
+    assert model.training
+    with torch.no_grad():
+        model(**audio())
+    assert slot.chunk_spec() == (example.shape, torch.float32, torch.device("cpu"))
+    seed = f"{slot.layer_id}[0]"
+    cmd = make_seed_command("germinate", seed, artifact.artifact_id, {})
+    assert run_command(manager, sign_command(cmd, keyring, "ctl").SerializeToString())
+    assert manager.seed(seed).stage == S.ISOLATED_INIT
+    for _ in range(2):
+        manager.backward(model(**audio()).logits.pow(2).mean())
+        report = manager.step()
+        assert report["isolation_clean"] and report["host_stepped"], report
+    assert manager.seed(seed).faults == 0
+    manager.close()
 
 
 # ---------------------------------------------------------------- isolation under torch.compile
