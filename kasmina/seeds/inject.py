@@ -63,10 +63,24 @@ def _closest(wanted: str, names: list[str]) -> list[str]:
     return list(dict.fromkeys(by_key[key] for key in keys))
 
 
-def _no_match(what: str, model: nn.Module, names: list[str]) -> ValueError:
+def _no_match(what: str, model: nn.Module, names: list[str], pattern: bool) -> ValueError:
     near = _closest(what, names)
     hint = f"; closest: {near}" if near else ""
+    if pattern and any(n.endswith("." + what) for n in names):
+        hint += f" (a pattern matches whole names; [{what!r}] selects by name suffix)"
+    elif not pattern and _would_match(what, names):
+        hint += " (a list holds module names or name suffixes; pass a pattern as one string)"
     return ValueError(f"target {what!r} matches no submodule of {type(model).__name__}{hint}")
+
+
+def _would_match(entry: str, names: list[str]) -> bool:
+    """Whether a list entry is a regular expression that matches a name: one meant as a
+    pattern, which only a string target is."""
+    try:
+        pattern = re.compile(entry)
+    except re.error:
+        return False
+    return any(pattern.fullmatch(n) for n in names)
 
 
 def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
@@ -90,7 +104,7 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
             raise ValueError(f"target {targets!r} is not a regular expression: {exc}") from None
         matched = [n for n in names if pattern.fullmatch(n)]
         if not matched:
-            raise _no_match(targets, model, names)
+            raise _no_match(targets, model, names, pattern=True)
     else:
         if not isinstance(targets, Iterable) or isinstance(targets, (bytes, bytearray)):
             raise TypeError(
@@ -107,7 +121,7 @@ def _resolve(model: nn.Module, targets: str | Collection[str]) -> list[str]:
         for entry in entries:
             hits = [n for n in names if n == entry or n.endswith("." + entry)]
             if not hits:
-                raise _no_match(entry, model, names)
+                raise _no_match(entry, model, names, pattern=False)
             matched += hits
         order = {n: i for i, n in enumerate(names)}
         matched = sorted(set(matched), key=order.__getitem__)

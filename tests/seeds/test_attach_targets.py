@@ -55,8 +55,11 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
     # A string is a regex over full names (fullmatch): "encoder.[02]", not a suffix.
     assert [s.layer_id for s in attach(model, r"encoder\.[02]", 1, 8)] == ["encoder.0", "encoder.2"]
     detach(model)
-    with pytest.raises(ValueError, match="matches no submodule"):
+    with pytest.raises(ValueError, match=r"matches no submodule.*\['2'\] selects by name suffix"):
         attach(model, "2", 2, 4)  # a regex must match a whole name
+    # A pattern in a list is no pattern: the error says where one goes.
+    with pytest.raises(ValueError, match="list holds module names .* pattern as one string"):
+        attach(model, [r"encoder\.[02]"], 1, 8)
     # A list entry is a full name or a dotted suffix.
     assert [s.layer_id for s in attach(model, ["2"], 2, 4)] == ["encoder.2"]
     with pytest.raises(ValueError, match="already attached"):
