@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kasmina.utils import atomic
+from kasmina.utils import atomic, state_io
 from kasmina.utils.atomic import (
     STALE_TEMPORARY_S,
     atomic_write_bytes,
@@ -128,3 +128,20 @@ def test_a_long_legal_name_is_written_and_its_killed_temporary_removed(
             tmp_path / os.path.basename(temporary)
         ]
     assert not os.path.exists(made[1]) and not os.path.exists(made[3])
+
+
+def test_a_key_created_concurrently_is_the_one_used(tmp_path, monkeypatch) -> None:
+    """Two creators of one run's key: the one whose install finds the other's key in place
+    uses that key (the one on disk), never its own random bytes, which sign nothing the run
+    can verify later."""
+    path = tmp_path / "run" / "checkpoint.key"
+    theirs = bytes(range(CHECKPOINT_KEY_BYTES))
+    real_install = state_io.install_new_file
+
+    def install_after_the_other(target, data, **kwargs):
+        assert real_install(target, theirs)  # the other creator wins the race
+        return real_install(target, data, **kwargs)
+
+    monkeypatch.setattr(state_io, "install_new_file", install_after_the_other)
+    assert load_or_create_checkpoint_key(path) == theirs
+    assert path.read_bytes() == theirs
