@@ -12,7 +12,9 @@ import threading
 import time
 
 import pytest
+import torch
 
+from kasmina.errors import CheckpointIntegrityError
 from kasmina.utils import atomic, state_io
 from kasmina.utils.atomic import (
     STALE_TEMPORARY_S,
@@ -21,7 +23,12 @@ from kasmina.utils.atomic import (
     remove_stale_temporaries_of,
 )
 from kasmina.utils.locks import lock_exclusive
-from kasmina.utils.state_io import CHECKPOINT_KEY_BYTES, load_or_create_checkpoint_key
+from kasmina.utils.state_io import (
+    CHECKPOINT_KEY_BYTES,
+    CHECKPOINT_MAGIC,
+    CheckpointSigner,
+    load_or_create_checkpoint_key,
+)
 from tests.crash import KILLED, TornWriter, run_in_child
 
 
@@ -145,3 +152,63 @@ def test_a_key_created_concurrently_is_the_one_used(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(state_io, "install_new_file", install_after_the_other)
     assert load_or_create_checkpoint_key(path) == theirs
     assert path.read_bytes() == theirs
+
+
+def _sealed(tmp_path) -> tuple[CheckpointSigner, bytes]:
+    """A signer with a given key and the bytes of a checkpoint it signed (epoch 3)."""
+    signer = CheckpointSigner(tmp_path / "absent.key", "run", key=bytes(CHECKPOINT_KEY_BYTES))
+    path = signer.write({"w": torch.arange(4.0)}, tmp_path / "signed.ckpt", epoch=3)
+    return signer, path.read_bytes()
+
+
+def _manifest_end(raw: bytes) -> int:
+    head = len(CHECKPOINT_MAGIC) + 4
+    return head + int.from_bytes(raw[len(CHECKPOINT_MAGIC) : head], "big")
+
+
+def _with_manifest(manifest: bytes) -> bytes:
+    return CHECKPOINT_MAGIC + len(manifest).to_bytes(4, "big") + manifest
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda raw: b"", "truncated before its manifest"),
+        (lambda raw: raw[:10], "truncated before its manifest"),
+        (lambda raw: b"KASMCKPX" + raw[8:], "not a signed Kasmina checkpoint"),
+        (lambda raw: raw[:8] + (5000).to_bytes(4, "big") + b" " * 6000, "exceeds 4096 bytes"),
+        (lambda raw: raw[: _manifest_end(raw) - 5], "truncated inside its manifest"),
+        (lambda raw: _with_manifest(b"{}"), "carries no HMAC"),
+        (lambda raw: _with_manifest(b"[]"), "carries no HMAC"),
+        (lambda raw: _with_manifest(b'{"hmac":"' + b"0" * 64 + b'"}'), "does not verify"),
+        (lambda raw: raw + b"\0", "truncated or extended"),
+    ],
+)
+def test_each_damage_is_refused_for_its_own_reason(tmp_path, damage, reason) -> None:
+    """Reading checks in a fixed order (magic, manifest length bound, JSON, HMAC, identity,
+    size, hash), each with its own refusal, and every refusal is a CheckpointIntegrityError:
+    a check skipped used to surface as the next one's confusing reason, or as a KeyError."""
+    signer, raw = _sealed(tmp_path)
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(damage(raw))
+    with pytest.raises(CheckpointIntegrityError, match=reason):
+        signer.read_payload(damaged, epoch=3)
+
+
+def test_a_read_without_the_runs_key_is_refused_and_creates_none(tmp_path) -> None:
+    """Verifying needs the key that signed: with none at the key path the read is refused by
+    name, and no fresh key (which would verify nothing) is created there."""
+    _, raw = _sealed(tmp_path)
+    (tmp_path / "signed.ckpt").write_bytes(raw)
+    reader = CheckpointSigner(tmp_path / "keys" / "run.key", "run")
+    with pytest.raises(CheckpointIntegrityError, match="no checkpoint key at"):
+        reader.read(tmp_path / "signed.ckpt", epoch=3)
+    assert not (tmp_path / "keys").exists()
+
+
+def test_a_key_given_directly_must_be_a_whole_key(tmp_path) -> None:
+    """A key shorter than CHECKPOINT_KEY_BYTES is refused; one of exactly that size signs."""
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        CheckpointSigner(tmp_path / "k.key", "run", key=bytes(CHECKPOINT_KEY_BYTES - 1))
+    signer, raw = _sealed(tmp_path)
+    assert signer.read(tmp_path / "signed.ckpt", epoch=3)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
