@@ -5,6 +5,9 @@ files of killed writes, removed once no live writer can own them; a long legal n
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
+import json
 import os
 import signal
 import tempfile
@@ -23,6 +26,7 @@ from kasmina.utils.atomic import (
     remove_stale_temporaries_of,
 )
 from kasmina.utils.locks import lock_exclusive
+from kasmina.utils.signed_json import canonical_json
 from kasmina.utils.state_io import (
     CHECKPOINT_KEY_BYTES,
     CHECKPOINT_MAGIC,
@@ -212,3 +216,20 @@ def test_a_key_given_directly_must_be_a_whole_key(tmp_path) -> None:
         CheckpointSigner(tmp_path / "k.key", "run", key=bytes(CHECKPOINT_KEY_BYTES - 1))
     signer, raw = _sealed(tmp_path)
     assert signer.read(tmp_path / "signed.ckpt", epoch=3)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("change", [{"format": 2}, {"note": "added"}, {"created": "yesterday"}])
+def test_a_manifest_signed_with_the_key_but_of_another_format_is_refused(tmp_path, change) -> None:
+    """The HMAC proves who signed, not what layout: a manifest of another format version, with
+    a field this version does not know or one of the wrong type, is refused even when it
+    verifies, rather than read field by field as if it were this version's."""
+    signer, raw = _sealed(tmp_path)
+    end = _manifest_end(raw)
+    fields = json.loads(raw[len(CHECKPOINT_MAGIC) + 4 : end])
+    fields.update(change)
+    fields.pop("hmac")
+    mac = hmac.new(signer.key, canonical_json(fields), hashlib.sha256).hexdigest()
+    resigned = tmp_path / "resigned.ckpt"
+    resigned.write_bytes(_with_manifest(canonical_json({**fields, "hmac": mac})) + raw[end:])
+    with pytest.raises(CheckpointIntegrityError, match="signed but not of format 1"):
+        signer.read_payload(resigned, epoch=3)
