@@ -215,6 +215,9 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
         ("graft_steps", 2**63 - 1, "malformed record of"),
         ("bad_gradients", 2**62, "malformed record of"),
         ("bad_gradients", True, "malformed record of"),
+        # The names of the layers the user's loop unfroze: a list of names, nothing else.
+        ("unfrozen", "fc1.weight", "unfrozen is 'fc1.weight'"),
+        ("unfrozen", [0], "unfrozen is [0]"),
     ],
 )
 def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
@@ -241,6 +244,22 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     assert message in manager.command_log[-1][3], manager.command_log[-1][3]
     assert_same(before, _live(rig))
+
+
+def test_a_restore_that_cannot_replay_its_boundary_is_refused_and_changes_nothing(
+    rig: Rig, mlp, published
+) -> None:
+    """An epoch's checkpoint holds the state before that epoch's boundary: restored without
+    the boundary to replay (a caller that passes none, as a replica repair does for a
+    snapshot it took itself), it is refused before anything changes, rather than leaving the
+    model an epoch boundary behind the clock it restores."""
+    manager = rig.manager
+    _diverge_after_epoch_0(rig, mlp, published)
+    before = _live(rig)
+    with pytest.raises(ValueError, match="needs its epoch boundary replayed"):
+        rollback_module.restore_epoch(manager.state, manager.guard, 0)
+    assert_same(before, _live(rig))
+    assert run_command(manager, rig.signed(make_rollback_command(0)))  # with it, it restores
 
 
 def test_a_rollback_pins_exactly_the_originals_of_live_seeds(rig: Rig, mlp) -> None:
