@@ -138,6 +138,71 @@ def test_saving_after_rollback_drops_abandoned_epochs(tmp_path):
     assert store.load(4)["retrained"] is True
 
 
+def test_the_epochs_saved_after_a_rollback_are_the_live_timeline(tmp_path):
+    """After a rollback to epoch 0, epoch 1 saved again is the live timeline's: saving epoch 2
+    next deletes the abandoned timeline's epochs, never the epoch 1 just written."""
+    store = _store(tmp_path)
+    for epoch in range(3):
+        store.save(epoch, {"epoch": epoch})
+    store.abandon_after(0)
+    store.save(1, {"epoch": 1, "retrained": True})
+    store.save(2, {"epoch": 2, "retrained": True})
+    assert store.epochs() == [0, 1, 2]
+    assert store.load(1)["retrained"] is True and store.load(2)["retrained"] is True
+
+
+def test_an_abandoned_checkpoint_that_cannot_be_deleted_stops_the_save(tmp_path, monkeypatch):
+    """The new epoch is written only once the abandoned timeline's later epochs are gone: a
+    delete that fails raises, and nothing is written beside the timeline it would replace."""
+    store = _store(tmp_path)
+    for epoch in range(3):
+        store.save(epoch, {"epoch": epoch})
+    store.abandon_after(0)
+
+    def undeletable(epoch: int) -> None:
+        raise PermissionError(f"epoch {epoch}: read-only")
+
+    monkeypatch.setattr(store, "_delete", undeletable)
+    with pytest.raises(OSError, match="abandoned checkpoint of epoch 2 .*epoch 1 is not written"):
+        store.save(1, {"epoch": 1, "retrained": True})
+    monkeypatch.undo()
+    assert store.epochs() == [0, 1, 2] and store.load(1) == {"epoch": 1}
+
+
+def test_a_repaired_store_drops_its_checkpoints_from_the_divergence_on(tmp_path):
+    """A rank repaired from another keeps only the checkpoints the other kept, written before
+    it diverged (``since``, that epoch included), then takes the other's latest one."""
+    store = _store(tmp_path)
+    for epoch in range(4):
+        store.save(epoch, {"epoch": epoch})
+    store.follow_timeline(None, kept=[0, 1, 2, 3], since=2)
+    assert store.epochs() == [0, 1]
+    store.follow_timeline(0, kept=[0, 1], latest=(1, {"epoch": 1, "theirs": True}))
+    assert store.epochs() == [0, 1] and store.load(1)["theirs"] is True
+    assert store.abandoned_after == 0
+
+
+def test_a_closed_store_writes_no_checkpoint(tmp_path):
+    """A closed store has let go of the run's lock: another trainer of the run may hold it now,
+    so a save is refused and writes nothing."""
+    store = DiskCheckpointStore(
+        tmp_path / "ckpt", _signer(tmp_path), lock_path=tmp_path / "ckpt" / ".run-a.lock"
+    )
+    store.close()
+    with pytest.raises(RuntimeError, match="not this process's to write"):
+        store.save(0, {"epoch": 0})
+    assert store.epochs() == []
+
+
+def test_a_signed_checkpoint_that_holds_no_mapping_is_refused(tmp_path):
+    """A checkpoint is a mapping of its parts: a signed file that holds anything else (another
+    version's layout, a bug) is refused by the store, not handed to a rollback to fail in."""
+    store = _store(tmp_path)
+    store.signer.write([torch.zeros(1)], store.path_for(0), kind="epoch", epoch=0)
+    with pytest.raises(ValueError, match="holds no state mapping"):
+        store.load(0)
+
+
 @pytest.mark.parametrize("killed_at", ["delete 1", "delete 2", "delete 3", "write", "prune"])
 def test_a_save_killed_anywhere_after_a_rollback_leaves_one_timeline(tmp_path, killed_at):
     """After a ROLLBACK to epoch 1, saving epoch 2 replaces the timeline 2, 3, 4. Killed at any
