@@ -43,6 +43,19 @@ FORGED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         "embargo_epochs 2147483648",
     ),
     "embargo absurd": (lambda body: body["table"].update(embargo_epochs=10**12), "embargo"),
+    "embargo negative": (
+        lambda body: body["table"].update(embargo_epochs=-1),
+        "embargo_epochs -1 is not an int in",
+    ),
+    "embargo a string": (
+        lambda body: body["table"].update(embargo_epochs="1"),
+        "embargo_epochs '1' is not an int in",
+    ),
+    "state rows not from row 0": (_slot(state_offset=1), "state rows from 1, expected 0"),
+    "a seed's artifact not in the file": (
+        lambda body: body["seeds"][0].update(artifact_id="forged"),
+        "artifact 'forged' absent",
+    ),
 }
 
 
