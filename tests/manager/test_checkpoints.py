@@ -182,6 +182,17 @@ def test_a_repaired_store_drops_its_checkpoints_from_the_divergence_on(tmp_path)
     assert store.abandoned_after == 0
 
 
+def test_an_epoch_before_a_written_checkpoint_is_refused_though_its_boundary_failed(tmp_path):
+    """A boundary that failed after its checkpoint was written left the clock behind: that
+    epoch may be ended again (its checkpoint rewritten), but an epoch before it may not, since
+    saving it would delete a checkpoint of the live timeline."""
+    store = _store(tmp_path)
+    store.save(5, {"epoch": 5})  # end_epoch(5) with the clock at 3, its tick then raised
+    store.check_next_epoch(5, 3)
+    with pytest.raises(ValueError, match=r"not after this run's checkpoints of epochs \[5\]"):
+        store.check_next_epoch(4, 3)
+
+
 def test_a_closed_store_writes_no_checkpoint(tmp_path):
     """A closed store has let go of the run's lock: another trainer of the run may hold it now,
     so a save is refused and writes nothing."""

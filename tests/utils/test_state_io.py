@@ -233,3 +233,35 @@ def test_a_manifest_signed_with_the_key_but_of_another_format_is_refused(tmp_pat
     resigned.write_bytes(_with_manifest(canonical_json({**fields, "hmac": mac})) + raw[end:])
     with pytest.raises(CheckpointIntegrityError, match="signed but not of format 1"):
         signer.read_payload(resigned, epoch=3)
+
+
+def test_a_file_is_in_place_before_its_directory_is_synced(tmp_path, monkeypatch) -> None:
+    """The rename (or link) that puts a file in place is made durable by an fsync of its
+    directory, after it: without one a crash may lose a file its writer reported written."""
+    synced: list[tuple[str, list[str]]] = []
+    real_fsync_directory = atomic.fsync_directory
+
+    def fsync_directory(directory) -> None:
+        synced.append((os.fspath(directory), sorted(os.listdir(directory))))
+        real_fsync_directory(directory)
+
+    monkeypatch.setattr(atomic, "fsync_directory", fsync_directory)
+    atomic_write_bytes(tmp_path / "model.kasmina", [b"new"])
+    assert synced == [(os.fspath(tmp_path), ["model.kasmina"])]
+    assert install_new_file(tmp_path / "checkpoint.key", b"key")
+    assert synced[1] == (os.fspath(tmp_path), ["checkpoint.key", "model.kasmina"])
+
+
+def test_a_link_failing_for_another_reason_than_no_hard_links_installs_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    """Only "no hard links here" falls back to the locked rename; any other failure of the
+    link (an I/O error, a full disk) raises, with nothing at the path and no temp file left."""
+
+    def failing_link(src, dst, **kwargs):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "link", failing_link)
+    with pytest.raises(OSError, match="I/O error"):
+        install_new_file(tmp_path / "checkpoint.key", b"key")
+    assert list(tmp_path.iterdir()) == []
