@@ -262,6 +262,20 @@ def test_a_restore_that_cannot_replay_its_boundary_is_refused_and_changes_nothin
     assert run_command(manager, rig.signed(make_rollback_command(0)))  # with it, it restores
 
 
+def test_a_rollback_restores_each_seeds_step_counts(rig: Rig, mlp) -> None:
+    """A seed's grafting steps (its alpha schedule's position) and its run of clipped steps
+    are the checkpoint's after a rollback, not the abandoned timeline's."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    record = manager.require_registry()[SEED0]
+    record.graft_steps, record.bad_gradients = 3, 1  # where epoch 0 ends for this seed
+    manager.end_epoch(0)
+    record.graft_steps, record.bad_gradients = 9, 4  # the timeline the rollback abandons
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert (record.graft_steps, record.bad_gradients) == (3, 1)
+
+
 def test_a_rollback_pins_exactly_the_originals_of_live_seeds(rig: Rig, mlp) -> None:
     """After a rollback a seed's cached original is pinned while the seed holds a kernel and is
     not TERMINATED, whether its kernel changed or not: a live seed never runs unpinned, and a
