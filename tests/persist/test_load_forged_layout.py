@@ -52,6 +52,10 @@ FORGED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         "embargo_epochs '1' is not an int in",
     ),
     "state rows not from row 0": (_slot(state_offset=1), "state rows from 1, expected 0"),
+    "a host weight the model lacks": (
+        lambda body: body["weights"].update({"inp.extra": torch.zeros(1)}),
+        r"saved weights lack \[\], have extra \['inp.extra'\]",
+    ),
     "a seed's artifact not in the file": (
         lambda body: body["seeds"][0].update(artifact_id="forged"),
         "artifact 'forged' absent",
@@ -69,12 +73,11 @@ def test_a_forged_layout_is_refused_and_the_model_unchanged(
     _refused(write_saved(tmp_path / "forged", body), message)
 
 
-@pytest.mark.parametrize("limit", [2**31, sys.maxsize, 10**30])
-def test_a_fault_limit_past_int32_loads_as_the_seeds_take_it(
-    saved: Path, tmp_path: Path, limit: int
-) -> None:
+@pytest.mark.parametrize("limit", [1, 2**31, sys.maxsize, 10**30])
+def test_a_fault_limit_loads_as_the_seeds_take_it(saved: Path, tmp_path: Path, limit: int) -> None:
     """A seed's ``fault_limit`` is a Python int (never in the int32 table): a huge one is a
-    natural "never quarantine", and what a seed takes, a saved slot may carry."""
+    natural "never quarantine", 1 quarantines at the first fault, and what a seed takes, a
+    saved slot may carry."""
     body = read_saved(saved)
     body["slots"][0]["fault_limit"] = limit
     model = Host()

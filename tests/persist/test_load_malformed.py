@@ -132,6 +132,16 @@ def test_a_malformed_entry_is_a_saved_model_error(
     _refused(write_saved(tmp_path / "malformed", body))
 
 
+@pytest.mark.parametrize("part", ["manifest", "payload"])
+def test_an_artifact_without_its_manifest_or_payload_is_refused_by_name(
+    saved: Path, tmp_path: Path, part: str
+) -> None:
+    body = read_saved(saved)
+    artifact_id, entry = next(iter(body["artifacts"].items()))
+    entry[part] = None
+    _refused(write_saved(tmp_path / "partial", body), f"{artifact_id!r}: manifest or payload")
+
+
 class _NotPlainData:
     pass
 
