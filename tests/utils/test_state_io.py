@@ -265,3 +265,16 @@ def test_a_link_failing_for_another_reason_than_no_hard_links_installs_nothing(
     with pytest.raises(OSError, match="I/O error"):
         install_new_file(tmp_path / "checkpoint.key", b"key")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "epoch"),
+    [("epoch", None), ("epoch", -1), ("epoch", True), ("emergency", -1), ("emergency", 1.0)],
+)
+def test_a_checkpoint_of_an_impossible_epoch_is_never_written(tmp_path, kind, epoch) -> None:
+    """An epoch is an int >= 0 (an emergency checkpoint's may be None): one a manifest could
+    not be read back with is refused before anything is written."""
+    signer = CheckpointSigner(tmp_path / "k.key", "run", key=bytes(CHECKPOINT_KEY_BYTES))
+    with pytest.raises(ValueError, match="epoch must be"):
+        signer.write({"w": torch.zeros(1)}, tmp_path / "x.ckpt", kind=kind, epoch=epoch)
+    assert list(tmp_path.iterdir()) == []
