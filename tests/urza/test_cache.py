@@ -264,3 +264,31 @@ def test_eviction_is_marked_before_the_release_and_pin_returns_the_kernel() -> N
     cache.put("b", b)
     cache.put("c", FakeKernel(MB))  # b evicted by a put
     assert cache.was_evicted(b) and seen == [True, True]
+
+
+def test_a_put_under_a_cached_id_counts_only_unpinned_room_other_than_its_own() -> None:
+    """The room a put may free is the unpinned bytes less its own entry's (replaced, not
+    evicted): a larger replacement whose room pins hold is served uncached and leaves the old
+    entry and the books as they were; a pinned kernel put again at a larger size evicts the
+    unpinned ones it needs to, to the byte."""
+    cache = GPUKernelCache(cache_size_mb=2)
+    pinned, old = FakeKernel(MB), FakeKernel(MB)
+    cache.put("p", pinned)
+    cache.pin("p")
+    cache.put("b", old)
+    bigger = FakeKernel(2 * MB)
+    assert cache.put("b", bigger) is False  # only b's own MB is unpinned: no room for 2 MB
+    assert cache.get("b") is old and old.releases == 0 and bigger.releases == 0
+    assert cache.bytes_used == 2 * MB and cache.stats()["uncached"] == 1
+    cache.unpin("p")
+
+    cache = GPUKernelCache(cache_size_mb=2)
+    grown, other = FakeKernel(MB), FakeKernel(MB)
+    cache.put("a", grown)
+    cache.pin("a")
+    cache.put("o", other)
+    grown.size = 2 * MB  # the same kernel, now reporting all of the cache
+    assert cache.put("a", grown)  # exactly the room of o, the one unpinned kernel
+    assert "o" not in cache and other.releases == 1 and grown.releases == 0
+    assert cache.is_pinned("a") and cache.bytes_used == 2 * MB
+    assert not cache.put("c", FakeKernel(1))  # the pinned bytes grew with it: nothing is free
