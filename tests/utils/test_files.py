@@ -3,7 +3,10 @@ waited on), no descriptor leaks on a refusal, and whole-file reads stop at their
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import pytest
 from kasmina.errors import NotARegularFileError
 from kasmina.utils.files import (
     MAX_CONFIG_FILE_BYTES,
+    fitting_name,
+    name_max,
     open_regular_fd,
     open_regular_file,
     read_regular_file,
@@ -125,3 +130,60 @@ def test_read_text_file_decodes_utf8_and_names_a_file_that_is_not(tmp_path) -> N
     with pytest.raises(ValueError, match=f"notes {path} is not UTF-8 text") as info:
         read_text_file(path, what="notes")
     assert not isinstance(info.value, UnicodeDecodeError)
+
+
+@needs_fifo
+def test_a_fifo_opened_to_write_only_is_refused_as_a_fifo(tmp_path) -> None:
+    """A lock file's open (write only) of a FIFO nobody reads fails ENXIO without blocking:
+    that is reported as the FIFO it is, not as an I/O error."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = _open_fds()
+    with pytest.raises(NotARegularFileError) as info:
+        open_regular_fd(fifo, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="lock file")
+    assert info.value.kind == "a FIFO" and _open_fds() == before
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets")
+def test_a_socket_is_an_os_error_not_a_fifo(tmp_path, monkeypatch) -> None:
+    """Opening a socket fails ENXIO too; only a FIFO is reported as one (a socket is the
+    ``OSError`` its open raised)."""
+    monkeypatch.chdir(tmp_path)  # a socket's path must be short
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("sock")
+        for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND):
+            with pytest.raises(OSError) as info:
+                open_regular_fd("sock", flags)
+            assert not isinstance(info.value, NotARegularFileError)
+            assert info.value.errno == errno.ENXIO
+
+
+def test_open_regular_file_closes_the_descriptor_when_it_cannot_wrap_it(
+    tmp_path, monkeypatch
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    before = _open_fds()
+
+    def fail(fd: int, mode: str) -> None:
+        raise MemoryError("no file object")
+
+    monkeypatch.setattr(os, "fdopen", fail)
+    with pytest.raises(MemoryError):
+        open_regular_file(path)
+    assert _open_fds() == before
+
+
+def test_fitting_name_keeps_a_name_that_fits_and_cuts_one_that_does_not_to_fit(tmp_path) -> None:
+    limit = name_max(tmp_path)
+    fits = "a" * (limit - 5)
+    assert fitting_name(tmp_path, fits, 5) == fits  # exactly the longest name, with its extra
+    long = "b" * (limit - 4)
+    tag = "~" + hashlib.sha256(long.encode()).hexdigest()[:8]
+    cut = fitting_name(tmp_path, long, 5)
+    assert cut == "b" * (limit - 5 - len(tag)) + tag  # as long as it may be, and no longer
+    assert fitting_name(tmp_path, long, 5) == cut and fitting_name(tmp_path, long + "c", 5) != cut
+    wide = "é" * limit  # two bytes a character: cut whole characters, never past the limit
+    cut = fitting_name(tmp_path, wide, 5)
+    assert cut.endswith("~" + hashlib.sha256(wide.encode()).hexdigest()[:8])
+    assert limit - 1 <= len(cut.encode()) + 5 <= limit
