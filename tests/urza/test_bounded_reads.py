@@ -3,6 +3,7 @@ reading at most their limit plus one chunk, and an abandoned read stops reading.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import threading
 import time
@@ -222,6 +223,13 @@ def test_read_bounded_unit(tmp_path) -> None:
         read_bounded(fs, str(tmp_path / "missing"), 6, what="f", why="t")
     with pytest.raises(ValueError):
         read_bounded(fs, str(path), 6, what="f", why="t", chunk_bytes=0)
+    with pytest.raises(ValueError):
+        read_bounded(fs, str(path), -1, what="f", why="t")
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")  # a limit of 0 (a manifest declaring 0 bytes) reads an empty file
+    assert read_bounded(fs, str(empty), 0, what="f", why="t") == b""
+    with pytest.raises(ArtifactIntegrityError, match="larger than 0 bytes"):
+        read_bounded(fs, str(path), 0, what="f", why="t")
 
 
 def test_an_entry_that_is_not_a_file_is_that_artifacts_problem(store, trusted, publisher) -> None:
@@ -249,6 +257,29 @@ def test_an_entry_that_is_not_a_file_is_that_artifacts_problem(store, trusted, p
     flaky.down = True
     with pytest.raises(UrzaUnavailableError, match="after 3 attempts"):
         urza.get_manifest("a1")
+    assert urza.stats()["breaker_state"] == "open"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(errno.EACCES, "Access Denied"), OSError(errno.ENXIO, "No such device")],
+    ids=["denied", "enxio"],
+)
+def test_a_remote_stores_os_error_is_a_transport_failure(store, trusted, error) -> None:
+    """Only on a local store does a PermissionError or an ENXIO say what one entry is; from
+    any other store (an object store's 403 is a PermissionError) it says nothing about the
+    artifact, so it is retried and counted against the store."""
+    urza, flaky = client(str(store), trusted, retries=1, breaker_threshold=1)
+    opened = flaky.open
+
+    def failing(path: str, mode: str = "rb", **kwargs):
+        opened(path, mode, **kwargs).close()  # counted as a read
+        raise error
+
+    flaky.open = failing  # type: ignore[method-assign]
+    with pytest.raises(UrzaUnavailableError, match="after 2 attempts"):
+        urza.get_manifest("a1")
+    assert flaky.reads_of(".manifest.json") == 2
     assert urza.stats()["breaker_state"] == "open"
 
 
