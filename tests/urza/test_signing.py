@@ -31,6 +31,7 @@ from kasmina.urza.artifact import (
     TensorSpec,
     sign_manifest,
     verify_manifest,
+    verify_payload,
 )
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.keys import (
@@ -188,6 +189,53 @@ def test_a_tampered_payload_is_refused_after_the_manifest_verifies(store: Path, 
     assert urza.get_manifest("a1").verified  # the manifest is fine ...
     with pytest.raises(ArtifactIntegrityError, match="SHA-256"):  # ... the payload is not
         urza.fetch("a1")
+
+
+def test_a_signature_in_anything_but_strict_base64_is_refused(store: Path, trusted) -> None:
+    """A character outside base64 in the signature is not skipped: the manifest bytes a
+    trainer accepts are the ones the publisher wrote, not any of many spellings of them."""
+    raw = manifest_file(store).read_bytes()
+    encoded = json.loads(raw)["signature"]
+    for junk in ("!", "\n", " "):
+        data = {**json.loads(raw), "signature": encoded[:10] + junk + encoded[10:]}
+        manifest_file(store).write_text(json.dumps(data))
+        with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+            client(store, trusted).get_manifest("a1")
+
+
+def test_sizes_in_a_manifest_are_int64_counts_at_both_ends(store: Path, trusted) -> None:
+    fields = verify_manifest(manifest_file(store).read_bytes(), trusted).unsigned_dict()
+    fields["signature"] = ""
+
+    def spec(size: int) -> list[dict[str, object]]:
+        return [{"shape": [size, None], "dtype": "float32"}]
+
+    for size in (0, 2**63 - 1):
+        assert Manifest.from_dict({**fields, "size": size}).size == size
+        shape = Manifest.from_dict({**fields, "input_spec": spec(size)}).input_spec[0].shape
+        assert shape == (size, None)
+    for size in (-1, 2**63):
+        with pytest.raises(ValueError, match="manifest size must be an int64"):
+            Manifest.from_dict({**fields, "size": size})
+        with pytest.raises(ValueError, match="input spec shape must be a list of int64"):
+            Manifest.from_dict({**fields, "input_spec": spec(size)})
+
+
+def test_verify_payload_refuses_a_wrong_size_by_its_size_before_hashing(
+    store: Path, trusted
+) -> None:
+    manifest = verify_manifest(manifest_file(store).read_bytes(), trusted)
+    verify_payload(PAYLOAD, manifest)
+    verify_payload(memoryview(bytearray(PAYLOAD)), manifest)
+    n = len(PAYLOAD)
+    with pytest.raises(
+        ArtifactIntegrityError, match=f"payload is {n + 1} bytes, manifest says {n}"
+    ):
+        verify_payload(PAYLOAD + b"!", manifest)
+    with pytest.raises(ArtifactIntegrityError, match="SHA-256 does not match"):
+        verify_payload(PAYLOAD[:-1] + b"!", manifest)
+    with pytest.raises(TypeError, match="payload must be bytes"):
+        verify_payload(PAYLOAD.decode(), manifest)  # type: ignore[arg-type]
 
 
 # --- trainers hold public keys only ------------------------------------------------------------
