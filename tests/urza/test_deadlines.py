@@ -327,6 +327,52 @@ def test_backoff_sleeps_never_pass_the_deadline(store, trusted) -> None:
     assert urza.breaker.state == "open"  # reads failed: a store failure
 
 
+def test_a_deadline_reached_exactly_is_reached(store, trusted) -> None:
+    """At the deadline there is no time left: a backoff ending there is not slept, a last
+    read failing there ends in the deadline's error (on which a follower with time left fetches
+    anew), and a fetch whose manifest read took it there reads no payload; every read that one
+    made was answered, so it is a breaker success."""
+    root, manifest = store
+    clock = FakeClock()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+
+    urza = UrzaLibraryClient(str(root), trusted, retries=3, backoff_s=0.1, clock=clock, sleep=sleep)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        urza.fetch(manifest.artifact_id, deadline=clock.now + 0.1)
+    assert sleeps == [] and flaky.reads_of(".manifest.json") == 1
+
+    urza = UrzaLibraryClient(str(root), trusted, retries=0, breaker_threshold=2, clock=clock)
+    flaky = urza._fs = FlakyFS(urza._fs)
+    opened = flaky.open
+    deadline = 0.0
+
+    def open_taking_the_clock_to_the_deadline(path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        clock.now = deadline
+        return opened(path, mode, **kwargs)
+
+    flaky.open = open_taking_the_clock_to_the_deadline  # type: ignore[method-assign]
+    flaky.down = True
+    deadline = clock.now + 5
+    with pytest.raises(UrzaUnavailableError, match=DEADLINE):
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert urza.stats()["deadlines_expired"] == 1 and urza.stats()["read_failures"] == 1
+    flaky.down = False
+    deadline = clock.now + 5
+    with pytest.raises(UrzaUnavailableError, match="no time left for the next read"):
+        urza.fetch(manifest.artifact_id, deadline=deadline)
+    assert flaky.reads_of(".pt2") == 0 and urza.stats()["read_failures"] == 1
+    flaky.down = True
+    with pytest.raises(UrzaUnavailableError, match="after 1 attempt"):
+        urza.fetch(manifest.artifact_id)
+    assert urza.breaker.state == "closed"  # the answered fetch reset the count of failures
+
+
 def test_an_expired_deadline_reads_nothing_and_is_no_breaker_outcome(store, trusted) -> None:
     root, manifest = store
     clock = FakeClock()

@@ -8,7 +8,7 @@ import pytest
 
 from kasmina.urza.blueprints import get_blueprint
 from kasmina.urza.client import UrzaLibraryClient
-from kasmina.urza.resilience import CircuitBreaker
+from kasmina.urza.resilience import MAX_TIMEOUT_S, CircuitBreaker, check_store_settings
 
 
 @pytest.mark.parametrize("dim", [True, np.bool_(True), 2.0, "2", 0])
@@ -52,3 +52,15 @@ def test_numpy_client_settings_are_kept_as_python_numbers(tmp_path) -> None:
         UrzaLibraryClient(str(tmp_path), {}, chunk_bytes=True)
     breaker = CircuitBreaker(np.int64(2), np.float32(1.5))
     assert (breaker.threshold, breaker.reset_s) == (2, 1.5) and type(breaker.reset_s) is float
+
+
+@pytest.mark.parametrize("timeout_s", [0, 0.0, -1.0, MAX_TIMEOUT_S * (1 + 1e-12)])
+def test_a_read_timeout_outside_zero_to_a_week_is_refused(timeout_s) -> None:
+    """A zero timeout failed every read before it began; past a week it is a typo, not a wait."""
+    with pytest.raises(ValueError, match=r"^timeout_s must be a number in \(0, 604800\]"):
+        check_store_settings(timeout_s=timeout_s)
+
+
+def test_a_read_timeout_of_a_week_or_a_moment_is_taken() -> None:
+    for timeout_s in (MAX_TIMEOUT_S, 1e-9):
+        assert check_store_settings(timeout_s=timeout_s) == {"timeout_s": timeout_s}
