@@ -292,3 +292,5 @@ def test_a_put_under_a_cached_id_counts_only_unpinned_room_other_than_its_own() 
     assert "o" not in cache and other.releases == 1 and grown.releases == 0
     assert cache.is_pinned("a") and cache.bytes_used == 2 * MB
     assert not cache.put("c", FakeKernel(1))  # the pinned bytes grew with it: nothing is free
+    cache.unpin("a")  # and shrink by all of it: the whole cache may be evicted for a put
+    assert cache.put("c", FakeKernel(2 * MB)) and "a" not in cache and grown.releases == 1
