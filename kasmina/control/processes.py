@@ -113,8 +113,8 @@ def check_supported_parallelism(model: nn.Module) -> None:
         where = name or "the model"
         if isinstance(module, DistributedDataParallel):
             raise UnsupportedParallelismError(
-                f"{where} is a DistributedDataParallel built before Kasmina saw it: attach to "
-                "the unwrapped model, then wrap it with kasmina.manager.ddp.wrap_ddp(model, "
+                f"{where} is a DistributedDataParallel not built by wrap_ddp: attach to the "
+                "unwrapped model, then wrap it with kasmina.manager.ddp.wrap_ddp(model, "
                 "**ddp_options), which keeps every tensor Kasmina owns out of DDP's reduction "
                 "and buffer broadcast"
             )

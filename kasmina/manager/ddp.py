@@ -99,26 +99,45 @@ def kasmina_owned_names(model: nn.Module) -> list[str]:
     return names
 
 
-def check_not_wrapped_by_hand(model: nn.Module) -> None:
+def check_not_wrapped_by_hand(model: nn.Module, group: Any = None) -> None:
     """``UnsupportedParallelismError`` where a ``DistributedDataParallel`` not built by
     ``wrap_ddp`` was built over ``model`` after its slots: its constructor broadcast rank 0's
     buffers, Kasmina's among them, and so does each of its forwards, over every seed's kernel
     buffers (a batch norm's running statistics: the epoch sync's average finds rank 0's on
     every rank). Nor does it align the host's buffers before a measurement (``WrapRecord``):
     G5 scored the same seed differently on each rank under a host batch norm, and the next sync
-    "repaired" a healthy rank. Seen by the one in-place write Kasmina never makes (a slot's
-    constant ``_one``, ``seeds.constants.one_written_elsewhere``): a read per slot, off the
-    step. A DDP built with ``init_sync=False`` or ``broadcast_buffers=False``, or one built
-    before the slots (``attach`` on its ``.module``), writes nothing here and is not seen."""
-    for name, module in model.named_modules():
-        if isinstance(module, KasminaLayer) and one_written_elsewhere(module):
-            raise UnsupportedParallelismError(
-                f"the buffers of slot {name or 'the model'} were overwritten in place since "
-                "attach, as the constructor of a DistributedDataParallel built over the model "
-                "by hand does (it broadcasts every buffer from rank 0, Kasmina's per-seed ones "
-                "too, and again at each forward): wrap the model with "
-                "kasmina.manager.ddp.wrap_ddp(model, **ddp_options) instead, after attach"
-            )
+    "repaired" a healthy rank. Seen by an in-place write of a slot's constant ``_one`` that
+    Kasmina did not make (``seeds.constants.one_written_elsewhere``): a read per slot, off the
+    step. The ranks of ``group`` agree first (one MAX all-reduce of the verdict), so they
+    refuse alike: a rank that alone saw a write (user code writing one rank's buffers) would
+    otherwise leave the others waiting in the next collective. Without a process group there
+    is no DDP to see. A DDP built with ``init_sync=False`` or ``broadcast_buffers=False``, or
+    one built before the slots (``attach`` on its ``.module``), leaves no mark here (torch
+    hides its forwards' buffer writes from the version counter) and is not seen."""
+    if not process_group_active():
+        return
+    written = [
+        name or "the model"
+        for name, module in model.named_modules()
+        if isinstance(module, KasminaLayer) and one_written_elsewhere(module)
+    ]
+    verdict = torch.tensor([int(bool(written))], device=collective_device(group))
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=group)
+    if written:
+        raise UnsupportedParallelismError(
+            f"the buffers of slot {written[0]} were overwritten in place since attach, as the "
+            "constructor of a DistributedDataParallel built over the model by hand does (it "
+            "broadcasts every buffer from rank 0, Kasmina's per-seed ones too, and again at "
+            "each forward): wrap the model with kasmina.manager.ddp.wrap_ddp(model, "
+            "**ddp_options) instead, after attach"
+        )
+    if verdict.item():
+        raise UnsupportedParallelismError(
+            "another rank found its slots' buffers overwritten in place since attach, as the "
+            "constructor of a DistributedDataParallel built over the model by hand does: wrap "
+            "the model with kasmina.manager.ddp.wrap_ddp(model, **ddp_options) instead, after "
+            "attach"
+        )
 
 
 def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
@@ -153,7 +172,6 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     process-wide ``TORCH_CPP_LOG_LEVEL`` does, which would hide every other torch warning too.
     """
     check_supported_parallelism(model)
-    check_not_wrapped_by_hand(model)
     _check_ddp_options(ddp_options)
     if not process_group_active():
         return model
@@ -161,6 +179,7 @@ def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
     group, mesh = ddp_options.get("process_group"), ddp_options.get("device_mesh")
     if group is None and mesh is not None:
         group = mesh.get_group(0)  # DDP's own group for a mesh
+    check_not_wrapped_by_hand(model, group)
     broadcast = ddp_options.get("broadcast_buffers", True)
     check_same_layout(model, owned, group, buffers=broadcast)
     ours = set(owned)
@@ -389,7 +408,7 @@ class DistributedKasmina:
         state = self.state = manager.state
         registry = state.require_registry()
         check_supported_parallelism(registry.model)
-        check_not_wrapped_by_hand(registry.model)  # before anything joins the manager
+        check_not_wrapped_by_hand(registry.model, group)  # before anything joins the manager
         # Opened now rather than at the first checkpoint: a rank whose run's disk checkpoints
         # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
         _ = state.checkpoints
@@ -457,9 +476,8 @@ class DistributedKasmina:
         # collective, as its step() and end_epoch() do: it would refuse every command the ranks
         # received, as one it could not verify, and report the ranks consistent.
         registry = self.state.require_registry(training=True)
-        # A DDP built by hand since: refused on every rank alike (its constructor wrote every
-        # rank's buffers), before the first collective.
-        check_not_wrapped_by_hand(registry.model)
+        # A DDP built by hand since: refused on every rank alike, before the sync's work.
+        check_not_wrapped_by_hand(registry.model, self.group)
         self.seed_grads.charge_held_faults()  # found since the last step: before any command
         self.seed_buffers(running_kernel_buffers(registry))
         # A host wrap_ddp left unwrapped (frozen whole) has no DDP to broadcast its buffers

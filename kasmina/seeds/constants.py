@@ -21,9 +21,10 @@ or poll (:func:`rebuild_if_left`). A pickle keeps no storage shared either: an u
 links its seeds' flags again (:func:`link_after_unpickle`).
 
 Kasmina writes a layer's ``_one`` in place only here (a move's copy, a refill), and notes the
-tensor's version counter after each such write; :func:`one_written_elsewhere` sees any other
-in-place write, as a ``DistributedDataParallel`` built over the model by hand makes when its
-constructor broadcasts rank 0's buffers, Kasmina's among them (``kasmina.manager.ddp``).
+tensor's version counter after each such write and after an unpickling (which rebuilds it with
+``set_``: version 1); :func:`one_written_elsewhere` sees any other in-place write, as a
+``DistributedDataParallel`` built over the model by hand makes when its constructor broadcasts
+rank 0's buffers, Kasmina's among them (``kasmina.manager.ddp``).
 
 A loader may also replace them by tensors of its own: transformers' ``from_pretrained`` builds
 the model on ``meta`` and then gives every non-persistent buffer an ``empty_like`` (uninitialised
@@ -241,6 +242,9 @@ def link_after_unpickle(layer: Any) -> None:
     was never charged): now if every seed is built, else at the slot's next use of its flags
     (:func:`relink_flags`); a seed pickled alone reaches its slot, through the state table's
     listener, before the seed itself is built."""
+    one = vars(layer).get("_buffers", {}).get("_one")
+    if one is not None:  # rebuilt by the unpickler (``set_``: version 1), not written over
+        _note_own_write(one)
     seeds = vars(layer).get("_modules", {}).get("seeds")
     built = seeds is not None and "_modules" in vars(seeds)
     if built and all("_buffers" in vars(seed) for seed in seeds._modules.values()):

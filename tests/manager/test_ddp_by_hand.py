@@ -12,6 +12,8 @@ in this process; one test runs two gloo ranks.
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -90,23 +92,58 @@ def test_a_move_under_inference_mode_is_not_a_ddp_built_by_hand() -> None:
     check_not_wrapped_by_hand(model)
 
 
-def _worker_by_hand(rank: int, world: int, spec: dict[str, Any]) -> None:
-    rig = _rank_rig(rank, spec)
-    DistributedDataParallel(rig.model, find_unused_parameters=True)
+def test_copies_of_an_attached_model_are_not_ddps_built_by_hand(tmp_path: Path) -> None:
+    """``copy.deepcopy``, pickle and ``torch.save`` of a whole model rebuild each tensor with
+    ``set_``, which leaves a fresh ``_one`` at version 1: a copy read as written over, and
+    ``wrap_ddp`` refused it, with a process group and without one."""
+    model = Host()
+    kasmina.attach(model, "out", 2, 2)
+    saved = tmp_path / "model.pt"
+    torch.save(model, saved)
+    copies = [
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(saved, weights_only=False),
+    ]
+    assert all(c.out._buffers["_one"]._version > 0 for c in copies)  # what made it look written
+    assert wrap_ddp(copies[0]) is copies[0]  # no process group: no DDP to see
+    with one_rank_group(tmp_path / "rendezvous"):
+        for c in copies:
+            check_not_wrapped_by_hand(c)
+        assert isinstance(wrap_ddp(copies[1]), DistributedDataParallel)
+
+
+def _refusal(rig: Rig) -> str:
     try:
         DistributedKasmina(rig.manager)
-        refused = ""
     except UnsupportedParallelismError as e:
-        refused = str(e)
-    torch.save({"refused": refused}, Path(spec["out"], f"byhand{rank}.pt"))
+        return str(e)
+    return ""
+
+
+def _worker_by_hand(rank: int, world: int, spec: dict[str, Any]) -> None:
+    # One rank's buffers written alone (user code on rank 1): both ranks refuse, rank 0 for
+    # the other's, where rank 1 alone raised and rank 0 went on into the next collective.
+    alone = _rank_rig(rank, {**spec, "out": str(Path(spec["out"], "alone"))})
+    if rank == 1:
+        alone.model.out._buffers["_one"].fill_(1.0)
+    refused_alone = _refusal(alone)
+    alone.manager.close()
+    rig = _rank_rig(rank, spec)
+    DistributedDataParallel(rig.model, find_unused_parameters=True)
+    refused = _refusal(rig)
+    torch.save({"refused": refused, "alone": refused_alone}, Path(spec["out"], f"byhand{rank}.pt"))
     rig.manager.close()
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
 def test_every_rank_refuses_a_ddp_built_by_hand(tmp_path: Path, published) -> None:
     """Two gloo ranks, each wrapping its attached model in a DDP of its own: both refuse it
-    at ``DistributedKasmina``, alike (no rank left waiting in a collective)."""
+    at ``DistributedKasmina``, alike (no rank left waiting in a collective); and both refuse
+    where one rank alone found its slots' buffers written."""
     spec = _spec(tmp_path, published, "gloo")
     spawn(_worker_by_hand, 2, args=(spec,), backend="gloo", timeout_s=30, join_timeout_s=120)
     runs = _load(tmp_path, "byhand", 2)
     assert all("wrap_ddp" in run["refused"] for run in runs), runs
+    assert runs[0]["alone"].startswith("another rank found"), runs
+    assert "slot out were overwritten" in runs[1]["alone"], runs
