@@ -243,6 +243,7 @@ def _malformed() -> list[tuple[str, list[Any], list[Any] | None]]:
         ("gate", ok, [None, 0]),
         ("gate", ok, [None, 6]),
         ("gate", ok, [None, -1]),
+        ("gate", ok, [1, -1]),  # all ints: the bulk check's path, where -1 is "not given"
         ("gate", ok, [None, "G9"]),
         ("gate", ok, [None, True]),
         ("gates for", ok, [None]),
@@ -396,6 +397,18 @@ def test_load_state_dict_checks_every_value_before_writing(embargo: Any) -> None
         target.load_state_dict({**source.state_dict(), "embargo_epochs": embargo})
     assert torch.equal(target.state_tensor, before) and target.version == version
     assert target.stages() == [SeedStage.DORMANT] * 2
+
+
+def test_a_saved_count_of_zero_loads_and_a_negative_one_is_refused() -> None:
+    """Counters are counts >= 0: a zero one (a ``Counter`` after ``subtract``, a state saved by
+    hand) loads as it is; only a negative one is refused, and then nothing changes."""
+    table = GPUStateTensor(2, "cpu")
+    table.load_state_dict({**table.state_dict(), "counters": {"applied": 0, "illegal": 2}})
+    assert dict(table.counters) == {"applied": 0, "illegal": 2}
+    assert table.illegal_transitions == 2
+    with pytest.raises(ValueError, match="counters"):
+        table.load_state_dict({**table.state_dict(), "counters": {"illegal": -1}})
+    assert dict(table.counters) == {"applied": 0, "illegal": 2}
 
 
 @pytest.mark.parametrize("embargo", [-1, 2**31, 10**12, "3", 2.0])
