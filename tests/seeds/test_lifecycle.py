@@ -23,6 +23,7 @@ from kasmina.seeds.gates import (
     gate_g1_kernel_ready,
     gate_g2_isolated_training,
     gate_g3_compatibility,
+    gate_g3_probed,
     gate_g4_alpha,
     gate_g5_performance,
     sigmoid_alpha,
@@ -396,6 +397,12 @@ def test_gate_g2_epochs_and_violations() -> None:
     assert gate_g2_isolated_training(3, 3, 0).passed
     failed = gate_g2_isolated_training(10, 3, 1)
     assert not failed.passed and "violation" in failed.reason and failed.score == 10
+    # 0 is a valid ``min_isolated_epochs`` (the config takes it): no isolated epoch is asked for;
+    # a negative or NaN threshold cannot be compared and is refused.
+    assert gate_g2_isolated_training(0, 0, 0).passed
+    for bad in (-1, math.nan):
+        with pytest.raises(ValueError, match="min_isolated_epochs"):
+            gate_g2_isolated_training(5, bad, 0)
 
 
 def test_gate_g3_shape_dtype_finite_and_counted_cost() -> None:
@@ -466,6 +473,25 @@ def test_cpu_load_never_changes_g3() -> None:
     # 2*(4*64 + 64*4) FLOPs per row over 4 output elements = 256 per element; the host 16.
     assert quiet[0] == (False, 16.0, quiet[0][2]) and "cost 16x" in quiet[0][2]
     assert seed.evaluate_gate(host_flops_per_element=16.0, max_cost_ratio=16.0).passed
+
+
+def test_g3_without_a_probe_or_a_kernel_refuses_and_a_costless_host_is_unchecked() -> None:
+    """G3 before the COMPATIBILITY_CHECK forward probed anything is refused (not an error), and
+    so is a probe whose kernel is gone; a host whose counted FLOPs are 0 (an activation) has
+    no cost to compare with: the cost is not checked, as for an unknown one."""
+    seed = GradientIsolatedSeed(4, "s")
+    seed.attach_kernel(nn.Linear(4, 4))
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK):
+        seed.transition_to(stage)
+    unprobed = seed.evaluate_gate(host_flops_per_element=16.0, max_cost_ratio=4.0)
+    assert not unprobed.passed and "no compatibility probe" in unprobed.reason
+    seed(torch.randn(8, 4))
+    assert seed.evaluate_gate(host_flops_per_element=16.0, max_cost_ratio=4.0).passed
+    for host in (0.0, -1.0):
+        free = seed.evaluate_gate(host_flops_per_element=host, max_cost_ratio=1.0)
+        assert free.passed and "not checked" in free.reason
+    kernelless = gate_g3_probed(seed.probe_result, None, None, 4.0, math.inf, seed_id="s")
+    assert not kernelless.passed and "no compatibility probe" in kernelless.reason
 
 
 def test_gate_g4_alpha_reached_one() -> None:
