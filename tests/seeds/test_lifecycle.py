@@ -38,6 +38,7 @@ from kasmina.stages import (
     SeedStage,
     StateColumn,
     TransitionCode,
+    checked_row,
     parse_gate,
     parse_stage,
 )
@@ -71,9 +72,27 @@ def test_parse_stage_and_gate() -> None:
     for bad in ("BLOOMING", 11, -1, True, 2.0):
         with pytest.raises(ValueError):
             parse_stage(bad)  # type: ignore[arg-type]
-    for bad_gate in ("G0", "G6", 6, "x", 1.5):
-        with pytest.raises(ValueError):
+    assert parse_gate(" g2 ") == 2
+    # A gate string is "G" and a number: "13" or "X3" is no "G3", "G" alone no gate.
+    for bad_gate in ("G0", "G6", 6, "x", 1.5, "3", "13", "X3", "G", "G-1"):
+        with pytest.raises(ValueError, match="gate"):
             parse_gate(bad_gate)  # type: ignore[arg-type]
+
+
+def test_a_checked_row_takes_exactly_the_int32_range() -> None:
+    """A restore writes what ``checked_row`` passes into the int32 table: a value just past
+    either end of int32 is refused by the check, before a load writes anything, and both ends
+    themselves are restored as they are."""
+    table = GPUStateTensor(1, "cpu")
+    row = [0] * NUM_STATE_COLUMNS
+    for value in (-(2**31), 2**31 - 1):
+        row[StateColumn.GATE_SCORE] = value
+        table.restore_row(0, checked_row(row))
+        assert table.read_row(0)["GATE_SCORE"] == value
+    for value in (-(2**31) - 1, 2**31):
+        row[StateColumn.GATE_SCORE] = value
+        with pytest.raises(ValueError, match="int32"):
+            checked_row(row)
 
 
 def test_constructor_rejects_bad_sizes() -> None:
