@@ -88,8 +88,13 @@ def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
             h = self.proj(x)
             return Out(hidden=h, logits=h * 2)
 
+    class ListOut(TupleOut):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+            h = self.proj(x)
+            return [h.sum(-1), h]
+
     x = torch.randn(3, 4)
-    for cls, index in [(TupleOut, 0), (DataOut, 1)]:
+    for cls, index in [(TupleOut, 0), (DataOut, 1), (ListOut, -1)]:
         model = nn.Sequential(cls())
         bare = model(x)
         slot = attach(model, ["0"], 2, 2, output_index=index)[0]
@@ -102,6 +107,9 @@ def test_tuple_and_dataclass_outputs_graft_the_chosen_element_only() -> None:
         if cls is TupleOut:
             assert isinstance(out, tuple) and torch.equal(out[1], bare[1])
             grafted, host = out[0], bare[0]
+        elif cls is ListOut:  # a list stays a list, its other items as they were
+            assert isinstance(out, list) and len(out) == 2 and torch.equal(out[0], bare[0])
+            grafted, host = out[1], bare[1]
         else:
             assert (
                 isinstance(out, Out) and out.extra is None and torch.equal(out.hidden, bare.hidden)
