@@ -169,15 +169,24 @@ def reentrant_first_run() -> bool:
     # under ``no_grad``) it is on, or inference mode is, and no stack is walked.
     if torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled():
         return False
-    frame = sys._getframe(1)
+    return _reentrant_edges() is True
+
+
+def _reentrant_edges() -> bool | None:
+    """Whether a ``CheckpointFunction`` forward on the stack (at most ``_STACK_BOUND`` frames
+    up) has graph edges (an outer one's recompute runs an inner one's too: any of them); None
+    where none is on the stack."""
+    seen = None
+    frame = sys._getframe(2)
     for _ in range(_STACK_BOUND):
         if frame is None:
-            return False
-        if frame.f_code is _REENTRANT_CODE:  # an outer one's recompute runs an inner one's too
+            break
+        if frame.f_code is _REENTRANT_CODE:
             if getattr(frame.f_locals.get("ctx"), "next_functions", ()):
                 return True
+            seen = False
         frame = frame.f_back
-    return False
+    return seen
 
 
 def graph_to_come(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -186,9 +195,16 @@ def graph_to_come(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     with a graph. At the region's entry an input needs grad (``inputs_need_grad``) and the call
     runs in an autograd Function's forward, where forward-mode AD is off (an input the model
     marked itself under ``no_grad``, as Wav2Vec2's feature encoder does in training, is no
-    region's); deeper in it the input is a host activation made under ``no_grad``, and the
-    stack tells."""
+    region's); there torch's own checkpoint answers from its node's edges, as deeper in (one
+    called under an outer ``no_grad`` records none: Wav2Vec2 with gradient checkpointing in a
+    validation forward), and another library's Function (no torch checkpoint on the stack) is
+    taken for a region. Deeper in the input is a host activation made under ``no_grad``, and
+    the stack tells."""
     grad = torch.is_grad_enabled()
     if inputs_need_grad(args, kwargs):
-        return grad or torch.compiler.is_compiling() or not torch._C._is_fwd_grad_enabled()
+        if grad or torch.compiler.is_compiling():
+            return True
+        if torch._C._is_fwd_grad_enabled():  # not in an autograd Function's forward
+            return False
+        return _REENTRANT_CODE is None or _reentrant_edges() is not False
     return not grad and reentrant_first_run()

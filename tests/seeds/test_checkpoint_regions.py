@@ -63,9 +63,9 @@ def test_the_checkpoint_region_is_found_on_this_torch() -> None:
     checkpoint(region, x, use_reentrant=True).sum().backward()
     assert seen == [(None, None)] * 2 and reentrant == [True, False]  # first run, recompute
     assert coming == [True, True]  # the first run under no_grad: its input needs grad
-    with torch.no_grad():  # a checkpoint that records no graph: none to come
+    with torch.no_grad():  # a checkpoint that records no graph: none to come, at its entry too
         checkpoint(region, x, use_reentrant=True)
-    assert reentrant[-1] is False
+    assert reentrant[-1] is False and coming[-1] is False
     with torch.no_grad():  # outside a region, an input needing grad is no first run's
         assert not graph_to_come((x,), {}) and not graph_to_come((x.detach(),), {})
 
