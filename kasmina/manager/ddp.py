@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import weakref
 import zlib
@@ -99,6 +100,17 @@ def kasmina_owned_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _model_device(model: nn.Module, group: Any) -> torch.device:
+    """Where a collective of ``wrap_ddp``'s checks runs: under NCCL the rank's model's CUDA
+    device, set as current device or not (DDP with ``device_ids`` needs no ``set_device``),
+    else the group's."""
+    device = collective_device(group)
+    if device.type == "cuda":
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        device = next((t.device for t in tensors if t.is_cuda), device)
+    return device
+
+
 def check_not_wrapped_by_hand(model: nn.Module, group: Any = None) -> None:
     """``UnsupportedParallelismError`` where a ``DistributedDataParallel`` not built by
     ``wrap_ddp`` was built over ``model`` after its slots: its constructor broadcast rank 0's
@@ -121,7 +133,7 @@ def check_not_wrapped_by_hand(model: nn.Module, group: Any = None) -> None:
         for name, module in model.named_modules()
         if isinstance(module, KasminaLayer) and one_written_elsewhere(module)
     ]
-    verdict = torch.tensor([int(bool(written))], device=collective_device(group))
+    verdict = torch.tensor([int(bool(written))], device=_model_device(model, group))
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=group)
     if written:
         raise UnsupportedParallelismError(
@@ -306,10 +318,7 @@ def check_same_layout(
         if name not in ignored
     ]
     digest = hashlib.blake2b(repr(layout).encode(), digest_size=16).digest()
-    device = collective_device(group)
-    if device.type == "cuda":  # where the rank's model is, set as current device or not
-        device = next((t.device for _, t in tensors if t.is_cuda), device)
-    mine = torch.tensor(list(digest), dtype=torch.int64, device=device)
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=_model_device(model, group))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     differ = [rank for rank, other in enumerate(every) if not torch.equal(other, every[0])]
