@@ -66,8 +66,8 @@ def _closest(wanted: str, names: list[str]) -> list[str]:
 def _no_match(what: str, model: nn.Module, names: list[str], pattern: bool) -> ValueError:
     near = _closest(what, names)
     hint = f"; closest: {near}" if near else ""
-    if pattern and any(n.endswith("." + what) for n in names):
-        hint += f" (a pattern matches whole names; [{what!r}] selects by name suffix)"
+    if pattern and any(n == what or n.endswith("." + what) for n in names):
+        hint += f" (a pattern matches whole names; [{what!r}] selects by name or name suffix)"
     elif not pattern and _would_match(what, names):
         hint += " (a list holds module names or name suffixes; pass a pattern as one string)"
     return ValueError(f"target {what!r} matches no submodule of {type(model).__name__}{hint}")

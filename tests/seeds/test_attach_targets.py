@@ -55,8 +55,12 @@ def test_targets_follow_peft_semantics_and_errors_leave_the_model_unchanged() ->
     # A string is a regex over full names (fullmatch): "encoder.[02]", not a suffix.
     assert [s.layer_id for s in attach(model, r"encoder\.[02]", 1, 8)] == ["encoder.0", "encoder.2"]
     detach(model)
-    with pytest.raises(ValueError, match=r"matches no submodule.*\['2'\] selects by name suffix"):
+    with pytest.raises(ValueError, match=r"no submodule.*\['2'\] selects by name or name suffix"):
         attach(model, "2", 2, 4)  # a regex must match a whole name
+    # A whole name that is no regex of itself (a ModuleDict key with "+"): a list takes it.
+    keyed = nn.ModuleDict({"a+b": nn.Linear(4, 4)})
+    with pytest.raises(ValueError, match=r"\['a\+b'\] selects by name or name suffix"):
+        attach(keyed, "a+b", 2, 2)
     # A pattern in a list is no pattern: the error says where one goes.
     with pytest.raises(ValueError, match="list holds module names .* pattern as one string"):
         attach(model, [r"encoder\.[02]"], 1, 8)
