@@ -382,8 +382,9 @@ class _FiniteGradient(torch.autograd.Function):
     TorchDynamo (torch 2.13) drop attribute writes traced after it (CLIP's
     ``outputs.pooler_output = self.visual_projection(...)`` kept the unprojected tensor). The
     same cut where the output is not finite (its gradient is ``0`` or ``0 * inf``); where it is
-    finite but the kernel's backward is not, the host keeps the finite part too (the kernel's
-    own parameters still get the non-finite gradient a step's checks read)."""
+    finite but the kernel's backward is not, the host keeps the finite part, where eager passes
+    the non-finite gradient on: a fault only in the kernel's input gradient goes unseen here
+    (docs/design.md §6a, "Under compilation")."""
 
     generate_vmap_rule = True
 
