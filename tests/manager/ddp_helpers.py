@@ -9,11 +9,12 @@ the spawned process only."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from kasmina.control.builders import make_seed_command
@@ -221,3 +222,15 @@ class NormedHost(Host):
 
 def _host_norm(t: Trainer) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in t.rig.model.norm.named_buffers()}
+
+
+@contextlib.contextmanager
+def one_rank_group(rendezvous: Path) -> Iterator[None]:
+    """A one-rank gloo process group in this process, for the block (``rendezvous``: a file
+    to be, in a folder that is)."""
+    init = f"file://{rendezvous}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -28,9 +28,8 @@ from kasmina.control.processes import UnsupportedParallelismError, spawn
 from kasmina.manager.ddp import DistributedKasmina, check_not_wrapped_by_hand, wrap_ddp
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.seeds.layer import KasminaLayer
-from tests.manager.ddp_helpers import _load, _rank_rig, _spec
+from tests.manager.ddp_helpers import _load, _rank_rig, _spec, one_rank_group
 from tests.manager.helpers import SEED0, Host, Rig, make_config, run_command
-from tests.manager.test_ddp_leaks import one_rank_group
 
 
 def test_a_model_wrapped_in_ddp_before_attach_is_refused(tmp_path, store, keyring) -> None:

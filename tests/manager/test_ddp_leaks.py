@@ -10,13 +10,11 @@ process group is up (DDP needs one); without one it takes torch's own backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 from kasmina.control.processes import spawn
@@ -24,7 +22,14 @@ from kasmina.kd.config import KDConfig
 from kasmina.manager.ddp import wrap_ddp
 from kasmina.utils import autograd_nodes
 from kasmina.utils.keyring import Keyring
-from tests.manager.ddp_helpers import Trainer, _assert_equal_states, _load, _signed, _spec
+from tests.manager.ddp_helpers import (
+    Trainer,
+    _assert_equal_states,
+    _load,
+    _signed,
+    _spec,
+    one_rank_group,
+)
 from tests.manager.helpers import SEED0, Rig, make_config, through_a_seed
 
 
@@ -59,18 +64,6 @@ def test_a_seed_only_kd_leak_under_ddp_skips_the_host_step_on_every_rank(
     assert [run["moved"] for run in runs] == [False, False]
     assert [run["violations"] for run in runs] == [1, 1]
     _assert_equal_states(runs)  # host weights included: no rank stepped its host
-
-
-@contextlib.contextmanager
-def one_rank_group(rendezvous: Path) -> Iterator[None]:
-    """A one-rank gloo process group in this process, for the block (``rendezvous``: a file
-    to be, in a folder that is)."""
-    init = f"file://{rendezvous}"
-    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _kd_rig(tmp_path: Path, store: Path, keyring: Keyring) -> Rig:
