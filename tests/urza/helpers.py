@@ -127,11 +127,18 @@ class CountingFile:
 
 
 class FakeClock:
+    """A monotonic clock the test moves; ``sleep`` advances it and records each sleep."""
+
     def __init__(self) -> None:
         self.now = 1000.0
+        self.sleeps: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 @contextmanager

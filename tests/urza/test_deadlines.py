@@ -299,11 +299,7 @@ def test_follower_outlives_its_leaders_deadline(stalled, store, trusted) -> None
 def test_backoff_sleeps_never_pass_the_deadline(store, trusted) -> None:
     root, manifest = store
     clock = FakeClock()
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
+    sleep, sleeps = clock.sleep, clock.sleeps
 
     urza = UrzaLibraryClient(
         str(root),
@@ -334,11 +330,7 @@ def test_a_deadline_reached_exactly_is_reached(store, trusted) -> None:
     made was answered, so it is a breaker success."""
     root, manifest = store
     clock = FakeClock()
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
+    sleep, sleeps = clock.sleep, clock.sleeps
 
     urza = UrzaLibraryClient(str(root), trusted, retries=3, backoff_s=0.1, clock=clock, sleep=sleep)
     flaky = urza._fs = FlakyFS(urza._fs)
