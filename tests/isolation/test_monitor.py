@@ -199,6 +199,38 @@ def test_host_phase_catches_a_seed_that_learns_from_the_host_loss():
     assert all(p.grad is None for p in seed.parameters())  # the leaked seed grads were dropped
 
 
+def test_a_leak_in_the_second_phase_of_a_step_counts_beside_a_clean_first() -> None:
+    """A step's checks are read together: a clean seed phase (zero host gradients, checked)
+    followed by a host phase in which the seed learns from the host's loss is a violation."""
+    host = _host()
+    seed = _seed(host, "clean")
+    monitor = _monitor(host, seed)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    with monitor.seed_backward():  # every host parameter gets a gradient of zeros
+        (_seed_output(host, seed, "no_detach", x).pow(2).mean() * 0.0).backward()
+    hidden = host[1](host[0](x))
+    out = host[4](host[3](host[2](hidden + seed(hidden.detach()))))
+    with monitor.host_backward():
+        nn.functional.mse_loss(out, y).backward()
+    assert monitor.verify_isolation_after_step() is False
+    names = [entry.split(" |g|")[0] for entry in monitor.violations[0]]
+    assert names == ["seed grad weight", "seed grad bias"]
+    assert all(entry.endswith("during host backward") for entry in monitor.violations[0])
+
+
+def test_a_violation_names_only_the_parameters_that_leaked() -> None:
+    """A host parameter whose gradient stayed at zero beside one that leaked is not named."""
+    leaked, untouched = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    seed_weight = nn.Parameter(torch.ones(3))
+    monitor = GradientIsolationMonitor(
+        "s", [("w", seed_weight)], [("leaked", leaked), ("untouched", untouched)]
+    )
+    with monitor.seed_backward():
+        ((leaked + untouched * 0.0) * seed_weight).sum().backward()
+    assert monitor.verify_isolation_after_step() is False
+    assert [entry.split(" |g|")[0] for entry in monitor.violations[0]] == ["host grad leaked"]
+
+
 def test_context_managers_restore_grads_even_when_backward_fails():
     host = _host()
     seed = _seed(host, "no_detach")
