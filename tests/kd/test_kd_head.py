@@ -108,6 +108,24 @@ def test_static_kd_loss_head_path_under_autocast_casts_the_hidden_states() -> No
     assert body.weight.grad is not None and head.weight.grad is not None
 
 
+def test_static_kd_loss_under_autocast_casts_the_teachers_hidden_states_too() -> None:
+    """A teacher body run under the same autocast gives bf16 hidden states for its fp32 head:
+    they are cast to the head's dtype, as the student's are (the head is never copied)."""
+    head, teacher_head, _, _, _ = _setup(3)
+    x = torch.randn(15, 4)
+    body, teacher_body = nn.Linear(4, HIDDEN), nn.Linear(4, T_HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, teacher_hidden = body(x), teacher_body(x).detach()
+        assert teacher_hidden.dtype == torch.bfloat16
+        loss = StaticKDLoss(2.0)(
+            hidden, student_weight=head.weight, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_head.weight,
+        )  # fmt: skip
+    teacher = teacher_hidden.float() @ teacher_head.weight.t()
+    want = kd_kl_loss(hidden.float() @ head.weight.t(), teacher, 2.0)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
 def test_static_kd_loss_refuses_head_arguments_with_logits() -> None:
     """Logits take no head: a teacher head or a head option is refused, never dropped."""
     head, teacher_head, hidden, _, _ = _setup(6)
