@@ -101,9 +101,9 @@ def kasmina_owned_names(model: nn.Module) -> list[str]:
 
 
 def _model_device(model: nn.Module, group: Any) -> torch.device:
-    """Where a collective of ``wrap_ddp``'s checks runs: under NCCL the rank's model's CUDA
-    device, set as current device or not (DDP with ``device_ids`` needs no ``set_device``),
-    else the group's."""
+    """Where the model checks' collectives run (the layout's, the hand-built DDP's): under NCCL
+    the rank's model's CUDA device, set as current device or not (DDP with ``device_ids``
+    needs no ``set_device``), else the group's."""
     device = collective_device(group)
     if device.type == "cuda":
         tensors = itertools.chain(model.parameters(), model.buffers())
