@@ -118,7 +118,15 @@ def test_close_ends_a_fetch_that_runs_under_the_managers_lock(
         manager = rig.manager
         rig.train(1)
         cmd = to_kasmina_command(make_seed_command("germinate", SEED0, mlp, timeout_s=120.0))
-        trainer = threading.Thread(target=manager.execute, args=(cmd,))
+        raised: list[BaseException] = []
+
+        def execute() -> None:
+            try:
+                manager.execute(cmd)
+            except BaseException as e:  # what the trainer saw: checked below
+                raised.append(e)
+
+        trainer = threading.Thread(target=execute)
         trainer.start()
         server.wait_for_payload_requests(1)
         started = time.monotonic()
@@ -126,6 +134,9 @@ def test_close_ends_a_fetch_that_runs_under_the_managers_lock(
         closed_in = time.monotonic() - started
         trainer.join(timeout=30)
         assert not trainer.is_alive()
+        # The command ends as one on a closed manager does: a RuntimeError naming the close.
+        assert len(raised) == 1 and isinstance(raised[0], RuntimeError), raised
+        assert "closed" in str(raised[0])
         assert closed_in < 10.0, closed_in  # the read's own timeout is 30 s
         assert server.payload_requests == 1  # no retry began after close
         assert rig.stage(SEED0) == S.DORMANT
