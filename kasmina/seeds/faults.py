@@ -394,7 +394,8 @@ class _FiniteGradient(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
+        """Nothing to keep: the backward reads the incoming gradient alone. (A Function with
+        ``generate_vmap_rule`` must define its context here, not in ``forward``.)"""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
