@@ -377,7 +377,12 @@ class UrzaLibraryClient:
     def _lead(
         self, artifact_id: str, future: Future[tuple[bytes, Manifest]], deadline: float | None
     ) -> tuple[bytes, Manifest]:
-        """Run the fetch that followers of ``artifact_id`` wait on, and hand them its result."""
+        """Run the fetch that followers of ``artifact_id`` wait on, and hand them its result.
+
+        The fetch leaves the in-flight table before its future completes: a follower woken by
+        the completion (one whose leader's deadline passed, fetching anew) must find no
+        finished future there to wait on again, or it would spin on it until this thread got
+        round to removing it."""
         try:
             result = self._guard.operation(
                 f"fetch of artifact {artifact_id!r}",
@@ -385,13 +390,18 @@ class UrzaLibraryClient:
                 lambda budget: self._read_artifact(artifact_id, budget),
             )
         except BaseException as exc:
+            self._retire(artifact_id, future)
             future.set_exception(exc)
             raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            with self._lock:
+        self._retire(artifact_id, future)
+        future.set_result(result)
+        return result
+
+    def _retire(self, artifact_id: str, future: Future[tuple[bytes, Manifest]]) -> None:
+        """Remove ``future`` from the in-flight table, and only it: an entry for the id that
+        is not this leader's belongs to a later fetch."""
+        with self._lock:
+            if self._inflight.get(artifact_id) is future:
                 del self._inflight[artifact_id]
 
     def _read_manifest(self, artifact_id: str, budget: Budget) -> Manifest:

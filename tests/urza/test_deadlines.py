@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,90 @@ def test_follower_outlives_its_leaders_deadline(stalled, store, trusted) -> None
     assert "error" not in followed and followed["result"][1] == manifest
     stats = urza.stats()
     assert stats["fetches"] == 2 and stats["coalesced"] == 1
+
+
+class HeldManifestFS(FlakyFS):
+    """Holds the first manifest open until ``release`` is set (``held`` says it began), and
+    says when a later one begins (``reopened``)."""
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__(fs)
+        self.held, self.release, self.reopened = (threading.Event() for _ in range(3))
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if str(path).endswith(".manifest.json"):
+            if self.held.is_set():
+                self.reopened.set()
+            else:
+                self.held.set()
+                self.release.wait(timeout=10)  # bounded: a broken test cannot hang
+        return super().open(path, mode, **kwargs)
+
+
+def held_fetch(
+    store: tuple[Path, Manifest], trusted: TrustedPublishers
+) -> tuple[UrzaLibraryClient, FakeClock, HeldManifestFS, threading.Thread, dict[str, Any]]:
+    """A client on a fake clock whose leader fetch (deadline 100 s on) is held in its manifest
+    read; returns the client, clock, filesystem and the leader's thread and outcome."""
+    root, manifest = store
+    clock = FakeClock()
+    urza = UrzaLibraryClient(str(root), trusted, retries=0, clock=clock, sleep=clock.sleep)
+    fs = urza._fs = HeldManifestFS(urza._fs)
+    deadline = clock.now + 100.0
+    leader, led = run_in_thread(lambda: urza.fetch(manifest.artifact_id, deadline=deadline))
+    assert fs.held.wait(timeout=10)
+    return urza, clock, fs, leader, led
+
+
+def test_a_follower_woken_by_its_leaders_expiry_leads_at_once(store, trusted) -> None:
+    """The leader takes its fetch out of the in-flight table before completing it, so a
+    follower woken by the leader's deadline expiry (with time of its own left) cannot find the
+    finished fetch there again: it leads a new one at once, without waiting for the leader to
+    go on, and is counted as coalesced once, not once per look at the finished fetch."""
+    _, manifest = store
+    artifact = manifest.artifact_id
+    urza, clock, fs, leader, led = held_fetch(store, trusted)
+    shared = urza._inflight[artifact]
+    seen: dict[str, Any] = {}
+
+    def on_done(future: Any) -> None:
+        # Runs on the leader's thread as it completes the fetch, after its waiters are woken.
+        seen["still_in_flight"] = urza._inflight.get(artifact) is future
+        # Holds the leader here: the follower must lead its own fetch meanwhile.
+        seen["follower_led"] = fs.reopened.wait(timeout=2.0)
+        seen["coalesced"] = urza.stats()["coalesced"]
+
+    shared.add_done_callback(on_done)
+    follower, followed = run_in_thread(lambda: urza.fetch(artifact, deadline=clock.now + 1000.0))
+    end = time.monotonic() + 10
+    while urza.stats()["coalesced"] < 1 and time.monotonic() < end:
+        time.sleep(0.001)  # polls a state; the outcome does not depend on timing
+    clock.now += 200.0  # past the leader's deadline, not the follower's
+    fs.release.set()
+    leader.join(timeout=10)
+    follower.join(timeout=10)
+    assert isinstance(led.get("error"), UrzaUnavailableError)
+    assert DEADLINE in str(led["error"])
+    assert "error" not in followed and followed["result"][1] == manifest
+    assert seen == {"still_in_flight": False, "follower_led": True, "coalesced": 1}
+    stats = urza.stats()
+    assert stats["fetches"] == 2 and stats["coalesced"] == 1
+    assert urza._inflight == {}
+
+
+def test_a_leader_retires_only_its_own_fetch(store, trusted) -> None:
+    """A leader finishing removes its own entry from the in-flight table, never another
+    fetch's entry for the same id (one put there in its place stays)."""
+    _, manifest = store
+    artifact = manifest.artifact_id
+    urza, _, fs, leader, led = held_fetch(store, trusted)
+    ours = urza._inflight[artifact]
+    other = urza._inflight[artifact] = Future()
+    fs.release.set()
+    leader.join(timeout=10)
+    assert "error" not in led and led["result"][1] == manifest
+    assert ours.result(timeout=0) is led["result"]
+    assert urza._inflight == {artifact: other}
 
 
 def test_backoff_sleeps_never_pass_the_deadline(store, trusted) -> None:
