@@ -184,6 +184,15 @@ class UrzaLibraryClient:
         )
         self._inflight: dict[str, Future[tuple[bytes, Manifest]]] = {}
         self._stats = {"fetches": 0, "coalesced": 0}
+        fork_safe(self)  # ``_at_fork_reinit``
+
+    def _at_fork_reinit(self) -> None:
+        """After ``fork()``, in the child: the fetches in flight were other threads', gone
+        there, and never end (a fetch of the same id waited on one for good, without a
+        deadline): they are forgotten, and so are the parent's store reads (``ReadGuard``).
+        The lock they were taken under is made free by its own ``fork_safe``."""
+        self._inflight.clear()
+        self._guard.forget_reads()
 
     @classmethod
     def from_config(

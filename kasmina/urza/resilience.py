@@ -281,6 +281,12 @@ class ReadGuard:
         stats["stalled_reads"] = self._io_stalled
         return stats
 
+    def forget_reads(self) -> None:
+        """In a forked child: the ``urza-io`` threads counted were the parent's, absent here,
+        and would never free their slots (with ``max_stalled_reads`` of them at the fork, every
+        read of the child was refused or waited out its timeout)."""
+        self._io_alive = self._io_stalled = 0
+
     @property
     def closed(self) -> bool:
         return self._closing.is_set()

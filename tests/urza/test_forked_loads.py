@@ -26,6 +26,7 @@ from kasmina.urza.loader import KernelLoader
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.telemetry import TelemetryReporter
 from tests.crash import run_bounded_in_child
+from tests.urza.test_deadlines import HeldManifestFS, run_in_thread
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
@@ -124,3 +125,31 @@ def test_a_forked_child_loads_a_kernel_a_fetch_worker_of_its_parent_was_loading(
     with stopped_inside(client, "fetch", lambda: loader.original(artifact_id)):
         assert run_bounded_in_child(_in_child(child)) == 0  # was HUNG
     assert loader.cached(artifact_id) is not None
+
+
+def test_a_forked_child_fetches_what_a_fetch_worker_of_its_parent_was_reading(
+    store: tuple[Path, str], trusted: TrustedPublishers
+) -> None:
+    """Concurrent fetches of one artifact share one read: a worker forked while a fetch worker
+    of its parent led one found that fetch in flight, led by a thread it does not have, and
+    waited on it for good (no deadline); and that fetch's store read, counted against
+    ``max_stalled_reads``, never freed its slot there. The child forgets both and fetches."""
+    path, artifact_id = store
+    client = UrzaLibraryClient(str(path), trusted, max_stalled_reads=1)
+    fs = client._fs = HeldManifestFS(client._fs)  # the parent's read stops in its manifest
+    worker, fetched = run_in_thread(lambda: client.fetch(artifact_id))
+    assert fs.held.wait(10) and client.stats()["io_threads"] == 1
+
+    def child() -> None:
+        fs.release.set()  # the child's own read goes through
+        assert client.stats()["io_threads"] == 0
+        payload, manifest = client.fetch(artifact_id)
+        assert manifest.artifact_id == artifact_id and payload
+        assert client.stats()["fetches"] == 2  # the parent's, counted before the fork, and its own
+
+    try:
+        assert run_bounded_in_child(_in_child(child), timeout_s=20) == 0  # was HUNG
+    finally:
+        fs.release.set()
+        worker.join(10)
+    assert "result" in fetched and client.stats()["io_threads"] == 0
