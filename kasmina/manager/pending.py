@@ -137,6 +137,20 @@ class CommandQueue:
         self._queue: deque[PendingCommand] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        fork_safe(self)  # ``_at_fork_reinit``
+
+    def _at_fork_reinit(self) -> None:
+        """After ``fork()``, in the child: the fetch workers were the parent's threads, gone
+        there, and a pool whose threads are gone runs nothing more (a GERMINATE's fetch waited
+        out its timeout, or for good without one). The child makes a pool of its own when it
+        next fetches, and a queued command whose fetch was running starts it again at its next
+        safe point (a ROLLBACK asks for its kernels again). Its lock is free (``fork_safe``)."""
+        self._pool = None
+        for entry in self._queue:
+            if entry.fetch is not None and not entry.fetch.done():
+                entry.fetch = None
+            if entry.ahead is not None and not all(f.done() for f in entry.ahead):
+                entry.ahead = None
 
     def __len__(self) -> int:
         with self._lock:
