@@ -45,6 +45,8 @@ GradSync = Callable[[bool, dict[str, list[bool]]], tuple[bool, bool]]
 # Seeds whose gradients are averaged: those an optimizer steps (their own, or the host's once
 # ACTIVE), the same set ``manager.step()`` steps.
 DEFAULT_BUCKET_CAP_MB = 25.0
+# A seed's flags where it ran clean (``settle_nonfinite``'s order): what a shorter list lacks.
+_CLEAN = (True, False, False)
 
 
 class SeedGradientSync:
@@ -115,9 +117,10 @@ class SeedGradientSync:
         """Average now (a collective: every rank calls it at the same step): whether it did,
         and whether every rank's isolation check found the step ``clean``.
 
-        ``flags``: each running seed's two non-finite flags as this rank read them, ``[finite,
-        faulted]`` (``settle_nonfinite``'s), agreed here across ranks in place: not finite if
-        any rank's was not, faulted if any rank's was, so that every rank settles them alike
+        ``flags``: each running seed's flags as this rank read them, ``[finite, faulted, cut]``
+        (``settle_nonfinite``'s; a shorter list stands for the rest clean), agreed here across
+        ranks in place: not finite if any rank's was not, faulted (or cut) if any rank's was,
+        so that every rank settles them alike
         (charged on the one rank whose data made it fall back, the fault differed across ranks
         and the epoch sync "repaired" it away, every epoch). A seed whose output fell back on
         this rank has a gradient here that is zero but for NaN where its kernel's backward met
@@ -146,7 +149,7 @@ class SeedGradientSync:
         layout = _layout_key(live)
         missing = any(p.grad is None for p in params)
         device = _device_for(params, self.group)
-        raised = bool(held) or any(not ok or bad for ok, bad in flags.values())
+        raised = bool(held) or any(not f[0] or any(f[1:]) for f in flags.values())
         seeds = 0 if self.registry is None else len(self.registry.records)  # _agree's length
         row = [layout, -layout, int(missing), int(not clean), int(raised), seeds, -seeds]
         header = torch.tensor(row, dtype=torch.int64, device=device)
@@ -244,19 +247,20 @@ class SeedGradientSync:
         ``charging.encode`` wrote them), in rank order, gathered by a third collective where
         any rank held some. The summed vector covers every seed of the registry, the same list
         on every rank whatever their stages, then each rank's ``len(mine)`` in its own entry."""
-        ids = [record.seed_id for record in self.registry]
-        raised = [[not flags.get(s, (True, False))[0], flags.get(s, (True, False))[1]] for s in ids]
+        ids, width = [record.seed_id for record in self.registry], len(_CLEAN)
+        got = [[*(f := flags.get(s, [])), *_CLEAN[len(f) :]] for s in ids]  # missing: clean
         sizes = [0] * dist.get_world_size(self.group)
         sizes[dist.get_rank(self.group)] = len(mine)
-        row = [int(flag) for pair in raised for flag in pair] + sizes
+        row = [int(flag) for f in got for flag in (not f[0], *f[1:])] + sizes
         agreed = torch.tensor(row, dtype=torch.int64, device=device)
         dist.all_reduce(agreed, group=self.group)  # a sum: a flag any rank set is positive
         values = agreed.tolist()
         for i, seed_id in enumerate(ids):
-            if seed_id in flags:
-                flags[seed_id] = [not values[2 * i], bool(values[2 * i + 1])]
+            if seed_id in flags:  # as long as it came
+                sums = values[width * i : width * i + len(flags[seed_id])]
+                flags[seed_id] = [not sums[0], *map(bool, sums[1:])]
         self.stats["flags_agreed"] += 1
-        sizes = values[2 * len(ids) :]
+        sizes = values[width * len(ids) :]
         return self._gather(mine, sizes, device) if any(sizes) else []
 
     def _gather(self, mine: bytes, sizes: list[int], device: torch.device) -> list[bytes]:

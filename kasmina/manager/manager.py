@@ -52,6 +52,7 @@ from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
 from kasmina.manager.teaching import hand_kd_head, hand_teacher_logits, new_teacher
+from kasmina.seeds.constants import SEED_FLAGS
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, given_slots
 from kasmina.seeds.layer import KasminaLayer
@@ -438,14 +439,13 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             registry = state.require_registry(training=True)  # check_held: before any change
             registry.take_host_groups(state.optimizers, step=True)  # a user's new groups
             optimizers = state.optimizers
-            # Every device flag of the step in one transfer: KD leak, seeds' non-finite, fault.
+            # Every device flag of the step in one transfer: KD leak, then each seed's SEED_FLAGS.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
-            kd_flags, n = self.guard.kd_flags(), len(polled)
-            seed_flags = [r.seed.finite_flag for r in polled] + [r.seed.fault_flag for r in polled]
-            values = read_flags([*kd_flags, *seed_flags])
+            kd_flags, running = self.guard.kd_flags(), [r.seed for r in polled]
+            values = read_flags([*kd_flags, *(getattr(s, f) for f in SEED_FLAGS for s in running)])
             clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
             read, sync = values[len(kd_flags) :], self.grad_sync
-            flags = {r.seed_id: [read[i], read[n + i]] for i, r in enumerate(polled)}
+            flags = {r.seed_id: read[i :: len(running)] for i, r in enumerate(polled)}
             # A collective, every rank, every step: seed grads averaged (or not; none sent by a
             # seed that fell back here), the verdict and the seeds' flags agreed.
             shared, clean = (False, clean) if sync is None else sync(clean, flags)

@@ -29,6 +29,8 @@ Faults, contained:
 
 - ``faults`` -- what a seed's fault is and the forward's guards: the host half around a kernel
   call, the device-side finite tests, the host's chunk put in place of a failed seed's.
+- ``compiled_cut`` -- an ACTIVE seed's gradient cut under ``torch.compile``, which records a
+  non-finite input gradient of its kernel's own backward in the seed's cut flag.
 - ``island`` -- the backward guard (a kernel's own backward, run where a raise is contained) and
   the one-node guarded blend of a layer's GRAFTING/STABILIZATION seeds built on it.
 - ``kd_faults`` -- a KD loss that raises inside the host's forward, contained as a fault.

@@ -1,8 +1,8 @@
 """A slot's constants, and how they come back after a deferred init (docs/design.md §3).
 
 A :class:`~kasmina.seeds.layer.KasminaLayer` and its seeds hold buffers that carry no learned
-data: the layer's ``_one``, its fault flags (``_finite_flags``, ``_fault_flags``; each seed's
-``finite_flag`` and ``fault_flag`` are views of them) and ``sat_out_compiled``, and each seed's
+data: the layer's ``_one``, its fault flags (``_finite_flags``, ``_fault_flags``, ``_cut_flags``;
+each seed's ``SEED_FLAGS`` are views of them) and ``sat_out_compiled``, and each seed's
 ``alpha``, whose value the seed keeps in ``_alpha_value``. They are made on the host
 parameters' device, so a model built under ``torch.device("meta")`` (or accelerate's
 ``init_empty_weights``) gets them on ``meta``, where they have no values.
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONSTANTS",
+    "SEED_CONSTANTS",
+    "SEED_FLAGS",
     "constants_on_meta",
     "host_device",
     "keep_constants",
@@ -62,8 +64,11 @@ __all__ = [
 ]
 
 # The layer's constants and their values (``to_empty`` and :func:`rebuild_constants` fill them).
-CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "sat_out_compiled": 0}
-SEED_CONSTANTS = ("alpha", "finite_flag", "fault_flag")  # a seed's: alpha, its flags' views
+CONSTANTS = {"_one": 1, "_finite_flags": True, "_fault_flags": False, "_cut_flags": False,
+             "sat_out_compiled": 0}  # fmt: skip
+# A seed's device flags, in the order ``settle_nonfinite`` takes them, and its constants.
+SEED_FLAGS = {"finite_flag": True, "fault_flag": False, "cut_flag": False}  # and clean values
+SEED_CONSTANTS = ("alpha", *SEED_FLAGS)  # a seed's: alpha, its flags' views
 
 
 def keep_constants(
@@ -267,4 +272,6 @@ def _relink(layer: Any) -> None:
     for k, seed in enumerate(layer.seeds):
         finite[k].logical_and_(seed._buffers["finite_flag"])
         faulted[k].logical_or_(seed._buffers["fault_flag"])
+        if (cut := seed._buffers.get("cut_flag")) is not None:  # (a seed pickled before it)
+            layer._buffers["_cut_flags"][k].logical_or_(cut)
     layer._link_flags()

@@ -31,6 +31,7 @@ from kasmina.ops.transforms import (
     reduced_to_level_of,
     transform_wrapped,
 )
+from kasmina.seeds.compiled_cut import CUT_REASON, cut_input, seen_output
 from kasmina.seeds.side_effects import (
     FLOATING_BUFFERS,
     buffers_held,
@@ -371,35 +372,9 @@ def anomaly_fault(out: torch.Tensor, host: torch.Tensor) -> tuple[str, str] | No
 def cut_nonfinite_gradient(xin: torch.Tensor, ok: torch.Tensor) -> None:
     """An ACTIVE seed's kernel input ``xin`` (an alias of the host activations) passes back no
     gradient unless ``ok``: the 0 * nan a non-finite output sends upstream is cut, so the host
-    stays finite. Eager only: compiled, ``xin`` came through ``_FiniteGradient`` instead."""
+    stays finite. Eager only: compiled, ``xin`` came through ``compiled_cut.cut_input``."""
     if xin.requires_grad and not torch.compiler.is_compiling():
         xin.register_hook(lambda g: torch.where(ok, g, torch.zeros_like(g)))
-
-
-class _FiniteGradient(torch.autograd.Function):
-    """An ACTIVE kernel's input under ``torch.compile``: the identity, whose backward passes
-    the finite entries of the gradient and zeroes the others. A tensor hook there made
-    TorchDynamo (torch 2.13) drop attribute writes traced after it (CLIP's
-    ``outputs.pooler_output = self.visual_projection(...)`` kept the unprojected tensor). The
-    same cut where the output is not finite (its gradient is ``0`` or ``0 * inf``); where it is
-    finite but the kernel's backward is not, the host keeps the finite part, where eager passes
-    the non-finite gradient on: a fault only in the kernel's input gradient goes unseen here
-    (docs/design.md §6a, "Under compilation")."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        """Nothing to keep: the backward reads the incoming gradient alone. (A Function with
-        ``generate_vmap_rule`` must define its context here, not in ``forward``.)"""
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.where(grad.isfinite(), grad, torch.zeros_like(grad))
 
 
 def fallback_per_chunk(
@@ -456,6 +431,7 @@ def call_kernel(
     active: bool,
     record: FaultRecorder,
     stream: tuple[str, int | None] = ("", None),
+    fault: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
     fault found on the host (given to ``record``). Nothing here reads the device, but under
@@ -463,16 +439,21 @@ def call_kernel(
 
     Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
     into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
-    non-finite output would send upstream (compiled: ``_FiniteGradient``'s alias). Before
-    ACTIVE a kernel that draws random numbers (``GPUKernel.draws_random``) runs on a forked RNG
-    state, so the host's own random ops draw what they would without the seed, and on a stream
-    of its own there (``own_stream``: ``stream`` is the seed's id and position); not under
-    ``torch.compile``, which cannot trace the fork.
+    non-finite output would send upstream (compiled: ``compiled_cut.cut_input``'s alias, whose
+    cut of a non-finite input gradient the kernel's own backward made sets ``fault``, the
+    seed's ``cut_flag``, where given). Before ACTIVE a kernel that draws random numbers
+    (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
+    what they would without the seed, and on a stream of its own there (``own_stream``:
+    ``stream`` is the seed's id and position); not under ``torch.compile``, which cannot trace
+    the fork.
     """
+    token = None
     if not active:
         xin = x.detach()
     elif x.requires_grad and torch.compiler.is_compiling():
-        xin = _FiniteGradient.apply(x)
+        flag = None if functorch_active() else fault  # a transform writes nothing outside it
+        xin, token = cut_input(x, flag)
+        token = None if flag is None else token
     else:
         xin = x.view_as(x)
     forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
@@ -501,17 +482,17 @@ def call_kernel(
     finally:
         if held:
             keep_finite(held)
-    fault = output_fault(out, x)
-    if fault is not None and fault[0] == "dtype":  # under autocast, cast rather than fault
+    found = output_fault(out, x)
+    if found is not None and found[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
-        fault = output_fault(out, x)
-    if fault is None and not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
-        fault = anomaly_fault(out, x)  # eager only: traced, the call would break the graph
-    if fault is not None:
+        found = output_fault(out, x)
+    if found is None and not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
+        found = anomaly_fault(out, x)  # eager only: traced, the call would break the graph
+    if found is not None:
         if not recomputing():
-            record(*fault)
+            record(*found)
         return None
-    return out, xin
+    return (out if token is None else seen_output(out, token)), xin
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -570,16 +551,17 @@ def recomputing() -> bool:
     return current is not None and current() != -1
 
 
-# What a fault of each kind costs the seed, where its output is not what falls back.
+# What a fault of each kind (or with this reason) costs, where its output is not what falls back.
 _FAULT_EFFECTS = {"backward": "its step's gradient is dropped", "gradient": "its step is skipped",
                   "optimizer": "its optimizer state is reset",
-                  "kd": "its KD loss of the call is skipped"}  # fmt: skip
+                  "kd": "its KD loss of the call is skipped",
+                  CUT_REASON: "the host's gradient through it kept its finite part"}  # fmt: skip
 
 
 def log_fault(seed_id: str, count: int, limit: int, stage: str, kind: str, reason: str) -> None:
     """Log a seed's ``count``-th fault: the first and every ``FAULT_WARN_EVERY``-th at WARNING,
     the rest at DEBUG (a seed that faults on every step stays visible without flooding)."""
-    effect = _FAULT_EFFECTS.get(kind, "the host output stands in")
+    effect = _FAULT_EFFECTS.get(reason) or _FAULT_EFFECTS.get(kind, "the host output stands in")
     logger.log(
         rarely(count, FAULT_WARN_EVERY),
         "seed %s: fault %d/%d in %s (%s): %s; %s",

@@ -62,6 +62,7 @@ from kasmina.ops.alpha_blend import seed_blend
 from kasmina.ops.transforms import transform_depth, under_vmap
 from kasmina.seeds.constants import (
     CONSTANTS,
+    SEED_FLAGS,
     keep_constants,
     link_after_unpickle,
     rebuild_after_load,
@@ -176,6 +177,7 @@ class KasminaLayer(HostForwarding):
         flags = torch.ones(num_seeds, dtype=torch.bool, device=device)
         self.register_buffer("_finite_flags", flags, persistent=False)
         self.register_buffer("_fault_flags", torch.zeros_like(flags), persistent=False)
+        self.register_buffer("_cut_flags", torch.zeros_like(flags), persistent=False)
         self._link_flags()
         self._masks = ChunkMasks()
         # The host's output as the seeds see it: None before a forward, its spec, or why none.
@@ -225,9 +227,10 @@ class KasminaLayer(HostForwarding):
 
     def _link_flags(self) -> None:
         """Point each seed's flags at the layer's (again after a move: each buffer copied)."""
-        finite, faulted = self._flags()
+        (finite, faulted), cut = self._flags(), self._buffers["_cut_flags"]
         for k, seed in enumerate(self.seeds):
             seed._buffers["finite_flag"], seed._buffers["fault_flag"] = finite[k], faulted[k]
+            seed._buffers["cut_flag"] = cut[k]
 
     def _flags(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "_unlinked" in self.__dict__:  # (``constants.link_after_unpickle``)
@@ -265,9 +268,8 @@ class KasminaLayer(HostForwarding):
         back with grad, whose kernels' gradients are dropped (call before the step)."""
         rebuild_if_left(self)  # constants a deferred init left on meta, a link put off
         seeds = tuple(self.seeds)
-        got = read_flags([*(s.finite_flag for s in seeds), *(s.fault_flag for s in seeds)])
-        pairs = zip(seeds, got[: len(seeds)], got[len(seeds) :], strict=True)
-        return [s.seed_id for s, ok, faulted in pairs if s.settle_nonfinite(ok, faulted)]
+        got, n = read_flags([s._buffers[name] for name in SEED_FLAGS for s in seeds]), len(seeds)
+        return [s.seed_id for k, s in enumerate(seeds) if s.settle_nonfinite(*got[k::n])]
 
     def set_teacher_logits(self, teacher_logits: torch.Tensor | None) -> int:
         """Teacher logits (moved to the slot's device, ``checked_teacher_logits``) for the KD loss

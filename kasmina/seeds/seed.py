@@ -34,7 +34,8 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.charging import charge, charge_or_defer
-from kasmina.seeds.constants import SEED_CONSTANTS, keep_constants
+from kasmina.seeds.compiled_cut import CUT_REASON
+from kasmina.seeds.constants import SEED_CONSTANTS, SEED_FLAGS, keep_constants
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     checked_schedule,
@@ -91,6 +92,7 @@ from kasmina.stages import (
 )
 from kasmina.utils.checks import check_positive_int
 from kasmina.utils.conversions import count_conversion
+from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +137,11 @@ class GradientIsolatedSeed(nn.Module):
         self.register_module("kernel", None)
         cpu = torch.device("cpu")  # not the default device: a "meta" one made data-less buffers
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32, device=cpu))
-        # Outputs of forwards with grad since the last poll all finite (ANDed on the device), and
-        # whether one that was not had a finite input (a fault): views of the layer's flags.
-        self.register_buffer("finite_flag", torch.ones((), dtype=torch.bool, device=cpu), False)
-        self.register_buffer("fault_flag", torch.zeros((), dtype=torch.bool, device=cpu), False)
+        # Outputs of forwards with grad since the last poll all finite (ANDed on the device),
+        # whether one that was not had a finite input (a fault), whether a compiled ACTIVE
+        # backward cut a non-finite input gradient of its own: views of the layer's flags.
+        for name, value in SEED_FLAGS.items():
+            self.register_buffer(name, torch.full((), value, device=cpu), persistent=False)
         self.isolation_violations = self.nonfinite_events = self.faults = 0
         # guard_backward: the kernel's backward in a guarded node before ACTIVE (its cost:
         self.fault_limit, self.guard_backward = fault_limit, True  # perf/bench_faults.py)
@@ -260,27 +263,30 @@ class GradientIsolatedSeed(nn.Module):
 
     def poll_nonfinite(self) -> bool:
         """Read the device flags set by non-finite forwards (one sync) and settle them."""
-        return self.settle_nonfinite(bool(self.finite_flag), bool(self.fault_flag))
+        return self.settle_nonfinite(*read_flags([self._buffers[n] for n in SEED_FLAGS]))
 
     def settle_nonfinite(
-        self, finite: bool, faulted: bool = True, *, drop_gradient: bool = True
+        self, finite: bool, faulted: bool = True, cut: bool = False, *, drop_gradient: bool = True
     ) -> bool:
-        """Act on the two flags (read in one transfer): True when a forward with grad since the last
+        """Act on the flags (read in one transfer): True when a forward with grad since the last
         read fell back to the host output; its gradients since then are dropped (``grad = None``:
         the step skips it; its backward met NaN or ``0 * inf``) unless ranks averaged them
         (``drop_gradient=False``, the NaN taken as 0). One fault however many fell back, with grad
-        or without; none when each one's input was the host's NaN (``faulted`` False)."""
-        if finite and not faulted:
+        or without; none when each one's input was the host's NaN (``faulted`` False). ``cut``: a
+        compiled ACTIVE backward zeroed a non-finite input gradient its kernel made (one fault,
+        unless an output's is charged; the host's step took the finite part)."""
+        if finite and not faulted and not cut:
             return False
         if not finite and drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
-        self.finite_flag.fill_(True)
-        self.fault_flag.fill_(False)
-        self.nonfinite_events += 1
-        self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
-        if faulted:
-            self.charge_fault("nonfinite", "non-finite output")  # its flags agreed by the ranks
+        for name, value in SEED_FLAGS.items():
+            self._buffers[name].fill_(value)
+        if not finite or faulted:
+            self.nonfinite_events += 1
+            self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
+        if faulted or cut:  # its flags agreed by the ranks
+            self.charge_fault("nonfinite", "non-finite output" if faulted else CUT_REASON)
         return not finite
 
     # -- faults --------------------------------------------------------------------------
@@ -501,7 +507,7 @@ class GradientIsolatedSeed(nn.Module):
         active, record = stage == SeedStage.ACTIVE, self.record_fault
         # Compiled, the stream is not forked (nor read: its int would recompile every step).
         if torch.compiler.is_compiling():
-            return call_kernel(kernel, x, active, record, (self.seed_id, None))
+            return call_kernel(kernel, x, active, record, (self.seed_id, None), self.cut_flag)
         # A manager's position (GERMINATE sets it), else one an unowned load or copy kept.
         position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)
         if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
@@ -570,7 +576,7 @@ class GradientIsolatedSeed(nn.Module):
         before = {name: self._buffers[name] for name in SEED_CONSTANTS}
         super()._apply(fn, recurse)
         count_conversion()  # optimizers' states follow their parameters at the next step
-        values = {"alpha": self._alpha_value, "finite_flag": True, "fault_flag": False}
+        values = {"alpha": self._alpha_value, **SEED_FLAGS}
         keep_constants(self._buffers, before, values)  # a layer's flags: linked again there
         table = self.state_table.state_tensor
         moved = fn(table)

@@ -45,6 +45,7 @@ class EnteringSeed(BookkeptSeed, Protocol):
     unsettled: SeedStage | None  # the stage whose entry's writes are still to complete
     finite_flag: torch.Tensor
     fault_flag: torch.Tensor
+    cut_flag: torch.Tensor
     alpha: torch.Tensor
     _kd_losses: list[torch.Tensor]
     _gate_score: float
@@ -114,6 +115,7 @@ def settle(seed: EnteringSeed) -> None:
         # unsettled is completed there, not dropped as moot (its next kernel charged for them).
         seed.finite_flag.fill_(True)
         seed.fault_flag.fill_(False)
+        seed.cut_flag.fill_(False)
         table.set_blueprint(row, "")
     elif stage == S.HARVESTING and seed.kernel is not None:
         seed.detach_kernel()

@@ -18,6 +18,7 @@ from torch import nn
 
 import kasmina.utils.flags as flags_module
 from kasmina.kd.config import KDConfig
+from kasmina.seeds.compiled_cut import CUT_REASON
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, through_a_seed
 from tests.profiling import DispatchedOps, syncs_inside
 
@@ -69,14 +70,14 @@ def test_a_step_reads_every_flag_in_one_transfer(kd_rig: Rig, mlp, transfers) ->
     for leak, clean in ((None, True), (0.0, True), (1e-2, False)):
         transfers.clear()
         report, reads = _step(rig, teacher, leak=leak)
-        # both seeds' non-finite flags, and the seed-only backward's leak flag when the host
-        # got a gradient there (zero, or not): one transfer
-        assert transfers == [4 if leak is None else 5] and reads == 0, leak
+        # both seeds' three flags, and the seed-only backward's leak flag when the host got a
+        # gradient there (zero, or not): one transfer
+        assert transfers == [6 if leak is None else 7] and reads == 0, leak
         assert report["isolation_clean"] == clean == report["host_stepped"], leak
         assert sorted(report["seeds_stepped"]) == [SEED0, SEED1] and report["nonfinite"] == []
     transfers.clear()
     report, reads = _step(rig, teacher, grad_clip_norm=1.0)
-    assert transfers == [4, 3] and reads == 0  # and the three clipped norms' finiteness
+    assert transfers == [6, 3] and reads == 0  # and the three clipped norms' finiteness
     assert report["host_stepped"] and sorted(report["seeds_stepped"]) == [SEED0, SEED1]
     assert set(manager.optimizers.last_grad_norm) == {"host", SEED0, SEED1}
 
@@ -90,11 +91,32 @@ def test_a_non_finite_seed_is_found_by_the_one_transfer(kd_rig: Rig, mlp, transf
     teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
     transfers.clear()
     report, _ = _step(rig, teacher)
-    assert transfers == [4] and report["nonfinite"] == [SEED1]  # two flags a seed
+    assert transfers == [6] and report["nonfinite"] == [SEED1]  # three flags a seed
     assert seed.faults == 1 and seed.nonfinite_events == 1 and manager.seed(SEED0).faults == 0
     assert bool(seed.finite_flag)  # settled: the next step starts clean
     # Its gradient was dropped before the optimizers stepped: the seed did not step.
     assert report["seeds_stepped"] == [SEED0]
+
+
+def test_a_compiled_cut_is_charged_by_the_one_transfer(kd_rig: Rig, mlp, transfers) -> None:
+    """A seed's cut flag (set in a compiled ACTIVE backward that zeroed a non-finite input
+    gradient of its kernel's own, ``compiled_cut``) is read with the step's other flags and
+    charged there, once; its gradient is kept (its output was finite) and it steps."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(6))
+    rig.train(1, teacher=teacher)
+    seed = manager.seed(SEED1)
+    seed.cut_flag.fill_(
+        True
+    )  # as the compiled cut leaves it (its backward: test_fault_containment)
+    transfers.clear()
+    report, reads = _step(rig, teacher)
+    assert transfers == [6] and reads == 0 and report["nonfinite"] == []
+    assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON] and seed.nonfinite_events == 0
+    assert sorted(report["seeds_stepped"]) == [SEED0, SEED1] and not bool(seed.cut_flag)
+    report, _ = _step(rig, teacher)
+    assert seed.faults == 1 and manager.seed(SEED0).faults == 0  # settled: charged once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -105,7 +127,7 @@ def test_a_step_on_cuda_synchronises_once_per_transfer(tmp_path, store, keyring,
     rig = Rig(config, keyring, device="cuda", optimizer_cls=torch.optim.SGD)
     assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
     teacher = torch.randn(16, 4, device="cuda")
-    for clip, expected in ((0.0, [4]), (1.0, [4, 3])):  # two flags a seed
+    for clip, expected in ((0.0, [6]), (1.0, [6, 3])):  # three flags a seed
         rig.train(1, teacher=teacher)  # warm-up: launch caches, optimizer state
         rig.manager.set_teacher_logits(teacher)
         loss = nn.functional.cross_entropy(rig.model(rig.x), rig.y)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kasmina.seeds import island
+from kasmina.seeds.compiled_cut import CUT_REASON
 from kasmina.seeds.extra_state import decode_extra_state
 from kasmina.seeds.faults import (
     FAULT_LOG_SIZE,
@@ -757,8 +758,8 @@ def test_the_guarded_forward_and_backward_never_read_the_device(
     monkeypatch.setattr(flags_module, "_read", lambda f: transfers.append(len(f)) or read(f))
     with DispatchedOps() as mode:
         assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one transfer
-    assert mode.scalar_reads == [] and transfers == [8]  # each seed's finite and fault flags
-    assert layer.poll_nonfinite() == [] and transfers == [8, 8]  # settled: clean flags again
+    assert mode.scalar_reads == [] and transfers == [12]  # each seed's finite, fault, cut flags
+    assert layer.poll_nonfinite() == [] and transfers == [12, 12]  # settled: clean flags again
 
 
 # ------------------------------------------------------------------------------- compile
@@ -899,6 +900,106 @@ def test_a_compiled_active_seed_whose_output_overflows_sends_the_host_no_nan() -
     host = [p for n, p in net.named_parameters() if ".seeds." not in n]
     assert all(p.grad is not None and p.grad.isfinite().all() for p in host)
     assert slot.poll_nonfinite() == ["0[0]"]
+
+
+class _InfiniteInputGradient(torch.autograd.Function):
+    """The identity, whose backward makes every entry of its input's gradient non-finite."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        """Nothing to keep."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad * float("inf")
+
+
+class InputGradientOverflows(nn.Module):
+    """Finite output and finite parameter gradients, but a non-finite gradient into its input:
+    what an fp16 overflow of ``g @ W`` (with ``x^T g`` finite) makes of a kernel's backward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(_InfiniteInputGradient.apply(x)))
+
+
+def active_mlp(kernel: nn.Module) -> tuple[MLP, KasminaLayer, MemorySink]:
+    """An MLP whose head's slot holds ``kernel`` as ACTIVE seed 0, its faults reported."""
+    model, sink = MLP(), MemorySink()
+    table = GPUStateTensor(2, "cpu", telemetry=TelemetryReporter(sinks=[sink]))
+    (slot,) = attach(model, "head", 2, 4, fault_limit=100, state=table)
+    with torch.no_grad():
+        model(torch.randn(4, 5))
+    slot.seed(0).attach_kernel(kernel)
+    walk(slot.seed(0), S.ACTIVE)
+    return model, slot, sink
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_cut_of_a_kernels_own_input_gradient_is_charged(backend: str) -> None:
+    """Compiled, an ACTIVE seed's cut zeroes the non-finite gradient its kernel's backward sends
+    into the host, where its output was finite: eager passes it on (a GradScaler skips the
+    step), compiled the host steps on the finite part. That fault went unseen; now the cut
+    sets the seed's cut flag in the backward, and the poll charges it, once."""
+    torch._dynamo.reset()
+    torch.manual_seed(17)
+    model, slot, sink = active_mlp(InputGradientOverflows(4))
+    x = torch.randn(4, 5)
+    want = model(x)
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert all(p.grad.isfinite().all() for p in model.encoder.parameters())  # the cut
+    seed = slot.seed(0)
+    assert seed.faults == 0 and bool(seed.cut_flag)  # in the backward: no host read there
+    assert slot.poll_nonfinite() == []  # its gradient is kept: the output was finite
+    assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON]
+    assert fault_events(sink) == [{"seed_id": "head[0]", "kind": "nonfinite", "stage": "ACTIVE"}]
+    assert seed.nonfinite_events == 0 and not bool(seed.cut_flag)  # no output fell back
+    assert slot.poll_nonfinite() == [] and seed.faults == 1  # settled
+
+
+def test_eager_passes_a_kernels_own_non_finite_input_gradient_on_uncharged() -> None:
+    """Eager is as it was: the host sees the non-finite gradient (its optimizer's checks skip
+    the step) and the flags record nothing."""
+    model, slot, _ = active_mlp(InputGradientOverflows(4))
+    model(torch.randn(4, 5)).sum().backward()
+    assert not all(p.grad.isfinite().all() for p in model.encoder.parameters())
+    assert slot.poll_nonfinite() == [] and slot.seed(0).faults == 0
+
+
+@pytest.mark.parametrize("host_overflows", [False, True], ids=["healthy", "host_overflows"])
+def test_a_compiled_cut_charges_no_healthy_seed(host_overflows: bool) -> None:
+    """A healthy compiled ACTIVE seed is charged nothing, nor one whose non-finite input
+    gradient came from above (the host's own overflow, a GradScaler's scale still too high):
+    the gradient into its output was not finite, so the zeroed entries are not its own."""
+    torch._dynamo.reset()
+    torch.manual_seed(18)
+    model, slot, sink = active_mlp(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(torch.randn(4, 5))
+    (out * (float("inf") if host_overflows else 1.0)).sum().backward()
+    assert not bool(slot.seed(0).cut_flag)
+    assert slot.poll_nonfinite() == [] and slot.seed(0).faults == 0 and not fault_events(sink)
+
+
+def test_a_compiled_cut_of_a_stand_alone_seed_is_charged() -> None:
+    """The same for a seed outside a slot: its own cut flag, read by its own poll."""
+    torch._dynamo.reset()
+    torch.manual_seed(19)
+    seed = make_seed(InputGradientOverflows(C), S.ACTIVE)
+    net = Net(seed)
+    x = torch.randn(BATCH, 4)
+    torch.compile(net, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert all(p.grad.isfinite().all() for p in net.up.parameters())
+    assert seed.poll_nonfinite() is False
+    assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON]
 
 
 # ------------------------------------------------------------------- a backward that raises

@@ -1,0 +1,111 @@
+"""An ACTIVE seed's gradient cut under ``torch.compile``, and the fault it records
+(docs/design.md §6a, "Under compilation").
+
+Eager mode cuts the gradient an ACTIVE kernel sends into the host with a tensor hook, only where
+its output was not finite (``faults.cut_nonfinite_gradient``). A hook on an intermediate tensor
+made TorchDynamo (torch 2.13) drop the attribute writes to an existing object traced after it
+(CLIP's ``outputs.pooler_output = self.visual_projection(...)`` kept the unprojected tensor), so
+a compiled kernel takes its input through :func:`cut_input` instead: an identity whose backward
+zeroes every non-finite entry of the gradient into the host. Where the kernel's output was not
+finite that is the eager cut (the gradient into the kernel is 0, its input gradient 0 or
+``0 * inf``). Where the output was finite but the kernel's own backward was not (an fp16
+overflow of ``g @ W``, a ``0 * inf`` inside it), eager passes the non-finite gradient on and a
+``GradScaler`` or a clipped step sees it; compiled, the host keeps the finite part, so the cut
+records the fault instead: it sets the seed's ``cut_flag`` (a forward input mutated in the
+backward, no host read), which the step reads with its other flags and charges as a
+``nonfinite`` fault, :data:`CUT_REASON` (``GradientIsolatedSeed.settle_nonfinite``).
+
+A zeroed entry is the seed's own only where the kernel's input and the gradient into its output
+were both finite: a host's non-finite activations are the host's (as for an output,
+``faults.record_fallbacks``), and so is a non-finite gradient from above (the host's own
+overflow, a ``GradScaler``'s scale still too high). The gradient into the output is known in
+the backward of :func:`seen_output`, the identity the kernel's output goes through, which sends
+its finiteness back to the cut as the gradient of a token the cut made: the two backward nodes
+are linked by autograd's own edges, with no buffer written between them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["CUT_REASON", "cut_input", "seen_output"]
+
+# The reason a seed whose compiled cut zeroed its own non-finite input gradient is charged.
+CUT_REASON = "non-finite input gradient from its backward, zeroed (compiled)"
+
+
+def cut_input(x: torch.Tensor, fault: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alias of x, token)``: the kernel's input, whose backward zeroes the non-finite entries
+    of the gradient and sets ``fault`` (0-d bool: the seed's ``cut_flag``) where zeroing one
+    was the kernel's own fault; ``token`` goes to :func:`seen_output` with the kernel's output.
+    ``fault`` None (under a ``torch.func`` transform, which must write nothing outside it): the
+    cut alone."""
+    xin, token = _FiniteGradient.apply(x, fault)
+    return xin, token
+
+
+def seen_output(out: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``out`` (the kernel's output), whose backward tells :func:`cut_input`'s through ``token``
+    whether the gradient into it was finite."""
+    seen: torch.Tensor = _GradientSeen.apply(out, token)
+    return seen
+
+
+def _sum_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether the sum of ``t`` (fp32 at least) is finite: ``faults.all_finite``'s test as it is
+    traced (every entry finite, and no sum that overflows)."""
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    return t.detach().sum(dtype=torch.float32 if half else t.dtype).isfinite()
+
+
+class _FiniteGradient(torch.autograd.Function):
+    """The identity on the kernel's input, and a token (``_GradientSeen``'s gradient comes back
+    through it); the backward passes the finite entries of the gradient and zeroes the others."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor, fault: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.view_as(x), x.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        """The input (whose finiteness says whose a zeroed entry is) and the flag. (A Function
+        with ``generate_vmap_rule`` must define its context here, not in ``forward``.)"""
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor, seen: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None]:
+        x, fault = ctx.saved_tensors
+        ok = grad.isfinite()
+        if fault is not None and seen is not None:  # (seen None: no output took the token)
+            own = ok.logical_not().any().logical_and_(seen.gt(0))
+            fault.logical_or_(own.logical_and_(_sum_finite(x)))
+        return torch.where(ok, grad, torch.zeros_like(grad)), None
+
+
+class _GradientSeen(torch.autograd.Function):
+    """The identity on the kernel's output; its backward sends back, as the gradient of
+    ``_FiniteGradient``'s token, 1 where the gradient into the output was finite, else 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(out: torch.Tensor, token: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        """Nothing to keep: the backward reads the incoming gradient alone."""
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, _sum_finite(grad).to(torch.float32)
