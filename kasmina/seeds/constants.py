@@ -55,6 +55,7 @@ __all__ = [
     "CONSTANTS",
     "SEED_CONSTANTS",
     "SEED_FLAGS",
+    "add_missing_flag",
     "constants_on_meta",
     "host_device",
     "keep_constants",
@@ -241,12 +242,23 @@ def rebuild_if_left(layer: Any) -> None:
         rebuild_constants(layer)
 
 
+def add_missing_flag(module: Any, name: str, like: str) -> None:
+    """A flag buffer ``name`` that a module pickled before it existed lacks, made clean (all
+    False, non-persistent) beside its flag ``like``: a ``torch.save``-d model of an older
+    version loads, moves and polls (a state dict never held these)."""
+    buffers = vars(module).get("_buffers")
+    if buffers is not None and name not in buffers and buffers.get(like) is not None:
+        buffers[name] = torch.zeros_like(buffers[like], dtype=torch.bool)
+        module._non_persistent_buffers_set.add(name)
+
+
 def link_after_unpickle(layer: Any) -> None:
     """An unpickled slot's seeds' flags are views of its own again (a pickle keeps no storage
     shared: the guard wrote the slot's flags and a poll read the seeds', so a non-finite output
     was never charged): now if every seed is built, else at the slot's next use of its flags
     (:func:`relink_flags`); a seed pickled alone reaches its slot, through the state table's
     listener, before the seed itself is built."""
+    add_missing_flag(layer, "_cut_flags", "_fault_flags")
     one = vars(layer).get("_buffers", {}).get("_one")
     if one is not None:  # rebuilt by the unpickler (``set_``: version 1), not written over
         _note_own_write(one)
@@ -272,6 +284,5 @@ def _relink(layer: Any) -> None:
     for k, seed in enumerate(layer.seeds):
         finite[k].logical_and_(seed._buffers["finite_flag"])
         faulted[k].logical_or_(seed._buffers["fault_flag"])
-        if (cut := seed._buffers.get("cut_flag")) is not None:  # (a seed pickled before it)
-            layer._buffers["_cut_flags"][k].logical_or_(cut)
+        layer._buffers["_cut_flags"][k].logical_or_(seed._buffers["cut_flag"])
     layer._link_flags()

@@ -35,7 +35,7 @@ from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.charging import charge, charge_or_defer
 from kasmina.seeds.compiled_cut import CUT_REASON
-from kasmina.seeds.constants import SEED_CONSTANTS, SEED_FLAGS, keep_constants
+from kasmina.seeds.constants import SEED_CONSTANTS, SEED_FLAGS, add_missing_flag, keep_constants
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     checked_schedule,
@@ -273,8 +273,7 @@ class GradientIsolatedSeed(nn.Module):
         the step skips it; its backward met NaN or ``0 * inf``) unless ranks averaged them
         (``drop_gradient=False``, the NaN taken as 0). One fault however many fell back, with grad
         or without; none when each one's input was the host's NaN (``faulted`` False). ``cut``: a
-        compiled ACTIVE backward zeroed a non-finite input gradient its kernel made (one fault,
-        unless an output's is charged; the host's step took the finite part)."""
+        compiled ACTIVE backward zeroed a non-finite input gradient of its kernel's (a fault)."""
         if finite and not faulted and not cut:
             return False
         if not finite and drop_gradient and self.kernel is not None:
@@ -589,6 +588,7 @@ class GradientIsolatedSeed(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        add_missing_flag(self, "cut_flag", "fault_flag")  # pickled before it
         if "_stage_code" not in state:  # pickled before the stage code: listen now (compile)
             self.state_table.listen(self._refresh_stage_code, rows=[self.state_index])
             self._refresh_stage_code()

@@ -195,6 +195,30 @@ def test_a_slot_pickled_by_an_older_version_counts_its_kd_losses() -> None:
         assert old(torch.randn(3, 8)).requires_grad
 
 
+def test_a_model_pickled_before_the_cut_flags_loads_moves_and_polls() -> None:
+    """A model ``torch.save``-d by a version without the compiled cut's flags (the slot's
+    ``_cut_flags``, each seed's ``cut_flag``) raised a ``KeyError`` as it was unpickled; a seed
+    pickled alone could not be moved. Both come back with the flags clean, and unsaved."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    del slot._buffers["_cut_flags"]
+    slot._non_persistent_buffers_set.discard("_cut_flags")
+    for seed in slot.seeds:
+        del seed._buffers["cut_flag"]
+        seed._non_persistent_buffers_set.discard("cut_flag")
+    buffer = io.BytesIO()
+    torch.save((model, slot.seed(0)), buffer)
+    buffer.seek(0)
+    loaded, alone = torch.load(buffer, weights_only=False)
+    loaded.to(torch.float64)
+    slot = kasmina_layers(loaded)[0]
+    assert not slot._cut_flags.any() and not any(bool(s.cut_flag) for s in slot.seeds)
+    assert slot.poll_nonfinite() == [] and loaded(torch.randn(3, 5, dtype=torch.float64)).shape
+    alone.to(torch.float64)
+    assert alone.poll_nonfinite() is False and not bool(alone.cut_flag)
+    assert not any("cut_flag" in key for key in loaded.state_dict())
+
+
 def test_a_grown_model_copied_under_inference_mode_runs() -> None:
     """A deep copy (or a ``kasmina.load``) made under ``torch.inference_mode`` holds inference
     tensors, which keep no version counter: the seed's random-stream position summed its
