@@ -487,7 +487,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             "isolation_clean": clean,
             "host_stepped": host_stepped,
             "seeds_stepped": trained,  # had gradients to apply, and their optimizers stepped
-            "nonfinite": nonfinite,  # fell back with grad, or its backward raised: grad dropped
+            "nonfinite": nonfinite,  # fell back or faulted with grad: the step's grad dropped
             "frozen": frozen,  # in a training stage with no parameter that requires grad
             "commands": outcomes,  # queued commands applied at the end of this step
         }

@@ -34,9 +34,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from kasmina.seeds.faults import FAULT_LOCK, FAULT_LOG_SIZE, log_fault, short_reason
+import torch
+
+from kasmina.ops.transforms import functorch_active
+from kasmina.seeds.faults import FAULT_LOCK, FAULT_LOG_SIZE, FELL_BACK, log_fault, short_reason
+from kasmina.seeds.recompute import reentrant_first_run
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import LEGAL_TRANSITIONS, SeedStage
+from kasmina.stages import LEGAL_TRANSITIONS, TRAINING_STAGES, SeedStage
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -51,7 +55,12 @@ __all__ = [
     "contained",
     "defer_faults",
     "encode",
+    "loses_step",
 ]
+
+# Faults of a kernel's call in a forward (it raised, or its output could not stand in for the
+# host's): that call passes the host through and gives the seed no gradient.
+CALL_FAULTS = frozenset({"exception", "type", "shape", "dtype", "device"})
 
 
 class ChargedSeed(Protocol):
@@ -93,6 +102,22 @@ def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
                 "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
                 seed.seed_id, limit, stage.name,
             )  # fmt: skip
+
+
+def loses_step(kind: str, stage: SeedStage) -> bool:
+    """Whether a fault of ``kind`` found now in ``stage`` costs the seed its whole step, as a
+    fallback on a non-finite output does: every gradient since the last poll dropped, the step
+    skipped (``settle_nonfinite``). So do a backward that raised and a call that faulted in a
+    training forward that records a graph (grad on, or a reentrant checkpoint's first run, whose
+    recompute skips the call): kept, the other micro-batches of an accumulated step trained the
+    seed and moved its alpha on part of it, where one batch of them all trains it on nothing. A
+    forward without a graph (validation) keeps the step's gradients; so does a call under a
+    ``torch.func`` transform, whose flags may be an ensemble's stacked buffers."""
+    if kind in ("backward", FELL_BACK):
+        return True
+    if kind not in CALL_FAULTS or stage not in TRAINING_STAGES or functorch_active():
+        return False
+    return torch.is_grad_enabled() or reentrant_first_run()
 
 
 _uncontained = itertools.count(1)  # charges that raised in ``contained`` (the log's count)

@@ -33,7 +33,7 @@ from kasmina.errors import IllegalTransitionError, KernelInputRefused
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.ops.alpha_blend import seed_blend
-from kasmina.seeds.charging import charge, charge_or_defer
+from kasmina.seeds.charging import charge, charge_or_defer, loses_step
 from kasmina.seeds.compiled_cut import CUT_REASON
 from kasmina.seeds.constants import SEED_CONSTANTS, SEED_FLAGS, add_missing_flag, keep_constants
 from kasmina.seeds.extra_state import (
@@ -308,8 +308,8 @@ class GradientIsolatedSeed(nn.Module):
         if self.observed_faults is not None:
             self.observed_faults.append(f"{kind}: {reason}")
             return
-        if kind in ("backward", FELL_BACK):  # its step's gradient is lost with it: every
-            self.finite_flag.fill_(False)  # one since the poll dropped, the step skipped (settle)
+        if loses_step(kind, self.stage):  # its step's gradient is lost with it: every one
+            self.finite_flag.fill_(False)  # since the poll dropped, the step skipped (settle)
         if kind == FELL_BACK:  # a non-finite output found on the host (anomaly mode): charged at
             self.fault_flag.fill_(True)  # the poll, once a step, as the device half's are
             return

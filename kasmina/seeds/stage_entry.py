@@ -6,15 +6,16 @@ seed's host state for the new stage is set first, plain assignments that cannot 
 the probe, GRAFTING's step, RECYCLING's fault count and log, the scores, the field report, the
 alpha it holds. What it writes to its device and to the table's row follows (``settle``): its
 alpha buffer and ALPHA_BLEND, GATE_SCORE outside the contributing stages, RECYCLING's blueprint
-and fault flags, HARVESTING's kernel detached. Those may fail (an out-of-memory, a device error).
-Raised, the table logged the failure and dropped it: a seed in STABILIZATION kept its last
-GRAFTING alpha (in its buffer or in ALPHA_BLEND, whichever write failed), and a recycled seed
-its faults and flags, charged to its next kernel. So one that fails is kept instead: the seed
-names the stage (``unsettled``), the failure is logged at a bounded rate (counted in its line),
-and ``settle`` writes again what the host state holds, which is idempotent while the seed stays
-in that stage. Its owner completes it (a manager at its next safe point, as any transition's
-effect: ``kasmina.manager.post_commit``); a seed with no owner keeps it until ``settle_stage()``
-is called. Only a user's observer raises to the table.
+and fault flags (QUARANTINE's flags too), HARVESTING's kernel detached. Those may fail (an
+out-of-memory, a device error). Raised, the table logged the failure and dropped it: a seed in
+STABILIZATION kept its last GRAFTING alpha (in its buffer or in ALPHA_BLEND, whichever write
+failed), and a recycled seed its faults and flags, charged to its next kernel. So one that
+fails is kept instead: the seed names the stage (``unsettled``), the failure is logged at a
+bounded rate (counted in its line), and ``settle`` writes again what the host state holds,
+which is idempotent while the seed stays in that stage. Its owner completes it (a manager at
+its next safe point, as any transition's effect: ``kasmina.manager.post_commit``); a seed with
+no owner keeps it until ``settle_stage()`` is called. Only a user's observer raises to the
+table.
 """
 
 from __future__ import annotations
@@ -110,12 +111,15 @@ def settle(seed: EnteringSeed) -> None:
         seed.unsettled = None
         return
     table, row = seed.state_table, seed.state_index
-    if stage in (S.RECYCLING, S.DORMANT):  # the culled artifact's, and its faults' flags, gone
-        # DORMANT, entered from RECYCLING only, is its clean slate: a RECYCLING entry left
-        # unsettled is completed there, not dropped as moot (its next kernel charged for them).
+    if stage in (S.RECYCLING, S.DORMANT, S.QUARANTINE):  # its faults' flags, gone: no step
+        # polls a quarantined seed, and a ROLLBACK to before it (which restores no flag) dropped
+        # the next step's gradient and reported it fallen back for a fault of the abandoned one.
         seed.finite_flag.fill_(True)
         seed.fault_flag.fill_(False)
         seed.cut_flag.fill_(False)
+    if stage in (S.RECYCLING, S.DORMANT):  # the culled artifact's, gone
+        # DORMANT, entered from RECYCLING only, is its clean slate: a RECYCLING entry left
+        # unsettled is completed there, not dropped as moot (its next kernel charged for them).
         table.set_blueprint(row, "")
     elif stage == S.HARVESTING and seed.kernel is not None:
         seed.detach_kernel()

@@ -276,6 +276,34 @@ def test_a_rollback_restores_each_seeds_step_counts(rig: Rig, mlp) -> None:
     assert (record.graft_steps, record.bad_gradients) == (3, 1)
 
 
+def test_a_seed_quarantined_mid_step_trains_at_once_after_a_rollback_to_before(
+    rig: Rig, mlp
+) -> None:
+    """A kernel that raised on each of three accumulated micro-batches quarantined its seed
+    mid-step, its step lost (``finite_flag`` cleared), and no step polls a quarantined seed. A
+    ROLLBACK to before restored the seed, its kernel healthy, but not the flag: the next step
+    dropped its gradient and reported it fallen back. The quarantine cleared the flag."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    seed = manager.seed(SEED0)
+    healthy = seed.kernel.forward
+
+    def explode(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+    seed.kernel.forward = explode
+    for part, y in zip(rig.x.tensor_split(3), rig.y.tensor_split(3), strict=True):
+        manager.backward(F.cross_entropy(rig.model(part), y) / 3)
+    assert rig.stage(SEED0) == S.QUARANTINE and manager.step()["host_stepped"]
+    seed.kernel.forward = healthy
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    report = rig.train(1)
+    assert report["seeds_stepped"] == [SEED0] and report["nonfinite"] == []
+
+
 def test_a_rollback_pins_exactly_the_originals_of_live_seeds(rig: Rig, mlp) -> None:
     """After a rollback a seed's cached original is pinned while the seed holds a kernel and is
     not TERMINATED, whether its kernel changed or not: a live seed never runs unpinned, and a

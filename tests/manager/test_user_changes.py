@@ -307,13 +307,13 @@ def test_a_load_without_the_alpha_buffer_or_in_half_precision_keeps_the_lifecycl
     manager.close()
 
 
-@pytest.mark.parametrize("fault", ["raise", "nan"])
+@pytest.mark.parametrize("fault", ["raise", "nan", "forward", "shape"])
 def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, fault: str):
     """Gradient accumulation over two micro-batches, the GRAFTING seed's kernel faulting on the
     second: a non-finite output dropped the step's gradient and left alpha where it was, but a
-    backward that raised kept the first micro-batch's gradient, stepped the seed on it and
-    advanced alpha (G4 came sooner than the schedule). Either fault now costs the seed the
-    whole step, charged once; the host steps."""
+    backward that raised, a forward that raised or an output of the wrong shape kept the first
+    micro-batch's gradient, stepped the seed on it and advanced alpha (G4 came sooner than the
+    schedule). Each fault now costs the seed the whole step, charged once; the host steps."""
     from tests.seeds.test_fault_containment import _ExplodingBackward
 
     manager = rig.manager
@@ -326,6 +326,10 @@ def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, f
         out = forward(x)
         if calls[0] != 2:
             return out
+        if fault == "forward":
+            raise RuntimeError("kernel forward exploded")
+        if fault == "shape":
+            return out[..., :1]
         return _ExplodingBackward.apply(out) if fault == "raise" else out * float("nan")
 
     seed.kernel.forward = faulting

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kasmina.seeds import island
 from kasmina.seeds.compiled_cut import CUT_REASON
@@ -310,6 +311,53 @@ def test_a_kernel_that_fails_on_some_calls_only_faults_on_those(x: torch.Tensor)
         assert seed.stage is (S.QUARANTINE if call >= 5 else S.GRAFTING)
     assert kernel.calls == 5  # quarantined at the third fault: call 6 never reached the kernel
     assert list(seed.fault_log) == [f"raised ValueError: bad batch {c}" for c in (2, 3, 5)]
+
+
+class RaisesOnOneRow(nn.Module):
+    """A healthy Linear + Tanh that raises on a batch of one row (a bug on the short last
+    micro-batch): the same in a checkpoint's first run and its recompute."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            raise ValueError("one row")
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["plain", "reentrant-checkpoint"])
+@pytest.mark.parametrize("stage", RUNNING)
+def test_a_call_that_faults_in_one_micro_batch_costs_the_seed_the_whole_step(
+    x: torch.Tensor, stage: SeedStage, reentrant: bool
+) -> None:
+    """Gradient accumulation over three micro-batches, the kernel raising on the last: the
+    poll kept the other two's gradients, so the step trained the seed (and moved a GRAFTING
+    seed's alpha) on part of its batch, where one batch of all three would have trained it
+    on nothing, and a non-finite output or a backward that raised cost the whole step. The
+    poll now drops every gradient since the last one, the raise charged once; so in a
+    reentrant checkpoint, whose first run has no grad and whose recompute skips the call. A
+    validation forward under ``no_grad`` that faults records no gradient: the step's stay."""
+    seed = make_seed(RaisesOnOneRow(C), stage)
+    net = Net(seed)
+
+    def body(h: torch.Tensor) -> torch.Tensor:
+        return net.down(seed(h))
+
+    for part in x.tensor_split(3):  # 2, 2 and 1 rows
+        h = net.up(part)
+        out = checkpoint(body, h, use_reentrant=True) if reentrant else body(h)
+        out.pow(2).sum().backward()
+    assert seed.faults == 1 and all(p.grad is not None for p in seed.trained_parameters())
+    assert seed.poll_nonfinite() is True  # fell back with grad: the step skips the seed
+    assert all(p.grad is None for p in seed.trained_parameters())
+    assert seed.faults == 1 and seed.stage is stage
+    net(x).pow(2).sum().backward()
+    with torch.no_grad():
+        net(x[:1])  # raises, in a validation forward
+    assert seed.faults == 2 and seed.poll_nonfinite() is False
+    assert all(p.grad is not None for p in seed.trained_parameters())
 
 
 # --------------------------------------------------------------------------- fault limit
@@ -757,7 +805,9 @@ def test_the_guarded_forward_and_backward_never_read_the_device(
     read = flags_module._read
     monkeypatch.setattr(flags_module, "_read", lambda f: transfers.append(len(f)) or read(f))
     with DispatchedOps() as mode:
-        assert layer.poll_nonfinite() == ["layer[0]"]  # the step boundary: one transfer
+        # The step boundary, one transfer: each seed that fell back in a forward with grad
+        # (a non-finite output, a raise, a wrong shape) loses the step's gradient.
+        assert layer.poll_nonfinite() == ["layer[0]", "layer[1]", "layer[2]"]
     assert mode.scalar_reads == [] and transfers == [12]  # each seed's finite, fault, cut flags
     assert layer.poll_nonfinite() == [] and transfers == [12, 12]  # settled: clean flags again
 

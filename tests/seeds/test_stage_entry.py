@@ -128,3 +128,31 @@ def test_what_failed_on_entering_a_stage_is_moot_once_the_seed_left_it(
     assert seed.stage == S.GRAFTING and seed.unsettled == S.STABILIZATION
     seed.settle_stage()
     assert seed.unsettled is None and alpha_column(seed) == 500
+
+
+class _RaisesOnce(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+
+def test_entering_quarantine_clears_the_flags_no_step_will_poll() -> None:
+    """A kernel that raised in a training forward clears ``finite_flag`` (the step drops the
+    seed's gradient); at its fault limit the seed went to QUARANTINE with the flag still
+    clear, and no step polls a quarantined seed. A ROLLBACK to before the quarantine restores
+    no flag, so the next step dropped the restored seed's gradient, reported as fallen back.
+    Entering QUARANTINE clears both flags, as RECYCLING does."""
+    seed = GradientIsolatedSeed(C, "s0", fault_limit=2)
+    seed.attach_kernel(_RaisesOnce())
+    for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING):
+        seed.transition_to(stage)
+    x = torch.randn(4, C, requires_grad=True)
+    seed(x).sum().backward()
+    assert seed.stage is S.GRAFTING and not bool(seed.finite_flag)  # the step is lost
+    seed.fault_flag.fill_(True)  # and a fallback's fault is pending, as a NaN output leaves it
+    seed(x).sum().backward()
+    assert seed.stage is S.QUARANTINE and seed.faults == 2
+    assert bool(seed.finite_flag) and not bool(seed.fault_flag)
