@@ -17,12 +17,15 @@ import pytest
 import torch
 
 from kasmina.control.auth import sign_command
-from kasmina.control.builders import make_rollback_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
+from kasmina.kd.config import KDConfig
 from kasmina.manager.framework import ManagerOptimizer, ManagerScheduler
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.urza.blueprints import ResidualMLP
+from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
 from tests.integration.models import tiny_llama
-from tests.manager.helpers import make_config
+from tests.manager.helpers import PUBLISHER, make_config, record_activations, run_command
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -41,11 +44,11 @@ class KasminaTrainer(transformers.Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        n = self.current_gradient_accumulation_steps
+        k = n = self.current_gradient_accumulation_steps
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             n = 1  # the loss is normalised by the window's token count already
-        kd = self.manager.collect_kd_losses()
-        self.manager.backward(loss / n, kd_loss=None if kd is None else kd / n)
+        kd = self.manager.collect_kd_losses()  # this micro-batch's mean: / k whatever n is
+        self.manager.backward(loss / n, kd_loss=None if kd is None else kd / k)
         return loss.detach() / n
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
@@ -131,6 +134,82 @@ def test_a_run_resumed_from_trainers_checkpoint_ends_where_the_whole_run_ends(
     host = manager.optimizers.optimizer("host")
     assert int(next(iter(host.state.values()))["step"]) == steps
     manager.close()
+
+
+class Distilling(KasminaTrainer):
+    """The recipe, with teacher logits for each micro-batch (a fixed table over the tokens)."""
+
+    teacher = torch.randn(128, 128, generator=torch.Generator().manual_seed(3)) * 3
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        self.manager.set_teacher_logits(self.teacher[inputs["input_ids"]])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class FirstGradients(transformers.TrainerCallback):
+    """The gradients of ``params`` as the first optimizer step finds them."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params, self.grads = params, None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.grads is None:
+            self.grads = [p.grad.clone() for p in self.params]
+
+
+def _distilling_step(tmp_path: Path, artifact: str, batch: int, steps: int) -> list[torch.Tensor]:
+    """One optimizer step of the recipe over 8 samples, ``steps`` micro-batches of ``batch``, a
+    seed of the second block's ``down_proj`` distilling through the head: the first step's
+    gradients of the seed and of a host layer."""
+    name = f"kd{steps}"
+    kd = KDConfig(temperature=2.0, alpha=1.0)
+    config = make_config(
+        tmp_path / name, tmp_path / "urza", run_id=name, checkpoint_mode="memory",
+        kd_enabled=True, kd=kd,
+    )  # fmt: skip
+    manager = KasminaKernelManager(config, keyring=KEYS)
+    model = tiny_llama()
+    manager.attach(model, ["layers.1.mlp.down_proj"], 2, 16, host_lr=1e-2, seed_lr=1e-2)
+    record_activations(model, torch.zeros(4, 6, dtype=torch.long))
+    seed_id = "model.layers.1.mlp.down_proj[0]"
+    germinate = make_seed_command("germinate", seed_id, artifact, {})
+    assert run_command(manager, sign_command(germinate, KEYS, "ctl").SerializeToString())
+    manager.set_kd_head(model.lm_head.weight)
+    seed = manager.seed(seed_id)
+    watch = FirstGradients([*seed.seed_parameters(), model.model.layers[0].mlp.down_proj.weight])
+    optimizer = ManagerOptimizer(manager)
+    schedule = torch.optim.lr_scheduler.LambdaLR(manager.optimizers.optimizer("host"), lambda s: 1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name / "out"), use_cpu=True, max_grad_norm=0, max_steps=1,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=steps, report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, save_strategy="no",
+    )  # fmt: skip
+    trainer = Distilling(
+        model=model, args=args, train_dataset=_data(8), callbacks=[watch], manager=manager,
+        optimizers=(optimizer, ManagerScheduler(schedule, optimizer)),
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs  # the loss normalised by the window's tokens
+    manager.close()
+    assert watch.grads is not None
+    return watch.grads
+
+
+def test_the_recipes_kd_gradient_does_not_grow_with_the_accumulation_steps(tmp_path: Path) -> None:
+    """A causal LM normalises its loss by the window's token count (``num_items_in_batch``), so
+    the recipe divides it by 1; it divided the seeds' KD losses, each its own micro-batch's
+    mean, by that 1 too, and the seed's KD gradient grew with ``gradient_accumulation_steps``
+    (twice the one-batch gradient at 2). One batch of 8 and two of 4 now give the same
+    first-step gradients, the distilling seed's and the host's."""
+    store = tmp_path / "urza"
+    store.mkdir()
+    torch.manual_seed(1)
+    mlp = ResidualMLP(16, 16)
+    artifact = publish_artifact(mlp, [torch.randn(4, 6, 16)], str(store), "mlp", PUBLISHER)
+    whole = _distilling_step(tmp_path, artifact.artifact_id, 8, 1)
+    accumulated = _distilling_step(tmp_path, artifact.artifact_id, 4, 2)
+    for a, b in zip(whole, accumulated, strict=True):
+        torch.testing.assert_close(b, a)
 
 
 def test_a_rollback_in_a_step_leaves_the_scheduler_at_the_managers_clock(tmp_path: Path) -> None:
