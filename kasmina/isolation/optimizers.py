@@ -98,7 +98,9 @@ class IsolatedOptimizerManager:
 
     @property
     def seed_ids(self) -> list[str]:
-        return [oid for oid in self._entries if oid != HOST_ID]
+        # The ids copied in one C call first: a reader on another thread (an exporter) walked
+        # the live dict as a command created or removed an optimizer, and raised.
+        return [oid for oid in list(self._entries) if oid != HOST_ID]
 
     @property
     def has_host(self) -> bool:

@@ -136,7 +136,9 @@ class ParameterOwnership:
         return entry[0] if entry is not None else None
 
     def owned_by(self, owner: str) -> list[torch.Tensor]:
-        return [t for name, t in self._owner.values() if name == owner]
+        # Copied in one C call first: a reader on another thread (an optimizer manager's
+        # ``teacher_param_count``) must not walk the live dict while a claim changes it.
+        return [t for name, t in list(self._owner.values()) if name == owner]
 
     def _current_ranges(self) -> ByteRanges[int]:
         """The owned tensors' byte ranges where their memory is now (see the class docstring)."""

@@ -38,6 +38,37 @@ def test_overlap_with_host_is_rejected_and_nothing_registered():
     assert opts.owner_of(seed.weight) == "s0"
 
 
+class SwitchingId(str):
+    """A seed id whose comparison runs ``on_compare`` once: another thread's command landing
+    between two ids of a reader's walk, deterministically."""
+
+    on_compare = None
+
+    def __ne__(self, other: object) -> bool:
+        hook, type(self).on_compare = type(self).on_compare, None
+        if hook is not None:
+            hook()
+        return str.__ne__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_seed_ids_read_on_another_thread_never_meet_a_registration() -> None:
+    """An exporter reading ``seed_ids`` walked the live dict while the training thread's
+    command created (or removed) a seed optimizer, and raised "dictionary changed size during
+    iteration". It reads the ids copied at one moment now."""
+    host, seed = models()
+    other = torch.nn.Linear(4, 4)
+    opts = IsolatedOptimizerManager()
+    opts.initialize_host(host.parameters())
+    opts.create_seed_optimizer(SwitchingId("s0"), seed.parameters())
+    SwitchingId.on_compare = lambda: opts.create_seed_optimizer("s1", other.parameters())
+    assert opts.seed_ids == ["s0"]  # the ids when it was read
+    assert opts.seed_ids == ["s0", "s1"]
+    SwitchingId.on_compare = lambda: opts.remove_seed("s1")
+    assert opts.seed_ids == ["s0", "s1"] and opts.seed_ids == ["s0"]
+
+
 def test_overlap_between_seeds_is_rejected():
     host, seed = models()
     opts = IsolatedOptimizerManager()
