@@ -68,7 +68,9 @@ class LeylineAdaptationHandler:
     ``stats`` counts ``accepted`` (passed every check), ``executed`` (executor reported
     success), ``failed`` (executor reported failure or raised), ``rejected`` and
     ``rejected:<reason>`` per reason. Thread-safe: the counters are updated under a lock and the
-    verifier's nonce ledger is itself thread-safe, so commands may arrive on any thread.
+    verifier's nonce ledger is itself thread-safe, so commands may arrive on any thread; each
+    read of ``stats`` is a copy taken under that lock (one moment's counts, which an exporter
+    may walk while commands arrive and complete).
 
     Rejections are reported (logged, and emitted as ``command.rejected``) at a bounded rate: the
     first of each reason at once, then the count since the last report at most once per
@@ -96,7 +98,7 @@ class LeylineAdaptationHandler:
         self.executor = executor
         self.max_message_bytes = max_message_bytes
         self.rejection_report_interval_s = float(interval)
-        self.stats: dict[str, int] = {"accepted": 0, "executed": 0, "failed": 0, "rejected": 0}
+        self._stats: dict[str, int] = {"accepted": 0, "executed": 0, "failed": 0, "rejected": 0}
         self._telemetry = telemetry
         self._events = None if telemetry is None else _HandlerEvents(telemetry)
         self._stats_lock = fork_safe(threading.Lock())
@@ -107,6 +109,14 @@ class LeylineAdaptationHandler:
         self._unreported: dict[str, int] = {}
         self._next_due = math.inf
         self._closed = False  # ``close``: every later command is refused, reason ``closed``
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters (the class doc), copied under their lock: the live dict, walked on another
+        thread as a rejection of a new reason added its key, raised "dictionary changed size
+        during iteration", and its counts could be read from two moments."""
+        with self._stats_lock:
+            return dict(self._stats)
 
     @property
     def telemetry(self) -> TelemetryReporter | None:
@@ -156,10 +166,10 @@ class LeylineAdaptationHandler:
         ``revised``: it was recorded before as the opposite (a multi-rank repair overturned it
         on this rank), so that count moves rather than adds."""
         with self._stats_lock:
-            self.stats["executed" if success else "failed"] += 1
+            self._stats["executed" if success else "failed"] += 1
             earlier = "failed" if success else "executed"
-            if revised and self.stats.get(earlier, 0) > 0:
-                self.stats[earlier] -= 1
+            if revised and self._stats.get(earlier, 0) > 0:
+                self._stats[earlier] -= 1
         events = self._events
         if events is not None and events.enabled:
             event = events.complete[command.kind, success]
@@ -211,7 +221,7 @@ class LeylineAdaptationHandler:
             if type(command) is str:
                 return self._reject(command)
             with self._stats_lock:
-                self.stats["accepted"] += 1
+                self._stats["accepted"] += 1
             events = self._events
             if events is not None and events.enabled:
                 events.ack[command.kind].post(labels={"command_id": command.command_id})
@@ -248,7 +258,7 @@ class LeylineAdaptationHandler:
         now = self._clock()
         reports: list[_Report] = []
         with self._stats_lock:
-            stats = self.stats
+            stats = self._stats
             stats["rejected"] += 1
             total = stats[key] = stats.get(key, 0) + 1
             last = self._reported_at.get(reason)
@@ -273,7 +283,7 @@ class LeylineAdaptationHandler:
         for reason, count in list(self._unreported.items()):
             last = self._reported_at[reason]
             if force or now >= last + interval:
-                due.append((reason, count, self.stats["rejected:" + reason], last))
+                due.append((reason, count, self._stats["rejected:" + reason], last))
                 self._reported_at[reason] = now
                 del self._unreported[reason]
             else:

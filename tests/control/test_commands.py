@@ -725,6 +725,19 @@ def test_rejections_are_counted_exactly_and_reported_once_per_interval(caplog) -
     assert len(rig.sink.events("command.rejected")) == 5
 
 
+def test_stats_read_on_another_thread_are_one_moments_copy(rig: Rig) -> None:
+    """An exporter walking ``stats`` while a command of a new rejection reason arrived (on the
+    controller's thread) raised "dictionary changed size during iteration"; a read is a copy
+    taken under the counters' lock now, which later commands leave as it was."""
+    assert rig.handler.handle_adaptation_command(rig.sign(germinate()))
+    seen = rig.handler.stats
+    for key in rig.handler.stats:  # the walk; a rejection of a new reason lands inside it
+        if key == "accepted":
+            assert rig.handler.handle_adaptation_command(b"\xff not a command") is False
+    assert "rejected:malformed" not in seen and seen["accepted"] == seen["executed"] == 1
+    assert rig.handler.stats["rejected:malformed"] == 1 == rig.handler.stats["rejected"]
+
+
 def test_each_reason_is_reported_on_its_own_schedule() -> None:
     mono = [0.0]
     rig = Rig()
