@@ -280,7 +280,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         x = input_tensor.to(kernel.device)
         started = time.perf_counter_ns()
         out = kernel(x) if x.device.type == "cuda" else await asyncio.to_thread(kernel, x)
-        self.perf["execute"].add_ns(time.perf_counter_ns() - started)
+        self.state.perf["execute"].add_ns(time.perf_counter_ns() - started)
         return out
 
     def cache_kernel(self, kernel_artifact_id: str, kernel: GPUKernel) -> None:
@@ -456,7 +456,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 if r.stage in RUNS_KERNEL
                 and r.seed.settle_nonfinite(*flags[r.seed_id], drop_gradient=not shared)
             ]
-            frozen = registry.frozen(self.counters)  # seeds that cannot train: warned, counted
+            frozen = registry.frozen(state.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
             with interrupts_deferred():
                 host = [HOST_ID] if optimizers.has_host and clean else []
@@ -473,9 +473,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 self.execution.after_step(stepped, trained)  # G2's epochs, GRAFTING alphas
                 optimizers.zero_grad(host=state.config.host_grads_set_to_none)
                 dropped = registry.end_step()  # KD losses computed, never passed to backward()
-                if dropped and not self.counters["kd_dropped"]:
+                if dropped and not state.counters["kd_dropped"]:
                     logger.warning("KD losses were computed but not passed to backward(); dropped")
-                self.counters["kd_dropped"] += dropped
+                state.counters["kd_dropped"] += dropped
                 state.global_step += 1
             # The safe point: the graph gone, the gradients applied and zeroed (commands may swap).
             self.execution.complete_pending()  # what failed after a commit (rare): completed

@@ -186,7 +186,11 @@ class StateField:
     """A read-only view of one field of ``ManagerState`` (or of another component, ``source``)
     on the façade (``manager.epoch``...); a log (a deque the safe points append to) is read as
     a tuple copied in one C call, so a thread walking it never meets "deque mutated during
-    iteration". Assigning one raises: it would only hide the value the manager goes on using."""
+    iteration", and a mapping (``counters``, ``gate_counts``, ``val_metrics``) as a copy of its
+    own type (a ``Counter`` still reads 0 for a key never counted), so an exporter walking it
+    never meets "dictionary changed size during iteration" when a step or a command counts a
+    new key. The manager's own code writes through ``ManagerState``. Assigning one raises: it
+    would only hide the value the manager goes on using."""
 
     def __init__(self, source: str = "state") -> None:
         self.source = source
@@ -198,7 +202,9 @@ class StateField:
         if manager is None:
             return self
         value = getattr(getattr(manager, self.source), self.name)
-        return tuple(value.copy()) if isinstance(value, deque) else value
+        if isinstance(value, deque):
+            return tuple(value.copy())
+        return value.copy() if isinstance(value, dict) else value
 
     def __set__(self, manager: Any, value: Any) -> None:
         raise AttributeError(

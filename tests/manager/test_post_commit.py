@@ -386,10 +386,10 @@ def test_a_pending_completion_is_tried_once_a_step_put_off_and_given_up(
     assert len(calls) == 2  # one retry at the step's safe point, none before each command
     rig.train(14)  # retried 1, 2, 4, 8 steps apart: at the 1st, 2nd, 4th, 8th and 16th step
     assert len(calls) == 5
-    counters = manager.counters
     caplog.set_level("ERROR", logger="kasmina.manager.post_commit")
     rig.train(128 - 15)  # the 8th retry fails at the 128th step: given up
     assert len(calls) == 9 and not manager.execution.effects.pending
+    counters = manager.counters  # a copy of the counts now
     assert counters["post_commit_abandoned"] == 1 and counters["post_commit_retries_failed"] == 8
     given_up = [r for r in caplog.records if "given up" in r.getMessage()]
     assert len(given_up) == 1 and given_up[0].levelname == "ERROR"

@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch.nn.functional as F
 
+from kasmina.control.builders import make_seed_command
 from kasmina.manager import checkpoints as checkpoints_module
 from kasmina.manager import slots as slots_module
 from kasmina.manager import state as state_module
-from tests.manager.helpers import Rig, make_config, run_command
+from tests.manager.helpers import SEED0, SEED1, Rig, make_config, run_command
 
 
 def on_thread(fn):
@@ -105,6 +106,30 @@ def test_logs_read_on_another_thread_are_copies(rig: Rig) -> None:
     assert isinstance(log, tuple) and isinstance(rig.manager.field_reports, tuple)
     assert rig.send("cull", "out[0]") is False  # a refused command is logged too
     assert len(rig.manager.command_log) == len(log) + 1
+
+
+def test_counters_read_on_another_thread_are_copies(rig: Rig, mlp: str) -> None:
+    """``counters`` and ``gate_counts`` were the live Counters: an exporter walking one while a
+    safe point counted a new key (a command's kind, a gate's verdict) raised "dictionary
+    changed size during iteration". Each read is a copy now, a Counter still (0 for a key
+    never counted), and the manager goes on counting in its own."""
+    assert rig.send("germinate", SEED0, mlp)
+    for key in rig.manager.counters:  # the walk; the step's safe point counts a new kind in it
+        if key == "seed.germinate:ok":
+            assert rig.manager.handle_adaptation_command(
+                rig.signed(make_seed_command("cull", SEED1, validate=False))
+            )
+            assert len(rig.train(1)["commands"]) == 1
+    counters = rig.manager.counters
+    assert counters["seed.cull:refused"] == 1 and counters["never counted"] == 0
+    walked = []
+    for key in rig.manager.gate_counts:  # G1 counted; G2 evaluated (refused) by the ADVANCE
+        if not walked:
+            assert not rig.send("advance", SEED0)
+        walked.append(key)
+    assert walked == [(1, True)] and rig.manager.gate_counts[(2, False)] == 1
+    rig.manager.val_metrics["val_loss"] = 0.5  # a copy: the manager's clock is not written
+    assert rig.manager.val_metrics == {}
 
 
 def test_the_full_packet_is_read_under_the_managers_lock(rig: Rig) -> None:
