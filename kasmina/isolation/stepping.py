@@ -5,7 +5,8 @@ a seed optimizer's step that cannot stop the host's.
 (norm + 1e-6), clamped to 1) with the norms from the fused ``grad_norms``, per optimizer; a norm
 that is not finite leaves the gradients as they were (torch's scales them by 0 or NaN), so the
 caller can skip the step on it. Sparse gradients are read at ``max_norm=inf`` only (the norm of
-their coalesced values: a finiteness check, nothing scaled), as a GradScaler's step asks.
+their coalesced values: a finiteness check, nothing scaled), as a GradScaler's step asks;
+``grads_finite`` is that check alone, left on the device.
 
 **Following.** torch's optimizers create their state (Adam's moments) at the first step, in the
 dtype and on the device the parameters had then. After a model conversion (``model.to(
@@ -64,6 +65,7 @@ __all__ = [
     "carried_state",
     "clip_gradients",
     "follow_parameters",
+    "grads_finite",
     "move_into",
     "step_contained",
 ]
@@ -108,6 +110,15 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     for device, group in scaled.items():
         torch._foreach_mul_(group, coef.to(device))
     return total
+
+
+def grads_finite(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor, on the device (no host sync): whether the gradients ``params`` hold
+    are all finite (a sparse one's values), by their total norm (``clip_gradients`` at an
+    infinite norm scales nothing); True for none."""
+    if not params:
+        return torch.ones((), dtype=torch.bool)
+    return clip_gradients(params, math.inf).isfinite()
 
 
 def _group_norms(group: list[torch.Tensor]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -529,14 +529,15 @@ class CommandExecution:
             )
         return recycled
 
-    def after_step(self, stepped: list[str], trained: list[str]) -> None:
+    def after_step(self, stepped: list[str], trained: list[str], cut: Sequence[str] = ()) -> None:
         """A step's seed bookkeeping once the optimizers stepped, for the seeds it ``trained``
         only (the ``stepped`` that had gradients): an ISOLATED_INIT seed has trained in this epoch
         (G2), a GRAFTING seed's alpha advances one step. A step that trained a seed nothing (no
         backward, a non-finite gradient skipped, a fault that dropped it) moves neither, so G4
-        never passes a seed whose blend-in never trained. A seed whose optimizer raised: a fault."""
+        never passes a seed whose blend-in never trained. A seed whose optimizer raised, or whose
+        compiled cut zeroed its own non-finite input gradient (``cut``), is charged a fault."""
         config, registry = self.state.config, self.state.require_registry()
-        self.charge_failed_steps()
+        self.charge_failed_steps(cut)
         for seed_id in stepped:  # a random kernel's own stream moves on (``own_stream``)
             seed = registry[seed_id].seed
             seed.draw_step = (seed.draw_step or 0) + 1
@@ -567,14 +568,14 @@ class CommandExecution:
         if self.effects.pending and not graph_open:
             self.effects.complete()
 
-    def charge_failed_steps(self) -> None:
+    def charge_failed_steps(self, cut: Sequence[str] = ()) -> None:
         """The faults the optimizers' last stepping found (``SlotRegistry.charge_failed_steps``),
         past its commit (a host's step, a STEP command): one that raises anyway (a flag's read,
         an ACTIVE seed's TERMINATED the device refused) is counted (``step_charges_failed``) and
         logged at a bounded rate, and what follows completes (the step's zeroing and count)."""
         counters, registry = self.state.counters, self.state.require_registry()
         try:
-            registry.charge_failed_steps(self.state.optimizers)
+            registry.charge_failed_steps(self.state.optimizers, cut)
         except Exception as exc:
             counters["step_charges_failed"] += 1
             n, name = counters["step_charges_failed"], type(exc).__name__

@@ -450,11 +450,11 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             # seed that fell back here), the verdict and the seeds' flags agreed.
             shared, clean = (False, clean) if sync is None else sync(clean, flags)
             self.guard.end_step(registry, clean)
-            nonfinite = [  # a seed the check just quarantined is no longer polled
-                r.seed_id
-                for r in polled
-                if r.stage in RUNS_KERNEL
-                and r.seed.settle_nonfinite(*flags[r.seed_id], drop_gradient=not shared)
+            polled = [r for r in polled if r.stage in RUNS_KERNEL]  # not one the check quarantined
+            cut = [r.seed_id for r in polled if flags[r.seed_id][2] and not flags[r.seed_id][1]]
+            kw = {"drop_gradient": not shared, "charge_cut": False}  # a cut: judged after the norms
+            nonfinite = [
+                r.seed_id for r in polled if r.seed.settle_nonfinite(*flags[r.seed_id], **kw)
             ]
             frozen = registry.frozen(state.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
@@ -470,7 +470,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
                 host_stepped = bool(host) and done[0]
                 stepped = list(compress(seeds, done[len(host) :]))
                 trained = registry.with_gradients(stepped)  # what the step changed (reported)
-                self.execution.after_step(stepped, trained)  # G2's epochs, GRAFTING alphas
+                self.execution.after_step(stepped, trained, cut)  # G2, GRAFTING alphas, faults
                 optimizers.zero_grad(host=state.config.host_grads_set_to_none)
                 dropped = registry.end_step()  # KD losses computed, never passed to backward()
                 if dropped and not state.counters["kd_dropped"]:

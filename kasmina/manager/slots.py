@@ -15,7 +15,6 @@ hooks are a forward hook on each seed's own kernel, which runs only while that k
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import weakref
 from collections import Counter
@@ -27,13 +26,14 @@ from torch import nn
 
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizers import HOST_ID, IsolatedOptimizerManager
-from kasmina.isolation.stepping import clip_gradients
+from kasmina.isolation.stepping import grads_finite
 from kasmina.kd.loss import kd_head_problem
 from kasmina.manager.exclusive import Claim, check_unshared, keep
 from kasmina.manager.exclusive import release as release_claim
 from kasmina.manager.held import ModelHold
 from kasmina.manager.records import SeedRecord
 from kasmina.seeds.charging import contained, terminated
+from kasmina.seeds.compiled_cut import CUT_REASON
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.observers import WeakObserver
 from kasmina.seeds.outputs import CHANNELS_LAST, ActivationSpec, splits_last_dim
@@ -417,9 +417,15 @@ class SlotRegistry:
             s for s in stepped if any(p.grad is not None for p in self[s].seed.trained_parameters())
         ]
 
-    def charge_failed_steps(self, optimizers: IsolatedOptimizerManager) -> None:
+    def charge_failed_steps(
+        self, optimizers: IsolatedOptimizerManager, cut: Sequence[str] = ()
+    ) -> None:
         """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
-        call, ``step()``'s or a STEP command's; taken, so each is charged once (``contained``)."""
+        call, ``step()``'s or a STEP command's; taken, so each is charged once (``contained``).
+        And one for each seed of ``cut`` (its compiled cut zeroed its own non-finite input
+        gradient), unless the rest of the host's gradients overflowed too (a GradScaler's scale
+        still too high: eager hands it to the host, and charges no seed) or its own did (the
+        run of non-finite gradients below counts it, and the scaler saw it); unclipped, it is."""
         self.require_manager()
         failed, optimizers.failed_now = optimizers.failed_now, []
         for seed_id in failed:
@@ -430,10 +436,13 @@ class SlotRegistry:
         host = norms.get(HOST_ID)
         if host is not None:  # its norm holds its ACTIVE seeds': each read apart, into norms
             host = self._split_active(optimizers, norms, host)
-        elif not all(norms.values()):  # the user steps the host: read its grads
+        elif (cut and norms) or not all(norms.values()):  # the user steps the host: its grads
             grads = [p.grad for p in self.all_host_params()]
             values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
-            host = bool(values) and all(bool(torch.isfinite(g).all()) for g in values)
+            host = all(bool(torch.isfinite(g).all()) for g in values) if values else None
+        for seed_id in cut if host is not False else ():  # the host's overflow: no seed's fault
+            if norms.get(seed_id, True) and (record := self.records.get(seed_id)) is not None:
+                record.seed.charge_fault("nonfinite", CUT_REASON)  # flags agreed by the ranks
         if not host:  # not clipped, or the host's overflowed too (a scale still too high):
             for seed_id, finite in norms.items():  # a seed finite in it ended its streak
                 if finite and (record := self.records.get(seed_id)) is not None:
@@ -480,7 +489,7 @@ class SlotRegistry:
         theirs = {id(p) for seed_id in active for p in promoted[seed_id][1]}
         rest = [p for p in optimizers.parameters(HOST_ID) if id(p) not in theirs]
         groups = [rest, *(promoted[seed_id][1] for seed_id in active)]
-        flags = read_flags([_grads_finite(params) for params in groups])  # one transfer
+        flags = read_flags([grads_finite(params) for params in groups])  # one transfer
         norms.update(zip(active, flags[1:], strict=True))
         return flags[0]
 
@@ -584,15 +593,6 @@ class SlotRegistry:
             listener(record, old, new)
         except Exception:  # a bookkeeping failure must not undo a transition already applied
             logger.exception("transition listener failed for seed %s", record.seed_id)
-
-
-def _grads_finite(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor, on the device (no host sync): whether the gradients ``params`` hold
-    are all finite (a sparse one's values), by their total norm (``clip_gradients`` at an
-    infinite norm scales nothing); True for none."""
-    if not params:
-        return torch.ones((), dtype=torch.bool)
-    return clip_gradients(params, math.inf).isfinite()
 
 
 def _unmarked(seed: GradientIsolatedSeed) -> bool:

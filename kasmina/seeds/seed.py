@@ -266,14 +266,15 @@ class GradientIsolatedSeed(nn.Module):
         return self.settle_nonfinite(*read_flags([self._buffers[n] for n in SEED_FLAGS]))
 
     def settle_nonfinite(
-        self, finite: bool, faulted: bool = True, cut: bool = False, *, drop_gradient: bool = True
-    ) -> bool:
+        self, finite: bool, faulted: bool = True, cut: bool = False, *, drop_gradient: bool = True,
+        charge_cut: bool = True,
+    ) -> bool:  # fmt: skip
         """Act on the flags (read in one transfer): True when a forward with grad since the last
         read fell back to the host output; its gradients since then are dropped (``grad = None``:
-        the step skips it; its backward met NaN or ``0 * inf``) unless ranks averaged them
-        (``drop_gradient=False``, the NaN taken as 0). One fault however many fell back, with grad
-        or without; none when each one's input was the host's NaN (``faulted`` False). ``cut``: a
-        compiled ACTIVE backward zeroed a non-finite input gradient of its kernel's (a fault)."""
+        the step skips it) unless ranks averaged them (``drop_gradient=False``, NaN taken as 0).
+        One fault however many fell back; none when each one's input was the host's NaN. ``cut``:
+        a compiled ACTIVE backward zeroed a non-finite input gradient of its kernel's: a fault
+        (with ``charge_cut`` False, cleared uncharged: ``SlotRegistry.charge_failed_steps``)."""
         if finite and not faulted and not cut:
             return False
         if not finite and drop_gradient and self.kernel is not None:
@@ -284,7 +285,7 @@ class GradientIsolatedSeed(nn.Module):
         if not finite or faulted:
             self.nonfinite_events += 1
             self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
-        if faulted or cut:  # its flags agreed by the ranks
+        if faulted or (cut and charge_cut):  # its flags agreed by the ranks
             self.charge_fault("nonfinite", "non-finite output" if faulted else CUT_REASON)
         return not finite
 
@@ -298,8 +299,7 @@ class GradientIsolatedSeed(nn.Module):
     def fault_limit(self, limit: int) -> None:
         self._fault_limit = check_positive_int("fault_limit", limit)
 
-    # Eager even under torch.compile: the bookkeeping (logging, telemetry, a lifecycle
-    # transition) is host work with side effects that must run once per fault, never traced.
+    # Eager even compiled: its bookkeeping (logs, telemetry, a transition) runs once a fault.
     @torch.compiler.disable
     def record_fault(self, kind: str, reason: str) -> None:
         """One contained fault found on this process's data: charged now (``charge_fault``), or in

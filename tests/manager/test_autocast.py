@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds.compiled_cut import CUT_REASON
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, run_command, walk_to_active
 
 
@@ -311,4 +312,36 @@ def test_a_termination_that_raises_leaves_the_other_seeds_charged(
     optimizers.norms_now = {SEED0: False, SEED1: True}
     registry.charge_failed_steps(optimizers)
     assert seed.stage == S.TERMINATED and registry[SEED0].bad_gradients == 0
+    manager.close()
+
+
+@pytest.mark.parametrize("overflowed", ["none", "host", "seed"])
+def test_a_compiled_cut_in_a_step_the_host_overflowed_too_charges_no_seed(
+    tmp_path, store, keyring, mlp, overflowed: str
+) -> None:
+    """A GradScaler's scale still too high overflows the host and, compiled, an ACTIVE seed's
+    kernel backward, whose cut zeroes its non-finite input gradient and sets its cut flag: the
+    step charged the seed a fault for the scaler's overflow (eager hands it to the host, and
+    charges no seed), at every such step of the scaler's warm-up, a fault limit's worth in a few
+    steps. The cut is charged only where the rest of the host's gradients and the seed's own
+    were finite (its own not finite: the run of non-finite gradients counts it)."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    registry = manager.require_registry()
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    target = {"host": rig.model.inp.weight, "seed": seed.seed_parameters()[0]}
+    if overflowed in target:
+        target[overflowed].register_hook(lambda grad: grad * math.inf)
+    manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)), kd_loss=None)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    for optimizer_id in manager.optimizers.optimizer_ids:
+        scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+    report = manager.step(grad_clip_norm=1.0)
+    scaler.update()
+    assert report["host_stepped"] is (overflowed == "none")
+    assert seed.faults == (overflowed == "none") and not bool(seed.cut_flag)
+    assert registry[SEED0].bad_gradients == (overflowed == "seed")
+    assert list(seed.fault_log) == [CUT_REASON] * (overflowed == "none")
     manager.close()
