@@ -7,6 +7,7 @@ saved states the test compares, bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tests.manager.ddp_helpers import (
     _spec,
     _two_gloo_ranks,
 )
-from tests.manager.helpers import SEED0, S
+from tests.manager.helpers import SEED0, SEED1, S
 
 
 def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
@@ -325,3 +326,74 @@ def test_a_leak_found_on_one_rank_skips_the_host_step_on_every_rank(
     assert [run["stepped"] for run in runs] == [[False, True], [False, True]]
     _assert_equal_states(runs)  # host weights included
     assert [run["grads"].get("peer_leaks", 0) for run in runs] == [0, 1]
+
+
+ACCUMULATED = 3  # micro-batches a step
+
+
+def _accumulated_window(t: Trainer, nan_on: int | None = None) -> dict[str, Any]:
+    """One step over ``ACCUMULATED`` micro-batches of this rank's own data, DDP's reduction held
+    (``no_sync``) to the last; ``nan_on``: the rank whose second micro-batch makes seed 0's
+    output NaN."""
+    manager = t.manager
+    for j in range(ACCUMULATED):
+        x = torch.randn(8, 6, generator=t.gen)
+        with torch.no_grad():
+            teacher = t.teacher(x)
+        manager.set_teacher_logits(teacher)
+        kernel, handle = manager.seed(SEED0).kernel, None
+        if nan_on == t.rank and j == 1:
+            handle = kernel.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+        with t.net.no_sync() if j < ACCUMULATED - 1 else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(t.net(x), teacher.argmax(-1))
+            kd = manager.collect_kd_losses()
+            manager.backward(loss / ACCUMULATED, kd_loss=None if kd is None else kd / ACCUMULATED)
+        if handle is not None:
+            handle.remove()
+    return manager.step(grad_clip_norm=1.0)
+
+
+def _worker_accumulated(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Seed 0 in ISOLATED_INIT, seed 1 GRAFTING; rank 1's data faults seed 0 once."""
+    t = Trainer(rank, world, spec)
+    germinate = [_signed(t.rig, "germinate", s, spec["mlp"]) for s in (SEED0, SEED1)]
+    t.epoch_with({0: germinate})
+    for advance_on in (0, 1):  # to COMPATIBILITY_CHECK, then GRAFTING, each sent to one rank
+        if rank == advance_on:
+            assert t.manager.handle_adaptation_command(_signed(t.rig, "advance", SEED1))
+        _accumulated_window(t)
+        t.boundary()
+    before = t.dk.seed_grads.stats["steps"]
+    reports, alphas = [], []
+    for i in range(3):
+        reports.append(_accumulated_window(t, nan_on=1 if i == 1 else None))
+        alphas.append(t.manager.seed(SEED1).alpha_value)
+    t.save(
+        spec["out"],
+        "accumulated",
+        syncs=t.dk.seed_grads.stats["steps"] - before,
+        faults=[t.manager.seed(s).faults for s in (SEED0, SEED1)],
+        alphas=alphas,
+        reports=[(r["host_stepped"], sorted(r["seeds_stepped"]), r["nonfinite"]) for r in reports],
+    )
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_accumulated_steps_on_different_shards_stay_alike_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """``no_sync`` gradient accumulation over each rank's own micro-batches: the seeds'
+    gradients are averaged once a step (not once a micro-batch), a kernel fault in one rank's
+    micro-batch is charged on every rank at that step, a GRAFTING alpha advances alike, a
+    command received by either rank applies on both at the epoch sync, and the replicas stay
+    bit-equal."""
+    runs = _two_gloo_ranks(_worker_accumulated, tmp_path, published, "accumulated")
+    _assert_equal_states(runs)
+    assert runs[0]["stages"] == runs[1]["stages"] == {SEED0: S.ISOLATED_INIT, SEED1: S.GRAFTING}
+    for run in runs:
+        assert run["syncs"] == 3 and run["faults"] == [1, 0]
+        assert [nonfinite for *_, nonfinite in run["reports"]] == [[], [SEED0], []]
+        assert all(host for host, *_ in run["reports"])
+    assert runs[0]["alphas"] == runs[1]["alphas"]
+    assert runs[0]["alphas"] == sorted(set(runs[0]["alphas"]))  # it advanced at each step
