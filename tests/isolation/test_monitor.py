@@ -12,7 +12,12 @@ from torch import nn
 from kasmina.errors import GradientIsolationViolationError
 from kasmina.isolation import monitor as monitor_module
 from kasmina.isolation.monitor import GradientIsolationMonitor, default_emergency_dir
-from kasmina.isolation.verify import graph_isolation, verify_gradient_isolation
+from kasmina.isolation.verify import (
+    HostIndex,
+    graph_isolation,
+    named_params,
+    verify_gradient_isolation,
+)
 
 
 def _host() -> nn.Sequential:
@@ -138,6 +143,37 @@ def test_verify_handles_deep_graphs_and_edge_cases():
     assert not verify_gradient_isolation(host[0].weight, host.parameters())
     with pytest.raises(ValueError, match="tensor"):
         verify_gradient_isolation([1.0], host.parameters())
+    with pytest.raises(ValueError, match="host parameters must be tensors, got Linear"):
+        graph_isolation(clean, [host[0]])  # a module where its parameters belong
+
+
+def test_host_parameters_are_named_once_each_however_they_are_given() -> None:
+    """A tensor given twice (by itself and by name, a tied weight) is one host parameter."""
+    host = _host()
+    weight = host[0].weight
+    named = named_params([weight, ("tied", weight), host[0].bias], "host")
+    assert [(name, id(t)) for name, t in named] == [
+        ("host[0]", id(weight)),
+        ("host[2]", id(host[0].bias)),
+    ]
+
+
+def test_an_extended_host_index_adds_what_it_lacks_and_is_shared_only_for_the_same_call() -> None:
+    """Monitors extended alike share one index; another call (other tensors: a second seed
+    fossilized) gets its own, which names the new tensors and not again the ones it had."""
+    host = _host()
+    index = HostIndex(named_params(host.named_parameters(), "host"))
+    grown, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    keep = list
+    first = index.extended([grown.weight, host[0].weight], "seed", keep)
+    assert index.extended([grown.weight, host[0].weight], "seed", keep) is first
+    assert (
+        first.names[id(grown.weight)] == "seed[0]" and first.names[id(host[0].weight)] == "0.weight"
+    )
+    assert len(first.params) == len(index.params) + 1
+    second = index.extended([other.weight], "seed", keep)
+    assert second is not first and id(other.weight) in second.names
+    assert id(grown.weight) not in second.names
 
 
 # ---------------------------------------------------------------- two-phase monitor
