@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import kasmina.kd.teacher as teacher_module
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.ownership import ParameterOwnership
 from kasmina.kd.holds import is_teacher_parameter
@@ -47,3 +48,26 @@ def test_a_hold_taken_after_an_optimizer_check_is_seen_by_its_next_check() -> No
         ownership.check_optimizable([alias], "s1")
     teacher.close()
     ownership.check_optimizable([alias], "s1")  # let go: its memory is free again
+
+
+def test_a_hold_undone_by_a_failed_build_is_seen_by_a_check_made_while_it_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check that read the holds while a teacher built (another thread registering a seed)
+    kept them; the build then failed and undid its hold, which must count as a change, or the
+    kept copy refuses the model's bytes for a teacher that holds nothing (its frames, kept by
+    the error, keep it alive)."""
+    gc.collect()
+    ownership = ParameterOwnership()
+    model = nn.Linear(4, 4)
+
+    def load_then_fail(*args: object, **kwargs: object) -> None:
+        ownership.check_optimizable([nn.Parameter(torch.zeros(4))], "s0")  # reads the holds
+        raise ValueError("teacher checkpoint does not fit")
+
+    monkeypatch.setattr(teacher_module, "_load_checked", load_then_fail)
+    with pytest.raises(ValueError, match="does not fit") as failed:
+        CheckpointedTeacher(model, dtype=None, copy_model=False, checkpoint_path="unread.pt")
+    assert not any(is_teacher_parameter(p) for p in model.parameters())
+    ownership.check_optimizable([nn.Parameter(model.weight.data)], "s1")
+    del failed
