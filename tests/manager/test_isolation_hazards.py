@@ -256,6 +256,26 @@ def test_a_rollback_brings_back_the_isolation_count_it_saved(
     assert record.monitor.violation_count == 1 == manager.seed(SEED0).isolation_violations
 
 
+def test_a_leaking_step_leaves_a_trainers_own_host_optimizer_no_gradient(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """Under ``attach(host_lr=None)`` the trainer steps the host itself, after ``step()``: a
+    step found not clean drops the host's gradients there, so that optimizer steps nothing on
+    what leaked; a clean step leaves them for it."""
+    rig = Rig(make_config(tmp_path, store, max_isolation_violations=10), keyring, host_lr=None)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    host = manager.require_registry().host_params
+    assert rig.train(1)["isolation_clean"]
+    assert all(p.grad is not None for p in host)  # the trainer's to step
+    kernel, weight = manager.seed(SEED0).kernel, rig.model.inp.weight
+    forward = kernel.forward
+    kernel.forward = lambda x: forward(x) + 0.0 * weight.sum()  # reaches a host parameter
+    assert not rig.train(1)["isolation_clean"]
+    assert all(p.grad is None for p in host)
+    manager.close()
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "graph"])
 def test_a_kernel_run_outside_the_slot_is_a_leak_only_with_a_graph(
     rig: Rig, mlp, grad: bool
