@@ -1,0 +1,61 @@
+"""The KD teacher's refusals and bookkeeping (kd.teacher) beyond test_kd: the parameters a cast
+replaced are let go, a bad dtype or checkpoint is named as such, and a parameterless teacher's
+figures have no ratio to divide by."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.kd.holds import is_teacher_parameter
+from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_the_parameters_a_teachers_cast_replaced_are_let_go() -> None:
+    """A cast that makes new parameter objects (torch's
+    ``set_overwrite_module_params_on_conversion``) leaves the old ones with the caller who kept
+    them: no teacher reads them any more, so they must not stay teacher-only for good."""
+    model = _mlp()
+    before = list(model.parameters())
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        teacher = CheckpointedTeacher(model, dtype=torch.bfloat16, copy_model=False)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    after = teacher.teacher_parameters()
+    assert not {id(p) for p in before} & {id(p) for p in after}
+    assert all(map(is_teacher_parameter, after))
+    assert not any(map(is_teacher_parameter, before))
+
+
+def test_a_measurement_at_a_dtype_no_teacher_takes_is_refused_as_such() -> None:
+    teacher = CheckpointedTeacher(_mlp(), dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype must be fp32, fp16 or bf16, got torch.float64"):
+        teacher.measure_forward_peak_bytes(torch.randn(2, 4), torch.float64)
+
+
+def test_a_checkpoint_that_holds_no_state_dict_is_refused_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(ValueError, match="does not hold a state_dict"):
+        CheckpointedTeacher(_mlp(), dtype=torch.float32, checkpoint_path=path)
+
+
+def test_a_parameterless_teachers_figures_have_no_ratio() -> None:
+    """No parameter bytes (a teacher of buffers or functions only): the ratio is not measured
+    (NaN), not a division by zero out of ``get_checkpoint_effectiveness``."""
+    forwards = TeacherForwardPassManager(
+        CheckpointedTeacher(nn.Flatten(), dtype=None), profile_memory=False
+    )
+    assert forwards.get_teacher_predictions(torch.randn(2, 3)) is not None
+    figures = forwards.get_checkpoint_effectiveness()
+    assert figures["param_bytes_full"] == 0.0 and math.isnan(figures["param_memory_ratio"])
