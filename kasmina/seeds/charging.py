@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -86,22 +87,43 @@ def charge(seed: ChargedSeed, kind: str, reason: str) -> None:
     """Count, log and report one fault of ``seed`` now; quarantine it at its ``fault_limit``
     (an ACTIVE seed cannot be: it keeps falling back and counting)."""
     reason = short_reason(reason)
-    with FAULT_LOCK:  # one count each, one quarantine, whichever threads fault at once
+    # One count each and one quarantine, whichever threads fault at once, decided under the
+    # lock; the event, the log and the transition (sinks, handlers, observers: user code)
+    # after it. A sink that waits for the manager's lock while a step holding that lock
+    # charges a fault deadlocked the two threads.
+    with FAULT_LOCK:
         seed.faults += 1
         seed.fault_log.append(reason)
-        stage, limit = seed.stage, seed.fault_limit
-        labels = {"seed_id": seed.seed_id, "kind": kind, "stage": stage.name}
-        seed.state_table.report("seed.fault", labels)
-        log_fault(seed.seed_id, seed.faults, limit, stage.name, kind, reason)
-        if seed.faults < limit:
-            return
-        if SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]:
-            seed.quarantine(f"{seed.faults} faults (limit {limit}), last: {reason}")
-        elif seed.faults == limit:  # said once; the seed keeps falling back
-            logger.error(
-                "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
-                seed.seed_id, limit, stage.name,
-            )  # fmt: skip
+        count, stage, limit = seed.faults, seed.stage, seed.fault_limit
+        quarantine = (
+            count >= limit
+            and SeedStage.QUARANTINE in LEGAL_TRANSITIONS[stage]
+            and seed not in _QUARANTINING
+        )
+        if quarantine:  # a fault meanwhile on another thread finds it under way
+            _QUARANTINING.add(seed)
+    labels = {"seed_id": seed.seed_id, "kind": kind, "stage": stage.name}
+    seed.state_table.report("seed.fault", labels)
+    log_fault(seed.seed_id, count, limit, stage.name, kind, reason)
+    if quarantine:
+        try:
+            seed.quarantine(f"{count} faults (limit {limit}), last: {reason}")
+        finally:  # gone to QUARANTINE, or refused: the next fault tries again
+            with FAULT_LOCK:
+                _QUARANTINING.discard(seed)
+    elif count == limit and SeedStage.QUARANTINE not in LEGAL_TRANSITIONS[stage]:
+        logger.error(  # said once; the seed keeps falling back
+            "seed %s: fault limit %d in %s: no quarantine (a gradient fault terminates it)",
+            seed.seed_id, limit, stage.name,
+        )  # fmt: skip
+
+
+# The seeds whose quarantine a charge has decided and not yet finished (``FAULT_LOCK``).
+# Emptied in a forked child: one under way on another thread at the fork never finishes there,
+# and would keep that seed out of QUARANTINE in the child for good.
+_QUARANTINING: set[ChargedSeed] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_QUARANTINING.clear)
 
 
 def loses_step(kind: str, stage: SeedStage) -> bool:

@@ -108,10 +108,11 @@ def uncharged(kind: str, reason: str) -> None:
 # Faults a seed may commit before QUARANTINE, unless the constructor says otherwise.
 DEFAULT_FAULT_LIMIT = 3
 FELL_BACK = "fell back"  # a non-finite output found on the host: settled at the poll, once a step
-# Held while a fault is counted and may quarantine its seed: forwards of one model on several
-# threads (serving) can fault at once, and two that both reach the limit would both send the
-# seed to QUARANTINE, the second raising into its forward. Reentrant: a transition's listeners
-# may record another seed's fault. Faults are rare, so one lock for every seed costs nothing.
+# Held while a fault is counted and its seed's quarantine decided: forwards of one model on
+# several threads (serving) can fault at once, and two that both reach the limit would both send
+# the seed to QUARANTINE, the second raising into its forward. Never held around user code (a
+# telemetry sink, a log handler, a transition's observers), which may wait for a lock (the
+# manager's) whose holder is charging a fault. Faults are rare: one lock for every seed.
 # Free in a forked child (fork_safe): a fault being counted at the fork is there, or is not.
 FAULT_LOCK = fork_safe(threading.RLock())
 # The newest fault reasons a seed keeps (older ones are dropped), and their length cap: the log

@@ -12,6 +12,7 @@ import weakref
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from kasmina.control.builders import make_seed_command
@@ -234,3 +235,73 @@ def test_a_new_thread_given_a_dead_trainers_id_is_not_the_training_thread(rig: R
     metrics, refused = box
     assert math.isnan(metrics["dormant_overhead_us"]) and calls == []
     assert isinstance(refused, RuntimeError) and "training thread" in str(refused)
+
+
+def test_a_sink_reading_the_manager_on_a_fault_never_deadlocks_a_step_charging_one(
+    rig: Rig, mlp: str
+) -> None:
+    """A serving thread's forward faults while the training thread's step charges another
+    fault, and a telemetry sink reads ``system_state()`` on the ``seed.fault`` event: the
+    serving thread held the fault lock in the sink and waited for the manager's lock, while the
+    step held the manager's lock and waited for the fault lock. Every wait here is bounded (the
+    sink's read runs on a thread of its own, waited for up to 5 s), so the deadlock fails the
+    test instead of hanging it; no fault's telemetry or log runs under the fault lock now."""
+    assert rig.send("germinate", SEED0, mlp)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    seed.fault_limit = 100  # no quarantine: the counts alone
+    server_faulting, step_locked = threading.Event(), threading.Event()
+    read: list = []
+    in_time: list[bool] = []
+    forward = seed.kernel.forward
+
+    def kernel(x):  # the request's forward raises; the trainer's gives a non-finite output
+        if threading.current_thread().name == "server":
+            raise RuntimeError("kernel exploded")
+        return forward(x) * float("nan")
+
+    def read_state() -> None:
+        read.append(manager.system_state())
+
+    class Sink:
+        def send(self, packet) -> None:
+            names = {metric.name for metric in packet.metrics}
+            name = threading.current_thread().name
+            if name == "trainer" and "seed.nonfinite_output" in names:  # in step(), locked
+                step_locked.set()
+                server_faulting.wait(5)  # the request's fault is being reported meanwhile
+            elif name == "server" and "seed.fault" in names:
+                server_faulting.set()
+                step_locked.wait(5)
+                reader = threading.Thread(target=read_state, daemon=True)
+                reader.start()
+                reader.join(5)  # the sink's own system_state(), bounded
+                in_time.append(not reader.is_alive())
+
+    manager.telemetry.add_sink(Sink())
+    seed.kernel.forward = kernel
+    errors: list[BaseException] = []
+
+    def guarded(work):
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - every escape is the finding
+                errors.append(exc)
+
+        return run
+
+    def serve() -> None:
+        step_locked.wait(5)  # the step holds the manager's lock
+        with torch.no_grad():
+            rig.model(rig.x)
+
+    server = threading.Thread(target=guarded(serve), name="server", daemon=True)
+    trainer = threading.Thread(target=guarded(rig.train), name="trainer", daemon=True)
+    server.start()
+    trainer.start()
+    trainer.join(30)
+    server.join(30)
+    assert not trainer.is_alive() and not server.is_alive() and errors == []
+    assert server_faulting.is_set() and step_locked.is_set()
+    assert in_time == [True]  # the sink's read returned once the step let the lock go
+    assert seed.faults == 2 and len(seed.fault_log) == 2

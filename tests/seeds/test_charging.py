@@ -10,12 +10,19 @@ charged on every rank in registry, then rank order, with the rank in each reason
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from kasmina.seeds.charging import DeferredFaults, charge_gathered, defer_faults, encode
+from kasmina.seeds.charging import (
+    DeferredFaults,
+    charge,
+    charge_gathered,
+    defer_faults,
+    encode,
+)
 from kasmina.seeds.faults import FAULT_LOG_SIZE
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
@@ -135,3 +142,41 @@ def test_a_run_that_left_does_not_end_a_later_runs_deferral(table: GPUStateTenso
     defer_faults(table, None, only=new)
     seed.record_fault("exception", "raised")
     assert seed.faults == 1
+
+
+def test_a_fault_reported_on_another_thread_mid_charge_neither_waits_nor_quarantines_again(
+    table: GPUStateTensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The third fault's event goes to a sink that waits (bounded) for a fault charged on
+    another thread, as one waiting for the manager's lock waits for a step charging one: the
+    charge held the fault lock around its event, log and quarantine, and that wait timed out.
+    The other thread's fault, past the limit with the seed's quarantine decided but not yet
+    made, counts without a second try (which found the seed gone and logged a refusal); the
+    quarantine comes once, from the fault that reached the limit."""
+    seed = _seed(table, limit=3)
+    for _ in range(2):
+        charge(seed, "exception", "raised")
+    done: list[bool] = []
+
+    class Sink:
+        def send(self, packet) -> None:
+            if not done and any(m.name == "seed.fault" for m in packet.metrics):
+                other = threading.Thread(
+                    target=charge, args=(seed, "shape", "output (1,) does not match"), daemon=True
+                )
+                done.append(False)
+                other.start()
+                other.join(5)
+                done[0] = not other.is_alive()
+
+    assert table.telemetry is not None
+    table.telemetry.add_sink(Sink())
+    with caplog.at_level("ERROR", logger="kasmina.seeds"):
+        charge(seed, "exception", "raised")
+    assert done == [True]  # the other thread's charge ran while the sink waited
+    assert seed.faults == 4 and seed.stage == S.QUARANTINE
+    assert len(seed.fault_log) == 4 and table.counters.get("illegal", 0) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "quarantine" in m] == [
+        "seed s0: quarantined from ISOLATED_INIT: 3 faults (limit 3), last: raised"
+    ]
