@@ -83,9 +83,9 @@ class IsolatedOptimizerManager:
         self._entries: dict[str, OptimizerEntry] = {}
         self._ownership = ParameterOwnership()  # optimizer id (or "teacher") per parameter
         self._sources: dict[str, ParameterProvider] = {}
-        self.last_grad_norm: dict[str, torch.Tensor] = {}
-        self.skipped_steps: dict[str, int] = {}  # per optimizer id: steps a non-finite norm skipped
-        self.failed_steps: dict[str, tuple[int, str]] = {}  # a seed's: (count, last reason)
+        self._grad_norms: dict[str, torch.Tensor] = {}  # ``last_grad_norm``
+        self._skipped: dict[str, int] = {}  # ``skipped_steps``
+        self._failed: dict[str, tuple[int, str]] = {}  # ``failed_steps``
         self.failed_now: list[str] = []  # the seeds' optimizers whose step raised in the last call
         self.norms_now: dict[str, bool] = {}  # the last call's clipped optimizers: norm finite
         self.last_refusal = ""  # why apply_optimizer_command last returned False
@@ -101,6 +101,24 @@ class IsolatedOptimizerManager:
         # The ids copied in one C call first: a reader on another thread (an exporter) walked
         # the live dict as a command created or removed an optimizer, and raised.
         return [oid for oid in list(self._entries) if oid != HOST_ID]
+
+    # The step's records, read as copies (one C call): an exporter walking the live dict while
+    # a step added an optimizer's first entry raised "dictionary changed size during iteration".
+    @property
+    def last_grad_norm(self) -> dict[str, torch.Tensor]:
+        """Per optimizer id: its pre-clip gradient norm at its last clipped step (a device
+        tensor)."""
+        return self._grad_norms.copy()
+
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Per optimizer id: the steps a non-finite gradient norm skipped."""
+        return self._skipped.copy()
+
+    @property
+    def failed_steps(self) -> dict[str, tuple[int, str]]:
+        """Per seed optimizer id: the steps that raised, and the last one's reason."""
+        return self._failed.copy()
 
     @property
     def has_host(self) -> bool:
@@ -227,7 +245,7 @@ class IsolatedOptimizerManager:
         self._entry(seed_id)  # KeyError for an unknown seed, before anything changes
         self._ownership.release(seed_id)
         del self._entries[seed_id]
-        self.last_grad_norm.pop(seed_id, None)
+        self._grad_norms.pop(seed_id, None)
 
     def promote_seed(
         self,
@@ -268,7 +286,7 @@ class IsolatedOptimizerManager:
         host.sizes[index] += len(params)
         self._ownership.transfer(seed_id, HOST_ID)
         del self._entries[seed_id]
-        self.last_grad_norm.pop(seed_id, None)
+        self._grad_norms.pop(seed_id, None)
         self._emit("seed_promoted", float(sum(p.numel() for p in params)), {"seed_id": seed_id})
         logger.info("seed %s promoted: %d tensors into host group %d", seed_id, len(params), index)
         return index
@@ -329,7 +347,7 @@ class IsolatedOptimizerManager:
             entries[oid] = entry
         self._entries = entries
         self._ownership = other._ownership
-        self.last_grad_norm.clear()  # measured on the timeline the rollback left
+        self._grad_norms.clear()  # measured on the timeline the rollback left
 
     # ------------------------------------------------------------------ stepping
     def set_lr(self, optimizer_id: str, lr: float) -> None:
@@ -371,19 +389,19 @@ class IsolatedOptimizerManager:
         finite = [True] * len(entries)
         if clip > 0:
             totals = [self.clip_grad_norm(oid, clip) for oid in optimizer_ids]
-            self.last_grad_norm.update(zip(optimizer_ids, totals, strict=True))
+            self._grad_norms.update(zip(optimizer_ids, totals, strict=True))
             finite = read_flags([torch.isfinite(total) for total in totals])
         self.failed_now = []
         self.norms_now = dict(zip(optimizer_ids, finite, strict=True)) if clip > 0 else {}
         for i, (optimizer_id, entry) in enumerate(zip(optimizer_ids, entries, strict=True)):
             ok = finite[i]
             if ok and optimizer_id != HOST_ID:  # a seed's: one that raises skips its step
-                finite[i] = step_contained(entry.optimizer, optimizer_id, self.failed_steps)
+                finite[i] = step_contained(entry.optimizer, optimizer_id, self._failed)
                 self.failed_now += [] if finite[i] else [optimizer_id]
             elif ok:
                 entry.optimizer.step()
             else:
-                n = self.skipped_steps[optimizer_id] = self.skipped_steps.get(optimizer_id, 0) + 1
+                n = self._skipped[optimizer_id] = self._skipped.get(optimizer_id, 0) + 1
                 msg = "optimizer %s: non-finite grad norm, step skipped (%d skipped so far)"
                 logger.log(rarely(n, every=1000), msg, optimizer_id, n)  # the first, every 1000th
                 self._emit("optimizer_step_skipped", 1.0, {"optimizer_id": optimizer_id})

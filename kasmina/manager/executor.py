@@ -278,7 +278,7 @@ class CommandExecution:
         # it), the seed's and the record's fields, and the timeline.
         saved_row = table.state_tensor[row].clone()
         saved = (seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned)
-        graft_steps, timeline = record.graft_steps, record.timeline.copy()
+        graft_steps, timeline = record.graft_steps, record.timeline
         had_optimizer = record.seed_id in state.optimizers.seed_ids  # the undo keeps one it had
         # Pinned before it is copied, so an eviction cannot release it mid-copy; a kernel the
         # cache does not hold (served uncached) needs no pin, and one evicted before the pin
@@ -324,8 +324,7 @@ class CommandExecution:
             seed.performance_gate, seed.probe_result, record.artifact_id, record.pinned = saved
             record.graft_steps = graft_steps
             if record.timeline != timeline:  # the transition was announced before the failure
-                record.timeline.clear()
-                record.timeline.extend(timeline)
+                record.restore_timeline(timeline)
             if record.stage != S.DORMANT:
                 # Interrupted after the table applied DORMANT -> ISOLATED_INIT: the row is put
                 # back as it was (as a rollback restores stages), and the sinks that heard the

@@ -204,7 +204,7 @@ class TransitionEffects:
         """The manager's side effects of ``record``'s applied transition ``old -> new``; one
         that fails is kept pending (``run``), never raised: the transition stands."""
         state = self.state
-        record.timeline.append((state.epoch, state.global_step, new.name))
+        record.note_stage(state.epoch, state.global_step, new)
         if record.seed.unsettled == new:  # its own writes for ``new`` failed (``stage_entry``;
             # the seed hears of its row first: it observed it from its construction, before any
             # manager registered it): tried again now, else at the next safe point

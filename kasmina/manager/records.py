@@ -65,14 +65,31 @@ class SeedRecord:
     input_grad: bool = False  # an isolated kernel's input carried a graph (it was not detached)
     bad_gradients: int = 0  # clipped steps running whose norm was not finite, the host's was
     last_input: ActivationSpec | None = None  # the seed's last real input (G3 probe shape)
-    # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes
-    timeline: deque[tuple[int, int, str]] = field(
-        default_factory=lambda: deque(maxlen=TIMELINE_SIZE)
+    # (epoch, step, stage) of the latest TIMELINE_SIZE stage changes (``timeline``)
+    _timeline: deque[tuple[int, int, str]] = field(
+        default_factory=lambda: deque(maxlen=TIMELINE_SIZE), init=False, repr=False
     )
 
     @property
     def stage(self) -> SeedStage:
         return self.seed.stage
+
+    @property
+    def timeline(self) -> tuple[tuple[int, int, str], ...]:
+        """(epoch, step, stage) of the latest ``TIMELINE_SIZE`` stage changes, copied in one C
+        call: an exporter walking the live deque while a transition on another thread (a safe
+        point's command, a serving thread's quarantine) appended raised "deque mutated during
+        iteration"."""
+        return tuple(self._timeline.copy())
+
+    def note_stage(self, epoch: int, step: int, stage: SeedStage) -> None:
+        """Add a stage change to the timeline (the oldest goes past ``TIMELINE_SIZE``)."""
+        self._timeline.append((epoch, step, stage.name))
+
+    def restore_timeline(self, entries: tuple[tuple[int, int, str], ...]) -> None:
+        """Put back a timeline read before (``timeline``): an undone command's."""
+        self._timeline.clear()
+        self._timeline.extend(entries)
 
     @property
     def graft_steps(self) -> int:

@@ -147,8 +147,9 @@ class ManagerReport:
         for key in ("entries", "pinned", "bytes_used"):
             metrics.append((f"cache.{key}", float(cache[key]), _GAUGE, None))
         load = state.loader.load_latency
+        counts = state.loader.counters
         for key in ("loads", "load_failures", "loads_coalesced"):
-            metrics.append((f"kernel.{key}", float(state.loader.counters[key]), _COUNTER, None))
+            metrics.append((f"kernel.{key}", float(counts[key]), _COUNTER, None))
         metrics += [
             ("kernel.load_ms_mean", load.mean_ms, _GAUGE, None),
             ("kernel.load_ms_p50", load.p50_ms, _GAUGE, None),

@@ -501,8 +501,9 @@ def _commit_records(
             released.append(release)
         record.artifact_id = saved.artifact_id
         record.graft_steps, record.bad_gradients = saved.graft_steps, saved.bad_gradients
-        if not record.timeline or record.timeline[-1][2] != record.stage.name:
-            record.timeline.append((state.epoch, state.global_step, record.stage.name))
+        timeline = record.timeline
+        if not timeline or timeline[-1][2] != record.stage.name:
+            record.note_stage(state.epoch, state.global_step, record.stage)
         record.last_output, record.input_grad = None, False
         record.seed.probe_result = None
         record.monitor = monitors.get(record.seed_id)

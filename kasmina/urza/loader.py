@@ -60,12 +60,20 @@ class KernelLoader:
         self.cache = cache
         self.device = device
         self.telemetry = telemetry
-        self.counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter()  # ``counters``
         self.load_latency = LatencyStats()
         self.hit_latency = LatencyStats()
         self._lock = threading.Lock()
         self._loading: dict[str, Future[GPUKernel]] = {}
         fork_safe(self)  # ``_at_fork_reinit``
+
+    @property
+    def counters(self) -> Counter[str]:
+        """``loads``, ``load_failures``, ``loads_coalesced``, ``load_deadlines_expired`` and
+        ``evicted_before_pin``, as a copy (0 for a key never counted): a fetch worker counting a
+        new key while an exporter walked the live ``Counter`` raised "dictionary changed size
+        during iteration"."""
+        return self._counters.copy()
 
     def _at_fork_reinit(self) -> None:
         """After ``fork()``, in the child: the loads in flight were other threads', gone there,
@@ -117,7 +125,7 @@ class KernelLoader:
                 return original, True
             if not self.is_released(original):
                 return original, False
-            self.counters["evicted_before_pin"] += 1
+            self._counters["evicted_before_pin"] += 1
         return original, False
 
     def load(self, artifact_id: str, *, deadline: float | None = None) -> GPUKernel:
@@ -200,14 +208,14 @@ class KernelLoader:
                     future = self._loading[artifact_id] = Future()
             if leader:
                 return self._lead(artifact_id, future, deadline)
-            self.counters["loads_coalesced"] += 1
+            self._counters["loads_coalesced"] += 1
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return future.result(timeout=wait)
             except concurrent.futures.TimeoutError:
                 if future.done():  # the leader's own error, not this wait running out
                     raise
-                self.counters["load_deadlines_expired"] += 1
+                self._counters["load_deadlines_expired"] += 1
                 raise UrzaUnavailableError(
                     f"load of kernel {artifact_id!r} did not finish within its deadline "
                     "(waiting for the load in progress, which goes on)"
@@ -255,17 +263,17 @@ class KernelLoader:
             logger.info("kernel load of %s stopped: its Urza client was closed", artifact_id)
             raise
         except Exception as exc:
-            self.counters["load_failures"] += 1
+            self._counters["load_failures"] += 1
             labels = {"artifact_id": artifact_id, "error": type(exc).__name__}
             events.append(("kernel.load_failed", 1.0, labels))
-            level = rarely(self.counters["load_failures"], 100, logging.ERROR)  # all in telemetry
+            level = rarely(self._counters["load_failures"], 100, logging.ERROR)  # all in telemetry
             msg = "could not load kernel %s: %s: %s"
             logger.log(level, msg, artifact_id, type(exc).__name__, exc)
             raise
         cached = self.cache.put(artifact_id, kernel)
         elapsed = time.perf_counter_ns() - started
         self.load_latency.add_ns(elapsed)
-        self.counters["loads"] += 1
+        self._counters["loads"] += 1
         labels = {"artifact_id": artifact_id, "cached": str(cached).lower()}
         events.append(("kernel.load_ms", elapsed / 1e6, labels))
         logger.info("loaded kernel %s in %.1f ms", artifact_id, elapsed / 1e6)

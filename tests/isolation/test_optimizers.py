@@ -69,6 +69,36 @@ def test_seed_ids_read_on_another_thread_never_meet_a_registration() -> None:
     assert opts.seed_ids == ["s0", "s1"] and opts.seed_ids == ["s0"]
 
 
+def test_step_records_read_on_another_thread_are_copies() -> None:
+    """``last_grad_norm``, ``skipped_steps`` and ``failed_steps`` were the live dicts: an
+    exporter walking one while a step recorded an optimizer's first norm, skip or failure
+    raised "dictionary changed size during iteration". Each read is a copy now."""
+    host, seed = models()
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(host.parameters(), lr=0.1)
+    opts.create_seed_optimizer("s0", seed.parameters(), lr=0.1)
+    fill_grads(host, seed)
+    host.weight.grad[0, 0] = float("nan")
+    assert opts.step_many(["host"], grad_clip_norm=1.0) == [False]  # the host's norm, skip
+    walked = [oid for oid in opts.last_grad_norm if opts.step("s0", 1.0)]  # s0's first norm
+    assert walked == ["host"] and set(opts.last_grad_norm) == {"host", "s0"}
+    seed.weight.grad[0, 0] = float("nan")
+    walked = [oid for oid in opts.skipped_steps if not opts.step("s0", 1.0)]  # s0's first skip
+    assert walked == ["host"] and opts.skipped_steps == {"host": 1, "s0": 1}
+
+    def raising() -> None:
+        raise RuntimeError("step exploded")
+
+    opts.optimizer("s0").step = raising  # type: ignore[method-assign]
+    assert opts.step("s0") is False
+    opts.create_seed_optimizer("s1", torch.nn.Linear(4, 4).parameters(), lr=0.1)
+    opts.optimizer("s1").step = raising  # type: ignore[method-assign]
+    walked = [oid for oid in opts.failed_steps if opts.step("s1") is False]
+    assert walked == ["s0"] and opts.failed_steps["s1"] == (1, "RuntimeError: step exploded")
+    opts.failed_steps["s1"] = (0, "")  # a copy: the manager's record is not written
+    assert opts.failed_steps["s1"][0] == 1
+
+
 def test_overlap_between_seeds_is_rejected():
     host, seed = models()
     opts = IsolatedOptimizerManager()

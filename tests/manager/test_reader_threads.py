@@ -133,6 +133,31 @@ def test_counters_read_on_another_thread_are_copies(rig: Rig, mlp: str) -> None:
     assert rig.manager.val_metrics == {}
 
 
+def test_a_seeds_timeline_read_on_another_thread_is_a_copy(rig: Rig, mlp: str) -> None:
+    """A seed record's ``timeline`` was the live deque: an exporter walking it while a safe
+    point's command (or a serving thread's quarantine) moved the seed raised "deque mutated
+    during iteration". It reads as a tuple copied in one call now."""
+    assert rig.send("germinate", SEED0, mlp)
+    record = rig.manager.require_registry()[SEED0]
+    walked = [entry for entry in record.timeline if rig.send("cull", SEED0)]
+    assert [stage for _, _, stage in walked] == ["ISOLATED_INIT"]
+    assert [stage for _, _, stage in record.timeline][0] == "ISOLATED_INIT"
+    assert len(record.timeline) > len(walked) and isinstance(record.timeline, tuple)
+
+
+def test_the_kernel_loaders_counters_read_on_another_thread_are_a_copy(rig: Rig, mlp: str) -> None:
+    """``manager.loader.counters`` was the live Counter: an exporter walking it while a load
+    counted a new key (a fetch worker's failure) raised "dictionary changed size during
+    iteration". Each read is a copy now, a Counter still, and the loader goes on counting."""
+    assert rig.send("germinate", SEED0, mlp)
+    missing = "mlp-" + "0" * 16
+    walked = [
+        key for key in rig.manager.loader.counters if not rig.send("germinate", SEED1, missing)
+    ]
+    counters = rig.manager.loader.counters
+    assert walked == ["loads"] and counters["load_failures"] == 1 and counters["never"] == 0
+
+
 def test_the_full_packet_is_read_under_the_managers_lock(rig: Rig) -> None:
     """export_leyline_telemetry read the clock and the metrics in turn, unlocked: a packet
     could carry one epoch's number with the next epoch's validation metrics."""
