@@ -74,6 +74,27 @@ def tiny_llama(tie_word_embeddings: bool = False) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def tiny_albert() -> nn.Module:
+    """ALBERT: one transformer layer shared by its three layers, so each module in it runs three
+    times per forward."""
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    config = AlbertConfig(
+        vocab_size=128,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_hidden_groups=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    return AlbertModel(config)
+
+
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

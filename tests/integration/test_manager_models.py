@@ -20,13 +20,16 @@ from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_seed_command
 from kasmina.kd.config import KDConfig
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.persist.loading import load
+from kasmina.persist.merging import merge
+from kasmina.persist.saving import save
 from kasmina.seeds import seed as seed_module
 from kasmina.stages import SeedStage
 from kasmina.urza.blueprints import ResidualMLP
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.publish import publish_artifact
 from kasmina.utils.keyring import Keyring, generate_key
-from tests.integration.models import tiny_llama
+from tests.integration.models import tiny_albert, tiny_llama
 from tests.manager.helpers import PUBLISHER, SEED0, Rig, make_config, run_command
 
 pytest.importorskip("transformers")
@@ -165,6 +168,115 @@ def test_wav2vec2_germinates_after_a_recording_forward_in_training_mode(tmp_path
         assert report["isolation_clean"] and report["host_stepped"], report
     assert manager.seed(seed).faults == 0
     manager.close()
+
+
+ALBERT_SLOT = "encoder.albert_layer_groups.0.albert_layers.0.ffn_output"
+
+
+def _graft_reference(
+    model: torch.nn.Module, seed: seed_module.GradientIsolatedSeed, ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The gradients of the ALBERT loss with ``seed`` (chunk 0 of the shared ``ffn_output``)
+    GRAFTING, by hand: a bare ALBERT with the slot's host weights, whose ``ffn_output`` blends
+    ``alpha * kernel(h.detach()) + (1 - alpha) * h.detach()`` into chunk 0 at every call."""
+    bare = tiny_albert()
+    grown = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in bare.named_parameters():
+            param.copy_(grown[name.replace(".ffn_output.", ".ffn_output.host.")])
+    kernel, alpha = seed.kernel, seed.alpha.detach()
+
+    def graft(_module: object, _args: object, out: torch.Tensor) -> torch.Tensor:
+        own, rest = out.split(16, dim=-1)
+        host = own.detach()
+        return torch.cat([alpha * kernel(host) + (1 - alpha) * host, rest], dim=-1)
+
+    bare.encoder.albert_layer_groups[0].albert_layers[0].ffn_output.register_forward_hook(graft)
+    names = [n for n, _ in bare.named_parameters()] + [
+        f"kernel.{n}" for n, _ in kernel.named_parameters()
+    ]
+    params = [*bare.parameters(), *kernel.parameters()]
+    loss = bare(input_ids=ids).last_hidden_state.pow(2).mean()
+    return dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True), strict=True))
+
+
+def test_albert_shared_layer_grows_a_seed_that_runs_at_every_layer(
+    tmp_path: Path, artifacts: tuple[Path, str, str]
+) -> None:
+    """ALBERT calls its one shared layer at each of its three layers, so the slot on its
+    ``ffn_output`` runs three times per forward: the seed takes the sum of the three calls'
+    gradients (a hand-built reference), the isolation checks find no leak in any stage, its
+    alpha advances once per step, and the grown model saves, loads and merges to the same
+    eval outputs."""
+    store, fits, _ = artifacts
+    keyring = Keyring({"ctl": generate_key()})
+    manager = KasminaKernelManager(
+        make_config(tmp_path, store, performance_gate=0), keyring=keyring
+    )
+    model = tiny_albert()
+    (slot,) = manager.attach(model, ["ffn_output"], 2, 16, host_lr=1e-3, seed_lr=1e-2)
+    assert slot.layer_id == ALBERT_SLOT
+    seed_id = f"{ALBERT_SLOT}[0]"
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+    slot.register_forward_hook(lambda *_: calls.append(1))
+
+    def loss_fn(out: object, _targets: object = None) -> torch.Tensor:
+        return out.last_hidden_state.pow(2).mean()  # type: ignore[attr-defined]
+
+    def train(steps: int = 1) -> None:
+        for _ in range(steps):
+            manager.backward(loss_fn(model(input_ids=ids)))
+            report = manager.step()
+            assert report["isolation_clean"] and report["host_stepped"], report
+
+    def send(op: str, artifact_id: str = "") -> bool:
+        cmd = make_seed_command(op, seed_id, artifact_id, {})
+        return run_command(manager, sign_command(cmd, keyring, "ctl").SerializeToString())
+
+    train()
+    assert len(calls) == 3  # one slot, called at each layer
+    assert send("germinate", fits), manager.command_log[-1]
+    train(2)
+    manager.end_epoch(0)
+    for stage in (S.COMPATIBILITY_CHECK, S.GRAFTING):
+        assert send("advance"), manager.command_log[-1]
+        assert manager.seed(seed_id).stage == stage
+        train()
+    seed = manager.seed(seed_id)
+    assert seed.graft_step == 1 and 0 < float(seed.alpha) < 1  # once per step, not per call
+    want = _graft_reference(model, seed, ids)
+    manager.backward(loss_fn(model(input_ids=ids)))
+    got = {n.replace(".host.", ".", 1): p.grad for n, p in model.named_parameters()}
+    for name, grad in seed.kernel.named_parameters():
+        got[f"kernel.{name}"] = grad.grad
+    for name, expected in want.items():
+        if expected is None:  # the pooler: not in the loss
+            assert got[name] is None, name
+            continue
+        torch.testing.assert_close(got[name], expected, msg=name)
+    manager.step()
+    train(2)
+    assert seed.graft_step == 4
+    assert send("advance"), manager.command_log[-1]  # G4: alpha reached 1
+    train()
+    measured = manager.evaluate_seeds([(ids, ids)], loss_fn=loss_fn)
+    assert measured[seed_id].samples == 2 and seed.faults == 0
+    assert send("advance"), manager.command_log[-1]
+    assert seed.stage == S.ACTIVE
+    train()
+    assert manager.guard.violating_steps == 0 and seed.faults == 0
+    model.eval()
+    with torch.no_grad():
+        grown = model(input_ids=ids).last_hidden_state
+    save(model, tmp_path / "albert.kasmina")
+    manager.close()
+    fresh = tiny_albert().eval()
+    load(tmp_path / "albert.kasmina", fresh, publishers=PUBLISHER.trusted_publishers())
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).last_hidden_state, grown)
+        merged = merge(fresh)
+        torch.testing.assert_close(merged(input_ids=ids).last_hidden_state, grown)
 
 
 # ---------------------------------------------------------------- isolation under torch.compile
