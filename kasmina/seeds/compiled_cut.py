@@ -74,15 +74,20 @@ class _FiniteGradient(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        """The input (whose finiteness says whose a zeroed entry is) and the flag. (A Function
-        with ``generate_vmap_rule`` must define its context here, not in ``forward``.)"""
-        ctx.save_for_backward(*inputs)
+        """The input (whose finiteness says whose a zeroed entry is), saved, and the flag, kept
+        as it is: saved, its version was checked at each unpack, and every backward writes it
+        (the seed-only KD backward, then the task loss's through the same retained graph; two
+        forwards and one backward), so the next one raised that it had been modified in place.
+        (A Function with ``generate_vmap_rule`` must define its context here, not in
+        ``forward``.)"""
+        ctx.save_for_backward(inputs[0])
+        ctx.fault = inputs[1]
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor, seen: torch.Tensor | None
     ) -> tuple[torch.Tensor, None]:
-        x, fault = ctx.saved_tensors
+        (x,), fault = ctx.saved_tensors, ctx.fault
         ok = grad.isfinite()
         if fault is not None and seen is not None:  # (seen None: no output took the token)
             own = ok.logical_not().any().logical_and_(seen.gt(0))

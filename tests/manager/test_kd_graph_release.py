@@ -22,7 +22,7 @@ import kasmina.manager.guard as guard_module
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import hold_retained_backwards, kd_cut
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, walk_to_active
 
 TEACHER = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
 
@@ -151,6 +151,29 @@ def test_a_compiled_models_kd_loss_is_not_cut(grafting: Rig) -> None:
         report = rig.manager.step()
         assert report["host_stepped"]
         assert not all(torch.equal(a, b) for a, b in zip(before, host, strict=True))
+    rig.manager.close()
+
+
+def test_a_compiled_model_with_an_active_seed_distils_another(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """An ACTIVE seed's compiled gradient cut wrote its seed's cut flag in every backward; the
+    flag was saved for the backward, so the task loss's backward through the graph the
+    seed-only KD backward had retained found it modified in place, and raised at every step
+    of a compiled model that distilled beside a fossilized seed."""
+    kd = KDConfig(temperature=2.0, alpha=1.0)
+    rig = Rig(make_config(tmp_path, store, kd_enabled=True, kd=kd), keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    assert rig.send("germinate", SEED1, mlp) and rig.stage(SEED1) == S.ISOLATED_INIT
+    rig.model = torch.compile(rig.model, backend="aot_eager")
+    for _ in range(2):
+        loss, kd_loss = _forward(rig)
+        assert kd_loss is not None
+        rig.manager.backward(loss, kd_loss=kd_loss)
+        assert rig.manager.step()["host_stepped"]
+    assert rig.manager.counters["kd_backward_failed"] == 0
+    assert rig.manager.seed(SEED0).faults == 0
     rig.manager.close()
 
 

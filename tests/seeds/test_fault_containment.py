@@ -1039,6 +1039,42 @@ def test_a_compiled_cut_charges_no_healthy_seed(host_overflows: bool) -> None:
     assert slot.poll_nonfinite() == [] and slot.seed(0).faults == 0 and not fault_events(sink)
 
 
+def test_a_compiled_cut_of_the_hosts_own_non_finite_input_charges_no_seed() -> None:
+    """A NaN in the host's activations reaches an ACTIVE kernel's input: whatever the cut
+    zeroes there is the host's, not the seed's (as a fallback on the host's NaN is charged to
+    no one)."""
+    torch._dynamo.reset()
+    torch.manual_seed(20)
+    model, slot, sink = active_mlp(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    x = torch.randn(4, 5)
+    x[0, 0] = float("nan")
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x).nan_to_num().sum().backward()
+    assert not bool(slot.seed(0).cut_flag)
+    slot.poll_nonfinite()
+    assert slot.seed(0).faults == 0 and not fault_events(sink)
+
+
+@pytest.mark.parametrize("how", ["two_forwards", "retained"])
+def test_a_compiled_cut_takes_a_second_backward_through_its_graph(how: str) -> None:
+    """Every backward writes the cut flag: saved for the backward, its version was checked at
+    the next unpack, so a second backward through the same compiled graph (the seed-only KD
+    backward, then the task loss's; two forwards and one backward) raised that it had been
+    modified in place. The flag is set by either, and charged once."""
+    torch._dynamo.reset()
+    torch.manual_seed(21)
+    model, slot, _ = active_mlp(InputGradientOverflows(4))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    if how == "two_forwards":
+        (compiled(torch.randn(4, 5)).sum() + compiled(torch.randn(4, 5)).sum()).backward()
+    else:
+        out = compiled(torch.randn(4, 5)).sum()
+        out.backward(retain_graph=True)
+        out.backward()
+    assert all(p.grad.isfinite().all() for p in model.encoder.parameters())
+    assert bool(slot.seed(0).cut_flag)
+    assert slot.poll_nonfinite() == [] and slot.seed(0).faults == 1
+
+
 def test_a_compiled_cut_of_a_stand_alone_seed_is_charged() -> None:
     """The same for a seed outside a slot: its own cut flag, read by its own poll."""
     torch._dynamo.reset()
