@@ -276,6 +276,7 @@ def test_forged_and_replayed_commands_are_rejected_and_execute_nothing(rig: Rig,
     assert not manager.verify_message_auth(oversize)  # the door's size bound, as on arrival
     assert run_command(manager, valid)
     assert not run_command(manager, valid)  # replay
+    stats = manager.handler.stats  # a copy: read again after the commands since
     assert stats["rejected:replay"] == 1 and stats["executed"] == 1
 
 
