@@ -425,7 +425,8 @@ class SlotRegistry:
         And one for each seed of ``cut`` (its compiled cut zeroed its own non-finite input
         gradient), unless the rest of the host's gradients overflowed too (a GradScaler's scale
         still too high: eager hands it to the host, and charges no seed) or its own did (the
-        run of non-finite gradients below counts it, and the scaler saw it); unclipped, it is."""
+        run of non-finite gradients below counts it, and the scaler saw it); unclipped, the
+        host's gradients are read for it (one transfer, only in a step with a cut)."""
         self.require_manager()
         failed, optimizers.failed_now = optimizers.failed_now, []
         for seed_id in failed:
@@ -436,10 +437,9 @@ class SlotRegistry:
         host = norms.get(HOST_ID)
         if host is not None:  # its norm holds its ACTIVE seeds': each read apart, into norms
             host = self._split_active(optimizers, norms, host)
-        elif (cut and norms) or not all(norms.values()):  # the user steps the host: its grads
-            grads = [p.grad for p in self.all_host_params()]
-            values = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
-            host = all(bool(torch.isfinite(g).all()) for g in values) if values else None
+        elif cut or not all(norms.values()):  # unclipped, or the user steps the host: its grads
+            params = [p for p in self.all_host_params() if p.grad is not None]
+            host = read_flags([grads_finite(params)])[0] if params else None  # one transfer
         for seed_id in cut if host is not False else ():  # the host's overflow: no seed's fault
             if norms.get(seed_id, True) and (record := self.records.get(seed_id)) is not None:
                 record.seed.charge_fault("nonfinite", CUT_REASON)  # flags agreed by the ranks

@@ -345,3 +345,25 @@ def test_a_compiled_cut_in_a_step_the_host_overflowed_too_charges_no_seed(
     assert registry[SEED0].bad_gradients == (overflowed == "seed")
     assert list(seed.fault_log) == [CUT_REASON] * (overflowed == "none")
     manager.close()
+
+
+@pytest.mark.parametrize("overflowed", ["none", "host", "seed"])
+def test_an_unclipped_step_with_a_compiled_cut_charges_it_only_where_the_host_is_finite(
+    tmp_path, store, keyring, mlp, overflowed: str
+) -> None:
+    """Without clipping the step has no norms, and a cut was charged whatever the host held:
+    a GradScaler's scale too high, unscaled by hand before an unclipped ``step()``, charged the
+    seed for the host's own overflow. The host's gradients are read for it now; the seed's own
+    overflow (no run of clipped steps to count it here) is charged."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    target = {"host": rig.model.inp.weight, "seed": seed.seed_parameters()[0]}
+    if overflowed in target:
+        target[overflowed].register_hook(lambda grad: grad * math.inf)
+    manager.backward(F.cross_entropy(rig.model(rig.x), rig.y), kd_loss=None)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    manager.step(grad_clip_norm=0.0)
+    assert seed.faults == (overflowed != "host") and not bool(seed.cut_flag)
+    manager.close()
