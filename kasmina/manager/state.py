@@ -186,11 +186,11 @@ class StateField:
     """A read-only view of one field of ``ManagerState`` (or of another component, ``source``)
     on the façade (``manager.epoch``...); a log (a deque the safe points append to) is read as
     a tuple copied in one C call, so a thread walking it never meets "deque mutated during
-    iteration", and a mapping (``counters``, ``gate_counts``, ``val_metrics``) as a copy of its
-    own type (a ``Counter`` still reads 0 for a key never counted), so an exporter walking it
-    never meets "dictionary changed size during iteration" when a step or a command counts a
-    new key. The manager's own code writes through ``ManagerState``. Assigning one raises: it
-    would only hide the value the manager goes on using."""
+    iteration", and a mapping (``counters``, ``gate_counts``, ``val_metrics``, ``perf``, any
+    other) as a copy of its own type (a ``Counter`` still reads 0 for a key never counted), so
+    an exporter walking it never meets "dictionary changed size during iteration" when a step
+    or a command counts a new key. The manager's own code writes through ``ManagerState``.
+    Assigning one raises: it would only hide the value the manager goes on using."""
 
     def __init__(self, source: str = "state") -> None:
         self.source = source

@@ -130,7 +130,7 @@ def test_what_failed_on_entering_a_stage_is_moot_once_the_seed_left_it(
     assert seed.unsettled is None and alpha_column(seed) == 500
 
 
-class _RaisesOnce(nn.Module):
+class _Raises(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(C, C)
@@ -146,7 +146,7 @@ def test_entering_quarantine_clears_the_flags_no_step_will_poll() -> None:
     no flag, so the next step dropped the restored seed's gradient, reported as fallen back.
     Entering QUARANTINE clears both flags, as RECYCLING does."""
     seed = GradientIsolatedSeed(C, "s0", fault_limit=2)
-    seed.attach_kernel(_RaisesOnce())
+    seed.attach_kernel(_Raises())
     for stage in (S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.GRAFTING):
         seed.transition_to(stage)
     x = torch.randn(4, C, requires_grad=True)

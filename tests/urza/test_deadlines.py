@@ -345,7 +345,7 @@ def test_a_follower_woken_by_its_leaders_expiry_leads_at_once(store, trusted) ->
         # Runs on the leader's thread as it completes the fetch, after its waiters are woken.
         seen["still_in_flight"] = urza._inflight.get(artifact) is future
         # Holds the leader here: the follower must lead its own fetch meanwhile.
-        seen["follower_led"] = fs.reopened.wait(timeout=2.0)
+        seen["follower_led"] = fs.reopened.wait(timeout=10.0)
         seen["coalesced"] = urza.stats()["coalesced"]
 
     shared.add_done_callback(on_done)
