@@ -144,7 +144,8 @@ class CommandQueue:
         there, and a pool whose threads are gone runs nothing more (a GERMINATE's fetch waited
         out its timeout, or for good without one). The child makes a pool of its own when it
         next fetches, and a queued command whose fetch was running starts it again at its next
-        safe point (a ROLLBACK asks for its kernels again). Its lock is free (``fork_safe``)."""
+        safe point (a ROLLBACK asks for its kernels again, its timeout counted afresh from
+        there). Its lock is free (``fork_safe``)."""
         self._pool = None
         for entry in self._queue:
             if entry.fetch is not None and not entry.fetch.done():
