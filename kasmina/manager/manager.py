@@ -442,7 +442,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             # Every device flag of the step in one transfer: KD leak, then each seed's SEED_FLAGS.
             polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
             kd_flags, running = self.guard.kd_flags(), [r.seed for r in polled]
-            values = read_flags([*kd_flags, *(getattr(s, f) for f in SEED_FLAGS for s in running)])
+            values = read_flags([*kd_flags, *(s._buffers[f] for f in SEED_FLAGS for s in running)])
             clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
             read, sync = values[len(kd_flags) :], self.grad_sync
             flags = {r.seed_id: read[i :: len(running)] for i, r in enumerate(polled)}

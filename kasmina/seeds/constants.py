@@ -59,6 +59,7 @@ __all__ = [
     "constants_on_meta",
     "host_device",
     "keep_constants",
+    "reset_flags",
     "one_written_elsewhere",
     "rebuild_after_load",
     "rebuild_constants",
@@ -240,6 +241,13 @@ def rebuild_if_left(layer: Any) -> None:
         relink_flags(layer)
     if layer._buffers["_one"].is_meta:
         rebuild_constants(layer)
+
+
+def reset_flags(buffers: dict[str, torch.Tensor]) -> None:
+    """A seed's ``SEED_FLAGS`` (in its ``_buffers``) back to their clean values, in place: the
+    views of its slot's flags stay views."""
+    for name, value in SEED_FLAGS.items():
+        buffers[name].fill_(value)
 
 
 def add_missing_flag(module: Any, name: str, like: str) -> None:

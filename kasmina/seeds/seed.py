@@ -35,7 +35,7 @@ from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.charging import charge, charge_or_defer, loses_step
 from kasmina.seeds.compiled_cut import CUT_REASON
-from kasmina.seeds.constants import SEED_CONSTANTS, SEED_FLAGS, add_missing_flag, keep_constants
+from kasmina.seeds.constants import SEED_FLAGS, add_missing_flag, keep_constants, reset_flags
 from kasmina.seeds.extra_state import (
     SavedSeedState,
     checked_schedule,
@@ -280,8 +280,7 @@ class GradientIsolatedSeed(nn.Module):
         if not finite and drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
-        for name, value in SEED_FLAGS.items():
-            self._buffers[name].fill_(value)
+        reset_flags(self._buffers)
         if not finite or faulted:
             self.nonfinite_events += 1
             self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})
@@ -572,10 +571,10 @@ class GradientIsolatedSeed(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> GradientIsolatedSeed:
         # The (shared) table follows the seed's moves, and alpha, in float32 (``half()`` rounds).
-        before = {name: self._buffers[name] for name in SEED_CONSTANTS}
+        values = {"alpha": self._alpha_value, **SEED_FLAGS}  # its constants (SEED_CONSTANTS)
+        before = {name: self._buffers[name] for name in values}
         super()._apply(fn, recurse)
         count_conversion()  # optimizers' states follow their parameters at the next step
-        values = {"alpha": self._alpha_value, **SEED_FLAGS}
         keep_constants(self._buffers, before, values)  # a layer's flags: linked again there
         table = self.state_table.state_tensor
         moved = fn(table)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from kasmina.seeds.constants import reset_flags
 from kasmina.seeds.extra_state import BookkeptSeed, field_report
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
 from kasmina.utils.ratelimit import rarely
@@ -44,9 +45,7 @@ class EnteringSeed(BookkeptSeed, Protocol):
     field_report: dict[str, Any] | None
     evaluation: Any
     unsettled: SeedStage | None  # the stage whose entry's writes are still to complete
-    finite_flag: torch.Tensor
-    fault_flag: torch.Tensor
-    cut_flag: torch.Tensor
+    _buffers: dict[str, torch.Tensor]  # its ``SEED_FLAGS`` among them (``reset_flags``)
     alpha: torch.Tensor
     _kd_losses: list[torch.Tensor]
     _gate_score: float
@@ -114,9 +113,7 @@ def settle(seed: EnteringSeed) -> None:
     if stage in (S.RECYCLING, S.DORMANT, S.QUARANTINE):  # its faults' flags, gone: no step
         # polls a quarantined seed, and a ROLLBACK to before it (which restores no flag) dropped
         # the next step's gradient and reported it fallen back for a fault of the abandoned one.
-        seed.finite_flag.fill_(True)
-        seed.fault_flag.fill_(False)
-        seed.cut_flag.fill_(False)
+        reset_flags(seed._buffers)
     if stage in (S.RECYCLING, S.DORMANT):  # the culled artifact's, gone
         # DORMANT, entered from RECYCLING only, is its clean slate: a RECYCLING entry left
         # unsettled is completed there, not dropped as moot (its next kernel charged for them).
