@@ -335,7 +335,7 @@ def test_a_compiled_cut_in_a_step_the_host_overflowed_too_charges_no_seed(
     if overflowed in target:
         target[overflowed].register_hook(lambda grad: grad * math.inf)
     manager.backward(scaler.scale(F.cross_entropy(rig.model(rig.x), rig.y)), kd_loss=None)
-    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
     for optimizer_id in manager.optimizers.optimizer_ids:
         scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
     report = manager.step(grad_clip_norm=1.0)
@@ -363,7 +363,7 @@ def test_an_unclipped_step_with_a_compiled_cut_charges_it_only_where_the_host_is
     if overflowed in target:
         target[overflowed].register_hook(lambda grad: grad * math.inf)
     manager.backward(F.cross_entropy(rig.model(rig.x), rig.y), kd_loss=None)
-    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
     manager.step(grad_clip_norm=0.0)
     assert seed.faults == (overflowed != "host") and not bool(seed.cut_flag)
     manager.close()

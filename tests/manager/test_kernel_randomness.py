@@ -345,7 +345,7 @@ def test_a_seed_no_one_managed_draws_on_after_its_own_state_is_loaded_back(
     counters, which a load moves: its saved state kept no position, so its own ``state_dict``
     loaded back drew other dropout masks. It saves the position its versions make."""
     from kasmina.seeds.layer import KasminaLayer
-    from tests.seeds.test_fault_containment import walk
+    from tests.seeds.helpers import walk
 
     rig = Rig(make_config(tmp_path, store), keyring)
     artifact = publish(Dropping().train(), torch.randn(3, 2), store)

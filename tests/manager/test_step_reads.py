@@ -108,7 +108,7 @@ def test_a_compiled_cut_is_charged_by_the_one_transfer(kd_rig: Rig, mlp, transfe
     teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(6))
     rig.train(1, teacher=teacher)
     seed = manager.seed(SEED1)
-    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
     transfers.clear()
     report, reads = _step(rig, teacher)
     assert transfers == [6, 1] and reads == 0 and report["nonfinite"] == []

@@ -314,7 +314,7 @@ def test_a_seed_faulted_in_one_micro_batch_loses_the_whole_step(rig: Rig, mlp, f
     backward that raised, a forward that raised or an output of the wrong shape kept the first
     micro-batch's gradient, stepped the seed on it and advanced alpha (G4 came sooner than the
     schedule). Each fault now costs the seed the whole step, charged once; the host steps."""
-    from tests.seeds.test_fault_containment import _ExplodingBackward
+    from tests.seeds.fault_helpers import _ExplodingBackward
 
     manager = rig.manager
     _to_grafting(rig, mlp)

@@ -1,4 +1,4 @@
-"""Shared pieces of the attach tests: a small MLP host, a seed walked along the lifecycle to a
+"""Shared pieces of the seeds tests: a small MLP host, a seed walked along the lifecycle to a
 stage, a seeded kernel, and an MLP whose head's seed is GRAFTING."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage as S
 from kasmina.utils.telemetry import MemorySink
-from tests.seeds.test_fault_containment import (
+from tests.seeds.fault_helpers import (
     BATCH,
     C,
     Raises,

@@ -20,7 +20,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.recompute import checkpoint_region, graph_to_come, reentrant_first_run
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
-from tests.seeds.test_fault_containment import walk
+from tests.seeds.helpers import walk
 
 S = SeedStage
 ISOLATED = [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION]

@@ -28,7 +28,7 @@ from kasmina.seeds.masks import MAX_PATTERNS, ChunkMasks
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import SeedStage
 from tests.profiling import DispatchedOps, syncs_inside
-from tests.seeds.test_fault_containment import (
+from tests.seeds.fault_helpers import (
     BATCH,
     RUNNING,
     C,

@@ -17,7 +17,8 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
-from tests.seeds.test_fault_containment import RUNNING, Raises, walk
+from tests.seeds.fault_helpers import RUNNING, Raises
+from tests.seeds.helpers import walk
 
 S = SeedStage
 ISOLATED = [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION]
