@@ -195,6 +195,21 @@ def walk_to_active(rig: Rig, seed_ids: list[str], epoch: int = 0) -> None:
         assert rig.send("advance", sid) and rig.stage(sid) == S.ACTIVE
 
 
+def to_stabilization(rig: Rig, seed_ids: list[str]) -> None:
+    """ADVANCE through G2..G4, training in between (each seed was GERMINATEd)."""
+    rig.train(2)
+    rig.manager.end_epoch(0)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.COMPATIBILITY_CHECK
+    rig.train(1)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.GRAFTING
+    rig.train(5)
+    for sid in seed_ids:
+        assert rig.send("advance", sid) and rig.stage(sid) == S.STABILIZATION
+    rig.train(1)
+
+
 def snapshot_state(rig: Rig) -> tuple[dict, dict, torch.Tensor]:
     model = clone_state(rig.model.state_dict())
     return (

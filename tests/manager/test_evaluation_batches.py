@@ -17,7 +17,7 @@ from kasmina.manager.batches import batch_size
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
-from tests.manager.test_evaluation import _TO_STABILIZATION, Scale, _tiny
+from tests.manager.evaluation_helpers import _TO_STABILIZATION, Scale, _tiny
 
 
 def _weighted(registry: SlotRegistry, batches: list, weights: list[int], loss_fn) -> dict:

@@ -13,8 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kasmina.utils.keyring import Keyring
-from tests.manager.helpers import SEED0, Rig, S, make_config
-from tests.manager.test_evaluation import to_stabilization
+from tests.manager.helpers import SEED0, Rig, S, make_config, to_stabilization
 
 REFUSAL = "holds a parameter the model does not: register it first"
 
