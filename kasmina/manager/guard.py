@@ -273,8 +273,14 @@ class IsolationGuard:
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())
         stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
+        # A host parameter's post-accumulate-grad hooks (an optimizer stepped in the backward)
+        # would apply a leak and, zeroing it, hide it from the check: emptied meanwhile (the
+        # engine reads the dict at each call), as a process group's backward runs none.
+        hooked = [(hooks, dict(hooks)) for p in host if (hooks := p._post_accumulate_grad_hooks)]
         failed = False
         try:  # set aside inside it: a Ctrl-C part-way still finds every gradient put back
+            for hooks, _ in hooked:
+                hooks.clear()
             for p in itertools.chain(host, seeds):
                 p.grad = None
             # The debug monitors' phases sit inside the set-aside: they see the same empty host
@@ -296,6 +302,8 @@ class IsolationGuard:
                 p.grad = grad  # whatever leaked is dropped here
             for p, grad in zip(seeds, seed_stash, strict=True):
                 p.grad = grad  # a failed backward's part-way sums: dropped
+            for hooks, saved in hooked:
+                hooks.update(saved)
         return made
 
     def _note_kd_backward_failed(self, exc: Exception) -> None:
