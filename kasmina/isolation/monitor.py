@@ -395,10 +395,10 @@ class GradientIsolationMonitor:
             handle.remove()
         self._hooks = []
 
-    def _on_grad(self, side: str, name: str, grad: torch.Tensor) -> None:
+    def _on_grad(self, side: str, name: str, grad: torch.Tensor | None) -> None:
         wrong_phase = "seed" if side == "host" else "host"
-        if self.tripped or self._phase != wrong_phase:
-            return
+        if self.tripped or self._phase != wrong_phase or grad is None:
+            return  # (None: a seed's backward guard had no gradient for it; nothing leaked)
         if bool((grad != 0).any()):
             logger.critical(
                 "gradient leak: %s got a gradient during %s backward", name, self._phase

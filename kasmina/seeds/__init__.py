@@ -33,6 +33,8 @@ Faults, contained:
   non-finite input gradient of its kernel's own backward in the seed's cut flag.
 - ``island`` -- the backward guard (a kernel's own backward, run where a raise is contained) and
   the one-node guarded blend of a layer's GRAFTING/STABILIZATION seeds built on it.
+- ``param_hooks`` -- the hooks on a kernel parameter the backward guard hands no gradient: what
+  they raise on that None is contained.
 - ``kd_faults`` -- a KD loss that raises inside the host's forward, contained as a fault.
 - ``charging`` -- a fault counted and quarantined at once, or, in a multi-rank run, held for the
   collective that charges every rank's faults on every rank alike.

@@ -38,6 +38,7 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.outputs import memory_format_of
+from kasmina.seeds.param_hooks import contain_hooks_given_none
 from kasmina.stages import SeedStage
 from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import rarely
@@ -185,18 +186,25 @@ class _Island:
     def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none.
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
-        engine reads them at each call), which run once, at the delivery."""
+        engine reads them at each call), which run once, at the delivery; a parameter given
+        none has its hooks' failures on that None contained (``param_hooks``)."""
         hooked = [p._backward_hooks for p in self.params if p._backward_hooks]
         if not hooked:
-            return self._backward(grads)
-        held = [(hooks, dict(hooks)) for hooks in hooked]
-        try:
-            for hooks, _ in held:
-                hooks.clear()
-            return self._backward(grads)
-        finally:
-            for hooks, saved in held:
-                hooks.update(saved)
+            got = self._backward(grads)
+        else:
+            held = [(hooks, dict(hooks)) for hooks in hooked]
+            try:
+                for hooks, _ in held:
+                    hooks.clear()
+                got = self._backward(grads)
+            finally:
+                for hooks, saved in held:
+                    hooks.update(saved)
+        for grad in got:
+            if grad is None:  # (a fault, a stale graph, an unused parameter)
+                contain_hooks_given_none(self.params, got)
+                break
+        return got
 
     def _backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         if len(self.outputs) > 1:

@@ -1,0 +1,97 @@
+"""A user's hooks on every parameter of a grown model, where the backward guard hands a seed's
+kernel parameter no gradient (its backward raised, or its forward did not use the parameter)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina.isolation.monitor import GradientIsolationMonitor
+from kasmina.seeds.layer import KasminaLayer
+from kasmina.stages import SeedStage
+from tests.seeds.test_fault_containment import RaisesInBackward, walk
+
+S = SeedStage
+
+
+class WithUnused(nn.Module):
+    """A healthy kernel holding a parameter its forward does not use (a branch not taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.gate = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING], ids=lambda s: s.name)
+def test_hooks_written_for_tensors_leave_the_hosts_backward_whole(
+    stage: SeedStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard returns None for such a parameter, and the engine still runs its hooks: a
+    per-parameter clipping hook (``g.clamp``) and a post-accumulate hook reading ``.grad``
+    raised out of the host's backward, for a fault the guard had contained, or for a healthy
+    kernel's unused parameter. Their failure on that None is logged; a parameter with a
+    gradient gets its hooks as before; ``register_multi_grad_hook`` fires once; and after the
+    backward the hooks are the user's own again."""
+    caplog.set_level(logging.DEBUG, logger="kasmina.seeds.param_hooks")  # (rate-limited)
+    torch.manual_seed(3)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    for k, kernel in enumerate([RaisesInBackward(2), WithUnused()]):
+        layer.seed(k).attach_kernel(kernel)
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10)
+    params = list(layer.parameters())
+    clamp = [p.register_hook(lambda g: g.clamp(-0.01, 0.01)) for p in params]
+    norms: list[float] = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda q: norms.append(float(q.grad.norm())))
+    fired: list[list[bool]] = []
+    torch.autograd.graph.register_multi_grad_hook(
+        params, lambda grads: fired.append([g is not None for g in grads])
+    )
+    hooks = [dict(p._backward_hooks) for p in params]
+    after = [dict(p._post_accumulate_grad_hooks) for p in params]
+
+    layer(torch.randn(5, 6)).pow(2).sum().backward()  # completes
+
+    scale, gate = layer.seed(0).kernel.scale, layer.seed(1).kernel.gate
+    lin = layer.seed(1).kernel.lin
+    assert layer.seed(0).faults == 1 and scale.grad is None and gate.grad is None
+    # (GRAFTING blends against the detached host: no host gradient through the slot)
+    with_grad = [*lin.parameters(), *(layer.host.parameters() if stage == S.ISOLATED_INIT else ())]
+    assert all(p.grad is not None and p.grad.abs().max() <= 0.01 for p in with_grad)  # clamped
+    assert len(norms) == len(with_grad) and len(fired) == 1
+    raised = [r for r in caplog.records if "raised when handed no gradient" in r.getMessage()]
+    assert len(raised) == 4  # each of the two hooks of ``scale`` and of ``gate``
+    assert [dict(p._backward_hooks) for p in params] == hooks
+    assert [dict(p._post_accumulate_grad_hooks) for p in params] == after
+    clamp[0].remove()  # the user's handles still remove their hooks
+    assert len(params[0]._backward_hooks) == len(hooks[0]) - 1
+
+
+def test_the_debug_monitors_hook_takes_the_guards_none_as_no_leak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A debug monitor's hook on a seed parameter, in a host backward, read the None the guard
+    hands a kernel whose backward raised as a gradient (``None != 0``) and raised."""
+    caplog.set_level(logging.DEBUG, logger="kasmina.seeds.param_hooks")  # (rate-limited)
+    torch.manual_seed(4)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    layer.seed(0).attach_kernel(RaisesInBackward(2))
+    walk(layer.seed(0), S.ISOLATED_INIT)
+    kernel = layer.seed(0).kernel
+    monitor = GradientIsolationMonitor(
+        "s0", list(kernel.named_parameters()), list(layer.host.named_parameters())
+    )
+    monitor.register_hooks(layer.host, kernel)
+    with monitor.host_backward():
+        layer(torch.randn(5, 6)).sum().backward()
+    assert layer.seed(0).faults == 1 and monitor.verify_isolation_after_step()
+    assert monitor.violation_count == 0
+    assert not [r for r in caplog.records if r.name == "kasmina.seeds.param_hooks"]
