@@ -1,5 +1,7 @@
-"""A user's hooks on every parameter of a grown model, where the backward guard hands a seed's
-kernel parameter no gradient (its backward raised, or its forward did not use the parameter)."""
+"""Global modes and hooks a user may have on while seeds train: hooks on every parameter of a
+grown model, where the backward guard hands a seed's kernel parameter no gradient (its backward
+raised, or its forward did not use the parameter), and anomaly mode meeting a NaN that a
+kernel's own backward makes."""
 
 from __future__ import annotations
 
@@ -95,3 +97,55 @@ def test_the_debug_monitors_hook_takes_the_guards_none_as_no_leak(
     assert layer.seed(0).faults == 1 and monitor.verify_isolation_after_step()
     assert monitor.violation_count == 0
     assert not [r for r in caplog.records if r.name == "kasmina.seeds.param_hooks"]
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity, whose backward makes every entry of its gradient NaN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad * float("nan")
+
+
+class NanBackward(nn.Module):
+    """A finite output whose backward is NaN (a ``0 * inf`` inside it): the NaN is the kernel's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(_NanGradient.apply(self.lin(x)))
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.GRAFTING], ids=lambda s: s.name)
+def test_anomaly_mode_at_a_kernels_own_nan_gradient_is_one_backward_fault(
+    stage: SeedStage,
+) -> None:
+    """Anomaly mode raises where a backward node returns NaN. Before ACTIVE that node is in the
+    kernel's island, whose backward the guard runs: one ``backward`` fault per forward (its
+    step dropped), the host's backward completes, and the healthy sibling keeps exactly the
+    gradient it gets without anomaly mode."""
+    torch.manual_seed(6)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    for k, kernel in enumerate([NanBackward(), nn.Sequential(nn.Linear(2, 2), nn.Tanh())]):
+        layer.seed(k).attach_kernel(kernel)
+        walk(layer.seed(k), stage)
+    layer.update_alpha_blending(3, 10)
+    x = torch.randn(5, 6)
+    layer(x).pow(2).sum().backward()
+    want = [p.grad.clone() for p in layer.seed(1).seed_parameters()]
+    layer.zero_grad(set_to_none=True)
+    layer.poll_nonfinite()
+    with pytest.warns(UserWarning), torch.autograd.set_detect_anomaly(True):
+        layer(x).pow(2).sum().backward()  # (anomaly mode warns the forward's traceback)
+    seed = layer.seed(0)
+    assert seed.faults == 1 and seed.fault_log[-1].startswith("backward raised RuntimeError")
+    assert all(p.grad is None for p in seed.seed_parameters())
+    got = [p.grad for p in layer.seed(1).seed_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert layer.poll_nonfinite() == ["layer[0]"] and layer.seed(1).faults == 0
