@@ -361,9 +361,8 @@ class CommandQueue:
         deadline, when another fetch's put evicts it before the pin; one evicted every time is
         handed on to be refused as evicted). A kernel served uncached (no room beside the pins)
         needs no pin."""
-        kernel, pinned = self.loader.pinned_original(artifact_id, deadline=deadline)
-        if pinned:
-            self._hold(entry)
+        hold = lambda: self._hold(entry)  # noqa: E731 (with the pin: a fork sees both or none)
+        kernel, _ = self.loader.pinned_original(artifact_id, deadline=deadline, hold=hold)
         return kernel
 
     def _poll_rollback(
@@ -422,7 +421,6 @@ class CommandQueue:
     ) -> GPUKernel:
         """A fetch worker's load of one of a ROLLBACK's kernels, pinned for it once cached (a
         kernel served uncached is loaded again when the ROLLBACK applies)."""
-        kernel, pinned = self.loader.pinned_original(artifact_id, deadline=deadline)
-        if pinned:
-            self._hold_for(entry, artifact_id)
+        hold = lambda: self._hold_for(entry, artifact_id)  # noqa: E731 (as ``_fetch_pinned``'s)
+        kernel, _ = self.loader.pinned_original(artifact_id, deadline=deadline, hold=hold)
         return kernel

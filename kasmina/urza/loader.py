@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,7 +32,7 @@ from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.resilience import _Closed, _DeadlineExpired, check_deadline
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.locks import fork_safe
+from kasmina.utils.locks import fork_safe, whole_at_fork
 from kasmina.utils.perfstats import LatencyStats
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import TelemetryReporter
@@ -104,21 +105,31 @@ class KernelLoader:
         return kernel if kernel is not None else self._load_coalesced(artifact_id, deadline)
 
     def pinned_original(
-        self, artifact_id: str, *, deadline: float | None = None, attempts: int = 3
+        self,
+        artifact_id: str,
+        *,
+        deadline: float | None = None,
+        attempts: int = 3,
+        hold: Callable[[], None] | None = None,
     ) -> tuple[GPUKernel, bool]:
         """``original``, pinned before anyone copies it: ``(kernel, pinned)``. Another load's
         put may evict the kernel between its load and the pin; it is then loaded again (the
         same ``deadline``), up to ``attempts`` loads in all. A kernel the cache does not hold
         (served uncached) comes back unpinned, as nothing can release it; one evicted on every
-        attempt comes back unpinned too, and ``copy`` refuses it."""
+        attempt comes back unpinned too, and ``copy`` refuses it. ``hold``: records the pin
+        for its owner (a queued command, on a fetch worker), called once it is taken, in one
+        section with it that a ``fork()``ed child sees whole (``whole_at_fork``); the pin is
+        ``hold``'s from its call on."""
         for _ in range(attempts):
             original = self.original(artifact_id, deadline=deadline)
             pinned = False
-            try:
-                with interrupts_deferred():  # a Ctrl-C lands once ``pinned`` says what it took
+            try:  # a Ctrl-C lands once ``pinned`` says what it took
+                with whole_at_fork(), interrupts_deferred():
                     pinned = self.pin(artifact_id, original)
+                    if pinned and hold is not None:
+                        hold()
             except BaseException:  # nobody holds it yet: given back
-                if pinned:
+                if pinned and hold is None:
                     self.cache.unpin(artifact_id)
                 raise
             if pinned:

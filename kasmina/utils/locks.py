@@ -34,6 +34,14 @@ the fork left half made in one of them is said where it is made fork-safe). Not 
 the model's changes (the manager's, its safe point's, a teacher's cast), which the training
 thread takes, and a fork is made from it, between its steps: a fork while another thread held
 one would leave the child a model half changed, which a free lock would hide.
+
+Why a fork waits for a few writes (``whole_at_fork``): a pin a fetch worker takes on a cached
+kernel and its record on the command it is for are two writes; a child forked between them
+found the pin taken and no command holding it, and pinned the kernel again for the command: one
+pin was never given back, and the kernel never evicted. Writes that must land in a child
+together or not at all are made under ``whole_at_fork``, which ``fork()`` takes before it forks
+(``os.register_at_fork``) and gives back after, in both processes. Only short writes in memory
+go there: a fork waits for them.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -52,7 +61,7 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["fork_safe", "lock_exclusive", "lock_name", "released", "require_held"]
+__all__ = ["fork_safe", "lock_exclusive", "lock_name", "released", "require_held", "whole_at_fork"]
 
 
 class _Remakeable(Protocol):
@@ -65,6 +74,9 @@ _Lock = TypeVar("_Lock", bound=_Remakeable)
 _HELD: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
 # The thread locks (and conditions) a forked child makes new and free (``fork_safe``).
 _FORK_SAFE: weakref.WeakSet[_Remakeable] = weakref.WeakSet()
+# Held over writes that a forked child must see whole (``whole_at_fork``); reentrant, so that a
+# fork made inside such a section (a sink's, say) does not wait for itself.
+_WHOLE = threading.RLock()
 
 
 def _close_in_child() -> None:
@@ -77,10 +89,20 @@ def _close_in_child() -> None:
     _HELD.clear()
     for lock in list(_FORK_SAFE):  # their holders, other threads, are gone in the child
         lock._at_fork_reinit()
+    _WHOLE._at_fork_reinit()  # taken by the forking thread before the fork: free again
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
+    os.register_at_fork(
+        before=_WHOLE.acquire, after_in_parent=_WHOLE.release, after_in_child=_close_in_child
+    )
+
+
+def whole_at_fork() -> contextlib.AbstractContextManager[object]:
+    """A section whose writes a ``fork()``ed child sees all or none of: a fork made meanwhile on
+    another thread waits until it ends (see the module doc). For short writes in memory only
+    (never I/O, nor a wait for another thread)."""
+    return _WHOLE
 
 
 def fork_safe(lock: _Lock) -> _Lock:
