@@ -135,6 +135,15 @@ class CommandIntake:
         self.also_dropping: list[Callable[[str], None]] = []
         self.relayed: str | None = None  # why this queue takes no arrival (``relay``)
         self._door = fork_safe(threading.Lock())
+        fork_safe(self)  # ``_at_fork_reinit``
+
+    def _at_fork_reinit(self) -> None:
+        """After ``fork()``, in the child: a safe point that another thread of the parent was
+        in (one waiting for a fetch, ``apply_pending(wait=True)``) never ends there, and held
+        every safe point of the child off for good (the commands stayed queued). It is let go;
+        what it waited for is asked for again (``CommandQueue._at_fork_reinit``)."""
+        self._applying._at_fork_reinit()
+        self._applier = None
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises.

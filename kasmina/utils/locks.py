@@ -29,11 +29,13 @@ use: the kernel loads' (``urza.kernel``), the kernel cache's and its holders', t
 Urza client's and its circuit breaker's, the command verifier's, the nonce ledger's, the
 handler's counts, the command queue's and its door, the relay's and the coordinator's, the
 faults', the teacher-parameter registry's (``kd.holds``), telemetry's, the JSONL sink's, the
-checkpoint signer's, and the module-wide counters' and tables' (the state that a thread gone at
-the fork left half made in one of them is said where it is made fork-safe). Not the locks around
-the model's changes (the manager's, its safe point's, a teacher's cast), which the training
-thread takes, and a fork is made from it, between its steps: a fork while another thread held
-one would leave the child a model half changed, which a free lock would hide.
+checkpoint signer's, the module-wide counters' and tables' (the state that a thread gone at the
+fork left half made in one of them is said where it is made fork-safe), and the manager's safe
+point's (a thread of the parent waiting there for a fetch, holding no change of the model, held
+every safe point of the child off; the manager's own lock still guards what a safe point
+changes). Not the locks around the model's changes (the manager's, a teacher's cast), which the
+training thread takes, and a fork is made from it, between its steps: a fork while another
+thread held one would leave the child a model half changed, which a free lock would hide.
 
 Why a fork waits for a few writes (``whole_at_fork``): a pin a fetch worker takes on a cached
 kernel and its record on the command it is for are two writes; a child forked between them

@@ -15,7 +15,7 @@ import torch
 from kasmina.control.builders import make_seed_command
 from kasmina.utils.keyring import Keyring
 from tests.crash import run_bounded_in_child
-from tests.manager.helpers import SEED0, Rig, S, make_config
+from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
@@ -65,6 +65,78 @@ def test_a_forked_child_applies_a_germinate_whose_fetch_its_parent_was_running(
         go.set()
     germinated()  # the parent's own fetch completes and applies
     rig.manager.close()
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["queued", "a-thread-waits-on-it"])
+def test_a_forked_child_applies_a_rollback_whose_kernel_its_parent_was_fetching_ahead(
+    tmp_path: Path, store: Path, keyring: Keyring, published: tuple[Path, str, str], waiting: bool
+) -> None:
+    """A ROLLBACK queued before the fork (a GERMINATE queued behind it) had the fetch of the
+    kernel its checkpoint puts back running on a worker of the parent: in the child that fetch
+    never ended, and (``waiting``) the safe point another thread of the parent was holding,
+    waiting for it (``apply_pending(wait=True)``), never ended either, so no safe point of the
+    child applied anything. The child asks for the kernel again, applies the ROLLBACK and then
+    the GERMINATE it held back, and gives back every pin it took for them; the parent too."""
+    from kasmina.control.builders import make_rollback_command
+
+    _, mlp, affine = published
+    config = make_config(tmp_path, store, nonce_ledger=False, checkpoint_mode="memory")
+    rig = Rig(config, keyring)
+    manager, cache, parent = rig.manager, rig.manager.kernel_cache, os.getpid()
+    rig.train(1)
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    assert rig.send("cull", SEED0)
+    rig.train(1)
+    cache.clear()  # the ROLLBACK must fetch SEED0's kernel again
+    there, go, reads = threading.Event(), threading.Event(), []
+    real = manager.urza_client.fetch
+
+    def fetch(artifact_id: str, **kwargs: Any) -> Any:
+        reads.append((os.getpid(), artifact_id))
+        if os.getpid() == parent and artifact_id == mlp:  # stops until the child is done
+            there.set()
+            go.wait(60)
+        return real(artifact_id, **kwargs)
+
+    manager.urza_client.fetch = fetch
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    germinate = make_seed_command("germinate", SEED1, affine, timeout_s=60.0)
+    assert manager.handle_adaptation_command(rig.signed(germinate))
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.extend(manager.apply_pending(wait=True)))
+    if waiting:
+        waiter.start()  # its safe point starts the fetch ahead and waits for it
+    else:
+        assert rig.train(1)["commands"] == []  # its first safe point starts the fetch ahead
+    assert there.wait(30)
+
+    def applied(outcomes: list[Any]) -> None:
+        for _ in range(400):  # a few steps, on a loaded machine
+            if len(outcomes) == 2:
+                break
+            outcomes += rig.train(1)["commands"]
+            threading.Event().wait(0.05)
+        got = [(o.kind, o.target, o.ok) for o in outcomes]
+        assert got == [("rollback", "rollback", True), ("seed", SEED1, True)], outcomes
+        assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
+        assert rig.stage(SEED1) == S.ISOLATED_INIT
+        assert cache._pins == {mlp: 1, affine: 1}  # the seeds' own; the commands' given back
+
+    def child() -> None:
+        torch.set_num_threads(1)  # no OpenMP pool of the parent's in the child
+        applied([])
+        assert (os.getpid(), mlp) in reads  # fetched again here
+
+    try:
+        assert run_bounded_in_child(child, timeout_s=40) == 0  # was RAISED (still queued)
+    finally:
+        go.set()
+        if waiting:
+            waiter.join(60)
+    applied(waited)  # the parent's own fetch completes and both apply
+    manager.close()
 
 
 def test_a_child_forked_as_a_fetch_worker_pins_a_kernel_gives_back_every_pin(
