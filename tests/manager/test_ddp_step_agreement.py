@@ -1,9 +1,10 @@
 """The kernel manager's step under real data parallelism: what one rank finds in a step (a seed
-output or gradient that is not finite, a kernel that raises on its data, an isolation leak) is
-charged or acted on alike on every rank, the seeds' gradient average (fp16 without overflow,
-registries of other sizes), and ranks whose hosts differ (dtype, what is frozen) refused on every
-rank. Each test spawns two gloo processes (``tests/manager/ddp_helpers.py``'s ``Trainer``) whose
-saved states the test compares, bit for bit."""
+output or gradient that is not finite, a kernel that raises on its data, a compiled cut, an
+isolation leak) is charged or acted on alike on every rank, the seeds' gradient average (fp16
+without overflow, registries of other sizes), and ranks whose hosts differ (dtype, what is
+frozen) refused on every rank. Each test spawns two gloo processes
+(``tests/manager/ddp_helpers.py``'s ``Trainer``) whose saved states the test compares, bit for
+bit."""
 
 from __future__ import annotations
 
@@ -326,6 +327,43 @@ def test_a_leak_found_on_one_rank_skips_the_host_step_on_every_rank(
     assert [run["stepped"] for run in runs] == [[False, True], [False, True]]
     _assert_equal_states(runs)  # host weights included
     assert [run["grads"].get("peer_leaks", 0) for run in runs] == [0, 1]
+
+
+def _worker_cut(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0's seed cut flag set in one step's backward (as a compiled ACTIVE kernel's cut of
+    its own non-finite input gradient sets it: ``compiled_cut``), rank 1's clean; clipped."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    seed = t.manager.seed(SEED0)
+
+    def cut(_grad: torch.Tensor) -> None:  # written in the backward, read at the step
+        seed.cut_flag.fill_(True)
+
+    handle = seed.seed_parameters()[0].register_hook(cut) if rank == 0 else None
+    t.train(1, clip=1.0)
+    if handle is not None:
+        handle.remove()
+    kept = bool(seed.cut_flag)
+    t.train(1, clip=1.0)
+    t.save(spec["out"], "cut", faults=seed.faults, log=list(seed.fault_log), cut=kept)
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_compiled_cut_on_one_rank_is_charged_on_every_rank(tmp_path: Path, published) -> None:
+    """A seed's cut flag set on rank 0 only (its compiled cut zeroed a non-finite input gradient
+    of its kernel's own on rank 0's data) is agreed in the step's collective with the seed's
+    other flags: every rank charges the fault once, at the same step, and clears the flag, so
+    the replicas (fault counts and logs included) stay alike. Charged on rank 0 alone, rank 0's
+    seed would reach its fault limit first and quarantine there alone."""
+    from kasmina.seeds.compiled_cut import CUT_REASON
+
+    runs = _two_gloo_ranks(_worker_cut, tmp_path, published, "cut")
+    assert [run["faults"] for run in runs] == [1, 1]
+    assert [run["log"] for run in runs] == [[CUT_REASON]] * 2
+    assert [run["cut"] for run in runs] == [False, False]  # settled at the step
+    assert [run["grads"]["flags_agreed"] for run in runs] == [1, 1]
+    _assert_equal_states(runs)
 
 
 ACCUMULATED = 3  # micro-batches a step
