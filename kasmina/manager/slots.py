@@ -423,15 +423,15 @@ class SlotRegistry:
         """A fault for each seed whose optimizer's step raised in the optimizers' last stepping
         call, ``step()``'s or a STEP command's; taken, so each is charged once (``contained``).
         And one for each seed of ``cut`` (its compiled cut zeroed its own non-finite input
-        gradient), unless the rest of the host's gradients overflowed too (a GradScaler's scale
-        still too high: eager hands it to the host, and charges no seed) or its own did (the
-        run of non-finite gradients below counts it, and the scaler saw it); unclipped, the
-        host's gradients are read for it (one transfer, only in a step with a cut)."""
+        gradient; its flag, kept since the poll so that a step that raised first leaves it to
+        the next, is cleared here), unless the rest of the host's gradients overflowed too (a
+        GradScaler's scale still too high: eager hands it to the host, and charges no seed) or
+        its own did (the run of non-finite gradients below counts it, and the scaler saw it);
+        unclipped, the host's gradients are read for it (one transfer, in a step with a cut)."""
         self.require_manager()
         failed, optimizers.failed_now = optimizers.failed_now, []
         for seed_id in failed:
-            record = self.records.get(seed_id)
-            if record is not None:
+            if (record := self.records.get(seed_id)) is not None:
                 contained(record.seed, "optimizer", optimizers.failed_steps[seed_id][1])
         norms, optimizers.norms_now = optimizers.norms_now, {}
         host = norms.get(HOST_ID)
@@ -440,17 +440,17 @@ class SlotRegistry:
         elif cut or not all(norms.values()):  # unclipped, or the user steps the host: its grads
             params = [p for p in self.all_host_params() if p.grad is not None]
             host = read_flags([grads_finite(params)])[0] if params else None  # one transfer
-        for seed_id in cut if host is not False else ():  # the host's overflow: no seed's fault
-            if norms.get(seed_id, True) and (record := self.records.get(seed_id)) is not None:
-                record.seed.charge_fault("nonfinite", CUT_REASON)  # flags agreed by the ranks
+        for record in [r for s in cut if (r := self.records.get(s)) is not None]:
+            record.seed.cut_flag.fill_(False)  # judged now (charged below or not), once
+            if host is not False and norms.get(record.seed_id, True):  # the host's overflow: no
+                record.seed.charge_fault("nonfinite", CUT_REASON)  # seed's; flags agreed by ranks
         if not host:  # not clipped, or the host's overflowed too (a scale still too high):
             for seed_id, finite in norms.items():  # a seed finite in it ended its streak
                 if finite and (record := self.records.get(seed_id)) is not None:
                     record.bad_gradients = 0
             return
         for seed_id, finite in norms.items():  # each step of such a run halves a GradScaler's
-            record = self.records.get(seed_id)  # scale, the host's too, down to 0
-            if record is None:
+            if (record := self.records.get(seed_id)) is None:  # scale, the host's too, down to 0
                 continue
             record.bad_gradients = 0 if finite else record.bad_gradients + 1
             if record.bad_gradients >= BAD_GRADIENT_STEPS:

@@ -243,11 +243,13 @@ def rebuild_if_left(layer: Any) -> None:
         rebuild_constants(layer)
 
 
-def reset_flags(buffers: dict[str, torch.Tensor]) -> None:
+def reset_flags(buffers: dict[str, torch.Tensor], *, keep_cut: bool = False) -> None:
     """A seed's ``SEED_FLAGS`` (in its ``_buffers``) back to their clean values, in place: the
-    views of its slot's flags stay views."""
+    views of its slot's flags stay views. ``keep_cut``: its ``cut_flag`` stays as it is (a step
+    clears it once it has judged the cut: ``SlotRegistry.charge_failed_steps``)."""
     for name, value in SEED_FLAGS.items():
-        buffers[name].fill_(value)
+        if not keep_cut or name != "cut_flag":
+            buffers[name].fill_(value)
 
 
 def add_missing_flag(module: Any, name: str, like: str) -> None:

@@ -274,13 +274,14 @@ class GradientIsolatedSeed(nn.Module):
         the step skips it) unless ranks averaged them (``drop_gradient=False``, NaN taken as 0).
         One fault however many fell back; none when each one's input was the host's NaN. ``cut``:
         a compiled ACTIVE backward zeroed a non-finite input gradient of its kernel's: a fault
-        (with ``charge_cut`` False, cleared uncharged: ``SlotRegistry.charge_failed_steps``)."""
-        if finite and not faulted and not cut:
+        (``charge_cut`` False: its flag is kept until ``SlotRegistry.charge_failed_steps``)."""
+        if finite and not faulted and (not cut or not charge_cut):  # a cut alone: kept
             return False
         if not finite and drop_gradient and self.kernel is not None:
             for param in self.kernel.parameters():
                 param.grad = None
-        reset_flags(self._buffers)
+        # A cut, kept unless an output fault charges the step, is cleared once the step judged it.
+        reset_flags(self._buffers, keep_cut=cut and not charge_cut and not faulted)
         if not finite or faulted:
             self.nonfinite_events += 1
             self.state_table.report("seed.nonfinite_output", {"seed_id": self.seed_id})

@@ -142,3 +142,38 @@ def test_a_step_on_cuda_synchronises_once_per_transfer(tmp_path, store, keyring,
         assert syncs.count("aten::_local_scalar_dense") == 0, syncs
         assert len(syncs) == len(expected), syncs
         assert report["host_stepped"] and sorted(report["seeds_stepped"]) == [SEED0, SEED1]
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_a_compiled_cut_read_by_a_step_that_raises_is_charged_at_the_next(
+    rig: Rig, mlp, clip: float
+) -> None:
+    """The step reads a seed's cut flag at its poll and charges it after the optimizers
+    stepped (``SlotRegistry.charge_failed_steps``): a step that raised in between (the host's
+    optimizer, out of memory at its first step) had cleared the flag at the poll, and the cut
+    was never charged. The flag is kept until it is charged: the next step charges it, once."""
+    from kasmina.isolation.optimizers import HOST_ID
+
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    seed, host = manager.seed(SEED0), manager.optimizers.optimizer(HOST_ID)
+    real = host.step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    host.step = out_of_memory
+    manager.backward(nn.functional.cross_entropy(rig.model(rig.x), rig.y), kd_loss=None)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    with pytest.raises(torch.OutOfMemoryError):
+        manager.step(grad_clip_norm=clip)
+    assert seed.faults == 0 and bool(seed.cut_flag)  # kept for the next step
+    host.step = real
+    manager.optimizers.zero_grad()  # the trainer drops the batch, and goes on
+    manager.backward(nn.functional.cross_entropy(rig.model(rig.x), rig.y), kd_loss=None)
+    manager.step(grad_clip_norm=clip)
+    assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON] and not bool(seed.cut_flag)
+    rig.train(1)
+    assert seed.faults == 1  # charged once
+    manager.close()
