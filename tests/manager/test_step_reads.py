@@ -165,7 +165,7 @@ def test_a_compiled_cut_read_by_a_step_that_raises_is_charged_at_the_next(
 
     host.step = out_of_memory
     manager.backward(nn.functional.cross_entropy(rig.model(rig.x), rig.y), kd_loss=None)
-    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_fault_containment)
+    seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
     with pytest.raises(torch.OutOfMemoryError):
         manager.step(grad_clip_norm=clip)
     assert seed.faults == 0 and bool(seed.cut_flag)  # kept for the next step

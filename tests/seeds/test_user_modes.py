@@ -14,7 +14,8 @@ from torch import nn
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
-from tests.seeds.test_fault_containment import RaisesInBackward, walk
+from tests.seeds.fault_helpers import RaisesInBackward
+from tests.seeds.helpers import walk
 
 S = SeedStage
 
