@@ -35,6 +35,7 @@ from kasmina.manager.config_values import (
     publisher_keys,
 )
 from kasmina.ops.backend import backend
+from kasmina.urza.cache import DEFAULT_MAX_KERNELS
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.redaction import redact_urls
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings
@@ -118,6 +119,9 @@ class KasminaConfig:
     device: str = "auto"
     # Byte budget of the GPU-resident kernel cache (parameters + buffers of cached kernels).
     cache_size_mb: float = 512.0
+    # Kernels the cache holds at most, pinned ones included (>= 1): each also keeps its program
+    # on the host (about 100 KB for a tiny one), which cache_size_mb does not count.
+    cache_max_kernels: int = DEFAULT_MAX_KERNELS
 
     # --- Urza artifact store -------------------------------------------------------------
     # Any fsspec URL; a plain local directory is the embedded default.
@@ -254,7 +258,7 @@ class KasminaConfig:
         self._check_kd_and_telemetry()
 
     def _check_device_and_store(self) -> None:
-        """``device``, ``cache_size_mb`` and the Urza store's settings and publishers."""
+        """``device``, the kernel cache's bounds and the Urza store's settings and publishers."""
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a non-empty string, got {self.device!r}")
         if self.device != "auto":
@@ -263,6 +267,7 @@ class KasminaConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a valid torch device") from None
         self.cache_size_mb = check_positive("cache_size_mb", self.cache_size_mb)
+        self.cache_max_kernels = check_int("cache_max_kernels", self.cache_max_kernels, 1)
         if isinstance(self.urza_url, os.PathLike):  # a store directory given as a Path
             self.urza_url = os.fspath(self.urza_url)
         if not isinstance(self.urza_url, str) or not self.urza_url:

@@ -108,7 +108,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         path, cap = config.telemetry_jsonl_path, config.telemetry_jsonl_max_bytes
         with ExitStack() as undo:  # a constructor that raises leaves no file, ledger or sink
             self._jsonl = undo.enter_context(closing(JsonlFileSink(path, cap))) if path else None
-            kernel_cache = GPUKernelCache(config.cache_size_mb)
+            kernel_cache = GPUKernelCache(config.cache_size_mb, config.cache_max_kernels)
             # Artifacts verify against the configured publisher public keys, never the keyring:
             # the command keys cannot sign an artifact (docs/design.md §5, "Key purposes").
             self.urza_client = urza_client or undo.push(UrzaLibraryClient.from_config(config))

@@ -1,4 +1,4 @@
-"""The device-resident kernel cache: an LRU bounded in bytes (docs/design.md §6).
+"""The device-resident kernel cache: an LRU bounded in bytes and in kernels (docs/design.md §6).
 
 Sizes come from ``GPUKernel.get_memory_size()`` when a kernel is put in and are remembered, so
 the byte account cannot drift. Kernels attached to live seeds are pinned (a count, so several
@@ -6,6 +6,12 @@ seeds may share one) and are never evicted; evicted kernels have their device me
 Releasing happens after the lock is dropped, so a slow release never stalls a concurrent ``get``.
 Only unpinned kernels are kept in LRU order, so get, put, pin and unpin are O(1) (plus O(1) per
 kernel a put evicts), however many kernels are pinned.
+
+Why a bound in kernels as well: the byte account counts a kernel's tensors only, and each cached
+kernel also holds its program on the host (its ``GraphModule`` and ``ExportedProgram``: about
+100 KB for a two-layer kernel whose weights are 88 bytes). A run that germinates ever new tiny
+artifacts filled a 512 MB budget only after millions of them, growing host memory by hundreds of
+GB on the way; ``max_kernels`` entries (pinned ones included) bound that side.
 
 Why ``was_evicted``: a kernel's memory is released after the lock is dropped, so for a moment an
 evicted kernel is half emptied but not yet marked ``released``. The cache remembers (weakly)
@@ -29,11 +35,16 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from kasmina.utils.checks import check_int
 from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CachedKernel", "GPUKernelCache"]
+__all__ = ["DEFAULT_MAX_KERNELS", "CachedKernel", "GPUKernelCache"]
+
+# Entries a cache holds at most (``KasminaConfig.cache_max_kernels``): far more artifacts than a
+# run uses at once, and a bounded host-side cost (about 100 MB of tiny kernels' programs).
+DEFAULT_MAX_KERNELS = 1024
 
 # Each kernel a cache holds or removed: (that cache, its id there, or None once removed). Weak
 # both ways, so a kernel or a cache that is collected drops out. Its lock is taken inside a
@@ -57,11 +68,13 @@ class CachedKernel(Protocol):
 
 
 class GPUKernelCache:
-    """Thread-safe LRU of kernels by id, bounded by ``cache_size_mb`` of device memory."""
+    """Thread-safe LRU of kernels by id, bounded by ``cache_size_mb`` of device memory and by
+    ``max_kernels`` entries (the module docstring)."""
 
-    def __init__(self, cache_size_mb: float) -> None:
+    def __init__(self, cache_size_mb: float, max_kernels: int = DEFAULT_MAX_KERNELS) -> None:
         if isinstance(cache_size_mb, bool) or not 0 <= cache_size_mb * 1024 * 1024 < math.inf:
             raise ValueError(f"cache_size_mb must be finite and >= 0, got {cache_size_mb!r}")
+        self.max_kernels = check_int("max_kernels", max_kernels, 1)
         self.max_bytes = int(cache_size_mb * 1024 * 1024)
         self._entries: dict[str, tuple[CachedKernel, int]] = {}
         # Unpinned ids, least recently used first: the only eviction candidates, so neither a
@@ -93,8 +106,9 @@ class GPUKernelCache:
     def put(self, kernel_id: str, kernel: CachedKernel) -> bool:
         """Cache ``kernel``, evicting least recently used unpinned kernels to make room.
 
-        Returns False when it is not cached: larger than the whole cache, or the room is held by
-        pinned kernels. The caller then serves it uncached (nothing is evicted in that case).
+        Returns False when it is not cached: larger than the whole cache, or the room (bytes, or
+        all ``max_kernels`` entries) is held by pinned kernels. The caller then serves it
+        uncached (nothing is evicted in that case).
         Replacing a different kernel under an id releases the old one; a pinned id cannot be
         replaced (``ValueError``), and a kernel belongs to one entry: one that another cache
         holds or removed, or that this one holds under another id, is refused (``ValueError``).
@@ -113,16 +127,22 @@ class GPUKernelCache:
             needed = self._bytes - old_size + size - self.max_bytes
             # Unpinned bytes other than this id's own entry (which is replaced, not evicted).
             evictable = self._bytes - self._pinned_bytes - (0 if pinned else old_size)
-            if size > self.max_bytes or needed > evictable:
+            # Entries past ``max_kernels`` once it is in, against the unpinned others.
+            extra = len(self._entries) - (old is not None) + 1 - self.max_kernels
+            others = len(self._lru) - (old is not None and not pinned)
+            if size > self.max_bytes or needed > evictable or extra > others:
                 self.uncached += 1
                 reason = "larger than the cache" if size > self.max_bytes else "room held by pins"
                 logger.warning(
-                    "kernel %s (%d bytes) served uncached: %s (%d of %d bytes used)",
+                    "kernel %s (%d bytes) served uncached: %s (%d of %d bytes, %d of %d "
+                    "kernels used)",
                     kernel_id,
                     size,
                     reason,
                     self._bytes,
                     self.max_bytes,
+                    len(self._entries),
+                    self.max_kernels,
                 )
                 return False
             if old is not None:
@@ -134,7 +154,7 @@ class GPUKernelCache:
                 if old[0] is not kernel:
                     victims.append(old[0])
                     self._mark_removed(old[0])
-            while self._bytes + size > self.max_bytes:
+            while self._bytes + size > self.max_bytes or len(self._entries) >= self.max_kernels:
                 victim_id, _ = self._lru.popitem(last=False)
                 victim, victim_size = self._entries.pop(victim_id)
                 self._bytes -= victim_size
@@ -263,4 +283,5 @@ class GPUKernelCache:
                 "pinned": len(self._pins),
                 "bytes_used": self._bytes,
                 "max_bytes": self.max_bytes,
+                "max_kernels": self.max_kernels,
             }

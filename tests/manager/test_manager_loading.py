@@ -83,6 +83,21 @@ def test_second_germinate_of_one_artifact_is_a_cache_hit(rig: Rig, mlp) -> None:
     assert not manager.kernel_cache.is_pinned(mlp)
 
 
+def test_the_cache_holds_at_most_cache_max_kernels(tmp_path, store, keyring, published) -> None:
+    """``cache_max_kernels`` bounds the manager's kernel cache in entries, pinned ones counted:
+    with room for one, a second artifact while the first is pinned is served uncached (its seed
+    trains all the same), and once the first is unpinned, a load of the second evicts it."""
+    _, mlp, aff = published
+    rig = Rig(make_config(tmp_path, store, cache_max_kernels=1), keyring)
+    manager, cache = rig.manager, rig.manager.kernel_cache
+    assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, aff)
+    assert len(cache) == 1 and cache.is_pinned(mlp) and aff not in cache
+    assert cache.stats()["uncached"] == 1 and rig.train(1)["seeds_stepped"] == [SEED0, SEED1]
+    assert rig.send("cull", SEED0) and rig.send("cull", SEED1)
+    asyncio.run(manager.load_kernel(aff))
+    assert len(cache) == 1 and aff in cache and mlp not in cache
+
+
 def test_concurrent_loads_share_one_fetch(tmp_path, store, keyring, mlp) -> None:
     config = make_config(tmp_path, store)
     urza = UrzaLibraryClient.from_config(config)

@@ -1,4 +1,4 @@
-"""GPUKernelCache: LRU order, byte bound, pinning, oversize kernels, thread safety."""
+"""GPUKernelCache: LRU order, byte and kernel bounds, pinning, oversize kernels, thread safety."""
 
 from __future__ import annotations
 
@@ -107,6 +107,41 @@ def test_oversize_kernel_is_served_uncached_with_a_warning(caplog) -> None:
     assert "big" not in cache and "small" in cache
     assert big.releases == 0 and small.releases == 0
     assert cache.stats()["uncached"] == 1 and cache.bytes_used == MB // 2
+
+
+def test_tiny_kernels_are_bounded_in_number_too() -> None:
+    """Each cached kernel also keeps its program on the host (about 100 KB for a tiny one),
+    which the byte budget does not count: a run that germinated ever new artifacts of a few
+    bytes each grew the cache by one entry per artifact, up to millions of them under the
+    default 512 MB. Past ``max_kernels`` entries (1,024 by default) the LRU evicts as well."""
+    cache = GPUKernelCache(cache_size_mb=512)
+    kernels = [FakeKernel(88) for _ in range(1100)]
+    for i, kernel in enumerate(kernels):
+        assert cache.put(f"k{i}", kernel)
+    assert len(cache) <= 1024 and cache.bytes_used == 88 * len(cache)
+    assert all(kernel.releases == (f"k{i}" not in cache) for i, kernel in enumerate(kernels))
+    assert f"k{len(kernels) - 1}" in cache
+
+
+def test_the_kernel_bound_counts_pins_and_evicts_least_recent_first() -> None:
+    cache = GPUKernelCache(cache_size_mb=1, max_kernels=3)
+    kernels = {name: FakeKernel(10) for name in "abcdef"}
+    for name in "abc":
+        assert cache.put(name, kernels[name])
+    assert cache.get("a") is kernels["a"]
+    assert cache.put("d", kernels["d"])  # b, the least recently used, goes
+    assert {k for k in "abcd" if k in cache} == {"a", "c", "d"} and kernels["b"].releases == 1
+    assert cache.put("d", kernels["d"]) and len(cache) == 3  # a put again evicts nothing
+    for name in "acd":
+        cache.pin(name)
+    assert not cache.put("e", kernels["e"])  # every entry pinned: served uncached
+    assert "e" not in cache and kernels["e"].releases == 0 and cache.stats()["uncached"] == 1
+    cache.unpin("c")
+    assert cache.put("f", kernels["f"]) and "c" not in cache and kernels["c"].releases == 1
+    assert len(cache) == 3 and cache.stats()["max_kernels"] == 3
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="max_kernels"):
+            GPUKernelCache(cache_size_mb=1, max_kernels=bad)
 
 
 def test_replacing_and_evicting() -> None:

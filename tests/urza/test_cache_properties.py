@@ -1,9 +1,10 @@
 """GPUKernelCache as a state machine, against a plain-Python model of docs/design.md §6.
 
-The model holds what the documents promise: an LRU bounded in bytes, sizes remembered at put;
+The model holds what the documents promise: an LRU bounded in bytes and in kernels (pinned ones
+counted), sizes remembered at put;
 only unpinned kernels are in LRU order (a pinned one leaves it, and re-enters it as the most
 recently used when its last pin goes); a put evicts least recently used unpinned kernels until
-the new one fits, and a kernel larger than the cache, or one whose room is held by pins, is
+the new one fits in both, and a kernel larger than the cache, or one whose room is held by pins, is
 served uncached (``False``) and evicts nothing; a pinned id cannot be replaced (``ValueError``);
 ``evict`` refuses a pinned or absent kernel (``False``); pins are counted (one unpin per pin)
 and ``pin`` of an absent id or ``unpin`` of an unpinned one raises ``KeyError``; ``clear``
@@ -65,8 +66,9 @@ class FakeKernel:
 class CacheModel:
     """The cache as the documents describe it."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_kernels: int) -> None:
         self.max_bytes = max_bytes
+        self.max_kernels = max_kernels
         self.entries: dict[str, tuple[FakeKernel, int]] = {}
         self.lru: list[str] = []  # unpinned ids, least recently used first
         self.pins: dict[str, int] = {}
@@ -96,7 +98,8 @@ class CacheModel:
         if old is not None and old[0] is not kernel and pinned:
             raise ValueError("pinned")
         # Room there is once every other unpinned kernel is gone: what pins leave.
-        if size > self.max_bytes - self.pinned_bytes(but=kid):
+        others_pinned = len([i for i in self.pins if i != kid])
+        if size > self.max_bytes - self.pinned_bytes(but=kid) or others_pinned >= self.max_kernels:
             self.uncached += 1
             return False
         if old is not None:
@@ -105,7 +108,7 @@ class CacheModel:
                 self.lru.remove(kid)
             if old[0] is not kernel:
                 self.removed.append(old[0])  # replaced: released, not counted as an eviction
-        while self.used() + size > self.max_bytes:
+        while self.used() + size > self.max_bytes or len(self.entries) >= self.max_kernels:
             victim = self.lru.pop(0)
             self.removed.append(self.entries.pop(victim)[0])
             self.evictions += 1
@@ -146,14 +149,15 @@ class CacheModel:
 class CacheMachine(RuleBasedStateMachine):
     @initialize(
         budget=st.integers(0, 300),
+        kernels=st.integers(1, 7),  # 6 and 7: the six ids never fill it
         first=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 50)), max_size=8),
     )
-    def make(self, budget: int, first: list[tuple[int, int]]) -> None:
-        """A cache of ``budget`` bytes and a few kernels put in it (so that every run has a
-        cache to work on, whichever rules it leaves out)."""
-        self.cache = GPUKernelCache(cache_size_mb=budget / MB)  # exactly ``budget`` bytes
-        assert self.cache.max_bytes == budget
-        self.model = CacheModel(budget)
+    def make(self, budget: int, kernels: int, first: list[tuple[int, int]]) -> None:
+        """A cache of ``budget`` bytes and ``kernels`` kernels and a few kernels put in it (so
+        that every run has a cache to work on, whichever rules it leaves out)."""
+        self.cache = GPUKernelCache(cache_size_mb=budget / MB, max_kernels=kernels)
+        assert self.cache.max_bytes == budget  # exactly ``budget`` bytes
+        self.model = CacheModel(budget, kernels)
         self.made: list[FakeKernel] = []
         for which, size in first:
             self._put_new("abcdef"[which], size)
@@ -271,6 +275,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert {k for k in "abcdef" if k in cache} == set(model.entries)
         assert len(cache) == len(model.entries)
         assert cache.bytes_used == model.used() <= model.max_bytes  # the budget always holds
+        assert len(cache) <= model.max_kernels
         # The LRU order itself, the one white-box check (black-box, it shows only later, in
         # which kernels a put evicts: checked by the line above after every put).
         assert list(cache._lru) == model.lru
@@ -287,6 +292,7 @@ class CacheMachine(RuleBasedStateMachine):
             "pinned": len(model.pins),
             "bytes_used": model.used(),
             "max_bytes": model.max_bytes,
+            "max_kernels": model.max_kernels,
         }
         cached = {id(kernel) for kernel, _ in model.entries.values()}
         removed = {id(kernel) for kernel in model.removed}
