@@ -141,9 +141,11 @@ class CommandIntake:
         """After ``fork()``, in the child: a safe point that another thread of the parent was
         in (one waiting for a fetch, ``apply_pending(wait=True)``) never ends there, and held
         every safe point of the child off for good (the commands stayed queued). It is let go;
-        what it waited for is asked for again (``CommandQueue._at_fork_reinit``)."""
-        self._applying._at_fork_reinit()
-        self._applier = None
+        what it waited for is asked for again (``CommandQueue._at_fork_reinit``). One the
+        forking thread is in itself goes on in the child, and keeps it (its end releases it)."""
+        if self._applier != threading.get_ident():  # (the forking thread keeps its ident)
+            self._applying._at_fork_reinit()
+            self._applier = None
 
     def arrive(self, raw: bytes) -> bool:
         """Verify ``raw`` now and queue it; whether it was accepted. Any thread; never raises.

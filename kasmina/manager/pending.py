@@ -56,7 +56,7 @@ from kasmina.leyline import SeedOperation
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.locks import fork_safe
+from kasmina.utils.locks import fork_safe, whole_at_fork
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class CommandQueue:
         if artifact_id is not None and entry.fetch is None and not self.knows(entry.seed_id):
             return None, None  # refused as the unknown seed it names: nothing to fetch
         if entry.fetch is None and artifact_id is not None and not entry.pinned:
-            with interrupts_deferred():  # a Ctrl-C between the pin and its record leaks it
+            with whole_at_fork(), interrupts_deferred():  # pin and record: whole, or neither
                 pinned = self.loader.pin(artifact_id)
                 if pinned:
                     self._hold(entry)  # cached: kept there until the command has applied
@@ -379,7 +379,7 @@ class CommandQueue:
             deadline = entry.until if math.isfinite(entry.until) else None
             try:
                 for artifact_id in kernels_of(rollback.target_epoch):
-                    with interrupts_deferred():  # a Ctrl-C between a pin and its record leaks it
+                    with whole_at_fork(), interrupts_deferred():  # as ``_poll``'s pin
                         if self.loader.pin(artifact_id):
                             self._hold_for(entry, artifact_id)
                             continue

@@ -19,10 +19,14 @@ from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
-# Set as a fork begins, once a test arms it (``os.register_at_fork`` hooks stay for good).
-_FORKING, _ARMED = threading.Event(), threading.Event()
+# Set as a fork begins and once it is made (in the parent), once a test arms them
+# (``os.register_at_fork`` hooks stay for good).
+_FORKING, _FORKED, _ARMED = threading.Event(), threading.Event(), threading.Event()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=lambda: _FORKING.set() if _ARMED.is_set() else None)
+    os.register_at_fork(
+        before=lambda: _FORKING.set() if _ARMED.is_set() else None,
+        after_in_parent=lambda: _FORKED.set() if _ARMED.is_set() else None,
+    )
 
 
 def test_a_forked_child_applies_a_germinate_whose_fetch_its_parent_was_running(
@@ -184,3 +188,95 @@ def test_a_child_forked_as_a_fetch_worker_pins_a_kernel_gives_back_every_pin(
         _FORKING.set()
     germinated()
     manager.close()
+
+
+def test_a_child_forked_as_a_safe_point_pins_a_cached_kernel_gives_back_every_pin(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """The safe point pins a queued GERMINATE's kernel that is cached already, then records the
+    pin on the command, as a fetch worker does: made on a thread of its own
+    (``apply_pending(wait=True)`` from a controller's), a fork from the training thread between
+    the two left the child one pin for good. The same section as the worker's now."""
+    rig = Rig(make_config(tmp_path, store, nonce_ledger=False), keyring)
+    manager, cache, queue = rig.manager, rig.manager.kernel_cache, rig.manager.pending
+    assert rig.send("germinate", SEED1, mlp)  # cached, with SEED1's own pin on it
+    rig.train(1)
+    assert rig.stage(SEED1) == S.ISOLATED_INIT and cache._pins == {mlp: 1}
+    _FORKING.clear()
+    _FORKED.clear()
+    real, real_poll, inside = queue._hold, queue._poll, threading.Event()
+
+    def hold(entry: Any) -> None:  # the safe point's pin taken, not yet recorded
+        if threading.current_thread().name == "waiter":
+            inside.set()
+            _FORKING.wait(30)
+        real(entry)
+
+    def poll(entry: Any, wait: bool) -> Any:  # applied after the fork: a child forked while
+        polled = real_poll(entry, wait)  # the waiter applies waits for the model's lock
+        if threading.current_thread().name == "waiter":
+            _FORKED.wait(30)
+        return polled
+
+    queue._hold, queue._poll = hold, poll
+    command = make_seed_command("germinate", SEED0, mlp, timeout_s=60.0)
+    assert manager.handle_adaptation_command(rig.signed(command))  # cached: no fetch
+    applied: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: applied.extend(manager.apply_pending(wait=True)), name="waiter"
+    )
+    waiter.start()
+    assert inside.wait(30) and cache._pins == {mlp: 2}
+
+    def child() -> None:
+        torch.set_num_threads(1)  # no OpenMP pool of the parent's in the child
+        for _ in range(100):
+            if rig.train(1)["commands"] or rig.stage(SEED0) != S.DORMANT:
+                break
+            threading.Event().wait(0.05)
+        assert rig.stage(SEED0) == S.ISOLATED_INIT
+        assert cache._pins == {mlp: 2}, cache._pins  # the two seeds' own (was 3)
+
+    _ARMED.set()
+    try:
+        code = run_bounded_in_child(child, timeout_s=40)
+    finally:
+        _ARMED.clear()
+        _FORKING.set()
+        waiter.join(30)
+    assert [o.ok for o in applied] == [True] and cache._pins == {mlp: 2}
+    manager.close()
+    assert code == 0
+
+
+def test_a_child_forked_inside_a_safe_point_finishes_it_and_applies_later_ones(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A fork made by the thread that is applying the queued commands (a telemetry sink's, say)
+    goes on with that safe point in the child: the child kept the safe point's lock, where it
+    was freed under it as if another thread of the parent had held it, and the safe point's
+    end then released a lock it no longer held (``RuntimeError``)."""
+    rig = Rig(make_config(tmp_path, store, nonce_ledger=False), keyring)
+    intake, real = rig.manager.intake, rig.manager.intake._take_and_apply
+
+    def child() -> None:
+        torch.set_num_threads(1)  # no OpenMP pool of the parent's in the child
+        forked: list[int] = []
+
+        def take_and_apply(wait: bool) -> Any:  # forks once, inside the safe point
+            if not forked:
+                forked.append(pid := os.fork())
+                if pid:
+                    assert os.waitpid(pid, 0)[1] == 0  # the grandchild's safe point went well
+            return real(wait)
+
+        intake._take_and_apply = take_and_apply
+        rig.manager.apply_pending(wait=True)  # (both: the grandchild exits through the helper)
+        assert rig.stage(SEED0) == S.ISOLATED_INIT
+        assert rig.send("germinate", SEED1, mlp) and rig.stage(SEED1) == S.ISOLATED_INIT
+
+    command = make_seed_command("germinate", SEED0, mlp, timeout_s=60.0)
+    assert rig.manager.handle_adaptation_command(rig.signed(command))
+    code = run_bounded_in_child(child, timeout_s=40)
+    rig.manager.close()
+    assert code == 0
