@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["contain_hooks_given_none"]
 
 _RAISED = itertools.count(1)
+_USERS = threading.Lock()  # the wrappers' ``users`` (backwards on two threads at once)
 _MESSAGE = (
     "a hook on a seed kernel's parameter raised when handed no gradient (the backward guard had "
     "none for it: the kernel's backward faulted, its graph was stale, or its forward did not "
@@ -43,12 +45,14 @@ _Swapped = list[tuple[dict[Any, Any], Any, Callable[..., Any], Callable[..., Any
 
 
 class _Contained:
-    """A parameter's hook, run as it is for a gradient; for none, what it raises is logged."""
+    """A parameter's hook, run as it is for a gradient; for none, what it raises is logged.
+    ``users``: the backwards running that wrapped it or found it wrapped (threads may run two
+    at once); the last to end puts the hook back."""
 
-    __slots__ = ("hook",)
+    __slots__ = ("hook", "users")
 
     def __init__(self, hook: Callable[..., Any]) -> None:
-        self.hook = hook
+        self.hook, self.users = hook, 0
 
     def contained(self, arg: Any) -> None:
         try:
@@ -93,9 +97,11 @@ def contain_hooks_given_none(
             (p._post_accumulate_grad_hooks, _PostAccumulateHook),
         ):
             for key, hook in list(hooks.items()) if hooks else ():
-                if not isinstance(hook, _Contained):
-                    hooks[key] = wrapped = wrap(hook)
-                    swapped.append((hooks, key, hook, wrapped))
+                with _USERS:
+                    wrapped = hook if isinstance(hook, _Contained) else wrap(hook)
+                    wrapped.users += 1
+                    hooks[key] = wrapped
+                swapped.append((hooks, key, wrapped.hook, wrapped))
     if not swapped:
         return
     try:
@@ -105,7 +111,10 @@ def contain_hooks_given_none(
 
 
 def _put_back(swapped: _Swapped) -> None:
-    """The wrapped hooks, as they were; a hook removed (or replaced) meanwhile stays so."""
-    for hooks, key, hook, wrapped in swapped:
-        if hooks.get(key) is wrapped:
-            hooks[key] = hook
+    """The wrapped hooks, as they were, once no backward uses them; a hook removed (or
+    replaced) meanwhile stays so."""
+    with _USERS:
+        for hooks, key, hook, wrapped in swapped:
+            wrapped.users -= 1
+            if not wrapped.users and hooks.get(key) is wrapped:
+                hooks[key] = hook

@@ -6,6 +6,7 @@ kernel's own backward makes."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -150,3 +151,58 @@ def test_anomaly_mode_at_a_kernels_own_nan_gradient_is_one_backward_fault(
     got = [p.grad for p in layer.seed(1).seed_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert layer.poll_nonfinite() == ["layer[0]"] and layer.seed(1).faults == 0
+
+
+def _guard_node(loss: torch.Tensor) -> torch.autograd.graph.Node:
+    """The backward guard's node in ``loss``'s graph (``ContainedBackward``)."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "ContainedBackward" in type(node).__name__:
+            return node
+        todo += [next_node for next_node, _ in node.next_functions]
+    raise AssertionError("no guard node in the graph")
+
+
+def test_two_threads_backward_a_faulting_kernel_with_a_hook_on_its_parameter() -> None:
+    """Two backwards at once on two threads through one seed whose backward faults: thread A's
+    guard wraps the parameter's hook, B's finds it wrapped, and A's end put the user's hook back
+    while B's engine had yet to hand the parameter its None (B's backward raised the hook's
+    error). The last backward to end puts it back now. Node hooks pin the interleaving."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    seed = layer.seed(0)
+    seed.attach_kernel(RaisesInBackward(2))
+    walk(seed, SeedStage.ISOLATED_INIT)
+    seed.fault_limit = 100
+    hook = lambda g: g.clamp(-1, 1)  # noqa: E731 (the usual per-parameter clipping)
+    seed.kernel.scale.register_hook(hook)
+    loss_a, loss_b = (layer(torch.randn(5, 6)).sum() for _ in range(2))
+    a_wrapped, b_past_guard, a_done = (threading.Event() for _ in range(3))
+    _guard_node(loss_a).register_hook(lambda gi, go: (a_wrapped.set(), b_past_guard.wait(10))[0])
+    _guard_node(loss_b).register_hook(lambda gi, go: (b_past_guard.set(), a_done.wait(10))[0])
+    out: dict[str, str] = {}
+
+    def run(name: str, loss: torch.Tensor, before: threading.Event | None) -> None:
+        if before is not None:
+            before.wait(10)
+        try:
+            loss.backward()
+            out[name] = "ok"
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+        a_done.set()
+
+    threads = [
+        threading.Thread(target=run, args=("A", loss_a, None)),
+        threading.Thread(target=run, args=("B", loss_b, a_wrapped)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert out == {"A": "ok", "B": "ok"} and seed.faults == 2
+    assert list(seed.kernel.scale._backward_hooks.values()) == [hook]  # put back once both end
