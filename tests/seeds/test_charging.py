@@ -6,11 +6,14 @@ it, without processes: a fault found on the host is held, not counted; what ever
 charged on every rank in registry, then rank order, with the rank in each reason
 (``charge_gathered``); a rank that leaves charges its own (``charge_here``). The two-rank run is
 ``tests/manager/test_ddp_step_agreement.py``'s ``test_a_kernel_that_raises_on_one_ranks_data_...``.
+Also: which faults cost a seed its step (``loses_step``), and a quarantine under way at a fork.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -20,10 +23,12 @@ from kasmina.seeds.charging import (
     DeferredFaults,
     charge,
     charge_gathered,
+    contained,
     defer_faults,
     encode,
+    loses_step,
 )
-from kasmina.seeds.faults import FAULT_LOG_SIZE
+from kasmina.seeds.faults import FAULT_LOG_SIZE, FAULT_REASON_CHARS, FELL_BACK
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage as S
@@ -180,3 +185,108 @@ def test_a_fault_reported_on_another_thread_mid_charge_neither_waits_nor_quarant
     assert [m for m in messages if "quarantine" in m] == [
         "seed s0: quarantined from ISOLATED_INIT: 3 faults (limit 3), last: raised"
     ]
+
+
+@pytest.mark.parametrize("kind", ["exception", "type", "shape", "dtype", "device"])
+def test_a_call_fault_loses_the_step_only_in_a_training_forward_with_a_graph(kind: str) -> None:
+    """A faulted call costs the seed its step in a training stage with a graph being recorded;
+    not in COMPATIBILITY_CHECK (it trains nothing), nor without grad (validation), nor under a
+    ``torch.func`` transform (its flags may be an ensemble's stacked buffers)."""
+    assert loses_step(kind, S.GRAFTING) and loses_step(kind, S.ACTIVE)
+    assert not loses_step(kind, S.COMPATIBILITY_CHECK) and not loses_step(kind, S.DORMANT)
+    with torch.no_grad():
+        assert not loses_step(kind, S.GRAFTING)
+    seen: list[bool] = []
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        seen.append(loses_step(kind, S.GRAFTING))
+        return x
+
+    torch.func.vmap(call)(torch.zeros(2))
+    assert seen == [False]
+
+
+def test_only_a_call_a_backward_or_a_fallback_loses_the_step() -> None:
+    """A backward that raised and a fallback lose the step in any stage; a fault that is not a
+    call's (a bookkeeping write, an optimizer's step, a probe) keeps the step's gradients."""
+    assert loses_step("backward", S.COMPATIBILITY_CHECK) and loses_step(FELL_BACK, S.ACTIVE)
+    for kind in ("bookkeeping", "optimizer", "probe", "gradient", "nonfinite"):
+        assert not loses_step(kind, S.GRAFTING), kind
+
+
+def test_a_fault_contained_past_a_commit_is_charged_at_once_unless_found_here(
+    table: GPUStateTensor,
+) -> None:
+    """``contained`` charges at once what every rank found alike (an optimizer's step, the run
+    of non-finite clipped gradients: averaged); one found on this rank's data alone
+    (``found_here``) is held for the step's collective."""
+    seed = _seed(table)
+    held = DeferredFaults()
+    defer_faults(table, held)
+    contained(seed, "optimizer", "step raised")
+    assert seed.faults == 1 and not held
+    contained(seed, "bookkeeping", "alpha write raised", found_here=True)
+    assert seed.faults == 1 and held.take() == {"s0": (1, [("bookkeeping", "alpha write raised")])}
+
+
+def test_a_reason_charged_directly_is_one_bounded_line(table: GPUStateTensor) -> None:
+    """A reason given to ``charge`` itself (an optimizer's exception text, a gathered rank's
+    reason behind its prefix) goes into the fault log, the telemetry and the epoch checksum as
+    one line of at most ``FAULT_REASON_CHARS``, as one through ``record_fault`` does."""
+    seed = _seed(table, limit=100)
+    charge(seed, "optimizer", "step raised\n  Traceback:\n" + "x" * (2 * FAULT_REASON_CHARS))
+    (reason,) = seed.fault_log
+    assert reason.startswith("step raised Traceback: xxx") and "\n" not in reason
+    assert len(reason) == FAULT_REASON_CHARS and reason.endswith("...")
+
+
+class _ChargedStub:
+    """A ``ChargedSeed`` with no tensor (torch stays out of a forked child); its quarantine
+    waits for ``go`` on the thread named ``blocked``."""
+
+    seed_id, fault_limit, stage = "s0", 2, S.ISOLATED_INIT
+
+    def __init__(self) -> None:
+        self.faults, self.fault_log, self.state_table = 0, deque(maxlen=FAULT_LOG_SIZE), self
+        self.entered, self.go, self.quarantined = threading.Event(), threading.Event(), []
+
+    def report(self, name: str, labels: dict[str, str]) -> None:
+        """The state table's telemetry: nothing kept."""
+
+    def quarantine(self, reason: str = "") -> bool:
+        if threading.current_thread().name == "blocked":
+            self.entered.set()
+            self.go.wait(10)
+        self.quarantined.append(reason)
+        self.stage = S.QUARANTINE
+        return True
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
+def test_a_quarantine_under_way_at_a_fork_does_not_bar_the_childs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Forked while another thread quarantines a seed (which never finishes in the child), the
+    child's next fault at the limit quarantines it there: the seed is not kept out for good."""
+    seed = _ChargedStub()
+    seed.faults = seed.fault_limit - 1
+    with caplog.at_level("CRITICAL", logger="kasmina.seeds"):
+        other = threading.Thread(target=charge, args=(seed, "exception", "raised"), name="blocked")
+        other.start()
+        assert seed.entered.wait(10)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            try:
+                charge(seed, "exception", "raised again")
+                os.write(write_end, b"quarantined" if seed.quarantined else b"kept out")
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as report:
+            said = report.read().decode()
+        os.waitpid(child, 0)
+        seed.go.set()
+        other.join(10)
+    assert said == "quarantined", said
+    assert seed.quarantined == ["2 faults (limit 2), last: raised"]  # the parent's, once
