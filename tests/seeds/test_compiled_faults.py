@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.seeds.compiled_cut import CUT_REASON
+from kasmina.seeds.compiled_cut import CUT_REASON, cut_input, seen_output
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.table import GPUStateTensor
@@ -310,3 +310,40 @@ def test_a_compiled_cut_of_a_stand_alone_seed_is_charged() -> None:
     assert all(p.grad.isfinite().all() for p in net.up.parameters())
     assert seed.poll_nonfinite() is False
     assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON]
+
+
+def test_the_cut_tests_a_half_gradient_and_input_by_their_fp32_sums() -> None:
+    """The cut's own pieces, eager: fp16 entries each finite whose fp16 sum overflows (sixteen
+    of 1e4) are a finite gradient into the output and a finite host input, as
+    ``faults.all_finite`` sums them. The zeroed input gradient is the kernel's own: flagged."""
+    x = torch.full((4, 4), 1e4, dtype=torch.float16, requires_grad=True)
+    fault = torch.zeros((), dtype=torch.bool)
+    xin, token = cut_input(x, fault)
+    out = seen_output(_InfiniteInputGradient.apply(xin), token)
+    out.backward(torch.full_like(out, 1e4))
+    assert bool(fault) and x.grad is not None and not x.grad.any()
+
+
+@pytest.mark.parametrize("flagged", [True, False], ids=["flag", "transform"])
+def test_a_cut_whose_token_no_output_took_zeroes_and_flags_nothing(flagged: bool) -> None:
+    """An input gradient through the cut with no ``seen_output`` on the way (nothing says
+    whether the gradient into an output was finite) is cut, never charged; with no flag (under
+    a ``torch.func`` transform, which must write nothing outside it) it is the cut alone."""
+    x = torch.ones(2, 3, requires_grad=True)
+    fault = torch.zeros((), dtype=torch.bool) if flagged else None
+    xin, _token = cut_input(x, fault)
+    _InfiniteInputGradient.apply(xin).sum().backward()
+    assert x.grad is not None and not x.grad.any()
+    assert fault is None or not bool(fault)
+
+
+def test_the_cut_alone_serves_grad_and_vmap() -> None:
+    """Compiled under a ``torch.func`` transform (a ``vmap`` of ``grad``: an ensemble's
+    per-sample gradients), a seed's input goes through the cut with no flag: it must batch and
+    differentiate there, passing a finite gradient and zeroing the rest."""
+
+    def f(row: torch.Tensor) -> torch.Tensor:
+        return cut_input(row, None)[0].sqrt().sum()
+
+    got = torch.func.vmap(torch.func.grad(f))(torch.tensor([[0.0, 4.0], [1.0, 0.0]]))
+    assert torch.equal(got, torch.tensor([[0.0, 0.25], [0.5, 0.0]]))
