@@ -15,6 +15,7 @@ from torch import nn
 
 import kasmina.seeds.extra_state
 from kasmina.kd.config import KDConfig
+from kasmina.seeds.compiled_cut import CUT_REASON
 from kasmina.seeds.inject import attach, collect_kd_losses, kasmina_layers
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
@@ -240,3 +241,21 @@ def test_a_grown_model_copied_under_inference_mode_runs() -> None:
         outside = served(x)
     assert inside.shape == outside.shape == (3, 4)
     assert torch.isfinite(inside).all() and torch.isfinite(outside).all()
+
+
+def test_a_pickled_model_keeps_a_cut_flag_not_yet_polled() -> None:
+    """The flags a current model is pickled with are its own: a compiled cut's flag set in a
+    backward and not yet polled comes back set, in the slot and in the seed (one saved alone
+    too), and the poll charges it; only a flag the pickle lacks is made clean."""
+    model = MLP()
+    (slot,) = attach(model, ["head"], 2, 4)
+    slot.seed(1).cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
+    buffer = io.BytesIO()
+    torch.save((model, slot.seed(1)), buffer)
+    buffer.seek(0)
+    loaded, alone = torch.load(buffer, weights_only=False)
+    slot = kasmina_layers(loaded)[0]
+    assert slot._cut_flags.tolist() == [False, True] and bool(slot.seed(1).cut_flag)
+    assert bool(alone.cut_flag)
+    assert alone.poll_nonfinite() is False and list(alone.fault_log) == [CUT_REASON]
+    assert slot.poll_nonfinite() == [] and slot.seed(1).faults == 1
