@@ -19,7 +19,15 @@ from torch import nn
 import kasmina.utils.flags as flags_module
 from kasmina.kd.config import KDConfig
 from kasmina.seeds.compiled_cut import CUT_REASON
-from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config, through_a_seed
+from tests.manager.helpers import (
+    SEED0,
+    SEED1,
+    Rig,
+    S,
+    make_config,
+    through_a_seed,
+    walk_to_active,
+)
 from tests.profiling import DispatchedOps, syncs_inside
 
 
@@ -177,3 +185,46 @@ def test_a_compiled_cut_read_by_a_step_that_raises_is_charged_at_the_next(
     rig.train(1)
     assert seed.faults == 1  # charged once
     manager.close()
+
+
+def test_an_active_seed_that_fell_back_steps_no_gradient_with_the_host(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """An ACTIVE seed's parameters are the host optimizer's: where its output fell back in one
+    micro-batch of the step, the gradients it got from the others are dropped, so the host's
+    step leaves it as it was (the seed lost its step), while the host trains."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager, seed = rig.manager, rig.manager.seed(SEED0)
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
+    manager.backward(nn.functional.cross_entropy(rig.model(rig.x), rig.y))
+    assert all(p.grad is not None for p in seed.seed_parameters())  # a finite micro-batch
+    seed.finite_flag.fill_(False)  # a later micro-batch's output fell back (its flags)
+    seed.fault_flag.fill_(True)
+    before = [p.detach().clone() for p in seed.seed_parameters()]
+    host = rig.model.inp.weight.detach().clone()
+    report = manager.step()
+    assert report["host_stepped"] and report["nonfinite"] == [SEED0] and seed.faults == 1
+    assert not torch.equal(rig.model.inp.weight, host)
+    assert all(torch.equal(p, b) for p, b in zip(seed.seed_parameters(), before, strict=True))
+    manager.close()
+
+
+def test_a_seed_the_steps_check_quarantined_is_not_settled_by_its_stale_flags(kd_rig: Rig, mlp):
+    """The step's isolation check quarantines a seed that leaked (its third step running);
+    the flags read before it are not acted on for that seed: its entry into QUARANTINE
+    cleared them, and no non-finite output is charged or reported for it."""
+    rig, manager = kd_rig, kd_rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    seed = manager.seed(SEED0)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    for _ in range(2):
+        assert not _step(rig, teacher, leak=1e-2)[0]["isolation_clean"]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT
+    faults = seed.faults
+    seed.finite_flag.fill_(False)  # as a fallback in this step's forward leaves them
+    seed.fault_flag.fill_(True)
+    report, _ = _step(rig, teacher, leak=1e-2)
+    assert rig.stage(SEED0) == S.QUARANTINE and report["nonfinite"] == []
+    assert seed.faults == faults and "non-finite output" not in seed.fault_log
+    assert bool(seed.finite_flag) and not bool(seed.fault_flag)
