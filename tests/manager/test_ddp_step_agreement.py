@@ -38,11 +38,14 @@ def _worker_overflow(rank: int, world: int, spec: dict[str, Any]) -> None:
     handle = None
     if rank == 0:
         handle = kernel.register_forward_hook(lambda _m, _a, out: out * float("inf"))
+    before = [p.detach().clone() for p in t.manager.seed(SEED0).seed_parameters()]
     t.train(1)
+    after = t.manager.seed(SEED0).seed_parameters()
+    moved = not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
     if handle is not None:
         handle.remove()
     t.train(1)
-    t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults)
+    t.save(spec["out"], "overflow", faults=t.manager.seed(SEED0).faults, moved=moved)
     t.manager.close()
 
 
@@ -160,15 +163,17 @@ def test_a_seed_that_falls_back_on_one_rank_steps_alike_on_every_rank(
     tmp_path: Path, published
 ) -> None:
     """The averaged seed gradients take one rank's NaN (its fallen-back seed's 0 * inf) as 0,
-    and every rank steps on that same finite average: the replicas stay equal and finite. The
-    fault is charged on every rank alike (the step agrees the seeds' flags): charged on the
-    one rank only, it made that rank diverge, and the epoch sync repaired the fault away."""
+    and every rank steps on that same finite average (kept, where one process drops a seed's
+    gradient at a fallback): the replicas stay equal and finite. The fault is charged on every
+    rank alike (the step agrees the seeds' flags): charged on the one rank only, it made that
+    rank diverge, and the epoch sync repaired the fault away."""
     spec = _spec(tmp_path, published, "gloo")
     spawn(_worker_overflow, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
     runs = _load(tmp_path, "overflow", 2)
     _assert_equal_states(runs)
     assert all(torch.isfinite(t).all() for t in runs[0]["state"].values())
     assert [run["faults"] for run in runs] == [1, 1]
+    assert [run["moved"] for run in runs] == [True, True]  # stepped on the average, kept
 
 
 def _worker_minority_faults(rank: int, world: int, spec: dict[str, Any]) -> None:
