@@ -120,7 +120,7 @@ def test_cache_put_among_pinned_kernels(benchmark) -> None:
         def release_gpu_memory(self) -> None:
             return None
 
-    cache = GPUKernelCache(cache_size_mb=10_001 * 1024 / (1 << 20))
+    cache = GPUKernelCache(cache_size_mb=10_001 * 1024 / (1 << 20), max_kernels=10_001)
     for i in range(10_000):
         cache.put(f"pinned-{i}", Sized())
         cache.pin(f"pinned-{i}")
