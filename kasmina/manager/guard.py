@@ -35,6 +35,7 @@ from kasmina.kd.graph import distilled_seeds, hold_retained_backwards, is_kd_roo
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import SlotRegistry
+from kasmina.seeds.param_hooks import hooks_set_aside
 from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.stages import ISOLATED_STAGES, ISOLATED_TRAINING_STAGES
 from kasmina.utils.autograd_nodes import backward_beside_ddp
@@ -273,20 +274,18 @@ class IsolationGuard:
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())
         stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
-        # A host parameter's post-accumulate-grad hooks (an optimizer stepped in the backward)
-        # would apply a leak and, zeroing it, hide it from the check: emptied meanwhile (the
-        # engine reads the dict at each call), as a process group's backward runs none.
-        hooked = [(hooks, dict(hooks)) for p in host if (hooks := p._post_accumulate_grad_hooks)]
         failed = False
         try:  # set aside inside it: a Ctrl-C part-way still finds every gradient put back
-            for hooks, _ in hooked:
-                hooks.clear()
             for p in itertools.chain(host, seeds):
                 p.grad = None
             # The debug monitors' phases sit inside the set-aside: they see the same empty host
             # grads before the backward and the same leaks after it, and put back what they
             # found (nothing) before the host's own gradients come back.
             with contextlib.ExitStack() as phases:
+                # A host parameter's post-accumulate-grad hooks (an optimizer stepped in the
+                # backward) would apply a leak and, zeroing it, hide it from the check: set
+                # aside, as a process group's backward runs none.
+                phases.enter_context(hooks_set_aside(p._post_accumulate_grad_hooks for p in host))
                 for monitor in self.external if rooted else ():  # else the caller's loss
                     phases.enter_context(monitor.seed_backward())
                 try:
@@ -302,8 +301,6 @@ class IsolationGuard:
                 p.grad = grad  # whatever leaked is dropped here
             for p, grad in zip(seeds, seed_stash, strict=True):
                 p.grad = grad  # a failed backward's part-way sums: dropped
-            for hooks, saved in hooked:
-                hooks.update(saved)
         return made
 
     def _note_kd_backward_failed(self, exc: Exception) -> None:

@@ -38,7 +38,7 @@ from kasmina.seeds.faults import (
     record_fallbacks,
 )
 from kasmina.seeds.outputs import memory_format_of
-from kasmina.seeds.param_hooks import contain_hooks_given_none
+from kasmina.seeds.param_hooks import contain_hooks_given_none, hooks_set_aside
 from kasmina.stages import SeedStage
 from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.ratelimit import rarely
@@ -188,18 +188,8 @@ class _Island:
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
         engine reads them at each call), which run once, at the delivery; a parameter given
         none has its hooks' failures on that None contained (``param_hooks``)."""
-        hooked = [p._backward_hooks for p in self.params if p._backward_hooks]
-        if not hooked:
+        with hooks_set_aside(p._backward_hooks for p in self.params):
             got = self._backward(grads)
-        else:
-            held = [(hooks, dict(hooks)) for hooks in hooked]
-            try:
-                for hooks, _ in held:
-                    hooks.clear()
-                got = self._backward(grads)
-            finally:
-                for hooks, saved in held:
-                    hooks.update(saved)
         for grad in got:
             if grad is None:  # (a fault, a stale graph, an unused parameter)
                 contain_hooks_given_none(self.params, got)

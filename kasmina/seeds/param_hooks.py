@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["contain_hooks_given_none"]
+__all__ = ["contain_hooks_given_none", "hooks_set_aside"]
 
 _RAISED = itertools.count(1)
 _USERS = threading.Lock()  # the wrappers' ``users`` (backwards on two threads at once)
@@ -118,3 +118,23 @@ def _put_back(swapped: _Swapped) -> None:
             wrapped.users -= 1
             if not wrapped.users and hooks.get(key) is wrapped:
                 hooks[key] = hook
+
+
+class hooks_set_aside:  # noqa: N801 (a context manager, used as a function)
+    """Tensors' hook dicts (``_backward_hooks``, ``_post_accumulate_grad_hooks``; None or empty
+    ones skipped) emptied meanwhile, and put back after, whatever raised: the engine reads them
+    at each call, so a backward run meanwhile runs none of them. A class, not a generator: it
+    sits in every guarded backward, where most parameters have no hook."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, dicts: Iterable[dict[Any, Any] | None]) -> None:
+        self.held = [(hooks, dict(hooks)) for hooks in dicts if hooks]
+
+    def __enter__(self) -> None:
+        for hooks, _ in self.held:
+            hooks.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for hooks, saved in self.held:
+            hooks.update(saved)
