@@ -236,8 +236,11 @@ class CheckpointedTeacher:
         """
         with self._lock:  # no forward meets the teacher half-cast, nor reads its dtype so
             self._require_open()  # its casts would be of a model no longer held
+            # Its own dtype is measured whatever it is (``dtype=None`` keeps a float64 model's,
+            # whose measurement was refused for a dtype the caller never named); only a cast's
+            # target must be one a teacher takes.
             target = self.dtype if dtype is None else dtype
-            if target not in _TEACHER_DTYPES:
+            if target != self.dtype and target not in _TEACHER_DTYPES:
                 raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
             return self._measure(input_batch, target)
 
@@ -479,6 +482,8 @@ class TeacherForwardPassManager:
 
         An OOM while measuring fp32 is itself the answer (fp32 does not fit); that or any other
         failure of the fp32 run is recorded as NaN with a warning and the reduced figure stands.
+        A float64 teacher (``dtype=None`` on a float64 model) is measured at its own dtype; its
+        fp32 figure is NaN, since casting it to fp32 and back would round its weights.
         """
         teacher = self.checkpointed_teacher
         if teacher is None:
@@ -489,7 +494,9 @@ class TeacherForwardPassManager:
     def _profile(self, teacher: CheckpointedTeacher, input_batch: TeacherInput) -> dict[str, float]:
         reduced = float(teacher.measure_forward_peak_bytes(input_batch))
         full = reduced
-        if teacher.dtype != torch.float32:
+        if teacher.dtype not in _TEACHER_DTYPES:  # wider than fp32 (float64): a cast to fp32
+            full = math.nan  # would round its weights for good, so that peak is not measured
+        elif teacher.dtype != torch.float32:
             try:
                 full = float(teacher.measure_forward_peak_bytes(input_batch, torch.float32))
             except Exception as exc:  # a measurement must never stop training

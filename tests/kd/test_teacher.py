@@ -1,9 +1,10 @@
 """The KD teacher's refusals and bookkeeping (kd.teacher) beyond test_kd: the parameters a cast
-replaced are let go, a bad dtype or checkpoint is named as such, and a parameterless teacher's
-figures have no ratio to divide by."""
+replaced are let go, a bad dtype or checkpoint is named as such, a parameterless teacher's
+figures have no ratio to divide by, and a float64 teacher is measured at its own dtype."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -59,3 +60,25 @@ def test_a_parameterless_teachers_figures_have_no_ratio() -> None:
     assert forwards.get_teacher_predictions(torch.randn(2, 3)) is not None
     figures = forwards.get_checkpoint_effectiveness()
     assert figures["param_bytes_full"] == 0.0 and math.isnan(figures["param_memory_ratio"])
+
+
+def test_a_float64_teacher_is_measured_at_its_own_dtype(caplog: pytest.LogCaptureFixture) -> None:
+    """``dtype=None`` keeps a float64 model's dtype, and its forwards run: measuring it at that
+    dtype (no ``dtype`` named) was refused as "dtype must be fp32, fp16 or bf16, got
+    torch.float64", so the first forward's profile failed with a warning. Its own peak is now
+    measured; its fp32 peak stays NaN (a cast to fp32 and back would round its weights), with
+    no warning, and the teacher keeps its float64 weights."""
+    teacher = CheckpointedTeacher(_mlp().double(), dtype=None)
+    weights = [p.clone() for p in teacher.teacher_parameters()]
+    batch = torch.randn(2, 4)
+    own = teacher.measure_forward_peak_bytes(batch)
+    assert own >= teacher.parameter_bytes() > 0
+    forwards = TeacherForwardPassManager(teacher)
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        assert forwards.get_teacher_predictions(batch) is not None
+    assert not caplog.records
+    figures = forwards.get_checkpoint_effectiveness()
+    assert figures["peak_forward_bytes_reduced"] == own
+    assert math.isnan(figures["peak_forward_bytes_full"])
+    for before, after in zip(weights, teacher.teacher_parameters(), strict=True):
+        assert after.dtype == torch.float64 and torch.equal(before, after)
