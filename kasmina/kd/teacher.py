@@ -20,6 +20,7 @@ from torch import nn
 
 from kasmina.kd.activation_peak import cuda_activation_peak, hooked_activation_peak
 from kasmina.kd.holds import check_in_place, hold
+from kasmina.utils.checks import check_real
 from kasmina.utils.files import open_regular_file
 from kasmina.utils.modules import hooks_held, rng_forked
 from kasmina.utils.ratelimit import rarely
@@ -370,10 +371,13 @@ class TeacherForwardPassManager:
     ) -> None:
         if teacher is not None and not isinstance(teacher, CheckpointedTeacher):
             raise TypeError(f"teacher must be a CheckpointedTeacher, got {type(teacher).__name__}")
-        if not budget_ms > 0:
-            raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
+        # A real number (a str raised a bare TypeError from ``>``, a bool passed as 1 ms); an
+        # infinite budget is kept (no forward is ever slow).
+        budget = check_real("budget_ms", budget_ms)
+        if not budget > 0:
+            raise ValueError(f"budget_ms must be > 0, got {budget_ms!r}")
         self.checkpointed_teacher = teacher
-        self.budget_ms = float(budget_ms)
+        self.budget_ms = float(budget)
         self.auto_profile = profile_memory
         self.oom_count = 0
         self.slow_count = 0

@@ -82,3 +82,19 @@ def test_a_float64_teacher_is_measured_at_its_own_dtype(caplog: pytest.LogCaptur
     assert math.isnan(figures["peak_forward_bytes_full"])
     for before, after in zip(weights, teacher.teacher_parameters(), strict=True):
         assert after.dtype == torch.float64 and torch.equal(before, after)
+
+
+@pytest.mark.parametrize("budget", ["10", True, torch.tensor(10.0), 0, -1.0, math.nan])
+def test_a_forward_budget_that_is_no_positive_number_is_refused_by_name(budget: object) -> None:
+    """A string raised a bare ``TypeError`` out of ``>``, and ``True`` was taken as a 1 ms
+    budget: each is a ``ValueError`` naming ``budget_ms``, as 0 and NaN were."""
+    with pytest.raises(ValueError, match="budget_ms must be"):
+        TeacherForwardPassManager(None, budget_ms=budget)  # type: ignore[arg-type]
+
+
+def test_an_infinite_forward_budget_never_counts_a_forward_slow() -> None:
+    forwards = TeacherForwardPassManager(
+        CheckpointedTeacher(_mlp(), dtype=None), budget_ms=math.inf, profile_memory=False
+    )
+    assert forwards.get_teacher_predictions(torch.randn(2, 4)) is not None
+    assert forwards.slow_count == 0 and forwards.budget_ms == math.inf
