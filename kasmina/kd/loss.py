@@ -319,8 +319,11 @@ def checked_teacher_logits(
     if teacher.is_meta:
         raise ValueError(f"teacher_logits on the meta device hold no values for a {device} slot")
     # Non-blocking only into an accelerator: a copy to the CPU would return before the data
-    # is there, and the CPU's KD op would read logits the GPU has not written yet.
-    return teacher.to(device, non_blocking=device.type != "cpu")
+    # is there, and the CPU's KD op would read logits the GPU has not written yet. Out of
+    # inference mode: a hand-over inside ``torch.inference_mode()`` made the copy an inference
+    # tensor, which a compiled model cannot save.
+    with torch.inference_mode(False):
+        return teacher.to(device, non_blocking=device.type != "cpu")
 
 
 def kd_head_problem(
