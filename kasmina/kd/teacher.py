@@ -191,9 +191,10 @@ class CheckpointedTeacher:
                 self.teacher.eval()
             with torch.inference_mode():
                 logits = self._run(input_batch)
-        # Outside inference mode, so the result is an ordinary tensor.
+        # Outside inference mode (a caller's too), so the result is an ordinary tensor.
         target = self.output_dtype or logits.dtype
-        return logits.to(target) if logits.dtype != target else logits.clone()
+        with torch.inference_mode(False):
+            return logits.to(target) if logits.dtype != target else logits.clone()
 
     def _run(self, input_batch: TeacherInput) -> torch.Tensor:
         """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face

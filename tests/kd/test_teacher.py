@@ -98,3 +98,16 @@ def test_an_infinite_forward_budget_never_counts_a_forward_slow() -> None:
     )
     assert forwards.get_teacher_predictions(torch.randn(2, 4)) is not None
     assert forwards.slow_count == 0 and forwards.budget_ms == math.inf
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_logits_asked_for_inside_inference_mode_are_ordinary_tensors(
+    dtype: torch.dtype | None,
+) -> None:
+    """The teacher's logits are ordinary tensors that any loss may save, also for a caller that
+    asks inside its own ``torch.inference_mode()`` (where a teacher is naturally run): the
+    copy out of the teacher's inference mode was made in the caller's, an inference tensor."""
+    teacher = CheckpointedTeacher(_mlp(), dtype=dtype)
+    with torch.inference_mode():
+        logits = teacher(torch.randn(2, 4))
+    assert not logits.is_inference() and logits.dtype == torch.float32
