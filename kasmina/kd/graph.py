@@ -65,9 +65,10 @@ _holds: list[bool] = []  # one entry per open hold: the flag's value the first o
 
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
-    """The sum of ``losses`` (each summed to a scalar first), and ``losses`` emptied; None for
-    none. ``TypeError`` for anything but a list of tensors, before any loss is marked (a str
-    or a number raised on a missing ``grad_fn``, a tuple once its losses were marked)."""
+    """The sum of ``losses`` (each summed to a scalar first), on the first one's device, and
+    ``losses`` emptied; None for none. ``TypeError`` for anything but a list of tensors, before
+    any loss is marked (a str or a number raised on a missing ``grad_fn``, a tuple once its
+    losses were marked)."""
     if not isinstance(losses, list):
         raise TypeError(f"losses must be a list of KD loss tensors, got {type(losses).__name__}")
     if not all(isinstance(loss, torch.Tensor) for loss in losses):
@@ -81,7 +82,11 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     for loss in losses:
         if not traced_transform and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
-    total = torch.stack([loss if loss.dim() == 0 else loss.sum() for loss in losses]).sum()
+    # On the first loss's device: slots of a model spread over devices each compute theirs on
+    # their own (``torch.stack`` refused the mix); ``.to`` of a loss already there is itself.
+    device = losses[0].device
+    total = torch.stack([(loss if loss.dim() == 0 else loss.sum()).to(device) for loss in losses])
+    total = total.sum()
     if not traced_transform and total.grad_fn is not None:  # a slot's sum, summed again
         named = distilled_seeds([loss.grad_fn for loss in losses if loss.grad_fn is not None])
         if named is not None:
