@@ -33,17 +33,20 @@ class KDConfig:
     def __post_init__(self) -> None:
         # The ops' own check, so a config that passes here never fails at the first KD step
         # (inf, NaN), and a string or bool is a ValueError rather than a TypeError.
-        # Stored as Python floats: a NumPy or Fraction value would reach the loss (Tensor *
-        # Fraction raises), a Triton launch (a NumPy float32 is refused) and to_dict's JSON.
-        object.__setattr__(self, "temperature", check_positive("KD temperature", self.temperature))
-        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # T and T² in fp32
+        # Stored as Python floats, a plain int too (``check_real`` keeps an int as it is): a
+        # NumPy or Fraction value would reach the loss (Tensor * Fraction raises), a Triton
+        # launch (a NumPy float32 is refused) and to_dict's JSON.
+        temperature = float(check_positive("KD temperature", self.temperature))
+        if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # T and T² in fp32
             raise ValueError(
                 f"KD temperature must be within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
-                f"{self.temperature!r}"
+                f"{temperature!r}"
             )
-        object.__setattr__(self, "alpha", check_real("KD alpha", self.alpha))
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"KD alpha must be within [0, 1], got {self.alpha}")
+        alpha = check_real("KD alpha", self.alpha)
+        if not 0.0 <= alpha <= 1.0:  # before float(): an int past a float's range overflows
+            raise ValueError(f"KD alpha must be within [0, 1], got {alpha!r:.40}")
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "alpha", float(alpha))
         if not isinstance(self.enabled, bool):  # "false" would be truthy
             raise ValueError(f"KD enabled must be a bool, got {self.enabled!r}")
         if self.reduction not in REDUCTIONS:

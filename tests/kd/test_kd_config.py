@@ -73,13 +73,18 @@ def test_a_disabled_kd_config_distils_nothing() -> None:
         assert [loss is not None for loss in losses] == [enabled, enabled], losses
 
 
-@pytest.mark.parametrize("number", [np.float32(2.0), np.int64(2), Fraction(2, 1)], ids=repr)
+@pytest.mark.parametrize("number", [2, np.float32(2.0), np.int64(2), Fraction(2, 1)], ids=repr)
 def test_kd_config_keeps_other_numbers_as_python_floats(number: object) -> None:
     """A NumPy or Fraction temperature/alpha reached the loss as it was: ``Tensor * Fraction``
     raised at the first KD step, a NumPy float32 failed the Triton launch, and ``to_dict``'s
-    JSON refused both."""
+    JSON refused both. A plain int was kept as an int, against the promise of floats."""
     config = KDConfig(temperature=number, alpha=number / 4)  # type: ignore[arg-type, operator]
     assert type(config.temperature) is float and type(config.alpha) is float
     assert (config.temperature, config.alpha) == (2.0, 0.5)
     json.dumps(dataclasses.asdict(config))
     assert torch.isfinite(torch.randn(2) * config.alpha).all()
+
+
+def test_kd_config_refuses_an_alpha_past_a_floats_range_as_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"KD alpha must be within \[0, 1\]"):
+        KDConfig(alpha=10**400)
