@@ -258,8 +258,10 @@ class CheckpointedTeacher:
                 "for good; measure at its own dtype or at float32"
             )
         try:
-            if cast:
-                self.teacher.to(dtype=target)
+            if cast:  # through ``.data``, as it is cast back: the teacher keeps its tensor
+                # objects, held teacher-only (``module.to`` makes new ones under torch's
+                # ``set_overwrite_module_params_on_conversion``, which no hold covered)
+                cast_in_place(self.teacher, dict.fromkeys(saved, target))
                 self.dtype = target
             run = lambda: self._run(input_batch)  # noqa: E731
             # As every measurement: the caller's RNG stream unmoved (a teacher drawing in eval

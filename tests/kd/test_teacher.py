@@ -111,3 +111,22 @@ def test_logits_asked_for_inside_inference_mode_are_ordinary_tensors(
     with torch.inference_mode():
         logits = teacher(torch.randn(2, 4))
     assert not logits.is_inference() and logits.dtype == torch.float32
+
+
+def test_a_measurement_at_another_dtype_keeps_the_teachers_parameters_held() -> None:
+    """Under torch's ``set_overwrite_module_params_on_conversion`` the measurement's cast to
+    fp32 (``module.to``) made new parameter objects, which the cast back kept: afterwards the
+    teacher's parameters were held by no one, so an optimizer would take them. The cast now
+    goes through ``.data`` both ways: the same objects, still teacher-only, in their dtype."""
+    teacher = CheckpointedTeacher(_mlp(), dtype=torch.bfloat16)
+    before = teacher.teacher_parameters()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        assert teacher.measure_forward_peak_bytes(torch.randn(2, 4), torch.float32) > 0
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    after = teacher.teacher_parameters()
+    assert [id(p) for p in after] == [id(p) for p in before]
+    assert all(map(is_teacher_parameter, after))
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in after)
+    assert teacher.dtype == torch.bfloat16
