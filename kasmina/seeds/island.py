@@ -496,7 +496,8 @@ class GuardedBlend(torch.autograd.Function):
             grad_c = torch.where(ok.unsqueeze(-1), grad_c, 0.0)
         grad_host = None
         if ctx.needs_input_grad[1] and graft.passed is not None:
-            grad_host = grad_c.mul(graft.passed.unsqueeze(-1)).flatten(-2)
+            # Not ``g * passed``: a seed's chunk gives the host exactly 0, not ``NaN * 0``.
+            grad_host = torch.where(graft.passed.unsqueeze(-1), grad_c, 0.0).flatten(-2)
         params: list[torch.Tensor | None] = []
         if graft.island is not None:
             dim = graft.dim

@@ -106,6 +106,25 @@ def test_a_fallen_back_seed_gets_exactly_zero_even_from_a_non_finite_gradient(bl
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.seed(0).kernel.parameters())
 
 
+@pytest.mark.parametrize("first", [S.GRAFTING, S.STABILIZATION], ids=lambda s: s.name)
+def test_a_non_finite_gradient_over_a_seeds_chunk_gives_the_host_exactly_zero(first) -> None:
+    """Beside a chunk the host passes through, the node gives the host its gradient there and
+    exactly 0 over a seed's chunk, as the per-op path does, even where the gradient from above
+    is NaN or inf there: ``g * passed`` was ``NaN * 0``, so a NaN target over a seed's chunk
+    made the host's weights NaN through a chunk that gives it nothing."""
+    layer = _layer([first, S.DORMANT], nn.Linear(3, 4), 2)
+    twin = _unfused(layer)
+    x, w = torch.randn(5, 3), torch.randn(5, 4)
+    w[1, 0], w[2, 1] = float("nan"), float("inf")  # over seed 0's chunk only
+    _, gx, grads, _, raw = _run(layer, x, w)
+    assert "GuardedBlendBackward" in _nodes(raw)
+    _, want_gx, want, _, _ = _run(twin, x, w)
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=0)
+    for name in ("host.weight", "host.bias"):
+        torch.testing.assert_close(grads[name], want[name], rtol=0, atol=0)
+    assert torch.equal(grads["host.weight"][:2], torch.zeros(2, 3))
+
+
 def test_a_raising_backward_costs_only_its_own_gradient_on_the_one_node_path() -> None:
     layer = _layer([S.GRAFTING] * 3, nn.Linear(4, 6), 2, kernels={1: RaisesInBackward(2)})
     healthy = copy.deepcopy(layer)
