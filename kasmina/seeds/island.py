@@ -35,6 +35,7 @@ from kasmina.seeds.faults import (
     fallback_masks,
     finite_test,
     gradient_flags,
+    output_sum,
     record_fallbacks,
 )
 from kasmina.seeds.outputs import memory_format_of
@@ -188,6 +189,7 @@ class _Island:
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
         engine reads them at each call), which run once, at the delivery; a parameter given
         none has its hooks' failures on that None contained (``param_hooks``)."""
+        _lose_to_the_host(self.recorders, grads)
         with hooks_set_aside(p._backward_hooks for p in self.params):
             got = self._backward(grads)
         for grad in got:
@@ -229,6 +231,21 @@ class _Island:
                     previous = total[j]
                     total[j] = g if previous is None else previous + g
         return total
+
+
+def _lose_to_the_host(recorders: Sequence[FaultRecorder], grads: Sequence[Any]) -> None:
+    """A seed whose output's gradient is not finite (the host's NaN from above: a NaN target, an
+    overflowed loss) loses the step as one whose output fell back does: the ``finite_flag`` of
+    the seed its recorder is bound to ANDs the test, so the step drops its gradient and skips
+    it, no fault charged (``settle_nonfinite``). Taken, the NaN went into its weights (no
+    clipping) and its next output's fault was charged to it; clipped, its run of non-finite
+    norms was. One reduction a seed a backward, read on the host on the CPU."""
+    for record, grad in zip(recorders, grads, strict=True):
+        if grad is None or (ok := finite_test(output_sum(grad), read_on_host=True)) is None:
+            continue
+        flag = getattr(getattr(record, "__self__", None), "finite_flag", None)
+        if isinstance(flag, torch.Tensor):
+            flag.logical_and_(ok)
 
 
 class ContainedBackward(torch.autograd.Function):

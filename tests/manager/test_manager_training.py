@@ -24,6 +24,7 @@ from kasmina.control.auth import sign_command
 from kasmina.control.builders import make_optimizer_command, make_seed_command
 from kasmina.kd.loss import StaticKDLoss
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.manager.slots import BAD_GRADIENT_STEPS
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.keyring import Keyring
@@ -40,6 +41,7 @@ from tests.manager.helpers import (
     record_activations,
     run_command,
     through_a_seed,
+    to_stabilization,
 )
 
 
@@ -181,6 +183,32 @@ def test_nan_activations_of_a_diverging_host_charge_no_seed_while_clipping_skips
     assert report["host_stepped"] and report["seeds_stepped"] == []
     assert manager.seed(SEED0).faults == 0
     assert all(torch.isfinite(p).all() for p in manager.seed(SEED0).seed_parameters())
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["unclipped", "clipped"])
+def test_a_nan_target_after_a_stabilizing_seed_charges_it_nothing(rig: Rig, mlp, clip) -> None:
+    """A NaN in the targets reaches the seed's output as a NaN gradient from above, the data's
+    and not the seed's, while the host, which a STABILIZATION slot gives no gradient, stays
+    finite. The seed loses those steps and is charged nothing. Unclipped, it stepped on the
+    NaN, its output was then NaN on finite inputs, and three clean steps quarantined it;
+    clipped, its run of non-finite norms "with the host's finite" did."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    to_stabilization(rig, [SEED0])
+    seed = manager.seed(SEED0)
+    target = F.one_hot(rig.y, 4).float()
+    bad = target.clone()
+    bad[0, 0] = math.nan  # a feature of seed 0's chunk
+    for _ in range(BAD_GRADIENT_STEPS + 2 if clip else 1):
+        manager.backward(F.mse_loss(rig.model(rig.x), bad))
+        report = manager.step(grad_clip_norm=clip)
+        assert report["nonfinite"] == [SEED0] and report["seeds_stepped"] == []
+    for _ in range(3):
+        manager.backward(F.mse_loss(rig.model(rig.x), target))
+        report = manager.step(grad_clip_norm=clip)
+        assert report["nonfinite"] == [] and report["seeds_stepped"] == [SEED0]
+    assert seed.faults == 0 and rig.stage(SEED0) is S.STABILIZATION
+    assert all(torch.isfinite(p).all() for p in seed.seed_parameters())
 
 
 def test_a_non_finite_validation_forward_is_charged_and_keeps_the_steps_gradients(
