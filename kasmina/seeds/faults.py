@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import math
 import threading
@@ -68,6 +69,7 @@ __all__ = [
     "kernel_modules",
     "log_fault",
     "measuring",
+    "one_value_refusal",
     "output_fault",
     "output_sum",
     "plain_eager",
@@ -471,12 +473,14 @@ def call_kernel(
                 out = kernel(xin)
     except CONTROL_FLOW:
         raise
-    except KernelInputRefused as exc:  # a call its program cannot take: sat out, no fault
-        logger.log(
-            rarely(exc.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0], exc
-        )
-        return None
     except Exception as exc:  # the kernel's own failure: contained, never the host's
+        refused = exc if isinstance(exc, KernelInputRefused) else one_value_refusal(exc)
+        if refused is not None:  # a call its program (or torch's norm) cannot take: no fault
+            logger.log(
+                rarely(refused.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0],
+                refused,
+            )  # fmt: skip
+            return None
         if not recomputing():
             record("exception", f"raised {type(exc).__name__}: {exc}")
         return None
@@ -494,6 +498,32 @@ def call_kernel(
             record(*found)
         return None
     return (out if token is None else seen_output(out, token)), xin
+
+
+# Torch's own checks that refuse a normalization in train mode over one value per channel.
+_ONE_VALUE_CHECKS = frozenset(
+    getattr(torch.nn.functional, name).__code__
+    for name in ("_verify_batch_size", "_verify_spatial_size")
+    if hasattr(getattr(torch.nn.functional, name, None), "__code__")
+)
+_ONE_VALUE_REFUSED = itertools.count(1)
+
+
+def one_value_refusal(exc: BaseException) -> KernelInputRefused | None:
+    """``exc`` as a refused call where torch's own check raised it, refusing a normalization in
+    train mode over one value per channel (``batch_norm`` on a batch of one sample, a dataset's
+    last; ``instance_norm`` on one spatial element), else None. That is the data's shape, not
+    the kernel's fault, as an exported program's input check is (an exported kernel's batch norm
+    computes on it): three last batches of one quarantined a plain module's. Told by the frame
+    that raised, torch's check, not by its message."""
+    tb = exc.__traceback__
+    if not isinstance(exc, ValueError) or tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb.tb_frame.f_code not in _ONE_VALUE_CHECKS:
+        return None
+    return KernelInputRefused(str(exc), next(_ONE_VALUE_REFUSED))
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from kasmina.seeds.faults import (
     all_finite,
     autocast_to_host,
     gradient_flags,
+    one_value_refusal,
     output_fault,
     output_sum,
     recomputing,
@@ -503,6 +504,8 @@ def guarded_probe(
     except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
+        if (refused := one_value_refusal(exc)) is not None:  # a batch of one: sat out
+            raise refused from exc
         kind = "type" if isinstance(exc, ProbeOutputError) else "exception"
         reason = str(exc) if kind == "type" else f"raised {type(exc).__name__}: {exc}"
         if not recomputing():

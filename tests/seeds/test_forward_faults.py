@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kasmina.seeds.faults import fallback_per_chunk
+from kasmina.seeds.gates import ProbeFault
 from kasmina.seeds.inject import attach
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
@@ -459,3 +460,44 @@ def test_a_buffer_that_was_not_finite_before_a_call_is_the_calls_to_write() -> N
     low = seed.kernel.low.clone()
     seed(torch.full((BATCH, C), float("-inf")))  # the host's: -inf, then NaN through the Linear
     assert torch.equal(seed.kernel.low, low) and seed.faults == 0
+
+
+class _OwnCheck(nn.Module):
+    """A kernel whose own code raises torch's batch-norm message: its fault, not torch's check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
+        return x
+
+
+@pytest.mark.parametrize(
+    "stage", [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK, S.STABILIZATION], ids=lambda s: s.name
+)
+def test_a_train_mode_batch_norm_sits_out_a_batch_of_one_and_is_not_charged(stage) -> None:
+    """Torch's batch norm refuses one value per channel in train mode, as a dataset's last batch
+    of one sample gives it: the data's shape, not the kernel's fault (an exported kernel's
+    batch norm computes on it). Charged, three epochs' last batches quarantined a healthy
+    plain-module kernel. The host's output stands in there; a kernel's own ``ValueError`` of
+    the same words is still its fault."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    norm, own = layer.seed(0), layer.seed(1)
+    norm.attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    own.attach_kernel(_OwnCheck())
+    for seed in (norm, own):
+        walk(seed, stage)
+    for _ in range(3):
+        x = torch.randn(1, 6)
+        out = layer(x)
+        assert torch.equal(out[:, :2], layer.host(x)[:, :2])
+        out.sum().backward()
+    assert norm.faults == 0 and norm.stage == stage
+    assert own.faults == 3 and own.stage == S.QUARANTINE
+    x = torch.randn(4, 6)
+    layer(x).sum().backward()  # a batch it can take runs the kernel again
+    assert norm.faults == 0
+    if stage == S.COMPATIBILITY_CHECK:  # probed (its statistics put back), not a fault
+        assert norm.probe_result is not None and not isinstance(norm.probe_result, ProbeFault)
+    else:
+        assert norm.kernel[1].num_batches_tracked > 0
