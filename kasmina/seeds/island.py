@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -30,7 +30,6 @@ from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
 from kasmina.seeds.faults import (
-    FaultRecorder,
     chunk_sums,
     fallback_masks,
     finite_test,
@@ -57,6 +56,7 @@ _STALE_MESSAGE = (
 __all__ = [
     "ContainedBackward",
     "GuardedBlend",
+    "GuardedSeed",
     "carries_tangent",
     "contain_backward",
     "contain_isolated",
@@ -142,24 +142,32 @@ def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
     return run if same else None
 
 
+class GuardedSeed(Protocol):
+    """What the guarded backward needs of the seed whose island it runs."""
+
+    finite_flag: torch.Tensor  # 0-d bool: False loses this step's gradient, no fault charged
+
+    def record_fault(self, kind: str, reason: str) -> None: ...
+
+
 class _Island:
     """The graphs of isolated seeds' outputs that one ``ContainedBackward`` node stands for.
 
     ``outputs[i]`` was computed from detached activations and the kernel parameters
     ``params[j]`` for ``j`` in ``groups[i]`` (parameters shared by two seeds are listed once, so
-    that their gradient is not returned twice); ``recorders[i]`` counts a fault of its seed.
+    that their gradient is not returned twice); ``seeds[i]`` is the seed that made it.
     ``versions`` are the parameters' versions when the graphs were recorded. ``charged``: the
     outputs whose kernel's backward was already charged a fault, once for the forward that made
     them (a seed-only KD backward and the main one both run through a retained island).
     """
 
-    __slots__ = ("charged", "groups", "outputs", "params", "recorders", "tangents", "versions")
+    __slots__ = ("charged", "groups", "outputs", "params", "seeds", "tangents", "versions")
 
     def __init__(
         self,
         outputs: Sequence[torch.Tensor],
         params: Sequence[Sequence[torch.Tensor]],
-        recorders: Sequence[FaultRecorder],
+        seeds: Sequence[GuardedSeed],
     ) -> None:
         unique: dict[int, int] = {}
         flat: list[torch.Tensor] = []
@@ -175,7 +183,7 @@ class _Island:
         self.outputs = list(outputs)
         self.params = tuple(flat)
         self.groups = groups
-        self.recorders = list(recorders)
+        self.seeds = list(seeds)
         self.versions = [p._version for p in flat]
         self.charged: set[int] = set()
         # The outputs' forward-mode tangents (the node sees detached copies), while a dual
@@ -189,7 +197,7 @@ class _Island:
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
         engine reads them at each call), which run once, at the delivery; a parameter given
         none has its hooks' failures on that None contained (``param_hooks``)."""
-        _lose_to_the_host(self.recorders, grads)
+        _lose_to_the_host(self.seeds, grads)
         with hooks_set_aside(p._backward_hooks for p in self.params):
             got = self._backward(grads)
         for grad in got:
@@ -205,8 +213,8 @@ class _Island:
             except Exception:  # one of them failed: find which, and keep the others' gradients
                 logger.debug("a seed kernel's backward raised; retrying seed by seed")
         total: list[torch.Tensor | None] = [None] * len(self.params)
-        for i, (output, group, record, grad) in enumerate(
-            zip(self.outputs, self.groups, self.recorders, grads, strict=True)
+        for i, (output, group, seed, grad) in enumerate(
+            zip(self.outputs, self.groups, self.seeds, grads, strict=True)
         ):
             params = [self.params[j] for j in group]
             try:
@@ -224,7 +232,7 @@ class _Island:
                     continue
                 if i not in self.charged:  # one fault per forward, however many backwards
                     self.charged.add(i)
-                    record("backward", f"backward raised {type(exc).__name__}: {exc}")
+                    seed.record_fault("backward", f"backward raised {type(exc).__name__}: {exc}")
                 continue
             for j, g in zip(group, got, strict=True):
                 if g is not None:
@@ -233,19 +241,16 @@ class _Island:
         return total
 
 
-def _lose_to_the_host(recorders: Sequence[FaultRecorder], grads: Sequence[Any]) -> None:
+def _lose_to_the_host(seeds: Sequence[GuardedSeed], grads: Sequence[Any]) -> None:
     """A seed whose output's gradient is not finite (the host's NaN from above: a NaN target, an
-    overflowed loss) loses the step as one whose output fell back does: the ``finite_flag`` of
-    the seed its recorder is bound to ANDs the test, so the step drops its gradient and skips
-    it, no fault charged (``settle_nonfinite``). Taken, the NaN went into its weights (no
-    clipping) and its next output's fault was charged to it; clipped, its run of non-finite
-    norms was. One reduction a seed a backward, read on the host on the CPU."""
-    for record, grad in zip(recorders, grads, strict=True):
-        if grad is None or (ok := finite_test(output_sum(grad), read_on_host=True)) is None:
-            continue
-        flag = getattr(getattr(record, "__self__", None), "finite_flag", None)
-        if isinstance(flag, torch.Tensor):
-            flag.logical_and_(ok)
+    overflowed loss) loses the step as one whose output fell back does: its ``finite_flag`` ANDs
+    the test, so the step drops its gradient, no fault charged (``settle_nonfinite``). Taken,
+    the NaN went into its weights and its next output was charged (clipped: its run of
+    non-finite norms). One reduction a seed a backward, read on the host on the CPU."""
+    for seed, grad in zip(seeds, grads, strict=True):
+        ok = None if grad is None else finite_test(output_sum(grad), read_on_host=True)
+        if ok is not None:
+            seed.finite_flag.logical_and_(ok)
 
 
 class ContainedBackward(torch.autograd.Function):
@@ -291,12 +296,12 @@ class ContainedBackward(torch.autograd.Function):
 def contain_backward(
     outputs: Sequence[torch.Tensor],
     params: Sequence[Sequence[torch.Tensor]],
-    recorders: Sequence[FaultRecorder],
+    seeds: Sequence[GuardedSeed],
 ) -> list[torch.Tensor]:
     """``outputs`` (isolated seeds', one each) with their backward guarded by one
     ``ContainedBackward`` node; ``params[i]`` (the kernel's parameters that require a gradient)
-    and ``recorders[i]`` belong to ``outputs[i]``. An output whose kernel trains no parameter
-    is returned as it is."""
+    and ``seeds[i]`` belong to ``outputs[i]``. An output whose kernel trains no parameter is
+    returned as it is."""
     result = list(outputs)
     chosen = [i for i, group in enumerate(params) if group]
     if not chosen:
@@ -304,8 +309,8 @@ def contain_backward(
     if len(chosen) < len(result):
         outputs = [outputs[i] for i in chosen]
         params = [params[i] for i in chosen]
-        recorders = [recorders[i] for i in chosen]
-    island = _Island(outputs, params, recorders)
+        seeds = [seeds[i] for i in chosen]
+    island = _Island(outputs, params, seeds)
     guarded = ContainedBackward.apply(island, *(v.detach() for v in outputs), *island.params)
     for i, value in zip(chosen, guarded, strict=True):
         result[i] = value
@@ -327,7 +332,7 @@ def contain_isolated(
     values = contain_backward(
         [outs[k] for k in guarded],
         [seeds[k].trained_parameters() for k in guarded],
-        [seeds[k].record_fault for k in guarded],
+        [seeds[k] for k in guarded],
     )
     for k, value in zip(guarded, values, strict=True):
         outs[k] = value
@@ -537,14 +542,14 @@ def guarded_blend(
     flags: tuple[torch.Tensor, torch.Tensor],
     guarded: Sequence[int],
     params: Sequence[Sequence[torch.Tensor]],
-    recorders: Sequence[FaultRecorder],
+    seeds: Sequence[GuardedSeed],
     blend: bool,
 ) -> torch.Tensor:
     """The layer's output through one :class:`GuardedBlend` node (eager only).
 
     ``chunks`` as in :class:`_Graft`; ``host`` the host's output (chunks along ``dim``);
     ``alpha`` ``[n]``, without grad (1 for a chunk that does not blend); ``guarded`` the chunks
-    whose output needs a gradient, with their kernels' ``params`` and fault ``recorders``;
+    whose output needs a gradient, with their kernels' ``params`` and ``seeds``;
     ``blend`` False when no seed is GRAFTING.
     """
     chosen = [i for i, group in enumerate(params) if group]
@@ -553,7 +558,7 @@ def guarded_blend(
         island = _Island(
             [chunks[guarded[i]] for i in chosen],
             [params[i] for i in chosen],
-            [recorders[i] for i in chosen],
+            [seeds[i] for i in chosen],
         )
     flags = gradient_flags(*flags)  # the mode of the forward running: the node's is no_grad
     graft = _Graft(chunks, dim, passed, still, flags, island, [guarded[i] for i in chosen], blend)

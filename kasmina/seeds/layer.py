@@ -547,10 +547,9 @@ class KasminaLayer(HostForwarding):
         passed = self._masks.passed(n, inputs, x.device) if len(inputs) < n else None
         still = self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None
         params = [seeds[k].trained_parameters() for k in guarded]
-        recorders = [seeds[k].record_fault for k in guarded]
         return guarded_blend(
             outs, x, alpha, dim=dim, passed=passed, still=still, flags=self._flags(),
-            guarded=guarded, params=params, recorders=recorders, blend=grafting,
+            guarded=guarded, params=params, seeds=[seeds[k] for k in guarded], blend=grafting,
         )  # fmt: skip
 
     def _alphas(self, plan: tuple[SeedStage, ...], ran: dict[int, torch.Tensor]) -> list[Any]:
