@@ -330,7 +330,9 @@ class DiskCheckpointStore(CheckpointStore):
         self.directory = Path(directory).expanduser()
         self.signer = signer
         self._lock_file = None if lock_path is None else self._lock(Path(lock_path).expanduser())
-        self._final = rf"{re.escape(signer.run_id)}\.epoch_(\d{{8,}})\.ckpt"
+        # Only the spelling ``path_for`` writes (8 digits, more without a leading zero): another
+        # (a copy renamed ``epoch_000000007``) is not a checkpoint this store can read or delete.
+        self._final = rf"{re.escape(signer.run_id)}\.epoch_(\d{{8}}|[1-9]\d{{8,}})\.ckpt"
         self._name = re.compile(self._final)
         self._remove_stale_temporaries()
 

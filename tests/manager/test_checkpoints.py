@@ -279,6 +279,26 @@ def test_runs_sharing_a_directory_never_list_rotate_or_clean_each_others_files(t
     ]
 
 
+def test_only_the_names_the_store_writes_are_listed_as_its_checkpoints(tmp_path):
+    """A file of the run's name pattern in another spelling (a copy renamed with 9 digits) is
+    no checkpoint the store can read or delete by its epoch: listed, it made that epoch
+    "kept", so a rollback to it failed with FileNotFoundError, a restart was told to roll
+    back to it, and pruning never removed it."""
+    store = _store(tmp_path, max_rollback_epochs=0)
+    store.save(0, {"v": 0})
+    folder = tmp_path / "ckpt"
+    (folder / "run-a.epoch_000000000.ckpt").write_bytes(store.path_for(0).read_bytes())
+    (folder / "run-a.epoch_000000007.ckpt").write_bytes(b"a user's file")
+    assert store.epochs() == [0] and store.latest_epoch() == 0
+    with pytest.raises(CheckpointUnavailableError, match="no checkpoint of epoch 7"):
+        store.load(7)
+    big = 10**8  # path_for's spelling past 8 digits is listed
+    store.save(big, {"v": big})
+    assert store.path_for(big).name == "run-a.epoch_100000000.ckpt"
+    assert store.epochs() == [big] and store.load(big) == {"v": big}
+    assert (folder / "run-a.epoch_000000007.ckpt").read_bytes() == b"a user's file"
+
+
 def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoints(
     tmp_path, keyring
 ):
