@@ -137,6 +137,7 @@ def _prepare(
     }
     by_slot: dict[str, dict[str, Any]] = {name: {} for name in layers}
     layouts_by_name = {layout["name"]: layout for layout in layouts}
+    seen: set[tuple[str, int]] = set()
     for entry in seeds_saved:
         if not isinstance(entry, Mapping):
             raise SavedModelError(f"saved seed entry is malformed ({type(entry).__name__})")
@@ -149,6 +150,9 @@ def _prepare(
             or not 0 <= k < layers[name].num_seeds
         ):
             raise SavedModelError(f"saved seed {entry.get('seed_id')!r} has no slot")
+        if (name, k) in seen:  # which entry a seed takes would be the file's order's choice
+            raise SavedModelError(f"seed {k} of slot {name!r} is saved twice")
+        seen.add((name, k))
         artifact_id = entry.get("artifact_id")
         if artifact_id is None:
             continue

@@ -132,6 +132,27 @@ def test_a_malformed_entry_is_a_saved_model_error(
     _refused(write_saved(tmp_path / "malformed", body))
 
 
+def _without_kernel(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in ("artifact_id", "kernel_state")}
+
+
+@pytest.mark.parametrize(
+    "repeat",
+    [copy.deepcopy, _without_kernel],
+    ids=["with its kernel", "without a kernel"],
+)
+def test_a_seed_saved_twice_is_refused(
+    saved: Path, tmp_path: Path, repeat: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Which of two entries of one seed it took was the order's choice (the last kernel won,
+    or a kernel-less repeat was skipped), and the file loaded as if whole."""
+    body = read_saved(saved)
+    first = body["seeds"][0]
+    assert "artifact_id" in first
+    body["seeds"].append(repeat(first))
+    _refused(write_saved(tmp_path / "twice", body), "seed 0 of slot 'out' is saved twice")
+
+
 @pytest.mark.parametrize("part", ["manifest", "payload"])
 def test_an_artifact_without_its_manifest_or_payload_is_refused_by_name(
     saved: Path, tmp_path: Path, part: str
