@@ -51,7 +51,7 @@ import torch
 
 from kasmina.isolation.monitor import GradientIsolationMonitor
 from kasmina.isolation.optimizers import IsolatedOptimizerManager
-from kasmina.manager.checkpoints import CheckpointStore
+from kasmina.manager.checkpoints import CheckpointStore, DiskCheckpointStore
 from kasmina.manager.evaluation import host_shapes
 from kasmina.manager.guard import IsolationGuard
 from kasmina.manager.rollback_plan import (
@@ -70,7 +70,7 @@ from kasmina.seeds.load_hooks import owner_restore
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import clone_state, in_saved_dtypes
+from kasmina.utils.state_io import clone_state, in_saved_dtypes, unsaveable_entry
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,27 @@ def _note_saved_kernels(state: ManagerState, epoch: int, seeds: Mapping[str, Any
 def restorable(state: ManagerState, epoch: int) -> bool:
     """Whether a checkpoint of the model as it is now could be rolled back to; if not (a
     parameter an optimizer holds is float64: a gradient check of a converted model, whose
-    rebuilt optimizers would refuse it, and a model converted back cannot load it), warned:
-    ``end_epoch`` writes none for ``epoch`` rather than one that fills the window in vain."""
+    rebuilt optimizers would refuse it, and a model converted back cannot load it; on disk, a
+    state ``weights_only`` does not read back, such as a module's extra state holding a NumPy
+    array), warned: ``end_epoch`` writes none for ``epoch`` rather than one that fills the
+    window in vain (and prunes the checkpoints a rollback could use)."""
     opt = state.optimizers
-    if not any(p.dtype == torch.float64 for o in opt.optimizer_ids for p in opt.parameters(o)):
+    if any(p.dtype == torch.float64 for o in opt.optimizer_ids for p in opt.parameters(o)):
+        logger.warning(
+            "epoch %d: no checkpoint written, the model is in float64 (no rollback could "
+            "restore it); convert it back before the next epoch boundary", epoch,
+        )  # fmt: skip
+        return False
+    if not isinstance(state.open_checkpoints(), DiskCheckpointStore):  # kept unpickled
+        return True
+    model = state.require_registry().model.state_dict()
+    problem = unsaveable_entry(model) or unsaveable_entry({"optimizers": opt.state_dict()})
+    if problem is None:
         return True
     logger.warning(
-        "epoch %d: no checkpoint written, the model is in float64 (no rollback could restore "
-        "it); convert it back before the next epoch boundary", epoch,
+        "epoch %d: no checkpoint written, the model's state holds what a checkpoint cannot "
+        "be read back with (%s); make that module's get_extra_state return tensors, "
+        "numbers, strings and lists or dicts of them", epoch, problem,
     )  # fmt: skip
     return False
 

@@ -31,7 +31,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import checked_chunk_dim
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
-from kasmina.utils.state_io import clone_state
+from kasmina.utils.state_io import clone_state, unsaveable_entry
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,12 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     Every kernel a seed holds must be a verified Urza artifact (a ``GPUKernel`` loaded by the
     manager or by ``kasmina.load``), because the loader accepts no program without its
-    publisher's signature. Raises ``SavedModelError`` otherwise, or when ``model`` has no
-    slots (a plain model is saved with ``torch.save(model.state_dict())``). Nothing is written
-    then, and a failure while writing leaves any previous file at ``path`` as it was. A
-    ``torch.compile`` of the model is saved as the model it compiled (:func:`uncompiled`).
+    publisher's signature. Raises ``SavedModelError`` otherwise, when ``model`` has no
+    slots (a plain model is saved with ``torch.save(model.state_dict())``), or when its state
+    holds a value ``kasmina.load`` cannot read back (a module's extra state holding a NumPy
+    array). Nothing is written then, and a failure while writing leaves any previous file at
+    ``path`` as it was. A ``torch.compile`` of the model is saved as the model it compiled
+    (:func:`uncompiled`).
 
     It reads the live model: call it on the training thread between steps. A change of a seed's
     stage or kernel while it reads (a command a manager applied on the training thread, met by a
@@ -142,6 +144,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "seeds": seeds,
         "artifacts": artifacts,
     }
+    problem = unsaveable_entry(weights)
+    if problem is not None:  # kasmina.load reads plain data only (weights_only=True)
+        raise SavedModelError(
+            f"the model's state holds what kasmina.load could not read back ({problem}): "
+            "nothing written; make that module's get_extra_state return tensors, numbers, "
+            "strings and lists or dicts of them"
+        )
     if _lifecycle(table, slots) != before:
         raise SavedModelError(
             "a seed's stage or kernel changed while the model was read (a command applied on "

@@ -425,6 +425,17 @@ def unsaveable(value: Any) -> str | None:
     return next((p for p in map(unsaveable, items) if p is not None), None)
 
 
+def unsaveable_entry(state: Mapping[str, Any]) -> str | None:
+    """``"<key>: <what>"`` for the first entry of ``state`` (a ``state_dict``) that
+    :func:`unsaveable` names, or None. A module's ``get_extra_state`` may return anything
+    ``torch.save`` takes (a NumPy array): such a file is written, and never read back."""
+    for key, value in state.items():
+        problem = unsaveable(value)
+        if problem is not None:
+            return f"{key}: {problem}"
+    return None
+
+
 def plain_number(value: Any) -> Any:
     """A NumPy scalar (``np.float64``: a learning rate a schedule computed with ``np.cos``) as
     its Python number, another real number type (``Fraction``) as a float; anything else as it

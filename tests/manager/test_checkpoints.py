@@ -10,6 +10,7 @@ import stat
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -323,6 +324,48 @@ def test_a_restarted_trainer_cannot_end_an_epoch_that_deletes_the_runs_checkpoin
     manager.end_epoch(2)  # the timeline after epoch 1 is abandoned: epoch 3 goes
     assert manager.checkpoints.epochs() == [0, 1, 2] and manager.epoch == 2
     manager.end_epoch(3)
+
+
+class _NumpyExtraState(nn.Module):
+    """A module whose extra state ``torch.save`` writes and ``weights_only`` does not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: object = np.arange(3)
+
+    def get_extra_state(self) -> object:
+        return self.value
+
+    def set_extra_state(self, value: object) -> None:
+        self.value = value
+
+
+def test_no_epoch_checkpoint_is_written_that_could_not_be_read_back(tmp_path, keyring, caplog):
+    """A module's extra state holding a NumPy array made every signed checkpoint unreadable
+    (torch.load with weights_only refuses it): each was written, refused at every rollback,
+    and pruned the readable ones. None is written while the state holds it (warned, as for a
+    float64 model); once it no longer does, checkpoints are written and restored again."""
+    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
+    store.mkdir()
+    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)
+    rig.model.extra = _NumpyExtraState()
+    for epoch in (1, 2):
+        rig.train(1)
+        with caplog.at_level(logging.WARNING, logger="kasmina.manager.rollback"):
+            manager.end_epoch(epoch)
+        assert f"epoch {epoch}: no checkpoint written" in caplog.text
+        assert "extra._extra_state: a ndarray" in caplog.text
+    assert manager.checkpoints.epochs() == [0] and manager.epoch == 2
+    rig.model.extra.value = [0, 1, 2]
+    rig.train(1)
+    manager.end_epoch(3)
+    assert manager.checkpoints.epochs() == [3]
+    rig.train(1)
+    assert run_command(manager, rig.signed(make_rollback_command(3)))
+    assert manager.epoch == 3
 
 
 def test_a_listing_that_fails_after_the_write_only_defers_pruning(

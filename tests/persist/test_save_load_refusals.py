@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -75,6 +76,29 @@ def test_save_refuses_slots_on_two_state_tables_and_writes_nothing(tmp_path: Pat
     with pytest.raises(SavedModelError, match=r"all slots must share one state table"):
         kasmina.save(model, out / "model.kasmina")
     assert list(out.iterdir()) == []
+
+
+class _NumpyExtraState(nn.Module):
+    def get_extra_state(self) -> object:
+        return {"seen": np.arange(3)}  # torch.save writes it; weights_only does not read it
+
+    def set_extra_state(self, value: object) -> None:
+        self.seen = value
+
+
+def test_save_refuses_a_state_load_cannot_read_and_keeps_the_previous_file(
+    saved: Path,
+) -> None:
+    """A module's extra state that ``torch.load(weights_only=True)`` refuses made a file that
+    ``kasmina.load`` never read, written over the good one at that path."""
+    before = saved.read_bytes()
+    model = Host()
+    kasmina.attach(model, ["out"], 2, 2)
+    model.extra = _NumpyExtraState()
+    with pytest.raises(SavedModelError, match=r"extra\._extra_state: a ndarray.*nothing written"):
+        kasmina.save(model, saved)
+    assert saved.read_bytes() == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
 
 def test_save_refuses_a_bare_slot_and_writes_nothing(tmp_path: Path) -> None:
