@@ -177,7 +177,10 @@ def _prepare(
             for key, value in weights.items()
             if key.startswith(f"{name}.seeds.")
         }
-        seeds_state.update({key[len("seeds.") :]: v for key, v in by_slot[name].items()})
+        kernels = {key[len("seeds.") :]: v for key, v in by_slot[name].items()}
+        if twice := sorted(set(seeds_state) & set(kernels)):  # save writes each in one place
+            raise SavedModelError(f"slot {name!r}: {twice[0]} is saved twice (weights, seeds)")
+        seeds_state.update(kernels)
         try:
             layer.seeds.load_state_dict(seeds_state, strict=True)
         except (RuntimeError, ValueError, KeyError) as exc:

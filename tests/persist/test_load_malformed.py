@@ -153,6 +153,18 @@ def test_a_seed_saved_twice_is_refused(
     _refused(write_saved(tmp_path / "twice", body), "seed 0 of slot 'out' is saved twice")
 
 
+def test_a_kernel_weight_saved_in_the_host_weights_too_is_refused(
+    saved: Path, tmp_path: Path
+) -> None:
+    """The seed's entry held one value and ``weights`` another: the entry's silently won."""
+    body = read_saved(saved)
+    key = next(iter(body["seeds"][0]["kernel_state"]))
+    body["weights"][f"out.seeds.0.kernel.{key}"] = torch.zeros_like(
+        body["seeds"][0]["kernel_state"][key]
+    )
+    _refused(write_saved(tmp_path / "twice", body), f"0.kernel.{key} is saved twice")
+
+
 @pytest.mark.parametrize("part", ["manifest", "payload"])
 def test_an_artifact_without_its_manifest_or_payload_is_refused_by_name(
     saved: Path, tmp_path: Path, part: str
