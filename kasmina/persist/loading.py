@@ -42,6 +42,7 @@ from kasmina.stages import NUM_STATE_COLUMNS, StateColumn
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
+from kasmina.utils.grad_modes import training_tensors
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.state_io import in_saved_dtypes, load_mismatch, with_metadata_of
 
@@ -66,7 +67,8 @@ def load(
     a payload that does not match its manifest). ``model`` is unchanged when it raises: every
     check runs before the first write. The writes (the host's weights, the slots put in place)
     hold a Ctrl-C until they are done; an exception from the user's own load hooks on ``model``
-    during them is the one thing that can leave it partly loaded.
+    during them is the one thing that can leave it partly loaded. Called inside
+    ``torch.inference_mode()``, it builds and writes outside it, so the model trains later.
     """
     if not isinstance(publishers, TrustedPublishers):
         raise TypeError(
@@ -92,8 +94,9 @@ def load(
             "model has tensors on the meta device, which a load cannot fill; build it on a "
             "real device (or to_empty(device=...) first), then load"
         )
-    try:
-        layers, host_state, kernels = _prepare(body, model, publishers)
+    try:  # outside inference mode: what it builds there no training step could update
+        with training_tensors():
+            layers, host_state, kernels = _prepare(body, model, publishers)
     except (SavedModelError, ArtifactIntegrityError):
         raise
     except Exception as exc:  # whatever else a malformed body provokes; nothing was changed
@@ -102,7 +105,7 @@ def load(
         ) from exc
 
     # Commit: everything that can be refused has been checked. A Ctrl-C waits until it is done.
-    with interrupts_deferred():
+    with interrupts_deferred(), training_tensors():
         model.load_state_dict(host_state, strict=True)
         install(model, layers)  # as attach does, with the fused-path guard
         add_load_checks(model)  # as attach does: a refused load_state_dict changes no module

@@ -125,6 +125,28 @@ def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
         assert not torch.equal(fresh(grown.x), Host()(grown.x))  # the seeds do contribute
 
 
+def test_a_load_under_inference_mode_gives_a_model_that_trains(grown: Grown, saved: Path) -> None:
+    """Loaded inside ``torch.inference_mode()`` (a serving block), the slots, kernel copies and
+    state table it built were inference tensors: the host trained on, but the first step that
+    updated a seed's kernel in place raised, as did every tick of its table."""
+    fresh = Host()
+    with torch.inference_mode():
+        slots = kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
+    tensors = [*fresh.parameters(), *fresh.buffers(), slots[0].state_table.state_tensor]
+    assert not any(t.is_inference() for t in tensors)
+    kernel = _seeds(fresh)[0].kernel
+    before = [p.detach().clone() for p in kernel.parameters()]
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    fresh.train()
+    fresh(grown.x).square().mean().backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, kernel.parameters(), strict=True))
+    slots[0].state_table.tick()
+    fresh.eval()
+    with torch.inference_mode():  # and it still serves there
+        assert fresh(grown.x).isfinite().all()
+
+
 def test_a_loaded_seed_inside_a_transformer_encoder_layer_is_never_skipped(
     tmp_path: Path,
 ) -> None:
