@@ -59,7 +59,9 @@ def read_checkpoint(
 ) -> RollbackPlan:
     """Phase 1's start: the checkpoint, verified before it is unpickled, and each field the
     later phases use, checked; which seeds change kernel. Nothing live changes."""
-    checkpoint = store.load(epoch)
+    # On the CPU, as a memory store gives it: the loads below copy each tensor to its live one's
+    # device, and a file written on another device (``cuda:1``, a GPU this process lacks) loads.
+    checkpoint = store.load(epoch, map_location="cpu")
     if checkpoint.get("format") != CHECKPOINT_FORMAT:  # before any other field is read
         raise ValueError(f"unsupported checkpoint format {checkpoint.get('format')!r}")
     extra = checkpoint.get("extra") or {}

@@ -164,8 +164,8 @@ def loads_changed(
     store = manager.state.checkpoints
     real_load = store.load
 
-    def load(epoch: int) -> dict[str, Any]:
-        checkpoint = real_load(epoch)
+    def load(epoch: int, map_location: Any = None) -> dict[str, Any]:
+        checkpoint = real_load(epoch, map_location)
         change(checkpoint)
         return checkpoint
 

@@ -3,11 +3,13 @@ writes, safe loading, and bit-for-bit restore of captured training state."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 import stat
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -366,6 +368,46 @@ def test_no_epoch_checkpoint_is_written_that_could_not_be_read_back(tmp_path, ke
     rig.train(1)
     assert run_command(manager, rig.signed(make_rollback_command(3)))
     assert manager.epoch == 3
+
+
+def _written_on(payload: bytes, device: str) -> bytes:
+    """``payload`` (``torch.save`` bytes of CPU tensors) as if its tensors had been on
+    ``device``: the location each storage's record names, rewritten in the archive's pickle."""
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(payload)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target,
+    ):
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                cpu = b"X\x03\x00\x00\x00cpu"  # BINUNICODE "cpu"
+                assert cpu in data
+                place = device.encode()
+                data = data.replace(cpu, b"X" + len(place).to_bytes(4, "little") + place)
+            target.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def test_a_checkpoint_written_on_a_device_this_process_lacks_rolls_back(tmp_path, keyring):
+    """A disk checkpoint was loaded onto the devices its tensors were saved from: a run resumed
+    on another GPU index, or on the CPU, could not roll back to it (a memory store's snapshot
+    and a repair's payload already came back on the CPU, the loads moving each tensor)."""
+    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
+    store.mkdir()
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)
+    at_zero = clone_state(rig.model.state_dict()), clone_state(manager.optimizers.state_dict())
+    checkpoints = manager.checkpoints
+    _, payload = checkpoints.signer.read_payload(checkpoints.path_for(0), epoch=0)
+    moved = _written_on(payload, "cuda:7")
+    checkpoints.signer.write_payload(moved, checkpoints.path_for(0), kind="epoch", epoch=0)
+    rig.train(2)
+    assert run_command(manager, rig.signed(make_rollback_command(0)))
+    assert _state_equal(rig.model.state_dict(), at_zero[0])
+    assert _state_equal(clone_state(manager.optimizers.state_dict()), at_zero[1])
 
 
 def test_a_listing_that_fails_after_the_write_only_defers_pruning(
