@@ -70,7 +70,7 @@ from kasmina.seeds.load_hooks import owner_restore
 from kasmina.stages import ISOLATED_STAGES, SeedStage
 from kasmina.urza.kernel import GPUKernel
 from kasmina.utils.interrupts import interrupts_deferred
-from kasmina.utils.state_io import clone_state, in_saved_dtypes, unsaveable_entry
+from kasmina.utils.state_io import clone_state, in_saved_dtypes, unreadable_entry
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def restorable(state: ManagerState, epoch: int) -> bool:
     if not isinstance(state.open_checkpoints(), DiskCheckpointStore):  # kept unpickled
         return True
     model = state.require_registry().model.state_dict()
-    problem = unsaveable_entry(model) or unsaveable_entry({"optimizers": opt.state_dict()})
+    problem = unreadable_entry(model) or unreadable_entry({"optimizers": opt.state_dict()})
     if problem is None:
         return True
     logger.warning(

@@ -31,7 +31,7 @@ from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import checked_chunk_dim
 from kasmina.stages import StateColumn
 from kasmina.urza.kernel import GPUKernel
-from kasmina.utils.state_io import clone_state, unsaveable_entry
+from kasmina.utils.state_io import clone_state, unreadable_entry
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "seeds": seeds,
         "artifacts": artifacts,
     }
-    problem = unsaveable_entry(weights)
+    problem = unreadable_entry(weights)
     if problem is not None:  # kasmina.load reads plain data only (weights_only=True)
         raise SavedModelError(
             f"the model's state holds what kasmina.load could not read back ({problem}): "

@@ -425,14 +425,47 @@ def unsaveable(value: Any) -> str | None:
     return next((p for p in map(unsaveable, items) if p is not None), None)
 
 
-def unsaveable_entry(state: Mapping[str, Any]) -> str | None:
-    """``"<key>: <what>"`` for the first entry of ``state`` (a ``state_dict``) that
-    :func:`unsaveable` names, or None. A module's ``get_extra_state`` may return anything
-    ``torch.save`` takes (a NumPy array): such a file is written, and never read back."""
+def unreadable_entry(state: Mapping[str, Any]) -> str | None:
+    """``"<key>: <why>"`` for the first entry of ``state`` (a ``state_dict``) that a file read
+    with ``torch.load(weights_only=True)`` would refuse, or None. A module's ``get_extra_state``
+    may return anything ``torch.save`` takes (a NumPy array): such a file is written, and never
+    read back. Asked of this torch itself, not of a list of types: ``state``'s structure, its
+    tensors left out (their data is never the problem), is saved and read back, and only when
+    that fails entry by entry, to name the first."""
+    if _reads_back(_without_tensors(dict(state))) is None:
+        return None
     for key, value in state.items():
-        problem = unsaveable(value)
+        problem = _reads_back(_without_tensors(value))
         if problem is not None:
             return f"{key}: {problem}"
+    return "its structure does not read back"  # (only a whole that no part explains)
+
+
+def _without_tensors(value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples replaced by None, and each
+    number as a checkpoint writes it (``clone_state``: ``plain_number``)."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _without_tensors(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_without_tensors(item) for item in value)
+    return plain_number(value)
+
+
+def _reads_back(value: Any) -> str | None:
+    """Why ``value`` does not come back through ``torch.save`` and ``torch.load(weights_only=
+    True)``, or None."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    except Exception as exc:  # whatever either refuses: the reason is reported, cut
+        lines = str(exc).splitlines() or [""]
+        mark = "WeightsUnpickler error:"  # torch's own reason, after its advice on loading it
+        why = next((line.split(mark, 1)[1] for line in lines if mark in line), lines[0])
+        why = why.split(". Please use", 1)[0]  # (its advice: to trust the file)
+        return f"{type(exc).__name__}: {why.strip()[:200]}"
     return None
 
 
