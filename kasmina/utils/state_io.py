@@ -407,35 +407,24 @@ def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
     return plain_number(value)
 
 
-_PLAIN = (str, int, float, bool, complex, type(None), torch.Tensor, torch.dtype, torch.Size)
-
-
 def unsaveable(value: Any) -> str | None:
-    """What in ``value`` a checkpoint read with ``torch.load(weights_only=True)`` would refuse
-    (a NumPy array, a deque, a slice, a function), or None: only tensors, dicts, lists and
-    tuples of them, numbers (NumPy scalars become Python ones, ``plain_number``) and strings."""
-    if isinstance(value, _PLAIN) or plain_number(value) is not value:
-        return None
-    if isinstance(value, Mapping):
-        items: Any = (item for pair in value.items() for item in pair)
-    elif type(value) in (list, tuple):
-        items = value
-    else:
-        return f"a {type(value).__name__}, which a checkpoint cannot hold"
-    return next((p for p in map(unsaveable, items) if p is not None), None)
+    """Why a checkpoint read with ``torch.load(weights_only=True)`` would refuse ``value`` (a
+    NumPy array, a deque, a slice, a function), or None. Asked of this torch itself, not of a
+    list of types (bytes, a set, a device are read): ``value``'s structure, its tensors left out
+    (their data is never the problem) and its numbers as a checkpoint writes them
+    (``plain_number``), is saved and read back."""
+    return _reads_back(_without_tensors(value))
 
 
 def unreadable_entry(state: Mapping[str, Any]) -> str | None:
-    """``"<key>: <why>"`` for the first entry of ``state`` (a ``state_dict``) that a file read
-    with ``torch.load(weights_only=True)`` would refuse, or None. A module's ``get_extra_state``
-    may return anything ``torch.save`` takes (a NumPy array): such a file is written, and never
-    read back. Asked of this torch itself, not of a list of types: ``state``'s structure, its
-    tensors left out (their data is never the problem), is saved and read back, and only when
-    that fails entry by entry, to name the first."""
-    if _reads_back(_without_tensors(dict(state))) is None:
+    """``"<key>: <why>"`` for the first entry of ``state`` (a ``state_dict``) that
+    :func:`unsaveable` names, or None: the whole is asked once, and only when it fails each
+    entry, to name it. A module's ``get_extra_state`` may return anything ``torch.save`` takes
+    (a NumPy array): such a file is written, and never read back."""
+    if unsaveable(dict(state)) is None:
         return None
     for key, value in state.items():
-        problem = _reads_back(_without_tensors(value))
+        problem = unsaveable(value)
         if problem is not None:
             return f"{key}: {problem}"
     return "its structure does not read back"  # (only a whole that no part explains)
