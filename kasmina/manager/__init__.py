@@ -23,6 +23,8 @@ The façade and what it shares:
 Each step:
 
 - ``guard`` -- ``IsolationGuard``: the per-step isolation checks and the seeds' monitors.
+- ``step_flags`` -- ``settle_step_flags``: the step's device flags read in one transfer, the
+  isolation verdict checked and agreed across ranks, the running seeds' flags settled.
 - ``teaching`` -- the KD teacher the manager builds, and the teacher logits and head it hands
   its slots.
 

@@ -51,19 +51,18 @@ from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, me
 from kasmina.manager.rollback import kernels_to_fetch, restorable, snapshot
 from kasmina.manager.slots import SlotRegistry
 from kasmina.manager.state import ManagerState, StateField, check_device, check_optimizer
+from kasmina.manager.step_flags import settle_step_flags
 from kasmina.manager.teaching import hand_kd_head, hand_teacher_logits, new_teacher
-from kasmina.seeds.constants import SEED_FLAGS
 from kasmina.seeds.gates import SeedEvaluation
 from kasmina.seeds.inject import attach, collect_kd_losses, detach, fill_constants, given_slots
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.seed import GradientIsolatedSeed
-from kasmina.stages import ISOLATED_TRAINING_STAGES, RUNS_KERNEL, TRAINING_STAGES, SeedStage
+from kasmina.stages import ISOLATED_TRAINING_STAGES, TRAINING_STAGES, SeedStage
 from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.loader import KernelLoader
-from kasmina.utils.flags import read_flags
 from kasmina.utils.interrupts import interrupts_deferred, take_lock
 from kasmina.utils.jsonl_sink import JsonlFileSink
 from kasmina.utils.keyring import Keyring
@@ -439,23 +438,9 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
             registry = state.require_registry(training=True)  # check_held: before any change
             registry.take_host_groups(state.optimizers, step=True)  # a user's new groups
             optimizers = state.optimizers
-            # Every device flag of the step in one transfer: KD leak, then each seed's SEED_FLAGS.
-            polled = [r for r in registry.in_stages(RUNS_KERNEL) if r.kernel is not None]
-            kd_flags, running = self.guard.kd_flags(), [r.seed for r in polled]
-            values = read_flags([*kd_flags, *(s._buffers[f] for f in SEED_FLAGS for s in running)])
-            clean = self.guard.check(registry, values[: len(kd_flags)])  # this rank's verdict
-            read, sync = values[len(kd_flags) :], self.grad_sync
-            flags = {r.seed_id: read[i :: len(running)] for i, r in enumerate(polled)}
-            # A collective, every rank, every step: seed grads averaged (or not; none sent by a
-            # seed that fell back here), the verdict and the seeds' flags agreed.
-            shared, clean = (False, clean) if sync is None else sync(clean, flags)
-            self.guard.end_step(registry, clean)
-            polled = [r for r in polled if r.stage in RUNS_KERNEL]  # not one the check quarantined
-            cut = [r.seed_id for r in polled if flags[r.seed_id][2] and not flags[r.seed_id][1]]
-            kw = {"drop_gradient": not shared, "charge_cut": False}  # a cut: judged after the norms
-            nonfinite = [
-                r.seed_id for r in polled if r.seed.settle_nonfinite(*flags[r.seed_id], **kw)
-            ]
+            # Every device flag of the step in one transfer (the KD leaks, each seed's), the
+            # isolation verdict agreed across ranks, the running seeds' flags settled.
+            clean, shared, cut, nonfinite = settle_step_flags(self.guard, registry, self.grad_sync)
             frozen = registry.frozen(state.counters)  # seeds that cannot train: warned, counted
             # A Ctrl-C waits until the steps are zeroed and counted (else they would apply twice).
             with interrupts_deferred():
