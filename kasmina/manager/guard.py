@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["IsolationGuard"]
 
+# A collected KD loss's node metadata key: a seed-only backward took it (``seed_only_backward``).
+_KD_TAKEN = "kasmina.kd_taken"
+
 
 def add_grads(made: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Add ``seed_only_backward``'s gradients to their parameters' (as its backward would have
@@ -58,12 +61,18 @@ def add_grads(made: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def runs_main_backward(
-    loss: torch.Tensor | None, kd_loss: torch.Tensor | None, registry: SlotRegistry | None
+    loss: torch.Tensor | None,
+    kd_loss: torch.Tensor | None,
+    registry: SlotRegistry | None,
+    retain_graph: bool = False,
 ) -> bool:
     """Whether ``manager.backward`` runs ``loss``'s backward: given, with a graph or with a host
     that trains (a frozen host's loss has no graph once a seed leaves ISOLATED_INIT: skipped).
     A ``loss`` or ``kd_loss`` that is no tensor (a Python number: ``loss.item()``, a logged
-    value) is a ``TypeError`` here, before any backward runs."""
+    value), or a ``retain_graph`` that is no bool, is a ``TypeError`` here, before any backward
+    runs."""
+    if not isinstance(retain_graph, bool):
+        raise TypeError(f"retain_graph must be a bool, got {type(retain_graph).__name__}")
     for name, value in (("loss", loss), ("kd_loss", kd_loss)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -259,7 +268,12 @@ class IsolationGuard:
         the KD op saved; an allocation that failed) loses this step's KD term only: the seeds'
         gradients of earlier backwards, set aside too, come back without what it had
         accumulated part-way, the failure is counted (``kd_backward_failed``) and logged, and
-        the host's own backward runs as ever."""
+        the host's own backward runs as ever.
+
+        ``retain_graph``: a backward over the same forward follows (the host's, or a caller's
+        later ``manager.backward``). The collected KD losses a ``kd_loss`` holds are
+        backpropagated once: one already taken by an earlier call (the same ``kd_loss``, or a
+        part of it, given again) is a ``ValueError`` before anything changes."""
         host = [p for p in registry.host_side_params() if p.requires_grad]
         beyond, rooted = reaches_host_beyond(kd_loss, host, is_kd_root)
         if beyond:  # before anything changes: refused, not charged
@@ -269,6 +283,14 @@ class IsolationGuard:
                 "seeds; a distillation loss on the model's own output trains the host and "
                 "belongs in loss"
             )
+        if any(root.metadata.get(_KD_TAKEN) for root in rooted):
+            raise ValueError(
+                "kd_loss holds KD losses an earlier manager.backward of this forward already "
+                "backpropagated (its graph above the seeds is freed, and a second pass would "
+                "count the term twice): give the forward's KD loss to one of its backward calls"
+            )
+        for root in rooted:  # taken from here on, whatever the backward does
+            root.metadata[_KD_TAKEN] = True
         kd_loss = in_grad_mode(True, lambda: kd_loss * weight)  # (not an ``enable_grad`` block)
         kd = [r for r in registry.in_stages(ISOLATED_TRAINING_STAGES) if r.kernel is not None]
         students = [r.seed_id for r in kd]  # the stages KD distils into

@@ -409,21 +409,35 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         """Sum (and clear) the slots' KD losses of this forward, or None."""
         return collect_kd_losses(self.require_registry().model)
 
-    def backward(self, loss: torch.Tensor | None, kd_loss: torch.Tensor | None = None) -> None:
+    def backward(
+        self,
+        loss: torch.Tensor | None,
+        kd_loss: torch.Tensor | None = None,
+        *,
+        retain_graph: bool = False,
+    ) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
         host gradients must stay zero (checked at ``step``), then ``loss``; its gradients are
         added to the seeds' only once ``loss``'s backward has run. A frozen host's loss has no
         graph once a command moves a seed past ISOLATED_INIT: skipped, as a KD loss is. A
         closed manager raises ``RuntimeError`` first: no step of its comes to check or apply it
-        (each KD phase's leak flag was kept for that step, without bound)."""
+        (each KD phase's leak flag was kept for that step, without bound).
+
+        ``retain_graph=True`` keeps the forward's graph for another backward over it (several
+        losses, one call each, as ``loss.backward(retain_graph=True)`` would): the gradients of
+        every call accumulate, each call's as if alone, and every KD phase's leak is checked at
+        the step. The forward's KD loss goes to one of its calls (any): given again, it is a
+        ``ValueError`` before anything changes. Without it, a later backward over the graph
+        raises PyTorch's ``RuntimeError``, every gradient as it was before that call."""
         self.state.require_open()
-        main = runs_main_backward(loss, kd_loss, self.registry)  # a number refused, before all
+        main = runs_main_backward(loss, kd_loss, self.registry, retain_graph)  # types: before all
         made: list[tuple[torch.Tensor, torch.Tensor]] = []
         alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"
         if kd_loss is not None and kd_loss.requires_grad and alpha > 0:  # no grad: all frozen
-            made = self.guard.seed_only_backward(kd_loss, alpha, self.require_registry(), main)
+            registry, retain = self.require_registry(), main or retain_graph
+            made = self.guard.seed_only_backward(kd_loss, alpha, registry, retain)
         if main:
-            loss.backward()  # if it raises, the KD gradients are dropped: the call was whole
+            loss.backward(retain_graph=retain_graph)  # if it raises, the KD gradients are dropped
         add_grads(made)
 
     def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:
