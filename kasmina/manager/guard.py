@@ -273,7 +273,8 @@ class IsolationGuard:
         ``retain_graph``: a backward over the same forward follows (the host's, or a caller's
         later ``manager.backward``). The collected KD losses a ``kd_loss`` holds are
         backpropagated once: one already taken by an earlier call (the same ``kd_loss``, or a
-        part of it, given again) is a ``ValueError`` before anything changes."""
+        part of it, given again) is a ``RuntimeError`` before anything changes, as PyTorch's
+        for a second backward through a freed graph, never a phase that failed inside."""
         host = [p for p in registry.host_side_params() if p.requires_grad]
         beyond, rooted = reaches_host_beyond(kd_loss, host, is_kd_root)
         if beyond:  # before anything changes: refused, not charged
@@ -283,11 +284,12 @@ class IsolationGuard:
                 "seeds; a distillation loss on the model's own output trains the host and "
                 "belongs in loss"
             )
-        if any(root.metadata.get(_KD_TAKEN) for root in rooted):
-            raise ValueError(
-                "kd_loss holds KD losses an earlier manager.backward of this forward already "
-                "backpropagated (its graph above the seeds is freed, and a second pass would "
-                "count the term twice): give the forward's KD loss to one of its backward calls"
+        if any(root.metadata.get(_KD_TAKEN) for root in rooted):  # PyTorch's error, told
+            raise RuntimeError(
+                "Trying to backward through the graph of kd_loss a second time: an earlier "
+                "manager.backward of this forward took its KD losses (their graph above the "
+                "seeds is freed, and a second pass would count the term twice); give the "
+                "forward's KD loss to one of its backward calls"
             )
         for root in rooted:  # taken from here on, whatever the backward does
             root.metadata[_KD_TAKEN] = True

@@ -427,7 +427,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         losses, one call each, as ``loss.backward(retain_graph=True)`` would): the gradients of
         every call accumulate, each call's as if alone, and every KD phase's leak is checked at
         the step. The forward's KD loss goes to one of its calls (any): given again, it is a
-        ``ValueError`` before anything changes. Without it, a later backward over the freed
+        ``RuntimeError`` before anything changes. Without it, a later backward over the freed
         graph raises PyTorch's ``RuntimeError``, and that call's KD gradients are not added."""
         self.state.require_open()
         main = runs_main_backward(loss, kd_loss, self.registry, retain_graph)  # types: before all
