@@ -474,7 +474,7 @@ def call_kernel(
     except CONTROL_FLOW:
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        refused = exc if isinstance(exc, KernelInputRefused) else one_value_refusal(exc)
+        refused = exc if isinstance(exc, KernelInputRefused) else one_value_refusal(exc, x)
         if refused is not None:  # a call its program (or torch's norm) cannot take: no fault
             logger.log(
                 rarely(refused.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0],
@@ -509,15 +509,15 @@ _ONE_VALUE_CHECKS = frozenset(
 _ONE_VALUE_REFUSED = itertools.count(1)
 
 
-def one_value_refusal(exc: BaseException) -> KernelInputRefused | None:
+def one_value_refusal(exc: BaseException, x: torch.Tensor) -> KernelInputRefused | None:
     """``exc`` as a refused call where torch's own check raised it, refusing a normalization in
-    train mode over one value per channel (``batch_norm`` on a batch of one sample, a dataset's
-    last; ``instance_norm`` on one spatial element), else None. That is the data's shape, not
-    the kernel's fault, as an exported program's input check is (an exported kernel's batch norm
-    computes on it): three last batches of one quarantined a plain module's. Told by the frame
-    that raised, torch's check, not by its message."""
+    train mode over one value per channel, on a kernel input ``x`` of one sample (leading size
+    1: a dataset's last batch of one), else None. That is the data's shape, not the kernel's
+    fault, as an exported program's input check is (an exported kernel's batch norm computes on
+    it): three last batches of one quarantined a plain module's. Told by the frame that raised,
+    not by the message; on a batch of several the kernel's own reshape did it: its fault."""
     tb = exc.__traceback__
-    if not isinstance(exc, ValueError) or tb is None:
+    if not isinstance(exc, ValueError) or tb is None or (x.dim() > 1 and x.shape[0] != 1):
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kasmina.seeds import faults
 from kasmina.seeds.faults import fallback_per_chunk
 from kasmina.seeds.gates import ProbeFault
 from kasmina.seeds.inject import attach
@@ -501,3 +502,34 @@ def test_a_train_mode_batch_norm_sits_out_a_batch_of_one_and_is_not_charged(stag
         assert norm.probe_result is not None and not isinstance(norm.probe_result, ProbeFault)
     else:
         assert norm.kernel[1].num_batches_tracked > 0
+
+
+class _OneRow(nn.Module):
+    """A kernel whose own reshape hands its batch norm one value per channel, whatever the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(2, 2), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x).reshape(1, -1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("stage", [S.ISOLATED_INIT, S.COMPATIBILITY_CHECK], ids=lambda s: s.name)
+def test_a_batch_norm_refusal_on_a_batch_of_several_is_the_kernels_fault(stage) -> None:
+    """Torch's one-value refusal is the data's only on an input of one sample: a kernel whose
+    own reshape makes one row of a batch of two raises it on every batch; sat out, it never
+    trained, never was charged, never left its stage."""
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    seed = layer.seed(0)
+    seed.attach_kernel(_OneRow())
+    walk(seed, stage)
+    for _ in range(3):
+        layer(torch.randn(2, 6)).sum().backward()
+    assert seed.faults == 3 and seed.stage == S.QUARANTINE
+
+
+def test_torch_still_has_the_one_value_checks_the_guard_knows() -> None:
+    """The refusal is told by torch's own check functions: a torch that renamed them would
+    charge every batch of one again, unnoticed."""
+    assert len(faults._ONE_VALUE_CHECKS) == 2
