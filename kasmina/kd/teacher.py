@@ -7,6 +7,7 @@ import copy
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -375,10 +376,10 @@ class TeacherForwardPassManager:
         if teacher is not None and not isinstance(teacher, CheckpointedTeacher):
             raise TypeError(f"teacher must be a CheckpointedTeacher, got {type(teacher).__name__}")
         # A real number (a str raised a bare TypeError from ``>``, a bool passed as 1 ms); an
-        # infinite budget is kept (no forward is ever slow).
+        # infinite budget is kept (no forward is ever slow), an int past a float's range not.
         budget = check_real("budget_ms", budget_ms)
-        if not budget > 0:
-            raise ValueError(f"budget_ms must be > 0, got {budget_ms!r}")
+        if not (budget > 0 and (budget == math.inf or budget <= sys.float_info.max)):
+            raise ValueError(f"budget_ms must be > 0, got {budget_ms!r:.40}")
         self.checkpointed_teacher = teacher
         self.budget_ms = float(budget)
         self.auto_profile = profile_memory

@@ -84,10 +84,11 @@ def test_a_float64_teacher_is_measured_at_its_own_dtype(caplog: pytest.LogCaptur
         assert after.dtype == torch.float64 and torch.equal(before, after)
 
 
-@pytest.mark.parametrize("budget", ["10", True, torch.tensor(10.0), 0, -1.0, math.nan])
+@pytest.mark.parametrize("budget", ["10", True, torch.tensor(10.0), 0, -1.0, math.nan, 10**400])
 def test_a_forward_budget_that_is_no_positive_number_is_refused_by_name(budget: object) -> None:
     """A string raised a bare ``TypeError`` out of ``>``, and ``True`` was taken as a 1 ms
-    budget: each is a ``ValueError`` naming ``budget_ms``, as 0 and NaN were."""
+    budget, and an int past a float's range raised ``OverflowError``: each is a ``ValueError``
+    naming ``budget_ms``, as 0 and NaN were."""
     with pytest.raises(ValueError, match="budget_ms must be"):
         TeacherForwardPassManager(None, budget_ms=budget)  # type: ignore[arg-type]
 
