@@ -412,8 +412,13 @@ def unsaveable(value: Any) -> str | None:
     NumPy array, a deque, a slice, a function), or None. Asked of this torch itself, not of a
     list of types (bytes, a set, a device are read): ``value``'s structure, its tensors left out
     (their data is never the problem) and its numbers as a checkpoint writes them
-    (``plain_number``), is saved and read back."""
-    return _reads_back(_without_tensors(value))
+    (``plain_number``), is saved and read back. A structure that cannot be walked (one that
+    holds itself) is named too, never raised: a checkpoint skipped, not a step stopped."""
+    try:
+        plain = _without_tensors(value)
+    except RecursionError:
+        return "a structure nested too deep to save (does it hold itself?)"
+    return _reads_back(plain)
 
 
 def unreadable_entry(state: Mapping[str, Any]) -> str | None:

@@ -862,3 +862,26 @@ def test_metrics_measured_before_a_command_applied_at_end_epoch_are_not_recorded
     rig.train(1)
     manager.end_epoch(4, {"val_loss": 4.0})
     assert manager.val_metrics == {"val_loss": 4.0}
+
+
+def test_an_extra_state_that_holds_itself_skips_the_checkpoint_not_the_epoch(
+    tmp_path, keyring, caplog
+):
+    """A structure the read-back check cannot walk (a list holding itself) raised
+    ``RecursionError`` out of ``end_epoch``; it is named in the warning and that epoch's
+    checkpoint is not written, the epoch ends."""
+    store = tmp_path / "urza"
+    store.mkdir()
+    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    manager = rig.manager
+    rig.train(1)
+    manager.end_epoch(0)
+    rig.model.extra = _NumpyExtraState()
+    loop: list[object] = []
+    loop.append(loop)
+    rig.model.extra.value = loop
+    rig.train(1)
+    with caplog.at_level(logging.WARNING, logger="kasmina.manager.rollback"):
+        manager.end_epoch(1)
+    assert "epoch 1: no checkpoint written" in caplog.text and "hold itself" in caplog.text
+    assert manager.checkpoints.epochs() == [0] and manager.epoch == 1
