@@ -39,7 +39,7 @@ keeps small (a student 1e5 above its teacher: errors of 1e-2, a negative loss at
 when the KL is small, whereas ``k·X/Z_b`` and ``log2(Z_a/Z_b)`` are each exact to a relative
 ``2^-24`` of what they are. The row and gradient errors are then those of eager fp32
 ``log_softmax``/``kl_div``, which take each side's maximum off first too
-(``tests/ops/test_kd_loss.py`` measures both beside a float64 oracle). The per-lane split
+(``tests/ops/test_kd_loss_values.py`` measures both beside a float64 oracle). The per-lane split
 ``(v - m)·k + (m - M)·k`` against the backward's ``(v - M)·k`` differs by the same relative
 bound, so ``p`` sums to 1 under the forward's ``Z`` to fp32 rounding; the launches pass
 ``enable_fp_fusion=False`` so that every operation is rounded as written and the two kernels
@@ -363,8 +363,8 @@ def default_block_v(vocab: int, block: int = FWD_BLOCK_V) -> int:
 
 # The op's reduction names and host scale (kasmina.ops.kd_loss: REDUCTIONS, _host_scale), kept
 # here too: this package imports nothing of kasmina, the op's CPU path must not load Triton, and
-# a launcher called directly validates and scales on its own. tests/ops/test_kd_loss.py pins
-# the two equal.
+# a launcher called directly validates and scales on its own. tests/ops/test_kd_loss_kernels.py
+# pins the two equal.
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 

@@ -92,12 +92,12 @@ if [ "$install_only" -eq 1 ]; then
 fi
 
 # --- 2. the tests that run on CUDA ---------------------------------------------------------
-# test_kd_loss.py and test_fused_linear_kd.py run every test on the GPU when there is one (-k
-# matches their module names); the rest of the -k picks the other CUDA-only tests ("cuda" in a
-# name or a [cuda] parameter, and the state table's property test on the lifecycle kernel) and
-# the no-sync checks (the leak check, and a training step through guarded seeds counted with
-# the CUDA profiler under set_sync_debug_mode("error")). The blend kernel's CUDA results, and
-# the lifecycle kernel's beyond that test, are checked by the table below, which compares every
+# test_kd_loss_*.py and test_fused_linear_kd_*.py run every test on the GPU when there is one
+# (-k matches their module names); the rest of the -k picks the other CUDA-only tests ("cuda" in
+# a name or a [cuda] parameter, and the state table's property test on the lifecycle kernel) and
+# the no-sync checks (the leak check, and a training step through guarded seeds counted with the
+# CUDA profiler under set_sync_debug_mode("error")). The blend kernel's CUDA results, and the
+# lifecycle kernel's beyond that test, are checked by the table below, which compares every
 # implementation with a float64 reference before timing it (perf/gpu_table.py).
 {
     echo "# $(date -u) $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"

@@ -85,8 +85,8 @@ __all__ = [
     "kd_kl_loss_reference",
 ]
 
-# The launcher (kasmina.kernels.kd_loss) repeats REDUCTIONS and _host_scale: it imports nothing
-# of kasmina, and this CPU path loads no Triton (tests/ops/test_kd_loss.py pins them equal).
+# The launcher (kasmina.kernels.kd_loss) repeats REDUCTIONS and _host_scale, as it imports no
+# kasmina and this CPU path loads no Triton: tests/ops/test_kd_loss_kernels.py pins them equal.
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)

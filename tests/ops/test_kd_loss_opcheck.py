@@ -13,12 +13,9 @@ import pytest
 import torch
 
 import kasmina.ops.kd_loss  # noqa: F401  (registers the custom ops)
+from tests.ops.kd_helpers import KERNEL_WARNINGS, REDUCTIONS
 
-REDUCTIONS = ("none", "sum", "mean", "batchmean")
-pytestmark = [
-    pytest.mark.filterwarnings(f"ignore:{what} encountered:RuntimeWarning")
-    for what in ("invalid value", "divide by zero", "overflow")
-]
+pytestmark = KERNEL_WARNINGS
 
 
 def _inputs(strided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
