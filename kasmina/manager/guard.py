@@ -64,14 +64,14 @@ def runs_main_backward(
     loss: torch.Tensor | None,
     kd_loss: torch.Tensor | None,
     registry: SlotRegistry | None,
-    retain_graph: bool = False,
+    retain_graph: bool | None = False,
 ) -> bool:
     """Whether ``manager.backward`` runs ``loss``'s backward: given, with a graph or with a host
     that trains (a frozen host's loss has no graph once a seed leaves ISOLATED_INIT: skipped).
     A ``loss`` or ``kd_loss`` that is no tensor (a Python number: ``loss.item()``, a logged
     value), or a ``retain_graph`` that is no bool, is a ``TypeError`` here, before any backward
     runs."""
-    if not isinstance(retain_graph, bool):
+    if retain_graph is not None and not isinstance(retain_graph, bool):  # None: torch's default
         raise TypeError(f"retain_graph must be a bool, got {type(retain_graph).__name__}")
     for name, value in (("loss", loss), ("kd_loss", kd_loss)):
         if value is not None and not isinstance(value, torch.Tensor):
@@ -255,14 +255,16 @@ class IsolationGuard:
 
     def seed_only_backward(
         self, kd_loss: torch.Tensor, weight: float, registry: SlotRegistry, retain_graph: bool
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[object]]:
         """Backpropagate a seed-only loss, times ``weight``, with the host's gradients set
         aside and checked. The weighting records a graph in any grad mode: called under
         ``torch.no_grad()``, as ``loss.backward()`` may be, it made a loss without one.
 
         Returns the seeds' gradients it made, not yet added: ``add_grads`` adds them once the
         host's own backward has run, so a host backward that raises (a second backward
-        through a freed graph) leaves every gradient as it was before the call.
+        through a freed graph) leaves every gradient as it was before the call; and the KD
+        losses it took whose graph it kept whole, which such a failure gives back (a retry
+        may take them again; cut, their graph above the seeds is freed: taken).
 
         A backward that raises (teacher logits the caller rewrote in place before it, which
         the KD op saved; an allocation that failed) loses this step's KD term only: the seeds'
@@ -298,7 +300,7 @@ class IsolationGuard:
         students = [r.seed_id for r in kd]  # the stages KD distils into
         seeds = list({id(p): p for r in kd for p in r.seed.trained_parameters()}.values())
         stash, seed_stash = [p.grad for p in host], [p.grad for p in seeds]
-        failed = False
+        failed = whole = False
         try:  # set aside inside it: a Ctrl-C part-way still finds every gradient put back
             for p in itertools.chain(host, seeds):
                 p.grad = None
@@ -313,7 +315,7 @@ class IsolationGuard:
                 for monitor in self.external if rooted else ():  # else the caller's loss
                     phases.enter_context(monitor.seed_backward())
                 try:
-                    _kd_backward(kd_loss, rooted, retain_graph)
+                    whole = _kd_backward(kd_loss, rooted, retain_graph)
                 except Exception as exc:  # the KD term is lost, never the host's step
                     failed = True
                     self._note_kd_backward_failed(exc)
@@ -325,7 +327,32 @@ class IsolationGuard:
                 p.grad = grad  # whatever leaked is dropped here
             for p, grad in zip(seeds, seed_stash, strict=True):
                 p.grad = grad  # a failed backward's part-way sums: dropped
-        return made
+        return made, (rooted if whole else [])
+
+    def backward(
+        self,
+        loss: torch.Tensor | None,
+        kd_loss: torch.Tensor | None,
+        weight: float,
+        registry: SlotRegistry | None,
+        retain_graph: bool,
+    ) -> None:
+        """``manager.backward``'s passes: ``kd_loss`` (None: none) seed-only, then ``loss``'s
+        (None: none), then the seeds' KD gradients added. A ``loss`` backward that raises adds
+        none and gives back the KD losses whose graph the phase kept whole."""
+        made: list[tuple[torch.Tensor, torch.Tensor]] = []
+        taken: list[object] = []
+        if kd_loss is not None and registry is not None:
+            retain = loss is not None or retain_graph
+            made, taken = self.seed_only_backward(kd_loss, weight, registry, retain)
+        if loss is not None:
+            try:
+                loss.backward(retain_graph=retain_graph)
+            except BaseException:
+                for root in taken:
+                    root.metadata.pop(_KD_TAKEN, None)
+                raise
+        add_grads(made)
 
     def _note_kd_backward_failed(self, exc: Exception) -> None:
         """Count and log a seed-only backward that raised (its KD term is dropped)."""
@@ -455,8 +482,9 @@ class IsolationGuard:
         return clean
 
 
-def _kd_backward(kd_loss: torch.Tensor, rooted: list[object], retain_graph: bool) -> None:
-    """``seed_only_backward``'s backward proper, run with the host's gradients set aside."""
+def _kd_backward(kd_loss: torch.Tensor, rooted: list[object], retain_graph: bool) -> bool:
+    """``seed_only_backward``'s backward proper, run with the host's gradients set aside;
+    whether it kept the KD losses' graph whole (retained and not cut)."""
     cut = kd_cut(kd_loss) if retain_graph and rooted else None
     # Under DDP no leaf's accumulator runs (nor DDP's hook on it: a leaked host parameter was
     # marked ready twice, with the host's backward).
@@ -468,3 +496,4 @@ def _kd_backward(kd_loss: torch.Tensor, rooted: list[object], retain_graph: bool
         if pairs:
             edges, through = zip(*pairs, strict=True)
             backward_beside_ddp(edges, through, retain_graph=True)
+    return cut is None and retain_graph

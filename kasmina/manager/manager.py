@@ -44,7 +44,7 @@ from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.grad_sync import GradSync
-from kasmina.manager.guard import IsolationGuard, add_grads, runs_main_backward
+from kasmina.manager.guard import IsolationGuard, runs_main_backward
 from kasmina.manager.intake import CommandIntake, CommandRelay, command_bytes, command_verifier
 from kasmina.manager.pending import CommandQueue
 from kasmina.manager.report import ManagerReport, TargetCheck, epoch_metrics, metrics_of_the_model
@@ -414,7 +414,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         loss: torch.Tensor | None,
         kd_loss: torch.Tensor | None = None,
         *,
-        retain_graph: bool = False,
+        retain_graph: bool | None = False,
     ) -> None:
         """``kd_loss`` (weighted by ``config.kd.alpha``) first, as a seed-only backward whose
         host gradients must stay zero (checked at ``step``), then ``loss``; its gradients are
@@ -427,18 +427,16 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         losses, one call each, as ``loss.backward(retain_graph=True)`` would): the gradients of
         every call accumulate, each call's as if alone, and every KD phase's leak is checked at
         the step. The forward's KD loss goes to one of its calls (any): given again, it is a
-        ``RuntimeError`` before anything changes. Without it, a later backward over the freed
-        graph raises PyTorch's ``RuntimeError``, and that call's KD gradients are not added."""
+        ``RuntimeError`` before anything changes. Without it (``None``, torch's default, too), a
+        later backward over the freed graph raises PyTorch's ``RuntimeError``, and that call's
+        KD gradients are not added; its KD loss is given back where its graph is whole."""
         self.state.require_open()
         main = runs_main_backward(loss, kd_loss, self.registry, retain_graph)  # types: before all
-        made: list[tuple[torch.Tensor, torch.Tensor]] = []
         alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"
-        if kd_loss is not None and kd_loss.requires_grad and alpha > 0:  # no grad: all frozen
-            registry, retain = self.require_registry(), main or retain_graph
-            made = self.guard.seed_only_backward(kd_loss, alpha, registry, retain)
-        if main:
-            loss.backward(retain_graph=retain_graph)  # if it raises, the KD gradients are dropped
-        add_grads(made)
+        kd = kd_loss is not None and kd_loss.requires_grad and alpha > 0  # no grad: all frozen
+        registry = self.require_registry() if kd else None
+        self.guard.backward(loss if main else None, kd_loss if kd else None, alpha, registry,
+                            bool(retain_graph))  # fmt: skip
 
     def step(self, grad_clip_norm: float | None = 0.0) -> dict[str, Any]:
         """End of a training step: isolation checks, host and seed optimizer steps (the host's

@@ -70,7 +70,7 @@ def _take(rig: Rig) -> list[torch.Tensor | None]:
 
 def _added(*calls: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """The gradients of separate calls as accumulation sums them, in call order."""
-    total = list(calls[0])
+    total = [None if g is None else g.clone() for g in calls[0]]
     for grads in calls[1:]:
         for i, g in enumerate(grads):
             if g is not None:
@@ -235,5 +235,45 @@ def test_a_retain_graph_that_is_not_a_bool_is_refused_first(two_stages: Rig) -> 
         manager.backward(losses[0], kd_loss=kd, retain_graph="yes")  # type: ignore[arg-type]
     assert all(p.grad is None for p in _params(rig)) and not manager.guard.kd_flags()
     manager.backward(losses[0], kd_loss=kd)  # the KD loss was not taken
+    assert manager.step()["isolation_clean"]
+    manager.close()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_host_backward_that_raises_gives_back_a_kd_loss_whose_graph_is_whole(
+    two_stages: Rig, compiled: bool
+) -> None:
+    """A call whose host pass raised (an out-of-memory error) adds no gradient; its KD loss was
+    taken all the same, so the retry was refused as a second backward though, compiled (no
+    cut), its graph was whole. It is given back there; eager, the cut freed its graph above the
+    seeds: the retry's refusal is PyTorch's, and the gradients are as before either way."""
+    rig, manager = two_stages, two_stages.manager
+    if compiled:
+        torch._dynamo.reset()
+        rig.model = torch.compile(rig.model, backend="aot_eager")
+    _take(rig)
+    losses, kd = _forward(rig)
+    raised: list[bool] = []
+
+    def once(g: torch.Tensor) -> torch.Tensor:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("out of memory (injected)")
+        return g
+
+    losses[0].register_hook(once)
+    with pytest.raises(RuntimeError, match="injected"):
+        manager.backward(losses[0], kd_loss=kd, retain_graph=True)
+    assert all(p.grad is None for p in _params(rig))  # the failed call added nothing
+    if compiled:
+        manager.backward(losses[0], kd_loss=kd, retain_graph=None)  # None: torch's default
+        assert all(p.grad is not None for p in _params(rig))
+        with pytest.raises(RuntimeError, match="second time"):  # taken by the retry
+            manager.backward(losses[1], kd_loss=kd)
+    else:
+        with pytest.raises(RuntimeError, match="second time"):
+            manager.backward(losses[0], kd_loss=kd, retain_graph=True)
+        assert all(p.grad is None for p in _params(rig))
+        manager.backward(losses[0])
     assert manager.step()["isolation_clean"]
     manager.close()
