@@ -206,3 +206,94 @@ def test_two_threads_backward_a_faulting_kernel_with_a_hook_on_its_parameter() -
         thread.join(30)
     assert out == {"A": "ok", "B": "ok"} and seed.faults == 2
     assert list(seed.kernel.scale._backward_hooks.values()) == [hook]  # put back once both end
+
+
+class Toggled(nn.Module):
+    """A healthy kernel whose forward uses its ``gate`` only when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.gate = nn.Parameter(torch.ones(2))
+        self.use_gate = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return torch.tanh(y * self.gate if self.use_gate else y)
+
+
+class _RaisesElsewhere(torch.autograd.Function):
+    """The identity, whose backward raises: a host backward that fails outside any seed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        raise RuntimeError("the host's own backward failed")
+
+
+def _toggled_layer() -> tuple[KasminaLayer, Toggled]:
+    torch.manual_seed(1)
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    kernel = Toggled()
+    layer.seed(0).attach_kernel(kernel)
+    walk(layer.seed(0), S.ISOLATED_INIT)
+    return layer, kernel
+
+
+def test_a_hook_left_wrapped_by_a_failed_backward_runs_as_before_on_a_gradient(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backward that raised elsewhere after the guard wrapped an unused parameter's hooks
+    never ran its final callback: the wrappers stay. A later backward that hands the parameter
+    a gradient runs each hook as it is: the tensor hook's return is the gradient (clamped), the
+    post-accumulate hook reads ``.grad``, and a hook that raises on that gradient raises out of
+    the backward, as plain PyTorch's would."""
+    caplog.set_level(logging.DEBUG, logger="kasmina.seeds.param_hooks")  # (rate-limited)
+    layer, kernel = _toggled_layer()
+    gate = kernel.gate
+    gate.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+    seen: list[torch.Tensor] = []
+    gate.register_post_accumulate_grad_hook(lambda q: seen.append(q.grad.clone()))
+    armed = [False]
+
+    def strict(q: torch.Tensor) -> None:
+        if armed[0]:
+            raise ValueError("a hook's own error on a real gradient")
+
+    gate.register_post_accumulate_grad_hook(strict)
+    elsewhere = _RaisesElsewhere.apply(torch.randn(3, requires_grad=True)).sum()  # runs last
+    with pytest.raises(RuntimeError, match="host's own backward failed"):
+        (layer(torch.randn(5, 6)).pow(2).sum() + elsewhere).backward()
+    assert seen == [] and gate.grad is None  # (the None was handed to the wrapped hooks)
+    assert all(hasattr(h, "hook") for h in gate._post_accumulate_grad_hooks.values())  # wrapped
+
+    kernel.use_gate = True
+    layer(torch.randn(5, 6)).pow(2).sum().backward()
+    assert gate.grad is not None and 0 < gate.grad.abs().max() <= 1e-3  # the hook's clamp
+    assert len(seen) == 1 and torch.equal(seen[0], gate.grad)
+    armed[0] = True
+    with pytest.raises(ValueError, match="own error on a real gradient"):
+        layer(torch.randn(5, 6)).pow(2).sum().backward()
+
+
+def test_a_hook_removed_during_the_backward_is_not_put_back() -> None:
+    """A hook wrapped for the None its parameter is handed, whose handle is removed before the
+    backward ends (here by the hook itself), stays removed: the put-back restores only a
+    wrapper still in place."""
+    layer, kernel = _toggled_layer()
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    calls: list[bool] = []
+
+    def once(g: torch.Tensor | None) -> None:
+        calls.append(g is None)
+        handles[0].remove()
+
+    handles.append(kernel.gate.register_hook(once))
+    kept = kernel.gate.register_hook(lambda g: g)
+    layer(torch.randn(5, 6)).pow(2).sum().backward()
+    assert calls == [True]
+    assert list(kernel.gate._backward_hooks) == [kept.id]
+    assert all(not hasattr(h, "hook") for h in kernel.gate._backward_hooks.values())
