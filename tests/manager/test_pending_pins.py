@@ -321,3 +321,33 @@ def test_a_rollback_in_a_bounded_sync_is_not_fetched_ahead(
     assert [(o.kind, o.ok) for o in outcomes] == [("rollback", False)]
     assert took < 10, took
     manager.close()
+
+
+def test_a_fetch_that_lands_after_close_dropped_its_command_gives_its_pin_back(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A GERMINATE's fetch worker pins the kernel it loaded and records the pin on the command;
+    a ``close()`` on another thread meanwhile dropped the command and gave back what it held
+    then (nothing yet). The pin taken after is the dropped command's to give back at once:
+    kept, it held the kernel in the cache for good."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    manager = rig.manager
+    manager.kernel_cache.clear()
+    read, go = threading.Event(), threading.Event()
+    client = manager.urza_client
+    real = client.fetch
+
+    def fetch(artifact_id: str, **kwargs: Any) -> Any:
+        got = real(artifact_id, **kwargs)  # read before the close, handed on after it
+        read.set()
+        assert go.wait(30)
+        return got
+
+    client.fetch = fetch
+    _germinate(rig, SEED0, mlp)
+    assert read.wait(30)
+    (entry,) = list(manager.pending._queue)
+    manager.close()
+    go.set()
+    assert entry.fetch is not None and entry.fetch.result(timeout=30) is not None
+    assert mlp in manager.kernel_cache and not manager.kernel_cache.is_pinned(mlp)
