@@ -49,6 +49,9 @@ def test_each_run_has_its_own_state_directory(monkeypatch, tmp_path) -> None:
         ("device", "gpu0"),
         ("cache_size_mb", 0),
         ("cache_size_mb", float("nan")),
+        ("cache_max_kernels", 0),  # refused here, never first where the manager makes its cache
+        ("cache_max_kernels", 1.0),
+        ("cache_max_kernels", True),
         ("urza_url", ""),
         ("urza_timeout_s", -1.0),
         ("urza_retries", -1),

@@ -17,6 +17,7 @@ from kasmina.manager.runs import prune_runs
 
 NUMPY_SETTINGS = {
     "cache_size_mb": np.float32(0.5),
+    "cache_max_kernels": np.int64(16),
     "urza_timeout_s": np.float32(5.0),
     "urza_retries": np.int64(2),
     "urza_backoff_s": np.float64(0.25),

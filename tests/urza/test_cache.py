@@ -134,6 +134,7 @@ def test_the_kernel_bound_counts_pins_and_evicts_least_recent_first() -> None:
     assert cache.put("d", kernels["d"]) and len(cache) == 3  # a put again evicts nothing
     for name in "acd":
         cache.pin(name)
+    assert cache.put("a", kernels["a"]) and len(cache) == 3  # its own entry: it adds none
     assert not cache.put("e", kernels["e"])  # every entry pinned: served uncached
     assert "e" not in cache and kernels["e"].releases == 0 and cache.stats()["uncached"] == 1
     cache.unpin("c")
