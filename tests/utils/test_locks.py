@@ -15,7 +15,7 @@ from kasmina.errors import NotARegularFileError
 from kasmina.leyline import TelemetryPacket
 from kasmina.manager.checkpoints import DiskCheckpointStore
 from kasmina.utils.jsonl_sink import JsonlFileSink
-from kasmina.utils.locks import fork_safe, lock_exclusive
+from kasmina.utils.locks import fork_safe, lock_exclusive, whole_at_fork
 from kasmina.utils.state_io import CheckpointSigner
 from tests.crash import run_bounded_in_child
 
@@ -188,3 +188,24 @@ def test_fork_safe_locks_a_thread_held_at_the_fork_are_free_in_the_child() -> No
     finally:
         done.set()
         thread.join(30)
+
+
+def test_a_fork_inside_a_whole_at_fork_section_does_not_wait_for_itself() -> None:
+    """``fork()`` takes the ``whole_at_fork`` lock before it forks; a fork made inside such a
+    section (a sink's, say) on the same thread would wait for itself, for good, were that lock
+    not reentrant. It forks at once, and the section is free again after, in both processes."""
+    codes: list[int] = []
+
+    def fork_inside() -> None:
+        with whole_at_fork():
+            pid = os.fork()
+            if pid == 0:  # the child: the section it inherited is free
+                os._exit(0 if whole_at_fork().acquire(timeout=5) else 1)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+    thread = threading.Thread(target=fork_inside, daemon=True)  # (held for good if it hangs)
+    thread.start()
+    thread.join(30)
+    assert codes == [0]
+    with whole_at_fork():  # given back in the parent too
+        pass
