@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kasmina.control.builders import make_seed_command
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, SEED1, Rig, S, make_config
@@ -323,16 +325,23 @@ def test_a_rollback_in_a_bounded_sync_is_not_fetched_ahead(
     manager.close()
 
 
+@pytest.mark.parametrize("kind", ["germinate", "rollback"])
 def test_a_fetch_that_lands_after_close_dropped_its_command_gives_its_pin_back(
-    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+    tmp_path: Path, store: Path, keyring: Keyring, published, kind: str
 ) -> None:
-    """A GERMINATE's fetch worker pins the kernel it loaded and records the pin on the command;
-    a ``close()`` on another thread meanwhile dropped the command and gave back what it held
-    then (nothing yet). The pin taken after is the dropped command's to give back at once:
-    kept, it held the kernel in the cache for good."""
-    rig = Rig(make_config(tmp_path, store), keyring)
+    """A GERMINATE's (or a ROLLBACK's fetch-ahead's) fetch worker pins the kernel it loaded and
+    records the pin on the command; a ``close()`` on another thread meanwhile dropped the
+    command and gave back what it held then (nothing yet). The pin taken after is the dropped
+    command's to give back at once: kept, it held the kernel in the cache for good."""
+    from kasmina.control.builders import make_rollback_command
+
+    _, mlp, affine = published
+    if kind == "germinate":
+        rig = Rig(make_config(tmp_path, store), keyring)
+        rig.manager.kernel_cache.clear()
+    else:
+        rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
     manager = rig.manager
-    manager.kernel_cache.clear()
     read, go = threading.Event(), threading.Event()
     client = manager.urza_client
     real = client.fetch
@@ -344,10 +353,37 @@ def test_a_fetch_that_lands_after_close_dropped_its_command_gives_its_pin_back(
         return got
 
     client.fetch = fetch
-    _germinate(rig, SEED0, mlp)
+    if kind == "germinate":
+        _germinate(rig, SEED0, mlp)
+    else:
+        rollback = rig.signed(make_rollback_command(0, timeout_s=60))
+        assert manager.handle_adaptation_command(rollback)
+        assert rig.train(1)["commands"] == []  # its safe point starts the fetch-ahead
     assert read.wait(30)
     (entry,) = list(manager.pending._queue)
     manager.close()
     go.set()
-    assert entry.fetch is not None and entry.fetch.result(timeout=30) is not None
+    (fetch,) = [entry.fetch] if kind == "germinate" else entry.ahead
+    assert fetch is not None and fetch.result(timeout=30) is not None
     assert mlp in manager.kernel_cache and not manager.kernel_cache.is_pinned(mlp)
+
+
+def test_a_rollback_whose_kernel_is_cached_pins_it_at_its_safe_point_and_gives_it_back(
+    tmp_path: Path, store: Path, keyring: Keyring, published
+) -> None:
+    """A ROLLBACK's first safe point pins each of its kernels already cached, for it, and no
+    fetch is needed; the pin is the command's, given back once it has applied: the seed's own
+    pin is all that is left."""
+    from kasmina.control.builders import make_rollback_command
+
+    _, mlp, affine = published
+    rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
+    manager, cache = rig.manager, rig.manager.kernel_cache
+    manager.loader.original(mlp)  # cached again, unpinned
+    reads = _reads(rig)
+    assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
+    outcomes = rig.train(1)["commands"]
+    assert [(o.kind, o.ok, o.reason) for o in outcomes] == [("rollback", True, "")]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and reads == []
+    assert cache._pins == {mlp: 1}  # the seed's own; the command's given back
+    manager.close()
