@@ -477,3 +477,20 @@ def test_a_ctrl_c_as_an_applied_commands_outcome_is_built_reports_it_applied(rig
     assert fired and rig.stage(SEED0) == S.COOLDOWN
     assert manager.command_log[-1][1:3] == ("seed.cull", True)
     assert_counts_add_up(rig, executed=2, failed=0)
+
+
+def test_a_ctrl_c_once_a_pin_is_recorded_leaves_it_to_its_holder(rig: Rig, mlp, monkeypatch):
+    """``pinned_original(hold=...)``: a Ctrl-C that lands just after the pin is deferred to
+    the end of the section where ``hold`` records it; the pin is then ``hold``'s (a queued
+    command's, given back when it is released), never given back here as well."""
+    loader = rig.manager.loader
+    loader.original(mlp)
+    held: list[int] = []
+    calls = ctrl_c(
+        monkeypatch, rig.manager.kernel_cache, "pin", after=True, caller="pinned_original"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        loader.pinned_original(mlp, hold=lambda: held.append(1))
+    monkeypatch.undo()
+    assert calls and held == [1] and pins(rig) == {mlp: 1}  # the holder's, to give back
+    rig.manager.kernel_cache.unpin(mlp)

@@ -485,6 +485,20 @@ def test_germinate_pins_before_copying_and_never_attaches_an_evicted_kernel(
     assert manager.seed(SEED1).kernel.get_memory_size() > 0
 
 
+def test_a_pin_for_one_original_never_pins_the_kernel_loaded_again_after_it(rig: Rig, mlp) -> None:
+    """``loader.pin(id, original)`` pins that very kernel or nothing: once the original was
+    evicted and the artifact loaded again, the new kernel under the id is neither pinned for
+    the old one's holder (its copy would read released memory) nor left pinned by the try."""
+    loader, cache = rig.manager.loader, rig.manager.kernel_cache
+    old = loader.original(mlp)
+    assert rig.manager.evict_kernel(mlp) and old.released
+    new = loader.original(mlp)
+    assert new is not old
+    assert not loader.pin(mlp, old) and not cache.is_pinned(mlp)
+    assert loader.pin(mlp, new) and cache.is_pinned(mlp)
+    cache.unpin(mlp)
+
+
 @pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
 def test_a_germinate_whose_copy_fails_takes_its_pin_back(
     rig: Rig, mlp, monkeypatch, error: type[BaseException]
