@@ -280,3 +280,63 @@ def test_a_child_forked_inside_a_safe_point_finishes_it_and_applies_later_ones(
     code = run_bounded_in_child(child, timeout_s=40)
     rig.manager.close()
     assert code == 0
+
+
+def test_a_child_applies_on_a_thread_of_its_own_after_a_parents_thread_held_a_safe_point(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A thread of the parent was in a safe point (``apply_pending(wait=True)``, waiting for a
+    fetch) at the fork. The child frees that safe point and forgets which thread held it: a
+    thread the child starts may get the gone thread's ident (its stack is reused), and a safe
+    point that took it for the one applying returned at once, applying nothing."""
+    rig = Rig(make_config(tmp_path, store, nonce_ledger=False), keyring)
+    manager, parent = rig.manager, os.getpid()
+    there, go = threading.Event(), threading.Event()
+    real = manager.urza_client.fetch
+
+    def fetch(artifact_id: str, **kwargs: Any) -> Any:
+        if os.getpid() == parent:  # the parent's worker stops here until the child is done
+            there.set()
+            go.wait(60)
+        return real(artifact_id, **kwargs)
+
+    manager.urza_client.fetch = fetch
+    command = make_seed_command("germinate", SEED0, mlp, timeout_s=60.0)
+    assert manager.handle_adaptation_command(rig.signed(command))
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.extend(manager.apply_pending(wait=True)))
+    waiter.start()
+    assert there.wait(30)
+
+    def child() -> None:
+        torch.set_num_threads(1)  # no OpenMP pool of the parent's in the child
+        got: list[Any] = []
+        release, threads = threading.Event(), []
+
+        def controller() -> None:  # applies on the thread that has the waiter's ident
+            if threading.get_ident() == waiter.ident:
+                got.extend(manager.apply_pending(wait=True))
+            else:  # keeps its stack, so that the next thread takes another
+                release.wait(30)
+
+        for _ in range(32):
+            threads.append(thread := threading.Thread(target=controller))
+            thread.start()
+            if thread.ident == waiter.ident:
+                thread.join(30)
+                break
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        if threads[-1].ident != waiter.ident:  # (no stack reused here: the training thread)
+            got.extend(manager.apply_pending(wait=True))
+        assert [(o.kind, o.target, o.ok) for o in got] == [("seed", SEED0, True)], got
+        assert rig.stage(SEED0) == S.ISOLATED_INIT
+
+    try:
+        assert run_bounded_in_child(child, timeout_s=40) == 0
+    finally:
+        go.set()
+        waiter.join(60)
+    assert [(o.kind, o.ok) for o in waited] == [("seed", True)]
+    manager.close()
