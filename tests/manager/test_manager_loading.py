@@ -9,6 +9,7 @@ import asyncio
 import copy as copy_module
 import inspect
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -538,6 +539,35 @@ def test_a_copy_racing_an_eviction_is_refused(rig: Rig, mlp, monkeypatch) -> Non
     monkeypatch.setattr(loader_module.copy, "deepcopy", deepcopy_while_evicted)
     with pytest.raises(ValueError, match="while it was copied"):
         manager.loader.copy(original)
+
+
+def test_a_copy_of_a_kernel_whose_eviction_has_not_released_it_yet_is_refused(
+    rig: Rig, mlp, monkeypatch
+) -> None:
+    """An evicted kernel is marked under the cache's lock and released after it: a copy taken
+    in between (the release not begun) would be emptied under its feet. The mark alone
+    refuses it."""
+    manager = rig.manager
+    original = manager.loader.original(mlp)
+    marked, go = threading.Event(), threading.Event()
+    real_release = original.release_gpu_memory
+
+    def release_later() -> None:
+        marked.set()
+        assert go.wait(30)
+        real_release()
+
+    monkeypatch.setattr(original, "release_gpu_memory", release_later)
+    evicting = threading.Thread(target=manager.evict_kernel, args=(mlp,))
+    evicting.start()
+    try:
+        assert marked.wait(30) and not original.released
+        with pytest.raises(ValueError, match="was evicted"):
+            manager.loader.copy(original)
+    finally:
+        go.set()
+        evicting.join(30)
+    assert original.released
 
 
 def test_a_germinate_failing_at_its_transition_leaves_the_row_as_it_was(
