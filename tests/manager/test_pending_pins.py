@@ -371,18 +371,21 @@ def test_a_fetch_that_lands_after_close_dropped_its_command_gives_its_pin_back(
 def test_a_rollback_whose_kernel_is_cached_pins_it_at_its_safe_point_and_gives_it_back(
     tmp_path: Path, store: Path, keyring: Keyring, published
 ) -> None:
-    """A ROLLBACK's first safe point pins each of its kernels already cached, for it, and no
-    fetch is needed; the pin is the command's, given back once it has applied: the seed's own
-    pin is all that is left."""
+    """A ROLLBACK's first safe point pins each of its kernels already cached, for it, and asks
+    no fetch worker for it; the pin is the command's, given back once it has applied: the
+    seed's own pin is all that is left."""
     from kasmina.control.builders import make_rollback_command
 
     _, mlp, affine = published
     rig = _culled_after_a_checkpoint(tmp_path, store, keyring, mlp, affine)
     manager, cache = rig.manager, rig.manager.kernel_cache
     manager.loader.original(mlp)  # cached again, unpinned
-    reads = _reads(rig)
+    reads, submitted = _reads(rig), []
+    real_submit = manager.pending._submit
+    manager.pending._submit = lambda *a, **k: submitted.append(a) or real_submit(*a, **k)
     assert manager.handle_adaptation_command(rig.signed(make_rollback_command(0, timeout_s=60)))
     outcomes = rig.train(1)["commands"]
+    assert submitted == []  # nothing for a fetch worker to do
     assert [(o.kind, o.ok, o.reason) for o in outcomes] == [("rollback", True, "")]
     assert rig.stage(SEED0) == S.ISOLATED_INIT and reads == []
     assert cache._pins == {mlp: 1}  # the seed's own; the command's given back
