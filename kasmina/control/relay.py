@@ -24,10 +24,10 @@ then be applied on every rank or on none (docs/design.md §5, "Multi-process run
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 import threading
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -213,7 +213,9 @@ class HeldCommands:
         self._lock = fork_safe(threading.Lock())
         self._arrived = fork_safe(threading.Condition(self._lock))
         self._held: list[Received] = []
-        self._arriving: Counter[bytes] = Counter()
+        # Per key (identity or id), the checks under way under it, each by its arrival number.
+        self._arriving: dict[bytes | str, set[int]] = {}
+        self._arrivals = itertools.count()
         self.closed = False  # ``close``: no sync comes, and nothing is held any more
 
     @property
@@ -236,13 +238,18 @@ class HeldCommands:
         of a command the sync relays is its copy here too)."""
         keys = (identity, command_id) if command_id else (identity,)
         with self._lock:
-            self._arriving.update(keys)
+            arrival = next(self._arrivals)
+            for key in keys:
+                self._arriving.setdefault(key, set()).add(arrival)
         try:
             yield
         finally:
             with self._lock:
-                self._arriving.subtract(keys)
-                self._arriving += Counter()  # drops the zero counts
+                for key in keys:
+                    checks = self._arriving[key]
+                    checks.discard(arrival)
+                    if not checks:
+                        del self._arriving[key]
                 self._arrived.notify_all()
 
     def add(self, entry: Received) -> bool:
@@ -281,13 +288,21 @@ class HeldCommands:
     ) -> Received | None:
         """The held copy of the command ``identity`` names, or a retry of it (``command_id``,
         saying ``content``), taken off, waiting at most ``wait_s`` for one still in its check;
-        None if there is none (a command under its id that says something else stays held)."""
+        None if there is none (a command under its id that says something else stays held).
+
+        Only the checks under way when it looks are waited for, never one that begins later:
+        anyone can send bytes under a command's id (its id is no secret), and a flood of
+        forgeries from a few threads kept one in its check at every moment, which held each
+        sync for ``wait_s`` per relayed command."""
+        keys = (identity, command_id) if command_id else (identity,)
 
         def checked() -> bool:
-            return identity not in self._arriving and command_id not in self._arriving
+            return all(begun.isdisjoint(self._arriving.get(key, ())) for key in keys)
 
         with self._lock:
-            self._arrived.wait_for(checked, wait_s)
+            begun = {arrival for key in keys for arrival in self._arriving.get(key, ())}
+            if begun:
+                self._arrived.wait_for(checked, wait_s)
             for i, entry in enumerate(self._held):
                 if entry.identity == identity or (
                     command_id and entry.command_id == command_id and entry.content == content

@@ -764,6 +764,48 @@ def test_a_held_copy_is_taken_for_its_identity_or_a_retry_that_says_the_same() -
     assert len(held) == 0
 
 
+def test_a_sync_waits_for_the_checks_under_way_not_for_forgeries_that_begin_later() -> None:
+    """A sync waits for a copy of a relayed command still in its check here (its nonce is used),
+    but anyone can send bytes under a command's id: a flood of forgeries from a few threads
+    kept one in its check at every moment, and each sync waited ``wait_s`` (10 s) for every
+    relayed command. A check that begins after the sync looked is not waited for."""
+    from kasmina.control.relay import HeldCommands, Received
+
+    keyring = Keyring({"k1": KEY})
+    command = make_seed_command(GERMINATE, "seed-0", "a")
+    raw = sign_command(command, keyring, "k1").SerializeToString()
+    forged = AdaptationCommand.FromString(raw)
+    forged.metadata.signature = bytes(32)  # the id, without the key
+    identity, command_id, content = command_keys(raw)
+    held = HeldCommands(4)
+    waiting = threading.Event()
+
+    class Watched(threading.Condition):
+        def wait_for(self, predicate, timeout=None):  # type: ignore[no-untyped-def]
+            waiting.set()  # under the lock: an arrival after this begins after the sync looked
+            return super().wait_for(predicate, timeout)
+
+    held._arrived = Watched(held._lock)
+    copy = held.arriving(identity, command_id)  # the genuine copy, in its check
+    copy.__enter__()
+    found: list[Received | None] = []
+    sync = threading.Thread(
+        target=lambda: found.append(held.take(identity, command_id, content, 60))
+    )
+    sync.start()
+    assert waiting.wait(10)
+    flood = held.arriving(command_keys(forged.SerializeToString())[0], command_id)
+    flood.__enter__()  # a forgery under the id, in its check after the sync looked
+    assert held.add(Received(raw, 0.0, command, identity, command_id, content))
+    copy.__exit__(None, None, None)
+    sync.join(10)
+    stalled = sync.is_alive()
+    flood.__exit__(None, None, None)
+    sync.join()
+    assert not stalled, "the sync waited for a check that began after it looked"
+    assert found and found[0] is not None and found[0].raw == raw  # the copy it waited for
+
+
 def test_tensor_replicas_round_trip_without_pickle_and_refuse_other_layouts() -> None:
     a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "t": torch.zeros(2, 10).int()}
     b = {"w": torch.zeros(2, 3), "t": torch.ones(2, 10).int()}
