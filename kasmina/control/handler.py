@@ -35,6 +35,7 @@ from kasmina.control.commands import (
     to_kasmina_command,
 )
 from kasmina.leyline import AdaptationCommand
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.locks import fork_safe
 from kasmina.utils.ratelimit import rarely
 from kasmina.utils.telemetry import Event, TelemetryReporter
@@ -96,7 +97,7 @@ class LeylineAdaptationHandler:
             )
         self.verifier = verifier
         self.executor = executor
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = max_message_bytes  # checked by its setter
         self.rejection_report_interval_s = float(interval)
         self._stats: dict[str, int] = {"accepted": 0, "executed": 0, "failed": 0, "rejected": 0}
         self._telemetry = telemetry
@@ -109,6 +110,17 @@ class LeylineAdaptationHandler:
         self._unreported: dict[str, int] = {}
         self._next_due = math.inf
         self._closed = False  # ``close``: every later command is refused, reason ``closed``
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest command accepted, in bytes (larger: ``oversize``, refused unparsed)."""
+        return self._max_message_bytes
+
+    @max_message_bytes.setter
+    def max_message_bytes(self, value: int) -> None:
+        # An int >= 1: NaN or infinity compared False against every size, and so took off the
+        # bound that keeps a flood of huge messages from the parser, silently.
+        self._max_message_bytes = check_positive_int("max_message_bytes", value)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -204,7 +216,7 @@ class LeylineAdaptationHandler:
                     n,
                 )
                 return self._reject("malformed")
-            if size > self.max_message_bytes:
+            if size > self._max_message_bytes:
                 return self._reject("oversize")
             try:
                 cmd = AdaptationCommand.FromString(raw if type(raw) is bytes else bytes(raw))

@@ -765,6 +765,21 @@ def test_the_report_interval_is_bounded(interval: float) -> None:
         )
 
 
+@pytest.mark.parametrize("limit", [0, -1, float("nan"), float("inf"), 65536.0, True, "65536"])
+def test_the_message_size_bound_is_a_positive_int(limit: object) -> None:
+    """A NaN or infinite ``max_message_bytes`` compared False against every size: the bound was
+    silently gone, and a message of any size reached the parser."""
+    verifier = CommandVerifier(Keyring({"ctl": KEY}))
+    with pytest.raises(ValueError, match="max_message_bytes must be an int >= 1"):
+        LeylineAdaptationHandler(verifier, RecordingExecutor(), max_message_bytes=limit)  # type: ignore[arg-type]
+    handler = LeylineAdaptationHandler(verifier, RecordingExecutor(), max_message_bytes=8)
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        handler.max_message_bytes = limit  # type: ignore[assignment]
+    assert handler.max_message_bytes == 8
+    assert handler.handle_adaptation_command(bytes(9)) is False
+    assert handler.stats["rejected:oversize"] == 1
+
+
 def test_ids_and_reasons_at_their_bounds_are_accepted(rig: Rig) -> None:
     """Just inside every bound of the strings: 256-character ids, a 1,024-character rollback
     reason, printable non-ASCII text (an id is any printable text, not ASCII only)."""
