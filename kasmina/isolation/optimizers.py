@@ -89,6 +89,7 @@ class IsolatedOptimizerManager:
         self.failed_now: list[str] = []  # the seeds' optimizers whose step raised in the last call
         self.norms_now: dict[str, bool] = {}  # the last call's clipped optimizers: norm finite
         self.last_refusal = ""  # why apply_optimizer_command last returned False
+        self.refused_commands = 0  # how many times it did: each logged rarely (a signer's flood)
         self._conversions = conversions()  # the model conversions its states followed
 
     # ------------------------------------------------------------------ registry
@@ -476,12 +477,12 @@ class IsolatedOptimizerManager:
                     raise ValueError(f"REGISTER_TEACHER takes the teacher's, not {oid}'s")
                 self.register_teacher_params(self._params_from(TEACHER_SOURCE))
             else:
-                self.last_refusal = f"unknown optimizer command type {kind}"
-                logger.error("optimizer command with unknown type %d rejected", kind)
-                return False
+                raise ValueError(f"unknown optimizer command type {kind}")
         except (ParameterOverlapError, KeyError, ValueError, TypeError) as exc:
             self.last_refusal = f"{type(exc).__name__}: {exc}"
-            logger.error("optimizer command %s for %r rejected: %s", kind, oid, exc)
+            n = self.refused_commands = self.refused_commands + 1
+            msg = "optimizer command %s for %r rejected: %s [%d rejected so far]"
+            logger.log(rarely(n, 100, logging.ERROR), msg, kind, oid, exc, n)
             return False
         return True
 

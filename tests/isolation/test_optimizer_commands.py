@@ -4,6 +4,7 @@ command type onto the optimizer manager's calls, a rejection logged and answered
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -117,6 +118,22 @@ def test_bad_commands_are_rejected_cleanly(cmd):
     opts.set_parameter_source("host", host.parameters)
     assert opts.apply_optimizer_command(cmd) is False
     assert opts.optimizer_ids == []
+
+
+def test_a_flood_of_refused_commands_is_logged_rarely(caplog: pytest.LogCaptureFixture) -> None:
+    """Each refusal is an ERROR record no more: a signer's stream of bad commands (each with a
+    fresh nonce) logged one per command, where the handler and the manager log theirs rarely.
+    The first and every 100th are ERROR records, the rest DEBUG; each is still answered False
+    with its reason in ``last_refusal``."""
+    host, _ = models()
+    opts = IsolatedOptimizerManager()
+    opts.set_parameter_source("host", host.parameters)
+    caplog.set_level(logging.DEBUG, logger="kasmina.isolation.optimizers")
+    for _ in range(100):
+        assert not opts.apply_optimizer_command(_cmd(CommandType.COMMAND_TYPE_STEP, "missing"))
+    assert "KeyError" in opts.last_refusal and opts.refused_commands == 100
+    levels = [r.levelno for r in caplog.records if "rejected" in r.getMessage()]
+    assert levels == [logging.ERROR] + [logging.DEBUG] * 98 + [logging.ERROR]
 
 
 def test_a_command_is_read_into_plain_values():
