@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-from torch.overrides import has_torch_function
 
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
 from kasmina.seeds.faults import (
@@ -40,7 +39,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.outputs import memory_format_of
 from kasmina.seeds.param_hooks import contain_hooks_given_none, hooks_set_aside
 from kasmina.stages import SeedStage
-from kasmina.utils.grad_modes import in_grad_mode
+from kasmina.utils.autograd_nodes import engine_grad
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -63,83 +62,6 @@ __all__ = [
     "guarded_blend",
     "in_layout_of",
 ]
-
-
-def _grad(
-    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)``.
-
-    The gradients come from autograd itself (shapes and dtypes are the outputs'), so the engine
-    is called directly, without the public wrapper's argument checks: they cost more per call
-    than a small kernel's whole backward on a CPU. Tensors that override torch functions, or a
-    torch whose engine entry point does not behave as :func:`_direct_engine` checked once, take
-    the public function.
-    """
-    # Inside a backward grad mode is on only under ``create_graph=True``: the island's
-    # gradients are then differentiable too, as the kernels' own would be without the guard.
-    create_graph = torch.is_grad_enabled()
-    run = _direct_engine()
-    if run is None or has_torch_function((*outputs, *inputs)):
-        return torch.autograd.grad(
-            outputs, inputs, grads, retain_graph=True, create_graph=create_graph,
-            allow_unused=True,
-        )  # fmt: skip
-    keep_graph, allow_unused = True, True
-    return run(
-        tuple(outputs),
-        tuple(grads),
-        keep_graph,
-        create_graph,
-        tuple(inputs),
-        allow_unused,
-        accumulate_grad=False,
-    )
-
-
-_ENGINE: list[Callable[..., tuple[torch.Tensor | None, ...]] | None] = []  # checked once
-
-
-def _direct_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
-    """The engine entry point ``torch.autograd.grad`` itself calls (a private function), if it
-    exists and answers a small problem exactly as the public function does; else None."""
-    if not _ENGINE:
-        _ENGINE.append(_check_engine())
-    return _ENGINE[0]
-
-
-def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
-    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
-    if run is None:
-        return None
-    try:
-        # The first call usually comes from inside a backward, where grad mode is off: the
-        # probe builds its graph with grad mode on, or it would have none and fail for good.
-        # On the CPU by name: under a caller's ``torch.device("meta")`` (or a default device)
-        # the probe would compute nothing, and its failure is no seed's fault.
-        cpu = torch.device("cpu")
-
-        def probe() -> tuple[Any, ...]:  # (grad mode by ``in_grad_mode``, not a block)
-            w = torch.tensor([1.0, 2.0], requires_grad=True, device=cpu)
-            unused = torch.zeros(1, requires_grad=True, device=cpu)
-            y = w * w
-            grad = torch.tensor([1.0, 3.0], device=cpu)
-            got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
-            return w, got, torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
-
-        w, got, want = in_grad_mode(True, probe)
-        same = (
-            len(got) == 2
-            and got[1] is None
-            and want[1] is None
-            and isinstance(got[0], torch.Tensor)
-            and torch.equal(got[0], want[0])
-            and w.grad is None
-        )
-    except Exception:
-        logger.debug("the autograd engine's entry point is not the expected one", exc_info=True)
-        return None
-    return run if same else None
 
 
 class GuardedSeed(Protocol):
@@ -192,12 +114,14 @@ class _Island:
         if _forward_ad._current_level >= 0:
             self.tangents = [_forward_ad.unpack_dual(o).tangent for o in self.outputs]
 
-    def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    def backward(
+        self, grads: Sequence[torch.Tensor], whole: torch.Tensor | None = None
+    ) -> list[torch.Tensor | None]:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none.
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
         engine reads them at each call), which run once, at the delivery; a parameter given
         none has its hooks' failures on that None contained (``param_hooks``)."""
-        _lose_to_the_host(self.seeds, grads)
+        _lose_to_the_host(self.seeds, grads, whole)
         with hooks_set_aside(p._backward_hooks for p in self.params):
             got = self._backward(grads)
         for grad in got:
@@ -209,7 +133,7 @@ class _Island:
     def _backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         if len(self.outputs) > 1:
             try:  # every seed at once: one call into the engine
-                return list(_grad(self.outputs, self.params, grads))
+                return list(engine_grad(self.outputs, self.params, grads))
             except Exception:  # one of them failed: find which, and keep the others' gradients
                 logger.debug("a seed kernel's backward raised; retrying seed by seed")
         total: list[torch.Tensor | None] = [None] * len(self.params)
@@ -218,7 +142,7 @@ class _Island:
         ):
             params = [self.params[j] for j in group]
             try:
-                got = _grad([output], params, [grad])
+                got = engine_grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
                 if any(self.params[j]._version != self.versions[j] for j in group):
                     # Its weights were changed in place after this forward: autograd refuses
@@ -241,12 +165,18 @@ class _Island:
         return total
 
 
-def _lose_to_the_host(seeds: Sequence[GuardedSeed], grads: Sequence[Any]) -> None:
+def _lose_to_the_host(
+    seeds: Sequence[GuardedSeed], grads: Sequence[Any], whole: torch.Tensor | None
+) -> None:
     """A seed whose output's gradient is not finite (the host's NaN from above: a NaN target, an
     overflowed loss) loses the step as one whose output fell back does: its ``finite_flag`` ANDs
     the test, so the step drops its gradient, no fault charged (``settle_nonfinite``). Taken,
     the NaN went into its weights and its next output was charged (clipped: its run of
-    non-finite norms). One reduction a seed a backward, read on the host on the CPU."""
+    non-finite norms). One reduction a seed a backward; on the CPU, given ``whole`` (the
+    gradient the ``grads`` are pieces of), one in all while it is finite, read on the host."""
+    if whole is not None and whole.device.type == "cpu":
+        if finite_test(output_sum(whole), read_on_host=True) is None:
+            return
     for seed, grad in zip(seeds, grads, strict=True):
         ok = None if grad is None else finite_test(output_sum(grad), read_on_host=True)
         if ok is not None:
@@ -527,7 +457,7 @@ class GuardedBlend(torch.autograd.Function):
                 pieces = grad_c.unbind(-2)  # chunk k's gradient, in one op
             else:
                 pieces = grad_c.flatten(-2).movedim(-1, dim).split(graft.chunk, dim=dim)
-            params = graft.island.backward([pieces[k] for k in graft.island_chunks])
+            params = graft.island.backward([pieces[k] for k in graft.island_chunks], grad_c)
         return (None, grad_host, None, *params)
 
 

@@ -42,8 +42,9 @@ Tensors, autograd and the process:
   shared memory (one owner per parameter, one manager per model, an artifact's tied tensors);
   ``span_signature``: whether a range kept is still its tensor's.
 - ``autograd_nodes`` -- facts about autograd nodes that the graph walks (isolation checks, the KD
-  cut) share, and a backward that fills the leaves' gradients without running their
-  accumulators, where ``DistributedDataParallel`` may hook them.
+  cut) share, a backward that fills the leaves' gradients without running their
+  accumulators, where ``DistributedDataParallel`` may hook them, and the engine's own entry
+  for the guarded seed backward (``engine_grad``).
 - ``grad_modes`` -- ``training_tensors``: what a safe point makes (a kernel copy, a restored
   optimizer state) is made outside ``torch.inference_mode``, even when the caller is inside it.
 - ``modules`` -- a measurement's forwards that leave the user's model and process as they were:

@@ -1,21 +1,28 @@
-"""Facts about autograd nodes that the graph walks (isolation checks, the KD cut) share, and a
+"""Facts about autograd nodes that the graph walks (isolation checks, the KD cut) share, a
 backward that fills the leaves' gradients without running their accumulators, for where
-``DistributedDataParallel`` may hook them."""
+``DistributedDataParallel`` may hook them, and the engine's own entry that the guarded seed
+backward calls (``engine_grad``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.autograd.graph import GradientEdge
+from torch.overrides import has_torch_function
 
+from kasmina.utils.grad_modes import in_grad_mode
 from kasmina.utils.process_group import process_group_active
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "backward_beside_ddp",
     "backward_into_leaves",
     "compiled_node",
+    "engine_grad",
     "leaves_below",
     "nodes_below",
     "reentrant_node",
@@ -124,3 +131,80 @@ def backward_beside_ddp(
         backward_into_leaves(outputs, grad_outputs, retain_graph=retain_graph)
     else:
         torch.autograd.backward(list(outputs), grad_outputs, retain_graph=retain_graph)
+
+
+def engine_grad(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)``.
+
+    The gradients come from autograd itself (shapes and dtypes are the outputs'), so the engine
+    is called directly, without the public wrapper's argument checks: they cost more per call
+    than a small kernel's whole backward on a CPU. Tensors that override torch functions, or a
+    torch whose engine entry point does not behave as :func:`_direct_engine` checked once, take
+    the public function.
+    """
+    # Inside a backward grad mode is on only under ``create_graph=True``: the island's
+    # gradients are then differentiable too, as the kernels' own would be without the guard.
+    create_graph = torch.is_grad_enabled()
+    run = _direct_engine()
+    if run is None or has_torch_function((*outputs, *inputs)):
+        return torch.autograd.grad(
+            outputs, inputs, grads, retain_graph=True, create_graph=create_graph,
+            allow_unused=True,
+        )  # fmt: skip
+    keep_graph, allow_unused = True, True
+    return run(
+        tuple(outputs),
+        tuple(grads),
+        keep_graph,
+        create_graph,
+        tuple(inputs),
+        allow_unused,
+        accumulate_grad=False,
+    )
+
+
+_ENGINE: list[Callable[..., tuple[torch.Tensor | None, ...]] | None] = []  # checked once
+
+
+def _direct_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
+    """The engine entry point ``torch.autograd.grad`` itself calls (a private function), if it
+    exists and answers a small problem exactly as the public function does; else None."""
+    if not _ENGINE:
+        _ENGINE.append(_check_engine())
+    return _ENGINE[0]
+
+
+def _check_engine() -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:
+        return None
+    try:
+        # The first call usually comes from inside a backward, where grad mode is off: the
+        # probe builds its graph with grad mode on, or it would have none and fail for good.
+        # On the CPU by name: under a caller's ``torch.device("meta")`` (or a default device)
+        # the probe would compute nothing, and its failure is no seed's fault.
+        cpu = torch.device("cpu")
+
+        def probe() -> tuple[Any, ...]:  # (grad mode by ``in_grad_mode``, not a block)
+            w = torch.tensor([1.0, 2.0], requires_grad=True, device=cpu)
+            unused = torch.zeros(1, requires_grad=True, device=cpu)
+            y = w * w
+            grad = torch.tensor([1.0, 3.0], device=cpu)
+            got = run((y,), (grad,), True, False, (w, unused), True, accumulate_grad=False)
+            return w, got, torch.autograd.grad((y,), (w, unused), (grad,), allow_unused=True)
+
+        w, got, want = in_grad_mode(True, probe)
+        same = (
+            len(got) == 2
+            and got[1] is None
+            and want[1] is None
+            and isinstance(got[0], torch.Tensor)
+            and torch.equal(got[0], want[0])
+            and w.grad is None
+        )
+    except Exception:
+        logger.debug("the autograd engine's entry point is not the expected one", exc_info=True)
+        return None
+    return run if same else None

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina.seeds import island
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.stages import SeedStage
+from kasmina.utils import autograd_nodes
 from tests.seeds.fault_helpers import (
     BATCH,
     C,
@@ -178,15 +178,17 @@ def test_the_guard_takes_the_direct_engine_entry_even_when_first_asked_inside_a_
     """The engine entry point is probed once, on first use, which is inside the host's
     backward where grad mode is off: the probe must still find the entry (it once cached
     "unavailable" there, and every guarded backward took the slower public path)."""
-    monkeypatch.setattr(island, "_ENGINE", [])
+    monkeypatch.setattr(autograd_nodes, "_ENGINE", [])
     public = []
     monkeypatch.setattr(
-        island.torch.autograd, "grad", lambda *a, **k: public.append(1) or _public_grad(*a, **k)
+        autograd_nodes.torch.autograd,
+        "grad",
+        lambda *a, **k: public.append(1) or _public_grad(*a, **k),
     )
     torch.manual_seed(19)
     seed = make_seed(nn.Linear(C, C), SeedStage.GRAFTING)
     seed(torch.randn(BATCH, C, requires_grad=True)).pow(2).sum().backward()
-    assert island._ENGINE[0] is not None
+    assert autograd_nodes._ENGINE[0] is not None
     # The probe compares the entry with the public function once; the guard never uses it.
     assert len(public) == 1
     assert all(p.grad is not None for p in seed.kernel.parameters())
@@ -201,17 +203,17 @@ def test_the_engine_probe_under_a_meta_default_device_finds_the_entry(
     ``set_default_device("meta")``, its comparison raised outside its ``try``, into the guard,
     which charged every isolated seed of that backward a fault and dropped its gradient. It
     computes on the CPU by name, and finds the entry."""
-    monkeypatch.setattr(island, "_ENGINE", [])
+    monkeypatch.setattr(autograd_nodes, "_ENGINE", [])
     if how == "context":
         with torch.device("meta"):
-            entry = island._direct_engine()
+            entry = autograd_nodes._direct_engine()
     else:
         torch.set_default_device("meta")
         try:
-            entry = island._direct_engine()
+            entry = autograd_nodes._direct_engine()
         finally:
             torch.set_default_device(None)  # none set, as before (a "cpu" one is a mode left on)
-    assert entry is not None and island._ENGINE == [entry]
+    assert entry is not None and autograd_nodes._ENGINE == [entry]
 
 
 _public_grad = torch.autograd.grad
