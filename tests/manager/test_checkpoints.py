@@ -342,18 +342,25 @@ class _NumpyExtraState(nn.Module):
         self.value = value
 
 
+def _checkpointed_with_extra_state(tmp_path, keyring) -> Rig:
+    """A rig whose epoch 0 is checkpointed, then given a module with extra state (a NumPy
+    array); no artifacts: the seeds stay dormant."""
+    store = tmp_path / "urza"
+    store.mkdir()
+    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    rig.train(1)
+    rig.manager.end_epoch(0)
+    rig.model.extra = _NumpyExtraState()
+    return rig
+
+
 def test_no_epoch_checkpoint_is_written_that_could_not_be_read_back(tmp_path, keyring, caplog):
     """A module's extra state holding a NumPy array made every signed checkpoint unreadable
     (torch.load with weights_only refuses it): each was written, refused at every rollback,
     and pruned the readable ones. None is written while the state holds it (warned, as for a
     float64 model); once it no longer does, checkpoints are written and restored again."""
-    store = tmp_path / "urza"  # no artifacts: the seeds stay dormant
-    store.mkdir()
-    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    rig = _checkpointed_with_extra_state(tmp_path, keyring)
     manager = rig.manager
-    rig.train(1)
-    manager.end_epoch(0)
-    rig.model.extra = _NumpyExtraState()
     for epoch in (1, 2):
         rig.train(1)
         with caplog.at_level(logging.WARNING, logger="kasmina.manager.rollback"):
@@ -870,13 +877,8 @@ def test_an_extra_state_that_holds_itself_skips_the_checkpoint_not_the_epoch(
     """A structure the read-back check cannot walk (a list holding itself) raised
     ``RecursionError`` out of ``end_epoch``; it is named in the warning and that epoch's
     checkpoint is not written, the epoch ends."""
-    store = tmp_path / "urza"
-    store.mkdir()
-    rig = Rig(make_config(tmp_path, store, max_rollback_epochs=1), keyring)
+    rig = _checkpointed_with_extra_state(tmp_path, keyring)
     manager = rig.manager
-    rig.train(1)
-    manager.end_epoch(0)
-    rig.model.extra = _NumpyExtraState()
     loop: list[object] = []
     loop.append(loop)
     rig.model.extra.value = loop

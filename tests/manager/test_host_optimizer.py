@@ -216,25 +216,28 @@ def test_a_rollback_that_fails_leaves_a_tracked_object_as_it_was(rig: Rig) -> No
         manager.track("lr", 0.1)
 
 
+class _Holder:
+    """A tracked object whose state is whatever value it holds."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, object]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.value = state["value"]
+
+
 def test_a_tracked_state_a_checkpoint_cannot_hold_is_refused_or_left_out(rig: Rig, caplog) -> None:
     """A tracked state holding a NumPy array (or a deque, a function) went into every
     checkpoint, which ``weights_only=True`` then refused: every later ROLLBACK failed."""
     import numpy as np
 
-    class Holder:
-        def __init__(self, value: object) -> None:
-            self.value = value
-
-        def state_dict(self) -> dict[str, object]:
-            return {"value": self.value}
-
-        def load_state_dict(self, state: dict[str, object]) -> None:
-            self.value = state["value"]
-
     manager = rig.manager
     with pytest.raises(TypeError, match="'bad'.* holds .*numpy"):
-        manager.track("bad", Holder(np.zeros(3)))
-    later = Holder([1, 2.0, "x", torch.ones(2), np.float64(0.5)])  # plain, when tracked
+        manager.track("bad", _Holder(np.zeros(3)))
+    later = _Holder([1, 2.0, "x", torch.ones(2), np.float64(0.5)])  # plain, when tracked
     manager.track("later", later)
     rig.train(1)
     manager.end_epoch(0)
@@ -252,18 +255,8 @@ def test_a_tracked_state_weights_only_reads_is_kept_and_restored(rig: Rig) -> No
     """Bytes, a set and a device are what ``weights_only`` reads: ``track`` refused them (a
     list of types judged it), though a checkpoint holds them and a rollback puts them back."""
 
-    class Holder:
-        def __init__(self, value: object) -> None:
-            self.value = value
-
-        def state_dict(self) -> dict[str, object]:
-            return {"value": self.value}
-
-        def load_state_dict(self, state: dict[str, object]) -> None:
-            self.value = state["value"]
-
     manager = rig.manager
-    held = Holder([b"xy", {1, 2}, torch.device("cpu")])
+    held = _Holder([b"xy", {1, 2}, torch.device("cpu")])
     manager.track("held", held)
     rig.train(1)
     manager.end_epoch(0)
