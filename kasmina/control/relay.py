@@ -290,14 +290,17 @@ class HeldCommands:
         saying ``content``), taken off, waiting at most ``wait_s`` for one still in its check;
         None if there is none (a command under its id that says something else stays held).
 
-        Only the checks under way when it looks are waited for, never one that begins later:
-        anyone can send bytes under a command's id (its id is no secret), and a flood of
-        forgeries from a few threads kept one in its check at every moment, which held each
-        sync for ``wait_s`` per relayed command."""
+        Under the id, only the checks under way when it looks are waited for, never one that
+        begins later: anyone can send bytes under a command's id (its id is no secret), and a
+        flood of forgeries from a few threads kept one in its check at every moment, which held
+        each sync for ``wait_s`` per relayed command. Under the command's own bytes, one that
+        begins during the wait is waited for too: the copy itself, or it lost the race for its
+        nonce to the relayed bytes and was refused on every rank at the next sync."""
         keys = (identity, command_id) if command_id else (identity,)
 
         def checked() -> bool:
-            return all(begun.isdisjoint(self._arriving.get(key, ())) for key in keys)
+            by_id = self._arriving.get(command_id, ()) if command_id else ()
+            return identity not in self._arriving and begun.isdisjoint(by_id)
 
         with self._lock:
             begun = {arrival for key in keys for arrival in self._arriving.get(key, ())}

@@ -952,3 +952,49 @@ def test_a_non_finite_rank_is_repaired_from_a_finite_one(tmp_path: Path) -> None
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["divergent"] == (0,) and out["source"] == 1
         assert out["stats"].tolist() == [0.5, 0.25]
+
+
+def test_a_copy_whose_check_begins_while_the_sync_waits_is_taken() -> None:
+    """A sync that found a forgery under the relayed command's id in its check waited only for
+    that one: the genuine copy, its check begun a moment later, was missed, and lost the race
+    for its nonce to the relayed bytes (refused on every rank at the next sync). A check of the
+    command's own bytes that begins during the wait is waited for."""
+    from kasmina.control.relay import HeldCommands, Received
+
+    keyring = Keyring({"k1": KEY})
+    command = make_seed_command(GERMINATE, "seed-0", "a")
+    raw = sign_command(command, keyring, "k1").SerializeToString()
+    forged = AdaptationCommand.FromString(raw)
+    forged.metadata.signature = bytes(32)
+    identity, command_id, content = command_keys(raw)
+    held = HeldCommands(4)
+    waiting = threading.Event()
+
+    looks: list[bool] = []  # each time the sync's wait tests whether it may stop
+
+    class Watched(threading.Condition):
+        def wait_for(self, predicate, timeout=None):  # type: ignore[no-untyped-def]
+            waiting.set()
+            return super().wait_for(lambda: looks.append(predicate()) or looks[-1], timeout)
+
+    held._arrived = Watched(held._lock)
+    flood = held.arriving(command_keys(forged.SerializeToString())[0], command_id)
+    flood.__enter__()  # a forgery under the id, in its check when the sync looks
+    found: list[Received | None] = []
+    sync = threading.Thread(
+        target=lambda: found.append(held.take(identity, command_id, content, 60))
+    )
+    sync.start()
+    assert waiting.wait(10)
+    copy = held.arriving(identity, command_id)  # the genuine copy's check begins
+    copy.__enter__()
+    seen = len(looks)
+    flood.__exit__(None, None, None)  # the sync looks again (under the lock) before the add
+    deadline = time.monotonic() + 10
+    while len(looks) == seen and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert held.add(Received(raw, 0.0, command, identity, command_id, content))
+    copy.__exit__(None, None, None)
+    sync.join(10)
+    assert not sync.is_alive()
+    assert found and found[0] is not None and found[0].raw == raw
