@@ -262,9 +262,9 @@ class IsolationGuard:
 
         Returns the seeds' gradients it made, not yet added: ``add_grads`` adds them once the
         host's own backward has run, so a host backward that raises (a second backward
-        through a freed graph) leaves every gradient as it was before the call; and the KD
-        losses it took whose graph it kept whole, which such a failure gives back (a retry
-        may take them again; cut, their graph above the seeds is freed: taken).
+        through a freed graph) adds none of them; and the KD losses it took whose graph it
+        kept whole, which such a failure under ``retain_graph`` gives back (a retry may take
+        them again; cut, their graph above the seeds is freed: taken).
 
         A backward that raises (teacher logits the caller rewrote in place before it, which
         the KD op saved; an allocation that failed) loses this step's KD term only: the seeds'
@@ -339,7 +339,9 @@ class IsolationGuard:
     ) -> None:
         """``manager.backward``'s passes: ``kd_loss`` (None: none) seed-only, then ``loss``'s
         (None: none), then the seeds' KD gradients added. A ``loss`` backward that raises adds
-        none and gives back the KD losses whose graph the phase kept whole."""
+        no KD gradient (what PyTorch summed before the raise stays, as ever) and, where it kept
+        the graph too, gives back the KD losses whose graph the phase kept whole: a retry may
+        give them again (without ``retain_graph`` it may have freed part of that graph)."""
         made: list[tuple[torch.Tensor, torch.Tensor]] = []
         taken: list[object] = []
         if kd_loss is not None and registry is not None:
@@ -349,7 +351,7 @@ class IsolationGuard:
             try:
                 loss.backward(retain_graph=retain_graph)
             except BaseException:
-                for root in taken:
+                for root in taken if retain_graph else ():
                     root.metadata.pop(_KD_TAKEN, None)
                 raise
         add_grads(made)

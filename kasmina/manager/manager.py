@@ -429,7 +429,8 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         the step. The forward's KD loss goes to one of its calls (any): given again, it is a
         ``RuntimeError`` before anything changes. Without it (``None``, torch's default, too), a
         later backward over the freed graph raises PyTorch's ``RuntimeError``, and that call's
-        KD gradients are not added; its KD loss is given back where its graph is whole."""
+        KD gradients are not added (a host pass that raises late keeps what PyTorch summed
+        before it); under ``retain_graph`` its KD loss is given back where its graph is whole."""
         self.state.require_open()
         main = runs_main_backward(loss, kd_loss, self.registry, retain_graph)  # types: before all
         alpha = self.config.kd.alpha  # 0: the term teaches nothing; zero grads would "train"

@@ -277,3 +277,25 @@ def test_a_host_backward_that_raises_gives_back_a_kd_loss_whose_graph_is_whole(
         manager.backward(losses[0])
     assert manager.step()["isolation_clean"]
     manager.close()
+
+
+def test_a_host_backward_that_raises_late_without_retain_graph_keeps_its_kd_loss_taken(
+    two_stages: Rig,
+) -> None:
+    """Without ``retain_graph`` the host's pass frees the graph as it goes: one that raised late
+    gave the KD loss back all the same, and the retry's KD phase ran into the freed graph, was
+    counted as failed and dropped the term unseen. It stays taken: the retry is refused."""
+    rig, manager = two_stages, two_stages.manager
+    torch._dynamo.reset()
+    rig.model = torch.compile(rig.model, backend="aot_eager")
+    _take(rig)
+    side = torch.ones(3, requires_grad=True) * 1.0  # made before the forward: its node runs last
+    side.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("out of memory (injected)")))
+    losses, kd = _forward(rig)
+    with pytest.raises(RuntimeError, match="injected"):
+        manager.backward(losses[0] + side.sum(), kd_loss=kd)
+    failed = manager.guard.counters["kd_backward_failed"]
+    with pytest.raises(RuntimeError, match="second time"):
+        manager.backward(None, kd_loss=kd)
+    assert manager.guard.counters["kd_backward_failed"] == failed
+    manager.close()
