@@ -511,13 +511,13 @@ _ONE_VALUE_REFUSED = itertools.count(1)
 
 def one_value_refusal(exc: BaseException, x: torch.Tensor) -> KernelInputRefused | None:
     """``exc`` as a refused call where torch's own check raised it, refusing a normalization in
-    train mode over one value per channel, on a kernel input ``x`` of one sample (leading size
-    1: a dataset's last batch of one), else None. That is the data's shape, not the kernel's
-    fault, as an exported program's input check is (an exported kernel's batch norm computes on
-    it): three last batches of one quarantined a plain module's. Told by the frame that raised,
-    not by the message; on a batch of several the kernel's own reshape did it: its fault."""
+    train mode over one value per channel, on a kernel input ``x`` that may hold one sample (a
+    size 1 but in its last dim: a dataset's last batch of one, batch- or sequence-first), else
+    None. The data's shape, not the kernel's fault, as an exported program's input check is:
+    three last batches of one quarantined a plain module's. Told by the frame that raised, not
+    by the message; on an input with no such size the kernel's own reshape did it: its fault."""
     tb = exc.__traceback__
-    if not isinstance(exc, ValueError) or tb is None or (x.dim() > 1 and x.shape[0] != 1):
+    if not isinstance(exc, ValueError) or tb is None or (x.dim() > 1 and 1 not in x.shape[:-1]):
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next

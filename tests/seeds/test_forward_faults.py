@@ -533,3 +533,29 @@ def test_torch_still_has_the_one_value_checks_the_guard_knows() -> None:
     """The refusal is told by torch's own check functions: a torch that renamed them would
     charge every batch of one again, unnoticed."""
     assert len(faults._ONE_VALUE_CHECKS) == 2
+
+
+class _PooledNorm(nn.Module):
+    """A kernel that normalizes a sequence-first input's mean over time: one value per channel
+    on a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(x.mean(0)).unsqueeze(0)
+
+
+def test_a_sequence_first_batch_of_one_is_sat_out_too() -> None:
+    """``[T, B, F]`` (``nn.Transformer``'s and ``nn.LSTM``'s default layout) with B = 1: the
+    refusal is the data's, though the input's leading size is T."""
+    layer = KasminaLayer(nn.Linear(6, 4), 2, 2)
+    seed = layer.seed(0)
+    seed.attach_kernel(_PooledNorm())
+    walk(seed, S.ISOLATED_INIT)
+    for _ in range(3):
+        layer(torch.randn(5, 1, 6)).sum().backward()
+    assert seed.faults == 0 and seed.stage == S.ISOLATED_INIT
+    layer(torch.randn(5, 3, 6)).sum().backward()
+    assert seed.faults == 0 and seed.kernel.norm.running_mean.abs().sum() > 0  # it ran
