@@ -5,8 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +19,11 @@ from kasmina.errors import NotARegularFileError
 from kasmina.leyline import TelemetryPacket
 from kasmina.manager.checkpoints import DiskCheckpointStore
 from kasmina.utils.jsonl_sink import JsonlFileSink
-from kasmina.utils.locks import fork_safe, lock_exclusive, whole_at_fork
+from kasmina.utils.locks import fork_safe, lock_exclusive
 from kasmina.utils.state_io import CheckpointSigner
 from tests.crash import run_bounded_in_child
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() children only")
 
@@ -193,19 +199,32 @@ def test_fork_safe_locks_a_thread_held_at_the_fork_are_free_in_the_child() -> No
 def test_a_fork_inside_a_whole_at_fork_section_does_not_wait_for_itself() -> None:
     """``fork()`` takes the ``whole_at_fork`` lock before it forks; a fork made inside such a
     section (a sink's, say) on the same thread would wait for itself, for good, were that lock
-    not reentrant. It forks at once, and the section is free again after, in both processes."""
-    codes: list[int] = []
+    not reentrant. It forks at once, and the section is free again after, in both processes.
+    Run in a fresh interpreter: a fork from a thread of this one (torch and every test's
+    threads loaded) is the test suite's own risk, not the lock's."""
+    code = textwrap.dedent(
+        """
+        import os, sys, threading
+        from kasmina.utils.locks import whole_at_fork
 
-    def fork_inside() -> None:
-        with whole_at_fork():
-            pid = os.fork()
-            if pid == 0:  # the child: the section it inherited is free
-                os._exit(0 if whole_at_fork().acquire(timeout=5) else 1)
-        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        codes = []
 
-    thread = threading.Thread(target=fork_inside, daemon=True)  # (held for good if it hangs)
-    thread.start()
-    thread.join(30)
-    assert codes == [0]
-    with whole_at_fork():  # given back in the parent too
-        pass
+        def fork_inside():
+            with whole_at_fork():
+                pid = os.fork()
+                if pid == 0:  # the child: the section it inherited is free
+                    os._exit(0 if whole_at_fork().acquire(timeout=5) else 1)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+        thread = threading.Thread(target=fork_inside, daemon=True)  # (held for good if it hangs)
+        thread.start()
+        thread.join(30)
+        assert codes == [0], codes
+        assert whole_at_fork().acquire(timeout=5)  # given back in the parent too
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
