@@ -39,6 +39,28 @@ def run_in_child(action: Callable[[], object]) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def said_in_child(action: Callable[[], str]) -> str:
+    """Run ``action`` in a forked child and return what it said (its result, at most 4 KiB), or
+    ``raised <type>: <message>``. The child ends by ``os._exit``: no cleanup of the parent's runs
+    there, and no torch op should run in ``action`` (OpenMP after a fork)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            said = action()
+        except BaseException as exc:
+            said = f"raised {type(exc).__name__}: {exc}"
+        try:
+            os.write(write_end, said.encode()[:4096])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        said = report.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return said
+
+
 def run_bounded_in_child(action: Callable[[], object], timeout_s: int = 60) -> int:
     """Run ``action`` in a forked child that may block for good (a lock held at the fork): its
     exit code (0: finished, ``RAISED``: raised, its traceback on stderr, ``HUNG``: still running

@@ -32,7 +32,7 @@ from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.orphans import add_owned_sink
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
-from tests.crash import run_bounded_in_child
+from tests.crash import run_bounded_in_child, said_in_child
 from tests.manager.helpers import SEED0, Host, Rig, make_config, record_activations, run_command
 
 
@@ -275,21 +275,13 @@ def test_a_forked_child_opens_no_checkpoint_store_of_its_parents_run(rig: Rig) -
     child's copy of the manager would open the run's checkpoint store itself, take its free
     lock and write into the parent's run, whose own ``end_epoch`` was then refused."""
     assert rig.manager.state._checkpoints is None  # opened on first use: not yet
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child: no torch op here (OpenMP after fork)
-        try:
-            _ = rig.manager.state.checkpoints
-            os.write(write_end, b"opened")
-        except RuntimeError as exc:
-            os.write(write_end, b"refused " + str(exc).encode()[:200])
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as report:
-        said = report.read().decode()
-    os.waitpid(child, 0)
-    assert said.startswith("refused") and "forked child" in said, said
+
+    def open_in_child() -> str:  # no torch op here (OpenMP after fork)
+        _ = rig.manager.state.checkpoints
+        return "opened"
+
+    said = said_in_child(open_in_child)
+    assert said.startswith("raised RuntimeError") and "forked child" in said, said
     rig.train(1)
     rig.manager.end_epoch(0)  # the parent's run is its own
     assert rig.manager.checkpoints.epochs() == [0]

@@ -33,6 +33,7 @@ from kasmina.seeds.seed import GradientIsolatedSeed
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import SeedStage as S
 from kasmina.utils.telemetry import MemorySink
+from tests.crash import said_in_child
 from tests.seeds.fault_helpers import (
     BATCH,
     C,
@@ -274,18 +275,12 @@ def test_a_quarantine_under_way_at_a_fork_does_not_bar_the_childs(
         other = threading.Thread(target=charge, args=(seed, "exception", "raised"), name="blocked")
         other.start()
         assert seed.entered.wait(10)
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the child
-            try:
-                charge(seed, "exception", "raised again")
-                os.write(write_end, b"quarantined" if seed.quarantined else b"kept out")
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as report:
-            said = report.read().decode()
-        os.waitpid(child, 0)
+
+        def fault_in_child() -> str:
+            charge(seed, "exception", "raised again")
+            return "quarantined" if seed.quarantined else "kept out"
+
+        said = said_in_child(fault_in_child)
         seed.go.set()
         other.join(10)
     assert said == "quarantined", said
