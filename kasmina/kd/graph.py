@@ -3,7 +3,8 @@
 **Marked.** ``sum_kd_losses`` marks each collected loss's autograd node (``is_kd_root``). A
 ``kd_loss`` handed to ``manager.backward`` is such losses, scaled or summed: a walk of its graph
 that meets a host parameter other than behind one of them is a loss that trains the host
-(``isolation.verify.reaches_host_beyond``), refused there.
+(``isolation.verify.reaches_host_beyond``), refused there. A backward that runs such a node is
+known as a KD one (``in_kd_backward``): the seeds' graphs it reaches are kept for the host's.
 
 **Cut.** A slot's KD loss reads its seeds' outputs, which the host's loss reads too (the blend).
 Its seed-only backward runs first, so a plain ``kd_loss.backward()`` must retain the graph for
@@ -32,6 +33,7 @@ it as it is built, before its slots are attached.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -42,7 +44,7 @@ import torch._functorch.config as functorch_config
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from kasmina.ops.transforms import in_compiled_transform
-from kasmina.utils.autograd_nodes import compiled_node
+from kasmina.utils.autograd_nodes import compiled_node, graph_task
 from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "distilled_seeds",
     "hold_retained_backwards",
+    "in_kd_backward",
     "is_kd_root",
     "kd_cut",
     "mark_cut",
@@ -62,6 +65,10 @@ _KD_SEEDS = "kasmina.kd_seeds"  # the ids of the seeds a KD loss distils into
 _KD_CUT = "kasmina.kd_cut"  # its students' gradient edges, where it meets the shared graph
 _holds_lock = fork_safe(threading.Lock())
 _holds: list[bool] = []  # one entry per open hold: the flag's value the first one found
+# The backwards (graph tasks) that ran a collected KD loss's node, newest last: the seeds'
+# graphs they reach are kept for the host's backward after them (``in_kd_backward``).
+_kd_tasks_lock = fork_safe(threading.Lock())
+_kd_tasks: collections.deque[int] = collections.deque(maxlen=16)
 
 
 def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
@@ -82,6 +89,7 @@ def sum_kd_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
     for loss in losses:
         if not traced_transform and loss.grad_fn is not None:
             loss.grad_fn.metadata[_KD_ROOT] = True
+            loss.grad_fn.register_prehook(_kd_task_begins)
     # On the first loss's device: slots of a model spread over devices each compute theirs on
     # their own (``torch.stack`` refused the mix); ``.to`` of a loss already there is itself.
     device = losses[0].device
@@ -99,6 +107,30 @@ def is_kd_root(node: Any) -> bool:
     """Whether the autograd ``node`` is a KD loss a slot or seed collected (``sum_kd_losses``
     marked it)."""
     return bool(node.metadata.get(_KD_ROOT))
+
+
+def in_kd_backward() -> bool:
+    """Whether the backward now running went through a collected KD loss (``sum_kd_losses``).
+
+    Its seed-only part runs before the host's backward through the same seeds' graphs: a plain
+    ``kd_loss.backward()`` (or ``torch.autograd.grad`` of it), then ``loss.backward()``, as
+    ``manager.backward`` takes them, so the seeds' graphs it reaches stay for the host's even
+    where it keeps no graph of its own (``seeds.island``). The KD loss's node runs before any
+    node below it, so it is marked by the time a seed's graph asks."""
+    task = graph_task()
+    if task == -1:
+        return False
+    with _kd_tasks_lock:
+        return task in _kd_tasks
+
+
+def _kd_task_begins(_grad_outputs: Any) -> None:
+    """A collected KD loss's node prehook: the backward running it is a KD one. Bounded: an
+    id pushed out belongs to a backward long over, unless sixteen run at once."""
+    task = graph_task()
+    with _kd_tasks_lock:
+        if task not in _kd_tasks:
+            _kd_tasks.append(task)
 
 
 def mark_students(loss: torch.Tensor, seed_ids: list[str]) -> torch.Tensor:

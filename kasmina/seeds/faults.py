@@ -40,6 +40,7 @@ from kasmina.seeds.side_effects import (
     own_stream,
 )
 from kasmina.stages import SeedStage
+from kasmina.utils.autograd_nodes import graph_task
 from kasmina.utils.locks import fork_safe
 from kasmina.utils.modules import rng_forked
 from kasmina.utils.ratelimit import rarely
@@ -578,8 +579,7 @@ def recomputing() -> bool:
     seed mid-recompute, changing the path the recompute must repeat exactly."""
     if torch.compiler.is_compiling():  # a compiled graph recomputes below Python
         return False
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
+    return graph_task() != -1
 
 
 # What a fault of each kind (or with this reason) costs, where its output is not what falls back.

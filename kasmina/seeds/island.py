@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from kasmina.kd.graph import in_kd_backward
 from kasmina.ops.alpha_blend import blend_chunks, blend_chunks_seed_grad
 from kasmina.seeds.faults import (
     chunk_sums,
@@ -39,7 +40,7 @@ from kasmina.seeds.faults import (
 from kasmina.seeds.outputs import memory_format_of
 from kasmina.seeds.param_hooks import contain_hooks_given_none, hooks_set_aside
 from kasmina.stages import SeedStage
-from kasmina.utils.autograd_nodes import engine_grad
+from kasmina.utils.autograd_nodes import engine_grad, graph_kept
 from kasmina.utils.ratelimit import rarely
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ _STALE_MESSAGE = (
     "a seed's graph was stale (its kernel's weights changed in place after the forward: an "
     "optimizer step before a second backward, or the kernel's own later forward); its "
     "gradient from that graph is dropped, no fault charged [%d so far]: %s: %s"
+)
+
+# Backwards through seeds' graphs an earlier backward that kept no graph had freed.
+_FREED_GRAPHS = itertools.count(1)
+_FREED_MESSAGE = (
+    "a backward ran through seeds' graphs that an earlier backward freed (it kept no graph: "
+    "retain_graph=True keeps them); their gradient from it is dropped, no fault charged [%d so far]"
 )
 
 __all__ = [
@@ -120,10 +128,23 @@ class _Island:
         """The parameters' gradients; a kernel whose backward raises is a fault and gets none.
         Captured without the parameters' tensor hooks (their dicts emptied meanwhile: the
         engine reads them at each call), which run once, at the delivery; a parameter given
-        none has its hooks' failures on that None contained (``param_hooks``)."""
-        _lose_to_the_host(self.seeds, grads, whole)
-        with hooks_set_aside(p._backward_hooks for p in self.params):
-            got = self._backward(grads)
+        none has its hooks' failures on that None contained (``param_hooks``).
+
+        A backward that keeps no graph frees the kernels' graphs, as PyTorch frees the saved
+        tensors of the nodes it runs: held here, they (and the slot's input they read) lived for
+        as long as the caller held the loss, through the next step's forward at least. Not a KD
+        loss's backward (``in_kd_backward``), whose seed-only part precedes the host's through
+        them. A backward through freed graphs gives the seeds nothing, logged, as a stale one."""
+        if not self.outputs:
+            n = next(_FREED_GRAPHS)
+            logger.log(rarely(n, 1000), _FREED_MESSAGE, n)
+            got: list[torch.Tensor | None] = [None] * len(self.params)
+        else:
+            _lose_to_the_host(self.seeds, grads, whole)
+            with hooks_set_aside(p._backward_hooks for p in self.params):
+                got = self._backward(grads)
+            if not (torch.compiler.is_compiling() or graph_kept() or in_kd_backward()):
+                self.outputs = []  # the only reference to the kernels' graphs
         for grad in got:
             if grad is None:  # (a fault, a stale graph, an unused parameter)
                 contain_hooks_given_none(self.params, got)
@@ -192,8 +213,8 @@ class ContainedBackward(torch.autograd.Function):
     kernel whose backward raises costs its parameters this step's gradient and counts one
     fault, while the host's backward carries on. One node serves every isolated seed of a slot
     (one engine call for all of them; seed by seed only after a failure, to find the culprit).
-    The islands are kept (``retain_graph``) until the outer graph is freed, so the seed-only KD
-    backward and the main one can both pass.
+    The islands are kept (``retain_graph``) for the seed-only KD backward and the main one to
+    both pass, and let go of by a backward that keeps no graph (``_Island.backward``).
     """
 
     @staticmethod

@@ -23,6 +23,8 @@ __all__ = [
     "backward_into_leaves",
     "compiled_node",
     "engine_grad",
+    "graph_kept",
+    "graph_task",
     "leaves_below",
     "nodes_below",
     "reentrant_node",
@@ -131,6 +133,21 @@ def backward_beside_ddp(
         backward_into_leaves(outputs, grad_outputs, retain_graph=retain_graph)
     else:
         torch.autograd.backward(list(outputs), grad_outputs, retain_graph=retain_graph)
+
+
+def graph_kept() -> bool:
+    """Whether the backward now running keeps its graph (``retain_graph``, or ``create_graph``);
+    True outside a backward, or where torch does not say (a private query): nothing is freed
+    that a later backward might need."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def graph_task() -> int:
+    """The id of the backward (the engine's graph task) now running on this thread's behalf, or
+    -1 outside one (or where torch does not say). Ids are unique in a process."""
+    query = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if query is None else int(query())
 
 
 def engine_grad(

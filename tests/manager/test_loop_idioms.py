@@ -5,6 +5,8 @@ the real handler, a tiny host on CPU."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.nn import functional as F
 
@@ -108,3 +110,27 @@ def test_an_optimizer_stepped_in_the_backward_never_applies_a_seed_only_leak(
     before = weight.detach().clone()
     rig.train(1)
     assert len(seen) == 1 and not torch.equal(weight, before)  # the host trains on
+
+
+def test_a_loop_that_keeps_its_losses_keeps_no_seeds_graph_past_the_step(
+    tmp_path, store, keyring, mlp: str
+) -> None:
+    """``history.append(loss)`` (or the loop variable held through the next forward): the
+    seeds' own graphs (their kernels' activations) lived for as long as the loss, kept by the
+    node that stands for them in the host's graph, where PyTorch frees a backward's saved
+    tensors during it. They are let go of by the step now, the KD loss's included."""
+    config = make_config(tmp_path, store, kd_enabled=True, kd=KDConfig(temperature=2.0, alpha=1.0))
+    rig = Rig(config, keyring)
+    assert rig.send("germinate", SEED0, mlp)
+    outputs: list[weakref.ref[torch.Tensor]] = []
+    kernel = rig.manager.seed(SEED0).kernel
+    kernel.register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out)))
+    history = []
+    for _ in range(3):
+        rig.slot.set_teacher_logits(torch.randn(16, 4))
+        loss = F.cross_entropy(rig.model(rig.x), rig.y)
+        rig.manager.backward(loss, kd_loss=rig.manager.collect_kd_losses())
+        rig.manager.step()
+        history.append(loss)
+        assert outputs and all(ref() is None for ref in outputs)
+    assert rig.manager.seed(SEED0).faults == 0
