@@ -6,7 +6,8 @@ reaches it only through the kernel manager, which verifies the signed bytes firs
 bare ``OptimizerCommand``. This module is that call's type gate and its reading of the command:
 ``read_optimizer_command`` refuses a wire message (bytes, any protobuf message) with
 ``TypeError`` and turns the verified payload into an ``OptimizerOrder`` of plain values (float32
-fields back to the decimals they were set from, ``beta1``/``beta2`` combined into ``betas``).
+fields back to the decimals they were set from, ``beta1``/``beta2`` combined into ``betas``, the
+half a command leaves out taken from the caller's ``betas``).
 Which optimizer call each command type makes is the manager's: nothing here knows an optimizer
 (``step_lrs`` reads param groups, plain dicts).
 """
@@ -51,8 +52,12 @@ class OptimizerOrder:
     options: dict[str, Any]  # optimizer options for a creation, ``betas`` combined
 
 
-def read_optimizer_command(command: VerifiedOptimizerCommand) -> OptimizerOrder:
-    """The order a verified optimizer command carries; ``TypeError`` for anything else."""
+def read_optimizer_command(
+    command: VerifiedOptimizerCommand, betas: Sequence[Any] = (0.9, 0.999)
+) -> OptimizerOrder:
+    """The order a verified optimizer command carries; ``TypeError`` for anything else.
+    ``betas``: what a command that sets only ``beta1`` or ``beta2`` keeps of the other (the
+    options it is applied over: attach's ``betas=(0.9, 0.95)`` stays 0.95 under a ``beta1``)."""
     cmd = _verified_payload(command)
     lr = _from_float32(cmd.learning_rate) if cmd.learning_rate > 0 else None
     return OptimizerOrder(
@@ -60,7 +65,7 @@ def read_optimizer_command(command: VerifiedOptimizerCommand) -> OptimizerOrder:
         optimizer_id=cmd.optimizer_id,
         learning_rate=lr,
         grad_clip_norm=_from_float32(cmd.grad_clip_norm),
-        options=_options(cmd),
+        options=_options(cmd, betas),
     )
 
 
@@ -69,11 +74,13 @@ def _from_float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _options(cmd: OptimizerCommand) -> dict[str, Any]:
-    """Creation options from ``cmd.parameters``; ``beta1``/``beta2`` become ``betas``."""
+def _options(cmd: OptimizerCommand, betas: Sequence[Any]) -> dict[str, Any]:
+    """Creation options from ``cmd.parameters``; ``beta1``/``beta2`` become ``betas``, the one
+    not given as it is in ``betas``."""
     options: dict[str, Any] = dict(cmd.parameters)
     if "beta1" in options or "beta2" in options:
-        options["betas"] = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
+        first, second = betas
+        options["betas"] = (options.pop("beta1", first), options.pop("beta2", second))
     return options
 
 

@@ -25,6 +25,7 @@ An in-process component, not a door: a controller's optimizer command reaches it
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -441,10 +442,11 @@ class IsolatedOptimizerManager:
         ``optimizer_id`` names the target (default ``"host"`` / ``"teacher"``); ``learning_rate``
         sets the lr on creation and, when > 0 on STEP, before stepping; ``parameters`` become
         optimizer options on creation, over ``default_options`` (attach's: a GERMINATE's seed
-        optimizer takes them too), ``beta1``/``beta2`` combined into ``betas``.
-        INITIALIZE_HOST takes over the host's gradients: once the optimizer is built, those
-        already there (accumulated while nothing stepped the host) are dropped."""
-        order = read_optimizer_command(command)  # TypeError for a wire message
+        optimizer takes them too), ``beta1``/``beta2`` combined into ``betas`` (the half not
+        given as it is there: attach's, else the class's default). INITIALIZE_HOST takes over
+        the host's gradients: once the optimizer is built, those already there (accumulated
+        while nothing stepped the host) are dropped."""
+        order = read_optimizer_command(command, self._base_betas())  # TypeError: a wire one
         kind, oid, options = order.kind, order.optimizer_id, order.options
         lr = 1e-3 if order.learning_rate is None else order.learning_rate
         try:
@@ -485,6 +487,19 @@ class IsolatedOptimizerManager:
             logger.log(rarely(n, 100, logging.ERROR), msg, kind, oid, exc, n)
             return False
         return True
+
+    def _base_betas(self) -> Sequence[Any]:
+        """The ``betas`` a command's ``beta1`` or ``beta2`` alone is applied over: attach's
+        (``default_options``), else the default class's own default, else torch's Adam's."""
+        betas = self.default_options.get("betas")
+        if betas is None:
+            try:
+                signature = inspect.signature(self.default_optimizer_cls)
+                betas = signature.parameters["betas"].default
+            except (KeyError, TypeError, ValueError):  # no such argument, or no signature
+                betas = None
+        ok = isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
+        return tuple(betas) if ok else (0.9, 0.999)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

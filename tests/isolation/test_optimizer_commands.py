@@ -156,6 +156,39 @@ def test_a_command_is_read_into_plain_values():
     assert plain.options == {}
 
 
+class _Lion(torch.optim.SGD):
+    """An optimizer class whose own ``betas`` default is not Adam's."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.95, 0.98)) -> None:
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group["betas"] = betas
+
+
+@pytest.mark.parametrize(
+    ("cls", "attach", "given", "betas"),
+    [
+        (torch.optim.Adam, {"betas": (0.8, 0.95)}, {"beta2": 0.98}, (0.8, 0.98)),
+        (torch.optim.Adam, {"betas": (0.8, 0.95)}, {"beta1": 0.7}, (0.7, 0.95)),
+        (_Lion, {}, {"beta1": 0.9}, (0.9, 0.98)),
+    ],
+    ids=["attach-beta1", "attach-beta2", "class-default"],
+)
+def test_a_creation_with_one_beta_keeps_the_other(cls, attach, given, betas) -> None:
+    """A command's ``beta1`` (or ``beta2``) alone changes that one: the other stays as the
+    options it is applied over have it (attach's, else the class's), not torch Adam's."""
+    host, seed = models()
+    opts = IsolatedOptimizerManager(default_optimizer_cls=cls, default_options=attach)
+    opts.set_parameter_source("host", host.parameters)
+    opts.set_parameter_source("s0", seed.parameters)
+    create = CommandType.COMMAND_TYPE_CREATE_SEED
+    assert opts.apply_optimizer_command(_cmd(create, "s0", parameters=given))
+    init = CommandType.COMMAND_TYPE_INITIALIZE_HOST
+    assert opts.apply_optimizer_command(_cmd(init, parameters=given))
+    for oid in ("s0", "host"):
+        assert tuple(opts.optimizer(oid).param_groups[0]["betas"]) == pytest.approx(betas)
+
+
 @pytest.mark.parametrize("norm", [-1.0, math.nan], ids=repr)
 def test_a_step_command_with_a_bad_clip_norm_is_rejected_unstepped(norm: float) -> None:
     """The handler refuses such a norm on the wire; an in-process command that carries one is
