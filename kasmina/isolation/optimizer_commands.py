@@ -14,6 +14,7 @@ Which optimizer call each command type makes is the manager's: nothing here know
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -24,7 +25,13 @@ from google.protobuf.message import Message
 
 from kasmina.leyline import OptimizerCommand
 
-__all__ = ["OptimizerOrder", "VerifiedOptimizerCommand", "read_optimizer_command", "step_lrs"]
+__all__ = [
+    "OptimizerOrder",
+    "VerifiedOptimizerCommand",
+    "check_lr",
+    "read_optimizer_command",
+    "step_lrs",
+]
 
 
 @runtime_checkable
@@ -100,13 +107,19 @@ def _verified_payload(command: object) -> OptimizerCommand:
     return payload
 
 
+def check_lr(lr: object) -> None:
+    """``ValueError`` unless ``lr`` is a finite number > 0 (a one-element tensor holding one):
+    NaN, negative, infinite (every weight inf at the next step) and a bool are refused."""
+    if isinstance(lr, bool) or not (0 < lr < math.inf):  # type: ignore[operator]
+        raise ValueError(f"learning rate must be finite and > 0, got {lr!r}")
+
+
 def step_lrs(groups: Sequence[Mapping[str, Any]], lr: float) -> list[Any]:
     """The lr of each param group after a STEP command's ``learning_rate``: the first group's
     is ``lr`` and every other keeps its ratio to it (a layer unfrozen at a tenth of the base lr
     stays at a tenth: one lr for all flattened the user's groups for good); all are ``lr``
     when the first group's is 0. A tensor lr stays a tensor (a new one, of its dtype, device)."""
-    if not (lr > 0):
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+    check_lr(lr)
     base = float(groups[0]["lr"])
     lrs = []
     for group in groups:

@@ -35,6 +35,7 @@ import torch
 from kasmina.errors import ParameterOverlapError
 from kasmina.isolation.optimizer_commands import (
     VerifiedOptimizerCommand,
+    check_lr,
     read_optimizer_command,
     step_lrs,
 )
@@ -164,8 +165,7 @@ class IsolatedOptimizerManager:
     ) -> torch.optim.Optimizer:  # fmt: skip
         if not params:
             raise ValueError("an optimizer needs at least one parameter")
-        if not (lr > 0):
-            raise ValueError(f"learning rate must be > 0, got {lr}")
+        check_lr(lr)
         cls = optimizer_cls or self.default_optimizer_cls
         return cls(params, lr=lr, **dict(options))
 

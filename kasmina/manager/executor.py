@@ -268,8 +268,8 @@ class CommandExecution:
         if record.stage != S.DORMANT:
             raise CommandRefused(f"seed {record.seed_id} is {record.stage.name}; needs DORMANT")
         lr = float(parameters.get("learning_rate", state.seed_lr))
-        if not lr > 0:
-            raise CommandRefused(f"learning_rate must be > 0, got {lr}")
+        if not 0 < lr < math.inf:  # NaN too; inf: every weight it steps inf
+            raise CommandRefused(f"learning_rate must be finite and > 0, got {lr}")
         seed = record.seed
         table, row = seed.state_table, seed.state_index
         # Kept for the undo, before the pin (nothing is taken without an undo): the seed's

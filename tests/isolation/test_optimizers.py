@@ -202,6 +202,23 @@ def test_bad_registrations_give_clear_errors():
         opts.step("nope")
 
 
+@pytest.mark.parametrize("lr", [math.inf, math.nan, -0.1, True], ids=repr)
+def test_a_learning_rate_not_finite_or_not_above_0_is_refused_before_anything_changes(lr) -> None:
+    """``initialize_host``, ``create_seed_optimizer`` and ``set_lr`` take a finite rate > 0:
+    an infinite one made every weight the next step reached inf, a bool stood for 1."""
+    host, seed = models()
+    opts = IsolatedOptimizerManager()
+    with pytest.raises(ValueError, match="learning rate"):
+        opts.initialize_host(host.parameters(), lr=lr)
+    opts.initialize_host(host.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        opts.create_seed_optimizer("s", seed.parameters(), lr=lr)
+    assert opts.seed_ids == [] and opts.owner_of(seed.weight) is None
+    with pytest.raises(ValueError, match="learning rate"):
+        opts.set_lr("host", lr)
+    assert opts.optimizer("host").param_groups[0]["lr"] == 0.1
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float64])
 def test_a_frozen_parameter_of_any_dtype_is_claimed_and_never_stepped(dtype: torch.dtype):
     """A seed's frozen mask in a dtype clipping does not read was refused at registration; it

@@ -496,20 +496,21 @@ def test_an_unsigned_in_process_cull_with_an_embargo_out_of_range_changes_nothin
     assert seed.stage == SeedStage.ISOLATED_INIT and seed.kernel is kernel
 
 
-@pytest.mark.parametrize("lr", [0.0, -0.5, float("nan")])
+@pytest.mark.parametrize("lr", [0.0, -0.5, float("nan"), float("inf")])
 def test_an_unsigned_in_process_germinate_with_a_learning_rate_not_above_0_changes_nothing(
     rig: Rig, mlp, lr: float
 ) -> None:
     """The door refuses a GERMINATE whose ``learning_rate`` is not in (0, 10]; ``manager.execute``
     does not pass it: the operation refuses one that is not above 0 itself (0 included: a seed
-    whose optimizer steps by 0 never trains), before anything is fetched or attached."""
+    whose optimizer steps by 0 never trains), or not finite (inf: every weight it steps inf),
+    before anything is fetched or attached."""
     from kasmina.control.commands import KasminaCommand, SeedAction
     from kasmina.leyline import SeedOperation
     from kasmina.stages import SeedStage
 
     action = SeedAction(SeedOperation.SEED_OPERATION_GERMINATE, SEED0, mlp, {"learning_rate": lr})
     assert rig.manager.execute(KasminaCommand("germinate-1", "seed", 0, 5.0, seed=action)) is False
-    assert "learning_rate must be > 0" in rig.manager.command_log[-1][3]
+    assert "learning_rate must be finite and > 0" in rig.manager.command_log[-1][3]
     seed = rig.manager.seed(SEED0)
     assert seed.stage == SeedStage.DORMANT and seed.kernel is None
     assert SEED0 not in rig.manager.optimizers.seed_ids
