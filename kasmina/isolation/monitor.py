@@ -52,6 +52,7 @@ from kasmina.leyline import MetricType
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.ops.grad_norms import leak_check
 from kasmina.utils.atomic import remove_stale_temporaries
+from kasmina.utils.checks import check_non_negative, check_positive_int
 from kasmina.utils.state_io import CheckpointSigner, atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -131,16 +132,16 @@ class GradientIsolationMonitor:
         telemetry: Any | None = None,
         tol: float = 0.0,
     ) -> None:
-        if max_violations < 1:
-            raise ValueError(f"max_violations must be >= 1, got {max_violations}")
+        # Checked here, not at the first backward: ``leak_check`` refused a bad tol only then,
+        # out of a training step (and a float64 model's norms compared with it as it was).
+        self.max_violations = check_positive_int("max_violations", max_violations)
+        self.tol = float(check_non_negative("tol", tol))
         self.seed_id = seed_id
-        self.max_violations = max_violations
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_signer = checkpoint_signer
         self.on_quarantine = on_quarantine
         self.state_provider = state_provider
         self.telemetry = telemetry
-        self.tol = float(tol)
         self._seed = _gradient_params(named_params(seed_params, "seed"))
         # Shared, never changed in place (``extend_host`` replaces it): ``host_index``.
         if not isinstance(host_params, HostIndex):

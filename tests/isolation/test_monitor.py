@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -341,6 +342,21 @@ def test_phase_misuse_raises():
     monitor.end_seed_backward()
     with pytest.raises(ValueError, match="max_violations"):
         _monitor(host, nn.Linear(2, 2), max_violations=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "bad"),
+    [("tol", -1.0), ("tol", math.nan), ("tol", math.inf), ("tol", True)]
+    + [("max_violations", 2.5), ("max_violations", True)],
+    ids=repr,
+)
+def test_a_bad_tol_or_breaker_limit_is_refused_when_the_monitor_is_made(setting, bad) -> None:
+    """Refused at construction, naming the setting: a bad ``tol`` was taken and raised only out
+    of the first seed backward's ``end_seed_backward``, mid-step; a non-integer limit stood for
+    another (``True``: trip at the first violation)."""
+    host = _host()
+    with pytest.raises(ValueError, match=setting):
+        _monitor(host, _seed(host, "clean"), **{setting: bad})
 
 
 def test_debug_hooks_name_the_leaking_parameters():
