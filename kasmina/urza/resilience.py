@@ -410,7 +410,9 @@ class ReadGuard:
                     describe_error(exc, self.secrets),
                 )
                 if attempt + 1 < budget.attempts:
-                    delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
+                    # A float power, capped: ``2**attempt`` past 1023 made the product raise
+                    # OverflowError (retries are unbounded), where the delay is the cap anyway.
+                    delay = min(self.backoff_max_s, self.backoff_s * 2.0 ** min(attempt, 1023))
                     if deadline is not None and self._clock() + delay >= deadline:
                         raise self.expired(
                             budget.what,

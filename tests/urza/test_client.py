@@ -693,6 +693,28 @@ def test_retries_backoff_breaker_and_recovery(store, trusted) -> None:
     assert fetched == manifest and urza.breaker.state == "closed"
 
 
+def test_backoff_stays_at_its_cap_however_many_retries(store, trusted, caplog) -> None:
+    """Retries are unbounded: from the 1025th attempt on ``backoff_s * 2**attempt`` raised
+    OverflowError (a float times an int past a float's range), not the store's failure."""
+    root, manifest = store
+    sleeps: list[float] = []
+    urza = client(
+        str(root),
+        trusted,
+        retries=1030,
+        backoff_s=0.1,
+        backoff_max_s=2.0,
+        clock=FakeClock(),
+        sleep=sleeps.append,
+    )
+    urza._fs = FlakyFS(urza._fs)
+    urza._fs.down = True
+    caplog.set_level(logging.ERROR, logger="kasmina.urza.resilience")  # a warning per attempt
+    with pytest.raises(UrzaUnavailableError, match="after 1031 attempts"):
+        urza.get_manifest(manifest.artifact_id)
+    assert len(sleeps) == 1030 and sleeps[:2] == [0.1, 0.2] and set(sleeps[5:]) == {2.0}
+
+
 def test_breaker_opens_when_manifests_load_but_payloads_fail(store, trusted) -> None:
     """A fetch is one outcome: a manifest read that succeeds must not reset the count."""
     root, manifest = store
