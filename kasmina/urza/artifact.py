@@ -82,6 +82,8 @@ MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20
 # Store reads stream in chunks of this size (and are bounded to one chunk past their limit).
 READ_CHUNK_BYTES = 1 << 20
+# A local file URL whose host is ``localhost`` (the same file as with none), then its path.
+_LOCALHOST_FILE_URL = re.compile(r"(?i)(file|local)://localhost(?=/|\Z)")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _FIELDS = (
@@ -105,7 +107,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     ``::`` chains filesystems in fsspec (``simplecache::s3://bucket/store``); in a local path
     whose part before it is no protocol (``runs/a::b``) it is part of a name, and the path is
     taken whole (fsspec read ``/x/a::b`` as ``/x/a``, and ``a::b`` as ``a:``: the store was
-    written somewhere other than the directory named)."""
+    written somewhere other than the directory named). ``file://localhost/p`` is the local
+    ``/p`` (RFC 8089), where fsspec read a directory ``localhost/p`` under the working one."""
+    if (local := _LOCALHOST_FILE_URL.match(url)) is not None:
+        url = f"{local.group(1)}:///{url[local.end() :].lstrip('/')}"
     head = url.split("::", 1)[0]
     if "::" in url and "://" not in head and head not in fsspec.available_protocols():
         return LocalFileSystem(**(storage_options or {})), make_path_posix(url).rstrip("/")

@@ -148,6 +148,24 @@ def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(
     assert client(name, trusted).fetch("art-1")[0] == b"payload-one"
 
 
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_a_file_url_naming_localhost_is_that_local_path(
+    tmp_path, publisher, trusted, monkeypatch, scheme
+) -> None:
+    """``file://localhost/p`` is ``/p`` (RFC 8089); fsspec read it as ``localhost/p`` under the
+    working directory: a publisher and a trainer in different directories, or one given
+    ``/p`` and the other the URL, did not see the same store."""
+    store, elsewhere = tmp_path / "store", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    url = f"{scheme}://LocalHost{store}"
+    publish_payload(b"payload-one", url, "blue", publisher, "art-1")
+    assert sorted(p.name for p in store.iterdir()) == ["art-1.manifest.json", "art-1.pt2"]
+    assert not list(elsewhere.iterdir())
+    assert client(url, trusted).fetch("art-1")[0] == b"payload-one"
+    assert client(str(store), trusted).list_artifacts() == ["art-1"]
+
+
 @pytest.mark.parametrize(
     "url", ["http://[::1]:8080/store", "http://[fe80::1]/store", "https://[2001:db8::ff00:42]/s"]
 )
