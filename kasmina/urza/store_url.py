@@ -96,15 +96,17 @@ def _check_chain(url: str) -> None:
 
 def _check_authority(url: str) -> None:
     """``ValueError`` for a store URL whose authority (``user:password@host:port``) does not
-    parse: an unbalanced ``[`` (a typo'd IPv6 host, or a password with a ``[`` in it). The
+    parse: an unbalanced ``[`` (a typo'd IPv6 host, or a password with a ``[`` in it), or an
+    HTTP store's port that is no number (a password with a raw ``/``, ``?`` or ``#``). The
     client was built, and each read of the store then failed as a transport error ("Invalid
-    IPv6 URL"), retried and counted against the store, when the URL itself was wrong. The
+    IPv6 URL", "port can't be converted to integer"), retried and counted against the store,
+    when the URL itself was wrong; the second showed the password in every message. The
     message shows neither the URL's credentials nor any the parser's error quotes."""
     for part in chain_layers(url):
         if "://" not in part:
             continue
         try:
-            urllib.parse.urlsplit(part)
+            split = urllib.parse.urlsplit(part)
         except ValueError as exc:
             reason = redact(str(exc), store_secrets(part, None))
             hint = ""
@@ -116,6 +118,24 @@ def _check_authority(url: str) -> None:
             raise ValueError(
                 f"store URL {redact_urls(url)!r} is malformed ({reason}){hint}"
             ) from None
+        if split.scheme.lower() in ("http", "https") and not _port_parses(split):
+            # Most often a '/', '?' or '#' in a password, which ends the authority there: all
+            # written before the last '@' is hidden, since no parse says where the secret ends.
+            written = part.partition("://")[2].rpartition("@")[0]
+            shown = redact_urls(url.replace(written, "***") if written else url)
+            raise ValueError(
+                f"store URL {shown!r} is malformed (its port is not a number from 0 to 65535): "
+                "a '/', '?' or '#' ends the host part; percent-encode one in a user name or "
+                "password (%2F, %3F, %23)"
+            )
+
+
+def _port_parses(split: urllib.parse.SplitResult) -> bool:
+    """Whether ``split``'s port is absent or a number from 0 to 65535."""
+    try:
+        return split.port is None or split.port >= 0  # ValueError: neither
+    except ValueError:
+        return False
 
 
 def is_http(fs: Any) -> bool:

@@ -179,6 +179,23 @@ def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
             UrzaLibraryClient(chained, trusted)
 
 
+@pytest.mark.parametrize("mark", ["/", "#", "?"])
+def test_a_password_with_a_raw_slash_hash_or_question_mark_is_refused_unseen(trusted, mark) -> None:
+    """Such a character ends the authority, so the password's head became a port: the client
+    was built, every read failed as a transport error ("port can't be converted to integer"),
+    retried and counted against the store, and each message showed the password whole."""
+    secret = f"s3cr{mark}et-Tail"
+    url = f"https://alice:{secret}@127.0.0.1:9/urza"
+    with pytest.raises(ValueError, match="port is not a number") as info:
+        UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0)
+    assert "s3cr" not in str(info.value) and "et-Tail" not in str(info.value)
+    assert "'https://***@127.0.0.1:9/urza'" in str(info.value) and "%2F" in str(info.value)
+    with pytest.raises(ValueError, match="port is not a number"):
+        UrzaLibraryClient("http://127.0.0.1:99999/urza", trusted)
+    encoded = url.replace(mark, {"/": "%2F", "#": "%23", "?": "%3F"}[mark])
+    UrzaLibraryClient(encoded, trusted, timeout_s=1.0, retries=0).close()
+
+
 def test_an_ipv6_http_store_is_read(store, trusted) -> None:
     """fsspec's own URL parsing splits at every ``::``: an IPv6 store's root became ``http://[``
     and every read failed ("Invalid IPv6 URL"), retried and counted against the store."""
