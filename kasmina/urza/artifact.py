@@ -84,6 +84,7 @@ MAX_MANIFEST_BYTES = 4 << 20
 READ_CHUNK_BYTES = 1 << 20
 # A local file URL whose host is ``localhost`` (the same file as with none), then its path.
 _LOCALHOST_FILE_URL = re.compile(r"(?i)(file|local)://localhost(?=/|\Z)")
+_LOCAL_FILE_URL = re.compile(r"(?:file|local)://")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _FIELDS = (
@@ -105,15 +106,21 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     """The fsspec filesystem of a store URL and its root path (no trailing slash).
 
     ``::`` chains filesystems in fsspec (``simplecache::s3://bucket/store``); in a local path
-    whose part before it is no protocol (``runs/a::b``) it is part of a name, and the path is
-    taken whole (fsspec read ``/x/a::b`` as ``/x/a``, and ``a::b`` as ``a:``: the store was
-    written somewhere other than the directory named). ``file://localhost/p`` is the local
-    ``/p`` (RFC 8089), where fsspec read a directory ``localhost/p`` under the working one."""
+    whose part before it is no protocol (``runs/a::b``), or that is a local file URL
+    (``file:///x/a::b``: no layer can follow a local file), it is part of a name, and the path
+    is taken whole (fsspec read ``/x/a::b`` and ``file:///x/a::b`` as ``/x/a``, and ``a::b`` as
+    ``a:``: the store was written somewhere other than the directory named).
+    ``file://localhost/p`` is the local ``/p`` (RFC 8089), where fsspec read a directory
+    ``localhost/p`` under the working one."""
     if (local := _LOCALHOST_FILE_URL.match(url)) is not None:
         url = f"{local.group(1)}:///{url[local.end() :].lstrip('/')}"
     head = url.split("::", 1)[0]
-    if "::" in url and "://" not in head and head not in fsspec.available_protocols():
-        return LocalFileSystem(**(storage_options or {})), make_path_posix(url).rstrip("/")
+    file_url = _LOCAL_FILE_URL.match(url)
+    if "::" in url and (
+        file_url or ("://" not in head and head not in fsspec.available_protocols())
+    ):
+        path = url[file_url.end() :] if file_url else url
+        return LocalFileSystem(**(storage_options or {})), make_path_posix(path).rstrip("/")
     if "::" in url and len(chain_layers(url)) == 1:  # an IPv6 host's (fsspec splits there too)
         fs = fsspec.filesystem(fsspec.core.split_protocol(url)[0], **(storage_options or {}))
         return fs, fs._strip_protocol(url).rstrip("/")

@@ -148,6 +148,24 @@ def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(
     assert client(name, trusted).fetch("art-1")[0] == b"payload-one"
 
 
+def test_a_local_file_url_whose_name_holds_a_double_colon_is_that_directory(
+    tmp_path, publisher, trusted, monkeypatch
+) -> None:
+    """No layer follows a local file, yet fsspec chained ``file:///x/a::b`` at the ``::``:
+    the store was written to ``/x/a`` (and a layer ``b:`` looked for in the working
+    directory), not the directory named."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "x" / "a::b"
+    store.mkdir(parents=True)
+    url = f"file://{store}"
+    publish_payload(b"payload-one", url, "blue", publisher, "art-1")
+    assert sorted(p.name for p in store.iterdir()) == ["art-1.manifest.json", "art-1.pt2"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["x", "a::b", "art-1.manifest.json", "art-1.pt2"]
+    )
+    assert client(url, trusted).fetch("art-1")[0] == b"payload-one"
+
+
 @pytest.mark.parametrize("scheme", ["file", "local"])
 def test_a_file_url_naming_localhost_is_that_local_path(
     tmp_path, publisher, trusted, monkeypatch, scheme
