@@ -431,9 +431,10 @@ def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
     tmp_path, monkeypatch
 ) -> None:
     """Resolved at each use, a chdir between two uses (a notebook, Hydra) split one run's
-    nonce ledger, checkpoint key and checkpoints across two directories."""
+    nonce ledger, checkpoint key and checkpoints across two directories, and its Urza store."""
     monkeypatch.chdir(tmp_path)
     config = KasminaConfig(runs_root="runs", run_id="r", nonce_ledger="n.log", checkpoint_dir="c")
+    stores = [KasminaConfig(urza_url=url) for url in ("urza", "file:urza", Path("urza"))]
     files = {name: f"{name}.file" for name in _OPTIONAL_PATHS}
     with_files = KasminaConfig(**files, nonce_ledger=Path("n.log"))  # PathLike, as the others
     monkeypatch.chdir("/")
@@ -441,6 +442,10 @@ def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
     assert config.nonce_ledger_path == tmp_path / "n.log"
     assert config.checkpoint_key_path == tmp_path / "runs" / "r" / "checkpoint.key"
     assert Path(config.checkpoint_dir) == tmp_path / "c"
+    for store in stores:  # the store a client or a resumed run reads
+        assert store.urza_url == str(tmp_path / "urza")
+        assert KasminaConfig.from_dict(store.to_dict()).urza_url == str(tmp_path / "urza")
+    assert KasminaConfig(urza_url="memory://s").urza_url == "memory://s"
     for name, file in files.items():  # a key file read at the first checkpoint was made anew
         assert getattr(with_files, name) == str(tmp_path / file)
     assert with_files.checkpoint_key_path == tmp_path / "checkpoint_key_file.file"
