@@ -32,7 +32,11 @@ class ClientStore(NamedTuple):
 
 
 def check_store_url(url: str) -> None:
-    """``ValueError`` for a URL the client refuses (``_check_chain``, ``_check_authority``)."""
+    """``ValueError`` for a URL the client refuses (``_check_chain``, ``_check_authority``, and
+    a NUL character, which no URL holds raw and no local path can: a local store's every read
+    failed as a transport error, retried and counted against the store)."""
+    if "\0" in url:
+        raise ValueError(f"store URL {redact_urls(url)!r} holds a NUL character")
     _check_chain(url)
     _check_authority(url)
 

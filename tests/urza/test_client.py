@@ -197,6 +197,15 @@ def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
             UrzaLibraryClient(chained, trusted)
 
 
+@pytest.mark.parametrize("url", ["/tmp/st\0ore", "file:///tmp/st\0ore", "http://h/s\0"])
+def test_a_store_url_holding_a_nul_is_refused_when_the_client_is_built(trusted, url) -> None:
+    """No URL holds one raw, and no local path can: the client of a local store was built
+    and every read failed ("embedded null byte"), retried as a transport error and counted
+    against the store."""
+    with pytest.raises(ValueError, match="holds a NUL character"):
+        UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0)
+
+
 @pytest.mark.parametrize("mark", ["/", "#", "?"])
 def test_a_password_with_a_raw_slash_hash_or_question_mark_is_refused_unseen(trusted, mark) -> None:
     """Such a character ends the authority, so the password's head became a port: the client
