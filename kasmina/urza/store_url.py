@@ -101,7 +101,8 @@ def _check_chain(url: str) -> None:
 def _check_authority(url: str) -> None:
     """``ValueError`` for a store URL whose authority (``user:password@host:port``) does not
     parse: an unbalanced ``[`` (a typo'd IPv6 host, or a password with a ``[`` in it), or an
-    HTTP store's port that is no number (a password with a raw ``/``, ``?`` or ``#``). The
+    HTTP store's port that is no number (a password with a raw ``/``, ``?`` or ``#``), or an
+    HTTP store's that names no host (``http:///store``). The
     client was built, and each read of the store then failed as a transport error ("Invalid
     IPv6 URL", "port can't be converted to integer"), retried and counted against the store,
     when the URL itself was wrong; the second showed the password in every message. The
@@ -132,6 +133,8 @@ def _check_authority(url: str) -> None:
                 "a '/', '?' or '#' ends the host part; percent-encode one in a user name or "
                 "password (%2F, %3F, %23)"
             )
+        if split.scheme.lower() in ("http", "https") and not split.hostname:
+            raise ValueError(f"store URL {redact_urls(url)!r} is malformed (it names no host)")
 
 
 def _port_parses(split: urllib.parse.SplitResult) -> bool:

@@ -197,6 +197,15 @@ def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
             UrzaLibraryClient(chained, trusted)
 
 
+@pytest.mark.parametrize("url", ["http:///store", "http://:80/store", "https://al:pw@/store"])
+def test_an_http_store_url_naming_no_host_is_refused_when_the_client_is_built(trusted, url) -> None:
+    """The client was built and every read failed ("host is required"), retried as a
+    transport error and counted against the store, when the URL itself was wrong."""
+    with pytest.raises(ValueError, match="names no host") as info:
+        UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0)
+    assert "pw" not in str(info.value)
+
+
 @pytest.mark.parametrize("url", ["/tmp/st\0ore", "file:///tmp/st\0ore", "http://h/s\0"])
 def test_a_store_url_holding_a_nul_is_refused_when_the_client_is_built(trusted, url) -> None:
     """No URL holds one raw, and no local path can: the client of a local store was built
