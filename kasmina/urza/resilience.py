@@ -77,8 +77,9 @@ def check_store_settings(prefix: str = "", **settings: object) -> dict[str, Any]
     """``settings`` as plain numbers (``kasmina.utils.checks``: a NumPy one as its Python value),
     or ``ValueError`` naming ``prefix`` + the setting for a value outside its range: a
     ``timeout_s`` in (0, a week], ``retries`` >= 0 and ``breaker_threshold`` >= 1 as ints (never
-    a bool or a float: ``retries=2.7`` was 2), ``backoff_s``, ``backoff_max_s`` and
-    ``breaker_reset_s`` finite and >= 0 (an inf timeout failed every read, a NaN reset never
+    a bool or a float: ``retries=2.7`` was 2), ``backoff_max_s`` in [0, a week], ``backoff_s``
+    and ``breaker_reset_s`` finite and >= 0 (an inf timeout failed every read, a backoff past
+    ``threading.TIMEOUT_MAX`` raised OverflowError from its wait, a NaN reset never
     half-opened the breaker, a NaN threshold never opened it). The client's, the breaker's and
     ``KasminaConfig``'s ``urza_*`` settings are held to this one rule."""
     checked: dict[str, Any] = {}
@@ -88,6 +89,10 @@ def check_store_settings(prefix: str = "", **settings: object) -> dict[str, Any]
             checked[name] = check_int(label, value, _COUNTS[name])
         elif name != "timeout_s":
             checked[name] = check_non_negative(label, value)
+            if name == "backoff_max_s" and checked[name] > MAX_TIMEOUT_S:  # the longest wait
+                raise ValueError(
+                    f"{label} must be a number in [0, {MAX_TIMEOUT_S:g}], got {value!r}"
+                )
         elif not 0 < (timeout := check_real(label, value)) <= MAX_TIMEOUT_S:  # NaN fails it too
             raise ValueError(f"{label} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
         else:

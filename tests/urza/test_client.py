@@ -106,6 +106,7 @@ def test_a_store_may_be_a_path_and_nothing_else_but_a_string(store, trusted) -> 
         ("retries", 2.7),  # was int(2.7) == 2
         ("retries", True),
         ("backoff_s", float("nan")),
+        ("backoff_max_s", 1e10),  # its wait raised OverflowError ("timestamp out of range")
         ("breaker_threshold", float("nan")),  # the breaker never opened
         ("breaker_threshold", 0),
         ("breaker_reset_s", float("nan")),  # an open breaker never half-opened
