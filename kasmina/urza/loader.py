@@ -220,7 +220,9 @@ class KernelLoader:
             if leader:
                 return self._lead(artifact_id, future, deadline)
             self._counters["loads_coalesced"] += 1
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = None  # a wait's longest: a further deadline made it raise OverflowError
+            if deadline is not None:
+                wait = min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
             try:
                 return future.result(timeout=wait)
             except concurrent.futures.TimeoutError:

@@ -310,8 +310,12 @@ class ReadGuard:
         return _Closed(f"UrzaLibraryClient for {self.url} is closed")
 
     def time_left(self, deadline: float | None) -> float | None:
-        """Seconds until ``deadline`` (never negative), or None without one."""
-        return None if deadline is None else max(0.0, deadline - self._clock())
+        """Seconds until ``deadline`` (never negative), or None without one: a wait's timeout,
+        so at most ``threading.TIMEOUT_MAX`` (a deadline further off, a finite "no deadline",
+        made the wait raise OverflowError)."""
+        if deadline is None:
+            return None
+        return min(max(0.0, deadline - self._clock()), threading.TIMEOUT_MAX)
 
     def expired(self, what: str, detail: str) -> _DeadlineExpired:
         """The error for ``what`` running past its deadline (counted in ``deadlines_expired``)."""

@@ -297,6 +297,33 @@ def test_follower_outlives_its_leaders_deadline(stalled, store, trusted) -> None
     assert stats["fetches"] == 2 and stats["coalesced"] == 1
 
 
+def test_a_follower_whose_deadline_is_far_off_waits_for_the_shared_fetch(
+    stalled, store, trusted
+) -> None:
+    """A finite deadline centuries away (a "no deadline" of ``now + 1e10``) made a coalesced
+    follower's wait raise OverflowError (past ``threading.TIMEOUT_MAX``), of the client and
+    of the loader, while a leader with the same deadline fetched."""
+    _, manifest = store
+    urza = http_client(stalled.url, trusted)
+    loader = make_loader(urza)
+    far = time.monotonic() + 1e10
+    leader, led = run_in_thread(lambda: loader.original(manifest.artifact_id, deadline=far))
+    stalled.wait_for_payload_requests(1)
+    fetcher, fetched = run_in_thread(lambda: urza.fetch(manifest.artifact_id, deadline=far))
+    waiter, waited = run_in_thread(lambda: loader.original(manifest.artifact_id, deadline=far))
+    end = time.monotonic() + 5
+    while (
+        urza.stats()["coalesced"] < 1 or loader.counters["loads_coalesced"] < 1
+    ) and time.monotonic() < end:
+        time.sleep(0.005)
+    stalled.release()
+    for thread in (leader, fetcher, waiter):
+        thread.join(timeout=10)
+    assert "error" not in fetched and fetched["result"][1] == manifest
+    assert "error" not in led and waited.get("result") is led["result"]
+    assert urza.stats()["coalesced"] == 1 and loader.counters["loads_coalesced"] == 1
+
+
 class HeldManifestFS(FlakyFS):
     """Holds the first manifest open until ``release`` is set (``held`` says it began), and
     says when a later one begins (``reopened``)."""
