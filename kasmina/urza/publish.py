@@ -209,7 +209,9 @@ def publish_payload(
     if not isinstance(blueprint, str) or not blueprint:
         raise ValueError("blueprint must be a non-empty string")
     sha256 = payload_sha256(payload)
-    artifact_id = validate_artifact_id(artifact_id or default_artifact_id(blueprint, sha256))
+    if artifact_id is None:  # given, even empty, an id is never replaced by a generated one
+        artifact_id = default_artifact_id(blueprint, sha256)
+    artifact_id = validate_artifact_id(artifact_id)
     manifest = sign_manifest(
         Manifest(
             artifact_id=artifact_id,

@@ -375,6 +375,14 @@ def test_default_id_is_sanitised_blueprint_and_hash(tmp_path, publisher) -> None
     assert manifest.artifact_id[-16:] == manifest.sha256[:16]
 
 
+def test_an_empty_artifact_id_is_refused_not_replaced_by_the_default(tmp_path, publisher) -> None:
+    """``artifact_id=""`` (an unset variable) published under the generated id, unseen, as
+    the CLI's ``--artifact-id ""`` is refused for."""
+    with pytest.raises(ValueError, match="invalid artifact id ''"):
+        publish_payload(b"x" * 10, str(tmp_path), "bp", publisher, "")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("where", [0, 0.5, -1])
 def test_one_flipped_payload_bit_is_rejected(store, trusted, where) -> None:
     root, manifest = store
