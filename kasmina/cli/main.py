@@ -410,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _run(argv)
         finally:
-            sys.stdout.flush()  # here, not at exit, where its failure is only printed
+            if sys.stdout is not None:  # None: started without one (its descriptor closed, >&-)
+                sys.stdout.flush()  # here, not at exit, where its failure is only printed
     except BrokenPipeError:  # stdout's (_run passes on no other)
         _discard_stdout()
         return EXIT_CLOSED_STDOUT

@@ -372,6 +372,8 @@ def _say(text: str) -> None:
     backslash escape, as stderr writes it: a path's byte that is not UTF-8 (a lone surrogate
     in ``str``) raised ``UnicodeEncodeError`` on a strict UTF-8 stdout, and a run that had
     written every file exited 1."""
+    if sys.stdout is None:  # started without one (its descriptor closed, >&-): print nothing
+        return
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     print(text.encode(encoding, "backslashreplace").decode(encoding))
     sys.stdout.flush()

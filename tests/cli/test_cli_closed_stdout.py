@@ -81,3 +81,23 @@ def test_a_replaced_stdout_that_breaks_exits_141(where, capsys, monkeypatch) -> 
     monkeypatch.setattr(sys, "stdout", Broken())
     assert cli.main(["keygen"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_command_started_without_stdout_exits_on_its_work(tmp_path) -> None:
+    """A command started with file descriptor 1 closed (``>&-``: ``sys.stdout`` is None) ended
+    in a traceback from main's flush, exit 1, though its key file was written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kasmina", "keygen", "--out", "commands.json"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert (proc.returncode, proc.stderr) == (
+        0,
+        "wrote key 'default' to commands.json (1 key(s), mode 0600)\n",
+    )
+    assert (tmp_path / "commands.json").is_file()

@@ -501,6 +501,19 @@ def test_a_finished_run_prints_an_out_path_that_is_not_utf8(tmp_path, monkeypatc
     assert printed.startswith("the report\n") and f"{tmp_path}/demo\\udcff/report.txt" in printed
 
 
+def test_a_run_started_without_stdout_writes_every_file(tmp_path, monkeypatch) -> None:
+    """A demo started with its stdout closed (``>&-``: ``sys.stdout`` is None) wrote its report,
+    then failed printing it (AttributeError), and demo.png was never drawn."""
+    plotted = []
+    monkeypatch.setattr(demo_run, "run_one", lambda cfg: SimpleNamespace())
+    monkeypatch.setattr(demo_run, "_write", lambda result, out: "the report")
+    monkeypatch.setattr(demo_run, "_plot", lambda result, out: plotted.append(out))
+    monkeypatch.setattr(sys, "stdout", None)
+    out = tmp_path / "out"
+    assert demo_run._run_cli(DemoConfig(out_dir=out, **TINY)) == 0
+    assert plotted == [out]
+
+
 def test_the_report_is_written_and_printed_before_the_plot(tmp_path, monkeypatch, capsys) -> None:
     """A plot that fails loses neither report.txt nor the printed report (the plot came first,
     and a run without matplotlib, trained to the end, lost both)."""
