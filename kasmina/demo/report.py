@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kasmina.stages import SeedStage
+from kasmina.utils.atomic import atomic_write
 
 
 @dataclass
@@ -312,12 +313,15 @@ def plot(result: DemoResult, path: Path) -> Path:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """``fig`` as the PNG ``path``, whole or not at all (a temporary file renamed over it): a
+    save that failed part way (a full disk) left an empty or truncated demo.png."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100), private=False)
+    finally:
+        plt.close(fig)
     return path
 
 

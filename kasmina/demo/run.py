@@ -69,6 +69,7 @@ from kasmina.demo.report import (
     summarize,
 )
 from kasmina.urza.blueprints import get_blueprint
+from kasmina.utils.atomic import atomic_write_bytes
 from kasmina.utils.keyring import generate_key
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _rank_main(rank: int, world: int, cfg: DemoConfig, prepared: dict[str, Any])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores
     result = run_demo(replace(cfg, progress=cfg.progress and rank == 0), prepared, rank, world)
     if rank == 0:
-        (cfg.out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+        _write_whole(cfg.out_dir / "result.json", json.dumps(result.to_json(), indent=1))
 
 
 def _quiet_logging() -> None:
@@ -306,13 +307,19 @@ def check_dependencies() -> None:
 def _write(result: Result, out: Path) -> str:
     """``result.json`` and ``report.txt`` in ``out``; returns the report. The plot is
     ``_plot``'s, afterwards, so that a plotting failure loses neither."""
-    (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+    _write_whole(out / "result.json", json.dumps(result.to_json(), indent=1))
     if isinstance(result, ContinualResult):
         report = format_continual(result)
     else:
         report = format_report(result)
-    (out / "report.txt").write_text(report + "\n")
+    _write_whole(out / "report.txt", report + "\n")
     return report
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` in ``path``, whole or not at all (a temporary file renamed over it): a write
+    that failed part way (a full disk) left an empty or truncated report.txt or result.json."""
+    atomic_write_bytes(path, [text.encode("utf-8")], private=False)
 
 
 def _plot(result: Result, out: Path) -> None:
@@ -403,8 +410,8 @@ def _run_repeats(cfg: DemoConfig) -> int:
         "summary": summary,
         "runs": [r.to_json() for r in results],
     }
-    (out / "result.json").write_text(json.dumps(payload, indent=1))
-    (out / "report.txt").write_text(report + "\n")
+    _write_whole(out / "result.json", json.dumps(payload, indent=1))
+    _write_whole(out / "report.txt", report + "\n")
     _say("\n" + report)
     _say(f"\nwrote {out / 'report.txt'}, {out / 'result.json'}; each run in {out}/seed-<k>/")
     return 0

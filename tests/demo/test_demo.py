@@ -14,9 +14,13 @@ import io
 import json
 import os
 import re
+import resource
+import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +45,7 @@ from kasmina.demo.controller import (
 from kasmina.demo.data import Digits, accuracy_and_loss
 from kasmina.demo.loop import DemoLoop
 from kasmina.demo.models import HostMLP, graft_slots, plain_parameters
-from kasmina.demo.report import CONTINUAL_METHODS, ContinualResult, DemoResult
+from kasmina.demo.report import CONTINUAL_METHODS, ContinualResult, DemoResult, EpochRecord
 from kasmina.demo.run import prepare, run_demo_cli, run_one
 from kasmina.leyline import SystemStatePacket
 from kasmina.manager.slots import SlotRegistry
@@ -531,6 +535,40 @@ def test_the_report_is_written_and_printed_before_the_plot(tmp_path, monkeypatch
         demo_run._run_cli(DemoConfig(out_dir=out, **TINY))
     assert (out / "report.txt").read_text() == "the report\n"
     assert capsys.readouterr().out == "the report\n"
+
+
+@contextmanager
+def files_cut_at(limit: int) -> Iterator[None]:
+    """While inside, a write past ``limit`` bytes of any file fails (EFBIG), as on a full disk."""
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_an_output_cut_short_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    """A report, result or plot whose write failed part way (a full disk) was left behind,
+    empty or truncated, beside the error: each is written whole or not at all."""
+    monkeypatch.setattr(demo_run, "format_report", lambda result: "x" * 10_000)
+    small, large = ({"n": 1}, {"n": "y" * 10_000})
+    for name, data in (("report", small), ("result", large)):  # result.json first, then report
+        (tmp_path / name).mkdir()
+        with files_cut_at(100), pytest.raises(OSError):
+            demo_run._write(SimpleNamespace(to_json=lambda data=data: data), tmp_path / name)
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["result.json"]
+    assert not any((tmp_path / "result").iterdir())
+
+    records = [EpochRecord(e, 1.0 - e / 10, 0.5, test_acc=0.5) for e in range(3)]
+    result = DemoResult(0, 1, 0.9, 0.5, 0.5, 0.6, records, {}, {}, [], {}, {}, {}, {}, 0, {}, 0, 9)
+    demo_run._plot(result, tmp_path / "warm")  # matplotlib's caches, written before the limit
+    (tmp_path / "plot").mkdir()
+    with files_cut_at(100), pytest.raises(OSError):
+        demo_run._plot(result, tmp_path / "plot")
+    assert not any((tmp_path / "plot").iterdir())
 
 
 def test_cli_defaults_match_the_demo_config() -> None:
