@@ -318,9 +318,16 @@ def _cmd_urza_publish(args: argparse.Namespace) -> int:
 
 
 def _check_publish_arguments(args: argparse.Namespace) -> None:
-    """Refuse an option of ``publish`` given empty, and an ``--artifact-id`` that is no id."""
+    """Refuse an option of ``publish`` given empty, a ``--builtin``'s width given with
+    ``--factory``, and an ``--artifact-id`` that is no id."""
     from kasmina.urza.artifact import validate_artifact_id
 
+    if args.factory is not None:  # its module has its own widths: the flag would be ignored
+        for flag, value in (("--dim", args.dim), ("--hidden", args.hidden)):
+            if value is not None:
+                raise CLIError(
+                    f"{flag} is a --builtin blueprint's width; a --factory module has its own"
+                )
     if args.blueprint == "":  # given empty: never replaced by the default name
         raise CLIError("--blueprint is empty: give the blueprint name to record, or omit it")
     if args.input_shape == "":  # given empty ("$SHAPE" unset): never replaced by (8, DIM)

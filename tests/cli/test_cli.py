@@ -653,6 +653,17 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
             + ["--hidden", "3"],
             "--hidden: affine-shift has no hidden width",
         ),
+        # A --builtin's widths with a --factory, whose module has its own: ignored, published.
+        (
+            ["urza", "publish", *PUB, "--factory", "torch.nn:Identity", "--input-shape", "8,4"]
+            + ["--dim", "4"],
+            "--dim is a --builtin blueprint's width",
+        ),
+        (
+            ["urza", "publish", *PUB, "--factory", "torch.nn:Identity", "--input-shape", "8,4"]
+            + ["--hidden", "16"],
+            "--hidden is a --builtin blueprint's width",
+        ),
         # A size of 1 is fixed by torch.export: a kernel for batches of 1 only.
         (
             ["urza", "publish", *PUB, "--builtin", "residual-mlp", "--dim", "4"]
