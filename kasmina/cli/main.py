@@ -71,7 +71,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
             f"invalid key id {key_id!r}: 1-64 characters of [A-Za-z0-9._-], starting with a "
             "letter or digit"
         )
-    key = generate_key(args.bytes)
+    key = generate_key() if args.bytes is None else generate_key(args.bytes)
     if out is not None:
         with _directory_locked(out):
             return _keygen_file(args, out, key_id, key)
@@ -180,6 +180,8 @@ def _keygen_publisher(args: argparse.Namespace, out: Path | None) -> int:
         raise CLIError("--publisher needs --out FILE: a private key is never printed")
     if args.append:
         raise CLIError("--append is for HMAC keyrings; a publisher key file holds one key")
+    if args.bytes is not None:  # ignored, it read as if the key had that length
+        raise CLIError("--bytes is for HMAC keys; an Ed25519 publisher key is 32 bytes")
     if args.key_id is not None:
         try:
             validate_key_id(args.key_id)
@@ -382,8 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--bytes",
         type=bounded_int(MIN_KEY_BYTES, 1024, " bytes"),
-        default=32,
-        help=f"key length, {MIN_KEY_BYTES}-1024 (32)",
+        help=f"HMAC key length, {MIN_KEY_BYTES}-1024 (32)",
     )
     keygen.set_defaults(func=_cmd_keygen)
 

@@ -718,6 +718,8 @@ AFFINE = ["--builtin", "affine-shift", "--dim", "2"]
         (["keygen", "--out", "{tmp}/a/b/..", "--key-id", "x"], "names a directory"),
         (["keygen", "--publisher", "--out", "{tmp}/a/b/..", "--force"], "names a directory"),
         (["keygen", "--out", "."], "--out . names a directory"),
+        # An Ed25519 key has one length: --bytes was ignored, as if the key had that length.
+        (["keygen", "--publisher", "--out", "{tmp}/pub.key", "--bytes", "64"], "--bytes is for"),
         (["demo", "--device", "meta", "--out", "{tmp}/d"], "'meta' is not supported"),
     ],
 )
