@@ -407,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` names; its exit status. A closed stdout (its reader went away:
     ``| head -1``) ends it quietly with ``EXIT_CLOSED_STDOUT``: no error line, and no
     "Exception ignored" from the flush at exit, whose output goes to ``os.devnull``."""
+    if sys.stderr is None:  # started without one (2>&-): print(file=None) wrote it to stdout
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            return main(argv)
     try:
         try:
             return _run(argv)

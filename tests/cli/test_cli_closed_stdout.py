@@ -1,5 +1,7 @@
 """A stdout whose reader went away (``kasmina urza list | head -1``) ends a command as SIGPIPE
-ends a Unix tool: quietly, exit status 141, after the work is done."""
+ends a Unix tool: quietly, exit status 141, after the work is done. A command started with
+stdout or stderr closed (``>&-``, ``2>&-``) does its work, and nothing meant for one goes to the
+other."""
 
 from __future__ import annotations
 
@@ -101,3 +103,25 @@ def test_a_command_started_without_stdout_exits_on_its_work(tmp_path) -> None:
         "wrote key 'default' to commands.json (1 key(s), mode 0600)\n",
     )
     assert (tmp_path / "commands.json").is_file()
+
+
+def test_a_command_started_without_stderr_keeps_its_stdout_to_its_output(tmp_path) -> None:
+    """With file descriptor 2 closed (``2>&-``: ``sys.stderr`` is None), ``print(file=None)``
+    wrote to stdout: status lines and errors went into what a script captured as the output."""
+
+    def keygen() -> tuple[int, str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kasmina", "keygen", "--out", "commands.json"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=120,
+            preexec_fn=lambda: os.close(2),
+        )
+        return proc.returncode, proc.stdout
+
+    rc, out = keygen()
+    assert rc == 0 and out.startswith("export KASMINA_HMAC_KEYS=") and out.count("\n") == 1
+    assert keygen() == (1, "")  # the file exists now: an error, on the closed stderr
