@@ -138,5 +138,5 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"{verb} {len(removed)} run(s), {total}, under {root}", file=sys.stderr)
     for info, reason in failed:
         reason = " ".join(reason.split())
-        print(f"{PROG}: error: run {info.run_id} not removed: {reason}", file=sys.stderr)
+        print(f"{PROG}: error: run {info.run_id}: {reason}", file=sys.stderr)  # says what of it
     return 1 if failed else 0
