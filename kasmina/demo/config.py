@@ -3,6 +3,7 @@ the key ids, the distillation settings and the output directory's marker file.""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,18 @@ class DemoConfig:
                 raise ValueError(f"{flag} must be positive, got {value}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be positive, got {self.repeats}")
-        if self.phase1_epochs < 1:  # not a flag: DemoConfig(phase1_epochs=...) only
-            raise ValueError(f"phase1_epochs must be positive, got {self.phase1_epochs}")
+        # Not flags: DemoConfig(...) only. A batch of 0 failed mid-run, a negative one or a
+        # teacher of no epochs ran nothing (exit 0), a bad rate failed after the store was made.
+        for name, count in (
+            ("phase1_epochs", self.phase1_epochs),
+            ("teacher_epochs", self.teacher_epochs),
+            ("batch_size", self.batch_size),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be positive, got {count}")
+        for name, rate in (("host_lr", self.host_lr), ("seed_lr", self.seed_lr)):
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {rate}")
         if self.replay < 0:
             raise ValueError(f"--replay must be 0 or more, got {self.replay}")
         if self.scenario not in SCENARIOS:

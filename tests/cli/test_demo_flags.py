@@ -44,6 +44,13 @@ def test_a_negative_replay_is_a_usage_error_naming_only_replay(tmp_path, capsys,
         ({"nproc": 0}, "--nproc must be positive, got 0"),
         ({"repeats": 0}, "--repeats must be positive, got 0"),
         ({"phase1_epochs": 0}, "phase1_epochs must be positive, got 0"),
+        # Not flags: a batch of 0 failed mid-run, one below 0 or a teacher of no epochs ran
+        # nothing (exit 0), a rate that is no rate failed after the store was made.
+        ({"teacher_epochs": 0}, "teacher_epochs must be positive, got 0"),
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"batch_size": -8}, "batch_size must be positive, got -8"),
+        ({"host_lr": float("nan")}, "host_lr must be finite and > 0, got nan"),
+        ({"seed_lr": -1.0}, "seed_lr must be finite and > 0, got -1.0"),
         ({"scenario": "continual", "replay": -1}, "--replay must be 0 or more, got -1"),
         ({"replay": 3}, "--replay 3 applies only to --scenario continual"),
         ({"nproc": 3}, "--nproc 3: the demo's batch of 64 does not split"),  # and what does
