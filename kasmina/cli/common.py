@@ -1,9 +1,11 @@
 """Helpers shared by the CLI's subcommands: the program name, the one error type a command
-raises for a clean one-line failure, and argument parsers."""
+raises for a clean one-line failure, argument parsers, and a print to stdout that any path
+survives (``say``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "one_line",
     "positive_int",
     "redacted",
+    "say",
     "shown_store",
 ]
 
@@ -68,6 +71,15 @@ def one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     text = " ".join(text.split()) or type(exc).__name__
     return text
+
+
+def say(text: str) -> None:
+    """Print ``text`` on stdout, each character its encoding cannot take written as its
+    backslash escape, as stderr writes it: a line quoting a path or an id given in bytes that
+    are not UTF-8 (a lone surrogate in ``str``) raised ``UnicodeEncodeError`` on a strict
+    stdout, and the command stopped at that line."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def shown_store(url: str) -> str:

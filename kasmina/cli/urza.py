@@ -27,6 +27,7 @@ from kasmina.cli.common import (
     one_line,
     positive_int,
     redacted,
+    say,
     shown_store,
 )
 from kasmina.cli.publish_checks import (
@@ -484,9 +485,9 @@ def _cmd_urza_list(args: argparse.Namespace) -> int:
                 m = client.get_manifest(artifact_id)
             except (ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError) as exc:
                 why = redacted(one_line(exc), args.store)
-                print(f"{artifact_id}  INVALID: {why}")  # unreadable too: go on
+                say(f"{artifact_id}  INVALID: {why}")  # unreadable too: go on
                 continue
-            print(f"{artifact_id}  {m.blueprint}  {m.size} bytes  key={m.key_id}")
+            say(f"{artifact_id}  {m.blueprint}  {m.size} bytes  key={m.key_id}")
     return 0
 
 
@@ -506,7 +507,7 @@ def _cmd_urza_verify(args: argparse.Namespace) -> int:
             problem = _verify_problem(client, artifact_id, args.store)
             failed += problem is not None  # an I/O error on its file too: the others go on
             ok = problem is None
-            print(f"ok     {artifact_id}" if ok else f"FAILED {artifact_id}: {problem}")
+            say(f"ok     {artifact_id}" if ok else f"FAILED {artifact_id}: {problem}")
     return _summary(failed, len(ids), "failed verification")
 
 
@@ -545,7 +546,7 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
             for artifact_id in ids:
                 why = problems.get(artifact_id)
                 ok = f"ok     {artifact_id} (already signed by {publisher.key_id!r})"
-                print(ok if why is None else f"FAILED {artifact_id}: {why}")
+                say(ok if why is None else f"FAILED {artifact_id}: {why}")
             if not problems:
                 return 0
             advice = old_keys_advice(problems.values())  # which old keys would help, if any
@@ -558,11 +559,11 @@ def _cmd_urza_resign(args: argparse.Namespace) -> int:
             manifest = resign_artifact(args.store, artifact_id, publisher, old)
         except (ArtifactIntegrityError, OSError, ValueError) as exc:
             failed += 1
-            print(f"FAILED {artifact_id}: {redacted(one_line(exc), args.store)}")
+            say(f"FAILED {artifact_id}: {redacted(one_line(exc), args.store)}")
         except Exception as exc:  # a store's own write error (fsspec backends raise their own)
             failed += 1
             why = redacted(f"{type(exc).__name__}: {one_line(exc)}", args.store)
-            print(f"FAILED {artifact_id}: {why}")
+            say(f"FAILED {artifact_id}: {why}")
         else:
             print(f"ok     {artifact_id} (signed by {manifest.key_id!r})")
     return _summary(failed, len(ids), "could not be re-signed")

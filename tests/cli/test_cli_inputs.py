@@ -4,6 +4,7 @@ reads back, torch's own log output, and one bad entry in a store."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -145,6 +146,26 @@ def test_one_bad_store_entry_is_reported_and_the_rest_carry_on(
     assert rc == 1 and "1 of 2 artifact(s) failed verification" in err and err.count("\n") == 1
     assert "FAILED a: artifact 'a': manifest is not a readable file" in out
     assert f"ok     {good}" in out
+
+
+def test_a_store_path_that_is_not_utf8_is_escaped_on_a_strict_stdout(
+    tmp_path, keys, publishers, capsys, monkeypatch
+) -> None:
+    """A result line quoting a store path (or an id) whose bytes are not UTF-8 raised
+    UnicodeEncodeError on a strict UTF-8 stdout: verify stopped at that line, one codec error
+    instead of the other artifacts' results."""
+    good = publish(capsys, tmp_path / "s", keys, "--builtin", "affine-shift", "--dim", "3")
+    store = (tmp_path / "s").rename(tmp_path / os.fsdecode(b"store\xff"))
+    buf = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="utf-8", errors="strict"))
+    given = ["--store", str(store), "--publishers", str(publishers)]
+    rc = cli.main(["urza", "verify", *given, os.fsdecode(b"no\xff"), "nosuch", good])
+    sys.stdout.flush()
+    lines = buf.getvalue().decode().splitlines()
+    assert rc == 1 and "2 of 3 artifact(s) failed" in capsys.readouterr().err
+    assert lines[0].startswith("FAILED no\\udcff: invalid artifact id 'no\\udcff'")
+    missing = f"FAILED nosuch: no artifact 'nosuch' in {tmp_path}/store\\udcff"
+    assert lines[1:] == [missing, f"ok     {good}"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
