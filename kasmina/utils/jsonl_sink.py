@@ -150,8 +150,8 @@ class JsonlFileSink:
                 raise ValueError(f"telemetry file {self.path} is closed (or a forked child's)")
             if self._file is not None and not self._still_at_path(self._file):
                 self._reopen()  # deleted, moved or replaced since: a new file at the path
-            if self._file is None:  # a rotation's re-open failed (a full disk): again now
-                self._file, self._size = _open_append(self.path)
+            if self._file is None:  # a failed re-open (a full disk, a refused lock): again now
+                self._open_at_path()
             if self._size and self._size + len(line) > self.max_bytes:
                 self._rotate()
             self._size += len(line)
@@ -189,6 +189,12 @@ class JsonlFileSink:
             "file there (the lines before are wherever the old one went)",
             self.path,
         )
+        self._open_at_path()
+
+    def _open_at_path(self) -> None:
+        """Open the file at the path (its folder made again if it was removed), holding the
+        path's lock file first: a retry after a refused lock must not write beside the sink
+        that took the path's new lock meanwhile."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._relock()
         self._file, self._size = _open_append(self.path)

@@ -166,6 +166,27 @@ def test_a_file_taken_from_under_the_sink_is_followed_by_a_new_one(tmp_path, how
     sink.close()
 
 
+def test_a_sink_refused_the_new_lock_never_writes_into_the_new_sinks_file(tmp_path) -> None:
+    """The folder was deleted and a second sink made the path's file and lock again: the first
+    sink's re-open was refused the lock, but its next packet opened the file without it and
+    wrote beside the second sink. It is refused again, on every packet."""
+    import shutil
+
+    path = tmp_path / "run" / "telemetry.jsonl"
+    old = JsonlFileSink(path)
+    old_reporter = TelemetryReporter("old", sinks=[old])
+    old_reporter.emit("before")
+    shutil.rmtree(path.parent)
+    new = JsonlFileSink(path)
+    TelemetryReporter("new", sinks=[new]).emit("mine")
+    for name in ("refused", "again", "and again"):
+        old_reporter.emit(name)
+    assert _names(path) == ["mine"]
+    assert old_reporter.sink_errors == 3
+    old.close()
+    new.close()
+
+
 def test_a_rotation_never_renames_what_the_sink_did_not_write(tmp_path) -> None:
     """A directory made at the path after the sink opened it was renamed ``<path>.1`` with its
     contents at the next rotation. What is at the path is refused (a sink error) and left."""
