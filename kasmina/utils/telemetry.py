@@ -327,8 +327,8 @@ class Event:
         it built at once. ``value`` and ``labels`` are checked here, so a bad one raises here
         like ``emit`` (a label that is not UTF-8 is written as its escape, as ``emit`` writes
         it); ``labels`` is copied, so the caller may reuse the mapping."""
-        if type(value) is not float:
-            Metric(value=value)  # raises the protobuf's own TypeError for a non-number
+        if type(value) is not float:  # the protobuf's own TypeError for a non-number; assigned,
+            Metric().value = value  # since its constructor takes None as "unset" and passed it
         if labels:
             labels = dict(labels)
             ascii_only = True

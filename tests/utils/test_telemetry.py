@@ -562,7 +562,8 @@ def test_post_builds_nothing_until_read_and_then_builds_once() -> None:
 def test_post_checks_its_arguments_like_emit_and_sends_nothing_on_error() -> None:
     sink = MemorySink()
     event = TelemetryReporter(sinks=[sink]).event("x")
-    for bad in ({"value": "1.0"}, {"labels": {"k": 1}}, {"labels": {1: "v"}}):
+    # None: posted, it failed every sink's build and made the ring's every read raise.
+    for bad in ({"value": "1.0"}, {"value": None}, {"labels": {"k": 1}}, {"labels": {1: "v"}}):
         with pytest.raises(TypeError):
             event.emit(**bad)
         with pytest.raises(TypeError):
