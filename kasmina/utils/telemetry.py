@@ -327,8 +327,10 @@ class Event:
         it built at once. ``value`` and ``labels`` are checked here, so a bad one raises here
         like ``emit`` (a label that is not UTF-8 is written as its escape, as ``emit`` writes
         it); ``labels`` is copied, so the caller may reuse the mapping."""
-        if type(value) is not float:  # the protobuf's own TypeError for a non-number; assigned,
-            Metric().value = value  # since its constructor takes None as "unset" and passed it
+        if type(value) is not float:
+            metric = Metric()
+            metric.value = value  # the protobuf's TypeError for a non-number (None included)
+            value = metric.value  # read now: a tensor changed in place later is not the value
         if labels:
             labels = dict(labels)
             ascii_only = True

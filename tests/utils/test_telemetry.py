@@ -542,6 +542,20 @@ def test_post_gives_the_packets_emit_would_have_given(tmp_path) -> None:
     assert paths[0].read_text(encoding="utf-8") == paths[1].read_text(encoding="utf-8")
 
 
+def test_post_takes_a_tensors_value_when_posted_not_when_read() -> None:
+    """A 0-d tensor posted (a running loss) was kept as the tensor and read when the packet was
+    built: changed in place meanwhile, the packet held the later value, not the posted one."""
+    import torch
+
+    sink = MemorySink()
+    event = TelemetryReporter(sinks=[sink]).event("loss")
+    running = torch.tensor(1.5)
+    event.emit(running)
+    event.post(running)
+    running.add_(5.0)
+    assert [m.value for m in sink.events("loss")] == [1.5, 1.5]
+
+
 def test_post_builds_nothing_until_read_and_then_builds_once() -> None:
     sink = MemorySink()
     reporter = TelemetryReporter(sinks=[sink], clock=lambda: 5.0)
