@@ -49,6 +49,7 @@ go there: a fork waits for them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import threading
@@ -131,18 +132,22 @@ def lock_exclusive(path: str | os.PathLike[str]) -> io.FileIO | None:
     """Open ``path`` (created if missing; its directory must exist) and lock it exclusively
     without waiting: the open file, which holds the lock until it is closed (in this process; a
     forked child never holds it), or None when another open file holds it (a live process, or
-    another owner in this one). A path that is not a regular file (a FIFO planted there, which
-    a plain open would block on for good) or is a symlink is refused (``NotARegularFileError``,
-    ``OSError``), never opened through."""
+    another owner in this one). A filesystem that gives no lock at all (NFS without its lock
+    service: ``ENOLCK``) raises its ``OSError``, never None: no holder to go and look for. A
+    path that is not a regular file (a FIFO planted there, which a plain open would block on for
+    good) or is a symlink is refused (``NotARegularFileError``, ``OSError``), never opened
+    through."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
     lock_file = io.FileIO(open_regular_fd(Path(path), flags, what="lock file"), "a")
     if fcntl is None:
         return lock_file
     try:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         lock_file.close()
-        return None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None  # naming the file
     _HELD.add(lock_file)
     return lock_file
 

@@ -162,6 +162,23 @@ def test_a_long_legal_name_gets_a_lock_file_it_can_make(tmp_path) -> None:
     ledger.close()
 
 
+def test_a_filesystem_without_locks_is_no_live_holder(tmp_path, monkeypatch) -> None:
+    """NFS without its lock service refuses every ``flock`` (``ENOLCK``): that was taken for
+    a lock another live trainer held, and the trainer refused to start pointing at a holder
+    that does not exist. The error is the filesystem's, naming the lock file."""
+    import errno
+
+    import kasmina.utils.locks as locks
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="nonces.log.lock") as raised:
+        NonceLedger(tmp_path / "nonces.log", durability="flush")
+    assert raised.value.errno == errno.ENOLCK
+
+
 def test_fork_safe_locks_a_thread_held_at_the_fork_are_free_in_the_child() -> None:
     """``fork()`` copies only the thread that calls it: a lock another thread held then stayed
     held in the child for good. A ``fork_safe`` lock, reentrant lock or condition is free
