@@ -143,8 +143,8 @@ def after_collection(problem: Callable[[], str | None]) -> str | None:
 def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]) -> str | None:
     """Why ``model`` and ``slots`` cannot be registered beside the live managers, or None: a slot
     not in ``model``; ``model`` held by another (``managed``), or over its host's memory; a slot
-    inside another manager's model (its GERMINATEs would grow parameters there the other never
-    steps)."""
+    inside another manager's model, or with none yet ``model`` itself (its GERMINATEs would grow
+    parameters there the other never steps)."""
     modules = {id(m) for m in model.modules()}
     outside = [slot.layer_id for slot in slots if id(slot) not in modules]
     if outside:
@@ -154,14 +154,18 @@ def _shared_with_another_manager(model: nn.Module, slots: Sequence[KasminaLayer]
         return held
     if _over_another_host(model):
         return "parameters of this model share memory with a host another manager steps"
-    new_slots = {id(slot) for slot in slots}
-    inside = any(id(m) in new_slots for other in list(LIVE) for m in other.model.modules())
-    return "slots of this model lie inside a model another manager steps" if inside else None
+    theirs = {id(m) for other in list(LIVE) for m in other.model.modules()}
+    if any(id(slot) in theirs for slot in slots):
+        return "slots of this model lie inside a model another manager steps"
+    if id(model) in theirs:  # no slots yet (``attach``'s check): they would lie there too
+        return "this model lies inside a model another manager steps"
+    return None
 
 
 def check_unshared(model: nn.Module, slots: Sequence[KasminaLayer]) -> None:
     """``ValueError``, before anything changes, if ``model`` and ``slots`` cannot be registered
-    beside the live managers (``_shared_with_another_manager``)."""
+    beside the live managers (``_shared_with_another_manager``). No ``slots``: ``model`` alone,
+    asked before ``attach`` wraps a layer of it, which would be another live manager's."""
     problem = after_collection(lambda: _shared_with_another_manager(model, slots))
     if problem is not None:
         raise ValueError(f"{problem}: one manager per model (close the other first)")

@@ -42,6 +42,7 @@ from kasmina.kd.teacher import CheckpointedTeacher, TeacherForwardPassManager, T
 from kasmina.leyline import AdaptationCommand, SystemStatePacket, TelemetryPacket
 from kasmina.manager.config import KasminaConfig, manager_inputs
 from kasmina.manager.evaluation import LossFn, MetricFn, evaluate_seeds
+from kasmina.manager.exclusive import check_unshared
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.grad_sync import GradSync
 from kasmina.manager.guard import IsolationGuard, runs_main_backward
@@ -155,6 +156,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         mean what they mean for ``kasmina.attach``. The slots record their host's output on the
         first forward, eager or compiled, and GERMINATE checks an artifact against that record."""
         self.state.require_no_model()
+        check_unshared(model, ())  # before wrapping: a refused attach edited the other's model
         kd = self.config.kd if self.config.kd_enabled else None
         slots = attach(
             model, targets, seeds_per_layer, chunk_size, chunk_dim=chunk_dim,

@@ -19,6 +19,7 @@ from kasmina.errors import ParameterOverlapError
 from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.teacher import CheckpointedTeacher
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.seeds.layer import KasminaLayer
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
@@ -66,6 +67,39 @@ def test_a_second_manager_inside_or_around_a_managed_model_is_refused(
         second.attach(shared, "0", 2, 4)
     first.close()  # released: the submodule may now be managed on its own
     second.attach(model.b, "out", 2, 2)
+    second.close()
+
+
+def test_a_refused_attach_never_wraps_a_layer_of_another_managers_model(
+    tmp_path: Path, store: Path, keyring: Keyring
+) -> None:
+    """``attach`` wrapped its targets first and ``register`` refused after, taking the slots off
+    again: meanwhile the other manager's model held a slot it never registered (a trainer
+    thread's ``state_dict``, its checkpoints', had ``inp.host.weight``), and on its own slot the
+    refusal said "already attached ... detach it first", which would take that manager's slot
+    away. Refused now before any layer is wrapped."""
+    model = Outer()
+    model.b.requires_grad_(False)  # a frozen part: no host parameter of the first's in it
+    first = _manager(tmp_path, store, keyring, "one")
+    first.attach(model, "a.out", 2, 2)
+    second = _manager(tmp_path, store, keyring, "two")
+    wrapped: list[str] = []
+
+    def registered(module: nn.Module, name: str, submodule: nn.Module) -> None:
+        if isinstance(submodule, KasminaLayer):
+            wrapped.append(name)
+
+    handle = nn.modules.module.register_module_module_registration_hook(registered)
+    try:
+        for target, name, chunk in ((model, "a.inp", 4), (model, "a.out", 2), (model.b, "out", 2)):
+            with pytest.raises(ValueError, match="another manager") as refused:
+                second.attach(target, name, 2, chunk)
+            assert "detach it first" not in str(refused.value)
+    finally:
+        handle.remove()
+    assert wrapped == []
+    second.attach(Host(), "out", 2, 2)  # refused without a trace: a model of its own is taken
+    first.close()
     second.close()
 
 
