@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -475,7 +475,7 @@ def call_kernel(
     except CONTROL_FLOW:
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        refused = exc if isinstance(exc, KernelInputRefused) else one_value_refusal(exc, x)
+        refused = exc if isinstance(exc, KernelInputRefused) else one_value_refusal(exc, x, kernel)
         if refused is not None:  # a call its program (or torch's norm) cannot take: no fault
             logger.log(
                 rarely(refused.count, FAULT_WARN_EVERY), "seed %s sat out a call (%s)", stream[0],
@@ -507,24 +507,24 @@ _ONE_VALUE_CHECKS = frozenset(
     for name in ("_verify_batch_size", "_verify_spatial_size")
     if hasattr(getattr(torch.nn.functional, name, None), "__code__")
 )
-_ONE_VALUE_REFUSED = itertools.count(1)
+_ONE_VALUE_REFUSED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # per kernel
 
 
-def one_value_refusal(exc: BaseException, x: torch.Tensor) -> KernelInputRefused | None:
-    """``exc`` as a refused call where torch's own check raised it, refusing a normalization in
-    train mode over one value per channel, on a kernel input ``x`` that may hold one sample (a
-    size 1 but in its last dim: a dataset's last batch of one, batch- or sequence-first), else
-    None. The data's shape, not the kernel's fault, as an exported program's input check is:
-    three last batches of one quarantined a plain module's. Told by the frame that raised, not
-    by the message; on an input with no such size the kernel's own reshape did it: its fault."""
-    tb = exc.__traceback__
-    if not isinstance(exc, ValueError) or tb is None or (x.dim() > 1 and 1 not in x.shape[:-1]):
+def one_value_refusal(e: BaseException, x: torch.Tensor, kernel: Any) -> KernelInputRefused | None:
+    """``e``, raised by ``kernel`` on ``x``, as a refused call where torch's own check raised it
+    (a train-mode normalization over one value per channel) on an ``x`` that may hold one sample
+    (a size 1 but in its last dim: a dataset's last batch of one), else None: the data's shape,
+    not the kernel's fault, as for a program's input checks, and counted per kernel as theirs.
+    Told by the frame that raised; on an input with no such size the kernel's reshape did it."""
+    tb = e.__traceback__
+    if not isinstance(e, ValueError) or tb is None or (x.dim() > 1 and 1 not in x.shape[:-1]):
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next
     if tb.tb_frame.f_code not in _ONE_VALUE_CHECKS:
         return None
-    return KernelInputRefused(str(exc), next(_ONE_VALUE_REFUSED))
+    count = _ONE_VALUE_REFUSED[kernel] = _ONE_VALUE_REFUSED.get(kernel, 0) + 1
+    return KernelInputRefused(str(e), count)
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:

@@ -504,7 +504,7 @@ def guarded_probe(
     except (*CONTROL_FLOW, KernelInputRefused):
         raise
     except Exception as exc:  # the kernel's own failure: contained, never the host's
-        if (refused := one_value_refusal(exc, x)) is not None:  # a batch of one: sat out
+        if (refused := one_value_refusal(exc, x, kernel)) is not None:  # a batch of one: sat out
             raise refused from exc
         kind = "type" if isinstance(exc, ProbeOutputError) else "exception"
         reason = str(exc) if kind == "type" else f"raised {type(exc).__name__}: {exc}"

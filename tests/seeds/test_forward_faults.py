@@ -15,6 +15,7 @@ test_compiled_faults.py, a kernel whose backward raises in test_backward_faults.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -502,6 +503,25 @@ def test_a_train_mode_batch_norm_sits_out_a_batch_of_one_and_is_not_charged(stag
         assert norm.probe_result is not None and not isinstance(norm.probe_result, ProbeFault)
     else:
         assert norm.kernel[1].num_batches_tracked > 0
+
+
+def test_each_kernels_first_batch_of_one_is_logged_whatever_others_sat_out(caplog) -> None:
+    """A sat-out batch of one was counted for the process, for its rate-limited log: once one
+    manager's seed had sat one out, another's (a sweep's next trial, the next model a notebook
+    builds) were logged at DEBUG only, its first included. Each kernel counts its own, as an
+    exported program's input checks do."""
+    torch.manual_seed(0)
+    layers = [KasminaLayer(nn.Linear(6, 4), 2, 2) for _ in range(2)]
+    for layer in layers:
+        layer.seed(0).attach_kernel(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        walk(layer.seed(0), S.ISOLATED_INIT)
+    with caplog.at_level(logging.WARNING, logger=faults.__name__):
+        for layer in layers:
+            for _ in range(2):
+                layer(torch.randn(1, 6)).sum().backward()
+    said = [r.levelno for r in caplog.records if "sat out a call" in r.getMessage()]
+    assert said == [logging.WARNING, logging.WARNING]  # each kernel's first; its second: DEBUG
+    assert all(layer.seed(0).faults == 0 for layer in layers)
 
 
 class _OneRow(nn.Module):
